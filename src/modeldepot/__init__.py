@@ -1,0 +1,74 @@
+"""modeldepot: a model-file cache and distribution node.
+
+Content-addressed, chunk-verified storage for model repos (ONNX, GGUF, safetensors, tokenizers) with
+zero-copy reads and real paths for inference engines. Start with :class:`Depot`.
+"""
+
+from modeldepot._version import __version__
+from modeldepot.config import DepotConfig
+from modeldepot.depot import Depot, MappedFile
+from modeldepot.errors import (
+    ConfigError,
+    CorruptBlobError,
+    DepotError,
+    EntryNotFoundError,
+    IntegrityError,
+    InvalidInputError,
+    InvalidPathError,
+    InvalidRangeError,
+    InvalidRepoIdError,
+    InvalidRevisionError,
+    NotFoundError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+    SourceDirectoryError,
+    StoreError,
+    StoreFullError,
+    StoreSchemaError,
+)
+from modeldepot.store import (
+    DiskUsage,
+    FileEntry,
+    GcReport,
+    ImportResult,
+    RemoveResult,
+    RepoInfo,
+    RepoSummary,
+    RevisionInfo,
+    VerifyProblem,
+    VerifyReport,
+)
+
+__all__ = [
+    "ConfigError",
+    "CorruptBlobError",
+    "Depot",
+    "DepotConfig",
+    "DepotError",
+    "DiskUsage",
+    "EntryNotFoundError",
+    "FileEntry",
+    "GcReport",
+    "ImportResult",
+    "IntegrityError",
+    "InvalidInputError",
+    "InvalidPathError",
+    "InvalidRangeError",
+    "InvalidRepoIdError",
+    "InvalidRevisionError",
+    "MappedFile",
+    "NotFoundError",
+    "RemoveResult",
+    "RepoInfo",
+    "RepoNotFoundError",
+    "RepoSummary",
+    "RevisionInfo",
+    "RevisionNotFoundError",
+    "SourceDirectoryError",
+    "StoreError",
+    "StoreFullError",
+    "StoreSchemaError",
+    "VerifyProblem",
+    "VerifyReport",
+    "__version__",
+]

@@ -1,0 +1,168 @@
+"""The public Python API: one object for everything a program asks of a depot.
+
+>>> from modeldepot import Depot
+>>> depot = Depot()                                   # MODELDEPOT_HOME or ~/.cache/modeldepot
+>>> depot.import_dir("./my-model", "me/my-model")     # publish a local folder as a repo
+>>> view = depot.get_file("me/my-model", "model.safetensors")      # zero-copy memoryview
+>>> with depot.map_file("me/my-model", "model.safetensors") as view: ...   # released on exit
+>>> with depot.open_file("me/my-model", "tokenizer.json") as stream: ...   # seekable, streamed
+>>> depot.snapshot_path("me/my-model")                # a folder for from_pretrained(...)
+"""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+from modeldepot.config import DepotConfig
+from modeldepot.store import (
+    DiskUsage,
+    FileEntry,
+    GcReport,
+    ImportProgress,
+    ImportResult,
+    RemoveResult,
+    RepoInfo,
+    RepoSummary,
+    Store,
+    VerifyReport,
+    disk_usage,
+    gc,
+    import_dir,
+    remove,
+    verify,
+)
+from modeldepot.store.maintenance import VerifyProgress
+
+__all__ = ["Depot", "MappedFile"]
+
+
+class MappedFile:
+    """A file's bytes mapped read-only; ``with`` yields a memoryview and unmaps on exit."""
+
+    def __init__(self, entry: FileEntry, mapping: mmap.mmap | None) -> None:
+        self.entry = entry
+        self._mapping = mapping
+        self.view: memoryview = memoryview(mapping) if mapping is not None else memoryview(b"")
+
+    def close(self) -> None:
+        self.view.release()
+        if self._mapping is not None:
+            try:
+                self._mapping.close()
+            except BufferError:
+                raise BufferError(
+                    f"a slice of {self.entry.path!r} is still in use: release it before closing the mapping"
+                ) from None
+            self._mapping = None
+
+    def __enter__(self) -> memoryview:
+        return self.view
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class Depot:
+    """A model depot rooted at ``home`` (default: ``MODELDEPOT_HOME``, else ``~/.cache/modeldepot``).
+
+    ``chunk_size`` only matters when the store is created. Every method validates repo ids, paths and
+    revisions first and raises :class:`~modeldepot.errors.InvalidInputError` on bad ones.
+    """
+
+    def __init__(self, home: str | Path | None = None, *, chunk_size: int | None = None) -> None:
+        base = DepotConfig.from_env(home=home)
+        config = DepotConfig(base.home, chunk_size if chunk_size is not None else base.chunk_size)
+        self.store = Store(config)
+
+    @property
+    def home(self) -> Path:
+        return self.store.home
+
+    @property
+    def chunk_size(self) -> int:
+        return self.store.chunk_size
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Depot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing --------------------------------------------------------------------------------------
+
+    def import_dir(
+        self,
+        path: str | Path,
+        repo_id: str,
+        revision: str = "main",
+        *,
+        private: bool = False,
+        progress: ImportProgress | None = None,
+    ) -> ImportResult:
+        """Publish a local folder as ``repo_id`` at branch ``revision``; the commit id derives from the files."""
+        return import_dir(self.store, path, repo_id, revision, private=private, progress=progress)
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def file_info(self, repo_id: str, path: str, revision: str = "main") -> FileEntry:
+        return self.store.entry(repo_id, path, revision)
+
+    def has_file(self, repo_id: str, path: str, revision: str = "main") -> bool:
+        return self.store.has_file(repo_id, path, revision)
+
+    def get_file(self, repo_id: str, path: str, revision: str = "main") -> memoryview:
+        """The file's bytes as a zero-copy view of a shared read-only mapping (unmapped when dropped)."""
+        mapping = self.store.map(self.store.entry(repo_id, path, revision))
+        return memoryview(mapping) if mapping is not None else memoryview(b"")
+
+    def map_file(self, repo_id: str, path: str, revision: str = "main") -> MappedFile:
+        """Like :meth:`get_file`, as a context manager that unmaps the file on exit."""
+        entry = self.store.entry(repo_id, path, revision)
+        return MappedFile(entry, self.store.map(entry))
+
+    def open_file(self, repo_id: str, path: str, revision: str = "main") -> BinaryIO:
+        """A seekable binary stream; it reads from disk as asked and never holds the whole file."""
+        return self.store.open(self.store.entry(repo_id, path, revision))
+
+    def get_chunk(self, repo_id: str, path: str, index: int, revision: str = "main") -> memoryview:
+        """Chunk ``index`` of a file as a zero-copy view, verified against its BLAKE3 digest."""
+        return self.store.chunk(self.store.entry(repo_id, path, revision), index)
+
+    def file_path(self, repo_id: str, path: str, revision: str = "main") -> Path:
+        """A real path (in the snapshot tree) for engines that open or mmap files themselves."""
+        return self.store.file_path(repo_id, path, revision)
+
+    def snapshot_path(self, repo_id: str, revision: str = "main") -> Path:
+        """The revision's folder, for ``from_pretrained(...)`` and other path-based loaders."""
+        return self.store.snapshot_path(repo_id, revision)
+
+    def list_repos(self) -> list[RepoSummary]:
+        return self.store.list_repos()
+
+    def repo_info(self, repo_id: str) -> RepoInfo:
+        return self.store.repo_info(repo_id)
+
+    # -- upkeep ---------------------------------------------------------------------------------------
+
+    def verify(self, repo_id: str | None = None, *, progress: VerifyProgress | None = None) -> VerifyReport:
+        """Rehash blobs and chunks; a corrupt blob is quarantined, reported and never served again."""
+        return verify(self.store, repo_id, progress)
+
+    def remove(self, repo_id: str, revision: str | None = None) -> RemoveResult:
+        """Remove a repo or one revision; blobs nothing else uses are deleted at once."""
+        return remove(self.store, repo_id, revision)
+
+    def gc(self) -> GcReport:
+        """Delete unreferenced and orphan blobs, abandoned partial files, stale snapshots, quarantine."""
+        return gc(self.store)
+
+    def du(self) -> DiskUsage:
+        return disk_usage(self.store)

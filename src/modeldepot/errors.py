@@ -1,0 +1,141 @@
+"""Every error modeldepot raises on purpose.
+
+One tree, so callers catch what they mean and the CLI and the server map it to an exit code or an
+HTTP status in one place each::
+
+    DepotError
+    ├── InvalidInputError (ValueError)           bad input: nothing was read or written   → exit 2 / 400
+    │   ├── InvalidRepoIdError
+    │   ├── InvalidPathError
+    │   ├── InvalidRevisionError
+    │   └── InvalidRangeError
+    ├── NotFoundError (LookupError)              valid input naming something the store lacks → exit 1 / 404
+    │   ├── RepoNotFoundError
+    │   ├── RevisionNotFoundError
+    │   ├── EntryNotFoundError (FileNotFoundError)
+    │   └── SourceDirectoryError (FileNotFoundError)
+    ├── IntegrityError                           bytes that do not match their digests     → exit 1
+    │   └── CorruptBlobError                     a quarantined or damaged blob: never served
+    ├── StoreError (OSError)                     the store itself cannot do its job        → exit 1
+    │   ├── StoreFullError                       ENOSPC / SQLITE_FULL: nothing partial is left behind
+    │   └── StoreSchemaError                     an index written by a newer modeldepot
+    └── ConfigError                              bad settings (env vars, chunk size)       → exit 2
+
+Messages say what happened and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "CorruptBlobError",
+    "DepotError",
+    "EntryNotFoundError",
+    "IntegrityError",
+    "InvalidInputError",
+    "InvalidPathError",
+    "InvalidRangeError",
+    "InvalidRepoIdError",
+    "InvalidRevisionError",
+    "NotFoundError",
+    "RepoNotFoundError",
+    "RevisionNotFoundError",
+    "SourceDirectoryError",
+    "StoreError",
+    "StoreFullError",
+    "StoreSchemaError",
+]
+
+
+class DepotError(Exception):
+    """Base of every error modeldepot raises on purpose."""
+
+
+class InvalidInputError(DepotError, ValueError):
+    """The caller passed something malformed; nothing was read from or written to the store."""
+
+
+class InvalidRepoIdError(InvalidInputError):
+    pass
+
+
+class InvalidPathError(InvalidInputError):
+    pass
+
+
+class InvalidRevisionError(InvalidInputError):
+    pass
+
+
+class InvalidRangeError(InvalidInputError):
+    pass
+
+
+class NotFoundError(DepotError, LookupError):
+    """Well-formed input naming something the store does not hold."""
+
+
+class RepoNotFoundError(NotFoundError):
+    def __init__(self, repo_id: str) -> None:
+        super().__init__(f"repo {repo_id!r} is not in the store (see `modeldepot ls`)")
+        self.repo_id = repo_id
+
+
+class RevisionNotFoundError(NotFoundError):
+    def __init__(self, repo_id: str, revision: str) -> None:
+        super().__init__(
+            f"revision {revision!r} of {repo_id!r} is not in the store (see `modeldepot info {repo_id}`)"
+        )
+        self.repo_id = repo_id
+        self.revision = revision
+
+
+class EntryNotFoundError(NotFoundError, FileNotFoundError):
+    def __init__(self, repo_id: str, revision: str, path: str) -> None:
+        super().__init__(f"{path!r} is not in {repo_id}@{revision}")
+        self.repo_id = repo_id
+        self.revision = revision
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class SourceDirectoryError(NotFoundError, FileNotFoundError):
+    """The directory given to an import does not exist or holds no regular files."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class IntegrityError(DepotError):
+    """Bytes do not match the digests recorded for them."""
+
+
+class CorruptBlobError(IntegrityError):
+    def __init__(self, sha256: str, detail: str) -> None:
+        super().__init__(
+            f"blob {sha256[:16]}… is corrupt ({detail}); it is quarantined and will not be served. "
+            "Import or pull the file again to restore it."
+        )
+        self.sha256 = sha256
+        self.detail = detail
+
+
+class StoreError(DepotError, OSError):
+    """The store cannot complete an operation (disk, permissions, index)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else super().__str__()
+
+
+class StoreFullError(StoreError):
+    """No space left: the operation was rolled back and nothing partial is visible."""
+
+
+class StoreSchemaError(StoreError):
+    """The index was written by a newer modeldepot than this one."""
+
+
+class ConfigError(DepotError):
+    """A setting (environment variable, option) is invalid."""

@@ -1,0 +1,249 @@
+"""Blob files: written as partials in tmp/, placed under blobs/ by atomic link or rename, read by mmap.
+
+The write protocol (the only way bytes enter blobs/):
+
+1. ``WriteSession.new_partial``: a new file in the writer's session folder under tmp/ (the session's lock
+   tells gc whether its writer is alive), preallocated to its final size (a full disk fails here);
+2. bytes are written while they are hashed; writeback starts block by block so the final fsync is short;
+3. ``fsync`` the file; the caller checks the digests;
+4. ``BlobFiles.place``: made read-only, then linked or renamed to ``blobs/<ab>/<sha256>`` and the directory
+   fsynced; only then may an index transaction reference it. A kill before the index commit leaves an
+   orphan file that no row names: invisible, and removed by gc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import mmap
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from modeldepot.errors import CorruptBlobError
+from modeldepot.store.layout import StoreLayout, fsync_dir, os_error
+
+__all__ = ["BlobFiles", "PartialBlob", "WriteSession", "start_writeback"]
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function  # type: ignore[no-any-return,unused-ignore]
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range to disk now (Linux), so the final fsync waits less."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+class PartialBlob:
+    """A file being written inside a write session. Removed on ``discard`` unless it was placed."""
+
+    def __init__(self, path: Path, fd: int, size: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.size = size
+        self.written = 0
+        self.placed = False
+
+    def write(self, data: memoryview) -> None:
+        try:
+            while data:
+                n = os.pwrite(self.fd, data, self.written)
+                start_writeback(self.fd, self.written, n)
+                self.written += n
+                data = data[n:]
+        except OSError as error:
+            raise os_error(error, "writing a blob") from error
+
+    def sync(self) -> None:
+        """Make the bytes durable and the file read-only, and release the descriptor."""
+        try:
+            if self.written != self.size:
+                os.ftruncate(self.fd, self.written)
+            os.fchmod(self.fd, 0o444)
+            os.fsync(self.fd)
+        except OSError as error:
+            raise os_error(error, "flushing a blob to disk") from error
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard(self) -> None:
+        self._close()
+        if not self.placed:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+class WriteSession:
+    """A private folder in tmp/ for one writer's partial files, alive while its lock file is flock()ed.
+
+    One lock per session (not per file) keeps descriptor use constant however many files a repo has.
+    gc removes a session whose lock it can take: its writer is gone (ended, crashed or killed).
+    Use as a context manager: the folder and every unplaced partial in it go away on exit.
+    """
+
+    LOCK_NAME = ".lock"
+
+    def __init__(self, layout: StoreLayout) -> None:
+        name = f"{os.getpid()}-{secrets.token_hex(8)}"
+        self.path = layout.tmp / name
+        self._partials: list[PartialBlob] = []
+        # Locked under a dot-name first, then renamed: gc never sees a session whose lock is not yet held.
+        starting = layout.tmp / f".{name}"
+        try:
+            starting.mkdir()
+            self._lock_fd = os.open(starting / self.LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(starting, self.path)
+        except OSError as error:
+            shutil.rmtree(starting, ignore_errors=True)
+            raise os_error(error, "starting a write in the store's tmp/") from error
+
+    def new_partial(self, size: int) -> PartialBlob:
+        """A new partial file, preallocated to ``size`` so a full disk fails before any work is done."""
+        path = self.path / f"{len(self._partials)}.partial"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise os_error(error, "creating a file in the store's tmp/") from error
+        partial = PartialBlob(path, fd, size)
+        self._partials.append(partial)
+        if size:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as error:
+                partial.discard()
+                raise os_error(error, f"reserving {size} bytes in the store") from error
+        return partial
+
+    def close(self) -> None:
+        for partial in self._partials:
+            partial.discard()
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._lock_fd)
+
+    def __enter__(self) -> WriteSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @classmethod
+    def is_abandoned(cls, session_dir: Path) -> bool:
+        """True if no live process holds the session's lock (or it never got one)."""
+        try:
+            fd = os.open(session_dir / cls.LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+        return True
+
+
+class BlobFiles:
+    """The blob files under blobs/: placing, opening, mapping, quarantining, deleting."""
+
+    def __init__(self, layout: StoreLayout) -> None:
+        self.layout = layout
+
+    def path(self, sha256: str) -> Path:
+        return self.layout.blob_path(sha256)
+
+    def place(self, partial: PartialBlob, sha256: str, replace: bool) -> None:
+        """Publish a synced partial as blob ``sha256``. Hold the store lock shared while calling.
+
+        ``replace=False`` keeps an existing file (a committed, verified blob); ``True`` overwrites
+        whatever is there (an orphan of unknown history, or the spot a quarantined blob left).
+        """
+        target = self.path(sha256)
+        try:
+            target.parent.mkdir(exist_ok=True)
+            if replace:
+                os.replace(partial.path, target)
+            else:
+                try:
+                    os.link(partial.path, target)
+                except FileExistsError:
+                    pass
+                partial.path.unlink()
+            partial.placed = True
+            fsync_dir(target.parent)
+        except OSError as error:
+            raise os_error(error, f"placing blob {sha256[:16]}…") from error
+
+    def open(self, sha256: str, size: int) -> int:
+        """An fd for reading the blob, after a cheap check that it is there with the right size."""
+        try:
+            fd = os.open(self.path(sha256), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise CorruptBlobError(sha256, "its file is missing") from None
+        except OSError as error:
+            raise os_error(error, f"opening blob {sha256[:16]}…") from error
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            os.close(fd)
+            raise CorruptBlobError(sha256, f"its file holds {actual} bytes, the index says {size}")
+        return fd
+
+    def map(self, sha256: str, size: int) -> mmap.mmap | None:
+        """A read-only shared mapping of the blob (``None`` for an empty blob, which cannot be mapped)."""
+        fd = self.open(sha256, size)
+        try:
+            return mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
+        except OSError as error:
+            raise os_error(error, f"mapping blob {sha256[:16]}…") from error
+        finally:
+            os.close(fd)
+
+    def quarantine(self, sha256: str) -> Path | None:
+        """Move a bad blob out of blobs/ (so nothing can open it); returns where it went."""
+        source = self.path(sha256)
+        target = self.layout.quarantine / sha256
+        if target.exists():
+            target = self.layout.quarantine / f"{sha256}.{int(time.time())}.{secrets.token_hex(2)}"
+        try:
+            os.rename(source, target)
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise os_error(error, f"quarantining blob {sha256[:16]}…") from error
+        fsync_dir(source.parent)
+        return target
+
+    def delete(self, sha256: str) -> int:
+        """Unlink a blob file; returns the bytes freed. Hold the store lock exclusively."""
+        path = self.path(sha256)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        except OSError as error:
+            raise os_error(error, f"deleting blob {sha256[:16]}…") from error
+        return size

@@ -1,0 +1,281 @@
+"""Upkeep of a store: verify (rehash, quarantine), remove, gc and du.
+
+Deleting follows one order everywhere: take the store lock exclusively, delete the rows in one
+transaction, COMMIT, then unlink the files. A kill between COMMIT and unlink leaves orphan files that
+no row names (invisible, and the next gc removes them); a kill before COMMIT changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from modeldepot.errors import StoreError
+from modeldepot.hashing import digest_stream
+from modeldepot.store.blobs import WriteSession
+from modeldepot.store.models import DiskUsage, GcReport, RepoDiskUsage, VerifyProblem, VerifyReport
+from modeldepot.store.store import Store
+from modeldepot.validation import validate_repo_id, validate_revision
+
+__all__ = ["RemoveResult", "disk_usage", "gc", "remove", "verify"]
+
+VerifyProgress = Callable[[int, int], None]
+"""Called as ``progress(bytes_checked, bytes_total)`` while verify rehashes blobs."""
+
+STARTING_SESSION_GRACE = 3600.0  # a dot-named tmp session older than this was never started
+
+
+@dataclass(frozen=True)
+class RemoveResult:
+    repo_id: str
+    commits: tuple[str, ...]
+    blobs_removed: int
+    bytes_freed: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {"repo_id": self.repo_id, "commits": list(self.commits),
+                "blobs_removed": self.blobs_removed, "bytes_freed": self.bytes_freed}  # fmt: skip
+
+
+def _users(store: Store, sha256: str) -> tuple[str, ...]:
+    rows = store.index.read("SELECT repo_id, commit_id, path FROM files WHERE sha256 = ?", (sha256,))
+    return tuple(f"{r['repo_id']}@{r['commit_id'][:12]}:{r['path']}" for r in rows)
+
+
+def _check_blob(store: Store, sha256: str, size: int, chunk_size: int) -> tuple[str, str] | None:
+    """None if the blob file matches every recorded digest, else (problem, detail)."""
+    path = store.blobs.path(sha256)
+    try:
+        handle = open(path, "rb", buffering=0)  # noqa: SIM115
+    except FileNotFoundError:
+        return "missing", "its file is missing"
+    with handle:
+        actual = os.fstat(handle.fileno()).st_size
+        if actual != size:
+            return "size", f"its file holds {actual} bytes, the index says {size}"
+        try:
+            digest = digest_stream(handle.readinto, size, chunk_size)
+        except OSError as error:
+            return "read", f"reading it failed: {error}"
+    if digest.sha256 != sha256:
+        return "sha256", "its SHA-256 does not match its name"
+    expected = store.chunk_digests(sha256)
+    for number, (want, got) in enumerate(zip(expected, digest.chunk_blake3, strict=False)):
+        if want != got:
+            return "chunk", f"chunk {number} does not match its BLAKE3 digest"
+    if len(expected) != len(digest.chunk_blake3):
+        return (
+            "chunk",
+            f"the index has {len(expected)} chunk digests, the file {len(digest.chunk_blake3)} chunks",
+        )
+    return None
+
+
+def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | None = None) -> VerifyReport:
+    """Rehash every blob (of one repo, or all); quarantine the bad ones; repair snapshot links."""
+    started = time.monotonic()
+    if repo_id is not None:
+        validate_repo_id(repo_id)
+        store.repo_info(repo_id)  # raises RepoNotFoundError
+        scope = "WHERE sha256 IN (SELECT sha256 FROM files WHERE repo_id = ?)"
+        params: tuple[object, ...] = (repo_id,)
+    else:
+        scope, params = "", ()
+    index_ok = store.index.read("PRAGMA quick_check")[0][0] == "ok"
+    rows = store.index.read(
+        f"SELECT sha256, size, chunk_size, state FROM blobs {scope} ORDER BY sha256", params
+    )
+    total = sum(r["size"] for r in rows if r["state"] == "ok")
+    checked_bytes = 0
+    problems: list[VerifyProblem] = []
+    for row in rows:
+        sha256 = row["sha256"]
+        if row["state"] != "ok":
+            problems.append(VerifyProblem(sha256, "quarantined", "failed verification earlier; import or "
+                                          "pull it again", None, _users(store, sha256)))  # fmt: skip
+            continue
+        found = _check_blob(store, sha256, row["size"], row["chunk_size"])
+        checked_bytes += row["size"]
+        if progress is not None:
+            progress(checked_bytes, total)
+        if found is None:
+            with store.index.write("recording a verification") as con:
+                con.execute("UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (time.time(), sha256))
+            continue
+        moved = store.quarantine(sha256)
+        problems.append(VerifyProblem(sha256, found[0], found[1], moved, _users(store, sha256)))
+    repaired = _repair_snapshots(store, repo_id)
+    return VerifyReport(
+        blobs_checked=len(rows),
+        bytes_checked=checked_bytes,
+        problems=tuple(problems),
+        index_ok=index_ok,
+        snapshots_repaired=repaired,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _repair_snapshots(store: Store, repo_id: str | None) -> int:
+    if repo_id is None:
+        revisions = store.index.read("SELECT repo_id, commit_id FROM revisions")
+    else:
+        revisions = store.index.read("SELECT repo_id, commit_id FROM revisions WHERE repo_id = ?", (repo_id,))
+    repaired = 0
+    for rev in revisions:
+        pairs = [(f.path, f.sha256) for f in store.files(rev["repo_id"], rev["commit_id"])]
+        if not store.snapshots.is_complete(rev["repo_id"], rev["commit_id"], pairs):
+            with store.lock.shared():
+                store.snapshots.build(rev["repo_id"], rev["commit_id"], pairs)
+            repaired += 1
+    return repaired
+
+
+def remove(store: Store, repo_id: str, revision: str | None = None) -> RemoveResult:
+    """Remove a repo, or one revision of it (by commit id or branch), and free the blobs no one else uses.
+
+    Removing by branch removes the commit the branch points to, with every ref that points to it.
+    """
+    validate_repo_id(repo_id)
+    if revision is not None:
+        validate_revision(revision)
+    with store.lock.exclusive():
+        if revision is None:
+            store.repo_info(repo_id)  # raises RepoNotFoundError
+            commits = [r["commit_id"] for r in store.index.read(
+                "SELECT commit_id FROM revisions WHERE repo_id = ?", (repo_id,))]  # fmt: skip
+        else:
+            commits = [store.resolve(repo_id, revision)]
+        with store.index.write(f"removing {repo_id}") as con:
+            marks = ",".join("?" * len(commits))
+            candidates = [r[0] for r in con.execute(
+                f"SELECT DISTINCT sha256 FROM files WHERE repo_id = ? AND commit_id IN ({marks})",
+                (repo_id, *commits))]  # fmt: skip
+            con.execute(
+                f"DELETE FROM revisions WHERE repo_id = ? AND commit_id IN ({marks})", (repo_id, *commits)
+            )
+            if not con.execute("SELECT 1 FROM revisions WHERE repo_id = ? LIMIT 1", (repo_id,)).fetchone():
+                con.execute("DELETE FROM repos WHERE repo_id = ?", (repo_id,))
+            freed = _delete_unreferenced_rows(con, candidates)
+        bytes_freed = sum(store.blobs.delete(sha256) for sha256 in freed)
+        for commit_id in commits:
+            store.snapshots.remove(repo_id, commit_id)
+    return RemoveResult(repo_id, tuple(commits), len(freed), bytes_freed)
+
+
+def _delete_unreferenced_rows(con: sqlite3.Connection, candidates: Iterable[str]) -> list[str]:
+    freed = []
+    for sha256 in candidates:
+        if not con.execute("SELECT 1 FROM files WHERE sha256 = ? LIMIT 1", (sha256,)).fetchone():
+            con.execute("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
+            freed.append(sha256)
+    return freed
+
+
+def gc(store: Store) -> GcReport:
+    """Free unreferenced blobs, orphan files, abandoned partials, stale snapshots and quarantined files."""
+    with store.lock.exclusive():
+        with store.index.write("collecting garbage") as con:
+            unreferenced = [r[0] for r in con.execute(
+                "SELECT sha256 FROM blobs WHERE sha256 NOT IN (SELECT sha256 FROM files)")]  # fmt: skip
+            _delete_unreferenced_rows(con, unreferenced)
+        known = {r["sha256"] for r in store.index.read("SELECT sha256 FROM blobs WHERE state = 'ok'")}
+        blobs_removed, bytes_freed = 0, 0
+        for path in _files_under(store.layout.blobs):
+            if path.name not in known:
+                bytes_freed += _unlink(path)
+                blobs_removed += 1
+        partials_removed, kept = _collect_sessions(store)
+        for path in _files_under(store.layout.quarantine):
+            bytes_freed += _unlink(path)
+        live = {
+            (r["repo_id"], r["commit_id"])
+            for r in store.index.read("SELECT repo_id, commit_id FROM revisions")
+        }
+        stale = [s for s in store.snapshots.present() if s not in live]
+        for repo, commit in stale:
+            store.snapshots.remove(repo, commit)
+    return GcReport(blobs_removed, bytes_freed, partials_removed, len(stale), kept)
+
+
+def _collect_sessions(store: Store) -> tuple[int, int]:
+    removed = kept = 0
+    try:
+        entries = list(store.layout.tmp.iterdir())
+    except FileNotFoundError:
+        return 0, 0
+    for entry in entries:
+        if entry.is_dir() and not entry.name.startswith("."):
+            abandoned = WriteSession.is_abandoned(entry)
+        else:
+            abandoned = time.time() - entry.lstat().st_mtime > STARTING_SESSION_GRACE or not entry.is_dir()
+        if not abandoned:
+            kept += 1
+            continue
+        if entry.is_dir():
+            removed += sum(1 for p in entry.iterdir() if p.name.endswith(".partial"))
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            _unlink(entry)
+    return removed, kept
+
+
+def _files_under(root: Path) -> list[Path]:
+    found: list[Path] = []
+    for directory, _dirs, names in os.walk(root):
+        found.extend(Path(directory) / name for name in names)
+    return found
+
+
+def _unlink(path: Path) -> int:
+    try:
+        size = path.lstat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    except OSError as error:
+        raise StoreError(f"cannot delete {path}: {error.strerror}") from error
+    return size
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(p.lstat().st_size for p in _files_under(root) if p.exists())
+
+
+def disk_usage(store: Store) -> DiskUsage:
+    blob_row = store.index.read(
+        "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes FROM blobs WHERE state = 'ok'"
+    )[0]
+    logical = store.index.read("SELECT COALESCE(SUM(size), 0) AS bytes FROM files")[0]["bytes"]
+    repos = []
+    for row in store.index.read(
+        """
+        SELECT r.repo_id,
+               (SELECT COUNT(*) FROM revisions v WHERE v.repo_id = r.repo_id) AS revisions,
+               (SELECT COUNT(*) FROM files f WHERE f.repo_id = r.repo_id) AS files,
+               (SELECT COALESCE(SUM(size), 0) FROM files f WHERE f.repo_id = r.repo_id) AS logical,
+               (SELECT COALESCE(SUM(b.size), 0) FROM blobs b WHERE b.sha256 IN
+                    (SELECT sha256 FROM files f WHERE f.repo_id = r.repo_id)
+                AND NOT EXISTS (SELECT 1 FROM files o WHERE o.sha256 = b.sha256 AND o.repo_id != r.repo_id))
+                   AS unique_bytes
+        FROM repos r ORDER BY r.repo_id
+        """
+    ):
+        repos.append(
+            RepoDiskUsage(row["repo_id"], row["revisions"], row["files"], row["logical"], row["unique_bytes"])
+        )
+    index_bytes = sum(p.stat().st_size for p in store.layout.home.glob("index.db*") if p.is_file())
+    return DiskUsage(
+        home=str(store.home),
+        blobs=blob_row["n"],
+        blob_bytes=blob_row["bytes"],
+        logical_bytes=logical,
+        partial_bytes=_tree_bytes(store.layout.tmp),
+        quarantine_bytes=_tree_bytes(store.layout.quarantine),
+        index_bytes=index_bytes,
+        repos=tuple(repos),
+    )

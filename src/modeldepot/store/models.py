@@ -1,0 +1,148 @@
+"""Plain records the store returns. Frozen, typed, and convertible to JSON with ``to_dict``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "DiskUsage",
+    "FileEntry",
+    "GcReport",
+    "ImportResult",
+    "RepoDiskUsage",
+    "RepoInfo",
+    "RepoSummary",
+    "RevisionInfo",
+    "VerifyProblem",
+    "VerifyReport",
+]
+
+
+class _Record:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload,no-any-return]
+
+
+@dataclass(frozen=True)
+class FileEntry(_Record):
+    """One file of one revision."""
+
+    repo_id: str
+    commit_id: str
+    path: str
+    size: int
+    sha256: str
+    git_oid: str  # the Hub's tree oid: git blob SHA-1 of the content, or of the LFS pointer
+    lfs: bool
+    chunk_size: int
+
+    @property
+    def etag(self) -> str:
+        """What the Hub sends as (X-Linked-)ETag: SHA-256 for LFS files, the git blob SHA-1 otherwise."""
+        return self.sha256 if self.lfs else self.git_oid
+
+
+@dataclass(frozen=True)
+class RevisionInfo(_Record):
+    commit_id: str
+    refs: tuple[str, ...]
+    created_at: float
+    files: tuple[FileEntry, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class RepoSummary(_Record):
+    repo_id: str
+    private: bool
+    origin: str
+    refs: dict[str, str]
+    revisions: int
+    files: int  # in the newest revision
+    size: int  # bytes of the newest revision's files
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class RepoInfo(_Record):
+    repo_id: str
+    private: bool
+    origin: str
+    refs: dict[str, str]
+    created_at: float
+    updated_at: float
+    revisions: tuple[RevisionInfo, ...]  # newest first
+
+
+@dataclass(frozen=True)
+class ImportResult(_Record):
+    repo_id: str
+    revision: str
+    commit_id: str
+    files: int
+    bytes: int
+    new_blobs: int  # distinct contents the store did not hold before
+    new_bytes: int  # disk the import added (the rest was deduplicated)
+    snapshot_path: str
+
+
+@dataclass(frozen=True)
+class VerifyProblem(_Record):
+    sha256: str
+    problem: str  # "missing", "size", "sha256", "chunk"
+    detail: str
+    quarantined_to: str | None
+    files: tuple[str, ...]  # "org/name@commit:path" of every file that used the blob
+
+
+@dataclass(frozen=True)
+class VerifyReport(_Record):
+    blobs_checked: int
+    bytes_checked: int
+    problems: tuple[VerifyProblem, ...]
+    index_ok: bool
+    snapshots_repaired: int
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.index_ok and not self.problems
+
+
+@dataclass(frozen=True)
+class GcReport(_Record):
+    blobs_removed: int
+    bytes_freed: int
+    partials_removed: int
+    snapshots_removed: int
+    kept_partials: int  # partials whose writer is still alive
+
+
+@dataclass(frozen=True)
+class RepoDiskUsage(_Record):
+    repo_id: str
+    revisions: int
+    files: int
+    logical_bytes: int  # sum of every file of every revision
+    unique_bytes: int  # blobs no other repo uses: what removing the repo would free
+
+
+@dataclass(frozen=True)
+class DiskUsage(_Record):
+    home: str
+    blobs: int
+    blob_bytes: int  # what the blobs occupy (each content once)
+    logical_bytes: int  # what the same files would take without deduplication
+    partial_bytes: int
+    quarantine_bytes: int
+    index_bytes: int
+    repos: tuple[RepoDiskUsage, ...] = field(default_factory=tuple)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.blob_bytes + self.partial_bytes + self.quarantine_bytes + self.index_bytes

@@ -1,0 +1,91 @@
+"""The snapshots tree: ``snapshots/<org>/<name>/<commit>/<path>`` as relative symlinks into blobs/.
+
+It is derived state: the index says what a snapshot holds, and a missing or damaged snapshot is rebuilt
+from it. A snapshot appears whole or not at all: it is built under a temporary name and renamed into
+place, so a reader never sees half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from modeldepot.store.layout import StoreLayout, os_error
+
+__all__ = ["Snapshots"]
+
+
+class Snapshots:
+    def __init__(self, layout: StoreLayout) -> None:
+        self.layout = layout
+
+    def path(self, repo_id: str, commit_id: str) -> Path:
+        return self.layout.snapshot_dir(repo_id, commit_id)
+
+    def _link_target(self, link: Path, sha256: str) -> str:
+        return os.path.relpath(self.layout.blob_path(sha256), link.parent)
+
+    def is_complete(self, repo_id: str, commit_id: str, files: Iterable[tuple[str, str]]) -> bool:
+        root = self.path(repo_id, commit_id)
+        for path, sha256 in files:
+            link = root / path
+            try:
+                if os.readlink(link) != self._link_target(link, sha256):
+                    return False
+            except OSError:
+                return False
+        return True
+
+    def build(self, repo_id: str, commit_id: str, files: Iterable[tuple[str, str]]) -> Path:
+        """(Re)build a snapshot from (path, sha256) pairs and swap it into place atomically."""
+        final = self.path(repo_id, commit_id)
+        staging = final.parent / f".{commit_id}.{secrets.token_hex(4)}.partial"
+        try:
+            staging.mkdir(parents=True)
+            for path, sha256 in files:
+                link = staging / path
+                link.parent.mkdir(parents=True, exist_ok=True)
+                # The link is relative to where it will live, which is at the same depth as staging.
+                os.symlink(self._link_target(final / path, sha256), link)
+            if final.exists():
+                retired = final.parent / f".{commit_id}.{secrets.token_hex(4)}.retired"
+                os.rename(final, retired)
+                os.rename(staging, final)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                os.rename(staging, final)
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise os_error(error, f"building the snapshot of {repo_id}@{commit_id[:12]}") from error
+        return final
+
+    def remove(self, repo_id: str, commit_id: str | None = None) -> None:
+        """Remove one snapshot, or every snapshot of a repo; prune the emptied org folder."""
+        target = self.path(repo_id, commit_id) if commit_id else self.layout.snapshots / repo_id
+        shutil.rmtree(target, ignore_errors=True)
+        org = self.layout.snapshots / repo_id.split("/")[0]
+        for directory in (self.layout.snapshots / repo_id, org):
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+
+    def present(self) -> list[tuple[str, str]]:
+        """(repo_id, commit_id) of every snapshot directory on disk, including leftovers."""
+        found = []
+        root = self.layout.snapshots
+        for org in _subdirs(root):
+            for name in _subdirs(org):
+                for commit in _subdirs(name):
+                    found.append((f"{org.name}/{name.name}", commit.name))
+        return found
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return [p for p in path.iterdir() if p.is_dir() and not p.is_symlink()]
+    except FileNotFoundError:
+        return []

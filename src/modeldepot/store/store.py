@@ -1,0 +1,276 @@
+"""The store: content-addressed blobs, their chunk digests, and the repos, revisions and files that use them.
+
+It knows nothing of HTTP or the Hub. Writing lives in :mod:`.importer`, upkeep (verify, gc, remove,
+du) in :mod:`.maintenance`; this module opens the store and answers reads.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+import blake3
+
+from modeldepot.config import DEFAULT_CHUNK_SIZE, DepotConfig
+from modeldepot.errors import (
+    ConfigError,
+    CorruptBlobError,
+    EntryNotFoundError,
+    InvalidRangeError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+)
+from modeldepot.hashing import chunk_count, chunk_span
+from modeldepot.store.blobs import BlobFiles
+from modeldepot.store.index import Index
+from modeldepot.store.layout import StoreLayout
+from modeldepot.store.locks import StoreLock
+from modeldepot.store.models import FileEntry, RepoInfo, RepoSummary, RevisionInfo
+from modeldepot.store.snapshots import Snapshots
+from modeldepot.validation import is_commit_id, validate_path, validate_repo_id, validate_revision
+
+__all__ = ["Store"]
+
+_FILE_COLUMNS = "f.repo_id, f.commit_id, f.path, f.size, f.sha256, f.git_oid, f.lfs, b.chunk_size, b.state"
+
+
+def _entry(row: sqlite3.Row) -> FileEntry:
+    return FileEntry(
+        repo_id=row["repo_id"],
+        commit_id=row["commit_id"],
+        path=row["path"],
+        size=row["size"],
+        sha256=row["sha256"],
+        git_oid=row["git_oid"],
+        lfs=bool(row["lfs"]),
+        chunk_size=row["chunk_size"],
+    )
+
+
+class Store:
+    """A store at ``config.home``, created on first use."""
+
+    def __init__(self, config: DepotConfig) -> None:
+        self.layout = StoreLayout(config.home)
+        self.layout.create()
+        self.index = Index(self.layout.index_path)
+        self.blobs = BlobFiles(self.layout)
+        self.snapshots = Snapshots(self.layout)
+        self.lock = StoreLock(self.layout.lock_path)
+        self.chunk_size = self._settle_chunk_size(config.chunk_size)
+
+    @property
+    def home(self) -> Path:
+        return self.layout.home
+
+    def close(self) -> None:
+        self.index.close()
+
+    def _settle_chunk_size(self, requested: int | None) -> int:
+        stored = self.index.setting("chunk_size")
+        if stored is None:
+            value = requested or DEFAULT_CHUNK_SIZE
+            with self.index.write("recording the store's settings") as con:
+                con.execute("INSERT OR IGNORE INTO settings VALUES ('chunk_size', ?)", (str(value),))
+                con.execute("INSERT OR IGNORE INTO settings VALUES ('created_at', ?)", (repr(time.time()),))
+            stored = self.index.setting("chunk_size")
+            assert stored is not None
+        if requested is not None and requested != int(stored):
+            raise ConfigError(
+                f"the store at {self.home} uses {int(stored)}-byte chunks, not {requested}: "
+                "chunk size is fixed when a store is created (use another MODELDEPOT_HOME)"
+            )
+        return int(stored)
+
+    # -- resolving names ------------------------------------------------------------------------------
+
+    def resolve(self, repo_id: str, revision: str = "main") -> str:
+        """The commit id a branch name or commit id stands for in this store."""
+        validate_repo_id(repo_id)
+        validate_revision(revision)
+        if is_commit_id(revision):
+            rows = self.index.read(
+                "SELECT commit_id FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, revision)
+            )
+        else:
+            rows = self.index.read(
+                "SELECT commit_id FROM refs WHERE repo_id = ? AND name = ?", (repo_id, revision)
+            )
+        if rows:
+            return str(rows[0]["commit_id"])
+        if not self.index.read("SELECT 1 FROM repos WHERE repo_id = ?", (repo_id,)):
+            raise RepoNotFoundError(repo_id)
+        raise RevisionNotFoundError(repo_id, revision)
+
+    def entry(self, repo_id: str, path: str, revision: str = "main") -> FileEntry:
+        """The record of one file; raises if it is absent or its blob is quarantined."""
+        validate_path(path)
+        commit_id = self.resolve(repo_id, revision)
+        rows = self.index.read(
+            f"SELECT {_FILE_COLUMNS} FROM files f JOIN blobs b USING (sha256) "
+            "WHERE f.repo_id = ? AND f.commit_id = ? AND f.path = ?",
+            (repo_id, commit_id, path),
+        )
+        if not rows:
+            raise EntryNotFoundError(repo_id, revision, path)
+        if rows[0]["state"] != "ok":
+            raise CorruptBlobError(rows[0]["sha256"], "it failed verification earlier")
+        return _entry(rows[0])
+
+    def has_file(self, repo_id: str, path: str, revision: str = "main") -> bool:
+        """Whether the store can serve the file now (present and not quarantined)."""
+        try:
+            self.entry(repo_id, path, revision)
+        except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError, CorruptBlobError):
+            return False
+        return True
+
+    def files(self, repo_id: str, commit_id: str) -> list[FileEntry]:
+        rows = self.index.read(
+            f"SELECT {_FILE_COLUMNS} FROM files f JOIN blobs b USING (sha256) "
+            "WHERE f.repo_id = ? AND f.commit_id = ? ORDER BY f.path",
+            (repo_id, commit_id),
+        )
+        return [_entry(row) for row in rows]
+
+    # -- reading bytes --------------------------------------------------------------------------------
+
+    def _open_fd(self, entry: FileEntry) -> int:
+        try:
+            return self.blobs.open(entry.sha256, entry.size)
+        except CorruptBlobError as error:
+            self.quarantine(entry.sha256)
+            raise error from None
+
+    def map(self, entry: FileEntry) -> mmap.mmap | None:
+        """A read-only shared mapping of the file's blob (``None`` for an empty file)."""
+        fd = self._open_fd(entry)
+        try:
+            return mmap.mmap(fd, entry.size, prot=mmap.PROT_READ) if entry.size else None
+        finally:
+            os.close(fd)
+
+    def open(self, entry: FileEntry) -> BinaryIO:
+        """A seekable binary stream over the blob; reads go straight to the file, nothing is held."""
+        return io.BufferedReader(io.FileIO(self._open_fd(entry), "rb", closefd=True), buffer_size=1 << 20)
+
+    def chunk(self, entry: FileEntry, index: int) -> memoryview:
+        """Chunk ``index`` as a zero-copy view, checked against its BLAKE3 digest first."""
+        count = chunk_count(entry.size, entry.chunk_size)
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+            raise InvalidRangeError(f"chunk index {index!r} is outside 0..{count - 1} for {entry.path!r}")
+        expected = self.index.read(
+            "SELECT blake3 FROM chunks WHERE sha256 = ? AND idx = ?", (entry.sha256, index)
+        )
+        offset, length = chunk_span(index, entry.size, entry.chunk_size)
+        mapping = self.map(entry)
+        view = memoryview(mapping)[offset : offset + length] if mapping is not None else memoryview(b"")
+        digest = blake3.blake3(view).hexdigest()
+        if not expected or digest != expected[0]["blake3"]:
+            view.release()
+            self.quarantine(entry.sha256)
+            raise CorruptBlobError(entry.sha256, f"chunk {index} does not match its BLAKE3 digest")
+        return view
+
+    def chunk_digests(self, sha256: str) -> list[str]:
+        rows = self.index.read("SELECT blake3 FROM chunks WHERE sha256 = ? ORDER BY idx", (sha256,))
+        return [row["blake3"] for row in rows]
+
+    def quarantine(self, sha256: str) -> str | None:
+        """Take a bad blob out of service: moved to quarantine/, marked in the index, never served."""
+        with self.lock.exclusive():
+            moved = self.blobs.quarantine(sha256)
+            with self.index.write("quarantining a blob") as con:
+                con.execute("UPDATE blobs SET state = 'quarantined' WHERE sha256 = ?", (sha256,))
+        return str(moved) if moved else None
+
+    # -- paths ----------------------------------------------------------------------------------------
+
+    def snapshot_path(self, repo_id: str, revision: str = "main") -> Path:
+        """The snapshot folder of a revision, rebuilt from the index if it is missing or damaged."""
+        commit_id = self.resolve(repo_id, revision)
+        pairs = [(f.path, f.sha256) for f in self.files(repo_id, commit_id)]
+        if not self.snapshots.is_complete(repo_id, commit_id, pairs):
+            with self.lock.shared():
+                self.snapshots.build(repo_id, commit_id, pairs)
+        return self.snapshots.path(repo_id, commit_id)
+
+    def file_path(self, repo_id: str, path: str, revision: str = "main") -> Path:
+        """A real path to the file, with its repo-relative name (engines find sibling files by name)."""
+        entry = self.entry(repo_id, path, revision)
+        fd = self._open_fd(entry)  # the blob behind the link must be there, with the right size
+        os.close(fd)
+        link = self.snapshots.path(repo_id, entry.commit_id) / path
+        try:
+            if os.readlink(link) == os.path.relpath(self.blobs.path(entry.sha256), link.parent):
+                return link
+        except OSError:
+            pass
+        return self.snapshot_path(repo_id, entry.commit_id) / path
+
+    # -- listing --------------------------------------------------------------------------------------
+
+    def _refs(self, repo_id: str) -> dict[str, str]:
+        rows = self.index.read("SELECT name, commit_id FROM refs WHERE repo_id = ? ORDER BY name", (repo_id,))
+        return {row["name"]: row["commit_id"] for row in rows}
+
+    def list_repos(self) -> list[RepoSummary]:
+        rows = self.index.read(
+            """
+            SELECT r.repo_id, r.private, r.origin, r.updated_at,
+                   (SELECT COUNT(*) FROM revisions v WHERE v.repo_id = r.repo_id) AS revisions,
+                   (SELECT commit_id FROM revisions v WHERE v.repo_id = r.repo_id
+                     ORDER BY created_at DESC, commit_id LIMIT 1) AS newest
+            FROM repos r ORDER BY r.repo_id
+            """
+        )
+        summaries = []
+        for row in rows:
+            totals = self.index.read(
+                "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes FROM files "
+                "WHERE repo_id = ? AND commit_id = ?",
+                (row["repo_id"], row["newest"]),
+            )[0]
+            summaries.append(
+                RepoSummary(
+                    repo_id=row["repo_id"],
+                    private=bool(row["private"]),
+                    origin=row["origin"],
+                    refs=self._refs(row["repo_id"]),
+                    revisions=row["revisions"],
+                    files=totals["n"],
+                    size=totals["bytes"],
+                    updated_at=row["updated_at"],
+                )
+            )
+        return summaries
+
+    def repo_info(self, repo_id: str) -> RepoInfo:
+        validate_repo_id(repo_id)
+        rows = self.index.read("SELECT * FROM repos WHERE repo_id = ?", (repo_id,))
+        if not rows:
+            raise RepoNotFoundError(repo_id)
+        repo = rows[0]
+        refs = self._refs(repo_id)
+        revisions = []
+        for rev in self.index.read(
+            "SELECT commit_id, created_at FROM revisions WHERE repo_id = ? ORDER BY created_at DESC, commit_id",
+            (repo_id,),
+        ):
+            names = tuple(name for name, commit in refs.items() if commit == rev["commit_id"])
+            files = tuple(self.files(repo_id, rev["commit_id"]))
+            revisions.append(RevisionInfo(rev["commit_id"], names, rev["created_at"], files))
+        return RepoInfo(
+            repo_id=repo_id,
+            private=bool(repo["private"]),
+            origin=repo["origin"],
+            refs=refs,
+            created_at=repo["created_at"],
+            updated_at=repo["updated_at"],
+            revisions=tuple(revisions),
+        )

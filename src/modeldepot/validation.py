@@ -1,0 +1,146 @@
+"""Validation of every name that reaches the store: repo ids, file paths inside a repo, revisions.
+
+Every public entry point (library, CLI, server) calls these before touching the disk, so a bad name is
+refused with :class:`~modeldepot.errors.InvalidInputError` and nothing is read or written.
+
+The rules follow the Hub where it has one (repo ids: ``huggingface_hub.utils.validate_repo_id``) and
+are stricter where a name becomes a path on our disk: no traversal, no absolute paths, no backslashes,
+no control characters, no segment that percent-decodes (once or repeatedly) into a traversal.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from urllib.parse import unquote
+
+from modeldepot.errors import InvalidPathError, InvalidRepoIdError, InvalidRevisionError
+
+__all__ = [
+    "MAX_PATH_BYTES",
+    "MAX_REPO_ID_LENGTH",
+    "MAX_REVISION_LENGTH",
+    "MAX_SEGMENT_BYTES",
+    "is_commit_id",
+    "validate_branch",
+    "validate_path",
+    "validate_repo_id",
+    "validate_revision",
+]
+
+MAX_REPO_ID_LENGTH = 96  # the Hub's limit
+MAX_PATH_BYTES = 1024
+MAX_SEGMENT_BYTES = 255  # NAME_MAX on every filesystem we care about
+MAX_REVISION_LENGTH = 200
+
+_REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_COMMIT_ID = re.compile(r"[0-9a-f]{40}")
+_REF_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "…"
+
+
+def validate_repo_id(repo_id: object) -> str:
+    """Return ``repo_id`` if it is a valid ``org/name`` id, else raise InvalidRepoIdError."""
+    if not isinstance(repo_id, str):
+        raise InvalidRepoIdError(f"repo id must be a string like 'org/name', got {type(repo_id).__name__}")
+    shown = _describe(repo_id)
+    if len(repo_id) > MAX_REPO_ID_LENGTH:
+        raise InvalidRepoIdError(f"repo id {shown} is longer than {MAX_REPO_ID_LENGTH} characters")
+    parts = repo_id.split("/")
+    if len(parts) != 2:
+        raise InvalidRepoIdError(f"repo id {shown} must have the form 'org/name' (exactly one '/')")
+    for part in parts:
+        if not part:
+            raise InvalidRepoIdError(f"repo id {shown} has an empty org or name")
+        if not _REPO_PART.fullmatch(part):
+            raise InvalidRepoIdError(
+                f"repo id {shown}: org and name may use only letters, digits, '-', '_' and '.', "
+                "and must start with a letter or digit"
+            )
+        if "--" in part or ".." in part:
+            raise InvalidRepoIdError(f"repo id {shown} may not contain '--' or '..'")
+        if part.endswith((".", "-", ".git")):
+            raise InvalidRepoIdError(f"repo id {shown}: a part may not end with '.', '-' or '.git'")
+    return repo_id
+
+
+def _decodes_to_traversal(segment: str) -> bool:
+    """True if percent-decoding the segment (up to 3 times) yields '.', '..' or a separator."""
+    current = segment
+    for _ in range(3):
+        decoded = unquote(current)
+        if decoded == current:
+            return False
+        if decoded in (".", "..") or any(c in decoded for c in "/\\\x00"):
+            return True
+        current = decoded
+    return False
+
+
+def validate_path(path: object) -> str:
+    """Return ``path`` if it is a safe relative POSIX path inside a repo, else raise InvalidPathError."""
+    if not isinstance(path, str):
+        raise InvalidPathError(f"file path must be a string, got {type(path).__name__}")
+    shown = _describe(path)
+    if not path:
+        raise InvalidPathError("file path is empty")
+    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise InvalidPathError(f"file path {shown} is longer than {MAX_PATH_BYTES} bytes")
+    if path.startswith("/"):
+        raise InvalidPathError(f"file path {shown} is absolute; give it relative to the repo root")
+    if "\\" in path:
+        raise InvalidPathError(f"file path {shown} contains a backslash; use '/' between folders")
+    for char in path:
+        if unicodedata.category(char) in ("Cc", "Cs"):
+            raise InvalidPathError(f"file path {shown} contains a control character")
+    for segment in path.split("/"):
+        if not segment:
+            raise InvalidPathError(f"file path {shown} has an empty segment ('//' or a trailing '/')")
+        if segment in (".", ".."):
+            raise InvalidPathError(f"file path {shown} contains '{segment}'; paths may not leave the repo")
+        if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
+            raise InvalidPathError(f"file path {shown} has a segment longer than {MAX_SEGMENT_BYTES} bytes")
+        if _decodes_to_traversal(segment):
+            raise InvalidPathError(f"file path {shown} contains a percent-encoded traversal")
+    return path
+
+
+def is_commit_id(revision: str) -> bool:
+    """A full, lowercase 40-hex commit id (what the Hub sends in X-Repo-Commit)."""
+    return _COMMIT_ID.fullmatch(revision) is not None
+
+
+def validate_branch(name: object) -> str:
+    """Return ``name`` if it is a valid branch (ref) name such as ``main`` or ``refs/pr/1``."""
+    if not isinstance(name, str):
+        raise InvalidRevisionError(f"revision must be a string, got {type(name).__name__}")
+    shown = _describe(name)
+    if not name:
+        raise InvalidRevisionError("revision is empty")
+    if len(name) > MAX_REVISION_LENGTH:
+        raise InvalidRevisionError(f"revision {shown} is longer than {MAX_REVISION_LENGTH} characters")
+    if is_commit_id(name):
+        raise InvalidRevisionError(
+            f"revision {shown} looks like a commit id; a branch name is needed here "
+            "(commit ids are derived from the files)"
+        )
+    for segment in name.split("/"):
+        if not segment or segment in (".", "..") or not _REF_SEGMENT.fullmatch(segment):
+            raise InvalidRevisionError(
+                f"revision {shown} is not a valid branch name: use letters, digits, '-', '_', '.' "
+                "and '/' between non-empty parts"
+            )
+        if segment.endswith(".lock") or segment.startswith("."):
+            raise InvalidRevisionError(f"revision {shown} is not a valid branch name (git ref rules)")
+    return name
+
+
+def validate_revision(revision: object) -> str:
+    """Return ``revision`` if it is a full commit id or a valid branch name."""
+    if isinstance(revision, str) and is_commit_id(revision):
+        return revision
+    return validate_branch(revision)
