@@ -1,0 +1,234 @@
+"""The ``modeldepot`` command: a thin shell over :class:`modeldepot.Depot`.
+
+Exit codes: 0 ok, 1 failure (including ``verify`` finding corruption), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from modeldepot._version import __version__
+from modeldepot.cli import render
+from modeldepot.depot import Depot
+from modeldepot.errors import ConfigError, DepotError, InvalidInputError
+
+__all__ = ["cli", "main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def exit_code_for(error: DepotError) -> int:
+    return EXIT_BAD_INPUT if isinstance(error, (InvalidInputError, ConfigError)) else EXIT_FAILURE
+
+
+def _home_option(function: F) -> F:
+    """Every command takes --home; errors from the library become a message and an exit code here."""
+
+    @click.option(
+        "--home",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Store folder (default: $MODELDEPOT_HOME, else ~/.cache/modeldepot).",
+    )
+    @wraps(function)
+    def wrapper(*args: Any, home: Path | None, **kwargs: Any) -> Any:
+        try:
+            with Depot(home) as depot:
+                return function(depot, *args, **kwargs)
+        except DepotError as error:
+            render.err.print(f"[red]error:[/red] {error}")
+            sys.exit(exit_code_for(error))
+
+    return wrapper  # type: ignore[return-value]
+
+
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+_revision_option = click.option(
+    "--revision", "-r", default="main", show_default=True, help="Branch name or full commit id."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="modeldepot")
+def cli() -> None:
+    """modeldepot: a verified, deduplicated store for model repos (ONNX, GGUF, safetensors)."""
+
+
+@cli.command("import")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--repo", "repo_id", required=True, help="Repo id to publish as, like ORG/NAME.")
+@click.option("--revision", "-r", default="main", show_default=True, help="Branch to point at the import.")
+@click.option("--private", is_flag=True, help="Mark the repo private (served only with the node token).")
+@_json_option
+@_home_option
+def import_command(
+    depot: Depot, directory: Path, repo_id: str, revision: str, private: bool, as_json: bool
+) -> None:
+    """Publish the model folder DIRECTORY as repo ORG/NAME."""
+    bar = render.ByteProgress("importing")
+    with bar.running():
+        result = depot.import_dir(
+            directory,
+            repo_id,
+            revision,
+            private=private,
+            progress=lambda path, done, total: bar.update(done, total, path),
+        )
+    if as_json:
+        render.print_json(result.to_dict())
+        return
+    reused = result.bytes - result.new_bytes
+    render.out.print(
+        f"imported {result.repo_id}@{result.revision} → commit {result.commit_id[:12]}: {result.files} files, "
+        f"{render.format_bytes(result.bytes)} ({render.format_bytes(reused)} already in the store)"
+    )
+    render.out.print(f"snapshot: {result.snapshot_path}")
+
+
+@cli.command("ls")
+@_json_option
+@_home_option
+def ls_command(depot: Depot, as_json: bool) -> None:
+    """List the repos in the store."""
+    repos = depot.list_repos()
+    if as_json:
+        render.print_json([repo.to_dict() for repo in repos])
+    else:
+        render.render_ls(repos)
+
+
+@cli.command("info")
+@click.argument("repo_id", metavar="REPO")
+@_json_option
+@_home_option
+def info_command(depot: Depot, repo_id: str, as_json: bool) -> None:
+    """Show a repo's refs, revisions and files."""
+    info = depot.repo_info(repo_id)
+    if as_json:
+        render.print_json(info.to_dict())
+    else:
+        render.render_info(info)
+
+
+@cli.command("path")
+@click.argument("repo_id", metavar="REPO")
+@click.argument("path", metavar="FILE", required=False)
+@_revision_option
+@_home_option
+def path_command(depot: Depot, repo_id: str, path: str | None, revision: str) -> None:
+    """Print the real path of FILE (or of the revision's snapshot folder when FILE is omitted)."""
+    found = depot.file_path(repo_id, path, revision) if path else depot.snapshot_path(repo_id, revision)
+    click.echo(str(found))
+
+
+@cli.command("cat")
+@click.argument("repo_id", metavar="REPO")
+@click.argument("path", metavar="FILE")
+@_revision_option
+@_home_option
+def cat_command(depot: Depot, repo_id: str, path: str, revision: str) -> None:
+    """Write FILE's bytes to standard output."""
+    with depot.open_file(repo_id, path, revision) as stream:
+        size = os.fstat(stream.fileno()).st_size
+        sys.stdout.flush()
+        _copy_to_stdout(stream.fileno(), size)
+
+
+def _copy_to_stdout(fd: int, size: int) -> None:
+    out_fd = sys.stdout.fileno()
+    offset = 0
+    try:
+        while offset < size:
+            sent = os.sendfile(out_fd, fd, offset, min(size - offset, 1 << 30))
+            if sent == 0:
+                break
+            offset += sent
+    except BrokenPipeError:
+        os._exit(EXIT_OK)  # the reader (e.g. `head`) has what it wanted
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+        while offset < size:  # sendfile cannot write to this kind of stdout
+            data = os.pread(fd, min(size - offset, 8 << 20), offset)
+            if not data:
+                break
+            sys.stdout.buffer.write(data)
+            offset += len(data)
+        sys.stdout.buffer.flush()
+
+
+@cli.command("verify")
+@click.argument("repo_id", metavar="[REPO]", required=False)
+@_json_option
+@_home_option
+def verify_command(depot: Depot, repo_id: str | None, as_json: bool) -> None:
+    """Rehash every blob (of REPO, or all); quarantine corrupt ones. Exit 1 if any is corrupt."""
+    bar = render.ByteProgress("verifying")
+    with bar.running():
+        report = depot.verify(repo_id, progress=bar.update)
+    if as_json:
+        render.print_json({**report.to_dict(), "ok": report.ok})
+    else:
+        render.render_verify(report)
+    if not report.ok:
+        sys.exit(EXIT_FAILURE)
+
+
+@cli.command("rm")
+@click.argument("repo_id", metavar="REPO")
+@click.option("--revision", "-r", default=None, help="Remove only this revision (branch or commit id).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@_json_option
+@_home_option
+def rm_command(depot: Depot, repo_id: str, revision: str | None, yes: bool, as_json: bool) -> None:
+    """Remove a repo (or one revision) and free the blobs nothing else uses."""
+    what = f"{repo_id}@{revision}" if revision else f"{repo_id} (all revisions)"
+    if not yes:
+        if not sys.stdin.isatty():
+            render.err.print(f"[red]error:[/red] refusing to remove {what} without confirmation: pass --yes")
+            sys.exit(EXIT_BAD_INPUT)
+        depot.repo_info(repo_id)  # fail on an unknown repo before asking
+        click.confirm(f"Remove {what}?", abort=True, err=True)
+    result = depot.remove(repo_id, revision)
+    if as_json:
+        render.print_json(result.to_dict())
+    else:
+        render.render_remove(result)
+
+
+@cli.command("gc")
+@_json_option
+@_home_option
+def gc_command(depot: Depot, as_json: bool) -> None:
+    """Delete unreferenced blobs, abandoned partial files, stale snapshots and quarantined files."""
+    report = depot.gc()
+    if as_json:
+        render.print_json(report.to_dict())
+    else:
+        render.render_gc(report)
+
+
+@cli.command("du")
+@_json_option
+@_home_option
+def du_command(depot: Depot, as_json: bool) -> None:
+    """Show how much disk the store uses, and how much deduplication saves."""
+    usage = depot.du()
+    if as_json:
+        render.print_json({**usage.to_dict(), "total_bytes": usage.total_bytes})
+    else:
+        render.render_du(usage)
+
+
+def main() -> None:
+    cli(prog_name="modeldepot")

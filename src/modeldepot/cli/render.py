@@ -1,0 +1,190 @@
+"""Turning library results into terminal output: rich tables for people, JSON for programs."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from modeldepot.store import DiskUsage, GcReport, RemoveResult, RepoInfo, RepoSummary, VerifyReport
+
+__all__ = [
+    "ByteProgress",
+    "err",
+    "format_bytes",
+    "out",
+    "print_json",
+    "render_du",
+    "render_gc",
+    "render_info",
+    "render_ls",
+    "render_remove",
+    "render_verify",
+]
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def format_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+class ByteProgress:
+    """A progress bar on stderr when it is a terminal; nothing otherwise (output stays parseable)."""
+
+    def __init__(self, description: str) -> None:
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._description = description
+
+    @contextmanager
+    def running(self) -> Iterator[ByteProgress]:
+        if err.is_terminal:
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                transient=True,
+            )
+            with self._progress:
+                self._task = self._progress.add_task(self._description, total=None)
+                yield self
+        else:
+            yield self
+
+    def update(self, done: int, total: int, label: str | None = None) -> None:
+        if self._progress is not None and self._task is not None:
+            description = f"{self._description} {label}" if label else self._description
+            self._progress.update(self._task, completed=done, total=total, description=description)
+
+
+def render_ls(repos: list[RepoSummary]) -> None:
+    if not repos:
+        out.print("The store is empty. Add a model with `modeldepot import DIR --repo ORG/NAME`.")
+        return
+    table = Table("repo", "refs", "revisions", "files", "size", "private", "updated")
+    for repo in repos:
+        refs = ", ".join(f"{name}→{commit[:8]}" for name, commit in repo.refs.items()) or "-"
+        table.add_row(
+            repo.repo_id,
+            refs,
+            str(repo.revisions),
+            str(repo.files),
+            format_bytes(repo.size),
+            "yes" if repo.private else "no",
+            _when(repo.updated_at),
+        )
+    out.print(table)
+
+
+def render_info(info: RepoInfo) -> None:
+    out.print(f"[bold]{info.repo_id}[/bold]  {'private' if info.private else 'public'}, from {info.origin}")
+    for revision in info.revisions:
+        names = ", ".join(revision.refs) if revision.refs else "detached"
+        out.print(
+            f"\ncommit {revision.commit_id} ({names}), {len(revision.files)} files, "
+            f"{format_bytes(revision.size)}, added {_when(revision.created_at)}"
+        )
+        table = Table("path", "size", "sha256", "etag", "lfs")
+        for entry in revision.files:
+            table.add_row(
+                entry.path,
+                format_bytes(entry.size),
+                entry.sha256[:16],
+                entry.etag[:16],
+                "yes" if entry.lfs else "",
+            )
+        out.print(table)
+
+
+def render_verify(report: VerifyReport) -> None:
+    for problem in report.problems:
+        where = f"; moved to {problem.quarantined_to}" if problem.quarantined_to else ""
+        err.print(
+            f"[red]corrupt[/red] blob {problem.sha256[:16]}… ({problem.problem}): {problem.detail}{where}"
+        )
+        for user in problem.files:
+            err.print(f"    used by {user}")
+    if not report.index_ok:
+        err.print("[red]the index failed SQLite's integrity check[/red]: restore index.db from a backup")
+    summary = f"checked {report.blobs_checked} blobs ({format_bytes(report.bytes_checked)}) in {report.seconds:.1f}s"
+    if report.snapshots_repaired:
+        summary += f", repaired {report.snapshots_repaired} snapshots"
+    if report.ok:
+        out.print(f"[green]ok[/green]: {summary}")
+    else:
+        out.print(
+            f"[red]{len(report.problems)} problem(s)[/red]: {summary}. Corrupt blobs are quarantined and "
+            "never served; import or pull the affected files again."
+        )
+
+
+def render_remove(result: RemoveResult) -> None:
+    out.print(
+        f"removed {result.repo_id}: {len(result.commits)} revision(s), {result.blobs_removed} blobs, "
+        f"{format_bytes(result.bytes_freed)} freed"
+    )
+
+
+def render_gc(report: GcReport) -> None:
+    out.print(
+        f"freed {format_bytes(report.bytes_freed)}: {report.blobs_removed} blobs, "
+        f"{report.partials_removed} abandoned partial files, {report.snapshots_removed} stale snapshots"
+        + (f" ({report.kept_partials} writes in progress left alone)" if report.kept_partials else "")
+    )
+
+
+def render_du(usage: DiskUsage) -> None:
+    saved = usage.logical_bytes - usage.blob_bytes
+    out.print(f"store {usage.home}")
+    out.print(
+        f"  blobs       {format_bytes(usage.blob_bytes)} in {usage.blobs} blobs "
+        f"(files add up to {format_bytes(usage.logical_bytes)}; deduplication saves {format_bytes(max(saved, 0))})"
+    )
+    out.print(f"  partial     {format_bytes(usage.partial_bytes)}")
+    out.print(f"  quarantine  {format_bytes(usage.quarantine_bytes)}")
+    out.print(f"  index       {format_bytes(usage.index_bytes)}")
+    out.print(f"  total       {format_bytes(usage.total_bytes)}")
+    if usage.repos:
+        table = Table("repo", "revisions", "files", "size", "only here")
+        for repo in usage.repos:
+            table.add_row(
+                repo.repo_id,
+                str(repo.revisions),
+                str(repo.files),
+                format_bytes(repo.logical_bytes),
+                format_bytes(repo.unique_bytes),
+            )
+        out.print(table)
