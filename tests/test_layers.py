@@ -1,0 +1,91 @@
+"""The layering of docs/architecture.md: a module may import only from its own layer or those below."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import modeldepot
+
+PACKAGE = Path(modeldepot.__file__).parent
+
+# Bottom to top. A module's layer is the first entry that prefixes its dotted name.
+LAYERS: list[tuple[int, tuple[str, ...]]] = [
+    (0, ("modeldepot._version", "modeldepot.errors", "modeldepot.validation", "modeldepot.config",
+         "modeldepot.hashing", "modeldepot.gitobjects")),
+    (1, ("modeldepot.store",)),
+    (2, ("modeldepot.hub", "modeldepot.transfer", "modeldepot.preload", "modeldepot.engines",
+         "modeldepot.discovery")),
+    (3, ("modeldepot.depot",)),
+    (4, ("modeldepot.cli", "modeldepot.server", "modeldepot.dashboard", "modeldepot.__main__", "modeldepot")),
+]  # fmt: skip
+
+
+def layer_of(module: str) -> int:
+    for rank, prefixes in LAYERS:
+        if any(module == p or module.startswith(p + ".") for p in prefixes if p != "modeldepot"):
+            return rank
+    if module == "modeldepot":
+        return 4
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS and docs/architecture.md")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported_modules(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module)
+    return [m for m in found if m == "modeldepot" or m.startswith("modeldepot.")]
+
+
+def test_no_module_imports_a_higher_layer() -> None:
+    violations = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        importer = module_name(path)
+        for imported in imported_modules(path):
+            if layer_of(imported) > layer_of(importer):
+                violations.append(f"{importer} (layer {layer_of(importer)}) imports {imported} "
+                                  f"(layer {layer_of(imported)})")  # fmt: skip
+    assert violations == []
+
+
+def test_store_knows_nothing_of_http() -> None:
+    for path in (PACKAGE / "store").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not {
+            n for n in names if n.split(".")[0] in {"aiohttp", "http", "urllib3", "requests", "httpx"}
+        }
+
+
+def test_the_checker_catches_a_violation(tmp_path: Path) -> None:
+    bad = PACKAGE / "store" / "_layer_probe.py"
+    bad.write_text("from modeldepot.depot import Depot\n")
+    try:
+        importer = module_name(bad)
+        assert any(layer_of(m) > layer_of(importer) for m in imported_modules(bad))
+    finally:
+        bad.unlink()
+
+
+def test_public_api_is_pinned() -> None:
+    assert set(modeldepot.__all__) == {
+        "ConfigError", "CorruptBlobError", "Depot", "DepotConfig", "DepotError", "DiskUsage",
+        "EntryNotFoundError", "FileEntry", "GcReport", "ImportResult", "IntegrityError", "InvalidInputError",
+        "InvalidPathError", "InvalidRangeError", "InvalidRepoIdError", "InvalidRevisionError", "MappedFile",
+        "NotFoundError", "RemoveResult", "RepoInfo", "RepoNotFoundError", "RepoSummary", "RevisionInfo",
+        "RevisionNotFoundError", "SourceDirectoryError", "StoreError", "StoreFullError", "StoreSchemaError",
+        "VerifyProblem", "VerifyReport", "__version__",
+    }  # fmt: skip
+    for name in modeldepot.__all__:
+        assert hasattr(modeldepot, name)

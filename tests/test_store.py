@@ -1,0 +1,318 @@
+"""The Depot API over a real store on disk: import, reads, paths, verify, remove, gc, du."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from conftest import SMALL_CHUNK, flip_byte, sample_files, store_files_consistent, write_model_dir
+from modeldepot import (
+    ConfigError,
+    CorruptBlobError,
+    Depot,
+    EntryNotFoundError,
+    InvalidRangeError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+    SourceDirectoryError,
+    StoreSchemaError,
+)
+from modeldepot.gitobjects import git_blob_oid
+from modeldepot.store.blobs import WriteSession
+
+REPO = "acme/tiny-bert"
+
+
+def test_import_then_read_every_file_every_way(depot: Depot, model_dir: Path) -> None:
+    files = sample_files()
+    result = depot.import_dir(model_dir, REPO)
+    assert (result.files, result.bytes, result.new_blobs) == (
+        len(files),
+        sum(map(len, files.values())),
+        len(files),
+    )
+    for path, data in files.items():
+        assert depot.has_file(REPO, path)
+        view = depot.get_file(REPO, path)
+        assert view.readonly and bytes(view) == data
+        view.release()
+        with depot.map_file(REPO, path) as mapped:
+            assert bytes(mapped) == data
+        with depot.open_file(REPO, path) as stream:
+            assert stream.read() == data
+        assert depot.file_path(REPO, path).read_bytes() == data
+        assert depot.file_path(REPO, path).as_posix().endswith(f"/{result.commit_id}/{path}")
+        assert depot.file_info(REPO, path).sha256 == hashlib.sha256(data).hexdigest()
+    assert not depot.has_file(REPO, "nope.bin")
+
+
+def test_map_file_releases_the_mapping_and_refuses_while_a_slice_is_held(
+    depot: Depot, model_dir: Path
+) -> None:
+    depot.import_dir(model_dir, REPO)
+    with depot.map_file(REPO, "model.safetensors") as view:
+        first = view[0]
+    with pytest.raises(ValueError, match="released"):
+        view[0]
+    assert first == sample_files()["model.safetensors"][0]
+    mapped = depot.map_file(REPO, "model.safetensors")
+    held = mapped.view[10:20]
+    with pytest.raises(BufferError, match="still in use"):
+        mapped.close()
+    held.release()
+    mapped.close()
+
+
+def test_open_file_is_seekable_and_streams(depot: Depot, model_dir: Path) -> None:
+    depot.import_dir(model_dir, REPO)
+    data = sample_files()["model.safetensors"]
+    with depot.open_file(REPO, "model.safetensors") as stream:
+        assert stream.seekable()
+        stream.seek(1000)
+        assert stream.read(10) == data[1000:1010]
+        assert stream.tell() == 1010
+        stream.seek(-5, os.SEEK_END)
+        assert stream.read() == data[-5:]
+        buffer = bytearray(100)
+        stream.seek(0)
+        assert stream.readinto(buffer) == 100 and bytes(buffer) == data[:100]
+
+
+def test_chunks_are_views_of_the_file_and_checked(depot: Depot, model_dir: Path) -> None:
+    depot.import_dir(model_dir, REPO)
+    data = sample_files()["model.safetensors"]
+    count = -(-len(data) // SMALL_CHUNK)
+    parts = [bytes(depot.get_chunk(REPO, "model.safetensors", i)) for i in range(count)]
+    assert b"".join(parts) == data and all(len(p) == SMALL_CHUNK for p in parts[:-1])
+    for bad in (-1, count, True, "0", 1.0):
+        with pytest.raises(InvalidRangeError):
+            depot.get_chunk(REPO, "model.safetensors", bad)  # type: ignore[arg-type]
+    assert bytes(depot.get_chunk(REPO, "empty.txt", 0)) == b""
+
+
+def test_a_corrupt_chunk_is_refused_and_quarantined(depot: Depot, model_dir: Path) -> None:
+    depot.import_dir(model_dir, REPO)
+    entry = depot.file_info(REPO, "model.safetensors")
+    blob = depot.store.blobs.path(entry.sha256)
+    flip_byte(blob, SMALL_CHUNK + 5)
+    assert (
+        bytes(depot.get_chunk(REPO, "model.safetensors", 0))
+        == sample_files()["model.safetensors"][:SMALL_CHUNK]
+    )
+    with pytest.raises(CorruptBlobError, match="chunk 1"):
+        depot.get_chunk(REPO, "model.safetensors", 1)
+    assert not blob.exists() and not depot.has_file(REPO, "model.safetensors")
+    with pytest.raises(CorruptBlobError):
+        depot.get_file(REPO, "model.safetensors")
+    report = depot.verify()
+    assert not report.ok and [p.sha256 for p in report.problems] == [entry.sha256]
+    depot.import_dir(model_dir, REPO)  # the same bytes again restore the blob
+    assert depot.verify().ok
+    assert bytes(depot.get_file(REPO, "model.safetensors")) == sample_files()["model.safetensors"]
+
+
+def test_verify_finds_flipped_truncated_and_missing_blobs(depot: Depot, model_dir: Path) -> None:
+    depot.import_dir(model_dir, REPO)
+    flipped, truncated, missing = (
+        depot.file_info(REPO, p) for p in ("model.safetensors", "config.json", "tokenizer.json")
+    )
+    flip_byte(depot.store.blobs.path(flipped.sha256), flipped.size - 1)
+    os.truncate(depot.store.blobs.path(truncated.sha256), 3)
+    depot.store.blobs.path(missing.sha256).unlink()
+    report = depot.verify(REPO)
+    assert {(p.sha256, p.problem) for p in report.problems} == {
+        (flipped.sha256, "chunk"), (truncated.sha256, "size"), (missing.sha256, "missing")}  # fmt: skip
+    assert all(f"{REPO}@" in p.files[0] for p in report.problems)
+    quarantined = {p.quarantined_to for p in report.problems} - {None}
+    assert len(quarantined) == 2 and all(
+        Path(q).parent == depot.home / "quarantine" for q in quarantined if q
+    )
+    again = depot.verify()  # still reported until the files come back
+    assert {p.problem for p in again.problems} == {"quarantined"}
+    assert store_files_consistent(depot) == []
+
+
+def test_truncated_blob_is_caught_on_open(depot: Depot, model_dir: Path) -> None:
+    depot.import_dir(model_dir, REPO)
+    entry = depot.file_info(REPO, "model.safetensors")
+    os.truncate(depot.store.blobs.path(entry.sha256), 10)
+    with pytest.raises(CorruptBlobError, match="10 bytes"):
+        depot.get_file(REPO, "model.safetensors")
+    assert not depot.has_file(REPO, "model.safetensors")
+
+
+def test_commit_ids_are_deterministic_and_content_is_stored_once(tmp_path: Path, model_dir: Path) -> None:
+    with (
+        Depot(tmp_path / "a", chunk_size=SMALL_CHUNK) as a,
+        Depot(tmp_path / "b", chunk_size=SMALL_CHUNK) as b,
+    ):
+        first = a.import_dir(model_dir, REPO)
+        assert b.import_dir(model_dir, "other/name").commit_id == first.commit_id
+        again = a.import_dir(model_dir, "other/copy", "dev")
+        assert again.commit_id == first.commit_id and again.new_blobs == 0 and again.new_bytes == 0
+        changed = write_model_dir(tmp_path / "v2", {**sample_files(), "config.json": b'{"v": 2}'})
+        second = a.import_dir(changed, REPO)
+        assert second.commit_id != first.commit_id and (second.new_blobs, second.new_bytes) == (1, 8)
+        rows = a.store.index.read("SELECT COUNT(*) AS n FROM blobs")[0]["n"]
+        assert rows == len(sample_files()) + 1
+        usage = a.du()
+        assert usage.blob_bytes == sum(map(len, sample_files().values())) + 8
+        assert usage.logical_bytes == 3 * sum(map(len, sample_files().values())) + 8 - len(
+            b'{"model_type": "bert", "seed": 0}'
+        )
+
+
+def test_revisions_refs_and_lookup_errors(depot: Depot, tmp_path: Path, model_dir: Path) -> None:
+    main = depot.import_dir(model_dir, REPO)
+    dev_dir = write_model_dir(tmp_path / "dev", {"config.json": b"{}"})
+    dev = depot.import_dir(dev_dir, REPO, "dev")
+    assert depot.repo_info(REPO).refs == {"dev": dev.commit_id, "main": main.commit_id}
+    assert depot.has_file(REPO, "model.safetensors", main.commit_id)
+    assert not depot.has_file(REPO, "model.safetensors", "dev")
+    assert depot.snapshot_path(REPO, "dev").name == dev.commit_id
+    with pytest.raises(RepoNotFoundError):
+        depot.get_file("acme/none", "config.json")
+    with pytest.raises(RevisionNotFoundError):
+        depot.get_file(REPO, "config.json", "feature")
+    with pytest.raises(RevisionNotFoundError):
+        depot.get_file(REPO, "config.json", "0" * 40)
+    with pytest.raises(EntryNotFoundError) as caught:
+        depot.get_file(REPO, "missing.json")
+    assert isinstance(caught.value, FileNotFoundError) and "missing.json" in str(caught.value)
+
+
+def test_blobs_are_read_only_and_snapshots_are_relative_links(depot: Depot, model_dir: Path) -> None:
+    depot.import_dir(model_dir, REPO)
+    entry = depot.file_info(REPO, "onnx/model_q4.onnx")
+    assert stat.S_IMODE(depot.store.blobs.path(entry.sha256).stat().st_mode) == 0o444
+    link = depot.file_path(REPO, "onnx/model_q4.onnx")
+    assert link.is_symlink() and not os.readlink(link).startswith("/")
+    assert (link.parent / "model_q4.onnx_data").exists()  # engines find external data next to the model
+
+
+def test_snapshot_is_rebuilt_when_damaged(depot: Depot, model_dir: Path) -> None:
+    result = depot.import_dir(model_dir, REPO)
+    snapshot = Path(result.snapshot_path)
+    (snapshot / "config.json").unlink()
+    (snapshot / "onnx" / "model_q4.onnx").unlink()
+    os.symlink("/etc/hostname", snapshot / "onnx" / "model_q4.onnx")
+    assert depot.file_path(REPO, "config.json").read_bytes() == sample_files()["config.json"]
+    assert depot.verify().snapshots_repaired == 0  # file_path already rebuilt it
+    (snapshot / "tokenizer.json").unlink()
+    assert depot.verify().snapshots_repaired == 1
+    assert depot.file_path(REPO, "onnx/model_q4.onnx").read_bytes() == sample_files()["onnx/model_q4.onnx"]
+
+
+def test_etags_follow_the_hub_rules(depot: Depot, tmp_path: Path) -> None:
+    folder = write_model_dir(
+        tmp_path / "m",
+        {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n", "config.json": b"{}",
+         "model.safetensors": b"w" * 10, "notes.txt": b"n"},
+    )  # fmt: skip
+    depot.import_dir(folder, REPO)
+    config, weights = depot.file_info(REPO, "config.json"), depot.file_info(REPO, "model.safetensors")
+    assert not config.lfs and config.etag == config.git_oid == git_blob_oid(b"{}")
+    assert weights.lfs and weights.etag == weights.sha256 and weights.git_oid != git_blob_oid(b"w" * 10)
+
+
+def test_import_follows_file_links_and_skips_git_folders(
+    depot: Depot, tmp_path: Path, model_dir: Path
+) -> None:
+    linked = tmp_path / "linked"
+    (linked / ".git").mkdir(parents=True)
+    (linked / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (linked / "config.json").symlink_to(model_dir / "config.json")
+    depot.import_dir(linked, REPO)
+    assert [f.path for f in depot.repo_info(REPO).revisions[0].files] == ["config.json"]
+    with pytest.raises(SourceDirectoryError, match="not a directory"):
+        depot.import_dir(tmp_path / "absent", REPO)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceDirectoryError, match="no files"):
+        depot.import_dir(tmp_path / "empty", REPO)
+
+
+def test_remove_a_revision_keeps_shared_blobs(depot: Depot, tmp_path: Path, model_dir: Path) -> None:
+    main = depot.import_dir(model_dir, REPO)
+    dev_dir = write_model_dir(tmp_path / "dev", {**sample_files(), "extra.bin": b"x" * 1000})
+    dev = depot.import_dir(dev_dir, REPO, "dev")
+    result = depot.remove(REPO, "dev")
+    assert result.commits == (dev.commit_id,) and result.blobs_removed == 1 and result.bytes_freed == 1000
+    assert depot.repo_info(REPO).refs == {"main": main.commit_id}
+    assert not (depot.home / "snapshots" / REPO / dev.commit_id).exists()
+    assert depot.remove(REPO).blobs_removed == len(sample_files())
+    assert depot.list_repos() == [] and list((depot.home / "blobs").rglob("*.*")) == []
+    assert not (depot.home / "snapshots" / "acme").exists()
+    with pytest.raises(RepoNotFoundError):
+        depot.remove(REPO)
+
+
+def test_gc_frees_orphans_and_abandoned_partials_but_not_live_ones(depot: Depot, model_dir: Path) -> None:
+    depot.import_dir(model_dir, REPO)
+    orphan = depot.store.blobs.path("ab" * 32)
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(b"o" * 500)
+    abandoned = depot.home / "tmp" / "999999-dead"
+    abandoned.mkdir()
+    (abandoned / "0.partial").write_bytes(b"p" * 300)
+    stale_snapshot = depot.home / "snapshots" / "gone" / "repo" / ("1" * 40)
+    stale_snapshot.mkdir(parents=True)
+    with WriteSession(depot.store.layout) as live:
+        live.new_partial(100)
+        report = depot.gc()
+        assert live.path.exists()
+    assert (
+        report.blobs_removed,
+        report.partials_removed,
+        report.snapshots_removed,
+        report.kept_partials,
+    ) == (1, 1, 1, 1)
+    assert report.bytes_freed == 500 and not orphan.exists() and not abandoned.exists()
+    assert not stale_snapshot.exists()
+    assert depot.verify().ok and store_files_consistent(depot) == []
+    assert depot.gc().bytes_freed == 0
+
+
+def test_chunk_size_is_fixed_per_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Depot(tmp_path / "s", chunk_size=SMALL_CHUNK).close()
+    with Depot(tmp_path / "s") as reopened:
+        assert reopened.chunk_size == SMALL_CHUNK
+    with pytest.raises(ConfigError, match="chunk size is fixed"):
+        Depot(tmp_path / "s", chunk_size=2 * SMALL_CHUNK)
+    with pytest.raises(ConfigError):
+        Depot(tmp_path / "t", chunk_size=10)
+    monkeypatch.setenv("MODELDEPOT_CHUNK_SIZE", "1MiB")
+    with Depot(tmp_path / "u") as from_env:
+        assert from_env.chunk_size == 1 << 20
+    monkeypatch.setenv("MODELDEPOT_CHUNK_SIZE", "lots")
+    with pytest.raises(ConfigError, match="cannot read size"):
+        Depot(tmp_path / "v")
+
+
+def test_default_home_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELDEPOT_HOME", str(tmp_path / "env-home"))
+    with Depot() as depot:
+        assert depot.home == tmp_path / "env-home" and (depot.home / "index.db").exists()
+    monkeypatch.delenv("MODELDEPOT_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    with Depot() as depot:
+        assert depot.home == tmp_path / "xdg" / "modeldepot"
+
+
+def test_index_is_wal_and_a_newer_schema_is_refused(depot: Depot, home: Path) -> None:
+    assert depot.store.index.read("PRAGMA journal_mode")[0][0] == "wal"
+    depot.close()
+    with sqlite3.connect(home / "index.db") as con:
+        con.execute("PRAGMA user_version = 99")
+    con.close()
+    with pytest.raises(StoreSchemaError, match="upgrade modeldepot"):
+        Depot(home)
+
+
+def test_private_flag_is_recorded(depot: Depot, model_dir: Path) -> None:
+    depot.import_dir(model_dir, REPO, private=True)
+    assert depot.repo_info(REPO).private and depot.list_repos()[0].private
