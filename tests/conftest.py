@@ -89,7 +89,7 @@ def store_files_consistent(depot: Depot) -> list[str]:
                 "SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo.repo_id, commit)
             ):
                 problems.append(f"ref {repo.repo_id}:{name} points to a missing revision")
-    for directory, _dirs, names in os.walk(store.layout.blobs):
+    for _directory, _dirs, names in os.walk(store.layout.blobs):
         for name in names:
             if name.endswith(".partial"):
                 problems.append(f"a partial file is visible in blobs/: {name}")

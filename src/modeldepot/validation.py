@@ -128,8 +128,10 @@ def validate_branch(name: object) -> str:
             f"revision {shown} looks like a commit id; a branch name is needed here "
             "(commit ids are derived from the files)"
         )
+    if ".." in name:
+        raise InvalidRevisionError(f"revision {shown} may not contain '..' (git ref rules)")
     for segment in name.split("/"):
-        if not segment or segment in (".", "..") or not _REF_SEGMENT.fullmatch(segment):
+        if not segment or not _REF_SEGMENT.fullmatch(segment):
             raise InvalidRevisionError(
                 f"revision {shown} is not a valid branch name: use letters, digits, '-', '_', '.' "
                 "and '/' between non-empty parts"

@@ -1,0 +1,148 @@
+"""The modeldepot command: real click invocations, plus real subprocesses for the entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import flip_byte, sample_files
+from modeldepot import Depot
+from modeldepot.cli import cli
+
+REPO = "acme/tiny"
+
+
+def run(*args: str, home: Path, input: str | None = None) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, [*args, "--home", str(home)], input=input)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_every_command_takes_home_and_listings_take_json() -> None:
+    for name, command in cli.commands.items():
+        options = {opt for param in command.params for opt in getattr(param, "opts", [])}
+        assert "--home" in options, name
+    for name in ("ls", "info", "verify", "gc", "du", "import", "rm"):
+        assert "--json" in {o for p in cli.commands[name].params for o in getattr(p, "opts", [])}, name
+
+
+def test_import_ls_info_path_cat(home: Path, model_dir: Path) -> None:
+    code, out, _ = run("import", str(model_dir), "--repo", REPO, "--json", home=home)
+    assert code == 0
+    imported = json.loads(out)
+    assert imported["files"] == len(sample_files()) and len(imported["commit_id"]) == 40
+    code, out, _ = run("ls", "--json", home=home)
+    assert code == 0 and [r["repo_id"] for r in json.loads(out)] == [REPO]
+    code, out, _ = run("ls", home=home)
+    assert code == 0 and REPO in out
+    code, out, _ = run("info", REPO, "--json", home=home)
+    info = json.loads(out)
+    assert code == 0 and info["refs"] == {"main": imported["commit_id"]}
+    assert sorted(f["path"] for f in info["revisions"][0]["files"]) == sorted(sample_files())
+    code, out, _ = run("path", REPO, "config.json", home=home)
+    assert code == 0 and Path(out.strip()).read_bytes() == sample_files()["config.json"]
+    code, out, _ = run("path", REPO, home=home)
+    assert Path(out.strip()).name == imported["commit_id"]
+
+
+def test_cat_writes_exact_bytes_through_a_real_pipe(home: Path, model_dir: Path) -> None:
+    run("import", str(model_dir), "--repo", REPO, home=home)
+    for path in ("model.safetensors", "empty.txt"):
+        done = subprocess.run(
+            [sys.executable, "-m", "modeldepot", "cat", REPO, path, "--home", str(home)],
+            capture_output=True,
+            check=True,
+        )
+        assert done.stdout == sample_files()[path]
+    to_file = home.parent / "out.bin"
+    with open(to_file, "wb") as handle:
+        subprocess.run([sys.executable, "-m", "modeldepot", "cat", REPO, "model.safetensors", "--home", str(home)],
+                       stdout=handle, check=True)  # fmt: skip
+    assert to_file.read_bytes() == sample_files()["model.safetensors"]
+
+
+def test_verify_exit_codes_and_report(home: Path, model_dir: Path) -> None:
+    run("import", str(model_dir), "--repo", REPO, home=home)
+    code, out, _ = run("verify", "--json", home=home)
+    assert code == 0 and json.loads(out)["ok"] is True
+    with Depot(home) as depot:
+        sha = depot.file_info(REPO, "model.safetensors").sha256
+        flip_byte(depot.store.blobs.path(sha), 3)
+    code, out, _ = run("verify", REPO, "--json", home=home)
+    report = json.loads(out)
+    assert code == 1 and not report["ok"] and [p["sha256"] for p in report["problems"]] == [sha]
+    code, _, err = run("verify", home=home)
+    assert code == 1 and "quarantined" in err
+    code, _, err = run("cat", REPO, "model.safetensors", home=home)
+    assert code == 1 and "corrupt" in err and "again" in err
+
+
+def test_bad_input_exits_2_and_missing_things_exit_1(home: Path, model_dir: Path) -> None:
+    run("import", str(model_dir), "--repo", REPO, home=home)
+    for args in (("info", "../etc"), ("path", REPO, "../../etc/passwd"), ("cat", REPO, "/etc/passwd"),
+                 ("path", REPO, "a\\b"), ("import", str(model_dir), "--repo", "no-slash"),
+                 ("path", REPO, "config.json", "--revision", "a..b"), ("path", REPO, "%2e%2e/x")):  # fmt: skip
+        code, out, err = run(*args, home=home)
+        assert code == 2, args
+        assert "error" in err and out == ""
+    for args in (("info", "acme/absent"), ("cat", REPO, "absent.bin"), ("path", REPO, "config.json", "-r", "dev"),
+                 ("import", str(model_dir / "absent"), "--repo", REPO)):  # fmt: skip
+        code, _, err = run(*args, home=home)
+        assert code == 1, args
+        assert "error" in err
+    assert run("frobnicate", home=home)[0] == 2
+
+
+def test_rm_needs_confirmation_then_frees_space(home: Path, model_dir: Path) -> None:
+    run("import", str(model_dir), "--repo", REPO, home=home)
+    code, _, err = run("rm", REPO, home=home)  # CliRunner's stdin is not a terminal
+    assert code == 2 and "--yes" in err
+    assert json.loads(run("ls", "--json", home=home)[1]) != []
+    code, out, _ = run("rm", REPO, "--yes", "--json", home=home)
+    assert code == 0 and json.loads(out)["bytes_freed"] == sum(map(len, sample_files().values()))
+    assert json.loads(run("ls", "--json", home=home)[1]) == []
+    code, out, _ = run("du", "--json", home=home)
+    assert code == 0 and json.loads(out)["blob_bytes"] == 0
+
+
+def test_gc_and_du_report(home: Path, model_dir: Path) -> None:
+    run("import", str(model_dir), "--repo", REPO, home=home)
+    run("import", str(model_dir), "--repo", "acme/copy", home=home)
+    usage = json.loads(run("du", "--json", home=home)[1])
+    total = sum(map(len, sample_files().values()))
+    assert usage["blob_bytes"] == total and usage["logical_bytes"] == 2 * total
+    assert all(repo["unique_bytes"] == 0 for repo in usage["repos"])
+    (home / "tmp" / "123-gone").mkdir()
+    (home / "tmp" / "123-gone" / "0.partial").write_bytes(b"x" * 10)
+    code, out, _ = run("gc", "--json", home=home)
+    assert code == 0 and json.loads(out)["partials_removed"] == 1
+    code, out, _ = run("du", home=home)
+    assert code == 0 and "deduplication saves" in out
+
+
+def test_console_script_and_module_entry_points(tmp_path: Path) -> None:
+    env = {**os.environ, "MODELDEPOT_HOME": str(tmp_path / "h")}
+    script = Path(sys.executable).parent / "modeldepot"
+    for command in ([str(script)], [sys.executable, "-m", "modeldepot"]):
+        done = subprocess.run([*command, "ls"], capture_output=True, text=True, env=env, check=False)
+        assert done.returncode == 0 and "empty" in done.stdout
+        version = subprocess.run([*command, "--version"], capture_output=True, text=True, check=True)
+        assert "modeldepot" in version.stdout
+
+
+@pytest.mark.parametrize("size", ["64KiB", "1M", "65536"])
+def test_chunk_size_from_environment(
+    tmp_path: Path, model_dir: Path, size: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODELDEPOT_CHUNK_SIZE", size)
+    code, _, _ = run("import", str(model_dir), "--repo", REPO, home=tmp_path / "s")
+    assert code == 0
+    with Depot(tmp_path / "s") as depot:
+        assert depot.chunk_size in (65536, 1 << 20)
