@@ -81,7 +81,9 @@ def store_files_consistent(depot: Depot) -> list[str]:
                 problems.append(f"blob {row['sha256'][:12]} indexed but missing")
             elif path.stat().st_size != row["size"]:
                 problems.append(f"blob {row['sha256'][:12]} has the wrong size")
-    dangling = store.index.read("SELECT f.path FROM files f LEFT JOIN blobs b USING (sha256) WHERE b.sha256 IS NULL")
+    dangling = store.index.read(
+        "SELECT f.path FROM files f LEFT JOIN blobs b USING (sha256) WHERE b.sha256 IS NULL"
+    )
     problems.extend(f"file {r['path']} references no blob" for r in dangling)
     for repo in depot.list_repos():
         for name, commit in repo.refs.items():
