@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from modeldepot.errors import CorruptBlobError
-from modeldepot.store.layout import StoreLayout, fsync_dir, os_error
+from modeldepot.store.layout import StoreLayout, fsync_dir, os_error, unlink_counting
 
 __all__ = ["BlobFiles", "PartialBlob", "WriteSession", "start_writeback"]
 
@@ -238,12 +238,4 @@ class BlobFiles:
 
     def delete(self, sha256: str) -> int:
         """Unlink a blob file; returns the bytes freed. Hold the store lock exclusively."""
-        path = self.path(sha256)
-        try:
-            size = path.stat().st_size
-            path.unlink()
-        except FileNotFoundError:
-            return 0
-        except OSError as error:
-            raise os_error(error, f"deleting blob {sha256[:16]}…") from error
-        return size
+        return unlink_counting(self.path(sha256))

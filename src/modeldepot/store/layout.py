@@ -21,7 +21,7 @@ from pathlib import Path
 
 from modeldepot.errors import StoreError, StoreFullError
 
-__all__ = ["StoreLayout", "fsync_dir", "os_error"]
+__all__ = ["StoreLayout", "fsync_dir", "os_error", "unlink_counting"]
 
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -34,6 +34,18 @@ def os_error(error: OSError, doing: str) -> StoreError:
             "(`modeldepot gc`, `modeldepot rm`) or move MODELDEPOT_HOME"
         )
     return StoreError(f"{doing} failed: {error.strerror or error} ({error.filename or ''})")
+
+
+def unlink_counting(path: Path) -> int:
+    """Delete a file; return the bytes freed (0 if it was already gone)."""
+    try:
+        size = path.lstat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    except OSError as error:
+        raise os_error(error, f"deleting {path}") from error
+    return size
 
 
 def fsync_dir(path: Path) -> None:

@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from modeldepot.errors import StoreError
 from modeldepot.hashing import digest_stream
 from modeldepot.store.blobs import WriteSession
+from modeldepot.store.layout import unlink_counting
 from modeldepot.store.models import DiskUsage, GcReport, RepoDiskUsage, VerifyProblem, VerifyReport
 from modeldepot.store.store import Store
 from modeldepot.validation import validate_repo_id, validate_revision
@@ -187,11 +187,11 @@ def gc(store: Store) -> GcReport:
         blobs_removed, bytes_freed = 0, 0
         for path in _files_under(store.layout.blobs):
             if path.name not in known:
-                bytes_freed += _unlink(path)
+                bytes_freed += unlink_counting(path)
                 blobs_removed += 1
         partials_removed, kept = _collect_sessions(store)
         for path in _files_under(store.layout.quarantine):
-            bytes_freed += _unlink(path)
+            bytes_freed += unlink_counting(path)
         live = {
             (r["repo_id"], r["commit_id"])
             for r in store.index.read("SELECT repo_id, commit_id FROM revisions")
@@ -220,7 +220,7 @@ def _collect_sessions(store: Store) -> tuple[int, int]:
             removed += sum(1 for p in entry.iterdir() if p.name.endswith(".partial"))
             shutil.rmtree(entry, ignore_errors=True)
         else:
-            _unlink(entry)
+            unlink_counting(entry)
     return removed, kept
 
 
@@ -229,17 +229,6 @@ def _files_under(root: Path) -> list[Path]:
     for directory, _dirs, names in os.walk(root):
         found.extend(Path(directory) / name for name in names)
     return found
-
-
-def _unlink(path: Path) -> int:
-    try:
-        size = path.lstat().st_size
-        path.unlink()
-    except FileNotFoundError:
-        return 0
-    except OSError as error:
-        raise StoreError(f"cannot delete {path}: {error.strerror}") from error
-    return size
 
 
 def _tree_bytes(root: Path) -> int:
