@@ -19,6 +19,7 @@ from modeldepot._version import __version__
 from modeldepot.cli import render
 from modeldepot.depot import Depot
 from modeldepot.errors import ConfigError, DepotError, InvalidInputError
+from modeldepot.validation import validate_branch, validate_path, validate_repo_id, validate_revision
 
 __all__ = ["cli", "main"]
 
@@ -52,10 +53,31 @@ def _home_option(function: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _checked(validator: Callable[[str], str]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback that validates a name while arguments are parsed, before any store is opened."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return validator(value)
+        except InvalidInputError as error:
+            render.err.print(f"[red]error:[/red] {error}")
+            ctx.exit(EXIT_BAD_INPUT)
+
+    return callback
+
+
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 _revision_option = click.option(
-    "--revision", "-r", default="main", show_default=True, help="Branch name or full commit id."
+    "--revision",
+    "-r",
+    default="main",
+    show_default=True,
+    callback=_checked(validate_revision),
+    help="Branch name or full commit id.",
 )
+_repo_argument = click.argument("repo_id", metavar="REPO", callback=_checked(validate_repo_id))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,8 +88,21 @@ def cli() -> None:
 
 @cli.command("import")
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--repo", "repo_id", required=True, help="Repo id to publish as, like ORG/NAME.")
-@click.option("--revision", "-r", default="main", show_default=True, help="Branch to point at the import.")
+@click.option(
+    "--repo",
+    "repo_id",
+    required=True,
+    callback=_checked(validate_repo_id),
+    help="Repo id to publish as, like ORG/NAME.",
+)
+@click.option(
+    "--revision",
+    "-r",
+    default="main",
+    show_default=True,
+    callback=_checked(validate_branch),
+    help="Branch to point at the import.",
+)
 @click.option("--private", is_flag=True, help="Mark the repo private (served only with the node token).")
 @_json_option
 @_home_option
@@ -108,7 +143,7 @@ def ls_command(depot: Depot, as_json: bool) -> None:
 
 
 @cli.command("info")
-@click.argument("repo_id", metavar="REPO")
+@_repo_argument
 @_json_option
 @_home_option
 def info_command(depot: Depot, repo_id: str, as_json: bool) -> None:
@@ -121,8 +156,8 @@ def info_command(depot: Depot, repo_id: str, as_json: bool) -> None:
 
 
 @cli.command("path")
-@click.argument("repo_id", metavar="REPO")
-@click.argument("path", metavar="FILE", required=False)
+@_repo_argument
+@click.argument("path", metavar="FILE", required=False, callback=_checked(validate_path))
 @_revision_option
 @_home_option
 def path_command(depot: Depot, repo_id: str, path: str | None, revision: str) -> None:
@@ -132,8 +167,8 @@ def path_command(depot: Depot, repo_id: str, path: str | None, revision: str) ->
 
 
 @cli.command("cat")
-@click.argument("repo_id", metavar="REPO")
-@click.argument("path", metavar="FILE")
+@_repo_argument
+@click.argument("path", metavar="FILE", callback=_checked(validate_path))
 @_revision_option
 @_home_option
 def cat_command(depot: Depot, repo_id: str, path: str, revision: str) -> None:
@@ -168,7 +203,7 @@ def _copy_to_stdout(fd: int, size: int) -> None:
 
 
 @cli.command("verify")
-@click.argument("repo_id", metavar="[REPO]", required=False)
+@click.argument("repo_id", metavar="[REPO]", required=False, callback=_checked(validate_repo_id))
 @_json_option
 @_home_option
 def verify_command(depot: Depot, repo_id: str | None, as_json: bool) -> None:
@@ -185,8 +220,14 @@ def verify_command(depot: Depot, repo_id: str | None, as_json: bool) -> None:
 
 
 @cli.command("rm")
-@click.argument("repo_id", metavar="REPO")
-@click.option("--revision", "-r", default=None, help="Remove only this revision (branch or commit id).")
+@_repo_argument
+@click.option(
+    "--revision",
+    "-r",
+    default=None,
+    callback=_checked(validate_revision),
+    help="Remove only this revision (branch or commit id).",
+)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @_json_option
 @_home_option
