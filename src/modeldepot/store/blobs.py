@@ -29,6 +29,7 @@ from modeldepot.store.layout import StoreLayout, fsync_dir, os_error, unlink_cou
 __all__ = ["BlobFiles", "PartialBlob", "WriteSession", "start_writeback"]
 
 _SYNC_FILE_RANGE_WRITE = 2
+STARTING_SESSION_GRACE = 3600.0  # seconds a session may sit under its dot-name while its pid is alive
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -121,6 +122,19 @@ class WriteSession:
             shutil.rmtree(starting, ignore_errors=True)
             raise os_error(error, "starting a write in the store's tmp/") from error
 
+    @staticmethod
+    def _starting_is_abandoned(session_dir: Path) -> bool:
+        """A session still under its dot-name: its writer is between mkdir and rename, or died there."""
+        pid_text = session_dir.name[1:].split("-", 1)[0]
+        try:
+            os.kill(int(pid_text), 0)
+        except (ValueError, ProcessLookupError):
+            return True  # not one of our names, or its writer is gone
+        except PermissionError:
+            pass  # alive, as another user
+        # Alive, or the pid was reused: only a session stuck far longer than any start takes is dead.
+        return time.time() - session_dir.lstat().st_mtime > STARTING_SESSION_GRACE
+
     def new_partial(self, size: int) -> PartialBlob:
         """A new partial file, preallocated to ``size`` so a full disk fails before any work is done."""
         path = self.path / f"{len(self._partials)}.partial"
@@ -153,6 +167,8 @@ class WriteSession:
     @classmethod
     def is_abandoned(cls, session_dir: Path) -> bool:
         """True if no live process holds the session's lock (or it never got one)."""
+        if session_dir.name.startswith("."):
+            return cls._starting_is_abandoned(session_dir)
         try:
             fd = os.open(session_dir / cls.LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:

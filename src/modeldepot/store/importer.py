@@ -8,6 +8,7 @@ leaves the store as it was before the import or as it is after it, never in betw
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import time
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from modeldepot.errors import InvalidInputError, InvalidPathError, SourceDirectoryError
+from modeldepot.errors import InvalidInputError, InvalidPathError, SourceDirectoryError, StoreError
 from modeldepot.gitobjects import (
     DEFAULT_LFS_PATTERNS,
     TreeEntry,
@@ -34,6 +35,8 @@ from modeldepot.store.store import Store
 from modeldepot.validation import validate_branch, validate_path, validate_repo_id
 
 __all__ = ["ImportProgress", "import_dir", "scan_source"]
+
+log = logging.getLogger(__name__)
 
 # Folders a model directory may carry that are not part of the model (as huggingface_hub's upload skips).
 _SKIPPED_DIRS = {".git", ".cache"}
@@ -146,17 +149,24 @@ def import_dir(
 
         trees = tree_oids(TreeEntry(s.source.path, s.git_oid) for s in staged)
         commit_id = commit_id_for_tree(trees[""])
-        with store.lock.shared():
-            known = _blob_states(store.index, list(partials))
-            for sha256, partial in partials.items():
-                if known.get(sha256) != "ok":
-                    store.blobs.place(partial, sha256, replace=True)
-            new_blobs = [
-                s.digest for s in staged if s.digest.sha256 in partials and known.get(s.digest.sha256) is None
-            ]
-            _commit(store.index, repo_id, revision, private, commit_id, trees[""], staged)
-            # Under the lock, so gc (exclusive) never removes a snapshot that is being built.
-            store.snapshots.build(repo_id, commit_id, [(s.source.path, s.digest.sha256) for s in staged])
+        placed: list[str] = []
+        try:
+            with store.lock.shared():
+                known = _blob_states(store.index, list(partials))
+                for sha256, partial in partials.items():
+                    if known.get(sha256) != "ok":
+                        store.blobs.place(partial, sha256, replace=True)
+                        placed.append(sha256)
+                _commit(store.index, repo_id, revision, private, commit_id, trees[""], staged)
+                placed = []  # committed: the rows own these blobs now
+                _build_snapshot(store, repo_id, commit_id, staged)
+        except BaseException:
+            if placed:
+                _unplace(store, placed)
+            raise
+    new_blobs = [
+        s.digest for s in staged if s.digest.sha256 in partials and known.get(s.digest.sha256) is None
+    ]
     unique_new = {d.sha256: d.size for d in new_blobs}
     return ImportResult(
         repo_id=repo_id,
@@ -168,6 +178,31 @@ def import_dir(
         new_bytes=sum(unique_new.values()),
         snapshot_path=str(store.snapshots.path(repo_id, commit_id)),
     )
+
+
+def _build_snapshot(store: Store, repo_id: str, commit_id: str, staged: list[_Staged]) -> None:
+    """Build the snapshot of a committed revision. Called under the shared store lock, so gc (exclusive)
+    never removes a snapshot being built. The snapshot is derived state: if this fails (a full disk, no
+    inodes), the import has still happened, and snapshot_path/file_path/verify rebuild it later."""
+    try:
+        store.snapshots.build(repo_id, commit_id, [(s.source.path, s.digest.sha256) for s in staged])
+    except StoreError as error:
+        log.warning(
+            "imported %s@%s, but its snapshot folder could not be built yet: %s", repo_id, commit_id, error
+        )
+
+
+def _unplace(store: Store, placed: list[str]) -> None:
+    """Delete blobs this import placed but never committed, so a failed import gives its disk space back.
+
+    Under the exclusive lock no writer is between placing and committing, so a blob without an 'ok' row
+    is nobody's. If this cleanup fails too, the files stay as orphans that gc removes.
+    """
+    with store.lock.exclusive():
+        states = _blob_states(store.index, placed)
+        for sha256 in placed:
+            if states.get(sha256) != "ok":
+                store.blobs.delete(sha256)
 
 
 def _blob_states(index: Index, digests: list[str]) -> dict[str, str]:

@@ -8,6 +8,7 @@ than failing half-way. Each thread gets its own connection, and a forked child o
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
@@ -88,10 +89,18 @@ def translate_sqlite_error(error: sqlite3.Error, doing: str) -> StoreError:
 
 
 class Index:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, setup_lock: Path) -> None:
         self.path = path
         self._local = threading.local()
-        self._migrate()
+        # Switching to WAL needs a moment with no other connection, and SQLite's busy timeout does not
+        # cover it: processes opening a new store together would fail with "database is locked".
+        # The switch persists in the file, so it is done once, under a lock, together with migrations.
+        fd = os.open(setup_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o664)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._migrate()
+        finally:
+            os.close(fd)
 
     def connection(self) -> sqlite3.Connection:
         pid = os.getpid()
@@ -107,7 +116,6 @@ class Index:
         try:
             con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=True)
             con.row_factory = sqlite3.Row
-            con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=FULL")
             con.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as error:
@@ -151,6 +159,8 @@ class Index:
     def _migrate(self) -> None:
         con = self.connection()
         try:
+            if con.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                con.execute("PRAGMA journal_mode=WAL")
             con.execute("BEGIN EXCLUSIVE")
             try:
                 version = con.execute("PRAGMA user_version").fetchone()[0]

@@ -27,8 +27,6 @@ __all__ = ["RemoveResult", "disk_usage", "gc", "remove", "verify"]
 VerifyProgress = Callable[[int, int], None]
 """Called as ``progress(bytes_checked, bytes_total)`` while verify rehashes blobs."""
 
-STARTING_SESSION_GRACE = 3600.0  # a dot-named tmp session older than this was never started
-
 
 @dataclass(frozen=True)
 class RemoveResult:
@@ -209,10 +207,7 @@ def _collect_sessions(store: Store) -> tuple[int, int]:
     except FileNotFoundError:
         return 0, 0
     for entry in entries:
-        if entry.is_dir() and not entry.name.startswith("."):
-            abandoned = WriteSession.is_abandoned(entry)
-        else:
-            abandoned = time.time() - entry.lstat().st_mtime > STARTING_SESSION_GRACE or not entry.is_dir()
+        abandoned = WriteSession.is_abandoned(entry) if entry.is_dir() else True
         if not abandoned:
             kept += 1
             continue

@@ -7,10 +7,11 @@ place, so a reader never sees half of one.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from modeldepot.store.layout import StoreLayout, os_error
@@ -42,6 +43,7 @@ class Snapshots:
     def build(self, repo_id: str, commit_id: str, files: Iterable[tuple[str, str]]) -> Path:
         """(Re)build a snapshot from (path, sha256) pairs and swap it into place atomically."""
         final = self.path(repo_id, commit_id)
+        files = list(files)
         staging = final.parent / f".{commit_id}.{secrets.token_hex(4)}.partial"
         try:
             staging.mkdir(parents=True)
@@ -50,17 +52,36 @@ class Snapshots:
                 link.parent.mkdir(parents=True, exist_ok=True)
                 # The link is relative to where it will live, which is at the same depth as staging.
                 os.symlink(self._link_target(final / path, sha256), link)
-            if final.exists():
-                retired = final.parent / f".{commit_id}.{secrets.token_hex(4)}.retired"
-                os.rename(final, retired)
-                os.rename(staging, final)
-                shutil.rmtree(retired, ignore_errors=True)
-            else:
-                os.rename(staging, final)
+            self._swap_in(staging, final, lambda: self.is_complete(repo_id, commit_id, files))
         except OSError as error:
             shutil.rmtree(staging, ignore_errors=True)
             raise os_error(error, f"building the snapshot of {repo_id}@{commit_id[:12]}") from error
         return final
+
+    @staticmethod
+    def _swap_in(staging: Path, final: Path, final_is_complete: Callable[[], bool]) -> None:
+        """Rename staging over final, racing other builders of the same snapshot safely.
+
+        rename() onto a non-empty directory fails, so a loser either finds the winner's complete snapshot
+        (same content: done) or moves the damaged one aside and tries again.
+        """
+        for _attempt in range(100):
+            try:
+                os.rename(staging, final)
+                return
+            except OSError as error:
+                if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            if final_is_complete():
+                shutil.rmtree(staging, ignore_errors=True)
+                return
+            retired = final.parent / f".{final.name}.{secrets.token_hex(4)}.retired"
+            try:
+                os.rename(final, retired)
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(retired, ignore_errors=True)
+        raise OSError(errno.EBUSY, "other processes keep replacing this snapshot", str(final))
 
     def remove(self, repo_id: str, commit_id: str | None = None) -> None:
         """Remove one snapshot, or every snapshot of a repo; prune the emptied org folder."""

@@ -58,7 +58,7 @@ class Store:
     def __init__(self, config: DepotConfig) -> None:
         self.layout = StoreLayout(config.home)
         self.layout.create()
-        self.index = Index(self.layout.index_path)
+        self.index = Index(self.layout.index_path, self.layout.lock_path.parent / "index-setup.lock")
         self.blobs = BlobFiles(self.layout)
         self.snapshots = Snapshots(self.layout)
         self.lock = StoreLock(self.layout.lock_path)

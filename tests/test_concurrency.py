@@ -1,0 +1,268 @@
+"""Several writers and readers on one store at once: processes, threads, forked children, live mappings."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from conftest import SMALL_CHUNK, sample_files, store_files_consistent, write_model_dir
+from modeldepot import Depot, RepoNotFoundError, RevisionNotFoundError
+
+Files = dict[str, bytes]
+
+# Waits for a line on stdin (the start signal), runs one operation, prints its result and ends; "snapshot"
+# repeats on every further line.
+CHILD = """
+import sys
+from modeldepot import Depot
+home, operation, *args = sys.argv[1:]
+print("ready", flush=True)
+depot = None
+while sys.stdin.readline():
+    depot = depot or Depot(home)  # opened on the first signal: the store may not exist yet
+    if operation == "snapshot":
+        try:
+            depot.snapshot_path(args[0])
+            print("ok", flush=True)
+        except Exception as error:
+            print(f"{type(error).__name__}: {error}", flush=True)
+        continue
+    if operation == "open":
+        print(depot.chunk_size, flush=True)
+    elif operation == "import":
+        print(depot.import_dir(args[0], args[1]).commit_id, flush=True)
+    else:
+        print(depot.remove(*args).blobs_removed, depot.gc().blobs_removed, flush=True)
+    break
+"""
+
+
+def start_children(stack: ExitStack, count: int, *args: str) -> list[subprocess.Popen[str]]:
+    """Start ``count`` children and wait until each is ready for its start signal."""
+    procs = []
+    for _ in range(count):
+        proc = stack.enter_context(
+            subprocess.Popen(
+                [sys.executable, "-c", CHILD, *args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "MODELDEPOT_CHUNK_SIZE": str(SMALL_CHUNK)},
+            )
+        )
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        procs.append(proc)
+    return procs
+
+
+def go(procs: list[subprocess.Popen[str]]) -> None:
+    """The start signal: one line to every child, sent back to back."""
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+
+
+def finish(proc: subprocess.Popen[str]) -> str:
+    """Wait for the child to end (closing its stdin) and return what it printed."""
+    out, err = proc.communicate()
+    assert proc.returncode == 0, f"child failed: {err}"
+    return out
+
+
+def model_files(seed: int) -> Files:
+    files = sample_files(seed=seed, big=1_500_000)
+    return {**files, "weights/copy.safetensors": files["model.safetensors"]}
+
+
+def assert_stored_once(depot: Depot, files: Files, repo_ids: set[str]) -> None:
+    """One blob row and one blob file per distinct content, every repo whole, nothing left in tmp/."""
+    distinct = sorted({hashlib.sha256(data).hexdigest() for data in files.values()})
+    assert sorted(r["sha256"] for r in depot.store.index.read("SELECT sha256 FROM blobs")) == distinct
+    assert sorted(p.name for p in depot.store.layout.blobs.rglob("*") if p.is_file()) == distinct
+    assert store_files_consistent(depot) == []
+    assert depot.verify().ok
+    assert list(depot.store.layout.tmp.iterdir()) == []
+    assert {r.repo_id for r in depot.list_repos()} == repo_ids
+    for repo_id in repo_ids:
+        snapshot = depot.snapshot_path(repo_id)
+        for path, data in files.items():
+            assert depot.get_file(repo_id, path) == data, f"{repo_id}/{path}"
+            assert (snapshot / path).read_bytes() == data, f"{repo_id}/{path} in the snapshot"
+
+
+def test_processes_opening_a_new_store_at_once(tmp_path: Path) -> None:
+    """Programs started together on a fresh MODELDEPOT_HOME all get the store, none an error."""
+    for round_ in range(10):
+        with ExitStack() as stack:
+            procs = start_children(stack, 3, str(tmp_path / f"store-{round_}"), "open")
+            go(procs)
+            sizes = [finish(proc).strip() for proc in procs]
+        assert sizes == [str(SMALL_CHUNK)] * 3, f"round {round_}"
+
+
+@pytest.mark.parametrize("same_repo", [True, False], ids=["same-repo", "different-repos"])
+def test_two_processes_import_the_same_content_at_once(tmp_path: Path, same_repo: bool) -> None:
+    """Released together by their start signal, into a store that exists but holds nothing yet."""
+    files = model_files(seed=1)
+    folder = write_model_dir(tmp_path / "model", files)
+    for round_ in range(4):
+        home, repo_ids = tmp_path / f"store-{round_}", ["org/a", "org/a" if same_repo else "org/b"]
+        Depot(home, chunk_size=SMALL_CHUNK).close()
+        with ExitStack() as stack:
+            procs = [start_children(stack, 1, str(home), "import", str(folder), r)[0] for r in repo_ids]
+            go(procs)
+            commits = {finish(proc).strip() for proc in procs}
+        assert len(commits) == 1, f"round {round_}: the two imports disagree on the commit: {commits}"
+        with Depot(home) as depot:
+            assert {depot.store.resolve(r) for r in repo_ids} == commits
+            assert_stored_once(depot, files, set(repo_ids))
+
+
+def import_in_threads(depot: Depot, folder: Path, repo_ids: list[str]) -> tuple[set[str], list[str]]:
+    """One thread per repo id, released together by a barrier; returns (commit ids, tracebacks)."""
+    barrier, commits, errors = threading.Barrier(len(repo_ids)), set(), []
+
+    def run(repo_id: str) -> None:
+        barrier.wait()
+        try:
+            commits.add(depot.import_dir(folder, repo_id).commit_id)
+        except Exception:
+            errors.append(traceback.format_exc())
+
+    threads = [threading.Thread(target=run, args=(repo_id,)) for repo_id in repo_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return commits, errors
+
+
+@pytest.mark.parametrize("same_repo", [True, False], ids=["same-repo", "different-repos"])
+def test_threads_import_the_same_content_at_once(tmp_path: Path, same_repo: bool) -> None:
+    """Four threads share one Depot (one index connection each)."""
+    files = model_files(seed=2)
+    folder = write_model_dir(tmp_path / "model", files)
+    for round_ in range(6):
+        with Depot(tmp_path / f"store-{round_}", chunk_size=SMALL_CHUNK) as depot:
+            repo_ids = ["org/same" if same_repo else f"org/t{n}" for n in range(4)]
+            commits, errors = import_in_threads(depot, folder, repo_ids)
+            assert errors == [], f"round {round_}: {errors[0]}"
+            assert len(commits) == 1
+            assert_stored_once(depot, files, set(repo_ids))
+
+
+def fork_children(count: int, work: Callable[[int], None]) -> Iterator[int]:
+    """Fork ``count`` children running ``work(n)``; yields each pid, then checks every child succeeded."""
+    children = []
+    for n in range(count):
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never return into pytest
+            os.close(read_fd)
+            code, report = 1, b""
+            try:
+                work(n)
+                code = 0
+            except BaseException:
+                report = traceback.format_exc().encode()
+            finally:
+                os.write(write_fd, report[-8000:])
+                os._exit(code)
+        os.close(write_fd)
+        children.append((pid, read_fd))
+        yield pid
+    for pid, read_fd in children:
+        with os.fdopen(read_fd, "rb") as pipe:
+            report = pipe.read().decode()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, f"forked child {pid} failed:\n{report}"
+
+
+def test_forked_children_use_the_parents_depot(depot: Depot, tmp_path: Path) -> None:
+    """The parent's index connection exists before the fork; each child must open its own and work."""
+    before = sample_files(seed=3)
+    depot.import_dir(write_model_dir(tmp_path / "before", before), "org/before")
+    assert [r.repo_id for r in depot.list_repos()] == ["org/before"]
+    folders = [write_model_dir(tmp_path / f"child-{n}", model_files(seed=10 + n)) for n in range(4)]
+
+    def work(n: int) -> None:
+        assert depot.get_file("org/before", "model.safetensors") == before["model.safetensors"]
+        assert "org/before" in {r.repo_id for r in depot.list_repos()}
+        depot.import_dir(folders[n], f"org/child-{n}")
+        assert depot.get_file(f"org/child-{n}", "config.json") == model_files(seed=10 + n)["config.json"]
+
+    for n, _pid in enumerate(fork_children(3, work)):
+        if n == 1:  # the parent writes while the children do
+            depot.import_dir(folders[3], "org/parent")
+    repos = {r.repo_id for r in depot.list_repos()}
+    assert repos == {"org/before", "org/parent", "org/child-0", "org/child-1", "org/child-2"}
+    for n in range(3):
+        for path, data in model_files(seed=10 + n).items():
+            assert depot.get_file(f"org/child-{n}", path) == data
+    depot.import_dir(write_model_dir(tmp_path / "after", sample_files(seed=4)), "org/after")
+    assert store_files_consistent(depot) == []
+    assert depot.verify().ok
+
+
+@pytest.mark.parametrize("whole_repo", [True, False], ids=["repo", "revision"])
+def test_mapped_reads_survive_remove_and_gc_by_another_process(
+    depot: Depot, tmp_path: Path, whole_repo: bool
+) -> None:
+    files, new_files = sample_files(seed=5, big=3_000_000), sample_files(seed=6)
+    old = depot.import_dir(write_model_dir(tmp_path / "old", files), "org/m", "old").commit_id
+    depot.import_dir(write_model_dir(tmp_path / "new", new_files), "org/m")
+    old_blobs, new_blobs = ({hashlib.sha256(d).digest() for d in f.values()} for f in (files, new_files))
+    freed = len(old_blobs | new_blobs) if whole_repo else len(old_blobs - new_blobs)
+    path = "model.safetensors"
+    blob = depot.store.blobs.path(depot.file_info("org/m", path, old).sha256)
+    expected = hashlib.sha256(files[path]).digest()
+    view = depot.get_file("org/m", path, old)
+    stream = depot.open_file("org/m", "onnx/model_q4.onnx", old)
+    with ExitStack() as stack, depot.map_file("org/m", "tokenizer.json", old) as mapped:
+        stack.enter_context(stream)
+        args = [str(depot.home), "remove", "org/m"] + ([] if whole_repo else [old])
+        (proc,) = start_children(stack, 1, *args)
+        go([proc])
+        while proc.poll() is None:  # read the whole view over and over while the other process works
+            assert hashlib.sha256(view).digest() == expected
+        assert finish(proc).split() == [str(freed), "0"], "remove frees the blobs, gc finds nothing more"
+        assert not blob.exists(), "the blob was not deleted: the test did not exercise an unlinked mapping"
+        assert view == files[path]
+        assert mapped == files["tokenizer.json"]
+        assert stream.read() == files["onnx/model_q4.onnx"]
+    missing = RepoNotFoundError if whole_repo else RevisionNotFoundError
+    with pytest.raises(missing):
+        depot.get_file("org/m", path, old)
+    with pytest.raises(missing):
+        depot.open_file("org/m", path, old)
+    assert not depot.has_file("org/m", path, old)
+    if not whole_repo:
+        assert depot.get_file("org/m", path) == new_files[path]
+    assert store_files_consistent(depot) == []
+
+
+def test_processes_rebuilding_a_missing_snapshot_at_once(depot: Depot, model_dir: Path) -> None:
+    """Snapshots are derived state: any reader may rebuild a missing one, and two may do so at once."""
+    depot.import_dir(model_dir, "org/model")
+    with ExitStack() as stack:
+        procs = start_children(stack, 2, str(depot.home), "snapshot", "org/model")
+        for round_ in range(200):
+            shutil.rmtree(depot.store.layout.snapshots / "org")
+            go(procs)
+            answers = [proc.stdout.readline().strip() for proc in procs if proc.stdout is not None]
+            assert answers == ["ok", "ok"], f"round {round_}: {answers}"
+        for proc in procs:
+            finish(proc)
+    assert depot.verify().snapshots_repaired == 0

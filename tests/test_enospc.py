@@ -1,0 +1,198 @@
+"""A full disk: the store lives on a small tmpfs, so its writes really fail with ENOSPC.
+
+Linux only, as root (CI runs so): each test mounts its own tmpfs and unmounts it afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import SMALL_CHUNK, sample_files, write_model_dir
+from modeldepot import Depot, StoreFullError
+
+Mount = Callable[[str], Path]
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path: Path) -> Iterator[Mount]:
+    """``mount(options)`` mounts a fresh tmpfs (e.g. ``"size=2m"``) and returns its root."""
+    mounted: list[Path] = []
+
+    def mount(options: str) -> Path:
+        root = tmp_path / f"tmpfs-{len(mounted)}"
+        root.mkdir()
+        command = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(root)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            pytest.fail(
+                f"`{' '.join(command)}` failed ({done.stderr.strip()}): these tests need root on Linux"
+            )
+        mounted.append(root)
+        return root
+
+    yield mount
+    busy = []
+    for root in reversed(mounted):
+        if subprocess.run(["umount", str(root)], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(root)], check=True)
+            busy.append(root)
+    assert busy == [], f"tmpfs still in use at the end of the test (a file left open?): {busy}"
+
+
+def free_bytes(root: Path) -> int:
+    stats = os.statvfs(root)
+    return stats.f_bavail * stats.f_frsize
+
+
+def free_inodes(root: Path) -> int:
+    return os.statvfs(root).f_favail
+
+
+def random_folder(path: Path, sizes: list[int], seed: int) -> Path:
+    rng = random.Random(seed)
+    return write_model_dir(
+        path, {f"weights/part-{n}.bin": rng.randbytes(size) for n, size in enumerate(sizes)}
+    )
+
+
+def state(depot: Depot) -> tuple[object, ...]:
+    """What a failed import must not change (the index files themselves may grow by unused WAL frames)."""
+    usage = depot.du().to_dict()
+    del usage["index_bytes"]
+    blob_files = sorted(p.name for p in depot.store.layout.blobs.rglob("*") if p.is_file())
+    return [r.to_dict() for r in depot.list_repos()], usage, blob_files
+
+
+def assert_unchanged(depot: Depot, before: tuple[object, ...], small: dict[str, bytes]) -> None:
+    repos, usage, blob_files = state(depot)
+    assert repos == before[0], "the failed import changed the repos"
+    home = depot.home
+    assert [str(p) for p in home.rglob("*") if p.name.endswith(".partial")] == [], "partial files were left"
+    assert list(depot.store.layout.tmp.iterdir()) == [], "a write session was left in tmp/"
+    assert blob_files == before[2], "the failed import left blob files"
+    assert usage == before[1], "the failed import changed what du reports"
+    for path, data in small.items():
+        assert depot.get_file("org/small", path) == data
+    assert depot.verify().ok
+
+
+def small_store(root: Path) -> tuple[Depot, dict[str, bytes]]:
+    """A store on ``root`` holding one small repo, org/small."""
+    small = sample_files(seed=1, big=100_000)
+    depot = Depot(root / "home", chunk_size=SMALL_CHUNK)
+    depot.import_dir(write_model_dir(root.parent / f"{root.name}-small", small), "org/small")
+    return depot, small
+
+
+def assert_import_works(depot: Depot, folder: Path) -> None:
+    depot.import_dir(folder, "org/after")
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert depot.get_file("org/after", path.relative_to(folder).as_posix()) == path.read_bytes()
+    assert depot.verify().ok
+
+
+@pytest.mark.parametrize("shape", ["one-file-too-big", "files-fit-one-by-one"])
+def test_import_bigger_than_the_free_space(mount_tmpfs: Mount, tmp_path: Path, shape: str) -> None:
+    """Fails when reserving a file: the first one, or the fourth after three were written and synced."""
+    root = mount_tmpfs("size=4m")
+    depot, small = small_store(root)
+    with depot:
+        free = free_bytes(root)
+        sizes = [free + 100_000] if shape == "one-file-too-big" else [free * 3 // 10] * 4
+        folder = random_folder(tmp_path / "big", sizes, seed=2)
+        before, done = state(depot), [0]
+        with pytest.raises(StoreFullError, match="no space left") as caught:
+            depot.import_dir(folder, "org/big", progress=lambda path, n, total: done.append(n))
+        assert f"reserving {sizes[-1]} bytes" in str(caught.value)
+        assert max(done) == sum(sizes[:-1]), "the import did not fail at the last file"
+        assert free_bytes(root) == free, "the failed import did not give back all the space it took"
+        assert_unchanged(depot, before, small)
+        assert_import_works(depot, random_folder(tmp_path / "fits", [free // 3], seed=3))
+
+
+def test_index_full_after_the_blobs_were_written(mount_tmpfs: Mount, tmp_path: Path) -> None:
+    """Every file fits, so the blobs are written and placed; then the index transaction finds no room."""
+    root = mount_tmpfs("size=4m")
+    depot, small = small_store(root)
+    with depot:
+        sizes = [300_000, 500_000, 700_000]
+        folder = random_folder(tmp_path / "big", sizes, seed=4)
+        need = sum(-(-size // 4096) * 4096 for size in sizes)  # tmpfs allocates whole pages
+        filler = os.open(root / "filler", os.O_CREAT | os.O_WRONLY, 0o644)
+        try:
+            os.posix_fallocate(filler, 0, free_bytes(root) - need - 4096)  # one page left for the index
+        finally:
+            os.close(filler)
+        before = state(depot)
+        with pytest.raises(StoreFullError, match="no space left while recording the import"):
+            depot.import_dir(folder, "org/big")
+        assert_unchanged(depot, before, small)
+        assert_import_works(depot, random_folder(tmp_path / "fits", [100_000], seed=5))
+
+
+def new_prefixes(depot: Depot, folder: Path) -> set[str]:
+    """The blobs/<ab>/ folders an import of ``folder`` has to create."""
+    digests = {hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+    return {d[:2] for d in digests if not depot.store.layout.blob_path(d).parent.exists()}
+
+
+def failure(action: Callable[[], object]) -> StoreFullError | None:
+    try:
+        action()
+    except StoreFullError as error:
+        return error
+    return None
+
+
+@pytest.mark.parametrize("stage", ["creating a file", "placing blob", "building the snapshot"])
+def test_out_of_inodes_during_an_import(mount_tmpfs: Mount, tmp_path: Path, stage: str) -> None:
+    """No inode left for a partial file, for a blobs/<ab>/ folder, or for the snapshot's links."""
+    root = mount_tmpfs("size=16m,nr_inodes=64")
+    depot, small = small_store(root)
+    with depot:
+        folder = random_folder(tmp_path / "big", [50_000, 60_000, 70_000, 80_000], seed=6)
+        prefixes = len(new_prefixes(depot, folder))
+        assert prefixes >= 2, "the test needs blobs in two new blobs/<ab>/ folders"
+        session = 2 + 4  # the session's folder and .lock, and one partial file per file
+        budget = {"creating a file": session - 1, "placing blob": session + 1}.get(stage, session + prefixes)
+        (root / "filler").mkdir()
+        for n in range(free_inodes(root) - budget):
+            (root / "filler" / str(n)).touch()
+        assert free_inodes(root) == budget
+        before = state(depot)
+        error = failure(lambda: depot.import_dir(folder, "org/big"))
+        if error is not None:
+            assert stage in str(error) and "no space left" in str(error), str(error)
+            assert_unchanged(depot, before, small)
+        else:  # only a snapshot, which can be rebuilt later, may be left out of a successful import
+            assert stage == "building the snapshot", "the import succeeded without the inodes it needs"
+            assert [r.repo_id for r in depot.list_repos()] == ["org/big", "org/small"]
+        for path in (root / "filler").iterdir():
+            path.unlink()
+        assert_import_works(depot, random_folder(tmp_path / "fits", [10_000, 20_000], seed=7))
+
+
+def test_cli_import_on_a_full_disk(mount_tmpfs: Mount, tmp_path: Path) -> None:
+    root = mount_tmpfs("size=1m")
+    home = root / "home"
+    Depot(home, chunk_size=SMALL_CHUNK).close()
+    folder = random_folder(tmp_path / "big", [free_bytes(root) // 2] * 3, seed=8)
+    command = [sys.executable, "-m", "modeldepot", "import", str(folder), "--repo", "a/b"]
+    done = subprocess.run([*command, "--home", str(home)], capture_output=True, text=True, check=False)
+    assert done.returncode == 1, done.stderr
+    assert "no space left" in done.stderr and "error" in done.stderr, done.stderr
+    with Depot(home) as depot:
+        assert depot.list_repos() == []
+        assert [
+            p for p in depot.home.rglob("*") if p.name.endswith(".partial") or p.parent.name == "tmp"
+        ] == []
+        assert not any(p.is_file() for p in depot.store.layout.blobs.rglob("*"))
