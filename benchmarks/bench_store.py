@@ -94,13 +94,17 @@ def bench_import(depot: Depot, source: Path, work: Path, repeat: int) -> list[Ro
     copy = work / "copy.bin"
     size = source.stat().st_size
 
+    # Every timed step starts with no dirty pages left by the previous one (an unsynced cp leaves 2 GiB
+    # for the kernel to flush during whatever runs next), so the untimed setups end with a full sync.
     def reset_store() -> None:
         if depot.list_repos():
             depot.remove(REPO)
         depot.gc()
+        os.sync()
 
     def reset_copy() -> None:
         copy.unlink(missing_ok=True)
+        os.sync()
 
     def cp_then_hash(sync: bool, hasher: list[str]) -> None:
         subprocess.run(["cp", str(source), str(copy)], check=True)

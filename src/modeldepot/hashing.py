@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 MiB = 1024 * 1024
-BLOCK_SIZE = 8 * MiB  # read/hash/write granularity: big enough to amortise calls, small enough to pipeline
+BLOCK_SIZE = 4 * MiB  # read/hash/write granularity: big enough to amortise calls, small enough to pipeline
 GIT_OID_LIMIT = 10 * MiB  # the Hub keeps files under 10 MiB in git; their ETag is the git blob SHA-1
 
 ReadInto = Callable[[memoryview], int]
