@@ -114,6 +114,32 @@ def _stage(
     return digest, partial
 
 
+def _stage_all(
+    session: WriteSession, files: list[SourceFile], chunk_size: int, progress: ImportProgress | None
+) -> tuple[list[_Staged], dict[str, PartialBlob]]:
+    """Copy and hash every file into the session; one synced partial per distinct content."""
+    patterns = _lfs_patterns(files)
+    total = sum(f.size for f in files)
+    staged: list[_Staged] = []
+    partials: dict[str, PartialBlob] = {}
+    done_before = 0
+    for source in files:
+
+        def report(done: int, path: str = source.path, base: int = done_before) -> None:
+            if progress is not None:
+                progress(path, base + done, total)
+
+        digest, partial = _stage(session, source, chunk_size, report)
+        if digest.sha256 in partials:
+            partial.discard()  # the same content twice in one folder
+        else:
+            partial.sync()
+            partials[digest.sha256] = partial
+        staged.append(_Staged(source, digest, is_lfs_path(source.path, digest.size, patterns, GIT_OID_LIMIT)))
+        done_before += source.size
+    return staged, partials
+
+
 def import_dir(
     store: Store,
     directory: Path | str,
@@ -125,28 +151,8 @@ def import_dir(
     validate_repo_id(repo_id)
     validate_branch(revision)
     files = scan_source(Path(directory))
-    patterns = _lfs_patterns(files)
-    total = sum(f.size for f in files)
-    staged: list[_Staged] = []
-    partials: dict[str, PartialBlob] = {}
-    done_before = 0
     with WriteSession(store.layout) as session:
-        for source in files:
-
-            def report(done: int, path: str = source.path, base: int = done_before) -> None:
-                if progress is not None:
-                    progress(path, base + done, total)
-
-            digest, partial = _stage(session, source, store.chunk_size, report)
-            if digest.sha256 in partials:
-                partial.discard()  # the same content twice in one folder
-            else:
-                partial.sync()
-                partials[digest.sha256] = partial
-            lfs = is_lfs_path(source.path, digest.size, patterns, GIT_OID_LIMIT)
-            staged.append(_Staged(source, digest, lfs))
-            done_before += source.size
-
+        staged, partials = _stage_all(session, files, store.chunk_size, progress)
         trees = tree_oids(TreeEntry(s.source.path, s.git_oid) for s in staged)
         commit_id = commit_id_for_tree(trees[""])
         placed: list[str] = []
@@ -164,18 +170,15 @@ def import_dir(
             if placed:
                 _unplace(store, placed)
             raise
-    new_blobs = [
-        s.digest for s in staged if s.digest.sha256 in partials and known.get(s.digest.sha256) is None
-    ]
-    unique_new = {d.sha256: d.size for d in new_blobs}
+    new_blobs = {sha256: p.size for sha256, p in partials.items() if sha256 not in known}
     return ImportResult(
         repo_id=repo_id,
         revision=revision,
         commit_id=commit_id,
         files=len(staged),
-        bytes=total,
-        new_blobs=len(unique_new),
-        new_bytes=sum(unique_new.values()),
+        bytes=sum(f.size for f in files),
+        new_blobs=len(new_blobs),
+        new_bytes=sum(new_blobs.values()),
         snapshot_path=str(store.snapshots.path(repo_id, commit_id)),
     )
 

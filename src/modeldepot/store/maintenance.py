@@ -105,6 +105,8 @@ def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | 
             with store.index.write("recording a verification") as con:
                 con.execute("UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (time.time(), sha256))
             continue
+        if found[0] == "missing" and not store.index.read("SELECT 1 FROM blobs WHERE sha256 = ?", (sha256,)):
+            continue  # removed while we were verifying, not lost
         moved = store.quarantine(sha256)
         problems.append(VerifyProblem(sha256, found[0], found[1], moved, _users(store, sha256)))
     repaired = _repair_snapshots(store, repo_id)
@@ -123,14 +125,7 @@ def _repair_snapshots(store: Store, repo_id: str | None) -> int:
         revisions = store.index.read("SELECT repo_id, commit_id FROM revisions")
     else:
         revisions = store.index.read("SELECT repo_id, commit_id FROM revisions WHERE repo_id = ?", (repo_id,))
-    repaired = 0
-    for rev in revisions:
-        pairs = [(f.path, f.sha256) for f in store.files(rev["repo_id"], rev["commit_id"])]
-        if not store.snapshots.is_complete(rev["repo_id"], rev["commit_id"], pairs):
-            with store.lock.shared():
-                store.snapshots.build(rev["repo_id"], rev["commit_id"], pairs)
-            repaired += 1
-    return repaired
+    return sum(store.ensure_snapshot(rev["repo_id"], rev["commit_id"]) for rev in revisions)
 
 
 def remove(store: Store, repo_id: str, revision: str | None = None) -> RemoveResult:

@@ -194,11 +194,17 @@ class Store:
     def snapshot_path(self, repo_id: str, revision: str = "main") -> Path:
         """The snapshot folder of a revision, rebuilt from the index if it is missing or damaged."""
         commit_id = self.resolve(repo_id, revision)
-        pairs = [(f.path, f.sha256) for f in self.files(repo_id, commit_id)]
-        if not self.snapshots.is_complete(repo_id, commit_id, pairs):
-            with self.lock.shared():
-                self.snapshots.build(repo_id, commit_id, pairs)
+        self.ensure_snapshot(repo_id, commit_id)
         return self.snapshots.path(repo_id, commit_id)
+
+    def ensure_snapshot(self, repo_id: str, commit_id: str) -> bool:
+        """Rebuild a revision's snapshot if any link is missing or wrong; True if it had to."""
+        pairs = [(f.path, f.sha256) for f in self.files(repo_id, commit_id)]
+        if self.snapshots.is_complete(repo_id, commit_id, pairs):
+            return False
+        with self.lock.shared():  # gc (exclusive) never sees a snapshot half-built
+            self.snapshots.build(repo_id, commit_id, pairs)
+        return True
 
     def file_path(self, repo_id: str, path: str, revision: str = "main") -> Path:
         """A real path to the file, with its repo-relative name (engines find sibling files by name)."""
@@ -211,7 +217,8 @@ class Store:
                 return link
         except OSError:
             pass
-        return self.snapshot_path(repo_id, entry.commit_id) / path
+        self.ensure_snapshot(repo_id, entry.commit_id)
+        return link
 
     # -- listing --------------------------------------------------------------------------------------
 
