@@ -37,7 +37,8 @@ __all__ = [
     "render_verify",
 ]
 
-out = Console(highlight=False, soft_wrap=True)
+# Piped output has no width to respect: rich's default of 80 columns would cut repo ids and paths.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -52,6 +53,15 @@ def format_bytes(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def _table(*columns: str) -> Table:
+    """A table whose first column (a repo id or a path) is never cut, however narrow the terminal."""
+    table = Table()
+    table.add_column(columns[0], overflow="fold", min_width=min(40, max(12, len(columns[0]))))
+    for column in columns[1:]:
+        table.add_column(column)
+    return table
 
 
 def _when(timestamp: float) -> str:
@@ -94,7 +104,7 @@ def render_ls(repos: list[RepoSummary]) -> None:
     if not repos:
         out.print("The store is empty. Add a model with `modeldepot import DIR --repo ORG/NAME`.")
         return
-    table = Table("repo", "refs", "revisions", "files", "size", "private", "updated")
+    table = _table("repo", "refs", "revisions", "files", "size", "private", "updated")
     for repo in repos:
         refs = ", ".join(f"{name}→{commit[:8]}" for name, commit in repo.refs.items()) or "-"
         table.add_row(
@@ -117,7 +127,7 @@ def render_info(info: RepoInfo) -> None:
             f"\ncommit {revision.commit_id} ({names}), {len(revision.files)} files, "
             f"{format_bytes(revision.size)}, added {_when(revision.created_at)}"
         )
-        table = Table("path", "size", "sha256", "etag", "lfs")
+        table = _table("path", "size", "sha256", "etag", "lfs")
         for entry in revision.files:
             table.add_row(
                 entry.path,
@@ -178,7 +188,7 @@ def render_du(usage: DiskUsage) -> None:
     out.print(f"  index       {format_bytes(usage.index_bytes)}")
     out.print(f"  total       {format_bytes(usage.total_bytes)}")
     if usage.repos:
-        table = Table("repo", "revisions", "files", "size", "only here")
+        table = _table("repo", "revisions", "files", "size", "only here")
         for repo in usage.repos:
             table.add_row(
                 repo.repo_id,
