@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 from modeldepot.config import DepotConfig
 from modeldepot.store import (
+    BlobRecord,
     DiskUsage,
     FileEntry,
     GcReport,
@@ -112,6 +113,14 @@ class Depot:
 
     # -- reading --------------------------------------------------------------------------------------
 
+    def resolve(self, repo_id: str, revision: str = "main") -> str:
+        """The commit id a branch name (or commit id) stands for."""
+        return self.store.resolve(repo_id, revision)
+
+    def list_files(self, repo_id: str, revision: str = "main") -> list[FileEntry]:
+        """Every file of a revision, sorted by path."""
+        return self.store.files(repo_id, self.store.resolve(repo_id, revision))
+
     def file_info(self, repo_id: str, path: str, revision: str = "main") -> FileEntry:
         return self.store.entry(repo_id, path, revision)
 
@@ -144,8 +153,25 @@ class Depot:
         """The revision's folder, for ``from_pretrained(...)`` and other path-based loaders."""
         return self.store.snapshot_path(repo_id, revision)
 
+    def blob(self, sha256: str, *, public_only: bool = False) -> BlobRecord:
+        """A blob by its SHA-256 (for peers that fetch by content)."""
+        return self.store.blob(sha256, public_only)
+
+    def open_blob(self, blob: BlobRecord) -> BinaryIO:
+        return self.store.open_blob(blob)
+
+    def chunk_digests(self, sha256: str) -> list[str]:
+        """The BLAKE3 digest of each chunk of a blob, in order."""
+        return self.store.chunk_digests(sha256)
+
+    def inventory(self, after: str = "", limit: int = 1000, *, public_only: bool = False) -> list[BlobRecord]:
+        return self.store.inventory(after, limit, public_only)
+
     def list_repos(self) -> list[RepoSummary]:
         return self.store.list_repos()
+
+    def repo_summary(self, repo_id: str) -> RepoSummary:
+        return self.store.repo_summary(repo_id)
 
     def repo_info(self, repo_id: str) -> RepoInfo:
         return self.store.repo_info(repo_id)

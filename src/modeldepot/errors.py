@@ -91,11 +91,12 @@ class RevisionNotFoundError(NotFoundError):
 
 
 class EntryNotFoundError(NotFoundError, FileNotFoundError):
-    def __init__(self, repo_id: str, revision: str, path: str) -> None:
+    def __init__(self, repo_id: str, revision: str, path: str, commit_id: str | None = None) -> None:
         super().__init__(f"{path!r} is not in {repo_id}@{revision}")
         self.repo_id = repo_id
         self.revision = revision
         self.path = path
+        self.commit_id = commit_id  # the commit looked in, when the revision resolved
 
     def __str__(self) -> str:
         return str(self.args[0])

@@ -271,5 +271,30 @@ def du_command(depot: Depot, as_json: bool) -> None:
         render.render_du(usage)
 
 
+@cli.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", default=8980, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on."
+)
+@click.option(
+    "--token",
+    envvar="MODELDEPOT_TOKEN",
+    default=None,
+    help="Require 'Authorization: Bearer TOKEN' on every route but health (default: $MODELDEPOT_TOKEN).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+@_home_option
+def serve_command(depot: Depot, host: str, port: int, token: str | None, log_level: str) -> None:
+    """Serve the store over HTTP: the Hub's API (HF_ENDPOINT=http://HOST:PORT) and /api/depot/v1."""
+    from modeldepot.server.run import run_server
+
+    run_server(depot, host, port, token, log_level)
+
+
 def main() -> None:
     cli(prog_name="modeldepot")

@@ -3,6 +3,7 @@
 from modeldepot.store.importer import ImportProgress, import_dir
 from modeldepot.store.maintenance import RemoveResult, disk_usage, gc, remove, verify
 from modeldepot.store.models import (
+    BlobRecord,
     DiskUsage,
     FileEntry,
     GcReport,
@@ -17,6 +18,7 @@ from modeldepot.store.models import (
 from modeldepot.store.store import Store
 
 __all__ = [
+    "BlobRecord",
     "DiskUsage",
     "FileEntry",
     "GcReport",

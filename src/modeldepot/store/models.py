@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "BlobRecord",
     "DiskUsage",
     "FileEntry",
     "GcReport",
@@ -23,6 +24,15 @@ __all__ = [
 class _Record:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload,no-any-return]
+
+
+@dataclass(frozen=True)
+class BlobRecord(_Record):
+    """One distinct content in the store."""
+
+    sha256: str
+    size: int
+    chunk_size: int
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,7 @@ class RepoSummary(_Record):
     revisions: int
     files: int  # in the newest revision
     size: int  # bytes of the newest revision's files
+    created_at: float
     updated_at: float
 
 

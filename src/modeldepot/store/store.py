@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -21,7 +22,9 @@ from modeldepot.errors import (
     ConfigError,
     CorruptBlobError,
     EntryNotFoundError,
+    InvalidInputError,
     InvalidRangeError,
+    NotFoundError,
     RepoNotFoundError,
     RevisionNotFoundError,
 )
@@ -30,12 +33,13 @@ from modeldepot.store.blobs import BlobFiles
 from modeldepot.store.index import Index
 from modeldepot.store.layout import StoreLayout
 from modeldepot.store.locks import StoreLock
-from modeldepot.store.models import FileEntry, RepoInfo, RepoSummary, RevisionInfo
+from modeldepot.store.models import BlobRecord, FileEntry, RepoInfo, RepoSummary, RevisionInfo
 from modeldepot.store.snapshots import Snapshots
 from modeldepot.validation import is_commit_id, validate_path, validate_repo_id, validate_revision
 
 __all__ = ["Store"]
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _FILE_COLUMNS = "f.repo_id, f.commit_id, f.path, f.size, f.sha256, f.git_oid, f.lfs, b.chunk_size, b.state"
 
 
@@ -117,7 +121,7 @@ class Store:
             (repo_id, commit_id, path),
         )
         if not rows:
-            raise EntryNotFoundError(repo_id, revision, path)
+            raise EntryNotFoundError(repo_id, revision, path, commit_id)
         if rows[0]["state"] != "ok":
             raise CorruptBlobError(rows[0]["sha256"], "it failed verification earlier")
         return _entry(rows[0])
@@ -177,6 +181,49 @@ class Store:
             raise CorruptBlobError(entry.sha256, f"chunk {index} does not match its BLAKE3 digest")
         return view
 
+    def blob(self, sha256: str, public_only: bool = False) -> BlobRecord:
+        """A servable blob by digest; ``public_only`` hides blobs that only private repos use."""
+        if not _SHA256.fullmatch(sha256):
+            raise InvalidInputError(f"{sha256!r} is not a SHA-256 digest (64 lowercase hex digits)")
+        rows = self.index.read(
+            "SELECT sha256, size, chunk_size, state FROM blobs WHERE sha256 = ?", (sha256,)
+        )
+        if not rows or (public_only and not self._is_public(sha256)):
+            raise NotFoundError(f"blob {sha256} is not in the store")
+        if rows[0]["state"] != "ok":
+            raise CorruptBlobError(sha256, "it failed verification earlier")
+        return BlobRecord(sha256, rows[0]["size"], rows[0]["chunk_size"])
+
+    def _is_public(self, sha256: str) -> bool:
+        return bool(
+            self.index.read(
+                "SELECT 1 FROM files f JOIN repos r USING (repo_id) WHERE f.sha256 = ? AND r.private = 0 LIMIT 1",
+                (sha256,),
+            )
+        )
+
+    def open_blob(self, blob: BlobRecord) -> BinaryIO:
+        try:
+            fd = self.blobs.open(blob.sha256, blob.size)
+        except CorruptBlobError:
+            self.quarantine(blob.sha256)
+            raise
+        return io.BufferedReader(io.FileIO(fd, "rb", closefd=True), buffer_size=1 << 20)
+
+    def inventory(self, after: str = "", limit: int = 1000, public_only: bool = False) -> list[BlobRecord]:
+        """Servable blobs in digest order, starting after ``after`` (a cursor for paging)."""
+        visible = (
+            "AND EXISTS (SELECT 1 FROM files f JOIN repos r USING (repo_id) WHERE f.sha256 = b.sha256 AND r.private = 0)"
+            if public_only
+            else ""
+        )
+        rows = self.index.read(
+            f"SELECT sha256, size, chunk_size FROM blobs b WHERE state = 'ok' AND sha256 > ? {visible} "
+            "ORDER BY sha256 LIMIT ?",
+            (after, limit),
+        )
+        return [BlobRecord(r["sha256"], r["size"], r["chunk_size"]) for r in rows]
+
     def chunk_digests(self, sha256: str) -> list[str]:
         rows = self.index.read("SELECT blake3 FROM chunks WHERE sha256 = ? ORDER BY idx", (sha256,))
         return [row["blake3"] for row in rows]
@@ -227,35 +274,40 @@ class Store:
         return {row["name"]: row["commit_id"] for row in rows}
 
     def list_repos(self) -> list[RepoSummary]:
+        rows = self.index.read("SELECT repo_id FROM repos ORDER BY repo_id")
+        return [self.repo_summary(row["repo_id"]) for row in rows]
+
+    def repo_summary(self, repo_id: str) -> RepoSummary:
+        """One repo's refs, counts and its newest revision's size, without listing every file."""
+        validate_repo_id(repo_id)
         rows = self.index.read(
             """
-            SELECT r.repo_id, r.private, r.origin, r.updated_at,
+            SELECT r.repo_id, r.private, r.origin, r.created_at, r.updated_at,
                    (SELECT COUNT(*) FROM revisions v WHERE v.repo_id = r.repo_id) AS revisions,
                    (SELECT commit_id FROM revisions v WHERE v.repo_id = r.repo_id
                      ORDER BY created_at DESC, commit_id LIMIT 1) AS newest
-            FROM repos r ORDER BY r.repo_id
-            """
+            FROM repos r WHERE r.repo_id = ?
+            """,
+            (repo_id,),
         )
-        summaries = []
-        for row in rows:
-            totals = self.index.read(
-                "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes FROM files "
-                "WHERE repo_id = ? AND commit_id = ?",
-                (row["repo_id"], row["newest"]),
-            )[0]
-            summaries.append(
-                RepoSummary(
-                    repo_id=row["repo_id"],
-                    private=bool(row["private"]),
-                    origin=row["origin"],
-                    refs=self._refs(row["repo_id"]),
-                    revisions=row["revisions"],
-                    files=totals["n"],
-                    size=totals["bytes"],
-                    updated_at=row["updated_at"],
-                )
-            )
-        return summaries
+        if not rows:
+            raise RepoNotFoundError(repo_id)
+        row = rows[0]
+        totals = self.index.read(
+            "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes FROM files WHERE repo_id = ? AND commit_id = ?",
+            (repo_id, row["newest"]),
+        )[0]
+        return RepoSummary(
+            repo_id=repo_id,
+            private=bool(row["private"]),
+            origin=row["origin"],
+            refs=self._refs(repo_id),
+            revisions=row["revisions"],
+            files=totals["n"],
+            size=totals["bytes"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
 
     def repo_info(self, repo_id: str) -> RepoInfo:
         validate_repo_id(repo_id)

@@ -1,0 +1,104 @@
+"""The node's aiohttp application: routes, and the middlewares every request passes through.
+
+Order, outermost first: CORS (headers on every answer, preflights), errors (library errors become the
+Hub's error shape in one place; nothing else reaches a client, never a stack trace), auth (the node
+token), then the route.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from modeldepot.depot import Depot
+from modeldepot.errors import DepotError
+from modeldepot.server.context import AUTHORIZED, DEPOT, TOKEN
+from modeldepot.server.hub_routes import add_hub_routes
+from modeldepot.server.native_routes import HEALTH_PATH, add_native_routes
+from modeldepot.server.responses import error_response, response_for_error
+
+__all__ = ["MAX_BODY", "MAX_HEADER", "create_app"]
+
+log = logging.getLogger("modeldepot.server")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MAX_BODY = 1 << 20  # paths-info forms and other bodies
+MAX_HEADER = 16 * 1024  # one header line (aiohttp answers 400 beyond it)
+
+EXPOSED_HEADERS = ", ".join((
+    "X-Repo-Commit", "X-Request-Id", "X-Error-Code", "X-Error-Message", "X-Total-Count", "ETag", "Link",
+    "Accept-Ranges", "Content-Range", "Content-Length", "X-Linked-Size", "X-Linked-Etag",
+))  # fmt: skip
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": EXPOSED_HEADERS,
+}
+PREFLIGHT = {
+    **CORS,
+    "Access-Control-Allow-Methods": "GET, HEAD, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Range, If-Range, Content-Type, Accept, User-Agent, X-Amzn-Trace-Id",
+    "Access-Control-Max-Age": "86400",
+}
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        return web.Response(status=204, headers=PREFLIGHT)
+    response = await handler(request)
+    response.headers.update(CORS)
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except DepotError as error:
+        return response_for_error(error)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return error_response(
+            error.status,
+            None,
+            error.reason,
+            {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None,
+        )
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(500, None, "the node could not complete the request")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.app[TOKEN]
+    if token:
+        sent = request.headers.get("Authorization", "")
+        scheme, _, value = sent.partition(" ")
+        request[AUTHORIZED] = scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode(), token.encode()
+        )
+        if not request[AUTHORIZED] and request.path != HEALTH_PATH:
+            if not sent:
+                return error_response(
+                    401, None, "this node needs a token: send Authorization: Bearer <token> (HF_TOKEN)"
+                )
+            return error_response(401, None, "Invalid credentials in Authorization header")
+    return await handler(request)
+
+
+def create_app(depot: Depot, token: str | None = None) -> web.Application:
+    """The node over ``depot``. With a ``token`` every route but health needs it; private repos always do."""
+    app = web.Application(
+        middlewares=[cors_middleware, error_middleware, auth_middleware], client_max_size=MAX_BODY
+    )
+    app[DEPOT] = depot
+    app[TOKEN] = token or ""
+    add_native_routes(app)
+    add_hub_routes(app)
+    return app

@@ -1,0 +1,217 @@
+"""The Hugging Face Hub's routes, as huggingface_hub, transformers and Olah read them (hf-protocol.md §1).
+
+Only model repos. Never an ``X-Xet-*`` header, a ``Link rel="xet-auth"`` or a ``xetHash`` field: clients
+that see none of them stay on plain HTTP, which is all a node serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from modeldepot.depot import Depot
+from modeldepot.errors import EntryNotFoundError, InvalidInputError, RepoNotFoundError
+from modeldepot.gitobjects import TreeEntry, lfs_pointer, tree_oids
+from modeldepot.server.context import DEPOT, is_authorized
+from modeldepot.server.responses import json_response, send_blob
+from modeldepot.store import FileEntry, RepoSummary
+from modeldepot.validation import validate_path, validate_repo_id, validate_revision
+
+__all__ = ["add_hub_routes"]
+
+TREE_PAGE = 1000  # the Hub's page sizes: 1000 entries, 50 when expanded
+TREE_PAGE_EXPANDED = 50
+COMMIT_TITLE = "modeldepot import"
+
+
+def _iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(timestamp))
+
+
+def _truthy(value: str | None) -> bool:
+    return value is not None and value.lower() in ("1", "true", "yes")
+
+
+def _repo_id(request: web.Request) -> str:
+    return validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
+
+
+def _revision(request: web.Request, default: str = "main") -> str:
+    raw = request.match_info.get("rev")
+    return validate_revision(unquote(raw) if raw is not None else default)
+
+
+async def _visible_repo(request: web.Request, repo_id: str) -> RepoSummary:
+    """The repo's summary, or RepoNotFound when it is private and the request carries no valid token."""
+    summary = await asyncio.to_thread(request.app[DEPOT].repo_summary, repo_id)
+    if summary.private and not is_authorized(request):
+        raise RepoNotFoundError(repo_id)
+    return summary
+
+
+def _lfs(entry: FileEntry) -> dict[str, Any]:
+    return {"size": entry.size, "pointerSize": len(lfs_pointer(entry.sha256, entry.size))}
+
+
+def _sibling(entry: FileEntry, blobs: bool) -> dict[str, Any]:
+    item: dict[str, Any] = {"rfilename": entry.path}
+    if blobs:
+        item.update(size=entry.size, blobId=entry.git_oid)
+        if entry.lfs:
+            item["lfs"] = {"sha256": entry.sha256, **_lfs(entry)}
+    return item
+
+
+async def model_info(request: web.Request) -> web.Response:
+    repo_id = _repo_id(request)
+    revision = _revision(request)
+    summary = await _visible_repo(request, repo_id)
+    depot: Depot = request.app[DEPOT]
+    commit_id = await asyncio.to_thread(depot.resolve, repo_id, revision)
+    files = await asyncio.to_thread(depot.list_files, repo_id, commit_id)
+    blobs = _truthy(request.query.get("blobs"))
+    body: dict[str, Any] = {
+        "_id": repo_id,
+        "id": repo_id,
+        "modelId": repo_id,
+        "author": repo_id.split("/")[0],
+        "sha": commit_id,
+        "lastModified": _iso(summary.updated_at),
+        "createdAt": _iso(summary.created_at),
+        "private": summary.private,
+        "gated": False,
+        "disabled": False,
+        "downloads": 0,
+        "likes": 0,
+        "tags": [],
+        "siblings": [_sibling(f, blobs) for f in files],
+    }
+    if blobs:
+        body["usedStorage"] = sum(f.size for f in files)
+    return json_response(body)
+
+
+@dataclass(frozen=True)
+class _Tree:
+    """A revision's files plus its folders, with git oids for both, as the tree API lists them."""
+
+    commit_id: str
+    files: dict[str, FileEntry]
+    folder_oids: dict[str, str]  # '' is the root
+
+    @classmethod
+    def of(cls, commit_id: str, files: list[FileEntry]) -> _Tree:
+        oids = tree_oids(TreeEntry(f.path, f.git_oid) for f in files)
+        return cls(commit_id, {f.path: f for f in files}, oids)
+
+    def entry(self, path: str, expand: bool, created: float) -> dict[str, Any]:
+        if path in self.files:
+            found = self.files[path]
+            item: dict[str, Any] = {"type": "file", "oid": found.git_oid, "size": found.size, "path": path}
+            if found.lfs:
+                item["lfs"] = {"oid": found.sha256, **_lfs(found)}
+        else:
+            item = {"type": "directory", "oid": self.folder_oids[path], "size": 0, "path": path}
+        if expand:
+            item["lastCommit"] = {"id": self.commit_id, "title": COMMIT_TITLE, "date": _iso(created)}
+        return item
+
+    def listing(self, folder: str, recursive: bool) -> list[str]:
+        paths = [p for p in (*self.folder_oids, *self.files) if p]
+        prefix = f"{folder}/" if folder else ""
+        inside = [p for p in paths if p.startswith(prefix)]
+        if not recursive:
+            inside = [p for p in inside if "/" not in p[len(prefix) :]]
+        return sorted(inside)
+
+
+async def _tree_of(request: web.Request, repo_id: str, revision: str) -> tuple[_Tree, RepoSummary]:
+    summary = await _visible_repo(request, repo_id)
+    depot: Depot = request.app[DEPOT]
+    commit_id = await asyncio.to_thread(depot.resolve, repo_id, revision)
+    files = await asyncio.to_thread(depot.list_files, repo_id, commit_id)
+    return _Tree.of(commit_id, files), summary
+
+
+async def list_tree(request: web.Request) -> web.Response:
+    repo_id = _repo_id(request)
+    revision = _revision(request)
+    folder = unquote(request.match_info.get("path", "")).strip("/")
+    if folder:
+        validate_path(folder)
+    tree, summary = await _tree_of(request, repo_id, revision)
+    if folder and folder not in tree.folder_oids:
+        raise EntryNotFoundError(repo_id, revision, folder, tree.commit_id)
+    expand = _truthy(request.query.get("expand"))
+    paths = tree.listing(folder, _truthy(request.query.get("recursive")))
+    page = TREE_PAGE_EXPANDED if expand else TREE_PAGE
+    try:
+        cursor = int(request.query.get("cursor", "0"))
+    except ValueError:
+        raise InvalidInputError("cursor must be a non-negative integer") from None
+    if cursor < 0:
+        raise InvalidInputError("cursor must be a non-negative integer")
+    chunk = paths[cursor : cursor + page]
+    headers = {}
+    if cursor + page < len(paths):
+        following = request.url.update_query(cursor=str(cursor + page))
+        headers["Link"] = f'<{following}>; rel="next"'
+    return json_response([tree.entry(p, expand, summary.updated_at) for p in chunk], headers=headers)
+
+
+async def paths_info(request: web.Request) -> web.Response:
+    repo_id = _repo_id(request)
+    revision = _revision(request)
+    form = await request.post()
+    wanted = [validate_path(str(p).strip("/")) for p in form.getall("paths", [])]
+    expand = _truthy(str(form.get("expand", "")))
+    tree, summary = await _tree_of(request, repo_id, revision)
+    found = [p for p in wanted if p in tree.files or p in tree.folder_oids]
+    return json_response([tree.entry(p, expand, summary.updated_at) for p in found])
+
+
+async def list_refs(request: web.Request) -> web.Response:
+    repo_id = _repo_id(request)
+    summary = await _visible_repo(request, repo_id)
+    include_prs = _truthy(request.query.get("include_prs"))
+    branches, pulls = [], []
+    for name, commit_id in sorted(summary.refs.items()):
+        if name.startswith("refs/pr/"):
+            pulls.append({"name": name, "ref": name, "targetCommit": commit_id})
+        else:
+            branches.append({"name": name, "ref": f"refs/heads/{name}", "targetCommit": commit_id})
+    return json_response(
+        {"branches": branches, "converts": [], "tags": [], **({"pullRequests": pulls} if include_prs else {})}
+    )
+
+
+async def resolve(request: web.Request) -> web.StreamResponse:
+    repo_id = _repo_id(request)
+    revision = _revision(request)
+    path = validate_path(request.match_info["path"])
+    await _visible_repo(request, repo_id)
+    depot: Depot = request.app[DEPOT]
+    entry = await asyncio.to_thread(depot.file_info, repo_id, path, revision)
+    handle = await asyncio.to_thread(depot.open_file, repo_id, path, entry.commit_id)
+    headers = {
+        "X-Repo-Commit": entry.commit_id,
+        "X-Linked-Etag": f'"{entry.etag}"',
+        "X-Linked-Size": str(entry.size),
+    }
+    return send_blob(request, handle, entry.size, entry.etag, headers)
+
+
+def add_hub_routes(app: web.Application) -> None:
+    repo = "/api/models/{org}/{name}"
+    app.router.add_get(repo, model_info)
+    app.router.add_get(repo + "/revision/{rev}", model_info)
+    app.router.add_get(repo + "/tree/{rev}", list_tree)
+    app.router.add_get(repo + "/tree/{rev}/{path:.+}", list_tree)
+    app.router.add_post(repo + "/paths-info/{rev}", paths_info)
+    app.router.add_get(repo + "/refs", list_refs)
+    app.router.add_get("/{org}/{name}/resolve/{rev}/{path:.+}", resolve)  # add_get answers HEAD too

@@ -1,0 +1,157 @@
+"""The node's own API for peers and tools, under ``/api/depot/v1``; described at ``/api/depot/v1/openapi.json``.
+
+Blobs are addressed by SHA-256, so a peer that knows a file's digest (from a manifest, or from the Hub's
+LFS oid) can fetch it, a range of it, or one verified chunk of it, whichever repo it came from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from modeldepot._version import __version__
+from modeldepot.depot import Depot
+from modeldepot.errors import InvalidInputError, RepoNotFoundError
+from modeldepot.hashing import chunk_count, chunk_span
+from modeldepot.server.context import DEPOT, is_authorized
+from modeldepot.server.openapi import openapi_document
+from modeldepot.server.responses import BlobResponse, json_response, send_blob
+from modeldepot.validation import validate_repo_id, validate_revision
+
+__all__ = ["API", "HEALTH_PATH", "add_native_routes"]
+
+API = "/api/depot/v1"
+HEALTH_PATH = f"{API}/health"
+NODE_ID = web.AppKey("node_id", str)
+STARTED = web.AppKey("started", float)
+CAPABILITIES = ("hub-api", "blobs", "chunks", "ranges", "inventory")
+INVENTORY_PAGE = 1000
+
+
+def _depot(request: web.Request) -> Depot:
+    return request.app[DEPOT]
+
+
+async def health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def node_info(request: web.Request) -> web.Response:
+    depot = _depot(request)
+    return json_response(
+        {
+            "id": request.app[NODE_ID],
+            "version": __version__,
+            "chunk_size": depot.chunk_size,
+            "capabilities": list(CAPABILITIES),
+            "hub_api": True,
+        }
+    )
+
+
+async def list_repos(request: web.Request) -> web.Response:
+    repos = await asyncio.to_thread(_depot(request).list_repos)
+    visible = [r for r in repos if not r.private or is_authorized(request)]
+    return json_response([r.to_dict() for r in visible])
+
+
+async def manifest(request: web.Request) -> web.Response:
+    depot = _depot(request)
+    repo_id = validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
+    revision = validate_revision(request.match_info["rev"])
+    summary = await asyncio.to_thread(depot.repo_summary, repo_id)
+    if summary.private and not is_authorized(request):
+        raise RepoNotFoundError(repo_id)
+    commit_id = await asyncio.to_thread(depot.resolve, repo_id, revision)
+    files = await asyncio.to_thread(depot.list_files, repo_id, commit_id)
+    digests = {f.sha256: await asyncio.to_thread(depot.chunk_digests, f.sha256) for f in files}
+    return json_response(
+        {
+            "repo_id": repo_id,
+            "commit_id": commit_id,
+            "private": summary.private,
+            "files": [{**f.to_dict(), "etag": f.etag, "chunks": digests[f.sha256]} for f in files],
+        }
+    )
+
+
+async def read_blob(request: web.Request) -> web.StreamResponse:
+    depot = _depot(request)
+    blob = await asyncio.to_thread(
+        depot.blob, request.match_info["sha256"], public_only=not is_authorized(request)
+    )
+    handle = await asyncio.to_thread(depot.open_blob, blob)
+    return send_blob(request, handle, blob.size, blob.sha256, {"X-Chunk-Size": str(blob.chunk_size)})
+
+
+async def read_chunk(request: web.Request) -> web.StreamResponse:
+    depot = _depot(request)
+    blob = await asyncio.to_thread(
+        depot.blob, request.match_info["sha256"], public_only=not is_authorized(request)
+    )
+    raw = request.match_info["index"]
+    count = chunk_count(blob.size, blob.chunk_size)
+    if not raw.isdigit() or not 0 <= int(raw) < count:
+        raise InvalidInputError(f"chunk index {raw!r} is outside 0..{count - 1}")
+    index = int(raw)
+    digests = await asyncio.to_thread(depot.chunk_digests, blob.sha256)
+    offset, length = chunk_span(index, blob.size, blob.chunk_size)
+    handle = await asyncio.to_thread(depot.open_blob, blob)
+    headers = {
+        "ETag": f'"{digests[index]}"',
+        "X-Chunk-Blake3": digests[index],
+        "Content-Type": "application/octet-stream",
+    }
+    return BlobResponse(handle, offset, length, 200, headers)
+
+
+async def inventory(request: web.Request) -> web.Response:
+    after = request.query.get("after", "")
+    try:
+        limit = int(request.query.get("limit", str(INVENTORY_PAGE)))
+    except ValueError:
+        raise InvalidInputError("limit must be an integer") from None
+    if not 1 <= limit <= INVENTORY_PAGE:
+        raise InvalidInputError(f"limit must be between 1 and {INVENTORY_PAGE}")
+    blobs = await asyncio.to_thread(
+        _depot(request).inventory, after, limit, public_only=not is_authorized(request)
+    )
+    body: dict[str, Any] = {"blobs": [b.to_dict() for b in blobs]}
+    if len(blobs) == limit:
+        body["next"] = str(request.url.update_query(after=blobs[-1].sha256))
+    return json_response(body)
+
+
+async def stats(request: web.Request) -> web.Response:
+    usage = await asyncio.to_thread(_depot(request).du)
+    return json_response(
+        {
+            "uptime_seconds": round(time.monotonic() - request.app[STARTED], 3),
+            "repos": len(usage.repos),
+            "blobs": usage.blobs,
+            "blob_bytes": usage.blob_bytes,
+            "logical_bytes": usage.logical_bytes,
+        }
+    )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_document(__version__))
+
+
+def add_native_routes(app: web.Application) -> None:
+    app[NODE_ID] = str(uuid.uuid4())
+    app[STARTED] = time.monotonic()
+    app.router.add_get(HEALTH_PATH, health)
+    app.router.add_get(f"{API}/info", node_info)
+    app.router.add_get(f"{API}/repos", list_repos)
+    app.router.add_get(API + "/repos/{org}/{name}/revisions/{rev}/manifest", manifest)
+    app.router.add_get(API + "/blobs/{sha256}", read_blob)
+    app.router.add_get(API + "/blobs/{sha256}/chunks/{index}", read_chunk)
+    app.router.add_get(f"{API}/inventory", inventory)
+    app.router.add_get(f"{API}/stats", stats)
+    app.router.add_get(f"{API}/openapi.json", openapi)

@@ -1,0 +1,48 @@
+"""Running the node until SIGINT or SIGTERM; in-flight responses get time to finish."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from aiohttp import web
+
+from modeldepot.depot import Depot
+from modeldepot.server.app import MAX_HEADER, create_app
+
+__all__ = ["SHUTDOWN_GRACE", "run_server"]
+
+SHUTDOWN_GRACE = 30.0  # seconds in-flight responses get after SIGINT/SIGTERM
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i"'
+
+
+def run_server(depot: Depot, host: str, port: int, token: str | None, log_level: str = "info") -> None:
+    logging.basicConfig(
+        level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    log = logging.getLogger("modeldepot.server")
+    app = create_app(depot, token)
+    mode = "token required" if token else "no token: private repos are not served"
+
+    async def announce(_app: web.Application) -> None:
+        log.info(
+            "serving %s on http://%s:%d (%s); HF_ENDPOINT=http://%s:%d",
+            depot.home,
+            host,
+            port,
+            mode,
+            host,
+            port,
+        )
+
+    app.on_startup.append(announce)
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        access_log=logging.getLogger("modeldepot.access"),
+        access_log_format=ACCESS_LOG_FORMAT,
+        shutdown_timeout=SHUTDOWN_GRACE,
+        handler_args={"max_line_size": MAX_HEADER, "max_field_size": MAX_HEADER},
+        print=None,
+    )
