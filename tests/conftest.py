@@ -105,3 +105,50 @@ def flip_byte(path: Path, offset: int) -> None:
         old = handle.read(1)
         handle.seek(offset)
         handle.write(bytes([old[0] ^ 0xFF]))
+
+
+class LiveNode:
+    """A real node (the production app) listening on a loopback port, run by a background event loop."""
+
+    def __init__(self, depot: Depot, token: str | None = None) -> None:
+        import asyncio
+        import threading
+
+        from aiohttp import web
+
+        from modeldepot.server import create_app
+
+        self.depot = depot
+        self._loop = asyncio.new_event_loop()
+        self._runner = web.AppRunner(create_app(depot, token), max_field_size=16384, max_line_size=16384)
+        started = threading.Event()
+
+        def serve() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            self._loop.run_until_complete(site.start())
+            self.port = self._runner.addresses[0][1]
+            started.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=serve, name="live-node", daemon=True)
+        self._thread.start()
+        if not started.wait(30):
+            raise RuntimeError("the test node did not start")
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+        self._loop.close()
+
+
+@pytest.fixture
+def live_node(depot: Depot) -> Iterator[LiveNode]:
+    node = LiveNode(depot)
+    yield node
+    node.stop()

@@ -43,6 +43,7 @@ def run_server(depot: Depot, host: str, port: int, token: str | None, log_level:
         access_log=logging.getLogger("modeldepot.access"),
         access_log_format=ACCESS_LOG_FORMAT,
         shutdown_timeout=SHUTDOWN_GRACE,
-        handler_args={"max_line_size": MAX_HEADER, "max_field_size": MAX_HEADER},
+        max_line_size=MAX_HEADER,
+        max_field_size=MAX_HEADER,
         print=None,
     )

@@ -1,0 +1,304 @@
+"""The node through the real huggingface_hub client (and transformers), over loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from huggingface_hub import (
+    HfApi,
+    get_hf_file_metadata,
+    hf_hub_download,
+    hf_hub_url,
+    snapshot_download,
+)
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+from conftest import LiveNode, minilm_model_dir, sample_files, write_model_dir
+from modeldepot import Depot
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+SAMPLE = "acme/sample"
+
+
+@pytest.fixture
+def node(depot: Depot, live_node: LiveNode, tmp_path: Path) -> LiveNode:
+    depot.import_dir(minilm_model_dir(), MINILM)
+    depot.import_dir(write_model_dir(tmp_path / "sample", sample_files()), SAMPLE)
+    depot.import_dir(write_model_dir(tmp_path / "dev", {"config.json": b'{"dev": true}'}), SAMPLE, "dev")
+    depot.import_dir(write_model_dir(tmp_path / "pr", {"config.json": b'{"pr": 1}'}), SAMPLE, "refs/pr/1")
+    return live_node
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_snapshot_download_is_byte_identical(node: LiveNode, tmp_path: Path) -> None:
+    for repo, original in ((MINILM, read_tree(minilm_model_dir())), (SAMPLE, sample_files())):
+        folder = snapshot_download(repo, endpoint=node.url, cache_dir=tmp_path / "hf")
+        assert read_tree(Path(folder)) == original
+        assert Path(folder).name == node.depot.resolve(repo)  # the client names snapshots after X-Repo-Commit
+
+
+def test_hf_hub_download_and_file_metadata(node: LiveNode, tmp_path: Path) -> None:
+    path = hf_hub_download(MINILM, "model.safetensors", endpoint=node.url, cache_dir=tmp_path / "hf")
+    assert Path(path).read_bytes() == (minilm_model_dir() / "model.safetensors").read_bytes()
+    weights = get_hf_file_metadata(hf_hub_url(MINILM, "model.safetensors", endpoint=node.url))
+    config = get_hf_file_metadata(hf_hub_url(MINILM, "config.json", endpoint=node.url))
+    commit = node.depot.resolve(MINILM)
+    assert weights.commit_hash == config.commit_hash == commit
+    assert weights.etag == hashlib.sha256(Path(path).read_bytes()).hexdigest()  # LFS: the SHA-256
+    assert config.etag == node.depot.file_info(MINILM, "config.json").git_oid  # plain git: the blob SHA-1
+    assert weights.size == os.path.getsize(path)
+    dev = hf_hub_download(SAMPLE, "config.json", revision="dev", endpoint=node.url, cache_dir=tmp_path / "hf")
+    assert Path(dev).read_bytes() == b'{"dev": true}'
+    pr = hf_hub_download(
+        SAMPLE, "config.json", revision="refs/pr/1", endpoint=node.url, cache_dir=tmp_path / "hf"
+    )
+    assert Path(pr).read_bytes() == b'{"pr": 1}'
+
+
+def test_model_info_with_files_metadata(node: LiveNode) -> None:
+    api = HfApi(endpoint=node.url)
+    info = api.model_info(MINILM, files_metadata=True)
+    assert info.id == MINILM and info.sha == node.depot.resolve(MINILM) and info.private is False
+    siblings = {s.rfilename: s for s in info.siblings or []}
+    for entry in node.depot.list_files(MINILM):
+        sibling = siblings[entry.path]
+        assert sibling.size == entry.size and sibling.blob_id == entry.git_oid
+        assert (sibling.lfs is not None) == entry.lfs
+        if sibling.lfs is not None:
+            assert sibling.lfs.sha256 == entry.sha256 and sibling.lfs.size == entry.size
+    by_commit = api.model_info(SAMPLE, revision=node.depot.resolve(SAMPLE, "dev"))
+    assert [s.rfilename for s in by_commit.siblings or []] == ["config.json"]
+
+
+def test_listing_files_trees_and_paths(node: LiveNode) -> None:
+    api = HfApi(endpoint=node.url)
+    assert api.list_repo_files(SAMPLE) == sorted(sample_files())
+    top = {(item.path, type(item).__name__) for item in api.list_repo_tree(SAMPLE)}
+    assert ("onnx", "RepoFolder") in top and ("config.json", "RepoFile") in top
+    assert {item.path for item in api.list_repo_tree(SAMPLE, path_in_repo="onnx")} == {
+        "onnx/model_q4.onnx", "onnx/model_q4.onnx_data"}  # fmt: skip
+    expanded = list(api.list_repo_tree(SAMPLE, recursive=True, expand=True))
+    assert all(item.last_commit is not None for item in expanded)
+    assert api.file_exists(SAMPLE, "onnx/model_q4.onnx") and not api.file_exists(SAMPLE, "missing.bin")
+    assert not api.file_exists("acme/absent", "config.json")
+    infos = api.get_paths_info(SAMPLE, ["config.json", "onnx", "missing.bin"])
+    assert sorted(i.path for i in infos) == ["config.json", "onnx"]
+    refs = api.list_repo_refs(SAMPLE, include_pull_requests=True)
+    assert {b.name for b in refs.branches} == {"main", "dev"}
+    assert [p.ref for p in refs.pull_requests or []] == ["refs/pr/1"]
+
+
+def test_tree_pages_are_followed(depot: Depot, live_node: LiveNode, tmp_path: Path) -> None:
+    files = {f"shard/{i:05d}.json": str(i).encode() for i in range(1203)}
+    depot.import_dir(write_model_dir(tmp_path / "many", files), "acme/many")
+    api = HfApi(endpoint=live_node.url)
+    assert api.list_repo_files("acme/many") == sorted(files)  # 1000 per page, then a Link rel="next"
+    expanded = list(api.list_repo_tree("acme/many", path_in_repo="shard", expand=True))  # 50 per page
+    assert [item.path for item in expanded] == sorted(files)
+
+
+def test_typed_errors(node: LiveNode, tmp_path: Path) -> None:
+    api = HfApi(endpoint=node.url)
+    with pytest.raises(RepositoryNotFoundError):
+        api.model_info("acme/absent")
+    with pytest.raises(RepositoryNotFoundError):
+        hf_hub_download("acme/absent", "config.json", endpoint=node.url, cache_dir=tmp_path / "hf")
+    with pytest.raises(RevisionNotFoundError):
+        api.model_info(SAMPLE, revision="no-such-branch")
+    with pytest.raises(RevisionNotFoundError):
+        hf_hub_download(
+            SAMPLE, "config.json", revision="no-such-branch", endpoint=node.url, cache_dir=tmp_path / "hf"
+        )
+    with pytest.raises(EntryNotFoundError):
+        hf_hub_download(SAMPLE, "missing.bin", endpoint=node.url, cache_dir=tmp_path / "hf")
+
+
+class CuttingRelay:
+    """A TCP relay to the node that drops the connection partway through the first GET of a file body.
+
+    A real network fault, not a mock: the client sees a short read and must resume with a Range request.
+    """
+
+    def __init__(self, upstream_port: int, cut_after: int) -> None:
+        self.upstream_port = upstream_port
+        self.cut_after = cut_after
+        self.cut_done = False
+        self.requests: list[str] = []
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+            self.port = server.sockets[0].getsockname()[1]
+            ready.set()
+            self._loop.run_forever()
+            server.close()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        armed = asyncio.Event()
+
+        async def to_node() -> None:
+            while data := await client_r.read(65536):
+                head = data.decode("latin-1", "replace")
+                if head[:4] in ("GET ", "HEAD"):
+                    self.requests.append(head.split("\r\n\r\n")[0])
+                    if head.startswith("GET ") and "/resolve/" in head and not self.cut_done:
+                        armed.set()
+                up_w.write(data)
+                await up_w.drain()
+            up_w.close()
+
+        async def to_client() -> None:
+            sent = 0
+            while data := await up_r.read(65536):
+                if armed.is_set() and not self.cut_done:
+                    if sent + len(data) >= self.cut_after:
+                        client_w.write(data[: self.cut_after - sent])
+                        await client_w.drain()
+                        self.cut_done = True
+                        client_w.transport.abort()
+                        up_w.close()
+                        return
+                    sent += len(data)
+                client_w.write(data)
+                await client_w.drain()
+            client_w.close()
+
+        try:
+            await asyncio.gather(to_node(), to_client(), return_exceptions=True)
+        finally:
+            for writer in (client_w, up_w):
+                writer.close()
+                try:
+                    await writer.wait_closed()
+                except (ConnectionError, asyncio.CancelledError):
+                    pass
+
+    def close(self) -> None:
+        async def cancel_connections() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(cancel_connections(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+def test_interrupted_download_resumes_with_range(node: LiveNode, tmp_path: Path) -> None:
+    # huggingface_hub writes in 10 MiB pieces and resumes from what it wrote: cut well past two of them.
+    relay = CuttingRelay(node.port, cut_after=25_000_000)
+    try:
+        path = hf_hub_download(
+            MINILM, "model.safetensors", endpoint=f"http://127.0.0.1:{relay.port}", cache_dir=tmp_path / "hf"
+        )
+    finally:
+        relay.close()
+    assert relay.cut_done
+    assert Path(path).read_bytes() == (minilm_model_dir() / "model.safetensors").read_bytes()
+    resumed = [r for r in relay.requests if r.startswith("GET ") and "range: bytes=" in r.lower()]
+    assert resumed, relay.requests
+    offset = int(resumed[0].lower().split("range: bytes=")[1].split("-")[0])
+    assert 10 << 20 <= offset < 25_000_000
+
+
+def test_transformers_loads_a_tokenizer_through_hf_endpoint(node: LiveNode, tmp_path: Path) -> None:
+    script = (
+        "import json, transformers\n"
+        f"tok = transformers.AutoTokenizer.from_pretrained({MINILM!r})\n"
+        f"cfg = transformers.AutoConfig.from_pretrained({MINILM!r})\n"
+        "print(json.dumps({'ids': tok('modeldepot serves models')['input_ids'], 'type': cfg.model_type}))\n"
+    )
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": node.url,
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_DISABLE_XET": "1",
+    }
+    env.pop("HF_HUB_OFFLINE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    import transformers
+
+    reference = transformers.AutoTokenizer.from_pretrained(minilm_model_dir())
+    assert result == {"ids": reference("modeldepot serves models")["input_ids"], "type": "bert"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def served(home: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, bytes]]:
+    """`modeldepot serve` as users run it, on a store holding one 24 MiB file."""
+    payload = os.urandom(24 << 20)
+    with Depot(home) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "big", {"model.safetensors": payload}), "acme/big")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modeldepot", "serve", "--home", str(home), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.05)
+    yield process, url, payload
+    if process.poll() is None:
+        process.kill()
+    process.wait(10)
+    assert process.stdout is not None
+    process.stdout.close()
+
+
+def test_serve_command_serves_and_finishes_in_flight_downloads_on_sigterm(
+    served: tuple[subprocess.Popen[bytes], str, bytes],
+) -> None:
+    process, url, payload = served
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(
+            b"GET /acme/big/resolve/main/model.safetensors HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        received = bytearray(sock.recv(65536))
+        process.terminate()  # SIGTERM while most of the body is still to be sent
+        while chunk := sock.recv(1 << 20):
+            received += chunk
+    header, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert header.startswith(b"HTTP/1.1 200") and body == payload
+    assert process.wait(60) == 0
+    assert process.stdout is not None
+    log = process.stdout.read().decode()
+    assert "serving" in log and "GET /acme/big/resolve/main/model.safetensors" in log
