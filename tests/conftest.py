@@ -110,7 +110,7 @@ def flip_byte(path: Path, offset: int) -> None:
 class LiveNode:
     """A real node (the production app) listening on a loopback port, run by a background event loop."""
 
-    def __init__(self, depot: Depot, token: str | None = None) -> None:
+    def __init__(self, depot: Depot, token: str | None = None, request_deadline: float = 60.0) -> None:
         import asyncio
         import threading
 
@@ -120,7 +120,9 @@ class LiveNode:
 
         self.depot = depot
         self._loop = asyncio.new_event_loop()
-        self._runner = web.AppRunner(create_app(depot, token), max_field_size=16384, max_line_size=16384)
+        self._runner = web.AppRunner(
+            create_app(depot, token, request_deadline), max_field_size=16384, max_line_size=16384
+        )
         started = threading.Event()
 
         def serve() -> None:
@@ -141,7 +143,14 @@ class LiveNode:
     def stop(self) -> None:
         import asyncio
 
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
+        async def shutdown() -> None:
+            await self._runner.cleanup()
+            leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in leftovers:  # keep-alive connections the clients left open
+                task.cancel()
+            await asyncio.gather(*leftovers, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(30)
         self._loop.close()

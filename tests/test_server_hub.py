@@ -302,3 +302,25 @@ def test_serve_command_serves_and_finishes_in_flight_downloads_on_sigterm(
     assert process.stdout is not None
     log = process.stdout.read().decode()
     assert "serving" in log and "GET /acme/big/resolve/main/model.safetensors" in log
+
+
+def test_model_card_metadata_reaches_model_info(node: LiveNode) -> None:
+    info = HfApi(endpoint=node.url).model_info(MINILM)
+    assert info.pipeline_tag == "sentence-similarity" and info.library_name == "sentence-transformers"
+    assert "feature-extraction" in (info.tags or [])
+    bare = HfApi(endpoint=node.url).model_info(SAMPLE)  # no README: nothing claimed
+    assert bare.pipeline_tag is None and bare.library_name is None and bare.tags == []
+
+
+def test_a_request_that_does_not_arrive_in_time_gets_408(depot: Depot) -> None:
+    node = LiveNode(depot, request_deadline=0.5)
+    try:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=30) as sock:
+            sock.sendall(
+                b"POST /api/models/acme/sample/paths-info/main HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\npaths=con"
+            )  # and then nothing more: a stalled upload
+            answer = sock.recv(65536)
+    finally:
+        node.stop()
+    assert answer.startswith(b"HTTP/1.1 408")

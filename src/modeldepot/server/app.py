@@ -7,6 +7,7 @@ token), then the route.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -54,10 +55,17 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
+REQUEST_DEADLINE = web.AppKey("request_deadline", float)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        return await handler(request)
+        # The deadline covers reading the request and preparing the answer; file bodies are streamed after
+        # the handler returns, so a long download is never cut off by it.
+        return await asyncio.wait_for(handler(request), request.app[REQUEST_DEADLINE])
+    except asyncio.TimeoutError:
+        return error_response(408, None, "the request did not complete in time")
     except DepotError as error:
         return response_for_error(error)
     except web.HTTPException as error:
@@ -92,13 +100,18 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
-def create_app(depot: Depot, token: str | None = None) -> web.Application:
-    """The node over ``depot``. With a ``token`` every route but health needs it; private repos always do."""
+def create_app(depot: Depot, token: str | None = None, request_deadline: float = 60.0) -> web.Application:
+    """The node over ``depot``. With a ``token`` every route but health needs it; private repos always do.
+
+    ``request_deadline`` bounds the seconds a request may take to arrive and be answered (not the time to
+    stream a file body).
+    """
     app = web.Application(
         middlewares=[cors_middleware, error_middleware, auth_middleware], client_max_size=MAX_BODY
     )
     app[DEPOT] = depot
     app[TOKEN] = token or ""
+    app[REQUEST_DEADLINE] = request_deadline
     add_native_routes(app)
     add_hub_routes(app)
     return app

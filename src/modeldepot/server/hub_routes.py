@@ -88,9 +88,14 @@ async def model_info(request: web.Request) -> web.Response:
         "disabled": False,
         "downloads": 0,
         "likes": 0,
-        "tags": [],
+        "tags": summary.card.get("tags", []),
         "siblings": [_sibling(f, blobs) for f in files],
     }
+    for key in ("pipeline_tag", "library_name"):
+        if key in summary.card:
+            body[key] = summary.card[key]
+    if summary.card:
+        body["cardData"] = summary.card
     if blobs:
         body["usedStorage"] = sum(f.size for f in files)
     return json_response(body)

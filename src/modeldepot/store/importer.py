@@ -8,6 +8,7 @@ leaves the store as it was before the import or as it is after it, never in betw
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from modeldepot.errors import InvalidInputError, InvalidPathError, SourceDirectoryError, StoreError
 from modeldepot.gitobjects import (
@@ -28,6 +30,7 @@ from modeldepot.gitobjects import (
     tree_oids,
 )
 from modeldepot.hashing import GIT_OID_LIMIT, BlobDigest, digest_stream
+from modeldepot.modelcard import MAX_CARD_BYTES, card_metadata
 from modeldepot.store.blobs import PartialBlob, WriteSession
 from modeldepot.store.index import Index
 from modeldepot.store.models import ImportResult
@@ -91,6 +94,13 @@ def scan_source(directory: Path) -> list[SourceFile]:
     if not found:
         raise SourceDirectoryError(f"{directory} holds no files to import")
     return sorted(found, key=lambda f: f.path)
+
+
+def _card(files: list[SourceFile]) -> dict[str, Any]:
+    for source in files:
+        if source.path == "README.md" and source.size <= MAX_CARD_BYTES:
+            return card_metadata(source.absolute.read_text(errors="replace"))
+    return {}
 
 
 def _lfs_patterns(files: list[SourceFile]) -> tuple[str, ...]:
@@ -163,7 +173,7 @@ def import_dir(
                     if known.get(sha256) != "ok":
                         store.blobs.place(partial, sha256, replace=True)
                         placed.append(sha256)
-                _commit(store.index, repo_id, revision, private, commit_id, trees[""], staged)
+                _commit(store.index, repo_id, revision, private, _card(files), commit_id, trees[""], staged)
                 placed = []  # committed: the rows own these blobs now
                 _build_snapshot(store, repo_id, commit_id, staged)
         except BaseException:
@@ -223,6 +233,7 @@ def _commit(
     repo_id: str,
     branch: str,
     private: bool,
+    card: dict[str, Any],
     commit_id: str,
     tree_oid: str,
     staged: list[_Staged],
@@ -230,9 +241,10 @@ def _commit(
     now = time.time()
     with index.write(f"recording the import of {repo_id}") as con:
         con.execute(
-            "INSERT INTO repos (repo_id, private, origin, created_at, updated_at) VALUES (?, ?, 'import', ?, ?) "
-            "ON CONFLICT (repo_id) DO UPDATE SET private = excluded.private, updated_at = excluded.updated_at",
-            (repo_id, int(private), now, now),
+            "INSERT INTO repos (repo_id, private, origin, card, created_at, updated_at) "
+            "VALUES (?, ?, 'import', ?, ?, ?) ON CONFLICT (repo_id) DO UPDATE SET private = excluded.private, "
+            "card = excluded.card, updated_at = excluded.updated_at",
+            (repo_id, int(private), json.dumps(card), now, now),
         )
         con.execute(
             "INSERT OR IGNORE INTO revisions (repo_id, commit_id, tree_oid, created_at) VALUES (?, ?, ?, ?)",

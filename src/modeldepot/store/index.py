@@ -75,6 +75,10 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX files_by_blob ON files (sha256);
     CREATE INDEX refs_by_commit ON refs (repo_id, commit_id);
     """,
+    # 2: what a repo's model card says about it (pipeline_tag, library_name, tags), as JSON.
+    """
+    ALTER TABLE repos ADD COLUMN card TEXT NOT NULL DEFAULT '{}'
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 _SQLITE_FULL = 13  # sqlite3.SQLITE_FULL exists only from Python 3.11

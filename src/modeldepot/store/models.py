@@ -75,6 +75,7 @@ class RepoSummary(_Record):
     revisions: int
     files: int  # in the newest revision
     size: int  # bytes of the newest revision's files
+    card: dict[str, Any]  # pipeline_tag, library_name, license, base_model, tags: what the model card says
     created_at: float
     updated_at: float
 

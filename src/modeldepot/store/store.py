@@ -7,6 +7,7 @@ du) in :mod:`.maintenance`; this module opens the store and answers reads.
 from __future__ import annotations
 
 import io
+import json
 import mmap
 import os
 import re
@@ -282,7 +283,7 @@ class Store:
         validate_repo_id(repo_id)
         rows = self.index.read(
             """
-            SELECT r.repo_id, r.private, r.origin, r.created_at, r.updated_at,
+            SELECT r.repo_id, r.private, r.origin, r.card, r.created_at, r.updated_at,
                    (SELECT COUNT(*) FROM revisions v WHERE v.repo_id = r.repo_id) AS revisions,
                    (SELECT commit_id FROM revisions v WHERE v.repo_id = r.repo_id
                      ORDER BY created_at DESC, commit_id LIMIT 1) AS newest
@@ -305,6 +306,7 @@ class Store:
             revisions=row["revisions"],
             files=totals["n"],
             size=totals["bytes"],
+            card=json.loads(row["card"]),
             created_at=row["created_at"],
             updated_at=row["updated_at"],
         )

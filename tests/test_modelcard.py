@@ -1,0 +1,49 @@
+"""Model card front matter, and the index migration that made room for it."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from conftest import write_model_dir
+from modeldepot import Depot
+from modeldepot.modelcard import card_metadata
+from modeldepot.store.index import _MIGRATIONS, SCHEMA_VERSION
+
+
+def test_front_matter_fields() -> None:
+    card = "---\npipeline_tag: text-generation\nlibrary_name: gguf\nlicense: mit\ntags:\n- llama\n- 4-bit\n---\n# Model\n"
+    assert card_metadata(card) == {
+        "pipeline_tag": "text-generation", "library_name": "gguf", "license": "mit", "tags": ["llama", "4-bit"]}  # fmt: skip
+    assert card_metadata("# No front matter\n") == {}
+    assert card_metadata("---\n: [unclosed\n---\n") == {}  # invalid YAML says nothing
+    assert card_metadata("---\n- a list\n---\n") == {}
+    assert card_metadata("---\npipeline_tag: {nested: 1}\n---\n") == {}
+
+
+def test_an_index_from_schema_1_is_migrated_and_keeps_its_data(tmp_path: Path) -> None:
+    home = tmp_path / "old-store"
+    home.mkdir()
+    with sqlite3.connect(home / "index.db") as con:  # the store as the first release wrote it
+        for statement in _MIGRATIONS[0].split(";"):
+            if statement.strip():
+                con.execute(statement)
+        con.execute("PRAGMA user_version = 1")
+        con.execute("INSERT INTO settings VALUES ('chunk_size', '65536')")
+        con.execute("INSERT INTO repos (repo_id, created_at, updated_at) VALUES ('old/repo', 1, 2)")
+        con.execute(
+            "INSERT INTO revisions (repo_id, commit_id, created_at) VALUES ('old/repo', ?, 1)", ("a" * 40,)
+        )
+        con.execute("INSERT INTO refs VALUES ('old/repo', 'main', ?, 1)", ("a" * 40,))
+    con.close()
+    with Depot(home) as depot:
+        assert depot.store.index.read("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 2
+        summary = depot.repo_summary("old/repo")
+        assert summary.card == {} and summary.refs == {"main": "a" * 40} and depot.chunk_size == 65536
+        card = "---\npipeline_tag: fill-mask\n---\n"
+        depot.import_dir(write_model_dir(tmp_path / "m", {"README.md": card.encode()}), "old/repo")
+        assert depot.repo_summary("old/repo").card == {"pipeline_tag": "fill-mask"}
+        assert json.loads(depot.store.index.read("SELECT card FROM repos")[0]["card"]) == {
+            "pipeline_tag": "fill-mask"
+        }
