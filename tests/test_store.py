@@ -316,3 +316,12 @@ def test_index_is_wal_and_a_newer_schema_is_refused(depot: Depot, home: Path) ->
 def test_private_flag_is_recorded(depot: Depot, model_dir: Path) -> None:
     depot.import_dir(model_dir, REPO, private=True)
     assert depot.repo_info(REPO).private and depot.list_repos()[0].private
+
+
+def test_store_id_is_stable_across_opens(home: Path) -> None:
+    with Depot(home) as first:
+        store_id = first.store_id
+    with Depot(home) as again:
+        assert again.store_id == store_id and len(store_id) == 32
+    with Depot(home.parent / "other") as other:
+        assert other.store_id != store_id

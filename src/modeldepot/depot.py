@@ -88,6 +88,11 @@ class Depot:
     def chunk_size(self) -> int:
         return self.store.chunk_size
 
+    @property
+    def store_id(self) -> str:
+        """A random id given to the store when it was created; a node serving it is known by it."""
+        return self.store.store_id
+
     def close(self) -> None:
         self.store.close()
 

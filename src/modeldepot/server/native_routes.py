@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -26,7 +25,6 @@ __all__ = ["API", "HEALTH_PATH", "add_native_routes"]
 
 API = "/api/depot/v1"
 HEALTH_PATH = f"{API}/health"
-NODE_ID = web.AppKey("node_id", str)
 STARTED = web.AppKey("started", float)
 CAPABILITIES = ("hub-api", "blobs", "chunks", "ranges", "inventory")
 INVENTORY_PAGE = 1000
@@ -44,7 +42,7 @@ async def node_info(request: web.Request) -> web.Response:
     depot = _depot(request)
     return json_response(
         {
-            "id": request.app[NODE_ID],
+            "id": depot.store_id,
             "version": __version__,
             "chunk_size": depot.chunk_size,
             "capabilities": list(CAPABILITIES),
@@ -144,7 +142,6 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def add_native_routes(app: web.Application) -> None:
-    app[NODE_ID] = str(uuid.uuid4())
     app[STARTED] = time.monotonic()
     app.router.add_get(HEALTH_PATH, health)
     app.router.add_get(f"{API}/info", node_info)

@@ -13,6 +13,7 @@ import os
 import re
 import sqlite3
 import time
+import uuid
 from pathlib import Path
 from typing import BinaryIO
 
@@ -68,6 +69,7 @@ class Store:
         self.snapshots = Snapshots(self.layout)
         self.lock = StoreLock(self.layout.lock_path)
         self.chunk_size = self._settle_chunk_size(config.chunk_size)
+        self.store_id = self._setting_or_default("store_id", uuid.uuid4().hex)
 
     @property
     def home(self) -> Path:
@@ -76,15 +78,19 @@ class Store:
     def close(self) -> None:
         self.index.close()
 
-    def _settle_chunk_size(self, requested: int | None) -> int:
-        stored = self.index.setting("chunk_size")
+    def _setting_or_default(self, key: str, default: str) -> str:
+        """The stored setting; the first process to ask records ``default`` (later ones read the winner's)."""
+        stored = self.index.setting(key)
         if stored is None:
-            value = requested or DEFAULT_CHUNK_SIZE
             with self.index.write("recording the store's settings") as con:
-                con.execute("INSERT OR IGNORE INTO settings VALUES ('chunk_size', ?)", (str(value),))
-                con.execute("INSERT OR IGNORE INTO settings VALUES ('created_at', ?)", (repr(time.time()),))
-            stored = self.index.setting("chunk_size")
+                con.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)", (key, default))
+            stored = self.index.setting(key)
             assert stored is not None
+        return stored
+
+    def _settle_chunk_size(self, requested: int | None) -> int:
+        stored = self._setting_or_default("chunk_size", str(requested or DEFAULT_CHUNK_SIZE))
+        self._setting_or_default("created_at", repr(time.time()))
         if requested is not None and requested != int(stored):
             raise ConfigError(
                 f"the store at {self.home} uses {int(stored)}-byte chunks, not {requested}: "
