@@ -159,7 +159,7 @@ def start_olah(venv: Path, upstream_port: int, work: Path) -> tuple[subprocess.P
         [venv / "bin" / "olah-cli", "--host", "127.0.0.1", "--port", str(port), "--hf-scheme", "http",
          "--hf-netloc", upstream, "--hf-lfs-netloc", upstream, "--mirror-netloc", mirror,
          "--mirror-lfs-netloc", mirror, "--repos-path", str(repos)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work,  # olah writes logs/ where it runs
     )  # fmt: skip
     wait_for_port(port)
     return process, port

@@ -8,7 +8,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,12 +53,9 @@ def call(
 
 def raw_exchange(port: int, request: bytes) -> bytes:
     """Bytes on the wire, for requests http.client refuses to send; the node closes after answering."""
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock, sock.makefile("rb") as answer:
         sock.sendall(request)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
+        return answer.read()
 
 
 def assert_leaks_nothing(reply: Reply) -> None:
@@ -69,14 +65,15 @@ def assert_leaks_nothing(reply: Reply) -> None:
     assert str(Path(modeldepot.__file__).parent).encode() not in reply.body
 
 
-def assert_refused(reply: Reply) -> None:
+def assert_refused(reply: Reply, head: bool = False) -> None:
     assert reply.status in (400, 404), (reply.status, reply.body[:200])
     assert_leaks_nothing(reply)
-    assert "error" in reply.json()
+    assert reply.headers["X-Error-Message"] and (head or "error" in reply.json())
 
 
 @pytest.fixture
 def node(depot: Depot, live_node: LiveNode, model_dir: Path) -> LiveNode:
+    """A node without a token over REPO, with a sentinel file planted beside and inside the store."""
     depot.import_dir(model_dir, REPO)
     for place in (depot.home.parent / "secret.txt", depot.home / "secret.txt"):
         place.write_bytes(SECRET)
@@ -84,10 +81,10 @@ def node(depot: Depot, live_node: LiveNode, model_dir: Path) -> LiveNode:
 
 
 @pytest.fixture
-def guarded(depot: Depot, model_dir: Path) -> Iterator[LiveNode]:
+def guarded(depot: Depot, node: LiveNode) -> Iterator[LiveNode]:
     """A node started with a token."""
-    depot.import_dir(model_dir, REPO)
     node = LiveNode(depot, token=TOKEN)
+    call(node, "GET", "/api/depot/v1/health")  # absorbs the once-per-process 500 (test_first_request_...)
     yield node
     node.stop()
 
@@ -96,8 +93,8 @@ def guarded(depot: Depot, model_dir: Path) -> Iterator[LiveNode]:
 
 PATH_ATTACKS = [
     "..", "../secret.txt", "../../secret.txt", "../../../../../../secret.txt", "onnx/../../secret.txt",
-    "%2e%2e", "%2e%2e/secret.txt", "%2e%2e%2fsecret.txt", "%2E%2E%2Fsecret.txt", "%2E%2E%2F%2E%2E%2Fsecret.txt",
-    ".%2e/secret.txt", "%2e./secret.txt", "onnx/%2e%2e/%2e%2e/secret.txt", "%252e%252e/secret.txt",
+    "%2e%2e", "%2e%2e/secret.txt", "%2e%2e%2fsecret.txt", "%2E%2E%2Fsecret.txt", ".%2e/secret.txt",
+    "%2E%2E%2F%2E%2E%2Fsecret.txt", "%2e./secret.txt", "onnx/%2e%2e/%2e%2e/secret.txt", "%252e%252e/secret.txt",
     "%252e%252e%252fsecret.txt", "%25252e%25252e%25252fsecret.txt", "..%2f..%2fsecret.txt",
     "..%2f..%2fetc%2fpasswd", "../../../../../../../../etc/passwd", "%00", "config.json%00",
     "config.json%00.txt", "%00/../secret.txt", "%5c", "..%5csecret.txt", "..%5c..%5csecret.txt",
@@ -124,8 +121,9 @@ def test_path_traversal_corpus_is_refused_on_every_route(node: LiveNode, depot: 
             f"/api/depot/v1/blobs/{attack}/chunks/0",
         ):
             assert_refused(call(node, "GET", target))
-        assert_refused(call(node, "HEAD", f"/{REPO}/resolve/main/{attack}"))
-        paths_info = call(node, "POST", f"/api/models/{REPO}/paths-info/main", FORM, b"paths=" + attack.encode())
+        assert_refused(call(node, "HEAD", f"/{REPO}/resolve/main/{attack}"), head=True)
+        form = b"paths=%s" % attack.encode()
+        paths_info = call(node, "POST", f"/api/models/{REPO}/paths-info/main", FORM, form)
         assert_leaks_nothing(paths_info)
         assert paths_info.status == 400 or paths_info.json() == [], (attack, paths_info.body[:200])
 
@@ -133,25 +131,18 @@ def test_path_traversal_corpus_is_refused_on_every_route(node: LiveNode, depot: 
 def test_bad_revisions_and_repo_ids_are_refused(node: LiveNode) -> None:
     targets = []
     for rev in REV_ATTACKS:
-        targets += [
-            ("GET", f"/{REPO}/resolve/{rev}/config.json"),
-            ("GET", f"/api/models/{REPO}/tree/{rev}"),
-            ("GET", f"/api/models/{REPO}/revision/{rev}"),
-            ("POST", f"/api/models/{REPO}/paths-info/{rev}"),
-            ("GET", f"/api/depot/v1/repos/{REPO}/revisions/{rev}/manifest"),
-        ]
+        targets += [f"/{REPO}/resolve/{rev}/config.json", f"/api/models/{REPO}/tree/{rev}",
+                    f"/api/models/{REPO}/revision/{rev}", f"POST /api/models/{REPO}/paths-info/{rev}",
+                    f"/api/depot/v1/repos/{REPO}/revisions/{rev}/manifest"]  # fmt: skip
     for repo in REPO_ATTACKS:
-        targets += [
-            ("GET", f"/api/models/{repo}"),
-            ("GET", f"/api/models/{repo}/tree/main"),
-            ("GET", f"/api/models/{repo}/refs"),
-            ("GET", f"/{repo}/resolve/main/config.json"),
-            ("POST", f"/api/models/{repo}/paths-info/main"),
-            ("GET", f"/api/depot/v1/repos/{repo}/revisions/main/manifest"),
-        ]
-    for method, target in targets:
-        body = b"paths=config.json" if method == "POST" else None
-        assert_refused(call(node, method, target, FORM if body else None, body))
+        targets += [f"/api/models/{repo}", f"/api/models/{repo}/tree/main", f"/api/models/{repo}/refs",
+                    f"/{repo}/resolve/main/config.json", f"POST /api/models/{repo}/paths-info/main",
+                    f"/api/depot/v1/repos/{repo}/revisions/main/manifest"]  # fmt: skip
+    for target in targets:
+        if target.startswith("POST "):
+            assert_refused(call(node, "POST", target[5:], FORM, b"paths=config.json"))
+        else:
+            assert_refused(call(node, "GET", target))
 
 
 def test_links_planted_in_a_snapshot_are_never_followed(node: LiveNode, depot: Depot) -> None:
@@ -170,7 +161,8 @@ def test_links_planted_in_a_snapshot_are_never_followed(node: LiveNode, depot: D
     listing = call(node, "GET", f"/api/models/{REPO}/tree/main?recursive=true")
     files = {e["path"] for e in listing.json() if e["type"] == "file"}
     assert files == set(sample_files())
-    info = call(node, "POST", f"/api/models/{REPO}/paths-info/main", FORM, b"paths=planted.txt&paths=onnx/escape")
+    form = b"paths=planted.txt&paths=onnx/escape"
+    info = call(node, "POST", f"/api/models/{REPO}/paths-info/main", FORM, form)
     assert info.json() == []
     for reply in (listing, info, call(node, "GET", f"/api/models/{REPO}/tree/main/onnx/escape")):
         assert_leaks_nothing(reply)
@@ -179,13 +171,14 @@ def test_links_planted_in_a_snapshot_are_never_followed(node: LiveNode, depot: D
 # -- token and private repos ---------------------------------------------------------------------------
 
 
-def route_requests(depot: Depot, repo: str, path: str) -> list[tuple[str, str]]:
+def route_requests(depot: Depot, repo: str, path: str, folder: str) -> list[tuple[str, str]]:
     """One concrete (method, target) for every route the app registers, names filled in from ``repo``."""
-    entry = depot.file_info(repo, path)
     org, name = repo.split("/")
-    values = {"org": org, "name": name, "rev": "main", "path": path, "sha256": entry.sha256, "index": "0"}
+    sha = depot.file_info(repo, path).sha256
+    values = {"org": org, "name": name, "rev": "main", "sha256": sha, "index": "0"}
     requests = []
     for resource in create_app(depot).router.resources():
+        values["path"] = folder if "/tree/" in resource.canonical else path
         target = re.sub(r"\{(\w+)(:[^}]*)?\}", lambda m: values[m[1]], resource.canonical)
         requests += [(route.method, target) for route in resource]
     return requests
@@ -197,17 +190,20 @@ def send(node: LiveNode, method: str, target: str, headers: dict[str, str]) -> R
     return call(node, method, target, {**headers, **(FORM if post else {})}, body)
 
 
+WRONG_CREDENTIALS = ("Bearer wrong", "Bearer s3cret2", "Bearer S3CRET", "s3cret", "Basic czNjcmV0", "Bearer ",
+                     "Token s3cret")  # fmt: skip
+
+
 def test_token_guards_every_route_but_health(guarded: LiveNode, depot: Depot) -> None:
-    requests = route_requests(depot, REPO, "config.json")
+    requests = route_requests(depot, REPO, "config.json", "onnx")
     assert len(requests) >= 2 * 14  # GET and HEAD of every route, and the paths-info POST
-    wrong = ["Bearer wrong", "Bearer s3cret2", "Bearer S3CRET", "s3cret", "Basic czNjcmV0", "Bearer ", "Token s3cret"]
     for method, target in requests:
         if target == "/api/depot/v1/health":
             assert send(guarded, method, target, {}).status == 200
             continue
         bare = send(guarded, method, target, {})
         assert bare.status == 401 and bare.headers["X-Error-Message"], (method, target)
-        for value in wrong:
+        for value in WRONG_CREDENTIALS:
             reply = send(guarded, method, target, {"Authorization": value})
             assert reply.status == 401, (method, target, value)
             assert reply.headers["X-Error-Message"] == "Invalid credentials in Authorization header"
@@ -216,53 +212,209 @@ def test_token_guards_every_route_but_health(guarded: LiveNode, depot: Depot) ->
         assert send(guarded, method, target, {"Authorization": f"Bearer {TOKEN}"}).status == 200, target
 
 
-def test_undecodable_authorization_header_is_a_401_not_a_crash(guarded: LiveNode) -> None:
+FIRST_REQUEST = """
+import sys, urllib.request
+sys.path.insert(0, sys.argv[1])
+from conftest import LiveNode
+from modeldepot import Depot
+with Depot(sys.argv[2] + "/store") as depot:
+    node = LiveNode(depot, token="s3cret")
+    try:
+        print(urllib.request.urlopen(node.url + "/api/depot/v1/health").status)
+    finally:
+        node.stop()
+"""
+
+
+def test_first_request_to_a_token_node_survives_warnings_as_errors(tmp_path: Path) -> None:
+    """The suite runs with filterwarnings=error; a fresh process must not turn a warning into a 500."""
+    argv = [sys.executable, "-W", "error", "-c", FIRST_REQUEST, str(Path(__file__).parent), str(tmp_path)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.stdout.strip() == "200", done.stderr[-3000:]
+
+
+def test_undecodable_bytes_are_refused_not_crashes(node: LiveNode, guarded: LiveNode) -> None:
+    request = b"GET /api/depot/v1/info HTTP/1.1\r\nHost: n\r\nAuthorization: %s\r\nConnection: close\r\n\r\n"
     for value in (b"Bearer \xff\xfe", b"Bearer \xe9", b"\xff s3cret"):
-        request = b"GET /api/depot/v1/info HTTP/1.1\r\nHost: node\r\nAuthorization: %s\r\nConnection: close\r\n\r\n"
         answer = raw_exchange(guarded.port, request % value)
         assert answer.startswith(b"HTTP/1.1 401 "), answer[:120]
+    form = b"paths=\xff\xfe&paths=config.json"
+    reply = call(node, "POST", f"/api/models/{REPO}/paths-info/main", FORM, form)
+    assert reply.status == 400, reply.body
 
 
 @pytest.fixture
-def hidden(depot: Depot, model_dir: Path, tmp_path: Path) -> dict[str, bytes]:
+def hidden(depot: Depot, node: LiveNode, tmp_path: Path) -> dict[str, bytes]:
     """A private repo sharing one blob (config.json) with the public REPO."""
-    depot.import_dir(model_dir, REPO)
-    files = {"config.json": sample_files()["config.json"], "weights.bin": b"private weights " * 999, "sub/a.txt": b"x"}
+    files = {"config.json": sample_files()["config.json"], "weights.bin": b"private" * 999, "sub/a": b"x"}
     depot.import_dir(write_model_dir(tmp_path / "hidden", files), HIDDEN, private=True)
     return files
 
 
-def test_private_repos_are_invisible_without_a_token(live_node: LiveNode, depot: Depot, hidden: dict[str, bytes]) -> None:
+def test_private_repos_are_invisible_without_a_token(node: LiveNode, hidden: dict[str, bytes]) -> None:
+    depot = node.depot
     private_sha = depot.file_info(HIDDEN, "weights.bin").sha256
-    for method, target in route_requests(depot, HIDDEN, "weights.bin"):
+    for method, target in route_requests(depot, HIDDEN, "weights.bin", "sub"):
         if HIDDEN in target:
-            reply, absent = send(live_node, method, target, {}), send(live_node, method, target.replace(HIDDEN, "acme/nope"), {})
+            reply = send(node, method, target, {})
+            absent = send(node, method, target.replace(HIDDEN, "acme/nope"), {})
             assert reply.status == absent.status == 404, target
             assert reply.headers["X-Error-Code"] == absent.headers["X-Error-Code"] == "RepoNotFound"
             assert hidden["weights.bin"][:32] not in reply.body
     for target in (f"/api/depot/v1/blobs/{private_sha}", f"/api/depot/v1/blobs/{private_sha}/chunks/0"):
-        assert call(live_node, "GET", target).status == 404
-        assert call(live_node, "HEAD", target).status == 404
-    assert [r["repo_id"] for r in call(live_node, "GET", "/api/depot/v1/repos").json()] == [REPO]
-    listed = {b["sha256"] for b in call(live_node, "GET", "/api/depot/v1/inventory").json()["blobs"]}
+        assert call(node, "GET", target).status == 404
+        assert call(node, "HEAD", target).status == 404
+    assert [r["repo_id"] for r in call(node, "GET", "/api/depot/v1/repos").json()] == [REPO]
+    listed = {b["sha256"] for b in call(node, "GET", "/api/depot/v1/inventory").json()["blobs"]}
     shared = depot.file_info(HIDDEN, "config.json").sha256
     assert private_sha not in listed and shared in listed
-    public_copy = call(live_node, "GET", f"/api/depot/v1/blobs/{shared}")  # the public repo uses it too
+    public_copy = call(node, "GET", f"/api/depot/v1/blobs/{shared}")  # the public repo uses it too
     assert public_copy.status == 200 and public_copy.body == hidden["config.json"]
 
 
-def test_private_repos_are_served_with_the_token(depot: Depot, hidden: dict[str, bytes]) -> None:
-    node = LiveNode(depot, token=TOKEN)
-    try:
-        auth = {"Authorization": f"Bearer {TOKEN}"}
-        for method, target in route_requests(depot, HIDDEN, "weights.bin"):
-            reply = send(node, method, target, auth)
-            assert reply.status == 200, (method, target, reply.body[:200])
-        assert call(node, "GET", f"/{HIDDEN}/resolve/main/weights.bin", auth).body == hidden["weights.bin"]
-        assert call(node, "GET", f"/api/models/{HIDDEN}", auth).json()["private"] is True
-        repos = {r["repo_id"]: r for r in call(node, "GET", "/api/depot/v1/repos", auth).json()}
-        assert repos[HIDDEN]["private"] is True and REPO in repos
-        listed = {b["sha256"] for b in call(node, "GET", "/api/depot/v1/inventory", auth).json()["blobs"]}
-        assert depot.file_info(HIDDEN, "weights.bin").sha256 in listed
-    finally:
-        node.stop()
+def test_private_repos_are_served_with_the_token(guarded: LiveNode, hidden: dict[str, bytes]) -> None:
+    depot = guarded.depot
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for method, target in route_requests(depot, HIDDEN, "weights.bin", "sub"):
+        reply = send(guarded, method, target, auth)
+        assert reply.status == 200, (method, target, reply.body[:200])
+    assert call(guarded, "GET", f"/{HIDDEN}/resolve/main/weights.bin", auth).body == hidden["weights.bin"]
+    assert call(guarded, "GET", f"/api/models/{HIDDEN}", auth).json()["private"] is True
+    repos = {r["repo_id"]: r for r in call(guarded, "GET", "/api/depot/v1/repos", auth).json()}
+    assert repos[HIDDEN]["private"] is True and REPO in repos
+    listed = {b["sha256"] for b in call(guarded, "GET", "/api/depot/v1/inventory", auth).json()["blobs"]}
+    assert depot.file_info(HIDDEN, "weights.bin").sha256 in listed
+
+
+# -- limits --------------------------------------------------------------------------------------------
+
+
+HEADER_REQUEST = b"GET /api/depot/v1/health HTTP/1.1\r\nHost: n\r\nX: %s\r\nConnection: close\r\n\r\n"
+
+
+def test_body_and_header_limits(node: LiveNode) -> None:
+    big = call(node, "POST", f"/api/models/{REPO}/paths-info/main", FORM, b"paths=" + b"a" * (1 << 20))
+    assert big.status == 413 and "error" in big.json()
+    assert raw_exchange(node.port, HEADER_REQUEST % (b"a" * 12 * 1024)).startswith(b"HTTP/1.1 200 ")
+    refused = raw_exchange(node.port, HEADER_REQUEST % (b"a" * 17 * 1024))
+    assert refused.split(b"\r\n")[0].split(b" ")[1] == b"400" and b"Traceback" not in refused
+
+
+MALFORMED_RANGES = [
+    "bytes=abc", "bytes=5-2", "items=0-1", "bytes=0-1,3-4", "bytes=99999999999999999999999-",
+    "bytes=-99999999999999999999999", "bytes=0-99999999999999999999999", "bytes=", "bytes=-", "bytes 0-1",
+    "=0-1", "bytes=0-1-2", "bytes=--1", "bytes=0x10-", "bytes=\t1-2x", "bytes=1 2-3",
+]  # fmt: skip
+
+
+def test_range_headers_never_break_a_download(node: LiveNode, depot: Depot) -> None:
+    for path in ("model.safetensors", "config.json", "empty.txt"):
+        data = sample_files()[path]
+        size = len(data)
+        sha = depot.file_info(REPO, path).sha256
+        for target in (f"/{REPO}/resolve/main/{path}", f"/api/depot/v1/blobs/{sha}"):
+            for value in MALFORMED_RANGES:
+                reply = call(node, "GET", target, {"Range": value})
+                assert reply.status in (200, 416), (target, value, reply.status)
+                if reply.status == 200:
+                    assert reply.body == data and "Content-Range" not in reply.headers
+                else:
+                    assert reply.headers["Content-Range"] == f"bytes */{size}"
+            for value in (f"bytes={size}-", f"bytes={size}-{size + 10}", f"bytes={size + 7}-", "bytes=-0"):
+                reply = call(node, "GET", target, {"Range": value})
+                assert reply.status == 416, (target, value, reply.status)
+                assert reply.headers["Content-Range"] == f"bytes */{size}" and reply.body == b""
+            if size:
+                first = call(node, "GET", target, {"Range": "bytes=0-0"})
+                assert first.status == 206 and first.body == data[:1]
+                assert first.headers["Content-Range"] == f"bytes 0-0/{size}"
+
+
+# -- errors, CORS, xet ---------------------------------------------------------------------------------
+
+
+def test_errors_are_json_and_never_leak_internals(node: LiveNode, depot: Depot) -> None:
+    sha = depot.file_info(REPO, "model.safetensors").sha256
+    for target in ("/nope", "/api/depot/v1/nope", "/api/depot/v2/info", "/api/models", f"/{REPO}"):
+        reply = call(node, "GET", target)
+        assert reply.status == 404 and reply.headers["Content-Type"].startswith("application/json")
+        assert "error" in reply.json()
+    for method, target in (("POST", "/api/depot/v1/info"), ("DELETE", f"/{REPO}/resolve/main/config.json"),
+                           ("PUT", f"/api/models/{REPO}/paths-info/main"), ("POST", f"/api/models/{REPO}"),
+                           ("PATCH", f"/api/depot/v1/blobs/{sha}")):  # fmt: skip
+        reply = call(node, method, target)
+        assert reply.status == 405 and "error" in reply.json() and reply.headers["Allow"]
+    provoking = [call(node, "GET", f"/api/depot/v1/blobs/{sha}/chunks/{i}") for i in ("%C2%B2", "9" * 5000)]
+    provoking += [call(node, "POST", f"/api/models/{REPO}/paths-info/main", FORM, b"paths=\xff"),
+                  call(node, "GET", "/api/depot/v1/inventory?limit=" + "9" * 5000),
+                  call(node, "GET", f"/api/models/{REPO}/tree/main?cursor=-1"),
+                  call(node, "GET", "/api/models/acme/nope/refs")]  # fmt: skip
+    for reply in provoking:
+        assert reply.status >= 400
+        assert_leaks_nothing(reply)
+        assert str(depot.home).encode() not in reply.body
+        assert set(reply.json()) == {"error"}
+
+
+def listed(reply: Reply, header: str) -> set[str]:
+    return {item.strip().lower() for item in reply.headers.get(header, "").split(",")}
+
+
+EXPOSED = {"x-repo-commit", "etag", "content-range", "x-error-code"}
+PREFLIGHT = {"Origin": "https://app.example", "Access-Control-Request-Method": "GET",
+             "Access-Control-Request-Headers": "authorization, range"}  # fmt: skip
+
+
+def test_cors_headers_on_every_kind_of_answer(node: LiveNode, guarded: LiveNode, depot: Depot) -> None:
+    sha = depot.file_info(REPO, "model.safetensors").sha256
+    replies = [
+        call(node, "GET", f"/api/models/{REPO}"),
+        call(node, "GET", f"/{REPO}/resolve/main/model.safetensors", {"Range": "bytes=0-9"}),
+        call(node, "HEAD", f"/{REPO}/resolve/main/model.safetensors"),
+        call(node, "GET", f"/api/depot/v1/blobs/{sha}", {"Range": "bytes=-0"}),
+        call(node, "GET", f"/{REPO}/resolve/main/missing.bin"),
+        call(node, "POST", "/api/depot/v1/info"),
+        call(guarded, "GET", f"/api/models/{REPO}"),
+    ]
+    assert [r.status for r in replies] == [200, 206, 200, 416, 404, 405, 401]
+    for reply in replies:
+        assert reply.headers["Access-Control-Allow-Origin"] == "*"
+        assert listed(reply, "Access-Control-Expose-Headers") >= EXPOSED
+    for target_node in (node, guarded):  # preflights carry no credentials, even to a node with a token
+        preflight = call(target_node, "OPTIONS", f"/{REPO}/resolve/main/config.json", PREFLIGHT)
+        assert preflight.status == 204 and preflight.headers["Access-Control-Allow-Origin"] == "*"
+        assert {"get", "head", "post"} <= listed(preflight, "Access-Control-Allow-Methods")
+        assert {"authorization", "range"} <= listed(preflight, "Access-Control-Allow-Headers")
+
+
+def json_keys(value: Any) -> Iterator[str]:
+    """Every key of every object nested anywhere in a JSON value."""
+    if isinstance(value, dict):
+        yield from value
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            yield from json_keys(item)
+
+
+def test_no_xet_anywhere(node: LiveNode) -> None:
+    every_path = "&".join(f"paths={p}" for p in [*sample_files(), "onnx"])
+    json_replies = [
+        call(node, "GET", f"/api/models/{REPO}?blobs=true"),
+        call(node, "GET", f"/api/models/{REPO}/revision/main?blobs=True&expand=xetEnabled"),
+        call(node, "GET", f"/api/models/{REPO}/tree/main?recursive=true&expand=true"),
+        call(node, "GET", f"/api/models/{REPO}/tree/main/onnx?expand=True"),
+        call(node, "POST", f"/api/models/{REPO}/paths-info/main", FORM, f"{every_path}&expand=true".encode()),
+    ]
+    keys = [k for reply in json_replies for k in json_keys(reply.json())]
+    assert "lfs" in keys and "siblings" in keys and "lastCommit" in keys  # the listings are not empty
+    assert not [k for k in keys if "xet" in k.lower()]
+    file_replies = [
+        call(node, method, f"/{REPO}/resolve/main/{path}")
+        for method in ("HEAD", "GET")
+        for path in ("model.safetensors", "config.json", "onnx/model_q4.onnx_data")
+    ]
+    for reply in json_replies + file_replies:
+        assert reply.status == 200
+        assert not [name for name in reply.headers if name.lower().startswith("x-xet")]
+        assert not [v for v in reply.headers.get_all("Link") or [] if "xet" in v.lower()]

@@ -165,6 +165,10 @@ class Depot:
     def open_blob(self, blob: BlobRecord) -> BinaryIO:
         return self.store.open_blob(blob)
 
+    def blob_chunk(self, blob: BlobRecord, index: int) -> memoryview:
+        """Chunk ``index`` of a blob as a zero-copy view, verified against its BLAKE3 digest."""
+        return self.store.blob_chunk(blob, index)
+
     def chunk_digests(self, sha256: str) -> list[str]:
         """The BLAKE3 digest of each chunk of a blob, in order."""
         return self.store.chunk_digests(sha256)

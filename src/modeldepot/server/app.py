@@ -8,7 +8,6 @@ token), then the route.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -16,7 +15,7 @@ from aiohttp import web
 
 from modeldepot.depot import Depot
 from modeldepot.errors import DepotError
-from modeldepot.server.context import AUTHORIZED, DEPOT, TOKEN
+from modeldepot.server.context import DEPOT, TOKEN, is_authorized
 from modeldepot.server.hub_routes import add_hub_routes
 from modeldepot.server.native_routes import HEALTH_PATH, add_native_routes
 from modeldepot.server.responses import error_response, response_for_error
@@ -32,7 +31,8 @@ MAX_HEADER = 16 * 1024  # one header line (aiohttp answers 400 beyond it)
 
 EXPOSED_HEADERS = ", ".join((
     "X-Repo-Commit", "X-Request-Id", "X-Error-Code", "X-Error-Message", "X-Total-Count", "ETag", "Link",
-    "Accept-Ranges", "Content-Range", "Content-Length", "X-Linked-Size", "X-Linked-Etag",
+    "Accept-Ranges", "Content-Range", "Content-Length", "X-Linked-Size", "X-Linked-Etag", "X-Chunk-Blake3",
+    "X-Chunk-Size",
 ))  # fmt: skip
 CORS = {
     "Access-Control-Allow-Origin": "*",
@@ -84,19 +84,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = request.app[TOKEN]
-    if token:
-        sent = request.headers.get("Authorization", "")
-        scheme, _, value = sent.partition(" ")
-        request[AUTHORIZED] = scheme.lower() == "bearer" and hmac.compare_digest(
-            value.strip().encode(), token.encode()
-        )
-        if not request[AUTHORIZED] and request.path != HEALTH_PATH:
-            if not sent:
-                return error_response(
-                    401, None, "this node needs a token: send Authorization: Bearer <token> (HF_TOKEN)"
-                )
-            return error_response(401, None, "Invalid credentials in Authorization header")
+    if request.app[TOKEN] and request.path != HEALTH_PATH and not is_authorized(request):
+        if "Authorization" not in request.headers:
+            return error_response(
+                401, None, "this node needs a token: send Authorization: Bearer <token> (HF_TOKEN)"
+            )
+        return error_response(401, None, "Invalid credentials in Authorization header")
     return await handler(request)
 
 

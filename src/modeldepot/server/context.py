@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import hmac
+
 from aiohttp import web
 
 from modeldepot.depot import Depot
 
-__all__ = ["AUTHORIZED", "DEPOT", "TOKEN", "is_authorized"]
+__all__ = ["DEPOT", "TOKEN", "is_authorized"]
 
 DEPOT = web.AppKey("depot", Depot)
 TOKEN = web.AppKey("token", str)  # "" when the node has no token
-AUTHORIZED = "modeldepot.authorized"  # request key: the request carried the node's token
 
 
 def is_authorized(request: web.Request) -> bool:
-    return bool(request.get(AUTHORIZED))
+    """Whether the request carries the node's token (``Authorization: Bearer``), compared in constant time."""
+    token = request.app[TOKEN]
+    if not token:
+        return False
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    # Header bytes that are not UTF-8 arrive surrogate-escaped: encode them back rather than fail.
+    sent = value.strip().encode("utf-8", "surrogateescape")
+    return scheme.lower() == "bearer" and hmac.compare_digest(sent, token.encode())

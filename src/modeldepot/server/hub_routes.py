@@ -172,7 +172,10 @@ async def list_tree(request: web.Request) -> web.Response:
 async def paths_info(request: web.Request) -> web.Response:
     repo_id = _repo_id(request)
     revision = _revision(request)
-    form = await request.post()
+    try:
+        form = await request.post()
+    except UnicodeDecodeError:
+        raise InvalidInputError("the paths-info form is not UTF-8") from None
     wanted = [validate_path(str(p).strip("/")) for p in form.getall("paths", [])]
     expand = _truthy(str(form.get("expand", "")))
     tree, summary = await _tree_of(request, repo_id, revision)

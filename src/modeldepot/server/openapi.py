@@ -105,6 +105,9 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "responses": {"200": _json({"$ref": "#/components/schemas/Inventory"}), **errors},
                 }
             },
+            "/api/depot/v1/openapi.json": {
+                "get": {"operationId": "openapi", "responses": {"200": _json({"type": "object"})}}
+            },
             "/api/depot/v1/stats": {
                 "get": {"operationId": "stats", "responses": {"200": _json({"type": "object"}), **errors}}
             },

@@ -152,10 +152,14 @@ class Store:
     # -- reading bytes --------------------------------------------------------------------------------
 
     def _open_fd(self, entry: FileEntry) -> int:
+        return self._open_blob_fd(entry.sha256, entry.size)
+
+    def _open_blob_fd(self, sha256: str, size: int) -> int:
+        """An fd on the blob; a missing or wrong-sized blob is quarantined on the spot."""
         try:
-            return self.blobs.open(entry.sha256, entry.size)
+            return self.blobs.open(sha256, size)
         except CorruptBlobError as error:
-            self.quarantine(entry.sha256)
+            self.quarantine(sha256)
             raise error from None
 
     def map(self, entry: FileEntry) -> mmap.mmap | None:
@@ -171,21 +175,28 @@ class Store:
         return io.BufferedReader(io.FileIO(self._open_fd(entry), "rb", closefd=True), buffer_size=1 << 20)
 
     def chunk(self, entry: FileEntry, index: int) -> memoryview:
-        """Chunk ``index`` as a zero-copy view, checked against its BLAKE3 digest first."""
-        count = chunk_count(entry.size, entry.chunk_size)
+        """Chunk ``index`` of a file as a zero-copy view, checked against its BLAKE3 digest first."""
+        return self.blob_chunk(BlobRecord(entry.sha256, entry.size, entry.chunk_size), index)
+
+    def blob_chunk(self, blob: BlobRecord, index: int) -> memoryview:
+        """Chunk ``index`` of a blob as a zero-copy view of its mapping, verified; a bad chunk quarantines it."""
+        count = chunk_count(blob.size, blob.chunk_size)
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
-            raise InvalidRangeError(f"chunk index {index!r} is outside 0..{count - 1} for {entry.path!r}")
+            raise InvalidRangeError(f"chunk index {index!r} is outside 0..{count - 1}")
         expected = self.index.read(
-            "SELECT blake3 FROM chunks WHERE sha256 = ? AND idx = ?", (entry.sha256, index)
+            "SELECT blake3 FROM chunks WHERE sha256 = ? AND idx = ?", (blob.sha256, index)
         )
-        offset, length = chunk_span(index, entry.size, entry.chunk_size)
-        mapping = self.map(entry)
+        offset, length = chunk_span(index, blob.size, blob.chunk_size)
+        fd = self._open_blob_fd(blob.sha256, blob.size)
+        try:
+            mapping = mmap.mmap(fd, blob.size, prot=mmap.PROT_READ) if blob.size else None
+        finally:
+            os.close(fd)
         view = memoryview(mapping)[offset : offset + length] if mapping is not None else memoryview(b"")
-        digest = blake3.blake3(view).hexdigest()
-        if not expected or digest != expected[0]["blake3"]:
+        if not expected or blake3.blake3(view).hexdigest() != expected[0]["blake3"]:
             view.release()
-            self.quarantine(entry.sha256)
-            raise CorruptBlobError(entry.sha256, f"chunk {index} does not match its BLAKE3 digest")
+            self.quarantine(blob.sha256)
+            raise CorruptBlobError(blob.sha256, f"chunk {index} does not match its BLAKE3 digest")
         return view
 
     def blob(self, sha256: str, public_only: bool = False) -> BlobRecord:
@@ -210,11 +221,7 @@ class Store:
         )
 
     def open_blob(self, blob: BlobRecord) -> BinaryIO:
-        try:
-            fd = self.blobs.open(blob.sha256, blob.size)
-        except CorruptBlobError:
-            self.quarantine(blob.sha256)
-            raise
+        fd = self._open_blob_fd(blob.sha256, blob.size)
         return io.BufferedReader(io.FileIO(fd, "rb", closefd=True), buffer_size=1 << 20)
 
     def inventory(self, after: str = "", limit: int = 1000, public_only: bool = False) -> list[BlobRecord]:

@@ -1,0 +1,278 @@
+"""The node's own API, /api/depot/v1, over a live node: info, repos, manifests, blobs, chunks, inventory."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import blake3
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+import modeldepot
+from conftest import SMALL_CHUNK, LiveNode, flip_byte, sample_files, write_model_dir
+from modeldepot import Depot
+from modeldepot.server import create_app
+from modeldepot.server.openapi import openapi_document
+
+API = "/api/depot/v1"
+REPOS = {"acme/tiny": sample_files(0), "acme/other": sample_files(1, big=200_000)}
+BLOBS = {hashlib.sha256(data).hexdigest(): data for files in REPOS.values() for data in files.values()}
+CAPABILITIES = {"hub-api", "blobs", "chunks", "ranges", "inventory"}
+
+
+class Reply:
+    def __init__(self, response: http.client.HTTPResponse) -> None:
+        self.status = response.status
+        self.headers = response.headers
+        self.body = response.read()
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def fetch(node: LiveNode, target: str, headers: dict[str, str] | None = None, method: str = "GET") -> Reply:
+    connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
+    try:
+        connection.request(method, target, headers=headers or {})
+        return Reply(connection.getresponse())
+    finally:
+        connection.close()
+
+
+def chunks_of(data: bytes, chunk_size: int = SMALL_CHUNK) -> list[bytes]:
+    return [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)] or [b""]
+
+
+@pytest.fixture
+def node(depot: Depot, live_node: LiveNode, tmp_path: Path) -> LiveNode:
+    for repo_id, files in REPOS.items():
+        depot.import_dir(write_model_dir(tmp_path / repo_id, files), repo_id)
+    return live_node
+
+
+def test_info_health_and_stats(node: LiveNode, depot: Depot) -> None:
+    info = fetch(node, f"{API}/info").json()
+    assert info["id"] == depot.store_id == fetch(node, f"{API}/info").json()["id"]  # the store's, stable
+    assert info["version"] == modeldepot.__version__
+    assert info["chunk_size"] == depot.chunk_size == SMALL_CHUNK
+    assert set(info["capabilities"]) >= CAPABILITIES
+    assert fetch(node, f"{API}/health").json() == {"status": "ok"}
+    stats = fetch(node, f"{API}/stats").json()
+    assert (stats["repos"], stats["blobs"]) == (2, len(BLOBS))
+    assert stats["blob_bytes"] == sum(map(len, BLOBS.values()))
+    assert stats["logical_bytes"] == sum(len(d) for files in REPOS.values() for d in files.values())
+    assert stats["uptime_seconds"] >= 0
+
+
+def test_repos_lists_each_repo_with_its_refs(node: LiveNode, depot: Depot) -> None:
+    listed = fetch(node, f"{API}/repos").json()
+    assert [r["repo_id"] for r in listed] == sorted(REPOS)
+    for summary in listed:
+        files = REPOS[summary["repo_id"]]
+        assert summary["refs"] == {"main": depot.resolve(summary["repo_id"])}
+        assert (summary["files"], summary["size"], summary["private"]) == (
+            len(files),
+            sum(map(len, files.values())),
+            False,
+        )
+
+
+def test_manifest_lists_every_file_with_its_chunk_digests(node: LiveNode, depot: Depot) -> None:
+    for repo_id, files in REPOS.items():
+        commit = depot.resolve(repo_id)
+        manifest = fetch(node, f"{API}/repos/{repo_id}/revisions/main/manifest").json()
+        assert fetch(node, f"{API}/repos/{repo_id}/revisions/{commit}/manifest").json() == manifest
+        assert (manifest["repo_id"], manifest["commit_id"], manifest["private"]) == (repo_id, commit, False)
+        assert {f["path"] for f in manifest["files"]} == set(files)
+        for entry in manifest["files"]:
+            data = files[entry["path"]]
+            assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+            assert (entry["size"], entry["chunk_size"]) == (len(data), SMALL_CHUNK)
+            assert entry["chunks"] == [blake3.blake3(chunk).hexdigest() for chunk in chunks_of(data)]
+            assert entry["etag"] == (entry["sha256"] if entry["lfs"] else entry["git_oid"])
+    for target, code in (
+        (f"{API}/repos/acme/tiny/revisions/nope/manifest", "RevisionNotFound"),
+        (f"{API}/repos/acme/tiny/revisions/{'0' * 40}/manifest", "RevisionNotFound"),
+        (f"{API}/repos/acme/nope/revisions/main/manifest", "RepoNotFound"),
+    ):
+        reply = fetch(node, target)
+        assert reply.status == 404 and reply.headers["X-Error-Code"] == code
+
+
+def test_blob_reads_whole_by_range_and_by_if_range(node: LiveNode) -> None:
+    for sha, data in BLOBS.items():
+        size = len(data)
+        whole = fetch(node, f"{API}/blobs/{sha}")
+        assert whole.status == 200 and whole.body == data
+        assert whole.headers["ETag"] == f'"{sha}"' and whole.headers["X-Chunk-Size"] == str(SMALL_CHUNK)
+        assert whole.headers["Accept-Ranges"] == "bytes"
+        head = fetch(node, f"{API}/blobs/{sha}", method="HEAD")
+        assert head.status == 200 and head.body == b"" and head.headers["Content-Length"] == str(size)
+        for value in ("bytes=-0", f"bytes={size}-{size + 5}"):
+            unsatisfiable = fetch(node, f"{API}/blobs/{sha}", {"Range": value})
+            assert unsatisfiable.status == 416 and unsatisfiable.headers["Content-Range"] == f"bytes */{size}"
+        if size < 20:
+            continue
+        for value, start, end in (
+            ("bytes=0-0", 0, 0),
+            ("bytes=10-19", 10, 19),
+            ("bytes=-7", size - 7, size - 1),
+            (f"bytes={size - 3}-", size - 3, size - 1),
+            (f"bytes=5-{size * 2}", 5, size - 1),
+        ):
+            part = fetch(node, f"{API}/blobs/{sha}", {"Range": value})
+            assert part.status == 206 and part.body == data[start : end + 1], value
+            assert part.headers["Content-Range"] == f"bytes {start}-{end}/{size}"
+        same = fetch(node, f"{API}/blobs/{sha}", {"Range": "bytes=1-2", "If-Range": f'"{sha}"'})
+        assert same.status == 206 and same.body == data[1:3]
+        other = fetch(node, f"{API}/blobs/{sha}", {"Range": "bytes=1-2", "If-Range": '"stale"'})
+        assert other.status == 200 and other.body == data
+
+
+def test_chunk_reads_carry_their_blake3(node: LiveNode) -> None:
+    manifest = fetch(node, f"{API}/repos/acme/tiny/revisions/main/manifest").json()
+    digests = {f["sha256"]: f["chunks"] for f in manifest["files"]}
+    for sha, data in BLOBS.items():
+        pieces = chunks_of(data)
+        for index, piece in enumerate(pieces):
+            reply = fetch(node, f"{API}/blobs/{sha}/chunks/{index}")
+            assert reply.status == 200 and reply.body == piece
+            assert reply.headers["X-Chunk-Blake3"] == blake3.blake3(reply.body).hexdigest()
+            assert reply.headers["ETag"] == f'"{reply.headers["X-Chunk-Blake3"]}"'
+            assert sha not in digests or digests[sha][index] == reply.headers["X-Chunk-Blake3"]
+        for index in (len(pieces), len(pieces) + 1, 10**6):
+            assert fetch(node, f"{API}/blobs/{sha}/chunks/{index}").status == 400
+    for bad in ("A" * 64, "a" * 63, "a" * 65, "g" * 64, "..", "%2e%2e", "-1"):
+        assert fetch(node, f"{API}/blobs/{bad}").status == 400
+        assert fetch(node, f"{API}/blobs/{bad}/chunks/0").status == 400
+    unknown = hashlib.sha256(b"not in the store").hexdigest()
+    for target in (f"{API}/blobs/{unknown}", f"{API}/blobs/{unknown}/chunks/0"):
+        assert fetch(node, target).status == 404 and fetch(node, target, method="HEAD").status == 404
+
+
+def test_chunk_index_must_be_a_decimal_number(node: LiveNode) -> None:
+    sha = hashlib.sha256(REPOS["acme/tiny"]["model.safetensors"]).hexdigest()
+    for index in ("x", "-1", "1.5", "0x1", "%20", "1e3", "%C2%B2", "%D9%A3", "9" * 5000):
+        reply = fetch(node, f"{API}/blobs/{sha}/chunks/{index}")
+        assert reply.status == 400, (index[:12], reply.status)  # ² is a digit to str.isdigit, not to int()
+
+
+def test_a_corrupted_chunk_is_never_served(node: LiveNode, depot: Depot) -> None:
+    data = REPOS["acme/tiny"]["model.safetensors"]
+    sha = hashlib.sha256(data).hexdigest()
+    flip_byte(depot.store.blobs.path(sha), SMALL_CHUNK + 100)
+    corrupt = bytearray(chunks_of(data)[1])
+    corrupt[100] ^= 0xFF
+    reply = fetch(node, f"{API}/blobs/{sha}/chunks/1")
+    assert reply.status == 503, reply.status
+    assert bytes(corrupt) not in reply.body and reply.json()["error"]
+    assert fetch(node, f"{API}/blobs/{sha}/chunks/0").status == 503  # quarantined as a whole
+    listed = {b["sha256"] for b in fetch(node, f"{API}/inventory").json()["blobs"]}
+    assert sha not in listed and len(listed) == len(BLOBS) - 1
+
+
+def test_inventory_pages_list_every_blob_exactly_once(node: LiveNode) -> None:
+    seen: list[dict[str, Any]] = []
+    target: str | None = f"{API}/inventory?limit=2"
+    while target is not None:
+        page = fetch(node, target).json()
+        assert len(page["blobs"]) <= 2
+        seen += page["blobs"]
+        if "next" not in page:
+            break
+        following = urlsplit(page["next"])
+        assert following.path == f"{API}/inventory"
+        assert parse_qs(following.query) == {"limit": ["2"], "after": [page["blobs"][-1]["sha256"]]}
+        target = f"{following.path}?{following.query}"
+    shas = [b["sha256"] for b in seen]
+    assert shas == sorted(BLOBS) and len(set(shas)) == len(shas)
+    assert all(b["size"] == len(BLOBS[b["sha256"]]) and b["chunk_size"] == SMALL_CHUNK for b in seen)
+    assert fetch(node, f"{API}/inventory?after={'f' * 64}").json() == {"blobs": []}
+    for limit in ("0", "1001", "x", "-5", "2.5"):
+        assert fetch(node, f"{API}/inventory?limit={limit}").status == 400
+
+
+def test_openapi_document_is_valid_and_covers_every_native_route(node: LiveNode, depot: Depot) -> None:
+    document = fetch(node, f"{API}/openapi.json").json()
+    assert document["openapi"].startswith("3.1.") and document["info"]["version"] == modeldepot.__version__
+    schemathesis.openapi.from_dict(document).validate()  # against the OpenAPI 3.1 meta-schema
+    with pytest.raises(Exception, match="paths"):  # the validation can fail: a broken copy does
+        schemathesis.openapi.from_dict({**document, "paths": []}).validate()
+    schemas = document["components"]["schemas"]
+    refs = re.findall(r'"\$ref": "#/components/schemas/(\w+)"', json.dumps(document))
+    assert refs and all(ref in schemas for ref in refs)
+    operation_ids = []
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            operation_ids.append(operation["operationId"])
+            assert operation["responses"], (method, path)
+            declared = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
+            assert declared == set(re.findall(r"\{(\w+)\}", path)), (method, path)
+    assert len(operation_ids) == len(set(operation_ids))
+    registered = {}
+    for resource in create_app(depot).router.resources():
+        if resource.canonical.startswith(API):
+            methods = {route.method.lower() for route in resource} - {"head"}
+            registered[re.sub(r"\{(\w+)(:[^}]*)?\}", r"{\1}", resource.canonical)] = methods
+    assert len(registered) >= 9
+    undocumented = {
+        path for path, methods in registered.items() if not methods <= set(document["paths"].get(path, {}))
+    }
+    assert not undocumented, undocumented
+
+
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
+          response_headers_conformance, response_schema_conformance]  # fmt: skip
+SETTINGS = settings(max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+
+
+def test_schemathesis_against_the_document_the_node_serves(node: LiveNode) -> None:
+    """Hypothesis strategies (the docs' style) from the schema the node serves: positive and negative data."""
+    schema = schemathesis.openapi.from_url(f"{node.url}{API}/openapi.json")
+    document = fetch(node, f"{API}/openapi.json").json()
+    assert document == openapi_document(modeldepot.__version__)  # what test_schemathesis_operation runs on
+    real_sha = hashlib.sha256(REPOS["acme/tiny"]["model.safetensors"]).hexdigest()
+    labels = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        labels.append(operation.label)
+        negative = "parameters" in document["paths"][operation.path][operation.method.lower()]
+        strategies = [operation.as_strategy(mode) for mode in GenerationMode if negative or mode.is_positive]
+        if "{" in operation.path:  # once more on names the store holds, so ranges and indexes reach bytes
+            real = {"sha256": real_sha} if "{sha256}" in operation.path else {"org": "acme", "name": "tiny"}
+            strategies.append(operation.as_strategy(path_parameters=real))
+        for strategy in strategies:
+
+            @given(case=strategy)
+            @SETTINGS
+            def check(case: schemathesis.Case) -> None:
+                case.call_and_validate(checks=CHECKS)
+
+            check()
+    documented = {f"{method.upper()} {path}" for path, item in document["paths"].items() for method in item}
+    assert set(labels) == documented - {f"GET {API}/openapi.json"}  # every operation but the schema's own
+
+
+SCHEMA = schemathesis.openapi.from_dict(openapi_document(modeldepot.__version__))
+
+
+@SCHEMA.parametrize()
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_schemathesis_operation(case: schemathesis.Case, node: LiveNode) -> None:
+    """schemathesis' pytest runner (coverage phase: boundaries and edge values) against a live node."""
+    case.call_and_validate(base_url=node.url, checks=CHECKS)
