@@ -25,33 +25,17 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import numpy as np
-from rich.console import Console
-from rich.table import Table
 
+from common import Row, render
 from modeldepot import Depot
 from modeldepot.config import parse_size
 
 REPO = "bench/big"
 MANY_REPO = "bench/many"
-
-
-@dataclass
-class Row:
-    name: str
-    anchor: str
-    anchor_s: float
-    ours_s: float
-    size: int
-    goal: float | None
-
-    @property
-    def ratio(self) -> float:
-        return self.anchor_s / self.ours_s
 
 
 def free_port() -> int:
@@ -304,23 +288,11 @@ def main() -> None:
         nginx.wait(30)
         node.wait(60)
     shutil.rmtree(home, ignore_errors=True)
-    render(rows, errors, received, seconds)
+    report(rows, errors, received, seconds)
 
 
-def render(rows: list[Row], errors: int, received: int, seconds: float) -> None:
-    console = Console()
-    table = Table(title=f"modeldepot node over loopback, {os.cpu_count()} cores")
-    for column in ("benchmark", "anchor", "anchor", "ours", "ratio", "goal"):
-        table.add_column(column)
-    for row in rows:
-        goal = f">= {row.goal}x" if row.goal else "-"
-        table.add_row(row.name, row.anchor, f"{row.anchor_s:.2f}s ({row.size / row.anchor_s / 1e9:.2f} GB/s)",
-                      f"{row.ours_s:.2f}s ({row.size / row.ours_s / 1e9:.2f} GB/s)", f"{row.ratio:.2f}x", goal)  # fmt: skip
-    console.print(table)
-    print("\n| benchmark | anchor | anchor | ours | ratio | goal |\n| --- | --- | --- | --- | --- | --- |")
-    for row in rows:
-        print(f"| {row.name} | {row.anchor} | {row.anchor_s:.2f} s ({row.size / row.anchor_s / 1e9:.2f} GB/s) | "
-              f"{row.ours_s:.2f} s ({row.size / row.ours_s / 1e9:.2f} GB/s) | {row.ratio:.2f}× | ≥ {row.goal}× |")  # fmt: skip
+def report(rows: list[Row], errors: int, received: int, seconds: float) -> None:
+    render("modeldepot node over loopback", rows)
     print(f"\n64 clients × 8 files of 8 MiB: {errors} errors, {received / 2**30:.2f} GiB received and SHA-256-checked "
           f"in {seconds:.2f} s = {received / seconds / 1e9:.2f} GB/s aggregate")  # fmt: skip
 

@@ -16,52 +16,20 @@ from __future__ import annotations
 import argparse
 import mmap
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
 
+from common import Row, median_time, render
 from modeldepot import Depot
 from modeldepot.config import parse_size
 
 READ_BLOCK = 16 * 1024 * 1024
 REPO = "bench/big-model"
-
-
-@dataclass
-class Row:
-    name: str
-    anchor: str
-    anchor_s: float
-    ours_s: float
-    size: int
-    goal: float
-
-    @property
-    def ratio(self) -> float:
-        return self.anchor_s / self.ours_s
-
-
-def median_time(
-    action: Callable[[], object], setup: Callable[[], object] | None = None, repeat: int = 3
-) -> float:
-    samples = []
-    for _ in range(repeat):
-        if setup is not None:
-            setup()
-        start = time.perf_counter()
-        action()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def make_source(folder: Path, size: int) -> Path:
@@ -184,26 +152,6 @@ def bench_reads(depot: Depot, repeat: int) -> list[Row]:
     return rows
 
 
-def render(rows: list[Row], size: int) -> None:
-    console = Console()
-    table = Table(
-        title=f"modeldepot store, {size / 2**30:.2f} GiB file, {os.cpu_count()} cores, {platform.machine()}"
-    )
-    for column in ("benchmark", "anchor", "anchor", "ours", "ratio", "goal", "met"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(
-            row.name, row.anchor, f"{row.anchor_s:.3f}s ({row.size / row.anchor_s / 1e9:.2f} GB/s)",
-            f"{row.ours_s:.3f}s ({row.size / row.ours_s / 1e9:.2f} GB/s)", f"{row.ratio:.2f}x", f">= {row.goal}x",
-            "yes" if row.ratio >= row.goal else "NO",
-        )  # fmt: skip
-    console.print(table)
-    print("\n| benchmark | anchor | anchor | ours | ratio | goal |\n| --- | --- | --- | --- | --- | --- |")
-    for row in rows:
-        print(f"| {row.name} | {row.anchor} | {row.anchor_s:.3f} s ({row.size / row.anchor_s / 1e9:.2f} GB/s) | "
-              f"{row.ours_s:.3f} s ({row.size / row.ours_s / 1e9:.2f} GB/s) | {row.ratio:.2f}× | ≥ {row.goal}× |")  # fmt: skip
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -225,7 +173,7 @@ def main() -> None:
     shutil.rmtree(home, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(work / "source", ignore_errors=True)
-    render(rows, size)
+    render(f"modeldepot store, {size / 2**30:.2f} GiB file", rows)
     sys.exit(0)
 
 

@@ -107,6 +107,16 @@ def flip_byte(path: Path, offset: int) -> None:
         handle.write(bytes([old[0] ^ 0xFF]))
 
 
+async def cancel_other_tasks() -> None:
+    """Cancel every task of the running loop but this one (connections left open) and wait for them."""
+    import asyncio
+
+    leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in leftovers:
+        task.cancel()
+    await asyncio.gather(*leftovers, return_exceptions=True)
+
+
 class LiveNode:
     """A real node (the production app) listening on a loopback port, run by a background event loop."""
 
@@ -145,10 +155,7 @@ class LiveNode:
 
         async def shutdown() -> None:
             await self._runner.cleanup()
-            leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in leftovers:  # keep-alive connections the clients left open
-                task.cancel()
-            await asyncio.gather(*leftovers, return_exceptions=True)
+            await cancel_other_tasks()  # keep-alive connections the clients left open
 
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -24,7 +24,7 @@ from huggingface_hub import (
 )
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-from conftest import LiveNode, minilm_model_dir, sample_files, write_model_dir
+from conftest import LiveNode, cancel_other_tasks, minilm_model_dir, sample_files, write_model_dir
 from modeldepot import Depot
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -194,13 +194,7 @@ class CuttingRelay:
                     pass
 
     def close(self) -> None:
-        async def cancel_connections() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(cancel_connections(), self._loop).result(10)
+        asyncio.run_coroutine_threadsafe(cancel_other_tasks(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
