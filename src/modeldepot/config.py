@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from modeldepot.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_HUB_ENDPOINT",
     "MAX_CHUNK_SIZE",
     "MIN_CHUNK_SIZE",
     "DepotConfig",
@@ -20,12 +21,17 @@ __all__ = [
 ]
 
 MiB = 1024 * 1024
+DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
 DEFAULT_CHUNK_SIZE = 16 * MiB
 MIN_CHUNK_SIZE = 64 * 1024
 MAX_CHUNK_SIZE = 1024 * MiB
 
 _SIZE = re.compile(r"\s*(\d+)\s*([KMGT]?)(i?B?)\s*", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _truthy(value: str | None) -> bool:
+    return value is not None and value.strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def parse_size(text: str) -> int:
@@ -55,6 +61,9 @@ class DepotConfig:
 
     home: Path
     chunk_size: int | None = None
+    hub_endpoint: str = DEFAULT_HUB_ENDPOINT
+    hub_token: str | None = field(default=None, repr=False)  # sent to the Hub only, never to nodes or peers
+    offline: bool = False
 
     def __post_init__(self) -> None:
         if self.chunk_size is not None and not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
@@ -72,4 +81,7 @@ class DepotConfig:
         return cls(
             home=Path(home).expanduser() if home is not None else default_home(env),
             chunk_size=parse_size(chunk) if chunk else None,
+            hub_endpoint=(env.get("HF_ENDPOINT") or DEFAULT_HUB_ENDPOINT).rstrip("/"),
+            hub_token=env.get("HF_TOKEN") or None,
+            offline=any(_truthy(env.get(name)) for name in ("HF_HUB_OFFLINE", "MODELDEPOT_OFFLINE")),
         )

@@ -11,12 +11,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
 from modeldepot.config import DepotConfig
+from modeldepot.errors import NotFoundError, OfflineError
+from modeldepot.hub.manifest import Manifest, manifest_body, manifest_from_record
+from modeldepot.hub.scan import fetch_repo
+from modeldepot.hub.variants import group_files
 from modeldepot.store import (
     BlobRecord,
     DiskUsage,
@@ -36,6 +41,7 @@ from modeldepot.store import (
     verify,
 )
 from modeldepot.store.maintenance import VerifyProgress
+from modeldepot.validation import validate_repo_id, validate_revision
 
 __all__ = ["Depot", "MappedFile"]
 
@@ -77,8 +83,10 @@ class Depot:
 
     def __init__(self, home: str | Path | None = None, *, chunk_size: int | None = None) -> None:
         base = DepotConfig.from_env(home=home)
-        config = DepotConfig(base.home, chunk_size if chunk_size is not None else base.chunk_size)
-        self.store = Store(config)
+        self.config = dataclasses.replace(
+            base, chunk_size=chunk_size if chunk_size is not None else base.chunk_size
+        )
+        self.store = Store(self.config)
 
     @property
     def home(self) -> Path:
@@ -184,6 +192,47 @@ class Depot:
 
     def repo_info(self, repo_id: str) -> RepoInfo:
         return self.store.repo_info(repo_id)
+
+    # -- upstream repos -------------------------------------------------------------------------------
+
+    def scan_repo(self, repo_id: str, revision: str = "main") -> Manifest:
+        """Read ``repo_id`` on the Hub (``HF_ENDPOINT``): commit, files, variants; saved as its manifest.
+
+        Offline (``HF_HUB_OFFLINE=1`` or ``MODELDEPOT_OFFLINE=1``) no connection is opened: the saved
+        manifest is returned, or OfflineError when there is none.
+        """
+        validate_repo_id(repo_id)
+        validate_revision(revision)
+        if self.config.offline:
+            try:
+                return self.get_manifest(repo_id)
+            except NotFoundError:
+                raise OfflineError(
+                    f"offline mode: {repo_id} was never scanned, and scanning needs the network"
+                ) from None
+        endpoint = self.config.hub_endpoint
+        commit_id, info, files = fetch_repo(repo_id, revision, endpoint, self.config.hub_token)
+        body = manifest_body(repo_id, revision, commit_id, endpoint, info, files)
+        grouping = group_files(f.path for f in files)
+        statuses = {
+            v.name: "downloaded"
+            if self._holds(repo_id, commit_id, [*v.files, *grouping.shared])
+            else "available"
+            for v in grouping.variants
+        }
+        self.store.manifests.save(repo_id, revision, commit_id, body, statuses)
+        return self.get_manifest(repo_id)
+
+    def get_manifest(self, repo_id: str) -> Manifest:
+        """The saved manifest of a scanned repo, with each variant's current status."""
+        return manifest_from_record(self.store.manifests.load(repo_id))
+
+    def list_manifests(self) -> list[Manifest]:
+        return [self.get_manifest(repo_id) for repo_id in self.store.manifests.scanned()]
+
+    def _holds(self, repo_id: str, commit_id: str, paths: list[str]) -> bool:
+        """Whether the store has every one of ``paths`` at ``commit_id`` of ``repo_id``, servable now."""
+        return all(self.store.has_file(repo_id, path, commit_id) for path in paths)
 
     # -- upkeep ---------------------------------------------------------------------------------------
 

@@ -16,6 +16,9 @@ HTTP status in one place each::
     │   └── SourceDirectoryError (FileNotFoundError)
     ├── IntegrityError                           bytes that do not match their digests     → exit 1
     │   └── CorruptBlobError                     a quarantined or damaged blob: never served
+    ├── UpstreamError                            the Hub or a node refused or failed       → exit 1
+    │   ├── AccessDeniedError                    gated or private upstream repo: needs a token
+    │   └── OfflineError                         offline mode forbids the connection
     ├── StoreError (OSError)                     the store itself cannot do its job        → exit 1
     │   ├── StoreFullError                       ENOSPC / SQLITE_FULL: nothing partial is left behind
     │   └── StoreSchemaError                     an index written by a newer modeldepot
@@ -27,6 +30,7 @@ Messages say what happened and what to do about it.
 from __future__ import annotations
 
 __all__ = [
+    "AccessDeniedError",
     "ConfigError",
     "CorruptBlobError",
     "DepotError",
@@ -38,12 +42,14 @@ __all__ = [
     "InvalidRepoIdError",
     "InvalidRevisionError",
     "NotFoundError",
+    "OfflineError",
     "RepoNotFoundError",
     "RevisionNotFoundError",
     "SourceDirectoryError",
     "StoreError",
     "StoreFullError",
     "StoreSchemaError",
+    "UpstreamError",
 ]
 
 
@@ -121,6 +127,18 @@ class CorruptBlobError(IntegrityError):
         )
         self.sha256 = sha256
         self.detail = detail
+
+
+class UpstreamError(DepotError):
+    """The Hub or another node could not answer (unreachable, server error, refused)."""
+
+
+class AccessDeniedError(UpstreamError):
+    """The upstream repo is gated or private and the request carried no token that opens it."""
+
+
+class OfflineError(UpstreamError):
+    """Offline mode (HF_HUB_OFFLINE=1 or MODELDEPOT_OFFLINE=1) forbids opening a connection."""
 
 
 class StoreError(DepotError, OSError):

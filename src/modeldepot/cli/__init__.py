@@ -271,6 +271,36 @@ def du_command(depot: Depot, as_json: bool) -> None:
         render.render_du(usage)
 
 
+@cli.command("scan")
+@_repo_argument
+@_revision_option
+@_json_option
+@_home_option
+def scan_command(depot: Depot, repo_id: str, revision: str, as_json: bool) -> None:
+    """Read REPO on the Hub (HF_ENDPOINT): its files, quantization variants and shared files."""
+    manifest = depot.scan_repo(repo_id, revision)
+    if as_json:
+        render.print_json(manifest.to_dict())
+    else:
+        render.render_manifest(manifest)
+
+
+@cli.command("status")
+@click.argument("repo_id", metavar="[REPO]", required=False, callback=_checked(validate_repo_id))
+@_json_option
+@_home_option
+def status_command(depot: Depot, repo_id: str | None, as_json: bool) -> None:
+    """Show the variants of scanned repos and their download status."""
+    manifests = [depot.get_manifest(repo_id)] if repo_id else depot.list_manifests()
+    if as_json:
+        render.print_json([m.to_dict() for m in manifests])
+        return
+    if not manifests:
+        render.out.print("No repo has been scanned yet: `modeldepot scan ORG/NAME`.")
+    for manifest in manifests:
+        render.render_manifest(manifest)
+
+
 @cli.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(

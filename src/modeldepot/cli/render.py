@@ -21,6 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from modeldepot.hub.manifest import Manifest
 from modeldepot.store import DiskUsage, GcReport, RemoveResult, RepoInfo, RepoSummary, VerifyReport
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "render_gc",
     "render_info",
     "render_ls",
+    "render_manifest",
     "render_remove",
     "render_verify",
 ]
@@ -198,3 +200,29 @@ def render_du(usage: DiskUsage) -> None:
                 format_bytes(repo.unique_bytes),
             )
         out.print(table)
+
+
+def render_manifest(manifest: Manifest) -> None:
+    out.print(
+        f"[bold]{manifest.repo_id}[/bold]@{manifest.revision} → commit {manifest.commit_id[:12]} on {manifest.endpoint}"
+        + (f"  ({manifest.pipeline_tag})" if manifest.pipeline_tag else "")
+        + (f"  [yellow]gated: {manifest.gated}[/yellow]" if manifest.gated else "")
+    )
+    if not manifest.variants:
+        out.print("no quantization variants found (ONNX, GGUF or safetensors weights)")
+    else:
+        table = _table("variant", "kind", "files", "size", "status")
+        for variant in manifest.variants:
+            status = variant.status
+            if variant.status == "downloading" and variant.total_bytes:
+                status += f" {100 * variant.bytes_done / variant.total_bytes:.0f}%"
+            if variant.error:
+                status += f" ({variant.error})"
+            table.add_row(variant.name, variant.kind, str(len(variant.files) + len(manifest.shared)),
+                          format_bytes(variant.total_bytes), status)  # fmt: skip
+        out.print(table)
+    shared_bytes = sum(f.size for f in manifest.files if f.path in set(manifest.shared))
+    out.print(f"shared by every variant: {len(manifest.shared)} files ({format_bytes(shared_bytes)})")
+    if manifest.other:
+        out.print(f"other files (not downloaded with a variant): {', '.join(manifest.other[:8])}"
+                  + (" …" if len(manifest.other) > 8 else ""))  # fmt: skip

@@ -79,6 +79,27 @@ _MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE repos ADD COLUMN card TEXT NOT NULL DEFAULT '{}'
     """,
+    # 3: scanned upstream repos (the manifest body is the hub layer's JSON) and each variant's status.
+    """
+    CREATE TABLE manifests (
+        repo_id    TEXT PRIMARY KEY,
+        revision   TEXT NOT NULL,
+        commit_id  TEXT NOT NULL,
+        body       TEXT NOT NULL,
+        scanned_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE variant_status (
+        repo_id     TEXT NOT NULL REFERENCES manifests (repo_id) ON DELETE CASCADE,
+        variant     TEXT NOT NULL,
+        status      TEXT NOT NULL CHECK (status IN ('available', 'downloading', 'downloaded', 'failed')),
+        bytes_done  INTEGER NOT NULL DEFAULT 0,
+        error       TEXT,
+        started_at  REAL,
+        finished_at REAL,
+        updated_at  REAL NOT NULL,
+        PRIMARY KEY (repo_id, variant)
+    ) WITHOUT ROWID
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 _SQLITE_FULL = 13  # sqlite3.SQLITE_FULL exists only from Python 3.11

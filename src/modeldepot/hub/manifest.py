@@ -1,0 +1,128 @@
+"""A scanned upstream repo: its files, its quantization variants, the shared files, and each variant's status."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from modeldepot.errors import NotFoundError
+from modeldepot.hub.variants import group_files
+from modeldepot.store.manifests import ManifestRecord
+
+__all__ = ["Manifest", "RemoteFile", "Variant", "manifest_body", "manifest_from_record"]
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str
+    size: int
+    git_oid: str
+    sha256: str | None  # the LFS oid, when the file is in LFS
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: str  # onnx | gguf | safetensors
+    files: tuple[str, ...]  # its own files; a download also takes the manifest's shared files
+    total_bytes: int  # own + shared
+    status: str  # available | downloading | downloaded | failed
+    bytes_done: int
+    error: str | None
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    repo_id: str
+    revision: str
+    commit_id: str
+    scanned_at: float
+    endpoint: str
+    pipeline_tag: str | None
+    library_name: str | None
+    tags: tuple[str, ...]
+    gated: bool | str
+    files: tuple[RemoteFile, ...]
+    shared: tuple[str, ...]
+    other: tuple[str, ...]
+    variants: tuple[Variant, ...]
+
+    def variant(self, name: str) -> Variant:
+        for variant in self.variants:
+            if variant.name.lower() == name.lower():
+                return variant
+        known = ", ".join(v.name for v in self.variants) or "none"
+        raise NotFoundError(f"{self.repo_id} has no variant {name!r} (it has: {known})")
+
+    def files_of(self, name: str) -> list[RemoteFile]:
+        """Everything a download of variant ``name`` needs: its files and the shared ones."""
+        wanted = {*self.variant(name).files, *self.shared}
+        return [f for f in self.files if f.path in wanted]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def manifest_body(
+    repo_id: str, revision: str, commit_id: str, endpoint: str, info: dict[str, Any], files: list[RemoteFile]
+) -> str:
+    """The JSON the store keeps for a scan (statuses live apart, in their own rows)."""
+    grouping = group_files(f.path for f in files)
+    return json.dumps(
+        {
+            "repo_id": repo_id,
+            "revision": revision,
+            "commit_id": commit_id,
+            "endpoint": endpoint,
+            "info": info,
+            "files": [dataclasses.asdict(f) for f in files],
+            "shared": list(grouping.shared),
+            "other": list(grouping.other),
+            "variants": [{"name": v.name, "kind": v.kind, "files": list(v.files)} for v in grouping.variants],
+        }
+    )
+
+
+def manifest_from_record(record: ManifestRecord) -> Manifest:
+    body = json.loads(record.body)
+    files = tuple(RemoteFile(**f) for f in body["files"])
+    sizes = {f.path: f.size for f in files}
+    shared_bytes = sum(sizes[p] for p in body["shared"])
+    variants = []
+    for item in body["variants"]:
+        state = record.statuses.get(item["name"])
+        variants.append(
+            Variant(
+                name=item["name"],
+                kind=item["kind"],
+                files=tuple(item["files"]),
+                total_bytes=sum(sizes[p] for p in item["files"]) + shared_bytes,
+                status=state.status if state else "available",
+                bytes_done=state.bytes_done if state else 0,
+                error=state.error if state else None,
+                started_at=state.started_at if state else None,
+                finished_at=state.finished_at if state else None,
+                updated_at=state.updated_at if state else None,
+            )
+        )
+    info = body["info"]
+    return Manifest(
+        repo_id=record.repo_id,
+        revision=record.revision,
+        commit_id=record.commit_id,
+        scanned_at=record.scanned_at,
+        endpoint=body["endpoint"],
+        pipeline_tag=info.get("pipeline_tag"),
+        library_name=info.get("library_name"),
+        tags=tuple(info.get("tags") or ()),
+        gated=info.get("gated", False),
+        files=files,
+        shared=tuple(body["shared"]),
+        other=tuple(body["other"]),
+        variants=tuple(variants),
+    )

@@ -1,0 +1,166 @@
+"""Grouping a repo's files into the quantization variants a user picks from, plus the files all of them need.
+
+Naming follows the ecosystem (hf-protocol.md §5):
+
+- ONNX (transformers.js / onnx-community): ``{base}{suffix}.onnx`` with dtype suffixes (``_fp16``,
+  ``_q4f16``, ``_quantized`` = q8, none = fp32), external data ``{stem}.onnx_data[_N]`` or ``{stem}.onnx.data``.
+- GGUF: the quant label in the file name (``Q4_K_M``, ``IQ2_XS``, ``BF16``, ``UD-Q4_K_XL``…; the last match
+  wins, as huggingface.js does), split files ``-00001-of-00003.gguf`` grouped, ``mmproj`` projectors as
+  companions of every GGUF variant.
+- safetensors: single files and shards with their ``.safetensors.index.json``; a dtype infix
+  (``model.fp16.safetensors``, diffusers' ``.fp16.``) names the variant, otherwise it is ``safetensors``.
+- Shared: configs, tokenizers, vocabularies, chat templates — every variant needs them.
+- Anything else (README, .gitattributes, legacy ``.bin`` weights, images…) is "other".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = ["DetectedVariant", "Grouping", "group_files"]
+
+# transformers.js DEFAULT_DTYPE_SUFFIX_MAPPING, longest suffix first so "_q4f16" wins over "_q4".
+_ONNX_SUFFIXES: tuple[tuple[str, str], ...] = (
+    ("_quantized", "q8"), ("_q4f16", "q4f16"), ("_q2f16", "q2f16"), ("_q1f16", "q1f16"), ("_uint8", "uint8"),
+    ("_fp16", "fp16"), ("_int8", "int8"), ("_bnb4", "bnb4"), ("_q4", "q4"), ("_q2", "q2"), ("_q1", "q1"),
+)  # fmt: skip
+_ONNX_DATA = re.compile(r"^(?P<stem>.+)\.onnx(?:_data(?:_\d+)?|\.data)$")
+
+_GGUF_NAMES = [
+    "IQ1_S",
+    "IQ1_M",
+    "IQ2_XXS",
+    "IQ2_XS",
+    "IQ2_S",
+    "IQ2_M",
+    "IQ3_XXS",
+    "IQ3_XS",
+    "IQ3_S",
+    "IQ3_M",
+    "IQ4_NL",
+    "IQ4_XS",
+    "TQ1_0",
+    "TQ2_0",
+    "MXFP4",
+    "NVFP4",
+    "Q1_0",
+    "Q2_0",
+    "Q2_K",
+    "Q3_K",
+    "Q4_0",
+    "Q4_1",
+    "Q4_K",
+    "Q5_0",
+    "Q5_1",
+    "Q5_K",
+    "Q6_K",
+    "Q8_0",
+    "Q8_1",
+    "Q8_K",
+    "BF16",
+    "F16",
+    "F32",
+    "F64",
+]
+_GGUF_QUANT = re.compile(
+    r"(?<![A-Z0-9])(?P<prefix>UD-)?(?P<quant>"
+    + "|".join(sorted(_GGUF_NAMES, key=len, reverse=True))
+    + r")(?:_(?P<size>XXS|XS|XL|S|M|L))?(?![A-Z0-9])"
+)
+_GGUF_SPLIT = re.compile(r"^(?P<prefix>.*?)-(?P<shard>\d{5})-of-(?P<total>\d{5})\.gguf$")
+
+_SAFETENSORS_DTYPE = re.compile(r"\.(?P<dtype>fp16|bf16|fp32|fp8|int8)\.safetensors(?:\.index\.json)?$")
+
+_SHARED_NAMES = re.compile(
+    r"(^|/)(config\.json|generation_config\.json|genai_config\.json|preprocessor_config\.json"
+    r"|processor_config\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json"
+    r"|added_tokens\.json|vocab\.(json|txt)|merges\.txt|tokenizer\.model|spiece\.model|sentencepiece\.bpe\.model"
+    r"|chat_template\.(jinja|json)|[^/]*\.tiktoken|quantize_config\.json|quant_config\.json"
+    r"|[^/]*_config\.json|modules\.json|config_sentence_transformers\.json)$"
+)
+
+
+@dataclass(frozen=True)
+class DetectedVariant:
+    name: str  # "q4f16", "Q4_K_M", "fp16", "safetensors"…
+    kind: str  # "onnx", "gguf", "safetensors"
+    files: tuple[str, ...]  # the variant's own files (the shared ones are listed apart)
+
+
+@dataclass(frozen=True)
+class Grouping:
+    variants: tuple[DetectedVariant, ...]
+    shared: tuple[str, ...]
+    other: tuple[str, ...]
+
+
+def _onnx_dtype(stem: str) -> str:
+    for suffix, dtype in _ONNX_SUFFIXES:
+        if stem.endswith(suffix):
+            return dtype
+    return "fp32"
+
+
+def gguf_quant(path: str) -> str | None:
+    """The quant label of a GGUF file name, as huggingface.js parses it (last match wins)."""
+    name = path.rsplit("/", 1)[-1].upper()
+    found = None
+    for match in _GGUF_QUANT.finditer(name):
+        found = match
+    if found is None:
+        return None
+    label = (found["prefix"] or "") + found["quant"] + (f"_{found['size']}" if found["size"] else "")
+    return label
+
+
+def group_files(paths: Iterable[str]) -> Grouping:
+    """Group repo paths into variants, shared files and the rest."""
+    all_paths = sorted(set(paths))
+    groups: dict[tuple[str, str], list[str]] = {}
+    claimed: set[str] = set()
+    onnx_by_stem: dict[str, tuple[str, str]] = {}
+
+    for path in all_paths:
+        if path.endswith(".onnx"):
+            stem = path[: -len(".onnx")]
+            key = ("onnx", _onnx_dtype(stem.rsplit("/", 1)[-1]))
+            groups.setdefault(key, []).append(path)
+            onnx_by_stem[stem] = key
+            claimed.add(path)
+    for path in all_paths:
+        data = _ONNX_DATA.match(path)
+        if data and data["stem"] in onnx_by_stem:
+            groups[onnx_by_stem[data["stem"]]].append(path)
+            claimed.add(path)
+
+    gguf = [p for p in all_paths if p.lower().endswith(".gguf")]
+    projectors = [p for p in gguf if "mmproj" in p.rsplit("/", 1)[-1].lower()]
+    for path in gguf:
+        if path in projectors:
+            continue
+        split = _GGUF_SPLIT.match(path.rsplit("/", 1)[-1])
+        label = gguf_quant(path) or (split["prefix"] if split else path.rsplit("/", 1)[-1][: -len(".gguf")])
+        groups.setdefault(("gguf", label), []).append(path)
+        claimed.add(path)
+    if any(kind == "gguf" for kind, _ in groups):
+        for key in [k for k in groups if k[0] == "gguf"]:
+            groups[key].extend(projectors)
+        claimed.update(projectors)
+
+    for path in all_paths:
+        if path.endswith((".safetensors", ".safetensors.index.json")):
+            dtype = _SAFETENSORS_DTYPE.search(path)
+            groups.setdefault(("safetensors", dtype["dtype"] if dtype else "safetensors"), []).append(path)
+            claimed.add(path)
+
+    shared = [p for p in all_paths if p not in claimed and _SHARED_NAMES.search(p)]
+    other = [p for p in all_paths if p not in claimed and p not in shared]
+    names = [name for _, name in groups]
+    variants = tuple(
+        # A name two kinds share ("fp16" in ONNX and in safetensors) is qualified by its kind.
+        DetectedVariant(f"{kind}-{name}" if names.count(name) > 1 else name, kind, tuple(sorted(set(files))))
+        for (kind, name), files in sorted(groups.items())
+    )
+    return Grouping(variants, tuple(shared), tuple(other))

@@ -1,0 +1,99 @@
+"""Persisted manifests of upstream repos and the status of each of their variants.
+
+The store keeps them as opaque JSON plus status rows: what a manifest means belongs to the hub layer.
+Statuses survive restarts; the transfer engine updates them live.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from modeldepot.errors import NotFoundError
+from modeldepot.store.index import Index
+from modeldepot.validation import validate_repo_id
+
+__all__ = ["STATUSES", "ManifestRecord", "ManifestStore", "VariantStatusRecord"]
+
+STATUSES = ("available", "downloading", "downloaded", "failed")
+
+
+@dataclass(frozen=True)
+class VariantStatusRecord:
+    variant: str
+    status: str
+    bytes_done: int
+    error: str | None
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class ManifestRecord:
+    repo_id: str
+    revision: str
+    commit_id: str
+    body: str  # JSON, the hub layer's
+    scanned_at: float
+    statuses: dict[str, VariantStatusRecord]
+
+
+class ManifestStore:
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    def save(self, repo_id: str, revision: str, commit_id: str, body: str, statuses: dict[str, str]) -> None:
+        """Record a fresh scan. Variants keep their status unless the scan says otherwise (a new commit
+        resets them); variants that disappeared are dropped."""
+        validate_repo_id(repo_id)
+        now = time.time()
+        with self.index.write(f"recording the manifest of {repo_id}") as con:
+            old = con.execute("SELECT commit_id FROM manifests WHERE repo_id = ?", (repo_id,)).fetchone()
+            if old is not None and old[0] != commit_id:
+                con.execute("DELETE FROM variant_status WHERE repo_id = ?", (repo_id,))
+            con.execute(
+                "INSERT INTO manifests VALUES (?, ?, ?, ?, ?) ON CONFLICT (repo_id) DO UPDATE SET "
+                "revision = excluded.revision, commit_id = excluded.commit_id, body = excluded.body, "
+                "scanned_at = excluded.scanned_at",
+                (repo_id, revision, commit_id, body, now),
+            )
+            marks = ",".join("?" * len(statuses))
+            con.execute(
+                f"DELETE FROM variant_status WHERE repo_id = ? AND variant NOT IN ({marks})",
+                (repo_id, *statuses),
+            )
+            for variant, status in statuses.items():
+                con.execute(
+                    "INSERT INTO variant_status (repo_id, variant, status, updated_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (repo_id, variant) DO UPDATE SET status = excluded.status, "
+                    "updated_at = excluded.updated_at WHERE variant_status.status != 'downloading'",
+                    (repo_id, variant, status, now),
+                )
+
+    def load(self, repo_id: str) -> ManifestRecord:
+        validate_repo_id(repo_id)
+        rows = self.index.read("SELECT * FROM manifests WHERE repo_id = ?", (repo_id,))
+        if not rows:
+            raise NotFoundError(f"{repo_id} has not been scanned yet: run `modeldepot scan {repo_id}`")
+        row = rows[0]
+        statuses = {
+            s["variant"]: VariantStatusRecord(
+                s["variant"],
+                s["status"],
+                s["bytes_done"],
+                s["error"],
+                s["started_at"],
+                s["finished_at"],
+                s["updated_at"],
+            )
+            for s in self.index.read(
+                "SELECT * FROM variant_status WHERE repo_id = ? ORDER BY variant", (repo_id,)
+            )
+        }
+        return ManifestRecord(
+            row["repo_id"], row["revision"], row["commit_id"], row["body"], row["scanned_at"], statuses
+        )
+
+    def scanned(self) -> list[str]:
+        return [row["repo_id"] for row in self.index.read("SELECT repo_id FROM manifests ORDER BY repo_id")]

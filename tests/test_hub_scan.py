@@ -1,0 +1,259 @@
+"""Scanning upstream repos: variant detection on real layouts, manifests, statuses, errors, offline mode."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import LiveNode, write_model_dir
+from modeldepot import Depot, NotFoundError
+from modeldepot.cli import cli
+from modeldepot.errors import OfflineError, UpstreamError
+from modeldepot.hub.variants import gguf_quant, group_files
+
+ONNX_COMMUNITY = [  # onnx-community/Phi-3.5-mini-instruct-onnx-web style, with external data
+    ".gitattributes", "README.md", "config.json", "generation_config.json", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "onnx/model.onnx", "onnx/model.onnx_data",
+    "onnx/model_fp16.onnx", "onnx/model_fp16.onnx_data", "onnx/model_q4f16.onnx", "onnx/model_q4f16.onnx_data",
+    "onnx/model_q4f16.onnx_data_1", "onnx/model_quantized.onnx", "onnx/model_q4.onnx", "onnx/model_bnb4.onnx",
+    "onnx/decoder_model_merged_int8.onnx", "onnx/encoder_model_int8.onnx",
+]  # fmt: skip
+GGUF_REPO = [  # bartowski / unsloth style, with a split quant and a multimodal projector
+    "README.md", "Qwen3-8B-Q4_K_M.gguf", "Qwen3-8B-Q8_0.gguf", "Qwen3-8B-IQ2_XXS.gguf", "Qwen3-8B-bf16.gguf",
+    "UD-Q4_K_XL/Qwen3-8B-UD-Q4_K_XL-00001-of-00002.gguf", "UD-Q4_K_XL/Qwen3-8B-UD-Q4_K_XL-00002-of-00002.gguf",
+    "mmproj-Qwen3-8B-F16.gguf", "params", "template",
+]  # fmt: skip
+SAFETENSORS_REPO = [  # transformers shards plus a diffusers-style fp16 component
+    "config.json", "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+    "model-00003-of-00003.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "merges.txt",
+    "vocab.json", "chat_template.jinja", "unet/diffusion_pytorch_model.fp16.safetensors", "unet/config.json",
+    "scheduler/scheduler_config.json",
+]  # fmt: skip
+
+
+def test_onnx_dtypes_with_their_external_data() -> None:
+    grouping = group_files(ONNX_COMMUNITY)
+    variants = {v.name: v.files for v in grouping.variants}
+    assert set(variants) == {"fp32", "fp16", "q4f16", "q8", "q4", "bnb4", "int8"}
+    assert variants["q4f16"] == (
+        "onnx/model_q4f16.onnx",
+        "onnx/model_q4f16.onnx_data",
+        "onnx/model_q4f16.onnx_data_1",
+    )
+    assert variants["fp32"] == ("onnx/model.onnx", "onnx/model.onnx_data")
+    assert variants["int8"] == ("onnx/decoder_model_merged_int8.onnx", "onnx/encoder_model_int8.onnx")
+    assert set(grouping.shared) == {"config.json", "generation_config.json", "tokenizer.json",
+                                    "tokenizer_config.json", "special_tokens_map.json"}  # fmt: skip
+    assert grouping.other == (".gitattributes", "README.md")
+    genai = group_files(["model.onnx", "model.onnx.data", "genai_config.json"])
+    assert genai.variants[0].files == ("model.onnx", "model.onnx.data") and genai.shared == (
+        "genai_config.json",
+    )
+
+
+def test_gguf_quants_splits_and_projectors() -> None:
+    grouping = group_files(GGUF_REPO)
+    variants = {v.name: v.files for v in grouping.variants}
+    assert set(variants) == {"Q4_K_M", "Q8_0", "IQ2_XXS", "BF16", "UD-Q4_K_XL"}
+    assert variants["UD-Q4_K_XL"] == (
+        "UD-Q4_K_XL/Qwen3-8B-UD-Q4_K_XL-00001-of-00002.gguf",
+        "UD-Q4_K_XL/Qwen3-8B-UD-Q4_K_XL-00002-of-00002.gguf",
+        "mmproj-Qwen3-8B-F16.gguf",
+    )
+    assert all("mmproj-Qwen3-8B-F16.gguf" in files for files in variants.values())  # a companion of each
+    assert set(grouping.other) == {"README.md", "params", "template"}
+
+
+@pytest.mark.parametrize(
+    ("name", "label"),
+    [("Llama-3.2-1B-Instruct-Q4_K_M.gguf", "Q4_K_M"), ("model-IQ4_XS.gguf", "IQ4_XS"), ("x.Q8_0.gguf", "Q8_0"),
+     ("phi-4-F16.gguf", "F16"), ("phi-4-BF16.gguf", "BF16"), ("gpt-oss-20b-MXFP4.gguf", "MXFP4"),
+     ("Q4_0-but-really-Q5_K_S.gguf", "Q5_K_S"), ("DeepSeek-UD-IQ1_M.gguf", "UD-IQ1_M"), ("tinyllama.gguf", None)],
+)  # fmt: skip
+def test_gguf_labels_follow_huggingface_js(name: str, label: str | None) -> None:
+    assert gguf_quant(name) == label
+
+
+def test_safetensors_shards_index_and_dtype_variants() -> None:
+    grouping = group_files(SAFETENSORS_REPO)
+    variants = {v.name: v.files for v in grouping.variants}
+    assert variants["safetensors"] == (
+        "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors", "model.safetensors.index.json")  # fmt: skip
+    assert variants["fp16"] == ("unet/diffusion_pytorch_model.fp16.safetensors",)
+    assert {"merges.txt", "vocab.json", "chat_template.jinja", "unet/config.json"} <= set(grouping.shared)
+    assert "scheduler/scheduler_config.json" in grouping.shared and grouping.other == ("pytorch_model.bin",)
+    mixed = group_files(["onnx/model_fp16.onnx", "model.fp16.safetensors"])
+    assert {v.name for v in mixed.variants} == {"onnx-fp16", "safetensors-fp16"}  # names stay unique
+
+
+GITATTRIBUTES = b"".join(
+    b"%s filter=lfs diff=lfs merge=lfs -text\n" % pattern
+    for pattern in (b"*.onnx", b"*.onnx_data*", b"*.gguf")
+)
+
+
+def layout_files(paths: list[str]) -> dict[str, bytes]:
+    files = {p: (f"{p}\n".encode() * 50) if not p.endswith(".json") else b'{"x": 1}' for p in paths}
+    if ".gitattributes" in files:
+        files[".gitattributes"] = GITATTRIBUTES
+    return files
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[LiveNode]:
+    """A node that plays the Hub: it holds the repos the tests scan."""
+    with Depot(tmp_path / "upstream-store") as hub:
+        hub.import_dir(
+            write_model_dir(tmp_path / "onnx", layout_files(ONNX_COMMUNITY)), "onnx-community/tiny"
+        )
+        hub.import_dir(write_model_dir(tmp_path / "gguf", layout_files(GGUF_REPO)), "acme/tiny-gguf")
+        hub.import_dir(
+            write_model_dir(tmp_path / "secret", {"config.json": b"{}"}), "acme/secret", private=True
+        )
+        node = LiveNode(hub)
+        yield node
+        node.stop()
+
+
+@pytest.fixture
+def online(monkeypatch: pytest.MonkeyPatch, upstream: LiveNode) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", upstream.url)
+
+
+@pytest.mark.usefixtures("online")
+def test_scan_builds_and_keeps_a_manifest(upstream: LiveNode, tmp_path: Path) -> None:
+    with Depot(tmp_path / "local") as depot:
+        manifest = depot.scan_repo("onnx-community/tiny")
+        assert (
+            manifest.commit_id == upstream.depot.resolve("onnx-community/tiny")
+            and manifest.endpoint == upstream.url
+        )
+        files = {f.path: f for f in manifest.files}
+        model = files["onnx/model_q4f16.onnx"]
+        assert model.size == len(layout_files(ONNX_COMMUNITY)["onnx/model_q4f16.onnx"])
+        assert (
+            model.sha256 == hashlib.sha256(layout_files(ONNX_COMMUNITY)["onnx/model_q4f16.onnx"]).hexdigest()
+        )
+        assert files["config.json"].sha256 is None and files["config.json"].git_oid  # a plain git file
+        q4f16 = manifest.variant("Q4F16")  # names match case-insensitively
+        assert q4f16.status == "available" and q4f16.bytes_done == 0
+        needed = {f.path for f in manifest.files_of("q4f16")}
+        assert needed == {*q4f16.files, *manifest.shared}
+        assert q4f16.total_bytes == sum(files[p].size for p in needed)
+        with pytest.raises(NotFoundError, match="has no variant 'q3'"):
+            manifest.variant("q3")
+    with Depot(tmp_path / "local") as reopened:  # statuses and manifests survive a restart
+        assert reopened.get_manifest("onnx-community/tiny") == manifest
+
+
+@pytest.mark.usefixtures("online")
+def test_a_store_that_holds_the_commit_sees_its_variants_as_downloaded(tmp_path: Path) -> None:
+    with Depot(tmp_path / "local") as depot:
+        depot.import_dir(write_model_dir(tmp_path / "same", layout_files(GGUF_REPO)), "acme/tiny-gguf")
+        manifest = depot.scan_repo("acme/tiny-gguf")  # same files, same commit id, on both nodes
+        assert {v.status for v in manifest.variants} == {"downloaded"}
+
+
+@pytest.mark.usefixtures("online")
+def test_scan_errors_name_the_repo_and_the_fix(
+    upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Depot(tmp_path / "local") as depot:
+        with pytest.raises(NotFoundError, match=r"acme/absent was not found on .*HF_TOKEN"):
+            depot.scan_repo("acme/absent")
+        with pytest.raises(NotFoundError, match=r"revision 'nope'"):
+            depot.scan_repo("acme/tiny-gguf", "nope")
+        with pytest.raises(NotFoundError, match="private"):  # the node hides private repos without its token
+            depot.scan_repo("acme/secret")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
+        with Depot(tmp_path / "local") as depot, pytest.raises(UpstreamError, match="cannot reach"):
+            depot.scan_repo("acme/tiny-gguf")
+
+
+@pytest.mark.usefixtures("online")
+def test_a_new_commit_resets_variant_statuses(upstream: LiveNode, tmp_path: Path) -> None:
+    with Depot(tmp_path / "local") as depot:
+        depot.import_dir(write_model_dir(tmp_path / "same", layout_files(GGUF_REPO)), "acme/tiny-gguf")
+        assert depot.scan_repo("acme/tiny-gguf").variant("Q8_0").status == "downloaded"
+        upstream.depot.import_dir(
+            write_model_dir(tmp_path / "v2", {**layout_files(GGUF_REPO), "Qwen3-8B-Q8_0.gguf": b"new"}),
+            "acme/tiny-gguf",
+        )
+        rescanned = depot.scan_repo("acme/tiny-gguf")
+        assert rescanned.commit_id == upstream.depot.resolve("acme/tiny-gguf")
+        assert {v.status for v in rescanned.variants} == {"available"}
+
+
+class CountingListener:
+    """A socket that accepts and counts connections: offline mode must never produce one."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.sock.settimeout(0.2)
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def test_offline_mode_answers_from_the_store_and_opens_no_socket(
+    upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", upstream.url)
+    with Depot(tmp_path / "local") as depot:
+        scanned = depot.scan_repo("acme/tiny-gguf")
+    listener = CountingListener()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listener.sock.getsockname()[1]}")
+        monkeypatch.setenv("MODELDEPOT_OFFLINE", "1")
+        with Depot(tmp_path / "local") as depot:
+            assert depot.scan_repo("acme/tiny-gguf") == scanned
+            with pytest.raises(OfflineError, match="never scanned"):
+                depot.scan_repo("onnx-community/tiny")
+    finally:
+        listener.close()
+    assert listener.accepted == 0
+
+
+@pytest.mark.usefixtures("online")
+def test_cli_scan_and_status(tmp_path: Path) -> None:
+    home = str(tmp_path / "cli-home")
+    runner = CliRunner()
+    shown = runner.invoke(cli, ["scan", "acme/tiny-gguf", "--home", home])
+    assert shown.exit_code == 0 and "Q4_K_M" in shown.stdout and "available" in shown.stdout
+    as_json = json.loads(runner.invoke(cli, ["scan", "acme/tiny-gguf", "--json", "--home", home]).stdout)
+    assert {v["name"] for v in as_json["variants"]} == {"Q4_K_M", "Q8_0", "IQ2_XXS", "BF16", "UD-Q4_K_XL"}
+    status = json.loads(runner.invoke(cli, ["status", "--json", "--home", home]).stdout)
+    assert [m["repo_id"] for m in status] == ["acme/tiny-gguf"]
+    missing = runner.invoke(cli, ["status", "acme/unscanned", "--home", home])
+    assert missing.exit_code == 1 and "modeldepot scan" in missing.stderr
+    bad = runner.invoke(cli, ["scan", "../x", "--home", home])
+    assert bad.exit_code == 2
