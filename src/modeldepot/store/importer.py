@@ -8,17 +8,15 @@ leaves the store as it was before the import or as it is after it, never in betw
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import stat
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modeldepot.errors import InvalidInputError, InvalidPathError, SourceDirectoryError, StoreError
+from modeldepot.errors import InvalidInputError, InvalidPathError, SourceDirectoryError
 from modeldepot.gitobjects import (
     DEFAULT_LFS_PATTERNS,
     TreeEntry,
@@ -32,8 +30,8 @@ from modeldepot.gitobjects import (
 from modeldepot.hashing import GIT_OID_LIMIT, BlobDigest, digest_stream
 from modeldepot.modelcard import MAX_CARD_BYTES, card_metadata
 from modeldepot.store.blobs import PartialBlob, WriteSession
-from modeldepot.store.index import Index
 from modeldepot.store.models import ImportResult
+from modeldepot.store.publish import RevisionSpec, StagedFile, publish
 from modeldepot.store.store import Store
 from modeldepot.validation import validate_branch, validate_path, validate_repo_id
 
@@ -55,17 +53,11 @@ class SourceFile:
     size: int
 
 
-@dataclass
-class _Staged:
-    source: SourceFile
-    digest: BlobDigest
-    lfs: bool
-
-    @property
-    def git_oid(self) -> str:
-        if self.lfs or self.digest.git_sha1 is None:
-            return git_blob_oid(lfs_pointer(self.digest.sha256, self.digest.size))
-        return self.digest.git_sha1
+def _git_oid(digest: BlobDigest, lfs: bool) -> str:
+    """The oid git would give the file: of its LFS pointer when in LFS, else of its content."""
+    if lfs or digest.git_sha1 is None:
+        return git_blob_oid(lfs_pointer(digest.sha256, digest.size))
+    return digest.git_sha1
 
 
 def scan_source(directory: Path) -> list[SourceFile]:
@@ -126,11 +118,11 @@ def _stage(
 
 def _stage_all(
     session: WriteSession, files: list[SourceFile], chunk_size: int, progress: ImportProgress | None
-) -> tuple[list[_Staged], dict[str, PartialBlob]]:
+) -> tuple[list[StagedFile], dict[str, PartialBlob]]:
     """Copy and hash every file into the session; one synced partial per distinct content."""
     patterns = _lfs_patterns(files)
     total = sum(f.size for f in files)
-    staged: list[_Staged] = []
+    staged: list[StagedFile] = []
     partials: dict[str, PartialBlob] = {}
     done_before = 0
     for source in files:
@@ -145,7 +137,8 @@ def _stage_all(
         else:
             partial.sync()
             partials[digest.sha256] = partial
-        staged.append(_Staged(source, digest, is_lfs_path(source.path, digest.size, patterns, GIT_OID_LIMIT)))
+        lfs = is_lfs_path(source.path, digest.size, patterns, GIT_OID_LIMIT)
+        staged.append(StagedFile(source.path, digest, _git_oid(digest, lfs), lfs))
         done_before += source.size
     return staged, partials
 
@@ -163,24 +156,11 @@ def import_dir(
     files = scan_source(Path(directory))
     with WriteSession(store.layout) as session:
         staged, partials = _stage_all(session, files, store.chunk_size, progress)
-        trees = tree_oids(TreeEntry(s.source.path, s.git_oid) for s in staged)
+        trees = tree_oids(TreeEntry(s.path, s.git_oid) for s in staged)
         commit_id = commit_id_for_tree(trees[""])
-        placed: list[str] = []
-        try:
-            with store.lock.shared():
-                known = _blob_states(store.index, list(partials))
-                for sha256, partial in partials.items():
-                    if known.get(sha256) != "ok":
-                        store.blobs.place(partial, sha256, replace=True)
-                        placed.append(sha256)
-                _commit(store.index, repo_id, revision, private, _card(files), commit_id, trees[""], staged)
-                placed = []  # committed: the rows own these blobs now
-                _build_snapshot(store, repo_id, commit_id, staged)
-        except BaseException:
-            if placed:
-                _unplace(store, placed)
-            raise
-    new_blobs = {sha256: p.size for sha256, p in partials.items() if sha256 not in known}
+        spec = RevisionSpec(repo_id, commit_id, revision, private, "import", _card(files), trees[""])
+        new = publish(store, spec, staged, partials)
+    new_blobs = {sha256: p.size for sha256, p in partials.items() if sha256 in new}
     return ImportResult(
         repo_id=repo_id,
         revision=revision,
@@ -191,94 +171,3 @@ def import_dir(
         new_bytes=sum(new_blobs.values()),
         snapshot_path=str(store.snapshots.path(repo_id, commit_id)),
     )
-
-
-def _build_snapshot(store: Store, repo_id: str, commit_id: str, staged: list[_Staged]) -> None:
-    """Build the snapshot of a committed revision. Called under the shared store lock, so gc (exclusive)
-    never removes a snapshot being built. The snapshot is derived state: if this fails (a full disk, no
-    inodes), the import has still happened, and snapshot_path/file_path/verify rebuild it later."""
-    try:
-        store.snapshots.build(repo_id, commit_id, [(s.source.path, s.digest.sha256) for s in staged])
-    except StoreError as error:
-        log.warning(
-            "imported %s@%s, but its snapshot folder could not be built yet: %s", repo_id, commit_id, error
-        )
-
-
-def _unplace(store: Store, placed: list[str]) -> None:
-    """Delete blobs this import placed but never committed, so a failed import gives its disk space back.
-
-    Under the exclusive lock no writer is between placing and committing, so a blob without an 'ok' row
-    is nobody's. If this cleanup fails too, the files stay as orphans that gc removes.
-    """
-    with store.lock.exclusive():
-        states = _blob_states(store.index, placed)
-        for sha256 in placed:
-            if states.get(sha256) != "ok":
-                store.blobs.delete(sha256)
-
-
-def _blob_states(index: Index, digests: list[str]) -> dict[str, str]:
-    states: dict[str, str] = {}
-    for start in range(0, len(digests), 500):
-        batch = digests[start : start + 500]
-        marks = ",".join("?" * len(batch))
-        for row in index.read(f"SELECT sha256, state FROM blobs WHERE sha256 IN ({marks})", tuple(batch)):
-            states[row["sha256"]] = row["state"]
-    return states
-
-
-def _commit(
-    index: Index,
-    repo_id: str,
-    branch: str,
-    private: bool,
-    card: dict[str, Any],
-    commit_id: str,
-    tree_oid: str,
-    staged: list[_Staged],
-) -> None:
-    now = time.time()
-    with index.write(f"recording the import of {repo_id}") as con:
-        con.execute(
-            "INSERT INTO repos (repo_id, private, origin, card, created_at, updated_at) "
-            "VALUES (?, ?, 'import', ?, ?, ?) ON CONFLICT (repo_id) DO UPDATE SET private = excluded.private, "
-            "card = excluded.card, updated_at = excluded.updated_at",
-            (repo_id, int(private), json.dumps(card), now, now),
-        )
-        con.execute(
-            "INSERT OR IGNORE INTO revisions (repo_id, commit_id, tree_oid, created_at) VALUES (?, ?, ?, ?)",
-            (repo_id, commit_id, tree_oid, now),
-        )
-        for item in staged:
-            digest = item.digest
-            con.execute(
-                "INSERT INTO blobs (sha256, size, chunk_size, git_sha1, created_at) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (sha256) DO UPDATE SET state = 'ok', chunk_size = excluded.chunk_size, verified_at = NULL "
-                "WHERE state != 'ok'",
-                (digest.sha256, digest.size, digest.chunk_size, digest.git_sha1, now),
-            )
-            if con.execute("SELECT changes()").fetchone()[0]:
-                con.execute("DELETE FROM chunks WHERE sha256 = ?", (digest.sha256,))
-                con.executemany(
-                    "INSERT INTO chunks (sha256, idx, blake3) VALUES (?, ?, ?)",
-                    [(digest.sha256, i, b3) for i, b3 in enumerate(digest.chunk_blake3)],
-                )
-            con.execute(
-                "INSERT OR REPLACE INTO files (repo_id, commit_id, path, sha256, size, git_oid, lfs) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    repo_id,
-                    commit_id,
-                    item.source.path,
-                    digest.sha256,
-                    digest.size,
-                    item.git_oid,
-                    int(item.lfs),
-                ),
-            )
-        con.execute(
-            "INSERT INTO refs (repo_id, name, commit_id, updated_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (repo_id, name) DO UPDATE SET commit_id = excluded.commit_id, updated_at = excluded.updated_at",
-            (repo_id, branch, commit_id, now),
-        )

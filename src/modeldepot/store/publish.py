@@ -1,0 +1,148 @@
+"""Making verified files visible as a revision: the one commit path that imports and pulls share.
+
+Blobs are placed under the shared store lock, then one index transaction adds the repo, the revision,
+the blobs with their chunk digests and the file rows, and moves the ref; then the snapshot is rebuilt.
+A failure before the COMMIT deletes the blobs this call placed (nothing else references them); a kill
+leaves them as orphans that gc removes. Files can be added to an existing revision (a pull of a second
+variant): the snapshot always shows every file the revision has.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from modeldepot.errors import StoreError
+from modeldepot.hashing import BlobDigest
+from modeldepot.store.blobs import PartialBlob
+from modeldepot.store.index import Index
+from modeldepot.store.store import Store
+
+__all__ = ["RevisionSpec", "StagedFile", "blob_states", "publish"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    path: str
+    digest: BlobDigest
+    git_oid: str  # the Hub's tree oid for the file
+    lfs: bool
+
+
+@dataclass(frozen=True)
+class RevisionSpec:
+    repo_id: str
+    commit_id: str
+    branch: str | None  # the ref to point at the commit; None leaves refs alone (a pull by commit id)
+    private: bool = False
+    origin: str = "import"
+    card: dict[str, Any] = field(default_factory=dict)
+    tree_oid: str | None = None
+
+
+def blob_states(index: Index, digests: list[str]) -> dict[str, str]:
+    states: dict[str, str] = {}
+    for start in range(0, len(digests), 500):
+        batch = digests[start : start + 500]
+        marks = ",".join("?" * len(batch))
+        for row in index.read(f"SELECT sha256, state FROM blobs WHERE sha256 IN ({marks})", tuple(batch)):
+            states[row["sha256"]] = row["state"]
+    return states
+
+
+def publish(
+    store: Store, spec: RevisionSpec, staged: list[StagedFile], partials: dict[str, PartialBlob]
+) -> set[str]:
+    """Publish ``staged`` files (whose new bytes wait in ``partials``, by SHA-256); returns the new blobs."""
+    placed: list[str] = []
+    try:
+        with store.lock.shared():
+            known = blob_states(store.index, list(partials))
+            for sha256, partial in partials.items():
+                if known.get(sha256) != "ok":
+                    store.blobs.place(partial, sha256, replace=True)
+                    placed.append(sha256)
+            _commit(store.index, spec, staged)
+            placed = []  # committed: the rows own these blobs now
+            _build_snapshot(store, spec.repo_id, spec.commit_id)
+    except BaseException:
+        if placed:
+            _unplace(store, placed)
+        raise
+    return {sha256 for sha256 in partials if sha256 not in known}
+
+
+def _build_snapshot(store: Store, repo_id: str, commit_id: str) -> None:
+    """Under the shared lock, so gc (exclusive) never removes a snapshot being built. Derived state: if
+    this fails (a full disk, no inodes), the revision still exists and snapshot_path/verify rebuild it."""
+    try:
+        store.snapshots.build(
+            repo_id, commit_id, [(f.path, f.sha256) for f in store.files(repo_id, commit_id)]
+        )
+    except StoreError as error:
+        log.warning(
+            "published %s@%s, but its snapshot folder could not be built yet: %s", repo_id, commit_id, error
+        )
+
+
+def _unplace(store: Store, placed: list[str]) -> None:
+    """Delete blobs placed but never committed. Under the exclusive lock no writer is between placing
+    and committing, so a blob without an 'ok' row is nobody's."""
+    with store.lock.exclusive():
+        states = blob_states(store.index, placed)
+        for sha256 in placed:
+            if states.get(sha256) != "ok":
+                store.blobs.delete(sha256)
+
+
+def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile]) -> None:
+    now = time.time()
+    with index.write(f"recording {spec.repo_id}@{spec.commit_id[:12]}") as con:
+        con.execute(
+            "INSERT INTO repos (repo_id, private, origin, card, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (repo_id) DO UPDATE SET private = excluded.private, origin = excluded.origin, "
+            "card = excluded.card, updated_at = excluded.updated_at",
+            (spec.repo_id, int(spec.private), spec.origin, json.dumps(spec.card), now, now),
+        )
+        con.execute(
+            "INSERT OR IGNORE INTO revisions (repo_id, commit_id, tree_oid, created_at) VALUES (?, ?, ?, ?)",
+            (spec.repo_id, spec.commit_id, spec.tree_oid, now),
+        )
+        for item in staged:
+            digest = item.digest
+            con.execute(
+                "INSERT INTO blobs (sha256, size, chunk_size, git_sha1, created_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (sha256) DO UPDATE SET state = 'ok', chunk_size = excluded.chunk_size, "
+                "verified_at = NULL WHERE state != 'ok'",
+                (digest.sha256, digest.size, digest.chunk_size, digest.git_sha1, now),
+            )
+            if con.execute("SELECT changes()").fetchone()[0]:
+                con.execute("DELETE FROM chunks WHERE sha256 = ?", (digest.sha256,))
+                con.executemany(
+                    "INSERT INTO chunks (sha256, idx, blake3) VALUES (?, ?, ?)",
+                    [(digest.sha256, i, b3) for i, b3 in enumerate(digest.chunk_blake3)],
+                )
+            con.execute(
+                "INSERT OR REPLACE INTO files (repo_id, commit_id, path, sha256, size, git_oid, lfs) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    spec.repo_id,
+                    spec.commit_id,
+                    item.path,
+                    digest.sha256,
+                    digest.size,
+                    item.git_oid,
+                    int(item.lfs),
+                ),
+            )
+        if spec.branch is not None:
+            con.execute(
+                "INSERT INTO refs (repo_id, name, commit_id, updated_at) VALUES (?, ?, ?, ?) ON CONFLICT "
+                "(repo_id, name) DO UPDATE SET commit_id = excluded.commit_id, updated_at = excluded.updated_at",
+                (spec.repo_id, spec.branch, spec.commit_id, now),
+            )
