@@ -41,7 +41,9 @@ from modeldepot.store import (
     verify,
 )
 from modeldepot.store.maintenance import VerifyProgress
-from modeldepot.validation import validate_repo_id, validate_revision
+from modeldepot.transfer.pull import PullProgress, PullResult, pull
+from modeldepot.transfer.sources import HttpSource
+from modeldepot.validation import is_commit_id, validate_repo_id, validate_revision
 
 __all__ = ["Depot", "MappedFile"]
 
@@ -222,6 +224,29 @@ class Depot:
         }
         self.store.manifests.save(repo_id, revision, commit_id, body, statuses)
         return self.get_manifest(repo_id)
+
+    def pull(
+        self,
+        repo_id: str,
+        quants: list[str] | str | None = None,
+        revision: str = "main",
+        *,
+        progress: PullProgress | None = None,
+    ) -> PullResult:
+        """Download variants of ``repo_id`` from the Hub (``HF_ENDPOINT``) into the store, verified.
+
+        ``quants``: None for the whole repo, ``"all"`` for every variant, or names like ``["q4f16"]``;
+        the shared files (configs, tokenizers) come with any variant. Content the store already holds is
+        not downloaded again.
+        """
+        manifest = self.scan_repo(repo_id, revision)
+        source = HttpSource(self.config.hub_endpoint, self.config.hub_token)
+        branch = None if is_commit_id(revision) else revision
+        return pull(self.store, manifest, quants, branch, source, self.config.offline, progress)
+
+    def download_quant(self, repo_id: str, quant: str, *, progress: PullProgress | None = None) -> PullResult:
+        """Download one variant (and the shared files) of ``repo_id`` at ``main``."""
+        return self.pull(repo_id, [quant], progress=progress)
 
     def get_manifest(self, repo_id: str) -> Manifest:
         """The saved manifest of a scanned repo, with each variant's current status."""

@@ -285,6 +285,39 @@ def scan_command(depot: Depot, repo_id: str, revision: str, as_json: bool) -> No
         render.render_manifest(manifest)
 
 
+@cli.command("pull")
+@_repo_argument
+@click.option(
+    "--quant", "-q", "quants", multiple=True, help="Variant to pull (repeatable), e.g. q4f16 or Q4_K_M."
+)
+@click.option("--all", "all_variants", is_flag=True, help="Every variant (without the repo's other files).")
+@_revision_option
+@_json_option
+@_home_option
+def pull_command(
+    depot: Depot, repo_id: str, quants: tuple[str, ...], all_variants: bool, revision: str, as_json: bool
+) -> None:
+    """Download REPO (or some of its variants) from the Hub (HF_ENDPOINT) into the store, verified."""
+    if quants and all_variants:
+        render.err.print("[red]error:[/red] give --quant or --all, not both")
+        sys.exit(EXIT_BAD_INPUT)
+    chosen: list[str] | str | None = list(quants) if quants else ("all" if all_variants else None)
+    bar = render.ByteProgress(f"pulling {repo_id}")
+    with bar.running():
+        result = depot.pull(
+            repo_id, chosen, revision, progress=lambda path, done, total: bar.update(done, total, path)
+        )
+    if as_json:
+        render.print_json(result.to_dict())
+        return
+    render.out.print(
+        f"pulled {result.repo_id}@{result.commit_id[:12]} ({', '.join(result.variants) or 'all files'}): "
+        f"{result.files} files, {render.format_bytes(result.bytes_total)}, "
+        f"{render.format_bytes(result.bytes_downloaded)} downloaded, the rest already in the store"
+    )
+    render.out.print(f"snapshot: {result.snapshot_path}")
+
+
 @cli.command("status")
 @click.argument("repo_id", metavar="[REPO]", required=False, callback=_checked(validate_repo_id))
 @_json_option

@@ -30,7 +30,7 @@ from modeldepot.errors import (
     RepoNotFoundError,
     RevisionNotFoundError,
 )
-from modeldepot.hashing import chunk_count, chunk_span
+from modeldepot.hashing import BlobDigest, chunk_count, chunk_span
 from modeldepot.store.blobs import BlobFiles
 from modeldepot.store.index import Index
 from modeldepot.store.layout import StoreLayout
@@ -239,6 +239,27 @@ class Store:
             (after, limit),
         )
         return [BlobRecord(r["sha256"], r["size"], r["chunk_size"]) for r in rows]
+
+    def local_digest(self, sha256: str | None = None, git_sha1: str | None = None) -> BlobDigest | None:
+        """The digests of a servable blob found by SHA-256 or by git blob SHA-1; None if the store lacks it."""
+        if sha256 is not None:
+            rows = self.index.read("SELECT * FROM blobs WHERE sha256 = ? AND state = 'ok'", (sha256,))
+        elif git_sha1 is not None:
+            rows = self.index.read(
+                "SELECT * FROM blobs WHERE git_sha1 = ? AND state = 'ok' LIMIT 1", (git_sha1,)
+            )
+        else:
+            return None
+        if not rows:
+            return None
+        row = rows[0]
+        return BlobDigest(
+            row["sha256"],
+            row["size"],
+            row["chunk_size"],
+            tuple(self.chunk_digests(row["sha256"])),
+            row["git_sha1"],
+        )
 
     def chunk_digests(self, sha256: str) -> list[str]:
         rows = self.index.read("SELECT blake3 FROM chunks WHERE sha256 = ? ORDER BY idx", (sha256,))

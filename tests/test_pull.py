@@ -1,0 +1,127 @@
+"""Pulling variants from an upstream node that plays the Hub: selection, verification, reuse, statuses."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import SMALL_CHUNK, LiveNode, flip_byte, store_files_consistent, write_model_dir
+from modeldepot import Depot, IntegrityError, NotFoundError
+from modeldepot.cli import cli
+from modeldepot.errors import OfflineError
+
+REPO = "onnx-community/tiny"
+FILES = {
+    ".gitattributes": b"*.onnx filter=lfs diff=lfs merge=lfs -text\n*.onnx_data filter=lfs diff=lfs merge=lfs -text\n",
+    "README.md": b"---\npipeline_tag: text-generation\n---\n# tiny\n",
+    "config.json": b'{"model_type": "llama"}',
+    "tokenizer.json": b'{"vocab": {"a": 0}}',
+    "onnx/model.onnx": bytes(range(256)) * 900,  # 230400 bytes: four 64 KiB chunks
+    "onnx/model_q4f16.onnx": b"q4f16" * 40_000,
+    "onnx/model_q4f16.onnx_data": b"data" * 50_000,
+    "onnx/model_fp16.onnx": b"fp16" * 30_000,
+}
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[LiveNode]:
+    with Depot(tmp_path / "upstream-store") as hub:
+        hub.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        node = LiveNode(hub)
+        yield node
+        node.stop()
+
+
+@pytest.fixture
+def local(upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Depot]:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", upstream.url)
+    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as depot:
+        yield depot
+
+
+def test_pull_one_variant_takes_exactly_its_files_and_the_shared_ones(
+    local: Depot, upstream: LiveNode
+) -> None:
+    seen: list[int] = []
+    result = local.pull(REPO, ["q4f16"], progress=lambda path, done, total: seen.append(done))
+    wanted = {"onnx/model_q4f16.onnx", "onnx/model_q4f16.onnx_data", "config.json", "tokenizer.json"}
+    assert result.commit_id == upstream.depot.resolve(REPO) and result.variants == ("q4f16",)
+    assert {f.path for f in local.list_files(REPO)} == wanted
+    assert result.bytes_total == result.bytes_downloaded == sum(len(FILES[p]) for p in wanted)
+    for path in wanted:
+        assert bytes(local.get_file(REPO, path)) == FILES[path]
+        assert local.file_info(REPO, path).etag == upstream.depot.file_info(REPO, path).etag  # Hub-identical
+    assert seen == sorted(seen) and seen[-1] == result.bytes_total
+    assert local.verify().ok and store_files_consistent(local) == []
+    variant = local.get_manifest(REPO).variant("q4f16")
+    assert (variant.status, variant.bytes_done, variant.error) == ("downloaded", variant.total_bytes, None)
+    assert variant.finished_at is not None and variant.started_at is not None
+    assert local.get_manifest(REPO).variant("fp32").status == "available"
+    assert sorted(p.name for p in Path(result.snapshot_path).rglob("*") if p.is_file()) == sorted(
+        Path(p).name for p in wanted)  # fmt: skip
+    assert local.repo_summary(REPO).card["pipeline_tag"] == "text-generation"
+    assert list((local.home / "tmp").iterdir()) == []
+
+
+def test_a_second_variant_reuses_the_shared_files_and_grows_the_revision(local: Depot) -> None:
+    local.pull(REPO, ["q4f16"])
+    second = local.pull(REPO, ["fp32"])
+    assert second.bytes_downloaded == len(FILES["onnx/model.onnx"])  # configs and tokenizer came with q4f16
+    assert bytes(local.get_file(REPO, "onnx/model.onnx")) == FILES["onnx/model.onnx"]
+    assert local.has_file(REPO, "onnx/model_q4f16.onnx")  # the first variant stays in the same revision
+    statuses = {v.name: v.status for v in local.get_manifest(REPO).variants}
+    assert statuses == {"fp32": "downloaded", "q4f16": "downloaded", "fp16": "available"}
+
+
+def test_pull_of_the_whole_repo_and_of_everything_again(local: Depot) -> None:
+    whole = local.pull(REPO)
+    assert {f.path for f in local.list_files(REPO)} == set(FILES)
+    assert whole.bytes_downloaded == sum(map(len, FILES.values()))
+    again = local.pull(REPO, "all")
+    assert again.bytes_downloaded == 0 and set(again.variants) == {"fp32", "fp16", "q4f16"}
+
+
+def test_bytes_that_do_not_match_upstream_digests_are_never_committed(
+    local: Depot, upstream: LiveNode
+) -> None:
+    blob = upstream.depot.file_info(REPO, "onnx/model_fp16.onnx").sha256
+    flip_byte(upstream.depot.store.blobs.path(blob), 5)  # the upstream now serves one wrong byte
+    with pytest.raises(IntegrityError, match="do not match the upstream's SHA-256"):
+        local.pull(REPO, ["fp16"])
+    assert local.list_repos() == [] and local.du().blobs == 0
+    assert list((local.home / "tmp").iterdir()) == []
+    failed = local.get_manifest(REPO).variant("fp16")
+    assert failed.status == "failed" and "IntegrityError" in (failed.error or "")
+    assert local.pull(REPO, ["q4f16"]).files == 4  # an unharmed variant still pulls
+
+
+def test_unknown_variants_and_offline_pulls(
+    local: Depot, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with pytest.raises(NotFoundError, match=r"has no variant 'q3'.*fp16"):
+        local.pull(REPO, ["q3"])
+    local.pull(REPO, ["q4f16"])
+    monkeypatch.setenv("MODELDEPOT_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: offline must not try
+    with Depot(local.home) as offline:
+        assert offline.pull(REPO, ["q4f16"]).bytes_downloaded == 0
+        with pytest.raises(OfflineError, match="1 files"):
+            offline.pull(REPO, ["fp32"])
+
+
+def test_cli_pull(local: Depot) -> None:
+    runner = CliRunner()
+    home = str(local.home)
+    done = runner.invoke(cli, ["pull", REPO, "--quant", "q4f16", "--json", "--home", home])
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(done.stdout)["variants"] == ["q4f16"]
+    shown = runner.invoke(cli, ["pull", REPO, "-q", "fp16", "--home", home])
+    assert shown.exit_code == 0 and "pulled onnx-community/tiny" in shown.stdout
+    assert runner.invoke(cli, ["pull", REPO, "-q", "fp16", "--all", "--home", home]).exit_code == 2
+    status = json.loads(runner.invoke(cli, ["status", REPO, "--json", "--home", home]).stdout)
+    assert {v["name"]: v["status"] for v in status[0]["variants"]}["fp16"] == "downloaded"
