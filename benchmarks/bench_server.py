@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 
 import aiohttp
-import numpy as np
 
-from common import Row, render
+from common import Row, random_file, render
 from modeldepot import Depot
 from modeldepot.config import parse_size
 
@@ -53,19 +52,6 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"nothing listens on port {port}")
-
-
-def random_file(path: Path, size: int, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.stat().st_size == size:
-        return
-    rng = np.random.default_rng(seed)
-    with open(path, "wb") as handle:
-        left = size
-        while left:
-            n = min(left, 64 << 20)
-            handle.write(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
-            left -= n
 
 
 def curl_seconds(url: str) -> float:

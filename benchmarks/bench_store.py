@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import Row, median_time, render
+from common import Row, median_time, random_file, render
 from modeldepot import Depot
 from modeldepot.config import parse_size
 
@@ -33,17 +33,8 @@ REPO = "bench/big-model"
 
 
 def make_source(folder: Path, size: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / "model.safetensors"
-    if target.exists() and target.stat().st_size == size:
-        return target
-    rng = np.random.default_rng(7)
-    with open(target, "wb") as handle:
-        left = size
-        while left:
-            n = min(left, 64 << 20)
-            handle.write(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
-            left -= n
+    random_file(target, size, 7)
     return target
 
 

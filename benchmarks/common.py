@@ -8,7 +8,9 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -59,3 +61,17 @@ def render(title: str, rows: list[Row]) -> None:
     for row in rows:
         print(f"| {row.name} | {row.anchor} | {_rate(row.size, row.anchor_s)} | {_rate(row.size, row.ours_s)} | "
               f"{row.ratio:.2f}× | ≥ {row.goal}× |")  # fmt: skip
+
+
+def random_file(path: Path, size: int, seed: int) -> None:
+    """A file of ``size`` random bytes (kept if it is already there with that size)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size == size:
+        return
+    rng = np.random.default_rng(seed)
+    with open(path, "wb") as handle:
+        left = size
+        while left:
+            n = min(left, 64 << 20)
+            handle.write(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+            left -= n
