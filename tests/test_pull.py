@@ -125,3 +125,16 @@ def test_cli_pull(local: Depot) -> None:
     assert runner.invoke(cli, ["pull", REPO, "-q", "fp16", "--all", "--home", home]).exit_code == 2
     status = json.loads(runner.invoke(cli, ["status", REPO, "--json", "--home", home]).stdout)
     assert {v["name"]: v["status"] for v in status[0]["variants"]}["fp16"] == "downloaded"
+
+
+def test_the_same_content_under_two_paths_crosses_the_wire_once(
+    local: Depot, upstream: LiveNode, tmp_path: Path
+) -> None:
+    weights = b"w" * 150_000
+    files = {"a/model.safetensors": weights, "b/model.safetensors": weights, "config.json": b"{}"}
+    upstream.depot.import_dir(write_model_dir(tmp_path / "dupes", files), "acme/dupes")
+    result = local.pull("acme/dupes")
+    assert result.bytes_total == 2 * len(weights) + 2
+    assert result.bytes_downloaded == len(weights) + 2
+    assert bytes(local.get_file("acme/dupes", "b/model.safetensors")) == weights
+    assert local.du().blobs == 2

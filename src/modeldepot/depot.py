@@ -179,6 +179,10 @@ class Depot:
         """Chunk ``index`` of a blob as a zero-copy view, verified against its BLAKE3 digest."""
         return self.store.blob_chunk(blob, index)
 
+    def verified_chunk(self, blob: BlobRecord, index: int) -> tuple[memoryview, str]:
+        """Like :meth:`blob_chunk`, with the BLAKE3 digest the chunk was checked against."""
+        return self.store.verified_chunk(blob, index)
+
     def chunk_digests(self, sha256: str) -> list[str]:
         """The BLAKE3 digest of each chunk of a blob, in order."""
         return self.store.chunk_digests(sha256)
@@ -188,6 +192,9 @@ class Depot:
 
     def list_repos(self) -> list[RepoSummary]:
         return self.store.list_repos()
+
+    def repo_private(self, repo_id: str) -> bool:
+        return self.store.repo_private(repo_id)
 
     def repo_summary(self, repo_id: str) -> RepoSummary:
         return self.store.repo_summary(repo_id)

@@ -46,6 +46,12 @@ def _revision(request: web.Request, default: str = "main") -> str:
     return validate_revision(unquote(raw) if raw is not None else default)
 
 
+async def _check_visible(request: web.Request, repo_id: str) -> None:
+    """RepoNotFound when the repo is absent, or private and the request carries no valid token."""
+    if await asyncio.to_thread(request.app[DEPOT].repo_private, repo_id) and not is_authorized(request):
+        raise RepoNotFoundError(repo_id)
+
+
 async def _visible_repo(request: web.Request, repo_id: str) -> RepoSummary:
     """The repo's summary, or RepoNotFound when it is private and the request carries no valid token."""
     summary = await asyncio.to_thread(request.app[DEPOT].repo_summary, repo_id)
@@ -202,7 +208,7 @@ async def resolve(request: web.Request) -> web.StreamResponse:
     repo_id = _repo_id(request)
     revision = _revision(request)
     path = validate_path(request.match_info["path"])
-    await _visible_repo(request, repo_id)
+    await _check_visible(request, repo_id)
     depot: Depot = request.app[DEPOT]
     entry = await asyncio.to_thread(depot.file_info, repo_id, path, revision)
     handle = await asyncio.to_thread(depot.open_file, repo_id, path, entry.commit_id)

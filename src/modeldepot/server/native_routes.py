@@ -96,8 +96,7 @@ async def read_chunk(request: web.Request) -> web.StreamResponse:
     raw = request.match_info["index"]
     if not _INDEX.fullmatch(raw):
         raise InvalidInputError(f"chunk index {raw[:40]!r} is not a decimal number")
-    view = await asyncio.to_thread(depot.blob_chunk, blob, int(raw))
-    digest = (await asyncio.to_thread(depot.chunk_digests, blob.sha256))[int(raw)]
+    view, digest = await asyncio.to_thread(depot.verified_chunk, blob, int(raw))
     headers = {"ETag": f'"{digest}"', "X-Chunk-Blake3": digest, "X-Chunk-Size": str(blob.chunk_size)}
     return web.Response(body=view, headers=headers, content_type="application/octet-stream")
 

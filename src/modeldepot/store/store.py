@@ -182,12 +182,14 @@ class Store:
 
     def blob_chunk(self, blob: BlobRecord, index: int) -> memoryview:
         """Chunk ``index`` of a blob as a zero-copy view of its mapping, verified; a bad chunk quarantines it."""
+        return self.verified_chunk(blob, index)[0]
+
+    def verified_chunk(self, blob: BlobRecord, index: int) -> tuple[memoryview, str]:
+        """Chunk ``index`` and the BLAKE3 it was just checked against."""
         count = chunk_count(blob.size, blob.chunk_size)
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
             raise InvalidRangeError(f"chunk index {index!r} is outside 0..{count - 1}")
-        expected = self.index.read(
-            "SELECT blake3 FROM chunks WHERE sha256 = ? AND idx = ?", (blob.sha256, index)
-        )
+        expected = self.chunk_digest(blob.sha256, index)
         offset, length = chunk_span(index, blob.size, blob.chunk_size)
         fd = self._open_blob_fd(blob.sha256, blob.size)
         try:
@@ -195,11 +197,11 @@ class Store:
         finally:
             os.close(fd)
         view = memoryview(mapping)[offset : offset + length] if mapping is not None else memoryview(b"")
-        if not expected or blake3.blake3(view).hexdigest() != expected[0]["blake3"]:
+        if expected is None or blake3.blake3(view).hexdigest() != expected:
             view.release()
             self.quarantine(blob.sha256)
             raise CorruptBlobError(blob.sha256, f"chunk {index} does not match its BLAKE3 digest")
-        return view
+        return view, expected
 
     def blob(self, sha256: str, public_only: bool = False) -> BlobRecord:
         """A servable blob by digest; ``public_only`` hides blobs that only private repos use."""
@@ -261,6 +263,11 @@ class Store:
             row["git_sha1"],
         )
 
+    def chunk_digest(self, sha256: str, index: int) -> str | None:
+        """The recorded BLAKE3 of one chunk (None if the index holds no such chunk)."""
+        rows = self.index.read("SELECT blake3 FROM chunks WHERE sha256 = ? AND idx = ?", (sha256, index))
+        return str(rows[0]["blake3"]) if rows else None
+
     def chunk_digests(self, sha256: str) -> list[str]:
         rows = self.index.read("SELECT blake3 FROM chunks WHERE sha256 = ? ORDER BY idx", (sha256,))
         return [row["blake3"] for row in rows]
@@ -313,6 +320,14 @@ class Store:
     def list_repos(self) -> list[RepoSummary]:
         rows = self.index.read("SELECT repo_id FROM repos ORDER BY repo_id")
         return [self.repo_summary(row["repo_id"]) for row in rows]
+
+    def repo_private(self, repo_id: str) -> bool:
+        """Whether a repo was imported as private (one indexed lookup: the server asks on every request)."""
+        validate_repo_id(repo_id)
+        rows = self.index.read("SELECT private FROM repos WHERE repo_id = ?", (repo_id,))
+        if not rows:
+            raise RepoNotFoundError(repo_id)
+        return bool(rows[0]["private"])
 
     def repo_summary(self, repo_id: str) -> RepoSummary:
         """One repo's refs, counts and its newest revision's size, without listing every file."""

@@ -135,7 +135,7 @@ def pull(
         variants=tuple(names),
         files=len(files),
         bytes_total=tracker.total,
-        bytes_downloaded=sum(f.size for f in missing),
+        bytes_downloaded=sum({f.sha256 or f.git_oid: f.size for f in missing}.values()),
         snapshot_path=str(store.snapshots.path(manifest.repo_id, manifest.commit_id)),
     )
 
@@ -152,8 +152,14 @@ async def _fetch_all(
     fetched: dict[str, BlobDigest] = {}
     partials: dict[str, PartialBlob] = {}
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
+    by_content: dict[str, BlobDigest] = {}  # a repo may hold the same bytes under two paths
     async with aiohttp.ClientSession(timeout=timeout) as http:
         for remote in missing:
+            key = remote.sha256 or remote.git_oid
+            if key in by_content:
+                fetched[remote.path] = by_content[key]
+                tracker.add(remote.path, remote.size)
+                continue
             partial = await asyncio.to_thread(session.new_partial, remote.size)
             url = source.file_url(manifest.repo_id, manifest.commit_id, remote.path)
 
@@ -164,6 +170,6 @@ async def _fetch_all(
                 http, source, url, remote, store.chunk_size, partial, parallel, on_chunk
             )
             await asyncio.to_thread(partial.sync)
-            fetched[remote.path] = digest
+            fetched[remote.path] = by_content[key] = digest
             partials.setdefault(digest.sha256, partial)
     return fetched, partials
