@@ -48,7 +48,7 @@ def test_pull_one_variant_takes_exactly_its_files_and_the_shared_ones(
     local: Depot, upstream: LiveNode
 ) -> None:
     seen: list[int] = []
-    result = local.pull(REPO, ["q4f16"], progress=lambda path, done, total: seen.append(done))
+    result = local.pull(REPO, ["q4f16"], progress=lambda update: seen.append(update.done))
     wanted = {"onnx/model_q4f16.onnx", "onnx/model_q4f16.onnx_data", "config.json", "tokenizer.json"}
     assert result.commit_id == upstream.depot.resolve(REPO) and result.variants == ("q4f16",)
     assert {f.path for f in local.list_files(REPO)} == wanted

@@ -64,8 +64,20 @@ class DepotConfig:
     hub_endpoint: str = DEFAULT_HUB_ENDPOINT
     hub_token: str | None = field(default=None, repr=False)  # sent to the Hub only, never to nodes or peers
     offline: bool = False
+    servers: tuple[str, ...] = ()  # depot nodes asked before the Hub, in order (MODELDEPOT_SERVERS)
+    node_token: str | None = field(default=None, repr=False)  # sent to depot nodes only (MODELDEPOT_TOKEN)
+    connections: int = 16  # parallel requests of one transfer, in total (MODELDEPOT_CONNECTIONS)
+    connections_per_source: int = 4
 
     def __post_init__(self) -> None:
+        if not 1 <= self.connections_per_source <= self.connections <= 256:
+            raise ConfigError(
+                f"connections: {self.connections} in total and {self.connections_per_source} per source "
+                "must satisfy 1 <= per source <= total <= 256"
+            )
+        for server in self.servers:
+            if not server.startswith(("http://", "https://")):
+                raise ConfigError(f"depot server {server!r} must be an http:// or https:// URL")
         if self.chunk_size is not None and not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
             raise ConfigError(
                 f"chunk size {self.chunk_size} is outside {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes"
@@ -78,10 +90,29 @@ class DepotConfig:
         """Build from ``MODELDEPOT_HOME`` and ``MODELDEPOT_CHUNK_SIZE``; an explicit ``home`` wins."""
         env = os.environ if environ is None else environ
         chunk = env.get("MODELDEPOT_CHUNK_SIZE")
+        servers = tuple(
+            u.strip().rstrip("/") for u in env.get("MODELDEPOT_SERVERS", "").split(",") if u.strip()
+        )
+        connections = _int_setting(env, "MODELDEPOT_CONNECTIONS", 16)
+        per_source = _int_setting(env, "MODELDEPOT_CONNECTIONS_PER_SOURCE", min(4, connections))
         return cls(
             home=Path(home).expanduser() if home is not None else default_home(env),
             chunk_size=parse_size(chunk) if chunk else None,
             hub_endpoint=(env.get("HF_ENDPOINT") or DEFAULT_HUB_ENDPOINT).rstrip("/"),
             hub_token=env.get("HF_TOKEN") or None,
             offline=any(_truthy(env.get(name)) for name in ("HF_HUB_OFFLINE", "MODELDEPOT_OFFLINE")),
+            servers=servers,
+            node_token=env.get("MODELDEPOT_TOKEN") or None,
+            connections=connections,
+            connections_per_source=per_source,
         )
+
+
+def _int_setting(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name)
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a whole number") from None

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import mmap
 from pathlib import Path
@@ -18,9 +19,8 @@ from types import TracebackType
 from typing import BinaryIO
 
 from modeldepot.config import DepotConfig
-from modeldepot.errors import NotFoundError, OfflineError
+from modeldepot.errors import EntryNotFoundError, NotFoundError, OfflineError
 from modeldepot.hub.manifest import Manifest, manifest_body, manifest_from_record
-from modeldepot.hub.scan import fetch_repo
 from modeldepot.hub.variants import group_files
 from modeldepot.store import (
     BlobRecord,
@@ -41,9 +41,11 @@ from modeldepot.store import (
     verify,
 )
 from modeldepot.store.maintenance import VerifyProgress
-from modeldepot.transfer.pull import PullProgress, PullResult, pull
-from modeldepot.transfer.sources import HttpSource
-from modeldepot.validation import is_commit_id, validate_repo_id, validate_revision
+from modeldepot.store.partials import partial_key
+from modeldepot.transfer.chain import SourceChain
+from modeldepot.transfer.download import Limits
+from modeldepot.transfer.pull import PullProgress, PullResult, pull, pull_async
+from modeldepot.validation import is_commit_id, validate_path, validate_repo_id, validate_revision
 
 __all__ = ["Depot", "MappedFile"]
 
@@ -142,8 +144,15 @@ class Depot:
     def has_file(self, repo_id: str, path: str, revision: str = "main") -> bool:
         return self.store.has_file(repo_id, path, revision)
 
-    def get_file(self, repo_id: str, path: str, revision: str = "main") -> memoryview:
-        """The file's bytes as a zero-copy view of a shared read-only mapping (unmapped when dropped)."""
+    def get_file(
+        self, repo_id: str, path: str, revision: str = "main", *, download: bool = False
+    ) -> memoryview:
+        """The file's bytes as a zero-copy view of a shared read-only mapping (unmapped when dropped).
+
+        ``download=True``: on a miss, fetch the file through the source chain first (auto-download).
+        """
+        if download:
+            self.download_file(repo_id, path, revision)
         mapping = self.store.map(self.store.entry(repo_id, path, revision))
         return memoryview(mapping) if mapping is not None else memoryview(b"")
 
@@ -205,7 +214,8 @@ class Depot:
     # -- upstream repos -------------------------------------------------------------------------------
 
     def scan_repo(self, repo_id: str, revision: str = "main") -> Manifest:
-        """Read ``repo_id`` on the Hub (``HF_ENDPOINT``): commit, files, variants; saved as its manifest.
+        """Read ``repo_id`` through the source chain (depot servers from ``MODELDEPOT_SERVERS``, then the
+        Hub at ``HF_ENDPOINT``): commit, files, variants; saved as its manifest.
 
         Offline (``HF_HUB_OFFLINE=1`` or ``MODELDEPOT_OFFLINE=1``) no connection is opened: the saved
         manifest is returned, or OfflineError when there is none.
@@ -219,18 +229,22 @@ class Depot:
                 raise OfflineError(
                     f"offline mode: {repo_id} was never scanned, and scanning needs the network"
                 ) from None
-        endpoint = self.config.hub_endpoint
-        commit_id, info, files = fetch_repo(repo_id, revision, endpoint, self.config.hub_token)
-        body = manifest_body(repo_id, revision, commit_id, endpoint, info, files)
-        grouping = group_files(f.path for f in files)
+        scan = self.chain.scan(repo_id, revision)
+        body = manifest_body(repo_id, revision, scan.commit_id, scan.endpoint, scan.info, scan.files)
+        grouping = group_files(f.path for f in scan.files)
         statuses = {
             v.name: "downloaded"
-            if self._holds(repo_id, commit_id, [*v.files, *grouping.shared])
+            if self._holds(repo_id, scan.commit_id, [*v.files, *grouping.shared])
             else "available"
             for v in grouping.variants
         }
-        self.store.manifests.save(repo_id, revision, commit_id, body, statuses)
+        self.store.manifests.save(repo_id, revision, scan.commit_id, body, statuses)
         return self.get_manifest(repo_id)
+
+    @property
+    def chain(self) -> SourceChain:
+        """Where pulls look, in order: the depot servers, then the Hub."""
+        return SourceChain.from_config(self.config)
 
     def pull(
         self,
@@ -240,24 +254,77 @@ class Depot:
         *,
         progress: PullProgress | None = None,
     ) -> PullResult:
-        """Download variants of ``repo_id`` from the Hub (``HF_ENDPOINT``) into the store, verified.
+        """Download variants of ``repo_id`` into the store through the source chain, verified and resumable.
 
         ``quants``: None for the whole repo, ``"all"`` for every variant, or names like ``["q4f16"]``;
         the shared files (configs, tokenizers) come with any variant. Content the store already holds is
-        not downloaded again.
+        not downloaded again; an interrupted pull continues where it stopped.
         """
-        manifest = self.scan_repo(repo_id, revision)
-        source = HttpSource(self.config.hub_endpoint, self.config.hub_token)
-        branch = None if is_commit_id(revision) else revision
-        return pull(self.store, manifest, quants, branch, source, self.config.offline, progress)
+        manifest = self._manifest_for(repo_id, revision)
+        return pull(self.store, manifest, quants, self._branch(revision), self.chain, self.config.offline,
+                    progress, self._limits())  # fmt: skip
+
+    async def pull_async(
+        self,
+        repo_id: str,
+        quants: list[str] | str | None = None,
+        revision: str = "main",
+        *,
+        progress: PullProgress | None = None,
+    ) -> PullResult:
+        """:meth:`pull` for asyncio programs (scanning runs on a worker thread)."""
+        manifest = await asyncio.to_thread(self._manifest_for, repo_id, revision)
+        return await pull_async(self.store, manifest, quants, self._branch(revision), self.chain,
+                                self.config.offline, progress, self._limits())  # fmt: skip
 
     def download_quant(self, repo_id: str, quant: str, *, progress: PullProgress | None = None) -> PullResult:
         """Download one variant (and the shared files) of ``repo_id`` at ``main``."""
         return self.pull(repo_id, [quant], progress=progress)
 
+    def download_file(
+        self, repo_id: str, path: str, revision: str = "main", *, progress: PullProgress | None = None
+    ) -> FileEntry:
+        """Make sure one file of ``repo_id`` is in the store (downloading it if needed); returns its entry."""
+        validate_path(path)
+        if self.store.has_file(repo_id, path, revision):
+            return self.store.entry(repo_id, path, revision)
+        manifest = self._manifest_for(repo_id, revision)
+        if not any(f.path == path for f in manifest.files):
+            raise EntryNotFoundError(repo_id, revision, path, manifest.commit_id)
+        pull(self.store, manifest, None, self._branch(revision), self.chain, self.config.offline,
+             progress, self._limits(), paths=[path])  # fmt: skip
+        return self.store.entry(repo_id, path, manifest.commit_id)
+
+    def _manifest_for(self, repo_id: str, revision: str) -> Manifest:
+        """The saved manifest when it answers ``revision`` (a commit id, or the branch it was scanned at,
+        offline); else a fresh scan."""
+        validate_repo_id(repo_id)
+        validate_revision(revision)
+        try:
+            saved = self.get_manifest(repo_id)
+        except NotFoundError:
+            saved = None
+        if saved is not None and (
+            saved.commit_id == revision or (self.config.offline and saved.revision == revision)
+        ):
+            return saved
+        return self.scan_repo(repo_id, revision)
+
+    @staticmethod
+    def _branch(revision: str) -> str | None:
+        return None if is_commit_id(revision) else revision
+
+    def _limits(self) -> Limits:
+        return Limits(per_source=self.config.connections_per_source, total=self.config.connections)
+
     def get_manifest(self, repo_id: str) -> Manifest:
-        """The saved manifest of a scanned repo, with each variant's current status."""
-        return manifest_from_record(self.store.manifests.load(repo_id))
+        """The saved manifest of a scanned repo, with each variant's current status (a pull that was
+        killed shows as failed and resumable, not as downloading forever)."""
+        record = self.store.manifests.load(repo_id)
+        partials = self.store.partials
+        return manifest_from_record(
+            record, partials.is_pulling(repo_id), lambda f: partials.holds(partial_key(f.sha256, f.git_oid))
+        )
 
     def list_manifests(self) -> list[Manifest]:
         return [self.get_manifest(repo_id) for repo_id in self.store.manifests.scanned()]

@@ -98,6 +98,16 @@ class BlobHasher:
         self.update_sha256(data)
         self.update_chunks(data)
 
+    def update_chunk(self, data: memoryview, blake3_hex: str) -> None:
+        """Feed one whole chunk, in order, whose BLAKE3 is already known (computed as it arrived): only
+        the git SHA-1 is computed here; the SHA-256 still needs :meth:`update_sha256`."""
+        if self._chunk_filled:
+            raise ValueError("update_chunk needs chunk-aligned input")
+        if self._git is not None:
+            self._git.update(data)
+        self._chunk_seen += len(data)
+        self._chunks.append(blake3_hex)
+
     def finish(self) -> BlobDigest:
         if self._sha_seen != self.size or self._chunk_seen != self.size:
             raise IntegrityError(

@@ -297,23 +297,27 @@ def scan_command(depot: Depot, repo_id: str, revision: str, as_json: bool) -> No
 def pull_command(
     depot: Depot, repo_id: str, quants: tuple[str, ...], all_variants: bool, revision: str, as_json: bool
 ) -> None:
-    """Download REPO (or some of its variants) from the Hub (HF_ENDPOINT) into the store, verified."""
+    """Download REPO (or some of its variants) into the store, verified and resumable.
+
+    Sources, in order: the depot nodes in MODELDEPOT_SERVERS (comma-separated URLs; MODELDEPOT_TOKEN is
+    sent to them), then the Hub at HF_ENDPOINT (HF_TOKEN is sent to it alone). Run it again after an
+    interruption: only the missing chunks are fetched."""
     if quants and all_variants:
         render.err.print("[red]error:[/red] give --quant or --all, not both")
         sys.exit(EXIT_BAD_INPUT)
     chosen: list[str] | str | None = list(quants) if quants else ("all" if all_variants else None)
-    bar = render.ByteProgress(f"pulling {repo_id}")
-    with bar.running():
-        result = depot.pull(
-            repo_id, chosen, revision, progress=lambda path, done, total: bar.update(done, total, path)
-        )
+    view = render.PullView(f"pulling {repo_id}")
+    with view.running():
+        result = depot.pull(repo_id, chosen, revision, progress=view.update)
     if as_json:
         render.print_json(result.to_dict())
         return
     render.out.print(
         f"pulled {result.repo_id}@{result.commit_id[:12]} ({', '.join(result.variants) or 'all files'}): "
         f"{result.files} files, {render.format_bytes(result.bytes_total)}, "
-        f"{render.format_bytes(result.bytes_downloaded)} downloaded, the rest already in the store"
+        f"{render.format_bytes(result.bytes_downloaded)} downloaded"
+        + (f", {render.format_bytes(result.bytes_resumed)} resumed" if result.bytes_resumed else "")
+        + (f" from {', '.join(result.sources)}" if result.sources else "")
     )
     render.out.print(f"snapshot: {result.snapshot_path}")
 

@@ -23,9 +23,11 @@ from rich.table import Table
 
 from modeldepot.hub.manifest import Manifest
 from modeldepot.store import DiskUsage, GcReport, RemoveResult, RepoInfo, RepoSummary, VerifyReport
+from modeldepot.transfer.pull import PullUpdate
 
 __all__ = [
     "ByteProgress",
+    "PullView",
     "err",
     "format_bytes",
     "out",
@@ -100,6 +102,70 @@ class ByteProgress:
         if self._progress is not None and self._task is not None:
             description = f"{self._description} {label}" if label else self._description
             self._progress.update(self._task, completed=done, total=total, description=description)
+
+
+class PullView:
+    """Progress of a pull: on a terminal, a total bar and a bar per file in flight (rate, ETA); otherwise
+    plain lines on stderr, at most every few seconds, and one per finished file."""
+
+    LINE_INTERVAL = 3.0
+
+    def __init__(self, description: str) -> None:
+        self._description = description
+        self._progress: Progress | None = None
+        self._total: TaskID | None = None
+        self._files: dict[str, TaskID] = {}
+        self._finished: set[str] = set()
+        self._started = time.monotonic()
+        self._last_line = 0.0
+
+    @contextmanager
+    def running(self) -> Iterator[PullView]:
+        if not err.is_terminal:
+            yield self
+            return
+        self._progress = Progress(
+            TextColumn("{task.description}", table_column=None),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        )
+        with self._progress:
+            self._total = self._progress.add_task(self._description, total=None)
+            yield self
+
+    def update(self, update: PullUpdate) -> None:
+        if self._progress is not None and self._total is not None:
+            self._progress.update(self._total, completed=update.done, total=update.total)
+            self._update_file_bar(self._progress, update)
+            return
+        if update.file_done >= update.file_size and update.path not in self._finished:
+            self._finished.add(update.path)
+            err.print(f"  {update.path} ({format_bytes(update.file_size)})")
+        now = time.monotonic()
+        if now - self._last_line >= self.LINE_INTERVAL or update.done >= update.total:
+            self._last_line = now
+            rate = update.done / max(now - self._started, 1e-6)
+            err.print(
+                f"{self._description}: {format_bytes(update.done)} of {format_bytes(update.total)} "
+                f"({100 * update.done / max(update.total, 1):.0f}%), {format_bytes(int(rate))}/s"
+                + (", waiting for another process" if update.waiting else "")
+            )
+
+    def _update_file_bar(self, progress: Progress, update: PullUpdate) -> None:
+        task = self._files.get(update.path)
+        if task is None:
+            if update.path in self._finished:
+                return
+            label = f"  {update.path}" + (" (another process is fetching it)" if update.waiting else "")
+            task = self._files[update.path] = progress.add_task(label, total=update.file_size)
+        progress.update(task, completed=update.file_done)
+        if update.file_done >= update.file_size:
+            self._finished.add(update.path)
+            progress.remove_task(self._files.pop(update.path))
 
 
 def render_ls(repos: list[RepoSummary]) -> None:

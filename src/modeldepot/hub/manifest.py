@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,7 @@ from modeldepot.errors import NotFoundError
 from modeldepot.hub.variants import group_files
 from modeldepot.store.manifests import ManifestRecord
 
-__all__ = ["Manifest", "RemoteFile", "Variant", "manifest_body", "manifest_from_record"]
+__all__ = ["INTERRUPTED", "Manifest", "RemoteFile", "Variant", "manifest_body", "manifest_from_record"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Variant:
     started_at: float | None
     finished_at: float | None
     updated_at: float | None
+    resumable: bool = False  # part of it waits in partials/: a pull continues from there
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,15 @@ def manifest_body(
     )
 
 
-def manifest_from_record(record: ManifestRecord) -> Manifest:
+INTERRUPTED = "interrupted before it finished: pull again to resume"
+
+
+def manifest_from_record(
+    record: ManifestRecord, running: bool = False, partial: Callable[[RemoteFile], bool] | None = None
+) -> Manifest:
+    """The manifest with live statuses. ``running``: a pull of the repo is going on now; without one, a
+    'downloading' row is a pull that was killed, shown as failed. ``partial`` tells which files have a
+    resumable download on disk."""
     body = json.loads(record.body)
     files = tuple(RemoteFile(**f) for f in body["files"])
     sizes = {f.path: f.size for f in files}
@@ -96,18 +106,27 @@ def manifest_from_record(record: ManifestRecord) -> Manifest:
     variants = []
     for item in body["variants"]:
         state = record.statuses.get(item["name"])
+        status = state.status if state else "available"
+        error = state.error if state else None
+        if status == "downloading" and not running:
+            status, error = "failed", INTERRUPTED
+        own = {*item["files"], *body["shared"]}
+        resumable = (
+            status != "downloaded" and partial is not None and any(partial(f) for f in files if f.path in own)
+        )
         variants.append(
             Variant(
                 name=item["name"],
                 kind=item["kind"],
                 files=tuple(item["files"]),
                 total_bytes=sum(sizes[p] for p in item["files"]) + shared_bytes,
-                status=state.status if state else "available",
+                status=status,
                 bytes_done=state.bytes_done if state else 0,
-                error=state.error if state else None,
+                error=error,
                 started_at=state.started_at if state else None,
                 finished_at=state.finished_at if state else None,
                 updated_at=state.updated_at if state else None,
+                resumable=resumable,
             )
         )
     info = body["info"]

@@ -19,11 +19,12 @@ __all__ = ["fetch_repo"]
 
 
 def fetch_repo(
-    repo_id: str, revision: str, endpoint: str, token: str | None
+    repo_id: str, revision: str, endpoint: str, token: str | bool | None
 ) -> tuple[str, dict[str, Any], list[RemoteFile]]:
     """(commit id, repo metadata, files with sizes and digests) of ``repo_id`` at ``revision``.
 
-    ``token`` (or huggingface_hub's stored token when None) goes to ``endpoint`` only.
+    ``token`` (or huggingface_hub's stored token when None; none at all when False) goes to ``endpoint``
+    only.
     """
     api = HfApi(endpoint=endpoint, token=token)
     try:

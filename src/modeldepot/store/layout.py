@@ -8,6 +8,7 @@
     ├── snapshots/<org>/<name>/<commit>/<path>
     │                                relative symlinks into blobs/, for consumers that need real paths
     ├── tmp/<pid>-<random>/          one write session: .lock (flock()ed while its writer lives), N.partial
+    ├── partials/<key>.part, .log    resumable downloads: data, and the log of verified chunks (the lock)
     ├── quarantine/<sha256>          blobs that failed verification, kept for inspection, never served
     └── locks/store.lock             shared while blobs are placed, exclusive while blobs are deleted
 """
@@ -78,6 +79,10 @@ class StoreLayout:
         return self.home / "tmp"
 
     @property
+    def partials(self) -> Path:
+        return self.home / "partials"
+
+    @property
     def quarantine(self) -> Path:
         return self.home / "quarantine"
 
@@ -93,7 +98,7 @@ class StoreLayout:
 
     def create(self) -> None:
         try:
-            for directory in (self.home, self.blobs, self.snapshots, self.tmp, self.quarantine,
+            for directory in (self.home, self.blobs, self.snapshots, self.tmp, self.partials, self.quarantine,
                               self.lock_path.parent):  # fmt: skip
                 directory.mkdir(parents=True, exist_ok=True)
         except OSError as error:

@@ -37,6 +37,7 @@ from modeldepot.store.layout import StoreLayout
 from modeldepot.store.locks import StoreLock
 from modeldepot.store.manifests import ManifestStore
 from modeldepot.store.models import BlobRecord, FileEntry, RepoInfo, RepoSummary, RevisionInfo
+from modeldepot.store.partials import PartialFiles
 from modeldepot.store.snapshots import Snapshots
 from modeldepot.validation import is_commit_id, validate_path, validate_repo_id, validate_revision
 
@@ -70,6 +71,7 @@ class Store:
         self.snapshots = Snapshots(self.layout)
         self.lock = StoreLock(self.layout.lock_path)
         self.manifests = ManifestStore(self.index)
+        self.partials = PartialFiles(self.layout)
         self.chunk_size = self._settle_chunk_size(config.chunk_size)
         self.store_id = self._setting_or_default("store_id", uuid.uuid4().hex)
 

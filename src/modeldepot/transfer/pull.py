@@ -1,8 +1,10 @@
-"""Pulling variants of an upstream repo into the store, verified, with live status and progress.
+"""Pulling variants of an upstream repo into the store: resumable, verified, with live status and progress.
 
 Files whose content the store already holds (by SHA-256, or git oid for plain files) are not downloaded
-again, whichever repo they came from. Everything else is downloaded into one write session and published
-as the upstream commit, in one transaction, once every file has verified.
+again, whichever repo they came from. Every other distinct content is claimed in partials/ (one process
+transfers it; another pulling the same bytes waits, then finds the blob or resumes where the first
+stopped), downloaded from the chain's sources, and the verified files are published as the upstream
+commit in one transaction. A failure leaves every completed chunk on disk for the next run.
 """
 
 from __future__ import annotations
@@ -10,25 +12,39 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
-from modeldepot.errors import OfflineError
+from modeldepot.errors import OfflineError, UpstreamError
 from modeldepot.hashing import BlobDigest
 from modeldepot.hub.manifest import Manifest, RemoteFile
-from modeldepot.store.blobs import PartialBlob, WriteSession
+from modeldepot.store.blobs import PartialBlob
+from modeldepot.store.partials import ResumablePartial, partial_key
 from modeldepot.store.publish import RevisionSpec, StagedFile, publish
 from modeldepot.store.store import Store
-from modeldepot.transfer.download import download_file
-from modeldepot.transfer.sources import HttpSource
+from modeldepot.transfer.chain import SourceChain
+from modeldepot.transfer.download import FileSource, Limits, download_file
 
-__all__ = ["PullProgress", "PullResult", "pull", "select"]
-
-PullProgress = Callable[[str, int, int], None]
-"""Called as ``progress(current_path, bytes_done, bytes_total)`` while a pull runs."""
+__all__ = ["PullProgress", "PullResult", "PullUpdate", "pull", "pull_async", "select"]
 
 STATUS_INTERVAL = 0.5  # seconds between status rows written during a transfer
+CLAIM_POLL = 0.25  # seconds between looks at a content another process is transferring
+
+
+@dataclass(frozen=True)
+class PullUpdate:
+    """One progress report: the file that moved, and the totals."""
+
+    path: str
+    file_done: int
+    file_size: int
+    done: int
+    total: int
+    waiting: bool = False  # the file is being transferred by another process; this one waits for it
+
+
+PullProgress = Callable[[PullUpdate], None]
 
 
 @dataclass(frozen=True)
@@ -38,16 +54,23 @@ class PullResult:
     variants: tuple[str, ...]
     files: int
     bytes_total: int
-    bytes_downloaded: int  # the rest was already in the store
+    bytes_downloaded: int  # fetched over the network by this pull
+    bytes_resumed: int  # found already downloaded in partials/ (an interrupted earlier pull)
     snapshot_path: str
+    sources: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict[str, object]:
-        return {**self.__dict__, "variants": list(self.variants)}
+        return {**self.__dict__, "variants": list(self.variants), "sources": list(self.sources)}
 
 
-def select(manifest: Manifest, quants: list[str] | str | None) -> tuple[list[RemoteFile], list[str]]:
+def select(
+    manifest: Manifest, quants: list[str] | str | None, paths: list[str] | None = None
+) -> tuple[list[RemoteFile], list[str]]:
     """The files a pull takes and the variants it completes: ``None`` = the whole repo, ``"all"`` = every
-    variant with the shared files, a list = those variants with the shared files."""
+    variant with the shared files, a list = those variants with the shared files; ``paths`` = just those
+    files (no variant is completed by them)."""
+    if paths is not None:
+        return [f for f in manifest.files if f.path in set(paths)], []
     if quants is None:
         return list(manifest.files), [v.name for v in manifest.variants]
     names = (
@@ -64,14 +87,18 @@ class _Tracker:
     def __init__(self, store: Store, manifest: Manifest, names: list[str], files: list[RemoteFile],
                  progress: PullProgress | None) -> None:  # fmt: skip
         self.store, self.manifest, self.names, self.progress = store, manifest, names, progress
-        self.total = sum(f.size for f in files)
+        self.sizes = {f.path: f.size for f in files}
+        self.total = sum(self.sizes.values())
         self.done: dict[str, int] = {}
+        self.fetched = 0
+        self.resumed = 0
         self.last_write = 0.0
 
-    def add(self, path: str, amount: int) -> None:
+    def add(self, path: str, amount: int, waiting: bool = False) -> None:
         self.done[path] = self.done.get(path, 0) + amount
         if self.progress is not None:
-            self.progress(path, sum(self.done.values()), self.total)
+            self.progress(PullUpdate(path, self.done[path], self.sizes.get(path, 0),
+                                     sum(self.done.values()), self.total, waiting))  # fmt: skip
         if time.monotonic() - self.last_write >= STATUS_INTERVAL:
             self.write("downloading")
 
@@ -88,19 +115,31 @@ def pull(
     manifest: Manifest,
     quants: list[str] | str | None,
     branch: str | None,
-    source: HttpSource,
+    chain: SourceChain,
     offline: bool = False,
     progress: PullProgress | None = None,
-    parallel: int = 8,
+    limits: Limits | None = None,
+    paths: list[str] | None = None,
 ) -> PullResult:
-    files, names = select(manifest, quants)
+    """Blocking form of :func:`pull_async`."""
+    return asyncio.run(pull_async(store, manifest, quants, branch, chain, offline, progress, limits, paths))
+
+
+async def pull_async(
+    store: Store,
+    manifest: Manifest,
+    quants: list[str] | str | None,
+    branch: str | None,
+    chain: SourceChain,
+    offline: bool = False,
+    progress: PullProgress | None = None,
+    limits: Limits | None = None,
+    paths: list[str] | None = None,
+) -> PullResult:
+    files, names = select(manifest, quants, paths)
     have: dict[str, BlobDigest] = {}
     for remote in files:
-        found = (
-            store.local_digest(sha256=remote.sha256)
-            if remote.sha256
-            else store.local_digest(git_sha1=remote.git_oid)
-        )
+        found = _stored(store, remote)
         if found is not None:
             have[remote.path] = found
     missing = [f for f in files if f.path not in have]
@@ -109,12 +148,11 @@ def pull(
     tracker = _Tracker(store, manifest, names, files, progress)
     for path, digest in have.items():
         tracker.done[path] = digest.size
-    tracker.write("downloading")
-    with WriteSession(store.layout) as session:
+    with store.partials.pulling(manifest.repo_id):
+        tracker.write("downloading")
+        run = _PullRun(store, manifest, chain, tracker, limits or Limits())
         try:
-            fetched, partials = asyncio.run(
-                _fetch_all(store, session, manifest, missing, source, tracker, parallel)
-            )
+            fetched = await run.fetch(missing)
             staged = [
                 StagedFile(f.path, have.get(f.path) or fetched[f.path], f.git_oid, f.sha256 is not None)
                 for f in files
@@ -124,52 +162,137 @@ def pull(
             spec = RevisionSpec(
                 manifest.repo_id, manifest.commit_id, branch, origin=manifest.endpoint, card=card
             )
-            publish(store, spec, staged, partials)
+            partials = await asyncio.to_thread(run.finish_partials)
+            await asyncio.to_thread(publish, store, spec, staged, partials)
+            run.published = True
         except BaseException as error:
             tracker.write("failed", f"{type(error).__name__}: {error}"[:500])
             raise
-    tracker.write("downloaded")
+        finally:
+            run.release()
+        tracker.write("downloaded")
     return PullResult(
         repo_id=manifest.repo_id,
         commit_id=manifest.commit_id,
         variants=tuple(names),
         files=len(files),
         bytes_total=tracker.total,
-        bytes_downloaded=sum({f.sha256 or f.git_oid: f.size for f in missing}.values()),
+        bytes_downloaded=tracker.fetched,
+        bytes_resumed=tracker.resumed,
         snapshot_path=str(store.snapshots.path(manifest.repo_id, manifest.commit_id)),
+        sources=tuple(sorted(run.used)),
     )
 
 
-async def _fetch_all(
-    store: Store,
-    session: WriteSession,
-    manifest: Manifest,
-    missing: list[RemoteFile],
-    source: HttpSource,
-    tracker: _Tracker,
-    parallel: int,
-) -> tuple[dict[str, BlobDigest], dict[str, PartialBlob]]:
-    fetched: dict[str, BlobDigest] = {}
-    partials: dict[str, PartialBlob] = {}
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
-    by_content: dict[str, BlobDigest] = {}  # a repo may hold the same bytes under two paths
-    async with aiohttp.ClientSession(timeout=timeout) as http:
+def _stored(store: Store, remote: RemoteFile) -> BlobDigest | None:
+    if remote.sha256:
+        return store.local_digest(sha256=remote.sha256)
+    return store.local_digest(git_sha1=remote.git_oid)
+
+
+class _PullRun:
+    """The transfers of one pull: claims, sources, and what to release at the end."""
+
+    def __init__(self, store: Store, manifest: Manifest, chain: SourceChain, tracker: _Tracker,
+                 limits: Limits) -> None:  # fmt: skip
+        self.store, self.manifest, self.chain, self.tracker, self.limits = (
+            store,
+            manifest,
+            chain,
+            tracker,
+            limits,
+        )
+        self.claims: dict[str, ResumablePartial] = {}
+        self.digests: dict[str, BlobDigest] = {}  # by content key
+        self.used: set[str] = set()
+        self.published = False
+
+    async def fetch(self, missing: list[RemoteFile]) -> dict[str, BlobDigest]:
+        unique: dict[str, RemoteFile] = {}
+        for remote in missing:  # a repo may hold the same bytes under two paths: fetch them once
+            unique.setdefault(partial_key(remote.sha256, remote.git_oid), remote)
+        if unique:
+            timeout = aiohttp.ClientTimeout(total=None)
+            async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as http:
+                holders = await self.chain.holders(http, self.manifest, self.store.chunk_size)
+                outcomes = await asyncio.gather(
+                    *(
+                        self._one(http, key, remote, holders.get(remote.path, []))
+                        for key, remote in unique.items()
+                    ),
+                    return_exceptions=True,
+                )
+            errors = [o for o in outcomes if isinstance(o, BaseException)]
+            if errors:
+                _raise_first(errors, len(unique))
+        fetched: dict[str, BlobDigest] = {}
         for remote in missing:
-            key = remote.sha256 or remote.git_oid
-            if key in by_content:
-                fetched[remote.path] = by_content[key]
-                tracker.add(remote.path, remote.size)
-                continue
-            partial = await asyncio.to_thread(session.new_partial, remote.size)
-            url = source.file_url(manifest.repo_id, manifest.commit_id, remote.path)
+            key = partial_key(remote.sha256, remote.git_oid)
+            fetched[remote.path] = self.digests[key]
+            if remote is not unique[key]:
+                self.tracker.add(remote.path, remote.size)
+        return fetched
 
-            def on_chunk(amount: int, path: str = remote.path) -> None:
-                tracker.add(path, amount)
+    async def _one(self, http: aiohttp.ClientSession, key: str, remote: RemoteFile,
+                   nodes: list[FileSource]) -> None:  # fmt: skip
+        claim = await self._claim(key, remote)
+        if claim is None:
+            return  # another process committed it meanwhile
+        self.tracker.add(remote.path, claim.resumed_bytes)
+        self.tracker.resumed += claim.resumed_bytes
+        hub = [self.chain.hub_source(self.manifest, remote)]
+        sources, fallback = (nodes, lambda: hub) if nodes else (hub, None)
 
-            digest = await download_file(
-                http, source, url, remote, store.chunk_size, partial, parallel, on_chunk
+        def on_bytes(amount: int) -> None:
+            self.tracker.fetched += amount
+            self.tracker.add(remote.path, amount)
+
+        self.used.update(s.source.base_url for s in sources)
+        digest = await download_file(http, remote, claim, sources, self.limits, fallback, on_bytes)
+        self.digests[key] = digest
+
+    async def _claim(self, key: str, remote: RemoteFile) -> ResumablePartial | None:
+        """This process's claim on the content, after any other process transferring it lets go; None
+        when the content turned up in the store meanwhile (its digests are then recorded)."""
+        waiting = False
+        while True:
+            claim = await asyncio.to_thread(
+                self.store.partials.claim, key, remote.size, self.store.chunk_size, False
             )
-            await asyncio.to_thread(partial.sync)
-            fetched[remote.path] = by_content[key] = digest
-            partials.setdefault(digest.sha256, partial)
-    return fetched, partials
+            found = await asyncio.to_thread(_stored, self.store, remote)
+            if found is not None:
+                if claim is not None:
+                    claim.release(completed=True)
+                self.digests[key] = found
+                self.tracker.add(remote.path, remote.size - self.tracker.done.get(remote.path, 0))
+                return None
+            if claim is not None:
+                self.claims[key] = claim
+                return claim
+            if not waiting:
+                waiting = True
+                self.tracker.add(remote.path, 0, waiting=True)
+            await asyncio.sleep(CLAIM_POLL)
+
+    def finish_partials(self) -> dict[str, PartialBlob]:
+        """Flush every downloaded file and hand it over for publishing, by SHA-256."""
+        ready: dict[str, PartialBlob] = {}
+        for key, claim in self.claims.items():
+            blob = claim.finish()
+            blob.sync()
+            ready[self.digests[key].sha256] = blob
+        return ready
+
+    def release(self) -> None:
+        for claim in self.claims.values():
+            claim.release(completed=self.published)
+
+
+def _raise_first(errors: list[BaseException], files: int) -> None:
+    for error in errors:
+        if not isinstance(error, Exception):
+            raise error  # KeyboardInterrupt, cancellation: not a download failure
+    first = errors[0]
+    if len(errors) > 1 and isinstance(first, UpstreamError):
+        raise type(first)(f"{first} (and {len(errors) - 1} more of {files} files failed)") from first
+    raise first

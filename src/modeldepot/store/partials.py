@@ -1,0 +1,298 @@
+"""Resumable downloads: one named partial file per content, outside any write session, so it outlives
+the process that started it.
+
+::
+
+    partials/<key>.part   the file being downloaded, preallocated to its final size
+    partials/<key>.log    a header line, then one line per finished chunk: "<index> <blake3>"
+
+``key`` is the content's expected SHA-256 (or ``git-<oid>`` for a plain git file), so two pulls of the same
+bytes, from any repo and any process, meet at the same pair of files. The log is also the lock: whoever
+holds ``flock(LOCK_EX)`` on it is the one process transferring that content; another waits, then finds
+the blob in the store, or resumes from where the first stopped.
+
+The log is appended without fsync, and a chunk's line may reach the disk before its bytes do. That is
+why a resume trusts no line blindly: every logged chunk is re-read and checked against its BLAKE3 (a
+read at disk speed, far cheaper than refetching), and the ones that fail are fetched again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+from modeldepot.hashing import chunk_count, chunk_span
+from modeldepot.store.blobs import PartialBlob, start_writeback
+from modeldepot.store.layout import StoreLayout, os_error, unlink_counting
+
+__all__ = ["PARTIAL_MAX_AGE", "PartialFiles", "ResumablePartial", "partial_key"]
+
+PARTIAL_MAX_AGE = 7 * 24 * 3600.0  # seconds an untouched, unlocked partial is kept for a resume by gc
+_HEADER = "modeldepot-partial 1 size={size} chunk={chunk}\n"
+
+
+def partial_key(sha256: str | None, git_oid: str) -> str:
+    return sha256 if sha256 else f"git-{git_oid}"
+
+
+@dataclass(frozen=True)
+class _Paths:
+    data: Path
+    log: Path
+
+
+class ResumablePartial:
+    """A claimed partial: this process holds its lock until :meth:`release` or :meth:`finish`."""
+
+    def __init__(self, paths: _Paths, log_fd: int, data_fd: int, size: int, chunk_size: int,
+                 done: dict[int, str], resumed_bytes: int) -> None:  # fmt: skip
+        self.paths = paths
+        self.size = size
+        self.chunk_size = chunk_size
+        self.done = done  # chunk index -> BLAKE3 of the chunk as written
+        self.resumed_bytes = resumed_bytes  # bytes found already on disk, verified, when claimed
+        self._log_fd = log_fd
+        self._data_fd = data_fd
+
+    @property
+    def chunks(self) -> int:
+        return chunk_count(self.size, self.chunk_size)
+
+    @property
+    def data_fd(self) -> int:
+        return self._data_fd
+
+    def write_chunk(self, index: int, data: memoryview, digest: str) -> None:
+        """Write chunk ``index`` at its offset and log it (call from a worker thread: it blocks)."""
+        offset, length = chunk_span(index, self.size, self.chunk_size)
+        if len(data) != length:
+            raise ValueError(f"chunk {index} must be {length} bytes, got {len(data)}")
+        try:
+            written = 0
+            while written < length:
+                written += os.pwrite(self._data_fd, data[written:], offset + written)
+            start_writeback(self._data_fd, offset, length)
+            os.write(self._log_fd, f"{index} {digest}\n".encode())
+        except OSError as error:
+            raise os_error(error, "writing a download to the store") from error
+        self.done[index] = digest
+
+    def finish(self) -> PartialBlob:
+        """Hand the complete file over for placing (:meth:`PartialBlob.sync`, then publish); the lock is
+        kept until :meth:`release`, so nobody resumes a file that is being placed."""
+        fd, self._data_fd = self._data_fd, -1
+        blob = PartialBlob(self.paths.data, fd, self.size)
+        blob.written = self.size
+        return blob
+
+    def reset(self) -> None:
+        """Forget every chunk (the whole file failed its digest check): a retry starts from zero."""
+        try:
+            os.ftruncate(self._log_fd, 0)
+            os.write(self._log_fd, _HEADER.format(size=self.size, chunk=self.chunk_size).encode())
+        except OSError as error:
+            raise os_error(error, "resetting a download") from error
+        self.done.clear()
+
+    def release(self, completed: bool) -> None:
+        """Let go of the lock. ``completed``: the content is in the store now, so the files go; else they
+        stay for a resume (by this process later, another process, or a re-run)."""
+        if completed:
+            for path in (self.paths.data, self.paths.log):  # unlinked while locked: waiters see it gone
+                unlink_counting(path)
+        else:
+            with contextlib.suppress(OSError):  # flushed for placing (read-only), then not placed
+                os.chmod(self.paths.data, 0o644)
+        if self._data_fd >= 0:
+            os.close(self._data_fd)
+            self._data_fd = -1
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
+
+
+class PartialFiles:
+    """The store's partials/ folder."""
+
+    def __init__(self, layout: StoreLayout) -> None:
+        self.root = layout.partials
+
+    def _pull_mark(self, repo_id: str) -> Path:
+        return self.root / f"pull-{hashlib.sha256(repo_id.encode()).hexdigest()[:24]}.lock"
+
+    @contextlib.contextmanager
+    def pulling(self, repo_id: str) -> Iterator[None]:
+        """Mark a pull of ``repo_id`` as running in this process (a shared flock: pulls may overlap)."""
+        try:
+            fd = os.open(self._pull_mark(repo_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise os_error(error, "marking a pull as running") from error
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def is_pulling(self, repo_id: str) -> bool:
+        """Whether a live process is pulling ``repo_id`` now (a status row saying 'downloading' without
+        one is a pull that was killed)."""
+        try:
+            fd = os.open(self._pull_mark(repo_id), os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def holds(self, key: str) -> bool:
+        """Whether a partial download of ``key`` is on disk (a pull would resume it)."""
+        return self._paths(key).log.exists()
+
+    def _paths(self, key: str) -> _Paths:
+        return _Paths(self.root / f"{key}.part", self.root / f"{key}.log")
+
+    def claim(self, key: str, size: int, chunk_size: int, wait: bool) -> ResumablePartial | None:
+        """Lock the partial of ``key`` and return it with its verified chunks; None if another process
+        holds it and ``wait`` is False. With ``wait`` True this blocks until the other process lets go."""
+        paths = self._paths(key)
+        while True:
+            try:
+                log_fd = os.open(paths.log, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            except OSError as error:
+                raise os_error(error, "opening a download's log") from error
+            try:
+                fcntl.flock(log_fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(log_fd)
+                return None
+            if _still_linked(log_fd, paths.log):
+                break
+            os.close(log_fd)  # its holder finished and unlinked it while we waited: take a fresh one
+        try:
+            return self._open(paths, log_fd, size, chunk_size)
+        except BaseException:
+            os.close(log_fd)
+            raise
+
+    def _open(self, paths: _Paths, log_fd: int, size: int, chunk_size: int) -> ResumablePartial:
+        header = _HEADER.format(size=size, chunk=chunk_size)
+        logged = _read_log(log_fd, header)
+        try:
+            data_fd = os.open(paths.data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise os_error(error, "opening a download's partial file") from error
+        try:
+            if logged is None:  # new, or written for another size or chunk size: start over
+                logged = {}
+                os.ftruncate(log_fd, 0)
+                os.write(log_fd, header.encode())
+                os.ftruncate(data_fd, 0)
+            if size:
+                os.posix_fallocate(data_fd, 0, size)  # a full disk fails here, before any transfer
+            done = _verified_chunks(data_fd, size, chunk_size, logged)
+        except OSError as error:
+            os.close(data_fd)
+            raise os_error(error, f"reserving {size} bytes for a download") from error
+        resumed = sum(chunk_span(i, size, chunk_size)[1] for i in done)
+        return ResumablePartial(paths, log_fd, data_fd, size, chunk_size, done, resumed)
+
+    def collect(self, remove_all: bool, max_age: float = PARTIAL_MAX_AGE) -> tuple[int, int]:
+        """gc: delete unlocked partials older than ``max_age`` (every unlocked one with ``remove_all``);
+        returns (removed, kept)."""
+        removed = kept = 0
+        try:
+            logs = sorted(self.root.glob("*.log"))
+        except FileNotFoundError:
+            return 0, 0
+        now = time.time()
+        for log in logs:
+            paths = self._paths(log.name[: -len(".log")])
+            try:
+                fd = os.open(log, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                kept += 1  # a transfer is running
+                os.close(fd)
+                continue
+            try:
+                newest = max(_mtime(paths.data), _mtime(paths.log))
+                if remove_all or now - newest > max_age:
+                    unlink_counting(paths.data)
+                    unlink_counting(paths.log)
+                    removed += 1
+                else:
+                    kept += 1
+            finally:
+                os.close(fd)
+        for data in self.root.glob("*.part"):  # a data file whose log is gone belongs to nobody
+            if not data.with_suffix(".log").exists():
+                unlink_counting(data)
+        return removed, kept
+
+
+def _still_linked(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _read_log(fd: int, header: str) -> dict[int, str] | None:
+    """Logged chunks, or None when the log is empty or describes another file layout. A torn last line
+    (a kill mid-append) and anything unreadable are skipped: those chunks are simply fetched again."""
+    size = os.fstat(fd).st_size
+    text = os.pread(fd, size, 0).decode("ascii", "replace") if size else ""
+    if not text.startswith(header):
+        return None
+    logged: dict[int, str] = {}
+    for line in text[len(header) :].split("\n"):
+        index, _, digest = line.partition(" ")
+        if index.isdigit() and len(digest) == 64:
+            logged[int(index)] = digest
+    return logged
+
+
+def _verified_chunks(fd: int, size: int, chunk_size: int, logged: dict[int, str]) -> dict[int, str]:
+    done: dict[int, str] = {}
+    count = chunk_count(size, chunk_size)
+    for index, digest in sorted(logged.items()):
+        if index >= count:
+            continue
+        offset, length = chunk_span(index, size, chunk_size)
+        data = _pread_exact(fd, length, offset)
+        if data is not None and blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest() == digest:
+            done[index] = digest
+    return done
+
+
+def _pread_exact(fd: int, length: int, offset: int) -> bytes | None:
+    try:
+        data = os.pread(fd, length, offset)
+    except OSError as error:
+        if error.errno == errno.EIO:
+            return None
+        raise
+    return data if len(data) == length else None
