@@ -68,6 +68,9 @@ class DepotConfig:
     node_token: str | None = field(default=None, repr=False)  # sent to depot nodes only (MODELDEPOT_TOKEN)
     connections: int = 16  # parallel requests of one transfer, in total (MODELDEPOT_CONNECTIONS)
     connections_per_source: int = 4
+    read_timeout: float = (
+        30.0  # seconds a transfer waits for a byte before retrying (MODELDEPOT_READ_TIMEOUT)
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.connections_per_source <= self.connections <= 256:
@@ -105,7 +108,21 @@ class DepotConfig:
             node_token=env.get("MODELDEPOT_TOKEN") or None,
             connections=connections,
             connections_per_source=per_source,
+            read_timeout=_float_setting(env, "MODELDEPOT_READ_TIMEOUT", 30.0),
         )
+
+
+def _float_setting(env: Mapping[str, str], name: str, default: float) -> float:
+    text = env.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a number") from None
+    if not 0 < value < 86400:
+        raise ConfigError(f"{name}={text!r} must be a positive number of seconds")
+    return value
 
 
 def _int_setting(env: Mapping[str, str], name: str, default: int) -> int:

@@ -343,9 +343,11 @@ class Depot:
         """Remove a repo or one revision; blobs nothing else uses are deleted at once."""
         return remove(self.store, repo_id, revision)
 
-    def gc(self) -> GcReport:
-        """Delete unreferenced and orphan blobs, abandoned partial files, stale snapshots, quarantine."""
-        return gc(self.store)
+    def gc(self, *, partials: bool = False) -> GcReport:
+        """Delete unreferenced and orphan blobs, abandoned partial files, stale snapshots, quarantine.
+
+        Interrupted downloads are kept for a resume (a week), unless ``partials`` is True."""
+        return gc(self.store, partials)
 
     def du(self) -> DiskUsage:
         return disk_usage(self.store)

@@ -248,11 +248,15 @@ def rm_command(depot: Depot, repo_id: str, revision: str | None, yes: bool, as_j
 
 
 @cli.command("gc")
+@click.option("--partials", is_flag=True, help="Also drop interrupted downloads kept for a resume.")
 @_json_option
 @_home_option
-def gc_command(depot: Depot, as_json: bool) -> None:
-    """Delete unreferenced blobs, abandoned partial files, stale snapshots and quarantined files."""
-    report = depot.gc()
+def gc_command(depot: Depot, partials: bool, as_json: bool) -> None:
+    """Delete unreferenced blobs, abandoned partial files, stale snapshots and quarantined files.
+
+    Interrupted downloads stay (a later pull resumes them) unless --partials is given or they sat
+    untouched for a week."""
+    report = depot.gc(partials=partials)
     if as_json:
         render.print_json(report.to_dict())
     else:

@@ -241,6 +241,11 @@ def render_gc(report: GcReport) -> None:
         f"freed {format_bytes(report.bytes_freed)}: {report.blobs_removed} blobs, "
         f"{report.partials_removed} abandoned partial files, {report.snapshots_removed} stale snapshots"
         + (f" ({report.kept_partials} writes in progress left alone)" if report.kept_partials else "")
+        + (
+            f"; {report.resumable_downloads} interrupted downloads kept for a resume (`gc --partials` drops them)"
+            if report.resumable_downloads
+            else ""
+        )
     )
 
 

@@ -169,8 +169,12 @@ def _delete_unreferenced_rows(con: sqlite3.Connection, candidates: Iterable[str]
     return freed
 
 
-def gc(store: Store) -> GcReport:
-    """Free unreferenced blobs, orphan files, abandoned partials, stale snapshots and quarantined files."""
+def gc(store: Store, partials: bool = False) -> GcReport:
+    """Free unreferenced blobs, orphan files, abandoned partials, stale snapshots and quarantined files.
+
+    Interrupted downloads in partials/ are kept for a resume unless untouched for a week, or ``partials``
+    is True (then every one no process is using goes).
+    """
     with store.lock.exclusive():
         with store.index.write("collecting garbage") as con:
             unreferenced = [r[0] for r in con.execute(
@@ -183,6 +187,7 @@ def gc(store: Store) -> GcReport:
                 bytes_freed += unlink_counting(path)
                 blobs_removed += 1
         partials_removed, kept = _collect_sessions(store)
+        downloads_removed, resumable = store.partials.collect(remove_all=partials)
         for path in _files_under(store.layout.quarantine):
             bytes_freed += unlink_counting(path)
         live = {
@@ -192,7 +197,9 @@ def gc(store: Store) -> GcReport:
         stale = [s for s in store.snapshots.present() if s not in live]
         for repo, commit in stale:
             store.snapshots.remove(repo, commit)
-    return GcReport(blobs_removed, bytes_freed, partials_removed, len(stale), kept)
+    return GcReport(
+        blobs_removed, bytes_freed, partials_removed + downloads_removed, len(stale), kept, resumable
+    )
 
 
 def _collect_sessions(store: Store) -> tuple[int, int]:
@@ -253,7 +260,7 @@ def disk_usage(store: Store) -> DiskUsage:
         blobs=blob_row["n"],
         blob_bytes=blob_row["bytes"],
         logical_bytes=logical,
-        partial_bytes=_tree_bytes(store.layout.tmp),
+        partial_bytes=_tree_bytes(store.layout.tmp) + _tree_bytes(store.layout.partials),
         quarantine_bytes=_tree_bytes(store.layout.quarantine),
         index_bytes=index_bytes,
         repos=tuple(repos),

@@ -133,6 +133,7 @@ class GcReport(_Record):
     partials_removed: int
     snapshots_removed: int
     kept_partials: int  # partials whose writer is still alive
+    resumable_downloads: int = 0  # interrupted downloads kept in partials/ for a resume
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ class SourceChain:
 
     @classmethod
     def from_config(cls, config: DepotConfig, retry: RetryPolicy | None = None) -> SourceChain:
-        retry = retry or RetryPolicy()
+        retry = retry or RetryPolicy(read_timeout=config.read_timeout)
         hub_token = config.hub_token or get_token()
         return cls(
             servers=tuple(HttpSource(url, "node", config.node_token, retry) for url in config.servers),

@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 import aiohttp
 import blake3
 
-from modeldepot.errors import DepotError, IntegrityError, StoreError, UpstreamError
+from modeldepot.errors import (
+    AccessDeniedError,
+    DepotError,
+    IntegrityError,
+    NotFoundError,
+    StoreError,
+    UpstreamError,
+)
 from modeldepot.hashing import BlobDigest, BlobHasher, chunk_span, digest_bytes
 from modeldepot.hub.manifest import RemoteFile
 from modeldepot.store.partials import ResumablePartial
@@ -94,7 +101,7 @@ class _FileJob:
         self.bad: dict[int, set[str]] = {}  # chunk -> sources whose bytes failed its digest
         self.attempts: dict[int, int] = {}
         self.live: list[FileSource] = []
-        self.errors: dict[str, str] = {}  # source -> why it was dropped
+        self.errors: dict[str, Exception] = {}  # source -> why it was dropped
         self.changed = asyncio.Condition()
         self.failure: DepotError | None = None
         self.whole_body = False
@@ -141,7 +148,11 @@ class _FileJob:
             self._start(extra, workers)
             return
         reasons = "; ".join(f"{name}: {why}" for name, why in self.errors.items()) or "no source holds it"
-        raise UpstreamError(f"{self.remote.path}: could not download it ({reasons})")
+        kinds = {type(error) for error in self.errors.values()}
+        kind = kinds.pop() if len(kinds) == 1 else UpstreamError
+        if not issubclass(kind, (NotFoundError, AccessDeniedError)):
+            kind = UpstreamError  # one cause everywhere (missing, refused) is worth keeping; others are not
+        raise kind(f"{self.remote.path}: could not download it ({reasons})")
 
     # -- choosing chunks --------------------------------------------------------------------------------
 
@@ -244,7 +255,7 @@ class _FileJob:
     def _drop(self, source: FileSource, error: Exception) -> None:
         if source in self.live:
             self.live.remove(source)
-            self.errors[source.source.name] = str(error)
+            self.errors[source.source.name] = error
 
     def _fail(self, error: DepotError) -> None:
         if self.failure is None:
@@ -262,7 +273,9 @@ class _FileJob:
                     async with self.changed:
                         await self.changed.wait()
                 offset, length = chunk_span(index, size, chunk_size)
-                await asyncio.to_thread(_hash_chunk, hasher, mapping, offset, length, self.partial.done[index])
+                await asyncio.to_thread(
+                    _hash_chunk, hasher, mapping, offset, length, self.partial.done[index]
+                )
             return hasher.finish()
         finally:
             with contextlib.suppress(BufferError):  # a cancelled hashing thread may still hold a view

@@ -1,0 +1,151 @@
+"""A reverse proxy in front of a real node that injects one kind of fault into file transfers, on demand,
+and counts the body bytes it lets through (what really crossed the wire)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from conftest import cancel_other_tasks
+
+MODES = ("pass", "drop", "500", "429", "stall", "flip", "ignore-range", "slow", "404")
+
+
+@dataclass
+class FaultPlan:
+    """Which fault to inject, into how many file requests (``times``; -1 = all), and what happened."""
+
+    mode: str = "pass"
+    times: int = 1
+    path_suffix: str = ""  # only requests for files ending so are touched ("" = every file)
+    slow_delay: float = 0.02  # seconds per 64 KiB piece in "slow" mode
+    injected: int = 0
+    body_bytes: int = 0  # file bytes the proxy sent to clients
+    requests: list[str] = field(default_factory=list)  # "<path> <range>" of every file request
+    authorizations: list[str] = field(default_factory=list)
+
+    def should_inject(self, path: str) -> bool:
+        if self.mode == "pass" or not path.endswith(self.path_suffix):
+            return False
+        if self.times >= 0 and self.injected >= self.times:
+            return False
+        self.injected += 1
+        return True
+
+
+class FaultProxy:
+    """Forwards everything to ``upstream``; file downloads (``/resolve/``) go through the plan."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.plan = FaultPlan()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="fault-proxy", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the fault proxy did not start")
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def set(self, mode: str, times: int = 1, path_suffix: str = "", **extra: float) -> FaultPlan:
+        assert mode in MODES, mode
+        self.plan = FaultPlan(mode, times, path_suffix, **extra)  # type: ignore[arg-type]
+        return self.plan
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self.port = self._runner.addresses[0][1]
+        self._session = self._loop.run_until_complete(self._new_session())
+        self._ready.set()
+        self._loop.run_forever()
+
+    @staticmethod
+    async def _new_session() -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(auto_decompress=False)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        plan = self.plan
+        is_file = "/resolve/" in request.path
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() in ("range", "authorization", "accept-encoding")
+        }
+        if not is_file:
+            return await self._forward(request, headers, plan, count=False)
+        plan.requests.append(f"{request.path} {request.headers.get('Range', '-')}")
+        plan.authorizations.append(request.headers.get("Authorization", ""))
+        if plan.should_inject(request.path):
+            mode = plan.mode
+            if mode in ("500", "404"):
+                return web.Response(status=int(mode), text="injected")
+            if mode == "429":
+                return web.Response(status=429, text="slow down", headers={"Retry-After": "1"})
+            if mode == "ignore-range":
+                headers.pop("Range", None)
+                headers.pop("range", None)
+            return await self._forward(request, headers, plan, count=True, fault=mode)
+        return await self._forward(
+            request, headers, plan, count=True, fault="slow" if plan.mode == "slow" else ""
+        )
+
+    async def _forward(self, request: web.Request, headers: dict[str, str], plan: FaultPlan, count: bool,
+                       fault: str = "") -> web.StreamResponse:  # fmt: skip
+        url = self.upstream + request.path_qs
+        async with self._session.request(
+            request.method, url, headers=headers, allow_redirects=False
+        ) as upstream:
+            out_headers = {k: v for k, v in upstream.headers.items()
+                           if k.lower() not in ("transfer-encoding", "connection", "content-encoding")}  # fmt: skip
+            response = web.StreamResponse(status=upstream.status, headers=out_headers)
+            await response.prepare(request)
+            sent = 0
+            async for piece in upstream.content.iter_chunked(65536):
+                if fault == "drop" and sent >= 1000:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
+                if fault == "stall" and sent >= 1000:
+                    await asyncio.sleep(3600)
+                if fault == "flip" and sent == 0 and len(piece) > 100:
+                    piece = piece[:100] + bytes([piece[100] ^ 0x01]) + piece[101:]
+                if fault == "slow":
+                    await asyncio.sleep(plan.slow_delay)
+                await response.write(piece)
+                sent += len(piece)
+                if count:
+                    plan.body_bytes += len(piece)
+            await response.write_eof()
+            return response
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            await self._session.close()
+            await self._runner.cleanup()
+            await cancel_other_tasks()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+        self._loop.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.02)
