@@ -120,7 +120,9 @@ async def cancel_other_tasks() -> None:
 class LiveNode:
     """A real node (the production app) listening on a loopback port, run by a background event loop."""
 
-    def __init__(self, depot: Depot, token: str | None = None, request_deadline: float = 60.0) -> None:
+    def __init__(
+        self, depot: Depot, token: str | None = None, request_deadline: float = 60.0, mirror: bool = False
+    ) -> None:
         import asyncio
         import threading
 
@@ -131,7 +133,7 @@ class LiveNode:
         self.depot = depot
         self._loop = asyncio.new_event_loop()
         self._runner = web.AppRunner(
-            create_app(depot, token, request_deadline), max_field_size=16384, max_line_size=16384
+            create_app(depot, token, request_deadline, mirror), max_field_size=16384, max_line_size=16384
         )
         started = threading.Event()
 

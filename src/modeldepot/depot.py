@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import mmap
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -44,7 +45,7 @@ from modeldepot.store.maintenance import VerifyProgress
 from modeldepot.store.partials import partial_key
 from modeldepot.transfer.chain import SourceChain
 from modeldepot.transfer.download import Limits
-from modeldepot.transfer.pull import PullProgress, PullResult, pull, pull_async
+from modeldepot.transfer.pull import PartialWatch, PullProgress, PullResult, pull, pull_async
 from modeldepot.validation import is_commit_id, validate_path, validate_repo_id, validate_revision
 
 __all__ = ["Depot", "MappedFile"]
@@ -81,14 +82,23 @@ class MappedFile:
 class Depot:
     """A model depot rooted at ``home`` (default: ``MODELDEPOT_HOME``, else ``~/.cache/modeldepot``).
 
-    ``chunk_size`` only matters when the store is created. Every method validates repo ids, paths and
+    ``chunk_size`` only matters when the store is created. ``servers`` (default ``MODELDEPOT_SERVERS``) are
+    the depot nodes pulls ask before the Hub. Every method validates repo ids, paths and
     revisions first and raises :class:`~modeldepot.errors.InvalidInputError` on bad ones.
     """
 
-    def __init__(self, home: str | Path | None = None, *, chunk_size: int | None = None) -> None:
+    def __init__(
+        self,
+        home: str | Path | None = None,
+        *,
+        chunk_size: int | None = None,
+        servers: Sequence[str] | None = None,
+    ) -> None:
         base = DepotConfig.from_env(home=home)
         self.config = dataclasses.replace(
-            base, chunk_size=chunk_size if chunk_size is not None else base.chunk_size
+            base,
+            chunk_size=chunk_size if chunk_size is not None else base.chunk_size,
+            servers=tuple(s.rstrip("/") for s in servers) if servers is not None else base.servers,
         )
         self.store = Store(self.config)
 
@@ -260,7 +270,7 @@ class Depot:
         the shared files (configs, tokenizers) come with any variant. Content the store already holds is
         not downloaded again; an interrupted pull continues where it stopped.
         """
-        manifest = self._manifest_for(repo_id, revision)
+        manifest = self.manifest_for(repo_id, revision)
         return pull(self.store, manifest, quants, self._branch(revision), self.chain, self.config.offline,
                     progress, self._limits())  # fmt: skip
 
@@ -271,11 +281,17 @@ class Depot:
         revision: str = "main",
         *,
         progress: PullProgress | None = None,
+        paths: list[str] | None = None,
+        watch: PartialWatch | None = None,
+        manifest: Manifest | None = None,
     ) -> PullResult:
-        """:meth:`pull` for asyncio programs (scanning runs on a worker thread)."""
-        manifest = await asyncio.to_thread(self._manifest_for, repo_id, revision)
+        """:meth:`pull` for asyncio programs (scanning runs on a worker thread). ``paths`` pulls just
+        those files; ``watch`` is told of each file's partial as its download starts; ``manifest`` skips
+        the scan."""
+        if manifest is None:
+            manifest = await asyncio.to_thread(self.manifest_for, repo_id, revision)
         return await pull_async(self.store, manifest, quants, self._branch(revision), self.chain,
-                                self.config.offline, progress, self._limits())  # fmt: skip
+                                self.config.offline, progress, self._limits(), paths, watch)  # fmt: skip
 
     def download_quant(self, repo_id: str, quant: str, *, progress: PullProgress | None = None) -> PullResult:
         """Download one variant (and the shared files) of ``repo_id`` at ``main``."""
@@ -288,16 +304,16 @@ class Depot:
         validate_path(path)
         if self.store.has_file(repo_id, path, revision):
             return self.store.entry(repo_id, path, revision)
-        manifest = self._manifest_for(repo_id, revision)
+        manifest = self.manifest_for(repo_id, revision)
         if not any(f.path == path for f in manifest.files):
             raise EntryNotFoundError(repo_id, revision, path, manifest.commit_id)
         pull(self.store, manifest, None, self._branch(revision), self.chain, self.config.offline,
              progress, self._limits(), paths=[path])  # fmt: skip
         return self.store.entry(repo_id, path, manifest.commit_id)
 
-    def _manifest_for(self, repo_id: str, revision: str) -> Manifest:
-        """The saved manifest when it answers ``revision`` (a commit id, or the branch it was scanned at,
-        offline); else a fresh scan."""
+    def manifest_for(self, repo_id: str, revision: str) -> Manifest:
+        """The manifest to pull ``revision`` by: the saved one when it answers it (a commit id it was
+        scanned at, or, offline, the branch it was scanned at); else a fresh scan."""
         validate_repo_id(repo_id)
         validate_revision(revision)
         try:

@@ -5,6 +5,7 @@ Exit codes: 0 ok, 1 failure (including ``verify`` finding corruption), 2 bad inp
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import sys
@@ -359,12 +360,29 @@ def status_command(depot: Depot, repo_id: str | None, as_json: bool) -> None:
     default="info",
     show_default=True,
 )
+@click.option(
+    "--upstream",
+    "upstreams",
+    multiple=True,
+    metavar="URL[,URL...]",
+    help="Mirror: pull what the store lacks from these depot nodes (then the Hub at HF_ENDPOINT) while "
+    "serving it. Repeatable or comma-separated; replaces MODELDEPOT_SERVERS.",
+)
 @_home_option
-def serve_command(depot: Depot, host: str, port: int, token: str | None, log_level: str) -> None:
+def serve_command(
+    depot: Depot, host: str, port: int, token: str | None, log_level: str, upstreams: tuple[str, ...]
+) -> None:
     """Serve the store over HTTP: the Hub's API (HF_ENDPOINT=http://HOST:PORT) and /api/depot/v1."""
     from modeldepot.server.run import run_server
 
-    run_server(depot, host, port, token, log_level)
+    urls = [u.strip().rstrip("/") for item in upstreams for u in item.split(",") if u.strip()]
+    bad = [u for u in urls if not u.startswith(("http://", "https://"))]
+    if bad:
+        render.err.print(f"[red]error:[/red] --upstream needs http:// or https:// URLs, not {bad[0]!r}")
+        sys.exit(EXIT_BAD_INPUT)
+    if urls:
+        depot.config = dataclasses.replace(depot.config, servers=tuple(urls))
+    run_server(depot, host, port, token, log_level, mirror=bool(upstreams))
 
 
 def main() -> None:

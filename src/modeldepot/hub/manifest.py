@@ -53,6 +53,7 @@ class Manifest:
     shared: tuple[str, ...]
     other: tuple[str, ...]
     variants: tuple[Variant, ...]
+    private: bool = False  # private upstream: what is pulled from it is served to token holders only
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:
@@ -144,4 +145,5 @@ def manifest_from_record(
         shared=tuple(body["shared"]),
         other=tuple(body["other"]),
         variants=tuple(variants),
+        private=bool(info.get("private", False)),
     )

@@ -15,8 +15,10 @@ from aiohttp import web
 
 from modeldepot.depot import Depot
 from modeldepot.errors import DepotError
+from modeldepot.mirror import Mirror
 from modeldepot.server.context import DEPOT, TOKEN, is_authorized
 from modeldepot.server.hub_routes import add_hub_routes
+from modeldepot.server.mirror_routes import MIRROR
 from modeldepot.server.native_routes import HEALTH_PATH, add_native_routes
 from modeldepot.server.responses import error_response, response_for_error
 
@@ -93,11 +95,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
-def create_app(depot: Depot, token: str | None = None, request_deadline: float = 60.0) -> web.Application:
+def create_app(
+    depot: Depot, token: str | None = None, request_deadline: float = 60.0, mirror: bool = False
+) -> web.Application:
     """The node over ``depot``. With a ``token`` every route but health needs it; private repos always do.
 
     ``request_deadline`` bounds the seconds a request may take to arrive and be answered (not the time to
-    stream a file body).
+    stream a file body). ``mirror``: what the store lacks is pulled through the depot's source chain
+    (its servers, then the Hub) while it is served.
     """
     app = web.Application(
         middlewares=[cors_middleware, error_middleware, auth_middleware], client_max_size=MAX_BODY
@@ -105,6 +110,13 @@ def create_app(depot: Depot, token: str | None = None, request_deadline: float =
     app[DEPOT] = depot
     app[TOKEN] = token or ""
     app[REQUEST_DEADLINE] = request_deadline
+    if mirror:
+        app[MIRROR] = Mirror(depot)
+
+        async def stop_pulls(app: web.Application) -> None:
+            await app[MIRROR].close()
+
+        app.on_cleanup.append(stop_pulls)
     add_native_routes(app)
     add_hub_routes(app)
     return app

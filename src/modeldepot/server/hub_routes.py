@@ -15,9 +15,10 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from modeldepot.depot import Depot
-from modeldepot.errors import EntryNotFoundError, InvalidInputError, RepoNotFoundError
+from modeldepot.errors import EntryNotFoundError, InvalidInputError, RepoNotFoundError, RevisionNotFoundError
 from modeldepot.gitobjects import TreeEntry, lfs_pointer, tree_oids
 from modeldepot.server.context import DEPOT, is_authorized
+from modeldepot.server.mirror_routes import MIRROR, mirror_files, mirror_model_info, mirror_resolve
 from modeldepot.server.responses import json_response, send_blob
 from modeldepot.store import FileEntry, RepoSummary
 from modeldepot.validation import validate_path, validate_repo_id, validate_revision
@@ -73,9 +74,30 @@ def _sibling(entry: FileEntry, blobs: bool) -> dict[str, Any]:
     return item
 
 
+async def _mirrorable(request: web.Request, repo_id: str) -> bool:
+    """Whether a local miss may be answered from upstream: the node mirrors, and the repo is not a
+    private local one this request may not see (a miss must not reveal it, nor mix another repo in)."""
+    if MIRROR not in request.app:
+        return False
+    try:
+        private = await asyncio.to_thread(request.app[DEPOT].repo_private, repo_id)
+    except RepoNotFoundError:
+        return True
+    return not private or is_authorized(request)
+
+
 async def model_info(request: web.Request) -> web.Response:
     repo_id = _repo_id(request)
     revision = _revision(request)
+    try:
+        return await _local_model_info(request, repo_id, revision)
+    except (RepoNotFoundError, RevisionNotFoundError):
+        if not await _mirrorable(request, repo_id):
+            raise
+        return json_response(await mirror_model_info(request, repo_id, revision))
+
+
+async def _local_model_info(request: web.Request, repo_id: str, revision: str) -> web.Response:
     summary = await _visible_repo(request, repo_id)
     depot: Depot = request.app[DEPOT]
     commit_id = await asyncio.to_thread(depot.resolve, repo_id, revision)
@@ -141,12 +163,19 @@ class _Tree:
         return sorted(inside)
 
 
-async def _tree_of(request: web.Request, repo_id: str, revision: str) -> tuple[_Tree, RepoSummary]:
-    summary = await _visible_repo(request, repo_id)
+async def _tree_of(request: web.Request, repo_id: str, revision: str) -> tuple[_Tree, float]:
+    """The revision's tree and when it last changed (local, or, on a mirror's miss, the upstream's)."""
     depot: Depot = request.app[DEPOT]
-    commit_id = await asyncio.to_thread(depot.resolve, repo_id, revision)
+    try:
+        summary = await _visible_repo(request, repo_id)
+        commit_id = await asyncio.to_thread(depot.resolve, repo_id, revision)
+    except (RepoNotFoundError, RevisionNotFoundError):
+        if not await _mirrorable(request, repo_id):
+            raise
+        commit_id, remote_files, scanned_at = await mirror_files(request, repo_id, revision)
+        return _Tree.of(commit_id, remote_files), scanned_at
     files = await asyncio.to_thread(depot.list_files, repo_id, commit_id)
-    return _Tree.of(commit_id, files), summary
+    return _Tree.of(commit_id, files), summary.updated_at
 
 
 async def list_tree(request: web.Request) -> web.Response:
@@ -155,7 +184,7 @@ async def list_tree(request: web.Request) -> web.Response:
     folder = unquote(request.match_info.get("path", "")).strip("/")
     if folder:
         validate_path(folder)
-    tree, summary = await _tree_of(request, repo_id, revision)
+    tree, updated_at = await _tree_of(request, repo_id, revision)
     if folder and folder not in tree.folder_oids:
         raise EntryNotFoundError(repo_id, revision, folder, tree.commit_id)
     expand = _truthy(request.query.get("expand"))
@@ -172,7 +201,7 @@ async def list_tree(request: web.Request) -> web.Response:
     if cursor + page < len(paths):
         following = request.url.update_query(cursor=str(cursor + page))
         headers["Link"] = f'<{following}>; rel="next"'
-    return json_response([tree.entry(p, expand, summary.updated_at) for p in chunk], headers=headers)
+    return json_response([tree.entry(p, expand, updated_at) for p in chunk], headers=headers)
 
 
 async def paths_info(request: web.Request) -> web.Response:
@@ -184,9 +213,9 @@ async def paths_info(request: web.Request) -> web.Response:
         raise InvalidInputError("the paths-info form is not UTF-8") from None
     wanted = [validate_path(str(p).strip("/")) for p in form.getall("paths", [])]
     expand = _truthy(str(form.get("expand", "")))
-    tree, summary = await _tree_of(request, repo_id, revision)
+    tree, updated_at = await _tree_of(request, repo_id, revision)
     found = [p for p in wanted if p in tree.files or p in tree.folder_oids]
-    return json_response([tree.entry(p, expand, summary.updated_at) for p in found])
+    return json_response([tree.entry(p, expand, updated_at) for p in found])
 
 
 async def list_refs(request: web.Request) -> web.Response:
@@ -208,6 +237,15 @@ async def resolve(request: web.Request) -> web.StreamResponse:
     repo_id = _repo_id(request)
     revision = _revision(request)
     path = validate_path(request.match_info["path"])
+    try:
+        return await _local_resolve(request, repo_id, revision, path)
+    except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError):
+        if not await _mirrorable(request, repo_id):
+            raise
+        return await mirror_resolve(request, repo_id, revision, path)
+
+
+async def _local_resolve(request: web.Request, repo_id: str, revision: str, path: str) -> web.StreamResponse:
     await _check_visible(request, repo_id)
     depot: Depot = request.app[DEPOT]
     entry = await asyncio.to_thread(depot.file_info, repo_id, path, revision)

@@ -7,15 +7,19 @@ LFS oid) can fetch it, a range of it, or one verified chunk of it, whichever rep
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web_request import BaseRequest
 
 from modeldepot._version import __version__
 from modeldepot.depot import Depot
 from modeldepot.errors import InvalidInputError, RepoNotFoundError
+from modeldepot.hub.manifest import Manifest
 from modeldepot.server.context import DEPOT, is_authorized
 from modeldepot.server.openapi import openapi_document
 from modeldepot.server.responses import json_response, send_blob
@@ -29,6 +33,8 @@ STARTED = web.AppKey("started", float)
 _INDEX = re.compile(r"[0-9]{1,19}", re.ASCII)
 CAPABILITIES = ("hub-api", "blobs", "chunks", "ranges", "inventory")
 INVENTORY_PAGE = 1000
+EVENTS_POLL = 0.5  # seconds between looks at the statuses (pulls write theirs about as often)
+EVENTS_HEARTBEAT = 15.0
 
 
 def _depot(request: web.Request) -> Depot:
@@ -76,6 +82,71 @@ async def manifest(request: web.Request) -> web.Response:
             "files": [{**f.to_dict(), "etag": f.etag, "chunks": digests[f.sha256]} for f in files],
         }
     )
+
+
+async def pull_manifest(request: web.Request) -> web.Response:
+    """The saved scan of an upstream repo: its variants, their statuses and live progress."""
+    depot = _depot(request)
+    repo_id = validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
+    manifest = await asyncio.to_thread(depot.get_manifest, repo_id)
+    if (manifest.private or manifest.gated) and not is_authorized(request):
+        raise RepoNotFoundError(repo_id)
+    return json_response(manifest.to_dict())
+
+
+def _variant_states(manifests: list[Manifest], authorized: bool) -> dict[str, dict[str, Any]]:
+    states = {}
+    for manifest in manifests:
+        if (manifest.private or manifest.gated) and not authorized:
+            continue
+        for variant in manifest.variants:
+            states[f"{manifest.repo_id}:{variant.name}"] = {
+                "repo_id": manifest.repo_id,
+                "commit_id": manifest.commit_id,
+                "variant": variant.name,
+                "status": variant.status,
+                "bytes_done": variant.bytes_done,
+                "total_bytes": variant.total_bytes,
+                "error": variant.error,
+                "resumable": variant.resumable,
+            }
+    return states
+
+
+class EventStream(web.StreamResponse):
+    """Server-sent events: one ``variant`` event per variant at connect, then one per change (any
+    process's pulls: statuses live in the index), and a comment as heartbeat. Streamed after the handler
+    returns, so the request deadline does not cut it."""
+
+    def __init__(self, depot: Depot, authorized: bool) -> None:
+        super().__init__(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        self._depot = depot
+        self._authorized = authorized
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        writer = await super().prepare(request)
+        seen: dict[str, dict[str, Any]] = {}
+        quiet_since = time.monotonic()
+        while writer is not None:
+            states = _variant_states(await asyncio.to_thread(self._depot.list_manifests), self._authorized)
+            changed = [state for key, state in states.items() if seen.get(key) != state]
+            seen = states
+            if changed:
+                await self.write(
+                    "".join(
+                        f"event: variant\ndata: {json.dumps(s, sort_keys=True)}\n\n" for s in changed
+                    ).encode()
+                )
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= EVENTS_HEARTBEAT:
+                await self.write(b": heartbeat\n\n")
+                quiet_since = time.monotonic()
+            await asyncio.sleep(EVENTS_POLL)
+        return writer
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    return EventStream(_depot(request), is_authorized(request))
 
 
 async def read_blob(request: web.Request) -> web.StreamResponse:
@@ -141,6 +212,8 @@ def add_native_routes(app: web.Application) -> None:
     app.router.add_get(f"{API}/info", node_info)
     app.router.add_get(f"{API}/repos", list_repos)
     app.router.add_get(API + "/repos/{org}/{name}/revisions/{rev}/manifest", manifest)
+    app.router.add_get(API + "/repos/{org}/{name}/manifest", pull_manifest)
+    app.router.add_get(f"{API}/events", events)
     app.router.add_get(API + "/blobs/{sha256}", read_blob)
     app.router.add_get(API + "/blobs/{sha256}/chunks/{index}", read_chunk)
     app.router.add_get(f"{API}/inventory", inventory)

@@ -16,13 +16,18 @@ SHUTDOWN_GRACE = 30.0  # seconds in-flight responses get after SIGINT/SIGTERM
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i"'
 
 
-def run_server(depot: Depot, host: str, port: int, token: str | None, log_level: str = "info") -> None:
+def run_server(
+    depot: Depot, host: str, port: int, token: str | None, log_level: str = "info", mirror: bool = False
+) -> None:
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     log = logging.getLogger("modeldepot.server")
-    app = create_app(depot, token)
+    app = create_app(depot, token, mirror=mirror)
     mode = "token required" if token else "no token: private repos are not served"
+    if mirror:
+        upstreams = [*depot.config.servers, depot.config.hub_endpoint]
+        mode += f"; mirroring {', '.join(upstreams)}"
 
     async def announce(_app: web.Application) -> None:
         log.info(

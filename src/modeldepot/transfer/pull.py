@@ -26,7 +26,7 @@ from modeldepot.store.store import Store
 from modeldepot.transfer.chain import SourceChain
 from modeldepot.transfer.download import FileSource, Limits, download_file
 
-__all__ = ["PullProgress", "PullResult", "PullUpdate", "pull", "pull_async", "select"]
+__all__ = ["PartialWatch", "PullProgress", "PullResult", "PullUpdate", "pull", "pull_async", "select"]
 
 STATUS_INTERVAL = 0.5  # seconds between status rows written during a transfer
 CLAIM_POLL = 0.25  # seconds between looks at a content another process is transferring
@@ -45,6 +45,8 @@ class PullUpdate:
 
 
 PullProgress = Callable[[PullUpdate], None]
+PartialWatch = Callable[[str, ResumablePartial], None]
+"""Told ``(path, partial)`` when this pull starts writing a file: readers may follow its chunks as they land."""
 
 
 @dataclass(frozen=True)
@@ -120,9 +122,12 @@ def pull(
     progress: PullProgress | None = None,
     limits: Limits | None = None,
     paths: list[str] | None = None,
+    watch: PartialWatch | None = None,
 ) -> PullResult:
     """Blocking form of :func:`pull_async`."""
-    return asyncio.run(pull_async(store, manifest, quants, branch, chain, offline, progress, limits, paths))
+    return asyncio.run(
+        pull_async(store, manifest, quants, branch, chain, offline, progress, limits, paths, watch)
+    )
 
 
 async def pull_async(
@@ -135,6 +140,7 @@ async def pull_async(
     progress: PullProgress | None = None,
     limits: Limits | None = None,
     paths: list[str] | None = None,
+    watch: PartialWatch | None = None,
 ) -> PullResult:
     files, names = select(manifest, quants, paths)
     have: dict[str, BlobDigest] = {}
@@ -150,7 +156,7 @@ async def pull_async(
         tracker.done[path] = digest.size
     with store.partials.pulling(manifest.repo_id):
         tracker.write("downloading")
-        run = _PullRun(store, manifest, chain, tracker, limits or Limits())
+        run = _PullRun(store, manifest, chain, tracker, limits or Limits(), watch)
         try:
             fetched = await run.fetch(missing)
             staged = [
@@ -159,8 +165,10 @@ async def pull_async(
             ]
             card = {k: v for k, v in (("pipeline_tag", manifest.pipeline_tag), ("library_name", manifest.library_name),
                                       ("tags", list(manifest.tags))) if v}  # fmt: skip
+            # What was private or gated upstream stays behind this node's token.
+            private = manifest.private or bool(manifest.gated)
             spec = RevisionSpec(
-                manifest.repo_id, manifest.commit_id, branch, origin=manifest.endpoint, card=card
+                manifest.repo_id, manifest.commit_id, branch, private, manifest.endpoint, card
             )
             partials = await asyncio.to_thread(run.finish_partials)
             await asyncio.to_thread(publish, store, spec, staged, partials)
@@ -194,14 +202,9 @@ class _PullRun:
     """The transfers of one pull: claims, sources, and what to release at the end."""
 
     def __init__(self, store: Store, manifest: Manifest, chain: SourceChain, tracker: _Tracker,
-                 limits: Limits) -> None:  # fmt: skip
-        self.store, self.manifest, self.chain, self.tracker, self.limits = (
-            store,
-            manifest,
-            chain,
-            tracker,
-            limits,
-        )
+                 limits: Limits, watch: PartialWatch | None) -> None:  # fmt: skip
+        self.store, self.manifest, self.chain = store, manifest, chain
+        self.tracker, self.limits, self.watch = tracker, limits, watch
         self.claims: dict[str, ResumablePartial] = {}
         self.digests: dict[str, BlobDigest] = {}  # by content key
         self.used: set[str] = set()
@@ -238,6 +241,8 @@ class _PullRun:
         claim = await self._claim(key, remote)
         if claim is None:
             return  # another process committed it meanwhile
+        if self.watch is not None:
+            self.watch(remote.path, claim)
         self.tracker.add(remote.path, claim.resumed_bytes)
         self.tracker.resumed += claim.resumed_bytes
         hub = [self.chain.hub_source(self.manifest, remote)]

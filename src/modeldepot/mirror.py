@@ -1,0 +1,186 @@
+"""Mirror mode: a file the store lacks is pulled through the source chain while it is being read.
+
+A reader asks for a byte range of a file at a revision. If the store has the file, the bytes come from
+the store. If not, one pull of that file starts (or is joined: every reader of the same file shares it)
+and the reader follows the partial file as chunks land, each chunk handed out once it is written and,
+from a depot node, checked against the node's BLAKE3. The last chunk is held back until the whole file
+has matched the upstream's SHA-256 (or git oid): a reader never receives a complete file that is wrong;
+if the check fails, the stream breaks instead. The pull runs to its end even if every reader leaves, so
+the next reader finds the file in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from modeldepot.depot import Depot
+from modeldepot.errors import EntryNotFoundError
+from modeldepot.hashing import chunk_span
+from modeldepot.hub.manifest import Manifest, RemoteFile
+from modeldepot.store.partials import ResumablePartial
+from modeldepot.transfer.pull import PullResult, PullUpdate
+from modeldepot.validation import is_commit_id, validate_path
+
+__all__ = ["Mirror"]
+
+MANIFEST_TTL = 30.0  # seconds a branch's scan answers misses before the upstream is asked again
+READ_BLOCK = 1024 * 1024
+
+
+@dataclass
+class _Job:
+    remote: RemoteFile
+    task: asyncio.Task[PullResult] | None = None
+    partial: ResumablePartial | None = None
+    _event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def pulse(self) -> None:
+        """Wake every reader (called on the loop: a check and a wait never miss a pulse between them)."""
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class Mirror:
+    """Pull-through reads for a server. Use from one event loop."""
+
+    def __init__(self, depot: Depot) -> None:
+        self.depot = depot
+        self._manifests: dict[tuple[str, str], tuple[float, Manifest]] = {}
+        self._jobs: dict[tuple[str, str, str], _Job] = {}
+
+    async def manifest(self, repo_id: str, revision: str) -> Manifest:
+        """The upstream's view of ``repo_id`` at ``revision`` (a branch's scan is reused briefly)."""
+        key = (repo_id, revision)
+        cached = self._manifests.get(key)
+        if cached is not None and (is_commit_id(revision) or time.monotonic() - cached[0] < MANIFEST_TTL):
+            return cached[1]
+        manifest = await asyncio.to_thread(self.depot.manifest_for, repo_id, revision)
+        self._manifests[key] = (time.monotonic(), manifest)
+        return manifest
+
+    async def remote_file(self, repo_id: str, revision: str, path: str) -> tuple[Manifest, RemoteFile]:
+        validate_path(path)
+        manifest = await self.manifest(repo_id, revision)
+        for remote in manifest.files:
+            if remote.path == path:
+                return manifest, remote
+        raise EntryNotFoundError(repo_id, revision, path, manifest.commit_id)
+
+    def start(self, manifest: Manifest, remote: RemoteFile) -> None:
+        """Begin pulling a file (if no pull of it is running) without waiting for it: a HEAD prefetches."""
+        self._job(manifest, remote)
+
+    def _job(self, manifest: Manifest, remote: RemoteFile) -> _Job:
+        key = (manifest.repo_id, manifest.commit_id, remote.path)
+        job = self._jobs.get(key)
+        if job is not None:
+            return job
+        job = self._jobs[key] = _Job(remote)
+        loop = asyncio.get_running_loop()
+
+        def watch(path: str, partial: ResumablePartial) -> None:
+            job.partial = partial
+            job.pulse()
+
+        def progress(update: PullUpdate) -> None:
+            job.pulse()
+
+        async def run() -> PullResult:
+            try:
+                return await self.depot.pull_async(manifest.repo_id, None, manifest.revision, progress=progress,
+                                                   paths=[remote.path], watch=watch, manifest=manifest)  # fmt: skip
+            finally:
+                self._jobs.pop(key, None)
+                job.pulse()
+
+        job.task = loop.create_task(run())
+        return job
+
+    async def read(
+        self, manifest: Manifest, remote: RemoteFile, start: int, end: int
+    ) -> AsyncIterator[memoryview]:
+        """Bytes ``start..end`` (inclusive) of the file, as they become available and checked."""
+        job = self._job(manifest, remote)
+        assert job.task is not None
+        if remote.size == 0:
+            await job.task
+            return
+        while job.partial is None and not job.task.done():
+            await job.wait()
+        partial = job.partial
+        fd = _open(partial) if partial is not None and not job.task.done() else None
+        if fd is None:
+            job.task.result()  # raises what the pull raised
+            async for block in self._from_store(manifest, remote, start, end):
+                yield block
+            return
+        try:
+            async for block in self._follow(job, fd, start, end):
+                yield block
+        finally:
+            os.close(fd)
+
+    async def _follow(self, job: _Job, fd: int, start: int, end: int) -> AsyncIterator[memoryview]:
+        partial = job.partial
+        assert partial is not None and job.task is not None
+        chunk_size = partial.chunk_size
+        last = partial.chunks - 1
+        for index in range(start // chunk_size, end // chunk_size + 1):
+            # The final chunk waits for the whole-file check; the others for their own landing.
+            while not (index in partial.done and (index != last or job.task.done())):
+                if job.task.done():
+                    job.task.result()
+                    if index not in partial.done:
+                        raise RuntimeError("the pull ended without this chunk")  # pragma: no cover
+                await job.wait()
+            if index == last:
+                job.task.result()
+            offset, length = chunk_span(index, partial.size, chunk_size)
+            lo, hi = max(start, offset), min(end, offset + length - 1)
+            position = lo
+            while position <= hi:
+                want = min(READ_BLOCK, hi - position + 1)
+                data = await asyncio.to_thread(os.pread, fd, want, position)
+                if not data:
+                    raise OSError(f"the partial file ended at {position}")
+                position += len(data)
+                yield memoryview(data)
+
+    async def _from_store(
+        self, manifest: Manifest, remote: RemoteFile, start: int, end: int
+    ) -> AsyncIterator[memoryview]:
+        handle = await asyncio.to_thread(
+            self.depot.open_file, manifest.repo_id, remote.path, manifest.commit_id
+        )
+        try:
+            await asyncio.to_thread(handle.seek, start)
+            left = end - start + 1
+            while left > 0:
+                data = await asyncio.to_thread(handle.read, min(READ_BLOCK, left))
+                if not data:
+                    raise OSError("the stored file ended early")
+                left -= len(data)
+                yield memoryview(data)
+        finally:
+            handle.close()
+
+    async def close(self) -> None:
+        """Wait for running pulls to stop (cancelled: their finished chunks stay for a resume)."""
+        tasks = [job.task for job in self._jobs.values() if job.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _open(partial: ResumablePartial) -> int | None:
+    try:
+        return os.open(partial.paths.data, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None  # already placed in the store

@@ -1,0 +1,189 @@
+"""Mirror mode (`serve --upstream`): a miss is pulled through the chain while the client reads it, with the
+real huggingface_hub as the client; live status in the manifest route and the event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, snapshot_download
+
+from conftest import SMALL_CHUNK, LiveNode, store_files_consistent, write_model_dir
+from faultproxy import FaultProxy
+from modeldepot import Depot
+
+REPO = "acme/mirrored"
+BIG = "model.safetensors"
+rng = random.Random(7)
+FILES = {
+    "config.json": b'{"model_type": "bert", "hidden_size": 8}',
+    "tokenizer.json": b'{"vocab": {"x": 0}}',
+    BIG: rng.randbytes(48 * SMALL_CHUNK + 99),
+    "empty.txt": b"",
+}
+
+
+@pytest.fixture
+def upstream_proxy(tmp_path: Path) -> Iterator[FaultProxy]:
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        node = LiveNode(upstream_depot)
+        proxy = FaultProxy(node.url)
+        yield proxy
+        proxy.stop()
+        node.stop()
+
+
+def mirror_node(tmp_path: Path, upstream: str, monkeypatch: pytest.MonkeyPatch, as_node: bool = True) -> LiveNode:
+    """A mirroring node whose upstream is a depot node (chunk digests), or a Hub-like one (none)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9" if as_node else upstream)
+    depot = Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK, servers=[upstream] if as_node else [])
+    return LiveNode(depot, mirror=True)
+
+
+@pytest.fixture
+def client_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    return tmp_path / "hf-cache"
+
+
+def test_huggingface_hub_downloads_a_miss_through_the_mirror(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: Path
+) -> None:
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
+    try:
+        url = hf_hub_url(REPO, BIG, endpoint=mirror.url)
+        started = time.monotonic()
+        metadata = get_hf_file_metadata(url)
+        assert time.monotonic() - started < 5  # answered from metadata, not after a transfer
+        assert metadata.size == len(FILES[BIG]) and metadata.commit_hash
+        path = hf_hub_download(REPO, BIG, cache_dir=client_env, endpoint=mirror.url)
+        assert Path(path).read_bytes() == FILES[BIG]
+        assert mirror.depot.has_file(REPO, BIG), "the mirror keeps what it fetched"
+        assert not mirror.depot.has_file(REPO, "config.json"), "and only that"
+        crossed = upstream_proxy.plan.body_bytes
+        assert crossed == len(FILES[BIG])
+        # A second client is served from the store: nothing more crosses the upstream link.
+        again = hf_hub_download(REPO, BIG, cache_dir=tmp_path / "other-cache", endpoint=mirror.url)
+        assert Path(again).read_bytes() == FILES[BIG]
+        assert upstream_proxy.plan.body_bytes == crossed
+        assert store_files_consistent(mirror.depot) == []
+    finally:
+        mirror.stop()
+        mirror.depot.close()
+
+
+def test_snapshot_download_of_a_repo_the_mirror_never_saw(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: Path
+) -> None:
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
+    try:
+        folder = Path(snapshot_download(REPO, cache_dir=client_env, endpoint=mirror.url))
+        for name, data in FILES.items():
+            assert (folder / name).read_bytes() == data
+        assert all(mirror.depot.has_file(REPO, name) for name in FILES)
+    finally:
+        mirror.stop()
+        mirror.depot.close()
+
+
+async def _read(url: str, headers: dict[str, str] | None = None) -> tuple[float, float, bytes]:
+    """(seconds to headers, seconds to the end, body) of one GET."""
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers or {}) as response:
+        assert response.status in (200, 206), response.status
+        headers_at = time.monotonic() - started
+        body = await response.read()
+    return headers_at, time.monotonic() - started, body
+
+
+def test_clients_get_bytes_while_a_slow_pull_runs_and_share_one_transfer(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = upstream_proxy.set("slow", times=-1, slow_delay=0.03)
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
+    try:
+        url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
+
+        async def both() -> list[tuple[float, float, bytes]]:
+            return await asyncio.gather(_read(url), _read(url, {"Range": f"bytes=100-{3 * SMALL_CHUNK}"}))
+
+        (first_headers, first_end, whole), (_, _, part) = asyncio.run(both())
+        assert whole == FILES[BIG]
+        assert part == FILES[BIG][100 : 3 * SMALL_CHUNK + 1]
+        assert first_headers < first_end / 3, "headers come at once, bytes as they land"
+        assert plan.body_bytes == len(FILES[BIG]), "two readers, one transfer"
+    finally:
+        mirror.stop()
+        mirror.depot.close()
+
+
+def test_a_corrupt_upstream_breaks_the_stream_and_nothing_is_kept(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream_proxy.set("flip", times=1, path_suffix=BIG)
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, as_node=False)  # no chunk digests
+    try:
+        url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            asyncio.run(_read(url))
+        assert not mirror.depot.has_file(REPO, BIG)
+        assert store_files_consistent(mirror.depot) == []
+        # The next request pulls again and now gets it right.
+        assert asyncio.run(_read(url))[2] == FILES[BIG]
+    finally:
+        mirror.stop()
+        mirror.depot.close()
+
+
+def test_manifest_route_and_event_stream_show_pull_progress(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with Depot(tmp_path / "node", chunk_size=SMALL_CHUNK, servers=[upstream_proxy.url]) as depot:
+        node = LiveNode(depot)
+        try:
+            depot.scan_repo(REPO)
+            events: list[dict[str, object]] = []
+
+            async def listen() -> None:
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(f"{node.url}/api/depot/v1/events") as response:
+                        assert response.headers["Content-Type"].startswith("text/event-stream")
+                        async for line in response.content:
+                            if line.startswith(b"data: "):
+                                events.append(json.loads(line[6:]))
+                                if events[-1]["status"] == "downloaded":
+                                    return
+
+            listener = threading.Thread(target=lambda: asyncio.run(asyncio.wait_for(listen(), 30)))
+            listener.start()
+            time.sleep(0.5)
+            upstream_proxy.set("slow", times=-1, slow_delay=0.1)
+            depot.pull(REPO)
+            listener.join(40)
+            statuses = [e["status"] for e in events]
+            assert statuses[0] == "available" and statuses[-1] == "downloaded"
+            assert "downloading" in statuses
+
+            async def manifest() -> dict[str, object]:
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(f"{node.url}/api/depot/v1/repos/{REPO}/manifest") as response:
+                        assert response.status == 200
+                        return await response.json()  # type: ignore[no-any-return]
+
+            body = asyncio.run(manifest())
+            assert body["commit_id"] == depot.resolve(REPO)
+            assert [v["status"] for v in body["variants"]] == ["downloaded"]  # type: ignore[index]
+        finally:
+            node.stop()
