@@ -41,7 +41,9 @@ def upstream_proxy(tmp_path: Path) -> Iterator[FaultProxy]:
         node.stop()
 
 
-def mirror_node(tmp_path: Path, upstream: str, monkeypatch: pytest.MonkeyPatch, as_node: bool = True) -> LiveNode:
+def mirror_node(
+    tmp_path: Path, upstream: str, monkeypatch: pytest.MonkeyPatch, as_node: bool = True
+) -> LiveNode:
     """A mirroring node whose upstream is a depot node (chunk digests), or a Hub-like one (none)."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9" if as_node else upstream)
@@ -157,14 +159,14 @@ def test_manifest_route_and_event_stream_show_pull_progress(
             events: list[dict[str, object]] = []
 
             async def listen() -> None:
-                async with aiohttp.ClientSession() as session:
-                    async with session.get(f"{node.url}/api/depot/v1/events") as response:
-                        assert response.headers["Content-Type"].startswith("text/event-stream")
-                        async for line in response.content:
-                            if line.startswith(b"data: "):
-                                events.append(json.loads(line[6:]))
-                                if events[-1]["status"] == "downloaded":
-                                    return
+                url = f"{node.url}/api/depot/v1/events"
+                async with aiohttp.ClientSession() as session, session.get(url) as response:
+                    assert response.headers["Content-Type"].startswith("text/event-stream")
+                    async for line in response.content:
+                        if line.startswith(b"data: "):
+                            events.append(json.loads(line[6:]))
+                            if events[-1]["status"] == "downloaded":
+                                return
 
             listener = threading.Thread(target=lambda: asyncio.run(asyncio.wait_for(listen(), 30)))
             listener.start()
@@ -177,10 +179,10 @@ def test_manifest_route_and_event_stream_show_pull_progress(
             assert "downloading" in statuses
 
             async def manifest() -> dict[str, object]:
-                async with aiohttp.ClientSession() as session:
-                    async with session.get(f"{node.url}/api/depot/v1/repos/{REPO}/manifest") as response:
-                        assert response.status == 200
-                        return await response.json()  # type: ignore[no-any-return]
+                url = f"{node.url}/api/depot/v1/repos/{REPO}/manifest"
+                async with aiohttp.ClientSession() as session, session.get(url) as response:
+                    assert response.status == 200
+                    return await response.json()  # type: ignore[no-any-return]
 
             body = asyncio.run(manifest())
             assert body["commit_id"] == depot.resolve(REPO)
