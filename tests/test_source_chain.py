@@ -13,9 +13,10 @@ import contextlib
 import random
 import re
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -64,6 +65,8 @@ NODE_SECRET = "node-secret"
 _HOP = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive"})
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
+T = TypeVar("T")
+Accept = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 # -- helper servers on a background loop ---------------------------------------------------------------
@@ -77,9 +80,9 @@ class Background:
         self._thread = threading.Thread(target=self.loop.run_forever, name="helpers", daemon=True)
         self._thread.start()
         self._runners: list[web.AppRunner] = []
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[asyncio.Server] = []
 
-    def run(self, coroutine):  # type: ignore[no-untyped-def]
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(30)
 
     def serve(self, app: web.Application) -> str:
@@ -92,9 +95,9 @@ class Background:
 
         return f"http://127.0.0.1:{self.run(start())}"
 
-    def listen(self, accept: Callable[[asyncio.StreamReader, asyncio.StreamWriter], object]) -> str:
-        async def start() -> asyncio.AbstractServer:
-            return await asyncio.start_server(accept, "127.0.0.1", 0)  # type: ignore[arg-type]
+    def listen(self, accept: Accept) -> str:
+        async def start() -> asyncio.Server:
+            return await asyncio.start_server(accept, "127.0.0.1", 0)
 
         server = self.run(start())
         self._servers.append(server)
@@ -147,6 +150,10 @@ async def _forward(
         return web.Response(status=upstream.status, body=data, headers=out)
 
 
+def _body_size(response: web.Response) -> int:
+    return len(response.body) if isinstance(response.body, bytes) else 0
+
+
 @dataclass(frozen=True)
 class Seen:
     method: str
@@ -178,7 +185,7 @@ class RecordingProxy:
                 request.headers.get("Authorization"),
                 tuple(request.headers.values()),
                 response.status,
-                len(response.body or b""),  # type: ignore[arg-type]
+                _body_size(response),
             )
         )
         return response
@@ -249,7 +256,7 @@ class HubLike:
 
     async def _sibling(
         self, request: web.Request, repo: str, rev: str, path: str
-    ) -> tuple[dict[str, object] | None, str]:
+    ) -> tuple[dict[str, Any] | None, str]:
         url = f"{self.upstream}/api/models/{repo}/revision/{rev}?blobs=true"
         async with request.app[CLIENT].get(url) as response:
             if response.status != 200:
@@ -262,7 +269,7 @@ class HubLike:
         raw = f"/api/depot/v1/blobs/{request.match_info['sha256']}"
         response = await _forward(request, self.upstream, raw_path=raw, drop_auth=True)
         self.cdn_seen.append(
-            (request.headers.get("Range"), request.headers.get("Authorization"), len(response.body or b""))  # type: ignore[arg-type]
+            (request.headers.get("Range"), request.headers.get("Authorization"), _body_size(response))
         )
         return response
 
@@ -314,11 +321,10 @@ def make_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loca
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
     def make(name: str, servers: list[str], hub: str, node_token: str | None = None,
-             hf_token: str | None = None, per_source: int | None = None) -> Depot:  # fmt: skip
+             hf_token: str | None = None) -> Depot:  # fmt: skip
         monkeypatch.setenv("MODELDEPOT_SERVERS", ",".join(servers))
         monkeypatch.setenv("HF_ENDPOINT", hub)
-        for variable, value in (("MODELDEPOT_TOKEN", node_token), ("HF_TOKEN", hf_token),
-                                ("MODELDEPOT_CONNECTIONS_PER_SOURCE", per_source and str(per_source))):  # fmt: skip
+        for variable, value in (("MODELDEPOT_TOKEN", node_token), ("HF_TOKEN", hf_token)):
             if value is None:
                 monkeypatch.delenv(variable, raising=False)
             else:
@@ -388,11 +394,6 @@ def test_a_private_repo_is_pulled_from_a_node_with_its_token_and_never_from_the_
     assert hub.connections == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: SourceChain.scan drops the depot servers' refusals when the Hub cannot be reached; "
-    "the user gets 'cannot reach <hub>' (UpstreamError) instead of NotFound/AccessDenied for the repo",
-)
 def test_a_private_repo_without_the_node_token_is_a_clear_error_naming_the_repo(
     background: Background, make_node: NodeFactory, make_local: LocalFactory
 ) -> None:
@@ -416,11 +417,6 @@ def test_without_the_node_token_a_hub_that_lacks_the_repo_gives_not_found_naming
     assert local.list_repos() == [] and store_files_consistent(local) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug (message): a depot node's 401 at scan time is reported as 'refused access (401): "
-    "check HF_TOKEN' (hub/scan.py's wording, shared by the Hub and nodes); a node needs MODELDEPOT_TOKEN",
-)
 def test_a_node_that_refuses_the_scan_points_to_modeldepot_token(
     background: Background, make_node: NodeFactory, make_local: LocalFactory
 ) -> None:
@@ -524,12 +520,6 @@ def test_with_only_the_corrupt_node_and_no_hub_the_file_fails_and_nothing_is_com
     assert store_files_consistent(local) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: when every node fails a chunk's BLAKE3 check, download.py gives the file up "
-    "(IntegrityError) without asking the fallback (the Hub), though chain.py says the Hub joins a file "
-    "when every node failed it",
-)
 def test_when_every_node_fails_a_chunk_the_hub_joins(
     background: Background, make_node: NodeFactory, make_local: LocalFactory
 ) -> None:

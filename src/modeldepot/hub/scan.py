@@ -19,7 +19,7 @@ __all__ = ["fetch_repo"]
 
 
 def fetch_repo(
-    repo_id: str, revision: str, endpoint: str, token: str | bool | None
+    repo_id: str, revision: str, endpoint: str, token: str | bool | None, token_name: str = "HF_TOKEN"
 ) -> tuple[str, dict[str, Any], list[RemoteFile]]:
     """(commit id, repo metadata, files with sizes and digests) of ``repo_id`` at ``revision``.
 
@@ -31,12 +31,12 @@ def fetch_repo(
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
     except GatedRepoError as error:
         raise AccessDeniedError(
-            f"{repo_id} is gated on {endpoint}: accept its conditions there, then set HF_TOKEN to a token "
+            f"{repo_id} is gated on {endpoint}: accept its conditions there, then set {token_name} to a token "
             "of the account that did"
         ) from error
     except RepositoryNotFoundError as error:
         raise NotFoundError(
-            f"{repo_id} was not found on {endpoint}; if it is private, set HF_TOKEN to a token that can read it"
+            f"{repo_id} was not found on {endpoint}; if it is private, set {token_name} to a token that can read it"
         ) from error
     except RevisionNotFoundError as error:
         raise NotFoundError(f"revision {revision!r} of {repo_id} does not exist on {endpoint}") from error
@@ -44,7 +44,7 @@ def fetch_repo(
         status = error.response.status_code if error.response is not None else None
         if status in (401, 403):
             raise AccessDeniedError(
-                f"{endpoint} refused access to {repo_id} ({status}): check HF_TOKEN"
+                f"{endpoint} refused access to {repo_id} ({status}): check {token_name}"
             ) from error
         raise UpstreamError(f"{endpoint} failed to describe {repo_id}: {error}") from error
     except Exception as error:  # connection refused, DNS, TLS, timeouts: the client's own error types vary

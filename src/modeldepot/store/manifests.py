@@ -111,5 +111,26 @@ class ManifestStore:
                 (status, bytes_done, error, now, status, now, status, now, repo_id, variant),
             )
 
+    def set_statuses(
+        self, repo_id: str, bytes_done: dict[str, int], status: str, error: str | None = None
+    ) -> None:
+        """:meth:`set_status` for several variants (name -> bytes done) in one transaction."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        if not bytes_done:
+            return
+        now = time.time()
+        with self.index.write(f"recording the status of {repo_id}") as con:
+            con.executemany(
+                "UPDATE variant_status SET status = ?, bytes_done = ?, error = ?, updated_at = ?, "
+                "started_at = CASE WHEN ? = 'downloading' AND status != 'downloading' THEN ? ELSE started_at END, "
+                "finished_at = CASE WHEN ? IN ('downloaded', 'failed') THEN ? ELSE finished_at END "
+                "WHERE repo_id = ? AND variant = ?",
+                [
+                    (status, done, error, now, status, now, status, now, repo_id, name)
+                    for name, done in bytes_done.items()
+                ],
+            )
+
     def scanned(self) -> list[str]:
         return [row["repo_id"] for row in self.index.read("SELECT repo_id FROM manifests ORDER BY repo_id")]

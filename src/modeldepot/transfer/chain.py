@@ -19,7 +19,7 @@ import aiohttp
 from huggingface_hub import get_token
 
 from modeldepot.config import DepotConfig
-from modeldepot.errors import DepotError, NotFoundError, UpstreamError
+from modeldepot.errors import AccessDeniedError, DepotError, NotFoundError, UpstreamError
 from modeldepot.hashing import chunk_count
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.hub.scan import fetch_repo
@@ -54,20 +54,28 @@ class SourceChain:
         )
 
     def scan(self, repo_id: str, revision: str) -> Scan:
-        """Describe ``repo_id`` at ``revision`` from the first source of the chain that has it."""
-        problems: list[str] = []
+        """Describe ``repo_id`` at ``revision`` from the first source of the chain that has it.
+
+        When none has it, the error says what each source answered, and keeps the most telling kind:
+        a refusal (a token is missing) over "not found" over "unreachable"."""
+        problems: list[DepotError] = []
         for server in self.servers:
             try:
-                commit_id, info, files = fetch_repo(repo_id, revision, server.base_url, server.token or False)
+                commit_id, info, files = fetch_repo(
+                    repo_id, revision, server.base_url, server.token or False, "MODELDEPOT_TOKEN"
+                )
                 return Scan(commit_id, info, files, server.base_url)
             except DepotError as error:
-                problems.append(f"{server.base_url}: {error}")
+                problems.append(error)
         try:
             commit_id, info, files = fetch_repo(repo_id, revision, self.hub.base_url, self.hub.token)
-        except NotFoundError as error:
-            if problems:
-                raise NotFoundError(f"{error} (depot servers: {'; '.join(problems)})") from error
-            raise
+        except DepotError as error:
+            if not problems:
+                raise
+            problems.append(error)
+            kind = next((k for k in (AccessDeniedError, NotFoundError) if any(isinstance(p, k) for p in problems)),
+                        UpstreamError)  # fmt: skip
+            raise kind("; ".join(str(p) for p in problems)) from error
         return Scan(commit_id, info, files, self.hub.base_url)
 
     async def holders(

@@ -150,8 +150,8 @@ class _FileJob:
         reasons = "; ".join(f"{name}: {why}" for name, why in self.errors.items()) or "no source holds it"
         kinds = {type(error) for error in self.errors.values()}
         kind = kinds.pop() if len(kinds) == 1 else UpstreamError
-        if not issubclass(kind, (NotFoundError, AccessDeniedError)):
-            kind = UpstreamError  # one cause everywhere (missing, refused) is worth keeping; others are not
+        if not issubclass(kind, (NotFoundError, AccessDeniedError, IntegrityError)):
+            kind = UpstreamError  # one cause everywhere (missing, refused, corrupt) is worth keeping
         raise kind(f"{self.remote.path}: could not download it ({reasons})")
 
     # -- choosing chunks --------------------------------------------------------------------------------
@@ -176,9 +176,14 @@ class _FileJob:
             index = self._pick(source)
             if index is None:
                 if not self.in_flight:
-                    if self._work_left():  # every remaining chunk failed from every source too often
-                        self._fail(IntegrityError(
-                            f"{self.remote.path}: chunks kept failing their BLAKE3 check from every source"))  # fmt: skip
+                    if self._work_left():  # the remaining chunks failed their digest from every source
+                        bad = IntegrityError(
+                            f"chunks kept failing their BLAKE3 check ({sorted(self.bad)[:5]})"
+                        )
+                        for stuck in list(self.live):
+                            self._drop(stuck, bad)  # the fallback (the Hub) may still have good bytes
+                        async with self.changed:
+                            self.changed.notify_all()
                     return
                 async with self.changed:
                     await self.changed.wait()

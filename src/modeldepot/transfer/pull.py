@@ -95,21 +95,32 @@ class _Tracker:
         self.fetched = 0
         self.resumed = 0
         self.last_write = 0.0
+        self.pending: asyncio.Future[None] | None = None  # a status write running on a worker thread
 
     def add(self, path: str, amount: int, waiting: bool = False) -> None:
         self.done[path] = self.done.get(path, 0) + amount
         if self.progress is not None:
             self.progress(PullUpdate(path, self.done[path], self.sizes.get(path, 0),
                                      sum(self.done.values()), self.total, waiting))  # fmt: skip
-        if time.monotonic() - self.last_write >= STATUS_INTERVAL:
-            self.write("downloading")
+        if time.monotonic() - self.last_write >= STATUS_INTERVAL and (
+            self.pending is None or self.pending.done()
+        ):
+            # A status write is a durable transaction (an fsync): off the event loop, so the
+            # transfers do not stall behind the disk.
+            self.last_write = time.monotonic()
+            self.pending = asyncio.get_running_loop().run_in_executor(None, self.write, "downloading")
+
+    async def settle(self) -> None:
+        if self.pending is not None:
+            await asyncio.gather(self.pending, return_exceptions=True)
 
     def write(self, status: str, error: str | None = None) -> None:
         self.last_write = time.monotonic()
+        rows = {}
         for name in self.names:
             wanted = {f.path for f in self.manifest.files_of(name)}
-            done = sum(n for path, n in self.done.items() if path in wanted)
-            self.store.manifests.set_status(self.manifest.repo_id, name, status, done, error)
+            rows[name] = sum(n for path, n in self.done.items() if path in wanted)
+        self.store.manifests.set_statuses(self.manifest.repo_id, rows, status, error)
 
 
 def pull(
@@ -174,10 +185,12 @@ async def pull_async(
             await asyncio.to_thread(publish, store, spec, staged, partials)
             run.published = True
         except BaseException as error:
+            await tracker.settle()
             tracker.write("failed", f"{type(error).__name__}: {error}"[:500])
             raise
         finally:
             run.release()
+        await tracker.settle()
         tracker.write("downloaded")
     return PullResult(
         repo_id=manifest.repo_id,
