@@ -102,6 +102,13 @@ class FaultProxy:
 
     async def _forward(self, request: web.Request, headers: dict[str, str], plan: FaultPlan, count: bool,
                        fault: str = "") -> web.StreamResponse:  # fmt: skip
+        try:
+            return await self._relay(request, headers, plan, count, fault)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            raise web.HTTPException() from None  # the client left (a killed pull): nothing to answer
+
+    async def _relay(self, request: web.Request, headers: dict[str, str], plan: FaultPlan, count: bool,
+                     fault: str) -> web.StreamResponse:  # fmt: skip
         url = self.upstream + request.path_qs
         async with self._session.request(
             request.method, url, headers=headers, allow_redirects=False

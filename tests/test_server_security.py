@@ -19,6 +19,7 @@ import pytest
 import modeldepot
 from conftest import LiveNode, sample_files, write_model_dir
 from modeldepot import Depot
+from modeldepot.hub.manifest import RemoteFile, manifest_body
 from modeldepot.server import create_app
 
 REPO = "acme/tiny"
@@ -171,8 +172,23 @@ def test_links_planted_in_a_snapshot_are_never_followed(node: LiveNode, depot: D
 # -- token and private repos ---------------------------------------------------------------------------
 
 
+def record_scan(depot: Depot, repo: str) -> None:
+    """Save a manifest for ``repo`` as a scan of an upstream holding the same files would."""
+    files = [
+        RemoteFile(f.path, f.size, f.git_oid, f.sha256 if f.lfs else None) for f in depot.list_files(repo)
+    ]
+    commit_id = depot.resolve(repo)
+    info = {"private": depot.repo_private(repo)}
+    depot.store.manifests.save(
+        repo, "main", commit_id, manifest_body(repo, "main", commit_id, "http://up", info, files), {}
+    )
+
+
 def route_requests(depot: Depot, repo: str, path: str, folder: str) -> list[tuple[str, str]]:
-    """One concrete (method, target) for every route the app registers, names filled in from ``repo``."""
+    """One concrete (method, target) for every route the app registers, names filled in from ``repo``
+    (which gets a saved scan, so its manifest route answers). The event stream never ends: it has its
+    own test below."""
+    record_scan(depot, repo)
     org, name = repo.split("/")
     sha = depot.file_info(repo, path).sha256
     values = {"org": org, "name": name, "rev": "main", "sha256": sha, "index": "0"}
@@ -180,8 +196,22 @@ def route_requests(depot: Depot, repo: str, path: str, folder: str) -> list[tupl
     for resource in create_app(depot).router.resources():
         values["path"] = folder if "/tree/" in resource.canonical else path
         target = re.sub(r"\{(\w+)(:[^}]*)?\}", lambda m: values[m[1]], resource.canonical)
-        requests += [(route.method, target) for route in resource]
+        if target != "/api/depot/v1/events":
+            requests += [(route.method, target) for route in resource]
     return requests
+
+
+def test_the_event_stream_needs_the_token_too(guarded: LiveNode) -> None:
+    for headers, status in (({}, 401), ({"Authorization": f"Bearer {TOKEN}"}, 200)):
+        connection = http.client.HTTPConnection("127.0.0.1", guarded.port, timeout=30)
+        try:
+            connection.request("GET", "/api/depot/v1/events", headers=headers)
+            response = connection.getresponse()
+            assert response.status == status
+            if status == 200:
+                assert response.getheader("Content-Type", "").startswith("text/event-stream")
+        finally:
+            connection.close()
 
 
 def send(node: LiveNode, method: str, target: str, headers: dict[str, str]) -> Reply:

@@ -222,3 +222,29 @@ def test_two_processes_pulling_the_same_repo_make_one_transfer(
         for path, data in BIG_FILES.items():
             assert bytes(depot.get_file(REPO, path)) == data
         assert store_files_consistent(depot) == []
+
+
+def test_ctrl_c_stops_a_pull_cleanly_and_keeps_its_chunks(
+    big_upstream: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy, home = big_upstream, tmp_path / "local"
+    Depot(home, chunk_size=SMALL_CHUNK).close()
+    first = proxy.set("slow", times=-1, slow_delay=0.03)
+    process = _pull_process(home, _subprocess_env(proxy))
+    wait_until(lambda: first.body_bytes > len(BIG_FILES[BIG]) // 4)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "resume" in stderr
+    for name, value in _subprocess_env(proxy).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with Depot(home) as depot:
+        variant = depot.get_manifest(REPO).variants[0]
+        assert variant.status == "failed" and variant.resumable
+        assert not depot.has_file(REPO, BIG)
+        proxy.set("pass")
+        result = depot.pull(REPO)
+        assert result.bytes_resumed > 0
+        assert bytes(depot.get_file(REPO, BIG)) == BIG_FILES[BIG]
+        assert store_files_consistent(depot) == []

@@ -27,6 +27,7 @@ __all__ = ["cli", "main"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
 
 def exit_code_for(error: DepotError) -> int:
@@ -312,8 +313,12 @@ def pull_command(
         sys.exit(EXIT_BAD_INPUT)
     chosen: list[str] | str | None = list(quants) if quants else ("all" if all_variants else None)
     view = render.PullView(f"pulling {repo_id}")
-    with view.running():
-        result = depot.pull(repo_id, chosen, revision, progress=view.update)
+    try:
+        with view.running():
+            result = depot.pull(repo_id, chosen, revision, progress=view.update)
+    except KeyboardInterrupt:
+        render.err.print("interrupted: every finished chunk is kept; run the same command to resume")
+        sys.exit(EXIT_INTERRUPTED)
     if as_json:
         render.print_json(result.to_dict())
         return

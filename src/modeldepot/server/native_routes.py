@@ -18,7 +18,7 @@ from aiohttp.web_request import BaseRequest
 
 from modeldepot._version import __version__
 from modeldepot.depot import Depot
-from modeldepot.errors import InvalidInputError, RepoNotFoundError
+from modeldepot.errors import InvalidInputError, NotFoundError, RepoNotFoundError
 from modeldepot.hub.manifest import Manifest
 from modeldepot.server.context import DEPOT, is_authorized
 from modeldepot.server.openapi import openapi_document
@@ -88,7 +88,10 @@ async def pull_manifest(request: web.Request) -> web.Response:
     """The saved scan of an upstream repo: its variants, their statuses and live progress."""
     depot = _depot(request)
     repo_id = validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
-    manifest = await asyncio.to_thread(depot.get_manifest, repo_id)
+    try:
+        manifest = await asyncio.to_thread(depot.get_manifest, repo_id)
+    except NotFoundError:
+        raise RepoNotFoundError(repo_id) from None  # never scanned: no manifest, as for an absent repo
     if (manifest.private or manifest.gated) and not is_authorized(request):
         raise RepoNotFoundError(repo_id)
     return json_response(manifest.to_dict())

@@ -61,6 +61,28 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "responses": {"200": _json({"$ref": "#/components/schemas/Manifest"}), **errors},
                 }
             },
+            "/api/depot/v1/repos/{org}/{name}/manifest": {
+                "get": {
+                    "operationId": "pullManifest",
+                    "description": "The saved scan of an upstream repo: variants, statuses, live progress.",
+                    "parameters": repo_params,
+                    "responses": {"200": _json({"$ref": "#/components/schemas/PullManifest"}), **errors},
+                }
+            },
+            "/api/depot/v1/events": {
+                "get": {
+                    "operationId": "events",
+                    "description": "Server-sent events, endless: a `variant` event (JSON data) per variant on "
+                    "connect and per change of status or progress; a comment line as heartbeat.",
+                    "responses": {
+                        "200": {
+                            "description": "OK",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        "401": _ERROR,
+                    },
+                }
+            },
             "/api/depot/v1/blobs/{sha256}": {
                 "get": {
                     "operationId": "readBlob",
@@ -173,6 +195,34 @@ def openapi_document(version: str) -> dict[str, Any]:
                         "commit_id": {"type": "string"},
                         "private": {"type": "boolean"},
                         "files": {"type": "array", "items": {"$ref": "#/components/schemas/ManifestFile"}},
+                    },
+                },
+                "PullManifest": {
+                    "type": "object",
+                    "required": ["repo_id", "commit_id", "files", "variants"],
+                    "properties": {
+                        "repo_id": {"type": "string"},
+                        "revision": {"type": "string"},
+                        "commit_id": {"type": "string"},
+                        "endpoint": {"type": "string"},
+                        "files": {"type": "array", "items": {"type": "object"}},
+                        "shared": {"type": "array", "items": {"type": "string"}},
+                        "other": {"type": "array", "items": {"type": "string"}},
+                        "variants": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name", "status", "bytes_done", "total_bytes"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "status": {"enum": ["available", "downloading", "downloaded", "failed"]},
+                                    "bytes_done": {"type": "integer"},
+                                    "total_bytes": {"type": "integer"},
+                                    "error": {"type": ["string", "null"]},
+                                    "resumable": {"type": "boolean"},
+                                },
+                            },
+                        },
                     },
                 },
                 "Inventory": {

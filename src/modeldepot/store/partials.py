@@ -86,9 +86,21 @@ class ResumablePartial:
             raise os_error(error, "writing a download to the store") from error
         self.done[index] = digest
 
+    def close_data(self) -> None:
+        """Close the data file while the lock stays held (a finished file waiting for its publish:
+        a repo of many files must not hold two descriptors per file)."""
+        if self._data_fd >= 0:
+            os.close(self._data_fd)
+            self._data_fd = -1
+
     def finish(self) -> PartialBlob:
         """Hand the complete file over for placing (:meth:`PartialBlob.sync`, then publish); the lock is
         kept until :meth:`release`, so nobody resumes a file that is being placed."""
+        if self._data_fd < 0:
+            try:
+                self._data_fd = os.open(self.paths.data, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as error:
+                raise os_error(error, "reopening a finished download") from error
         fd, self._data_fd = self._data_fd, -1
         blob = PartialBlob(self.paths.data, fd, self.size)
         blob.written = self.size

@@ -30,6 +30,7 @@ __all__ = ["PartialWatch", "PullProgress", "PullResult", "PullUpdate", "pull", "
 
 STATUS_INTERVAL = 0.5  # seconds between status rows written during a transfer
 CLAIM_POLL = 0.25  # seconds between looks at a content another process is transferring
+FILES_AT_ONCE = 32  # files transferring at once (each holds two descriptors; connections are limited apart)
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,7 @@ class _PullRun:
         self.digests: dict[str, BlobDigest] = {}  # by content key
         self.used: set[str] = set()
         self.published = False
+        self.file_slots = asyncio.Semaphore(FILES_AT_ONCE)
 
     async def fetch(self, missing: list[RemoteFile]) -> dict[str, BlobDigest]:
         unique: dict[str, RemoteFile] = {}
@@ -251,6 +253,11 @@ class _PullRun:
 
     async def _one(self, http: aiohttp.ClientSession, key: str, remote: RemoteFile,
                    nodes: list[FileSource]) -> None:  # fmt: skip
+        async with self.file_slots:
+            await self._transfer(http, key, remote, nodes)
+
+    async def _transfer(self, http: aiohttp.ClientSession, key: str, remote: RemoteFile,
+                        nodes: list[FileSource]) -> None:  # fmt: skip
         claim = await self._claim(key, remote)
         if claim is None:
             return  # another process committed it meanwhile
@@ -267,6 +274,7 @@ class _PullRun:
 
         self.used.update(s.source.base_url for s in sources)
         digest = await download_file(http, remote, claim, sources, self.limits, fallback, on_bytes)
+        claim.close_data()
         self.digests[key] = digest
 
     async def _claim(self, key: str, remote: RemoteFile) -> ResumablePartial | None:
