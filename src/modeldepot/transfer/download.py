@@ -105,6 +105,7 @@ class _FileJob:
         self.changed = asyncio.Condition()
         self.failure: DepotError | None = None
         self.whole_body = False
+        self.low = 0  # the lowest chunk that may not be done yet
 
     async def run(self, sources: list[FileSource]) -> BlobDigest:
         workers: list[asyncio.Task[None]] = []
@@ -158,7 +159,9 @@ class _FileJob:
 
     def _pick(self, source: FileSource) -> int | None:
         live_names = {s.source.name for s in self.live}
-        for index in range(self.partial.chunks):
+        while self.low in self.partial.done:  # below it every chunk is done: no scan from 0 per pick
+            self.low += 1
+        for index in range(self.low, self.partial.chunks):
             if index in self.partial.done or index in self.in_flight:
                 continue
             failed_by = self.bad.get(index, set())
