@@ -1,0 +1,309 @@
+"""The loaded-model cache: single-flight, LRU by idle time under slot and memory limits (recomputed after
+each eviction), idle TTL, pins, hooks that really free the engine, stats; a state machine for the limits."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import threading
+import time
+import weakref
+from collections.abc import Hashable
+from typing import Any
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from modeldepot.engines import LoadedModelCache
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Engine:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_one_hundred_callers_of_one_key_make_one_load() -> None:
+    cache: LoadedModelCache[Engine] = LoadedModelCache()
+    loads = []
+    start = threading.Barrier(100)
+    results: list[Engine] = []
+
+    def loader() -> Engine:
+        loads.append(1)
+        time.sleep(0.2)
+        return Engine("a")
+
+    def call() -> None:
+        start.wait()
+        results.append(cache.get_or_load("a", loader, size=1))
+
+    threads = [threading.Thread(target=call) for _ in range(100)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(loads) == 1
+    assert len(results) == 100 and all(r is results[0] for r in results)
+    stats = cache.stats()
+    assert stats.total_misses == 1 and stats.total_hits + stats.total_misses <= 100
+
+
+def test_different_keys_load_in_parallel() -> None:
+    cache: LoadedModelCache[str] = LoadedModelCache()
+    both_loading = threading.Barrier(2, timeout=5)  # breaks (and fails the loads) if loads were serial
+
+    def loader(name: str) -> str:
+        both_loading.wait()
+        return name
+
+    threads = [threading.Thread(target=cache.get_or_load, args=(k, lambda k=k: loader(k), 1)) for k in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert set(cache.keys()) == {"a", "b"}
+
+
+def test_a_failed_load_reaches_every_waiter_and_is_not_cached() -> None:
+    cache: LoadedModelCache[str] = LoadedModelCache()
+    attempts = []
+    release = threading.Event()
+
+    def failing() -> str:
+        attempts.append(1)
+        release.wait(5)
+        raise RuntimeError("model file is broken")
+
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            cache.get_or_load("k", failing)
+        except RuntimeError as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=call) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert len(attempts) == 1 and len(errors) == 10
+    assert all(str(e) == "model file is broken" for e in errors)
+    assert "k" not in cache and cache.stats().load_failures == 1
+    assert cache.get_or_load("k", lambda: "fine") == "fine"  # the next call loads again
+
+
+def test_the_least_recently_used_goes_when_slots_run_out() -> None:
+    evicted: list[Hashable] = []
+    cache: LoadedModelCache[str] = LoadedModelCache(max_models=2, on_evict=lambda k, m: evicted.append(k))
+    cache.get_or_load("a", lambda: "A")
+    cache.get_or_load("b", lambda: "B")
+    cache.get_or_load("a", lambda: "never")  # a hit: a is now the most recent
+    cache.get_or_load("c", lambda: "C")
+    assert evicted == ["b"] and cache.keys() == ["a", "c"]
+
+
+def test_the_memory_projection_is_recomputed_after_each_eviction() -> None:
+    evicted: list[Hashable] = []
+    cache: LoadedModelCache[str] = LoadedModelCache(max_models=10, memory_budget=100,
+                                                    on_evict=lambda k, m: evicted.append(k))  # fmt: skip
+    cache.get_or_load("a", lambda: "A", size=40)
+    cache.get_or_load("b", lambda: "B", size=40)
+    cache.get_or_load("c", lambda: "C", size=50)  # 130 > 100: evicting a alone makes room (90)
+    assert evicted == ["a"] and cache.keys() == ["b", "c"]
+    assert cache.stats().total_memory_bytes == 90
+
+
+def test_a_size_not_given_is_measured_as_rss_growth() -> None:
+    rss = iter([1000, 1700])
+    cache: LoadedModelCache[str] = LoadedModelCache(rss=lambda: next(rss))
+    cache.get_or_load("a", lambda: "A")
+    assert cache.stats().total_memory_bytes == 700
+
+
+def test_idle_ttl_expires_and_reads_extend_it() -> None:
+    clock = Clock()
+    cache: LoadedModelCache[str] = LoadedModelCache(ttl=10, clock=clock)
+    cache.get_or_load("a", lambda: "A", size=1)
+    clock.now += 8
+    assert cache.get_or_load("a", lambda: "reloaded") == "A"  # a hit 8 s in: idle time restarts
+    clock.now += 8
+    assert cache.contains("a") and cache.evict_stale() == 0
+    clock.now += 3
+    assert not cache.contains("a")
+    assert cache.evict_stale() == 1 and len(cache) == 0
+    assert cache.get_or_load("a", lambda: "reloaded") == "reloaded"
+
+
+def test_eviction_closes_and_frees_the_engine() -> None:
+    cache: LoadedModelCache[Engine] = LoadedModelCache(max_models=1)
+    engine = cache.get_or_load("a", lambda: Engine("a"))
+    ref = weakref.ref(engine)
+    del engine
+    cache.get_or_load("b", lambda: Engine("b"))  # evicts a
+    gc.collect()
+    assert ref() is None, "the cache kept a reference to an evicted engine"
+    closed = []
+    cache.on_evict = lambda key, model: closed.append(key)
+    assert cache.evict("b") and closed == ["b"] and not cache.evict("b")
+
+
+def test_default_hook_calls_close() -> None:
+    cache: LoadedModelCache[Engine] = LoadedModelCache()
+    engine = cache.get_or_load("a", lambda: Engine("a"))
+    cache.evict("a")
+    assert engine.closed
+
+
+def test_a_hook_that_raises_does_not_break_the_cache(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(key: Hashable, model: Any) -> None:
+        raise OSError("close failed")
+
+    cache: LoadedModelCache[str] = LoadedModelCache(max_models=1, on_evict=broken)
+    cache.get_or_load("a", lambda: "A")
+    cache.get_or_load("b", lambda: "B")
+    assert cache.keys() == ["b"] and "on_evict failed" in caplog.text
+
+
+def test_pinned_entries_survive_every_limit_until_unpinned() -> None:
+    clock = Clock()
+    cache: LoadedModelCache[str] = LoadedModelCache(max_models=1, ttl=5, clock=clock)
+    cache.get_or_load("a", lambda: "A")
+    cache.pin("a")
+    cache.get_or_load("b", lambda: "B")  # no slot can be freed: the limit gives way to the pin
+    clock.now += 100
+    assert cache.evict_stale() == 1 and cache.keys() == ["a"]  # b expired, a is pinned
+    cache.unpin("a")
+    with pytest.raises(ValueError, match="not pinned"):
+        cache.unpin("a")
+    with pytest.raises(KeyError):
+        cache.pin("nope")
+    cache.get_or_load("c", lambda: "C")
+    assert cache.keys() == ["c"]
+
+
+def test_stats_as_json() -> None:
+    clock = Clock()
+    cache: LoadedModelCache[str] = LoadedModelCache(clock=clock)
+    cache.get_or_load("a", lambda: "A", size=10)
+    clock.now += 2.5
+    cache.get_or_load("a", lambda: "A", size=10)
+    stats = json.loads(json.dumps(cache.stats().to_dict()))
+    assert stats == {"cached_models": 1, "total_hits": 1, "total_misses": 1, "hit_rate": 0.5,
+                     "total_memory_bytes": 10, "oldest_entry_age_secs": 2.5, "evictions": 0,
+                     "load_failures": 0}  # fmt: skip
+
+
+def test_memory_pressure_evicts_an_idle_entry_before_a_load() -> None:
+    pressure = [1.0]
+    cache: LoadedModelCache[str] = LoadedModelCache(available_fraction=lambda: pressure[0])
+    cache.get_or_load("a", lambda: "A", size=1)
+    cache.get_or_load("b", lambda: "B", size=1)
+    pressure[0] = 0.05
+    cache.get_or_load("c", lambda: "C", size=1)
+    assert cache.keys() == ["b", "c"]
+
+
+def test_the_async_twin_is_single_flight_for_coroutine_loaders() -> None:
+    cache: LoadedModelCache[str] = LoadedModelCache()
+    loads = []
+
+    async def loader() -> str:
+        loads.append(1)
+        await asyncio.sleep(0.1)
+        return "engine"
+
+    async def main() -> list[str]:
+        return await asyncio.gather(*(cache.get_or_load_async("k", loader, 1) for _ in range(20)))
+
+    assert asyncio.run(main()) == ["engine"] * 20 and len(loads) == 1
+    assert asyncio.run(cache.get_or_load_async("j", lambda: "sync loader")) == "sync loader"
+
+
+def test_bad_settings_are_refused() -> None:
+    for kwargs in ({"max_models": 0}, {"ttl": 0}, {"memory_budget": -1}):
+        with pytest.raises(ValueError, match="must be"):
+            LoadedModelCache(**kwargs)  # type: ignore[arg-type]
+
+
+class CacheMachine(RuleBasedStateMachine):
+    """Random loads, uses, pins, evictions and clock jumps: the limits hold whenever they can, every
+    entry that leaves is handed to the hook exactly once, and no expired entry is ever returned."""
+
+    BUDGET = 100
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.hooked: list[Hashable] = []
+        self.cache: LoadedModelCache[tuple[str, int]] = LoadedModelCache(
+            max_models=3, ttl=30, memory_budget=self.BUDGET, clock=self.clock,
+            on_evict=lambda k, m: self.hooked.append(k), available_fraction=lambda: 1.0,
+        )  # fmt: skip
+        self.generation = 0
+        self.last_loaded: Hashable | None = None
+
+    @rule(key=st.sampled_from("abcde"), size=st.integers(0, 120))
+    def get(self, key: str, size: int) -> None:
+        was_fresh = self.cache.contains(key)
+        self.generation += 1
+        model = self.cache.get_or_load(key, lambda: (key, self.generation), size)
+        assert model[0] == key
+        if not was_fresh:
+            assert model[1] == self.generation, "an expired or evicted entry was returned"
+            self.last_loaded = key
+
+    @rule(seconds=st.floats(0, 40))
+    def tick(self, seconds: float) -> None:
+        self.clock.now += seconds
+
+    @precondition(lambda self: len(self.cache) > 0)
+    @rule(data=st.data())
+    def pin_or_unpin(self, data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(self.cache.keys()))
+        entry = self.cache._entries[key]
+        if entry.pins and data.draw(st.booleans()):
+            self.cache.unpin(key)
+        else:
+            self.cache.pin(key)
+
+    @rule(key=st.sampled_from("abcde"))
+    def evict(self, key: str) -> None:
+        self.cache.evict(key)
+
+    @rule()
+    def evict_stale(self) -> None:
+        self.cache.evict_stale()
+
+    @invariant()
+    def limits_hold_unless_pins_forbid(self) -> None:
+        entries = self.cache._entries
+        movable = [k for k, e in entries.items() if e.pins == 0 and k != self.last_loaded]
+        if movable:  # something could still be evicted: then every limit must hold
+            assert len(entries) <= self.cache.max_models
+            assert sum(e.size for e in entries.values()) <= self.BUDGET
+
+    @invariant()
+    def every_departure_is_hooked_once(self) -> None:
+        assert len(self.hooked) == self.cache.stats().evictions
+
+
+TestCacheMachine = CacheMachine.TestCase
+TestCacheMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
