@@ -14,13 +14,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import mmap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from modeldepot.config import DepotConfig
-from modeldepot.errors import EntryNotFoundError, NotFoundError, OfflineError
+from modeldepot.engines.adapters import ENGINES, EngineLoader, model_file
+from modeldepot.engines.adapters import warmup as warm
+from modeldepot.engines.cache import LoadedModelCache
+from modeldepot.errors import ConfigError, EntryNotFoundError, NotFoundError, OfflineError
 from modeldepot.hub.manifest import Manifest, manifest_body, manifest_from_record
 from modeldepot.hub.variants import group_files
 from modeldepot.store import (
@@ -93,6 +96,7 @@ class Depot:
         *,
         chunk_size: int | None = None,
         servers: Sequence[str] | None = None,
+        engine_cache: LoadedModelCache[Any] | None = None,
     ) -> None:
         base = DepotConfig.from_env(home=home)
         self.config = dataclasses.replace(
@@ -101,6 +105,7 @@ class Depot:
             servers=tuple(s.rstrip("/") for s in servers) if servers is not None else base.servers,
         )
         self.store = Store(self.config)
+        self.engines: LoadedModelCache[Any] = engine_cache if engine_cache is not None else LoadedModelCache()
 
     @property
     def home(self) -> Path:
@@ -348,6 +353,64 @@ class Depot:
     def _holds(self, repo_id: str, commit_id: str, paths: list[str]) -> bool:
         """Whether the store has every one of ``paths`` at ``commit_id`` of ``repo_id``, servable now."""
         return all(self.store.has_file(repo_id, path, commit_id) for path in paths)
+
+    # -- engines ----------------------------------------------------------------------------------------
+
+    def load(
+        self,
+        repo_id: str,
+        quant: str | None = None,
+        revision: str = "main",
+        *,
+        engine: str | EngineLoader = "onnxruntime",
+        warmup: int = 1,
+        inputs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """A loaded, warmed-up engine for a variant of ``repo_id``, kept in :attr:`engines` (an LRU of
+        loaded engines): the second call for the same variant is a cache hit.
+
+        The variant is pulled through the source chain first if the store lacks it. ``engine`` is
+        ``"onnxruntime"`` (an InferenceSession), ``"safetensors"`` (numpy tensors), or any callable taking
+        the model file's path. ``warmup`` dummy inference passes run after the load (shaped from the
+        model's inputs unless ``inputs`` is given); their failure is logged, not raised.
+        """
+        validate_repo_id(repo_id)
+        validate_revision(revision)
+        loader, suffixes = ENGINES[engine] if isinstance(engine, str) and engine in ENGINES else (engine, ())
+        if isinstance(loader, str):
+            raise ConfigError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)} or a callable")
+        commit_id = self._ensure_variant(repo_id, quant, revision)
+        paths = [f.path for f in self.store.files(repo_id, commit_id)]
+        chosen = model_file(paths, quant, suffixes or (".onnx", ".safetensors", ".gguf", ".bin"))
+        name = engine if isinstance(engine, str) else getattr(engine, "__qualname__", repr(engine))
+        key = (repo_id, commit_id, chosen, name)
+
+        def load_and_warm() -> Any:
+            if isinstance(engine, str):  # our engines read everything at load: hard links suffice
+                folder, _, name = chosen.rpartition("/")
+                with self.store.linked_folder(repo_id, commit_id, folder) as view:
+                    built = loader(view / name)
+            else:  # a caller's loader may read lazily: it gets the lasting snapshot path
+                built = loader(self.store.file_path(repo_id, chosen, commit_id))
+            if warmup:
+                warm(built, warmup, inputs)
+            return built
+
+        return self.engines.get_or_load(key, load_and_warm)
+
+    def _ensure_variant(self, repo_id: str, quant: str | None, revision: str) -> str:
+        """The commit whose files hold the variant, pulling it first when the store lacks it."""
+        try:
+            commit_id = self.store.resolve(repo_id, revision)
+            paths = [f.path for f in self.store.files(repo_id, commit_id)]
+            if quant is None or any(v.name.lower() == quant.lower() for v in group_files(paths).variants):
+                return commit_id
+            if self.config.offline:
+                return commit_id  # nothing to pull from: the caller reports the variants there are
+        except NotFoundError:
+            pass
+        result = self.pull(repo_id, [quant] if quant else None, revision)
+        return result.commit_id
 
     # -- upkeep ---------------------------------------------------------------------------------------
 

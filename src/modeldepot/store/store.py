@@ -6,14 +6,17 @@ du) in :mod:`.maintenance`; this module opens the store and answers reads.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import mmap
 import os
+import posixpath
 import re
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,9 +34,9 @@ from modeldepot.errors import (
     RevisionNotFoundError,
 )
 from modeldepot.hashing import BlobDigest, chunk_count, chunk_span
-from modeldepot.store.blobs import BlobFiles
+from modeldepot.store.blobs import BlobFiles, WriteSession
 from modeldepot.store.index import Index
-from modeldepot.store.layout import StoreLayout
+from modeldepot.store.layout import StoreLayout, os_error
 from modeldepot.store.locks import StoreLock
 from modeldepot.store.manifests import ManifestStore
 from modeldepot.store.models import BlobRecord, FileEntry, RepoInfo, RepoSummary, RevisionInfo
@@ -298,6 +301,23 @@ class Store:
         with self.lock.shared():  # gc (exclusive) never sees a snapshot half-built
             self.snapshots.build(repo_id, commit_id, pairs)
         return True
+
+    @contextlib.contextmanager
+    def linked_folder(self, repo_id: str, commit_id: str, folder: str) -> Iterator[Path]:
+        """One folder of a revision as hard links (real files, not symlinks) in a private folder under
+        tmp/, removed on exit. For loaders that refuse a path leading out of the model's folder:
+        onnxruntime resolves symlinks and rejects external data that "escapes" the model directory."""
+        with WriteSession(self.layout) as session:
+            view = session.path / "view" / folder
+            try:
+                view.mkdir(parents=True)
+                for entry in self.files(repo_id, commit_id):
+                    if posixpath.dirname(entry.path) == folder:
+                        os.close(self._open_fd(entry))  # there, with the right size
+                        os.link(self.blobs.path(entry.sha256), view / posixpath.basename(entry.path))
+            except OSError as error:
+                raise os_error(error, f"linking {repo_id}@{commit_id[:12]}/{folder} for a loader") from error
+            yield view
 
     def file_path(self, repo_id: str, path: str, revision: str = "main") -> Path:
         """A real path to the file, with its repo-relative name (engines find sibling files by name)."""

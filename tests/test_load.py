@@ -1,0 +1,147 @@
+"""Depot.load: real onnxruntime sessions (external data included) and safetensors, warmed up, cached,
+pulled through the chain when missing."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from safetensors.numpy import save_file
+
+from conftest import SMALL_CHUNK, LiveNode
+from modeldepot import Depot
+from modeldepot.engines.adapters import dummy_inputs, warmup
+from modeldepot.errors import ConfigError, NotFoundError
+
+REPO = "acme/linear"
+rng = np.random.default_rng(3)
+WEIGHT = rng.standard_normal((4, 256)).astype(np.float32)
+BIAS = rng.standard_normal(256).astype(np.float32)
+
+
+def linear_model(dtype: int, weight: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
+    """y = x @ W + b, with a symbolic batch dimension."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+        "linear",
+        [helper.make_tensor_value_info("x", dtype, ["batch", 4])],
+        [helper.make_tensor_value_info("y", dtype, ["batch", weight.shape[1]])],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def write_repo(folder: Path) -> Path:
+    (folder / "onnx").mkdir(parents=True)
+    onnx.save_model(linear_model(TensorProto.FLOAT, WEIGHT, BIAS), str(folder / "onnx" / "model.onnx"),
+                    save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx_data",
+                    size_threshold=0)  # fmt: skip
+    onnx.save_model(linear_model(TensorProto.FLOAT16, WEIGHT.astype(np.float16), BIAS.astype(np.float16)),
+                    str(folder / "onnx" / "model_fp16.onnx"))  # fmt: skip
+    (folder / "config.json").write_text('{"model_type": "linear"}')
+    assert (folder / "onnx" / "model.onnx_data").stat().st_size >= WEIGHT.nbytes
+    return folder
+
+
+@pytest.fixture
+def loaded(depot: Depot, tmp_path: Path) -> Depot:
+    depot.import_dir(write_repo(tmp_path / "repo"), REPO)
+    return depot
+
+
+def test_load_gives_a_warmed_session_with_external_data_and_caches_it(
+    loaded: Depot, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="modeldepot.engines.adapters")
+    session = loaded.load(REPO)
+    assert "warmed up in 1 passes" in caplog.text
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    (y,) = session.run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ WEIGHT + BIAS, rtol=1e-5)
+    assert loaded.load(REPO) is session
+    stats = loaded.engines.stats()
+    assert (stats.total_misses, stats.total_hits, stats.cached_models) == (1, 1, 1)
+
+
+def test_load_picks_the_variant(loaded: Depot) -> None:
+    session = loaded.load(REPO, "fp16")
+    assert session.get_inputs()[0].type == "tensor(float16)"
+    assert loaded.load(REPO, "FP16") is session  # variant names match case-insensitively
+    with pytest.raises(NotFoundError, match="q4"):
+        loaded.load(REPO, "q4")
+
+
+def test_safetensors_and_callable_engines(depot: Depot, tmp_path: Path) -> None:
+    folder = tmp_path / "st"
+    folder.mkdir()
+    tensors = {"w": WEIGHT, "b": BIAS}
+    save_file(tensors, str(folder / "model.safetensors"))
+    depot.import_dir(folder, "acme/st")
+    loaded = depot.load("acme/st", engine="safetensors")
+    assert set(loaded) == {"w", "b"}
+    np.testing.assert_array_equal(loaded["w"], WEIGHT)
+    paths: list[Path] = []
+
+    def engine(path: Path) -> str:
+        paths.append(path)
+        return "custom"
+
+    assert depot.load("acme/st", engine=engine) == "custom"
+    assert (
+        paths[0].name == "model.safetensors"
+        and paths[0].read_bytes()[:8] == (folder / "model.safetensors").read_bytes()[:8]
+    )
+    with pytest.raises(ConfigError, match="unknown engine"):
+        depot.load("acme/st", engine="tensorrt")
+
+
+def test_warmup_survives_errors_and_shapes_inputs(loaded: Depot) -> None:
+    session = loaded.load(REPO, warmup=0)
+    inputs = dummy_inputs(session)
+    assert inputs["x"].shape == (1, 4) and inputs["x"].dtype == np.float32
+    report = warmup(session, passes=3)
+    assert report.ok and report.passes == 3 and len(report.seconds) == 3
+
+    def broken(**_: Any) -> None:
+        raise RuntimeError("no GPU")
+
+    failed = warmup(broken, passes=2)
+    assert not failed.ok and failed.passes == 0 and "no GPU" in failed.errors[0]
+    with pytest.raises(ValueError, match="passes"):
+        warmup(session, passes=-1)
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[LiveNode]:
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as node_depot:
+        node_depot.import_dir(write_repo(tmp_path / "up-repo"), REPO)
+        node = LiveNode(node_depot)
+        yield node
+        node.stop()
+
+
+def test_load_pulls_a_missing_variant_first(
+    upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[upstream.url]) as local:
+        session = local.load(REPO, "fp16")
+        assert session.get_inputs()[0].type == "tensor(float16)"
+        assert local.has_file(REPO, "onnx/model_fp16.onnx") and local.has_file(REPO, "config.json")
+        assert not local.has_file(REPO, "onnx/model.onnx_data"), "only the variant asked for"
+
+
+def test_bad_input_is_refused_before_anything_loads(loaded: Depot) -> None:
+    with pytest.raises(ValueError, match="repo"):
+        loaded.load("not a repo")
+    assert loaded.engines.stats().total_misses == 0
