@@ -145,3 +145,15 @@ def test_bad_input_is_refused_before_anything_loads(loaded: Depot) -> None:
     with pytest.raises(ValueError, match="repo"):
         loaded.load("not a repo")
     assert loaded.engines.stats().total_misses == 0
+
+
+def test_load_uses_the_preloaded_copy_and_times_both_ways(loaded: Depot) -> None:
+    loaded.load(REPO, "fp16")  # not preloaded: a cold load
+    loaded.preloader.preload(REPO)
+    assert loaded.preloader.holds(REPO)
+    loaded.load(REPO)  # fp32, preloaded
+    stats = loaded.preloader.stats()
+    assert stats.avg_load_seconds_cold is not None and stats.avg_load_seconds_preloaded is not None
+    assert stats.hits == 1  # the load held the preloaded model while the engine read it
+    top = {(a.repo_id, a.variant): a.count for a in stats.most_accessed}
+    assert top[(REPO, "fp16")] == 1 and top[(REPO, "")] == 1

@@ -68,9 +68,9 @@ class DepotConfig:
     node_token: str | None = field(default=None, repr=False)  # sent to depot nodes only (MODELDEPOT_TOKEN)
     connections: int = 16  # parallel requests of one transfer, in total (MODELDEPOT_CONNECTIONS)
     connections_per_source: int = 4
-    read_timeout: float = (
-        30.0  # seconds a transfer waits for a byte before retrying (MODELDEPOT_READ_TIMEOUT)
-    )
+    read_timeout: float = 30.0  # seconds without a byte before a retry (MODELDEPOT_READ_TIMEOUT)
+    preload_budget: str = "50%"  # RAM for preloaded models: "50%" of RAM, "8GiB" (MODELDEPOT_PRELOAD_BUDGET)
+    preload_strategy: str = "page-cache"  # MODELDEPOT_PRELOAD_STRATEGY
 
     def __post_init__(self) -> None:
         if not 1 <= self.connections_per_source <= self.connections <= 256:
@@ -109,6 +109,8 @@ class DepotConfig:
             connections=connections,
             connections_per_source=per_source,
             read_timeout=_float_setting(env, "MODELDEPOT_READ_TIMEOUT", 30.0),
+            preload_budget=env.get("MODELDEPOT_PRELOAD_BUDGET") or "50%",
+            preload_strategy=env.get("MODELDEPOT_PRELOAD_STRATEGY") or "page-cache",
         )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import mmap
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +27,7 @@ from modeldepot.engines.cache import LoadedModelCache
 from modeldepot.errors import ConfigError, EntryNotFoundError, NotFoundError, OfflineError
 from modeldepot.hub.manifest import Manifest, manifest_body, manifest_from_record
 from modeldepot.hub.variants import group_files
+from modeldepot.preload import Preloader
 from modeldepot.store import (
     BlobRecord,
     DiskUsage,
@@ -106,6 +108,7 @@ class Depot:
         )
         self.store = Store(self.config)
         self.engines: LoadedModelCache[Any] = engine_cache if engine_cache is not None else LoadedModelCache()
+        self._preloader: Preloader | None = None
 
     @property
     def home(self) -> Path:
@@ -121,6 +124,8 @@ class Depot:
         return self.store.store_id
 
     def close(self) -> None:
+        if self._preloader is not None:
+            self._preloader.close()
         self.store.close()
 
     def __enter__(self) -> Depot:
@@ -169,16 +174,21 @@ class Depot:
         if download:
             self.download_file(repo_id, path, revision)
         mapping = self.store.map(self.store.entry(repo_id, path, revision))
+        self.store.access.record(repo_id)
         return memoryview(mapping) if mapping is not None else memoryview(b"")
 
     def map_file(self, repo_id: str, path: str, revision: str = "main") -> MappedFile:
         """Like :meth:`get_file`, as a context manager that unmaps the file on exit."""
         entry = self.store.entry(repo_id, path, revision)
-        return MappedFile(entry, self.store.map(entry))
+        mapped = MappedFile(entry, self.store.map(entry))
+        self.store.access.record(repo_id)
+        return mapped
 
     def open_file(self, repo_id: str, path: str, revision: str = "main") -> BinaryIO:
         """A seekable binary stream; it reads from disk as asked and never holds the whole file."""
-        return self.store.open(self.store.entry(repo_id, path, revision))
+        stream = self.store.open(self.store.entry(repo_id, path, revision))
+        self.store.access.record(repo_id)
+        return stream
 
     def get_chunk(self, repo_id: str, path: str, index: int, revision: str = "main") -> memoryview:
         """Chunk ``index`` of a file as a zero-copy view, verified against its BLAKE3 digest."""
@@ -386,17 +396,48 @@ class Depot:
         key = (repo_id, commit_id, chosen, name)
 
         def load_and_warm() -> Any:
+            started = time.perf_counter()
+            preloader = self.preloader
+            handle = (
+                preloader.get(repo_id, quant, commit_id)
+                if preloader.holds(repo_id, quant, commit_id)
+                else None
+            )
+            try:
+                built = build()  # while the handle holds the preloaded copy, eviction cannot take it
+            finally:
+                if handle is not None:
+                    handle.release()
+            preloader.record_load(time.perf_counter() - started, handle is not None)
+            if warmup:
+                warm(built, warmup, inputs)
+            return built
+
+        def build() -> Any:
             if isinstance(engine, str):  # our engines read everything at load: hard links suffice
                 folder, _, name = chosen.rpartition("/")
                 with self.store.linked_folder(repo_id, commit_id, folder) as view:
                     built = loader(view / name)
             else:  # a caller's loader may read lazily: it gets the lasting snapshot path
                 built = loader(self.store.file_path(repo_id, chosen, commit_id))
-            if warmup:
-                warm(built, warmup, inputs)
             return built
 
+        self.store.access.record(repo_id, quant)
         return self.engines.get_or_load(key, load_and_warm)
+
+    @property
+    def preloader(self) -> Preloader:
+        """The RAM tier (created on first use: ``MODELDEPOT_PRELOAD_BUDGET``, default 50% of RAM, and
+        ``MODELDEPOT_PRELOAD_STRATEGY``, default page-cache)."""
+        if self._preloader is None:
+            self._preloader = Preloader(self, self.config.preload_budget, self.config.preload_strategy)
+        return self._preloader
+
+    def use_preloader(self, preloader: Preloader) -> None:
+        """Replace the RAM tier (a budget or strategy of the caller's choosing)."""
+        if self._preloader is not None and self._preloader is not preloader:
+            self._preloader.close()
+        self._preloader = preloader
 
     def _ensure_variant(self, repo_id: str, quant: str | None, revision: str) -> str:
         """The commit whose files hold the variant, pulling it first when the store lacks it."""

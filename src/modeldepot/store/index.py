@@ -100,6 +100,16 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (repo_id, variant)
     ) WITHOUT ROWID
     """,
+    # 4: how often each model (a repo, or one variant of it: '' for the whole repo) is used.
+    """
+    CREATE TABLE access (
+        repo_id     TEXT NOT NULL,
+        variant     TEXT NOT NULL,
+        count       INTEGER NOT NULL,
+        last_access REAL NOT NULL,
+        PRIMARY KEY (repo_id, variant)
+    ) WITHOUT ROWID
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 _SQLITE_FULL = 13  # sqlite3.SQLITE_FULL exists only from Python 3.11

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import mmap
 import os
 import posixpath
@@ -26,6 +27,7 @@ from modeldepot.config import DEFAULT_CHUNK_SIZE, DepotConfig
 from modeldepot.errors import (
     ConfigError,
     CorruptBlobError,
+    DepotError,
     EntryNotFoundError,
     InvalidInputError,
     InvalidRangeError,
@@ -34,6 +36,7 @@ from modeldepot.errors import (
     RevisionNotFoundError,
 )
 from modeldepot.hashing import BlobDigest, chunk_count, chunk_span
+from modeldepot.store.access import AccessLog
 from modeldepot.store.blobs import BlobFiles, WriteSession
 from modeldepot.store.index import Index
 from modeldepot.store.layout import StoreLayout, os_error
@@ -45,6 +48,8 @@ from modeldepot.store.snapshots import Snapshots
 from modeldepot.validation import is_commit_id, validate_path, validate_repo_id, validate_revision
 
 __all__ = ["Store"]
+
+log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FILE_COLUMNS = "f.repo_id, f.commit_id, f.path, f.size, f.sha256, f.git_oid, f.lfs, b.chunk_size, b.state"
@@ -75,6 +80,7 @@ class Store:
         self.lock = StoreLock(self.layout.lock_path)
         self.manifests = ManifestStore(self.index)
         self.partials = PartialFiles(self.layout)
+        self.access = AccessLog(self.index)
         self.chunk_size = self._settle_chunk_size(config.chunk_size)
         self.store_id = self._setting_or_default("store_id", uuid.uuid4().hex)
 
@@ -83,7 +89,12 @@ class Store:
         return self.layout.home
 
     def close(self) -> None:
-        self.index.close()
+        try:
+            self.access.flush()
+        except DepotError as error:  # counts only tune preloading: a store that cannot take them still closes
+            log.warning("could not record model accesses on close: %s", error)
+        finally:
+            self.index.close()
 
     def _setting_or_default(self, key: str, default: str) -> str:
         """The stored setting; the first process to ask records ``default`` (later ones read the winner's)."""

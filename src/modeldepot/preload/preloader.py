@@ -1,0 +1,470 @@
+"""The RAM tier: models preloaded under a byte budget, so a worker's start reads memory, not disk.
+
+Strategies (what "preloaded" means):
+
+- ``page-cache`` (default): every page of the model's blobs is made resident in the kernel's page cache
+  (``MADV_POPULATE_READ``) and kept mapped. One copy in RAM, shared with every process that maps or opens
+  the same files (a worker that loads from the snapshot path finds it there). Residency is measured with
+  ``mincore``: the budget counts what is really in RAM.
+- ``mmap``: the same, populated when mapped (``MAP_POPULATE``).
+- ``read``: a private buffer per file (this process only; doubles RAM if others also map the file).
+- ``memfd``: a RAM-only file per blob, reachable by path (``/proc/self/fd/N``) for loaders that want a path.
+
+``get`` returns a handle (memoryviews and paths per file) that holds the model: eviction never pulls
+memory from under a holder; an entry evicted while held goes when the last holder lets go. Eviction is
+LRU under the budget; pinned models stay. Evicting in the page-cache modes also drops the pages
+(``POSIX_FADV_DONTNEED``), so the budget means RAM, not just mappings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modeldepot.config import parse_size
+from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
+from modeldepot.hub.variants import group_files
+from modeldepot.preload.residency import MlockError, lock, populate, resident_bytes, unlock
+from modeldepot.store.access import ModelAccess
+from modeldepot.store.models import FileEntry
+from modeldepot.store.store import Store
+
+__all__ = ["STRATEGIES", "PreloadHandle", "PreloadInfo", "PreloadStats", "Preloader", "parse_budget"]
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("page-cache", "mmap", "read", "memfd")
+ModelKey = tuple[str, str, str]  # repo, commit, variant ('' = every file)
+
+
+def parse_budget(budget: int | str) -> int:
+    """Bytes from ``"50%"`` (of the machine's RAM), ``"8GiB"`` or a number."""
+    if isinstance(budget, int):
+        value = budget
+    elif budget.strip().endswith("%"):
+        try:
+            share = float(budget.strip()[:-1])
+        except ValueError:
+            raise ConfigError(f"cannot read budget {budget!r}: write it like 50% or 8GiB") from None
+        if not 0 < share <= 100:
+            raise ConfigError(f"budget {budget!r} must be a share between 0% and 100% of RAM")
+        value = int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * share / 100)
+    else:
+        value = parse_size(budget)
+    if value <= 0:
+        raise ConfigError(f"budget {budget!r} must be more than 0 bytes")
+    return value
+
+
+class _FileCopy:
+    """One file of a preloaded model, held in RAM the strategy's way."""
+
+    def __init__(self, store: Store, entry: FileEntry, strategy: str) -> None:
+        self.entry = entry
+        self.size = entry.size
+        self.strategy = strategy
+        self.mapping: mmap.mmap | None = None
+        self.buffer: bytearray | None = None
+        self.memfd = -1
+        self.blob_fd = store.blobs.open(entry.sha256, entry.size)
+        self.path = store.file_path(entry.repo_id, entry.path, entry.commit_id)
+        try:
+            self._fill()
+        except BaseException:
+            self.close(drop_cache=False)
+            raise
+
+    def _fill(self) -> None:
+        if self.size == 0:
+            return
+        if self.strategy == "page-cache":
+            self.mapping = mmap.mmap(self.blob_fd, self.size, prot=mmap.PROT_READ)
+            populate(self.mapping, self.size)
+        elif self.strategy == "mmap":
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            self.mapping = mmap.mmap(self.blob_fd, self.size, flags=flags, prot=mmap.PROT_READ)
+        elif self.strategy == "read":
+            self.buffer = bytearray(self.size)
+            view, done = memoryview(self.buffer), 0
+            while done < self.size:
+                got = os.preadv(self.blob_fd, [view[done:]], done)
+                if not got:
+                    raise OSError(f"{self.entry.path}: the blob ended at {done} of {self.size} bytes")
+                done += got
+            view.release()
+        else:  # memfd
+            self.memfd = os.memfd_create(f"modeldepot:{self.entry.path}", 0)
+            os.ftruncate(self.memfd, self.size)
+            done = 0
+            while done < self.size:  # in-kernel copy (copy_file_range refuses to cross filesystems)
+                sent = os.sendfile(self.memfd, self.blob_fd, done, self.size - done)
+                if not sent:
+                    raise OSError(f"{self.entry.path}: the blob ended at {done} of {self.size} bytes")
+                done += sent
+            self.mapping = mmap.mmap(self.memfd, self.size, prot=mmap.PROT_READ)
+            self.path = Path(f"/proc/{os.getpid()}/fd/{self.memfd}")
+
+    def view(self) -> memoryview:
+        if self.mapping is not None:
+            return memoryview(self.mapping)
+        if self.buffer is not None:
+            return memoryview(self.buffer).toreadonly()
+        return memoryview(b"")
+
+    def resident(self) -> int:
+        """Bytes of this file in RAM now (page cache or private memory)."""
+        if self.strategy in ("page-cache", "mmap"):
+            return resident_bytes(self.blob_fd, self.size)
+        return self.size
+
+    def close(self, drop_cache: bool) -> None:
+        if self.mapping is not None:
+            self.mapping.close()
+            self.mapping = None
+        self.buffer = None
+        if self.memfd >= 0:
+            os.close(self.memfd)
+            self.memfd = -1
+        if self.blob_fd >= 0:
+            if drop_cache and self.strategy in ("page-cache", "mmap"):
+                os.posix_fadvise(self.blob_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(self.blob_fd)
+            self.blob_fd = -1
+
+
+@dataclass
+class _Model:
+    key: ModelKey
+    files: dict[str, _FileCopy]
+    size: int
+    seconds: float
+    loaded_at: float
+    last_used: float
+    locked: bool = False
+    lock_error: str | None = None
+    holders: int = 0
+    pinned: bool = False
+    evicted: bool = False  # out of the cache; freed when the last holder lets go
+
+
+@dataclass(frozen=True)
+class PreloadInfo:
+    repo_id: str
+    commit_id: str
+    variant: str
+    files: int
+    bytes: int
+    resident_bytes: int
+    seconds: float
+    strategy: str
+    locked: bool
+    lock_error: str | None
+    already: bool  # it was preloaded before this call
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PreloadStats:
+    strategy: str
+    budget_bytes: int
+    models: int
+    ram_bytes: int  # resident now (mincore in the page-cache modes)
+    hits: int
+    misses: int
+    hit_rate: float
+    evictions: int
+    avg_load_seconds_preloaded: float | None
+    avg_load_seconds_cold: float | None
+    preloaded: tuple[PreloadInfo, ...] = field(default=())
+    most_accessed: tuple[ModelAccess, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class PreloadHandle:
+    """A preloaded model, held: ``views`` (memoryview per path) and ``paths`` (real path per file) stay
+    valid until :meth:`release` (or the end of a ``with`` block)."""
+
+    def __init__(self, preloader: Preloader, model: _Model) -> None:
+        self._preloader = preloader
+        self._model: _Model | None = model
+        self.repo_id, self.commit_id, self.variant = model.key
+        self.views = {path: copy.view() for path, copy in model.files.items()}
+        self.paths = {path: copy.path for path, copy in model.files.items()}
+
+    def release(self) -> None:
+        if self._model is None:
+            return
+        for view in self.views.values():
+            view.release()
+        self.views = {}
+        model, self._model = self._model, None
+        self._preloader._release(model)
+
+    def __enter__(self) -> PreloadHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Preloader:
+    """Models in RAM under ``budget`` (bytes, ``"8GiB"`` or ``"50%"`` of RAM). Thread-safe.
+
+    ``source`` is a :class:`~modeldepot.Depot` or its :class:`Store`.
+    """
+
+    def __init__(
+        self, source: Any, budget: int | str = "50%", strategy: str = "page-cache", mlock: bool = False
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"unknown preload strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
+        self.store: Store = source if isinstance(source, Store) else source.store
+        self.budget = parse_budget(budget)
+        self.strategy = strategy
+        self.mlock = mlock
+        self._lock = threading.RLock()
+        self._models: dict[ModelKey, _Model] = {}  # insertion order = least recently used first
+        self._loading: dict[ModelKey, threading.Event] = {}
+        self._hits = self._misses = self._evictions = 0
+        self._load_times: dict[bool, list[float]] = {True: [], False: []}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preload")
+
+    # -- which files ------------------------------------------------------------------------------------
+
+    def _resolve(self, repo_id: str, quant: str | None, revision: str) -> tuple[ModelKey, list[FileEntry]]:
+        commit_id = self.store.resolve(repo_id, revision)
+        entries = self.store.files(repo_id, commit_id)
+        if quant is None:
+            return (repo_id, commit_id, ""), entries
+        grouping = group_files(e.path for e in entries)
+        variant = next((v for v in grouping.variants if v.name.lower() == quant.lower()), None)
+        if variant is None:
+            known = ", ".join(v.name for v in grouping.variants) or "none"
+            raise NotFoundError(f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: {known})")
+        wanted = {*variant.files, *grouping.shared}
+        return (repo_id, commit_id, variant.name), [e for e in entries if e.path in wanted]
+
+    # -- preloading -------------------------------------------------------------------------------------
+
+    def preload(self, repo_id: str, quant: str | None = None, revision: str = "main") -> PreloadInfo:
+        """Bring a model (a variant and the shared files, or the whole revision) into RAM, evicting the
+        least recently used models as the budget needs. Concurrent calls for one model load it once."""
+        key, entries = self._resolve(repo_id, quant, revision)
+        size = sum(e.size for e in entries)
+        if size > self.budget:
+            raise InvalidInputError(
+                f"{repo_id} ({size} bytes) is larger than the preload budget ({self.budget} bytes)"
+            )
+        while True:
+            with self._lock:
+                model = self._models.get(key)
+                if model is not None:
+                    self._touch(model)
+                    return self._info(model, already=True)
+                waiting = self._loading.get(key)
+                if waiting is None:
+                    self._loading[key] = threading.Event()
+                    self._make_room(size)
+                    break
+            waiting.wait()
+        try:
+            model = self._load(key, entries, size)
+        finally:
+            with self._lock:
+                self._loading.pop(key).set()
+        with self._lock:
+            self._models[key] = model
+            self._make_room(0)  # a model bigger than expected on disk (or a race) still fits the budget
+        return self._info(model, already=False)
+
+    def _load(self, key: ModelKey, entries: list[FileEntry], size: int) -> _Model:
+        started = time.perf_counter()
+        files: dict[str, _FileCopy] = {}
+        try:
+            for entry in entries:
+                files[entry.path] = _FileCopy(self.store, entry, self.strategy)
+        except BaseException:
+            for copy in files.values():
+                copy.close(drop_cache=False)
+            raise
+        now = time.monotonic()
+        model = _Model(key, files, size, time.perf_counter() - started, now, now)
+        if self.mlock:
+            self._lock_pages(model)
+        log.info("preloaded %s (%s, %d bytes) in %.2f s", key[0], key[2] or "all files", size, model.seconds)
+        return model
+
+    def _lock_pages(self, model: _Model) -> None:
+        try:
+            for copy in model.files.values():
+                if copy.mapping is not None:
+                    lock(copy.mapping, copy.size)
+            model.locked = True
+        except MlockError as error:
+            model.lock_error = str(error)
+            log.warning("%s stays preloaded but unpinned: %s", model.key[0], error)
+
+    async def preload_async(
+        self, repo_id: str, quant: str | None = None, revision: str = "main"
+    ) -> PreloadInfo:
+        """:meth:`preload` on a worker thread: the event loop keeps running."""
+        return await asyncio.to_thread(self.preload, repo_id, quant, revision)
+
+    def preload_in_background(
+        self, repo_id: str, quant: str | None = None, revision: str = "main"
+    ) -> Future[PreloadInfo]:
+        """Start :meth:`preload` on the preloader's own thread; returns at once."""
+        return self._pool.submit(self.preload, repo_id, quant, revision)
+
+    def auto_preload(self, top_n: int) -> list[PreloadInfo]:
+        """Preload the ``top_n`` most used models (by recorded accesses) that fit the budget, the most
+        used first; models no longer in the store are skipped."""
+        done: list[PreloadInfo] = []
+        for access in self.store.access.top(max(top_n * 4, top_n)):
+            if len(done) >= top_n:
+                break
+            try:
+                done.append(self.preload(access.repo_id, access.variant or None))
+            except (NotFoundError, InvalidInputError) as error:
+                log.info("not preloading %s: %s", access.repo_id, error)
+        return done
+
+    # -- using ------------------------------------------------------------------------------------------
+
+    def get(self, repo_id: str, quant: str | None = None, revision: str = "main") -> PreloadHandle:
+        """A held handle on a model, preloading it first when it is not in RAM (a miss)."""
+        key, _ = self._resolve(repo_id, quant, revision)
+        with self._lock:
+            model = self._models.get(key)
+            if model is not None:
+                self._hits += 1
+                self._touch(model)
+                model.holders += 1
+                return PreloadHandle(self, model)
+            self._misses += 1
+        self.preload(repo_id, quant, revision)
+        with self._lock:
+            model = self._models[key]
+            model.holders += 1
+            return PreloadHandle(self, model)
+
+    def holds(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
+        try:
+            key, _ = self._resolve(repo_id, quant, revision)
+        except NotFoundError:
+            return False
+        with self._lock:
+            return key in self._models
+
+    def record_load(self, seconds: float, preloaded: bool) -> None:
+        """Tell the stats how long an engine took to load, and whether its model was preloaded."""
+        with self._lock:
+            self._load_times[preloaded].append(seconds)
+
+    def _touch(self, model: _Model) -> None:
+        model.last_used = time.monotonic()
+        self._models.pop(model.key)
+        self._models[model.key] = model
+
+    def _release(self, model: _Model) -> None:
+        with self._lock:
+            model.holders -= 1
+            free = model.evicted and model.holders == 0
+        if free:
+            self._free(model)
+
+    # -- evicting ---------------------------------------------------------------------------------------
+
+    def _resident_total(self) -> int:
+        return sum(self._resident(model) for model in self._models.values())
+
+    def _resident(self, model: _Model) -> int:
+        return sum(copy.resident() for copy in model.files.values())
+
+    def _make_room(self, incoming: int) -> None:
+        """Evict least recently used models (not held, not pinned) until ``incoming`` more bytes fit;
+        what is resident is measured again after each eviction."""
+        while self._resident_total() + incoming > self.budget:
+            victim = next((m for m in self._models.values() if m.holders == 0 and not m.pinned), None)
+            if victim is None:
+                return  # everything left is held or pinned: the budget gives way
+            self._drop(victim)
+
+    def _drop(self, model: _Model) -> None:
+        del self._models[model.key]
+        self._evictions += 1
+        model.evicted = True
+        if model.holders == 0:
+            self._free(model)
+
+    def _free(self, model: _Model) -> None:
+        for copy in model.files.values():
+            if model.locked and copy.mapping is not None:
+                unlock(copy.mapping, copy.size)
+            copy.close(drop_cache=True)
+
+    def evict(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
+        """Take a model out of RAM (at once, or when its last holder lets go); True if it was there."""
+        key, _ = self._resolve(repo_id, quant, revision)
+        with self._lock:
+            model = self._models.get(key)
+            if model is None:
+                return False
+            self._drop(model)
+            return True
+
+    def pin(
+        self, repo_id: str, quant: str | None = None, revision: str = "main", pinned: bool = True
+    ) -> None:
+        """Keep a preloaded model through every eviction (``pinned=False`` lets it go again)."""
+        key, _ = self._resolve(repo_id, quant, revision)
+        with self._lock:
+            model = self._models.get(key)
+            if model is None:
+                raise NotFoundError(f"{repo_id} ({quant or 'all files'}) is not preloaded")
+            model.pinned = pinned
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            for model in list(self._models.values()):
+                self._drop(model)
+
+    # -- figures ----------------------------------------------------------------------------------------
+
+    def _info(self, model: _Model, already: bool) -> PreloadInfo:
+        repo_id, commit_id, variant = model.key
+        return PreloadInfo(repo_id, commit_id, variant, len(model.files), model.size, self._resident(model),
+                           round(model.seconds, 6), self.strategy, model.locked, model.lock_error, already)  # fmt: skip
+
+    def stats(self) -> PreloadStats:
+        with self._lock:
+            infos = tuple(self._info(m, already=True) for m in reversed(self._models.values()))
+            gets = self._hits + self._misses
+            warm, cold = self._load_times[True], self._load_times[False]
+            return PreloadStats(
+                strategy=self.strategy,
+                budget_bytes=self.budget,
+                models=len(infos),
+                ram_bytes=sum(i.resident_bytes for i in infos),
+                hits=self._hits,
+                misses=self._misses,
+                hit_rate=self._hits / gets if gets else 0.0,
+                evictions=self._evictions,
+                avg_load_seconds_preloaded=sum(warm) / len(warm) if warm else None,
+                avg_load_seconds_cold=sum(cold) / len(cold) if cold else None,
+                preloaded=infos,
+                most_accessed=tuple(self.store.access.top(5)),
+            )

@@ -1,0 +1,73 @@
+"""How often each model is used, persisted in the index, for preloading the hot ones at start.
+
+A use is counted in memory (a read path must not wait for an fsync) and written in one transaction at
+most every few seconds, and on close; a crash loses at most the last few seconds of counts, which only
+tune what is preloaded.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from modeldepot.store.index import Index
+
+__all__ = ["AccessLog", "ModelAccess"]
+
+FLUSH_INTERVAL = 5.0  # seconds between writes of the counts
+
+
+@dataclass(frozen=True)
+class ModelAccess:
+    repo_id: str
+    variant: str  # '' for the repo as a whole
+    count: int
+    last_access: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class AccessLog:
+    def __init__(self, index: Index, flush_interval: float = FLUSH_INTERVAL) -> None:
+        self.index = index
+        self.flush_interval = flush_interval
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str], tuple[int, float]] = {}
+        self._last_flush = time.monotonic()
+
+    def record(self, repo_id: str, variant: str | None = None) -> None:
+        """Count one use of ``repo_id`` (or of one variant of it)."""
+        key = (repo_id, variant or "")
+        now = time.time()
+        with self._lock:
+            count, _ = self._pending.get(key, (0, now))
+            self._pending[key] = (count + 1, now)
+            due = time.monotonic() - self._last_flush >= self.flush_interval
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            self._last_flush = time.monotonic()
+        if not pending:
+            return
+        with self.index.write("recording model accesses") as con:
+            con.executemany(
+                "INSERT INTO access (repo_id, variant, count, last_access) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (repo_id, variant) DO UPDATE SET count = count + excluded.count, "
+                "last_access = MAX(last_access, excluded.last_access)",
+                [(repo, variant, count, last) for (repo, variant), (count, last) in pending.items()],
+            )
+
+    def top(self, limit: int = 10) -> list[ModelAccess]:
+        """The most used models first (ties: the most recent first), counts not yet written included."""
+        self.flush()
+        rows = self.index.read(
+            "SELECT repo_id, variant, count, last_access FROM access ORDER BY count DESC, last_access DESC LIMIT ?",
+            (limit,),
+        )
+        return [ModelAccess(r["repo_id"], r["variant"], r["count"], r["last_access"]) for r in rows]

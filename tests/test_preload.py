@@ -1,0 +1,204 @@
+"""The RAM tier: residency measured with mincore, LRU under the budget, handles that outlive eviction,
+the four strategies, single-flight, auto-preload from recorded accesses, and load() using it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import write_model_dir
+from modeldepot import Depot
+from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
+from modeldepot.preload import STRATEGIES, Preloader, parse_budget
+from modeldepot.preload.residency import resident_bytes
+
+MiB = 1024 * 1024
+
+
+def model_files(seed: int, size: int = 4 * MiB) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    return {"config.json": b'{"seed": %d}' % seed, "model.safetensors": rng.randbytes(size)}
+
+
+def add_repo(depot: Depot, tmp_path: Path, name: str, seed: int, size: int = 4 * MiB) -> dict[str, bytes]:
+    files = model_files(seed, size)
+    depot.import_dir(write_model_dir(tmp_path / name, files), f"acme/{name}")
+    return files
+
+
+def cold(depot: Depot, repo_id: str) -> None:
+    """Drop the repo's blobs from the page cache (what a reboot or memory pressure does)."""
+    for entry in depot.list_files(repo_id):
+        fd = os.open(depot.store.blobs.path(entry.sha256), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def resident(depot: Depot, repo_id: str, path: str = "model.safetensors") -> int:
+    entry = depot.file_info(repo_id, path)
+    fd = os.open(depot.store.blobs.path(entry.sha256), os.O_RDONLY)
+    try:
+        return resident_bytes(fd, entry.size)
+    finally:
+        os.close(fd)
+
+
+def test_page_cache_preload_makes_every_page_resident(depot: Depot, tmp_path: Path) -> None:
+    add_repo(depot, tmp_path, "a", 1)
+    cold(depot, "acme/a")
+    assert resident(depot, "acme/a") < MiB
+    preloader = Preloader(depot, budget="1GiB")
+    info = preloader.preload("acme/a")
+    assert info.resident_bytes == info.bytes == 4 * MiB + len(b'{"seed": 1}')
+    assert resident(depot, "acme/a") == 4 * MiB  # measured apart from the preloader: really in RAM
+    stats = preloader.stats()
+    assert stats.models == 1 and stats.ram_bytes == info.bytes and stats.budget_bytes == 1 << 30
+    preloader.close()
+
+
+def test_least_recently_used_models_go_when_the_budget_is_full(depot: Depot, tmp_path: Path) -> None:
+    for seed, name in enumerate("abc"):
+        add_repo(depot, tmp_path, name, seed)
+    preloader = Preloader(depot, budget=9 * MiB)
+    preloader.preload("acme/a")
+    preloader.preload("acme/b")
+    preloader.get("acme/a").release()  # a is now the most recently used
+    preloader.preload("acme/c")  # 12 MiB > 9 MiB: b goes
+    assert preloader.holds("acme/a") and preloader.holds("acme/c") and not preloader.holds("acme/b")
+    assert resident(depot, "acme/b") < MiB, "evicting drops the pages, not just the mapping"
+    stats = preloader.stats()
+    assert stats.evictions == 1 and stats.ram_bytes <= 9 * MiB
+    with pytest.raises(InvalidInputError, match="larger than the preload budget"):
+        Preloader(depot, budget=MiB).preload("acme/a")
+    preloader.close()
+
+
+def test_a_held_handle_survives_eviction(depot: Depot, tmp_path: Path) -> None:
+    files = add_repo(depot, tmp_path, "a", 1)
+    preloader = Preloader(depot, budget="1GiB")
+    with preloader.get("acme/a") as handle:
+        assert preloader.evict("acme/a") and not preloader.holds("acme/a")
+        assert bytes(handle.views["model.safetensors"]) == files["model.safetensors"]
+        assert handle.paths["model.safetensors"].read_bytes()[:64] == files["model.safetensors"][:64]
+    assert not preloader.evict("acme/a")
+    stats = preloader.stats()
+    assert (stats.hits, stats.misses, stats.models) == (0, 1, 0)
+    preloader.close()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_serves_the_right_bytes(strategy: str, depot: Depot, tmp_path: Path) -> None:
+    files = add_repo(depot, tmp_path, "a", 3, size=MiB + 123)
+    preloader = Preloader(depot, budget="1GiB", strategy=strategy)
+    preloader.preload("acme/a")
+    with preloader.get("acme/a") as handle:
+        assert bytes(handle.views["model.safetensors"]) == files["model.safetensors"]
+        assert handle.paths["model.safetensors"].read_bytes() == files["model.safetensors"]
+        if strategy == "memfd":
+            assert str(handle.paths["config.json"]).startswith("/proc/")
+    assert preloader.stats().hits == 1
+    preloader.close()
+    with pytest.raises(ConfigError, match="strategy"):
+        Preloader(depot, strategy="swap")
+
+
+def test_mlock_pins_or_says_why_not(depot: Depot, tmp_path: Path) -> None:
+    add_repo(depot, tmp_path, "a", 1, size=MiB)
+    preloader = Preloader(depot, budget="1GiB", mlock=True)
+    info = preloader.preload("acme/a")
+    assert info.locked or "RLIMIT_MEMLOCK" in (info.lock_error or "")
+    preloader.close()
+
+
+def test_concurrent_preloads_of_one_model_load_it_once(
+    depot: Depot, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="modeldepot.preload.preloader")
+    add_repo(depot, tmp_path, "a", 1)
+    preloader = Preloader(depot, budget="1GiB")
+    start = threading.Barrier(8)
+    results = []
+
+    def call() -> None:
+        start.wait()
+        results.append(preloader.preload("acme/a"))
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert caplog.text.count("preloaded acme/a") == 1
+    assert sorted(r.already for r in results) == [False] + [True] * 7
+    preloader.close()
+
+
+def test_preload_async_leaves_the_event_loop_free(depot: Depot, tmp_path: Path) -> None:
+    add_repo(depot, tmp_path, "a", 1, size=64 * MiB)
+    cold(depot, "acme/a")
+    preloader = Preloader(depot, budget="1GiB", strategy="read")
+
+    async def main() -> int:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        task = asyncio.create_task(ticker())
+        await preloader.preload_async("acme/a")
+        task.cancel()
+        return ticks
+
+    assert asyncio.run(main()) > 3
+    preloader.close()
+
+
+def test_accesses_are_counted_persisted_and_drive_auto_preload(home: Path, tmp_path: Path) -> None:
+    with Depot(home) as depot:
+        for seed, name in enumerate("abc"):
+            add_repo(depot, tmp_path, name, seed, size=MiB)
+        for name, uses in (("a", 2), ("b", 5), ("c", 1)):
+            for _ in range(uses):
+                depot.get_file(f"acme/{name}", "config.json")
+    with Depot(home) as depot:  # counts survive a restart
+        top = depot.store.access.top(3)
+        assert [(a.repo_id, a.count) for a in top] == [("acme/b", 5), ("acme/a", 2), ("acme/c", 1)]
+        preloader = Preloader(depot, budget="1GiB")
+        done = preloader.auto_preload(2)
+        assert [i.repo_id for i in done] == ["acme/b", "acme/a"]
+        assert [m.repo_id for m in preloader.stats().most_accessed][:2] == ["acme/b", "acme/a"]
+        depot.remove("acme/b")
+        assert [i.repo_id for i in Preloader(depot, budget="1GiB").auto_preload(2)] == ["acme/a", "acme/c"]
+        preloader.close()
+
+
+def test_variants_and_bad_names(depot: Depot, tmp_path: Path) -> None:
+    files = {"onnx/model.onnx": b"x" * 1000, "onnx/model_q4.onnx": b"y" * 500, "config.json": b"{}"}
+    depot.import_dir(write_model_dir(tmp_path / "v", files), "acme/v")
+    preloader = Preloader(depot, budget="1GiB")
+    info = preloader.preload("acme/v", "q4")
+    assert (info.variant, info.files, info.bytes) == ("q4", 2, 502)
+    with pytest.raises(NotFoundError, match="q8"):
+        preloader.preload("acme/v", "q8")
+    with pytest.raises(ValueError, match="repo"):
+        preloader.preload("../etc")
+    preloader.close()
+
+
+def test_budgets_parse() -> None:
+    assert parse_budget("1GiB") == 1 << 30 and parse_budget(123) == 123
+    assert 0 < parse_budget("50%") < parse_budget("100%")
+    for bad in ("0%", "150%", "lots", "x%", 0):
+        with pytest.raises(ConfigError):
+            parse_budget(bad)
