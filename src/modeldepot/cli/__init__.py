@@ -348,6 +348,52 @@ def status_command(depot: Depot, repo_id: str | None, as_json: bool) -> None:
         render.render_manifest(manifest)
 
 
+@cli.command("preload")
+@_repo_argument
+@click.option(
+    "--quant", "-q", default=None, help="Variant to preload (with the shared files); default: all files."
+)
+@_revision_option
+@_json_option
+@_home_option
+def preload_command(depot: Depot, repo_id: str, quant: str | None, revision: str, as_json: bool) -> None:
+    """Bring a model into RAM (the page cache, shared with every process) so workers start from memory.
+
+    The pages stay after this command ends, until the kernel needs the memory; `modeldepot stats` shows
+    what is in RAM."""
+    info = depot.preloader.preload(repo_id, quant, revision)
+    if as_json:
+        render.print_json(info.to_dict())
+        return
+    render.out.print(
+        f"{'already in RAM' if info.already else 'preloaded'} {info.repo_id}@{info.commit_id[:12]} "
+        f"({info.variant or 'all files'}): {info.files} files, {render.format_bytes(info.bytes)}, "
+        f"{render.format_bytes(info.resident_bytes)} resident, {info.seconds:.2f} s"
+    )
+
+
+@cli.command("stats")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(1, 1000), help="Models to list.")
+@_json_option
+@_home_option
+def stats_command(depot: Depot, top: int, as_json: bool) -> None:
+    """The most used models, how often and when they were used, and how much of each is in RAM now."""
+    from modeldepot.preload import resident_in_ram
+
+    rows = []
+    for access in depot.store.access.top(top):
+        try:
+            in_ram, size = resident_in_ram(depot.store, access.repo_id)
+        except DepotError:
+            in_ram, size = 0, 0  # removed since, or a blob gone: listed with nothing in RAM
+        rows.append({**access.to_dict(), "bytes": size, "resident_bytes": in_ram})
+    if as_json:
+        render.print_json({"models": rows, "budget_bytes": depot.preloader.budget,
+                           "strategy": depot.preloader.strategy})  # fmt: skip
+        return
+    render.render_stats(rows, depot.preloader.budget)
+
+
 @cli.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
@@ -373,9 +419,20 @@ def status_command(depot: Depot, repo_id: str | None, as_json: bool) -> None:
     help="Mirror: pull what the store lacks from these depot nodes (then the Hub at HF_ENDPOINT) while "
     "serving it. Repeatable or comma-separated; replaces MODELDEPOT_SERVERS.",
 )
+@click.option("--preload-budget", default=None, metavar="SIZE|N%",
+              help="RAM for preloaded models (default: $MODELDEPOT_PRELOAD_BUDGET, else 50%).")  # fmt: skip
+@click.option("--preload-top", default=0, show_default=True, type=click.IntRange(0, 1000),
+              help="Preload the N most used models in the background at start.")  # fmt: skip
 @_home_option
 def serve_command(
-    depot: Depot, host: str, port: int, token: str | None, log_level: str, upstreams: tuple[str, ...]
+    depot: Depot,
+    host: str,
+    port: int,
+    token: str | None,
+    log_level: str,
+    upstreams: tuple[str, ...],
+    preload_budget: str | None,
+    preload_top: int,
 ) -> None:
     """Serve the store over HTTP: the Hub's API (HF_ENDPOINT=http://HOST:PORT) and /api/depot/v1."""
     from modeldepot.server.run import run_server
@@ -387,7 +444,9 @@ def serve_command(
         sys.exit(EXIT_BAD_INPUT)
     if urls:
         depot.config = dataclasses.replace(depot.config, servers=tuple(urls))
-    run_server(depot, host, port, token, log_level, mirror=bool(upstreams))
+    if preload_budget is not None:
+        depot.config = dataclasses.replace(depot.config, preload_budget=preload_budget)
+    run_server(depot, host, port, token, log_level, mirror=bool(upstreams), preload_top=preload_top)
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "render_ls",
     "render_manifest",
     "render_remove",
+    "render_stats",
     "render_verify",
 ]
 
@@ -271,6 +272,19 @@ def render_du(usage: DiskUsage) -> None:
                 format_bytes(repo.unique_bytes),
             )
         out.print(table)
+
+
+def render_stats(rows: list[dict[str, Any]], budget: int) -> None:
+    if not rows:
+        out.print("No model has been used yet (get_file, open_file and load count uses).")
+        return
+    table = _table("model", "variant", "uses", "last use", "size", "in RAM")
+    for row in rows:
+        share = f" ({100 * row['resident_bytes'] / row['bytes']:.0f}%)" if row["bytes"] else ""
+        table.add_row(row["repo_id"], row["variant"] or "-", str(row["count"]), _when(row["last_access"]),
+                      format_bytes(row["bytes"]), format_bytes(row["resident_bytes"]) + share)  # fmt: skip
+    out.print(table)
+    out.print(f"preload budget {format_bytes(budget)}")
 
 
 def render_manifest(manifest: Manifest) -> None:

@@ -7,6 +7,7 @@ from modeldepot.preload.preloader import (
     PreloadInfo,
     PreloadStats,
     parse_budget,
+    resident_in_ram,
 )
 from modeldepot.preload.residency import MlockError
 
@@ -18,4 +19,5 @@ __all__ = [
     "PreloadStats",
     "Preloader",
     "parse_budget",
+    "resident_in_ram",
 ]

@@ -37,7 +37,15 @@ from modeldepot.store.access import ModelAccess
 from modeldepot.store.models import FileEntry
 from modeldepot.store.store import Store
 
-__all__ = ["STRATEGIES", "PreloadHandle", "PreloadInfo", "PreloadStats", "Preloader", "parse_budget"]
+__all__ = [
+    "STRATEGIES",
+    "PreloadHandle",
+    "PreloadInfo",
+    "PreloadStats",
+    "Preloader",
+    "parse_budget",
+    "resident_in_ram",
+]
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +336,10 @@ class Preloader:
         """Start :meth:`preload` on the preloader's own thread; returns at once."""
         return self._pool.submit(self.preload, repo_id, quant, revision)
 
+    def auto_preload_in_background(self, top_n: int) -> Future[list[PreloadInfo]]:
+        """Start :meth:`auto_preload` on the preloader's own thread; returns at once."""
+        return self._pool.submit(self.auto_preload, top_n)
+
     def auto_preload(self, top_n: int) -> list[PreloadInfo]:
         """Preload the ``top_n`` most used models (by recorded accesses) that fit the budget, the most
         used first; models no longer in the store are skipped."""
@@ -409,11 +421,11 @@ class Preloader:
         if model.holders == 0:
             self._free(model)
 
-    def _free(self, model: _Model) -> None:
+    def _free(self, model: _Model, drop_cache: bool = True) -> None:
         for copy in model.files.values():
             if model.locked and copy.mapping is not None:
                 unlock(copy.mapping, copy.size)
-            copy.close(drop_cache=True)
+            copy.close(drop_cache)
 
     def evict(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
         """Take a model out of RAM (at once, or when its last holder lets go); True if it was there."""
@@ -437,10 +449,15 @@ class Preloader:
             model.pinned = pinned
 
     def close(self) -> None:
+        """Unmap everything. The pages stay in the page cache for whoever reads them next (a `modeldepot
+        preload` run warms the cache for the workers that follow); only eviction drops them."""
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             for model in list(self._models.values()):
-                self._drop(model)
+                del self._models[model.key]
+                model.evicted = True
+                if model.holders == 0:
+                    self._free(model, drop_cache=False)
 
     # -- figures ----------------------------------------------------------------------------------------
 
@@ -468,3 +485,16 @@ class Preloader:
                 preloaded=infos,
                 most_accessed=tuple(self.store.access.top(5)),
             )
+
+
+def resident_in_ram(store: Store, repo_id: str, revision: str = "main") -> tuple[int, int]:
+    """(bytes in the page cache now, bytes in all) of a revision's blobs, from any process."""
+    resident = total = 0
+    for entry in store.files(repo_id, store.resolve(repo_id, revision)):
+        fd = store.blobs.open(entry.sha256, entry.size)
+        try:
+            resident += resident_bytes(fd, entry.size)
+        finally:
+            os.close(fd)
+        total += entry.size
+    return resident, total

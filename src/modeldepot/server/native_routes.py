@@ -193,7 +193,11 @@ async def inventory(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    usage = await asyncio.to_thread(_depot(request).du)
+    depot = _depot(request)
+    usage = await asyncio.to_thread(depot.du)
+    preload = await asyncio.to_thread(depot.preloader.stats)
+    authorized = is_authorized(request)
+    visible = [a for a in preload.most_accessed if authorized or not await _private(depot, a.repo_id)]
     return json_response(
         {
             "uptime_seconds": round(time.monotonic() - request.app[STARTED], 3),
@@ -201,8 +205,25 @@ async def stats(request: web.Request) -> web.Response:
             "blobs": usage.blobs,
             "blob_bytes": usage.blob_bytes,
             "logical_bytes": usage.logical_bytes,
+            "preload": {
+                **{k: v for k, v in preload.to_dict().items() if k not in ("preloaded", "most_accessed")},
+                "models": [
+                    p.to_dict()
+                    for p in preload.preloaded
+                    if authorized or not await _private(depot, p.repo_id)
+                ],
+            },
+            "most_accessed": [a.to_dict() for a in visible],
+            "engines": depot.engines.stats().to_dict(),
         }
     )
+
+
+async def _private(depot: Depot, repo_id: str) -> bool:
+    try:
+        return await asyncio.to_thread(depot.repo_private, repo_id)
+    except RepoNotFoundError:
+        return False
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -17,7 +17,13 @@ ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i"'
 
 
 def run_server(
-    depot: Depot, host: str, port: int, token: str | None, log_level: str = "info", mirror: bool = False
+    depot: Depot,
+    host: str,
+    port: int,
+    token: str | None,
+    log_level: str = "info",
+    mirror: bool = False,
+    preload_top: int = 0,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -41,6 +47,15 @@ def run_server(
         )
 
     app.on_startup.append(announce)
+    if preload_top:
+
+        async def preload_hot(_app: web.Application) -> None:
+            preloader = depot.preloader
+            log.info("preloading the %d most used models (budget %d bytes) in the background", preload_top,
+                     preloader.budget)  # fmt: skip
+            preloader.auto_preload_in_background(preload_top)
+
+        app.on_startup.append(preload_hot)
     web.run_app(
         app,
         host=host,

@@ -1,0 +1,103 @@
+"""The preload and stats commands, and `serve --preload-top` bringing the hot model back into RAM after
+a restart, measured with mincore from outside the server."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from conftest import write_model_dir
+from modeldepot import Depot
+from modeldepot.cli import cli
+from modeldepot.preload import resident_in_ram
+
+MiB = 1024 * 1024
+
+
+def drop_from_cache(depot: Depot, repo_id: str) -> None:
+    for entry in depot.list_files(repo_id):
+        fd = os.open(depot.store.blobs.path(entry.sha256), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def make_store(home: Path, tmp_path: Path) -> None:
+    with Depot(home) as depot:
+        for seed, name in enumerate(("hot", "cold")):
+            files = {"config.json": b"{}", "model.safetensors": random.Random(seed).randbytes(8 * MiB)}
+            depot.import_dir(write_model_dir(tmp_path / name, files), f"acme/{name}")
+        for _ in range(3):
+            depot.get_file("acme/hot", "config.json")
+        depot.get_file("acme/cold", "config.json")
+        for name in ("hot", "cold"):
+            drop_from_cache(depot, f"acme/{name}")
+
+
+def test_preload_and_stats_commands(home: Path, tmp_path: Path) -> None:
+    make_store(home, tmp_path)
+    runner = CliRunner()
+    done = runner.invoke(cli, ["preload", "acme/hot", "--home", str(home), "--json"])
+    assert done.exit_code == 0, done.output
+    info = json.loads(done.output)
+    assert info["resident_bytes"] == info["bytes"] == 8 * MiB + 2
+    shown = runner.invoke(cli, ["stats", "--home", str(home), "--json"])
+    models = {m["repo_id"]: m for m in json.loads(shown.output)["models"]}
+    assert models["acme/hot"]["count"] == 3 and models["acme/cold"]["count"] == 1
+    assert models["acme/hot"]["resident_bytes"] == 8 * MiB + 2, "the pages outlive the preload command"
+    assert models["acme/cold"]["resident_bytes"] < MiB
+    table = runner.invoke(cli, ["stats", "--home", str(home)])
+    assert table.exit_code == 0 and "acme/hot" in table.output and "100%" in table.output
+    bad = runner.invoke(cli, ["preload", "../x", "--home", str(home)])
+    assert bad.exit_code == 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_serve_preload_top_brings_the_hot_model_back_into_ram(home: Path, tmp_path: Path) -> None:
+    make_store(home, tmp_path)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modeldepot", "serve", "--home", str(home), "--port", str(port),
+         "--preload-top", "1", "--preload-budget", "64MiB"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        stats: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/api/depot/v1/stats", timeout=2
+                ) as reply:
+                    stats = json.load(reply)
+                if stats["preload"]["models"]:  # type: ignore[index]
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        preload = stats["preload"]
+        assert [m["repo_id"] for m in preload["models"]] == ["acme/hot"]  # type: ignore[index]
+        assert preload["budget_bytes"] == 64 * MiB  # type: ignore[index]
+        with Depot(home) as depot:
+            hot, hot_total = resident_in_ram(depot.store, "acme/hot")
+            cold, _ = resident_in_ram(depot.store, "acme/cold")
+        assert hot == hot_total and cold < MiB
+        assert stats["most_accessed"][0]["repo_id"] == "acme/hot"  # type: ignore[index]
+    finally:
+        process.terminate()
+        process.wait(30)
