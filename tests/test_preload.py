@@ -7,15 +7,20 @@ import asyncio
 import logging
 import os
 import random
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from conftest import write_model_dir
 from modeldepot import Depot
 from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
-from modeldepot.preload import STRATEGIES, Preloader, parse_budget
+from modeldepot.preload import STRATEGIES, Preloader, PreloadHandle, parse_budget
 from modeldepot.preload.residency import resident_bytes
 
 MiB = 1024 * 1024
@@ -202,3 +207,61 @@ def test_budgets_parse() -> None:
     for bad in ("0%", "150%", "lots", "x%", 0):
         with pytest.raises(ConfigError):
             parse_budget(bad)
+
+
+class PreloaderMachine(RuleBasedStateMachine):
+    """Random preloads, gets, releases, pins and evictions: the resident total stays within the budget
+    whenever something could still be evicted, and every handle reads the right bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="preload-machine-"))
+        self.depot = Depot(self.tmp / "store")
+        self.files = {
+            name: add_repo(self.depot, self.tmp, name, seed, size=MiB) for seed, name in enumerate("abcd")
+        }
+        self.preloader = Preloader(self.depot, budget=int(2.5 * MiB))
+        self.handles: list[PreloadHandle] = []
+
+    @rule(name=st.sampled_from("abcd"))
+    def preload(self, name: str) -> None:
+        self.preloader.preload(f"acme/{name}")
+
+    @rule(name=st.sampled_from("abcd"))
+    def get(self, name: str) -> None:
+        handle = self.preloader.get(f"acme/{name}")
+        assert bytes(handle.views["model.safetensors"][:64]) == self.files[name]["model.safetensors"][:64]
+        self.handles.append(handle)
+
+    @precondition(lambda self: self.handles)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        handle = self.handles.pop(data.draw(st.integers(0, len(self.handles) - 1)))
+        handle.release()
+
+    @rule(name=st.sampled_from("abcd"), pinned=st.booleans())
+    def pin(self, name: str, pinned: bool) -> None:
+        if self.preloader.holds(f"acme/{name}"):
+            self.preloader.pin(f"acme/{name}", pinned=pinned)
+
+    @rule(name=st.sampled_from("abcd"))
+    def evict(self, name: str) -> None:
+        self.preloader.evict(f"acme/{name}")
+
+    @invariant()
+    def within_budget_unless_everything_is_held(self) -> None:
+        models = list(self.preloader._models.values())
+        newest = max(models, key=lambda m: m.loaded_at, default=None)  # never evicted by its own arrival
+        if any(m.holders == 0 and not m.pinned and m is not newest for m in models):
+            assert sum(self.preloader._resident(m) for m in models) <= self.preloader.budget
+
+    def teardown(self) -> None:
+        for handle in self.handles:
+            handle.release()
+        self.preloader.close()
+        self.depot.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+TestPreloaderMachine = PreloaderMachine.TestCase
+TestPreloaderMachine.settings = settings(max_examples=15, stateful_step_count=25, deadline=None)

@@ -269,6 +269,12 @@ class Preloader:
     def preload(self, repo_id: str, quant: str | None = None, revision: str = "main") -> PreloadInfo:
         """Bring a model (a variant and the shared files, or the whole revision) into RAM, evicting the
         least recently used models as the budget needs. Concurrent calls for one model load it once."""
+        model, already = self._obtain(repo_id, quant, revision, hold=False)
+        return self._info(model, already)
+
+    def _obtain(self, repo_id: str, quant: str | None, revision: str, hold: bool) -> tuple[_Model, bool]:
+        """The model in RAM (loaded now if needed) and whether it was there; with ``hold``, a holder is
+        counted before the lock is let go, so no eviction can come between."""
         key, entries = self._resolve(repo_id, quant, revision)
         size = sum(e.size for e in entries)
         if size > self.budget:
@@ -280,7 +286,8 @@ class Preloader:
                 model = self._models.get(key)
                 if model is not None:
                     self._touch(model)
-                    return self._info(model, already=True)
+                    model.holders += hold
+                    return model, True
                 waiting = self._loading.get(key)
                 if waiting is None:
                     self._loading[key] = threading.Event()
@@ -294,8 +301,9 @@ class Preloader:
                 self._loading.pop(key).set()
         with self._lock:
             self._models[key] = model
-            self._make_room(0)  # a model bigger than expected on disk (or a race) still fits the budget
-        return self._info(model, already=False)
+            model.holders += hold
+            self._make_room(0, keep=key)  # bigger than expected (or a race): the others make way
+        return model, False
 
     def _load(self, key: ModelKey, entries: list[FileEntry], size: int) -> _Model:
         started = time.perf_counter()
@@ -366,11 +374,8 @@ class Preloader:
                 model.holders += 1
                 return PreloadHandle(self, model)
             self._misses += 1
-        self.preload(repo_id, quant, revision)
-        with self._lock:
-            model = self._models[key]
-            model.holders += 1
-            return PreloadHandle(self, model)
+        model, _ = self._obtain(repo_id, quant, revision, hold=True)
+        return PreloadHandle(self, model)
 
     def holds(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
         try:
@@ -394,6 +399,8 @@ class Preloader:
         with self._lock:
             model.holders -= 1
             free = model.evicted and model.holders == 0
+            if not model.evicted and model.holders == 0:
+                self._make_room(0)  # a budget that gave way to this holder applies again
         if free:
             self._free(model)
 
@@ -405,11 +412,13 @@ class Preloader:
     def _resident(self, model: _Model) -> int:
         return sum(copy.resident() for copy in model.files.values())
 
-    def _make_room(self, incoming: int) -> None:
-        """Evict least recently used models (not held, not pinned) until ``incoming`` more bytes fit;
-        what is resident is measured again after each eviction."""
+    def _make_room(self, incoming: int, keep: ModelKey | None = None) -> None:
+        """Evict least recently used models (not held, not pinned, not ``keep``) until ``incoming`` more
+        bytes fit; what is resident is measured again after each eviction."""
         while self._resident_total() + incoming > self.budget:
-            victim = next((m for m in self._models.values() if m.holders == 0 and not m.pinned), None)
+            victim = next(
+                (m for m in self._models.values() if m.holders == 0 and not m.pinned and m.key != keep), None
+            )
             if victim is None:
                 return  # everything left is held or pinned: the budget gives way
             self._drop(victim)
@@ -447,6 +456,8 @@ class Preloader:
             if model is None:
                 raise NotFoundError(f"{repo_id} ({quant or 'all files'}) is not preloaded")
             model.pinned = pinned
+            if not pinned:
+                self._make_room(0)  # a budget that gave way to the pin applies again
 
     def close(self) -> None:
         """Unmap everything. The pages stay in the page cache for whoever reads them next (a `modeldepot
