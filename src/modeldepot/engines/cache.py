@@ -22,7 +22,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
@@ -133,7 +132,10 @@ class LoadedModelCache(Generic[M]):
         self.on_evict: EvictHook = on_evict if on_evict is not None else default_on_evict
         self._clock, self._rss, self._available = clock, rss, available_fraction
         self._lock = threading.Lock()
-        self._entries: OrderedDict[Hashable, _Entry[M]] = OrderedDict()  # least recently used first
+        # Recency is each entry's last_used: a hit only stamps it (no reordering on the hot path);
+        # eviction, rare, looks for the oldest among the few entries.
+        self._entries: dict[Hashable, _Entry[M]] = {}
+        self._next_sweep = 0.0  # when expired entries are next looked for (at most once a second)
         self._flights: dict[Hashable, _Flight] = {}
         self._hits = self._misses = self._evictions = self._failures = 0
 
@@ -141,20 +143,35 @@ class LoadedModelCache(Generic[M]):
 
     def get_or_load(self, key: Hashable, loader: Loader[M], size: int | None = None) -> M:
         """The cached engine for ``key``, or ``loader()``'s result, loaded once however many ask."""
+        now = self._clock()
+        with self._lock:  # the hit path: one lookup, one stamp
+            entry = self._entries.get(key)
+            if (
+                entry is not None
+                and now < self._next_sweep
+                and (self.ttl is None or entry.pins or now - entry.last_used < self.ttl)
+            ):
+                self._hits += 1
+                entry.last_used = now
+                return entry.model
+        return self._get_slow(key, loader, size, now)
+
+    def _get_slow(self, key: Hashable, loader: Loader[M], size: int | None, now: float) -> M:
         with self._lock:
-            evicted = self._expire_locked()
+            evicted = self._expire_locked(now)
+            self._next_sweep = now + min(self.ttl or 1.0, 1.0)
             entry = self._entries.get(key)
             flight = self._flights.get(key)
             leader = entry is None and flight is None
             if entry is not None:
                 self._hits += 1
-                entry.last_used = self._clock()
-                self._entries.move_to_end(key)
+                entry.last_used = now
             elif flight is None:
                 self._misses += 1
                 flight = self._flights[key] = _Flight()
                 evicted += self._make_room_locked(size)
-        self._run_hooks(evicted)
+        if evicted:
+            self._run_hooks(evicted)
         if entry is not None:
             return entry.model
         assert flight is not None
@@ -231,18 +248,18 @@ class LoadedModelCache(Generic[M]):
         return evicted
 
     def _evict_lru_locked(self, evicted: list[tuple[Hashable, M]], keep: Hashable | None = None) -> bool:
-        for key, entry in self._entries.items():
-            if entry.pins == 0 and key != keep:
-                del self._entries[key]
-                self._evictions += 1
-                evicted.append((key, entry.model))
-                return True
-        return False  # everything left is pinned (or the one kept): the limit gives way
+        candidates = [(e.last_used, k) for k, e in self._entries.items() if e.pins == 0 and k != keep]
+        if not candidates:
+            return False  # everything left is pinned (or the one kept): the limit gives way
+        _, key = min(candidates, key=lambda pair: pair[0])
+        evicted.append((key, self._entries.pop(key).model))
+        self._evictions += 1
+        return True
 
-    def _expire_locked(self) -> list[tuple[Hashable, M]]:
+    def _expire_locked(self, now: float | None = None) -> list[tuple[Hashable, M]]:
         if self.ttl is None:
             return []
-        deadline = self._clock() - self.ttl
+        deadline = (self._clock() if now is None else now) - self.ttl
         stale = [k for k, e in self._entries.items() if e.pins == 0 and e.last_used <= deadline]
         evicted = [(k, self._entries.pop(k).model) for k in stale]
         self._evictions += len(evicted)
@@ -322,7 +339,7 @@ class LoadedModelCache(Generic[M]):
     def keys(self) -> list[Hashable]:
         """Loaded keys, least recently used first."""
         with self._lock:
-            return list(self._entries)
+            return [k for k, _ in sorted(self._entries.items(), key=lambda item: item[1].last_used)]
 
     def _total_locked(self) -> int:
         return sum(entry.size for entry in self._entries.values())
