@@ -102,6 +102,13 @@ def test_safetensors_and_callable_engines(depot: Depot, tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="unknown engine"):
         depot.load("acme/st", engine="tensorrt")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="pip install torch"):
+            depot.load("acme/st", engine="torch")
+    else:
+        assert set(depot.load("acme/st", engine="torch")) == {"w", "b"}
 
 
 def test_warmup_survives_errors_and_shapes_inputs(loaded: Depot) -> None:

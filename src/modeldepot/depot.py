@@ -380,7 +380,8 @@ class Depot:
         loaded engines): the second call for the same variant is a cache hit.
 
         The variant is pulled through the source chain first if the store lacks it. ``engine`` is
-        ``"onnxruntime"`` (an InferenceSession), ``"safetensors"`` (numpy tensors), or any callable taking
+        ``"onnxruntime"`` (an InferenceSession), ``"safetensors"`` (numpy tensors), ``"torch"`` (torch
+        tensors, when torch is installed), or any callable taking
         the model file's path. ``warmup`` dummy inference passes run after the load (shaped from the
         model's inputs unless ``inputs`` is given); their failure is logged, not raised.
         """

@@ -34,13 +34,11 @@ EngineLoader = Callable[[Path], Any]
 """Builds an engine from the path of a model file (its siblings, like external data, beside it)."""
 
 
-def _require(module: str) -> Any:
+def _require(module: str, install: str = "'modeldepot[engines]'") -> Any:
     try:
         return __import__(module)
     except ImportError:
-        raise ConfigError(
-            f"this engine needs the {module!r} package: pip install 'modeldepot[engines]'"
-        ) from None
+        raise ConfigError(f"this engine needs the {module!r} package: pip install {install}") from None
 
 
 def load_onnxruntime(path: Path, providers: list[str] | None = None) -> Any:
@@ -56,6 +54,7 @@ def load_safetensors(path: Path, framework: str = "numpy") -> dict[str, Any]:
     """Every tensor of a safetensors file (``numpy`` arrays, or ``pt`` when torch is installed)."""
     _require("safetensors")
     if framework == "pt":
+        _require("torch", "torch")
         from safetensors.torch import load_file as load_torch
 
         return dict(load_torch(str(path)))
@@ -68,6 +67,7 @@ ENGINES: dict[str, tuple[EngineLoader, tuple[str, ...]]] = {
     # name -> (loader, the file suffixes it loads, in order of preference)
     "onnxruntime": (load_onnxruntime, (".onnx",)),
     "safetensors": (load_safetensors, (".safetensors",)),
+    "torch": (lambda path: load_safetensors(path, "pt"), (".safetensors",)),  # needs torch installed
 }
 
 

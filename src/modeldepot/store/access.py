@@ -7,16 +7,20 @@ tune what is preloaded.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from modeldepot.errors import DepotError
 from modeldepot.store.index import Index
 
 __all__ = ["AccessLog", "ModelAccess"]
 
 FLUSH_INTERVAL = 5.0  # seconds between writes of the counts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class AccessLog:
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, str], tuple[int, float]] = {}
         self._last_flush = time.monotonic()
+        self._flushing = False
 
     def record(self, repo_id: str, variant: str | None = None) -> None:
         """Count one use of ``repo_id`` (or of one variant of it)."""
@@ -45,9 +50,20 @@ class AccessLog:
         with self._lock:
             count, _ = self._pending.get(key, (0, now))
             self._pending[key] = (count + 1, now)
-            due = time.monotonic() - self._last_flush >= self.flush_interval
-        if due:
+            due = not self._flushing and time.monotonic() - self._last_flush >= self.flush_interval
+            if due:
+                self._flushing = True
+        if due:  # written on a helper thread: the read that triggered it does not wait for the fsync
+            threading.Thread(target=self._flush_in_background, name="access-log", daemon=True).start()
+
+    def _flush_in_background(self) -> None:
+        try:
             self.flush()
+        except DepotError as error:
+            log.warning("could not record model accesses: %s", error)
+        finally:
+            with self._lock:
+                self._flushing = False
 
     def flush(self) -> None:
         with self._lock:
