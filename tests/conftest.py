@@ -98,6 +98,16 @@ def store_files_consistent(depot: Depot) -> list[str]:
     return problems
 
 
+def drop_page_cache(depot: Depot, repo_id: str) -> None:
+    """Drop a repo's blobs from the page cache, as a reboot or memory pressure would."""
+    for entry in depot.list_files(repo_id):
+        fd = os.open(depot.store.blobs.path(entry.sha256), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def flip_byte(path: Path, offset: int) -> None:
     """Corrupt one byte of a file in place (blobs are read-only, but root and failing disks ignore that)."""
     with open(path, "r+b") as handle:

@@ -17,7 +17,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from conftest import write_model_dir
+from conftest import drop_page_cache, write_model_dir
 from modeldepot import Depot
 from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
 from modeldepot.preload import STRATEGIES, Preloader, PreloadHandle, parse_budget
@@ -37,16 +37,6 @@ def add_repo(depot: Depot, tmp_path: Path, name: str, seed: int, size: int = 4 *
     return files
 
 
-def cold(depot: Depot, repo_id: str) -> None:
-    """Drop the repo's blobs from the page cache (what a reboot or memory pressure does)."""
-    for entry in depot.list_files(repo_id):
-        fd = os.open(depot.store.blobs.path(entry.sha256), os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def resident(depot: Depot, repo_id: str, path: str = "model.safetensors") -> int:
     entry = depot.file_info(repo_id, path)
     fd = os.open(depot.store.blobs.path(entry.sha256), os.O_RDONLY)
@@ -58,7 +48,7 @@ def resident(depot: Depot, repo_id: str, path: str = "model.safetensors") -> int
 
 def test_page_cache_preload_makes_every_page_resident(depot: Depot, tmp_path: Path) -> None:
     add_repo(depot, tmp_path, "a", 1)
-    cold(depot, "acme/a")
+    drop_page_cache(depot, "acme/a")
     assert resident(depot, "acme/a") < MiB
     preloader = Preloader(depot, budget="1GiB")
     info = preloader.preload("acme/a")
@@ -148,7 +138,7 @@ def test_concurrent_preloads_of_one_model_load_it_once(
 
 def test_preload_async_leaves_the_event_loop_free(depot: Depot, tmp_path: Path) -> None:
     add_repo(depot, tmp_path, "a", 1, size=64 * MiB)
-    cold(depot, "acme/a")
+    drop_page_cache(depot, "acme/a")
     preloader = Preloader(depot, budget="1GiB", strategy="read")
 
     async def main() -> int:

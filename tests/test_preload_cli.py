@@ -4,7 +4,6 @@ a restart, measured with mincore from outside the server."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
 import subprocess
@@ -15,21 +14,12 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from conftest import write_model_dir
+from conftest import drop_page_cache, write_model_dir
 from modeldepot import Depot
 from modeldepot.cli import cli
 from modeldepot.preload import resident_in_ram
 
 MiB = 1024 * 1024
-
-
-def drop_from_cache(depot: Depot, repo_id: str) -> None:
-    for entry in depot.list_files(repo_id):
-        fd = os.open(depot.store.blobs.path(entry.sha256), os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def make_store(home: Path, tmp_path: Path) -> None:
@@ -41,7 +31,7 @@ def make_store(home: Path, tmp_path: Path) -> None:
             depot.get_file("acme/hot", "config.json")
         depot.get_file("acme/cold", "config.json")
         for name in ("hot", "cold"):
-            drop_from_cache(depot, f"acme/{name}")
+            drop_page_cache(depot, f"acme/{name}")
 
 
 def test_preload_and_stats_commands(home: Path, tmp_path: Path) -> None:

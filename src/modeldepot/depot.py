@@ -445,7 +445,7 @@ class Depot:
         try:
             commit_id = self.store.resolve(repo_id, revision)
             paths = [f.path for f in self.store.files(repo_id, commit_id)]
-            if quant is None or any(v.name.lower() == quant.lower() for v in group_files(paths).variants):
+            if quant is None or group_files(paths).find(quant) is not None:
                 return commit_id
             if self.config.offline:
                 return commit_id  # nothing to pull from: the caller reports the variants there are

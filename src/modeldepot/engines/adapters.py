@@ -141,10 +141,9 @@ def model_file(paths: list[str], quant: str | None, suffixes: tuple[str, ...]) -
     shallowest path)."""
     grouping = group_files(paths)
     if quant is not None:
-        variant = next((v for v in grouping.variants if v.name.lower() == quant.lower()), None)
+        variant = grouping.find(quant)
         if variant is None:
-            known = ", ".join(v.name for v in grouping.variants) or "none"
-            raise NotFoundError(f"no variant {quant!r} here (there is: {known})")
+            raise NotFoundError(f"no variant {quant!r} here (there is: {grouping.names()})")
         candidates = list(variant.files)
     else:
         plain = next((v for v in grouping.variants if v.name == "fp32"), None)

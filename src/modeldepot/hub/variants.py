@@ -95,6 +95,13 @@ class Grouping:
     shared: tuple[str, ...]
     other: tuple[str, ...]
 
+    def find(self, name: str) -> DetectedVariant | None:
+        """The variant called ``name`` (case-insensitive: q4_k_m finds Q4_K_M)."""
+        return next((v for v in self.variants if v.name.lower() == name.lower()), None)
+
+    def names(self) -> str:
+        return ", ".join(v.name for v in self.variants) or "none"
+
 
 def _onnx_dtype(stem: str) -> str:
     for suffix, dtype in _ONNX_SUFFIXES:

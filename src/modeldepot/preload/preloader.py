@@ -257,10 +257,11 @@ class Preloader:
         if quant is None:
             return (repo_id, commit_id, ""), entries
         grouping = group_files(e.path for e in entries)
-        variant = next((v for v in grouping.variants if v.name.lower() == quant.lower()), None)
+        variant = grouping.find(quant)
         if variant is None:
-            known = ", ".join(v.name for v in grouping.variants) or "none"
-            raise NotFoundError(f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: {known})")
+            raise NotFoundError(
+                f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: {grouping.names()})"
+            )
         wanted = {*variant.files, *grouping.shared}
         return (repo_id, commit_id, variant.name), [e for e in entries if e.path in wanted]
 
