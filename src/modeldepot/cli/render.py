@@ -73,6 +73,19 @@ def _when(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
 
 
+def _byte_bars() -> Progress:
+    """Bars on stderr with bytes, rate and time left; gone when done (the result line says it all)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+
+
 class ByteProgress:
     """A progress bar on stderr when it is a terminal; nothing otherwise (output stays parseable)."""
 
@@ -84,15 +97,7 @@ class ByteProgress:
     @contextmanager
     def running(self) -> Iterator[ByteProgress]:
         if err.is_terminal:
-            self._progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                DownloadColumn(binary_units=True),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=err,
-                transient=True,
-            )
+            self._progress = _byte_bars()
             with self._progress:
                 self._task = self._progress.add_task(self._description, total=None)
                 yield self
@@ -125,15 +130,7 @@ class PullView:
         if not err.is_terminal:
             yield self
             return
-        self._progress = Progress(
-            TextColumn("{task.description}", table_column=None),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=err,
-            transient=True,
-        )
+        self._progress = _byte_bars()
         with self._progress:
             self._total = self._progress.add_task(self._description, total=None)
             yield self
