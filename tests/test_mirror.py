@@ -189,3 +189,26 @@ def test_manifest_route_and_event_stream_show_pull_progress(
             assert [v["status"] for v in body["variants"]] == ["downloaded"]  # type: ignore[index]
         finally:
             node.stop()
+
+
+def test_the_event_stream_ends_when_the_server_shuts_down(depot: Depot) -> None:
+    node = LiveNode(depot)
+    ended = threading.Event()
+
+    async def listen() -> None:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{node.url}/api/depot/v1/events") as response,
+        ):
+            async for _ in response.content:
+                pass
+        ended.set()
+
+    listener = threading.Thread(target=lambda: asyncio.run(asyncio.wait_for(listen(), 30)))
+    listener.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    node.stop()
+    assert ended.wait(10), "the stream kept the connection open through the shutdown"
+    assert time.monotonic() - started < 10
+    listener.join(10)

@@ -7,6 +7,7 @@ LFS oid) can fetch it, a range of it, or one verified chunk of it, whichever rep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -30,6 +31,7 @@ __all__ = ["API", "HEALTH_PATH", "add_native_routes"]
 API = "/api/depot/v1"
 HEALTH_PATH = f"{API}/health"
 STARTED = web.AppKey("started", float)
+STOPPING = web.AppKey("stopping", asyncio.Event)  # set when the server begins to shut down
 _INDEX = re.compile(r"[0-9]{1,19}", re.ASCII)
 CAPABILITIES = ("hub-api", "blobs", "chunks", "ranges", "inventory")
 INVENTORY_PAGE = 1000
@@ -121,16 +123,17 @@ class EventStream(web.StreamResponse):
     process's pulls: statuses live in the index), and a comment as heartbeat. Streamed after the handler
     returns, so the request deadline does not cut it."""
 
-    def __init__(self, depot: Depot, authorized: bool) -> None:
+    def __init__(self, depot: Depot, authorized: bool, stopping: asyncio.Event) -> None:
         super().__init__(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         self._depot = depot
         self._authorized = authorized
+        self._stopping = stopping
 
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
         writer = await super().prepare(request)
         seen: dict[str, dict[str, Any]] = {}
         quiet_since = time.monotonic()
-        while writer is not None:
+        while writer is not None and not self._stopping.is_set():
             states = _variant_states(await asyncio.to_thread(self._depot.list_manifests), self._authorized)
             changed = [state for key, state in states.items() if seen.get(key) != state]
             seen = states
@@ -144,12 +147,15 @@ class EventStream(web.StreamResponse):
             elif time.monotonic() - quiet_since >= EVENTS_HEARTBEAT:
                 await self.write(b": heartbeat\n\n")
                 quiet_since = time.monotonic()
-            await asyncio.sleep(EVENTS_POLL)
+            with contextlib.suppress(TimeoutError):  # woken at once when the server shuts down
+                await asyncio.wait_for(self._stopping.wait(), EVENTS_POLL)
+        if writer is not None:
+            await super().write_eof()  # the stream ends: a shutdown does not wait for it
         return writer
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    return EventStream(_depot(request), is_authorized(request))
+    return EventStream(_depot(request), is_authorized(request), request.app[STOPPING])
 
 
 async def read_blob(request: web.Request) -> web.StreamResponse:
@@ -232,6 +238,12 @@ async def openapi(request: web.Request) -> web.Response:
 
 def add_native_routes(app: web.Application) -> None:
     app[STARTED] = time.monotonic()
+    app[STOPPING] = asyncio.Event()
+
+    async def stop_streams(app: web.Application) -> None:
+        app[STOPPING].set()
+
+    app.on_shutdown.append(stop_streams)
     app.router.add_get(HEALTH_PATH, health)
     app.router.add_get(f"{API}/info", node_info)
     app.router.add_get(f"{API}/repos", list_repos)
