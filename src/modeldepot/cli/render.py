@@ -300,6 +300,8 @@ def render_manifest(manifest: Manifest) -> None:
                 status += f" {100 * variant.bytes_done / variant.total_bytes:.0f}%"
             if variant.error:
                 status += f" ({variant.error})"
+            if variant.resumable:
+                status += f" [cyan]resumable: {format_bytes(variant.bytes_done)} kept[/cyan]"
             table.add_row(variant.name, variant.kind, str(len(variant.files) + len(manifest.shared)),
                           format_bytes(variant.total_bytes), status)  # fmt: skip
         out.print(table)
