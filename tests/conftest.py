@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -13,6 +14,13 @@ import pytest
 from modeldepot import Depot
 
 SMALL_CHUNK = 64 * 1024  # the smallest chunk size a store accepts: tests get many chunks from small files
+
+
+# huggingface_hub reads HF_HUB_OFFLINE once, when it is imported. modeldepot imports it only for its first
+# scan, which in a test runs under the autouse HF_HUB_OFFLINE=1 below: import it now, while the variable is
+# unset, so that online tests (which unset it) reach their loopback upstreams. Our own offline mode reads
+# the variable per Depot, and is tested as such.
+importlib.import_module("huggingface_hub.constants")
 
 
 @pytest.fixture(autouse=True)

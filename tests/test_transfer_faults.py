@@ -248,3 +248,31 @@ def test_ctrl_c_stops_a_pull_cleanly_and_keeps_its_chunks(
         assert result.bytes_resumed > 0
         assert bytes(depot.get_file(REPO, BIG)) == BIG_FILES[BIG]
         assert store_files_consistent(depot) == []
+
+
+def test_content_a_node_holds_under_another_repo_comes_from_that_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights = FILES[BIG]
+    with Depot(tmp_path / "node-a", chunk_size=SMALL_CHUNK) as node_a_depot, \
+         Depot(tmp_path / "hub", chunk_size=SMALL_CHUNK) as hub_depot:  # fmt: skip
+        node_a_depot.import_dir(
+            write_model_dir(tmp_path / "base", {BIG: weights, "config.json": b"{}"}), "acme/base"
+        )
+        hub_depot.import_dir(write_model_dir(tmp_path / "tuned", FILES), REPO)  # same weights, other repo
+        node_a, hub = LiveNode(node_a_depot), LiveNode(hub_depot)
+        hub_proxy = FaultProxy(hub.url)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", hub_proxy.url)
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[node_a.url]) as local:
+                result = local.pull(REPO)
+                assert_committed(local)
+            assert node_a.url in result.sources
+            crossed = [r for r in hub_proxy.plan.requests if r.split()[0].endswith(BIG)]
+            assert crossed == [], "the weights came from node A, which holds them under acme/base"
+            assert hub_proxy.plan.body_bytes == sum(len(d) for p, d in FILES.items() if p != BIG)
+        finally:
+            hub_proxy.stop()
+            hub.stop()
+            node_a.stop()

@@ -11,6 +11,7 @@ Tokens stay with their owners: ``HF_TOKEN`` (or huggingface_hub's stored token) 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -79,18 +80,19 @@ class SourceChain:
         return Scan(commit_id, info, files, self.hub.base_url)
 
     async def holders(
-        self, http: aiohttp.ClientSession, manifest: Manifest, chunk_size: int
+        self, http: aiohttp.ClientSession, manifest: Manifest, chunk_size: int, files: list[RemoteFile]
     ) -> dict[str, list[FileSource]]:
-        """For each path, the depot nodes holding it at the manifest's commit (with chunk digests at our
-        chunk size, when the node uses the same one)."""
+        """For each of ``files``, the depot nodes holding it: at the manifest's commit (with chunk digests
+        at our chunk size, when the node uses the same one), or else under any repo, found by the LFS
+        SHA-256 (a fine-tune that shares its tokenizer or base weights with a repo the node has)."""
         found: dict[str, list[FileSource]] = {}
-        wanted = {f.path: f for f in manifest.files}
+        wanted = {f.path: f for f in files}
         for server in self.servers:
             try:
-                files = await _node_manifest(http, server, manifest.repo_id, manifest.commit_id)
+                listed = await _node_manifest(http, server, manifest.repo_id, manifest.commit_id)
             except DepotError:
                 continue  # a node that is down or lacks the commit simply holds nothing
-            for item in files:
+            for item in listed:
                 remote = wanted.get(str(item.get("path")))
                 if remote is None or not _same_content(remote, item):
                     continue
@@ -104,6 +106,15 @@ class SourceChain:
                 )
                 url = server.file_url(manifest.repo_id, manifest.commit_id, remote.path)
                 found.setdefault(remote.path, []).append(FileSource(server, url, digests))
+        by_content = [f for f in files if f.path not in found and f.sha256]
+        if by_content and self.servers:
+            probes = [(server, f) for server in self.servers for f in by_content]
+            answers = await asyncio.gather(
+                *(_node_has_blob(http, server, f.sha256 or "") for server, f in probes)
+            )
+            for (server, remote), blob_url in zip(probes, answers, strict=True):
+                if blob_url is not None:
+                    found.setdefault(remote.path, []).append(FileSource(server, blob_url))
         return found
 
     def hub_source(self, manifest: Manifest, remote: RemoteFile) -> FileSource:
@@ -114,6 +125,17 @@ def _same_content(remote: RemoteFile, item: dict[str, Any]) -> bool:
     if remote.sha256 is not None:
         return item.get("sha256") == remote.sha256
     return item.get("git_oid") == remote.git_oid and item.get("size") == remote.size
+
+
+async def _node_has_blob(http: aiohttp.ClientSession, server: HttpSource, sha256: str) -> str | None:
+    """The node's URL for a blob it holds (under whatever repo), or None."""
+    url = f"{server.base_url}{NODE_API}/blobs/{sha256}"
+    timeout = aiohttp.ClientTimeout(total=server.retry.read_timeout)
+    try:
+        async with http.head(url, headers=server.headers(), timeout=timeout) as response:
+            return url if response.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError):
+        return None
 
 
 async def _node_manifest(

@@ -232,7 +232,9 @@ class _PullRun:
         if unique:
             timeout = aiohttp.ClientTimeout(total=None)
             async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as http:
-                holders = await self.chain.holders(http, self.manifest, self.store.chunk_size)
+                holders = await self.chain.holders(
+                    http, self.manifest, self.store.chunk_size, list(unique.values())
+                )
                 outcomes = await asyncio.gather(
                     *(
                         self._one(http, key, remote, holders.get(remote.path, []))
