@@ -20,19 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import mmap
 import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from modeldepot.config import parse_size
 from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
 from modeldepot.hub.variants import group_files
-from modeldepot.preload.residency import MlockError, lock, populate, resident_bytes, unlock
+from modeldepot.preload.copies import STRATEGIES, FileCopy
+from modeldepot.preload.residency import MlockError, lock, resident_bytes, unlock
 from modeldepot.store.access import ModelAccess
 from modeldepot.store.models import FileEntry
 from modeldepot.store.store import Store
@@ -49,7 +48,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("page-cache", "mmap", "read", "memfd")
 ModelKey = tuple[str, str, str]  # repo, commit, variant ('' = every file)
 
 
@@ -72,86 +70,10 @@ def parse_budget(budget: int | str) -> int:
     return value
 
 
-class _FileCopy:
-    """One file of a preloaded model, held in RAM the strategy's way."""
-
-    def __init__(self, store: Store, entry: FileEntry, strategy: str) -> None:
-        self.entry = entry
-        self.size = entry.size
-        self.strategy = strategy
-        self.mapping: mmap.mmap | None = None
-        self.buffer: bytearray | None = None
-        self.memfd = -1
-        self.blob_fd = store.blobs.open(entry.sha256, entry.size)
-        self.path = store.file_path(entry.repo_id, entry.path, entry.commit_id)
-        try:
-            self._fill()
-        except BaseException:
-            self.close(drop_cache=False)
-            raise
-
-    def _fill(self) -> None:
-        if self.size == 0:
-            return
-        if self.strategy == "page-cache":
-            self.mapping = mmap.mmap(self.blob_fd, self.size, prot=mmap.PROT_READ)
-            populate(self.mapping, self.size)
-        elif self.strategy == "mmap":
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            self.mapping = mmap.mmap(self.blob_fd, self.size, flags=flags, prot=mmap.PROT_READ)
-        elif self.strategy == "read":
-            self.buffer = bytearray(self.size)
-            view, done = memoryview(self.buffer), 0
-            while done < self.size:
-                got = os.preadv(self.blob_fd, [view[done:]], done)
-                if not got:
-                    raise OSError(f"{self.entry.path}: the blob ended at {done} of {self.size} bytes")
-                done += got
-            view.release()
-        else:  # memfd
-            self.memfd = os.memfd_create(f"modeldepot:{self.entry.path}", 0)
-            os.ftruncate(self.memfd, self.size)
-            done = 0
-            while done < self.size:  # in-kernel copy (copy_file_range refuses to cross filesystems)
-                sent = os.sendfile(self.memfd, self.blob_fd, done, self.size - done)
-                if not sent:
-                    raise OSError(f"{self.entry.path}: the blob ended at {done} of {self.size} bytes")
-                done += sent
-            self.mapping = mmap.mmap(self.memfd, self.size, prot=mmap.PROT_READ)
-            self.path = Path(f"/proc/{os.getpid()}/fd/{self.memfd}")
-
-    def view(self) -> memoryview:
-        if self.mapping is not None:
-            return memoryview(self.mapping)
-        if self.buffer is not None:
-            return memoryview(self.buffer).toreadonly()
-        return memoryview(b"")
-
-    def resident(self) -> int:
-        """Bytes of this file in RAM now (page cache or private memory)."""
-        if self.strategy in ("page-cache", "mmap"):
-            return resident_bytes(self.blob_fd, self.size)
-        return self.size
-
-    def close(self, drop_cache: bool) -> None:
-        if self.mapping is not None:
-            self.mapping.close()
-            self.mapping = None
-        self.buffer = None
-        if self.memfd >= 0:
-            os.close(self.memfd)
-            self.memfd = -1
-        if self.blob_fd >= 0:
-            if drop_cache and self.strategy in ("page-cache", "mmap"):
-                os.posix_fadvise(self.blob_fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(self.blob_fd)
-            self.blob_fd = -1
-
-
 @dataclass
 class _Model:
     key: ModelKey
-    files: dict[str, _FileCopy]
+    files: dict[str, FileCopy]
     size: int
     seconds: float
     loaded_at: float
@@ -308,10 +230,10 @@ class Preloader:
 
     def _load(self, key: ModelKey, entries: list[FileEntry], size: int) -> _Model:
         started = time.perf_counter()
-        files: dict[str, _FileCopy] = {}
+        files: dict[str, FileCopy] = {}
         try:
             for entry in entries:
-                files[entry.path] = _FileCopy(self.store, entry, self.strategy)
+                files[entry.path] = FileCopy(self.store, entry, self.strategy)
         except BaseException:
             for copy in files.values():
                 copy.close(drop_cache=False)

@@ -1,0 +1,91 @@
+"""One file of a preloaded model, held in RAM in one of the four ways (see :mod:`.preloader`)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+from modeldepot.preload.residency import populate, resident_bytes
+from modeldepot.store.models import FileEntry
+from modeldepot.store.store import Store
+
+__all__ = ["STRATEGIES", "FileCopy"]
+
+STRATEGIES = ("page-cache", "mmap", "read", "memfd")
+
+
+class FileCopy:
+    """One file of a preloaded model, held in RAM the strategy's way."""
+
+    def __init__(self, store: Store, entry: FileEntry, strategy: str) -> None:
+        self.entry = entry
+        self.size = entry.size
+        self.strategy = strategy
+        self.mapping: mmap.mmap | None = None
+        self.buffer: bytearray | None = None
+        self.memfd = -1
+        self.blob_fd = store.blobs.open(entry.sha256, entry.size)
+        self.path = store.file_path(entry.repo_id, entry.path, entry.commit_id)
+        try:
+            self._fill()
+        except BaseException:
+            self.close(drop_cache=False)
+            raise
+
+    def _fill(self) -> None:
+        if self.size == 0:
+            return
+        if self.strategy == "page-cache":
+            self.mapping = mmap.mmap(self.blob_fd, self.size, prot=mmap.PROT_READ)
+            populate(self.mapping, self.size)
+        elif self.strategy == "mmap":
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            self.mapping = mmap.mmap(self.blob_fd, self.size, flags=flags, prot=mmap.PROT_READ)
+        elif self.strategy == "read":
+            self.buffer = bytearray(self.size)
+            view, done = memoryview(self.buffer), 0
+            while done < self.size:
+                got = os.preadv(self.blob_fd, [view[done:]], done)
+                if not got:
+                    raise OSError(f"{self.entry.path}: the blob ended at {done} of {self.size} bytes")
+                done += got
+            view.release()
+        else:  # memfd
+            self.memfd = os.memfd_create(f"modeldepot:{self.entry.path}", 0)
+            os.ftruncate(self.memfd, self.size)
+            done = 0
+            while done < self.size:  # in-kernel copy (copy_file_range refuses to cross filesystems)
+                sent = os.sendfile(self.memfd, self.blob_fd, done, self.size - done)
+                if not sent:
+                    raise OSError(f"{self.entry.path}: the blob ended at {done} of {self.size} bytes")
+                done += sent
+            self.mapping = mmap.mmap(self.memfd, self.size, prot=mmap.PROT_READ)
+            self.path = Path(f"/proc/{os.getpid()}/fd/{self.memfd}")
+
+    def view(self) -> memoryview:
+        if self.mapping is not None:
+            return memoryview(self.mapping)
+        if self.buffer is not None:
+            return memoryview(self.buffer).toreadonly()
+        return memoryview(b"")
+
+    def resident(self) -> int:
+        """Bytes of this file in RAM now (page cache or private memory)."""
+        if self.strategy in ("page-cache", "mmap"):
+            return resident_bytes(self.blob_fd, self.size)
+        return self.size
+
+    def close(self, drop_cache: bool) -> None:
+        if self.mapping is not None:
+            self.mapping.close()
+            self.mapping = None
+        self.buffer = None
+        if self.memfd >= 0:
+            os.close(self.memfd)
+            self.memfd = -1
+        if self.blob_fd >= 0:
+            if drop_cache and self.strategy in ("page-cache", "mmap"):
+                os.posix_fadvise(self.blob_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(self.blob_fd)
+            self.blob_fd = -1
