@@ -102,7 +102,10 @@ class _FileJob:
         self.attempts: dict[int, int] = {}
         self.live: list[FileSource] = []
         self.errors: dict[str, Exception] = {}  # source -> why it was dropped
-        self.changed = asyncio.Condition()
+        # Woken on every change (a chunk landed, a request ended, a source dropped). A waiter takes the
+        # current event *before* it looks at the state, so a change between its look and its wait is
+        # never lost (a Condition's lock acquisition could let one slip by).
+        self._changed = asyncio.Event()
         self.failure: DepotError | None = None
         self.whole_body = False
         self.low = 0  # the lowest chunk that may not be done yet
@@ -174,8 +177,13 @@ class _FileJob:
     def _work_left(self) -> bool:
         return len(self.partial.done) < self.partial.chunks
 
+    def _pulse(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
     async def _work(self, source: FileSource) -> None:
         while self._work_left() and source in self.live:
+            changed = self._changed
             index = self._pick(source)
             if index is None:
                 if not self.in_flight:
@@ -185,11 +193,9 @@ class _FileJob:
                         )
                         for stuck in list(self.live):
                             self._drop(stuck, bad)  # the fallback (the Hub) may still have good bytes
-                        async with self.changed:
-                            self.changed.notify_all()
+                        self._pulse()
                     return
-                async with self.changed:
-                    await self.changed.wait()
+                await changed.wait()
                 continue
             self.in_flight.add(index)
             try:
@@ -205,8 +211,7 @@ class _FileJob:
                 self._drop(source, error)
             finally:
                 self.in_flight.discard(index)
-                async with self.changed:
-                    self.changed.notify_all()
+                self._pulse()
 
     async def _fetch_chunk(self, source: FileSource, index: int) -> None:
         offset, length = chunk_span(index, self.remote.size, self.partial.chunk_size)
@@ -227,8 +232,7 @@ class _FileJob:
         await asyncio.to_thread(self.partial.write_chunk, index, data, digest)
         if self.on_bytes is not None:
             self.on_bytes(len(data))
-        async with self.changed:
-            self.changed.notify_all()
+        self._pulse()
 
     async def _stream_whole(self, source: FileSource, own_index: int) -> None:
         """The server ignores ranges: take the whole body once, landing every chunk nobody else has."""
@@ -277,9 +281,11 @@ class _FileJob:
         mapping = mmap.mmap(self.partial.data_fd, size, prot=mmap.PROT_READ)
         try:
             for index in range(self.partial.chunks):
-                while index not in self.partial.done:
-                    async with self.changed:
-                        await self.changed.wait()
+                while True:
+                    changed = self._changed
+                    if index in self.partial.done:
+                        break
+                    await changed.wait()
                 offset, length = chunk_span(index, size, chunk_size)
                 await asyncio.to_thread(
                     _hash_chunk, hasher, mapping, offset, length, self.partial.done[index]
