@@ -3,10 +3,10 @@
 A reader asks for a byte range of a file at a revision. If the store has the file, the bytes come from
 the store. If not, one pull of that file starts (or is joined: every reader of the same file shares it)
 and the reader follows the partial file as chunks land, each chunk handed out once it is written and,
-from a depot node, checked against the node's BLAKE3. The last chunk is held back until the whole file
-has matched the upstream's SHA-256 (or git oid): a reader never receives a complete file that is wrong;
-if the check fails, the stream breaks instead. The pull runs to its end even if every reader leaves, so
-the next reader finds the file in the store.
+from a depot node, checked against the node's BLAKE3. The last chunk of every response (a whole file or a
+range) is held back until the whole file has matched the upstream's SHA-256 (or git oid): a reader never
+receives a complete response that is wrong; if the check fails, the stream breaks instead. The pull runs
+to its end even if every reader leaves, so the next reader finds the file in the store.
 """
 
 from __future__ import annotations
@@ -131,9 +131,11 @@ class Mirror:
         partial = job.partial
         assert partial is not None and job.task is not None
         chunk_size = partial.chunk_size
-        last = partial.chunks - 1
-        for index in range(start // chunk_size, end // chunk_size + 1):
-            # The final chunk waits for the whole-file check; the others for their own landing.
+        last = end // chunk_size  # the final chunk of this response, whole file or range
+        for index in range(start // chunk_size, last + 1):
+            # The final chunk waits for the whole-file check; the others for their own landing. So no
+            # response, a range included, ever completes with bytes the upstream's digest has not vouched
+            # for (a chunk from a Hub source carries no digest of its own).
             while not (index in partial.done and (index != last or job.task.done())):
                 if job.task.done():
                     job.task.result()
