@@ -127,6 +127,26 @@ def test_cli_pull(local: Depot) -> None:
     assert {v["name"]: v["status"] for v in status[0]["variants"]}["fp16"] == "downloaded"
 
 
+def test_cli_pull_and_scan_from_a_server_given_on_the_command_line(
+    upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # no Hub: the node alone must do
+    runner, home = CliRunner(), tmp_path / "cli-home"
+    scanned = runner.invoke(cli, ["scan", REPO, "--server", upstream.url, "--json", "--home", str(home)])
+    assert scanned.exit_code == 0, scanned.output
+    assert json.loads(scanned.stdout)["endpoint"] == upstream.url
+    done = runner.invoke(
+        cli, ["pull", REPO, "-q", "q4f16", "--server", upstream.url, "--json", "--home", str(home)]
+    )
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["sources"] == [upstream.url]
+    elsewhere = tmp_path / "never-created"
+    refused = runner.invoke(cli, ["pull", REPO, "--server", "ftp://node", "--home", str(elsewhere)])
+    assert refused.exit_code == 2 and "ftp://node" in refused.output
+    assert not elsewhere.exists(), "bad input is refused before a store is opened"
+
+
 def test_the_same_content_under_two_paths_crosses_the_wire_once(
     local: Depot, upstream: LiveNode, tmp_path: Path
 ) -> None:

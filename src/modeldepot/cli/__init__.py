@@ -82,6 +82,31 @@ _revision_option = click.option(
 _repo_argument = click.argument("repo_id", metavar="REPO", callback=_checked(validate_repo_id))
 
 
+def _server_urls(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """A click callback: URLs from repeated or comma-separated values, checked before any store opens."""
+    urls = tuple(u.strip().rstrip("/") for item in values for u in item.split(",") if u.strip())
+    bad = [u for u in urls if not u.startswith(("http://", "https://"))]
+    if bad:
+        raise click.BadParameter(f"{bad[0]!r} is not an http:// or https:// URL", ctx, param)
+    return urls
+
+
+def _use_servers(depot: Depot, urls: tuple[str, ...]) -> None:
+    """--server / --upstream replace MODELDEPOT_SERVERS for this command."""
+    if urls:
+        depot.config = dataclasses.replace(depot.config, servers=urls)
+
+
+_server_option = click.option(
+    "--server",
+    "servers",
+    multiple=True,
+    metavar="URL[,URL...]",
+    callback=_server_urls,
+    help="Depot nodes to ask before the Hub (repeatable; replaces $MODELDEPOT_SERVERS).",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="modeldepot")
 def cli() -> None:
@@ -280,10 +305,12 @@ def du_command(depot: Depot, as_json: bool) -> None:
 @cli.command("scan")
 @_repo_argument
 @_revision_option
+@_server_option
 @_json_option
 @_home_option
-def scan_command(depot: Depot, repo_id: str, revision: str, as_json: bool) -> None:
-    """Read REPO on the Hub (HF_ENDPOINT): its files, quantization variants and shared files."""
+def scan_command(depot: Depot, repo_id: str, revision: str, servers: tuple[str, ...], as_json: bool) -> None:
+    """Read REPO (depot servers first, then the Hub at HF_ENDPOINT): files, variants, shared files."""
+    _use_servers(depot, servers)
     manifest = depot.scan_repo(repo_id, revision)
     if as_json:
         render.print_json(manifest.to_dict())
@@ -298,10 +325,17 @@ def scan_command(depot: Depot, repo_id: str, revision: str, as_json: bool) -> No
 )
 @click.option("--all", "all_variants", is_flag=True, help="Every variant (without the repo's other files).")
 @_revision_option
+@_server_option
 @_json_option
 @_home_option
 def pull_command(
-    depot: Depot, repo_id: str, quants: tuple[str, ...], all_variants: bool, revision: str, as_json: bool
+    depot: Depot,
+    repo_id: str,
+    quants: tuple[str, ...],
+    all_variants: bool,
+    revision: str,
+    servers: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Download REPO (or some of its variants) into the store, verified and resumable.
 
@@ -311,6 +345,7 @@ def pull_command(
     if quants and all_variants:
         render.err.print("[red]error:[/red] give --quant or --all, not both")
         sys.exit(EXIT_BAD_INPUT)
+    _use_servers(depot, servers)
     chosen: list[str] | str | None = list(quants) if quants else ("all" if all_variants else None)
     view = render.PullView(f"pulling {repo_id}")
     try:
@@ -416,6 +451,7 @@ def stats_command(depot: Depot, top: int, as_json: bool) -> None:
     "upstreams",
     multiple=True,
     metavar="URL[,URL...]",
+    callback=_server_urls,
     help="Mirror: pull what the store lacks from these depot nodes (then the Hub at HF_ENDPOINT) while "
     "serving it. Repeatable or comma-separated; replaces MODELDEPOT_SERVERS.",
 )
@@ -437,13 +473,7 @@ def serve_command(
     """Serve the store over HTTP: the Hub's API (HF_ENDPOINT=http://HOST:PORT) and /api/depot/v1."""
     from modeldepot.server.run import run_server
 
-    urls = [u.strip().rstrip("/") for item in upstreams for u in item.split(",") if u.strip()]
-    bad = [u for u in urls if not u.startswith(("http://", "https://"))]
-    if bad:
-        render.err.print(f"[red]error:[/red] --upstream needs http:// or https:// URLs, not {bad[0]!r}")
-        sys.exit(EXIT_BAD_INPUT)
-    if urls:
-        depot.config = dataclasses.replace(depot.config, servers=tuple(urls))
+    _use_servers(depot, upstreams)
     if preload_budget is not None:
         depot.config = dataclasses.replace(depot.config, preload_budget=preload_budget)
     run_server(depot, host, port, token, log_level, mirror=bool(upstreams), preload_top=preload_top)
