@@ -95,26 +95,11 @@ class ManifestStore:
             row["repo_id"], row["revision"], row["commit_id"], row["body"], row["scanned_at"], statuses
         )
 
-    def set_status(
-        self, repo_id: str, variant: str, status: str, bytes_done: int | None = None, error: str | None = None
-    ) -> None:
-        """Record a variant's progress; starting ('downloading') and ending set their timestamps."""
-        if status not in STATUSES:
-            raise ValueError(f"unknown status {status!r}")
-        now = time.time()
-        with self.index.write(f"recording the status of {repo_id}:{variant}") as con:
-            con.execute(
-                "UPDATE variant_status SET status = ?, bytes_done = COALESCE(?, bytes_done), error = ?, "
-                "updated_at = ?, started_at = CASE WHEN ? = 'downloading' AND status != 'downloading' THEN ? "
-                "ELSE started_at END, finished_at = CASE WHEN ? IN ('downloaded', 'failed') THEN ? ELSE finished_at END "
-                "WHERE repo_id = ? AND variant = ?",
-                (status, bytes_done, error, now, status, now, status, now, repo_id, variant),
-            )
-
     def set_statuses(
         self, repo_id: str, bytes_done: dict[str, int], status: str, error: str | None = None
     ) -> None:
-        """:meth:`set_status` for several variants (name -> bytes done) in one transaction."""
+        """Record the progress of several variants (name -> bytes done) in one transaction; starting
+        ('downloading') and ending set their timestamps."""
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
         if not bytes_done:
