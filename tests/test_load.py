@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 
 from conftest import SMALL_CHUNK, LiveNode
 from modeldepot import Depot
-from modeldepot.engines.adapters import dummy_inputs, warmup
+from modeldepot.engines.adapters import dummy_inputs, load_safetensors, warmup
 from modeldepot.errors import ConfigError, NotFoundError
 
 REPO = "acme/linear"
@@ -89,6 +89,8 @@ def test_safetensors_and_callable_engines(depot: Depot, tmp_path: Path) -> None:
     loaded = depot.load("acme/st", engine="safetensors")
     assert set(loaded) == {"w", "b"}
     np.testing.assert_array_equal(loaded["w"], WEIGHT)
+    np.testing.assert_array_equal(loaded["b"], BIAS)
+    assert not loaded["w"].flags.writeable, "the tensors map the shared file: read-only"
     paths: list[Path] = []
 
     def engine(path: Path) -> str:
@@ -109,6 +111,24 @@ def test_safetensors_and_callable_engines(depot: Depot, tmp_path: Path) -> None:
             depot.load("acme/st", engine="torch")
     else:
         assert set(depot.load("acme/st", engine="torch")) == {"w", "b"}
+
+
+def test_a_malformed_safetensors_file_is_a_clear_error(tmp_path: Path) -> None:
+    good = tmp_path / "good.safetensors"
+    save_file({"w": WEIGHT}, str(good))
+    data = good.read_bytes()
+    cases = {
+        "short": b"abc",
+        "header too long": (10**12).to_bytes(8, "little") + data[8:],
+        "not json": data[:8] + b"x" * (len(data) - 8),
+        "out of the file": data[:8]
+        + data[8:].replace(b'"data_offsets":[0,4096]', b'"data_offsets":[0,9999]'),
+    }
+    for content in cases.values():
+        (tmp_path / "bad.safetensors").write_bytes(content)
+        with pytest.raises(ValueError, match=r"bad\.safetensors"):
+            load_safetensors(tmp_path / "bad.safetensors")
+    assert load_safetensors(good)["w"].shape == WEIGHT.shape
 
 
 def test_warmup_survives_errors_and_shapes_inputs(loaded: Depot) -> None:
