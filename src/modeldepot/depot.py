@@ -403,9 +403,9 @@ class Depot:
         loader, suffixes = ENGINES[engine] if isinstance(engine, str) and engine in ENGINES else (engine, ())
         if isinstance(loader, str):
             raise ConfigError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)} or a callable")
-        commit_id = self._ensure_variant(repo_id, quant, revision)
-        paths = [f.path for f in self.store.files(repo_id, commit_id)]
-        chosen = model_file(paths, quant, suffixes or (".onnx", ".safetensors", ".gguf", ".bin"))
+        commit_id, chosen = self._locate(
+            repo_id, quant, revision, suffixes or (".onnx", ".safetensors", ".gguf", ".bin")
+        )
         name = engine if isinstance(engine, str) else getattr(engine, "__qualname__", repr(engine))
         key = (repo_id, commit_id, chosen, name)
 
@@ -453,19 +453,23 @@ class Depot:
             self._preloader.close()
         self._preloader = preloader
 
-    def _ensure_variant(self, repo_id: str, quant: str | None, revision: str) -> str:
-        """The commit whose files hold the variant, pulling it first when the store lacks it."""
+    def _locate(
+        self, repo_id: str, quant: str | None, revision: str, suffixes: tuple[str, ...]
+    ) -> tuple[str, str]:
+        """(commit, model file) of the variant, pulling it first when the store lacks it."""
         try:
             commit_id = self.store.resolve(repo_id, revision)
-            paths = [f.path for f in self.store.files(repo_id, commit_id)]
-            if quant is None or group_files(paths).find(quant) is not None:
-                return commit_id
-            if self.config.offline:
-                return commit_id  # nothing to pull from: the caller reports the variants there are
         except NotFoundError:
-            pass
-        result = self.pull(repo_id, [quant] if quant else None, revision)
-        return result.commit_id
+            commit_id = None
+        if commit_id is not None:
+            paths = [f.path for f in self.store.files(repo_id, commit_id)]
+            try:
+                return commit_id, model_file(paths, quant, suffixes)
+            except NotFoundError:
+                if self.config.offline:
+                    raise  # nothing to pull from: the error lists the variants there are
+        commit_id = self.pull(repo_id, [quant] if quant else None, revision).commit_id
+        return commit_id, model_file([f.path for f in self.store.files(repo_id, commit_id)], quant, suffixes)
 
     # -- upkeep ---------------------------------------------------------------------------------------
 
