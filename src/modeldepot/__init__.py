@@ -25,6 +25,8 @@ from modeldepot.errors import (
     StoreError,
     StoreFullError,
     StoreSchemaError,
+    UpstreamDataError,
+    UpstreamError,
 )
 from modeldepot.store import (
     DiskUsage,
@@ -68,6 +70,8 @@ __all__ = [
     "StoreError",
     "StoreFullError",
     "StoreSchemaError",
+    "UpstreamDataError",
+    "UpstreamError",
     "VerifyProblem",
     "VerifyReport",
     "__version__",

@@ -46,8 +46,9 @@ from modeldepot.store import (
     remove,
     verify,
 )
-from modeldepot.store.maintenance import VerifyProgress
+from modeldepot.store.maintenance import StoreTotals, VerifyProgress, totals
 from modeldepot.store.partials import partial_key
+from modeldepot.store.verified import VerifiedBlob
 
 if TYPE_CHECKING:  # the transfer machinery (aiohttp, huggingface_hub) loads on the first pull, not at
     # import: a worker that only loads engines starts 0.3 s sooner
@@ -209,15 +210,16 @@ class Depot:
         """A blob by its SHA-256 (for peers that fetch by content)."""
         return self.store.blob(sha256, public_only)
 
-    def open_blob(self, blob: BlobRecord) -> BinaryIO:
-        return self.store.open_blob(blob)
-
-    def blob_chunk(self, blob: BlobRecord, index: int) -> memoryview:
-        """Chunk ``index`` of a blob as a zero-copy view, verified against its BLAKE3 digest."""
-        return self.store.blob_chunk(blob, index)
+    def open_verified(self, blob: BlobRecord | FileEntry) -> VerifiedBlob:
+        """A blob (or a file's blob) open for sending: each chunk is checked against its BLAKE3 before it
+        is handed out, and a chunk that fails quarantines the blob. What the node serves goes through this."""
+        if isinstance(blob, FileEntry):
+            self.store.access.record(blob.repo_id)
+            blob = BlobRecord(blob.sha256, blob.size, blob.chunk_size)
+        return self.store.open_verified(blob)
 
     def verified_chunk(self, blob: BlobRecord, index: int) -> tuple[memoryview, str]:
-        """Like :meth:`blob_chunk`, with the BLAKE3 digest the chunk was checked against."""
+        """Chunk ``index`` of a blob as a zero-copy view, and the BLAKE3 digest it was just checked against."""
         return self.store.verified_chunk(blob, index)
 
     def chunk_digests(self, sha256: str) -> list[str]:
@@ -489,3 +491,8 @@ class Depot:
 
     def du(self) -> DiskUsage:
         return disk_usage(self.store)
+
+    def totals(self, *, public_only: bool = False) -> StoreTotals:
+        """Repos, blobs and bytes in the store; ``public_only`` counts only what repos that are not private
+        use (the node's stats for a request without its token)."""
+        return totals(self.store, public_only)

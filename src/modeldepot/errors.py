@@ -17,6 +17,7 @@ HTTP status in one place each::
     ├── IntegrityError                           bytes that do not match their digests     → exit 1
     │   └── CorruptBlobError                     a quarantined or damaged blob: never served
     ├── UpstreamError                            the Hub or a node refused or failed       → exit 1
+    │   ├── UpstreamDataError                    it answered with a value we refuse (a name, digest, size)
     │   ├── AccessDeniedError                    gated or private upstream repo: needs a token
     │   └── OfflineError                         offline mode forbids the connection
     ├── StoreError (OSError)                     the store itself cannot do its job        → exit 1
@@ -49,6 +50,7 @@ __all__ = [
     "StoreError",
     "StoreFullError",
     "StoreSchemaError",
+    "UpstreamDataError",
     "UpstreamError",
 ]
 
@@ -131,6 +133,23 @@ class CorruptBlobError(IntegrityError):
 
 class UpstreamError(DepotError):
     """The Hub or another node could not answer (unreachable, server error, refused)."""
+
+
+class UpstreamDataError(UpstreamError):
+    """An upstream (the Hub, a depot node, a mirror's upstream) sent a value that fails validation.
+
+    Everything an upstream says is untrusted input: a commit id, a file path, a digest or a size that would
+    not pass as user input is refused where it enters, before it names a file or reaches the store.
+    """
+
+    def __init__(self, source: str, field: str, detail: str) -> None:
+        super().__init__(f"{source} sent an invalid {field}: {detail}; nothing was written")
+        self.source = source
+        self.field = field
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class AccessDeniedError(UpstreamError):

@@ -158,20 +158,19 @@ class Mirror:
     async def _from_store(
         self, manifest: Manifest, remote: RemoteFile, start: int, end: int
     ) -> AsyncIterator[memoryview]:
-        handle = await asyncio.to_thread(
-            self.depot.open_file, manifest.repo_id, remote.path, manifest.commit_id
+        """The stored file's bytes, each chunk checked against its BLAKE3 before it is yielded."""
+        entry = await asyncio.to_thread(
+            self.depot.file_info, manifest.repo_id, remote.path, manifest.commit_id
         )
+        reader = await asyncio.to_thread(self.depot.open_verified, entry)
         try:
-            await asyncio.to_thread(handle.seek, start)
-            left = end - start + 1
-            while left > 0:
-                data = await asyncio.to_thread(handle.read, min(READ_BLOCK, left))
-                if not data:
-                    raise OSError("the stored file ended early")
-                left -= len(data)
-                yield memoryview(data)
+            for index in reader.chunks_of(start, end):
+                await asyncio.to_thread(reader.check, index)
+                offset, length = reader.span(index)
+                lo, hi = max(start, offset), min(end, offset + length - 1)
+                yield reader.view(index)[lo - offset : hi - offset + 1]
         finally:
-            handle.close()
+            reader.close()
 
     async def close(self) -> None:
         """Wait for running pulls to stop (cancelled: their finished chunks stay for a resume)."""

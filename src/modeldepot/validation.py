@@ -12,30 +12,54 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import unquote
 
-from modeldepot.errors import InvalidPathError, InvalidRepoIdError, InvalidRevisionError
+from modeldepot.errors import (
+    InvalidInputError,
+    InvalidPathError,
+    InvalidRepoIdError,
+    InvalidRevisionError,
+    UpstreamDataError,
+)
 
 __all__ = [
+    "MAX_FILE_SIZE",
+    "MAX_LABEL_LENGTH",
     "MAX_PATH_BYTES",
     "MAX_REPO_ID_LENGTH",
     "MAX_REVISION_LENGTH",
     "MAX_SEGMENT_BYTES",
+    "from_upstream",
     "is_commit_id",
+    "validate_blake3",
     "validate_branch",
+    "validate_commit_id",
+    "validate_git_oid",
+    "validate_label",
     "validate_path",
     "validate_repo_id",
     "validate_revision",
+    "validate_sha256",
+    "validate_size",
 ]
 
 MAX_REPO_ID_LENGTH = 96  # the Hub's limit
 MAX_PATH_BYTES = 1024
 MAX_SEGMENT_BYTES = 255  # NAME_MAX on every filesystem we care about
 MAX_REVISION_LENGTH = 200
+MAX_FILE_SIZE = (
+    1 << 42
+)  # 4 TiB: far above any model file (the Hub's largest are tens of GB), far below overflow
+MAX_LABEL_LENGTH = 200  # a tag, pipeline tag or library name an upstream describes a repo with
 
 _REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _COMMIT_ID = re.compile(r"[0-9a-f]{40}")
 _REF_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+_HEX = {40: re.compile(r"[0-9a-f]{40}"), 64: re.compile(r"[0-9a-f]{64}")}
+
+T = TypeVar("T")
 
 
 def _describe(value: object) -> str:
@@ -146,3 +170,61 @@ def validate_revision(revision: object) -> str:
     if isinstance(revision, str) and is_commit_id(revision):
         return revision
     return validate_branch(revision)
+
+
+def _hex_digest(value: object, digits: int, what: str) -> str:
+    if not isinstance(value, str) or _HEX[digits].fullmatch(value) is None:
+        raise InvalidInputError(f"{what} {_describe(value)} is not {digits} lowercase hex digits")
+    return value
+
+
+def validate_commit_id(value: object) -> str:
+    """A full commit id: 40 lowercase hex digits (it names a snapshot folder)."""
+    return _hex_digest(value, 40, "commit id")
+
+
+def validate_sha256(value: object) -> str:
+    """A SHA-256 digest: 64 lowercase hex digits (it names a blob and a partial download)."""
+    return _hex_digest(value, 64, "SHA-256")
+
+
+def validate_git_oid(value: object) -> str:
+    """A git blob id: 40 lowercase hex digits."""
+    return _hex_digest(value, 40, "git oid")
+
+
+def validate_blake3(value: object) -> str:
+    """A chunk's BLAKE3 digest: 64 lowercase hex digits."""
+    return _hex_digest(value, 64, "BLAKE3 digest")
+
+
+def validate_size(value: object, maximum: int = MAX_FILE_SIZE) -> int:
+    """A byte count: an integer (not a bool) from 0 to ``maximum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInputError(f"size {_describe(value)} is not an integer")
+    if not 0 <= value <= maximum:
+        raise InvalidInputError(f"size {value} is outside 0..{maximum}")
+    return value
+
+
+def validate_label(value: object) -> str:
+    """A short descriptive string (a tag, a pipeline tag, a library name): printable, one line."""
+    if not isinstance(value, str):
+        raise InvalidInputError(f"label {_describe(value)} is not a string")
+    if len(value) > MAX_LABEL_LENGTH:
+        raise InvalidInputError(f"label {_describe(value)} is longer than {MAX_LABEL_LENGTH} characters")
+    if any(unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp") for char in value):
+        raise InvalidInputError(f"label {_describe(value)} contains a control character")
+    return value
+
+
+def from_upstream(source: str, field: str, check: Callable[[object], T], value: object) -> T:
+    """``check(value)``, for a value an upstream sent: a failure is that upstream's fault, and says so.
+
+    The same validators guard user input and upstream answers; only the error differs
+    (:class:`~modeldepot.errors.UpstreamDataError`, naming the upstream and the field).
+    """
+    try:
+        return check(value)
+    except InvalidInputError as error:
+        raise UpstreamDataError(source, field, str(error)) from None

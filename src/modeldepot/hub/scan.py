@@ -12,10 +12,21 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from modeldepot.errors import AccessDeniedError, NotFoundError, UpstreamError
+from modeldepot.errors import AccessDeniedError, NotFoundError, UpstreamDataError, UpstreamError
 from modeldepot.hub.manifest import RemoteFile
+from modeldepot.validation import (
+    from_upstream,
+    validate_commit_id,
+    validate_git_oid,
+    validate_label,
+    validate_path,
+    validate_sha256,
+    validate_size,
+)
 
-__all__ = ["fetch_repo"]
+__all__ = ["MAX_FILES", "fetch_repo"]
+
+MAX_FILES = 200_000  # files one scanned revision may list (the Hub's largest model repos have a few thousand)
 
 
 def fetch_repo(
@@ -49,24 +60,68 @@ def fetch_repo(
         raise UpstreamError(f"{endpoint} failed to describe {repo_id}: {error}") from error
     except Exception as error:  # connection refused, DNS, TLS, timeouts: the client's own error types vary
         raise UpstreamError(
-            f"cannot reach {endpoint} to scan {repo_id}: {type(error).__name__}: {error}"
+            f"cannot reach {endpoint} to scan {repo_id}, or read its answer: {type(error).__name__}: {error}"
         ) from error
+    return _checked(endpoint, repo_id, info)
+
+
+def _checked(endpoint: str, repo_id: str, info: Any) -> tuple[str, dict[str, Any], list[RemoteFile]]:
+    """The upstream's answer, every value validated before it can name a file or reach the store.
+
+    An upstream is untrusted: a commit id becomes a snapshot folder's name, a path a symlink's, a digest a
+    partial download's, a size a preallocation. Each passes the validators user input passes, or the
+    scan fails with an UpstreamDataError naming the upstream and the field.
+    """
+    source = f"{endpoint} (describing {repo_id})"
     if not info.sha:
-        raise UpstreamError(f"{endpoint} did not say which commit {repo_id}@{revision} is")
-    files = [
-        RemoteFile(
-            path=s.rfilename,
-            size=s.size or 0,
-            git_oid=s.blob_id or "",
-            sha256=s.lfs.sha256 if s.lfs is not None else None,
-        )
-        for s in info.siblings or []
-    ]
+        raise UpstreamError(f"{endpoint} did not say which commit {repo_id} is")
+    commit_id = from_upstream(source, "commit id", validate_commit_id, info.sha)
+    siblings = list(info.siblings or [])
+    if len(siblings) > MAX_FILES:
+        raise UpstreamDataError(source, "file list", f"{len(siblings)} files is more than {MAX_FILES}")
+    files: list[RemoteFile] = []
+    for sibling in siblings:
+        path = from_upstream(source, "file path", validate_path, sibling.rfilename)
+        size = from_upstream(source, f"size of {path!r}", validate_size, sibling.size)
+        git_oid = from_upstream(source, f"git oid of {path!r}", validate_git_oid, sibling.blob_id)
+        sha256 = None
+        if sibling.lfs is not None:
+            sha256 = from_upstream(source, f"LFS SHA-256 of {path!r}", validate_sha256, sibling.lfs.sha256)
+            if sibling.lfs.size is not None and sibling.lfs.size != size:
+                raise UpstreamDataError(source, f"size of {path!r}",
+                                        f"the LFS size {sibling.lfs.size!r} differs from {size}")  # fmt: skip
+        files.append(RemoteFile(path=path, size=size, git_oid=git_oid, sha256=sha256))
+    _check_tree_shape(source, [f.path for f in files])
+    tags = info.tags or []
+    if not isinstance(tags, list) or len(tags) > 1000:
+        raise UpstreamDataError(source, "tags", "not a list of at most 1000 labels")
+    gated = info.gated if info.gated is not None else False
+    if gated not in (False, True, "auto", "manual"):
+        raise UpstreamDataError(source, "gated flag", f"{str(gated)[:40]!r} is none of false, auto, manual")
     metadata = {
-        "pipeline_tag": info.pipeline_tag,
-        "library_name": info.library_name,
-        "tags": list(info.tags or []),
-        "gated": info.gated if info.gated is not None else False,
+        "pipeline_tag": _optional_label(source, "pipeline tag", info.pipeline_tag),
+        "library_name": _optional_label(source, "library name", info.library_name),
+        "tags": [from_upstream(source, "tag", validate_label, tag) for tag in tags],
+        "gated": gated,
         "private": bool(info.private),
     }
-    return info.sha, metadata, files
+    return commit_id, metadata, files
+
+
+def _optional_label(source: str, field: str, value: object) -> str | None:
+    return None if value is None else from_upstream(source, field, validate_label, value)
+
+
+def _check_tree_shape(source: str, paths: list[str]) -> None:
+    """Each path once, and no path that is both a file and a folder (``a`` and ``a/b``)."""
+    seen: set[str] = set()
+    for path in paths:
+        if path in seen:
+            raise UpstreamDataError(source, "file list", f"{path!r} is listed twice")
+        seen.add(path)
+    for path in paths:
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            if folder in seen:
+                raise UpstreamDataError(source, "file list", f"{folder!r} is both a file and a folder")

@@ -69,7 +69,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except asyncio.TimeoutError:
         return error_response(408, None, "the request did not complete in time")
     except DepotError as error:
-        return response_for_error(error)
+        response = response_for_error(error)
+        if response.status >= 500:
+            log.warning("%s %s answered %d: %s", request.method, request.path_qs, response.status, error)
+        return response
     except web.HTTPException as error:
         if error.status < 400:
             raise

@@ -249,13 +249,13 @@ async def _local_resolve(request: web.Request, repo_id: str, revision: str, path
     await _check_visible(request, repo_id)
     depot: Depot = request.app[DEPOT]
     entry = await asyncio.to_thread(depot.file_info, repo_id, path, revision)
-    handle = await asyncio.to_thread(depot.open_file, repo_id, path, entry.commit_id)
+    reader = await asyncio.to_thread(depot.open_verified, entry)
     headers = {
         "X-Repo-Commit": entry.commit_id,
         "X-Linked-Etag": f'"{entry.etag}"',
         "X-Linked-Size": str(entry.size),
     }
-    return send_blob(request, handle, entry.size, entry.etag, headers)
+    return await send_blob(request, reader, entry.etag, headers)
 
 
 def add_hub_routes(app: web.Application) -> None:

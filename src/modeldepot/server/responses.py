@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-from typing import Any, BinaryIO
+import logging
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -17,28 +17,37 @@ from modeldepot.errors import (
     EntryNotFoundError,
     InvalidInputError,
     NotFoundError,
+    OfflineError,
     RepoNotFoundError,
     RevisionNotFoundError,
+    StoreFullError,
+    UpstreamError,
 )
 from modeldepot.server.ranges import ByteRange, RangeNotSatisfiable, parse_range
+from modeldepot.store.verified import VerifiedBlob
 
 __all__ = ["BlobResponse", "error_response", "json_response", "response_for_error", "send_blob"]
 
-_FALLBACK_BLOCK = 1 << 20
+log = logging.getLogger("modeldepot.server")
 
 
 class BlobResponse(web.StreamResponse):
-    """Sends ``count`` bytes of an open file from ``offset`` with sendfile: no copy through Python.
+    """Sends bytes ``offset .. offset + count - 1`` of a blob with sendfile, each chunk checked first.
 
-    aiohttp's FileResponse would do the same, but it replaces the ETag with one made of mtime and size;
-    Hub clients name cached blobs after the ETag, so it has to be the Hub's (git oid or SHA-256).
+    Every chunk the range touches is hashed against its BLAKE3 (on a worker thread, the next chunk while
+    the kernel sends this one) before a byte of it leaves; a chunk that fails quarantines the blob and
+    breaks the connection, so a client never receives a complete body with a flipped byte. The first
+    chunk is checked before the headers go (:func:`send_blob`): a blob found corrupt there is a clean 503.
+
+    aiohttp's FileResponse would also use sendfile, but it replaces the ETag with one made of mtime and
+    size; Hub clients name cached blobs after the ETag, so it has to be the Hub's (git oid or SHA-256).
     """
 
     def __init__(
-        self, handle: BinaryIO, offset: int, count: int, status: int, headers: dict[str, str]
+        self, reader: VerifiedBlob, offset: int, count: int, status: int, headers: dict[str, str]
     ) -> None:
         super().__init__(status=status, headers=headers)
-        self._handle = handle
+        self._reader = reader
         self._offset = offset
         self._count = count
         self.content_length = count
@@ -52,33 +61,54 @@ class BlobResponse(web.StreamResponse):
             if transport is None:
                 raise ConnectionResetError("connection lost")
             try:
-                await asyncio.get_running_loop().sendfile(transport, self._handle, self._offset, self._count)
-            except NotImplementedError:  # e.g. TLS transports
-                await self._copy(writer)
+                await self._send_checked(transport, writer)
+            except CorruptBlobError as error:
+                log.error("stopped sending %s: %s", request.path, error)
+                transport.close()  # a truncated body, never a complete wrong one
+                raise ConnectionResetError(str(error)) from None
             await super().write_eof()
             return writer
         finally:
-            self._handle.close()
+            self._reader.close()
 
-    async def _copy(self, writer: AbstractStreamWriter) -> None:
-        offset, left = self._offset, self._count
-        while left:
-            data = await asyncio.to_thread(_pread, self._handle, min(left, _FALLBACK_BLOCK), offset)
-            if not data:
-                raise ConnectionResetError("file shorter than announced")
-            await writer.write(data)
-            offset += len(data)
-            left -= len(data)
+    async def _send_checked(self, transport: asyncio.Transport, writer: AbstractStreamWriter) -> None:
+        reader = self._reader
+        start, end = self._offset, self._offset + self._count - 1
+        chunks = reader.chunks_of(start, end)
+        loop = asyncio.get_running_loop()
+        checking: asyncio.Future[str] | None = None
+        for index in chunks:
+            if index != chunks[0]:  # the first was checked before the headers
+                assert checking is not None
+                await checking
+            if index + 1 in chunks:
+                checking = loop.run_in_executor(None, reader.check, index + 1)
+            chunk_offset, chunk_length = reader.span(index)
+            lo, hi = max(start, chunk_offset), min(end, chunk_offset + chunk_length - 1)
+            try:
+                await self._send(loop, transport, writer, lo, hi - lo + 1)
+            except BaseException:
+                if checking is not None:
+                    await asyncio.gather(checking, return_exceptions=True)
+                raise
+
+    async def _send(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
+                    writer: AbstractStreamWriter, offset: int, count: int) -> None:  # fmt: skip
+        try:
+            await loop.sendfile(transport, self._reader.file, offset, count)
+        except NotImplementedError:  # e.g. TLS transports: write from the mapping that was hashed
+            index = offset // self._reader.chunk_size
+            chunk_offset, _ = self._reader.span(index)
+            with self._reader.view(index) as view:
+                await writer.write(bytes(view[offset - chunk_offset : offset - chunk_offset + count]))
 
 
-def _pread(handle: BinaryIO, size: int, offset: int) -> bytes:
-    return os.pread(handle.fileno(), size, offset)
-
-
-def send_blob(
-    request: web.Request, handle: BinaryIO, size: int, etag: str, headers: dict[str, str]
+async def send_blob(
+    request: web.Request, reader: VerifiedBlob, etag: str, headers: dict[str, str]
 ) -> web.StreamResponse:
-    """A 200, 206 or 416 for the file behind ``handle`` per the request's Range and If-Range."""
+    """A 200, 206 or 416 for the blob per the request's Range and If-Range; for a GET, the first chunk it
+    sends has been checked (a corrupt one raises CorruptBlobError: the caller answers 503)."""
+    size = reader.size
     quoted = f'"{etag}"'
     headers = {
         **headers,
@@ -93,12 +123,19 @@ def send_blob(
     try:
         wanted: ByteRange | None = parse_range(range_header, size)
     except RangeNotSatisfiable:
-        handle.close()
+        reader.close()
         return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+    start, count = (0, size) if wanted is None else (wanted.start, wanted.length)
+    if request.method != "HEAD" and count:
+        try:
+            await asyncio.to_thread(reader.check, start // reader.chunk_size)
+        except BaseException:
+            reader.close()
+            raise
     if wanted is None:
-        return BlobResponse(handle, 0, size, 200, headers)
+        return BlobResponse(reader, 0, size, 200, headers)
     headers["Content-Range"] = wanted.content_range(size)
-    return BlobResponse(handle, wanted.start, wanted.length, 206, headers)
+    return BlobResponse(reader, wanted.start, wanted.length, 206, headers)
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -136,4 +173,10 @@ def response_for_error(error: DepotError) -> web.Response:
         return error_response(404, None, str(error))
     if isinstance(error, CorruptBlobError):
         return error_response(503, None, "this file failed verification on the node and is not served")
+    if isinstance(error, OfflineError):
+        return error_response(503, None, f"the node is offline and does not hold this: {error}")
+    if isinstance(error, UpstreamError):
+        return error_response(502, None, f"the node's upstream failed: {error}")
+    if isinstance(error, StoreFullError):
+        return error_response(507, None, "the node's disk is full")
     return error_response(500, None, "the node could not complete the request")

@@ -18,13 +18,12 @@ import fcntl
 import mmap
 import os
 import secrets
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from modeldepot.errors import CorruptBlobError
-from modeldepot.store.layout import StoreLayout, fsync_dir, os_error, unlink_counting
+from modeldepot.store.layout import StoreLayout, fsync_dir, os_error
 
 __all__ = ["BlobFiles", "PartialBlob", "WriteSession", "start_writeback"]
 
@@ -109,6 +108,7 @@ class WriteSession:
 
     def __init__(self, layout: StoreLayout) -> None:
         name = f"{os.getpid()}-{secrets.token_hex(8)}"
+        self.layout = layout
         self.path = layout.tmp / name
         self._partials: list[PartialBlob] = []
         # Locked under a dot-name first, then renamed: gc never sees a session whose lock is not yet held.
@@ -119,7 +119,7 @@ class WriteSession:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.rename(starting, self.path)
         except OSError as error:
-            shutil.rmtree(starting, ignore_errors=True)
+            layout.rmtree(starting)
             raise os_error(error, "starting a write in the store's tmp/") from error
 
     @staticmethod
@@ -155,7 +155,7 @@ class WriteSession:
     def close(self) -> None:
         for partial in self._partials:
             partial.discard()
-        shutil.rmtree(self.path, ignore_errors=True)
+        self.layout.rmtree(self.path)
         os.close(self._lock_fd)
 
     def __enter__(self) -> WriteSession:
@@ -201,13 +201,13 @@ class BlobFiles:
         try:
             target.parent.mkdir(exist_ok=True)
             if replace:
-                os.replace(partial.path, target)
+                self.layout.replace(partial.path, target)
             else:
                 try:
-                    os.link(partial.path, target)
+                    os.link(partial.path, self.layout.inside(target))
                 except FileExistsError:
                     pass
-                partial.path.unlink()
+                self.layout.inside(partial.path).unlink()
             partial.placed = True
             fsync_dir(target.parent)
         except OSError as error:
@@ -244,7 +244,7 @@ class BlobFiles:
         if target.exists():
             target = self.layout.quarantine / f"{sha256}.{int(time.time())}.{secrets.token_hex(2)}"
         try:
-            os.rename(source, target)
+            self.layout.rename(source, target)
         except FileNotFoundError:
             return None
         except OSError as error:
@@ -254,4 +254,4 @@ class BlobFiles:
 
     def delete(self, sha256: str) -> int:
         """Unlink a blob file; returns the bytes freed. Hold the store lock exclusively."""
-        return unlink_counting(self.path(sha256))
+        return self.layout.unlink(self.path(sha256))

@@ -16,13 +16,20 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
+import re
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from modeldepot.errors import StoreError, StoreFullError
+from modeldepot.errors import InvalidInputError, StoreError, StoreFullError
+from modeldepot.validation import validate_commit_id, validate_path, validate_repo_id, validate_sha256
 
 __all__ = ["StoreLayout", "fsync_dir", "os_error", "unlink_counting"]
+
+_PARTIAL_KEY = re.compile(r"[0-9a-f]{64}|git-[0-9a-f]{40}")
 
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -60,6 +67,14 @@ def fsync_dir(path: Path) -> None:
 
 @dataclass(frozen=True)
 class StoreLayout:
+    """Every path the store builds, and the guarded operations that change the file system.
+
+    Defence in depth: a name from the index (or from an upstream, through it) becomes a path only after
+    it passes the validators, and nothing is created, renamed or deleted before the path is checked to lie
+    inside the store's home once every link on the way is resolved. A corrupted or hostile index row can
+    make an operation fail; it cannot make the store touch a file outside its home.
+    """
+
     home: Path
 
     @property
@@ -91,10 +106,66 @@ class StoreLayout:
         return self.home / "locks" / "store.lock"
 
     def blob_path(self, sha256: str) -> Path:
+        _trusted("blob digest", validate_sha256, sha256)
         return self.blobs / sha256[:2] / sha256
 
+    def repo_snapshots(self, repo_id: str) -> Path:
+        _trusted("repo id", validate_repo_id, repo_id)
+        return self.snapshots / repo_id
+
     def snapshot_dir(self, repo_id: str, commit_id: str) -> Path:
-        return self.snapshots / repo_id / commit_id
+        _trusted("commit id", validate_commit_id, commit_id)
+        return self.repo_snapshots(repo_id) / commit_id
+
+    def snapshot_file(self, root: Path, path: str) -> Path:
+        """``root / path`` for a file path of a revision (``root``: a snapshot folder or its staging)."""
+        _trusted("file path", validate_path, path)
+        return root / path
+
+    def partial_stem(self, key: str) -> Path:
+        """``partials/<key>``: the key is a SHA-256, or ``git-`` and a git oid."""
+        if not isinstance(key, str) or _PARTIAL_KEY.fullmatch(key) is None:
+            raise StoreError(f"refusing the download key {str(key)[:80]!r}: not a digest")
+        return self.partials / key
+
+    # -- guarded changes: each checks that what it touches lies inside the home ----------------------------
+
+    @functools.cached_property
+    def _real_home(self) -> str:
+        return os.path.realpath(self.home)
+
+    def inside(self, path: Path) -> Path:
+        """``path`` itself, if it lies inside the home (its folder resolved through every link); else a
+        StoreError. The last component is not resolved: a link inside the store may be removed."""
+        name = os.path.basename(path)
+        real_parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+        if name in ("", ".", "..") or os.path.commonpath([self._real_home, real_parent]) != self._real_home:
+            raise StoreError(f"refusing to change {path}: it is outside the store at {self.home}")
+        return path
+
+    def unlink(self, path: Path) -> int:
+        """Delete a file inside the store; return the bytes freed (0 if it was already gone)."""
+        return unlink_counting(self.inside(path))
+
+    def rmtree(self, path: Path) -> None:
+        """Delete a folder inside the store and everything in it (links are removed, never followed)."""
+        shutil.rmtree(self.inside(path), ignore_errors=True)
+
+    def rename(self, source: Path, target: Path) -> None:
+        """rename(2), both ends inside the store (raises OSError as rename does)."""
+        os.rename(self.inside(source), self.inside(target))
+
+    def replace(self, source: Path, target: Path) -> None:
+        os.replace(self.inside(source), self.inside(target))
+
+    def symlink_to_blob(self, link: Path, final: Path, sha256: str) -> None:
+        """Create ``link``: a relative link to blob ``sha256``, relative to ``final`` (where the link will
+        live once its snapshot is renamed into place, at the same depth)."""
+        os.symlink(self.link_target(final, sha256), self.inside(link))
+
+    def link_target(self, link: Path, sha256: str) -> str:
+        """What a snapshot link at ``link`` holds: the relative way to blob ``sha256``."""
+        return os.path.relpath(self.blob_path(sha256), link.parent)
 
     def create(self) -> None:
         try:
@@ -103,3 +174,12 @@ class StoreLayout:
                 directory.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise os_error(error, f"creating the store at {self.home}") from error
+
+
+def _trusted(what: str, check: Callable[[object], object], value: str) -> None:
+    """Run a validator on a name the store is about to turn into a path; a failure is the index's (or an
+    upstream's) fault, not the caller's, so it is a StoreError."""
+    try:
+        check(value)
+    except InvalidInputError as error:
+        raise StoreError(f"refusing to build a path from an invalid {what}: {error}") from None

@@ -32,7 +32,7 @@ import blake3
 
 from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.store.blobs import PartialBlob, start_writeback
-from modeldepot.store.layout import StoreLayout, os_error, unlink_counting
+from modeldepot.store.layout import StoreLayout, os_error
 
 __all__ = ["PARTIAL_MAX_AGE", "PartialFiles", "ResumablePartial", "partial_key"]
 
@@ -53,8 +53,9 @@ class _Paths:
 class ResumablePartial:
     """A claimed partial: this process holds its lock until :meth:`release` or :meth:`finish`."""
 
-    def __init__(self, paths: _Paths, log_fd: int, data_fd: int, size: int, chunk_size: int,
+    def __init__(self, layout: StoreLayout, paths: _Paths, log_fd: int, data_fd: int, size: int, chunk_size: int,
                  done: dict[int, str], resumed_bytes: int) -> None:  # fmt: skip
+        self.layout = layout
         self.paths = paths
         self.size = size
         self.chunk_size = chunk_size
@@ -120,7 +121,7 @@ class ResumablePartial:
         stay for a resume (by this process later, another process, or a re-run)."""
         if completed:
             for path in (self.paths.data, self.paths.log):  # unlinked while locked: waiters see it gone
-                unlink_counting(path)
+                self.layout.unlink(path)
         else:
             with contextlib.suppress(OSError):  # flushed for placing (read-only), then not placed
                 os.chmod(self.paths.data, 0o644)
@@ -136,6 +137,7 @@ class PartialFiles:
     """The store's partials/ folder."""
 
     def __init__(self, layout: StoreLayout) -> None:
+        self.layout = layout
         self.root = layout.partials
 
     def _pull_mark(self, repo_id: str) -> Path:
@@ -174,7 +176,8 @@ class PartialFiles:
         return self._paths(key).log.exists()
 
     def _paths(self, key: str) -> _Paths:
-        return _Paths(self.root / f"{key}.part", self.root / f"{key}.log")
+        stem = self.layout.partial_stem(key)
+        return _Paths(stem.with_name(f"{key}.part"), stem.with_name(f"{key}.log"))
 
     def claim(self, key: str, size: int, chunk_size: int, wait: bool) -> ResumablePartial | None:
         """Lock the partial of ``key`` and return it with its verified chunks; None if another process
@@ -219,7 +222,7 @@ class PartialFiles:
             os.close(data_fd)
             raise os_error(error, f"reserving {size} bytes for a download") from error
         resumed = sum(chunk_span(i, size, chunk_size)[1] for i in done)
-        return ResumablePartial(paths, log_fd, data_fd, size, chunk_size, done, resumed)
+        return ResumablePartial(self.layout, paths, log_fd, data_fd, size, chunk_size, done, resumed)
 
     def collect(self, remove_all: bool, max_age: float = PARTIAL_MAX_AGE) -> tuple[int, int]:
         """gc: delete unlocked partials older than ``max_age`` (every unlocked one with ``remove_all``);
@@ -245,8 +248,8 @@ class PartialFiles:
             try:
                 newest = max(_mtime(paths.data), _mtime(paths.log))
                 if remove_all or now - newest > max_age:
-                    unlink_counting(paths.data)
-                    unlink_counting(paths.log)
+                    self.layout.unlink(paths.data)
+                    self.layout.unlink(paths.log)
                     removed += 1
                 else:
                     kept += 1
@@ -254,7 +257,7 @@ class PartialFiles:
                 os.close(fd)
         for data in self.root.glob("*.part"):  # a data file whose log is gone belongs to nobody
             if not data.with_suffix(".log").exists():
-                unlink_counting(data)
+                self.layout.unlink(data)
         return removed, kept
 
 

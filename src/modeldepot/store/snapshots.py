@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -26,15 +25,12 @@ class Snapshots:
     def path(self, repo_id: str, commit_id: str) -> Path:
         return self.layout.snapshot_dir(repo_id, commit_id)
 
-    def _link_target(self, link: Path, sha256: str) -> str:
-        return os.path.relpath(self.layout.blob_path(sha256), link.parent)
-
     def is_complete(self, repo_id: str, commit_id: str, files: Iterable[tuple[str, str]]) -> bool:
         root = self.path(repo_id, commit_id)
         for path, sha256 in files:
-            link = root / path
+            link = self.layout.snapshot_file(root, path)
             try:
-                if os.readlink(link) != self._link_target(link, sha256):
+                if os.readlink(link) != self.layout.link_target(link, sha256):
                     return False
             except OSError:
                 return False
@@ -46,20 +42,20 @@ class Snapshots:
         files = list(files)
         staging = final.parent / f".{commit_id}.{secrets.token_hex(4)}.partial"
         try:
-            staging.mkdir(parents=True)
+            self.layout.inside(staging.parent).mkdir(parents=True, exist_ok=True)
+            self.layout.inside(staging).mkdir()
             for path, sha256 in files:
-                link = staging / path
-                link.parent.mkdir(parents=True, exist_ok=True)
+                link = self.layout.snapshot_file(staging, path)
+                self.layout.inside(link.parent).mkdir(parents=True, exist_ok=True)
                 # The link is relative to where it will live, which is at the same depth as staging.
-                os.symlink(self._link_target(final / path, sha256), link)
+                self.layout.symlink_to_blob(link, self.layout.snapshot_file(final, path), sha256)
             self._swap_in(staging, final, lambda: self.is_complete(repo_id, commit_id, files))
         except OSError as error:
-            shutil.rmtree(staging, ignore_errors=True)
+            self.layout.rmtree(staging)
             raise os_error(error, f"building the snapshot of {repo_id}@{commit_id[:12]}") from error
         return final
 
-    @staticmethod
-    def _swap_in(staging: Path, final: Path, final_is_complete: Callable[[], bool]) -> None:
+    def _swap_in(self, staging: Path, final: Path, final_is_complete: Callable[[], bool]) -> None:
         """Rename staging over final, racing other builders of the same snapshot safely.
 
         rename() onto a non-empty directory fails, so a loser either finds the winner's complete snapshot
@@ -67,30 +63,29 @@ class Snapshots:
         """
         for _attempt in range(100):
             try:
-                os.rename(staging, final)
+                self.layout.rename(staging, final)
                 return
             except OSError as error:
                 if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
             if final_is_complete():
-                shutil.rmtree(staging, ignore_errors=True)
+                self.layout.rmtree(staging)
                 return
             retired = final.parent / f".{final.name}.{secrets.token_hex(4)}.retired"
             try:
-                os.rename(final, retired)
+                self.layout.rename(final, retired)
             except FileNotFoundError:
                 continue
-            shutil.rmtree(retired, ignore_errors=True)
+            self.layout.rmtree(retired)
         raise OSError(errno.EBUSY, "other processes keep replacing this snapshot", str(final))
 
     def remove(self, repo_id: str, commit_id: str | None = None) -> None:
         """Remove one snapshot, or every snapshot of a repo; prune the emptied org folder."""
-        target = self.path(repo_id, commit_id) if commit_id else self.layout.snapshots / repo_id
-        shutil.rmtree(target, ignore_errors=True)
-        org = self.layout.snapshots / repo_id.split("/")[0]
-        for directory in (self.layout.snapshots / repo_id, org):
+        repo_dir = self.layout.repo_snapshots(repo_id)
+        self.layout.rmtree(self.path(repo_id, commit_id) if commit_id else repo_dir)
+        for directory in (repo_dir, repo_dir.parent):
             try:
-                directory.rmdir()
+                self.layout.inside(directory).rmdir()
             except OSError:
                 break
 

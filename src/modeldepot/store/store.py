@@ -21,8 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-import blake3
-
 from modeldepot.config import DEFAULT_CHUNK_SIZE, DepotConfig
 from modeldepot.errors import (
     ConfigError,
@@ -30,12 +28,11 @@ from modeldepot.errors import (
     DepotError,
     EntryNotFoundError,
     InvalidInputError,
-    InvalidRangeError,
     NotFoundError,
     RepoNotFoundError,
     RevisionNotFoundError,
 )
-from modeldepot.hashing import BlobDigest, chunk_count, chunk_span
+from modeldepot.hashing import BlobDigest
 from modeldepot.store.access import AccessLog
 from modeldepot.store.blobs import BlobFiles, WriteSession
 from modeldepot.store.index import Index
@@ -45,6 +42,7 @@ from modeldepot.store.manifests import ManifestStore
 from modeldepot.store.models import BlobRecord, FileEntry, RepoInfo, RepoSummary, RevisionInfo
 from modeldepot.store.partials import PartialFiles
 from modeldepot.store.snapshots import Snapshots
+from modeldepot.store.verified import VerifiedBlob
 from modeldepot.validation import is_commit_id, validate_path, validate_repo_id, validate_revision
 
 __all__ = ["Store"]
@@ -194,30 +192,23 @@ class Store:
 
     def chunk(self, entry: FileEntry, index: int) -> memoryview:
         """Chunk ``index`` of a file as a zero-copy view, checked against its BLAKE3 digest first."""
-        return self.blob_chunk(BlobRecord(entry.sha256, entry.size, entry.chunk_size), index)
-
-    def blob_chunk(self, blob: BlobRecord, index: int) -> memoryview:
-        """Chunk ``index`` of a blob as a zero-copy view of its mapping, verified; a bad chunk quarantines it."""
-        return self.verified_chunk(blob, index)[0]
+        return self.verified_chunk(BlobRecord(entry.sha256, entry.size, entry.chunk_size), index)[0]
 
     def verified_chunk(self, blob: BlobRecord, index: int) -> tuple[memoryview, str]:
-        """Chunk ``index`` and the BLAKE3 it was just checked against."""
-        count = chunk_count(blob.size, blob.chunk_size)
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
-            raise InvalidRangeError(f"chunk index {index!r} is outside 0..{count - 1}")
-        expected = self.chunk_digest(blob.sha256, index)
-        offset, length = chunk_span(index, blob.size, blob.chunk_size)
+        """Chunk ``index`` of a blob as a view of its mapping, and the BLAKE3 it was just checked against;
+        a bad chunk quarantines the blob."""
+        with self.open_verified(blob) as reader:
+            digest = reader.check(index)
+            return reader.view(index), digest
+
+    def open_verified(self, blob: BlobRecord) -> VerifiedBlob:
+        """The blob open for reading chunk by chunk, each chunk checked before it is handed out (what the
+        node sends to other machines goes through this)."""
         fd = self._open_blob_fd(blob.sha256, blob.size)
         try:
-            mapping = mmap.mmap(fd, blob.size, prot=mmap.PROT_READ) if blob.size else None
-        finally:
-            os.close(fd)
-        view = memoryview(mapping)[offset : offset + length] if mapping is not None else memoryview(b"")
-        if expected is None or blake3.blake3(view).hexdigest() != expected:
-            view.release()
-            self.quarantine(blob.sha256)
-            raise CorruptBlobError(blob.sha256, f"chunk {index} does not match its BLAKE3 digest")
-        return view, expected
+            return VerifiedBlob(blob, fd, self.chunk_digests(blob.sha256), self.quarantine)
+        except OSError as error:
+            raise os_error(error, f"mapping blob {blob.sha256[:16]}…") from error
 
     def blob(self, sha256: str, public_only: bool = False) -> BlobRecord:
         """A servable blob by digest; ``public_only`` hides blobs that only private repos use."""
@@ -239,10 +230,6 @@ class Store:
                 (sha256,),
             )
         )
-
-    def open_blob(self, blob: BlobRecord) -> BinaryIO:
-        fd = self._open_blob_fd(blob.sha256, blob.size)
-        return io.BufferedReader(io.FileIO(fd, "rb", closefd=True), buffer_size=1 << 20)
 
     def inventory(self, after: str = "", limit: int = 1000, public_only: bool = False) -> list[BlobRecord]:
         """Servable blobs in digest order, starting after ``after`` (a cursor for paging)."""
@@ -279,11 +266,6 @@ class Store:
             row["git_sha1"],
         )
 
-    def chunk_digest(self, sha256: str, index: int) -> str | None:
-        """The recorded BLAKE3 of one chunk (None if the index holds no such chunk)."""
-        rows = self.index.read("SELECT blake3 FROM chunks WHERE sha256 = ? AND idx = ?", (sha256, index))
-        return str(rows[0]["blake3"]) if rows else None
-
     def chunk_digests(self, sha256: str) -> list[str]:
         rows = self.index.read("SELECT blake3 FROM chunks WHERE sha256 = ? ORDER BY idx", (sha256,))
         return [row["blake3"] for row in rows]
@@ -319,13 +301,14 @@ class Store:
         tmp/, removed on exit. For loaders that refuse a path leading out of the model's folder:
         onnxruntime resolves symlinks and rejects external data that "escapes" the model directory."""
         with WriteSession(self.layout) as session:
-            view = session.path / "view" / folder
+            view = self.layout.snapshot_file(session.path, f"view/{folder}" if folder else "view")
             try:
-                view.mkdir(parents=True)
+                self.layout.inside(view).mkdir(parents=True)
                 for entry in self.files(repo_id, commit_id):
                     if posixpath.dirname(entry.path) == folder:
                         os.close(self._open_fd(entry))  # there, with the right size
-                        os.link(self.blobs.path(entry.sha256), view / posixpath.basename(entry.path))
+                        link = self.layout.snapshot_file(view, posixpath.basename(entry.path))
+                        os.link(self.blobs.path(entry.sha256), self.layout.inside(link))
             except OSError as error:
                 raise os_error(error, f"linking {repo_id}@{commit_id[:12]}/{folder} for a loader") from error
             yield view
@@ -335,9 +318,9 @@ class Store:
         entry = self.entry(repo_id, path, revision)
         fd = self._open_fd(entry)  # the blob behind the link must be there, with the right size
         os.close(fd)
-        link = self.snapshots.path(repo_id, entry.commit_id) / path
+        link = self.layout.snapshot_file(self.snapshots.path(repo_id, entry.commit_id), path)
         try:
-            if os.readlink(link) == os.path.relpath(self.blobs.path(entry.sha256), link.parent):
+            if os.readlink(link) == self.layout.link_target(link, entry.sha256):
                 return link
         except OSError:
             pass

@@ -26,6 +26,7 @@ from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.hub.scan import fetch_repo
 from modeldepot.transfer.download import FileSource
 from modeldepot.transfer.sources import HttpSource, RetryPolicy
+from modeldepot.validation import from_upstream, validate_blake3
 
 __all__ = ["Scan", "SourceChain"]
 
@@ -96,14 +97,7 @@ class SourceChain:
                 remote = wanted.get(str(item.get("path")))
                 if remote is None or not _same_content(remote, item):
                     continue
-                chunks = item.get("chunks")
-                digests = (
-                    tuple(chunks)
-                    if item.get("chunk_size") == chunk_size
-                    and isinstance(chunks, list)
-                    and len(chunks) == chunk_count(remote.size, chunk_size)
-                    else None
-                )
+                digests = _chunk_digests(server, manifest, remote, item, chunk_size)
                 url = server.file_url(manifest.repo_id, manifest.commit_id, remote.path)
                 found.setdefault(remote.path, []).append(FileSource(server, url, digests))
         by_content = [f for f in files if f.path not in found and f.sha256]
@@ -119,6 +113,19 @@ class SourceChain:
 
     def hub_source(self, manifest: Manifest, remote: RemoteFile) -> FileSource:
         return FileSource(self.hub, self.hub.file_url(manifest.repo_id, manifest.commit_id, remote.path))
+
+
+def _chunk_digests(server: HttpSource, manifest: Manifest, remote: RemoteFile, item: dict[str, Any],
+                   chunk_size: int) -> tuple[str, ...] | None:  # fmt: skip
+    """The node's BLAKE3 of each chunk, when it chunks as we do (each digest validated: it came from a peer)."""
+    chunks = item.get("chunks")
+    if item.get("chunk_size") != chunk_size or not isinstance(chunks, list):
+        return None
+    if len(chunks) != chunk_count(remote.size, chunk_size):
+        return None
+    source = f"{server.name} (manifest of {manifest.repo_id})"
+    field = f"chunk digest of {remote.path!r}"
+    return tuple(from_upstream(source, field, validate_blake3, digest) for digest in chunks)
 
 
 def _same_content(remote: RemoteFile, item: dict[str, Any]) -> bool:

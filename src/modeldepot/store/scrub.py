@@ -1,0 +1,118 @@
+"""The background scrub: every blob rehashed now and then, at a bounded rate, so rot found on disk is
+quarantined before a local reader meets it.
+
+Local reads (``get_file``, ``map_file``, ``open_file``, file paths) hand out the blob without hashing it:
+hashing a 2 GiB file on every open would cost more than the read, and an engine that maps the file
+reads only what it touches. What guards them is this scrub (``serve --scrub-interval``, daily by
+default) and ``modeldepot verify``: a blob whose chunk no longer matches its BLAKE3 is quarantined, and
+from then on every read path refuses it. The scrub checks the blobs checked longest ago first, one chunk
+at a time, sleeping between chunks to stay under its byte rate, and stops between chunks when asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from modeldepot.errors import CorruptBlobError
+from modeldepot.store.models import BlobRecord
+from modeldepot.store.store import Store
+
+__all__ = ["DEFAULT_SCRUB_RATE", "ScrubReport", "Scrubber"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SCRUB_RATE = 64 * 1024 * 1024  # bytes a second: about 1% of one core of BLAKE3, a fraction of a disk
+
+
+@dataclass(frozen=True)
+class ScrubReport:
+    blobs_checked: int
+    bytes_checked: int
+    corrupt: tuple[str, ...]  # SHA-256 of each blob found corrupt (now quarantined)
+    stopped: bool  # asked to stop before every due blob was checked
+    seconds: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {**self.__dict__, "corrupt": list(self.corrupt)}
+
+
+class Scrubber:
+    """Rehashes the store's blobs chunk by chunk under a byte rate; quarantines the ones that fail."""
+
+    def __init__(
+        self,
+        store: Store,
+        rate: float = DEFAULT_SCRUB_RATE,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError(f"scrub rate must be positive, got {rate}")
+        self.store = store
+        self.rate = rate
+        self._clock = clock
+        self._wall = wall
+
+    def due(self, older_than: float) -> list[BlobRecord]:
+        """Servable blobs last checked (or written: every blob is verified on its way in) more than
+        ``older_than`` seconds ago, oldest first."""
+        rows = self.store.index.read(
+            "SELECT sha256, size, chunk_size FROM blobs WHERE state = 'ok' "
+            "AND COALESCE(verified_at, created_at) <= ? ORDER BY COALESCE(verified_at, created_at), sha256",
+            (self._wall() - older_than,),
+        )
+        return [BlobRecord(r["sha256"], r["size"], r["chunk_size"]) for r in rows]
+
+    def scrub(self, older_than: float = 0.0, stop: threading.Event | None = None) -> ScrubReport:
+        """Check every blob due (see :meth:`due`); returns what was found. ``stop`` ends it between chunks."""
+        started = self._clock()
+        checked = checked_bytes = 0
+        corrupt: list[str] = []
+        budget_start, budget_bytes = self._clock(), 0
+        for blob in self.due(older_than):
+            try:
+                with self.store.open_verified(blob) as reader:
+                    for index in range(reader.chunks):
+                        if stop is not None and stop.is_set():
+                            return self._report(checked, checked_bytes, corrupt, True, started)
+                        reader.check(index)
+                        length = reader.span(index)[1]
+                        checked_bytes += length
+                        budget_bytes += length
+                        ahead = budget_bytes / self.rate - (self._clock() - budget_start)
+                        if ahead <= 0:
+                            continue
+                        if stop is None:
+                            time.sleep(ahead)
+                        elif stop.wait(ahead):
+                            return self._report(checked, checked_bytes, corrupt, True, started)
+            except CorruptBlobError as error:
+                log.error("scrub: %s", error)
+                corrupt.append(blob.sha256)
+                continue
+            checked += 1
+            with self.store.index.write("recording a scrubbed blob") as con:
+                con.execute("UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (self._wall(), blob.sha256))
+        return self._report(checked, checked_bytes, corrupt, False, started)
+
+    def _report(self, checked: int, checked_bytes: int, corrupt: list[str], stopped: bool,
+                started: float) -> ScrubReport:  # fmt: skip
+        return ScrubReport(checked, checked_bytes, tuple(corrupt), stopped, self._clock() - started)
+
+    def run_every(self, interval: float, stop: threading.Event) -> None:
+        """Scrub what is due, then again every ``interval`` seconds, until ``stop`` is set (a thread's
+        target: the server runs one). A blob is checked at most once per interval."""
+        while not stop.is_set():
+            try:
+                report = self.scrub(older_than=interval, stop=stop)
+            except Exception:  # a scrub that fails (a full disk, a locked index) tries again next round
+                log.exception("scrub failed; trying again in %.0f s", interval)
+            else:
+                if report.blobs_checked or report.corrupt:
+                    log.info("scrub: %d blobs (%d bytes) checked, %d corrupt and quarantined, in %.1f s",
+                             report.blobs_checked, report.bytes_checked, len(report.corrupt), report.seconds)  # fmt: skip
+            stop.wait(interval)
