@@ -29,7 +29,11 @@ def honest_info(files: dict[str, bytes], lfs: tuple[str, ...] = ()) -> dict[str,
     for path, data in files.items():
         sibling: dict[str, Any] = {"rfilename": path, "size": len(data), "blobId": git_blob_oid(data)}
         if path in lfs:
-            sibling["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            sibling["lfs"] = {
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "size": len(data),
+                "pointerSize": 134,
+            }
         siblings.append(sibling)
     return {
         "_id": REPO, "id": REPO, "modelId": REPO, "author": REPO.split("/")[0], "sha": SHA, "private": False,

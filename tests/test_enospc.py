@@ -5,9 +5,12 @@ Linux only, as root (CI runs so): each test mounts its own tmpfs and unmounts it
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_CHUNK, sample_files, write_model_dir
+from conftest import SMALL_CHUNK, sample_files, store_files_consistent, write_model_dir
 from modeldepot import Depot, StoreFullError
 
 Mount = Callable[[str], Path]
@@ -133,8 +136,9 @@ def test_index_full_after_the_blobs_were_written(mount_tmpfs: Mount, tmp_path: P
         finally:
             os.close(filler)
         before = state(depot)
-        with pytest.raises(StoreFullError, match="no space left while recording"):
+        with pytest.raises(StoreFullError, match="no space left while recording") as caught:
             depot.import_dir(folder, "org/big")
+        assert "`modeldepot rm REPO` or `modeldepot gc`: both work on a full disk" in str(caught.value)
         assert_unchanged(depot, before, small)
         assert_import_works(depot, random_folder(tmp_path / "fits", [100_000], seed=5))
 
@@ -196,3 +200,143 @@ def test_cli_import_on_a_full_disk(mount_tmpfs: Mount, tmp_path: Path) -> None:
             p for p in depot.home.rglob("*") if p.name.endswith(".partial") or p.parent.name == "tmp"
         ] == []
         assert not any(p.is_file() for p in depot.store.layout.blobs.rglob("*"))
+
+
+# -- freeing space on a full disk ----------------------------------------------------------------------
+
+
+def fill_disk(root: Path) -> Path:
+    """Grow a file that is not the store's until the file system has not one free byte left."""
+    filler = root / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for block in (1 << 20, 4096, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * block)
+                except OSError as error:
+                    if error.errno != errno.ENOSPC:
+                        raise
+                    break
+    finally:
+        os.close(fd)
+    assert free_bytes(root) == 0
+    return filler
+
+
+def fill_inodes(root: Path) -> None:
+    """Create empty files that are not the store's until the file system has no free inode left."""
+    folder = root / "inode-filler"
+    folder.mkdir(exist_ok=True)
+    number = len(list(folder.iterdir()))
+    while True:
+        try:
+            (folder / str(number)).touch()
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            break
+        number += 1
+    assert free_inodes(root) == 0
+
+
+def modeldepot(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The command line, in a process of its own: it opens the store on the full disk, as a user would."""
+    command = [sys.executable, "-m", "modeldepot", *args, "--home", str(home)]
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+def store_with_garbage(root: Path, tmp_path: Path) -> tuple[dict[str, bytes], dict[str, int]]:
+    """org/small, org/big (two blobs of its own), and what gc frees: blob rows no file uses (their repo's
+    rows lost, as by a crash; so gc's transaction must write), an orphan blob file, a quarantined file, an
+    abandoned write session. Returns the small repo's files and the sizes of what rm and gc free."""
+    depot, small = small_store(root)
+    with depot:
+        big = random_folder(tmp_path / "big", [400_000, 300_000], seed=9)
+        depot.import_dir(big, "org/big")
+        depot.import_dir(random_folder(tmp_path / "lost", [200_000, 100_000], seed=10), "org/lost")
+        with depot.store.index.write() as con:
+            con.execute("DELETE FROM revisions WHERE repo_id = 'org/lost'")  # its files go with it
+            con.execute("DELETE FROM repos WHERE repo_id = 'org/lost'")
+        orphan = depot.store.layout.blobs / "ff" / ("f" * 64)
+        orphan.parent.mkdir(exist_ok=True)
+        orphan.write_bytes(b"o" * 50_000)
+        (depot.store.layout.quarantine / ("e" * 64)).write_bytes(b"q" * 60_000)
+        (depot.store.layout.tmp / "1-abandoned").mkdir()
+        (depot.store.layout.tmp / "1-abandoned" / "0.partial").write_bytes(b"p" * 70_000)
+        assert depot.store.index.reserve.held() > 0, "the store keeps no reserve"
+    return small, {"rm": 700_000, "gc": 300_000 + 50_000 + 60_000 + 70_000}
+
+
+def assert_consistent(home: Path, small: dict[str, bytes], reserve: int) -> None:
+    with Depot(home) as depot:
+        assert store_files_consistent(depot) == []
+        assert depot.verify().ok
+        assert [r.repo_id for r in depot.list_repos()] == ["org/small"]
+        for path, data in small.items():
+            assert depot.get_file("org/small", path) == data
+        indexed = {r["sha256"] for r in depot.store.index.read("SELECT sha256 FROM blobs")}
+        on_disk = {p.name for p in depot.store.layout.blobs.rglob("*") if p.is_file()}
+        assert on_disk == indexed, "the blob files and the index disagree"
+        assert list(depot.store.layout.quarantine.iterdir()) == []
+        assert list(depot.store.layout.tmp.iterdir()) == []
+        assert depot.store.index.reserve.held() == reserve, "the reserve was not taken back"
+
+
+def test_rm_gc_and_verify_work_on_a_full_disk(mount_tmpfs: Mount, tmp_path: Path) -> None:
+    root = mount_tmpfs("size=8m")
+    home = root / "home"
+    small, frees = store_with_garbage(root, tmp_path)
+    reserve = (home / "reserve" / "space").stat().st_blocks * 512
+    fill_disk(root)
+    done = modeldepot(home, "rm", "org/big", "--yes", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["bytes_freed"] == frees["rm"]
+    assert free_bytes(root) >= frees["rm"], "rm did not give the space back"
+    fill_disk(root)
+    done = modeldepot(home, "gc", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["bytes_freed"] == frees["gc"] - 70_000 and report["partials_removed"] == 1
+    assert free_bytes(root) >= frees["gc"], "gc did not give the space back"
+    fill_disk(root)
+    for command in (["verify", "--json"], ["ls", "--json"], ["du", "--json"]):
+        done = modeldepot(home, *command)
+        assert done.returncode == 0, (command, done.stderr)
+    assert json.loads(modeldepot(home, "verify", "--json").stdout)["ok"] is True
+    (root / "filler").unlink()
+    assert_consistent(home, small, reserve)
+
+
+def test_rm_and_gc_work_without_a_free_inode(mount_tmpfs: Mount, tmp_path: Path) -> None:
+    root = mount_tmpfs("size=16m,nr_inodes=256")
+    home = root / "home"
+    small, _ = store_with_garbage(root, tmp_path)
+    reserve = (home / "reserve" / "space").stat().st_blocks * 512
+    fill_inodes(root)
+    done = modeldepot(home, "rm", "org/big", "--yes")
+    assert done.returncode == 0, done.stderr
+    fill_inodes(root)
+    done = modeldepot(home, "gc")
+    assert done.returncode == 0, done.stderr
+    fill_inodes(root)
+    assert modeldepot(home, "verify").returncode == 0
+    shutil.rmtree(root / "inode-filler")
+    assert_consistent(home, small, reserve)
+
+
+def test_with_its_reserve_used_up_a_full_store_says_what_to_do(mount_tmpfs: Mount, tmp_path: Path) -> None:
+    root = mount_tmpfs("size=4m")
+    home = root / "home"
+    small_store(root)[0].close()
+    shutil.rmtree(home / "reserve")  # as if something else had taken its room
+    filler = fill_disk(root)
+    done = modeldepot(home, "rm", "org/small", "--yes")
+    assert done.returncode == 1
+    assert "no space left" in done.stderr and "reserve is used up" in done.stderr, done.stderr
+    assert "free some space elsewhere on the disk" in done.stderr, done.stderr
+    filler.unlink()
+    # With room again the store opens, makes a new reserve, and rm works.
+    done = modeldepot(home, "rm", "org/small", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert (home / "reserve" / "space").stat().st_blocks > 0

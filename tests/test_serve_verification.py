@@ -40,7 +40,9 @@ def _raw_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict
     parsed = requests.utils.urlparse(url)
     connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
     try:
-        connection.request("GET", parsed.path + (f"?{parsed.query}" if parsed.query else ""), headers=headers or {})
+        connection.request(
+            "GET", parsed.path + (f"?{parsed.query}" if parsed.query else ""), headers=headers or {}
+        )
         response = connection.getresponse()
         try:
             body, complete = response.read(), True
@@ -84,7 +86,9 @@ def test_ranges_check_every_chunk_they_touch(node: LiveNode, depot: Depot, route
     _flip(depot, 2)
     clean = _raw_get(node.url + ROUTES[route], {"Range": "bytes=0-100000"})  # chunks 0 and 1
     assert clean[0] == 206 and clean[2] == WEIGHTS[:100001] and clean[3]
-    first_bad = _raw_get(node.url + ROUTES[route], {"Range": f"bytes={2 * SMALL_CHUNK + 5}-{2 * SMALL_CHUNK + 50}"})
+    first_bad = _raw_get(
+        node.url + ROUTES[route], {"Range": f"bytes={2 * SMALL_CHUNK + 5}-{2 * SMALL_CHUNK + 50}"}
+    )
     assert first_bad[0] == 503
     # Spanning into the bad chunk from a good one: the good bytes, then a cut (the blob is quarantined by now,
     # so restore it to try again).
@@ -112,7 +116,11 @@ def test_the_scrub_quarantines_rot_before_a_local_reader_meets_it(depot: Depot, 
     scrubber = Scrubber(depot.store)
     assert scrubber.due(older_than=3600) == []  # just written, so just verified
     clean = scrubber.scrub()
-    assert clean.corrupt == () and clean.blobs_checked == 2 and clean.bytes_checked == sum(map(len, FILES.values()))
+    assert (
+        clean.corrupt == ()
+        and clean.blobs_checked == 2
+        and clean.bytes_checked == sum(map(len, FILES.values()))
+    )
     assert bytes(depot.get_file(REPO, "model.safetensors")) == WEIGHTS
     _flip(depot, 1)
     assert bytes(depot.get_file(REPO, "model.safetensors")) != WEIGHTS  # local reads do not hash...

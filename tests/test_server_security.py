@@ -316,6 +316,55 @@ def test_private_repos_are_served_with_the_token(guarded: LiveNode, hidden: dict
     assert depot.file_info(HIDDEN, "weights.bin").sha256 in listed
 
 
+def store_figures(depot: Depot, repos: list[str]) -> tuple[int, int, int, int]:
+    """(repos, blobs, blob bytes, logical bytes) of ``repos`` alone, from their file lists."""
+    files = [f for repo in repos for f in depot.list_files(repo)]
+    blobs = {f.sha256: f.size for f in files}
+    return len(repos), len(blobs), sum(blobs.values()), sum(f.size for f in files)
+
+
+def test_stats_without_the_token_count_public_repos_alone(
+    node: LiveNode, guarded: LiveNode, hidden: dict[str, bytes], tmp_path: Path
+) -> None:
+    depot = node.depot
+    gone = "acme/gone"  # private, used, then removed: its access counts stay in the index
+    depot.import_dir(write_model_dir(tmp_path / "gone", {"x.bin": b"gone" * 99}), gone, private=True)
+    uses = [(REPO, "config.json"), (HIDDEN, "weights.bin"), (HIDDEN, "weights.bin"), (gone, "x.bin")]
+    for repo, path in uses:
+        depot.get_file(repo, path).release()  # each counts a use
+    depot.remove(gone)
+    for repo in (REPO, HIDDEN):
+        depot.preloader.preload(repo)
+        depot.engines.get_or_load((repo, depot.resolve(repo), "config.json", "test"), object, size=1)
+    private_sha = depot.file_info(HIDDEN, "weights.bin").sha256
+
+    public = call(node, "GET", "/api/depot/v1/stats")
+    assert public.status == 200, public.body
+    for secret in (HIDDEN, gone, private_sha):
+        assert secret.encode() not in public.body, secret
+    stats = public.json()
+    assert (stats["repos"], stats["blobs"], stats["blob_bytes"], stats["logical_bytes"]) == store_figures(
+        depot, [REPO]
+    )
+    preload = stats["preload"]
+    assert [m["repo_id"] for m in preload["models"]] == [REPO]
+    assert preload["ram_bytes"] == preload["models"][0]["resident_bytes"]
+    assert preload["hits"] is None and preload["avg_load_seconds_cold"] is None  # node-wide: withheld
+    assert [(a["repo_id"], a["count"]) for a in stats["most_accessed"]] == [(REPO, 1)]
+    assert stats["engines"]["cached_models"] == 1 and stats["engines"]["total_hits"] is None
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    full = call(guarded, "GET", "/api/depot/v1/stats", auth).json()
+    assert (full["repos"], full["blobs"], full["blob_bytes"], full["logical_bytes"]) == store_figures(
+        depot, [REPO, HIDDEN]
+    )
+    assert full["blobs"] > stats["blobs"] and full["logical_bytes"] > stats["logical_bytes"]
+    assert sorted(m["repo_id"] for m in full["preload"]["models"]) == [HIDDEN, REPO]
+    assert {a["repo_id"]: a["count"] for a in full["most_accessed"]} == {HIDDEN: 2, REPO: 1, gone: 1}
+    assert full["engines"]["cached_models"] == 2 and full["engines"]["total_misses"] == 2
+    assert isinstance(full["preload"]["hits"], int)
+
+
 # -- limits --------------------------------------------------------------------------------------------
 
 

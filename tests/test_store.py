@@ -16,6 +16,7 @@ from modeldepot import (
     CorruptBlobError,
     Depot,
     EntryNotFoundError,
+    InvalidInputError,
     InvalidRangeError,
     RepoNotFoundError,
     RevisionNotFoundError,
@@ -234,6 +235,90 @@ def test_import_follows_file_links_and_skips_git_folders(
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceDirectoryError, match="no files"):
         depot.import_dir(tmp_path / "empty", REPO)
+
+
+def imported(depot: Depot, repo: str) -> dict[str, bytes]:
+    return {f.path: bytes(depot.get_file(repo, f.path)) for f in depot.list_files(repo)}
+
+
+def test_import_follows_folder_links_that_stay_inside_the_folder(depot: Depot, tmp_path: Path) -> None:
+    model = write_model_dir(tmp_path / "model", {"config.json": b"{}", "onnx/model.onnx": b"graph"})
+    (model / "weights").symlink_to("onnx")  # relative, to a sibling
+    (model / "shared").mkdir()
+    (model / "shared" / "a.txt").write_bytes(b"a")
+    (model / "onnx" / "shared").symlink_to(model / "shared")  # absolute, still inside
+    (model / "onnx" / "deeper").mkdir()
+    (model / "onnx" / "deeper" / "again").symlink_to("../../shared")
+    depot.import_dir(model, REPO)
+    assert imported(depot, REPO) == {
+        "config.json": b"{}",
+        "onnx/deeper/again/a.txt": b"a",
+        "onnx/model.onnx": b"graph",
+        "onnx/shared/a.txt": b"a",
+        "shared/a.txt": b"a",
+        "weights/deeper/again/a.txt": b"a",
+        "weights/model.onnx": b"graph",
+        "weights/shared/a.txt": b"a",
+    }
+    assert depot.verify().ok
+
+
+def test_a_folder_link_leaving_the_folder_is_refused_before_anything_is_written(
+    depot: Depot, tmp_path: Path
+) -> None:
+    elsewhere = write_model_dir(tmp_path / "elsewhere", {"secret.bin": b"not part of the model"})
+    model = write_model_dir(tmp_path / "model", {"config.json": b"{}"})
+    (model / "onnx").mkdir()
+    (model / "onnx" / "data").symlink_to("../../elsewhere")
+    with pytest.raises(InvalidInputError) as caught:
+        depot.import_dir(model, REPO)
+    message = str(caught.value)
+    assert str(model / "onnx" / "data") in message and str(elsewhere) in message, message
+    assert "outside the folder being imported" in message
+    assert depot.list_repos() == [] and depot.du().blobs == 0
+    assert not any(p.is_file() for p in depot.store.layout.blobs.rglob("*"))
+    assert list(depot.store.layout.tmp.iterdir()) == []
+    (model / "onnx" / "data").unlink()  # the same folder without the link imports
+    depot.import_dir(model, REPO)
+    assert imported(depot, REPO) == {"config.json": b"{}"}
+
+
+@pytest.mark.parametrize("shape", ["to-the-root", "to-its-parent", "two-folders-each-way"])
+def test_folder_link_loops_end_with_a_clear_error(depot: Depot, tmp_path: Path, shape: str) -> None:
+    model = write_model_dir(tmp_path / "model", {"config.json": b"{}", "a/x.bin": b"x", "b/y.bin": b"y"})
+    if shape == "to-the-root":
+        (model / "a" / "loop").symlink_to("..")
+    elif shape == "to-its-parent":
+        (model / "a" / "inner").mkdir()
+        (model / "a" / "inner" / "loop").symlink_to(model / "a")
+    else:
+        (model / "a" / "to-b").symlink_to("../b")
+        (model / "b" / "to-a").symlink_to("../a")
+    with pytest.raises(InvalidInputError, match="a loop") as caught:
+        depot.import_dir(model, REPO)
+    assert "loop" in str(caught.value) and str(model) in str(caught.value)
+    assert depot.list_repos() == [] and list(depot.store.layout.tmp.iterdir()) == []
+
+
+def test_a_hugging_face_cache_snapshot_imports(depot: Depot, tmp_path: Path) -> None:
+    """snapshots/<commit>/ holds links into ../../blobs/ (outside the snapshot folder): links to files are
+    followed wherever they point, and its subfolders are plain folders."""
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    files = {"config.json": b'{"a": 1}', "onnx/model.onnx": b"graph" * 100, "tokenizer.json": b"{}"}
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for path, data in files.items():
+        blob = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / blob).write_bytes(data)
+        link = repo / "snapshots" / commit / path
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(repo / "blobs" / blob, link.parent))
+    depot.import_dir(repo / "snapshots" / commit, REPO)
+    assert imported(depot, REPO) == files
+    (repo / "snapshots" / "main").symlink_to(commit)  # a folder link to the snapshot imports the same
+    assert depot.import_dir(repo / "snapshots" / "main", "acme/again").commit_id == depot.resolve(REPO)
 
 
 def test_remove_a_revision_keeps_shared_blobs(depot: Depot, tmp_path: Path, model_dir: Path) -> None:

@@ -76,8 +76,14 @@ def test_the_honest_upstream_pulls(world: World) -> None:
 
 Lie = Callable[[Liar, Path], None]
 LIES: dict[str, tuple[Lie, str]] = {
-    "commit id climbing out": (lambda liar, root: liar.lie(sha="../../../../sentinel/victimdir"), "commit id"),
-    "commit id absolute": (lambda liar, root: liar.lie(sha=str(root / "sentinel" / "victimdir")), "commit id"),
+    "commit id climbing out": (
+        lambda liar, root: liar.lie(sha="../../../../sentinel/victimdir"),
+        "commit id",
+    ),
+    "commit id absolute": (
+        lambda liar, root: liar.lie(sha=str(root / "sentinel" / "victimdir")),
+        "commit id",
+    ),
     "commit id short": (lambda liar, root: liar.lie(sha="abc123"), "commit id"),
     "path climbing out": (
         lambda liar, root: liar.lie_about("config.json", rfilename="../../../../../sentinel/ESCAPED"),
@@ -158,20 +164,26 @@ def test_a_lying_depot_node_fails_the_pull(world: World, tmp_path: Path) -> None
     """A node (``--server``) whose manifest carries chunk digests that are not digests."""
     count = -(-len(FILES["onnx/model.onnx"]) // SMALL_CHUNK)
     world.liar.node_manifest = _node_manifest(world.liar, ["../../sentinel/victim"] * count)
-    with Depot(tmp_path / "store", servers=[world.liar.url]) as depot:
-        with pytest.raises(UpstreamDataError) as caught:
-            depot.pull(REPO)
+    with (
+        Depot(tmp_path / "store", servers=[world.liar.url]) as depot,
+        pytest.raises(UpstreamDataError) as caught,
+    ):
+        depot.pull(REPO)
     assert caught.value.field.startswith("chunk digest") and world.liar.url in str(caught.value)
     world.assert_untouched()
     assert list((world.depot.home / "partials").glob("*.part")) == []
 
 
-def test_a_lying_depot_node_with_a_hostile_commit_id(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_lying_depot_node_with_a_hostile_commit_id(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     world.liar.lie(sha="../../../../sentinel/victimdir")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # no Hub: the node is the only source
-    with Depot(tmp_path / "store", servers=[world.liar.url]) as depot:
-        with pytest.raises(UpstreamError, match="invalid commit id"):
-            depot.pull(REPO)
+    with (
+        Depot(tmp_path / "store", servers=[world.liar.url]) as depot,
+        pytest.raises(UpstreamError, match="invalid commit id"),
+    ):
+        depot.pull(REPO)
     world.assert_nothing_written()
     world.assert_untouched()
 
@@ -283,7 +295,9 @@ FIELDS = ["sha", "rfilename", "size", "blobId", "lfs.sha256", "lfs.size", "tags"
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(field=st.sampled_from(FIELDS), value=ANYTHING, which=st.sampled_from(sorted(FILES)))
-def test_any_value_in_any_field_leaves_the_outside_alone(world: World, field: str, value: object, which: str) -> None:
+def test_any_value_in_any_field_leaves_the_outside_alone(
+    world: World, field: str, value: object, which: str
+) -> None:
     world.liar.info = honest_info(FILES, lfs=("onnx/model.onnx",))
     if field in ("sha", "tags", "pipeline_tag", "gated"):
         world.liar.lie(**{field: value})

@@ -8,6 +8,7 @@ from modeldepot._version import __version__
 from modeldepot.config import DepotConfig
 from modeldepot.depot import Depot, MappedFile
 from modeldepot.errors import (
+    AccessDeniedError,
     ConfigError,
     CorruptBlobError,
     DepotError,
@@ -19,6 +20,7 @@ from modeldepot.errors import (
     InvalidRepoIdError,
     InvalidRevisionError,
     NotFoundError,
+    OfflineError,
     RepoNotFoundError,
     RevisionNotFoundError,
     SourceDirectoryError,
@@ -42,6 +44,7 @@ from modeldepot.store import (
 )
 
 __all__ = [
+    "AccessDeniedError",
     "ConfigError",
     "CorruptBlobError",
     "Depot",
@@ -60,6 +63,7 @@ __all__ = [
     "InvalidRevisionError",
     "MappedFile",
     "NotFoundError",
+    "OfflineError",
     "RemoveResult",
     "RepoInfo",
     "RepoNotFoundError",

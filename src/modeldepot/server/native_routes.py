@@ -163,8 +163,8 @@ async def read_blob(request: web.Request) -> web.StreamResponse:
     blob = await asyncio.to_thread(
         depot.blob, request.match_info["sha256"], public_only=not is_authorized(request)
     )
-    handle = await asyncio.to_thread(depot.open_blob, blob)
-    return send_blob(request, handle, blob.size, blob.sha256, {"X-Chunk-Size": str(blob.chunk_size)})
+    reader = await asyncio.to_thread(depot.open_verified, blob)
+    return await send_blob(request, reader, blob.sha256, {"X-Chunk-Size": str(blob.chunk_size)})
 
 
 async def read_chunk(request: web.Request) -> web.StreamResponse:
@@ -199,37 +199,45 @@ async def inventory(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    depot = _depot(request)
-    usage = await asyncio.to_thread(depot.du)
-    preload = await asyncio.to_thread(depot.preloader.stats)
-    authorized = is_authorized(request)
-    visible = [a for a in preload.most_accessed if authorized or not await _private(depot, a.repo_id)]
-    return json_response(
-        {
-            "uptime_seconds": round(time.monotonic() - request.app[STARTED], 3),
-            "repos": len(usage.repos),
-            "blobs": usage.blobs,
-            "blob_bytes": usage.blob_bytes,
-            "logical_bytes": usage.logical_bytes,
-            "preload": {
-                **{k: v for k, v in preload.to_dict().items() if k not in ("preloaded", "most_accessed")},
-                "models": [
-                    p.to_dict()
-                    for p in preload.preloaded
-                    if authorized or not await _private(depot, p.repo_id)
-                ],
-            },
-            "most_accessed": [a.to_dict() for a in visible],
-            "engines": depot.engines.stats().to_dict(),
-        }
-    )
+    body = await asyncio.to_thread(_stats, _depot(request), is_authorized(request))
+    return json_response({"uptime_seconds": round(time.monotonic() - request.app[STARTED], 3), **body})
 
 
-async def _private(depot: Depot, repo_id: str) -> bool:
-    try:
-        return await asyncio.to_thread(depot.repo_private, repo_id)
-    except RepoNotFoundError:
-        return False
+MOST_ACCESSED = 5  # as many as the preloader's stats list
+# Counters of the whole node that no repo can be told apart in: withheld (null) from a request without the
+# token, since private repos' use moves them too.
+_NODE_WIDE_PRELOAD = ("hits", "misses", "hit_rate", "evictions", "avg_load_seconds_preloaded",
+                      "avg_load_seconds_cold")  # fmt: skip
+
+
+def _stats(depot: Depot, authorized: bool) -> dict[str, Any]:
+    """The stats body. Without the token every figure counts public repos alone (those in the store and not
+    private; a removed repo, which may have been private, is never named), and what cannot be split per
+    repo is null."""
+    totals = depot.totals(public_only=not authorized)
+    preload = depot.preloader.stats()
+    engines = depot.engines.stats().to_dict()
+    figures = {k: v for k, v in preload.to_dict().items() if k not in ("preloaded", "most_accessed")}
+    if authorized:
+        models, most_accessed = list(preload.preloaded), list(preload.most_accessed)
+    else:
+        visible = set(totals.repo_ids)
+        models = [p for p in preload.preloaded if p.repo_id in visible]
+        most_accessed = depot.store.access.top(MOST_ACCESSED, public_only=True)
+        figures.update(dict.fromkeys(_NODE_WIDE_PRELOAD), ram_bytes=sum(m.resident_bytes for m in models))
+        # load() keys an engine (repo_id, commit, path, engine); one cached under another key names no repo
+        loaded = depot.engines.keys()  # a list (the cache is no mapping)
+        public = sum(1 for key in loaded if isinstance(key, tuple) and key and key[0] in visible)
+        engines = {**dict.fromkeys(engines), "cached_models": public}
+    return {
+        "repos": len(totals.repo_ids),
+        "blobs": totals.blobs,
+        "blob_bytes": totals.blob_bytes,
+        "logical_bytes": totals.logical_bytes,
+        "preload": {**figures, "models": [m.to_dict() for m in models]},
+        "most_accessed": [a.to_dict() for a in most_accessed],
+        "engines": engines,
+    }
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -79,11 +79,16 @@ class AccessLog:
                 [(repo, variant, count, last) for (repo, variant), (count, last) in pending.items()],
             )
 
-    def top(self, limit: int = 10) -> list[ModelAccess]:
-        """The most used models first (ties: the most recent first), counts not yet written included."""
+    def top(self, limit: int = 10, public_only: bool = False) -> list[ModelAccess]:
+        """The most used models first (ties: the most recent first), counts not yet written included.
+
+        ``public_only``: only repos in the store that are not private (not one since removed, which may
+        have been private)."""
         self.flush()
+        visible = "WHERE repo_id IN (SELECT repo_id FROM repos WHERE private = 0)" if public_only else ""
         rows = self.index.read(
-            "SELECT repo_id, variant, count, last_access FROM access ORDER BY count DESC, last_access DESC LIMIT ?",
+            f"SELECT repo_id, variant, count, last_access FROM access {visible} "
+            "ORDER BY count DESC, last_access DESC LIMIT ?",
             (limit,),
         )
         return [ModelAccess(r["repo_id"], r["variant"], r["count"], r["last_access"]) for r in rows]

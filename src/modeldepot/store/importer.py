@@ -61,12 +61,24 @@ def _git_oid(digest: BlobDigest, lfs: bool) -> str:
 
 
 def scan_source(directory: Path) -> list[SourceFile]:
-    """The regular files under ``directory`` (symlinks to files followed), validated and sorted."""
+    """The regular files under ``directory``, validated and sorted.
+
+    Links to files are followed wherever they point: a link names one file its owner chose, and the Hub's
+    cache is made of them (``snapshots/<commit>/*`` link to ``../../blobs/``, outside the snapshot folder).
+    Links to folders are followed only while their real path stays inside the folder's real path: one
+    that leaves it (to ``/``, to a home folder) would bring in a whole tree nobody looked at, and is
+    refused, as is a link back to a folder it lies in (a loop). Both before anything is written.
+    """
     if not directory.is_dir():
         raise SourceDirectoryError(f"{directory} is not a directory: give the folder that holds the model")
+    real_root = os.path.realpath(directory)
     found: list[SourceFile] = []
-    for root, dirs, names in os.walk(directory):
+    # The real paths of each folder walked and of the folders it lies in: a link to one of them is a loop.
+    lineage: dict[str, frozenset[str]] = {os.fspath(directory): frozenset({real_root})}
+    for root, dirs, names in os.walk(directory, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not (Path(root) == directory and d in _SKIPPED_DIRS))
+        for name in dirs:
+            lineage[os.path.join(root, name)] = _enter(Path(root) / name, directory, real_root, lineage[root])
         for name in names:
             absolute = Path(root) / name
             relative = absolute.relative_to(directory).as_posix()
@@ -86,6 +98,23 @@ def scan_source(directory: Path) -> list[SourceFile]:
     if not found:
         raise SourceDirectoryError(f"{directory} holds no files to import")
     return sorted(found, key=lambda f: f.path)
+
+
+def _enter(folder: Path, directory: Path, real_root: str, above: frozenset[str]) -> frozenset[str]:
+    """The real paths of ``folder`` and of the folders it lies in; refuses a folder (a link, since a plain
+    folder's real path is its parent's plus its name) that resolves outside the root, or to a folder it
+    lies in."""
+    real = os.path.realpath(folder)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise InvalidInputError(
+            f"{folder} is a link to {real}, outside the folder being imported ({directory}): import that "
+            "folder on its own, or link or copy its files (links to files are followed anywhere)"
+        )
+    if real in above:
+        raise InvalidInputError(
+            f"{folder} is a link to {real}, which holds the link itself: a loop; remove the link"
+        )
+    return above | {real}
 
 
 def _card(files: list[SourceFile]) -> dict[str, Any]:

@@ -4,21 +4,34 @@ WAL mode so readers never block the writer; ``synchronous=FULL`` so a COMMIT tha
 power cut; ``BEGIN IMMEDIATE`` for every write so two processes serialise on the database lock rather
 than failing half-way. Each thread gets its own connection, and a forked child opens a fresh one
 (connections must never cross a fork).
+
+SQLite needs free space even to delete: opening a WAL database creates its ``-wal`` and ``-shm`` files
+(the latter grown by writing), and a COMMIT appends pages to the WAL. So the store keeps a small
+:class:`SpaceReserve` that opening the index and the transactions of deletions (``rm``, ``gc``) release
+when the disk is full, and that is taken back once there is room again.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TypeVar
 
 from modeldepot.errors import StoreError, StoreFullError, StoreSchemaError
+from modeldepot.store.layout import FULL_DISK_ADVICE
 
-__all__ = ["SCHEMA_VERSION", "Index", "translate_sqlite_error"]
+__all__ = ["SCHEMA_VERSION", "Index", "SpaceReserve", "translate_sqlite_error"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _MIGRATIONS: tuple[str, ...] = (
     # 1: repos, revisions, refs, files, blobs and their chunk digests.
@@ -112,20 +125,147 @@ _MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
-_SQLITE_FULL = 13  # sqlite3.SQLITE_FULL exists only from Python 3.11
+# Result codes (sqlite3.SQLITE_FULL and friends exist only from Python 3.11). Python reports extended codes.
+_SQLITE_IOERR = 10
+_SQLITE_FULL = 13
+_SQLITE_CANTOPEN = 14
+
+RESERVE_MIN = 1 << 20  # 256 pages of WAL; grown to twice the index's size (below)
+_RESERVE_SHARE = 16  # the reserve takes at most this fraction of the file system
+_SPARE_INODES = 1  # with the folder and the space file, 3 inodes: for the -wal and -shm files, and one more
+_NEARLY_FULL = 64 << 10  # fewer free bytes than this: a full disk
+_PAGE = 4096
 
 
-def translate_sqlite_error(error: sqlite3.Error, doing: str) -> StoreError:
-    """Map an sqlite3 error to the exception tree, keeping the cause."""
+def _disk_full(directory: Path) -> bool:
+    """Whether the file system holding ``directory`` has (almost) no free bytes or no free inodes."""
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return False
+    return fs.f_bavail * fs.f_frsize < _NEARLY_FULL or (fs.f_files > 0 and fs.f_favail == 0)
+
+
+def is_full_error(error: sqlite3.Error, directory: Path | None = None) -> bool:
+    """Whether SQLite failed for lack of disk space (or inodes) in ``directory``, the index's folder.
+
+    SQLITE_FULL is explicit. A -shm file SQLite cannot grow is reported as an I/O error
+    (SQLITE_IOERR_SHMSIZE: it grows the file by writing to it), and a -wal or -shm file it cannot create
+    as CANTOPEN: those count as a full disk when the file system says it is full.
+    """
     code = getattr(error, "sqlite_errorcode", None)
     if code == _SQLITE_FULL:
-        return StoreFullError(f"no space left while {doing}: the change was rolled back; free disk space")
+        return True
+    if code is None or code & 0xFF not in (_SQLITE_IOERR, _SQLITE_CANTOPEN) or directory is None:
+        return False
+    return _disk_full(directory)
+
+
+def translate_sqlite_error(error: sqlite3.Error, doing: str, directory: Path | None = None) -> StoreError:
+    """Map an sqlite3 error to the exception tree, keeping the cause."""
+    if is_full_error(error, directory):
+        return StoreFullError(f"no space left while {doing}: nothing was changed; {FULL_DISK_ADVICE}")
     return StoreError(f"index error while {doing}: {error}")
+
+
+# -- the reserve ----------------------------------------------------------------------------------------
+
+
+class SpaceReserve:
+    """Room kept on the store's disk so that the store can free space when the disk is full.
+
+    ``<home>/reserve/``: ``space``, a preallocated file, and an empty file: with the folder, three inodes for
+    a disk out of inodes. Its size is twice the index's, at least :data:`RESERVE_MIN`, at most 1/16 of the
+    file system: a deletion writes to the WAL the pages it changes, at most the index's pages, so even
+    removing everything fits, with a margin.
+
+    Only what has to work on a full disk to give space back releases it (unlinks it): opening the index
+    (its -wal and -shm files), and the index transactions of ``rm`` and ``gc``. Imports and pulls never do:
+    they fail with StoreFullError and leave the reserve alone.
+
+    Afterwards :meth:`refill` takes it back: all of it when this process released it (the deletion that
+    needed the room has freed more), but when it is merely missing (a store created on a nearly full disk)
+    only once the disk has as much free again, so a nearly full disk never loses its last free bytes to it.
+    Preallocation is best effort: a file system that cannot reserve space (copy-on-write, compression)
+    gets a reserve that may not hold.
+    """
+
+    def __init__(self, folder: Path, index: Path) -> None:
+        self.folder = folder
+        self.space = folder / "space"
+        self.index = index
+        self.released = False  # this process released it and has not taken all of it back yet
+
+    def held(self) -> int:
+        """The bytes the reserve holds now (its file is only ever grown by preallocation)."""
+        try:
+            return os.stat(self.space).st_size
+        except OSError:
+            return 0
+
+    def release(self) -> bool:
+        """Give the reserve's bytes and inodes back to the file system; False if there was nothing to give."""
+        try:
+            names = os.listdir(self.folder)
+        except OSError:
+            return False
+        for name in names:
+            with suppress(OSError):
+                os.unlink(self.folder / name)
+        with suppress(OSError):
+            os.rmdir(self.folder)
+        if names:
+            self.released = True
+            log.warning("the store's disk is full: its space reserve was released to let the store work")
+        return bool(names)
+
+    def refill(self) -> None:
+        """Create or complete the reserve, within the rules above; never raises."""
+        try:
+            self._refill()
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):
+                log.warning("could not keep the store's space reserve at %s: %s", self.folder, error)
+
+    def _refill(self) -> None:
+        fs = os.statvfs(self.folder.parent)
+        try:
+            index_bytes = os.stat(self.index).st_size
+        except FileNotFoundError:
+            index_bytes = 0
+        wanted = max(RESERVE_MIN, 2 * index_bytes)
+        target = min(wanted, fs.f_blocks * fs.f_frsize // _RESERVE_SHARE) // _PAGE * _PAGE
+        held = self.held()
+        try:
+            spares = sum(1 for name in os.listdir(self.folder) if name.startswith("inode-"))
+        except FileNotFoundError:
+            spares = -1  # the folder itself is missing too
+        if held >= target and spares == _SPARE_INODES:
+            self.released = False
+            return
+        free = fs.f_bavail * fs.f_frsize
+        if not self.released and (
+            free - (target - held) < target or (fs.f_files > 0 and fs.f_favail < 4 * (_SPARE_INODES + 2))
+        ):
+            return  # merely missing, and the disk is (nearly) full: leave its free space to the user
+        self.folder.mkdir(exist_ok=True)
+        fd = os.open(self.space, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            size = min(target, held + free // _PAGE * _PAGE)
+            if size > held:
+                os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+        for number in range(_SPARE_INODES):
+            os.close(os.open(self.folder / f"inode-{number}", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        if size >= target:
+            self.released = False
 
 
 class Index:
     def __init__(self, path: Path, setup_lock: Path) -> None:
         self.path = path
+        self.reserve = SpaceReserve(path.parent / "reserve", path)
         self._local = threading.local()
         # Switching to WAL needs a moment with no other connection, and SQLite's busy timeout does not
         # cover it: processes opening a new store together would fail with "database is locked".
@@ -136,6 +276,7 @@ class Index:
             self._migrate()
         finally:
             os.close(fd)
+        self.reserve.refill()
 
     def connection(self) -> sqlite3.Connection:
         pid = os.getpid()
@@ -148,13 +289,37 @@ class Index:
         return con
 
     def _connect(self) -> sqlite3.Connection:
+        """A new connection. On a full disk the room SQLite needs to open the database (its -wal and -shm
+        files) is taken from the reserve, and what is left of the reserve is taken back at once."""
+        doing = f"opening the index {self.path}"
         try:
-            con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=True)
-            con.row_factory = sqlite3.Row
-            con.execute("PRAGMA synchronous=FULL")
-            con.execute("PRAGMA foreign_keys=ON")
+            return self._open_connection()
         except sqlite3.Error as error:
-            raise translate_sqlite_error(error, f"opening the index {self.path}") from error
+            if not is_full_error(error, self.path.parent):
+                raise self._failure(error, doing) from error
+            if not self.reserve.release():
+                raise self._reserve_used_up(doing) from error
+        try:
+            return self._open_connection()
+        except sqlite3.Error as error:
+            if is_full_error(error, self.path.parent):
+                raise self._reserve_used_up(doing) from error
+            raise self._failure(error, doing) from error
+        finally:
+            self.reserve.refill()
+
+    def _failure(self, error: sqlite3.Error, doing: str) -> StoreError:
+        return translate_sqlite_error(error, doing, self.path.parent)
+
+    def _open_connection(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=True)
+        try:
+            con.row_factory = sqlite3.Row
+            con.execute("PRAGMA synchronous=FULL")  # the first statement: it maps the -shm file
+            con.execute("PRAGMA foreign_keys=ON")
+        except BaseException:
+            con.close()
+            raise
         return con
 
     def close(self) -> None:
@@ -162,6 +327,8 @@ class Index:
         if con is not None and getattr(self._local, "pid", None) == os.getpid():
             con.close()
         self._local.con = None
+        if self.reserve.released:  # closing the last connection removed the -wal and -shm files
+            self.reserve.refill()
 
     @contextmanager
     def write(self, doing: str = "writing the index") -> Iterator[sqlite3.Connection]:
@@ -170,7 +337,7 @@ class Index:
         try:
             con.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as error:
-            raise translate_sqlite_error(error, doing) from error
+            raise self._failure(error, doing) from error
         try:
             yield con
             con.execute("COMMIT")
@@ -178,14 +345,36 @@ class Index:
             if con.in_transaction:
                 con.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
-                raise translate_sqlite_error(exc, doing) from exc
+                raise self._failure(exc, doing) from exc
             raise
+
+    def write_freeing(self, doing: str, body: Callable[[sqlite3.Connection], T]) -> T:
+        """``body`` in one :meth:`write` transaction, for a change that lets the caller free disk space
+        (deleting rows, then their files). On a full disk the reserve is released and ``body`` runs again
+        in a new transaction; the caller calls ``reserve.refill()`` once it has freed the space."""
+        try:
+            with self.write(doing) as con:
+                return body(con)
+        except StoreFullError as error:
+            if not self.reserve.release():
+                raise self._reserve_used_up(doing) from error
+        try:
+            with self.write(doing) as con:
+                return body(con)
+        except StoreFullError as error:
+            raise self._reserve_used_up(doing) from error
+
+    def _reserve_used_up(self, doing: str) -> StoreFullError:
+        return StoreFullError(
+            f"no space left while {doing}, and the store's space reserve is used up: nothing was changed; "
+            "free some space elsewhere on the disk (or move MODELDEPOT_HOME), then run it again"
+        )
 
     def read(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         try:
             return self.connection().execute(sql, params).fetchall()
         except sqlite3.Error as error:
-            raise translate_sqlite_error(error, "reading the index") from error
+            raise self._failure(error, "reading the index") from error
 
     def setting(self, key: str) -> str | None:
         rows = self.read("SELECT value FROM settings WHERE key = ?", (key,))
@@ -214,4 +403,4 @@ class Index:
                 con.execute("ROLLBACK")
                 raise
         except sqlite3.Error as error:
-            raise translate_sqlite_error(error, f"preparing the index {self.path}") from error
+            raise self._failure(error, f"preparing the index {self.path}") from error

@@ -27,8 +27,12 @@ from pathlib import Path
 from modeldepot.errors import InvalidInputError, StoreError, StoreFullError
 from modeldepot.validation import validate_commit_id, validate_path, validate_repo_id, validate_sha256
 
-__all__ = ["StoreLayout", "fsync_dir", "os_error", "unlink_counting"]
+__all__ = ["FULL_DISK_ADVICE", "StoreLayout", "fsync_dir", "os_error", "unlink_counting"]
 
+FULL_DISK_ADVICE = (  # what to do about a full disk, in every error that reports one
+    "free space with `modeldepot rm REPO` or `modeldepot gc`: both work on a full disk (the store keeps "
+    "a reserve for them); or free space elsewhere on the disk, or move MODELDEPOT_HOME"
+)
 _PARTIAL_KEY = re.compile(r"[0-9a-f]{64}|git-[0-9a-f]{40}")
 
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -38,8 +42,7 @@ def os_error(error: OSError, doing: str) -> StoreError:
     """Translate an OSError from the store's own files into the exception tree."""
     if error.errno in _FULL:
         return StoreFullError(
-            f"no space left on the store's disk while {doing}: nothing partial was kept; free space "
-            "(`modeldepot gc`, `modeldepot rm`) or move MODELDEPOT_HOME"
+            f"no space left on the store's disk while {doing}: nothing partial was kept; {FULL_DISK_ADVICE}"
         )
     return StoreError(f"{doing} failed: {error.strerror or error} ({error.filename or ''})")
 

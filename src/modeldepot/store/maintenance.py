@@ -7,22 +7,24 @@ no row names (invisible, and the next gc removes them); a kill before COMMIT cha
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from modeldepot.errors import StoreFullError
 from modeldepot.hashing import digest_stream
 from modeldepot.store.blobs import WriteSession
-from modeldepot.store.layout import unlink_counting
 from modeldepot.store.models import DiskUsage, GcReport, RepoDiskUsage, VerifyProblem, VerifyReport
 from modeldepot.store.store import Store
 from modeldepot.validation import validate_repo_id, validate_revision
 
-__all__ = ["RemoveResult", "disk_usage", "gc", "remove", "verify"]
+__all__ = ["RemoveResult", "StoreTotals", "disk_usage", "gc", "remove", "totals", "verify"]
+
+log = logging.getLogger(__name__)
 
 VerifyProgress = Callable[[int, int], None]
 """Called as ``progress(bytes_checked, bytes_total)`` while verify rehashes blobs."""
@@ -91,6 +93,7 @@ def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | 
     total = sum(r["size"] for r in rows if r["state"] == "ok")
     checked_bytes = 0
     problems: list[VerifyProblem] = []
+    recording = True
     for row in rows:
         sha256 = row["sha256"]
         if row["state"] != "ok":
@@ -102,8 +105,7 @@ def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | 
         if progress is not None:
             progress(checked_bytes, total)
         if found is None:
-            with store.index.write("recording a verification") as con:
-                con.execute("UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (time.time(), sha256))
+            recording = recording and _record_verified(store, sha256)
             continue
         if found[0] == "missing" and not store.index.read("SELECT 1 FROM blobs WHERE sha256 = ?", (sha256,)):
             continue  # removed while we were verifying, not lost
@@ -118,6 +120,18 @@ def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | 
         snapshots_repaired=repaired,
         seconds=time.monotonic() - started,
     )
+
+
+def _record_verified(store: Store, sha256: str) -> bool:
+    """Note when a blob last passed; False once the disk is too full to (the check itself goes on: the
+    times only tell when a blob was last checked)."""
+    try:
+        with store.index.write("recording a verification") as con:
+            con.execute("UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (time.time(), sha256))
+    except StoreFullError:
+        log.warning("the store's disk is full: verify goes on without recording when each blob passed")
+        return False
+    return True
 
 
 def _repair_snapshots(store: Store, repo_id: str | None) -> int:
@@ -143,8 +157,9 @@ def remove(store: Store, repo_id: str, revision: str | None = None) -> RemoveRes
                 "SELECT commit_id FROM revisions WHERE repo_id = ?", (repo_id,))]  # fmt: skip
         else:
             commits = [store.resolve(repo_id, revision)]
-        with store.index.write(f"removing {repo_id}") as con:
-            marks = ",".join("?" * len(commits))
+        marks = ",".join("?" * len(commits))
+
+        def delete_rows(con: sqlite3.Connection) -> list[str]:
             candidates = [r[0] for r in con.execute(
                 f"SELECT DISTINCT sha256 FROM files WHERE repo_id = ? AND commit_id IN ({marks})",
                 (repo_id, *commits))]  # fmt: skip
@@ -153,10 +168,14 @@ def remove(store: Store, repo_id: str, revision: str | None = None) -> RemoveRes
             )
             if not con.execute("SELECT 1 FROM revisions WHERE repo_id = ? LIMIT 1", (repo_id,)).fetchone():
                 con.execute("DELETE FROM repos WHERE repo_id = ?", (repo_id,))
-            freed = _delete_unreferenced_rows(con, candidates)
+            return _delete_unreferenced_rows(con, candidates)
+
+        # On a full disk the index takes the room its transaction needs from the store's reserve.
+        freed = store.index.write_freeing(f"removing {repo_id}", delete_rows)
         bytes_freed = sum(store.blobs.delete(sha256) for sha256 in freed)
         for commit_id in commits:
             store.snapshots.remove(repo_id, commit_id)
+    store.index.reserve.refill()  # from the space just freed (if it was released, else when there is room)
     return RemoveResult(repo_id, tuple(commits), len(freed), bytes_freed)
 
 
@@ -175,31 +194,32 @@ def gc(store: Store, partials: bool = False) -> GcReport:
     Interrupted downloads in partials/ are kept for a resume unless untouched for a week, or ``partials``
     is True (then every one no process is using goes).
     """
+
+    def delete_rows(con: sqlite3.Connection) -> None:
+        unreferenced = [r[0] for r in con.execute(
+            "SELECT sha256 FROM blobs WHERE sha256 NOT IN (SELECT sha256 FROM files)")]  # fmt: skip
+        _delete_unreferenced_rows(con, unreferenced)
+
     with store.lock.exclusive():
-        with store.index.write("collecting garbage") as con:
-            unreferenced = [r[0] for r in con.execute(
-                "SELECT sha256 FROM blobs WHERE sha256 NOT IN (SELECT sha256 FROM files)")]  # fmt: skip
-            _delete_unreferenced_rows(con, unreferenced)
+        # On a full disk the index takes the room its transaction needs from the store's reserve.
+        store.index.write_freeing("collecting garbage", delete_rows)
         known = {r["sha256"] for r in store.index.read("SELECT sha256 FROM blobs WHERE state = 'ok'")}
         blobs_removed, bytes_freed = 0, 0
         for path in _files_under(store.layout.blobs):
             if path.name not in known:
-                bytes_freed += unlink_counting(path)
+                bytes_freed += store.layout.unlink(path)
                 blobs_removed += 1
         partials_removed, kept = _collect_sessions(store)
         downloads_removed, resumable = store.partials.collect(remove_all=partials)
         for path in _files_under(store.layout.quarantine):
-            bytes_freed += unlink_counting(path)
+            bytes_freed += store.layout.unlink(path)
         live = {
             (r["repo_id"], r["commit_id"])
             for r in store.index.read("SELECT repo_id, commit_id FROM revisions")
         }
-        stale = [s for s in store.snapshots.present() if s not in live]
-        for repo, commit in stale:
-            store.snapshots.remove(repo, commit)
-    return GcReport(
-        blobs_removed, bytes_freed, partials_removed + downloads_removed, len(stale), kept, resumable
-    )
+        stale = store.snapshots.remove_stale(live)
+    store.index.reserve.refill()  # from the space just freed (if it was released, else when there is room)
+    return GcReport(blobs_removed, bytes_freed, partials_removed + downloads_removed, stale, kept, resumable)
 
 
 def _collect_sessions(store: Store) -> tuple[int, int]:
@@ -215,9 +235,9 @@ def _collect_sessions(store: Store) -> tuple[int, int]:
             continue
         if entry.is_dir():
             removed += sum(1 for p in entry.iterdir() if p.name.endswith(".partial"))
-            shutil.rmtree(entry, ignore_errors=True)
+            store.layout.rmtree(entry)
         else:
-            unlink_counting(entry)
+            store.layout.unlink(entry)
     return removed, kept
 
 
@@ -265,3 +285,34 @@ def disk_usage(store: Store) -> DiskUsage:
         index_bytes=index_bytes,
         repos=tuple(repos),
     )
+
+
+@dataclass(frozen=True)
+class StoreTotals:
+    """What the store holds, in a few figures (the node's stats)."""
+
+    repo_ids: tuple[str, ...]
+    blobs: int  # servable blobs (quarantined ones excluded)
+    blob_bytes: int
+    logical_bytes: int  # the size of every file of every revision (content shared or not)
+
+
+def totals(store: Store, public_only: bool = False) -> StoreTotals:
+    """The store's totals, as ``disk_usage`` counts them; ``public_only``: counting only repos that are not
+    private and what they use (a blob a public repo shares with a private one counts; one that only private
+    repos use does not)."""
+    public = "r.private = 0" if public_only else "1"
+    used = (
+        "AND EXISTS (SELECT 1 FROM files f JOIN repos r USING (repo_id) WHERE f.sha256 = b.sha256 AND r.private = 0)"
+        if public_only
+        else ""
+    )
+    repo_ids = tuple(r["repo_id"] for r in store.index.read(
+        f"SELECT repo_id FROM repos r WHERE {public} ORDER BY repo_id"))  # fmt: skip
+    blobs = store.index.read(
+        f"SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes FROM blobs b WHERE state = 'ok' {used}"
+    )[0]
+    logical = store.index.read(
+        f"SELECT COALESCE(SUM(f.size), 0) AS bytes FROM files f JOIN repos r USING (repo_id) WHERE {public}"
+    )[0]["bytes"]
+    return StoreTotals(repo_ids, blobs["n"], blobs["bytes"], logical)

@@ -90,14 +90,29 @@ class Snapshots:
                 break
 
     def present(self) -> list[tuple[str, str]]:
-        """(repo_id, commit_id) of every snapshot directory on disk, including leftovers."""
-        found = []
+        """(repo_id, folder name) of every snapshot folder on disk, including leftovers."""
         root = self.layout.snapshots
-        for org in _subdirs(root):
+        return [(f"{org.name}/{name.name}", commit.name)
+                for org in _subdirs(root) for name in _subdirs(org) for commit in _subdirs(name)]  # fmt: skip
+
+    def remove_stale(self, live: set[tuple[str, str]]) -> int:
+        """gc: delete every snapshot folder on disk that no revision in ``live`` names (leftovers of an
+        interrupted build or swap included); returns how many went. Hold the store lock exclusively."""
+        removed = 0
+        for org in _subdirs(self.layout.snapshots):
             for name in _subdirs(org):
                 for commit in _subdirs(name):
-                    found.append((f"{org.name}/{name.name}", commit.name))
-        return found
+                    if (f"{org.name}/{name.name}", commit.name) not in live:
+                        self.layout.rmtree(
+                            commit
+                        )  # a name read from disk: inside by construction, checked anyway
+                        removed += 1
+                for directory in (name, org):
+                    try:
+                        self.layout.inside(directory).rmdir()
+                    except OSError:
+                        break
+        return removed
 
 
 def _subdirs(path: Path) -> list[Path]:
