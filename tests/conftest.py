@@ -147,12 +147,11 @@ class LiveNode:
         from aiohttp import web
 
         from modeldepot.server import create_app
+        from modeldepot.server.connections import NodeRunner
 
         self.depot = depot
         self._loop = asyncio.new_event_loop()
-        self._runner = web.AppRunner(
-            create_app(depot, token, request_deadline, mirror), max_field_size=16384, max_line_size=16384
-        )
+        self._runner: web.AppRunner = NodeRunner(create_app(depot, token, request_deadline, mirror))
         started = threading.Event()
 
         def serve() -> None:

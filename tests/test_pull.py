@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import blake3
 import pytest
 from click.testing import CliRunner
 
@@ -89,8 +90,14 @@ def test_pull_of_the_whole_repo_and_of_everything_again(local: Depot) -> None:
 def test_bytes_that_do_not_match_upstream_digests_are_never_committed(
     local: Depot, upstream: LiveNode
 ) -> None:
-    blob = upstream.depot.file_info(REPO, "onnx/model_fp16.onnx").sha256
-    flip_byte(upstream.depot.store.blobs.path(blob), 5)  # the upstream now serves one wrong byte
+    entry = upstream.depot.file_info(REPO, "onnx/model_fp16.onnx")
+    path = upstream.depot.store.blobs.path(entry.sha256)
+    flip_byte(path, 5)
+    # The upstream now serves one wrong byte as good: a node checks each chunk against its index before it
+    # sends it, so its index is made to agree with the wrong bytes (as a lying Hub's answer would).
+    with upstream.depot.store.index.write() as con:
+        con.execute("UPDATE chunks SET blake3 = ? WHERE sha256 = ? AND idx = 0",
+                    (blake3.blake3(path.read_bytes()[: entry.chunk_size]).hexdigest(), entry.sha256))  # fmt: skip
     with pytest.raises(IntegrityError, match="do not match the upstream's SHA-256"):
         local.pull(REPO, ["fp16"])
     assert local.list_repos() == [] and local.du().blobs == 0

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,16 +137,49 @@ def test_the_scrub_quarantines_rot_before_a_local_reader_meets_it(depot: Depot, 
 
 def test_the_scrub_keeps_its_rate_and_stops_when_asked(depot: Depot, tmp_path: Path) -> None:
     depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
-    stop = threading.Event()
+    now = [0.0]
     waits: list[float] = []
 
-    class Recording(threading.Event):
+    class Paced(threading.Event):
+        """A stop event that is never set; its waits move a fake clock instead of sleeping."""
+
         def wait(self, timeout: float | None = None) -> bool:
             waits.append(timeout or 0.0)
-            stop.set()  # the first pause is where a stop request lands
-            return True
+            now[0] += timeout or 0.0
+            return False
 
-    slow = Scrubber(depot.store, rate=SMALL_CHUNK)  # one chunk a second
-    report = slow.scrub(stop=Recording())
-    assert report.stopped and report.blobs_checked < 2
-    assert waits and 0.5 < waits[0] <= 1.0  # the first chunk took a second of budget
+    slow = Scrubber(depot.store, rate=SMALL_CHUNK, clock=lambda: now[0])  # one chunk a second
+    report = slow.scrub(stop=Paced())
+    assert not report.stopped and report.blobs_checked == 2
+    assert sum(waits) == pytest.approx(sum(map(len, FILES.values())) / SMALL_CHUNK)  # exactly its byte budget
+    stop = threading.Event()
+    stop.set()
+    stopped = Scrubber(depot.store).scrub(stop=stop)
+    assert stopped.stopped and stopped.blobs_checked == 0 and stopped.bytes_checked == 0
+
+
+def test_serve_scrubs_in_the_background(home: Path, tmp_path: Path) -> None:
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        _flip(depot, 2)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modeldepot", "serve", "--home", str(home), "--port", str(port),
+         "--scrub-interval", "0.05", "--scrub-rate", "1GiB"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        with Depot(home) as depot:
+            deadline = time.monotonic() + 60
+            while depot.store.index.read("SELECT state FROM blobs WHERE sha256 = ?", (SHA,))[0][0] == "ok":
+                assert time.monotonic() < deadline, "the scrub never found the flipped byte"
+                time.sleep(0.05)
+            with pytest.raises(CorruptBlobError):
+                depot.get_file(REPO, "model.safetensors")
+            assert bytes(depot.get_file(REPO, "config.json")) == FILES["config.json"]  # the sound blob stays
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0 and "scrub" in stderr and "Traceback" not in stderr

@@ -28,7 +28,6 @@ from conftest import (
     SMALL_CHUNK,
     LiveNode,
     cancel_other_tasks,
-    flip_byte,
     store_files_consistent,
     write_model_dir,
 )
@@ -168,8 +167,9 @@ class Seen:
 class RecordingProxy:
     """A reverse proxy in front of a node that records every request and how many body bytes it answered."""
 
-    def __init__(self, background: Background, upstream: str) -> None:
+    def __init__(self, background: Background, upstream: str, flip_at: int | None = None) -> None:
         self.upstream = upstream
+        self.flip_at = flip_at  # a byte of WEIGHTS this proxy flips in every answer that carries it (a liar)
         self.seen: list[Seen] = []
         app = _app()
         app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -177,6 +177,16 @@ class RecordingProxy:
 
     async def _handle(self, request: web.Request) -> web.Response:
         response = await _forward(request, self.upstream)
+        if (
+            self.flip_at is not None
+            and request.path.endswith(f"/{WEIGHTS}")
+            and isinstance(response.body, bytes)
+        ):
+            start = int(response.headers.get("Content-Range", "bytes 0-").split()[1].split("-")[0])
+            if 0 <= self.flip_at - start < len(response.body):
+                body = bytearray(response.body)
+                body[self.flip_at - start] ^= 0xFF
+                response.body = bytes(body)
         self.seen.append(
             Seen(
                 request.method,
@@ -478,9 +488,10 @@ def test_the_hub_token_is_not_sent_to_the_cdn_a_redirect_points_to(
 # -- 5. a corrupt chunk on one node ---------------------------------------------------------------------
 
 
-def _corrupt(node: LiveNode, chunk: int) -> None:
-    sha256 = node.depot.file_info(REPO, WEIGHTS).sha256
-    flip_byte(node.depot.store.blobs.path(sha256), chunk * SMALL_CHUNK + 100)
+def _lying(background: Background, node: LiveNode, chunk: int) -> RecordingProxy:
+    """The node behind a proxy that flips one byte of ``chunk`` in transit: a node that serves it wrong (a
+    node itself checks every chunk before sending it, so the lie has to be told on the way)."""
+    return RecordingProxy(background, node.url, flip_at=chunk * SMALL_CHUNK + 100)
 
 
 def test_a_chunk_a_node_serves_wrong_is_fetched_from_the_other_node(
@@ -488,8 +499,7 @@ def test_a_chunk_a_node_serves_wrong_is_fetched_from_the_other_node(
 ) -> None:
     node_a, node_b = make_node("a", {REPO: FILES}), make_node("b", {REPO: FILES})
     bad = 3
-    _corrupt(node_a, bad)
-    proxy_a, proxy_b = RecordingProxy(background, node_a.url), RecordingProxy(background, node_b.url)
+    proxy_a, proxy_b = _lying(background, node_a, bad), RecordingProxy(background, node_b.url)
     hub = CountingListener(background)
     local = make_local("repair", [proxy_a.url, proxy_b.url], hub.url)
 
@@ -506,9 +516,8 @@ def test_with_only_the_corrupt_node_and_no_hub_the_file_fails_and_nothing_is_com
     background: Background, make_node: NodeFactory, make_local: LocalFactory
 ) -> None:
     node_a = make_node("a", {REPO: FILES})
-    _corrupt(node_a, 3)
     hub = CountingListener(background)
-    local = make_local("only-a", [node_a.url], hub.url)
+    local = make_local("only-a", [_lying(background, node_a, 3).url], hub.url)
 
     with pytest.raises((IntegrityError, UpstreamError), match=re.escape(WEIGHTS)):
         local.pull(REPO)
@@ -524,9 +533,8 @@ def test_when_every_node_fails_a_chunk_the_hub_joins(
     background: Background, make_node: NodeFactory, make_local: LocalFactory
 ) -> None:
     node_a = make_node("a", {REPO: FILES})
-    _corrupt(node_a, 3)
     hub = HubLike(background, make_node("hub-storage", {REPO: FILES}).url)
-    local = make_local("fallback", [node_a.url], hub.url)
+    local = make_local("fallback", [_lying(background, node_a, 3).url], hub.url)
 
     local.pull(REPO)
 

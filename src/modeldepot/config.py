@@ -17,6 +17,7 @@ __all__ = [
     "MIN_CHUNK_SIZE",
     "DepotConfig",
     "default_home",
+    "parse_duration",
     "parse_size",
 ]
 
@@ -40,6 +41,20 @@ def parse_size(text: str) -> int:
     if not match:
         raise ConfigError(f"cannot read size {text!r}: write it like 16MiB, 64KiB or 1048576")
     return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", re.IGNORECASE)
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Parse ``"1d"``, ``"12h"``, ``"30m"``, ``"90s"`` or ``"90"`` into seconds; ``"0"`` or ``"off"`` is 0."""
+    if text.strip().lower() == "off":
+        return 0.0
+    match = _DURATION.fullmatch(text)
+    if not match:
+        raise ConfigError(f"cannot read duration {text!r}: write it like 1d, 12h, 30m, 90s or off")
+    return float(match.group(1)) * _SECONDS[match.group(2).lower()]
 
 
 def default_home(environ: Mapping[str, str] | None = None) -> Path:

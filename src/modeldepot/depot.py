@@ -48,6 +48,7 @@ from modeldepot.store import (
 )
 from modeldepot.store.maintenance import StoreTotals, VerifyProgress, totals
 from modeldepot.store.partials import partial_key
+from modeldepot.store.scrub import DEFAULT_SCRUB_RATE, Scrubber
 from modeldepot.store.verified import VerifiedBlob
 
 if TYPE_CHECKING:  # the transfer machinery (aiohttp, huggingface_hub) loads on the first pull, not at
@@ -474,6 +475,11 @@ class Depot:
         return commit_id, model_file([f.path for f in self.store.files(repo_id, commit_id)], quant, suffixes)
 
     # -- upkeep ---------------------------------------------------------------------------------------
+
+    def scrubber(self, rate: float = DEFAULT_SCRUB_RATE) -> Scrubber:
+        """The background check of local blobs (``serve --scrub-interval``): rehashes what is due at
+        ``rate`` bytes a second and quarantines what fails. :meth:`verify` checks everything at once."""
+        return Scrubber(self.store, rate)
 
     def verify(self, repo_id: str | None = None, *, progress: VerifyProgress | None = None) -> VerifyReport:
         """Rehash blobs and chunks; a corrupt blob is quarantined, reported and never served again."""

@@ -18,6 +18,7 @@ import click
 
 from modeldepot._version import __version__
 from modeldepot.cli import render
+from modeldepot.config import parse_duration, parse_size
 from modeldepot.depot import Depot
 from modeldepot.errors import ConfigError, DepotError, InvalidInputError
 from modeldepot.validation import validate_branch, validate_path, validate_repo_id, validate_revision
@@ -25,6 +26,7 @@ from modeldepot.validation import validate_branch, validate_path, validate_repo_
 __all__ = ["cli", "main"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
@@ -459,6 +461,30 @@ def stats_command(depot: Depot, top: int, as_json: bool) -> None:
               help="RAM for preloaded models (default: $MODELDEPOT_PRELOAD_BUDGET, else 50%).")  # fmt: skip
 @click.option("--preload-top", default=0, show_default=True, type=click.IntRange(0, 1000),
               help="Preload the N most used models in the background at start.")  # fmt: skip
+@click.option(
+    "--header-timeout",
+    envvar="MODELDEPOT_HEADER_TIMEOUT",
+    default=None,
+    type=click.FloatRange(0, 86400, min_open=True),
+    metavar="SECONDS",
+    help="Close a connection that has not sent a complete request head this long after it opened or "
+    "after its last response (default: $MODELDEPOT_HEADER_TIMEOUT, else 10).",
+)
+@click.option(
+    "--max-connections-per-client",
+    envvar="MODELDEPOT_MAX_CONNECTIONS_PER_CLIENT",
+    default=None,
+    type=click.IntRange(0),
+    metavar="N",
+    help="Concurrent connections one client address may hold; more are answered 503 and closed, 0 for no "
+    "cap (default: $MODELDEPOT_MAX_CONNECTIONS_PER_CLIENT, else 256).",
+)
+@click.option("--scrub-interval", envvar="MODELDEPOT_SCRUB_INTERVAL", default="1d", show_default=True,
+              metavar="DURATION", callback=lambda c, p, v: _setting(parse_duration, v),
+              help="Rehash every blob this often in the background (1d, 12h, 30m; 0 or off: never), quarantining "
+                   "what fails; local reads are guarded by this.")  # fmt: skip
+@click.option("--scrub-rate", envvar="MODELDEPOT_SCRUB_RATE", default="64MiB", show_default=True, metavar="SIZE",
+              callback=lambda c, p, v: _setting(parse_size, v), help="Bytes a second the scrub may read.")  # fmt: skip
 @_home_option
 def serve_command(
     depot: Depot,
@@ -469,14 +495,33 @@ def serve_command(
     upstreams: tuple[str, ...],
     preload_budget: str | None,
     preload_top: int,
+    header_timeout: float | None,
+    max_connections_per_client: int | None,
+    scrub_interval: float,
+    scrub_rate: int,
 ) -> None:
     """Serve the store over HTTP: the Hub's API (HF_ENDPOINT=http://HOST:PORT) and /api/depot/v1."""
+    from modeldepot.server.connections import ConnectionLimits
     from modeldepot.server.run import run_server
 
     _use_servers(depot, upstreams)
     if preload_budget is not None:
         depot.config = dataclasses.replace(depot.config, preload_budget=preload_budget)
-    run_server(depot, host, port, token, log_level, mirror=bool(upstreams), preload_top=preload_top)
+    limits = ConnectionLimits()
+    if header_timeout is not None:
+        limits = dataclasses.replace(limits, header_timeout=header_timeout)
+    if max_connections_per_client is not None:
+        limits = dataclasses.replace(limits, max_per_client=max_connections_per_client)
+    run_server(depot, host, port, token, log_level, mirror=bool(upstreams), preload_top=preload_top, limits=limits,
+               scrub_interval=scrub_interval, scrub_rate=scrub_rate)  # fmt: skip
+
+
+def _setting(parse: Callable[[str], T], text: str) -> T:
+    """A click callback's conversion: a ConfigError becomes click's usage error (exit 2)."""
+    try:
+        return parse(text)
+    except ConfigError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def main() -> None:

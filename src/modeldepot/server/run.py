@@ -1,14 +1,32 @@
-"""Running the node until SIGINT or SIGTERM; in-flight responses get time to finish."""
+"""Running the node until SIGINT or SIGTERM; in-flight responses get time to finish.
+
+The app is served through :class:`~modeldepot.server.connections.NodeRunner` (a header-read timeout, caps on
+concurrent connections, one log line per malformed request), which ``web.run_app`` cannot take, so the
+serving loop is here: set up, listen, wait for a signal, clean up.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
 import sys
+import threading
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from modeldepot.depot import Depot
-from modeldepot.server.app import MAX_HEADER, create_app
+from modeldepot.server.app import create_app
+from modeldepot.server.connections import (
+    BACKLOG,
+    ConnectionLimits,
+    NodeRunner,
+    NodeServer,
+    raise_open_file_limit,
+)
+from modeldepot.store.scrub import DEFAULT_SCRUB_RATE
 
 __all__ = ["SHUTDOWN_GRACE", "run_server"]
 
@@ -24,16 +42,28 @@ def run_server(
     log_level: str = "info",
     mirror: bool = False,
     preload_top: int = 0,
+    limits: ConnectionLimits | None = None,
+    scrub_interval: float = 86400.0,
+    scrub_rate: float = DEFAULT_SCRUB_RATE,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     log = logging.getLogger("modeldepot.server")
+    limits = limits or ConnectionLimits()
+    open_files = raise_open_file_limit()  # before the runner sizes its total cap from it
     app = create_app(depot, token, mirror=mirror)
     mode = "token required" if token else "no token: private repos are not served"
     if mirror:
         upstreams = [*depot.config.servers, depot.config.hub_endpoint]
         mode += f"; mirroring {', '.join(upstreams)}"
+    runner = NodeRunner(
+        app,
+        limits=limits,
+        access_log=logging.getLogger("modeldepot.access"),
+        access_log_format=ACCESS_LOG_FORMAT,
+        shutdown_timeout=SHUTDOWN_GRACE,
+    )
 
     async def announce(_app: web.Application) -> None:
         log.info(
@@ -47,6 +77,8 @@ def run_server(
         )
 
     app.on_startup.append(announce)
+    if scrub_interval > 0:
+        app.cleanup_ctx.append(_scrubbing(depot, scrub_interval, scrub_rate))
     if preload_top:
 
         async def preload_hot(_app: web.Application) -> None:
@@ -56,14 +88,57 @@ def run_server(
             preloader.auto_preload_in_background(preload_top)
 
         app.on_startup.append(preload_hot)
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        access_log=logging.getLogger("modeldepot.access"),
-        access_log_format=ACCESS_LOG_FORMAT,
-        shutdown_timeout=SHUTDOWN_GRACE,
-        max_line_size=MAX_HEADER,
-        max_field_size=MAX_HEADER,
-        print=None,
-    )
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM)
+
+        def on_signal() -> None:
+            stop.set()
+            for number in signals:  # a second signal gets the default behaviour: no more waiting
+                loop.remove_signal_handler(number)
+
+        with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C raises KeyboardInterrupt instead
+            for number in signals:
+                loop.add_signal_handler(number, on_signal)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port, backlog=BACKLOG).start()
+            server = runner.server
+            assert isinstance(server, NodeServer)
+            log.info(
+                "connections: a request head within %g s, at most %s per client address and %d in total "
+                "(%d open files)",
+                limits.header_timeout,
+                limits.max_per_client or "any number",
+                server.max_total,
+                open_files,
+            )
+            await stop.wait()
+        finally:
+            await runner.cleanup()  # stops listening, gives in-flight responses SHUTDOWN_GRACE seconds
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+
+
+def _scrubbing(
+    depot: Depot, interval: float, rate: float
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The background scrub, on its own thread while the server runs; stopped between two chunks at shutdown."""
+
+    async def scrub(_app: web.Application) -> AsyncIterator[None]:
+        stop = threading.Event()
+        worker = threading.Thread(
+            target=depot.scrubber(rate).run_every, args=(interval, stop), name="scrub", daemon=True
+        )
+        worker.start()
+        logging.getLogger("modeldepot.server").info(
+            "scrubbing blobs older than %.0f s at up to %d bytes/s in the background", interval, rate
+        )
+        yield
+        stop.set()
+        await asyncio.to_thread(worker.join, 30)
+
+    return scrub

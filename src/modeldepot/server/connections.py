@@ -1,0 +1,362 @@
+"""Connection hygiene: a header-read timeout, caps on concurrent connections, one line per malformed request.
+
+aiohttp runs one :class:`RequestHandler` (an asyncio protocol) per connection. :class:`NodeRunner` is an
+``AppRunner`` whose server builds :class:`NodeRequestHandler` instead, which adds, per connection:
+
+- **Caps**, checked before aiohttp sees the connection: a client address holding ``max_per_client``
+  connections, or a node holding ``max_total``, gets a canned 503 and a close, without a byte being read.
+- **A header timeout**: from the moment the connection opens, and again from the moment each response has
+  been sent, the client has ``header_timeout`` seconds to deliver a complete request head (request line and
+  headers), or the connection is closed. Bytes arriving do not restart the clock, so dripping a header byte
+  at a time (slowloris) does not keep a connection; an idle keep-alive connection is closed the same way.
+  While a request is being handled and its answer sent (a download may take minutes) no clock runs.
+- **Malformed requests** (a garbage request line, TLS or other non-HTTP bytes, an invalid header) are
+  answered 400 and logged as one line with the client address and a short reason: no traceback, and no
+  access-log line of their own.
+
+``serve`` and the tests both serve the app through :class:`NodeRunner`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from modeldepot.errors import ConfigError
+from modeldepot.server.app import CORS, MAX_HEADER
+from modeldepot.server.responses import error_response
+
+__all__ = [
+    "BACKLOG",
+    "DEFAULT_HEADER_TIMEOUT",
+    "DEFAULT_MAX_CONNECTIONS_PER_CLIENT",
+    "ConnectionLimits",
+    "NodeRequestHandler",
+    "NodeRunner",
+    "NodeServer",
+    "open_file_limit",
+    "raise_open_file_limit",
+    "total_connection_cap",
+]
+
+log = logging.getLogger("modeldepot.server")
+
+DEFAULT_HEADER_TIMEOUT = 10.0  # seconds to deliver a request head (MODELDEPOT_HEADER_TIMEOUT)
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 256  # per client address (MODELDEPOT_MAX_CONNECTIONS_PER_CLIENT)
+RESERVED_DESCRIPTORS = 128  # kept for the store's files and index, logs and outgoing pulls
+BACKLOG = 1024  # pending connections the kernel queues for accept() (it caps this at net.core.somaxconn)
+_UNLIMITED_FILES = 1 << 16  # what open_file_limit() assumes where it cannot ask (no `resource` module)
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """``max_per_client`` 0 means no cap per address; ``max_total`` None means "from RLIMIT_NOFILE"."""
+
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    max_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    max_total: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.header_timeout <= 86400:
+            raise ConfigError(f"header timeout {self.header_timeout!r} must be in (0, 86400] seconds")
+        if self.max_per_client < 0:
+            raise ConfigError(f"connections per client {self.max_per_client} must be >= 0 (0: no cap)")
+        if self.max_total is not None and self.max_total < 1:
+            raise ConfigError(f"total connections {self.max_total} must be >= 1")
+
+
+def open_file_limit() -> int:
+    """The soft RLIMIT_NOFILE: how many descriptors this process may hold."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return _UNLIMITED_FILES
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return _UNLIMITED_FILES if soft == resource.RLIM_INFINITY else soft
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit where the system allows it; the soft limit after."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return open_file_limit()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # macOS refuses more than OPEN_MAX, some sandboxes refuse any change
+            pass
+    return open_file_limit()
+
+
+def total_connection_cap(open_files: int) -> int:
+    """Connections a node with ``open_files`` descriptors can hold: each may also hold the file it sends."""
+    return max(1, (open_files - RESERVED_DESCRIPTORS) // 2)
+
+
+def client_address(transport: asyncio.BaseTransport) -> str:
+    """The peer's IP address (IPv4-mapped IPv6 as IPv4); "local" for a Unix socket."""
+    peer = transport.get_extra_info("peername")
+    if not isinstance(peer, tuple) or not peer:
+        return "local"
+    host = str(peer[0])
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
+
+
+class _Admission:
+    """Counts open connections per client address and in total; says which ones may not open."""
+
+    def __init__(self, max_per_client: int, max_total: int) -> None:
+        self.max_per_client = max_per_client
+        self.max_total = max_total
+        self.total = 0
+        self._open: dict[str, int] = {}
+        self._capped: set[str] = set()  # addresses refused since they last dropped below the cap
+        self._full = False
+
+    def admit(self, client: str) -> str | None:
+        """None when ``client`` may open one more connection (it is counted), else why not."""
+        if self.total >= self.max_total:
+            if not self._full:
+                self._full = True
+                log.warning("the node holds %d connections, its limit: new connections are refused "
+                            "until some close", self.total)  # fmt: skip
+            return "the node is at its connection limit, try again shortly"
+        held = self._open.get(client, 0)
+        if self.max_per_client and held >= self.max_per_client:
+            if client not in self._capped:
+                self._capped.add(client)
+                log.warning("%s holds %d connections, the cap per client: its further connections are "
+                            "refused until some close", client, held)  # fmt: skip
+            return "too many connections from your address, try again shortly"
+        self._open[client] = held + 1
+        self.total += 1
+        return None
+
+    def release(self, client: str) -> None:
+        held = self._open.pop(client) - 1
+        if held:
+            self._open[client] = held
+        self.total -= 1
+        if held < self.max_per_client:
+            self._capped.discard(client)
+        if self.total < self.max_total:
+            self._full = False
+
+
+@functools.lru_cache(maxsize=8)
+def _refusal(reason: str) -> bytes:
+    """The whole 503 a refused connection gets, in the Hub's error shape (the app never sees it)."""
+    response = error_response(503, None, reason)
+    body = response.body
+    assert isinstance(body, bytes)
+    headers = {
+        "Content-Type": "application/json",
+        "Content-Length": str(len(body)),
+        "X-Error-Message": response.headers["X-Error-Message"],
+        "Retry-After": "1",
+        "Connection": "close",
+        **CORS,
+    }
+    head = "HTTP/1.1 503 Service Unavailable\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return (head + "\r\n").encode("ascii") + body
+
+
+def _short_reason(error: HttpProcessingError) -> str:
+    """The parser's message on one line, printable and short (it quotes the client's bytes)."""
+    lines = (line.strip() for line in str(error.message).splitlines())
+    text = " ".join(line for line in lines if line.strip("^ "))
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+class NodeRequestHandler(RequestHandler):
+    """aiohttp's protocol for one connection, plus the caps, the header timeout and one-line parse errors."""
+
+    __slots__ = ("_admission", "_client", "_head_timer", "_header_timeout", "_malformed", "_timer_loop")
+
+    def __init__(self, manager: NodeServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
+        super().__init__(manager, loop=loop, **kwargs)
+        self._admission = manager.admission
+        self._header_timeout = manager.limits.header_timeout
+        self._timer_loop = loop
+        self._client: str | None = None  # set while the connection is admitted and counted
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._malformed: web.StreamResponse | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        client = client_address(transport)
+        refused = self._admission.admit(client)
+        if refused is not None:
+            # aiohttp never sees this connection: no parser runs, no task starts, nothing is read.
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(_refusal(refused))
+            transport.close()
+            return
+        self._client = client
+        super().connection_made(transport)
+        self._await_head()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._client is None:  # refused in connection_made
+            return
+        self._admission.release(self._client)
+        self._client = None
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    # -- the header timeout ------------------------------------------------------------------------
+
+    def _await_head(self) -> None:
+        """The connection is waiting for a request head: it has header_timeout seconds from now."""
+        self._stop_head_timer()
+        self._head_timer = self._timer_loop.call_later(self._header_timeout, self._head_overdue)
+
+    def head_received(self) -> None:
+        """A complete request head arrived (NodeServer's request factory says so): no clock runs."""
+        self._stop_head_timer()
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_overdue(self) -> None:
+        self._head_timer = None
+        if self.transport is not None:
+            log.debug("closing the connection from %s: no request head within %g s", self._client,
+                      self._header_timeout)  # fmt: skip
+            self.force_close()
+
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        # The answer (a file body included: BlobResponse sends it in prepare) has been written when this
+        # returns; from then on the connection waits for the next request head.
+        result = await super().finish_response(request, resp, start_time)
+        if self.transport is not None:
+            self._await_head()
+        return result
+
+    # -- malformed requests ------------------------------------------------------------------------
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):  # not a parse error: aiohttp's own handling
+            return super().handle_error(request, status, exc, message)
+        # aiohttp would log a full traceback (or, for a bad method, one at debug level) and an access line.
+        reason = _short_reason(exc)
+        log.info("malformed request from %s: %s (answered %d, closed)", self._client or request.remote,
+                 reason, status)  # fmt: skip
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was already started, no error answer can follow")
+        response = error_response(status, None, f"malformed request: {reason}")
+        response.force_close()
+        self._malformed = response
+        return response
+
+    def log_access(self, request: BaseRequest, response: web.StreamResponse, time: float | None) -> None:
+        if response is self._malformed:  # logged once, as malformed, by handle_error
+            return
+        super().log_access(request, response, time)
+
+
+class NodeServer(web.Server):
+    """aiohttp's low-level server (the protocol factory) building :class:`NodeRequestHandler`s."""
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        limits: ConnectionLimits,
+        request_factory: Callable[..., BaseRequest] | None = None,
+        handler_cancellation: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            handler,
+            request_factory=request_factory,
+            handler_cancellation=handler_cancellation,
+            loop=loop,
+            **kwargs,
+        )
+        self.limits = limits
+        max_total = limits.max_total or total_connection_cap(open_file_limit())
+        self.admission = _Admission(limits.max_per_client, max_total)
+        self._handler_loop = loop or asyncio.get_running_loop()
+        self._handler_kwargs = kwargs
+        inner = self.request_factory
+
+        def request_factory_marking_heads(
+            message: RawRequestMessage,
+            payload: StreamReader,
+            protocol: RequestHandler,
+            writer: AbstractStreamWriter,
+            task: asyncio.Task[None],
+        ) -> BaseRequest:
+            # aiohttp calls this once per parsed request head (parse errors included), before handling it.
+            if isinstance(protocol, NodeRequestHandler):
+                protocol.head_received()
+            return inner(message, payload, protocol, writer, task)
+
+        self.request_factory = request_factory_marking_heads
+
+    @property
+    def max_total(self) -> int:
+        return self.admission.max_total
+
+    def __call__(self) -> NodeRequestHandler:
+        return NodeRequestHandler(self, loop=self._handler_loop, **self._handler_kwargs)
+
+
+class NodeRunner(web.AppRunner):
+    """An AppRunner whose connections get :class:`ConnectionLimits`; header lines are capped at MAX_HEADER.
+
+    Use it as an AppRunner: ``await runner.setup()``, then ``web.TCPSite(runner, host, port).start()``.
+    """
+
+    __slots__ = ("limits",)
+
+    def __init__(
+        self, app: web.Application, *, limits: ConnectionLimits | None = None, **kwargs: Any
+    ) -> None:
+        kwargs.setdefault("max_line_size", MAX_HEADER)
+        kwargs.setdefault("max_field_size", MAX_HEADER)
+        super().__init__(app, **kwargs)
+        self.limits = limits or ConnectionLimits()
+
+    async def _make_server(self) -> web.Server:
+        # AppRunner starts the app and builds aiohttp's Server with every handler argument merged (the
+        # runner's, the app's handler_args, debug, access log class); NodeServer takes the same, and only
+        # builds another kind of handler.
+        plain = await super()._make_server()
+        return NodeServer(
+            plain.request_handler,
+            limits=self.limits,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            loop=asyncio.get_running_loop(),
+            **plain._kwargs,
+        )

@@ -1,0 +1,489 @@
+"""Connection hygiene over real sockets: slowloris, caps per client and in total, long downloads, garbage.
+
+The node is served as ``modeldepot serve`` serves it (NodeRunner); the last test runs ``serve`` itself.
+Clients bind to other loopback source addresses (127.0.0.2, ...), which Linux routes on lo, to be other
+client addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from conftest import cancel_other_tasks, write_model_dir
+from modeldepot import Depot
+from modeldepot.server import create_app
+from modeldepot.server.connections import (
+    BACKLOG,
+    ConnectionLimits,
+    NodeRunner,
+    NodeServer,
+    open_file_limit,
+    raise_open_file_limit,
+)
+
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux", reason="clients bind to 127.0.0.x source addresses, which Linux routes on lo"
+)
+
+HEALTH = b"GET /api/depot/v1/health HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n"
+KEEP_ALIVE_HEALTH = b"GET /api/depot/v1/health HTTP/1.1\r\nHost: node\r\n\r\n"
+PARTIAL_HEAD = b"GET /api/depot/v1/health HTTP/1.1\r\nHost: node\r\nX-Drip: "
+GRACE = 5.0  # seconds allowed beyond a timeout, for a loaded machine
+
+
+class HygieneNode:
+    """The production app behind a NodeRunner on a loopback port, run by a background event loop."""
+
+    def __init__(self, depot: Depot, limits: ConnectionLimits) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._runner = NodeRunner(create_app(depot), limits=limits)
+        started = threading.Event()
+
+        def serve() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=BACKLOG)
+            self.loop.run_until_complete(site.start())
+            self.port = self._runner.addresses[0][1]
+            started.set()
+            self.loop.run_forever()
+
+        self._thread = threading.Thread(target=serve, name="hygiene-node", daemon=True)
+        self._thread.start()
+        if not started.wait(30):
+            raise RuntimeError("the test node did not start")
+
+    @property
+    def server(self) -> NodeServer:
+        server = self._runner.server
+        assert isinstance(server, NodeServer)
+        return server
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            await self._runner.cleanup()
+            await cancel_other_tasks()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30)
+        self.loop.close()
+
+
+@pytest.fixture
+def serve_node(depot: Depot) -> Iterator[Callable[[ConnectionLimits], HygieneNode]]:
+    nodes: list[HygieneNode] = []
+
+    def serve(limits: ConnectionLimits) -> HygieneNode:
+        nodes.append(HygieneNode(depot, limits))
+        return nodes[-1]
+
+    yield serve
+    for node in nodes:
+        node.stop()
+
+
+def connect(port: int, source: str = "127.0.0.1", timeout: float = 30.0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the node sends until it closes (EOF or reset); a socket timeout fails the test."""
+    data = b""
+    while True:
+        try:
+            block = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not block:
+            return data
+        data += block
+
+
+def status_of(answer: bytes) -> int:
+    assert answer.startswith(b"HTTP/1."), answer[:200]
+    return int(answer.split(b" ", 2)[1])
+
+
+def health(port: int, source: str) -> int:
+    with connect(port, source) as sock:
+        sock.sendall(HEALTH)
+        return status_of(read_until_closed(sock))
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """One response with a Content-Length from a keep-alive connection: status and body."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        block = sock.recv(1)
+        assert block, f"closed before a complete response head: {head!r}"
+        head += block
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    body = bytearray()
+    while len(body) < length:
+        block = sock.recv(min(65536, length - len(body)))
+        assert block, "closed in the middle of a body"
+        body += block
+    return status_of(head), bytes(body)
+
+
+# -- slowloris ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class HalfOpen:
+    started: float  # before connecting: the node cannot have seen the connection earlier
+    connected: float = 0.0
+    closed: float = 0.0
+    answer: bytes = b""
+    dripped: int = 0
+
+
+async def half_open(
+    port: int, source: str, drip_every: float, give_up: float, connected: asyncio.Future[None]
+) -> HalfOpen:
+    """A slowloris connection: a partial request head, then one more header byte every ``drip_every``."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    record = HalfOpen(started=time.monotonic())
+    try:
+        sock.bind((source, 0))
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        record.connected = time.monotonic()
+        connected.set_result(None)
+        await loop.sock_sendall(sock, PARTIAL_HEAD)
+        reading = asyncio.ensure_future(loop.sock_recv(sock, 65536))
+        deadline = record.connected + give_up
+        while not reading.done() and time.monotonic() < deadline:
+            await asyncio.wait([reading], timeout=drip_every)
+            if not reading.done():
+                try:
+                    await loop.sock_sendall(sock, b"a")
+                    record.dripped += 1
+                except OSError:  # the node closed it while we dripped; the read says how
+                    await asyncio.wait([reading], timeout=GRACE)
+        if reading.done():
+            try:
+                record.answer = reading.result()
+            except ConnectionResetError:
+                pass
+            record.closed = time.monotonic()
+        else:
+            reading.cancel()
+        return record
+    except BaseException as error:
+        if not connected.done():
+            connected.set_exception(error)
+        raise
+    finally:
+        sock.close()
+
+
+async def async_health(port: int, source: str) -> int:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        sock.bind((source, 0))
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, HEALTH)
+        answer = b""
+        while block := await loop.sock_recv(sock, 65536):
+            answer += block
+        return status_of(answer)
+    finally:
+        sock.close()
+
+
+def test_slowloris_is_closed_by_the_header_timeout_while_health_answers(
+    serve_node: Callable[[ConnectionLimits], HygieneNode],
+) -> None:
+    raise_open_file_limit()
+    count = min(2000, (open_file_limit() - 512) // 2)  # each connection costs two descriptors here
+    if count < 500:
+        pytest.skip(f"too few open files allowed ({open_file_limit()}) for a slowloris")
+    timeout, per_source = 2.0, 250
+    node = serve_node(ConnectionLimits(header_timeout=timeout, max_per_client=256, max_total=count + 64))
+
+    async def attack() -> tuple[list[HalfOpen], list[int]]:
+        tasks: list[asyncio.Task[HalfOpen]] = []
+        statuses: list[int] = []
+        for first in range(0, count, per_source):
+            source = f"127.0.0.{3 + first // per_source}"
+            connected = [
+                asyncio.get_running_loop().create_future() for _ in range(min(per_source, count - first))
+            ]
+            tasks += [
+                asyncio.create_task(half_open(node.port, source, 0.5, timeout + 3 * GRACE, done))
+                for done in connected
+            ]
+            await asyncio.gather(*connected)
+            # With this batch connected and the ones before dripping, another address is served.
+            statuses.append(await asyncio.wait_for(async_health(node.port, "127.0.0.2"), 3 * GRACE))
+        return await asyncio.gather(*tasks), statuses
+
+    records, statuses = asyncio.run(attack())
+
+    assert statuses == [200] * len(statuses)
+    assert len(records) == count
+    never_closed = [r for r in records if not r.closed]
+    assert not never_closed, f"{len(never_closed)} dripping connections were never closed"
+    assert {r.answer for r in records} == {b""}, "a half-open connection got an answer instead of a close"
+    earliest = min(r.closed - r.started for r in records)
+    latest = max(r.closed - r.connected for r in records)
+    assert earliest >= timeout  # the header timeout closed them, not a refusal ...
+    assert latest <= timeout + GRACE  # ... and the bytes they kept dripping did not extend it
+    assert min(r.dripped for r in records) >= 1
+    assert health(node.port, "127.0.0.1") == 200
+
+
+# -- caps ------------------------------------------------------------------------------------------
+
+
+def test_connections_beyond_the_per_client_cap_are_refused_at_once(
+    serve_node: Callable[[ConnectionLimits], HygieneNode],
+) -> None:
+    node = serve_node(ConnectionLimits(header_timeout=120, max_per_client=4))
+    held = [connect(node.port) for _ in range(4)]
+    try:
+        for _ in range(3):
+            with connect(node.port) as extra:
+                began = time.monotonic()
+                answer = read_until_closed(extra)  # sent nothing: the node answers without reading
+                assert time.monotonic() - began < GRACE  # at once, not after the 120 s header timeout
+            assert status_of(answer) == 503 and b"too many connections" in answer, answer
+            assert b"Retry-After: 1" in answer
+        assert health(node.port, "127.0.0.2") == 200  # another address is served meanwhile
+        for sock in held:  # the connections under the cap were kept, and are served
+            sock.sendall(HEALTH)
+            assert status_of(read_until_closed(sock)) == 200
+        assert health(node.port, "127.0.0.1") == 200  # closed connections give their places back
+        assert node.server.admission.total == 0  # each close was counted before the node sent its FIN
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_connections_beyond_the_total_cap_are_refused(
+    serve_node: Callable[[ConnectionLimits], HygieneNode],
+) -> None:
+    node = serve_node(ConnectionLimits(header_timeout=120, max_per_client=0, max_total=5))
+    held = [connect(node.port, f"127.0.0.{3 + i % 2}") for i in range(5)]
+    try:
+        with connect(node.port, "127.0.0.2") as extra:
+            answer = read_until_closed(extra)
+        assert status_of(answer) == 503 and b"connection limit" in answer, answer
+        with held.pop() as done:  # the node closes this one after answering, and counts that first
+            done.sendall(HEALTH)
+            assert status_of(read_until_closed(done)) == 200
+        assert health(node.port, "127.0.0.2") == 200
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_total_cap_follows_the_open_file_limit(serve_node: Callable[[ConnectionLimits], HygieneNode]) -> None:
+    node = serve_node(ConnectionLimits())
+    assert node.server.max_total == (open_file_limit() - 128) // 2
+    assert node.server.admission.max_per_client == 256
+
+
+def send_buffer_max() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    except (OSError, IndexError, ValueError):
+        return 4 << 20
+
+
+# -- what the header timeout must not cut --------------------------------------------------------------
+
+
+def test_a_slow_download_outlives_the_header_timeout_and_an_idle_keep_alive_does_not(
+    depot: Depot, serve_node: Callable[[ConnectionLimits], HygieneNode], tmp_path: Path
+) -> None:
+    big = os.urandom((24 << 20) + send_buffer_max())  # far more than the socket buffers can hold
+    depot.import_dir(write_model_dir(tmp_path / "big", {"big.bin": big}), "acme/big")
+    timeout = 1.0
+    node = serve_node(ConnectionLimits(header_timeout=timeout))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", node.port))
+    with sock:
+        began = time.monotonic()
+        sock.sendall(b"GET /acme/big/resolve/main/big.bin HTTP/1.1\r\nHost: node\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        assert status_of(head) == 200
+        digest, received, rate = hashlib.sha256(), 0, len(big) / 3  # bytes a second: 3 s for the file
+        while received < len(big):
+            block = sock.recv(min(64 << 10, len(big) - received))
+            assert block, f"the download was cut after {received} bytes"
+            digest.update(block)
+            received += len(block)
+            ahead = received / rate - (time.monotonic() - began)
+            if ahead > 0:
+                time.sleep(ahead)  # a slow reader (pacing, not synchronisation)
+        assert digest.hexdigest() == hashlib.sha256(big).hexdigest()
+        assert time.monotonic() - began > 2 * timeout  # the download did outlast the header timeout
+        sock.sendall(KEEP_ALIVE_HEALTH)  # the connection stays usable for the next request ...
+        assert read_response(sock)[0] == 200
+        answered = time.monotonic()
+        dripped = 0
+        sock.settimeout(0.2)
+        while True:  # ... but not for a next head that never completes
+            try:
+                if not sock.recv(1):
+                    break
+            except TimeoutError:
+                try:
+                    sock.sendall(PARTIAL_HEAD[dripped : dripped + 1])
+                except OSError:  # closed meanwhile: the next read says so
+                    continue
+                dripped += 1
+            except ConnectionResetError:
+                break
+            assert time.monotonic() - answered < timeout + GRACE, "an idle keep-alive connection stayed open"
+        assert dripped >= 1
+
+
+# -- malformed requests --------------------------------------------------------------------------------
+
+MALFORMED = {
+    "garbage request line": b"GARBAGE\r\n\r\n",
+    "tls client hello": bytes.fromhex("160301020001000001fc0303") + os.urandom(64),
+    "binary noise": bytes(range(256)) * 4,
+    "invalid method": b"G\x00T / HTTP/1.1\r\nHost: node\r\n\r\n",
+    "bad header": b"GET / HTTP/1.1\r\nHost: node\r\nBad\x01Header: x\r\n\r\n",
+    "request line too long": b"GET /" + b"a" * (32 << 10) + b" HTTP/1.1\r\nHost: node\r\n\r\n",
+    "garbage after a good request": KEEP_ALIVE_HEALTH + b"\x01\x02GARBAGE\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_a_malformed_request_logs_one_line_and_no_traceback(
+    serve_node: Callable[[ConnectionLimits], HygieneNode], caplog: pytest.LogCaptureFixture, name: str
+) -> None:
+    node = serve_node(ConnectionLimits())
+    payload = MALFORMED[name]
+    caplog.set_level(logging.DEBUG)  # aiohttp logs some parse errors with a traceback at debug level only
+    caplog.clear()
+    with connect(node.port) as sock:
+        if payload.startswith(KEEP_ALIVE_HEALTH):
+            sock.sendall(KEEP_ALIVE_HEALTH)
+            assert read_response(sock)[0] == 200
+            payload = payload[len(KEEP_ALIVE_HEALTH) :]
+        sock.sendall(payload)
+        answer = read_until_closed(sock)  # the node logs before it answers, and closes after its access log
+    assert status_of(answer) == 400 and b"malformed request" in answer and b"Traceback" not in answer
+    records = [r for r in caplog.records if not r.name.startswith("asyncio")]
+    access = [r.getMessage() for r in records if r.name == "aiohttp.access"]
+    others = [r for r in records if r.name != "aiohttp.access"]
+    assert len(others) == 1, [r.getMessage() for r in others]
+    line = others[0]
+    assert line.name == "modeldepot.server" and line.levelno == logging.INFO
+    assert line.getMessage().startswith("malformed request from 127.0.0.1: ")
+    assert "\n" not in line.getMessage() and len(line.getMessage()) < 300
+    assert not any(r.exc_info for r in records) and "Traceback" not in caplog.text
+    # No access line for the malformed request: the good request before it has its own.
+    good = 1 if name == "garbage after a good request" else 0
+    assert len(access) == good and all('"GET /api/depot/v1/health HTTP/1.1" 200' in a for a in access), access
+
+
+# -- modeldepot serve ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+LOWER_OPEN_FILE_LIMIT = (
+    "import os, resource, sys; hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard)); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)  # runs `python ARGS` with a soft limit below the hard one, for serve to raise
+
+
+def test_serve_applies_the_limits_and_logs_one_line_per_malformed_request(home: Path) -> None:
+    import resource
+
+    port = free_port()
+    env = {**os.environ, "MODELDEPOT_MAX_CONNECTIONS_PER_CLIENT": "2", "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "-c", LOWER_OPEN_FILE_LIMIT, "-m", "modeldepot", "serve", "--home", str(home),
+            "--port", str(port), "--header-timeout", "1"]  # fmt: skip
+    process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    log: list[str] = []
+
+    def pump() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            log.append(line)
+            lines.put(line)
+
+    pumping = threading.Thread(target=pump, daemon=True)
+    pumping.start()
+    try:
+        while "connections: a request head within 1 s, at most 2 per client" not in (
+            line := lines.get(timeout=60)
+        ):
+            assert "Traceback" not in line, "".join(log)
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+        soft_now = next(ln.split()[3] for ln in limits.splitlines() if ln.startswith("Max open files"))
+        assert soft_now == str(hard)  # serve raised its soft limit from 1024 to the hard one
+
+        with connect(port), connect(port), connect(port) as extra:  # two held, the third over the cap
+            assert status_of(read_until_closed(extra)) == 503
+            with connect(port, "127.0.0.2") as half:
+                half.sendall(PARTIAL_HEAD)
+                began = time.monotonic()
+                assert read_until_closed(half) == b""
+                assert time.monotonic() - began < 1 + GRACE
+            with connect(port, "127.0.0.3") as bad:
+                bad.sendall(b"GARBAGE\r\n\r\n")
+                assert status_of(read_until_closed(bad)) == 400
+            assert health(port, "127.0.0.4") == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+        pumping.join(30)  # to the end of stderr
+        assert process.stderr is not None
+        process.stderr.close()
+    text = "".join(log)
+    assert "Traceback" not in text, text
+    about_garbage = [line for line in log if "127.0.0.3" in line]  # one line, no access line besides it
+    assert len(about_garbage) == 1 and "malformed request from 127.0.0.3: BadHttpMethod" in about_garbage[0]
+    assert sum("127.0.0.1 holds 2 connections" in line for line in log) == 1, text
+    assert sum('127.0.0.4 "GET /api/depot/v1/health HTTP/1.1" 200' in line for line in log) == 1, text
