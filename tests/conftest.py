@@ -6,10 +6,11 @@ import importlib
 import importlib.util
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from modeldepot import Depot
 
@@ -135,51 +136,70 @@ async def cancel_other_tasks() -> None:
     await asyncio.gather(*leftovers, return_exceptions=True)
 
 
-class LiveNode:
-    """A real node (the production app) listening on a loopback port, run by a background event loop."""
+class BackgroundServer:
+    """An aiohttp runner listening on a loopback port, run by its own event loop on a background thread, so
+    that blocking test code (and the real clients it drives) can talk to it. ``on_stop`` runs on that loop
+    before the runner is cleaned up."""
 
     def __init__(
-        self, depot: Depot, token: str | None = None, request_deadline: float = 60.0, mirror: bool = False
+        self,
+        runner: web.BaseRunner,
+        name: str = "test-server",
+        backlog: int = 128,
+        on_start: Callable[[], Awaitable[None]] | None = None,
+        on_stop: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         import asyncio
         import threading
 
-        from aiohttp import web
-
-        from modeldepot.server import create_app
-        from modeldepot.server.connections import NodeRunner
-
-        self.depot = depot
-        self._loop = asyncio.new_event_loop()
-        self._runner: web.AppRunner = NodeRunner(create_app(depot, token, request_deadline, mirror))
+        self.runner = runner
+        self.loop = asyncio.new_event_loop()
+        self._on_stop = on_stop
         started = threading.Event()
 
         def serve() -> None:
-            asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            self._loop.run_until_complete(site.start())
-            self.port = self._runner.addresses[0][1]
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, "127.0.0.1", 0, backlog=backlog)
+            self.loop.run_until_complete(site.start())
+            if on_start is not None:
+                self.loop.run_until_complete(on_start())
+            self.port = int(runner.addresses[0][1])
             started.set()
-            self._loop.run_forever()
+            self.loop.run_forever()
 
-        self._thread = threading.Thread(target=serve, name="live-node", daemon=True)
+        self._thread = threading.Thread(target=serve, name=name, daemon=True)
         self._thread.start()
         if not started.wait(30):
-            raise RuntimeError("the test node did not start")
+            raise RuntimeError(f"the {name} did not start")
         self.url = f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         import asyncio
 
         async def shutdown() -> None:
-            await self._runner.cleanup()
+            if self._on_stop is not None:
+                await self._on_stop()
+            await self.runner.cleanup()
             await cancel_other_tasks()  # keep-alive connections the clients left open
 
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(30)
-        self._loop.close()
+        self.loop.close()
+
+
+class LiveNode(BackgroundServer):
+    """A real node (the production app, served as ``modeldepot serve`` serves it) on a loopback port."""
+
+    def __init__(
+        self, depot: Depot, token: str | None = None, request_deadline: float = 60.0, mirror: bool = False
+    ) -> None:
+        from modeldepot.server import create_app
+        from modeldepot.server.connections import NodeRunner
+
+        self.depot = depot
+        super().__init__(NodeRunner(create_app(depot, token, request_deadline, mirror)), name="live-node")
 
 
 @pytest.fixture

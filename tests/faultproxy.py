@@ -4,14 +4,13 @@ and counts the body bytes it lets through (what really crossed the wire)."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 
-from conftest import cancel_other_tasks
+from conftest import BackgroundServer
 
 MODES = ("pass", "drop", "500", "429", "stall", "flip", "ignore-range", "slow", "404")
 
@@ -44,35 +43,24 @@ class FaultProxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
         self.plan = FaultPlan()
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="fault-proxy", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(30):
-            raise RuntimeError("the fault proxy did not start")
-        self.url = f"http://127.0.0.1:{self.port}"
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+
+        async def open_session() -> None:
+            self._session = aiohttp.ClientSession(auto_decompress=False)
+
+        async def close_session() -> None:
+            await self._session.close()
+
+        self._server = BackgroundServer(
+            web.AppRunner(app), "fault-proxy", on_start=open_session, on_stop=close_session
+        )
+        self.url = self._server.url
 
     def set(self, mode: str, times: int = 1, path_suffix: str = "", **extra: float) -> FaultPlan:
         assert mode in MODES, mode
         self.plan = FaultPlan(mode, times, path_suffix, **extra)  # type: ignore[arg-type]
         return self.plan
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app)
-        self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        self._loop.run_until_complete(site.start())
-        self.port = self._runner.addresses[0][1]
-        self._session = self._loop.run_until_complete(self._new_session())
-        self._ready.set()
-        self._loop.run_forever()
-
-    @staticmethod
-    async def _new_session() -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(auto_decompress=False)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         plan = self.plan
@@ -137,15 +125,7 @@ class FaultProxy:
             return response
 
     def stop(self) -> None:
-        async def shutdown() -> None:
-            await self._session.close()
-            await self._runner.cleanup()
-            await cancel_other_tasks()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(30)
-        self._loop.close()
+        self._server.stop()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:

@@ -7,16 +7,15 @@ outside its home, and that a lie fails the pull with an error naming the upstrea
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import hashlib
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from conftest import BackgroundServer
 from modeldepot.gitobjects import git_blob_oid
 
 REPO = "acme/model"
@@ -58,24 +57,8 @@ class Liar:
         app.router.add_get("/{org}/{name}/resolve/{rev}/{path:.+}", self._resolve)
         app.router.add_get("/api/depot/v1/repos/{org}/{name}/revisions/{rev}/manifest", self._manifest)
         app.router.add_route("HEAD", "/api/depot/v1/blobs/{sha}", self._blob_head)
-        self._runner = web.AppRunner(app, access_log=None)
-        self._loop = asyncio.new_event_loop()
-        started = threading.Event()
-
-        def serve() -> None:
-            asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            self._loop.run_until_complete(site.start())
-            self.port = self._runner.addresses[0][1]
-            started.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=serve, name="liar", daemon=True)
-        self._thread.start()
-        if not started.wait(30):
-            raise RuntimeError("the lying upstream did not start")
-        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = BackgroundServer(web.AppRunner(app, access_log=None), name="lying upstream")
+        self.url = self._server.url
 
     def lie(self, **fields: Any) -> None:
         """Replace top-level fields of the model info."""
@@ -121,10 +104,7 @@ class Liar:
         return web.Response(status=404)
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(30)
-        self._loop.close()
+        self._server.stop()
 
 
 def tree_state(root: Path, skip: tuple[Path, ...] = ()) -> dict[str, tuple[str, bytes | str]]:

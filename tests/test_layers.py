@@ -85,7 +85,7 @@ def test_public_api_is_pinned() -> None:
         "InvalidPathError", "InvalidRangeError", "InvalidRepoIdError", "InvalidRevisionError", "MappedFile",
         "NotFoundError", "RemoveResult", "RepoInfo", "RepoNotFoundError", "RepoSummary", "RevisionInfo",
         "RevisionNotFoundError", "SourceDirectoryError", "StoreError", "StoreFullError", "StoreSchemaError",
-        "VerifyProblem", "VerifyReport", "__version__", "UpstreamError", "UpstreamDataError", "AccessDeniedError",
+        "VerifyProblem", "VerifyReport", "__version__", "UpstreamError", "UpstreamDataError", "UpstreamTimeoutError", "AccessDeniedError",
         "OfflineError",
     }  # fmt: skip
     for name in modeldepot.__all__:

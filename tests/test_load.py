@@ -4,7 +4,7 @@ pulled through the chain when missing."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +184,23 @@ def test_load_uses_the_preloaded_copy_and_times_both_ways(loaded: Depot) -> None
     assert stats.hits == 1  # the load held the preloaded model while the engine read it
     top = {(a.repo_id, a.variant): a.count for a in stats.most_accessed}
     assert top[(REPO, "fp16")] == 1 and top[(REPO, "")] == 1
+
+
+def test_callables_with_one_name_get_their_own_engines(depot: Depot, tmp_path: Path) -> None:
+    folder = tmp_path / "st"
+    folder.mkdir()
+    save_file({"w": WEIGHT}, str(folder / "model.safetensors"))
+    depot.import_dir(folder, "acme/st")
+
+    def factory(tag: str) -> Callable[[Path], str]:
+        def build(path: Path) -> str:
+            return f"{tag}:{path.name}"
+
+        return build
+
+    first, second = factory("first"), factory("second")
+    assert first.__qualname__ == second.__qualname__  # what the engine cache used to key by
+    assert depot.load("acme/st", engine=first) == "first:model.safetensors"
+    assert depot.load("acme/st", engine=second) == "second:model.safetensors"
+    assert depot.load("acme/st", engine=first) == "first:model.safetensors"  # a hit, its own
+    assert depot.engines.stats().total_hits == 1

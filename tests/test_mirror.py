@@ -219,3 +219,41 @@ def test_the_event_stream_ends_when_the_server_shuts_down(depot: Depot) -> None:
     node.stop()  # without the fix this waits out the 60 s graceful-shutdown timeout
     assert ended.wait(10), "the stream kept the connection open through the shutdown"
     listener.join(10)
+
+
+def test_a_file_being_pulled_is_described_as_a_stored_one(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Model info, trees and ranges from a mirror's miss have the shape of the same answers for a stored repo,
+    so every client (and `modeldepot pull` pointed at the mirror) reads them alike."""
+    import requests
+    from click.testing import CliRunner
+
+    from modeldepot.cli import cli
+
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
+    try:
+        base = f"/api/models/{REPO}"
+        for route in (f"{base}?blobs=true", f"{base}/tree/main?recursive=true&expand=true"):
+            missed = requests.get(mirror.url + route, timeout=30).json()
+            stored = requests.get(upstream_proxy.url + route, timeout=30).json()
+            if isinstance(missed, dict):
+                volatile = ("lastModified", "createdAt")
+                missed, stored = ({k: v for k, v in d.items() if k not in volatile} for d in (missed, stored))
+            else:  # a tree: the same entries, lastCommit dated by when each side got the commit
+                for entry in (*missed, *stored):
+                    entry.get("lastCommit", {}).pop("date", None)
+            assert missed == stored, route
+        url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
+        etag = requests.head(url, timeout=30).headers["ETag"]
+        other = requests.get(url, headers={"Range": "bytes=0-9", "If-Range": '"0000"'}, timeout=60)
+        assert other.status_code == 200 and other.content == FILES[BIG]  # another version: the whole file
+        same = requests.get(url, headers={"Range": "bytes=0-9", "If-Range": etag}, timeout=60)
+        assert same.status_code == 206 and same.content == FILES[BIG][:10]
+        monkeypatch.setenv("HF_ENDPOINT", mirror.url)  # a pull that treats the mirror as its Hub
+        result = CliRunner().invoke(cli, ["pull", REPO, "--home", str(tmp_path / "third"), "--json"])
+        assert result.exit_code == 0, result.output
+        with Depot(tmp_path / "third") as third:
+            assert {f.path: bytes(third.get_file(REPO, f.path)) for f in third.list_files(REPO)} == FILES
+    finally:
+        mirror.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,3 +166,17 @@ def test_the_same_content_under_two_paths_crosses_the_wire_once(
     assert result.bytes_downloaded == len(weights) + 2
     assert bytes(local.get_file("acme/dupes", "b/model.safetensors")) == weights
     assert local.du().blobs == 2
+
+
+def test_the_blocking_api_works_inside_an_event_loop(local: Depot) -> None:
+    """A notebook cell or an async server calling the plain API: it blocks, and it works."""
+
+    async def cell() -> tuple[int, str, bytes]:
+        pulled = local.pull(REPO, ["q4f16"])
+        entry = local.download_file(REPO, "onnx/model.onnx")
+        data = bytes(local.get_file(REPO, "onnx/model_fp16.onnx", download=True))
+        return pulled.files, entry.path, data
+
+    files, path, data = asyncio.run(cell())
+    assert files == 4 and path == "onnx/model.onnx" and data == FILES["onnx/model_fp16.onnx"]
+    assert local.verify().ok

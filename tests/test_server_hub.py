@@ -318,3 +318,39 @@ def test_a_request_that_does_not_arrive_in_time_gets_408(depot: Depot) -> None:
     finally:
         node.stop()
     assert answer.startswith(b"HTTP/1.1 408")
+
+
+def test_last_commit_is_when_the_revision_came_and_gated_repos_say_so(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from liar import REPO, Liar
+
+    first = depot.import_dir(write_model_dir(tmp_path / "one", {"config.json": b"{}"}), SAMPLE).commit_id
+    depot.import_dir(write_model_dir(tmp_path / "two", {"config.json": b'{"v": 2}'}), SAMPLE, "dev")
+    with depot.store.index.write() as con:  # the first revision came long ago; the repo changed since
+        con.execute("UPDATE revisions SET created_at = 978307200 WHERE commit_id = ?", (first,))
+    liar = Liar()
+    liar.lie(gated="manual")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", liar.url)
+    try:
+        with Depot(depot.home) as online:  # the fixture's depot was made offline
+            online.pull(REPO)  # a gated upstream repo
+    finally:
+        liar.stop()
+    node = LiveNode(depot, token="t")
+    try:
+        api = HfApi(endpoint=node.url, token="t")
+        tree = list(api.list_repo_tree(SAMPLE, revision=first, expand=True))
+        assert tree[0].last_commit is not None and tree[0].last_commit.date.year == 2001
+        info = api.model_info(REPO)
+        assert info.gated == "manual" and info.private  # kept behind the node's token
+        assert "gated" not in (info.card_data or {})
+    finally:
+        node.stop()
+    open_node = LiveNode(depot)  # no token: a private repo is never served
+    try:
+        with pytest.raises(RepositoryNotFoundError):
+            HfApi(endpoint=open_node.url, token=False).model_info(REPO)
+    finally:
+        open_node.stop()

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
-from conftest import cancel_other_tasks, write_model_dir
+from conftest import BackgroundServer, write_model_dir
 from modeldepot import Depot
 from modeldepot.server import create_app
 from modeldepot.server.connections import (
@@ -47,43 +46,17 @@ PARTIAL_HEAD = b"GET /api/depot/v1/health HTTP/1.1\r\nHost: node\r\nX-Drip: "
 GRACE = 5.0  # seconds allowed beyond a timeout, for a loaded machine
 
 
-class HygieneNode:
-    """The production app behind a NodeRunner on a loopback port, run by a background event loop."""
+class HygieneNode(BackgroundServer):
+    """The production app behind a NodeRunner with the given limits, on a loopback port."""
 
     def __init__(self, depot: Depot, limits: ConnectionLimits) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._runner = NodeRunner(create_app(depot), limits=limits)
-        started = threading.Event()
-
-        def serve() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=BACKLOG)
-            self.loop.run_until_complete(site.start())
-            self.port = self._runner.addresses[0][1]
-            started.set()
-            self.loop.run_forever()
-
-        self._thread = threading.Thread(target=serve, name="hygiene-node", daemon=True)
-        self._thread.start()
-        if not started.wait(30):
-            raise RuntimeError("the test node did not start")
+        super().__init__(NodeRunner(create_app(depot), limits=limits), name="hygiene-node", backlog=BACKLOG)
 
     @property
     def server(self) -> NodeServer:
-        server = self._runner.server
+        server = self.runner.server
         assert isinstance(server, NodeServer)
         return server
-
-    def stop(self) -> None:
-        async def shutdown() -> None:
-            await self._runner.cleanup()
-            await cancel_other_tasks()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(60)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(30)
-        self.loop.close()
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from modeldepot.errors import (
     StoreSchemaError,
     UpstreamDataError,
     UpstreamError,
+    UpstreamTimeoutError,
 )
 from modeldepot.store import (
     DiskUsage,
@@ -76,6 +77,7 @@ __all__ = [
     "StoreSchemaError",
     "UpstreamDataError",
     "UpstreamError",
+    "UpstreamTimeoutError",
     "VerifyProblem",
     "VerifyReport",
     "__version__",

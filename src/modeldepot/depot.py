@@ -409,8 +409,9 @@ class Depot:
         commit_id, chosen = self._locate(
             repo_id, quant, revision, suffixes or (".onnx", ".safetensors", ".gguf", ".bin")
         )
-        name = engine if isinstance(engine, str) else getattr(engine, "__qualname__", repr(engine))
-        key = (repo_id, commit_id, chosen, name)
+        # The callable itself, not its name: two lambdas (or two factories' inner functions) share a
+        # __qualname__ but build different engines. The same callable object hits the cache.
+        key = (repo_id, commit_id, chosen, engine)
 
         def load_and_warm() -> Any:
             started = time.perf_counter()

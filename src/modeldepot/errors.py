@@ -18,6 +18,7 @@ HTTP status in one place each::
     │   └── CorruptBlobError                     a quarantined or damaged blob: never served
     ├── UpstreamError                            the Hub or a node refused or failed       → exit 1
     │   ├── UpstreamDataError                    it answered with a value we refuse (a name, digest, size)
+    │   ├── UpstreamTimeoutError                 it did not answer in time
     │   ├── AccessDeniedError                    gated or private upstream repo: needs a token
     │   └── OfflineError                         offline mode forbids the connection
     ├── StoreError (OSError)                     the store itself cannot do its job        → exit 1
@@ -52,6 +53,7 @@ __all__ = [
     "StoreSchemaError",
     "UpstreamDataError",
     "UpstreamError",
+    "UpstreamTimeoutError",
 ]
 
 
@@ -150,6 +152,10 @@ class UpstreamDataError(UpstreamError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """The upstream accepted the connection (or was being connected to) but did not answer in time."""
 
 
 class AccessDeniedError(UpstreamError):

@@ -12,7 +12,13 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from modeldepot.errors import AccessDeniedError, NotFoundError, UpstreamDataError, UpstreamError
+from modeldepot.errors import (
+    AccessDeniedError,
+    NotFoundError,
+    UpstreamDataError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
 from modeldepot.hub.manifest import RemoteFile
 from modeldepot.validation import (
     from_upstream,
@@ -30,16 +36,21 @@ MAX_FILES = 200_000  # files one scanned revision may list (the Hub's largest mo
 
 
 def fetch_repo(
-    repo_id: str, revision: str, endpoint: str, token: str | bool | None, token_name: str = "HF_TOKEN"
+    repo_id: str,
+    revision: str,
+    endpoint: str,
+    token: str | bool | None,
+    token_name: str = "HF_TOKEN",
+    timeout: float | None = None,
 ) -> tuple[str, dict[str, Any], list[RemoteFile]]:
     """(commit id, repo metadata, files with sizes and digests) of ``repo_id`` at ``revision``.
 
     ``token`` (or huggingface_hub's stored token when None; none at all when False) goes to ``endpoint``
-    only.
+    only. ``timeout``: seconds to wait for an answer (UpstreamTimeoutError after).
     """
     api = HfApi(endpoint=endpoint, token=token)
     try:
-        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+        info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=timeout)
     except GatedRepoError as error:
         raise AccessDeniedError(
             f"{repo_id} is gated on {endpoint}: accept its conditions there, then set {token_name} to a token "
@@ -59,10 +70,24 @@ def fetch_repo(
             ) from error
         raise UpstreamError(f"{endpoint} failed to describe {repo_id}: {error}") from error
     except Exception as error:  # connection refused, DNS, TLS, timeouts: the client's own error types vary
+        if _is_timeout(error):
+            raise UpstreamTimeoutError(
+                f"{endpoint} did not answer in time to scan {repo_id}: {error}"
+            ) from error
         raise UpstreamError(
             f"cannot reach {endpoint} to scan {repo_id}, or read its answer: {type(error).__name__}: {error}"
         ) from error
     return _checked(endpoint, repo_id, info)
+
+
+def _is_timeout(error: BaseException) -> bool:
+    """Whether the client gave up waiting (httpx's and requests' timeouts are not TimeoutError subclasses)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, TimeoutError) or "Timeout" in type(seen).__name__:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _checked(endpoint: str, repo_id: str, info: Any) -> tuple[str, dict[str, Any], list[RemoteFile]]:

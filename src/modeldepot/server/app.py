@@ -1,15 +1,18 @@
 """The node's aiohttp application: routes, and the middlewares every request passes through.
 
-Order, outermost first: CORS (headers on every answer, preflights), errors (library errors become the
-Hub's error shape in one place; nothing else reaches a client, never a stack trace), auth (the node
-token), then the route.
+Order, outermost first: the request id (echoed, and named in every log line), CORS (headers on every
+answer, preflights), errors (library errors become the Hub's error shape in one place; nothing else
+reaches a client, never a stack trace), auth (the node token), then the route.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -58,6 +61,20 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 REQUEST_DEADLINE = web.AppKey("request_deadline", float)
+# The key of a request's id in the request's own mapping (typed keys exist from aiohttp 3.13 on).
+REQUEST_ID: Any = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request gets an id (the client's ``X-Request-Id`` when it sent a sane one), echoed in the
+    answer and named in every log line about it, so a client's report and the node's log meet."""
+    sent = request.headers.get("X-Request-Id", "")
+    request[REQUEST_ID] = sent if _CLIENT_REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex[:16]
+    response = await handler(request)
+    response.headers["X-Request-Id"] = request[REQUEST_ID]
+    return response
 
 
 @web.middleware
@@ -71,7 +88,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except DepotError as error:
         response = response_for_error(error)
         if response.status >= 500:
-            log.warning("%s %s answered %d: %s", request.method, request.path_qs, response.status, error)
+            log.warning("request %s: %s %s answered %d: %s: %s", request[REQUEST_ID], request.method,
+                        request.path_qs, response.status, type(error).__name__, error)  # fmt: skip
         return response
     except web.HTTPException as error:
         if error.status < 400:
@@ -83,8 +101,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None,
         )
     except Exception:
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        return error_response(500, None, "the node could not complete the request")
+        log.exception(
+            "request %s: unexpected error on %s %s", request[REQUEST_ID], request.method, request.path
+        )
+        return error_response(500, "NodeError", "the node could not complete the request")
 
 
 @web.middleware
@@ -108,7 +128,8 @@ def create_app(
     (its servers, then the Hub) while it is served.
     """
     app = web.Application(
-        middlewares=[cors_middleware, error_middleware, auth_middleware], client_max_size=MAX_BODY
+        middlewares=[request_id_middleware, cors_middleware, error_middleware, auth_middleware],
+        client_max_size=MAX_BODY,
     )
     app[DEPOT] = depot
     app[TOKEN] = token or ""

@@ -7,7 +7,6 @@ that see none of them stay on plain HTTP, which is all a node serves.
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -15,11 +14,27 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from modeldepot.depot import Depot
-from modeldepot.errors import EntryNotFoundError, InvalidInputError, RepoNotFoundError, RevisionNotFoundError
-from modeldepot.gitobjects import TreeEntry, lfs_pointer, tree_oids
+from modeldepot.errors import (
+    DepotError,
+    EntryNotFoundError,
+    InvalidInputError,
+    NotFoundError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+    UpstreamError,
+)
+from modeldepot.gitobjects import TreeEntry, tree_oids
 from modeldepot.server.context import DEPOT, is_authorized
-from modeldepot.server.mirror_routes import MIRROR, mirror_files, mirror_model_info, mirror_resolve
+from modeldepot.server.mirror_routes import MIRROR, mirror_resolve, mirror_revision
 from modeldepot.server.responses import json_response, send_blob
+from modeldepot.server.views import (
+    COMMIT_TITLE,
+    RevisionView,
+    file_headers,
+    iso_time,
+    lfs_info,
+    model_info_body,
+)
 from modeldepot.store import FileEntry, RepoSummary
 from modeldepot.validation import validate_path, validate_repo_id, validate_revision
 
@@ -27,11 +42,6 @@ __all__ = ["add_hub_routes"]
 
 TREE_PAGE = 1000  # the Hub's page sizes: 1000 entries, 50 when expanded
 TREE_PAGE_EXPANDED = 50
-COMMIT_TITLE = "modeldepot import"
-
-
-def _iso(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(timestamp))
 
 
 def _truthy(value: str | None) -> bool:
@@ -61,19 +71,6 @@ async def _visible_repo(request: web.Request, repo_id: str) -> RepoSummary:
     return summary
 
 
-def _lfs(entry: FileEntry) -> dict[str, Any]:
-    return {"size": entry.size, "pointerSize": len(lfs_pointer(entry.sha256, entry.size))}
-
-
-def _sibling(entry: FileEntry, blobs: bool) -> dict[str, Any]:
-    item: dict[str, Any] = {"rfilename": entry.path}
-    if blobs:
-        item.update(size=entry.size, blobId=entry.git_oid)
-        if entry.lfs:
-            item["lfs"] = {"sha256": entry.sha256, **_lfs(entry)}
-    return item
-
-
 async def _mirrorable(request: web.Request, repo_id: str) -> bool:
     """Whether a local miss may be answered from upstream: the node mirrors, and the repo is not a
     private local one this request may not see (a miss must not reveal it, nor mix another repo in)."""
@@ -86,47 +83,63 @@ async def _mirrorable(request: web.Request, repo_id: str) -> bool:
     return not private or is_authorized(request)
 
 
-async def model_info(request: web.Request) -> web.Response:
-    repo_id = _repo_id(request)
-    revision = _revision(request)
+async def _upstream_first(request: web.Request, repo_id: str) -> bool:
+    """On a mirror, a repo that came from upstream (pulled, or not here at all) is described by the upstream
+    (its scan, kept briefly): a mirror holding a few of its files still lists them all, and follows a branch
+    that moves. The store answers when the upstream cannot. An imported repo is the node's own, and a
+    private one this request may not see is never looked up upstream (that would reveal it)."""
+    if MIRROR not in request.app:
+        return False
     try:
-        return await _local_model_info(request, repo_id, revision)
+        summary = await asyncio.to_thread(request.app[DEPOT].repo_summary, repo_id)
+    except RepoNotFoundError:
+        return True
+    if summary.private and not is_authorized(request):
+        return False
+    return summary.origin != "import"
+
+
+async def _revision_view(request: web.Request, repo_id: str, revision: str) -> RevisionView:
+    """The revision as the upstream describes it (see :func:`_upstream_first`) or as stored here; on a
+    local miss, when the node mirrors, the upstream's. Both are described the same way."""
+    upstream_error: DepotError | None = None
+    if await _upstream_first(request, repo_id):
+        try:
+            return await mirror_revision(request, repo_id, revision)
+        except (UpstreamError, NotFoundError) as error:
+            upstream_error = error  # the store may still hold it
+    try:
+        return await _stored_view(request, repo_id, revision)
     except (RepoNotFoundError, RevisionNotFoundError):
+        if upstream_error is not None:
+            raise upstream_error from None
         if not await _mirrorable(request, repo_id):
             raise
-        return json_response(await mirror_model_info(request, repo_id, revision))
+        return await mirror_revision(request, repo_id, revision)
 
 
-async def _local_model_info(request: web.Request, repo_id: str, revision: str) -> web.Response:
-    summary = await _visible_repo(request, repo_id)
+async def _stored_view(request: web.Request, repo_id: str, revision: str) -> RevisionView:
     depot: Depot = request.app[DEPOT]
+    summary = await _visible_repo(request, repo_id)
     commit_id = await asyncio.to_thread(depot.resolve, repo_id, revision)
     files = await asyncio.to_thread(depot.list_files, repo_id, commit_id)
-    blobs = _truthy(request.query.get("blobs"))
-    body: dict[str, Any] = {
-        "_id": repo_id,
-        "id": repo_id,
-        "modelId": repo_id,
-        "author": repo_id.split("/")[0],
-        "sha": commit_id,
-        "lastModified": _iso(summary.updated_at),
-        "createdAt": _iso(summary.created_at),
-        "private": summary.private,
-        "gated": False,
-        "disabled": False,
-        "downloads": 0,
-        "likes": 0,
-        "tags": summary.card.get("tags", []),
-        "siblings": [_sibling(f, blobs) for f in files],
-    }
-    for key in ("pipeline_tag", "library_name"):
-        if key in summary.card:
-            body[key] = summary.card[key]
-    if summary.card:
-        body["cardData"] = summary.card
-    if blobs:
-        body["usedStorage"] = sum(f.size for f in files)
-    return json_response(body)
+    committed_at = await asyncio.to_thread(depot.store.revision_time, repo_id, commit_id)
+    return RevisionView(
+        repo_id=repo_id,
+        commit_id=commit_id,
+        files=tuple(files),
+        private=summary.private,
+        gated=summary.card.get("gated", False),
+        card={k: v for k, v in summary.card.items() if k != "gated"},
+        created_at=summary.created_at,
+        updated_at=summary.updated_at,
+        committed_at=committed_at,
+    )
+
+
+async def model_info(request: web.Request) -> web.Response:
+    view = await _revision_view(request, _repo_id(request), _revision(request))
+    return json_response(model_info_body(view, _truthy(request.query.get("blobs"))))
 
 
 @dataclass(frozen=True)
@@ -147,11 +160,11 @@ class _Tree:
             found = self.files[path]
             item: dict[str, Any] = {"type": "file", "oid": found.git_oid, "size": found.size, "path": path}
             if found.lfs:
-                item["lfs"] = {"oid": found.sha256, **_lfs(found)}
+                item["lfs"] = {"oid": found.sha256, **lfs_info(found)}
         else:
             item = {"type": "directory", "oid": self.folder_oids[path], "size": 0, "path": path}
         if expand:
-            item["lastCommit"] = {"id": self.commit_id, "title": COMMIT_TITLE, "date": _iso(created)}
+            item["lastCommit"] = {"id": self.commit_id, "title": COMMIT_TITLE, "date": iso_time(created)}
         return item
 
     def listing(self, folder: str, recursive: bool) -> list[str]:
@@ -164,18 +177,9 @@ class _Tree:
 
 
 async def _tree_of(request: web.Request, repo_id: str, revision: str) -> tuple[_Tree, float]:
-    """The revision's tree and when it last changed (local, or, on a mirror's miss, the upstream's)."""
-    depot: Depot = request.app[DEPOT]
-    try:
-        summary = await _visible_repo(request, repo_id)
-        commit_id = await asyncio.to_thread(depot.resolve, repo_id, revision)
-    except (RepoNotFoundError, RevisionNotFoundError):
-        if not await _mirrorable(request, repo_id):
-            raise
-        commit_id, remote_files, scanned_at = await mirror_files(request, repo_id, revision)
-        return _Tree.of(commit_id, remote_files), scanned_at
-    files = await asyncio.to_thread(depot.list_files, repo_id, commit_id)
-    return _Tree.of(commit_id, files), summary.updated_at
+    """The revision's tree and when its commit was made here (an import or a pull; an upstream's scan)."""
+    view = await _revision_view(request, repo_id, revision)
+    return _Tree.of(view.commit_id, list(view.files)), view.committed_at
 
 
 async def list_tree(request: web.Request) -> web.Response:
@@ -237,9 +241,22 @@ async def resolve(request: web.Request) -> web.StreamResponse:
     repo_id = _repo_id(request)
     revision = _revision(request)
     path = validate_path(request.match_info["path"])
+    upstream_error: DepotError | None = None
+    if await _upstream_first(request, repo_id):
+        try:
+            manifest, _ = await request.app[MIRROR].remote_file(repo_id, revision, path)
+        except (UpstreamError, NotFoundError) as error:
+            upstream_error = error  # the store may still hold it
+        else:  # the upstream's commit: from the store when it holds the file, else pulled while served
+            try:
+                return await _local_resolve(request, repo_id, manifest.commit_id, path)
+            except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError):
+                return await mirror_resolve(request, repo_id, revision, path)
     try:
         return await _local_resolve(request, repo_id, revision, path)
     except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError):
+        if upstream_error is not None:
+            raise upstream_error from None
         if not await _mirrorable(request, repo_id):
             raise
         return await mirror_resolve(request, repo_id, revision, path)
@@ -250,12 +267,7 @@ async def _local_resolve(request: web.Request, repo_id: str, revision: str, path
     depot: Depot = request.app[DEPOT]
     entry = await asyncio.to_thread(depot.file_info, repo_id, path, revision)
     reader = await asyncio.to_thread(depot.open_verified, entry)
-    headers = {
-        "X-Repo-Commit": entry.commit_id,
-        "X-Linked-Etag": f'"{entry.etag}"',
-        "X-Linked-Size": str(entry.size),
-    }
-    return await send_blob(request, reader, entry.etag, headers)
+    return await send_blob(request, reader, entry.etag, file_headers(entry))
 
 
 def add_hub_routes(app: web.Application) -> None:

@@ -8,9 +8,7 @@ yet pulled is answered from the scan, so ``snapshot_download`` works through a m
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -20,10 +18,11 @@ from modeldepot.errors import RepoNotFoundError
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.mirror import Mirror
 from modeldepot.server.context import is_authorized
-from modeldepot.server.ranges import RangeNotSatisfiable, parse_range
+from modeldepot.server.ranges import RangeNotSatisfiable
+from modeldepot.server.views import RevisionView, file_headers, wanted_range
 from modeldepot.store import FileEntry
 
-__all__ = ["MIRROR", "mirror_files", "mirror_model_info", "mirror_resolve"]
+__all__ = ["MIRROR", "mirror_resolve", "mirror_revision"]
 
 MIRROR = web.AppKey("mirror", Mirror)
 
@@ -33,8 +32,10 @@ def _check_public(request: web.Request, manifest: Manifest) -> None:
         raise RepoNotFoundError(manifest.repo_id)
 
 
-def _etag(remote: RemoteFile) -> str:
-    return remote.sha256 or remote.git_oid
+def _entry(manifest: Manifest, remote: RemoteFile) -> FileEntry:
+    """An upstream file as the store would list it (chunk size 0: it is not chunked here yet)."""
+    return FileEntry(manifest.repo_id, manifest.commit_id, remote.path, remote.size, remote.sha256 or "",
+                     remote.git_oid, remote.sha256 is not None, 0)  # fmt: skip
 
 
 class MirrorResponse(web.StreamResponse):
@@ -66,23 +67,17 @@ class MirrorResponse(web.StreamResponse):
 
 
 async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path: str) -> web.StreamResponse:
+    """A resolve answer for a file the mirror is pulling: the headers of a stored file's, at once."""
     mirror = request.app[MIRROR]
     manifest, remote = await mirror.remote_file(repo_id, revision, path)
     _check_public(request, manifest)
-    etag = _etag(remote)
-    headers = {
-        "X-Repo-Commit": manifest.commit_id,
-        "X-Linked-Etag": f'"{etag}"',
-        "X-Linked-Size": str(remote.size),
-        "ETag": f'"{etag}"',
-        "Accept-Ranges": "bytes",
-        "Content-Type": "application/octet-stream",
-    }
+    entry = _entry(manifest, remote)
+    headers = file_headers(entry)
     mirror.start(manifest, remote)
     if request.method == "HEAD":
         return MirrorResponse(None, 200, headers, remote.size)
     try:
-        wanted = parse_range(request.headers.get("Range"), remote.size)
+        wanted = wanted_range(request, remote.size, entry.etag)
     except RangeNotSatisfiable:
         return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{remote.size}"})
     if wanted is None:
@@ -94,41 +89,20 @@ async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path
     )
 
 
-async def mirror_files(
-    request: web.Request, repo_id: str, revision: str
-) -> tuple[str, list[FileEntry], float]:
-    """(commit id, files, scan time) of an upstream revision, as entries the tree routes list."""
+async def mirror_revision(request: web.Request, repo_id: str, revision: str) -> RevisionView:
+    """An upstream revision (its scan), described as a stored one is."""
     manifest = await request.app[MIRROR].manifest(repo_id, revision)
     _check_public(request, manifest)
-    files = [
-        FileEntry(
-            repo_id, manifest.commit_id, f.path, f.size, f.sha256 or "", f.git_oid, f.sha256 is not None, 0
-        )
-        for f in manifest.files
-    ]
-    return manifest.commit_id, files, manifest.scanned_at
-
-
-async def mirror_model_info(request: web.Request, repo_id: str, revision: str) -> dict[str, Any]:
-    manifest = await request.app[MIRROR].manifest(repo_id, revision)
-    _check_public(request, manifest)
-    blobs = request.query.get("blobs", "").lower() in ("1", "true", "yes")
-    siblings = []
-    for remote in manifest.files:
-        item: dict[str, Any] = {"rfilename": remote.path}
-        if blobs:
-            item.update(size=remote.size, blobId=remote.git_oid)
-            if remote.sha256:
-                item["lfs"] = {"sha256": remote.sha256, "size": remote.size}
-        siblings.append(item)
-    scanned = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(manifest.scanned_at))
-    body: dict[str, Any] = {
-        "_id": repo_id, "id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0],
-        "sha": manifest.commit_id, "lastModified": scanned, "createdAt": scanned,
-        "private": manifest.private, "gated": manifest.gated, "disabled": False, "downloads": 0, "likes": 0,
-        "tags": list(manifest.tags), "siblings": siblings,
-    }  # fmt: skip
-    for key, value in (("pipeline_tag", manifest.pipeline_tag), ("library_name", manifest.library_name)):
-        if value:
-            body[key] = value
-    return body
+    card = {k: v for k, v in (("pipeline_tag", manifest.pipeline_tag), ("library_name", manifest.library_name),
+                              ("tags", list(manifest.tags))) if v}  # fmt: skip
+    return RevisionView(
+        repo_id=repo_id,
+        commit_id=manifest.commit_id,
+        files=tuple(_entry(manifest, f) for f in manifest.files),
+        private=manifest.private,
+        gated=manifest.gated,
+        card=card,
+        created_at=manifest.scanned_at,
+        updated_at=manifest.scanned_at,
+        committed_at=manifest.scanned_at,
+    )

@@ -15,6 +15,7 @@ from modeldepot.errors import (
     CorruptBlobError,
     DepotError,
     EntryNotFoundError,
+    IntegrityError,
     InvalidInputError,
     NotFoundError,
     OfflineError,
@@ -22,8 +23,10 @@ from modeldepot.errors import (
     RevisionNotFoundError,
     StoreFullError,
     UpstreamError,
+    UpstreamTimeoutError,
 )
-from modeldepot.server.ranges import ByteRange, RangeNotSatisfiable, parse_range
+from modeldepot.server.ranges import RangeNotSatisfiable
+from modeldepot.server.views import wanted_range
 from modeldepot.store.verified import VerifiedBlob
 
 __all__ = ["BlobResponse", "error_response", "json_response", "response_for_error", "send_blob"]
@@ -109,19 +112,14 @@ async def send_blob(
     """A 200, 206 or 416 for the blob per the request's Range and If-Range; for a GET, the first chunk it
     sends has been checked (a corrupt one raises CorruptBlobError: the caller answers 503)."""
     size = reader.size
-    quoted = f'"{etag}"'
     headers = {
         **headers,
-        "ETag": quoted,
+        "ETag": f'"{etag}"',
         "Accept-Ranges": "bytes",
         "Content-Type": "application/octet-stream",
     }
-    range_header = request.headers.get("Range")
-    if_range = request.headers.get("If-Range")
-    if if_range is not None and if_range.strip() not in (quoted, etag):
-        range_header = None  # the client's copy is of another version: send the whole file
     try:
-        wanted: ByteRange | None = parse_range(range_header, size)
+        wanted = wanted_range(request, size, etag)
     except RangeNotSatisfiable:
         reader.close()
         return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{size}"})
@@ -159,9 +157,14 @@ def _header_safe(text: str) -> str:
 
 
 def response_for_error(error: DepotError) -> web.Response:
-    """The one place where library errors become HTTP statuses."""
+    """The one place where library errors become HTTP statuses, with the Hub's error headers.
+
+    The client's fault is a 4xx; the node's upstream failing is a 502 (a 504 when it did not answer in
+    time), and its bytes not matching their digests too; a node that cannot serve now (offline, a blob
+    found corrupt) a 503; a full disk a 507; anything else of the node's own a 500.
+    """
     if isinstance(error, InvalidInputError):
-        return error_response(400, None, str(error))
+        return error_response(400, "BadRequest", str(error))
     if isinstance(error, RepoNotFoundError):
         return error_response(404, "RepoNotFound", f"Repository not found: {error.repo_id}")
     if isinstance(error, RevisionNotFoundError):
@@ -170,13 +173,21 @@ def response_for_error(error: DepotError) -> web.Response:
         commit = {"X-Repo-Commit": error.commit_id} if error.commit_id else None
         return error_response(404, "EntryNotFound", f"Entry not found: {error.path}", commit)
     if isinstance(error, NotFoundError):
-        return error_response(404, None, str(error))
+        return error_response(404, "NotFound", str(error))
     if isinstance(error, CorruptBlobError):
-        return error_response(503, None, "this file failed verification on the node and is not served")
+        return error_response(
+            503, "CorruptFile", "this file failed verification on the node and is not served"
+        )
     if isinstance(error, OfflineError):
-        return error_response(503, None, f"the node is offline and does not hold this: {error}")
+        return error_response(503, "Offline", f"the node is offline and does not hold this: {error}")
+    if isinstance(error, UpstreamTimeoutError):
+        return error_response(504, "UpstreamTimeout", f"the node's upstream did not answer in time: {error}")
     if isinstance(error, UpstreamError):
-        return error_response(502, None, f"the node's upstream failed: {error}")
+        return error_response(502, "UpstreamError", f"the node's upstream failed: {error}")
+    if isinstance(error, IntegrityError):
+        return error_response(
+            502, "UpstreamIntegrity", f"the bytes from the node's upstream were wrong: {error}"
+        )
     if isinstance(error, StoreFullError):
-        return error_response(507, None, "the node's disk is full")
-    return error_response(500, None, "the node could not complete the request")
+        return error_response(507, "StoreFull", "the node's disk is full")
+    return error_response(500, "NodeError", "the node could not complete the request")

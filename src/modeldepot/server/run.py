@@ -31,7 +31,7 @@ from modeldepot.store.scrub import DEFAULT_SCRUB_RATE
 __all__ = ["SHUTDOWN_GRACE", "run_server"]
 
 SHUTDOWN_GRACE = 30.0  # seconds in-flight responses get after SIGINT/SIGTERM
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i"'
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i" %{X-Request-Id}o'
 
 
 def run_server(

@@ -157,6 +157,15 @@ class Store:
             return False
         return True
 
+    def revision_time(self, repo_id: str, commit_id: str) -> float:
+        """When the revision was imported or pulled into this store."""
+        rows = self.index.read(
+            "SELECT created_at FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)
+        )
+        if not rows:
+            raise RevisionNotFoundError(repo_id, commit_id)
+        return float(rows[0]["created_at"])
+
     def files(self, repo_id: str, commit_id: str) -> list[FileEntry]:
         rows = self.index.read(
             f"SELECT {_FILE_COLUMNS} FROM files f JOIN blobs b USING (sha256) "

@@ -64,13 +64,16 @@ class SourceChain:
         for server in self.servers:
             try:
                 commit_id, info, files = fetch_repo(
-                    repo_id, revision, server.base_url, server.token or False, "MODELDEPOT_TOKEN"
-                )
+                    repo_id, revision, server.base_url, server.token or False, "MODELDEPOT_TOKEN",
+                    server.retry.read_timeout,
+                )  # fmt: skip
                 return Scan(commit_id, info, files, server.base_url)
             except DepotError as error:
                 problems.append(error)
         try:
-            commit_id, info, files = fetch_repo(repo_id, revision, self.hub.base_url, self.hub.token)
+            commit_id, info, files = fetch_repo(
+                repo_id, revision, self.hub.base_url, self.hub.token, timeout=self.hub.retry.read_timeout
+            )
         except DepotError as error:
             if not problems:
                 raise

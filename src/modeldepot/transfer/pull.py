@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -26,7 +28,18 @@ from modeldepot.store.store import Store
 from modeldepot.transfer.chain import SourceChain
 from modeldepot.transfer.download import FileSource, Limits, download_file
 
-__all__ = ["PartialWatch", "PullProgress", "PullResult", "PullUpdate", "pull", "pull_async", "select"]
+__all__ = [
+    "PartialWatch",
+    "PullProgress",
+    "PullResult",
+    "PullUpdate",
+    "pull",
+    "pull_async",
+    "run_blocking",
+    "select",
+]
+
+T = TypeVar("T")
 
 STATUS_INTERVAL = 0.5  # seconds between status rows written during a transfer
 CLAIM_POLL = 0.25  # seconds between looks at a content another process is transferring
@@ -136,10 +149,23 @@ def pull(
     paths: list[str] | None = None,
     watch: PartialWatch | None = None,
 ) -> PullResult:
-    """Blocking form of :func:`pull_async`."""
-    return asyncio.run(
+    """Blocking form of :func:`pull_async`; callable from plain code and from code that runs inside an event
+    loop (a notebook, an async server), where the transfer gets a loop of its own on a helper thread."""
+    return run_blocking(
         pull_async(store, manifest, quants, branch, chain, offline, progress, limits, paths, watch)
     )
+
+
+def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` to its end and return its result. In a thread that runs an event loop already
+    (``asyncio.run`` refuses to nest), the coroutine runs on a new loop in a helper thread while this one
+    waits: the caller asked for a blocking call, and gets one."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(1, thread_name_prefix="modeldepot-blocking") as helper:
+        return helper.submit(asyncio.run, coroutine).result()
 
 
 async def pull_async(
@@ -176,7 +202,7 @@ async def pull_async(
                 for f in files
             ]
             card = {k: v for k, v in (("pipeline_tag", manifest.pipeline_tag), ("library_name", manifest.library_name),
-                                      ("tags", list(manifest.tags))) if v}  # fmt: skip
+                                      ("tags", list(manifest.tags)), ("gated", manifest.gated)) if v}  # fmt: skip
             # What was private or gated upstream stays behind this node's token.
             private = manifest.private or bool(manifest.gated)
             spec = RevisionSpec(

@@ -1,0 +1,113 @@
+"""How the Hub routes describe a revision and its files: one shape, whether the revision is stored here or
+is an upstream's that a mirror is still pulling.
+
+Both kinds become a :class:`RevisionView` (its files as :class:`~modeldepot.store.FileEntry`), and every
+answer (model info, tree entries, resolve headers, ranges with ``If-Range``) is built from that by the same
+functions, so a client cannot tell, from its shape, a file the node holds from one it is fetching.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from modeldepot.gitobjects import lfs_pointer
+from modeldepot.server.ranges import ByteRange, parse_range
+from modeldepot.store import FileEntry
+
+__all__ = [
+    "COMMIT_TITLE",
+    "RevisionView",
+    "file_headers",
+    "iso_time",
+    "lfs_info",
+    "model_info_body",
+    "wanted_range",
+]
+
+COMMIT_TITLE = "modeldepot import"
+
+
+def iso_time(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(timestamp))
+
+
+@dataclass(frozen=True)
+class RevisionView:
+    """A revision as the Hub's routes describe it."""
+
+    repo_id: str
+    commit_id: str
+    files: tuple[FileEntry, ...]
+    private: bool
+    gated: bool | str  # False, or the upstream's "auto"/"manual" for a repo pulled from a gated one
+    card: dict[str, Any]  # pipeline_tag, library_name, tags, ...: what the model card says
+    created_at: float  # the repo's first import or pull here (an upstream's: when it was scanned)
+    updated_at: float
+    committed_at: float  # when this revision was imported or pulled (lastCommit's date)
+
+
+def lfs_info(entry: FileEntry) -> dict[str, Any]:
+    return {"size": entry.size, "pointerSize": len(lfs_pointer(entry.sha256, entry.size))}
+
+
+def _sibling(entry: FileEntry, blobs: bool) -> dict[str, Any]:
+    item: dict[str, Any] = {"rfilename": entry.path}
+    if blobs:
+        item.update(size=entry.size, blobId=entry.git_oid)
+        if entry.lfs:
+            item["lfs"] = {"sha256": entry.sha256, **lfs_info(entry)}
+    return item
+
+
+def model_info_body(view: RevisionView, blobs: bool) -> dict[str, Any]:
+    """``GET /api/models/{repo}[/revision/{rev}]``, as the Hub answers it (``blobs``: sizes and digests)."""
+    body: dict[str, Any] = {
+        "_id": view.repo_id,
+        "id": view.repo_id,
+        "modelId": view.repo_id,
+        "author": view.repo_id.split("/")[0],
+        "sha": view.commit_id,
+        "lastModified": iso_time(view.updated_at),
+        "createdAt": iso_time(view.created_at),
+        "private": view.private,
+        "gated": view.gated,
+        "disabled": False,
+        "downloads": 0,
+        "likes": 0,
+        "tags": list(view.card.get("tags", [])),
+        "siblings": [_sibling(f, blobs) for f in view.files],
+    }
+    for key in ("pipeline_tag", "library_name"):
+        if view.card.get(key):
+            body[key] = view.card[key]
+    if view.card:
+        body["cardData"] = view.card
+    if blobs:
+        body["usedStorage"] = sum(f.size for f in view.files)
+    return body
+
+
+def file_headers(entry: FileEntry) -> dict[str, str]:
+    """The headers of a resolve answer that describe the file (the body's headers come apart)."""
+    return {
+        "X-Repo-Commit": entry.commit_id,
+        "X-Linked-Etag": f'"{entry.etag}"',
+        "X-Linked-Size": str(entry.size),
+        "ETag": f'"{entry.etag}"',
+        "Accept-Ranges": "bytes",
+        "Content-Type": "application/octet-stream",
+    }
+
+
+def wanted_range(request: web.Request, size: int, etag: str) -> ByteRange | None:
+    """The range to send: ``None`` for the whole file (no ``Range``, one we ignore, or an ``If-Range``
+    naming another version); raises RangeNotSatisfiable for a 416."""
+    range_header = request.headers.get("Range")
+    if_range = request.headers.get("If-Range")
+    if if_range is not None and if_range.strip() not in (f'"{etag}"', etag):
+        return None  # the client's copy is of another version: send the whole file
+    return parse_range(range_header, size)
