@@ -168,8 +168,13 @@ def test_scan_errors_name_the_repo_and_the_fix(
     upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with Depot(tmp_path / "local") as depot:
-        with pytest.raises(NotFoundError, match=r"acme/absent was not found on .*HF_TOKEN"):
+        with pytest.raises(NotFoundError, match=r"acme/absent was not found on .*HF_TOKEN") as absent:
             depot.scan_repo("acme/absent")
+        assert (absent.value.repo_id, absent.value.source, absent.value.status) == (
+            "acme/absent",
+            upstream.url,
+            404,
+        )
         with pytest.raises(NotFoundError, match=r"revision 'nope'"):
             depot.scan_repo("acme/tiny-gguf", "nope")
         with pytest.raises(NotFoundError, match="private"):  # the node hides private repos without its token
@@ -177,8 +182,12 @@ def test_scan_errors_name_the_repo_and_the_fix(
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
-        with Depot(tmp_path / "local") as depot, pytest.raises(UpstreamError, match="cannot reach"):
+        with (
+            Depot(tmp_path / "local") as depot,
+            pytest.raises(UpstreamError, match="cannot reach") as unreachable,
+        ):
             depot.scan_repo("acme/tiny-gguf")
+        assert unreachable.value.repo_id == "acme/tiny-gguf" and unreachable.value.status is None
 
 
 @pytest.mark.usefixtures("online")

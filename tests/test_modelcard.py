@@ -39,11 +39,11 @@ def test_an_index_from_schema_1_is_migrated_to_the_latest_and_keeps_its_data(tmp
     con.close()
     with Depot(home) as depot:
         assert depot.store.index.read("PRAGMA user_version")[0][0] == SCHEMA_VERSION >= 3
-        summary = depot.repo_summary("old/repo")
+        summary = depot.store.repo_summary("old/repo")
         assert summary.card == {} and summary.refs == {"main": "a" * 40} and depot.chunk_size == 65536
         card = "---\npipeline_tag: fill-mask\n---\n"
         depot.import_dir(write_model_dir(tmp_path / "m", {"README.md": card.encode()}), "old/repo")
-        assert depot.repo_summary("old/repo").card == {"pipeline_tag": "fill-mask"}
+        assert depot.store.repo_summary("old/repo").card == {"pipeline_tag": "fill-mask"}
         assert json.loads(depot.store.index.read("SELECT card FROM repos")[0]["card"]) == {
             "pipeline_tag": "fill-mask"
         }

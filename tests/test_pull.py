@@ -66,7 +66,7 @@ def test_pull_one_variant_takes_exactly_its_files_and_the_shared_ones(
     assert local.get_manifest(REPO).variant("fp32").status == "available"
     assert sorted(p.name for p in Path(result.snapshot_path).rglob("*") if p.is_file()) == sorted(
         Path(p).name for p in wanted)  # fmt: skip
-    assert local.repo_summary(REPO).card["pipeline_tag"] == "text-generation"
+    assert local.store.repo_summary(REPO).card["pipeline_tag"] == "text-generation"
     assert list((local.home / "tmp").iterdir()) == []
 
 

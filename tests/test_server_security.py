@@ -178,7 +178,7 @@ def record_scan(depot: Depot, repo: str) -> None:
         RemoteFile(f.path, f.size, f.git_oid, f.sha256 if f.lfs else None) for f in depot.list_files(repo)
     ]
     commit_id = depot.resolve(repo)
-    info = {"private": depot.repo_private(repo)}
+    info = {"private": depot.store.repo_private(repo)}
     depot.store.manifests.save(
         repo, "main", commit_id, manifest_body(repo, "main", commit_id, "http://up", info, files), {}
     )

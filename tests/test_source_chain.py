@@ -393,7 +393,7 @@ def test_a_private_repo_is_pulled_from_a_node_with_its_token_and_never_from_the_
     background: Background, make_node: NodeFactory, make_local: LocalFactory
 ) -> None:
     node = make_node("private", {REPO: FILES}, token=NODE_SECRET, private=True)
-    assert node.depot.repo_private(REPO)
+    assert node.depot.store.repo_private(REPO)
     hub = CountingListener(background)
     local = make_local("b", [node.url], hub.url, node_token=NODE_SECRET)
 

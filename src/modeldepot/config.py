@@ -19,6 +19,7 @@ __all__ = [
     "default_home",
     "parse_duration",
     "parse_size",
+    "truthy",
 ]
 
 MiB = 1024 * 1024
@@ -31,7 +32,8 @@ _SIZE = re.compile(r"\s*(\d+)\s*([KMGT]?)(i?B?)\s*", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
-def _truthy(value: str | None) -> bool:
+def truthy(value: str | None) -> bool:
+    """Whether a setting or a query parameter says yes: ``1``, ``true``, ``yes`` or ``on``, in any case."""
     return value is not None and value.strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
@@ -118,7 +120,7 @@ class DepotConfig:
             chunk_size=parse_size(chunk) if chunk else None,
             hub_endpoint=(env.get("HF_ENDPOINT") or DEFAULT_HUB_ENDPOINT).rstrip("/"),
             hub_token=env.get("HF_TOKEN") or None,
-            offline=any(_truthy(env.get(name)) for name in ("HF_HUB_OFFLINE", "MODELDEPOT_OFFLINE")),
+            offline=any(truthy(env.get(name)) for name in ("HF_HUB_OFFLINE", "MODELDEPOT_OFFLINE")),
             servers=servers,
             node_token=env.get("MODELDEPOT_TOKEN") or None,
             connections=connections,

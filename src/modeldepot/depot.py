@@ -14,17 +14,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import mmap
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from modeldepot.config import DepotConfig
-from modeldepot.engines.adapters import ENGINES, EngineLoader, model_file
-from modeldepot.engines.adapters import warmup as warm
+from modeldepot.engines.adapters import EngineLoader
 from modeldepot.engines.cache import LoadedModelCache
-from modeldepot.errors import ConfigError, EntryNotFoundError, NotFoundError, OfflineError
+from modeldepot.engines.loading import load_variant
+from modeldepot.errors import EntryNotFoundError, NotFoundError, OfflineError
 from modeldepot.hub.manifest import Manifest, manifest_body, manifest_from_record
 from modeldepot.hub.variants import group_files
 from modeldepot.preload import Preloader
@@ -46,7 +45,7 @@ from modeldepot.store import (
     remove,
     verify,
 )
-from modeldepot.store.maintenance import StoreTotals, VerifyProgress, totals
+from modeldepot.store.maintenance import VerifyProgress
 from modeldepot.store.partials import partial_key
 from modeldepot.store.scrub import DEFAULT_SCRUB_RATE, Scrubber
 from modeldepot.store.verified import VerifiedBlob
@@ -207,10 +206,6 @@ class Depot:
         """The revision's folder, for ``from_pretrained(...)`` and other path-based loaders."""
         return self.store.snapshot_path(repo_id, revision)
 
-    def blob(self, sha256: str, *, public_only: bool = False) -> BlobRecord:
-        """A blob by its SHA-256 (for peers that fetch by content)."""
-        return self.store.blob(sha256, public_only)
-
     def open_verified(self, blob: BlobRecord | FileEntry) -> VerifiedBlob:
         """A blob (or a file's blob) open for sending: each chunk is checked against its BLAKE3 before it
         is handed out, and a chunk that fails quarantines the blob. What the node serves goes through this."""
@@ -219,25 +214,8 @@ class Depot:
             blob = BlobRecord(blob.sha256, blob.size, blob.chunk_size)
         return self.store.open_verified(blob)
 
-    def verified_chunk(self, blob: BlobRecord, index: int) -> tuple[memoryview, str]:
-        """Chunk ``index`` of a blob as a zero-copy view, and the BLAKE3 digest it was just checked against."""
-        return self.store.verified_chunk(blob, index)
-
-    def chunk_digests(self, sha256: str) -> list[str]:
-        """The BLAKE3 digest of each chunk of a blob, in order."""
-        return self.store.chunk_digests(sha256)
-
-    def inventory(self, after: str = "", limit: int = 1000, *, public_only: bool = False) -> list[BlobRecord]:
-        return self.store.inventory(after, limit, public_only)
-
     def list_repos(self) -> list[RepoSummary]:
         return self.store.list_repos()
-
-    def repo_private(self, repo_id: str) -> bool:
-        return self.store.repo_private(repo_id)
-
-    def repo_summary(self, repo_id: str) -> RepoSummary:
-        return self.store.repo_summary(repo_id)
 
     def repo_info(self, repo_id: str) -> RepoInfo:
         return self.store.repo_info(repo_id)
@@ -283,8 +261,8 @@ class Depot:
         self,
         repo_id: str,
         quants: list[str] | str | None = None,
-        revision: str = "main",
         *,
+        revision: str = "main",
         progress: PullProgress | None = None,
     ) -> PullResult:
         """Download variants of ``repo_id`` into the store through the source chain, verified and resumable.
@@ -303,8 +281,8 @@ class Depot:
         self,
         repo_id: str,
         quants: list[str] | str | None = None,
-        revision: str = "main",
         *,
+        revision: str = "main",
         progress: PullProgress | None = None,
         paths: list[str] | None = None,
         watch: PartialWatch | None = None,
@@ -393,55 +371,21 @@ class Depot:
         inputs: Mapping[str, Any] | None = None,
     ) -> Any:
         """A loaded, warmed-up engine for a variant of ``repo_id``, kept in :attr:`engines` (an LRU of
-        loaded engines): the second call for the same variant is a cache hit.
+        loaded engines): the second call for the same variant and engine is a cache hit.
 
         The variant is pulled through the source chain first if the store lacks it. ``engine`` is
         ``"onnxruntime"`` (an InferenceSession), ``"safetensors"`` (numpy tensors), ``"torch"`` (torch
-        tensors, when torch is installed), or any callable taking
-        the model file's path. ``warmup`` dummy inference passes run after the load (shaped from the
-        model's inputs unless ``inputs`` is given); their failure is logged, not raised.
+        tensors, when torch is installed), or any callable taking the model file's path (keyed by the
+        callable itself: pass the same object to hit the cache). ``warmup`` dummy inference passes run after
+        the load (shaped from the model's inputs unless ``inputs`` is given); their failure is logged, not
+        raised. The steps are in :mod:`modeldepot.engines.loading`.
         """
-        validate_repo_id(repo_id)
-        validate_revision(revision)
-        loader, suffixes = ENGINES[engine] if isinstance(engine, str) and engine in ENGINES else (engine, ())
-        if isinstance(loader, str):
-            raise ConfigError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)} or a callable")
-        commit_id, chosen = self._locate(
-            repo_id, quant, revision, suffixes or (".onnx", ".safetensors", ".gguf", ".bin")
-        )
-        # The callable itself, not its name: two lambdas (or two factories' inner functions) share a
-        # __qualname__ but build different engines. The same callable object hits the cache.
-        key = (repo_id, commit_id, chosen, engine)
 
-        def load_and_warm() -> Any:
-            started = time.perf_counter()
-            preloader = self.preloader
-            handle = (
-                preloader.get(repo_id, quant, commit_id)
-                if preloader.holds(repo_id, quant, commit_id)
-                else None
-            )
-            try:
-                built = build()  # while the handle holds the preloaded copy, eviction cannot take it
-            finally:
-                if handle is not None:
-                    handle.release()
-            preloader.record_load(time.perf_counter() - started, handle is not None)
-            if warmup:
-                warm(built, warmup, inputs)
-            return built
+        def pull_variant(repo: str, variant: str | None, rev: str) -> str:
+            return self.pull(repo, [variant] if variant else None, revision=rev).commit_id
 
-        def build() -> Any:
-            if isinstance(engine, str):  # our engines read everything at load: hard links suffice
-                folder, _, name = chosen.rpartition("/")
-                with self.store.linked_folder(repo_id, commit_id, folder) as view:
-                    built = loader(view / name)
-            else:  # a caller's loader may read lazily: it gets the lasting snapshot path
-                built = loader(self.store.file_path(repo_id, chosen, commit_id))
-            return built
-
-        self.store.access.record(repo_id, quant)
-        return self.engines.get_or_load(key, load_and_warm)
+        return load_variant(self.store, self.preloader, self.engines, pull_variant, self.config.offline,
+                            repo_id, quant, revision, engine, warmup, inputs)  # fmt: skip
 
     @property
     def preloader(self) -> Preloader:
@@ -456,24 +400,6 @@ class Depot:
         if self._preloader is not None and self._preloader is not preloader:
             self._preloader.close()
         self._preloader = preloader
-
-    def _locate(
-        self, repo_id: str, quant: str | None, revision: str, suffixes: tuple[str, ...]
-    ) -> tuple[str, str]:
-        """(commit, model file) of the variant, pulling it first when the store lacks it."""
-        try:
-            commit_id = self.store.resolve(repo_id, revision)
-        except NotFoundError:
-            commit_id = None
-        if commit_id is not None:
-            paths = [f.path for f in self.store.files(repo_id, commit_id)]
-            try:
-                return commit_id, model_file(paths, quant, suffixes)
-            except NotFoundError:
-                if self.config.offline:
-                    raise  # nothing to pull from: the error lists the variants there are
-        commit_id = self.pull(repo_id, [quant] if quant else None, revision).commit_id
-        return commit_id, model_file([f.path for f in self.store.files(repo_id, commit_id)], quant, suffixes)
 
     # -- upkeep ---------------------------------------------------------------------------------------
 
@@ -498,8 +424,3 @@ class Depot:
 
     def du(self) -> DiskUsage:
         return disk_usage(self.store)
-
-    def totals(self, *, public_only: bool = False) -> StoreTotals:
-        """Repos, blobs and bytes in the store; ``public_only`` counts only what repos that are not private
-        use (the node's stats for a request without its token)."""
-        return totals(self.store, public_only)

@@ -58,7 +58,30 @@ __all__ = [
 
 
 class DepotError(Exception):
-    """Base of every error modeldepot raises on purpose."""
+    """Base of every error modeldepot raises on purpose.
+
+    Besides its message, an error carries what it is about as attributes (``None`` where one does not
+    apply), so callers need not parse messages: ``repo_id``, ``path`` (a file in the repo), ``source``
+    (the upstream's URL) and ``status`` (the HTTP status the upstream answered).
+    """
+
+    repo_id: str | None = None
+    path: str | None = None
+    source: str | None = None
+    status: int | None = None
+
+    def __init__(
+        self,
+        *args: object,
+        repo_id: str | None = None,
+        path: str | None = None,
+        source: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(*args)
+        for name, value in (("repo_id", repo_id), ("path", path), ("source", source), ("status", status)):
+            if value is not None:
+                setattr(self, name, value)
 
 
 class InvalidInputError(DepotError, ValueError):
@@ -145,8 +168,7 @@ class UpstreamDataError(UpstreamError):
     """
 
     def __init__(self, source: str, field: str, detail: str) -> None:
-        super().__init__(f"{source} sent an invalid {field}: {detail}; nothing was written")
-        self.source = source
+        super().__init__(f"{source} sent an invalid {field}: {detail}; nothing was written", source=source)
         self.field = field
         self.detail = detail
 

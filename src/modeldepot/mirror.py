@@ -94,7 +94,7 @@ class Mirror:
 
         async def run() -> PullResult:
             try:
-                return await self.depot.pull_async(manifest.repo_id, None, manifest.revision, progress=progress,
+                return await self.depot.pull_async(manifest.repo_id, None, revision=manifest.revision, progress=progress,
                                                    paths=[remote.path], watch=watch, manifest=manifest)  # fmt: skip
             finally:
                 self._jobs.pop(key, None)

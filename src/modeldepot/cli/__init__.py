@@ -352,7 +352,7 @@ def pull_command(
     view = render.PullView(f"pulling {repo_id}")
     try:
         with view.running():
-            result = depot.pull(repo_id, chosen, revision, progress=view.update)
+            result = depot.pull(repo_id, chosen, revision=revision, progress=view.update)
     except KeyboardInterrupt:
         render.err.print("interrupted: every finished chunk is kept; run the same command to resume")
         sys.exit(EXIT_INTERRUPTED)

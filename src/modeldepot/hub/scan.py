@@ -54,30 +54,45 @@ def fetch_repo(
     except GatedRepoError as error:
         raise AccessDeniedError(
             f"{repo_id} is gated on {endpoint}: accept its conditions there, then set {token_name} to a token "
-            "of the account that did"
-        ) from error
+            "of the account that did", status=_status(error), repo_id=repo_id, source=endpoint,
+        ) from error  # fmt: skip
     except RepositoryNotFoundError as error:
         raise NotFoundError(
-            f"{repo_id} was not found on {endpoint}; if it is private, set {token_name} to a token that can read it"
-        ) from error
+            f"{repo_id} was not found on {endpoint}; if it is private, set {token_name} to a token that can read it",
+            status=_status(error), repo_id=repo_id, source=endpoint,
+        ) from error  # fmt: skip
     except RevisionNotFoundError as error:
-        raise NotFoundError(f"revision {revision!r} of {repo_id} does not exist on {endpoint}") from error
+        raise NotFoundError(f"revision {revision!r} of {repo_id} does not exist on {endpoint}",
+                            status=_status(error), repo_id=repo_id, source=endpoint) from error  # fmt: skip
     except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else None
+        status = _status(error)
         if status in (401, 403):
             raise AccessDeniedError(
-                f"{endpoint} refused access to {repo_id} ({status}): check {token_name}"
-            ) from error
-        raise UpstreamError(f"{endpoint} failed to describe {repo_id}: {error}") from error
-    except Exception as error:  # connection refused, DNS, TLS, timeouts: the client's own error types vary
-        if _is_timeout(error):
-            raise UpstreamTimeoutError(
-                f"{endpoint} did not answer in time to scan {repo_id}: {error}"
+                f"{endpoint} refused access to {repo_id} ({status}): check {token_name}",
+                status=status,
+                repo_id=repo_id,
+                source=endpoint,
             ) from error
         raise UpstreamError(
-            f"cannot reach {endpoint} to scan {repo_id}, or read its answer: {type(error).__name__}: {error}"
+            f"{endpoint} failed to describe {repo_id}: {error}",
+            status=status,
+            repo_id=repo_id,
+            source=endpoint,
+        ) from error
+    except Exception as error:  # connection refused, DNS, TLS, timeouts: the client's own error types vary
+        if _is_timeout(error):
+            raise UpstreamTimeoutError(f"{endpoint} did not answer in time to scan {repo_id}: {error}",
+                                       repo_id=repo_id, source=endpoint) from error  # fmt: skip
+        raise UpstreamError(
+            f"cannot reach {endpoint} to scan {repo_id}, or read its answer: {type(error).__name__}: {error}",
+            repo_id=repo_id,
+            source=endpoint,
         ) from error
     return _checked(endpoint, repo_id, info)
+
+
+def _status(error: HfHubHTTPError) -> int | None:
+    return error.response.status_code if error.response is not None else None
 
 
 def _is_timeout(error: BaseException) -> bool:
@@ -99,7 +114,9 @@ def _checked(endpoint: str, repo_id: str, info: Any) -> tuple[str, dict[str, Any
     """
     source = f"{endpoint} (describing {repo_id})"
     if not info.sha:
-        raise UpstreamError(f"{endpoint} did not say which commit {repo_id} is")
+        raise UpstreamError(
+            f"{endpoint} did not say which commit {repo_id} is", repo_id=repo_id, source=endpoint
+        )
     commit_id = from_upstream(source, "commit id", validate_commit_id, info.sha)
     siblings = list(info.siblings or [])
     if len(siblings) > MAX_FILES:

@@ -1,6 +1,6 @@
 """Grouping a repo's files into the quantization variants a user picks from, plus the files all of them need.
 
-Naming follows the ecosystem (hf-protocol.md §5):
+Naming follows the ecosystem (docs/background.md, "Variant names"):
 
 - ONNX (transformers.js / onnx-community): ``{base}{suffix}.onnx`` with dtype suffixes (``_fp16``,
   ``_q4f16``, ``_quantized`` = q8, none = fp32), external data ``{stem}.onnx_data[_N]`` or ``{stem}.onnx.data``.

@@ -25,7 +25,7 @@ class FileCopy:
         self.mapping: mmap.mmap | None = None
         self.buffer: bytearray | None = None
         self.memfd = -1
-        self.blob_fd = store.blobs.open(entry.sha256, entry.size)
+        self.blob_fd = store.open_fd(entry)
         self.path = store.file_path(entry.repo_id, entry.path, entry.commit_id)
         try:
             self._fill()

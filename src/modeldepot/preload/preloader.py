@@ -261,12 +261,6 @@ class Preloader:
         """:meth:`preload` on a worker thread: the event loop keeps running."""
         return await asyncio.to_thread(self.preload, repo_id, quant, revision)
 
-    def preload_in_background(
-        self, repo_id: str, quant: str | None = None, revision: str = "main"
-    ) -> Future[PreloadInfo]:
-        """Start :meth:`preload` on the preloader's own thread; returns at once."""
-        return self._pool.submit(self.preload, repo_id, quant, revision)
-
     def auto_preload_in_background(self, top_n: int) -> Future[list[PreloadInfo]]:
         """Start :meth:`auto_preload` on the preloader's own thread; returns at once."""
         return self._pool.submit(self.auto_preload, top_n)
@@ -425,7 +419,7 @@ def resident_in_ram(store: Store, repo_id: str, revision: str = "main") -> tuple
     """(bytes in the page cache now, bytes in all) of a revision's blobs, from any process."""
     resident = total = 0
     for entry in store.files(repo_id, store.resolve(repo_id, revision)):
-        fd = store.blobs.open(entry.sha256, entry.size)
+        fd = store.open_fd(entry)
         try:
             resident += resident_bytes(fd, entry.size)
         finally:

@@ -1,4 +1,4 @@
-"""Making file pages resident, pinning them, and measuring what really is resident (loading-facts.md:
+"""Making file pages resident, pinning them, and measuring what really is resident (docs/background.md:
 one WILLNEED preloads only the readahead window, so residency is made page by page and then measured).
 
 - ``populate``: ``madvise(MADV_POPULATE_READ)`` on a shared mapping where the kernel has it (5.14+); else

@@ -1,4 +1,4 @@
-"""The Hugging Face Hub's routes, as huggingface_hub, transformers and Olah read them (hf-protocol.md §1).
+"""The Hugging Face Hub's routes, as huggingface_hub, transformers and Olah read them (docs/background.md).
 
 Only model repos. Never an ``X-Xet-*`` header, a ``Link rel="xet-auth"`` or a ``xetHash`` field: clients
 that see none of them stay on plain HTTP, which is all a node serves.
@@ -13,6 +13,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from modeldepot.config import truthy
 from modeldepot.depot import Depot
 from modeldepot.errors import (
     DepotError,
@@ -44,10 +45,6 @@ TREE_PAGE = 1000  # the Hub's page sizes: 1000 entries, 50 when expanded
 TREE_PAGE_EXPANDED = 50
 
 
-def _truthy(value: str | None) -> bool:
-    return value is not None and value.lower() in ("1", "true", "yes")
-
-
 def _repo_id(request: web.Request) -> str:
     return validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
 
@@ -59,13 +56,13 @@ def _revision(request: web.Request, default: str = "main") -> str:
 
 async def _check_visible(request: web.Request, repo_id: str) -> None:
     """RepoNotFound when the repo is absent, or private and the request carries no valid token."""
-    if await asyncio.to_thread(request.app[DEPOT].repo_private, repo_id) and not is_authorized(request):
+    if await asyncio.to_thread(request.app[DEPOT].store.repo_private, repo_id) and not is_authorized(request):
         raise RepoNotFoundError(repo_id)
 
 
 async def _visible_repo(request: web.Request, repo_id: str) -> RepoSummary:
     """The repo's summary, or RepoNotFound when it is private and the request carries no valid token."""
-    summary = await asyncio.to_thread(request.app[DEPOT].repo_summary, repo_id)
+    summary = await asyncio.to_thread(request.app[DEPOT].store.repo_summary, repo_id)
     if summary.private and not is_authorized(request):
         raise RepoNotFoundError(repo_id)
     return summary
@@ -77,7 +74,7 @@ async def _mirrorable(request: web.Request, repo_id: str) -> bool:
     if MIRROR not in request.app:
         return False
     try:
-        private = await asyncio.to_thread(request.app[DEPOT].repo_private, repo_id)
+        private = await asyncio.to_thread(request.app[DEPOT].store.repo_private, repo_id)
     except RepoNotFoundError:
         return True
     return not private or is_authorized(request)
@@ -91,7 +88,7 @@ async def _upstream_first(request: web.Request, repo_id: str) -> bool:
     if MIRROR not in request.app:
         return False
     try:
-        summary = await asyncio.to_thread(request.app[DEPOT].repo_summary, repo_id)
+        summary = await asyncio.to_thread(request.app[DEPOT].store.repo_summary, repo_id)
     except RepoNotFoundError:
         return True
     if summary.private and not is_authorized(request):
@@ -139,7 +136,7 @@ async def _stored_view(request: web.Request, repo_id: str, revision: str) -> Rev
 
 async def model_info(request: web.Request) -> web.Response:
     view = await _revision_view(request, _repo_id(request), _revision(request))
-    return json_response(model_info_body(view, _truthy(request.query.get("blobs"))))
+    return json_response(model_info_body(view, truthy(request.query.get("blobs"))))
 
 
 @dataclass(frozen=True)
@@ -191,8 +188,8 @@ async def list_tree(request: web.Request) -> web.Response:
     tree, updated_at = await _tree_of(request, repo_id, revision)
     if folder and folder not in tree.folder_oids:
         raise EntryNotFoundError(repo_id, revision, folder, tree.commit_id)
-    expand = _truthy(request.query.get("expand"))
-    paths = tree.listing(folder, _truthy(request.query.get("recursive")))
+    expand = truthy(request.query.get("expand"))
+    paths = tree.listing(folder, truthy(request.query.get("recursive")))
     page = TREE_PAGE_EXPANDED if expand else TREE_PAGE
     try:
         cursor = int(request.query.get("cursor", "0"))
@@ -216,7 +213,7 @@ async def paths_info(request: web.Request) -> web.Response:
     except UnicodeDecodeError:
         raise InvalidInputError("the paths-info form is not UTF-8") from None
     wanted = [validate_path(str(p).strip("/")) for p in form.getall("paths", [])]
-    expand = _truthy(str(form.get("expand", "")))
+    expand = truthy(str(form.get("expand", "")))
     tree, updated_at = await _tree_of(request, repo_id, revision)
     found = [p for p in wanted if p in tree.files or p in tree.folder_oids]
     return json_response([tree.entry(p, expand, updated_at) for p in found])
@@ -225,7 +222,7 @@ async def paths_info(request: web.Request) -> web.Response:
 async def list_refs(request: web.Request) -> web.Response:
     repo_id = _repo_id(request)
     summary = await _visible_repo(request, repo_id)
-    include_prs = _truthy(request.query.get("include_prs"))
+    include_prs = truthy(request.query.get("include_prs"))
     branches, pulls = [], []
     for name, commit_id in sorted(summary.refs.items()):
         if name.startswith("refs/pr/"):

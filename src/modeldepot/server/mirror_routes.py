@@ -2,7 +2,7 @@
 
 A HEAD is answered from the upstream's metadata at once (and starts the pull, since a GET follows);
 a GET sends the headers at once and then the bytes as the pull lands and checks them, so a client's
-10-second timeouts (hf-protocol.md §1.5) only ever wait for the next chunk. ``model_info`` of a repo not
+10-second timeouts (docs/background.md) only ever wait for the next chunk. ``model_info`` of a repo not
 yet pulled is answered from the scan, so ``snapshot_download`` works through a mirror too.
 """
 

@@ -22,8 +22,9 @@ from modeldepot.depot import Depot
 from modeldepot.errors import InvalidInputError, NotFoundError, RepoNotFoundError
 from modeldepot.hub.manifest import Manifest
 from modeldepot.server.context import DEPOT, is_authorized
-from modeldepot.server.openapi import openapi_document
+from modeldepot.server.openapi import WITHHELD_PRELOAD, openapi_document
 from modeldepot.server.responses import json_response, send_blob
+from modeldepot.store.maintenance import totals as store_totals
 from modeldepot.validation import validate_repo_id, validate_revision
 
 __all__ = ["API", "HEALTH_PATH", "add_native_routes"]
@@ -70,12 +71,12 @@ async def manifest(request: web.Request) -> web.Response:
     depot = _depot(request)
     repo_id = validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
     revision = validate_revision(request.match_info["rev"])
-    summary = await asyncio.to_thread(depot.repo_summary, repo_id)
+    summary = await asyncio.to_thread(depot.store.repo_summary, repo_id)
     if summary.private and not is_authorized(request):
         raise RepoNotFoundError(repo_id)
     commit_id = await asyncio.to_thread(depot.resolve, repo_id, revision)
     files = await asyncio.to_thread(depot.list_files, repo_id, commit_id)
-    digests = {f.sha256: await asyncio.to_thread(depot.chunk_digests, f.sha256) for f in files}
+    digests = {f.sha256: await asyncio.to_thread(depot.store.chunk_digests, f.sha256) for f in files}
     return json_response(
         {
             "repo_id": repo_id,
@@ -161,7 +162,7 @@ async def events(request: web.Request) -> web.StreamResponse:
 async def read_blob(request: web.Request) -> web.StreamResponse:
     depot = _depot(request)
     blob = await asyncio.to_thread(
-        depot.blob, request.match_info["sha256"], public_only=not is_authorized(request)
+        depot.store.blob, request.match_info["sha256"], public_only=not is_authorized(request)
     )
     reader = await asyncio.to_thread(depot.open_verified, blob)
     return await send_blob(request, reader, blob.sha256, {"X-Chunk-Size": str(blob.chunk_size)})
@@ -171,12 +172,12 @@ async def read_chunk(request: web.Request) -> web.StreamResponse:
     """One chunk, verified against its BLAKE3 before a byte leaves: a corrupt chunk is a 503, never data."""
     depot = _depot(request)
     blob = await asyncio.to_thread(
-        depot.blob, request.match_info["sha256"], public_only=not is_authorized(request)
+        depot.store.blob, request.match_info["sha256"], public_only=not is_authorized(request)
     )
     raw = request.match_info["index"]
     if not _INDEX.fullmatch(raw):
         raise InvalidInputError(f"chunk index {raw[:40]!r} is not a decimal number")
-    view, digest = await asyncio.to_thread(depot.verified_chunk, blob, int(raw))
+    view, digest = await asyncio.to_thread(depot.store.verified_chunk, blob, int(raw))
     headers = {"ETag": f'"{digest}"', "X-Chunk-Blake3": digest, "X-Chunk-Size": str(blob.chunk_size)}
     return web.Response(body=view, headers=headers, content_type="application/octet-stream")
 
@@ -189,9 +190,7 @@ async def inventory(request: web.Request) -> web.Response:
         raise InvalidInputError("limit must be an integer") from None
     if not 1 <= limit <= INVENTORY_PAGE:
         raise InvalidInputError(f"limit must be between 1 and {INVENTORY_PAGE}")
-    blobs = await asyncio.to_thread(
-        _depot(request).inventory, after, limit, public_only=not is_authorized(request)
-    )
+    blobs = await asyncio.to_thread(_depot(request).store.inventory, after, limit, not is_authorized(request))
     body: dict[str, Any] = {"blobs": [b.to_dict() for b in blobs]}
     if len(blobs) == limit:
         body["next"] = str(request.url.update_query(after=blobs[-1].sha256))
@@ -204,17 +203,13 @@ async def stats(request: web.Request) -> web.Response:
 
 
 MOST_ACCESSED = 5  # as many as the preloader's stats list
-# Counters of the whole node that no repo can be told apart in: withheld (null) from a request without the
-# token, since private repos' use moves them too.
-_NODE_WIDE_PRELOAD = ("hits", "misses", "hit_rate", "evictions", "avg_load_seconds_preloaded",
-                      "avg_load_seconds_cold")  # fmt: skip
 
 
 def _stats(depot: Depot, authorized: bool) -> dict[str, Any]:
     """The stats body. Without the token every figure counts public repos alone (those in the store and not
     private; a removed repo, which may have been private, is never named), and what cannot be split per
     repo is null."""
-    totals = depot.totals(public_only=not authorized)
+    totals = store_totals(depot.store, public_only=not authorized)
     preload = depot.preloader.stats()
     engines = depot.engines.stats().to_dict()
     figures = {k: v for k, v in preload.to_dict().items() if k not in ("preloaded", "most_accessed")}
@@ -224,7 +219,7 @@ def _stats(depot: Depot, authorized: bool) -> dict[str, Any]:
         visible = set(totals.repo_ids)
         models = [p for p in preload.preloaded if p.repo_id in visible]
         most_accessed = depot.store.access.top(MOST_ACCESSED, public_only=True)
-        figures.update(dict.fromkeys(_NODE_WIDE_PRELOAD), ram_bytes=sum(m.resident_bytes for m in models))
+        figures.update(dict.fromkeys(WITHHELD_PRELOAD), ram_bytes=sum(m.resident_bytes for m in models))
         # load() keys an engine (repo_id, commit, path, engine); one cached under another key names no repo
         loaded = depot.engines.keys()  # a list (the cache is no mapping)
         public = sum(1 for key in loaded if isinstance(key, tuple) and key and key[0] in visible)

@@ -1,21 +1,166 @@
-"""The OpenAPI 3.1 description of ``/api/depot/v1`` (served at ``/api/depot/v1/openapi.json``)."""
+"""The OpenAPI 3.1 description of ``/api/depot/v1`` (served at ``/api/depot/v1/openapi.json``).
+
+What a route answers with a dataclass's ``to_dict()`` (``dataclasses.asdict``) is described by a schema
+made from that dataclass: its fields and their resolved type hints, every field required and no other key
+allowed. A field added to ``RepoSummary``, ``FileEntry``, the hub ``Manifest`` or the preload and engine
+stats appears in the document by itself. Only the bodies the routes build by hand are written out here
+(health, node info, the revision manifest's wrapper, the inventory page, the stats body, errors), each
+closed the same way; ``tests/test_openapi.py`` checks every route's answers against this document on a
+live node, so the two cannot drift apart unnoticed.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import types
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-__all__ = ["openapi_document"]
+from modeldepot.engines.cache import CacheStats
+from modeldepot.hub.manifest import Manifest, RemoteFile, Variant
+from modeldepot.preload.copies import STRATEGIES
+from modeldepot.preload.preloader import PreloadInfo, PreloadStats
+from modeldepot.store.access import ModelAccess
+from modeldepot.store.maintenance import StoreTotals
+from modeldepot.store.manifests import STATUSES
+from modeldepot.store.models import BlobRecord, FileEntry, RepoSummary
 
-_SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+__all__ = ["ComponentSchemas", "openapi_document"]
+
+REF = "#/components/schemas/"
+_HEX64 = {"pattern": "^[0-9a-f]{64}$"}
+_SHA256 = {"type": "string", **_HEX64}
 _SEGMENT = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$", "maxLength": 96}
-_ERROR = {
-    "description": "Error",
-    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+
+# Component names that are not the dataclass's own (the hub's Manifest is a pull manifest here: "Manifest"
+# names the revision manifest the node builds from its store).
+NAMES: dict[type, str] = {Manifest: "PullManifest"}
+# What a field's type cannot say: its format or its values, per dataclass and field.
+REFINE: dict[type, dict[str, dict[str, Any]]] = {
+    BlobRecord: {"sha256": _HEX64},
+    FileEntry: {"sha256": _HEX64},
+    RemoteFile: {"sha256": _HEX64},
+    Variant: {"status": {"enum": list(STATUSES)}},
+    PreloadInfo: {"strategy": {"enum": list(STRATEGIES)}},
+    PreloadStats: {"strategy": {"enum": list(STRATEGIES)}},
 }
-_BYTES = {
-    "description": "Bytes",
-    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+# Stats figures of the whole node that no repo can be told apart in: null in an answer to a request without
+# the token, since private repos' use moves them too (native_routes._stats fills them so).
+WITHHELD_PRELOAD = ("hits", "misses", "hit_rate", "evictions", "avg_load_seconds_preloaded",
+                    "avg_load_seconds_cold")  # fmt: skip
+_SCALARS: dict[Any, str] = {
+    str: "string",
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    type(None): "null",
 }
+
+
+def _closed(properties: dict[str, Any], required: Iterable[str] | None = None) -> dict[str, Any]:
+    """An object with exactly these keys (all required unless ``required`` names fewer), and no other."""
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties if required is None else required),
+        "additionalProperties": False,
+    }
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    kind = schema.get("type")
+    if isinstance(kind, str):
+        return {**schema, "type": [kind, "null"]}
+    if isinstance(kind, list):
+        return {**schema, "type": [*kind, *(["null"] if "null" not in kind else [])]}
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+class ComponentSchemas:
+    """The document's component schemas. A dataclass's schema is made the first time something refers
+    to it (``ref``), under its name (or its ``NAMES`` entry); two schemas under one name are an error."""
+
+    def __init__(self) -> None:
+        self.schemas: dict[str, dict[str, Any]] = {}
+        self._names: dict[type, str] = {}
+
+    def add(self, name: str, schema: dict[str, Any]) -> dict[str, Any]:
+        """Register a schema under ``name``; returns a reference to it."""
+        if name in self.schemas:
+            raise ValueError(f"two component schemas are named {name!r}")
+        self.schemas[name] = schema
+        return {"$ref": REF + name}
+
+    def ref(self, cls: type) -> dict[str, Any]:
+        """A reference to the schema of dataclass ``cls`` (made now if it is new)."""
+        name = self._names.get(cls)
+        if name is None:
+            name = self._names[cls] = NAMES.get(cls, cls.__name__)
+            self.add(name, {})  # claim the name first: a dataclass may refer to itself
+            self.schemas[name] = self.record(cls)
+        return {"$ref": REF + name}
+
+    def record(
+        self,
+        cls: type,
+        *,
+        only: Iterable[str] | None = None,
+        omit: Iterable[str] = (),
+        nullable: Iterable[str] = (),
+        add: Mapping[str, dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """The schema of ``dataclasses.asdict`` of a ``cls``: one required property per field, no other.
+
+        For an answer built from a dataclass by a route: ``only``/``omit`` keep or drop fields, ``nullable``
+        fields may be null, ``add`` puts more (required) properties. Every field named must exist, so a
+        renamed field breaks the document instead of silently leaving it."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        kept = names if only is None else list(only)
+        omitted, nulls, refined = set(omit), set(nullable), REFINE.get(cls, {})
+        unknown = (set(kept) | omitted | nulls | set(refined)) - set(names)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
+        hints = get_type_hints(cls)
+        properties: dict[str, Any] = {}
+        for name in kept:
+            if name in omitted:
+                continue
+            schema = {**self.of_type(hints[name]), **refined.get(name, {})}
+            properties[name] = _nullable(schema) if name in nulls else schema
+        properties.update(add or {})
+        return _closed(properties)
+
+    def field(self, cls: type, name: str) -> dict[str, Any]:
+        """The schema of one field of dataclass ``cls``."""
+        return self.record(cls, only=[name])["properties"][name]  # type: ignore[no-any-return]
+
+    def of_type(self, hint: Any) -> dict[str, Any]:
+        """The JSON schema of what ``dataclasses.asdict`` and ``json.dumps`` make of a value of type ``hint``."""
+        if hint is Any:
+            return {}
+        if hint in _SCALARS:
+            return {"type": _SCALARS[hint]}
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            return self.ref(hint)
+        origin, args = get_origin(hint), get_args(hint)
+        if origin is Union or origin is types.UnionType:
+            members = [self.of_type(arg) for arg in args]
+            if all(set(m) == {"type"} and isinstance(m["type"], str) for m in members):
+                return {"type": [m["type"] for m in members]}
+            return {"anyOf": members}
+        if origin is Literal:
+            return {"enum": list(args)}
+        if origin is list and len(args) == 1:
+            return {"type": "array", "items": self.of_type(args[0])}
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return {"type": "array", "items": self.of_type(args[0])}
+        if origin is tuple and args and Ellipsis not in args:
+            items = [self.of_type(arg) for arg in args]
+            return {"type": "array", "prefixItems": items, "minItems": len(items), "items": False}
+        if origin is dict and len(args) == 2 and args[0] is str:
+            values = self.of_type(args[1])
+            return {"type": "object", **({"additionalProperties": values} if values else {})}
+        raise TypeError(f"no JSON schema for the type {hint!r}: describe it in server/openapi.py")
 
 
 def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
@@ -26,31 +171,136 @@ def _path_param(name: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": schema}
 
 
+def _components() -> ComponentSchemas:
+    """Every component schema: the dataclasses' made from them, the hand-built bodies written here."""
+    c = ComponentSchemas()
+    c.add("Error", _closed({"error": {"type": "string"}}))
+    c.add("Health", _closed({"status": {"const": "ok"}}))
+    c.add(
+        "NodeInfo",
+        _closed(
+            {
+                "id": {"type": "string"},
+                "version": {"type": "string"},
+                "chunk_size": {"type": "integer"},
+                "capabilities": {"type": "array", "items": {"type": "string"}},
+                "hub_api": {"type": "boolean"},
+            }
+        ),
+    )
+    c.ref(RepoSummary)
+    manifest_file = c.record(
+        FileEntry,
+        add={
+            "etag": {"type": "string", "description": "SHA-256 for LFS files, else the git blob SHA-1"},
+            "chunks": {"type": "array", "items": {**_SHA256}, "description": "BLAKE3 of each chunk"},
+        },
+    )
+    c.add("ManifestFile", manifest_file)
+    c.add(
+        "Manifest",
+        _closed(
+            {
+                "repo_id": c.field(FileEntry, "repo_id"),
+                "commit_id": c.field(FileEntry, "commit_id"),
+                "private": c.field(RepoSummary, "private"),
+                "files": {"type": "array", "items": {"$ref": REF + "ManifestFile"}},
+            }
+        ),
+    )
+    c.ref(Manifest)
+    c.add(
+        "VariantEvent",
+        c.record(
+            Variant,
+            only=["status", "bytes_done", "total_bytes", "error", "resumable"],
+            add={
+                "repo_id": c.field(Manifest, "repo_id"),
+                "commit_id": c.field(Manifest, "commit_id"),
+                "variant": c.field(Variant, "name"),
+            },
+        ),
+    )
+    c.add(
+        "Inventory",
+        _closed(
+            {
+                "blobs": {"type": "array", "items": c.ref(BlobRecord)},
+                "next": {"type": "string", "description": "the next page's URL; absent on the last page"},
+            },
+            required=["blobs"],
+        ),
+    )
+    c.add(
+        "StatsPreload",
+        c.record(
+            PreloadStats,
+            omit=["preloaded", "most_accessed"],
+            nullable=WITHHELD_PRELOAD,
+            add={"models": {"type": "array", "items": c.ref(PreloadInfo)}},
+        ),
+    )
+    engine_figures = [f.name for f in dataclasses.fields(CacheStats)]
+    c.add(
+        "StatsEngines",
+        c.record(CacheStats, nullable=[name for name in engine_figures if name != "cached_models"]),
+    )
+    c.add(
+        "Stats",
+        _closed(
+            {
+                "uptime_seconds": {"type": "number"},
+                "repos": {
+                    "type": "integer",
+                    "description": "repos in the store (public ones alone without the token)",
+                },
+                **c.record(StoreTotals, omit=["repo_ids"])["properties"],
+                "preload": {"$ref": REF + "StatsPreload"},
+                "most_accessed": {"type": "array", "items": c.ref(ModelAccess)},
+                "engines": {"$ref": REF + "StatsEngines"},
+            }
+        ),
+    )
+    return c
+
+
 def openapi_document(version: str) -> dict[str, Any]:
+    components = _components()
+
+    def ok(name: str) -> dict[str, Any]:
+        return _json({"$ref": REF + name})
+
     repo_params = [_path_param("org", _SEGMENT), _path_param("name", _SEGMENT)]
     blob_param = _path_param("sha256", _SHA256)
-    errors = {"400": _ERROR, "401": _ERROR, "404": _ERROR, "503": _ERROR}
+    error = _json({"$ref": REF + "Error"}, "Error")
+
+    def errors(*statuses: int) -> dict[str, Any]:
+        return {str(status): error for status in statuses}
+
+    blob_bytes = {
+        "description": "Bytes",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "modeldepot node API", "version": version},
         "paths": {
             "/api/depot/v1/health": {
-                "get": {"operationId": "health", "responses": {"200": _json({"type": "object"})}}
+                "get": {
+                    "operationId": "health",
+                    "description": "Needs no token, even on a node that has one.",
+                    "responses": {"200": ok("Health")},
+                }
             },
             "/api/depot/v1/info": {
-                "get": {
-                    "operationId": "nodeInfo",
-                    "responses": {"200": _json({"$ref": "#/components/schemas/NodeInfo"}), **errors},
-                }
+                "get": {"operationId": "nodeInfo", "responses": {"200": ok("NodeInfo"), **errors(401)}}
             },
             "/api/depot/v1/repos": {
                 "get": {
                     "operationId": "listRepos",
                     "responses": {
-                        "200": _json(
-                            {"type": "array", "items": {"$ref": "#/components/schemas/RepoSummary"}}
-                        ),
-                        **errors,
+                        "200": _json({"type": "array", "items": {"$ref": REF + "RepoSummary"}}),
+                        **errors(401),
                     },
                 }
             },
@@ -58,7 +308,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "get": {
                     "operationId": "manifest",
                     "parameters": [*repo_params, _path_param("rev", {"type": "string", "maxLength": 200})],
-                    "responses": {"200": _json({"$ref": "#/components/schemas/Manifest"}), **errors},
+                    "responses": {"200": ok("Manifest"), **errors(400, 401, 404)},
                 }
             },
             "/api/depot/v1/repos/{org}/{name}/manifest": {
@@ -66,20 +316,26 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "operationId": "pullManifest",
                     "description": "The saved scan of an upstream repo: variants, statuses, live progress.",
                     "parameters": repo_params,
-                    "responses": {"200": _json({"$ref": "#/components/schemas/PullManifest"}), **errors},
+                    "responses": {"200": ok("PullManifest"), **errors(400, 401, 404)},
                 }
             },
             "/api/depot/v1/events": {
                 "get": {
                     "operationId": "events",
-                    "description": "Server-sent events, endless: a `variant` event (JSON data) per variant on "
-                    "connect and per change of status or progress; a comment line as heartbeat.",
+                    "description": "Server-sent events, endless: a `variant` event (JSON data, `x-event-data`) "
+                    "per variant on connect and per change of status or progress; a comment line as "
+                    "heartbeat.",
                     "responses": {
                         "200": {
                             "description": "OK",
-                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                            "content": {
+                                "text/event-stream": {
+                                    "schema": {"type": "string"},
+                                    "x-event-data": {"variant": {"$ref": REF + "VariantEvent"}},
+                                }
+                            },
                         },
-                        "401": _ERROR,
+                        **errors(401),
                     },
                 }
             },
@@ -92,10 +348,10 @@ def openapi_document(version: str) -> dict[str, Any]:
                         {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"}},
                     ],
                     "responses": {
-                        "200": _BYTES,
-                        "206": _BYTES,
+                        "200": blob_bytes,
+                        "206": blob_bytes,
                         "416": {"description": "Range not satisfiable"},
-                        **errors,
+                        **errors(400, 401, 404, 503),
                     },
                 }
             },
@@ -104,7 +360,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "operationId": "readChunk",
                     "description": "One chunk; its BLAKE3 digest is in X-Chunk-Blake3.",
                     "parameters": [blob_param, _path_param("index", {"type": "integer", "minimum": 0})],
-                    "responses": {"200": _BYTES, **errors},
+                    "responses": {"200": blob_bytes, **errors(400, 401, 404, 503)},
                 }
             },
             "/api/depot/v1/inventory": {
@@ -124,125 +380,35 @@ def openapi_document(version: str) -> dict[str, Any]:
                             "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
                         },
                     ],
-                    "responses": {"200": _json({"$ref": "#/components/schemas/Inventory"}), **errors},
+                    "responses": {"200": ok("Inventory"), **errors(400, 401)},
                 }
             },
             "/api/depot/v1/openapi.json": {
-                "get": {"operationId": "openapi", "responses": {"200": _json({"type": "object"})}}
+                "get": {
+                    "operationId": "openapi",
+                    "responses": {
+                        "200": _json(
+                            _closed(
+                                {
+                                    "openapi": {"type": "string"},
+                                    "info": {"type": "object"},
+                                    "paths": {"type": "object"},
+                                    "components": {"type": "object"},
+                                }
+                            )
+                        ),
+                        **errors(401),
+                    },
+                }
             },
             "/api/depot/v1/stats": {
-                "get": {"operationId": "stats", "responses": {"200": _json({"type": "object"}), **errors}}
+                "get": {
+                    "operationId": "stats",
+                    "description": "Without the token, figures count public repos alone, and the node-wide "
+                    "counters that cannot be split per repo are null.",
+                    "responses": {"200": ok("Stats"), **errors(401)},
+                }
             },
         },
-        "components": {
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "properties": {"error": {"type": "string"}},
-                    "required": ["error"],
-                },
-                "NodeInfo": {
-                    "type": "object",
-                    "required": ["id", "version", "chunk_size", "capabilities"],
-                    "properties": {
-                        "id": {"type": "string"},
-                        "version": {"type": "string"},
-                        "chunk_size": {"type": "integer"},
-                        "capabilities": {"type": "array", "items": {"type": "string"}},
-                        "hub_api": {"type": "boolean"},
-                    },
-                },
-                "RepoSummary": {
-                    "type": "object",
-                    "required": ["repo_id", "private", "refs", "revisions", "files", "size"],
-                    "properties": {
-                        "repo_id": {"type": "string"},
-                        "private": {"type": "boolean"},
-                        "origin": {"type": "string"},
-                        "refs": {"type": "object", "additionalProperties": {"type": "string"}},
-                        "revisions": {"type": "integer"},
-                        "files": {"type": "integer"},
-                        "size": {"type": "integer"},
-                        "created_at": {"type": "number"},
-                        "updated_at": {"type": "number"},
-                    },
-                },
-                "ManifestFile": {
-                    "type": "object",
-                    "required": ["path", "size", "sha256", "git_oid", "lfs", "chunk_size", "chunks", "etag"],
-                    "properties": {
-                        "repo_id": {"type": "string"},
-                        "commit_id": {"type": "string"},
-                        "path": {"type": "string"},
-                        "size": {"type": "integer"},
-                        "sha256": _SHA256,
-                        "git_oid": {"type": "string"},
-                        "etag": {"type": "string"},
-                        "lfs": {"type": "boolean"},
-                        "chunk_size": {"type": "integer"},
-                        "chunks": {
-                            "type": "array",
-                            "items": {"type": "string"},
-                            "description": "BLAKE3 per chunk",
-                        },
-                    },
-                },
-                "Manifest": {
-                    "type": "object",
-                    "required": ["repo_id", "commit_id", "files"],
-                    "properties": {
-                        "repo_id": {"type": "string"},
-                        "commit_id": {"type": "string"},
-                        "private": {"type": "boolean"},
-                        "files": {"type": "array", "items": {"$ref": "#/components/schemas/ManifestFile"}},
-                    },
-                },
-                "PullManifest": {
-                    "type": "object",
-                    "required": ["repo_id", "commit_id", "files", "variants"],
-                    "properties": {
-                        "repo_id": {"type": "string"},
-                        "revision": {"type": "string"},
-                        "commit_id": {"type": "string"},
-                        "endpoint": {"type": "string"},
-                        "files": {"type": "array", "items": {"type": "object"}},
-                        "shared": {"type": "array", "items": {"type": "string"}},
-                        "other": {"type": "array", "items": {"type": "string"}},
-                        "variants": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "required": ["name", "status", "bytes_done", "total_bytes"],
-                                "properties": {
-                                    "name": {"type": "string"},
-                                    "status": {"enum": ["available", "downloading", "downloaded", "failed"]},
-                                    "bytes_done": {"type": "integer"},
-                                    "total_bytes": {"type": "integer"},
-                                    "error": {"type": ["string", "null"]},
-                                    "resumable": {"type": "boolean"},
-                                },
-                            },
-                        },
-                    },
-                },
-                "Inventory": {
-                    "type": "object",
-                    "required": ["blobs"],
-                    "properties": {
-                        "blobs": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "properties": {
-                                    "sha256": _SHA256,
-                                    "size": {"type": "integer"},
-                                    "chunk_size": {"type": "integer"},
-                                },
-                            },
-                        },
-                        "next": {"type": "string"},
-                    },
-                },
-            }
-        },
+        "components": {"schemas": components.schemas},
     }

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import mmap
 import os
 import secrets
 import time
@@ -226,16 +225,6 @@ class BlobFiles:
             os.close(fd)
             raise CorruptBlobError(sha256, f"its file holds {actual} bytes, the index says {size}")
         return fd
-
-    def map(self, sha256: str, size: int) -> mmap.mmap | None:
-        """A read-only shared mapping of the blob (``None`` for an empty blob, which cannot be mapped)."""
-        fd = self.open(sha256, size)
-        try:
-            return mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
-        except OSError as error:
-            raise os_error(error, f"mapping blob {sha256[:16]}…") from error
-        finally:
-            os.close(fd)
 
     def quarantine(self, sha256: str) -> Path | None:
         """Move a bad blob out of blobs/ (so nothing can open it); returns where it went."""

@@ -176,20 +176,18 @@ class Store:
 
     # -- reading bytes --------------------------------------------------------------------------------
 
-    def _open_fd(self, entry: FileEntry) -> int:
-        return self._open_blob_fd(entry.sha256, entry.size)
-
-    def _open_blob_fd(self, sha256: str, size: int) -> int:
-        """An fd on the blob; a missing or wrong-sized blob is quarantined on the spot."""
+    def open_fd(self, blob: BlobRecord | FileEntry) -> int:
+        """A read-only descriptor on the blob (the caller closes it): the one way every read opens a blob.
+        A missing or wrong-sized blob is quarantined on the spot."""
         try:
-            return self.blobs.open(sha256, size)
+            return self.blobs.open(blob.sha256, blob.size)
         except CorruptBlobError as error:
-            self.quarantine(sha256)
+            self.quarantine(blob.sha256)
             raise error from None
 
     def map(self, entry: FileEntry) -> mmap.mmap | None:
         """A read-only shared mapping of the file's blob (``None`` for an empty file)."""
-        fd = self._open_fd(entry)
+        fd = self.open_fd(entry)
         try:
             return mmap.mmap(fd, entry.size, prot=mmap.PROT_READ) if entry.size else None
         finally:
@@ -197,7 +195,7 @@ class Store:
 
     def open(self, entry: FileEntry) -> BinaryIO:
         """A seekable binary stream over the blob; reads go straight to the file, nothing is held."""
-        return io.BufferedReader(io.FileIO(self._open_fd(entry), "rb", closefd=True), buffer_size=1 << 20)
+        return io.BufferedReader(io.FileIO(self.open_fd(entry), "rb", closefd=True), buffer_size=1 << 20)
 
     def chunk(self, entry: FileEntry, index: int) -> memoryview:
         """Chunk ``index`` of a file as a zero-copy view, checked against its BLAKE3 digest first."""
@@ -213,7 +211,7 @@ class Store:
     def open_verified(self, blob: BlobRecord) -> VerifiedBlob:
         """The blob open for reading chunk by chunk, each chunk checked before it is handed out (what the
         node sends to other machines goes through this)."""
-        fd = self._open_blob_fd(blob.sha256, blob.size)
+        fd = self.open_fd(blob)
         try:
             return VerifiedBlob(blob, fd, self.chunk_digests(blob.sha256), self.quarantine)
         except OSError as error:
@@ -315,7 +313,7 @@ class Store:
                 self.layout.inside(view).mkdir(parents=True)
                 for entry in self.files(repo_id, commit_id):
                     if posixpath.dirname(entry.path) == folder:
-                        os.close(self._open_fd(entry))  # there, with the right size
+                        os.close(self.open_fd(entry))  # there, with the right size
                         link = self.layout.snapshot_file(view, posixpath.basename(entry.path))
                         os.link(self.blobs.path(entry.sha256), self.layout.inside(link))
             except OSError as error:
@@ -325,7 +323,7 @@ class Store:
     def file_path(self, repo_id: str, path: str, revision: str = "main") -> Path:
         """A real path to the file, with its repo-relative name (engines find sibling files by name)."""
         entry = self.entry(repo_id, path, revision)
-        fd = self._open_fd(entry)  # the blob behind the link must be there, with the right size
+        fd = self.open_fd(entry)  # the blob behind the link must be there, with the right size
         os.close(fd)
         link = self.layout.snapshot_file(self.snapshots.path(repo_id, entry.commit_id), path)
         try:

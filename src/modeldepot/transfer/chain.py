@@ -80,7 +80,7 @@ class SourceChain:
             problems.append(error)
             kind = next((k for k in (AccessDeniedError, NotFoundError) if any(isinstance(p, k) for p in problems)),
                         UpstreamError)  # fmt: skip
-            raise kind("; ".join(str(p) for p in problems)) from error
+            raise kind("; ".join(str(p) for p in problems), repo_id=repo_id) from error
         return Scan(commit_id, info, files, self.hub.base_url)
 
     async def holders(
@@ -156,9 +156,9 @@ async def _node_manifest(
     try:
         async with http.get(url, headers=server.headers(), timeout=timeout) as response:
             if response.status != 200:
-                raise UpstreamError(f"{url}: HTTP {response.status}")
+                raise UpstreamError(f"{url}: HTTP {response.status}", source=url, status=response.status)
             body = await response.json()
     except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-        raise UpstreamError(f"{url}: {type(error).__name__}: {error}") from error
+        raise UpstreamError(f"{url}: {type(error).__name__}: {error}", source=url) from error
     files = body.get("files") if isinstance(body, dict) else None
     return [f for f in files if isinstance(f, dict)] if isinstance(files, list) else []

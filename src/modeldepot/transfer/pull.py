@@ -188,7 +188,8 @@ async def pull_async(
             have[remote.path] = found
     missing = [f for f in files if f.path not in have]
     if missing and offline:
-        raise OfflineError(f"offline mode: {len(missing)} files of {manifest.repo_id} are not in the store")
+        raise OfflineError(f"offline mode: {len(missing)} files of {manifest.repo_id} are not in the store",
+                           repo_id=manifest.repo_id)  # fmt: skip
     tracker = _Tracker(store, manifest, names, files, progress)
     for path, digest in have.items():
         tracker.done[path] = digest.size
@@ -348,5 +349,6 @@ def _raise_first(errors: list[BaseException], files: int) -> None:
             raise error  # KeyboardInterrupt, cancellation: not a download failure
     first = errors[0]
     if len(errors) > 1 and isinstance(first, UpstreamError):
-        raise type(first)(f"{first} (and {len(errors) - 1} more of {files} files failed)") from first
+        # The same error, its type and attributes kept, saying how many more failed.
+        first.args = (f"{first} (and {len(errors) - 1} more of {files} files failed)", *first.args[1:])
     raise first

@@ -1,0 +1,103 @@
+"""The steps of ``Depot.load``: find the variant's model file (pulling the variant when the store lacks it),
+build the engine while the preloaded copy is held, warm it up, and keep it in the loaded-model cache.
+
+Our own engines (onnxruntime, safetensors, torch) read from a private folder of hard links to the blobs:
+onnxruntime resolves symlinks and refuses external data that "escapes" the model's folder, which the
+snapshot's links into ``blobs/`` would. They have read or mapped everything when the load returns, so the
+folder goes right after. A caller's own loader may read lazily: it gets the lasting snapshot path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
+
+from modeldepot.engines.adapters import ENGINES, EngineLoader, model_file, warmup
+from modeldepot.engines.cache import LoadedModelCache
+from modeldepot.errors import ConfigError, NotFoundError
+from modeldepot.preload import Preloader
+from modeldepot.store import Store
+from modeldepot.validation import validate_repo_id, validate_revision
+
+__all__ = ["PullVariant", "load_variant"]
+
+DEFAULT_SUFFIXES = (".onnx", ".safetensors", ".gguf", ".bin")
+
+PullVariant = Callable[[str, str | None, str], str]
+"""Pulls ``(repo_id, quant, revision)`` into the store (the whole repo when quant is None); returns the
+commit it published."""
+
+
+def load_variant(
+    store: Store,
+    preloader: Preloader,
+    cache: LoadedModelCache[Any],
+    pull: PullVariant,
+    offline: bool,
+    repo_id: str,
+    quant: str | None,
+    revision: str,
+    engine: str | EngineLoader,
+    warmups: int,
+    inputs: Mapping[str, Any] | None,
+) -> Any:
+    """A loaded, warmed-up engine for a variant, from ``cache`` or built now (see the module's docstring).
+    ``offline``: a variant missing from a revision the store holds is an error listing the ones it has."""
+    validate_repo_id(repo_id)
+    validate_revision(revision)
+    loader, suffixes = _engine(engine)
+    commit_id, chosen = _locate(store, pull, offline, repo_id, quant, revision, suffixes or DEFAULT_SUFFIXES)
+    # The callable itself, not its name: two lambdas (or two factories' inner functions) share a
+    # __qualname__ but build different engines. The same callable object hits the cache.
+    key: Hashable = (repo_id, commit_id, chosen, engine)
+
+    def build() -> Any:
+        if isinstance(engine, str):  # ours read everything at load: hard links suffice
+            folder, _, name = chosen.rpartition("/")
+            with store.linked_folder(repo_id, commit_id, folder) as view:
+                return loader(view / name)
+        return loader(store.file_path(repo_id, chosen, commit_id))
+
+    def load_and_warm() -> Any:
+        started = time.perf_counter()
+        held = (
+            preloader.get(repo_id, quant, commit_id) if preloader.holds(repo_id, quant, commit_id) else None
+        )
+        try:
+            built = build()  # while the handle holds the preloaded copy, eviction cannot take it
+        finally:
+            if held is not None:
+                held.release()
+        preloader.record_load(time.perf_counter() - started, held is not None)
+        if warmups:
+            warmup(built, warmups, inputs)
+        return built
+
+    store.access.record(repo_id, quant)
+    return cache.get_or_load(key, load_and_warm)
+
+
+def _engine(engine: str | EngineLoader) -> tuple[EngineLoader, tuple[str, ...]]:
+    if isinstance(engine, str):
+        if engine not in ENGINES:
+            raise ConfigError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)} or a callable")
+        return ENGINES[engine]
+    return engine, ()
+
+
+def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant: str | None, revision: str,
+            suffixes: tuple[str, ...]) -> tuple[str, str]:  # fmt: skip
+    """(commit, model file) of the variant, pulling it first when the store lacks it."""
+    try:
+        commit_id: str | None = store.resolve(repo_id, revision)
+    except NotFoundError:
+        commit_id = None
+    if commit_id is not None:
+        try:
+            return commit_id, model_file([f.path for f in store.files(repo_id, commit_id)], quant, suffixes)
+        except NotFoundError:
+            if offline:
+                raise  # nothing to pull from: the error lists the variants there are
+    commit_id = pull(repo_id, quant, revision)
+    return commit_id, model_file([f.path for f in store.files(repo_id, commit_id)], quant, suffixes)
