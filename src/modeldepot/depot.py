@@ -94,6 +94,22 @@ class Depot:
     ``chunk_size`` only matters when the store is created. ``servers`` (default ``MODELDEPOT_SERVERS``) are
     the depot nodes pulls ask before the Hub. Every method validates repo ids, paths and
     revisions first and raises :class:`~modeldepot.errors.InvalidInputError` on bad ones.
+
+    What a depot does, in the order of this class:
+
+    - **writing**: :meth:`import_dir`;
+    - **reading** what the store holds: :meth:`get_file`, :meth:`map_file`, :meth:`open_file`,
+      :meth:`get_chunk`, :meth:`file_path`, :meth:`snapshot_path`, and the listings (:meth:`resolve`,
+      :meth:`list_files`, :meth:`file_info`, :meth:`has_file`, :meth:`list_repos`, :meth:`repo_info`);
+      :meth:`open_verified` for what is sent to other machines;
+    - **upstream repos**: :meth:`scan_repo`, :meth:`pull`, :meth:`pull_async`, :meth:`download_quant`,
+      :meth:`download_file`, :meth:`get_manifest`, :meth:`list_manifests`;
+    - **hot models**: :meth:`load` with :attr:`engines` (the loaded-model cache) and :attr:`preloader`
+      (the RAM tier);
+    - **upkeep**: :meth:`verify`, :meth:`scrubber`, :meth:`remove`, :meth:`gc`, :meth:`du`.
+
+    :attr:`store` is the store itself (blobs by digest, chunk digests, inventory: what peers and the
+    server read), and :attr:`config` the settings it was opened with.
     """
 
     def __init__(

@@ -68,16 +68,20 @@ async def _visible_repo(request: web.Request, repo_id: str) -> RepoSummary:
     return summary
 
 
+async def _local_summary(request: web.Request, repo_id: str) -> RepoSummary | None:
+    try:
+        return await asyncio.to_thread(request.app[DEPOT].store.repo_summary, repo_id)
+    except RepoNotFoundError:
+        return None
+
+
 async def _mirrorable(request: web.Request, repo_id: str) -> bool:
     """Whether a local miss may be answered from upstream: the node mirrors, and the repo is not a
     private local one this request may not see (a miss must not reveal it, nor mix another repo in)."""
     if MIRROR not in request.app:
         return False
-    try:
-        private = await asyncio.to_thread(request.app[DEPOT].store.repo_private, repo_id)
-    except RepoNotFoundError:
-        return True
-    return not private or is_authorized(request)
+    summary = await _local_summary(request, repo_id)
+    return summary is None or not summary.private or is_authorized(request)
 
 
 async def _upstream_first(request: web.Request, repo_id: str) -> bool:
@@ -87,13 +91,10 @@ async def _upstream_first(request: web.Request, repo_id: str) -> bool:
     private one this request may not see is never looked up upstream (that would reveal it)."""
     if MIRROR not in request.app:
         return False
-    try:
-        summary = await asyncio.to_thread(request.app[DEPOT].store.repo_summary, repo_id)
-    except RepoNotFoundError:
+    summary = await _local_summary(request, repo_id)
+    if summary is None:
         return True
-    if summary.private and not is_authorized(request):
-        return False
-    return summary.origin != "import"
+    return summary.origin != "import" and (not summary.private or is_authorized(request))
 
 
 async def _revision_view(request: web.Request, repo_id: str, revision: str) -> RevisionView:

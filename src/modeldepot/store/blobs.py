@@ -23,6 +23,7 @@ from pathlib import Path
 
 from modeldepot.errors import CorruptBlobError
 from modeldepot.store.layout import StoreLayout, fsync_dir, os_error
+from modeldepot.store.locks import lock_is_held
 
 __all__ = ["BlobFiles", "PartialBlob", "WriteSession", "start_writeback"]
 
@@ -168,17 +169,7 @@ class WriteSession:
         """True if no live process holds the session's lock (or it never got one)."""
         if session_dir.name.startswith("."):
             return cls._starting_is_abandoned(session_dir)
-        try:
-            fd = os.open(session_dir / cls.LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        finally:
-            os.close(fd)
-        return True
+        return lock_is_held(session_dir / cls.LOCK_NAME) is not True
 
 
 class BlobFiles:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-__all__ = ["StoreLock"]
+__all__ = ["StoreLock", "lock_is_held"]
 
 
 class StoreLock:
@@ -37,3 +37,19 @@ class StoreLock:
 
     def exclusive(self) -> AbstractContextManager[None]:
         return self._hold(fcntl.LOCK_EX)
+
+
+def lock_is_held(path: Path) -> bool | None:
+    """Whether a live process holds a ``flock`` on ``path`` (shared or exclusive); None when there is no
+    such file. The kernel drops a dead process's locks, so a held lock means a live holder."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # a lock we took is released with it
+    return False

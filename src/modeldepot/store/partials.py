@@ -33,6 +33,7 @@ import blake3
 from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.store.blobs import PartialBlob, start_writeback
 from modeldepot.store.layout import StoreLayout, os_error
+from modeldepot.store.locks import lock_is_held
 
 __all__ = ["PARTIAL_MAX_AGE", "PartialFiles", "ResumablePartial", "partial_key"]
 
@@ -159,17 +160,7 @@ class PartialFiles:
     def is_pulling(self, repo_id: str) -> bool:
         """Whether a live process is pulling ``repo_id`` now (a status row saying 'downloading' without
         one is a pull that was killed)."""
-        try:
-            fd = os.open(self._pull_mark(repo_id), os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return lock_is_held(self._pull_mark(repo_id)) is True
 
     def holds(self, key: str) -> bool:
         """Whether a partial download of ``key`` is on disk (a pull would resume it)."""
