@@ -4,6 +4,8 @@ and counts the body bytes it lets through (what really crossed the wire)."""
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,9 +25,11 @@ class FaultPlan:
     times: int = 1
     path_suffix: str = ""  # only requests for files ending so are touched ("" = every file)
     slow_delay: float = 0.02  # seconds per 64 KiB piece in "slow" mode
+    retry_after_date: float = 0.0  # "429" mode: Retry-After as an HTTP date this far ahead (0: "1" second)
     injected: int = 0
     body_bytes: int = 0  # file bytes the proxy sent to clients
     requests: list[str] = field(default_factory=list)  # "<path> <range>" of every file request
+    request_times: list[float] = field(default_factory=list)  # time.time() of each of them
     authorizations: list[str] = field(default_factory=list)
 
     def should_inject(self, path: str) -> bool:
@@ -73,13 +77,17 @@ class FaultProxy:
         if not is_file:
             return await self._forward(request, headers, plan, count=False)
         plan.requests.append(f"{request.path} {request.headers.get('Range', '-')}")
+        plan.request_times.append(time.time())
         plan.authorizations.append(request.headers.get("Authorization", ""))
         if plan.should_inject(request.path):
             mode = plan.mode
             if mode in ("500", "404"):
                 return web.Response(status=int(mode), text="injected")
             if mode == "429":
-                return web.Response(status=429, text="slow down", headers={"Retry-After": "1"})
+                retry_after = "1"
+                if plan.retry_after_date:
+                    retry_after = email.utils.formatdate(time.time() + plan.retry_after_date, usegmt=True)
+                return web.Response(status=429, text="slow down", headers={"Retry-After": retry_after})
             if mode == "ignore-range":
                 headers.pop("Range", None)
                 headers.pop("range", None)

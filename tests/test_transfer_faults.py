@@ -126,14 +126,18 @@ def test_a_flipped_byte_from_the_hub_fails_the_file_and_commits_nothing(
         assert_committed(depot)
 
 
-@pytest.mark.parametrize("mode", ["500", "404"])
+KEEPS_FAILING = {"500": UpstreamError, "404": NotFoundError}
+
+
+@pytest.mark.parametrize("mode", sorted(KEEPS_FAILING))
 def test_a_source_that_keeps_failing_marks_the_file_failed(
     mode: str, proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     proxy.set(mode, times=-1, path_suffix=BIG)
     with local_depot(tmp_path / "local", proxy, False, monkeypatch) as depot:
-        with pytest.raises(UpstreamError if mode == "500" else NotFoundError, match=BIG):
+        with pytest.raises(KEEPS_FAILING[mode], match=BIG) as failed:
             depot.pull(REPO)
+        assert failed.value.path == BIG
         assert_nothing_of_big_committed(depot)
         assert depot.get_manifest(REPO).variants[0].status == "failed"
         assert not depot.has_file(REPO, "config.json"), "a pull publishes all of its files or none"
@@ -276,3 +280,20 @@ def test_content_a_node_holds_under_another_repo_comes_from_that_node(
             hub_proxy.stop()
             hub.stop()
             node_a.stop()
+
+
+@pytest.mark.parametrize("as_node", [False, True], ids=["hub", "node"])
+def test_a_retry_after_given_as_an_http_date_is_waited_for(
+    as_node: bool, proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = proxy.set("429", times=1, path_suffix=BIG, retry_after_date=3)
+    with local_depot(tmp_path / "local", proxy, as_node, monkeypatch) as depot:
+        depot.pull(REPO)
+        assert_committed(depot)
+    timed = zip(plan.request_times, plan.requests, strict=True)
+    big = [(at, r) for at, r in timed if r.split()[0].endswith(BIG)]
+    (refused_at, refused), *later = big  # the first request for the file is the one refused
+    retried_at = next(at for at, r in later if r == refused)
+    # The date has whole seconds, so it lies 2 to 3 s after the refusal; backoff alone (no Retry-After
+    # understood) would have retried within 0.5 s.
+    assert 1.8 <= retried_at - refused_at < 10

@@ -6,10 +6,14 @@ the claimed partial (store/partials.py), logging it. A fast source simply takes 
 one. A source that keeps failing is dropped for this file and its chunk goes back to the pool; a chunk
 that fails its digest is fetched from another source (or, with one source, once more).
 
+Memory is bounded by the connection limit, not by the number of files: a request takes a buffer slot
+(one of ``Limits.total``) and keeps it until its chunk has landed, so when landing falls behind the
+network, requests wait instead of fetched chunks piling up.
+
 The whole-file SHA-256 (and the git SHA-1 of small files) is computed in file order while chunks land,
-reading each chunk back from the page cache through a mapping: no second pass over the disk, and memory
-bounded by the requests in flight. A resumed chunk is hashed the same way. The result must equal what the
-upstream announced (LFS SHA-256, or git oid); if not, the partial is reset and nothing is committed.
+reading each chunk back from the page cache through a mapping: no second pass over the disk, no copy in
+memory. A resumed chunk is hashed the same way. The result must equal what the upstream announced (LFS
+SHA-256, or git oid); if not, the partial is reset and nothing is committed.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from modeldepot.errors import (
     NotFoundError,
     StoreError,
     UpstreamError,
+    UpstreamTimeoutError,
 )
 from modeldepot.hashing import BlobDigest, BlobHasher, chunk_span, digest_bytes
 from modeldepot.hub.manifest import RemoteFile
@@ -53,17 +58,21 @@ class FileSource:
 
 @dataclass
 class Limits:
-    """Connection limits shared by every file of a transfer: per source and in total."""
+    """Limits shared by every file of a transfer: requests per source, and chunk buffers in total.
+
+    A buffer slot is held from the start of a request until its chunk has landed (or been rejected), so
+    at most ``total`` chunk buffers exist at once, and at most ``total`` requests are in flight.
+    """
 
     per_source: int = 4
     total: int = 16
-    _total: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
+    _buffers: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
     _sources: dict[str, asyncio.Semaphore] = field(default_factory=dict, init=False, repr=False)
 
-    def total_slot(self) -> asyncio.Semaphore:
-        if self._total is None:
-            self._total = asyncio.Semaphore(self.total)
-        return self._total
+    def buffer_slot(self) -> asyncio.Semaphore:
+        if self._buffers is None:
+            self._buffers = asyncio.Semaphore(self.total)
+        return self._buffers
 
     def source_slot(self, source: HttpSource) -> asyncio.Semaphore:
         return self._sources.setdefault(source.base_url, asyncio.Semaphore(self.per_source))
@@ -154,9 +163,9 @@ class _FileJob:
         reasons = "; ".join(f"{name}: {why}" for name, why in self.errors.items()) or "no source holds it"
         kinds = {type(error) for error in self.errors.values()}
         kind = kinds.pop() if len(kinds) == 1 else UpstreamError
-        if not issubclass(kind, (NotFoundError, AccessDeniedError, IntegrityError)):
+        if not issubclass(kind, (NotFoundError, AccessDeniedError, IntegrityError, UpstreamTimeoutError)):
             kind = UpstreamError  # one cause everywhere (missing, refused, corrupt) is worth keeping
-        raise kind(f"{self.remote.path}: could not download it ({reasons})")
+        raise kind(f"{self.remote.path}: could not download it ({reasons})", path=self.remote.path)
 
     # -- choosing chunks --------------------------------------------------------------------------------
 
@@ -215,11 +224,23 @@ class _FileJob:
 
     async def _fetch_chunk(self, source: FileSource, index: int) -> None:
         offset, length = chunk_span(index, self.remote.size, self.partial.chunk_size)
-        async with self.limits.total_slot(), self.limits.source_slot(source.source):
-            data = await source.source.fetch(
-                self.http, source.url, offset, offset + length - 1, self.remote.size
-            )
-        await self._land(source, index, memoryview(data))
+        # The source slot comes first so that a worker waiting for a busy source holds no buffer slot
+        # that another source could use. The source slot ends with the request; the buffer slot only once
+        # the chunk has landed, since landing (on threads) can fall behind the network.
+        buffers = self.limits.buffer_slot()
+        async with self.limits.source_slot(source.source):
+            await buffers.acquire()
+            try:
+                data = await source.source.fetch(
+                    self.http, source.url, offset, offset + length - 1, self.remote.size
+                )
+            except BaseException:
+                buffers.release()
+                raise
+        try:
+            await self._land(source, index, memoryview(data))
+        finally:
+            buffers.release()
 
     async def _land(self, source: FileSource, index: int, data: memoryview) -> None:
         """Check a fetched chunk against the source's digest, then write and log it."""
@@ -238,7 +259,6 @@ class _FileJob:
         """The server ignores ranges: take the whole body once, landing every chunk nobody else has."""
         self.whole_body = True
         chunk_size = self.partial.chunk_size
-        buffer = bytearray(chunk_size)
         state = {"index": 0, "filled": 0}
 
         async def sink(piece: memoryview) -> None:
@@ -255,7 +275,8 @@ class _FileJob:
                     state["index"], state["filled"] = index + 1, 0
 
         try:
-            async with self.limits.total_slot(), self.limits.source_slot(source.source):
+            async with self.limits.source_slot(source.source), self.limits.buffer_slot():
+                buffer = bytearray(chunk_size)  # allocated under the buffer slot, like a fetched chunk's
                 await source.source.stream_whole(self.http, source.url, self.remote.size, sink)
         except StoreError:
             raise

@@ -10,18 +10,23 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timezone
+from email.utils import parsedate_to_datetime
 from urllib.parse import quote
 
 import aiohttp
 
-from modeldepot.errors import AccessDeniedError, NotFoundError, UpstreamError
+from modeldepot.errors import AccessDeniedError, NotFoundError, UpstreamError, UpstreamTimeoutError
 
-__all__ = ["HttpSource", "RangeIgnoredError", "RetryPolicy", "SourceKind"]
+__all__ = ["HttpSource", "RangeIgnoredError", "RetryPolicy", "SourceKind", "retry_after_seconds"]
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# ASCII digits only: str.isdigit() also takes "²", which float() refuses.
+_DELAY_SECONDS = re.compile(r"[0-9]+")
 
 SourceKind = str  # "hub" | "node"
 PieceSink = Callable[[memoryview], Awaitable[None]]
@@ -39,9 +44,31 @@ class RetryPolicy:
     read_timeout: float = 30.0  # seconds without a byte before a request counts as stalled
 
     def delay(self, attempt: int, retry_after: str | None) -> float:
-        if retry_after is not None and retry_after.strip().isdigit():
-            return min(float(retry_after), self.max_delay)
+        """Seconds to wait before retry ``attempt + 1``: what the server asked for (``Retry-After``, up to
+        ``max_delay``), else exponential backoff with jitter."""
+        asked = retry_after_seconds(retry_after) if retry_after is not None else None
+        if asked is not None:
+            return min(asked, self.max_delay)
         return float(min(self.base_delay * (1 << attempt), self.max_delay) * random.uniform(0.5, 1.0))
+
+
+def retry_after_seconds(value: str, now: float | None = None) -> float | None:
+    """A ``Retry-After`` value (RFC 9110 section 10.2.3: delay-seconds or an HTTP-date) as seconds from
+    ``now`` (a Unix time; the clock by default), 0 for a date already past; None when it is neither form.
+
+    A date is taken against this machine's clock: a server whose clock is ahead asks for a longer wait
+    than it means, which the ``max_delay`` cap keeps in bounds.
+    """
+    value = value.strip()
+    if _DELAY_SECONDS.fullmatch(value):
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # asctime dates and "-0000" state no zone; HTTP-dates are GMT
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 @dataclass(frozen=True)
@@ -78,6 +105,7 @@ class HttpSource:
         want = end - start + 1
         headers = {**self.headers(), "Range": f"bytes={start}-{end}"}
         problem = "no attempt was made"
+        timed_out = False
         for attempt in range(self.retry.attempts):
             retry_after = None
             try:
@@ -99,9 +127,11 @@ class HttpSource:
                         raise _final_error(response.status, url, response.headers.get("X-Error-Message"))
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as error:
                 problem = f"{type(error).__name__}: {error}".rstrip(": ")
+                timed_out = isinstance(error, asyncio.TimeoutError)
             if attempt + 1 < self.retry.attempts:
                 await asyncio.sleep(self.retry.delay(attempt, retry_after))
-        raise UpstreamError(f"{url} bytes {start}-{end}: {problem} after {self.retry.attempts} attempts")
+        kind = UpstreamTimeoutError if timed_out else UpstreamError  # what the last attempt met
+        raise kind(f"{url} bytes {start}-{end}: {problem} after {self.retry.attempts} attempts", source=url)
 
     async def stream_whole(
         self, session: aiohttp.ClientSession, url: str, size: int, sink: PieceSink
@@ -116,12 +146,15 @@ class HttpSource:
                 async for piece in response.content.iter_any():
                     got += len(piece)
                     if got > size:
-                        raise UpstreamError(f"{url}: the server sent more than the file's {size} bytes")
+                        raise UpstreamError(
+                            f"{url}: the server sent more than the file's {size} bytes", source=url
+                        )
                     await sink(memoryview(piece))
                 if got != size:
-                    raise UpstreamError(f"{url}: received {got} bytes of {size}")
+                    raise UpstreamError(f"{url}: received {got} bytes of {size}", source=url)
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as error:
-            raise UpstreamError(f"{url}: {type(error).__name__}: {error}") from error
+            kind = UpstreamTimeoutError if isinstance(error, asyncio.TimeoutError) else UpstreamError
+            raise kind(f"{url}: {type(error).__name__}: {error}", source=url) from error
 
 
 def _range_problem(response: aiohttp.ClientResponse, start: int, end: int, want: int, size: int) -> str:
@@ -150,7 +183,8 @@ async def _read_into(response: aiohttp.ClientResponse, view: memoryview) -> int:
 def _final_error(status: int, url: str, message: str | None) -> Exception:
     detail = f"{url}: HTTP {status}" + (f" ({message})" if message else "")
     if status in (401, 403):
-        return AccessDeniedError(f"{detail}: check HF_TOKEN (for the Hub) or MODELDEPOT_TOKEN (for nodes)")
+        return AccessDeniedError(f"{detail}: check HF_TOKEN (for the Hub) or MODELDEPOT_TOKEN (for nodes)",
+                                 source=url, status=status)  # fmt: skip
     if status == 404:
-        return NotFoundError(detail)
-    return UpstreamError(detail)
+        return NotFoundError(detail, source=url, status=status)
+    return UpstreamError(detail, source=url, status=status)

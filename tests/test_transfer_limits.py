@@ -1,0 +1,154 @@
+"""The limits a transfer keeps: the memory a pull holds is bounded by its connection limit, however many
+files it moves; and a server's ``Retry-After`` (seconds or an HTTP date) sets the wait before a retry."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import LiveNode
+from modeldepot import Depot
+from modeldepot.transfer.sources import RetryPolicy, retry_after_seconds
+
+MiB = 1024 * 1024
+REPO = "acme/many-shards"
+CHUNK = 8 * MiB  # large, so that chunk buffers dominate what a pull allocates
+FILES = 40  # more than the 32 files a pull transfers at once
+FILE_SIZE = CHUNK + 4321  # two chunks, the last one short
+CONNECTIONS = 4
+# Besides its chunk buffers a pull holds aiohttp's read buffers (flow-controlled: a few socket reads per
+# connection) and small objects (tasks, manifests): about 3 MiB in all was measured with 4 connections.
+OTHER_PER_CONNECTION = 2 * MiB
+
+# Runs the pull in its own process, so that what it allocates is all that is counted. The bytearrays that
+# hold chunks are Python allocations, which tracemalloc sees exactly. The peak RSS (VmHWM) would also
+# count the page-cache pages of the partials mapped for hashing, and RssAnon keeps no peak.
+PULL_AND_MEASURE = """
+import json, sys, tracemalloc
+from modeldepot import Depot
+import modeldepot.transfer.pull  # imported before the measurement: modules are not the pull's memory
+
+with Depot(sys.argv[1]) as depot:
+    depot.scan_repo(sys.argv[2])  # likewise huggingface_hub and the scan
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    result = depot.pull(sys.argv[2])
+    peak = tracemalloc.get_traced_memory()[1] - before
+print(json.dumps({"peak": peak, "downloaded": result.bytes_downloaded, "files": result.files}))
+"""
+
+
+@pytest.fixture
+def many_files_upstream(tmp_path: Path) -> Iterator[LiveNode]:
+    source = tmp_path / "src"
+    source.mkdir()
+    for n in range(FILES):  # written one at a time: the test process need not hold them all
+        (source / f"model-{n + 1:05d}-of-{FILES:05d}.safetensors").write_bytes(os.urandom(FILE_SIZE))
+    with Depot(tmp_path / "upstream", chunk_size=CHUNK) as hub:
+        hub.import_dir(source, REPO)
+        node = LiveNode(hub)
+        yield node
+        node.stop()
+
+
+def test_a_pull_of_many_files_holds_at_most_one_chunk_buffer_per_connection(
+    many_files_upstream: LiveNode, tmp_path: Path
+) -> None:
+    """Landing a chunk (BLAKE3, then a write, on the default executor's few threads) is slower here than
+    fetching it over loopback: fetched chunks waiting to land must hold a connection's place, or they pile
+    up, one per worker of every file (measured: 59 to 67 MiB here before they did, 35 MiB after)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "MODELDEPOT_SERVERS")}
+    env.update(
+        HF_ENDPOINT=many_files_upstream.url,
+        MODELDEPOT_CONNECTIONS=str(CONNECTIONS),
+        MODELDEPOT_CHUNK_SIZE=str(CHUNK),
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", PULL_AND_MEASURE, str(tmp_path / "local"), REPO],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr
+    report = json.loads(child.stdout)
+    assert (report["files"], report["downloaded"]) == (FILES, FILES * FILE_SIZE)
+    bound = CONNECTIONS * (CHUNK + OTHER_PER_CONNECTION)
+    assert report["peak"] <= bound, (
+        f"the pull held {report['peak'] / MiB:.1f} MiB at its peak; {CONNECTIONS} connections of "
+        f"{CHUNK // MiB} MiB chunks allow {bound / MiB:.0f} MiB"
+    )
+
+
+# -- Retry-After ----------------------------------------------------------------------------------------
+
+
+def test_retry_after_in_seconds_is_taken_up_to_the_cap() -> None:
+    policy = RetryPolicy(max_delay=30.0)
+    assert policy.delay(0, "7") == 7.0
+    assert policy.delay(0, " 0 ") == 0.0
+    assert policy.delay(3, "120") == 30.0
+
+
+def test_retry_after_as_an_http_date_is_the_time_left_until_then() -> None:
+    policy = RetryPolicy(max_delay=30.0)
+    soon = email.utils.formatdate(time.time() + 3, usegmt=True)  # whole seconds: 2 to 3 s from now
+    assert 1.5 <= policy.delay(0, soon) <= 3.0
+    assert policy.delay(0, "Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # past: retry at once
+    assert policy.delay(0, email.utils.formatdate(time.time() + 3600, usegmt=True)) == 30.0
+
+
+def test_every_http_date_form_is_read_against_the_given_clock() -> None:
+    then = 1445412480.0  # Wed, 21 Oct 2015 07:28:00 GMT
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=then - 3) == 3.0  # IMF-fixdate
+    assert retry_after_seconds("Wednesday, 21-Oct-15 07:28:00 GMT", now=then - 3) == 3.0  # RFC 850
+    assert retry_after_seconds("Wed Oct 21 07:28:00 2015", now=then - 3) == 3.0  # asctime
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=then + 60) == 0.0
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        "soon",
+        "",
+        "-5",
+        "1.5",
+        "1e3",
+        "\u00b2",
+        "Mon, 32 Foo 99999 99:99:99 GMT",
+        "Fri, 31 Dec 9999 23:59:59 +9999",
+    ],
+)
+def test_a_retry_after_that_is_neither_form_falls_back_to_backoff(garbage: str) -> None:
+    policy = RetryPolicy(base_delay=0.5, max_delay=30.0)
+    assert retry_after_seconds(garbage) is None
+    assert 1.0 <= policy.delay(2, garbage) <= 2.0  # 0.5 s doubled twice, with jitter of up to half
+
+
+def test_a_source_that_never_answers_is_a_timeout() -> None:
+    """Stalls are told apart from other failures (a mirror answers them 504, not 502)."""
+    import asyncio
+    import socket
+
+    import aiohttp
+
+    from modeldepot import UpstreamTimeoutError
+    from modeldepot.transfer.sources import HttpSource
+
+    async def fetch(url: str) -> None:
+        source = HttpSource(url, retry=RetryPolicy(attempts=2, base_delay=0.01, read_timeout=0.5))
+        async with aiohttp.ClientSession() as http:
+            await source.fetch(http, f"{url}/acme/x/resolve/main/a.bin", 0, 9, 100)
+
+    with socket.socket() as sock:  # the kernel accepts connections; nobody ever answers them
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        with pytest.raises(UpstreamTimeoutError, match="after 2 attempts") as stalled:
+            asyncio.run(fetch(url))
+    assert stalled.value.source is not None and stalled.value.source.startswith(url)
