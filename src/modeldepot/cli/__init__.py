@@ -165,10 +165,7 @@ def import_command(
 def ls_command(depot: Depot, as_json: bool) -> None:
     """List the repos in the store."""
     repos = depot.list_repos()
-    if as_json:
-        render.print_json([repo.to_dict() for repo in repos])
-    else:
-        render.render_ls(repos)
+    render.emit(as_json, [repo.to_dict() for repo in repos], lambda: render.render_ls(repos))
 
 
 @cli.command("info")
@@ -178,10 +175,7 @@ def ls_command(depot: Depot, as_json: bool) -> None:
 def info_command(depot: Depot, repo_id: str, as_json: bool) -> None:
     """Show a repo's refs, revisions and files."""
     info = depot.repo_info(repo_id)
-    if as_json:
-        render.print_json(info.to_dict())
-    else:
-        render.render_info(info)
+    render.emit(as_json, info.to_dict(), lambda: render.render_info(info))
 
 
 @cli.command("path")
@@ -240,10 +234,7 @@ def verify_command(depot: Depot, repo_id: str | None, as_json: bool) -> None:
     bar = render.ByteProgress("verifying")
     with bar.running():
         report = depot.verify(repo_id, progress=bar.update)
-    if as_json:
-        render.print_json({**report.to_dict(), "ok": report.ok})
-    else:
-        render.render_verify(report)
+    render.emit(as_json, {**report.to_dict(), "ok": report.ok}, lambda: render.render_verify(report))
     if not report.ok:
         sys.exit(EXIT_FAILURE)
 
@@ -270,10 +261,7 @@ def rm_command(depot: Depot, repo_id: str, revision: str | None, yes: bool, as_j
         depot.repo_info(repo_id)  # fail on an unknown repo before asking
         click.confirm(f"Remove {what}?", abort=True, err=True)
     result = depot.remove(repo_id, revision)
-    if as_json:
-        render.print_json(result.to_dict())
-    else:
-        render.render_remove(result)
+    render.emit(as_json, result.to_dict(), lambda: render.render_remove(result))
 
 
 @cli.command("gc")
@@ -286,10 +274,7 @@ def gc_command(depot: Depot, partials: bool, as_json: bool) -> None:
     Interrupted downloads stay (a later pull resumes them) unless --partials is given or they sat
     untouched for a week."""
     report = depot.gc(partials=partials)
-    if as_json:
-        render.print_json(report.to_dict())
-    else:
-        render.render_gc(report)
+    render.emit(as_json, report.to_dict(), lambda: render.render_gc(report))
 
 
 @cli.command("du")
@@ -298,10 +283,9 @@ def gc_command(depot: Depot, partials: bool, as_json: bool) -> None:
 def du_command(depot: Depot, as_json: bool) -> None:
     """Show how much disk the store uses, and how much deduplication saves."""
     usage = depot.du()
-    if as_json:
-        render.print_json({**usage.to_dict(), "total_bytes": usage.total_bytes})
-    else:
-        render.render_du(usage)
+    render.emit(
+        as_json, {**usage.to_dict(), "total_bytes": usage.total_bytes}, lambda: render.render_du(usage)
+    )
 
 
 @cli.command("scan")
@@ -314,10 +298,7 @@ def scan_command(depot: Depot, repo_id: str, revision: str, servers: tuple[str, 
     """Read REPO (depot servers first, then the Hub at HF_ENDPOINT): files, variants, shared files."""
     _use_servers(depot, servers)
     manifest = depot.scan_repo(repo_id, revision)
-    if as_json:
-        render.print_json(manifest.to_dict())
-    else:
-        render.render_manifest(manifest)
+    render.emit(as_json, manifest.to_dict(), lambda: render.render_manifest(manifest))
 
 
 @cli.command("pull")

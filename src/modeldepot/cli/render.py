@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,6 +28,7 @@ from modeldepot.transfer.pull import PullUpdate
 __all__ = [
     "ByteProgress",
     "PullView",
+    "emit",
     "err",
     "format_bytes",
     "out",
@@ -49,6 +50,14 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def emit(as_json: bool, data: Any, human: Callable[[], None]) -> None:
+    """A command's result: ``data`` as JSON (``--json``, for scripts), or ``human()`` drawing it for people."""
+    if as_json:
+        print_json(data)
+    else:
+        human()
 
 
 def format_bytes(size: int) -> str:
