@@ -287,11 +287,12 @@ class Depot:
         the shared files (configs, tokenizers) come with any variant. Content the store already holds is
         not downloaded again; an interrupted pull continues where it stopped.
         """
-        from modeldepot.transfer.pull import pull
+        from modeldepot.transfer.pull import run_blocking
 
         manifest = self.manifest_for(repo_id, revision)
-        return pull(self.store, manifest, quants, self._branch(revision), self.chain, self.config.offline,
-                    progress, self._limits())  # fmt: skip
+        return run_blocking(
+            self.pull_async(repo_id, quants, revision=revision, progress=progress, manifest=manifest)
+        )
 
     async def pull_async(
         self,
@@ -304,7 +305,7 @@ class Depot:
         watch: PartialWatch | None = None,
         manifest: Manifest | None = None,
     ) -> PullResult:
-        """:meth:`pull` for asyncio programs (scanning runs on a worker thread). ``paths`` pulls just
+        """:meth:`pull` for asyncio programs (scanning runs on a worker thread; :meth:`pull` runs this). ``paths`` pulls just
         those files; ``watch`` is told of each file's partial as its download starts; ``manifest`` skips
         the scan."""
         from modeldepot.transfer.pull import pull_async
@@ -328,10 +329,11 @@ class Depot:
         manifest = self.manifest_for(repo_id, revision)
         if not any(f.path == path for f in manifest.files):
             raise EntryNotFoundError(repo_id, revision, path, manifest.commit_id)
-        from modeldepot.transfer.pull import pull
+        from modeldepot.transfer.pull import run_blocking
 
-        pull(self.store, manifest, None, self._branch(revision), self.chain, self.config.offline,
-             progress, self._limits(), paths=[path])  # fmt: skip
+        run_blocking(
+            self.pull_async(repo_id, revision=revision, progress=progress, paths=[path], manifest=manifest)
+        )
         return self.store.entry(repo_id, path, manifest.commit_id)
 
     def manifest_for(self, repo_id: str, revision: str) -> Manifest:

@@ -33,7 +33,6 @@ __all__ = [
     "PullProgress",
     "PullResult",
     "PullUpdate",
-    "pull",
     "pull_async",
     "run_blocking",
     "select",
@@ -137,29 +136,10 @@ class _Tracker:
         self.store.manifests.set_statuses(self.manifest.repo_id, rows, status, error)
 
 
-def pull(
-    store: Store,
-    manifest: Manifest,
-    quants: list[str] | str | None,
-    branch: str | None,
-    chain: SourceChain,
-    offline: bool = False,
-    progress: PullProgress | None = None,
-    limits: Limits | None = None,
-    paths: list[str] | None = None,
-    watch: PartialWatch | None = None,
-) -> PullResult:
-    """Blocking form of :func:`pull_async`; callable from plain code and from code that runs inside an event
-    loop (a notebook, an async server), where the transfer gets a loop of its own on a helper thread."""
-    return run_blocking(
-        pull_async(store, manifest, quants, branch, chain, offline, progress, limits, paths, watch)
-    )
-
-
 def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run ``coroutine`` to its end and return its result. In a thread that runs an event loop already
     (``asyncio.run`` refuses to nest), the coroutine runs on a new loop in a helper thread while this one
-    waits: the caller asked for a blocking call, and gets one."""
+    waits: the caller asked for a blocking call, and gets one (``Depot.pull`` is ``pull_async`` run so)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
