@@ -51,6 +51,7 @@ from typing import Any
 
 from common import Row, random_file, render
 from modeldepot.config import parse_size
+from netutil import free_port
 
 REPO = "bench/pull"
 HEALTH = "/api/depot/v1/health"
@@ -118,12 +119,6 @@ def stop(process: subprocess.Popen[Any] | None) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- the clients --------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ import asyncio
 import hashlib
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,26 +33,10 @@ import aiohttp
 from common import Row, random_file, render
 from modeldepot import Depot
 from modeldepot.config import parse_size
+from netutil import free_port, wait_for_port
 
 REPO = "bench/big"
 MANY_REPO = "bench/many"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on port {port}")
 
 
 def curl_seconds(url: str) -> float:

@@ -1,13 +1,16 @@
-"""Shared fixtures: a fresh store per test and generated model folders."""
+"""Shared fixtures: a fresh store per test and generated model folders; free ports and waiting helpers."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import os
+import stat
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from aiohttp import web
@@ -15,6 +18,25 @@ from aiohttp import web
 from modeldepot import Depot
 
 SMALL_CHUNK = 64 * 1024  # the smallest chunk size a store accepts: tests get many chunks from small files
+
+
+def _load_netutil() -> ModuleType:
+    """benchmarks/netutil.py, loaded by path: the one copy of the port and waiting helpers. The benchmarks
+    run as scripts and cannot import this conftest (pytest, fixtures); loading their stdlib-only module
+    by path keeps benchmarks/ (and its ``common``) off the tests' sys.path."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "netutil.py"
+    spec = importlib.util.spec_from_file_location("_modeldepot_netutil", path)
+    assert spec is not None and spec.loader is not None, f"cannot load {path}"
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_netutil = _load_netutil()
+free_port: Callable[..., int] = _netutil.free_port  # free_port(host="127.0.0.1")
+port_open: Callable[..., bool] = _netutil.port_open  # port_open(port, host="127.0.0.1")
+wait_for_port: Callable[..., None] = _netutil.wait_for_port  # wait_for_port(port, timeout=60, host, process)
+wait_until = _netutil.wait_until  # wait_until(predicate, timeout=30, what, process, interval) -> its value
 
 
 # huggingface_hub reads HF_HUB_OFFLINE once, when it is imported. modeldepot imports it only for its first
@@ -117,9 +139,21 @@ def drop_page_cache(depot: Depot, repo_id: str) -> None:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def writable(path: Path) -> Iterator[Path]:
+    """Let the owner write a read-only (0444) blob for a moment, then put its mode back: as a failing disk
+    or root would, without the test needing root."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    path.chmod(mode | stat.S_IWUSR)
+    try:
+        yield path
+    finally:
+        path.chmod(mode)
+
+
 def flip_byte(path: Path, offset: int) -> None:
     """Corrupt one byte of a file in place (blobs are read-only, but root and failing disks ignore that)."""
-    with open(path, "r+b") as handle:
+    with writable(path), open(path, "r+b") as handle:
         handle.seek(offset)
         old = handle.read(1)
         handle.seek(offset)

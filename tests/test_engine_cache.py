@@ -7,9 +7,8 @@ import asyncio
 import gc
 import json
 import threading
-import time
 import weakref
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import pytest
@@ -18,6 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from modeldepot.engines import LoadedModelCache
+from modeldepot.engines import cache as cache_module
 
 
 class Clock:
@@ -37,7 +37,70 @@ class Engine:
         self.closed = True
 
 
-def test_one_hundred_callers_of_one_key_make_one_load() -> None:
+class FlightWaiters:
+    """How many callers have waited on another caller's load in flight (the single-flight path), so that a
+    test can hold a load open until the others have joined it, instead of sleeping and hoping."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = threading.Condition()
+        self._listeners: list[Callable[[], None]] = []
+
+    def joined(self) -> None:
+        with self._changed:
+            self.count += 1
+            self._changed.notify_all()
+            for listener in self._listeners:
+                listener()
+
+    def _too_few(self, count: int, timeout: float) -> TimeoutError:
+        return TimeoutError(f"only {self.count} of {count} callers joined the load in flight in {timeout} s")
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.count >= count, timeout):
+                raise self._too_few(count, timeout)
+
+    async def wait_for_async(self, count: int, timeout: float = 30.0) -> None:
+        """:meth:`wait_for` for a coroutine loader, without taking a worker thread from the event loop."""
+        loop, reached = asyncio.get_running_loop(), asyncio.Event()
+
+        def check() -> None:
+            if self.count >= count:
+                loop.call_soon_threadsafe(reached.set)
+
+        with self._changed:
+            self._listeners.append(check)
+            check()
+        try:
+            await asyncio.wait_for(reached.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise self._too_few(count, timeout) from None
+        finally:
+            with self._changed:
+                self._listeners.remove(check)
+
+
+@pytest.fixture
+def flight_waiters(monkeypatch: pytest.MonkeyPatch) -> FlightWaiters:
+    """Counts the callers that block on a load in flight, by giving each flight a counting ``done`` event."""
+    waiters = FlightWaiters()
+
+    class CountedEvent(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            waiters.joined()
+            return super().wait(timeout)
+
+    class CountedFlight(cache_module._Flight):
+        def __init__(self) -> None:
+            super().__init__()
+            self.done = CountedEvent()
+
+    monkeypatch.setattr(cache_module, "_Flight", CountedFlight)
+    return waiters
+
+
+def test_one_hundred_callers_of_one_key_make_one_load(flight_waiters: FlightWaiters) -> None:
     cache: LoadedModelCache[Engine] = LoadedModelCache()
     loads = []
     start = threading.Barrier(100)
@@ -45,7 +108,7 @@ def test_one_hundred_callers_of_one_key_make_one_load() -> None:
 
     def loader() -> Engine:
         loads.append(1)
-        time.sleep(0.2)
+        flight_waiters.wait_for(99)  # the load stays in flight until every other caller waits on it
         return Engine("a")
 
     def call() -> None:
@@ -57,15 +120,15 @@ def test_one_hundred_callers_of_one_key_make_one_load() -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    assert len(loads) == 1
+    assert len(loads) == 1 and flight_waiters.count == 99
     assert len(results) == 100 and all(r is results[0] for r in results)
     stats = cache.stats()
-    assert stats.total_misses == 1 and stats.total_hits + stats.total_misses <= 100
+    assert stats.total_misses == 1 and stats.total_hits == 0  # the 99 others waited on the one load
 
 
 def test_different_keys_load_in_parallel() -> None:
     cache: LoadedModelCache[str] = LoadedModelCache()
-    both_loading = threading.Barrier(2, timeout=5)  # breaks (and fails the loads) if loads were serial
+    both_loading = threading.Barrier(2, timeout=30)  # breaks (and fails the loads) if loads were serial
 
     def loader(name: str) -> str:
         both_loading.wait()
@@ -79,14 +142,14 @@ def test_different_keys_load_in_parallel() -> None:
     assert set(cache.keys()) == {"a", "b"}
 
 
-def test_a_failed_load_reaches_every_waiter_and_is_not_cached() -> None:
+def test_a_failed_load_reaches_every_waiter_and_is_not_cached(flight_waiters: FlightWaiters) -> None:
     cache: LoadedModelCache[str] = LoadedModelCache()
     attempts = []
     release = threading.Event()
 
     def failing() -> str:
         attempts.append(1)
-        release.wait(5)
+        release.wait(30)
         raise RuntimeError("model file is broken")
 
     errors: list[BaseException] = []
@@ -100,8 +163,10 @@ def test_a_failed_load_reaches_every_waiter_and_is_not_cached() -> None:
     threads = [threading.Thread(target=call) for _ in range(10)]
     for thread in threads:
         thread.start()
-    time.sleep(0.2)
-    release.set()
+    try:
+        flight_waiters.wait_for(9)  # the failure must reach callers that waited on the load, not later ones
+    finally:
+        release.set()
     for thread in threads:
         thread.join()
     assert len(attempts) == 1 and len(errors) == 10
@@ -221,19 +286,21 @@ def test_memory_pressure_evicts_an_idle_entry_before_a_load() -> None:
     assert cache.keys() == ["b", "c"]
 
 
-def test_the_async_twin_is_single_flight_for_coroutine_loaders() -> None:
+def test_the_async_twin_is_single_flight_for_coroutine_loaders(flight_waiters: FlightWaiters) -> None:
     cache: LoadedModelCache[str] = LoadedModelCache()
     loads = []
 
     async def loader() -> str:
         loads.append(1)
-        await asyncio.sleep(0.1)
+        # In flight until another caller waits on it. Not all 19: callers queue for the default executor's
+        # few worker threads, and the leader holds one of them.
+        await flight_waiters.wait_for_async(1)
         return "engine"
 
     async def main() -> list[str]:
         return await asyncio.gather(*(cache.get_or_load_async("k", loader, 1) for _ in range(20)))
 
-    assert asyncio.run(main()) == ["engine"] * 20 and len(loads) == 1
+    assert asyncio.run(main()) == ["engine"] * 20 and len(loads) == 1 and flight_waiters.count >= 1
     assert asyncio.run(cache.get_or_load_async("j", lambda: "sync loader")) == "sync loader"
 
 

@@ -23,6 +23,14 @@ from modeldepot import Depot, StoreFullError
 
 Mount = Callable[[str], Path]
 
+pytestmark = [
+    pytest.mark.skipif(sys.platform != "linux", reason="mounts a tmpfs: Linux only"),
+    pytest.mark.skipif(
+        sys.platform == "linux" and os.geteuid() != 0,
+        reason="needs root: mounts a small tmpfs to fill a disk for real (run the suite as root, as CI does)",
+    ),
+]
+
 
 @pytest.fixture
 def mount_tmpfs(tmp_path: Path) -> Iterator[Mount]:
@@ -36,7 +44,8 @@ def mount_tmpfs(tmp_path: Path) -> Iterator[Mount]:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             pytest.fail(
-                f"`{' '.join(command)}` failed ({done.stderr.strip()}): these tests need root on Linux"
+                f"`{' '.join(command)}` failed ({done.stderr.strip()}): "
+                "these tests need root, allowed to mount (CAP_SYS_ADMIN), on Linux"
             )
         mounted.append(root)
         return root

@@ -7,7 +7,6 @@ import asyncio
 import json
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -166,11 +165,13 @@ def test_manifest_route_and_event_stream_show_pull_progress(
         try:
             depot.scan_repo(REPO)
             events: list[dict[str, object]] = []
+            subscribed = threading.Event()
 
             async def listen() -> None:
                 url = f"{node.url}/api/depot/v1/events"
                 async with aiohttp.ClientSession() as session, session.get(url) as response:
                     assert response.headers["Content-Type"].startswith("text/event-stream")
+                    subscribed.set()
                     async for line in response.content:
                         if line.startswith(b"data: "):
                             events.append(json.loads(line[6:]))
@@ -179,7 +180,7 @@ def test_manifest_route_and_event_stream_show_pull_progress(
 
             listener = threading.Thread(target=lambda: asyncio.run(asyncio.wait_for(listen(), 30)))
             listener.start()
-            time.sleep(0.5)
+            assert subscribed.wait(30), "the event stream never answered"
             upstream_proxy.set("slow", times=-1, slow_delay=0.1)
             depot.pull(REPO)
             listener.join(40)
@@ -202,20 +203,21 @@ def test_manifest_route_and_event_stream_show_pull_progress(
 
 def test_the_event_stream_ends_when_the_server_shuts_down(depot: Depot) -> None:
     node = LiveNode(depot)
-    ended = threading.Event()
+    ended, subscribed = threading.Event(), threading.Event()
 
     async def listen() -> None:
         async with (
             aiohttp.ClientSession() as session,
             session.get(f"{node.url}/api/depot/v1/events") as response,
         ):
+            subscribed.set()
             async for _ in response.content:
                 pass
         ended.set()
 
     listener = threading.Thread(target=lambda: asyncio.run(asyncio.wait_for(listen(), 30)))
     listener.start()
-    time.sleep(0.5)
+    assert subscribed.wait(30), "the event stream never answered"
     node.stop()  # without the fix this waits out the 60 s graceful-shutdown timeout
     assert ended.wait(10), "the stream kept the connection open through the shutdown"
     listener.join(10)

@@ -20,7 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from conftest import drop_page_cache, write_model_dir
 from modeldepot import Depot
 from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
-from modeldepot.preload import STRATEGIES, Preloader, PreloadHandle, parse_budget
+from modeldepot.preload import STRATEGIES, Preloader, PreloadHandle, PreloadInfo, parse_budget
 from modeldepot.preload.residency import resident_bytes
 
 MiB = 1024 * 1024
@@ -136,26 +136,35 @@ def test_concurrent_preloads_of_one_model_load_it_once(
     preloader.close()
 
 
-def test_preload_async_leaves_the_event_loop_free(depot: Depot, tmp_path: Path) -> None:
-    add_repo(depot, tmp_path, "a", 1, size=64 * MiB)
+def test_preload_async_leaves_the_event_loop_free(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = add_repo(depot, tmp_path, "a", 1, size=8 * MiB)
     drop_page_cache(depot, "acme/a")
     preloader = Preloader(depot, budget="1GiB", strategy="read")
+    preload = preloader.preload
+    answers: list[str] = []
 
-    async def main() -> int:
-        ticks = 0
+    async def main() -> PreloadInfo:
+        loop = asyncio.get_running_loop()
 
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0.001)
+        async def probe() -> str:
+            return "the loop ran a coroutine meanwhile"
 
-        task = asyncio.create_task(ticker())
-        await preloader.preload_async("acme/a")
-        task.cancel()
-        return ticks
+        def preload_with_probe(repo_id: str, quant: str | None = None, revision: str = "main") -> PreloadInfo:
+            # Inside the preload: run a coroutine on the loop and wait for it. Were the preload run on the
+            # loop's own thread, the loop could not run it and this would time out.
+            answers.append(asyncio.run_coroutine_threadsafe(probe(), loop).result(30))
+            return preload(repo_id, quant, revision)
 
-    assert asyncio.run(main()) > 3
+        monkeypatch.setattr(preloader, "preload", preload_with_probe)
+        return await preloader.preload_async("acme/a")
+
+    info = asyncio.run(main())
+    assert answers == ["the loop ran a coroutine meanwhile"]
+    assert info.repo_id == "acme/a" and info.bytes == sum(map(len, files.values()))
+    with preloader.get("acme/a") as handle:
+        assert bytes(handle.views["model.safetensors"]) == files["model.safetensors"]
     preloader.close()
 
 

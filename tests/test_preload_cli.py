@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from click.testing import CliRunner
 
-from conftest import drop_page_cache, write_model_dir
+from conftest import drop_page_cache, free_port, wait_until, write_model_dir
 from modeldepot import Depot
 from modeldepot.cli import cli
 from modeldepot.preload import resident_in_ram
@@ -52,42 +51,34 @@ def test_preload_and_stats_commands(home: Path, tmp_path: Path) -> None:
     assert bad.exit_code == 2
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_serve_preload_top_brings_the_hot_model_back_into_ram(home: Path, tmp_path: Path) -> None:
     make_store(home, tmp_path)
     port = free_port()
+
+    def preloaded_stats() -> dict[str, Any] | None:
+        """The node's stats once its background preload has finished; None before (or before it listens)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/depot/v1/stats", timeout=5) as reply:
+                stats: dict[str, Any] = json.load(reply)
+        except OSError:
+            return None
+        return stats if stats["preload"]["models"] else None
+
     process = subprocess.Popen(
         [sys.executable, "-m", "modeldepot", "serve", "--home", str(home), "--port", str(port),
          "--preload-top", "1", "--preload-budget", "64MiB"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        stats: dict[str, object] = {}
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/api/depot/v1/stats", timeout=2
-                ) as reply:
-                    stats = json.load(reply)
-                if stats["preload"]["models"]:  # type: ignore[index]
-                    break
-            except OSError:
-                pass
-            time.sleep(0.1)
+        stats = wait_until(preloaded_stats, 60, "serve --preload-top to preload a model", process)
         preload = stats["preload"]
-        assert [m["repo_id"] for m in preload["models"]] == ["acme/hot"]  # type: ignore[index]
-        assert preload["budget_bytes"] == 64 * MiB  # type: ignore[index]
+        assert [m["repo_id"] for m in preload["models"]] == ["acme/hot"]
+        assert preload["budget_bytes"] == 64 * MiB
         with Depot(home) as depot:
             hot, hot_total = resident_in_ram(depot.store, "acme/hot")
             cold, _ = resident_in_ram(depot.store, "acme/cold")
         assert hot == hot_total and cold < MiB
-        assert stats["most_accessed"][0]["repo_id"] == "acme/hot"  # type: ignore[index]
+        assert stats["most_accessed"][0]["repo_id"] == "acme/hot"
     finally:
         process.terminate()
         process.wait(30)

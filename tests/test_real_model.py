@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,10 @@ REPO = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 @pytest.fixture(scope="module")
-def imported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Depot, Path]:
-    depot = Depot(tmp_path_factory.mktemp("minilm-store"))
-    depot.import_dir(minilm_model_dir(), REPO)
-    return depot, minilm_model_dir()
+def imported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Depot, Path]]:
+    with Depot(tmp_path_factory.mktemp("minilm-store")) as depot:
+        depot.import_dir(minilm_model_dir(), REPO)
+        yield depot, minilm_model_dir()
 
 
 def test_transformers_loads_config_and_tokenizer_from_the_snapshot(imported: tuple[Depot, Path]) -> None:

@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import SMALL_CHUNK, LiveNode, flip_byte, write_model_dir
+from conftest import SMALL_CHUNK, LiveNode, flip_byte, free_port, wait_until, write_model_dir
 from modeldepot import CorruptBlobError, Depot
 from modeldepot.store.scrub import Scrubber
 
@@ -162,24 +160,27 @@ def test_serve_scrubs_in_the_background(home: Path, tmp_path: Path) -> None:
     with Depot(home, chunk_size=SMALL_CHUNK) as depot:
         depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
         _flip(depot, 2)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "modeldepot", "serve", "--home", str(home), "--port", str(port),
-         "--scrub-interval", "0.05", "--scrub-rate", "1GiB"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    port = free_port()
+    log = tmp_path / "serve.log"  # a file, not a pipe nobody reads while the server runs: it cannot fill up
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "modeldepot", "serve", "--home", str(home), "--port", str(port),
+             "--scrub-interval", "0.05", "--scrub-rate", "1GiB"],
+            stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
     try:
         with Depot(home) as depot:
-            deadline = time.monotonic() + 60
-            while depot.store.index.read("SELECT state FROM blobs WHERE sha256 = ?", (SHA,))[0][0] == "ok":
-                assert time.monotonic() < deadline, "the scrub never found the flipped byte"
-                time.sleep(0.05)
+
+            def quarantined() -> bool:
+                state = depot.store.index.read("SELECT state FROM blobs WHERE sha256 = ?", (SHA,))[0][0]
+                return bool(state != "ok")
+
+            wait_until(quarantined, 60, "the background scrub to quarantine the flipped blob", process)
             with pytest.raises(CorruptBlobError):
                 depot.get_file(REPO, "model.safetensors")
             assert bytes(depot.get_file(REPO, "config.json")) == FILES["config.json"]  # the sound blob stays
     finally:
         process.terminate()
-        _, stderr = process.communicate(timeout=30)
-    assert process.returncode == 0 and "scrub" in stderr and "Traceback" not in stderr
+        process.wait(30)
+    logged = log.read_text()
+    assert process.returncode == 0 and "scrub" in logged and "Traceback" not in logged

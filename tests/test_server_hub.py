@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,15 @@ from huggingface_hub import (
 )
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-from conftest import LiveNode, cancel_other_tasks, minilm_model_dir, sample_files, write_model_dir
+from conftest import (
+    LiveNode,
+    cancel_other_tasks,
+    free_port,
+    minilm_model_dir,
+    sample_files,
+    wait_for_port,
+    write_model_dir,
+)
 from modeldepot import Depot
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -242,12 +249,6 @@ def test_transformers_loads_a_tokenizer_through_hf_endpoint(node: LiveNode, tmp_
     assert result == {"ids": reference("modeldepot serves models")["input_ids"], "type": "bert"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def served(home: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, bytes]]:
     """`modeldepot serve` as users run it, on a store holding one 24 MiB file."""
@@ -260,20 +261,15 @@ def served(home: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes]
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            time.sleep(0.05)
-    yield process, url, payload
-    if process.poll() is None:
-        process.kill()
-    process.wait(10)
-    assert process.stdout is not None
-    process.stdout.close()
+    try:
+        wait_for_port(port, 60, process=process)
+        yield process, f"http://127.0.0.1:{port}", payload
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+        assert process.stdout is not None
+        process.stdout.close()
 
 
 def test_serve_command_serves_and_finishes_in_flight_downloads_on_sigterm(

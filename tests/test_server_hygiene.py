@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BackgroundServer, write_model_dir
+from conftest import BackgroundServer, free_port, write_model_dir
 from modeldepot import Depot
 from modeldepot.server import create_app
 from modeldepot.server.connections import (
@@ -390,12 +390,6 @@ def test_a_malformed_request_logs_one_line_and_no_traceback(
 
 
 # -- modeldepot serve ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 LOWER_OPEN_FILE_LIMIT = (

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_CHUNK, flip_byte, sample_files, store_files_consistent, write_model_dir
+from conftest import SMALL_CHUNK, flip_byte, sample_files, store_files_consistent, writable, write_model_dir
 from modeldepot import (
     ConfigError,
     CorruptBlobError,
@@ -123,7 +123,8 @@ def test_verify_finds_flipped_truncated_and_missing_blobs(depot: Depot, model_di
         depot.file_info(REPO, p) for p in ("model.safetensors", "config.json", "tokenizer.json")
     )
     flip_byte(depot.store.blobs.path(flipped.sha256), flipped.size - 1)
-    os.truncate(depot.store.blobs.path(truncated.sha256), 3)
+    with writable(depot.store.blobs.path(truncated.sha256)) as path:
+        os.truncate(path, 3)
     depot.store.blobs.path(missing.sha256).unlink()
     report = depot.verify(REPO)
     assert {(p.sha256, p.problem) for p in report.problems} == {
@@ -141,7 +142,8 @@ def test_verify_finds_flipped_truncated_and_missing_blobs(depot: Depot, model_di
 def test_truncated_blob_is_caught_on_open(depot: Depot, model_dir: Path) -> None:
     depot.import_dir(model_dir, REPO)
     entry = depot.file_info(REPO, "model.safetensors")
-    os.truncate(depot.store.blobs.path(entry.sha256), 10)
+    with writable(depot.store.blobs.path(entry.sha256)) as path:
+        os.truncate(path, 10)
     with pytest.raises(CorruptBlobError, match="10 bytes"):
         depot.get_file(REPO, "model.safetensors")
     assert not depot.has_file(REPO, "model.safetensors")
