@@ -171,16 +171,16 @@ def test_manifest_route_and_event_stream_show_pull_progress(
                 url = f"{node.url}/api/depot/v1/events"
                 async with aiohttp.ClientSession() as session, session.get(url) as response:
                     assert response.headers["Content-Type"].startswith("text/event-stream")
-                    subscribed.set()
                     async for line in response.content:
                         if line.startswith(b"data: "):
                             events.append(json.loads(line[6:]))
+                            subscribed.set()  # the state at connect has arrived: changes come next
                             if events[-1]["status"] == "downloaded":
                                 return
 
             listener = threading.Thread(target=lambda: asyncio.run(asyncio.wait_for(listen(), 30)))
             listener.start()
-            assert subscribed.wait(30), "the event stream never answered"
+            assert subscribed.wait(30), "the event stream never sent the state at connect"
             upstream_proxy.set("slow", times=-1, slow_delay=0.1)
             depot.pull(REPO)
             listener.join(40)

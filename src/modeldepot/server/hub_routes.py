@@ -1,4 +1,5 @@
-"""The Hugging Face Hub's routes, as huggingface_hub, transformers and Olah read them (docs/background.md).
+"""The Hugging Face Hub's routes, as huggingface_hub, huggingface.js, transformers and Olah read them
+(docs/background.md).
 
 Only model repos. Never an ``X-Xet-*`` header, a ``Link rel="xet-auth"`` or a ``xetHash`` field: clients
 that see none of them stay on plain HTTP, which is all a node serves.
@@ -7,6 +8,8 @@ that see none of them stay on plain HTTP, which is all a node serves.
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -24,9 +27,18 @@ from modeldepot.errors import (
     RevisionNotFoundError,
     UpstreamError,
 )
-from modeldepot.gitobjects import TreeEntry, tree_oids
+from modeldepot.gitobjects import TreeEntry, lfs_pointer, tree_oids
 from modeldepot.server.context import DEPOT, is_authorized
+from modeldepot.server.listing import (
+    CommitQuery,
+    ModelQuery,
+    commits_page,
+    expand_names,
+    model_config,
+    models_page,
+)
 from modeldepot.server.mirror_routes import MIRROR, mirror_resolve, mirror_revision
+from modeldepot.server.ranges import RangeNotSatisfiable
 from modeldepot.server.responses import json_response, send_blob
 from modeldepot.server.views import (
     COMMIT_TITLE,
@@ -35,6 +47,10 @@ from modeldepot.server.views import (
     iso_time,
     lfs_info,
     model_info_body,
+    model_properties,
+    select_properties,
+    stored_view,
+    wanted_range,
 )
 from modeldepot.store import FileEntry, RepoSummary
 from modeldepot.validation import validate_path, validate_repo_id, validate_revision
@@ -49,9 +65,21 @@ def _repo_id(request: web.Request) -> str:
     return validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
 
 
-def _revision(request: web.Request, default: str = "main") -> str:
+DEFAULT_BRANCH = "main"
+
+
+def _revision(request: web.Request) -> str:
+    """The revision the request names; ``HEAD`` (as git and the Hub take it) is the default branch."""
     raw = request.match_info.get("rev")
-    return validate_revision(unquote(raw) if raw is not None else default)
+    revision = unquote(raw) if raw is not None else DEFAULT_BRANCH
+    return validate_revision(DEFAULT_BRANCH if revision == "HEAD" else revision)
+
+
+def _next_link(request: web.Request, **params: str) -> str:
+    """A ``Link`` header to the same listing with ``params`` replaced (an absolute URL: huggingface.js
+    follows only those)."""
+    kept = [(key, value) for key, value in request.query.items() if key not in params]
+    return f'<{request.url.with_query([*kept, *params.items()])}>; rel="next"'
 
 
 async def _check_visible(request: web.Request, repo_id: str) -> None:
@@ -122,22 +150,40 @@ async def _stored_view(request: web.Request, repo_id: str, revision: str) -> Rev
     commit_id = await asyncio.to_thread(depot.resolve, repo_id, revision)
     files = await asyncio.to_thread(depot.list_files, repo_id, commit_id)
     committed_at = await asyncio.to_thread(depot.store.revision_time, repo_id, commit_id)
-    return RevisionView(
-        repo_id=repo_id,
-        commit_id=commit_id,
-        files=tuple(files),
-        private=summary.private,
-        gated=summary.card.get("gated", False),
-        card={k: v for k, v in summary.card.items() if k != "gated"},
-        created_at=summary.created_at,
-        updated_at=summary.updated_at,
-        committed_at=committed_at,
-    )
+    return stored_view(summary, commit_id, files, committed_at)
 
 
 async def model_info(request: web.Request) -> web.Response:
+    expand = expand_names(request.query)
     view = await _revision_view(request, _repo_id(request), _revision(request))
-    return json_response(model_info_body(view, truthy(request.query.get("blobs"))))
+    if not expand:
+        return json_response(model_info_body(view, truthy(request.query.get("blobs"))))
+    config = None  # read from the store: a revision a mirror has not pulled has none
+    if "config" in expand:
+        config = await asyncio.to_thread(model_config, request.app[DEPOT].store, view.repo_id, view.commit_id)
+    return json_response(select_properties(model_properties(view, config), expand))
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """``GET /api/models``: the repos the store holds (a mirror lists only those), as the Hub lists models."""
+    query = ModelQuery.parse(request.query)
+    page, cursor = await asyncio.to_thread(models_page, request.app[DEPOT], query, is_authorized(request))
+    return json_response(page, headers={"Link": _next_link(request, cursor=cursor)} if cursor else None)
+
+
+async def list_commits(request: web.Request) -> web.Response:
+    """``GET /api/models/{repo}/commits/{rev}``: the revisions the store holds, newest first, from the one
+    ``rev`` names (see :func:`~modeldepot.server.listing.commits_page`); ``p`` and ``limit`` page them."""
+    repo_id = _repo_id(request)
+    query = CommitQuery.parse(request.query)
+    await _visible_repo(request, repo_id)
+    depot: Depot = request.app[DEPOT]
+    commit_id = await asyncio.to_thread(depot.resolve, repo_id, _revision(request))
+    page, total, more = await asyncio.to_thread(commits_page, depot.store, repo_id, commit_id, query)
+    headers = {"X-Total-Count": str(total)}
+    if more:
+        headers["Link"] = _next_link(request, p=str(query.page + 1))
+    return json_response(page, headers=headers)
 
 
 @dataclass(frozen=True)
@@ -201,20 +247,40 @@ async def list_tree(request: web.Request) -> web.Response:
     chunk = paths[cursor : cursor + page]
     headers = {}
     if cursor + page < len(paths):
-        following = request.url.update_query(cursor=str(cursor + page))
-        headers["Link"] = f'<{following}>; rel="next"'
+        headers["Link"] = _next_link(request, cursor=str(cursor + page))
     return json_response([tree.entry(p, expand, updated_at) for p in chunk], headers=headers)
+
+
+async def _paths_info_request(request: web.Request) -> tuple[list[str], bool]:
+    """The paths and ``expand`` of a paths-info request: a JSON body (``{"paths": [...], "expand": true}``,
+    as huggingface.js sends it) or a form (``paths=a&paths=b&expand=True``, as huggingface_hub does)."""
+    if request.content_type == "application/json":
+        try:
+            body = json.loads(await request.read())
+        except (UnicodeDecodeError, ValueError):
+            raise InvalidInputError("the paths-info body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise InvalidInputError('the paths-info body must be a JSON object: {"paths": [...]}')
+        paths = body.get("paths", [])
+        paths = [paths] if isinstance(paths, str) else paths
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise InvalidInputError("paths must be a list of strings")
+        expand = body.get("expand", False)
+        expand = truthy(expand) if isinstance(expand, str) else expand is True
+    else:
+        try:
+            form = await request.post()
+        except UnicodeDecodeError:
+            raise InvalidInputError("the paths-info form is not UTF-8") from None
+        paths = [str(p) for p in form.getall("paths", [])]
+        expand = truthy(str(form.get("expand", "")))
+    return [validate_path(p.strip("/")) for p in paths], expand
 
 
 async def paths_info(request: web.Request) -> web.Response:
     repo_id = _repo_id(request)
     revision = _revision(request)
-    try:
-        form = await request.post()
-    except UnicodeDecodeError:
-        raise InvalidInputError("the paths-info form is not UTF-8") from None
-    wanted = [validate_path(str(p).strip("/")) for p in form.getall("paths", [])]
-    expand = truthy(str(form.get("expand", "")))
+    wanted, expand = await _paths_info_request(request)
     tree, updated_at = await _tree_of(request, repo_id, revision)
     found = [p for p in wanted if p in tree.files or p in tree.folder_oids]
     return json_response([tree.entry(p, expand, updated_at) for p in found])
@@ -235,7 +301,12 @@ async def list_refs(request: web.Request) -> web.Response:
     )
 
 
-async def resolve(request: web.Request) -> web.StreamResponse:
+FileAnswer = Callable[[web.Request, str, str, str], Awaitable[web.StreamResponse]]
+
+
+async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswer) -> web.StreamResponse:
+    """A file of a revision: ``local`` answers from the store, ``remote`` from a mirror's upstream (each
+    called with the repo, the revision and the path), whichever knows the file, in the mirror's order."""
     repo_id = _repo_id(request)
     revision = _revision(request)
     path = validate_path(request.match_info["path"])
@@ -247,17 +318,27 @@ async def resolve(request: web.Request) -> web.StreamResponse:
             upstream_error = error  # the store may still hold it
         else:  # the upstream's commit: from the store when it holds the file, else pulled while served
             try:
-                return await _local_resolve(request, repo_id, manifest.commit_id, path)
+                return await local(request, repo_id, manifest.commit_id, path)
             except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError):
-                return await mirror_resolve(request, repo_id, revision, path)
+                return await remote(request, repo_id, revision, path)
     try:
-        return await _local_resolve(request, repo_id, revision, path)
+        return await local(request, repo_id, revision, path)
     except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError):
         if upstream_error is not None:
             raise upstream_error from None
         if not await _mirrorable(request, repo_id):
             raise
-        return await mirror_resolve(request, repo_id, revision, path)
+        return await remote(request, repo_id, revision, path)
+
+
+async def resolve(request: web.Request) -> web.StreamResponse:
+    return await _serve_file(request, _local_resolve, mirror_resolve)
+
+
+async def raw(request: web.Request) -> web.StreamResponse:
+    """``/{repo}/raw/{rev}/{path}`` as the Hub answers it: a plain file's bytes, and for an LFS file its
+    git-lfs pointer; the ETag is the git blob oid of what is sent (FileEntry.git_oid in both cases)."""
+    return await _serve_file(request, _local_raw, _mirror_raw)
 
 
 async def _local_resolve(request: web.Request, repo_id: str, revision: str, path: str) -> web.StreamResponse:
@@ -268,6 +349,44 @@ async def _local_resolve(request: web.Request, repo_id: str, revision: str, path
     return await send_blob(request, reader, entry.etag, file_headers(entry))
 
 
+async def _local_raw(request: web.Request, repo_id: str, revision: str, path: str) -> web.StreamResponse:
+    await _check_visible(request, repo_id)
+    depot: Depot = request.app[DEPOT]
+    entry = await asyncio.to_thread(depot.file_info, repo_id, path, revision)
+    if entry.lfs:
+        return _pointer_response(request, entry)
+    reader = await asyncio.to_thread(depot.open_verified, entry)
+    return await send_blob(request, reader, entry.git_oid, {"X-Repo-Commit": entry.commit_id})
+
+
+async def _mirror_raw(request: web.Request, repo_id: str, revision: str, path: str) -> web.StreamResponse:
+    """Raw from a mirror's upstream: an LFS file's pointer from the upstream's metadata (nothing is pulled),
+    a plain file's bytes as resolve pulls and streams them."""
+    view = await mirror_revision(request, repo_id, revision)
+    entry = next((f for f in view.files if f.path == path), None)
+    if entry is None:
+        raise EntryNotFoundError(repo_id, revision, path, view.commit_id)
+    if entry.lfs:
+        return _pointer_response(request, entry)
+    return await mirror_resolve(request, repo_id, revision, path)
+
+
+def _pointer_response(request: web.Request, entry: FileEntry) -> web.Response:
+    """An LFS file's pointer, as the raw route sends it: whole, or the range asked for."""
+    body = lfs_pointer(entry.sha256, entry.size)
+    headers = {"X-Repo-Commit": entry.commit_id, "ETag": f'"{entry.git_oid}"', "Accept-Ranges": "bytes"}
+    try:
+        wanted = wanted_range(request, len(body), entry.git_oid)
+    except RangeNotSatisfiable:
+        headers["Content-Range"] = f"bytes */{len(body)}"
+        return web.Response(status=416, headers=headers)
+    if wanted is None:
+        return web.Response(body=body, headers=headers, content_type="text/plain", charset="utf-8")
+    headers["Content-Range"] = wanted.content_range(len(body))
+    return web.Response(status=206, body=body[wanted.start : wanted.end + 1], headers=headers,
+                        content_type="text/plain", charset="utf-8")  # fmt: skip
+
+
 def add_hub_routes(app: web.Application) -> None:
     repo = "/api/models/{org}/{name}"
     app.router.add_get(repo, model_info)
@@ -276,4 +395,7 @@ def add_hub_routes(app: web.Application) -> None:
     app.router.add_get(repo + "/tree/{rev}/{path:.+}", list_tree)
     app.router.add_post(repo + "/paths-info/{rev}", paths_info)
     app.router.add_get(repo + "/refs", list_refs)
+    app.router.add_get(repo + "/commits/{rev:.+}", list_commits)  # huggingface.js does not encode the rev
+    app.router.add_get("/api/models", list_models)
     app.router.add_get("/{org}/{name}/resolve/{rev}/{path:.+}", resolve)  # add_get answers HEAD too
+    app.router.add_get("/{org}/{name}/raw/{rev}/{path:.+}", raw)

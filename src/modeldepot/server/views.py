@@ -9,6 +9,7 @@ functions, so a client cannot tell, from its shape, a file the node holds from o
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,19 +17,37 @@ from aiohttp import web
 
 from modeldepot.gitobjects import lfs_pointer
 from modeldepot.server.ranges import ByteRange, parse_range
-from modeldepot.store import FileEntry
+from modeldepot.store import FileEntry, RepoSummary
 
 __all__ = [
+    "COMMIT_AUTHOR",
     "COMMIT_TITLE",
+    "MODEL_PROPERTIES",
     "RevisionView",
     "file_headers",
+    "hub_tags",
     "iso_time",
     "lfs_info",
     "model_info_body",
+    "model_properties",
+    "select_properties",
+    "stored_view",
     "wanted_range",
 ]
 
 COMMIT_TITLE = "modeldepot import"
+COMMIT_AUTHOR = "modeldepot"  # the author of every commit the node lists (gitobjects' fixed identity)
+
+# What ``expand`` may name: the properties huggingface_hub (ExpandModelProperty_T) and huggingface.js
+# (MODEL_EXPANDABLE_KEYS) ask the Hub for. The Hub refuses other names; a known one the node has no value
+# for (gguf, safetensors, inference, ...) is left out of the answer, as the Hub leaves out what a repo lacks.
+MODEL_PROPERTIES = frozenset({
+    "author", "baseModels", "cardData", "childrenModelCount", "config", "createdAt", "disabled", "downloads",
+    "downloadsAllTime", "evalResults", "gated", "gguf", "gitalyUid", "inference", "inferenceProviderMapping",
+    "lastModified", "library_name", "likes", "mask_token", "model-index", "pipeline_tag", "private",
+    "resourceGroup", "safetensors", "sha", "siblings", "spaces", "tags", "transformersInfo", "trendingScore",
+    "usedStorage", "widgetData",
+})  # fmt: skip
 
 
 def iso_time(timestamp: float) -> str:
@@ -48,6 +67,41 @@ class RevisionView:
     created_at: float  # the repo's first import or pull here (an upstream's: when it was scanned)
     updated_at: float
     committed_at: float  # when this revision was imported or pulled (lastCommit's date)
+
+
+def stored_view(
+    summary: RepoSummary, commit_id: str, files: Iterable[FileEntry], committed_at: float
+) -> RevisionView:
+    """A revision the store holds, described from its repo's summary."""
+    return RevisionView(
+        repo_id=summary.repo_id,
+        commit_id=commit_id,
+        files=tuple(files),
+        private=summary.private,
+        gated=summary.card.get("gated", False),
+        card={k: v for k, v in summary.card.items() if k != "gated"},
+        created_at=summary.created_at,
+        updated_at=summary.updated_at,
+        committed_at=committed_at,
+    )
+
+
+def _names(value: Any) -> list[str]:
+    values = value if isinstance(value, list) else [value]
+    return [str(v) for v in values if isinstance(v, str) and v]
+
+
+def hub_tags(card: dict[str, Any]) -> list[str]:
+    """A repo's tags as the Hub lists them: the card's own, then its library, pipeline tag, ``license:X``
+    and ``base_model:X`` (what ``filter`` matches on the Hub), each once."""
+    tags = [
+        *_names(card.get("tags", [])),
+        *_names(card.get("library_name")),
+        *_names(card.get("pipeline_tag")),
+        *(f"license:{name}" for name in _names(card.get("license"))),
+        *(f"base_model:{name}" for name in _names(card.get("base_model"))),
+    ]
+    return list(dict.fromkeys(tags))
 
 
 def lfs_info(entry: FileEntry) -> dict[str, Any]:
@@ -78,7 +132,7 @@ def model_info_body(view: RevisionView, blobs: bool) -> dict[str, Any]:
         "disabled": False,
         "downloads": 0,
         "likes": 0,
-        "tags": list(view.card.get("tags", [])),
+        "tags": hub_tags(view.card),
         "siblings": [_sibling(f, blobs) for f in view.files],
     }
     for key in ("pipeline_tag", "library_name"):
@@ -89,6 +143,23 @@ def model_info_body(view: RevisionView, blobs: bool) -> dict[str, Any]:
     if blobs:
         body["usedStorage"] = sum(f.size for f in view.files)
     return body
+
+
+def model_properties(view: RevisionView, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every property of the repo at ``view`` the node knows, by the Hub's names: model info's, plus those
+    a listing or ``expand`` may ask for (``config``: what :func:`~modeldepot.server.listing.model_config`
+    read, if asked)."""
+    body = model_info_body(view, blobs=False)
+    body.update(trendingScore=0, downloadsAllTime=0, spaces=[], usedStorage=sum(f.size for f in view.files))
+    if config is not None:
+        body["config"] = config
+    return body
+
+
+def select_properties(body: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """``_id``, ``id`` and the named properties the body has, in the body's order (the Hub's ``expand``)."""
+    keep = {"_id", "id", *names}
+    return {key: value for key, value in body.items() if key in keep}
 
 
 def file_headers(entry: FileEntry) -> dict[str, str]:

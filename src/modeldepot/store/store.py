@@ -341,8 +341,8 @@ class Store:
         return {row["name"]: row["commit_id"] for row in rows}
 
     def list_repos(self) -> list[RepoSummary]:
-        rows = self.index.read("SELECT repo_id FROM repos ORDER BY repo_id")
-        return [self.repo_summary(row["repo_id"]) for row in rows]
+        """Every repo's summary, sorted by repo id."""
+        return self._summaries(None)
 
     def repo_private(self, repo_id: str) -> bool:
         """Whether a repo was imported as private (one indexed lookup: the server asks on every request)."""
@@ -355,35 +355,64 @@ class Store:
     def repo_summary(self, repo_id: str) -> RepoSummary:
         """One repo's refs, counts and its newest revision's size, without listing every file."""
         validate_repo_id(repo_id)
+        found = self._summaries(repo_id)
+        if not found:
+            raise RepoNotFoundError(repo_id)
+        return found[0]
+
+    def _summaries(self, repo_id: str | None) -> list[RepoSummary]:
+        """Summaries of one repo (or of all, sorted by repo id): in two queries, whatever the number of
+        repos (the server lists them all on every page of ``/api/models``)."""
+        only = "WHERE repo_id = ?" if repo_id is not None else ""
+        params: tuple[object, ...] = (repo_id,) if repo_id is not None else ()
         rows = self.index.read(
-            """
+            f"""
+            WITH newest AS (
+                SELECT repo_id, commit_id, COUNT(*) OVER (PARTITION BY repo_id) AS revisions,
+                       ROW_NUMBER() OVER (PARTITION BY repo_id ORDER BY created_at DESC, commit_id) AS rank
+                FROM revisions {only}
+            )
             SELECT r.repo_id, r.private, r.origin, r.card, r.created_at, r.updated_at,
-                   (SELECT COUNT(*) FROM revisions v WHERE v.repo_id = r.repo_id) AS revisions,
-                   (SELECT commit_id FROM revisions v WHERE v.repo_id = r.repo_id
-                     ORDER BY created_at DESC, commit_id LIMIT 1) AS newest
-            FROM repos r WHERE r.repo_id = ?
+                   COALESCE(n.revisions, 0) AS revisions,
+                   (SELECT COUNT(*) FROM files f WHERE f.repo_id = r.repo_id AND f.commit_id = n.commit_id) AS n,
+                   (SELECT COALESCE(SUM(size), 0) FROM files f
+                     WHERE f.repo_id = r.repo_id AND f.commit_id = n.commit_id) AS bytes
+            FROM (SELECT * FROM repos {only}) r LEFT JOIN newest n ON n.repo_id = r.repo_id AND n.rank = 1
+            ORDER BY r.repo_id
             """,
+            params * 2,
+        )
+        refs: dict[str, dict[str, str]] = {}
+        for ref in self.index.read(
+            f"SELECT repo_id, name, commit_id FROM refs {only} ORDER BY repo_id, name", params
+        ):
+            refs.setdefault(ref["repo_id"], {})[ref["name"]] = ref["commit_id"]
+        return [
+            RepoSummary(
+                repo_id=row["repo_id"],
+                private=bool(row["private"]),
+                origin=row["origin"],
+                refs=refs.get(row["repo_id"], {}),
+                revisions=row["revisions"],
+                files=row["n"],
+                size=row["bytes"],
+                card=json.loads(row["card"]),
+                created_at=row["created_at"],
+                updated_at=row["updated_at"],
+            )
+            for row in rows
+        ]
+
+    def revisions(self, repo_id: str) -> list[tuple[str, float]]:
+        """A repo's revisions as (commit id, when it was imported or pulled), newest first."""
+        validate_repo_id(repo_id)
+        rows = self.index.read(
+            "SELECT commit_id, created_at FROM revisions WHERE repo_id = ? ORDER BY created_at DESC, commit_id",
             (repo_id,),
         )
-        if not rows:
+        if not rows and not self.index.read("SELECT 1 FROM repos WHERE repo_id = ?", (repo_id,)):
             raise RepoNotFoundError(repo_id)
-        row = rows[0]
-        totals = self.index.read(
-            "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes FROM files WHERE repo_id = ? AND commit_id = ?",
-            (repo_id, row["newest"]),
-        )[0]
-        return RepoSummary(
-            repo_id=repo_id,
-            private=bool(row["private"]),
-            origin=row["origin"],
-            refs=self._refs(repo_id),
-            revisions=row["revisions"],
-            files=totals["n"],
-            size=totals["bytes"],
-            card=json.loads(row["card"]),
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-        )
+        return [(row["commit_id"], float(row["created_at"])) for row in rows]
 
     def repo_info(self, repo_id: str) -> RepoInfo:
         validate_repo_id(repo_id)

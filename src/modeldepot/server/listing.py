@@ -1,0 +1,307 @@
+"""Listings the Hub's clients page through: ``GET /api/models`` and ``GET /api/models/{repo}/commits/{rev}``.
+
+Query parameters are read as huggingface_hub (``HfApi.list_models``, ``list_repo_commits``) and huggingface.js
+(``listModels``, ``listCommits``, ``countCommits``) send them; the answers are pages chained by
+``Link: <url>; rel="next"``, which both clients follow. Everything here runs on a worker thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import html
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from multidict import MultiMapping
+
+from modeldepot.config import truthy
+from modeldepot.depot import Depot
+from modeldepot.errors import CorruptBlobError, InvalidInputError, NotFoundError
+from modeldepot.server.views import (
+    COMMIT_AUTHOR,
+    COMMIT_TITLE,
+    MODEL_PROPERTIES,
+    RevisionView,
+    hub_tags,
+    iso_time,
+    model_properties,
+    select_properties,
+    stored_view,
+)
+from modeldepot.store import RepoSummary, Store
+
+__all__ = [
+    "COMMITS_PAGE",
+    "COMMITS_PAGE_MAX",
+    "LIST_PAGE",
+    "CommitQuery",
+    "ModelQuery",
+    "commits_page",
+    "expand_names",
+    "model_config",
+    "models_page",
+]
+
+LIST_PAGE = 1000  # the most models a page of /api/models holds (and how many without ``limit``)
+COMMITS_PAGE = 50  # the Hub's commits per page without ``limit``; at most COMMITS_PAGE_MAX
+COMMITS_PAGE_MAX = 1000
+
+# What a listed model has without ``expand``: the Hub's listing fields, then what ``full`` adds.
+LISTED = ("_id", "id", "likes", "trendingScore", "private", "downloads", "tags", "pipeline_tag",
+          "library_name", "createdAt", "modelId")  # fmt: skip
+LISTED_FULL = (*LISTED, "author", "gated", "lastModified", "sha", "disabled", "siblings")
+
+# sort= names (the Hub's, and the snake_case ones older clients send) -> the property sorted on.
+SORTS = {
+    "id": "id", "modelId": "id",
+    "createdAt": "createdAt", "created_at": "createdAt",
+    "lastModified": "lastModified", "last_modified": "lastModified",
+    "downloads": "downloads", "downloadsAllTime": "downloads",
+    "likes": "likes", "likes7d": "likes", "likes30d": "likes",
+    "trendingScore": "trendingScore", "trending_score": "trendingScore", "trending": "trendingScore",
+}  # fmt: skip
+
+# Filters the Hub evaluates from data a node does not have (inference providers, the apps that run a model,
+# parameter counts): refused with a 400 that says so, rather than answered with a list that is wrong.
+UNSUPPORTED = ("apps", "inference", "inference_provider", "num_parameters")
+
+CONFIG_FILES_MAX = 1 << 20  # config.json / tokenizer_config.json larger than this are not read
+TOKENIZER_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+                  "chat_template")  # fmt: skip
+
+
+def _values(query: MultiMapping[str], name: str) -> list[str]:
+    """Every value of ``name`` and ``name[]``, comma-separated lists split, empty ones dropped."""
+    found = [*query.getall(name, []), *query.getall(f"{name}[]", [])]
+    return [part.strip() for value in found for part in value.split(",") if part.strip()]
+
+
+def _positive(query: MultiMapping[str], name: str, default: int, cap: int) -> int:
+    text = query.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise InvalidInputError(f"{name} must be a positive integer, not {text!r}") from None
+    if value < 1:
+        raise InvalidInputError(f"{name} must be a positive integer, not {text!r}")
+    return min(value, cap)
+
+
+def expand_names(query: MultiMapping[str]) -> tuple[str, ...]:
+    """The properties ``expand`` / ``expand[]`` asks for; a name the Hub does not know is a 400."""
+    names = tuple(dict.fromkeys(_values(query, "expand")))
+    unknown = [name for name in names if name not in MODEL_PROPERTIES]
+    if unknown:
+        raise InvalidInputError(
+            f"expand: unknown model properties {', '.join(unknown)} (known: {', '.join(sorted(MODEL_PROPERTIES))})"
+        )
+    return names
+
+
+def _encode_cursor(key: float | str, repo_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([key, repo_id]).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(text: str, numeric: bool) -> tuple[float | str, str]:
+    """The (sort key, repo id) of the last model of the previous page; anything else is a 400."""
+    try:
+        key, repo_id = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except (binascii.Error, ValueError, TypeError):
+        raise InvalidInputError("cursor is not one this node sent") from None
+    if isinstance(repo_id, str) and not isinstance(key, bool):
+        if numeric and isinstance(key, (int, float)):
+            return float(key), repo_id
+        if not numeric and isinstance(key, str):
+            return key, repo_id
+    raise InvalidInputError("cursor is not one this node sent")
+
+
+@dataclass(frozen=True)
+class ModelQuery:
+    """``GET /api/models``: which models, in which order, from where, and which properties of each."""
+
+    author: str | None
+    search: str | None
+    tags: tuple[str, ...]  # every one must be among the model's tags
+    pipeline_tag: str | None
+    gated: bool | None
+    sort: str  # a value of SORTS
+    descending: bool
+    page_size: int
+    cursor: tuple[float | str, str] | None
+    properties: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, query: MultiMapping[str]) -> ModelQuery:
+        for name in UNSUPPORTED:
+            if query.get(name):
+                raise InvalidInputError(f"{name}: this node does not know which models match it")
+        sort_name = query.get("sort") or "trendingScore"  # the Hub's default order: trending first
+        if sort_name not in SORTS:
+            raise InvalidInputError(f"sort must be one of {', '.join(SORTS)}, not {sort_name!r}")
+        sort = SORTS[sort_name]
+        direction = query.get("direction", "-1")
+        if direction not in ("-1", "1"):
+            raise InvalidInputError(f"direction must be -1 (descending) or 1 (ascending), not {direction!r}")
+        gated = query.get("gated")
+        expand = expand_names(query)
+        if expand:  # only these (the Hub ignores full, config and cardData then)
+            properties: tuple[str, ...] = ("_id", "id", *expand)
+        else:
+            properties = LISTED_FULL if truthy(query.get("full")) else LISTED
+            properties += tuple(name for name in ("config", "cardData") if truthy(query.get(name)))
+        cursor = query.get("cursor")
+        return cls(
+            author=query.get("author") or None,
+            search=(query.get("search") or "").lower() or None,
+            tags=tuple(_values(query, "filter") + _values(query, "library")),
+            pipeline_tag=query.get("pipeline_tag") or None,
+            gated=None if gated is None or not gated.strip() else truthy(gated),
+            sort=sort,
+            descending=direction == "-1",
+            page_size=_positive(query, "limit", LIST_PAGE, LIST_PAGE),
+            cursor=_decode_cursor(cursor, sort != "id") if cursor else None,
+            properties=properties,
+        )
+
+    def matches(self, summary: RepoSummary) -> bool:
+        repo_id, card = summary.repo_id, summary.card
+        return (
+            (self.author is None or repo_id.split("/")[0] == self.author)
+            and (self.search is None or self.search in repo_id.lower())
+            and (self.pipeline_tag is None or card.get("pipeline_tag") == self.pipeline_tag)
+            and (self.gated is None or bool(card.get("gated", False)) == self.gated)
+            and set(self.tags) <= set(hub_tags(card))
+        )
+
+    def key(self, summary: RepoSummary) -> float | str:
+        if self.sort == "id":
+            return summary.repo_id
+        if self.sort == "createdAt":
+            return summary.created_at
+        if self.sort == "lastModified":
+            return summary.updated_at
+        return 0  # downloads, likes, trending: the node counts none of them
+
+    def after(self, summary: RepoSummary, cursor: tuple[float | str, str]) -> bool:
+        """Whether the model comes after the cursor's in this order (ties go by repo id, ascending)."""
+        key, repo_id = self.key(summary), summary.repo_id
+        if key == cursor[0]:
+            return repo_id > cursor[1]
+        return key < cursor[0] if self.descending else key > cursor[0]  # type: ignore[operator]
+
+
+def _head(store: Store, summary: RepoSummary) -> tuple[str, float]:
+    """The revision a listing describes: the default branch's, or the newest one of a repo without it."""
+    revisions = store.revisions(summary.repo_id)
+    when = dict(revisions)
+    commit_id = summary.refs.get("main", revisions[0][0] if revisions else "")
+    return commit_id, when.get(commit_id, summary.updated_at)
+
+
+def _read_json(store: Store, repo_id: str, commit_id: str, path: str) -> dict[str, Any] | None:
+    """A small JSON object of a revision, read through the chunk checks; None if absent, big or not JSON."""
+    try:
+        entry = store.entry(repo_id, path, commit_id)
+        if entry.size > CONFIG_FILES_MAX:
+            return None
+        data = b"".join(
+            bytes(store.chunk(entry, i)) for i in range(max(1, -(-entry.size // entry.chunk_size)))
+        )
+        found = json.loads(data)
+    except (NotFoundError, CorruptBlobError, ValueError):  # absent here (a mirror's miss too), or bad
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def model_config(store: Store, repo_id: str, commit_id: str) -> dict[str, Any] | None:
+    """The ``config`` property, as the Hub derives it: ``architectures`` and ``model_type`` from
+    config.json, the special tokens and chat template from tokenizer_config.json."""
+    config = _read_json(store, repo_id, commit_id, "config.json") or {}
+    found: dict[str, Any] = {k: config[k] for k in ("architectures", "model_type") if k in config}
+    tokenizer = _read_json(store, repo_id, commit_id, "tokenizer_config.json") or {}
+    special = {k: tokenizer[k] for k in TOKENIZER_KEYS if k in tokenizer}
+    if special:
+        found["tokenizer_config"] = special
+    return found or None
+
+
+def _item(store: Store, summary: RepoSummary, properties: Iterable[str]) -> dict[str, Any]:
+    wanted = set(properties)
+    commit_id, committed_at = _head(store, summary)
+    files = store.files(summary.repo_id, commit_id) if wanted & {"siblings", "usedStorage"} else []
+    view: RevisionView = stored_view(summary, commit_id, files, committed_at)
+    config = model_config(store, summary.repo_id, commit_id) if "config" in wanted else None
+    return select_properties(model_properties(view, config), wanted)
+
+
+def models_page(depot: Depot, query: ModelQuery, authorized: bool) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of the models the request may see (private ones only with the node's token), and the
+    cursor of the next page (None on the last)."""
+    visible = [s for s in depot.store.list_repos() if (authorized or not s.private) and query.matches(s)]
+    ordered = sorted(visible, key=query.key, reverse=query.descending)  # stable: ties stay in id order
+    if query.cursor is not None:
+        cursor = query.cursor
+        ordered = [s for s in ordered if query.after(s, cursor)]
+    page = ordered[: query.page_size]
+    following = None
+    if len(ordered) > query.page_size:
+        following = _encode_cursor(query.key(page[-1]), page[-1].repo_id)
+    items = []
+    for summary in page:
+        try:
+            items.append(_item(depot.store, summary, query.properties))
+        except NotFoundError:  # removed since it was read: not listed
+            continue
+    return items, following
+
+
+@dataclass(frozen=True)
+class CommitQuery:
+    """``GET /api/models/{repo}/commits/{rev}``: page ``p`` (from 0) of ``limit`` commits."""
+
+    page: int
+    page_size: int
+    formatted: bool
+
+    @classmethod
+    def parse(cls, query: MultiMapping[str]) -> CommitQuery:
+        page = query.get("p", "0")
+        if not page.isdigit() or len(page) > 9:
+            raise InvalidInputError(f"p must be a page number from 0, not {page!r}")
+        return cls(
+            page=int(page),
+            page_size=_positive(query, "limit", COMMITS_PAGE, COMMITS_PAGE_MAX),
+            formatted="formatted" in _values(query, "expand"),
+        )
+
+
+def commits_page(
+    store: Store, repo_id: str, commit_id: str, query: CommitQuery
+) -> tuple[list[dict[str, Any]], int, bool]:
+    """The commits listed from ``commit_id``: this store's revisions of the repo, newest first, from that one
+    on (an import or a pull is a commit; they have no parents, so "reachable" means "came here earlier").
+    Returns the page, how many there are in all, and whether another page follows."""
+    revisions = store.revisions(repo_id)
+    start = next(i for i, (commit, _) in enumerate(revisions) if commit == commit_id)
+    listed = revisions[start:]
+    first = query.page * query.page_size
+    page = listed[first : first + query.page_size]
+    commits = []
+    for commit, created_at in page:
+        item: dict[str, Any] = {
+            "id": commit,
+            "title": COMMIT_TITLE,
+            "message": "",
+            "date": iso_time(created_at),
+            "authors": [{"user": COMMIT_AUTHOR}],
+        }
+        if query.formatted:
+            item["formatted"] = {"title": html.escape(COMMIT_TITLE), "message": ""}
+        commits.append(item)
+    return commits, len(listed), first + query.page_size < len(listed)

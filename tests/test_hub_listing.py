@@ -1,0 +1,448 @@
+"""Listings, commits, raw files and paths-info as the Hub answers them, through the real huggingface_hub client
+(and the real `hf` CLI) and plain HTTP, over loopback sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+from conftest import SMALL_CHUNK, LiveNode, sample_files, write_model_dir
+from modeldepot import Depot
+from modeldepot.gitobjects import git_blob_oid, lfs_pointer
+from modeldepot.server import listing
+from modeldepot.server.views import iso_time
+
+TOKEN = "s3cret"
+BERT, GPT, EMBED, PLAIN, SECRET = (
+    "acme/bert-tiny",
+    "acme/gpt-small",
+    "acme/Onnx-Embedder",
+    "acme/plain",
+    "acme/secret",
+)
+LARGE = "other/bert-large"
+
+
+def card(**fields: object) -> bytes:
+    lines = ["---"]
+    for key, value in fields.items():
+        if isinstance(value, list):
+            lines += [f"{key}:", *(f"- {v}" for v in value)]
+        else:
+            lines.append(f"{key}: {value}")
+    return ("\n".join([*lines, "---", "# A model", ""])).encode()
+
+
+CONFIG = {"architectures": ["BertForMaskedLM"], "model_type": "bert", "hidden_size": 8}
+TOKENIZER_CONFIG = {"unk_token": "[UNK]", "mask_token": "[MASK]", "model_max_length": 512}
+
+# repo -> (files, private, created_at, updated_at). Times are set so that every order differs from id order.
+REPOS: dict[str, tuple[dict[str, bytes], bool, float, float]] = {
+    BERT: (
+        {
+            **sample_files(1),
+            "config.json": json.dumps(CONFIG).encode(),
+            "tokenizer_config.json": json.dumps(TOKENIZER_CONFIG).encode(),
+            "README.md": card(library_name="transformers", pipeline_tag="fill-mask", license="mit", tags=["bert"]),
+        },
+        False, 1_600_000_300, 1_700_000_100,
+    ),
+    GPT: (
+        {"config.json": b'{"model_type": "gpt2"}',
+         "README.md": card(library_name="transformers", pipeline_tag="text-generation", tags=["gpt"])},
+        False, 1_600_000_100, 1_700_000_400,
+    ),
+    EMBED: (
+        {"model.onnx": b"onnx" * 100, "README.md": card(library_name="onnx", pipeline_tag="feature-extraction")},
+        False, 1_600_000_400, 1_700_000_300,
+    ),
+    PLAIN: ({"config.json": b"{}"}, False, 1_600_000_200, 1_700_000_200),
+    SECRET: (
+        {"config.json": b'{"secret": 1}', "README.md": card(pipeline_tag="fill-mask", tags=["bert"])},
+        True, 1_600_000_500, 1_700_000_500,
+    ),
+    LARGE: (
+        {"config.json": b'{"model_type": "bert"}',
+         "README.md": card(library_name="transformers", pipeline_tag="fill-mask")},
+        False, 1_600_000_000, 1_700_000_000,
+    ),
+}  # fmt: skip
+PUBLIC = sorted(repo for repo, (_, private, _, _) in REPOS.items() if not private)
+
+
+@pytest.fixture
+def catalog(depot: Depot, tmp_path: Path) -> Depot:
+    for repo, (files, private, created, updated) in REPOS.items():
+        depot.import_dir(write_model_dir(tmp_path / repo, files), repo, private=private)
+        with depot.store.index.write() as con:
+            con.execute(
+                "UPDATE repos SET created_at = ?, updated_at = ? WHERE repo_id = ?", (created, updated, repo)
+            )
+    return depot
+
+
+@pytest.fixture
+def node(catalog: Depot) -> Iterator[LiveNode]:
+    node = LiveNode(catalog)
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+def token_node(catalog: Depot) -> Iterator[LiveNode]:
+    node = LiveNode(catalog, token=TOKEN)
+    yield node
+    node.stop()
+
+
+def ids(models: object) -> list[str]:
+    return [m.id for m in models]  # type: ignore[attr-defined]
+
+
+def by(key: int) -> list[str]:
+    """The public repos ordered by created (2) or updated (3) time, newest first."""
+    return sorted(PUBLIC, key=lambda r: REPOS[r][key], reverse=True)
+
+
+# -- /api/models ---------------------------------------------------------------------------------------
+
+
+def test_models_are_filtered_as_the_hub_filters_them(node: LiveNode) -> None:
+    api = HfApi(endpoint=node.url, token=False)
+    assert sorted(ids(api.list_models())) == PUBLIC  # the private repo is not listed without the token
+    assert sorted(ids(api.list_models(author="acme"))) == [r for r in PUBLIC if r.startswith("acme/")]
+    assert ids(api.list_models(author="nobody")) == []
+    assert sorted(ids(api.list_models(search="BERT"))) == [BERT, LARGE]  # a substring of the id, any case
+    assert ids(api.list_models(search="onnx-emb")) == [EMBED]
+    assert ids(api.list_models(search="bert", author="other")) == [LARGE]
+    # filter: tags, and the library and pipeline tags the Hub counts among them; several must all match
+    assert sorted(ids(api.list_models(filter="fill-mask"))) == [BERT, LARGE]
+    assert sorted(ids(api.list_models(filter="transformers"))) == [BERT, GPT, LARGE]
+    assert ids(api.list_models(filter=["transformers", "bert"])) == [BERT]
+    assert ids(api.list_models(filter=["license:mit"])) == [BERT]
+    assert ids(api.list_models(filter=["fill-mask", "gpt"])) == []
+    assert ids(api.list_models(pipeline_tag="text-generation")) == [GPT]
+    assert sorted(ids(api.list_models(gated=False))) == PUBLIC
+    assert ids(api.list_models(gated=True)) == []
+
+
+def test_models_are_sorted_and_directed(node: LiveNode) -> None:
+    api = HfApi(endpoint=node.url, token=False)
+    assert ids(api.list_models(sort="created_at")) == by(2)  # the Hub sorts descending
+    assert ids(api.list_models(sort="last_modified")) == by(3)
+    assert ids(api.list_models()) == PUBLIC  # trending first: every score is 0, so ties go by id
+    assert ids(api.list_models(sort="downloads")) == PUBLIC
+    # huggingface_hub 2.x sends no direction; older clients and scripts send direction=-1 (or 1)
+    url = f"{node.url}/api/models"
+    for direction, expected in (("-1", by(3)), ("1", by(3)[::-1])):
+        answer = requests.get(url, params={"sort": "lastModified", "direction": direction}, timeout=30)
+        assert [m["id"] for m in answer.json()] == expected
+    answer = requests.get(url, params={"sort": "id", "direction": "1"}, timeout=30)
+    assert [m["id"] for m in answer.json()] == PUBLIC
+    answer = requests.get(url, params={"sort": "id"}, timeout=30)
+    assert [m["id"] for m in answer.json()] == PUBLIC[::-1]
+    for bad in ({"sort": "stars"}, {"direction": "up"}, {"limit": "0"}, {"limit": "x"}, {"cursor": "!!"},
+                {"apps": "ollama"}, {"inference_provider": "all"}):  # fmt: skip
+        answer = requests.get(url, params=bad, timeout=30)
+        assert answer.status_code == 400, bad
+        assert answer.headers["X-Error-Code"] == "BadRequest"
+
+
+def test_pages_are_chained_by_link_headers(
+    node: LiveNode, catalog: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(listing, "LIST_PAGE", 2)
+    api = HfApi(endpoint=node.url, token=False)
+    assert ids(api.list_models(sort="created_at")) == by(2)  # 5 models: 3 pages followed
+    assert ids(api.list_models(sort="created_at", limit=3)) == by(2)[:3]  # across a page, then it stops
+    first = requests.get(f"{node.url}/api/models", params={"sort": "id", "direction": "1"}, timeout=30)
+    assert [m["id"] for m in first.json()] == PUBLIC[:2]
+    assert first.links["next"]["url"].startswith(
+        f"{node.url}/api/models?"
+    )  # absolute, as huggingface.js wants
+    # A model added between two pages: the next page goes on after the last one seen (a cursor, not an
+    # offset), so nothing is listed twice.
+    catalog.import_dir(write_model_dir(tmp_path / "early", {"config.json": b"{}"}), "aaa/first")
+    rest: list[str] = []
+    link = first.links.get("next", {}).get("url")
+    while link:
+        page = requests.get(link, timeout=30)
+        rest += [m["id"] for m in page.json()]
+        link = page.links.get("next", {}).get("url")
+    assert rest == PUBLIC[2:]
+    last = requests.get(f"{node.url}/api/models", params={"limit": "1", "search": "gpt"}, timeout=30)
+    assert [m["id"] for m in last.json()] == [GPT] and "next" not in last.links
+
+
+def test_listed_properties_full_config_card_and_expand(node: LiveNode, catalog: Depot) -> None:
+    api = HfApi(endpoint=node.url, token=False)
+    [plain] = api.list_models(search="bert-tiny")
+    assert plain.siblings is None and plain.sha is None and plain.last_modified is None  # not without full
+    assert (
+        plain.pipeline_tag == "fill-mask" and plain.library_name == "transformers" and plain.private is False
+    )
+    assert plain.created_at is not None and plain.created_at.timestamp() == REPOS[BERT][2]
+    assert plain.tags == ["bert", "transformers", "fill-mask", "license:mit"]
+    [full] = api.list_models(search="bert-tiny", full=True)
+    assert full.sha == catalog.resolve(BERT) and full.author == "acme" and full.gated is False
+    assert full.last_modified is not None and full.last_modified.timestamp() == REPOS[BERT][3]
+    assert sorted(s.rfilename for s in full.siblings or []) == sorted(REPOS[BERT][0])
+    assert full.config is None and full.card_data is None
+    [configured] = api.list_models(search="bert-tiny", fetch_config=True, cardData=True)
+    assert configured.config == {
+        "architectures": ["BertForMaskedLM"], "model_type": "bert",
+        "tokenizer_config": {"unk_token": "[UNK]", "mask_token": "[MASK]"}}  # fmt: skip
+    assert configured.card_data is not None and configured.card_data.license == "mit"
+    expanded = api.list_models(author="acme", expand=["sha", "siblings", "config"], sort="created_at")
+    by_id = {m.id: m for m in expanded}
+    assert list(by_id) == [r for r in by(2) if r.startswith("acme/")]
+    assert by_id[PLAIN].sha == catalog.resolve(PLAIN) and by_id[PLAIN].config is None  # no model_type there
+    assert [s.rfilename for s in by_id[PLAIN].siblings or []] == ["config.json"]
+    assert by_id[BERT].config is not None and by_id[BERT].config["model_type"] == "bert"
+    assert by_id[BERT].downloads is None and by_id[BERT].pipeline_tag is None  # only what was asked for
+    raw = requests.get(f"{node.url}/api/models", params=[("search", "gpt"), ("expand[]", "likes"),
+                                                           ("expand[]", "lastModified")], timeout=30)  # fmt: skip
+    assert raw.json() == [{"_id": GPT, "id": GPT, "likes": 0, "lastModified": iso_time(REPOS[GPT][3])}]
+    unknown = requests.get(f"{node.url}/api/models", params={"expand": "stars"}, timeout=30)
+    assert unknown.status_code == 400 and "stars" in unknown.json()["error"]
+    info = api.model_info(BERT, expand=["sha", "config", "usedStorage"])  # model info takes expand too
+    assert info.sha == catalog.resolve(BERT) and info.siblings is None and info.pipeline_tag is None
+    assert info.config is not None and info.config["architectures"] == ["BertForMaskedLM"]
+    assert info.used_storage == sum(len(data) for data in REPOS[BERT][0].values())
+
+
+def test_the_listing_reads_every_repo_in_one_pass(catalog: Depot, tmp_path: Path) -> None:
+    catalog.import_dir(write_model_dir(tmp_path / "dev", {"config.json": b'{"dev": 1}'}), BERT, "dev")
+    pr = catalog.import_dir(
+        write_model_dir(tmp_path / "pr", {"a.txt": b"a", "b.txt": b"b"}), PLAIN, "refs/pr/1"
+    )
+    summaries = catalog.store.list_repos()
+    assert [s.repo_id for s in summaries] == sorted(REPOS)
+    bert = next(s for s in summaries if s.repo_id == BERT)
+    assert bert.revisions == 2 and set(bert.refs) == {"main", "dev"}
+    plain = next(s for s in summaries if s.repo_id == PLAIN)
+    assert (
+        plain.files == 2 and plain.size == 2 and plain.refs["refs/pr/1"] == pr.commit_id
+    )  # newest: the PR's
+    assert catalog.store.repo_summary(PLAIN) == plain
+
+
+def test_private_repos_are_listed_only_with_the_node_token(node: LiveNode, token_node: LiveNode) -> None:
+    assert SECRET not in ids(HfApi(endpoint=node.url, token=False).list_models(author="acme"))
+    assert SECRET not in ids(HfApi(endpoint=node.url, token=TOKEN).list_models())  # a node without a token
+    with pytest.raises(HfHubHTTPError) as refused:
+        list(HfApi(endpoint=token_node.url, token=False).list_models())
+    assert refused.value.response.status_code == 401
+    listed = HfApi(endpoint=token_node.url, token=TOKEN).list_models(filter="bert", full=True)
+    by_id = {m.id: m for m in listed}
+    assert sorted(by_id) == [BERT, SECRET] and by_id[SECRET].private is True
+
+
+def test_the_hf_cli_lists_and_describes_models(node: LiveNode, catalog: Depot, tmp_path: Path) -> None:
+    env = {**os.environ, "HF_ENDPOINT": node.url, "HF_HOME": str(tmp_path / "hf-home"), "NO_COLOR": "1"}
+    for name in ("HF_HUB_OFFLINE", "HF_TOKEN"):
+        env.pop(name, None)
+    hf = str(Path(sys.executable).parent / "hf")
+
+    def run(*args: str) -> str:
+        done = subprocess.run([hf, *args], env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    listed = json.loads(
+        run("models", "ls", "--author", "acme", "--sort", "last_modified", "--format", "json")
+    )
+    assert [m["id"] for m in listed] == [r for r in by(3) if r.startswith("acme/")]
+    human = run("models", "ls", "--search", "bert", "--no-truncate")
+    assert BERT in human and LARGE in human and GPT not in human
+    info = json.loads(run("models", "info", BERT, "--revision", "HEAD", "--format", "json"))
+    assert info["id"] == BERT and info["sha"] == catalog.resolve(BERT)
+    assert sorted(s["rfilename"] for s in info["siblings"]) == sorted(REPOS[BERT][0])
+
+
+# -- HEAD and commits ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def history(depot: Depot, tmp_path: Path) -> dict[str, str]:
+    """Four revisions of one repo, imported to main, dev, main, dev at known times; and a pull request."""
+    commits = {}
+    for step, (branch, when) in enumerate(
+        (("main", 1000.0), ("dev", 2000.0), ("main", 3000.0), ("dev", 4000.0))
+    ):
+        folder = write_model_dir(tmp_path / f"r{step}", {"config.json": json.dumps({"step": step}).encode()})
+        commits[f"r{step}"] = commit = depot.import_dir(folder, "acme/history", branch).commit_id
+        with depot.store.index.write() as con:
+            con.execute("UPDATE revisions SET created_at = ? WHERE commit_id = ?", (when, commit))
+    pr = write_model_dir(tmp_path / "pr", {"config.json": b'{"pr": 1}'})
+    commits["pr"] = depot.import_dir(pr, "acme/history", "refs/pr/1").commit_id  # now: the newest of all
+    return commits
+
+
+def test_head_names_the_default_branch(node: LiveNode, catalog: Depot, tmp_path: Path) -> None:
+    api = HfApi(endpoint=node.url, token=False)
+    main = catalog.resolve(BERT)
+    catalog.import_dir(write_model_dir(tmp_path / "dev", {"config.json": b'{"dev": 1}'}), BERT, "dev")
+    assert api.model_info(BERT, revision="HEAD").sha == main
+    assert api.list_repo_files(BERT, revision="HEAD") == sorted(REPOS[BERT][0])
+    assert [i.path for i in api.get_paths_info(BERT, ["config.json"], revision="HEAD")] == ["config.json"]
+    path = hf_hub_download(BERT, "config.json", revision="HEAD", endpoint=node.url, cache_dir=tmp_path / "hf")
+    assert Path(path).read_bytes() == REPOS[BERT][0]["config.json"] and Path(path).parent.name == main
+    raw = requests.get(f"{node.url}/{BERT}/raw/HEAD/config.json", timeout=30)
+    assert raw.content == REPOS[BERT][0]["config.json"] and raw.headers["X-Repo-Commit"] == main
+    assert [c.commit_id for c in api.list_repo_commits(BERT, revision="HEAD")] == [main]
+
+
+def test_commits_list_the_revisions_from_the_one_named(
+    depot: Depot, history: dict[str, str], live_node: LiveNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = HfApi(endpoint=live_node.url, token=False)
+    r0, r1, r2, r3 = (history[f"r{i}"] for i in range(4))
+    main = api.list_repo_commits("acme/history")
+    assert [c.commit_id for c in main] == [r2, r1, r0]  # newest first, from main's commit (r3 came later)
+    assert [c.created_at.timestamp() for c in main] == [3000.0, 2000.0, 1000.0]
+    assert all(
+        c.title == "modeldepot import" and c.authors == ["modeldepot"] and c.message == "" for c in main
+    )
+    assert [c.commit_id for c in api.list_repo_commits("acme/history", revision="dev")] == [r3, r2, r1, r0]
+    assert [c.commit_id for c in api.list_repo_commits("acme/history", revision=r1)] == [r1, r0]
+    by_pr = api.list_repo_commits("acme/history", revision="refs/pr/1")
+    assert [c.commit_id for c in by_pr] == [history["pr"], r3, r2, r1, r0]
+    formatted = api.list_repo_commits("acme/history", formatted=True)
+    assert [c.formatted_title for c in formatted] == ["modeldepot import"] * 3
+    # Pages: `limit` and `p` as the Hub takes them, chained by Link, counted by X-Total-Count
+    url = f"{live_node.url}/api/models/acme/history/commits/dev"
+    first = requests.get(url, params={"limit": "3"}, timeout=30)
+    assert [c["id"] for c in first.json()] == [r3, r2, r1] and first.headers["X-Total-Count"] == "4"
+    second = requests.get(first.links["next"]["url"], timeout=30)
+    assert "p=1" in first.links["next"]["url"] and [c["id"] for c in second.json()] == [r0]
+    assert "next" not in second.links and second.headers["X-Total-Count"] == "4"
+    unencoded = requests.get(f"{live_node.url}/api/models/acme/history/commits/refs/pr/1", timeout=30)
+    assert [c["id"] for c in unencoded.json()][:2] == [history["pr"], r3]  # as huggingface.js sends it
+    monkeypatch.setattr(listing, "COMMITS_PAGE", 2)  # the client follows the pages
+    assert [c.commit_id for c in api.list_repo_commits("acme/history", revision="dev")] == [r3, r2, r1, r0]
+    with pytest.raises(RevisionNotFoundError):
+        api.list_repo_commits("acme/history", revision="nope")
+    with pytest.raises(RepositoryNotFoundError):
+        api.list_repo_commits("acme/absent")
+    assert requests.get(url, params={"p": "-1"}, timeout=30).status_code == 400
+
+
+def test_commits_of_a_private_repo_need_the_token(depot: Depot, tmp_path: Path) -> None:
+    depot.import_dir(write_model_dir(tmp_path / "s", {"config.json": b"{}"}), SECRET, private=True)
+    node = LiveNode(depot)
+    try:
+        with pytest.raises(RepositoryNotFoundError):
+            HfApi(endpoint=node.url, token=False).list_repo_commits(SECRET)
+    finally:
+        node.stop()
+    node = LiveNode(depot, token=TOKEN)
+    try:
+        commits = HfApi(endpoint=node.url, token=TOKEN).list_repo_commits(SECRET)
+        assert [c.commit_id for c in commits] == [depot.resolve(SECRET)]
+    finally:
+        node.stop()
+
+
+# -- raw ---------------------------------------------------------------------------------------------------
+
+
+def test_raw_sends_plain_files_and_lfs_pointers(node: LiveNode, catalog: Depot) -> None:
+    base = f"{node.url}/{BERT}/raw/main"
+    commit = catalog.resolve(BERT)
+    config = REPOS[BERT][0]["config.json"]
+    whole = requests.get(f"{base}/config.json", timeout=30)
+    assert whole.status_code == 200 and whole.content == config
+    assert whole.headers["ETag"] == f'"{git_blob_oid(config)}"' and whole.headers["X-Repo-Commit"] == commit
+    part = requests.get(f"{base}/config.json", headers={"Range": "bytes=2-9"}, timeout=30)
+    assert part.status_code == 206 and part.content == config[2:10]
+    assert part.headers["Content-Range"] == f"bytes 2-9/{len(config)}"
+    weights = REPOS[BERT][0]["model.safetensors"]
+    pointer = lfs_pointer(hashlib.sha256(weights).hexdigest(), len(weights))
+    lfs = requests.get(f"{base}/model.safetensors", timeout=30)
+    assert lfs.status_code == 200 and lfs.content == pointer  # not the 300 kB of weights
+    assert lfs.content.startswith(b"version https://git-lfs.github.com/spec/v1\noid sha256:")
+    assert lfs.headers["ETag"] == f'"{git_blob_oid(pointer)}"'
+    assert lfs.headers["ETag"] == f'"{catalog.file_info(BERT, "model.safetensors").git_oid}"'
+    assert lfs.headers["X-Repo-Commit"] == commit
+    ranged = requests.get(f"{base}/model.safetensors", headers={"Range": "bytes=-10"}, timeout=30)
+    assert ranged.status_code == 206 and ranged.content == pointer[-10:]
+    other = requests.get(
+        f"{base}/model.safetensors", headers={"Range": "bytes=0-3", "If-Range": '"0"'}, timeout=30
+    )
+    assert other.status_code == 200 and other.content == pointer  # If-Range names another version
+    beyond = requests.get(f"{base}/model.safetensors", headers={"Range": "bytes=500-"}, timeout=30)
+    assert beyond.status_code == 416 and beyond.headers["Content-Range"] == f"bytes */{len(pointer)}"
+    head = requests.head(f"{base}/model.safetensors", timeout=30)
+    assert (
+        head.status_code == 200
+        and head.headers["Content-Length"] == str(len(pointer))
+        and head.content == b""
+    )
+    head = requests.head(f"{base}/config.json", timeout=30)
+    assert (
+        head.headers["Content-Length"] == str(len(config)) and head.headers["ETag"] == whole.headers["ETag"]
+    )
+    missing = requests.get(f"{base}/nope.bin", timeout=30)
+    assert missing.status_code == 404 and missing.headers["X-Error-Code"] == "EntryNotFound"
+    hidden = requests.get(f"{node.url}/{SECRET}/raw/main/config.json", timeout=30)
+    assert hidden.status_code == 404 and hidden.headers["X-Error-Code"] == "RepoNotFound"
+    assert requests.get(f"{node.url}/{BERT}/raw/main/..%2Fx", timeout=30).status_code == 400
+
+
+def test_raw_on_a_mirror_answers_from_upstream_metadata(
+    tmp_path: Path, catalog: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream = LiveNode(catalog)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # never asked: the upstream node knows the repo
+    mirror = LiveNode(Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK, servers=[upstream.url]), mirror=True)
+    try:
+        weights = REPOS[BERT][0]["model.safetensors"]
+        lfs = requests.get(f"{mirror.url}/{BERT}/raw/main/model.safetensors", timeout=30)
+        assert lfs.content == lfs_pointer(hashlib.sha256(weights).hexdigest(), len(weights))
+        assert lfs.headers["X-Repo-Commit"] == catalog.resolve(BERT)
+        assert not mirror.depot.has_file(BERT, "model.safetensors")  # a pointer needs no bytes
+        config = requests.get(f"{mirror.url}/{BERT}/raw/main/config.json", timeout=30)
+        assert config.content == REPOS[BERT][0]["config.json"]
+        assert config.headers["ETag"] == f'"{git_blob_oid(config.content)}"'
+    finally:
+        mirror.stop()
+        mirror.depot.close()
+        upstream.stop()
+
+
+# -- paths-info ----------------------------------------------------------------------------------------------
+
+
+def test_paths_info_takes_json_and_forms(node: LiveNode, catalog: Depot) -> None:
+    url = f"{node.url}/api/models/{BERT}/paths-info/main"
+    wanted = ["config.json", "onnx", "model.safetensors", "missing.bin"]
+    by_json = requests.post(url, json={"paths": wanted, "expand": True}, timeout=30)
+    by_form = requests.post(url, data={"paths": wanted, "expand": "True"}, timeout=30)
+    assert by_json.status_code == by_form.status_code == 200
+    assert by_json.json() == by_form.json()
+    entries = {e["path"]: e for e in by_json.json()}
+    assert sorted(entries) == ["config.json", "model.safetensors", "onnx"]
+    assert entries["onnx"]["type"] == "directory" and "lastCommit" in entries["config.json"]
+    assert entries["model.safetensors"]["lfs"]["oid"] == catalog.file_info(BERT, "model.safetensors").sha256
+    plain = requests.post(url, json={"paths": ["config.json"]}, timeout=30).json()
+    assert [e["path"] for e in plain] == ["config.json"] and "lastCommit" not in plain[0]
+    infos = HfApi(endpoint=node.url, token=False).get_paths_info(BERT, wanted, expand=True)
+    assert sorted(i.path for i in infos) == sorted(entries)
+    for body in (b"{not json", b'["config.json"]', b'{"paths": "x", "expand": 1', b'{"paths": [1]}',
+                 b'{"paths": ["../etc/passwd"]}', b"\xff\xfe"):  # fmt: skip
+        answer = requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=30)
+        assert answer.status_code == 400, body
+    traversal = requests.post(url, data={"paths": ["onnx/../../x"]}, timeout=30)
+    assert traversal.status_code == 400
