@@ -350,3 +350,21 @@ def test_last_commit_is_when_the_revision_came_and_gated_repos_say_so(
             HfApi(endpoint=open_node.url, token=False).model_info(REPO)
     finally:
         open_node.stop()
+
+
+def test_what_a_node_does_not_serve_is_refused_clearly(node: LiveNode) -> None:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(endpoint=node.url, token=False)
+    for call in (lambda: api.dataset_info("acme/data"), lambda: api.space_info("acme/app")):
+        with pytest.raises(RepositoryNotFoundError, match="model repos only"):
+            call()
+    for write in (
+        lambda: api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=SAMPLE, token="t"),
+        lambda: api.create_repo("acme/new", token="t"),
+        lambda: api.delete_file("config.json", SAMPLE, token="t"),
+    ):
+        with pytest.raises(HfHubHTTPError, match="read-only") as refused:
+            write()
+        assert refused.value.response.status_code == 405
+    assert node.depot.list_files(SAMPLE)  # nothing was changed

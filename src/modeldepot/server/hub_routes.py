@@ -39,7 +39,7 @@ from modeldepot.server.listing import (
 )
 from modeldepot.server.mirror_routes import MIRROR, mirror_resolve, mirror_revision
 from modeldepot.server.ranges import RangeNotSatisfiable
-from modeldepot.server.responses import json_response, send_blob
+from modeldepot.server.responses import error_response, json_response, send_blob
 from modeldepot.server.views import (
     COMMIT_TITLE,
     RevisionView,
@@ -51,6 +51,7 @@ from modeldepot.server.views import (
     select_properties,
     stored_view,
     wanted_range,
+    whole_headers,
 )
 from modeldepot.store import FileEntry, RepoSummary
 from modeldepot.validation import validate_path, validate_repo_id, validate_revision
@@ -381,10 +382,30 @@ def _pointer_response(request: web.Request, entry: FileEntry) -> web.Response:
         headers["Content-Range"] = f"bytes */{len(body)}"
         return web.Response(status=416, headers=headers)
     if wanted is None:
+        headers.update(whole_headers(request, len(body)))
         return web.Response(body=body, headers=headers, content_type="text/plain", charset="utf-8")
     headers["Content-Range"] = wanted.content_range(len(body))
     return web.Response(status=206, body=body[wanted.start : wanted.end + 1], headers=headers,
                         content_type="text/plain", charset="utf-8")  # fmt: skip
+
+
+async def not_models(request: web.Request) -> web.Response:
+    """Datasets and Spaces: a node holds model repos only."""
+    kind = request.match_info["kind"]
+    return error_response(404, "RepoNotFound", f"this node serves model repos only, not {kind}")
+
+
+async def read_only(request: web.Request) -> web.Response:
+    """Any other /api route: writes (uploads, commits, repo creation and settings) are refused, since a node
+    is filled by `modeldepot import` and pulls; reads it does not know are a 404."""
+    if request.method in ("GET", "HEAD"):
+        return error_response(404, None, f"this node has no route {request.path}")
+    return error_response(
+        405,
+        None,
+        "this node is read-only over the Hub API: publish with `modeldepot import`, or pull from the Hub",
+        {"Allow": "GET, HEAD"},
+    )
 
 
 def add_hub_routes(app: web.Application) -> None:
@@ -399,3 +420,7 @@ def add_hub_routes(app: web.Application) -> None:
     app.router.add_get("/api/models", list_models)
     app.router.add_get("/{org}/{name}/resolve/{rev}/{path:.+}", resolve)  # add_get answers HEAD too
     app.router.add_get("/{org}/{name}/raw/{rev}/{path:.+}", raw)
+    # What a node deliberately does not answer, said clearly rather than with a bare 404 (docs/hub-api.md).
+    app.router.add_route("*", "/api/{kind:datasets|spaces}{tail:.*}", not_models)
+    app.router.add_route("*", "/{kind:datasets|spaces}/{tail:.+}", not_models)
+    app.router.add_route("*", "/api/{tail:.+}", read_only)

@@ -19,7 +19,7 @@ from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.mirror import Mirror
 from modeldepot.server.context import is_authorized
 from modeldepot.server.ranges import RangeNotSatisfiable
-from modeldepot.server.views import RevisionView, file_headers, wanted_range
+from modeldepot.server.views import RevisionView, file_headers, wanted_range, whole_headers
 from modeldepot.store import FileEntry
 
 __all__ = ["MIRROR", "mirror_resolve", "mirror_revision"]
@@ -82,7 +82,7 @@ async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path
         return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{remote.size}"})
     if wanted is None:
         body = mirror.read(manifest, remote, 0, remote.size - 1) if remote.size else None
-        return MirrorResponse(body, 200, headers, remote.size)
+        return MirrorResponse(body, 200, {**headers, **whole_headers(request, remote.size)}, remote.size)
     headers["Content-Range"] = wanted.content_range(remote.size)
     return MirrorResponse(
         mirror.read(manifest, remote, wanted.start, wanted.end), 206, headers, wanted.length

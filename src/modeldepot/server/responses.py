@@ -26,7 +26,7 @@ from modeldepot.errors import (
     UpstreamTimeoutError,
 )
 from modeldepot.server.ranges import RangeNotSatisfiable
-from modeldepot.server.views import wanted_range
+from modeldepot.server.views import wanted_range, whole_headers
 from modeldepot.store.verified import VerifiedBlob
 
 __all__ = ["BlobResponse", "error_response", "json_response", "response_for_error", "send_blob"]
@@ -131,7 +131,7 @@ async def send_blob(
             reader.close()
             raise
     if wanted is None:
-        return BlobResponse(reader, 0, size, 200, headers)
+        return BlobResponse(reader, 0, size, 200, {**headers, **whole_headers(request, size)})
     headers["Content-Range"] = wanted.content_range(size)
     return BlobResponse(reader, wanted.start, wanted.length, 206, headers)
 

@@ -33,6 +33,7 @@ __all__ = [
     "select_properties",
     "stored_view",
     "wanted_range",
+    "whole_headers",
 ]
 
 COMMIT_TITLE = "modeldepot import"
@@ -178,7 +179,18 @@ def wanted_range(request: web.Request, size: int, etag: str) -> ByteRange | None
     """The range to send: ``None`` for the whole file (no ``Range``, one we ignore, or an ``If-Range``
     naming another version); raises RangeNotSatisfiable for a 416."""
     range_header = request.headers.get("Range")
+    if size == 0:
+        # No range of an empty file can be satisfied, and RFC 9110 lets a server ignore a Range: huggingface.js
+        # asks every file for bytes=0-0 and treats a 416 as a failure, so an empty file is sent whole (see
+        # :func:`whole_headers`).
+        return None
     if_range = request.headers.get("If-Range")
     if if_range is not None and if_range.strip() not in (f'"{etag}"', etag):
         return None  # the client's copy is of another version: send the whole file
     return parse_range(range_header, size)
+
+
+def whole_headers(request: web.Request, size: int) -> dict[str, str]:
+    """Headers of a whole-file answer to a request that asked for a range: for an empty file, the total
+    size as ``Content-Range`` gives it (huggingface.js reads the size there)."""
+    return {"Content-Range": "bytes */0"} if size == 0 and "Range" in request.headers else {}
