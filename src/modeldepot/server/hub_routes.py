@@ -421,6 +421,6 @@ def add_hub_routes(app: web.Application) -> None:
     app.router.add_get("/{org}/{name}/resolve/{rev}/{path:.+}", resolve)  # add_get answers HEAD too
     app.router.add_get("/{org}/{name}/raw/{rev}/{path:.+}", raw)
     # What a node deliberately does not answer, said clearly rather than with a bare 404 (docs/hub-api.md).
-    app.router.add_route("*", "/api/{kind:datasets|spaces}{tail:.*}", not_models)
-    app.router.add_route("*", "/{kind:datasets|spaces}/{tail:.+}", not_models)
-    app.router.add_route("*", "/api/{tail:.+}", read_only)
+    app.router.add_route("*", "/api/{kind:datasets|spaces}{tail:.*}", not_models, name="refused-api-kind")
+    app.router.add_route("*", "/{kind:datasets|spaces}/{tail:.+}", not_models, name="refused-kind")
+    app.router.add_route("*", "/api/{tail:.+}", read_only, name="refused-api")

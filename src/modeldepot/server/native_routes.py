@@ -165,7 +165,7 @@ async def read_blob(request: web.Request) -> web.StreamResponse:
         depot.store.blob, request.match_info["sha256"], public_only=not is_authorized(request)
     )
     reader = await asyncio.to_thread(depot.open_verified, blob)
-    return await send_blob(request, reader, blob.sha256, {"X-Chunk-Size": str(blob.chunk_size)})
+    return await send_blob(request, reader, blob.sha256, {"X-Chunk-Size": str(blob.chunk_size)}, hub=False)
 
 
 async def read_chunk(request: web.Request) -> web.StreamResponse:

@@ -107,7 +107,7 @@ class BlobResponse(web.StreamResponse):
 
 
 async def send_blob(
-    request: web.Request, reader: VerifiedBlob, etag: str, headers: dict[str, str]
+    request: web.Request, reader: VerifiedBlob, etag: str, headers: dict[str, str], *, hub: bool = True
 ) -> web.StreamResponse:
     """A 200, 206 or 416 for the blob per the request's Range and If-Range; for a GET, the first chunk it
     sends has been checked (a corrupt one raises CorruptBlobError: the caller answers 503)."""
@@ -119,7 +119,7 @@ async def send_blob(
         "Content-Type": "application/octet-stream",
     }
     try:
-        wanted = wanted_range(request, size, etag)
+        wanted = wanted_range(request, size, etag, hub=hub)
     except RangeNotSatisfiable:
         reader.close()
         return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{size}"})
@@ -131,7 +131,8 @@ async def send_blob(
             reader.close()
             raise
     if wanted is None:
-        return BlobResponse(reader, 0, size, 200, {**headers, **whole_headers(request, size)})
+        whole = {**headers, **whole_headers(request, size)} if hub else headers
+        return BlobResponse(reader, 0, size, 200, whole)
     headers["Content-Range"] = wanted.content_range(size)
     return BlobResponse(reader, wanted.start, wanted.length, 206, headers)
 
@@ -153,7 +154,10 @@ def error_response(
 
 
 def _header_safe(text: str) -> str:
-    return text.encode("ascii", "replace").decode().replace("\r", " ").replace("\n", " ")[:500]
+    """Printable ASCII only: a message may quote what a client sent (a path, a name), and a control
+    character in a header would break the answer (aiohttp refuses it) or split it."""
+    ascii_text = text.encode("ascii", "replace").decode()
+    return "".join(c if " " <= c <= "~" else " " for c in ascii_text)[:500]
 
 
 def response_for_error(error: DepotError) -> web.Response:

@@ -47,7 +47,7 @@ MODEL_PROPERTIES = frozenset({
     "downloadsAllTime", "evalResults", "gated", "gguf", "gitalyUid", "inference", "inferenceProviderMapping",
     "lastModified", "library_name", "likes", "mask_token", "model-index", "pipeline_tag", "private",
     "resourceGroup", "safetensors", "sha", "siblings", "spaces", "tags", "transformersInfo", "trendingScore",
-    "usedStorage", "widgetData",
+    "usedStorage", "widgetData", "xetEnabled",
 })  # fmt: skip
 
 
@@ -175,14 +175,17 @@ def file_headers(entry: FileEntry) -> dict[str, str]:
     }
 
 
-def wanted_range(request: web.Request, size: int, etag: str) -> ByteRange | None:
+def wanted_range(request: web.Request, size: int, etag: str, *, hub: bool = True) -> ByteRange | None:
     """The range to send: ``None`` for the whole file (no ``Range``, one we ignore, or an ``If-Range``
-    naming another version); raises RangeNotSatisfiable for a 416."""
+    naming another version); raises RangeNotSatisfiable for a 416.
+
+    ``hub``: the Hub's routes (resolve, raw) send an empty file whole whatever range is asked, with its
+    size in ``Content-Range`` (:func:`whole_headers`): no range of an empty file exists, RFC 9110 lets a
+    server ignore a Range, and huggingface.js asks every file for ``bytes=0-0`` and takes a 416 for a
+    failure. The node's own routes answer such a request 416, as the RFC has it.
+    """
     range_header = request.headers.get("Range")
-    if size == 0:
-        # No range of an empty file can be satisfied, and RFC 9110 lets a server ignore a Range: huggingface.js
-        # asks every file for bytes=0-0 and treats a 416 as a failure, so an empty file is sent whole (see
-        # :func:`whole_headers`).
+    if size == 0 and hub:
         return None
     if_range = request.headers.get("If-Range")
     if if_range is not None and if_range.strip() not in (f'"{etag}"', etag):
