@@ -11,11 +11,15 @@ import stat
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
 from aiohttp import web
 
 from modeldepot import Depot
+
+if TYPE_CHECKING:
+    from etcdserver import EtcdServer
 
 SMALL_CHUNK = 64 * 1024  # the smallest chunk size a store accepts: tests get many chunks from small files
 
@@ -241,3 +245,13 @@ def live_node(depot: Depot) -> Iterator[LiveNode]:
     node = LiveNode(depot)
     yield node
     node.stop()
+
+
+@pytest.fixture
+def etcd_server(tmp_path: Path) -> Iterator[EtcdServer]:
+    """A real etcd on loopback (tests/etcdserver.py), with its own data folder; killed after the test."""
+    from etcdserver import EtcdServer
+
+    server = EtcdServer(tmp_path / "etcd").start()
+    yield server
+    server.kill()

@@ -8,10 +8,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modeldepot.errors import ConfigError
+from modeldepot.errors import ConfigError, InvalidInputError
+from modeldepot.validation import parse_cluster_url
+from modeldepot.validation import validate_cluster_prefix as validate_cluster_prefix_value
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_CLUSTER_PREFIX",
     "DEFAULT_HUB_ENDPOINT",
     "MAX_CHUNK_SIZE",
     "MIN_CHUNK_SIZE",
@@ -20,6 +23,8 @@ __all__ = [
     "parse_duration",
     "parse_size",
     "truthy",
+    "validate_cluster",
+    "validate_cluster_prefix",
 ]
 
 MiB = 1024 * 1024
@@ -27,6 +32,7 @@ DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
 DEFAULT_CHUNK_SIZE = 16 * MiB
 MIN_CHUNK_SIZE = 64 * 1024
 MAX_CHUNK_SIZE = 1024 * MiB
+DEFAULT_CLUSTER_PREFIX = "/modeldepot"
 
 _SIZE = re.compile(r"\s*(\d+)\s*([KMGT]?)(i?B?)\s*", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -59,6 +65,23 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _SECONDS[match.group(2).lower()]
 
 
+def validate_cluster(url: str) -> str:
+    """A fleet registry's URL, checked before anything connects (``validation.parse_cluster_url``)."""
+    try:
+        parse_cluster_url(url)
+    except InvalidInputError as error:
+        raise ConfigError(str(error)) from None
+    return url
+
+
+def validate_cluster_prefix(prefix: str) -> str:
+    """The registry's key prefix (``validation.validate_cluster_prefix``), as a setting."""
+    try:
+        return validate_cluster_prefix_value(prefix)
+    except InvalidInputError as error:
+        raise ConfigError(str(error)) from None
+
+
 def default_home(environ: Mapping[str, str] | None = None) -> Path:
     """``$MODELDEPOT_HOME``, else ``$XDG_CACHE_HOME/modeldepot``, else ``~/.cache/modeldepot``."""
     env = os.environ if environ is None else environ
@@ -88,6 +111,8 @@ class DepotConfig:
     read_timeout: float = 30.0  # seconds without a byte before a retry (MODELDEPOT_READ_TIMEOUT)
     preload_budget: str = "50%"  # RAM for preloaded models: "50%" of RAM, "8GiB" (MODELDEPOT_PRELOAD_BUDGET)
     preload_strategy: str = "page-cache"  # MODELDEPOT_PRELOAD_STRATEGY
+    cluster: str | None = None  # the fleet's registry: etcd://HOST:PORT[,HOST:PORT] (MODELDEPOT_CLUSTER)
+    cluster_prefix: str = DEFAULT_CLUSTER_PREFIX  # its key prefix (MODELDEPOT_CLUSTER_PREFIX)
 
     def __post_init__(self) -> None:
         if not 1 <= self.connections_per_source <= self.connections <= 256:
@@ -98,6 +123,9 @@ class DepotConfig:
         for server in self.servers:
             if not server.startswith(("http://", "https://")):
                 raise ConfigError(f"depot server {server!r} must be an http:// or https:// URL")
+        if self.cluster is not None:
+            validate_cluster(self.cluster)
+        object.__setattr__(self, "cluster_prefix", validate_cluster_prefix(self.cluster_prefix))
         if self.chunk_size is not None and not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
             raise ConfigError(
                 f"chunk size {self.chunk_size} is outside {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes"
@@ -107,7 +135,8 @@ class DepotConfig:
     def from_env(
         cls, environ: Mapping[str, str] | None = None, home: Path | str | None = None
     ) -> DepotConfig:
-        """Build from ``MODELDEPOT_HOME`` and ``MODELDEPOT_CHUNK_SIZE``; an explicit ``home`` wins."""
+        """Build from the environment (``MODELDEPOT_HOME``, ``MODELDEPOT_CHUNK_SIZE``, ``MODELDEPOT_SERVERS``,
+        ``MODELDEPOT_CLUSTER``, ...); an explicit ``home`` wins."""
         env = os.environ if environ is None else environ
         chunk = env.get("MODELDEPOT_CHUNK_SIZE")
         servers = tuple(
@@ -128,6 +157,8 @@ class DepotConfig:
             read_timeout=_float_setting(env, "MODELDEPOT_READ_TIMEOUT", 30.0),
             preload_budget=env.get("MODELDEPOT_PRELOAD_BUDGET") or "50%",
             preload_strategy=env.get("MODELDEPOT_PRELOAD_STRATEGY") or "page-cache",
+            cluster=env.get("MODELDEPOT_CLUSTER", "").strip() or None,
+            cluster_prefix=env.get("MODELDEPOT_CLUSTER_PREFIX", "").strip() or DEFAULT_CLUSTER_PREFIX,
         )
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import mmap
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -23,7 +25,7 @@ from modeldepot.config import DepotConfig
 from modeldepot.engines.adapters import EngineLoader
 from modeldepot.engines.cache import LoadedModelCache
 from modeldepot.engines.loading import load_variant
-from modeldepot.errors import EntryNotFoundError, NotFoundError, OfflineError
+from modeldepot.errors import ConfigError, DepotError, EntryNotFoundError, NotFoundError, OfflineError
 from modeldepot.hub.manifest import Manifest, manifest_body, manifest_from_record
 from modeldepot.hub.variants import group_files
 from modeldepot.preload import Preloader
@@ -52,12 +54,14 @@ from modeldepot.store.verified import VerifiedBlob
 
 if TYPE_CHECKING:  # the transfer machinery (aiohttp, huggingface_hub) loads on the first pull, not at
     # import: a worker that only loads engines starts 0.3 s sooner
-    from modeldepot.transfer.chain import SourceChain
+    from modeldepot.transfer.chain import BackgroundFleet, FleetView, PeerRow, SourceChain
     from modeldepot.transfer.download import Limits
     from modeldepot.transfer.pull import PartialWatch, PullProgress, PullResult
 from modeldepot.validation import is_commit_id, validate_path, validate_repo_id, validate_revision
 
 __all__ = ["Depot", "MappedFile"]
+
+log = logging.getLogger(__name__)
 
 
 class MappedFile:
@@ -92,8 +96,10 @@ class Depot:
     """A model depot rooted at ``home`` (default: ``MODELDEPOT_HOME``, else ``~/.cache/modeldepot``).
 
     ``chunk_size`` only matters when the store is created. ``servers`` (default ``MODELDEPOT_SERVERS``) are
-    the depot nodes pulls ask before the Hub. Every method validates repo ids, paths and
-    revisions first and raises :class:`~modeldepot.errors.InvalidInputError` on bad ones.
+    the depot nodes pulls ask before the Hub; ``cluster`` (default ``MODELDEPOT_CLUSTER``, like
+    ``etcd://HOST:PORT``) is the fleet's registry, whose live nodes pulls ask next (:attr:`fleet`). Every
+    method validates repo ids, paths and revisions first and raises
+    :class:`~modeldepot.errors.InvalidInputError` on bad ones.
 
     What a depot does, in the order of this class:
 
@@ -103,7 +109,8 @@ class Depot:
       :meth:`list_files`, :meth:`file_info`, :meth:`has_file`, :meth:`list_repos`, :meth:`repo_info`);
       :meth:`open_verified` for what is sent to other machines;
     - **upstream repos**: :meth:`scan_repo`, :meth:`pull`, :meth:`pull_async`, :meth:`download_quant`,
-      :meth:`download_file`, :meth:`get_manifest`, :meth:`list_manifests`;
+      :meth:`download_file`, :meth:`get_manifest`, :meth:`list_manifests`; the fleet they pull from:
+      :attr:`fleet`, :meth:`peers`;
     - **hot models**: :meth:`load` with :attr:`engines` (the loaded-model cache) and :attr:`preloader`
       (the RAM tier);
     - **upkeep**: :meth:`verify`, :meth:`scrubber`, :meth:`remove`, :meth:`gc`, :meth:`du`.
@@ -118,6 +125,7 @@ class Depot:
         *,
         chunk_size: int | None = None,
         servers: Sequence[str] | None = None,
+        cluster: str | None = None,
         engine_cache: LoadedModelCache[Any] | None = None,
     ) -> None:
         base = DepotConfig.from_env(home=home)
@@ -125,10 +133,16 @@ class Depot:
             base,
             chunk_size=chunk_size if chunk_size is not None else base.chunk_size,
             servers=tuple(s.rstrip("/") for s in servers) if servers is not None else base.servers,
+            cluster=cluster if cluster is not None else base.cluster,
         )
         self.store = Store(self.config)
         self.engines: LoadedModelCache[Any] = engine_cache if engine_cache is not None else LoadedModelCache()
         self._preloader: Preloader | None = None
+        self._fleet: FleetView | None = None  # a server's view (use_fleet), or the one this depot opened
+        self._background: BackgroundFleet | None = None  # the one this depot opened (closed with it)
+        self._fleet_failed = False
+        self._fleet_managed = False  # a server manages the view: never open one here, even after it closes
+        self._fleet_lock = threading.Lock()
 
     @property
     def home(self) -> Path:
@@ -146,6 +160,7 @@ class Depot:
     def close(self) -> None:
         if self._preloader is not None:
             self._preloader.close()
+        self._close_fleet()
         self.store.close()
 
     def __enter__(self) -> Depot:
@@ -268,10 +283,63 @@ class Depot:
 
     @property
     def chain(self) -> SourceChain:
-        """Where pulls look, in order: the depot servers, then the Hub."""
+        """Where pulls look, in order: the depot servers, the fleet's live nodes, then the Hub."""
         from modeldepot.transfer.chain import SourceChain
 
-        return SourceChain.from_config(self.config)
+        fleet = None if self.config.offline else self.fleet
+        return SourceChain.from_config(self.config, fleet=fleet, node_id=self.store_id)
+
+    # -- the fleet ------------------------------------------------------------------------------------
+
+    @property
+    def fleet(self) -> FleetView | None:
+        """The fleet as this process sees it (live nodes, and what each holds), or None without a cluster.
+
+        A server hands its own view over (:meth:`use_fleet`: the node registered itself through it); any other
+        process opens a read-only one on first use (``config.cluster``), on a thread of its own, and closes
+        it with the depot: a process that only pulls never registers. A registry that cannot be reached
+        leaves the view empty (pulls go on to the Hub)."""
+        if (
+            self._fleet is not None
+            or self.config.cluster is None
+            or self._fleet_failed
+            or self._fleet_managed
+        ):
+            return self._fleet
+        from modeldepot.transfer.chain import BackgroundFleet
+
+        with self._fleet_lock:
+            if self._fleet is None and not self._fleet_failed and not self._fleet_managed:
+                try:
+                    self._fleet = self._background = BackgroundFleet.open(
+                        self.config.cluster, self.config.cluster_prefix
+                    )
+                except DepotError:
+                    raise
+                except Exception as error:  # a registry that hangs: pull without the fleet
+                    self._fleet_failed = True
+                    log.warning("cannot read the fleet at %s (%s: %s): going on without it",
+                                self.config.cluster, type(error).__name__, error)  # fmt: skip
+        return self._fleet
+
+    def use_fleet(self, fleet: FleetView | None) -> None:
+        """Read the fleet through ``fleet`` (a server's view of its discovery) rather than opening one; from
+        then on the caller manages it (None: no fleet, as while a server shuts down)."""
+        with self._fleet_lock:
+            self._close_fleet()
+            self._fleet, self._fleet_managed = fleet, True
+
+    def _close_fleet(self) -> None:
+        background, self._background, self._fleet = self._background, None, None
+        if background is not None:
+            background.close()
+
+    def peers(self) -> list[PeerRow]:
+        """The fleet's live nodes, sorted by node id, each with what it holds (``modeldepot peers``)."""
+        fleet = self.fleet
+        if fleet is None:
+            raise ConfigError("no cluster to list: give --cluster etcd://HOST:PORT or set MODELDEPOT_CLUSTER")
+        return fleet.rows()
 
     def pull(
         self,
@@ -312,7 +380,8 @@ class Depot:
 
         if manifest is None:
             manifest = await asyncio.to_thread(self.manifest_for, repo_id, revision)
-        return await pull_async(self.store, manifest, quants, self._branch(revision), self.chain,
+        chain = await asyncio.to_thread(lambda: self.chain)  # the first use may open the fleet's view
+        return await pull_async(self.store, manifest, quants, self._branch(revision), chain,
                                 self.config.offline, progress, self._limits(), paths, watch)  # fmt: skip
 
     def download_quant(self, repo_id: str, quant: str, *, progress: PullProgress | None = None) -> PullResult:

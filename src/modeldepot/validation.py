@@ -10,6 +10,7 @@ no control characters, no segment that percent-decodes (once or repeatedly) into
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import unicodedata
 from collections.abc import Callable
@@ -33,9 +34,12 @@ __all__ = [
     "MAX_SEGMENT_BYTES",
     "from_upstream",
     "is_commit_id",
+    "parse_cluster_url",
     "validate_blake3",
     "validate_branch",
+    "validate_cluster_prefix",
     "validate_commit_id",
+    "validate_endpoint",
     "validate_git_oid",
     "validate_label",
     "validate_path",
@@ -60,6 +64,10 @@ _REF_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 _HEX = {40: re.compile(r"[0-9a-f]{40}"), 64: re.compile(r"[0-9a-f]{64}")}
 
 T = TypeVar("T")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_CLUSTER_PREFIX = re.compile(r"(/[A-Za-z0-9._-]{1,64}){1,8}")
+_MEM_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_CLUSTER_USAGE = "etcd://HOST:PORT[,HOST:PORT...] (or mem://NAME in tests)"
 
 
 def _describe(value: object) -> str:
@@ -228,3 +236,69 @@ def from_upstream(source: str, field: str, check: Callable[[object], T], value: 
         return check(value)
     except InvalidInputError as error:
         raise UpstreamDataError(source, field, str(error)) from None
+
+
+def validate_cluster_prefix(prefix: object) -> str:
+    """A registry key prefix: ``/`` then 1-8 names of ``[A-Za-z0-9._-]`` (not ``.`` or ``..``), like
+    ``/modeldepot`` or ``/fleets/prod``; one trailing ``/`` is dropped."""
+    if isinstance(prefix, str) and prefix.endswith("/") and prefix != "/":
+        prefix = prefix[:-1]
+    if (
+        not isinstance(prefix, str)
+        or _CLUSTER_PREFIX.fullmatch(prefix) is None
+        or any(part in (".", "..") for part in prefix.split("/"))
+    ):
+        raise InvalidInputError(
+            f"registry prefix {prefix!r} must look like /modeldepot (/NAME, up to 8 levels)"
+        )
+    return prefix
+
+
+def validate_endpoint(host: object, port: object) -> tuple[str, int]:
+    """An etcd member's address: a host name, an IPv4 address or an IPv6 one (bare or in brackets), and a
+    port 1-65535. Returns the host as gRPC takes it (IPv6 in brackets) and the port."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise InvalidInputError(f"etcd port {port!r} must be a number from 1 to 65535")
+    if not isinstance(host, str) or not host:
+        raise InvalidInputError(f"etcd host {host!r} must be a host name or an IP address")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if ":" in bare:
+        try:
+            return f"[{ipaddress.IPv6Address(bare).compressed}]", port
+        except ValueError:
+            raise InvalidInputError(f"etcd host {host!r} is not a valid IPv6 address") from None
+    if bare != host or len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in host.split(".")):
+        raise InvalidInputError(f"etcd host {host!r} must be a host name or an IP address")
+    return host, port
+
+
+def parse_cluster_url(url: object) -> tuple[str, list[tuple[str, int]] | str]:
+    """``("etcd", [(host, port), ...])`` or ``("mem", name)`` for a fleet registry's URL:
+    ``etcd://HOST:PORT[,HOST:PORT...]`` (IPv6 hosts in brackets; the port is required) or ``mem://NAME``
+    (a registry inside one process, for tests)."""
+    if not isinstance(url, str):
+        raise InvalidInputError(f"cluster URL must be a string, not {type(url).__name__}")
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("etcd", "mem"):
+        raise InvalidInputError(f"cluster {_describe(url)} is not supported: use {_CLUSTER_USAGE}")
+    if scheme == "mem":
+        if not _MEM_NAME.fullmatch(rest):
+            raise InvalidInputError(
+                f"cluster {_describe(url)}: a mem registry's name is 1-64 of [A-Za-z0-9._-]"
+            )
+        return "mem", rest
+    rest = rest.removesuffix("/")
+    if not rest or any(c in rest for c in "/?#@ "):
+        raise InvalidInputError(f"cluster {_describe(url)} must be {_CLUSTER_USAGE}: hosts and ports only")
+    endpoints = []
+    for member in rest.split(","):
+        host, colon, port = member.rpartition(":")
+        if not colon or not port.isascii() or not port.isdigit() or len(port) > 5:
+            raise InvalidInputError(
+                f"cluster {_describe(url)}: {member!r} is not HOST:PORT ({_CLUSTER_USAGE})"
+            )
+        try:
+            endpoints.append(validate_endpoint(host, int(port)))
+        except InvalidInputError as error:
+            raise InvalidInputError(f"cluster {_describe(url)}: {error}") from None
+    return "etcd", endpoints

@@ -18,7 +18,7 @@ import click
 
 from modeldepot._version import __version__
 from modeldepot.cli import render
-from modeldepot.config import parse_duration, parse_size
+from modeldepot.config import parse_duration, parse_size, validate_cluster, validate_cluster_prefix
 from modeldepot.depot import Depot
 from modeldepot.errors import ConfigError, DepotError, InvalidInputError
 from modeldepot.validation import validate_branch, validate_path, validate_repo_id, validate_revision
@@ -107,6 +107,29 @@ _server_option = click.option(
     callback=_server_urls,
     help="Depot nodes to ask before the Hub (repeatable; replaces $MODELDEPOT_SERVERS).",
 )
+
+
+def _cluster_options(function: F) -> F:
+    """--cluster and --cluster-prefix, checked while arguments are parsed (they replace $MODELDEPOT_CLUSTER
+    and $MODELDEPOT_CLUSTER_PREFIX for this command)."""
+    function = click.option(
+        "--cluster-prefix", default=None, metavar="PREFIX",
+        callback=lambda c, p, v: None if v is None else _setting(validate_cluster_prefix, v),
+        help="The registry's key prefix (default: $MODELDEPOT_CLUSTER_PREFIX, else /modeldepot).",
+    )(function)  # fmt: skip
+    return click.option(
+        "--cluster", default=None, metavar="etcd://HOST:PORT[,HOST:PORT...]",
+        callback=lambda c, p, v: None if v is None else _setting(validate_cluster, v.strip()),
+        help="The fleet's registry (default: $MODELDEPOT_CLUSTER): its live nodes are sources too.",
+    )(function)  # fmt: skip
+
+
+def _use_cluster(depot: Depot, cluster: str | None, prefix: str | None) -> None:
+    """--cluster / --cluster-prefix replace MODELDEPOT_CLUSTER / MODELDEPOT_CLUSTER_PREFIX for this command."""
+    if cluster is not None:
+        depot.config = dataclasses.replace(depot.config, cluster=cluster)
+    if prefix is not None:
+        depot.config = dataclasses.replace(depot.config, cluster_prefix=prefix)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -292,11 +315,15 @@ def du_command(depot: Depot, as_json: bool) -> None:
 @_repo_argument
 @_revision_option
 @_server_option
+@_cluster_options
 @_json_option
 @_home_option
-def scan_command(depot: Depot, repo_id: str, revision: str, servers: tuple[str, ...], as_json: bool) -> None:
-    """Read REPO (depot servers first, then the Hub at HF_ENDPOINT): files, variants, shared files."""
+def scan_command(depot: Depot, repo_id: str, revision: str, servers: tuple[str, ...], cluster: str | None,
+                 cluster_prefix: str | None, as_json: bool) -> None:  # fmt: skip
+    """Read REPO (depot servers first, then the fleet's live nodes, then the Hub at HF_ENDPOINT): files,
+    variants, shared files."""
     _use_servers(depot, servers)
+    _use_cluster(depot, cluster, cluster_prefix)
     manifest = depot.scan_repo(repo_id, revision)
     render.emit(as_json, manifest.to_dict(), lambda: render.render_manifest(manifest))
 
@@ -309,6 +336,7 @@ def scan_command(depot: Depot, repo_id: str, revision: str, servers: tuple[str, 
 @click.option("--all", "all_variants", is_flag=True, help="Every variant (without the repo's other files).")
 @_revision_option
 @_server_option
+@_cluster_options
 @_json_option
 @_home_option
 def pull_command(
@@ -318,17 +346,21 @@ def pull_command(
     all_variants: bool,
     revision: str,
     servers: tuple[str, ...],
+    cluster: str | None,
+    cluster_prefix: str | None,
     as_json: bool,
 ) -> None:
     """Download REPO (or some of its variants) into the store, verified and resumable.
 
     Sources, in order: the depot nodes in MODELDEPOT_SERVERS (comma-separated URLs; MODELDEPOT_TOKEN is
-    sent to them), then the Hub at HF_ENDPOINT (HF_TOKEN is sent to it alone). Run it again after an
-    interruption: only the missing chunks are fetched."""
+    sent to them), the live nodes of the fleet at MODELDEPOT_CLUSTER that hold each file (the token too),
+    then the Hub at HF_ENDPOINT (HF_TOKEN is sent to it alone). Run it again after an interruption: only
+    the missing chunks are fetched."""
     if quants and all_variants:
         render.err.print("[red]error:[/red] give --quant or --all, not both")
         sys.exit(EXIT_BAD_INPUT)
     _use_servers(depot, servers)
+    _use_cluster(depot, cluster, cluster_prefix)
     chosen: list[str] | str | None = list(quants) if quants else ("all" if all_variants else None)
     view = render.PullView(f"pulling {repo_id}")
     try:
@@ -412,6 +444,29 @@ def stats_command(depot: Depot, top: int, as_json: bool) -> None:
     render.render_stats(rows, depot.preloader.budget)
 
 
+@cli.command("peers")
+@_cluster_options
+@_json_option
+@_home_option
+def peers_command(depot: Depot, cluster: str | None, cluster_prefix: str | None, as_json: bool) -> None:
+    """List the fleet's live nodes (from its registry, --cluster or $MODELDEPOT_CLUSTER) and what each holds.
+
+    last_seen is the last moment this command's view of the registry knew the node alive (now). Exit 1
+    when the registry cannot be reached."""
+    _use_cluster(depot, cluster, cluster_prefix)
+    rows = depot.peers()
+    fleet = depot.fleet
+    status = fleet.status() if fleet is not None else None
+    if status is not None and not status.connected:  # a fresh view of an unreachable registry is empty
+        render.err.print(f"[red]error:[/red] the registry {depot.config.cluster} cannot be reached: "
+                         f"{status.last_error or 'no answer'}")  # fmt: skip
+        sys.exit(EXIT_FAILURE)
+    if as_json:
+        render.print_json([row.to_dict() for row in rows])
+        return
+    render.render_peers(rows, f"registry {depot.config.cluster}")
+
+
 @cli.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
@@ -466,6 +521,9 @@ def stats_command(depot: Depot, top: int, as_json: bool) -> None:
                    "what fails; local reads are guarded by this.")  # fmt: skip
 @click.option("--scrub-rate", envvar="MODELDEPOT_SCRUB_RATE", default="64MiB", show_default=True, metavar="SIZE",
               callback=lambda c, p, v: _setting(parse_size, v), help="Bytes a second the scrub may read.")  # fmt: skip
+@_cluster_options
+@click.option("--advertise", default=None, metavar="URL", callback=lambda c, p, v: _advertise_url(v),
+              help="With --cluster: the URL peers reach this node at (default: http://HOST:PORT).")  # fmt: skip
 @_home_option
 def serve_command(
     depot: Depot,
@@ -480,12 +538,22 @@ def serve_command(
     max_connections_per_client: int | None,
     scrub_interval: float,
     scrub_rate: int,
+    cluster: str | None,
+    cluster_prefix: str | None,
+    advertise: str | None,
 ) -> None:
-    """Serve the store over HTTP: the Hub's API (HF_ENDPOINT=http://HOST:PORT) and /api/depot/v1."""
+    """Serve the store over HTTP: the Hub's API (HF_ENDPOINT=http://HOST:PORT) and /api/depot/v1.
+
+    With --cluster (or $MODELDEPOT_CLUSTER) the node joins its fleet: it registers itself and publishes
+    which contents it holds (by SHA-256 only), and its pulls find holders through the registry."""
     from modeldepot.server.connections import ConnectionLimits
     from modeldepot.server.run import run_server
 
     _use_servers(depot, upstreams)
+    _use_cluster(depot, cluster, cluster_prefix)
+    if advertise is not None and depot.config.cluster is None:
+        render.err.print("[red]error:[/red] --advertise needs a cluster to advertise in: give --cluster too")
+        sys.exit(EXIT_BAD_INPUT)
     if preload_budget is not None:
         depot.config = dataclasses.replace(depot.config, preload_budget=preload_budget)
     limits = ConnectionLimits()
@@ -494,7 +562,19 @@ def serve_command(
     if max_connections_per_client is not None:
         limits = dataclasses.replace(limits, max_per_client=max_connections_per_client)
     run_server(depot, host, port, token, log_level, mirror=bool(upstreams), preload_top=preload_top, limits=limits,
-               scrub_interval=scrub_interval, scrub_rate=scrub_rate)  # fmt: skip
+               scrub_interval=scrub_interval, scrub_rate=scrub_rate, advertise=advertise)  # fmt: skip
+
+
+def _advertise_url(value: str | None) -> str | None:
+    """A click callback's check of --advertise: an http(s) URL of a host (InvalidInputError: usage error)."""
+    if value is None:
+        return None
+    from modeldepot.discovery.base import validate_node_url
+
+    try:
+        return validate_node_url(value.strip()).rstrip("/")
+    except InvalidInputError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def _setting(parse: Callable[[str], T], text: str) -> T:

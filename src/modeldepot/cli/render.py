@@ -23,6 +23,7 @@ from rich.table import Table
 
 from modeldepot.hub.manifest import Manifest
 from modeldepot.store import DiskUsage, GcReport, RemoveResult, RepoInfo, RepoSummary, VerifyReport
+from modeldepot.transfer.chain import PeerRow
 from modeldepot.transfer.pull import PullUpdate
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "render_info",
     "render_ls",
     "render_manifest",
+    "render_peers",
     "render_remove",
     "render_stats",
     "render_verify",
@@ -319,3 +321,16 @@ def render_manifest(manifest: Manifest) -> None:
     if manifest.other:
         out.print(f"other files (not downloaded with a variant): {', '.join(manifest.other[:8])}"
                   + (" …" if len(manifest.other) > 8 else ""))  # fmt: skip
+
+
+def render_peers(rows: list[PeerRow], status: str) -> None:
+    """The fleet's live nodes; ``status`` says how the view stands (connected to the registry or not)."""
+    if not rows:
+        out.print(f"No live node in the fleet ({status}).")
+        return
+    table = _table("node", "url", "version", "started", "last seen", "blobs", "held", "partial")
+    for row in rows:
+        table.add_row(row.node_id, row.url, row.version or "-", _when(row.started_at) if row.started_at else "-",
+                      _when(row.last_seen), str(row.blobs), format_bytes(row.bytes), str(row.partial))  # fmt: skip
+    out.print(table)
+    out.print(f"{len(rows)} live nodes ({status})")

@@ -20,6 +20,7 @@ from modeldepot.depot import Depot
 from modeldepot.errors import DepotError
 from modeldepot.mirror import Mirror
 from modeldepot.server.context import DEPOT, TOKEN, is_authorized
+from modeldepot.server.fleet import FLEET, NodeFleet
 from modeldepot.server.hub_routes import add_hub_routes
 from modeldepot.server.mirror_routes import MIRROR
 from modeldepot.server.native_routes import HEALTH_PATH, add_native_routes
@@ -119,13 +120,18 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def create_app(
-    depot: Depot, token: str | None = None, request_deadline: float = 60.0, mirror: bool = False
+    depot: Depot,
+    token: str | None = None,
+    request_deadline: float = 60.0,
+    mirror: bool = False,
+    fleet: NodeFleet | None = None,
 ) -> web.Application:
     """The node over ``depot``. With a ``token`` every route but health needs it; private repos always do.
 
     ``request_deadline`` bounds the seconds a request may take to arrive and be answered (not the time to
     stream a file body). ``mirror``: what the store lacks is pulled through the depot's source chain
-    (its servers, then the Hub) while it is served.
+    (its servers, the fleet, then the Hub) while it is served. ``fleet``: the node's place in its fleet
+    (health shows its state, ``peers`` its view); whoever serves the app starts and closes it.
     """
     app = web.Application(
         middlewares=[request_id_middleware, cors_middleware, error_middleware, auth_middleware],
@@ -134,6 +140,8 @@ def create_app(
     app[DEPOT] = depot
     app[TOKEN] = token or ""
     app[REQUEST_DEADLINE] = request_deadline
+    if fleet is not None:
+        app[FLEET] = fleet
     if mirror:
         app[MIRROR] = Mirror(depot)
 

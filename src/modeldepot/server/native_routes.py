@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import time
@@ -22,6 +23,7 @@ from modeldepot.depot import Depot
 from modeldepot.errors import InvalidInputError, NotFoundError, RepoNotFoundError
 from modeldepot.hub.manifest import Manifest
 from modeldepot.server.context import DEPOT, is_authorized
+from modeldepot.server.fleet import FLEET
 from modeldepot.server.openapi import WITHHELD_PRELOAD, openapi_document
 from modeldepot.server.responses import json_response, send_blob
 from modeldepot.store.maintenance import totals as store_totals
@@ -45,7 +47,20 @@ def _depot(request: web.Request) -> Depot:
 
 
 async def health(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+    """200 while the node serves, whatever its fleet's registry does: ``cluster`` (a node served with one)
+    says how its view of the fleet stands."""
+    fleet = request.app.get(FLEET)
+    status = fleet.status() if fleet is not None else None
+    if status is None:
+        return json_response({"status": "ok"})
+    return json_response({"status": "ok", "cluster": dataclasses.asdict(status)})
+
+
+async def peers(request: web.Request) -> web.Response:
+    """The fleet's live nodes as this node sees them, with what each holds (``[]`` without a cluster)."""
+    fleet = request.app.get(FLEET)
+    rows = fleet.rows() if fleet is not None else []
+    return json_response([row.to_dict() for row in rows])
 
 
 async def node_info(request: web.Request) -> web.Response:
@@ -257,4 +272,5 @@ def add_native_routes(app: web.Application) -> None:
     app.router.add_get(API + "/blobs/{sha256}/chunks/{index}", read_chunk)
     app.router.add_get(f"{API}/inventory", inventory)
     app.router.add_get(f"{API}/stats", stats)
+    app.router.add_get(f"{API}/peers", peers)
     app.router.add_get(f"{API}/openapi.json", openapi)

@@ -16,6 +16,7 @@ import types
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from modeldepot.discovery.base import ClusterStatus
 from modeldepot.engines.cache import CacheStats
 from modeldepot.hub.manifest import Manifest, RemoteFile, Variant
 from modeldepot.preload.copies import STRATEGIES
@@ -24,6 +25,7 @@ from modeldepot.store.access import ModelAccess
 from modeldepot.store.maintenance import StoreTotals
 from modeldepot.store.manifests import STATUSES
 from modeldepot.store.models import BlobRecord, FileEntry, RepoSummary
+from modeldepot.transfer.chain import PeerRow
 
 __all__ = ["ComponentSchemas", "openapi_document"]
 
@@ -175,7 +177,21 @@ def _components() -> ComponentSchemas:
     """Every component schema: the dataclasses' made from them, the hand-built bodies written here."""
     c = ComponentSchemas()
     c.add("Error", _closed({"error": {"type": "string"}}))
-    c.add("Health", _closed({"status": {"const": "ok"}}))
+    c.ref(ClusterStatus)
+    c.add(
+        "Health",
+        _closed(
+            {
+                "status": {"const": "ok"},
+                "cluster": {
+                    **c.ref(ClusterStatus),
+                    "description": "how this node's view of its fleet stands; absent on a node served "
+                    "without a cluster",
+                },
+            },
+            required=["status"],
+        ),
+    )
     c.add(
         "NodeInfo",
         _closed(
@@ -189,6 +205,7 @@ def _components() -> ComponentSchemas:
         ),
     )
     c.ref(RepoSummary)
+    c.ref(PeerRow)
     manifest_file = c.record(
         FileEntry,
         add={
@@ -397,6 +414,19 @@ def openapi_document(version: str) -> dict[str, Any]:
                                 }
                             )
                         ),
+                        **errors(401),
+                    },
+                }
+            },
+            "/api/depot/v1/peers": {
+                "get": {
+                    "operationId": "peers",
+                    "description": "The fleet's live nodes as this node's view of its registry has them, "
+                    "this node included, by node id; each with the contents it holds whole (`blobs`, `bytes`) "
+                    "and in progress (`partial`). `last_seen`: now while the view is connected to the "
+                    "registry, else when it lost it. Empty on a node served without a cluster.",
+                    "responses": {
+                        "200": _json({"type": "array", "items": {"$ref": REF + "PeerRow"}}),
                         **errors(401),
                     },
                 }

@@ -26,6 +26,7 @@ from modeldepot.server.connections import (
     NodeServer,
     raise_open_file_limit,
 )
+from modeldepot.server.fleet import NodeFleet, advertised_url
 from modeldepot.store.scrub import DEFAULT_SCRUB_RATE
 
 __all__ = ["SHUTDOWN_GRACE", "run_server"]
@@ -45,17 +46,23 @@ def run_server(
     limits: ConnectionLimits | None = None,
     scrub_interval: float = 86400.0,
     scrub_rate: float = DEFAULT_SCRUB_RATE,
+    advertise: str | None = None,
 ) -> None:
+    """Serve ``depot`` until SIGINT or SIGTERM. With ``depot.config.cluster`` the node joins its fleet: it
+    registers at ``advertise`` (default: the listening address) once it listens, publishes what it holds,
+    and leaves the registry first at shutdown."""
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     log = logging.getLogger("modeldepot.server")
     limits = limits or ConnectionLimits()
     open_files = raise_open_file_limit()  # before the runner sizes its total cap from it
-    app = create_app(depot, token, mirror=mirror)
+    cluster = depot.config.cluster
+    fleet = NodeFleet(depot, cluster, depot.config.cluster_prefix) if cluster else None
+    app = create_app(depot, token, mirror=mirror, fleet=fleet)
     mode = "token required" if token else "no token: private repos are not served"
     if mirror:
-        upstreams = [*depot.config.servers, depot.config.hub_endpoint]
+        upstreams = [*depot.config.servers, *(["the fleet"] if cluster else []), depot.config.hub_endpoint]
         mode += f"; mirroring {', '.join(upstreams)}"
     runner = NodeRunner(
         app,
@@ -102,22 +109,35 @@ def run_server(
         with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C raises KeyboardInterrupt instead
             for number in signals:
                 loop.add_signal_handler(number, on_signal)
-        await runner.setup()
+        if fleet is not None:
+            await fleet.start()  # the view first: pulls (a mirror's) read it from the first request on
         try:
-            await web.TCPSite(runner, host, port, backlog=BACKLOG).start()
-            server = runner.server
-            assert isinstance(server, NodeServer)
-            log.info(
-                "connections: a request head within %g s, at most %s per client address and %d in total "
-                "(%d open files)",
-                limits.header_timeout,
-                limits.max_per_client or "any number",
-                server.max_total,
-                open_files,
-            )
-            await stop.wait()
+            await runner.setup()
+            try:
+                await listen()
+                await stop.wait()
+            finally:
+                if fleet is not None:
+                    await fleet.close()  # out of the registry first, so peers stop choosing this node
+                await runner.cleanup()  # stops listening, gives in-flight responses SHUTDOWN_GRACE seconds
         finally:
-            await runner.cleanup()  # stops listening, gives in-flight responses SHUTDOWN_GRACE seconds
+            if fleet is not None:
+                await fleet.close()  # (when setting up failed)
+
+    async def listen() -> None:
+        await web.TCPSite(runner, host, port, backlog=BACKLOG).start()
+        if fleet is not None:  # once listening: peers may come at once
+            await fleet.register(advertise or advertised_url(host, int(runner.addresses[0][1])))
+        server = runner.server
+        assert isinstance(server, NodeServer)
+        log.info(
+            "connections: a request head within %g s, at most %s per client address and %d in total "
+            "(%d open files)",
+            limits.header_timeout,
+            limits.max_per_client or "any number",
+            server.max_total,
+            open_files,
+        )
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())

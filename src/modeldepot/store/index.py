@@ -27,7 +27,7 @@ from typing import TypeVar
 from modeldepot.errors import StoreError, StoreFullError, StoreSchemaError
 from modeldepot.store.layout import FULL_DISK_ADVICE
 
-__all__ = ["SCHEMA_VERSION", "Index", "SpaceReserve", "translate_sqlite_error"]
+__all__ = ["SCHEMA_VERSION", "ChangeCounter", "Index", "SpaceReserve", "translate_sqlite_error"]
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +262,37 @@ class SpaceReserve:
             self.released = False
 
 
+class ChangeCounter:
+    """Whether anyone (any connection, any process) committed to the index since the last look, for a
+    cheap poll: ``PRAGMA data_version`` on a connection of its own that never writes. Its value changes
+    whenever another connection commits; reading it touches no table. Use from one thread at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._con: sqlite3.Connection | None = sqlite3.connect(
+                path, timeout=60.0, isolation_level=None, check_same_thread=False
+            )
+            self._con.execute("PRAGMA query_only=ON")
+        except sqlite3.Error as error:
+            raise translate_sqlite_error(error, f"opening the index {path}", path.parent) from error
+
+    def value(self) -> int:
+        if self._con is None:
+            raise ValueError("the change counter is closed")
+        try:
+            return int(self._con.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error as error:
+            raise translate_sqlite_error(
+                error, "reading the index's change counter", self.path.parent
+            ) from error
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+
+
 class Index:
     def __init__(self, path: Path, setup_lock: Path) -> None:
         self.path = path
@@ -375,6 +406,10 @@ class Index:
             return self.connection().execute(sql, params).fetchall()
         except sqlite3.Error as error:
             raise self._failure(error, "reading the index") from error
+
+    def change_counter(self) -> ChangeCounter:
+        """A :class:`ChangeCounter` of this index (a connection of its own: close it when done)."""
+        return ChangeCounter(self.path)
 
     def setting(self, key: str) -> str | None:
         rows = self.read("SELECT value FROM settings WHERE key = ?", (key,))

@@ -23,6 +23,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,14 +36,30 @@ from modeldepot.store.blobs import PartialBlob, start_writeback
 from modeldepot.store.layout import StoreLayout, os_error
 from modeldepot.store.locks import lock_is_held
 
-__all__ = ["PARTIAL_MAX_AGE", "PartialFiles", "ResumablePartial", "partial_key"]
+__all__ = ["PARTIAL_MAX_AGE", "PartialFiles", "PartialState", "ResumablePartial", "partial_key"]
 
 PARTIAL_MAX_AGE = 7 * 24 * 3600.0  # seconds an untouched, unlocked partial is kept for a resume by gc
 _HEADER = "modeldepot-partial 1 size={size} chunk={chunk}\n"
+_HEADER_LINE = re.compile(r"modeldepot-partial 1 size=([0-9]{1,19}) chunk=([0-9]{1,12})")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def partial_key(sha256: str | None, git_oid: str) -> str:
     return sha256 if sha256 else f"git-{git_oid}"
+
+
+@dataclass(frozen=True)
+class PartialState:
+    """A download in partials/ as its log tells it, read without taking its lock."""
+
+    sha256: str
+    size: int
+    chunk_size: int
+    chunks_logged: int  # distinct chunks the log names (a resume checks each against its BLAKE3)
+
+    @property
+    def chunks(self) -> int:
+        return chunk_count(self.size, self.chunk_size)
 
 
 @dataclass(frozen=True)
@@ -165,6 +182,46 @@ class PartialFiles:
     def holds(self, key: str) -> bool:
         """Whether a partial download of ``key`` is on disk (a pull would resume it)."""
         return self._paths(key).log.exists()
+
+    def signature(self) -> tuple[tuple[str, int, int], ...]:
+        """(name, size, mtime in ns) of every download's log, sorted: it changes whenever a download
+        starts, logs a chunk, finishes or is dropped (a cheap look, for polling)."""
+        found = []
+        try:
+            with os.scandir(self.root) as entries:
+                for entry in entries:
+                    if entry.name.endswith(".log"):
+                        try:
+                            info = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        found.append((entry.name, info.st_size, info.st_mtime_ns))
+        except FileNotFoundError:
+            return ()
+        return tuple(sorted(found))
+
+    def state(self, log_name: str) -> PartialState | None:
+        """The download whose log is ``partials/<log_name>`` (a ``<sha256>.log``); None for another name, a
+        log that is gone, or one without a valid header. Takes no lock: a reader may run beside the writer."""
+        key = log_name[: -len(".log")] if log_name.endswith(".log") else ""
+        if not _SHA256.fullmatch(key):
+            return None  # git-<oid> keys name no SHA-256
+        try:
+            text = self._paths(key).log.read_bytes().decode("ascii", "replace")
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+        head, _, body = text.partition("\n")
+        match = _HEADER_LINE.fullmatch(head)
+        if match is None or int(match.group(2)) <= 0:
+            return None
+        size, chunk_size = int(match.group(1)), int(match.group(2))
+        count = chunk_count(size, chunk_size)
+        logged = set()
+        for line in body.split("\n"):
+            index, _, digest = line.partition(" ")
+            if index.isascii() and index.isdigit() and int(index) < count and len(digest) == 64:
+                logged.add(int(index))
+        return PartialState(key, size, chunk_size, len(logged))
 
     def _paths(self, key: str) -> _Paths:
         stem = self.layout.partial_stem(key)

@@ -252,6 +252,11 @@ class Store:
         )
         return [BlobRecord(r["sha256"], r["size"], r["chunk_size"]) for r in rows]
 
+    def held_blobs(self) -> list[BlobRecord]:
+        """Every servable blob, private repos' too, by digest: what a node tells its fleet it holds."""
+        rows = self.index.read("SELECT sha256, size, chunk_size FROM blobs WHERE state = 'ok'")
+        return [BlobRecord(r["sha256"], r["size"], r["chunk_size"]) for r in rows]
+
     def local_digest(self, sha256: str | None = None, git_sha1: str | None = None) -> BlobDigest | None:
         """The digests of a servable blob found by SHA-256 or by git blob SHA-1; None if the store lacks it."""
         if sha256 is not None:

@@ -1,26 +1,48 @@
-"""The source chain: depot nodes (``MODELDEPOT_SERVERS``) first, in order, then the Hub as last resort.
+"""The source chain: depot nodes (``MODELDEPOT_SERVERS``) first, in order, then the fleet's live nodes (found
+by discovery, ``MODELDEPOT_CLUSTER``), then the Hub as last resort.
 
-Scanning asks each node, then the Hub, and keeps the first that knows the repo: a repo imported
-privately on node A is pulled by node B from A without the Hub ever being asked. Bytes come from every
-node that holds the scanned commit (chunks spread across them, each chunk checked against the node's
-BLAKE3); the Hub joins a file only when no node holds it or every node failed it.
+Scanning asks each configured node, then each live peer of the fleet, then the Hub, and keeps the first
+that knows the repo: a repo imported privately on node A is pulled by node B from A without the Hub ever
+being asked. Bytes come from every node that holds the scanned commit (chunks spread across them, each
+chunk checked against the node's BLAKE3), and from every live node whose holdings name the content (one
+read of the fleet's local view: no node is asked); the Hub joins a file only when no node holds it or every
+node failed it.
 
 Tokens stay with their owners: ``HF_TOKEN`` (or huggingface_hub's stored token) goes to the Hub alone,
-``MODELDEPOT_TOKEN`` to depot nodes alone, and huggingface_hub is told never to add its own to a node.
+``MODELDEPOT_TOKEN`` to depot nodes alone (configured or discovered), and huggingface_hub is told never to
+add its own to a node.
+
+:class:`FleetView` is how the chain (and a node's routes) read a started
+:class:`~modeldepot.discovery.Discovery` from any thread (the discovery lives on a server's loop, or on
+:class:`BackgroundFleet`'s own thread in a process that only pulls).
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import Any
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 from huggingface_hub import get_token
 
 from modeldepot.config import DepotConfig
-from modeldepot.errors import AccessDeniedError, DepotError, NotFoundError, UpstreamError
+from modeldepot.discovery.base import (
+    ClusterStatus,
+    Discovery,
+    Holder,
+    Holding,
+    NodeRecord,
+    ViewDiscovery,
+    validate_node_url,
+)
+from modeldepot.errors import AccessDeniedError, DepotError, InvalidInputError, NotFoundError, UpstreamError
 from modeldepot.hashing import chunk_count
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.hub.scan import fetch_repo
@@ -28,9 +50,201 @@ from modeldepot.transfer.download import FileSource
 from modeldepot.transfer.sources import HttpSource, RetryPolicy
 from modeldepot.validation import from_upstream, validate_blake3
 
-__all__ = ["Scan", "SourceChain"]
+__all__ = ["BackgroundFleet", "FleetView", "PeerRow", "Scan", "SourceChain"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 NODE_API = "/api/depot/v1"
+FLEET_READ_TIMEOUT = 10.0  # seconds a read of the fleet's view may wait for the loop it lives on
+FLEET_START_TIMEOUT = 30.0  # seconds a pulling process waits for its view of the fleet to load
+
+
+@dataclass(frozen=True)
+class PeerRow:
+    """One live node of the fleet, as ``modeldepot peers`` and ``GET /api/depot/v1/peers`` show it."""
+
+    node_id: str
+    url: str
+    version: str
+    started_at: float
+    last_seen: float  # the last moment this process's view knew the node alive (FleetView.rows)
+    blobs: int  # contents it holds whole
+    bytes: int  # their size
+    partial: int  # contents it is downloading (or holds part of, for a resume)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class FleetView:
+    """A started :class:`Discovery`, read from any thread. A :class:`ViewDiscovery` (every backend) is read
+    where the caller runs (its view is guarded by a lock); any other discovery is read on its own loop: at
+    once from that loop, else handed to it and waited for. After :meth:`detach` (the discovery is
+    closing) reads answer as an empty fleet."""
+
+    def __init__(
+        self, discovery: Discovery, loop: asyncio.AbstractEventLoop, node_id: str | None = None
+    ) -> None:
+        self.discovery = discovery
+        self.loop = loop
+        self.node_id = node_id  # this node's id when it registered itself (shown like any other peer)
+        self._detached = False
+
+    def detach(self) -> None:
+        self._detached = True
+
+    def read(self, what: Callable[[Discovery], T], default: T) -> T:
+        """``what(discovery)``, where it may run (see the class); ``default`` once the view is detached or
+        its loop is gone (a closing process pulls on without the fleet)."""
+        if self._detached:
+            return default
+        if isinstance(self.discovery, ViewDiscovery) or _running_loop() is self.loop:
+            return what(self.discovery)
+        try:
+            return self._submit(what).result(FLEET_READ_TIMEOUT)
+        except (RuntimeError, concurrent.futures.TimeoutError) as error:
+            log.warning(
+                "the fleet's view did not answer (%s): going on without it", error or type(error).__name__
+            )
+            return default
+
+    async def read_async(self, what: Callable[[Discovery], T], default: T) -> T:
+        """:meth:`read` for a coroutine, which may run on another loop: it waits without blocking its own."""
+        if self._detached:
+            return default
+        if isinstance(self.discovery, ViewDiscovery) or _running_loop() is self.loop:
+            return what(self.discovery)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(self._submit(what)), FLEET_READ_TIMEOUT)
+        except (RuntimeError, asyncio.TimeoutError) as error:
+            log.warning(
+                "the fleet's view did not answer (%s): going on without it", error or type(error).__name__
+            )
+            return default
+
+    def _submit(self, what: Callable[[Discovery], T]) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(what(self.discovery))
+            except BaseException as error:  # handed to the waiting thread
+                future.set_exception(error)
+
+        self.loop.call_soon_threadsafe(run)  # RuntimeError when the loop is closed
+        return future
+
+    def peers(self) -> list[NodeRecord]:
+        return self.read(lambda d: d.peers(), [])
+
+    def status(self) -> ClusterStatus | None:
+        return self.read(lambda d: d.status(), None)
+
+    def rows(self, now: float | None = None) -> list[PeerRow]:
+        """One row per live node, with what it holds.
+
+        ``last_seen``: the view is kept by a watch on the registry, and a node's record lives as long as its
+        lease, so while the view is connected every node in it is known alive now (``now``); while it is not,
+        the view is as old as the connection's loss (``status().since``), the last moment each node was
+        known alive."""
+
+        def collect(d: Discovery) -> list[PeerRow]:
+            status = d.status()
+            moment = time.time() if now is None else now
+            seen = moment if status.connected else (status.since or moment)
+            rows = []
+            for node in d.peers():
+                held = d.holdings_of(node.node_id).values()
+                whole = [h for h in held if h.complete]
+                rows.append(PeerRow(node.node_id, node.url, node.version, node.started_at, seen, len(whole),
+                                    sum(h.size for h in whole), len(held) - len(whole)))  # fmt: skip
+            return rows
+
+        return self.read(collect, [])
+
+    async def holders(self, digests: Iterable[str]) -> dict[str, list[Holder]]:
+        """The live nodes holding each content (by SHA-256), from the view."""
+        wanted = list(dict.fromkeys(digests))
+        return await self.read_async(lambda d: {sha: d.holders(sha) for sha in wanted}, {})
+
+
+class BackgroundFleet(FleetView):
+    """A read-only view of the fleet for a process that pulls (the CLI, a program's :class:`Depot`): the
+    discovery runs on an event loop of its own, on a daemon thread, and never registers this process."""
+
+    def __init__(
+        self, discovery: Discovery, loop: asyncio.AbstractEventLoop, thread: threading.Thread
+    ) -> None:
+        super().__init__(discovery, loop)
+        self._thread = thread
+
+    @classmethod
+    def open(cls, url: str | None, prefix: str, servers: Iterable[str] = (),
+             timeout: float = FLEET_START_TIMEOUT) -> BackgroundFleet:  # fmt: skip
+        """Connect and load the view (an unreachable registry is no error: the view is empty, and says so
+        in its status)."""
+        from modeldepot.discovery import open_discovery
+
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="modeldepot-fleet", daemon=True)
+        thread.start()
+
+        async def started() -> Discovery:
+            discovery = open_discovery(url, servers=tuple(servers), prefix=prefix)
+            try:
+                await discovery.start()
+            except BaseException:
+                await discovery.close()
+                raise
+            return discovery
+
+        future = asyncio.run_coroutine_threadsafe(started(), loop)
+        try:
+            discovery = future.result(timeout)
+        except BaseException:
+            future.cancel()
+            _stop_loop(loop, thread)
+            raise
+        return cls(discovery, loop, thread)
+
+    def close(self) -> None:
+        """Disconnect (it registered nothing, so nothing is withdrawn) and stop the thread."""
+        if self._detached:
+            return
+        self.detach()
+        try:
+            asyncio.run_coroutine_threadsafe(self.discovery.close(), self.loop).result(FLEET_READ_TIMEOUT)
+        except Exception as error:  # closing a connection that broke: nothing is left to undo
+            log.debug("closing the fleet's view: %s", error)
+        finally:
+            _stop_loop(self.loop, self._thread)
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(FLEET_READ_TIMEOUT)
+    if not thread.is_alive():
+        loop.close()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _node_url(url: object) -> str | None:
+    """A peer's URL as the registry gave it (whoever can write there wrote it), without a trailing ``/``,
+    or None when it is no plain http(s) URL of a host."""
+    try:
+        return validate_node_url(url).rstrip("/")
+    except InvalidInputError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -45,23 +259,46 @@ class Scan:
 class SourceChain:
     servers: tuple[HttpSource, ...]
     hub: HttpSource
+    fleet: FleetView | None = None  # the fleet's live nodes, asked after the servers
+    node_token: str | None = field(default=None, repr=False)  # MODELDEPOT_TOKEN, for discovered nodes
+    node_id: str | None = None  # this store's id: never its own source
 
     @classmethod
-    def from_config(cls, config: DepotConfig, retry: RetryPolicy | None = None) -> SourceChain:
+    def from_config(cls, config: DepotConfig, retry: RetryPolicy | None = None, fleet: FleetView | None = None,
+                    node_id: str | None = None) -> SourceChain:  # fmt: skip
         retry = retry or RetryPolicy(read_timeout=config.read_timeout)
         hub_token = config.hub_token or get_token()
         return cls(
             servers=tuple(HttpSource(url, "node", config.node_token, retry) for url in config.servers),
             hub=HttpSource(config.hub_endpoint, "hub", hub_token, retry),
+            fleet=fleet,
+            node_token=config.node_token,
+            node_id=node_id,
         )
 
+    def _node(self, url: str) -> HttpSource:
+        return HttpSource(url, "node", self.node_token, self.hub.retry)
+
+    def peers(self) -> list[HttpSource]:
+        """The fleet's live nodes (this one excepted) that are not configured servers already, by node id."""
+        if self.fleet is None:
+            return []
+        configured = {s.base_url.rstrip("/") for s in self.servers} | {self.hub.base_url.rstrip("/")}
+        found: dict[str, HttpSource] = {}
+        for node in self.fleet.peers():
+            url = _node_url(node.url)
+            if node.node_id != self.node_id and url is not None and url not in configured:
+                found.setdefault(url, self._node(url))
+        return list(found.values())
+
     def scan(self, repo_id: str, revision: str) -> Scan:
-        """Describe ``repo_id`` at ``revision`` from the first source of the chain that has it.
+        """Describe ``repo_id`` at ``revision`` from the first source of the chain that has it: the
+        configured nodes, then the fleet's live nodes, then the Hub.
 
         When none has it, the error says what each source answered, and keeps the most telling kind:
         a refusal (a token is missing) over "not found" over "unreachable"."""
         problems: list[DepotError] = []
-        for server in self.servers:
+        for server in (*self.servers, *self.peers()):
             try:
                 commit_id, info, files = fetch_repo(
                     repo_id, revision, server.base_url, server.token or False, "MODELDEPOT_TOKEN",
@@ -83,15 +320,33 @@ class SourceChain:
             raise kind("; ".join(str(p) for p in problems), repo_id=repo_id) from error
         return Scan(commit_id, info, files, self.hub.base_url)
 
+    def _manifest_nodes(self, manifest: Manifest) -> list[HttpSource]:
+        """The nodes whose manifest of the commit is read: the configured ones, and the fleet's node that
+        answered the scan (it knows the repo; the others are found by content, without a request)."""
+        nodes = list(self.servers)
+        endpoint = manifest.endpoint.rstrip("/")
+        if self.fleet is not None and all(s.base_url.rstrip("/") != endpoint for s in self.servers):
+            nodes.extend(peer for peer in self.peers() if peer.base_url == endpoint)
+        return nodes
+
     async def holders(
         self, http: aiohttp.ClientSession, manifest: Manifest, chunk_size: int, files: list[RemoteFile]
     ) -> dict[str, list[FileSource]]:
         """For each of ``files``, the depot nodes holding it: at the manifest's commit (with chunk digests
-        at our chunk size, when the node uses the same one), or else under any repo, found by the LFS
-        SHA-256 (a fine-tune that shares its tokenizer or base weights with a repo the node has)."""
+        at our chunk size, when the node uses the same one); the fleet's live nodes whose holdings name its
+        LFS SHA-256 (their blob route, with the chunk digests a manifest gave for the same content: the same
+        bytes at the same chunk size have the same digests); or else a configured node that holds the
+        content under any repo, found by the LFS SHA-256 (a fine-tune that shares its tokenizer or base
+        weights with a repo the node has)."""
         found: dict[str, list[FileSource]] = {}
         wanted = {f.path: f for f in files}
-        for server in self.servers:
+        known: dict[str, tuple[str, ...]] = {}  # sha256 -> chunk digests at our chunk size, from a manifest
+        manifest_nodes = (
+            await asyncio.to_thread(self._manifest_nodes, manifest)
+            if self.fleet is not None
+            else self.servers
+        )
+        for server in manifest_nodes:
             try:
                 listed = await _node_manifest(http, server, manifest.repo_id, manifest.commit_id)
             except DepotError:
@@ -101,8 +356,12 @@ class SourceChain:
                 if remote is None or not _same_content(remote, item):
                     continue
                 digests = _chunk_digests(server, manifest, remote, item, chunk_size)
+                if digests is not None and remote.sha256:
+                    known.setdefault(remote.sha256, digests)
                 url = server.file_url(manifest.repo_id, manifest.commit_id, remote.path)
                 found.setdefault(remote.path, []).append(FileSource(server, url, digests))
+        if self.fleet is not None:
+            await self._fleet_holders(files, found, known)
         by_content = [f for f in files if f.path not in found and f.sha256]
         if by_content and self.servers:
             probes = [(server, f) for server in self.servers for f in by_content]
@@ -114,8 +373,37 @@ class SourceChain:
                     found.setdefault(remote.path, []).append(FileSource(server, blob_url))
         return found
 
+    async def _fleet_holders(self, files: list[RemoteFile], found: dict[str, list[FileSource]],
+                             known: dict[str, tuple[str, ...]]) -> None:  # fmt: skip
+        """Adds to ``found`` the live nodes whose holdings name a file's content whole (one read of the view)."""
+        assert self.fleet is not None
+        lfs = [f for f in files if f.sha256]
+        if not lfs:
+            return
+        holders = await self.fleet.holders(f.sha256 for f in lfs if f.sha256)
+        hub = self.hub.base_url.rstrip("/")
+        for remote in lfs:
+            sha256 = remote.sha256 or ""
+            have = {s.source.base_url.rstrip("/") for s in found.get(remote.path, [])}
+            for holder in holders.get(sha256, []):
+                url = _node_url(holder.node.url)
+                if (not holder.holding.complete or holder.node.node_id == self.node_id or url is None
+                        or url in have or url == hub or not _whole(holder.holding, remote)):  # fmt: skip
+                    continue
+                have.add(url)
+                configured = [s for s in self.servers if s.base_url.rstrip("/") == url]
+                source = configured[0] if configured else self._node(url)
+                found.setdefault(remote.path, []).append(
+                    FileSource(source, f"{url}{NODE_API}/blobs/{sha256}", known.get(sha256))
+                )
+
     def hub_source(self, manifest: Manifest, remote: RemoteFile) -> FileSource:
         return FileSource(self.hub, self.hub.file_url(manifest.repo_id, manifest.commit_id, remote.path))
+
+
+def _whole(holding: Holding, remote: RemoteFile) -> bool:
+    """Whether a holding is the whole file the scan describes (its size, at least: the bytes are checked)."""
+    return holding.complete and holding.size == remote.size
 
 
 def _chunk_digests(server: HttpSource, manifest: Manifest, remote: RemoteFile, item: dict[str, Any],

@@ -1,0 +1,349 @@
+"""What a node knows of its fleet: who is alive (membership) and who holds which content (holdings).
+
+One interface, three backends: ``etcd`` (the fleet's real registry, through aetcd), ``static`` (a fixed
+list of node URLs: what ``--server``/``MODELDEPOT_SERVERS`` give), ``mem`` (one process's shared dict, for
+tests). Only :mod:`modeldepot.discovery.etcd` knows etcd.
+
+A node *registers* a :class:`NodeRecord` while it runs and *publishes* its :class:`Holding`\\ s: which
+contents it holds, by SHA-256 only (never a repo or file name: a private repo's name must not leak), whole
+or in progress. A puller asks :meth:`Discovery.holders` for one content and gets the live nodes holding
+it from the backend's local view (kept current by a watch), not by asking every node.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import math
+import re
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from modeldepot.errors import InvalidInputError
+from modeldepot.validation import validate_label, validate_sha256, validate_size
+
+__all__ = [
+    "ClusterStatus",
+    "Discovery",
+    "Holder",
+    "Holding",
+    "NodeRecord",
+    "ViewDiscovery",
+    "check_holding",
+    "check_holdings",
+    "check_node_record",
+    "validate_node_id",
+    "validate_node_url",
+]
+
+T = TypeVar("T")
+
+MAX_NODE_ID_LENGTH = 128
+MAX_URL_LENGTH = 2048
+MAX_CHUNKS = 1 << 32  # far above any file's chunk count (4 TiB in 64 KiB chunks is 2**26)
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A live node, as it registers itself."""
+
+    node_id: str  # the store id: stable across restarts of the same store
+    url: str  # where peers reach it (``--advertise``)
+    version: str
+    started_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: object) -> NodeRecord:
+        """A record as a registry holds it (input from outside: every field is checked; unknown fields,
+        from a newer version, are ignored). Raises InvalidInputError."""
+        if not isinstance(data, dict):
+            raise InvalidInputError(f"a node record must be a JSON object, not {type(data).__name__}")
+        fields: dict[str, Any] = {
+            name: data.get(name) for name in ("node_id", "url", "version", "started_at")
+        }
+        return check_node_record(cls(**fields))
+
+
+@dataclass(frozen=True)
+class Holding:
+    """One content a node holds: complete (a blob) or in progress (a partial download)."""
+
+    size: int
+    complete: bool
+    chunks_done: int = 0  # verified chunks, for a partial (for a complete one: every chunk)
+    chunks: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: object) -> Holding:
+        """A holding as a registry holds it (checked like :meth:`NodeRecord.from_dict`)."""
+        if not isinstance(data, dict):
+            raise InvalidInputError(f"a holding must be a JSON object, not {type(data).__name__}")
+        fields: dict[str, Any] = {name: data.get(name) for name in ("size", "complete")}
+        fields.update(chunks_done=data.get("chunks_done", 0), chunks=data.get("chunks", 0))
+        return check_holding(cls(**fields))
+
+
+def validate_node_id(value: object) -> str:
+    """A node id (a store id: 32 hex digits): 1-128 of ``[A-Za-z0-9._-]``, starting with a letter or digit.
+    It becomes one segment of a registry key, so it never holds a ``/``."""
+    if not isinstance(value, str) or _NODE_ID.fullmatch(value) is None:
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "…"
+        raise InvalidInputError(
+            f"node id {shown} must be 1-{MAX_NODE_ID_LENGTH} letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit)"
+        )
+    return value
+
+
+def validate_node_url(value: object) -> str:
+    """Where a node is reached: an ``http://`` or ``https://`` URL with a host, no user or password, no
+    query or fragment, no whitespace or control character, at most 2048 characters."""
+    if not isinstance(value, str):
+        raise InvalidInputError(f"node URL must be a string, not {type(value).__name__}")
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "…"
+    if len(value) > MAX_URL_LENGTH or not value.isprintable() or any(c.isspace() for c in value):
+        raise InvalidInputError(f"node URL {shown} is too long or holds a space or a control character")
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises ValueError for a port that is not a number in 0..65535
+    except ValueError as error:
+        raise InvalidInputError(f"node URL {shown} is not a valid URL: {error}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInputError(f"node URL {shown} must be an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        raise InvalidInputError(f"node URL {shown} may not hold a user, a password, a query or a fragment")
+    if port == 0:
+        raise InvalidInputError(f"node URL {shown} has port 0")
+    return value
+
+
+def check_node_record(record: NodeRecord) -> NodeRecord:
+    """``record`` if every field is valid (see :meth:`NodeRecord.from_dict`), else InvalidInputError."""
+    validate_node_id(record.node_id)
+    validate_node_url(record.url)
+    validate_label(record.version)
+    started = record.started_at
+    if isinstance(started, bool) or not isinstance(started, (int, float)) or not math.isfinite(started):
+        raise InvalidInputError(f"started_at {started!r} is not a finite number")
+    if started < 0:
+        raise InvalidInputError(f"started_at {started!r} is negative")
+    return record
+
+
+def check_holding(holding: Holding) -> Holding:
+    """``holding`` if its fields are valid: a size, a bool, ``0 <= chunks_done <= chunks``."""
+    validate_size(holding.size)
+    if not isinstance(holding.complete, bool):
+        raise InvalidInputError(f"complete {holding.complete!r} is not true or false")
+    validate_size(holding.chunks, MAX_CHUNKS)
+    validate_size(holding.chunks_done, MAX_CHUNKS)
+    if holding.chunks_done > holding.chunks:
+        raise InvalidInputError(f"chunks_done {holding.chunks_done} is more than chunks {holding.chunks}")
+    return holding
+
+
+def check_holdings(holdings: Mapping[str, Holding]) -> dict[str, Holding]:
+    """A copy of ``holdings`` with every SHA-256 and holding checked (InvalidInputError otherwise)."""
+    checked = {}
+    for sha256, holding in holdings.items():
+        if not isinstance(holding, Holding):
+            raise InvalidInputError(f"the holding of {sha256!r} is a {type(holding).__name__}, not a Holding")
+        checked[validate_sha256(sha256)] = check_holding(holding)
+    return checked
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A live node holding a content."""
+
+    node: NodeRecord
+    holding: Holding
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    """How the node's view of the fleet stands (health and ``peers`` show it)."""
+
+    backend: str  # etcd | static | mem
+    connected: bool  # the registry answered lately (always True for static and mem)
+    registered: bool  # this node's record is in the registry now
+    last_error: str | None = None
+    since: float | None = None  # when the current state (connected or not) began
+    peers: int = 0
+
+
+class Discovery(abc.ABC):
+    """The fleet as one node sees it. Use from one event loop: :meth:`start`, then the rest, then
+    :meth:`close`. Reads (:meth:`peers`, :meth:`holders`) answer from a local view at once; writes
+    (:meth:`register`, :meth:`publish`) reach the registry in the background, retried across outages."""
+
+    name: str = "discovery"
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect and load the current view (an unreachable registry is not an error: see :meth:`status`)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Withdraw this node's record and holdings (if registered) and disconnect."""
+
+    @abc.abstractmethod
+    async def register(self, record: NodeRecord) -> None:
+        """Announce this node while it runs; it disappears when :meth:`close` runs or the process dies."""
+
+    @abc.abstractmethod
+    async def publish(self, holdings: Mapping[str, Holding]) -> None:
+        """Make ``holdings`` (by SHA-256) this node's whole set: what is new or changed is written, what is
+        gone is withdrawn, in batches."""
+
+    @abc.abstractmethod
+    def peers(self) -> list[NodeRecord]:
+        """The live nodes, this one included when registered, sorted by node id."""
+
+    @abc.abstractmethod
+    def holders(self, sha256: str) -> list[Holder]:
+        """The live nodes holding ``sha256`` (complete ones first)."""
+
+    @abc.abstractmethod
+    def holdings_of(self, node_id: str) -> dict[str, Holding]:
+        """Everything one live node holds, by SHA-256."""
+
+    @abc.abstractmethod
+    def status(self) -> ClusterStatus: ...
+
+    # -- waiting for a change (tests, and whoever reacts to the fleet) -----------------------------------
+
+    _waiters: list[asyncio.Future[None]] | None = None  # resolved by _changed(); made by the first waiter
+
+    async def wait_for(self, predicate: Callable[[], T], timeout: float) -> T:
+        """Wait until ``predicate()`` (of the view, or of :meth:`status`) is true, and return its value.
+
+        Woken by every change of the view or the status, not by polling; raises TimeoutError after
+        ``timeout`` seconds. Any loop may wait (a test's, beside a node's on another thread)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            result = predicate()
+            if result:
+                return result
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"the fleet's view did not reach the awaited state in {timeout:g} s")
+            # A future and a timer, not asyncio.wait_for: on Python 3.10 and 3.11 that can swallow a
+            # cancellation arriving as it times out.
+            waiter: asyncio.Future[None] = loop.create_future()
+            with _WAITERS_LOCK:
+                if self._waiters is None:
+                    self._waiters = []
+                self._waiters.append(waiter)
+            timer = loop.call_later(remaining, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+
+    def _changed(self) -> None:
+        """For backends, on their loop: the view or the status changed; wake :meth:`wait_for`."""
+        with _WAITERS_LOCK:
+            waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            _wake(waiter)
+
+
+_WAITERS_LOCK = threading.Lock()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    """Resolve a waiter of :meth:`Discovery.wait_for`, on its own loop (which may run on another thread)."""
+    loop = waiter.get_loop()
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        if not waiter.done():
+            waiter.set_result(None)
+    else:
+        try:
+            loop.call_soon_threadsafe(_wake, waiter)
+        except RuntimeError:  # that loop is closed: nobody waits any more
+            pass
+
+
+class ViewDiscovery(Discovery):
+    """A backend that keeps a local view of the registry (nodes, and holdings by content) and answers
+    reads from it; the backend keeps the view current (etcd: a snapshot, then a watch).
+
+    Reads may come from any thread (a pull on a loop of its own asks :meth:`holders`): the view's dicts
+    change and are read under ``_lock``."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, NodeRecord] = {}
+        self._holdings: dict[str, dict[str, Holding]] = {}  # sha256 -> node_id -> holding
+        self._lock: threading.RLock = threading.RLock()
+
+    def peers(self) -> list[NodeRecord]:
+        with self._lock:
+            return sorted(self._nodes.values(), key=lambda n: n.node_id)
+
+    def holders(self, sha256: str) -> list[Holder]:
+        with self._lock:
+            found = [
+                Holder(self._nodes[node_id], holding)
+                for node_id, holding in self._holdings.get(sha256, {}).items()
+                if node_id in self._nodes  # a holding outlives its node only until the view catches up
+            ]
+        return sorted(found, key=lambda h: (not h.holding.complete, -h.holding.chunks_done, h.node.node_id))
+
+    def holdings_of(self, node_id: str) -> dict[str, Holding]:
+        with self._lock:
+            if node_id not in self._nodes:
+                return {}
+            return {sha: by_node[node_id] for sha, by_node in self._holdings.items() if node_id in by_node}
+
+    # -- for backends: changes to the view ----------------------------------------------------------------
+
+    def _set_node(self, record: NodeRecord) -> None:
+        with self._lock:
+            self._nodes[record.node_id] = record
+
+    def _drop_node(self, node_id: str) -> None:
+        with self._lock:
+            self._nodes.pop(node_id, None)
+
+    def _set_holding(self, sha256: str, node_id: str, holding: Holding) -> None:
+        with self._lock:
+            self._holdings.setdefault(sha256, {})[node_id] = holding
+
+    def _drop_holding(self, sha256: str, node_id: str) -> None:
+        with self._lock:
+            by_node = self._holdings.get(sha256)
+            if by_node is not None:
+                by_node.pop(node_id, None)
+                if not by_node:
+                    del self._holdings[sha256]
+
+    def _clear(self) -> None:
+        with self._lock:
+            self._nodes.clear()
+            self._holdings.clear()
+
+    def _replace_view(
+        self, nodes: Mapping[str, NodeRecord], holdings: Mapping[str, Mapping[str, Holding]]
+    ) -> None:
+        """Swap the whole view at once (a reader sees the old view or the new one, never a mix)."""
+        with self._lock:
+            self._nodes.clear()
+            self._nodes.update(nodes)
+            self._holdings.clear()
+            self._holdings.update({sha: dict(by_node) for sha, by_node in holdings.items() if by_node})

@@ -1,0 +1,219 @@
+"""This node in its fleet (``serve --cluster``): its record in the registry, and what its store holds.
+
+- **Membership.** Once the node listens, it registers a record (node id = the store id, the advertised URL,
+  version, start time). The discovery backend keeps it alive under a lease and withdraws it at a clean
+  shutdown; a node that is killed disappears when its lease runs out.
+- **Holdings.** Every :data:`PUBLISH_INTERVAL` seconds a cheap look tells whether the store changed, by this
+  process or any other (a CLI import, pull, ``rm`` or ``gc`` on the same store, a quarantine): the index's
+  ``PRAGMA data_version`` on a connection of its own, and the listing of ``partials/``. Only then are the
+  holdings computed again (every blob with state ``ok``, whole; every download in ``partials/`` with the
+  chunks its log names, in progress) and handed to the discovery, which writes the difference in batches.
+  An idle node does nothing more than those two looks. Holdings name contents by SHA-256 alone: no repo
+  or file name (a private repo's least of all) ever reaches the registry.
+- **Outages.** The discovery keeps its last view and retries; this module logs each change of its state
+  (registry lost, back, registered), and health shows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+
+from aiohttp import web
+
+from modeldepot._version import __version__
+from modeldepot.depot import Depot
+from modeldepot.discovery.base import ClusterStatus, Discovery, Holding, NodeRecord
+from modeldepot.hashing import chunk_count
+from modeldepot.store.partials import PartialState
+from modeldepot.store.store import Store
+from modeldepot.transfer.chain import FleetView, PeerRow
+
+__all__ = ["FLEET", "PUBLISH_INTERVAL", "HoldingsReader", "NodeFleet", "advertised_url"]
+
+log = logging.getLogger("modeldepot.server")
+
+PUBLISH_INTERVAL = 1.0  # seconds between looks at the store for changes to publish
+
+
+def advertised_url(host: str, port: int) -> str:
+    """The URL peers reach a node listening on ``host:port`` at, when ``--advertise`` gives none: that
+    address, or this machine's name for a wildcard address (0.0.0.0, ::)."""
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.getfqdn()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address
+    return f"http://{host}:{port}"
+
+
+class HoldingsReader:
+    """What a store holds, by SHA-256, computed again only when something changed. Any thread may call it
+    (one at a time: a lock sees to it); :meth:`close` when done."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._counter = store.index.change_counter()
+        self._version: int | None = None
+        self._signature: tuple[tuple[str, int, int], ...] | None = None
+        self._blobs: dict[str, Holding] = {}
+        self._partials: dict[
+            str, tuple[int, int, PartialState | None]
+        ] = {}  # log name -> (size, mtime, state)
+
+    def poll(self) -> dict[str, Holding] | None:
+        """The holdings if anything changed since the last call (the first call always answers), else None.
+
+        The looks come before the reads they guard: a change that lands during a read is seen next time."""
+        with self._lock:
+            return self._poll()
+
+    def _poll(self) -> dict[str, Holding] | None:
+        version = self._counter.value()
+        signature = self.store.partials.signature()
+        if version == self._version and signature == self._signature:
+            return None
+        if version != self._version:
+            self._blobs = {}
+            for blob in self.store.held_blobs():
+                chunks = chunk_count(blob.size, blob.chunk_size)
+                self._blobs[blob.sha256] = Holding(blob.size, True, chunks, chunks)
+        if signature != self._signature:
+            known, self._partials = self._partials, {}
+            for name, size, mtime in signature:
+                cached = known.get(name)
+                same = cached is not None and cached[:2] == (size, mtime)
+                state = cached[2] if cached is not None and same else self.store.partials.state(name)
+                self._partials[name] = (size, mtime, state)
+        self._version, self._signature = version, signature
+        holdings: dict[str, Holding] = {}
+        for _size, _mtime, state in self._partials.values():
+            if state is not None:
+                chunks = state.chunks
+                holdings[state.sha256] = Holding(state.size, False, min(state.chunks_logged, chunks), chunks)
+        holdings.update(self._blobs)  # a content both whole and downloading (a race) is whole
+        return holdings
+
+    def close(self) -> None:
+        with self._lock:  # after a poll that runs on (a cancelled publisher leaves its thread running)
+            self._counter.close()
+
+
+class NodeFleet:
+    """The node's discovery, on the server's loop: :meth:`start` before serving (pulls read the view),
+    :meth:`register` once listening, :meth:`close` at shutdown (before in-flight answers finish: peers
+    stop choosing a node that leaves)."""
+
+    def __init__(self, depot: Depot, cluster: str, prefix: str, interval: float = PUBLISH_INTERVAL) -> None:
+        self.depot = depot
+        self.cluster = cluster
+        self.prefix = prefix
+        self.interval = interval
+        self.discovery: Discovery | None = None
+        self.view: FleetView | None = None
+        self.record: NodeRecord | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._state: tuple[bool, bool] | None = None  # (connected, registered), as last logged
+        self._problem: str | None = None  # the publisher's last error, logged once
+
+    async def start(self) -> None:
+        """Connect and load the view (an unreachable registry is no error: the view starts empty), and let
+        the depot's pulls read it."""
+        from modeldepot.discovery import open_discovery
+
+        discovery = open_discovery(self.cluster, prefix=self.prefix)
+        await discovery.start()
+        self.discovery = discovery
+        self.view = FleetView(discovery, asyncio.get_running_loop(), self.depot.store_id)
+        self.depot.use_fleet(self.view)
+
+    async def register(self, url: str) -> NodeRecord:
+        """Announce this node at ``url``, and start publishing what its store holds."""
+        assert self.discovery is not None, "start() first"
+        self.record = NodeRecord(self.depot.store_id, url, __version__, time.time())
+        await self.discovery.register(self.record)
+        log.info("cluster %s (prefix %s): this node is %s at %s", self.cluster, self.prefix,
+                 self.record.node_id, url)  # fmt: skip
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="holdings-publisher")
+        return self.record
+
+    async def close(self) -> None:
+        """Stop publishing, withdraw the record and holdings, disconnect. Idempotent."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self.view is not None:
+            self.view.detach()
+            self.depot.use_fleet(None)
+        discovery, self.discovery = self.discovery, None
+        if discovery is not None:
+            try:
+                await discovery.close()
+            except Exception as error:  # the registry is gone: the lease runs out by itself
+                log.warning("cluster %s: could not withdraw this node (%s); it leaves when its lease ends",
+                            self.cluster, error)  # fmt: skip
+
+    def status(self) -> ClusterStatus | None:
+        return self.discovery.status() if self.discovery is not None else None
+
+    def rows(self) -> list[PeerRow]:
+        return self.view.rows() if self.view is not None else []
+
+    async def _run(self) -> None:
+        assert self.discovery is not None
+        discovery = self.discovery
+        reader: HoldingsReader | None = None
+        published: dict[str, Holding] | None = None
+        pending: dict[str, Holding] | None = None
+        try:
+            while True:
+                try:
+                    if reader is None:
+                        reader = await asyncio.to_thread(HoldingsReader, self.depot.store)
+                    found = await asyncio.to_thread(reader.poll)
+                    if found is not None and found != published:
+                        pending = found
+                    if pending is not None:
+                        await discovery.publish(pending)
+                        published, pending = pending, None
+                    self._problem = None
+                except Exception as error:  # the store or the discovery failed once: try again next time
+                    problem = f"{type(error).__name__}: {error}"
+                    if problem != self._problem:
+                        log.warning("cluster %s: publishing this node's holdings failed (%s); retrying",
+                                    self.cluster, problem)  # fmt: skip
+                    self._problem = problem
+                self._log_state(discovery.status())
+                await asyncio.sleep(self.interval)
+        finally:
+            if reader is not None:
+                await asyncio.to_thread(reader.close)
+
+    def _log_state(self, status: ClusterStatus) -> None:
+        """One log line per change of the registry's state, not per look."""
+        state = (status.connected, status.registered)
+        previous, self._state = self._state, state
+        if state == previous:
+            return
+        if not status.connected:
+            log.warning(
+                "cluster %s: the registry cannot be reached (%s); serving, and pulling from the last known "
+                "view of the fleet (%d nodes) and then the Hub, until it answers again",
+                self.cluster, status.last_error or "no answer", status.peers,
+            )  # fmt: skip
+        elif previous is not None and not previous[0]:
+            log.info("cluster %s: the registry answers again (%s)", self.cluster,
+                     "registered" if status.registered else "registering again")  # fmt: skip
+        elif previous is not None and previous[1] and not status.registered:
+            log.warning(
+                "cluster %s: this node's record is gone from the registry; registering again", self.cluster
+            )
+        elif status.registered and previous is not None:
+            log.info("cluster %s: registered again", self.cluster)
+
+
+FLEET = web.AppKey("fleet", NodeFleet)  # in an app served with a cluster only

@@ -1,0 +1,129 @@
+"""A real etcd (Debian's etcd-server, installed by scripts/install-etcd) on loopback, for fleet tests.
+
+Each :class:`EtcdServer` gets free ports and its own data folder; it can be killed and started again on the
+same data and ports, as an outage and a recovery. Short heartbeat and election timeouts make a single-member
+cluster ready in well under a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import subprocess
+import urllib.request
+from pathlib import Path
+
+from conftest import free_port, wait_until
+
+__all__ = ["EtcdServer", "TcpGate", "etcd_binary"]
+
+
+def etcd_binary() -> str:
+    found = shutil.which("etcd")
+    if found is None:
+        raise RuntimeError("etcd is not installed: run ./scripts/install-etcd (Debian's etcd-server)")
+    return found
+
+
+class EtcdServer:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.client_port, self.peer_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.client_port}"
+        self.cluster = f"etcd://127.0.0.1:{self.client_port}"  # what --cluster takes
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        return [
+            etcd_binary(), "--name", "test", "--data-dir", str(self.data_dir),
+            "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"test={peer}", "--initial-cluster-state", "new",
+            "--heartbeat-interval", "10", "--election-timeout", "100",
+            "--logger", "zap", "--log-level", "error", "--log-outputs", "stderr",
+        ]  # fmt: skip
+
+    def start(self) -> EtcdServer:
+        log = open(self.data_dir.with_suffix(".log"), "ab")  # noqa: SIM115  (the process holds it)
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_until(self.healthy, 30, f"etcd on {self.url} to be ready", self.process)
+        return self
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as answer:
+                return b'"true"' in answer.read()
+        except OSError:
+            return False
+
+    def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(30)
+        self.process = None
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+
+class TcpGate:
+    """A TCP relay on loopback in front of ``port`` (an etcd's), run on the caller's event loop, that a test
+    can close (every connection through it is cut and new ones are refused: one client's network outage,
+    while etcd itself and its other clients go on) and open again on the same port."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._relays: set[asyncio.Task[None]] = set()
+        self.generation = 0
+
+    async def open(self) -> TcpGate:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        return self
+
+    async def close(self) -> None:
+        self.generation += 1  # a connection being set up now is cut too
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        await asyncio.gather(*self._relays, return_exceptions=True)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        generation = self.generation
+        task = asyncio.current_task()
+        assert task is not None
+        self._relays.add(task)
+        ends = [writer]
+        self._writers.add(writer)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+            ends.append(up_writer)
+            self._writers.add(up_writer)
+            if generation == self.generation:
+                await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        except OSError:
+            pass
+        finally:
+            for end in ends:
+                end.transport.abort()
+                self._writers.discard(end)
+            self._relays.discard(task)
+
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        except OSError:
+            pass
+        finally:
+            sink.transport.abort()

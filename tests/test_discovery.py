@@ -1,0 +1,666 @@
+"""Discovery against a real etcd (tests/etcdserver.py) and in memory: membership, holdings, the publish diff
+and its batches, leases (close, a killed process), outages (etcd killed and restarted, one node cut off,
+etcd hung, etcd compacted), malformed entries, the static backend and open_discovery.
+
+Every wait is on the discovery's own change event (``wait_for``) or on a process; nothing sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
+
+import aetcd
+import pytest
+
+from conftest import free_port
+from etcdserver import EtcdServer, TcpGate
+from modeldepot.discovery import ClusterStatus, Holding, NodeRecord, open_discovery
+from modeldepot.discovery.etcd import MAX_TXN_OPS, EtcdDiscovery
+from modeldepot.discovery.mem import MemDiscovery, MemRegistry, mem_registry
+from modeldepot.discovery.static import StaticDiscovery
+from modeldepot.errors import ConfigError, InvalidInputError
+
+pytestmark = pytest.mark.timeout(60)
+
+T = TypeVar("T")
+WAIT = 10.0  # seconds any awaited view change may take (they take milliseconds)
+WHOLE = Holding(size=100, complete=True, chunks_done=1, chunks=1)
+HALF = Holding(size=4 << 20, complete=False, chunks_done=1, chunks=4)
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(main, 45))
+
+
+def sha(i: int | str) -> str:
+    return hashlib.sha256(str(i).encode()).hexdigest()
+
+
+def node(name: str) -> NodeRecord:
+    node_id = hashlib.sha256(name.encode()).hexdigest()[:32]  # 32 hex digits, like a store id
+    return NodeRecord(node_id, f"http://{name}.test:8980", "1.2.3", 1_700_000_000.5)
+
+
+def etcd(server: EtcdServer | TcpGate, ttl: float = 10.0, timeout: float = 3.0) -> EtcdDiscovery:
+    port = server.client_port if isinstance(server, EtcdServer) else server.port
+    return EtcdDiscovery([("127.0.0.1", port)], ttl=ttl, timeout=timeout)
+
+
+@contextlib.asynccontextmanager
+async def started(*discoveries: EtcdDiscovery | MemDiscovery) -> AsyncIterator[None]:
+    try:
+        for discovery in discoveries:
+            await discovery.start()
+        yield
+    finally:
+        for discovery in discoveries:
+            await discovery.close()
+
+
+@contextlib.asynccontextmanager
+async def raw(server: EtcdServer) -> AsyncIterator[Any]:
+    async with aetcd.Client("127.0.0.1", server.client_port, timeout=5) as client:
+        yield client
+
+
+async def keys(client: Any, prefix: bytes = b"/modeldepot/") -> dict[bytes, Any]:
+    return {kv.key: kv for kv in await client.get_prefix(prefix)}
+
+
+async def revision(client: Any) -> int:
+    return int((await client.get_prefix(b"/nothing-here/")).header.revision)
+
+
+def ids(discovery: EtcdDiscovery | MemDiscovery) -> list[str]:
+    return [n.node_id for n in discovery.peers()]
+
+
+# -- etcd: membership and holdings ------------------------------------------------------------------------
+
+
+def test_nodes_see_each_other_and_each_others_holdings(etcd_server: EtcdServer) -> None:
+    a, b, c = node("a"), node("b"), node("c")
+
+    async def main() -> None:
+        da, db, dc = etcd(etcd_server), etcd(etcd_server), etcd(etcd_server)
+        async with started(da, db, dc):
+            for discovery, record in ((da, a), (db, b), (dc, c)):
+                await discovery.register(record)
+            everyone = sorted(r.node_id for r in (a, b, c))
+            for discovery in (da, db, dc):
+                await discovery.wait_for(lambda d=discovery: ids(d) == everyone, WAIT)
+                assert discovery.status() == ClusterStatus(
+                    "etcd", True, True, None, discovery.status().since, peers=3
+                )
+            assert da.peers() == sorted([a, b, c], key=lambda r: r.node_id)  # the records, field by field
+
+            await da.publish({sha(1): WHOLE, sha(2): HALF})
+            await db.publish({sha(2): WHOLE})
+            holders = await dc.wait_for(lambda: len(dc.holders(sha(2))) == 2 and dc.holders(sha(2)), WAIT)
+            assert [(h.node, h.holding) for h in holders] == [(b, WHOLE), (a, HALF)]  # complete ones first
+            assert [(h.node, h.holding) for h in dc.holders(sha(1))] == [(a, WHOLE)]
+            assert dc.holders(sha(3)) == []
+            assert dc.holdings_of(a.node_id) == {sha(1): WHOLE, sha(2): HALF}
+            assert da.holdings_of(a.node_id) == {sha(1): WHOLE, sha(2): HALF}  # its own, at once
+            assert dc.holdings_of("0" * 32) == {}
+
+    run(main())
+
+
+def test_publish_writes_only_the_difference_in_transactions_of_at_most_128(etcd_server: EtcdServer) -> None:
+    a = node("a")
+    many = {sha(i): Holding(size=i, complete=i % 2 == 0, chunks_done=0, chunks=3) for i in range(300)}
+
+    async def main() -> None:
+        da, db = etcd(etcd_server), etcd(etcd_server)
+        async with started(da, db), raw(etcd_server) as client:
+            await da.register(a)
+            before = await revision(client)
+            await da.publish(many)  # with etcd up, an awaited publish is in etcd when it returns
+            after = await revision(client)
+            assert MAX_TXN_OPS == 128 and after - before == 3  # 128 + 128 + 44: a revision per transaction
+            stored = await keys(client, b"/modeldepot/holdings/")
+            assert len(stored) == 300 and {kv.lease for kv in stored.values()} == {da._lease_id}
+            value = json.loads(stored[f"/modeldepot/holdings/{sha(7)}/{a.node_id}".encode()].value)
+            assert value == {"size": 7, "complete": False, "chunks_done": 0, "chunks": 3}
+            await db.wait_for(lambda: db.holdings_of(a.node_id) == many, WAIT)  # all arrived
+
+            await da.publish(dict(many))  # the same set again: nothing is written
+            await da.register(a)  # nor for the same record
+            assert await revision(client) == after
+
+            smaller = {s: h for i, (s, h) in enumerate(many.items()) if i >= 10}
+            smaller[sha(299)] = WHOLE  # one changed
+            await da.publish(smaller)
+            assert await revision(client) == after + 1  # 10 deletes and 1 put: one transaction
+            assert len(await keys(client, b"/modeldepot/holdings/")) == 290
+            await db.wait_for(lambda: db.holdings_of(a.node_id) == smaller, WAIT)
+            assert db.holders(sha(0)) == [] and db.holders(sha(299))[0].holding == WHOLE
+
+    run(main())
+
+
+def test_close_removes_the_node_at_once(etcd_server: EtcdServer) -> None:
+    a, b = node("a"), node("b")
+
+    async def main() -> None:
+        da, db = etcd(etcd_server, ttl=30), etcd(etcd_server, ttl=30)
+        async with started(db), raw(etcd_server) as client:
+            await da.start()
+            await da.register(a)
+            await da.publish({sha(1): WHOLE})
+            await db.register(b)
+            await db.wait_for(lambda: db.holders(sha(1)), WAIT)
+            await da.close()  # revokes the lease: no waiting for its 30 s TTL
+            assert not [k for k in await keys(client) if a.node_id.encode() in k]
+            await db.wait_for(lambda: ids(db) == [b.node_id] and not db.holders(sha(1)), 2)
+            assert da.status().connected is False and da.status().registered is False
+
+    run(main())
+
+
+CHILD = """
+import asyncio, sys, time
+from modeldepot.discovery import Holding, NodeRecord
+from modeldepot.discovery.etcd import EtcdDiscovery
+
+async def main():
+    port, node_id, digest = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    discovery = EtcdDiscovery([("127.0.0.1", port)], ttl=2)
+    await discovery.start()
+    await discovery.register(NodeRecord(node_id, "http://child.test:8980", "1", time.time()))
+    await discovery.publish({digest: Holding(size=1, complete=True, chunks_done=1, chunks=1)})
+    print("registered", discovery.status().registered, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_a_killed_process_disappears_within_its_ttl(etcd_server: EtcdServer) -> None:
+    child = node("child")
+
+    async def main() -> None:
+        db = etcd(etcd_server)
+        async with started(db):
+            process = subprocess.Popen(
+                [sys.executable, "-c", CHILD, str(etcd_server.client_port), child.node_id, sha("c")],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert process.stdout is not None
+            try:
+                assert await asyncio.to_thread(process.stdout.readline) == "registered True\n"
+                await db.wait_for(lambda: child.node_id in ids(db) and db.holders(sha("c")), WAIT)
+                process.kill()  # no close(): the lease is not revoked, it runs out
+            finally:
+                process.kill()
+                process.wait()
+                process.stdout.close()
+            killed = time.monotonic()
+            await db.wait_for(lambda: not db.peers() and not db.holders(sha("c")), 2 + 2.5)
+            assert time.monotonic() - killed > 0.5  # gone by the lease's expiry, not by anything else
+
+    run(main())
+
+
+# -- etcd: outages ------------------------------------------------------------------------------------------
+
+
+def test_etcd_killed_and_restarted(etcd_server: EtcdServer, caplog: pytest.LogCaptureFixture) -> None:
+    a, b, c = node("a"), node("b"), node("c")
+    caplog.set_level(logging.INFO, "modeldepot.discovery")
+
+    async def main() -> None:
+        da, db = etcd(etcd_server), etcd(etcd_server)
+        async with started(da, db):
+            await da.register(a)
+            await db.register(b)
+            await da.publish({sha(1): WHOLE})
+            await db.wait_for(lambda: db.holders(sha(1)) and len(db.peers()) == 2, WAIT)
+
+            etcd_server.kill()  # SIGKILL
+            for discovery in (da, db):
+                status = await discovery.wait_for(
+                    lambda d=discovery: not d.status().connected and d.status(), WAIT
+                )
+                assert status.last_error and status.since and not status.registered
+            began = time.monotonic()
+            await da.publish({sha(1): WHOLE, sha(2): HALF})  # kept, written when etcd returns
+            await db.publish({sha(3): WHOLE})  # another node's change during the outage
+            assert time.monotonic() - began < 1  # an outage does not make callers wait
+            assert [h.node for h in da.holders(sha(1))] == [a]  # the last view answers
+            assert len(da.peers()) == 2 and da.status().peers == 2
+
+            await asyncio.to_thread(etcd_server.start)  # the same data folder and ports
+            async with raw(etcd_server) as client:  # and a change right after it returns
+                await client.put(f"/modeldepot/nodes/{c.node_id}".encode(), json.dumps(c.to_dict()).encode())
+                await client.put(
+                    f"/modeldepot/holdings/{sha(4)}/{c.node_id}".encode(), b'{"size":1,"complete":true}'
+                )
+                for discovery in (da, db):
+                    await discovery.wait_for(
+                        lambda d=discovery: d.status().connected and d.status().registered, WAIT
+                    )
+                await da.wait_for(lambda: da.holders(sha(3)) and da.holders(sha(4)), WAIT)
+                await db.wait_for(lambda: db.holdings_of(a.node_id) == {sha(1): WHOLE, sha(2): HALF}, WAIT)
+                assert len(da.peers()) == 3
+                stored = await keys(client)
+                assert f"/modeldepot/holdings/{sha(2)}/{a.node_id}".encode() in stored  # published while down
+                assert stored[f"/modeldepot/nodes/{a.node_id}".encode()].lease == da._lease_id != 0
+                assert da.status().last_error is None
+
+    run(main())
+    outages = [r for r in caplog.records if "out of reach" in r.getMessage()]
+    assert len(outages) == 2, [r.getMessage() for r in outages]  # one per node per outage, not per retry
+
+
+def test_a_node_cut_off_resumes_its_watch_without_missing_a_change(etcd_server: EtcdServer) -> None:
+    a, b = node("a"), node("b")
+
+    async def main() -> None:
+        gate = await TcpGate(etcd_server.client_port).open()
+        da, db = etcd(gate), etcd(etcd_server)
+        async with started(da, db), raw(etcd_server) as client:
+            await da.register(a)
+            await db.register(b)
+            await db.publish({sha(0): WHOLE})
+            await da.wait_for(lambda: da.holders(sha(0)) and len(da.peers()) == 2, WAIT)
+            registered_at = (await keys(client))[f"/modeldepot/nodes/{a.node_id}".encode()].mod_revision
+
+            await gate.close()  # a's network is down; etcd and b go on
+            await da.wait_for(lambda: not da.status().connected, WAIT)
+            await db.publish({sha(1): WHOLE})  # a put and a delete a does not see now
+            assert da.holders(sha(0)) and not da.holders(sha(1))
+
+            await gate.open()
+            await da.wait_for(lambda: da.holders(sha(1)) and not da.holders(sha(0)), WAIT)
+            await da.wait_for(lambda: da.status().registered, WAIT)
+            # Its lease lived through the outage: its keys were checked, not written again.
+            assert (await keys(client))[
+                f"/modeldepot/nodes/{a.node_id}".encode()
+            ].mod_revision == registered_at
+            await gate.close()
+
+    run(main())
+
+
+def test_a_node_cut_off_for_longer_than_its_ttl_registers_again(etcd_server: EtcdServer) -> None:
+    a, b = node("a"), node("b")
+
+    async def main() -> None:
+        gate = await TcpGate(etcd_server.client_port).open()
+        da, db = etcd(gate, ttl=2), etcd(etcd_server)
+        async with started(da, db), raw(etcd_server) as client:
+            await da.register(a)
+            await da.publish({sha(1): WHOLE, sha(2): HALF})
+            await db.register(b)
+            await db.wait_for(lambda: db.holdings_of(a.node_id) == {sha(1): WHOLE, sha(2): HALF}, WAIT)
+            old_lease = da._lease_id
+
+            await gate.close()
+            await db.wait_for(lambda: ids(db) == [b.node_id] and not db.holders(sha(1)), 2 + 3)  # expired
+            assert not da.status().connected and not da.status().registered
+            await da.publish({sha(1): WHOLE, sha(3): WHOLE})  # changed while cut off
+
+            await gate.open()  # a new lease, and everything written again
+            expected = {sha(1): WHOLE, sha(3): WHOLE}
+            await db.wait_for(lambda: db.holdings_of(a.node_id) == expected, WAIT)
+            await da.wait_for(lambda: da.status().registered, WAIT)
+            stored = await keys(client)
+            assert stored[f"/modeldepot/nodes/{a.node_id}".encode()].lease == da._lease_id != old_lease
+            assert f"/modeldepot/holdings/{sha(2)}/{a.node_id}".encode() not in stored
+            await gate.close()
+
+    run(main())
+
+
+def test_the_next_endpoint_is_tried_when_one_fails(etcd_server: EtcdServer) -> None:
+    a = node("a")
+
+    async def main() -> None:
+        da = EtcdDiscovery([("127.0.0.1", free_port()), ("127.0.0.1", etcd_server.client_port)])
+        async with started(da):
+            await da.register(a)
+            await da.wait_for(lambda: da.status().registered and da.peers() == [a], WAIT)
+            assert da._endpoint == 1  # the first one refused: the second took over
+
+    run(main())
+
+
+def test_a_compacted_history_reloads_the_view(
+    etcd_server: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    b = node("b")
+    caplog.set_level(logging.INFO, "modeldepot.discovery")
+
+    async def main() -> None:
+        gate = await TcpGate(etcd_server.client_port).open()
+        da, db = etcd(gate), etcd(etcd_server)
+        async with started(da, db), raw(etcd_server) as client:
+            await db.register(b)
+            await db.publish({sha(0): WHOLE, sha(1): HALF})
+            await da.wait_for(lambda: da.holders(sha(0)), WAIT)
+            await gate.close()
+            await da.wait_for(lambda: not da.status().connected, WAIT)
+            await db.publish({sha(1): WHOLE, sha(2): WHOLE})  # one revision R: 2 puts and a delete
+            # Compacted at R itself: a watch from R would get R's puts but not its delete, without an error.
+            await client.compact(await revision(client), physical=True)
+            await gate.open()
+            expected = {sha(1): WHOLE, sha(2): WHOLE}
+            await da.wait_for(lambda: da.holdings_of(b.node_id) == expected and da.status().connected, WAIT)
+            await gate.close()
+
+    run(main())
+    assert "compacted" in caplog.text
+
+
+def test_a_hung_etcd_hangs_nothing(etcd_server: EtcdServer) -> None:
+    a = node("a")
+
+    async def main() -> None:
+        da = etcd(etcd_server, ttl=3, timeout=1)
+        async with started(da):
+            await da.register(a)
+            await da.publish({sha(1): WHOLE})
+            assert etcd_server.process is not None
+            etcd_server.process.send_signal(signal.SIGSTOP)
+            try:
+                began = time.monotonic()
+                await da.publish({sha(1): WHOLE, sha(2): WHOLE})  # a call that gets no answer
+                assert time.monotonic() - began < 3  # its deadline (1 s + 1 s of our own)
+                await da.wait_for(lambda: not da.status().connected, WAIT)
+                assert da.holders(sha(1)) and da.peers() == [a]
+            finally:
+                etcd_server.process.send_signal(signal.SIGCONT)
+            await da.wait_for(lambda: da.status().registered, WAIT)
+            await da.wait_for(lambda: da.holdings_of(a.node_id) == {sha(1): WHOLE, sha(2): WHOLE}, WAIT)
+
+    run(main())
+
+
+def test_unreachable_at_start_then_registers_when_etcd_comes(tmp_path: Any) -> None:
+    server = EtcdServer(tmp_path / "etcd")  # its ports are chosen; nothing listens yet
+    a = node("a")
+
+    async def main() -> None:
+        da = etcd(server)
+        began = time.monotonic()
+        async with started(da):
+            await da.register(a)
+            await da.publish({sha(1): WHOLE})
+            assert time.monotonic() - began < 3
+            status = da.status()
+            assert not status.connected and not status.registered and status.last_error
+            assert da.peers() == [] and da.holders(sha(1)) == []
+            await asyncio.to_thread(server.start)
+            await da.wait_for(lambda: da.status().registered and da.holders(sha(1)), WAIT)
+            assert da.peers() == [a]
+
+    try:
+        run(main())
+    finally:
+        server.kill()
+
+
+# -- etcd: what is read is checked --------------------------------------------------------------------------
+
+
+def test_malformed_keys_and_values_are_ignored(
+    etcd_server: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = node("good")
+    good_id = good.node_id
+    bad_id = node("bad").node_id
+    record = good.to_dict()
+
+    def rec(**change: Any) -> bytes:
+        return json.dumps({**record, "node_id": bad_id, **change}).encode()
+
+    def hold(**change: Any) -> bytes:
+        return json.dumps({"size": 1, "complete": True, "chunks_done": 1, "chunks": 1, **change}).encode()
+
+    p = "/modeldepot"
+    malformed: list[tuple[bytes, bytes]] = [
+        (f"{p}/nodes/{bad_id}".encode(), b"{not json"),
+        (f"{p}/nodes/{bad_id}x".encode(), b"[1, 2]"),
+        (f"{p}/nodes/{bad_id}y".encode(), rec(node_id=f"{bad_id}y", url="ftp://x.test/")),
+        (f"{p}/nodes/{bad_id}z".encode(), rec(node_id=f"{bad_id}z", url="http://user:pw@x.test/")),
+        (f"{p}/nodes/{bad_id}w".encode(), rec()),  # the record names another node
+        (f"{p}/nodes/{bad_id}v".encode(), rec(node_id=f"{bad_id}v", started_at=float("nan"))),
+        (f"{p}/nodes/{bad_id}u".encode(), rec(node_id=f"{bad_id}u", version="x\ny")),
+        (f"{p}/nodes/{bad_id}t".encode(), rec(node_id=f"{bad_id}t", pad="x" * 5000)),  # too big
+        (f"{p}/nodes/{bad_id}s".encode(), b"[" * 3000 + b"]" * 3000),  # too deep
+        (f"{p}/nodes/{bad_id}r".encode(), json.dumps({"node_id": f"{bad_id}r"}).encode()),  # fields missing
+        (f"{p}/nodes/has space".encode(), rec(node_id="has space")),
+        (f"{p}/nodes/../x".encode(), rec()),
+        (f"{p}/nodes/\xff\xfe".encode("latin-1"), rec()),
+        (f"{p}/nodes/".encode(), rec()),
+        (f"{p}/holdings/{'A' * 64}/{good_id}".encode(), hold()),  # not lowercase hex
+        (f"{p}/holdings/{sha(1)}".encode(), hold()),  # no node id
+        (f"{p}/holdings/{sha(1)}/{good_id}/x".encode(), hold()),
+        (f"{p}/holdings/{sha(2)}/{good_id}".encode(), hold(size=-1)),
+        (f"{p}/holdings/{sha(3)}/{good_id}".encode(), hold(size=True)),
+        (f"{p}/holdings/{sha(4)}/{good_id}".encode(), hold(size=1 << 60)),
+        (f"{p}/holdings/{sha(5)}/{good_id}".encode(), hold(chunks_done=5, chunks=4)),
+        (f"{p}/holdings/{sha(6)}/{good_id}".encode(), hold(complete="yes")),
+        (f"{p}/holdings/{sha(7)}/{good_id}".encode(), hold(size=1.5)),
+        (f"{p}/holdings/{sha(8)}/{good_id}".encode(), b'"just a string"'),
+    ]
+    ignored_quietly = [
+        (f"{p}/something-newer/{good_id}".encode(), b"{}"),  # a kind of key a later version may add
+        (f"{p}X/nodes/{bad_id}".encode(), rec(node_id=bad_id)),  # outside the prefix
+    ]
+
+    async def main() -> None:
+        watching = etcd(etcd_server)
+        async with started(watching), raw(etcd_server) as client:
+            for key, value in malformed + ignored_quietly:
+                await client.put(key, value)
+            await client.put(f"{p}/nodes/{good_id}".encode(), json.dumps(record).encode())
+            await client.put(f"{p}/holdings/{sha(9)}/{good_id}".encode(), hold())
+            await client.put(f"{p}/holdings/{sha(10)}/{good_id}".encode(), hold())
+            await client.put(f"{p}/holdings/{sha(10)}/{good_id}".encode(), hold(size="big"))  # now bad
+
+            loading = etcd(etcd_server)  # this one reads it all in its first snapshot
+            async with started(loading):
+                expected = {sha(9): Holding(1, True, 1, 1)}
+                for discovery in (watching, loading):
+                    await discovery.wait_for(lambda d=discovery: d.holdings_of(good_id) == expected, WAIT)
+                    assert discovery.peers() == [good]
+                    assert all(discovery.holders(sha(i)) == [] for i in range(1, 9))
+                    assert discovery.holders(sha(10)) == []  # a value that turned bad is dropped
+
+    run(main())
+    for key, _value in malformed:
+        assert repr(key[:200]) in caplog.text, key
+    for key, _value in ignored_quietly:
+        assert repr(key[:200]) not in caplog.text
+
+
+def test_etcd_discovery_checks_its_arguments_and_what_it_is_given(etcd_server: EtcdServer) -> None:
+    for endpoints, options in (
+        ([], {}),
+        ([("bad host", 1)], {}),
+        ([("h", 0)], {}),
+        ([("h", 1)], {"prefix": "modeldepot"}),
+        ([("h", 1)], {"prefix": "/a/../b"}),
+        ([("h", 1)], {"ttl": 0.5}),
+    ):
+        with pytest.raises(InvalidInputError):
+            EtcdDiscovery(endpoints, **options)
+    assert EtcdDiscovery([("::1", 2379)]).endpoints == [("[::1]", 2379)]
+    assert EtcdDiscovery([("h", 1)], prefix="/fleets/prod/").prefix == "/fleets/prod"
+
+    async def main() -> None:
+        da = etcd(etcd_server)
+        async with started(da):
+            for record in (
+                NodeRecord("a/b", "http://a.test", "1", 0.0),
+                NodeRecord("a" * 32, "file:///etc/passwd", "1", 0.0),
+                NodeRecord("a" * 32, "http://a.test", "1", -1.0),
+            ):
+                with pytest.raises(InvalidInputError):
+                    await da.register(record)
+            await da.register(node("a"))
+            with pytest.raises(InvalidInputError):
+                await da.register(node("other"))  # one discovery, one node
+            for bad in ({"nothex": WHOLE}, {sha(1): Holding(-1, True)}, {sha(1): {"size": 1}}):
+                with pytest.raises(InvalidInputError):
+                    await da.publish(bad)  # type: ignore[arg-type]
+
+    run(main())
+
+
+# -- mem ------------------------------------------------------------------------------------------------------
+
+
+def test_mem_nodes_see_each_other_across_threads_and_loops() -> None:
+    registry = MemRegistry("t")
+    a, b = node("a"), node("b")
+    ready, done = threading.Event(), threading.Event()
+    db = MemDiscovery(registry)
+
+    def other_thread() -> None:  # b runs on a loop of its own, as a BackgroundServer's node would
+        async def main() -> None:
+            async with started(db):
+                await db.register(b)
+                await db.publish({sha(2): HALF})
+                ready.set()
+                await db.wait_for(lambda: db.holders(sha(1)), WAIT)
+                await db.publish({sha(2): HALF, sha(5): WHOLE})
+                await asyncio.to_thread(done.wait, WAIT)
+
+        asyncio.run(main())
+
+    async def main() -> None:
+        da = MemDiscovery(registry)
+        async with started(da):
+            await da.register(a)
+            thread = threading.Thread(target=other_thread)
+            thread.start()
+            try:
+                await da.wait_for(lambda: len(da.peers()) == 2, WAIT)  # woken from the other thread
+                await asyncio.to_thread(ready.wait, WAIT)
+                assert [(h.node, h.holding) for h in da.holders(sha(2))] == [(b, HALF)]
+                await da.publish({sha(1): WHOLE})
+                await db.wait_for(lambda: db.holders(sha(5)), WAIT)  # b's view, waited on from this loop
+            finally:
+                done.set()
+                await asyncio.to_thread(thread.join, WAIT)
+            await da.wait_for(lambda: da.peers() == [a] and not da.holders(sha(2)), WAIT)  # b closed
+
+    run(main())
+
+
+def test_mem_publish_withdraw_death_and_outage() -> None:
+    registry = mem_registry("test-mem-basics")
+    a, b = node("a"), node("b")
+
+    async def main() -> None:
+        da, db = MemDiscovery(registry), MemDiscovery(registry)
+        async with started(da, db):
+            await da.publish({sha(1): WHOLE})  # before register: kept until then
+            assert db.holders(sha(1)) == []
+            await da.register(a)
+            await db.register(b)
+            assert [h.node for h in db.holders(sha(1))] == [a]
+            await da.publish({sha(2): HALF})  # sha(1) withdrawn
+            assert db.holders(sha(1)) == [] and db.holdings_of(a.node_id) == {sha(2): HALF}
+            assert da.status() == ClusterStatus("mem", True, True, None, registry.since, 2)
+
+            registry.set_available(False)
+            await da.publish({sha(3): WHOLE})
+            assert db.holdings_of(a.node_id) == {sha(2): HALF}  # the last view
+            assert not da.status().connected and da.status().last_error
+            registry.set_available(True)
+            assert db.holdings_of(a.node_id) == {sha(3): WHOLE}
+
+            registry.drop_node(b.node_id)  # b's process died
+            assert da.peers() == [a] and not db.status().registered
+            await db.publish({sha(4): WHOLE})
+            assert da.peers() == [a] and da.holders(sha(4)) == []
+            with pytest.raises(InvalidInputError):
+                await da.publish({"x": WHOLE})
+        assert registry._nodes == {} and registry._holdings == {}
+
+    run(main())
+
+
+# -- static and open_discovery --------------------------------------------------------------------------------
+
+
+def test_static_discovery_is_the_configured_servers() -> None:
+    static = StaticDiscovery(["http://b.test:8980/", "https://a.test", "http://b.test:8980"])
+
+    async def main() -> None:
+        await static.start()
+        await static.register(node("me"))
+        await static.publish({sha(1): WHOLE})
+        assert [p.url for p in static.peers()] == ["http://b.test:8980", "https://a.test"]
+        assert static.peers()[0] == NodeRecord("http://b.test:8980", "http://b.test:8980", "", 0.0)
+        assert static.holders(sha(1)) == [] and static.holdings_of("http://b.test:8980") == {}
+        status = static.status()
+        assert (status.backend, status.connected, status.registered, status.peers) == (
+            "static",
+            True,
+            False,
+            2,
+        )
+        await static.close()
+
+    run(main())
+    with pytest.raises(InvalidInputError):
+        StaticDiscovery(["ftp://x.test"])
+
+
+def test_open_discovery_picks_and_checks_the_backend() -> None:
+    assert isinstance(open_discovery(None, servers=["http://a.test"]), StaticDiscovery)
+    mem = open_discovery("mem://test-open")
+    assert isinstance(mem, MemDiscovery) and mem.registry is mem_registry("test-open")
+    port = free_port()
+    found = open_discovery(f"etcd://127.0.0.1:{port},[::1]:2379,etcd-0.fleet.test:2380", prefix="/f", ttl=5)
+    assert isinstance(found, EtcdDiscovery)
+    assert found.endpoints == [("127.0.0.1", port), ("[::1]", 2379), ("etcd-0.fleet.test", 2380)]
+    assert (found.prefix, found.ttl) == ("/f", 5.0)
+    for url in (
+        "etcd://",
+        "etcd://host",
+        "etcd://host:0",
+        "etcd://host:65536",
+        "etcd://host:12a",
+        "etcd://user@host:1",
+        "etcd://host:1/path",
+        "etcd://-host:1",
+        "etcd://[::zz]:1",
+        "etcd://a:1,,b:2",
+        "http://host:1",
+        "zookeeper://host:1",
+        "mem://",
+        "mem://a/b",
+        "host:2379",
+    ):
+        with pytest.raises(ConfigError):
+            open_discovery(url)
+    with pytest.raises(ConfigError):
+        open_discovery("etcd://h:1", prefix="no-slash")
+    with pytest.raises(ConfigError):
+        open_discovery(None, servers=["ftp://x.test"])
+    # aetcd (and gRPC) are imported for etcd:// alone
+    probe = (
+        "import sys; from modeldepot.discovery import open_discovery; "
+        "open_discovery(None, servers=['http://a.test']); open_discovery('mem://x'); "
+        "print(sorted(m for m in ('aetcd', 'grpc') if m in sys.modules))"
+    )
+    answer = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert answer.stdout.strip() == "[]"

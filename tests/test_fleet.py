@@ -1,0 +1,544 @@
+"""The fleet end to end: a real etcd (tests/etcdserver.py) and real ``modeldepot serve --cluster`` processes on
+loopback; CLI commands run as processes of their own, as an operator would run them.
+
+- membership: nodes join and see each other; a SIGKILLed node leaves within its lease; a clean stop leaves
+  at once; an etcd outage is survived (health says so, the nodes re-register, and what was published
+  during it shows after);
+- pulls through the fleet: a private repo pulled with the node token alone (no Hub), refused without it,
+  and no repo or file name ever in etcd; a pull with the registry down (from the last known holders, or
+  the Hub);
+- holdings that follow CLI imports, pulls (chunk by chunk), ``gc --partials`` and ``rm`` on a served store.
+
+Nothing waits by sleeping: every wait is bounded and polls its condition (``wait_until``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aetcd  # type: ignore[import-untyped]
+import pytest
+from aiohttp import ClientSession, web
+from click.testing import CliRunner
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from conftest import (
+    SMALL_CHUNK,
+    BackgroundServer,
+    LiveNode,
+    flip_byte,
+    free_port,
+    wait_for_port,
+    wait_until,
+    write_model_dir,
+)
+from etcdserver import EtcdServer
+from modeldepot import Depot, __version__
+from modeldepot.cli import cli
+from modeldepot.config import DepotConfig
+from modeldepot.errors import ConfigError
+from modeldepot.server import create_app
+from modeldepot.server.connections import NodeRunner
+from modeldepot.server.fleet import NodeFleet
+from modeldepot.server.openapi import openapi_document
+
+API = "/api/depot/v1"
+TTL = 10.0  # the lease TTL of etcd:// (discovery)
+TOKEN = "fleet-secret"
+GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+
+
+def weights(seed: int, chunks: int) -> bytes:
+    return random.Random(seed).randbytes(chunks * SMALL_CHUNK - 5)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """The environment of every process a test starts: small chunks, a Hub where nothing listens (unless
+    a test gives one), no token unless given."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "MODELDEPOT_TOKEN", "HF_TOKEN")}
+    env.update(MODELDEPOT_CHUNK_SIZE=str(SMALL_CHUNK), HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+               PYTHONUNBUFFERED="1")  # fmt: skip
+    env.update(extra)
+    return env
+
+
+def modeldepot(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``modeldepot ARGS`` as a process of its own."""
+    done = subprocess.run([sys.executable, "-m", "modeldepot", *args], env=env, capture_output=True, text=True,
+                          timeout=90)  # fmt: skip
+    if check:
+        assert done.returncode == 0, f"modeldepot {' '.join(args)} exited {done.returncode}:\n{done.stderr}"
+    return done
+
+
+class Node:
+    """``modeldepot serve --cluster`` in a process of its own, its log in a file."""
+
+    def __init__(self, home: Path, cluster: str, token: str | None = None, *extra: str) -> None:
+        self.home, self.cluster, self.token = home, cluster, token
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = home.with_suffix(".log")
+        env = base_env(**({"MODELDEPOT_TOKEN": token} if token else {}))
+        argv = [sys.executable, "-m", "modeldepot", "serve", "--home", str(home), "--port", str(self.port),
+                "--cluster", cluster, "--scrub-interval", "off", *extra]  # fmt: skip
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        self.id = ""
+
+    def ready(self) -> Node:
+        wait_for_port(self.port, 60, process=self.process)
+        self.id = self.get("/info")["id"]
+        return self
+
+    def get(self, route: str, token: bool = True) -> Any:
+        request = urllib.request.Request(self.url + API + route)
+        if token and self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200
+            return json.loads(answer.read())
+
+    def health(self) -> dict[str, Any]:
+        cluster: dict[str, Any] = self.get("/health", token=False)["cluster"]  # no token needed, ever
+        return cluster
+
+    def peer_ids(self) -> set[str]:
+        return {row["node_id"] for row in self.get("/peers")}
+
+    def row(self, node_id: str) -> dict[str, Any] | None:
+        return next((row for row in self.get("/peers") if row["node_id"] == node_id), None)
+
+    def kill(self, sig: signal.Signals = signal.SIGKILL) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(60)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class Fleet:
+    """An etcd, and the nodes a test starts (all stopped at its end)."""
+
+    def __init__(self, root: Path, etcd: EtcdServer) -> None:
+        self.root = root
+        self.etcd = etcd
+        self.nodes: list[Node] = []
+
+    def node(self, name: str, token: str | None = None, *extra: str) -> Node:
+        node = Node(self.root / name, self.etcd.cluster, token, *extra)
+        self.nodes.append(node)
+        return node
+
+    def peers_cli(self, *extra: str) -> list[dict[str, Any]]:
+        done = modeldepot("peers", "--cluster", self.etcd.cluster, "--json", "--home", str(self.root / "cli"),
+                          *extra, env=base_env())  # fmt: skip
+        rows: list[dict[str, Any]] = json.loads(done.stdout)
+        return rows
+
+    def dump(self) -> dict[bytes, bytes]:
+        """Every key and value in etcd, read with a raw client."""
+
+        async def read() -> dict[bytes, bytes]:
+            client = aetcd.Client("127.0.0.1", self.etcd.client_port, timeout=5)
+            try:
+                return {kv.key: kv.value for kv in await client.get_all()}
+            finally:
+                await client.close()
+
+        return asyncio.run(read())
+
+    def holdings(self, node_id: str, prefix: str = "/modeldepot") -> dict[str, dict[str, Any]]:
+        """What etcd says ``node_id`` holds, by SHA-256."""
+        root, tail = f"{prefix}/holdings/".encode(), f"/{node_id}".encode()
+        return {
+            key[len(root) :].split(b"/")[0].decode(): json.loads(value)
+            for key, value in self.dump().items()
+            if key.startswith(root) and key.endswith(tail)
+        }
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, etcd_server: EtcdServer) -> Iterator[Fleet]:
+    fleet = Fleet(tmp_path, etcd_server)
+    yield fleet
+    fleet.close()
+
+
+DOCUMENT_URI = "urn:modeldepot:openapi"
+
+
+def assert_documented(route: str, body: Any) -> None:
+    """``body`` matches what the OpenAPI document says ``GET route`` answers with 200."""
+    document = openapi_document(__version__)
+    registry = Registry().with_resource(
+        DOCUMENT_URI, Resource.from_contents(document, default_specification=DRAFT202012)
+    )
+    pointer = f"/paths/{(API + route).replace('/', '~1')}/get/responses/200/content/application~1json/schema"
+    Draft202012Validator({"$ref": f"{DOCUMENT_URI}#{pointer}"}, registry=registry).validate(body)
+
+
+# -- settings, without a fleet ----------------------------------------------------------------------------
+
+
+def test_cluster_settings_are_checked_at_the_edge(tmp_path: Path) -> None:
+    env = {"MODELDEPOT_HOME": str(tmp_path)}
+    config = DepotConfig.from_env({**env, "MODELDEPOT_CLUSTER": "etcd://10.0.0.1:2379,[::1]:2380",
+                                   "MODELDEPOT_CLUSTER_PREFIX": "/fleets/prod/"})  # fmt: skip
+    assert (config.cluster, config.cluster_prefix) == ("etcd://10.0.0.1:2379,[::1]:2380", "/fleets/prod")
+    assert DepotConfig.from_env(env).cluster is None
+    for bad in ("http://h:2379", "etcd://h", "etcd://h:99999", "etcd://", "etcd://h:1/x", "h:2379"):
+        with pytest.raises(ConfigError, match="cluster"):
+            DepotConfig.from_env({**env, "MODELDEPOT_CLUSTER": bad})
+    for bad_prefix in ("modeldepot", "/a b", "/../x", "/"):
+        with pytest.raises(ConfigError, match="prefix"):
+            DepotConfig.from_env({**env, "MODELDEPOT_CLUSTER_PREFIX": bad_prefix})
+    home = ["--home", str(tmp_path / "store")]
+    for argv in (["serve", "--cluster", "http://h:1"], ["serve", "--cluster", "etcd://h:1", "--advertise", "ftp://x"],
+                 ["pull", "acme/x", "--cluster", "nope"], ["peers", "--cluster-prefix", "x"]):  # fmt: skip
+        assert CliRunner().invoke(cli, [*argv, *home]).exit_code == 2, argv
+    no_cluster = CliRunner().invoke(
+        cli, ["serve", "--advertise", "http://h:1", *home], env={"MODELDEPOT_CLUSTER": ""}
+    )
+    assert no_cluster.exit_code == 2 and "--advertise needs a cluster" in no_cluster.stderr
+    refused = CliRunner().invoke(cli, ["peers", *home], env={"MODELDEPOT_CLUSTER": ""})
+    assert refused.exit_code == 2 and "no cluster" in refused.stderr
+
+
+# -- in one process, through the mem:// registry ----------------------------------------------------------
+
+
+class InProcessNode:
+    """A node (the production app) with its fleet on a mem:// registry, on a background loop."""
+
+    def __init__(self, depot: Depot, cluster: str) -> None:
+        self.fleet = NodeFleet(depot, cluster, "/modeldepot", interval=0.05)
+        fleet = self.fleet
+
+        runner = NodeRunner(create_app(depot, fleet=fleet))
+
+        async def join() -> None:
+            await fleet.start()
+            await fleet.register(f"http://127.0.0.1:{int(runner.addresses[0][1])}")
+
+        self.server = BackgroundServer(runner, "fleet-node", on_start=join, on_stop=fleet.close)
+        self.url = self.server.url
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def test_holders_found_by_content_get_the_scan_nodes_chunk_digests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull finds every live node that holds a file's content (here one that holds it under another repo)
+    in the fleet's view, without asking any node; their blob route is checked against the chunk digests
+    the scan node's manifest gave for the same content."""
+    cluster = f"mem://fleet-{uuid.uuid4().hex[:12]}"
+    big = weights(1, 12)
+    files = {".gitattributes": GITATTRIBUTES, "config.json": b"{}", "model.safetensors": big}
+    with (
+        Depot(tmp_path / "a", chunk_size=SMALL_CHUNK) as a_depot,
+        Depot(tmp_path / "c", chunk_size=SMALL_CHUNK) as c_depot,
+    ):
+        a_depot.import_dir(write_model_dir(tmp_path / "src-a", files), "acme/model")
+        c_depot.import_dir(write_model_dir(tmp_path / "src-c", {"w.safetensors": big}), "other/base")
+        a, c = InProcessNode(a_depot, cluster), InProcessNode(c_depot, cluster)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # no Hub
+            with Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b:
+                assert b.fleet is not None
+                wait_until(lambda: {r.node_id: r.blobs for r in b.peers()} == {a_depot.store_id: 3, c_depot.store_id: 1},
+                           10, "both nodes and their holdings in the view")  # fmt: skip
+                manifest = b.scan_repo("acme/model")
+                assert manifest.endpoint == a.url  # the scan found the repo on a live peer
+                chain = b.chain
+
+                async def holders() -> dict[str, Any]:
+                    async with ClientSession() as http:
+                        return await chain.holders(http, manifest, SMALL_CHUNK, list(manifest.files))
+
+                found = asyncio.run(holders())
+                by_url = {s.source.base_url: s for s in found["model.safetensors"]}
+                assert set(by_url) == {a.url, c.url}
+                assert by_url[c.url].url == f"{c.url}{API}/blobs/{sha(big)}"
+                assert by_url[c.url].chunk_blake3 == by_url[a.url].chunk_blake3 is not None
+                assert [s.source.base_url for s in found["config.json"]] == [
+                    a.url
+                ]  # no LFS digest: the scan node
+                result = b.pull("acme/model")
+                assert set(result.sources) == {a.url, c.url}
+                assert bytes(b.get_file("acme/model", "model.safetensors")) == big
+                # The node's own holdings follow what this depot now holds once it serves: not here (it does
+                # not register), so the fleet is still the two nodes.
+                assert {r.node_id for r in b.peers()} == {a_depot.store_id, c_depot.store_id}
+        finally:
+            c.stop()
+            a.stop()
+
+
+# -- with etcd and real processes --------------------------------------------------------------------------
+
+
+def test_nodes_join_see_each_other_leave_and_ride_out_an_etcd_outage(fleet: Fleet, tmp_path: Path) -> None:
+    nodes = [fleet.node(name) for name in ("a", "b", "c")]
+    a, b, c = (node.ready() for node in nodes)
+    ids = {a.id, b.id, c.id}
+    wait_until(lambda: a.peer_ids() == ids and b.peer_ids() == ids and c.peer_ids() == ids, 15,
+               "the three nodes to see each other")  # fmt: skip
+
+    rows = fleet.peers_cli()
+    assert [row["node_id"] for row in rows] == sorted(ids)
+    assert {row["node_id"]: row["url"] for row in rows} == {n.id: n.url for n in nodes}
+    for row in rows:
+        assert row["version"] == __version__ and row["blobs"] == row["bytes"] == row["partial"] == 0
+        assert row["started_at"] <= row["last_seen"] <= time.time() + 1
+    health = a.health()
+    assert (
+        health["backend"] == "etcd" and health["connected"] and health["registered"] and health["peers"] == 3
+    )
+    assert_documented("/health", a.get("/health"))
+    assert_documented("/peers", a.get("/peers"))
+
+    c.kill()  # SIGKILL: no goodbye; its lease runs out
+    killed = time.monotonic()
+    wait_until(lambda: a.peer_ids() == {a.id, b.id}, TTL + 5, "the killed node to leave the fleet")
+    assert time.monotonic() - killed <= TTL + 5
+    assert {row["node_id"] for row in fleet.peers_cli()} == {a.id, b.id}
+
+    fleet.etcd.kill()  # an outage
+    wait_until(lambda: not a.health()["connected"], 20, "health to show the outage")
+    cluster = a.health()
+    assert cluster["last_error"] and not cluster["registered"] and cluster["since"] <= time.time()
+    assert a.peer_ids() == {a.id, b.id}, "the last known view stays"
+    unreachable = modeldepot("peers", "--cluster", fleet.etcd.cluster, "--home", str(tmp_path / "cli"),
+                             env=base_env(), check=False)  # fmt: skip
+    assert unreachable.returncode == 1 and "cannot be reached" in unreachable.stderr
+    # What b's store gains during the outage is published when etcd is back.
+    during = {"model.safetensors": weights(2, 3), "config.json": b'{"during": "outage"}'}
+    modeldepot("import", str(write_model_dir(tmp_path / "during", during)), "--repo", "acme/during", "--home",
+               str(b.home), env=base_env())  # fmt: skip
+
+    fleet.etcd.start()  # same data, same ports
+    wait_until(lambda: all(n.health()["registered"] for n in (a, b)), 20, "both nodes to be registered again")
+    wait_until(
+        lambda: (a.row(b.id) or {}).get("blobs") == 2, 15, "a to see what b imported during the outage"
+    )
+    assert set(fleet.holdings(b.id)) == {sha(data) for data in during.values()}
+    row = a.row(b.id)
+    assert row is not None and (row["bytes"], row["partial"]) == (sum(len(d) for d in during.values()), 0)
+    said = ("the registry cannot be reached", "the registry answers again")  # at a's next look, within 1 s
+    wait_until(
+        lambda: all(line in a.log_text() for line in said), 5, "a's log to tell of the outage and its end"
+    )
+
+    assert b.kill(signal.SIGTERM) == 0  # a clean stop: b leaves at once, not when its lease runs out
+    keys = fleet.dump()
+    assert not [k for k in keys if b.id.encode() in k], "a stopped node's keys are withdrawn"
+    assert any(a.id.encode() in k for k in keys)
+
+
+def test_a_private_repo_comes_through_the_fleet_with_the_node_token_alone(
+    fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo, big = "acme/secret-model", weights(3, 8)
+    files = {
+        ".gitattributes": GITATTRIBUTES,
+        "config.json": b'{"model_type": "bert"}',
+        "model.safetensors": big,
+    }
+    with Depot(tmp_path / "a", chunk_size=SMALL_CHUNK) as a_depot:
+        a_depot.import_dir(write_model_dir(tmp_path / "src", files), repo, private=True)
+    with Depot(tmp_path / "c", chunk_size=SMALL_CHUNK) as c_depot:  # the same weights, under a public repo
+        c_depot.import_dir(write_model_dir(tmp_path / "src-c", {"w.safetensors": big}), "other/base")
+    a, c = fleet.node("a", TOKEN), fleet.node("c", TOKEN)
+    a.ready(), c.ready()
+    assert a.health()["registered"]  # health needs no token on a node that has one
+    wait_until(lambda: len(fleet.holdings(a.id)) == 3 and len(fleet.holdings(c.id)) == 1, 15,
+               "both nodes' holdings in etcd", interval=0.1)  # fmt: skip
+
+    pulled = modeldepot(
+        "pull",
+        repo,
+        "--cluster",
+        fleet.etcd.cluster,
+        "--home",
+        str(tmp_path / "b"),
+        "--json",
+        env=base_env(MODELDEPOT_TOKEN=TOKEN),
+    )  # the Hub (HF_ENDPOINT) has nothing listening
+    assert set(json.loads(pulled.stdout)["sources"]) == {a.url, c.url}, "the weights' holders came from etcd"
+    with Depot(tmp_path / "b") as b_depot:
+        for path, data in files.items():
+            assert bytes(b_depot.get_file(repo, path)) == data
+        assert b_depot.repo_info(repo).private  # what was private stays behind the token here too
+
+    refused = modeldepot("pull", repo, "--cluster", fleet.etcd.cluster, "--home", str(tmp_path / "d"),
+                         env=base_env(), check=False)  # fmt: skip
+    assert refused.returncode == 1 and "MODELDEPOT_TOKEN" in refused.stderr
+    with Depot(tmp_path / "d") as d_depot:
+        assert d_depot.list_repos() == []
+    everything = b"\n".join(key + b" " + value for key, value in fleet.dump().items())
+    for name in (
+        b"acme",
+        b"secret-model",
+        b"model.safetensors",
+        b"config.json",
+        b"other/base",
+        b"w.safetensors",
+    ):
+        assert name not in everything, f"{name!r} reached etcd"
+
+    # etcd goes down: a pulling process pulls from its last view of the fleet...
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MODELDEPOT_TOKEN", TOKEN)
+    with Depot(tmp_path / "e", chunk_size=SMALL_CHUNK, cluster=fleet.etcd.cluster) as e_depot:
+        assert e_depot.fleet is not None and {r.node_id for r in e_depot.peers()} == {a.id, c.id}
+        fleet.etcd.kill()
+        assert set(e_depot.pull(repo).sources) == {a.url, c.url}
+        assert bytes(e_depot.get_file(repo, "model.safetensors")) == big
+    # ...and one that starts during the outage finds no fleet, and pulls from the Hub.
+    with Depot(tmp_path / "hub", chunk_size=SMALL_CHUNK) as hub_depot:
+        hub_depot.import_dir(write_model_dir(tmp_path / "src-hub", {"config.json": b"{}", "w.bin": big[:1000]}),
+                             "acme/public")  # fmt: skip
+        hub = LiveNode(hub_depot)
+        try:
+            began = time.monotonic()
+            done = modeldepot("pull", "acme/public", "--cluster", fleet.etcd.cluster, "--home", str(tmp_path / "f"),
+                              "--json", env=base_env(HF_ENDPOINT=hub.url))  # fmt: skip
+            assert json.loads(done.stdout)["sources"] == [hub.url]
+            assert time.monotonic() - began < 30
+        finally:
+            hub.stop()
+
+
+class GatedHub:
+    """A Hub look-alike: a real node behind a proxy that holds back the chunks of one file from byte
+    ``hold_from`` on, until :meth:`release`."""
+
+    def __init__(self, upstream: str, path: str, hold_from: int) -> None:
+        self.upstream, self.path, self.hold_from = upstream, path, hold_from
+        self.held = 0
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._gate: asyncio.Event | None = None
+
+        async def on_start() -> None:
+            self._gate = asyncio.Event()
+            self._http = ClientSession(auto_decompress=False)
+
+        async def on_stop() -> None:
+            assert self._gate is not None
+            self._gate.set()
+            await self._http.close()
+
+        self.server = BackgroundServer(web.AppRunner(app), "gated-hub", on_start=on_start, on_stop=on_stop)
+        self.url = self.server.url
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        assert self._gate is not None
+        start = int(request.headers.get("Range", "bytes=0-").removeprefix("bytes=").split("-")[0] or 0)
+        if "/resolve/" in request.path and request.path.endswith("/" + self.path) and start >= self.hold_from:
+            self.held += 1
+            await self._gate.wait()
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("range", "accept-encoding")}
+        async with self._http.request(request.method, self.upstream + request.path_qs, headers=headers,
+                                      allow_redirects=False) as answer:  # fmt: skip
+            body = await answer.read()
+            kept = {k: v for k, v in answer.headers.items()
+                    if k.lower() not in ("transfer-encoding", "connection", "content-encoding", "content-length")}  # fmt: skip
+            return web.Response(status=answer.status, body=body, headers=kept)
+
+    def release(self) -> None:
+        gate = self._gate
+        assert gate is not None
+        self.server.loop.call_soon_threadsafe(gate.set)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def test_holdings_follow_cli_imports_pulls_gc_and_rm_on_a_served_store(fleet: Fleet, tmp_path: Path) -> None:
+    prefix = "/fleets/test"
+    a = fleet.node("a", None, "--cluster-prefix", prefix).ready()
+    home = ["--home", str(a.home)]
+
+    def held() -> dict[str, dict[str, Any]]:
+        return fleet.holdings(a.id, prefix)
+
+    one = {"model.safetensors": weights(4, 3), "config.json": b'{"one": 1}'}
+    modeldepot(
+        "import", str(write_model_dir(tmp_path / "one", one)), "--repo", "acme/one", *home, env=base_env()
+    )
+    ones = {sha(data) for data in one.values()}
+    wait_until(lambda: set(held()) == ones, 10, "the import's contents in etcd", interval=0.1)
+    assert all(h["complete"] and h["chunks_done"] == h["chunks"] for h in held().values())
+
+    big = weights(5, 12)
+    two = {".gitattributes": GITATTRIBUTES, "config.json": b'{"two": 2}', "model.safetensors": big}
+    with Depot(tmp_path / "hub-store", chunk_size=SMALL_CHUNK) as hub_depot:
+        hub_depot.import_dir(write_model_dir(tmp_path / "two", two), "acme/two")
+        node = LiveNode(hub_depot)
+        hub = GatedHub(node.url, "model.safetensors", 4 * SMALL_CHUNK)  # chunks 0-3 pass, the rest wait
+        try:
+            env = base_env(HF_ENDPOINT=hub.url)
+            argv = [sys.executable, "-m", "modeldepot", "pull", "acme/two", *home]
+            pulling = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:  # the CLI's download is the node's: it advertises the verified chunks
+                wait_until(lambda: held().get(sha(big), {}).get("chunks_done") == 4, 20,
+                           "the download's 4 verified chunks in etcd", pulling, interval=0.1)  # fmt: skip
+            finally:
+                pulling.kill()
+                pulling.communicate()
+            assert held()[sha(big)] == {"size": len(big), "complete": False, "chunks_done": 4, "chunks": 12}
+
+            modeldepot("gc", "--partials", *home, env=base_env())  # drops the interrupted download
+            wait_until(lambda: sha(big) not in held(), 10, "the dropped download to leave etcd", interval=0.1)
+
+            hub.release()
+            modeldepot("pull", "acme/two", *home, env=env)
+            twos = {sha(data) for data in two.values()}
+            wait_until(lambda: set(held()) == ones | twos, 10, "the pulled contents in etcd", interval=0.1)
+            assert held()[sha(big)] == {"size": len(big), "complete": True, "chunks_done": 12, "chunks": 12}
+        finally:
+            hub.stop()
+            node.stop()
+
+    modeldepot("rm", "acme/one", "--yes", *home, env=base_env())
+    wait_until(lambda: set(held()) == twos, 10, "the removed repo's contents to leave etcd", interval=0.1)
+    assert (a.row(a.id) or {}).get("blobs") == 3
+
+    with Depot(a.home) as a_depot:  # rot: verify quarantines the blob, and the node stops offering it
+        flip_byte(a_depot.store.blobs.path(sha(big)), 5)
+    assert modeldepot("verify", *home, env=base_env(), check=False).returncode == 1
+    wait_until(
+        lambda: set(held()) == twos - {sha(big)}, 10, "the quarantined blob to leave etcd", interval=0.1
+    )
+    assert not [k for k in fleet.dump() if k.startswith(b"/modeldepot/")], "everything is under the prefix"
