@@ -54,8 +54,9 @@ from modeldepot.store.verified import VerifiedBlob
 
 if TYPE_CHECKING:  # the transfer machinery (aiohttp, huggingface_hub) loads on the first pull, not at
     # import: a worker that only loads engines starts 0.3 s sooner
-    from modeldepot.transfer.chain import BackgroundFleet, FleetView, PeerRow, SourceChain
+    from modeldepot.transfer.chain import SourceChain
     from modeldepot.transfer.download import Limits
+    from modeldepot.transfer.fleet import BackgroundFleet, FleetView, PeerRow
     from modeldepot.transfer.pull import PartialWatch, PullProgress, PullResult
 from modeldepot.validation import is_commit_id, validate_path, validate_repo_id, validate_revision
 
@@ -306,7 +307,7 @@ class Depot:
             or self._fleet_managed
         ):
             return self._fleet
-        from modeldepot.transfer.chain import BackgroundFleet
+        from modeldepot.transfer.fleet import BackgroundFleet
 
         with self._fleet_lock:
             if self._fleet is None and not self._fleet_failed and not self._fleet_managed:

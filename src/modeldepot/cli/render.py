@@ -23,7 +23,7 @@ from rich.table import Table
 
 from modeldepot.hub.manifest import Manifest
 from modeldepot.store import DiskUsage, GcReport, RemoveResult, RepoInfo, RepoSummary, VerifyReport
-from modeldepot.transfer.chain import PeerRow
+from modeldepot.transfer.fleet import PeerRow
 from modeldepot.transfer.pull import PullUpdate
 
 __all__ = [

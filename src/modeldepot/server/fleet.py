@@ -30,7 +30,7 @@ from modeldepot.discovery.base import ClusterStatus, Discovery, Holding, NodeRec
 from modeldepot.hashing import chunk_count
 from modeldepot.store.partials import PartialState
 from modeldepot.store.store import Store
-from modeldepot.transfer.chain import FleetView, PeerRow
+from modeldepot.transfer.fleet import FleetView, PeerRow
 
 __all__ = ["FLEET", "PUBLISH_INTERVAL", "HoldingsReader", "NodeFleet", "advertised_url"]
 

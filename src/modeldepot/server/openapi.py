@@ -25,7 +25,7 @@ from modeldepot.store.access import ModelAccess
 from modeldepot.store.maintenance import StoreTotals
 from modeldepot.store.manifests import STATUSES
 from modeldepot.store.models import BlobRecord, FileEntry, RepoSummary
-from modeldepot.transfer.chain import PeerRow
+from modeldepot.transfer.fleet import PeerRow
 
 __all__ = ["ComponentSchemas", "openapi_document"]
 

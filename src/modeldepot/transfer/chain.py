@@ -20,12 +20,8 @@ add its own to a node.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
-import threading
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -34,12 +30,7 @@ from huggingface_hub import get_token
 
 from modeldepot.config import DepotConfig
 from modeldepot.discovery.base import (
-    ClusterStatus,
-    Discovery,
-    Holder,
     Holding,
-    NodeRecord,
-    ViewDiscovery,
     validate_node_url,
 )
 from modeldepot.errors import AccessDeniedError, DepotError, InvalidInputError, NotFoundError, UpstreamError
@@ -47,195 +38,17 @@ from modeldepot.hashing import chunk_count
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.hub.scan import fetch_repo
 from modeldepot.transfer.download import FileSource
+from modeldepot.transfer.fleet import FleetView
 from modeldepot.transfer.sources import HttpSource, RetryPolicy
 from modeldepot.validation import from_upstream, validate_blake3
 
-__all__ = ["BackgroundFleet", "FleetView", "PeerRow", "Scan", "SourceChain"]
+__all__ = ["Scan", "SourceChain"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 NODE_API = "/api/depot/v1"
-FLEET_READ_TIMEOUT = 10.0  # seconds a read of the fleet's view may wait for the loop it lives on
-FLEET_START_TIMEOUT = 30.0  # seconds a pulling process waits for its view of the fleet to load
-
-
-@dataclass(frozen=True)
-class PeerRow:
-    """One live node of the fleet, as ``modeldepot peers`` and ``GET /api/depot/v1/peers`` show it."""
-
-    node_id: str
-    url: str
-    version: str
-    started_at: float
-    last_seen: float  # the last moment this process's view knew the node alive (FleetView.rows)
-    blobs: int  # contents it holds whole
-    bytes: int  # their size
-    partial: int  # contents it is downloading (or holds part of, for a resume)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class FleetView:
-    """A started :class:`Discovery`, read from any thread. A :class:`ViewDiscovery` (every backend) is read
-    where the caller runs (its view is guarded by a lock); any other discovery is read on its own loop: at
-    once from that loop, else handed to it and waited for. After :meth:`detach` (the discovery is
-    closing) reads answer as an empty fleet."""
-
-    def __init__(
-        self, discovery: Discovery, loop: asyncio.AbstractEventLoop, node_id: str | None = None
-    ) -> None:
-        self.discovery = discovery
-        self.loop = loop
-        self.node_id = node_id  # this node's id when it registered itself (shown like any other peer)
-        self._detached = False
-
-    def detach(self) -> None:
-        self._detached = True
-
-    def read(self, what: Callable[[Discovery], T], default: T) -> T:
-        """``what(discovery)``, where it may run (see the class); ``default`` once the view is detached or
-        its loop is gone (a closing process pulls on without the fleet)."""
-        if self._detached:
-            return default
-        if isinstance(self.discovery, ViewDiscovery) or _running_loop() is self.loop:
-            return what(self.discovery)
-        try:
-            return self._submit(what).result(FLEET_READ_TIMEOUT)
-        except (RuntimeError, concurrent.futures.TimeoutError) as error:
-            log.warning(
-                "the fleet's view did not answer (%s): going on without it", error or type(error).__name__
-            )
-            return default
-
-    async def read_async(self, what: Callable[[Discovery], T], default: T) -> T:
-        """:meth:`read` for a coroutine, which may run on another loop: it waits without blocking its own."""
-        if self._detached:
-            return default
-        if isinstance(self.discovery, ViewDiscovery) or _running_loop() is self.loop:
-            return what(self.discovery)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(self._submit(what)), FLEET_READ_TIMEOUT)
-        except (RuntimeError, asyncio.TimeoutError) as error:
-            log.warning(
-                "the fleet's view did not answer (%s): going on without it", error or type(error).__name__
-            )
-            return default
-
-    def _submit(self, what: Callable[[Discovery], T]) -> concurrent.futures.Future[T]:
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def run() -> None:
-            if not future.set_running_or_notify_cancel():
-                return
-            try:
-                future.set_result(what(self.discovery))
-            except BaseException as error:  # handed to the waiting thread
-                future.set_exception(error)
-
-        self.loop.call_soon_threadsafe(run)  # RuntimeError when the loop is closed
-        return future
-
-    def peers(self) -> list[NodeRecord]:
-        return self.read(lambda d: d.peers(), [])
-
-    def status(self) -> ClusterStatus | None:
-        return self.read(lambda d: d.status(), None)
-
-    def rows(self, now: float | None = None) -> list[PeerRow]:
-        """One row per live node, with what it holds.
-
-        ``last_seen``: the view is kept by a watch on the registry, and a node's record lives as long as its
-        lease, so while the view is connected every node in it is known alive now (``now``); while it is not,
-        the view is as old as the connection's loss (``status().since``), the last moment each node was
-        known alive."""
-
-        def collect(d: Discovery) -> list[PeerRow]:
-            status = d.status()
-            moment = time.time() if now is None else now
-            seen = moment if status.connected else (status.since or moment)
-            rows = []
-            for node in d.peers():
-                held = d.holdings_of(node.node_id).values()
-                whole = [h for h in held if h.complete]
-                rows.append(PeerRow(node.node_id, node.url, node.version, node.started_at, seen, len(whole),
-                                    sum(h.size for h in whole), len(held) - len(whole)))  # fmt: skip
-            return rows
-
-        return self.read(collect, [])
-
-    async def holders(self, digests: Iterable[str]) -> dict[str, list[Holder]]:
-        """The live nodes holding each content (by SHA-256), from the view."""
-        wanted = list(dict.fromkeys(digests))
-        return await self.read_async(lambda d: {sha: d.holders(sha) for sha in wanted}, {})
-
-
-class BackgroundFleet(FleetView):
-    """A read-only view of the fleet for a process that pulls (the CLI, a program's :class:`Depot`): the
-    discovery runs on an event loop of its own, on a daemon thread, and never registers this process."""
-
-    def __init__(
-        self, discovery: Discovery, loop: asyncio.AbstractEventLoop, thread: threading.Thread
-    ) -> None:
-        super().__init__(discovery, loop)
-        self._thread = thread
-
-    @classmethod
-    def open(cls, url: str | None, prefix: str, servers: Iterable[str] = (),
-             timeout: float = FLEET_START_TIMEOUT) -> BackgroundFleet:  # fmt: skip
-        """Connect and load the view (an unreachable registry is no error: the view is empty, and says so
-        in its status)."""
-        from modeldepot.discovery import open_discovery
-
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="modeldepot-fleet", daemon=True)
-        thread.start()
-
-        async def started() -> Discovery:
-            discovery = open_discovery(url, servers=tuple(servers), prefix=prefix)
-            try:
-                await discovery.start()
-            except BaseException:
-                await discovery.close()
-                raise
-            return discovery
-
-        future = asyncio.run_coroutine_threadsafe(started(), loop)
-        try:
-            discovery = future.result(timeout)
-        except BaseException:
-            future.cancel()
-            _stop_loop(loop, thread)
-            raise
-        return cls(discovery, loop, thread)
-
-    def close(self) -> None:
-        """Disconnect (it registered nothing, so nothing is withdrawn) and stop the thread."""
-        if self._detached:
-            return
-        self.detach()
-        try:
-            asyncio.run_coroutine_threadsafe(self.discovery.close(), self.loop).result(FLEET_READ_TIMEOUT)
-        except Exception as error:  # closing a connection that broke: nothing is left to undo
-            log.debug("closing the fleet's view: %s", error)
-        finally:
-            _stop_loop(self.loop, self._thread)
-
-
-def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(FLEET_READ_TIMEOUT)
-    if not thread.is_alive():
-        loop.close()
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 def _node_url(url: object) -> str | None:
