@@ -164,6 +164,29 @@ def flip_byte(path: Path, offset: int) -> None:
         handle.write(bytes([old[0] ^ 0xFF]))
 
 
+def write_partial(depot: Depot, data: bytes, chunks: list[int]) -> str:
+    """A download of ``data`` in progress, as a pull leaves it: its partial claimed through the store's own
+    API, ``chunks`` written and logged (each with its BLAKE3), then released unfinished. Returns its SHA-256."""
+    import hashlib
+
+    import blake3
+
+    from modeldepot.hashing import chunk_span
+
+    sha256 = hashlib.sha256(data).hexdigest()
+    chunk_size = depot.chunk_size
+    partial = depot.store.partials.claim(sha256, len(data), chunk_size, wait=False)
+    assert partial is not None
+    try:
+        for index in chunks:
+            offset, length = chunk_span(index, len(data), chunk_size)
+            piece = memoryview(data)[offset : offset + length]
+            partial.write_chunk(index, piece, blake3.blake3(piece).hexdigest())
+    finally:
+        partial.release(completed=False)
+    return sha256
+
+
 async def cancel_other_tasks() -> None:
     """Cancel every task of the running loop but this one (connections left open) and wait for them."""
     import asyncio

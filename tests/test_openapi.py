@@ -20,7 +20,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 import modeldepot
-from conftest import SMALL_CHUNK, LiveNode, flip_byte, sample_files, write_model_dir
+from conftest import SMALL_CHUNK, LiveNode, flip_byte, sample_files, write_model_dir, write_partial
 from modeldepot import Depot
 from modeldepot.server import create_app
 from modeldepot.server.openapi import ComponentSchemas, openapi_document
@@ -205,7 +205,21 @@ def test_every_route_answers_as_the_document_says(nodes: tuple[LiveNode, LiveNod
     call(open_node, f"{API}/repos/{{org}}/{{name}}/manifest", 400, org="-acme")
     call(open_node, f"{API}/blobs/{{sha256}}", 206, {"Range": "bytes=10-19"})
     call(open_node, f"{API}/blobs/{{sha256}}", 416, {"Range": f"bytes={len(BIG)}-"})
-    for route in (f"{API}/blobs/{{sha256}}", f"{API}/blobs/{{sha256}}/chunks/{{index}}"):
+    # A file still downloading (chunk 0 of 3 logged): served to the token alone, by Range, chunk by chunk.
+    in_progress = write_partial(depot, bytes(range(251)) * 700, [0])
+    partial = {"sha256": in_progress}
+    held = call(guarded, f"{API}/blobs/{{sha256}}/chunks", 200, AUTH, **partial)
+    assert json.loads(held.body)["complete"] is False
+    assert call(guarded, f"{API}/blobs/{{sha256}}", 206, {**AUTH, "Range": "bytes=0-9"}, **partial).body
+    call(guarded, f"{API}/blobs/{{sha256}}", 404, {**AUTH, "Range": f"bytes={SMALL_CHUNK}-"}, **partial)
+    call(guarded, f"{API}/blobs/{{sha256}}/chunks/{{index}}", 200, AUTH, index="0", **partial)
+    call(guarded, f"{API}/blobs/{{sha256}}/chunks/{{index}}", 404, AUTH, index="1", **partial)
+    call(open_node, f"{API}/blobs/{{sha256}}/chunks", 404, **partial)
+    for route in (
+        f"{API}/blobs/{{sha256}}",
+        f"{API}/blobs/{{sha256}}/chunks",
+        f"{API}/blobs/{{sha256}}/chunks/{{index}}",
+    ):
         call(open_node, route, 404, sha256=hashlib.sha256(b"nowhere").hexdigest())
         call(open_node, route, 400, sha256="g" * 64)
     call(open_node, f"{API}/blobs/{{sha256}}/chunks/{{index}}", 400, index=str(10**6))
@@ -213,6 +227,7 @@ def test_every_route_answers_as_the_document_says(nodes: tuple[LiveNode, LiveNod
     flip_byte(depot.store.blobs.path(BIG_SHA), 3)  # last: the blob is quarantined from now on
     call(open_node, f"{API}/blobs/{{sha256}}", 503)
     call(open_node, f"{API}/blobs/{{sha256}}/chunks/{{index}}", 503, index="0")
+    call(open_node, f"{API}/blobs/{{sha256}}/chunks", 503)
 
     documented = {
         (path, status)

@@ -27,6 +27,7 @@ EXPECTED = {
     "RepoNotFoundError": (404, "RepoNotFound"),
     "RevisionNotFoundError": (404, "RevisionNotFound"),
     "EntryNotFoundError": (404, "EntryNotFound"),
+    "ChunkNotAvailableError": (404, "ChunkNotAvailable"),
     "SourceDirectoryError": (404, "NotFound"),
     "IntegrityError": (502, "UpstreamIntegrity"),
     "CorruptBlobError": (503, "CorruptFile"),
@@ -48,6 +49,7 @@ def _instance(cls: type[errors.DepotError]) -> errors.DepotError:
         "RevisionNotFoundError": ("acme/x", "main"),
         "EntryNotFoundError": ("acme/x", "main", "a.bin"),
         "CorruptBlobError": ("0" * 64, "chunk 0"),
+        "ChunkNotAvailableError": ("0" * 64, 3, "not downloaded yet"),
         "UpstreamDataError": ("http://up", "commit id", "bad"),
     }
     return cls(*arguments.get(cls.__name__, ("why",)))

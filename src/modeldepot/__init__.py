@@ -9,6 +9,7 @@ from modeldepot.config import DepotConfig
 from modeldepot.depot import Depot, MappedFile
 from modeldepot.errors import (
     AccessDeniedError,
+    ChunkNotAvailableError,
     ConfigError,
     CorruptBlobError,
     DepotError,
@@ -46,6 +47,7 @@ from modeldepot.store import (
 
 __all__ = [
     "AccessDeniedError",
+    "ChunkNotAvailableError",
     "ConfigError",
     "CorruptBlobError",
     "Depot",

@@ -13,6 +13,7 @@ HTTP status in one place each::
     │   ├── RepoNotFoundError
     │   ├── RevisionNotFoundError
     │   ├── EntryNotFoundError (FileNotFoundError)
+    │   ├── ChunkNotAvailableError               a chunk of a download in progress this node cannot serve yet
     │   └── SourceDirectoryError (FileNotFoundError)
     ├── IntegrityError                           bytes that do not match their digests     → exit 1
     │   └── CorruptBlobError                     a quarantined or damaged blob: never served
@@ -133,6 +134,16 @@ class EntryNotFoundError(NotFoundError, FileNotFoundError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class ChunkNotAvailableError(NotFoundError):
+    """A chunk of a download in progress that the node cannot serve (yet): not downloaded, or its bytes
+    do not match the BLAKE3 its log names (the line landed before the bytes). Another source may have it."""
+
+    def __init__(self, sha256: str, index: int, detail: str) -> None:
+        super().__init__(f"chunk {index} of {sha256[:16]}… is not available here: {detail}")
+        self.sha256 = sha256
+        self.index = index
 
 
 class SourceDirectoryError(NotFoundError, FileNotFoundError):

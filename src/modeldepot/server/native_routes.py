@@ -1,17 +1,21 @@
 """The node's own API for peers and tools, under ``/api/depot/v1``; described at ``/api/depot/v1/openapi.json``.
 
 Blobs are addressed by SHA-256, so a peer that knows a file's digest (from a manifest, or from the Hub's
-LFS oid) can fetch it, a range of it, or one verified chunk of it, whichever repo it came from.
+LFS oid) can fetch it, a range of it, or one verified chunk of it, whichever repo it came from. A node also
+serves the verified chunks of a file it is still downloading (to requests with its token only), and says
+which chunks it has (``blobs/{sha256}/chunks``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
@@ -20,13 +24,18 @@ from aiohttp.web_request import BaseRequest
 
 from modeldepot._version import __version__
 from modeldepot.depot import Depot
-from modeldepot.errors import InvalidInputError, NotFoundError, RepoNotFoundError
+from modeldepot.errors import ChunkNotAvailableError, InvalidInputError, NotFoundError, RepoNotFoundError
+from modeldepot.hashing import chunk_count
 from modeldepot.hub.manifest import Manifest
 from modeldepot.server.context import DEPOT, is_authorized
 from modeldepot.server.fleet import FLEET
 from modeldepot.server.openapi import WITHHELD_PRELOAD, openapi_document
+from modeldepot.server.ranges import RangeNotSatisfiable
 from modeldepot.server.responses import json_response, send_blob
+from modeldepot.server.views import wanted_range
 from modeldepot.store.maintenance import totals as store_totals
+from modeldepot.store.models import BlobRecord
+from modeldepot.store.verified import PartialChunkReader
 from modeldepot.validation import validate_repo_id, validate_revision
 
 __all__ = ["API", "HEALTH_PATH", "add_native_routes"]
@@ -174,27 +183,112 @@ async def events(request: web.Request) -> web.StreamResponse:
     return EventStream(_depot(request), is_authorized(request), request.app[STOPPING])
 
 
+async def _held_blob(request: web.Request) -> BlobRecord | None:
+    """The complete blob the request names; None when the store lacks it but the request may be answered
+    from a download in progress (it carries the node's token). Raises NotFoundError otherwise."""
+    authorized = is_authorized(request)
+    try:
+        return await asyncio.to_thread(
+            _depot(request).store.blob, request.match_info["sha256"], public_only=not authorized
+        )
+    except NotFoundError:
+        if not authorized:
+            raise  # partials belong to no repo yet (a private one, maybe): never shown without the token
+        return None
+
+
+async def _open_partial(request: web.Request) -> PartialChunkReader:
+    sha256 = request.match_info["sha256"]
+    reader = await asyncio.to_thread(_depot(request).store.partials.open_chunks, sha256)
+    if reader is None:
+        raise NotFoundError(f"blob {sha256} is not in the store")
+    return reader
+
+
 async def read_blob(request: web.Request) -> web.StreamResponse:
     depot = _depot(request)
-    blob = await asyncio.to_thread(
-        depot.store.blob, request.match_info["sha256"], public_only=not is_authorized(request)
-    )
+    blob = await _held_blob(request)
+    if blob is None:
+        return await _read_partial(request, await _open_partial(request))
     reader = await asyncio.to_thread(depot.open_verified, blob)
     return await send_blob(request, reader, blob.sha256, {"X-Chunk-Size": str(blob.chunk_size)}, hub=False)
 
 
+async def _read_partial(request: web.Request, reader: PartialChunkReader) -> web.StreamResponse:
+    """A Range inside the logged chunks of a download in progress: 206, each chunk checked before it is
+    sent. No Range (the whole file: only a complete blob is that), or one touching a chunk the log does not
+    name, is a 404 ``ChunkNotAvailable``; so is a first chunk whose bytes fail their BLAKE3 (a later one
+    cuts the connection, as for a complete blob)."""
+    sha256 = reader.blob.sha256
+    headers = {"X-Chunk-Size": str(reader.chunk_size)}
+    try:
+        wanted = wanted_range(request, reader.size, sha256, hub=False)
+    except RangeNotSatisfiable:
+        return await send_blob(request, reader, sha256, headers, hub=False)  # the 416
+    try:
+        if wanted is None:
+            raise ChunkNotAvailableError(sha256, 0, "the file is still downloading: ask for a Range")
+        missing = [i for i in reader.chunks_of(wanted.start, wanted.end) if not reader.logged(i)]
+        if missing:
+            raise ChunkNotAvailableError(sha256, missing[0], "it has not been downloaded yet")
+    except BaseException:
+        reader.close()
+        raise
+    return await send_blob(request, reader, sha256, headers, hub=False)
+
+
 async def read_chunk(request: web.Request) -> web.StreamResponse:
-    """One chunk, verified against its BLAKE3 before a byte leaves: a corrupt chunk is a 503, never data."""
+    """One chunk, verified against its BLAKE3 before a byte leaves: a corrupt chunk is a 503, never data;
+    a chunk of a download in progress that is not there (or fails its check) a 404 ``ChunkNotAvailable``."""
     depot = _depot(request)
-    blob = await asyncio.to_thread(
-        depot.store.blob, request.match_info["sha256"], public_only=not is_authorized(request)
-    )
+    blob = await _held_blob(request)
     raw = request.match_info["index"]
     if not _INDEX.fullmatch(raw):
         raise InvalidInputError(f"chunk index {raw[:40]!r} is not a decimal number")
-    view, digest = await asyncio.to_thread(depot.store.verified_chunk, blob, int(raw))
-    headers = {"ETag": f'"{digest}"', "X-Chunk-Blake3": digest, "X-Chunk-Size": str(blob.chunk_size)}
+    if blob is None:
+        with await _open_partial(request) as partial:
+            digest = await asyncio.to_thread(partial.check, int(raw))
+            view, chunk_size = partial.view(int(raw)), partial.chunk_size
+    else:
+        view, digest = await asyncio.to_thread(depot.store.verified_chunk, blob, int(raw))
+        chunk_size = blob.chunk_size
+    headers = {"ETag": f'"{digest}"', "X-Chunk-Blake3": digest, "X-Chunk-Size": str(chunk_size)}
     return web.Response(body=view, headers=headers, content_type="application/octet-stream")
+
+
+def bitfield(held: Iterable[int], count: int) -> str:
+    """Chunks as a bitfield, base64: chunk ``i`` is bit ``i % 8`` of byte ``i // 8``, counting from the most
+    significant bit; ``ceil(count / 8)`` bytes, the bits past ``count`` zero."""
+    field = bytearray(-(-count // 8))
+    for index in held:
+        field[index // 8] |= 0x80 >> (index % 8)
+    return base64.b64encode(bytes(field)).decode("ascii")
+
+
+async def chunk_map(request: web.Request) -> web.Response:
+    """Which chunks the node has of a blob: all of a complete one; of a download in progress (to requests
+    with the token), those its log names, each checked again when it is read."""
+    blob = await _held_blob(request)
+    if blob is not None:
+        size, chunk_size, complete = blob.size, blob.chunk_size, True
+        count = chunk_count(size, chunk_size)
+        held: Iterable[int] = range(count)
+    else:
+        sha256 = request.match_info["sha256"]
+        log = await asyncio.to_thread(_depot(request).store.partials.read_log, sha256)
+        if log is None:
+            raise NotFoundError(f"blob {sha256} is not in the store")
+        size, chunk_size, count, complete = log.size, log.chunk_size, log.chunks, False
+        held = log.logged
+    return json_response(
+        {
+            "sha256": request.match_info["sha256"],
+            "size": size,
+            "chunk_size": chunk_size,
+            "complete": complete,
+            "chunks": bitfield(held, count),
+        }
+    )
 
 
 async def inventory(request: web.Request) -> web.Response:
@@ -269,6 +363,7 @@ def add_native_routes(app: web.Application) -> None:
     app.router.add_get(API + "/repos/{org}/{name}/manifest", pull_manifest)
     app.router.add_get(f"{API}/events", events)
     app.router.add_get(API + "/blobs/{sha256}", read_blob)
+    app.router.add_get(API + "/blobs/{sha256}/chunks", chunk_map)
     app.router.add_get(API + "/blobs/{sha256}/chunks/{index}", read_chunk)
     app.router.add_get(f"{API}/inventory", inventory)
     app.router.add_get(f"{API}/stats", stats)

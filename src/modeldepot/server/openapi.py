@@ -359,7 +359,10 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/api/depot/v1/blobs/{sha256}": {
                 "get": {
                     "operationId": "readBlob",
-                    "description": "The blob's bytes; one Range per request (206), 416 when unsatisfiable.",
+                    "description": "The blob's bytes; one Range per request (206), 416 when unsatisfiable. "
+                    "With the token, a Range inside the chunks of a file the node is still downloading is "
+                    "answered too (206); a request for it without a Range, or touching a chunk the node lacks "
+                    "or whose bytes fail their check, is a 404 with X-Error-Code ChunkNotAvailable.",
                     "parameters": [
                         blob_param,
                         {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"}},
@@ -372,10 +375,36 @@ def openapi_document(version: str) -> dict[str, Any]:
                     },
                 }
             },
+            "/api/depot/v1/blobs/{sha256}/chunks": {
+                "get": {
+                    "operationId": "chunkMap",
+                    "description": "Which chunks the node has: every one of a complete blob; of a file it is "
+                    "still downloading (to requests with the token only), those its download log names. "
+                    "`chunks` is a bitfield in base64: chunk i is bit i % 8 of byte i // 8, most significant "
+                    "bit first, ceil(n / 8) bytes for n chunks.",
+                    "parameters": [blob_param],
+                    "responses": {
+                        "200": _json(
+                            _closed(
+                                {
+                                    "sha256": _SHA256,
+                                    "size": {"type": "integer", "minimum": 0},
+                                    "chunk_size": {"type": "integer", "minimum": 1},
+                                    "complete": {"type": "boolean"},
+                                    "chunks": {"type": "string", "contentEncoding": "base64"},
+                                }
+                            )
+                        ),
+                        **errors(400, 401, 404, 503),
+                    },
+                }
+            },
             "/api/depot/v1/blobs/{sha256}/chunks/{index}": {
                 "get": {
                     "operationId": "readChunk",
-                    "description": "One chunk; its BLAKE3 digest is in X-Chunk-Blake3.",
+                    "description": "One chunk; its BLAKE3 digest is in X-Chunk-Blake3. A chunk of a file the "
+                    "node is still downloading (with the token) that it lacks, or whose bytes fail their "
+                    "check, is a 404 with X-Error-Code ChunkNotAvailable.",
                     "parameters": [blob_param, _path_param("index", {"type": "integer", "minimum": 0})],
                     "responses": {"200": blob_bytes, **errors(400, 401, 404, 503)},
                 }

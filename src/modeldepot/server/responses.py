@@ -12,6 +12,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
 from modeldepot.errors import (
+    ChunkNotAvailableError,
     CorruptBlobError,
     DepotError,
     EntryNotFoundError,
@@ -65,7 +66,7 @@ class BlobResponse(web.StreamResponse):
                 raise ConnectionResetError("connection lost")
             try:
                 await self._send_checked(transport, writer)
-            except CorruptBlobError as error:
+            except (CorruptBlobError, ChunkNotAvailableError) as error:
                 log.error("stopped sending %s: %s", request.path, error)
                 transport.close()  # a truncated body, never a complete wrong one
                 raise ConnectionResetError(str(error)) from None
@@ -98,6 +99,8 @@ class BlobResponse(web.StreamResponse):
     async def _send(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
                     writer: AbstractStreamWriter, offset: int, count: int) -> None:  # fmt: skip
         try:
+            if not self._reader.by_sendfile:
+                raise NotImplementedError  # a download in progress: sent from the bytes that were hashed
             await loop.sendfile(transport, self._reader.file, offset, count)
         except NotImplementedError:  # e.g. TLS transports: write from the mapping that was hashed
             index = offset // self._reader.chunk_size
@@ -176,6 +179,8 @@ def response_for_error(error: DepotError) -> web.Response:
     if isinstance(error, EntryNotFoundError):
         commit = {"X-Repo-Commit": error.commit_id} if error.commit_id else None
         return error_response(404, "EntryNotFound", f"Entry not found: {error.path}", commit)
+    if isinstance(error, ChunkNotAvailableError):
+        return error_response(404, "ChunkNotAvailable", str(error))
     if isinstance(error, NotFoundError):
         return error_response(404, "NotFound", str(error))
     if isinstance(error, CorruptBlobError):

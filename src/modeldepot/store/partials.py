@@ -35,13 +35,23 @@ from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.store.blobs import PartialBlob, start_writeback
 from modeldepot.store.layout import StoreLayout, os_error
 from modeldepot.store.locks import lock_is_held
+from modeldepot.store.models import BlobRecord
+from modeldepot.store.verified import PartialChunkReader
 
-__all__ = ["PARTIAL_MAX_AGE", "PartialFiles", "PartialState", "ResumablePartial", "partial_key"]
+__all__ = [
+    "PARTIAL_MAX_AGE",
+    "PartialFiles",
+    "PartialLog",
+    "PartialState",
+    "ResumablePartial",
+    "partial_key",
+]
 
 PARTIAL_MAX_AGE = 7 * 24 * 3600.0  # seconds an untouched, unlocked partial is kept for a resume by gc
 _HEADER = "modeldepot-partial 1 size={size} chunk={chunk}\n"
 _HEADER_LINE = re.compile(r"modeldepot-partial 1 size=([0-9]{1,19}) chunk=([0-9]{1,12})")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_BLAKE3 = re.compile(r"[0-9a-f]{64}")
 
 
 def partial_key(sha256: str | None, git_oid: str) -> str:
@@ -56,6 +66,22 @@ class PartialState:
     size: int
     chunk_size: int
     chunks_logged: int  # distinct chunks the log names (a resume checks each against its BLAKE3)
+
+    @property
+    def chunks(self) -> int:
+        return chunk_count(self.size, self.chunk_size)
+
+
+@dataclass(frozen=True)
+class PartialLog:
+    """A download's log read without its lock: the chunks it names, each with the BLAKE3 logged for it.
+    A claim, never proof: a line may reach the disk before its chunk's bytes (the module docstring), so
+    whoever reads a chunk checks it against its digest first (:class:`PartialChunkReader`)."""
+
+    sha256: str
+    size: int
+    chunk_size: int
+    logged: dict[int, str]  # chunk index -> BLAKE3 the log names (the last line for an index wins)
 
     @property
     def chunks(self) -> int:
@@ -204,10 +230,16 @@ class PartialFiles:
         """The download whose log is ``partials/<log_name>`` (a ``<sha256>.log``); None for another name, a
         log that is gone, or one without a valid header. Takes no lock: a reader may run beside the writer."""
         key = log_name[: -len(".log")] if log_name.endswith(".log") else ""
-        if not _SHA256.fullmatch(key):
-            return None  # git-<oid> keys name no SHA-256
+        log = self.read_log(key)
+        return None if log is None else PartialState(key, log.size, log.chunk_size, len(log.logged))
+
+    def read_log(self, sha256: str) -> PartialLog | None:
+        """The log of the download of ``sha256``, read without taking its lock (a pull may hold it); None
+        for a key that is no SHA-256 (``git-<oid>``), a log that is gone, or one without a valid header."""
+        if not _SHA256.fullmatch(sha256):
+            return None
         try:
-            text = self._paths(key).log.read_bytes().decode("ascii", "replace")
+            text = self._paths(sha256).log.read_bytes().decode("ascii", "replace")
         except (FileNotFoundError, IsADirectoryError):
             return None
         head, _, body = text.partition("\n")
@@ -216,12 +248,30 @@ class PartialFiles:
             return None
         size, chunk_size = int(match.group(1)), int(match.group(2))
         count = chunk_count(size, chunk_size)
-        logged = set()
+        logged: dict[int, str] = {}
         for line in body.split("\n"):
             index, _, digest = line.partition(" ")
-            if index.isascii() and index.isdigit() and int(index) < count and len(digest) == 64:
-                logged.add(int(index))
-        return PartialState(key, size, chunk_size, len(logged))
+            if index.isascii() and index.isdigit() and int(index) < count and _BLAKE3.fullmatch(digest):
+                logged[int(index)] = digest
+        return PartialLog(sha256, size, chunk_size, logged)
+
+    def open_chunks(self, sha256: str) -> PartialChunkReader | None:
+        """The download of ``sha256`` open for reading its logged chunks, each checked against its BLAKE3
+        when read (:class:`PartialChunkReader`); None when there is no such download. Takes no lock."""
+        log = self.read_log(sha256)
+        if log is None:
+            return None
+        try:
+            fd = os.open(self._paths(sha256).data, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None  # finished (or dropped) between the two reads
+        except OSError as error:
+            raise os_error(error, "opening a download's partial file") from error
+        try:
+            return PartialChunkReader(BlobRecord(sha256, log.size, log.chunk_size), fd, log.logged)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _paths(self, key: str) -> _Paths:
         stem = self.layout.partial_stem(key)

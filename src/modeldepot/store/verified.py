@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import io
 import mmap
+import os
+import threading
 from collections.abc import Callable
 
 import blake3
 
-from modeldepot.errors import CorruptBlobError, InvalidRangeError
+from modeldepot.errors import ChunkNotAvailableError, CorruptBlobError, InvalidRangeError
 from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.store.models import BlobRecord
 
-__all__ = ["VerifiedBlob"]
+__all__ = ["PartialChunkReader", "VerifiedBlob"]
 
 
 class VerifiedBlob:
@@ -30,6 +32,8 @@ class VerifiedBlob:
     ``file`` is a read-only file object over the blob (for ``sendfile``); :meth:`view` gives a chunk's
     bytes as a zero-copy view of the mapping that was hashed. Close it (or use it as a context manager).
     """
+
+    by_sendfile = True  # whether a sender may send a checked chunk from ``file`` (else from :meth:`view`)
 
     def __init__(
         self, blob: BlobRecord, fd: int, digests: list[str], quarantine: Callable[[str], object]
@@ -79,8 +83,7 @@ class VerifiedBlob:
         """Hash chunk ``index`` and compare it with its recorded BLAKE3; returns the digest. A mismatch
         quarantines the blob and raises CorruptBlobError. Blocks for a few milliseconds: call it from a
         worker thread in async code (blake3 releases the GIL)."""
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.chunks:
-            raise InvalidRangeError(f"chunk index {index!r} is outside 0..{self.chunks - 1}")
+        self._check_index(index)
         expected = self._digests[index] if index < len(self._digests) else None
         with self.view(index) as data:
             actual = blake3.blake3(data).hexdigest()
@@ -88,6 +91,10 @@ class VerifiedBlob:
             self._quarantine(self.blob.sha256)
             raise CorruptBlobError(self.blob.sha256, f"chunk {index} does not match its BLAKE3 digest")
         return actual
+
+    def _check_index(self, index: int) -> None:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.chunks:
+            raise InvalidRangeError(f"chunk index {index!r} is outside 0..{self.chunks - 1}")
 
     def close(self) -> None:
         self.file.close()
@@ -98,3 +105,61 @@ class VerifiedBlob:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class PartialChunkReader(VerifiedBlob):
+    """The logged chunks of a download in progress (``partials/<sha256>.part``), read beside the process
+    that writes it, without its lock.
+
+    The log is appended without fsync and may name a chunk whose bytes never landed, so :meth:`check`
+    reads the chunk and hashes it against the BLAKE3 the log names before any byte may leave; a chunk the
+    log does not name, or whose bytes do not match, raises ChunkNotAvailableError (nothing is quarantined:
+    the pull fetches such a chunk again). Unlike a complete blob the file is neither mapped nor sent by
+    sendfile: the writer may truncate it (a claim that starts over), which would turn a read of a mapping
+    into SIGBUS, and a chunk is sent from the very bytes that were hashed (:meth:`view` hands them out
+    once), so what leaves is what was checked even if the file changes meanwhile.
+    """
+
+    by_sendfile = False
+
+    def __init__(self, blob: BlobRecord, fd: int, logged: dict[int, str]) -> None:
+        self.blob = blob
+        self.file = io.FileIO(fd, "rb", closefd=True)
+        self._logged = dict(logged)
+        self._checked: dict[int, bytes] = {}  # checked chunks not yet handed out (at most two in flight)
+        self._lock = threading.Lock()  # check() of the next chunk runs on a worker thread
+
+    def logged(self, index: int) -> bool:
+        """Whether the log names chunk ``index`` (a claim: :meth:`check` proves it)."""
+        return index in self._logged
+
+    def check(self, index: int) -> str:
+        """Read chunk ``index`` and compare it with its logged BLAKE3; returns the digest, and keeps the
+        bytes for :meth:`view`. Raises ChunkNotAvailableError when the chunk cannot be served."""
+        self._check_index(index)
+        expected = self._logged.get(index)
+        if expected is None:
+            raise ChunkNotAvailableError(self.blob.sha256, index, "it has not been downloaded yet")
+        offset, length = self.span(index)
+        try:
+            data = os.pread(self.file.fileno(), length, offset)
+        except OSError:
+            data = b""
+        if len(data) != length or blake3.blake3(data).hexdigest() != expected:
+            raise ChunkNotAvailableError(
+                self.blob.sha256, index, "its bytes on disk do not match the BLAKE3 its download logged"
+            )
+        with self._lock:
+            self._checked[index] = data
+        return expected
+
+    def view(self, index: int) -> memoryview:
+        """The bytes of chunk ``index`` that :meth:`check` hashed (each check gives them out once)."""
+        with self._lock:
+            data = self._checked.pop(index)
+        return memoryview(data)
+
+    def close(self) -> None:
+        self.file.close()
+        with self._lock:
+            self._checked.clear()

@@ -1,0 +1,200 @@
+"""A node serves the verified chunks of a file it is still downloading (to requests with its token), says
+which chunks it has, refuses a chunk it lacks with 404 ``ChunkNotAvailable``, and never serves a partial as
+a complete file (blob route without a Range, Hub routes)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import blake3
+import pytest
+
+from conftest import SMALL_CHUNK, LiveNode, flip_byte, write_model_dir, write_partial
+from modeldepot import Depot
+
+API = "/api/depot/v1"
+TOKEN = "s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+DATA = os.urandom(4 * SMALL_CHUNK + 1000)  # 5 chunks, the last short
+LOGGED = [0, 1, 3]  # chunks 2 and 4 not downloaded yet
+SHA = hashlib.sha256(DATA).hexdigest()
+
+
+def chunk(index: int) -> bytes:
+    return DATA[index * SMALL_CHUNK : (index + 1) * SMALL_CHUNK]
+
+
+def get(node: LiveNode, target: str, headers: dict[str, str] | None = None, method: str = "GET"
+        ) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+    connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
+    try:
+        connection.request(method, target, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def nodes(depot: Depot) -> Iterator[tuple[LiveNode, LiveNode]]:
+    """A node with a token and one without, over a store holding a download of DATA in progress."""
+    assert write_partial(depot, DATA, LOGGED) == SHA
+    guarded, open_node = LiveNode(depot, token=TOKEN), LiveNode(depot)
+    yield guarded, open_node
+    open_node.stop()
+    guarded.stop()
+
+
+def test_the_chunk_map_names_the_logged_chunks_of_a_partial_and_all_of_a_blob(
+    nodes: tuple[LiveNode, LiveNode], depot: Depot, tmp_path: Path
+) -> None:
+    guarded, _ = nodes
+    status, _, body = get(guarded, f"{API}/blobs/{SHA}/chunks", AUTH)
+    assert status == 200
+    answer = json.loads(body)
+    assert answer == {
+        "sha256": SHA,
+        "size": len(DATA),
+        "chunk_size": SMALL_CHUNK,
+        "complete": False,
+        "chunks": base64.b64encode(bytes([0b11010000])).decode(),
+    }
+
+    whole = os.urandom(8 * SMALL_CHUNK + 1)  # 9 chunks: two bytes of bitfield, seven bits of padding
+    depot.import_dir(write_model_dir(tmp_path / "src", {"w.bin": whole}), "acme/whole")
+    status, _, body = get(guarded, f"{API}/blobs/{hashlib.sha256(whole).hexdigest()}/chunks", AUTH)
+    assert status == 200
+    answer = json.loads(body)
+    assert answer["complete"] is True and answer["size"] == len(whole)
+    assert base64.b64decode(answer["chunks"]) == bytes([0xFF, 0x80])
+
+
+def test_ranges_inside_logged_chunks_are_served_byte_for_byte(nodes: tuple[LiveNode, LiveNode]) -> None:
+    guarded, _ = nodes
+    for first, last in [(5, 99), (SMALL_CHUNK - 10, SMALL_CHUNK + 10), (0, 2 * SMALL_CHUNK - 1),
+                        (3 * SMALL_CHUNK, 4 * SMALL_CHUNK - 1)]:  # fmt: skip
+        status, headers, body = get(guarded, f"{API}/blobs/{SHA}", {**AUTH, "Range": f"bytes={first}-{last}"})
+        assert status == 206, (first, last, body[:200])
+        assert body == DATA[first : last + 1]
+        assert headers["Content-Range"] == f"bytes {first}-{last}/{len(DATA)}"
+        assert headers["X-Chunk-Size"] == str(SMALL_CHUNK)
+        assert headers["ETag"] == f'"{SHA}"'
+    status, headers, body = get(guarded, f"{API}/blobs/{SHA}/chunks/1", AUTH)
+    assert status == 200 and body == chunk(1)
+    assert headers["X-Chunk-Blake3"] == blake3.blake3(chunk(1)).hexdigest()
+
+
+def test_a_chunk_not_downloaded_is_refused_and_the_partial_is_never_whole(
+    nodes: tuple[LiveNode, LiveNode],
+) -> None:
+    guarded, _ = nodes
+    refusals = [
+        (f"{API}/blobs/{SHA}", {"Range": f"bytes={2 * SMALL_CHUNK - 1}-{2 * SMALL_CHUNK}"}, "GET"),  # 1 and 2
+        (f"{API}/blobs/{SHA}", {"Range": "bytes=-10"}, "GET"),  # the last chunk, 4
+        (f"{API}/blobs/{SHA}", {}, "GET"),  # the whole file: only a complete blob is that
+        (f"{API}/blobs/{SHA}", {}, "HEAD"),  # what the source chain asks a node that may hold content
+        (f"{API}/blobs/{SHA}/chunks/2", {}, "GET"),
+    ]
+    for target, headers, method in refusals:
+        status, answer, body = get(guarded, target, {**AUTH, **headers}, method)
+        assert (status, answer.get("X-Error-Code")) == (404, "ChunkNotAvailable"), (target, headers, method)
+        assert chunk(1)[-16:] not in body and chunk(2)[:16] not in body
+    status, answer, _ = get(guarded, f"{API}/blobs/{SHA}", {**AUTH, "Range": f"bytes={len(DATA)}-"})
+    assert status == 416 and answer["Content-Range"] == f"bytes */{len(DATA)}"
+
+
+def test_a_logged_chunk_whose_bytes_are_wrong_is_not_sent(
+    nodes: tuple[LiveNode, LiveNode], depot: Depot
+) -> None:
+    guarded, _ = nodes
+    part = depot.store.layout.partials / f"{SHA}.part"
+    flip_byte(part, 3 * SMALL_CHUNK + 7)
+    for target, headers in [(f"{API}/blobs/{SHA}", {"Range": f"bytes={3 * SMALL_CHUNK}-{3 * SMALL_CHUNK + 99}"}),
+                            (f"{API}/blobs/{SHA}/chunks/3", {})]:  # fmt: skip
+        status, answer, body = get(guarded, target, {**AUTH, **headers})
+        assert (status, answer.get("X-Error-Code")) == (404, "ChunkNotAvailable"), target
+        assert DATA[3 * SMALL_CHUNK + 8 : 3 * SMALL_CHUNK + 40] not in body
+    # A line that reached the log before its bytes reached the disk: claimed, refused when read.
+    with open(depot.store.layout.partials / f"{SHA}.log", "a") as log:
+        log.write(f"2 {blake3.blake3(chunk(2)).hexdigest()}\n")
+    status, _, body = get(guarded, f"{API}/blobs/{SHA}/chunks", AUTH)
+    assert base64.b64decode(json.loads(body)["chunks"]) == bytes([0b11110000])
+    status, answer, _ = get(guarded, f"{API}/blobs/{SHA}/chunks/2", AUTH)
+    assert (status, answer.get("X-Error-Code")) == (404, "ChunkNotAvailable")
+    # A bad chunk after the first of a range: the headers went, the body is cut, never complete.
+    flip_byte(part, SMALL_CHUNK + 3)
+    connection = http.client.HTTPConnection("127.0.0.1", guarded.port, timeout=60)
+    try:
+        connection.request(
+            "GET", f"{API}/blobs/{SHA}", headers={**AUTH, "Range": f"bytes=0-{2 * SMALL_CHUNK - 1}"}
+        )
+        response = connection.getresponse()
+        assert response.status == 206
+        with pytest.raises(http.client.IncompleteRead) as cut:
+            response.read()
+        assert cut.value.partial == chunk(0)  # the good chunk, then nothing of the bad one
+    finally:
+        connection.close()
+    assert depot.store.partials.read_log(SHA) is not None  # nothing quarantined, the pull may fix it
+
+
+def test_partials_are_served_only_with_the_token(nodes: tuple[LiveNode, LiveNode]) -> None:
+    guarded, open_node = nodes
+    nowhere = hashlib.sha256(b"nowhere").hexdigest()
+    for suffix, headers in [("", {"Range": "bytes=0-9"}), ("/chunks", {}), ("/chunks/0", {})]:
+        status, _, _ = get(guarded, f"{API}/blobs/{SHA}{suffix}", headers)
+        assert status == 401
+        answers = []
+        for digest in (SHA, nowhere):
+            status, answer, body = get(open_node, f"{API}/blobs/{digest}{suffix}", headers)
+            answers.append((status, answer.get("X-Error-Code"), body.replace(digest.encode(), b"<digest>")))
+        assert answers[0] == answers[1] == (404, "NotFound", answers[1][2]), suffix
+        assert SHA[:16].encode() not in answers[0][2].replace(b"<digest>", b"")
+
+
+def test_a_partial_is_served_beside_the_pull_that_holds_it(depot: Depot) -> None:
+    """The partial's lock held (as by a pulling process): the node reads its log and chunks without it."""
+    data = os.urandom(3 * SMALL_CHUNK)
+    sha256 = hashlib.sha256(data).hexdigest()
+    partial = depot.store.partials.claim(sha256, len(data), SMALL_CHUNK, wait=False)
+    assert partial is not None
+    node = LiveNode(depot, token=TOKEN)
+    try:
+        partial.write_chunk(1, memoryview(data)[SMALL_CHUNK : 2 * SMALL_CHUNK],
+                            blake3.blake3(data[SMALL_CHUNK : 2 * SMALL_CHUNK]).hexdigest())  # fmt: skip
+        status, _, body = get(node, f"{API}/blobs/{sha256}/chunks", AUTH)
+        assert status == 200 and base64.b64decode(json.loads(body)["chunks"]) == bytes([0b01000000])
+        status, _, body = get(node, f"{API}/blobs/{sha256}", {**AUTH, "Range": f"bytes={SMALL_CHUNK}-"
+                                                              f"{2 * SMALL_CHUNK - 1}"})  # fmt: skip
+        assert status == 206 and body == data[SMALL_CHUNK : 2 * SMALL_CHUNK]
+    finally:
+        node.stop()
+        partial.release(completed=False)
+
+
+def test_the_hub_routes_never_serve_a_partial(depot: Depot, tmp_path: Path) -> None:
+    """A repo at v1 and the download of its v2 weights in progress: resolve and raw answer v1's published
+    bytes, and a path only the new content would have is EntryNotFound, never partial bytes."""
+    v1 = os.urandom(2 * SMALL_CHUNK)
+    depot.import_dir(write_model_dir(tmp_path / "v1", {"weights.bin": v1, "config.json": b"{}"}), "acme/m")
+    write_partial(depot, DATA, LOGGED)
+    node = LiveNode(depot, token=TOKEN)
+    try:
+        for route in ("resolve", "raw"):
+            status, _, body = get(node, f"/acme/m/{route}/main/weights.bin", AUTH)
+            assert status == 200 and DATA[:32] not in body, route
+            assert body == v1 or route == "raw"  # raw sends an LFS file's pointer
+            for headers in ({}, {"Range": "bytes=0-99"}):
+                status, answer, body = get(node, f"/acme/m/{route}/main/weights-v2.bin", {**AUTH, **headers})
+                assert (status, answer.get("X-Error-Code")) == (404, "EntryNotFound"), (route, headers)
+                assert DATA[:32] not in body
+        status, _, _ = get(node, "/acme/other/resolve/main/weights.bin", AUTH)
+        assert status == 404
+    finally:
+        node.stop()
