@@ -172,7 +172,8 @@ class SourceChain:
                 if digests is not None and remote.sha256:
                     known.setdefault(remote.sha256, digests)
                 url = server.file_url(manifest.repo_id, manifest.commit_id, remote.path)
-                found.setdefault(remote.path, []).append(FileSource(server, url, digests))
+                origin = "node" if server in self.servers else "peer"
+                found.setdefault(remote.path, []).append(FileSource(server, url, digests, origin))
         if self.fleet is not None:
             await self._fleet_holders(files, found, known)
         by_content = [f for f in files if f.path not in found and f.sha256]
@@ -183,12 +184,14 @@ class SourceChain:
             )
             for (server, remote), blob_url in zip(probes, answers, strict=True):
                 if blob_url is not None:
-                    found.setdefault(remote.path, []).append(FileSource(server, blob_url))
+                    found.setdefault(remote.path, []).append(FileSource(server, blob_url, origin="node"))
         return found
 
     async def _fleet_holders(self, files: list[RemoteFile], found: dict[str, list[FileSource]],
                              known: dict[str, tuple[str, ...]]) -> None:  # fmt: skip
-        """Adds to ``found`` the live nodes whose holdings name a file's content whole (one read of the view)."""
+        """Adds to ``found`` the live nodes whose holdings name a file's content (one read of the view):
+        whole, or in part (a download in progress or kept for a resume, with at least one chunk done:
+        the transfer reads which chunks from the node's chunk map, and asks it for those alone)."""
         assert self.fleet is not None
         lfs = [f for f in files if f.sha256]
         if not lfs:
@@ -200,14 +203,18 @@ class SourceChain:
             have = {s.source.base_url.rstrip("/") for s in found.get(remote.path, [])}
             for holder in holders.get(sha256, []):
                 url = _node_url(holder.node.url)
-                if (not holder.holding.complete or holder.node.node_id == self.node_id or url is None
-                        or url in have or url == hub or not _whole(holder.holding, remote)):  # fmt: skip
+                if (holder.node.node_id == self.node_id or url is None or url in have or url == hub
+                        or holder.holding.size != remote.size
+                        or not (_whole(holder.holding, remote) or holder.holding.chunks_done > 0)):  # fmt: skip
                     continue
                 have.add(url)
                 configured = [s for s in self.servers if s.base_url.rstrip("/") == url]
                 source = configured[0] if configured else self._node(url)
+                blob = f"{url}{NODE_API}/blobs/{sha256}"
+                chunks_url = None if holder.holding.complete else f"{blob}/chunks"
+                origin = "node" if configured else "peer"
                 found.setdefault(remote.path, []).append(
-                    FileSource(source, f"{url}{NODE_API}/blobs/{sha256}", known.get(sha256))
+                    FileSource(source, blob, known.get(sha256), origin, chunks_url)
                 )
 
     def hub_source(self, manifest: Manifest, remote: RemoteFile) -> FileSource:

@@ -1,10 +1,20 @@
 """Downloading one file from one or more sources: chunk-aligned ranges in parallel, resumable, verified.
 
-Workers, a few per source, take the lowest chunk nobody has yet, fetch its range, check it against the
+Workers, a few per source (``Limits.per_source``), take among the chunks nobody has or fetches the one the
+fewest live sources hold (rarest first, ties to the lowest), fetch its range, check it against the
 source's BLAKE3 for that chunk when the source has one (a depot node does), and write it at its offset in
 the claimed partial (store/partials.py), logging it. A fast source simply takes more chunks than a slow
-one. A source that keeps failing is dropped for this file and its chunk goes back to the pool; a chunk
-that fails its digest is fetched from another source (or, with one source, once more).
+one. A source may hold the file in part (a fleet node still downloading it): its chunk map is read when it
+joins and again (at most every ``REFRESH_SECONDS``) when it has nothing left to give, and it is asked only
+for those chunks; a chunk it turns out to lack (404 ``ChunkNotAvailable``) goes back to the pool.
+
+Endgame: once every chunk left is in flight, an idle source asks for the one outstanding longest too;
+the first copy to land wins and the other request is cancelled, so a slow or stalled source never holds
+the last chunk. A source whose chunk fails its digest gets no chunk for ``BAN_SECONDS`` (unless it is the
+only holder left) and its other requests go back to the pool; the chunk is fetched from another source
+(or, with one source, up to ``MAX_CHUNK_ATTEMPTS`` times). A source that keeps failing (a stall past the
+read timeout, after retries) is dropped for this file; when no live source may be asked for the chunks
+left, the fallback (the Hub) joins.
 
 Memory is bounded by the connection limit, not by the number of files: a request takes a buffer slot
 (one of ``Limits.total``) and keeps it until its chunk has landed, so when landing falls behind the
@@ -21,8 +31,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import mmap
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import blake3
@@ -39,12 +51,18 @@ from modeldepot.errors import (
 from modeldepot.hashing import BlobDigest, BlobHasher, chunk_span, digest_bytes
 from modeldepot.hub.manifest import RemoteFile
 from modeldepot.store.partials import ResumablePartial
-from modeldepot.transfer.sources import HttpSource, RangeIgnoredError
+from modeldepot.transfer.sources import ChunkUnavailableError, HttpSource, RangeIgnoredError
 
 __all__ = ["FileSource", "Limits", "download_file"]
 
 MAX_CHUNK_ATTEMPTS = 3  # tries of one chunk that failed its digest before the file is given up
-BytesDone = Callable[[int], None]
+BAN_SECONDS = 30.0  # a source whose chunk failed its digest gets no chunk for so long (in this transfer)
+REFRESH_SECONDS = 2.0  # at most so often a partial holder's chunk map is read again
+ENDGAME_COPIES = 2  # requests for one chunk at most, in the endgame
+ENDGAME_WAIT = 1.0  # seconds a chunk is outstanding, at least, before the endgame asks another source too
+ENDGAME_FACTOR = 3.0  # ... and at least this many times the idle source's own time per chunk
+BytesDone = Callable[[int, str], None]
+"""Told ``(bytes, kind)`` for each chunk written: ``kind`` is its source's (:attr:`FileSource.kind`)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +72,12 @@ class FileSource:
     source: HttpSource
     url: str
     chunk_blake3: tuple[str, ...] | None = None
+    origin: str = ""  # "node" (configured), "peer" (found in the fleet), "hub"; default: the source's kind
+    chunks_url: str | None = None  # a holder of part of the file: where its chunk map is read
+
+    @property
+    def kind(self) -> str:
+        return self.origin or self.source.kind
 
 
 @dataclass
@@ -90,7 +114,7 @@ async def download_file(
     """Complete ``partial`` with ``remote``'s bytes and return their digests, checked against upstream.
 
     ``fallback`` is asked once for more sources when every source given has failed (the chain's last
-    resort, the Hub). ``on_bytes`` is called with the size of each chunk as it is written.
+    resort, the Hub). ``on_bytes`` is called with the size of each chunk as it is written, and its source's kind.
     """
     if remote.size == 0:
         digest = digest_bytes(b"", partial.chunk_size)
@@ -100,16 +124,37 @@ async def download_file(
     return await job.run(sources)
 
 
+@dataclass(eq=False)
+class _Request:
+    """One request for a chunk: who serves it, since when, and its task (cancelled when another lands it)."""
+
+    source: FileSource
+    started: float
+    task: asyncio.Task[bool] | None = None
+    landing: bool = False  # its bytes are in (or it streams the whole file): never cancelled then
+
+
 class _FileJob:
     def __init__(self, http: aiohttp.ClientSession, remote: RemoteFile, partial: ResumablePartial,
                  limits: Limits, fallback: Callable[[], list[FileSource]] | None,
                  on_bytes: BytesDone | None) -> None:  # fmt: skip
         self.http, self.remote, self.partial, self.limits = http, remote, partial, limits
         self.fallback, self.on_bytes = fallback, on_bytes
-        self.in_flight: set[int] = set()
+        self.requests: dict[int, list[_Request]] = {}  # chunk -> its requests in flight (two in the endgame)
+        self.tasks: set[asyncio.Task[bool]] = set()
+        self.landing: set[int] = set()  # chunks being written
         self.bad: dict[int, set[str]] = {}  # chunk -> sources whose bytes failed its digest
         self.attempts: dict[int, int] = {}
         self.live: list[FileSource] = []
+        self.workers: list[asyncio.Task[None]] = []
+        self.have: dict[FileSource, frozenset[int] | None] = {}  # chunks a source can serve (None: all)
+        self.refused: dict[FileSource, set[int]] = {}  # chunks a partial holder said it lacks
+        self.refreshed: dict[FileSource, float] = {}  # when a partial holder's chunk map was last read
+        self.refreshing: set[FileSource] = set()
+        self.banned: dict[FileSource, float] = {}  # source -> until when it gets no chunk (monotonic)
+        self.timing: dict[
+            FileSource, tuple[float, int]
+        ] = {}  # seconds spent on the chunks landed, and how many
         self.errors: dict[str, Exception] = {}  # source -> why it was dropped
         # Woken on every change (a chunk landed, a request ended, a source dropped). A waiter takes the
         # current event *before* it looks at the state, so a change between its look and its wait is
@@ -119,28 +164,32 @@ class _FileJob:
         self.whole_body = False
         self.low = 0  # the lowest chunk that may not be done yet
 
+    @property
+    def in_flight(self) -> set[int]:
+        return set(self.requests)
+
     async def run(self, sources: list[FileSource]) -> BlobDigest:
-        workers: list[asyncio.Task[None]] = []
         hasher = asyncio.create_task(self._hash_in_order())
         try:
-            self._start(sources, workers)
+            await self._start(sources)
             if not self.live:
-                await self._fall_back(workers)
+                await self._fall_back()
             while not hasher.done():
-                finished, _ = await asyncio.wait([hasher, *workers], return_when=asyncio.FIRST_COMPLETED)
+                finished, _ = await asyncio.wait([hasher, *self.workers], return_when=asyncio.FIRST_COMPLETED)
                 for task in finished:
                     if task is not hasher and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
-                workers = [w for w in workers if not w.done()]
+                self.workers = [w for w in self.workers if not w.done()]
                 if self.failure is not None:
                     raise self.failure
-                if not workers and self._work_left():
-                    await self._fall_back(workers)
+                if not self.workers and self._work_left():
+                    await self._fall_back()
             digest = hasher.result()
         finally:
-            for task in [hasher, *workers]:
+            tasks: list[asyncio.Task[Any]] = [hasher, *self.workers, *self.tasks]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(hasher, *workers, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
         try:
             _check(self.remote, digest)
         except IntegrityError:
@@ -148,40 +197,103 @@ class _FileJob:
             raise
         return digest
 
-    def _start(self, sources: list[FileSource], workers: list[asyncio.Task[None]]) -> None:
+    async def _start(self, sources: list[FileSource]) -> None:
+        """Sources join: a partial holder once its chunk map is read (it serves only those chunks)."""
         for source in sources:
-            self.live.append(source)
-            for _ in range(self.limits.per_source):
-                workers.append(asyncio.create_task(self._work(source)))
+            self.have[source] = None if source.chunks_url is None else frozenset()
+        self.live.extend(sources)
+        await asyncio.gather(*(self._refresh(s) for s in sources if s.chunks_url is not None))
+        self._spawn(sources)
 
-    async def _fall_back(self, workers: list[asyncio.Task[None]]) -> None:
+    def _spawn(self, sources: list[FileSource]) -> None:
+        for source in sources:
+            if source in self.live:
+                for _ in range(self.limits.per_source):
+                    self.workers.append(asyncio.create_task(self._work(source)))
+
+    async def _fall_back(self) -> None:
         extra = self.fallback() if self.fallback is not None else []
         self.fallback = None
         if extra:
-            self._start(extra, workers)
-            return
+            await self._start(extra)
+            if self.live:
+                return
         reasons = "; ".join(f"{name}: {why}" for name, why in self.errors.items()) or "no source holds it"
         kinds = {type(error) for error in self.errors.values()}
         kind = kinds.pop() if len(kinds) == 1 else UpstreamError
+        if kind is ChunkUnavailableError:
+            kind = NotFoundError
         if not issubclass(kind, (NotFoundError, AccessDeniedError, IntegrityError, UpstreamTimeoutError)):
             kind = UpstreamError  # one cause everywhere (missing, refused, corrupt) is worth keeping
         raise kind(f"{self.remote.path}: could not download it ({reasons})", path=self.remote.path)
 
     # -- choosing chunks --------------------------------------------------------------------------------
 
-    def _pick(self, source: FileSource) -> int | None:
-        live_names = {s.source.name for s in self.live}
-        while self.low in self.partial.done:  # below it every chunk is done: no scan from 0 per pick
+    def _holds(self, source: FileSource, index: int) -> bool:
+        have = self.have.get(source)
+        return have is None or index in have
+
+    def _is_banned(self, source: FileSource, now: float) -> bool:
+        return self.banned.get(source, 0.0) > now
+
+    def _may_take(self, source: FileSource, index: int, now: float) -> bool:
+        """Whether ``source`` may be asked for chunk ``index``: it holds it; it did not fail its digest
+        (unless every live holder did, and tries are left); it is not banned (unless no live holder that
+        is not banned has the chunk: one source alone is asked again)."""
+        if not self._holds(source, index):
+            return False
+        failed_by = self.bad.get(index)
+        if failed_by and source.source.name in failed_by:
+            holders = {s.source.name for s in self.live if self._holds(s, index)}
+            if not holders <= failed_by or self.attempts.get(index, 0) >= MAX_CHUNK_ATTEMPTS:
+                return False
+        if self._is_banned(source, now):
+            return not any(
+                s is not source and not self._is_banned(s, now) and self._holds(s, index) for s in self.live
+            )
+        return True
+
+    def _pick(self, source: FileSource) -> tuple[int | None, float | None]:
+        """The chunk ``source`` fetches next: among those nobody has or fetches, the one the fewest live
+        sources hold (rarest first; ties: the lowest). When every chunk left is in flight (the endgame),
+        the one outstanding longest that it may take, unless it has two requests already, once it has
+        been outstanding long enough (ENDGAME_WAIT, and ENDGAME_FACTOR times this source's time per chunk:
+        a healthy pull fetches every chunk once). With no chunk, the seconds until the endgame may take
+        one (None: only a change will tell)."""
+        done, chunks, now = self.partial.done, self.partial.chunks, time.monotonic()
+        while self.low in done:  # below it every chunk is done: no scan from 0 per pick
             self.low += 1
-        for index in range(self.low, self.partial.chunks):
-            if index in self.partial.done or index in self.in_flight:
+        partial_maps = [m for s in self.live if (m := self.have.get(s)) is not None]
+        complete = len(self.live) - len(partial_maps)
+        best, best_count, free = None, 0, False
+        for index in range(self.low, chunks):
+            if index in done or index in self.requests:
                 continue
-            failed_by = self.bad.get(index, set())
-            if source.source.name not in failed_by:
-                return index
-            if live_names <= failed_by and self.attempts.get(index, 0) < MAX_CHUNK_ATTEMPTS:
-                return index  # every source failed it: let this one try again
-        return None
+            free = True
+            if not self._may_take(source, index, now):
+                continue
+            count = complete + sum(index in m for m in partial_maps)
+            if best is None or count < best_count:
+                best, best_count = index, count
+                if not partial_maps:
+                    break  # every source holds every chunk: the lowest is the rarest
+        if best is not None or free:
+            return best, None
+        outstanding = [
+            (reqs[0].started, index)
+            for index, reqs in self.requests.items()
+            if index not in done and len(reqs) < ENDGAME_COPIES
+            and not any(r.landing or r.source == source for r in reqs)
+            and self._may_take(source, index, now)
+        ]  # fmt: skip
+        if not outstanding:
+            return None, None
+        started, index = min(outstanding)
+        spent, landed = self.timing.get(source, (0.0, 0))
+        patience = max(ENDGAME_WAIT, ENDGAME_FACTOR * spent / landed) if landed else ENDGAME_WAIT
+        if now - started >= patience:
+            return index, None
+        return None, started + patience - now
 
     def _work_left(self) -> bool:
         return len(self.partial.done) < self.partial.chunks
@@ -193,36 +305,111 @@ class _FileJob:
     async def _work(self, source: FileSource) -> None:
         while self._work_left() and source in self.live:
             changed = self._changed
-            index = self._pick(source)
+            index, wake = self._pick(source)
             if index is None:
-                if not self.in_flight:
-                    if self._work_left():  # the remaining chunks failed their digest from every source
-                        bad = IntegrityError(
-                            f"chunks kept failing their BLAKE3 check ({sorted(self.bad)[:5]})"
-                        )
-                        for stuck in list(self.live):
-                            self._drop(stuck, bad)  # the fallback (the Hub) may still have good bytes
-                        self._pulse()
+                if not self.requests and not any(self._pick(s)[0] is not None for s in self.live):
+                    if await self._rescue():
+                        continue
                     return
-                await changed.wait()
+                await self._idle(source, changed, wake)
                 continue
-            self.in_flight.add(index)
+            request = _Request(source, time.monotonic())
+            self.requests.setdefault(index, []).append(request)
+            task = request.task = asyncio.create_task(self._request(source, index, request))
+            self.tasks.add(task)
             try:
-                await self._fetch_chunk(source, index)
-            except RangeIgnoredError:
-                if self.whole_body:
-                    return  # another worker of this source already streams the whole file
-                await self._stream_whole(source, index)
-            except StoreError as error:  # our disk, not the source: the file cannot go on
-                self._fail(error)
-                return
-            except DepotError as error:
-                self._drop(source, error)
+                await asyncio.wait([task])
             finally:
-                self.in_flight.discard(index)
+                task.cancel()  # the worker itself is cancelled: so is its request (a no-op once done)
+                self.tasks.discard(task)
+                requests = self.requests.get(index, [])
+                if request in requests:
+                    requests.remove(request)
+                if not requests:
+                    self.requests.pop(index, None)
                 self._pulse()
+            if not task.cancelled() and not task.result():
+                return
 
-    async def _fetch_chunk(self, source: FileSource, index: int) -> None:
+    async def _rescue(self) -> bool:
+        """Nothing is in flight and no live source may be asked for any chunk left: the fallback joins
+        (the live sources stay for what they hold). True when the work may go on."""
+        left = [i for i in range(self.low, self.partial.chunks) if i not in self.partial.done]
+        failed = [i for i in left if self.bad.get(i)]
+        if failed:  # the remaining chunks failed their digest from every source that holds them
+            bad = IntegrityError(f"chunks kept failing their BLAKE3 check ({failed[:5]})")
+            for stuck in list(self.live):
+                self._drop(stuck, bad)  # the fallback (the Hub) may still have good bytes
+        if self.fallback is not None:
+            extra, self.fallback = self.fallback(), None
+            await self._start(extra)
+            self._pulse()
+            return True
+        missing = NotFoundError(f"no source left holds chunks {left[:5]}")
+        for stuck in list(self.live):
+            self._drop(stuck, missing)
+        self._pulse()
+        return False
+
+    async def _idle(self, source: FileSource, changed: asyncio.Event, wake: float | None) -> None:
+        """Nothing for ``source`` now: a partial holder reads its chunk map again (at most every
+        REFRESH_SECONDS); otherwise wait for a change, or for its ban, its next refresh or the endgame
+        (``wake`` seconds) to come due."""
+        now = time.monotonic()
+        timeout: float | None = wake
+        if source.chunks_url is not None:
+            due = self.refreshed.get(source, 0.0) + REFRESH_SECONDS
+            if due <= now and source not in self.refreshing:
+                await self._refresh(source)
+                return
+            timeout = max(due - now, 0.05) if timeout is None else min(timeout, max(due - now, 0.05))
+        until = self.banned.get(source, 0.0)
+        if until > now:
+            timeout = until - now if timeout is None else min(timeout, until - now)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), timeout)
+
+    async def _refresh(self, source: FileSource) -> None:
+        """Read a partial holder's chunk map; a holder that cannot say is dropped for this file."""
+        assert source.chunks_url is not None
+        self.refreshing.add(source)
+        self.refreshed[source] = time.monotonic()
+        try:
+            held = await source.source.chunk_map(
+                self.http, source.chunks_url, self.remote.size, self.partial.chunk_size
+            )
+        except DepotError as error:
+            self._drop(source, error)
+        else:
+            refused = self.refused.get(source, set())
+            if held is None and refused:
+                held = frozenset(range(self.partial.chunks))
+            self.have[source] = None if held is None else held - refused
+        finally:
+            self.refreshing.discard(source)
+            self._pulse()
+
+    async def _request(self, source: FileSource, index: int, request: _Request) -> bool:
+        """Fetch and land one chunk; False when the worker should stop."""
+        try:
+            await self._fetch_chunk(source, index, request)
+        except RangeIgnoredError:
+            if self.whole_body:
+                return False  # another worker of this source already streams the whole file
+            request.landing = True
+            await self._stream_whole(source, index)
+        except ChunkUnavailableError:  # a partial holder lacks it: others may have it, it keeps the rest
+            self.refused.setdefault(source, set()).add(index)
+            have = self.have.get(source)
+            self.have[source] = frozenset(range(self.partial.chunks) if have is None else have) - {index}
+        except StoreError as error:  # our disk, not the source: the file cannot go on
+            self._fail(error)
+            return False
+        except DepotError as error:
+            self._drop(source, error)
+        return True
+
+    async def _fetch_chunk(self, source: FileSource, index: int, request: _Request) -> None:
         offset, length = chunk_span(index, self.remote.size, self.partial.chunk_size)
         # The source slot comes first so that a worker waiting for a busy source holds no buffer slot
         # that another source could use. The source slot ends with the request; the buffer slot only once
@@ -230,6 +417,7 @@ class _FileJob:
         buffers = self.limits.buffer_slot()
         async with self.limits.source_slot(source.source):
             await buffers.acquire()
+            request.started = time.monotonic()  # on the wire now: the endgame measures from here
             try:
                 data = await source.source.fetch(
                     self.http, source.url, offset, offset + length - 1, self.remote.size
@@ -237,23 +425,49 @@ class _FileJob:
             except BaseException:
                 buffers.release()
                 raise
+        request.landing = True
+        spent, landed = self.timing.get(source, (0.0, 0))
+        self.timing[source] = (spent + time.monotonic() - request.started, landed + 1)
         try:
             await self._land(source, index, memoryview(data))
         finally:
             buffers.release()
 
     async def _land(self, source: FileSource, index: int, data: memoryview) -> None:
-        """Check a fetched chunk against the source's digest, then write and log it."""
+        """Check a fetched chunk against the source's digest, then write and log it (once: an endgame's
+        second copy is dropped), and cancel the other request for it."""
         digest = await asyncio.to_thread(_blake3, data)
         expected = source.chunk_blake3[index] if source.chunk_blake3 else None
         if expected is not None and digest != expected:
             self.bad.setdefault(index, set()).add(source.source.name)
             self.attempts[index] = self.attempts.get(index, 0) + 1
+            self._ban(source)
             return
-        await asyncio.to_thread(self.partial.write_chunk, index, data, digest)
+        if index in self.partial.done or index in self.landing:
+            return
+        self.landing.add(index)
+        try:
+            await asyncio.to_thread(self.partial.write_chunk, index, data, digest)
+        finally:
+            self.landing.discard(index)
         if self.on_bytes is not None:
-            self.on_bytes(len(data))
+            self.on_bytes(len(data), source.kind)
+        for other in self.requests.get(index, []):
+            if other.source != source and not other.landing and other.task is not None:
+                other.task.cancel()  # the endgame's loser: its buffer slot and connection are released
         self._pulse()
+
+    def _ban(self, source: FileSource) -> None:
+        """A source whose bytes failed their digest gets no chunk for BAN_SECONDS (unless no other source
+        holds it); its other requests are cancelled, their chunks back in the pool, when another may serve."""
+        now = time.monotonic()
+        self.banned[source] = now + BAN_SECONDS
+        if not any(s is not source and not self._is_banned(s, now) for s in self.live):
+            return
+        for requests in self.requests.values():
+            for request in requests:
+                if request.source == source and not request.landing and request.task is not None:
+                    request.task.cancel()
 
     async def _stream_whole(self, source: FileSource, own_index: int) -> None:
         """The server ignores ranges: take the whole body once, landing every chunk nobody else has."""

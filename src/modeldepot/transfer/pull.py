@@ -73,9 +73,14 @@ class PullResult:
     bytes_resumed: int  # found already downloaded in partials/ (an interrupted earlier pull)
     snapshot_path: str
     sources: tuple[str, ...] = field(default=())
+    # Bytes of the files by where they came from: "local" (already in the store, resumed, or the same
+    # content under another path), "node" (configured servers), "peer" (fleet nodes), "hub". They add
+    # up to bytes_total.
+    bytes_by_source: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
-        return {**self.__dict__, "variants": list(self.variants), "sources": list(self.sources)}
+        return {**self.__dict__, "variants": list(self.variants), "sources": list(self.sources),
+                "bytes_by_source": dict(self.bytes_by_source)}  # fmt: skip
 
 
 def select(
@@ -107,11 +112,14 @@ class _Tracker:
         self.done: dict[str, int] = {}
         self.fetched = 0
         self.resumed = 0
+        self.by_source: dict[str, int] = {}
         self.last_write = 0.0
         self.pending: asyncio.Future[None] | None = None  # a status write running on a worker thread
 
-    def add(self, path: str, amount: int, waiting: bool = False) -> None:
+    def add(self, path: str, amount: int, waiting: bool = False, origin: str = "local") -> None:
         self.done[path] = self.done.get(path, 0) + amount
+        if amount:
+            self.by_source[origin] = self.by_source.get(origin, 0) + amount
         if self.progress is not None:
             self.progress(PullUpdate(path, self.done[path], self.sizes.get(path, 0),
                                      sum(self.done.values()), self.total, waiting))  # fmt: skip
@@ -173,6 +181,7 @@ async def pull_async(
     tracker = _Tracker(store, manifest, names, files, progress)
     for path, digest in have.items():
         tracker.done[path] = digest.size
+        tracker.by_source["local"] = tracker.by_source.get("local", 0) + digest.size
     with store.partials.pulling(manifest.repo_id):
         tracker.write("downloading")
         run = _PullRun(store, manifest, chain, tracker, limits or Limits(), watch)
@@ -210,6 +219,7 @@ async def pull_async(
         bytes_resumed=tracker.resumed,
         snapshot_path=str(store.snapshots.path(manifest.repo_id, manifest.commit_id)),
         sources=tuple(sorted(run.used)),
+        bytes_by_source=dict(sorted(tracker.by_source.items())),
     )
 
 
@@ -277,9 +287,9 @@ class _PullRun:
         hub = [self.chain.hub_source(self.manifest, remote)]
         sources, fallback = (nodes, lambda: hub) if nodes else (hub, None)
 
-        def on_bytes(amount: int) -> None:
+        def on_bytes(amount: int, origin: str) -> None:
             self.tracker.fetched += amount
-            self.tracker.add(remote.path, amount)
+            self.tracker.add(remote.path, amount, origin=origin)
 
         self.used.update(s.source.base_url for s in sources)
         digest = await download_file(http, remote, claim, sources, self.limits, fallback, on_bytes)

@@ -8,6 +8,8 @@ redirect changes host, and a test holds it to that.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import random
 import re
 import time
@@ -19,9 +21,23 @@ from urllib.parse import quote
 
 import aiohttp
 
-from modeldepot.errors import AccessDeniedError, NotFoundError, UpstreamError, UpstreamTimeoutError
+from modeldepot.errors import (
+    AccessDeniedError,
+    NotFoundError,
+    UpstreamDataError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+from modeldepot.hashing import chunk_count, chunk_span
 
-__all__ = ["HttpSource", "RangeIgnoredError", "RetryPolicy", "SourceKind", "retry_after_seconds"]
+__all__ = [
+    "ChunkUnavailableError",
+    "HttpSource",
+    "RangeIgnoredError",
+    "RetryPolicy",
+    "SourceKind",
+    "retry_after_seconds",
+]
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -34,6 +50,11 @@ PieceSink = Callable[[memoryview], Awaitable[None]]
 
 class RangeIgnoredError(UpstreamError):
     """The server answered a Range request with the whole file (200): stream it whole instead."""
+
+
+class ChunkUnavailableError(NotFoundError):
+    """A node answered a Range with 404 ``ChunkNotAvailable``: it holds the file in part, not that range.
+    Other chunks may still come from it; this one must come from another source."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +144,11 @@ class HttpSource:
                     elif response.status in RETRY_STATUSES:
                         retry_after = response.headers.get("Retry-After")
                         problem = f"HTTP {response.status}"
+                    elif (
+                        response.status == 404 and response.headers.get("X-Error-Code") == "ChunkNotAvailable"
+                    ):
+                        raise ChunkUnavailableError(f"{url} bytes {start}-{end}: not held there (yet)",
+                                                    source=url, status=404)  # fmt: skip
                     else:
                         raise _final_error(response.status, url, response.headers.get("X-Error-Message"))
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as error:
@@ -132,6 +158,23 @@ class HttpSource:
                 await asyncio.sleep(self.retry.delay(attempt, retry_after))
         kind = UpstreamTimeoutError if timed_out else UpstreamError  # what the last attempt met
         raise kind(f"{url} bytes {start}-{end}: {problem} after {self.retry.attempts} attempts", source=url)
+
+    async def chunk_map(
+        self, session: aiohttp.ClientSession, url: str, size: int, chunk_size: int
+    ) -> frozenset[int] | None:
+        """Which of our ``chunk_size`` chunks of a ``size``-byte file a node can serve, from its bitfield
+        (``GET /api/depot/v1/blobs/{sha256}/chunks``): None when it holds the whole file. A node that chunks
+        otherwise serves our chunk when it holds every one of its chunks that the span touches. One attempt."""
+        timeout = aiohttp.ClientTimeout(total=self.retry.read_timeout)
+        try:
+            async with session.get(url, headers=self.headers(), timeout=timeout) as response:
+                if response.status != 200:
+                    raise _final_error(response.status, url, response.headers.get("X-Error-Message"))
+                body = await response.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as error:
+            kind = UpstreamTimeoutError if isinstance(error, asyncio.TimeoutError) else UpstreamError
+            raise kind(f"{url}: {type(error).__name__}: {error}", source=url) from error
+        return _parse_chunk_map(url, body, size, chunk_size)
 
     async def stream_whole(
         self, session: aiohttp.ClientSession, url: str, size: int, sink: PieceSink
@@ -155,6 +198,33 @@ class HttpSource:
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as error:
             kind = UpstreamTimeoutError if isinstance(error, asyncio.TimeoutError) else UpstreamError
             raise kind(f"{url}: {type(error).__name__}: {error}", source=url) from error
+
+
+def _parse_chunk_map(url: str, body: object, size: int, chunk_size: int) -> frozenset[int] | None:
+    """A node's chunk map, checked (it is input from a peer), as our chunk indices (None: all of them)."""
+    if not isinstance(body, dict) or body.get("size") != size:
+        raise UpstreamDataError(url, "chunk map", f"it is not of a {size}-byte file")
+    if body.get("complete") is True:
+        return None
+    theirs, field = body.get("chunk_size"), body.get("chunks")
+    if isinstance(theirs, bool) or not isinstance(theirs, int) or theirs <= 0 or not isinstance(field, str):
+        raise UpstreamDataError(url, "chunk map", "no valid chunk size or bitfield")
+    try:
+        bits = base64.b64decode(field, validate=True)
+    except (binascii.Error, ValueError):
+        raise UpstreamDataError(url, "chunk map", "the bitfield is not base64") from None
+    count = chunk_count(size, theirs)
+    if len(bits) != -(-count // 8):  # checked before a bit is read: the count is bounded by the body
+        raise UpstreamDataError(url, "chunk map", f"the bitfield is not {count} bits long")
+    held = {i for i in range(count) if bits[i // 8] & (0x80 >> (i % 8))}
+    if theirs == chunk_size:
+        return frozenset(held)
+    ours = set()
+    for index in range(chunk_count(size, chunk_size)):
+        offset, length = chunk_span(index, size, chunk_size)
+        if all(j in held for j in range(offset // theirs, (offset + max(length, 1) - 1) // theirs + 1)):
+            ours.add(index)
+    return frozenset(ours)
 
 
 def _range_problem(response: aiohttp.ClientResponse, start: int, end: int, want: int, size: int) -> str:

@@ -1,0 +1,248 @@
+"""The swarm scheduler of one file (transfer/download.py) against real nodes on loopback: partial holders
+(their chunk maps, read through the node's own route), rarest first, the endgame, the ban of a source whose
+bytes fail their digest, and the bytes counted by kind of source. Proxies in front of the nodes log each
+request and count the body bytes they let through; nothing waits by sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import blake3
+import pytest
+from aiohttp import web
+
+from conftest import SMALL_CHUNK, BackgroundServer, LiveNode, free_port, write_model_dir, write_partial
+from modeldepot import Depot
+from modeldepot.hashing import chunk_count, chunk_span
+from modeldepot.hub.manifest import RemoteFile
+from modeldepot.transfer.download import FileSource, Limits, download_file
+from modeldepot.transfer.sources import HttpSource, RetryPolicy
+
+TOKEN = "swarm-secret"
+API = "/api/depot/v1"
+CHUNKS = 12
+DATA = random.Random(7).randbytes(CHUNKS * SMALL_CHUNK - 11)
+SHA = hashlib.sha256(DATA).hexdigest()
+DIGESTS = tuple(
+    blake3.blake3(DATA[o : o + n]).hexdigest()
+    for o, n in (chunk_span(i, len(DATA), SMALL_CHUNK) for i in range(CHUNKS))
+)
+_RANGE = re.compile(r"bytes=(\d+)-(\d+)")
+
+
+class Proxy:
+    """Forwards to a node; logs each blob request's chunk (None for other routes) and counts body bytes.
+    ``flip`` corrupts one byte of every body; ``trickle`` sends 512 bytes per 0.1 s."""
+
+    def __init__(self, upstream: str, flip: bool = False, trickle: bool = False) -> None:
+        self.upstream, self.flip, self.trickle = upstream, flip, trickle
+        self.chunks: list[int] = []  # chunk of each ranged request, in order
+        self.body_bytes = 0
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._session: aiohttp.ClientSession | None = None
+
+        async def open_session() -> None:
+            self._session = aiohttp.ClientSession(auto_decompress=False)
+
+        async def close_session() -> None:
+            assert self._session is not None
+            await self._session.close()
+
+        self._server = BackgroundServer(web.AppRunner(app), "swarm-proxy", on_start=open_session,
+                                        on_stop=close_session)  # fmt: skip
+        self.url = self._server.url
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        assert self._session is not None
+        wanted = _RANGE.fullmatch(request.headers.get("Range", ""))
+        if wanted is not None:
+            self.chunks.append(int(wanted.group(1)) // SMALL_CHUNK)
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("range", "authorization")}
+        async with self._session.get(self.upstream + request.path_qs, headers=headers) as upstream:
+            body = await upstream.read()
+            out = {k: v for k, v in upstream.headers.items()
+                   if k.lower() not in ("transfer-encoding", "connection", "content-encoding", "content-length")}  # fmt: skip
+        if wanted is None or upstream.status != 206:
+            return web.Response(status=upstream.status, body=body, headers=out)
+        if self.flip and len(body) > 100:
+            body = body[:100] + bytes([body[100] ^ 0x01]) + body[101:]
+        response = web.StreamResponse(status=206, headers=out)
+        response.content_length = len(body)
+        await response.prepare(request)
+        step = 512 if self.trickle else len(body)
+        for start in range(0, len(body), step):
+            if self.trickle:
+                await asyncio.sleep(0.1)  # the fault itself (a slow link), not a synchronisation
+            await response.write(body[start : start + step])
+            self.body_bytes += len(body[start : start + step])
+        return response
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[dict[str, LiveNode]]:
+    """Nodes with a token: ``full`` holds the file whole; ``low`` and ``high`` hold its halves in progress."""
+    half = CHUNKS // 2
+    made: dict[str, LiveNode] = {}
+    depots: list[Depot] = []
+    try:
+        for name, chunks in (("full", None), ("low", list(range(half))), ("high", list(range(half, CHUNKS)))):
+            depot = Depot(tmp_path / name, chunk_size=SMALL_CHUNK)
+            depots.append(depot)
+            if chunks is None:
+                depot.import_dir(write_model_dir(tmp_path / f"src-{name}", {"w.safetensors": DATA}), "acme/w")
+            else:
+                assert write_partial(depot, DATA, chunks) == SHA
+            made[name] = LiveNode(depot, token=TOKEN)
+        yield made
+    finally:
+        for node in made.values():
+            node.stop()
+        for depot in depots:
+            depot.close()
+
+
+def source(url: str, origin: str, partial: bool = False) -> FileSource:
+    blob = f"{url}{API}/blobs/{SHA}"
+    http = HttpSource(url, "node", TOKEN, RetryPolicy(attempts=2, base_delay=0.05, read_timeout=30))
+    return FileSource(http, blob, DIGESTS, origin, f"{blob}/chunks" if partial else None)
+
+
+def download(tmp_path: Path, sources: list[FileSource], limits: Limits,
+             hub: list[FileSource] | None = None) -> tuple[str, dict[str, int]]:  # fmt: skip
+    """Download DATA into a fresh store's partial; its SHA-256 and the bytes written by kind of source."""
+    counted: dict[str, int] = {}
+
+    def on_bytes(amount: int, kind: str) -> None:
+        counted[kind] = counted.get(kind, 0) + amount
+
+    async def run() -> str:
+        async with aiohttp.ClientSession(auto_decompress=False) as http:
+            digest = await download_file(http, remote, claim, sources, limits,
+                                         (lambda: hub) if hub else None, on_bytes)  # fmt: skip
+            return digest.sha256
+
+    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+        remote = RemoteFile("w.safetensors", len(DATA), "0" * 40, SHA)
+        claim = local.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, False)
+        assert claim is not None
+        try:
+            return asyncio.run(run()), counted
+        finally:
+            claim.release(completed=False)
+
+
+class Hub:
+    """A Hub that counts connections and hangs up: it must never be asked."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._server = BackgroundServer(web.AppRunner(app), "counting-hub")
+        self.url = self._server.url
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.connections += 1
+        return web.Response(status=500)
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def source(self) -> FileSource:
+        http = HttpSource(self.url, "hub", None, RetryPolicy(attempts=1))
+        return FileSource(http, f"{self.url}/acme/w/resolve/main/w.safetensors")
+
+
+def test_two_partial_holders_with_complementary_halves_make_the_whole_file_without_the_hub(
+    tmp_path: Path, nodes: dict[str, LiveNode]
+) -> None:
+    low, high, hub = Proxy(nodes["low"].url), Proxy(nodes["high"].url), Hub()
+    try:
+        sha, counted = download(tmp_path, [source(low.url, "peer", True), source(high.url, "peer", True)],
+                                Limits(per_source=2, total=8), [hub.source()])  # fmt: skip
+        assert sha == SHA
+        assert counted == {"peer": len(DATA)}
+        assert hub.connections == 0
+        assert set(low.chunks) == set(range(CHUNKS // 2)) and set(high.chunks) == set(
+            range(CHUNKS // 2, CHUNKS)
+        )
+        assert low.body_bytes + high.body_bytes == len(DATA)  # each chunk once, from the holder that had it
+    finally:
+        for server in (low, high, hub):
+            server.stop()
+
+
+def test_chunks_go_rarest_first(tmp_path: Path, nodes: dict[str, LiveNode]) -> None:
+    """The whole holder starts with the chunks only it has (the partial holder has the low half)."""
+    full, low = Proxy(nodes["full"].url), Proxy(nodes["low"].url)
+    try:
+        sha, counted = download(tmp_path, [source(full.url, "node"), source(low.url, "peer", True)],
+                                Limits(per_source=1, total=4))  # fmt: skip
+        assert sha == SHA and sum(counted.values()) == len(DATA)
+        rare = list(range(CHUNKS // 2, CHUNKS))
+        assert full.chunks[: len(rare)] == rare  # lowest rare one first, then the next rarest...
+        assert set(low.chunks) <= set(range(CHUNKS // 2))  # the partial holder is asked for what it has
+        assert low.chunks[0] == 0
+    finally:
+        full.stop(), low.stop()
+
+
+def test_a_source_whose_chunk_fails_its_digest_gets_no_more_chunks(
+    tmp_path: Path, nodes: dict[str, LiveNode]
+) -> None:
+    good, flipper = Proxy(nodes["full"].url), Proxy(nodes["full"].url, flip=True)
+    try:
+        sha, counted = download(tmp_path, [source(flipper.url, "peer"), source(good.url, "node")],
+                                Limits(per_source=1, total=4))  # fmt: skip
+        assert sha == SHA
+        assert len(flipper.chunks) == 1, (
+            "banned after its first (corrupt) chunk, for the rest of the transfer"
+        )
+        assert counted == {"node": len(DATA)}
+        assert sorted(good.chunks) == list(range(CHUNKS))
+    finally:
+        good.stop(), flipper.stop()
+
+
+def test_the_endgame_takes_the_slow_sources_chunks_from_another(
+    tmp_path: Path, nodes: dict[str, LiveNode]
+) -> None:
+    fast, slow = Proxy(nodes["full"].url), Proxy(nodes["full"].url, trickle=True)
+    try:
+        sha, counted = download(tmp_path, [source(slow.url, "peer"), source(fast.url, "node")],
+                                Limits(per_source=2, total=8))  # fmt: skip
+        assert sha == SHA
+        assert slow.chunks, "the slow source was given chunks"
+        # Alone it would have sent the whole file; it did not even finish one chunk: its chunks came
+        # from the fast source, and its requests were cancelled.
+        assert slow.body_bytes < SMALL_CHUNK
+        assert set(slow.chunks) <= set(fast.chunks)
+        assert counted == {"node": len(DATA)}
+    finally:
+        fast.stop(), slow.stop()
+
+
+def test_a_pull_reports_its_bytes_by_kind_of_source(
+    tmp_path: Path, nodes: dict[str, LiveNode], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # no Hub
+    monkeypatch.setenv("MODELDEPOT_SERVERS", nodes["full"].url)
+    monkeypatch.setenv("MODELDEPOT_TOKEN", TOKEN)
+    with Depot(tmp_path / "puller", chunk_size=SMALL_CHUNK) as local:
+        result = local.pull("acme/w")
+        assert result.bytes_by_source == {"node": len(DATA)} == {"node": result.bytes_total}
+        assert result.to_dict()["bytes_by_source"] == {"node": len(DATA)}
+        again = local.pull("acme/w")
+        assert again.bytes_by_source == {"local": len(DATA)}
+    assert chunk_count(len(DATA), SMALL_CHUNK) == CHUNKS
