@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import random
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +18,21 @@ import blake3
 import pytest
 from aiohttp import web
 
-from conftest import SMALL_CHUNK, BackgroundServer, LiveNode, free_port, write_model_dir, write_partial
+from conftest import (
+    SMALL_CHUNK,
+    BackgroundServer,
+    LiveNode,
+    free_port,
+    wait_until,
+    write_model_dir,
+    write_partial,
+)
 from modeldepot import Depot
 from modeldepot.hashing import chunk_count, chunk_span
-from modeldepot.hub.manifest import RemoteFile
+from modeldepot.hub.manifest import Manifest, RemoteFile
+from modeldepot.server import create_app
+from modeldepot.server.connections import NodeRunner
+from modeldepot.server.fleet import NodeFleet
 from modeldepot.transfer.download import FileSource, Limits, download_file
 from modeldepot.transfer.sources import HttpSource, RetryPolicy
 
@@ -246,3 +258,120 @@ def test_a_pull_reports_its_bytes_by_kind_of_source(
         again = local.pull("acme/w")
         assert again.bytes_by_source == {"local": len(DATA)}
     assert chunk_count(len(DATA), SMALL_CHUNK) == CHUNKS
+
+
+def test_a_chunk_the_partial_holder_turns_out_to_lack_goes_back_to_the_pool_and_the_holder_stays(
+    tmp_path: Path, nodes: dict[str, LiveNode]
+) -> None:
+    """The low half's log names chunk 0, but its bytes on disk are gone (zeroed): its chunk map still
+    claims it, the node refuses it (404 ChunkNotAvailable). The chunk comes from the whole holder; the
+    partial holder is not asked for it again, and still serves the rest of its half."""
+    offset, length = chunk_span(0, len(DATA), SMALL_CHUNK)
+    part = nodes["low"].depot.store.layout.partial_stem(SHA).with_name(f"{SHA}.part")
+    with open(part, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(bytes(length))
+    full, low = Proxy(nodes["full"].url), Proxy(nodes["low"].url)
+    try:
+
+        async def claimed() -> frozenset[int] | None:
+            async with aiohttp.ClientSession() as http:
+                return await source(low.url, "peer", True).source.chunk_map(
+                    http, f"{low.url}{API}/blobs/{SHA}/chunks", len(DATA), SMALL_CHUNK
+                )
+
+        assert asyncio.run(claimed()) == frozenset(range(CHUNKS // 2)), "the map claims the lost chunk"
+        low.chunks.clear()
+        sha, counted = download(tmp_path, [source(full.url, "node"), source(low.url, "peer", True)],
+                                Limits(per_source=1, total=4))  # fmt: skip
+        assert sha == SHA and sum(counted.values()) == len(DATA)
+        assert low.chunks[0] == 0, "its first pick: the lowest of its own chunks (all as rare)"
+        assert low.chunks.count(0) == 1, "refused once, never asked for it again"
+        assert len(low.chunks) >= 2 and set(low.chunks[1:]) <= set(range(1, CHUNKS // 2)), (
+            "still asked for the other chunks it holds, after the refusal"
+        )
+        assert low.body_bytes == counted.get("peer", 0) > 0, "and it served them"
+        assert 0 in full.chunks and counted["node"] == len(DATA) - counted["peer"]
+    finally:
+        full.stop(), low.stop()
+
+
+class FleetNode:
+    """A node with a token (the production app) that joins a mem:// fleet, on a background loop; its
+    publisher puts what its store holds (here a partial) in the registry."""
+
+    def __init__(self, depot: Depot, cluster: str) -> None:
+        fleet = NodeFleet(depot, cluster, "/modeldepot", interval=0.05)
+        runner = NodeRunner(create_app(depot, TOKEN, fleet=fleet))
+
+        async def join() -> None:
+            await fleet.start()
+            await fleet.register(f"http://127.0.0.1:{int(runner.addresses[0][1])}")
+
+        self.server = BackgroundServer(runner, "fleet-node", on_start=join, on_stop=fleet.close)
+        self.url = self.server.url
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def test_fleet_peers_holding_complementary_partials_are_sources_with_their_chunk_maps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two nodes of a mem:// fleet each hold half of the file as a download in progress. The chain of a
+    depot on that fleet (``_fleet_holders``) makes both sources that read their chunk maps, and the file
+    comes from them alone: the Hub is never asked."""
+    cluster = f"mem://swarm-{uuid.uuid4().hex[:12]}"
+    half = CHUNKS // 2
+    hub = Hub()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # offline, a depot reads no fleet
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("MODELDEPOT_TOKEN", TOKEN)
+    monkeypatch.delenv("MODELDEPOT_SERVERS", raising=False)
+    started: list[FleetNode] = []
+    with (
+        Depot(tmp_path / "low", chunk_size=SMALL_CHUNK) as low_depot,
+        Depot(tmp_path / "high", chunk_size=SMALL_CHUNK) as high_depot,
+    ):
+        assert write_partial(low_depot, DATA, list(range(half))) == SHA
+        assert write_partial(high_depot, DATA, list(range(half, CHUNKS))) == SHA
+        try:
+            low, high = FleetNode(low_depot, cluster), FleetNode(high_depot, cluster)
+            started += [low, high]
+            with Depot(tmp_path / "puller", chunk_size=SMALL_CHUNK, cluster=cluster) as puller:
+                expected = {low_depot.store_id: (0, 1), high_depot.store_id: (0, 1)}
+                wait_until(lambda: {r.node_id: (r.blobs, r.partial) for r in puller.peers()} == expected, 10,
+                           "both nodes and their partial holdings in the view")  # fmt: skip
+                remote = RemoteFile("w.safetensors", len(DATA), "0" * 40, SHA)
+                manifest = Manifest("acme/w", "main", "1" * 40, 0.0, hub.url, None, None, (), False,
+                                    (remote,), (), (), ())  # fmt: skip
+                chain = puller.chain
+
+                async def holders() -> tuple[list[FileSource], dict[str, frozenset[int] | None]]:
+                    async with aiohttp.ClientSession() as http:
+                        found = (await chain.holders(http, manifest, SMALL_CHUNK, [remote]))[remote.path]
+                        maps = {}
+                        for s in found:
+                            assert s.chunks_url is not None
+                            maps[s.source.base_url] = await s.source.chunk_map(
+                                http, s.chunks_url, len(DATA), SMALL_CHUNK
+                            )
+                        return found, maps
+
+                found, maps = asyncio.run(holders())
+                by_url = {s.source.base_url: s for s in found}
+                assert set(by_url) == {low.url, high.url} and len(found) == 2
+                for url, s in by_url.items():
+                    blob = f"{url}{API}/blobs/{SHA}"
+                    assert (s.url, s.chunks_url, s.origin) == (blob, f"{blob}/chunks", "peer")
+                    assert s.source.token == TOKEN
+                assert maps == {low.url: frozenset(range(half)), high.url: frozenset(range(half, CHUNKS))}
+                sha, counted = download(tmp_path, found, Limits(per_source=2, total=8),
+                                        [chain.hub_source(manifest, remote)])  # fmt: skip
+                assert sha == SHA
+                assert counted == {"peer": len(DATA)}
+                assert hub.connections == 0
+        finally:
+            for node in started:
+                node.stop()
+            hub.stop()
