@@ -278,3 +278,27 @@ def etcd_server(tmp_path: Path) -> Iterator[EtcdServer]:
     server = EtcdServer(tmp_path / "etcd").start()
     yield server
     server.kill()
+
+
+class InProcessNode:
+    """A node (the production app, with ``token`` if given) whose fleet is on a mem:// registry, on a
+    background loop; its publisher puts what its store holds in the registry every 50 ms."""
+
+    def __init__(self, depot: Depot, cluster: str, token: str | None = None) -> None:
+        from modeldepot.server import create_app
+        from modeldepot.server.connections import NodeRunner
+        from modeldepot.server.fleet import NodeFleet
+
+        fleet = NodeFleet(depot, cluster, "/modeldepot", interval=0.05)
+        self.fleet = fleet
+        runner = NodeRunner(create_app(depot, token, fleet=fleet))
+
+        async def join() -> None:
+            await fleet.start()
+            await fleet.register(f"http://127.0.0.1:{int(runner.addresses[0][1])}")
+
+        self.server = BackgroundServer(runner, "fleet-node", on_start=join, on_stop=fleet.close)
+        self.url = self.server.url
+
+    def stop(self) -> None:
+        self.server.stop()

@@ -41,6 +41,7 @@ from referencing.jsonschema import DRAFT202012
 from conftest import (
     SMALL_CHUNK,
     BackgroundServer,
+    InProcessNode,
     LiveNode,
     flip_byte,
     free_port,
@@ -53,9 +54,6 @@ from modeldepot import Depot, __version__
 from modeldepot.cli import cli
 from modeldepot.config import DepotConfig
 from modeldepot.errors import ConfigError
-from modeldepot.server import create_app
-from modeldepot.server.connections import NodeRunner
-from modeldepot.server.fleet import NodeFleet
 from modeldepot.server.openapi import openapi_document
 
 API = "/api/depot/v1"
@@ -231,26 +229,6 @@ def test_cluster_settings_are_checked_at_the_edge(tmp_path: Path) -> None:
 
 
 # -- in one process, through the mem:// registry ----------------------------------------------------------
-
-
-class InProcessNode:
-    """A node (the production app) with its fleet on a mem:// registry, on a background loop."""
-
-    def __init__(self, depot: Depot, cluster: str) -> None:
-        self.fleet = NodeFleet(depot, cluster, "/modeldepot", interval=0.05)
-        fleet = self.fleet
-
-        runner = NodeRunner(create_app(depot, fleet=fleet))
-
-        async def join() -> None:
-            await fleet.start()
-            await fleet.register(f"http://127.0.0.1:{int(runner.addresses[0][1])}")
-
-        self.server = BackgroundServer(runner, "fleet-node", on_start=join, on_stop=fleet.close)
-        self.url = self.server.url
-
-    def stop(self) -> None:
-        self.server.stop()
 
 
 def test_holders_found_by_content_get_the_scan_nodes_chunk_digests(

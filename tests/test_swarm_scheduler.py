@@ -21,6 +21,7 @@ from aiohttp import web
 from conftest import (
     SMALL_CHUNK,
     BackgroundServer,
+    InProcessNode,
     LiveNode,
     free_port,
     wait_until,
@@ -30,9 +31,6 @@ from conftest import (
 from modeldepot import Depot
 from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.hub.manifest import Manifest, RemoteFile
-from modeldepot.server import create_app
-from modeldepot.server.connections import NodeRunner
-from modeldepot.server.fleet import NodeFleet
 from modeldepot.transfer.download import FileSource, Limits, download_file
 from modeldepot.transfer.sources import HttpSource, RetryPolicy
 
@@ -296,25 +294,6 @@ def test_a_chunk_the_partial_holder_turns_out_to_lack_goes_back_to_the_pool_and_
         full.stop(), low.stop()
 
 
-class FleetNode:
-    """A node with a token (the production app) that joins a mem:// fleet, on a background loop; its
-    publisher puts what its store holds (here a partial) in the registry."""
-
-    def __init__(self, depot: Depot, cluster: str) -> None:
-        fleet = NodeFleet(depot, cluster, "/modeldepot", interval=0.05)
-        runner = NodeRunner(create_app(depot, TOKEN, fleet=fleet))
-
-        async def join() -> None:
-            await fleet.start()
-            await fleet.register(f"http://127.0.0.1:{int(runner.addresses[0][1])}")
-
-        self.server = BackgroundServer(runner, "fleet-node", on_start=join, on_stop=fleet.close)
-        self.url = self.server.url
-
-    def stop(self) -> None:
-        self.server.stop()
-
-
 def test_fleet_peers_holding_complementary_partials_are_sources_with_their_chunk_maps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -328,7 +307,7 @@ def test_fleet_peers_holding_complementary_partials_are_sources_with_their_chunk
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setenv("MODELDEPOT_TOKEN", TOKEN)
     monkeypatch.delenv("MODELDEPOT_SERVERS", raising=False)
-    started: list[FleetNode] = []
+    started: list[InProcessNode] = []
     with (
         Depot(tmp_path / "low", chunk_size=SMALL_CHUNK) as low_depot,
         Depot(tmp_path / "high", chunk_size=SMALL_CHUNK) as high_depot,
@@ -336,7 +315,7 @@ def test_fleet_peers_holding_complementary_partials_are_sources_with_their_chunk
         assert write_partial(low_depot, DATA, list(range(half))) == SHA
         assert write_partial(high_depot, DATA, list(range(half, CHUNKS))) == SHA
         try:
-            low, high = FleetNode(low_depot, cluster), FleetNode(high_depot, cluster)
+            low, high = InProcessNode(low_depot, cluster, TOKEN), InProcessNode(high_depot, cluster, TOKEN)
             started += [low, high]
             with Depot(tmp_path / "puller", chunk_size=SMALL_CHUNK, cluster=cluster) as puller:
                 expected = {low_depot.store_id: (0, 1), high_depot.store_id: (0, 1)}
