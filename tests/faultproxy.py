@@ -57,7 +57,11 @@ class FaultProxy:
             await self._session.close()
 
         self._server = BackgroundServer(
-            web.AppRunner(app), "fault-proxy", on_start=open_session, on_stop=close_session
+            # A stalled answer sleeps for an hour: at shutdown it is cancelled after 5 s, not aiohttp's 60.
+            web.AppRunner(app, shutdown_timeout=5.0),
+            "fault-proxy",
+            on_start=open_session,
+            on_stop=close_session,
         )
         self.url = self._server.url
 
