@@ -98,15 +98,17 @@ class BlobResponse(web.StreamResponse):
 
     async def _send(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
                     writer: AbstractStreamWriter, offset: int, count: int) -> None:  # fmt: skip
-        try:
-            if not self._reader.by_sendfile:
-                raise NotImplementedError  # a download in progress: sent from the bytes that were hashed
-            await loop.sendfile(transport, self._reader.file, offset, count)
-        except NotImplementedError:  # e.g. TLS transports: write from the mapping that was hashed
-            index = offset // self._reader.chunk_size
-            chunk_offset, _ = self._reader.span(index)
-            with self._reader.view(index) as view:
-                await writer.write(bytes(view[offset - chunk_offset : offset - chunk_offset + count]))
+        if self._reader.by_sendfile:  # not for a download in progress: its file may change under us
+            try:
+                await loop.sendfile(transport, self._reader.file, offset, count)
+                return
+            except NotImplementedError:  # e.g. TLS transports
+                pass
+        # The bytes that were hashed, copied once: a transport may keep what it is given after write returns.
+        index = offset // self._reader.chunk_size
+        chunk_offset, _ = self._reader.span(index)
+        with self._reader.view(index) as view:
+            await writer.write(bytes(view[offset - chunk_offset : offset - chunk_offset + count]))
 
 
 async def send_blob(
