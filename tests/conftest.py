@@ -20,6 +20,7 @@ from modeldepot import Depot
 
 if TYPE_CHECKING:
     from etcdserver import EtcdServer
+    from fleetnodes import Fleet
 
 SMALL_CHUNK = 64 * 1024  # the smallest chunk size a store accepts: tests get many chunks from small files
 
@@ -278,6 +279,16 @@ def etcd_server(tmp_path: Path) -> Iterator[EtcdServer]:
     server = EtcdServer(tmp_path / "etcd").start()
     yield server
     server.kill()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, etcd_server: EtcdServer) -> Iterator[Fleet]:
+    """A real etcd and the ``modeldepot serve --cluster`` processes a test starts (killed at its end)."""
+    from fleetnodes import Fleet
+
+    fleet = Fleet(tmp_path, etcd_server)
+    yield fleet
+    fleet.close()
 
 
 class InProcessNode:

@@ -8,6 +8,12 @@ A node *registers* a :class:`NodeRecord` while it runs and *publishes* its :clas
 contents it holds, by SHA-256 only (never a repo or file name: a private repo's name must not leak), whole
 or in progress. A puller asks :meth:`Discovery.holders` for one content and gets the live nodes holding
 it from the backend's local view (kept current by a watch), not by asking every node.
+
+Nodes pulling the same content from the origin at once *claim* its chunks (:class:`ChunkClaim`): one claim
+per chunk, taken by compare-and-swap, so one node fetches each chunk from the Hub and the others take it
+from that node; a claim lives as long as its claimer (a lease in etcd) and carries the chunk's BLAKE3 once
+landed, which the others check the chunk against whoever relays it. Backends without a registry (static)
+support no claims (:attr:`Discovery.claims_supported`).
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from modeldepot.errors import InvalidInputError
-from modeldepot.validation import validate_label, validate_sha256, validate_size
+from modeldepot.validation import validate_blake3, validate_label, validate_sha256, validate_size
 
 __all__ = [
+    "ChunkClaim",
     "ClusterStatus",
     "Discovery",
     "Holder",
@@ -91,6 +98,31 @@ class Holding:
         fields: dict[str, Any] = {name: data.get(name) for name in ("size", "complete")}
         fields.update(chunks_done=data.get("chunks_done", 0), chunks=data.get("chunks", 0))
         return check_holding(cls(**fields))
+
+
+@dataclass(frozen=True)
+class ChunkClaim:
+    """A node's claim to fetch one chunk of a content from the origin (the Hub) for its fleet: the node
+    whose server will hold it, and the chunk's BLAKE3 once it landed there (None until then)."""
+
+    node_id: str
+    blake3: str | None
+    revision: int  # the registry's revision of the claim (a take-over names the one it replaces)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "blake3": self.blake3}
+
+    @classmethod
+    def from_dict(cls, data: object, revision: int) -> ChunkClaim:
+        """A claim as a registry holds it (checked like :meth:`NodeRecord.from_dict`)."""
+        if not isinstance(data, dict):
+            raise InvalidInputError(f"a chunk claim must be a JSON object, not {type(data).__name__}")
+        digest = data.get("blake3")
+        return cls(
+            validate_node_id(data.get("node_id")),
+            None if digest is None else validate_blake3(digest),
+            validate_size(revision),
+        )
 
 
 def validate_node_id(value: object) -> str:
@@ -221,6 +253,31 @@ class Discovery(abc.ABC):
     @abc.abstractmethod
     def status(self) -> ClusterStatus: ...
 
+    # -- chunk claims (a fleet pulling one content from the origin) --------------------------------------
+
+    claims_supported: bool = False  # a backend with a shared registry (etcd, mem) says True
+
+    def claims(self, sha256: str, chunk_size: int) -> dict[int, ChunkClaim]:
+        """The claims on the chunks (of ``chunk_size`` bytes) of ``sha256``, by chunk index, from the view."""
+        return {}
+
+    async def claim_chunk(
+        self, sha256: str, chunk_size: int, index: int, node_id: str, replaces: int = 0
+    ) -> ChunkClaim | None:
+        """Claim chunk ``index`` of ``sha256`` for ``node_id``, under this process's lease: only if nobody
+        claims it (``replaces`` 0) or the claim there is still the one of revision ``replaces`` (a take-over:
+        its claimer died, lied, or is overdue). Returns the claim in force afterwards (this one, or the
+        winner's), or None when the registry cannot say (unreachable): the caller fetches the chunk anyway."""
+        return None
+
+    async def settle_claim(self, sha256: str, chunk_size: int, index: int, blake3: str) -> None:
+        """Record the BLAKE3 of a chunk this process claimed and now holds (nothing if the claim is gone)."""
+        return None
+
+    async def release_claims(self, sha256: str, chunk_size: int) -> None:
+        """Withdraw this process's claims on ``sha256`` (its pull is over; those taken over stay)."""
+        return None
+
     # -- waiting for a change (tests, and whoever reacts to the fleet) -----------------------------------
 
     _waiters: list[asyncio.Future[None]] | None = None  # resolved by _changed(); made by the first waiter
@@ -290,6 +347,7 @@ class ViewDiscovery(Discovery):
     def __init__(self) -> None:
         self._nodes: dict[str, NodeRecord] = {}
         self._holdings: dict[str, dict[str, Holding]] = {}  # sha256 -> node_id -> holding
+        self._claims: dict[tuple[str, int], dict[int, ChunkClaim]] = {}  # (sha256, chunk size) -> index ->
         self._lock: threading.RLock = threading.RLock()
 
     def peers(self) -> list[NodeRecord]:
@@ -304,6 +362,10 @@ class ViewDiscovery(Discovery):
                 if node_id in self._nodes  # a holding outlives its node only until the view catches up
             ]
         return sorted(found, key=lambda h: (not h.holding.complete, -h.holding.chunks_done, h.node.node_id))
+
+    def claims(self, sha256: str, chunk_size: int) -> dict[int, ChunkClaim]:
+        with self._lock:
+            return dict(self._claims.get((sha256, chunk_size), {}))
 
     def holdings_of(self, node_id: str) -> dict[str, Holding]:
         with self._lock:
@@ -333,13 +395,35 @@ class ViewDiscovery(Discovery):
                 if not by_node:
                     del self._holdings[sha256]
 
+    def _set_claim(self, sha256: str, chunk_size: int, index: int, claim: ChunkClaim) -> None:
+        with self._lock:
+            by_index = self._claims.setdefault((sha256, chunk_size), {})
+            current = by_index.get(index)
+            if current is None or current.revision <= claim.revision:  # an older answer never wins
+                by_index[index] = claim
+
+    def _drop_claim(self, sha256: str, chunk_size: int, index: int, revision: int | None = None) -> None:
+        """Forget a claim (only one not newer than ``revision``, when given: a deletion seen late)."""
+        with self._lock:
+            by_index = self._claims.get((sha256, chunk_size))
+            if by_index is None or index not in by_index:
+                return
+            if revision is None or by_index[index].revision <= revision:
+                del by_index[index]
+                if not by_index:
+                    del self._claims[(sha256, chunk_size)]
+
     def _clear(self) -> None:
         with self._lock:
             self._nodes.clear()
             self._holdings.clear()
+            self._claims.clear()
 
     def _replace_view(
-        self, nodes: Mapping[str, NodeRecord], holdings: Mapping[str, Mapping[str, Holding]]
+        self,
+        nodes: Mapping[str, NodeRecord],
+        holdings: Mapping[str, Mapping[str, Holding]],
+        claims: Mapping[tuple[str, int], Mapping[int, ChunkClaim]] | None = None,
     ) -> None:
         """Swap the whole view at once (a reader sees the old view or the new one, never a mix)."""
         with self._lock:
@@ -347,3 +431,5 @@ class ViewDiscovery(Discovery):
             self._nodes.update(nodes)
             self._holdings.clear()
             self._holdings.update({sha: dict(by_node) for sha, by_node in holdings.items() if by_node})
+            self._claims.clear()
+            self._claims.update({key: dict(by_index) for key, by_index in (claims or {}).items() if by_index})

@@ -4,10 +4,18 @@ Keys, all under ``{prefix}/`` (``/modeldepot`` by default), values compact JSON:
 
     {prefix}/nodes/{node_id}               a NodeRecord       {"node_id", "url", "version", "started_at"}
     {prefix}/holdings/{sha256}/{node_id}   a Holding          {"size", "complete", "chunks_done", "chunks"}
+    {prefix}/claims/{sha256}/{chunk_size}/{index}
+                                           a ChunkClaim       {"node_id", "blake3"}
 
 Every key this node writes hangs on one lease (``ttl``, 10 s by default), refreshed every ttl/3: when the
 process dies its keys go within ``ttl``; :meth:`EtcdDiscovery.close` revokes the lease, which removes them
 at once. Holdings are keyed by content first, so "who holds X" is one prefix of the view.
+
+A claim is taken by a transaction that puts it only if the key does not exist (``create_revision == 0``) or
+still is the claim being taken over (``mod_revision`` equal to the one named), and otherwise reads the
+winner's; it hangs on the claiming process's lease (a process that only pulls, and never registers, gets a
+lease of its own on its first claim), so a claimer's claims go with it. Settling a claim (its BLAKE3) and
+releasing it compare the ``mod_revision`` too: a claim taken over is never overwritten or deleted.
 
 Two tasks run on the caller's loop:
 
@@ -39,11 +47,12 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import aetcd  # type: ignore[import-untyped]
 
 from modeldepot.discovery.base import (
+    ChunkClaim,
     ClusterStatus,
     Holding,
     NodeRecord,
@@ -53,7 +62,13 @@ from modeldepot.discovery.base import (
     validate_node_id,
 )
 from modeldepot.errors import InvalidInputError
-from modeldepot.validation import validate_cluster_prefix, validate_endpoint, validate_sha256
+from modeldepot.validation import (
+    validate_blake3,
+    validate_cluster_prefix,
+    validate_endpoint,
+    validate_sha256,
+    validate_size,
+)
 
 __all__ = ["CHANNEL_OPTIONS", "MAX_TXN_OPS", "EtcdDiscovery"]
 
@@ -113,6 +128,23 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
+class _Key(NamedTuple):
+    """A key of the fleet, parsed: ``kind`` is node, holding or claim."""
+
+    kind: str
+    sha256: str = ""
+    node_id: str = ""
+    chunk_size: int = 0
+    chunk: int = 0
+
+
+def _number(text: str) -> int:
+    """A decimal number in a key (no sign, no leading zero, no other digit than ASCII)."""
+    if not text.isascii() or not text.isdigit() or (len(text) > 1 and text[0] == "0") or len(text) > 12:
+        raise InvalidInputError(f"{text[:20]!r} is not a plain decimal number")
+    return validate_size(int(text))
+
+
 def _txn_revision(responses: Sequence[Any]) -> int:
     """The revision a transaction made (each operation's answer carries the header)."""
     for response in responses:
@@ -132,6 +164,7 @@ class EtcdDiscovery(ViewDiscovery):
     writes it when etcd is back). Holdings published before :meth:`register` wait for it."""
 
     name = "etcd"
+    claims_supported = True
 
     def __init__(
         self,
@@ -165,6 +198,7 @@ class EtcdDiscovery(ViewDiscovery):
         self._record_rev = 0  # the revision that wrote this node's record; 0: not (known to be) there
         self._written: dict[str, Holding | None] = {}  # None: may be in etcd, value unknown (a failed write)
         self._written_rev: dict[str, int] = {}
+        self._mine: dict[tuple[str, int], dict[int, ChunkClaim]] = {}  # this process's claims, by chunk
         self._verify = False  # something failed or vanished: check the lease and its keys before writing
         self._checking = False
         self._write_lock = asyncio.Lock()
@@ -286,18 +320,25 @@ class EtcdDiscovery(ViewDiscovery):
     def _holding_key(self, sha256: str, node_id: str) -> bytes:
         return self._root + f"holdings/{sha256}/{node_id}".encode()
 
-    def _parse_key(self, key: bytes) -> tuple[str, str, str] | None:
-        """("node", "", node_id) or ("holding", sha256, node_id); None for a kind of key this version does
-        not know (a newer one's). Raises InvalidInputError for a malformed key of a known kind."""
+    def _claim_key(self, sha256: str, chunk_size: int, index: int) -> bytes:
+        return self._root + f"claims/{sha256}/{chunk_size}/{index}".encode()
+
+    def _parse_key(self, key: bytes) -> _Key | None:
+        """The key's kind and parts; None for a kind of key this version does not know (a newer one's).
+        Raises InvalidInputError for a malformed key of a known kind."""
         try:
             parts = key[len(self._root) :].decode("ascii").split("/")
         except UnicodeDecodeError:
             raise InvalidInputError("the key is not ASCII") from None
         if parts[0] == "nodes" and len(parts) == 2:
-            return "node", "", validate_node_id(parts[1])
+            return _Key("node", node_id=validate_node_id(parts[1]))
         if parts[0] == "holdings" and len(parts) == 3:
-            return "holding", validate_sha256(parts[1]), validate_node_id(parts[2])
-        if parts[0] in ("nodes", "holdings"):
+            return _Key("holding", validate_sha256(parts[1]), validate_node_id(parts[2]))
+        if parts[0] == "claims" and len(parts) == 4:
+            return _Key(
+                "claim", validate_sha256(parts[1]), chunk_size=_number(parts[2]), chunk=_number(parts[3])
+            )
+        if parts[0] in ("nodes", "holdings", "claims"):
             raise InvalidInputError(f"a {parts[0]} key has {len(parts) - 1} parts after it")
         return None
 
@@ -361,32 +402,45 @@ class EtcdDiscovery(ViewDiscovery):
     def _load(self, snapshot: Any) -> None:
         nodes: dict[str, NodeRecord] = {}
         holdings: dict[str, dict[str, Holding]] = {}
+        claims: dict[tuple[str, int], dict[int, ChunkClaim]] = {}
         for kv in snapshot:
-            parsed = self._parse(kv.key, kv.value)
-            if isinstance(parsed, NodeRecord):
-                nodes[parsed.node_id] = parsed
-            elif parsed is not None:
-                sha256, node_id, holding = parsed
-                holdings.setdefault(sha256, {})[node_id] = holding
-        self._replace_view(nodes, holdings)
+            parsed = self._parse(kv.key, kv.value, int(kv.mod_revision))
+            if parsed is None:
+                continue
+            key, entry = parsed
+            if isinstance(entry, NodeRecord):
+                nodes[entry.node_id] = entry
+            elif isinstance(entry, Holding):
+                holdings.setdefault(key.sha256, {})[key.node_id] = entry
+            else:
+                claims.setdefault((key.sha256, key.chunk_size), {})[key.chunk] = entry
+        self._replace_view(nodes, holdings, claims)
+        for content, mine in list(self._mine.items()):  # a claim of ours that went (a lease ran out)
+            held = claims.get(content, {})
+            for index, claim in list(mine.items()):
+                if index not in held or held[index].revision != claim.revision:
+                    del mine[index]
         if self._record_rev or self._written:
             self._verify = True  # events were lost: check this node's own keys
             self._wake.set()
         self._changed()
 
-    def _parse(self, key: bytes, value: bytes) -> NodeRecord | tuple[str, str, Holding] | None:
-        """The entry ``key`` holds, or None (skipped with a warning when malformed)."""
+    def _parse(
+        self, key: bytes, value: bytes, revision: int
+    ) -> tuple[_Key, NodeRecord | Holding | ChunkClaim] | None:
+        """The key and the entry it holds, or None (skipped with a warning when malformed)."""
         try:
             parsed = self._parse_key(key)
             if parsed is None:
                 return None
-            kind, sha256, node_id = parsed
-            if kind == "node":
+            if parsed.kind == "node":
                 record = NodeRecord.from_dict(_decode(value))
-                if record.node_id != node_id:
+                if record.node_id != parsed.node_id:
                     raise InvalidInputError(f"the record names node {record.node_id!r}")
-                return record
-            return sha256, node_id, Holding.from_dict(_decode(value))
+                return parsed, record
+            if parsed.kind == "claim":
+                return parsed, ChunkClaim.from_dict(_decode(value), revision)
+            return parsed, Holding.from_dict(_decode(value))
         except InvalidInputError as error:
             self._warn(key, error)
             return None
@@ -401,15 +455,35 @@ class EtcdDiscovery(ViewDiscovery):
             return
         if parsed is None:
             return
-        kind, sha256, node_id = parsed
-        entry = self._parse(kv.key, kv.value) if event.kind == "PUT" else None
+        kind, sha256, node_id = parsed.kind, parsed.sha256, parsed.node_id
+        revision = int(kv.mod_revision)
+        found = self._parse(kv.key, kv.value, revision) if event.kind == "PUT" else None
+        entry = None if found is None else found[1]
+        if kind == "claim":
+            content = (sha256, parsed.chunk_size)
+            if isinstance(entry, ChunkClaim):
+                self._set_claim(sha256, parsed.chunk_size, parsed.chunk, entry)
+            else:
+                self._drop_claim(sha256, parsed.chunk_size, parsed.chunk, revision)
+            mine = self._mine.get(content)
+            if mine is not None and parsed.chunk in mine and mine[parsed.chunk].revision < revision:
+                if (
+                    isinstance(entry, ChunkClaim)
+                    and self._lease_id is not None
+                    and kv.lease == self._lease_id
+                ):
+                    mine[parsed.chunk] = entry  # ours, settled (the answer to our write may come later)
+                else:
+                    del mine[parsed.chunk]  # gone with a lease, or taken over: no longer ours
+            self._changed()
+            return
         if kind == "node":
             if isinstance(entry, NodeRecord):
                 self._set_node(entry)
             else:  # deleted (or now malformed: what it held is no longer trusted)
                 self._drop_node(node_id)
-        elif isinstance(entry, tuple):
-            self._set_holding(sha256, node_id, entry[2])
+        elif isinstance(entry, Holding):
+            self._set_holding(sha256, node_id, entry)
         else:
             self._drop_holding(sha256, node_id)
         if event.kind == "DELETE":
@@ -497,8 +571,8 @@ class EtcdDiscovery(ViewDiscovery):
 
     async def _sync_once(self, client: Any) -> None:
         record = self._record
-        if record is None or self._closed:
-            return  # keys are named by the node id: nothing is written before register()
+        if self._closed or (record is None and self._lease_id is None):
+            return  # keys are named by the node id: nothing is written before register() (or a claim)
         loop = asyncio.get_running_loop()
         verify, self._verify = self._verify, False  # a failure from here on sets it again
         if self._lease_id is not None and (verify or loop.time() >= self._refresh_due):
@@ -514,10 +588,11 @@ class EtcdDiscovery(ViewDiscovery):
                 self._drop_lease()
             else:
                 self._refresh_due = loop.time() + self._lease_ttl / 3
+        if record is None:  # a process that only claims chunks: its lease kept alive, nothing more
+            self._ok()
+            return
         if self._lease_id is None:
-            lease = await self._call(client.lease(math.ceil(self.ttl)))
-            self._lease_id, self._lease_ttl = int(lease.id), max(1.0, float(lease.ttl))
-            self._refresh_due = loop.time() + self._lease_ttl / 3
+            await self._grant_lease(client)
         elif verify:
             self._checking = True  # status: not "registered" until this node's keys are known to be there
             try:
@@ -534,6 +609,105 @@ class EtcdDiscovery(ViewDiscovery):
             log.info("registered in etcd as node %s (%s)", record.node_id, record.url)
         await self._write_holdings(client, record.node_id)
         self._ok()  # a whole pass went through (a partial one, as with a full etcd, is no recovery)
+
+    async def _grant_lease(self, client: Any) -> None:
+        lease = await self._call(client.lease(math.ceil(self.ttl)))
+        self._lease_id, self._lease_ttl = int(lease.id), max(1.0, float(lease.ttl))
+        self._refresh_due = asyncio.get_running_loop().time() + self._lease_ttl / 3
+        self._wake.set()  # the keeper refreshes it from now on
+
+    # -- chunk claims ------------------------------------------------------------------------------------------
+
+    async def claim_chunk(
+        self, sha256: str, chunk_size: int, index: int, node_id: str, replaces: int = 0
+    ) -> ChunkClaim | None:
+        validate_sha256(sha256)
+        validate_node_id(node_id)
+        key = self._claim_key(sha256, validate_size(chunk_size), validate_size(index))
+        if not self._started or self._closed:
+            return None
+        client = self._client
+        try:
+            if self._lease_id is None:
+                async with self._write_lock:
+                    if self._lease_id is None:
+                        await self._grant_lease(client)
+            lease = self._lease_id
+            tx = client.transactions
+            guard = tx.create(key) == 0 if replaces == 0 else tx.mod(key) == replaces
+            value = _encode(ChunkClaim(node_id, None, 0).to_dict())
+            won, responses = await self._call(
+                client.transaction(
+                    compare=[guard], success=[tx.put(key, value, lease=lease)], failure=[tx.get(key)]
+                )
+            )
+        except Exception as error:
+            self._failed(error, client)
+            return None
+        if won:
+            revision = _txn_revision(responses)
+            claim = ChunkClaim(node_id, None, revision)
+            if lease == self._lease_id:
+                self._mine.setdefault((sha256, chunk_size), {})[index] = claim
+            self._set_claim(sha256, chunk_size, index, claim)
+            self._changed()
+            return claim
+        found = responses[0] if responses else []
+        if not found:  # the claim taken over is gone already (its lease ran out): nobody holds it now
+            return await self.claim_chunk(sha256, chunk_size, index, node_id) if replaces else None
+        value_found, meta = found[0]
+        parsed = self._parse(key, value_found, int(meta.mod_revision))
+        if parsed is None:
+            return None  # malformed (warned): the caller fetches it itself
+        winner = parsed[1]
+        assert isinstance(winner, ChunkClaim)
+        self._set_claim(sha256, chunk_size, index, winner)
+        self._changed()
+        return winner
+
+    async def settle_claim(self, sha256: str, chunk_size: int, index: int, blake3: str) -> None:
+        mine = self._mine.get((sha256, chunk_size), {})
+        ours = mine.get(index)
+        if ours is None or self._closed or self._lease_id is None:
+            return
+        key = self._claim_key(sha256, chunk_size, index)
+        claim = ChunkClaim(ours.node_id, validate_blake3(blake3), 0)
+        client = self._client
+        tx = client.transactions
+        try:
+            won, responses = await self._call(client.transaction(
+                compare=[tx.mod(key) == ours.revision],
+                success=[tx.put(key, _encode(claim.to_dict()), lease=self._lease_id)], failure=[],
+            ))  # fmt: skip
+        except Exception as error:
+            self._failed(error, client)
+            return
+        if won:
+            settled = ChunkClaim(claim.node_id, claim.blake3, _txn_revision(responses))
+            mine[index] = settled
+            self._set_claim(sha256, chunk_size, index, settled)
+            self._changed()
+
+    async def release_claims(self, sha256: str, chunk_size: int) -> None:
+        mine = self._mine.pop((sha256, chunk_size), {})
+        if not mine or self._closed:
+            return
+        client = self._client
+        tx = client.transactions
+
+        async def release(index: int, revision: int) -> None:
+            key = self._claim_key(sha256, chunk_size, index)
+            await self._call(client.transaction(compare=[tx.mod(key) == revision], success=[tx.delete(key)],
+                                                failure=[]))  # fmt: skip
+            self._drop_claim(sha256, chunk_size, index, revision)
+
+        results = await asyncio.gather(
+            *(release(i, c.revision) for i, c in mine.items()), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:  # left to the lease: they go when this process ends
+            self._failed(errors[0], client)
+        self._changed()
 
     async def _reconcile(self, client: Any, node_id: str) -> None:
         """After a failure: learn from the lease's own key list what of this node is in etcd, so that
@@ -606,6 +780,7 @@ class EtcdDiscovery(ViewDiscovery):
         self._record_rev = 0
         self._written.clear()
         self._written_rev.clear()
+        self._mine.clear()  # claims hang on the lease: gone with it
         self._changed()
 
     def _stopping(self) -> bool:

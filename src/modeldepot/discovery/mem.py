@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping
 
 from modeldepot.discovery.base import (
+    ChunkClaim,
     ClusterStatus,
     Holding,
     NodeRecord,
@@ -38,6 +39,9 @@ class MemRegistry:
         self._lock = threading.RLock()
         self._nodes: dict[str, NodeRecord] = {}
         self._holdings: dict[str, dict[str, Holding]] = {}
+        self._claims: dict[tuple[str, int], dict[int, ChunkClaim]] = {}
+        self._claimed_by: dict[tuple[str, int, int], MemDiscovery] = {}  # a claim's owner (its "lease")
+        self._revision = 0
         self._members: set[MemDiscovery] = set()
         self.available = True
         self.since = time.time()
@@ -51,6 +55,7 @@ class MemRegistry:
             for member in self._members:
                 if member._record is not None and member._record.node_id == node_id:
                     member._dead = True
+                    self._drop_claims_of(member)
             self._remove(node_id)
         self._notify()
 
@@ -76,6 +81,7 @@ class MemRegistry:
     def _leave(self, member: MemDiscovery) -> None:
         with self._lock:
             self._members.discard(member)
+            self._drop_claims_of(member)
             if member._record is not None and not member._dead:
                 self._remove(member._record.node_id)  # in an outage too: as a lease that runs out
         self._notify()
@@ -102,6 +108,19 @@ class MemRegistry:
         self._nodes.pop(node_id, None)
         for sha256 in [sha for sha, by_node in self._holdings.items() if node_id in by_node]:
             self._drop_holding(sha256, node_id)
+
+    def _next_revision(self) -> int:
+        self._revision += 1
+        return self._revision
+
+    def _drop_claims_of(self, member: MemDiscovery) -> None:
+        for key in [k for k, owner in self._claimed_by.items() if owner is member]:
+            del self._claimed_by[key]
+            sha256, chunk_size, index = key
+            by_index = self._claims.get((sha256, chunk_size), {})
+            by_index.pop(index, None)
+            if not by_index:
+                self._claims.pop((sha256, chunk_size), None)
 
     def _drop_holding(self, sha256: str, node_id: str) -> None:
         by_node = self._holdings[sha256]
@@ -140,6 +159,7 @@ class MemDiscovery(ViewDiscovery):
         # The view is the registry itself, under its lock: every member sees every write at once.
         self._nodes = registry._nodes
         self._holdings = registry._holdings
+        self._claims = registry._claims
         self._lock = registry._lock
         self._record: NodeRecord | None = None
         self._desired: dict[str, Holding] = {}
@@ -169,6 +189,48 @@ class MemDiscovery(ViewDiscovery):
         self._desired = check_holdings(holdings)
         if self._loop is not None:
             self.registry._update(self)
+
+    claims_supported = True
+
+    async def claim_chunk(
+        self, sha256: str, chunk_size: int, index: int, node_id: str, replaces: int = 0
+    ) -> ChunkClaim | None:
+        registry = self.registry
+        with self._lock:
+            if not registry.available or self._loop is None or self._dead:
+                return None
+            by_index = self._claims.setdefault((sha256, chunk_size), {})
+            current = by_index.get(index)
+            if current is not None and current.revision != replaces:
+                return current
+            claim = by_index[index] = ChunkClaim(node_id, None, registry._next_revision())
+            registry._claimed_by[(sha256, chunk_size, index)] = self
+        registry._notify()
+        return claim
+
+    async def settle_claim(self, sha256: str, chunk_size: int, index: int, blake3: str) -> None:
+        registry = self.registry
+        with self._lock:
+            if not registry.available or registry._claimed_by.get((sha256, chunk_size, index)) is not self:
+                return
+            by_index = self._claims[(sha256, chunk_size)]
+            by_index[index] = ChunkClaim(by_index[index].node_id, blake3, registry._next_revision())
+        registry._notify()
+
+    async def release_claims(self, sha256: str, chunk_size: int) -> None:
+        registry = self.registry
+        with self._lock:
+            for key in [
+                k
+                for k, owner in registry._claimed_by.items()
+                if owner is self and k[:2] == (sha256, chunk_size)
+            ]:
+                del registry._claimed_by[key]
+                by_index = self._claims.get((sha256, chunk_size), {})
+                by_index.pop(key[2], None)
+                if not by_index:
+                    self._claims.pop((sha256, chunk_size), None)
+        registry._notify()
 
     def status(self) -> ClusterStatus:
         with self._lock:

@@ -29,10 +29,7 @@ import aiohttp
 from huggingface_hub import get_token
 
 from modeldepot.config import DepotConfig
-from modeldepot.discovery.base import (
-    Holding,
-    validate_node_url,
-)
+from modeldepot.discovery.base import Holding, NodeRecord, validate_node_url
 from modeldepot.errors import AccessDeniedError, DepotError, InvalidInputError, NotFoundError, UpstreamError
 from modeldepot.hashing import chunk_count
 from modeldepot.hub.manifest import Manifest, RemoteFile
@@ -40,6 +37,7 @@ from modeldepot.hub.scan import fetch_repo
 from modeldepot.transfer.download import FileSource
 from modeldepot.transfer.fleet import FleetView
 from modeldepot.transfer.sources import HttpSource, RetryPolicy
+from modeldepot.transfer.swarm import SwarmFile
 from modeldepot.validation import from_upstream, validate_blake3
 
 __all__ = ["Scan", "SourceChain"]
@@ -197,25 +195,46 @@ class SourceChain:
         if not lfs:
             return
         holders = await self.fleet.holders(f.sha256 for f in lfs if f.sha256)
-        hub = self.hub.base_url.rstrip("/")
         for remote in lfs:
             sha256 = remote.sha256 or ""
             have = {s.source.base_url.rstrip("/") for s in found.get(remote.path, [])}
             for holder in holders.get(sha256, []):
-                url = _node_url(holder.node.url)
-                if (holder.node.node_id == self.node_id or url is None or url in have or url == hub
-                        or holder.holding.size != remote.size
-                        or not (_whole(holder.holding, remote) or holder.holding.chunks_done > 0)):  # fmt: skip
-                    continue
-                have.add(url)
-                configured = [s for s in self.servers if s.base_url.rstrip("/") == url]
-                source = configured[0] if configured else self._node(url)
-                blob = f"{url}{NODE_API}/blobs/{sha256}"
-                chunks_url = None if holder.holding.complete else f"{blob}/chunks"
-                origin = "node" if configured else "peer"
-                found.setdefault(remote.path, []).append(
-                    FileSource(source, blob, known.get(sha256), origin, chunks_url)
-                )
+                source = self.fleet_source(remote, holder.node, holder.holding, known.get(sha256))
+                if source is not None and source.source.base_url not in have:
+                    have.add(source.source.base_url)
+                    found.setdefault(remote.path, []).append(source)
+
+    def fleet_source(self, remote: RemoteFile, node: NodeRecord, holding: Holding | None,
+                     digests: tuple[str, ...] | None = None) -> FileSource | None:  # fmt: skip
+        """A fleet node as a source of ``remote`` (an LFS file) through its blob route: whole, or in part
+        (a download in progress, or a claimer of its chunks, ``holding`` None: the transfer reads which
+        chunks from its chunk map). None for this node itself, a URL that is no node's, the Hub's, or a
+        holding of another size or with no chunk yet."""
+        url = _node_url(node.url)
+        if node.node_id == self.node_id or url is None or url == self.hub.base_url.rstrip("/"):
+            return None
+        if holding is not None and (
+            holding.size != remote.size or not (_whole(holding, remote) or holding.chunks_done > 0)
+        ):
+            return None
+        configured = [s for s in self.servers if s.base_url.rstrip("/") == url]
+        source = configured[0] if configured else self._node(url)
+        blob = f"{url}{NODE_API}/blobs/{remote.sha256}"
+        chunks_url = None if holding is not None and holding.complete else f"{blob}/chunks"
+        return FileSource(source, blob, digests, "node" if configured else "peer", chunks_url)
+
+    async def swarm_file(self, remote: RemoteFile, chunk_size: int) -> SwarmFile | None:
+        """The file's claims in the fleet, when this node takes part: a registry that keeps claims, this
+        store registered as a live node (its server serves what it fetches), and an LFS file (by SHA-256)."""
+        fleet, node_id = self.fleet, self.node_id
+        if fleet is None or node_id is None or remote.sha256 is None:
+            return None
+        if not await fleet.read_async(
+            lambda d: d.claims_supported and any(n.node_id == node_id for n in d.peers()), False
+        ):
+            return None
+        return SwarmFile(fleet, node_id, remote.sha256, chunk_size,
+                         lambda node, holding: self.fleet_source(remote, node, holding))  # fmt: skip
 
     def hub_source(self, manifest: Manifest, remote: RemoteFile) -> FileSource:
         return FileSource(self.hub, self.hub.file_url(manifest.repo_id, manifest.commit_id, remote.path))

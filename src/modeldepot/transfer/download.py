@@ -16,6 +16,14 @@ only holder left) and its other requests go back to the pool; the chunk is fetch
 read timeout, after retries) is dropped for this file; when no live source may be asked for the chunks
 left, the fallback (the Hub) joins.
 
+In a fleet pulling the same content at once (``swarm``, transfer/swarm.py) the Hub is one source among
+the others from the start, but it is asked only for chunks no peer holds and no other live node has
+claimed: this node claims each chunk in the registry before fetching it from the Hub, and settles the claim
+with the chunk's BLAKE3 once landed. Claimers become sources as their claims appear (their settled chunks
+count as held at once, before their chunk map says so), and a peer's copy of a chunk is checked against
+the claimer's BLAKE3. A claim whose claimer left, failed here, or has not landed within the patience
+(``SWARM_PATIENCE`` at least, more on a slow Hub) is taken over.
+
 Memory is bounded by the connection limit, not by the number of files: a request takes a buffer slot
 (one of ``Limits.total``) and keeps it until its chunk has landed, so when landing falls behind the
 network, requests wait instead of fetched chunks piling up.
@@ -31,10 +39,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import mmap
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import blake3
@@ -53,6 +62,9 @@ from modeldepot.hub.manifest import RemoteFile
 from modeldepot.store.partials import ResumablePartial
 from modeldepot.transfer.sources import ChunkUnavailableError, HttpSource, RangeIgnoredError
 
+if TYPE_CHECKING:
+    from modeldepot.transfer.swarm import SwarmFile
+
 __all__ = ["FileSource", "Limits", "download_file"]
 
 MAX_CHUNK_ATTEMPTS = 3  # tries of one chunk that failed its digest before the file is given up
@@ -61,6 +73,8 @@ REFRESH_SECONDS = 2.0  # at most so often a partial holder's chunk map is read a
 ENDGAME_COPIES = 2  # requests for one chunk at most, in the endgame
 ENDGAME_WAIT = 1.0  # seconds a chunk is outstanding, at least, before the endgame asks another source too
 ENDGAME_FACTOR = 3.0  # ... and at least this many times the idle source's own time per chunk
+SWARM_TICK = 0.1  # seconds between reads of the fleet's view of the file's claims and holders
+SWARM_PATIENCE = 10.0  # seconds, at least, another node's claim may stay unlanded before it is taken over
 BytesDone = Callable[[int, str], None]
 """Told ``(bytes, kind)`` for each chunk written: ``kind`` is its source's (:attr:`FileSource.kind`)."""
 
@@ -110,17 +124,20 @@ async def download_file(
     limits: Limits,
     fallback: Callable[[], list[FileSource]] | None = None,
     on_bytes: BytesDone | None = None,
+    swarm: SwarmFile | None = None,
 ) -> BlobDigest:
     """Complete ``partial`` with ``remote``'s bytes and return their digests, checked against upstream.
 
     ``fallback`` is asked once for more sources when every source given has failed (the chain's last
     resort, the Hub). ``on_bytes`` is called with the size of each chunk as it is written, and its source's kind.
+    ``swarm``: the file's claims in the fleet (the Hub is then among ``sources``, asked only for what no
+    other node holds or claims).
     """
     if remote.size == 0:
         digest = digest_bytes(b"", partial.chunk_size)
         _check(remote, digest)
         return digest
-    job = _FileJob(http, remote, partial, limits, fallback, on_bytes)
+    job = _FileJob(http, remote, partial, limits, fallback, on_bytes, swarm)
     return await job.run(sources)
 
 
@@ -137,9 +154,11 @@ class _Request:
 class _FileJob:
     def __init__(self, http: aiohttp.ClientSession, remote: RemoteFile, partial: ResumablePartial,
                  limits: Limits, fallback: Callable[[], list[FileSource]] | None,
-                 on_bytes: BytesDone | None) -> None:  # fmt: skip
+                 on_bytes: BytesDone | None, swarm: SwarmFile | None = None) -> None:  # fmt: skip
         self.http, self.remote, self.partial, self.limits = http, remote, partial, limits
-        self.fallback, self.on_bytes = fallback, on_bytes
+        self.fallback, self.on_bytes, self.swarm = fallback, on_bytes, swarm
+        self.announced: dict[FileSource, frozenset[int]] = {}  # chunks a claimer settled (swarm)
+        self.rotation = random.randrange(1 << 30)  # where the Hub's scan starts: claims collide less
         self.requests: dict[int, list[_Request]] = {}  # chunk -> its requests in flight (two in the endgame)
         self.tasks: set[asyncio.Task[bool]] = set()
         self.landing: set[int] = set()  # chunks being written
@@ -170,6 +189,7 @@ class _FileJob:
 
     async def run(self, sources: list[FileSource]) -> BlobDigest:
         hasher = asyncio.create_task(self._hash_in_order())
+        follower = asyncio.create_task(self._follow_swarm()) if self.swarm is not None else None
         try:
             await self._start(sources)
             if not self.live:
@@ -187,6 +207,8 @@ class _FileJob:
             digest = hasher.result()
         finally:
             tasks: list[asyncio.Task[Any]] = [hasher, *self.workers, *self.tasks]
+            if follower is not None:
+                tasks.append(follower)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -231,7 +253,37 @@ class _FileJob:
 
     def _holds(self, source: FileSource, index: int) -> bool:
         have = self.have.get(source)
-        return have is None or index in have
+        return have is None or index in have or index in self.announced.get(source, ())
+
+    def _patience(self) -> float:
+        """Seconds another node's claim may stay unlanded: SWARM_PATIENCE, or more on a slow Hub (three
+        times this node's own time per Hub chunk, twice the age of its oldest Hub request in flight)."""
+        now, patience = time.monotonic(), SWARM_PATIENCE
+        for source, (spent, landed) in self.timing.items():
+            if source.kind == "hub" and landed:
+                patience = max(patience, ENDGAME_FACTOR * spent / landed)
+        for requests in self.requests.values():
+            for request in requests:
+                if request.source.kind == "hub":
+                    patience = max(patience, 2 * (now - request.started))
+        return patience
+
+    def _origin_blocked(self, index: int, now: float) -> bool:
+        """In a swarm, whether the Hub must not be asked for chunk ``index`` now: a live peer that is not
+        banned holds it (unless its request has been outstanding past the patience: a stalled peer), or
+        another live node's claim on it stands."""
+        assert self.swarm is not None
+        patience = self._patience()
+        held = any(
+            s.kind != "hub" and not self._is_banned(s, now) and self._holds(s, index)
+            and self.bad.get(index, set()).isdisjoint({s.source.name})
+            for s in self.live
+        )  # fmt: skip
+        if held:
+            late = [r for r in self.requests.get(index, []) if now - r.started >= patience]
+            if not late:
+                return True
+        return self.swarm.standing_claim(index, self.bad.get(index, set()), patience) is not None
 
     def _is_banned(self, source: FileSource, now: float) -> bool:
         return self.banned.get(source, 0.0) > now
@@ -251,6 +303,8 @@ class _FileJob:
             return not any(
                 s is not source and not self._is_banned(s, now) and self._holds(s, index) for s in self.live
             )
+        if self.swarm is not None and source.kind == "hub":
+            return not self._origin_blocked(index, now)
         return True
 
     def _pick(self, source: FileSource) -> tuple[int | None, float | None]:
@@ -266,7 +320,11 @@ class _FileJob:
         partial_maps = [m for s in self.live if (m := self.have.get(s)) is not None]
         complete = len(self.live) - len(partial_maps)
         best, best_count, free = None, 0, False
-        for index in range(self.low, chunks):
+        order: range | list[int] = range(self.low, chunks)
+        if self.swarm is not None and source.kind == "hub" and chunks > self.low:
+            start = self.low + self.rotation % (chunks - self.low)  # nodes start their Hub scans apart
+            order = [*range(start, chunks), *range(self.low, start)]
+        for index in order:
             if index in done or index in self.requests:
                 continue
             free = True
@@ -308,6 +366,9 @@ class _FileJob:
             index, wake = self._pick(source)
             if index is None:
                 if not self.requests and not any(self._pick(s)[0] is not None for s in self.live):
+                    if self._claimed_elsewhere():
+                        await self._idle(source, changed, SWARM_TICK)  # another node fetches them
+                        continue
                     if await self._rescue():
                         continue
                     return
@@ -330,6 +391,43 @@ class _FileJob:
                 self._pulse()
             if not task.cancelled() and not task.result():
                 return
+
+    def _claimed_elsewhere(self) -> bool:
+        """In a swarm, whether a chunk left is claimed by another live node (it will come from there)."""
+        if self.swarm is None:
+            return False
+        patience = self._patience()
+        return any(
+            index not in self.partial.done
+            and self.swarm.standing_claim(index, self.bad.get(index, set()), patience) is not None
+            for index in range(self.low, self.partial.chunks)
+        )
+
+    async def _follow_swarm(self) -> None:
+        """Keep the swarm's view of the file current: new holders and claimers join as sources, and the
+        chunks claimers settled count as held by them."""
+        assert self.swarm is not None
+        while self._work_left():
+            changed = self.swarm.refresh()
+            joining: list[FileSource] = []
+            by_url = {s.source.base_url: s for s in self.live}
+            gone = set(self.errors)
+            announced = self.swarm.announced()
+            for node_id, source in self.swarm.sources().items():
+                live = by_url.get(source.source.base_url)
+                if live is None and source.source.name not in gone:
+                    joining.append(source)
+                    live = source
+                chunks = announced.get(node_id, frozenset())
+                if live is not None and self.announced.get(live, frozenset()) != chunks:
+                    self.announced[live] = chunks
+                    changed = True
+            if joining:
+                await self._start(joining)
+                changed = True
+            if changed:
+                self._pulse()
+            await asyncio.sleep(SWARM_TICK)
 
     async def _rescue(self) -> bool:
         """Nothing is in flight and no live source may be asked for any chunk left: the fallback joins
@@ -391,6 +489,9 @@ class _FileJob:
 
     async def _request(self, source: FileSource, index: int, request: _Request) -> bool:
         """Fetch and land one chunk; False when the worker should stop."""
+        swarm = self.swarm if source.kind == "hub" else None
+        if swarm is not None and not await swarm.claim(index, self.bad.get(index, set()), self._patience()):
+            return True  # another node fetches it from the Hub: it comes from there
         try:
             await self._fetch_chunk(source, index, request)
         except RangeIgnoredError:
@@ -438,6 +539,8 @@ class _FileJob:
         second copy is dropped), and cancel the other request for it."""
         digest = await asyncio.to_thread(_blake3, data)
         expected = source.chunk_blake3[index] if source.chunk_blake3 else None
+        if expected is None and self.swarm is not None and source.kind != "hub":
+            expected = self.swarm.digest(index)  # as its claimer had it from the Hub
         if expected is not None and digest != expected:
             self.bad.setdefault(index, set()).add(source.source.name)
             self.attempts[index] = self.attempts.get(index, 0) + 1
@@ -456,6 +559,8 @@ class _FileJob:
             if other.source != source and not other.landing and other.task is not None:
                 other.task.cancel()  # the endgame's loser: its buffer slot and connection are released
         self._pulse()
+        if self.swarm is not None and source.kind == "hub":
+            await self.swarm.settle(index, digest)  # the fleet may take it from this node now
 
     def _ban(self, source: FileSource) -> None:
         """A source whose bytes failed their digest gets no chunk for BAN_SECONDS (unless no other source

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -88,6 +88,30 @@ class FleetView:
             log.warning(
                 "the fleet's view did not answer (%s): going on without it", error or type(error).__name__
             )
+            return default
+
+    async def call(self, what: Callable[[Discovery], Awaitable[T]], default: T) -> T:
+        """Await ``what(discovery)`` (a write, as a chunk claim) on the discovery's own loop, from any loop;
+        ``default`` once the view is detached, its loop is gone, or it does not answer in time."""
+        if self._detached:
+            return default
+        if _running_loop() is self.loop:
+            return await what(self.discovery)
+
+        async def run() -> T:
+            return await what(self.discovery)
+
+        coroutine = run()
+        try:
+            future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        except RuntimeError as error:  # its loop is closed
+            coroutine.close()
+            log.warning("the fleet did not answer (%s): going on without it", error)
+            return default
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), FLEET_READ_TIMEOUT)
+        except (RuntimeError, asyncio.TimeoutError) as error:
+            log.warning("the fleet did not answer (%s): going on without it", error or type(error).__name__)
             return default
 
     def _submit(self, what: Callable[[Discovery], T]) -> concurrent.futures.Future[T]:

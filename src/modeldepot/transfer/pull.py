@@ -27,6 +27,7 @@ from modeldepot.store.publish import RevisionSpec, StagedFile, publish
 from modeldepot.store.store import Store
 from modeldepot.transfer.chain import SourceChain
 from modeldepot.transfer.download import FileSource, Limits, download_file
+from modeldepot.transfer.swarm import SwarmFile
 
 __all__ = [
     "PartialWatch",
@@ -207,6 +208,9 @@ async def pull_async(
             raise
         finally:
             run.release()
+            # Claims go once the files are published (or the pull failed): peers still downloading keep
+            # the digests they saw, and find this node's blobs by its holdings.
+            await asyncio.gather(*(swarm.release() for swarm in run.swarms), return_exceptions=True)
         await tracker.settle()
         tracker.write("downloaded")
     return PullResult(
@@ -241,6 +245,7 @@ class _PullRun:
         self.used: set[str] = set()
         self.published = False
         self.file_slots = asyncio.Semaphore(FILES_AT_ONCE)
+        self.swarms: list[SwarmFile] = []  # files whose chunks this pull claims in the fleet
 
     async def fetch(self, missing: list[RemoteFile]) -> dict[str, BlobDigest]:
         unique: dict[str, RemoteFile] = {}
@@ -285,14 +290,19 @@ class _PullRun:
         self.tracker.add(remote.path, claim.resumed_bytes)
         self.tracker.resumed += claim.resumed_bytes
         hub = [self.chain.hub_source(self.manifest, remote)]
-        sources, fallback = (nodes, lambda: hub) if nodes else (hub, None)
+        swarm = await self.chain.swarm_file(remote, claim.chunk_size)
+        if swarm is not None:  # the Hub from the start, for what no other node holds or claims
+            self.swarms.append(swarm)
+            sources, fallback = [*nodes, *hub], None
+        else:
+            sources, fallback = (nodes, lambda: hub) if nodes else (hub, None)
 
         def on_bytes(amount: int, origin: str) -> None:
             self.tracker.fetched += amount
             self.tracker.add(remote.path, amount, origin=origin)
 
         self.used.update(s.source.base_url for s in sources)
-        digest = await download_file(http, remote, claim, sources, self.limits, fallback, on_bytes)
+        digest = await download_file(http, remote, claim, sources, self.limits, fallback, on_bytes, swarm)
         claim.close_data()
         self.digests[key] = digest
 

@@ -1,0 +1,180 @@
+"""One file's share of a fleet pulling the same content from the Hub at once: each chunk from the Hub once.
+
+Before a node fetches a chunk from the Hub it *claims* it in the registry (a compare-and-swap: see
+:meth:`~modeldepot.discovery.Discovery.claim_chunk`). A chunk another live node claims is not fetched from
+the Hub: it comes from that node (its server serves the chunks of a download in progress) or from anyone
+who has it since, once the claimer has *settled* the claim with the chunk's BLAKE3, against which the chunk
+is then checked whoever relays it. The claimers become sources of the file as their claims appear, and so
+do the fleet's other holders of the content (a node that joined late, or relays what it took).
+
+A claim stops counting, and the chunk may be claimed over it (a take-over: another compare-and-swap, so one
+node only takes it over), when its claimer is no longer live in the fleet (it died: its claims go with its
+lease within the TTL anyway), when the claimer's copy failed its digest here, or when it has not landed
+after ``patience`` seconds (a claimer slow on the Hub does not hold the file's tail). When the registry
+cannot answer a claim, the chunk is fetched anyway: a pull never waits on the registry.
+
+Hub tokens never leave the node: a peer is asked with the node token, and the registry holds SHA-256s,
+chunk numbers, node ids and BLAKE3s only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from modeldepot.discovery.base import ChunkClaim, Holding, NodeRecord
+from modeldepot.transfer.download import FileSource
+from modeldepot.transfer.fleet import FleetView
+
+__all__ = ["SourceFactory", "SwarmFile"]
+
+SourceFactory = Callable[[NodeRecord, Holding | None], FileSource | None]
+"""A fleet node as a source of the file (with its holding, or None for a claimer that publishes none yet),
+or None when it may not be one (this node itself, an unusable URL, another size)."""
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What one read of the fleet's view says of the file."""
+
+    claims: dict[int, ChunkClaim]
+    nodes: dict[str, NodeRecord]  # live nodes by id
+    holders: list[tuple[NodeRecord, Holding]]
+
+
+class SwarmFile:
+    """The claims of one content (``sha256`` in ``chunk_size`` chunks) as this node's pull sees them.
+
+    :meth:`refresh` reads the fleet's local view (no request); :meth:`claim`, :meth:`settle` and
+    :meth:`release` write through the registry. Used from the pull's event loop."""
+
+    def __init__(self, fleet: FleetView, node_id: str, sha256: str, chunk_size: int,
+                 make_source: SourceFactory) -> None:  # fmt: skip
+        self.fleet, self.node_id, self.sha256, self.chunk_size = fleet, node_id, sha256, chunk_size
+        self.make_source = make_source
+        self.claims: dict[int, ChunkClaim] = {}
+        self.nodes: dict[str, NodeRecord] = {}
+        self.holders: list[tuple[NodeRecord, Holding]] = []
+        self.digests: dict[int, str] = {}  # settled BLAKE3s seen, kept after their claims go
+        self.settled: dict[str, set[int]] = {}  # node id -> chunks it settled (kept after its claims go)
+        self._sources: dict[tuple[str, str], FileSource | None] = {}  # (node id, url) -> as a source
+        self.mine: set[int] = set()  # chunks this pull claimed
+        self._first_seen: dict[tuple[int, int], float] = {}  # (chunk, claim revision) -> when first seen
+        self.claims_won = 0
+        self.claims_lost = 0
+        self.take_overs = 0
+
+    # -- reading the view -----------------------------------------------------------------------------------
+
+    def refresh(self) -> bool:
+        """Read the claims, live nodes and holders of the content from the view; True when the claims or
+        the nodes changed."""
+        sha, size = self.sha256, self.chunk_size
+        seen = self.fleet.read(
+            lambda d: _Seen(d.claims(sha, size), {n.node_id: n for n in d.peers()},
+                            [(h.node, h.holding) for h in d.holders(sha)]),
+            _Seen({}, {}, []),
+        )  # fmt: skip
+        changed = seen.claims != self.claims or seen.nodes.keys() != self.nodes.keys()
+        self.claims, self.nodes, self.holders = seen.claims, seen.nodes, seen.holders
+        now = time.monotonic()
+        for index, claim in seen.claims.items():
+            if claim.blake3 is not None:
+                self.digests.setdefault(index, claim.blake3)
+                if claim.node_id != self.node_id:
+                    self.settled.setdefault(claim.node_id, set()).add(index)
+            else:
+                self._first_seen.setdefault((index, claim.revision), now)
+        return changed
+
+    def digest(self, index: int) -> str | None:
+        """The chunk's BLAKE3 as its claimer settled it (what a peer's copy must match), if known."""
+        return self.digests.get(index)
+
+    def standing_claim(self, index: int, failed: set[str], patience: float) -> ChunkClaim | None:
+        """Another live node's claim on the chunk that keeps this node from the Hub for it, or None: the
+        chunk is unclaimed, claimed by this node, or its claim is void (its claimer is gone, its copy failed
+        here, by ``failed``: the names of the sources whose copy failed; or it is overdue by ``patience``)."""
+        claim = self.claims.get(index)
+        if claim is None or claim.node_id == self.node_id:
+            return None
+        node = self.nodes.get(claim.node_id)
+        if node is None:
+            return None  # its claimer left the fleet
+        source = self._claimer_source(node)
+        if source is None or source.source.name in failed:
+            return None
+        if claim.blake3 is None:
+            seen = self._first_seen.get((index, claim.revision), time.monotonic())
+            if time.monotonic() - seen >= patience:
+                return None
+        return claim
+
+    def _claimer_source(self, node: NodeRecord) -> FileSource | None:
+        key = (node.node_id, node.url)
+        if key not in self._sources:
+            self._sources[key] = self.make_source(node, None)
+        return self._sources[key]
+
+    def announced(self) -> dict[str, frozenset[int]]:
+        """The chunks each live claimer has settled (landed and checked there), by node id: kept after its
+        claims are released (its pull is over: it holds them whole, as its holdings soon say)."""
+        return {
+            node_id: frozenset(chunks) for node_id, chunks in self.settled.items() if node_id in self.nodes
+        }
+
+    def sources(self) -> dict[str, FileSource]:
+        """The fleet's nodes that are sources of the file now, by node id: the content's holders (whole or
+        in part) and the live claimers of its chunks."""
+        found: dict[str, FileSource] = {}
+        for node, holding in self.holders:
+            if node.node_id != self.node_id and (holding.complete or holding.chunks_done > 0):
+                source = self.make_source(node, holding)
+                if source is not None:
+                    found[node.node_id] = source
+        for claim in self.claims.values():
+            claimer = self.nodes.get(claim.node_id)
+            if claimer is not None and claim.node_id != self.node_id and claim.node_id not in found:
+                source = self._claimer_source(claimer)
+                if source is not None:
+                    found[claim.node_id] = source
+        return found
+
+    # -- writing through the registry -------------------------------------------------------------------------
+
+    async def claim(self, index: int, failed: set[str], patience: float) -> bool:
+        """Claim the chunk for this node before it is fetched from the Hub (over a void claim, if there is
+        one). True when this node may fetch it: the claim is its own, or the registry could not say."""
+        current = self.claims.get(index)
+        replaces = 0
+        if current is not None and current.node_id != self.node_id:
+            if self.standing_claim(index, failed, patience) is not None:
+                return False
+            replaces = current.revision
+        sha, size, node_id = self.sha256, self.chunk_size, self.node_id
+        result = await self.fleet.call(lambda d: d.claim_chunk(sha, size, index, node_id, replaces), None)
+        if result is None:
+            return True
+        self.claims[index] = result
+        if result.node_id != self.node_id:
+            self.claims_lost += 1
+            self._first_seen.setdefault((index, result.revision), time.monotonic())
+            return False
+        self.mine.add(index)
+        self.claims_won += 1
+        self.take_overs += bool(replaces)
+        return True
+
+    async def settle(self, index: int, digest: str) -> None:
+        """Tell the fleet the chunk this node claimed has landed, and its BLAKE3."""
+        if index in self.mine:
+            sha, size = self.sha256, self.chunk_size
+            await self.fleet.call(lambda d: d.settle_claim(sha, size, index, digest), None)
+
+    async def release(self) -> None:
+        """Withdraw this node's claims on the file (its pull is over: it holds the file, or gave up)."""
+        if self.mine:
+            self.mine.clear()
+            sha, size = self.sha256, self.chunk_size
+            await self.fleet.call(lambda d: d.release_claims(sha, size), None)
