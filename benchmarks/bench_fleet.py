@@ -44,6 +44,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -152,8 +153,9 @@ class Processes:
 
     def __init__(self) -> None:
         self.running: list[subprocess.Popen[Any]] = []
+        self.roles: dict[int, str] = {}  # pid -> what the long-running ones are, for the CPU breakdown
 
-    def start(self, command: list[str], env: dict[str, str], log: Path | None = None,
+    def start(self, command: list[str], env: dict[str, str], log: Path | None = None, role: str = "",
               **kwargs: Any) -> subprocess.Popen[Any]:  # fmt: skip
         if log is not None:
             with open(log, "ab") as handle:
@@ -163,6 +165,8 @@ class Processes:
         else:
             process = subprocess.Popen(command, env=env, **kwargs)
         self.running.append(process)
+        if role:
+            self.roles[process.pid] = role
         return process
 
     def stop(self, processes: list[subprocess.Popen[Any]] | None = None, grace: float = 15.0) -> None:
@@ -180,6 +184,7 @@ class Processes:
                 process.wait()
             if process in self.running:
                 self.running.remove(process)
+            self.roles.pop(process.pid, None)
 
 
 def curl_ok(prefix: list[str], url: str, *headers: str) -> str | None:
@@ -248,6 +253,8 @@ class Outcome:
     cpu_busy: float  # share of the machine's CPU time that was busy (user, system, irq, ...)
     cpu_seconds: float  # CPU time used on the whole machine (every process: nodes, Hub, etcd)
     cpu_iowait: float  # share spent waiting for the disk
+    cpu_parts: dict[str, float] = field(default_factory=dict)  # CPU seconds by who used them
+    busy_before: float = 0.0  # share of the CPU busy in the second before the start (others' work)
     by_source: dict[str, int] = field(default_factory=dict)  # modeldepot pulls: summed over the nodes
     note: str = ""
 
@@ -257,6 +264,22 @@ class Outcome:
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.times, q))
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user and system, all threads) a live process has used so far; 0 once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's children that have exited and been waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def cpu_times() -> tuple[int, int, int]:
@@ -303,8 +326,13 @@ def wave(name: str, commands: list[list[str]], envs: list[dict[str, str]], procs
     hub_before = counter(HUB, HUB_DEV)
     nodes_before = sum(counter(node_ns(i), NODE_DEV) for i in range(1, nodes + 1))
     watch = Sampler()
-    time.sleep(0.5)  # a sample or two before the start
+    idle_before = cpu_times()
+    time.sleep(1.0)  # samples before the start; how busy the machine is without the scenario
     cpu_before = cpu_times()
+    quiet = [a - b for a, b in zip(cpu_before, idle_before, strict=True)]
+    roles = dict(procs.roles)  # the long-running processes: the Hub, the nodes' serve, etcd
+    role_before = {pid: process_cpu(pid) for pid in roles}
+    clients_before = children_cpu()
     ends: list[float] = [0.0] * len(commands)
     outputs: list[tuple[str, str]] = [("", "")] * len(commands)
     started: list[subprocess.Popen[str]] = []
@@ -328,6 +356,8 @@ def wave(name: str, commands: list[list[str]], envs: list[dict[str, str]], procs
     finally:
         procs.stop(started, grace=5)
         cpu_after = cpu_times()
+        clients = children_cpu() - clients_before
+        role_after = {pid: process_cpu(pid) for pid in roles}
         time.sleep(0.3)
         watch.close()
     for k, process in enumerate(started):
@@ -345,6 +375,13 @@ def wave(name: str, commands: list[list[str]], envs: list[dict[str, str]], procs
         (total - idle - iowait) / total,
         (total - idle - iowait) / os.sysconf("SC_CLK_TCK"),
         iowait / total,
+    )
+    outcome.busy_before = (quiet[0] - quiet[1] - quiet[2]) / max(quiet[0], 1)
+    outcome.cpu_parts["clients"] = clients
+    for pid, role in roles.items():
+        outcome.cpu_parts[role] = outcome.cpu_parts.get(role, 0.0) + role_after[pid] - role_before[pid]
+    outcome.cpu_parts["the rest (kernel: network, disk; others)"] = outcome.cpu_seconds - sum(
+        outcome.cpu_parts.values()
     )
     return outcome, [out for out, _ in outputs]
 
@@ -402,7 +439,7 @@ def start_etcd(procs: Processes, data: Path, log: Path) -> subprocess.Popen[Any]
         "--heartbeat-interval", "10", "--election-timeout", "100",
         "--logger", "zap", "--log-level", "error", "--log-outputs", "stderr",
     ]  # fmt: skip
-    process = procs.start(command, base_env(), log)
+    process = procs.start(command, base_env(), log, "etcd")
     wait_for("etcd", lambda: '"true"' in (curl_ok(in_ns(CORE), f"{client}/health") or ""), [process], 30)
     return process
 
@@ -420,7 +457,7 @@ def cluster(work: Path, args: argparse.Namespace, procs: Processes, total: int) 
             command = [*in_ns(node_ns(i)), *modeldepot(
                 "serve", "--home", str(home), "--host", "0.0.0.0", "--port", str(PORT), "--cluster", registry,
                 "--advertise", f"http://{node_ip(i)}:{PORT}", "--log-level", "warning")]  # fmt: skip
-            servers.append(procs.start(command, env, work / "logs" / f"serve-n{i}.log"))
+            servers.append(procs.start(command, env, work / "logs" / f"serve-n{i}.log", "node serves"))
 
         def all_registered() -> bool:
             for i in range(1, args.nodes + 1):
@@ -536,11 +573,11 @@ def report(outcomes: dict[str, Outcome], total: int, args: argparse.Namespace, f
     show(
         "scenarios (times from the common start; bytes as the veths count them, headers included)",
         ["scenario", "all done", "p50", "p99", "p99/p50", "Hub sent ÷ repo", "Hub 1st MiB at", "Hub 99% at",
-         "Hub rate, 1st MiB to 99%", "nodes sent ÷ repo", "CPU busy", "CPU time", "iowait"],
+         "Hub rate, 1st MiB to 99%", "nodes sent ÷ repo", "CPU busy", "CPU time", "iowait", "CPU busy 1 s before"],
         [[o.name, f"{o.all_done:.1f} s", f"{o.percentile(50):.1f} s", f"{o.percentile(99):.1f} s",
           f"{o.percentile(99) / o.percentile(50):.2f}", f"{o.hub_bytes / total:.3f}", f"{o.hub_first:.1f} s",
           f"{o.hub_busy:.1f} s", f"{0.99 * o.hub_bytes * 8 / max(o.hub_busy - o.hub_first, 0.2) / 1e6:.0f} Mbit/s",
-          f"{o.node_bytes / total:.2f}", f"{o.cpu_busy:.0%}", f"{o.cpu_seconds:.0f} s", f"{o.cpu_iowait:.0%}"]
+          f"{o.node_bytes / total:.2f}", f"{o.cpu_busy:.0%}", f"{o.cpu_seconds:.0f} s", f"{o.cpu_iowait:.0%}", f"{o.busy_before:.0%}"]
          for o in outcomes.values()],
     )  # fmt: skip
 
@@ -563,6 +600,21 @@ def report(outcomes: dict[str, Outcome], total: int, args: argparse.Namespace, f
         if o.by_source:
             parts = ", ".join(f"{k} {gib(v)} ({v / (n * total):.0%})" for k, v in sorted(o.by_source.items()))
             print(f"{o.name}: bytes_by_source summed over the {n} nodes: {parts}")
+        if "hub" in o.by_source:
+            kept = o.by_source["hub"] / total
+            print(f"{o.name}: the Hub sent {o.hub_bytes / total:.3f}x the repo on the wire; the pulls kept "
+                  f"{kept:.3f}x from it: {o.hub_bytes / total - kept:.3f}x is headers and transfers "
+                  f"cancelled or thrown away")  # fmt: skip
+        if "peer" in o.by_source:
+            kept = o.by_source["peer"] / total
+            print(f"{o.name}: the nodes sent {o.node_bytes / total:.3f}x the repo (peers' chunks, requests); the "
+                  f"pulls kept {kept:.3f}x from peers: {o.node_bytes / total - kept:.3f}x is requests, headers "
+                  f"and transfers cancelled or thrown away")  # fmt: skip
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in o.cpu_parts.items())
+        print(f"{o.name}: CPU time {o.cpu_seconds:.1f} s: {parts}")
+        if o.busy_before > 0.1:
+            print(f"{o.name}: WARNING: the machine was {o.busy_before:.0%} busy in the second before the start "
+                  f"(someone else's processes): its times and CPU figures are not clean")  # fmt: skip
         if o.note:
             print(f"{o.name}: {o.note}")
 
@@ -664,7 +716,7 @@ def main() -> None:
 
         build_network(args.nodes, args.uplink, args.link)
         hub = procs.start([*in_ns(HUB), *modeldepot("serve", "--home", str(hub_home), "--host", "0.0.0.0",
-                           "--port", str(PORT), "--log-level", "warning")], base_env(), work / "logs" / "hub.log")  # fmt: skip
+                           "--port", str(PORT), "--log-level", "warning")], base_env(), work / "logs" / "hub.log", "Hub")  # fmt: skip
         for i in range(1, args.nodes + 1):
             url = f"http://{HUB_IP}:{PORT}{HEALTH}"
             wait_for(f"the Hub from node {i}", lambda i=i, url=url: curl_ok(in_ns(node_ns(i)), url), [hub])
@@ -686,17 +738,20 @@ def main() -> None:
                 if hub.poll() is not None:
                     raise RuntimeError(f"the Hub exited ({hub.returncode}): see {work / 'logs' / 'hub.log'}")
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         procs.stop()
         remove_namespaces(PREFIX)
         clear_nodes(work)
         shutil.rmtree(work / "hub-store", ignore_errors=True)
         shutil.rmtree(work / "repo", ignore_errors=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, previous)
     print()
     report(outcomes, total, args, floors, notes)
     print(f"\nwhole run {time.perf_counter() - began:.0f} s; logs in {work / 'logs'}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted: every process and namespace of the run was removed")

@@ -96,7 +96,9 @@ class Fleet:
         self.etcd = etcd
         self.nodes: list[Node] = []
 
-    def node(self, name: str, token: str | None = None, *extra: str, env: dict[str, str] | None = None) -> Node:
+    def node(
+        self, name: str, token: str | None = None, *extra: str, env: dict[str, str] | None = None
+    ) -> Node:
         node = Node(self.root / name, self.etcd.cluster, token, *extra, env=env)
         self.nodes.append(node)
         return node

@@ -17,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import random
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -58,6 +58,7 @@ class HubProxy:
         self.sent: Counter[int] = Counter()  # chunk index -> body bytes sent
         self.requests: Counter[int] = Counter()
         self.on_chunk: Any = None
+        self.seconds_per_mib = 0.0  # a slow uplink, per connection (0: as fast as it goes)
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._session: aiohttp.ClientSession | None = None
@@ -91,6 +92,8 @@ class HubProxy:
             await response.prepare(request)
             if request.method != "HEAD":
                 async for piece in upstream.content.iter_chunked(1 << 20):
+                    if self.seconds_per_mib and chunk is not None:
+                        await asyncio.sleep(self.seconds_per_mib * len(piece) / MiB)  # the slow link itself
                     await response.write(piece)
                     if chunk is not None:
                         self.sent[chunk] += len(piece)
@@ -111,7 +114,15 @@ class Hub:
     def __init__(self, root: Path, files: dict[str, bytes]) -> None:
         home = root / "hub"
         env = base_env(MODELDEPOT_CHUNK_SIZE=str(CHUNK))
-        modeldepot("import", str(write_model_dir(root / "hub-src", files)), "--repo", REPO, "--home", str(home), env=env)
+        modeldepot(
+            "import",
+            str(write_model_dir(root / "hub-src", files)),
+            "--repo",
+            REPO,
+            "--home",
+            str(home),
+            env=env,
+        )
         self.port = free_port()
         self.log = root / "hub.log"
         with open(self.log, "ab") as log:
@@ -145,9 +156,11 @@ def node_env(**extra: str) -> dict[str, str]:
 
 
 def start_nodes(fleet: Fleet, names: list[str], *extra: str) -> list[Node]:
+    """Start nodes (with the token, 4 MiB chunks) and wait until every node of the fleet sees them all."""
     nodes = [fleet.node(name, TOKEN, *extra, env=node_env()) for name in names]
-    for node in nodes:
-        node.ready()
+    for node in fleet.nodes:
+        if not node.id:
+            node.ready()
     everyone = {n.id for n in fleet.nodes}
     for node in nodes:
         wait_until(lambda n=node: n.peer_ids() >= everyone, 20, f"{node.home.name} sees the fleet")  # type: ignore[misc]
@@ -166,11 +179,15 @@ class Pull:
             [sys.executable, "-m", "modeldepot", "pull", REPO, "--home", str(node.home), "--cluster",
              node.cluster, "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
         self.seconds = 0.0
+        self.stderr = ""
 
     def result(self, timeout: float = 240) -> dict[str, Any]:
         out, err = self.process.communicate(timeout=timeout)
         self.seconds = time.monotonic() - self.started
-        assert self.process.returncode == 0, f"pull on {self.node.home.name} exited {self.process.returncode}:\n{err}"
+        self.stderr = err
+        assert self.process.returncode == 0, (
+            f"pull on {self.node.home.name} exited {self.process.returncode}:\n{err}"
+        )
         result: dict[str, Any] = json.loads(out)
         return result
 
@@ -208,3 +225,141 @@ def test_four_nodes_pulling_at_once_take_each_chunk_from_the_hub_once(
     assert from_hub >= size  # every chunk came from the Hub once at least, as each node counted it
     assert all(r["bytes_by_source"].get("peer", 0) > 0 for r in results)
     assert fleet.dump_claims() == {}  # released when the pulls ended
+
+
+def test_a_claimer_killed_midway_loses_nothing_and_its_chunks_come_from_the_hub_once_more(
+    fleet: Fleet, hub: Hub, big_file: bytes
+) -> None:
+    """Node a (its server and its pull) is SIGKILLed once the Hub has been asked for a third of the chunks:
+    b and c finish, byte-identical; a chunk a claimed and never shared is fetched again, by one node."""
+    nodes = start_nodes(fleet, ["a", "b", "c"])
+    victim = nodes[0]
+    killed = threading.Event()
+    chunks = -(-len(big_file) // CHUNK)
+    pulls: list[Pull] = []
+
+    def on_chunk(_index: int) -> None:
+        if sum(hub.proxy.requests.values()) >= chunks // 3 and not killed.is_set():
+            killed.set()
+            victim.kill()
+            pulls[0].process.kill()
+
+    hub.proxy.seconds_per_mib = 0.05  # the Hub is slower than the peers: a is killed with claims in flight
+    hub.proxy.on_chunk = on_chunk
+    pulls.extend(Pull(node, hub) for node in nodes)
+    results = [pull.result() for pull in pulls[1:]]
+    pulls[0].kill()
+    assert killed.is_set()
+    expected = hashlib.sha256(big_file).hexdigest()
+    assert [stored_sha256(node) for node in nodes[1:]] == [expected, expected]
+    print(f"hub sent {hub.proxy.total() / len(big_file):.3f}x, per chunk at most "
+          f"{max(hub.proxy.sent.values()) / CHUNK:.2f} chunks; {[r['bytes_by_source'] for r in results]}")  # fmt: skip
+    assert max(hub.proxy.sent.values()) <= 2 * CHUNK, {i: n for i, n in hub.proxy.sent.items() if n > CHUNK}
+    assert hub.proxy.total() <= 1.5 * len(big_file)
+
+
+def test_a_node_joining_late_takes_nothing_from_the_hub(fleet: Fleet, hub: Hub, big_file: bytes) -> None:
+    """d starts pulling once the Hub has sent a quarter of the file to a, b and c, still downloading: every
+    byte of the model comes from them (only the repo's two small git files come from the Hub)."""
+    nodes = start_nodes(fleet, ["a", "b", "c", "d"])
+    hub.proxy.seconds_per_mib = 0.25
+    early = [Pull(node, hub) for node in nodes[:3]]
+    wait_until(lambda: hub.proxy.total() >= len(big_file) // 4, 120, "a quarter of the file from the Hub")
+    assert all(pull.process.poll() is None for pull in early)
+    late = Pull(nodes[3], hub)
+    result = late.result()
+    for pull in early:
+        pull.result()
+    expected = hashlib.sha256(big_file).hexdigest()
+    assert [stored_sha256(node) for node in nodes] == [expected] * 4
+    small = len(GITATTRIBUTES) + len(b'{"model_type": "bert"}')
+    print(f"late node: {result['bytes_by_source']}; hub sent {hub.proxy.total() / len(big_file):.3f}x")
+    assert result["bytes_by_source"].get("hub", 0) <= small
+    assert result["bytes_by_source"]["peer"] == len(big_file)
+    assert hub.proxy.total() <= 1.1 * len(big_file)
+
+
+class PeerProxy:
+    """What peers reach a node through (its ``--advertise``): ranged blob answers get a byte flipped
+    (``flip``), never answered (``stall``), or trickled at 5 KB/s (``trickle``); the rest passes."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.upstream = ""
+        self.faulty = 0  # ranged blob requests it spoiled
+        self.released: asyncio.Event | None = None  # set at stop: stalled answers end
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._session: aiohttp.ClientSession | None = None
+
+        async def open_session() -> None:
+            self._session = aiohttp.ClientSession(auto_decompress=False)
+            self.released = asyncio.Event()
+
+        async def close_session() -> None:
+            assert self._session is not None and self.released is not None
+            self.released.set()
+            await self._session.close()
+
+        self._server = BackgroundServer(web.AppRunner(app), f"peer-proxy-{mode}", on_start=open_session,
+                                        on_stop=close_session)  # fmt: skip
+        self.url = self._server.url
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("range", "authorization")}
+        async with self._session.get(self.upstream + request.path_qs, headers=headers) as upstream:
+            body = await upstream.read()
+            out = {k: v for k, v in upstream.headers.items()
+                   if k.lower() not in ("transfer-encoding", "connection", "content-encoding", "content-length")}  # fmt: skip
+        if upstream.status != 206 or f"{API}/blobs/" not in request.path:
+            return web.Response(status=upstream.status, body=body, headers=out)
+        self.faulty += 1
+        if self.mode == "stall":
+            assert self.released is not None
+            await self.released.wait()  # never answered while the test runs
+        if self.mode == "flip":
+            body = body[:100] + bytes([body[100] ^ 0x01]) + body[101:]
+        response = web.StreamResponse(status=206, headers=out)
+        response.content_length = len(body)
+        await response.prepare(request)
+        step = 512 if self.mode == "trickle" else len(body)
+        for start in range(0, len(body), step):
+            if self.mode == "trickle":
+                await asyncio.sleep(0.1)  # the fault itself (a slow link), not a synchronisation
+            await response.write(body[start : start + step])
+        return response
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+@pytest.mark.parametrize("mode", ["flip", "stall", "trickle"])
+def test_a_lying_stalling_or_trickling_peer_does_not_spoil_or_hold_up_the_pull(
+    fleet: Fleet, hub: Hub, big_file: bytes, mode: str
+) -> None:
+    """Node x pulls too, and claims its share of the chunks, but peers reach it through a proxy that
+    flips a byte (x is banned at the first bad chunk: its chunks come from the Hub instead, the results are
+    right), never answers, or trickles (the endgame and the take-over of its claims finish the pull without
+    it: the pull ends, here long before the trickle could have sent one chunk)."""
+    proxy = PeerProxy(mode)
+    try:
+        x = fleet.node("x", TOKEN, "--advertise", proxy.url, env=node_env())
+        proxy.upstream = x.url
+        nodes = [*start_nodes(fleet, ["a", "b"]), x]
+        hub.proxy.seconds_per_mib = 0.02
+        pulls = [Pull(node, hub) for node in nodes]
+        results = [pull.result(timeout=200) for pull in pulls]
+        expected = hashlib.sha256(big_file).hexdigest()
+        assert [stored_sha256(node) for node in nodes] == [expected] * 3
+        print(f"{mode}: {proxy.faulty} spoiled answers; hub sent {hub.proxy.total() / len(big_file):.3f}x; "
+              f"{[r['bytes_by_source'] for r in results]}; {[round(p.seconds, 1) for p in pulls]} s")  # fmt: skip
+        assert proxy.faulty > 0  # x was asked, and failed them
+        if mode == "flip":
+            assert (
+                proxy.faulty <= 2 * 5
+            )  # a and b each banned it at its first bad chunk (4 in flight, at most)
+            logs = "".join(pull.stderr for pull in pulls[:2])
+            assert "failed its BLAKE3 check" in logs and proxy.url in logs
+    finally:
+        proxy.stop()

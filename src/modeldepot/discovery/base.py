@@ -261,6 +261,12 @@ class Discovery(abc.ABC):
         """The claims on the chunks (of ``chunk_size`` bytes) of ``sha256``, by chunk index, from the view."""
         return {}
 
+    def settlements(self, sha256: str, chunk_size: int) -> dict[int, tuple[str, str]]:
+        """Every settled claim the view has seen on the content's chunks, as (node id, BLAKE3) by chunk, kept
+        after the claim is released (its claimer holds the chunk: it finished, or soon will) while the node
+        lives. A reader polling :meth:`claims` would miss a claim settled and released between two looks."""
+        return {}
+
     async def claim_chunk(
         self, sha256: str, chunk_size: int, index: int, node_id: str, replaces: int = 0
     ) -> ChunkClaim | None:
@@ -348,6 +354,7 @@ class ViewDiscovery(Discovery):
         self._nodes: dict[str, NodeRecord] = {}
         self._holdings: dict[str, dict[str, Holding]] = {}  # sha256 -> node_id -> holding
         self._claims: dict[tuple[str, int], dict[int, ChunkClaim]] = {}  # (sha256, chunk size) -> index ->
+        self._settled: dict[tuple[str, int], dict[int, tuple[str, str]]] = {}  # -> index -> (node, BLAKE3)
         self._lock: threading.RLock = threading.RLock()
 
     def peers(self) -> list[NodeRecord]:
@@ -367,6 +374,10 @@ class ViewDiscovery(Discovery):
         with self._lock:
             return dict(self._claims.get((sha256, chunk_size), {}))
 
+    def settlements(self, sha256: str, chunk_size: int) -> dict[int, tuple[str, str]]:
+        with self._lock:
+            return dict(self._settled.get((sha256, chunk_size), {}))
+
     def holdings_of(self, node_id: str) -> dict[str, Holding]:
         with self._lock:
             if node_id not in self._nodes:
@@ -382,6 +393,11 @@ class ViewDiscovery(Discovery):
     def _drop_node(self, node_id: str) -> None:
         with self._lock:
             self._nodes.pop(node_id, None)
+            for content, by_index in list(self._settled.items()):
+                for index in [i for i, (holder, _) in by_index.items() if holder == node_id]:
+                    del by_index[index]
+                if not by_index:
+                    del self._settled[content]
 
     def _set_holding(self, sha256: str, node_id: str, holding: Holding) -> None:
         with self._lock:
@@ -401,6 +417,10 @@ class ViewDiscovery(Discovery):
             current = by_index.get(index)
             if current is None or current.revision <= claim.revision:  # an older answer never wins
                 by_index[index] = claim
+                if claim.blake3 is not None:
+                    settled = self._settled.setdefault((sha256, chunk_size), {})
+                    if len(settled) < MAX_CHUNKS:
+                        settled[index] = (claim.node_id, claim.blake3)
 
     def _drop_claim(self, sha256: str, chunk_size: int, index: int, revision: int | None = None) -> None:
         """Forget a claim (only one not newer than ``revision``, when given: a deletion seen late)."""
@@ -418,6 +438,7 @@ class ViewDiscovery(Discovery):
             self._nodes.clear()
             self._holdings.clear()
             self._claims.clear()
+            self._settled.clear()
 
     def _replace_view(
         self,
@@ -433,3 +454,7 @@ class ViewDiscovery(Discovery):
             self._holdings.update({sha: dict(by_node) for sha, by_node in holdings.items() if by_node})
             self._claims.clear()
             self._claims.update({key: dict(by_index) for key, by_index in (claims or {}).items() if by_index})
+            for key, by_index in self._claims.items():
+                for index, claim in by_index.items():
+                    if claim.blake3 is not None:
+                        self._settled.setdefault(key, {})[index] = (claim.node_id, claim.blake3)

@@ -40,6 +40,7 @@ class MemRegistry:
         self._nodes: dict[str, NodeRecord] = {}
         self._holdings: dict[str, dict[str, Holding]] = {}
         self._claims: dict[tuple[str, int], dict[int, ChunkClaim]] = {}
+        self._settled: dict[tuple[str, int], dict[int, tuple[str, str]]] = {}
         self._claimed_by: dict[tuple[str, int, int], MemDiscovery] = {}  # a claim's owner (its "lease")
         self._revision = 0
         self._members: set[MemDiscovery] = set()
@@ -106,6 +107,11 @@ class MemRegistry:
 
     def _remove(self, node_id: str) -> None:
         self._nodes.pop(node_id, None)
+        for content, by_index in list(self._settled.items()):
+            for index in [i for i, (holder, _) in by_index.items() if holder == node_id]:
+                del by_index[index]
+            if not by_index:
+                del self._settled[content]
         for sha256 in [sha for sha, by_node in self._holdings.items() if node_id in by_node]:
             self._drop_holding(sha256, node_id)
 
@@ -160,6 +166,7 @@ class MemDiscovery(ViewDiscovery):
         self._nodes = registry._nodes
         self._holdings = registry._holdings
         self._claims = registry._claims
+        self._settled = registry._settled
         self._lock = registry._lock
         self._record: NodeRecord | None = None
         self._desired: dict[str, Holding] = {}
@@ -214,7 +221,8 @@ class MemDiscovery(ViewDiscovery):
             if not registry.available or registry._claimed_by.get((sha256, chunk_size, index)) is not self:
                 return
             by_index = self._claims[(sha256, chunk_size)]
-            by_index[index] = ChunkClaim(by_index[index].node_id, blake3, registry._next_revision())
+            claim = ChunkClaim(by_index[index].node_id, blake3, registry._next_revision())
+            self._set_claim(sha256, chunk_size, index, claim)
         registry._notify()
 
     async def release_claims(self, sha256: str, chunk_size: int) -> None:

@@ -233,7 +233,7 @@ class SourceChain:
             lambda d: d.claims_supported and any(n.node_id == node_id for n in d.peers()), False
         ):
             return None
-        return SwarmFile(fleet, node_id, remote.sha256, chunk_size,
+        return SwarmFile(fleet, node_id, remote.sha256, remote.size, chunk_size,
                          lambda node, holding: self.fleet_source(remote, node, holding))  # fmt: skip
 
     def hub_source(self, manifest: Manifest, remote: RemoteFile) -> FileSource:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import mmap
 import random
 import time
@@ -66,6 +67,8 @@ if TYPE_CHECKING:
     from modeldepot.transfer.swarm import SwarmFile
 
 __all__ = ["FileSource", "Limits", "download_file"]
+
+log = logging.getLogger(__name__)
 
 MAX_CHUNK_ATTEMPTS = 3  # tries of one chunk that failed its digest before the file is given up
 BAN_SECONDS = 30.0  # a source whose chunk failed its digest gets no chunk for so long (in this transfer)
@@ -268,27 +271,36 @@ class _FileJob:
                     patience = max(patience, 2 * (now - request.started))
         return patience
 
-    def _origin_blocked(self, index: int, now: float) -> bool:
-        """In a swarm, whether the Hub must not be asked for chunk ``index`` now: a live peer that is not
-        banned holds it (unless its request has been outstanding past the patience: a stalled peer), or
-        another live node's claim on it stands."""
+    def _origin_blocked(self, index: int, now: float, endgame: bool) -> bool:
+        """In a swarm, whether the Hub must not be asked for chunk ``index`` now: a live peer that can give
+        it holds it, or another live node's claim on it stands. In the endgame the peers its requests wait
+        for count as failed (it duplicates them only when no other peer can)."""
         assert self.swarm is not None
         patience = self._patience()
-        held = any(
-            s.kind != "hub" and not self._is_banned(s, now) and self._holds(s, index)
-            and self.bad.get(index, set()).isdisjoint({s.source.name})
-            for s in self.live
-        )  # fmt: skip
-        if held:
-            late = [r for r in self.requests.get(index, []) if now - r.started >= patience]
-            if not late:
-                return True
-        return self.swarm.standing_claim(index, self.bad.get(index, set()), patience) is not None
+        failed = self._failed_for(index, now, patience)
+        if endgame:
+            failed.update(r.source.source.name for r in self.requests.get(index, []))
+        if any(s.kind != "hub" and s.source.name not in failed and self._holds(s, index) for s in self.live):
+            return True
+        if self.swarm.standing_claim(index, failed, patience) is not None:
+            return True
+        return index not in self.swarm.claims and not self.swarm.may_claim_fresh(patience)
+
+    def _failed_for(self, index: int, now: float, patience: float) -> set[str]:
+        """The sources that cannot give chunk ``index`` now (a claim of theirs no longer counts): its copy
+        from them failed its digest; they were dropped or are banned; or they are stuck (a request to
+        them has been outstanding past the patience: a peer that stalls or trickles)."""
+        failed = self.bad.get(index, set()) | set(self.errors)
+        failed.update(s.source.name for s, until in self.banned.items() if until > now)
+        for requests in self.requests.values():
+            failed.update(r.source.source.name for r in requests
+                          if r.source.kind != "hub" and not r.landing and now - r.started >= patience)  # fmt: skip
+        return failed
 
     def _is_banned(self, source: FileSource, now: float) -> bool:
         return self.banned.get(source, 0.0) > now
 
-    def _may_take(self, source: FileSource, index: int, now: float) -> bool:
+    def _may_take(self, source: FileSource, index: int, now: float, endgame: bool = False) -> bool:
         """Whether ``source`` may be asked for chunk ``index``: it holds it; it did not fail its digest
         (unless every live holder did, and tries are left); it is not banned (unless no live holder that
         is not banned has the chunk: one source alone is asked again)."""
@@ -304,13 +316,13 @@ class _FileJob:
                 s is not source and not self._is_banned(s, now) and self._holds(s, index) for s in self.live
             )
         if self.swarm is not None and source.kind == "hub":
-            return not self._origin_blocked(index, now)
+            return not self._origin_blocked(index, now, endgame)
         return True
 
     def _pick(self, source: FileSource) -> tuple[int | None, float | None]:
         """The chunk ``source`` fetches next: among those nobody has or fetches, the one the fewest live
-        sources hold (rarest first; ties: the lowest). When every chunk left is in flight (the endgame),
-        the one outstanding longest that it may take, unless it has two requests already, once it has
+        sources hold (rarest first; ties: the lowest). When it may take none of those (the endgame: every
+        chunk left is in flight, or it holds only chunks in flight), the one outstanding longest that it may take, unless it has two requests already, once it has
         been outstanding long enough (ENDGAME_WAIT, and ENDGAME_FACTOR times this source's time per chunk:
         a healthy pull fetches every chunk once). With no chunk, the seconds until the endgame may take
         one (None: only a change will tell)."""
@@ -319,30 +331,27 @@ class _FileJob:
             self.low += 1
         partial_maps = [m for s in self.live if (m := self.have.get(s)) is not None]
         complete = len(self.live) - len(partial_maps)
-        best, best_count, free = None, 0, False
+        best, best_count = None, 0
         order: range | list[int] = range(self.low, chunks)
         if self.swarm is not None and source.kind == "hub" and chunks > self.low:
             start = self.low + self.rotation % (chunks - self.low)  # nodes start their Hub scans apart
             order = [*range(start, chunks), *range(self.low, start)]
         for index in order:
-            if index in done or index in self.requests:
-                continue
-            free = True
-            if not self._may_take(source, index, now):
+            if index in done or index in self.requests or not self._may_take(source, index, now):
                 continue
             count = complete + sum(index in m for m in partial_maps)
             if best is None or count < best_count:
                 best, best_count = index, count
                 if not partial_maps:
                     break  # every source holds every chunk: the lowest is the rarest
-        if best is not None or free:
+        if best is not None:
             return best, None
         outstanding = [
             (reqs[0].started, index)
             for index, reqs in self.requests.items()
             if index not in done and len(reqs) < ENDGAME_COPIES
             and not any(r.landing or r.source == source for r in reqs)
-            and self._may_take(source, index, now)
+            and self._may_take(source, index, now, endgame=True)
         ]  # fmt: skip
         if not outstanding:
             return None, None
@@ -393,13 +402,13 @@ class _FileJob:
                 return
 
     def _claimed_elsewhere(self) -> bool:
-        """In a swarm, whether a chunk left is claimed by another live node (it will come from there)."""
+        """In a swarm, whether a chunk left is kept from the Hub by the swarm (claimed by another live node,
+        or left to the nodes this one follows): it will come from them, or be free once they stop."""
         if self.swarm is None:
             return False
-        patience = self._patience()
+        now = time.monotonic()
         return any(
-            index not in self.partial.done
-            and self.swarm.standing_claim(index, self.bad.get(index, set()), patience) is not None
+            index not in self.partial.done and self._origin_blocked(index, now, endgame=False)
             for index in range(self.low, self.partial.chunks)
         )
 
@@ -468,7 +477,8 @@ class _FileJob:
             await asyncio.wait_for(changed.wait(), timeout)
 
     async def _refresh(self, source: FileSource) -> None:
-        """Read a partial holder's chunk map; a holder that cannot say is dropped for this file."""
+        """Read a partial holder's chunk map; a holder that cannot say is dropped for this file, one that
+        holds none of it now (404: a claimer between its download and its publishing) holds nothing."""
         assert source.chunks_url is not None
         self.refreshing.add(source)
         self.refreshed[source] = time.monotonic()
@@ -476,6 +486,8 @@ class _FileJob:
             held = await source.source.chunk_map(
                 self.http, source.chunks_url, self.remote.size, self.partial.chunk_size
             )
+        except NotFoundError:
+            self.have[source] = frozenset()
         except DepotError as error:
             self._drop(source, error)
         else:
@@ -489,9 +501,15 @@ class _FileJob:
 
     async def _request(self, source: FileSource, index: int, request: _Request) -> bool:
         """Fetch and land one chunk; False when the worker should stop."""
-        swarm = self.swarm if source.kind == "hub" else None
-        if swarm is not None and not await swarm.claim(index, self.bad.get(index, set()), self._patience()):
-            return True  # another node fetches it from the Hub: it comes from there
+        # A chunk is claimed before it is fetched from the Hub. The endgame's second request for it gives
+        # up on the peer the first one waits for: that peer's claim on it no longer counts (it is taken
+        # over, by one node of the fleet only); another node's claim still does.
+        if self.swarm is not None and source.kind == "hub":
+            patience = self._patience()
+            failed = self._failed_for(index, time.monotonic(), patience)
+            failed.update(r.source.source.name for r in self.requests.get(index, []) if r is not request)
+            if not await self.swarm.claim(index, failed, patience):
+                return True  # another node fetches it from the Hub: it comes from there
         try:
             await self._fetch_chunk(source, index, request)
         except RangeIgnoredError:
@@ -542,6 +560,8 @@ class _FileJob:
         if expected is None and self.swarm is not None and source.kind != "hub":
             expected = self.swarm.digest(index)  # as its claimer had it from the Hub
         if expected is not None and digest != expected:
+            log.warning("%s: chunk %d from %s failed its BLAKE3 check: not asking it for %g s",
+                        self.remote.path, index, source.source.name, BAN_SECONDS)  # fmt: skip
             self.bad.setdefault(index, set()).add(source.source.name)
             self.attempts[index] = self.attempts.get(index, 0) + 1
             self._ban(source)
@@ -559,7 +579,7 @@ class _FileJob:
             if other.source != source and not other.landing and other.task is not None:
                 other.task.cancel()  # the endgame's loser: its buffer slot and connection are released
         self._pulse()
-        if self.swarm is not None and source.kind == "hub":
+        if self.swarm is not None:  # a chunk this node claimed, whoever it came from in the end
             await self.swarm.settle(index, digest)  # the fleet may take it from this node now
 
     def _ban(self, source: FileSource) -> None:
@@ -608,6 +628,7 @@ class _FileJob:
         if source in self.live:
             self.live.remove(source)
             self.errors[source.source.name] = error
+            log.info("%s: no longer asking %s for it (%s)", self.remote.path, source.source.name, error)
 
     def _fail(self, error: DepotError) -> None:
         if self.failure is None:

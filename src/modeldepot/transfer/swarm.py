@@ -7,6 +7,11 @@ who has it since, once the claimer has *settled* the claim with the chunk's BLAK
 is then checked whoever relays it. The claimers become sources of the file as their claims appear, and so
 do the fleet's other holders of the content (a node that joined late, or relays what it took).
 
+A node that starts on the file when other nodes have already landed a tenth of its chunks (it joined late) is
+a *follower*: it claims no fresh chunk from the Hub while the others' claims keep moving, and takes what
+they fetch; only when their claims stand still for the patience (they died, or stopped) does it claim
+chunks itself. A late node thus adds no Hub traffic; the nodes that start together share the Hub's.
+
 A claim stops counting, and the chunk may be claimed over it (a take-over: another compare-and-swap, so one
 node only takes it over), when its claimer is no longer live in the fleet (it died: its claims go with its
 lease within the TTL anyway), when the claimer's copy failed its digest here, or when it has not landed
@@ -19,15 +24,21 @@ chunk numbers, node ids and BLAKE3s only.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from modeldepot.discovery.base import ChunkClaim, Holding, NodeRecord
+from modeldepot.hashing import chunk_count
 from modeldepot.transfer.download import FileSource
 from modeldepot.transfer.fleet import FleetView
 
-__all__ = ["SourceFactory", "SwarmFile"]
+__all__ = ["LATE_SHARE", "SourceFactory", "SwarmFile"]
+
+log = logging.getLogger(__name__)
+
+LATE_SHARE = 0.1  # a node that first sees this share of the chunks landed by others joined late: it follows
 
 SourceFactory = Callable[[NodeRecord, Holding | None], FileSource | None]
 """A fleet node as a source of the file (with its holding, or None for a claimer that publishes none yet),
@@ -39,6 +50,7 @@ class _Seen:
     """What one read of the fleet's view says of the file."""
 
     claims: dict[int, ChunkClaim]
+    settled: dict[int, tuple[str, str]]  # chunk -> (node id, BLAKE3), also of released claims
     nodes: dict[str, NodeRecord]  # live nodes by id
     holders: list[tuple[NodeRecord, Holding]]
 
@@ -49,9 +61,10 @@ class SwarmFile:
     :meth:`refresh` reads the fleet's local view (no request); :meth:`claim`, :meth:`settle` and
     :meth:`release` write through the registry. Used from the pull's event loop."""
 
-    def __init__(self, fleet: FleetView, node_id: str, sha256: str, chunk_size: int,
+    def __init__(self, fleet: FleetView, node_id: str, sha256: str, size: int, chunk_size: int,
                  make_source: SourceFactory) -> None:  # fmt: skip
         self.fleet, self.node_id, self.sha256, self.chunk_size = fleet, node_id, sha256, chunk_size
+        self.chunks = chunk_count(size, chunk_size)
         self.make_source = make_source
         self.claims: dict[int, ChunkClaim] = {}
         self.nodes: dict[str, NodeRecord] = {}
@@ -61,6 +74,8 @@ class SwarmFile:
         self._sources: dict[tuple[str, str], FileSource | None] = {}  # (node id, url) -> as a source
         self.mine: set[int] = set()  # chunks this pull claimed
         self._first_seen: dict[tuple[int, int], float] = {}  # (chunk, claim revision) -> when first seen
+        self.follower: bool | None = None  # decided at the first read: others had landed chunks already
+        self.last_activity = time.monotonic()  # when the claims on the file last changed, as seen here
         self.claims_won = 0
         self.claims_lost = 0
         self.take_overs = 0
@@ -72,19 +87,24 @@ class SwarmFile:
         the nodes changed."""
         sha, size = self.sha256, self.chunk_size
         seen = self.fleet.read(
-            lambda d: _Seen(d.claims(sha, size), {n.node_id: n for n in d.peers()},
+            lambda d: _Seen(d.claims(sha, size), d.settlements(sha, size), {n.node_id: n for n in d.peers()},
                             [(h.node, h.holding) for h in d.holders(sha)]),
-            _Seen({}, {}, []),
+            _Seen({}, {}, {}, []),
         )  # fmt: skip
         changed = seen.claims != self.claims or seen.nodes.keys() != self.nodes.keys()
-        self.claims, self.nodes, self.holders = seen.claims, seen.nodes, seen.holders
         now = time.monotonic()
+        if seen.claims != self.claims:
+            self.last_activity = now
+        if self.follower is None:
+            landed = sum(c.blake3 is not None and c.node_id != self.node_id for c in seen.claims.values())
+            self.follower = landed >= max(1, LATE_SHARE * self.chunks)
+        self.claims, self.nodes, self.holders = seen.claims, seen.nodes, seen.holders
+        for index, (node_id, digest) in seen.settled.items():
+            self.digests.setdefault(index, digest)
+            if node_id != self.node_id:
+                self.settled.setdefault(node_id, set()).add(index)
         for index, claim in seen.claims.items():
-            if claim.blake3 is not None:
-                self.digests.setdefault(index, claim.blake3)
-                if claim.node_id != self.node_id:
-                    self.settled.setdefault(claim.node_id, set()).add(index)
-            else:
+            if claim.blake3 is None:
                 self._first_seen.setdefault((index, claim.revision), now)
         return changed
 
@@ -116,6 +136,11 @@ class SwarmFile:
         if key not in self._sources:
             self._sources[key] = self.make_source(node, None)
         return self._sources[key]
+
+    def may_claim_fresh(self, patience: float) -> bool:
+        """Whether this node may claim a chunk nobody claims: it started with the others, or it follows
+        a swarm whose claims have stood still for ``patience`` seconds."""
+        return not self.follower or time.monotonic() - self.last_activity >= patience
 
     def announced(self) -> dict[str, frozenset[int]]:
         """The chunks each live claimer has settled (landed and checked there), by node id: kept after its
@@ -163,7 +188,10 @@ class SwarmFile:
             return False
         self.mine.add(index)
         self.claims_won += 1
-        self.take_overs += bool(replaces)
+        if replaces:
+            self.take_overs += 1
+            log.info("%s: chunk %d taken over from node %s (%s)", self.sha256[:12], index,
+                     current.node_id if current else "?", "its claim no longer counts here")  # fmt: skip
         return True
 
     async def settle(self, index: int, digest: str) -> None:
