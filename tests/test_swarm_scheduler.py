@@ -253,8 +253,11 @@ def test_a_pull_reports_its_bytes_by_kind_of_source(
         result = local.pull("acme/w")
         assert result.bytes_by_source == {"node": len(DATA)} == {"node": result.bytes_total}
         assert result.to_dict()["bytes_by_source"] == {"node": len(DATA)}
+        # The manifest's status rows keep it, per variant (the single-file repo has one).
+        assert [v.bytes_by_source for v in local.get_manifest("acme/w").variants] == [{"node": len(DATA)}]
         again = local.pull("acme/w")
         assert again.bytes_by_source == {"local": len(DATA)}
+        assert [v.bytes_by_source for v in local.get_manifest("acme/w").variants] == [{"local": len(DATA)}]
     assert chunk_count(len(DATA), SMALL_CHUNK) == CHUNKS
 
 

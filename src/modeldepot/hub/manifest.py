@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from modeldepot.errors import NotFoundError
@@ -36,6 +36,7 @@ class Variant:
     finished_at: float | None
     updated_at: float | None
     resumable: bool = False  # part of it waits in partials/: a pull continues from there
+    bytes_by_source: dict[str, int] = field(default_factory=dict)  # local | node | peer | hub -> bytes
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ def manifest_from_record(
                 finished_at=state.finished_at if state else None,
                 updated_at=state.updated_at if state else None,
                 resumable=resumable,
+                bytes_by_source=dict(state.bytes_by_source) if state else {},
             )
         )
     info = body["info"]

@@ -139,6 +139,7 @@ def _variant_states(manifests: list[Manifest], authorized: bool) -> dict[str, di
                 "total_bytes": variant.total_bytes,
                 "error": variant.error,
                 "resumable": variant.resumable,
+                "bytes_by_source": variant.bytes_by_source,
             }
     return states
 

@@ -230,7 +230,7 @@ def _components() -> ComponentSchemas:
         "VariantEvent",
         c.record(
             Variant,
-            only=["status", "bytes_done", "total_bytes", "error", "resumable"],
+            only=["status", "bytes_done", "total_bytes", "error", "resumable", "bytes_by_source"],
             add={
                 "repo_id": c.field(Manifest, "repo_id"),
                 "commit_id": c.field(Manifest, "commit_id"),

@@ -123,6 +123,10 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (repo_id, variant)
     ) WITHOUT ROWID
     """,
+    # 5: where a pull's bytes came from, per variant (JSON: local, node, peer, hub -> bytes).
+    """
+    ALTER TABLE variant_status ADD COLUMN bytes_by_source TEXT NOT NULL DEFAULT '{}'
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 # Result codes (sqlite3.SQLITE_FULL and friends exist only from Python 3.11). Python reports extended codes.

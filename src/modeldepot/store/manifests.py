@@ -6,8 +6,9 @@ Statuses survive restarts; the transfer engine updates them live.
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from modeldepot.errors import NotFoundError
 from modeldepot.store.index import Index
@@ -16,6 +17,17 @@ from modeldepot.validation import validate_repo_id
 __all__ = ["STATUSES", "ManifestRecord", "ManifestStore", "VariantStatusRecord"]
 
 STATUSES = ("available", "downloading", "downloaded", "failed")
+
+
+def _by_source(text: str | None) -> dict[str, int]:
+    """The stored JSON of a status row's bytes by source ({} when unreadable: a row is never lost to it)."""
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and type(v) is int and v >= 0}
 
 
 @dataclass(frozen=True)
@@ -27,6 +39,7 @@ class VariantStatusRecord:
     started_at: float | None
     finished_at: float | None
     updated_at: float
+    bytes_by_source: dict[str, int] = field(default_factory=dict)  # local | node | peer | hub -> bytes
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,7 @@ class ManifestStore:
                 s["started_at"],
                 s["finished_at"],
                 s["updated_at"],
+                _by_source(s["bytes_by_source"]),
             )
             for s in self.index.read(
                 "SELECT * FROM variant_status WHERE repo_id = ? ORDER BY variant", (repo_id,)
@@ -96,10 +110,15 @@ class ManifestStore:
         )
 
     def set_statuses(
-        self, repo_id: str, bytes_done: dict[str, int], status: str, error: str | None = None
+        self,
+        repo_id: str,
+        bytes_done: dict[str, int],
+        status: str,
+        error: str | None = None,
+        by_source: dict[str, dict[str, int]] | None = None,
     ) -> None:
-        """Record the progress of several variants (name -> bytes done) in one transaction; starting
-        ('downloading') and ending set their timestamps."""
+        """Record the progress of several variants (name -> bytes done, and name -> bytes by kind of
+        source) in one transaction; starting ('downloading') and ending set their timestamps."""
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
         if not bytes_done:
@@ -107,12 +126,24 @@ class ManifestStore:
         now = time.time()
         with self.index.write(f"recording the status of {repo_id}") as con:
             con.executemany(
-                "UPDATE variant_status SET status = ?, bytes_done = ?, error = ?, updated_at = ?, "
+                "UPDATE variant_status SET status = ?, bytes_done = ?, error = ?, updated_at = ?, bytes_by_source = ?, "
                 "started_at = CASE WHEN ? = 'downloading' AND status != 'downloading' THEN ? ELSE started_at END, "
                 "finished_at = CASE WHEN ? IN ('downloaded', 'failed') THEN ? ELSE finished_at END "
                 "WHERE repo_id = ? AND variant = ?",
                 [
-                    (status, done, error, now, status, now, status, now, repo_id, name)
+                    (
+                        status,
+                        done,
+                        error,
+                        now,
+                        json.dumps((by_source or {}).get(name, {}), sort_keys=True),
+                        status,
+                        now,
+                        status,
+                        now,
+                        repo_id,
+                        name,
+                    )
                     for name, done in bytes_done.items()
                 ],
             )

@@ -114,6 +114,7 @@ class _Tracker:
         self.fetched = 0
         self.resumed = 0
         self.by_source: dict[str, int] = {}
+        self.path_sources: dict[str, dict[str, int]] = {}  # path -> kind of source -> bytes
         self.last_write = 0.0
         self.pending: asyncio.Future[None] | None = None  # a status write running on a worker thread
 
@@ -121,6 +122,8 @@ class _Tracker:
         self.done[path] = self.done.get(path, 0) + amount
         if amount:
             self.by_source[origin] = self.by_source.get(origin, 0) + amount
+            kinds = self.path_sources.setdefault(path, {})
+            kinds[origin] = kinds.get(origin, 0) + amount
         if self.progress is not None:
             self.progress(PullUpdate(path, self.done[path], self.sizes.get(path, 0),
                                      sum(self.done.values()), self.total, waiting))  # fmt: skip
@@ -138,11 +141,16 @@ class _Tracker:
 
     def write(self, status: str, error: str | None = None) -> None:
         self.last_write = time.monotonic()
-        rows = {}
+        rows, sources = {}, {}
         for name in self.names:
             wanted = {f.path for f in self.manifest.files_of(name)}
             rows[name] = sum(n for path, n in self.done.items() if path in wanted)
-        self.store.manifests.set_statuses(self.manifest.repo_id, rows, status, error)
+            kinds: dict[str, int] = {}
+            for path in wanted & self.path_sources.keys():
+                for kind, amount in self.path_sources[path].items():
+                    kinds[kind] = kinds.get(kind, 0) + amount
+            sources[name] = dict(sorted(kinds.items()))
+        self.store.manifests.set_statuses(self.manifest.repo_id, rows, status, error, sources)
 
 
 def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -183,6 +191,7 @@ async def pull_async(
     for path, digest in have.items():
         tracker.done[path] = digest.size
         tracker.by_source["local"] = tracker.by_source.get("local", 0) + digest.size
+        tracker.path_sources[path] = {"local": digest.size}
     with store.partials.pulling(manifest.repo_id):
         tracker.write("downloading")
         run = _PullRun(store, manifest, chain, tracker, limits or Limits(), watch)
