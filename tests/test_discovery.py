@@ -664,3 +664,96 @@ def test_open_discovery_picks_and_checks_the_backend() -> None:
     )
     answer = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert answer.stdout.strip() == "[]"
+
+
+# -- chunk claims (etcd and mem: the same contract) ---------------------------------------------------------
+
+
+async def _claims_contract(a: EtcdDiscovery | MemDiscovery, b: EtcdDiscovery | MemDiscovery,
+                           c: EtcdDiscovery | MemDiscovery) -> None:  # fmt: skip
+    """Three processes' discoveries: a and b claim for nodes A and B; c only reads (never registers)."""
+    content, size = sha("claimed"), 1 << 20
+    first = await a.claim_chunk(content, size, 0, "A")
+    assert first is not None and first.node_id == "A" and first.blake3 is None
+    assert (await b.claim_chunk(content, size, 0, "B")) == first  # taken: the winner's claim comes back
+    await c.wait_for(lambda: c.claims(content, size).get(0) == first, WAIT)
+    # Concurrent claims of one chunk: exactly one wins.
+    answers = await asyncio.gather(a.claim_chunk(content, size, 1, "A"), b.claim_chunk(content, size, 1, "B"))
+    assert answers[0] == answers[1] and answers[0] is not None
+    # Settling records the BLAKE3; the settlement outlives the claim's release.
+    digest = "ab" * 32
+    await a.settle_claim(content, size, 0, digest)
+    await c.wait_for(lambda: (c.claims(content, size).get(0) or first).blake3 == digest, WAIT)
+    # A take-over names the revision it replaces: a stale one loses, the current one wins, once.
+    settled = c.claims(content, size)[0]
+    assert (await b.claim_chunk(content, size, 0, "B", replaces=settled.revision - 1)) == settled
+    taken = await b.claim_chunk(content, size, 0, "B", replaces=settled.revision)
+    assert taken is not None and taken.node_id == "B" and taken.revision > settled.revision
+    assert (await c.claim_chunk(content, size, 0, "C", replaces=settled.revision)) == taken
+    await a.settle_claim(content, size, 0, "cd" * 32)  # a's claim was taken over: nothing is written
+    await b.release_claims(content, size)
+    await c.wait_for(lambda: 0 not in c.claims(content, size), WAIT)
+    assert c.settlements(content, size)[0] == ("A", digest)
+    # Another chunk size is another set of claims.
+    assert c.claims(content, 2 * size) == {}
+    # A process that ends takes its claims with it (etcd: its lease is revoked).
+    assert 1 in c.claims(content, size)
+    owner = a if answers[0].node_id == "A" else b
+    await owner.close()
+    await c.wait_for(lambda: 1 not in c.claims(content, size), WAIT)
+
+
+def test_etcd_chunk_claims_are_taken_once_settled_taken_over_and_released(etcd_server: EtcdServer) -> None:
+    async def main() -> None:
+        a, b, c = etcd(etcd_server), etcd(etcd_server), etcd(etcd_server)
+        async with started(a, b, c):
+            await a.register(node("a"))  # a registered node claims under its node lease; b and c have none
+            await _claims_contract(a, b, c)
+            async with raw(etcd_server) as client:  # nothing of the released claims is left in etcd
+                left = await keys(client, b"/modeldepot/claims/")
+                assert all(json.loads(kv.value)["node_id"] != "B" for kv in left.values())
+
+    run(main())
+
+
+def test_etcd_claims_of_a_killed_claimer_go_within_its_ttl(etcd_server: EtcdServer) -> None:
+    async def main() -> None:
+        reader = etcd(etcd_server)
+        async with started(reader):
+            claimer = etcd(etcd_server, ttl=2)
+            await claimer.start()
+            claim = await claimer.claim_chunk(sha("x"), 1 << 20, 3, "A")
+            assert claim is not None and claim.node_id == "A"
+            await reader.wait_for(lambda: 3 in reader.claims(sha("x"), 1 << 20), WAIT)
+            for task in claimer._tasks:  # the process "dies": no refresh, no revoke
+                task.cancel()
+            await reader.wait_for(lambda: 3 not in reader.claims(sha("x"), 1 << 20), 2 + 3)
+            claimer._closed = True
+            await claimer._close_quietly(claimer._client)
+
+    run(main())
+
+
+def test_mem_chunk_claims_follow_the_same_contract() -> None:
+    async def main() -> None:
+        registry = MemRegistry("claims")
+        a, b, c = MemDiscovery(registry), MemDiscovery(registry), MemDiscovery(registry)
+        async with started(a, b, c):
+            await _claims_contract(a, b, c)
+            claim = await b.claim_chunk(sha("m"), 4096, 0, "B")
+            assert claim is not None
+            registry.set_available(False)
+            assert await a.claim_chunk(sha("m"), 4096, 1, "A") is None  # the registry cannot say
+            registry.set_available(True)
+
+    run(main())
+
+
+def test_static_discovery_keeps_no_claims() -> None:
+    async def main() -> None:
+        static = StaticDiscovery(["http://a.test:1"])
+        assert not static.claims_supported
+        assert await static.claim_chunk(sha("s"), 4096, 0, "A") is None
+        assert static.claims(sha("s"), 4096) == {}
+
+    run(main())
