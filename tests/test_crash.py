@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from conftest import SMALL_CHUNK, store_files_consistent, write_model_dir
 from modeldepot import Depot, RepoNotFoundError
 from modeldepot.hashing import digest_bytes
@@ -135,6 +137,14 @@ def model_files(rng: random.Random) -> Files:
     return {**files, "weights/copy.bin": files["weights/part-00.bin"], "config.json": b"{}", "empty.txt": b""}
 
 
+@pytest.fixture(params=["deferred", "sync"])
+def durability(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both durability modes (the children inherit the setting): a kill loses nothing in either."""
+    monkeypatch.setenv("MODELDEPOT_DURABILITY", request.param)
+    return str(request.param)
+
+
+@pytest.mark.usefixtures("durability")
 def test_kill_import_into_fresh_stores(tmp_path: Path) -> None:
     files = model_files(random.Random(f"{SEED}:fresh"))
     folder = write_model_dir(tmp_path / "model", files)
@@ -153,6 +163,7 @@ def test_kill_import_into_fresh_stores(tmp_path: Path) -> None:
     kill_rounds("import into a fresh store", 15, duration, one_round)
 
 
+@pytest.mark.usefixtures("durability")
 def test_kill_import_of_a_new_revision_keeps_the_old_one(tmp_path: Path) -> None:
     """A reused store: the repo is at the previous revision or the new one, never in between."""
     rng = random.Random(f"{SEED}:revisions")

@@ -113,8 +113,13 @@ class DepotConfig:
     preload_strategy: str = "page-cache"  # MODELDEPOT_PRELOAD_STRATEGY
     cluster: str | None = None  # the fleet's registry: etcd://HOST:PORT[,HOST:PORT] (MODELDEPOT_CLUSTER)
     cluster_prefix: str = DEFAULT_CLUSTER_PREFIX  # its key prefix (MODELDEPOT_CLUSTER_PREFIX)
+    # "deferred": blobs published once verified, flushed in the background; "sync": flushed before
+    # they are published (MODELDEPOT_DURABILITY). See store/durability.py.
+    durability: str = "deferred"
 
     def __post_init__(self) -> None:
+        if self.durability not in ("deferred", "sync"):
+            raise ConfigError(f"MODELDEPOT_DURABILITY {self.durability!r} must be 'deferred' or 'sync'")
         if not 1 <= self.connections_per_source <= self.connections <= 256:
             raise ConfigError(
                 f"connections: {self.connections} in total and {self.connections_per_source} per source "
@@ -158,6 +163,7 @@ class DepotConfig:
             preload_budget=env.get("MODELDEPOT_PRELOAD_BUDGET") or "50%",
             preload_strategy=env.get("MODELDEPOT_PRELOAD_STRATEGY") or "page-cache",
             cluster=env.get("MODELDEPOT_CLUSTER", "").strip() or None,
+            durability=(env.get("MODELDEPOT_DURABILITY") or "deferred").strip().lower(),
             cluster_prefix=env.get("MODELDEPOT_CLUSTER_PREFIX", "").strip() or DEFAULT_CLUSTER_PREFIX,
         )
 

@@ -262,6 +262,23 @@ def verify_command(depot: Depot, repo_id: str | None, as_json: bool) -> None:
         sys.exit(EXIT_FAILURE)
 
 
+@cli.command("sync")
+@_json_option
+@_home_option
+def sync_command(depot: Depot, as_json: bool) -> None:
+    """Wait until everything in the store is durable on disk.
+
+    Imports and pulls publish a file as soon as its bytes are verified and flush it in the background
+    (MODELDEPOT_DURABILITY=deferred, the default); a power loss before the flush is detected and healed at
+    the next start. Run this before you power a machine off, or to be sure."""
+    unchecked = depot.store.durability.unchecked()
+    flushed = depot.sync()
+    body = {"flushed": flushed, "checked": unchecked}
+    render.emit(as_json, body, lambda: render.out.print(
+        f"{flushed} blob(s) flushed to disk" + (f", {unchecked} checked after a restart" if unchecked else "")
+        if flushed or unchecked else "everything was already on disk"))  # fmt: skip
+
+
 @cli.command("rm")
 @_repo_argument
 @click.option(

@@ -70,13 +70,15 @@ class PartialBlob:
         except OSError as error:
             raise os_error(error, "writing a blob") from error
 
-    def sync(self) -> None:
-        """Make the bytes durable and the file read-only, and release the descriptor."""
+    def sync(self, durable: bool = True) -> None:
+        """Make the file read-only and release the descriptor, the bytes durable first (``durable``; else
+        they reach the disk later: store/durability.py)."""
         try:
             if self.written != self.size:
                 os.ftruncate(self.fd, self.written)
             os.fchmod(self.fd, 0o444)
-            os.fsync(self.fd)
+            if durable:
+                os.fsync(self.fd)
         except OSError as error:
             raise os_error(error, "flushing a blob to disk") from error
         finally:
@@ -181,7 +183,7 @@ class BlobFiles:
     def path(self, sha256: str) -> Path:
         return self.layout.blob_path(sha256)
 
-    def place(self, partial: PartialBlob, sha256: str, replace: bool) -> None:
+    def place(self, partial: PartialBlob, sha256: str, replace: bool, durable: bool = True) -> None:
         """Publish a synced partial as blob ``sha256``. Hold the store lock shared while calling.
 
         ``replace=False`` keeps an existing file (a committed, verified blob); ``True`` overwrites
@@ -199,7 +201,8 @@ class BlobFiles:
                     pass
                 self.layout.inside(partial.path).unlink()
             partial.placed = True
-            fsync_dir(target.parent)
+            if durable:
+                fsync_dir(target.parent)
         except OSError as error:
             raise os_error(error, f"placing blob {sha256[:16]}…") from error
 

@@ -146,7 +146,11 @@ def _stage(
 
 
 def _stage_all(
-    session: WriteSession, files: list[SourceFile], chunk_size: int, progress: ImportProgress | None
+    session: WriteSession,
+    files: list[SourceFile],
+    chunk_size: int,
+    progress: ImportProgress | None,
+    durable: bool = True,
 ) -> tuple[list[StagedFile], dict[str, PartialBlob]]:
     """Copy and hash every file into the session; one synced partial per distinct content."""
     patterns = _lfs_patterns(files)
@@ -164,7 +168,7 @@ def _stage_all(
         if digest.sha256 in partials:
             partial.discard()  # the same content twice in one folder
         else:
-            partial.sync()
+            partial.sync(durable)
             partials[digest.sha256] = partial
         lfs = is_lfs_path(source.path, digest.size, patterns, GIT_OID_LIMIT)
         staged.append(StagedFile(source.path, digest, _git_oid(digest, lfs), lfs))
@@ -184,7 +188,8 @@ def import_dir(
     validate_branch(revision)
     files = scan_source(Path(directory))
     with WriteSession(store.layout) as session:
-        staged, partials = _stage_all(session, files, store.chunk_size, progress)
+        staged, partials = _stage_all(session, files, store.chunk_size, progress,
+                                      not store.durability.deferred)  # fmt: skip
         trees = tree_oids(TreeEntry(s.path, s.git_oid) for s in staged)
         commit_id = commit_id_for_tree(trees[""])
         spec = RevisionSpec(repo_id, commit_id, revision, private, "import", _card(files), trees[""])

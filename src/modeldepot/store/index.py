@@ -127,6 +127,11 @@ _MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE variant_status ADD COLUMN bytes_by_source TEXT NOT NULL DEFAULT '{}'
     """,
+    # 6: deferred durability: the boot id under which a blob not yet known durable was written (NULL:
+    # durable). See store/durability.py.
+    """
+    ALTER TABLE blobs ADD COLUMN unflushed_boot TEXT
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 # Result codes (sqlite3.SQLITE_FULL and friends exist only from Python 3.11). Python reports extended codes.

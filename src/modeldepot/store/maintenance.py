@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modeldepot.errors import StoreFullError
-from modeldepot.hashing import digest_stream
 from modeldepot.store.blobs import WriteSession
 from modeldepot.store.models import DiskUsage, GcReport, RepoDiskUsage, VerifyProblem, VerifyReport
 from modeldepot.store.store import Store
@@ -47,35 +46,6 @@ def _users(store: Store, sha256: str) -> tuple[str, ...]:
     return tuple(f"{r['repo_id']}@{r['commit_id'][:12]}:{r['path']}" for r in rows)
 
 
-def _check_blob(store: Store, sha256: str, size: int, chunk_size: int) -> tuple[str, str] | None:
-    """None if the blob file matches every recorded digest, else (problem, detail)."""
-    path = store.blobs.path(sha256)
-    try:
-        handle = open(path, "rb", buffering=0)  # noqa: SIM115
-    except FileNotFoundError:
-        return "missing", "its file is missing"
-    with handle:
-        actual = os.fstat(handle.fileno()).st_size
-        if actual != size:
-            return "size", f"its file holds {actual} bytes, the index says {size}"
-        try:
-            digest = digest_stream(handle.readinto, size, chunk_size)
-        except OSError as error:
-            return "read", f"reading it failed: {error}"
-    expected = store.chunk_digests(sha256)
-    for number, (want, got) in enumerate(zip(expected, digest.chunk_blake3, strict=False)):
-        if want != got:
-            return "chunk", f"chunk {number} does not match its BLAKE3 digest"
-    if len(expected) != len(digest.chunk_blake3):
-        return (
-            "chunk",
-            f"the index has {len(expected)} chunk digests, the file {len(digest.chunk_blake3)} chunks",
-        )
-    if digest.sha256 != sha256:
-        return "sha256", "its SHA-256 does not match its name"
-    return None
-
-
 def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | None = None) -> VerifyReport:
     """Rehash every blob (of one repo, or all); quarantine the bad ones; repair snapshot links."""
     started = time.monotonic()
@@ -100,7 +70,7 @@ def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | 
             problems.append(VerifyProblem(sha256, "quarantined", "failed verification earlier; import or "
                                           "pull it again", None, _users(store, sha256)))  # fmt: skip
             continue
-        found = _check_blob(store, sha256, row["size"], row["chunk_size"])
+        found = store.check_blob(sha256, row["size"], row["chunk_size"])
         checked_bytes += row["size"]
         if progress is not None:
             progress(checked_bytes, total)

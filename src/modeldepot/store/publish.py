@@ -65,10 +65,13 @@ def publish(
             known = blob_states(store.index, list(partials))
             for sha256, partial in partials.items():
                 if known.get(sha256) != "ok":
-                    store.blobs.place(partial, sha256, replace=True)
+                    store.blobs.place(partial, sha256, replace=True, durable=not store.durability.deferred)
                     placed.append(sha256)
-            _commit(store.index, spec, staged)
+            _commit(store.index, spec, staged, store.durability.unflushed_boot, set(placed))
+            new = placed
             placed = []  # committed: the rows own these blobs now
+            if new:
+                store.durability.written()
             _build_snapshot(store, spec.repo_id, spec.commit_id)
     except BaseException:
         if placed:
@@ -100,7 +103,10 @@ def _unplace(store: Store, placed: list[str]) -> None:
                 store.blobs.delete(sha256)
 
 
-def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile]) -> None:
+def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushed_boot: str | None,
+            placed: set[str]) -> None:  # fmt: skip
+    """The revision's rows in one transaction. The blobs this call placed record ``unflushed_boot`` (the
+    boot they were written under, when not yet flushed: store/durability.py)."""
     now = time.time()
     with index.write(f"recording {spec.repo_id}@{spec.commit_id[:12]}") as con:
         con.execute(
@@ -115,11 +121,13 @@ def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile]) -> None:
         )
         for item in staged:
             digest = item.digest
+            boot = unflushed_boot if digest.sha256 in placed else None
             con.execute(
-                "INSERT INTO blobs (sha256, size, chunk_size, git_sha1, created_at) VALUES (?, ?, ?, ?, ?) "
+                "INSERT INTO blobs (sha256, size, chunk_size, git_sha1, created_at, unflushed_boot) "
+                "VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (sha256) DO UPDATE SET state = 'ok', chunk_size = excluded.chunk_size, "
-                "verified_at = NULL WHERE state != 'ok'",
-                (digest.sha256, digest.size, digest.chunk_size, digest.git_sha1, now),
+                "verified_at = NULL, unflushed_boot = excluded.unflushed_boot WHERE state != 'ok'",
+                (digest.sha256, digest.size, digest.chunk_size, digest.git_sha1, now, boot),
             )
             if con.execute("SELECT changes()").fetchone()[0]:
                 con.execute("DELETE FROM chunks WHERE sha256 = ?", (digest.sha256,))

@@ -32,9 +32,10 @@ from modeldepot.errors import (
     RepoNotFoundError,
     RevisionNotFoundError,
 )
-from modeldepot.hashing import BlobDigest
+from modeldepot.hashing import BlobDigest, digest_stream
 from modeldepot.store.access import AccessLog
 from modeldepot.store.blobs import BlobFiles, WriteSession
+from modeldepot.store.durability import Durability
 from modeldepot.store.index import Index
 from modeldepot.store.layout import StoreLayout, os_error
 from modeldepot.store.locks import StoreLock
@@ -81,12 +82,15 @@ class Store:
         self.access = AccessLog(self.index)
         self.chunk_size = self._settle_chunk_size(config.chunk_size)
         self.store_id = self._setting_or_default("store_id", uuid.uuid4().hex)
+        self.durability = Durability(self.index, self.blobs.path, self.check_blob, self.quarantine,
+                                     deferred=config.durability == "deferred")  # fmt: skip
 
     @property
     def home(self) -> Path:
         return self.layout.home
 
     def close(self) -> None:
+        self.durability.close()
         try:
             self.access.flush()
         except DepotError as error:  # counts only tune preloading: a store that cannot take them still closes
@@ -178,7 +182,9 @@ class Store:
 
     def open_fd(self, blob: BlobRecord | FileEntry) -> int:
         """A read-only descriptor on the blob (the caller closes it): the one way every read opens a blob.
-        A missing or wrong-sized blob is quarantined on the spot."""
+        A missing or wrong-sized blob is quarantined on the spot; one written before the machine restarted
+        and not known to have reached the disk is rehashed first (store/durability.py)."""
+        self.durability.ensure_checked(blob.sha256)
         try:
             return self.blobs.open(blob.sha256, blob.size)
         except CorruptBlobError as error:
@@ -282,6 +288,39 @@ class Store:
         rows = self.index.read("SELECT blake3 FROM chunks WHERE sha256 = ? ORDER BY idx", (sha256,))
         return [row["blake3"] for row in rows]
 
+    def check_blob(self, sha256: str, size: int, chunk_size: int) -> tuple[str, str] | None:
+        """Rehash a blob's file: None if it matches every recorded digest, else (problem, detail)."""
+        path = self.blobs.path(sha256)
+        try:
+            handle = open(path, "rb", buffering=0)  # noqa: SIM115
+        except FileNotFoundError:
+            return "missing", "its file is missing"
+        with handle:
+            actual = os.fstat(handle.fileno()).st_size
+            if actual != size:
+                return "size", f"its file holds {actual} bytes, the index says {size}"
+            try:
+                digest = digest_stream(handle.readinto, size, chunk_size)
+            except OSError as error:
+                return "read", f"reading it failed: {error}"
+        expected = self.chunk_digests(sha256)
+        for number, (want, got) in enumerate(zip(expected, digest.chunk_blake3, strict=False)):
+            if want != got:
+                return "chunk", f"chunk {number} does not match its BLAKE3 digest"
+        if len(expected) != len(digest.chunk_blake3):
+            return (
+                "chunk",
+                f"the index has {len(expected)} chunk digests, the file {len(digest.chunk_blake3)} chunks",
+            )
+        if digest.sha256 != sha256:
+            return "sha256", "its SHA-256 does not match its name"
+        return None
+
+    def sync(self) -> int:
+        """Wait until every blob is durable (and every one written before a restart checked); returns how
+        many were flushed."""
+        return self.durability.sync()
+
     def quarantine(self, sha256: str) -> str | None:
         """Take a bad blob out of service: moved to quarantine/, marked in the index, never served."""
         with self.lock.exclusive():
@@ -295,6 +334,8 @@ class Store:
     def snapshot_path(self, repo_id: str, revision: str = "main") -> Path:
         """The snapshot folder of a revision, rebuilt from the index if it is missing or damaged."""
         commit_id = self.resolve(repo_id, revision)
+        for entry in self.files(repo_id, commit_id):  # the caller reads them by path: checked first
+            self.durability.ensure_checked(entry.sha256)
         self.ensure_snapshot(repo_id, commit_id)
         return self.snapshots.path(repo_id, commit_id)
 

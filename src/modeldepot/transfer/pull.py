@@ -343,7 +343,7 @@ class _PullRun:
         ready: dict[str, PartialBlob] = {}
         for key, claim in self.claims.items():
             blob = claim.finish()
-            blob.sync()
+            blob.sync(durable=not self.store.durability.deferred)
             ready[self.digests[key].sha256] = blob
         return ready
 

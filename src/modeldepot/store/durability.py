@@ -1,0 +1,221 @@
+"""Deferred durability: a blob is published once verified, and made durable in the background.
+
+A killed process cannot lose bytes that reached the page cache; only a power loss or a kernel crash can.
+So by default (``MODELDEPOT_DURABILITY=deferred``) an import or a pull publishes a blob as soon as its
+SHA-256 and chunk BLAKE3s are checked, without waiting for the disk, and records in its row the kernel's
+boot id (``/proc/sys/kernel/random/boot_id``) under which it was written (``blobs.unflushed_boot``). The
+index itself stays durable (``synchronous=FULL``): after a power loss it names blobs whose bytes may be
+missing, short or zeros, and the boot id tells which.
+
+- **Flushing.** :class:`Durability` makes the blobs written under the current boot durable in batches (an
+  ``fsync`` of each file and of its folder), then clears their ``unflushed_boot``: a background thread
+  does it about a second after a write, and :meth:`Durability.sync` (``modeldepot sync``,
+  ``Depot.sync()``, a server's shutdown) waits for all of it. A process that ends first (a CLI pull) leaves
+  the rest to the kernel's own writeback and to the next process that opens the store.
+- **After a reboot.** A blob whose ``unflushed_boot`` is another boot's is *unchecked*: every read opens a
+  blob through :meth:`Durability.ensure_checked` (called by ``Store.open_fd``), which rehashes an unchecked
+  blob before it is read (other readers of it wait), makes it durable and clears its mark, or quarantines
+  it (a ``CorruptBlobError``: the next pull fetches it again). The background thread checks them all.
+- ``MODELDEPOT_DURABILITY=sync`` keeps the old behaviour: every blob is fsynced before it is published.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from modeldepot.errors import CorruptBlobError, DepotError
+from modeldepot.store.index import Index
+
+__all__ = ["DURABILITY_MODES", "Durability", "current_boot_id"]
+
+log = logging.getLogger(__name__)
+
+DURABILITY_MODES = ("deferred", "sync")
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+FLUSH_DELAY = 1.0  # seconds after a write before the background flush: writes close together share it
+BATCH = 256  # blobs marked durable per index transaction
+
+Checker = Callable[[str, int, int], "tuple[str, str] | None"]
+"""``(sha256, size, chunk_size)`` -> None when the blob file matches its digests, else (problem, detail)."""
+
+
+def current_boot_id() -> str:
+    """This boot of the kernel: ``MODELDEPOT_BOOT_ID`` when set (tests simulate a reboot with it), else
+    the kernel's boot id; ``"unknown"`` where there is none (then every reopen counts as a new boot only if
+    the id changes: it never does, so deferred writes are flushed by the background thread alone)."""
+    override = os.environ.get("MODELDEPOT_BOOT_ID")
+    if override:
+        return override.strip()[:64]
+    try:
+        return BOOT_ID_PATH.read_text().strip()[:64] or "unknown"
+    except OSError:
+        return "unknown"
+
+
+class Durability:
+    """The store's unflushed and unchecked blobs (see the module's docstring). Thread-safe."""
+
+    def __init__(self, index: Index, blob_path: Callable[[str], Path], check: Checker,
+                 quarantine: Callable[[str], object], deferred: bool) -> None:  # fmt: skip
+        self.index, self.blob_path, self.check, self.quarantine = index, blob_path, check, quarantine
+        self.deferred = deferred
+        self.boot = current_boot_id()
+        self._lock = threading.Lock()
+        self._checking: dict[str, threading.Lock] = {}
+        rows = index.read(
+            "SELECT sha256 FROM blobs WHERE unflushed_boot IS NOT NULL AND unflushed_boot != ? AND state = 'ok'",
+            (self.boot,),
+        )
+        self._unchecked = {row["sha256"] for row in rows}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self._unchecked:
+            log.warning(
+                "%d blob(s) were written before the machine last started and may not have reached the disk: "
+                "each is checked before it is read (in the background meanwhile)",
+                len(self._unchecked),
+            )
+            self._start()
+
+    @property
+    def unflushed_boot(self) -> str | None:
+        """What a new blob's row records: this boot's id (deferred), or None (written durably)."""
+        return self.boot if self.deferred else None
+
+    # -- reads ---------------------------------------------------------------------------------------------
+
+    def ensure_checked(self, sha256: str) -> None:
+        """Before a blob is read: if it is unchecked (written before a reboot, maybe never flushed), rehash
+        it now (a concurrent reader of the same blob waits), then make it durable, or quarantine it and
+        raise CorruptBlobError."""
+        if sha256 not in self._unchecked:  # the common case: one set lookup
+            return
+        with self._lock:
+            lock = self._checking.setdefault(sha256, threading.Lock())
+        with lock:
+            if sha256 not in self._unchecked:
+                return  # another thread checked it meanwhile
+            problem = self._check_one(sha256)
+            with self._lock:
+                self._unchecked.discard(sha256)
+                self._checking.pop(sha256, None)
+        if problem is not None:
+            raise CorruptBlobError(sha256, f"{problem} (it was written before a restart of the machine)")
+
+    def _check_one(self, sha256: str) -> str | None:
+        rows = self.index.read(
+            "SELECT size, chunk_size, state, unflushed_boot FROM blobs WHERE sha256 = ?", (sha256,)
+        )
+        if not rows or rows[0]["state"] != "ok" or rows[0]["unflushed_boot"] in (None, self.boot):
+            return None  # gone, quarantined, or checked by another process
+        found = self.check(sha256, rows[0]["size"], rows[0]["chunk_size"])
+        if found is not None:
+            log.warning("blob %s… written before the restart is corrupt (%s): quarantined; pull it again",
+                        sha256[:16], found[1])  # fmt: skip
+            self.quarantine(sha256)
+            return found[1]
+        self._flush_files([sha256])
+        self._mark_durable([sha256], rows[0]["unflushed_boot"])
+        return None
+
+    # -- flushing ------------------------------------------------------------------------------------------
+
+    def written(self) -> None:
+        """A blob was just published without a flush: the background thread flushes it soon."""
+        if self.deferred:
+            self._start()
+            self._wake.set()
+
+    def pending(self) -> list[str]:
+        """The blobs written under this boot that are not yet known durable."""
+        rows = self.index.read(
+            "SELECT sha256 FROM blobs WHERE unflushed_boot = ? AND state = 'ok'", (self.boot,)
+        )
+        return [row["sha256"] for row in rows]
+
+    def unchecked(self) -> int:
+        return len(self._unchecked)
+
+    def sync(self) -> int:
+        """Check every unchecked blob and make every blob durable; returns how many were flushed."""
+        for sha256 in list(self._unchecked):
+            try:
+                self.ensure_checked(sha256)
+            except CorruptBlobError:
+                pass  # quarantined, and logged
+        pending = self.pending()
+        for start in range(0, len(pending), BATCH):
+            batch = pending[start : start + BATCH]
+            self._flush_files(batch)
+            self._mark_durable(batch, self.boot)
+        return len(pending)
+
+    def _flush_files(self, digests: list[str]) -> None:
+        folders: set[Path] = set()
+        for sha256 in digests:
+            path = self.blob_path(sha256)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # removed meanwhile (rm, gc): nothing to flush
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            folders.add(path.parent)
+        for folder in folders:
+            try:
+                fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _mark_durable(self, digests: list[str], boot: str) -> None:
+        marks = ",".join("?" * len(digests))
+        with self.index.write("recording blobs as durable") as con:
+            con.execute(
+                f"UPDATE blobs SET unflushed_boot = NULL WHERE unflushed_boot = ? AND sha256 IN ({marks})",
+                (boot, *digests),
+            )
+
+    # -- the background thread -------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, name="modeldepot-durability", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for sha256 in list(self._unchecked):
+                    if self._stop.is_set():
+                        return
+                    try:
+                        self.ensure_checked(sha256)
+                    except CorruptBlobError:
+                        pass
+                woken = self._wake.wait(60.0)  # a write; or once a minute (another process's writes)
+                self._wake.clear()
+                if self._stop.is_set() or (woken and self._stop.wait(FLUSH_DELAY)):
+                    return  # (the delay lets writes close together share one flush)
+                self.sync()
+            except (DepotError, OSError) as error:  # a full disk, a removed store: retried later
+                log.warning("flushing the store in the background: %s", error)
+                if self._stop.wait(5.0):
+                    return
+
+    def close(self) -> None:
+        """Stop the background thread (not waiting for what it has left: the kernel writes it back, and the
+        next process that opens the store flushes it)."""
+        self._stop.set()
+        self._wake.set()
