@@ -1,28 +1,22 @@
 """Downloading one file from one or more sources: chunk-aligned ranges in parallel, resumable, verified.
 
-Workers, a few per source (``Limits.per_source``), take among the chunks nobody has or fetches the one the
-fewest live sources hold (rarest first, ties to the lowest), fetch its range, check it against the
-source's BLAKE3 for that chunk when the source has one (a depot node does), and write it at its offset in
-the claimed partial (store/partials.py), logging it. A fast source simply takes more chunks than a slow
-one. A source may hold the file in part (a fleet node still downloading it): its chunk map is read when it
-joins and again (at most every ``REFRESH_SECONDS``) when it has nothing left to give, and it is asked only
-for those chunks; a chunk it turns out to lack (404 ``ChunkNotAvailable``) goes back to the pool.
+Workers, a few per source (``Limits.per_source``), take the chunk the scheduler chooses for their source
+(transfer/choosing.py: rarest first, the endgame, the swarm's claims), fetch its range, check it against
+the source's BLAKE3 for that chunk when there is one (a depot node's, or the claimer's in a swarm), and
+write it at its offset in the claimed partial (store/partials.py), logging it. A fast source simply takes
+more chunks than a slow one. A partial holder's chunk map is read when it joins and again (at most every
+``REFRESH_SECONDS``) when it has nothing left to give; a chunk it turns out to lack (404
+``ChunkNotAvailable``) goes back to the pool.
 
-Endgame: once every chunk left is in flight, an idle source asks for the one outstanding longest too;
-the first copy to land wins and the other request is cancelled, so a slow or stalled source never holds
-the last chunk. A source whose chunk fails its digest gets no chunk for ``BAN_SECONDS`` (unless it is the
-only holder left) and its other requests go back to the pool; the chunk is fetched from another source
-(or, with one source, up to ``MAX_CHUNK_ATTEMPTS`` times). A source that keeps failing (a stall past the
-read timeout, after retries) is dropped for this file; when no live source may be asked for the chunks
-left, the fallback (the Hub) joins.
+The endgame's first copy to land wins and the other request is cancelled, so a slow or stalled source
+never holds the last chunk. A source whose chunk fails its digest gets no chunk for ``BAN_SECONDS`` and
+its other requests go back to the pool. A source that keeps failing (a stall past the read timeout, after
+retries) is dropped for this file; when no live source may be asked for the chunks left, the fallback
+(the Hub) joins.
 
-In a fleet pulling the same content at once (``swarm``, transfer/swarm.py) the Hub is one source among
-the others from the start, but it is asked only for chunks no peer holds and no other live node has
-claimed: this node claims each chunk in the registry before fetching it from the Hub, and settles the claim
-with the chunk's BLAKE3 once landed. Claimers become sources as their claims appear (their settled chunks
-count as held at once, before their chunk map says so), and a peer's copy of a chunk is checked against
-the claimer's BLAKE3. A claim whose claimer left, failed here, or has not landed within the patience
-(``SWARM_PATIENCE`` at least, more on a slow Hub) is taken over.
+In a swarm (transfer/swarm.py) the Hub is a source from the start: this node claims each chunk in the
+registry before fetching it from the Hub, and settles the claim with the chunk's BLAKE3 once landed;
+claimers and the content's other holders join as sources as they appear.
 
 Memory is bounded by the connection limit, not by the number of files: a request takes a buffer slot
 (one of ``Limits.total``) and keeps it until its chunk has landed, so when landing falls behind the
@@ -40,7 +34,6 @@ import asyncio
 import contextlib
 import logging
 import mmap
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,6 +54,7 @@ from modeldepot.errors import (
 from modeldepot.hashing import BlobDigest, BlobHasher, chunk_span, digest_bytes
 from modeldepot.hub.manifest import RemoteFile
 from modeldepot.store.partials import ResumablePartial
+from modeldepot.transfer.choosing import ChunkChooser, ChunkRequest, FileSource
 from modeldepot.transfer.sources import ChunkUnavailableError, HttpSource, RangeIgnoredError
 
 if TYPE_CHECKING:
@@ -70,31 +64,11 @@ __all__ = ["FileSource", "Limits", "download_file"]
 
 log = logging.getLogger(__name__)
 
-MAX_CHUNK_ATTEMPTS = 3  # tries of one chunk that failed its digest before the file is given up
 BAN_SECONDS = 30.0  # a source whose chunk failed its digest gets no chunk for so long (in this transfer)
 REFRESH_SECONDS = 2.0  # at most so often a partial holder's chunk map is read again
-ENDGAME_COPIES = 2  # requests for one chunk at most, in the endgame
-ENDGAME_WAIT = 1.0  # seconds a chunk is outstanding, at least, before the endgame asks another source too
-ENDGAME_FACTOR = 3.0  # ... and at least this many times the idle source's own time per chunk
 SWARM_TICK = 0.1  # seconds between reads of the fleet's view of the file's claims and holders
-SWARM_PATIENCE = 10.0  # seconds, at least, another node's claim may stay unlanded before it is taken over
 BytesDone = Callable[[int, str], None]
 """Told ``(bytes, kind)`` for each chunk written: ``kind`` is its source's (:attr:`FileSource.kind`)."""
-
-
-@dataclass(frozen=True)
-class FileSource:
-    """A source that holds a file, with the URL to ask and (from a depot node) its chunk digests."""
-
-    source: HttpSource
-    url: str
-    chunk_blake3: tuple[str, ...] | None = None
-    origin: str = ""  # "node" (configured), "peer" (found in the fleet), "hub"; default: the source's kind
-    chunks_url: str | None = None  # a holder of part of the file: where its chunk map is read
-
-    @property
-    def kind(self) -> str:
-        return self.origin or self.source.kind
 
 
 @dataclass
@@ -144,47 +118,25 @@ async def download_file(
     return await job.run(sources)
 
 
-@dataclass(eq=False)
-class _Request:
-    """One request for a chunk: who serves it, since when, and its task (cancelled when another lands it)."""
-
-    source: FileSource
-    started: float
-    task: asyncio.Task[bool] | None = None
-    landing: bool = False  # its bytes are in (or it streams the whole file): never cancelled then
-
-
-class _FileJob:
+class _FileJob(ChunkChooser):
     def __init__(self, http: aiohttp.ClientSession, remote: RemoteFile, partial: ResumablePartial,
                  limits: Limits, fallback: Callable[[], list[FileSource]] | None,
                  on_bytes: BytesDone | None, swarm: SwarmFile | None = None) -> None:  # fmt: skip
-        self.http, self.remote, self.partial, self.limits = http, remote, partial, limits
-        self.fallback, self.on_bytes, self.swarm = fallback, on_bytes, swarm
-        self.announced: dict[FileSource, frozenset[int]] = {}  # chunks a claimer settled (swarm)
-        self.rotation = random.randrange(1 << 30)  # where the Hub's scan starts: claims collide less
-        self.requests: dict[int, list[_Request]] = {}  # chunk -> its requests in flight (two in the endgame)
+        super().__init__(partial, swarm)
+        self.http, self.remote, self.limits = http, remote, limits
+        self.fallback, self.on_bytes = fallback, on_bytes
         self.tasks: set[asyncio.Task[bool]] = set()
         self.landing: set[int] = set()  # chunks being written
-        self.bad: dict[int, set[str]] = {}  # chunk -> sources whose bytes failed its digest
-        self.attempts: dict[int, int] = {}
-        self.live: list[FileSource] = []
         self.workers: list[asyncio.Task[None]] = []
-        self.have: dict[FileSource, frozenset[int] | None] = {}  # chunks a source can serve (None: all)
         self.refused: dict[FileSource, set[int]] = {}  # chunks a partial holder said it lacks
         self.refreshed: dict[FileSource, float] = {}  # when a partial holder's chunk map was last read
         self.refreshing: set[FileSource] = set()
-        self.banned: dict[FileSource, float] = {}  # source -> until when it gets no chunk (monotonic)
-        self.timing: dict[
-            FileSource, tuple[float, int]
-        ] = {}  # seconds spent on the chunks landed, and how many
-        self.errors: dict[str, Exception] = {}  # source -> why it was dropped
         # Woken on every change (a chunk landed, a request ended, a source dropped). A waiter takes the
         # current event *before* it looks at the state, so a change between its look and its wait is
         # never lost (a Condition's lock acquisition could let one slip by).
         self._changed = asyncio.Event()
         self.failure: DepotError | None = None
         self.whole_body = False
-        self.low = 0  # the lowest chunk that may not be done yet
 
     @property
     def in_flight(self) -> set[int]:
@@ -254,117 +206,6 @@ class _FileJob:
 
     # -- choosing chunks --------------------------------------------------------------------------------
 
-    def _holds(self, source: FileSource, index: int) -> bool:
-        have = self.have.get(source)
-        return have is None or index in have or index in self.announced.get(source, ())
-
-    def _patience(self) -> float:
-        """Seconds another node's claim may stay unlanded: SWARM_PATIENCE, or more on a slow Hub (three
-        times this node's own time per Hub chunk, twice the age of its oldest Hub request in flight)."""
-        now, patience = time.monotonic(), SWARM_PATIENCE
-        for source, (spent, landed) in self.timing.items():
-            if source.kind == "hub" and landed:
-                patience = max(patience, ENDGAME_FACTOR * spent / landed)
-        for requests in self.requests.values():
-            for request in requests:
-                if request.source.kind == "hub":
-                    patience = max(patience, 2 * (now - request.started))
-        return patience
-
-    def _origin_blocked(self, index: int, now: float, endgame: bool) -> bool:
-        """In a swarm, whether the Hub must not be asked for chunk ``index`` now: a live peer that can give
-        it holds it, or another live node's claim on it stands. In the endgame the peers its requests wait
-        for count as failed (it duplicates them only when no other peer can)."""
-        assert self.swarm is not None
-        patience = self._patience()
-        failed = self._failed_for(index, now, patience)
-        if endgame:
-            failed.update(r.source.source.name for r in self.requests.get(index, []))
-        if any(s.kind != "hub" and s.source.name not in failed and self._holds(s, index) for s in self.live):
-            return True
-        if self.swarm.standing_claim(index, failed, patience) is not None:
-            return True
-        return index not in self.swarm.claims and not self.swarm.may_claim_fresh(patience)
-
-    def _failed_for(self, index: int, now: float, patience: float) -> set[str]:
-        """The sources that cannot give chunk ``index`` now (a claim of theirs no longer counts): its copy
-        from them failed its digest; they were dropped or are banned; or they are stuck (a request to
-        them has been outstanding past the patience: a peer that stalls or trickles)."""
-        failed = self.bad.get(index, set()) | set(self.errors)
-        failed.update(s.source.name for s, until in self.banned.items() if until > now)
-        for requests in self.requests.values():
-            failed.update(r.source.source.name for r in requests
-                          if r.source.kind != "hub" and not r.landing and now - r.started >= patience)  # fmt: skip
-        return failed
-
-    def _is_banned(self, source: FileSource, now: float) -> bool:
-        return self.banned.get(source, 0.0) > now
-
-    def _may_take(self, source: FileSource, index: int, now: float, endgame: bool = False) -> bool:
-        """Whether ``source`` may be asked for chunk ``index``: it holds it; it did not fail its digest
-        (unless every live holder did, and tries are left); it is not banned (unless no live holder that
-        is not banned has the chunk: one source alone is asked again)."""
-        if not self._holds(source, index):
-            return False
-        failed_by = self.bad.get(index)
-        if failed_by and source.source.name in failed_by:
-            holders = {s.source.name for s in self.live if self._holds(s, index)}
-            if not holders <= failed_by or self.attempts.get(index, 0) >= MAX_CHUNK_ATTEMPTS:
-                return False
-        if self._is_banned(source, now):
-            return not any(
-                s is not source and not self._is_banned(s, now) and self._holds(s, index) for s in self.live
-            )
-        if self.swarm is not None and source.kind == "hub":
-            return not self._origin_blocked(index, now, endgame)
-        return True
-
-    def _pick(self, source: FileSource) -> tuple[int | None, float | None]:
-        """The chunk ``source`` fetches next: among those nobody has or fetches, the one the fewest live
-        sources hold (rarest first; ties: the lowest). When it may take none of those (the endgame: every
-        chunk left is in flight, or it holds only chunks in flight), the one outstanding longest that it may take, unless it has two requests already, once it has
-        been outstanding long enough (ENDGAME_WAIT, and ENDGAME_FACTOR times this source's time per chunk:
-        a healthy pull fetches every chunk once). With no chunk, the seconds until the endgame may take
-        one (None: only a change will tell)."""
-        done, chunks, now = self.partial.done, self.partial.chunks, time.monotonic()
-        while self.low in done:  # below it every chunk is done: no scan from 0 per pick
-            self.low += 1
-        partial_maps = [m for s in self.live if (m := self.have.get(s)) is not None]
-        complete = len(self.live) - len(partial_maps)
-        best, best_count = None, 0
-        order: range | list[int] = range(self.low, chunks)
-        if self.swarm is not None and source.kind == "hub" and chunks > self.low:
-            start = self.low + self.rotation % (chunks - self.low)  # nodes start their Hub scans apart
-            order = [*range(start, chunks), *range(self.low, start)]
-        for index in order:
-            if index in done or index in self.requests or not self._may_take(source, index, now):
-                continue
-            count = complete + sum(index in m for m in partial_maps)
-            if best is None or count < best_count:
-                best, best_count = index, count
-                if not partial_maps:
-                    break  # every source holds every chunk: the lowest is the rarest
-        if best is not None:
-            return best, None
-        outstanding = [
-            (reqs[0].started, index)
-            for index, reqs in self.requests.items()
-            if index not in done and len(reqs) < ENDGAME_COPIES
-            and not any(r.landing or r.source == source for r in reqs)
-            and self._may_take(source, index, now, endgame=True)
-        ]  # fmt: skip
-        if not outstanding:
-            return None, None
-        started, index = min(outstanding)
-        spent, landed = self.timing.get(source, (0.0, 0))
-        patience = max(ENDGAME_WAIT, ENDGAME_FACTOR * spent / landed) if landed else ENDGAME_WAIT
-        if now - started >= patience:
-            return index, None
-        return None, started + patience - now
-
-    def _work_left(self) -> bool:
-        return len(self.partial.done) < self.partial.chunks
-
     def _pulse(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
@@ -383,7 +224,7 @@ class _FileJob:
                     return
                 await self._idle(source, changed, wake)
                 continue
-            request = _Request(source, time.monotonic())
+            request = ChunkRequest(source, time.monotonic())
             self.requests.setdefault(index, []).append(request)
             task = request.task = asyncio.create_task(self._request(source, index, request))
             self.tasks.add(task)
@@ -400,17 +241,6 @@ class _FileJob:
                 self._pulse()
             if not task.cancelled() and not task.result():
                 return
-
-    def _claimed_elsewhere(self) -> bool:
-        """In a swarm, whether a chunk left is kept from the Hub by the swarm (claimed by another live node,
-        or left to the nodes this one follows): it will come from them, or be free once they stop."""
-        if self.swarm is None:
-            return False
-        now = time.monotonic()
-        return any(
-            index not in self.partial.done and self._origin_blocked(index, now, endgame=False)
-            for index in range(self.low, self.partial.chunks)
-        )
 
     async def _follow_swarm(self) -> None:
         """Keep the swarm's view of the file current: new holders and claimers join as sources, and the
@@ -499,7 +329,7 @@ class _FileJob:
             self.refreshing.discard(source)
             self._pulse()
 
-    async def _request(self, source: FileSource, index: int, request: _Request) -> bool:
+    async def _request(self, source: FileSource, index: int, request: ChunkRequest) -> bool:
         """Fetch and land one chunk; False when the worker should stop."""
         # A chunk is claimed before it is fetched from the Hub. The endgame's second request for it gives
         # up on the peer the first one waits for: that peer's claim on it no longer counts (it is taken
@@ -528,7 +358,7 @@ class _FileJob:
             self._drop(source, error)
         return True
 
-    async def _fetch_chunk(self, source: FileSource, index: int, request: _Request) -> None:
+    async def _fetch_chunk(self, source: FileSource, index: int, request: ChunkRequest) -> None:
         offset, length = chunk_span(index, self.remote.size, self.partial.chunk_size)
         # The source slot comes first so that a worker waiting for a busy source holds no buffer slot
         # that another source could use. The source slot ends with the request; the buffer slot only once

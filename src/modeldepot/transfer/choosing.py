@@ -1,0 +1,204 @@
+"""Which chunk each source of a download asks for next: the scheduler's choices, apart from the fetching.
+
+Among the chunks nobody has or fetches, a source takes the one the fewest live sources hold (rarest first,
+ties to the lowest). A source may hold the file in part (a fleet node still downloading it): it is asked only
+for the chunks it holds (its chunk map, its settled claims). Endgame: once a source may take none of those
+(every chunk left is in flight, or it holds only chunks in flight), it also asks for the one outstanding
+longest, once that has been outstanding long enough; the first copy to land wins (transfer/download.py).
+
+A source whose copy of a chunk failed its digest is not asked for it again (unless every live holder failed
+it, up to ``MAX_CHUNK_ATTEMPTS`` tries), and a banned source only when no other source holds the chunk.
+
+In a swarm (transfer/swarm.py) the Hub is asked for a chunk only when no live peer that can give it holds
+it and no other live node's claim on it stands (nor, for a late node, while the others' claims move); in the
+endgame the peers its requests wait for count as failed. A claim stands until its claimer leaves, fails
+here, is stuck, or stays unlanded past the patience (``SWARM_PATIENCE`` at least, more on a slow Hub).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from modeldepot.store.partials import ResumablePartial
+from modeldepot.transfer.sources import HttpSource
+
+if TYPE_CHECKING:
+    from modeldepot.transfer.swarm import SwarmFile
+
+__all__ = ["ChunkChooser", "ChunkRequest", "FileSource"]
+
+MAX_CHUNK_ATTEMPTS = 3  # tries of one chunk that failed its digest before the file is given up
+ENDGAME_COPIES = 2  # requests for one chunk at most, in the endgame
+ENDGAME_WAIT = 1.0  # seconds a chunk is outstanding, at least, before the endgame asks another source too
+ENDGAME_FACTOR = 3.0  # ... and at least this many times the idle source's own time per chunk
+SWARM_PATIENCE = 10.0  # seconds, at least, another node's claim may stay unlanded before it is taken over
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """A source that holds a file, with the URL to ask and (from a depot node) its chunk digests."""
+
+    source: HttpSource
+    url: str
+    chunk_blake3: tuple[str, ...] | None = None
+    origin: str = ""  # "node" (configured), "peer" (found in the fleet), "hub"; default: the source's kind
+    chunks_url: str | None = None  # a holder of part of the file: where its chunk map is read
+
+    @property
+    def kind(self) -> str:
+        return self.origin or self.source.kind
+
+
+@dataclass(eq=False)
+class ChunkRequest:
+    """One request for a chunk: who serves it, since when, and its task (cancelled when another lands it)."""
+
+    source: FileSource
+    started: float
+    task: asyncio.Task[bool] | None = None
+    landing: bool = False  # its bytes are in (or it streams the whole file): never cancelled then
+
+
+class ChunkChooser:
+    """The state the choices read, and the choices. :class:`~modeldepot.transfer.download` 's job extends
+    it with the fetching, landing and hashing; nothing here does I/O."""
+
+    def __init__(self, partial: ResumablePartial, swarm: SwarmFile | None) -> None:
+        self.partial, self.swarm = partial, swarm
+        self.live: list[FileSource] = []
+        self.have: dict[FileSource, frozenset[int] | None] = {}  # chunks a source can serve (None: all)
+        self.announced: dict[FileSource, frozenset[int]] = {}  # chunks a claimer settled (swarm)
+        self.requests: dict[int, list[ChunkRequest]] = {}  # chunk -> its requests in flight (two: endgame)
+        self.bad: dict[int, set[str]] = {}  # chunk -> sources whose bytes failed its digest
+        self.attempts: dict[int, int] = {}
+        self.banned: dict[FileSource, float] = {}  # source -> until when it gets no chunk (monotonic)
+        self.timing: dict[FileSource, tuple[float, int]] = {}  # seconds spent on the chunks landed, how many
+        self.errors: dict[str, Exception] = {}  # source -> why it was dropped
+        self.low = 0  # the lowest chunk that may not be done yet
+        self.rotation = random.randrange(1 << 30)  # where the Hub's scan starts: claims collide less
+
+    def _holds(self, source: FileSource, index: int) -> bool:
+        have = self.have.get(source)
+        return have is None or index in have or index in self.announced.get(source, ())
+
+    def _patience(self) -> float:
+        """Seconds another node's claim may stay unlanded: SWARM_PATIENCE, or more on a slow Hub (three
+        times this node's own time per Hub chunk, twice the age of its oldest Hub request in flight)."""
+        now, patience = time.monotonic(), SWARM_PATIENCE
+        for source, (spent, landed) in self.timing.items():
+            if source.kind == "hub" and landed:
+                patience = max(patience, ENDGAME_FACTOR * spent / landed)
+        for requests in self.requests.values():
+            for request in requests:
+                if request.source.kind == "hub":
+                    patience = max(patience, 2 * (now - request.started))
+        return patience
+
+    def _origin_blocked(self, index: int, now: float, endgame: bool) -> bool:
+        """In a swarm, whether the Hub must not be asked for chunk ``index`` now: a live peer that can give
+        it holds it, or another live node's claim on it stands. In the endgame the peers its requests wait
+        for count as failed (it duplicates them only when no other peer can)."""
+        assert self.swarm is not None
+        patience = self._patience()
+        failed = self._failed_for(index, now, patience)
+        if endgame:
+            failed.update(r.source.source.name for r in self.requests.get(index, []))
+        if any(s.kind != "hub" and s.source.name not in failed and self._holds(s, index) for s in self.live):
+            return True
+        if self.swarm.standing_claim(index, failed, patience) is not None:
+            return True
+        return index not in self.swarm.claims and not self.swarm.may_claim_fresh(patience)
+
+    def _failed_for(self, index: int, now: float, patience: float) -> set[str]:
+        """The sources that cannot give chunk ``index`` now (a claim of theirs no longer counts): its copy
+        from them failed its digest; they were dropped or are banned; or they are stuck (a request to
+        them has been outstanding past the patience: a peer that stalls or trickles)."""
+        failed = self.bad.get(index, set()) | set(self.errors)
+        failed.update(s.source.name for s, until in self.banned.items() if until > now)
+        for requests in self.requests.values():
+            failed.update(r.source.source.name for r in requests
+                          if r.source.kind != "hub" and not r.landing and now - r.started >= patience)  # fmt: skip
+        return failed
+
+    def _is_banned(self, source: FileSource, now: float) -> bool:
+        return self.banned.get(source, 0.0) > now
+
+    def _may_take(self, source: FileSource, index: int, now: float, endgame: bool = False) -> bool:
+        """Whether ``source`` may be asked for chunk ``index``: it holds it; it did not fail its digest
+        (unless every live holder did, and tries are left); it is not banned (unless no live holder that
+        is not banned has the chunk: one source alone is asked again)."""
+        if not self._holds(source, index):
+            return False
+        failed_by = self.bad.get(index)
+        if failed_by and source.source.name in failed_by:
+            holders = {s.source.name for s in self.live if self._holds(s, index)}
+            if not holders <= failed_by or self.attempts.get(index, 0) >= MAX_CHUNK_ATTEMPTS:
+                return False
+        if self._is_banned(source, now):
+            return not any(
+                s is not source and not self._is_banned(s, now) and self._holds(s, index) for s in self.live
+            )
+        if self.swarm is not None and source.kind == "hub":
+            return not self._origin_blocked(index, now, endgame)
+        return True
+
+    def _pick(self, source: FileSource) -> tuple[int | None, float | None]:
+        """The chunk ``source`` fetches next: among those nobody has or fetches, the one the fewest live
+        sources hold (rarest first; ties: the lowest). When it may take none of those (the endgame: every
+        chunk left is in flight, or it holds only chunks in flight), the one outstanding longest that it may take, unless it has two requests already, once it has
+        been outstanding long enough (ENDGAME_WAIT, and ENDGAME_FACTOR times this source's time per chunk:
+        a healthy pull fetches every chunk once). With no chunk, the seconds until the endgame may take
+        one (None: only a change will tell)."""
+        done, chunks, now = self.partial.done, self.partial.chunks, time.monotonic()
+        while self.low in done:  # below it every chunk is done: no scan from 0 per pick
+            self.low += 1
+        partial_maps = [m for s in self.live if (m := self.have.get(s)) is not None]
+        complete = len(self.live) - len(partial_maps)
+        best, best_count = None, 0
+        order: range | list[int] = range(self.low, chunks)
+        if self.swarm is not None and source.kind == "hub" and chunks > self.low:
+            start = self.low + self.rotation % (chunks - self.low)  # nodes start their Hub scans apart
+            order = [*range(start, chunks), *range(self.low, start)]
+        for index in order:
+            if index in done or index in self.requests or not self._may_take(source, index, now):
+                continue
+            count = complete + sum(index in m for m in partial_maps)
+            if best is None or count < best_count:
+                best, best_count = index, count
+                if not partial_maps:
+                    break  # every source holds every chunk: the lowest is the rarest
+        if best is not None:
+            return best, None
+        outstanding = [
+            (reqs[0].started, index)
+            for index, reqs in self.requests.items()
+            if index not in done and len(reqs) < ENDGAME_COPIES
+            and not any(r.landing or r.source == source for r in reqs)
+            and self._may_take(source, index, now, endgame=True)
+        ]  # fmt: skip
+        if not outstanding:
+            return None, None
+        started, index = min(outstanding)
+        spent, landed = self.timing.get(source, (0.0, 0))
+        patience = max(ENDGAME_WAIT, ENDGAME_FACTOR * spent / landed) if landed else ENDGAME_WAIT
+        if now - started >= patience:
+            return index, None
+        return None, started + patience - now
+
+    def _work_left(self) -> bool:
+        return len(self.partial.done) < self.partial.chunks
+
+    def _claimed_elsewhere(self) -> bool:
+        """In a swarm, whether a chunk left is kept from the Hub by the swarm (claimed by another live node,
+        or left to the nodes this one follows): it will come from them, or be free once they stop."""
+        if self.swarm is None:
+            return False
+        now = time.monotonic()
+        return any(
+            index not in self.partial.done and self._origin_blocked(index, now, endgame=False)
+            for index in range(self.low, self.partial.chunks)
+        )
