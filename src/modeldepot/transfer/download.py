@@ -82,12 +82,27 @@ class Limits:
     per_source: int = 4
     total: int = 16
     _buffers: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
+    _spare: list[bytearray] = field(default_factory=list, init=False, repr=False)  # buffers to reuse
     _sources: dict[str, asyncio.Semaphore] = field(default_factory=dict, init=False, repr=False)
 
     def buffer_slot(self) -> asyncio.Semaphore:
         if self._buffers is None:
             self._buffers = asyncio.Semaphore(self.total)
         return self._buffers
+
+    def take_buffer(self, size: int) -> bytearray:
+        """A chunk buffer of at least ``size`` bytes: a spare one if there is one (allocating and zeroing
+        16 MiB per chunk costs as much as a copy), else a new one. Under a buffer slot."""
+        while self._spare:
+            buffer = self._spare.pop()
+            if len(buffer) >= size:
+                return buffer
+        return bytearray(size)
+
+    def give_back(self, buffer: bytearray) -> None:
+        """A buffer nothing reads any more (never one a cancelled landing's thread may still read)."""
+        if len(self._spare) < self.total:
+            self._spare.append(buffer)
 
     def source_slot(self, source: HttpSource) -> asyncio.Semaphore:
         return self._sources.setdefault(source.base_url, asyncio.Semaphore(self.per_source))
@@ -367,9 +382,10 @@ class _FileJob(ChunkChooser):
         async with self.limits.source_slot(source.source):
             await buffers.acquire()
             request.started = time.monotonic()  # on the wire now: the endgame measures from here
+            buffer = self.limits.take_buffer(self.partial.chunk_size)
             try:
                 data = await source.source.fetch(
-                    self.http, source.url, offset, offset + length - 1, self.remote.size
+                    self.http, source.url, offset, offset + length - 1, self.remote.size, buffer
                 )
             except BaseException:
                 buffers.release()
@@ -378,7 +394,13 @@ class _FileJob(ChunkChooser):
         spent, landed = self.timing.get(source, (0.0, 0))
         self.timing[source] = (spent + time.monotonic() - request.started, landed + 1)
         try:
-            await self._land(source, index, memoryview(data))
+            await self._land(source, index, data)
+            try:
+                data.release()
+            except BufferError:
+                pass  # a view of it is still held somewhere: it is not reused
+            else:
+                self.limits.give_back(buffer)  # landed: no thread reads it any more
         finally:
             buffers.release()
 

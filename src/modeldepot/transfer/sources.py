@@ -117,9 +117,11 @@ class HttpSource:
                                      sock_read=self.retry.read_timeout)  # fmt: skip
 
     async def fetch(
-        self, session: aiohttp.ClientSession, url: str, start: int, end: int, size: int
-    ) -> bytearray:
-        """Bytes ``start..end`` (inclusive) of a ``size``-byte file; retried on transient failures.
+        self, session: aiohttp.ClientSession, url: str, start: int, end: int, size: int,
+        into: bytearray | None = None,
+    ) -> memoryview:  # fmt: skip
+        """Bytes ``start..end`` (inclusive) of a ``size``-byte file; retried on transient failures. Read
+        into ``into`` when it is large enough (a reused buffer: no allocation, no zeroing per chunk).
 
         Raises RangeIgnoredError when the server sends the whole file in reply to a partial range.
         """
@@ -134,10 +136,11 @@ class HttpSource:
                     if response.status == 206 or (response.status == 200 and want == size):
                         problem = _range_problem(response, start, end, want, size)
                         if not problem:
-                            buffer = bytearray(want)
-                            got = await _read_into(response, memoryview(buffer))
+                            buffer = into if into is not None and len(into) >= want else bytearray(want)
+                            view = memoryview(buffer)[:want]
+                            got = await _read_into(response, view)
                             if got == want:
-                                return buffer
+                                return view
                             problem = f"received {got} bytes of {want}"
                     elif response.status == 200:
                         raise RangeIgnoredError(f"{url}: the server ignored the Range header")
