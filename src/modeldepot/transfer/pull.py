@@ -10,6 +10,7 @@ commit in one transaction. A failure leaves every completed chunk on disk for th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from modeldepot.store.publish import RevisionSpec, StagedFile, publish
 from modeldepot.store.store import Store
 from modeldepot.transfer.chain import SourceChain
 from modeldepot.transfer.download import FileSource, Limits, download_file
+from modeldepot.transfer.ranged import close_idle
 from modeldepot.transfer.swarm import SwarmFile
 
 __all__ = [
@@ -262,7 +264,11 @@ class _PullRun:
             unique.setdefault(partial_key(remote.sha256, remote.git_oid), remote)
         if unique:
             timeout = aiohttp.ClientTimeout(total=None)
-            async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as http:
+            async with contextlib.AsyncExitStack() as stack:
+                stack.callback(close_idle)  # the ranged reads' kept-alive connections (transfer/ranged.py)
+                http = await stack.enter_async_context(
+                    aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+                )
                 holders = await self.chain.holders(
                     http, self.manifest, self.store.chunk_size, list(unique.values())
                 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import http.client
 import random
 import re
 import time
@@ -29,6 +30,7 @@ from modeldepot.errors import (
     UpstreamTimeoutError,
 )
 from modeldepot.hashing import chunk_count, chunk_span
+from modeldepot.transfer.ranged import READERS, Attempt, read_range
 
 __all__ = [
     "ChunkUnavailableError",
@@ -40,7 +42,6 @@ __all__ = [
 ]
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 # ASCII digits only: str.isdigit() also takes "²", which float() refuses.
 _DELAY_SECONDS = re.compile(r"[0-9]+")
 
@@ -126,39 +127,48 @@ class HttpSource:
         Raises RangeIgnoredError when the server sends the whole file in reply to a partial range.
         """
         want = end - start + 1
-        headers = {**self.headers(), "Range": f"bytes={start}-{end}"}
+        buffer = into if into is not None and len(into) >= want else bytearray(want)
+        view = memoryview(buffer)[:want]
+        headers = self.headers()
+        loop = asyncio.get_running_loop()
         problem = "no attempt was made"
         timed_out = False
-        for attempt in range(self.retry.attempts):
+        for number in range(self.retry.attempts):
             retry_after = None
+            attempt = Attempt()
             try:
-                async with session.get(url, headers=headers, timeout=self._timeout()) as response:
-                    if response.status == 206 or (response.status == 200 and want == size):
-                        problem = _range_problem(response, start, end, want, size)
-                        if not problem:
-                            buffer = into if into is not None and len(into) >= want else bytearray(want)
-                            view = memoryview(buffer)[:want]
-                            got = await _read_into(response, view)
-                            if got == want:
-                                return view
-                            problem = f"received {got} bytes of {want}"
-                    elif response.status == 200:
-                        raise RangeIgnoredError(f"{url}: the server ignored the Range header")
-                    elif response.status in RETRY_STATUSES:
-                        retry_after = response.headers.get("Retry-After")
-                        problem = f"HTTP {response.status}"
-                    elif (
-                        response.status == 404 and response.headers.get("X-Error-Code") == "ChunkNotAvailable"
-                    ):
-                        raise ChunkUnavailableError(f"{url} bytes {start}-{end}: not held there (yet)",
-                                                    source=url, status=404)  # fmt: skip
+                # The body is read into the buffer on a reader thread (transfer/ranged.py); a cancelled
+                # request aborts its read there (its buffer is then never reused: the caller's rule).
+                future = loop.run_in_executor(READERS, read_range, url, headers, start, end, size, view,
+                                              self.retry.read_timeout, attempt)  # fmt: skip
+                try:
+                    answer = await future
+                except asyncio.CancelledError:
+                    attempt.abort()
+                    raise
+                status = answer.status
+                if status == 206 or (status == 200 and want == size):
+                    if answer.problem:
+                        problem = answer.problem
+                    elif answer.got == want:
+                        return view
                     else:
-                        raise _final_error(response.status, url, response.headers.get("X-Error-Message"))
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as error:
+                        problem = f"received {answer.got} bytes of {want}"
+                elif status == 200:
+                    raise RangeIgnoredError(f"{url}: the server ignored the Range header")
+                elif status in RETRY_STATUSES:
+                    retry_after = answer.headers.get("Retry-After")
+                    problem = f"HTTP {status}"
+                elif status == 404 and answer.headers.get("X-Error-Code") == "ChunkNotAvailable":
+                    raise ChunkUnavailableError(f"{url} bytes {start}-{end}: not held there (yet)",
+                                                source=url, status=404)  # fmt: skip
+                else:
+                    raise _final_error(status, answer.url, answer.headers.get("X-Error-Message"))
+            except (OSError, http.client.HTTPException) as error:
                 problem = f"{type(error).__name__}: {error}".rstrip(": ")
-                timed_out = isinstance(error, asyncio.TimeoutError)
-            if attempt + 1 < self.retry.attempts:
-                await asyncio.sleep(self.retry.delay(attempt, retry_after))
+                timed_out = isinstance(error, TimeoutError)
+            if number + 1 < self.retry.attempts:
+                await asyncio.sleep(self.retry.delay(number, retry_after))
         kind = UpstreamTimeoutError if timed_out else UpstreamError  # what the last attempt met
         raise kind(f"{url} bytes {start}-{end}: {problem} after {self.retry.attempts} attempts", source=url)
 
@@ -228,29 +238,6 @@ def _parse_chunk_map(url: str, body: object, size: int, chunk_size: int) -> froz
         if all(j in held for j in range(offset // theirs, (offset + max(length, 1) - 1) // theirs + 1)):
             ours.add(index)
     return frozenset(ours)
-
-
-def _range_problem(response: aiohttp.ClientResponse, start: int, end: int, want: int, size: int) -> str:
-    """Why a 2xx answer is not the range asked for ('' when it is)."""
-    if response.status == 206:
-        match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
-        if match is None or (int(match.group(1)), int(match.group(2))) != (start, end):
-            return f"the server sent range {response.headers.get('Content-Range')!r}, not {start}-{end}"
-    length = response.content_length
-    if length is not None and length != want:
-        return f"the server announced {length} bytes, not {want}"
-    return ""
-
-
-async def _read_into(response: aiohttp.ClientResponse, view: memoryview) -> int:
-    got = 0
-    async for piece in response.content.iter_any():
-        end = got + len(piece)
-        if end > len(view):
-            return end  # too many bytes: the caller reports the mismatch
-        view[got:end] = piece
-        got = end
-    return got
 
 
 def _final_error(status: int, url: str, message: str | None) -> Exception:

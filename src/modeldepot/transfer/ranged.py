@@ -1,0 +1,190 @@
+"""One ranged GET, read straight into the caller's chunk buffer on a thread of its own.
+
+The chunk bodies are the bulk of a pull. Read through an asyncio client, each one crosses the event loop
+in pieces: the kernel's bytes are copied into a new ``bytes`` per piece, queued, then copied again into the
+chunk buffer, all while holding the GIL. Here a blocking ``http.client`` connection reads the body with
+``readinto`` into the buffer itself (one copy, kernel to buffer, with the GIL released), on a pool of
+threads apart from the loop, so the loop only coordinates, and receiving, hashing and writing run side by
+side on the machine's cores.
+
+Connections are kept alive per origin (scheme, host, port) and reused by whichever thread asks next.
+Redirects are followed (the Hub sends LFS files to its CDN), at most five, and the Authorization header is
+dropped when one leads to another origin (scheme, host or port). An attempt that is abandoned (the endgame's loser, a
+cancelled pull) shuts its socket down, so that its thread returns at once.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
+
+__all__ = ["READERS", "Answer", "Attempt", "close_idle", "read_range"]
+
+MAX_REDIRECTS = 5
+IDLE_SECONDS = 30.0  # a kept-alive connection unused for longer is closed, not reused
+READERS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="modeldepot-range")
+"""The threads ranged reads run on (not the loop's default executor: landing and hashing use that one)."""
+
+_Origin = tuple[str, str, int]
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+@dataclass
+class Answer:
+    """What one attempt got: the status and headers of the final answer, and for a 206 (or a 200 of the
+    whole file) how many body bytes were read into the buffer."""
+
+    status: int
+    headers: http.client.HTTPMessage  # case-insensitive
+    url: str  # where the answer came from, after redirects
+    got: int = 0
+    problem: str = ""  # why a 2xx answer is not the range asked for ('' when it is)
+
+
+@dataclass
+class Attempt:
+    """One attempt in flight; :meth:`abort` (from any thread) ends its read."""
+
+    connection: http.client.HTTPConnection | None = None
+    aborted: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def abort(self) -> None:
+        with self.lock:
+            self.aborted = True
+            sock = self.connection.sock if self.connection is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
+
+
+class _Pool:
+    """Idle keep-alive connections by origin. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: dict[_Origin, list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._tls = ssl.create_default_context()
+
+    def take(self, origin: _Origin, timeout: float) -> http.client.HTTPConnection:
+        now = time.monotonic()
+        with self._lock:
+            idle = self._idle.get(origin, [])
+            while idle:
+                since, connection = idle.pop()
+                if now - since < IDLE_SECONDS:
+                    connection.timeout = timeout
+                    if connection.sock is not None:
+                        connection.sock.settimeout(timeout)
+                    return connection
+                connection.close()
+        scheme, host, port = origin
+        if scheme == "https":
+            return http.client.HTTPSConnection(host, port, timeout=timeout, context=self._tls)
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+
+    def give(self, origin: _Origin, connection: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._idle.setdefault(origin, []).append((time.monotonic(), connection))
+
+    def close_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for _since, connection in connections:
+                connection.close()
+
+
+_POOL = _Pool()
+
+
+def close_idle() -> None:
+    """Close the kept-alive connections nobody uses now (a pull's end: the next one opens its own)."""
+    _POOL.close_idle()
+
+
+def _origin(url: str) -> tuple[_Origin, str]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    return (parts.scheme, parts.hostname, port), target
+
+
+def _range_problem(response: http.client.HTTPResponse, start: int, end: int, want: int) -> str:
+    """Why a 2xx answer is not the range asked for ('' when it is)."""
+    if response.status == 206:
+        match = _CONTENT_RANGE.fullmatch((response.getheader("Content-Range") or "").strip())
+        if match is None or (int(match.group(1)), int(match.group(2))) != (start, end):
+            return f"the server sent range {response.getheader('Content-Range')!r}, not {start}-{end}"
+    if response.length is not None and response.length != want:
+        return f"the server announced {response.length} bytes, not {want}"
+    return ""
+
+
+def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size: int, buffer: memoryview,
+               timeout: float, attempt: Attempt) -> Answer:  # fmt: skip
+    """GET ``url`` with ``Range: bytes=start-end`` (following redirects), reading a 206 (or a 200 of the
+    whole ``size``-byte file) into ``buffer``. Blocking: run it on :data:`READERS`. Raises OSError or
+    http.client.HTTPException when the connection fails (the caller retries)."""
+    want = end - start + 1
+    sent = {**headers, "Range": f"bytes={start}-{end}"}
+    for _ in range(MAX_REDIRECTS + 1):
+        origin, target = _origin(url)
+        connection = _POOL.take(origin, timeout)
+        with attempt.lock:
+            if attempt.aborted:
+                connection.close()
+                raise ConnectionAbortedError("the read was abandoned")
+            attempt.connection = connection
+        reusable = False
+        try:
+            connection.request("GET", target, headers=sent)
+            response = connection.getresponse()
+            answer = Answer(response.status, response.headers, url)
+            if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                response.read()
+                reusable = not response.will_close
+                location = urljoin(url, response.getheader("Location", ""))
+                if _origin(location)[0] != origin:  # another origin never sees the token
+                    sent = {k: v for k, v in sent.items() if k.lower() != "authorization"}
+                url = location
+                continue
+            if response.status == 206 or (response.status == 200 and want == size):
+                answer.problem = _range_problem(response, start, end, want)
+                if answer.problem:
+                    return answer  # (the connection is closed: its body was not read)
+                got = 0
+                while got < want:
+                    n = response.readinto(buffer[got:want])
+                    if not n:
+                        break
+                    got += n
+                answer.got = got
+                # A body longer than announced, or one cut short, leaves the connection unusable.
+                reusable = got == want and not response.will_close and response.length == 0
+                return answer
+            response.read(1 << 16)  # an error body is short: read it so the connection may be reused
+            reusable = not response.will_close and not response.length
+            return answer
+        finally:
+            with attempt.lock:
+                attempt.connection = None
+            if reusable and not attempt.aborted:
+                _POOL.give(origin, connection)
+            else:
+                connection.close()
+    raise http.client.HTTPException(f"more than {MAX_REDIRECTS} redirects from {url}")
