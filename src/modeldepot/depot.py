@@ -24,11 +24,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from modeldepot.config import DepotConfig
 from modeldepot.engines.adapters import EngineLoader
 from modeldepot.engines.cache import LoadedModelCache
-from modeldepot.engines.loading import load_variant
 from modeldepot.errors import ConfigError, DepotError, EntryNotFoundError, NotFoundError, OfflineError
 from modeldepot.hub.manifest import Manifest, manifest_body, manifest_from_record
 from modeldepot.hub.variants import group_files
-from modeldepot.preload import Preloader
 from modeldepot.store import (
     BlobRecord,
     DiskUsage,
@@ -54,6 +52,8 @@ from modeldepot.store.verified import VerifiedBlob
 
 if TYPE_CHECKING:  # the transfer machinery (aiohttp, huggingface_hub) loads on the first pull, not at
     # import: a worker that only loads engines starts 0.3 s sooner
+    # Loading engines and preloading likewise load on first use: `modeldepot import` starts without them.
+    from modeldepot.preload import Preloader
     from modeldepot.transfer.chain import SourceChain
     from modeldepot.transfer.download import Limits
     from modeldepot.transfer.fleet import BackgroundFleet, FleetView, PeerRow
@@ -472,6 +472,8 @@ class Depot:
         def pull_variant(repo: str, variant: str | None, rev: str) -> str:
             return self.pull(repo, [variant] if variant else None, revision=rev).commit_id
 
+        from modeldepot.engines.loading import load_variant
+
         return load_variant(self.store, self.preloader, self.engines, pull_variant, self.config.offline,
                             repo_id, quant, revision, engine, warmup, inputs)  # fmt: skip
 
@@ -480,6 +482,8 @@ class Depot:
         """The RAM tier (created on first use: ``MODELDEPOT_PRELOAD_BUDGET``, default 50% of RAM, and
         ``MODELDEPOT_PRELOAD_STRATEGY``, default page-cache)."""
         if self._preloader is None:
+            from modeldepot.preload import Preloader
+
             self._preloader = Preloader(self, self.config.preload_budget, self.config.preload_strategy)
         return self._preloader
 

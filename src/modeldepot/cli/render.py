@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -23,8 +23,10 @@ from rich.table import Table
 
 from modeldepot.hub.manifest import Manifest
 from modeldepot.store import DiskUsage, GcReport, RemoveResult, RepoInfo, RepoSummary, VerifyReport
-from modeldepot.transfer.fleet import PeerRow
-from modeldepot.transfer.pull import PullUpdate
+
+if TYPE_CHECKING:  # not imported at run time: `import` and the store commands start without aiohttp
+    from modeldepot.transfer.fleet import PeerRow
+    from modeldepot.transfer.pull import PullUpdate
 
 __all__ = [
     "ByteProgress",
