@@ -59,12 +59,14 @@ class PartialBlob:
         self.size = size
         self.written = 0
         self.placed = False
+        self.writeback = True  # start writing each block to disk as it is written (for a quick fsync)
 
     def write(self, data: memoryview) -> None:
         try:
             while data:
                 n = os.pwrite(self.fd, data, self.written)
-                start_writeback(self.fd, self.written, n)
+                if self.writeback:
+                    start_writeback(self.fd, self.written, n)
                 self.written += n
                 data = data[n:]
         except OSError as error:

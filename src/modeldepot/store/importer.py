@@ -132,8 +132,9 @@ def _lfs_patterns(files: list[SourceFile]) -> tuple[str, ...]:
 
 
 def _stage(
-    session: WriteSession, source: SourceFile, chunk_size: int, report: Callable[[int], None]
-) -> tuple[BlobDigest, PartialBlob]:
+    session: WriteSession, source: SourceFile, chunk_size: int, report: Callable[[int], None],
+    durable: bool = True,
+) -> tuple[BlobDigest, PartialBlob]:  # fmt: skip
     try:
         handle = open(source.absolute, "rb", buffering=0)  # noqa: SIM115  (closed below)
     except OSError as error:
@@ -141,6 +142,7 @@ def _stage(
     with handle:
         size = os.fstat(handle.fileno()).st_size
         partial = session.new_partial(size)
+        partial.writeback = durable  # deferred: the disk is not raced while the hashing runs
         digest = digest_stream(handle.readinto, size, chunk_size, sink=partial.write, progress=report)
     return digest, partial
 
@@ -164,7 +166,7 @@ def _stage_all(
             if progress is not None:
                 progress(path, base + done, total)
 
-        digest, partial = _stage(session, source, chunk_size, report)
+        digest, partial = _stage(session, source, chunk_size, report, durable)
         if digest.sha256 in partials:
             partial.discard()  # the same content twice in one folder
         else:
