@@ -173,6 +173,9 @@ class ChunkChooser:
                     break  # every source holds every chunk: the lowest is the rarest
         if best is not None:
             return best, None
+        origin_in_swarm = self.swarm is not None and source.kind == "hub"
+        if origin_in_swarm and any(i not in done and i not in self.requests for i in range(self.low, chunks)):
+            return None, None  # the Hub duplicates a peer's request only in the true endgame (all in flight)
         outstanding = [
             (reqs[0].started, index)
             for index, reqs in self.requests.items()
@@ -185,6 +188,10 @@ class ChunkChooser:
         started, index = min(outstanding)
         spent, landed = self.timing.get(source, (0.0, 0))
         patience = max(ENDGAME_WAIT, ENDGAME_FACTOR * spent / landed) if landed else ENDGAME_WAIT
+        if (
+            origin_in_swarm
+        ):  # a chunk from the Hub again is what the swarm saves: only for a peer stuck that long
+            patience = max(patience, self._patience())
         if now - started >= patience:
             return index, None
         return None, started + patience - now
