@@ -35,7 +35,9 @@ anchor, p99 of the node times ≤ 1.5× their p50. Floors measured in the same r
 files through the uplink (one copy), a single writer's fsynced write rate of this disk (the nodes share
 it), and, per scenario, the CPU time it used on the whole machine ÷ its cores (the nodes share them; the
 run also prints SHA-256 and BLAKE3 rates). The largest floor is said to bind. Each scenario also shows
-when the Hub sent its first MiB and 99% of its bytes, from its counter sampled every 0.2 s.
+when the Hub sent its first MiB and 99% of its bytes, from its counter sampled every 0.2 s, and where the
+CPU time went (the clients, the Hub, the nodes' serve processes, etcd, the rest); a scenario that began on
+a machine already busy with others' work is flagged, its figures not clean.
 """
 
 from __future__ import annotations
@@ -118,10 +120,17 @@ def modeldepot(*args: str) -> list[str]:
     return [sys.executable, "-m", "modeldepot", *args]
 
 
+def durability() -> str:
+    """How the pulls publish (``MODELDEPOT_DURABILITY``, passed on to them): ``deferred`` (the default:
+    published once verified, flushed in the background) or ``sync`` (flushed first)."""
+    return (os.environ.get("MODELDEPOT_DURABILITY") or "deferred").strip().lower()
+
+
 def base_env(**extra: str) -> dict[str, str]:
-    """The environment of every process started here: nothing of the caller's depot or Hub settings."""
+    """The environment of every process started here: nothing of the caller's depot or Hub settings but
+    ``MODELDEPOT_DURABILITY``."""
     env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("MODELDEPOT_", "HF_"))}  # fmt: skip
+           if not key.startswith(("MODELDEPOT_", "HF_")) or key == "MODELDEPOT_DURABILITY"}  # fmt: skip
     env.update(HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", HF_HUB_ENABLE_HF_TRANSFER="0",
                HF_HUB_DISABLE_PROGRESS_BARS="1")  # fmt: skip
     env.update(extra)
@@ -254,7 +263,7 @@ class Outcome:
     cpu_seconds: float  # CPU time used on the whole machine (every process: nodes, Hub, etcd)
     cpu_iowait: float  # share spent waiting for the disk
     cpu_parts: dict[str, float] = field(default_factory=dict)  # CPU seconds by who used them
-    busy_before: float = 0.0  # share of the CPU busy in the second before the start (others' work)
+    busy_before: float = 0.0  # share of the CPU busy in the second before the start, less our servers
     by_source: dict[str, int] = field(default_factory=dict)  # modeldepot pulls: summed over the nodes
     note: str = ""
 
@@ -326,12 +335,13 @@ def wave(name: str, commands: list[list[str]], envs: list[dict[str, str]], procs
     hub_before = counter(HUB, HUB_DEV)
     nodes_before = sum(counter(node_ns(i), NODE_DEV) for i in range(1, nodes + 1))
     watch = Sampler()
-    idle_before = cpu_times()
+    roles = dict(procs.roles)  # the long-running processes: the Hub, the nodes' serve, etcd
+    idle_before, idle_roles = cpu_times(), sum(process_cpu(pid) for pid in roles)
     time.sleep(1.0)  # samples before the start; how busy the machine is without the scenario
     cpu_before = cpu_times()
-    quiet = [a - b for a, b in zip(cpu_before, idle_before, strict=True)]
-    roles = dict(procs.roles)  # the long-running processes: the Hub, the nodes' serve, etcd
     role_before = {pid: process_cpu(pid) for pid in roles}
+    quiet = [a - b for a, b in zip(cpu_before, idle_before, strict=True)]
+    quiet_ours = (sum(role_before.values()) - idle_roles) * os.sysconf("SC_CLK_TCK")  # in jiffies
     clients_before = children_cpu()
     ends: list[float] = [0.0] * len(commands)
     outputs: list[tuple[str, str]] = [("", "")] * len(commands)
@@ -376,7 +386,7 @@ def wave(name: str, commands: list[list[str]], envs: list[dict[str, str]], procs
         (total - idle - iowait) / os.sysconf("SC_CLK_TCK"),
         iowait / total,
     )
-    outcome.busy_before = (quiet[0] - quiet[1] - quiet[2]) / max(quiet[0], 1)
+    outcome.busy_before = max(0.0, quiet[0] - quiet[1] - quiet[2] - quiet_ours) / max(quiet[0], 1)
     outcome.cpu_parts["clients"] = clients
     for pid, role in roles.items():
         outcome.cpu_parts[role] = outcome.cpu_parts.get(role, 0.0) + role_after[pid] - role_before[pid]
@@ -573,7 +583,7 @@ def report(outcomes: dict[str, Outcome], total: int, args: argparse.Namespace, f
     show(
         "scenarios (times from the common start; bytes as the veths count them, headers included)",
         ["scenario", "all done", "p50", "p99", "p99/p50", "Hub sent ÷ repo", "Hub 1st MiB at", "Hub 99% at",
-         "Hub rate, 1st MiB to 99%", "nodes sent ÷ repo", "CPU busy", "CPU time", "iowait", "CPU busy 1 s before"],
+         "Hub rate, 1st MiB to 99%", "nodes sent ÷ repo", "CPU busy", "CPU time", "iowait", "CPU busy 1 s before (not ours)"],
         [[o.name, f"{o.all_done:.1f} s", f"{o.percentile(50):.1f} s", f"{o.percentile(99):.1f} s",
           f"{o.percentile(99) / o.percentile(50):.2f}", f"{o.hub_bytes / total:.3f}", f"{o.hub_first:.1f} s",
           f"{o.hub_busy:.1f} s", f"{0.99 * o.hub_bytes * 8 / max(o.hub_busy - o.hub_first, 0.2) / 1e6:.0f} Mbit/s",
@@ -613,8 +623,9 @@ def report(outcomes: dict[str, Outcome], total: int, args: argparse.Namespace, f
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in o.cpu_parts.items())
         print(f"{o.name}: CPU time {o.cpu_seconds:.1f} s: {parts}")
         if o.busy_before > 0.1:
-            print(f"{o.name}: WARNING: the machine was {o.busy_before:.0%} busy in the second before the start "
-                  f"(someone else's processes): its times and CPU figures are not clean")  # fmt: skip
+            print(f"{o.name}: WARNING: the machine was {o.busy_before:.0%} busy in the second before the start, "
+                  f"not counting this run's servers (others' processes, or the kernel): its times and CPU "
+                  f"figures are not clean")  # fmt: skip
         if o.note:
             print(f"{o.name}: {o.note}")
 
@@ -630,10 +641,13 @@ def report(outcomes: dict[str, Outcome], total: int, args: argparse.Namespace, f
         f"so {n} copies (SHA-256 once, BLAKE3 on receipt and on sending to a peer) {hash_s:.1f} s on "
         f"{os.cpu_count()} cores; a node's {args.link} link {link_s:.1f} s for one copy (nominal)."
     )  # fmt: skip
+    # A pull waits for the disk only with sync durability; deferred, the page cache takes the copies
+    # (RAM allowing) and the flush comes after, as for snapshot_download.
+    disk = {f"disk x{n}": disk_s} if durability() == "sync" else {}
     per_scenario = {
         "anchor": {f"uplink x{n}": n * uplink_s, "node link": link_s},
-        "solo": {f"uplink x{n}": n * uplink_s, "node link": link_s, f"disk x{n}": disk_s},
-        "cluster": {"uplink x1": uplink_s, "node link": link_s, f"disk x{n}": disk_s},
+        "solo": {f"uplink x{n}": n * uplink_s, "node link": link_s, **disk},
+        "cluster": {"uplink x1": uplink_s, "node link": link_s, **disk},
     }
     cores = os.cpu_count() or 1
     print(f"CPU below: the CPU time the scenario used on the whole machine ÷ {cores} cores (its work, had "
@@ -644,9 +658,10 @@ def report(outcomes: dict[str, Outcome], total: int, args: argparse.Namespace, f
         listed = ", ".join(f"{k} {v:.1f} s" for k, v in candidates.items())
         print(f"{o.name}: floors {listed}; binding: {binding} ({candidates[binding]:.1f} s); "
               f"all done {o.all_done:.1f} s = {o.all_done / candidates[binding]:.2f}x that floor")  # fmt: skip
-    print(
-        f"(the anchor's writes are not fsynced: its {n} copies can sit in the page cache, so no disk floor)"
-    )
+    print(f"(pulls with MODELDEPOT_DURABILITY={durability()}: "
+          + ("they flush before publishing, so the disk is a floor for them; "
+             if durability() == "sync" else "published before the flush, so no disk floor; ")
+          + f"snapshot_download never flushes: its {n} copies can sit in the page cache)")  # fmt: skip
     for note in notes:
         print(note)
 

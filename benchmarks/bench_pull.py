@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_pull.py [--size 2GiB] [--repeat 3] [--dir ./bench-data] [--quick]
                                                [--only loopback|wan] [--rtt-ms 20] [--rate 1gbit]
+                                               [--scenarios [a,b,c]]
 
 The repo is one big random ``model.safetensors`` (``--size``) plus a small ``config.json`` and
 ``tokenizer.json``, imported into a source store with ``modeldepot import`` and served by
@@ -29,15 +30,42 @@ Sections:
 
 Ratios are anchor time / our time: above 1 we are faster. No issue sets a goal for pulls yet: the goal
 column says "no slower than snapshot_download" (``--goal``).
+
+``--scenarios`` (issue 14) runs, instead of the two sections above, three repos on one loopback node:
+
+- (a) one big file (``--size``, 2 GiB) + ``config.json``;
+- (b) four shards of ``--size``/8 (256 MiB) + ``model.safetensors.index.json``, ``config.json`` and a
+  ~2 MiB ``tokenizer.json``;
+- (c) 300 files of 4-200 KiB (sizes and bytes from a fixed seed) in a few folders.
+
+For each repo, interleaved, median of ``--repeat`` (``--scenarios a,c`` picks some):
+
+- anchor: ``snapshot_download`` as above (``HF_ENDPOINT=NODE``);
+- the Hub path: ``modeldepot pull REPO`` with ``HF_ENDPOINT=NODE`` and ``MODELDEPOT_SERVERS=`` (empty):
+  the node is only a Hub to it (no chunk digests); its ``bytes_by_source`` must say "hub" for every byte;
+- the depot path: ``modeldepot pull REPO --server NODE`` (same ``HF_ENDPOINT``); every byte from "node";
+- the machine's floor, in the same loop: the same files from the same node to ``/dev/null`` by curl in
+  parallel, two ways (one ``curl -Z --parallel-max 8`` process, files over 32 MiB in 16 MiB ranges, kept
+  connections; and ``xargs -P 8`` of one curl process per file or 64 MiB slice), the faster of the two
+  counting; SHA-256 of the same bytes on one core (``hashlib``, 16 MiB reads of the repo's files, from
+  the page cache); and ``dd bs=16M conv=fdatasync`` of the biggest file into the work folder (the disk,
+  printed, not part of the floor: pulls publish once verified and flush later). The floor is
+  ``min(curl, SHA-256)`` as a rate; the output says which binds, and each pull's rate ÷ the floor's
+  (goal 0.8). The pulls' times include process start-up; the floors' do not (start-up is printed apart).
+
+Goals (issue 14): Hub path >= 3x snapshot_download for (a) and (b), >= 2x for (c); the depot path within
+10% of the Hub path or faster (Hub time / depot time >= 0.9); each pull >= 0.8 of the floor.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import statistics
@@ -45,9 +73,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from common import Row, random_file, render
 from modeldepot.config import parse_size
@@ -127,7 +158,8 @@ def stop(process: subprocess.Popen[Any] | None) -> None:
 def client_env(url: str) -> dict[str, str]:
     env = {**os.environ, "HF_ENDPOINT": url, "MODELDEPOT_SERVERS": url, "HF_HUB_DISABLE_TELEMETRY": "1",
            "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # fmt: skip
-    for name in ("HF_HUB_ENABLE_HF_TRANSFER", "HF_HUB_OFFLINE", "MODELDEPOT_OFFLINE", "MODELDEPOT_HOME"):
+    for name in ("HF_HUB_ENABLE_HF_TRANSFER", "HF_HUB_OFFLINE", "MODELDEPOT_OFFLINE", "MODELDEPOT_HOME",
+                 "MODELDEPOT_CLUSTER", "MODELDEPOT_CLUSTER_PREFIX"):  # fmt: skip
         env.pop(name, None)
     return env
 
@@ -151,13 +183,15 @@ def timed(command: list[str], env: dict[str, str], dest: Path, then_sync: bool =
 class Clients:
     """Runs both clients against one node URL from one namespace; keeps what each run reported."""
 
-    def __init__(self, prefix: Prefix, url: str, work: Path, total: int, big: int) -> None:
+    def __init__(self, prefix: Prefix, url: str, work: Path, total: int, big: int, repo: str = REPO,
+                 big_path: str = BIG) -> None:  # fmt: skip
         self.prefix, self.url, self.work, self.total, self.big = prefix, url, work, total, big
+        self.repo, self.big_path = repo, big_path
         self.call_only: list[float] = []  # snapshot_download's call alone, without process start-up
 
     def snapshot(self, then_sync: bool = False) -> float:
         dest = self.work / "dest-snapshot"
-        command = [*self.prefix, sys.executable, "-c", SNAPSHOT, REPO, str(dest), self.url]
+        command = [*self.prefix, sys.executable, "-c", SNAPSHOT, self.repo, str(dest), self.url]
         seconds, out = timed(command, client_env(self.url), dest, then_sync)
         call, got = out.split()[-2:]
         if int(got) != self.total:
@@ -167,7 +201,7 @@ class Clients:
 
     def pull(self) -> float:
         dest = self.work / "dest-pull"
-        command = [*self.prefix, *modeldepot("pull", REPO, "--home", str(dest), "--json")]
+        command = [*self.prefix, *modeldepot("pull", self.repo, "--home", str(dest), "--json")]
         seconds, out = timed(command, client_env(self.url), dest)
         result = json.loads(out)
         if result["bytes_total"] != self.total or result["bytes_downloaded"] != self.total:
@@ -178,13 +212,13 @@ class Clients:
         """A note: how long curl takes to fetch the big file from ``url`` (one stream, into /dev/null)."""
         out = subprocess.run(
             [*self.prefix, "curl", "-sf", "-o", "/dev/null", "-w", "%{time_total} %{size_download}",
-             f"{url}/{REPO}/resolve/main/{BIG}"],
+             f"{url}/{self.repo}/resolve/main/{self.big_path}"],
             check=True, capture_output=True, text=True,
         ).stdout.split()  # fmt: skip
         seconds, got = float(out[0]), int(out[1])
         if got != self.big:
             raise RuntimeError(f"curl got {got} bytes of {self.big}")
-        return f"{label}: curl of {BIG} alone {seconds:.3f} s ({got / seconds / 1e9:.3f} GB/s, one stream)"
+        return f"{label}: curl of {self.big_path} alone {seconds:.3f} s ({got / seconds / 1e9:.3f} GB/s, one stream)"
 
     def round_trip(self, url: str, label: str) -> str:
         """A note: connected to response done, for the health route; best of 5 (new connections)."""
@@ -199,12 +233,17 @@ class Clients:
         return f"{label}: health request and response {min(samples) * 1000:.2f} ms"
 
 
-def median_interleaved(actions: dict[str, Callable[[], float]], repeat: int) -> dict[str, float]:
+def interleaved(actions: dict[str, Callable[[], float]], repeat: int) -> dict[str, list[float]]:
+    """Every action once per round, in order, ``repeat`` rounds: drifting load hits all alike."""
     samples: dict[str, list[float]] = {name: [] for name in actions}
     for _ in range(repeat):
         for name, action in actions.items():
             samples[name].append(action())
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def median_interleaved(actions: dict[str, Callable[[], float]], repeat: int) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in interleaved(actions, repeat).items()}
 
 
 def measure(clients: Clients, name: str, repeat: int, goal: float, notes: list[str]) -> list[Row]:
@@ -373,6 +412,348 @@ async def _relay(target: str, delay: float) -> None:
         await server.serve_forever()
 
 
+# -- scenarios (issue 14): three repos on one loopback node; the Hub path, the depot path, the floor -----
+
+SCENARIO_KEYS = ("a", "b", "c")
+CURL_RANGE = 16 << 20  # bytes per range of the one-process curl floor (files over twice this are split)
+XARGS_SLICE = 64 << 20  # bytes per curl process of the xargs floor (files over this are split)
+CURL_PARALLEL = 8
+SMALL_FILES = 300
+
+
+@dataclass
+class Scenario:
+    key: str
+    repo: str
+    title: str
+    goal: float  # the Hub path against snapshot_download
+    folder: Path
+    files: list[tuple[str, int]]  # (path in the repo, size), sorted
+
+    @property
+    def total(self) -> int:
+        return sum(size for _, size in self.files)
+
+    @property
+    def biggest(self) -> tuple[str, int]:
+        return max(self.files, key=lambda item: item[1])
+
+
+def _small_json(folder: Path) -> None:
+    config = {"architectures": ["BenchModel"], "model_type": "bench", "hidden_size": 1024}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _listing(folder: Path) -> list[tuple[str, int]]:
+    return sorted(
+        (p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file()
+    )
+
+
+def make_scenario(key: str, folder: Path, big: int) -> Scenario:
+    """Repo (a), (b) or (c) in ``folder`` (made anew): ``big`` is (a)'s file, (b)'s shards are ``big``/8."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    if key == "a":
+        random_file(folder / BIG, big, 11)
+        _small_json(folder)
+        title, goal = f"(a) one {big / 2**30:.2f} GiB file + config.json", 3.0
+    elif key == "b":
+        shard = big // 8
+        names = [f"model-{i:05d}-of-00004.safetensors" for i in range(1, 5)]
+        for i, name in enumerate(names):
+            random_file(folder / name, shard, 21 + i)
+        weight_map = {f"layers.{layer}.weight": names[layer * 4 // 32] for layer in range(32)}
+        index = {"metadata": {"total_size": 4 * shard}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        _small_json(folder)
+        vocab = {f"tok{i:06d}": i for i in range(100_000)}  # about 2 MiB of JSON
+        tokenizer = {
+            "version": "1.0",
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "tok000000"},
+        }
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer) + "\n")
+        title, goal = f"(b) 4 x {shard / 2**20:.0f} MiB shards + 3 small files", 3.0
+    elif key == "c":
+        rng = np.random.default_rng(14)
+        sizes = rng.integers(4 << 10, (200 << 10) + 1, SMALL_FILES)
+        for i, size in enumerate(sizes):
+            path = folder / "data" / f"{i // 50:02d}" / f"part-{i:03d}.bin"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(rng.bytes(int(size)))
+        title, goal = f"(c) {SMALL_FILES} files of 4-200 KiB", 2.0
+    else:
+        raise ValueError(f"no scenario {key!r}")
+    return Scenario(key, f"bench/pull-{key}", title, goal, folder, _listing(folder))
+
+
+class ScenarioClients(Clients):
+    """The three clients and the floor's measures for one scenario, against one loopback node."""
+
+    def __init__(self, url: str, work: Path, scenario: Scenario) -> None:
+        path, size = scenario.biggest
+        super().__init__([], url, work, scenario.total, size, scenario.repo, path)
+        self.scenario = scenario
+
+    def pull_via(self, source: str) -> float:
+        """``modeldepot pull`` by the Hub path (``source="hub"``: HF_ENDPOINT only, no depot servers) or
+        the depot path (``"node"``: ``--server NODE``); every byte must have come from that source."""
+        dest = self.work / f"dest-pull-{source}"
+        extra = ["--server", self.url] if source == "node" else []
+        env = {**client_env(self.url), "MODELDEPOT_SERVERS": ""}
+        command = modeldepot("pull", self.repo, "--home", str(dest), "--json", *extra)
+        seconds, out = timed(command, env, dest)
+        result = json.loads(out)
+        by_source = result.get("bytes_by_source", {})
+        if result["bytes_total"] != self.total or result["bytes_downloaded"] != self.total:
+            raise RuntimeError(f"pull ({source}) reported {result}, the repo has {self.total} bytes")
+        if by_source.get(source) != self.total:
+            raise RuntimeError(f"pull ({source}) took its bytes from {by_source}, not all from {source!r}")
+        return seconds
+
+    def _url(self, path: str) -> str:
+        return f"{self.url}/{self.repo}/resolve/main/{path}"
+
+    def curl_one_process(self) -> float:
+        """One ``curl -Z`` process, CURL_PARALLEL transfers at once over kept connections; files over
+        twice CURL_RANGE fetched in CURL_RANGE ranges. Wall time."""
+        groups = []
+        for path, size in self.scenario.files:
+            ranges = [(0, size - 1)] if size <= 2 * CURL_RANGE else [
+                (start, min(start + CURL_RANGE, size) - 1) for start in range(0, size, CURL_RANGE)]  # fmt: skip
+            # a config file's "next" starts a new group of options, so each transfer carries all of its own
+            groups += [f'url = "{self._url(path)}"\noutput = "/dev/null"\nrange = "{first}-{last}"\n'
+                       'silent\nfail\nwrite-out = "%{size_download}\\n"\n' for first, last in ranges]  # fmt: skip
+        config = self.work / "curl-floor.conf"
+        config.write_text("next\n".join(groups))
+        command = ["curl", "-s", "-Z", "--parallel-max", str(CURL_PARALLEL), "-K", str(config)]
+        return self._curl_timed(command, None)
+
+    def curl_xargs(self) -> float:
+        """``xargs -P CURL_PARALLEL`` of one curl process per file, or per XARGS_SLICE of a bigger file."""
+        items = []
+        for path, size in self.scenario.files:
+            for start in range(0, size, XARGS_SLICE):
+                items += [f"{start}-{min(start + XARGS_SLICE, size) - 1}", self._url(path)]
+        command = ["xargs", "-P", str(CURL_PARALLEL), "-n", "2", "curl", "-sf", "-o", "/dev/null",
+                   "-w", "%{size_download}\n", "-r"]  # fmt: skip
+        return self._curl_timed(command, "\n".join(items) + "\n")
+
+    def _curl_timed(self, command: list[str], stdin: str | None) -> float:
+        os.sync()
+        start = time.perf_counter()
+        done = subprocess.run(command, input=stdin, capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"{command[:4]} failed ({done.returncode}): {done.stderr[-2000:]}")
+        got = sum(int(n) for n in done.stdout.split())
+        if got != self.total:
+            raise RuntimeError(f"{command[0]} fetched {got} bytes, the repo has {self.total}")
+        return seconds
+
+    def sha256_one_core(self) -> float:
+        """SHA-256 of every file of the repo, one after the other on this thread (16 MiB reads)."""
+        buffer = bytearray(16 << 20)
+        view = memoryview(buffer)
+        os.sync()
+        start = time.perf_counter()
+        for path, _ in self.scenario.files:
+            digest = hashlib.sha256()
+            with open(self.scenario.folder / path, "rb", buffering=0) as handle:
+                while n := handle.readinto(buffer):
+                    digest.update(view[:n])
+        return time.perf_counter() - start
+
+    def dd_fdatasync(self) -> float:
+        """``dd bs=16M conv=fdatasync`` of the biggest file into the work folder (the pulls' disk)."""
+        target = self.work / "dd-floor.bin"
+        target.unlink(missing_ok=True)
+        os.sync()
+        source = self.scenario.folder / self.big_path
+        start = time.perf_counter()
+        subprocess.run(["dd", f"if={source}", f"of={target}", "bs=16M", "conv=fdatasync", "status=none"],
+                       check=True)  # fmt: skip
+        seconds = time.perf_counter() - start
+        target.unlink()
+        return seconds
+
+
+def _gbps(size: int, seconds: float) -> str:
+    return f"{seconds:.3f} s ({size / seconds / 1e9:.2f} GB/s)"
+
+
+def use_bytecode_cache(work: Path) -> str:
+    """Let every Python process started from here keep compiled bytecode, under ``work/pycache``.
+
+    This environment sets PYTHONDONTWRITEBYTECODE=1 and modeldepot is installed editable (no .pyc): each
+    modeldepot process would compile its sources again, which an installed package never does, while
+    huggingface_hub's site-packages have their .pyc. PYTHONPYCACHEPREFIX keeps the cache out of the
+    source tree. Returns a line for the output."""
+    before = os.environ.get("PYTHONDONTWRITEBYTECODE")
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+    for module in ("modeldepot.cli", "huggingface_hub"):  # compiled once here, untimed
+        subprocess.run([sys.executable, "-c", f"import {module}"], check=True)
+    return (f"client processes keep bytecode in {work / 'pycache'} (PYTHONPYCACHEPREFIX; "
+            f"PYTHONDONTWRITEBYTECODE was {before!r}, now unset), compiled once before timing")  # fmt: skip
+
+
+def startup_costs(repeat: int = 5) -> str:
+    """Median of ``repeat`` runs, interleaved, of what a client process pays before its work: the
+    interpreter, and each client's imports (with the bytecode cache; for modeldepot, also without)."""
+    no_bytecode = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    no_bytecode.pop("PYTHONPYCACHEPREFIX", None)
+    commands: dict[str, tuple[list[str], dict[str, str] | None]] = {
+        "python -c pass": ([sys.executable, "-c", "pass"], None),
+        "import modeldepot.cli": ([sys.executable, "-c", "import modeldepot.cli"], None),
+        "import modeldepot.cli without bytecode": ([sys.executable, "-c", "import modeldepot.cli"], no_bytecode),
+        "from huggingface_hub import snapshot_download": (
+            [sys.executable, "-c", "from huggingface_hub import snapshot_download"], None),
+    }  # fmt: skip
+
+    def run(command: list[str], env: dict[str, str] | None) -> float:
+        start = time.perf_counter()
+        subprocess.run(command, env=env, check=True)
+        return time.perf_counter() - start
+
+    actions = {name: lambda c=command, e=env: run(c, e) for name, (command, env) in commands.items()}
+    medians = median_interleaved(actions, repeat)
+    return (f"process start-up (median of {repeat}; in every client's time, in no floor): "
+            + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in medians.items()))  # fmt: skip
+
+
+def run_scenarios(work: Path, args: argparse.Namespace, bytecode: str) -> None:
+    keys = [k.strip() for k in args.scenarios.split(",") if k.strip()]
+    unknown = set(keys) - set(SCENARIO_KEYS)
+    if unknown or not keys:
+        raise SystemExit(f"--scenarios takes some of {','.join(SCENARIO_KEYS)}, not {args.scenarios!r}")
+    big = parse_size(args.size)
+    home = work / "scenario-store"
+    shutil.rmtree(home, ignore_errors=True)
+    made = time.perf_counter()
+    scenarios = [make_scenario(key, work / f"repo-{key}", big) for key in keys]
+    for scenario in scenarios:
+        subprocess.run(modeldepot("import", str(scenario.folder), "--repo", scenario.repo, "--home", str(home)),
+                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    os.sync()
+    print(machine_facts())
+    print(bytecode)
+    print(f"repos made and imported in {time.perf_counter() - made:.1f} s; median of {args.repeat} "
+          f"interleaved runs per repo")  # fmt: skip
+    for scenario in scenarios:
+        print(f"  {scenario.repo}: {scenario.title}: {len(scenario.files)} files, "
+              f"{scenario.total / 2**30:.3f} GiB")  # fmt: skip
+    rows: list[Row] = []
+    floors: list[str] = []
+    notes = [startup_costs()]
+    port = free_port()
+    node = start_node(home, [], "127.0.0.1", port, work / "node-scenarios.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, [], node)
+        for scenario in scenarios:
+            rows += measure_scenario(ScenarioClients(url, work, scenario), node.pid, args, floors, notes)
+    finally:
+        stop(node)
+        shutil.rmtree(home, ignore_errors=True)
+        for scenario in scenarios:
+            shutil.rmtree(scenario.folder, ignore_errors=True)
+        (work / "curl-floor.conf").unlink(missing_ok=True)
+    if not sys.stdout.isatty():
+        os.environ.setdefault("COLUMNS", "200")  # rich's table unwrapped in a log file
+    render("issue 14: modeldepot pull by the Hub path and the depot path, loopback", rows)
+    print("\nThe floor, measured in the same loop (medians; the faster curl counts):\n")
+    print("| repo | curl -Z x8, one process | xargs -P 8 curl | SHA-256, one core | dd conv=fdatasync, "
+          "biggest file | floor | binds | Hub path / floor | depot path / floor |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for line in floors:
+        print(line)
+    print()
+    for note in notes:
+        print(note)
+
+
+def children_cpu() -> tuple[float, float]:
+    """CPU seconds (user, system) of this process's waited-for child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime, usage.ru_stime
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a running process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_scenario(clients: ScenarioClients, node_pid: int, args: argparse.Namespace, floors: list[str],
+                     notes: list[str]) -> list[Row]:  # fmt: skip
+    scenario, total = clients.scenario, clients.total
+    clients_cpu: dict[str, list[tuple[float, float]]] = {}
+    nodes_cpu: dict[str, list[float]] = {}
+
+    def with_cpu(name: str, action: Callable[[], float]) -> Callable[[], float]:
+        """``action``, noting the CPU its child processes and the node used while it ran."""
+
+        def run() -> float:
+            child, node = children_cpu(), process_cpu(node_pid)
+            seconds = action()
+            after = children_cpu()
+            clients_cpu.setdefault(name, []).append((after[0] - child[0], after[1] - child[1]))
+            nodes_cpu.setdefault(name, []).append(process_cpu(node_pid) - node)
+            return seconds
+
+        return run
+
+    actions: dict[str, Callable[[], float]] = {
+        "snapshot_download": clients.snapshot,
+        "pull, Hub path": lambda: clients.pull_via("hub"),
+        "pull --server": lambda: clients.pull_via("node"),
+        "curl -Z": clients.curl_one_process,
+        "xargs curl": clients.curl_xargs,
+        "sha256": clients.sha256_one_core,
+        "dd": clients.dd_fdatasync,
+    }
+    cpu_noted = ("snapshot_download", "pull, Hub path", "pull --server", "curl -Z", "xargs curl")
+    actions = {name: with_cpu(name, a) if name in cpu_noted else a for name, a in actions.items()}
+    clients.sha256_one_core()  # the repo's files into the page cache, where the node's blobs are too
+    started = time.perf_counter()
+    samples = interleaved(actions, args.repeat)
+    elapsed = time.perf_counter() - started
+    t = {name: statistics.median(values) for name, values in samples.items()}
+    curl_name = min(("curl -Z", "xargs curl"), key=lambda name: t[name])
+    curl = t[curl_name]
+    # the floor is the slower of the wire and the hash: min of the two rates, the longer of the two times
+    floor, binds = (
+        (curl, f"loopback {curl_name}") if curl >= t["sha256"] else (t["sha256"], "SHA-256, one core")
+    )
+    hub, node = t["pull, Hub path"], t["pull --server"]
+    big_size = scenario.biggest[1]
+    floors.append(
+        f"| {scenario.title} | {_gbps(total, t['curl -Z'])} | {_gbps(total, t['xargs curl'])} | "
+        f"{_gbps(total, t['sha256'])} | {_gbps(big_size, t['dd'])} | {_gbps(total, floor)} | {binds} | "
+        f"{floor / hub:.2f} | {floor / node:.2f} |"
+    )
+    call = statistics.median(clients.call_only[-args.repeat :])
+    notes.append(f"({scenario.key}) measured in {elapsed:.0f} s; samples (s): " + "; ".join(
+        f"{name} " + ", ".join(f"{v:.3f}" for v in values) for name, values in samples.items()))  # fmt: skip
+    notes.append(f"({scenario.key}) CPU seconds (medians) of the client processes, user + system, and of the node, "
+                 f"on {os.cpu_count()} cores: " + ", ".join(
+                     f"{name} {statistics.median(u for u, _ in clients_cpu[name]):.2f} + "
+                     f"{statistics.median(s for _, s in clients_cpu[name]):.2f}, node "
+                     f"{statistics.median(nodes_cpu[name]):.2f} (wall {t[name]:.2f})" for name in cpu_noted))  # fmt: skip
+    notes.append(f"({scenario.key}) snapshot_download call alone {call:.3f} s (process start-up and imports "
+                 f"{t['snapshot_download'] - call:.3f} s); the floor binds: {binds}")  # fmt: skip
+    goal = args.goal or scenario.goal
+    return [
+        Row(
+            f"({scenario.key}) pull, Hub path", "snapshot_download", t["snapshot_download"], hub, total, goal
+        ),
+        Row(f"({scenario.key}) pull --server", "pull, Hub path", hub, node, total, 0.9),
+        Row(f"({scenario.key}) pull, Hub path", f"floor ({binds})", floor, hub, total, 0.8),
+        Row(f"({scenario.key}) pull --server", f"floor ({binds})", floor, node, total, 0.8),
+    ]
+
+
 # -- the run --------------------------------------------------------------------------------------------
 
 
@@ -380,10 +761,30 @@ def machine_facts() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())  # fmt: skip
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    vm = {
+        name: Path(f"/proc/sys/vm/{name}").read_text().strip()
+        for name in ("dirty_background_ratio", "dirty_ratio")
+    }
     return (f"{cpu}, {os.cpu_count()} cores, {platform.machine()}, {ram / 2**30:.0f} GiB RAM, "
             f"Linux {platform.release()}, Python {platform.python_version()}, "
             f"huggingface_hub {version('huggingface_hub')}, aiohttp {version('aiohttp')}, "
-            f"modeldepot {version('modeldepot')}")  # fmt: skip
+            f"modeldepot {version('modeldepot')} ({source_state()}), "
+            f"MODELDEPOT_DURABILITY={os.environ.get('MODELDEPOT_DURABILITY') or '(unset: deferred)'}, "
+            f"vm.dirty_background_ratio {vm['dirty_background_ratio']}%, "
+            f"vm.dirty_ratio {vm['dirty_ratio']}%")  # fmt: skip
+
+
+def source_state() -> str:
+    """The commit of the code under test, and whether src/ has changes not committed (read only)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], check=True,
+                              capture_output=True, text=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "src"], check=True,
+                               capture_output=True, text=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "commit unknown"
+    return f"commit {head}" + (f", {len(dirty.splitlines())} files changed in src/" if dirty else "")
 
 
 def loopback(home: Path, work: Path, total: int, args: argparse.Namespace, notes: list[str]) -> list[Row]:
@@ -425,13 +826,20 @@ def main() -> None:
     parser.add_argument("--size", default="2GiB", help="size of model.safetensors")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path("bench-data"))
-    parser.add_argument("--quick", action="store_true", help="256MiB, one run: a sanity check")
+    parser.add_argument(
+        "--quick", action="store_true", help="--size 256MiB ((b): 32 MiB shards), one run: a sanity check"
+    )
     parser.add_argument("--only", choices=("loopback", "wan"), help="run one section")
     parser.add_argument("--rate", default="1gbit", help="tbf rate on both veth ends")
     parser.add_argument("--rtt-ms", type=float, default=20.0, help="round trip the relay adds")
     parser.add_argument(
         "--goal", type=float, default=0.0, help="override the issue's goals (3x loopback, 2x WAN)"
     )
+    parser.add_argument(
+        "--scenarios", nargs="?", const=",".join(SCENARIO_KEYS), metavar="a,b,c",
+        help="issue 14: repos (a) big file, (b) shards, (c) 300 small files on a loopback node, the Hub path, "
+        "the --server path and the floor, instead of the loopback and wan sections",
+    )  # fmt: skip
     parser.add_argument("--relay", help=argparse.SUPPRESS)  # HOST:PORT: run as the delaying relay
     parser.add_argument("--delay-ms", type=float, default=10.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -442,12 +850,19 @@ def main() -> None:
         args.size, args.repeat = "256MiB", 1
     work = args.dir.resolve() / "pull"
     work.mkdir(parents=True, exist_ok=True)
+    bytecode = use_bytecode_cache(work)
+    if args.scenarios is not None:
+        if args.only == "wan":
+            parser.error("--scenarios runs on loopback only")
+        run_scenarios(work, args, bytecode)
+        return
     home = work / "source-store"
     shutil.rmtree(home, ignore_errors=True)
     total = make_repo(work / "repo", parse_size(args.size))
     subprocess.run(modeldepot("import", str(work / "repo"), "--repo", REPO, "--home", str(home)),
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     print(machine_facts())
+    print(bytecode)
     print(f"repo {REPO}: {total / 2**30:.3f} GiB in 3 files; median of {args.repeat}")
     rows: list[Row] = []
     notes: list[str] = []

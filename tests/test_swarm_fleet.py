@@ -348,7 +348,10 @@ def test_a_lying_stalling_or_trickling_peer_does_not_spoil_or_hold_up_the_pull(
         proxy.upstream = x.url
         nodes = [*start_nodes(fleet, ["a", "b"]), x]
         hub.proxy.seconds_per_mib = 0.02
-        pulls = [Pull(node, hub) for node in nodes]
+        # x starts first, so that it holds claims the others need (else it might be the one that follows)
+        first = Pull(x, hub)
+        wait_until(lambda: sum(hub.proxy.requests.values()) >= 4, 60, "x's first claims from the Hub")
+        pulls = [*(Pull(node, hub) for node in nodes[:2]), first]
         results = [pull.result(timeout=200) for pull in pulls]
         expected = hashlib.sha256(big_file).hexdigest()
         assert [stored_sha256(node) for node in nodes] == [expected] * 3

@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 BAN_SECONDS = 30.0  # a source whose chunk failed its digest gets no chunk for so long (in this transfer)
 REFRESH_SECONDS = 2.0  # at most so often a partial holder's chunk map is read again
 SWARM_TICK = 0.1  # seconds between reads of the fleet's view of the file's claims and holders
+SWARM_IDLE = 0.5  # seconds an idle worker of a swarm waits at most before it looks again
 BytesDone = Callable[[int, str], None]
 """Told ``(bytes, kind)`` for each chunk written: ``kind`` is its source's (:attr:`FileSource.kind`)."""
 
@@ -237,6 +238,8 @@ class _FileJob(ChunkChooser):
                     if await self._rescue():
                         continue
                     return
+                if self.swarm is not None:  # time alone voids claims and unblocks the Hub: look again soon
+                    wake = SWARM_IDLE if wake is None else min(wake, SWARM_IDLE)
                 await self._idle(source, changed, wake)
                 continue
             request = ChunkRequest(source, time.monotonic())

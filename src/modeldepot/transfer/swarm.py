@@ -93,8 +93,8 @@ class SwarmFile:
         )  # fmt: skip
         changed = seen.claims != self.claims or seen.nodes.keys() != self.nodes.keys()
         now = time.monotonic()
-        if seen.claims != self.claims:
-            self.last_activity = now
+        if _others(seen.claims, self.node_id) != _others(self.claims, self.node_id):
+            self.last_activity = now  # (this node's own claims say nothing of the others' progress)
         if self.follower is None:
             landed = sum(c.blake3 is not None and c.node_id != self.node_id for c in seen.claims.values())
             self.follower = landed >= max(1, LATE_SHARE * self.chunks)
@@ -140,7 +140,9 @@ class SwarmFile:
     def may_claim_fresh(self, patience: float) -> bool:
         """Whether this node may claim a chunk nobody claims: it started with the others, or it follows
         a swarm whose claims have stood still for ``patience`` seconds."""
-        return not self.follower or time.monotonic() - self.last_activity >= patience
+        if self.follower and time.monotonic() - self.last_activity >= patience:
+            self.follower = False  # the others stopped: this node fetches from the Hub like them from now on
+        return not self.follower
 
     def announced(self) -> dict[str, frozenset[int]]:
         """The chunks each live claimer has settled (landed and checked there), by node id: kept after its
@@ -206,3 +208,7 @@ class SwarmFile:
             self.mine.clear()
             sha, size = self.sha256, self.chunk_size
             await self.fleet.call(lambda d: d.release_claims(sha, size), None)
+
+
+def _others(claims: dict[int, ChunkClaim], node_id: str) -> dict[int, ChunkClaim]:
+    return {index: claim for index, claim in claims.items() if claim.node_id != node_id}
