@@ -86,12 +86,18 @@ class ChunkChooser:
         return have is None or index in have or index in self.announced.get(source, ())
 
     def _patience(self) -> float:
-        """Seconds another node's claim may stay unlanded: SWARM_PATIENCE, or more on a slow Hub (three
-        times this node's own time per Hub chunk, twice the age of its oldest Hub request in flight)."""
+        """Seconds another node's claim may stay unlanded, or a peer's request outstanding, before it is
+        given up on: SWARM_PATIENCE, or more on a slow Hub or a busy fleet (three times this node's own time
+        per Hub chunk, and per peer chunk; twice the age of its oldest Hub request in flight)."""
         now, patience = time.monotonic(), SWARM_PATIENCE
+        peer_spent, peer_landed = 0.0, 0
         for source, (spent, landed) in self.timing.items():
             if source.kind == "hub" and landed:
                 patience = max(patience, ENDGAME_FACTOR * spent / landed)
+            elif source.kind != "hub":
+                peer_spent, peer_landed = peer_spent + spent, peer_landed + landed
+        if peer_landed:
+            patience = max(patience, ENDGAME_FACTOR * peer_spent / peer_landed)
         for requests in self.requests.values():
             for request in requests:
                 if request.source.kind == "hub":

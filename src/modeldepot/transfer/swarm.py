@@ -16,7 +16,9 @@ A claim stops counting, and the chunk may be claimed over it (a take-over: anoth
 node only takes it over), when its claimer is no longer live in the fleet (it died: its claims go with its
 lease within the TTL anyway), when the claimer's copy failed its digest here, or when it has not landed
 after ``patience`` seconds (a claimer slow on the Hub does not hold the file's tail). When the registry
-cannot answer a claim, the chunk is fetched anyway: a pull never waits on the registry.
+does not answer a claim, the chunk is not fetched from the Hub yet (another one is tried, or the same
+again), unless the registry has stayed silent for the patience: then chunks are fetched anyway (a pull
+never waits on the registry for long; an outage costs duplicate Hub traffic, a busy registry does not).
 
 Hub tokens never leave the node: a peer is asked with the node token, and the registry holds SHA-256s,
 chunk numbers, node ids and BLAKE3s only.
@@ -76,6 +78,7 @@ class SwarmFile:
         self._first_seen: dict[tuple[int, int], float] = {}  # (chunk, claim revision) -> when first seen
         self.follower: bool | None = None  # decided at the first read: others had landed chunks already
         self.last_activity = time.monotonic()  # when the claims on the file last changed, as seen here
+        self._unanswered_since: float | None = None  # since when claims go unanswered
         self.claims_won = 0
         self.claims_lost = 0
         self.take_overs = 0
@@ -181,8 +184,13 @@ class SwarmFile:
             replaces = current.revision
         sha, size, node_id = self.sha256, self.chunk_size, self.node_id
         result = await self.fleet.call(lambda d: d.claim_chunk(sha, size, index, node_id, replaces), None)
-        if result is None:
-            return True
+        now = time.monotonic()
+        if result is None:  # the registry did not answer (down, or too busy to answer in time)
+            self._unanswered_since = self._unanswered_since or now
+            # A busy registry is waited for (fetching anyway would double the Hub's traffic); one that
+            # stays silent for the patience is not (a pull never waits on the registry for long).
+            return now - self._unanswered_since >= patience
+        self._unanswered_since = None
         self.claims[index] = result
         if result.node_id != self.node_id:
             self.claims_lost += 1
