@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import importlib
 import importlib.util
@@ -19,6 +20,8 @@ from aiohttp import web
 from modeldepot import Depot
 
 if TYPE_CHECKING:
+    import aiohttp
+
     from etcdserver import EtcdServer
     from fleetnodes import Fleet
 
@@ -249,6 +252,51 @@ class BackgroundServer:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(30)
         self.loop.close()
+
+
+class ForwardingProxy(abc.ABC):
+    """A test's proxy in front of a server: an aiohttp app on a background loop (BackgroundServer) with a
+    client session to forward with. Subclasses answer in :meth:`handle` and may act at start and stop."""
+
+    def __init__(self, name: str) -> None:
+        import aiohttp
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self._session: aiohttp.ClientSession | None = None
+
+        async def open_session() -> None:
+            self._session = aiohttp.ClientSession(auto_decompress=False)
+            await self.started()
+
+        async def close_session() -> None:
+            await self.stopping()
+            await self.session.close()
+
+        self._server = BackgroundServer(
+            web.AppRunner(app), name, on_start=open_session, on_stop=close_session
+        )
+        self.url = self._server.url
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "the proxy has not started"
+        return self._session
+
+    @abc.abstractmethod
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """How the proxy answers (each proxy says)."""
+
+    async def started(self) -> None:
+        """On the proxy's loop, once it listens."""
+        return None
+
+    async def stopping(self) -> None:
+        """On the proxy's loop, before its session closes."""
+        return None
+
+    def stop(self) -> None:
+        self._server.stop()
 
 
 class LiveNode(BackgroundServer):

@@ -21,6 +21,7 @@ from aiohttp import web
 from conftest import (
     SMALL_CHUNK,
     BackgroundServer,
+    ForwardingProxy,
     InProcessNode,
     LiveNode,
     free_port,
@@ -46,7 +47,7 @@ DIGESTS = tuple(
 _RANGE = re.compile(r"bytes=(\d+)-(\d+)")
 
 
-class Proxy:
+class Proxy(ForwardingProxy):
     """Forwards to a node; logs each blob request's chunk (None for other routes) and counts body bytes.
     ``flip`` corrupts one byte of every body; ``trickle`` sends 512 bytes per 0.1 s."""
 
@@ -54,28 +55,14 @@ class Proxy:
         self.upstream, self.flip, self.trickle = upstream, flip, trickle
         self.chunks: list[int] = []  # chunk of each ranged request, in order
         self.body_bytes = 0
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._session: aiohttp.ClientSession | None = None
+        super().__init__("swarm-proxy")
 
-        async def open_session() -> None:
-            self._session = aiohttp.ClientSession(auto_decompress=False)
-
-        async def close_session() -> None:
-            assert self._session is not None
-            await self._session.close()
-
-        self._server = BackgroundServer(web.AppRunner(app), "swarm-proxy", on_start=open_session,
-                                        on_stop=close_session)  # fmt: skip
-        self.url = self._server.url
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        assert self._session is not None
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         wanted = _RANGE.fullmatch(request.headers.get("Range", ""))
         if wanted is not None:
             self.chunks.append(int(wanted.group(1)) // SMALL_CHUNK)
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("range", "authorization")}
-        async with self._session.get(self.upstream + request.path_qs, headers=headers) as upstream:
+        async with self.session.get(self.upstream + request.path_qs, headers=headers) as upstream:
             body = await upstream.read()
             out = {k: v for k, v in upstream.headers.items()
                    if k.lower() not in ("transfer-encoding", "connection", "content-encoding", "content-length")}  # fmt: skip
@@ -93,9 +80,6 @@ class Proxy:
             await response.write(body[start : start + step])
             self.body_bytes += len(body[start : start + step])
         return response
-
-    def stop(self) -> None:
-        self._server.stop()
 
 
 @pytest.fixture
