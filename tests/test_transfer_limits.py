@@ -152,3 +152,35 @@ def test_a_source_that_never_answers_is_a_timeout() -> None:
         with pytest.raises(UpstreamTimeoutError, match="after 2 attempts") as stalled:
             asyncio.run(fetch(url))
     assert stalled.value.source is not None and stalled.value.source.startswith(url)
+
+
+@pytest.mark.parametrize("location", ["ftp://cdn.test/a.bin", "http://cdn.test:99999/a.bin", "http:///a.bin"])
+def test_a_redirect_to_no_http_url_is_an_upstream_error(location: str) -> None:
+    """Where a redirect points is the upstream's word: a URL that is no http(s) URL of a host is a clear
+    upstream error (retried, then reported), never a crash of the reader."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from conftest import BackgroundServer
+    from modeldepot import UpstreamError
+    from modeldepot.transfer.sources import HttpSource
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(location)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", redirect)
+    server = BackgroundServer(web.AppRunner(app), "redirector")
+
+    async def fetch() -> None:
+        source = HttpSource(server.url, retry=RetryPolicy(attempts=2, base_delay=0.01, read_timeout=5))
+        async with aiohttp.ClientSession() as http:
+            await source.fetch(http, f"{server.url}/acme/x/resolve/main/a.bin", 0, 9, 100)
+
+    try:
+        with pytest.raises(UpstreamError, match="after 2 attempts"):
+            asyncio.run(fetch())
+    finally:
+        server.stop()

@@ -116,8 +116,11 @@ def close_idle() -> None:
 def _origin(url: str) -> tuple[_Origin, str]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http(s) URL: {url!r}")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+        raise http.client.InvalidURL(f"not an http(s) URL: {url[:200]!r}")  # (a redirect may say anything)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise http.client.InvalidURL(f"bad port in {url[:200]!r}") from None
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
@@ -178,7 +181,7 @@ def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size:
                 reusable = got == want and not response.will_close and response.length == 0
                 return answer
             response.read(1 << 16)  # an error body is short: read it so the connection may be reused
-            reusable = not response.will_close and not response.length
+            reusable = not response.will_close and response.length == 0  # (None: chunked, maybe unread)
             return answer
         finally:
             with attempt.lock:
