@@ -500,11 +500,12 @@ class Depot:
         ``rate`` bytes a second and quarantines what fails. :meth:`verify` checks everything at once."""
         return Scrubber(self.store, rate)
 
-    def sync(self) -> int:
+    def sync(self, *, check: bool = True) -> int:
         """Wait until everything the store holds is durable on disk (imports and pulls publish once their
         bytes are verified, and flush in the background: ``MODELDEPOT_DURABILITY``); returns how many blobs
-        had to be flushed. Blobs written before the machine restarted are checked first."""
-        return self.store.sync()
+        had to be flushed. Blobs written before the machine restarted are checked first (unless not
+        ``check``: a server stopping leaves them to the next start)."""
+        return self.store.sync(check)
 
     def verify(self, repo_id: str | None = None, *, progress: VerifyProgress | None = None) -> VerifyReport:
         """Rehash blobs and chunks; a corrupt blob is quarantined, reported and never served again."""

@@ -141,9 +141,10 @@ class Durability:
     def unchecked(self) -> int:
         return len(self._unchecked)
 
-    def sync(self) -> int:
-        """Check every unchecked blob and make every blob durable; returns how many were flushed."""
-        for sha256 in list(self._unchecked):
+    def sync(self, check: bool = True) -> int:
+        """Make every blob written under this boot durable (first checking every unchecked blob, with
+        ``check``: a server stopping leaves those to the next start); returns how many were flushed."""
+        for sha256 in list(self._unchecked) if check else ():
             try:
                 self.ensure_checked(sha256)
             except CorruptBlobError:

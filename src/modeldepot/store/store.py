@@ -316,10 +316,10 @@ class Store:
             return "sha256", "its SHA-256 does not match its name"
         return None
 
-    def sync(self) -> int:
-        """Wait until every blob is durable (and every one written before a restart checked); returns how
-        many were flushed."""
-        return self.durability.sync()
+    def sync(self, check: bool = True) -> int:
+        """Wait until every blob is durable (and, with ``check``, every one written before a restart
+        checked); returns how many were flushed."""
+        return self.durability.sync(check)
 
     def quarantine(self, sha256: str) -> str | None:
         """Take a bad blob out of service: moved to quarantine/, marked in the index, never served."""
