@@ -138,10 +138,12 @@ def store_files_consistent(depot: Depot) -> list[str]:
 
 
 def drop_page_cache(depot: Depot, repo_id: str) -> None:
-    """Drop a repo's blobs from the page cache, as a reboot or memory pressure would."""
+    """Drop a repo's blobs from the page cache, as a reboot or memory pressure would (dirty pages, of
+    blobs not flushed yet, are written out first: the kernel drops clean pages only)."""
     for entry in depot.list_files(repo_id):
         fd = os.open(depot.store.blobs.path(entry.sha256), os.O_RDONLY)
         try:
+            os.fdatasync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)

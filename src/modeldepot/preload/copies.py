@@ -86,6 +86,9 @@ class FileCopy:
             self.memfd = -1
         if self.blob_fd >= 0:
             if drop_cache and self.strategy in ("page-cache", "mmap"):
+                # The kernel drops only clean pages: a blob published before its flush (deferred
+                # durability) is written out first, or its pages would stay in RAM.
+                os.fdatasync(self.blob_fd)
                 os.posix_fadvise(self.blob_fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(self.blob_fd)
             self.blob_fd = -1
