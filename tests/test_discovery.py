@@ -757,3 +757,26 @@ def test_static_discovery_keeps_no_claims() -> None:
         assert static.claims(sha("s"), 4096) == {}
 
     run(main())
+
+
+def test_etcd_settlements_are_pruned_once_a_content_has_no_claim_left(
+    etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Settlements outlive their claims (a look after the release still finds who holds a chunk), for
+    SETTLEMENT_TTL: then they go, so a long-running view does not keep every content it ever saw."""
+    import modeldepot.discovery.base as base
+
+    async def main() -> None:
+        a, c = etcd(etcd_server), etcd(etcd_server)
+        async with started(a, c):
+            content, size = sha("pruned"), 1 << 20
+            assert await a.claim_chunk(content, size, 0, "A") is not None
+            await a.settle_claim(content, size, 0, "ef" * 32)
+            await c.wait_for(lambda: c.settlements(content, size).get(0) == ("A", "ef" * 32), WAIT)
+            monkeypatch.setattr(base, "SETTLEMENT_TTL", 0.0)
+            await a.release_claims(content, size)
+            await c.wait_for(lambda: 0 not in c.claims(content, size), WAIT)
+            assert c.settlements(content, size) == {}
+            assert a.settlements(content, size) == {}
+
+    run(main())

@@ -23,6 +23,7 @@ import asyncio
 import math
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
@@ -51,6 +52,7 @@ T = TypeVar("T")
 MAX_NODE_ID_LENGTH = 128
 MAX_URL_LENGTH = 2048
 MAX_CHUNKS = 1 << 32  # far above any file's chunk count (4 TiB in 64 KiB chunks is 2**26)
+SETTLEMENT_TTL = 600.0  # seconds a content's settlements outlive its last claim (then they are pruned)
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -355,6 +357,7 @@ class ViewDiscovery(Discovery):
         self._holdings: dict[str, dict[str, Holding]] = {}  # sha256 -> node_id -> holding
         self._claims: dict[tuple[str, int], dict[int, ChunkClaim]] = {}  # (sha256, chunk size) -> index ->
         self._settled: dict[tuple[str, int], dict[int, tuple[str, str]]] = {}  # -> index -> (node, BLAKE3)
+        self._unclaimed_since: dict[tuple[str, int], float] = {}  # a settled content with no claim left
         self._lock: threading.RLock = threading.RLock()
 
     def peers(self) -> list[NodeRecord]:
@@ -417,6 +420,7 @@ class ViewDiscovery(Discovery):
             current = by_index.get(index)
             if current is None or current.revision <= claim.revision:  # an older answer never wins
                 by_index[index] = claim
+                self._unclaimed_since.pop((sha256, chunk_size), None)
                 if claim.blake3 is not None:
                     settled = self._settled.setdefault((sha256, chunk_size), {})
                     if len(settled) < MAX_CHUNKS:
@@ -432,6 +436,18 @@ class ViewDiscovery(Discovery):
                 del by_index[index]
                 if not by_index:
                     del self._claims[(sha256, chunk_size)]
+                    if (sha256, chunk_size) in self._settled:
+                        self._unclaimed_since[(sha256, chunk_size)] = time.monotonic()
+            self._prune_settlements()
+
+    def _prune_settlements(self) -> None:
+        """Forget the settlements of contents whose last claim went SETTLEMENT_TTL ago (their pulls are
+        long over: their holders say who has them). Under the lock."""
+        expired = time.monotonic() - SETTLEMENT_TTL
+        for content in [c for c, since in self._unclaimed_since.items() if since <= expired]:
+            del self._unclaimed_since[content]
+            if content not in self._claims:
+                self._settled.pop(content, None)
 
     def _clear(self) -> None:
         with self._lock:
@@ -439,6 +455,7 @@ class ViewDiscovery(Discovery):
             self._holdings.clear()
             self._claims.clear()
             self._settled.clear()
+            self._unclaimed_since.clear()
 
     def _replace_view(
         self,
