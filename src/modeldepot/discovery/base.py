@@ -345,6 +345,15 @@ def _wake(waiter: asyncio.Future[None]) -> None:
             pass
 
 
+def forget_settlements_of(settled: dict[tuple[str, int], dict[int, tuple[str, str]]], node_id: str) -> None:
+    """Drop what a node that left had settled (its chunks are gone with it), contents left empty too."""
+    for content, by_index in list(settled.items()):
+        for index in [i for i, (holder, _) in by_index.items() if holder == node_id]:
+            del by_index[index]
+        if not by_index:
+            del settled[content]
+
+
 class ViewDiscovery(Discovery):
     """A backend that keeps a local view of the registry (nodes, and holdings by content) and answers
     reads from it; the backend keeps the view current (etcd: a snapshot, then a watch).
@@ -396,11 +405,7 @@ class ViewDiscovery(Discovery):
     def _drop_node(self, node_id: str) -> None:
         with self._lock:
             self._nodes.pop(node_id, None)
-            for content, by_index in list(self._settled.items()):
-                for index in [i for i, (holder, _) in by_index.items() if holder == node_id]:
-                    del by_index[index]
-                if not by_index:
-                    del self._settled[content]
+            forget_settlements_of(self._settled, node_id)
 
     def _set_holding(self, sha256: str, node_id: str, holding: Holding) -> None:
         with self._lock:

@@ -23,6 +23,7 @@ from modeldepot.discovery.base import (
     ViewDiscovery,
     check_holdings,
     check_node_record,
+    forget_settlements_of,
 )
 from modeldepot.errors import InvalidInputError
 
@@ -107,11 +108,7 @@ class MemRegistry:
 
     def _remove(self, node_id: str) -> None:
         self._nodes.pop(node_id, None)
-        for content, by_index in list(self._settled.items()):
-            for index in [i for i, (holder, _) in by_index.items() if holder == node_id]:
-                del by_index[index]
-            if not by_index:
-                del self._settled[content]
+        forget_settlements_of(self._settled, node_id)
         for sha256 in [sha for sha, by_node in self._holdings.items() if node_id in by_node]:
             self._drop_holding(sha256, node_id)
 
@@ -119,8 +116,10 @@ class MemRegistry:
         self._revision += 1
         return self._revision
 
-    def _drop_claims_of(self, member: MemDiscovery) -> None:
-        for key in [k for k, owner in self._claimed_by.items() if owner is member]:
+    def _drop_claims_of(self, member: MemDiscovery, content: tuple[str, int] | None = None) -> None:
+        """Remove the claims ``member`` holds (on ``content`` only, when given): as its lease would go."""
+        for key in [k for k, owner in self._claimed_by.items()
+                    if owner is member and (content is None or k[:2] == content)]:  # fmt: skip
             del self._claimed_by[key]
             sha256, chunk_size, index = key
             by_index = self._claims.get((sha256, chunk_size), {})
@@ -228,16 +227,7 @@ class MemDiscovery(ViewDiscovery):
     async def release_claims(self, sha256: str, chunk_size: int) -> None:
         registry = self.registry
         with self._lock:
-            for key in [
-                k
-                for k, owner in registry._claimed_by.items()
-                if owner is self and k[:2] == (sha256, chunk_size)
-            ]:
-                del registry._claimed_by[key]
-                by_index = self._claims.get((sha256, chunk_size), {})
-                by_index.pop(key[2], None)
-                if not by_index:
-                    self._claims.pop((sha256, chunk_size), None)
+            registry._drop_claims_of(self, (sha256, chunk_size))
         registry._notify()
 
     def status(self) -> ClusterStatus:
