@@ -135,7 +135,16 @@ def _use_cluster(depot: Depot, cluster: str | None, prefix: str | None) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="modeldepot")
 def cli() -> None:
-    """modeldepot: a verified, deduplicated store for model repos (ONNX, GGUF, safetensors)."""
+    """modeldepot: a verified, deduplicated store for model repos (ONNX, GGUF, safetensors).
+
+    MODELDEPOT_LOG_LEVEL (debug, info, warning: the default) sets what the commands log to stderr."""
+    level = os.environ.get("MODELDEPOT_LOG_LEVEL")
+    if level:
+        import logging
+
+        if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise click.UsageError(f"MODELDEPOT_LOG_LEVEL={level!r}: use debug, info, warning or error")
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 @cli.command("import")

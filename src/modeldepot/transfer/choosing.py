@@ -12,7 +12,8 @@ it, up to ``MAX_CHUNK_ATTEMPTS`` tries), and a banned source only when no other 
 In a swarm (transfer/swarm.py) the Hub is asked for a chunk only when no live peer that can give it holds
 it and no other live node's claim on it stands (nor, for a late node, while the others' claims move); in the
 endgame the peers its requests wait for count as failed. A claim stands until its claimer leaves, fails
-here, is stuck, or stays unlanded past the patience (``SWARM_PATIENCE`` at least, more on a slow Hub).
+here, is stuck, or stays unlanded past the patience (``SWARM_PATIENCE`` at least, more on a slow Hub; and
+three times the swarm's typical time from claim to landing: transfer/swarm.py).
 """
 
 from __future__ import annotations

@@ -358,8 +358,12 @@ class _FileJob(ChunkChooser):
             failed.update(r.source.source.name for r in self.requests.get(index, []) if r is not request)
             if not await self.swarm.claim(index, failed, patience):
                 return True  # another node fetches it from the Hub: it comes from there
+            if len(self.requests.get(index, [])) > 1:
+                self.swarm.count("hub_endgame")  # a second copy, racing a peer's
         try:
             await self._fetch_chunk(source, index, request)
+            if self.swarm is not None and source.kind == "hub":
+                self.swarm.count("hub_chunks")
         except RangeIgnoredError:
             if self.whole_body:
                 return False  # another worker of this source already streams the whole file

@@ -80,10 +80,13 @@ class PullResult:
     # content under another path), "node" (configured servers), "peer" (fleet nodes), "hub". They add
     # up to bytes_total.
     bytes_by_source: dict[str, int] = field(default_factory=dict)
+    # In a fleet pulling the same files at once: the claims this pull won and lost, the chunks it fetched
+    # from the Hub, and why it fetched one another node had claimed (transfer/swarm.py).
+    swarm: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return {**self.__dict__, "variants": list(self.variants), "sources": list(self.sources),
-                "bytes_by_source": dict(self.bytes_by_source)}  # fmt: skip
+                "bytes_by_source": dict(self.bytes_by_source), "swarm": dict(self.swarm)}  # fmt: skip
 
 
 def select(
@@ -235,7 +238,16 @@ async def pull_async(
         snapshot_path=str(store.snapshots.path(manifest.repo_id, manifest.commit_id)),
         sources=tuple(sorted(run.used)),
         bytes_by_source=dict(sorted(tracker.by_source.items())),
+        swarm=_swarm_counts(run.swarms),
     )
+
+
+def _swarm_counts(swarms: list[SwarmFile]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for swarm in swarms:
+        for event, count in swarm.events.items():
+            totals[event] = totals.get(event, 0) + count
+    return dict(sorted(totals.items()))
 
 
 def _stored(store: Store, remote: RemoteFile) -> BlobDigest | None:

@@ -13,9 +13,11 @@ they fetch; only when their claims stand still for the patience (they died, or s
 chunks itself. A late node thus adds no Hub traffic; the nodes that start together share the Hub's.
 
 A claim stops counting, and the chunk may be claimed over it (a take-over: another compare-and-swap, so one
-node only takes it over), when its claimer is no longer live in the fleet (it died: its claims go with its
-lease within the TTL anyway), when the claimer's copy failed its digest here, or when it has not landed
-after ``patience`` seconds (a claimer slow on the Hub does not hold the file's tail). When the registry
+node only takes it over), when its claimer has been gone from the fleet for REGISTRATION_GRACE (it died: its
+claims go with its lease within the TTL anyway; a registration that lapses under load and comes back voids
+nothing), when the claimer's copy failed its digest here, or when it is late: unlanded after ``patience``
+seconds and after three times the swarm's typical time from claim to landing (a claimer slow on the Hub
+does not hold the file's tail; a fleet that shares a slow uplink is not "late"). When the registry
 does not answer a claim, the chunk is not fetched from the Hub yet (another one is tried, or the same
 again), unless the registry has stayed silent for the patience: then chunks are fetched anyway (a pull
 never waits on the registry for long; an outage costs duplicate Hub traffic, a busy registry does not).
@@ -27,7 +29,9 @@ chunk numbers, node ids and BLAKE3s only.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,6 +45,12 @@ __all__ = ["LATE_SHARE", "SourceFactory", "SwarmFile"]
 log = logging.getLogger(__name__)
 
 LATE_SHARE = 0.1  # a node that first sees this share of the chunks landed by others joined late: it follows
+REGISTRATION_GRACE = 15.0  # seconds a claimer may be missing from the view (a lapsed lease) and still count
+OVERDUE_FACTOR = (
+    3.0  # a claim is late once unlanded this many times the swarm's typical claim-to-landing time
+)
+FIRST_LANDING_PATIENCE = 60.0  # ... or this many seconds while no claim of the file was seen landing
+LANDINGS_KEPT = 32  # the swarm's latest claim-to-settlement times kept, for its typical time per chunk
 
 SourceFactory = Callable[[NodeRecord, Holding | None], FileSource | None]
 """A fleet node as a source of the file (with its holding, or None for a claimer that publishes none yet),
@@ -76,12 +86,14 @@ class SwarmFile:
         self._sources: dict[tuple[str, str], FileSource | None] = {}  # (node id, url) -> as a source
         self.mine: set[int] = set()  # chunks this pull claimed
         self._first_seen: dict[tuple[int, int], float] = {}  # (chunk, claim revision) -> when first seen
+        self._pending: dict[int, tuple[str, float]] = {}  # chunk -> (claimer, when first seen unlanded)
+        self._landings: deque[float] = deque(maxlen=LANDINGS_KEPT)  # seconds from claim seen to settled
+        self._known: dict[str, NodeRecord] = {}  # every node seen live, as last seen
+        self._missing_since: dict[str, float] = {}  # node id -> since when it is missing from the view
         self.follower: bool | None = None  # decided at the first read: others had landed chunks already
         self.last_activity = time.monotonic()  # when the claims on the file last changed, as seen here
         self._unanswered_since: float | None = None  # since when claims go unanswered
-        self.claims_won = 0
-        self.claims_lost = 0
-        self.take_overs = 0
+        self.events: dict[str, int] = {}  # why chunks were fetched from the Hub, and other counts
 
     # -- reading the view -----------------------------------------------------------------------------------
 
@@ -102,6 +114,12 @@ class SwarmFile:
             landed = sum(c.blake3 is not None and c.node_id != self.node_id for c in seen.claims.values())
             self.follower = landed >= max(1, LATE_SHARE * self.chunks)
         self.claims, self.nodes, self.holders = seen.claims, seen.nodes, seen.holders
+        self._known.update(seen.nodes)
+        for node_id in self._known:
+            if node_id in seen.nodes:
+                self._missing_since.pop(node_id, None)
+            else:
+                self._missing_since.setdefault(node_id, now)
         for index, (node_id, digest) in seen.settled.items():
             self.digests.setdefault(index, digest)
             if node_id != self.node_id:
@@ -109,7 +127,42 @@ class SwarmFile:
         for index, claim in seen.claims.items():
             if claim.blake3 is None:
                 self._first_seen.setdefault((index, claim.revision), now)
+                if self._pending.get(index, ("", 0.0))[0] != claim.node_id:
+                    self._pending[index] = (claim.node_id, now)
+            elif index in self._pending:
+                claimer, since = self._pending.pop(index)
+                if claimer == claim.node_id:
+                    self._landings.append(now - since)
         return changed
+
+    def typical_landing(self) -> float | None:
+        """The swarm's typical seconds from a claim (as first seen here) to its settlement, or None before
+        any claim seen unlanded has landed: the median of the latest landings and of the ages of the claims
+        still unlanded (at least that long: the first landings alone are the fastest, not the typical)."""
+        if not self._landings:
+            return None
+        now = time.monotonic()
+        return statistics.median([*self._landings, *(now - since for _, since in self._pending.values())])
+
+    def _overdue_after(self, patience: float) -> float:
+        """Seconds another node's claim may stay unlanded: ``patience``, and a late claim is judged against
+        the swarm, not a fixed time: several times what the fleet's claims take to land (when every node
+        starts at once, the whole file is claimed at once and its chunks share the uplink: none lands
+        before a good part of the whole). Before any is seen landing, only a long silence makes it late."""
+        typical = self.typical_landing()
+        return max(patience, FIRST_LANDING_PATIENCE if typical is None else OVERDUE_FACTOR * typical)
+
+    def _live_node(self, node_id: str) -> NodeRecord | None:
+        """The node, if live: in the view, or missing from it for less than REGISTRATION_GRACE (a serve
+        process's lease that lapsed under load, and is granted again; its pull's claims hang on the pull's
+        own lease and still stand; the claimer is reached at its last known URL meanwhile)."""
+        node = self.nodes.get(node_id)
+        if node is not None:
+            return node
+        missing = self._missing_since.get(node_id)
+        if missing is None or time.monotonic() - missing >= REGISTRATION_GRACE:
+            return None
+        return self._known.get(node_id)
 
     def digest(self, index: int) -> str | None:
         """The chunk's BLAKE3 as its claimer settled it (what a peer's copy must match), if known."""
@@ -119,20 +172,28 @@ class SwarmFile:
         """Another live node's claim on the chunk that keeps this node from the Hub for it, or None: the
         chunk is unclaimed, claimed by this node, or its claim is void (its claimer is gone, its copy failed
         here, by ``failed``: the names of the sources whose copy failed; or it is overdue by ``patience``)."""
+        claim, _ = self._claim_state(index, failed, patience)
+        return claim
+
+    def _claim_state(self, index: int, failed: set[str], patience: float) -> tuple[ChunkClaim | None, str]:
+        """The standing claim of another node on the chunk (or None) and, when there is none, why: "free",
+        "mine", or why another node's claim is void ("left", "failed", "overdue")."""
         claim = self.claims.get(index)
-        if claim is None or claim.node_id == self.node_id:
-            return None
-        node = self.nodes.get(claim.node_id)
+        if claim is None:
+            return None, "free"
+        if claim.node_id == self.node_id:
+            return None, "mine"
+        node = self._live_node(claim.node_id)
         if node is None:
-            return None  # its claimer left the fleet
+            return None, "left"  # its claimer left the fleet
         source = self._claimer_source(node)
         if source is None or source.source.name in failed:
-            return None
+            return None, "failed"
         if claim.blake3 is None:
             seen = self._first_seen.get((index, claim.revision), time.monotonic())
-            if time.monotonic() - seen >= patience:
-                return None
-        return claim
+            if time.monotonic() - seen >= self._overdue_after(patience):
+                return None, "overdue"
+        return claim, "standing"
 
     def _claimer_source(self, node: NodeRecord) -> FileSource | None:
         key = (node.node_id, node.url)
@@ -151,7 +212,7 @@ class SwarmFile:
         """The chunks each live claimer has settled (landed and checked there), by node id: kept after its
         claims are released (its pull is over: it holds them whole, as its holdings soon say)."""
         return {
-            node_id: frozenset(chunks) for node_id, chunks in self.settled.items() if node_id in self.nodes
+            node_id: frozenset(chunks) for node_id, chunks in self.settled.items() if self._live_node(node_id)
         }
 
     def sources(self) -> dict[str, FileSource]:
@@ -164,7 +225,7 @@ class SwarmFile:
                 if source is not None:
                     found[node.node_id] = source
         for claim in self.claims.values():
-            claimer = self.nodes.get(claim.node_id)
+            claimer = self._live_node(claim.node_id)
             if claimer is not None and claim.node_id != self.node_id and claim.node_id not in found:
                 source = self._claimer_source(claimer)
                 if source is not None:
@@ -177,9 +238,10 @@ class SwarmFile:
         """Claim the chunk for this node before it is fetched from the Hub (over a void claim, if there is
         one). True when this node may fetch it: the claim is its own, or the registry could not say."""
         current = self.claims.get(index)
-        replaces = 0
+        replaces, why = 0, "free"
         if current is not None and current.node_id != self.node_id:
-            if self.standing_claim(index, failed, patience) is not None:
+            standing, why = self._claim_state(index, failed, patience)
+            if standing is not None:
                 return False
             replaces = current.revision
         sha, size, node_id = self.sha256, self.chunk_size, self.node_id
@@ -189,20 +251,27 @@ class SwarmFile:
             self._unanswered_since = self._unanswered_since or now
             # A busy registry is waited for (fetching anyway would double the Hub's traffic); one that
             # stays silent for the patience is not (a pull never waits on the registry for long).
-            return now - self._unanswered_since >= patience
+            if now - self._unanswered_since >= patience:
+                self.count("unanswered")
+                return True
+            return False
         self._unanswered_since = None
         self.claims[index] = result
         if result.node_id != self.node_id:
-            self.claims_lost += 1
+            self.count("claims_lost")
             self._first_seen.setdefault((index, result.revision), time.monotonic())
             return False
         self.mine.add(index)
-        self.claims_won += 1
+        self.count("claims_won")
         if replaces:
-            self.take_overs += 1
-            log.info("%s: chunk %d taken over from node %s (%s)", self.sha256[:12], index,
-                     current.node_id if current else "?", "its claim no longer counts here")  # fmt: skip
+            self.count(f"taken_over_{why}")
+            log.info("%s: chunk %d taken over from node %s (its claim is void here: %s)", self.sha256[:12],
+                     index, current.node_id if current else "?", why)  # fmt: skip
         return True
+
+    def count(self, event: str) -> None:
+        """Count one event of this file's swarm (reported by the pull: why the Hub was asked)."""
+        self.events[event] = self.events.get(event, 0) + 1
 
     async def settle(self, index: int, digest: str) -> None:
         """Tell the fleet the chunk this node claimed has landed, and its BLAKE3."""

@@ -1,0 +1,175 @@
+"""When another node's claim on a chunk stops keeping this node from the Hub (transfer/swarm.py), on the
+real mem registry: the claim of a node whose registration lapsed stands for a grace period; a claim is late
+against the swarm's typical time to land, not against a fixed time; the pull reports why it asked the Hub."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import pytest
+
+from modeldepot.discovery.base import NodeRecord
+from modeldepot.discovery.mem import MemDiscovery, MemRegistry
+from modeldepot.transfer import swarm as swarm_module
+from modeldepot.transfer.download import FileSource
+from modeldepot.transfer.fleet import FleetView
+from modeldepot.transfer.sources import HttpSource
+from modeldepot.transfer.swarm import SwarmFile
+
+pytestmark = pytest.mark.timeout(60)
+
+T = TypeVar("T")
+CHUNK = 4 << 20
+SIZE = 8 * CHUNK
+SHA = hashlib.sha256(b"content").hexdigest()
+BLAKE = "ab" * 32
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(main, 45))
+
+
+def node(name: str) -> NodeRecord:
+    return NodeRecord(hashlib.sha256(name.encode()).hexdigest()[:32], f"http://{name}.test:8980", "1", 1.0)
+
+
+def as_source(record: NodeRecord, holding: object) -> FileSource:
+    source = HttpSource(record.url, "peer")
+    return FileSource(source, f"{record.url}/api/depot/v1/blobs/{SHA}", origin="peer", chunks_url="x")
+
+
+class Clock:
+    """swarm.py's monotonic clock, moved by the test (the rules are about seconds of silence)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(swarm_module, "time", clock)
+    return clock
+
+
+def swarm_of(discovery: MemDiscovery, me: NodeRecord) -> SwarmFile:
+    return SwarmFile(FleetView(discovery, asyncio.get_running_loop(), me.node_id), me.node_id, SHA, SIZE, CHUNK,
+                     as_source)  # fmt: skip
+
+
+def test_a_claimer_whose_registration_lapses_keeps_its_claim_for_the_grace_then_loses_it(
+    clock: Clock,
+) -> None:
+    registry = MemRegistry("lapse")
+    a, b = node("a"), node("b")
+
+    async def main() -> None:
+        da, serve_b, pull_b = MemDiscovery(registry), MemDiscovery(registry), MemDiscovery(registry)
+        for discovery in (da, serve_b, pull_b):
+            await discovery.start()
+        try:
+            await da.register(a)
+            await serve_b.register(b)
+            assert await pull_b.claim_chunk(SHA, CHUNK, 3, b.node_id) is not None  # b's pull, its own lease
+            swarm = swarm_of(da, a)
+            swarm.refresh()
+            assert swarm.standing_claim(3, set(), patience=10) is not None
+            assert set(swarm.sources()) == {b.node_id}
+
+            await serve_b.close()  # b's serve process's registration lapses; its pull's claim stands
+            swarm.refresh()
+            assert b.node_id not in swarm.nodes
+            clock.now += swarm_module.REGISTRATION_GRACE - 1
+            swarm.refresh()
+            assert swarm.standing_claim(3, set(), patience=10) is not None, "a lapse is not a departure"
+            assert set(swarm.sources()) == {b.node_id}, "reached at its last known URL meanwhile"
+
+            clock.now += 2  # gone for longer than the grace: it left
+            swarm.refresh()
+            assert swarm.standing_claim(3, set(), patience=10) is None
+            assert swarm.sources() == {}
+            assert await swarm.claim(3, set(), patience=10)  # taken over, by revision
+            assert swarm.events == {"claims_won": 1, "taken_over_left": 1}
+        finally:
+            for discovery in (da, pull_b):
+                await discovery.close()
+
+    run(main())
+
+
+def test_a_claim_is_late_against_the_swarms_time_to_land_not_a_fixed_time(clock: Clock) -> None:
+    registry = MemRegistry("late")
+    a, b = node("a"), node("b")
+
+    async def main() -> None:
+        da, db = MemDiscovery(registry), MemDiscovery(registry)
+        for discovery in (da, db):
+            await discovery.start()
+        try:
+            await da.register(a)
+            await db.register(b)
+            for index in range(SIZE // CHUNK):  # every chunk claimed at once, as when all start together
+                assert await db.claim_chunk(SHA, CHUNK, index, b.node_id) is not None
+            swarm = swarm_of(da, a)
+            swarm.refresh()
+
+            # Nothing has landed yet: the whole file shares the uplink, so 30 s unlanded is not late.
+            clock.now += 30
+            swarm.refresh()
+            assert swarm.typical_landing() is None
+            assert swarm.standing_claim(0, set(), patience=10) is not None
+            assert not await swarm.claim(0, set(), patience=10)
+
+            # Six of the eight land at 40 s: the typical time is 40 s (the two unlanded count at their age).
+            clock.now += 10
+            for index in range(2, 8):
+                await db.settle_claim(SHA, CHUNK, index, BLAKE)
+            swarm.refresh()
+            assert swarm.typical_landing() == pytest.approx(40)
+            clock.now += 3 * 40 - 40 - 1  # 119 s: not yet three times the typical time
+            swarm.refresh()
+            assert swarm.standing_claim(0, set(), patience=10) is not None
+            clock.now += 2  # 121 s: late
+            assert swarm.standing_claim(0, set(), patience=10) is None
+            assert await swarm.claim(0, set(), patience=10)
+            assert swarm.events == {"claims_won": 1, "taken_over_overdue": 1}
+
+            # A settled claim never goes late; a claim of a peer whose copy failed here does not stand.
+            assert swarm.standing_claim(2, set(), patience=10) is not None
+            assert swarm.standing_claim(2, {f"peer {b.url}"}, patience=10) is None
+        finally:
+            for discovery in (da, db):
+                await discovery.close()
+
+    run(main())
+
+
+def test_before_any_landing_only_a_long_silence_makes_a_claim_late(clock: Clock) -> None:
+    registry = MemRegistry("silence")
+    a, b = node("a"), node("b")
+
+    async def main() -> None:
+        da, db = MemDiscovery(registry), MemDiscovery(registry)
+        for discovery in (da, db):
+            await discovery.start()
+        try:
+            await da.register(a)
+            await db.register(b)
+            assert await db.claim_chunk(SHA, CHUNK, 5, b.node_id) is not None
+            swarm = swarm_of(da, a)
+            swarm.refresh()
+            clock.now += swarm_module.FIRST_LANDING_PATIENCE - 1
+            assert swarm.standing_claim(5, set(), patience=10) is not None
+            clock.now += 2
+            assert swarm.standing_claim(5, set(), patience=10) is None
+        finally:
+            for discovery in (da, db):
+                await discovery.close()
+
+    run(main())
