@@ -422,7 +422,10 @@ def anchor(work: Path, args: argparse.Namespace, procs: Processes, total: int) -
 
 def check_pulls(name: str, outputs: list[str], total: int, outcome: Outcome) -> None:
     for k, out in enumerate(outputs):
-        result = json.loads(out)
+        lines = out.splitlines()  # (a profiled pull's output has py-spy's lines around the JSON)
+        start = next(i for i, line in enumerate(lines) if line.startswith("{"))
+        end = max(i for i, line in enumerate(lines) if line.startswith("}"))
+        result = json.loads("\n".join(lines[start : end + 1]))
         by_source = result.get("bytes_by_source", {})
         if result["bytes_total"] != total or sum(by_source.values()) != total:
             raise RuntimeError(f"{name}, node {k + 1}: pull reported {result}; the repo has {total} bytes")
@@ -438,6 +441,15 @@ def solo(work: Path, args: argparse.Namespace, procs: Processes, total: int) -> 
     outcome, outputs = wave("solo", commands, [env] * args.nodes, procs, args.nodes, args.timeout)
     check_pulls("solo", outputs, total, outcome)
     return outcome
+
+
+def profiled(node: int, args: argparse.Namespace, work: Path) -> list[str]:
+    """py-spy's command line to put before node ``node``'s pull when --profile-node names it."""
+    if args.profile_node != node:
+        return []
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out = work / "logs" / f"cluster-n{node}.pyspy"
+    return [spy, "record", "--format", "raw", "--threads", "--rate", "200", "-o", str(out), "--"]
 
 
 def start_etcd(procs: Processes, data: Path, log: Path) -> subprocess.Popen[Any]:
@@ -487,7 +499,7 @@ def cluster(work: Path, args: argparse.Namespace, procs: Processes, total: int) 
         registered = time.perf_counter()
         wait_for(f"{args.nodes} nodes registered, as each sees it", all_registered, [*servers, etcd], 120)
         registered = time.perf_counter() - registered
-        commands = [[*in_ns(node_ns(i)), *modeldepot(
+        commands = [[*in_ns(node_ns(i)), *profiled(i, args, work), *modeldepot(
             "pull", REPO, "--home", str(home), "--cluster", registry, "--json")]
             for i, home in enumerate(homes(work, args.nodes), 1)]  # fmt: skip
         pull_env = {**env, "MODELDEPOT_LOG_LEVEL": "info"}  # take-overs logged, in logs/cluster-nK.err
@@ -698,6 +710,9 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("bench-data"))
     parser.add_argument("--timeout", type=float, default=1800, help="seconds a scenario may take")
     parser.add_argument("--quick", action="store_true", help="256MiB, 4 nodes: a smoke test")
+    parser.add_argument("--profile-node", type=int, default=0, metavar="N",
+                        help="sample node N's cluster pull with py-spy (pip install py-spy): collapsed "
+                             "stacks in logs/cluster-nN.pyspy, on-CPU samples only")  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.size, args.nodes = "256MiB", 4

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -26,7 +27,13 @@ def run(*args: str, home: Path, input: str | None = None) -> tuple[int, str, str
 
 
 def test_every_command_takes_home_and_listings_take_json() -> None:
+    commands: list[tuple[str, click.Command]] = []
     for name, command in cli.commands.items():
+        if isinstance(command, click.Group):  # its subcommands (hf-cache import, hf-cache export)
+            commands += [(f"{name} {sub}", subcommand) for sub, subcommand in command.commands.items()]
+        else:
+            commands.append((name, command))
+    for name, command in commands:
         options = {opt for param in command.params for opt in getattr(param, "opts", [])}
         assert "--home" in options, name
     for name in ("ls", "info", "verify", "gc", "du", "import", "rm"):

@@ -6,6 +6,7 @@ import hashlib
 import http.client
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -56,6 +57,25 @@ def fetch(node: LiveNode, target: str, headers: dict[str, str] | None = None, me
 
 def chunks_of(data: bytes, chunk_size: int = SMALL_CHUNK) -> list[bytes]:
     return [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)] or [b""]
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[LiveNode]:
+    """An empty node on loopback that plays the Hub: what the fuzzing asks the node to pull (POST
+    /api/depot/v1/pulls) is scanned there and not found (404); nothing ever leaves the machine."""
+    with Depot(tmp_path / "hub-store") as empty:
+        node = LiveNode(empty)
+        yield node
+        node.stop()
+
+
+@pytest.fixture
+def depot(home: Path, hub: LiveNode, monkeypatch: pytest.MonkeyPatch) -> Iterator[Depot]:
+    """conftest's depot, online towards ``hub`` alone (offline, every pull would be a 503)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    with Depot(home, chunk_size=SMALL_CHUNK) as d:
+        yield d
 
 
 @pytest.fixture

@@ -196,6 +196,8 @@ def route_requests(depot: Depot, repo: str, path: str, folder: str) -> list[tupl
     for resource in create_app(depot).router.resources():
         if (resource.name or "").startswith("refused"):
             continue  # what the node refuses on purpose (datasets, writes): test_server_hub checks those
+        if (resource.name or "").startswith(("control-", "dashboard-")):
+            continue  # the control routes and the dashboard's files: tests/test_control_routes.py
         values["path"] = folder if "/tree/" in resource.canonical else path
         target = re.sub(r"\{(\w+)(:[^}]*)?\}", lambda m: values[m[1]], resource.canonical)
         if target != "/api/depot/v1/events":

@@ -116,6 +116,9 @@ class DepotConfig:
     # "deferred": blobs published once verified, flushed in the background; "sync": flushed before
     # they are published (MODELDEPOT_DURABILITY). See store/durability.py.
     durability: str = "deferred"
+    # The disk budget of the store's blobs: "200GiB", or "80%" of its file system; None: none
+    # (MODELDEPOT_MAX_SIZE). See store/budget.py.
+    max_size: str | None = None
 
     def __post_init__(self) -> None:
         if self.durability not in ("deferred", "sync"):
@@ -164,6 +167,7 @@ class DepotConfig:
             preload_strategy=env.get("MODELDEPOT_PRELOAD_STRATEGY") or "page-cache",
             cluster=env.get("MODELDEPOT_CLUSTER", "").strip() or None,
             durability=(env.get("MODELDEPOT_DURABILITY") or "deferred").strip().lower(),
+            max_size=env.get("MODELDEPOT_MAX_SIZE", "").strip() or None,
             cluster_prefix=env.get("MODELDEPOT_CLUSTER_PREFIX", "").strip() or DEFAULT_CLUSTER_PREFIX,
         )
 

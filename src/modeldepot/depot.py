@@ -45,6 +45,7 @@ from modeldepot.store import (
     remove,
     verify,
 )
+from modeldepot.store.budget import BudgetStatus, Eviction, Pin
 from modeldepot.store.maintenance import VerifyProgress
 from modeldepot.store.partials import partial_key
 from modeldepot.store.scrub import DEFAULT_SCRUB_RATE, Scrubber
@@ -53,6 +54,7 @@ from modeldepot.store.verified import VerifiedBlob
 if TYPE_CHECKING:  # the transfer machinery (aiohttp, huggingface_hub) loads on the first pull, not at
     # import: a worker that only loads engines starts 0.3 s sooner
     # Loading engines and preloading likewise load on first use: `modeldepot import` starts without them.
+    from modeldepot.hfcache import HfCacheExportResult, HfCacheImportResult
     from modeldepot.preload import Preloader
     from modeldepot.transfer.chain import SourceChain
     from modeldepot.transfer.download import Limits
@@ -104,7 +106,7 @@ class Depot:
 
     What a depot does, in the order of this class:
 
-    - **writing**: :meth:`import_dir`;
+    - **writing**: :meth:`import_dir`, :meth:`hf_cache_import` (and :meth:`hf_cache_export`, out);
     - **reading** what the store holds: :meth:`get_file`, :meth:`map_file`, :meth:`open_file`,
       :meth:`get_chunk`, :meth:`file_path`, :meth:`snapshot_path`, and the listings (:meth:`resolve`,
       :meth:`list_files`, :meth:`file_info`, :meth:`has_file`, :meth:`list_repos`, :meth:`repo_info`);
@@ -114,7 +116,9 @@ class Depot:
       :attr:`fleet`, :meth:`peers`;
     - **hot models**: :meth:`load` with :attr:`engines` (the loaded-model cache) and :attr:`preloader`
       (the RAM tier);
-    - **upkeep**: :meth:`verify`, :meth:`scrubber`, :meth:`remove`, :meth:`gc`, :meth:`du`.
+    - **upkeep**: :meth:`verify`, :meth:`scrubber`, :meth:`remove`, :meth:`gc`, :meth:`du`; the disk
+      budget (``MODELDEPOT_MAX_SIZE``): :meth:`pin`, :meth:`unpin`, :meth:`pins`, :meth:`budget_status`,
+      :meth:`shrink`.
 
     :attr:`store` is the store itself (blobs by digest, chunk digests, inventory: what peers and the
     server read), and :attr:`config` the settings it was opened with.
@@ -144,6 +148,8 @@ class Depot:
         self._fleet_failed = False
         self._fleet_managed = False  # a server manages the view: never open one here, even after it closes
         self._fleet_lock = threading.Lock()
+        self.store.budget.add_in_use(self._in_use)
+        self.store.budget.add_evicted_hook(self._forget_removed_variants)
 
     @property
     def home(self) -> Path:
@@ -183,6 +189,40 @@ class Depot:
     ) -> ImportResult:
         """Publish a local folder as ``repo_id`` at branch ``revision``; the commit id derives from the files."""
         return import_dir(self.store, path, repo_id, revision, private=private, progress=progress)
+
+    def hf_cache_import(
+        self,
+        repo_ids: Sequence[str] | None = None,
+        *,
+        cache_dir: str | Path | None = None,
+        private: bool = False,
+        copy: bool = False,
+        progress: ImportProgress | None = None,
+    ) -> HfCacheImportResult:
+        """Adopt model repos (``repo_ids``, or all) from a Hugging Face cache (default: huggingface_hub's,
+        ``HF_HUB_CACHE`` / ``HF_HOME``): every blob verified against its name, hard-linked into the store
+        when on its file system (else copied; always with ``copy``), each snapshot kept as a revision of the
+        same commit and each ref as a ref. What cannot be verified is skipped and listed in ``problems``
+        (:mod:`modeldepot.hfcache`)."""
+        from modeldepot.hfcache import import_hf_cache
+
+        return import_hf_cache(self.store, cache_dir, repo_ids, private=private, copy=copy, progress=progress)
+
+    def hf_cache_export(
+        self,
+        repo_id: str,
+        revision: str = "main",
+        *,
+        cache_dir: str | Path | None = None,
+        copy: bool = False,
+        progress: ImportProgress | None = None,
+    ) -> HfCacheExportResult:
+        """Make ``repo_id`` at ``revision`` appear in a Hugging Face cache (default: huggingface_hub's) as a
+        download would have left it (blobs hard-linked to the store's when on its file system, else copied),
+        so ``hf_hub_download``/``snapshot_download``/``from_pretrained`` find it offline."""
+        from modeldepot.hfcache import export_to_hf_cache
+
+        return export_to_hf_cache(self.store, repo_id, revision, cache_dir, copy=copy, progress=progress)
 
     # -- reading --------------------------------------------------------------------------------------
 
@@ -228,15 +268,21 @@ class Depot:
 
     def get_chunk(self, repo_id: str, path: str, index: int, revision: str = "main") -> memoryview:
         """Chunk ``index`` of a file as a zero-copy view, verified against its BLAKE3 digest."""
-        return self.store.chunk(self.store.entry(repo_id, path, revision), index)
+        chunk = self.store.chunk(self.store.entry(repo_id, path, revision), index)
+        self.store.access.record(repo_id)
+        return chunk
 
     def file_path(self, repo_id: str, path: str, revision: str = "main") -> Path:
         """A real path (in the snapshot tree) for engines that open or mmap files themselves."""
-        return self.store.file_path(repo_id, path, revision)
+        found = self.store.file_path(repo_id, path, revision)
+        self.store.access.record(repo_id)
+        return found
 
     def snapshot_path(self, repo_id: str, revision: str = "main") -> Path:
         """The revision's folder, for ``from_pretrained(...)`` and other path-based loaders."""
-        return self.store.snapshot_path(repo_id, revision)
+        found = self.store.snapshot_path(repo_id, revision)
+        self.store.access.record(repo_id)
+        return found
 
     def open_verified(self, blob: BlobRecord | FileEntry) -> VerifiedBlob:
         """A blob (or a file's blob) open for sending: each chunk is checked against its BLAKE3 before it
@@ -463,10 +509,11 @@ class Depot:
 
         The variant is pulled through the source chain first if the store lacks it. ``engine`` is
         ``"onnxruntime"`` (an InferenceSession), ``"safetensors"`` (numpy tensors), ``"torch"`` (torch
-        tensors, when torch is installed), or any callable taking the model file's path (keyed by the
-        callable itself: pass the same object to hit the cache). ``warmup`` dummy inference passes run after
-        the load (shaped from the model's inputs unless ``inputs`` is given); their failure is logged, not
-        raised. The steps are in :mod:`modeldepot.engines.loading`.
+        tensors, when torch is installed), ``"gguf"`` (a :class:`~modeldepot.engines.GgufModel`: metadata
+        and read-only tensors mapping the file, a split model's shards merged), or any callable taking the
+        model file's path (keyed by the callable itself: pass the same object to hit the cache). ``warmup``
+        dummy inference passes run after the load (shaped from the model's inputs unless ``inputs`` is
+        given); their failure is logged, not raised. The steps are in :mod:`modeldepot.engines.loading`.
         """
 
         def pull_variant(repo: str, variant: str | None, rev: str) -> str:
@@ -513,7 +560,28 @@ class Depot:
 
     def remove(self, repo_id: str, revision: str | None = None) -> RemoveResult:
         """Remove a repo or one revision; blobs nothing else uses are deleted at once."""
-        return remove(self.store, repo_id, revision)
+        result = remove(self.store, repo_id, revision)
+        self._forget_removed_variants(repo_id)
+        return result
+
+    def _forget_removed_variants(self, repo_id: str) -> None:
+        """After a removal or an eviction, a scanned variant whose files the store no longer holds is
+        'available' again (its status row said 'downloaded'): the event stream and ``status`` say so."""
+        try:
+            manifest = self.get_manifest(repo_id)
+        except NotFoundError:
+            return
+        gone = {
+            variant.name: 0
+            for variant in manifest.variants
+            if variant.status == "downloaded"
+            and not all(
+                self.store.has_file(repo_id, path, manifest.commit_id)
+                for path in (*variant.files, *manifest.shared)
+            )
+        }
+        if gone:
+            self.store.manifests.set_statuses(repo_id, gone, "available")
 
     def gc(self, *, partials: bool = False) -> GcReport:
         """Delete unreferenced and orphan blobs, abandoned partial files, stale snapshots, quarantine.
@@ -523,3 +591,54 @@ class Depot:
 
     def du(self) -> DiskUsage:
         return disk_usage(self.store)
+
+    # -- the disk budget ----------------------------------------------------------------------------------------
+
+    def pin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> Pin:
+        """Never evict the revision ``revision`` names (a branch is followed) to keep within the disk budget;
+        ``quant``: one variant of it (the revision stays whole)."""
+        if quant is not None:
+            commit_id = self.store.resolve(validate_repo_id(repo_id), validate_revision(revision))
+            grouping = group_files(e.path for e in self.store.files(repo_id, commit_id))
+            if grouping.find(quant) is None:
+                raise NotFoundError(f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: "
+                                    f"{grouping.names()})", repo_id=repo_id)  # fmt: skip
+        return self.store.budget.pin(repo_id, quant, revision)
+
+    def unpin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
+        """Remove a pin; False when there was none."""
+        return self.store.budget.unpin(repo_id, quant, revision)
+
+    def pins(self, repo_id: str | None = None) -> list[Pin]:
+        if repo_id is not None:
+            validate_repo_id(repo_id)
+        return self.store.budget.pins(repo_id)
+
+    def budget_status(self) -> BudgetStatus:
+        """The disk budget (``MODELDEPOT_MAX_SIZE``), what the blobs use, what pins and uses keep, and the
+        evictions so far."""
+        return self.store.budget.status()
+
+    def shrink(self, max_size: str | None = None) -> list[Eviction]:
+        """Evict the least recently used revisions until the store is within ``max_size`` (``"200GiB"``,
+        ``"80%"``; default: the budget), never what is pinned or in use."""
+        from modeldepot.store.budget import parse_max_size
+
+        limit = None if max_size is None else parse_max_size(max_size, self.home)
+        return self.store.budget.shrink(limit)
+
+    def _in_use(self) -> list[tuple[str, str | None]]:
+        """The revisions in use in this process, which no eviction removes: preloaded, or loaded engines'."""
+        used: list[tuple[str, str | None]] = []
+        if self._preloader is not None:
+            used.extend((m.repo_id, m.commit_id) for m in self._preloader.stats().preloaded)
+        loaded = self.engines.keys()  # a list, least recently used first (the cache is no mapping)
+        for key in loaded:
+            if (
+                isinstance(key, tuple)
+                and len(key) >= 2
+                and isinstance(key[0], str)
+                and isinstance(key[1], str)
+            ):
+                used.append((key[0], key[1]))
+        return used

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -315,26 +315,78 @@ def rm_command(depot: Depot, repo_id: str, revision: str | None, yes: bool, as_j
 
 @cli.command("gc")
 @click.option("--partials", is_flag=True, help="Also drop interrupted downloads kept for a resume.")
+@click.option("--max-size", default=None, metavar="SIZE|N%", callback=lambda c, p, v: _max_size(v),
+              help="Also evict the least recently used revisions until the blobs take at most this "
+                   "(200GiB, or 80% of the disk); never what is pinned or in use.")  # fmt: skip
 @_json_option
 @_home_option
-def gc_command(depot: Depot, partials: bool, as_json: bool) -> None:
+def gc_command(depot: Depot, partials: bool, max_size: str | None, as_json: bool) -> None:
     """Delete unreferenced blobs, abandoned partial files, stale snapshots and quarantined files.
 
     Interrupted downloads stay (a later pull resumes them) unless --partials is given or they sat
     untouched for a week."""
+    evicted = depot.shrink(max_size) if max_size is not None else []
     report = depot.gc(partials=partials)
-    render.emit(as_json, report.to_dict(), lambda: render.render_gc(report))
+    body = {**report.to_dict(), "evicted": [e.to_dict() for e in evicted]}
+    render.emit(as_json, body, lambda: render.render_gc(report, evicted))
+
+
+def _max_size(value: str | None) -> str | None:
+    """A click callback's check of a disk budget (200GiB, 80%): ConfigError, a usage error, when unreadable."""
+    if value is None:
+        return None
+    from modeldepot.store.budget import parse_max_size
+
+    _setting(lambda v: parse_max_size(v, "/"), value)
+    return value
 
 
 @cli.command("du")
 @_json_option
 @_home_option
 def du_command(depot: Depot, as_json: bool) -> None:
-    """Show how much disk the store uses, and how much deduplication saves."""
-    usage = depot.du()
-    render.emit(
-        as_json, {**usage.to_dict(), "total_bytes": usage.total_bytes}, lambda: render.render_du(usage)
-    )
+    """Show how much disk the store uses, how much deduplication saves, and the disk budget."""
+    usage, budget = depot.du(), depot.budget_status()
+    body = {**usage.to_dict(), "total_bytes": usage.total_bytes, "budget": budget.to_dict()}
+    render.emit(as_json, body, lambda: render.render_du(usage, budget))
+
+
+@cli.command("pin")
+@_repo_argument
+@click.option("--quant", "-q", default=None, help="Pin this variant (the revision holding it stays whole).")
+@_revision_option
+@_json_option
+@_home_option
+def pin_command(depot: Depot, repo_id: str, quant: str | None, revision: str, as_json: bool) -> None:
+    """Never evict this model to keep within the disk budget (MODELDEPOT_MAX_SIZE)."""
+    pin = depot.pin(repo_id, quant, revision)
+    render.emit(as_json, pin.to_dict(), lambda: render.out.print(
+        f"pinned {repo_id}{f' ({quant})' if quant else ''}@{revision}"))  # fmt: skip
+
+
+@cli.command("unpin")
+@_repo_argument
+@click.option("--quant", "-q", default=None, help="The variant given to `pin`.")
+@_revision_option
+@_json_option
+@_home_option
+def unpin_command(depot: Depot, repo_id: str, quant: str | None, revision: str, as_json: bool) -> None:
+    """Let the disk budget evict this model again."""
+    removed = depot.unpin(repo_id, quant, revision)
+    what = f"{repo_id}{f' ({quant})' if quant else ''}@{revision}"
+    render.emit(as_json, {"unpinned": removed}, lambda: render.out.print(
+        f"unpinned {what}" if removed else f"{what} was not pinned"))  # fmt: skip
+    if not removed:
+        sys.exit(EXIT_FAILURE)
+
+
+@cli.command("pins")
+@_json_option
+@_home_option
+def pins_command(depot: Depot, as_json: bool) -> None:
+    """List what is pinned."""
+    pins = depot.pins()
+    render.emit(as_json, [p.to_dict() for p in pins], lambda: render.render_pins(pins))
 
 
 @cli.command("scan")
@@ -521,6 +573,9 @@ def peers_command(depot: Depot, cluster: str | None, cluster_prefix: str | None,
 )
 @click.option("--preload-budget", default=None, metavar="SIZE|N%",
               help="RAM for preloaded models (default: $MODELDEPOT_PRELOAD_BUDGET, else 50%).")  # fmt: skip
+@click.option("--max-size", default=None, metavar="SIZE|N%", callback=lambda c, p, v: _max_size(v),
+              help="Disk budget of the store's blobs (200GiB, or 80% of the disk): the least recently used "
+                   "revisions are evicted to make room (default: $MODELDEPOT_MAX_SIZE, else none).")  # fmt: skip
 @click.option("--preload-top", default=0, show_default=True, type=click.IntRange(0, 1000),
               help="Preload the N most used models in the background at start.")  # fmt: skip
 @click.option(
@@ -559,6 +614,7 @@ def serve_command(
     log_level: str,
     upstreams: tuple[str, ...],
     preload_budget: str | None,
+    max_size: str | None,
     preload_top: int,
     header_timeout: float | None,
     max_connections_per_client: int | None,
@@ -582,6 +638,11 @@ def serve_command(
         sys.exit(EXIT_BAD_INPUT)
     if preload_budget is not None:
         depot.config = dataclasses.replace(depot.config, preload_budget=preload_budget)
+    if max_size is not None:
+        depot.config = dataclasses.replace(depot.config, max_size=max_size)
+        depot.store.budget.set_max_size(max_size)
+    if depot.store.budget.max_bytes is not None:
+        depot.shrink()  # a store already over its budget is brought within it (evictions are logged)
     limits = ConnectionLimits()
     if header_timeout is not None:
         limits = dataclasses.replace(limits, header_timeout=header_timeout)
@@ -609,6 +670,14 @@ def _setting(parse: Callable[[str], T], text: str) -> T:
         return parse(text)
     except ConfigError as error:
         raise click.BadParameter(str(error)) from None
+
+
+# The `hf-cache` group lives in cli/hfcache.py, which uses the options above: imported here, last (not
+# while type checking, which would then see an import cycle).
+if not TYPE_CHECKING:
+    from modeldepot.cli.hfcache import hf_cache
+
+    cli.add_command(hf_cache)
 
 
 def main() -> None:

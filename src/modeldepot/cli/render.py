@@ -25,6 +25,7 @@ from modeldepot.hub.manifest import Manifest
 from modeldepot.store import DiskUsage, GcReport, RemoveResult, RepoInfo, RepoSummary, VerifyReport
 
 if TYPE_CHECKING:  # not imported at run time: `import` and the store commands start without aiohttp
+    from modeldepot.store.budget import BudgetStatus, Eviction, Pin
     from modeldepot.transfer.fleet import PeerRow
     from modeldepot.transfer.pull import PullUpdate
 
@@ -247,7 +248,10 @@ def render_remove(result: RemoveResult) -> None:
     )
 
 
-def render_gc(report: GcReport) -> None:
+def render_gc(report: GcReport, evicted: list[Eviction] | None = None) -> None:
+    for eviction in evicted or []:
+        out.print(f"evicted {eviction.repo_id}@{eviction.commit_id[:12]} ({format_bytes(eviction.bytes_freed)}, "
+                  f"last used {_when(eviction.last_used)})")  # fmt: skip
     out.print(
         f"freed {format_bytes(report.bytes_freed)}: {report.blobs_removed} blobs, "
         f"{report.partials_removed} abandoned partial files, {report.snapshots_removed} stale snapshots"
@@ -260,7 +264,7 @@ def render_gc(report: GcReport) -> None:
     )
 
 
-def render_du(usage: DiskUsage) -> None:
+def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
     saved = usage.logical_bytes - usage.blob_bytes
     out.print(f"store {usage.home}")
     out.print(
@@ -271,6 +275,15 @@ def render_du(usage: DiskUsage) -> None:
     out.print(f"  quarantine  {format_bytes(usage.quarantine_bytes)}")
     out.print(f"  index       {format_bytes(usage.index_bytes)}")
     out.print(f"  total       {format_bytes(usage.total_bytes)}")
+    if budget is not None:
+        if budget.max_bytes is None:
+            out.print("  budget      none (MODELDEPOT_MAX_SIZE, serve --max-size)")
+        else:
+            share = 100 * budget.used_bytes / budget.max_bytes if budget.max_bytes else 0.0
+            out.print(f"  budget      {format_bytes(budget.used_bytes)} of {format_bytes(budget.max_bytes)} "
+                      f"({share:.0f}%); pinned {format_bytes(budget.pinned_bytes)}, in use "
+                      f"{format_bytes(budget.in_use_bytes)}")  # fmt: skip
+        out.print(f"  evicted     {budget.evictions} revisions, {format_bytes(budget.evicted_bytes)} so far")
     if usage.repos:
         table = _table("repo", "revisions", "files", "size", "only here")
         for repo in usage.repos:
@@ -282,6 +295,16 @@ def render_du(usage: DiskUsage) -> None:
                 format_bytes(repo.unique_bytes),
             )
         out.print(table)
+
+
+def render_pins(pins: list[Pin]) -> None:
+    if not pins:
+        out.print("Nothing is pinned (`modeldepot pin REPO` keeps a model from eviction).")
+        return
+    table = _table("repo", "variant", "revision", "since")
+    for pin in pins:
+        table.add_row(pin.repo_id, pin.quant or "-", pin.revision, _when(pin.created_at))
+    out.print(table)
 
 
 def render_stats(rows: list[dict[str, Any]], budget: int) -> None:

@@ -1,8 +1,9 @@
 """Turning model files into engines, and warming engines up.
 
-Engines load from real paths (the snapshot tree), so an ONNX model finds its external data beside it
-and safetensors maps the blob itself. The engine libraries are optional (``pip install
-'modeldepot[engines]'``): they are imported when first used, with a clear error when missing.
+Engines load from real paths (the snapshot tree), so an ONNX model finds its external data beside it,
+safetensors maps the blob itself and a split GGUF finds its other shards. The engine libraries are
+optional (``pip install 'modeldepot[engines]'``): they are imported when first used, with a clear error
+when missing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modeldepot.engines.gguf_model import gguf_shard_names, load_gguf
 from modeldepot.errors import ConfigError, NotFoundError
 from modeldepot.hub.variants import group_files
 
@@ -26,6 +28,7 @@ __all__ = [
     "EngineLoader",
     "WarmupReport",
     "dummy_inputs",
+    "load_gguf",
     "load_onnxruntime",
     "load_safetensors",
     "model_file",
@@ -147,6 +150,7 @@ ENGINES: dict[str, tuple[EngineLoader, tuple[str, ...]]] = {
     "onnxruntime-prepacked": (lambda path: load_onnxruntime(path, prepack=True), (".onnx",)),
     "safetensors": (load_safetensors, (".safetensors",)),
     "torch": (lambda path: load_safetensors(path, "pt"), (".safetensors",)),  # needs torch installed
+    "gguf": (load_gguf, (".gguf",)),  # GgufModel: metadata and tensors mapping the file(s)
 }
 
 
@@ -217,7 +221,8 @@ def warmup(engine: Any, passes: int = 1, inputs: Mapping[str, Any] | None = None
 def model_file(paths: list[str], quant: str | None, suffixes: tuple[str, ...]) -> str:
     """The file an engine should load from a revision's ``paths``: the variant ``quant``'s (named as
     :mod:`modeldepot.hub.variants` names them), or without one the plainest (fp32 first, then the
-    shallowest path)."""
+    shallowest path). A GGUF variant's model, not its ``mmproj`` projector; for a split GGUF its first
+    shard, and a :class:`NotFoundError` when ``paths`` lack one of its shards (a pull then fetches them)."""
     grouping = group_files(paths)
     if quant is not None:
         variant = grouping.find(quant)
@@ -231,6 +236,13 @@ def model_file(paths: list[str], quant: str | None, suffixes: tuple[str, ...]) -
         matching = sorted(
             (p for p in candidates if p.endswith(suffix)), key=lambda p: (p.count("/"), len(p), p)
         )
+        if suffix == ".gguf":  # projectors are companions of every GGUF variant, not its model
+            matching = [p for p in matching if "mmproj" not in p.rsplit("/", 1)[-1].lower()] or matching
         if matching:
+            shards = (gguf_shard_names(matching[0]) if suffix == ".gguf" else None) or []
+            missing = sorted(set(shards) - set(paths))
+            if missing:
+                raise NotFoundError(f"{matching[0]} is one of {len(shards)} shards and the store lacks "
+                                    f"{', '.join(missing)}")  # fmt: skip
             return matching[0]
     raise NotFoundError(f"no {' or '.join(suffixes)} file{' in variant ' + repr(quant) if quant else ''}")

@@ -4,7 +4,9 @@ build the engine while the preloaded copy is held, warm it up, and keep it in th
 Our own engines (onnxruntime, safetensors, torch) read from a private folder of hard links to the blobs:
 onnxruntime resolves symlinks and refuses external data that "escapes" the model's folder, which the
 snapshot's links into ``blobs/`` would. They have read or mapped everything when the load returns, so the
-folder goes right after. A caller's own loader may read lazily: it gets the lasting snapshot path.
+folder goes right after. A caller's own loader may read lazily: it gets the lasting snapshot path. So does
+``gguf``, whose model names the files it maps (``GgufModel.files``); every shard of a split GGUF has its
+blob checked first, as the folder of links would.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from modeldepot.engines.adapters import ENGINES, EngineLoader, model_file, warmup
 from modeldepot.engines.cache import LoadedModelCache
+from modeldepot.engines.gguf_model import gguf_shard_names
 from modeldepot.errors import ConfigError, NotFoundError
 from modeldepot.preload import Preloader
 from modeldepot.store import Store
@@ -23,6 +26,7 @@ from modeldepot.validation import validate_repo_id, validate_revision
 __all__ = ["PullVariant", "load_variant"]
 
 DEFAULT_SUFFIXES = (".onnx", ".safetensors", ".gguf", ".bin")
+SNAPSHOT_ENGINES = frozenset({"gguf"})  # ours that get the lasting snapshot paths (the docstring says why)
 
 PullVariant = Callable[[str, str | None, str], str]
 """Pulls ``(repo_id, quant, revision)`` into the store (the whole repo when quant is None); returns the
@@ -53,7 +57,10 @@ def load_variant(
     key: Hashable = (repo_id, commit_id, chosen, engine)
 
     def build() -> Any:
-        if isinstance(engine, str):  # ours read everything at load: hard links suffice
+        if isinstance(engine, str) and engine in SNAPSHOT_ENGINES:
+            for shard in gguf_shard_names(chosen) or ():  # each blob there, with the right size
+                store.file_path(repo_id, shard, commit_id)
+        elif isinstance(engine, str):  # ours read everything at load: hard links suffice
             folder, _, name = chosen.rpartition("/")
             with store.linked_folder(repo_id, commit_id, folder) as view:
                 return loader(view / name)

@@ -1,8 +1,9 @@
 """The node's aiohttp application: routes, and the middlewares every request passes through.
 
-Order, outermost first: the request id (echoed, and named in every log line), CORS (headers on every
-answer, preflights), errors (library errors become the Hub's error shape in one place; nothing else
-reaches a client, never a stack trace), auth (the node token), then the route.
+Order, outermost first: the metrics (every answer counted by route and status: server/metrics.py), the
+request id (echoed, and named in every log line), CORS (headers on every answer, preflights), errors
+(library errors become the Hub's error shape in one place; nothing else reaches a client, never a stack
+trace), auth (the node token), then the route.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from modeldepot.depot import Depot
 from modeldepot.errors import DepotError
 from modeldepot.mirror import Mirror
 from modeldepot.server.context import DEPOT, TOKEN, is_authorized
+from modeldepot.server.control_routes import add_control_routes
+from modeldepot.server.dashboard import DASHBOARD_PATHS, add_dashboard_routes
 from modeldepot.server.fleet import FLEET, NodeFleet
 from modeldepot.server.hub_routes import add_hub_routes
+from modeldepot.server.metrics import add_metrics, metrics_middleware
 from modeldepot.server.mirror_routes import MIRROR
 from modeldepot.server.native_routes import HEALTH_PATH, add_native_routes
 from modeldepot.server.responses import error_response, response_for_error
@@ -46,7 +50,7 @@ CORS = {
 }
 PREFLIGHT = {
     **CORS,
-    "Access-Control-Allow-Methods": "GET, HEAD, POST, OPTIONS",
+    "Access-Control-Allow-Methods": "GET, HEAD, POST, PUT, DELETE, OPTIONS",  # PUT, DELETE: control routes
     "Access-Control-Allow-Headers": "Authorization, Range, If-Range, Content-Type, Accept, User-Agent, X-Amzn-Trace-Id",
     "Access-Control-Max-Age": "86400",
 }
@@ -110,7 +114,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.app[TOKEN] and request.path != HEALTH_PATH and not is_authorized(request):
+    # Health, and the dashboard's page, script and style sheet (they hold no data), need no token.
+    if (
+        request.app[TOKEN]
+        and request.path != HEALTH_PATH
+        and request.path not in DASHBOARD_PATHS
+        and not is_authorized(request)
+    ):
         if "Authorization" not in request.headers:
             return error_response(
                 401, None, "this node needs a token: send Authorization: Bearer <token> (HF_TOKEN)"
@@ -134,7 +144,13 @@ def create_app(
     (health shows its state, ``peers`` its view); whoever serves the app starts and closes it.
     """
     app = web.Application(
-        middlewares=[request_id_middleware, cors_middleware, error_middleware, auth_middleware],
+        middlewares=[
+            metrics_middleware,
+            request_id_middleware,
+            cors_middleware,
+            error_middleware,
+            auth_middleware,
+        ],
         client_max_size=MAX_BODY,
     )
     app[DEPOT] = depot
@@ -150,5 +166,8 @@ def create_app(
 
         app.on_cleanup.append(stop_pulls)
     add_native_routes(app)
+    add_control_routes(app)  # before the Hub's routes: their /api/ catch-all refuses writes
+    add_dashboard_routes(app)
+    add_metrics(app)
     add_hub_routes(app)
     return app

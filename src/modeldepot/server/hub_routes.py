@@ -323,7 +323,9 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
             except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError):
                 return await remote(request, repo_id, revision, path)
     try:
-        return await local(request, repo_id, revision, path)
+        answer = await local(request, repo_id, revision, path)
+        request.app[DEPOT].store.access.record(repo_id)  # a use: the disk budget evicts the least used
+        return answer
     except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError):
         if upstream_error is not None:
             raise upstream_error from None

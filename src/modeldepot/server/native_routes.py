@@ -320,6 +320,7 @@ def _stats(depot: Depot, authorized: bool) -> dict[str, Any]:
     private; a removed repo, which may have been private, is never named), and what cannot be split per
     repo is null."""
     totals = store_totals(depot.store, public_only=not authorized)
+    budget = depot.budget_status().to_dict()
     preload = depot.preloader.stats()
     engines = depot.engines.stats().to_dict()
     figures = {k: v for k, v in preload.to_dict().items() if k not in ("preloaded", "most_accessed")}
@@ -342,6 +343,8 @@ def _stats(depot: Depot, authorized: bool) -> dict[str, Any]:
         "preload": {**figures, "models": [m.to_dict() for m in models]},
         "most_accessed": [a.to_dict() for a in most_accessed],
         "engines": engines,
+        # the disk budget; without the token only the budget itself (the rest counts private repos too)
+        "budget": budget if authorized else {**dict.fromkeys(budget), "max_bytes": budget["max_bytes"]},
     }
 
 

@@ -1,4 +1,5 @@
-"""The OpenAPI 3.1 description of ``/api/depot/v1`` (served at ``/api/depot/v1/openapi.json``).
+"""The OpenAPI 3.1 description of ``/api/depot/v1`` and ``/metrics`` (served at
+``/api/depot/v1/openapi.json``).
 
 What a route answers with a dataclass's ``to_dict()`` (``dataclasses.asdict``) is described by a schema
 made from that dataclass: its fields and their resolved type hints, every field required and no other key
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from modeldepot.discovery.base import ClusterStatus
@@ -22,10 +23,12 @@ from modeldepot.hub.manifest import Manifest, RemoteFile, Variant
 from modeldepot.preload.copies import STRATEGIES
 from modeldepot.preload.preloader import PreloadInfo, PreloadStats
 from modeldepot.store.access import ModelAccess
-from modeldepot.store.maintenance import StoreTotals
+from modeldepot.store.budget import BudgetStatus, Pin
+from modeldepot.store.maintenance import RemoveResult, StoreTotals
 from modeldepot.store.manifests import STATUSES
 from modeldepot.store.models import BlobRecord, FileEntry, RepoSummary
 from modeldepot.transfer.fleet import PeerRow
+from modeldepot.transfer.pull import PullResult
 
 __all__ = ["ComponentSchemas", "openapi_document"]
 
@@ -275,9 +278,12 @@ def _components() -> ComponentSchemas:
                 "preload": {"$ref": REF + "StatsPreload"},
                 "most_accessed": {"type": "array", "items": c.ref(ModelAccess)},
                 "engines": {"$ref": REF + "StatsEngines"},
+                "budget": {"$ref": REF + "StatsBudget"},
             }
         ),
     )
+    c.add("StatsBudget", c.record(BudgetStatus, nullable=[f.name for f in dataclasses.fields(BudgetStatus)]))
+    _control_components(c)
     return c
 
 
@@ -468,6 +474,222 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "responses": {"200": ok("Stats"), **errors(401)},
                 }
             },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "description": "Prometheus metrics in the text exposition format (OpenMetrics when the "
+                    "Accept header asks for application/openmetrics-text): the store (`modeldepot_repos`, "
+                    "`modeldepot_store_bytes`, `modeldepot_store_budget_bytes`, 0 for no budget, "
+                    "`modeldepot_evictions_total`), this node's answers "
+                    "(`modeldepot_http_requests_total{route,status}` by route pattern, "
+                    "`modeldepot_http_sent_bytes_total`), this process's pulls "
+                    "(`modeldepot_pull_bytes_total{source}`, `modeldepot_chunks_rejected_total`), the RAM "
+                    "tier, the engine cache and the fleet (`modeldepot_peers`); see docs/architecture.md. "
+                    "Node-wide figures, private repos included (no label names a repo): a node with a token "
+                    "shows them to requests with it only.",
+                    "responses": {
+                        "200": {
+                            "description": "OK",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        **errors(401),
+                    },
+                }
+            },
+            **_control_paths(repo_params, errors),
         },
         "components": {"schemas": components.schemas},
+    }
+
+
+# -- the control routes (server/control_routes.py) ----------------------------------------------------------
+
+_QUANT = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"}
+_CONTROL = (
+    "A control route: on a node with a token, requests need it (401); on a node without one, it answers "
+    "requests from the node's own machine alone (a loopback peer naming a loopback host, and from a browser "
+    "the node's own page), others get a 403."
+)
+
+
+def _control_components(c: ComponentSchemas) -> None:
+    c.add(
+        "PullRequest",
+        _closed(
+            {
+                "repo": {
+                    "type": "string",
+                    "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$",
+                    "maxLength": 96,
+                    "description": "the repo id, as the node's upstreams know it",
+                },
+                "revision": {"type": "string", "maxLength": 200, "default": "main"},
+                "quants": {
+                    "anyOf": [
+                        {"type": "array", "items": _QUANT, "minItems": 1, "maxItems": 64},
+                        {"const": "all"},
+                        {"type": "null"},
+                    ],
+                    "description": 'variant names (with the shared files), "all" for every variant, or null '
+                    "(the default) for the whole repo",
+                },
+            },
+            required=["repo"],
+        ),
+    )
+    c.add(
+        "VariantTarget",
+        _closed(
+            {
+                "quant": {
+                    **_nullable(_QUANT),
+                    "description": "one variant (and the shared files); null: all",
+                },
+                "revision": {"type": "string", "maxLength": 200, "default": "main"},
+            },
+            required=[],
+        ),
+    )
+    c.add(
+        "PullJob",
+        _closed(
+            {
+                "id": {"type": "string"},
+                "repo": {"type": "string"},
+                "revision": {"type": "string"},
+                "quants": {
+                    "anyOf": [
+                        {"type": "array", "items": {"type": "string"}},
+                        {"const": "all"},
+                        {"type": "null"},
+                    ],
+                    "description": "the variants by the repo's own names; null: the whole repo",
+                },
+                "commit_id": {"type": "string", "pattern": "^[0-9a-f]{40}$"},
+                "state": {"enum": ["running", "done", "failed"]},
+                "bytes_done": {"type": "integer", "minimum": 0},
+                "bytes_total": {"type": "integer", "minimum": 0},
+                "started_at": {"type": "number"},
+                "finished_at": {"type": ["number", "null"]},
+                "result": {"anyOf": [c.ref(PullResult), {"type": "null"}], "description": "once done"},
+                "error": {"type": ["string", "null"], "description": "why it failed"},
+            }
+        ),
+    )
+    c.ref(Pin)
+    c.ref(RemoveResult)
+    c.add(
+        "Unpinned",
+        _closed(
+            {
+                "repo_id": {"type": "string"},
+                "quant": {"type": ["string", "null"]},
+                "revision": {"type": "string"},
+                "unpinned": {"type": "boolean", "description": "false: there was no such pin"},
+            }
+        ),
+    )
+
+
+def _control_paths(
+    repo_params: list[dict[str, Any]], errors: Callable[..., dict[str, Any]]
+) -> dict[str, Any]:
+    def ok(name: str, description: str = "OK") -> dict[str, Any]:
+        return _json({"$ref": REF + name}, description)
+
+    def body(name: str, required: bool) -> dict[str, Any]:
+        return {"required": required, "content": {"application/json": {"schema": {"$ref": REF + name}}}}
+
+    shape = (
+        400,
+        413,
+        415,
+        422,
+    )  # a body that is not a JSON object or has a wrong key, too big, not JSON, bad field
+    variant_target = body("VariantTarget", False)
+    return {
+        "/api/depot/v1/pulls": {
+            "get": {
+                "operationId": "listPulls",
+                "description": f"The pulls started over HTTP since the node started, newest first. {_CONTROL}",
+                "responses": {
+                    "200": _json({"type": "array", "items": {"$ref": REF + "PullJob"}}),
+                    **errors(401, 403),
+                },
+            },
+            "post": {
+                "operationId": "startPull",
+                "description": "Scan the repo through the node's own source chain (its servers, its fleet, its Hub "
+                "endpoint: a request never names where to pull from) and pull the variants in the background: "
+                "202 and the new pull; 200 and the running one when the same repo, revision and variants are "
+                "already being pulled. Progress: this pull's route and the event stream. An unknown repo is a "
+                "404, a variant the repo lacks a 422, an upstream that fails a 502, an offline node a 503. "
+                + _CONTROL,
+                "requestBody": body("PullRequest", True),
+                "responses": {
+                    "200": ok("PullJob", "The same pull, already running"),
+                    "202": ok("PullJob", "Started"),
+                    **errors(401, 403, 404, 502, 503, *shape),
+                },
+            },
+        },
+        "/api/depot/v1/pulls/{id}": {
+            "get": {
+                "operationId": "getPull",
+                "description": f"One pull: running, done (with its result) or failed (with the error). {_CONTROL}",
+                "parameters": [_path_param("id", {"type": "string", "maxLength": 64})],
+                "responses": {"200": ok("PullJob"), **errors(401, 403, 404)},
+            }
+        },
+        "/api/depot/v1/pins": {
+            "get": {
+                "operationId": "listPins",
+                "description": "What the disk budget never evicts. Without the token, the pins of public "
+                "repos alone.",
+                "responses": {"200": _json({"type": "array", "items": {"$ref": REF + "Pin"}}), **errors(401)},
+            }
+        },
+        "/api/depot/v1/repos/{org}/{name}/preload": {
+            "post": {
+                "operationId": "preload",
+                "description": f"Bring a stored model (a variant with the shared files, or every file) into the "
+                f"RAM tier. {_CONTROL}",
+                "parameters": repo_params,
+                "requestBody": variant_target,
+                "responses": {"200": ok("PreloadInfo"), **errors(401, 403, 404, 405, *shape)},
+            }
+        },
+        "/api/depot/v1/repos/{org}/{name}/pin": {
+            "put": {
+                "operationId": "pin",
+                "description": f"Keep the revision (a branch is followed) from eviction. {_CONTROL}",
+                "parameters": repo_params,
+                "requestBody": variant_target,
+                "responses": {"200": ok("Pin"), **errors(401, 403, 404, 405, *shape)},
+            },
+            "delete": {
+                "operationId": "unpin",
+                "description": f"Remove a pin (the same quant and revision it was made with). {_CONTROL}",
+                "parameters": repo_params,
+                "requestBody": variant_target,
+                "responses": {"200": ok("Unpinned"), **errors(401, 403, 405, *shape)},
+            },
+        },
+        "/api/depot/v1/repos/{org}/{name}": {
+            "delete": {
+                "operationId": "removeRepo",
+                "description": "Remove the repo, or one revision of it; blobs nothing else uses are deleted at "
+                f"once. {_CONTROL}",
+                "parameters": [
+                    *repo_params,
+                    {
+                        "name": "revision",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "maxLength": 200},
+                    },
+                ],
+                "responses": {"200": ok("RemoveResult"), **errors(400, 401, 403, 404, 405)},
+            }
+        },
     }

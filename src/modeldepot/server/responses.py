@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -55,6 +56,9 @@ class BlobResponse(web.StreamResponse):
         self._offset = offset
         self._count = count
         self.content_length = count
+        # Told the size of each piece sent by sendfile, which goes around the payload writer (the node's
+        # metrics count what passes through the writer themselves: server/metrics.py).
+        self.on_sendfile: Callable[[int], None] | None = None
 
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
         try:
@@ -101,6 +105,8 @@ class BlobResponse(web.StreamResponse):
         if self._reader.by_sendfile:  # not for a download in progress: its file may change under us
             try:
                 await loop.sendfile(transport, self._reader.file, offset, count)
+                if self.on_sendfile is not None:
+                    self.on_sendfile(count)
                 return
             except NotImplementedError:  # e.g. TLS transports
                 pass

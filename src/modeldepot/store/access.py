@@ -43,13 +43,14 @@ class AccessLog:
         self._last_flush = time.monotonic()
         self._flushing = False
 
-    def record(self, repo_id: str, variant: str | None = None) -> None:
-        """Count one use of ``repo_id`` (or of one variant of it)."""
+    def record(self, repo_id: str, variant: str | None = None, count: int = 1) -> None:
+        """Count one use of ``repo_id`` (or of one variant of it); ``count=0`` only marks it as used now
+        (an import or a pull: the disk budget's recency, not the preloader's popularity)."""
         key = (repo_id, variant or "")
         now = time.time()
         with self._lock:
-            count, _ = self._pending.get(key, (0, now))
-            self._pending[key] = (count + 1, now)
+            pending, _ = self._pending.get(key, (0, now))
+            self._pending[key] = (pending + count, now)
             due = not self._flushing and time.monotonic() - self._last_flush >= self.flush_interval
             if due:
                 self._flushing = True
@@ -85,9 +86,9 @@ class AccessLog:
         ``public_only``: only repos in the store that are not private (not one since removed, which may
         have been private)."""
         self.flush()
-        visible = "WHERE repo_id IN (SELECT repo_id FROM repos WHERE private = 0)" if public_only else ""
+        visible = "AND repo_id IN (SELECT repo_id FROM repos WHERE private = 0)" if public_only else ""
         rows = self.index.read(
-            f"SELECT repo_id, variant, count, last_access FROM access {visible} "
+            f"SELECT repo_id, variant, count, last_access FROM access WHERE count > 0 {visible} "
             "ORDER BY count DESC, last_access DESC LIMIT ?",
             (limit,),
         )

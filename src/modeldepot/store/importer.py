@@ -8,6 +8,8 @@ leaves the store as it was before the import or as it is after it, never in betw
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import stat
@@ -31,11 +33,11 @@ from modeldepot.hashing import GIT_OID_LIMIT, BlobDigest, digest_stream
 from modeldepot.modelcard import MAX_CARD_BYTES, card_metadata
 from modeldepot.store.blobs import PartialBlob, WriteSession
 from modeldepot.store.models import ImportResult
-from modeldepot.store.publish import RevisionSpec, StagedFile, publish
+from modeldepot.store.publish import RevisionSpec, StagedFile, blob_states, publish
 from modeldepot.store.store import Store
 from modeldepot.validation import validate_branch, validate_path, validate_repo_id
 
-__all__ = ["ImportProgress", "import_dir", "scan_source"]
+__all__ = ["ImportProgress", "import_dir", "likely_new_bytes", "scan_source", "stage_blob"]
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +180,81 @@ def _stage_all(
     return staged, partials
 
 
+def stage_blob(
+    session: WriteSession,
+    source: Path,
+    chunk_size: int,
+    report: Callable[[int], None] | None = None,
+    durable: bool = True,
+    *,
+    link: bool = False,
+) -> tuple[BlobDigest, PartialBlob, bool]:
+    """Hash the file ``source`` into a partial of ``session`` for :func:`~modeldepot.store.publish.publish`:
+    returns its digests, the partial (synced: read-only, flushed when ``durable``) and whether it is a hard
+    link to ``source`` rather than a copy.
+
+    With ``link`` the partial is a hard link to ``source`` when the file system allows it (the same file
+    system, a file this process owns or root): nothing is copied, the inode becomes the blob once placed,
+    and it is made read-only (0444, for every name it has) as every blob is. Its bytes are hashed through
+    the link after it was made, so the digests are those of the inode the store keeps. Otherwise, or when
+    linking fails, the bytes are copied while they are hashed, as :func:`import_dir` does. The caller
+    compares the digests with what it expects, and discards the partial when they differ.
+    """
+    if link:
+        linked = _stage_link(session, source, chunk_size, report, durable)
+        if linked is not None:
+            return linked[0], linked[1], True
+    try:
+        size = source.stat().st_size
+    except OSError as error:
+        raise SourceDirectoryError(f"cannot read {source}: {error.strerror}") from None
+    digest, partial = _stage(session, SourceFile(source.name, source, size), chunk_size,
+                             report or (lambda done: None), durable)  # fmt: skip
+    partial.sync(durable)
+    return digest, partial, False
+
+
+def _stage_link(
+    session: WriteSession, source: Path, chunk_size: int, report: Callable[[int], None] | None, durable: bool
+) -> tuple[BlobDigest, PartialBlob] | None:
+    """A partial that is a hard link to ``source``, hashed; None when the file cannot be linked (another
+    file system, a file of another user, a file system without hard links): then the caller copies it."""
+    partial = session.new_partial(0)  # an empty file under the session's next name: the link replaces it
+    os.close(partial.fd)
+    partial.fd = -1
+    staging = partial.path.with_name(partial.path.name + ".link")
+    try:
+        os.link(source, staging)
+        os.replace(staging, partial.path)
+        fd = os.open(partial.path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        partial.discard()
+        raise SourceDirectoryError(f"cannot read {source}: it is gone") from None
+    except OSError:  # EXDEV, EPERM (protected hard links), EMLINK, ENOTSUP: copy instead
+        with contextlib.suppress(OSError):
+            staging.unlink()
+        partial.discard()
+        return None
+    partial.fd = fd
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or (os.geteuid() != 0 and info.st_uid != os.geteuid()):
+            partial.discard()  # a file of another user: it could not be made read-only
+            return None
+        os.fchmod(fd, 0o444)  # before the bytes are read: no new writer may open it from here on
+        partial.size = partial.written = info.st_size
+        reader = io.FileIO(fd, "rb", closefd=False)
+        digest = digest_stream(reader.readinto, info.st_size, chunk_size, progress=report)
+        partial.sync(durable)
+    except OSError as error:
+        partial.discard()
+        raise SourceDirectoryError(f"cannot read {source}: {error.strerror}") from None
+    except BaseException:
+        partial.discard()
+        raise
+    return digest, partial
+
+
 def import_dir(
     store: Store,
     directory: Path | str,
@@ -189,13 +266,24 @@ def import_dir(
     validate_repo_id(repo_id)
     validate_branch(revision)
     files = scan_source(Path(directory))
-    with WriteSession(store.layout) as session:
+    doing = f"importing {repo_id}"
+    with store.budget.writing(repo_id), WriteSession(store.layout) as session:
+        # Before a byte is written: room for the files no blob of the same size may already hold (then
+        # once hashed, for the blobs that are new: contents of equal sizes may differ).
+        store.budget.make_room(likely_new_bytes(store, [f.size for f in files]), doing, repo_id)
         staged, partials = _stage_all(session, files, store.chunk_size, progress,
                                       not store.durability.deferred)  # fmt: skip
+        known = blob_states(store.index, list(partials))
+        store.budget.make_room(
+            sum(p.size for sha, p in partials.items() if known.get(sha) != "ok"), doing, repo_id
+        )
         trees = tree_oids(TreeEntry(s.path, s.git_oid) for s in staged)
         commit_id = commit_id_for_tree(trees[""])
         spec = RevisionSpec(repo_id, commit_id, revision, private, "import", _card(files), trees[""])
         new = publish(store, spec, staged, partials)
+    store.access.record(
+        repo_id, count=0
+    )  # an import is a use (the disk budget evicts the least recently used)
     new_blobs = {sha256: p.size for sha256, p in partials.items() if sha256 in new}
     return ImportResult(
         repo_id=repo_id,
@@ -207,3 +295,18 @@ def import_dir(
         new_bytes=sum(new_blobs.values()),
         snapshot_path=str(store.snapshots.path(repo_id, commit_id)),
     )
+
+
+def likely_new_bytes(store: Store, sizes: list[int]) -> int:
+    """The sum of the ``sizes`` no blob in the store has (a lower bound of what is new: contents of equal
+    sizes may differ), for a disk budget's check before anything is written."""
+    held: set[int] = set()
+    batch = sorted(set(sizes))
+    for start in range(0, len(batch), 500):
+        part = batch[start : start + 500]
+        marks = ",".join("?" * len(part))
+        rows = store.index.read(
+            f"SELECT DISTINCT size FROM blobs WHERE state = 'ok' AND size IN ({marks})", tuple(part)
+        )
+        held.update(r["size"] for r in rows)
+    return sum(size for size in sizes if size not in held)

@@ -132,6 +132,16 @@ _MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE blobs ADD COLUMN unflushed_boot TEXT
     """,
+    # 7: pins: what the disk budget never evicts (store/budget.py); variant '' for the whole repo.
+    """
+    CREATE TABLE pins (
+        repo_id    TEXT NOT NULL,
+        variant    TEXT NOT NULL,
+        revision   TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (repo_id, variant, revision)
+    ) WITHOUT ROWID
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 # Result codes (sqlite3.SQLITE_FULL and friends exist only from Python 3.11). Python reports extended codes.

@@ -35,6 +35,7 @@ from modeldepot.errors import (
 from modeldepot.hashing import BlobDigest, digest_stream
 from modeldepot.store.access import AccessLog
 from modeldepot.store.blobs import BlobFiles, WriteSession
+from modeldepot.store.budget import DiskBudget
 from modeldepot.store.durability import Durability
 from modeldepot.store.index import Index
 from modeldepot.store.layout import StoreLayout, os_error
@@ -84,6 +85,7 @@ class Store:
         self.store_id = self._setting_or_default("store_id", uuid.uuid4().hex)
         self.durability = Durability(self.index, self.blobs.path, self.check_blob, self.quarantine,
                                      deferred=config.durability == "deferred")  # fmt: skip
+        self.budget = DiskBudget(self, config.max_size)
 
     @property
     def home(self) -> Path:

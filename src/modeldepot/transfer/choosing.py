@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,6 +38,7 @@ MAX_CHUNK_ATTEMPTS = 3  # tries of one chunk that failed its digest before the f
 ENDGAME_COPIES = 2  # requests for one chunk at most, in the endgame
 ENDGAME_WAIT = 1.0  # seconds a chunk is outstanding, at least, before the endgame asks another source too
 ENDGAME_FACTOR = 3.0  # ... and at least this many times the idle source's own time per chunk
+PEER_TIMES_KEPT = 64  # peer chunk times kept for the typical one
 SWARM_PATIENCE = 10.0  # seconds, at least, another node's claim may stay unlanded before it is taken over
 
 
@@ -78,6 +81,7 @@ class ChunkChooser:
         self.attempts: dict[int, int] = {}
         self.banned: dict[FileSource, float] = {}  # source -> until when it gets no chunk (monotonic)
         self.timing: dict[FileSource, tuple[float, int]] = {}  # seconds spent on the chunks landed, how many
+        self.peer_times: deque[float] = deque(maxlen=PEER_TIMES_KEPT)  # the latest peer chunks' seconds
         self.errors: dict[str, Exception] = {}  # source -> why it was dropped
         self.low = 0  # the lowest chunk that may not be done yet
         self.rotation = random.randrange(1 << 30)  # where the Hub's scan starts: claims collide less
@@ -89,20 +93,23 @@ class ChunkChooser:
     def _patience(self) -> float:
         """Seconds another node's claim may stay unlanded, or a peer's request outstanding, before it is
         given up on: SWARM_PATIENCE, or more on a slow Hub or a busy fleet (three times this node's own time
-        per Hub chunk, and per peer chunk; twice the age of its oldest Hub request in flight)."""
+        per Hub chunk, and its typical time per peer chunk; twice the age of its oldest Hub request in
+        flight)."""
         now, patience = time.monotonic(), SWARM_PATIENCE
-        peer_spent, peer_landed = 0.0, 0
         for source, (spent, landed) in self.timing.items():
             if source.kind == "hub" and landed:
                 patience = max(patience, ENDGAME_FACTOR * spent / landed)
-            elif source.kind != "hub":
-                peer_spent, peer_landed = peer_spent + spent, peer_landed + landed
-        if peer_landed:
-            patience = max(patience, ENDGAME_FACTOR * peer_spent / peer_landed)
+        peer_ages = []
         for requests in self.requests.values():
             for request in requests:
                 if request.source.kind == "hub":
                     patience = max(patience, 2 * (now - request.started))
+                elif not request.landing:
+                    peer_ages.append(now - request.started)
+        if self.peer_times:
+            # The typical peer chunk, the requests in flight counted at their age so far: when every peer
+            # is slow (a busy fleet), none is "stuck"; one that stalls while the others answer is.
+            patience = max(patience, ENDGAME_FACTOR * statistics.median([*self.peer_times, *peer_ages]))
         return patience
 
     def _origin_blocked(self, index: int, now: float, endgame: bool) -> bool:

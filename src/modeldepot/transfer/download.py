@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import blake3
 
+from modeldepot.counters import PULLS
 from modeldepot.errors import (
     AccessDeniedError,
     DepotError,
@@ -186,6 +187,7 @@ class _FileJob(ChunkChooser):
         try:
             _check(self.remote, digest)
         except IntegrityError:
+            PULLS.reject_file()
             await asyncio.to_thread(self.partial.reset)
             raise
         return digest
@@ -399,7 +401,10 @@ class _FileJob(ChunkChooser):
                 raise
         request.landing = True
         spent, landed = self.timing.get(source, (0.0, 0))
-        self.timing[source] = (spent + time.monotonic() - request.started, landed + 1)
+        took = time.monotonic() - request.started
+        self.timing[source] = (spent + took, landed + 1)
+        if source.kind != "hub":
+            self.peer_times.append(took)
         try:
             await self._land(source, index, data)
             try:
@@ -422,6 +427,7 @@ class _FileJob(ChunkChooser):
             log.warning("%s: chunk %d from %s failed its BLAKE3 check: not asking it for %g s",
                         self.remote.path, index, source.source.name, BAN_SECONDS)  # fmt: skip
             self.bad.setdefault(index, set()).add(source.source.name)
+            PULLS.reject_chunk()
             self.attempts[index] = self.attempts.get(index, 0) + 1
             self._ban(source)
             return

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from modeldepot.counters import PULLS
 from modeldepot.errors import OfflineError, UpstreamError
 from modeldepot.hashing import BlobDigest
 from modeldepot.hub.manifest import Manifest, RemoteFile
@@ -127,6 +128,7 @@ class _Tracker:
         self.done[path] = self.done.get(path, 0) + amount
         if amount:
             self.by_source[origin] = self.by_source.get(origin, 0) + amount
+            PULLS.add_bytes(origin, amount)  # the process's counters (the node's /metrics)
             kinds = self.path_sources.setdefault(path, {})
             kinds[origin] = kinds.get(origin, 0) + amount
         if self.progress is not None:
@@ -196,8 +198,14 @@ async def pull_async(
     for path, digest in have.items():
         tracker.done[path] = digest.size
         tracker.by_source["local"] = tracker.by_source.get("local", 0) + digest.size
+        PULLS.add_bytes("local", digest.size)
         tracker.path_sources[path] = {"local": digest.size}
-    with store.partials.pulling(manifest.repo_id):
+    reused = {digest.sha256 for digest in have.values()}
+    new_bytes = {f.sha256 or f.git_oid: f.size for f in missing}
+    with store.budget.writing(manifest.repo_id, reused), store.partials.pulling(manifest.repo_id):
+        # Room for the new blobs before a byte is fetched (or a BudgetExceededError, nothing written).
+        await asyncio.to_thread(store.budget.make_room, sum(new_bytes.values()), f"pulling {manifest.repo_id}",
+                                manifest.repo_id)  # fmt: skip
         tracker.write("downloading")
         run = _PullRun(store, manifest, chain, tracker, limits or Limits(), watch)
         try:
@@ -227,6 +235,9 @@ async def pull_async(
             await asyncio.gather(*(swarm.release() for swarm in run.swarms), return_exceptions=True)
         await tracker.settle()
         tracker.write("downloaded")
+        store.access.record(
+            manifest.repo_id, count=0
+        )  # a pull is a use (the disk budget evicts the least recently used)
     return PullResult(
         repo_id=manifest.repo_id,
         commit_id=manifest.commit_id,

@@ -1,0 +1,146 @@
+"""``modeldepot hf-cache``: the Hugging Face cache, both ways (a thin shell over :mod:`modeldepot.hfcache`).
+
+Exit codes as every command's: 0 ok, 1 when something was skipped (listed, with the reason) or failed,
+2 bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from modeldepot.cli import (
+    EXIT_FAILURE,
+    _checked,
+    _home_option,
+    _json_option,
+    _repo_argument,
+    _revision_option,
+    render,
+)
+from modeldepot.depot import Depot
+from modeldepot.validation import validate_repo_id
+
+if TYPE_CHECKING:
+    from modeldepot.hfcache import HfCacheExportResult, HfCacheImportResult, HfCacheProblem
+
+__all__ = ["hf_cache"]
+
+_cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The Hugging Face cache (default: huggingface_hub's: $HF_HUB_CACHE, else $HF_HOME/hub, else "
+    "~/.cache/huggingface/hub).",
+)
+_copy_option = click.option(
+    "--copy", is_flag=True, help="Copy every blob (default: hard links when on the same file system)."
+)
+
+
+def _repo_ids(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """A click callback: every REPO validated while arguments are parsed, before any store opens."""
+    check = _checked(validate_repo_id)
+    return tuple(check(ctx, param, value) for value in values)
+
+
+@click.group("hf-cache")
+def hf_cache() -> None:
+    """The Hugging Face cache, both ways: adopt its models (import), or make a repo appear in it (export)."""
+
+
+@hf_cache.command("import")
+@click.argument("repo_ids", metavar="[REPO]...", nargs=-1, callback=_repo_ids)
+@_cache_dir_option
+@_copy_option
+@click.option(
+    "--private", is_flag=True, help="Mark the adopted repos private (a private repo stays private)."
+)
+@_json_option
+@_home_option
+def import_command(
+    depot: Depot, repo_ids: tuple[str, ...], cache_dir: Path | None, copy: bool, private: bool, as_json: bool
+) -> None:
+    """Adopt models from the Hugging Face cache (REPO..., or all).
+
+    Every blob is checked against its name (SHA-256, or git blob id) and hard-linked into the store when
+    the cache is on the store's file system (the cache's file becomes read-only, as the store's blobs are),
+    else copied. Snapshots become revisions of the same commits, refs (main, refs/pr/1) the store's refs.
+    A corrupt blob, an unfinished download, a link to a missing blob or out of the cache is reported and
+    skipped, the rest imported; exit 1 when anything was skipped."""
+    bar = render.ByteProgress("adopting")
+    with bar.running():
+        result = depot.hf_cache_import(
+            list(repo_ids) or None,
+            cache_dir=cache_dir,
+            private=private,
+            copy=copy,
+            progress=lambda what, done, total: bar.update(done, total, what),
+        )
+    render.emit(as_json, result.to_dict(), lambda: _render_import(result))
+    if not result.ok:
+        sys.exit(EXIT_FAILURE)
+
+
+@hf_cache.command("export")
+@_repo_argument
+@_revision_option
+@_cache_dir_option
+@_copy_option
+@_json_option
+@_home_option
+def export_command(
+    depot: Depot, repo_id: str, revision: str, cache_dir: Path | None, copy: bool, as_json: bool
+) -> None:
+    """Make REPO appear in the Hugging Face cache, as a download from the Hub would have left it.
+
+    Blobs are hard links to the store's when on the same file system (else copies, each chunk checked),
+    snapshot files relative links to them, and refs/REVISION names the commit when REVISION is a branch:
+    hf_hub_download, snapshot_download and from_pretrained then find it with HF_HUB_OFFLINE=1."""
+    bar = render.ByteProgress("exporting")
+    with bar.running():
+        result = depot.hf_cache_export(
+            repo_id,
+            revision,
+            cache_dir=cache_dir,
+            copy=copy,
+            progress=lambda what, done, total: bar.update(done, total, what),
+        )
+    render.emit(as_json, result.to_dict(), lambda: _render_export(result))
+    if not result.ok:
+        sys.exit(EXIT_FAILURE)
+
+
+def _render_problems(problems: tuple[HfCacheProblem, ...]) -> None:
+    for problem in problems:
+        render.err.print(f"[yellow]skipped[/yellow] {problem.path} ({problem.problem}): {problem.detail}")
+
+
+def _render_import(result: HfCacheImportResult) -> None:
+    _render_problems(result.problems)
+    if not result.repos:
+        render.out.print(f"nothing adopted from {result.cache_dir}")
+    for repo in result.repos:
+        revisions = ", ".join(
+            f"{r.commit_id[:12]}" + (f" ({', '.join(r.refs)})" if r.refs else "") for r in repo.revisions
+        )
+        render.out.print(
+            f"adopted {repo.repo_id}: {len(repo.revisions)} revision(s) [{revisions}], {repo.blobs} blobs "
+            f"({repo.linked_blobs} hard-linked, {repo.copied_blobs} copied), {repo.new_blobs} new "
+            f"({render.format_bytes(repo.new_bytes)})"
+        )
+    if result.problems:
+        render.out.print(f"[yellow]{len(result.problems)} problem(s)[/yellow]: those entries were skipped")
+
+
+def _render_export(result: HfCacheExportResult) -> None:
+    _render_problems(result.problems)
+    render.out.print(
+        f"exported {result.repo_id}@{result.revision} → commit {result.commit_id[:12]}: {result.files} files, "
+        f"{render.format_bytes(result.bytes)} ({result.linked} hard-linked, {result.copied} copied, "
+        f"{result.kept} already there)"
+    )
+    render.out.print(f"snapshot: {result.snapshot_path}")

@@ -1,0 +1,341 @@
+"""GGUF files as numpy tensors that map the file (``engine="gguf"``), through the ``gguf`` package's
+memory-mapping ``GGUFReader``.
+
+A split model (``model-00001-of-00003.gguf``, as llama.cpp's ``gguf-split`` and gguf-py's writer name
+them) loads whole or not at all: every shard is opened, its ``split.count``/``split.no`` checked against
+its name, and the tensors merged. The header is walked with bounds checks before ``GGUFReader`` reads it,
+so a file that is not GGUF, is truncated or lies about its sizes is an :class:`InvalidInputError` naming
+the file, never a raw numpy error or a loop over a count the file does not hold.
+"""
+
+from __future__ import annotations
+
+import importlib
+import mmap
+import os
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
+
+if TYPE_CHECKING:
+    import numpy
+
+__all__ = ["GgufModel", "GgufTensorInfo", "gguf_shard_names", "load_gguf"]
+
+_SPLIT = re.compile(r"^(?P<prefix>.*?)-(?P<shard>\d{5})-of-(?P<total>\d{5})\.gguf$")
+_SHARD_NAME = "{}-{:05d}-of-{:05d}.gguf"  # gguf-py's SHARD_NAME_FORMAT, llama.cpp's split path
+
+_MAGIC = b"GGUF"
+_VERSIONS = (2, 3)  # what GGUFReader reads (version 1 had 32-bit lengths)
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+_MAX_NESTING = 8  # arrays of arrays: deeper than any writer goes
+_DEFAULT_ALIGNMENT = 32
+_MIN_KV = 13  # the fewest bytes a key-value takes (an empty key, a 1-byte value)
+_MIN_TENSOR_INFO = 24  # and a tensor's info (an empty name, no dimensions)
+
+
+def gguf_shard_names(path: str) -> list[str] | None:
+    """Every shard of the split GGUF that ``path`` (a repo path or a file name) is one of, in order, in
+    the same folder; None when its name is not a split shard's (``…-00002-of-00003.gguf``)."""
+    folder, slash, name = path.rpartition("/")
+    match = _SPLIT.match(name)
+    if match is None:
+        return None
+    shard, total = int(match["shard"]), int(match["total"])
+    if not 1 <= shard <= total:
+        return None
+    return [f"{folder}{slash}{_SHARD_NAME.format(match['prefix'], n, total)}" for n in range(1, total + 1)]
+
+
+@dataclass(frozen=True)
+class GgufTensorInfo:
+    """Where a tensor lies and how it is encoded."""
+
+    name: str
+    ggml_type: str  # GGMLQuantizationType's name: "F32", "F16", "BF16", "Q8_0", "Q4_K"…
+    shape: tuple[int, ...]  # logical, numpy order (outermost first): ggml's ``ne`` reversed
+    n_elements: int
+    n_bytes: int
+    file: Path  # the shard that holds it
+    offset: int  # where its data starts in that file
+
+    @property
+    def raw(self) -> bool:
+        """Whether the array holds the ggml blocks as bytes (``uint8``, the last dimension in bytes)
+        rather than numbers: every type but F32, F16, F64 and the integers."""
+        return self.ggml_type not in _NUMERIC_TYPES
+
+
+_NUMERIC_TYPES = frozenset({"F32", "F16", "F64", "I8", "I16", "I32", "I64"})
+
+
+@dataclass(frozen=True, eq=False)
+class GgufModel:
+    """A GGUF model, loaded without copying its weights.
+
+    - ``metadata``: the key-value pairs (``general.architecture``, ``llama.context_length``,
+      ``tokenizer.ggml.tokens``…) decoded to ``str``, ``int``, ``float``, ``bool`` or lists of them
+      (nested arrays flattened, as gguf-py does). For a split model, the first shard's, which holds the
+      model's (the others hold only ``split.*``).
+    - ``tensors``: name → read-only numpy array that *maps* the file (no copy: one copy in the page cache,
+      shared by every worker and kept warm by the preloader). F32, F16, F64 and integer tensors are arrays
+      of their type in their logical shape; every other type (BF16, Q8_0, Q4_K, IQ…) stays in its raw ggml
+      byte layout, as ``GGUFReader`` gives it: ``uint8``, the last dimension counted in bytes of blocks
+      (:meth:`dequantize` decodes one into a new float32 array).
+    - ``tensor_info``: name → :class:`GgufTensorInfo` (ggml type, logical shape, file, offset).
+    - ``files``: the files mapped, shards in order.
+
+    The mappings last as long as the arrays do; the cache's eviction only drops its reference.
+    """
+
+    metadata: dict[str, Any] = field(repr=False)
+    tensors: dict[str, numpy.ndarray[Any, Any]] = field(repr=False)
+    tensor_info: dict[str, GgufTensorInfo] = field(repr=False)
+    files: list[Path]
+    version: int
+
+    @property
+    def architecture(self) -> str | None:
+        value = self.metadata.get("general.architecture")
+        return value if isinstance(value, str) else None
+
+    def dequantize(self, name: str) -> numpy.ndarray[Any, Any]:
+        """Tensor ``name`` decoded into a new float32 array of its logical shape (``gguf.quants``; raises
+        :class:`ConfigError` for a type the installed gguf package cannot decode)."""
+        info = self.tensor_info[name]
+        gguf = _gguf()
+        try:
+            values = gguf.quants.dequantize(self.tensors[name], gguf.GGMLQuantizationType[info.ggml_type])
+        except NotImplementedError as error:
+            raise ConfigError(f"{name!r}: {error}; a newer gguf package may decode it") from None
+        return values.astype("float32").reshape(info.shape)  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        files = ", ".join(p.name for p in self.files)
+        return f"GgufModel({self.architecture!r}, {len(self.tensors)} tensors, files=[{files}])"
+
+
+def _gguf() -> Any:
+    try:
+        return importlib.import_module("gguf")
+    except ImportError:
+        raise ConfigError("this engine needs the 'gguf' package: pip install 'modeldepot[engines]'") from None
+
+
+def load_gguf(path: Path) -> GgufModel:
+    """The GGUF model at ``path`` (see :class:`GgufModel`); for a shard of a split model, all its shards,
+    found beside it by name. A missing shard is a :class:`NotFoundError`, a file that is not GGUF (or is
+    truncated, or whose shards disagree) an :class:`InvalidInputError`."""
+    gguf = _gguf()
+    path = Path(path)
+    names = gguf_shard_names(path.name)
+    shards = [path.with_name(name) for name in names] if names else [path]
+    missing = [shard.name for shard in shards if not shard.exists()]
+    if missing:
+        raise NotFoundError(
+            f"{path.name} is one of {len(shards)} shards of a split GGUF and {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing: a split model loads only whole"
+        )
+    readers = [_read(gguf, shard) for shard in shards]
+    for number, (shard, reader) in enumerate(zip(shards, readers, strict=True)):
+        count, index = _scalar(reader, "split.count"), _scalar(reader, "split.no")
+        if len(shards) > 1 and (count != len(shards) or index != number):
+            raise InvalidInputError(
+                f"{shard.name} is named shard {number + 1} of {len(shards)} but its split.no/split.count "
+                f"say {'nothing' if count is None or index is None else f'{index + 1} of {count}'}"
+            )
+        if len(shards) == 1 and count not in (None, 1):
+            raise NotFoundError(
+                f"{shard.name} is shard {(index or 0) + 1} of {count} of a split GGUF, but is not named as "
+                f"one (…-{(index or 0) + 1:05d}-of-{count:05d}.gguf): its other shards cannot be found"
+            )
+    tensors: dict[str, Any] = {}
+    infos: dict[str, GgufTensorInfo] = {}
+    for shard, reader in zip(shards, readers, strict=True):
+        for tensor in reader.tensors:
+            if tensor.name in tensors:
+                raise InvalidInputError(f"{shard.name} holds tensor {tensor.name!r} again")
+            tensors[tensor.name] = tensor.data
+            infos[tensor.name] = GgufTensorInfo(
+                name=tensor.name,
+                ggml_type=tensor.tensor_type.name,
+                shape=tuple(int(d) for d in reversed(tensor.shape.tolist())),
+                n_elements=int(tensor.n_elements),
+                n_bytes=int(tensor.n_bytes),
+                file=shard,
+                offset=int(tensor.data_offset),
+            )
+    expected = _scalar(readers[0], "split.tensors.count")
+    if len(shards) > 1 and expected is not None and expected != len(tensors):
+        raise InvalidInputError(
+            f"{path.name}: split.tensors.count says {expected}, the shards hold {len(tensors)}"
+        )
+    try:
+        metadata = {
+            name: _decode(value)
+            for name, value in readers[0].fields.items()
+            if not name.startswith("GGUF.")  # the reader's own entries for the header
+        }
+    except UnicodeDecodeError as error:
+        raise InvalidInputError(f"{shards[0].name} holds a string that is not UTF-8: {error}") from None
+    version = int(readers[0].fields["GGUF.version"].parts[0][0])
+    return GgufModel(metadata, tensors, infos, shards, version)
+
+
+def _read(gguf: Any, path: Path) -> Any:
+    """A ``GGUFReader`` (read-only mapping) of ``path``, its header checked first."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < 24:
+                raise InvalidInputError(f"{path.name} is not a GGUF file: {size} bytes")
+            with mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ) as mapping:
+                _check_layout(mapping, size, path.name, gguf.GGML_QUANT_SIZES)
+    except FileNotFoundError:
+        raise NotFoundError(f"{path.name} is not there") from None
+    try:
+        return gguf.GGUFReader(path, "r")
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError) as error:
+        raise InvalidInputError(f"{path.name} is not a readable GGUF file: {error}") from None
+
+
+class _Cursor:
+    """Reads the header of a mapped GGUF file, refusing every read past its end."""
+
+    def __init__(self, data: mmap.mmap, size: int, order: str, name: str) -> None:
+        self.data, self.size, self.order, self.name = data, size, order, name
+        self.offset = 0
+
+    def take(self, fmt: str) -> tuple[Any, ...]:
+        length = struct.calcsize(self.order + fmt)
+        self.need(length)
+        values = struct.unpack_from(self.order + fmt, self.data, self.offset)
+        self.offset += length
+        return values
+
+    def skip(self, length: int) -> None:
+        self.need(length)
+        self.offset += length
+
+    def string(self) -> bytes:
+        (length,) = self.take("Q")
+        self.need(length)
+        value = self.data[self.offset : self.offset + length]
+        self.offset += length
+        return value
+
+    def need(self, length: int) -> None:
+        if self.offset + length > self.size:
+            raise InvalidInputError(
+                f"{self.name} is truncated: its header needs byte {self.offset + length}, the file has {self.size}"
+            )
+
+    def value(self, vtype: int, depth: int = 0) -> None:
+        if vtype in _SCALAR_SIZES:
+            self.skip(_SCALAR_SIZES[vtype])
+        elif vtype == _STRING:
+            (length,) = self.take("Q")
+            self.skip(length)
+        elif vtype == _ARRAY and depth < _MAX_NESTING:
+            itype, count = self.take("IQ")
+            if itype in _SCALAR_SIZES:
+                self.skip(count * _SCALAR_SIZES[itype])
+            else:  # strings or arrays: each takes at least 8 bytes, so the file's end bounds the loop
+                for _ in range(count):
+                    self.value(itype, depth + 1)
+        else:
+            raise InvalidInputError(
+                f"{self.name} is not a readable GGUF file: value type {vtype} at byte {self.offset}"
+            )
+
+
+def _check_layout(data: mmap.mmap, size: int, name: str, quant_sizes: Mapping[Any, tuple[int, int]]) -> None:
+    """Walk the header (magic, version, key-values, tensor infos) and check every tensor's data lies in
+    the file: what GGUFReader assumes."""
+    if data[:4] != _MAGIC:
+        raise InvalidInputError(
+            f"{name} is not a GGUF file (it starts with {bytes(data[:4])!r}, not b'GGUF')"
+        )
+    (version,) = struct.unpack_from("<I", data, 4)
+    order = ">" if version & 0xFFFF == 0 else "<"  # a file written on a machine of the other byte order
+    cursor = _Cursor(data, size, order, name)
+    cursor.skip(4)
+    (version,) = cursor.take("I")
+    if version not in _VERSIONS:
+        raise InvalidInputError(f"{name} is GGUF version {version}; versions {_VERSIONS} are readable")
+    tensor_count, kv_count = cursor.take("QQ")
+    if kv_count * _MIN_KV + tensor_count * _MIN_TENSOR_INFO > size:
+        raise InvalidInputError(
+            f"{name} is truncated: it counts {kv_count} key-values and {tensor_count} tensors in {size} bytes"
+        )
+    alignment = _DEFAULT_ALIGNMENT
+    for _ in range(kv_count):
+        key = cursor.string()
+        (vtype,) = cursor.take("I")
+        if key == b"general.alignment":
+            if vtype != _UINT32:
+                raise InvalidInputError(f"{name}: general.alignment is not a uint32")
+            (alignment,) = cursor.take("I")
+            if alignment == 0 or alignment & (alignment - 1):
+                raise InvalidInputError(f"{name}: general.alignment {alignment} is not a power of two")
+        else:
+            cursor.value(vtype)
+    sizes = {int(kind): kind_sizes for kind, kind_sizes in quant_sizes.items()}
+    tensors: list[tuple[str, int, int]] = []
+    for _ in range(tensor_count):
+        tensor = cursor.string().decode("utf-8", "replace")
+        (n_dims,) = cursor.take("I")
+        cursor.need(8 * n_dims)
+        dims = cursor.take(f"{n_dims}Q")
+        kind, offset = cursor.take("IQ")
+        if kind not in sizes:
+            raise InvalidInputError(
+                f"{name}: tensor {tensor!r} has ggml type {kind}, which gguf does not know"
+            )
+        block, type_size = sizes[kind]
+        elements = 1
+        for dim in dims:
+            elements *= dim
+        if dims and dims[0] % block:
+            raise InvalidInputError(
+                f"{name}: tensor {tensor!r} has rows of {dims[0]}, not whole blocks of {block}"
+            )
+        tensors.append((tensor, offset, elements * type_size // block))
+    start = -(-cursor.offset // alignment) * alignment
+    for tensor, offset, length in tensors:
+        if start + offset + length > size:
+            raise InvalidInputError(
+                f"{name} is truncated: tensor {tensor!r} needs bytes up to {start + offset + length}, "
+                f"the file has {size}"
+            )
+
+
+def _scalar(reader: Any, key: str) -> int | None:
+    found = reader.fields.get(key)
+    if found is None or len(found.types) != 1:
+        return None
+    value = found.parts[found.data[0]][0].item()
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _decode(found: Any) -> Any:
+    """A key-value field's value as Python data (strings decoded, arrays as lists)."""
+    if not found.types:
+        return None
+    kind = int(found.types[0])
+    if kind == _STRING:
+        return bytes(found.parts[found.data[0]]).decode("utf-8")
+    if kind != _ARRAY:
+        return found.parts[found.data[0]][0].item()
+    if len(found.types) < 2 or not found.data:  # an empty array
+        return []
+    if int(found.types[-1]) == _STRING:
+        return [bytes(found.parts[index]).decode("utf-8") for index in found.data]
+    numpy = importlib.import_module("numpy")
+    return numpy.concatenate([found.parts[index] for index in found.data]).tolist()

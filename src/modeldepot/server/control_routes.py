@@ -1,0 +1,508 @@
+"""Routes that change what a node holds, for the dashboard and for tools: start pulls and follow them,
+preload, pin, unpin and remove. Thin shells over :class:`~modeldepot.depot.Depot`.
+
+Who may call them (:func:`control_refusal`): on a node with a token, requests that carry it (the auth
+middleware refuses the others before they get here; the check is repeated so a route can never be reached
+without it). On a node without a token, requests from this machine alone: the peer is a loopback address,
+no reverse proxy's header says it came from elsewhere, the ``Host`` names a loopback host (a DNS-rebound
+name does not), and a browser's ``Origin`` and ``Sec-Fetch-Site`` (when it sends them) say the node's own
+page. A node started without a token on 0.0.0.0 lets nobody else remove its models.
+
+A pull runs on the node's event loop as a background task (:class:`PullJobs`), through the depot's source
+chain only (its servers, its fleet, its Hub endpoint: a request names a repo, never a place to pull from);
+its progress is on the event stream (the variants' status rows) and at ``GET /pulls/{id}``. The node
+cancels running pulls when it stops; their finished chunks stay for a resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from modeldepot.depot import Depot
+from modeldepot.errors import (
+    DepotError,
+    InvalidInputError,
+    NotFoundError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+)
+from modeldepot.hub.manifest import Manifest
+from modeldepot.server.context import DEPOT, TOKEN, is_authorized
+from modeldepot.server.native_routes import API
+from modeldepot.server.responses import error_response, json_response
+from modeldepot.validation import validate_repo_id, validate_revision
+
+if TYPE_CHECKING:
+    from modeldepot.transfer.pull import PullResult, PullUpdate
+
+__all__ = ["CONTROL_PATHS", "MAX_CONTROL_BODY", "PULLS", "PullJob", "PullJobs", "add_control_routes",
+           "control_refusal"]  # fmt: skip
+
+log = logging.getLogger("modeldepot.server")
+
+MAX_CONTROL_BODY = 16 * 1024  # a control request's JSON body, in bytes
+MAX_QUANTS = 64
+FINISHED_KEPT = 100  # finished pulls listed (the oldest are forgotten first); running ones are always listed
+QUANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+ACTIONS_WITHOUT_TOKEN = (
+    "this node has no token: its control routes answer requests from this machine only "
+    "(start it with --token to control it from elsewhere)"
+)
+
+# Headers a reverse proxy adds: a request that passed one came from elsewhere, whatever its peer address.
+FORWARDED = ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Quants = list[str] | str | None
+
+
+class Refused(Exception):
+    """A control request refused before anything was done: its status, error code and message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _invalid(message: str) -> Refused:
+    return Refused(422, "InvalidField", message)
+
+
+# -- who may call -----------------------------------------------------------------------------------------
+
+
+def _is_loopback_ip(text: str) -> bool:
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])  # an IPv6 zone id is not part of the address
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def _host_name(host: str) -> str:
+    """The host of a ``Host`` header or an origin's authority (``[::1]:8980`` -> ``::1``), lowercased."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    name, colon, port = host.rpartition(":")
+    return name if colon and port.isdigit() else host
+
+
+def _loopback_host(host: str) -> bool:
+    name = _host_name(host).rstrip(".")
+    return name == "localhost" or name.endswith(".localhost") or _is_loopback_ip(name)
+
+
+def _authority(scheme: str, authority: str) -> str:
+    """``host:port`` with the scheme's default port made explicit, lowercased."""
+    authority = authority.strip().lower()
+    explicit = "]:" in authority if authority.startswith("[") else ":" in authority
+    return authority if explicit else f"{authority}:{443 if scheme == 'https' else 80}"
+
+
+def control_refusal(request: web.Request) -> str | None:
+    """Why ``request`` may not use a control route (None: it may). With a node token: unless it carries
+    it. Without: unless it comes from this machine (not through a proxy), names it, and (from a browser)
+    from the node's own page."""
+    if request.app[TOKEN]:
+        return (
+            None if is_authorized(request) else "this node needs a token: send Authorization: Bearer <token>"
+        )
+    if not _is_loopback_ip(request.remote or ""):
+        return ACTIONS_WITHOUT_TOKEN
+    if any(name in request.headers for name in FORWARDED):
+        return f"{ACTIONS_WITHOUT_TOKEN}; a proxy on this machine forwarded the request from elsewhere"
+    if not _loopback_host(request.host):
+        return f"{ACTIONS_WITHOUT_TOKEN}; the request named the host {_host_name(request.host)[:100]!r}"
+    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        return f"{ACTIONS_WITHOUT_TOKEN}; a page of another site may not use them"
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        scheme, sep, authority = origin.partition("://")
+        if not sep or _authority(scheme, authority) != _authority(request.scheme, request.host):
+            return f"{ACTIONS_WITHOUT_TOKEN}; a page of another site may not use them"
+    return None
+
+
+def control(handler: Handler) -> Handler:
+    """A control route: the caller is checked first (:func:`control_refusal`: 401 with a token, else 403),
+    and a :class:`Refused` becomes its JSON error."""
+
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        refusal = control_refusal(request)
+        if refusal is not None:
+            return error_response(401 if request.app[TOKEN] else 403, None, refusal)
+        try:
+            return await handler(request)
+        except Refused as refused:
+            return error_response(refused.status, refused.code, refused.message)
+
+    return guarded
+
+
+# -- what a request says ----------------------------------------------------------------------------------
+
+
+async def json_body(request: web.Request, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The request's JSON object (``{}`` without a body), with no key but ``keys``: 415 for a body that is
+    not ``application/json``, 413 beyond :data:`MAX_CONTROL_BODY`, 400 for anything but a JSON object or
+    for a key the route does not take."""
+    if request.content_length is not None and request.content_length > MAX_CONTROL_BODY:
+        raise Refused(413, "PayloadTooLarge", f"the body may have at most {MAX_CONTROL_BODY} bytes")
+    raw = await request.read() if request.body_exists else b""
+    if len(raw) > MAX_CONTROL_BODY:
+        raise Refused(413, "PayloadTooLarge", f"the body may have at most {MAX_CONTROL_BODY} bytes")
+    if not raw.strip():
+        return {}
+    if request.content_type != "application/json":
+        raise Refused(415, "UnsupportedMediaType", "send the body as JSON (Content-Type: application/json)")
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise Refused(400, "BadRequest", "the body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise Refused(400, "BadRequest", "the body must be a JSON object")
+    unknown = sorted(set(value) - set(keys))
+    if unknown:
+        shown = ", ".join(repr(k[:40]) for k in unknown[:5])
+        raise Refused(400, "BadRequest", f"unknown key {shown}: this route takes {', '.join(keys)}")
+    return value
+
+
+def _checked(what: str, check: Callable[[object], str], value: object) -> str:
+    try:
+        return check(value)
+    except InvalidInputError as error:
+        raise _invalid(f"{what}: {error}") from None
+
+
+def _revision_field(body: dict[str, Any]) -> str:
+    return _checked("revision", validate_revision, body.get("revision", "main"))
+
+
+def _quant_name(value: object, what: str = "quant") -> str:
+    if not isinstance(value, str) or not QUANT.fullmatch(value):
+        raise _invalid(
+            f"{what}: {json.dumps(value)[:80]} is not a variant name (like q4f16, fp16 or Q4_K_M: letters, "
+            "digits and . _ + -, at most 64)"
+        )
+    return value
+
+
+def _quant_field(body: dict[str, Any]) -> str | None:
+    value = body.get("quant")
+    return None if value is None else _quant_name(value)
+
+
+def _quants_field(body: dict[str, Any]) -> Quants:
+    value = body.get("quants")
+    if value is None or value == "all":
+        return value
+    if not isinstance(value, list):
+        raise _invalid('quants: give a list of variant names, "all" (every variant) or null (the whole repo)')
+    if not 1 <= len(value) <= MAX_QUANTS:
+        raise _invalid(f'quants: give from 1 to {MAX_QUANTS} variant names (or "all", or null)')
+    return list(dict.fromkeys(_quant_name(item, "quants") for item in value))
+
+
+def _path_repo(request: web.Request) -> str:
+    return validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
+
+
+# -- pulls ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PullJob:
+    """One pull started over HTTP, as ``GET /pulls/{id}`` shows it."""
+
+    id: str
+    repo: str
+    revision: str
+    quants: list[str] | str | None  # the variants' names as the repo has them; "all"; None: the whole repo
+    commit_id: str
+    state: str  # running | done | failed
+    bytes_done: int
+    bytes_total: int
+    started_at: float
+    finished_at: float | None = None
+    result: dict[str, Any] | None = None  # the PullResult, once done
+    error: str | None = None  # why it failed
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "repo": self.repo,
+            "revision": self.revision,
+            "quants": self.quants,
+            "commit_id": self.commit_id,
+            "state": self.state,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "result": self.result,
+            "error": self.error,
+        }
+
+
+PullKey = tuple[str, str, "tuple[str, ...] | str | None"]
+
+
+def _key(repo_id: str, revision: str, quants: Quants) -> PullKey:
+    if isinstance(quants, list):
+        return repo_id, revision, tuple(sorted({q.lower() for q in quants}))
+    return repo_id, revision, quants
+
+
+class PullJobs:
+    """The pulls a node started over HTTP. One pull per repo, revision and set of variants runs at a time:
+    asking again while it runs (or while its scan runs) answers the running one. Use from one event loop."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, PullJob] = {}  # by id, oldest first
+        self._running: dict[PullKey, PullJob] = {}
+        self._starting: dict[PullKey, asyncio.Future[PullJob]] = {}
+
+    def get(self, job_id: str) -> PullJob | None:
+        return self._jobs.get(job_id)
+
+    def list(self) -> list[PullJob]:
+        return list(self._jobs.values())
+
+    async def start(self, depot: Depot, repo_id: str, revision: str, quants: Quants) -> tuple[PullJob, bool]:
+        """The pull of ``quants`` of ``repo_id`` at ``revision``, and whether it is new. The repo is scanned
+        first (through the depot's source chain): an unknown repo or variant raises, and nothing starts."""
+        key = _key(repo_id, revision, quants)
+        running = self._running.get(key)
+        if running is not None:
+            return running, False
+        starting = self._starting.get(key)
+        if starting is not None:
+            return await asyncio.shield(starting), False
+        future: asyncio.Future[PullJob] = asyncio.get_running_loop().create_future()
+        self._starting[key] = future
+        try:
+            manifest = await asyncio.to_thread(depot.manifest_for, repo_id, revision)
+            job = self._launch(depot, key, manifest, revision, _variants(manifest, quants))
+        except BaseException as error:
+            # Requests waiting for this scan get its error; when this request was cancelled (its deadline),
+            # a timeout of their own (the error middleware answers 408), never a cancellation.
+            cancelled = isinstance(error, asyncio.CancelledError)
+            future.set_exception(asyncio.TimeoutError("the scan did not complete") if cancelled else error)
+            future.exception()  # retrieved: no "never retrieved" log when no other request waited
+            raise
+        finally:
+            del self._starting[key]
+        future.set_result(job)
+        return job, True
+
+    def _launch(
+        self, depot: Depot, key: PullKey, manifest: Manifest, revision: str, quants: Quants
+    ) -> PullJob:
+        from modeldepot.transfer.pull import select
+
+        files, _ = select(manifest, quants)
+        job = PullJob(uuid.uuid4().hex[:16], manifest.repo_id, revision, quants, manifest.commit_id, "running", 0,
+                      sum(f.size for f in files), time.time())  # fmt: skip
+        self._jobs[job.id] = self._running[key] = job
+        job.task = asyncio.get_running_loop().create_task(self._run(depot, key, job, manifest))
+        self._forget_finished()
+        return job
+
+    async def _run(self, depot: Depot, key: PullKey, job: PullJob, manifest: Manifest) -> None:
+        def progress(update: PullUpdate) -> None:
+            job.bytes_done, job.bytes_total = update.done, update.total
+
+        try:
+            result: PullResult = await depot.pull_async(
+                job.repo, job.quants, revision=job.revision, progress=progress, manifest=manifest
+            )
+        except asyncio.CancelledError:
+            job.error = "the node stopped before the pull finished: pull again to resume"
+            job.state = "failed"
+            raise
+        except DepotError as error:
+            job.error, job.state = f"{type(error).__name__}: {error}"[:1000], "failed"
+        except Exception:
+            log.exception("the pull %s of %s failed unexpectedly", job.id, job.repo)
+            job.error, job.state = (
+                "NodeError: the pull failed unexpectedly (the node's log has the details)",
+                "failed",
+            )
+        else:
+            job.result, job.state = result.to_dict(), "done"
+            job.bytes_done = job.bytes_total = result.bytes_total
+            log.info("pull %s of %s done: %d bytes, %d downloaded", job.id, job.repo, result.bytes_total,
+                     result.bytes_downloaded)  # fmt: skip
+        finally:
+            job.finished_at = time.time()
+            if self._running.get(key) is job:
+                del self._running[key]
+
+    def _forget_finished(self) -> None:
+        finished = [job_id for job_id, job in self._jobs.items() if job.state != "running"]
+        for job_id in finished[: max(0, len(finished) - FINISHED_KEPT)]:
+            del self._jobs[job_id]
+
+    async def close(self) -> None:
+        """Cancel the running pulls and wait for them (their finished chunks stay for a resume)."""
+        tasks = [job.task for job in self._running.values() if job.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _variants(manifest: Manifest, quants: Quants) -> Quants:
+    """``quants`` by the repo's own names; a name the repo lacks is a 422."""
+    if not isinstance(quants, list):
+        return quants
+    try:
+        return list(dict.fromkeys(manifest.variant(q).name for q in quants))
+    except NotFoundError as error:
+        raise _invalid(f"quants: {error}") from None
+
+
+PULLS = web.AppKey("pulls", PullJobs)
+
+
+@control
+async def start_pull(request: web.Request) -> web.Response:
+    body = await json_body(request, ("repo", "revision", "quants"))
+    if "repo" not in body:
+        raise _invalid('repo: required (like "org/name")')
+    repo_id = _checked("repo", validate_repo_id, body["repo"])
+    revision = _revision_field(body)
+    quants = _quants_field(body)
+    job, new = await request.app[PULLS].start(request.app[DEPOT], repo_id, revision, quants)
+    return json_response(job.to_dict(), 202 if new else 200)
+
+
+@control
+async def list_pulls(request: web.Request) -> web.Response:
+    return json_response([job.to_dict() for job in reversed(request.app[PULLS].list())])
+
+
+@control
+async def get_pull(request: web.Request) -> web.Response:
+    job = request.app[PULLS].get(request.match_info["id"])
+    if job is None:
+        raise Refused(
+            404, "NotFound", "no pull with this id (the node forgets finished pulls when it restarts)"
+        )
+    return json_response(job.to_dict())
+
+
+# -- the store --------------------------------------------------------------------------------------------
+
+
+def _unknown_variant_is_invalid(error: NotFoundError) -> None:
+    """A variant the repo lacks is the request's mistake (422); a missing repo or revision stays a 404."""
+    if not isinstance(error, (RepoNotFoundError, RevisionNotFoundError)) and "has no variant" in str(error):
+        raise _invalid(f"quant: {error}") from None
+
+
+@control
+async def preload(request: web.Request) -> web.Response:
+    repo_id = _path_repo(request)
+    body = await json_body(request, ("quant", "revision"))
+    quant, revision = _quant_field(body), _revision_field(body)
+    depot = request.app[DEPOT]
+    try:
+        info = await asyncio.to_thread(lambda: depot.preloader.preload(repo_id, quant, revision))
+    except NotFoundError as error:
+        _unknown_variant_is_invalid(error)
+        raise
+    return json_response(info.to_dict())
+
+
+@control
+async def pin(request: web.Request) -> web.Response:
+    repo_id = _path_repo(request)
+    body = await json_body(request, ("quant", "revision"))
+    quant, revision = _quant_field(body), _revision_field(body)
+    try:
+        pinned = await asyncio.to_thread(request.app[DEPOT].pin, repo_id, quant, revision)
+    except NotFoundError as error:
+        _unknown_variant_is_invalid(error)
+        raise
+    return json_response(pinned.to_dict())
+
+
+@control
+async def unpin(request: web.Request) -> web.Response:
+    repo_id = _path_repo(request)
+    body = await json_body(request, ("quant", "revision"))
+    quant, revision = _quant_field(body), _revision_field(body)
+    removed = await asyncio.to_thread(request.app[DEPOT].unpin, repo_id, quant, revision)
+    return json_response({"repo_id": repo_id, "quant": quant, "revision": revision, "unpinned": removed})
+
+
+@control
+async def remove_repo(request: web.Request) -> web.Response:
+    repo_id = _path_repo(request)
+    unknown = sorted(set(request.query) - {"revision"})
+    if unknown:
+        raise Refused(
+            400, "BadRequest", f"unknown query parameter {unknown[0][:40]!r}: this route takes revision"
+        )
+    revision = request.query.get("revision")
+    if revision is not None:
+        validate_revision(revision)
+    depot = request.app[DEPOT]
+    result = await asyncio.to_thread(depot.remove, repo_id, revision)
+    return json_response(result.to_dict())
+
+
+async def list_pins(request: web.Request) -> web.Response:
+    """The pins (kept from eviction by the disk budget). A read, like the repo listing: without the token,
+    only those of public repos in the store."""
+    depot, authorized = request.app[DEPOT], is_authorized(request)
+
+    def visible() -> list[dict[str, Any]]:
+        pins = depot.pins()
+        if not authorized:
+            public = {r.repo_id for r in depot.list_repos() if not r.private}
+            pins = [p for p in pins if p.repo_id in public]
+        return [p.to_dict() for p in pins]
+
+    return json_response(await asyncio.to_thread(visible))
+
+
+CONTROL_PATHS = (f"{API}/pulls", f"{API}/pulls/{{id}}", f"{API}/repos/{{org}}/{{name}}/preload",
+                 f"{API}/repos/{{org}}/{{name}}/pin", f"{API}/repos/{{org}}/{{name}}")  # fmt: skip
+
+
+def add_control_routes(app: web.Application) -> None:
+    """Register the control routes (before the Hub's, whose ``/api/...`` catch-all refuses writes)."""
+    app[PULLS] = PullJobs()
+
+    async def stop_pulls(app: web.Application) -> None:
+        await app[PULLS].close()
+
+    app.on_cleanup.append(stop_pulls)
+    router = app.router
+    router.add_post(f"{API}/pulls", start_pull, name="control-pulls")
+    router.add_get(f"{API}/pulls", list_pulls, name="control-pulls")
+    router.add_get(API + "/pulls/{id}", get_pull, name="control-pull")
+    router.add_post(API + "/repos/{org}/{name}/preload", preload, name="control-preload")
+    router.add_put(API + "/repos/{org}/{name}/pin", pin, name="control-pin")
+    router.add_delete(API + "/repos/{org}/{name}/pin", unpin, name="control-pin")
+    router.add_delete(API + "/repos/{org}/{name}", remove_repo, name="control-remove")
+    router.add_get(f"{API}/pins", list_pins)

@@ -1,0 +1,711 @@
+// The modeldepot node's dashboard: plain JavaScript, no framework, nothing fetched but the node's own routes.
+//
+// Reads: /api/depot/v1/{info,stats,repos,peers,pins,pulls} (polled), each scanned repo's manifest, and the
+// event stream /api/depot/v1/events (read with fetch, so the token can go in a header; EventSource cannot
+// send one). Actions: the control routes (pulls, preload, pin, unpin, remove). The token, when the node
+// has one, is asked once and kept in this tab's sessionStorage.
+"use strict";
+
+(() => {
+  const API = "api/depot/v1"; // relative: the page works behind a proxy that mounts the node under a prefix
+  const TOKEN_KEY = "modeldepot-token";
+  const POLL_MS = 2000;
+  const RECONNECT_MS = 2000;
+  const PULLS_SHOWN = 10;
+
+  const state = {
+    token: sessionStorage.getItem(TOKEN_KEY) || "",
+    asked: false, // the token panel opened by itself once; afterwards only the button opens it
+    refused: false, // the last request was refused for want of a (valid) token
+    info: null,
+    stats: null,
+    repos: [],
+    peers: [],
+    pins: [],
+    pulls: [],
+    controlRefusal: null,
+    variants: new Map(), // "repo:variant" -> the last variant event
+    manifests: new Map(), // repo -> {revision, endpoint} from its saved scan (or null while asked)
+  };
+
+  const $ = (id) => document.getElementById(id);
+
+  function el(tag, props = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props)) {
+      if (key === "class") node.className = value;
+      else if (key === "text") node.textContent = value;
+      else if (key === "data") Object.assign(node.dataset, value);
+      else node.setAttribute(key, value);
+    }
+    for (const child of children) node.append(child);
+    return node;
+  }
+
+  function bytes(n) {
+    if (n === null || n === undefined) return "–";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let value = n;
+    let unit = 0;
+    while (Math.abs(value) >= 1024 && unit < units.length - 1) {
+      value /= 1024;
+      unit += 1;
+    }
+    return unit === 0 ? `${value} B` : `${value.toFixed(value < 10 ? 2 : 1)} ${units[unit]}`;
+  }
+
+  function ago(seconds) {
+    const delta = Math.max(0, Date.now() / 1000 - seconds);
+    if (delta < 5) return "now";
+    if (delta < 90) return `${Math.round(delta)} s ago`;
+    if (delta < 5400) return `${Math.round(delta / 60)} min ago`;
+    return `${Math.round(delta / 3600)} h ago`;
+  }
+
+  function percent(done, total) {
+    if (!total) return done ? 100 : 0;
+    return Math.max(0, Math.min(100, (100 * done) / total));
+  }
+
+  // -- messages and the token -----------------------------------------------------------------------------
+
+  let messageTimer = null;
+  function say(text, kind = "ok") {
+    const box = $("message");
+    box.textContent = text;
+    box.dataset.kind = kind;
+    box.hidden = false;
+    clearTimeout(messageTimer);
+    if (kind === "ok") messageTimer = setTimeout(() => (box.hidden = true), 8000);
+  }
+
+  function renderToken() {
+    const pill = $("token-state");
+    if (state.refused) {
+      pill.dataset.state = "refused";
+      pill.textContent = state.token ? "token refused" : "token needed";
+    } else {
+      pill.dataset.state = state.token ? "set" : "none";
+      pill.textContent = state.token ? "token set" : "no token";
+    }
+    $("forget-token").hidden = !state.token;
+    $("token-button").textContent = state.token ? "Change token" : "Set token";
+  }
+
+  function askToken() {
+    $("token-panel").hidden = false;
+    $("token-input").focus();
+  }
+
+  function setToken(token) {
+    state.token = token;
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    else sessionStorage.removeItem(TOKEN_KEY);
+    state.refused = false;
+    renderToken();
+    connect();
+    refresh();
+  }
+
+  function unauthorized() {
+    state.refused = true;
+    renderToken();
+    if (!state.asked) {
+      state.asked = true;
+      askToken();
+    }
+  }
+
+  // -- talking to the node ----------------------------------------------------------------------------------
+
+  function headers(extra = {}) {
+    const all = { ...extra };
+    if (state.token) all.Authorization = `Bearer ${state.token}`;
+    return all;
+  }
+
+  async function api(method, path, body) {
+    const init = { method, cache: "no-store", headers: headers(body === undefined ? {} : { "Content-Type": "application/json" }) };
+    if (body !== undefined) init.body = JSON.stringify(body);
+    let response;
+    try {
+      response = await fetch(`${API}/${path}`, init);
+    } catch (error) {
+      return { ok: false, status: 0, data: null, error: `the node did not answer (${error.message})` };
+    }
+    let data = null;
+    if ((response.headers.get("Content-Type") || "").startsWith("application/json")) {
+      try {
+        data = await response.json();
+      } catch (error) {
+        data = null;
+      }
+    }
+    const message = response.ok
+      ? null
+      : (data && typeof data.error === "string" && data.error) || response.headers.get("X-Error-Message") || `HTTP ${response.status}`;
+    if (response.status === 401) unauthorized();
+    else if (response.ok && state.refused && method === "GET") {
+      state.refused = false;
+      renderToken();
+    }
+    return { ok: response.ok, status: response.status, data, error: message };
+  }
+
+  function repoPath(repo) {
+    return repo.split("/").map(encodeURIComponent).join("/");
+  }
+
+  // -- polling ------------------------------------------------------------------------------------------------
+
+  let refreshing = null;
+  let refreshAgain = false;
+  function refresh() {
+    if (refreshing) {
+      refreshAgain = true;
+      return refreshing;
+    }
+    refreshing = (async () => {
+      do {
+        refreshAgain = false;
+        await load();
+      } while (refreshAgain);
+      refreshing = null;
+    })();
+    return refreshing;
+  }
+
+  async function load() {
+    const [info, stats, repos, peers, pins, pulls] = await Promise.all([
+      state.info ? Promise.resolve({ ok: true, data: state.info }) : api("GET", "info"),
+      api("GET", "stats"),
+      api("GET", "repos"),
+      api("GET", "peers"),
+      api("GET", "pins"),
+      api("GET", "pulls"),
+    ]);
+    if (info.ok) state.info = info.data;
+    if (stats.ok) state.stats = stats.data;
+    if (repos.ok) state.repos = repos.data;
+    if (peers.ok) state.peers = peers.data;
+    if (pins.ok) state.pins = pins.data;
+    if (pulls.ok) {
+      state.pulls = pulls.data;
+      state.controlRefusal = null;
+    } else if (pulls.status === 403) {
+      state.controlRefusal = pulls.error;
+    }
+    render();
+  }
+
+  async function poll() {
+    await refresh();
+    setTimeout(poll, POLL_MS);
+  }
+
+  let soon = null;
+  function refreshSoon() {
+    clearTimeout(soon);
+    soon = setTimeout(refresh, 150);
+  }
+
+  // A scanned repo's revision and source, asked once (again 30 s after a failure).
+  async function manifestOf(repo) {
+    const known = state.manifests.get(repo);
+    if (known && (known.revision || Date.now() - known.asked < 30000)) return;
+    state.manifests.set(repo, { revision: null, endpoint: null, asked: Date.now() });
+    const answer = await api("GET", `repos/${repoPath(repo)}/manifest`);
+    if (answer.ok) {
+      state.manifests.set(repo, { revision: answer.data.revision, endpoint: answer.data.endpoint, asked: Date.now() });
+      scheduleRender();
+    }
+  }
+
+  // -- the event stream (server-sent events over fetch) ---------------------------------------------------------
+
+  let streamControl = null;
+
+  function streamState(kind, text) {
+    const pill = $("stream-state");
+    pill.dataset.state = kind;
+    pill.textContent = text;
+  }
+
+  async function connect() {
+    if (streamControl) streamControl.abort();
+    const control = new AbortController();
+    streamControl = control;
+    streamState("connecting", "connecting…");
+    try {
+      const response = await fetch(`${API}/events`, {
+        headers: headers({ Accept: "text/event-stream" }),
+        cache: "no-store",
+        signal: control.signal,
+      });
+      if (response.status === 401) {
+        unauthorized();
+        streamState("refused", "live updates need the token");
+        return; // setToken() connects again
+      }
+      if (!response.ok || !response.body) throw new Error(`HTTP ${response.status}`);
+      streamState("live", "live");
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value; // the node ends its lines with \n alone
+        let cut;
+        while ((cut = buffer.indexOf("\n\n")) >= 0) {
+          onEvent(buffer.slice(0, cut));
+          buffer = buffer.slice(cut + 2);
+        }
+      }
+      throw new Error("the stream ended");
+    } catch (error) {
+      if (control.signal.aborted) return;
+      streamState("error", "reconnecting…");
+      setTimeout(() => {
+        if (streamControl === control) connect();
+      }, RECONNECT_MS);
+    }
+  }
+
+  function onEvent(block) {
+    let name = "message";
+    const data = [];
+    for (const line of block.split("\n")) {
+      if (!line || line.startsWith(":")) continue; // a comment: the heartbeat
+      const colon = line.indexOf(":");
+      const field = colon < 0 ? line : line.slice(0, colon);
+      let value = colon < 0 ? "" : line.slice(colon + 1);
+      if (value.startsWith(" ")) value = value.slice(1);
+      if (field === "event") name = value;
+      else if (field === "data") data.push(value);
+    }
+    if (name !== "variant" || !data.length) return;
+    let variant;
+    try {
+      variant = JSON.parse(data.join("\n"));
+    } catch (error) {
+      return;
+    }
+    const key = `${variant.repo_id}:${variant.variant}`;
+    const before = state.variants.get(key);
+    state.variants.set(key, variant);
+    if (variant.status !== "downloading" && (!before || before.status !== variant.status)) refreshSoon();
+    scheduleRender();
+  }
+
+  // -- actions --------------------------------------------------------------------------------------------------
+
+  async function act(button, label, method, path, body) {
+    button.disabled = true;
+    try {
+      const answer = await api(method, path, body);
+      if (answer.ok) {
+        say(`${label}: ${describe(answer)}`, "ok");
+      } else {
+        say(`${label} failed: ${answer.error}`, "error");
+      }
+      await refresh();
+      return answer;
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function describe(answer) {
+    const data = answer.data || {};
+    if (data.state === "running") return answer.status === 202 ? "started" : "already running";
+    if (data.state) return data.state;
+    if (data.resident_bytes !== undefined) return `${bytes(data.resident_bytes)} in RAM`;
+    if (data.bytes_freed !== undefined) return `removed, ${bytes(data.bytes_freed)} freed`;
+    if (data.unpinned !== undefined) return data.unpinned ? "unpinned" : "was not pinned";
+    if (data.created_at !== undefined) return "pinned";
+    return "done";
+  }
+
+  function pinOf(repo, quant) {
+    const wanted = quant ? quant.toLowerCase() : null;
+    return state.pins.find((p) => p.repo_id === repo && (p.quant ? p.quant.toLowerCase() : null) === wanted) || null;
+  }
+
+  function storedRevision(repo) {
+    const summary = state.repos.find((r) => r.repo_id === repo);
+    if (!summary) return "main";
+    return summary.refs.main ? "main" : Object.keys(summary.refs)[0] || "main";
+  }
+
+  function variantRevision(repo) {
+    const manifest = state.manifests.get(repo);
+    return (manifest && manifest.revision) || "main";
+  }
+
+  async function onAction(button) {
+    const { action, repo } = button.dataset;
+    const quant = button.dataset.quant || null;
+    const what = quant ? `${repo} (${quant})` : repo;
+    const path = `repos/${repoPath(repo)}`;
+    if (action === "pull") {
+      await act(button, `Pull of ${what}`, "POST", "pulls", { repo, revision: variantRevision(repo), quants: [quant] });
+    } else if (action === "preload") {
+      const revision = quant ? variantRevision(repo) : storedRevision(repo);
+      await act(button, `Preload of ${what}`, "POST", `${path}/preload`, quant ? { quant, revision } : { revision });
+    } else if (action === "pin") {
+      const revision = quant ? variantRevision(repo) : storedRevision(repo);
+      await act(button, `Pin of ${what}`, "PUT", `${path}/pin`, quant ? { quant, revision } : { revision });
+    } else if (action === "unpin") {
+      const pin = pinOf(repo, quant);
+      const body = pin ? { quant: pin.quant, revision: pin.revision } : { quant, revision: storedRevision(repo) };
+      await act(button, `Unpin of ${what}`, "DELETE", `${path}/pin`, body);
+    } else if (action === "remove") {
+      if (button.dataset.armed && Date.now() - Number(button.dataset.armed) < 6000) {
+        delete button.dataset.armed;
+        button.classList.remove("confirm");
+        button.textContent = "Remove";
+        await act(button, `Removal of ${repo}`, "DELETE", path);
+      } else {
+        button.dataset.armed = String(Date.now());
+        button.classList.add("confirm");
+        button.textContent = "Confirm remove";
+        setTimeout(() => {
+          if (button.dataset.armed) {
+            delete button.dataset.armed;
+            button.classList.remove("confirm");
+            button.textContent = "Remove";
+          }
+        }, 6000);
+      }
+    }
+  }
+
+  async function onPullForm(event) {
+    event.preventDefault();
+    const repo = $("pull-repo").value.trim();
+    const revision = $("pull-revision").value.trim() || "main";
+    const text = $("pull-quants").value.trim();
+    let quants = null;
+    if (text.toLowerCase() === "all") quants = "all";
+    else if (text) quants = text.split(/[\s,]+/).filter(Boolean);
+    await act($("pull-submit"), `Pull of ${repo}`, "POST", "pulls", { repo, revision, quants });
+  }
+
+  // -- rendering ------------------------------------------------------------------------------------------------
+
+  let renderQueued = false;
+  function scheduleRender() {
+    if (renderQueued) return;
+    renderQueued = true;
+    requestAnimationFrame(() => {
+      renderQueued = false;
+      render();
+    });
+  }
+
+  // Keeps one child per key (made by make(key) once, updated by update(node, item)): buttons stay the same
+  // elements across updates, so a click is never lost to a redraw.
+  function sync(container, items, keyOf, make, update) {
+    const existing = new Map();
+    for (const child of Array.from(container.children)) existing.set(child.dataset.key, child);
+    let previous = null;
+    for (const item of items) {
+      const key = keyOf(item);
+      let node = existing.get(key);
+      if (!node) {
+        node = make(item);
+        node.dataset.key = key;
+      }
+      existing.delete(key);
+      const wanted = previous ? previous.nextSibling : container.firstChild;
+      if (wanted !== node) container.insertBefore(node, wanted);
+      update(node, item);
+      previous = node;
+    }
+    for (const stale of existing.values()) stale.remove();
+  }
+
+  function setText(node, text) {
+    if (node.textContent !== text) node.textContent = text;
+  }
+
+  function setBar(fill, done, total) {
+    const width = `${Number(percent(done, total).toFixed(1))}%`; // as the browser gives it back: 100%, 22.5%
+    if (fill.style.width !== width) fill.style.width = width;
+  }
+
+  function progressCell() {
+    const fill = el("div", { class: "fill" });
+    return el("div", { class: "progress" }, el("div", { class: "bar" }, fill), el("span", { class: "label" }));
+  }
+
+  function updateProgress(cell, done, total) {
+    setBar(cell.querySelector(".fill"), done, total);
+    setText(cell.querySelector(".label"), `${bytes(done)} of ${bytes(total)} (${Math.floor(percent(done, total))}%)`);
+  }
+
+  function button(action, text, extra = "") {
+    return el("button", { type: "button", class: `small ${extra}`.trim(), text, data: { action } });
+  }
+
+  function render() {
+    renderHeader();
+    renderCards();
+    renderPulls();
+    renderRepos();
+    renderPreloaded();
+    renderPeers();
+  }
+
+  function renderHeader() {
+    if (state.info) {
+      setText($("node-id"), `node ${state.info.id.slice(0, 12)}`);
+      setText($("node-version"), `v${state.info.version}`);
+    }
+    const note = $("control-note");
+    note.hidden = !state.controlRefusal;
+    setText(note, state.controlRefusal ? `Read-only here: ${state.controlRefusal}` : "");
+  }
+
+  function renderCards() {
+    const stats = state.stats;
+    const budget = stats ? stats.budget : null; // without the token only max_bytes (the rest counts private repos)
+    const used = budget && budget.used_bytes !== null ? budget.used_bytes : stats ? stats.blob_bytes : null;
+    const max = budget ? budget.max_bytes : null;
+    setText($("disk-used"), bytes(used));
+    setText($("disk-budget"), max === null || max === undefined ? "no budget" : bytes(max));
+    setBar($("disk-bar"), used || 0, max || used || 0);
+    $("disk-bar").classList.toggle("full", Boolean(max) && used / max > 0.9);
+    const disk = [];
+    if (budget && budget.pinned_bytes !== null) disk.push(`${bytes(budget.pinned_bytes)} pinned`);
+    if (budget && budget.evictions !== null) disk.push(`${budget.evictions} evicted (${bytes(budget.evicted_bytes)})`);
+    if (stats && stats.logical_bytes > stats.blob_bytes) {
+      disk.push(`${bytes(stats.logical_bytes)} of files in ${bytes(stats.blob_bytes)} (each content stored once)`);
+    } else if (stats) {
+      disk.push(`${stats.blobs} blob${stats.blobs === 1 ? "" : "s"}`);
+    }
+    setText($("disk-detail"), disk.join(" · "));
+
+    if (stats) {
+      const preload = stats.preload;
+      setText($("ram-used"), bytes(preload.ram_bytes));
+      setText($("ram-budget"), bytes(preload.budget_bytes));
+      setBar($("ram-bar"), preload.ram_bytes, preload.budget_bytes);
+      const count = preload.models.length; // the stats name the preloaded models (those this request may see)
+      const ram = [`${count} model${count === 1 ? "" : "s"} preloaded`, preload.strategy];
+      if (preload.hit_rate !== null) ram.push(`hit rate ${(100 * preload.hit_rate).toFixed(0)}%`);
+      setText($("ram-detail"), ram.join(" · "));
+
+      const engines = stats.engines;
+      setText($("engines-count"), `${engines.cached_models} loaded`);
+      const detail = [];
+      if (engines.total_memory_bytes !== null) detail.push(`${bytes(engines.total_memory_bytes)}`);
+      if (engines.total_hits !== null) detail.push(`${engines.total_hits} hits, ${engines.total_misses} misses`);
+      setText($("engines-detail"), detail.join(" · ") || "details need the token");
+
+      setText($("store-repos"), `${stats.repos} repo${stats.repos === 1 ? "" : "s"}`);
+      setText($("store-detail"), `up ${Math.round(stats.uptime_seconds / 60)} min · ${stats.most_accessed.length ? `most used: ${stats.most_accessed[0].repo_id}` : "no use yet"}`);
+    }
+  }
+
+  function quantsText(quants) {
+    if (quants === null) return "whole repo";
+    if (quants === "all") return "every variant";
+    return quants.join(", ");
+  }
+
+  function renderPulls() {
+    const table = $("pulls");
+    const jobs = state.pulls.slice(0, PULLS_SHOWN);
+    table.hidden = jobs.length === 0;
+    sync(
+      table.tBodies[0],
+      jobs,
+      (job) => job.id,
+      () => el("tr", { class: "pull" }, el("td", { class: "name" }), el("td", { class: "quants" }),
+        el("td", {}, el("span", { class: "status" })), el("td", {}, progressCell()), el("td", { class: "note" })),
+      (row, job) => {
+        setText(row.querySelector(".name"), `${job.repo}@${job.revision}`);
+        setText(row.querySelector(".quants"), quantsText(job.quants));
+        const status = row.querySelector(".status");
+        status.dataset.status = job.state;
+        setText(status, job.state);
+        updateProgress(row.querySelector(".progress"), job.bytes_done, job.bytes_total);
+        const note = row.querySelector(".note");
+        note.className = job.error ? "note error-text" : "note muted";
+        setText(note, job.error || (job.result ? `${bytes(job.result.bytes_downloaded)} downloaded` : ago(job.started_at)));
+      },
+    );
+  }
+
+  function repoItems() {
+    const byRepo = new Map();
+    for (const summary of state.repos) byRepo.set(summary.repo_id, { id: summary.repo_id, summary, variants: [] });
+    for (const variant of state.variants.values()) {
+      if (!byRepo.has(variant.repo_id)) byRepo.set(variant.repo_id, { id: variant.repo_id, summary: null, variants: [] });
+      byRepo.get(variant.repo_id).variants.push(variant);
+    }
+    const items = Array.from(byRepo.values()).sort((a, b) => a.id.localeCompare(b.id));
+    for (const item of items) {
+      item.variants.sort((a, b) => a.variant.localeCompare(b.variant));
+      if (item.variants.length) manifestOf(item.id);
+    }
+    return items;
+  }
+
+  function makeRepo(item) {
+    const actions = el("div", { class: "repo-actions" },
+      button("preload", "Preload"), button("pin", "Pin"), button("unpin", "Unpin"), button("remove", "Remove", "danger"));
+    for (const b of actions.children) b.dataset.repo = item.id;
+    const table = el("table", { class: "grid variants" },
+      el("thead", {}, el("tr", {}, ...["Variant", "Status", "Progress", "", ""].map((t) => el("th", { text: t })))),
+      el("tbody"));
+    return el("div", { class: "repo", data: { repo: item.id } },
+      el("div", { class: "repo-head" },
+        el("span", { class: "repo-name", text: item.id }),
+        el("span", { class: "badge private", text: "private" }),
+        el("span", { class: "badge pinned", text: "pinned" }),
+        el("span", { class: "repo-facts" }),
+        actions),
+      table);
+  }
+
+  function updateRepo(node, item) {
+    const summary = item.summary;
+    node.dataset.stored = summary ? "yes" : "no";
+    node.querySelector(".badge.private").hidden = !(summary && summary.private);
+    const pinned = Boolean(pinOf(item.id, null));
+    node.querySelector(".badge.pinned").hidden = !pinned;
+    let facts;
+    if (summary) {
+      const refs = Object.entries(summary.refs).map(([ref, commit]) => `${ref} → ${commit.slice(0, 10)}`);
+      facts = [refs.join(", "), `${summary.files} files`, bytes(summary.size), summary.origin === "import" ? "imported" : "pulled"];
+    } else {
+      facts = ["scanned, not in the store yet"];
+    }
+    const manifest = state.manifests.get(item.id);
+    if (manifest && manifest.endpoint) facts.push(`from ${manifest.endpoint}`);
+    setText(node.querySelector(".repo-facts"), facts.filter(Boolean).join(" · "));
+    const actions = node.querySelector(".repo-actions");
+    for (const b of actions.children) {
+      const action = b.dataset.action;
+      b.hidden = !summary || (action === "pin" && pinned) || (action === "unpin" && !pinned);
+    }
+    const table = node.querySelector("table.variants");
+    table.hidden = item.variants.length === 0;
+    sync(table.tBodies[0], item.variants, (v) => v.variant, (v) => makeVariant(item.id, v), (row, v) => updateVariant(row, item, v));
+  }
+
+  function makeVariant(repo, variant) {
+    const actions = el("td", { class: "actions" },
+      button("pull", "Pull", "primary"), button("preload", "Preload"), button("pin", "Pin"), button("unpin", "Unpin"));
+    for (const b of actions.children) {
+      b.dataset.repo = repo;
+      b.dataset.quant = variant.variant;
+    }
+    return el("tr", { class: "variant", data: { variant: variant.variant } },
+      el("td", { class: "name", text: variant.variant }),
+      el("td", {}, el("span", { class: "status" })),
+      el("td", {}, progressCell()),
+      el("td", { class: "note" }),
+      actions);
+  }
+
+  function updateVariant(row, item, variant) {
+    row.dataset.status = variant.status;
+    const status = row.querySelector(".status");
+    status.dataset.status = variant.status;
+    setText(status, variant.status + (variant.status === "failed" && variant.resumable ? " (resumable)" : ""));
+    const done = variant.status === "downloaded" ? variant.total_bytes : variant.bytes_done;
+    updateProgress(row.querySelector(".progress"), done, variant.total_bytes);
+    const note = row.querySelector(".note");
+    const sources = Object.entries(variant.bytes_by_source || {}).filter(([, n]) => n > 0).map(([k, n]) => `${k} ${bytes(n)}`);
+    note.className = variant.error ? "note error-text" : "note muted";
+    setText(note, variant.error || sources.join(" · "));
+    const downloaded = variant.status === "downloaded" && Boolean(item.summary);
+    const pinned = Boolean(pinOf(item.id, variant.variant));
+    for (const b of row.querySelector(".actions").children) {
+      const action = b.dataset.action;
+      if (action === "pull") b.hidden = variant.status === "downloaded" || variant.status === "downloading";
+      else if (action === "preload") b.hidden = !downloaded;
+      else if (action === "pin") b.hidden = !downloaded || pinned;
+      else if (action === "unpin") b.hidden = !pinned;
+    }
+  }
+
+  function renderRepos() {
+    const items = repoItems();
+    $("repos-empty").hidden = items.length > 0;
+    sync($("repos"), items, (item) => item.id, makeRepo, updateRepo);
+  }
+
+  function renderPreloaded() {
+    const models = state.stats ? state.stats.preload.models : [];
+    $("preloaded").hidden = models.length === 0;
+    $("preloaded-empty").hidden = models.length > 0;
+    sync(
+      $("preloaded").tBodies[0],
+      models,
+      (m) => `${m.repo_id}:${m.commit_id}:${m.variant}`,
+      () => el("tr", {}, ...Array.from({ length: 6 }, () => el("td"))),
+      (row, m) => {
+        const cells = row.children;
+        setText(cells[0], m.repo_id);
+        setText(cells[1], m.variant || "all files");
+        setText(cells[2], String(m.files));
+        setText(cells[3], bytes(m.bytes));
+        setText(cells[4], bytes(m.resident_bytes));
+        setText(cells[5], m.strategy + (m.locked ? ", locked" : ""));
+      },
+    );
+  }
+
+  function renderPeers() {
+    const peers = state.peers;
+    $("peers").hidden = peers.length === 0;
+    $("peers-empty").hidden = peers.length > 0;
+    const self = state.info ? state.info.id : null;
+    sync(
+      $("peers").tBodies[0],
+      peers,
+      (p) => p.node_id,
+      () => el("tr", {}, ...Array.from({ length: 6 }, () => el("td"))),
+      (row, p) => {
+        const cells = row.children;
+        setText(cells[0], p.node_id.slice(0, 12) + (p.node_id === self ? " (this node)" : ""));
+        setText(cells[1], p.url);
+        setText(cells[2], p.version);
+        setText(cells[3], `${p.blobs} blobs, ${bytes(p.bytes)}`);
+        setText(cells[4], String(p.partial));
+        setText(cells[5], ago(p.last_seen));
+      },
+    );
+  }
+
+  // -- start ----------------------------------------------------------------------------------------------------
+
+  function start() {
+    renderToken();
+    $("token-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const token = $("token-input").value.trim();
+      $("token-input").value = "";
+      $("token-panel").hidden = true;
+      setToken(token);
+    });
+    $("token-skip").addEventListener("click", () => {
+      $("token-panel").hidden = true;
+    });
+    $("token-button").addEventListener("click", askToken);
+    $("forget-token").addEventListener("click", () => setToken(""));
+    $("pull-form").addEventListener("submit", onPullForm);
+    document.addEventListener("click", (event) => {
+      const target = event.target.closest("button[data-action]");
+      if (target && !target.disabled) onAction(target);
+    });
+    connect();
+    poll();
+  }
+
+  start();
+})();

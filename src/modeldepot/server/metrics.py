@@ -1,0 +1,230 @@
+"""Prometheus metrics at ``GET /metrics``: the Prometheus text format (OpenMetrics when the scraper asks for
+it), behind the node's token like every route but health.
+
+Each app has a registry of its own (never prometheus_client's global one), holding the process collectors
+and :class:`NodeCollector`, which builds every modeldepot figure when it is scraped:
+
+- **counted by this app** (:class:`HttpCounters`, moved by :func:`metrics_middleware` and the body meter):
+  ``modeldepot_http_requests_total{route,status}`` — every answer, by the route's pattern
+  (``/api/depot/v1/blobs/{sha256}``, never the path asked for; a path no route matches is
+  ``route="unmatched"``) and status; ``modeldepot_http_sent_bytes_total`` — response body bytes handed to
+  the connection, streams included: whatever goes through the response's writer, and the pieces a
+  :class:`BlobResponse` sends by sendfile (around the writer), each counted as it goes;
+- **counted by the library in this process** (:data:`modeldepot.counters.PULLS`):
+  ``modeldepot_pull_bytes_total{source}`` (``local``, ``node``, ``peer``, ``hub``: as a pull's
+  ``bytes_by_source``), ``modeldepot_chunks_rejected_total`` (chunks that failed their BLAKE3 check on
+  receipt), ``modeldepot_files_rejected_total`` (downloaded files that failed their SHA-256 or git oid);
+- **read from the store** (its index, on a worker thread): ``modeldepot_repos``, ``modeldepot_store_blobs``,
+  ``modeldepot_store_bytes`` (blob bytes, each content once), and from ``Depot.budget_status()``
+  ``modeldepot_store_budget_bytes`` (0: no budget), ``modeldepot_store_pinned_bytes``,
+  ``modeldepot_evictions_total`` and ``modeldepot_evicted_bytes_total`` (since the store was created);
+- **read from the depot's tiers**: ``modeldepot_preload_resident_bytes`` and
+  ``modeldepot_preload_budget_bytes`` (``depot.preloader.stats()``),
+  ``modeldepot_engine_cache_hits_total`` and ``..._misses_total`` (``depot.engines.stats()``);
+- **read from the fleet**: ``modeldepot_peers``, the live nodes in this node's view of its registry, itself
+  included (as ``/api/depot/v1/peers`` lists them; 0 on a node served without a cluster).
+
+Figures are node-wide (a node with a token shows them to requests with it only): private repos count in
+them, and no label ever names a repo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from prometheus_client import PlatformCollector, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from modeldepot.counters import PULLS, SOURCE_KINDS
+from modeldepot.server.context import DEPOT
+from modeldepot.server.fleet import FLEET
+from modeldepot.server.responses import BlobResponse
+from modeldepot.store.maintenance import totals as store_totals
+
+__all__ = ["METRICS", "METRICS_PATH", "UNMATCHED", "HttpCounters", "NodeCollector", "NodeMetrics",
+           "add_metrics", "metrics_middleware"]  # fmt: skip
+
+METRICS_PATH = "/metrics"
+UNMATCHED = "unmatched"  # the route label of a request no route matched (any path: one label value)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class HttpCounters:
+    """Answers by (route pattern, status) and body bytes sent; moved on the event loop, read by a scrape
+    on a worker thread (hence the lock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: dict[tuple[str, int], int] = {}
+        self._sent = 0
+
+    def count_request(self, route: str, status: int) -> None:
+        with self._lock:
+            self._requests[route, status] = self._requests.get((route, status), 0) + 1
+
+    def add_sent(self, amount: int) -> None:
+        if amount > 0:
+            with self._lock:
+                self._sent += amount
+
+    def snapshot(self) -> tuple[dict[tuple[str, int], int], int]:
+        with self._lock:
+            return dict(self._requests), self._sent
+
+
+class NodeCollector(Collector):
+    """Every modeldepot figure, built when the registry is collected (on a worker thread: it reads the
+    store's index)."""
+
+    def __init__(self, app: web.Application, http: HttpCounters) -> None:
+        self._app = app
+        self._http = http
+
+    def collect(self) -> Iterator[Metric]:
+        depot = self._app[DEPOT]
+        totals = store_totals(depot.store)
+        budget = depot.budget_status()
+        preload = depot.preloader.stats()
+        engines = depot.engines.stats()
+        fleet = self._app.get(FLEET)
+        view = fleet.view if fleet is not None else None
+        peers = len(view.peers()) if view is not None else 0
+        pulls = PULLS.snapshot()
+        requests, sent = self._http.snapshot()
+
+        gauge, counter = GaugeMetricFamily, CounterMetricFamily
+        figures: list[tuple[Callable[..., Metric], str, str, float]] = [
+            (gauge, "modeldepot_repos", "Repos in the store.", len(totals.repo_ids)),
+            (gauge, "modeldepot_store_blobs", "Blobs in the store (distinct contents).", totals.blobs),
+            (gauge, "modeldepot_store_bytes", "Bytes of the store's blobs (each content once).",
+             totals.blob_bytes),
+            (gauge, "modeldepot_store_budget_bytes", "The store's disk budget in bytes; 0 means no budget.",
+             budget.max_bytes or 0),
+            (gauge, "modeldepot_store_pinned_bytes", "Bytes of the blobs that pinned revisions use.",
+             budget.pinned_bytes),
+            (counter, "modeldepot_evictions", "Revisions evicted to keep within the disk budget, since the "
+             "store was created.", budget.evictions),
+            (counter, "modeldepot_evicted_bytes", "Bytes freed by evictions, since the store was created.",
+             budget.evicted_bytes),
+            (gauge, "modeldepot_preload_resident_bytes", "Bytes of preloaded models resident in RAM now.",
+             preload.ram_bytes),
+            (gauge, "modeldepot_preload_budget_bytes", "The RAM tier's budget in bytes.", preload.budget_bytes),
+            (counter, "modeldepot_engine_cache_hits", "Loads answered by the loaded-model cache (this "
+             "process).", engines.total_hits),
+            (counter, "modeldepot_engine_cache_misses", "Loads the loaded-model cache had to make (this "
+             "process).", engines.total_misses),
+            (gauge, "modeldepot_peers", "Live nodes in this node's view of its fleet, itself included; 0 "
+             "without a cluster.", peers),
+            (counter, "modeldepot_chunks_rejected", "Chunks the pulls of this process received that failed "
+             "their BLAKE3 check (dropped, fetched again elsewhere).", pulls.chunks_rejected),
+            (counter, "modeldepot_files_rejected", "Files the pulls of this process downloaded that failed "
+             "their SHA-256 or git oid check (nothing of them kept).", pulls.files_rejected),
+            (counter, "modeldepot_http_sent_bytes", "Response body bytes this node sent, streams included.",
+             sent),
+        ]  # fmt: skip
+        for family, name, doc, value in figures:
+            yield family(name, doc, value=value)
+
+        by_source = CounterMetricFamily(
+            "modeldepot_pull_bytes",
+            "Bytes the pulls of this process took, by kind of source (local: already in the store or "
+            "resumed; node: configured servers; peer: fleet nodes; hub).",
+            labels=["source"],
+        )
+        for source in sorted({*SOURCE_KINDS, *pulls.bytes_by_source}):
+            by_source.add_metric([source], pulls.bytes_by_source.get(source, 0))
+        yield by_source
+
+        answers = CounterMetricFamily(
+            "modeldepot_http_requests",
+            f"Answers of this node by route pattern ({UNMATCHED}: no route matched) and status.",
+            labels=["route", "status"],
+        )
+        for (route, status), count in sorted(requests.items()):
+            answers.add_metric([route, str(status)], count)
+        yield answers
+
+
+class NodeMetrics:
+    """An app's metrics: its registry and its HTTP counters."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.http = HttpCounters()
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.registry.register(NodeCollector(app, self.http))
+
+
+METRICS = web.AppKey("metrics", NodeMetrics)
+
+
+def route_label(request: web.Request) -> str:
+    """The pattern of the route that matched (``/api/depot/v1/blobs/{sha256}``), never the path itself."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else UNMATCHED
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts every answer by route pattern and status (outermost: it sees what the client gets)."""
+    metrics = request.app.get(METRICS)
+    if metrics is None:
+        return await handler(request)
+    route = route_label(request)
+    try:
+        response = await handler(request)
+    except web.HTTPException as raised:  # a redirect, raised through the other middlewares
+        metrics.http.count_request(route, raised.status)
+        raise
+    metrics.http.count_request(route, response.status)
+    return response
+
+
+def _count_body(writer: AbstractStreamWriter, count: Callable[[int], None]) -> None:
+    """Count what goes through ``writer`` (one per request): each piece once the writer took it."""
+    write, write_eof = writer.write, writer.write_eof
+
+    async def counted_write(chunk: bytes | bytearray | memoryview, *args: Any, **kwargs: Any) -> None:
+        await write(chunk, *args, **kwargs)
+        count(chunk.nbytes if isinstance(chunk, memoryview) else len(chunk))
+
+    async def counted_write_eof(chunk: bytes = b"") -> None:
+        await write_eof(chunk)
+        count(len(chunk))
+
+    writer.write = counted_write  # type: ignore[method-assign]
+    writer.write_eof = counted_write_eof  # type: ignore[method-assign]
+
+
+async def _meter_body(request: web.Request, response: web.StreamResponse) -> None:
+    """As a response is prepared: count its body bytes as they are sent."""
+    metrics = request.app.get(METRICS)
+    if metrics is None:
+        return
+    _count_body(request.writer, metrics.http.add_sent)
+    if isinstance(response, BlobResponse):
+        response.on_sendfile = metrics.http.add_sent
+
+
+async def metrics(request: web.Request) -> web.Response:
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    # The collection reads the store's index: off the event loop.
+    body = await asyncio.to_thread(encoder, request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def add_metrics(app: web.Application) -> None:
+    """Give ``app`` its metrics and the ``/metrics`` route; :func:`metrics_middleware` must be among its
+    middlewares (create_app puts it outermost)."""
+    app[METRICS] = NodeMetrics(app)
+    app.on_response_prepare.append(_meter_body)
+    app.router.add_get(METRICS_PATH, metrics)

@@ -1,0 +1,370 @@
+"""A disk budget for the store's blobs: the least recently used revisions go first, never what is pinned or in
+use.
+
+The budget (``MODELDEPOT_MAX_SIZE``: ``"200GiB"``, or ``"80%"`` of the file system that holds the store)
+bounds the bytes of the store's blobs (each content once, as ``du`` counts them). Before an import or a
+pull writes new blobs, :meth:`DiskBudget.make_room` removes whole revisions, as ``rm`` would, least
+recently used first, until the new bytes fit; when they cannot fit even then, it raises
+:class:`BudgetExceededError` (a :class:`~modeldepot.errors.StoreFullError`) and removes nothing.
+
+The unit of eviction is a revision (a commit of a repo): pinning a repo, or one variant of it, keeps the
+revision its ref names. A revision's last use is the later of its creation and the repo's last use (reads,
+loads, preloads, imports and pulls count: store/access.py). What is never evicted: pinned revisions
+(the ``pins`` table: :meth:`pin`, :meth:`unpin`), every revision of a repo an import or a pull in this
+process is writing (:meth:`writing`) or that another process's pull marks as downloading (its variant
+status row, recently updated), and what the hooks given to :meth:`add_in_use` name (the preloader's and
+the loaded-model cache's models: depot.py). Evictions are logged and counted in the index
+(``settings``: ``evictions``, ``evicted_bytes``).
+
+Several processes may share a store: each decides from the index as it reads it, and each removal takes the
+store's lock like ``rm``. Two imports racing for the last room may together end above the budget; the next
+one that writes evicts again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from modeldepot.config import parse_size
+from modeldepot.errors import ConfigError, NotFoundError, StoreFullError
+from modeldepot.store.models import _Record
+from modeldepot.validation import validate_label, validate_repo_id, validate_revision
+
+if TYPE_CHECKING:
+    from modeldepot.store.store import Store
+
+__all__ = ["BudgetExceededError", "BudgetStatus", "DiskBudget", "Eviction", "Pin", "parse_max_size"]
+
+log = logging.getLogger(__name__)
+
+DOWNLOADING_FRESH = (
+    600.0  # seconds a 'downloading' status row protects its repo (a crashed pull's goes stale)
+)
+
+InUse = Callable[[], Iterable[tuple[str, str | None]]]
+"""Names what is in use: (repo id, commit id), or (repo id, None) for every revision of the repo."""
+
+
+class BudgetExceededError(StoreFullError):
+    """The new content does not fit in the disk budget even after evicting everything that may go."""
+
+    def __init__(self, message: str, *, budget_bytes: int, protected_bytes: int, needed_bytes: int,
+                 repo_id: str | None = None) -> None:  # fmt: skip
+        super().__init__(message, repo_id=repo_id)
+        self.budget_bytes, self.protected_bytes, self.needed_bytes = (
+            budget_bytes,
+            protected_bytes,
+            needed_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class Pin(_Record):
+    repo_id: str
+    quant: str | None  # None: the whole repo
+    revision: str  # a branch (followed: the revision it names when evicting) or a commit id
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Eviction(_Record):
+    repo_id: str
+    commit_id: str
+    bytes_freed: int
+    last_used: float  # seconds since the epoch
+
+
+@dataclass(frozen=True)
+class BudgetStatus(_Record):
+    max_bytes: int | None  # None: no budget
+    used_bytes: int  # the blobs' bytes (each content once)
+    pinned_bytes: int  # the blobs pinned revisions use
+    in_use_bytes: int  # ... and those of revisions in use (pinned or not), which no eviction removes either
+    evictions: int  # revisions evicted since the store was created
+    evicted_bytes: int
+
+
+def parse_max_size(text: str, path: os.PathLike[str] | str) -> int:
+    """Bytes from ``"200GiB"`` (or a plain number) or ``"80%"`` of the file system that holds ``path``."""
+    text = text.strip()
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1])
+        except ValueError:
+            raise ConfigError(f"cannot read disk budget {text!r}: write it like 200GiB or 80%") from None
+        if not 0 < share <= 100:
+            raise ConfigError(f"disk budget {text!r} must be a share above 0% and at most 100% of the disk")
+        stat = os.statvfs(path)
+        return int(stat.f_blocks * stat.f_frsize * share / 100)
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)", text)
+    try:
+        if match is None:
+            raise ConfigError(text)
+        size = int(float(match.group(1)) * parse_size(f"1{match.group(2)}"))  # 1.5TiB too
+    except ConfigError:
+        raise ConfigError(f"cannot read disk budget {text!r}: write it like 200GiB or 80%") from None
+    if size <= 0:
+        raise ConfigError(f"disk budget {text!r} must be more than 0 bytes")
+    return size
+
+
+class DiskBudget:
+    """The budget of one store (``max_size`` None: none; the pins are kept either way). Thread-safe."""
+
+    def __init__(self, store: Store, max_size: str | None) -> None:
+        self.store = store
+        self.max_bytes = None if max_size is None else parse_max_size(max_size, store.home)
+        self._hooks: list[InUse] = []
+        self._evicted_hooks: list[Callable[[str], None]] = []
+        self._writing: Counter[str] = Counter()
+        self._reused: Counter[str] = Counter()  # blobs (SHA-256) writers found in the store and rely on
+        self._lock = threading.Lock()  # guards _writing
+        self._round = threading.Lock()  # one eviction round at a time in this process
+
+    def set_max_size(self, max_size: str | None) -> None:
+        self.max_bytes = None if max_size is None else parse_max_size(max_size, self.store.home)
+
+    # -- what may not go ------------------------------------------------------------------------------------
+
+    def add_in_use(self, hook: InUse) -> None:
+        """Never evict what ``hook()`` names (asked at each eviction round)."""
+        self._hooks.append(hook)
+
+    def add_evicted_hook(self, hook: Callable[[str], None]) -> None:
+        """Call ``hook(repo_id)`` after each eviction of one of the repo's revisions."""
+        self._evicted_hooks.append(hook)
+
+    @contextlib.contextmanager
+    def writing(self, repo_id: str, reused: Iterable[str] = ()) -> Iterator[None]:
+        """An import or a pull writes ``repo_id``, relying on the ``reused`` blobs (SHA-256) it found in the
+        store: none of the repo's revisions, nor any revision using those blobs, is evicted meanwhile."""
+        blobs = set(reused)
+        with self._lock:
+            self._writing[repo_id] += 1
+            self._reused.update(blobs)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._writing.subtract([repo_id])
+                self._reused.subtract(blobs)
+                self._writing = +self._writing
+                self._reused = +self._reused
+
+    def pin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> Pin:
+        """Keep the revision ``revision`` names (a branch is followed) from eviction. The repo must be in the
+        store (``quant``, a variant's name, is checked by the caller: variants are the hub layer's)."""
+        validate_repo_id(repo_id)
+        validate_revision(revision)
+        self.store.resolve(repo_id, revision)  # raises RepoNotFoundError / RevisionNotFoundError
+        if quant is not None:
+            validate_label(quant)
+        pin = Pin(repo_id, quant, revision, time.time())
+        with self.store.index.write(f"pinning {repo_id}") as con:
+            con.execute(
+                "INSERT INTO pins (repo_id, variant, revision, created_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (repo_id, variant, revision) DO NOTHING",
+                (repo_id, quant or "", revision, pin.created_at),
+            )
+        log.info("pinned %s%s@%s", repo_id, f" ({quant})" if quant else "", revision)
+        return pin
+
+    def unpin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
+        """Remove a pin; False when there was none."""
+        validate_repo_id(repo_id)
+        validate_revision(revision)
+        if quant is not None:
+            validate_label(quant)
+        with self.store.index.write(f"unpinning {repo_id}") as con:
+            removed = con.execute(
+                "DELETE FROM pins WHERE repo_id = ? AND variant = ? AND revision = ?",
+                (repo_id, quant or "", revision),
+            ).rowcount
+        return bool(removed)
+
+    def pins(self, repo_id: str | None = None) -> list[Pin]:
+        where, params = ("WHERE repo_id = ?", (repo_id,)) if repo_id is not None else ("", ())
+        rows = self.store.index.read(
+            f"SELECT repo_id, variant, revision, created_at FROM pins {where} ORDER BY repo_id, variant, revision",
+            params,
+        )
+        return [Pin(r["repo_id"], r["variant"] or None, r["revision"], r["created_at"]) for r in rows]
+
+    def _pinned(self) -> set[tuple[str, str]]:
+        pinned = set()
+        for pin in self.pins():
+            try:
+                pinned.add((pin.repo_id, self.store.resolve(pin.repo_id, pin.revision)))
+            except NotFoundError:
+                continue  # the pin names a branch or repo no longer in the store: nothing to keep
+        return pinned
+
+    def _protected(self) -> tuple[set[tuple[str, str]], set[str]]:
+        """The revisions no eviction removes: pinned or in use, and the repos every revision of which stays."""
+        commits = self._pinned()
+        with self._lock:
+            repos, reused = set(self._writing), list(self._reused)
+        for start in range(0, len(reused), 500):
+            part = reused[start : start + 500]
+            commits.update((r["repo_id"], r["commit_id"]) for r in self.store.index.read(
+                f"SELECT DISTINCT repo_id, commit_id FROM files WHERE sha256 IN ({','.join('?' * len(part))})",
+                tuple(part)))  # fmt: skip
+        since = time.time() - DOWNLOADING_FRESH
+        repos.update(r["repo_id"] for r in self.store.index.read(
+            "SELECT DISTINCT repo_id FROM variant_status WHERE status = 'downloading' AND updated_at >= ?",
+            (since,)))  # fmt: skip
+        for hook in self._hooks:
+            for repo_id, commit_id in hook():
+                if commit_id is None:
+                    repos.add(repo_id)
+                else:
+                    commits.add((repo_id, commit_id))
+        return commits, repos
+
+    # -- figures ----------------------------------------------------------------------------------------------
+
+    def used_bytes(self) -> int:
+        row = self.store.index.read("SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state = 'ok'")
+        return int(row[0][0])
+
+    def _bytes_of(self, revisions: Iterable[tuple[str, str]], repos: Iterable[str] = ()) -> int:
+        """The bytes of the distinct blobs the revisions (and every revision of ``repos``) use."""
+        keys = set(revisions)
+        whole = set(repos)
+        if not keys and not whole:
+            return 0
+        rows = self.store.index.read(
+            "SELECT f.repo_id, f.commit_id, f.sha256, b.size FROM files f JOIN blobs b USING (sha256)"
+        )
+        seen: dict[str, int] = {}
+        for r in rows:
+            if r["repo_id"] in whole or (r["repo_id"], r["commit_id"]) in keys:
+                seen[r["sha256"]] = r["size"]
+        return sum(seen.values())
+
+    def status(self) -> BudgetStatus:
+        commits, repos = self._protected()
+        pinned = self._pinned()
+        return BudgetStatus(
+            max_bytes=self.max_bytes,
+            used_bytes=self.used_bytes(),
+            pinned_bytes=self._bytes_of(pinned),
+            in_use_bytes=self._bytes_of(commits, repos),
+            evictions=int(self.store.index.setting("evictions") or 0),
+            evicted_bytes=int(self.store.index.setting("evicted_bytes") or 0),
+        )
+
+    # -- evicting ---------------------------------------------------------------------------------------------
+
+    def make_room(self, needed: int, doing: str, repo_id: str | None = None) -> list[Eviction]:
+        """Evict the least recently used revisions until ``needed`` new bytes fit in the budget (no-op
+        without one). Raises :class:`BudgetExceededError`, having removed nothing, when they cannot fit
+        even after every revision that may go is gone."""
+        if self.max_bytes is None or needed <= 0:
+            return []
+        return self._evict_to(self.max_bytes - needed, needed, doing, repo_id)
+
+    def shrink(self, max_bytes: int | None = None) -> list[Eviction]:
+        """Evict the least recently used revisions until the store is within ``max_bytes`` (default: the
+        budget); as far as it can when pins and uses keep it above."""
+        limit = self.max_bytes if max_bytes is None else max_bytes
+        if limit is None:
+            return []
+        try:
+            return self._evict_to(limit, 0, "shrinking the store", None)
+        except BudgetExceededError as error:
+            log.warning("%s", error)
+            return self._evict_to(limit, 0, "shrinking the store", None, partial=True)
+
+    def _evict_to(self, limit: int, needed: int, doing: str, repo_id: str | None,
+                  partial: bool = False) -> list[Eviction]:  # fmt: skip
+        with self._round:
+            return self._evict_round(limit, needed, doing, repo_id, partial)
+
+    def _evict_round(self, limit: int, needed: int, doing: str, repo_id: str | None,
+                     partial: bool) -> list[Eviction]:  # fmt: skip
+        from modeldepot.store.maintenance import remove  # maintenance builds on the store
+
+        used = self.used_bytes()
+        if used <= limit:
+            return []
+        commits, repos = self._protected()
+        if repo_id is not None:
+            repos.add(repo_id)
+        kept_bytes = self._bytes_of(commits, repos)
+        budget = limit + needed
+        if kept_bytes + needed > budget and not partial:
+            raise BudgetExceededError(
+                f"{doing}: {_size(needed)} more does not fit in the disk budget of {_size(budget)}, even after "
+                f"evicting every model that may go: {_size(kept_bytes)} are pinned or in use "
+                f"(pinned: {_size(self._bytes_of(self._pinned()))}); nothing was removed. Raise the budget "
+                "(MODELDEPOT_MAX_SIZE, --max-size), unpin or remove models",
+                budget_bytes=budget, protected_bytes=kept_bytes, needed_bytes=needed, repo_id=repo_id,
+            )  # fmt: skip
+        evicted: list[Eviction] = []
+        for repo, commit, last_used in self._candidates(commits, repos):
+            if used <= limit:
+                break
+            try:
+                result = remove(self.store, repo, commit)
+            except NotFoundError:
+                continue  # removed meanwhile (another process)
+            eviction = Eviction(repo, commit, result.bytes_freed, last_used)
+            evicted.append(eviction)
+            self._count(eviction)
+            log.warning("evicted %s@%s (%s, last used %s) to stay within the disk budget (%s)", repo,
+                        commit[:12], _size(result.bytes_freed), time.strftime("%Y-%m-%d %H:%M",
+                        time.localtime(last_used)), doing)  # fmt: skip
+            for hook in self._evicted_hooks:
+                hook(repo)
+            used = self.used_bytes()
+        return evicted
+
+    def _candidates(self, commits: set[tuple[str, str]], repos: set[str]) -> list[tuple[str, str, float]]:
+        """Revisions that may go, least recently used first (ties: those no ref names, then the oldest)."""
+        self.store.access.flush()
+        last_access: dict[str, float] = {}
+        for row in self.store.index.read(
+            "SELECT repo_id, MAX(last_access) AS at FROM access GROUP BY repo_id"
+        ):
+            last_access[row["repo_id"]] = row["at"]
+        named = {
+            (r["repo_id"], r["commit_id"])
+            for r in self.store.index.read("SELECT repo_id, commit_id FROM refs")
+        }
+        found = []
+        for row in self.store.index.read("SELECT repo_id, commit_id, created_at FROM revisions"):
+            key = (row["repo_id"], row["commit_id"])
+            if key in commits or row["repo_id"] in repos:
+                continue
+            last_used = max(row["created_at"], last_access.get(row["repo_id"], 0.0))
+            found.append((last_used, key in named, row["created_at"], *key))
+        found.sort()
+        return [(repo, commit, last_used) for last_used, _, _, repo, commit in found]
+
+    def _count(self, eviction: Eviction) -> None:
+        with self.store.index.write("counting an eviction") as con:
+            for key, amount in (("evictions", 1), ("evicted_bytes", eviction.bytes_freed)):
+                con.execute(
+                    "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                    "value = CAST(CAST(value AS INTEGER) + CAST(excluded.value AS INTEGER) AS TEXT)",
+                    (key, str(amount)),
+                )
+
+
+def _size(count: int) -> str:
+    value: Any = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"

@@ -1,0 +1,226 @@
+"""The disk budget (store/budget.py): least recently used revisions go first, never what is pinned or in
+use; content that cannot fit fails before a byte is written, and nothing is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import save_file
+
+from conftest import SMALL_CHUNK, LiveNode, store_files_consistent, write_model_dir
+from modeldepot import Depot
+from modeldepot.cli import cli
+from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError, StoreFullError
+from modeldepot.store.budget import BudgetExceededError, parse_max_size
+
+MB = 1 << 20
+
+
+def model(tmp_path: Path, name: str, size: int = MB, seed: int = 0) -> Path:
+    """A folder with one weights file of ``size`` random bytes and a small config."""
+    rng = np.random.default_rng(abs(hash((name, seed))) % (1 << 32))
+    return write_model_dir(tmp_path / "src" / name, {
+        "config.json": json.dumps({"name": name, "seed": seed}).encode(),
+        "model.safetensors": rng.bytes(size),
+    })  # fmt: skip
+
+
+def budgeted(home: Path, max_size: str, monkeypatch: pytest.MonkeyPatch) -> Depot:
+    monkeypatch.setenv("MODELDEPOT_MAX_SIZE", max_size)
+    return Depot(home, chunk_size=SMALL_CHUNK)
+
+
+def repos(depot: Depot) -> set[str]:
+    return {r.repo_id for r in depot.list_repos()}
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Depot]:
+    with budgeted(tmp_path / "store", "3.5MiB", monkeypatch) as depot:
+        yield depot
+
+
+def test_sizes_and_shares_of_the_disk_are_read_and_bad_ones_refused(tmp_path: Path) -> None:
+    assert parse_max_size("200GiB", tmp_path) == 200 << 30
+    assert parse_max_size("1048576", tmp_path) == MB
+    assert parse_max_size("1.5 GiB", tmp_path) == 3 << 29
+    stat = os.statvfs(tmp_path)
+    assert parse_max_size("50%", tmp_path) == int(stat.f_blocks * stat.f_frsize * 0.5)
+    for bad in ("0", "0%", "101%", "lots", "-5GiB", "%"):
+        with pytest.raises(ConfigError):
+            parse_max_size(bad, tmp_path)
+
+
+def test_the_least_recently_used_revision_goes_first_and_reads_count_as_uses(
+    store: Depot, tmp_path: Path
+) -> None:
+    for name in ("acme/a", "acme/b", "acme/c"):
+        store.import_dir(model(tmp_path, name), name)
+        time.sleep(0.01)
+    store.get_file("acme/a", "config.json")  # a is read: b is now the least recently used
+    store.store.access.flush()
+    store.import_dir(model(tmp_path, "acme/d"), "acme/d")  # 4 MiB > 3.5 MiB: one must go
+    assert repos(store) == {"acme/a", "acme/c", "acme/d"}
+    status = store.budget_status()
+    assert status.max_bytes == int(3.5 * MB) and status.used_bytes <= status.max_bytes
+    assert status.evictions == 1 and status.evicted_bytes >= MB
+    assert store_files_consistent(store) == []
+
+
+def test_pinned_content_is_never_evicted_and_what_cannot_fit_fails_before_writing(
+    store: Depot, tmp_path: Path
+) -> None:
+    store.import_dir(model(tmp_path, "acme/a"), "acme/a")
+    store.import_dir(model(tmp_path, "acme/b"), "acme/b")
+    store.pin("acme/a")
+    store.pin("acme/b", revision=store.resolve("acme/b"))  # by commit id
+    assert {p.repo_id for p in store.pins()} == {"acme/a", "acme/b"}
+    before = store.du()
+
+    with pytest.raises(BudgetExceededError) as caught:
+        store.import_dir(model(tmp_path, "acme/big", size=2 * MB), "acme/big")
+    error = caught.value
+    assert isinstance(error, StoreFullError)
+    assert error.budget_bytes == int(3.5 * MB) and error.needed_bytes >= 2 * MB
+    assert error.protected_bytes >= 2 * MB
+    assert "3.5 MiB" in str(error) and "pinned" in str(error)
+    assert repos(store) == {"acme/a", "acme/b"}, "nothing removed"
+    after = store.du()
+    assert (after.blob_bytes, after.blobs) == (before.blob_bytes, before.blobs), "nothing written"
+    assert not any((store.home / "tmp").iterdir()) if (store.home / "tmp").exists() else True
+
+    assert store.unpin("acme/a") and not store.unpin("acme/a")
+    store.import_dir(model(tmp_path, "acme/big", size=2 * MB), "acme/big")  # a may go now: it does
+    assert repos(store) == {"acme/b", "acme/big"}
+    assert store_files_consistent(store) == []
+
+
+def test_pins_are_validated(store: Depot, tmp_path: Path) -> None:
+    store.import_dir(model(tmp_path, "acme/a"), "acme/a")
+    with pytest.raises(NotFoundError):
+        store.pin("acme/missing")
+    with pytest.raises(NotFoundError):
+        store.pin("acme/a", quant="q4")  # no such variant
+    with pytest.raises(NotFoundError):
+        store.pin("acme/a", revision="nope")
+    with pytest.raises(InvalidInputError):
+        store.pin("../etc")
+    with pytest.raises(InvalidInputError):
+        store.unpin("acme/a", revision="a..b")
+
+
+def test_preloaded_and_loaded_models_and_pulls_in_progress_are_in_use(store: Depot, tmp_path: Path) -> None:
+    folder = tmp_path / "st"
+    folder.mkdir()
+    save_file({"w": np.ones((256, 1024), dtype=np.float32)}, str(folder / "model.safetensors"))  # 1 MiB
+    store.import_dir(folder, "acme/loaded")
+    store.import_dir(model(tmp_path, "acme/preloaded"), "acme/preloaded")
+    store.import_dir(model(tmp_path, "acme/pulling"), "acme/pulling")
+    store.load("acme/loaded", engine="safetensors")
+    store.preloader.preload("acme/preloaded")
+    # A pull in another process marks its repo as downloading in the index:
+    with store.store.index.write("test") as con:
+        con.execute("INSERT INTO manifests VALUES ('acme/pulling', 'main', ?, '{}', ?)",
+                    (store.resolve("acme/pulling"), time.time()))  # fmt: skip
+        con.execute("INSERT INTO variant_status (repo_id, variant, status, updated_at) "
+                    "VALUES ('acme/pulling', '', 'downloading', ?)", (time.time(),))  # fmt: skip
+    status = store.budget_status()
+    assert status.in_use_bytes >= 3 * MB and status.pinned_bytes == 0
+    with pytest.raises(BudgetExceededError):
+        store.import_dir(model(tmp_path, "acme/new"), "acme/new")
+    assert repos(store) == {"acme/loaded", "acme/preloaded", "acme/pulling"}
+
+    store.engines.clear()  # the engine is unloaded: its model may go
+    store.import_dir(model(tmp_path, "acme/new"), "acme/new")
+    assert repos(store) == {"acme/preloaded", "acme/pulling", "acme/new"}
+
+
+def test_a_pull_evicts_before_it_downloads_and_fails_before_it_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Depot(tmp_path / "upstream") as hub:
+        hub.import_dir(model(tmp_path, "up/one", size=2 * MB), "up/one")
+        hub.import_dir(model(tmp_path, "up/huge", size=4 * MB), "up/huge")
+        node = LiveNode(hub)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)
+            with budgeted(tmp_path / "local", "3.5MiB", monkeypatch) as local:
+                local.import_dir(model(tmp_path, "acme/old"), "acme/old")
+                local.import_dir(model(tmp_path, "acme/kept"), "acme/kept")
+                local.pin("acme/kept")
+                result = local.pull("up/one")
+                assert repos(local) == {"acme/kept", "up/one"}
+                assert result.bytes_by_source.get("node", 0) + result.bytes_by_source.get("hub", 0) > 2 * MB
+
+                with pytest.raises(BudgetExceededError):
+                    local.pull("up/huge")
+                assert repos(local) == {"acme/kept", "up/one"}
+                partials = local.home / "partials"
+                fetched = [p for p in partials.rglob("*") if p.is_file() and p.suffix != ".lock"]
+                assert fetched == [], "nothing fetched"
+                assert local.budget_status().evictions == 1
+                assert {v.status for v in local.get_manifest("up/one").variants} == {"downloaded"}
+                assert [e.repo_id for e in local.shrink("1MiB")] == ["up/one"]  # the pinned one stays
+                assert {v.status for v in local.get_manifest("up/one").variants} == {"available"}
+                assert store_files_consistent(local) == []
+        finally:
+            node.stop()
+
+
+def test_cli_pin_unpin_du_gc_and_bad_sizes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "cli-store"
+    runner = CliRunner()
+    for name in ("acme/a", "acme/b", "acme/c"):
+        ok = runner.invoke(cli, ["import", str(model(tmp_path, name)), "--repo", name, "--home", str(home)])
+        assert ok.exit_code == 0, ok.output
+        time.sleep(0.01)
+    pinned = runner.invoke(cli, ["pin", "acme/a", "--home", str(home), "--json"])
+    assert pinned.exit_code == 0 and json.loads(pinned.output)["repo_id"] == "acme/a"
+    listed = runner.invoke(cli, ["pins", "--home", str(home), "--json"])
+    assert [p["repo_id"] for p in json.loads(listed.output)] == ["acme/a"]
+
+    shrunk = runner.invoke(cli, ["gc", "--max-size", "1.5 potatoes", "--home", str(home), "--json"])
+    assert shrunk.exit_code == 2 and "disk budget" in shrunk.output
+    shrunk = runner.invoke(cli, ["gc", "--max-size", "1.5MiB", "--home", str(home), "--json"])
+    assert shrunk.exit_code == 0, shrunk.output
+    evicted = [e["repo_id"] for e in json.loads(shrunk.output)["evicted"]]
+    assert evicted == ["acme/b", "acme/c"], "the oldest first; the pinned one stays"
+
+    usage = runner.invoke(cli, ["du", "--home", str(home), "--json"], env={"MODELDEPOT_MAX_SIZE": "2MiB"})
+    budget = json.loads(usage.output)["budget"]
+    assert budget["max_bytes"] == 2 * MB and budget["evictions"] == 2 and budget["pinned_bytes"] >= MB
+    text = runner.invoke(cli, ["du", "--home", str(home)], env={"MODELDEPOT_MAX_SIZE": "2MiB"})
+    assert "budget" in text.output and "evicted     2 revisions" in text.output
+
+    unpinned = runner.invoke(cli, ["unpin", "acme/a", "--home", str(home)])
+    assert unpinned.exit_code == 0 and "unpinned" in unpinned.output
+    again = runner.invoke(cli, ["unpin", "acme/a", "--home", str(home)])
+    assert again.exit_code == 1 and "was not pinned" in again.output
+    bad = runner.invoke(cli, ["du", "--home", str(home)], env={"MODELDEPOT_MAX_SIZE": "lots"})
+    assert bad.exit_code == 2 and "disk budget" in bad.output
+    bad = runner.invoke(cli, ["serve", "--max-size", "200%", "--home", str(home)])
+    assert bad.exit_code == 2 and "200%" in bad.output
+
+
+def test_a_node_reports_its_budget_in_its_stats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.request
+
+    with budgeted(tmp_path / "served", "10MiB", monkeypatch) as depot:
+        depot.import_dir(model(tmp_path, "acme/a"), "acme/a")
+        node = LiveNode(depot, token="secret")
+        try:
+            request = urllib.request.Request(f"{node.url}/api/depot/v1/stats",
+                                             headers={"Authorization": "Bearer secret"})  # fmt: skip
+            with urllib.request.urlopen(request) as answer:
+                budget = json.loads(answer.read())["budget"]
+            assert budget["max_bytes"] == 10 * MB and budget["used_bytes"] >= MB and budget["evictions"] == 0
+        finally:
+            node.stop()

@@ -1,0 +1,618 @@
+"""The control routes (server/control_routes.py) on live nodes: pulls started over HTTP (in the background,
+once), preload, pin, unpin and remove; what they refuse, and who may call them; every method and answer
+against the OpenAPI document; and the dashboard's files (served without the token, holding nothing)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from fnmatch import fnmatch
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+import modeldepot
+from conftest import BackgroundServer, LiveNode, free_port, wait_until
+from controlnodes import (
+    API,
+    AUTH,
+    FILES,
+    JSON,
+    Q4F16,
+    REPO,
+    TOKEN,
+    HoldingProxy,
+    Reply,
+    call,
+    pulling_depot,
+    source_node,
+)
+from modeldepot import Depot
+from modeldepot.errors import UpstreamError
+from modeldepot.server import create_app
+from modeldepot.server.connections import NodeRunner
+from modeldepot.server.control_routes import (
+    CONTROL_PATHS,
+    MAX_CONTROL_BODY,
+    PULLS,
+    _is_loopback_ip,
+    _loopback_host,
+)
+from modeldepot.server.dashboard import ASSETS
+from modeldepot.server.openapi import openapi_document
+from test_openapi import Checker, escape
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Iterator[LiveNode]:
+    with source_node(tmp_path) as node:
+        yield node
+
+
+@pytest.fixture
+def proxy(source: LiveNode) -> Iterator[HoldingProxy]:
+    """The source, behind a proxy that records what is asked of it and can hold a transfer midway."""
+    front = HoldingProxy(source.url)
+    yield front
+    front.stop()
+
+
+@pytest.fixture
+def local(tmp_path: Path, proxy: HoldingProxy, monkeypatch: pytest.MonkeyPatch) -> Iterator[Depot]:
+    with pulling_depot(tmp_path / "local", proxy.url, monkeypatch) as depot:
+        yield depot
+
+
+@pytest.fixture
+def guarded(local: Depot) -> Iterator[LiveNode]:
+    node = LiveNode(local, token=TOKEN)
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+def open_node(local: Depot) -> Iterator[LiveNode]:
+    """The same store served without a token (control from this machine only)."""
+    node = LiveNode(local)
+    yield node
+    node.stop()
+
+
+class HeldPulls:
+    """``depot.pull_async`` made to wait until :meth:`release`: a pull stays running as long as a test needs."""
+
+    def __init__(self, depot: Depot, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.gate = threading.Event()
+        self.started = 0
+        real = depot.pull_async
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            self.started += 1
+            while not self.gate.is_set():  # cancellable at once (the node stopping)
+                await asyncio.sleep(0.01)
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(depot, "pull_async", held)
+
+    def release(self) -> None:
+        self.gate.set()
+
+
+def pull_state(node: LiveNode, job_id: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    reply = call(node.port, "GET", f"{API}/pulls/{job_id}", headers=headers)
+    assert reply.status == 200, reply.body
+    return reply.json()  # type: ignore[no-any-return]
+
+
+def finished(node: LiveNode, job_id: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    return wait_until(  # type: ignore[no-any-return]
+        lambda: (state := pull_state(node, job_id, headers))["state"] != "running" and state,
+        30,
+        f"pull {job_id} to finish",
+    )
+
+
+# -- pulls ----------------------------------------------------------------------------------------------------
+
+
+def test_a_pull_runs_in_the_background_once_and_reports_its_result(
+    guarded: LiveNode, local: Depot, source: LiveNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = HeldPulls(local, monkeypatch)
+    first = call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["Q4F16"]}, AUTH)
+    assert first.status == 202, first.body
+    job = first.json()
+    assert job["state"] == "running" and job["quants"] == ["q4f16"]  # the repo's own name for it
+    assert (job["repo"], job["revision"], job["commit_id"]) == (REPO, "main", source.depot.resolve(REPO))
+    assert job["bytes_total"] == sum(len(FILES[p]) for p in Q4F16) and job["bytes_done"] == 0
+    assert job["result"] is None and job["error"] is None and job["finished_at"] is None
+    # The same pull again while it runs (names in any case, the revision said or not): the running one.
+    for body in (
+        {"repo": REPO, "quants": ["q4f16"]},
+        {"repo": REPO, "quants": ["q4f16", "Q4F16"], "revision": "main"},
+    ):
+        again = call(guarded.port, "POST", f"{API}/pulls", body, AUTH)
+        assert again.status == 200 and again.json()["id"] == job["id"], again.body
+    listed = call(guarded.port, "GET", f"{API}/pulls", headers=AUTH).json()
+    assert [j["id"] for j in listed] == [job["id"]]
+    assert pull_state(guarded, job["id"], AUTH)["state"] == "running"
+    assert held.started == 1  # one pull, however many asked
+
+    held.release()
+    done = finished(guarded, job["id"], AUTH)
+    assert done["state"] == "done" and done["error"] is None and done["finished_at"] >= done["started_at"]
+    assert done["bytes_done"] == done["bytes_total"] == done["result"]["bytes_total"]
+    assert (
+        done["result"]["variants"] == ["q4f16"] and done["result"]["bytes_downloaded"] == done["bytes_total"]
+    )
+    assert {f.path for f in local.list_files(REPO)} == set(Q4F16)
+    variant = call(guarded.port, "GET", f"{API}/repos/{REPO}/manifest", headers=AUTH).json()["variants"]
+    assert {v["name"]: v["status"] for v in variant}["q4f16"] == "downloaded"
+
+    # Finished, the same request is a new pull, with nothing left to download.
+    fresh = call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["q4f16"]}, AUTH)
+    assert fresh.status == 202 and fresh.json()["id"] != job["id"]
+    assert finished(guarded, fresh.json()["id"], AUTH)["result"]["bytes_downloaded"] == 0
+    listed = call(guarded.port, "GET", f"{API}/pulls", headers=AUTH).json()
+    assert [j["id"] for j in listed] == [fresh.json()["id"], job["id"]]  # newest first
+
+
+@pytest.mark.parametrize(
+    ("error", "shown"),
+    [
+        (UpstreamError("the source went away", source="http://up"), "UpstreamError: the source went away"),
+        (RuntimeError("a bug with /secret/paths"), "NodeError: the pull failed unexpectedly"),
+    ],
+)
+def test_a_failed_pull_says_why(
+    guarded: LiveNode, local: Depot, monkeypatch: pytest.MonkeyPatch, error: Exception, shown: str
+) -> None:
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(local, "pull_async", failing)
+    job = call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH).json()
+    failed = finished(guarded, job["id"], AUTH)
+    assert failed["state"] == "failed" and failed["result"] is None and failed["finished_at"] is not None
+    assert failed["error"].startswith(shown) and "/secret" not in failed["error"], failed["error"]
+
+
+def test_requests_during_the_scan_share_it_and_its_pull(
+    guarded: LiveNode, local: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scans = []
+    real = local.manifest_for
+
+    def slow_scan(repo_id: str, revision: str) -> Any:
+        scans.append(repo_id)
+        time.sleep(0.5)
+        return real(repo_id, revision)
+
+    monkeypatch.setattr(local, "manifest_for", slow_scan)
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(
+            lambda _: call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH), range(4)
+        ))  # fmt: skip
+    assert sorted(r.status for r in replies) == [200, 200, 200, 202], [r.body for r in replies]
+    assert len({r.json()["id"] for r in replies}) == 1 and scans == [REPO]
+    finished(guarded, replies[0].json()["id"], AUTH)
+    # A scan that fails fails every request that waited for it, and starts nothing.
+    with ThreadPoolExecutor(3) as pool:
+        refused = list(pool.map(
+            lambda _: call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["q9"]}, AUTH), range(3)
+        ))  # fmt: skip
+    assert [r.status for r in refused] == [422] * 3 and scans == [REPO, REPO]
+    assert len(call(guarded.port, "GET", f"{API}/pulls", headers=AUTH).json()) == 1
+
+
+def test_the_node_stopping_cancels_its_pulls(local: Depot, monkeypatch: pytest.MonkeyPatch) -> None:
+    held = HeldPulls(local, monkeypatch)
+    node = LiveNode(local, token=TOKEN)
+    job = call(node.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH).json()
+    jobs = node.runner.app[PULLS]
+    node.stop()
+    held.release()
+    stopped = jobs.get(job["id"])
+    assert stopped is not None and stopped.state == "failed" and "stopped" in (stopped.error or "")
+
+
+def test_pulls_name_a_repo_never_a_place(open_node: LiveNode, proxy: HoldingProxy, local: Depot) -> None:
+    """A request names a repo; where it is pulled from is the node's own configuration (its servers, its
+    fleet, its Hub endpoint). So fuzzing POST /pulls reaches no machine but those."""
+    for body in ({"repo": REPO, "endpoint": "http://evil.example"}, {"repo": REPO, "url": "http://x"},
+                 {"repo": REPO, "servers": ["http://x"]}):  # fmt: skip
+        reply = call(open_node.port, "POST", f"{API}/pulls", body)
+        assert reply.status == 400 and "unknown key" in reply.json()["error"], reply.body
+    for repo in ("http://evil.example/x", "evil.example:80/x", "//evil.example/x", "evil/x/y"):
+        reply = call(open_node.port, "POST", f"{API}/pulls", {"repo": repo})
+        assert reply.status == 422 and reply.json()["error"].startswith("repo: "), (repo, reply.body)
+    assert proxy.requests == []
+    reply = call(open_node.port, "POST", f"{API}/pulls", {"repo": "evil.example/x"})
+    assert reply.status == 404, reply.body  # asked of the configured server (through the proxy) alone
+    assert proxy.requests and all("/evil.example/x" in r for r in proxy.requests), proxy.requests
+    assert local.list_repos() == []
+
+
+BAD_PULLS: list[tuple[Any, int, str]] = [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "must be a JSON object"),
+    (b'"org/name"', 400, "must be a JSON object"),
+    ({"repo": REPO, "quant": "q4f16"}, 400, "unknown key 'quant': this route takes repo, revision, quants"),
+    ({}, 422, "repo: required"),
+    ({"repo": None}, 422, "repo: "),
+    ({"repo": 7}, 422, "repo: "),
+    ({"repo": "../etc/passwd"}, 422, "repo: "),
+    ({"repo": "acme--x/y"}, 422, "repo: "),
+    ({"repo": "a" * 100 + "/b"}, 422, "repo: "),
+    ({"repo": REPO, "revision": "a..b"}, 422, "revision: "),
+    ({"repo": REPO, "revision": 3}, 422, "revision: "),
+    ({"repo": REPO, "revision": ""}, 422, "revision: "),
+    ({"repo": REPO, "quants": "q4f16"}, 422, "quants: give a list"),
+    ({"repo": REPO, "quants": []}, 422, "quants: give from 1 to 64"),
+    ({"repo": REPO, "quants": ["x"] * 65}, 422, "quants: give from 1 to 64"),
+    ({"repo": REPO, "quants": ["q4 f16"]}, 422, "is not a variant name"),
+    ({"repo": REPO, "quants": ["../x"]}, 422, "is not a variant name"),
+    ({"repo": REPO, "quants": [4]}, 422, "is not a variant name"),
+    ({"repo": REPO, "quants": [["q4f16"]]}, 422, "is not a variant name"),
+    ({"repo": REPO, "quants": ["q9"]}, 422, "has no variant 'q9' (it has: fp16, fp32, q4f16)"),
+    ({"repo": "acme/nowhere"}, 404, "nowhere"),
+]
+
+
+def test_every_field_is_checked_before_anything_starts(open_node: LiveNode, local: Depot) -> None:
+    for body, status, message in BAD_PULLS:
+        reply = call(open_node.port, "POST", f"{API}/pulls", body, JSON)
+        assert reply.status == status, (body, reply.status, reply.body)
+        assert message in reply.json()["error"] and reply.headers["X-Error-Message"], (body, reply.body)
+        assert reply.headers["Content-Type"].startswith("application/json")
+    plain = call(open_node.port, "POST", f"{API}/pulls", b'{"repo": "a/b"}', {"Content-Type": "text/plain"})
+    assert plain.status == 415 and "application/json" in plain.json()["error"]
+    big = call(open_node.port, "POST", f"{API}/pulls", b" " * (MAX_CONTROL_BODY + 1), JSON)
+    assert big.status == 413, big.body
+    huge = call(open_node.port, "POST", f"{API}/pulls", b" " * (2 << 20), JSON)  # past the node's own cap
+    assert huge.status == 413, huge.body
+    assert call(open_node.port, "GET", f"{API}/pulls").json() == []
+    assert local.list_repos() == []
+
+    # The store routes: bad names in the path are 400s (as on every route), bad bodies as above.
+    pull(open_node, ["q4f16"])
+    for method, route in (("POST", "preload"), ("PUT", "pin"), ("DELETE", "pin")):
+        target = f"{API}/repos/{REPO}/{route}"
+        for body, status, message in (
+            ({"quant": "nope"}, 422 if route != "pin" or method == "PUT" else 200, "has no variant 'nope'"),
+            ({"quant": "bad name"}, 422, "quant: "),
+            ({"revision": "a..b"}, 422, "revision: "),
+            ({"quant": "q4f16", "repo": REPO}, 400, "unknown key 'repo': this route takes quant, revision"),
+            (b"[]", 400, "must be a JSON object"),
+        ):
+            reply = call(open_node.port, method, target, body, JSON)
+            assert reply.status == status, (method, route, body, reply.body)
+            if status != 200:
+                assert message in reply.json()["error"], (method, route, body, reply.body)
+        assert call(open_node.port, method, f"{API}/repos/-acme/tiny/{route}").status == 400
+        assert call(open_node.port, method, f"{API}/repos/acme/nowhere/{route}").status == (
+            200 if method == "DELETE" else 404
+        )
+    for query, status in (("?revision=a..b", 400), ("?force=1", 400), ("?revision=nope", 404)):
+        reply = call(open_node.port, "DELETE", f"{API}/repos/{REPO}{query}")
+        assert reply.status == status and reply.json()["error"], (query, reply.body)
+    assert call(open_node.port, "DELETE", f"{API}/repos/acme/nowhere").status == 404
+    assert {f.path for f in local.list_files(REPO)} == set(Q4F16)  # nothing refused changed anything
+
+
+def pull(node: LiveNode, quants: list[str] | None, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    reply = call(node.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": quants}, headers)
+    assert reply.status == 202, reply.body
+    done = finished(node, reply.json()["id"], headers)
+    assert done["state"] == "done", done
+    return done
+
+
+# -- preload, pin, unpin, remove ----------------------------------------------------------------------------
+
+
+def test_preload_pin_unpin_and_remove(guarded: LiveNode, local: Depot) -> None:
+    pull(guarded, ["q4f16"], AUTH)
+    commit = local.resolve(REPO)
+    info = call(guarded.port, "POST", f"{API}/repos/{REPO}/preload", {"quant": "q4f16"}, AUTH)
+    assert info.status == 200, info.body
+    assert (info.json()["repo_id"], info.json()["variant"], info.json()["commit_id"]) == (
+        REPO,
+        "q4f16",
+        commit,
+    )
+    assert info.json()["bytes"] == sum(len(FILES[p]) for p in Q4F16)
+    assert local.preloader.holds(REPO, "q4f16")
+    whole = call(guarded.port, "POST", f"{API}/repos/{REPO}/preload", headers=AUTH)  # no body: every file
+    assert whole.status == 200 and whole.json()["variant"] == ""
+
+    pinned = call(guarded.port, "PUT", f"{API}/repos/{REPO}/pin", {"quant": "q4f16"}, AUTH)
+    assert pinned.status == 200 and (pinned.json()["repo_id"], pinned.json()["quant"]) == (REPO, "q4f16")
+    assert call(guarded.port, "PUT", f"{API}/repos/{REPO}/pin", headers=AUTH).json()["quant"] is None
+    assert [(p.quant, p.revision) for p in local.pins()] == [(None, "main"), ("q4f16", "main")]
+    listed = call(guarded.port, "GET", f"{API}/pins", headers=AUTH).json()
+    assert [(p["repo_id"], p["quant"]) for p in listed] == [(REPO, None), (REPO, "q4f16")]
+    unpinned = call(guarded.port, "DELETE", f"{API}/repos/{REPO}/pin", {"quant": "q4f16"}, AUTH)
+    assert unpinned.json() == {"repo_id": REPO, "quant": "q4f16", "revision": "main", "unpinned": True}
+    again = call(guarded.port, "DELETE", f"{API}/repos/{REPO}/pin", {"quant": "q4f16"}, AUTH)
+    assert again.status == 200 and again.json()["unpinned"] is False
+    assert [p.quant for p in local.pins()] == [None]
+
+    removed = call(guarded.port, "DELETE", f"{API}/repos/{REPO}", headers=AUTH)
+    assert removed.status == 200, removed.body
+    assert removed.json()["commits"] == [commit] and removed.json()["bytes_freed"] > 0
+    assert local.list_repos() == []
+    # The scan stays, its variant 'available' again (it said 'downloaded'): the event stream shows it so.
+    variants = call(guarded.port, "GET", f"{API}/repos/{REPO}/manifest", headers=AUTH).json()["variants"]
+    assert {v["name"]: v["status"] for v in variants} == dict.fromkeys(("fp16", "fp32", "q4f16"), "available")
+    assert call(guarded.port, "DELETE", f"{API}/repos/{REPO}", headers=AUTH).status == 404
+    pull(guarded, ["q4f16"], AUTH)  # and it can be pulled again
+    assert {f.path for f in local.list_files(REPO)} == set(Q4F16)
+
+
+# -- who may call ---------------------------------------------------------------------------------------------
+
+
+def control_requests() -> list[tuple[str, str, Any]]:
+    """One request to every control route (method, target, body). The pull names a variant the repo lacks:
+    let through, it is scanned and refused (422), so no transfer outlives the test."""
+    return [
+        ("POST", f"{API}/pulls", {"repo": REPO, "quants": ["nope"]}),
+        ("GET", f"{API}/pulls", None),
+        ("GET", f"{API}/pulls/0123456789abcdef", None),
+        ("POST", f"{API}/repos/{REPO}/preload", {}),
+        ("PUT", f"{API}/repos/{REPO}/pin", {}),
+        ("DELETE", f"{API}/repos/{REPO}/pin", {}),
+        ("DELETE", f"{API}/repos/{REPO}", None),
+    ]
+
+
+def test_a_node_with_a_token_needs_it_for_every_control_route(guarded: LiveNode, local: Depot) -> None:
+    assert len(control_requests()) == sum(len(openapi_document("x")["paths"][p]) for p in CONTROL_PATHS)
+    for method, target, body in control_requests():
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
+                        {"Authorization": f"Basic {TOKEN}"}):  # fmt: skip
+            reply = call(guarded.port, method, target, body, headers)
+            assert reply.status == 401, (method, target, headers, reply.status)
+            assert reply.json()["error"] and reply.headers["X-Error-Message"]
+        # From elsewhere, another site's page: the token is what counts (it is no ambient credential).
+        allowed = call(guarded.port, method, target, body, {**AUTH, "Origin": "https://elsewhere.example"})
+        assert allowed.status not in (401, 403), (method, target, allowed.body)
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 200),
+        ({"Host": "localhost:{port}"}, 200),
+        ({"Host": "127.0.0.7:{port}"}, 200),
+        ({"Host": "[::1]:{port}"}, 200),
+        ({"Origin": "http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"}, 200),
+        ({"Sec-Fetch-Site": "none"}, 200),
+        # DNS rebinding: a name of the attacker's that resolves to 127.0.0.1 reaches the node, naming itself.
+        ({"Host": "rebind.example:{port}"}, 403),
+        ({"Host": "rebind.example:{port}", "Origin": "http://rebind.example:{port}"}, 403),
+        ({"Origin": "https://evil.example"}, 403),
+        ({"Origin": "http://127.0.0.1:1"}, 403),
+        ({"Origin": "null"}, 403),
+        ({"Sec-Fetch-Site": "cross-site"}, 403),
+        ({"Sec-Fetch-Site": "same-site"}, 403),
+        # A reverse proxy on this machine: the peer is loopback, the client is not.
+        ({"X-Forwarded-For": "203.0.113.9"}, 403),
+        ({"Forwarded": "for=203.0.113.9"}, 403),
+        ({"X-Real-IP": "203.0.113.9"}, 403),
+    ],
+)
+def test_a_node_without_a_token_takes_control_from_this_machine_alone(
+    open_node: LiveNode, headers: dict[str, str], status: int
+) -> None:
+    sent = {k: v.format(port=open_node.port) for k, v in headers.items()}
+    for method, target, body in control_requests():
+        reply = call(open_node.port, method, target, body, sent)
+        if status == 403:
+            assert reply.status == 403, (method, target, sent, reply.body)
+            assert "this node has no token" in reply.json()["error"]
+        else:
+            assert reply.status not in (401, 403), (method, target, sent, reply.body)
+    assert call(open_node.port, "GET", f"{API}/repos", headers=sent).status == 200  # reads are open
+
+
+def non_loopback_address() -> str | None:
+    """An IPv4 address of this machine that is not a loopback one (None when it has none)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.254", 9))  # no packet is sent: the kernel picks the source address
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_a_node_without_a_token_on_all_interfaces_refuses_control_from_elsewhere(local: Depot) -> None:
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to call the node from")
+    runner = NodeRunner(create_app(local))
+    server = BackgroundServer(runner, "all-interfaces")  # listens on 127.0.0.1: add 0.0.0.0 too
+    port = free_port("0.0.0.0")
+    asyncio.run_coroutine_threadsafe(web.TCPSite(runner, "0.0.0.0", port).start(), server.loop).result(30)
+    try:
+        for method, target, body in control_requests():
+            reply = call(port, method, target, body, host=address)
+            assert reply.status == 403, (method, target, reply.body)
+            assert "from this machine only" in reply.json()["error"]
+        assert call(port, "GET", f"{API}/repos", host=address).status == 200
+        assert call(port, "GET", "/", host=address).status == 200
+        assert call(port, "GET", f"{API}/pulls").status == 200  # the same node, from 127.0.0.1
+    finally:
+        server.stop()
+
+
+def test_loopback_addresses_and_hosts() -> None:
+    for text in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1", "0:0:0:0:0:0:0:1"):
+        assert _is_loopback_ip(text), text
+    for text in (
+        "",
+        "192.0.2.2",
+        "10.0.0.1",
+        "0.0.0.0",
+        "::",
+        "::ffff:10.0.0.1",
+        "fe80::1%eth0",
+        "localhost",
+        "x",
+    ):
+        assert not _is_loopback_ip(text), text
+    for host in ("localhost", "localhost:8980", "LOCALHOST.", "app.localhost:1", "127.0.0.1:8980", "[::1]:8980",
+                 "[::1]", "127.1.2.3"):  # fmt: skip
+        assert _loopback_host(host), host
+    for host in (
+        "example.com",
+        "localhost.example.com:80",
+        "[::2]:1",
+        "10.0.0.1:8980",
+        "",
+        "127.0.0.1.nip.io",
+    ):
+        assert not _loopback_host(host), host
+
+
+# -- against the OpenAPI document ----------------------------------------------------------------------------
+
+
+def test_every_control_answer_is_as_the_document_says(
+    guarded: LiveNode, open_node: LiveNode, local: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every method and every status the document lists for the control routes, produced the way it
+    happens, and its body checked against the schema the document gives for it."""
+    document = openapi_document(modeldepot.__version__)
+    checker = Checker(document)
+    seen: set[tuple[str, str, str]] = set()
+
+    def check(node: LiveNode, method: str, route: str, expect: int, body: Any = None,
+              headers: dict[str, str] | None = None, query: str = "", **names: str) -> Reply:  # fmt: skip
+        values = {"org": "onnx-community", "name": "tiny", "id": "0" * 16, **names}
+        target = re.sub(r"\{(\w+)\}", lambda m: values[m[1]], route) + query
+        what = f"{method} {target} ({'guarded' if node is guarded else 'open'} node)"
+        reply = call(
+            node.port, method, target, body, {**(AUTH if node is guarded else {}), **(headers or {})}
+        )
+        assert reply.status == expect, f"{what} answered {reply.status}, not {expect}: {reply.body[:300]!r}"
+        responses = document["paths"][route][method.lower()]["responses"]
+        assert str(expect) in responses, f"{what}: {expect} is not documented"
+        seen.add((method.lower(), route, str(expect)))
+        content_type = reply.headers["Content-Type"].split(";")[0]
+        assert content_type in responses[str(expect)]["content"], what
+        pointer = f"/paths/{escape(route)}/{method.lower()}/responses/{expect}/content/{escape(content_type)}/schema"
+        checker.validate(reply.json(), pointer, what)
+        return reply
+
+    pulls, one = f"{API}/pulls", f"{API}/pulls/{{id}}"
+    preload, pin, repo = (
+        f"{API}/repos/{{org}}/{{name}}/preload",
+        f"{API}/repos/{{org}}/{{name}}/pin",
+        f"{API}/repos/{{org}}/{{name}}",
+    )
+    no_token = {"Authorization": ""}
+    elsewhere = {"Origin": "https://evil.example"}
+
+    held = HeldPulls(local, monkeypatch)
+    started = check(guarded, "POST", pulls, 202, {"repo": REPO, "quants": ["q4f16"]}).json()
+    check(guarded, "POST", pulls, 200, {"repo": REPO, "quants": ["q4f16"]})
+    check(guarded, "GET", pulls, 200)
+    check(guarded, "GET", one, 200, id=started["id"])
+    held.release()
+    finished(guarded, started["id"], AUTH)
+    check(guarded, "GET", one, 200, id=started["id"])  # done, with its result
+    check(open_node, "GET", pulls, 200)
+    check(guarded, "GET", one, 404)
+    for method, route, body in (("POST", pulls, {"repo": REPO}), ("GET", pulls, None), ("GET", one, None),
+                                ("POST", preload, {}), ("PUT", pin, {}), ("DELETE", pin, {}), ("DELETE", repo, None)):  # fmt: skip
+        check(guarded, method, route, 401, body, no_token)
+        check(open_node, method, route, 403, body, elsewhere)
+    for method, route in (("POST", pulls), ("POST", preload), ("PUT", pin), ("DELETE", pin)):
+        check(open_node, method, route, 400, b"[]", JSON)
+        check(open_node, method, route, 413, b" " * (MAX_CONTROL_BODY + 1), JSON)
+        check(open_node, method, route, 415, b"{}", {"Content-Type": "application/x-www-form-urlencoded"})
+        check(open_node, method, route, 422, {"repo": "a--b/c"} if route == pulls else {"quant": "a b"})
+    check(open_node, "POST", pulls, 404, {"repo": "acme/nowhere"})
+    for method, route in (("POST", preload), ("PUT", pin), ("DELETE", repo)):
+        check(open_node, method, route, 404, {} if method != "DELETE" else None, org="acme", name="nowhere")
+    for method, route in (("POST", preload), ("PUT", pin), ("DELETE", pin), ("DELETE", repo)):
+        check(open_node, method, route, 405, {} if route != repo else None, org="")  # no route: /repos//tiny
+    check(open_node, "DELETE", repo, 400, query="?revision=a..b")
+    check(open_node, "POST", preload, 200, {"quant": "q4f16"})
+    check(open_node, "PUT", pin, 200, {"quant": "q4f16"})
+    check(open_node, "DELETE", pin, 200, {"quant": "q4f16"})
+    check(open_node, "DELETE", repo, 200)
+
+    # 502 and 503: an upstream that does not answer, a node that is offline.
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    with Depot(tmp_path / "lost", servers=[f"http://127.0.0.1:{free_port()}"]) as lost:
+        node = LiveNode(lost)
+        try:
+            check(node, "POST", pulls, 502, {"repo": "acme/tiny"})
+        finally:
+            node.stop()
+    monkeypatch.setenv("MODELDEPOT_OFFLINE", "1")
+    with Depot(tmp_path / "offline") as offline:
+        node = LiveNode(offline)
+        try:
+            check(node, "POST", pulls, 503, {"repo": "acme/tiny"})
+        finally:
+            node.stop()
+
+    documented = {
+        (method, route, status)
+        for route in CONTROL_PATHS
+        for method, operation in document["paths"][route].items()
+        for status in operation["responses"]
+    }
+    assert documented - seen == set(), "documented answers no call produced"
+
+
+# -- the dashboard's files ------------------------------------------------------------------------------------
+
+
+def test_the_dashboard_is_served_without_the_token_and_holds_nothing(
+    guarded: LiveNode, open_node: LiveNode
+) -> None:
+    for path, (name, content_type, _) in ASSETS.items():
+        for node in (guarded, open_node):
+            reply = call(node.port, "GET", path)
+            assert reply.status == 200, (path, reply.status)
+            assert reply.headers["Content-Type"] == f"{content_type}; charset=utf-8"
+            assert reply.body == resources.files("modeldepot.server.dashboard").joinpath(name).read_bytes()
+            csp = reply.headers["Content-Security-Policy"]
+            assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "script-src 'self'" in csp
+            assert reply.headers["X-Content-Type-Options"] == "nosniff"
+            assert call(node.port, "HEAD", path).status == 200
+            etag = reply.headers["ETag"]
+            assert call(node.port, "GET", path, headers={"If-None-Match": etag}).status == 304
+        # Nothing from the network: no URL to anywhere in the files.
+        assert not re.search(rb"https?://", reply.body), path
+    page = call(guarded.port, "GET", "/").body.decode()
+    assert 'src="dashboard/dashboard.js"' in page and 'href="dashboard/dashboard.css"' in page
+    assert call(guarded.port, "GET", "/dashboard/other.js").status == 401  # the token guards the rest
+    assert call(open_node.port, "GET", "/dashboard/other.js").status == 404
+    assert call(guarded.port, "GET", "/index.html").status == 401
+
+
+def test_the_dashboard_files_are_package_data() -> None:
+    """The wheel ships them: pyproject's package-data names every file of the dashboard's folder."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["modeldepot"]
+    folder = resources.files("modeldepot.server.dashboard")
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.endswith((".py", ".pyc")))
+    assert files == sorted(name for name, _, _ in ASSETS.values())
+    for name in files:
+        assert any(fnmatch(f"server/dashboard/{name}", glob) for glob in globs), name

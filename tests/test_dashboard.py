@@ -1,0 +1,339 @@
+"""The dashboard (GET /) in a real browser: headless Chromium, driven by Selenium, against live nodes.
+
+A node with a token, pulling from a source node through a proxy that can hold the transfer midway: the page
+asks for the token (without it, its buttons fail with a message on the page), starts a pull, shows its
+progress live (the event stream, and the pull's own route), ends showing the variant downloaded, and removes
+the repo. A fleet of two nodes without a token: the page lists the peers, pulls from the other node,
+preloads and pins; its screenshot is docs/dashboard.png (written there when MODELDEPOT_DASHBOARD_SCREENSHOT
+names a path).
+
+Chromium and its driver come from Debian (scripts/install-browser, which scripts/test runs); without them
+these tests skip, saying so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+from conftest import SMALL_CHUNK, InProcessNode, LiveNode, free_port, sample_files, write_model_dir
+from controlnodes import FILES, Q4F16, REPO, TOKEN, HoldingProxy, pulling_depot, source_node
+from modeldepot import Depot
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="Chromium is not installed: run scripts/install-browser (apt-get install chromium chromium-driver)",
+)
+WAIT = 30.0
+
+
+@pytest.fixture
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriver]:
+    assert CHROMIUM is not None and CHROMEDRIVER is not None
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager: never download a browser or a driver
+    monkeypatch.setenv("SE_AVOID_STATS", "true")
+    options = Options()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                     "--disable-sync", "--window-size=1280,1000", f"--user-data-dir={tmp_path / 'chromium'}"):  # fmt: skip
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(WAIT)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(
+    driver: WebDriver, what: str, condition: Callable[[WebDriver], Any], timeout: float = WAIT
+) -> Any:
+    """``condition``'s first true value; an element redrawn meanwhile is read again."""
+
+    def attempt(d: WebDriver) -> Any:
+        try:
+            return condition(d)
+        except StaleElementReferenceException:
+            return False
+
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(attempt)
+    except TimeoutException:
+        raise AssertionError(f"the page never showed {what}; it shows:\n{page_text(driver)}") from None
+
+
+def page_text(driver: WebDriver) -> str:
+    return str(driver.execute_script("return document.body.innerText"))
+
+
+def js(driver: WebDriver, script: str, *args: Any) -> Any:
+    return driver.execute_script(script, *args)
+
+
+def visible_text(driver: WebDriver, css: str) -> str | None:
+    """The text of the element ``css`` selects (as written, whatever the style sheet's capitals), when it is
+    shown (None when absent or hidden)."""
+    return js(driver, "const e = document.querySelector(arguments[0]); "  # type: ignore[no-any-return]
+              "return e && e.offsetParent !== null ? e.textContent.trim() : null;", css)  # fmt: skip
+
+
+def click(driver: WebDriver, css: str) -> None:
+    def clicked(d: WebDriver) -> bool:
+        found = d.find_elements(By.CSS_SELECTOR, css)
+        if not found or not found[0].is_displayed() or not found[0].is_enabled():
+            return False
+        found[0].click()
+        return True
+
+    wait_for(driver, f"a button {css} to click", clicked)
+
+
+def type_into(driver: WebDriver, css: str, text: str) -> None:
+    field = driver.find_element(By.CSS_SELECTOR, css)
+    field.clear()
+    field.send_keys(text)
+
+
+def message(driver: WebDriver, fragment: str, kind: str) -> str:
+    """Wait for the page's message box to show ``fragment`` as a message of ``kind`` (ok, error)."""
+    return wait_for(  # type: ignore[no-any-return]
+        driver,
+        f"the {kind} message {fragment!r}",
+        lambda d: (
+            (text := visible_text(d, "#message")) is not None
+            and fragment in text
+            and js(d, "return document.querySelector('#message').dataset.kind") == kind
+            and text
+        ),
+    )
+
+
+def variant_row(name: str, repo: str = REPO) -> str:
+    return f'.repo[data-repo="{repo}"] tr.variant[data-variant="{name}"]'
+
+
+def variant_status(driver: WebDriver, name: str, repo: str = REPO) -> str | None:
+    return js(driver, "const r = document.querySelector(arguments[0]); "  # type: ignore[no-any-return]
+              "return r ? r.dataset.status : null;", variant_row(name, repo))  # fmt: skip
+
+
+def script_errors(driver: WebDriver) -> list[str]:
+    """What the page's scripts threw (a refused request's "Failed to load resource" is the page at work)."""
+    return [
+        entry["message"]
+        for entry in driver.get_log("browser")
+        if entry["level"] == "SEVERE" and "Failed to load resource" not in entry["message"]
+    ]
+
+
+def screenshot(driver: WebDriver, path: Path) -> None:
+    """The whole page, as tall as it is, with no button under the mouse or in focus."""
+    js(driver, "document.activeElement && document.activeElement.blur()")
+    ActionChains(driver).move_to_element(driver.find_element(By.CSS_SELECTOR, "footer")).perform()
+    height = int(js(driver, "return document.documentElement.scrollHeight"))
+    metrics = {"width": 1280, "height": min(height, 4000), "deviceScaleFactor": 1, "mobile": False}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)  # type: ignore[attr-defined]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(path)), path
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})  # type: ignore[attr-defined]
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_pull_with_progress_and_removal_from_the_page(
+    browser: WebDriver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with source_node(tmp_path) as source:
+        proxy = HoldingProxy(source.url)
+        try:
+            with pulling_depot(tmp_path / "local", proxy.url, monkeypatch) as local:
+                node = LiveNode(local, token=TOKEN)
+                try:
+                    run_guarded_node(browser, node, local, proxy)
+                finally:
+                    node.stop()
+        finally:
+            proxy.stop()
+    assert script_errors(browser) == []
+
+
+def run_guarded_node(browser: WebDriver, node: LiveNode, local: Depot, proxy: HoldingProxy) -> None:
+    browser.get(node.url + "/")
+    # The node has a token: the page asks for it once, and works (and fails visibly) without it.
+    wait_for(browser, "the token panel", lambda d: visible_text(d, "#token-panel"))
+    click(browser, "#token-skip")
+    wait_for(browser, "that the token is needed", lambda d: visible_text(d, "#token-state") == "token needed")
+    type_into(browser, "#pull-repo", REPO)
+    type_into(browser, "#pull-quants", "q4f16")
+    click(browser, "#pull-submit")
+    shown = message(browser, "this node needs a token", "error")
+    assert shown.startswith(f"Pull of {REPO} failed:"), shown
+    assert visible_text(browser, "#token-panel") is None  # asked once: not again by itself
+    assert local.list_manifests() == [] and local.list_repos() == []
+
+    click(browser, "#token-button")
+    type_into(browser, "#token-input", TOKEN)
+    click(browser, "#token-submit")
+    wait_for(browser, "the token in use", lambda d: visible_text(d, "#token-state") == "token set")
+    wait_for(browser, "the live event stream", lambda d: visible_text(d, "#stream-state") == "live")
+    assert js(browser, "return sessionStorage.getItem('modeldepot-token')") == TOKEN
+    wait_for(browser, "the node's id", lambda d: (visible_text(d, "#node-id") or "").startswith("node "))
+    assert visible_text(browser, "#repos-empty") and visible_text(browser, "#peers-empty")
+    assert "No fleet" in (visible_text(browser, "#peers-section") or "")
+    assert (
+        visible_text(browser, "#disk-used") == "0 B" and visible_text(browser, "#disk-budget") == "no budget"
+    )
+
+    # The pull, held a quarter of the way by the proxy: its progress shows, from the pull's route and from
+    # the event stream (the variant's status row).
+    proxy.hold(256 * 1024)
+    click(browser, "#pull-submit")
+    message(browser, f"Pull of {REPO}: started", "ok")
+    total = sum(len(FILES[p]) for p in Q4F16)
+    progress = wait_for(
+        browser,
+        "the running pull's progress",
+        lambda d: (
+            (label := visible_text(d, "#pulls tbody tr .progress .label"))
+            and visible_text(d, "#pulls tbody tr .status") == "running"
+            and not label.startswith("0 B")
+            and "(100%)" not in label
+            and label
+        ),
+    )
+    percent = int(re.fullmatch(r".+ of .+ \((\d+)%\)", progress)[1])  # e.g. "272.0 KiB of 1.19 MiB (22%)"
+    assert 0 < percent < 100, progress
+    wait_for(browser, "the variant downloading", lambda d: variant_status(d, "q4f16") == "downloading")
+    assert visible_text(browser, f"{variant_row('q4f16')} .status") == "downloading"
+    assert variant_status(browser, "fp16") == "available"  # the scan's other variants
+    assert local.list_repos() == []  # nothing is published before every byte is verified
+
+    proxy.release()
+    wait_for(browser, "the variant downloaded", lambda d: variant_status(d, "q4f16") == "downloaded")
+    wait_for(browser, "the pull done", lambda d: visible_text(d, "#pulls tbody tr .status") == "done")
+    label = wait_for(
+        browser, "the full progress bar", lambda d: visible_text(d, f"{variant_row('q4f16')} .label")
+    )
+    assert label.endswith("(100%)"), label
+    assert js(browser, f"return document.querySelector('{variant_row('q4f16')} .fill').style.width") == "100%"
+    assert {f.path for f in local.list_files(REPO)} == set(Q4F16) and sum(
+        len(FILES[p]) for p in Q4F16
+    ) == total
+    facts = wait_for(browser, "the stored repo", lambda d: "pulled" in (visible_text(d, ".repo .repo-facts") or "")
+                     and visible_text(d, ".repo .repo-facts"))  # fmt: skip
+    assert "4 files" in facts and "main →" in facts, facts
+    wait_for(browser, "the disk in use", lambda d: visible_text(d, "#disk-used") not in ("0 B", "–"))
+    screenshot(browser, node.depot.home.parent / "guarded-dashboard.png")
+
+    # Removal: the button asks for a second click, then the repo goes and its variant is available again.
+    click(browser, f'.repo[data-repo="{REPO}"] .repo-actions button[data-action="remove"]')
+    confirm = f'.repo[data-repo="{REPO}"] .repo-actions button.confirm'
+    wait_for(browser, "the removal to be confirmed", lambda d: visible_text(d, confirm) == "Confirm remove")
+    click(browser, confirm)
+    message(browser, f"Removal of {REPO}: removed", "ok")
+    wait_for(browser, "the variant available again", lambda d: variant_status(d, "q4f16") == "available")
+    wait_for(browser, "the repo gone from the store",
+             lambda d: js(d, f"return document.querySelector('.repo[data-repo=\"{REPO}\"]').dataset.stored") == "no")  # fmt: skip
+    assert local.list_repos() == []
+
+
+def test_a_fleet_node_lists_its_peers_pulls_preloads_and_pins(
+    browser: WebDriver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two nodes of a fleet (the in-process registry) sharing a token: the page of the second pulls from
+    the first, found as a peer; preloads and pins. Its picture is the README's."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("MODELDEPOT_TOKEN", TOKEN)  # what a node sends its peers
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # no Hub: the peer alone
+    cluster = f"mem://dashboard-{uuid.uuid4().hex[:12]}"
+    with Depot(tmp_path / "a", chunk_size=SMALL_CHUNK) as a_depot:
+        a_depot.import_dir(write_model_dir(tmp_path / "src-a", FILES), REPO)
+        monkeypatch.setenv("MODELDEPOT_MAX_SIZE", "32MiB")  # the second node keeps within a disk budget
+        with Depot(tmp_path / "b", chunk_size=SMALL_CHUNK) as b_depot:
+            b_depot.import_dir(write_model_dir(tmp_path / "src-b", sample_files(3)), "acme/embedder")
+            a = InProcessNode(a_depot, cluster, TOKEN)
+            b = InProcessNode(b_depot, cluster, TOKEN)
+            try:
+                run_fleet_node(browser, b, b_depot, a_depot.store_id)
+            finally:
+                b.stop()
+                a.stop()
+    assert script_errors(browser) == []
+
+
+def run_fleet_node(browser: WebDriver, node: InProcessNode, depot: Depot, peer_id: str) -> None:
+    browser.get(node.url + "/")
+    wait_for(browser, "the token panel", lambda d: visible_text(d, "#token-panel"))
+    type_into(browser, "#token-input", TOKEN)
+    click(browser, "#token-submit")
+    wait_for(
+        browser,
+        "two peers",
+        lambda d: js(d, "return document.querySelectorAll('#peers tbody tr').length") == 2,
+    )
+    peers = visible_text(browser, "#peers") or ""
+    assert "(this node)" in peers and peer_id[:12] in peers, peers
+    assert visible_text(browser, "#disk-budget") == "32.0 MiB"
+    assert "acme/embedder" in (visible_text(browser, "#repos") or "")
+
+    type_into(browser, "#pull-repo", REPO)
+    type_into(browser, "#pull-quants", "q4f16")
+    click(browser, "#pull-submit")
+    wait_for(browser, "the variant downloaded", lambda d: variant_status(d, "q4f16") == "downloaded")
+    note = wait_for(
+        browser, "where the bytes came from", lambda d: visible_text(d, f"{variant_row('q4f16')} .note")
+    )
+    assert "peer " in note, note
+
+    click(browser, f'{variant_row("q4f16")} button[data-action="preload"]')
+    message(browser, f"Preload of {REPO} (q4f16):", "ok")
+    wait_for(browser, "the preloaded model", lambda d: REPO in (visible_text(d, "#preloaded") or ""))
+    assert depot.preloader.holds(REPO, "q4f16")
+    click(browser, f'{variant_row("q4f16")} button[data-action="pin"]')
+    message(browser, f"Pin of {REPO} (q4f16): pinned", "ok")
+    wait_for(
+        browser,
+        "the unpin button",
+        lambda d: visible_text(d, f'{variant_row("q4f16")} button[data-action="unpin"]'),
+    )
+    assert [(p.repo_id, p.quant) for p in depot.pins()] == [(REPO, "q4f16")]
+    click(browser, '.repo[data-repo="acme/embedder"] .repo-actions button[data-action="pin"]')
+    message(browser, "Pin of acme/embedder: pinned", "ok")
+    wait_for(
+        browser,
+        "the pinned badge",
+        lambda d: visible_text(d, '.repo[data-repo="acme/embedder"] .badge.pinned'),
+    )
+    wait_for(browser, "the pinned bytes", lambda d: "pinned" in (visible_text(d, "#disk-detail") or ""))
+    wait_for(browser, "the RAM tier in use", lambda d: visible_text(d, "#ram-used") not in ("0 B", "–"))
+
+    js(browser, "document.querySelector('#message').hidden = true")  # a quieter picture
+    path = depot.home.parent / "fleet-dashboard.png"
+    screenshot(browser, path)
+    wanted = os.environ.get("MODELDEPOT_DASHBOARD_SCREENSHOT")
+    if wanted:
+        shutil.copyfile(path, wanted)
+
+    click(browser, f'{variant_row("q4f16")} button[data-action="unpin"]')
+    message(browser, f"Unpin of {REPO} (q4f16): unpinned", "ok")
+    assert [(p.repo_id, p.quant) for p in depot.pins()] == [("acme/embedder", None)]

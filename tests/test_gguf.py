@@ -1,0 +1,339 @@
+"""Depot.load(engine="gguf"): metadata and tensors of GGUF files written by gguf-py's GGUFWriter, as
+read-only arrays that map the stored blob (no copy), split models loaded whole, and malformed files
+refused with the project's errors."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+
+from conftest import SMALL_CHUNK, LiveNode
+from modeldepot import Depot
+from modeldepot.engines import GgufModel
+from modeldepot.engines.adapters import load_gguf, model_file
+from modeldepot.errors import InvalidInputError, NotFoundError
+
+REPO = "acme/tiny-gguf"
+Q8 = gguf.GGMLQuantizationType.Q8_0
+rng = np.random.default_rng(7)
+F32 = rng.standard_normal((4, 64)).astype(np.float32)
+F16 = rng.standard_normal((8, 32)).astype(np.float16)
+INTS = np.arange(-3, 5, dtype=np.int32)
+QUANT_SOURCE = rng.standard_normal((2, 64)).astype(np.float32)
+Q8_BYTES = gguf.quants.quantize(QUANT_SOURCE, Q8)  # uint8 blocks: what the file holds
+TOKENS = ["<s>", "hello", "wörld", "🙂"]
+SCORES = [0.0, -1.5, 2.25, 3.0]
+METADATA: dict[str, Any] = {
+    "general.architecture": "llama",
+    "general.name": "tiny test model",
+    "llama.context_length": 2048,
+    "llama.rope.freq_base": 10000.0,
+    "test.int64": -(2**40),
+    "test.float64": 0.1,
+    "test.flag": True,
+    "tokenizer.ggml.tokens": TOKENS,
+    "tokenizer.ggml.scores": SCORES,
+    "test.ids": [1, 2, 3],
+}
+TENSORS = {"f32.weight": F32, "f16.weight": F16, "ints": INTS}
+
+
+def write_gguf(
+    path: Path, *, split_max_tensors: int = 0, endianess: Any = gguf.GGUFEndian.LITTLE
+) -> list[Path]:
+    """A GGUF (or its shards) with METADATA, TENSORS and a Q8_0 tensor; returns the files written."""
+    writer = gguf.GGUFWriter(path, "llama", split_max_tensors=split_max_tensors, endianess=endianess)
+    writer.add_string("general.name", METADATA["general.name"])
+    writer.add_uint32("llama.context_length", METADATA["llama.context_length"])
+    writer.add_float32("llama.rope.freq_base", METADATA["llama.rope.freq_base"])
+    writer.add_int64("test.int64", METADATA["test.int64"])
+    writer.add_float64("test.float64", METADATA["test.float64"])
+    writer.add_bool("test.flag", METADATA["test.flag"])
+    writer.add_array("tokenizer.ggml.tokens", TOKENS)
+    writer.add_array("tokenizer.ggml.scores", SCORES)
+    writer.add_array("test.ids", METADATA["test.ids"])
+    for name, array in TENSORS.items():
+        writer.add_tensor(name, array)
+    writer.add_tensor("q8.weight", Q8_BYTES, raw_dtype=Q8)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return writer.format_shard_names(path)
+
+
+def check_values(model: GgufModel) -> None:
+    """What was written, read back: metadata, numeric tensors, raw Q8_0 blocks and their meaning."""
+    for key, value in METADATA.items():
+        if isinstance(value, float) or (isinstance(value, list) and isinstance(value[0], float)):
+            np.testing.assert_allclose(model.metadata[key], value, rtol=1e-7)
+        else:
+            assert model.metadata[key] == value and type(model.metadata[key]) is type(value), key
+    assert model.architecture == "llama" and model.version == 3
+    assert not any(key.startswith("GGUF.") for key in model.metadata)
+    assert set(model.tensors) == {*TENSORS, "q8.weight"}
+    for name, expected in TENSORS.items():
+        array = model.tensors[name]
+        assert array.dtype == expected.dtype and array.shape == expected.shape, name
+        np.testing.assert_array_equal(array, expected)
+        info = model.tensor_info[name]
+        assert info.shape == expected.shape and not info.raw and info.n_bytes == expected.nbytes
+    quantized, info = model.tensors["q8.weight"], model.tensor_info["q8.weight"]
+    assert info.ggml_type == "Q8_0" and info.raw and info.shape == QUANT_SOURCE.shape
+    assert quantized.dtype == np.uint8 and quantized.shape == Q8_BYTES.shape  # the raw ggml blocks
+    np.testing.assert_array_equal(quantized, Q8_BYTES)
+    np.testing.assert_array_equal(model.dequantize("q8.weight"), gguf.quants.dequantize(Q8_BYTES, Q8))
+    np.testing.assert_allclose(model.dequantize("q8.weight"), QUANT_SOURCE, atol=0.03)
+    np.testing.assert_array_equal(model.dequantize("f16.weight"), F16.astype(np.float32))
+
+
+def file_mappings() -> list[tuple[int, int, str, str]]:
+    """(start, end, permissions, path) of this process's file mappings."""
+    mappings = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                mappings.append((start, end, fields[1], fields[5].strip()))
+    return mappings
+
+
+def assert_maps_the_file(array: np.ndarray, path: Path) -> None:
+    """``array`` is a read-only view of a shared mapping of ``path``'s blob: no copy anywhere."""
+    assert array.flags.writeable is False
+    with pytest.raises(ValueError, match="read-only"):
+        array.flat[0] = 0
+    base: Any = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    assert isinstance(base, mmap.mmap), "the array's base chain ends in the file's mmap"
+    assert len(base) == path.stat().st_size
+    blob = os.path.realpath(path)
+    address = array.__array_interface__["data"][0]
+    found = [(perms, name) for start, end, perms, name in file_mappings() if start <= address < end]
+    assert found == [("r--s", blob)], f"{array.shape} lies in {found}, not a shared read-only map of {blob}"
+
+
+@pytest.fixture
+def single(depot: Depot, tmp_path: Path) -> Depot:
+    folder = tmp_path / "single"
+    folder.mkdir()
+    write_gguf(folder / "tiny-Q8_0.gguf")
+    # A projector ships beside every GGUF variant; it must not be taken for the model (its name is
+    # shorter, so a choice by name alone would pick it).
+    writer = gguf.GGUFWriter(folder / "mmproj.gguf", "clip")
+    writer.add_tensor("proj", F16)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (folder / "config.json").write_text("{}")
+    depot.import_dir(folder, REPO)
+    return depot
+
+
+def test_load_gives_metadata_and_tensors_that_map_the_stored_file(single: Depot, home: Path) -> None:
+    model = single.load(REPO, "Q8_0", engine="gguf")
+    assert isinstance(model, GgufModel)
+    check_values(model)
+    stored = single.file_path(REPO, "tiny-Q8_0.gguf")
+    assert model.files == [stored]
+    assert os.path.realpath(stored).startswith(f"{os.path.realpath(home)}/blobs/")
+    for name, array in model.tensors.items():
+        assert_maps_the_file(array, stored)
+        assert model.tensor_info[name].file == stored
+        offset = model.tensor_info[name].offset
+        assert stored.read_bytes()[offset : offset + array.nbytes] == array.tobytes(), name
+    assert "GgufModel('llama', 4 tensors" in repr(model)
+
+
+def test_a_second_load_is_a_cache_hit_and_a_preloaded_copy_is_used(single: Depot) -> None:
+    single.preloader.preload(REPO, "Q8_0")
+    model = single.load(REPO, "Q8_0", engine="gguf")
+    assert single.preloader.stats().hits == 1, "the load held the preloaded copy while it mapped the file"
+    assert single.load(REPO, "q8_0", engine="gguf") is model  # variant names match case-insensitively
+    assert single.load(REPO, engine="gguf") is model  # no variant: the one model file (not mmproj)
+    stats = single.engines.stats()
+    assert (stats.total_misses, stats.total_hits, stats.cached_models) == (1, 2, 1)
+
+
+@pytest.fixture
+def split_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "split"
+    folder.mkdir()
+    shards = write_gguf(folder / "tiny-Q8_0.gguf", split_max_tensors=2)
+    assert [p.name for p in shards] == ["tiny-Q8_0-00001-of-00002.gguf", "tiny-Q8_0-00002-of-00002.gguf"]
+    assert all(p.exists() for p in shards)
+    return folder
+
+
+def test_a_split_model_loads_whole_from_its_shards(depot: Depot, split_folder: Path) -> None:
+    depot.import_dir(split_folder, REPO)
+    assert model_file([p.name for p in split_folder.iterdir()], "Q8_0", (".gguf",)) == (
+        "tiny-Q8_0-00001-of-00002.gguf"
+    )
+    model = depot.load(REPO, "Q8_0", engine="gguf")
+    check_values(model)
+    first, second = (depot.file_path(REPO, f"tiny-Q8_0-0000{n}-of-00002.gguf") for n in (1, 2))
+    assert model.files == [first, second]
+    assert model.metadata["split.count"] == 2 and model.metadata["split.tensors.count"] == 4
+    held_by = {name: info.file for name, info in model.tensor_info.items()}
+    assert set(held_by.values()) == {first, second}, "the tensors come from both shards"
+    for name, array in model.tensors.items():
+        assert_maps_the_file(array, held_by[name])
+    assert depot.load(REPO, "Q8_0", engine="gguf") is model
+
+
+def test_a_missing_shard_is_an_error_not_a_partial_model(depot: Depot, split_folder: Path) -> None:
+    second = split_folder / "tiny-Q8_0-00002-of-00002.gguf"
+    kept = second.read_bytes()
+    second.unlink()
+    depot.import_dir(split_folder, REPO)
+    with pytest.raises(NotFoundError, match=r"lacks tiny-Q8_0-00002-of-00002\.gguf"):
+        depot.load(REPO, "Q8_0", engine="gguf")  # offline (the tests' default): nothing to pull it from
+    assert depot.engines.stats().cached_models == 0
+    # Loaded from a folder directly, the same.
+    with pytest.raises(NotFoundError, match=r"tiny-Q8_0-00002-of-00002\.gguf is missing"):
+        load_gguf(split_folder / "tiny-Q8_0-00001-of-00002.gguf")
+    # A shard of another split (3 files) under the missing one's name: the shards disagree.
+    other = split_folder / "other"
+    other.mkdir()
+    write_gguf(other / "x.gguf", split_max_tensors=1)
+    shutil.copy(other / "x-00002-of-00004.gguf", second)
+    with pytest.raises(
+        InvalidInputError, match=r"named shard 2 of 2 but its split\.no/split\.count say 2 of 4"
+    ):
+        load_gguf(split_folder / "tiny-Q8_0-00001-of-00002.gguf")
+    # A shard renamed to a plain name: its siblings cannot be found.
+    second.write_bytes(kept)
+    shutil.copy(split_folder / "tiny-Q8_0-00001-of-00002.gguf", split_folder / "renamed.gguf")
+    with pytest.raises(NotFoundError, match="shard 1 of 2 of a split GGUF, but is not named as one"):
+        load_gguf(split_folder / "renamed.gguf")
+    assert set(load_gguf(second).tensors) == {*TENSORS, "q8.weight"}  # any shard's path finds them all
+
+
+@pytest.fixture
+def upstream(tmp_path: Path, split_folder: Path) -> Iterator[LiveNode]:
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as node_depot:
+        node_depot.import_dir(split_folder, REPO)
+        node = LiveNode(node_depot)
+        yield node
+        node.stop()
+
+
+def test_a_store_missing_a_shard_pulls_the_variant_first(
+    upstream: LiveNode, tmp_path: Path, split_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(split_folder / "tiny-Q8_0-00001-of-00002.gguf", partial)
+    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[upstream.url]) as local:
+        local.import_dir(partial, REPO)
+        check_values(local.load(REPO, "Q8_0", engine="gguf"))
+        assert local.has_file(REPO, "tiny-Q8_0-00002-of-00002.gguf")
+
+
+def test_a_file_that_is_not_gguf_is_a_clear_error_and_not_cached(depot: Depot, tmp_path: Path) -> None:
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "tiny-Q8_0.gguf").write_bytes(b"PK\x03\x04 this is a zip, not a model" * 10)
+    depot.import_dir(folder, REPO)
+    for _ in range(2):
+        with pytest.raises(InvalidInputError, match=r"tiny-Q8_0\.gguf is not a GGUF file"):
+            depot.load(REPO, "Q8_0", engine="gguf")
+    stats = depot.engines.stats()
+    assert (stats.load_failures, stats.cached_models) == (2, 0)
+
+
+def test_every_truncation_is_a_clear_error(tmp_path: Path) -> None:
+    good = tmp_path / "good.gguf"
+    write_gguf(good)
+    data = good.read_bytes()
+    model = load_gguf(good)
+    needed = max(info.offset + info.n_bytes for info in model.tensor_info.values())
+    header_end = min(info.offset for info in model.tensor_info.values())
+    bad = tmp_path / "bad.gguf"
+    cuts = [*range(header_end + 1), *range(header_end + 1, needed, 61), needed - 1]
+    for cut in cuts:
+        bad.write_bytes(data[:cut])
+        with pytest.raises(InvalidInputError, match=r"bad\.gguf (is not a GGUF file|is truncated)"):
+            load_gguf(bad)
+    bad.write_bytes(data[:needed])  # only the padding after the last tensor gone: still whole
+    check_values(load_gguf(bad))
+
+
+def kv_value_offset(data: bytes, key: str) -> int:
+    """Where the value type of key-value ``key`` starts in a GGUF file's bytes."""
+    encoded = key.encode()
+    at = data.index(struct.pack("<Q", len(encoded)) + encoded)
+    return at + 8 + len(encoded)
+
+
+def tensor_info_offset(data: bytes, name: str) -> int:
+    """Where the ``n_dims`` of tensor ``name``'s info starts."""
+    encoded = name.encode()
+    return data.index(struct.pack("<Q", len(encoded)) + encoded) + 8 + len(encoded)
+
+
+def patched(data: bytes, offset: int, fmt: str, *values: Any) -> bytes:
+    packed = struct.pack(fmt, *values)
+    return data[:offset] + packed + data[offset + len(packed) :]
+
+
+def test_a_file_that_lies_about_its_sizes_is_refused_at_once(tmp_path: Path) -> None:
+    good = tmp_path / "good.gguf"
+    write_gguf(good)
+    data = good.read_bytes()
+    tokens, scores = (
+        kv_value_offset(data, "tokenizer.ggml.tokens"),
+        kv_value_offset(data, "tokenizer.ggml.scores"),
+    )
+    f32 = tensor_info_offset(data, "f32.weight")
+    cases = {
+        "magic": (b"GGML" + data[4:], "is not a GGUF file"),
+        "version": (patched(data, 4, "<I", 99), "version 99"),
+        "tensor count": (patched(data, 8, "<Q", 2**60), "truncated"),
+        "string count": (patched(data, tokens + 8, "<Q", 2**62), "truncated"),  # gguf-py would loop on
+        "float count": (patched(data, scores + 8, "<Q", 2**62), "truncated"),  # these for ages
+        "value type": (patched(data, tokens, "<I", 77), "value type 77"),
+        "dimensions": (patched(data, f32, "<I", 2**31), "truncated"),
+        "tensor offset": (patched(data, f32 + 4 + 16 + 4, "<Q", 2**40), "tensor 'f32.weight' needs bytes"),
+        "ggml type": (patched(data, f32 + 4 + 16, "<I", 999), "ggml type 999"),
+        "rows": (patched(data, data.index(struct.pack("<Q", 9) + b"q8.weight") + 17 + 4, "<Q", 33), "blocks"),
+    }
+    bad = tmp_path / "bad.gguf"
+    for case, (content, message) in cases.items():
+        assert len(content) == len(data), case
+        bad.write_bytes(content)
+        started = time.monotonic()
+        with pytest.raises(InvalidInputError, match=message):
+            load_gguf(bad)
+        assert time.monotonic() - started < 1.0, case
+    with pytest.raises(NotFoundError):
+        load_gguf(tmp_path / "absent.gguf")
+
+
+def test_a_big_endian_file_reads_the_same(tmp_path: Path) -> None:
+    path = tmp_path / "be.gguf"
+    write_gguf(path, endianess=gguf.GGUFEndian.BIG)
+    assert path.read_bytes()[4:8] == struct.pack(">I", 3)
+    model = load_gguf(path)
+    assert (
+        model.metadata["llama.context_length"] == 2048 and model.metadata["tokenizer.ggml.tokens"] == TOKENS
+    )
+    for name, expected in TENSORS.items():
+        assert model.tensors[name].dtype.byteorder == ">" or expected.dtype.itemsize == 1
+        np.testing.assert_array_equal(model.tensors[name], expected)

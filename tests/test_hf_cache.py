@@ -1,0 +1,520 @@
+"""The Hugging Face cache, both ways (``modeldepot hf-cache``), with the real huggingface_hub and transformers.
+
+A real cache is made the way users get one: ``snapshot_download`` / ``hf_hub_download`` from a modeldepot
+node on loopback (the production app over sockets). Import adopts it into a fresh store; export writes a
+store's repo into an empty cache, which huggingface_hub then reads with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from huggingface_hub import hf_hub_download, scan_cache_dir, snapshot_download
+
+from conftest import (
+    SMALL_CHUNK,
+    LiveNode,
+    flip_byte,
+    minilm_model_dir,
+    sample_files,
+    store_files_consistent,
+    write_model_dir,
+)
+from modeldepot import Depot, InvalidInputError, SourceDirectoryError, StoreError
+from modeldepot.cli import cli
+
+SAMPLE = "acme/sample"
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+DEV_FILES = {"config.json": b'{"dev": true}', "README.md": b"---\nlicense: mit\n---\n# dev\n"}
+PR_FILES = {"config.json": b'{"pr": 1}'}
+FOLDER = "models--acme--sample"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Depot, LiveNode]]:
+    """A node serving acme/sample (main, dev, refs/pr/1) and the real all-MiniLM-L6-v2."""
+    root = tmp_path_factory.mktemp("hf-source")
+    depot = Depot(root / "store", chunk_size=SMALL_CHUNK)
+    depot.import_dir(write_model_dir(root / "sample", sample_files()), SAMPLE)
+    depot.import_dir(write_model_dir(root / "dev", DEV_FILES), SAMPLE, "dev")
+    depot.import_dir(write_model_dir(root / "pr", PR_FILES), SAMPLE, "refs/pr/1")
+    depot.import_dir(minilm_model_dir(), MINILM)
+    node = LiveNode(depot)
+    yield depot, node
+    node.stop()
+    depot.close()
+
+
+@pytest.fixture(scope="module")
+def pristine(source: tuple[Depot, LiveNode], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache as huggingface_hub leaves it: acme/sample's main whole, dev's and refs/pr/1's config.json."""
+    _, node = source
+    cache = tmp_path_factory.mktemp("hf-pristine") / "hub"
+    snapshot_download(SAMPLE, endpoint=node.url, cache_dir=cache)
+    hf_hub_download(SAMPLE, "config.json", revision="dev", endpoint=node.url, cache_dir=cache)
+    hf_hub_download(SAMPLE, "config.json", revision="refs/pr/1", endpoint=node.url, cache_dir=cache)
+    return cache
+
+
+@pytest.fixture
+def hf_cache(pristine: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the pristine cache (links kept as links), for a test to adopt or damage."""
+    cache = tmp_path / "hf" / "hub"
+    shutil.copytree(pristine, cache, symlinks=True)
+    return cache
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def snapshot_of(cache: Path, branch: str = "main") -> Path:
+    return cache / FOLDER / "snapshots" / (cache / FOLDER / "refs" / branch).read_text()
+
+
+def inode(path: Path | str) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+
+
+def index_rows(depot: Depot) -> dict[str, list[tuple[object, ...]]]:
+    queries = {
+        "files": "SELECT repo_id, commit_id, path, sha256, size, git_oid, lfs FROM files ORDER BY 1, 2, 3",
+        "refs": "SELECT repo_id, name, commit_id FROM refs ORDER BY 1, 2",
+        "revisions": "SELECT repo_id, commit_id FROM revisions ORDER BY 1, 2",
+        "blobs": "SELECT sha256, size, state, git_sha1 FROM blobs ORDER BY 1",
+    }
+    return {name: [tuple(row) for row in depot.store.index.read(sql)] for name, sql in queries.items()}
+
+
+def store_blob_files(depot: Depot) -> set[str]:
+    return {name for _, _, names in os.walk(depot.store.layout.blobs) for name in names}
+
+
+def run(*args: str, home: Path) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, [*args, "--home", str(home)])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+# -- import ------------------------------------------------------------------------------------------------
+
+
+def test_import_adopts_a_real_cache_by_hard_links(
+    depot: Depot, hf_cache: Path, source: tuple[Depot, LiveNode]
+) -> None:
+    origin, _ = source
+    seen: list[tuple[str, int, int]] = []
+    result = depot.hf_cache_import(cache_dir=hf_cache, progress=lambda *update: seen.append(update))
+    assert result.ok, result.problems
+    assert [r.repo_id for r in result.repos] == [SAMPLE]
+    repo = result.repos[0]
+    # Every ref and revision kept, under the Hub's commit ids.
+    for branch in ("main", "dev", "refs/pr/1"):
+        assert depot.resolve(SAMPLE, branch) == origin.resolve(SAMPLE, branch)
+    assert {r.commit_id: r.refs for r in repo.revisions} == {
+        origin.resolve(SAMPLE, "main"): ("main",),
+        origin.resolve(SAMPLE, "dev"): ("dev",),
+        origin.resolve(SAMPLE, "refs/pr/1"): ("refs/pr/1",),
+    }
+    # Contents verified, byte-identical, with the Hub's digests and ETags.
+    assert read_tree(depot.snapshot_path(SAMPLE)) == sample_files()
+    for entry in depot.list_files(SAMPLE):
+        assert bytes(depot.get_file(SAMPLE, entry.path)) == sample_files()[entry.path]
+        theirs = origin.file_info(SAMPLE, entry.path)
+        assert (entry.sha256, entry.git_oid, entry.lfs, entry.etag) == (
+            theirs.sha256, theirs.git_oid, theirs.lfs, theirs.etag
+        )  # fmt: skip
+    assert depot.file_info(SAMPLE, "model.safetensors").lfs
+    assert not depot.file_info(SAMPLE, "config.json").lfs
+    assert bytes(depot.get_file(SAMPLE, "config.json", "dev")) == DEV_FILES["config.json"]
+    assert bytes(depot.get_file(SAMPLE, "config.json", "refs/pr/1")) == PR_FILES["config.json"]
+    assert depot.verify().ok and store_files_consistent(depot) == []
+    assert depot.repo_info(SAMPLE).origin == "hf-cache"
+    # Same file system: every blob is the cache's own inode, now read-only as the store's blobs are.
+    snapshot = snapshot_of(hf_cache)
+    for entry in depot.list_files(SAMPLE):
+        assert inode(snapshot / entry.path) == inode(depot.store.blobs.path(entry.sha256)), entry.path
+        assert stat.S_IMODE(os.stat(snapshot / entry.path).st_mode) == 0o444
+    assert repo.linked_blobs == repo.blobs == repo.new_blobs == len(store_blob_files(depot))
+    assert repo.copied_blobs == 0
+    every_blob = sum(map(len, sample_files().values())) + len(
+        DEV_FILES["config.json"] + PR_FILES["config.json"]
+    )
+    assert seen and seen[-1][1] == seen[-1][2] == every_blob
+
+
+def test_an_import_keeps_to_the_disk_budget(
+    hf_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modeldepot.store.budget import BudgetExceededError
+
+    monkeypatch.setenv("MODELDEPOT_MAX_SIZE", "1KiB")  # far below the sample's weights
+    with Depot(tmp_path / "small") as small:
+        with pytest.raises(BudgetExceededError):
+            small.hf_cache_import(cache_dir=hf_cache)
+        assert small.list_repos() == [] and store_blob_files(small) == set()
+    monkeypatch.setenv("MODELDEPOT_MAX_SIZE", "64MiB")
+    with Depot(tmp_path / "roomy") as roomy:
+        roomy.import_dir(
+            write_model_dir(tmp_path / "old", {"w.bin": os.urandom((64 << 20) - (100 << 10))}), "acme/old"
+        )
+        assert roomy.hf_cache_import(cache_dir=hf_cache).ok  # the old repo goes to make room
+        assert [r.repo_id for r in roomy.list_repos()] == [SAMPLE]
+        assert roomy.budget_status().evictions == 1
+
+
+def test_a_second_import_changes_nothing(depot: Depot, hf_cache: Path) -> None:
+    first = depot.hf_cache_import(cache_dir=hf_cache)
+    rows, blobs = index_rows(depot), store_blob_files(depot)
+    inodes = {sha256: inode(depot.store.blobs.path(sha256)) for sha256 in blobs}
+    second = depot.hf_cache_import(cache_dir=hf_cache)
+    assert first.ok and second.ok
+    assert [r.new_blobs for r in second.repos] == [0] and [r.new_bytes for r in second.repos] == [0]
+    assert [r.revisions for r in second.repos] == [r.revisions for r in first.repos]
+    assert index_rows(depot) == rows and store_blob_files(depot) == blobs
+    assert {sha256: inode(depot.store.blobs.path(sha256)) for sha256 in blobs} == inodes
+    assert list(depot.store.layout.tmp.iterdir()) == []  # the write sessions went
+
+
+def test_damaged_entries_are_reported_and_skipped_the_rest_imported(
+    depot: Depot, hf_cache: Path, tmp_path: Path
+) -> None:
+    folder = hf_cache / FOLDER
+    main = snapshot_of(hf_cache)
+    commit = main.name
+
+    def blob_of(path: str) -> Path:
+        return Path(os.path.realpath(main / path))
+
+    weights, config, onnx = (
+        blob_of("model.safetensors"),
+        blob_of("config.json"),
+        blob_of("onnx/model_q4.onnx"),
+    )
+    flip_byte(weights, 1000)  # an LFS blob whose SHA-256 no longer matches its name
+    config.write_bytes(config.read_bytes().replace(b"bert", b"BERT"))  # a git blob whose id no longer does
+    onnx.rename(onnx.with_name(onnx.name + ".incomplete"))  # a download killed before it finished
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"not for the store")
+    (main / "leak.txt").symlink_to(secret)  # a link out of the cache
+    import hashlib
+
+    disguised = folder / "blobs" / hashlib.sha256(secret.read_bytes()).hexdigest()
+    disguised.symlink_to(secret)  # a blob of the right name that is a link out of the cache
+    (main / "leak2.bin").symlink_to(f"../../blobs/{disguised.name}")
+    (folder / "refs" / "gone").write_text("0" * 40)  # a ref to no snapshot
+
+    result = depot.hf_cache_import(cache_dir=hf_cache)
+
+    found = sorted((p.problem, p.path) for p in result.problems)
+    assert found == sorted([
+        ("corrupt", f"{FOLDER}/blobs/{weights.name}"),
+        ("corrupt", f"{FOLDER}/blobs/{config.name}"),
+        ("incomplete", f"{FOLDER}/blobs/{onnx.name}.incomplete"),
+        ("missing", f"{FOLDER}/snapshots/{commit}/onnx/model_q4.onnx"),
+        ("missing", f"{FOLDER}/refs/gone"),
+        ("outside", f"{FOLDER}/snapshots/{commit}/leak.txt"),
+        ("outside", f"{FOLDER}/snapshots/{commit}/leak2.bin"),
+    ]), result.problems  # fmt: skip
+    assert all(p.repo_id == SAMPLE and p.detail for p in result.problems)
+    (unfinished,) = [p for p in result.problems if p.path.endswith("onnx/model_q4.onnx")]
+    assert "did not finish" in unfinished.detail
+    skipped = {"model.safetensors", "config.json", "onnx/model_q4.onnx"}
+    kept = {path: data for path, data in sample_files().items() if path not in skipped}
+    assert read_tree(depot.snapshot_path(SAMPLE)) == kept
+    for path in [*skipped, "leak.txt", "leak2.bin"]:
+        assert not depot.has_file(SAMPLE, path)
+    assert bytes(depot.get_file(SAMPLE, "config.json", "dev")) == DEV_FILES["config.json"]
+    assert depot.resolve(SAMPLE) == commit
+    # Nothing of the damaged or outside files reached the store; the cache keeps what it had.
+    expected = {e.sha256 for rev in ("main", "dev", "refs/pr/1") for e in depot.list_files(SAMPLE, rev)}
+    assert store_blob_files(depot) == expected
+    assert hashlib.sha256(secret.read_bytes()).hexdigest() not in expected
+    assert weights.exists() and hashlib.sha256(weights.read_bytes()).hexdigest() != weights.name
+    assert depot.verify().ok and store_files_consistent(depot) == []
+    assert list(depot.store.layout.tmp.iterdir()) == []
+
+
+def test_copies_when_asked_and_the_cache_is_left_alone(depot: Depot, hf_cache: Path) -> None:
+    modes = {p: stat.S_IMODE(p.stat().st_mode) for p in (hf_cache / FOLDER / "blobs").iterdir()}
+    result = depot.hf_cache_import(cache_dir=hf_cache, copy=True)
+    assert result.ok and result.repos[0].linked_blobs == 0 and result.repos[0].copied_blobs > 0
+    snapshot = snapshot_of(hf_cache)
+    for entry in depot.list_files(SAMPLE):
+        assert inode(snapshot / entry.path) != inode(depot.store.blobs.path(entry.sha256))
+    assert {p: stat.S_IMODE(p.stat().st_mode) for p in (hf_cache / FOLDER / "blobs").iterdir()} == modes
+    assert read_tree(depot.snapshot_path(SAMPLE)) == sample_files() and depot.verify().ok
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0, reason="mounts a tmpfs: Linux, as root")
+def test_copies_across_file_systems(hf_cache: Path, tmp_path: Path) -> None:
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
+    try:
+        with Depot(mount / "store", chunk_size=SMALL_CHUNK) as depot:
+            result = depot.hf_cache_import(cache_dir=hf_cache)
+            assert result.ok and result.repos[0].linked_blobs == 0
+            assert result.repos[0].copied_blobs == result.repos[0].blobs > 0
+            assert read_tree(depot.snapshot_path(SAMPLE)) == sample_files() and depot.verify().ok
+            exported = depot.hf_cache_export(SAMPLE, cache_dir=tmp_path / "exported")
+            assert exported.copied == exported.files and exported.linked == 0
+            assert read_tree(Path(exported.snapshot_path)) == sample_files()
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_failed_import_publishes_nothing_and_loses_nothing_of_the_cache(
+    depot: Depot, hf_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import modeldepot.store.publish
+
+    def failing_commit(*args: object, **kwargs: object) -> None:
+        raise StoreError("the index failed (simulated)")
+
+    monkeypatch.setattr(modeldepot.store.publish, "_commit", failing_commit)
+    with pytest.raises(StoreError, match="simulated"):
+        depot.hf_cache_import(cache_dir=hf_cache)
+    assert depot.list_repos() == [] and store_blob_files(depot) == set()
+    assert list(depot.store.layout.tmp.iterdir()) == []
+    # The store's names went; the cache's hard-linked files did not.
+    folder = snapshot_download(SAMPLE, cache_dir=hf_cache, local_files_only=True)
+    assert read_tree(Path(folder)) == sample_files()
+    monkeypatch.undo()
+    assert depot.hf_cache_import(cache_dir=hf_cache).ok
+    assert read_tree(depot.snapshot_path(SAMPLE)) == sample_files()
+
+
+def test_only_the_repos_asked_for_and_private_stays_private(
+    depot: Depot, hf_cache: Path, source: tuple[Depot, LiveNode], tmp_path: Path
+) -> None:
+    _, node = source
+    snapshot_download(MINILM, endpoint=node.url, cache_dir=hf_cache, allow_patterns=["*.json", "*.txt"])
+    result = depot.hf_cache_import([MINILM], cache_dir=hf_cache)
+    assert [r.repo_id for r in result.repos] == [MINILM] and [r.repo_id for r in depot.list_repos()] == [
+        MINILM
+    ]
+    depot.import_dir(write_model_dir(tmp_path / "other", {"a.txt": b"a"}), SAMPLE, "other", private=True)
+    assert depot.hf_cache_import([SAMPLE], cache_dir=hf_cache).ok
+    assert depot.repo_info(SAMPLE).private  # adopting a cache never makes a private repo public
+    with pytest.raises(SourceDirectoryError, match="acme/absent"):
+        depot.hf_cache_import(["acme/absent"], cache_dir=hf_cache)
+    with pytest.raises(SourceDirectoryError):
+        depot.hf_cache_import(cache_dir=tmp_path / "no-cache")
+    with pytest.raises(InvalidInputError):
+        depot.hf_cache_import(["../etc"], cache_dir=hf_cache)
+
+
+# -- export ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def filled(depot: Depot, tmp_path: Path) -> Depot:
+    depot.import_dir(write_model_dir(tmp_path / "sample", sample_files()), SAMPLE)
+    depot.import_dir(write_model_dir(tmp_path / "dev", DEV_FILES), SAMPLE, "dev")
+    return depot
+
+
+def test_export_is_found_offline_by_huggingface_hub(filled: Depot, tmp_path: Path) -> None:
+    cache = tmp_path / "empty" / "hub"
+    result = filled.hf_cache_export(SAMPLE, cache_dir=cache)
+    dev = filled.hf_cache_export(SAMPLE, "dev", cache_dir=cache)
+    assert result.ok and dev.ok and result.files == len(sample_files()) and result.linked == result.files
+    for path, data in sample_files().items():
+        found = hf_hub_download(SAMPLE, path, cache_dir=cache, local_files_only=True)
+        assert Path(found).read_bytes() == data
+        assert inode(found) == inode(filled.store.blobs.path(filled.file_info(SAMPLE, path).sha256))
+    folder = snapshot_download(SAMPLE, cache_dir=cache, local_files_only=True)
+    assert read_tree(Path(folder)) == sample_files() and folder == result.snapshot_path
+    assert Path(folder).name == filled.resolve(SAMPLE)
+    found = hf_hub_download(SAMPLE, "config.json", revision="dev", cache_dir=cache, local_files_only=True)
+    assert Path(found).read_bytes() == DEV_FILES["config.json"]
+    by_commit = filled.resolve(SAMPLE, "dev")
+    assert (
+        read_tree(Path(snapshot_download(SAMPLE, revision=by_commit, cache_dir=cache, local_files_only=True)))
+        == DEV_FILES
+    )
+    scanned = scan_cache_dir(cache)
+    assert scanned.warnings == []
+    (repo,) = scanned.repos
+    assert repo.repo_id == SAMPLE and repo.repo_type == "model"
+    assert {r.commit_hash: set(r.refs) for r in repo.revisions} == {
+        filled.resolve(SAMPLE): {"main"},
+        filled.resolve(SAMPLE, "dev"): {"dev"},
+    }
+    again = filled.hf_cache_export(SAMPLE, cache_dir=cache)
+    assert (again.kept, again.linked, again.copied) == (len(sample_files()), 0, 0)
+    assert list((cache / FOLDER).glob(".modeldepot-*")) == []  # no temporary file left
+
+
+def test_export_lays_the_cache_out_as_a_download_does(source: tuple[Depot, LiveNode], tmp_path: Path) -> None:
+    origin, node = source
+    downloaded, exported = tmp_path / "downloaded", tmp_path / "exported"
+    for revision in ("main", "dev", "refs/pr/1"):
+        snapshot_download(SAMPLE, revision=revision, endpoint=node.url, cache_dir=downloaded)
+        origin.hf_cache_export(SAMPLE, revision, cache_dir=exported)
+
+    def layout(cache: Path) -> dict[str, str | bytes]:
+        found: dict[str, str | bytes] = {}
+        for path in sorted((cache / FOLDER).rglob("*")):
+            relative = path.relative_to(cache / FOLDER).as_posix()
+            if relative.split("/")[0] not in ("blobs", "snapshots", "refs") or path.is_dir():
+                continue  # trees/ (huggingface_hub's listing cache) and folders
+            found[relative] = os.readlink(path) if path.is_symlink() else path.read_bytes()
+        return found
+
+    assert layout(exported) == layout(downloaded)
+    assert any(key.startswith("refs/refs/pr/") for key in layout(exported))
+
+
+def test_export_copies_when_asked_and_repairs_a_damaged_blob(filled: Depot, tmp_path: Path) -> None:
+    cache = tmp_path / "hub"
+    result = filled.hf_cache_export(SAMPLE, cache_dir=cache, copy=True)
+    assert result.copied == result.files and result.linked == 0
+    weights = Path(os.path.realpath(Path(result.snapshot_path) / "model.safetensors"))
+    assert inode(weights) != inode(
+        filled.store.blobs.path(filled.file_info(SAMPLE, "model.safetensors").sha256)
+    )
+    flip_byte(weights, 5)
+    again = filled.hf_cache_export(SAMPLE, cache_dir=cache, copy=True)
+    assert (again.kept, again.copied) == (result.files - 1, 1)
+    assert (
+        read_tree(Path(snapshot_download(SAMPLE, cache_dir=cache, local_files_only=True))) == sample_files()
+    )
+
+
+def test_export_skips_a_quarantined_file(filled: Depot, tmp_path: Path) -> None:
+    filled.store.quarantine(filled.file_info(SAMPLE, "tokenizer.json").sha256)
+    result = filled.hf_cache_export(SAMPLE, cache_dir=tmp_path / "hub")
+    assert not result.ok and [(p.problem, p.path.rsplit("/", 1)[-1]) for p in result.problems] == [
+        ("corrupt", "tokenizer.json")
+    ]
+    assert result.files == len(sample_files()) - 1
+    folder = Path(result.snapshot_path)
+    assert read_tree(folder) == {p: d for p, d in sample_files().items() if p != "tokenizer.json"}
+
+
+def test_export_refuses_to_write_through_a_link_out_of_the_cache(filled: Depot, tmp_path: Path) -> None:
+    cache, elsewhere = tmp_path / "hub", tmp_path / "elsewhere"
+    cache.mkdir()
+    elsewhere.mkdir()
+    (cache / FOLDER).symlink_to(elsewhere)
+    with pytest.raises(InvalidInputError, match="not a folder inside the cache"):
+        filled.hf_cache_export(SAMPLE, cache_dir=cache)
+    assert list(elsewhere.iterdir()) == []
+    code, _, err = run("hf-cache", "export", SAMPLE, "--cache-dir", str(cache), home=filled.home)
+    assert code == 2 and "refusing" in err and list(elsewhere.iterdir()) == []
+
+
+def test_export_then_import_round_trips(filled: Depot, tmp_path: Path) -> None:
+    cache = tmp_path / "hub"
+    filled.hf_cache_export(SAMPLE, cache_dir=cache)
+    filled.hf_cache_export(SAMPLE, "dev", cache_dir=cache)
+    with Depot(tmp_path / "second", chunk_size=SMALL_CHUNK) as second:
+        assert second.hf_cache_import(cache_dir=cache).ok
+        for branch in ("main", "dev"):
+            assert second.resolve(SAMPLE, branch) == filled.resolve(SAMPLE, branch)
+            assert [(e.path, e.sha256, e.git_oid, e.lfs) for e in second.list_files(SAMPLE, branch)] == [
+                (e.path, e.sha256, e.git_oid, e.lfs) for e in filled.list_files(SAMPLE, branch)
+            ]
+
+
+# -- the real model, and the command -------------------------------------------------------------------------
+
+
+def test_the_real_model_both_ways_and_transformers_offline(
+    depot: Depot, source: tuple[Depot, LiveNode], tmp_path: Path
+) -> None:
+    _, node = source
+    downloaded = tmp_path / "downloaded"
+    snapshot_download(MINILM, endpoint=node.url, cache_dir=downloaded)
+    assert depot.hf_cache_import([MINILM], cache_dir=downloaded).ok
+    assert read_tree(depot.snapshot_path(MINILM)) == read_tree(minilm_model_dir())
+    weights = depot.file_info(MINILM, "model.safetensors")
+    assert weights.lfs and inode(depot.file_path(MINILM, "model.safetensors")) == inode(
+        depot.store.blobs.path(weights.sha256)
+    )
+    exported = tmp_path / "exported"
+    assert depot.hf_cache_export(MINILM, cache_dir=exported).ok
+    script = (
+        "import json, sys, transformers\n"
+        f"tok = transformers.AutoTokenizer.from_pretrained({MINILM!r}, cache_dir=sys.argv[1])\n"
+        f"cfg = transformers.AutoConfig.from_pretrained({MINILM!r}, cache_dir=sys.argv[1])\n"
+        "print(json.dumps({'ids': tok('modeldepot adopts caches')['input_ids'], 'type': cfg.model_type}))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "unused-hf-home")}
+    done = subprocess.run([sys.executable, "-c", script, str(exported)], env=env, capture_output=True,
+                          text=True, timeout=180, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    import transformers
+
+    reference = transformers.AutoTokenizer.from_pretrained(minilm_model_dir())
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "ids": reference("modeldepot adopts caches")["input_ids"],
+        "type": "bert",
+    }
+
+
+def test_the_command(home: Path, hf_cache: Path, tmp_path: Path) -> None:
+    code, out, _ = run("hf-cache", "import", "--cache-dir", str(hf_cache), "--json", home=home)
+    body = json.loads(out)
+    assert code == 0 and body["ok"] and body["problems"] == []
+    assert [r["repo_id"] for r in body["repos"]] == [SAMPLE] and body["repos"][0]["new_blobs"] > 0
+    code, out, _ = run("hf-cache", "import", SAMPLE, "--cache-dir", str(hf_cache), home=home)
+    assert code == 0 and f"adopted {SAMPLE}" in out and "0 new" in out
+    exported = tmp_path / "exported"
+    code, out, _ = run("hf-cache", "export", SAMPLE, "--cache-dir", str(exported), "--json", home=home)
+    body = json.loads(out)
+    assert code == 0 and body["ok"] and body["files"] == len(sample_files())
+    assert (
+        Path(hf_hub_download(SAMPLE, "empty.txt", cache_dir=exported, local_files_only=True)).read_bytes()
+        == b""
+    )
+    code, out, _ = run("hf-cache", "export", SAMPLE, "-r", "dev", "--cache-dir", str(exported), home=home)
+    assert code == 0 and "exported acme/sample@dev" in out
+    # Something skipped: reported, exit 1.
+    (snapshot_of(hf_cache) / "stray.txt").write_bytes(b"a file, not a link")
+    code, out, err = run("hf-cache", "import", "--cache-dir", str(hf_cache), "--json", home=home)
+    assert code == 1 and not json.loads(out)["ok"]
+    assert [p["problem"] for p in json.loads(out)["problems"]] == ["invalid"]
+    code, _, err = run("hf-cache", "import", "--cache-dir", str(hf_cache), home=home)
+    assert code == 1 and "stray.txt" in err
+    # Bad input: exit 2 before anything opens; absent things: exit 1.
+    assert run("hf-cache", "import", "not/a/repo", home=home)[0] == 2
+    assert run("hf-cache", "export", "nope", home=home)[0] == 2
+    assert run("hf-cache", "export", SAMPLE, "-r", "../x", home=home)[0] == 2
+    code, _, err = run("hf-cache", "import", "acme/absent", "--cache-dir", str(hf_cache), home=home)
+    assert code == 1 and "acme/absent" in err
+    assert run("hf-cache", "export", "acme/absent", "--cache-dir", str(exported), home=home)[0] == 1
+
+
+def test_the_default_cache_is_huggingface_hubs(pristine: Path, tmp_path: Path) -> None:
+    """HF_HOME (and HF_HUB_CACHE) decide where both directions look, as for huggingface_hub itself."""
+    hf_home = tmp_path / "hf-home"
+    shutil.copytree(pristine, hf_home / "hub", symlinks=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
+    env["HF_HOME"] = str(hf_home)
+    command = [sys.executable, "-m", "modeldepot", "hf-cache"]
+    done = subprocess.run([*command, "import", "--json", "--home", str(tmp_path / "store")], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    body = json.loads(done.stdout)
+    assert body["cache_dir"] == str(hf_home / "hub") and [r["repo_id"] for r in body["repos"]] == [SAMPLE]
+    env["HF_HUB_CACHE"] = str(tmp_path / "elsewhere")
+    done = subprocess.run([*command, "export", SAMPLE, "--json", "--home", str(tmp_path / "store")], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert read_tree(
+        tmp_path / "elsewhere" / FOLDER / "snapshots" / json.loads(done.stdout)["commit_id"]
+    ) == (sample_files())

@@ -1,0 +1,394 @@
+"""Prometheus metrics at /metrics (server/metrics.py): scraped from live nodes over real sockets and read with
+prometheus_client's own parser, each figure shown to move when the node (or a pull in this process) works."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import (
+    SMALL_CHUNK,
+    InProcessNode,
+    LiveNode,
+    free_port,
+    sample_files,
+    wait_until,
+    write_model_dir,
+    write_partial,
+)
+from faultproxy import FaultProxy
+from modeldepot import Depot, IntegrityError
+from modeldepot.counters import SOURCE_KINDS
+
+API = "/api/depot/v1"
+TOKEN = "s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+REPO = "acme/tiny"
+FILES = sample_files(0)
+BIG = "model.safetensors"
+BIG_SHA = hashlib.sha256(FILES[BIG]).hexdigest()
+UPSTREAM_REPO = "acme/pulled"
+UPSTREAM_FILES = {
+    "config.json": b'{"model_type": "bert"}',
+    "tokenizer.json": b'{"vocab": {"a": 0}}',
+    BIG: bytes(range(256)) * 1100 + b"tail",  # 281604 bytes: five 64 KiB chunks, the last one short
+}
+
+
+class Reply:
+    def __init__(self, status: int, content_type: str, body: bytes) -> None:
+        self.status, self.content_type, self.body = status, content_type, body
+
+
+def get(node: LiveNode, target: str, headers: dict[str, str] | None = None) -> Reply:
+    connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
+    try:
+        connection.request("GET", target, headers=headers or {})
+        response = connection.getresponse()
+        return Reply(response.status, response.getheader("Content-Type", ""), response.read())
+    finally:
+        connection.close()
+
+
+class Scrape:
+    """One scrape of /metrics, parsed by prometheus_client's parser: each sample by name and labels."""
+
+    def __init__(self, reply: Reply) -> None:
+        assert reply.status == 200, reply.body[:300]
+        assert reply.content_type.startswith("text/plain"), reply.content_type
+        self.size = len(reply.body)
+        self.types: dict[str, str] = {}
+        self.samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+        for family in text_string_to_metric_families(reply.body.decode()):
+            self.types[family.name] = family.type
+            for sample in family.samples:
+                self.samples[sample.name, frozenset(sample.labels.items())] = sample.value
+
+    def value(self, name: str, **labels: str) -> float:
+        """A sample that must be there."""
+        key = (name, frozenset(labels.items()))
+        assert key in self.samples, f"no sample {name}{labels} in the scrape"
+        return self.samples[key]
+
+    def count(self, name: str, **labels: str) -> float:
+        """A counter's sample, 0 while no event made it appear (the HTTP answers by route and status)."""
+        return self.samples.get((name, frozenset(labels.items())), 0.0)
+
+    def labels_of(self, name: str, label: str) -> set[str]:
+        return {dict(labels)[label] for sample, labels in self.samples if sample == name}
+
+    def pulled(self) -> dict[str, float]:
+        return {source: self.value("modeldepot_pull_bytes_total", source=source) for source in SOURCE_KINDS}
+
+
+def scrape(node: LiveNode, headers: dict[str, str] | None = None) -> Scrape:
+    return Scrape(get(node, "/metrics", headers))
+
+
+def requests_of(s: Scrape, route: str, status: int) -> float:
+    return s.count("modeldepot_http_requests_total", route=route, status=str(status))
+
+
+SENT = "modeldepot_http_sent_bytes_total"
+
+
+def sent_reaches(node: LiveNode, expected: float, headers: dict[str, str] | None = None) -> Scrape:
+    """Scrape until the sent-bytes counter is ``expected``, and fail if it ever passes it. A body is counted
+    once it was handed to the connection, which the client may see a moment before: a scrape may come too
+    early, and then its own body counts too (once sent), before the next scrape."""
+    deadline = time.monotonic() + 10
+    while True:
+        s = scrape(node, headers)
+        sent = s.value(SENT)
+        assert sent <= expected, f"{sent - expected} bytes more than the bodies sent"
+        if sent == expected:
+            return s
+        assert time.monotonic() < deadline, f"{expected - sent} bytes sent were never counted"
+        expected += s.size
+
+
+@pytest.fixture
+def node(depot: Depot, live_node: LiveNode, tmp_path: Path) -> LiveNode:
+    depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+    return live_node
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[LiveNode]:
+    """A node holding UPSTREAM_REPO, for pulls (as a configured server, or as the Hub)."""
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as held:
+        held.import_dir(write_model_dir(tmp_path / "upstream-src", UPSTREAM_FILES), UPSTREAM_REPO)
+        served = LiveNode(held)
+        yield served
+        served.stop()
+
+
+def online(monkeypatch: pytest.MonkeyPatch, hub: str) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", hub)
+
+
+def nowhere() -> str:
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there: a Hub nobody reaches
+
+
+def test_every_family_is_there_with_its_type(node: LiveNode) -> None:
+    s = scrape(node)
+    expected = {
+        "modeldepot_store_bytes": "gauge", "modeldepot_store_budget_bytes": "gauge", "modeldepot_repos": "gauge",
+        "modeldepot_http_requests": "counter", "modeldepot_http_sent_bytes": "counter",
+        "modeldepot_pull_bytes": "counter", "modeldepot_chunks_rejected": "counter",
+        "modeldepot_evictions": "counter", "modeldepot_preload_resident_bytes": "gauge",
+        "modeldepot_engine_cache_hits": "counter", "modeldepot_peers": "gauge",
+        "process_resident_memory_bytes": "gauge",
+    }  # fmt: skip
+    assert {name: s.types.get(name) for name in expected} == expected
+    assert s.value("modeldepot_repos") == 1
+    assert s.value("modeldepot_store_budget_bytes") == 0  # no budget
+    assert s.value("modeldepot_peers") == 0  # no cluster
+    assert s.labels_of("modeldepot_pull_bytes_total", "source") == set(SOURCE_KINDS)
+    openmetrics = get(node, "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert openmetrics.status == 200 and openmetrics.content_type.startswith("application/openmetrics-text")
+    assert openmetrics.body.endswith(b"# EOF\n")
+
+
+def test_answers_are_counted_by_route_pattern_and_status(node: LiveNode, depot: Depot) -> None:
+    blob = f"{API}/blobs/{{sha256}}"
+    resolve = "/{org}/{name}/resolve/{rev}/{path}"
+    before = scrape(node)
+    assert get(node, f"{API}/blobs/{BIG_SHA}").status == 200
+    nowhere_shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(3)]
+    for sha in nowhere_shas:
+        assert get(node, f"{API}/blobs/{sha}").status == 404
+    assert get(node, f"/{REPO}/resolve/main/config.json").status == 200
+    assert get(node, f"/{REPO}/resolve/main/nothing-here.bin").status == 404
+    for path in ("/nope", "/also-nope", "/favicon.ico"):
+        assert get(node, path).status == 404
+    after = scrape(node)
+
+    def moved(route: str, status: int) -> float:
+        return requests_of(after, route, status) - requests_of(before, route, status)
+
+    assert moved(blob, 200) == 1
+    assert moved(blob, 404) == 3  # three digests, one series: the pattern, never the path
+    assert moved(resolve, 200) == moved(resolve, 404) == 1
+    assert moved("unmatched", 404) == 3
+    assert moved("/metrics", 200) == 1  # the first scrape, counted once it was answered
+    routes = after.labels_of("modeldepot_http_requests_total", "route")
+    patterns = {resource.canonical for resource in node.runner.app.router.resources()}
+    assert routes <= patterns | {"unmatched"}, routes - patterns
+    assert not any(sha in route for route in routes for sha in [BIG_SHA, *nowhere_shas])
+
+
+def test_sent_bytes_count_every_body_byte_once_and_no_header(node: LiveNode, depot: Depot) -> None:
+    """Bodies sent by sendfile (a whole blob, a range of one), through the writer (JSON), and the scrapes'
+    own: the counter moves by exactly their sizes."""
+    first = scrape(node)
+    expected = first.value(SENT) + first.size
+    whole = get(node, f"{API}/blobs/{BIG_SHA}")
+    assert whole.body == FILES[BIG]
+    ranged = get(node, f"/{REPO}/resolve/main/{BIG}", {"Range": "bytes=100-70099"})
+    assert ranged.status == 206 and len(ranged.body) == 70_000
+    info = get(node, f"{API}/info")
+    sent_reaches(node, expected + len(FILES[BIG]) + 70_000 + len(info.body))
+
+
+def test_store_gauges_follow_imports_and_removals(live_node: LiveNode, depot: Depot, tmp_path: Path) -> None:
+    empty = scrape(live_node)
+    assert (empty.value("modeldepot_repos"), empty.value("modeldepot_store_bytes")) == (0, 0)
+    depot.import_dir(write_model_dir(tmp_path / "a", FILES), REPO)
+    other = {**FILES, "config.json": b'{"other": true}'}  # shares every blob but one
+    depot.import_dir(write_model_dir(tmp_path / "b", other), "acme/other")
+    full = scrape(live_node)
+    distinct = {hashlib.sha256(data).hexdigest(): len(data) for data in [*FILES.values(), *other.values()]}
+    assert full.value("modeldepot_repos") == 2
+    assert full.value("modeldepot_store_bytes") == sum(distinct.values())  # each content once
+    assert full.value("modeldepot_store_blobs") == len(distinct)
+    depot.remove("acme/other")
+    fewer = scrape(live_node)
+    assert fewer.value("modeldepot_repos") == 1
+    assert fewer.value("modeldepot_store_bytes") == sum(len(data) for data in set(FILES.values()))
+
+
+def test_the_budget_and_its_evictions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELDEPOT_MAX_SIZE", "700KiB")
+    with Depot(tmp_path / "budgeted", chunk_size=SMALL_CHUNK) as budgeted:
+        served = LiveNode(budgeted)
+        try:
+            before = scrape(served)
+            assert before.value("modeldepot_store_budget_bytes") == 700 * 1024
+            assert before.value("modeldepot_evictions_total") == 0
+            for seed in range(3):  # 300 kB of weights each: the third import evicts the first repo
+                budgeted.import_dir(
+                    write_model_dir(tmp_path / f"m{seed}", sample_files(seed)), f"acme/m{seed}"
+                )
+                time.sleep(0.01)
+            status = budgeted.budget_status()
+            assert status.evictions >= 1
+            after = scrape(served)
+            assert after.value("modeldepot_evictions_total") == status.evictions
+            assert after.value("modeldepot_evicted_bytes_total") == status.evicted_bytes > 0
+            assert after.value("modeldepot_store_bytes") == status.used_bytes <= 700 * 1024
+            assert after.value("modeldepot_repos") == len(budgeted.list_repos()) < 3
+        finally:
+            served.stop()
+
+
+def test_pull_bytes_by_source_node_hub_and_local(
+    upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pulls in this process, from a configured node, from the Hub, and of what the store already holds:
+    each moves its source's counter by the bytes the pull's result gives it."""
+    online(monkeypatch, nowhere())
+    with Depot(tmp_path / "via-node", chunk_size=SMALL_CHUNK, servers=[upstream.url]) as via_node:
+        served = LiveNode(via_node)
+        try:
+            start = scrape(served).pulled()
+            result = via_node.pull(UPSTREAM_REPO)
+            assert result.bytes_by_source == {"node": sum(map(len, UPSTREAM_FILES.values()))}
+            after_node = scrape(served).pulled()
+            assert {k: after_node[k] - start[k] for k in SOURCE_KINDS} == {
+                "local": 0, "node": result.bytes_by_source["node"], "peer": 0, "hub": 0,
+            }  # fmt: skip
+            again = via_node.pull(UPSTREAM_REPO)  # held already: every byte local
+            after_local = scrape(served).pulled()
+            assert after_local["local"] - after_node["local"] == again.bytes_by_source["local"] > 0
+            assert after_local["node"] == after_node["node"]
+
+            monkeypatch.setenv("HF_ENDPOINT", upstream.url)  # the upstream node plays the Hub
+            with Depot(tmp_path / "via-hub", chunk_size=SMALL_CHUNK) as via_hub:
+                hub = via_hub.pull(UPSTREAM_REPO)
+            after_hub = scrape(served).pulled()  # counters of the process, whichever depot pulled
+            assert after_hub["hub"] - after_local["hub"] == hub.bytes_by_source["hub"] > 0
+        finally:
+            served.stop()
+
+
+def test_chunks_and_files_that_fail_their_check_on_receipt_are_counted(
+    upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = FaultProxy(upstream.url)  # flips a byte of the first answer for the big file
+    try:
+        online(monkeypatch, nowhere())
+        with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[proxy.url]) as local:
+            served = LiveNode(local)
+            try:
+                before = scrape(served)
+                plan = proxy.set("flip", times=1, path_suffix=BIG)
+                local.pull(UPSTREAM_REPO)  # the node's BLAKE3 catches the chunk; it comes again, good
+                assert plan.injected == 1 and bytes(local.get_file(UPSTREAM_REPO, BIG)) == UPSTREAM_FILES[BIG]
+                middle = scrape(served)
+                rejected = "modeldepot_chunks_rejected_total"
+                assert middle.value(rejected) - before.value(rejected) == 1
+                assert middle.value("modeldepot_files_rejected_total") == before.value(
+                    "modeldepot_files_rejected_total"
+                )
+            finally:
+                served.stop()
+        monkeypatch.setenv("HF_ENDPOINT", proxy.url)  # as the Hub: no chunk digests, the SHA-256 catches it
+        with Depot(tmp_path / "from-hub", chunk_size=SMALL_CHUNK) as from_hub:
+            served = LiveNode(from_hub)
+            try:
+                proxy.set("flip", times=1, path_suffix=BIG)
+                with pytest.raises(IntegrityError):
+                    from_hub.pull(UPSTREAM_REPO)
+                after = scrape(served)
+                assert (
+                    after.value("modeldepot_files_rejected_total")
+                    - middle.value("modeldepot_files_rejected_total")
+                    == 1
+                )
+                assert after.value(rejected) == middle.value(rejected)
+            finally:
+                served.stop()
+    finally:
+        proxy.stop()
+
+
+def test_peers_and_peer_bytes_in_a_fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster = f"mem://metrics-{uuid.uuid4().hex[:12]}"
+    with (
+        Depot(tmp_path / "a", chunk_size=SMALL_CHUNK) as a_depot,
+        Depot(tmp_path / "c", chunk_size=SMALL_CHUNK) as c_depot,
+    ):
+        a_depot.import_dir(write_model_dir(tmp_path / "src", UPSTREAM_FILES), UPSTREAM_REPO)
+        a, c = InProcessNode(a_depot, cluster), InProcessNode(c_depot, cluster)
+        try:
+
+            def peers_of(fleet_node: InProcessNode) -> Callable[[], bool]:
+                return lambda: Scrape(get_url(fleet_node.url, "/metrics")).value("modeldepot_peers") == 2
+
+            wait_until(peers_of(a), 10, "node a to see both nodes")
+            wait_until(peers_of(c), 10, "node c to see both nodes")
+            online(monkeypatch, nowhere())
+            before = Scrape(get_url(a.url, "/metrics")).pulled()
+            with Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b:
+                wait_until(lambda: len(b.peers()) == 2, 10, "the puller to see the fleet")
+                result = b.pull(UPSTREAM_REPO)
+            after = Scrape(get_url(a.url, "/metrics")).pulled()
+            assert result.bytes_by_source == {"peer": sum(map(len, UPSTREAM_FILES.values()))}
+            assert after["peer"] - before["peer"] == result.bytes_by_source["peer"]
+        finally:
+            c.stop()
+            a.stop()
+
+
+def get_url(url: str, target: str, headers: dict[str, str] | None = None) -> Reply:
+    host, _, port = url.removeprefix("http://").partition(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        connection.request("GET", target, headers=headers or {})
+        response = connection.getresponse()
+        return Reply(response.status, response.getheader("Content-Type", ""), response.read())
+    finally:
+        connection.close()
+
+
+def test_the_ram_tier_and_the_engine_cache(node: LiveNode, depot: Depot) -> None:
+    before = scrape(node)
+    assert before.value("modeldepot_preload_resident_bytes") == 0
+    depot.preloader.preload(REPO)
+    preloaded = scrape(node)
+    assert preloaded.value("modeldepot_preload_resident_bytes") > 0
+
+    def engine(path: Path) -> str:
+        return f"loaded {path.name}"
+
+    assert depot.load(REPO, engine=engine) == depot.load(REPO, engine=engine)  # a miss, then a hit
+    loaded = scrape(node)
+    hits, misses = "modeldepot_engine_cache_hits_total", "modeldepot_engine_cache_misses_total"
+    assert loaded.value(hits) - before.value(hits) == 1
+    assert loaded.value(misses) - before.value(misses) == 1
+
+
+def test_a_node_with_a_token_wants_it_for_metrics(depot: Depot, tmp_path: Path) -> None:
+    depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+    guarded = LiveNode(depot, token=TOKEN)
+    try:
+        refused = get(guarded, "/metrics")
+        other = get(guarded, f"{API}/info")  # any other protected route
+        assert refused.status == other.status == 401
+        assert json.loads(refused.body) == json.loads(other.body)
+        assert b"modeldepot" not in refused.body
+        wrong = get(guarded, "/metrics", {"Authorization": "Bearer nope"})
+        assert wrong.status == 401
+        assert get(guarded, f"{API}/health").status == 200  # health alone needs no token
+        s = scrape(guarded, AUTH)
+        assert s.value("modeldepot_repos") == 1
+        assert requests_of(s, "/metrics", 401) == 2  # the refusals are counted too
+        # Partials are served to the token alone, chunk by chunk through the writer (no sendfile): counted.
+        in_progress = write_partial(depot, bytes(range(251)) * 700, [0])
+        before = scrape(guarded, AUTH)
+        piece = get(guarded, f"{API}/blobs/{in_progress}", {**AUTH, "Range": "bytes=0-999"})
+        assert piece.status == 206 and len(piece.body) == 1000
+        sent_reaches(guarded, before.value(SENT) + before.size + 1000, AUTH)
+    finally:
+        guarded.stop()
