@@ -1,6 +1,6 @@
 """What the control-route and dashboard tests share: a source node holding a generated ONNX repo, a node
-that pulls from it (``servers=[...]``, no Hub), a proxy that can hold a transfer midway, and plain HTTP
-calls to a node."""
+that pulls from it (``servers=[...]``, no Hub), a node without a token whose control token is known
+(:class:`OpenNode`), a proxy that can hold a transfer midway, and plain HTTP calls to a node."""
 
 from __future__ import annotations
 
@@ -18,12 +18,16 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import SMALL_CHUNK, ForwardingProxy, LiveNode, free_port, write_model_dir
+from conftest import SMALL_CHUNK, BackgroundServer, ForwardingProxy, LiveNode, free_port, write_model_dir
 from modeldepot import Depot
+from modeldepot.server import create_app
+from modeldepot.server.connections import NodeRunner
 
 API = "/api/depot/v1"
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CONTROL_TOKEN = "c0ntrol-t0ken"  # an OpenNode's (a real node makes a random one at start)
+CONTROL = {"Authorization": f"Bearer {CONTROL_TOKEN}"}
 JSON = {"Content-Type": "application/json"}
 REPO = "onnx-community/tiny"
 _rng = random.Random(15)
@@ -80,6 +84,17 @@ def source_node(tmp_path: Path, token: str | None = None) -> Iterator[LiveNode]:
             yield node
         finally:
             node.stop()
+
+
+class OpenNode(LiveNode):
+    """A node without a token (its reads open to anyone), its control routes unlocked by ``control_token``:
+    the production app, served as ``modeldepot serve`` serves it, on a loopback port."""
+
+    def __init__(self, depot: Depot, control_token: str = CONTROL_TOKEN) -> None:
+        self.depot = depot
+        self.control_token = control_token
+        app = create_app(depot, control_token=control_token)
+        BackgroundServer.__init__(self, NodeRunner(app), name="open-node")
 
 
 def pulling_depot(home: Path, server: str, monkeypatch: pytest.MonkeyPatch) -> Depot:

@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 from conftest import SMALL_CHUNK, LiveNode, store_files_consistent, write_model_dir
 from modeldepot import Depot
 from modeldepot.cli import cli
-from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError, StoreFullError
+from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError, StoreError, StoreFullError
 from modeldepot.store.budget import BudgetExceededError, parse_max_size
 
 MB = 1 << 20
@@ -224,3 +224,48 @@ def test_a_node_reports_its_budget_in_its_stats(tmp_path: Path, monkeypatch: pyt
             assert budget["max_bytes"] == 10 * MB and budget["used_bytes"] >= MB and budget["evictions"] == 0
         finally:
             node.stop()
+
+
+def test_an_old_revision_no_ref_names_goes_before_a_repo_used_since(store: Depot, tmp_path: Path) -> None:
+    store.import_dir(model(tmp_path, "acme/a", seed=1), "acme/a")  # a@v1
+    old = store.resolve("acme/a")
+    time.sleep(0.01)
+    store.import_dir(model(tmp_path, "acme/b"), "acme/b")
+    time.sleep(0.01)
+    store.import_dir(model(tmp_path, "acme/a", seed=2), "acme/a")  # main moves to a@v2: v1 has no ref now
+    store.get_file("acme/a", "config.json")  # a is used daily; b was used before, once
+    evicted = store.store.budget.shrink(int(2.5 * MB))
+    assert [(e.repo_id, e.commit_id) for e in evicted] == [("acme/a", old)]
+    assert repos(store) == {"acme/a", "acme/b"}
+
+
+def test_writers_in_one_process_reserve_the_room_they_made(store: Depot, tmp_path: Path) -> None:
+    store.import_dir(model(tmp_path, "acme/a"), "acme/a")
+    time.sleep(0.01)
+    store.import_dir(model(tmp_path, "acme/b"), "acme/b")
+    budget = store.store.budget
+    with budget.writing("acme/x") as first:
+        assert [e.repo_id for e in first.make_room(2 * MB, "first")] == ["acme/a"]  # 1 + 2 <= 3.5
+        with budget.writing("acme/y") as second:  # 1 MiB stored + 2 MiB reserved: b must go too
+            assert [e.repo_id for e in second.make_room(MB, "second")] == ["acme/b"]
+            with budget.writing("acme/z") as third, pytest.raises(BudgetExceededError):
+                third.make_room(MB, "third")  # 3 MiB reserved by the others: 1 more does not fit
+    with budget.writing("acme/z") as fourth:
+        assert fourth.make_room(MB, "fourth") == []  # the reservations went with their writers
+
+
+def test_a_revision_is_not_published_over_a_shared_blob_removed_meanwhile(
+    store: Depot, tmp_path: Path
+) -> None:
+    from modeldepot.store.publish import RevisionSpec, StagedFile, publish
+
+    store.import_dir(model(tmp_path, "acme/a"), "acme/a")
+    entry = store.file_info("acme/a", "model.safetensors")
+    digest = store.store.local_digest(sha256=entry.sha256)
+    assert digest is not None
+    store.remove("acme/a")  # as an eviction in another process would, between a pull's look and its publish
+    spec = RevisionSpec("acme/reuser", "1" * 40, "main")
+    with pytest.raises(StoreError, match="removed from the store meanwhile"):
+        publish(store.store, spec, [StagedFile("model.safetensors", digest, entry.git_oid, True)], {})
+    assert "acme/reuser" not in repos(store)
+    assert store_files_consistent(store) == []

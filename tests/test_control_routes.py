@@ -5,8 +5,12 @@ against the OpenAPI document; and the dashboard's files (served without the toke
 from __future__ import annotations
 
 import asyncio
+import os
+import queue
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,12 +28,15 @@ from conftest import BackgroundServer, LiveNode, free_port, wait_until
 from controlnodes import (
     API,
     AUTH,
+    CONTROL,
+    CONTROL_TOKEN,
     FILES,
     JSON,
     Q4F16,
     REPO,
     TOKEN,
     HoldingProxy,
+    OpenNode,
     Reply,
     call,
     pulling_depot,
@@ -39,13 +46,8 @@ from modeldepot import Depot
 from modeldepot.errors import UpstreamError
 from modeldepot.server import create_app
 from modeldepot.server.connections import NodeRunner
-from modeldepot.server.control_routes import (
-    CONTROL_PATHS,
-    MAX_CONTROL_BODY,
-    PULLS,
-    _is_loopback_ip,
-    _loopback_host,
-)
+from modeldepot.server.context import CONTROL_TOKEN as APP_CONTROL_TOKEN
+from modeldepot.server.control_routes import CONTROL_PATHS, MAX_CONTROL_BODY, PULLS
 from modeldepot.server.dashboard import ASSETS
 from modeldepot.server.openapi import openapi_document
 from test_openapi import Checker, escape
@@ -80,8 +82,8 @@ def guarded(local: Depot) -> Iterator[LiveNode]:
 
 @pytest.fixture
 def open_node(local: Depot) -> Iterator[LiveNode]:
-    """The same store served without a token (control from this machine only)."""
-    node = LiveNode(local)
+    """The same store served without a token: reads open, control with CONTROL (its control token)."""
+    node = OpenNode(local)
     yield node
     node.stop()
 
@@ -229,13 +231,13 @@ def test_pulls_name_a_repo_never_a_place(open_node: LiveNode, proxy: HoldingProx
     fleet, its Hub endpoint). So fuzzing POST /pulls reaches no machine but those."""
     for body in ({"repo": REPO, "endpoint": "http://evil.example"}, {"repo": REPO, "url": "http://x"},
                  {"repo": REPO, "servers": ["http://x"]}):  # fmt: skip
-        reply = call(open_node.port, "POST", f"{API}/pulls", body)
+        reply = call(open_node.port, "POST", f"{API}/pulls", body, CONTROL)
         assert reply.status == 400 and "unknown key" in reply.json()["error"], reply.body
     for repo in ("http://evil.example/x", "evil.example:80/x", "//evil.example/x", "evil/x/y"):
-        reply = call(open_node.port, "POST", f"{API}/pulls", {"repo": repo})
+        reply = call(open_node.port, "POST", f"{API}/pulls", {"repo": repo}, CONTROL)
         assert reply.status == 422 and reply.json()["error"].startswith("repo: "), (repo, reply.body)
     assert proxy.requests == []
-    reply = call(open_node.port, "POST", f"{API}/pulls", {"repo": "evil.example/x"})
+    reply = call(open_node.port, "POST", f"{API}/pulls", {"repo": "evil.example/x"}, CONTROL)
     assert reply.status == 404, reply.body  # asked of the configured server (through the proxy) alone
     assert proxy.requests and all("/evil.example/x" in r for r in proxy.requests), proxy.requests
     assert local.list_repos() == []
@@ -269,21 +271,23 @@ BAD_PULLS: list[tuple[Any, int, str]] = [
 
 def test_every_field_is_checked_before_anything_starts(open_node: LiveNode, local: Depot) -> None:
     for body, status, message in BAD_PULLS:
-        reply = call(open_node.port, "POST", f"{API}/pulls", body, JSON)
+        reply = call(open_node.port, "POST", f"{API}/pulls", body, {**JSON, **CONTROL})
         assert reply.status == status, (body, reply.status, reply.body)
         assert message in reply.json()["error"] and reply.headers["X-Error-Message"], (body, reply.body)
         assert reply.headers["Content-Type"].startswith("application/json")
-    plain = call(open_node.port, "POST", f"{API}/pulls", b'{"repo": "a/b"}', {"Content-Type": "text/plain"})
+    plain = call(
+        open_node.port, "POST", f"{API}/pulls", b'{"repo": "a/b"}', {"Content-Type": "text/plain", **CONTROL}
+    )
     assert plain.status == 415 and "application/json" in plain.json()["error"]
-    big = call(open_node.port, "POST", f"{API}/pulls", b" " * (MAX_CONTROL_BODY + 1), JSON)
+    big = call(open_node.port, "POST", f"{API}/pulls", b" " * (MAX_CONTROL_BODY + 1), {**JSON, **CONTROL})
     assert big.status == 413, big.body
-    huge = call(open_node.port, "POST", f"{API}/pulls", b" " * (2 << 20), JSON)  # past the node's own cap
+    huge = call(open_node.port, "POST", f"{API}/pulls", b" " * (2 << 20), {**JSON, **CONTROL})  # past the cap
     assert huge.status == 413, huge.body
-    assert call(open_node.port, "GET", f"{API}/pulls").json() == []
+    assert call(open_node.port, "GET", f"{API}/pulls", headers=CONTROL).json() == []
     assert local.list_repos() == []
 
     # The store routes: bad names in the path are 400s (as on every route), bad bodies as above.
-    pull(open_node, ["q4f16"])
+    pull(open_node, ["q4f16"], CONTROL)
     for method, route in (("POST", "preload"), ("PUT", "pin"), ("DELETE", "pin")):
         target = f"{API}/repos/{REPO}/{route}"
         for body, status, message in (
@@ -293,18 +297,18 @@ def test_every_field_is_checked_before_anything_starts(open_node: LiveNode, loca
             ({"quant": "q4f16", "repo": REPO}, 400, "unknown key 'repo': this route takes quant, revision"),
             (b"[]", 400, "must be a JSON object"),
         ):
-            reply = call(open_node.port, method, target, body, JSON)
+            reply = call(open_node.port, method, target, body, {**JSON, **CONTROL})
             assert reply.status == status, (method, route, body, reply.body)
             if status != 200:
                 assert message in reply.json()["error"], (method, route, body, reply.body)
-        assert call(open_node.port, method, f"{API}/repos/-acme/tiny/{route}").status == 400
-        assert call(open_node.port, method, f"{API}/repos/acme/nowhere/{route}").status == (
+        assert call(open_node.port, method, f"{API}/repos/-acme/tiny/{route}", headers=CONTROL).status == 400
+        assert call(open_node.port, method, f"{API}/repos/acme/nowhere/{route}", headers=CONTROL).status == (
             200 if method == "DELETE" else 404
         )
     for query, status in (("?revision=a..b", 400), ("?force=1", 400), ("?revision=nope", 404)):
-        reply = call(open_node.port, "DELETE", f"{API}/repos/{REPO}{query}")
+        reply = call(open_node.port, "DELETE", f"{API}/repos/{REPO}{query}", headers=CONTROL)
         assert reply.status == status and reply.json()["error"], (query, reply.body)
-    assert call(open_node.port, "DELETE", f"{API}/repos/acme/nowhere").status == 404
+    assert call(open_node.port, "DELETE", f"{API}/repos/acme/nowhere", headers=CONTROL).status == 404
     assert {f.path for f in local.list_files(REPO)} == set(Q4F16)  # nothing refused changed anything
 
 
@@ -388,41 +392,84 @@ def test_a_node_with_a_token_needs_it_for_every_control_route(guarded: LiveNode,
         assert allowed.status not in (401, 403), (method, target, allowed.body)
 
 
-@pytest.mark.parametrize(
-    ("headers", "status"),
-    [
-        ({}, 200),
-        ({"Host": "localhost:{port}"}, 200),
-        ({"Host": "127.0.0.7:{port}"}, 200),
-        ({"Host": "[::1]:{port}"}, 200),
-        ({"Origin": "http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"}, 200),
-        ({"Sec-Fetch-Site": "none"}, 200),
-        # DNS rebinding: a name of the attacker's that resolves to 127.0.0.1 reaches the node, naming itself.
-        ({"Host": "rebind.example:{port}"}, 403),
-        ({"Host": "rebind.example:{port}", "Origin": "http://rebind.example:{port}"}, 403),
-        ({"Origin": "https://evil.example"}, 403),
-        ({"Origin": "http://127.0.0.1:1"}, 403),
-        ({"Origin": "null"}, 403),
-        ({"Sec-Fetch-Site": "cross-site"}, 403),
-        ({"Sec-Fetch-Site": "same-site"}, 403),
-        # A reverse proxy on this machine: the peer is loopback, the client is not.
-        ({"X-Forwarded-For": "203.0.113.9"}, 403),
-        ({"Forwarded": "for=203.0.113.9"}, 403),
-        ({"X-Real-IP": "203.0.113.9"}, 403),
-    ],
-)
-def test_a_node_without_a_token_takes_control_from_this_machine_alone(
-    open_node: LiveNode, headers: dict[str, str], status: int
+# Requests a node without a token once took for its own machine's: a local tool, the node's own page, and
+# what a reverse proxy on the same machine relays from anywhere (nginx's `proxy_pass http://127.0.0.1:PORT;`
+# sends the Host it was given and no X-Forwarded-For). Nothing in them says who sent them: the token does.
+LOCAL_LOOKING: list[dict[str, str]] = [
+    {},
+    {"Host": "localhost:{port}"},
+    {"Host": "127.0.0.1:{port}", "Connection": "close"},
+    {"Origin": "http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"},
+    {"Sec-Fetch-Site": "none"},
+]
+WRONG_TOKENS: list[dict[str, str]] = [
+    {"Authorization": "Bearer wrong"},
+    {"Authorization": "Bearer "},
+    {"Authorization": CONTROL_TOKEN},  # no scheme
+    {"Authorization": f"Basic {CONTROL_TOKEN}"},
+    {"Authorization": f"Bearer {CONTROL_TOKEN}x"},
+    {"Authorization": f"Bearer {TOKEN}"},  # another node's token
+]
+
+
+@pytest.mark.parametrize("headers", LOCAL_LOOKING + WRONG_TOKENS)
+def test_a_node_without_a_token_needs_its_control_token_for_every_control_route(
+    open_node: LiveNode, headers: dict[str, str]
 ) -> None:
     sent = {k: v.format(port=open_node.port) for k, v in headers.items()}
     for method, target, body in control_requests():
         reply = call(open_node.port, method, target, body, sent)
-        if status == 403:
-            assert reply.status == 403, (method, target, sent, reply.body)
-            assert "this node has no token" in reply.json()["error"]
-        else:
-            assert reply.status not in (401, 403), (method, target, sent, reply.body)
-    assert call(open_node.port, "GET", f"{API}/repos", headers=sent).status == 200  # reads are open
+        assert reply.status == 401, (method, target, sent, reply.body)
+        error = reply.json()["error"]
+        assert "control token" in error and reply.headers["X-Error-Message"], error
+        if "Authorization" not in sent:  # it says where to find the token
+            assert "#token=" in error and "--token" in error, error
+        allowed = call(open_node.port, method, target, body, {**sent, **CONTROL})
+        assert allowed.status not in (401, 403), (method, target, sent, allowed.body)
+    # The reads stay open, as they were.
+    assert call(open_node.port, "GET", f"{API}/repos", headers=sent).status == 200
+    assert call(open_node.port, "GET", f"{API}/pins", headers=sent).status == 200
+
+
+def test_a_reverse_proxy_on_the_same_machine_passes_no_control_on(open_node: LiveNode, local: Depot) -> None:
+    """The review's case: a proxy on the node's machine relays requests from anywhere from a loopback peer,
+    with the Host it was given (127.0.0.1:PORT) and no header of a proxy. Reads pass through it; a DELETE
+    without the control token is refused; one that has it (a client given the token) removes."""
+    pull(open_node, ["q4f16"], CONTROL)
+    front = HoldingProxy(open_node.url)  # relays method, path, body and Authorization, adds nothing
+    port = int(front.url.rsplit(":", 1)[1])
+    try:
+        assert call(port, "GET", f"{API}/repos").status == 200
+        for method, target, body in control_requests():
+            reply = call(port, method, target, body)
+            assert reply.status == 401, (method, target, reply.body)
+            assert "control token" in reply.json()["error"]
+        assert len(front.requests) == 1 + len(control_requests())  # relayed: the node itself refused them
+        assert [r.repo_id for r in local.list_repos()] == [REPO] and local.pins() == []
+        removed = call(port, "DELETE", f"{API}/repos/{REPO}", headers=CONTROL)
+        assert removed.status == 200, removed.body
+        assert local.list_repos() == []
+    finally:
+        front.stop()
+
+
+def test_a_node_without_a_token_makes_a_control_token_of_its_own(local: Depot) -> None:
+    tokens = {create_app(local)[APP_CONTROL_TOKEN] for _ in range(3)}
+    assert len(tokens) == 3 and all(re.fullmatch(r"[A-Za-z0-9_-]{43}", t) for t in tokens), tokens
+    assert create_app(local, control_token="mine")[APP_CONTROL_TOKEN] == "mine"
+    assert create_app(local, TOKEN)[APP_CONTROL_TOKEN] == TOKEN  # a node with a token: that token
+    with pytest.raises(ValueError, match="not both"):
+        create_app(local, TOKEN, control_token="mine")
+    # Two nodes: each one's token unlocks it, and not the other.
+    a, b = LiveNode(local), LiveNode(local)
+    try:
+        for node, other in ((a, b), (b, a)):
+            own = {"Authorization": f"Bearer {node.runner.app[APP_CONTROL_TOKEN]}"}
+            assert call(node.port, "GET", f"{API}/pulls", headers=own).status == 200
+            assert call(other.port, "GET", f"{API}/pulls", headers=own).status == 401
+    finally:
+        a.stop()
+        b.stop()
 
 
 def non_loopback_address() -> str | None:
@@ -436,53 +483,112 @@ def non_loopback_address() -> str | None:
     return None if address.startswith("127.") or address == "0.0.0.0" else address
 
 
-def test_a_node_without_a_token_on_all_interfaces_refuses_control_from_elsewhere(local: Depot) -> None:
+def test_a_node_without_a_token_on_all_interfaces_takes_control_with_its_token_alone(local: Depot) -> None:
     address = non_loopback_address()
     if address is None:
         pytest.skip("this machine has no non-loopback IPv4 address to call the node from")
-    runner = NodeRunner(create_app(local))
+    runner = NodeRunner(create_app(local, control_token=CONTROL_TOKEN))
     server = BackgroundServer(runner, "all-interfaces")  # listens on 127.0.0.1: add 0.0.0.0 too
     port = free_port("0.0.0.0")
     asyncio.run_coroutine_threadsafe(web.TCPSite(runner, "0.0.0.0", port).start(), server.loop).result(30)
     try:
         for method, target, body in control_requests():
             reply = call(port, method, target, body, host=address)
-            assert reply.status == 403, (method, target, reply.body)
-            assert "from this machine only" in reply.json()["error"]
+            assert reply.status == 401, (method, target, reply.body)
+            assert "control token" in reply.json()["error"]
+            allowed = call(port, method, target, body, CONTROL, host=address)
+            assert allowed.status not in (401, 403), (method, target, allowed.body)
         assert call(port, "GET", f"{API}/repos", host=address).status == 200
         assert call(port, "GET", "/", host=address).status == 200
-        assert call(port, "GET", f"{API}/pulls").status == 200  # the same node, from 127.0.0.1
+        assert call(port, "GET", f"{API}/pulls").status == 401  # the same node, from 127.0.0.1
     finally:
         server.stop()
 
 
-def test_loopback_addresses_and_hosts() -> None:
-    for text in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1", "0:0:0:0:0:0:0:1"):
-        assert _is_loopback_ip(text), text
-    for text in (
-        "",
-        "192.0.2.2",
-        "10.0.0.1",
-        "0.0.0.0",
-        "::",
-        "::ffff:10.0.0.1",
-        "fe80::1%eth0",
-        "localhost",
-        "x",
-    ):
-        assert not _is_loopback_ip(text), text
-    for host in ("localhost", "localhost:8980", "LOCALHOST.", "app.localhost:1", "127.0.0.1:8980", "[::1]:8980",
-                 "[::1]", "127.1.2.3"):  # fmt: skip
-        assert _loopback_host(host), host
-    for host in (
-        "example.com",
-        "localhost.example.com:80",
-        "[::2]:1",
-        "10.0.0.1:8980",
-        "",
-        "127.0.0.1.nip.io",
-    ):
-        assert not _loopback_host(host), host
+class Serving:
+    """``modeldepot serve`` in a process of its own on a free loopback port, its stderr read line by line
+    (on a thread, so the pipe never fills)."""
+
+    def __init__(self, home: Path, *args: str) -> None:
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if k not in ("MODELDEPOT_TOKEN", "HF_TOKEN")}
+        env["PYTHONUNBUFFERED"] = "1"
+        argv = [sys.executable, "-m", "modeldepot", "serve", "--home", str(home), "--port", str(self.port),
+                "--scrub-interval", "off", *args]  # fmt: skip
+        self.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True)  # fmt: skip
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, name="serve-stderr", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.put(line)
+        self.lines.put("")  # the end
+
+    def line_with(self, fragment: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(
+                    f"no line with {fragment!r} in {timeout} s:\n{''.join(self.seen)}"
+                ) from None
+            if not line:
+                raise AssertionError(f"serve exited ({self.process.poll()}):\n{''.join(self.seen)}")
+            self.seen.append(line)
+            if fragment in line:
+                return line
+
+    def stop(self) -> str:
+        """Stop it (SIGTERM) and return all it wrote to stderr."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait(60)
+        self._reader.join(30)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return "".join(self.seen)
+
+
+def test_serve_prints_the_dashboard_address_with_a_working_control_token(tmp_path: Path) -> None:
+    node = Serving(tmp_path / "home")
+    try:
+        line = node.line_with("dashboard: ")
+        found = re.search(r"dashboard: http://127\.0\.0\.1:(\d+)/#token=([A-Za-z0-9_-]{43}) ", line)
+        assert found and int(found[1]) == node.port, line
+        control = {"Authorization": f"Bearer {found[2]}"}
+        assert call(node.port, "GET", "/").status == 200
+        assert call(node.port, "GET", f"{API}/repos").status == 200  # reads are open
+        assert call(node.port, "GET", f"{API}/pulls").status == 401
+        assert call(node.port, "GET", f"{API}/pulls", headers=control).json() == []
+        removed = call(node.port, "DELETE", f"{API}/repos/acme/nowhere", headers=control)
+        assert removed.status == 404 and "acme/nowhere" in removed.json()["error"], removed.body  # reached
+    finally:
+        log = node.stop()
+    assert log.count(found[2]) == 1, log  # in the dashboard's address alone
+
+
+def test_serve_with_a_token_prints_the_dashboard_address_and_never_the_token(tmp_path: Path) -> None:
+    secret = "n0de-t0ken-" + "x" * 20
+    node = Serving(tmp_path / "home", "--token", secret)
+    try:
+        line = node.line_with("dashboard: ")
+        assert f"dashboard: http://127.0.0.1:{node.port}/ " in line and "#token=" not in line, line
+        assert "--token" in line, line
+        assert call(node.port, "GET", f"{API}/pulls").status == 401
+        assert (
+            call(node.port, "GET", f"{API}/pulls", headers={"Authorization": f"Bearer {secret}"}).status
+            == 200
+        )
+    finally:
+        log = node.stop()
+    assert secret not in log, log
 
 
 # -- against the OpenAPI document ----------------------------------------------------------------------------
@@ -503,7 +609,7 @@ def test_every_control_answer_is_as_the_document_says(
         target = re.sub(r"\{(\w+)\}", lambda m: values[m[1]], route) + query
         what = f"{method} {target} ({'guarded' if node is guarded else 'open'} node)"
         reply = call(
-            node.port, method, target, body, {**(AUTH if node is guarded else {}), **(headers or {})}
+            node.port, method, target, body, {**(AUTH if node is guarded else CONTROL), **(headers or {})}
         )
         assert reply.status == expect, f"{what} answered {reply.status}, not {expect}: {reply.body[:300]!r}"
         responses = document["paths"][route][method.lower()]["responses"]
@@ -522,7 +628,6 @@ def test_every_control_answer_is_as_the_document_says(
         f"{API}/repos/{{org}}/{{name}}",
     )
     no_token = {"Authorization": ""}
-    elsewhere = {"Origin": "https://evil.example"}
 
     held = HeldPulls(local, monkeypatch)
     started = check(guarded, "POST", pulls, 202, {"repo": REPO, "quants": ["q4f16"]}).json()
@@ -537,7 +642,7 @@ def test_every_control_answer_is_as_the_document_says(
     for method, route, body in (("POST", pulls, {"repo": REPO}), ("GET", pulls, None), ("GET", one, None),
                                 ("POST", preload, {}), ("PUT", pin, {}), ("DELETE", pin, {}), ("DELETE", repo, None)):  # fmt: skip
         check(guarded, method, route, 401, body, no_token)
-        check(open_node, method, route, 403, body, elsewhere)
+        check(open_node, method, route, 401, body, no_token)
     for method, route in (("POST", pulls), ("POST", preload), ("PUT", pin), ("DELETE", pin)):
         check(open_node, method, route, 400, b"[]", JSON)
         check(open_node, method, route, 413, b" " * (MAX_CONTROL_BODY + 1), JSON)
@@ -557,14 +662,14 @@ def test_every_control_answer_is_as_the_document_says(
     # 502 and 503: an upstream that does not answer, a node that is offline.
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     with Depot(tmp_path / "lost", servers=[f"http://127.0.0.1:{free_port()}"]) as lost:
-        node = LiveNode(lost)
+        node = OpenNode(lost)
         try:
             check(node, "POST", pulls, 502, {"repo": "acme/tiny"})
         finally:
             node.stop()
     monkeypatch.setenv("MODELDEPOT_OFFLINE", "1")
     with Depot(tmp_path / "offline") as offline:
-        node = LiveNode(offline)
+        node = OpenNode(offline)
         try:
             check(node, "POST", pulls, 503, {"repo": "acme/tiny"})
         finally:

@@ -3,7 +3,9 @@
 A node with a token, pulling from a source node through a proxy that can hold the transfer midway: the page
 asks for the token (without it, its buttons fail with a message on the page), starts a pull, shows its
 progress live (the event stream, and the pull's own route), ends showing the variant downloaded, and removes
-the repo. A fleet of two nodes without a token: the page lists the peers, pulls from the other node,
+the repo. A node without a token: the page reads it but cannot act, saying how to, until it is opened at
+the address `modeldepot serve` prints (``#token=`` and the node's control token), which it takes out of the
+address bar. A fleet of two nodes sharing a token: the page lists the peers, pulls from the other node,
 preloads and pins; its screenshot is docs/dashboard.png (written there when MODELDEPOT_DASHBOARD_SCREENSHOT
 names a path).
 
@@ -32,7 +34,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from conftest import SMALL_CHUNK, InProcessNode, LiveNode, free_port, sample_files, write_model_dir
-from controlnodes import FILES, Q4F16, REPO, TOKEN, HoldingProxy, pulling_depot, source_node
+from controlnodes import FILES, Q4F16, REPO, TOKEN, HoldingProxy, OpenNode, pulling_depot, source_node
 from modeldepot import Depot
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -255,6 +257,52 @@ def run_guarded_node(browser: WebDriver, node: LiveNode, local: Depot, proxy: Ho
     wait_for(browser, "the repo gone from the store",
              lambda d: js(d, f"return document.querySelector('.repo[data-repo=\"{REPO}\"]').dataset.stored") == "no")  # fmt: skip
     assert local.list_repos() == []
+
+
+def test_a_node_without_a_token_is_controlled_from_the_address_serve_prints(
+    browser: WebDriver, tmp_path: Path
+) -> None:
+    with Depot(tmp_path / "open", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "files", FILES), REPO)
+        node = OpenNode(depot)
+        try:
+            run_open_node(browser, node, depot)
+        finally:
+            node.stop()
+    assert script_errors(browser) == []
+
+
+def run_open_node(browser: WebDriver, node: OpenNode, depot: Depot) -> None:
+    repo_button = f'.repo[data-repo="{REPO}"] .repo-actions button[data-action="{{}}"]'
+    # Without the control token the page reads the node (it has no token) but cannot act, and says how to.
+    browser.get(node.url + "/")
+    wait_for(browser, "the stored repo", lambda d: REPO in (visible_text(d, "#repos") or ""))
+    note = wait_for(browser, "the read-only note", lambda d: visible_text(d, "#control-note"))
+    assert note.startswith("Read-only:") and "#token=" in note and "--token" in note, note
+    assert visible_text(browser, "#token-state") == "token needed"
+    assert visible_text(browser, "#token-panel") is None  # the reads work: nothing asked by itself
+    click(browser, repo_button.format("pin"))
+    shown = message(browser, "control token", "error")
+    assert shown.startswith(f"Pin of {REPO} failed:") and "#token=" in shown, shown
+    assert depot.pins() == []
+
+    # The address `modeldepot serve` prints: the page keeps the token and takes it out of the address bar.
+    browser.get("about:blank")
+    browser.get(f"{node.url}/#token={node.control_token}")
+    wait_for(browser, "the token in use", lambda d: visible_text(d, "#token-state") == "token set")
+    assert js(browser, "return location.href") == node.url + "/"
+    assert js(browser, "return sessionStorage.getItem('modeldepot-token')") == node.control_token
+    wait_for(browser, "the read-only note gone", lambda d: visible_text(d, "#control-note") is None)
+    click(browser, repo_button.format("pin"))
+    message(browser, f"Pin of {REPO}: pinned", "ok")
+    assert [(p.repo_id, p.quant) for p in depot.pins()] == [(REPO, None)]
+
+    # Loaded again (the token is in the tab now, not in the address), the page still acts.
+    browser.refresh()
+    wait_for(browser, "the token in use", lambda d: visible_text(d, "#token-state") == "token set")
+    click(browser, repo_button.format("unpin"))
+    message(browser, f"Unpin of {REPO}: unpinned", "ok")
+    assert depot.pins() == []
 
 
 def test_a_fleet_node_lists_its_peers_pulls_preloads_and_pins(

@@ -246,6 +246,21 @@ def test_damaged_entries_are_reported_and_skipped_the_rest_imported(
     assert list(depot.store.layout.tmp.iterdir()) == []
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives a file to another user: as root")
+def test_another_users_files_are_copied_never_linked_even_by_root(depot: Depot, hf_cache: Path) -> None:
+    weights = snapshot_of(hf_cache) / "model.safetensors"
+    blob = weights.resolve()
+    os.chown(blob, 12345, 12345)  # the cache's owner is not the one importing (root, in a container)
+    os.chmod(blob, 0o644)
+    assert depot.hf_cache_import(cache_dir=hf_cache).ok
+    stored = depot.store.blobs.path(depot.file_info(SAMPLE, "model.safetensors").sha256)
+    assert inode(stored) != inode(blob), "its owner could make it writable again and change the store's bytes"
+    assert stat.S_IMODE(os.stat(blob).st_mode) == 0o644, "another user's file is left as it was"
+    assert inode(depot.store.blobs.path(depot.file_info(SAMPLE, "config.json").sha256)) == inode(
+        snapshot_of(hf_cache) / "config.json"
+    ), "the importer's own files are still linked"
+
+
 def test_copies_when_asked_and_the_cache_is_left_alone(depot: Depot, hf_cache: Path) -> None:
     modes = {p: stat.S_IMODE(p.stat().st_mode) for p in (hf_cache / FOLDER / "blobs").iterdir()}
     result = depot.hf_cache_import(cache_dir=hf_cache, copy=True)

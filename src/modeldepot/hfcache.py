@@ -444,11 +444,10 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
         return None
     durable = not store.durability.deferred
     doing = f"adopting {repo.repo_id} from the Hugging Face cache"
-    with store.budget.writing(repo.repo_id), WriteSession(store.layout) as session:
-        # The disk budget: room before anything is staged, then for what turned out new once hashed.
-        store.budget.make_room(
-            likely_new_bytes(store, [s.size for s in sources.values()]), doing, repo.repo_id
-        )
+    with store.budget.writing(repo.repo_id) as writer, WriteSession(store.layout) as session:
+        # The disk budget: what surely cannot fit is refused before anything is staged; room is made for
+        # what turned out new once hashed, the blobs it shares kept from eviction meanwhile.
+        writer.check_fits(likely_new_bytes(store, [s.size for s in sources.values()]), doing)
         verified: dict[str, _Verified] = {}
         partials: dict[str, PartialBlob] = {}  # by SHA-256
         linked = copied = 0
@@ -488,8 +487,8 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
                 partials[digest.sha256] = partial
                 linked, copied = linked + was_linked, copied + (not was_linked)
         known = blob_states(store.index, list(partials))
-        store.budget.make_room(sum(p.size for sha, p in partials.items() if known.get(sha) != "ok"), doing,
-                               repo.repo_id)  # fmt: skip
+        writer.reuse(sha256 for sha256 in partials if known.get(sha256) == "ok")
+        writer.make_room(sum(p.size for sha, p in partials.items() if known.get(sha) != "ok"), doing)
         revisions, new = _publish_revisions(store, scan, repo, verified, partials, private)
     new_bytes = sum(p.size for sha256, p in partials.items() if sha256 in new)
     return HfCacheRepo(repo.repo_id, tuple(revisions), len(partials), len(new), new_bytes, linked, copied)

@@ -554,7 +554,9 @@ def peers_command(depot: Depot, cluster: str | None, cluster_prefix: str | None,
     "--token",
     envvar="MODELDEPOT_TOKEN",
     default=None,
-    help="Require 'Authorization: Bearer TOKEN' on every route but health (default: $MODELDEPOT_TOKEN).",
+    help="Require 'Authorization: Bearer TOKEN' on every route but health (default: $MODELDEPOT_TOKEN). "
+    "Without one, reads are open and the control routes need a control token made at start (printed in "
+    "the dashboard's address).",
 )
 @click.option(
     "--log-level",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,7 +21,7 @@ from aiohttp import web
 from modeldepot.depot import Depot
 from modeldepot.errors import DepotError
 from modeldepot.mirror import Mirror
-from modeldepot.server.context import DEPOT, TOKEN, is_authorized
+from modeldepot.server.context import CONTROL_TOKEN, DEPOT, TOKEN, is_authorized
 from modeldepot.server.control_routes import add_control_routes
 from modeldepot.server.dashboard import DASHBOARD_PATHS, add_dashboard_routes
 from modeldepot.server.fleet import FLEET, NodeFleet
@@ -135,14 +136,22 @@ def create_app(
     request_deadline: float = 60.0,
     mirror: bool = False,
     fleet: NodeFleet | None = None,
+    control_token: str | None = None,
 ) -> web.Application:
     """The node over ``depot``. With a ``token`` every route but health needs it; private repos always do.
+    Without one, the reads are open and the control routes need ``control_token`` (made here, random, when
+    not given: ``app[CONTROL_TOKEN]`` holds it); with one, they need the token, and ``control_token`` may
+    not be given.
 
     ``request_deadline`` bounds the seconds a request may take to arrive and be answered (not the time to
     stream a file body). ``mirror``: what the store lacks is pulled through the depot's source chain
     (its servers, the fleet, then the Hub) while it is served. ``fleet``: the node's place in its fleet
     (health shows its state, ``peers`` its view); whoever serves the app starts and closes it.
     """
+    if token and control_token:
+        raise ValueError(
+            "a node with a token is controlled with it: give a token or a control token, not both"
+        )
     app = web.Application(
         middlewares=[
             metrics_middleware,
@@ -155,6 +164,7 @@ def create_app(
     )
     app[DEPOT] = depot
     app[TOKEN] = token or ""
+    app[CONTROL_TOKEN] = token or control_token or secrets.token_urlsafe(32)
     app[REQUEST_DEADLINE] = request_deadline
     if fleet is not None:
         app[FLEET] = fleet

@@ -1,12 +1,15 @@
 """Routes that change what a node holds, for the dashboard and for tools: start pulls and follow them,
 preload, pin, unpin and remove. Thin shells over :class:`~modeldepot.depot.Depot`.
 
-Who may call them (:func:`control_refusal`): on a node with a token, requests that carry it (the auth
-middleware refuses the others before they get here; the check is repeated so a route can never be reached
-without it). On a node without a token, requests from this machine alone: the peer is a loopback address,
-no reverse proxy's header says it came from elsewhere, the ``Host`` names a loopback host (a DNS-rebound
-name does not), and a browser's ``Origin`` and ``Sec-Fetch-Site`` (when it sends them) say the node's own
-page. A node started without a token on 0.0.0.0 lets nobody else remove its models.
+Who may call them (:func:`control_refusal`): requests that carry the node's control token as
+``Authorization: Bearer``, and no others (401). On a node with a token, that is its token (the auth
+middleware refuses requests without it before they get here; the check is repeated so a route can never be
+reached without it). On a node without one, the reads stay open, but the control routes need a token the
+node makes when it starts (``secrets.token_urlsafe(32)``, kept in the app: :data:`CONTROL_TOKEN`), which
+``modeldepot serve`` prints in the dashboard's address (``http://HOST:PORT/#token=...``). Nothing about a
+request's peer address or headers takes its place: a reverse proxy on the same machine makes any request
+look local. A bearer token is no ambient credential (a browser never sends it by itself), so another site's
+page cannot use the routes in the user's name, and the routes need no check of ``Origin``.
 
 A pull runs on the node's event loop as a background task (:class:`PullJobs`), through the depot's source
 chain only (its servers, its fleet, its Hub endpoint: a request names a repo, never a place to pull from);
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import json
 import logging
 import re
@@ -39,7 +41,7 @@ from modeldepot.errors import (
     RevisionNotFoundError,
 )
 from modeldepot.hub.manifest import Manifest
-from modeldepot.server.context import DEPOT, TOKEN, is_authorized
+from modeldepot.server.context import CONTROL_TOKEN, DEPOT, TOKEN, carries_token, is_authorized
 from modeldepot.server.native_routes import API
 from modeldepot.server.responses import error_response, json_response
 from modeldepot.validation import validate_repo_id, validate_revision
@@ -56,13 +58,16 @@ MAX_CONTROL_BODY = 16 * 1024  # a control request's JSON body, in bytes
 MAX_QUANTS = 64
 FINISHED_KEPT = 100  # finished pulls listed (the oldest are forgotten first); running ones are always listed
 QUANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
-ACTIONS_WITHOUT_TOKEN = (
-    "this node has no token: its control routes answer requests from this machine only "
-    "(start it with --token to control it from elsewhere)"
+NEEDS_NODE_TOKEN = "this node needs a token: send Authorization: Bearer <token>"
+NEEDS_CONTROL_TOKEN = (
+    "this node has no token, so its control routes need the control token it made when it started: open "
+    "the dashboard at the address `modeldepot serve` printed (it ends in #token=...), or send "
+    "Authorization: Bearer <control token>; or start the node with --token and use that"
 )
-
-# Headers a reverse proxy adds: a request that passed one came from elsewhere, whatever its peer address.
-FORWARDED = ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP")
+WRONG_CONTROL_TOKEN = (
+    "this is not the node's control token (it makes a new one each time it starts: use the address "
+    "`modeldepot serve` printed last, or start the node with --token)"
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Quants = list[str] | str | None
@@ -83,70 +88,25 @@ def _invalid(message: str) -> Refused:
 # -- who may call -----------------------------------------------------------------------------------------
 
 
-def _is_loopback_ip(text: str) -> bool:
-    try:
-        address = ipaddress.ip_address(text.split("%", 1)[0])  # an IPv6 zone id is not part of the address
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
-
-
-def _host_name(host: str) -> str:
-    """The host of a ``Host`` header or an origin's authority (``[::1]:8980`` -> ``::1``), lowercased."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
-    name, colon, port = host.rpartition(":")
-    return name if colon and port.isdigit() else host
-
-
-def _loopback_host(host: str) -> bool:
-    name = _host_name(host).rstrip(".")
-    return name == "localhost" or name.endswith(".localhost") or _is_loopback_ip(name)
-
-
-def _authority(scheme: str, authority: str) -> str:
-    """``host:port`` with the scheme's default port made explicit, lowercased."""
-    authority = authority.strip().lower()
-    explicit = "]:" in authority if authority.startswith("[") else ":" in authority
-    return authority if explicit else f"{authority}:{443 if scheme == 'https' else 80}"
-
-
 def control_refusal(request: web.Request) -> str | None:
-    """Why ``request`` may not use a control route (None: it may). With a node token: unless it carries
-    it. Without: unless it comes from this machine (not through a proxy), names it, and (from a browser)
-    from the node's own page."""
+    """Why ``request`` may not use a control route (None: it may): unless it carries the control token
+    (the node's token when it has one, else the one it made at start)."""
+    if carries_token(request, request.app[CONTROL_TOKEN]):
+        return None
     if request.app[TOKEN]:
-        return (
-            None if is_authorized(request) else "this node needs a token: send Authorization: Bearer <token>"
-        )
-    if not _is_loopback_ip(request.remote or ""):
-        return ACTIONS_WITHOUT_TOKEN
-    if any(name in request.headers for name in FORWARDED):
-        return f"{ACTIONS_WITHOUT_TOKEN}; a proxy on this machine forwarded the request from elsewhere"
-    if not _loopback_host(request.host):
-        return f"{ACTIONS_WITHOUT_TOKEN}; the request named the host {_host_name(request.host)[:100]!r}"
-    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
-        return f"{ACTIONS_WITHOUT_TOKEN}; a page of another site may not use them"
-    origin = request.headers.get("Origin")
-    if origin is not None:
-        scheme, sep, authority = origin.partition("://")
-        if not sep or _authority(scheme, authority) != _authority(request.scheme, request.host):
-            return f"{ACTIONS_WITHOUT_TOKEN}; a page of another site may not use them"
-    return None
+        return NEEDS_NODE_TOKEN
+    return WRONG_CONTROL_TOKEN if "Authorization" in request.headers else NEEDS_CONTROL_TOKEN
 
 
 def control(handler: Handler) -> Handler:
-    """A control route: the caller is checked first (:func:`control_refusal`: 401 with a token, else 403),
-    and a :class:`Refused` becomes its JSON error."""
+    """A control route: the caller is checked first (:func:`control_refusal`: a 401 when it may not), and
+    a :class:`Refused` becomes its JSON error."""
 
     @functools.wraps(handler)
     async def guarded(request: web.Request) -> web.StreamResponse:
         refusal = control_refusal(request)
         if refusal is not None:
-            return error_response(401 if request.app[TOKEN] else 403, None, refusal)
+            return error_response(401, None, refusal)
         try:
             return await handler(request)
         except Refused as refused:

@@ -506,9 +506,9 @@ def openapi_document(version: str) -> dict[str, Any]:
 
 _QUANT = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"}
 _CONTROL = (
-    "A control route: on a node with a token, requests need it (401); on a node without one, it answers "
-    "requests from the node's own machine alone (a loopback peer naming a loopback host, and from a browser "
-    "the node's own page), others get a 403."
+    "A control route: requests need the control token as Authorization: Bearer, else 401. On a node with a "
+    "token, that is its token; on a node without one (whose reads are open), a token it makes when it starts, "
+    "which `modeldepot serve` prints in the dashboard's address (http://HOST:PORT/#token=...)."
 )
 
 
@@ -614,7 +614,7 @@ def _control_paths(
                 "description": f"The pulls started over HTTP since the node started, newest first. {_CONTROL}",
                 "responses": {
                     "200": _json({"type": "array", "items": {"$ref": REF + "PullJob"}}),
-                    **errors(401, 403),
+                    **errors(401),
                 },
             },
             "post": {
@@ -629,7 +629,7 @@ def _control_paths(
                 "responses": {
                     "200": ok("PullJob", "The same pull, already running"),
                     "202": ok("PullJob", "Started"),
-                    **errors(401, 403, 404, 502, 503, *shape),
+                    **errors(401, 404, 502, 503, *shape),
                 },
             },
         },
@@ -638,7 +638,7 @@ def _control_paths(
                 "operationId": "getPull",
                 "description": f"One pull: running, done (with its result) or failed (with the error). {_CONTROL}",
                 "parameters": [_path_param("id", {"type": "string", "maxLength": 64})],
-                "responses": {"200": ok("PullJob"), **errors(401, 403, 404)},
+                "responses": {"200": ok("PullJob"), **errors(401, 404)},
             }
         },
         "/api/depot/v1/pins": {
@@ -656,7 +656,7 @@ def _control_paths(
                 f"RAM tier. {_CONTROL}",
                 "parameters": repo_params,
                 "requestBody": variant_target,
-                "responses": {"200": ok("PreloadInfo"), **errors(401, 403, 404, 405, *shape)},
+                "responses": {"200": ok("PreloadInfo"), **errors(401, 404, 405, *shape)},
             }
         },
         "/api/depot/v1/repos/{org}/{name}/pin": {
@@ -665,14 +665,14 @@ def _control_paths(
                 "description": f"Keep the revision (a branch is followed) from eviction. {_CONTROL}",
                 "parameters": repo_params,
                 "requestBody": variant_target,
-                "responses": {"200": ok("Pin"), **errors(401, 403, 404, 405, *shape)},
+                "responses": {"200": ok("Pin"), **errors(401, 404, 405, *shape)},
             },
             "delete": {
                 "operationId": "unpin",
                 "description": f"Remove a pin (the same quant and revision it was made with). {_CONTROL}",
                 "parameters": repo_params,
                 "requestBody": variant_target,
-                "responses": {"200": ok("Unpinned"), **errors(401, 403, 405, *shape)},
+                "responses": {"200": ok("Unpinned"), **errors(401, 405, *shape)},
             },
         },
         "/api/depot/v1/repos/{org}/{name}": {
@@ -689,7 +689,7 @@ def _control_paths(
                         "schema": {"type": "string", "maxLength": 200},
                     },
                 ],
-                "responses": {"200": ok("RemoveResult"), **errors(400, 401, 403, 404, 405)},
+                "responses": {"200": ok("RemoveResult"), **errors(400, 401, 404, 405)},
             }
         },
     }

@@ -26,10 +26,11 @@ from modeldepot.server.connections import (
     NodeServer,
     raise_open_file_limit,
 )
+from modeldepot.server.context import CONTROL_TOKEN
 from modeldepot.server.fleet import NodeFleet, advertised_url
 from modeldepot.store.scrub import DEFAULT_SCRUB_RATE
 
-__all__ = ["SHUTDOWN_GRACE", "run_server"]
+__all__ = ["SHUTDOWN_GRACE", "dashboard_line", "run_server"]
 
 SHUTDOWN_GRACE = 30.0  # seconds in-flight responses get after SIGINT/SIGTERM
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i" %{X-Request-Id}o'
@@ -60,7 +61,7 @@ def run_server(
     cluster = depot.config.cluster
     fleet = NodeFleet(depot, cluster, depot.config.cluster_prefix) if cluster else None
     app = create_app(depot, token, mirror=mirror, fleet=fleet)
-    mode = "token required" if token else "no token: private repos are not served"
+    mode = "token required" if token else "no token: private repos are not served; control: the control token"
     if mirror:
         upstreams = [*depot.config.servers, *(["the fleet"] if cluster else []), depot.config.hub_endpoint]
         mode += f"; mirroring {', '.join(upstreams)}"
@@ -138,12 +139,36 @@ def run_server(
             server.max_total,
             open_files,
         )
+        line = dashboard_line(host, int(runner.addresses[0][1]), None if token else app[CONTROL_TOKEN])
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s", line)
+        else:  # shown whatever the log level: without it, nobody can control a node without a token
+            print(line, file=sys.stderr, flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())
     flushed = depot.sync(check=False)  # what was written without a flush (deferred) reaches the disk
     if flushed:
         log.info("flushed %d blob(s) to disk before stopping", flushed)
+
+
+def dashboard_line(host: str, port: int, control_token: str | None) -> str:
+    """Where the dashboard is and how to control the node: with ``control_token`` (a node without a
+    token), in the address's fragment, which the page takes and browsers never send; else (a node with a
+    token) the address alone, never the token."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"  # a wildcard address: this machine's loopback reaches it
+    elif host == "::":
+        host = "::1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address
+    url = f"http://{host}:{port}/"
+    if control_token is None:
+        return f"dashboard: {url} (its controls need the node's token: --token / MODELDEPOT_TOKEN)"
+    return (
+        f"dashboard: {url}#token={control_token} (this control token unlocks the pulls, pins and removals "
+        "of this node, until it stops: keep it private)"
+    )
 
 
 def _scrubbing(

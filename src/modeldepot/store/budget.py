@@ -3,13 +3,15 @@ use.
 
 The budget (``MODELDEPOT_MAX_SIZE``: ``"200GiB"``, or ``"80%"`` of the file system that holds the store)
 bounds the bytes of the store's blobs (each content once, as ``du`` counts them). Before an import or a
-pull writes new blobs, :meth:`DiskBudget.make_room` removes whole revisions, as ``rm`` would, least
-recently used first, until the new bytes fit; when they cannot fit even then, it raises
-:class:`BudgetExceededError` (a :class:`~modeldepot.errors.StoreFullError`) and removes nothing.
+pull writes new blobs, its :class:`BudgetWriter` (:meth:`DiskBudget.writing`) makes room: whole revisions
+are removed, as ``rm`` would, least recently used first, until the new bytes fit; when they cannot fit even
+then, :class:`BudgetExceededError` (a :class:`~modeldepot.errors.StoreFullError`) is raised and nothing is
+removed. The room a writer made stays reserved until it ends.
 
 The unit of eviction is a revision (a commit of a repo): pinning a repo, or one variant of it, keeps the
-revision its ref names. A revision's last use is the later of its creation and the repo's last use (reads,
-loads, preloads, imports and pulls count: store/access.py). What is never evicted: pinned revisions
+revision its ref names. The last use of a revision a ref names is the later of its creation and the repo's
+last use (reads, loads, preloads, imports and pulls count: store/access.py); of one no ref names, its
+creation. What is never evicted: pinned revisions
 (the ``pins`` table: :meth:`pin`, :meth:`unpin`), every revision of a repo an import or a pull in this
 process is writing (:meth:`writing`) or that another process's pull marks as downloading (its variant
 status row, recently updated), and what the hooks given to :meth:`add_in_use` name (the preloader's and
@@ -17,8 +19,9 @@ the loaded-model cache's models: depot.py). Evictions are logged and counted in 
 (``settings``: ``evictions``, ``evicted_bytes``).
 
 Several processes may share a store: each decides from the index as it reads it, and each removal takes the
-store's lock like ``rm``. Two imports racing for the last room may together end above the budget; the next
-one that writes evicts again.
+store's lock like ``rm``; what a writer reuses is checked again when it publishes (store/publish.py). Two
+processes racing for the last room may together end above the budget; the next one that writes evicts
+again.
 """
 
 from __future__ import annotations
@@ -42,7 +45,15 @@ from modeldepot.validation import validate_label, validate_repo_id, validate_rev
 if TYPE_CHECKING:
     from modeldepot.store.store import Store
 
-__all__ = ["BudgetExceededError", "BudgetStatus", "DiskBudget", "Eviction", "Pin", "parse_max_size"]
+__all__ = [
+    "BudgetExceededError",
+    "BudgetStatus",
+    "BudgetWriter",
+    "DiskBudget",
+    "Eviction",
+    "Pin",
+    "parse_max_size",
+]
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +138,8 @@ class DiskBudget:
         self._evicted_hooks: list[Callable[[str], None]] = []
         self._writing: Counter[str] = Counter()
         self._reused: Counter[str] = Counter()  # blobs (SHA-256) writers found in the store and rely on
-        self._lock = threading.Lock()  # guards _writing
+        self._reserved = 0  # bytes writers made room for and may not have written yet
+        self._lock = threading.Lock()  # guards _writing, _reused, _reserved
         self._round = threading.Lock()  # one eviction round at a time in this process
 
     def set_max_size(self, max_size: str | None) -> None:
@@ -144,21 +156,21 @@ class DiskBudget:
         self._evicted_hooks.append(hook)
 
     @contextlib.contextmanager
-    def writing(self, repo_id: str, reused: Iterable[str] = ()) -> Iterator[None]:
-        """An import or a pull writes ``repo_id``, relying on the ``reused`` blobs (SHA-256) it found in the
-        store: none of the repo's revisions, nor any revision using those blobs, is evicted meanwhile."""
-        blobs = set(reused)
+    def writing(self, repo_id: str) -> Iterator[BudgetWriter]:
+        """An import or a pull writes ``repo_id``: none of the repo's revisions is evicted meanwhile, nor any
+        revision using a blob it relies on (:meth:`BudgetWriter.reuse`); the room it made is reserved
+        until it ends (so that two writers in this process do not both count the same free bytes)."""
+        writer = BudgetWriter(self, repo_id)
         with self._lock:
             self._writing[repo_id] += 1
-            self._reused.update(blobs)
         try:
-            yield
+            yield writer
         finally:
             with self._lock:
                 self._writing.subtract([repo_id])
-                self._reused.subtract(blobs)
-                self._writing = +self._writing
-                self._reused = +self._reused
+                self._reused.subtract(writer.reused)
+                self._reserved -= writer.reserved
+                self._writing, self._reused = +self._writing, +self._reused
 
     def pin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> Pin:
         """Keep the revision ``revision`` names (a branch is followed) from eviction. The repo must be in the
@@ -238,18 +250,19 @@ class DiskBudget:
 
     def _bytes_of(self, revisions: Iterable[tuple[str, str]], repos: Iterable[str] = ()) -> int:
         """The bytes of the distinct blobs the revisions (and every revision of ``repos``) use."""
-        keys = set(revisions)
-        whole = set(repos)
+        keys, whole = sorted(set(revisions)), sorted(set(repos))
         if not keys and not whole:
             return 0
-        rows = self.store.index.read(
-            "SELECT f.repo_id, f.commit_id, f.sha256, b.size FROM files f JOIN blobs b USING (sha256)"
+        values = ",".join(["(?, ?)"] * len(keys)) or "(NULL, NULL)"
+        marks = ",".join("?" * len(whole))
+        row = self.store.index.read(
+            f"WITH kept (repo_id, commit_id) AS (VALUES {values}) "
+            "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE sha256 IN (SELECT f.sha256 FROM files f WHERE "
+            f"f.repo_id IN ({marks}) OR EXISTS (SELECT 1 FROM kept k WHERE k.repo_id = f.repo_id AND "
+            "k.commit_id = f.commit_id))",
+            (*(part for key in keys for part in key), *whole),
         )
-        seen: dict[str, int] = {}
-        for r in rows:
-            if r["repo_id"] in whole or (r["repo_id"], r["commit_id"]) in keys:
-                seen[r["sha256"]] = r["size"]
-        return sum(seen.values())
+        return int(row[0][0])
 
     def status(self) -> BudgetStatus:
         commits, repos = self._protected()
@@ -265,13 +278,27 @@ class DiskBudget:
 
     # -- evicting ---------------------------------------------------------------------------------------------
 
-    def make_room(self, needed: int, doing: str, repo_id: str | None = None) -> list[Eviction]:
+    def check_fits(self, needed: int, doing: str, writer: BudgetWriter | None = None) -> None:
+        """Raise :class:`BudgetExceededError` when ``needed`` new bytes cannot fit even after evicting every
+        revision that may go; evict nothing."""
+        if self.max_bytes is None or needed <= 0:
+            return
+        commits, repos = self._protected()
+        if writer is not None:
+            repos.add(writer.repo_id)
+        with self._lock:
+            others = self._reserved - (writer.reserved if writer else 0)
+        self._refuse_if_too_big(
+            needed, self.max_bytes, self._bytes_of(commits, repos) + others, doing, writer
+        )
+
+    def make_room(self, needed: int, doing: str, writer: BudgetWriter | None = None) -> list[Eviction]:
         """Evict the least recently used revisions until ``needed`` new bytes fit in the budget (no-op
         without one). Raises :class:`BudgetExceededError`, having removed nothing, when they cannot fit
         even after every revision that may go is gone."""
         if self.max_bytes is None or needed <= 0:
             return []
-        return self._evict_to(self.max_bytes - needed, needed, doing, repo_id)
+        return self._evict_to(self.max_bytes - needed, needed, doing, writer)
 
     def shrink(self, max_bytes: int | None = None) -> list[Eviction]:
         """Evict the least recently used revisions until the store is within ``max_bytes`` (default: the
@@ -285,31 +312,43 @@ class DiskBudget:
             log.warning("%s", error)
             return self._evict_to(limit, 0, "shrinking the store", None, partial=True)
 
-    def _evict_to(self, limit: int, needed: int, doing: str, repo_id: str | None,
-                  partial: bool = False) -> list[Eviction]:  # fmt: skip
-        with self._round:
-            return self._evict_round(limit, needed, doing, repo_id, partial)
-
-    def _evict_round(self, limit: int, needed: int, doing: str, repo_id: str | None,
-                     partial: bool) -> list[Eviction]:  # fmt: skip
-        from modeldepot.store.maintenance import remove  # maintenance builds on the store
-
-        used = self.used_bytes()
-        if used <= limit:
-            return []
-        commits, repos = self._protected()
-        if repo_id is not None:
-            repos.add(repo_id)
-        kept_bytes = self._bytes_of(commits, repos)
-        budget = limit + needed
-        if kept_bytes + needed > budget and not partial:
+    def _refuse_if_too_big(self, needed: int, budget: int, kept_bytes: int, doing: str,
+                           writer: BudgetWriter | None) -> None:  # fmt: skip
+        if kept_bytes + needed > budget:
             raise BudgetExceededError(
                 f"{doing}: {_size(needed)} more does not fit in the disk budget of {_size(budget)}, even after "
                 f"evicting every model that may go: {_size(kept_bytes)} are pinned or in use "
                 f"(pinned: {_size(self._bytes_of(self._pinned()))}); nothing was removed. Raise the budget "
                 "(MODELDEPOT_MAX_SIZE, --max-size), unpin or remove models",
-                budget_bytes=budget, protected_bytes=kept_bytes, needed_bytes=needed, repo_id=repo_id,
+                budget_bytes=budget, protected_bytes=kept_bytes, needed_bytes=needed,
+                repo_id=writer.repo_id if writer else None,
             )  # fmt: skip
+
+    def _evict_to(self, limit: int, needed: int, doing: str, writer: BudgetWriter | None,
+                  partial: bool = False) -> list[Eviction]:  # fmt: skip
+        with self._round:
+            evicted = self._evict_round(limit, needed, doing, writer, partial)
+            if writer is not None:  # reserved until the writer ends (counted as used by the others)
+                with self._lock:
+                    writer.reserved += needed
+                    self._reserved += needed
+            return evicted
+
+    def _evict_round(self, limit: int, needed: int, doing: str, writer: BudgetWriter | None,
+                     partial: bool) -> list[Eviction]:  # fmt: skip
+        from modeldepot.store.maintenance import remove  # maintenance builds on the store
+
+        with self._lock:
+            others = self._reserved - (writer.reserved if writer else 0)
+        used = self.used_bytes() + others
+        if used <= limit:
+            return []
+        commits, repos = self._protected()
+        if writer is not None:
+            repos.add(writer.repo_id)
+        if not partial:
+            kept_bytes = self._bytes_of(commits, repos) + others  # (what others write is in use)
+            self._refuse_if_too_big(needed, limit + needed, kept_bytes, doing, writer)
         evicted: list[Eviction] = []
         for repo, commit, last_used in self._candidates(commits, repos):
             if used <= limit:
@@ -326,7 +365,7 @@ class DiskBudget:
                         time.localtime(last_used)), doing)  # fmt: skip
             for hook in self._evicted_hooks:
                 hook(repo)
-            used = self.used_bytes()
+            used = self.used_bytes() + others
         return evicted
 
     def _candidates(self, commits: set[tuple[str, str]], repos: set[str]) -> list[tuple[str, str, float]]:
@@ -346,7 +385,11 @@ class DiskBudget:
             key = (row["repo_id"], row["commit_id"])
             if key in commits or row["repo_id"] in repos:
                 continue
-            last_used = max(row["created_at"], last_access.get(row["repo_id"], 0.0))
+            # The repo's uses count for the revisions its refs name; an old revision no ref names was last
+            # used when it was made (reads by commit id are rare: a repo read daily keeps its newest alive).
+            last_used = row["created_at"]
+            if key in named:
+                last_used = max(last_used, last_access.get(row["repo_id"], 0.0))
             found.append((last_used, key in named, row["created_at"], *key))
         found.sort()
         return [(repo, commit, last_used) for last_used, _, _, repo, commit in found]
@@ -368,3 +411,27 @@ def _size(count: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{count} B"
+
+
+class BudgetWriter:
+    """One import or pull writing a repo under the budget (:meth:`DiskBudget.writing`)."""
+
+    def __init__(self, budget: DiskBudget, repo_id: str) -> None:
+        self.budget, self.repo_id = budget, repo_id
+        self.reused: set[str] = set()  # blobs (SHA-256) it found in the store and relies on
+        self.reserved = 0  # bytes it made room for
+
+    def reuse(self, sha256s: Iterable[str]) -> None:
+        """Keep these blobs of the store (and the revisions using them) from eviction while it writes."""
+        with self.budget._lock:
+            new = set(sha256s) - self.reused
+            self.reused |= new
+            self.budget._reused.update(new)
+
+    def check_fits(self, needed: int, doing: str) -> None:
+        """:meth:`DiskBudget.check_fits` for this writer: refuse early, evict nothing."""
+        self.budget.check_fits(needed, doing, self)
+
+    def make_room(self, needed: int, doing: str) -> list[Eviction]:
+        """:meth:`DiskBudget.make_room` for this writer; the room stays reserved until it ends."""
+        return self.budget.make_room(needed, doing, self)

@@ -224,13 +224,15 @@ def _stage_link(
     partial.fd = -1
     staging = partial.path.with_name(partial.path.name + ".link")
     try:
-        os.link(source, staging)
+        # A link to the name itself, never through a symbolic link (a name swapped for a link to another
+        # file after the scan must not bring that file in, nor have its mode changed below).
+        os.link(source, staging, follow_symlinks=False)
         os.replace(staging, partial.path)
-        fd = os.open(partial.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(partial.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         partial.discard()
         raise SourceDirectoryError(f"cannot read {source}: it is gone") from None
-    except OSError:  # EXDEV, EPERM (protected hard links), EMLINK, ENOTSUP: copy instead
+    except OSError:  # EXDEV, EPERM (protected hard links), EMLINK, ENOTSUP, ELOOP (a link): copy instead
         with contextlib.suppress(OSError):
             staging.unlink()
         partial.discard()
@@ -238,8 +240,10 @@ def _stage_link(
     partial.fd = fd
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or (os.geteuid() != 0 and info.st_uid != os.geteuid()):
-            partial.discard()  # a file of another user: it could not be made read-only
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            # Another user's file: it could not be made read-only for good (its owner may make it writable
+            # again and change the store's blob), root included. It is copied instead.
+            partial.discard()
             return None
         os.fchmod(fd, 0o444)  # before the bytes are read: no new writer may open it from here on
         partial.size = partial.written = info.st_size
@@ -267,16 +271,15 @@ def import_dir(
     validate_branch(revision)
     files = scan_source(Path(directory))
     doing = f"importing {repo_id}"
-    with store.budget.writing(repo_id), WriteSession(store.layout) as session:
-        # Before a byte is written: room for the files no blob of the same size may already hold (then
-        # once hashed, for the blobs that are new: contents of equal sizes may differ).
-        store.budget.make_room(likely_new_bytes(store, [f.size for f in files]), doing, repo_id)
+    with store.budget.writing(repo_id) as writer, WriteSession(store.layout) as session:
+        # Before a byte is written, refuse what surely cannot fit (the files no blob of the same size may
+        # hold); once hashed, make room for the blobs really new, keeping those it shares from eviction.
+        writer.check_fits(likely_new_bytes(store, [f.size for f in files]), doing)
         staged, partials = _stage_all(session, files, store.chunk_size, progress,
                                       not store.durability.deferred)  # fmt: skip
         known = blob_states(store.index, list(partials))
-        store.budget.make_room(
-            sum(p.size for sha, p in partials.items() if known.get(sha) != "ok"), doing, repo_id
-        )
+        writer.reuse(sha256 for sha256 in partials if known.get(sha256) == "ok")
+        writer.make_room(sum(p.size for sha256, p in partials.items() if known.get(sha256) != "ok"), doing)
         trees = tree_oids(TreeEntry(s.path, s.git_oid) for s in staged)
         commit_id = commit_id_for_tree(trees[""])
         spec = RevisionSpec(repo_id, commit_id, revision, private, "import", _card(files), trees[""])

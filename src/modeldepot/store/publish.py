@@ -63,6 +63,17 @@ def publish(
     try:
         with store.lock.shared():
             known = blob_states(store.index, list(partials))
+            # The blobs it reuses (no partial: found in the store) must still be there: an eviction or an
+            # `rm` in another process may have removed them since (removals take the lock exclusively).
+            reused = sorted({s.digest.sha256 for s in staged if s.digest.sha256 not in partials})
+            present = blob_states(store.index, reused)
+            gone = [sha256 for sha256 in reused if present.get(sha256) != "ok"]
+            if gone:
+                raise StoreError(
+                    f"{spec.repo_id}: {len(gone)} file(s) it shares with other repos were removed from the "
+                    f"store meanwhile (by `rm` or the disk budget, e.g. blob {gone[0][:12]}): nothing was "
+                    "published; run it again", repo_id=spec.repo_id,
+                )  # fmt: skip
             for sha256, partial in partials.items():
                 if known.get(sha256) != "ok":
                     store.blobs.place(partial, sha256, replace=True, durable=not store.durability.deferred)

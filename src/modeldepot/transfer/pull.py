@@ -24,6 +24,7 @@ from modeldepot.errors import OfflineError, UpstreamError
 from modeldepot.hashing import BlobDigest
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.store.blobs import PartialBlob
+from modeldepot.store.budget import BudgetWriter
 from modeldepot.store.partials import ResumablePartial, partial_key
 from modeldepot.store.publish import RevisionSpec, StagedFile, publish
 from modeldepot.store.store import Store
@@ -185,11 +186,20 @@ async def pull_async(
     watch: PartialWatch | None = None,
 ) -> PullResult:
     files, names = select(manifest, quants, paths)
+    with store.budget.writing(manifest.repo_id) as writer:
+        return await _pull_writing(store, manifest, files, names, branch, chain, offline, progress, limits,
+                                   watch, writer)  # fmt: skip
+
+
+async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile], names: list[str],
+                        branch: str | None, chain: SourceChain, offline: bool, progress: PullProgress | None,
+                        limits: Limits | None, watch: PartialWatch | None, writer: BudgetWriter) -> PullResult:  # fmt: skip
     have: dict[str, BlobDigest] = {}
     for remote in files:
         found = _stored(store, remote)
         if found is not None:
             have[remote.path] = found
+            writer.reuse([found.sha256])  # kept from eviction from here on (publish checks they stayed)
     missing = [f for f in files if f.path not in have]
     if missing and offline:
         raise OfflineError(f"offline mode: {len(missing)} files of {manifest.repo_id} are not in the store",
@@ -200,12 +210,10 @@ async def pull_async(
         tracker.by_source["local"] = tracker.by_source.get("local", 0) + digest.size
         PULLS.add_bytes("local", digest.size)
         tracker.path_sources[path] = {"local": digest.size}
-    reused = {digest.sha256 for digest in have.values()}
     new_bytes = {f.sha256 or f.git_oid: f.size for f in missing}
-    with store.budget.writing(manifest.repo_id, reused), store.partials.pulling(manifest.repo_id):
+    with store.partials.pulling(manifest.repo_id):
         # Room for the new blobs before a byte is fetched (or a BudgetExceededError, nothing written).
-        await asyncio.to_thread(store.budget.make_room, sum(new_bytes.values()), f"pulling {manifest.repo_id}",
-                                manifest.repo_id)  # fmt: skip
+        await asyncio.to_thread(writer.make_room, sum(new_bytes.values()), f"pulling {manifest.repo_id}")
         tracker.write("downloading")
         run = _PullRun(store, manifest, chain, tracker, limits or Limits(), watch)
         try:

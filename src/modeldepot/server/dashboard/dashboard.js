@@ -2,8 +2,10 @@
 //
 // Reads: /api/depot/v1/{info,stats,repos,peers,pins,pulls} (polled), each scanned repo's manifest, and the
 // event stream /api/depot/v1/events (read with fetch, so the token can go in a header; EventSource cannot
-// send one). Actions: the control routes (pulls, preload, pin, unpin, remove). The token, when the node
-// has one, is asked once and kept in this tab's sessionStorage.
+// send one). Actions: the control routes (pulls, preload, pin, unpin, remove), which need a token: the
+// node's (--token), else the control token it made at start, which `modeldepot serve` prints in this page's
+// address (#token=...). The token is taken from the address (and removed from it) or asked once, and kept in
+// this tab's sessionStorage.
 "use strict";
 
 (() => {
@@ -12,6 +14,28 @@
   const POLL_MS = 2000;
   const RECONNECT_MS = 2000;
   const PULLS_SHOWN = 10;
+  const HOW_TO_CONTROL =
+    "To control this node, open the address `modeldepot serve` printed when it started (it ends in #token=…), " +
+    "or set the token it was started with (--token).";
+
+  // The address `modeldepot serve` prints for a node without a token ends in #token=<its control token>:
+  // kept like a typed token, and taken out of the address bar (and so out of the history and of bookmarks).
+  function takeTokenFromAddress() {
+    const fragment = location.hash.replace(/^#/, "");
+    const match = /(?:^|&)token=([^&]*)/.exec(fragment);
+    if (!match) return;
+    let token = "";
+    try {
+      token = decodeURIComponent(match[1]).trim();
+    } catch (error) {
+      token = "";
+    }
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    const rest = fragment.split("&").filter((part) => part && !part.startsWith("token=")).join("&");
+    history.replaceState(history.state, "", location.pathname + location.search + (rest ? `#${rest}` : ""));
+  }
+
+  takeTokenFromAddress();
 
   const state = {
     token: sessionStorage.getItem(TOKEN_KEY) || "",
@@ -124,7 +148,8 @@
     return all;
   }
 
-  async function api(method, path, body) {
+  // quiet: a 401 is not reported (the polled list of pulls, refused on a node whose reads are open).
+  async function api(method, path, body, quiet = false) {
     const init = { method, cache: "no-store", headers: headers(body === undefined ? {} : { "Content-Type": "application/json" }) };
     if (body !== undefined) init.body = JSON.stringify(body);
     let response;
@@ -144,11 +169,7 @@
     const message = response.ok
       ? null
       : (data && typeof data.error === "string" && data.error) || response.headers.get("X-Error-Message") || `HTTP ${response.status}`;
-    if (response.status === 401) unauthorized();
-    else if (response.ok && state.refused && method === "GET") {
-      state.refused = false;
-      renderToken();
-    }
+    if (response.status === 401 && !quiet) unauthorized();
     return { ok: response.ok, status: response.status, data, error: message };
   }
 
@@ -182,18 +203,26 @@
       api("GET", "repos"),
       api("GET", "peers"),
       api("GET", "pins"),
-      api("GET", "pulls"),
+      api("GET", "pulls", undefined, true), // a control route: a 401 here leaves the reads readable
     ]);
     if (info.ok) state.info = info.data;
     if (stats.ok) state.stats = stats.data;
     if (repos.ok) state.repos = repos.data;
     if (peers.ok) state.peers = peers.data;
     if (pins.ok) state.pins = pins.data;
+    const readsRefused = [info, stats, repos, peers, pins].some((answer) => answer.status === 401);
+    const controlRefused = pulls.status === 401 || pulls.status === 403;
     if (pulls.ok) {
       state.pulls = pulls.data;
       state.controlRefusal = null;
-    } else if (pulls.status === 403) {
-      state.controlRefusal = pulls.error;
+    } else if (controlRefused) {
+      // Shown when the rest is readable (a node without a token): the buttons would be refused.
+      state.controlRefusal = readsRefused ? null : HOW_TO_CONTROL;
+    }
+    const refused = readsRefused || controlRefused;
+    if (refused !== state.refused) {
+      state.refused = refused;
+      renderToken();
     }
     render();
   }
@@ -305,6 +334,8 @@
       const answer = await api(method, path, body);
       if (answer.ok) {
         say(`${label}: ${describe(answer)}`, "ok");
+      } else if ((answer.status === 401 || answer.status === 403) && !state.token && !answer.error.includes("#token=")) {
+        say(`${label} failed: ${answer.error}. ${HOW_TO_CONTROL}`, "error"); // the node's own message says less
       } else {
         say(`${label} failed: ${answer.error}`, "error");
       }
@@ -464,7 +495,7 @@
     }
     const note = $("control-note");
     note.hidden = !state.controlRefusal;
-    setText(note, state.controlRefusal ? `Read-only here: ${state.controlRefusal}` : "");
+    setText(note, state.controlRefusal ? `Read-only: ${state.controlRefusal}` : "");
   }
 
   function renderCards() {
