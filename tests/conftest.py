@@ -305,13 +305,19 @@ class LiveNode(BackgroundServer):
     """A real node (the production app, served as ``modeldepot serve`` serves it) on a loopback port."""
 
     def __init__(
-        self, depot: Depot, token: str | None = None, request_deadline: float = 60.0, mirror: bool = False
+        self,
+        depot: Depot,
+        token: str | None = None,
+        request_deadline: float = 60.0,
+        mirror: bool = False,
+        control_token: str | None = None,
     ) -> None:
         from modeldepot.server import create_app
         from modeldepot.server.connections import NodeRunner
 
         self.depot = depot
-        super().__init__(NodeRunner(create_app(depot, token, request_deadline, mirror)), name="live-node")
+        app = create_app(depot, token, request_deadline, mirror, control_token=control_token)
+        super().__init__(NodeRunner(app), name="live-node")
 
 
 @pytest.fixture

@@ -269,3 +269,17 @@ def test_a_revision_is_not_published_over_a_shared_blob_removed_meanwhile(
         publish(store.store, spec, [StagedFile("model.safetensors", digest, entry.git_oid, True)], {})
     assert "acme/reuser" not in repos(store)
     assert store_files_consistent(store) == []
+
+
+def test_an_evicted_revision_leaves_the_blobs_a_writer_shares_with_it(store: Depot, tmp_path: Path) -> None:
+    shared = os.urandom(MB // 2)
+    old = model(tmp_path, "acme/old", size=2 * MB)
+    (old / "tokenizer.bin").write_bytes(shared)
+    store.import_dir(old, "acme/old")
+    new = model(tmp_path, "acme/new", size=2 * MB)
+    (new / "tokenizer.bin").write_bytes(shared)  # the same content: found in the store, relied on
+    store.import_dir(new, "acme/new")  # 2.5 + 2 > 3.5: old goes, the shared blob stays
+    assert repos(store) == {"acme/new"}
+    assert bytes(store.get_file("acme/new", "tokenizer.bin")) == shared
+    assert store.verify().ok and store_files_consistent(store) == []
+    assert store.budget_status().used_bytes <= int(3.5 * MB)

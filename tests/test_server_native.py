@@ -78,11 +78,17 @@ def depot(home: Path, hub: LiveNode, monkeypatch: pytest.MonkeyPatch) -> Iterato
         yield d
 
 
+CONTROL = "fuzz-control-token"  # the node's control token: the fuzzing reaches the control routes' bodies
+CONTROL_HEADERS = {"Authorization": f"Bearer {CONTROL}"}  # (a tokenless node's reads ignore it)
+
+
 @pytest.fixture
-def node(depot: Depot, live_node: LiveNode, tmp_path: Path) -> LiveNode:
+def node(depot: Depot, tmp_path: Path) -> Iterator[LiveNode]:
     for repo_id, files in REPOS.items():
         depot.import_dir(write_model_dir(tmp_path / repo_id, files), repo_id)
-    return live_node
+    live = LiveNode(depot, control_token=CONTROL)
+    yield live
+    live.stop()
 
 
 def test_info_health_and_stats(node: LiveNode, depot: Depot) -> None:
@@ -283,7 +289,7 @@ def test_schemathesis_against_the_document_the_node_serves(node: LiveNode) -> No
             @given(case=strategy)
             @SETTINGS
             def check(case: schemathesis.Case) -> None:
-                case.call_and_validate(checks=CHECKS)
+                case.call_and_validate(checks=CHECKS, headers=CONTROL_HEADERS)
 
             check()
     documented = {f"{method.upper()} {path}" for path, item in document["paths"].items() for method in item}
@@ -299,4 +305,4 @@ SCHEMA = schemathesis.openapi.from_dict(openapi_document(modeldepot.__version__)
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_schemathesis_operation(case: schemathesis.Case, node: LiveNode) -> None:
     """schemathesis' pytest runner (coverage phase: boundaries and edge values) against a live node."""
-    case.call_and_validate(base_url=node.url, checks=CHECKS)
+    case.call_and_validate(base_url=node.url, checks=CHECKS, headers=CONTROL_HEADERS)

@@ -157,9 +157,10 @@ class DiskBudget:
 
     @contextlib.contextmanager
     def writing(self, repo_id: str) -> Iterator[BudgetWriter]:
-        """An import or a pull writes ``repo_id``: none of the repo's revisions is evicted meanwhile, nor any
-        revision using a blob it relies on (:meth:`BudgetWriter.reuse`); the room it made is reserved
-        until it ends (so that two writers in this process do not both count the same free bytes)."""
+        """An import or a pull writes ``repo_id``: none of the repo's revisions is evicted meanwhile, and the
+        blobs it relies on (:meth:`BudgetWriter.reuse`) stay when a revision using them is evicted; the room
+        it made is reserved until it ends (so that two writers in this process do not count the same free
+        bytes)."""
         writer = BudgetWriter(self, repo_id)
         with self._lock:
             self._writing[repo_id] += 1
@@ -224,12 +225,7 @@ class DiskBudget:
         """The revisions no eviction removes: pinned or in use, and the repos every revision of which stays."""
         commits = self._pinned()
         with self._lock:
-            repos, reused = set(self._writing), list(self._reused)
-        for start in range(0, len(reused), 500):
-            part = reused[start : start + 500]
-            commits.update((r["repo_id"], r["commit_id"]) for r in self.store.index.read(
-                f"SELECT DISTINCT repo_id, commit_id FROM files WHERE sha256 IN ({','.join('?' * len(part))})",
-                tuple(part)))  # fmt: skip
+            repos = set(self._writing)
         since = time.time() - DOWNLOADING_FRESH
         repos.update(r["repo_id"] for r in self.store.index.read(
             "SELECT DISTINCT repo_id FROM variant_status WHERE status = 'downloading' AND updated_at >= ?",
@@ -248,21 +244,28 @@ class DiskBudget:
         row = self.store.index.read("SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state = 'ok'")
         return int(row[0][0])
 
-    def _bytes_of(self, revisions: Iterable[tuple[str, str]], repos: Iterable[str] = ()) -> int:
-        """The bytes of the distinct blobs the revisions (and every revision of ``repos``) use."""
-        keys, whole = sorted(set(revisions)), sorted(set(repos))
-        if not keys and not whole:
+    def _bytes_of(self, revisions: Iterable[tuple[str, str]], repos: Iterable[str] = (),
+                  blobs: Iterable[str] = ()) -> int:  # fmt: skip
+        """The bytes of the distinct blobs the revisions (and every revision of ``repos``) use, and of
+        ``blobs`` (SHA-256s)."""
+        keys, whole, extra = sorted(set(revisions)), sorted(set(repos)), sorted(set(blobs))
+        if not keys and not whole and not extra:
             return 0
         values = ",".join(["(?, ?)"] * len(keys)) or "(NULL, NULL)"
-        marks = ",".join("?" * len(whole))
+        marks, extra_marks = ",".join("?" * len(whole)), ",".join("?" * len(extra))
         row = self.store.index.read(
             f"WITH kept (repo_id, commit_id) AS (VALUES {values}) "
             "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE sha256 IN (SELECT f.sha256 FROM files f WHERE "
             f"f.repo_id IN ({marks}) OR EXISTS (SELECT 1 FROM kept k WHERE k.repo_id = f.repo_id AND "
-            "k.commit_id = f.commit_id))",
-            (*(part for key in keys for part in key), *whole),
+            f"k.commit_id = f.commit_id)) OR sha256 IN ({extra_marks})",
+            (*(part for key in keys for part in key), *whole, *extra),
         )
         return int(row[0][0])
+
+    def _kept_blobs(self) -> frozenset[str]:
+        """The blobs writers of this process found in the store and rely on: an eviction keeps them."""
+        with self._lock:
+            return frozenset(self._reused)
 
     def status(self) -> BudgetStatus:
         commits, repos = self._protected()
@@ -271,7 +274,7 @@ class DiskBudget:
             max_bytes=self.max_bytes,
             used_bytes=self.used_bytes(),
             pinned_bytes=self._bytes_of(pinned),
-            in_use_bytes=self._bytes_of(commits, repos),
+            in_use_bytes=self._bytes_of(commits, repos, self._kept_blobs()),
             evictions=int(self.store.index.setting("evictions") or 0),
             evicted_bytes=int(self.store.index.setting("evicted_bytes") or 0),
         )
@@ -289,7 +292,7 @@ class DiskBudget:
         with self._lock:
             others = self._reserved - (writer.reserved if writer else 0)
         self._refuse_if_too_big(
-            needed, self.max_bytes, self._bytes_of(commits, repos) + others, doing, writer
+            needed, self.max_bytes, self._bytes_of(commits, repos, self._kept_blobs()) + others, doing, writer
         )
 
     def make_room(self, needed: int, doing: str, writer: BudgetWriter | None = None) -> list[Eviction]:
@@ -347,14 +350,16 @@ class DiskBudget:
         if writer is not None:
             repos.add(writer.repo_id)
         if not partial:
-            kept_bytes = self._bytes_of(commits, repos) + others  # (what others write is in use)
+            kept_bytes = (
+                self._bytes_of(commits, repos, self._kept_blobs()) + others
+            )  # (others' writes in use)
             self._refuse_if_too_big(needed, limit + needed, kept_bytes, doing, writer)
         evicted: list[Eviction] = []
         for repo, commit, last_used in self._candidates(commits, repos):
             if used <= limit:
                 break
             try:
-                result = remove(self.store, repo, commit)
+                result = remove(self.store, repo, commit, keep_blobs=self._kept_blobs())
             except NotFoundError:
                 continue  # removed meanwhile (another process)
             eviction = Eviction(repo, commit, result.bytes_freed, last_used)
@@ -422,7 +427,7 @@ class BudgetWriter:
         self.reserved = 0  # bytes it made room for
 
     def reuse(self, sha256s: Iterable[str]) -> None:
-        """Keep these blobs of the store (and the revisions using them) from eviction while it writes."""
+        """Keep these blobs of the store while it writes: an eviction of a revision using them leaves them."""
         with self.budget._lock:
             new = set(sha256s) - self.reused
             self.reused |= new

@@ -112,10 +112,13 @@ def _repair_snapshots(store: Store, repo_id: str | None) -> int:
     return sum(store.ensure_snapshot(rev["repo_id"], rev["commit_id"]) for rev in revisions)
 
 
-def remove(store: Store, repo_id: str, revision: str | None = None) -> RemoveResult:
+def remove(store: Store, repo_id: str, revision: str | None = None,
+           keep_blobs: frozenset[str] = frozenset()) -> RemoveResult:  # fmt: skip
     """Remove a repo, or one revision of it (by commit id or branch), and free the blobs no one else uses.
 
     Removing by branch removes the commit the branch points to, with every ref that points to it.
+    ``keep_blobs`` (SHA-256s) stay even when nothing references them any more: blobs a writer found in
+    the store and is about to publish again (the disk budget's evictions; gc frees them if it never does).
     """
     validate_repo_id(repo_id)
     if revision is not None:
@@ -138,7 +141,7 @@ def remove(store: Store, repo_id: str, revision: str | None = None) -> RemoveRes
             )
             if not con.execute("SELECT 1 FROM revisions WHERE repo_id = ? LIMIT 1", (repo_id,)).fetchone():
                 con.execute("DELETE FROM repos WHERE repo_id = ?", (repo_id,))
-            return _delete_unreferenced_rows(con, candidates)
+            return _delete_unreferenced_rows(con, [c for c in candidates if c not in keep_blobs])
 
         # On a full disk the index takes the room its transaction needs from the store's reserve.
         freed = store.index.write_freeing(f"removing {repo_id}", delete_rows)
