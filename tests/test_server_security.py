@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import http.client
-import json
 import re
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -18,6 +16,7 @@ import pytest
 
 import modeldepot
 from conftest import LiveNode, sample_files, write_model_dir
+from controlnodes import Reply
 from modeldepot import Depot
 from modeldepot.hub.manifest import RemoteFile, manifest_body
 from modeldepot.server import create_app
@@ -27,16 +26,6 @@ HIDDEN = "acme/hidden"
 TOKEN = "s3cret"
 SECRET = b"modeldepot-sentinel-9f2c4e1a7b: this file lies outside the store"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
-
-
-@dataclass(frozen=True)
-class Reply:
-    status: int
-    headers: http.client.HTTPMessage
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 def call(

@@ -5,8 +5,9 @@ against the swarm's typical time to land, not against a fixed time; the pull rep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 import pytest
@@ -58,6 +59,21 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     return clock
 
 
+@contextlib.asynccontextmanager
+async def members(registry: MemRegistry, *records: NodeRecord | None) -> AsyncIterator[list[MemDiscovery]]:
+    """A started discovery per record, registered as that node (None: one that only claims, as a pull)."""
+    discoveries = [MemDiscovery(registry) for _ in records]
+    for discovery, record in zip(discoveries, records, strict=True):
+        await discovery.start()
+        if record is not None:
+            await discovery.register(record)
+    try:
+        yield discoveries
+    finally:
+        for discovery in discoveries:
+            await discovery.close()
+
+
 def swarm_of(discovery: MemDiscovery, me: NodeRecord) -> SwarmFile:
     return SwarmFile(FleetView(discovery, asyncio.get_running_loop(), me.node_id), me.node_id, SHA, SIZE, CHUNK,
                      as_source)  # fmt: skip
@@ -70,12 +86,7 @@ def test_a_claimer_whose_registration_lapses_keeps_its_claim_for_the_grace_then_
     a, b = node("a"), node("b")
 
     async def main() -> None:
-        da, serve_b, pull_b = MemDiscovery(registry), MemDiscovery(registry), MemDiscovery(registry)
-        for discovery in (da, serve_b, pull_b):
-            await discovery.start()
-        try:
-            await da.register(a)
-            await serve_b.register(b)
+        async with members(registry, a, b, None) as (da, serve_b, pull_b):
             assert await pull_b.claim_chunk(SHA, CHUNK, 3, b.node_id) is not None  # b's pull, its own lease
             swarm = swarm_of(da, a)
             swarm.refresh()
@@ -96,9 +107,6 @@ def test_a_claimer_whose_registration_lapses_keeps_its_claim_for_the_grace_then_
             assert swarm.sources() == {}
             assert await swarm.claim(3, set(), patience=10)  # taken over, by revision
             assert swarm.events == {"claims_won": 1, "taken_over_left": 1}
-        finally:
-            for discovery in (da, pull_b):
-                await discovery.close()
 
     run(main())
 
@@ -108,12 +116,7 @@ def test_a_claim_is_late_against_the_swarms_time_to_land_not_a_fixed_time(clock:
     a, b = node("a"), node("b")
 
     async def main() -> None:
-        da, db = MemDiscovery(registry), MemDiscovery(registry)
-        for discovery in (da, db):
-            await discovery.start()
-        try:
-            await da.register(a)
-            await db.register(b)
+        async with members(registry, a, b) as (da, db):
             for index in range(SIZE // CHUNK):  # every chunk claimed at once, as when all start together
                 assert await db.claim_chunk(SHA, CHUNK, index, b.node_id) is not None
             swarm = swarm_of(da, a)
@@ -143,9 +146,6 @@ def test_a_claim_is_late_against_the_swarms_time_to_land_not_a_fixed_time(clock:
             # A settled claim never goes late; a claim of a peer whose copy failed here does not stand.
             assert swarm.standing_claim(2, set(), patience=10) is not None
             assert swarm.standing_claim(2, {f"peer {b.url}"}, patience=10) is None
-        finally:
-            for discovery in (da, db):
-                await discovery.close()
 
     run(main())
 
@@ -155,12 +155,7 @@ def test_before_any_landing_only_a_long_silence_makes_a_claim_late(clock: Clock)
     a, b = node("a"), node("b")
 
     async def main() -> None:
-        da, db = MemDiscovery(registry), MemDiscovery(registry)
-        for discovery in (da, db):
-            await discovery.start()
-        try:
-            await da.register(a)
-            await db.register(b)
+        async with members(registry, a, b) as (da, db):
             assert await db.claim_chunk(SHA, CHUNK, 5, b.node_id) is not None
             swarm = swarm_of(da, a)
             swarm.refresh()
@@ -168,8 +163,5 @@ def test_before_any_landing_only_a_long_silence_makes_a_claim_late(clock: Clock)
             assert swarm.standing_claim(5, set(), patience=10) is not None
             clock.now += 2
             assert swarm.standing_claim(5, set(), patience=10) is None
-        finally:
-            for discovery in (da, db):
-                await discovery.close()
 
     run(main())
