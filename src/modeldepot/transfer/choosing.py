@@ -39,6 +39,10 @@ ENDGAME_COPIES = 2  # requests for one chunk at most, in the endgame
 ENDGAME_WAIT = 1.0  # seconds a chunk is outstanding, at least, before the endgame asks another source too
 ENDGAME_FACTOR = 3.0  # ... and at least this many times the idle source's own time per chunk
 PEER_TIMES_KEPT = 64  # peer chunk times kept for the typical one
+# A peer's request outstanding this many times the patience makes it stuck (its claims taken over, its
+# chunk asked of the Hub again): a chunk from the Hub again is what the swarm saves, so only a peer well
+# behind the others' pace counts as stuck, not one of a fleet that is slow as a whole.
+STUCK_FACTOR = 2.0
 SWARM_PATIENCE = 10.0  # seconds, at least, another node's claim may stay unlanded before it is taken over
 
 
@@ -130,12 +134,12 @@ class ChunkChooser:
     def _failed_for(self, index: int, now: float, patience: float) -> set[str]:
         """The sources that cannot give chunk ``index`` now (a claim of theirs no longer counts): its copy
         from them failed its digest; they were dropped or are banned; or they are stuck (a request to
-        them has been outstanding past the patience: a peer that stalls or trickles)."""
+        them has been outstanding STUCK_FACTOR times the patience: a peer that stalls or trickles)."""
         failed = self.bad.get(index, set()) | set(self.errors)
         failed.update(s.source.name for s, until in self.banned.items() if until > now)
         for requests in self.requests.values():
-            failed.update(r.source.source.name for r in requests
-                          if r.source.kind != "hub" and not r.landing and now - r.started >= patience)  # fmt: skip
+            failed.update(r.source.source.name for r in requests if r.source.kind != "hub" and not r.landing
+                          and now - r.started >= STUCK_FACTOR * patience)  # fmt: skip
         return failed
 
     def _is_banned(self, source: FileSource, now: float) -> bool:
@@ -205,7 +209,7 @@ class ChunkChooser:
         if (
             origin_in_swarm
         ):  # a chunk from the Hub again is what the swarm saves: only for a peer stuck that long
-            patience = max(patience, self._patience())
+            patience = max(patience, STUCK_FACTOR * self._patience())
         if now - started >= patience:
             return index, None
         return None, started + patience - now
