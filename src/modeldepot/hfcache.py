@@ -139,10 +139,9 @@ class HfCacheRepo(_Record):
     copied_blobs: int
 
 
-@dataclass(frozen=True)
-class HfCacheImportResult(_Record):
-    cache_dir: str
-    repos: tuple[HfCacheRepo, ...]
+class _Reported(_Record):
+    """A result that lists what it skipped: ``ok`` when nothing was (also in its dict)."""
+
     problems: tuple[HfCacheProblem, ...]
 
     @property
@@ -155,7 +154,14 @@ class HfCacheImportResult(_Record):
 
 
 @dataclass(frozen=True)
-class HfCacheExportResult(_Record):
+class HfCacheImportResult(_Reported):
+    cache_dir: str
+    repos: tuple[HfCacheRepo, ...]
+    problems: tuple[HfCacheProblem, ...]
+
+
+@dataclass(frozen=True)
+class HfCacheExportResult(_Reported):
     repo_id: str
     revision: str
     commit_id: str
@@ -167,13 +173,6 @@ class HfCacheExportResult(_Record):
     copied: int
     kept: int  # blobs the cache already held with the right bytes
     problems: tuple[HfCacheProblem, ...]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "ok": self.ok}
 
 
 def default_cache_dir() -> Path:
