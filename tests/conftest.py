@@ -275,8 +275,10 @@ class ForwardingProxy(abc.ABC):
             await self.stopping()
             await self.session.close()
 
+        # A test proxy's answers may hang by design (a stalled peer) or on an upstream that went first: its
+        # stop waits 5 s for them, not aiohttp's 60 (longer than BackgroundServer.stop waits).
         self._server = BackgroundServer(
-            web.AppRunner(app), name, on_start=open_session, on_stop=close_session
+            web.AppRunner(app, shutdown_timeout=5.0), name, on_start=open_session, on_stop=close_session
         )
         self.url = self._server.url
 
