@@ -4,14 +4,18 @@ pullers of the same content make one transfer."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -216,7 +220,12 @@ def test_two_processes_pulling_the_same_repo_make_one_transfer(
     plan = proxy.set("slow", times=-1, slow_delay=0.005)
     env = _subprocess_env(proxy)
     processes = [_pull_process(home, env) for _ in range(2)]
-    outputs = [p.communicate(timeout=120) for p in processes]
+    try:
+        outputs = [p.communicate(timeout=120) for p in processes]
+    finally:
+        for process in processes:  # a hung pull must not outlive the test (nor leak its pipes)
+            process.kill()
+            process.communicate()
     assert [p.returncode for p in processes] == [0, 0], outputs
     reports = [json.loads(out) for out, _ in outputs]
     total = sum(len(d) for d in BIG_FILES.values())
@@ -226,6 +235,79 @@ def test_two_processes_pulling_the_same_repo_make_one_transfer(
         for path, data in BIG_FILES.items():
             assert bytes(depot.get_file(REPO, path)) == data
         assert store_files_consistent(depot) == []
+
+
+def test_pulls_sharing_files_in_opposite_orders_do_not_wait_for_each_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two repos hold the same two contents under swapped names. A pull holds its claims until it publishes,
+    # so if each pull claimed one content and then waited for the other's, neither would ever finish. The
+    # first pull is made to pause before its second claim until the other pull holds a claim too (or 2 s
+    # pass): the interleaving that deadlocked when claims were taken in each repo's own file order.
+    rng = random.Random(7)
+    first, second = rng.randbytes(3 * SMALL_CHUNK), rng.randbytes(3 * SMALL_CHUNK + 5)
+    low, high = sorted([first, second], key=lambda data: hashlib.sha256(data).hexdigest())
+    repos = {"acme/one": {"a.bin": low, "b.bin": high}, "acme/two": {"a.bin": high, "b.bin": low}}
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as node_depot:
+        for repo, files in repos.items():
+            node_depot.import_dir(write_model_dir(tmp_path / repo.replace("/", "-"), files), repo)
+        node = LiveNode(node_depot)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("MODELDEPOT_SERVERS", node.url)
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+        home = tmp_path / "local"
+        depots = [Depot(home, chunk_size=SMALL_CHUNK) for _ in repos]
+        try:
+            one_store, two_store = (depot.store for depot in depots)
+            claim_of_one = one_store.partials.claim
+            high_key = hashlib.sha256(high).hexdigest()
+
+            two_claims: list[str] = []
+            claim_of_two = two_store.partials.claim
+
+            def claim_two(key: str, *args: Any) -> Any:
+                claim = claim_of_two(key, *args)
+                if claim is not None:
+                    two_claims.append(key)
+                return claim
+
+            def claim_one(key: str, *args: Any) -> Any:
+                if key == high_key:
+                    deadline = time.monotonic() + 2
+                    while not two_claims and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                return claim_of_one(key, *args)
+
+            monkeypatch.setattr(one_store.partials, "claim", claim_one)
+            monkeypatch.setattr(two_store.partials, "claim", claim_two)
+            results: dict[str, Any] = {}
+
+            def pull(depot: Depot, repo: str) -> None:
+                try:
+                    results[repo] = depot.pull(repo)
+                except BaseException as error:  # reported below
+                    results[repo] = error
+
+            threads = [
+                threading.Thread(target=pull, args=(d, r), daemon=True)
+                for d, r in zip(depots, repos, strict=True)
+            ]
+            threads[0].start()
+            wait_until(lambda: bool(list((home / "partials").glob("*.log"))))
+            threads[1].start()
+            for thread in threads:
+                thread.join(timeout=30)
+            assert not any(thread.is_alive() for thread in threads), "the two pulls wait for each other"
+            assert results["acme/two"].bytes_downloaded == 0, "the second pull found both files in the store"
+            for repo, files in repos.items():
+                assert not isinstance(results[repo], BaseException), results[repo]
+                for path, data in files.items():
+                    assert bytes(depots[0].get_file(repo, path)) == data
+            assert store_files_consistent(depots[0]) == []
+        finally:
+            for depot in depots:
+                depot.close()
+            node.stop()
 
 
 def test_ctrl_c_stops_a_pull_cleanly_and_keeps_its_chunks(

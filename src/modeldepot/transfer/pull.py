@@ -303,13 +303,7 @@ class _PullRun:
                 holders = await self.chain.holders(
                     http, self.manifest, self.store.chunk_size, list(unique.values())
                 )
-                outcomes = await asyncio.gather(
-                    *(
-                        self._one(http, key, remote, holders.get(remote.path, []))
-                        for key, remote in unique.items()
-                    ),
-                    return_exceptions=True,
-                )
+                outcomes = await self._claim_and_transfer(http, unique, holders)
             errors = [o for o in outcomes if isinstance(o, BaseException)]
             if errors:
                 _raise_first(errors, len(unique))
@@ -321,16 +315,47 @@ class _PullRun:
                 self.tracker.add(remote.path, remote.size)
         return fetched
 
-    async def _one(self, http: aiohttp.ClientSession, key: str, remote: RemoteFile,
-                   nodes: list[FileSource]) -> None:  # fmt: skip
-        async with self.file_slots:
-            await self._transfer(http, key, remote, nodes)
+    async def _claim_and_transfer(self, http: aiohttp.ClientSession, unique: dict[str, RemoteFile],
+                                  holders: dict[str, list[FileSource]]) -> list[BaseException | None]:  # fmt: skip
+        """Claim every content and transfer what this process claimed; one outcome per transfer.
+
+        Claims are taken one at a time in one order shared by every process (by content key), and a claim
+        is held until its pull publishes. So two processes whose pulls share files never each hold one
+        file while waiting for the other's: whoever waits holds only contents that sort before the one it
+        waits for, which the other process then no longer needs. Transfers of claimed contents run while
+        the next claim waits; the file slots keep the claims from running ahead of the transfers."""
+        transfers: list[asyncio.Task[None]] = []
+        outcomes: list[BaseException | None] = []
+
+        async def transfer(key: str, remote: RemoteFile, claim: ResumablePartial) -> None:
+            try:
+                await self._transfer(http, key, remote, claim, holders.get(remote.path, []))
+            finally:
+                self.file_slots.release()
+
+        try:
+            for key in sorted(unique):
+                remote = unique[key]
+                await self.file_slots.acquire()
+                try:
+                    claim = await self._claim(key, remote)
+                except Exception as error:  # e.g. no room for it: that file fails, the others go on
+                    claim = None
+                    outcomes.append(error)
+                if claim is None:
+                    self.file_slots.release()
+                    continue
+                transfers.append(asyncio.create_task(transfer(key, remote, claim)))
+        except BaseException:
+            for task in transfers:
+                task.cancel()
+            await asyncio.gather(*transfers, return_exceptions=True)
+            raise
+        outcomes.extend(await asyncio.gather(*transfers, return_exceptions=True))
+        return outcomes
 
     async def _transfer(self, http: aiohttp.ClientSession, key: str, remote: RemoteFile,
-                        nodes: list[FileSource]) -> None:  # fmt: skip
-        claim = await self._claim(key, remote)
-        if claim is None:
-            return  # another process committed it meanwhile
+                        claim: ResumablePartial, nodes: list[FileSource]) -> None:  # fmt: skip
         if self.watch is not None:
             self.watch(remote.path, claim)
         self.tracker.add(remote.path, claim.resumed_bytes)
