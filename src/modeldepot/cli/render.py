@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -124,6 +125,13 @@ class ByteProgress:
             self._progress.update(self._task, completed=done, total=total, description=description)
 
 
+def _plain_line(text: str) -> None:
+    """A progress line for a log, written as it is: rich would read brackets in a file name as markup and
+    spend milliseconds highlighting each line (a pull of 300 small files prints 300)."""
+    err.file.write(text + "\n")
+    err.file.flush()
+
+
 class PullView:
     """Progress of a pull: on a terminal, a total bar and a bar per file in flight (rate, ETA); otherwise
     plain lines on stderr, at most every few seconds, and one per finished file."""
@@ -156,12 +164,12 @@ class PullView:
             return
         if update.file_done >= update.file_size and update.path not in self._finished:
             self._finished.add(update.path)
-            err.print(f"  {update.path} ({format_bytes(update.file_size)})")
+            _plain_line(f"  {update.path} ({format_bytes(update.file_size)})")
         now = time.monotonic()
         if now - self._last_line >= self.LINE_INTERVAL or update.done >= update.total:
             self._last_line = now
             rate = update.done / max(now - self._started, 1e-6)
-            err.print(
+            _plain_line(
                 f"{self._description}: {format_bytes(update.done)} of {format_bytes(update.total)} "
                 f"({100 * update.done / max(update.total, 1):.0f}%), {format_bytes(int(rate))}/s"
                 + (", waiting for another process" if update.waiting else "")
@@ -172,7 +180,9 @@ class PullView:
         if task is None:
             if update.path in self._finished:
                 return
-            label = f"  {update.path}" + (" (another process is fetching it)" if update.waiting else "")
+            label = f"  {escape(update.path)}" + (
+                " (another process is fetching it)" if update.waiting else ""
+            )
             task = self._files[update.path] = progress.add_task(label, total=update.file_size)
         progress.update(task, completed=update.file_done)
         if update.file_done >= update.file_size:

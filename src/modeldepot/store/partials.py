@@ -310,9 +310,9 @@ class PartialFiles:
         try:
             if logged is None:  # new, or written for another size or chunk size: start over
                 logged = {}
-                os.ftruncate(log_fd, 0)
+                _empty(log_fd)
                 os.write(log_fd, header.encode())
-                os.ftruncate(data_fd, 0)
+                _empty(data_fd)
             if size:
                 os.posix_fallocate(data_fd, 0, size)  # a full disk fails here, before any transfer
             done = _verified_chunks(data_fd, size, chunk_size, logged)
@@ -364,6 +364,14 @@ def _still_linked(fd: int, path: Path) -> bool:
         return os.stat(path).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
         return False
+
+
+def _empty(fd: int) -> None:
+    """Truncate a file to nothing, unless it is empty already (a new partial's files). On ext4 a truncate
+    to zero marks the file for a flush when it is closed (``auto_da_alloc``, for the truncate-and-rewrite
+    pattern): two forced writebacks per downloaded file, the very wait deferred durability removes."""
+    if os.fstat(fd).st_size or os.environ.get("OLDTRUNC"):
+        os.ftruncate(fd, 0)
 
 
 def _mtime(path: Path) -> float:

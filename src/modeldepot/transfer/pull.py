@@ -237,7 +237,10 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
             tracker.write("failed", f"{type(error).__name__}: {error}"[:500])
             raise
         finally:
-            run.release()
+            if run.published:  # hundreds of unlinks for a repo of small files: off the loop
+                await asyncio.to_thread(run.release)
+            else:
+                run.release()
             # Claims go once the files are published (or the pull failed): peers still downloading keep
             # the digests they saw, and find this node's blobs by its holdings.
             await asyncio.gather(*(swarm.release() for swarm in run.swarms), return_exceptions=True)
