@@ -242,8 +242,9 @@ def test_pulls_sharing_files_in_opposite_orders_do_not_wait_for_each_other(
 ) -> None:
     # Two repos hold the same two contents under swapped names. A pull holds its claims until it publishes,
     # so if each pull claimed one content and then waited for the other's, neither would ever finish. The
-    # first pull is made to pause before its second claim until the other pull holds a claim too (or 2 s
-    # pass): the interleaving that deadlocked when claims were taken in each repo's own file order.
+    # first pull is made to pause before its claim of the second content until the other pull has gone on
+    # (holds that content, or waits for the first): the interleaving that deadlocked when claims were taken
+    # in each repo's file order.
     rng = random.Random(7)
     first, second = rng.randbytes(3 * SMALL_CHUNK), rng.randbytes(3 * SMALL_CHUNK + 5)
     low, high = sorted([first, second], key=lambda data: hashlib.sha256(data).hexdigest())
@@ -260,21 +261,24 @@ def test_pulls_sharing_files_in_opposite_orders_do_not_wait_for_each_other(
         try:
             one_store, two_store = (depot.store for depot in depots)
             claim_of_one = one_store.partials.claim
-            high_key = hashlib.sha256(high).hexdigest()
+            low_key, high_key = hashlib.sha256(low).hexdigest(), hashlib.sha256(high).hexdigest()
 
-            two_claims: list[str] = []
+            two_tried: list[str] = []  # keys the second pull has tried to claim (got or not)
             claim_of_two = two_store.partials.claim
 
             def claim_two(key: str, *args: Any) -> Any:
-                claim = claim_of_two(key, *args)
-                if claim is not None:
-                    two_claims.append(key)
-                return claim
+                try:
+                    return claim_of_two(key, *args)
+                finally:
+                    two_tried.append(key)
+
+            def two_went_on() -> bool:  # it holds the high content, or it waits (it tried the low one twice)
+                return high_key in two_tried or two_tried.count(low_key) >= 2
 
             def claim_one(key: str, *args: Any) -> Any:
                 if key == high_key:
-                    deadline = time.monotonic() + 2
-                    while not two_claims and time.monotonic() < deadline:
+                    deadline = time.monotonic() + 30
+                    while not two_went_on() and time.monotonic() < deadline:
                         time.sleep(0.01)
                 return claim_of_one(key, *args)
 
@@ -296,13 +300,13 @@ def test_pulls_sharing_files_in_opposite_orders_do_not_wait_for_each_other(
             wait_until(lambda: bool(list((home / "partials").glob("*.log"))))
             threads[1].start()
             for thread in threads:
-                thread.join(timeout=30)
+                thread.join(timeout=60)
             assert not any(thread.is_alive() for thread in threads), "the two pulls wait for each other"
-            assert results["acme/two"].bytes_downloaded == 0, "the second pull found both files in the store"
             for repo, files in repos.items():
                 assert not isinstance(results[repo], BaseException), results[repo]
                 for path, data in files.items():
                     assert bytes(depots[0].get_file(repo, path)) == data
+            assert results["acme/two"].bytes_downloaded == 0, "the second pull found both files in the store"
             assert store_files_consistent(depots[0]) == []
         finally:
             for depot in depots:
@@ -317,9 +321,13 @@ def test_ctrl_c_stops_a_pull_cleanly_and_keeps_its_chunks(
     Depot(home, chunk_size=SMALL_CHUNK).close()
     first = proxy.set("slow", times=-1, slow_delay=0.03)
     process = _pull_process(home, _subprocess_env(proxy))
-    wait_until(lambda: first.body_bytes > len(BIG_FILES[BIG]) // 4)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    try:
+        wait_until(lambda: first.body_bytes > len(BIG_FILES[BIG]) // 4)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()  # (a no-op once it has ended) a hung pull must not outlive the test
+        process.communicate()
     assert process.returncode == 130, stderr
     assert "resume" in stderr
     for name, value in _subprocess_env(proxy).items():

@@ -117,7 +117,9 @@ class Mirror:
         partial = job.partial
         fd = _open(partial) if partial is not None and not job.task.done() else None
         if fd is None:
-            job.task.result()  # raises what the pull raised
+            # Raises what the pull raised. Shielded: a reader that leaves must not cancel the shared pull,
+            # which may still be finishing (its partial moved into the store, its task not yet done).
+            await asyncio.shield(job.task)
             async for block in self._from_store(manifest, remote, start, end):
                 yield block
             return

@@ -370,7 +370,7 @@ def _empty(fd: int) -> None:
     """Truncate a file to nothing, unless it is empty already (a new partial's files). On ext4 a truncate
     to zero marks the file for a flush when it is closed (``auto_da_alloc``, for the truncate-and-rewrite
     pattern): two forced writebacks per downloaded file, the very wait deferred durability removes."""
-    if os.fstat(fd).st_size or os.environ.get("OLDTRUNC"):
+    if os.fstat(fd).st_size:
         os.ftruncate(fd, 0)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -237,13 +238,15 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
             tracker.write("failed", f"{type(error).__name__}: {error}"[:500])
             raise
         finally:
-            if run.published:  # hundreds of unlinks for a repo of small files: off the loop
-                await asyncio.to_thread(run.release)
-            else:
-                run.release()
-            # Claims go once the files are published (or the pull failed): peers still downloading keep
-            # the digests they saw, and find this node's blobs by its holdings.
-            await asyncio.gather(*(swarm.release() for swarm in run.swarms), return_exceptions=True)
+            try:
+                if run.published:  # hundreds of unlinks for a repo of small files: off the loop
+                    await asyncio.to_thread(run.release)
+                else:
+                    run.release()
+            finally:
+                # Claims go once the files are published (or the pull failed): peers still downloading
+                # keep the digests they saw, and find this node's blobs by its holdings.
+                await asyncio.gather(*(swarm.release() for swarm in run.swarms), return_exceptions=True)
         await tracker.settle()
         tracker.write("downloaded")
         store.access.record(
@@ -286,6 +289,8 @@ class _PullRun:
         self.store, self.manifest, self.chain = store, manifest, chain
         self.tracker, self.limits, self.watch = tracker, limits, watch
         self.claims: dict[str, ResumablePartial] = {}
+        self.claims_lock = threading.Lock()  # claims are taken on worker threads (_take)
+        self.released = False
         self.digests: dict[str, BlobDigest] = {}  # by content key
         self.used: set[str] = set()
         self.published = False
@@ -385,23 +390,40 @@ class _PullRun:
         when the content turned up in the store meanwhile (its digests are then recorded)."""
         waiting = False
         while True:
-            claim = await asyncio.to_thread(
-                self.store.partials.claim, key, remote.size, self.store.chunk_size, False
-            )
-            found = await asyncio.to_thread(_stored, self.store, remote)
+            claim, found = await asyncio.to_thread(self._take, key, remote)
             if found is not None:
-                if claim is not None:
-                    claim.release(completed=True)
                 self.digests[key] = found
                 self.tracker.add(remote.path, remote.size - self.tracker.done.get(remote.path, 0))
                 return None
             if claim is not None:
-                self.claims[key] = claim
                 return claim
             if not waiting:
                 waiting = True
                 self.tracker.add(remote.path, 0, waiting=True)
             await asyncio.sleep(CLAIM_POLL)
+
+    def _take(self, key: str, remote: RemoteFile) -> tuple[ResumablePartial | None, BlobDigest | None]:
+        """(On a worker thread.) Try for the claim of ``key`` and look for its content in the store. A claim
+        is recorded before this returns, under the lock :meth:`release` takes: one that lands after the
+        pull was cancelled and released is let go at once, never left holding its lock for nobody."""
+        claim = self.store.partials.claim(key, remote.size, self.store.chunk_size, False)
+        try:
+            found = _stored(self.store, remote)
+        except BaseException:
+            if claim is not None:
+                claim.release(completed=False)
+            raise
+        if claim is None:
+            return None, found
+        if found is not None:
+            claim.release(completed=True)  # the content is in the store: the partial is a leftover
+            return None, found
+        with self.claims_lock:
+            if self.released:
+                claim.release(completed=False)
+                return None, None
+            self.claims[key] = claim
+        return claim, None
 
     def finish_partials(self) -> dict[str, PartialBlob]:
         """Flush every downloaded file and hand it over for publishing, by SHA-256."""
@@ -413,7 +435,10 @@ class _PullRun:
         return ready
 
     def release(self) -> None:
-        for claim in self.claims.values():
+        with self.claims_lock:
+            self.released = True
+            claims = list(self.claims.values())
+        for claim in claims:
             claim.release(completed=self.published)
 
 
