@@ -237,6 +237,10 @@ class _FileJob(ChunkChooser):
                     if self._claimed_elsewhere():
                         await self._idle(source, changed, SWARM_TICK)  # another node fetches them
                         continue
+                    # A look later, by the clock: a claim that blocked the Hub a moment ago may have lapsed
+                    # since (or this node stopped following), and then there is work, not a lack of sources.
+                    if any(self._pick(s)[0] is not None for s in self.live):
+                        continue
                     if await self._rescue():
                         continue
                     return
