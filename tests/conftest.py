@@ -206,7 +206,7 @@ async def cancel_other_tasks() -> None:
 class BackgroundServer:
     """An aiohttp runner listening on a loopback port, run by its own event loop on a background thread, so
     that blocking test code (and the real clients it drives) can talk to it. ``on_stop`` runs on that loop
-    before the runner is cleaned up."""
+    before the runner is cleaned up, ``after_stop`` once it is (no handler runs any more)."""
 
     def __init__(
         self,
@@ -215,13 +215,14 @@ class BackgroundServer:
         backlog: int = 128,
         on_start: Callable[[], Awaitable[None]] | None = None,
         on_stop: Callable[[], Awaitable[None]] | None = None,
+        after_stop: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         import asyncio
         import threading
 
         self.runner = runner
         self.loop = asyncio.new_event_loop()
-        self._on_stop = on_stop
+        self._on_stop, self._after_stop = on_stop, after_stop
         started = threading.Event()
 
         def serve() -> None:
@@ -249,6 +250,8 @@ class BackgroundServer:
                 await self._on_stop()
             await self.runner.cleanup()
             await cancel_other_tasks()  # keep-alive connections the clients left open
+            if self._after_stop is not None:
+                await self._after_stop()
 
         asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(60)
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -272,14 +275,16 @@ class ForwardingProxy(abc.ABC):
             await self.started()
 
         async def close_session() -> None:
-            await self.stopping()
             await self.session.close()
 
         # A test proxy's answers may hang by design (a stalled peer) or on an upstream that went first: its
-        # stop waits 5 s for them, not aiohttp's 60 (longer than BackgroundServer.stop waits).
+        # stop waits 5 s for them, not aiohttp's 60 (longer than BackgroundServer.stop waits). Its session
+        # closes only after the last handler: closed under a handler still connecting upstream, it leaked
+        # that connection's transport (a ResourceWarning at collection, which fails the test).
         self._server = BackgroundServer(
-            web.AppRunner(app, shutdown_timeout=5.0), name, on_start=open_session, on_stop=close_session
-        )
+            web.AppRunner(app, shutdown_timeout=5.0), name, on_start=open_session, on_stop=self.stopping,
+            after_stop=close_session,
+        )  # fmt: skip
         self.url = self._server.url
 
     @property
@@ -296,7 +301,7 @@ class ForwardingProxy(abc.ABC):
         return None
 
     async def stopping(self) -> None:
-        """On the proxy's loop, before its session closes."""
+        """On the proxy's loop, at its stop, before its handlers are ended (its session closes after)."""
         return None
 
     def stop(self) -> None:

@@ -61,7 +61,7 @@ class FaultProxy:
             web.AppRunner(app, shutdown_timeout=5.0),
             "fault-proxy",
             on_start=open_session,
-            on_stop=close_session,
+            after_stop=close_session,  # once no handler runs: one still connecting would leak its transport
         )
         self.url = self._server.url
 
