@@ -180,3 +180,22 @@ def test_the_blocking_api_works_inside_an_event_loop(local: Depot) -> None:
     files, path, data = asyncio.run(cell())
     assert files == 4 and path == "onnx/model.onnx" and data == FILES["onnx/model_fp16.onnx"]
     assert local.verify().ok
+
+
+@pytest.mark.parametrize("as_node", [False, True], ids=["hub", "node"])
+def test_chunks_off_page_boundaries_are_received_through_a_buffer(
+    upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, as_node: bool
+) -> None:
+    """Chunks are received into the partial file's mapped pages when they start on a page boundary; with a
+    chunk size that is no multiple of the page size most do not, and go through a buffer: every file
+    still comes out whole, from either kind of source."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", upstream.url)
+    if as_node:
+        monkeypatch.setenv("MODELDEPOT_SERVERS", upstream.url)
+    with Depot(tmp_path / "odd-chunks", chunk_size=SMALL_CHUNK + 100) as depot:
+        result = depot.pull(REPO)
+        assert result.bytes_downloaded == sum(len(data) for data in FILES.values())
+        for path, data in FILES.items():
+            assert bytes(depot.get_file(REPO, path)) == data
+        assert store_files_consistent(depot) == []

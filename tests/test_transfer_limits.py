@@ -184,3 +184,51 @@ def test_a_redirect_to_no_http_url_is_an_upstream_error(location: str) -> None:
             asyncio.run(fetch())
     finally:
         server.stop()
+
+
+def test_a_cancelled_fetch_returns_only_once_its_reader_has_let_go_of_the_buffer() -> None:
+    """Chunks are received straight into the file's mapped pages, and the endgame's winner writes its copy
+    there once the loser is cancelled: the loser's reader thread must be done with those pages by the time
+    its cancellation returns. A bytearray cannot be resized while a thread still holds a view of it."""
+    import asyncio
+    import socket
+    import threading
+
+    import aiohttp
+
+    from modeldepot.transfer.sources import HttpSource
+
+    def stall_mid_body(listener: socket.socket, sent: threading.Event) -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-9999/100000\r\n"
+                               b"Content-Length: 10000\r\n\r\n" + b"x" * 100)  # fmt: skip
+            sent.set()
+            connection.recv(1)  # until the client shuts its end down
+
+    async def cancel_mid_body(url: str, sent: threading.Event, buffer: bytearray) -> None:
+        source = HttpSource(url, retry=RetryPolicy(attempts=1, read_timeout=30))
+        async with aiohttp.ClientSession() as http:
+            task = asyncio.create_task(source.fetch(http, f"{url}/a.bin", 0, 9999, 100000, buffer))
+            while not sent.is_set():
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # the reader is blocked in recv, holding a view of the buffer
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                buffer.extend(b"!")  # BufferError if the reader thread still held its view
+            else:
+                pytest.fail("the fetch was not cancelled")
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        sent = threading.Event()
+        server = threading.Thread(target=stall_mid_body, args=(listener, sent), daemon=True)
+        server.start()
+        buffer = bytearray(10000)
+        asyncio.run(cancel_mid_body(f"http://127.0.0.1:{listener.getsockname()[1]}", sent, buffer))
+        server.join(timeout=10)
+    assert buffer[:100] == b"x" * 100 and len(buffer) == 10001

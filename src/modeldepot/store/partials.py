@@ -22,6 +22,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import mmap
 import os
 import re
 import time
@@ -116,13 +117,27 @@ class ResumablePartial:
     def data_fd(self) -> int:
         return self._data_fd
 
-    def write_chunk(self, index: int, data: memoryview, digest: str) -> None:
-        """Write chunk ``index`` at its offset and log it (call from a worker thread: it blocks)."""
+    def map_chunk(self, index: int) -> mmap.mmap | None:
+        """Chunk ``index`` of the file, mapped writable: a download receives into the file's own pages
+        (then :meth:`write_chunk` with ``in_place``), no copy between its buffer and the page cache. None
+        when the chunk does not start on a page boundary (a chunk size that is no multiple of the page size)
+        or the file is closed. The bytes landed there count only once logged, as every chunk's."""
+        offset, length = chunk_span(index, self.size, self.chunk_size)
+        if self._data_fd < 0 or not length or offset % mmap.ALLOCATIONGRANULARITY:
+            return None
+        try:
+            return mmap.mmap(self._data_fd, length, offset=offset)
+        except (OSError, ValueError):
+            return None  # (no room for a mapping) the caller reads into a buffer instead
+
+    def write_chunk(self, index: int, data: memoryview, digest: str, in_place: bool = False) -> None:
+        """Write chunk ``index`` at its offset and log it (call from a worker thread: it blocks).
+        ``in_place``: ``data`` is the chunk's own mapping (:meth:`map_chunk`), already there: only log it."""
         offset, length = chunk_span(index, self.size, self.chunk_size)
         if len(data) != length:
             raise ValueError(f"chunk {index} must be {length} bytes, got {len(data)}")
         try:
-            written = 0
+            written = length if in_place else 0
             while written < length:
                 written += os.pwrite(self._data_fd, data[written:], offset + written)
             start_writeback(self._data_fd, offset, length)

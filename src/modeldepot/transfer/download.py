@@ -144,6 +144,8 @@ class _FileJob(ChunkChooser):
         self.fallback, self.on_bytes = fallback, on_bytes
         self.tasks: set[asyncio.Task[bool]] = set()
         self.landing: set[int] = set()  # chunks being written
+        # Chunks a request receives straight into the file's own pages: its request and the mapping.
+        self.in_place: dict[int, tuple[ChunkRequest, mmap.mmap]] = {}
         self.workers: list[asyncio.Task[None]] = []
         self.refused: dict[FileSource, set[int]] = {}  # chunks a partial holder said it lacks
         self.refreshed: dict[FileSource, float] = {}  # when a partial holder's chunk map was last read
@@ -395,13 +397,16 @@ class _FileJob(ChunkChooser):
         async with self.limits.source_slot(source.source):
             await buffers.acquire()
             request.started = time.monotonic()  # on the wire now: the endgame measures from here
-            buffer = self.limits.take_buffer(self.partial.chunk_size)
+            mapping = self._map_in_place(index, request)
+            buffer = self.limits.take_buffer(self.partial.chunk_size) if mapping is None else None
             try:
                 data = await source.source.fetch(
-                    self.http, source.url, offset, offset + length - 1, self.remote.size, buffer
-                )
+                    self.http, source.url, offset, offset + length - 1, self.remote.size,
+                    buffer if mapping is None else mapping,
+                )  # fmt: skip
             except BaseException:
                 buffers.release()
+                self._unmap(index, request, mapping)
                 raise
         request.landing = True
         spent, landed = self.timing.get(source, (0.0, 0))
@@ -410,19 +415,51 @@ class _FileJob(ChunkChooser):
         if source.kind != "hub":
             self.peer_times.append(took)
         try:
-            await self._land(source, index, data)
+            await self._land(source, index, data, request, in_place=mapping is not None)
             try:
                 data.release()
             except BufferError:
                 pass  # a view of it is still held somewhere: it is not reused
             else:
-                self.limits.give_back(buffer)  # landed: no thread reads it any more
+                if buffer is not None:
+                    self.limits.give_back(buffer)  # landed: no thread reads it any more
         finally:
             buffers.release()
+            self._unmap(index, request, mapping)
 
-    async def _land(self, source: FileSource, index: int, data: memoryview) -> None:
+    def _map_in_place(self, index: int, request: ChunkRequest) -> mmap.mmap | None:
+        """The chunk's own pages in the file for ``request`` to receive into, unless another request (the
+        endgame's other copy) writes there or the chunk is landing: then None, and a buffer is used."""
+        if index in self.in_place or index in self.landing or index in self.partial.done:
+            return None
+        mapping = self.partial.map_chunk(index)
+        if mapping is not None:
+            self.in_place[index] = (request, mapping)
+        return mapping
+
+    def _unmap(self, index: int, request: ChunkRequest, mapping: mmap.mmap | None) -> None:
+        if mapping is None:
+            return
+        if self.in_place.get(index, (None,))[0] is request:
+            del self.in_place[index]
+        with contextlib.suppress(BufferError):  # a view still held (a traceback's frame): freed with it
+            mapping.close()
+
+    async def _stop_in_place_writer(self, index: int, request: ChunkRequest | None) -> None:
+        """Before a copy from a buffer goes into the file: the request receiving into the chunk's own pages
+        (the endgame's other copy) is cancelled, and awaited until its reader thread has let go."""
+        while (owner := self.in_place.get(index)) is not None and owner[0] is not request:
+            task = owner[0].task
+            if task is None or task.done() or owner[0].landing:
+                break  # (landing: its bytes are all in, its reader is done)
+            task.cancel()
+            await asyncio.wait([task])
+
+    async def _land(self, source: FileSource, index: int, data: memoryview, request: ChunkRequest | None = None,
+                    in_place: bool = False) -> None:  # fmt: skip
         """Check a fetched chunk against the source's digest, then write and log it (once: an endgame's
-        second copy is dropped), and cancel the other request for it."""
+        second copy is dropped), and cancel the other request for it. ``in_place``: ``data`` is the chunk's
+        own pages in the file (nothing to write, only to log)."""
         digest = await asyncio.to_thread(_blake3, data)
         expected = source.chunk_blake3[index] if source.chunk_blake3 else None
         if expected is None and self.swarm is not None and source.kind != "hub":
@@ -439,7 +476,9 @@ class _FileJob(ChunkChooser):
             return
         self.landing.add(index)
         try:
-            await asyncio.to_thread(self.partial.write_chunk, index, data, digest)
+            if not in_place:
+                await self._stop_in_place_writer(index, request)
+            await asyncio.to_thread(self.partial.write_chunk, index, data, digest, in_place)
         finally:
             self.landing.discard(index)
         if self.on_bytes is not None:

@@ -155,6 +155,11 @@ def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size:
             attempt.connection = connection
         reusable = False
         try:
+            if connection.sock is None:  # connect first: an abort that came while the socket was being
+                connection.connect()  # made had none to shut down, and is seen here instead
+                with attempt.lock:
+                    if attempt.aborted:
+                        raise ConnectionAbortedError("the read was abandoned")
             connection.request("GET", target, headers=sent)
             response = connection.getresponse()
             answer = Answer(response.status, response.headers, url)

@@ -11,13 +11,16 @@ import asyncio
 import base64
 import binascii
 import http.client
+import mmap
 import random
 import re
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timezone
 from email.utils import parsedate_to_datetime
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -119,18 +122,27 @@ class HttpSource:
 
     async def fetch(
         self, session: aiohttp.ClientSession, url: str, start: int, end: int, size: int,
-        into: bytearray | None = None,
+        into: bytearray | mmap.mmap | None = None,
     ) -> memoryview:  # fmt: skip
         """Bytes ``start..end`` (inclusive) of a ``size``-byte file; retried on transient failures. Read
-        into ``into`` when it is large enough (a reused buffer: no allocation, no zeroing per chunk).
+        into ``into`` when it is large enough: a reused buffer (no allocation, no zeroing per chunk), or
+        the file's own pages, mapped (no copy between the socket and the file).
 
-        Raises RangeIgnoredError when the server sends the whole file in reply to a partial range.
+        Raises RangeIgnoredError when the server sends the whole file in reply to a partial range. Never
+        returns or raises while a reader thread may still write into ``into``, even when cancelled.
         """
         want = end - start + 1
         buffer = into if into is not None and len(into) >= want else bytearray(want)
         view = memoryview(buffer)[:want]
+        try:
+            return await self._read(url, start, end, size, view)
+        except BaseException:
+            view.release()  # no reader holds it now: the caller may reuse, resize or unmap what it viewed
+            raise
+
+    async def _read(self, url: str, start: int, end: int, size: int, view: memoryview) -> memoryview:
+        want = len(view)
         headers = self.headers()
-        loop = asyncio.get_running_loop()
         problem = "no attempt was made"
         timed_out = False
         for number in range(self.retry.attempts):
@@ -138,13 +150,14 @@ class HttpSource:
             attempt = Attempt()
             try:
                 # The body is read into the buffer on a reader thread (transfer/ranged.py); a cancelled
-                # request aborts its read there (its buffer is then never reused: the caller's rule).
-                future = loop.run_in_executor(READERS, read_range, url, headers, start, end, size, view,
-                                              self.retry.read_timeout, attempt)  # fmt: skip
+                # request aborts its read there, and waits until the thread has let go of the buffer.
+                read = READERS.submit(read_range, url, headers, start, end, size, view,
+                                      self.retry.read_timeout, attempt)  # fmt: skip
                 try:
-                    answer = await future
+                    answer = await asyncio.wrap_future(read)
                 except asyncio.CancelledError:
                     attempt.abort()
+                    await _until_done(read)
                     raise
                 status = answer.status
                 if status == 206 or (status == 200 and want == size):
@@ -211,6 +224,18 @@ class HttpSource:
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as error:
             kind = UpstreamTimeoutError if isinstance(error, asyncio.TimeoutError) else UpstreamError
             raise kind(f"{url}: {type(error).__name__}: {error}", source=url) from error
+
+
+async def _until_done(read: Future[Any]) -> None:
+    """Wait for an aborted read's thread to end (a shut-down socket ends it within moments), through
+    further cancellations: the bytes it would still write may be the file's own pages."""
+    while not read.done():
+        try:
+            await asyncio.wrap_future(read)
+        except asyncio.CancelledError:
+            continue
+        except Exception:
+            return  # it ended, failing: what it read is dropped
 
 
 def _parse_chunk_map(url: str, body: object, size: int, chunk_size: int) -> frozenset[int] | None:
