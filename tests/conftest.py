@@ -252,6 +252,10 @@ class BackgroundServer:
             await cancel_other_tasks()  # keep-alive connections the clients left open
             if self._after_stop is not None:
                 await self._after_stop()
+            # Closed transports finish closing on later turns of the loop (aiohttp's own advice after a
+            # session's close): a few turns before the loop stops, or one is collected half-closed.
+            for _ in range(5):
+                await asyncio.sleep(0)
 
         asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(60)
         self.loop.call_soon_threadsafe(self.loop.stop)
