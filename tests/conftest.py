@@ -252,8 +252,13 @@ class BackgroundServer:
             await cancel_other_tasks()  # keep-alive connections the clients left open
             if self._after_stop is not None:
                 await self._after_stop()
-            # Closed transports finish closing on later turns of the loop (aiohttp's own advice after a
-            # session's close): a few turns before the loop stops, or one is collected half-closed.
+            # A transport closed with bytes still unsent stays "closing" until its peer reads them, and a
+            # test's peer may have stalled by design or gone without a word: abort what is left (the
+            # selector loop keeps its transports by fd), else it is collected half-closed, a warning.
+            # Aborted and closed transports let go of their sockets on the next turns of the loop.
+            for transport in list(getattr(self.loop, "_transports", {}).values()):
+                if getattr(transport, "_loop", None) is not None:  # (None: already let go of its socket)
+                    transport.abort()
             for _ in range(5):
                 await asyncio.sleep(0)
 
