@@ -79,7 +79,7 @@ class Store:
         self.snapshots = Snapshots(self.layout)
         self.lock = StoreLock(self.layout.lock_path)
         self.manifests = ManifestStore(self.index)
-        self.partials = PartialFiles(self.layout)
+        self.partials = PartialFiles(self.layout, writeback=config.durability == "sync")
         self.access = AccessLog(self.index)
         self.chunk_size = self._settle_chunk_size(config.chunk_size)
         self.store_id = self._setting_or_default("store_id", uuid.uuid4().hex)
