@@ -145,3 +145,19 @@ def test_durability_setting_is_checked(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("MODELDEPOT_DURABILITY", "sometimes")
     done = CliRunner().invoke(cli, ["ls", "--home", str(tmp_path / "s")])
     assert done.exit_code == 2 and "MODELDEPOT_DURABILITY" in done.output
+
+
+def test_only_a_store_that_flushes_before_publishing_starts_writeback_during_a_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Early writeback shortens the flush before a publish (sync); deferred durability flushes after it,
+    and writeback during the download would only slow the pull down (docs/benchmarks.md, issue 14)."""
+    for mode, expected in (("deferred", False), ("sync", True)):
+        monkeypatch.setenv("MODELDEPOT_DURABILITY", mode)
+        with Depot(tmp_path / mode, chunk_size=SMALL_CHUNK) as depot:
+            partial = depot.store.partials.claim("ab" * 32, 2 * SMALL_CHUNK, SMALL_CHUNK, wait=False)
+            assert partial is not None
+            try:
+                assert partial.writeback is expected, mode
+            finally:
+                partial.release(completed=False)
