@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import mmap
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,6 +70,9 @@ BAN_SECONDS = 30.0  # a source whose chunk failed its digest gets no chunk for s
 REFRESH_SECONDS = 2.0  # at most so often a partial holder's chunk map is read again
 SWARM_TICK = 0.1  # seconds between reads of the fleet's view of the file's claims and holders
 SWARM_IDLE = 0.5  # seconds an idle worker of a swarm waits at most before it looks again
+# A file of one chunk below this size is received into a buffer and hashed from a read, not through
+# mappings: mapping and unmapping (a TLB shootdown on every core) cost more than copying a small file.
+MAP_MIN_BYTES = 1024 * 1024
 BytesDone = Callable[[int, str], None]
 """Told ``(bytes, kind)`` for each chunk written: ``kind`` is its source's (:attr:`FileSource.kind`)."""
 
@@ -156,6 +160,11 @@ class _FileJob(ChunkChooser):
         self._changed = asyncio.Event()
         self.failure: DepotError | None = None
         self.whole_body = False
+
+    @property
+    def small(self) -> bool:
+        """A config or tokenizer: one chunk, under MAP_MIN_BYTES."""
+        return self.partial.chunks == 1 and self.remote.size < MAP_MIN_BYTES
 
     @property
     def in_flight(self) -> set[int]:
@@ -398,7 +407,9 @@ class _FileJob(ChunkChooser):
             await buffers.acquire()
             request.started = time.monotonic()  # on the wire now: the endgame measures from here
             mapping = self._map_in_place(index, request)
-            buffer = self.limits.take_buffer(self.partial.chunk_size) if mapping is None else None
+            buffer: bytearray | None = None
+            if mapping is None:  # a small file gets its own small buffer, not a pooled chunk-sized one
+                buffer = bytearray(length) if self.small else self.limits.take_buffer(self.partial.chunk_size)
             try:
                 data = await source.source.fetch(
                     self.http, source.url, offset, offset + length - 1, self.remote.size,
@@ -421,7 +432,7 @@ class _FileJob(ChunkChooser):
             except BufferError:
                 pass  # a view of it is still held somewhere: it is not reused
             else:
-                if buffer is not None:
+                if buffer is not None and len(buffer) >= self.partial.chunk_size:
                     self.limits.give_back(buffer)  # landed: no thread reads it any more
         finally:
             buffers.release()
@@ -431,6 +442,8 @@ class _FileJob(ChunkChooser):
         """The chunk's own pages in the file for ``request`` to receive into, unless another request (the
         endgame's other copy) writes there or the chunk is landing: then None, and a buffer is used."""
         if index in self.in_place or index in self.landing or index in self.partial.done:
+            return None
+        if self.small:
             return None
         mapping = self.partial.map_chunk(index)
         if mapping is not None:
@@ -547,7 +560,8 @@ class _FileJob(ChunkChooser):
     async def _hash_in_order(self) -> BlobDigest:
         size, chunk_size = self.remote.size, self.partial.chunk_size
         hasher = BlobHasher(size, chunk_size)
-        mapping = mmap.mmap(self.partial.data_fd, size, prot=mmap.PROT_READ)
+        fd = self.partial.data_fd
+        mapping = None if self.small else mmap.mmap(fd, size, prot=mmap.PROT_READ)
         try:
             for index in range(self.partial.chunks):
                 while True:
@@ -557,20 +571,29 @@ class _FileJob(ChunkChooser):
                     await changed.wait()
                 offset, length = chunk_span(index, size, chunk_size)
                 await asyncio.to_thread(
-                    _hash_chunk, hasher, mapping, offset, length, self.partial.done[index]
+                    _hash_chunk, hasher, mapping or fd, offset, length, self.partial.done[index]
                 )
             return hasher.finish()
         finally:
-            with contextlib.suppress(BufferError):  # a cancelled hashing thread may still hold a view
-                mapping.close()
+            if mapping is not None:
+                with contextlib.suppress(BufferError):  # a cancelled hashing thread may still hold a view
+                    mapping.close()
 
 
 def _blake3(data: memoryview) -> str:
     return blake3.blake3(data).hexdigest()
 
 
-def _hash_chunk(hasher: BlobHasher, mapping: mmap.mmap, offset: int, length: int, digest: str) -> None:
-    with memoryview(mapping) as whole, whole[offset : offset + length] as data:
+def _hash_chunk(hasher: BlobHasher, source: mmap.mmap | int, offset: int, length: int, digest: str) -> None:
+    """Hash a landed chunk in file order, from the file's mapping or (a small file) read from its fd."""
+    if isinstance(source, int):
+        read = memoryview(os.pread(source, length, offset))
+        if len(read) != length:
+            raise IntegrityError(f"the partial file ends early: {len(read)} of {length} bytes at {offset}")
+        hasher.update_sha256(read)
+        hasher.update_chunk(read, digest)
+        return
+    with memoryview(source) as whole, whole[offset : offset + length] as data:
         hasher.update_sha256(data)
         hasher.update_chunk(data, digest)
 
