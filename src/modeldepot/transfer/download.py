@@ -570,9 +570,8 @@ class _FileJob(ChunkChooser):
                         break
                     await changed.wait()
                 offset, length = chunk_span(index, size, chunk_size)
-                await asyncio.to_thread(
-                    _hash_chunk, hasher, mapping or fd, offset, length, self.partial.done[index]
-                )
+                source = fd if mapping is None else mapping
+                await asyncio.to_thread(_hash_chunk, hasher, source, offset, length, self.partial.done[index])
             return hasher.finish()
         finally:
             if mapping is not None:
