@@ -314,6 +314,62 @@ def test_pulls_sharing_files_in_opposite_orders_do_not_wait_for_each_other(
             node.stop()
 
 
+def test_a_pull_claims_in_key_order_and_waits_at_a_content_another_process_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Claims are taken in batches, but never past a content another process holds: while it is held,
+    # this pull holds exactly the contents before it in key order (and may transfer them), none after.
+    rng = random.Random(11)
+    files = {f"configs/c{i:02d}.json": rng.randbytes(rng.randrange(100, 3000)) for i in range(24)}
+
+    def key(data: bytes) -> str:  # plain (non-LFS) files are claimed by git oid
+        return "git-" + hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+    keys = sorted(key(data) for data in files.values())
+    held_key = keys[9]
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as node_depot:
+        node_depot.import_dir(write_model_dir(tmp_path / "src", files), REPO)
+        node = LiveNode(node_depot)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("MODELDEPOT_SERVERS", node.url)
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+        home = tmp_path / "local"
+        other, depot = Depot(home, chunk_size=SMALL_CHUNK), Depot(home, chunk_size=SMALL_CHUNK)
+        try:
+            size = len(next(d for d in files.values() if key(d) == held_key))
+            held = other.store.partials.claim(held_key, size, SMALL_CHUNK, False)
+            assert held is not None
+            claimed: list[str] = []
+            claim = depot.store.partials.claim
+
+            def recording_claim(key: str, *args: Any) -> Any:
+                partial = claim(key, *args)
+                if partial is not None:
+                    claimed.append(key)
+                return partial
+
+            monkeypatch.setattr(depot.store.partials, "claim", recording_claim)
+            result: dict[str, Any] = {}
+            thread = threading.Thread(target=lambda: result.update(pulled=depot.pull(REPO)), daemon=True)
+            thread.start()
+            wait_until(lambda: len(claimed) == 9 or not thread.is_alive())
+            time.sleep(0.5)  # several tries for the held one go by
+            assert thread.is_alive(), "the pull waits for the content another process holds"
+            assert claimed == keys[:9], "nothing after the held content was claimed"
+            held.release(completed=False)
+            thread.join(timeout=60)
+            assert not thread.is_alive()
+            assert claimed == keys
+            assert result["pulled"].bytes_downloaded == sum(len(d) for d in files.values())
+            for path, data in files.items():
+                assert bytes(depot.get_file(REPO, path)) == data
+            assert store_files_consistent(depot) == []
+        finally:
+            depot.close()
+            other.close()
+            node.stop()
+
+
 def test_ctrl_c_stops_a_pull_cleanly_and_keeps_its_chunks(
     big_upstream: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
