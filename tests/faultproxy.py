@@ -31,6 +31,9 @@ class FaultPlan:
     requests: list[str] = field(default_factory=list)  # "<path> <range>" of every file request
     request_times: list[float] = field(default_factory=list)  # time.time() of each of them
     authorizations: list[str] = field(default_factory=list)
+    in_flight: dict[str, int] = field(default_factory=dict)  # file requests being answered, by file name
+    peak_in_flight: dict[str, int] = field(default_factory=dict)  # the most of them at once, by file name
+    overlaps: list[frozenset[str]] = field(default_factory=list)  # the files in flight as each request began
 
     def should_inject(self, path: str) -> bool:
         if self.mode == "pass" or not path.endswith(self.path_suffix):
@@ -102,10 +105,18 @@ class FaultProxy:
 
     async def _forward(self, request: web.Request, headers: dict[str, str], plan: FaultPlan, count: bool,
                        fault: str = "") -> web.StreamResponse:  # fmt: skip
+        name = request.path.rsplit("/", 1)[-1] if count else ""
+        if name:
+            plan.in_flight[name] = plan.in_flight.get(name, 0) + 1
+            plan.peak_in_flight[name] = max(plan.peak_in_flight.get(name, 0), plan.in_flight[name])
+            plan.overlaps.append(frozenset(n for n, count in plan.in_flight.items() if count))
         try:
             return await self._relay(request, headers, plan, count, fault)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             raise web.HTTPException() from None  # the client left (a killed pull): nothing to answer
+        finally:
+            if name:
+                plan.in_flight[name] -= 1
 
     async def _relay(self, request: web.Request, headers: dict[str, str], plan: FaultPlan, count: bool,
                      fault: str) -> web.StreamResponse:  # fmt: skip

@@ -314,6 +314,35 @@ def test_pulls_sharing_files_in_opposite_orders_do_not_wait_for_each_other(
             node.stop()
 
 
+def test_small_files_are_not_held_to_the_per_source_limit_of_ranges_but_to_the_total(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small file's request waits on the round trip, not on bandwidth: 4 at a time over a 20 ms link
+    # lost to snapshot_download's 8 threads. The ranges of a big file keep the per-source limit.
+    rng = random.Random(5)
+    files = {f"configs/c{i:02d}.json": rng.randbytes(rng.randrange(100, 3000)) for i in range(16)}
+    files[BIG] = rng.randbytes(8 * SMALL_CHUNK)
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as node_depot:
+        node_depot.import_dir(write_model_dir(tmp_path / "src", files), REPO)
+        node = LiveNode(node_depot)
+        proxy = FaultProxy(node.url)
+        try:
+            plan = proxy.set("slow", times=-1, slow_delay=0.05)
+            monkeypatch.setenv("MODELDEPOT_CONNECTIONS", "6")
+            monkeypatch.setenv("MODELDEPOT_CONNECTIONS_PER_SOURCE", "1")
+            with local_depot(tmp_path / "local", proxy, as_node=False, monkeypatch=monkeypatch) as depot:
+                depot.pull(REPO)
+                for path, data in files.items():
+                    assert bytes(depot.get_file(REPO, path)) == data
+            assert plan.peak_in_flight[BIG] == 1, "a big file's ranges keep the per-source limit"
+            small_at_once = max(len(names - {BIG}) for names in plan.overlaps)
+            assert 1 < small_at_once <= 6, f"{small_at_once} small files in flight at once"
+            assert max(len(names) for names in plan.overlaps) <= 6, "the total limit holds"
+        finally:
+            proxy.stop()
+            node.stop()
+
+
 def test_a_pull_claims_in_key_order_and_waits_at_a_content_another_process_holds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

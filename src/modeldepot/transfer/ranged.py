@@ -74,7 +74,7 @@ class _Pool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle: dict[_Origin, list[tuple[float, http.client.HTTPConnection]]] = {}
-        self._tls = ssl.create_default_context()
+        self._tls: ssl.SSLContext | None = None  # made on first use: loading the CA bundle takes 30 ms
 
     def take(self, origin: _Origin, timeout: float) -> http.client.HTTPConnection:
         now = time.monotonic()
@@ -90,6 +90,9 @@ class _Pool:
                 connection.close()
         scheme, host, port = origin
         if scheme == "https":
+            with self._lock:
+                if self._tls is None:
+                    self._tls = ssl.create_default_context()
             return http.client.HTTPSConnection(host, port, timeout=timeout, context=self._tls)
         return http.client.HTTPConnection(host, port, timeout=timeout)
 
