@@ -49,6 +49,7 @@ from modeldepot.cli import cli
 from modeldepot.config import DepotConfig
 from modeldepot.errors import ConfigError
 from modeldepot.server.openapi import openapi_document
+from modeldepot.transfer.session import LazySession
 
 API = "/api/depot/v1"
 TTL = 10.0  # the lease TTL of etcd:// (discovery)
@@ -136,7 +137,9 @@ def test_holders_found_by_content_get_the_scan_nodes_chunk_digests(
 
                 async def holders() -> dict[str, Any]:
                     async with ClientSession() as http:
-                        return await chain.holders(http, manifest, SMALL_CHUNK, list(manifest.files))
+                        return await chain.holders(
+                            LazySession(http), manifest, SMALL_CHUNK, list(manifest.files)
+                        )
 
                 found = asyncio.run(holders())
                 by_url = {s.source.base_url: s for s in found["model.safetensors"]}

@@ -199,3 +199,32 @@ def test_chunks_off_page_boundaries_are_received_through_a_buffer(
         for path, data in FILES.items():
             assert bytes(depot.get_file(REPO, path)) == data
         assert store_files_consistent(depot) == []
+
+
+@pytest.mark.parametrize("via", ["hub", "server"])
+def test_a_pull_from_the_hub_alone_never_imports_aiohttp(
+    upstream: LiveNode, tmp_path: Path, via: str
+) -> None:
+    # aiohttp's import was 0.17 s of every CLI pull's start-up; the Hub's ranges are read with http.client.
+    # A depot server is asked with aiohttp (its manifest, blob probes, chunk maps): then it is imported.
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from modeldepot import Depot\n"
+        f"with Depot({str(tmp_path / 'local')!r}) as depot: result = depot.pull({REPO!r})\n"
+        "print(result.bytes_downloaded, 'aiohttp' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "MODELDEPOT_SERVERS")}
+    if via == "hub":
+        env["HF_ENDPOINT"] = upstream.url
+    else:
+        env.update(MODELDEPOT_SERVERS=upstream.url, HF_ENDPOINT="http://127.0.0.1:9")
+    answer = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert answer.returncode == 0, answer.stderr
+    downloaded, imported = answer.stdout.split()
+    assert int(downloaded) == sum(len(data) for data in FILES.values())
+    assert imported == str(via == "server")

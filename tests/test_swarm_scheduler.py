@@ -33,6 +33,7 @@ from modeldepot import Depot
 from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.transfer.download import FileSource, Limits, download_file
+from modeldepot.transfer.session import LazySession
 from modeldepot.transfer.sources import HttpSource, RetryPolicy
 
 TOKEN = "swarm-secret"
@@ -121,7 +122,7 @@ def download(tmp_path: Path, sources: list[FileSource], limits: Limits,
 
     async def run() -> str:
         async with aiohttp.ClientSession(auto_decompress=False) as http:
-            digest = await download_file(http, remote, claim, sources, limits,
+            digest = await download_file(LazySession(http), remote, claim, sources, limits,
                                          (lambda: hub) if hub else None, on_bytes)  # fmt: skip
             return digest.sha256
 
@@ -315,7 +316,9 @@ def test_fleet_peers_holding_complementary_partials_are_sources_with_their_chunk
 
                 async def holders() -> tuple[list[FileSource], dict[str, frozenset[int] | None]]:
                     async with aiohttp.ClientSession() as http:
-                        found = (await chain.holders(http, manifest, SMALL_CHUNK, [remote]))[remote.path]
+                        found = (await chain.holders(LazySession(http), manifest, SMALL_CHUNK, [remote]))[
+                            remote.path
+                        ]
                         maps = {}
                         for s in found:
                             assert s.chunks_url is not None

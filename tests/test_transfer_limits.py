@@ -135,15 +135,12 @@ def test_a_source_that_never_answers_is_a_timeout() -> None:
     import asyncio
     import socket
 
-    import aiohttp
-
     from modeldepot import UpstreamTimeoutError
     from modeldepot.transfer.sources import HttpSource
 
     async def fetch(url: str) -> None:
         source = HttpSource(url, retry=RetryPolicy(attempts=2, base_delay=0.01, read_timeout=0.5))
-        async with aiohttp.ClientSession() as http:
-            await source.fetch(http, f"{url}/acme/x/resolve/main/a.bin", 0, 9, 100)
+        await source.fetch(f"{url}/acme/x/resolve/main/a.bin", 0, 9, 100)
 
     with socket.socket() as sock:  # the kernel accepts connections; nobody ever answers them
         sock.bind(("127.0.0.1", 0))
@@ -160,7 +157,6 @@ def test_a_redirect_to_no_http_url_is_an_upstream_error(location: str) -> None:
     upstream error (retried, then reported), never a crash of the reader."""
     import asyncio
 
-    import aiohttp
     from aiohttp import web
 
     from conftest import BackgroundServer
@@ -176,8 +172,7 @@ def test_a_redirect_to_no_http_url_is_an_upstream_error(location: str) -> None:
 
     async def fetch() -> None:
         source = HttpSource(server.url, retry=RetryPolicy(attempts=2, base_delay=0.01, read_timeout=5))
-        async with aiohttp.ClientSession() as http:
-            await source.fetch(http, f"{server.url}/acme/x/resolve/main/a.bin", 0, 9, 100)
+        await source.fetch(f"{server.url}/acme/x/resolve/main/a.bin", 0, 9, 100)
 
     try:
         with pytest.raises(UpstreamError, match="after 2 attempts"):
@@ -194,8 +189,6 @@ def test_a_cancelled_fetch_returns_only_once_its_reader_has_let_go_of_the_buffer
     import socket
     import threading
 
-    import aiohttp
-
     from modeldepot.transfer.sources import HttpSource
 
     def stall_mid_body(listener: socket.socket, sent: threading.Event) -> None:
@@ -209,18 +202,17 @@ def test_a_cancelled_fetch_returns_only_once_its_reader_has_let_go_of_the_buffer
 
     async def cancel_mid_body(url: str, sent: threading.Event, buffer: bytearray) -> None:
         source = HttpSource(url, retry=RetryPolicy(attempts=1, read_timeout=30))
-        async with aiohttp.ClientSession() as http:
-            task = asyncio.create_task(source.fetch(http, f"{url}/a.bin", 0, 9999, 100000, buffer))
-            while not sent.is_set():
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.1)  # the reader is blocked in recv, holding a view of the buffer
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                buffer.extend(b"!")  # BufferError if the reader thread still held its view
-            else:
-                pytest.fail("the fetch was not cancelled")
+        task = asyncio.create_task(source.fetch(f"{url}/a.bin", 0, 9999, 100000, buffer))
+        while not sent.is_set():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # the reader is blocked in recv, holding a view of the buffer
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            buffer.extend(b"!")  # BufferError if the reader thread still held its view
+        else:
+            pytest.fail("the fetch was not cancelled")
 
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))

@@ -22,10 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
-import aiohttp
 from huggingface_hub import get_token
 
 from modeldepot.config import DepotConfig
@@ -38,6 +37,9 @@ from modeldepot.transfer.download import FileSource
 from modeldepot.transfer.fleet import FleetView
 from modeldepot.transfer.sources import HttpSource, RetryPolicy
 from modeldepot.transfer.swarm import SwarmFile
+
+if TYPE_CHECKING:
+    from modeldepot.transfer.session import LazySession
 from modeldepot.validation import from_upstream, validate_blake3
 
 __all__ = ["Scan", "SourceChain"]
@@ -141,7 +143,7 @@ class SourceChain:
         return nodes
 
     async def holders(
-        self, http: aiohttp.ClientSession, manifest: Manifest, chunk_size: int, files: list[RemoteFile]
+        self, http: LazySession, manifest: Manifest, chunk_size: int, files: list[RemoteFile]
     ) -> dict[str, list[FileSource]]:
         """For each of ``files``, the depot nodes holding it: at the manifest's commit (with chunk digests
         at our chunk size, when the node uses the same one); the fleet's live nodes whose holdings name its
@@ -264,24 +266,30 @@ def _same_content(remote: RemoteFile, item: dict[str, Any]) -> bool:
     return item.get("git_oid") == remote.git_oid and item.get("size") == remote.size
 
 
-async def _node_has_blob(http: aiohttp.ClientSession, server: HttpSource, sha256: str) -> str | None:
+async def _node_has_blob(http: LazySession, server: HttpSource, sha256: str) -> str | None:
     """The node's URL for a blob it holds (under whatever repo), or None."""
+    import aiohttp
+
     url = f"{server.base_url}{NODE_API}/blobs/{sha256}"
     timeout = aiohttp.ClientTimeout(total=server.retry.read_timeout)
+    session = await http.get()
     try:
-        async with http.head(url, headers=server.headers(), timeout=timeout) as response:
+        async with session.head(url, headers=server.headers(), timeout=timeout) as response:
             return url if response.status == 200 else None
     except (aiohttp.ClientError, TimeoutError):
         return None
 
 
 async def _node_manifest(
-    http: aiohttp.ClientSession, server: HttpSource, repo_id: str, commit_id: str
+    http: LazySession, server: HttpSource, repo_id: str, commit_id: str
 ) -> list[dict[str, Any]]:
+    import aiohttp
+
     url = f"{server.base_url}{NODE_API}/repos/{quote(repo_id)}/revisions/{commit_id}/manifest"
     timeout = aiohttp.ClientTimeout(total=server.retry.read_timeout)
+    session = await http.get()
     try:
-        async with http.get(url, headers=server.headers(), timeout=timeout) as response:
+        async with session.get(url, headers=server.headers(), timeout=timeout) as response:
             if response.status != 200:
                 raise UpstreamError(f"{url}: HTTP {response.status}", source=url, status=response.status)
             body = await response.json()

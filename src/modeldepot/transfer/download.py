@@ -40,7 +40,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import blake3
 
 from modeldepot.counters import PULLS
@@ -60,6 +59,7 @@ from modeldepot.transfer.choosing import ChunkChooser, ChunkRequest, FileSource
 from modeldepot.transfer.sources import ChunkUnavailableError, HttpSource, RangeIgnoredError
 
 if TYPE_CHECKING:
+    from modeldepot.transfer.session import LazySession
     from modeldepot.transfer.swarm import SwarmFile
 
 __all__ = ["FileSource", "Limits", "download_file"]
@@ -115,7 +115,7 @@ class Limits:
 
 
 async def download_file(
-    http: aiohttp.ClientSession,
+    http: LazySession,
     remote: RemoteFile,
     partial: ResumablePartial,
     sources: list[FileSource],
@@ -140,7 +140,7 @@ async def download_file(
 
 
 class _FileJob(ChunkChooser):
-    def __init__(self, http: aiohttp.ClientSession, remote: RemoteFile, partial: ResumablePartial,
+    def __init__(self, http: LazySession, remote: RemoteFile, partial: ResumablePartial,
                  limits: Limits, fallback: Callable[[], list[FileSource]] | None,
                  on_bytes: BytesDone | None, swarm: SwarmFile | None = None) -> None:  # fmt: skip
         super().__init__(partial, swarm)
@@ -349,7 +349,7 @@ class _FileJob(ChunkChooser):
         self.refreshed[source] = time.monotonic()
         try:
             held = await source.source.chunk_map(
-                self.http, source.chunks_url, self.remote.size, self.partial.chunk_size
+                await self.http.get(), source.chunks_url, self.remote.size, self.partial.chunk_size
             )
         except NotFoundError:
             self.have[source] = frozenset()
@@ -416,7 +416,7 @@ class _FileJob(ChunkChooser):
                 buffer = bytearray(length) if self.small else self.limits.take_buffer(self.partial.chunk_size)
             try:
                 data = await source.source.fetch(
-                    self.http, source.url, offset, offset + length - 1, self.remote.size,
+                    source.url, offset, offset + length - 1, self.remote.size,
                     buffer if mapping is None else mapping,
                 )  # fmt: skip
             except BaseException:
@@ -541,7 +541,8 @@ class _FileJob(ChunkChooser):
         try:
             async with self.limits.source_slot(source.source), self.limits.buffer_slot():
                 buffer = bytearray(chunk_size)  # allocated under the buffer slot, like a fetched chunk's
-                await source.source.stream_whole(self.http, source.url, self.remote.size, sink)
+                session = await self.http.get()
+                await source.source.stream_whole(session, source.url, self.remote.size, sink)
         except StoreError:
             raise
         except DepotError as error:

@@ -18,8 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import aiohttp
-
 from modeldepot.counters import PULLS
 from modeldepot.errors import OfflineError, UpstreamError
 from modeldepot.hashing import BlobDigest
@@ -32,6 +30,7 @@ from modeldepot.store.store import Store
 from modeldepot.transfer.chain import SourceChain
 from modeldepot.transfer.download import FileSource, Limits, download_file
 from modeldepot.transfer.ranged import close_idle
+from modeldepot.transfer.session import LazySession
 from modeldepot.transfer.swarm import SwarmFile
 
 __all__ = [
@@ -311,12 +310,10 @@ class _PullRun:
         for remote in missing:  # a repo may hold the same bytes under two paths: fetch them once
             unique.setdefault(partial_key(remote.sha256, remote.git_oid), remote)
         if unique:
-            timeout = aiohttp.ClientTimeout(total=None)
             async with contextlib.AsyncExitStack() as stack:
                 stack.callback(close_idle)  # the ranged reads' kept-alive connections (transfer/ranged.py)
-                http = await stack.enter_async_context(
-                    aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
-                )
+                http = LazySession()  # for depot nodes and peers; the Hub's ranges need no aiohttp
+                stack.push_async_callback(http.close)
                 holders = await self.chain.holders(
                     http, self.manifest, self.store.chunk_size, list(unique.values())
                 )
@@ -332,7 +329,7 @@ class _PullRun:
                 self.tracker.add(remote.path, remote.size)
         return fetched
 
-    async def _claim_and_transfer(self, http: aiohttp.ClientSession, unique: dict[str, RemoteFile],
+    async def _claim_and_transfer(self, http: LazySession, unique: dict[str, RemoteFile],
                                   holders: dict[str, list[FileSource]]) -> list[BaseException | None]:  # fmt: skip
         """Claim every content and transfer what this process claimed; one outcome per transfer.
 
@@ -389,7 +386,7 @@ class _PullRun:
         outcomes.extend(await asyncio.gather(*transfers, return_exceptions=True))
         return outcomes
 
-    async def _transfer(self, http: aiohttp.ClientSession, key: str, remote: RemoteFile,
+    async def _transfer(self, http: LazySession, key: str, remote: RemoteFile,
                         claim: ResumablePartial, nodes: list[FileSource]) -> None:  # fmt: skip
         if self.watch is not None:
             self.watch(remote.path, claim)

@@ -20,10 +20,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timezone
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
-
-import aiohttp
 
 from modeldepot.errors import (
     AccessDeniedError,
@@ -34,6 +32,9 @@ from modeldepot.errors import (
 )
 from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.transfer.ranged import READERS, Attempt, read_range
+
+if TYPE_CHECKING:
+    import aiohttp  # imported where used: a pull from the Hub alone never needs it (transfer/session.py)
 
 __all__ = [
     "ChunkUnavailableError",
@@ -117,13 +118,14 @@ class HttpSource:
         return headers
 
     def _timeout(self) -> aiohttp.ClientTimeout:
+        import aiohttp
+
         return aiohttp.ClientTimeout(total=None, sock_connect=self.retry.read_timeout,
                                      sock_read=self.retry.read_timeout)  # fmt: skip
 
     async def fetch(
-        self, session: aiohttp.ClientSession, url: str, start: int, end: int, size: int,
-        into: bytearray | mmap.mmap | None = None,
-    ) -> memoryview:  # fmt: skip
+        self, url: str, start: int, end: int, size: int, into: bytearray | mmap.mmap | None = None
+    ) -> memoryview:
         """Bytes ``start..end`` (inclusive) of a ``size``-byte file; retried on transient failures. Read
         into ``into`` when it is large enough: a reused buffer (no allocation, no zeroing per chunk), or
         the file's own pages, mapped (no copy between the socket and the file).
@@ -191,6 +193,8 @@ class HttpSource:
         """Which of our ``chunk_size`` chunks of a ``size``-byte file a node can serve, from its bitfield
         (``GET /api/depot/v1/blobs/{sha256}/chunks``): None when it holds the whole file. A node that chunks
         otherwise serves our chunk when it holds every one of its chunks that the span touches. One attempt."""
+        import aiohttp
+
         timeout = aiohttp.ClientTimeout(total=self.retry.read_timeout)
         try:
             async with session.get(url, headers=self.headers(), timeout=timeout) as response:
@@ -207,6 +211,8 @@ class HttpSource:
     ) -> None:
         """The whole file in one GET without Range, handed to ``sink`` piece by piece (for servers that
         do not do ranges). One attempt: a caller that needs more tries again."""
+        import aiohttp
+
         try:
             async with session.get(url, headers=self.headers(), timeout=self._timeout()) as response:
                 if response.status != 200:
