@@ -49,7 +49,6 @@ from modeldepot.cli import cli
 from modeldepot.config import DepotConfig
 from modeldepot.errors import ConfigError
 from modeldepot.server.openapi import openapi_document
-from modeldepot.transfer.session import LazySession
 
 API = "/api/depot/v1"
 TTL = 10.0  # the lease TTL of etcd:// (discovery)
@@ -135,13 +134,7 @@ def test_holders_found_by_content_get_the_scan_nodes_chunk_digests(
                 assert manifest.endpoint == a.url  # the scan found the repo on a live peer
                 chain = b.chain
 
-                async def holders() -> dict[str, Any]:
-                    async with ClientSession() as http:
-                        return await chain.holders(
-                            LazySession(http), manifest, SMALL_CHUNK, list(manifest.files)
-                        )
-
-                found = asyncio.run(holders())
+                found = asyncio.run(chain.holders(manifest, SMALL_CHUNK, list(manifest.files)))
                 by_url = {s.source.base_url: s for s in found["model.safetensors"]}
                 assert set(by_url) == {a.url, c.url}
                 assert by_url[c.url].url == f"{c.url}{API}/blobs/{sha(big)}"

@@ -261,10 +261,9 @@ def test_a_chunk_the_partial_holder_turns_out_to_lack_goes_back_to_the_pool_and_
     try:
 
         async def claimed() -> frozenset[int] | None:
-            async with aiohttp.ClientSession() as http:
-                return await source(low.url, "peer", True).source.chunk_map(
-                    http, f"{low.url}{API}/blobs/{SHA}/chunks", len(DATA), SMALL_CHUNK
-                )
+            return await source(low.url, "peer", True).source.chunk_map(
+                f"{low.url}{API}/blobs/{SHA}/chunks", len(DATA), SMALL_CHUNK
+            )
 
         assert asyncio.run(claimed()) == frozenset(range(CHUNKS // 2)), "the map claims the lost chunk"
         low.chunks.clear()
@@ -315,17 +314,14 @@ def test_fleet_peers_holding_complementary_partials_are_sources_with_their_chunk
                 chain = puller.chain
 
                 async def holders() -> tuple[list[FileSource], dict[str, frozenset[int] | None]]:
-                    async with aiohttp.ClientSession() as http:
-                        found = (await chain.holders(LazySession(http), manifest, SMALL_CHUNK, [remote]))[
-                            remote.path
-                        ]
-                        maps = {}
-                        for s in found:
-                            assert s.chunks_url is not None
-                            maps[s.source.base_url] = await s.source.chunk_map(
-                                http, s.chunks_url, len(DATA), SMALL_CHUNK
-                            )
-                        return found, maps
+                    found = (await chain.holders(manifest, SMALL_CHUNK, [remote]))[remote.path]
+                    maps = {}
+                    for s in found:
+                        assert s.chunks_url is not None
+                        maps[s.source.base_url] = await s.source.chunk_map(
+                            s.chunks_url, len(DATA), SMALL_CHUNK
+                        )
+                    return found, maps
 
                 found, maps = asyncio.run(holders())
                 by_url = {s.source.base_url: s for s in found}

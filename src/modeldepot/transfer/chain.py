@@ -20,9 +20,11 @@ add its own to a node.
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from huggingface_hub import get_token
@@ -35,11 +37,8 @@ from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.hub.scan import fetch_repo
 from modeldepot.transfer.download import FileSource
 from modeldepot.transfer.fleet import FleetView
-from modeldepot.transfer.sources import HttpSource, RetryPolicy
+from modeldepot.transfer.sources import HttpSource, RetryPolicy, small_request
 from modeldepot.transfer.swarm import SwarmFile
-
-if TYPE_CHECKING:
-    from modeldepot.transfer.session import LazySession
 from modeldepot.validation import from_upstream, validate_blake3
 
 __all__ = ["Scan", "SourceChain"]
@@ -143,7 +142,7 @@ class SourceChain:
         return nodes
 
     async def holders(
-        self, http: LazySession, manifest: Manifest, chunk_size: int, files: list[RemoteFile]
+        self, manifest: Manifest, chunk_size: int, files: list[RemoteFile]
     ) -> dict[str, list[FileSource]]:
         """For each of ``files``, the depot nodes holding it: at the manifest's commit (with chunk digests
         at our chunk size, when the node uses the same one); the fleet's live nodes whose holdings name its
@@ -161,7 +160,7 @@ class SourceChain:
         )
         for server in manifest_nodes:
             try:
-                listed = await _node_manifest(http, server, manifest.repo_id, manifest.commit_id)
+                listed = await _node_manifest(server, manifest.repo_id, manifest.commit_id)
             except DepotError:
                 continue  # a node that is down or lacks the commit simply holds nothing
             for item in listed:
@@ -179,9 +178,7 @@ class SourceChain:
         by_content = [f for f in files if f.path not in found and f.sha256]
         if by_content and self.servers:
             probes = [(server, f) for server in self.servers for f in by_content]
-            answers = await asyncio.gather(
-                *(_node_has_blob(http, server, f.sha256 or "") for server, f in probes)
-            )
+            answers = await asyncio.gather(*(_node_has_blob(server, f.sha256 or "") for server, f in probes))
             for (server, remote), blob_url in zip(probes, answers, strict=True):
                 if blob_url is not None:
                     found.setdefault(remote.path, []).append(FileSource(server, blob_url, origin="node"))
@@ -266,34 +263,24 @@ def _same_content(remote: RemoteFile, item: dict[str, Any]) -> bool:
     return item.get("git_oid") == remote.git_oid and item.get("size") == remote.size
 
 
-async def _node_has_blob(http: LazySession, server: HttpSource, sha256: str) -> str | None:
+async def _node_has_blob(server: HttpSource, sha256: str) -> str | None:
     """The node's URL for a blob it holds (under whatever repo), or None."""
-    import aiohttp
-
     url = f"{server.base_url}{NODE_API}/blobs/{sha256}"
-    timeout = aiohttp.ClientTimeout(total=server.retry.read_timeout)
-    session = await http.get()
     try:
-        async with session.head(url, headers=server.headers(), timeout=timeout) as response:
-            return url if response.status == 200 else None
-    except (aiohttp.ClientError, TimeoutError):
+        reply = await small_request("HEAD", url, server.headers(), server.retry.read_timeout)
+    except (OSError, http.client.HTTPException):
         return None
+    return url if reply.status == 200 else None
 
 
-async def _node_manifest(
-    http: LazySession, server: HttpSource, repo_id: str, commit_id: str
-) -> list[dict[str, Any]]:
-    import aiohttp
-
+async def _node_manifest(server: HttpSource, repo_id: str, commit_id: str) -> list[dict[str, Any]]:
     url = f"{server.base_url}{NODE_API}/repos/{quote(repo_id)}/revisions/{commit_id}/manifest"
-    timeout = aiohttp.ClientTimeout(total=server.retry.read_timeout)
-    session = await http.get()
     try:
-        async with session.get(url, headers=server.headers(), timeout=timeout) as response:
-            if response.status != 200:
-                raise UpstreamError(f"{url}: HTTP {response.status}", source=url, status=response.status)
-            body = await response.json()
-    except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+        reply = await small_request("GET", url, server.headers(), server.retry.read_timeout)
+        if reply.status != 200:
+            raise UpstreamError(f"{url}: HTTP {reply.status}", source=url, status=reply.status)
+        body = json.loads(reply.body)
+    except (OSError, http.client.HTTPException, ValueError) as error:
         raise UpstreamError(f"{url}: {type(error).__name__}: {error}", source=url) from error
     files = body.get("files") if isinstance(body, dict) else None
     return [f for f in files if isinstance(f, dict)] if isinstance(files, list) else []

@@ -348,9 +348,7 @@ class _FileJob(ChunkChooser):
         self.refreshing.add(source)
         self.refreshed[source] = time.monotonic()
         try:
-            held = await source.source.chunk_map(
-                await self.http.get(), source.chunks_url, self.remote.size, self.partial.chunk_size
-            )
+            held = await source.source.chunk_map(source.chunks_url, self.remote.size, self.partial.chunk_size)
         except NotFoundError:
             self.have[source] = frozenset()
         except DepotError as error:

@@ -312,10 +312,10 @@ class _PullRun:
         if unique:
             async with contextlib.AsyncExitStack() as stack:
                 stack.callback(close_idle)  # the ranged reads' kept-alive connections (transfer/ranged.py)
-                http = LazySession()  # for depot nodes and peers; the Hub's ranges need no aiohttp
+                http = LazySession()  # for servers that ignore ranges (whole bodies): rarely made
                 stack.push_async_callback(http.close)
                 holders = await self.chain.holders(
-                    http, self.manifest, self.store.chunk_size, list(unique.values())
+                    self.manifest, self.store.chunk_size, list(unique.values())
                 )
                 outcomes = await self._claim_and_transfer(http, unique, holders)
             errors = [o for o in outcomes if isinstance(o, BaseException)]

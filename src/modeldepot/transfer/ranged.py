@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
-__all__ = ["READERS", "Answer", "Attempt", "close_idle", "read_range"]
+__all__ = ["READERS", "Answer", "Attempt", "Reply", "close_idle", "read_range", "request"]
 
 MAX_REDIRECTS = 5
 IDLE_SECONDS = 30.0  # a kept-alive connection unused for longer is closed, not reused
@@ -139,6 +139,50 @@ def _range_problem(response: http.client.HTTPResponse, start: int, end: int, wan
     if response.length is not None and response.length != want:
         return f"the server announced {response.length} bytes, not {want}"
     return ""
+
+
+@dataclass
+class Reply:
+    """The answer to a small request (a node's manifest, a chunk map, a blob probe)."""
+
+    status: int
+    headers: http.client.HTTPMessage  # case-insensitive
+    body: bytes
+
+
+def request(method: str, url: str, headers: Mapping[str, str], timeout: float, limit: int,
+            attempt: Attempt) -> Reply:  # fmt: skip
+    """One request whose whole answer is read into memory (at most ``limit`` bytes of body: more is an
+    http.client.HTTPException), on the same kept-alive connections as the ranged reads; no redirect is
+    followed (a depot node's API does not redirect). Blocking: run it on :data:`READERS`."""
+    origin, target = _origin(url)
+    connection = _POOL.take(origin, timeout)
+    with attempt.lock:
+        if attempt.aborted:
+            connection.close()
+            raise ConnectionAbortedError("the request was abandoned")
+        attempt.connection = connection
+    reusable = False
+    try:
+        if connection.sock is None:
+            connection.connect()
+            with attempt.lock:
+                if attempt.aborted:
+                    raise ConnectionAbortedError("the request was abandoned")
+        connection.request(method, target, headers=dict(headers))
+        response = connection.getresponse()
+        body = response.read(limit + 1)  # (b"" for a HEAD)
+        if len(body) > limit:
+            raise http.client.HTTPException(f"{url}: the answer is over {limit} bytes")
+        reusable = not response.will_close and response.isclosed()  # (closed: its body was read to the end)
+        return Reply(response.status, response.headers, body)
+    finally:
+        with attempt.lock:
+            attempt.connection = None
+        if reusable and not attempt.aborted:
+            _POOL.give(origin, connection)
+        else:
+            connection.close()
 
 
 def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size: int, buffer: memoryview,

@@ -1,9 +1,10 @@
-"""The pull's aiohttp session, made on first use.
+"""The pull's aiohttp session, made on first use: for the whole-body stream from a server that ignores
+Range (``HttpSource.stream_whole``), and nothing else.
 
-Depot nodes and peers are asked with aiohttp (manifests, blob probes, chunk maps, whole bodies from
-servers that ignore ranges); the Hub alone needs none of it: chunk ranges are read with http.client on
-reader threads (transfer/ranged.py). Importing aiohttp (which loads the CA bundle twice) was 0.17 s of
-every ``modeldepot pull``'s start-up, so a pull from the Hub alone never imports it.
+Every other request of a pull (chunk ranges, depot nodes' manifests, blob probes, chunk maps) goes over
+http.client on reader threads (transfer/ranged.py). Importing aiohttp (which loads the CA bundle twice)
+was 0.17 s of every ``modeldepot pull``'s start-up, so a pull never imports it unless a server ignores
+ranges.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Where bytes come from. Every origin (the Hub, a depot node) answers ``resolve`` URLs with Range.
 
 A token goes only to the origin it belongs to: the Hub token to the Hub, the node token to depot nodes.
-Redirects are followed (the Hub sends LFS files to a CDN); aiohttp drops the Authorization header when a
-redirect changes host, and a test holds it to that.
+Redirects are followed (the Hub sends LFS files to a CDN) and drop the Authorization header when they
+change origin (transfer/ranged.py for ranges; aiohttp for whole bodies), and a test holds it to that.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import http.client
+import json
 import mmap
 import random
 import re
@@ -31,7 +32,7 @@ from modeldepot.errors import (
     UpstreamTimeoutError,
 )
 from modeldepot.hashing import chunk_count, chunk_span
-from modeldepot.transfer.ranged import READERS, Attempt, read_range
+from modeldepot.transfer.ranged import READERS, Attempt, Reply, read_range, request
 
 if TYPE_CHECKING:
     import aiohttp  # imported where used: a pull from the Hub alone never needs it (transfer/session.py)
@@ -43,9 +44,11 @@ __all__ = [
     "RetryPolicy",
     "SourceKind",
     "retry_after_seconds",
+    "small_request",
 ]
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+MAX_SMALL_ANSWER = 256 << 20  # bytes of a manifest or chunk map taken from a node (200,000 files fit)
 # ASCII digits only: str.isdigit() also takes "²", which float() refuses.
 _DELAY_SECONDS = re.compile(r"[0-9]+")
 
@@ -187,22 +190,17 @@ class HttpSource:
         kind = UpstreamTimeoutError if timed_out else UpstreamError  # what the last attempt met
         raise kind(f"{url} bytes {start}-{end}: {problem} after {self.retry.attempts} attempts", source=url)
 
-    async def chunk_map(
-        self, session: aiohttp.ClientSession, url: str, size: int, chunk_size: int
-    ) -> frozenset[int] | None:
+    async def chunk_map(self, url: str, size: int, chunk_size: int) -> frozenset[int] | None:
         """Which of our ``chunk_size`` chunks of a ``size``-byte file a node can serve, from its bitfield
         (``GET /api/depot/v1/blobs/{sha256}/chunks``): None when it holds the whole file. A node that chunks
         otherwise serves our chunk when it holds every one of its chunks that the span touches. One attempt."""
-        import aiohttp
-
-        timeout = aiohttp.ClientTimeout(total=self.retry.read_timeout)
         try:
-            async with session.get(url, headers=self.headers(), timeout=timeout) as response:
-                if response.status != 200:
-                    raise _final_error(response.status, url, response.headers.get("X-Error-Message"))
-                body = await response.json(content_type=None)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as error:
-            kind = UpstreamTimeoutError if isinstance(error, asyncio.TimeoutError) else UpstreamError
+            reply = await small_request("GET", url, self.headers(), self.retry.read_timeout)
+            if reply.status != 200:
+                raise _final_error(reply.status, url, reply.headers.get("X-Error-Message"))
+            body = json.loads(reply.body)
+        except (OSError, http.client.HTTPException, ValueError) as error:
+            kind = UpstreamTimeoutError if isinstance(error, TimeoutError) else UpstreamError
             raise kind(f"{url}: {type(error).__name__}: {error}", source=url) from error
         return _parse_chunk_map(url, body, size, chunk_size)
 
@@ -230,6 +228,20 @@ class HttpSource:
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as error:
             kind = UpstreamTimeoutError if isinstance(error, asyncio.TimeoutError) else UpstreamError
             raise kind(f"{url}: {type(error).__name__}: {error}", source=url) from error
+
+
+async def small_request(method: str, url: str, headers: dict[str, str], timeout: float) -> Reply:
+    """A request whose answer is small (a node's manifest, a chunk map, a blob probe), on a reader thread
+    over the ranged reads' kept-alive connections: no aiohttp for a pull (transfer/session.py). Raises
+    OSError or http.client.HTTPException; a cancelled request is abandoned (its socket shut down)."""
+    attempt = Attempt()
+    future = READERS.submit(request, method, url, headers, timeout, MAX_SMALL_ANSWER, attempt)
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        attempt.abort()
+        await _until_done(future)
+        raise
 
 
 async def _until_done(read: Future[Any]) -> None:
