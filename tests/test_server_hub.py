@@ -368,3 +368,20 @@ def test_what_a_node_does_not_serve_is_refused_clearly(node: LiveNode) -> None:
             write()
         assert refused.value.response.status_code == 405
     assert node.depot.list_files(SAMPLE)  # nothing was changed
+
+
+def test_huggingface_hub_caches_the_nodes_agent_registry_instead_of_asking_every_process(
+    node: LiveNode, tmp_path: Path
+) -> None:
+    # huggingface_hub reads /api/agent-harnesses for its user-agent before its first request, and caches
+    # only an answer: a 404 costs every client process a round trip.
+    probe = (
+        f"from huggingface_hub import HfApi; print(HfApi(endpoint={node.url!r}).model_info({SAMPLE!r}).sha)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_ENDPOINT=node.url)  # (telemetry off skips the registry)
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == node.depot.resolve(SAMPLE)
+    cached = tmp_path / "hf-home" / ".agent_harnesses.json"
+    assert json.loads(cached.read_text()) == {"standardEnvVars": [], "harnesses": {}}

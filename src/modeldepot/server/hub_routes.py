@@ -410,6 +410,13 @@ async def read_only(request: web.Request) -> web.Response:
     )
 
 
+async def agent_harnesses(request: web.Request) -> web.Response:
+    """The registry huggingface_hub reads (``/api/agent-harnesses``) to tell AI agents apart in its
+    user-agent: a node keeps none, so an empty one. Answered, the client caches it for a day in HF_HOME;
+    left a 404, every client process asked again before its first real request."""
+    return web.json_response({"standardEnvVars": [], "harnesses": {}})
+
+
 def add_hub_routes(app: web.Application) -> None:
     repo = "/api/models/{org}/{name}"
     app.router.add_get(repo, model_info)
@@ -420,6 +427,7 @@ def add_hub_routes(app: web.Application) -> None:
     app.router.add_get(repo + "/refs", list_refs)
     app.router.add_get(repo + "/commits/{rev:.+}", list_commits)  # huggingface.js does not encode the rev
     app.router.add_get("/api/models", list_models)
+    app.router.add_get("/api/agent-harnesses", agent_harnesses)
     app.router.add_get("/{org}/{name}/resolve/{rev}/{path:.+}", resolve)  # add_get answers HEAD too
     app.router.add_get("/{org}/{name}/raw/{rev}/{path:.+}", raw)
     # What a node deliberately does not answer, said clearly rather than with a bare 404 (docs/hub-api.md).
