@@ -404,7 +404,9 @@ def test_ctrl_c_stops_a_pull_cleanly_and_keeps_its_chunks(
 ) -> None:
     proxy, home = big_upstream, tmp_path / "local"
     Depot(home, chunk_size=SMALL_CHUNK).close()
-    first = proxy.set("slow", times=-1, slow_delay=0.03)
+    # Slow enough (2.5 MiB/s over 4 connections) that the pull is still running, with seconds to go,
+    # when a loaded machine gets the signal out: at 0.03 s a piece, a full test run once saw it finish.
+    first = proxy.set("slow", times=-1, slow_delay=0.1)
     process = _pull_process(home, _subprocess_env(proxy))
     try:
         wait_until(lambda: first.body_bytes > len(BIG_FILES[BIG]) // 4)
