@@ -212,9 +212,12 @@ class _FileJob(ChunkChooser):
         self._spawn(sources)
 
     def _spawn(self, sources: list[FileSource]) -> None:
+        # No more workers per source than chunks left: a source is never asked twice for one chunk (the
+        # endgame asks another), so a config's extra workers would only wake and wait at every change.
+        workers = max(1, min(self.limits.per_source, self.partial.chunks - len(self.partial.done)))
         for source in sources:
             if source in self.live:
-                for _ in range(self.limits.per_source):
+                for _ in range(workers):
                     self.workers.append(asyncio.create_task(self._work(source)))
 
     async def _fall_back(self) -> None:
