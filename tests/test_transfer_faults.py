@@ -147,9 +147,15 @@ def test_a_source_that_keeps_failing_marks_the_file_failed(
         assert not depot.has_file(REPO, "config.json"), "a pull publishes all of its files or none"
 
 
-def _pull_process(home: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+def _pull_process(home: Path, env: dict[str, str], interruptible: bool = False) -> subprocess.Popen[str]:
+    """``modeldepot pull`` in its own process; ``interruptible``: with Python's own SIGINT handling, even
+    when this process was started with SIGINT ignored."""
+    start = ["-m", "modeldepot"]
+    if interruptible:
+        start = ["-c", "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                       "runpy.run_module('modeldepot', run_name='__main__', alter_sys=True)"]  # fmt: skip
     return subprocess.Popen(
-        [sys.executable, "-m", "modeldepot", "pull", REPO, "--home", str(home), "--json"],
+        [sys.executable, *start, "pull", REPO, "--home", str(home), "--json"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -404,10 +410,10 @@ def test_ctrl_c_stops_a_pull_cleanly_and_keeps_its_chunks(
 ) -> None:
     proxy, home = big_upstream, tmp_path / "local"
     Depot(home, chunk_size=SMALL_CHUNK).close()
-    # Slow enough (2.5 MiB/s over 4 connections) that the pull is still running, with seconds to go,
-    # when a loaded machine gets the signal out: at 0.03 s a piece, a full test run once saw it finish.
-    first = proxy.set("slow", times=-1, slow_delay=0.1)
-    process = _pull_process(home, _subprocess_env(proxy))
+    first = proxy.set("slow", times=-1, slow_delay=0.03)
+    # As from a terminal: a test run started in the background by a shell without job control ignores
+    # SIGINT, and a child inherits that (the pull then finished, Ctrl-C unseen, and exited 0).
+    process = _pull_process(home, _subprocess_env(proxy), interruptible=True)
     try:
         wait_until(lambda: first.body_bytes > len(BIG_FILES[BIG]) // 4)
         process.send_signal(signal.SIGINT)
