@@ -4,6 +4,7 @@ pullers of the same content make one transfer."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,13 +42,28 @@ def repo_files(big_chunks: int) -> dict[str, bytes]:
 FILES = repo_files(24)
 
 
+@contextlib.contextmanager
+def serving(tmp_path: Path, files: dict[str, bytes]) -> Iterator[LiveNode]:
+    """A node on loopback that holds ``files`` as REPO."""
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as node_depot:
+        node_depot.import_dir(write_model_dir(tmp_path / "src", files), REPO)
+        node = LiveNode(node_depot)
+        try:
+            yield node
+        finally:
+            node.stop()
+
+
+def configs(seed: int, count: int) -> dict[str, bytes]:
+    """``count`` small plain files (configs, tokenizers: one chunk each)."""
+    rng = random.Random(seed)
+    return {f"configs/c{i:02d}.json": rng.randbytes(rng.randrange(100, 3000)) for i in range(count)}
+
+
 @pytest.fixture
 def upstream(tmp_path: Path) -> Iterator[LiveNode]:
-    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as node_depot:
-        node_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
-        node = LiveNode(node_depot)
+    with serving(tmp_path, FILES) as node:
         yield node
-        node.stop()
 
 
 @pytest.fixture
@@ -325,12 +341,8 @@ def test_small_files_are_not_held_to_the_per_source_limit_of_ranges_but_to_the_t
 ) -> None:
     # A small file's request waits on the round trip, not on bandwidth: 4 at a time over a 20 ms link
     # lost to snapshot_download's 8 threads. The ranges of a big file keep the per-source limit.
-    rng = random.Random(5)
-    files = {f"configs/c{i:02d}.json": rng.randbytes(rng.randrange(100, 3000)) for i in range(16)}
-    files[BIG] = rng.randbytes(8 * SMALL_CHUNK)
-    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as node_depot:
-        node_depot.import_dir(write_model_dir(tmp_path / "src", files), REPO)
-        node = LiveNode(node_depot)
+    files = {**configs(5, 16), BIG: random.Random(5).randbytes(8 * SMALL_CHUNK)}
+    with serving(tmp_path, files) as node:
         proxy = FaultProxy(node.url)
         try:
             plan = proxy.set("slow", times=-1, slow_delay=0.05)
@@ -346,7 +358,6 @@ def test_small_files_are_not_held_to_the_per_source_limit_of_ranges_but_to_the_t
             assert max(len(names) for names in plan.overlaps) <= 6, "the total limit holds"
         finally:
             proxy.stop()
-            node.stop()
 
 
 def test_a_pull_claims_in_key_order_and_waits_at_a_content_another_process_holds(
@@ -354,17 +365,14 @@ def test_a_pull_claims_in_key_order_and_waits_at_a_content_another_process_holds
 ) -> None:
     # Claims are taken in batches, but never past a content another process holds: while it is held,
     # this pull holds exactly the contents before it in key order (and may transfer them), none after.
-    rng = random.Random(11)
-    files = {f"configs/c{i:02d}.json": rng.randbytes(rng.randrange(100, 3000)) for i in range(24)}
+    files = configs(11, 24)
 
     def key(data: bytes) -> str:  # plain (non-LFS) files are claimed by git oid
         return "git-" + hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
     keys = sorted(key(data) for data in files.values())
     held_key = keys[9]
-    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as node_depot:
-        node_depot.import_dir(write_model_dir(tmp_path / "src", files), REPO)
-        node = LiveNode(node_depot)
+    with serving(tmp_path, files) as node:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.setenv("MODELDEPOT_SERVERS", node.url)
         monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
@@ -402,7 +410,6 @@ def test_a_pull_claims_in_key_order_and_waits_at_a_content_another_process_holds
         finally:
             depot.close()
             other.close()
-            node.stop()
 
 
 def test_ctrl_c_stops_a_pull_cleanly_and_keeps_its_chunks(

@@ -15,13 +15,14 @@ cancelled pull) shuts its socket down, so that its thread returns at once.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import re
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
@@ -150,39 +151,54 @@ class Reply:
     body: bytes
 
 
-def request(method: str, url: str, headers: Mapping[str, str], timeout: float, limit: int,
-            attempt: Attempt) -> Reply:  # fmt: skip
-    """One request whose whole answer is read into memory (at most ``limit`` bytes of body: more is an
-    http.client.HTTPException), on the same kept-alive connections as the ranged reads; no redirect is
-    followed (a depot node's API does not redirect). Blocking: run it on :data:`READERS`."""
-    origin, target = _origin(url)
+class _InUse:
+    """A kept-alive connection one attempt uses; given back to the pool at the end if the attempt set
+    ``reusable`` (its answer was read to the end) and was not abandoned, else closed."""
+
+    def __init__(self, connection: http.client.HTTPConnection) -> None:
+        self.connection = connection
+        self.reusable = False
+
+
+@contextlib.contextmanager
+def _connection(origin: _Origin, timeout: float, attempt: Attempt) -> Iterator[_InUse]:
     connection = _POOL.take(origin, timeout)
     with attempt.lock:
         if attempt.aborted:
             connection.close()
             raise ConnectionAbortedError("the request was abandoned")
         attempt.connection = connection
-    reusable = False
+    use = _InUse(connection)
     try:
-        if connection.sock is None:
-            connection.connect()
+        if connection.sock is None:  # connect first: an abort that came while the socket was being
+            connection.connect()  # made had none to shut down, and is seen here instead
             with attempt.lock:
                 if attempt.aborted:
                     raise ConnectionAbortedError("the request was abandoned")
-        connection.request(method, target, headers=dict(headers))
-        response = connection.getresponse()
-        body = response.read(limit + 1)  # (b"" for a HEAD)
-        if len(body) > limit:
-            raise http.client.HTTPException(f"{url}: the answer is over {limit} bytes")
-        reusable = not response.will_close and response.isclosed()  # (closed: its body was read to the end)
-        return Reply(response.status, response.headers, body)
+        yield use
     finally:
         with attempt.lock:
             attempt.connection = None
-        if reusable and not attempt.aborted:
+        if use.reusable and not attempt.aborted:
             _POOL.give(origin, connection)
         else:
             connection.close()
+
+
+def request(method: str, url: str, headers: Mapping[str, str], timeout: float, limit: int,
+            attempt: Attempt) -> Reply:  # fmt: skip
+    """One request whose whole answer is read into memory (at most ``limit`` bytes of body: more is an
+    http.client.HTTPException), on the same kept-alive connections as the ranged reads; no redirect is
+    followed (a depot node's API does not redirect). Blocking: run it on :data:`READERS`."""
+    origin, target = _origin(url)
+    with _connection(origin, timeout, attempt) as use:
+        use.connection.request(method, target, headers=dict(headers))
+        response = use.connection.getresponse()
+        body = response.read(limit + 1)  # (b"" for a HEAD)
+        if len(body) > limit:
+            raise http.client.HTTPException(f"{url}: the answer is over {limit} bytes")
+        use.reusable = not response.will_close and response.isclosed()  # (closed: read to the end)
+        return Reply(response.status, response.headers, body)
 
 
 def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size: int, buffer: memoryview,
@@ -194,25 +210,13 @@ def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size:
     sent = {**headers, "Range": f"bytes={start}-{end}"}
     for _ in range(MAX_REDIRECTS + 1):
         origin, target = _origin(url)
-        connection = _POOL.take(origin, timeout)
-        with attempt.lock:
-            if attempt.aborted:
-                connection.close()
-                raise ConnectionAbortedError("the read was abandoned")
-            attempt.connection = connection
-        reusable = False
-        try:
-            if connection.sock is None:  # connect first: an abort that came while the socket was being
-                connection.connect()  # made had none to shut down, and is seen here instead
-                with attempt.lock:
-                    if attempt.aborted:
-                        raise ConnectionAbortedError("the read was abandoned")
-            connection.request("GET", target, headers=sent)
-            response = connection.getresponse()
+        with _connection(origin, timeout, attempt) as use:
+            use.connection.request("GET", target, headers=sent)
+            response = use.connection.getresponse()
             answer = Answer(response.status, response.headers, url)
             if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
                 response.read()
-                reusable = not response.will_close
+                use.reusable = not response.will_close
                 location = urljoin(url, response.getheader("Location", ""))
                 if _origin(location)[0] != origin:  # another origin never sees the token
                     sent = {k: v for k, v in sent.items() if k.lower() != "authorization"}
@@ -230,16 +234,9 @@ def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size:
                     got += n
                 answer.got = got
                 # A body longer than announced, or one cut short, leaves the connection unusable.
-                reusable = got == want and not response.will_close and response.length == 0
+                use.reusable = got == want and not response.will_close and response.length == 0
                 return answer
             response.read(1 << 16)  # an error body is short: read it so the connection may be reused
-            reusable = not response.will_close and response.length == 0  # (None: chunked, maybe unread)
+            use.reusable = not response.will_close and response.length == 0  # (None: chunked, maybe unread)
             return answer
-        finally:
-            with attempt.lock:
-                attempt.connection = None
-            if reusable and not attempt.aborted:
-                _POOL.give(origin, connection)
-            else:
-                connection.close()
     raise http.client.HTTPException(f"more than {MAX_REDIRECTS} redirects from {url}")
