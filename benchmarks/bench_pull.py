@@ -234,11 +234,15 @@ class Clients:
 
 
 def interleaved(actions: dict[str, Callable[[], float]], repeat: int) -> dict[str, list[float]]:
-    """Every action once per round, in order, ``repeat`` rounds: drifting load hits all alike."""
+    """Every action once per round, ``repeat`` rounds: drifting load hits all alike. The order rotates
+    by one each round, so that no action always runs right after the same other one (whose deleted
+    files, freed pages and freshly freed inodes the next run pays for on this machine)."""
     samples: dict[str, list[float]] = {name: [] for name in actions}
-    for _ in range(repeat):
-        for name, action in actions.items():
-            samples[name].append(action())
+    names = list(actions)
+    for round_number in range(repeat):
+        shift = round_number % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(actions[name]())
     return samples
 
 
