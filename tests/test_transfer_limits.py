@@ -151,6 +151,47 @@ def test_a_source_that_never_answers_is_a_timeout() -> None:
     assert stalled.value.source is not None and stalled.value.source.startswith(url)
 
 
+def test_a_peer_trickling_its_chunk_map_is_a_timeout_within_the_read_timeout() -> None:
+    """A chunk map (or a node's manifest) must come whole within the read timeout: a peer that sends a
+    byte now and then, each well within the timeout, is not waited for byte after byte."""
+    import asyncio
+    import socket
+    import threading
+
+    from modeldepot import UpstreamTimeoutError
+    from modeldepot.transfer.sources import HttpSource
+
+    stop = threading.Event()
+
+    def trickle(listener: socket.socket) -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+            )
+            while not stop.wait(0.1):
+                try:
+                    connection.sendall(b" ")
+                except OSError:
+                    return  # the client gave up
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        server = threading.Thread(target=trickle, args=(listener,), daemon=True)
+        server.start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        source = HttpSource(url, "peer", retry=RetryPolicy(attempts=1, read_timeout=1.0))
+        try:
+            with pytest.raises(UpstreamTimeoutError):
+                # A failing run ends at wait_for's bound with its own TimeoutError (1000 bytes take 100 s).
+                asyncio.run(asyncio.wait_for(source.chunk_map(f"{url}/chunks", 100, 10), 20))
+        finally:
+            stop.set()
+            server.join(timeout=5)
+
+
 @pytest.mark.parametrize("location", ["ftp://cdn.test/a.bin", "http://cdn.test:99999/a.bin", "http:///a.bin"])
 def test_a_redirect_to_no_http_url_is_an_upstream_error(location: str) -> None:
     """Where a redirect points is the upstream's word: a URL that is no http(s) URL of a host is a clear

@@ -188,17 +188,36 @@ def _connection(origin: _Origin, timeout: float, attempt: Attempt) -> Iterator[_
 def request(method: str, url: str, headers: Mapping[str, str], timeout: float, limit: int,
             attempt: Attempt) -> Reply:  # fmt: skip
     """One request whose whole answer is read into memory (at most ``limit`` bytes of body: more is an
-    http.client.HTTPException), on the same kept-alive connections as the ranged reads; no redirect is
-    followed (a depot node's API does not redirect). Blocking: run it on :data:`READERS`."""
+    http.client.HTTPException) within ``timeout`` seconds in all (a TimeoutError after: a peer trickling
+    its answer byte by byte is not waited for), on the same kept-alive connections as the ranged reads; no
+    redirect is followed (a depot node's API does not redirect). Blocking: run it on :data:`READERS`."""
+    deadline = time.monotonic() + timeout
     origin, target = _origin(url)
     with _connection(origin, timeout, attempt) as use:
+
+        def time_left() -> float:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{url}: no whole answer within {timeout:g} s")
+            if use.connection.sock is not None:
+                use.connection.sock.settimeout(left)
+            return left
+
+        time_left()
         use.connection.request(method, target, headers=dict(headers))
+        time_left()
         response = use.connection.getresponse()
-        body = response.read(limit + 1)  # (b"" for a HEAD)
-        if len(body) > limit:
-            raise http.client.HTTPException(f"{url}: the answer is over {limit} bytes")
+        pieces: list[bytes] = []
+        got = 0
+        if method == "HEAD":
+            response.read()  # no body: marks the answer read, so the connection may be reused
+        while time_left() and (piece := response.read1(1 << 16)):  # one receive at most per call
+            got += len(piece)
+            if got > limit:
+                raise http.client.HTTPException(f"{url}: the answer is over {limit} bytes")
+            pieces.append(piece)
         use.reusable = not response.will_close and response.isclosed()  # (closed: read to the end)
-        return Reply(response.status, response.headers, body)
+        return Reply(response.status, response.headers, b"".join(pieces))
 
 
 def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size: int, buffer: memoryview,
