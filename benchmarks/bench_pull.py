@@ -7,8 +7,9 @@
 The repo is one big random ``model.safetensors`` (``--size``) plus a small ``config.json`` and
 ``tokenizer.json``, imported into a source store with ``modeldepot import`` and served by
 ``modeldepot serve`` in its own process. Each client runs in a fresh process into a fresh, empty
-destination that is deleted afterwards; the whole process is timed (start-up included, for both), after
-an untimed ``sync``. Runs of the two clients are interleaved and we take the median of ``--repeat``.
+destination, set aside afterwards and deleted when the section ends (a deletion right before a run made
+that run pay: see ``Trash``); the whole process is timed (start-up included, for both), after an untimed
+``sync``. Runs of the two clients are interleaved and we take the median of ``--repeat``.
 
 - anchor: ``huggingface_hub.snapshot_download(repo, cache_dir=DEST, endpoint=NODE)`` with
   ``HF_ENDPOINT=NODE`` (no hf_transfer, no xet, no telemetry).
@@ -164,17 +165,45 @@ def client_env(url: str) -> dict[str, str]:
     return env
 
 
+class Trash:
+    """Finished destinations, set aside with one rename and deleted when a section ends.
+
+    Deleting them between runs made the next run pay for it: on an ext4 without a journal (this machine's
+    root) a new inode skips every inode deleted in the last 5-35 seconds (``recently_deleted`` in the
+    allocator), so after a run of 300 files was deleted, each file the next client created cost about
+    0.7 ms instead of 0.03 ms, the anchor's and ours alike. Whoever ran right after a deletion paid most."""
+
+    def __init__(self) -> None:
+        self.folders: list[Path] = []
+
+    def put(self, dest: Path) -> None:
+        if dest.exists():
+            aside = dest.with_name(f"{dest.name}.done-{len(self.folders)}")
+            shutil.rmtree(aside, ignore_errors=True)
+            dest.rename(aside)
+            self.folders.append(aside)
+
+    def empty(self) -> None:
+        for folder in self.folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.folders.clear()
+
+
+TRASH = Trash()
+
+
 def timed(command: list[str], env: dict[str, str], dest: Path, then_sync: bool = False) -> tuple[float, str]:
-    """Wall time of ``command`` writing into the fresh ``dest`` (deleted afterwards), and its stdout.
-    ``then_sync``: the time includes a ``sync`` after it (the bytes on disk, as a pull leaves them)."""
-    shutil.rmtree(dest, ignore_errors=True)
+    """Wall time of ``command`` writing into the fresh ``dest`` (set aside afterwards: :class:`Trash`),
+    and its stdout. ``then_sync``: the time includes a ``sync`` after it (the bytes on disk, as a pull
+    leaves them)."""
+    TRASH.put(dest)
     os.sync()
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if then_sync:
         os.sync()
     seconds = time.perf_counter() - start
-    shutil.rmtree(dest, ignore_errors=True)
+    TRASH.put(dest)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return seconds, done.stdout
@@ -657,8 +686,10 @@ def run_scenarios(work: Path, args: argparse.Namespace, bytecode: str) -> None:
         wait_healthy(url, [], node)
         for scenario in scenarios:
             rows += measure_scenario(ScenarioClients(url, work, scenario), node.pid, args, floors, notes)
+            TRASH.empty()  # (a)'s nine copies of 2 GiB need not wait for (c)
     finally:
         stop(node)
+        TRASH.empty()
         shutil.rmtree(home, ignore_errors=True)
         for scenario in scenarios:
             shutil.rmtree(scenario.folder, ignore_errors=True)
@@ -876,6 +907,7 @@ def main() -> None:
         if args.only in (None, "wan"):
             rows.extend(wan(home, work, total, args, notes))
     finally:
+        TRASH.empty()
         shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(work / "repo", ignore_errors=True)
     render("modeldepot pull vs snapshot_download from a node", rows)

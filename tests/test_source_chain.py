@@ -167,9 +167,11 @@ class Seen:
 class RecordingProxy:
     """A reverse proxy in front of a node that records every request and how many body bytes it answered."""
 
-    def __init__(self, background: Background, upstream: str, flip_at: int | None = None) -> None:
+    def __init__(self, background: Background, upstream: str, flip_at: int | None = None,
+                 flip_path: str = WEIGHTS) -> None:  # fmt: skip
         self.upstream = upstream
-        self.flip_at = flip_at  # a byte of WEIGHTS this proxy flips in every answer that carries it (a liar)
+        self.flip_at = flip_at  # a byte of flip_path it flips in every answer that carries it (a liar)
+        self.flip_path = flip_path
         self.seen: list[Seen] = []
         app = _app()
         app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -179,7 +181,7 @@ class RecordingProxy:
         response = await _forward(request, self.upstream)
         if (
             self.flip_at is not None
-            and request.path.endswith(f"/{WEIGHTS}")
+            and request.path.endswith(f"/{self.flip_path}")
             and isinstance(response.body, bytes)
         ):
             start = int(response.headers.get("Content-Range", "bytes 0-").split()[1].split("-")[0])
@@ -509,6 +511,25 @@ def test_a_chunk_a_node_serves_wrong_is_fetched_from_the_other_node(
     assert chunk_range(bad) in {s.range for s in proxy_a.ranged()}  # A did serve it (wrong)
     assert chunk_range(bad) in {s.range for s in proxy_b.ranged()}  # B served it right
     assert [s.range for s in proxy_a.ranged()].count(chunk_range(bad)) == 1  # A is not asked again
+    assert hub.connections == 0
+
+
+def test_a_small_file_a_node_serves_wrong_is_fetched_from_the_other_node(
+    background: Background, make_node: NodeFactory, make_local: LocalFactory
+) -> None:
+    """A config lands on one worker-thread trip (its BLAKE3 checked there, then written and hashed): the
+    node's chunk digest still rejects a wrong copy before it is written, and the other node serves it."""
+    node_a, node_b = make_node("a", {REPO: FILES}), make_node("b", {REPO: FILES})
+    proxy_a = RecordingProxy(background, node_a.url, flip_at=5, flip_path="tokenizer.json")
+    proxy_b = RecordingProxy(background, node_b.url)
+    hub = CountingListener(background)
+    local = make_local("repair-small", [proxy_a.url, proxy_b.url], hub.url)
+
+    local.pull(REPO)
+
+    assert_holds(local, REPO, FILES)
+    assert [s.status for s in proxy_a.ranged("tokenizer.json")] == [206]  # A served it (wrong), once
+    assert [s.status for s in proxy_b.ranged("tokenizer.json")] == [206]  # B served it right
     assert hub.connections == 0
 
 
