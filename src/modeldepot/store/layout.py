@@ -15,12 +15,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
 import re
 import shutil
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,11 +139,32 @@ class StoreLayout:
     def _real_home(self) -> str:
         return os.path.realpath(self.home)
 
+    @functools.cached_property
+    def _scope(self) -> threading.local:
+        return threading.local()
+
+    @contextlib.contextmanager
+    def same_folders(self) -> Iterator[None]:
+        """Within this block, on this thread, each folder's real path is resolved once: a publish of 300
+        files resolved its few folders 1,800 times (a ``realpath`` is an ``lstat`` per component)."""
+        outer = getattr(self._scope, "real", None)
+        self._scope.real = {} if outer is None else outer
+        try:
+            yield
+        finally:
+            self._scope.real = outer
+
     def inside(self, path: Path) -> Path:
         """``path`` itself, if it lies inside the home (its folder resolved through every link); else a
         StoreError. The last component is not resolved: a link inside the store may be removed."""
         name = os.path.basename(path)
-        real_parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+        parent = os.path.dirname(os.path.abspath(path))
+        resolved: dict[str, str] | None = getattr(self._scope, "real", None)
+        real_parent = resolved.get(parent) if resolved is not None else None
+        if real_parent is None:
+            real_parent = os.path.realpath(parent)
+            if resolved is not None:
+                resolved[parent] = real_parent
         if name in ("", ".", "..") or os.path.commonpath([self._real_home, real_parent]) != self._real_home:
             raise StoreError(f"refusing to change {path}: it is outside the store at {self.home}")
         return path

@@ -11,6 +11,13 @@ bytes, from any repo and any process, meet at the same pair of files. The log is
 holds ``flock(LOCK_EX)`` on it is the one process transferring that content; another waits, then finds
 the blob in the store, or resumes from where the first stopped.
 
+A content of one chunk (a config, a tokenizer: most files of a repo) has no log: there is nothing to
+resume in it, and creating and deleting a log per file was a third of the inodes a pull of 300 small files
+made. Its ``.part`` is its own lock (opened read-only for the lock, so a finished, read-only one can still
+be waited on). It leaves ``partials/`` when it is placed as a blob, so a claim that comes after finds no
+lock to wait on: it finds the blob committed, or (between the placing and the commit) fetches the file
+once more, which its publish then finds already there.
+
 The log is appended without fsync, and a chunk's line may reach the disk before its bytes do. That is
 why a resume trusts no line blindly: every logged chunk is re-read and checked against its BLAKE3 (a
 read at disk speed, far cheaper than refetching), and the ones that fail are fetched again.
@@ -93,12 +100,17 @@ class PartialLog:
 class _Paths:
     data: Path
     log: Path
+    one_piece: bool  # a content of one chunk: no log, the data file is the lock
+
+    @property
+    def lock(self) -> Path:
+        return self.data if self.one_piece else self.log
 
 
 class ResumablePartial:
     """A claimed partial: this process holds its lock until :meth:`release` or :meth:`finish`."""
 
-    def __init__(self, layout: StoreLayout, paths: _Paths, log_fd: int, data_fd: int, size: int, chunk_size: int,
+    def __init__(self, layout: StoreLayout, paths: _Paths, lock_fd: int, data_fd: int, size: int, chunk_size: int,
                  done: dict[int, str], resumed_bytes: int, writeback: bool = True) -> None:  # fmt: skip
         self.layout = layout
         self.paths = paths
@@ -106,7 +118,7 @@ class ResumablePartial:
         self.chunk_size = chunk_size
         self.done = done  # chunk index -> BLAKE3 of the chunk as written
         self.resumed_bytes = resumed_bytes  # bytes found already on disk, verified, when claimed
-        self._log_fd = log_fd
+        self._lock_fd = lock_fd  # the log's; a one-chunk content's own data file (read-only)
         self._data_fd = data_fd
         # Start each chunk's writeback as it lands, so that a flush before publishing (durability "sync")
         # waits less. Deferred durability flushes after publishing: writeback during the download only
@@ -146,7 +158,8 @@ class ResumablePartial:
                 written += os.pwrite(self._data_fd, data[written:], offset + written)
             if self.writeback:
                 start_writeback(self._data_fd, offset, length)
-            os.write(self._log_fd, f"{index} {digest}\n".encode())
+            if not self.paths.one_piece:
+                os.write(self._lock_fd, f"{index} {digest}\n".encode())
         except OSError as error:
             raise os_error(error, "writing a download to the store") from error
         self.done[index] = digest
@@ -173,17 +186,22 @@ class ResumablePartial:
 
     def reset(self) -> None:
         """Forget every chunk (the whole file failed its digest check): a retry starts from zero."""
-        try:
-            os.ftruncate(self._log_fd, 0)
-            os.write(self._log_fd, _HEADER.format(size=self.size, chunk=self.chunk_size).encode())
-        except OSError as error:
-            raise os_error(error, "resetting a download") from error
+        if not self.paths.one_piece:
+            try:
+                os.ftruncate(self._lock_fd, 0)
+                os.write(self._lock_fd, _HEADER.format(size=self.size, chunk=self.chunk_size).encode())
+            except OSError as error:
+                raise os_error(error, "resetting a download") from error
         self.done.clear()
 
     def release(self, completed: bool) -> None:
         """Let go of the lock. ``completed``: the content is in the store now, so the files go; else they
         stay for a resume (by this process later, another process, or a re-run)."""
-        if completed:
+        if self.paths.one_piece and completed:
+            # Unless it was placed as a blob (renamed away): the name may be another claim's file by now.
+            if _still_linked(self._lock_fd, self.paths.data):
+                self.layout.unlink(self.paths.data)
+        elif completed:
             for path in (self.paths.data, self.paths.log):  # unlinked while locked: waiters see it gone
                 self.layout.unlink(path)
         else:
@@ -192,9 +210,9 @@ class ResumablePartial:
         if self._data_fd >= 0:
             os.close(self._data_fd)
             self._data_fd = -1
-        if self._log_fd >= 0:
-            os.close(self._log_fd)
-            self._log_fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
 
 class PartialFiles:
@@ -229,7 +247,8 @@ class PartialFiles:
 
     def holds(self, key: str) -> bool:
         """Whether a partial download of ``key`` is on disk (a pull would resume it)."""
-        return self._paths(key).log.exists()
+        paths = self._paths(key)
+        return paths.log.exists() or paths.data.exists()
 
     def signature(self) -> tuple[tuple[str, int, int], ...]:
         """(name, size, mtime in ns) of every download's log, sorted: it changes whenever a download
@@ -295,45 +314,53 @@ class PartialFiles:
             os.close(fd)
             raise
 
-    def _paths(self, key: str) -> _Paths:
+    def _paths(self, key: str, one_piece: bool = False) -> _Paths:
         stem = self.layout.partial_stem(key)
-        return _Paths(stem.with_name(f"{key}.part"), stem.with_name(f"{key}.log"))
+        return _Paths(stem.with_name(f"{key}.part"), stem.with_name(f"{key}.log"), one_piece)
 
     def claim(self, key: str, size: int, chunk_size: int, wait: bool) -> ResumablePartial | None:
         """Lock the partial of ``key`` and return it with its verified chunks; None if another process
         holds it and ``wait`` is False. With ``wait`` True this blocks until the other process lets go."""
-        paths = self._paths(key)
+        paths = self._paths(key, one_piece=chunk_count(size, chunk_size) == 1)
+        # The lock of a one-chunk content is its data file, opened read-only: it is read-only once
+        # finished (and flushed for placing), and waiting on it must not need write access.
+        flags = os.O_RDONLY if paths.one_piece else os.O_RDWR | os.O_APPEND
         while True:
             try:
-                log_fd = os.open(paths.log, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+                lock_fd = os.open(paths.lock, flags | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as error:
-                raise os_error(error, "opening a download's log") from error
+                raise os_error(error, "opening a download's lock") from error
             try:
-                fcntl.flock(log_fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
-                os.close(log_fd)
+                os.close(lock_fd)
                 return None
-            if _still_linked(log_fd, paths.log):
+            if _still_linked(lock_fd, paths.lock):
                 break
-            os.close(log_fd)  # its holder finished and unlinked it while we waited: take a fresh one
+            os.close(lock_fd)  # its holder finished and unlinked it while we waited: take a fresh one
         try:
-            return self._open(paths, log_fd, size, chunk_size)
+            return self._open(key, paths, lock_fd, size, chunk_size)
         except BaseException:
-            os.close(log_fd)
+            os.close(lock_fd)
             raise
 
-    def _open(self, paths: _Paths, log_fd: int, size: int, chunk_size: int) -> ResumablePartial:
+    def _open(self, key: str, paths: _Paths, lock_fd: int, size: int, chunk_size: int) -> ResumablePartial:
         header = _HEADER.format(size=size, chunk=chunk_size)
-        logged = _read_log(log_fd, header)
+        logged = None if paths.one_piece else _read_log(lock_fd, header)
         try:
+            if paths.one_piece:
+                os.fchmod(lock_fd, 0o644)  # a leftover flushed for placing (read-only), then not placed
             data_fd = os.open(paths.data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as error:
             raise os_error(error, "opening a download's partial file") from error
         try:
+            if paths.one_piece:  # no log: a leftover counts if it is the whole content, by its key's digest
+                logged = _whole_content(data_fd, key, size)
             if logged is None:  # new, or written for another size or chunk size: start over
                 logged = {}
-                _empty(log_fd)
-                os.write(log_fd, header.encode())
+                if not paths.one_piece:
+                    _empty(lock_fd)
+                    os.write(lock_fd, header.encode())
                 _empty(data_fd)
             if size:
                 os.posix_fallocate(data_fd, 0, size)  # a full disk fails here, before any transfer
@@ -342,7 +369,7 @@ class PartialFiles:
             os.close(data_fd)
             raise os_error(error, f"reserving {size} bytes for a download") from error
         resumed = sum(chunk_span(i, size, chunk_size)[1] for i in done)
-        return ResumablePartial(self.layout, paths, log_fd, data_fd, size, chunk_size, done, resumed,
+        return ResumablePartial(self.layout, paths, lock_fd, data_fd, size, chunk_size, done, resumed,
                                     self.writeback)  # fmt: skip
 
     def collect(self, remove_all: bool, max_age: float = PARTIAL_MAX_AGE) -> tuple[int, int]:
@@ -376,10 +403,49 @@ class PartialFiles:
                     kept += 1
             finally:
                 os.close(fd)
-        for data in self.root.glob("*.part"):  # a data file whose log is gone belongs to nobody
-            if not data.with_suffix(".log").exists():
-                self.layout.unlink(data)
+        for data in self.root.glob("*.part"):
+            if not data.with_suffix(".log").exists():  # a one-chunk download, or a data file without its log
+                outcome = self._collect_logless(data, remove_all, now - max_age)
+                if outcome is not None:
+                    removed, kept = (removed + 1, kept) if outcome else (removed, kept + 1)
         return removed, kept
+
+    def _collect_logless(self, data: Path, remove_all: bool, older_than: float) -> bool | None:
+        """gc of a data file without a log: a one-chunk download (its own lock), or (rarely) data whose
+        log went. Kept while its lock is held, and for a resume until ``older_than`` unless ``remove_all``;
+        deleted while this holds its lock, so a claim that opened it meanwhile finds it unlinked once it
+        gets the lock, and starts anew. True when deleted, False when kept, None when already gone."""
+        try:
+            fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _still_linked(fd, data):
+                return None
+            if not remove_all and os.fstat(fd).st_mtime > older_than:
+                return False
+            self.layout.unlink(data)
+            return True
+        except BlockingIOError:
+            return False  # a one-chunk download running now
+        finally:
+            os.close(fd)
+
+
+def _whole_content(fd: int, key: str, size: int) -> dict[int, str] | None:
+    """A one-chunk partial's leftover as a log would name it (``{0: its BLAKE3}``) when it holds exactly
+    the content ``key`` names (its SHA-256, or ``git-`` and its git blob id); else None."""
+    if os.fstat(fd).st_size != size:
+        return None
+    data = _pread_exact(fd, size, 0) if size else b""
+    if data is None:
+        return None
+    if key.startswith("git-"):
+        matches = hashlib.sha1(b"blob %d\0" % size + data).hexdigest() == key[len("git-") :]
+    else:
+        matches = hashlib.sha256(data).hexdigest() == key
+    return {0: blake3.blake3(data).hexdigest()} if matches else None
 
 
 def _still_linked(fd: int, path: Path) -> bool:

@@ -61,7 +61,7 @@ def publish(
     """Publish ``staged`` files (whose new bytes wait in ``partials``, by SHA-256); returns the new blobs."""
     placed: list[str] = []
     try:
-        with store.lock.shared():
+        with store.lock.shared(), store.layout.same_folders():
             known = blob_states(store.index, list(partials))
             # The blobs it reuses (no partial: found in the store) must still be there: an eviction or an
             # `rm` in another process may have removed them since (removals take the lock exclusively).

@@ -44,9 +44,12 @@ class Snapshots:
         try:
             self.layout.inside(staging.parent).mkdir(parents=True, exist_ok=True)
             self.layout.inside(staging).mkdir()
+            made = {staging}
             for path, sha256 in files:
                 link = self.layout.snapshot_file(staging, path)
-                self.layout.inside(link.parent).mkdir(parents=True, exist_ok=True)
+                if link.parent not in made:
+                    self.layout.inside(link.parent).mkdir(parents=True, exist_ok=True)
+                    made.add(link.parent)
                 # The link is relative to where it will live, which is at the same depth as staging.
                 self.layout.symlink_to_blob(link, self.layout.snapshot_file(final, path), sha256)
             self._swap_in(staging, final, lambda: self.is_complete(repo_id, commit_id, files))

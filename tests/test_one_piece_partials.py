@@ -1,0 +1,131 @@
+"""Downloads of one chunk (a config, a tokenizer) keep no log: their ``.part`` is their own lock. They are
+waited on like any download, resumed when a leftover is the whole content, kept by gc while held or young,
+and a finished one's release never deletes the file another claim made under the same name since."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import blake3
+
+from conftest import SMALL_CHUNK
+from modeldepot import Depot
+from modeldepot.gitobjects import git_blob_oid
+from modeldepot.store.partials import PartialFiles
+
+DATA = os.urandom(SMALL_CHUNK // 2)
+SHA = hashlib.sha256(DATA).hexdigest()
+
+
+def claim(partials: PartialFiles, key: str = SHA, data: bytes = DATA, wait: bool = False):  # type: ignore[no-untyped-def]
+    return partials.claim(key, len(data), SMALL_CHUNK, wait=wait)
+
+
+def land(partial, data: bytes = DATA) -> None:  # type: ignore[no-untyped-def]
+    partial.write_chunk(0, memoryview(data), blake3.blake3(data).hexdigest())
+
+
+def test_a_one_chunk_download_makes_no_log_and_its_part_is_the_lock(depot: Depot) -> None:
+    partials = depot.store.partials
+    first = claim(partials)
+    assert first is not None
+    try:
+        root = depot.store.layout.partials
+        assert sorted(p.name for p in root.iterdir() if not p.name.startswith("pull-")) == [f"{SHA}.part"]
+        assert claim(partials) is None, "a second claim while the first holds it"
+        assert partials.holds(SHA)
+    finally:
+        first.release(completed=False)
+    second = claim(partials)
+    assert second is not None, "the lock went with the first claim"
+    second.release(completed=True)
+    assert not partials.holds(SHA)
+    assert list(depot.store.layout.partials.glob(f"{SHA}*")) == []
+
+
+def test_a_leftover_that_is_the_whole_content_is_resumed_and_a_wrong_one_starts_over(depot: Depot) -> None:
+    partials = depot.store.partials
+    partial = claim(partials)
+    assert partial is not None
+    land(partial)
+    partial.release(completed=False)  # a pull that failed on another file: this one is verified, kept
+
+    resumed = claim(partials)
+    assert resumed is not None
+    assert resumed.done == {0: blake3.blake3(DATA).hexdigest()} and resumed.resumed_bytes == len(DATA)
+    resumed.release(completed=False)
+
+    part = depot.store.layout.partials / f"{SHA}.part"
+    part.write_bytes(DATA[:-1] + bytes([DATA[-1] ^ 1]))  # the right size, one byte wrong
+    again = claim(partials)
+    assert again is not None
+    assert again.done == {} and again.resumed_bytes == 0
+    assert os.pread(again.data_fd, len(DATA), 0) == bytes(len(DATA)), "started over: emptied, reserved"
+    again.release(completed=True)
+
+
+def test_a_plain_git_file_leftover_is_checked_against_its_git_blob_id(depot: Depot) -> None:
+    data = b'{"model_type": "bert"}'
+    key = f"git-{git_blob_oid(data)}"
+    partial = claim(depot.store.partials, key, data)
+    assert partial is not None
+    land(partial, data)
+    partial.release(completed=False)
+    resumed = claim(depot.store.partials, key, data)
+    assert resumed is not None and resumed.resumed_bytes == len(data)
+    resumed.release(completed=True)
+
+
+def test_a_release_after_placing_leaves_a_newer_claims_file_alone(depot: Depot, tmp_path: Path) -> None:
+    """The holder renames its finished .part away (placing the blob), then releases; a claim made between
+    the two has a new file under the same name, which the release must not delete."""
+    partials = depot.store.partials
+    holder = claim(partials)
+    assert holder is not None
+    land(holder)
+    blob = holder.finish()
+    blob.sync(durable=False)  # read-only from here on, as when placed
+    placed = tmp_path / "placed-blob"
+    os.rename(blob.path, placed)
+    newcomer = claim(partials)  # after the rename: a new file under the same name, not locked by anyone
+    assert newcomer is not None
+    try:
+        holder.release(completed=True)
+        assert (depot.store.layout.partials / f"{SHA}.part").exists(), "the holder deleted another's file"
+        assert placed.read_bytes() == DATA
+    finally:
+        newcomer.release(completed=True)
+
+
+def test_gc_keeps_a_held_or_young_one_chunk_download_and_removes_an_old_one(depot: Depot) -> None:
+    partials = depot.store.partials
+    part = depot.store.layout.partials / f"{SHA}.part"
+    held = claim(partials)
+    assert held is not None
+    try:
+        assert partials.collect(remove_all=True) == (0, 1), "held: kept even by gc --partials"
+        assert part.exists()
+    finally:
+        held.release(completed=False)
+    assert partials.collect(remove_all=False) == (0, 1), "young: kept for a resume"
+    old = time.time() - 8 * 24 * 3600
+    os.utime(part, (old, old))
+    assert partials.collect(remove_all=False) == (1, 0)
+    assert not part.exists()
+
+
+def test_gc_partials_removes_an_unheld_leftover_and_a_new_claim_starts_a_fresh_file(depot: Depot) -> None:
+    partials = depot.store.partials
+    leftover = claim(partials)
+    assert leftover is not None
+    land(leftover)
+    leftover.release(completed=False)
+    part = depot.store.layout.partials / f"{SHA}.part"
+    assert partials.collect(remove_all=True) == (1, 0)
+    assert not part.exists()
+    fresh = claim(partials)
+    assert fresh is not None and fresh.done == {}
+    fresh.release(completed=True)
