@@ -144,6 +144,22 @@ def test_console_script_and_module_entry_points(tmp_path: Path) -> None:
         assert "modeldepot" in version.stdout
 
 
+def test_the_command_ends_with_its_exit_status_and_all_its_output(home: Path, model_dir: Path) -> None:
+    """The entry point skips the interpreter's teardown once a command returned: the status and every
+    byte written must still come out."""
+    run("import", str(model_dir), "--repo", REPO, home=home)
+    command = [sys.executable, "-m", "modeldepot"]
+    listing = subprocess.run([*command, "info", REPO, "--json", "--home", str(home)], capture_output=True,
+                             text=True, check=False)  # fmt: skip
+    assert listing.returncode == 0
+    assert json.loads(listing.stdout)["repo_id"] == REPO
+    usage = subprocess.run([*command, "no-such-command"], capture_output=True, text=True, check=False)
+    assert usage.returncode == 2 and "No such command" in usage.stderr
+    missing = subprocess.run([*command, "path", "acme/absent", "--home", str(home)], capture_output=True,
+                             text=True, check=False)  # fmt: skip
+    assert missing.returncode == 1 and "acme/absent" in missing.stderr
+
+
 @pytest.mark.parametrize("size", ["64KiB", "1M", "65536"])
 def test_chunk_size_from_environment(
     tmp_path: Path, model_dir: Path, size: str, monkeypatch: pytest.MonkeyPatch
