@@ -4,6 +4,7 @@ and a finished one's release never deletes the file another claim made under the
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import time
@@ -129,3 +130,24 @@ def test_gc_partials_removes_an_unheld_leftover_and_a_new_claim_starts_a_fresh_f
     fresh = claim(partials)
     assert fresh is not None and fresh.done == {}
     fresh.release(completed=True)
+
+
+def test_a_one_chunk_content_with_a_log_beside_it_is_claimed_through_that_log(depot: Depot) -> None:
+    """A log left (or held) by a version that logged every content: the claim goes through it, as that
+    version's would, so the two never hold one content two ways at once; finishing removes both files."""
+    partials = depot.store.partials
+    root = depot.store.layout.partials
+    log = root / f"{SHA}.log"
+    log.write_text(f"modeldepot-partial 1 size={len(DATA)} chunk={SMALL_CHUNK}\n")
+    held = os.open(log, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # that version's process, transferring it
+    try:
+        assert claim(partials) is None, "held through its log: busy, not claimed a second way"
+    finally:
+        os.close(held)
+    partial = claim(partials)
+    assert partial is not None
+    land(partial)
+    assert log.read_text().endswith(f"0 {blake3.blake3(DATA).hexdigest()}\n"), "logged, as that version would"
+    partial.release(completed=True)
+    assert list(root.glob(f"{SHA}*")) == []

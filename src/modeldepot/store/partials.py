@@ -321,7 +321,11 @@ class PartialFiles:
     def claim(self, key: str, size: int, chunk_size: int, wait: bool) -> ResumablePartial | None:
         """Lock the partial of ``key`` and return it with its verified chunks; None if another process
         holds it and ``wait`` is False. With ``wait`` True this blocks until the other process lets go."""
-        paths = self._paths(key, one_piece=chunk_count(size, chunk_size) == 1)
+        paths = self._paths(key)
+        if chunk_count(size, chunk_size) == 1 and not paths.log.exists():
+            # (A log beside one: left by, or in use by, a version that logged every content. It is
+            # then claimed through that log, as that version would, and never two ways at once.)
+            paths = self._paths(key, one_piece=True)
         # The lock of a one-chunk content is its data file, opened read-only: it is read-only once
         # finished (and flushed for placing), and waiting on it must not need write access.
         flags = os.O_RDONLY if paths.one_piece else os.O_RDWR | os.O_APPEND
@@ -348,8 +352,8 @@ class PartialFiles:
         header = _HEADER.format(size=size, chunk=chunk_size)
         logged = None if paths.one_piece else _read_log(lock_fd, header)
         try:
-            if paths.one_piece:
-                os.fchmod(lock_fd, 0o644)  # a leftover flushed for placing (read-only), then not placed
+            if paths.one_piece and not os.fstat(lock_fd).st_mode & 0o200:
+                os.fchmod(lock_fd, 0o644)  # flushed for placing (read-only), then not placed
             data_fd = os.open(paths.data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as error:
             raise os_error(error, "opening a download's partial file") from error
