@@ -128,6 +128,10 @@ def test_cli_pull(local: Depot) -> None:
     done = runner.invoke(cli, ["pull", REPO, "--quant", "q4f16", "--json", "--home", home])
     assert done.exit_code == 0, done.stderr
     assert json.loads(done.stdout)["variants"] == ["q4f16"]
+    # Not a terminal: plain lines (written in batches), one per file fetched, and the total at the end.
+    fetched = [f.path for f in local.get_manifest(REPO).files if f"  {f.path} (" in done.stderr]
+    assert fetched and all(done.stderr.count(f"  {path} (") == 1 for path in fetched)
+    assert f"pulling {REPO}: " in done.stderr and "(100%)" in done.stderr
     shown = runner.invoke(cli, ["pull", REPO, "-q", "fp16", "--home", home])
     assert shown.exit_code == 0 and "pulled onnx-community/tiny" in shown.stdout
     assert runner.invoke(cli, ["pull", REPO, "-q", "fp16", "--all", "--home", home]).exit_code == 2
