@@ -200,11 +200,30 @@ class Trash:
 TRASH = Trash()
 
 
-def timed(command: list[str], env: dict[str, str], dest: Path, then_sync: bool = False) -> tuple[float, str]:
+def recycle_memory(folder: Path, size: int) -> None:
+    """Write ``size`` bytes into a scratch file and delete it, so that the next run's page cache comes
+    from memory just freed. This VM's kernel hands free memory back to its host, and a page fresh from the
+    host costs about 2.3 s of system time per GiB on first touch: without this, whichever client ran
+    when memory had gone back paid it, and a 1 GiB write took 0.3 s or 2.3 s (docs/benchmarks.md)."""
+    scratch = folder / "recycle.tmp"
+    block = bytes(16 << 20)
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for _ in range(-(-size // len(block))):
+            os.write(fd, block)
+    finally:
+        os.close(fd)
+        scratch.unlink()
+
+
+def timed(command: list[str], env: dict[str, str], dest: Path, then_sync: bool = False,
+          recycle: int = 0) -> tuple[float, str]:  # fmt: skip
     """Wall time of ``command`` writing into the fresh ``dest`` (set aside afterwards: :class:`Trash`),
     and its stdout. ``then_sync``: the time includes a ``sync`` after it (the bytes on disk, as a pull
-    leaves them)."""
+    leaves them). ``recycle``: bytes of memory recycled right before (:func:`recycle_memory`)."""
     TRASH.put(dest)
+    if recycle:
+        recycle_memory(dest.parent, recycle)
     os.sync()
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -225,11 +244,12 @@ class Clients:
         self.prefix, self.url, self.work, self.total, self.big = prefix, url, work, total, big
         self.repo, self.big_path = repo, big_path
         self.call_only: list[float] = []  # snapshot_download's call alone, without process start-up
+        self.recycle = total + (64 << 20)  # memory recycled before each run: what it writes, and some
 
     def snapshot(self, then_sync: bool = False) -> float:
         dest = self.work / "dest-snapshot"
         command = [*self.prefix, sys.executable, "-c", SNAPSHOT, self.repo, str(dest), self.url]
-        seconds, out = timed(command, client_env(self.url), dest, then_sync)
+        seconds, out = timed(command, client_env(self.url), dest, then_sync, self.recycle)
         call, got = out.split()[-2:]
         if int(got) != self.total:
             raise RuntimeError(f"snapshot_download brought {got} bytes, the repo has {self.total}")
@@ -239,7 +259,7 @@ class Clients:
     def pull(self) -> float:
         dest = self.work / "dest-pull"
         command = [*self.prefix, *modeldepot("pull", self.repo, "--home", str(dest), "--json")]
-        seconds, out = timed(command, client_env(self.url), dest)
+        seconds, out = timed(command, client_env(self.url), dest, recycle=self.recycle)
         result = json.loads(out)
         if result["bytes_total"] != self.total or result["bytes_downloaded"] != self.total:
             raise RuntimeError(f"pull reported {result}, the repo has {self.total} bytes")
@@ -543,7 +563,7 @@ class ScenarioClients(Clients):
         extra = ["--server", self.url] if source == "node" else []
         env = {**client_env(self.url), "MODELDEPOT_SERVERS": ""}
         command = modeldepot("pull", self.repo, "--home", str(dest), "--json", *extra)
-        seconds, out = timed(command, env, dest)
+        seconds, out = timed(command, env, dest, recycle=self.recycle)
         result = json.loads(out)
         by_source = result.get("bytes_by_source", {})
         if result["bytes_total"] != self.total or result["bytes_downloaded"] != self.total:
