@@ -160,6 +160,22 @@ def test_the_command_ends_with_its_exit_status_and_all_its_output(home: Path, mo
     assert missing.returncode == 1 and "acme/absent" in missing.stderr
 
 
+def test_an_import_loads_no_transfer_engine_or_yaml_machinery(home: Path, model_dir: Path) -> None:
+    """Every command pays its imports before it reads a byte (issue 14: an import of a GiB is bound by
+    SHA-256 plus start-up), so what an import does not use must not load: asyncio (40 ms), the engines,
+    yaml (only for a model card with front matter), the HTTP clients."""
+    probe = (
+        "import sys\nfrom modeldepot.cli import cli\n"
+        "try:\n    cli.main(sys.argv[1:], standalone_mode=False)\n"
+        "finally:\n    print(sorted(m for m in ('asyncio', 'yaml', 'modeldepot.engines', 'aiohttp',"
+        " 'huggingface_hub', 'onnxruntime', 'numpy') if m in sys.modules), file=sys.stderr)"
+    )
+    answer = subprocess.run([sys.executable, "-c", probe, "import", str(model_dir), "--repo", REPO, "--json",
+                             "--home", str(home)], capture_output=True, text=True, check=True)  # fmt: skip
+    assert json.loads(answer.stdout)["files"] == len([p for p in model_dir.rglob("*") if p.is_file()])
+    assert answer.stderr.strip().splitlines()[-1] == "[]"
+
+
 @pytest.mark.parametrize("size", ["64KiB", "1M", "65536"])
 def test_chunk_size_from_environment(
     tmp_path: Path, model_dir: Path, size: str, monkeypatch: pytest.MonkeyPatch

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import mmap
@@ -22,8 +21,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from modeldepot.config import DepotConfig
-from modeldepot.engines.adapters import EngineLoader
-from modeldepot.engines.cache import LoadedModelCache
 from modeldepot.errors import ConfigError, DepotError, EntryNotFoundError, NotFoundError, OfflineError
 from modeldepot.hub.manifest import Manifest, manifest_body, manifest_from_record
 from modeldepot.hub.variants import group_files
@@ -54,6 +51,8 @@ from modeldepot.store.verified import VerifiedBlob
 if TYPE_CHECKING:  # the transfer machinery (aiohttp, huggingface_hub) loads on the first pull, not at
     # import: a worker that only loads engines starts 0.3 s sooner
     # Loading engines and preloading likewise load on first use: `modeldepot import` starts without them.
+    from modeldepot.engines.adapters import EngineLoader
+    from modeldepot.engines.cache import LoadedModelCache
     from modeldepot.hfcache import HfCacheExportResult, HfCacheImportResult
     from modeldepot.preload import Preloader
     from modeldepot.transfer.chain import SourceChain
@@ -141,7 +140,7 @@ class Depot:
             cluster=cluster if cluster is not None else base.cluster,
         )
         self.store = Store(self.config)
-        self.engines: LoadedModelCache[Any] = engine_cache if engine_cache is not None else LoadedModelCache()
+        self._engines = engine_cache
         self._preloader: Preloader | None = None
         self._fleet: FleetView | None = None  # a server's view (use_fleet), or the one this depot opened
         self._background: BackgroundFleet | None = None  # the one this depot opened (closed with it)
@@ -150,6 +149,18 @@ class Depot:
         self._fleet_lock = threading.Lock()
         self.store.budget.add_in_use(self._in_use)
         self.store.budget.add_evicted_hook(self._forget_removed_variants)
+
+    @property
+    def engines(self) -> LoadedModelCache[Any]:
+        """The LRU of loaded engines (:meth:`load`); made on first use, so that a command that loads none
+        does not import the engine machinery."""
+        if self._engines is None:
+            from modeldepot.engines.cache import LoadedModelCache
+
+            with self._fleet_lock:
+                if self._engines is None:
+                    self._engines = LoadedModelCache()
+        return self._engines
 
     @property
     def home(self) -> Path:
@@ -423,6 +434,8 @@ class Depot:
         """:meth:`pull` for asyncio programs (scanning runs on a worker thread; :meth:`pull` runs this). ``paths`` pulls just
         those files; ``watch`` is told of each file's partial as its download starts; ``manifest`` skips
         the scan."""
+        import asyncio
+
         from modeldepot.transfer.pull import pull_async
 
         if manifest is None:
