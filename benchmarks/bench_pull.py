@@ -222,9 +222,9 @@ def timed(command: list[str], env: dict[str, str], dest: Path, then_sync: bool =
     and its stdout. ``then_sync``: the time includes a ``sync`` after it (the bytes on disk, as a pull
     leaves them). ``recycle``: bytes of memory recycled right before (:func:`recycle_memory`)."""
     TRASH.put(dest)
-    if recycle:
-        recycle_memory(dest.parent, recycle)
     os.sync()
+    if recycle:  # after the sync, which can take a second: recycled pages go back to the host in about one
+        recycle_memory(dest.parent, recycle)
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if then_sync:
