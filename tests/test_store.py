@@ -96,6 +96,20 @@ def test_chunks_are_views_of_the_file_and_checked(depot: Depot, model_dir: Path)
     assert bytes(depot.get_chunk(REPO, "empty.txt", 0)) == b""
 
 
+def test_chunk_digests_of_many_blobs_match_one_at_a_time(depot: Depot, model_dir: Path) -> None:
+    """The batched lookup (a node's manifest) returns each blob's digests in chunk order, across its
+    batches of 500, and none for a blob the store lacks."""
+    depot.import_dir(model_dir, REPO)
+    held = sorted({entry.sha256 for entry in depot.list_files(REPO)})
+    absent = [hashlib.sha256(str(n).encode()).hexdigest() for n in range(700)]
+    found = depot.store.chunk_digests_of([*absent[:350], *held, *held, *absent[350:]])
+    assert set(found) == set(held) | set(absent)
+    for sha256 in held:
+        assert found[sha256] == depot.store.chunk_digests(sha256)
+    assert any(len(found[sha256]) > 1 for sha256 in held)  # the order of several chunks is checked
+    assert all(found[sha256] == [] for sha256 in absent)
+
+
 def test_a_corrupt_chunk_is_refused_and_quarantined(depot: Depot, model_dir: Path) -> None:
     depot.import_dir(model_dir, REPO)
     entry = depot.file_info(REPO, "model.safetensors")

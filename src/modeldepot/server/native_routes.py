@@ -100,7 +100,7 @@ async def manifest(request: web.Request) -> web.Response:
         raise RepoNotFoundError(repo_id)
     commit_id = await asyncio.to_thread(depot.resolve, repo_id, revision)
     files = await asyncio.to_thread(depot.list_files, repo_id, commit_id)
-    digests = {f.sha256: await asyncio.to_thread(depot.store.chunk_digests, f.sha256) for f in files}
+    digests = await asyncio.to_thread(depot.store.chunk_digests_of, [f.sha256 for f in files])
     return json_response(
         {
             "repo_id": repo_id,

@@ -17,7 +17,7 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -289,6 +289,21 @@ class Store:
     def chunk_digests(self, sha256: str) -> list[str]:
         rows = self.index.read("SELECT blake3 FROM chunks WHERE sha256 = ? ORDER BY idx", (sha256,))
         return [row["blake3"] for row in rows]
+
+    def chunk_digests_of(self, sha256s: Iterable[str]) -> dict[str, list[str]]:
+        """:meth:`chunk_digests` of many blobs, a few queries in all (a node's manifest of 300 files took
+        40 ms asking one blob at a time)."""
+        wanted = sorted(set(sha256s))
+        found: dict[str, list[str]] = {sha256: [] for sha256 in wanted}
+        for start in range(0, len(wanted), 500):  # (within any build's limit on bound parameters)
+            batch = wanted[start : start + 500]
+            marks = ",".join("?" * len(batch))
+            rows = self.index.read(
+                f"SELECT sha256, blake3 FROM chunks WHERE sha256 IN ({marks}) ORDER BY sha256, idx", tuple(batch)
+            )
+            for row in rows:
+                found[row["sha256"]].append(row["blake3"])
+        return found
 
     def check_blob(self, sha256: str, size: int, chunk_size: int) -> tuple[str, str] | None:
         """Rehash a blob's file: None if it matches every recorded digest, else (problem, detail)."""
