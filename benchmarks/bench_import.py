@@ -187,7 +187,9 @@ def main() -> None:
     bytecode = use_bytecode_cache(work)
     print(machine_facts())
     print(bytecode)
-    print(f"median of {args.repeat} interleaved runs; every run after an untimed sync and recycling memory the size of the file")
+    print(
+        f"median of {args.repeat} interleaved runs; every run after an untimed sync and recycling memory the size of the file"
+    )
     rows: list[Row] = []
     table: list[str] = []
     notes: list[str] = []

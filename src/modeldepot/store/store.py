@@ -299,7 +299,8 @@ class Store:
             batch = wanted[start : start + 500]
             marks = ",".join("?" * len(batch))
             rows = self.index.read(
-                f"SELECT sha256, blake3 FROM chunks WHERE sha256 IN ({marks}) ORDER BY sha256, idx", tuple(batch)
+                f"SELECT sha256, blake3 FROM chunks WHERE sha256 IN ({marks}) ORDER BY sha256, idx",
+                tuple(batch),
             )
             for row in rows:
                 found[row["sha256"]].append(row["blake3"])
