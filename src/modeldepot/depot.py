@@ -141,6 +141,7 @@ class Depot:
         )
         self.store = Store(self.config)
         self._engines = engine_cache
+        self._engines_lock = threading.Lock()
         self._preloader: Preloader | None = None
         self._fleet: FleetView | None = None  # a server's view (use_fleet), or the one this depot opened
         self._background: BackgroundFleet | None = None  # the one this depot opened (closed with it)
@@ -157,7 +158,7 @@ class Depot:
         if self._engines is None:
             from modeldepot.engines.cache import LoadedModelCache
 
-            with self._fleet_lock:
+            with self._engines_lock:
                 if self._engines is None:
                     self._engines = LoadedModelCache()
         return self._engines
