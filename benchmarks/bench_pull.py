@@ -9,7 +9,8 @@ The repo is one big random ``model.safetensors`` (``--size``) plus a small ``con
 ``modeldepot serve`` in its own process. Each client runs in a fresh process into a fresh, empty
 destination, set aside afterwards and deleted when the section ends (a deletion right before a run made
 that run pay: see ``Trash``); the whole process is timed (start-up included, for both), after an untimed
-``sync``. Runs of the two clients are interleaved and we take the median of ``--repeat``.
+``sync`` and memory as big as the run's writes recycled (``recycle_memory``). Runs of the two clients are
+interleaved and we take the median of ``--repeat``.
 
 - anchor: ``huggingface_hub.snapshot_download(repo, cache_dir=DEST, endpoint=NODE)`` with
   ``HF_ENDPOINT=NODE`` (no hf_transfer, no xet, no telemetry).
