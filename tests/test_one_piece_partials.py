@@ -1,6 +1,8 @@
-"""Downloads of one chunk (a config, a tokenizer) keep no log: their ``.part`` is their own lock. They are
-waited on like any download, resumed when a leftover is the whole content, kept by gc while held or young,
-and a finished one's release never deletes the file another claim made under the same name since."""
+"""Downloads of one chunk (a config, a tokenizer) keep no log: their ``.one`` file is their own lock. They
+are waited on like any download, resumed when a leftover is the whole content, kept by gc while held or
+young; a finished one's release never deletes the file another claim made under the same name since; an
+older version's ``.log`` and ``.part`` for the same content are never shared; a peer reads the chunk once
+the whole file is the content."""
 
 from __future__ import annotations
 
@@ -29,13 +31,13 @@ def land(partial, data: bytes = DATA) -> None:  # type: ignore[no-untyped-def]
     partial.write_chunk(0, memoryview(data), blake3.blake3(data).hexdigest())
 
 
-def test_a_one_chunk_download_makes_no_log_and_its_part_is_the_lock(depot: Depot) -> None:
+def test_a_one_chunk_download_makes_no_log_and_its_file_is_the_lock(depot: Depot) -> None:
     partials = depot.store.partials
     first = claim(partials)
     assert first is not None
     try:
         root = depot.store.layout.partials
-        assert sorted(p.name for p in root.iterdir() if not p.name.startswith("pull-")) == [f"{SHA}.part"]
+        assert sorted(p.name for p in root.iterdir() if not p.name.startswith("pull-")) == [f"{SHA}.one"]
         assert claim(partials) is None, "a second claim while the first holds it"
         assert partials.holds(SHA)
     finally:
@@ -59,7 +61,7 @@ def test_a_leftover_that_is_the_whole_content_is_resumed_and_a_wrong_one_starts_
     assert resumed.done == {0: blake3.blake3(DATA).hexdigest()} and resumed.resumed_bytes == len(DATA)
     resumed.release(completed=False)
 
-    part = depot.store.layout.partials / f"{SHA}.part"
+    part = depot.store.layout.partials / f"{SHA}.one"
     part.write_bytes(DATA[:-1] + bytes([DATA[-1] ^ 1]))  # the right size, one byte wrong
     again = claim(partials)
     assert again is not None
@@ -81,7 +83,7 @@ def test_a_plain_git_file_leftover_is_checked_against_its_git_blob_id(depot: Dep
 
 
 def test_a_release_after_placing_leaves_a_newer_claims_file_alone(depot: Depot, tmp_path: Path) -> None:
-    """The holder renames its finished .part away (placing the blob), then releases; a claim made between
+    """The holder renames its finished .one away (placing the blob), then releases; a claim made between
     the two has a new file under the same name, which the release must not delete."""
     partials = depot.store.partials
     holder = claim(partials)
@@ -95,7 +97,7 @@ def test_a_release_after_placing_leaves_a_newer_claims_file_alone(depot: Depot, 
     assert newcomer is not None
     try:
         holder.release(completed=True)
-        assert (depot.store.layout.partials / f"{SHA}.part").exists(), "the holder deleted another's file"
+        assert (depot.store.layout.partials / f"{SHA}.one").exists(), "the holder deleted another's file"
         assert placed.read_bytes() == DATA
     finally:
         newcomer.release(completed=True)
@@ -103,7 +105,7 @@ def test_a_release_after_placing_leaves_a_newer_claims_file_alone(depot: Depot, 
 
 def test_gc_keeps_a_held_or_young_one_chunk_download_and_removes_an_old_one(depot: Depot) -> None:
     partials = depot.store.partials
-    part = depot.store.layout.partials / f"{SHA}.part"
+    part = depot.store.layout.partials / f"{SHA}.one"
     held = claim(partials)
     assert held is not None
     try:
@@ -124,7 +126,7 @@ def test_gc_partials_removes_an_unheld_leftover_and_a_new_claim_starts_a_fresh_f
     assert leftover is not None
     land(leftover)
     leftover.release(completed=False)
-    part = depot.store.layout.partials / f"{SHA}.part"
+    part = depot.store.layout.partials / f"{SHA}.one"
     assert partials.collect(remove_all=True) == (1, 0)
     assert not part.exists()
     fresh = claim(partials)
@@ -132,22 +134,56 @@ def test_gc_partials_removes_an_unheld_leftover_and_a_new_claim_starts_a_fresh_f
     fresh.release(completed=True)
 
 
-def test_a_one_chunk_content_with_a_log_beside_it_is_claimed_through_that_log(depot: Depot) -> None:
-    """A log left (or held) by a version that logged every content: the claim goes through it, as that
-    version's would, so the two never hold one content two ways at once; finishing removes both files."""
+def test_an_older_versions_log_and_part_for_the_content_are_never_shared(depot: Depot) -> None:
+    """A version that logged every content holds a .log and a .part for it (a serve started before an
+    upgrade): a claim now uses its own .one file, never theirs, so neither empties the other's bytes;
+    finishing leaves their files alone, and gc removes them once nobody holds them."""
     partials = depot.store.partials
     root = depot.store.layout.partials
-    log = root / f"{SHA}.log"
+    log, part = root / f"{SHA}.log", root / f"{SHA}.part"
     log.write_text(f"modeldepot-partial 1 size={len(DATA)} chunk={SMALL_CHUNK}\n")
+    part.write_bytes(bytes(len(DATA)))  # preallocated, nothing landed yet
     held = os.open(log, os.O_RDWR)
     fcntl.flock(held, fcntl.LOCK_EX)  # that version's process, transferring it
     try:
-        assert claim(partials) is None, "held through its log: busy, not claimed a second way"
+        partial = claim(partials)
+        assert partial is not None, "its own file: not blocked by the other version's lock"
+        land(partial)
+        assert (root / f"{SHA}.one").read_bytes() == DATA
+        assert part.read_bytes() == bytes(len(DATA)) and log.read_text().count("\n") == 1, "theirs untouched"
+        partial.release(completed=True)
+        assert log.exists() and part.exists() and not (root / f"{SHA}.one").exists()
+        assert partials.collect(remove_all=True) == (0, 1), "held by that version: kept"
     finally:
         os.close(held)
+    assert partials.collect(remove_all=True) == (1, 0)
+    assert list(root.glob(f"{SHA}*")) == []
+
+
+def test_a_peer_reads_the_chunk_once_the_whole_file_is_the_content(depot: Depot) -> None:
+    """Before its publish, a landed download of one chunk is offered like a logged chunk (read_log, the
+    chunk map's source; open_chunks, the Range reads'): not while its bytes are not yet the content."""
+    partials = depot.store.partials
+    assert partials.read_log(SHA) is None and partials.open_chunks(SHA) is None, "no download"
     partial = claim(partials)
     assert partial is not None
-    land(partial)
-    assert log.read_text().endswith(f"0 {blake3.blake3(DATA).hexdigest()}\n"), "logged, as that version would"
-    partial.release(completed=True)
-    assert list(root.glob(f"{SHA}*")) == []
+    try:
+        waiting = partials.read_log(SHA)
+        assert waiting is not None and waiting.logged == {}, "preallocated zeros are not the content"
+        assert (waiting.size, waiting.chunk_size) == (len(DATA), depot.store.chunk_size)
+        reader = partials.open_chunks(SHA)
+        assert reader is not None
+        with reader:
+            assert not reader.logged(0)
+        land(partial, DATA[: len(DATA) // 2] + bytes(len(DATA) - len(DATA) // 2))  # half of it
+        assert partials.read_log(SHA).logged == {}  # type: ignore[union-attr]
+        land(partial)
+        digest = blake3.blake3(DATA).hexdigest()
+        assert partials.read_log(SHA).logged == {0: digest}  # type: ignore[union-attr]
+        reader = partials.open_chunks(SHA)
+        assert reader is not None
+        with reader:
+            assert reader.logged(0) and reader.check(0) == digest
+            assert bytes(reader.view(0)) == DATA
+    finally:
+        partial.release(completed=False)

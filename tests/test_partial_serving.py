@@ -178,6 +178,33 @@ def test_a_partial_is_served_beside_the_pull_that_holds_it(depot: Depot) -> None
         partial.release(completed=False)
 
 
+def test_a_download_of_one_chunk_is_served_once_it_landed_before_it_is_published(depot: Depot) -> None:
+    """A file of one chunk keeps no log (a claimer in a swarm holds it until its whole repo publishes):
+    the node offers its chunk once the file is the content, and refuses it as ChunkNotAvailable before,
+    so a peer waits or asks again rather than dropping the node as lacking the blob."""
+    data = os.urandom(SMALL_CHUNK // 3)
+    sha256 = hashlib.sha256(data).hexdigest()
+    partial = depot.store.partials.claim(sha256, len(data), SMALL_CHUNK, wait=False)
+    assert partial is not None
+    node = LiveNode(depot, token=TOKEN)
+    whole = {**AUTH, "Range": f"bytes=0-{len(data) - 1}"}
+    try:
+        status, _, body = get(node, f"{API}/blobs/{sha256}/chunks", AUTH)
+        assert status == 200 and base64.b64decode(json.loads(body)["chunks"]) == bytes([0])
+        status, answer, _ = get(node, f"{API}/blobs/{sha256}", whole)
+        assert (status, answer.get("X-Error-Code")) == (404, "ChunkNotAvailable")
+        partial.write_chunk(0, memoryview(data), blake3.blake3(data).hexdigest())
+        status, _, body = get(node, f"{API}/blobs/{sha256}/chunks", AUTH)
+        assert status == 200 and base64.b64decode(json.loads(body)["chunks"]) == bytes([0b10000000])
+        status, _, body = get(node, f"{API}/blobs/{sha256}", whole)
+        assert status == 206 and body == data
+        status, _, body = get(node, f"{API}/blobs/{sha256}", {**AUTH, "Range": "bytes=5-9"})
+        assert status == 206 and body == data[5:10]
+    finally:
+        node.stop()
+        partial.release(completed=False)
+
+
 def test_the_hub_routes_never_serve_a_partial(depot: Depot, tmp_path: Path) -> None:
     """A repo at v1 and the download of its v2 weights in progress: resolve and raw answer v1's published
     bytes, and a path only the new content would have is EntryNotFound, never partial bytes."""

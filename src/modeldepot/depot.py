@@ -646,7 +646,8 @@ class Depot:
         used: list[tuple[str, str | None]] = []
         if self._preloader is not None:
             used.extend((m.repo_id, m.commit_id) for m in self._preloader.stats().preloaded)
-        loaded = self.engines.keys()  # a list, least recently used first (the cache is no mapping)
+        # (a list, least recently used first: the cache is no mapping; none made yet, none loaded)
+        loaded = self._engines.keys() if self._engines is not None else []
         for key in loaded:
             if (
                 isinstance(key, tuple)

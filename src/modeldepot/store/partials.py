@@ -5,6 +5,7 @@ the process that started it.
 
     partials/<key>.part   the file being downloaded, preallocated to its final size
     partials/<key>.log    a header line, then one line per finished chunk: "<index> <blake3>"
+    partials/<key>.one    a content of one chunk: the file, and its own lock (no log)
 
 ``key`` is the content's expected SHA-256 (or ``git-<oid>`` for a plain git file), so two pulls of the same
 bytes, from any repo and any process, meet at the same pair of files. The log is also the lock: whoever
@@ -13,10 +14,13 @@ the blob in the store, or resumes from where the first stopped.
 
 A content of one chunk (a config, a tokenizer: most files of a repo) has no log: there is nothing to
 resume in it, and creating and deleting a log per file was a third of the inodes a pull of 300 small files
-made. Its ``.part`` is its own lock (opened read-only for the lock, so a finished, read-only one can still
+made. Its ``.one`` is its own lock (opened read-only for the lock, so a finished, read-only one can still
 be waited on). It leaves ``partials/`` when it is placed as a blob, so a claim that comes after finds no
 lock to wait on: it finds the blob committed, or (between the placing and the commit) fetches the file
-once more, which its publish then finds already there.
+once more, which its publish then finds already there. Its own name keeps it apart from a ``.log`` and
+``.part`` that a version logging every content left or holds for the same content: the two never share a
+file, at worst the content is fetched twice. A reader (a peer asking for it before it is published) finds
+its one chunk when the whole file is the content its key names, and reads it as it checked it.
 
 The log is appended without fsync, and a chunk's line may reach the disk before its bytes do. That is
 why a resume trusts no line blindly: every logged chunk is re-read and checked against its BLAKE3 (a
@@ -90,6 +94,7 @@ class PartialLog:
     size: int
     chunk_size: int
     logged: dict[int, str]  # chunk index -> BLAKE3 the log names (the last line for an index wins)
+    one_piece: bool = False  # a content of one chunk (no log: ``logged`` is what its whole file proved)
 
     @property
     def chunks(self) -> int:
@@ -105,6 +110,11 @@ class _Paths:
     @property
     def lock(self) -> Path:
         return self.data if self.one_piece else self.log
+
+    @property
+    def names(self) -> tuple[Path, ...]:
+        """Every file of the download."""
+        return (self.data,) if self.one_piece else (self.data, self.log)
 
 
 class ResumablePartial:
@@ -202,7 +212,7 @@ class ResumablePartial:
             if _still_linked(self._lock_fd, self.paths.data):
                 self.layout.unlink(self.paths.data)
         elif completed:
-            for path in (self.paths.data, self.paths.log):  # unlinked while locked: waiters see it gone
+            for path in self.paths.names:  # unlinked while locked: waiters see it gone
                 self.layout.unlink(path)
         else:
             with contextlib.suppress(OSError):  # flushed for placing (read-only), then not placed
@@ -219,9 +229,10 @@ class PartialFiles:
     """The store's partials/ folder. ``writeback``: claimed partials start writing each chunk to disk
     as it lands (for a store that flushes before it publishes)."""
 
-    def __init__(self, layout: StoreLayout, writeback: bool = True) -> None:
+    def __init__(self, layout: StoreLayout, chunk_size: int, writeback: bool = True) -> None:
         self.layout = layout
         self.root = layout.partials
+        self.chunk_size = chunk_size  # the store's: what a download of one chunk is read as by a peer
         self.writeback = writeback
 
     def _pull_mark(self, repo_id: str) -> Path:
@@ -247,8 +258,7 @@ class PartialFiles:
 
     def holds(self, key: str) -> bool:
         """Whether a partial download of ``key`` is on disk (a pull would resume it)."""
-        paths = self._paths(key)
-        return paths.log.exists() or paths.data.exists()
+        return any(path.exists() for one_piece in (False, True) for path in self._paths(key, one_piece).names)
 
     def signature(self) -> tuple[tuple[str, int, int], ...]:
         """(name, size, mtime in ns) of every download's log, sorted: it changes whenever a download
@@ -282,7 +292,7 @@ class PartialFiles:
         try:
             text = self._paths(sha256).log.read_bytes().decode("ascii", "replace")
         except (FileNotFoundError, IsADirectoryError):
-            return None
+            return self._one_piece_log(sha256)
         head, _, body = text.partition("\n")
         match = _HEADER_LINE.fullmatch(head)
         if match is None or int(match.group(2)) <= 0:
@@ -296,6 +306,25 @@ class PartialFiles:
                 logged[int(index)] = digest
         return PartialLog(sha256, size, chunk_size, logged)
 
+    def _one_piece_log(self, sha256: str) -> PartialLog | None:
+        """A download of one chunk as a log would tell it: its chunk counts as logged once the whole file
+        is the content ``sha256`` names (a reader checks its BLAKE3 again when it reads it); None when
+        there is no such download. Hashes the file (one chunk at most): read without its lock."""
+        try:
+            fd = os.open(self._paths(sha256, one_piece=True).data, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+        except OSError as error:
+            raise os_error(error, "opening a download's partial file") from error
+        try:
+            size = os.fstat(fd).st_size  # (preallocated to the content's size when claimed)
+            if size > self.chunk_size:
+                return None  # not a download of one chunk at this store's chunk size
+            logged = _whole_content(fd, sha256, size) or {}
+        finally:
+            os.close(fd)
+        return PartialLog(sha256, size, self.chunk_size, logged, one_piece=True)
+
     def open_chunks(self, sha256: str) -> PartialChunkReader | None:
         """The download of ``sha256`` open for reading its logged chunks, each checked against its BLAKE3
         when read (:class:`PartialChunkReader`); None when there is no such download. Takes no lock."""
@@ -303,7 +332,7 @@ class PartialFiles:
         if log is None:
             return None
         try:
-            fd = os.open(self._paths(sha256).data, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._paths(sha256, log.one_piece).data, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None  # finished (or dropped) between the two reads
         except OSError as error:
@@ -316,16 +345,13 @@ class PartialFiles:
 
     def _paths(self, key: str, one_piece: bool = False) -> _Paths:
         stem = self.layout.partial_stem(key)
-        return _Paths(stem.with_name(f"{key}.part"), stem.with_name(f"{key}.log"), one_piece)
+        data = stem.with_name(f"{key}.one" if one_piece else f"{key}.part")
+        return _Paths(data, stem.with_name(f"{key}.log"), one_piece)
 
     def claim(self, key: str, size: int, chunk_size: int, wait: bool) -> ResumablePartial | None:
         """Lock the partial of ``key`` and return it with its verified chunks; None if another process
         holds it and ``wait`` is False. With ``wait`` True this blocks until the other process lets go."""
-        paths = self._paths(key)
-        if chunk_count(size, chunk_size) == 1 and not paths.log.exists():
-            # (A log beside one: left by, or in use by, a version that logged every content. It is
-            # then claimed through that log, as that version would, and never two ways at once.)
-            paths = self._paths(key, one_piece=True)
+        paths = self._paths(key, one_piece=chunk_count(size, chunk_size) == 1)
         # The lock of a one-chunk content is its data file, opened read-only: it is read-only once
         # finished (and flushed for placing), and waiting on it must not need write access.
         flags = os.O_RDONLY if paths.one_piece else os.O_RDWR | os.O_APPEND
@@ -407,11 +433,14 @@ class PartialFiles:
                     kept += 1
             finally:
                 os.close(fd)
-        for data in self.root.glob("*.part"):
-            if not data.with_suffix(".log").exists():  # a one-chunk download, or a data file without its log
-                outcome = self._collect_logless(data, remove_all, now - max_age)
-                if outcome is not None:
-                    removed, kept = (removed + 1, kept) if outcome else (removed, kept + 1)
+        logless = [
+            *self.root.glob("*.one"),
+            *(p for p in self.root.glob("*.part") if not p.with_suffix(".log").exists()),
+        ]
+        for data in logless:  # a one-chunk download, or (rarely) a data file whose log went
+            outcome = self._collect_logless(data, remove_all, now - max_age)
+            if outcome is not None:
+                removed, kept = (removed + 1, kept) if outcome else (removed, kept + 1)
         return removed, kept
 
     def _collect_logless(self, data: Path, remove_all: bool, older_than: float) -> bool | None:

@@ -79,9 +79,9 @@ class Store:
         self.snapshots = Snapshots(self.layout)
         self.lock = StoreLock(self.layout.lock_path)
         self.manifests = ManifestStore(self.index)
-        self.partials = PartialFiles(self.layout, writeback=config.durability == "sync")
         self.access = AccessLog(self.index)
         self.chunk_size = self._settle_chunk_size(config.chunk_size)
+        self.partials = PartialFiles(self.layout, self.chunk_size, writeback=config.durability == "sync")
         self.store_id = self._setting_or_default("store_id", uuid.uuid4().hex)
         self.durability = Durability(self.index, self.blobs.path, self.check_blob, self.quarantine,
                                      deferred=config.durability == "deferred")  # fmt: skip
