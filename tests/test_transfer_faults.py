@@ -4,6 +4,7 @@ pullers of the same content make one transfer."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -25,6 +26,7 @@ from faultproxy import FaultProxy, wait_until
 from modeldepot import Depot, IntegrityError
 from modeldepot.errors import NotFoundError, UpstreamError
 from modeldepot.hub.manifest import INTERRUPTED
+from modeldepot.transfer.threads import to_thread_to_the_end
 
 REPO = "acme/faulty"
 BIG = "model.safetensors"
@@ -487,3 +489,33 @@ def test_a_retry_after_given_as_an_http_date_is_waited_for(
     # The date has whole seconds, so it lies 2 to 3 s after the refusal; backoff alone (no Retry-After
     # understood) would have retried within 0.5 s.
     assert 1.8 <= retried_at - refused_at < 10
+
+
+def test_a_cancelled_caller_unwinds_only_once_its_worker_thread_has_ended() -> None:
+    """A chunk's write runs on a worker thread through the download's descriptors; a cancelled pull closes
+    them as it unwinds, so it must not unwind while the write goes on (a reused descriptor number would
+    take the late write into another file). Cancelled twice, it still waits; a failure is not lost."""
+    ended = threading.Event()
+
+    def slow_write() -> str:
+        time.sleep(0.3)
+        ended.set()
+        return "written"
+
+    def failing_write() -> None:
+        raise OSError(28, "No space left on device")
+
+    async def main() -> tuple[bool, bool]:
+        task = asyncio.create_task(to_thread_to_the_end(slow_write))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        ended_when_unwound = ended.is_set()
+        with pytest.raises(OSError, match="No space left"):
+            await to_thread_to_the_end(failing_write)
+        return ended_when_unwound, await to_thread_to_the_end(slow_write) == "written"
+
+    assert asyncio.run(main()) == (True, True)

@@ -57,6 +57,7 @@ from modeldepot.hub.manifest import RemoteFile
 from modeldepot.store.partials import ResumablePartial
 from modeldepot.transfer.choosing import ChunkChooser, ChunkRequest, FileSource
 from modeldepot.transfer.sources import ChunkUnavailableError, HttpSource, RangeIgnoredError
+from modeldepot.transfer.threads import to_thread_to_the_end
 
 if TYPE_CHECKING:
     from modeldepot.transfer.session import LazySession
@@ -200,7 +201,7 @@ class _FileJob(ChunkChooser):
             _check(self.remote, digest)
         except IntegrityError:
             PULLS.reject_file()
-            await asyncio.to_thread(self.partial.reset)
+            await to_thread_to_the_end(self.partial.reset)
             raise
         return digest
 
@@ -489,7 +490,7 @@ class _FileJob(ChunkChooser):
             # same bytes while they are in the cache) instead of three: 300 files made 900 trips.
             self.landing.add(index)
             try:
-                digest, whole = await asyncio.to_thread(self._write_small, data, expected)
+                digest, whole = await to_thread_to_the_end(self._write_small, data, expected)
             finally:
                 self.landing.discard(index)
             if whole is not None:
@@ -514,7 +515,7 @@ class _FileJob(ChunkChooser):
         try:
             if not in_place:
                 await self._stop_in_place_writer(index, request)
-            await asyncio.to_thread(self.partial.write_chunk, index, data, digest, in_place)
+            await to_thread_to_the_end(self.partial.write_chunk, index, data, digest, in_place)
         finally:
             self.landing.discard(index)
         self._landed(source, index, len(data))

@@ -32,6 +32,7 @@ from modeldepot.transfer.download import FileSource, Limits, download_file
 from modeldepot.transfer.ranged import close_idle
 from modeldepot.transfer.session import LazySession
 from modeldepot.transfer.swarm import SwarmFile
+from modeldepot.transfer.threads import to_thread_to_the_end
 
 __all__ = [
     "PartialWatch",
@@ -238,8 +239,9 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
             spec = RevisionSpec(
                 manifest.repo_id, manifest.commit_id, branch, private, manifest.endpoint, card
             )
-            partials = await asyncio.to_thread(run.finish_partials)
-            await asyncio.to_thread(publish, store, spec, staged, partials)
+            # (Both end before a cancelled pull unwinds: its release must not run beside them.)
+            partials = await to_thread_to_the_end(run.finish_partials)
+            await to_thread_to_the_end(publish, store, spec, staged, partials)
             run.published = True
         except BaseException as error:
             await tracker.settle()

@@ -17,11 +17,10 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timezone
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from modeldepot.errors import (
@@ -33,6 +32,7 @@ from modeldepot.errors import (
 )
 from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.transfer.ranged import READERS, Attempt, Reply, read_range, request
+from modeldepot.transfer.threads import until_done
 
 if TYPE_CHECKING:
     import aiohttp  # imported where used: a pull from the Hub alone never needs it (transfer/session.py)
@@ -162,7 +162,7 @@ class HttpSource:
                     answer = await asyncio.wrap_future(read)
                 except asyncio.CancelledError:
                     attempt.abort()
-                    await _until_done(read)
+                    await until_done(read)
                     raise
                 status = answer.status
                 if status == 206 or (status == 200 and want == size):
@@ -240,20 +240,8 @@ async def small_request(method: str, url: str, headers: dict[str, str], timeout:
         return await asyncio.wrap_future(future)
     except asyncio.CancelledError:
         attempt.abort()
-        await _until_done(future)
+        await until_done(future)
         raise
-
-
-async def _until_done(read: Future[Any]) -> None:
-    """Wait for an aborted read's thread to end (a shut-down socket ends it within moments), through
-    further cancellations: the bytes it would still write may be the file's own pages."""
-    while not read.done():
-        try:
-            await asyncio.wrap_future(read)
-        except asyncio.CancelledError:
-            continue
-        except Exception:
-            return  # it ended, failing: what it read is dropped
 
 
 def _parse_chunk_map(url: str, body: object, size: int, chunk_size: int) -> frozenset[int] | None:
