@@ -162,28 +162,28 @@ def test_an_older_versions_log_and_part_for_the_content_are_never_shared(depot: 
 
 def test_a_peer_reads_the_chunk_once_the_whole_file_is_the_content(depot: Depot) -> None:
     """Before its publish, a landed download of one chunk is offered like a logged chunk (read_log, the
-    chunk map's source; open_chunks, the Range reads'): not while its bytes are not yet the content."""
+    chunk map's source; open_chunks, the Range reads'); not before its bytes are the content, nor while
+    its file is being set up."""
     partials = depot.store.partials
     assert partials.read_log(SHA) is None and partials.open_chunks(SHA) is None, "no download"
     partial = claim(partials)
     assert partial is not None
     try:
-        waiting = partials.read_log(SHA)
-        assert waiting is not None and waiting.logged == {}, "preallocated zeros are not the content"
-        assert (waiting.size, waiting.chunk_size) == (len(DATA), depot.store.chunk_size)
-        reader = partials.open_chunks(SHA)
-        assert reader is not None
-        with reader:
-            assert not reader.logged(0)
+        assert partials.read_log(SHA) is None, "preallocated zeros are not the content"
+        assert partials.open_chunks(SHA) is None
         land(partial, DATA[: len(DATA) // 2] + bytes(len(DATA) - len(DATA) // 2))  # half of it
-        assert partials.read_log(SHA).logged == {}  # type: ignore[union-attr]
+        assert partials.read_log(SHA) is None
         land(partial)
         digest = blake3.blake3(DATA).hexdigest()
-        assert partials.read_log(SHA).logged == {0: digest}  # type: ignore[union-attr]
+        log = partials.read_log(SHA)
+        assert log is not None and log.logged == {0: digest}
+        assert (log.size, log.chunk_size) == (len(DATA), depot.store.chunk_size)
         reader = partials.open_chunks(SHA)
         assert reader is not None
         with reader:
             assert reader.logged(0) and reader.check(0) == digest
             assert bytes(reader.view(0)) == DATA
+        os.truncate(depot.store.layout.partials / f"{SHA}.one", 0)  # as a claim starting over leaves it
+        assert partials.read_log(SHA) is None, "never the size of a file being set up"
     finally:
         partial.release(completed=False)

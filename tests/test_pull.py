@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -184,6 +186,41 @@ def test_the_blocking_api_works_inside_an_event_loop(local: Depot) -> None:
     files, path, data = asyncio.run(cell())
     assert files == 4 and path == "onnx/model.onnx" and data == FILES["onnx/model_fp16.onnx"]
     assert local.verify().ok
+
+
+def test_a_pull_cancelled_while_it_publishes_waits_for_the_publish_and_counts_it(
+    local: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or a server's cancel) during the publish: the pull unwinds only once the publish on its
+    worker thread has ended; the revision it committed is said downloaded, and its claims go as completed
+    (nothing left in partials/ for a resume that has nothing to do)."""
+    import modeldepot.transfer.pull as pull_module
+
+    started = threading.Event()
+    real_publish = pull_module.publish
+
+    def slow_publish(*args: object) -> None:
+        started.set()
+        time.sleep(0.4)
+        real_publish(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pull_module, "publish", slow_publish)
+
+    async def pull_then_cancel() -> None:
+        task = asyncio.create_task(local.pull_async(REPO, ["q4f16"]))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(pull_then_cancel())
+    assert bytes(local.get_file(REPO, "onnx/model_q4f16.onnx")) == FILES["onnx/model_q4f16.onnx"]
+    statuses = {v.name: v.status for v in local.get_manifest(REPO).variants}
+    assert statuses["q4f16"] == "downloaded", statuses
+    left = [p.name for p in local.store.layout.partials.iterdir() if not p.name.startswith("pull-")]
+    assert left == [], left
+    assert store_files_consistent(local) == []
 
 
 @pytest.mark.parametrize("as_node", [False, True], ids=["hub", "node"])

@@ -9,6 +9,7 @@
     │                                relative symlinks into blobs/, for consumers that need real paths
     ├── tmp/<pid>-<random>/          one write session: .lock (flock()ed while its writer lives), N.partial
     ├── partials/<key>.part, .log    resumable downloads: data, and the log of verified chunks (the lock)
+    ├── partials/<key>.one           a download of one chunk: data and lock in one, no log
     ├── quarantine/<sha256>          blobs that failed verification, kept for inspection, never served
     └── locks/store.lock             shared while blobs are placed, exclusive while blobs are deleted
 """

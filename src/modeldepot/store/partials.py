@@ -20,7 +20,7 @@ lock to wait on: it finds the blob committed, or (between the placing and the co
 once more, which its publish then finds already there. Its own name keeps it apart from a ``.log`` and
 ``.part`` that a version logging every content left or holds for the same content: the two never share a
 file, at worst the content is fetched twice. A reader (a peer asking for it before it is published) finds
-its one chunk when the whole file is the content its key names, and reads it as it checked it.
+it once the whole file is the content its key names (not before), and reads it as it checked it.
 
 The log is appended without fsync, and a chunk's line may reach the disk before its bytes do. That is
 why a resume trusts no line blindly: every logged chunk is re-read and checked against its BLAKE3 (a
@@ -307,9 +307,11 @@ class PartialFiles:
         return PartialLog(sha256, size, chunk_size, logged)
 
     def _one_piece_log(self, sha256: str) -> PartialLog | None:
-        """A download of one chunk as a log would tell it: its chunk counts as logged once the whole file
-        is the content ``sha256`` names (a reader checks its BLAKE3 again when it reads it); None when
-        there is no such download. Hashes the file (one chunk at most): read without its lock."""
+        """A download of one chunk as a log would tell it once the whole file is the content ``sha256``
+        names: its one chunk logged (a reader checks its BLAKE3 again when it reads it). None before (a
+        swarm peer asks for it only after its claimer settled it: landed) or without such a download; a
+        file being set up is empty for a moment, and its size must never reach a peer as the content's.
+        Hashes the file (one chunk at most): read without its lock."""
         try:
             fd = os.open(self._paths(sha256, one_piece=True).data, os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, IsADirectoryError):
@@ -320,10 +322,10 @@ class PartialFiles:
             size = os.fstat(fd).st_size  # (preallocated to the content's size when claimed)
             if size > self.chunk_size:
                 return None  # not a download of one chunk at this store's chunk size
-            logged = _whole_content(fd, sha256, size) or {}
+            logged = _whole_content(fd, sha256, size)
         finally:
             os.close(fd)
-        return PartialLog(sha256, size, self.chunk_size, logged, one_piece=True)
+        return None if logged is None else PartialLog(sha256, size, self.chunk_size, logged, one_piece=True)
 
     def open_chunks(self, sha256: str) -> PartialChunkReader | None:
         """The download of ``sha256`` open for reading its logged chunks, each checked against its BLAKE3

@@ -108,8 +108,8 @@ class VerifiedBlob:
 
 
 class PartialChunkReader(VerifiedBlob):
-    """The logged chunks of a download in progress (``partials/<sha256>.part``), read beside the process
-    that writes it, without its lock.
+    """The logged chunks of a download in progress (``partials/<sha256>.part``, or the one chunk of a
+    ``.one`` that already hashes to its key), read beside the process that writes it, without its lock.
 
     The log is appended without fsync and may name a chunk whose bytes never landed, so :meth:`check`
     reads the chunk and hashes it against the BLAKE3 the log names before any byte may leave; a chunk the

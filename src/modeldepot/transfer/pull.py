@@ -241,11 +241,13 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
             )
             # (Both end before a cancelled pull unwinds: its release must not run beside them.)
             partials = await to_thread_to_the_end(run.finish_partials)
-            await to_thread_to_the_end(publish, store, spec, staged, partials)
-            run.published = True
+            await to_thread_to_the_end(run.publish, spec, staged, partials)
         except BaseException as error:
             await tracker.settle()
-            tracker.write("failed", f"{type(error).__name__}: {error}"[:500])
+            if run.published:  # cancelled while the publish ran, and it completed: the revision is in
+                tracker.write("downloaded")
+            else:
+                tracker.write("failed", f"{type(error).__name__}: {error}"[:500])
             raise
         finally:
             try:
@@ -480,6 +482,12 @@ class _PullRun:
             blob.sync(durable=not self.store.durability.deferred)
             ready[self.digests[key].sha256] = blob
         return ready
+
+    def publish(self, spec: RevisionSpec, staged: list[StagedFile], partials: dict[str, PartialBlob]) -> None:
+        """(On a worker thread.) Publish the revision, and record that it is: a pull cancelled meanwhile
+        waits for this to end, and must then release its claims as completed, not keep them for a resume."""
+        publish(self.store, spec, staged, partials)
+        self.published = True
 
     def release(self) -> None:
         with self.claims_lock:
