@@ -37,6 +37,7 @@ import mmap
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -424,7 +425,9 @@ class _FileJob(ChunkChooser):
                 )  # fmt: skip
             except BaseException:
                 buffers.release()
-                self._unmap(index, request, mapping)
+                self._done_in_place(index, request)
+                if mapping is not None:
+                    _close_mapping(mapping)
                 raise
         request.landing = True
         spent, landed = self.timing.get(source, (0.0, 0))
@@ -444,9 +447,10 @@ class _FileJob(ChunkChooser):
         finally:
             buffers.release()
             if mapping is not None:
-                self._unmap(index, request, None)
-                # Unmapping 16 MiB of written pages takes ~2 ms (0.23 s of a 2 GiB pull's event loop).
-                await asyncio.to_thread(_close_mapping, mapping)
+                self._done_in_place(index, request)
+                # Unmapping 16 MiB of written pages takes ~2 ms (0.23 s of a 2 GiB pull's event loop): on a
+                # thread of its own, not waited for, and never queued ahead of the shared pool's writes.
+                UNMAPPER.submit(_close_mapping, mapping)
 
     def _map_in_place(self, index: int, request: ChunkRequest) -> mmap.mmap | None:
         """The chunk's own pages in the file for ``request`` to receive into, unless another request (the
@@ -460,12 +464,10 @@ class _FileJob(ChunkChooser):
             self.in_place[index] = (request, mapping)
         return mapping
 
-    def _unmap(self, index: int, request: ChunkRequest, mapping: mmap.mmap | None) -> None:
-        """``request`` no longer receives into chunk ``index``'s pages; ``mapping`` (if given) is closed."""
+    def _done_in_place(self, index: int, request: ChunkRequest) -> None:
+        """``request`` no longer receives into chunk ``index``'s pages (its mapping is closed apart)."""
         if self.in_place.get(index, (None,))[0] is request:
             del self.in_place[index]
-        if mapping is not None:
-            _close_mapping(mapping)
 
     async def _stop_in_place_writer(self, index: int, request: ChunkRequest | None) -> None:
         """Before a copy from a buffer goes into the file: the request receiving into the chunk's own pages
@@ -620,6 +622,9 @@ class _FileJob(ChunkChooser):
             if mapping is not None:
                 with contextlib.suppress(BufferError):  # a cancelled hashing thread may still hold a view
                     mapping.close()
+
+
+UNMAPPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modeldepot-unmap")
 
 
 def _close_mapping(mapping: mmap.mmap) -> None:
