@@ -83,8 +83,9 @@ def test_a_plain_git_file_leftover_is_checked_against_its_git_blob_id(depot: Dep
 
 
 def test_a_release_after_placing_leaves_a_newer_claims_file_alone(depot: Depot, tmp_path: Path) -> None:
-    """The holder renames its finished .one away (placing the blob), then releases; a claim made between
-    the two has a new file under the same name, which the release must not delete."""
+    """The holder's finished .one is renamed away (as a version that placed by renaming did), then the
+    holder releases; a claim made between the two has a new file under the same name, which the release
+    must not delete."""
     partials = depot.store.partials
     holder = claim(partials)
     assert holder is not None

@@ -11,12 +11,14 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
 
 from conftest import SMALL_CHUNK, LiveNode, flip_byte, write_model_dir, write_partial
 from modeldepot import Depot
+from modeldepot.store import publish as publish_module
 
 API = "/api/depot/v1"
 TOKEN = "s3cret"
@@ -224,3 +226,84 @@ def test_the_hub_routes_never_serve_a_partial(depot: Depot, tmp_path: Path) -> N
         assert status == 404
     finally:
         node.stop()
+
+
+@pytest.mark.parametrize("size", [3 * SMALL_CHUNK + 7, SMALL_CHUNK // 3], ids=["chunked", "one-chunk"])
+def test_a_download_is_served_at_every_step_of_its_publish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """Placing links the blob to the download's file, which its pull lets go only once the index has the
+    blob: a peer asking between the placing and the commit is served from the download, after the commit
+    from the blob. Never a 404, which a swarm peer takes for a claimer that lost the file (it then fetched
+    the claimer's chunks from the Hub a second time)."""
+    data = os.urandom(size)
+    sha256 = hashlib.sha256(data).hexdigest()
+    files = {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n", "m.safetensors": data}
+    answers: list[tuple[str, int, bool]] = []
+    whole = {**AUTH, "Range": f"bytes=0-{size - 1}"}
+    with Depot(tmp_path / "hub") as hub_store:
+        hub_store.import_dir(write_model_dir(tmp_path / "src", files), "acme/m")
+        hub = LiveNode(hub_store)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        local = Depot(tmp_path / "local", chunk_size=SMALL_CHUNK)
+        node = LiveNode(local, token=TOKEN)
+        commit = publish_module._commit
+
+        def ask(when: str) -> None:
+            status, _, body = get(node, f"{API}/blobs/{sha256}", whole)
+            answers.append((when, status, body == data))
+
+        def observed_commit(*args: Any) -> None:
+            ask("placed")
+            commit(*args)
+            ask("committed")
+
+        monkeypatch.setattr(publish_module, "_commit", observed_commit)
+        try:
+            local.pull("acme/m")
+            ask("released")
+            assert local.store.partials.open_chunks(sha256) is None, "the download's files went with its pull"
+        finally:
+            node.stop()
+            hub.stop()
+            local.close()
+    assert answers == [("placed", 206, True), ("committed", 206, True), ("released", 206, True)]
+
+
+def test_a_download_that_ended_after_placing_its_blob_is_never_written_again(depot: Depot) -> None:
+    """A pull killed between placing a blob and letting its download go leaves a partial file that is also
+    the blob (two names of one file): a new claim starts a file of its own instead of writing into the
+    blob, and gc removes the leftover at once (it is no resume: the blob is whole)."""
+    data = os.urandom(3 * SMALL_CHUNK)
+    sha256 = write_partial(depot, data, [0, 1, 2])
+    partial = depot.store.partials.claim(sha256, len(data), SMALL_CHUNK, wait=False)
+    assert partial is not None and len(partial.done) == 3
+    finished = partial.finish()
+    finished.sync(durable=False)
+    with depot.store.lock.shared():
+        depot.store.blobs.place(finished, sha256)
+    os.close(partial._lock_fd)  # the process dies here: its lock goes, its files stay
+    partial._lock_fd = -1
+    blob = depot.store.blobs.path(sha256)
+    assert blob.read_bytes() == data and os.stat(blob).st_nlink == 2
+
+    again = depot.store.partials.claim(sha256, len(data), SMALL_CHUNK, wait=False)
+    assert again is not None
+    try:
+        assert again.done == {}, "a new file: nothing to resume"
+        zeros = memoryview(bytes(SMALL_CHUNK))
+        again.write_chunk(0, zeros, blake3.blake3(zeros).hexdigest())
+    finally:
+        again.release(completed=False)
+    assert blob.read_bytes() == data and os.stat(blob).st_nlink == 1, "the blob was written through"
+
+    write_partial(depot, data, [0, 1, 2])
+    partial = depot.store.partials.claim(sha256, len(data), SMALL_CHUNK, wait=False)
+    assert partial is not None
+    with depot.store.lock.shared():
+        depot.store.blobs.place(partial.finish(), sha256)
+    os.close(partial._lock_fd)
+    partial._lock_fd = -1
+    assert depot.store.partials.collect(remove_all=False) == (1, 0), "young, but a blob's: removed"
+    assert not depot.store.partials.holds(sha256)

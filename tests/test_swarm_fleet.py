@@ -167,6 +167,7 @@ class Pull:
         out, err = self.process.communicate(timeout=timeout)
         self.seconds = time.monotonic() - self.started
         self.stderr = err
+        (self.node.home.parent / f"{self.node.home.name}-pull.log").write_text(err)  # kept beside the node's
         assert self.process.returncode == 0, (
             f"pull on {self.node.home.name} exited {self.process.returncode}:\n{err}"
         )

@@ -198,19 +198,27 @@ async def _held_blob(request: web.Request) -> BlobRecord | None:
         return None
 
 
-async def _open_partial(request: web.Request) -> PartialChunkReader:
-    sha256 = request.match_info["sha256"]
-    reader = await asyncio.to_thread(_depot(request).store.partials.open_chunks, sha256)
-    if reader is None:
-        raise NotFoundError(f"blob {sha256} is not in the store")
-    return reader
+async def _blob_or_download(request: web.Request) -> BlobRecord | PartialChunkReader:
+    """The complete blob the request names or (to a request with the token) its download in progress. A
+    download keeps its files until the index has its blob, so one that finished between the two looks is
+    found by a second look at the store."""
+    blob = await _held_blob(request)
+    if blob is None:
+        sha256 = request.match_info["sha256"]
+        reader = await asyncio.to_thread(_depot(request).store.partials.open_chunks, sha256)
+        if reader is not None:
+            return reader
+        blob = await _held_blob(request)
+        if blob is None:
+            raise NotFoundError(f"blob {sha256} is not in the store")
+    return blob
 
 
 async def read_blob(request: web.Request) -> web.StreamResponse:
     depot = _depot(request)
-    blob = await _held_blob(request)
-    if blob is None:
-        return await _read_partial(request, await _open_partial(request))
+    blob = await _blob_or_download(request)
+    if isinstance(blob, PartialChunkReader):
+        return await _read_partial(request, blob)
     reader = await asyncio.to_thread(depot.open_verified, blob)
     return await send_blob(request, reader, blob.sha256, {"X-Chunk-Size": str(blob.chunk_size)}, hub=False)
 
@@ -242,12 +250,12 @@ async def read_chunk(request: web.Request) -> web.StreamResponse:
     """One chunk, verified against its BLAKE3 before a byte leaves: a corrupt chunk is a 503, never data;
     a chunk of a download in progress that is not there (or fails its check) a 404 ``ChunkNotAvailable``."""
     depot = _depot(request)
-    blob = await _held_blob(request)
     raw = request.match_info["index"]
     if not _INDEX.fullmatch(raw):
         raise InvalidInputError(f"chunk index {raw[:40]!r} is not a decimal number")
-    if blob is None:
-        with await _open_partial(request) as partial:
+    blob = await _blob_or_download(request)
+    if isinstance(blob, PartialChunkReader):
+        with blob as partial:
             digest = await asyncio.to_thread(partial.check, int(raw))
             view, chunk_size = partial.view(int(raw)), partial.chunk_size
     else:
@@ -269,21 +277,26 @@ def bitfield(held: Iterable[int], count: int) -> str:
 async def chunk_map(request: web.Request) -> web.Response:
     """Which chunks the node has of a blob: all of a complete one; of a download in progress (to requests
     with the token), those its log names, each checked again when it is read."""
+    sha256 = request.match_info["sha256"]
     blob = await _held_blob(request)
+    log = (
+        None if blob is not None else await asyncio.to_thread(_depot(request).store.partials.read_log, sha256)
+    )
+    if blob is None and log is None:
+        blob = await _held_blob(request)  # the download finished between the two looks
+    held: Iterable[int]
     if blob is not None:
         size, chunk_size, complete = blob.size, blob.chunk_size, True
         count = chunk_count(size, chunk_size)
-        held: Iterable[int] = range(count)
-    else:
-        sha256 = request.match_info["sha256"]
-        log = await asyncio.to_thread(_depot(request).store.partials.read_log, sha256)
-        if log is None:
-            raise NotFoundError(f"blob {sha256} is not in the store")
+        held = range(count)
+    elif log is not None:
         size, chunk_size, count, complete = log.size, log.chunk_size, log.chunks, False
         held = log.logged
+    else:
+        raise NotFoundError(f"blob {sha256} is not in the store")
     return json_response(
         {
-            "sha256": request.match_info["sha256"],
+            "sha256": sha256,
             "size": size,
             "chunk_size": chunk_size,
             "complete": complete,

@@ -6,9 +6,9 @@ The write protocol (the only way bytes enter blobs/):
    tells gc whether its writer is alive), preallocated to its final size (a full disk fails here);
 2. bytes are written while they are hashed; writeback starts block by block so the final fsync is short;
 3. ``fsync`` the file; the caller checks the digests;
-4. ``BlobFiles.place``: made read-only, then linked or renamed to ``blobs/<ab>/<sha256>`` and the directory
-   fsynced; only then may an index transaction reference it. A kill before the index commit leaves an
-   orphan file that no row names: invisible, and removed by gc.
+4. ``BlobFiles.place``: made read-only, then renamed (a download's file: linked) to ``blobs/<ab>/<sha256>``
+   and the directory fsynced; only then may an index transaction reference it. A kill before the index
+   commit leaves an orphan file that no row names: invisible, and removed by gc.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 
 class PartialBlob:
-    """A file being written inside a write session. Removed on ``discard`` unless it was placed."""
+    """A file being written inside a write session, or a download's finished file (``keep_name``: placing
+    links it, and the download removes its name). Removed on ``discard`` unless it was placed."""
 
     def __init__(self, path: Path, fd: int, size: int) -> None:
         self.path = path
@@ -59,6 +60,7 @@ class PartialBlob:
         self.size = size
         self.written = 0
         self.placed = False
+        self.keep_name = False
         self.writeback = True  # start writing each block to disk as it is written (for a quick fsync)
 
     def write(self, data: memoryview) -> None:
@@ -185,23 +187,27 @@ class BlobFiles:
     def path(self, sha256: str) -> Path:
         return self.layout.blob_path(sha256)
 
-    def place(self, partial: PartialBlob, sha256: str, replace: bool, durable: bool = True) -> None:
-        """Publish a synced partial as blob ``sha256``. Hold the store lock shared while calling.
+    def place(self, partial: PartialBlob, sha256: str, durable: bool = True) -> None:
+        """Publish a synced partial as blob ``sha256``, over whatever file is there (an orphan of unknown
+        history, or the spot a quarantined blob left). Hold the store lock shared while calling.
 
-        ``replace=False`` keeps an existing file (a committed, verified blob); ``True`` overwrites
-        whatever is there (an orphan of unknown history, or the spot a quarantined blob left).
+        A partial that readers may find by its name (``keep_name``: a download in progress, served to
+        peers) is linked, and keeps its name until its owner lets it go once the index has the blob: no
+        moment between the placing and the commit finds neither, and a commit that fails leaves the
+        download whole for a resume. Others are renamed (a link costs an inode of its own on tmpfs).
         """
         target = self.path(sha256)
         try:
             target.parent.mkdir(exist_ok=True)
-            if replace:
+            if not partial.keep_name:
                 self.layout.replace(partial.path, target)
             else:
                 try:
-                    os.link(partial.path, self.layout.inside(target))
+                    os.link(self.layout.inside(partial.path), self.layout.inside(target))
                 except FileExistsError:
-                    pass
-                self.layout.inside(partial.path).unlink()
+                    spare = target.with_name(f".{target.name}.{secrets.token_hex(4)}")  # gc's after a kill
+                    os.link(self.layout.inside(partial.path), self.layout.inside(spare))
+                    self.layout.replace(spare, target)
             partial.placed = True
             if durable:
                 fsync_dir(target.parent)

@@ -15,12 +15,16 @@ the blob in the store, or resumes from where the first stopped.
 A content of one chunk (a config, a tokenizer: most files of a repo) has no log: there is nothing to
 resume in it, and creating and deleting a log per file was a third of the inodes a pull of 300 small files
 made. Its ``.one`` is its own lock (opened read-only for the lock, so a finished, read-only one can still
-be waited on). It leaves ``partials/`` when it is placed as a blob, so a claim that comes after finds no
-lock to wait on: it finds the blob committed, or (between the placing and the commit) fetches the file
-once more, which its publish then finds already there. Its own name keeps it apart from a ``.log`` and
+be waited on). It leaves ``partials/`` once its blob is committed, so a claim that comes after finds no
+lock to wait on, and finds the blob. Its own name keeps it apart from a ``.log`` and
 ``.part`` that a version logging every content left or holds for the same content: the two never share a
 file, at worst the content is fetched twice. A reader (a peer asking for it before it is published) finds
 it once the whole file is the content its key names (not before), and reads it as it checked it.
+
+Placing a finished download links the blob to its file (store/blobs.py); the download's own names go
+only after the index commits the blob, so a reader finds one or the other at every moment. A download
+that ended in between leaves a partial file that is also a blob: a claim never writes into it (it starts
+a new file), and gc removes it.
 
 The log is appended without fsync, and a chunk's line may reach the disk before its bytes do. That is
 why a resume trusts no line blindly: every logged chunk is re-read and checked against its BLAKE3 (a
@@ -192,6 +196,7 @@ class ResumablePartial:
         fd, self._data_fd = self._data_fd, -1
         blob = PartialBlob(self.paths.data, fd, self.size)
         blob.written = self.size
+        blob.keep_name = True  # served to peers until the index has the blob: then release() unlinks it
         return blob
 
     def reset(self) -> None:
@@ -208,7 +213,7 @@ class ResumablePartial:
         """Let go of the lock. ``completed``: the content is in the store now, so the files go; else they
         stay for a resume (by this process later, another process, or a re-run)."""
         if self.paths.one_piece and completed:
-            # Unless it was placed as a blob (renamed away): the name may be another claim's file by now.
+            # Unless its name is gone already (placed by a version that renamed it): it may be another claim's.
             if _still_linked(self._lock_fd, self.paths.data):
                 self.layout.unlink(self.paths.data)
         elif completed:
@@ -368,7 +373,9 @@ class PartialFiles:
                 os.close(lock_fd)
                 return None
             if _still_linked(lock_fd, paths.lock):
-                break
+                if not (paths.one_piece and _placed(lock_fd)):
+                    break
+                self.layout.unlink(paths.lock)  # a blob's other name: its download ended before letting go
             os.close(lock_fd)  # its holder finished and unlinked it while we waited: take a fresh one
         try:
             return self._open(key, paths, lock_fd, size, chunk_size)
@@ -383,6 +390,11 @@ class PartialFiles:
             if paths.one_piece and not os.fstat(lock_fd).st_mode & 0o200:
                 os.fchmod(lock_fd, 0o644)  # flushed for placing (read-only), then not placed
             data_fd = os.open(paths.data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            if _placed(data_fd):  # a blob's other name (its download ended before letting go): never written
+                os.close(data_fd)
+                self.layout.unlink(paths.data)
+                data_fd = os.open(paths.data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                logged = None
         except OSError as error:
             raise os_error(error, "opening a download's partial file") from error
         try:
@@ -427,7 +439,7 @@ class PartialFiles:
                 continue
             try:
                 newest = max(_mtime(paths.data), _mtime(paths.log))
-                if remove_all or now - newest > max_age:
+                if remove_all or now - newest > max_age or _links(paths.data) > 1:  # (> 1: a blob's too)
                     self.layout.unlink(paths.data)
                     self.layout.unlink(paths.log)
                     removed += 1
@@ -458,7 +470,7 @@ class PartialFiles:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if not _still_linked(fd, data):
                 return None
-            if not remove_all and os.fstat(fd).st_mtime > older_than:
+            if not remove_all and not _placed(fd) and os.fstat(fd).st_mtime > older_than:
                 return False
             self.layout.unlink(data)
             return True
@@ -481,6 +493,19 @@ def _whole_content(fd: int, key: str, size: int) -> dict[int, str] | None:
     else:
         matches = hashlib.sha256(data).hexdigest() == key
     return {0: blake3.blake3(data).hexdigest()} if matches else None
+
+
+def _links(path: Path) -> int:
+    try:
+        return os.stat(path).st_nlink
+    except FileNotFoundError:
+        return 0
+
+
+def _placed(fd: int) -> bool:
+    """Whether the partial file is also a blob: placing links the blob to it, and its download removes its
+    own name once the index has the blob; a download that ended in between leaves it behind."""
+    return os.fstat(fd).st_nlink > 1
 
 
 def _still_linked(fd: int, path: Path) -> bool:

@@ -76,7 +76,7 @@ def publish(
                 )  # fmt: skip
             for sha256, partial in partials.items():
                 if known.get(sha256) != "ok":
-                    store.blobs.place(partial, sha256, replace=True, durable=not store.durability.deferred)
+                    store.blobs.place(partial, sha256, durable=not store.durability.deferred)
                     placed.append(sha256)
             _commit(store.index, spec, staged, store.durability.unflushed_boot, set(placed))
             new = placed
