@@ -51,6 +51,9 @@ class Liar:
         self.info: dict[str, Any] = honest_info(self.files)
         self.node_manifest: dict[str, Any] | None = None
         self.requests: list[str] = []
+        self.authorizations: list[str | None] = []  # the Authorization header of each model info request
+        self.refusal: tuple[int, dict[str, str], bytes] | None = None  # the model info's answer instead
+        self.moved_to: str | None = None  # a 307 to this URL, for a model info request of another path
         app = web.Application()
         app.router.add_get("/api/models/{org}/{name}", self._model_info)
         app.router.add_get("/api/models/{org}/{name}/revision/{rev}", self._model_info)
@@ -77,6 +80,12 @@ class Liar:
 
     async def _model_info(self, request: web.Request) -> web.Response:
         self.requests.append(request.path)
+        self.authorizations.append(request.headers.get("Authorization"))
+        if self.moved_to is not None and request.path not in self.moved_to:
+            return web.Response(status=307, headers={"Location": self.moved_to})
+        if self.refusal is not None:
+            status, headers, body = self.refusal
+            return web.Response(status=status, headers=headers, body=body)
         return web.json_response(self.info)
 
     async def _resolve(self, request: web.Request) -> web.StreamResponse:

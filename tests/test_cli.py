@@ -12,7 +12,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from conftest import flip_byte, sample_files
+from conftest import LiveNode, flip_byte, sample_files
 from modeldepot import Depot
 from modeldepot.cli import cli
 
@@ -174,6 +174,36 @@ def test_an_import_loads_no_transfer_engine_or_yaml_machinery(home: Path, model_
                              "--home", str(home)], capture_output=True, text=True, check=True)  # fmt: skip
     assert json.loads(answer.stdout)["files"] == len([p for p in model_dir.rglob("*") if p.is_file()])
     assert answer.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_a_pull_loads_no_http_library_and_no_engine(home: Path, model_dir: Path, tmp_path: Path) -> None:
+    """A pull's start-up is a third of a pull of 300 configs (issue 14): it asks the Hub over its own
+    connections, so huggingface_hub's HfApi and HTTP stack (httpx2, 0.25-0.45 s) and aiohttp never load."""
+    with Depot(tmp_path / "hub") as hub_store:
+        hub_store.import_dir(model_dir, REPO)
+        hub = LiveNode(hub_store)
+        try:
+            probe = (
+                "import sys\nfrom modeldepot.cli import cli\n"
+                "try:\n    cli.main(sys.argv[1:], standalone_mode=False)\n"
+                "finally:\n    print(sorted(m for m in ('httpx2', 'httpx', 'huggingface_hub.hf_api', 'aiohttp',"
+                " 'modeldepot.engines', 'onnxruntime', 'numpy') if m in sys.modules), file=sys.stderr)"
+            )
+            env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home")}
+            env.pop("HF_HUB_OFFLINE", None)
+            env.pop("HF_TOKEN", None)
+            answer = subprocess.run([sys.executable, "-c", probe, "pull", REPO, "--json", "--home", str(home)],
+                                    capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+        finally:
+            hub.stop()
+    assert answer.returncode == 0, answer.stderr
+    assert json.loads(answer.stdout)["commit_id"] == hub_store_commit(tmp_path / "hub")
+    assert answer.stderr.strip().splitlines()[-1] == "[]"
+
+
+def hub_store_commit(home: Path) -> str:
+    with Depot(home) as depot:
+        return depot.resolve(REPO)
 
 
 @pytest.mark.parametrize("size", ["64KiB", "1M", "65536"])

@@ -13,9 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import LiveNode, write_model_dir
+from liar import REPO as LIAR_REPO
+from liar import Liar
 from modeldepot import Depot, NotFoundError
 from modeldepot.cli import cli
-from modeldepot.errors import OfflineError, UpstreamError
+from modeldepot.errors import AccessDeniedError, OfflineError, UpstreamDataError, UpstreamError
 from modeldepot.hub.variants import gguf_quant, group_files
 
 ONNX_COMMUNITY = [  # onnx-community/Phi-3.5-mini-instruct-onnx-web style, with external data
@@ -188,6 +190,73 @@ def test_scan_errors_name_the_repo_and_the_fix(
         ):
             depot.scan_repo("acme/tiny-gguf")
         assert unreachable.value.repo_id == "acme/tiny-gguf" and unreachable.value.status is None
+
+
+HUB_REFUSALS = [  # what the Hub answers (hf-protocol.md), and what a scan must make of it
+    (401, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}, b"",
+     NotFoundError, r"acme/model was not found on .*set HF_TOKEN to a token that can read it"),
+    (401, {"X-Error-Message": "Invalid username or password."}, b"",
+     NotFoundError, r"acme/model was not found"),  # a 401 on a repo: private, or absent
+    (401, {"X-Error-Message": "Invalid credentials in Authorization header"}, b"",
+     AccessDeniedError, r"refused access to acme/model \(401\): check HF_TOKEN"),
+    (403, {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to model acme/model is restricted."}, b"",
+     AccessDeniedError, r"acme/model is gated on .*accept its conditions there"),
+    (404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id: v9"}, b"",
+     NotFoundError, r"revision 'v9' of acme/model does not exist"),
+    (403, {"X-Error-Message": "Access to this resource is disabled."}, b"",
+     AccessDeniedError, r"refused access to acme/model \(403\)"),
+    (500, {"Content-Type": "application/json"}, b'{"error": "Internal Error - We\'re working hard to fix this"}',
+     UpstreamError, r"failed to describe acme/model: HTTP 500 \(Internal Error - We're working"),
+    (200, {"Content-Type": "application/json"}, b"<html>maintenance</html>",
+     UpstreamDataError, r"describing acme/model.*not JSON"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("status", "headers", "body", "kind", "says"), HUB_REFUSALS,
+                         ids=["RepoNotFound", "401", "bad-token", "GatedRepo", "RevisionNotFound", "disabled",
+                              "500", "not-json"])  # fmt: skip
+def test_the_hubs_refusals_become_errors_naming_the_repo_and_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, headers: dict[str, str], body: bytes,
+    kind: type[Exception], says: str,
+) -> None:  # fmt: skip
+    liar = Liar()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", liar.url)
+    liar.refusal = (status, headers, body)
+    try:
+        with Depot(tmp_path / "local") as depot, pytest.raises(kind, match=says) as caught:
+            depot.scan_repo(LIAR_REPO, "v9")
+    finally:
+        liar.stop()
+    assert type(caught.value) is kind
+    assert LIAR_REPO in str(caught.value)
+    if kind is not UpstreamDataError:  # (that one names the upstream and the field it lied in)
+        assert (caught.value.repo_id, caught.value.status) == (LIAR_REPO, status)  # type: ignore[attr-defined]
+
+
+def test_a_renamed_repo_is_followed_and_the_token_never_leaves_its_origin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Hub answers a renamed repo with a redirect to its new name: followed, with the token on the same
+    origin, without it to another one."""
+    hub, elsewhere = Liar(), Liar()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    renamed = f"/api/models/{LIAR_REPO}-renamed/revision/main?blobs=true"
+    try:
+        hub.moved_to = renamed
+        with Depot(tmp_path / "same") as depot:
+            assert depot.scan_repo(LIAR_REPO).commit_id == hub.info["sha"]
+        assert hub.requests == [f"/api/models/{LIAR_REPO}/revision/main", renamed.split("?")[0]]
+        assert hub.authorizations == ["Bearer hf_secret"] * 2
+        hub.moved_to = elsewhere.url + renamed
+        with Depot(tmp_path / "other") as depot:
+            assert depot.scan_repo(LIAR_REPO).commit_id == elsewhere.info["sha"]
+        assert elsewhere.requests == [renamed.split("?")[0]] and elsewhere.authorizations == [None]
+    finally:
+        hub.stop()
+        elsewhere.stop()
 
 
 @pytest.mark.usefixtures("online")

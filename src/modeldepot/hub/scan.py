@@ -1,16 +1,21 @@
-"""Reading an upstream repo's metadata through huggingface_hub's HfApi (the Hub, or a node: any HF_ENDPOINT)."""
+"""Reading an upstream repo's metadata: the Hub's model API (or a node's: any HF_ENDPOINT), asked what
+huggingface_hub's ``HfApi.model_info(files_metadata=True)`` asks.
+
+One GET over the pull's own kept-alive connections (transfer/ranged.py), not through HfApi: importing
+HfApi (httpx2, httpcore2, and trio where it is installed) took 0.25-0.45 s of every pull's start-up, a third
+of a pull of 300 configs. The errors are the ones HfApi makes of the Hub's answers (hf-protocol.md):
+``X-Error-Code`` RepoNotFound, RevisionNotFound or GatedRepo, a 401 on a repo meaning a repo not found
+(private, or absent) unless its message says the credentials are invalid; a renamed repo's redirect is
+followed. Every value of the answer is validated before it is used.
+"""
 
 from __future__ import annotations
 
+import http.client
+import json
+import os
 from typing import Any
-
-from huggingface_hub import HfApi
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from urllib.parse import quote
 
 from modeldepot.errors import (
     AccessDeniedError,
@@ -20,6 +25,7 @@ from modeldepot.errors import (
     UpstreamTimeoutError,
 )
 from modeldepot.hub.manifest import RemoteFile
+from modeldepot.transfer.ranged import MAX_REDIRECTS, Attempt, Reply, request
 from modeldepot.validation import (
     from_upstream,
     validate_commit_id,
@@ -30,82 +36,114 @@ from modeldepot.validation import (
     validate_size,
 )
 
-__all__ = ["MAX_FILES", "fetch_repo"]
+__all__ = ["MAX_FILES", "fetch_repo", "hub_token"]
 
 MAX_FILES = 200_000  # files one scanned revision may list (the Hub's largest model repos have a few thousand)
+MAX_ANSWER = 256 << 20  # bytes of a repo's description taken from an upstream (200,000 files fit)
+DEFAULT_TIMEOUT = 30.0  # seconds for the whole answer, unless the caller says
+_INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
+
+
+def hub_token(configured: str | None) -> str | None:
+    """The token for the Hub: ``configured`` (HF_TOKEN), else what huggingface_hub's ``get_token`` finds (the
+    token file of a login, a CI's OIDC exchange, the older HUGGING_FACE_HUB_TOKEN). ``get_token`` imports
+    huggingface_hub's HTTP stack (0.13 s of a pull's start-up): it is asked only when one of those is there."""
+    if configured:
+        return configured
+    from huggingface_hub import constants
+
+    if not (
+        os.environ.get("HUGGING_FACE_HUB_TOKEN")
+        or os.environ.get("HF_OIDC_RESOURCE")
+        or os.path.exists(constants.HF_TOKEN_PATH)
+    ):
+        return None
+    from huggingface_hub import get_token
+
+    return get_token()
 
 
 def fetch_repo(
     repo_id: str,
     revision: str,
     endpoint: str,
-    token: str | bool | None,
+    token: str | None,
     token_name: str = "HF_TOKEN",
     timeout: float | None = None,
 ) -> tuple[str, dict[str, Any], list[RemoteFile]]:
     """(commit id, repo metadata, files with sizes and digests) of ``repo_id`` at ``revision``.
 
-    ``token`` (or huggingface_hub's stored token when None; none at all when False) goes to ``endpoint``
-    only. ``timeout``: seconds to wait for an answer (UpstreamTimeoutError after).
+    ``token`` (none when None) goes to ``endpoint`` only. ``timeout``: seconds to wait for the whole
+    answer (UpstreamTimeoutError after).
     """
-    api = HfApi(endpoint=endpoint, token=token)
+    url = f"{endpoint.rstrip('/')}/api/models/{repo_id}/revision/{quote(revision, safe='')}?blobs=true"
+    headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     try:
-        info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=timeout)
-    except GatedRepoError as error:
-        raise AccessDeniedError(
-            f"{repo_id} is gated on {endpoint}: accept its conditions there, then set {token_name} to a token "
-            "of the account that did", status=_status(error), repo_id=repo_id, source=endpoint,
-        ) from error  # fmt: skip
-    except RepositoryNotFoundError as error:
-        raise NotFoundError(
-            f"{repo_id} was not found on {endpoint}; if it is private, set {token_name} to a token that can read it",
-            status=_status(error), repo_id=repo_id, source=endpoint,
-        ) from error  # fmt: skip
-    except RevisionNotFoundError as error:
-        raise NotFoundError(f"revision {revision!r} of {repo_id} does not exist on {endpoint}",
-                            status=_status(error), repo_id=repo_id, source=endpoint) from error  # fmt: skip
-    except HfHubHTTPError as error:
-        status = _status(error)
-        if status in (401, 403):
-            raise AccessDeniedError(
-                f"{endpoint} refused access to {repo_id} ({status}): check {token_name}",
-                status=status,
-                repo_id=repo_id,
-                source=endpoint,
-            ) from error
-        raise UpstreamError(
-            f"{endpoint} failed to describe {repo_id}: {error}",
-            status=status,
-            repo_id=repo_id,
-            source=endpoint,
-        ) from error
-    except Exception as error:  # connection refused, DNS, TLS, timeouts: the client's own error types vary
-        if _is_timeout(error):
-            raise UpstreamTimeoutError(f"{endpoint} did not answer in time to scan {repo_id}: {error}",
-                                       repo_id=repo_id, source=endpoint) from error  # fmt: skip
+        reply = request("GET", url, headers, timeout or DEFAULT_TIMEOUT, MAX_ANSWER, Attempt(), MAX_REDIRECTS)
+    except TimeoutError as error:
+        raise UpstreamTimeoutError(f"{endpoint} did not answer in time to scan {repo_id}: {error}",
+                                   repo_id=repo_id, source=endpoint) from error  # fmt: skip
+    except (OSError, http.client.HTTPException) as error:  # refused, DNS, TLS, a cut or oversized answer
         raise UpstreamError(
             f"cannot reach {endpoint} to scan {repo_id}, or read its answer: {type(error).__name__}: {error}",
             repo_id=repo_id,
             source=endpoint,
         ) from error
+    if reply.status != 200:
+        raise _refusal(reply, repo_id, revision, endpoint, token_name)
+    try:
+        info = json.loads(reply.body)
+    except ValueError:
+        raise UpstreamDataError(f"{endpoint} (describing {repo_id})", "answer", "it is not JSON") from None
     return _checked(endpoint, repo_id, info)
 
 
-def _status(error: HfHubHTTPError) -> int | None:
-    return error.response.status_code if error.response is not None else None
+def _refusal(reply: Reply, repo_id: str, revision: str, endpoint: str, token_name: str) -> Exception:
+    """The error an upstream's answer other than 200 means, as HfApi reads the Hub's."""
+    status = reply.status
+    code = reply.headers.get("X-Error-Code", "")
+    message = reply.headers.get("X-Error-Message", "")
+    if code == "GatedRepo":
+        return AccessDeniedError(
+            f"{repo_id} is gated on {endpoint}: accept its conditions there, then set {token_name} to a token "
+            "of the account that did", status=status, repo_id=repo_id, source=endpoint,
+        )  # fmt: skip
+    if code == "RevisionNotFound":
+        return NotFoundError(
+            f"revision {revision!r} of {repo_id} does not exist on {endpoint}",
+            status=status,
+            repo_id=repo_id,
+            source=endpoint,
+        )
+    if code == "RepoNotFound" or (status == 401 and message != _INVALID_CREDENTIALS):
+        return NotFoundError(
+            f"{repo_id} was not found on {endpoint}; if it is private, set {token_name} to a token that can read it",
+            status=status, repo_id=repo_id, source=endpoint,
+        )  # fmt: skip
+    if status in (401, 403):
+        return AccessDeniedError(
+            f"{endpoint} refused access to {repo_id} ({status}): check {token_name}",
+            status=status,
+            repo_id=repo_id,
+            source=endpoint,
+        )
+    said = message or _error_text(reply.body)
+    return UpstreamError(f"{endpoint} failed to describe {repo_id}: HTTP {status}{f' ({said})' if said else ''}",
+                         status=status, repo_id=repo_id, source=endpoint)  # fmt: skip
 
 
-def _is_timeout(error: BaseException) -> bool:
-    """Whether the client gave up waiting (httpx's and requests' timeouts are not TimeoutError subclasses)."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, TimeoutError) or "Timeout" in type(seen).__name__:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+def _error_text(body: bytes) -> str:
+    """What an error answer's JSON says (``{"error": "..."}``), shortened; '' when it says nothing."""
+    try:
+        said = json.loads(body).get("error", "")
+    except (ValueError, AttributeError):
+        return ""
+    return said[:200] if isinstance(said, str) else ""
 
 
-def _checked(endpoint: str, repo_id: str, info: Any) -> tuple[str, dict[str, Any], list[RemoteFile]]:
+def _checked(endpoint: str, repo_id: str, info: object) -> tuple[str, dict[str, Any], list[RemoteFile]]:
     """The upstream's answer, every value validated before it can name a file or reach the store.
 
     An upstream is untrusted: a commit id becomes a snapshot folder's name, a path a symlink's, a digest a
@@ -113,39 +151,51 @@ def _checked(endpoint: str, repo_id: str, info: Any) -> tuple[str, dict[str, Any
     scan fails with an UpstreamDataError naming the upstream and the field.
     """
     source = f"{endpoint} (describing {repo_id})"
-    if not info.sha:
+    if not isinstance(info, dict):
+        raise UpstreamDataError(source, "answer", "it is not a JSON object")
+    if not info.get("sha"):
         raise UpstreamError(
             f"{endpoint} did not say which commit {repo_id} is", repo_id=repo_id, source=endpoint
         )
-    commit_id = from_upstream(source, "commit id", validate_commit_id, info.sha)
-    siblings = list(info.siblings or [])
+    commit_id = from_upstream(source, "commit id", validate_commit_id, info["sha"])
+    siblings = info.get("siblings") or []
+    if not isinstance(siblings, list):
+        raise UpstreamDataError(source, "file list", "it is not a list")
     if len(siblings) > MAX_FILES:
         raise UpstreamDataError(source, "file list", f"{len(siblings)} files is more than {MAX_FILES}")
     files: list[RemoteFile] = []
     for sibling in siblings:
-        path = from_upstream(source, "file path", validate_path, sibling.rfilename)
-        size = from_upstream(source, f"size of {path!r}", validate_size, sibling.size)
-        git_oid = from_upstream(source, f"git oid of {path!r}", validate_git_oid, sibling.blob_id)
+        if not isinstance(sibling, dict):
+            raise UpstreamDataError(
+                source, "file list", f"an entry is {type(sibling).__name__}, not an object"
+            )
+        path = from_upstream(source, "file path", validate_path, sibling.get("rfilename"))
+        size = from_upstream(source, f"size of {path!r}", validate_size, sibling.get("size"))
+        git_oid = from_upstream(source, f"git oid of {path!r}", validate_git_oid, sibling.get("blobId"))
         sha256 = None
-        if sibling.lfs is not None:
-            sha256 = from_upstream(source, f"LFS SHA-256 of {path!r}", validate_sha256, sibling.lfs.sha256)
-            if sibling.lfs.size is not None and sibling.lfs.size != size:
+        lfs = sibling.get("lfs")
+        if lfs is not None:
+            if not isinstance(lfs, dict):
+                raise UpstreamDataError(source, f"LFS entry of {path!r}", "it is not an object")
+            sha256 = from_upstream(source, f"LFS SHA-256 of {path!r}", validate_sha256, lfs.get("sha256"))
+            if lfs.get("size") is not None and lfs["size"] != size:
                 raise UpstreamDataError(source, f"size of {path!r}",
-                                        f"the LFS size {sibling.lfs.size!r} differs from {size}")  # fmt: skip
+                                        f"the LFS size {str(lfs['size'])[:40]!r} differs from {size}")  # fmt: skip
         files.append(RemoteFile(path=path, size=size, git_oid=git_oid, sha256=sha256))
     _check_tree_shape(source, [f.path for f in files])
-    tags = info.tags or []
+    tags = info.get("tags") or []
     if not isinstance(tags, list) or len(tags) > 1000:
         raise UpstreamDataError(source, "tags", "not a list of at most 1000 labels")
-    gated = info.gated if info.gated is not None else False
-    if gated not in (False, True, "auto", "manual"):
+    gated = info.get("gated")
+    gated = False if gated is None else gated
+    if isinstance(gated, (list, dict)) or gated not in (False, True, "auto", "manual"):
         raise UpstreamDataError(source, "gated flag", f"{str(gated)[:40]!r} is none of false, auto, manual")
     metadata = {
-        "pipeline_tag": _optional_label(source, "pipeline tag", info.pipeline_tag),
-        "library_name": _optional_label(source, "library name", info.library_name),
+        "pipeline_tag": _optional_label(source, "pipeline tag", info.get("pipeline_tag")),
+        "library_name": _optional_label(source, "library name", info.get("library_name")),
         "tags": [from_upstream(source, "tag", validate_label, tag) for tag in tags],
         "gated": gated,
-        "private": bool(info.private),
+        "private": bool(info.get("private")),
     }
     return commit_id, metadata, files
 

@@ -27,14 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from huggingface_hub import get_token
-
 from modeldepot.config import DepotConfig
 from modeldepot.discovery.base import Holding, NodeRecord, validate_node_url
 from modeldepot.errors import AccessDeniedError, DepotError, InvalidInputError, NotFoundError, UpstreamError
 from modeldepot.hashing import chunk_count
 from modeldepot.hub.manifest import Manifest, RemoteFile
-from modeldepot.hub.scan import fetch_repo
+from modeldepot.hub.scan import fetch_repo, hub_token
 from modeldepot.transfer.download import FileSource
 from modeldepot.transfer.fleet import FleetView
 from modeldepot.transfer.sources import HttpSource, RetryPolicy, small_request
@@ -79,10 +77,10 @@ class SourceChain:
     def from_config(cls, config: DepotConfig, retry: RetryPolicy | None = None, fleet: FleetView | None = None,
                     node_id: str | None = None) -> SourceChain:  # fmt: skip
         retry = retry or RetryPolicy(read_timeout=config.read_timeout)
-        hub_token = config.hub_token or get_token()
+        hub_token_ = hub_token(config.hub_token)
         return cls(
             servers=tuple(HttpSource(url, "node", config.node_token, retry) for url in config.servers),
-            hub=HttpSource(config.hub_endpoint, "hub", hub_token, retry),
+            hub=HttpSource(config.hub_endpoint, "hub", hub_token_, retry),
             fleet=fleet,
             node_token=config.node_token,
             node_id=node_id,
@@ -113,7 +111,7 @@ class SourceChain:
         for server in (*self.servers, *self.peers()):
             try:
                 commit_id, info, files = fetch_repo(
-                    repo_id, revision, server.base_url, server.token or False, "MODELDEPOT_TOKEN",
+                    repo_id, revision, server.base_url, server.token, "MODELDEPOT_TOKEN",
                     server.retry.read_timeout,
                 )  # fmt: skip
                 return Scan(commit_id, info, files, server.base_url)

@@ -185,39 +185,53 @@ def _connection(origin: _Origin, timeout: float, attempt: Attempt) -> Iterator[_
             connection.close()
 
 
-def request(method: str, url: str, headers: Mapping[str, str], timeout: float, limit: int,
-            attempt: Attempt) -> Reply:  # fmt: skip
+def request(method: str, url: str, headers: Mapping[str, str], timeout: float, limit: int, attempt: Attempt,
+            redirects: int = 0) -> Reply:  # fmt: skip
     """One request whose whole answer is read into memory (at most ``limit`` bytes of body: more is an
     http.client.HTTPException) within ``timeout`` seconds in all (a TimeoutError after: a peer trickling
-    its answer byte by byte is not waited for), on the same kept-alive connections as the ranged reads; no
-    redirect is followed (a depot node's API does not redirect). Blocking: run it on :data:`READERS`."""
+    its answer byte by byte is not waited for), on the same kept-alive connections as the ranged reads.
+    Up to ``redirects`` redirects are followed (the Hub's API redirects a renamed repo; a depot node's
+    API does not), the Authorization header dropped when one leads to another origin. Blocking: run it
+    on :data:`READERS`."""
     deadline = time.monotonic() + timeout
-    origin, target = _origin(url)
-    with _connection(origin, timeout, attempt) as use:
+    sent = dict(headers)
+    for _ in range(redirects + 1):
+        origin, target = _origin(url)
+        with _connection(origin, timeout, attempt) as use:
+            _time_left(deadline, url, timeout, use.connection)
+            use.connection.request(method, target, headers=sent)
+            _time_left(deadline, url, timeout, use.connection)
+            response = use.connection.getresponse()
+            pieces: list[bytes] = []
+            got = 0
+            if method == "HEAD":
+                response.read()  # no body: marks the answer read, so the connection may be reused
+            # One receive at most per read1, so a trickled answer meets its deadline.
+            while _time_left(deadline, url, timeout, use.connection) and (piece := response.read1(1 << 16)):
+                got += len(piece)
+                if got > limit:
+                    raise http.client.HTTPException(f"{url}: the answer is over {limit} bytes")
+                pieces.append(piece)
+            use.reusable = not response.will_close and response.isclosed()  # (closed: read to the end)
+            location = response.getheader("Location")
+            if redirects and response.status in (301, 302, 303, 307, 308) and location:
+                location = urljoin(url, location)
+                if _origin(location)[0] != origin:  # another origin never sees the token
+                    sent = {k: v for k, v in sent.items() if k.lower() != "authorization"}
+                url = location
+                continue
+            return Reply(response.status, response.headers, b"".join(pieces))
+    raise http.client.HTTPException(f"more than {redirects} redirects from {url}")
 
-        def time_left() -> float:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{url}: no whole answer within {timeout:g} s")
-            if use.connection.sock is not None:
-                use.connection.sock.settimeout(left)
-            return left
 
-        time_left()
-        use.connection.request(method, target, headers=dict(headers))
-        time_left()
-        response = use.connection.getresponse()
-        pieces: list[bytes] = []
-        got = 0
-        if method == "HEAD":
-            response.read()  # no body: marks the answer read, so the connection may be reused
-        while time_left() and (piece := response.read1(1 << 16)):  # one receive at most per call
-            got += len(piece)
-            if got > limit:
-                raise http.client.HTTPException(f"{url}: the answer is over {limit} bytes")
-            pieces.append(piece)
-        use.reusable = not response.will_close and response.isclosed()  # (closed: read to the end)
-        return Reply(response.status, response.headers, b"".join(pieces))
+def _time_left(deadline: float, url: str, timeout: float, connection: http.client.HTTPConnection) -> float:
+    """Seconds left until ``deadline`` (a TimeoutError when none), set as the socket's timeout."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(f"{url}: no whole answer within {timeout:g} s")
+    if connection.sock is not None:
+        connection.sock.settimeout(left)
+    return left
 
 
 def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size: int, buffer: memoryview,
