@@ -191,7 +191,12 @@ def test_a_pull_loads_no_http_library_and_no_engine(home: Path, model_dir: Path,
             )
             env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home")}
             env.pop("HF_HUB_OFFLINE", None)
-            env.pop("HF_TOKEN", None)
+            for name in (
+                "HF_TOKEN",
+                "HUGGING_FACE_HUB_TOKEN",
+                "HF_OIDC_RESOURCE",
+            ):  # (a token's lookup loads httpx2)
+                env.pop(name, None)
             answer = subprocess.run([sys.executable, "-c", probe, "pull", REPO, "--json", "--home", str(home)],
                                     capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
         finally:

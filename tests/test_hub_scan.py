@@ -195,8 +195,8 @@ def test_scan_errors_name_the_repo_and_the_fix(
 HUB_REFUSALS = [  # what the Hub answers (hf-protocol.md), and what a scan must make of it
     (401, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}, b"",
      NotFoundError, r"acme/model was not found on .*set HF_TOKEN to a token that can read it"),
-    (401, {"X-Error-Message": "Invalid username or password."}, b"",
-     NotFoundError, r"acme/model was not found"),  # a 401 on a repo: private, or absent
+    (401, {"X-Error-Message": "Invalid username or password."}, b"",  # (from https, "not found": HfApi's rule)
+     AccessDeniedError, r"refused access to acme/model \(401\): check HF_TOKEN"),
     (401, {"X-Error-Message": "Invalid credentials in Authorization header"}, b"",
      AccessDeniedError, r"refused access to acme/model \(401\): check HF_TOKEN"),
     (403, {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to model acme/model is restricted."}, b"",
@@ -209,12 +209,20 @@ HUB_REFUSALS = [  # what the Hub answers (hf-protocol.md), and what a scan must 
      UpstreamError, r"failed to describe acme/model: HTTP 500 \(Internal Error - We're working"),
     (200, {"Content-Type": "application/json"}, b"<html>maintenance</html>",
      UpstreamDataError, r"describing acme/model.*not JSON"),
+    (200, {"Content-Type": "application/json"}, b"[" * 100_000,
+     UpstreamDataError, r"describing acme/model.*nests too deep"),
+    (200, {"Content-Type": "application/json"}, b"[" + b"{}," * 1_000_001 + b"{}]",
+     UpstreamDataError, r"describing acme/model.*more than 1000000 JSON objects"),
+    (500, {"Content-Type": "application/json"}, b"[" * 100_000,
+     UpstreamError, r"failed to describe acme/model: HTTP 500$"),
+    (302, {"Location": "http://[::1/x"}, b"",
+     UpstreamError, r"cannot reach .* to scan acme/model"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("status", "headers", "body", "kind", "says"), HUB_REFUSALS,
                          ids=["RepoNotFound", "401", "bad-token", "GatedRepo", "RevisionNotFound", "disabled",
-                              "500", "not-json"])  # fmt: skip
+                              "500", "not-json", "too-deep", "too-many", "500-too-deep", "bad-redirect"])  # fmt: skip
 def test_the_hubs_refusals_become_errors_naming_the_repo_and_the_fix(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, headers: dict[str, str], body: bytes,
     kind: type[Exception], says: str,
@@ -231,7 +239,8 @@ def test_the_hubs_refusals_become_errors_naming_the_repo_and_the_fix(
     assert type(caught.value) is kind
     assert LIAR_REPO in str(caught.value)
     if kind is not UpstreamDataError:  # (that one names the upstream and the field it lied in)
-        assert (caught.value.repo_id, caught.value.status) == (LIAR_REPO, status)  # type: ignore[attr-defined]
+        answered = None if status == 302 else status  # (a redirect that leads nowhere is no answer)
+        assert (caught.value.repo_id, caught.value.status) == (LIAR_REPO, answered)  # type: ignore[attr-defined]
 
 
 def test_a_renamed_repo_is_followed_and_the_token_never_leaves_its_origin(

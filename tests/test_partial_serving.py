@@ -5,10 +5,15 @@ a complete file (blob route without a Range, Hub routes)."""
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import http.client
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -307,3 +312,111 @@ def test_a_download_that_ended_after_placing_its_blob_is_never_written_again(dep
     partial._lock_fd = -1
     assert depot.store.partials.collect(remove_all=False) == (1, 0), "young, but a blob's: removed"
     assert not depot.store.partials.holds(sha256)
+
+
+LEFTOVER_PROBE = """
+import hashlib, os, sys
+import blake3
+from modeldepot import Depot
+
+home, stage, chunk = sys.argv[1], sys.argv[2], 64 * 1024
+data = os.urandom(3 * chunk)
+sha256 = hashlib.sha256(data).hexdigest()
+with Depot(home, chunk_size=chunk) as depot:
+    partial = depot.store.partials.claim(sha256, len(data), chunk, wait=False)
+    for index in range(3):
+        piece = memoryview(data)[index * chunk : (index + 1) * chunk]
+        partial.write_chunk(index, piece, blake3.blake3(piece).hexdigest())
+    finished = partial.finish()
+    finished.sync(durable=False)  # read-only from here on
+    if stage == "placed":
+        with depot.store.lock.shared():
+            depot.store.blobs.place(finished, sha256)
+    os.close(partial._lock_fd)  # the pull is killed here
+    again = depot.store.partials.claim(sha256, len(data), chunk, wait=False)
+    print(len(again.done), end=" ")
+    again.release(completed=False)
+    if stage == "placed":
+        print(depot.store.blobs.path(sha256).read_bytes() == data, end="")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to run as nobody")
+@pytest.mark.parametrize(("stage", "expected"), [("flushed", "3 "), ("placed", "0 True")])
+def test_a_killed_pulls_leftover_is_claimed_again_by_a_user_who_is_not_root(
+    stage: str, expected: str
+) -> None:
+    """A finished download is read-only once flushed for placing: a pull killed then leaves a file its
+    owner cannot open for writing. Claimed again (as the unprivileged user a store usually belongs to),
+    one that was not placed is resumed whole, and one that was is left to its blob and started anew."""
+    root = Path(tempfile.mkdtemp(prefix="modeldepot-nobody-"))
+    try:
+        root.chmod(0o777)
+        done = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", LEFTOVER_PROBE,
+             str(root / "store"), stage],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(root)},
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected
+
+
+def test_a_download_that_finished_between_the_nodes_two_looks_is_served_from_the_store(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """The node looks at the store, then at the downloads: a download whose pull committed its blob and
+    let it go between the two is found by a second look at the store, not answered 404."""
+    data = os.urandom(3 * SMALL_CHUNK)
+    sha256 = hashlib.sha256(data).hexdigest()
+    partials = depot.store.partials
+    open_chunks = partials.open_chunks
+
+    def finished_meanwhile(key: str) -> Any:
+        if key == sha256 and not depot.store.partials.holds(key):
+            depot.import_dir(write_model_dir(tmp_path / "src", {"m.safetensors": data}), "acme/m")
+            return None  # (the download's files are gone, its blob is in the store)
+        return open_chunks(key)
+
+    partials.open_chunks = finished_meanwhile  # type: ignore[method-assign]
+    node = LiveNode(depot, token=TOKEN)
+    try:
+        status, _, body = get(node, f"{API}/blobs/{sha256}/chunks/1", AUTH)
+    finally:
+        node.stop()
+    assert status == 200 and body == chunk_of(data, 1)
+
+
+def chunk_of(data: bytes, index: int) -> bytes:
+    return data[index * SMALL_CHUNK : (index + 1) * SMALL_CHUNK]
+
+
+def test_a_store_whose_file_system_refuses_hard_links_still_pulls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Placing a download links its file; where the file system refuses hard links (EPERM: some network
+    and FAT file systems), it renames it, as a write session's, and the pull goes on."""
+    data = os.urandom(3 * SMALL_CHUNK + 5)
+    files = {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n", "m.safetensors": data}
+    refused: list[str] = []
+
+    def no_links(source: Any, target: Any, **kwargs: Any) -> None:
+        refused.append(str(target))
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(target))
+
+    with Depot(tmp_path / "hub") as hub_store:
+        hub_store.import_dir(write_model_dir(tmp_path / "src", files), "acme/m")
+        hub = LiveNode(hub_store)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setattr(os, "link", no_links)
+        try:
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+                local.pull("acme/m")
+                assert local.file_path("acme/m", "m.safetensors").read_bytes() == data
+                assert sorted(p.name for p in local.store.layout.partials.iterdir()
+                              if not p.name.startswith("pull-")) == []  # fmt: skip
+        finally:
+            hub.stop()
+    assert refused, "placing never tried a link"

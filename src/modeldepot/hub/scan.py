@@ -11,9 +11,9 @@ followed. Every value of the answer is validated before it is used.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
+import sys
 from typing import Any
 from urllib.parse import quote
 
@@ -39,14 +39,18 @@ from modeldepot.validation import (
 __all__ = ["MAX_FILES", "fetch_repo", "hub_token"]
 
 MAX_FILES = 200_000  # files one scanned revision may list (the Hub's largest model repos have a few thousand)
-MAX_ANSWER = 256 << 20  # bytes of a repo's description taken from an upstream (200,000 files fit)
-DEFAULT_TIMEOUT = 30.0  # seconds for the whole answer, unless the caller says
+MAX_ANSWER = 64 << 20  # bytes of a repo's description taken from an upstream (200,000 files fit)
+MAX_CONTAINERS = (
+    5 * MAX_FILES
+)  # JSON objects and arrays in it (two per file): bounds the memory it parses into
+DEFAULT_TIMEOUT = 30.0  # seconds without a byte, unless the caller says
+WHOLE_ANSWER_TIMEOUT = 600.0  # seconds for the whole answer (a big repo's description on a slow link)
 _INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
 
 
 def hub_token(configured: str | None) -> str | None:
     """The token for the Hub: ``configured`` (HF_TOKEN), else what huggingface_hub's ``get_token`` finds (the
-    token file of a login, a CI's OIDC exchange, the older HUGGING_FACE_HUB_TOKEN). ``get_token`` imports
+    token file of a login, a CI's OIDC exchange, the older HUGGING_FACE_HUB_TOKEN, Colab's secrets). It imports
     huggingface_hub's HTTP stack (0.13 s of a pull's start-up): it is asked only when one of those is there."""
     if configured:
         return configured
@@ -56,6 +60,7 @@ def hub_token(configured: str | None) -> str | None:
         os.environ.get("HUGGING_FACE_HUB_TOKEN")
         or os.environ.get("HF_OIDC_RESOURCE")
         or os.path.exists(constants.HF_TOKEN_PATH)
+        or "google.colab" in sys.modules  # (its secrets: in a notebook)
     ):
         return None
     from huggingface_hub import get_token
@@ -73,19 +78,20 @@ def fetch_repo(
 ) -> tuple[str, dict[str, Any], list[RemoteFile]]:
     """(commit id, repo metadata, files with sizes and digests) of ``repo_id`` at ``revision``.
 
-    ``token`` (none when None) goes to ``endpoint`` only. ``timeout``: seconds to wait for the whole
-    answer (UpstreamTimeoutError after).
+    ``token`` (none when None) goes to ``endpoint`` only. ``timeout``: seconds to wait without a byte
+    (UpstreamTimeoutError after; the whole answer within WHOLE_ANSWER_TIMEOUT).
     """
     url = f"{endpoint.rstrip('/')}/api/models/{repo_id}/revision/{quote(revision, safe='')}?blobs=true"
     headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     try:
-        reply = request("GET", url, headers, timeout or DEFAULT_TIMEOUT, MAX_ANSWER, Attempt(), MAX_REDIRECTS)
+        reply = request("GET", url, headers, timeout or DEFAULT_TIMEOUT, MAX_ANSWER, Attempt(), MAX_REDIRECTS,
+                        total=WHOLE_ANSWER_TIMEOUT)  # fmt: skip
     except TimeoutError as error:
         raise UpstreamTimeoutError(f"{endpoint} did not answer in time to scan {repo_id}: {error}",
                                    repo_id=repo_id, source=endpoint) from error  # fmt: skip
-    except (OSError, http.client.HTTPException) as error:  # refused, DNS, TLS, a cut or oversized answer
+    except Exception as error:  # refused, DNS, TLS, a cut or oversized answer, a redirect to a bad URL
         raise UpstreamError(
             f"cannot reach {endpoint} to scan {repo_id}, or read its answer: {type(error).__name__}: {error}",
             repo_id=repo_id,
@@ -93,11 +99,19 @@ def fetch_repo(
         ) from error
     if reply.status != 200:
         raise _refusal(reply, repo_id, revision, endpoint, token_name)
-    try:
-        info = json.loads(reply.body)
-    except ValueError:
-        raise UpstreamDataError(f"{endpoint} (describing {repo_id})", "answer", "it is not JSON") from None
+    info = _parsed(reply.body, f"{endpoint} (describing {repo_id})")
     return _checked(endpoint, repo_id, info)
+
+
+def _parsed(body: bytes, source: str) -> object:
+    """The answer's JSON, parsed once it is known to hold no more containers than a repo of MAX_FILES
+    files (an answer of empty objects parses into 25 times its size)."""
+    if body.count(b"{") + body.count(b"[") > MAX_CONTAINERS:
+        raise UpstreamDataError(source, "answer", f"more than {MAX_CONTAINERS} JSON objects and arrays")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise UpstreamDataError(source, "answer", "it is not JSON, or nests too deep") from None
 
 
 def _refusal(reply: Reply, repo_id: str, revision: str, endpoint: str, token_name: str) -> Exception:
@@ -117,7 +131,10 @@ def _refusal(reply: Reply, repo_id: str, revision: str, endpoint: str, token_nam
             repo_id=repo_id,
             source=endpoint,
         )
-    if code == "RepoNotFound" or (status == 401 and message != _INVALID_CREDENTIALS):
+    # HfApi reads a 401 from the Hub (https) as "not found, or private", unless it says the credentials
+    # are invalid; from anywhere else (a node asking for its token) as a refusal.
+    hub_401 = status == 401 and message != _INVALID_CREDENTIALS and endpoint.startswith("https://")
+    if code == "RepoNotFound" or hub_401:
         return NotFoundError(
             f"{repo_id} was not found on {endpoint}; if it is private, set {token_name} to a token that can read it",
             status=status, repo_id=repo_id, source=endpoint,
@@ -137,8 +154,8 @@ def _refusal(reply: Reply, repo_id: str, revision: str, endpoint: str, token_nam
 def _error_text(body: bytes) -> str:
     """What an error answer's JSON says (``{"error": "..."}``), shortened; '' when it says nothing."""
     try:
-        said = json.loads(body).get("error", "")
-    except (ValueError, AttributeError):
+        said = json.loads(body[:4096]).get("error", "")
+    except (ValueError, AttributeError, RecursionError):
         return ""
     return said[:200] if isinstance(said, str) else ""
 

@@ -14,6 +14,7 @@ The write protocol (the only way bytes enter blobs/):
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import secrets
@@ -199,20 +200,29 @@ class BlobFiles:
         target = self.path(sha256)
         try:
             target.parent.mkdir(exist_ok=True)
-            if not partial.keep_name:
+            if not (partial.keep_name and self._link(partial.path, target)):
                 self.layout.replace(partial.path, target)
-            else:
-                try:
-                    os.link(self.layout.inside(partial.path), self.layout.inside(target))
-                except FileExistsError:
-                    spare = target.with_name(f".{target.name}.{secrets.token_hex(4)}")  # gc's after a kill
-                    os.link(self.layout.inside(partial.path), self.layout.inside(spare))
-                    self.layout.replace(spare, target)
             partial.placed = True
             if durable:
                 fsync_dir(target.parent)
         except OSError as error:
             raise os_error(error, f"placing blob {sha256[:16]}…") from error
+
+    def _link(self, source: Path, target: Path) -> bool:
+        """Link ``target`` to ``source`` (over a file there); False where the file system has no hard
+        links for it (then placing renames, as for a write session)."""
+        try:
+            try:
+                os.link(self.layout.inside(source), self.layout.inside(target))
+            except FileExistsError:
+                spare = target.with_name(f".{target.name}.{secrets.token_hex(4)}")  # gc's after a kill
+                os.link(self.layout.inside(source), self.layout.inside(spare))
+                self.layout.replace(spare, target)
+        except OSError as error:
+            if error.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+                return False
+            raise
+        return True
 
     def open(self, sha256: str, size: int) -> int:
         """An fd for reading the blob, after a cheap check that it is there with the right size."""

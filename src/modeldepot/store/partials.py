@@ -219,9 +219,8 @@ class ResumablePartial:
         elif completed:
             for path in self.paths.names:  # unlinked while locked: waiters see it gone
                 self.layout.unlink(path)
-        else:
-            with contextlib.suppress(OSError):  # flushed for placing (read-only), then not placed
-                os.chmod(self.paths.data, 0o644)
+        # Else its files stay as they are: a finished file flushed for placing is read-only, and may be a
+        # committed blob's other name (a publish that failed after its commit); the next claim sees to it.
         if self._data_fd >= 0:
             os.close(self._data_fd)
             self._data_fd = -1
@@ -389,12 +388,10 @@ class PartialFiles:
         try:
             if paths.one_piece and not os.fstat(lock_fd).st_mode & 0o200:
                 os.fchmod(lock_fd, 0o644)  # flushed for placing (read-only), then not placed
-            data_fd = os.open(paths.data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            if _placed(data_fd):  # a blob's other name (its download ended before letting go): never written
-                os.close(data_fd)
-                self.layout.unlink(paths.data)
-                data_fd = os.open(paths.data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            elif not paths.one_piece and _leftover_of_placing(paths.data):
+                self.layout.unlink(paths.data)  # a blob's other name (its pull ended before letting go)
                 logged = None
+            data_fd = os.open(paths.data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as error:
             raise os_error(error, "opening a download's partial file") from error
         try:
@@ -500,6 +497,21 @@ def _links(path: Path) -> int:
         return os.stat(path).st_nlink
     except FileNotFoundError:
         return 0
+
+
+def _leftover_of_placing(data: Path) -> bool:
+    """Whether a download's data file is also a blob (placing linked one to it, and its pull ended before
+    removing its own name: never to be written again), and else makes it writable if it was flushed for
+    placing (read-only: a non-root owner could not open it for writing)."""
+    try:
+        info = os.stat(data)
+    except FileNotFoundError:
+        return False
+    if info.st_nlink > 1:
+        return True
+    if not info.st_mode & 0o200:
+        os.chmod(data, 0o644)
+    return False
 
 
 def _placed(fd: int) -> bool:

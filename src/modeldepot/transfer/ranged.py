@@ -186,28 +186,32 @@ def _connection(origin: _Origin, timeout: float, attempt: Attempt) -> Iterator[_
 
 
 def request(method: str, url: str, headers: Mapping[str, str], timeout: float, limit: int, attempt: Attempt,
-            redirects: int = 0) -> Reply:  # fmt: skip
+            redirects: int = 0, total: float | None = None) -> Reply:  # fmt: skip
     """One request whose whole answer is read into memory (at most ``limit`` bytes of body: more is an
-    http.client.HTTPException) within ``timeout`` seconds in all (a TimeoutError after: a peer trickling
-    its answer byte by byte is not waited for), on the same kept-alive connections as the ranged reads.
+    http.client.HTTPException) within ``total`` seconds in all (default ``timeout``; a TimeoutError after:
+    a peer trickling its answer byte by byte is not waited for), and ``timeout`` seconds at most without a
+    byte, on the same kept-alive connections as the ranged reads.
     Up to ``redirects`` redirects are followed (the Hub's API redirects a renamed repo; a depot node's
     API does not), the Authorization header dropped when one leads to another origin. Blocking: run it
     on :data:`READERS`."""
-    deadline = time.monotonic() + timeout
+    total = timeout if total is None else total
+    deadline = time.monotonic() + total
     sent = dict(headers)
     for _ in range(redirects + 1):
         origin, target = _origin(url)
         with _connection(origin, timeout, attempt) as use:
-            _time_left(deadline, url, timeout, use.connection)
+            _time_left(deadline, url, total, timeout, use.connection)
             use.connection.request(method, target, headers=sent)
-            _time_left(deadline, url, timeout, use.connection)
+            _time_left(deadline, url, total, timeout, use.connection)
             response = use.connection.getresponse()
             pieces: list[bytes] = []
             got = 0
             if method == "HEAD":
                 response.read()  # no body: marks the answer read, so the connection may be reused
             # One receive at most per read1, so a trickled answer meets its deadline.
-            while _time_left(deadline, url, timeout, use.connection) and (piece := response.read1(1 << 16)):
+            while _time_left(deadline, url, total, timeout, use.connection) and (
+                piece := response.read1(1 << 16)
+            ):
                 got += len(piece)
                 if got > limit:
                     raise http.client.HTTPException(f"{url}: the answer is over {limit} bytes")
@@ -224,13 +228,15 @@ def request(method: str, url: str, headers: Mapping[str, str], timeout: float, l
     raise http.client.HTTPException(f"more than {redirects} redirects from {url}")
 
 
-def _time_left(deadline: float, url: str, timeout: float, connection: http.client.HTTPConnection) -> float:
-    """Seconds left until ``deadline`` (a TimeoutError when none), set as the socket's timeout."""
+def _time_left(deadline: float, url: str, total: float, idle: float, connection: http.client.HTTPConnection
+               ) -> float:  # fmt: skip
+    """Seconds left until ``deadline`` (a TimeoutError when none); the socket waits that long at most, and
+    ``idle`` seconds at most for its next bytes."""
     left = deadline - time.monotonic()
     if left <= 0:
-        raise TimeoutError(f"{url}: no whole answer within {timeout:g} s")
+        raise TimeoutError(f"{url}: no whole answer within {total:g} s")
     if connection.sock is not None:
-        connection.sock.settimeout(left)
+        connection.sock.settimeout(min(left, idle))
     return left
 
 
