@@ -49,7 +49,7 @@ class Liar:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {"config.json": b'{"model_type": "bert"}'}
         self.info: dict[str, Any] = honest_info(self.files)
-        self.node_manifest: dict[str, Any] | None = None
+        self.node_manifest: dict[str, Any] | bytes | None = None
         self.requests: list[str] = []
         self.authorizations: list[str | None] = []  # the Authorization header of each model info request
         self.refusal: tuple[int, dict[str, str], bytes] | None = None  # the model info's answer instead
@@ -107,6 +107,8 @@ class Liar:
         self.requests.append(request.path)
         if self.node_manifest is None:
             return web.json_response({"error": "not found"}, status=404)
+        if isinstance(self.node_manifest, bytes):  # not even JSON's shape
+            return web.Response(body=self.node_manifest, content_type="application/json")
         return web.json_response(self.node_manifest)
 
     async def _blob_head(self, request: web.Request) -> web.Response:

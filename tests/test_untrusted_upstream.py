@@ -174,6 +174,17 @@ def test_a_lying_depot_node_fails_the_pull(world: World, tmp_path: Path) -> None
     assert list((world.depot.home / "partials").glob("*.part")) == []
 
 
+def test_a_depot_nodes_manifest_nested_too_deep_is_a_lie_not_a_crash(world: World, tmp_path: Path) -> None:
+    """A manifest that is 100,000 arrays deep (Python's JSON parser gives up with a RecursionError): the
+    node is passed over like any upstream that answers nonsense, and the pull takes the files from the Hub."""
+    world.liar.node_manifest = b"[" * 100_000
+    with Depot(tmp_path / "store", servers=[world.liar.url]) as depot:
+        result = depot.pull(REPO)
+        assert {f.path for f in depot.list_files(REPO)} == set(FILES)
+    assert result.bytes_downloaded == sum(len(data) for data in FILES.values())
+    world.assert_untouched()
+
+
 def test_a_lying_depot_node_with_a_hostile_commit_id(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

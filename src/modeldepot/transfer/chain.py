@@ -278,7 +278,7 @@ async def _node_manifest(server: HttpSource, repo_id: str, commit_id: str) -> li
         if reply.status != 200:
             raise UpstreamError(f"{url}: HTTP {reply.status}", source=url, status=reply.status)
         body = json.loads(reply.body)
-    except (OSError, http.client.HTTPException, ValueError) as error:
+    except (OSError, http.client.HTTPException, ValueError, RecursionError) as error:  # (too deep: a lie)
         raise UpstreamError(f"{url}: {type(error).__name__}: {error}", source=url) from error
     files = body.get("files") if isinstance(body, dict) else None
     return [f for f in files if isinstance(f, dict)] if isinstance(files, list) else []

@@ -199,7 +199,7 @@ class HttpSource:
             if reply.status != 200:
                 raise _final_error(reply.status, url, reply.headers.get("X-Error-Message"))
             body = json.loads(reply.body)
-        except (OSError, http.client.HTTPException, ValueError) as error:
+        except (OSError, http.client.HTTPException, ValueError, RecursionError) as error:  # (too deep: a lie)
             kind = UpstreamTimeoutError if isinstance(error, TimeoutError) else UpstreamError
             raise kind(f"{url}: {type(error).__name__}: {error}", source=url) from error
         return _parse_chunk_map(url, body, size, chunk_size)
