@@ -2,11 +2,11 @@
 huggingface_hub's ``HfApi.model_info(files_metadata=True)`` asks.
 
 One GET over the pull's own kept-alive connections (transfer/ranged.py), not through HfApi: importing
-HfApi (httpx2, httpcore2, and trio where it is installed) took 0.25-0.45 s of every pull's start-up, a third
+HfApi (httpx2, httpcore2, and trio where it is installed) took 0.25-0.45 s of every pull's start-up, a fifth
 of a pull of 300 configs. The errors are the ones HfApi makes of the Hub's answers (hf-protocol.md):
-``X-Error-Code`` RepoNotFound, RevisionNotFound or GatedRepo, a 401 on a repo meaning a repo not found
-(private, or absent) unless its message says the credentials are invalid; a renamed repo's redirect is
-followed. Every value of the answer is validated before it is used.
+``X-Error-Code`` RepoNotFound, RevisionNotFound or GatedRepo, a 401 from the Hub (https) meaning a repo not
+found (private, or absent) unless its message says the credentials are invalid; a renamed repo's redirect
+is followed. The answer is bounded before it is parsed, and every value in it validated before it is used.
 """
 
 from __future__ import annotations
@@ -40,9 +40,7 @@ __all__ = ["MAX_FILES", "fetch_repo", "hub_token"]
 
 MAX_FILES = 200_000  # files one scanned revision may list (the Hub's largest model repos have a few thousand)
 MAX_ANSWER = 64 << 20  # bytes of a repo's description taken from an upstream (200,000 files fit)
-MAX_CONTAINERS = (
-    5 * MAX_FILES
-)  # JSON objects and arrays in it (two per file): bounds the memory it parses into
+MAX_CONTAINERS = 5 * MAX_FILES  # JSON objects and arrays in it (a file has one or two): bounds its memory
 DEFAULT_TIMEOUT = 30.0  # seconds without a byte, unless the caller says
 WHOLE_ANSWER_TIMEOUT = 600.0  # seconds for the whole answer (a big repo's description on a slow link)
 _INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
