@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -151,8 +152,9 @@ def test_models_are_sorted_and_directed(node: LiveNode) -> None:
     assert [m["id"] for m in answer.json()] == PUBLIC
     answer = requests.get(url, params={"sort": "id"}, timeout=30)
     assert [m["id"] for m in answer.json()] == PUBLIC[::-1]
+    too_deep = base64.urlsafe_b64encode(b"[" * 4000).decode()  # (Python's JSON parser: a RecursionError)
     for bad in ({"sort": "stars"}, {"direction": "up"}, {"limit": "0"}, {"limit": "x"}, {"cursor": "!!"},
-                {"apps": "ollama"}, {"inference_provider": "all"}):  # fmt: skip
+                {"cursor": too_deep}, {"apps": "ollama"}, {"inference_provider": "all"}):  # fmt: skip
         answer = requests.get(url, params=bad, timeout=30)
         assert answer.status_code == 400, bad
         assert answer.headers["X-Error-Code"] == "BadRequest"
@@ -441,8 +443,24 @@ def test_paths_info_takes_json_and_forms(node: LiveNode, catalog: Depot) -> None
     infos = HfApi(endpoint=node.url, token=False).get_paths_info(BERT, wanted, expand=True)
     assert sorted(i.path for i in infos) == sorted(entries)
     for body in (b"{not json", b'["config.json"]', b'{"paths": "x", "expand": 1', b'{"paths": [1]}',
-                 b'{"paths": ["../etc/passwd"]}', b"\xff\xfe"):  # fmt: skip
+                 b'{"paths": ["../etc/passwd"]}', b"\xff\xfe", b"[" * 100_000):  # fmt: skip
         answer = requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=30)
         assert answer.status_code == 400, body
     traversal = requests.post(url, data={"paths": ["onnx/../../x"]}, timeout=30)
     assert traversal.status_code == 400
+
+
+def test_a_config_nested_too_deep_to_parse_is_left_out_of_the_listing(depot: Depot, tmp_path: Path) -> None:
+    """A repo's config.json is anyone's content: one Python's JSON parser cannot read (100,000 arrays
+    deep: a RecursionError) gives a listing without its ``config``, not a 500."""
+    files = {"config.json": b"[" * 100_000, "model.onnx": b"x" * 100}
+    depot.import_dir(write_model_dir(tmp_path / "deep", files), "acme/deep")
+    node = LiveNode(depot)
+    try:
+        answer = requests.get(
+            f"{node.url}/api/models", params={"search": "deep", "expand": "config"}, timeout=30
+        )
+    finally:
+        node.stop()
+    assert answer.status_code == 200, answer.text
+    assert [(m["id"], m.get("config")) for m in answer.json()] == [("acme/deep", None)]

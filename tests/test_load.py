@@ -123,6 +123,7 @@ def test_a_malformed_safetensors_file_is_a_clear_error(tmp_path: Path) -> None:
         "not json": data[:8] + b"x" * (len(data) - 8),
         "out of the file": data[:8]
         + data[8:].replace(b'"data_offsets":[0,4096]', b'"data_offsets":[0,9999]'),
+        "nested too deep": (100_000).to_bytes(8, "little") + b"[" * 100_000,  # (a RecursionError to json)
     }
     for content in cases.values():
         (tmp_path / "bad.safetensors").write_bytes(content)

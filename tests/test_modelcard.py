@@ -22,6 +22,17 @@ def test_front_matter_fields() -> None:
     assert card_metadata("---\npipeline_tag: {nested: 1}\n---\n") == {}
 
 
+def test_a_card_nested_too_deep_for_the_parser_says_nothing_and_the_import_goes_on(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """A README is anyone's text: front matter 5,000 lists deep (a RecursionError to the YAML parser)."""
+    deep = "---\ntags: " + "[" * 5000 + "]" * 5000 + "\n---\n# Model\n"
+    assert card_metadata(deep) == {}
+    folder = write_model_dir(tmp_path / "deep", {"README.md": deep.encode(), "config.json": b"{}"})
+    depot.import_dir(folder, "acme/deep")
+    assert {f.path for f in depot.list_files("acme/deep")} == {"README.md", "config.json"}
+
+
 def test_an_index_from_schema_1_is_migrated_to_the_latest_and_keeps_its_data(tmp_path: Path) -> None:
     home = tmp_path / "old-store"
     home.mkdir()

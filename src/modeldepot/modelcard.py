@@ -24,7 +24,7 @@ def card_metadata(text: str) -> dict[str, Any]:
 
     try:
         data = yaml.safe_load(text[3:end])
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # (nested too deep for the parser: anyone's README can be)
         return {}
     if not isinstance(data, dict):
         return {}

@@ -116,7 +116,7 @@ def _safetensors_header(mapping: mmap.mmap | None, size: int, path: Path) -> tup
         raise ValueError(f"{path.name} is not a safetensors file: header length {length}")
     try:
         table = json.loads(mapping[8 : 8 + length])
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise ValueError(f"{path.name} has an unreadable safetensors header: {error}") from None
     if not isinstance(table, dict):
         raise ValueError(f"{path.name} has an unreadable safetensors header")

@@ -258,7 +258,7 @@ async def _paths_info_request(request: web.Request) -> tuple[list[str], bool]:
     if request.content_type == "application/json":
         try:
             body = json.loads(await request.read())
-        except (UnicodeDecodeError, ValueError):
+        except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
             raise InvalidInputError("the paths-info body is not valid JSON") from None
         if not isinstance(body, dict):
             raise InvalidInputError('the paths-info body must be a JSON object: {"paths": [...]}')

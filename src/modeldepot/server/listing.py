@@ -111,7 +111,7 @@ def _decode_cursor(text: str, numeric: bool) -> tuple[float | str, str]:
     """The (sort key, repo id) of the last model of the previous page; anything else is a 400."""
     try:
         key, repo_id = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-    except (binascii.Error, ValueError, TypeError):
+    except (binascii.Error, ValueError, TypeError, RecursionError):
         raise InvalidInputError("cursor is not one this node sent") from None
     if isinstance(repo_id, str) and not isinstance(key, bool):
         if numeric and isinstance(key, (int, float)):
@@ -214,7 +214,12 @@ def _read_json(store: Store, repo_id: str, commit_id: str, path: str) -> dict[st
             bytes(store.chunk(entry, i)) for i in range(max(1, -(-entry.size // entry.chunk_size)))
         )
         found = json.loads(data)
-    except (NotFoundError, CorruptBlobError, ValueError):  # absent here (a mirror's miss too), or bad
+    except (
+        NotFoundError,
+        CorruptBlobError,
+        ValueError,
+        RecursionError,
+    ):  # absent (a mirror's miss too), or bad
         return None
     return found if isinstance(found, dict) else None
 
