@@ -120,6 +120,14 @@ class Hub:
         self.process.wait(30)
 
 
+@pytest.fixture(autouse=True)
+def no_pull_left() -> Iterator[None]:
+    """A test that failed with pulls still running (their pipes open) kills and reaps them."""
+    yield
+    while Pull.running:
+        Pull.running.pop().kill()
+
+
 @pytest.fixture
 def big_file() -> bytes:
     return random_bytes(256 * MiB - 12345, seed=13)
@@ -152,8 +160,11 @@ def start_nodes(fleet: Fleet, names: list[str], *extra: str) -> list[Node]:
 class Pull:
     """``modeldepot pull REPO --cluster`` on a node's store, as a process of its own."""
 
+    running: list[Pull] = []  # killed after each test, so that a failed one leaves no process behind
+
     def __init__(self, node: Node, hub: Hub, **extra: str) -> None:
         self.node = node
+        Pull.running.append(self)
         env = base_env(MODELDEPOT_TOKEN=TOKEN, HF_ENDPOINT=hub.proxy.url, MODELDEPOT_CHUNK_SIZE=str(CHUNK),
                        MODELDEPOT_READ_TIMEOUT="5", **extra)  # fmt: skip
         self.started = time.monotonic()

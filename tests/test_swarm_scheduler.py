@@ -30,11 +30,17 @@ from conftest import (
     write_partial,
 )
 from modeldepot import Depot
+from modeldepot.discovery.base import NodeRecord
+from modeldepot.discovery.mem import MemDiscovery, MemRegistry
 from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.hub.manifest import Manifest, RemoteFile
+from modeldepot.transfer import choosing
+from modeldepot.transfer import swarm as swarm_module
 from modeldepot.transfer.download import FileSource, Limits, download_file
+from modeldepot.transfer.fleet import FleetView
 from modeldepot.transfer.session import LazySession
 from modeldepot.transfer.sources import HttpSource, RetryPolicy
+from modeldepot.transfer.swarm import SwarmFile
 
 TOKEN = "swarm-secret"
 API = "/api/depot/v1"
@@ -340,3 +346,103 @@ def test_fleet_peers_holding_complementary_partials_are_sources_with_their_chunk
             for node in started:
                 node.stop()
             hub.stop()
+
+
+def test_in_a_swarm_a_partial_holders_chunk_is_taken_only_once_its_digest_is_known(
+    tmp_path: Path, nodes: dict[str, LiveNode], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claimer's chunk map lists a chunk as soon as it is written; its settlement (the chunk's BLAKE3 in
+    the registry) follows. Here the claimer ``low`` has written its half and settled none of it, and what
+    reaches us from it has a byte flipped: taken before their digests are known, those chunks would be
+    written unchecked and the whole file would fail its SHA-256. They are not asked for: once the claims
+    are overdue the Hub gives them, and the file is whole."""
+    monkeypatch.setattr(swarm_module, "FIRST_LANDING_PATIENCE", 0.0)
+    monkeypatch.setattr(choosing, "SWARM_PATIENCE", 0.5)
+    registry = MemRegistry(f"unsettled-{uuid.uuid4().hex[:8]}")
+    flipper, hub = Proxy(nodes["low"].url, flip=True), Proxy(nodes["full"].url)
+    retry = RetryPolicy(attempts=2, base_delay=0.05, read_timeout=30)
+    me = NodeRecord("a" * 32, "http://127.0.0.1:9/", "1", 1.0)
+    claimer = NodeRecord("b" * 32, flipper.url, "1", 1.0)
+
+    def claimer_source(record: NodeRecord, holding: object) -> FileSource:
+        blob = f"{record.url}{API}/blobs/{SHA}"
+        # no digests: a claimer's, as a swarm has it
+        return FileSource(HttpSource(record.url, "peer", TOKEN, retry), blob, None, "peer", f"{blob}/chunks")
+
+    async def main() -> str:
+        mine, theirs = MemDiscovery(registry), MemDiscovery(registry)
+        for discovery, record in ((mine, me), (theirs, claimer)):
+            await discovery.start()
+            await discovery.register(record)
+        try:
+            for index in range(CHUNKS // 2):
+                assert await theirs.claim_chunk(SHA, SMALL_CHUNK, index, claimer.node_id) is not None
+            fleet = FleetView(mine, asyncio.get_running_loop(), me.node_id)
+            swarm = SwarmFile(fleet, me.node_id, SHA, len(DATA), SMALL_CHUNK, claimer_source)
+            origin = FileSource(HttpSource(hub.url, "hub", TOKEN, retry), f"{hub.url}{API}/blobs/{SHA}")
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+                remote = RemoteFile("w.safetensors", len(DATA), "0" * 40, SHA)
+                claim = local.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, False)
+                assert claim is not None
+                try:
+                    async with aiohttp.ClientSession(auto_decompress=False) as session:
+                        digest = await download_file(LazySession(session), remote, claim, [origin],
+                                                     Limits(per_source=2, total=8), swarm=swarm)  # fmt: skip
+                        return digest.sha256
+                finally:
+                    claim.release(completed=False)
+        finally:
+            await mine.close(), await theirs.close()
+
+    try:
+        assert asyncio.run(asyncio.wait_for(main(), 60)) == SHA
+        assert flipper.chunks == [], "no chunk was asked of the claimer before its digest was known"
+        assert sorted(hub.chunks) == list(range(CHUNKS))
+    finally:
+        flipper.stop(), hub.stop()
+
+
+def test_a_file_that_fails_its_sha256_after_chunks_from_other_nodes_is_fetched_again_from_the_hub_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fleet node holds half of the file as a download in progress, but its bytes are wrong, logged
+    with their own BLAKE3s (a node that lies, or a disk that rotted under its log). Outside a swarm its
+    chunks can only be checked by the whole file's SHA-256, which fails: the pull does not give up, it
+    fetches the file again from the Hub alone, keeps the right bytes and counts none of the liar's."""
+    cluster = f"mem://liar-{uuid.uuid4().hex[:12]}"
+    half = CHUNKS // 2
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("MODELDEPOT_TOKEN", TOKEN)
+    monkeypatch.delenv("MODELDEPOT_SERVERS", raising=False)
+    with (
+        Depot(tmp_path / "hub", chunk_size=SMALL_CHUNK) as hub_depot,
+        Depot(tmp_path / "liar", chunk_size=SMALL_CHUNK) as liar_depot,
+    ):
+        hub_depot.import_dir(write_model_dir(tmp_path / "src", {"w.safetensors": DATA}), "acme/w")
+        partial = liar_depot.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, wait=False)
+        assert partial is not None
+        try:
+            for index in range(half):
+                offset, length = chunk_span(index, len(DATA), SMALL_CHUNK)
+                piece = bytearray(DATA[offset : offset + length])
+                piece[100] ^= 0x01
+                partial.write_chunk(index, memoryview(piece), blake3.blake3(piece).hexdigest())
+        finally:
+            partial.release(completed=False)
+        hub, liar = LiveNode(hub_depot), None
+        try:
+            monkeypatch.setenv("HF_ENDPOINT", hub.url)
+            liar = InProcessNode(liar_depot, cluster, TOKEN)
+            with Depot(tmp_path / "puller", chunk_size=SMALL_CHUNK, cluster=cluster) as puller:
+                wait_until(lambda: [(r.blobs, r.partial) for r in puller.peers()] == [(0, 1)], 10,
+                           "the liar's partial holding in the view")  # fmt: skip
+                with caplog.at_level("WARNING", logger="modeldepot.transfer.pull"):
+                    result = puller.pull("acme/w")
+                assert "fetching it again from the upstream alone" in caplog.text
+                assert result.bytes_by_source == {"hub": len(DATA)}
+                with open(puller.file_path("acme/w", "w.safetensors"), "rb") as stored:
+                    assert hashlib.sha256(stored.read()).hexdigest() == SHA
+        finally:
+            hub.stop()
+            if liar is not None:
+                liar.stop()

@@ -2,7 +2,8 @@
 
 Among the chunks nobody has or fetches, a source takes the one the fewest live sources hold (rarest first,
 ties to the lowest). A source may hold the file in part (a fleet node still downloading it): it is asked only
-for the chunks it holds (its chunk map, its settled claims). Endgame: once a source may take none of those
+for the chunks it holds (its chunk map, its settled claims); in a swarm, only for those whose BLAKE3 is known,
+so that each is checked before it is written. Endgame: once a source may take none of those
 (every chunk left is in flight, or it holds only chunks in flight), it also asks for the one outstanding
 longest, once that has been outstanding long enough; the first copy to land wins (transfer/download.py).
 
@@ -94,6 +95,20 @@ class ChunkChooser:
         have = self.have.get(source)
         return have is None or index in have or index in self.announced.get(source, ())
 
+    def _checkable(self, source: FileSource, index: int) -> bool:
+        """Whether a copy of chunk ``index`` from ``source`` can be checked before it is written, where it
+        must be: in a swarm, a chunk of a download in progress elsewhere is taken once its BLAKE3 is known
+        (the source's digests, or its claimer's settlement). A holder's chunk map runs ahead of the
+        registry (it lists a chunk as soon as it is written, the settlement follows), and a chunk
+        written unchecked could only be caught by the whole file's SHA-256, failing the whole pull. A
+        whole holder's bytes, and a partial holder's outside a swarm, are checked by that SHA-256 alone."""
+        if self.swarm is None or source.kind == "hub" or source.chunk_blake3 is not None:
+            return True
+        return self.have.get(source) is None or self.swarm.digest(index) is not None
+
+    def _can_give(self, source: FileSource, index: int) -> bool:
+        return self._holds(source, index) and self._checkable(source, index)
+
     def _patience(self) -> float:
         """Seconds another node's claim may stay unlanded, or a peer's request outstanding, before it is
         given up on: SWARM_PATIENCE, or more on a slow Hub or a busy fleet (three times this node's own time
@@ -125,7 +140,9 @@ class ChunkChooser:
         failed = self._failed_for(index, now, patience)
         if endgame:
             failed.update(r.source.source.name for r in self.requests.get(index, []))
-        if any(s.kind != "hub" and s.source.name not in failed and self._holds(s, index) for s in self.live):
+        if any(
+            s.kind != "hub" and s.source.name not in failed and self._can_give(s, index) for s in self.live
+        ):
             return True
         if self.swarm.standing_claim(index, failed, patience) is not None:
             return True
@@ -149,16 +166,17 @@ class ChunkChooser:
         """Whether ``source`` may be asked for chunk ``index``: it holds it; it did not fail its digest
         (unless every live holder did, and tries are left); it is not banned (unless no live holder that
         is not banned has the chunk: one source alone is asked again)."""
-        if not self._holds(source, index):
+        if not self._can_give(source, index):
             return False
         failed_by = self.bad.get(index)
         if failed_by and source.source.name in failed_by:
-            holders = {s.source.name for s in self.live if self._holds(s, index)}
+            holders = {s.source.name for s in self.live if self._can_give(s, index)}
             if not holders <= failed_by or self.attempts.get(index, 0) >= MAX_CHUNK_ATTEMPTS:
                 return False
         if self._is_banned(source, now):
             return not any(
-                s is not source and not self._is_banned(s, now) and self._holds(s, index) for s in self.live
+                s is not source and not self._is_banned(s, now) and self._can_give(s, index)
+                for s in self.live
             )
         if self.swarm is not None and source.kind == "hub":
             return not self._origin_blocked(index, now, endgame)

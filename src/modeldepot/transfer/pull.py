@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from modeldepot.counters import PULLS
-from modeldepot.errors import OfflineError, UpstreamError
+from modeldepot.errors import DepotError, IntegrityError, OfflineError, UpstreamError
 from modeldepot.hashing import BlobDigest
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.store.blobs import PartialBlob
@@ -33,6 +34,8 @@ from modeldepot.transfer.ranged import close_idle
 from modeldepot.transfer.session import LazySession
 from modeldepot.transfer.swarm import SwarmFile
 from modeldepot.transfer.threads import to_thread_to_the_end
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PartialWatch",
@@ -152,6 +155,14 @@ class _Tracker:
             # transfers do not stall behind the disk.
             self.last_write = time.monotonic()
             self.pending = asyncio.get_running_loop().run_in_executor(None, self.write, "downloading")
+
+    def forget(self, path: str) -> None:
+        """The bytes of ``path`` so far were thrown away (they failed the file's SHA-256): not counted."""
+        for origin, amount in self.path_sources.pop(path, {}).items():
+            self.by_source[origin] -= amount
+            if not self.by_source[origin]:
+                del self.by_source[origin]
+        self.done[path] = 0  # (still counted as fetched: they came over the network)
 
     async def settle(self) -> None:
         if self.pending is not None:
@@ -409,7 +420,21 @@ class _PullRun:
             self.tracker.add(remote.path, amount, origin=origin)
 
         self.used.update(s.source.base_url for s in sources)
-        digest = await download_file(http, remote, claim, sources, self.limits, fallback, on_bytes, swarm)
+        try:
+            digest = await download_file(http, remote, claim, sources, self.limits, fallback, on_bytes, swarm)
+        except IntegrityError as mismatch:
+            if set(self.tracker.path_sources.get(remote.path, {})) <= {"hub"}:
+                raise  # the upstream's own bytes: nothing else to ask
+            # Each chunk from another node matched the digest a node gave for it (its manifest, its chunk's
+            # settlement), or came from a partial holder outside a swarm, unchecked: the upstream's SHA-256
+            # says one of them lied. The bytes are gone (the download was reset); the upstream alone now.
+            log.warning("%s: with chunks from other nodes it failed the upstream's SHA-256 (thrown away); "
+                        "fetching it again from the upstream alone", remote.path)  # fmt: skip
+            self.tracker.forget(remote.path)
+            try:
+                digest = await download_file(http, remote, claim, hub, self.limits, None, on_bytes)
+            except DepotError as again:
+                raise mismatch from again
         claim.close_data()
         self.digests[key] = digest
 
