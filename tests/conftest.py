@@ -327,13 +327,21 @@ class LiveNode(BackgroundServer):
         request_deadline: float = 60.0,
         mirror: bool = False,
         control_token: str | None = None,
+        owns_depot: bool = False,
     ) -> None:
         from modeldepot.server import create_app
         from modeldepot.server.connections import NodeRunner
 
-        self.depot = depot
+        self.depot, self.owns_depot = depot, owns_depot
         app = create_app(depot, token, request_deadline, mirror, control_token=control_token)
         super().__init__(NodeRunner(app), name="live-node")
+
+    def stop(self) -> None:
+        """Stop serving; close the depot too when the node was given it to own (its background flusher
+        must not outlive the test's folder)."""
+        super().stop()
+        if self.owns_depot:
+            self.depot.close()
 
 
 @pytest.fixture

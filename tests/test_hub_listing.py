@@ -408,7 +408,11 @@ def test_raw_on_a_mirror_answers_from_upstream_metadata(
     upstream = LiveNode(catalog)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # never asked: the upstream node knows the repo
-    mirror = LiveNode(Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK, servers=[upstream.url]), mirror=True)
+    mirror = LiveNode(
+        Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK, servers=[upstream.url]),
+        mirror=True,
+        owns_depot=True,
+    )
     try:
         weights = REPOS[BERT][0]["model.safetensors"]
         lfs = requests.get(f"{mirror.url}/{BERT}/raw/main/model.safetensors", timeout=30)

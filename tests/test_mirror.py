@@ -47,7 +47,7 @@ def mirror_node(
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9" if as_node else upstream)
     depot = Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK, servers=[upstream] if as_node else [])
-    return LiveNode(depot, mirror=True)
+    return LiveNode(depot, mirror=True, owns_depot=True)
 
 
 @pytest.fixture

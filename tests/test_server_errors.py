@@ -85,7 +85,7 @@ def hanging_upstream() -> Iterator[str]:
 
 def _mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream: str) -> LiveNode:
     monkeypatch.setenv("HF_ENDPOINT", upstream)
-    return LiveNode(Depot(tmp_path / "mirror"), mirror=True)
+    return LiveNode(Depot(tmp_path / "mirror"), mirror=True, owns_depot=True)
 
 
 def test_an_unreachable_upstream_is_a_logged_502(
