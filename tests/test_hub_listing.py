@@ -153,8 +153,12 @@ def test_models_are_sorted_and_directed(node: LiveNode) -> None:
     answer = requests.get(url, params={"sort": "id"}, timeout=30)
     assert [m["id"] for m in answer.json()] == PUBLIC[::-1]
     too_deep = base64.urlsafe_b64encode(b"[" * 4000).decode()  # (Python's JSON parser: a RecursionError)
+    huge, infinite = (
+        base64.urlsafe_b64encode(key + b', "acme/a"]').decode() for key in (b"[1" + b"0" * 400, b"[Infinity")
+    )
     for bad in ({"sort": "stars"}, {"direction": "up"}, {"limit": "0"}, {"limit": "x"}, {"cursor": "!!"},
-                {"cursor": too_deep}, {"apps": "ollama"}, {"inference_provider": "all"}):  # fmt: skip
+                {"cursor": too_deep}, {"apps": "ollama"}, {"inference_provider": "all"},
+                {"sort": "created_at", "cursor": huge}, {"sort": "created_at", "cursor": infinite}):  # fmt: skip
         answer = requests.get(url, params=bad, timeout=30)
         assert answer.status_code == 400, bad
         assert answer.headers["X-Error-Code"] == "BadRequest"
@@ -337,7 +341,12 @@ def test_commits_list_the_revisions_from_the_one_named(
         api.list_repo_commits("acme/history", revision="nope")
     with pytest.raises(RepositoryNotFoundError):
         api.list_repo_commits("acme/absent")
-    assert requests.get(url, params={"p": "-1"}, timeout=30).status_code == 400
+    for page in (
+        "-1",
+        "\u00b2",
+        "\u0663",
+    ):  # (a superscript two and an Arabic-Indic three: str.isdigit takes them)
+        assert requests.get(url, params={"p": page}, timeout=30).status_code == 400, page
 
 
 def test_commits_of_a_private_repo_need_the_token(depot: Depot, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import base64
 import binascii
 import html
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -115,7 +116,12 @@ def _decode_cursor(text: str, numeric: bool) -> tuple[float | str, str]:
         raise InvalidInputError("cursor is not one this node sent") from None
     if isinstance(repo_id, str) and not isinstance(key, bool):
         if numeric and isinstance(key, (int, float)):
-            return float(key), repo_id
+            try:
+                value = float(key)
+            except OverflowError:  # an integer past any float: no sort key this node sent
+                raise InvalidInputError("cursor is not one this node sent") from None
+            if math.isfinite(value):
+                return value, repo_id
         if not numeric and isinstance(key, str):
             return key, repo_id
     raise InvalidInputError("cursor is not one this node sent")
@@ -277,7 +283,7 @@ class CommitQuery:
     @classmethod
     def parse(cls, query: MultiMapping[str]) -> CommitQuery:
         page = query.get("p", "0")
-        if not page.isdigit() or len(page) > 9:
+        if not page.isascii() or not page.isdigit() or len(page) > 9:  # (isdigit alone takes "²")
             raise InvalidInputError(f"p must be a page number from 0, not {page!r}")
         return cls(
             page=int(page),
