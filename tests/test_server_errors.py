@@ -13,7 +13,7 @@ import pytest
 import requests
 
 import modeldepot.errors as errors
-from conftest import LiveNode
+from conftest import LiveNode, wait_until
 from modeldepot import Depot
 from modeldepot.server.responses import response_for_error
 
@@ -118,3 +118,96 @@ def test_an_upstream_that_does_not_answer_is_a_504(
     finally:
         node.stop()
     assert answer.status_code == 504 and answer.headers["X-Error-Code"] == "UpstreamTimeout"
+
+
+# -- bodies that cannot be read, clients that leave: a 4xx or nothing, never a 500 ------------------------
+
+
+def _exchange(port: int, request: bytes) -> tuple[int, bytes]:
+    """Send ``request`` (with Connection: close) on a fresh connection; the status and the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        answer = b""
+        while block := sock.recv(65536):
+            answer += block
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+def _post(path: str, content_type: str, body: bytes, *extra: str) -> bytes:
+    head = [f"POST {path} HTTP/1.1", "Host: node", "Connection: close", f"Content-Type: {content_type}",
+            f"Content-Length: {len(body)}", *extra]  # fmt: skip
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[LiveNode]:
+    from conftest import write_model_dir
+
+    depot = Depot(tmp_path / "store")
+    depot.import_dir(write_model_dir(tmp_path / "src", {"config.json": b"{}"}), "acme/w")
+    node = LiveNode(depot, control_token="control-secret", owns_depot=True)
+    yield node
+    node.stop()
+
+
+UNREADABLE_BODIES = {
+    "multipart without a boundary": ("multipart/form-data", b"paths=config.json"),
+    "multipart that never starts": ("multipart/form-data; boundary=zz", b"paths=config.json"),
+    "a charset nobody knows": ("application/x-www-form-urlencoded; charset=bogus", b"paths=config.json"),
+    "gzip that is not gzip": ("application/json", b'{"paths": ["config.json"]}'),
+}
+
+
+@pytest.mark.parametrize("name", UNREADABLE_BODIES)
+def test_a_paths_info_body_that_cannot_be_read_is_a_400(
+    served: LiveNode, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    content_type, body = UNREADABLE_BODIES[name]
+    extra = ("Content-Encoding: gzip",) if "gzip" in name else ()
+    port = int(served.url.rsplit(":", 1)[1])
+    with caplog.at_level(logging.INFO):
+        status, answer = _exchange(
+            port, _post("/api/models/acme/w/paths-info/main", content_type, body, *extra)
+        )
+    assert status == 400 and b"X-Error-Code: BadRequest" in answer, answer
+    assert not any(r.levelno >= logging.ERROR or r.exc_info for r in caplog.records), caplog.text
+    good = _post(
+        "/api/models/acme/w/paths-info/main", "application/x-www-form-urlencoded", b"paths=config.json"
+    )
+    status, answer = _exchange(port, good)
+    assert status == 200 and b'"path":"config.json"' in answer.replace(b" ", b"")
+
+
+def test_a_control_body_sent_compressed_is_refused_not_taken_for_empty(served: LiveNode) -> None:
+    """aiohttp reads a truncated gzip body as an empty one: a pin would be set from no settings at all."""
+    port = int(served.url.rsplit(":", 1)[1])
+    request = _post("/api/depot/v1/repos/acme/w/pin", "application/json", b"\x1f",
+                    "Content-Encoding: gzip", "Authorization: Bearer control-secret").replace(b"POST", b"PUT", 1)  # fmt: skip
+    status, answer = _exchange(port, request)
+    assert status == 415, answer
+    assert served.depot.pins() == []
+
+
+def test_head_of_the_event_stream_ends(served: LiveNode) -> None:
+    """HEAD answers the stream's headers and ends, so the connection serves the next request; it used to
+    send heartbeats to nobody for as long as the connection stayed open."""
+    port = int(served.url.rsplit(":", 1)[1])
+    both = (b"HEAD /api/depot/v1/events HTTP/1.1\r\nHost: node\r\n\r\n"
+            b"GET /api/depot/v1/health HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")  # fmt: skip
+    status, answer = _exchange(port, both)
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert status == 200 and b"Content-Type: text/event-stream" in head
+    assert rest.startswith(b"HTTP/1.1 200"), rest[:200]
+
+
+def test_a_client_that_leaves_mid_body_is_one_info_line_not_a_500(
+    served: LiveNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = int(served.url.rsplit(":", 1)[1])
+    request = _post("/api/models/acme/w/paths-info/main", "application/json", b'{"paths": ["config.json"]}')
+    request = request.replace(b"Content-Length: 26", b"Content-Length: 2600")  # promised, never sent
+    with caplog.at_level(logging.INFO):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(request)
+        wait_until(lambda: "the client left during POST" in caplog.text, 10, "the node's line about it")
+    assert not any(r.levelno >= logging.WARNING or r.exc_info for r in caplog.records), caplog.text

@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from aiohttp import web
@@ -160,7 +160,9 @@ def start_nodes(fleet: Fleet, names: list[str], *extra: str) -> list[Node]:
 class Pull:
     """``modeldepot pull REPO --cluster`` on a node's store, as a process of its own."""
 
-    running: list[Pull] = []  # killed after each test, so that a failed one leaves no process behind
+    running: ClassVar[
+        list[Pull]
+    ] = []  # killed after each test, so that a failed one leaves no process behind
 
     def __init__(self, node: Node, hub: Hub, **extra: str) -> None:
         self.node = node

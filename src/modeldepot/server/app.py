@@ -97,6 +97,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             log.warning("request %s: %s %s answered %d: %s: %s", request[REQUEST_ID], request.method,
                         request.path_qs, response.status, type(error).__name__, error)  # fmt: skip
         return response
+    except web.RequestPayloadError as error:  # e.g. a body sent as gzip that is not gzip
+        reason = error.__cause__ or error
+        return error_response(400, "BadRequest", f"the request's body could not be read: {reason}")
+    except (
+        ConnectionResetError
+    ):  # the client left mid-request: nothing wrong here, and the answer goes nowhere
+        log.info(
+            "request %s: the client left during %s %s", request[REQUEST_ID], request.method, request.path
+        )
+        return error_response(400, "BadRequest", "the connection was lost before the request was read")
     except web.HTTPException as error:
         if error.status < 400:
             raise

@@ -276,6 +276,16 @@ class NodeRequestHandler(RequestHandler):
         self._malformed = response
         return response
 
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        error = kw.get("exc_info")
+        if isinstance(error, web.RequestPayloadError):
+            # The rest of a body that could not be decoded (gzip that is not), drained after the app's 400:
+            # aiohttp would log a traceback for what is the client's fault, already answered.
+            log.info("request body from %s could not be read: %s (answered 400)", self._client,
+                     error.__cause__ or error)  # fmt: skip
+            return
+        super().log_exception(*args, **kw)
+
     def log_access(self, request: BaseRequest, response: web.StreamResponse, time: float | None) -> None:
         if response is self._malformed:  # logged once, as malformed, by handle_error
             return

@@ -271,8 +271,8 @@ async def _paths_info_request(request: web.Request) -> tuple[list[str], bool]:
     else:
         try:
             form = await request.post()
-        except UnicodeDecodeError:
-            raise InvalidInputError("the paths-info form is not UTF-8") from None
+        except (ValueError, LookupError) as error:  # not UTF-8, no boundary, an unknown charset...
+            raise InvalidInputError(f"the paths-info form could not be read: {error}") from None
         paths = [str(p) for p in form.getall("paths", [])]
         expand = truthy(str(form.get("expand", "")))
     return [validate_path(p.strip("/")) for p in paths], expand

@@ -157,6 +157,9 @@ class EventStream(web.StreamResponse):
 
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
         writer = await super().prepare(request)
+        if request.method == "HEAD":  # the headers alone: a stream of nothing would never end
+            await super().write_eof()
+            return writer
         seen: dict[str, dict[str, Any]] = {}
         quiet_since = time.monotonic()
         while writer is not None and not self._stopping.is_set():
