@@ -320,6 +320,8 @@ class ForwardingProxy(abc.ABC):
 class LiveNode(BackgroundServer):
     """A real node (the production app, served as ``modeldepot serve`` serves it) on a loopback port."""
 
+    owns_depot = False  # (subclasses that build their own app keep it)
+
     def __init__(
         self,
         depot: Depot,
