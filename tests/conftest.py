@@ -53,6 +53,11 @@ wait_until = _netutil.wait_until  # wait_until(predicate, timeout=30, what, proc
 # the variable per Depot, and is tested as such.
 importlib.import_module("huggingface_hub.constants")
 
+# Pulls honour the environment's proxies: the tests' loopback servers are reached directly, whatever the
+# machine's settings (tests/test_proxies.py sets its own).
+for _name in [name for name in os.environ if name.lower().endswith("_proxy")]:
+    del os.environ[_name]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

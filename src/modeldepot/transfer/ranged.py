@@ -8,6 +8,9 @@ threads apart from the loop, so the loop only coordinates, and receiving, hashin
 side on the machine's cores.
 
 Connections are kept alive per origin (scheme, host, port) and reused by whichever thread asks next.
+The proxies the environment names are used as curl and requests use them (``HTTPS_PROXY``, ``HTTP_PROXY``,
+``ALL_PROXY``, lower case first, with ``NO_PROXY``): an https origin through a ``CONNECT`` tunnel, an http
+one by asking the proxy for the absolute URL; ``user:password@`` in the proxy's URL is sent to it alone.
 Redirects are followed (the Hub sends LFS files to its CDN), at most five, and the Authorization header is
 dropped when one leads to another origin (scheme, host or port). An attempt that is abandoned (the endgame's loser, a
 cancelled pull) shuts its socket down, so that its thread returns at once.
@@ -15,8 +18,10 @@ cancelled pull) shuts its socket down, so that its thread returns at once.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
+import os
 import re
 import socket
 import ssl
@@ -25,9 +30,19 @@ import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
-__all__ = ["READERS", "Answer", "Attempt", "Reply", "close_idle", "read_range", "request"]
+__all__ = [
+    "READERS",
+    "Answer",
+    "Attempt",
+    "Proxy",
+    "Reply",
+    "close_idle",
+    "proxy_for",
+    "read_range",
+    "request",
+]
 
 MAX_REDIRECTS = 5
 IDLE_SECONDS = 30.0  # a kept-alive connection unused for longer is closed, not reused
@@ -35,6 +50,49 @@ READERS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="modeldepot-rang
 """The threads ranged reads run on (not the loop's default executor: landing and hashing use that one)."""
 
 _Origin = tuple[str, str, int]
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """A forward proxy: where it listens, and the Proxy-Authorization its URL's credentials make."""
+
+    host: str
+    port: int
+    authorization: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.authorization is None else {"Proxy-Authorization": self.authorization}
+
+
+def proxy_for(scheme: str, host: str, port: int) -> Proxy | None:
+    """The proxy the environment names for ``scheme://host:port``, or None (none named, or NO_PROXY lists
+    the host). Raises http.client.InvalidURL for a proxy that is not an ``http://`` one."""
+    if not any(name.lower().endswith("_proxy") for name in os.environ):
+        return None  # (the common case, without importing urllib.request)
+    import urllib.request
+
+    proxies = urllib.request.getproxies_environment()
+    url = proxies.get(scheme) or proxies.get("all")
+    if not url or urllib.request.proxy_bypass(f"{host}:{port}"):  # (NO_PROXY, on Linux)
+        return None
+    parts = urlsplit(url if "://" in url else f"http://{url}")  # (a bare host:port, as requests takes)
+    if parts.scheme != "http" or not parts.hostname:
+        raise http.client.InvalidURL(
+            f"proxy {parts.scheme}://{parts.hostname}: only http:// proxies are supported (from the environment's"
+            f" {scheme.upper()}_PROXY or ALL_PROXY)"
+        )
+    try:
+        proxy_port = parts.port or 80
+    except ValueError:
+        raise http.client.InvalidURL(f"bad port in the proxy's URL {parts.hostname!r}") from None
+    authorization = None
+    if parts.username is not None:
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        authorization = "Basic " + base64.b64encode(pair).decode()
+    return Proxy(parts.hostname, proxy_port, authorization)
+
+
+_Route = tuple[_Origin, "Proxy | None"]  # an origin, and the proxy it is reached through
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -74,13 +132,13 @@ class _Pool:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._idle: dict[_Origin, list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._idle: dict[_Route, list[tuple[float, http.client.HTTPConnection]]] = {}
         self._tls: ssl.SSLContext | None = None  # made on first use: loading the CA bundle takes 30 ms
 
-    def take(self, origin: _Origin, timeout: float) -> http.client.HTTPConnection:
+    def take(self, route: _Route, timeout: float) -> http.client.HTTPConnection:
         now = time.monotonic()
         with self._lock:
-            idle = self._idle.get(origin, [])
+            idle = self._idle.get(route, [])
             while idle:
                 since, connection = idle.pop()
                 if now - since < IDLE_SECONDS:
@@ -89,17 +147,25 @@ class _Pool:
                         connection.sock.settimeout(timeout)
                     return connection
                 connection.close()
-        scheme, host, port = origin
+        (scheme, host, port), proxy = route
+        if proxy is not None and scheme == "http":  # asked for absolute URLs (_InUse.target)
+            return http.client.HTTPConnection(proxy.host, proxy.port, timeout=timeout)
         if scheme == "https":
             with self._lock:
                 if self._tls is None:
                     self._tls = ssl.create_default_context()
+            if proxy is not None:  # TLS to the origin, inside a CONNECT tunnel through the proxy
+                connection = http.client.HTTPSConnection(
+                    proxy.host, proxy.port, timeout=timeout, context=self._tls
+                )
+                connection.set_tunnel(host, port, headers=proxy.headers())
+                return connection
             return http.client.HTTPSConnection(host, port, timeout=timeout, context=self._tls)
         return http.client.HTTPConnection(host, port, timeout=timeout)
 
-    def give(self, origin: _Origin, connection: http.client.HTTPConnection) -> None:
+    def give(self, route: _Route, connection: http.client.HTTPConnection) -> None:
         with self._lock:
-            self._idle.setdefault(origin, []).append((time.monotonic(), connection))
+            self._idle.setdefault(route, []).append((time.monotonic(), connection))
 
     def close_idle(self) -> None:
         with self._lock:
@@ -155,20 +221,34 @@ class _InUse:
     """A kept-alive connection one attempt uses; given back to the pool at the end if the attempt set
     ``reusable`` (its answer was read to the end) and was not abandoned, else closed."""
 
-    def __init__(self, connection: http.client.HTTPConnection) -> None:
+    def __init__(self, connection: http.client.HTTPConnection, route: _Route) -> None:
         self.connection = connection
         self.reusable = False
+        (self._scheme, self._host, self._port), proxy = route
+        self._forward = proxy if self._scheme == "http" else None  # an http proxy asked for absolute URLs
+
+    def send(self, method: str, target: str, headers: Mapping[str, str]) -> None:
+        if self._forward is not None:
+            target = f"http://{_netloc(self._host, self._port)}{target}"
+            headers = {**headers, **self._forward.headers()}
+        self.connection.request(method, target, headers=dict(headers))
+
+
+def _netloc(host: str, port: int) -> str:
+    host = f"[{host}]" if ":" in host else host
+    return host if port == 80 else f"{host}:{port}"
 
 
 @contextlib.contextmanager
 def _connection(origin: _Origin, timeout: float, attempt: Attempt) -> Iterator[_InUse]:
-    connection = _POOL.take(origin, timeout)
+    route = (origin, proxy_for(*origin))
+    connection = _POOL.take(route, timeout)
     with attempt.lock:
         if attempt.aborted:
             connection.close()
             raise ConnectionAbortedError("the request was abandoned")
         attempt.connection = connection
-    use = _InUse(connection)
+    use = _InUse(connection, route)
     try:
         if connection.sock is None:  # connect first: an abort that came while the socket was being
             connection.connect()  # made had none to shut down, and is seen here instead
@@ -180,7 +260,7 @@ def _connection(origin: _Origin, timeout: float, attempt: Attempt) -> Iterator[_
         with attempt.lock:
             attempt.connection = None
         if use.reusable and not attempt.aborted:
-            _POOL.give(origin, connection)
+            _POOL.give(route, connection)
         else:
             connection.close()
 
@@ -201,7 +281,7 @@ def request(method: str, url: str, headers: Mapping[str, str], timeout: float, l
         origin, target = _origin(url)
         with _connection(origin, timeout, attempt) as use:
             _time_left(deadline, url, total, timeout, use.connection)
-            use.connection.request(method, target, headers=sent)
+            use.send(method, target, sent)
             _time_left(deadline, url, total, timeout, use.connection)
             response = use.connection.getresponse()
             pieces: list[bytes] = []
@@ -250,7 +330,7 @@ def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size:
     for _ in range(MAX_REDIRECTS + 1):
         origin, target = _origin(url)
         with _connection(origin, timeout, attempt) as use:
-            use.connection.request("GET", target, headers=sent)
+            use.send("GET", target, sent)
             response = use.connection.getresponse()
             answer = Answer(response.status, response.headers, url)
             if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
