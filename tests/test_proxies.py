@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LiveNode, free_port, write_model_dir
+from faultproxy import FaultProxy
 from fleetnodes import base_env, modeldepot
 from modeldepot import Depot
 
@@ -30,6 +31,7 @@ class ForwardProxy:
     def __init__(self, refuse_tunnels: bool = False) -> None:
         self.refuse_tunnels = refuse_tunnels
         self.heads: list[tuple[str, str | None]] = []  # (first request line, Proxy-Authorization)
+        self.ranges: list[str | None] = []  # the first request's Range header, per connection
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._loop = asyncio.new_event_loop()
@@ -52,6 +54,7 @@ class ForwardProxy:
             lines = head.decode("latin-1").split("\r\n")
             fields = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
             self.heads.append((lines[0], fields.get("Proxy-Authorization")))
+            self.ranges.append(fields.get("Range"))
             method, target, _ = lines[0].split(" ", 2)
             if method == "CONNECT":
                 if self.refuse_tunnels:
@@ -149,10 +152,13 @@ def test_a_pull_goes_through_the_http_proxy_with_its_credentials(
     assert {authorization for _, authorization in proxy.heads} == {expected}
 
 
+@pytest.mark.parametrize(
+    "no_proxy", ["localhost,127.0.0.1", "10.0.0.0/8, 127.0.0.0/8"]
+)  # names; address ranges
 def test_no_proxy_names_the_hosts_reached_directly(
-    hub: LiveNode, proxy: ForwardProxy, tmp_path: Path
+    hub: LiveNode, proxy: ForwardProxy, tmp_path: Path, no_proxy: str
 ) -> None:
-    env = without_proxies(HF_ENDPOINT=hub.url, http_proxy=proxy.url, no_proxy="localhost,127.0.0.1")
+    env = without_proxies(HF_ENDPOINT=hub.url, http_proxy=proxy.url, no_proxy=no_proxy)
     modeldepot("pull", REPO, "--home", str(tmp_path / "store"), env=env)
     assert stored(tmp_path / "store") == EXPECTED
     assert proxy.heads == []
@@ -185,3 +191,29 @@ def test_a_proxy_of_another_kind_is_a_clear_error(hub: LiveNode, tmp_path: Path)
     done = modeldepot("pull", REPO, "--home", str(tmp_path / "store"), env=env, check=False)
     assert done.returncode != 0
     assert "only http:// proxies are supported" in done.stderr, done.stderr
+
+
+def test_a_server_that_ignores_ranges_is_streamed_through_the_proxy_too(
+    hub: LiveNode, proxy: ForwardProxy, tmp_path: Path
+) -> None:
+    """The whole-body stream (aiohttp, for an upstream that ignores Range) takes the same proxy, and reads
+    no ~/.netrc: an entry there for the upstream would clash with the Hub token (aiohttp refuses both)."""
+    ignoring = FaultProxy(hub.url)
+    try:
+        plan = ignoring.set("ignore-range", times=-1, path_suffix="model.safetensors")
+        home = tmp_path / "user"
+        home.mkdir()
+        (home / ".netrc").write_text("machine 127.0.0.1 login someone password something\n")
+        (home / ".netrc").chmod(0o600)
+        env = without_proxies(HF_ENDPOINT=ignoring.url, HTTP_PROXY=proxy.url, HOME=str(home), HF_TOKEN="hf_x",
+                              MODELDEPOT_CHUNK_SIZE=str(256 << 10))  # fmt: skip
+        modeldepot("pull", REPO, "--home", str(tmp_path / "store"), env=env)
+        assert stored(tmp_path / "store") == EXPECTED
+        assert plan.injected >= 1
+        lines = [line for line, _ in proxy.heads]
+        assert lines and all(line.startswith(f"GET {ignoring.url}/") for line in lines), lines
+        whole = [line for line, asked in zip(lines, proxy.ranges, strict=True)
+                 if asked is None and "/resolve/" in line and "model.safetensors" in line]  # fmt: skip
+        assert whole, "the whole-body GET went through the proxy"
+    finally:
+        ignoring.stop()

@@ -81,6 +81,7 @@ class ChunkChooser:
         self.live: list[FileSource] = []
         self.have: dict[FileSource, frozenset[int] | None] = {}  # chunks a source can serve (None: all)
         self.announced: dict[FileSource, frozenset[int]] = {}  # chunks a claimer settled (swarm)
+        self.refused: dict[FileSource, set[int]] = {}  # chunks a partial holder said it lacks (404)
         self.requests: dict[int, list[ChunkRequest]] = {}  # chunk -> its requests in flight (two: endgame)
         self.bad: dict[int, set[str]] = {}  # chunk -> sources whose bytes failed its digest
         self.attempts: dict[int, int] = {}
@@ -92,8 +93,12 @@ class ChunkChooser:
         self.rotation = random.randrange(1 << 30)  # where the Hub's scan starts: claims collide less
 
     def _holds(self, source: FileSource, index: int) -> bool:
+        """Whether ``source`` holds chunk ``index``: it holds the whole file, its chunk map lists the chunk,
+        or (a claimer) it settled it, unless it refused it since (its download was reset, say)."""
         have = self.have.get(source)
-        return have is None or index in have or index in self.announced.get(source, ())
+        if have is None or index in have:
+            return True
+        return index in self.announced.get(source, ()) and index not in self.refused.get(source, ())
 
     def _checkable(self, source: FileSource, index: int) -> bool:
         """Whether a copy of chunk ``index`` from ``source`` can be checked before it is written, where it
@@ -150,9 +155,10 @@ class ChunkChooser:
 
     def _failed_for(self, index: int, now: float, patience: float) -> set[str]:
         """The sources that cannot give chunk ``index`` now (a claim of theirs no longer counts): its copy
-        from them failed its digest; they were dropped or are banned; or they are stuck (a request to
+        from them failed its digest, or they said they lack it; they were dropped or are banned; or they are stuck (a request to
         them has been outstanding STUCK_FACTOR times the patience: a peer that stalls or trickles)."""
         failed = self.bad.get(index, set()) | set(self.errors)
+        failed.update(s.source.name for s, chunks in self.refused.items() if index in chunks)  # lack it now
         failed.update(s.source.name for s, until in self.banned.items() if until > now)
         for requests in self.requests.values():
             failed.update(r.source.source.name for r in requests if r.source.kind != "hub" and not r.landing

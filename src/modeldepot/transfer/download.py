@@ -153,7 +153,6 @@ class _FileJob(ChunkChooser):
         # Chunks a request receives straight into the file's own pages: its request and the mapping.
         self.in_place: dict[int, tuple[ChunkRequest, mmap.mmap]] = {}
         self.workers: list[asyncio.Task[None]] = []
-        self.refused: dict[FileSource, set[int]] = {}  # chunks a partial holder said it lacks
         self.refreshed: dict[FileSource, float] = {}  # when a partial holder's chunk map was last read
         self.refreshing: set[FileSource] = set()
         # Woken on every change (a chunk landed, a request ended, a source dropped). A waiter takes the

@@ -158,7 +158,9 @@ class _Tracker:
 
     def forget(self, path: str) -> None:
         """The bytes of ``path`` so far were thrown away (they failed the file's SHA-256): not counted."""
-        for origin, amount in self.path_sources.pop(path, {}).items():
+        sources = self.path_sources.pop(path, {})
+        self.resumed -= sources.get("local", 0)  # (a resumed download's chunks count as "local")
+        for origin, amount in sources.items():
             self.by_source[origin] -= amount
             if not self.by_source[origin]:
                 del self.by_source[origin]
@@ -423,13 +425,14 @@ class _PullRun:
         try:
             digest = await download_file(http, remote, claim, sources, self.limits, fallback, on_bytes, swarm)
         except IntegrityError as mismatch:
-            if set(self.tracker.path_sources.get(remote.path, {})) <= {"hub"}:
-                raise  # the upstream's own bytes: nothing else to ask
+            if claim.done or set(self.tracker.path_sources.get(remote.path, {})) <= {"hub"}:
+                raise  # not the whole file's digest (the download was not reset), or the upstream's own bytes
             # Each chunk from another node matched the digest a node gave for it (its manifest, its chunk's
             # settlement), or came from a partial holder outside a swarm, unchecked: the upstream's SHA-256
             # says one of them lied. The bytes are gone (the download was reset); the upstream alone now.
             log.warning("%s: with chunks from other nodes it failed the upstream's SHA-256 (thrown away); "
                         "fetching it again from the upstream alone", remote.path)  # fmt: skip
+            await self.tracker.settle()  # (a status write in flight reads what forget changes)
             self.tracker.forget(remote.path)
             try:
                 digest = await download_file(http, remote, claim, hub, self.limits, None, on_bytes)

@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urljoin, urlsplit
 
+from modeldepot.errors import ConfigError
+
 __all__ = [
     "READERS",
     "Answer",
@@ -58,7 +60,11 @@ class Proxy:
 
     host: str
     port: int
-    authorization: str | None = None
+    authorization: str | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{_netloc(self.host, self.port)}"
 
     def headers(self) -> dict[str, str]:
         return {} if self.authorization is None else {"Proxy-Authorization": self.authorization}
@@ -66,30 +72,49 @@ class Proxy:
 
 def proxy_for(scheme: str, host: str, port: int) -> Proxy | None:
     """The proxy the environment names for ``scheme://host:port``, or None (none named, or NO_PROXY lists
-    the host). Raises http.client.InvalidURL for a proxy that is not an ``http://`` one."""
+    the host: a name or domain suffix, ``*``, or an address range such as ``10.0.0.0/8``). Raises
+    ConfigError for a proxy that is not an ``http://`` one."""
     if not any(name.lower().endswith("_proxy") for name in os.environ):
         return None  # (the common case, without importing urllib.request)
     import urllib.request
 
     proxies = urllib.request.getproxies_environment()
     url = proxies.get(scheme) or proxies.get("all")
-    if not url or urllib.request.proxy_bypass(f"{host}:{port}"):  # (NO_PROXY, on Linux)
+    if not url or _bypassed(host, proxies.get("no", "")) or urllib.request.proxy_bypass(f"{host}:{port}"):
         return None
     parts = urlsplit(url if "://" in url else f"http://{url}")  # (a bare host:port, as requests takes)
     if parts.scheme != "http" or not parts.hostname:
-        raise http.client.InvalidURL(
+        raise ConfigError(
             f"proxy {parts.scheme}://{parts.hostname}: only http:// proxies are supported (from the environment's"
             f" {scheme.upper()}_PROXY or ALL_PROXY)"
         )
     try:
         proxy_port = parts.port or 80
     except ValueError:
-        raise http.client.InvalidURL(f"bad port in the proxy's URL {parts.hostname!r}") from None
+        raise ConfigError(f"bad port in the proxy's URL {parts.hostname!r}") from None
     authorization = None
     if parts.username is not None:
         pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         authorization = "Basic " + base64.b64encode(pair).decode()
     return Proxy(parts.hostname, proxy_port, authorization)
+
+
+def _bypassed(host: str, no_proxy: str) -> bool:
+    """Whether ``host``, an IP address, lies in an address range NO_PROXY lists (urllib reads names only;
+    requests and curl read ranges too: a fleet's nodes are often listed so)."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    for entry in no_proxy.split(","):
+        entry = entry.strip()
+        if "/" in entry:
+            with contextlib.suppress(ValueError):
+                if address in ipaddress.ip_network(entry, strict=False):
+                    return True
+    return False
 
 
 _Route = tuple[_Origin, "Proxy | None"]  # an origin, and the proxy it is reached through

@@ -30,7 +30,7 @@ class LazySession:
             import aiohttp
 
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False, trust_env=True
+                timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False
             )
         return self._session
 
