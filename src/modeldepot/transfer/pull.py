@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from modeldepot.store.publish import RevisionSpec, StagedFile, publish
 from modeldepot.store.store import Store
 from modeldepot.transfer.chain import SourceChain
 from modeldepot.transfer.download import FileSource, Limits, download_file
+from modeldepot.transfer.progress import PullProgress, PullTracker, PullUpdate
 from modeldepot.transfer.ranged import close_idle
 from modeldepot.transfer.session import LazySession
 from modeldepot.transfer.swarm import SwarmFile
@@ -49,7 +49,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-STATUS_INTERVAL = 0.5  # seconds between status rows written during a transfer
 CLAIM_POLL = 0.25  # seconds between looks at a content another process is transferring
 FILES_AT_ONCE = 32  # files transferring at once (each holds two descriptors; connections are limited apart)
 CLAIM_BATCH = 16  # claims taken in one trip to a worker thread
@@ -63,19 +62,6 @@ _BUSY = _Busy()
 _Taken = ResumablePartial | BlobDigest | _Busy  # a claim, the content's digests (in the store), or _BUSY
 
 
-@dataclass(frozen=True)
-class PullUpdate:
-    """One progress report: the file that moved, and the totals."""
-
-    path: str
-    file_done: int
-    file_size: int
-    done: int
-    total: int
-    waiting: bool = False  # the file is being transferred by another process; this one waits for it
-
-
-PullProgress = Callable[[PullUpdate], None]
 PartialWatch = Callable[[str, ResumablePartial], None]
 """Told ``(path, partial)`` when this pull starts writing a file: readers may follow its chunks as they land."""
 
@@ -122,68 +108,6 @@ def select(
     return [f for f in manifest.files if f.path in wanted], names
 
 
-class _Tracker:
-    """Bytes done per file; turns them into progress callbacks and throttled status rows."""
-
-    def __init__(self, store: Store, manifest: Manifest, names: list[str], files: list[RemoteFile],
-                 progress: PullProgress | None) -> None:  # fmt: skip
-        self.store, self.manifest, self.names, self.progress = store, manifest, names, progress
-        self.sizes = {f.path: f.size for f in files}
-        self.total = sum(self.sizes.values())
-        self.done: dict[str, int] = {}
-        self.fetched = 0
-        self.resumed = 0
-        self.by_source: dict[str, int] = {}
-        self.path_sources: dict[str, dict[str, int]] = {}  # path -> kind of source -> bytes
-        self.last_write = 0.0
-        self.pending: asyncio.Future[None] | None = None  # a status write running on a worker thread
-
-    def add(self, path: str, amount: int, waiting: bool = False, origin: str = "local") -> None:
-        self.done[path] = self.done.get(path, 0) + amount
-        if amount:
-            self.by_source[origin] = self.by_source.get(origin, 0) + amount
-            PULLS.add_bytes(origin, amount)  # the process's counters (the node's /metrics)
-            kinds = self.path_sources.setdefault(path, {})
-            kinds[origin] = kinds.get(origin, 0) + amount
-        if self.progress is not None:
-            self.progress(PullUpdate(path, self.done[path], self.sizes.get(path, 0),
-                                     sum(self.done.values()), self.total, waiting))  # fmt: skip
-        if time.monotonic() - self.last_write >= STATUS_INTERVAL and (
-            self.pending is None or self.pending.done()
-        ):
-            # A status write is a durable transaction (an fsync): off the event loop, so the
-            # transfers do not stall behind the disk.
-            self.last_write = time.monotonic()
-            self.pending = asyncio.get_running_loop().run_in_executor(None, self.write, "downloading")
-
-    def forget(self, path: str) -> None:
-        """The bytes of ``path`` so far were thrown away (they failed the file's SHA-256): not counted."""
-        sources = self.path_sources.pop(path, {})
-        self.resumed -= sources.get("local", 0)  # (a resumed download's chunks count as "local")
-        for origin, amount in sources.items():
-            self.by_source[origin] -= amount
-            if not self.by_source[origin]:
-                del self.by_source[origin]
-        self.done[path] = 0  # (still counted as fetched: they came over the network)
-
-    async def settle(self) -> None:
-        if self.pending is not None:
-            await asyncio.gather(self.pending, return_exceptions=True)
-
-    def write(self, status: str, error: str | None = None) -> None:
-        self.last_write = time.monotonic()
-        rows, sources = {}, {}
-        for name in self.names:
-            wanted = {f.path for f in self.manifest.files_of(name)}
-            rows[name] = sum(n for path, n in self.done.items() if path in wanted)
-            kinds: dict[str, int] = {}
-            for path in wanted & self.path_sources.keys():
-                for kind, amount in self.path_sources[path].items():
-                    kinds[kind] = kinds.get(kind, 0) + amount
-            sources[name] = dict(sorted(kinds.items()))
-        self.store.manifests.set_statuses(self.manifest.repo_id, rows, status, error, sources)
-
-
 def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run ``coroutine`` to its end and return its result. In a thread that runs an event loop already
     (``asyncio.run`` refuses to nest), the coroutine runs on a new loop in a helper thread while this one
@@ -227,7 +151,7 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
     if missing and offline:
         raise OfflineError(f"offline mode: {len(missing)} files of {manifest.repo_id} are not in the store",
                            repo_id=manifest.repo_id)  # fmt: skip
-    tracker = _Tracker(store, manifest, names, files, progress)
+    tracker = PullTracker(store, manifest, names, files, progress)
     for path, digest in have.items():
         tracker.done[path] = digest.size
         tracker.by_source["local"] = tracker.by_source.get("local", 0) + digest.size
@@ -309,7 +233,7 @@ def _stored(store: Store, remote: RemoteFile) -> BlobDigest | None:
 class _PullRun:
     """The transfers of one pull: claims, sources, and what to release at the end."""
 
-    def __init__(self, store: Store, manifest: Manifest, chain: SourceChain, tracker: _Tracker,
+    def __init__(self, store: Store, manifest: Manifest, chain: SourceChain, tracker: PullTracker,
                  limits: Limits, watch: PartialWatch | None) -> None:  # fmt: skip
         self.store, self.manifest, self.chain = store, manifest, chain
         self.tracker, self.limits, self.watch = tracker, limits, watch
@@ -432,7 +356,6 @@ class _PullRun:
             # says one of them lied. The bytes are gone (the download was reset); the upstream alone now.
             log.warning("%s: with chunks from other nodes it failed the upstream's SHA-256 (thrown away); "
                         "fetching it again from the upstream alone", remote.path)  # fmt: skip
-            await self.tracker.settle()  # (a status write in flight reads what forget changes)
             self.tracker.forget(remote.path)
             try:
                 digest = await download_file(http, remote, claim, hub, self.limits, None, on_bytes)

@@ -1,0 +1,110 @@
+"""A pull's progress: bytes done per file and by kind of source, told to the caller's callback and
+written, throttled, as the variants' status rows (what ``modeldepot status`` and the dashboard show)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from modeldepot.counters import PULLS
+from modeldepot.hub.manifest import Manifest, RemoteFile
+from modeldepot.store.store import Store
+
+__all__ = ["PullProgress", "PullTracker", "PullUpdate"]
+
+STATUS_INTERVAL = 0.5  # seconds between status rows written during a transfer
+
+
+@dataclass(frozen=True)
+class PullUpdate:
+    """One progress report: the file that moved, and the totals."""
+
+    path: str
+    file_done: int
+    file_size: int
+    done: int
+    total: int
+    waiting: bool = False  # the file is being transferred by another process; this one waits for it
+
+
+PullProgress = Callable[[PullUpdate], None]
+
+
+class PullTracker:
+    """Bytes done per file; turns them into progress callbacks and throttled status rows."""
+
+    def __init__(self, store: Store, manifest: Manifest, names: list[str], files: list[RemoteFile],
+                 progress: PullProgress | None) -> None:  # fmt: skip
+        self.store, self.manifest, self.names, self.progress = store, manifest, names, progress
+        self.sizes = {f.path: f.size for f in files}
+        self.total = sum(self.sizes.values())
+        self.done: dict[str, int] = {}
+        self.fetched = 0
+        self.resumed = 0
+        self.by_source: dict[str, int] = {}
+        self.path_sources: dict[str, dict[str, int]] = {}  # path -> kind of source -> bytes
+        self.last_write = 0.0
+        self.pending: asyncio.Future[None] | None = None  # a status write running on a worker thread
+
+    def add(self, path: str, amount: int, waiting: bool = False, origin: str = "local") -> None:
+        self.done[path] = self.done.get(path, 0) + amount
+        if amount:
+            self.by_source[origin] = self.by_source.get(origin, 0) + amount
+            PULLS.add_bytes(origin, amount)  # the process's counters (the node's /metrics)
+            kinds = self.path_sources.setdefault(path, {})
+            kinds[origin] = kinds.get(origin, 0) + amount
+        if self.progress is not None:
+            self.progress(PullUpdate(path, self.done[path], self.sizes.get(path, 0),
+                                     sum(self.done.values()), self.total, waiting))  # fmt: skip
+        if time.monotonic() - self.last_write >= STATUS_INTERVAL and (
+            self.pending is None or self.pending.done()
+        ):
+            # A status write is a durable transaction (an fsync): off the event loop, so the
+            # transfers do not stall behind the disk.
+            self.last_write = time.monotonic()
+            # The rows are taken here, on the loop, so the thread never reads dicts the transfers change.
+            rows, sources = self._rows()
+            self.pending = asyncio.get_running_loop().run_in_executor(
+                None,
+                self.store.manifests.set_statuses,
+                self.manifest.repo_id,
+                rows,
+                "downloading",
+                None,
+                sources,
+            )
+
+    def forget(self, path: str) -> None:
+        """The bytes of ``path`` so far were thrown away (they failed the file's SHA-256): not counted."""
+        sources = self.path_sources.pop(path, {})
+        self.resumed -= sources.get("local", 0)  # (a resumed download's chunks count as "local")
+        for origin, amount in sources.items():
+            self.by_source[origin] -= amount
+            if not self.by_source[origin]:
+                del self.by_source[origin]
+        self.done[path] = 0  # (still counted as fetched: they came over the network)
+
+    async def settle(self) -> None:
+        if self.pending is not None:
+            await asyncio.gather(self.pending, return_exceptions=True)
+
+    def write(self, status: str, error: str | None = None) -> None:
+        self.last_write = time.monotonic()
+        rows, sources = self._rows()
+        self.store.manifests.set_statuses(self.manifest.repo_id, rows, status, error, sources)
+
+    def _rows(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        """Each variant's bytes done, and its bytes by kind of source."""
+        rows: dict[str, int] = {}
+        sources: dict[str, dict[str, int]] = {}
+        for name in self.names:
+            wanted = {f.path for f in self.manifest.files_of(name)}
+            rows[name] = sum(n for path, n in self.done.items() if path in wanted)
+            kinds: dict[str, int] = {}
+            for path in wanted & self.path_sources.keys():
+                for kind, amount in self.path_sources[path].items():
+                    kinds[kind] = kinds.get(kind, 0) + amount
+            sources[name] = dict(sorted(kinds.items()))
+        return rows, sources
