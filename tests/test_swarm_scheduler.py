@@ -446,3 +446,69 @@ def test_a_file_that_fails_its_sha256_after_chunks_from_other_nodes_is_fetched_a
             hub.stop()
             if liar is not None:
                 liar.stop()
+
+
+def test_a_settled_chunk_its_claimer_no_longer_has_comes_from_the_hub(
+    tmp_path: Path, nodes: dict[str, LiveNode], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claimer ``low`` settled its half, then lost chunk 0 (its bytes zeroed: it refuses it, 404). Its
+    settlement no longer counts as holding the chunk, nor its claim as keeping the Hub from it: chunk 0 is
+    asked of ``low`` once, then comes from the Hub; the rest of the half still comes from ``low``. (Half
+    settled, this node starts as a late one: it waits for the swarm's claims to stand still, here 0.5 s,
+    before it claims the other half; that wait is not what is tested.)"""
+    monkeypatch.setattr(choosing, "SWARM_PATIENCE", 0.5)
+    offset, length = chunk_span(0, len(DATA), SMALL_CHUNK)
+    part = nodes["low"].depot.store.layout.partial_stem(SHA).with_name(f"{SHA}.part")
+    with open(part, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(bytes(length))
+    registry = MemRegistry(f"refused-{uuid.uuid4().hex[:8]}")
+    low, hub = Proxy(nodes["low"].url), Proxy(nodes["full"].url)
+    retry = RetryPolicy(attempts=2, base_delay=0.05, read_timeout=30)
+    me = NodeRecord("a" * 32, "http://127.0.0.1:9/", "1", 1.0)
+    claimer = NodeRecord("b" * 32, low.url, "1", 1.0)
+
+    def claimer_source(record: NodeRecord, holding: object) -> FileSource:
+        blob = f"{record.url}{API}/blobs/{SHA}"
+        return FileSource(HttpSource(record.url, "peer", TOKEN, retry), blob, None, "peer", f"{blob}/chunks")
+
+    async def main() -> tuple[str, dict[str, int]]:
+        mine, theirs = MemDiscovery(registry), MemDiscovery(registry)
+        for discovery, record in ((mine, me), (theirs, claimer)):
+            await discovery.start()
+            await discovery.register(record)
+        counted: dict[str, int] = {}
+        try:
+            for index in range(CHUNKS // 2):
+                assert await theirs.claim_chunk(SHA, SMALL_CHUNK, index, claimer.node_id) is not None
+                await theirs.settle_claim(SHA, SMALL_CHUNK, index, DIGESTS[index])
+            fleet = FleetView(mine, asyncio.get_running_loop(), me.node_id)
+            swarm = SwarmFile(fleet, me.node_id, SHA, len(DATA), SMALL_CHUNK, claimer_source)
+            origin = FileSource(HttpSource(hub.url, "hub", TOKEN, retry), f"{hub.url}{API}/blobs/{SHA}")
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+                remote = RemoteFile("w.safetensors", len(DATA), "0" * 40, SHA)
+                claim = local.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, False)
+                assert claim is not None
+                try:
+                    async with aiohttp.ClientSession(auto_decompress=False) as session:
+                        digest = await download_file(
+                            LazySession(session), remote, claim, [origin], Limits(per_source=1, total=4),
+                            on_bytes=lambda n, kind: counted.update({kind: counted.get(kind, 0) + n}), swarm=swarm,
+                        )  # fmt: skip
+                        return digest.sha256, counted
+                finally:
+                    claim.release(completed=False)
+        finally:
+            await mine.close(), await theirs.close()
+
+    try:
+        sha, counted = asyncio.run(asyncio.wait_for(main(), 60))
+        assert sha == SHA
+        assert low.chunks.count(0) == 1, low.chunks
+        assert 0 in hub.chunks and set(hub.chunks) <= {0, *range(CHUNKS // 2, CHUNKS)}, hub.chunks
+        assert counted == {
+            "peer": (CHUNKS // 2 - 1) * SMALL_CHUNK,
+            "hub": len(DATA) - (CHUNKS // 2 - 1) * SMALL_CHUNK,
+        }
+    finally:
+        low.stop(), hub.stop()
