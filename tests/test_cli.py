@@ -220,3 +220,28 @@ def test_chunk_size_from_environment(
     assert code == 0
     with Depot(tmp_path / "s") as depot:
         assert depot.chunk_size in (65536, 1 << 20)
+
+
+def test_gc_counts_the_space_of_the_downloads_and_revisions_it_drops(home: Path, model_dir: Path) -> None:
+    """An interrupted download dropped by --partials, and revisions evicted by --max-size, are space freed:
+    the summary said "freed 0 B" for both."""
+    from conftest import write_partial
+
+    data = os.urandom(3 * (64 << 10))
+    with Depot(home, chunk_size=64 << 10) as depot:
+        write_partial(depot, data, [0, 1])  # two chunks of three landed
+    code, out, _ = run("gc", "--partials", "--json", home=home)
+    report = json.loads(out)
+    assert code == 0 and report["partials_removed"] == 1
+    assert report["bytes_freed"] >= 2 * (64 << 10)  # the two chunks' blocks (and the log's)
+    run("import", str(model_dir), "--repo", REPO, home=home)
+    code, out, _ = run("gc", "--max-size", "1KiB", home=home)
+    total = sum(map(len, sample_files().values()))
+    assert code == 0 and "evicted acme/" in out and "freed 0 B" not in out
+    assert f"freed {render_bytes(total)}" in out.replace("\n", " "), out
+
+
+def render_bytes(size: int) -> str:
+    from modeldepot.cli.render import format_bytes
+
+    return format_bytes(size)

@@ -438,6 +438,7 @@ def test_ctrl_c_stops_a_pull_cleanly_and_keeps_its_chunks(
     with Depot(home) as depot:
         variant = depot.get_manifest(REPO).variants[0]
         assert variant.status == "failed" and variant.resumable
+        assert variant.error == INTERRUPTED, "a Ctrl-C is an interruption, not a CancelledError"
         assert not depot.has_file(REPO, BIG)
         proxy.set("pass")
         result = depot.pull(REPO)

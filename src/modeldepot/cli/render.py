@@ -278,9 +278,10 @@ def render_gc(report: GcReport, evicted: list[Eviction] | None = None) -> None:
     for eviction in evicted or []:
         out.print(f"evicted {eviction.repo_id}@{eviction.commit_id[:12]} ({format_bytes(eviction.bytes_freed)}, "
                   f"last used {_when(eviction.last_used)})")  # fmt: skip
+    freed = report.bytes_freed + sum(e.bytes_freed for e in evicted or [])  # (evictions free theirs first)
     out.print(
-        f"freed {format_bytes(report.bytes_freed)}: {report.blobs_removed} blobs, "
-        f"{report.partials_removed} abandoned partial files, {report.snapshots_removed} stale snapshots"
+        f"freed {format_bytes(freed)}: {report.blobs_removed} blobs, "
+        f"{report.partials_removed} partial files, {report.snapshots_removed} stale snapshots"
         + (f" ({report.kept_partials} writes in progress left alone)" if report.kept_partials else "")
         + (
             f"; {report.resumable_downloads} interrupted downloads kept for a resume (`gc --partials` drops them)"

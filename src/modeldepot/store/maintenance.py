@@ -183,7 +183,8 @@ def gc(store: Store, partials: bool = False) -> GcReport:
                 bytes_freed += store.layout.unlink(path)
                 blobs_removed += 1
         partials_removed, kept = _collect_sessions(store)
-        downloads_removed, resumable = store.partials.collect(remove_all=partials)
+        downloads_removed, resumable, download_bytes = store.partials.collect(remove_all=partials)
+        bytes_freed += download_bytes
         for path in _files_under(store.layout.quarantine):
             bytes_freed += store.layout.unlink(path)
         live = {

@@ -413,14 +413,14 @@ class PartialFiles:
         return ResumablePartial(self.layout, paths, lock_fd, data_fd, size, chunk_size, done, resumed,
                                     self.writeback)  # fmt: skip
 
-    def collect(self, remove_all: bool, max_age: float = PARTIAL_MAX_AGE) -> tuple[int, int]:
+    def collect(self, remove_all: bool, max_age: float = PARTIAL_MAX_AGE) -> tuple[int, int, int]:
         """gc: delete unlocked partials older than ``max_age`` (every unlocked one with ``remove_all``);
-        returns (removed, kept)."""
-        removed = kept = 0
+        returns (removed, kept, bytes freed: the disk space given back)."""
+        removed = kept = freed = 0
         try:
             logs = sorted(self.root.glob("*.log"))
         except FileNotFoundError:
-            return 0, 0
+            return 0, 0, 0
         now = time.time()
         for log in logs:
             paths = self._paths(log.name[: -len(".log")])
@@ -437,6 +437,7 @@ class PartialFiles:
             try:
                 newest = max(_mtime(paths.data), _mtime(paths.log))
                 if remove_all or now - newest > max_age or _links(paths.data) > 1:  # (> 1: a blob's too)
+                    freed += _given_back(paths.data) + _given_back(paths.log)
                     self.layout.unlink(paths.data)
                     self.layout.unlink(paths.log)
                     removed += 1
@@ -449,10 +450,12 @@ class PartialFiles:
             *(p for p in self.root.glob("*.part") if not p.with_suffix(".log").exists()),
         ]
         for data in logless:  # a one-chunk download, or (rarely) a data file whose log went
+            size = _given_back(data)
             outcome = self._collect_logless(data, remove_all, now - max_age)
             if outcome is not None:
                 removed, kept = (removed + 1, kept) if outcome else (removed, kept + 1)
-        return removed, kept
+                freed += size if outcome else 0
+        return removed, kept, freed
 
     def _collect_logless(self, data: Path, remove_all: bool, older_than: float) -> bool | None:
         """gc of a data file without a log: a one-chunk download (its own lock), or (rarely) data whose
@@ -475,6 +478,16 @@ class PartialFiles:
             return False  # a one-chunk download running now
         finally:
             os.close(fd)
+
+
+def _given_back(path: Path) -> int:
+    """The disk space deleting ``path`` gives back: its allocated blocks (a download's file is sparse
+    until its chunks land), none while another name (a blob) holds them."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return 0
+    return info.st_blocks * 512 if info.st_nlink == 1 else 0
 
 
 def _whole_content(fd: int, key: str, size: int) -> dict[int, str] | None:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from modeldepot.counters import PULLS
 from modeldepot.errors import DepotError, IntegrityError, OfflineError, UpstreamError
 from modeldepot.hashing import BlobDigest
-from modeldepot.hub.manifest import Manifest, RemoteFile
+from modeldepot.hub.manifest import INTERRUPTED, Manifest, RemoteFile
 from modeldepot.store.blobs import PartialBlob
 from modeldepot.store.budget import BudgetWriter
 from modeldepot.store.partials import ResumablePartial, partial_key
@@ -184,7 +184,8 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
             if run.published:  # cancelled while the publish ran, and it completed: the revision is in
                 tracker.write("downloaded")
             else:
-                tracker.write("failed", f"{type(error).__name__}: {error}"[:500])
+                stopped = isinstance(error, (asyncio.CancelledError, KeyboardInterrupt))  # (Ctrl-C, a stop)
+                tracker.write("failed", INTERRUPTED if stopped else f"{type(error).__name__}: {error}"[:500])
             raise
         finally:
             try:
