@@ -245,3 +245,40 @@ def render_bytes(size: int) -> str:
     from modeldepot.cli.render import format_bytes
 
     return format_bytes(size)
+
+
+def test_serve_says_in_one_line_why_it_cannot_start(home: Path) -> None:
+    """A port in use, an address that cannot be listened on, a RAM budget out of range: one line and exit 2,
+    before anything is served (a port in use was a 40-line traceback, after "serving ... on" was logged)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code, _, err = run("serve", "--port", str(port), home=home)
+        assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err, err
+        assert "Traceback" not in err and "serving" not in err
+    code, _, err = run("serve", "--host", "999.1.1.1", "--port", "0", home=home)
+    assert code == 2 and "cannot listen on 999.1.1.1:0" in err and "Traceback" not in err, err
+    code, _, err = run("serve", "--preload-budget", "500%", home=home)
+    assert code == 2 and "500%" in err and "Traceback" not in err, err
+
+
+def test_cat_never_writes_a_corrupt_chunk_and_says_why_a_write_failed(home: Path, model_dir: Path) -> None:
+    """A byte flipped on disk (no verify run since) is caught by cat itself: exit 1, the blob quarantined,
+    not one byte of the bad chunk out. A full disk behind the redirection is one line, not a traceback."""
+    run("import", str(model_dir), "--repo", REPO, home=home)
+    command = [sys.executable, "-m", "modeldepot", "cat", REPO, "model.safetensors", "--home", str(home)]
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, check=False)
+    assert done.returncode == 1 and "writing to standard output: No space left on device" in done.stderr
+    assert "Traceback" not in done.stderr
+    with Depot(home) as depot:
+        sha = depot.file_info(REPO, "model.safetensors").sha256
+        flip_byte(depot.store.blobs.path(sha), 3)  # in the first chunk
+    done = subprocess.run(command, capture_output=True, check=False)
+    assert done.returncode == 1 and b"corrupt" in done.stderr
+    assert done.stdout == b"", "nothing of the corrupt chunk"
+    with Depot(home) as depot:
+        assert not depot.has_file(REPO, "model.safetensors"), "quarantined"

@@ -43,7 +43,7 @@ def _home_option(function: F) -> F:
         "--home",
         type=click.Path(file_okay=False, path_type=Path),
         default=None,
-        help="Store folder (default: $MODELDEPOT_HOME, else ~/.cache/modeldepot).",
+        help="Store folder (default: $MODELDEPOT_HOME, else $XDG_CACHE_HOME/modeldepot, else ~/.cache/modeldepot).",
     )
     @wraps(function)
     def wrapper(*args: Any, home: Path | None, **kwargs: Any) -> Any:
@@ -212,11 +212,12 @@ def info_command(depot: Depot, repo_id: str, as_json: bool) -> None:
 
 @cli.command("path")
 @_repo_argument
-@click.argument("path", metavar="FILE", required=False, callback=_checked(validate_path))
+@click.argument("path", metavar="[FILE]", required=False, callback=_checked(validate_path))
 @_revision_option
 @_home_option
 def path_command(depot: Depot, repo_id: str, path: str | None, revision: str) -> None:
-    """Print the real path of FILE (or of the revision's snapshot folder when FILE is omitted)."""
+    """Print the path of FILE in the revision's snapshot folder (a link to its blob, under its repo name,
+    so that model.onnx finds model.onnx_data beside it), or of the folder itself when FILE is omitted."""
     found = depot.file_path(repo_id, path, revision) if path else depot.snapshot_path(repo_id, revision)
     click.echo(str(found))
 
@@ -227,29 +228,34 @@ def path_command(depot: Depot, repo_id: str, path: str | None, revision: str) ->
 @_revision_option
 @_home_option
 def cat_command(depot: Depot, repo_id: str, path: str, revision: str) -> None:
-    """Write FILE's bytes to standard output."""
-    with depot.open_file(repo_id, path, revision) as stream:
-        size = os.fstat(stream.fileno()).st_size
+    """Write FILE's bytes to standard output, each chunk checked against its BLAKE3 first (as a node checks
+    what it sends: a corrupt blob is quarantined and the command fails, exit 1)."""
+    with depot.open_verified(depot.file_info(repo_id, path, revision)) as blob:
         sys.stdout.flush()
-        _copy_to_stdout(stream.fileno(), size)
+        try:
+            for index in range(blob.chunks):
+                blob.check(index)
+                _copy_to_stdout(blob.file.fileno(), *blob.span(index))
+        except BrokenPipeError:
+            os._exit(EXIT_OK)  # the reader (e.g. `head`) has what it wanted
+        except OSError as error:  # a full disk behind the redirection, say
+            render.err.print(f"[red]error:[/red] writing to standard output: {error.strerror or error}")
+            sys.exit(EXIT_FAILURE)
 
 
-def _copy_to_stdout(fd: int, size: int) -> None:
-    out_fd = sys.stdout.fileno()
-    offset = 0
+def _copy_to_stdout(fd: int, offset: int, length: int) -> None:
+    out_fd, end = sys.stdout.fileno(), offset + length
     try:
-        while offset < size:
-            sent = os.sendfile(out_fd, fd, offset, min(size - offset, 1 << 30))
+        while offset < end:
+            sent = os.sendfile(out_fd, fd, offset, min(end - offset, 1 << 30))
             if sent == 0:
                 break
             offset += sent
-    except BrokenPipeError:
-        os._exit(EXIT_OK)  # the reader (e.g. `head`) has what it wanted
     except OSError as error:
         if error.errno not in (errno.EINVAL, errno.ENOSYS):
             raise
-        while offset < size:  # sendfile cannot write to this kind of stdout
-            data = os.pread(fd, min(size - offset, 8 << 20), offset)
+        while offset < end:  # sendfile cannot write to this kind of stdout
+            data = os.pread(fd, min(end - offset, 8 << 20), offset)
             if not data:
                 break
             sys.stdout.buffer.write(data)
@@ -640,6 +646,9 @@ def serve_command(
         sys.exit(EXIT_BAD_INPUT)
     if preload_budget is not None:
         depot.config = dataclasses.replace(depot.config, preload_budget=preload_budget)
+    from modeldepot.preload.preloader import parse_budget
+
+    parse_budget(depot.config.preload_budget)  # (a ConfigError now, not a 500 on /metrics later)
     if max_size is not None:
         depot.config = dataclasses.replace(depot.config, max_size=max_size)
         depot.store.budget.set_max_size(max_size)

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from modeldepot.depot import Depot
+from modeldepot.errors import ConfigError
 from modeldepot.server.app import create_app
 from modeldepot.server.connections import (
     BACKLOG,
@@ -73,18 +74,6 @@ def run_server(
         shutdown_timeout=SHUTDOWN_GRACE,
     )
 
-    async def announce(_app: web.Application) -> None:
-        log.info(
-            "serving %s on http://%s:%d (%s); HF_ENDPOINT=http://%s:%d",
-            depot.home,
-            host,
-            port,
-            mode,
-            host,
-            port,
-        )
-
-    app.on_startup.append(announce)
     if scrub_interval > 0:
         app.cleanup_ctx.append(_scrubbing(depot, scrub_interval, scrub_rate))
     if preload_top:
@@ -126,7 +115,15 @@ def run_server(
                 await fleet.close()  # (when setting up failed)
 
     async def listen() -> None:
-        await web.TCPSite(runner, host, port, backlog=BACKLOG).start()
+        try:
+            await web.TCPSite(runner, host, port, backlog=BACKLOG).start()
+        except (
+            OSError
+        ) as error:  # a port in use, an address not of this machine, a name that does not resolve
+            raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+        bound = int(runner.addresses[0][1])
+        log.info("serving %s on http://%s:%d (%s); HF_ENDPOINT=http://%s:%d", depot.home, host, bound, mode,
+                 host, bound)  # fmt: skip
         if fleet is not None:  # once listening: peers may come at once
             await fleet.register(advertise or advertised_url(host, int(runner.addresses[0][1])))
         server = runner.server
