@@ -25,6 +25,7 @@ from conftest import SMALL_CHUNK, LiveNode, store_files_consistent, write_model_
 from faultproxy import FaultProxy, wait_until
 from modeldepot import Depot, IntegrityError
 from modeldepot.errors import NotFoundError, UpstreamError
+from modeldepot.hashing import chunk_span
 from modeldepot.hub.manifest import INTERRUPTED
 from modeldepot.transfer.threads import to_thread_to_the_end
 
@@ -520,3 +521,38 @@ def test_a_cancelled_caller_unwinds_only_once_its_worker_thread_has_ended() -> N
         return ended_when_unwound, await to_thread_to_the_end(slow_write) == "written"
 
     assert asyncio.run(main()) == (True, True)
+
+
+def test_a_pull_killed_right_after_it_resumed_shows_what_it_kept(
+    big_upstream: FaultProxy, tmp_path: Path
+) -> None:
+    """The status row is written every half second at most: a pull killed soon after it resumed had a row
+    of 0 bytes, and `status` said "resumable: 0 B kept" over a third of the file on disk (a user may then
+    drop it with gc --partials). What a resumable variant kept is read from its downloads' logs."""
+    proxy, home = big_upstream, tmp_path / "local"
+    Depot(home, chunk_size=SMALL_CHUNK).close()
+    size = len(BIG_FILES[BIG])
+    first = proxy.set("slow", times=-1, slow_delay=0.03)
+    process = _pull_process(home, _subprocess_env(proxy))
+    try:
+        wait_until(lambda: first.body_bytes > size // 3)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+    stalled = proxy.set("stall", times=-1, path_suffix=BIG)
+    process = _pull_process(home, _subprocess_env(proxy))
+    try:
+        wait_until(lambda: stalled.injected > 0)  # the resumed pull asks for the rest
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+    with Depot(home) as depot:
+        manifest = depot.get_manifest(REPO)
+        [big] = [f for f in manifest.files if f.path == BIG]
+        log = depot.store.partials.read_log(big.sha256 or "")
+        assert log is not None
+        kept = sum(chunk_span(index, log.size, log.chunk_size)[1] for index in log.logged)
+        assert kept >= size // 4
+        variant = manifest.variants[0]
+        assert (variant.status, variant.resumable) == ("failed", True)
+        assert variant.bytes_done >= kept, (variant.bytes_done, kept)

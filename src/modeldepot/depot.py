@@ -496,7 +496,9 @@ class Depot:
         record = self.store.manifests.load(repo_id)
         partials = self.store.partials
         return manifest_from_record(
-            record, partials.is_pulling(repo_id), lambda f: partials.holds(partial_key(f.sha256, f.git_oid))
+            record,
+            partials.is_pulling(repo_id),
+            lambda f: partials.kept_bytes(partial_key(f.sha256, f.git_oid)),
         )
 
     def list_manifests(self) -> list[Manifest]:

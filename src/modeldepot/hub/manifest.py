@@ -96,11 +96,13 @@ INTERRUPTED = "interrupted before it finished: pull again to resume"
 
 
 def manifest_from_record(
-    record: ManifestRecord, running: bool = False, partial: Callable[[RemoteFile], bool] | None = None
+    record: ManifestRecord, running: bool = False, partial: Callable[[RemoteFile], int | None] | None = None
 ) -> Manifest:
     """The manifest with live statuses. ``running``: a pull of the repo is going on now; without one, a
     'downloading' row is a pull that was killed, shown as failed. ``partial`` tells which files have a
-    resumable download on disk."""
+    resumable download on disk, and how many of their bytes it holds (None: no download). A variant that
+    can be resumed shows at least those bytes as done: its status row is written every half second at
+    most, so a pull killed since kept more than the row says."""
     body = json.loads(record.body)
     files = tuple(RemoteFile(**f) for f in body["files"])
     sizes = {f.path: f.size for f in files}
@@ -113,9 +115,15 @@ def manifest_from_record(
         if status == "downloading" and not running:
             status, error = "failed", INTERRUPTED
         own = {*item["files"], *body["shared"]}
-        resumable = (
-            status != "downloaded" and partial is not None and any(partial(f) for f in files if f.path in own)
+        kept = (
+            [partial(f) for f in files if f.path in own]
+            if partial is not None and status != "downloaded"
+            else []
         )
+        resumable = any(k is not None for k in kept)
+        bytes_done = state.bytes_done if state else 0
+        if resumable and not running:
+            bytes_done = max(bytes_done, sum(k or 0 for k in kept))
         variants.append(
             Variant(
                 name=item["name"],
@@ -123,7 +131,7 @@ def manifest_from_record(
                 files=tuple(item["files"]),
                 total_bytes=sum(sizes[p] for p in item["files"]) + shared_bytes,
                 status=status,
-                bytes_done=state.bytes_done if state else 0,
+                bytes_done=bytes_done,
                 error=error,
                 started_at=state.started_at if state else None,
                 finished_at=state.finished_at if state else None,

@@ -264,6 +264,18 @@ class PartialFiles:
         """Whether a partial download of ``key`` is on disk (a pull would resume it)."""
         return any(path.exists() for one_piece in (False, True) for path in self._paths(key, one_piece).names)
 
+    def kept_bytes(self, key: str) -> int | None:
+        """The bytes a partial download of ``key`` holds by its log (what a resume would not fetch again,
+        if each logged chunk checks out), or None when there is no download of it on disk."""
+        if not self.holds(key):
+            return None
+        log = self.read_log(key)
+        if log is None:
+            return 0  # a download of a file without a SHA-256 (``git-<oid>``), or one without a valid log
+        return sum(
+            chunk_span(index, log.size, log.chunk_size)[1] for index in log.logged if index < log.chunks
+        )
+
     def signature(self) -> tuple[tuple[str, int, int], ...]:
         """(name, size, mtime in ns) of every download's log, sorted: it changes whenever a download
         starts, logs a chunk, finishes or is dropped (a cheap look, for polling)."""
