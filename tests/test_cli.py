@@ -282,3 +282,11 @@ def test_cat_never_writes_a_corrupt_chunk_and_says_why_a_write_failed(home: Path
     assert done.stdout == b"", "nothing of the corrupt chunk"
     with Depot(home) as depot:
         assert not depot.has_file(REPO, "model.safetensors"), "quarantined"
+
+
+def test_status_of_an_imported_repo_says_so_instead_of_asking_for_a_scan(home: Path, model_dir: Path) -> None:
+    run("import", str(model_dir), "--repo", REPO, home=home)
+    code, _, err = run("status", REPO, home=home)
+    assert code == 1 and "imported, not pulled" in err and f"modeldepot info {REPO}" in err, err
+    code, _, err = run("status", "acme/never-seen", home=home)
+    assert code == 1 and "modeldepot scan acme/never-seen" in err, err

@@ -493,7 +493,17 @@ class Depot:
     def get_manifest(self, repo_id: str) -> Manifest:
         """The saved manifest of a scanned repo, with each variant's current status (a pull that was
         killed shows as failed and resumable, not as downloading forever)."""
-        record = self.store.manifests.load(repo_id)
+        try:
+            record = self.store.manifests.load(repo_id)
+        except NotFoundError as unscanned:
+            try:
+                self.store.repo_info(repo_id)
+            except NotFoundError:
+                raise unscanned from None  # nor is it in the store: scanning it is the way
+            raise NotFoundError(
+                f"{repo_id} was imported, not pulled: it has no download status "
+                f"(`modeldepot info {repo_id}` shows what the store holds of it)"
+            ) from None
         partials = self.store.partials
         return manifest_from_record(
             record,
