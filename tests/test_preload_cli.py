@@ -82,3 +82,20 @@ def test_serve_preload_top_brings_the_hot_model_back_into_ram(home: Path, tmp_pa
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_stats_lists_a_model_in_ram_that_was_never_used(home: Path, tmp_path: Path) -> None:
+    """A preload is no use (it does not count), but a model in RAM is what stats shows: it said "No model
+    has been used yet" right after a preload."""
+    with Depot(home) as depot:
+        files = {"config.json": b"{}", "model.safetensors": random.Random(3).randbytes(4 * MiB)}
+        depot.import_dir(write_model_dir(tmp_path / "fresh", files), "acme/fresh")
+        drop_page_cache(depot, "acme/fresh")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["preload", "acme/fresh", "--home", str(home)]).exit_code == 0
+    shown = runner.invoke(cli, ["stats", "--home", str(home), "--json"])
+    [model] = json.loads(shown.output)["models"]
+    assert (model["repo_id"], model["count"], model["last_access"]) == ("acme/fresh", 0, None)
+    assert model["resident_bytes"] == model["bytes"] == 4 * MiB + 2
+    table = runner.invoke(cli, ["stats", "--home", str(home)])
+    assert table.exit_code == 0 and "acme/fresh" in table.output and "never" in table.output, table.output

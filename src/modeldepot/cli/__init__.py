@@ -521,6 +521,17 @@ def stats_command(depot: Depot, top: int, as_json: bool) -> None:
         except DepotError:
             in_ram, size = 0, 0  # removed since, or a blob gone: listed with nothing in RAM
         rows.append({**access.to_dict(), "bytes": size, "resident_bytes": in_ram})
+    listed = {row["repo_id"] for row in rows}
+    for repo in depot.list_repos():  # models in RAM that were never used (preloaded, say), after the rest
+        if repo.repo_id in listed:
+            continue
+        try:
+            in_ram, size = resident_in_ram(depot.store, repo.repo_id)
+        except DepotError:
+            continue
+        if in_ram:
+            rows.append({"repo_id": repo.repo_id, "variant": None, "count": 0, "last_access": None,
+                         "bytes": size, "resident_bytes": in_ram})  # fmt: skip
     if as_json:
         render.print_json({"models": rows, "budget_bytes": depot.preloader.budget,
                            "strategy": depot.preloader.strategy})  # fmt: skip

@@ -84,8 +84,8 @@ def _table(*columns: str) -> Table:
     return table
 
 
-def _when(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+def _when(timestamp: float | None) -> str:
+    return "never" if timestamp is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
 
 
 def _byte_bars() -> Progress:
@@ -336,7 +336,7 @@ def render_pins(pins: list[Pin]) -> None:
 
 def render_stats(rows: list[dict[str, Any]], budget: int) -> None:
     if not rows:
-        out.print("No model has been used yet (get_file, open_file and load count uses).")
+        out.print("No model has been used yet (get_file, open_file and load count uses), and none is in RAM.")
         return
     table = _table("model", "variant", "uses", "last use", "size", "in RAM")
     for row in rows:
