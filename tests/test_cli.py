@@ -235,8 +235,11 @@ def test_gc_counts_the_space_of_the_downloads_and_revisions_it_drops(home: Path,
     assert code == 0 and report["partials_removed"] == 1
     assert report["bytes_freed"] >= 2 * (64 << 10)  # the two chunks' blocks (and the log's)
     run("import", str(model_dir), "--repo", REPO, home=home)
-    code, out, _ = run("gc", "--max-size", "1KiB", home=home)
+    code, out, _ = run("gc", "--max-size", "1KiB", "--json", home=home)
     total = sum(map(len, sample_files().values()))
+    assert code == 0 and json.loads(out)["evicted_bytes"] == total
+    run("import", str(model_dir), "--repo", REPO, home=home)
+    code, out, _ = run("gc", "--max-size", "1KiB", home=home)
     assert code == 0 and "evicted acme/" in out and "freed 0 B" not in out
     assert f"freed {render_bytes(total)}" in out.replace("\n", " "), out
 

@@ -47,6 +47,11 @@ def test_preload_and_stats_commands(home: Path, tmp_path: Path) -> None:
     assert models["acme/cold"]["resident_bytes"] < MiB
     table = runner.invoke(cli, ["stats", "--home", str(home)])
     assert table.exit_code == 0 and "acme/hot" in table.output and "100%" in table.output
+    assert runner.invoke(cli, ["preload", "acme/cold", "--home", str(home)]).exit_code == 0
+    first = runner.invoke(cli, ["stats", "--top", "1", "--home", str(home), "--json"])
+    assert [m["repo_id"] for m in json.loads(first.output)["models"]] == ["acme/hot"], (
+        "a used model past --top is not listed again as never used"
+    )
     bad = runner.invoke(cli, ["preload", "../x", "--home", str(home)])
     assert bad.exit_code == 2
 

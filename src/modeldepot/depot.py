@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from modeldepot.config import DepotConfig
 from modeldepot.errors import ConfigError, DepotError, EntryNotFoundError, NotFoundError, OfflineError
-from modeldepot.hub.manifest import Manifest, manifest_body, manifest_from_record
+from modeldepot.hub.manifest import Manifest, RemoteFile, manifest_body, manifest_from_record
 from modeldepot.hub.variants import group_files
 from modeldepot.store import (
     BlobRecord,
@@ -497,19 +497,23 @@ class Depot:
             record = self.store.manifests.load(repo_id)
         except NotFoundError as unscanned:
             try:
-                self.store.repo_info(repo_id)
+                self.store.repo_private(repo_id)  # (one indexed lookup: is the repo in the store at all)
             except NotFoundError:
                 raise unscanned from None  # nor is it in the store: scanning it is the way
             raise NotFoundError(
                 f"{repo_id} was imported, not pulled: it has no download status "
                 f"(`modeldepot info {repo_id}` shows what the store holds of it)"
             ) from None
-        partials = self.store.partials
-        return manifest_from_record(
-            record,
-            partials.is_pulling(repo_id),
-            lambda f: partials.kept_bytes(partial_key(f.sha256, f.git_oid)),
-        )
+        partials, running = self.store.partials, self.store.partials.is_pulling(repo_id)
+        seen: dict[str, int | None] = {}  # (a shared file is in every variant: looked at once)
+
+        def kept(remote: RemoteFile) -> int | None:
+            key = partial_key(remote.sha256, remote.git_oid)
+            if key not in seen:  # (a running pull's rows are current: only whether its files are there)
+                seen[key] = (0 if partials.holds(key) else None) if running else partials.kept_bytes(key)
+            return seen[key]
+
+        return manifest_from_record(record, running, kept)
 
     def list_manifests(self) -> list[Manifest]:
         return [self.get_manifest(repo_id) for repo_id in self.store.manifests.scanned()]

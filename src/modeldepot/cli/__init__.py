@@ -333,7 +333,8 @@ def gc_command(depot: Depot, partials: bool, max_size: str | None, as_json: bool
     untouched for a week."""
     evicted = depot.shrink(max_size) if max_size is not None else []
     report = depot.gc(partials=partials)
-    body = {**report.to_dict(), "evicted": [e.to_dict() for e in evicted]}
+    body = {**report.to_dict(), "evicted": [e.to_dict() for e in evicted],
+            "evicted_bytes": sum(e.bytes_freed for e in evicted)}  # fmt: skip
     render.emit(as_json, body, lambda: render.render_gc(report, evicted))
 
 
@@ -521,16 +522,18 @@ def stats_command(depot: Depot, top: int, as_json: bool) -> None:
         except DepotError:
             in_ram, size = 0, 0  # removed since, or a blob gone: listed with nothing in RAM
         rows.append({**access.to_dict(), "bytes": size, "resident_bytes": in_ram})
-    listed = {row["repo_id"] for row in rows}
-    for repo in depot.list_repos():  # models in RAM that were never used (preloaded, say), after the rest
-        if repo.repo_id in listed:
+    used = {access.repo_id for access in depot.store.access.top(1 << 30)}
+    for repo in depot.list_repos():  # models in RAM never used (preloaded, say), in the slots left
+        if len(rows) >= top:
+            break
+        if repo.repo_id in used:
             continue
         try:
-            in_ram, size = resident_in_ram(depot.store, repo.repo_id)
+            in_ram, size = resident_in_ram(depot.store, repo.repo_id, check=False)
         except DepotError:
             continue
         if in_ram:
-            rows.append({"repo_id": repo.repo_id, "variant": None, "count": 0, "last_access": None,
+            rows.append({"repo_id": repo.repo_id, "variant": "", "count": 0, "last_access": None,
                          "bytes": size, "resident_bytes": in_ram})  # fmt: skip
     if as_json:
         render.print_json({"models": rows, "budget_bytes": depot.preloader.budget,

@@ -122,7 +122,7 @@ def manifest_from_record(
         )
         resumable = any(k is not None for k in kept)
         bytes_done = state.bytes_done if state else 0
-        if resumable and not running:
+        if resumable and status == "failed":
             bytes_done = max(bytes_done, sum(k or 0 for k in kept))
         variants.append(
             Variant(

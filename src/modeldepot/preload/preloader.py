@@ -415,14 +415,24 @@ class Preloader:
             )
 
 
-def resident_in_ram(store: Store, repo_id: str, revision: str = "main") -> tuple[int, int]:
-    """(bytes in the page cache now, bytes in all) of a revision's blobs, from any process."""
+def resident_in_ram(
+    store: Store, repo_id: str, revision: str = "main", check: bool = True
+) -> tuple[int, int]:
+    """(bytes in the page cache now, bytes in all) of a revision's blobs, from any process. ``check``
+    False: the blobs are opened as they are, never rehashed (one not yet checked since a power loss would
+    be read whole, into RAM, by its check): a look that must not change what it looks at."""
     resident = total = 0
     for entry in store.files(repo_id, store.resolve(repo_id, revision)):
-        fd = store.open_fd(entry)
+        total += entry.size
+        if check:
+            fd = store.open_fd(entry)
+        else:
+            try:
+                fd = os.open(store.blobs.path(entry.sha256), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue  # gone or unreadable: nothing of it in RAM to count
         try:
             resident += resident_bytes(fd, entry.size)
         finally:
             os.close(fd)
-        total += entry.size
     return resident, total

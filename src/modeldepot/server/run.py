@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -76,15 +77,6 @@ def run_server(
 
     if scrub_interval > 0:
         app.cleanup_ctx.append(_scrubbing(depot, scrub_interval, scrub_rate))
-    if preload_top:
-
-        async def preload_hot(_app: web.Application) -> None:
-            preloader = depot.preloader
-            log.info("preloading the %d most used models (budget %d bytes) in the background", preload_top,
-                     preloader.budget)  # fmt: skip
-            preloader.auto_preload_in_background(preload_top)
-
-        app.on_startup.append(preload_hot)
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -117,10 +109,18 @@ def run_server(
     async def listen() -> None:
         try:
             await web.TCPSite(runner, host, port, backlog=BACKLOG).start()
-        except (
-            OSError
-        ) as error:  # a port in use, an address not of this machine, a name that does not resolve
-            raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+        except OSError as error:  # a port in use, an address not this machine's, a name that does not resolve
+            # (aiohttp's message repeats the address; a name that does not resolve has no errno of its own)
+            number = error.errno
+            reason = (
+                os.strerror(number) if isinstance(number, int) and number > 0 else (error.strerror or error)
+            )
+            raise ConfigError(f"cannot listen on {host}:{port}: {reason}") from None
+        if preload_top:  # once listening: a node that cannot start does not wait for a preload first
+            preloader = depot.preloader
+            log.info("preloading the %d most used models (budget %d bytes) in the background", preload_top,
+                     preloader.budget)  # fmt: skip
+            preloader.auto_preload_in_background(preload_top)
         bound = int(runner.addresses[0][1])
         log.info("serving %s on http://%s:%d (%s); HF_ENDPOINT=http://%s:%d", depot.home, host, bound, mode,
                  host, bound)  # fmt: skip

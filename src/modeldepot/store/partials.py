@@ -238,6 +238,9 @@ class PartialFiles:
         self.root = layout.partials
         self.chunk_size = chunk_size  # the store's: what a download of one chunk is read as by a peer
         self.writeback = writeback
+        # kept_bytes' answers by key, with the (size, mtime) of the log they were read from: status is
+        # polled (every half second by each dashboard), the logs rarely change between two looks.
+        self._kept: dict[str, tuple[tuple[int, int], int]] = {}
 
     def _pull_mark(self, repo_id: str) -> Path:
         return self.root / f"pull-{hashlib.sha256(repo_id.encode()).hexdigest()[:24]}.lock"
@@ -266,15 +269,27 @@ class PartialFiles:
 
     def kept_bytes(self, key: str) -> int | None:
         """The bytes a partial download of ``key`` holds by its log (what a resume would not fetch again,
-        if each logged chunk checks out), or None when there is no download of it on disk."""
-        if not self.holds(key):
-            return None
+        if each logged chunk checks out), or None when there is no download of it on disk. A download of
+        one chunk (no log: proving it means hashing it) counts 0."""
+        try:
+            info = self._paths(key).log.stat()
+        except FileNotFoundError:
+            self._kept.pop(key, None)
+            return 0 if self.holds(key) else None
+        stamp = (info.st_size, info.st_mtime_ns)
+        cached = self._kept.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
         log = self.read_log(key)
-        if log is None:
-            return 0  # a download of a file without a SHA-256 (``git-<oid>``), or one without a valid log
-        return sum(
-            chunk_span(index, log.size, log.chunk_size)[1] for index in log.logged if index < log.chunks
+        kept = (
+            0
+            if log is None
+            else sum(  # (None: a git-<oid> key, or a log without a valid header)
+                chunk_span(index, log.size, log.chunk_size)[1] for index in log.logged if index < log.chunks
+            )
         )
+        self._kept[key] = (stamp, kept)
+        return kept
 
     def signature(self) -> tuple[tuple[str, int, int], ...]:
         """(name, size, mtime in ns) of every download's log, sorted: it changes whenever a download
