@@ -112,6 +112,15 @@ def nodes(tmp_path: Path) -> Iterator[dict[str, LiveNode]]:
             depot.close()
 
 
+def lose_chunk_0(node: LiveNode) -> None:
+    """Zero chunk 0 of the node's download in progress: its log still names it, its bytes are gone."""
+    offset, length = chunk_span(0, len(DATA), SMALL_CHUNK)
+    part = node.depot.store.layout.partial_stem(SHA).with_name(f"{SHA}.part")
+    with open(part, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(bytes(length))
+
+
 def source(url: str, origin: str, partial: bool = False) -> FileSource:
     blob = f"{url}{API}/blobs/{SHA}"
     http = HttpSource(url, "node", TOKEN, RetryPolicy(attempts=2, base_delay=0.05, read_timeout=30))
@@ -258,11 +267,7 @@ def test_a_chunk_the_partial_holder_turns_out_to_lack_goes_back_to_the_pool_and_
     """The low half's log names chunk 0, but its bytes on disk are gone (zeroed): its chunk map still
     claims it, the node refuses it (404 ChunkNotAvailable). The chunk comes from the whole holder; the
     partial holder is not asked for it again, and still serves the rest of its half."""
-    offset, length = chunk_span(0, len(DATA), SMALL_CHUNK)
-    part = nodes["low"].depot.store.layout.partial_stem(SHA).with_name(f"{SHA}.part")
-    with open(part, "r+b") as handle:
-        handle.seek(offset)
-        handle.write(bytes(length))
+    lose_chunk_0(nodes["low"])
     full, low = Proxy(nodes["full"].url), Proxy(nodes["low"].url)
     try:
 
@@ -348,6 +353,53 @@ def test_fleet_peers_holding_complementary_partials_are_sources_with_their_chunk
             hub.stop()
 
 
+def swarm_download(tmp_path: Path, claimer_url: str, hub_url: str, settled: bool, limits: Limits
+                   ) -> tuple[str, dict[str, int]]:  # fmt: skip
+    """Download DATA into a fresh store's partial as a member of a swarm (a mem registry) in which another
+    node, reached at ``claimer_url``, has claimed the low half (and, if ``settled``, settled it with the
+    right digests), the Hub being ``hub_url``: the SHA-256 and the bytes written by kind of source."""
+    retry = RetryPolicy(attempts=2, base_delay=0.05, read_timeout=30)
+    me = NodeRecord("a" * 32, "http://127.0.0.1:9/", "1", 1.0)
+    claimer = NodeRecord("b" * 32, claimer_url, "1", 1.0)
+
+    def claimer_source(record: NodeRecord, holding: object) -> FileSource:
+        blob = f"{record.url}{API}/blobs/{SHA}"  # no digests: a claimer's, as a swarm has it
+        return FileSource(HttpSource(record.url, "peer", TOKEN, retry), blob, None, "peer", f"{blob}/chunks")
+
+    async def main() -> tuple[str, dict[str, int]]:
+        registry = MemRegistry(f"swarm-{uuid.uuid4().hex[:8]}")
+        mine, theirs = MemDiscovery(registry), MemDiscovery(registry)
+        for discovery, record in ((mine, me), (theirs, claimer)):
+            await discovery.start()
+            await discovery.register(record)
+        counted: dict[str, int] = {}
+        try:
+            for index in range(CHUNKS // 2):
+                assert await theirs.claim_chunk(SHA, SMALL_CHUNK, index, claimer.node_id) is not None
+                if settled:
+                    await theirs.settle_claim(SHA, SMALL_CHUNK, index, DIGESTS[index])
+            fleet = FleetView(mine, asyncio.get_running_loop(), me.node_id)
+            swarm = SwarmFile(fleet, me.node_id, SHA, len(DATA), SMALL_CHUNK, claimer_source)
+            origin = FileSource(HttpSource(hub_url, "hub", TOKEN, retry), f"{hub_url}{API}/blobs/{SHA}")
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+                remote = RemoteFile("w.safetensors", len(DATA), "0" * 40, SHA)
+                claim = local.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, False)
+                assert claim is not None
+                try:
+                    async with aiohttp.ClientSession(auto_decompress=False) as session:
+                        digest = await download_file(
+                            LazySession(session), remote, claim, [origin], limits,
+                            on_bytes=lambda n, kind: counted.update({kind: counted.get(kind, 0) + n}), swarm=swarm,
+                        )  # fmt: skip
+                        return digest.sha256, counted
+                finally:
+                    claim.release(completed=False)
+        finally:
+            await mine.close(), await theirs.close()
+
+    return asyncio.run(asyncio.wait_for(main(), 60))
+
+
 def test_in_a_swarm_a_partial_holders_chunk_is_taken_only_once_its_digest_is_known(
     tmp_path: Path, nodes: dict[str, LiveNode], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -358,44 +410,10 @@ def test_in_a_swarm_a_partial_holders_chunk_is_taken_only_once_its_digest_is_kno
     are overdue the Hub gives them, and the file is whole."""
     monkeypatch.setattr(swarm_module, "FIRST_LANDING_PATIENCE", 0.0)
     monkeypatch.setattr(choosing, "SWARM_PATIENCE", 0.5)
-    registry = MemRegistry(f"unsettled-{uuid.uuid4().hex[:8]}")
     flipper, hub = Proxy(nodes["low"].url, flip=True), Proxy(nodes["full"].url)
-    retry = RetryPolicy(attempts=2, base_delay=0.05, read_timeout=30)
-    me = NodeRecord("a" * 32, "http://127.0.0.1:9/", "1", 1.0)
-    claimer = NodeRecord("b" * 32, flipper.url, "1", 1.0)
-
-    def claimer_source(record: NodeRecord, holding: object) -> FileSource:
-        blob = f"{record.url}{API}/blobs/{SHA}"
-        # no digests: a claimer's, as a swarm has it
-        return FileSource(HttpSource(record.url, "peer", TOKEN, retry), blob, None, "peer", f"{blob}/chunks")
-
-    async def main() -> str:
-        mine, theirs = MemDiscovery(registry), MemDiscovery(registry)
-        for discovery, record in ((mine, me), (theirs, claimer)):
-            await discovery.start()
-            await discovery.register(record)
-        try:
-            for index in range(CHUNKS // 2):
-                assert await theirs.claim_chunk(SHA, SMALL_CHUNK, index, claimer.node_id) is not None
-            fleet = FleetView(mine, asyncio.get_running_loop(), me.node_id)
-            swarm = SwarmFile(fleet, me.node_id, SHA, len(DATA), SMALL_CHUNK, claimer_source)
-            origin = FileSource(HttpSource(hub.url, "hub", TOKEN, retry), f"{hub.url}{API}/blobs/{SHA}")
-            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
-                remote = RemoteFile("w.safetensors", len(DATA), "0" * 40, SHA)
-                claim = local.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, False)
-                assert claim is not None
-                try:
-                    async with aiohttp.ClientSession(auto_decompress=False) as session:
-                        digest = await download_file(LazySession(session), remote, claim, [origin],
-                                                     Limits(per_source=2, total=8), swarm=swarm)  # fmt: skip
-                        return digest.sha256
-                finally:
-                    claim.release(completed=False)
-        finally:
-            await mine.close(), await theirs.close()
-
     try:
-        assert asyncio.run(asyncio.wait_for(main(), 60)) == SHA
+        sha, _ = swarm_download(tmp_path, flipper.url, hub.url, False, Limits(per_source=2, total=8))
+        assert sha == SHA
         assert flipper.chunks == [], "no chunk was asked of the claimer before its digest was known"
         assert sorted(hub.chunks) == list(range(CHUNKS))
     finally:
@@ -457,58 +475,14 @@ def test_a_settled_chunk_its_claimer_no_longer_has_comes_from_the_hub(
     settled, this node starts as a late one: it waits for the swarm's claims to stand still, here 0.5 s,
     before it claims the other half; that wait is not what is tested.)"""
     monkeypatch.setattr(choosing, "SWARM_PATIENCE", 0.5)
-    offset, length = chunk_span(0, len(DATA), SMALL_CHUNK)
-    part = nodes["low"].depot.store.layout.partial_stem(SHA).with_name(f"{SHA}.part")
-    with open(part, "r+b") as handle:
-        handle.seek(offset)
-        handle.write(bytes(length))
-    registry = MemRegistry(f"refused-{uuid.uuid4().hex[:8]}")
+    lose_chunk_0(nodes["low"])
     low, hub = Proxy(nodes["low"].url), Proxy(nodes["full"].url)
-    retry = RetryPolicy(attempts=2, base_delay=0.05, read_timeout=30)
-    me = NodeRecord("a" * 32, "http://127.0.0.1:9/", "1", 1.0)
-    claimer = NodeRecord("b" * 32, low.url, "1", 1.0)
-
-    def claimer_source(record: NodeRecord, holding: object) -> FileSource:
-        blob = f"{record.url}{API}/blobs/{SHA}"
-        return FileSource(HttpSource(record.url, "peer", TOKEN, retry), blob, None, "peer", f"{blob}/chunks")
-
-    async def main() -> tuple[str, dict[str, int]]:
-        mine, theirs = MemDiscovery(registry), MemDiscovery(registry)
-        for discovery, record in ((mine, me), (theirs, claimer)):
-            await discovery.start()
-            await discovery.register(record)
-        counted: dict[str, int] = {}
-        try:
-            for index in range(CHUNKS // 2):
-                assert await theirs.claim_chunk(SHA, SMALL_CHUNK, index, claimer.node_id) is not None
-                await theirs.settle_claim(SHA, SMALL_CHUNK, index, DIGESTS[index])
-            fleet = FleetView(mine, asyncio.get_running_loop(), me.node_id)
-            swarm = SwarmFile(fleet, me.node_id, SHA, len(DATA), SMALL_CHUNK, claimer_source)
-            origin = FileSource(HttpSource(hub.url, "hub", TOKEN, retry), f"{hub.url}{API}/blobs/{SHA}")
-            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
-                remote = RemoteFile("w.safetensors", len(DATA), "0" * 40, SHA)
-                claim = local.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, False)
-                assert claim is not None
-                try:
-                    async with aiohttp.ClientSession(auto_decompress=False) as session:
-                        digest = await download_file(
-                            LazySession(session), remote, claim, [origin], Limits(per_source=1, total=4),
-                            on_bytes=lambda n, kind: counted.update({kind: counted.get(kind, 0) + n}), swarm=swarm,
-                        )  # fmt: skip
-                        return digest.sha256, counted
-                finally:
-                    claim.release(completed=False)
-        finally:
-            await mine.close(), await theirs.close()
-
     try:
-        sha, counted = asyncio.run(asyncio.wait_for(main(), 60))
+        sha, counted = swarm_download(tmp_path, low.url, hub.url, True, Limits(per_source=1, total=4))
         assert sha == SHA
         assert low.chunks.count(0) == 1, low.chunks
         assert 0 in hub.chunks and set(hub.chunks) <= {0, *range(CHUNKS // 2, CHUNKS)}, hub.chunks
-        assert counted == {
-            "peer": (CHUNKS // 2 - 1) * SMALL_CHUNK,
-            "hub": len(DATA) - (CHUNKS // 2 - 1) * SMALL_CHUNK,
-        }
+        from_low = (CHUNKS // 2 - 1) * SMALL_CHUNK
+        assert counted == {"peer": from_low, "hub": len(DATA) - from_low}
     finally:
         low.stop(), hub.stop()

@@ -199,20 +199,26 @@ def big_upstream(tmp_path: Path) -> Iterator[FaultProxy]:
         node.stop()
 
 
+def _killed_a_third_through(proxy: FaultProxy, home: Path) -> int:
+    """A pull into a new store at ``home``, through ``proxy`` slowed down, SIGKILLed once a third of the
+    big file has crossed: how many body bytes crossed by then."""
+    Depot(home, chunk_size=SMALL_CHUNK).close()
+    first = proxy.set("slow", times=-1, slow_delay=0.03)
+    process = _pull_process(home, _subprocess_env(proxy))
+    try:
+        wait_until(lambda: first.body_bytes > len(BIG_FILES[BIG]) // 3)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+    return first.body_bytes
+
+
 def test_a_killed_pull_resumes_fetching_only_the_missing_chunks(
     big_upstream: FaultProxy, tmp_path: Path
 ) -> None:
     proxy, home = big_upstream, tmp_path / "local"
-    Depot(home, chunk_size=SMALL_CHUNK).close()
     size = len(BIG_FILES[BIG])
-    first = proxy.set("slow", times=-1, slow_delay=0.03)
-    process = _pull_process(home, _subprocess_env(proxy))
-    try:
-        wait_until(lambda: first.body_bytes > size // 3)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.communicate()
-    crossed_first = first.body_bytes
+    crossed_first = _killed_a_third_through(proxy, home)
     assert crossed_first < size, "the pull finished before it could be killed"
 
     with Depot(home) as depot:
@@ -530,15 +536,8 @@ def test_a_pull_killed_right_after_it_resumed_shows_what_it_kept(
     of 0 bytes, and `status` said "resumable: 0 B kept" over a third of the file on disk (a user may then
     drop it with gc --partials). What a resumable variant kept is read from its downloads' logs."""
     proxy, home = big_upstream, tmp_path / "local"
-    Depot(home, chunk_size=SMALL_CHUNK).close()
     size = len(BIG_FILES[BIG])
-    first = proxy.set("slow", times=-1, slow_delay=0.03)
-    process = _pull_process(home, _subprocess_env(proxy))
-    try:
-        wait_until(lambda: first.body_bytes > size // 3)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.communicate()
+    _killed_a_third_through(proxy, home)
     stalled = proxy.set("stall", times=-1, path_suffix=BIG)
     process = _pull_process(home, _subprocess_env(proxy))
     try:
