@@ -130,6 +130,16 @@ def test_cli_pull(local: Depot) -> None:
     done = runner.invoke(cli, ["pull", REPO, "--quant", "q4f16", "--json", "--home", home])
     assert done.exit_code == 0, done.stderr
     assert json.loads(done.stdout)["variants"] == ["q4f16"]
+    # One variant of several: info says the revision holds only some of the commit's files.
+    manifest = local.get_manifest(REPO)
+    held = len(local.list_files(REPO))
+    assert 0 < held < len(manifest.files)
+    info = runner.invoke(cli, ["info", REPO, "--home", home])
+    assert f"{held} of the commit's {len(manifest.files)} files" in info.stdout.replace("\n", " "), (
+        info.stdout
+    )
+    described = json.loads(runner.invoke(cli, ["info", REPO, "--json", "--home", home]).stdout)
+    assert described["upstream_files"] == {manifest.commit_id: len(manifest.files)}
     # Not a terminal: plain lines (written in batches), one per file fetched, and the total at the end.
     fetched = [f.path for f in local.get_manifest(REPO).files if f"  {f.path} (" in done.stderr]
     assert fetched and all(done.stderr.count(f"  {path} (") == 1 for path in fetched)

@@ -205,9 +205,18 @@ def ls_command(depot: Depot, as_json: bool) -> None:
 @_json_option
 @_home_option
 def info_command(depot: Depot, repo_id: str, as_json: bool) -> None:
-    """Show a repo's refs, revisions and files."""
+    """Show a repo's refs, revisions and files (and, for a revision that holds only some of its commit's
+    files, as a mirror or a pull of one variant leaves it, how many the commit has)."""
     info = depot.repo_info(repo_id)
-    render.emit(as_json, info.to_dict(), lambda: render.render_info(info))
+    upstream: dict[str, int] = {}
+    try:
+        manifest = depot.get_manifest(repo_id)
+    except DepotError:
+        pass  # imported, or never scanned: the store knows of no other files
+    else:
+        upstream[manifest.commit_id] = len(manifest.files)
+    body = {**info.to_dict(), "upstream_files": upstream}
+    render.emit(as_json, body, lambda: render.render_info(info, upstream))
 
 
 @cli.command("path")

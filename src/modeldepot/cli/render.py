@@ -225,12 +225,17 @@ def render_ls(repos: list[RepoSummary]) -> None:
     out.print(table)
 
 
-def render_info(info: RepoInfo) -> None:
+def render_info(info: RepoInfo, upstream: dict[str, int] | None = None) -> None:
+    """``upstream``: how many files the commit has upstream, by commit id, where the store knows."""
     out.print(f"[bold]{info.repo_id}[/bold]  {'private' if info.private else 'public'}, from {info.origin}")
     for revision in info.revisions:
         names = ", ".join(revision.refs) if revision.refs else "detached"
+        total = (upstream or {}).get(revision.commit_id, 0)
+        held = f"{len(revision.files)} files"
+        if total > len(revision.files):
+            held = f"{len(revision.files)} of the commit's {total} files (`modeldepot pull {info.repo_id}` takes the rest)"
         out.print(
-            f"\ncommit {revision.commit_id} ({names}), {len(revision.files)} files, "
+            f"\ncommit {revision.commit_id} ({names}), {held}, "
             f"{format_bytes(revision.size)}, added {_when(revision.created_at)}"
         )
         table = _table("path", "size", "sha256", "etag", "lfs")
