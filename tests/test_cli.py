@@ -140,6 +140,7 @@ def test_console_script_and_module_entry_points(tmp_path: Path) -> None:
     for command in ([str(script)], [sys.executable, "-m", "modeldepot"]):
         done = subprocess.run([*command, "ls"], capture_output=True, text=True, env=env, check=False)
         assert done.returncode == 0 and "empty" in done.stdout
+        assert str(tmp_path / "h") in done.stdout.replace("\n", ""), "the folder named: a mistyped one shows"
         version = subprocess.run([*command, "--version"], capture_output=True, text=True, check=True)
         assert "modeldepot" in version.stdout
 

@@ -197,7 +197,7 @@ def import_command(
 def ls_command(depot: Depot, as_json: bool) -> None:
     """List the repos in the store."""
     repos = depot.list_repos()
-    render.emit(as_json, [repo.to_dict() for repo in repos], lambda: render.render_ls(repos))
+    render.emit(as_json, [repo.to_dict() for repo in repos], lambda: render.render_ls(repos, depot.home))
 
 
 @cli.command("info")

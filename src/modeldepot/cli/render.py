@@ -26,6 +26,8 @@ from modeldepot.hub.manifest import Manifest
 from modeldepot.store import DiskUsage, GcReport, RemoveResult, RepoInfo, RepoSummary, VerifyReport
 
 if TYPE_CHECKING:  # not imported at run time: `import` and the store commands start without aiohttp
+    from pathlib import Path
+
     from modeldepot.store.budget import BudgetStatus, Eviction, Pin
     from modeldepot.transfer.fleet import PeerRow
     from modeldepot.transfer.pull import PullUpdate
@@ -206,9 +208,10 @@ class PullView:
             progress.remove_task(self._files.pop(update.path))
 
 
-def render_ls(repos: list[RepoSummary]) -> None:
-    if not repos:
-        out.print("The store is empty. Add a model with `modeldepot import DIR --repo ORG/NAME`.")
+def render_ls(repos: list[RepoSummary], home: Path | None = None) -> None:
+    if not repos:  # (the folder named: a mistyped --home shows here, as a store made empty just now)
+        where = f" at {home}" if home is not None else ""
+        out.print(f"The store{where} is empty. Add a model with `modeldepot import DIR --repo ORG/NAME`.")
         return
     table = _table("repo", "refs", "revisions", "files", "size", "private", "updated")
     for repo in repos:
