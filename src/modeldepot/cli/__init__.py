@@ -525,13 +525,14 @@ def stats_command(depot: Depot, top: int, as_json: bool) -> None:
     from modeldepot.preload import resident_in_ram
 
     rows = []
-    for access in depot.store.access.top(top):
+    accesses = depot.store.access.top(1 << 30)  # every use row: the top ones, and who was ever used
+    for access in accesses[:top]:
         try:
-            in_ram, size = resident_in_ram(depot.store, access.repo_id)
+            in_ram, size = resident_in_ram(depot.store, access.repo_id, check=False)
         except DepotError:
-            in_ram, size = 0, 0  # removed since, or a blob gone: listed with nothing in RAM
+            in_ram, size = 0, 0  # removed since: listed with nothing in RAM
         rows.append({**access.to_dict(), "bytes": size, "resident_bytes": in_ram})
-    used = {access.repo_id for access in depot.store.access.top(1 << 30)}
+    used = {access.repo_id for access in accesses}
     for repo in depot.list_repos():  # models in RAM never used (preloaded, say), in the slots left
         if len(rows) >= top:
             break

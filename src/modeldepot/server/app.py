@@ -100,15 +100,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.RequestPayloadError as error:  # e.g. a body sent as gzip that is not gzip
         reason = error.__cause__ or error
         return error_response(400, "BadRequest", f"the request's body could not be read: {reason}")
-    except ConnectionResetError:
-        if request.transport is not None and not request.transport.is_closing():
-            log.exception("request %s: unexpected error on %s %s", request[REQUEST_ID], request.method,
-                          request.path)  # fmt: skip
-            return error_response(500, "NodeError", "the node could not complete the request")
-        # The client left mid-request: nothing wrong here, and the answer goes nowhere.
-        log.info("request %s: the client left during %s %s", request[REQUEST_ID], request.method,
-                 request.path)  # fmt: skip
-        return error_response(400, "BadRequest", "the connection was lost before the request was read")
     except web.HTTPException as error:
         if error.status < 400:
             raise
@@ -118,7 +109,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             error.reason,
             {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None,
         )
-    except Exception:
+    except Exception as error:
+        if isinstance(error, ConnectionResetError) and (
+            request.transport is None or request.transport.is_closing()
+        ):
+            # The client left mid-request: nothing wrong here, and the answer goes nowhere.
+            log.info("request %s: the client left during %s %s", request[REQUEST_ID], request.method,
+                     request.path)  # fmt: skip
+            return error_response(400, "BadRequest", "the connection was lost before the request was read")
         log.exception(
             "request %s: unexpected error on %s %s", request[REQUEST_ID], request.method, request.path
         )

@@ -42,6 +42,7 @@ __all__ = [
     "Reply",
     "close_idle",
     "proxy_for",
+    "proxy_of",
     "read_range",
     "request",
 ]
@@ -97,6 +98,11 @@ def proxy_for(scheme: str, host: str, port: int) -> Proxy | None:
         pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         authorization = "Basic " + base64.b64encode(pair).decode()
     return Proxy(parts.hostname, proxy_port, authorization)
+
+
+def proxy_of(url: str) -> Proxy | None:
+    """:func:`proxy_for` the origin of ``url`` (http.client.InvalidURL for one that is no http(s) URL)."""
+    return proxy_for(*_origin(url)[0])
 
 
 def _bypassed(host: str, no_proxy: str) -> bool:
@@ -173,7 +179,7 @@ class _Pool:
                     return connection
                 connection.close()
         (scheme, host, port), proxy = route
-        if proxy is not None and scheme == "http":  # asked for absolute URLs (_InUse.target)
+        if proxy is not None and scheme == "http":  # asked for absolute URLs (_InUse.send)
             return http.client.HTTPConnection(proxy.host, proxy.port, timeout=timeout)
         if scheme == "https":
             with self._lock:

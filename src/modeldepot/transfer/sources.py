@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from modeldepot.errors import (
     AccessDeniedError,
@@ -31,7 +31,7 @@ from modeldepot.errors import (
     UpstreamTimeoutError,
 )
 from modeldepot.hashing import chunk_count, chunk_span
-from modeldepot.transfer.ranged import READERS, Attempt, Reply, proxy_for, read_range, request
+from modeldepot.transfer.ranged import READERS, Attempt, Reply, proxy_of, read_range, request
 from modeldepot.transfer.threads import until_done
 
 if TYPE_CHECKING:
@@ -211,10 +211,7 @@ class HttpSource:
         do not do ranges). One attempt: a caller that needs more tries again."""
         import aiohttp
 
-        parts = urlsplit(url)
-        proxy = proxy_for(
-            parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
-        )
+        proxy = proxy_of(url)
         try:
             async with session.get(
                 url, headers=self.headers(), timeout=self._timeout(),
