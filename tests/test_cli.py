@@ -136,6 +136,7 @@ def test_gc_and_du_report(home: Path, model_dir: Path) -> None:
 
 def test_console_script_and_module_entry_points(tmp_path: Path) -> None:
     env = {**os.environ, "MODELDEPOT_HOME": str(tmp_path / "h")}
+    Depot(tmp_path / "h").close()
     script = Path(sys.executable).parent / "modeldepot"
     for command in ([str(script)], [sys.executable, "-m", "modeldepot"]):
         done = subprocess.run([*command, "ls"], capture_output=True, text=True, env=env, check=False)
@@ -143,6 +144,56 @@ def test_console_script_and_module_entry_points(tmp_path: Path) -> None:
         assert str(tmp_path / "h") in done.stdout.replace("\n", ""), "the folder named: a mistyped one shows"
         version = subprocess.run([*command, "--version"], capture_output=True, text=True, check=True)
         assert "modeldepot" in version.stdout
+
+
+READING_COMMANDS = [
+    ["ls"],
+    ["info", REPO],
+    ["path", REPO],
+    ["cat", REPO, "config.json"],
+    ["verify"],
+    ["sync"],
+    ["rm", REPO, "-y"],
+    ["gc"],
+    ["du"],
+    ["pin", REPO],
+    ["unpin", REPO],
+    ["pins"],
+    ["status"],
+    ["preload", REPO],
+    ["stats"],
+    ["hf-cache", "export", REPO],
+]
+
+
+@pytest.mark.parametrize("through_env", [False, True], ids=["--home", "MODELDEPOT_HOME"])
+def test_a_command_that_only_reads_makes_no_store_in_a_mistyped_folder(
+    tmp_path: Path, model_dir: Path, through_env: bool
+) -> None:
+    """A typo in --home used to make a new, empty store and answer from it ("no repos"); now every command
+    that only reads names the folder and leaves it alone, while the ones that write still make a store."""
+    typo, existing = tmp_path / "depto", tmp_path / "empty-but-there"
+    existing.mkdir()
+    for folder in (typo, existing):
+        for args in READING_COMMANDS:
+            env = {"MODELDEPOT_HOME": str(folder)} if through_env else {}
+            home = [] if through_env else ["--home", str(folder)]
+            result = CliRunner().invoke(cli, [*args, *home], env=env)
+            assert result.exit_code == 2, (args, result.output)
+            assert f"no store at {folder}" in result.output.replace("\n", ""), (args, result.output)
+        assert not (folder / "index.db").exists() and not (folder / "blobs").exists()
+    assert not typo.exists()
+    code, _, _ = run("import", str(model_dir), "--repo", REPO, home=typo)
+    assert code == 0
+    code, out, _ = run("ls", home=typo)
+    assert code == 0 and REPO in out
+
+
+def test_the_default_store_is_still_made_on_first_use(tmp_path: Path) -> None:
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "MODELDEPOT_HOME": ""}
+    result = CliRunner().invoke(cli, ["ls"], env=env)
+    assert result.exit_code == 0 and "empty" in result.output
+    assert (tmp_path / "cache" / "modeldepot" / "index.db").is_file()
 
 
 def test_the_command_ends_with_its_exit_status_and_all_its_output(home: Path, model_dir: Path) -> None:

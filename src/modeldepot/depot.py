@@ -97,7 +97,8 @@ class MappedFile:
 class Depot:
     """A model depot rooted at ``home`` (default: ``MODELDEPOT_HOME``, else ``~/.cache/modeldepot``).
 
-    ``chunk_size`` only matters when the store is created. ``servers`` (default ``MODELDEPOT_SERVERS``) are
+    ``chunk_size`` only matters when the store is created; with ``create=False`` a ``home`` that holds no store
+    is a :class:`~modeldepot.errors.ConfigError` instead of a new, empty store. ``servers`` (default ``MODELDEPOT_SERVERS``) are
     the depot nodes pulls ask before the Hub; ``cluster`` (default ``MODELDEPOT_CLUSTER``, like
     ``etcd://HOST:PORT``) is the fleet's registry, whose live nodes pulls ask next (:attr:`fleet`). Every
     method validates repo ids, paths and revisions first and raises
@@ -131,6 +132,7 @@ class Depot:
         servers: Sequence[str] | None = None,
         cluster: str | None = None,
         engine_cache: LoadedModelCache[Any] | None = None,
+        create: bool = True,
     ) -> None:
         base = DepotConfig.from_env(home=home)
         self.config = dataclasses.replace(
@@ -139,7 +141,7 @@ class Depot:
             servers=tuple(s.rstrip("/") for s in servers) if servers is not None else base.servers,
             cluster=cluster if cluster is not None else base.cluster,
         )
-        self.store = Store(self.config)
+        self.store = Store(self.config, create=create)
         self._engines = engine_cache
         self._engines_lock = threading.Lock()
         self._preloader: Preloader | None = None

@@ -91,7 +91,7 @@ def import_command(
 @_cache_dir_option
 @_copy_option
 @_json_option
-@_home_option
+@_home_option(creates=False)
 def export_command(
     depot: Depot, repo_id: str, revision: str, cache_dir: Path | None, copy: bool, as_json: bool
 ) -> None:

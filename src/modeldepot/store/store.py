@@ -69,10 +69,14 @@ def _entry(row: sqlite3.Row) -> FileEntry:
 
 
 class Store:
-    """A store at ``config.home``, created on first use."""
+    """A store at ``config.home``, created on first use (unless ``create`` is false: then a folder that holds
+    no store is a :class:`ConfigError`, so a mistyped home is not taken for a new, empty store)."""
 
-    def __init__(self, config: DepotConfig) -> None:
+    def __init__(self, config: DepotConfig, *, create: bool = True) -> None:
         self.layout = StoreLayout(config.home)
+        if not create and not self.layout.index_path.is_file():
+            raise ConfigError(f"no store at {config.home}: nothing was imported, pulled or served there "
+                              "(check the folder's name)")  # fmt: skip
         self.layout.create()
         self.index = Index(self.layout.index_path, self.layout.lock_path.parent / "index-setup.lock")
         self.blobs = BlobFiles(self.layout)
