@@ -36,34 +36,36 @@ def exit_code_for(error: DepotError) -> int:
     return EXIT_BAD_INPUT if isinstance(error, (InvalidInputError, ConfigError)) else EXIT_FAILURE
 
 
-def _home_option(function: F | None = None, *, creates: bool = True) -> Any:
-    """Every command takes --home; errors from the library become a message and an exit code here.
+def _home_option(function: F) -> F:
+    """Every command takes --home; errors from the library become a message and an exit code here."""
+    return _with_home(function, creates=True)
 
-    A command that only reads (``creates=False``) never makes a store in a folder named by ``--home`` or
-    ``MODELDEPOT_HOME``: a mistyped path is an error, not a new empty store. The default folder is still
+
+def _reading_home_option(function: F) -> F:
+    """--home for a command that only reads or tidies: it never makes a store in a folder named by --home or
+    ``MODELDEPOT_HOME`` (a mistyped path is an error, not a new, empty store). The default folder is still
     made on first use."""
+    return _with_home(function, creates=False)
 
-    def decorate(command: F) -> F:
-        @click.option(
-            "--home",
-            type=click.Path(file_okay=False, path_type=Path),
-            default=None,
-            help="Store folder (default: $MODELDEPOT_HOME, else $XDG_CACHE_HOME/modeldepot, else "
-            "~/.cache/modeldepot).",
-        )
-        @wraps(command)
-        def wrapper(*args: Any, home: Path | None, **kwargs: Any) -> Any:
-            named = home is not None or bool(os.environ.get("MODELDEPOT_HOME"))
-            try:
-                with Depot(home, create=creates or not named) as depot:
-                    return command(depot, *args, **kwargs)
-            except DepotError as error:
-                render.err.print(f"[red]error:[/red] {error}")
-                sys.exit(exit_code_for(error))
 
-        return wrapper  # type: ignore[return-value]
+def _with_home(function: F, *, creates: bool) -> F:
+    @click.option(
+        "--home",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Store folder (default: $MODELDEPOT_HOME, else $XDG_CACHE_HOME/modeldepot, else ~/.cache/modeldepot).",
+    )
+    @wraps(function)
+    def wrapper(*args: Any, home: Path | None, **kwargs: Any) -> Any:
+        named = home is not None or bool(os.environ.get("MODELDEPOT_HOME"))
+        try:
+            with Depot(home, create=creates or not named) as depot:
+                return function(depot, *args, **kwargs)
+        except DepotError as error:
+            render.err.print(f"[red]error:[/red] {error}")
+            sys.exit(exit_code_for(error))
 
-    return decorate(function) if function is not None else decorate
+    return wrapper  # type: ignore[return-value]
 
 
 def _checked(validator: Callable[[str], str]) -> Callable[[click.Context, click.Parameter, Any], Any]:
@@ -202,7 +204,7 @@ def import_command(
 
 @cli.command("ls")
 @_json_option
-@_home_option(creates=False)
+@_reading_home_option
 def ls_command(depot: Depot, as_json: bool) -> None:
     """List the repos in the store."""
     repos = depot.list_repos()
@@ -212,7 +214,7 @@ def ls_command(depot: Depot, as_json: bool) -> None:
 @cli.command("info")
 @_repo_argument
 @_json_option
-@_home_option(creates=False)
+@_reading_home_option
 def info_command(depot: Depot, repo_id: str, as_json: bool) -> None:
     """Show a repo's refs, revisions and files (and, for a revision that holds only some of its commit's
     files, as a mirror or a pull of one variant leaves it, how many the commit has)."""
@@ -232,7 +234,7 @@ def info_command(depot: Depot, repo_id: str, as_json: bool) -> None:
 @_repo_argument
 @click.argument("path", metavar="[FILE]", required=False, callback=_checked(validate_path))
 @_revision_option
-@_home_option(creates=False)
+@_reading_home_option
 def path_command(depot: Depot, repo_id: str, path: str | None, revision: str) -> None:
     """Print the path of FILE in the revision's snapshot folder (a link to its blob, under its repo name,
     so that model.onnx finds model.onnx_data beside it), or of the folder itself when FILE is omitted."""
@@ -244,7 +246,7 @@ def path_command(depot: Depot, repo_id: str, path: str | None, revision: str) ->
 @_repo_argument
 @click.argument("path", metavar="FILE", callback=_checked(validate_path))
 @_revision_option
-@_home_option(creates=False)
+@_reading_home_option
 def cat_command(depot: Depot, repo_id: str, path: str, revision: str) -> None:
     """Write FILE's bytes to standard output, each chunk checked against its BLAKE3 first (as a node checks
     what it sends: a corrupt blob is quarantined and the command fails, exit 1)."""
@@ -284,7 +286,7 @@ def _copy_to_stdout(fd: int, offset: int, length: int) -> None:
 @cli.command("verify")
 @click.argument("repo_id", metavar="[REPO]", required=False, callback=_checked(validate_repo_id))
 @_json_option
-@_home_option(creates=False)
+@_reading_home_option
 def verify_command(depot: Depot, repo_id: str | None, as_json: bool) -> None:
     """Rehash every blob (of REPO, or all); quarantine corrupt ones. Exit 1 if any is corrupt."""
     bar = render.ByteProgress("verifying")
@@ -297,7 +299,7 @@ def verify_command(depot: Depot, repo_id: str | None, as_json: bool) -> None:
 
 @cli.command("sync")
 @_json_option
-@_home_option(creates=False)
+@_reading_home_option
 def sync_command(depot: Depot, as_json: bool) -> None:
     """Wait until everything in the store is durable on disk.
 
@@ -323,7 +325,7 @@ def sync_command(depot: Depot, as_json: bool) -> None:
 )
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @_json_option
-@_home_option(creates=False)
+@_reading_home_option
 def rm_command(depot: Depot, repo_id: str, revision: str | None, yes: bool, as_json: bool) -> None:
     """Remove a repo (or one revision) and free the blobs nothing else uses."""
     what = f"{repo_id}@{revision}" if revision else f"{repo_id} (all revisions)"
@@ -343,7 +345,7 @@ def rm_command(depot: Depot, repo_id: str, revision: str | None, yes: bool, as_j
               help="Also evict the least recently used revisions until the blobs take at most this "
                    "(200GiB, or 80% of the disk); never what is pinned or in use.")  # fmt: skip
 @_json_option
-@_home_option(creates=False)
+@_reading_home_option
 def gc_command(depot: Depot, partials: bool, max_size: str | None, as_json: bool) -> None:
     """Delete unreferenced blobs, abandoned partial files, stale snapshots and quarantined files.
 
@@ -368,7 +370,7 @@ def _max_size(value: str | None) -> str | None:
 
 @cli.command("du")
 @_json_option
-@_home_option(creates=False)
+@_reading_home_option
 def du_command(depot: Depot, as_json: bool) -> None:
     """Show how much disk the store uses, how much deduplication saves, and the disk budget."""
     usage, budget = depot.du(), depot.budget_status()
@@ -381,7 +383,7 @@ def du_command(depot: Depot, as_json: bool) -> None:
 @click.option("--quant", "-q", default=None, help="Pin this variant (the revision holding it stays whole).")
 @_revision_option
 @_json_option
-@_home_option(creates=False)
+@_reading_home_option
 def pin_command(depot: Depot, repo_id: str, quant: str | None, revision: str, as_json: bool) -> None:
     """Never evict this model to keep within the disk budget (MODELDEPOT_MAX_SIZE)."""
     pin = depot.pin(repo_id, quant, revision)
@@ -394,7 +396,7 @@ def pin_command(depot: Depot, repo_id: str, quant: str | None, revision: str, as
 @click.option("--quant", "-q", default=None, help="The variant given to `pin`.")
 @_revision_option
 @_json_option
-@_home_option(creates=False)
+@_reading_home_option
 def unpin_command(depot: Depot, repo_id: str, quant: str | None, revision: str, as_json: bool) -> None:
     """Let the disk budget evict this model again."""
     removed = depot.unpin(repo_id, quant, revision)
@@ -407,7 +409,7 @@ def unpin_command(depot: Depot, repo_id: str, quant: str | None, revision: str, 
 
 @cli.command("pins")
 @_json_option
-@_home_option(creates=False)
+@_reading_home_option
 def pins_command(depot: Depot, as_json: bool) -> None:
     """List what is pinned."""
     pins = depot.pins()
@@ -488,7 +490,7 @@ def pull_command(
 @cli.command("status")
 @click.argument("repo_id", metavar="[REPO]", required=False, callback=_checked(validate_repo_id))
 @_json_option
-@_home_option(creates=False)
+@_reading_home_option
 def status_command(depot: Depot, repo_id: str | None, as_json: bool) -> None:
     """Show the variants of scanned repos and their download status."""
     manifests = [depot.get_manifest(repo_id)] if repo_id else depot.list_manifests()
@@ -508,7 +510,7 @@ def status_command(depot: Depot, repo_id: str | None, as_json: bool) -> None:
 )
 @_revision_option
 @_json_option
-@_home_option(creates=False)
+@_reading_home_option
 def preload_command(depot: Depot, repo_id: str, quant: str | None, revision: str, as_json: bool) -> None:
     """Bring a model into RAM (the page cache, shared with every process) so workers start from memory.
 
@@ -528,7 +530,7 @@ def preload_command(depot: Depot, repo_id: str, quant: str | None, revision: str
 @cli.command("stats")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(1, 1000), help="Models to list.")
 @_json_option
-@_home_option(creates=False)
+@_reading_home_option
 def stats_command(depot: Depot, top: int, as_json: bool) -> None:
     """The most used models, how often and when they were used, and how much of each is in RAM now."""
     from modeldepot.preload import resident_in_ram

@@ -17,6 +17,7 @@ from modeldepot.cli import (
     _checked,
     _home_option,
     _json_option,
+    _reading_home_option,
     _repo_argument,
     _revision_option,
     render,
@@ -91,7 +92,7 @@ def import_command(
 @_cache_dir_option
 @_copy_option
 @_json_option
-@_home_option(creates=False)
+@_reading_home_option
 def export_command(
     depot: Depot, repo_id: str, revision: str, cache_dir: Path | None, copy: bool, as_json: bool
 ) -> None:
