@@ -259,10 +259,11 @@ def test_a_download_is_served_at_every_step_of_its_publish(
             status, _, body = get(node, f"{API}/blobs/{sha256}", whole)
             answers.append((when, status, body == data))
 
-        def observed_commit(*args: Any) -> None:
+        def observed_commit(*args: Any) -> Any:
             ask("placed")
-            commit(*args)
+            recorded = commit(*args)
             ask("committed")
+            return recorded
 
         monkeypatch.setattr(publish_module, "_commit", observed_commit)
         try:

@@ -15,10 +15,11 @@ import dataclasses
 import logging
 import mmap
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import wraps
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from modeldepot.config import DepotConfig
 from modeldepot.errors import ConfigError, DepotError, EntryNotFoundError, NotFoundError, OfflineError
@@ -64,6 +65,24 @@ from modeldepot.validation import is_commit_id, validate_path, validate_repo_id,
 __all__ = ["Depot", "MappedFile"]
 
 log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _any_case(method: F) -> F:
+    """Repo ids match whatever their case, as on the Hub: ``method`` gets its ``repo_id`` (the first
+    argument, or the keyword) as the store spells it (:meth:`Store.spelled`), validated."""
+
+    @wraps(method)
+    def wrapper(self: Depot, *args: Any, **kwargs: Any) -> Any:
+        if "repo_id" in kwargs:
+            if kwargs["repo_id"] is not None:
+                kwargs["repo_id"] = self.store.spelled(kwargs["repo_id"])
+        elif args and args[0] is not None:
+            args = (self.store.spelled(args[0]), *args[1:])
+        return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class MappedFile:
@@ -201,8 +220,10 @@ class Depot:
         private: bool = False,
         progress: ImportProgress | None = None,
     ) -> ImportResult:
-        """Publish a local folder as ``repo_id`` at branch ``revision``; the commit id derives from the files."""
-        return import_dir(self.store, path, repo_id, revision, private=private, progress=progress)
+        """Publish a local folder as ``repo_id`` at branch ``revision``; the commit id derives from the files.
+        A repo the store holds under another case gets the revision (the Hub's repo ids ignore case)."""
+        return import_dir(self.store, path, self.store.spelled(repo_id), revision, private=private,
+                          progress=progress)  # fmt: skip
 
     def hf_cache_import(
         self,
@@ -240,20 +261,25 @@ class Depot:
 
     # -- reading --------------------------------------------------------------------------------------
 
+    @_any_case
     def resolve(self, repo_id: str, revision: str = "main") -> str:
         """The commit id a branch name (or commit id) stands for."""
         return self.store.resolve(repo_id, revision)
 
+    @_any_case
     def list_files(self, repo_id: str, revision: str = "main") -> list[FileEntry]:
         """Every file of a revision, sorted by path."""
         return self.store.files(repo_id, self.store.resolve(repo_id, revision))
 
+    @_any_case
     def file_info(self, repo_id: str, path: str, revision: str = "main") -> FileEntry:
         return self.store.entry(repo_id, path, revision)
 
+    @_any_case
     def has_file(self, repo_id: str, path: str, revision: str = "main") -> bool:
         return self.store.has_file(repo_id, path, revision)
 
+    @_any_case
     def get_file(
         self, repo_id: str, path: str, revision: str = "main", *, download: bool = False
     ) -> memoryview:
@@ -267,6 +293,7 @@ class Depot:
         self.store.access.record(repo_id)
         return memoryview(mapping) if mapping is not None else memoryview(b"")
 
+    @_any_case
     def map_file(self, repo_id: str, path: str, revision: str = "main") -> MappedFile:
         """Like :meth:`get_file`, as a context manager that unmaps the file on exit."""
         entry = self.store.entry(repo_id, path, revision)
@@ -274,24 +301,28 @@ class Depot:
         self.store.access.record(repo_id)
         return mapped
 
+    @_any_case
     def open_file(self, repo_id: str, path: str, revision: str = "main") -> BinaryIO:
         """A seekable binary stream; it reads from disk as asked and never holds the whole file."""
         stream = self.store.open(self.store.entry(repo_id, path, revision))
         self.store.access.record(repo_id)
         return stream
 
+    @_any_case
     def get_chunk(self, repo_id: str, path: str, index: int, revision: str = "main") -> memoryview:
         """Chunk ``index`` of a file as a zero-copy view, verified against its BLAKE3 digest."""
         chunk = self.store.chunk(self.store.entry(repo_id, path, revision), index)
         self.store.access.record(repo_id)
         return chunk
 
+    @_any_case
     def file_path(self, repo_id: str, path: str, revision: str = "main") -> Path:
         """A real path (in the snapshot tree) for engines that open or mmap files themselves."""
         found = self.store.file_path(repo_id, path, revision)
         self.store.access.record(repo_id)
         return found
 
+    @_any_case
     def snapshot_path(self, repo_id: str, revision: str = "main") -> Path:
         """The revision's folder, for ``from_pretrained(...)`` and other path-based loaders."""
         found = self.store.snapshot_path(repo_id, revision)
@@ -309,11 +340,13 @@ class Depot:
     def list_repos(self) -> list[RepoSummary]:
         return self.store.list_repos()
 
+    @_any_case
     def repo_info(self, repo_id: str) -> RepoInfo:
         return self.store.repo_info(repo_id)
 
     # -- upstream repos -------------------------------------------------------------------------------
 
+    @_any_case
     def scan_repo(self, repo_id: str, revision: str = "main") -> Manifest:
         """Read ``repo_id`` through the source chain (depot servers from ``MODELDEPOT_SERVERS``, then the
         Hub at ``HF_ENDPOINT``): commit, files, variants; saved as its manifest.
@@ -331,6 +364,7 @@ class Depot:
                     f"offline mode: {repo_id} was never scanned, and scanning needs the network"
                 ) from None
         scan = self.chain.scan(repo_id, revision)
+        repo_id = self.store.spelled(scan.repo_id)  # the store's spelling, or for a new repo the upstream's
         body = manifest_body(repo_id, revision, scan.commit_id, scan.endpoint, scan.info, scan.files)
         grouping = group_files(f.path for f in scan.files)
         statuses = {
@@ -402,6 +436,7 @@ class Depot:
             raise ConfigError("no cluster to list: give --cluster etcd://HOST:PORT or set MODELDEPOT_CLUSTER")
         return fleet.rows()
 
+    @_any_case
     def pull(
         self,
         repo_id: str,
@@ -447,10 +482,12 @@ class Depot:
         return await pull_async(self.store, manifest, quants, self._branch(revision), chain,
                                 self.config.offline, progress, self._limits(), paths, watch)  # fmt: skip
 
+    @_any_case
     def download_quant(self, repo_id: str, quant: str, *, progress: PullProgress | None = None) -> PullResult:
         """Download one variant (and the shared files) of ``repo_id`` at ``main``."""
         return self.pull(repo_id, [quant], progress=progress)
 
+    @_any_case
     def download_file(
         self, repo_id: str, path: str, revision: str = "main", *, progress: PullProgress | None = None
     ) -> FileEntry:
@@ -468,6 +505,7 @@ class Depot:
         )
         return self.store.entry(repo_id, path, manifest.commit_id)
 
+    @_any_case
     def manifest_for(self, repo_id: str, revision: str) -> Manifest:
         """The manifest to pull ``revision`` by: the saved one when it answers it (a commit id it was
         scanned at, or, offline, the branch it was scanned at); else a fresh scan."""
@@ -492,6 +530,7 @@ class Depot:
 
         return Limits(per_source=self.config.connections_per_source, total=self.config.connections)
 
+    @_any_case
     def get_manifest(self, repo_id: str) -> Manifest:
         """The saved manifest of a scanned repo, with each variant's current status (a pull that was
         killed shows as failed and resumable, not as downloading forever)."""
@@ -526,6 +565,7 @@ class Depot:
 
     # -- engines ----------------------------------------------------------------------------------------
 
+    @_any_case
     def load(
         self,
         repo_id: str,
@@ -586,10 +626,12 @@ class Depot:
         ``check``: a server stopping leaves them to the next start)."""
         return self.store.sync(check)
 
+    @_any_case
     def verify(self, repo_id: str | None = None, *, progress: VerifyProgress | None = None) -> VerifyReport:
         """Rehash blobs and chunks; a corrupt blob is quarantined, reported and never served again."""
         return verify(self.store, repo_id, progress)
 
+    @_any_case
     def remove(self, repo_id: str, revision: str | None = None) -> RemoveResult:
         """Remove a repo or one revision; blobs nothing else uses are deleted at once."""
         result = remove(self.store, repo_id, revision)
@@ -626,6 +668,7 @@ class Depot:
 
     # -- the disk budget ----------------------------------------------------------------------------------------
 
+    @_any_case
     def pin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> Pin:
         """Never evict the revision ``revision`` names (a branch is followed) to keep within the disk budget;
         ``quant``: one variant of it (the revision stays whole)."""
@@ -637,10 +680,12 @@ class Depot:
                                     f"{grouping.names()})", repo_id=repo_id)  # fmt: skip
         return self.store.budget.pin(repo_id, quant, revision)
 
+    @_any_case
     def unpin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
         """Remove a pin; False when there was none."""
         return self.store.budget.unpin(repo_id, quant, revision)
 
+    @_any_case
     def pins(self, repo_id: str | None = None) -> list[Pin]:
         if repo_id is not None:
             validate_repo_id(repo_id)

@@ -557,12 +557,15 @@ def export_to_hf_cache(
     with ``copy``); a blob the cache already holds with the right bytes is kept. Refuses (InvalidInputError)
     to write through a link that leads out of the cache. A file whose blob the store has quarantined is
     skipped and reported.
+
+    The cache's folder is named by ``repo_id`` as given, even when the store holds the repo under another
+    case: huggingface_hub looks it up with the case its caller uses (``from_pretrained("Org/Name")``).
     """
-    validate_repo_id(repo_id)
+    held = store.spelled(repo_id)
     validate_revision(revision)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    commit_id = store.resolve(repo_id, revision)
-    entries = store.files(repo_id, commit_id)
+    commit_id = store.resolve(held, revision)
+    entries = store.files(held, commit_id)
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -576,7 +579,7 @@ def export_to_hf_cache(
     for listed in entries:
         path = f"{writer.name}/snapshots/{commit_id}/{listed.path}"
         try:
-            entry = store.entry(repo_id, validate_path(listed.path), commit_id)
+            entry = store.entry(held, validate_path(listed.path), commit_id)
             etag = entry.etag
             if _ETAG.fullmatch(etag) is None:
                 raise CorruptBlobError(entry.sha256, f"its ETag {etag!r} is not a digest")

@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 from modeldepot.errors import (
     AccessDeniedError,
+    InvalidInputError,
     NotFoundError,
     UpstreamDataError,
     UpstreamError,
@@ -32,6 +33,7 @@ from modeldepot.validation import (
     validate_git_oid,
     validate_label,
     validate_path,
+    validate_repo_id,
     validate_sha256,
     validate_size,
 )
@@ -73,8 +75,10 @@ def fetch_repo(
     token: str | None,
     token_name: str = "HF_TOKEN",
     timeout: float | None = None,
-) -> tuple[str, dict[str, Any], list[RemoteFile]]:
-    """(commit id, repo metadata, files with sizes and digests) of ``repo_id`` at ``revision``.
+) -> tuple[str, str, dict[str, Any], list[RemoteFile]]:
+    """(the upstream's spelling of the repo id, commit id, repo metadata, files with sizes and digests) of
+    ``repo_id`` at ``revision``. The Hub matches repo ids whatever their case and answers with its own
+    spelling: that one is returned when it differs from ``repo_id`` only in case, else ``repo_id``.
 
     ``token`` (none when None) goes to ``endpoint`` only. ``timeout``: seconds to wait without a byte
     (UpstreamTimeoutError after; the whole answer within WHOLE_ANSWER_TIMEOUT).
@@ -158,7 +162,7 @@ def _error_text(body: bytes) -> str:
     return said[:200] if isinstance(said, str) else ""
 
 
-def _checked(endpoint: str, repo_id: str, info: object) -> tuple[str, dict[str, Any], list[RemoteFile]]:
+def _checked(endpoint: str, repo_id: str, info: object) -> tuple[str, str, dict[str, Any], list[RemoteFile]]:
     """The upstream's answer, every value validated before it can name a file or reach the store.
 
     An upstream is untrusted: a commit id becomes a snapshot folder's name, a path a symlink's, a digest a
@@ -212,7 +216,17 @@ def _checked(endpoint: str, repo_id: str, info: object) -> tuple[str, dict[str, 
         "gated": gated,
         "private": bool(info.get("private")),
     }
-    return commit_id, metadata, files
+    return _spelling(repo_id, info.get("id")), commit_id, metadata, files
+
+
+def _spelling(repo_id: str, said: object) -> str:
+    """The upstream's spelling of ``repo_id`` when it is a valid id equal to it but for case."""
+    if not isinstance(said, str) or said.lower() != repo_id.lower():
+        return repo_id
+    try:
+        return validate_repo_id(said)
+    except InvalidInputError:
+        return repo_id
 
 
 def _optional_label(source: str, field: str, value: object) -> str | None:

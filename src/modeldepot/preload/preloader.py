@@ -174,6 +174,7 @@ class Preloader:
     # -- which files ------------------------------------------------------------------------------------
 
     def _resolve(self, repo_id: str, quant: str | None, revision: str) -> tuple[ModelKey, list[FileEntry]]:
+        repo_id = self.store.spelled(repo_id)  # (any case: the Hub's repo ids ignore it)
         commit_id = self.store.resolve(repo_id, revision)
         entries = self.store.files(repo_id, commit_id)
         if quant is None:

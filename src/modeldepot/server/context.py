@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 from aiohttp import web
 
 from modeldepot.depot import Depot
+from modeldepot.validation import validate_repo_id
 
-__all__ = ["CONTROL_TOKEN", "DEPOT", "TOKEN", "carries_token", "is_authorized"]
+__all__ = ["CONTROL_TOKEN", "DEPOT", "TOKEN", "carries_token", "is_authorized", "path_repo"]
 
 DEPOT = web.AppKey("depot", Depot)
 TOKEN = web.AppKey("token", str)  # "" when the node has no token
@@ -31,3 +33,10 @@ def carries_token(request: web.Request, token: str) -> bool:
 def is_authorized(request: web.Request) -> bool:
     """Whether the request carries the node's token (``Authorization: Bearer``), compared in constant time."""
     return carries_token(request, request.app[TOKEN])
+
+
+async def path_repo(request: web.Request) -> str:
+    """The repo the URL names (``{org}/{name}``), validated, as the store spells it: repo ids match whatever
+    their case, as on the Hub."""
+    named = validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
+    return await asyncio.to_thread(request.app[DEPOT].store.spelled, named)

@@ -41,7 +41,7 @@ from modeldepot.errors import (
     RevisionNotFoundError,
 )
 from modeldepot.hub.manifest import Manifest
-from modeldepot.server.context import CONTROL_TOKEN, DEPOT, TOKEN, carries_token, is_authorized
+from modeldepot.server.context import CONTROL_TOKEN, DEPOT, TOKEN, carries_token, is_authorized, path_repo
 from modeldepot.server.native_routes import API
 from modeldepot.server.responses import error_response, json_response
 from modeldepot.validation import validate_repo_id, validate_revision
@@ -181,10 +181,6 @@ def _quants_field(body: dict[str, Any]) -> Quants:
     if not 1 <= len(value) <= MAX_QUANTS:
         raise _invalid(f'quants: give from 1 to {MAX_QUANTS} variant names (or "all", or null)')
     return list(dict.fromkeys(_quant_name(item, "quants") for item in value))
-
-
-def _path_repo(request: web.Request) -> str:
-    return validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
 
 
 # -- pulls ------------------------------------------------------------------------------------------------
@@ -351,6 +347,7 @@ async def start_pull(request: web.Request) -> web.Response:
     if "repo" not in body:
         raise _invalid('repo: required (like "org/name")')
     repo_id = _checked("repo", validate_repo_id, body["repo"])
+    repo_id = await asyncio.to_thread(request.app[DEPOT].store.spelled, repo_id)  # one job whatever the case
     revision = _revision_field(body)
     quants = _quants_field(body)
     job, new = await request.app[PULLS].start(request.app[DEPOT], repo_id, revision, quants)
@@ -383,7 +380,7 @@ def _unknown_variant_is_invalid(error: NotFoundError) -> None:
 
 @control
 async def preload(request: web.Request) -> web.Response:
-    repo_id = _path_repo(request)
+    repo_id = await path_repo(request)
     body = await json_body(request, ("quant", "revision"))
     quant, revision = _quant_field(body), _revision_field(body)
     depot = request.app[DEPOT]
@@ -397,7 +394,7 @@ async def preload(request: web.Request) -> web.Response:
 
 @control
 async def pin(request: web.Request) -> web.Response:
-    repo_id = _path_repo(request)
+    repo_id = await path_repo(request)
     body = await json_body(request, ("quant", "revision"))
     quant, revision = _quant_field(body), _revision_field(body)
     try:
@@ -410,7 +407,7 @@ async def pin(request: web.Request) -> web.Response:
 
 @control
 async def unpin(request: web.Request) -> web.Response:
-    repo_id = _path_repo(request)
+    repo_id = await path_repo(request)
     body = await json_body(request, ("quant", "revision"))
     quant, revision = _quant_field(body), _revision_field(body)
     removed = await asyncio.to_thread(request.app[DEPOT].unpin, repo_id, quant, revision)
@@ -419,7 +416,7 @@ async def unpin(request: web.Request) -> web.Response:
 
 @control
 async def remove_repo(request: web.Request) -> web.Response:
-    repo_id = _path_repo(request)
+    repo_id = await path_repo(request)
     unknown = sorted(set(request.query) - {"revision"})
     if unknown:
         raise Refused(

@@ -28,7 +28,7 @@ from modeldepot.errors import (
     UpstreamError,
 )
 from modeldepot.gitobjects import TreeEntry, lfs_pointer, tree_oids
-from modeldepot.server.context import DEPOT, is_authorized
+from modeldepot.server.context import DEPOT, is_authorized, path_repo
 from modeldepot.server.listing import (
     CommitQuery,
     ModelQuery,
@@ -54,16 +54,12 @@ from modeldepot.server.views import (
     whole_headers,
 )
 from modeldepot.store import FileEntry, RepoSummary
-from modeldepot.validation import validate_path, validate_repo_id, validate_revision
+from modeldepot.validation import validate_path, validate_revision
 
 __all__ = ["add_hub_routes"]
 
 TREE_PAGE = 1000  # the Hub's page sizes: 1000 entries, 50 when expanded
 TREE_PAGE_EXPANDED = 50
-
-
-def _repo_id(request: web.Request) -> str:
-    return validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
 
 
 DEFAULT_BRANCH = "main"
@@ -156,7 +152,7 @@ async def _stored_view(request: web.Request, repo_id: str, revision: str) -> Rev
 
 async def model_info(request: web.Request) -> web.Response:
     expand = expand_names(request.query)
-    view = await _revision_view(request, _repo_id(request), _revision(request))
+    view = await _revision_view(request, await path_repo(request), _revision(request))
     if not expand:
         return json_response(model_info_body(view, truthy(request.query.get("blobs"))))
     config = None  # read from the store: a revision a mirror has not pulled has none
@@ -175,7 +171,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def list_commits(request: web.Request) -> web.Response:
     """``GET /api/models/{repo}/commits/{rev}``: the revisions the store holds, newest first, from the one
     ``rev`` names (see :func:`~modeldepot.server.listing.commits_page`); ``p`` and ``limit`` page them."""
-    repo_id = _repo_id(request)
+    repo_id = await path_repo(request)
     query = CommitQuery.parse(request.query)
     await _visible_repo(request, repo_id)
     depot: Depot = request.app[DEPOT]
@@ -228,7 +224,7 @@ async def _tree_of(request: web.Request, repo_id: str, revision: str) -> tuple[_
 
 
 async def list_tree(request: web.Request) -> web.Response:
-    repo_id = _repo_id(request)
+    repo_id = await path_repo(request)
     revision = _revision(request)
     folder = unquote(request.match_info.get("path", "")).strip("/")
     if folder:
@@ -279,7 +275,7 @@ async def _paths_info_request(request: web.Request) -> tuple[list[str], bool]:
 
 
 async def paths_info(request: web.Request) -> web.Response:
-    repo_id = _repo_id(request)
+    repo_id = await path_repo(request)
     revision = _revision(request)
     wanted, expand = await _paths_info_request(request)
     tree, updated_at = await _tree_of(request, repo_id, revision)
@@ -288,7 +284,7 @@ async def paths_info(request: web.Request) -> web.Response:
 
 
 async def list_refs(request: web.Request) -> web.Response:
-    repo_id = _repo_id(request)
+    repo_id = await path_repo(request)
     summary = await _visible_repo(request, repo_id)
     include_prs = truthy(request.query.get("include_prs"))
     branches, pulls = [], []
@@ -308,7 +304,7 @@ FileAnswer = Callable[[web.Request, str, str, str], Awaitable[web.StreamResponse
 async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswer) -> web.StreamResponse:
     """A file of a revision: ``local`` answers from the store, ``remote`` from a mirror's upstream (each
     called with the repo, the revision and the path), whichever knows the file, in the mirror's order."""
-    repo_id = _repo_id(request)
+    repo_id = await path_repo(request)
     revision = _revision(request)
     path = validate_path(request.match_info["path"])
     upstream_error: DepotError | None = None

@@ -27,7 +27,7 @@ from modeldepot.depot import Depot
 from modeldepot.errors import ChunkNotAvailableError, InvalidInputError, NotFoundError, RepoNotFoundError
 from modeldepot.hashing import chunk_count
 from modeldepot.hub.manifest import Manifest
-from modeldepot.server.context import DEPOT, is_authorized
+from modeldepot.server.context import DEPOT, is_authorized, path_repo
 from modeldepot.server.fleet import FLEET
 from modeldepot.server.openapi import WITHHELD_PRELOAD, openapi_document
 from modeldepot.server.ranges import RangeNotSatisfiable
@@ -36,7 +36,7 @@ from modeldepot.server.views import wanted_range
 from modeldepot.store.maintenance import totals as store_totals
 from modeldepot.store.models import BlobRecord
 from modeldepot.store.verified import PartialChunkReader
-from modeldepot.validation import validate_repo_id, validate_revision
+from modeldepot.validation import validate_revision
 
 __all__ = ["API", "HEALTH_PATH", "add_native_routes"]
 
@@ -93,7 +93,7 @@ async def list_repos(request: web.Request) -> web.Response:
 
 async def manifest(request: web.Request) -> web.Response:
     depot = _depot(request)
-    repo_id = validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
+    repo_id = await path_repo(request)
     revision = validate_revision(request.match_info["rev"])
     summary = await asyncio.to_thread(depot.store.repo_summary, repo_id)
     if summary.private and not is_authorized(request):
@@ -114,7 +114,7 @@ async def manifest(request: web.Request) -> web.Response:
 async def pull_manifest(request: web.Request) -> web.Response:
     """The saved scan of an upstream repo: its variants, their statuses and live progress."""
     depot = _depot(request)
-    repo_id = validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
+    repo_id = await path_repo(request)
     try:
         manifest = await asyncio.to_thread(depot.get_manifest, repo_id)
     except NotFoundError:

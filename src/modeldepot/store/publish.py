@@ -9,6 +9,7 @@ variant): the snapshot always shows every file the revision has.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -78,7 +79,7 @@ def publish(
                 if known.get(sha256) != "ok":
                     store.blobs.place(partial, sha256, durable=not store.durability.deferred)
                     placed.append(sha256)
-            _commit(store.index, spec, staged, store.durability.unflushed_boot, set(placed))
+            spec = _commit(store.index, spec, staged, store.durability.unflushed_boot, set(placed))
             new = placed
             placed = []  # committed: the rows own these blobs now
             if new:
@@ -115,11 +116,19 @@ def _unplace(store: Store, placed: list[str]) -> None:
 
 
 def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushed_boot: str | None,
-            placed: set[str]) -> None:  # fmt: skip
+            placed: set[str]) -> RevisionSpec:  # fmt: skip
     """The revision's rows in one transaction. The blobs this call placed record ``unflushed_boot`` (the
-    boot they were written under, when not yet flushed: store/durability.py)."""
+    boot they were written under, when not yet flushed: store/durability.py). A repo the store holds under
+    another case keeps its spelling (Store.spelled; asked in the transaction, so two first writers of one
+    repo in two cases make one repo): the spec it was recorded under is returned."""
     now = time.time()
     with index.write(f"recording {spec.repo_id}@{spec.commit_id[:12]}") as con:
+        held = con.execute(
+            "SELECT repo_id FROM repos WHERE repo_id = ?1 COLLATE NOCASE ORDER BY repo_id = ?1 DESC LIMIT 1",
+            (spec.repo_id,),
+        ).fetchone()
+        if held is not None and held[0] != spec.repo_id:
+            spec = dataclasses.replace(spec, repo_id=held[0])
         con.execute(
             "INSERT INTO repos (repo_id, private, origin, card, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (repo_id) DO UPDATE SET private = excluded.private, origin = excluded.origin, "
@@ -165,3 +174,4 @@ def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushe
                 "(repo_id, name) DO UPDATE SET commit_id = excluded.commit_id, updated_at = excluded.updated_at",
                 (spec.repo_id, spec.branch, spec.commit_id, now),
             )
+    return spec

@@ -126,6 +126,23 @@ class Store:
 
     # -- resolving names ------------------------------------------------------------------------------
 
+    def spelled(self, repo_id: str) -> str:
+        """``repo_id`` as this store spells it. The Hub matches repo ids whatever their case
+        (``qwen/qwen2-0.5b`` is ``Qwen/Qwen2-0.5B``), so a repo is found here under any case and is never
+        pulled or stored twice; an id the store does not know is returned as given. (Repo ids are ASCII, so
+        SQLite's NOCASE is exactly the Hub's match.)"""
+        validate_repo_id(repo_id)
+        if self.index.read("SELECT 1 FROM repos WHERE repo_id = ?", (repo_id,)):
+            return repo_id  # (the common case: one indexed lookup)
+        for table in ("repos", "manifests"):  # what the store holds first, then what it only scanned
+            rows = self.index.read(
+                f"SELECT repo_id FROM {table} WHERE repo_id = ?1 COLLATE NOCASE ORDER BY repo_id = ?1 DESC LIMIT 1",
+                (repo_id,),
+            )
+            if rows:
+                return str(rows[0]["repo_id"])
+        return repo_id
+
     def resolve(self, repo_id: str, revision: str = "main") -> str:
         """The commit id a branch name or commit id stands for in this store."""
         validate_repo_id(repo_id)

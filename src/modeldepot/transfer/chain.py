@@ -59,6 +59,7 @@ def _node_url(url: object) -> str | None:
 
 @dataclass(frozen=True)
 class Scan:
+    repo_id: str  # as the source spells it (the Hub matches ids whatever their case)
     commit_id: str
     info: dict[str, Any]
     files: list[RemoteFile]
@@ -110,15 +111,15 @@ class SourceChain:
         problems: list[DepotError] = []
         for server in (*self.servers, *self.peers()):
             try:
-                commit_id, info, files = fetch_repo(
+                spelled, commit_id, info, files = fetch_repo(
                     repo_id, revision, server.base_url, server.token, "MODELDEPOT_TOKEN",
                     server.retry.read_timeout,
                 )  # fmt: skip
-                return Scan(commit_id, info, files, server.base_url)
+                return Scan(spelled, commit_id, info, files, server.base_url)
             except DepotError as error:
                 problems.append(error)
         try:
-            commit_id, info, files = fetch_repo(
+            spelled, commit_id, info, files = fetch_repo(
                 repo_id, revision, self.hub.base_url, self.hub.token, timeout=self.hub.retry.read_timeout
             )
         except DepotError as error:
@@ -128,7 +129,7 @@ class SourceChain:
             kind = next((k for k in (AccessDeniedError, NotFoundError) if any(isinstance(p, k) for p in problems)),
                         UpstreamError)  # fmt: skip
             raise kind("; ".join(str(p) for p in problems), repo_id=repo_id) from error
-        return Scan(commit_id, info, files, self.hub.base_url)
+        return Scan(spelled, commit_id, info, files, self.hub.base_url)
 
     def _manifest_nodes(self, manifest: Manifest) -> list[HttpSource]:
         """The nodes whose manifest of the commit is read: the configured ones, and the fleet's node that

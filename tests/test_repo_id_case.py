@@ -1,0 +1,97 @@
+"""Repo ids match whatever their case, as on the Hub: one repo is stored once, found under any case, and
+never pulled twice because a caller spelled it differently (huggingface_hub issues #2090, #3838, #4040)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi, hf_hub_download
+
+from conftest import SMALL_CHUNK, LiveNode, write_model_dir
+from modeldepot import Depot
+from modeldepot.errors import RepoNotFoundError
+
+REPO = "Org-X/Tiny-Model"
+FILES = {
+    "config.json": b'{"model_type": "bert"}',
+    "model.safetensors": bytes(range(256)) * 1000,
+}
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[LiveNode]:
+    with Depot(tmp_path / "upstream-store") as hub:
+        hub.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        node = LiveNode(hub)
+        yield node
+        node.stop()
+
+
+@pytest.fixture
+def local(upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Depot]:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", upstream.url)
+    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as depot:
+        yield depot
+
+
+def test_a_stored_repo_is_found_under_any_case_and_stored_once(depot: Depot, tmp_path: Path) -> None:
+    source = write_model_dir(tmp_path / "src", FILES)
+    depot.import_dir(source, REPO)
+    for asked in ("org-x/tiny-model", "ORG-X/TINY-MODEL", "Org-x/tiny-Model"):
+        assert bytes(depot.get_file(asked, "config.json")) == FILES["config.json"]
+        assert depot.resolve(asked) == depot.resolve(REPO)
+        assert depot.file_info(asked, "model.safetensors").repo_id == REPO
+        assert depot.snapshot_path(asked) == depot.snapshot_path(REPO)
+        assert depot.has_file(asked, "model.safetensors")
+    changed = write_model_dir(tmp_path / "src2", {**FILES, "config.json": b'{"model_type": "roberta"}'})
+    depot.import_dir(changed, "org-x/tiny-model")
+    assert [r.repo_id for r in depot.list_repos()] == [REPO], "a second spelling is not a second repo"
+    assert bytes(depot.get_file(REPO, "config.json")) == b'{"model_type": "roberta"}'
+    assert len(depot.repo_info("ORG-X/tiny-model").revisions) == 2
+    assert not (depot.home / "snapshots" / "org-x").exists()
+    with pytest.raises(RepoNotFoundError):
+        depot.resolve("org-x/tiny-modell")  # another name is still another repo
+    depot.remove("org-x/TINY-model")
+    assert depot.list_repos() == []
+
+
+def test_a_pull_stores_the_upstreams_spelling_and_never_pulls_a_held_repo_again(
+    local: Depot, upstream: LiveNode
+) -> None:
+    first = local.pull("org-x/tiny-model")
+    assert first.repo_id == REPO and first.bytes_downloaded == sum(map(len, FILES.values()))
+    assert [r.repo_id for r in local.list_repos()] == [REPO]
+    assert local.get_manifest("ORG-X/TINY-MODEL").repo_id == REPO
+    again = local.pull("ORG-X/Tiny-Model")
+    assert again.repo_id == REPO and again.bytes_downloaded == 0
+    assert [r.repo_id for r in local.list_repos()] == [REPO]
+    assert local.download_file("org-x/TINY-MODEL", "config.json").repo_id == REPO
+
+
+def test_hub_clients_reach_a_repo_in_any_case_and_are_told_its_spelling(
+    live_node: LiveNode, tmp_path: Path
+) -> None:
+    live_node.depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+    api = HfApi(endpoint=live_node.url)
+    info = api.model_info("org-x/tiny-model", files_metadata=True)
+    assert info.id == REPO and {s.rfilename for s in info.siblings or []} == set(FILES)
+    got = hf_hub_download("ORG-X/TINY-MODEL", "model.safetensors", endpoint=live_node.url,
+                          cache_dir=tmp_path / "hf")  # fmt: skip
+    assert Path(got).read_bytes() == FILES["model.safetensors"]
+    assert [f.path for f in api.list_repo_tree("org-x/Tiny-Model")] == sorted(FILES)
+
+
+def test_the_hf_cache_export_is_named_as_asked(depot: Depot, tmp_path: Path) -> None:
+    """huggingface_hub finds a cached repo under the exact case its caller uses: the export names the folder
+    that way, while the files come from the one stored repo."""
+    depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+    cache = tmp_path / "hf"
+    depot.hf_cache_export("org-x/tiny-model", cache_dir=cache)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    got = hf_hub_download("org-x/tiny-model", "config.json", cache_dir=cache)
+    assert Path(got).read_bytes() == FILES["config.json"]
+    assert (cache / "models--org-x--tiny-model").is_dir()
