@@ -6,6 +6,7 @@ Linux only, as root (CI runs so): each test mounts its own tmpfs and unmounts it
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -13,12 +14,14 @@ import random
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_CHUNK, sample_files, store_files_consistent, write_model_dir
+from conftest import SMALL_CHUNK, LiveNode, sample_files, store_files_consistent, write_model_dir
 from modeldepot import Depot, StoreFullError
 
 Mount = Callable[[str], Path]
@@ -51,6 +54,7 @@ def mount_tmpfs(tmp_path: Path) -> Iterator[Mount]:
         return root
 
     yield mount
+    gc.collect()  # (a server's finished worker threads leave their index connections to the collector)
     busy = []
     for root in reversed(mounted):
         if subprocess.run(["umount", str(root)], capture_output=True, check=False).returncode != 0:
@@ -349,3 +353,26 @@ def test_with_its_reserve_used_up_a_full_store_says_what_to_do(mount_tmpfs: Moun
     done = modeldepot(home, "rm", "org/small", "--yes")
     assert done.returncode == 0, done.stderr
     assert (home / "reserve" / "space").stat().st_blocks > 0
+
+
+def test_a_mirror_on_a_full_disk_answers_507_before_any_header(
+    mount_tmpfs: Mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirror whose disk cannot take the file used to answer 200 with the file's length and then send
+    nothing (huggingface_hub retried five times on 0 bytes), logging nothing."""
+    big = random.Random(3).randbytes(3 * 1024 * 1024)
+    root = mount_tmpfs("size=2m")
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", {"big.bin": big}), "acme/big")
+        upstream = LiveNode(upstream_depot)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", upstream.url)
+        mirror = LiveNode(Depot(root / "mirror", chunk_size=SMALL_CHUNK), mirror=True, owns_depot=True)
+        try:
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{mirror.url}/acme/big/resolve/main/big.bin").close()
+            assert refused.value.code == 507 and b"disk is full" in refused.value.read()
+            assert store_files_consistent(mirror.depot) == []
+        finally:
+            mirror.stop()
+            upstream.stop()

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, snapshot_download
 
-from conftest import SMALL_CHUNK, LiveNode, store_files_consistent, write_model_dir
+from conftest import SMALL_CHUNK, LiveNode, flip_byte, store_files_consistent, write_model_dir
 from faultproxy import FaultProxy
 from modeldepot import Depot
 
@@ -150,6 +150,72 @@ def test_a_corrupt_upstream_breaks_the_stream_and_nothing_is_kept(
         assert store_files_consistent(mirror.depot) == []
         # The next request pulls again and now gets it right.
         assert asyncio.run(_read(url))[1] == FILES[BIG]
+    finally:
+        mirror.stop()
+        mirror.depot.close()
+
+
+async def _read_until_it_breaks(url: str) -> bytes:
+    received = bytearray()
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.status == 200
+        try:
+            async for piece in response.content.iter_any():
+                received += piece
+        except aiohttp.ClientPayloadError:
+            return bytes(received)
+    raise AssertionError(f"the answer ended whole ({len(received)} bytes)")
+
+
+async def _get(url: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
+        return response.status, await response.read()
+
+
+def test_a_client_resuming_a_broken_answer_gets_the_file_whole(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: Path
+) -> None:
+    """A broken answer from a Hub-like upstream (no chunk digests) handed out bytes its final check refuted;
+    a resume from where it stopped would join good bytes to them (huggingface_hub kept such a file as
+    good). The mirror answers that file whole for a while, whatever range is asked."""
+    upstream_proxy.set("flip", times=1, path_suffix=BIG)
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, as_node=False)
+    try:
+        url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
+        received = asyncio.run(_read_until_it_breaks(url))
+        assert 0 < len(received) < len(FILES[BIG])
+        status, body = asyncio.run(_get(url, {"Range": f"bytes={len(received)}-"}))
+        assert (status, len(body)) == (200, len(FILES[BIG])) and body == FILES[BIG]
+        assert mirror.depot.has_file(REPO, BIG)
+        status, body = asyncio.run(_get(url, {"Range": "bytes=10-19"}))
+        assert (status, body) == (200, FILES[BIG]), "still whole: the file is answered from the store now"
+
+        mirror.depot.remove(REPO)  # huggingface_hub's own resume, end to end: pulled again, flipped again
+        upstream_proxy.set("flip", times=1, path_suffix=BIG)
+        got = hf_hub_download(REPO, BIG, revision="main", endpoint=mirror.url, cache_dir=client_env)
+        assert Path(got).read_bytes() == FILES[BIG]
+        assert upstream_proxy.plan.injected == 1
+    finally:
+        mirror.stop()
+        mirror.depot.close()
+
+
+def test_a_mirror_pulls_a_quarantined_file_again(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file the mirror found corrupt is one it lacks: it is fetched again, not refused (503) until someone
+    runs `modeldepot pull` by hand."""
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
+    try:
+        url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
+        assert asyncio.run(_read(url))[1] == FILES[BIG]
+        entry = mirror.depot.file_info(REPO, BIG)
+        flip_byte(mirror.depot.store.blobs.path(entry.sha256), 5)
+        assert mirror.depot.verify().problems, "quarantined"
+        assert not mirror.depot.has_file(REPO, BIG)
+        assert asyncio.run(_read(url))[1] == FILES[BIG]
+        assert mirror.depot.has_file(REPO, BIG) and store_files_consistent(mirror.depot) == []
+        assert asyncio.run(_read(url, {"Range": "bytes=5-9"}))[1] == FILES[BIG][5:10]
     finally:
         mirror.stop()
         mirror.depot.close()

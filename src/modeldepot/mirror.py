@@ -7,11 +7,17 @@ from a depot node, checked against the node's BLAKE3. The last chunk of every re
 range) is held back until the whole file has matched the upstream's SHA-256 (or git oid): a reader never
 receives a complete response that is wrong; if the check fails, the stream breaks instead. The pull runs
 to its end even if every reader leaves, so the next reader finds the file in the store.
+
+A broken response has still handed out bytes the check then refuted, and a client resumes: huggingface_hub
+asks for ``Range: bytes=N-`` and joins the answer to what it holds. So a file whose response broke
+(:meth:`Mirror.broke`) is answered whole for a while, whatever range is asked; huggingface_hub then starts
+the file over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +35,11 @@ __all__ = ["Mirror"]
 
 MANIFEST_TTL = 30.0  # seconds a branch's scan answers misses before the upstream is asked again
 READ_BLOCK = 1024 * 1024
+# Seconds a file whose response broke is answered whole: longer than clients retry (huggingface_hub
+# resumes at once, a user re-running a download within the hour)
+BROKEN_TTL = 3600.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,6 +65,21 @@ class Mirror:
         self.depot = depot
         self._manifests: dict[tuple[str, str], tuple[float, Manifest]] = {}
         self._jobs: dict[tuple[str, str, str], _Job] = {}
+        self._broken: dict[tuple[str, str], float] = {}  # (repo id in lower case, path) -> when
+
+    def broke(self, repo_id: str, path: str) -> bool:
+        """Whether a response of this file broke lately after handing out bytes (see the module's doc)."""
+        when = self._broken.get((repo_id.lower(), path))
+        if when is not None and time.monotonic() - when > BROKEN_TTL:
+            del self._broken[(repo_id.lower(), path)]
+            return False
+        return when is not None
+
+    def _note_broken(self, repo_id: str, path: str) -> None:
+        now = time.monotonic()
+        for key in [key for key, when in self._broken.items() if now - when > BROKEN_TTL]:
+            del self._broken[key]
+        self._broken[(repo_id.lower(), path)] = now
 
     async def manifest(self, repo_id: str, revision: str) -> Manifest:
         """The upstream's view of ``repo_id`` at ``revision`` (a branch's scan is reused briefly)."""
@@ -103,10 +129,37 @@ class Mirror:
         job.task = loop.create_task(run())
         return job
 
+    async def started(self, manifest: Manifest, remote: RemoteFile) -> None:
+        """Wait until the file's pull writes (its partial exists) or ends, and raise what a failed pull raised:
+        an answer's headers wait for this, so a pull that cannot start (a full disk) is an error status,
+        not a body that ends at 0 bytes."""
+        job = self._job(manifest, remote)
+        assert job.task is not None
+        while job.partial is None and not job.task.done():
+            await job.wait()
+        if job.task.done():
+            job.task.result()
+
     async def read(
         self, manifest: Manifest, remote: RemoteFile, start: int, end: int
     ) -> AsyncIterator[memoryview]:
         """Bytes ``start..end`` (inclusive) of the file, as they become available and checked."""
+        sent = False
+        try:
+            async for block in self._read(manifest, remote, start, end):
+                sent = True
+                yield block
+        except Exception as error:
+            if sent:
+                self._note_broken(manifest.repo_id, remote.path)
+                log.info("%s/%s: the transfer failed after bytes were sent (%s: %s): the response breaks, and "
+                            "for an hour the file is answered whole, never a range a client could join to "
+                            "them", manifest.repo_id, remote.path, type(error).__name__, error)  # fmt: skip
+            raise
+
+    async def _read(
+        self, manifest: Manifest, remote: RemoteFile, start: int, end: int
+    ) -> AsyncIterator[memoryview]:
         job = self._job(manifest, remote)
         assert job.task is not None
         if remote.size == 0:

@@ -19,6 +19,7 @@ from aiohttp import web
 from modeldepot.config import truthy
 from modeldepot.depot import Depot
 from modeldepot.errors import (
+    CorruptBlobError,
     DepotError,
     EntryNotFoundError,
     InvalidInputError,
@@ -307,6 +308,9 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
     repo_id = await path_repo(request)
     revision = _revision(request)
     path = validate_path(request.match_info["path"])
+    if "Range" in request.headers and MIRROR in request.app and request.app[MIRROR].broke(repo_id, path):
+        # A client resuming a response that broke would join good bytes to refuted ones: send it whole.
+        request = request.clone(headers={k: v for k, v in request.headers.items() if k.lower() != "range"})
     upstream_error: DepotError | None = None
     if await _upstream_first(request, repo_id):
         try:
@@ -316,13 +320,13 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
         else:  # the upstream's commit: from the store when it holds the file, else pulled while served
             try:
                 return await local(request, repo_id, manifest.commit_id, path)
-            except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError):
-                return await remote(request, repo_id, revision, path)
+            except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError, CorruptBlobError):
+                return await remote(request, repo_id, revision, path)  # (a quarantined file is pulled again)
     try:
         answer = await local(request, repo_id, revision, path)
         request.app[DEPOT].store.access.record(repo_id)  # a use: the disk budget evicts the least used
         return answer
-    except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError):
+    except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError, CorruptBlobError):
         if upstream_error is not None:
             raise upstream_error from None
         if not await _mirrorable(request, repo_id):

@@ -8,6 +8,7 @@ yet pulled is answered from the scan, so ``snapshot_download`` works through a m
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -25,6 +26,8 @@ from modeldepot.store import FileEntry
 __all__ = ["MIRROR", "mirror_resolve", "mirror_revision"]
 
 MIRROR = web.AppKey("mirror", Mirror)
+
+log = logging.getLogger(__name__)
 
 
 def _check_public(request: web.Request, manifest: Manifest) -> None:
@@ -53,15 +56,24 @@ class MirrorResponse(web.StreamResponse):
         writer = await super().prepare(request)
         if self._stream is None or writer is None:
             return writer
+        stream = self._stream
         try:
-            async for block in self._stream:
-                await writer.write(block)
-        except Exception:
-            # The pull failed (or its last check did): break the connection rather than end a body
-            # that a client could take for a whole file.
-            if request.transport is not None:
-                request.transport.close()
-            raise ConnectionResetError("the upstream transfer failed") from None
+            while True:
+                try:
+                    block = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                except Exception as error:
+                    # The pull failed (or its last check did): break the connection rather than end a body
+                    # that a client could take for a whole file.
+                    log.warning("%s %s: the answer breaks after its headers: %s: %s", request.method,
+                                request.path, type(error).__name__, error)  # fmt: skip
+                    if request.transport is not None:
+                        request.transport.close()
+                    raise ConnectionResetError("the upstream transfer failed") from None
+                await writer.write(block)  # (a client that left raises here)
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
         await super().write_eof()
         return writer
 
@@ -76,6 +88,7 @@ async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path
     mirror.start(manifest, remote)
     if request.method == "HEAD":
         return MirrorResponse(None, 200, headers, remote.size)
+    await mirror.started(manifest, remote)
     try:
         wanted = wanted_range(request, remote.size, entry.etag)
     except RangeNotSatisfiable:
