@@ -420,6 +420,60 @@ def test_export_skips_a_quarantined_file(filled: Depot, tmp_path: Path) -> None:
     assert read_tree(folder) == {p: d for p, d in sample_files().items() if p != "tokenizer.json"}
 
 
+def test_export_rehashes_a_blob_changed_in_place_through_an_adopted_cache(
+    depot: Depot, hf_cache: Path, tmp_path: Path
+) -> None:
+    """An adopted blob shares its inode with the Hugging Face cache, which can change it in place; an
+    export linked it on unchecked (a new user's trial), so the corrupt bytes reached a second cache."""
+    assert depot.hf_cache_import(cache_dir=hf_cache).ok
+    entry = depot.file_info(SAMPLE, "model.safetensors")
+    shared = snapshot_of(hf_cache) / "model.safetensors"
+    assert inode(shared) == inode(depot.store.blobs.path(entry.sha256))
+    flip_byte(shared, 1000)
+    result = depot.hf_cache_export(SAMPLE, cache_dir=tmp_path / "other" / "hub")
+    assert [(p.problem, p.path.rsplit("/", 1)[-1]) for p in result.problems] == [("corrupt", "model.safetensors")]
+    assert "changed after it was stored" in result.problems[0].detail
+    exported = read_tree(Path(result.snapshot_path))
+    assert exported == {p: d for p, d in sample_files().items() if p != "model.safetensors"}
+    assert not depot.has_file(SAMPLE, "model.safetensors"), "quarantined"
+    # The blobs nobody changed went out at once, by link, without a rehash: the check costs a stat.
+    assert result.linked == len(sample_files()) - 1
+
+
+def test_an_export_sweeps_what_a_killed_one_left_and_a_failed_one_leaves_no_empty_snapshot(
+    filled: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed export left its temporary file (400 MB in the trial) in the cache's blobs/ for good; a failed
+    one an empty snapshot folder, which snapshot_download offline returned as a snapshot with no files."""
+    cache = tmp_path / "hub"
+    blobs = cache / FOLDER / "blobs"
+    blobs.mkdir(parents=True)
+    stale = blobs / f".modeldepot-{_ended_pid()}-0123456789ab.tmp"
+    stale.write_bytes(b"x" * 1000)
+    live = blobs / f".modeldepot-{os.getpid()}-0123456789ab.tmp"  # (a running export's: kept)
+    live.write_bytes(b"y")
+    import modeldepot.hfcache
+
+    def full_disk(*args: object, **kwargs: object) -> str:
+        raise StoreError("no space left (simulated)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(modeldepot.hfcache._CacheWriter, "blob", full_disk)
+        with pytest.raises(StoreError, match="simulated"):
+            filled.hf_cache_export(SAMPLE, cache_dir=cache)
+    assert not stale.exists() and live.exists()
+    commit_id = filled.resolve(SAMPLE)
+    assert not (cache / FOLDER / "snapshots" / commit_id).exists()
+    result = filled.hf_cache_export(SAMPLE, cache_dir=cache)
+    assert result.ok and read_tree(Path(result.snapshot_path)) == sample_files()
+
+
+def _ended_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
 def test_export_refuses_to_write_through_a_link_out_of_the_cache(filled: Depot, tmp_path: Path) -> None:
     cache, elsewhere = tmp_path / "hub", tmp_path / "elsewhere"
     cache.mkdir()

@@ -42,6 +42,7 @@ a revision (one variant), and that listing would tell later online downloads tha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -67,6 +68,7 @@ from modeldepot.hashing import BlobDigest
 from modeldepot.modelcard import MAX_CARD_BYTES, card_metadata
 from modeldepot.store.blobs import PartialBlob, WriteSession
 from modeldepot.store.importer import likely_new_bytes, stage_blob
+from modeldepot.store.maintenance import check_if_changed
 from modeldepot.store.models import BlobRecord, FileEntry
 from modeldepot.store.publish import RevisionSpec, StagedFile, blob_states, publish
 from modeldepot.store.store import Store
@@ -572,26 +574,30 @@ def export_to_hf_cache(
         raise StoreError(f"cannot create the Hugging Face cache folder {cache}: {error.strerror}") from None
     writer = _CacheWriter(cache, repo_folder_name(repo_id))
     blobs = writer.folder("blobs")
+    writer.sweep(blobs)
     snapshot = writer.folder(f"snapshots/{commit_id}")
     problems: list[HfCacheProblem] = []
     counts = {"linked": 0, "copied": 0, "kept": 0}
     total, done, exported, exported_bytes = sum(e.size for e in entries), 0, 0, 0
-    for listed in entries:
-        path = f"{writer.name}/snapshots/{commit_id}/{listed.path}"
-        try:
-            entry = store.entry(held, validate_path(listed.path), commit_id)
-            etag = entry.etag
-            if _ETAG.fullmatch(etag) is None:
-                raise CorruptBlobError(entry.sha256, f"its ETag {etag!r} is not a digest")
-            counts[writer.blob(store, entry, blobs / etag, link=not copy)] += 1
-        except CorruptBlobError as error:
-            problems.append(HfCacheProblem(repo_id, path, "corrupt", f"skipped: {error}"))
-        else:
-            writer.link(snapshot, entry.path, blobs / etag)
-            exported, exported_bytes = exported + 1, exported_bytes + entry.size
-        done += listed.size
-        if progress is not None:
-            progress(f"{repo_id}/{listed.path}", done, total)
+    try:
+        for listed in entries:
+            path = f"{writer.name}/snapshots/{commit_id}/{listed.path}"
+            try:
+                entry = store.entry(held, validate_path(listed.path), commit_id)
+                etag = entry.etag
+                if _ETAG.fullmatch(etag) is None:
+                    raise CorruptBlobError(entry.sha256, f"its ETag {etag!r} is not a digest")
+                counts[writer.blob(store, entry, blobs / etag, link=not copy)] += 1
+            except CorruptBlobError as error:
+                problems.append(HfCacheProblem(repo_id, path, "corrupt", f"skipped: {error}"))
+            else:
+                writer.link(snapshot, entry.path, blobs / etag)
+                exported, exported_bytes = exported + 1, exported_bytes + entry.size
+            done += listed.size
+            if progress is not None:
+                progress(f"{repo_id}/{listed.path}", done, total)
+    finally:
+        writer.drop_if_empty(snapshot)
     if not is_commit_id(revision):
         writer.ref(revision, commit_id)
     return HfCacheExportResult(
@@ -641,11 +647,31 @@ class _CacheWriter:
     def _temporary(self, folder: Path) -> Path:
         return folder / f".modeldepot-{os.getpid()}-{secrets.token_hex(6)}.tmp"
 
+    def sweep(self, folder: Path) -> None:
+        """Remove the temporary files an export killed in ``folder`` left (their writer is gone)."""
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return
+        for name in names:
+            found = _TEMPORARY.fullmatch(name)
+            if found is not None and not _alive(int(found[1])):
+                _unlink(folder / name)
+
+    def drop_if_empty(self, folder: Path) -> None:
+        """Remove ``folder`` when nothing was written in it: huggingface_hub takes an empty snapshot folder
+        for a snapshot with no files (``snapshot_download`` offline returns it)."""
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
     def blob(self, store: Store, entry: FileEntry, target: Path, link: bool) -> str:
-        """Put the file's bytes at ``target`` (blobs/<etag>); returns "kept", "linked" or "copied"."""
+        """Put the file's bytes at ``target`` (blobs/<etag>); returns "kept", "linked" or "copied". A blob
+        changed in place since it was checked (through a link from a cache) is rehashed first: a corrupt one
+        is CorruptBlobError, never linked or taken as already there."""
+        record = BlobRecord(entry.sha256, entry.size, entry.chunk_size)
+        check_if_changed(store, record)
         if self._holds(store, entry, target):
             return "kept"
-        record = BlobRecord(entry.sha256, entry.size, entry.chunk_size)
         temporary = self._temporary(target.parent)
         try:
             how = "linked" if link and _link_blob(store, record, temporary) else "copied"
@@ -735,6 +761,19 @@ def _etag_of_file(path: Path, size: int, lfs: bool) -> str | None:
     except OSError:
         return None
     return digest.hexdigest()
+
+
+_TEMPORARY = re.compile(r"\.modeldepot-(\d{1,9})-[0-9a-f]{12}\.tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # (another user's)
+    return True
 
 
 def _link_blob(store: Store, blob: BlobRecord, temporary: Path) -> bool:
