@@ -146,6 +146,15 @@ def test_console_script_and_module_entry_points(tmp_path: Path) -> None:
         assert "modeldepot" in version.stdout
 
 
+def test_rm_of_a_branch_sharing_its_commit_says_only_the_ref_went(home: Path, model_dir: Path) -> None:
+    run("import", str(model_dir), "--repo", REPO, home=home)
+    run("import", str(model_dir), "--repo", REPO, "--revision", "v1.0", home=home)
+    code, out, _ = run("rm", REPO, "-r", "v1.0", "--yes", home=home)
+    assert code == 0 and "removed the ref v1.0" in out and "main still point(s) at it" in out, out
+    code, out, _ = run("info", REPO, "--json", home=home)
+    assert list(json.loads(out)["refs"]) == ["main"]
+
+
 READING_COMMANDS = [
     ["ls"],
     ["info", REPO],

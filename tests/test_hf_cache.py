@@ -431,7 +431,9 @@ def test_export_rehashes_a_blob_changed_in_place_through_an_adopted_cache(
     assert inode(shared) == inode(depot.store.blobs.path(entry.sha256))
     flip_byte(shared, 1000)
     result = depot.hf_cache_export(SAMPLE, cache_dir=tmp_path / "other" / "hub")
-    assert [(p.problem, p.path.rsplit("/", 1)[-1]) for p in result.problems] == [("corrupt", "model.safetensors")]
+    assert [(p.problem, p.path.rsplit("/", 1)[-1]) for p in result.problems] == [
+        ("corrupt", "model.safetensors")
+    ]
     assert "changed after it was stored" in result.problems[0].detail
     exported = read_tree(Path(result.snapshot_path))
     assert exported == {p: d for p, d in sample_files().items() if p != "model.safetensors"}

@@ -352,6 +352,23 @@ def test_remove_a_revision_keeps_shared_blobs(depot: Depot, tmp_path: Path, mode
         depot.remove(REPO)
 
 
+def test_removing_a_branch_that_shares_its_commit_removes_the_branch_alone(
+    depot: Depot, model_dir: Path
+) -> None:
+    """`rm -r v1.0` used to remove the commit v1.0 names, and with it `main` (which named it too)."""
+    main = depot.import_dir(model_dir, REPO)
+    assert depot.import_dir(model_dir, REPO, "v1.0").commit_id == main.commit_id
+    result = depot.remove(REPO, "v1.0")
+    assert (result.ref_removed, result.commit_kept_for, result.commits, result.bytes_freed) == (
+        "v1.0", ("main",), (), 0)  # fmt: skip
+    assert depot.repo_info(REPO).refs == {"main": main.commit_id}
+    with pytest.raises(RevisionNotFoundError):
+        depot.resolve(REPO, "v1.0")
+    assert bytes(depot.get_file(REPO, "config.json")) == sample_files()["config.json"]
+    assert depot.remove(REPO, "main").commits == (main.commit_id,)  # the last ref: the commit goes
+    assert depot.list_repos() == []
+
+
 def test_gc_frees_orphans_and_abandoned_partials_but_not_live_ones(depot: Depot, model_dir: Path) -> None:
     depot.import_dir(model_dir, REPO)
     orphan = depot.store.blobs.path("ab" * 32)

@@ -321,7 +321,8 @@ def sync_command(depot: Depot, as_json: bool) -> None:
     "-r",
     default=None,
     callback=_checked(validate_revision),
-    help="Remove only this revision (branch or commit id).",
+    help="Remove only this revision: a commit id, or a branch (its commit, unless another ref names it too: "
+    "then the branch alone).",
 )
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @_json_option

@@ -276,6 +276,10 @@ def render_verify(report: VerifyReport) -> None:
 
 
 def render_remove(result: RemoveResult) -> None:
+    if result.ref_removed is not None:
+        out.print(f"removed the ref {result.ref_removed} of {result.repo_id}; its commit stays, as "
+                  f"{', '.join(result.commit_kept_for)} still point(s) at it: nothing freed")  # fmt: skip
+        return
     out.print(
         f"removed {result.repo_id}: {len(result.commits)} revision(s), {result.blobs_removed} blobs, "
         f"{format_bytes(result.bytes_freed)} freed"

@@ -26,7 +26,7 @@ from modeldepot.store.models import (
     VerifyReport,
 )
 from modeldepot.store.store import Store
-from modeldepot.validation import validate_repo_id, validate_revision
+from modeldepot.validation import is_commit_id, validate_repo_id, validate_revision
 
 __all__ = ["RemoveResult", "StoreTotals", "disk_usage", "gc", "remove", "totals", "verify"]
 
@@ -42,10 +42,14 @@ class RemoveResult:
     commits: tuple[str, ...]
     blobs_removed: int
     bytes_freed: int
+    # A branch removed alone, its commit kept because these other refs point at it
+    ref_removed: str | None = None
+    commit_kept_for: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         return {"repo_id": self.repo_id, "commits": list(self.commits),
-                "blobs_removed": self.blobs_removed, "bytes_freed": self.bytes_freed}  # fmt: skip
+                "blobs_removed": self.blobs_removed, "bytes_freed": self.bytes_freed,
+                "ref_removed": self.ref_removed, "commit_kept_for": list(self.commit_kept_for)}  # fmt: skip
 
 
 def _users(store: Store, sha256: str) -> tuple[str, ...]:
@@ -141,8 +145,9 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
            keep_blobs: frozenset[str] = frozenset()) -> RemoveResult:  # fmt: skip
     """Remove a repo, or one revision of it (by commit id or branch), and free the blobs no one else uses.
 
-    Removing by branch removes the commit the branch points to, with every ref that points to it.
-    ``keep_blobs`` (SHA-256s) stay even when nothing references them any more: blobs a writer found in
+    Removing by branch removes the commit the branch points to, with the branch; when other refs point at
+    that commit too, only the branch goes (as deleting a git tag leaves the branch at the same commit).
+    Removing by commit id removes the commit with every ref to it. ``keep_blobs`` (SHA-256s) stay even when nothing references them any more: blobs a writer found in
     the store and is about to publish again (the disk budget's evictions; gc frees them if it never does).
     """
     validate_repo_id(repo_id)
@@ -155,6 +160,10 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
                 "SELECT commit_id FROM revisions WHERE repo_id = ?", (repo_id,))]  # fmt: skip
         else:
             commits = [store.resolve(repo_id, revision)]
+            if not is_commit_id(revision):
+                others = _other_refs(store, repo_id, commits[0], revision)
+                if others:
+                    return RemoveResult(repo_id, (), 0, 0, revision, others)
         marks = ",".join("?" * len(commits))
 
         def delete_rows(con: sqlite3.Connection) -> list[str]:
@@ -175,6 +184,18 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
             store.snapshots.remove(repo_id, commit_id)
     store.index.reserve.refill()  # from the space just freed (if it was released, else when there is room)
     return RemoveResult(repo_id, tuple(commits), len(freed), bytes_freed)
+
+
+def _other_refs(store: Store, repo_id: str, commit_id: str, branch: str) -> tuple[str, ...]:
+    """The refs besides ``branch`` that point at ``commit_id``; when there are any, ``branch`` is deleted
+    (alone) and they are returned."""
+    with store.index.write(f"removing {repo_id}@{branch}") as con:
+        others = tuple(r[0] for r in con.execute(
+            "SELECT name FROM refs WHERE repo_id = ? AND commit_id = ? AND name != ? ORDER BY name",
+            (repo_id, commit_id, branch)))  # fmt: skip
+        if others:
+            con.execute("DELETE FROM refs WHERE repo_id = ? AND name = ?", (repo_id, branch))
+    return others
 
 
 def _delete_unreferenced_rows(con: sqlite3.Connection, candidates: Iterable[str]) -> list[str]:
