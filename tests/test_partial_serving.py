@@ -311,7 +311,7 @@ def test_a_download_that_ended_after_placing_its_blob_is_never_written_again(dep
         depot.store.blobs.place(partial.finish(), sha256)
     os.close(partial._lock_fd)
     partial._lock_fd = -1
-    removed, kept, freed = depot.store.partials.collect(remove_all=False)
+    removed, kept, _, freed = depot.store.partials.collect(remove_all=False)
     assert (removed, kept) == (1, 0), "young, but a blob's: removed"
     assert freed < SMALL_CHUNK, "its data is the blob's: only its log's space comes back"
     assert not depot.store.partials.holds(sha256)

@@ -294,7 +294,11 @@ def render_gc(report: GcReport, evicted: list[Eviction] | None = None) -> None:
     out.print(
         f"freed {format_bytes(freed)}: {report.blobs_removed} blobs, "
         f"{report.partials_removed} partial files, {report.snapshots_removed} stale snapshots"
-        + (f" ({report.kept_partials} writes in progress left alone)" if report.kept_partials else "")
+        + (
+            f" ({report.kept_partials} writes and downloads in progress left alone)"
+            if report.kept_partials
+            else ""
+        )
         + (
             f"; {report.resumable_downloads} interrupted downloads kept for a resume (`gc --partials` drops them)"
             if report.resumable_downloads

@@ -7,6 +7,7 @@ no row names (invisible, and the next gc removes them); a kill before COMMIT cha
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -228,9 +229,10 @@ def gc(store: Store, partials: bool = False) -> GcReport:
             if path.name not in known:
                 bytes_freed += store.layout.unlink(path)
                 blobs_removed += 1
-        partials_removed, kept = _collect_sessions(store)
-        downloads_removed, resumable, download_bytes = store.partials.collect(remove_all=partials)
-        bytes_freed += download_bytes
+        partials_removed, kept, session_bytes = _collect_sessions(store)
+        downloads_removed, resumable, running, download_bytes = store.partials.collect(remove_all=partials)
+        kept += running
+        bytes_freed += session_bytes + download_bytes
         for path in _files_under(store.layout.quarantine):
             bytes_freed += store.layout.unlink(path)
         live = {
@@ -242,23 +244,36 @@ def gc(store: Store, partials: bool = False) -> GcReport:
     return GcReport(blobs_removed, bytes_freed, partials_removed + downloads_removed, stale, kept, resumable)
 
 
-def _collect_sessions(store: Store) -> tuple[int, int]:
-    removed = kept = 0
+def _collect_sessions(store: Store) -> tuple[int, int, int]:
+    """Remove the write sessions (tmp/) whose writer is gone: (partial files removed, sessions kept, bytes
+    freed, as allocated on disk)."""
+    removed = kept = freed = 0
     try:
         entries = list(store.layout.tmp.iterdir())
     except FileNotFoundError:
-        return 0, 0
+        return 0, 0, 0
     for entry in entries:
         abandoned = WriteSession.is_abandoned(entry) if entry.is_dir() else True
         if not abandoned:
             kept += 1
             continue
+        freed += _allocated(entry)
         if entry.is_dir():
             removed += sum(1 for p in entry.iterdir() if p.name.endswith(".partial"))
             store.layout.rmtree(entry)
         else:
             store.layout.unlink(entry)
-    return removed, kept
+    return removed, kept, freed
+
+
+def _allocated(entry: Path) -> int:
+    """Bytes ``entry`` (a file, or a folder's files) takes on disk: a preallocated partial counts whole."""
+    paths = _files_under(entry) if entry.is_dir() else [entry]
+    total = 0
+    for path in paths:
+        with contextlib.suppress(OSError):
+            total += path.lstat().st_blocks * 512
+    return total
 
 
 def _files_under(root: Path) -> list[Path]:

@@ -440,14 +440,15 @@ class PartialFiles:
         return ResumablePartial(self.layout, paths, lock_fd, data_fd, size, chunk_size, done, resumed,
                                     self.writeback)  # fmt: skip
 
-    def collect(self, remove_all: bool, max_age: float = PARTIAL_MAX_AGE) -> tuple[int, int, int]:
+    def collect(self, remove_all: bool, max_age: float = PARTIAL_MAX_AGE) -> tuple[int, int, int, int]:
         """gc: delete unlocked partials older than ``max_age`` (every unlocked one with ``remove_all``);
-        returns (removed, kept, bytes freed: the disk space given back)."""
-        removed = kept = freed = 0
+        returns (removed, kept for a resume, left to the transfers running now, bytes freed: the disk space
+        given back)."""
+        removed = kept = running = freed = 0
         try:
             logs = sorted(self.root.glob("*.log"))
         except FileNotFoundError:
-            return 0, 0, 0
+            return 0, 0, 0, 0
         now = time.time()
         for log in logs:
             paths = self._paths(log.name[: -len(".log")])
@@ -458,7 +459,7 @@ class PartialFiles:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                kept += 1  # a transfer is running
+                running += 1
                 os.close(fd)
                 continue
             try:
@@ -482,7 +483,7 @@ class PartialFiles:
             if outcome is not None:
                 removed, kept = (removed + 1, kept) if outcome else (removed, kept + 1)
                 freed += size if outcome else 0
-        return removed, kept, freed
+        return removed, kept, running, freed
 
     def _collect_logless(self, data: Path, remove_all: bool, older_than: float) -> bool | None:
         """gc of a data file without a log: a one-chunk download (its own lock), or (rarely) data whose
