@@ -156,6 +156,19 @@ def test_rm_of_a_branch_sharing_its_commit_says_only_the_ref_went(home: Path, mo
     assert list(json.loads(out)["refs"]) == ["main"]
 
 
+def test_ctrl_c_in_any_command_is_one_line_and_the_shells_code(
+    home: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An import interrupted by Ctrl-C printed click's bare "Aborted!" and exited 1, as a failure would."""
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Depot, "import_dir", interrupted)
+    result = CliRunner().invoke(cli, ["import", str(model_dir), "--repo", REPO, "--home", str(home)])
+    assert result.exit_code == 130 and "interrupted:" in result.output and "Aborted" not in result.output
+
+
 READING_COMMANDS = [
     ["ls"],
     ["info", REPO],

@@ -64,6 +64,9 @@ def _with_home(function: F, *, creates: bool) -> F:
         except DepotError as error:
             render.err.print(f"[red]error:[/red] {error}")
             sys.exit(exit_code_for(error))
+        except KeyboardInterrupt:  # (a pull says more: it keeps its chunks)
+            render.err.print("interrupted: what was not finished is not in the store; run the command again")
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper  # type: ignore[return-value]
 
