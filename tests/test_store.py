@@ -369,6 +369,20 @@ def test_removing_a_branch_that_shares_its_commit_removes_the_branch_alone(
     assert depot.list_repos() == []
 
 
+def test_a_commit_is_found_by_the_start_of_its_id(depot: Depot, model_dir: Path, tmp_path: Path) -> None:
+    """`info` prints commits abbreviated; `-r 04dcf47` said the revision was not in the store."""
+    main = depot.import_dir(model_dir, REPO)
+    assert depot.resolve(REPO, main.commit_id[:7]) == main.commit_id
+    assert depot.file_info(REPO, "config.json", main.commit_id[:12]).commit_id == main.commit_id
+    with pytest.raises(RevisionNotFoundError):
+        depot.resolve(REPO, "0000000" if not main.commit_id.startswith("0000000") else "1111111")
+    with pytest.raises(RevisionNotFoundError):
+        depot.resolve(REPO, main.commit_id[:6])  # (shorter than git's shortest: a branch name only)
+    depot.import_dir(model_dir, REPO, main.commit_id[:8])  # a branch named like hex wins over a prefix
+    other = depot.import_dir(write_model_dir(tmp_path / "o", {"a.txt": b"a"}), REPO, main.commit_id[:8])
+    assert depot.resolve(REPO, main.commit_id[:8]) == other.commit_id
+
+
 def test_gc_frees_orphans_and_abandoned_partials_but_not_live_ones(depot: Depot, model_dir: Path) -> None:
     depot.import_dir(model_dir, REPO)
     orphan = depot.store.blobs.path("ab" * 32)

@@ -93,7 +93,7 @@ _revision_option = click.option(
     default="main",
     show_default=True,
     callback=_checked(validate_revision),
-    help="Branch name or full commit id.",
+    help="Branch name or commit id (of what the store holds, its first 7 or more characters do).",
 )
 _repo_argument = click.argument("repo_id", metavar="REPO", callback=_checked(validate_repo_id))
 

@@ -28,6 +28,7 @@ from modeldepot.errors import (
     DepotError,
     EntryNotFoundError,
     InvalidInputError,
+    InvalidRevisionError,
     NotFoundError,
     RepoNotFoundError,
     RevisionNotFoundError,
@@ -66,6 +67,9 @@ def _entry(row: sqlite3.Row) -> FileEntry:
         lfs=bool(row["lfs"]),
         chunk_size=row["chunk_size"],
     )
+
+
+_SHORT_COMMIT = re.compile(r"[0-9a-f]{7,39}")
 
 
 class Store:
@@ -159,6 +163,16 @@ class Store:
             return str(rows[0]["commit_id"])
         if not self.index.read("SELECT 1 FROM repos WHERE repo_id = ?", (repo_id,)):
             raise RepoNotFoundError(repo_id)
+        if _SHORT_COMMIT.fullmatch(revision):  # an abbreviated commit id, as git and `info` print them
+            found = self.index.read(
+                "SELECT commit_id FROM revisions WHERE repo_id = ? AND substr(commit_id, 1, ?) = ? LIMIT 2",
+                (repo_id, len(revision), revision),
+            )
+            if len(found) == 1:
+                return str(found[0]["commit_id"])
+            if found:
+                raise InvalidRevisionError(f"{revision!r} is the start of more than one commit of {repo_id}: "
+                                           "give more of it")  # fmt: skip
         raise RevisionNotFoundError(repo_id, revision)
 
     def entry(self, repo_id: str, path: str, revision: str = "main") -> FileEntry:
