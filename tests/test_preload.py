@@ -264,3 +264,22 @@ class PreloaderMachine(RuleBasedStateMachine):
 
 TestPreloaderMachine = PreloaderMachine.TestCase
 TestPreloaderMachine.settings = settings(max_examples=15, stateful_step_count=25, deadline=None)
+
+
+def test_removing_a_preloaded_repo_lets_go_of_its_ram_and_its_disk_space(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """A removed repo's preload kept its deleted blobs mapped: the space came back only when the node
+    stopped, and the RAM tier (and /metrics) still counted it."""
+    add_repo(depot, tmp_path, "a", 1)
+    add_repo(depot, tmp_path, "b", 2)
+    blob = str(depot.store.blobs.path(depot.file_info("acme/a", "model.safetensors").sha256))
+    depot.preloader.preload("acme/a")
+    depot.preloader.preload("acme/b")
+    with depot.preloader.get("acme/a"):  # a holder keeps it until it lets go, no longer
+        depot.remove("acme/a")
+        assert [m.repo_id for m in depot.preloader.stats().preloaded] == ["acme/b"]
+        assert blob in Path("/proc/self/maps").read_text(), "still mapped for its holder"
+    maps = Path("/proc/self/maps").read_text()
+    assert blob not in maps, "the deleted blob is no longer mapped: its space is back"
+    assert depot.preloader.holds("acme/b")

@@ -636,7 +636,21 @@ class Depot:
         """Remove a repo or one revision; blobs nothing else uses are deleted at once."""
         result = remove(self.store, repo_id, revision)
         self._forget_removed_variants(repo_id)
+        self._let_go_of(repo_id, result.commits)
         return result
+
+    def _let_go_of(self, repo_id: str, commit_ids: Sequence[str]) -> None:
+        """Drop this process's preloads and loaded engines of removed revisions: their mappings would keep
+        the deleted files' disk space taken until the process ends."""
+        if not commit_ids:
+            return
+        if self._preloader is not None:
+            self._preloader.forget(repo_id, commit_ids)
+        loaded = self._engines.keys() if self._engines is not None else []  # (a list: no mapping)
+        for key in loaded:
+            if isinstance(key, tuple) and len(key) >= 2 and key[0] == repo_id and key[1] in commit_ids:
+                assert self._engines is not None
+                self._engines.evict(key)
 
     def _forget_removed_variants(self, repo_id: str) -> None:
         """After a removal or an eviction, a scanned variant whose files the store no longer holds is

@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -363,6 +364,17 @@ class Preloader:
                 return False
             self._drop(model)
             return True
+
+    def forget(self, repo_id: str, commit_ids: Iterable[str]) -> int:
+        """Take every model of these revisions out of RAM (they were removed from the store: their mappings
+        would keep the deleted files' space taken, and count in the RAM tier); a held one goes when its last
+        holder lets go. Returns how many models were dropped."""
+        commits = set(commit_ids)
+        with self._lock:
+            gone = [m for m in self._models.values() if m.key[0] == repo_id and m.key[1] in commits]
+            for model in gone:
+                self._drop(model)
+        return len(gone)
 
     def pin(
         self, repo_id: str, quant: str | None = None, revision: str = "main", pinned: bool = True
