@@ -341,6 +341,8 @@ def test_serve_says_in_one_line_why_it_cannot_start(home: Path) -> None:
     assert code == 2 and "cannot listen on 999.1.1.1:0" in err and "Traceback" not in err, err
     code, _, err = run("serve", "--preload-budget", "500%", home=home)
     assert code == 2 and "500%" in err and "Traceback" not in err, err
+    code, _, err = run("serve", "--scrub-rate", "0", home=home)  # (was a traceback)
+    assert code == 2 and "--scrub-rate" in err and "no rate" in err and "Traceback" not in err, err
 
 
 def test_cat_never_writes_a_corrupt_chunk_and_says_why_a_write_failed(home: Path, model_dir: Path) -> None:

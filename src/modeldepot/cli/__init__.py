@@ -648,7 +648,7 @@ def peers_command(depot: Depot, cluster: str | None, cluster_prefix: str | None,
               help="Rehash every blob this often in the background (1d, 12h, 30m; 0 or off: never), quarantining "
                    "what fails; local reads are guarded by this.")  # fmt: skip
 @click.option("--scrub-rate", envvar="MODELDEPOT_SCRUB_RATE", default="64MiB", show_default=True, metavar="SIZE",
-              callback=lambda c, p, v: _setting(parse_size, v), help="Bytes a second the scrub may read.")  # fmt: skip
+              callback=lambda c, p, v: _setting(_positive_size, v), help="Bytes a second the scrub may read.")  # fmt: skip
 @_cluster_options
 @click.option("--advertise", default=None, metavar="URL", callback=lambda c, p, v: _advertise_url(v),
               help="With --cluster: the URL peers reach this node at (default: http://HOST:PORT).")  # fmt: skip
@@ -712,6 +712,13 @@ def _advertise_url(value: str | None) -> str | None:
         return validate_node_url(value.strip()).rstrip("/")
     except InvalidInputError as error:
         raise click.BadParameter(str(error)) from None
+
+
+def _positive_size(text: str) -> int:
+    size = parse_size(text)
+    if size <= 0:
+        raise ConfigError(f"{text!r} is no rate: give more than 0 bytes a second (e.g. 64MiB)")
+    return size
 
 
 def _setting(parse: Callable[[str], T], text: str) -> T:
