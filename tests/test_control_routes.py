@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 
 import modeldepot
-from conftest import BackgroundServer, LiveNode, free_port, wait_until
+from conftest import BackgroundServer, LiveNode, free_port, wait_until, write_model_dir
 from controlnodes import (
     API,
     AUTH,
@@ -429,6 +429,22 @@ def test_a_node_without_a_token_needs_its_control_token_for_every_control_route(
     # The reads stay open, as they were.
     assert call(open_node.port, "GET", f"{API}/repos", headers=sent).status == 200
     assert call(open_node.port, "GET", f"{API}/pins", headers=sent).status == 200
+
+
+def test_on_a_node_without_a_token_the_control_token_unlocks_what_a_token_would(
+    open_node: LiveNode, local: Depot, tmp_path: Path
+) -> None:
+    """The dashboard, given the control token, still showed the budget's and engines' details as withheld
+    ("details need the token") and private repos as absent: the control token was no token for reads."""
+    local.import_dir(write_model_dir(tmp_path / "secret", {"config.json": b"{}"}), "acme/secret", private=True)
+    anonymous = call(open_node.port, "GET", f"{API}/stats").json()
+    assert anonymous["budget"]["used_bytes"] is None and anonymous["repos"] == 0
+    assert call(open_node.port, "GET", "/api/models/acme/secret").status == 404
+    unlocked = call(open_node.port, "GET", f"{API}/stats", headers=CONTROL).json()
+    assert unlocked["budget"]["used_bytes"] is not None and unlocked["repos"] == 1
+    assert call(open_node.port, "GET", "/api/models/acme/secret", headers=CONTROL).status == 200
+    wrong = {"Authorization": "Bearer not-the-control-token"}
+    assert call(open_node.port, "GET", f"{API}/stats", headers=wrong).json()["budget"]["used_bytes"] is None
 
 
 def test_a_reverse_proxy_on_the_same_machine_passes_no_control_on(open_node: LiveNode, local: Depot) -> None:

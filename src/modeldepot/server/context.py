@@ -31,8 +31,10 @@ def carries_token(request: web.Request, token: str) -> bool:
 
 
 def is_authorized(request: web.Request) -> bool:
-    """Whether the request carries the node's token (``Authorization: Bearer``), compared in constant time."""
-    return carries_token(request, request.app[TOKEN])
+    """Whether the request carries the node's token (``Authorization: Bearer``), compared in constant time;
+    on a node without one, the control token: whoever may pull, pin and remove may read what a token hides
+    (private repos, pins, the budget's and the engines' details), as the dashboard does with it."""
+    return carries_token(request, request.app[TOKEN]) or carries_token(request, request.app[CONTROL_TOKEN])
 
 
 async def path_repo(request: web.Request) -> str:
