@@ -283,3 +283,18 @@ def test_removing_a_preloaded_repo_lets_go_of_its_ram_and_its_disk_space(
     maps = Path("/proc/self/maps").read_text()
     assert blob not in maps, "the deleted blob is no longer mapped: its space is back"
     assert depot.preloader.holds("acme/b")
+
+
+def test_a_blob_preloaded_by_two_models_counts_once(depot: Depot, tmp_path: Path) -> None:
+    """A repo preloaded whole and then as its one variant counted its 4 MiB twice (ram_bytes, /metrics), and
+    the budget made room for the second by evicting the first, which held the same pages."""
+    files = {"model.safetensors": random.Random(5).randbytes(4 * MiB), "config.json": b"{}"}
+    depot.import_dir(write_model_dir(tmp_path / "s", files), "acme/s")
+    size = 4 * MiB + 2
+    preloader = Preloader(depot, budget=size + MiB)
+    preloader.preload("acme/s")
+    preloader.preload("acme/s", "safetensors")
+    stats = preloader.stats()
+    assert {m.variant for m in stats.preloaded} == {"", "safetensors"} and stats.evictions == 0
+    assert stats.ram_bytes == size and all(m.resident_bytes == size for m in stats.preloaded)
+    preloader.close()

@@ -70,6 +70,12 @@ class FileCopy:
             return memoryview(self.buffer).toreadonly()
         return memoryview(b"")
 
+    @property
+    def shared(self) -> bool:
+        """Whether this copy's RAM is the blob's page cache, the same for every copy of the blob (else its
+        own private memory)."""
+        return self.strategy in ("page-cache", "mmap")
+
     def resident(self) -> int:
         """Bytes of this file in RAM now (page cache or private memory)."""
         if self.strategy in ("page-cache", "mmap"):

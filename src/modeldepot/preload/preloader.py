@@ -216,7 +216,7 @@ class Preloader:
                 waiting = self._loading.get(key)
                 if waiting is None:
                     self._loading[key] = threading.Event()
-                    self._make_room(size)
+                    self._make_room(self._new_bytes(entries))
                     break
             waiting.wait()
         try:
@@ -325,8 +325,28 @@ class Preloader:
 
     # -- evicting ---------------------------------------------------------------------------------------
 
+    def _new_bytes(self, entries: list[FileEntry]) -> int:
+        """What loading ``entries`` adds to the tier: not the blobs another model already holds in the page
+        cache (the same pages)."""
+        held = {c.entry.sha256 for m in self._models.values() for c in m.files.values() if c.shared}
+        shared = self.strategy in ("page-cache", "mmap")
+        return sum(
+            e.size for e in {e.sha256: e for e in entries}.values() if not (shared and e.sha256 in held)
+        )
+
     def _resident_total(self) -> int:
-        return sum(self._resident(model) for model in self._models.values())
+        """RAM the tier holds: a blob in the page cache counts once, however many models (a repo preloaded
+        whole and as a variant) or paths map it; a private copy counts each time."""
+        counted: set[str] = set()
+        total = 0
+        for model in self._models.values():
+            for copy in model.files.values():
+                if copy.shared:
+                    if copy.entry.sha256 in counted:
+                        continue
+                    counted.add(copy.entry.sha256)
+                total += copy.resident()
+        return total
 
     def _resident(self, model: _Model) -> int:
         return sum(copy.resident() for copy in model.files.values())
@@ -416,7 +436,7 @@ class Preloader:
                 strategy=self.strategy,
                 budget_bytes=self.budget,
                 models=len(infos),
-                ram_bytes=sum(i.resident_bytes for i in infos),
+                ram_bytes=self._resident_total(),
                 hits=self._hits,
                 misses=self._misses,
                 hit_rate=self._hits / gets if gets else 0.0,

@@ -346,7 +346,12 @@ def _stats(depot: Depot, authorized: bool) -> dict[str, Any]:
         visible = set(totals.repo_ids)
         models = [p for p in preload.preloaded if p.repo_id in visible]
         most_accessed = depot.store.access.top(MOST_ACCESSED, public_only=True)
-        figures.update(dict.fromkeys(WITHHELD_PRELOAD), ram_bytes=sum(m.resident_bytes for m in models))
+        ram = (
+            preload.ram_bytes
+            if len(models) == len(preload.preloaded)
+            else sum(m.resident_bytes for m in models)
+        )
+        figures.update(dict.fromkeys(WITHHELD_PRELOAD), ram_bytes=ram)
         # load() keys an engine (repo_id, commit, path, engine); one cached under another key names no repo
         loaded = depot.engines.keys()  # a list (the cache is no mapping)
         public = sum(1 for key in loaded if isinstance(key, tuple) and key and key[0] in visible)
