@@ -328,11 +328,10 @@ class Preloader:
     def _new_bytes(self, entries: list[FileEntry]) -> int:
         """What loading ``entries`` adds to the tier: not the blobs another model already holds in the page
         cache (the same pages)."""
+        if self.strategy not in ("page-cache", "mmap"):
+            return sum(e.size for e in entries)  # (private copies: each its own memory)
         held = {c.entry.sha256 for m in self._models.values() for c in m.files.values() if c.shared}
-        shared = self.strategy in ("page-cache", "mmap")
-        return sum(
-            e.size for e in {e.sha256: e for e in entries}.values() if not (shared and e.sha256 in held)
-        )
+        return sum(e.size for e in {e.sha256: e for e in entries}.values() if e.sha256 not in held)
 
     def _resident_total(self) -> int:
         """RAM the tier holds: a blob in the page cache counts once, however many models (a repo preloaded
