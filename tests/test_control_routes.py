@@ -436,7 +436,9 @@ def test_on_a_node_without_a_token_the_control_token_unlocks_what_a_token_would(
 ) -> None:
     """The dashboard, given the control token, still showed the budget's and engines' details as withheld
     ("details need the token") and private repos as absent: the control token was no token for reads."""
-    local.import_dir(write_model_dir(tmp_path / "secret", {"config.json": b"{}"}), "acme/secret", private=True)
+    local.import_dir(
+        write_model_dir(tmp_path / "secret", {"config.json": b"{}"}), "acme/secret", private=True
+    )
     anonymous = call(open_node.port, "GET", f"{API}/stats").json()
     assert anonymous["budget"]["used_bytes"] is None and anonymous["repos"] == 0
     assert call(open_node.port, "GET", "/api/models/acme/secret").status == 404

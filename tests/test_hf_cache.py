@@ -174,6 +174,42 @@ def test_an_import_keeps_to_the_disk_budget(
         assert roomy.budget_status().evictions == 1
 
 
+def test_an_adopted_commit_the_cache_holds_in_part_is_known_as_partial(
+    depot: Depot, hf_cache: Path, source: tuple[Depot, LiveNode]
+) -> None:
+    """A cache holding some of a commit's files was adopted as the whole commit: a node then listed that
+    commit with files missing, and clients took it for complete. huggingface_hub's own listing of the commit
+    (trees/<commit>.json, written by snapshot_download) says what the commit has."""
+    origin, _ = source
+    commit = origin.resolve(SAMPLE)
+    assert (hf_cache / FOLDER / "trees" / f"{commit}.json").is_file()
+    (snapshot_of(hf_cache) / "tokenizer.json").unlink()  # (as an interrupted snapshot_download leaves it)
+    result = depot.hf_cache_import(cache_dir=hf_cache)
+    assert [(p.problem, p.path.rsplit("/", 1)[-1]) for p in result.problems] == [
+        ("partial", f"{commit}.json")
+    ]
+    assert (
+        "1 were not imported" in result.problems[0].detail and "tokenizer.json" in result.problems[0].detail
+    )
+    assert {e.path for e in depot.list_files(SAMPLE)} == set(sample_files()) - {"tokenizer.json"}
+    listed = depot.commit_files(SAMPLE)
+    assert {e.path for e in listed} == set(sample_files())
+    assert [e.path for e in listed if e.chunk_size == 0 and e.size] == ["tokenizer.json"]
+    assert depot.get_manifest(SAMPLE).commit_id == commit
+    node = LiveNode(depot)
+    try:
+        from huggingface_hub import HfApi
+
+        assert {s.rfilename for s in HfApi(endpoint=node.url).model_info(SAMPLE).siblings or []} == set(
+            sample_files()
+        )
+        code, out, _ = run("info", SAMPLE, home=depot.home)
+        assert code == 0
+        assert "of the commit's 6 files" in out, out
+    finally:
+        node.stop()
+
+
 def test_a_second_import_changes_nothing(depot: Depot, hf_cache: Path) -> None:
     first = depot.hf_cache_import(cache_dir=hf_cache)
     rows, blobs = index_rows(depot), store_blob_files(depot)
@@ -226,6 +262,7 @@ def test_damaged_entries_are_reported_and_skipped_the_rest_imported(
         ("missing", f"{FOLDER}/refs/gone"),
         ("outside", f"{FOLDER}/snapshots/{commit}/leak.txt"),
         ("outside", f"{FOLDER}/snapshots/{commit}/leak2.bin"),
+        ("partial", f"{FOLDER}/trees/{commit}.json"),  # (the commit's listing names what was skipped)
     ]), result.problems  # fmt: skip
     assert all(p.repo_id == SAMPLE and p.detail for p in result.problems)
     (unfinished,) = [p for p in result.problems if p.path.endswith("onnx/model_q4.onnx")]

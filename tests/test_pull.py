@@ -72,6 +72,37 @@ def test_pull_one_variant_takes_exactly_its_files_and_the_shared_ones(
     assert list((local.home / "tmp").iterdir()) == []
 
 
+def test_a_node_holding_one_variant_lists_the_whole_commit_and_refuses_what_it_lacks(
+    local: Depot, upstream: LiveNode, tmp_path: Path
+) -> None:
+    """A node that pulled one variant listed its commit with that variant's files alone: snapshot_download
+    through it ended "complete" with part of the repo, and huggingface_hub keeps a commit's listing for good
+    (trees/<commit>.json), so the real Hub's later downloads of that commit skipped the rest."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError as HubEntryNotFound
+
+    local.pull(REPO, ["q4f16"])
+    node = LiveNode(local)
+    try:
+        ours, theirs = HfApi(endpoint=node.url), HfApi(endpoint=upstream.url)
+        assert {s.rfilename for s in ours.model_info(REPO).siblings or []} == set(FILES)
+
+        def tree(api: HfApi) -> list[tuple[str, str]]:
+            return sorted((item.path, getattr(item, "blob_id", None) or item.tree_id)
+                          for item in api.list_repo_tree(REPO, recursive=True))  # fmt: skip
+
+        assert tree(ours) == tree(theirs), "the same tree, oids included"
+        wanted = ["onnx/model_q4f16.onnx*", "*.json"]
+        folder = snapshot_download(REPO, endpoint=node.url, cache_dir=tmp_path / "hf", allow_patterns=wanted)
+        assert (Path(folder) / "onnx/model_q4f16.onnx_data").read_bytes() == FILES[
+            "onnx/model_q4f16.onnx_data"
+        ]
+        with pytest.raises(HubEntryNotFound):
+            snapshot_download(REPO, endpoint=node.url, cache_dir=tmp_path / "hf2")
+    finally:
+        node.stop()
+
+
 def test_a_second_variant_reuses_the_shared_files_and_grows_the_revision(local: Depot) -> None:
     local.pull(REPO, ["q4f16"])
     second = local.pull(REPO, ["fp32"])

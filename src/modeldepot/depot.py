@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from modeldepot.config import DepotConfig
 from modeldepot.errors import ConfigError, DepotError, EntryNotFoundError, NotFoundError, OfflineError
-from modeldepot.hub.manifest import Manifest, RemoteFile, manifest_body, manifest_from_record
+from modeldepot.hub.manifest import Manifest, RemoteFile, listed_files, manifest_from_record, save_scan
 from modeldepot.hub.variants import group_files
 from modeldepot.store import (
     BlobRecord,
@@ -272,6 +272,26 @@ class Depot:
         return self.store.files(repo_id, self.store.resolve(repo_id, revision))
 
     @_any_case
+    def commit_files(self, repo_id: str, revision: str = "main") -> list[FileEntry]:
+        """Every file of the revision's commit, sorted by path, as the Hub lists them: the ones the store
+        holds and, when the repo's saved scan is of this commit (a pull of one variant, an adopted cache
+        that lacked files), the ones it lacks, with their sizes and digests and ``chunk_size`` 0 (not here).
+        A commit id names one tree: a listing of part of it would let a client cache that part as the
+        whole (huggingface_hub keeps a commit's listing for good)."""
+        commit_id = self.store.resolve(repo_id, revision)
+        held = self.store.files(repo_id, commit_id)
+        try:
+            record = self.store.manifests.load(repo_id)
+        except NotFoundError:
+            return held
+        if record.commit_id != commit_id:
+            return held
+        have = {entry.path for entry in held}
+        lacking = [FileEntry(repo_id, commit_id, f.path, f.size, f.sha256 or "", f.git_oid, f.sha256 is not None, 0)
+                   for f in listed_files(record) if f.path not in have]  # fmt: skip
+        return sorted([*held, *lacking], key=lambda entry: entry.path)
+
+    @_any_case
     def file_info(self, repo_id: str, path: str, revision: str = "main") -> FileEntry:
         return self.store.entry(repo_id, path, revision)
 
@@ -365,15 +385,7 @@ class Depot:
                 ) from None
         scan = self.chain.scan(repo_id, revision)
         repo_id = self.store.spelled(scan.repo_id)  # the store's spelling, or for a new repo the upstream's
-        body = manifest_body(repo_id, revision, scan.commit_id, scan.endpoint, scan.info, scan.files)
-        grouping = group_files(f.path for f in scan.files)
-        statuses = {
-            v.name: "downloaded"
-            if self._holds(repo_id, scan.commit_id, [*v.files, *grouping.shared])
-            else "available"
-            for v in grouping.variants
-        }
-        self.store.manifests.save(repo_id, revision, scan.commit_id, body, statuses)
+        save_scan(self.store, repo_id, revision, scan.commit_id, scan.endpoint, scan.info, scan.files)
         return self.get_manifest(repo_id)
 
     @property
@@ -558,10 +570,6 @@ class Depot:
 
     def list_manifests(self) -> list[Manifest]:
         return [self.get_manifest(repo_id) for repo_id in self.store.manifests.scanned()]
-
-    def _holds(self, repo_id: str, commit_id: str, paths: list[str]) -> bool:
-        """Whether the store has every one of ``paths`` at ``commit_id`` of ``repo_id``, servable now."""
-        return all(self.store.has_file(repo_id, path, commit_id) for path in paths)
 
     # -- engines ----------------------------------------------------------------------------------------
 

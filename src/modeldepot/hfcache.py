@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -59,12 +60,15 @@ from modeldepot.errors import (
     CorruptBlobError,
     IntegrityError,
     InvalidInputError,
+    NotFoundError,
     RepoNotFoundError,
     SourceDirectoryError,
     StoreError,
+    UpstreamDataError,
 )
 from modeldepot.gitobjects import git_blob_oid, lfs_pointer
 from modeldepot.hashing import BlobDigest
+from modeldepot.hub.manifest import RemoteFile, save_scan
 from modeldepot.modelcard import MAX_CARD_BYTES, card_metadata
 from modeldepot.store.blobs import PartialBlob, WriteSession
 from modeldepot.store.importer import likely_new_bytes, stage_blob
@@ -73,11 +77,15 @@ from modeldepot.store.models import BlobRecord, FileEntry
 from modeldepot.store.publish import RevisionSpec, StagedFile, blob_states, publish
 from modeldepot.store.store import Store
 from modeldepot.validation import (
+    from_upstream,
     is_commit_id,
     validate_branch,
+    validate_git_oid,
     validate_path,
     validate_repo_id,
     validate_revision,
+    validate_sha256,
+    validate_size,
 )
 
 __all__ = [
@@ -94,6 +102,7 @@ __all__ = [
 ]
 
 ORIGIN = "hf-cache"  # the repos table's origin of what an import adopts
+MAX_TREE_LISTING = 64 * 1024 * 1024  # bytes of a trees/<commit>.json read (the Hub's 100k files fit)
 _PREFIX = "models--"  # the cache's folders of model repos (datasets--, spaces-- are not models)
 _ETAG = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 # huggingface_hub writes a ref as refs/<name>.<8 hex>.tmp, then renames it
@@ -116,7 +125,9 @@ class HfCacheProblem(_Record):
 
     repo_id: str | None
     path: str  # relative to the cache folder
-    problem: str  # corrupt, incomplete, missing, outside, invalid, unreadable
+    problem: (
+        str  # corrupt, incomplete, missing, outside, invalid, unreadable, partial (a commit held in part)
+    )
     detail: str
 
 
@@ -527,7 +538,67 @@ def _publish_revisions(store: Store, scan: _Scan, repo: _CachedRepo, verified: d
         revisions.append(
             HfCacheRevision(commit, tuple(names), len(staged), sum(s.digest.size for s in staged))
         )
+        _note_a_partial_commit(store, scan, repo, commit, names, {s.path for s in staged}, private)
     return revisions, new
+
+
+def _note_a_partial_commit(store: Store, scan: _Scan, repo: _CachedRepo, commit: str, names: list[str],
+                           imported: set[str], private: bool) -> None:  # fmt: skip
+    """When huggingface_hub's listing of the commit (``trees/<commit>.json``, written by snapshot_download)
+    names files the cache did not hold or that could not be imported, say so, and keep that listing as the
+    repo's manifest (unless the repo has one of another commit, not main's): ``info`` and ``status`` count
+    what is missing, a node lists the whole commit and refuses what it lacks, a pull takes the rest."""
+    tree = repo.folder / "trees" / f"{commit}.json"
+    listing = _read_tree_listing(scan, repo.repo_id, tree)
+    if listing is None:
+        return
+    missing = [f.path for f in listing if f.path not in imported]
+    if not missing:
+        return
+    scan.problem(repo.repo_id, tree, "partial",
+                 f"commit {commit[:12]} has {len(listing)} files and {len(missing)} were not imported (e.g. "
+                 f"{missing[0]!r}): `modeldepot pull {repo.repo_id} -r {commit}` takes the rest")  # fmt: skip
+    try:
+        saved = store.manifests.load(repo.repo_id).commit_id
+    except NotFoundError:
+        saved = None
+    if saved in (None, commit) or "main" in names:
+        save_scan(store, repo.repo_id, names[0] if names else commit, commit, ORIGIN, {"private": private},
+                  listing)  # fmt: skip
+
+
+def _read_tree_listing(scan: _Scan, repo_id: str, tree: Path) -> list[RemoteFile] | None:
+    """huggingface_hub's cached listing of a commit, every value checked as an upstream's would be; None
+    when there is none (older huggingface_hub, hf_hub_download alone) or it cannot be read (reported)."""
+    try:
+        if tree.stat().st_size > MAX_TREE_LISTING:
+            raise ValueError(f"it is larger than {MAX_TREE_LISTING} bytes")
+        body = json.loads(tree.read_bytes())
+        entries = body["files"]
+        if not isinstance(entries, dict):
+            raise ValueError("its files are not an object")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
+        scan.problem(repo_id, tree, "unreadable", f"the commit's file listing is not readable: {error}")
+        return None
+    source = str(tree)
+    try:
+        files = []
+        for path, entry in entries.items():
+            path = from_upstream(source, "file path", validate_path, path)
+            if not isinstance(entry, dict):
+                raise UpstreamDataError(source, f"entry of {path!r}", "it is not an object")
+            size = from_upstream(source, f"size of {path!r}", validate_size, entry.get("size"))
+            git_oid = from_upstream(source, f"git oid of {path!r}", validate_git_oid, entry.get("blob_id"))
+            sha256 = entry.get("lfs_sha256")
+            if sha256 is not None:
+                sha256 = from_upstream(source, f"LFS SHA-256 of {path!r}", validate_sha256, sha256)
+            files.append(RemoteFile(path=path, size=size, git_oid=git_oid, sha256=sha256))
+    except UpstreamDataError as error:
+        scan.problem(repo_id, tree, "unreadable", f"the commit's file listing is not valid: {error}")
+        return None
+    return files
 
 
 def _card(links: list[_Link]) -> dict[str, Any]:

@@ -6,11 +6,14 @@ import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modeldepot.errors import NotFoundError
 from modeldepot.hub.variants import group_files
 from modeldepot.store.manifests import ManifestRecord
+
+if TYPE_CHECKING:
+    from modeldepot.store.store import Store
 
 __all__ = ["INTERRUPTED", "Manifest", "RemoteFile", "Variant", "manifest_body", "manifest_from_record"]
 
@@ -93,6 +96,26 @@ def manifest_body(
 
 
 INTERRUPTED = "interrupted before it finished: pull again to resume"
+
+
+def save_scan(store: Store, repo_id: str, revision: str, commit_id: str, endpoint: str, info: dict[str, Any],
+              files: list[RemoteFile]) -> None:  # fmt: skip
+    """Record a commit's listing as the repo's manifest; each variant "downloaded" when the store holds
+    its files and the shared ones at that commit, else "available"."""
+    grouping = group_files(f.path for f in files)
+    statuses = {
+        v.name: "downloaded"
+        if all(store.has_file(repo_id, path, commit_id) for path in (*v.files, *grouping.shared))
+        else "available"
+        for v in grouping.variants
+    }
+    body = manifest_body(repo_id, revision, commit_id, endpoint, info, files)
+    store.manifests.save(repo_id, revision, commit_id, body, statuses)
+
+
+def listed_files(record: ManifestRecord) -> tuple[RemoteFile, ...]:
+    """The files a saved scan lists (its commit's whole tree), without building the whole manifest."""
+    return tuple(RemoteFile(**f) for f in json.loads(record.body)["files"])
 
 
 def manifest_from_record(

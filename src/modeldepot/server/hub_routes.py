@@ -146,7 +146,7 @@ async def _stored_view(request: web.Request, repo_id: str, revision: str) -> Rev
     depot: Depot = request.app[DEPOT]
     summary = await _visible_repo(request, repo_id)
     commit_id = await asyncio.to_thread(depot.resolve, repo_id, revision)
-    files = await asyncio.to_thread(depot.list_files, repo_id, commit_id)
+    files = await asyncio.to_thread(depot.commit_files, repo_id, commit_id)  # (the whole tree, held or not)
     committed_at = await asyncio.to_thread(depot.store.revision_time, repo_id, commit_id)
     return stored_view(summary, commit_id, files, committed_at)
 
