@@ -376,8 +376,8 @@ def test_a_malformed_request_logs_one_line_and_no_traceback(
         answer = read_until_closed(sock)  # the node logs before it answers, and closes after its access log
     assert status_of(answer) == 400 and b"malformed request" in answer and b"Traceback" not in answer
     records = [r for r in caplog.records if not r.name.startswith("asyncio")]
-    access = [r.getMessage() for r in records if r.name == "aiohttp.access"]
-    others = [r for r in records if r.name != "aiohttp.access"]
+    access = [r.getMessage() for r in records if r.name == "modeldepot.access"]
+    others = [r for r in records if r.name != "modeldepot.access"]
     assert len(others) == 1, [r.getMessage() for r in others]
     line = others[0]
     assert line.name == "modeldepot.server" and line.levelno == logging.INFO

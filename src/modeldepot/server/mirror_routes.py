@@ -20,6 +20,7 @@ from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.mirror import Mirror
 from modeldepot.server.context import is_authorized
 from modeldepot.server.ranges import RangeNotSatisfiable
+from modeldepot.server.responses import CountedResponse
 from modeldepot.server.views import RevisionView, file_headers, wanted_range, whole_headers
 from modeldepot.store import FileEntry
 
@@ -41,9 +42,9 @@ def _entry(manifest: Manifest, remote: RemoteFile) -> FileEntry:
                      remote.git_oid, remote.sha256 is not None, 0)  # fmt: skip
 
 
-class MirrorResponse(web.StreamResponse):
+class MirrorResponse(CountedResponse):
     """Streams what :meth:`Mirror.read` yields; written after the handler returns, so the request
-    deadline bounds only the wait for the headers."""
+    deadline bounds only the wait for the headers. Counts what it sent in ``body_sent``."""
 
     def __init__(
         self, body: AsyncIterator[memoryview] | None, status: int, headers: dict[str, str], length: int
@@ -72,6 +73,7 @@ class MirrorResponse(web.StreamResponse):
                         request.transport.close()
                     raise ConnectionResetError("the upstream transfer failed") from None
                 await writer.write(block)  # (a client that left raises here)
+                self.body_sent += block.nbytes
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
         await super().write_eof()

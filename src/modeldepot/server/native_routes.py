@@ -31,7 +31,7 @@ from modeldepot.server.context import DEPOT, is_authorized, path_repo
 from modeldepot.server.fleet import FLEET
 from modeldepot.server.openapi import WITHHELD_PRELOAD, openapi_document
 from modeldepot.server.ranges import RangeNotSatisfiable
-from modeldepot.server.responses import json_response, send_blob
+from modeldepot.server.responses import CountedResponse, json_response, send_blob
 from modeldepot.server.views import wanted_range
 from modeldepot.store.maintenance import totals as store_totals
 from modeldepot.store.models import BlobRecord
@@ -144,10 +144,10 @@ def _variant_states(manifests: list[Manifest], authorized: bool) -> dict[str, di
     return states
 
 
-class EventStream(web.StreamResponse):
+class EventStream(CountedResponse):
     """Server-sent events: one ``variant`` event per variant at connect, then one per change (any
     process's pulls: statuses live in the index), and a comment as heartbeat. Streamed after the handler
-    returns, so the request deadline does not cut it."""
+    returns, so the request deadline does not cut it; counts what it sent in ``body_sent``."""
 
     def __init__(self, depot: Depot, authorized: bool, stopping: asyncio.Event) -> None:
         super().__init__(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -167,20 +167,24 @@ class EventStream(web.StreamResponse):
             changed = [state for key, state in states.items() if seen.get(key) != state]
             seen = states
             if changed:
-                await self.write(
+                await self._send(
                     "".join(
                         f"event: variant\ndata: {json.dumps(s, sort_keys=True)}\n\n" for s in changed
                     ).encode()
                 )
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= EVENTS_HEARTBEAT:
-                await self.write(b": heartbeat\n\n")
+                await self._send(b": heartbeat\n\n")
                 quiet_since = time.monotonic()
             with contextlib.suppress(TimeoutError):  # woken at once when the server shuts down
                 await asyncio.wait_for(self._stopping.wait(), EVENTS_POLL)
         if writer is not None:
             await super().write_eof()  # the stream ends: a shutdown does not wait for it
         return writer
+
+    async def _send(self, data: bytes) -> None:
+        await self.write(data)
+        self.body_sent += len(data)
 
 
 async def events(request: web.Request) -> web.StreamResponse:

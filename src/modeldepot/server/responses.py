@@ -31,12 +31,43 @@ from modeldepot.server.ranges import RangeNotSatisfiable
 from modeldepot.server.views import wanted_range, whole_headers
 from modeldepot.store.verified import VerifiedBlob
 
-__all__ = ["BlobResponse", "error_response", "json_response", "response_for_error", "send_blob"]
+__all__ = [
+    "BlobResponse",
+    "CountedResponse",
+    "body_bytes_sent",
+    "error_response",
+    "json_response",
+    "response_for_error",
+    "send_blob",
+]
 
 log = logging.getLogger("modeldepot.server")
 
 
-class BlobResponse(web.StreamResponse):
+class CountedResponse(web.StreamResponse):
+    """A response that sends its body itself (in ``prepare``, after the handler returned) and counts it:
+    ``body_sent`` is the body bytes handed to the connection so far (to the kernel, for sendfile), so a
+    client that left early is logged with what it was sent until then (:func:`body_bytes_sent`)."""
+
+    def __init__(self, *, status: int = 200, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status=status, headers=headers)
+        self.body_sent = 0
+
+
+def body_bytes_sent(request: BaseRequest, response: web.StreamResponse) -> int:
+    """The body bytes ``response`` sent (the access log's bytes): a :class:`CountedResponse` counts its own;
+    any other response (a body in memory, written at once) sent its Content-Length once it finished, and
+    nothing for a HEAD or when it did not finish (a client that left). aiohttp's ``body_length`` (its
+    ``%b``) would not do: it counts what went through its writer, headers included, and so neither a body
+    sent by sendfile nor the part of a body sent before a client left."""
+    if isinstance(response, CountedResponse):
+        return response.body_sent
+    if request.method == "HEAD" or not response.body_length:  # body_length is set once the answer finished
+        return 0
+    return response.content_length or 0
+
+
+class BlobResponse(CountedResponse):
     """Sends bytes ``offset .. offset + count - 1`` of a blob with sendfile, each chunk checked first.
 
     Every chunk the range touches is hashed against its BLAKE3 (on a worker thread, the next chunk while
@@ -103,18 +134,32 @@ class BlobResponse(web.StreamResponse):
     async def _send(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
                     writer: AbstractStreamWriter, offset: int, count: int) -> None:  # fmt: skip
         if self._reader.by_sendfile:  # not for a download in progress: its file may change under us
+            file = self._reader.file
             try:
-                await loop.sendfile(transport, self._reader.file, offset, count)
-                if self.on_sendfile is not None:
-                    self.on_sendfile(count)
-                return
+                await loop.sendfile(transport, file, offset, count)
             except NotImplementedError:  # e.g. TLS transports
                 pass
+            except BaseException:
+                # A client that left: asyncio leaves the file's position after the last byte it sent, even
+                # when it fails (it moves it only when it sent some: the pieces go in order, so before this
+                # one the position is at most ``offset``; the file is this response's own). A cancelled
+                # send may not have moved it yet: its piece then counts 0.
+                self._sent_by_sendfile(max(0, file.tell() - offset))
+                raise
+            else:
+                self._sent_by_sendfile(count)
+                return
         # The bytes that were hashed, copied once: a transport may keep what it is given after write returns.
         index = offset // self._reader.chunk_size
         chunk_offset, _ = self._reader.span(index)
         with self._reader.view(index) as view:
             await writer.write(bytes(view[offset - chunk_offset : offset - chunk_offset + count]))
+        self.body_sent += count
+
+    def _sent_by_sendfile(self, count: int) -> None:
+        self.body_sent += count
+        if self.on_sendfile is not None:
+            self.on_sendfile(count)
 
 
 async def send_blob(

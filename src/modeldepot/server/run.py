@@ -35,7 +35,6 @@ from modeldepot.store.scrub import DEFAULT_SCRUB_RATE
 __all__ = ["SHUTDOWN_GRACE", "dashboard_line", "run_server"]
 
 SHUTDOWN_GRACE = 30.0  # seconds in-flight responses get after SIGINT/SIGTERM
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i" %{X-Request-Id}o'
 
 
 def run_server(
@@ -67,13 +66,8 @@ def run_server(
     if mirror:
         upstreams = [*depot.config.servers, *(["the fleet"] if cluster else []), depot.config.hub_endpoint]
         mode += f"; mirroring {', '.join(upstreams)}"
-    runner = NodeRunner(
-        app,
-        limits=limits,
-        access_log=logging.getLogger("modeldepot.access"),
-        access_log_format=ACCESS_LOG_FORMAT,
-        shutdown_timeout=SHUTDOWN_GRACE,
-    )
+    # (its access log: NodeAccessLogger on modeldepot.access, one line per request with its body bytes)
+    runner = NodeRunner(app, limits=limits, shutdown_timeout=SHUTDOWN_GRACE)
 
     if scrub_interval > 0:
         app.cleanup_ctx.append(_scrubbing(depot, scrub_interval, scrub_rate))
