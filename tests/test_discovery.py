@@ -150,6 +150,136 @@ def test_publish_writes_only_the_difference_in_transactions_of_at_most_128(etcd_
     run(main())
 
 
+class Statuses:
+    """``discovery``'s ``registered``, at each change of its view or status (health's flaps, all of them)."""
+
+    def __init__(self, discovery: EtcdDiscovery) -> None:
+        self.registered: list[bool] = []
+        changed = discovery._changed
+
+        def record() -> None:
+            self.registered.append(discovery.status().registered)
+            changed()
+
+        discovery._changed = record  # type: ignore[method-assign]
+
+
+class WatchFirst:
+    """Holds back the answers to ``discovery``'s next ``times`` transactions until its watch has shown what
+    they did (``until()``, of its view, is true): the order of events the user's node saw, made certain.
+    ``meanwhile()``, if given, runs first (someone else's write while this node's is on its way)."""
+
+    def __init__(self, discovery: EtcdDiscovery, until: Any, times: int = 1, meanwhile: Any = None) -> None:
+        self.until, self.times, self.held = until, times, 0
+        transaction = discovery._client.transaction
+
+        async def held_back(*args: Any, **kwargs: Any) -> Any:
+            answer = await transaction(*args, **kwargs)
+            if self.held < self.times:
+                self.held += 1
+                if meanwhile is not None:
+                    await meanwhile()
+                await discovery.wait_for(self.until, WAIT)
+            return answer
+
+        discovery._client.transaction = held_back
+
+
+def test_a_nodes_own_deletes_are_no_lost_keys_even_when_the_watch_shows_them_first(
+    etcd_server: EtcdServer,
+) -> None:
+    a, b = node("a"), node("b")
+
+    async def main() -> None:
+        da, db = etcd(etcd_server), etcd(etcd_server)
+        async with started(da, db), raw(etcd_server) as client:
+            await da.register(a)
+            await da.publish({sha(1): WHOLE, sha(2): HALF, sha(3): WHOLE})
+            await db.register(b)
+            await db.wait_for(lambda: len(db.holdings_of(a.node_id)) == 3, WAIT)
+            record_key = f"/modeldepot/nodes/{a.node_id}".encode()
+            registered_at = (await keys(client))[record_key].mod_revision
+            statuses = Statuses(da)
+
+            # A delete alone (an rm), then a delete and a change in one transaction.
+            hook = WatchFirst(da, lambda: sha(1) not in da.holdings_of(a.node_id), times=2)
+            await da.publish({sha(2): HALF, sha(3): WHOLE})
+            assert hook.held == 1 and da.status().registered
+            hook.until = lambda: da.holdings_of(a.node_id) == {sha(3): HALF}
+            await da.publish({sha(3): HALF})
+            assert hook.held == 2 and da.status().registered
+            assert statuses.registered and all(statuses.registered)  # never "not registered" on the way
+            assert not da._verify and not da._checking  # nothing to check, nothing to write again
+
+            stored = await keys(client)
+            assert stored[record_key].mod_revision == registered_at
+            assert [k for k in stored if k.startswith(b"/modeldepot/holdings/")] == [
+                f"/modeldepot/holdings/{sha(3)}/{a.node_id}".encode()
+            ]
+            await db.wait_for(lambda: db.holdings_of(a.node_id) == {sha(3): HALF}, WAIT)
+            # What was deleted counts as not written: published again, it is written again.
+            before = await revision(client)
+            await da.publish({sha(1): WHOLE, sha(3): HALF})
+            assert await revision(client) == before + 1
+            await db.wait_for(lambda: db.holdings_of(a.node_id) == {sha(1): WHOLE, sha(3): HALF}, WAIT)
+            assert all(statuses.registered)
+
+    run(main())
+
+
+def test_a_nodes_keys_deleted_by_someone_else_are_written_again(etcd_server: EtcdServer) -> None:
+    a, b = node("a"), node("b")
+
+    async def main() -> None:
+        da, db = etcd(etcd_server), etcd(etcd_server)
+        async with started(da, db), raw(etcd_server) as client:
+            await da.register(a)
+            await da.publish({sha(1): WHOLE, sha(2): HALF})
+            await db.register(b)
+            await db.wait_for(lambda: len(db.holdings_of(a.node_id)) == 2, WAIT)
+            record_key = f"/modeldepot/nodes/{a.node_id}".encode()
+            mine = {sha(1): WHOLE, sha(2): HALF}
+            statuses = Statuses(da)
+
+            # Deleted by someone else, a holding then the record: noticed (not registered until checked),
+            # and written again.
+            for key in (f"/modeldepot/holdings/{sha(1)}/{a.node_id}".encode(), record_key):
+                statuses.registered.clear()
+                deleted_at = int((await client.delete(key)).header.revision)
+                # Seen (and dropped from the view: the same event), then written again.
+                await da.wait_for(lambda: False in statuses.registered, WAIT)
+                await da.wait_for(
+                    lambda: da.status().registered and a in da.peers() and da.holdings_of(a.node_id) == mine,
+                    WAIT,
+                )
+                stored = await keys(client)
+                assert stored[key].mod_revision > deleted_at and stored[key].lease == da._lease_id
+                await db.wait_for(lambda: ids(db) == sorted([a.node_id, b.node_id]), WAIT)
+                await db.wait_for(lambda: db.holdings_of(a.node_id) == mine, WAIT)
+
+            # Someone else deletes a holding while this node's own delete of another is on its way (and
+            # the watch shows both first): the own delete is no loss, the other one is written again.
+            other = f"/modeldepot/holdings/{sha(2)}/{a.node_id}".encode()
+
+            async def meanwhile() -> None:
+                await client.delete(other)
+
+            statuses.registered.clear()
+            hook = WatchFirst(da, lambda: da.holdings_of(a.node_id) == {}, meanwhile=meanwhile)
+            await da.publish({sha(2): HALF})
+            assert hook.held == 1
+            await da.wait_for(lambda: False in statuses.registered, WAIT)
+            await da.wait_for(
+                lambda: da.status().registered and da.holdings_of(a.node_id) == {sha(2): HALF}, WAIT
+            )
+            stored = await keys(client)
+            assert other in stored and stored[other].lease == da._lease_id
+            assert f"/modeldepot/holdings/{sha(1)}/{a.node_id}".encode() not in stored
+            await db.wait_for(lambda: db.holdings_of(a.node_id) == {sha(2): HALF}, WAIT)
+
+    run(main())
+
+
 def test_close_removes_the_node_at_once(etcd_server: EtcdServer) -> None:
     a, b = node("a"), node("b")
 

@@ -392,3 +392,6 @@ def test_holdings_follow_cli_imports_pulls_gc_and_rm_on_a_served_store(fleet: Fl
         lambda: set(held()) == twos - {sha(big)}, 10, "the quarantined blob to leave etcd", interval=0.1
     )
     assert not [k for k in fleet.dump() if k.startswith(b"/modeldepot/")], "everything is under the prefix"
+    # Its own deletes (gc, rm, the quarantine) are no lost keys: no "gone ... registering again" (they were,
+    # when the watch showed one before the transaction's answer, and health flapped).
+    assert "record is gone" not in a.log_text() and "registered again" not in a.log_text()

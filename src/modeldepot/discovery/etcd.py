@@ -196,7 +196,9 @@ class EtcdDiscovery(ViewDiscovery):
         self._lease_ttl = self.ttl
         self._refresh_due = 0.0  # loop time of the next lease refresh
         self._record_rev = 0  # the revision that wrote this node's record; 0: not (known to be) there
-        self._written: dict[str, Holding | None] = {}  # None: may be in etcd, value unknown (a failed write)
+        # Holdings this node wrote and has not started to delete; None: may be in etcd, value unknown (a
+        # failed write). Only a delete of one of these is a lost key (see _own_key_deleted).
+        self._written: dict[str, Holding | None] = {}
         self._written_rev: dict[str, int] = {}
         self._mine: dict[tuple[str, int], dict[int, ChunkClaim]] = {}  # this process's claims, by chunk
         self._verify = False  # something failed or vanished: check the lease and its keys before writing
@@ -500,7 +502,8 @@ class EtcdDiscovery(ViewDiscovery):
 
     def _own_key_deleted(self, kind: str, sha256: str, node_id: str, revision: int) -> None:
         """One of this node's keys was deleted after it wrote it (its lease ran out, or someone deleted
-        it): write it again."""
+        it): write it again. A holding this node deletes itself left ``_written`` before the delete was
+        sent, so its delete is never taken for a loss, whether the watch or the answer comes first."""
         if self._closed or self._record is None or node_id != self._record.node_id:
             return
         if kind == "node" and 0 < self._record_rev < revision:
@@ -755,6 +758,12 @@ class EtcdDiscovery(ViewDiscovery):
             else client.transactions.put(key, value, lease=self._lease_id)
             for _sha, _holding, key, value in batch
         ]
+        # A key this node deletes is no longer one it wrote from before the delete is sent: the watch may
+        # show the delete before the transaction's answer comes, and an own delete is no lost key.
+        for sha256, holding, _key, _value in batch:
+            if holding is None:
+                self._written.pop(sha256, None)
+                self._written_rev.pop(sha256, None)
         try:
             _succeeded, responses = await self._call(client.transaction(compare=[], success=ops, failure=[]))
         except BaseException:
@@ -766,8 +775,6 @@ class EtcdDiscovery(ViewDiscovery):
         with self._lock:
             for sha256, holding, _key, _value in batch:
                 if holding is None:
-                    self._written.pop(sha256, None)
-                    self._written_rev.pop(sha256, None)
                     self._drop_holding(sha256, node_id)
                 else:
                     self._written[sha256] = holding
