@@ -145,6 +145,12 @@ class StoreMachine(RuleBasedStateMachine):
         commit = self.refs[repo].get(which, which)
         before = self.referenced()
         result = self.depot.remove(repo, which)
+        others = sorted(b for b, c in self.refs[repo].items() if c == commit and b != which)
+        if which in self.refs[repo] and others:  # a branch whose commit another ref names: it goes alone
+            assert (result.ref_removed, list(result.commit_kept_for), result.commits) == (which, others, ())
+            del self.refs[repo][which]
+            event("removing a branch that shares its commit removed the branch alone")
+            return
         assert result.commits == (commit,)
         del self.revisions[repo][commit]
         self.refs[repo] = {b: c for b, c in self.refs[repo].items() if c != commit}
