@@ -491,13 +491,13 @@ def test_an_export_sweeps_what_a_killed_one_left_and_a_failed_one_leaves_no_empt
     stale.write_bytes(b"x" * 1000)
     live = blobs / f".modeldepot-{os.getpid()}-0123456789ab.tmp"  # (a running export's: kept)
     live.write_bytes(b"y")
-    import modeldepot.hfcache
+    import modeldepot.hfcache.export
 
     def full_disk(*args: object, **kwargs: object) -> str:
         raise StoreError("no space left (simulated)")
 
     with monkeypatch.context() as patch:
-        patch.setattr(modeldepot.hfcache._CacheWriter, "blob", full_disk)
+        patch.setattr(modeldepot.hfcache.export._CacheWriter, "blob", full_disk)
         with pytest.raises(StoreError, match="simulated"):
             filled.hf_cache_export(SAMPLE, cache_dir=cache)
     assert not stale.exists() and live.exists()

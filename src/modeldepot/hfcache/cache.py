@@ -1,0 +1,132 @@
+"""What the cache's two directions share: its layout's names, the results, the checks of a path."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modeldepot.validation import (
+    validate_repo_id,
+)
+
+ORIGIN = "hf-cache"  # the repos table's origin of what an import adopts
+PREFIX = "models--"  # the cache's folders of model repos (datasets--, spaces-- are not models)
+ETAG = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+BLOCK = 4 << 20  # bytes read at a time to hash a file
+
+Progress = Callable[[str, int, int], None]
+"""Called as ``progress(what, bytes_done, bytes_total)`` while an import or an export runs."""
+
+
+class _Record:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload,no-any-return]
+
+
+@dataclass(frozen=True)
+class HfCacheProblem(_Record):
+    """Something of the cache that was skipped, and why."""
+
+    repo_id: str | None
+    path: str  # relative to the cache folder
+    problem: str  # corrupt, incomplete, missing, outside, invalid, unreadable, partial (a commit in part)
+    detail: str
+
+
+@dataclass(frozen=True)
+class HfCacheRevision(_Record):
+    commit_id: str
+    refs: tuple[str, ...]
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class HfCacheRepo(_Record):
+    """One repo adopted from the cache: its revisions, and how its blobs came into the store."""
+
+    repo_id: str
+    revisions: tuple[HfCacheRevision, ...]
+    blobs: int  # distinct contents verified
+    new_blobs: int  # of those, the ones the store did not hold before
+    new_bytes: int
+    linked_blobs: int  # hard links to the cache's files (same file system)
+    copied_blobs: int
+
+
+class _Reported(_Record):
+    """A result that lists what it skipped: ``ok`` when nothing was (also in its dict)."""
+
+    problems: tuple[HfCacheProblem, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing was skipped."""
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "ok": self.ok}
+
+
+@dataclass(frozen=True)
+class HfCacheImportResult(_Reported):
+    cache_dir: str
+    repos: tuple[HfCacheRepo, ...]
+    problems: tuple[HfCacheProblem, ...]
+
+
+@dataclass(frozen=True)
+class HfCacheExportResult(_Reported):
+    repo_id: str
+    revision: str
+    commit_id: str
+    cache_dir: str
+    snapshot_path: str  # what snapshot_download(..., local_files_only=True) returns
+    files: int
+    bytes: int
+    linked: int  # blobs hard-linked to the store's
+    copied: int
+    kept: int  # blobs the cache already held with the right bytes
+    problems: tuple[HfCacheProblem, ...]
+
+
+def default_cache_dir() -> Path:
+    """Where huggingface_hub keeps its cache: ``HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    ``~/.cache/huggingface/hub`` (as read when huggingface_hub was imported)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def repo_folder_name(repo_id: str) -> str:
+    """``models--org--name``: the cache's folder of a model repo."""
+    validate_repo_id(repo_id)
+    return PREFIX + repo_id.replace("/", "--")
+
+
+def within(root: str, path: str) -> bool:
+    return os.path.commonpath([root, path]) == root
+
+
+def unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def etag_of_file(path: Path, size: int, lfs: bool) -> str | None:
+    digest = hashlib.sha256() if lfs else hashlib.sha1(b"blob %d\0" % size)
+    try:
+        with open(path, "rb") as handle:
+            while block := handle.read(BLOCK):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()

@@ -1,0 +1,281 @@
+"""Making a stored repo appear in a Hugging Face cache (:func:`export_to_hf_cache`; see the package's doc)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import stat
+from pathlib import Path
+
+from modeldepot.errors import (
+    CorruptBlobError,
+    InvalidInputError,
+    StoreError,
+)
+from modeldepot.hfcache.cache import (
+    ETAG,
+    HfCacheExportResult,
+    HfCacheProblem,
+    Progress,
+    default_cache_dir,
+    etag_of_file,
+    repo_folder_name,
+    unlink_quietly,
+    within,
+)
+from modeldepot.store.maintenance import check_if_changed
+from modeldepot.store.models import BlobRecord, FileEntry
+from modeldepot.store.store import Store
+from modeldepot.validation import (
+    is_commit_id,
+    validate_path,
+    validate_revision,
+)
+
+
+def export_to_hf_cache(
+    store: Store,
+    repo_id: str,
+    revision: str = "main",
+    cache_dir: str | Path | None = None,
+    *,
+    copy: bool = False,
+    progress: Progress | None = None,
+) -> HfCacheExportResult:
+    """Make ``repo_id`` at ``revision`` appear in a Hugging Face cache (default: huggingface_hub's), as a
+    download of it from the Hub would have left it; ``refs/<revision>`` too when it is a branch.
+
+    Blobs are hard links to the store's when the file systems allow (else copies, chunk-verified; always
+    with ``copy``); a blob the cache already holds with the right bytes is kept. Refuses (InvalidInputError)
+    to write through a link that leads out of the cache. A file whose blob the store has quarantined is
+    skipped and reported.
+
+    The cache's folder is named by ``repo_id`` as given, even when the store holds the repo under another
+    case: huggingface_hub looks it up with the case its caller uses (``from_pretrained("Org/Name")``).
+    """
+    held = store.spelled(repo_id)
+    validate_revision(revision)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    commit_id = store.resolve(held, revision)
+    entries = store.files(held, commit_id)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StoreError(f"cannot create the Hugging Face cache folder {cache}: {error.strerror}") from None
+    writer = _CacheWriter(cache, repo_folder_name(repo_id))
+    blobs = writer.folder("blobs")
+    writer.sweep(blobs)
+    snapshot = writer.folder(f"snapshots/{commit_id}")
+    problems: list[HfCacheProblem] = []
+    counts = {"linked": 0, "copied": 0, "kept": 0}
+    total, done, exported, exported_bytes = sum(e.size for e in entries), 0, 0, 0
+    try:
+        for listed in entries:
+            path = f"{writer.name}/snapshots/{commit_id}/{listed.path}"
+            try:
+                entry = store.entry(held, validate_path(listed.path), commit_id)
+                etag = entry.etag
+                if ETAG.fullmatch(etag) is None:
+                    raise CorruptBlobError(entry.sha256, f"its ETag {etag!r} is not a digest")
+                counts[writer.blob(store, entry, blobs / etag, link=not copy)] += 1
+            except CorruptBlobError as error:
+                problems.append(HfCacheProblem(repo_id, path, "corrupt", f"skipped: {error}"))
+            else:
+                writer.link(snapshot, entry.path, blobs / etag)
+                exported, exported_bytes = exported + 1, exported_bytes + entry.size
+            done += listed.size
+            if progress is not None:
+                progress(f"{repo_id}/{listed.path}", done, total)
+    finally:
+        writer.drop_if_empty(snapshot)
+    if not is_commit_id(revision):
+        writer.ref(revision, commit_id)
+    return HfCacheExportResult(
+        repo_id=repo_id,
+        revision=revision,
+        commit_id=commit_id,
+        cache_dir=str(cache),
+        snapshot_path=str(snapshot),
+        files=exported,
+        bytes=exported_bytes,
+        problems=tuple(problems),
+        **counts,
+    )
+
+
+class _CacheWriter:
+    """Writes one repo's folder of a cache; every folder it writes into is checked to lie inside the cache
+    (its real path) before anything is created in it, and every name appears by an atomic rename."""
+
+    def __init__(self, cache: Path, name: str) -> None:
+        self.cache = cache
+        self.real = os.path.realpath(cache)
+        self.name = name
+        self.root = self.folder("")
+
+    def folder(self, relative: str) -> Path:
+        """``<cache>/<repo folder>/<relative>``, created a level at a time, each level checked first."""
+        current = self.cache
+        for part in [self.name, *(p for p in relative.split("/") if p)]:
+            current = current / part
+            try:
+                current.mkdir()
+            except FileExistsError:
+                pass
+            except OSError as error:
+                raise StoreError(
+                    f"cannot create {current} in the Hugging Face cache: {error.strerror}"
+                ) from None
+            real = os.path.realpath(current)
+            if not within(self.real, real) or not os.path.isdir(real):
+                raise InvalidInputError(
+                    f"{current} leads to {real}, not a folder inside the cache at {self.cache}: refusing to "
+                    "write there (remove that link)"
+                )
+        return current
+
+    def _temporary(self, folder: Path) -> Path:
+        return folder / f".modeldepot-{os.getpid()}-{secrets.token_hex(6)}.tmp"
+
+    def sweep(self, folder: Path) -> None:
+        """Remove the temporary files an export killed in ``folder`` left (their writer is gone)."""
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return
+        for name in names:
+            found = _TEMPORARY.fullmatch(name)
+            if found is not None and not _alive(int(found[1])):
+                unlink_quietly(folder / name)
+
+    def drop_if_empty(self, folder: Path) -> None:
+        """Remove ``folder`` when nothing was written in it: huggingface_hub takes an empty snapshot folder
+        for a snapshot with no files (``snapshot_download`` offline returns it)."""
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+    def blob(self, store: Store, entry: FileEntry, target: Path, link: bool) -> str:
+        """Put the file's bytes at ``target`` (blobs/<etag>); returns "kept", "linked" or "copied". A blob
+        changed in place since it was checked (through a link from a cache) is rehashed first: a corrupt one
+        is CorruptBlobError, never linked or taken as already there."""
+        record = BlobRecord(entry.sha256, entry.size, entry.chunk_size)
+        check_if_changed(store, record)
+        if self._holds(store, entry, target):
+            return "kept"
+        temporary = self._temporary(target.parent)
+        try:
+            how = "linked" if link and _link_blob(store, record, temporary) else "copied"
+            if how == "copied":
+                _copy_blob(store, record, temporary)
+            os.replace(temporary, target)
+        except OSError as error:
+            unlink_quietly(temporary)
+            raise StoreError(f"cannot write {target} in the Hugging Face cache: {error.strerror}") from None
+        except BaseException:
+            unlink_quietly(temporary)
+            raise
+        return how
+
+    def _holds(self, store: Store, entry: FileEntry, target: Path) -> bool:
+        """Whether ``target`` is already the file's bytes: the store's own inode, or a file of the cache
+        (maybe a link into huggingface_hub's shared blobs, inside the cache) whose bytes match its name."""
+        real = os.path.realpath(target)
+        try:
+            info = os.stat(real)
+        except OSError:
+            return False
+        if not within(self.real, real) or not stat.S_ISREG(info.st_mode) or info.st_size != entry.size:
+            return False
+        try:
+            ours = os.stat(store.blobs.path(entry.sha256))
+            if (ours.st_dev, ours.st_ino) == (info.st_dev, info.st_ino):
+                return True
+        except OSError:
+            pass
+        return etag_of_file(Path(real), entry.size, entry.lfs) == entry.etag
+
+    def link(self, snapshot: Path, path: str, blob: Path) -> None:
+        """``snapshots/<commit>/<path>`` -> the relative way to ``blob``, as huggingface_hub links it."""
+        parent = str(Path(path).parent)
+        folder = self.folder(f"{snapshot.relative_to(self.root).as_posix()}/{parent}" if parent != "." else
+                             snapshot.relative_to(self.root).as_posix())  # fmt: skip
+        final = folder / Path(path).name
+        target = os.path.relpath(blob, folder)
+        try:
+            if os.readlink(final) == target:
+                return
+        except OSError:
+            pass
+        if final.is_dir() and not final.is_symlink():
+            raise InvalidInputError(f"{final} is a folder; the repo has a file there: remove the folder")
+        temporary = self._temporary(self.root)  # not in the snapshot: scan_cache_dir would list it
+        try:
+            os.symlink(target, temporary)
+            os.replace(temporary, final)
+        except OSError as error:
+            unlink_quietly(temporary)
+            raise StoreError(f"cannot write {final} in the Hugging Face cache: {error.strerror}") from None
+
+    def ref(self, branch: str, commit_id: str) -> None:
+        """``refs/<branch>`` holding ``commit_id`` (no newline, as huggingface_hub writes it)."""
+        parent = str(Path(branch).parent)
+        folder = self.folder("refs" if parent == "." else f"refs/{parent}")
+        final = folder / Path(branch).name
+        try:
+            if not final.is_symlink() and final.read_text() == commit_id:
+                return
+        except OSError:
+            pass
+        temporary = self._temporary(self.root)  # not in refs/: scan_cache_dir reads every file there
+        try:
+            temporary.write_text(commit_id)
+            os.replace(temporary, final)
+        except OSError as error:
+            unlink_quietly(temporary)
+            raise StoreError(f"cannot write {final} in the Hugging Face cache: {error.strerror}") from None
+
+
+_TEMPORARY = re.compile(r"\.modeldepot-(\d{1,9})-[0-9a-f]{12}\.tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # (another user's)
+    return True
+
+
+def _link_blob(store: Store, blob: BlobRecord, temporary: Path) -> bool:
+    """Hard-link the store's blob at ``temporary``; False when the file systems do not allow it. The blob
+    is opened first (present, right size, checked if written before a restart) and flushed to disk: the
+    cache will name these bytes, whatever the store's deferred flushing does."""
+    fd = store.open_fd(blob)
+    try:
+        try:
+            os.link(store.blobs.path(blob.sha256), temporary)
+        except OSError:
+            return False  # EXDEV, EPERM, EMLINK; or the blob went meanwhile: the copy says which
+        linked, opened = os.stat(temporary), os.fstat(fd)
+        if (linked.st_dev, linked.st_ino) != (opened.st_dev, opened.st_ino):
+            temporary.unlink()  # replaced between the open and the link: copy what was checked
+            return False
+        os.fsync(fd)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _copy_blob(store: Store, blob: BlobRecord, temporary: Path) -> None:
+    """Copy the store's blob to ``temporary``, each chunk checked against its BLAKE3 first, then flushed."""
+    with store.open_verified(blob) as reader, open(temporary, "xb") as out:
+        for index in range(reader.chunks):
+            reader.check(index)
+            with reader.view(index) as data:
+                out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
