@@ -193,12 +193,23 @@ def test_cli_pin_unpin_du_gc_and_bad_sizes(tmp_path: Path, monkeypatch: pytest.M
     assert shrunk.exit_code == 0, shrunk.output
     evicted = [e["repo_id"] for e in json.loads(shrunk.output)["evicted"]]
     assert evicted == ["acme/b", "acme/c"], "the oldest first; the pinned one stays"
+    assert json.loads(shrunk.output)["over_max_size_bytes"] == 0
+    # Below what the pin keeps: no writer's refusal ("0 B more does not fit ... nothing was removed") before
+    # it does what it can, but the size it could not reach, said after.
+    kept = runner.invoke(cli, ["gc", "--max-size", "10KiB", "--home", str(home)])
+    assert kept.exit_code == 0 and "nothing was removed" not in kept.output, kept.output
+    assert "over the size asked for" in kept.output and "pinned or in use" in kept.output, kept.output
 
     usage = runner.invoke(cli, ["du", "--home", str(home), "--json"], env={"MODELDEPOT_MAX_SIZE": "2MiB"})
     budget = json.loads(usage.output)["budget"]
     assert budget["max_bytes"] == 2 * MB and budget["evictions"] == 2 and budget["pinned_bytes"] >= MB
     text = runner.invoke(cli, ["du", "--home", str(home)], env={"MODELDEPOT_MAX_SIZE": "2MiB"})
     assert "budget" in text.output and "evicted     2 revisions" in text.output
+    assert "kept from eviction (pinned or in use), of which" in text.output, "in use includes the pinned"
+    assert (
+        "none in this command"
+        in runner.invoke(cli, ["du", "--home", str(home)], env={"MODELDEPOT_MAX_SIZE": ""}).output
+    )
 
     unpinned = runner.invoke(cli, ["unpin", "acme/a", "--home", str(home)])
     assert unpinned.exit_code == 0 and "unpinned" in unpinned.output

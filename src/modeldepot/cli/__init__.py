@@ -357,9 +357,14 @@ def gc_command(depot: Depot, partials: bool, max_size: str | None, as_json: bool
     untouched for a week."""
     evicted = depot.shrink(max_size) if max_size is not None else []
     report = depot.gc(partials=partials)
+    over = 0
+    if max_size is not None:  # (what pins and uses keep above the size asked for)
+        from modeldepot.store.budget import parse_max_size
+
+        over = max(0, depot.budget_status().used_bytes - parse_max_size(max_size, depot.home))
     body = {**report.to_dict(), "evicted": [e.to_dict() for e in evicted],
-            "evicted_bytes": sum(e.bytes_freed for e in evicted)}  # fmt: skip
-    render.emit(as_json, body, lambda: render.render_gc(report, evicted))
+            "evicted_bytes": sum(e.bytes_freed for e in evicted), "over_max_size_bytes": over}  # fmt: skip
+    render.emit(as_json, body, lambda: render.render_gc(report, evicted, over))
 
 
 def _max_size(value: str | None) -> str | None:

@@ -286,13 +286,15 @@ def render_remove(result: RemoveResult) -> None:
     )
 
 
-def render_gc(report: GcReport, evicted: list[Eviction] | None = None) -> None:
+def render_gc(report: GcReport, evicted: list[Eviction] | None = None, over: int = 0) -> None:
     for eviction in evicted or []:
         out.print(f"evicted {eviction.repo_id}@{eviction.commit_id[:12]} ({format_bytes(eviction.bytes_freed)}, "
                   f"last used {_when(eviction.last_used)})")  # fmt: skip
     freed = report.bytes_freed + sum(e.bytes_freed for e in evicted or [])  # (evictions free theirs first)
     out.print(
-        f"freed {format_bytes(freed)}: {report.blobs_removed} blobs, "
+        f"freed {format_bytes(freed)}: "
+        + (f"{len(evicted)} revisions evicted, " if evicted else "")
+        + f"{report.blobs_removed} blobs, "
         f"{report.partials_removed} partial files, {report.snapshots_removed} stale snapshots"
         + (
             f" ({report.kept_partials} writes and downloads in progress left alone)"
@@ -305,6 +307,9 @@ def render_gc(report: GcReport, evicted: list[Eviction] | None = None) -> None:
             else ""
         )
     )
+    if over:
+        err.print(f"[yellow]warning:[/yellow] the store is still {format_bytes(over)} over the size asked for: the "
+                  "models pinned or in use keep it (`modeldepot pins`; unpin or remove models to go further)")  # fmt: skip
 
 
 def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
@@ -320,12 +325,13 @@ def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
     out.print(f"  total       {format_bytes(usage.total_bytes)}")
     if budget is not None:
         if budget.max_bytes is None:
-            out.print("  budget      none (MODELDEPOT_MAX_SIZE, serve --max-size)")
+            out.print("  budget      none in this command (set MODELDEPOT_MAX_SIZE: a node's serve --max-size "
+                      "holds in the node only)")  # fmt: skip
         else:
             share = 100 * budget.used_bytes / budget.max_bytes if budget.max_bytes else 0.0
             out.print(f"  budget      {format_bytes(budget.used_bytes)} of {format_bytes(budget.max_bytes)} "
-                      f"({share:.0f}%); pinned {format_bytes(budget.pinned_bytes)}, in use "
-                      f"{format_bytes(budget.in_use_bytes)}")  # fmt: skip
+                      f"({share:.0f}%); {format_bytes(budget.in_use_bytes)} kept from eviction (pinned or in "
+                      f"use), of which {format_bytes(budget.pinned_bytes)} pinned")  # fmt: skip
         out.print(f"  evicted     {budget.evictions} revisions, {format_bytes(budget.evicted_bytes)} so far")
     if usage.repos:
         table = _table("repo", "revisions", "files", "size", "only here")

@@ -309,11 +309,12 @@ class DiskBudget:
         limit = self.max_bytes if max_bytes is None else max_bytes
         if limit is None:
             return []
-        try:
-            return self._evict_to(limit, 0, "shrinking the store", None)
-        except BudgetExceededError as error:
-            log.warning("%s", error)
-            return self._evict_to(limit, 0, "shrinking the store", None, partial=True)
+        evicted = self._evict_to(limit, 0, "shrinking the store", None, partial=True)
+        left = self.used_bytes()
+        if left > limit:
+            log.warning("shrinking the store to %s: it still takes %s, as the models pinned or in use keep it above "
+                        "(unpin or remove models to go further)", _size(limit), _size(left))  # fmt: skip
+        return evicted
 
     def _refuse_if_too_big(self, needed: int, budget: int, kept_bytes: int, doing: str,
                            writer: BudgetWriter | None) -> None:  # fmt: skip
