@@ -100,10 +100,14 @@ _repo_argument = click.argument("repo_id", metavar="REPO", callback=_checked(val
 
 def _server_urls(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
     """A click callback: URLs from repeated or comma-separated values, checked before any store opens."""
+    from modeldepot.discovery.base import validate_node_url
+
     urls = tuple(u.strip().rstrip("/") for item in values for u in item.split(",") if u.strip())
-    bad = [u for u in urls if not u.startswith(("http://", "https://"))]
-    if bad:
-        raise click.BadParameter(f"{bad[0]!r} is not an http:// or https:// URL", ctx, param)
+    for url in urls:
+        try:
+            validate_node_url(url)
+        except InvalidInputError as error:
+            raise click.BadParameter(str(error), ctx, param) from None
     return urls
 
 

@@ -29,7 +29,14 @@ from urllib.parse import quote
 
 from modeldepot.config import DepotConfig
 from modeldepot.discovery.base import Holding, NodeRecord, validate_node_url
-from modeldepot.errors import AccessDeniedError, DepotError, InvalidInputError, NotFoundError, UpstreamError
+from modeldepot.errors import (
+    AccessDeniedError,
+    ConfigError,
+    DepotError,
+    InvalidInputError,
+    NotFoundError,
+    UpstreamError,
+)
 from modeldepot.hashing import chunk_count
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.hub.scan import fetch_repo, hub_token
@@ -79,6 +86,12 @@ class SourceChain:
                     node_id: str | None = None) -> SourceChain:  # fmt: skip
         retry = retry or RetryPolicy(read_timeout=config.read_timeout)
         hub_token_ = hub_token(config.hub_token)
+        for name, urls in (("HF_ENDPOINT", [config.hub_endpoint]), ("a depot server", config.servers)):
+            for url in urls:
+                try:
+                    validate_node_url(url)
+                except InvalidInputError as error:
+                    raise ConfigError(f"{name}: {error}") from None
         return cls(
             servers=tuple(HttpSource(url, "node", config.node_token, retry) for url in config.servers),
             hub=HttpSource(config.hub_endpoint, "hub", hub_token_, retry),
