@@ -169,7 +169,9 @@ def test_ctrl_c_in_any_command_is_one_line_and_the_shells_code(
     assert result.exit_code == 130 and "interrupted:" in result.output and "Aborted" not in result.output
 
 
-def test_a_source_url_that_cannot_be_one_is_a_usage_error(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_source_url_that_cannot_be_one_is_a_usage_error(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`--server http://127.0.0.1:99999` passed the option's check and failed at run time (exit 1), and
     HF_ENDPOINT=notaurl was "cannot reach notaurl" (exit 1): both are settings to fix, exit 2."""
     code, _, err = run("pull", REPO, "--server", "http://127.0.0.1:99999", home=home)

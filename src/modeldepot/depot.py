@@ -566,7 +566,14 @@ class Depot:
                 seen[key] = (0 if partials.holds(key) else None) if running else partials.kept_bytes(key)
             return seen[key]
 
-        return manifest_from_record(record, running, kept)
+        manifest = manifest_from_record(record, running, kept)
+        if not manifest.other:
+            return manifest
+        # Files in no variant come with a pull of the whole repo: what of them is here, and kept for a resume
+        held = tuple(p for p in manifest.other if self.store.has_file(repo_id, p, manifest.commit_id))
+        lacking = [f for f in manifest.files if f.path in set(manifest.other) - set(held)]
+        resumable = 0 if running else sum(kept(f) or 0 for f in lacking)
+        return dataclasses.replace(manifest, other_held=held, other_kept_bytes=resumable)
 
     def list_manifests(self) -> list[Manifest]:
         return [self.get_manifest(repo_id) for repo_id in self.store.manifests.scanned()]

@@ -393,7 +393,13 @@ def render_manifest(manifest: Manifest) -> None:
     shared_bytes = sum(f.size for f in manifest.files if f.path in set(manifest.shared))
     out.print(f"shared by every variant: {len(manifest.shared)} files ({format_bytes(shared_bytes)})")
     if manifest.other:
-        out.print(f"other files (not downloaded with a variant): {', '.join(manifest.other[:8])}"
+        kept = (
+            f"; {format_bytes(manifest.other_kept_bytes)} of the rest kept for a resume"
+            if manifest.other_kept_bytes
+            else ""
+        )
+        out.print(f"other files (in no variant: a pull of the whole repo takes them), {len(manifest.other_held)} of "
+                  f"{len(manifest.other)} here{kept}: {', '.join(manifest.other[:8])}"
                   + (" …" if len(manifest.other) > 8 else ""))  # fmt: skip
 
 

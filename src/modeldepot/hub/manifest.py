@@ -58,6 +58,10 @@ class Manifest:
     other: tuple[str, ...]
     variants: tuple[Variant, ...]
     private: bool = False  # private upstream: what is pulled from it is served to token holders only
+    other_held: tuple[
+        str, ...
+    ] = ()  # of ``other`` (files in no variant), those the store holds at the commit
+    other_kept_bytes: int = 0  # bytes of the others kept from an interrupted pull, for a resume
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:
