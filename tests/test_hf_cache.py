@@ -210,6 +210,17 @@ def test_an_adopted_commit_the_cache_holds_in_part_is_known_as_partial(
         node.stop()
 
 
+def test_removing_an_adopted_repo_says_what_stays_linked_from_the_cache(depot: Depot, hf_cache: Path) -> None:
+    """rm of an adopted repo said its bytes were freed while the cache's hard links kept every one on disk."""
+    assert depot.hf_cache_import(cache_dir=hf_cache).ok
+    total = sum(e.size for e in depot.list_files(SAMPLE))
+    result = depot.remove(SAMPLE, "main")
+    assert result.bytes_freed == 0 and 0 < result.bytes_still_linked <= total
+    assert depot.hf_cache_import(cache_dir=hf_cache).ok
+    code, out, _ = run("rm", SAMPLE, "--yes", home=depot.home)
+    assert code == 0 and "0 B freed" in out and "linked from elsewhere" in out, out
+
+
 def test_a_second_import_changes_nothing(depot: Depot, hf_cache: Path) -> None:
     first = depot.hf_cache_import(cache_dir=hf_cache)
     rows, blobs = index_rows(depot), store_blob_files(depot)

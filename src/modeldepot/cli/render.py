@@ -283,6 +283,12 @@ def render_remove(result: RemoveResult) -> None:
     out.print(
         f"removed {result.repo_id}: {len(result.commits)} revision(s), {result.blobs_removed} blobs, "
         f"{format_bytes(result.bytes_freed)} freed"
+        + (
+            f"; {format_bytes(result.bytes_still_linked)} more stay on disk, linked from elsewhere too (a Hugging "
+            "Face cache the store adopted: deleting them there frees them)"
+            if result.bytes_still_linked
+            else ""
+        )
     )
 
 

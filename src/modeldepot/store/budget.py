@@ -363,11 +363,14 @@ class DiskBudget:
                 result = remove(self.store, repo, commit, keep_blobs=self._kept_blobs())
             except NotFoundError:
                 continue  # removed meanwhile (another process)
-            eviction = Eviction(repo, commit, result.bytes_freed, last_used)
+            out_of_the_store = (
+                result.bytes_freed + result.bytes_still_linked
+            )  # (a cache's link may keep some)
+            eviction = Eviction(repo, commit, out_of_the_store, last_used)
             evicted.append(eviction)
             self._count(eviction)
             log.warning("evicted %s@%s (%s, last used %s) to stay within the disk budget (%s)", repo,
-                        commit[:12], _size(result.bytes_freed), time.strftime("%Y-%m-%d %H:%M",
+                        commit[:12], _size(eviction.bytes_freed), time.strftime("%Y-%m-%d %H:%M",
                         time.localtime(last_used)), doing)  # fmt: skip
             for hook in self._evicted_hooks:
                 hook(repo)

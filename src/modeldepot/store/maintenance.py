@@ -46,11 +46,14 @@ class RemoveResult:
     # A branch removed alone, its commit kept because these other refs point at it
     ref_removed: str | None = None
     commit_kept_for: tuple[str, ...] = ()
+    # Bytes of deleted blobs whose file has another name (a Hugging Face cache's hard link): not freed
+    bytes_still_linked: int = 0
 
     def to_dict(self) -> dict[str, object]:
         return {"repo_id": self.repo_id, "commits": list(self.commits),
                 "blobs_removed": self.blobs_removed, "bytes_freed": self.bytes_freed,
-                "ref_removed": self.ref_removed, "commit_kept_for": list(self.commit_kept_for)}  # fmt: skip
+                "ref_removed": self.ref_removed, "commit_kept_for": list(self.commit_kept_for),
+                "bytes_still_linked": self.bytes_still_linked}  # fmt: skip
 
 
 def _users(store: Store, sha256: str) -> tuple[str, ...]:
@@ -180,11 +183,25 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
 
         # On a full disk the index takes the room its transaction needs from the store's reserve.
         freed = store.index.write_freeing(f"removing {repo_id}", delete_rows)
-        bytes_freed = sum(store.blobs.delete(sha256) for sha256 in freed)
+        bytes_freed = still_linked = 0
+        for sha256 in freed:
+            linked = _has_other_names(store.blobs.path(sha256))
+            size = store.blobs.delete(sha256)
+            bytes_freed, still_linked = (
+                (bytes_freed, still_linked + size) if linked else (bytes_freed + size, still_linked)
+            )
         for commit_id in commits:
             store.snapshots.remove(repo_id, commit_id)
     store.index.reserve.refill()  # from the space just freed (if it was released, else when there is room)
-    return RemoveResult(repo_id, tuple(commits), len(freed), bytes_freed)
+    return RemoveResult(repo_id, tuple(commits), len(freed), bytes_freed, bytes_still_linked=still_linked)
+
+
+def _has_other_names(path: Path) -> bool:
+    """Whether the file has a hard link besides ``path`` (deleting ``path`` then frees nothing)."""
+    try:
+        return path.lstat().st_nlink > 1
+    except OSError:
+        return False
 
 
 def _other_refs(store: Store, repo_id: str, commit_id: str, branch: str) -> tuple[str, ...]:
