@@ -259,7 +259,7 @@ async def read_chunk(request: web.Request) -> web.StreamResponse:
     depot = _depot(request)
     raw = request.match_info["index"]
     if not _INDEX.fullmatch(raw):
-        raise InvalidInputError(f"chunk index {raw[:40]!r} is not a decimal number")
+        raise InvalidInputError(f"chunk index {raw[:40]!r} is not a decimal number of at most 19 digits")
     blob = await _blob_or_download(request)
     if isinstance(blob, PartialChunkReader):
         with blob as partial:
