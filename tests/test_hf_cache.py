@@ -359,6 +359,17 @@ def test_a_failed_import_publishes_nothing_and_loses_nothing_of_the_cache(
     assert read_tree(depot.snapshot_path(SAMPLE)) == sample_files()
 
 
+def test_a_private_repo_held_under_another_case_stays_private(
+    depot: Depot, hf_cache: Path, tmp_path: Path
+) -> None:
+    """The cache names acme/sample; the store holds it as Acme/Sample, private. Adopting it must find that
+    repo (not make a second one) and keep it private (the import looked its privacy up by the cache's case,
+    found nothing, and published the repo as public)."""
+    depot.import_dir(write_model_dir(tmp_path / "own", {"config.json": b"{}"}), "Acme/Sample", private=True)
+    assert depot.hf_cache_import(cache_dir=hf_cache).ok
+    assert [(r.repo_id, r.private) for r in depot.list_repos()] == [("Acme/Sample", True)]
+
+
 def test_only_the_repos_asked_for_and_private_stays_private(
     depot: Depot, hf_cache: Path, source: tuple[Depot, LiveNode], tmp_path: Path
 ) -> None:

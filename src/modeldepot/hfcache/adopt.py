@@ -273,7 +273,10 @@ def import_hf_cache(
         raise SourceDirectoryError(f"there is no Hugging Face cache at {cache}: give --cache-dir, or download "
                                    "something with huggingface_hub first")  # fmt: skip
     scan = _Scan(cache)
-    repos = [_scan_repo(scan, repo_id, folder) for repo_id, folder in _repo_folders(scan, wanted)]
+    # (a repo the store holds under another case is that repo: its spelling, and its private flag, are kept)
+    repos = [
+        _scan_repo(scan, store.spelled(repo_id), folder) for repo_id, folder in _repo_folders(scan, wanted)
+    ]
     total = sum(link.size for repo in repos for link in _blob_sources(repo).values())
     done = [0]
 
