@@ -166,13 +166,18 @@ def writable(path: Path) -> Iterator[Path]:
         path.chmod(mode)
 
 
-def flip_byte(path: Path, offset: int) -> None:
-    """Corrupt one byte of a file in place (blobs are read-only, but root and failing disks ignore that)."""
+def flip_byte(path: Path, offset: int, keep_mtime: bool = True) -> None:
+    """Corrupt one byte of a file in place (blobs are read-only, but root and failing disks ignore that).
+    By default as rot does it, the file's times left as they were; ``keep_mtime=False``: as a write does
+    (which the store notices at the next read: Store.check_if_changed)."""
+    before = os.stat(path)
     with writable(path), open(path, "r+b") as handle:
         handle.seek(offset)
         old = handle.read(1)
         handle.seek(offset)
         handle.write(bytes([old[0] ^ 0xFF]))
+    if keep_mtime:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
 def write_partial(depot: Depot, data: bytes, chunks: list[int]) -> str:

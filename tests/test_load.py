@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import save_file
 
-from conftest import SMALL_CHUNK, LiveNode
+from conftest import SMALL_CHUNK, LiveNode, flip_byte
 from modeldepot import Depot
 from modeldepot.engines.adapters import dummy_inputs, load_safetensors, warmup
 from modeldepot.errors import ConfigError, NotFoundError
@@ -205,3 +205,42 @@ def test_callables_with_one_name_get_their_own_engines(depot: Depot, tmp_path: P
     assert depot.load("acme/st", engine=second) == "second:model.safetensors"
     assert depot.load("acme/st", engine=first) == "first:model.safetensors"  # a hit, its own
     assert depot.engines.stats().total_hits == 1
+
+
+def _safetensors_repo(depot: Depot, tmp_path: Path, repo_id: str, scale: float = 1.0) -> Path:
+    folder = tmp_path / repo_id.replace("/", "-")
+    folder.mkdir()
+    save_file({"w": WEIGHT * scale, "b": BIAS}, str(folder / "model.safetensors"))
+    depot.import_dir(folder, repo_id)
+    return depot.store.blobs.path(depot.file_info(repo_id, "model.safetensors").sha256)
+
+
+def test_a_blob_changed_in_place_is_never_handed_to_an_engine(depot: Depot, tmp_path: Path) -> None:
+    """A blob's bytes changed on disk at the same size (a write through a link, or as root) were loaded and
+    gave wrong outputs, with no error: a blob written since it was last checked is rehashed before any read
+    (one stat otherwise) and quarantined when it no longer matches."""
+    from modeldepot.errors import CorruptBlobError
+
+    blob = _safetensors_repo(depot, tmp_path, "acme/st")
+    flip_byte(blob, blob.stat().st_size - 1, keep_mtime=False)  # (the weights: the header still parses)
+    with pytest.raises(CorruptBlobError, match="changed after it was stored"):
+        depot.load("acme/st", engine="safetensors")
+    assert not depot.has_file("acme/st", "model.safetensors"), "quarantined"
+    for read in (depot.get_file, depot.file_path):
+        with pytest.raises(CorruptBlobError):
+            read("acme/st", "model.safetensors")
+
+
+def test_engines_and_preloads_of_a_blob_found_corrupt_are_let_go(depot: Depot, tmp_path: Path) -> None:
+    """verify (or the scrub) quarantined a blob, but load() kept answering from the cached engine and the
+    RAM tier kept the model: both went on using the bad bytes."""
+    blob = _safetensors_repo(depot, tmp_path, "acme/st")
+    _safetensors_repo(depot, tmp_path, "acme/other", scale=2.0)
+    depot.load("acme/st", engine="safetensors")
+    depot.load("acme/other", engine="safetensors")
+    depot.preloader.preload("acme/st")
+    flip_byte(blob, blob.stat().st_size - 1)  # rot: the bytes change, the mtime does not
+    assert not depot.verify().ok
+    loaded = depot.engines.keys()  # (a list: the cache is no mapping)
+    assert [key[0] for key in loaded] == ["acme/other"]
+    assert depot.preloader.stats().preloaded == ()

@@ -171,6 +171,7 @@ class Depot:
         self._fleet_lock = threading.Lock()
         self.store.budget.add_in_use(self._in_use)
         self.store.budget.add_evicted_hook(self._forget_removed_variants)
+        self.store.add_quarantine_hook(self._let_go_of_blob)
 
     @property
     def engines(self) -> LoadedModelCache[Any]:
@@ -653,6 +654,18 @@ class Depot:
         self._forget_removed_variants(repo_id)
         self._let_go_of(repo_id, result.commits)
         return result
+
+    def _let_go_of_blob(self, sha256: str) -> None:
+        """A blob this process quarantined: its engines and preloads must not go on using the bad bytes."""
+        if self._preloader is None and self._engines is None:
+            return
+        users: dict[str, list[str]] = {}
+        for row in self.store.index.read(
+            "SELECT DISTINCT repo_id, commit_id FROM files WHERE sha256 = ?", (sha256,)
+        ):
+            users.setdefault(row["repo_id"], []).append(row["commit_id"])
+        for repo_id, commit_ids in users.items():
+            self._let_go_of(repo_id, commit_ids)
 
     def _let_go_of(self, repo_id: str, commit_ids: Sequence[str]) -> None:
         """Drop this process's preloads and loaded engines of removed revisions: their mappings would keep

@@ -25,7 +25,6 @@ from modeldepot.hfcache.cache import (
     unlink_quietly,
     within,
 )
-from modeldepot.store.maintenance import check_if_changed
 from modeldepot.store.models import BlobRecord, FileEntry
 from modeldepot.store.store import Store
 from modeldepot.validation import (
@@ -161,7 +160,7 @@ class _CacheWriter:
         changed in place since it was checked (through a link from a cache) is rehashed first: a corrupt one
         is CorruptBlobError, never linked or taken as already there."""
         record = BlobRecord(entry.sha256, entry.size, entry.chunk_size)
-        check_if_changed(store, record)
+        store.check_if_changed(record)
         if self._holds(store, entry, target):
             return "kept"
         temporary = self._temporary(target.parent)

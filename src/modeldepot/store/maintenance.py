@@ -16,10 +16,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from modeldepot.errors import CorruptBlobError, StoreFullError
+from modeldepot.errors import StoreFullError
 from modeldepot.store.blobs import WriteSession
 from modeldepot.store.models import (
-    BlobRecord,
     DiskUsage,
     GcReport,
     RepoDiskUsage,
@@ -105,24 +104,6 @@ def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | 
         snapshots_repaired=repaired,
         seconds=time.monotonic() - started,
     )
-
-
-def check_if_changed(store: Store, blob: BlobRecord) -> None:
-    """Rehash a blob whose file was modified after it was published or last verified (its mtime is later):
-    a blob adopted from a Hugging Face cache shares its inode with the cache, which can change it in place.
-    One stat and one lookup otherwise. A blob that no longer matches is quarantined: CorruptBlobError."""
-    rows = store.index.read("SELECT created_at, verified_at FROM blobs WHERE sha256 = ?", (blob.sha256,))
-    try:
-        modified = os.stat(store.blobs.path(blob.sha256)).st_mtime
-    except OSError:
-        return  # (missing: the caller's open of it says so, and quarantines it)
-    if not rows or modified <= max(rows[0]["created_at"], rows[0]["verified_at"] or 0.0):
-        return
-    found = store.check_blob(blob.sha256, blob.size, blob.chunk_size)
-    if found is not None:
-        store.quarantine(blob.sha256)
-        raise CorruptBlobError(blob.sha256, f"{found[1]} (its file was changed after it was stored)")
-    _record_verified(store, blob.sha256)
 
 
 def _record_verified(store: Store, sha256: str) -> bool:

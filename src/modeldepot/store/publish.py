@@ -146,7 +146,7 @@ def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushe
                 "INSERT INTO blobs (sha256, size, chunk_size, git_sha1, created_at, unflushed_boot) "
                 "VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (sha256) DO UPDATE SET state = 'ok', chunk_size = excluded.chunk_size, "
-                "verified_at = NULL, unflushed_boot = excluded.unflushed_boot WHERE state != 'ok'",
+                "verified_at = excluded.created_at, unflushed_boot = excluded.unflushed_boot WHERE state != 'ok'",
                 (digest.sha256, digest.size, digest.chunk_size, digest.git_sha1, now, boot),
             )
             if con.execute("SELECT changes()").fetchone()[0]:

@@ -17,7 +17,7 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,6 +32,7 @@ from modeldepot.errors import (
     NotFoundError,
     RepoNotFoundError,
     RevisionNotFoundError,
+    StoreFullError,
 )
 from modeldepot.hashing import BlobDigest, digest_stream
 from modeldepot.store.access import AccessLog
@@ -94,6 +95,7 @@ class Store:
         self.durability = Durability(self.index, self.blobs.path, self.check_blob, self.quarantine,
                                      deferred=config.durability == "deferred")  # fmt: skip
         self.budget = DiskBudget(self, config.max_size)
+        self._quarantine_hooks: list[Callable[[str], None]] = []
 
     @property
     def home(self) -> Path:
@@ -222,11 +224,34 @@ class Store:
         A missing or wrong-sized blob is quarantined on the spot; one written before the machine restarted
         and not known to have reached the disk is rehashed first (store/durability.py)."""
         self.durability.ensure_checked(blob.sha256)
+        self.check_if_changed(blob)
         try:
             return self.blobs.open(blob.sha256, blob.size)
         except CorruptBlobError as error:
             self.quarantine(blob.sha256)
             raise error from None
+
+    def check_if_changed(self, blob: BlobRecord | FileEntry) -> None:
+        """Rehash a blob whose file was modified after it was published or last verified (its mtime is
+        later: a write in place, as through a Hugging Face cache's hard link to an adopted blob); one stat
+        and one indexed read otherwise. A blob that no longer matches is quarantined: CorruptBlobError. (Rot
+        that leaves the mtime alone is the scrub's and `verify`'s to find.)"""
+        try:
+            modified = os.stat(self.blobs.path(blob.sha256)).st_mtime
+        except OSError:
+            return  # (missing: opening it says so, and quarantines it)
+        rows = self.index.read("SELECT created_at, verified_at FROM blobs WHERE sha256 = ?", (blob.sha256,))
+        if not rows or modified <= max(rows[0]["created_at"], rows[0]["verified_at"] or 0.0):
+            return
+        found = self.check_blob(blob.sha256, blob.size, blob.chunk_size)
+        if found is not None:
+            self.quarantine(blob.sha256)
+            raise CorruptBlobError(blob.sha256, f"{found[1]} (its file was changed after it was stored)")
+        try:
+            with self.index.write("recording a verification") as con:
+                con.execute("UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (time.time(), blob.sha256))
+        except StoreFullError:
+            pass  # (it is checked again next time: the check itself went through)
 
     def map(self, entry: FileEntry) -> mmap.mmap | None:
         """A read-only shared mapping of the file's blob (``None`` for an empty file)."""
@@ -375,12 +400,19 @@ class Store:
         return self.durability.sync(check)
 
     def quarantine(self, sha256: str) -> str | None:
-        """Take a bad blob out of service: moved to quarantine/, marked in the index, never served."""
+        """Take a bad blob out of service: moved to quarantine/, marked in the index, never served; then
+        tell the hooks (:meth:`add_quarantine_hook`: a depot drops its engines and preloads of it)."""
         with self.lock.exclusive():
             moved = self.blobs.quarantine(sha256)
             with self.index.write("quarantining a blob") as con:
                 con.execute("UPDATE blobs SET state = 'quarantined' WHERE sha256 = ?", (sha256,))
+        for hook in self._quarantine_hooks:
+            hook(sha256)
         return str(moved) if moved else None
+
+    def add_quarantine_hook(self, hook: Callable[[str], None]) -> None:
+        """Call ``hook(sha256)`` after each blob this process quarantines."""
+        self._quarantine_hooks.append(hook)
 
     # -- paths ----------------------------------------------------------------------------------------
 
@@ -389,6 +421,7 @@ class Store:
         commit_id = self.resolve(repo_id, revision)
         for entry in self.files(repo_id, commit_id):  # the caller reads them by path: checked first
             self.durability.ensure_checked(entry.sha256)
+            self.check_if_changed(entry)
         self.ensure_snapshot(repo_id, commit_id)
         return self.snapshots.path(repo_id, commit_id)
 
