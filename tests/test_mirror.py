@@ -221,6 +221,37 @@ def test_a_mirror_pulls_a_quarantined_file_again(
         mirror.depot.close()
 
 
+def test_a_repo_the_mirror_imported_is_its_own_and_never_mixed_with_the_upstreams(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mirror holds its own acme/mirrored (imported), the upstream another of that name. A quarantined
+    file of it, or one it lacks, was fetched from the upstream's repo and published into the local one,
+    moving its main: now a 503 and a 404, the local repo untouched."""
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
+    try:
+        own = {"config.json": b'{"own": true}', "w.bin": b"w" * 1000}
+        mirror.depot.import_dir(write_model_dir(tmp_path / "own", own), REPO)
+        main = mirror.depot.resolve(REPO)
+        mirror.depot.store.quarantine(mirror.depot.file_info(REPO, "config.json").sha256)
+        for path, status in (("config.json", 503), (BIG, 404)):
+            with pytest.raises(aiohttp.ClientResponseError) as refused:
+                asyncio.run(_get_or_raise(f"{mirror.url}/{REPO}/resolve/main/{path}"))
+            assert refused.value.status == status, path
+        assert mirror.depot.resolve(REPO) == main and {e.path for e in mirror.depot.list_files(REPO)} == set(
+            own
+        )
+        assert upstream_proxy.plan.requests == [], "the upstream was never asked for a file"
+    finally:
+        mirror.stop()
+        mirror.depot.close()
+
+
+async def _get_or_raise(url: str) -> bytes:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        response.raise_for_status()
+        return await response.read()
+
+
 def test_manifest_route_and_event_stream_show_pull_progress(
     upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

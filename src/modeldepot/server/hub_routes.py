@@ -102,12 +102,13 @@ async def _local_summary(request: web.Request, repo_id: str) -> RepoSummary | No
 
 
 async def _mirrorable(request: web.Request, repo_id: str) -> bool:
-    """Whether a local miss may be answered from upstream: the node mirrors, and the repo is not a
-    private local one this request may not see (a miss must not reveal it, nor mix another repo in)."""
+    """Whether a local miss may be answered from upstream: the node mirrors, and the repo is not one the
+    node imported (its own: the upstream's repo of that name is another, and pulling it would mix it in and
+    move the repo's branch) nor a private local one this request may not see (a miss must not reveal it)."""
     if MIRROR not in request.app:
         return False
     summary = await _local_summary(request, repo_id)
-    return summary is None or not summary.private or is_authorized(request)
+    return summary is None or (summary.origin != "import" and (not summary.private or is_authorized(request)))
 
 
 async def _upstream_first(request: web.Request, repo_id: str) -> bool:
