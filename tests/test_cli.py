@@ -128,9 +128,17 @@ def test_gc_and_du_report(home: Path, model_dir: Path) -> None:
     assert all(repo["unique_bytes"] == 0 for repo in usage["repos"])
     (home / "tmp" / "123-gone").mkdir()
     (home / "tmp" / "123-gone" / "0.partial").write_bytes(b"x" * 100_000)  # (a killed import's)
+    (home / "tmp" / "124-gone").mkdir()
+    adopted = home.parent / "hf-blob"
+    adopted.write_bytes(b"y" * 200_000)
+    os.link(
+        adopted, home / "tmp" / "124-gone" / "0.partial"
+    )  # (a killed adoption's: a link, freeing nothing)
     code, out, _ = run("gc", "--json", home=home)
     report = json.loads(out)
-    assert code == 0 and report["partials_removed"] == 1 and report["bytes_freed"] >= 100_000, report
+    assert code == 0 and report["partials_removed"] == 2 and 100_000 <= report["bytes_freed"] < 200_000, (
+        report
+    )
     code, out, _ = run("du", home=home)
     assert code == 0 and "deduplication saves" in out
 

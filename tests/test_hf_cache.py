@@ -513,6 +513,10 @@ def test_an_export_sweeps_what_a_killed_one_left_and_a_failed_one_leaves_no_empt
     stale.write_bytes(b"x" * 1000)
     live = blobs / f".modeldepot-{os.getpid()}-0123456789ab.tmp"  # (a running export's: kept)
     live.write_bytes(b"y")
+    stale_link = (
+        cache / FOLDER / f".modeldepot-{_ended_pid()}-ba9876543210.tmp"
+    )  # (a link's, in the repo folder)
+    stale_link.symlink_to("snapshots")
     import modeldepot.hfcache.export
 
     def full_disk(*args: object, **kwargs: object) -> str:
@@ -522,7 +526,7 @@ def test_an_export_sweeps_what_a_killed_one_left_and_a_failed_one_leaves_no_empt
         patch.setattr(modeldepot.hfcache.export._CacheWriter, "blob", full_disk)
         with pytest.raises(StoreError, match="simulated"):
             filled.hf_cache_export(SAMPLE, cache_dir=cache)
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and live.exists() and not stale_link.is_symlink()
     commit_id = filled.resolve(SAMPLE)
     assert not (cache / FOLDER / "snapshots" / commit_id).exists()
     result = filled.hf_cache_export(SAMPLE, cache_dir=cache)
@@ -533,6 +537,14 @@ def _ended_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
+
+
+def test_an_export_of_nothing_writes_no_ref(filled: Depot, tmp_path: Path) -> None:
+    """Every file skipped (quarantined): the ref pointed at a snapshot that was not there."""
+    for entry in filled.list_files(SAMPLE):
+        filled.store.quarantine(entry.sha256)
+    result = filled.hf_cache_export(SAMPLE, cache_dir=tmp_path / "hub")
+    assert result.files == 0 and not (tmp_path / "hub" / FOLDER / "refs" / "main").exists()
 
 
 def test_export_refuses_to_write_through_a_link_out_of_the_cache(filled: Depot, tmp_path: Path) -> None:

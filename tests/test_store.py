@@ -381,6 +381,10 @@ def test_a_commit_is_found_by_the_start_of_its_id(depot: Depot, model_dir: Path,
     depot.import_dir(model_dir, REPO, main.commit_id[:8])  # a branch named like hex wins over a prefix
     other = depot.import_dir(write_model_dir(tmp_path / "o", {"a.txt": b"a"}), REPO, main.commit_id[:8])
     assert depot.resolve(REPO, main.commit_id[:8]) == other.commit_id
+    # rm by the start of a commit id removes that commit (it took it for a branch and removed nothing)
+    assert depot.remove(REPO, other.commit_id[:9]).commits == (other.commit_id,)
+    assert depot.remove(REPO, main.commit_id[:7]).commits == (main.commit_id,)
+    assert depot.list_repos() == []
 
 
 def test_gc_frees_orphans_and_abandoned_partials_but_not_live_ones(depot: Depot, model_dir: Path) -> None:

@@ -572,7 +572,8 @@ class Depot:
             return manifest
         # Files in no variant come with a pull of the whole repo: what of them is here, and kept for a resume
         held = tuple(p for p in manifest.other if self.store.has_file(repo_id, p, manifest.commit_id))
-        lacking = [f for f in manifest.files if f.path in set(manifest.other) - set(held)]
+        wanted = set(manifest.other) - set(held)
+        lacking = [f for f in manifest.files if f.path in wanted]
         resumable = 0 if running else sum(kept(f) or 0 for f in lacking)
         return dataclasses.replace(manifest, other_held=held, other_kept_bytes=resumable)
 

@@ -66,6 +66,7 @@ def export_to_hf_cache(
     writer = _CacheWriter(cache, repo_folder_name(repo_id))
     blobs = writer.folder("blobs")
     writer.sweep(blobs)
+    writer.sweep(writer.root)  # (the links' and refs' temporaries are made in the repo's folder)
     snapshot = writer.folder(f"snapshots/{commit_id}")
     problems: list[HfCacheProblem] = []
     counts = {"linked": 0, "copied": 0, "kept": 0}
@@ -89,7 +90,7 @@ def export_to_hf_cache(
                 progress(f"{repo_id}/{listed.path}", done, total)
     finally:
         writer.drop_if_empty(snapshot)
-    if not is_commit_id(revision):
+    if not is_commit_id(revision) and exported:  # (a ref to a snapshot that is not there would mislead)
         writer.ref(revision, commit_id)
     return HfCacheExportResult(
         repo_id=repo_id,

@@ -26,7 +26,7 @@ from modeldepot.store.models import (
     VerifyReport,
 )
 from modeldepot.store.store import Store
-from modeldepot.validation import is_commit_id, validate_repo_id, validate_revision
+from modeldepot.validation import validate_repo_id, validate_revision
 
 __all__ = ["RemoveResult", "StoreTotals", "disk_usage", "gc", "remove", "totals", "verify"]
 
@@ -145,8 +145,8 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
                 "SELECT commit_id FROM revisions WHERE repo_id = ?", (repo_id,))]  # fmt: skip
         else:
             commits = [store.resolve(repo_id, revision)]
-            if not is_commit_id(revision):
-                others = _other_refs(store, repo_id, commits[0], revision)
+            if store.index.read("SELECT 1 FROM refs WHERE repo_id = ? AND name = ?", (repo_id, revision)):
+                others = _other_refs(store, repo_id, commits[0], revision)  # (a branch, not a commit id)
                 if others:
                     return RemoveResult(repo_id, (), 0, 0, revision, others)
         marks = ",".join("?" * len(commits))
@@ -255,7 +255,7 @@ def _collect_sessions(store: Store) -> tuple[int, int, int]:
         if not abandoned:
             kept += 1
             continue
-        freed += _allocated(entry)
+        freed += _allocated(entry)  # (a partial linked from elsewhere too, as an adoption's, frees nothing)
         if entry.is_dir():
             removed += sum(1 for p in entry.iterdir() if p.name.endswith(".partial"))
             store.layout.rmtree(entry)
@@ -270,7 +270,8 @@ def _allocated(entry: Path) -> int:
     total = 0
     for path in paths:
         with contextlib.suppress(OSError):
-            total += path.lstat().st_blocks * 512
+            found = path.lstat()
+            total += found.st_blocks * 512 if found.st_nlink == 1 else 0
     return total
 
 
