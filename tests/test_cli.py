@@ -188,6 +188,9 @@ def test_a_source_url_that_cannot_be_one_is_a_usage_error(
     monkeypatch.setenv("HF_ENDPOINT", "notaurl")
     code, _, err = run("pull", REPO, home=home)
     assert code == 2 and "HF_ENDPOINT" in err and "http://" in err, err
+    monkeypatch.setenv("HF_ENDPOINT", "https://me:s3cret@hub.example")  # refused, the password not echoed
+    code, _, err = run("pull", REPO, home=home)
+    assert code == 2 and "may not hold a user, a password" in err and "s3cret" not in err, err
 
 
 READING_COMMANDS = [

@@ -139,12 +139,16 @@ def validate_node_id(value: object) -> str:
     return value
 
 
+_CREDENTIALS = re.compile(r"//[^/?#@]*@")
+
+
 def validate_node_url(value: object) -> str:
     """Where a node is reached: an ``http://`` or ``https://`` URL with a host, no user or password, no
     query or fragment, no whitespace or control character, at most 2048 characters."""
     if not isinstance(value, str):
         raise InvalidInputError(f"node URL must be a string, not {type(value).__name__}")
-    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "…"
+    redacted = _CREDENTIALS.sub("//***@", value)  # (a password in a URL is never echoed)
+    shown = repr(redacted) if len(repr(redacted)) <= 80 else repr(redacted)[:77] + "…"
     if len(value) > MAX_URL_LENGTH or not value.isprintable() or any(c.isspace() for c in value):
         raise InvalidInputError(f"node URL {shown} is too long or holds a space or a control character")
     try:

@@ -86,12 +86,12 @@ class SourceChain:
                     node_id: str | None = None) -> SourceChain:  # fmt: skip
         retry = retry or RetryPolicy(read_timeout=config.read_timeout)
         hub_token_ = hub_token(config.hub_token)
-        for name, urls in (("HF_ENDPOINT", [config.hub_endpoint]), ("a depot server", config.servers)):
+        for name, urls in (("HF_ENDPOINT", [config.hub_endpoint]), ("MODELDEPOT_SERVERS", config.servers)):
             for url in urls:
                 try:
                     validate_node_url(url)
-                except InvalidInputError as error:
-                    raise ConfigError(f"{name}: {error}") from None
+                except InvalidInputError as error:  # (the Hub's token goes in HF_TOKEN, never in the URL)
+                    raise ConfigError(f"{name}: {str(error).replace('node URL', 'the URL', 1)}") from None
         return cls(
             servers=tuple(HttpSource(url, "node", config.node_token, retry) for url in config.servers),
             hub=HttpSource(config.hub_endpoint, "hub", hub_token_, retry),
