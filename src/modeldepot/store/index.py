@@ -142,6 +142,11 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (repo_id, variant, revision)
     ) WITHOUT ROWID
     """,
+    # 8: repo ids looked up whatever their case, as the Hub does (Store.spelled): NOCASE is exact for ASCII.
+    """
+    CREATE INDEX repos_by_folded_id ON repos (repo_id COLLATE NOCASE);
+    CREATE INDEX manifests_by_folded_id ON manifests (repo_id COLLATE NOCASE)
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 # Result codes (sqlite3.SQLITE_FULL and friends exist only from Python 3.11). Python reports extended codes.

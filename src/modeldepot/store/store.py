@@ -138,10 +138,8 @@ class Store:
         pulled or stored twice; an id the store does not know is returned as given. (Repo ids are ASCII, so
         SQLite's NOCASE is exactly the Hub's match.)"""
         validate_repo_id(repo_id)
-        if self.index.read("SELECT 1 FROM repos WHERE repo_id = ?", (repo_id,)):
-            return repo_id  # (the common case: one indexed lookup)
         for table in ("repos", "manifests"):  # what the store holds first, then what it only scanned
-            rows = self.index.read(
+            rows = self.index.read(  # (by the NOCASE index: one lookup; the exact spelling first)
                 f"SELECT repo_id FROM {table} WHERE repo_id = ?1 COLLATE NOCASE ORDER BY repo_id = ?1 DESC LIMIT 1",
                 (repo_id,),
             )
