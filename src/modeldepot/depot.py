@@ -169,6 +169,9 @@ class Depot:
         self._fleet_failed = False
         self._fleet_managed = False  # a server manages the view: never open one here, even after it closes
         self._fleet_lock = threading.Lock()
+        self._listings: dict[
+            tuple[str, float], tuple[RemoteFile, ...]
+        ] = {}  # (repo, scanned at): its commit's files
         self.store.budget.add_in_use(self._in_use)
         self.store.budget.add_evicted_hook(self._forget_removed_variants)
         self.store.add_quarantine_hook(self._let_go_of_blob)
@@ -281,16 +284,22 @@ class Depot:
         whole (huggingface_hub keeps a commit's listing for good)."""
         commit_id = self.store.resolve(repo_id, revision)
         held = self.store.files(repo_id, commit_id)
-        try:
-            record = self.store.manifests.load(repo_id)
-        except NotFoundError:
+        scanned = self.store.manifests.scanned_commit(repo_id)
+        if scanned is None or scanned[0] != commit_id:
             return held
-        if record.commit_id != commit_id:
-            return held
+        listing = self._listings.get((repo_id, scanned[1]))
+        if listing is None:  # (parsed once per scan: the Hub routes ask on every listing request)
+            try:
+                listing = listed_files(self.store.manifests.load(repo_id))
+            except NotFoundError:
+                return held  # (dropped meanwhile)
+            if len(self._listings) >= 64:
+                self._listings.clear()
+            self._listings[(repo_id, scanned[1])] = listing
         have = {entry.path for entry in held}
         lacking = [FileEntry(repo_id, commit_id, f.path, f.size, f.sha256 or "", f.git_oid, f.sha256 is not None, 0)
-                   for f in listed_files(record) if f.path not in have]  # fmt: skip
-        return sorted([*held, *lacking], key=lambda entry: entry.path)
+                   for f in listing if f.path not in have]  # fmt: skip
+        return sorted([*held, *lacking], key=lambda entry: entry.path) if lacking else held
 
     @_any_case
     def file_info(self, repo_id: str, path: str, revision: str = "main") -> FileEntry:

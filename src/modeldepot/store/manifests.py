@@ -84,6 +84,11 @@ class ManifestStore:
                     (repo_id, variant, status, now),
                 )
 
+    def scanned_commit(self, repo_id: str) -> tuple[str, float] | None:
+        """(commit id, when scanned) of the repo's saved scan, or None: a look without reading its body."""
+        rows = self.index.read("SELECT commit_id, scanned_at FROM manifests WHERE repo_id = ?", (repo_id,))
+        return (str(rows[0]["commit_id"]), float(rows[0]["scanned_at"])) if rows else None
+
     def load(self, repo_id: str) -> ManifestRecord:
         validate_repo_id(repo_id)
         rows = self.index.read("SELECT * FROM manifests WHERE repo_id = ?", (repo_id,))
