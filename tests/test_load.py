@@ -244,3 +244,27 @@ def test_engines_and_preloads_of_a_blob_found_corrupt_are_let_go(depot: Depot, t
     loaded = depot.engines.keys()  # (a list: the cache is no mapping)
     assert [key[0] for key in loaded] == ["acme/other"]
     assert depot.preloader.stats().preloaded == ()
+
+
+def test_what_an_imported_repo_lacks_is_said_not_a_hub_error(
+    loaded: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load() of a variant an imported repo lacks said "cannot reach https://huggingface.co to scan ...":
+    an imported repo has no upstream. The variants there are are named, and the engine a file needs."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # (nothing listens: any try would say so)
+    with pytest.raises(NotFoundError, match=r"no variant 'q9' here \(there is: fp16, fp32\)") as raised:
+        loaded.load(REPO, "q9")
+    assert "127.0.0.1:9" not in str(raised.value)
+    with pytest.raises(NotFoundError, match=r"no \.safetensors file") as raised:
+        loaded.load(REPO, engine="safetensors")
+    assert "engine='onnxruntime'" in str(raised.value)
+
+
+def test_uses_are_counted_under_the_variants_own_name(loaded: Depot) -> None:
+    """load("FP16") and load("fp16") are one model: counted apart, they split its uses in stats and in
+    serve --preload-top."""
+    loaded.load(REPO, "fp16", warmup=0)
+    loaded.load(REPO, "FP16", warmup=0)
+    loaded.store.access.flush()
+    assert [(a.variant, a.count) for a in loaded.store.access.top(5)] == [("fp16", 2)]

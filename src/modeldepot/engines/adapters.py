@@ -245,4 +245,7 @@ def model_file(paths: list[str], quant: str | None, suffixes: tuple[str, ...]) -
                 raise NotFoundError(f"{matching[0]} is one of {len(shards)} shards and the store lacks "
                                     f"{', '.join(missing)}")  # fmt: skip
             return matching[0]
-    raise NotFoundError(f"no {' or '.join(suffixes)} file{' in variant ' + repr(quant) if quant else ''}")
+    others = [f"{suffix} (engine={name!r})" for suffix, name in ((".safetensors", "safetensors"), (".gguf", "gguf"),
+              (".onnx", "onnxruntime")) if suffix not in suffixes and any(p.endswith(suffix) for p in candidates)]  # fmt: skip
+    raise NotFoundError(f"no {' or '.join(suffixes)} file{' in variant ' + repr(quant) if quant else ''}"
+                        + (f"; it has {', '.join(others)}" if others else ""))  # fmt: skip

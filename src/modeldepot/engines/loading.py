@@ -18,7 +18,8 @@ from typing import Any
 from modeldepot.engines.adapters import ENGINES, EngineLoader, model_file, warmup
 from modeldepot.engines.cache import LoadedModelCache
 from modeldepot.engines.gguf_model import gguf_shard_names
-from modeldepot.errors import ConfigError, NotFoundError
+from modeldepot.errors import ConfigError, DepotError, NotFoundError
+from modeldepot.hub.variants import group_files
 from modeldepot.preload import Preloader
 from modeldepot.store import Store
 from modeldepot.validation import validate_repo_id, validate_revision
@@ -81,7 +82,9 @@ def load_variant(
             warmup(built, warmups, inputs)
         return built
 
-    store.access.record(repo_id, quant)
+    # (counted under the variant's own name: "Q4F16" and "q4f16" are one model to preload)
+    named = group_files([f.path for f in store.files(repo_id, commit_id)]).find(quant) if quant else None
+    store.access.record(repo_id, named.name if named is not None else quant)
     return cache.get_or_load(key, load_and_warm)
 
 
@@ -95,7 +98,9 @@ def _engine(engine: str | EngineLoader) -> tuple[EngineLoader, tuple[str, ...]]:
 
 def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant: str | None, revision: str,
             suffixes: tuple[str, ...]) -> tuple[str, str]:  # fmt: skip
-    """(commit, model file) of the variant, pulling it first when the store lacks it."""
+    """(commit, model file) of the variant, pulling it first when the store lacks it. A repo this store
+    imported has no upstream to pull from: what it lacks is said as such, as is (beside the pull's failure)
+    what a pulled repo lacks when the pull cannot help."""
     try:
         commit_id: str | None = store.resolve(repo_id, revision)
     except NotFoundError:
@@ -103,8 +108,16 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
     if commit_id is not None:
         try:
             return commit_id, model_file([f.path for f in store.files(repo_id, commit_id)], quant, suffixes)
-        except NotFoundError:
-            if offline:
+        except NotFoundError as missing:
+            if offline or store.repo_summary(repo_id).origin in ("import", "hf-cache"):
                 raise  # nothing to pull from: the error lists the variants there are
-    commit_id = pull(repo_id, quant, revision)
+            here = missing
+    else:
+        here = None
+    try:
+        commit_id = pull(repo_id, quant, revision)
+    except DepotError as error:
+        if here is None:
+            raise
+        raise NotFoundError(f"{here}; pulling it failed too: {error}", repo_id=repo_id) from error
     return commit_id, model_file([f.path for f in store.files(repo_id, commit_id)], quant, suffixes)
