@@ -98,9 +98,9 @@ def _engine(engine: str | EngineLoader) -> tuple[EngineLoader, tuple[str, ...]]:
 
 def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant: str | None, revision: str,
             suffixes: tuple[str, ...]) -> tuple[str, str]:  # fmt: skip
-    """(commit, model file) of the variant, pulling it first when the store lacks it. A repo this store
-    imported has no upstream to pull from: what it lacks is said as such, as is (beside the pull's failure)
-    what a pulled repo lacks when the pull cannot help."""
+    """(commit, model file) of the variant, pulling it first when the store lacks it (an imported repo
+    too: its upstream may complete it). When the pull fails, the error says first what the store lacks
+    (the variants it has, the engine its files need), then why the pull failed."""
     try:
         commit_id: str | None = store.resolve(repo_id, revision)
     except NotFoundError:
@@ -109,7 +109,7 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
         try:
             return commit_id, model_file([f.path for f in store.files(repo_id, commit_id)], quant, suffixes)
         except NotFoundError as missing:
-            if offline or store.repo_summary(repo_id).origin in ("import", "hf-cache"):
+            if offline:
                 raise  # nothing to pull from: the error lists the variants there are
             here = missing
     else:
