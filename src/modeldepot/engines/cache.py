@@ -170,6 +170,8 @@ class LoadedModelCache(Generic[M]):
                 self._misses += 1
                 flight = self._flights[key] = _Flight()
                 evicted += self._make_room_locked(size)
+            else:
+                self._hits += 1  # (it waits for the load under way: one load serves it, as a hit does)
         if evicted:
             self._run_hooks(evicted)
         if entry is not None:

@@ -505,7 +505,7 @@
     const max = budget ? budget.max_bytes : null;
     setText($("disk-used"), bytes(used));
     setText($("disk-budget"), max === null || max === undefined ? "no budget" : bytes(max));
-    setBar($("disk-bar"), used || 0, max || used || 0);
+    setBar($("disk-bar"), max ? used || 0 : 0, max || 1); // (no budget: nothing to fill)
     $("disk-bar").classList.toggle("full", Boolean(max) && used / max > 0.9);
     const disk = [];
     if (budget && budget.pinned_bytes !== null) disk.push(`${bytes(budget.pinned_bytes)} pinned`);
@@ -610,7 +610,7 @@
     let facts;
     if (summary) {
       const refs = Object.entries(summary.refs).map(([ref, commit]) => `${ref} → ${commit.slice(0, 10)}`);
-      facts = [refs.join(", "), `${summary.files} files`, bytes(summary.size), summary.origin === "import" ? "imported" : "pulled"];
+      facts = [refs.join(", "), `${summary.files} file${summary.files === 1 ? "" : "s"}`, bytes(summary.size), summary.origin === "import" ? "imported" : "pulled"];
     } else {
       facts = ["scanned, not in the store yet"];
     }
