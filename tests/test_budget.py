@@ -294,3 +294,15 @@ def test_an_evicted_revision_leaves_the_blobs_a_writer_shares_with_it(store: Dep
     assert bytes(store.get_file("acme/new", "tokenizer.bin")) == shared
     assert store.verify().ok and store_files_consistent(store) == []
     assert store.budget_status().used_bytes <= int(3.5 * MB)
+
+
+def test_a_pin_keeps_a_commit_whole_and_goes_with_its_repo(tmp_path: Path) -> None:
+    """A pin by the start of a commit id was kept as typed; the pins of a removed repo stayed, listed by
+    `pins` and applied again, unseen, to a later pull of the repo."""
+    with Depot(tmp_path / "s") as depot:
+        commit = depot.import_dir(model(tmp_path, "acme/a"), "acme/a").commit_id
+        depot.pin("acme/a", revision=commit[:7])
+        depot.pin("acme/a")
+        assert sorted(p.revision for p in depot.pins()) == sorted([commit, "main"])
+        depot.remove("acme/a")
+        assert depot.pins() == []

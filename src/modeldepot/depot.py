@@ -663,6 +663,9 @@ class Depot:
         result = remove(self.store, repo_id, revision)
         self._forget_removed_variants(repo_id)
         self._let_go_of(repo_id, result.commits)
+        if revision is None:  # the repo is gone: its pins would apply again, unseen, to a later pull of it
+            for pin in self.store.budget.pins(repo_id):
+                self.store.budget.unpin(repo_id, pin.quant, pin.revision)
         return result
 
     def _let_go_of_blob(self, sha256: str) -> None:

@@ -178,7 +178,11 @@ class DiskBudget:
         store (``quant``, a variant's name, is checked by the caller: variants are the hub layer's)."""
         validate_repo_id(repo_id)
         validate_revision(revision)
-        self.store.resolve(repo_id, revision)  # raises RepoNotFoundError / RevisionNotFoundError
+        commit_id = self.store.resolve(repo_id, revision)  # raises RepoNotFoundError / RevisionNotFoundError
+        if not self.store.index.read(
+            "SELECT 1 FROM refs WHERE repo_id = ? AND name = ?", (repo_id, revision)
+        ):
+            revision = commit_id  # (the start of a commit id names that commit: kept whole, not as typed)
         if quant is not None:
             validate_label(quant)
         pin = Pin(repo_id, quant, revision, time.time())
