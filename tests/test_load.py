@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 from conftest import SMALL_CHUNK, LiveNode, flip_byte
 from modeldepot import Depot
 from modeldepot.engines.adapters import dummy_inputs, load_safetensors, warmup
-from modeldepot.errors import ConfigError, NotFoundError
+from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
 
 REPO = "acme/linear"
 rng = np.random.default_rng(3)
@@ -172,6 +172,11 @@ def test_load_pulls_a_missing_variant_first(
 def test_bad_input_is_refused_before_anything_loads(loaded: Depot) -> None:
     with pytest.raises(ValueError, match="repo"):
         loaded.load("not a repo")
+    # (each was a raw TypeError or AttributeError, or came after the whole load: warmup=-1)
+    for kwargs, error in (({"warmup": -1}, InvalidInputError), ({"warmup": "x"}, InvalidInputError),
+                          ({"engine": None}, ConfigError), ({"quant": 5}, InvalidInputError)):  # fmt: skip
+        with pytest.raises(error):
+            loaded.load(REPO, **kwargs)  # type: ignore[arg-type]
     assert loaded.engines.stats().total_misses == 0
 
 

@@ -200,6 +200,12 @@ def test_variants_and_bad_names(depot: Depot, tmp_path: Path) -> None:
     preloader.close()
 
 
+def test_a_budget_of_another_type_is_a_clear_error() -> None:
+    for bad in (1.5, None, True):
+        with pytest.raises(ConfigError, match="preload budget"):
+            parse_budget(bad)  # type: ignore[arg-type]
+
+
 def test_budgets_parse() -> None:
     assert parse_budget("1GiB") == 1 << 30 and parse_budget(123) == 123
     assert 0 < parse_budget("50%") < parse_budget("100%")

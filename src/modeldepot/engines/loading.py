@@ -18,7 +18,7 @@ from typing import Any
 from modeldepot.engines.adapters import ENGINES, EngineLoader, model_file, warmup
 from modeldepot.engines.cache import LoadedModelCache
 from modeldepot.engines.gguf_model import gguf_shard_names
-from modeldepot.errors import ConfigError, DepotError, NotFoundError
+from modeldepot.errors import ConfigError, DepotError, InvalidInputError, NotFoundError
 from modeldepot.hub.variants import group_files
 from modeldepot.preload import Preloader
 from modeldepot.store import Store
@@ -51,6 +51,10 @@ def load_variant(
     ``offline``: a variant missing from a revision the store holds is an error listing the ones it has."""
     validate_repo_id(repo_id)
     validate_revision(revision)
+    if quant is not None and not isinstance(quant, str):
+        raise InvalidInputError(f"quant must be a variant's name or None, not {type(quant).__name__}")
+    if isinstance(warmups, bool) or not isinstance(warmups, int) or warmups < 0:
+        raise InvalidInputError(f"warmup must be a number of passes, 0 or more, not {warmups!r}")
     loader, suffixes = _engine(engine)
     commit_id, chosen = _locate(store, pull, offline, repo_id, quant, revision, suffixes or DEFAULT_SUFFIXES)
     # The callable itself, not its name: two lambdas (or two factories' inner functions) share a
@@ -93,6 +97,10 @@ def _engine(engine: str | EngineLoader) -> tuple[EngineLoader, tuple[str, ...]]:
         if engine not in ENGINES:
             raise ConfigError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)} or a callable")
         return ENGINES[engine]
+    if not callable(engine):
+        raise ConfigError(
+            f"engine must be one of {', '.join(ENGINES)} or a callable, not {type(engine).__name__}"
+        )
     return engine, ()
 
 

@@ -54,6 +54,8 @@ ModelKey = tuple[str, str, str]  # repo, commit, variant ('' = every file)
 
 def parse_budget(budget: int | str) -> int:
     """Bytes from ``"50%"`` (of the machine's RAM), ``"8GiB"`` or a number."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+        raise ConfigError(f"a preload budget is a number of bytes or a text like 8GiB or 50%, not {budget!r}")
     if isinstance(budget, int):
         value = budget
     elif budget.strip().endswith("%"):
