@@ -116,12 +116,13 @@ class MappedFile:
 class Depot:
     """A model depot rooted at ``home`` (default: ``MODELDEPOT_HOME``, else ``~/.cache/modeldepot``).
 
-    ``chunk_size`` only matters when the store is created; with ``create=False`` a ``home`` that holds no store
-    is a :class:`~modeldepot.errors.ConfigError` instead of a new, empty store. ``servers`` (default ``MODELDEPOT_SERVERS``) are
-    the depot nodes pulls ask before the Hub; ``cluster`` (default ``MODELDEPOT_CLUSTER``, like
-    ``etcd://HOST:PORT``) is the fleet's registry, whose live nodes pulls ask next (:attr:`fleet`). Every
-    method validates repo ids, paths and revisions first and raises
-    :class:`~modeldepot.errors.InvalidInputError` on bad ones.
+    ``chunk_size`` only matters when the store is created; with ``create=False`` a ``home`` that holds no
+    store is a :class:`~modeldepot.errors.ConfigError` instead of a new, empty store. ``servers`` (default
+    ``MODELDEPOT_SERVERS``) are the depot nodes pulls ask before the Hub; ``cluster`` (default
+    ``MODELDEPOT_CLUSTER``, like ``etcd://HOST:PORT``) is the fleet's registry, whose live nodes pulls ask
+    next (:attr:`fleet`). Every method validates repo ids, paths and revisions first and raises
+    :class:`~modeldepot.errors.InvalidInputError` on bad ones; repo ids match whatever their case, as on the
+    Hub (the store keeps one spelling of each repo).
 
     What a depot does, in the order of this class:
 
@@ -169,9 +170,8 @@ class Depot:
         self._fleet_failed = False
         self._fleet_managed = False  # a server manages the view: never open one here, even after it closes
         self._fleet_lock = threading.Lock()
-        self._listings: dict[
-            tuple[str, float], tuple[RemoteFile, ...]
-        ] = {}  # (repo, scanned at): its commit's files
+        # (repo, when scanned) -> the scanned commit's files, for commit_files
+        self._listings: dict[tuple[str, float], tuple[RemoteFile, ...]] = {}
         self.store.budget.add_in_use(self._in_use)
         self.store.budget.add_evicted_hook(self._forget_removed_variants)
         self.store.add_quarantine_hook(self._let_go_of_blob)
