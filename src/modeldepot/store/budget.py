@@ -367,10 +367,8 @@ class DiskBudget:
                 result = remove(self.store, repo, commit, keep_blobs=self._kept_blobs())
             except NotFoundError:
                 continue  # removed meanwhile (another process)
-            out_of_the_store = (
-                result.bytes_freed + result.bytes_still_linked
-            )  # (a cache's link may keep some)
-            eviction = Eviction(repo, commit, out_of_the_store, last_used)
+            # Bytes out of the store (a Hugging Face cache's link may keep some of them on the disk)
+            eviction = Eviction(repo, commit, result.bytes_freed + result.bytes_still_linked, last_used)
             evicted.append(eviction)
             self._count(eviction)
             log.warning("evicted %s@%s (%s, last used %s) to stay within the disk budget (%s)", repo,

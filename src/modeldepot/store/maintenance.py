@@ -132,8 +132,9 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
 
     Removing by branch removes the commit the branch points to, with the branch; when other refs point at
     that commit too, only the branch goes (as deleting a git tag leaves the branch at the same commit).
-    Removing by commit id removes the commit with every ref to it. ``keep_blobs`` (SHA-256s) stay even when nothing references them any more: blobs a writer found in
-    the store and is about to publish again (the disk budget's evictions; gc frees them if it never does).
+    Removing by commit id removes the commit with every ref to it. ``keep_blobs`` (SHA-256s) stay even
+    when nothing references them any more: blobs a writer found in the store and is about to publish again
+    (the disk budget's evictions; gc frees them if it never does).
     """
     validate_repo_id(repo_id)
     if revision is not None:
@@ -168,9 +169,10 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
         for sha256 in freed:
             linked = _has_other_names(store.blobs.path(sha256))
             size = store.blobs.delete(sha256)
-            bytes_freed, still_linked = (
-                (bytes_freed, still_linked + size) if linked else (bytes_freed + size, still_linked)
-            )
+            if linked:
+                still_linked += size
+            else:
+                bytes_freed += size
         for commit_id in commits:
             store.snapshots.remove(repo_id, commit_id)
     store.index.reserve.refill()  # from the space just freed (if it was released, else when there is room)
