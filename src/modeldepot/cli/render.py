@@ -299,7 +299,7 @@ def render_gc(report: GcReport, evicted: list[Eviction] | None = None, over: int
     freed = report.bytes_freed + sum(e.bytes_freed for e in evicted or [])  # (evictions free theirs first)
     out.print(
         f"freed {format_bytes(freed)}: "
-        + (f"{len(evicted)} revisions evicted, " if evicted else "")
+        + (f"{len(evicted)} revision{'' if len(evicted) == 1 else 's'} evicted, " if evicted else "")
         + f"{report.blobs_removed} blobs, "
         f"{report.partials_removed} partial files, {report.snapshots_removed} stale snapshots"
         + (
