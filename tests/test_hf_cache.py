@@ -206,6 +206,12 @@ def test_an_adopted_commit_the_cache_holds_in_part_is_known_as_partial(
         code, out, _ = run("info", SAMPLE, home=depot.home)
         assert code == 0
         assert "of the commit's 6 files" in out, out
+        # Exported again, the snapshot lacks the file too, and the export says so (it said nothing)
+        exported = depot.hf_cache_export(SAMPLE, cache_dir=hf_cache.parent / "again")
+        assert exported.ok and exported.not_in_store == ("tokenizer.json",)
+        code, _, err = run("hf-cache", "export", SAMPLE, "--cache-dir", str(hf_cache.parent / "again2"),
+                           home=depot.home)  # fmt: skip
+        assert code == 0 and "1 more files the store does not hold" in err and "tokenizer.json" in err, err
     finally:
         node.stop()
 

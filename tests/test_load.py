@@ -266,6 +266,13 @@ def test_what_an_imported_repo_lacks_is_said_not_a_hub_error(
         ),
     ):
         online.load(REPO, "q9")
+    with pytest.raises(NotFoundError, match=r"^revision 'dev' of .* is not in the store"):
+        loaded.load(REPO, revision="dev")  # (offline: the repo is here, not that revision of it)
+    with (
+        Depot(loaded.home) as online,
+        pytest.raises(NotFoundError, match=r"^revision 'dev' .*; pulling it failed"),
+    ):
+        online.load(REPO, revision="dev")
     with pytest.raises(NotFoundError, match=r"no \.safetensors file") as raised:
         loaded.load(REPO, engine="safetensors")
     assert "engine='onnxruntime'" in str(raised.value)

@@ -261,7 +261,10 @@ class Depot:
         so ``hf_hub_download``/``snapshot_download``/``from_pretrained`` find it offline."""
         from modeldepot.hfcache import export_to_hf_cache
 
-        return export_to_hf_cache(self.store, repo_id, revision, cache_dir, copy=copy, progress=progress)
+        result = export_to_hf_cache(self.store, repo_id, revision, cache_dir, copy=copy, progress=progress)
+        held = {entry.path for entry in self.list_files(repo_id, result.commit_id)}
+        lacking = tuple(e.path for e in self.commit_files(repo_id, result.commit_id) if e.path not in held)
+        return dataclasses.replace(result, not_in_store=lacking) if lacking else result
 
     # -- reading --------------------------------------------------------------------------------------
 

@@ -145,3 +145,8 @@ def _render_export(result: HfCacheExportResult) -> None:
         f"{result.kept} already there)"
     )
     render.out.print(f"snapshot: {result.snapshot_path}")
+    if result.not_in_store:
+        shown = ", ".join(result.not_in_store[:5]) + (" …" if len(result.not_in_store) > 5 else "")
+        render.err.print(f"[yellow]warning:[/yellow] the commit has {len(result.not_in_store)} more files the store "
+                         f"does not hold, so neither does the snapshot ({shown}): `modeldepot pull "
+                         f"{result.repo_id} -r {result.commit_id}` takes them")  # fmt: skip

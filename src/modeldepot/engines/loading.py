@@ -18,7 +18,7 @@ from typing import Any
 from modeldepot.engines.adapters import ENGINES, EngineLoader, model_file, warmup
 from modeldepot.engines.cache import LoadedModelCache
 from modeldepot.engines.gguf_model import gguf_shard_names
-from modeldepot.errors import ConfigError, DepotError, InvalidInputError, NotFoundError
+from modeldepot.errors import ConfigError, DepotError, InvalidInputError, NotFoundError, RevisionNotFoundError
 from modeldepot.hub.variants import group_files
 from modeldepot.preload import Preloader
 from modeldepot.store import Store
@@ -109,8 +109,11 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
     """(commit, model file) of the variant, pulling it first when the store lacks it (an imported repo
     too: its upstream may complete it). When the pull fails, the error says first what the store lacks
     (the variants it has, the engine its files need), then why the pull failed."""
+    here: NotFoundError | None = None
     try:
         commit_id: str | None = store.resolve(repo_id, revision)
+    except RevisionNotFoundError as lacking:  # the repo is here, not that revision of it
+        commit_id, here = None, lacking
     except NotFoundError:
         commit_id = None
     if commit_id is not None:
@@ -120,8 +123,8 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
             if offline:
                 raise  # nothing to pull from: the error lists the variants there are
             here = missing
-    else:
-        here = None
+    elif offline and here is not None:
+        raise here
     try:
         commit_id = pull(repo_id, quant, revision)
     except DepotError as error:

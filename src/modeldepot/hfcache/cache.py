@@ -94,6 +94,8 @@ class HfCacheExportResult(_Reported):
     copied: int
     kept: int  # blobs the cache already held with the right bytes
     problems: tuple[HfCacheProblem, ...]
+    # The commit's files the store does not hold (known from its saved scan): the snapshot lacks them too
+    not_in_store: tuple[str, ...] = ()
 
 
 def default_cache_dir() -> Path:

@@ -101,7 +101,9 @@ def export_to_hf_cache(
         files=exported,
         bytes=exported_bytes,
         problems=tuple(problems),
-        **counts,
+        linked=counts["linked"],
+        copied=counts["copied"],
+        kept=counts["kept"],
     )
 
 
