@@ -304,3 +304,23 @@ def test_a_blob_preloaded_by_two_models_counts_once(depot: Depot, tmp_path: Path
     assert {m.variant for m in stats.preloaded} == {"", "safetensors"} and stats.evictions == 0
     assert stats.ram_bytes == size and all(m.resident_bytes == size for m in stats.preloaded)
     preloader.close()
+
+
+def test_a_node_lets_go_of_what_another_process_removed(depot: Depot, tmp_path: Path) -> None:
+    """`modeldepot rm` beside a running node removed a repo the node had preloaded: the node kept the deleted
+    blobs mapped (their space taken) and counted them in RAM until it stopped."""
+    from conftest import LiveNode, wait_until
+
+    add_repo(depot, tmp_path, "a", 1)
+    add_repo(depot, tmp_path, "b", 2)
+    blob = str(depot.store.blobs.path(depot.file_info("acme/a", "model.safetensors").sha256))
+    node = LiveNode(depot)
+    try:
+        depot.preloader.preload("acme/a")
+        depot.preloader.preload("acme/b")
+        with Depot(depot.home) as beside:  # (another process's Depot: nothing of the node's memory)
+            beside.remove("acme/a")
+        wait_until(lambda: blob not in Path("/proc/self/maps").read_text(), timeout=10)
+        assert [m.repo_id for m in depot.preloader.stats().preloaded] == ["acme/b"]
+    finally:
+        node.stop()

@@ -671,6 +671,29 @@ class Depot:
                 self.store.budget.unpin(repo_id, pin.quant, pin.revision)
         return result
 
+    def let_go_of_removed(self) -> int:
+        """Drop this process's preloads and engines of revisions that are no longer whole in the store
+        (removed, or a blob of them quarantined, by another process: a `modeldepot rm` beside a node); a
+        server calls this every few seconds. Returns how many revisions it let go of."""
+        gone = [
+            (repo_id, commit_id)
+            for repo_id, commit_id in set(self._in_use())
+            if commit_id is not None
+            and (
+                not self.store.index.read(
+                    "SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)
+                )
+                or self.store.index.read(
+                    "SELECT 1 FROM files f JOIN blobs b USING (sha256) WHERE f.repo_id = ? AND f.commit_id = ? "
+                    "AND b.state != 'ok' LIMIT 1",
+                    (repo_id, commit_id),
+                )
+            )
+        ]
+        for repo_id, commit_id in gone:
+            self._let_go_of(repo_id, [commit_id])
+        return len(gone)
+
     def _let_go_of_blob(self, sha256: str) -> None:
         """A blob this process quarantined: its engines and preloads must not go on using the bad bytes."""
         if self._preloader is None and self._engines is None:
@@ -766,7 +789,7 @@ class Depot:
         """The revisions in use in this process, which no eviction removes: preloaded, or loaded engines'."""
         used: list[tuple[str, str | None]] = []
         if self._preloader is not None:
-            used.extend((m.repo_id, m.commit_id) for m in self._preloader.stats().preloaded)
+            used.extend(self._preloader.revisions())
         # (a list, least recently used first: the cache is no mapping; none made yet, none loaded)
         loaded = self._engines.keys() if self._engines is not None else []
         for key in loaded:

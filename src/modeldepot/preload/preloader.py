@@ -386,6 +386,11 @@ class Preloader:
             self._drop(model)
             return True
 
+    def revisions(self) -> set[tuple[str, str]]:
+        """(repo, commit) of every model in RAM now."""
+        with self._lock:
+            return {(key[0], key[1]) for key in self._models}
+
     def forget(self, repo_id: str, commit_ids: Iterable[str]) -> int:
         """Take every model of these revisions out of RAM (they were removed from the store: their mappings
         would keep the deleted files' space taken, and count in the RAM tier); a held one goes when its last

@@ -9,11 +9,12 @@ trace), auth (the node token), then the route.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -185,9 +186,36 @@ def create_app(
             await app[MIRROR].close()
 
         app.on_cleanup.append(stop_pulls)
+    app.cleanup_ctx.append(_letting_go_of_what_others_removed(depot))
     add_native_routes(app)
     add_control_routes(app)  # before the Hub's routes: their /api/ catch-all refuses writes
     add_dashboard_routes(app)
     add_metrics(app)
     add_hub_routes(app)
     return app
+
+
+LET_GO_EVERY = 2.0  # seconds between two looks for revisions another process removed or quarantined
+
+
+def _letting_go_of_what_others_removed(depot: Depot) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A `modeldepot rm` (or `verify`) beside the node changes the store under it: every LET_GO_EVERY
+    seconds the node drops its preloads and engines of revisions no longer whole there, whose mappings
+    would keep the deleted files' space taken (and the bad bytes in use)."""
+
+    async def watch(_app: web.Application) -> AsyncIterator[None]:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(LET_GO_EVERY)
+                try:
+                    await asyncio.to_thread(depot.let_go_of_removed)
+                except Exception as error:  # (a busy or full index: next time)
+                    log.warning("could not look for removed revisions: %s: %s", type(error).__name__, error)
+
+        task = asyncio.get_running_loop().create_task(loop(), name="let-go-of-removed")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return watch
