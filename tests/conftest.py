@@ -356,6 +356,27 @@ class LiveNode(BackgroundServer):
             self.depot.close()
 
 
+@contextlib.contextmanager
+def serving_repo(tmp_path: Path, files: dict[str, bytes], repo_id: str) -> Iterator[LiveNode]:
+    """A node on loopback whose store (under ``tmp_path``) holds ``files`` as ``repo_id``: an upstream."""
+    with Depot(tmp_path / "upstream-store") as hub:
+        hub.import_dir(write_model_dir(tmp_path / "upstream-src", files), repo_id)
+        node = LiveNode(hub)
+        try:
+            yield node
+        finally:
+            node.stop()
+
+
+@contextlib.contextmanager
+def hub_path_depot(home: Path, endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Depot]:
+    """A depot that pulls online from ``endpoint`` given as HF_ENDPOINT (the Hub path: no chunk digests)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        yield depot
+
+
 @pytest.fixture
 def live_node(depot: Depot) -> Iterator[LiveNode]:
     node = LiveNode(depot)

@@ -13,7 +13,16 @@ import blake3
 import pytest
 from click.testing import CliRunner
 
-from conftest import SMALL_CHUNK, LiveNode, flip_byte, store_files_consistent, write_model_dir, write_partial
+from conftest import (
+    SMALL_CHUNK,
+    LiveNode,
+    flip_byte,
+    hub_path_depot,
+    serving_repo,
+    store_files_consistent,
+    write_model_dir,
+    write_partial,
+)
 from modeldepot import Depot, IntegrityError, NotFoundError
 from modeldepot.cli import cli
 from modeldepot.errors import OfflineError
@@ -33,18 +42,13 @@ FILES = {
 
 @pytest.fixture
 def upstream(tmp_path: Path) -> Iterator[LiveNode]:
-    with Depot(tmp_path / "upstream-store") as hub:
-        hub.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
-        node = LiveNode(hub)
+    with serving_repo(tmp_path, FILES, REPO) as node:
         yield node
-        node.stop()
 
 
 @pytest.fixture
 def local(upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Depot]:
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", upstream.url)
-    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as depot:
+    with hub_path_depot(tmp_path / "local", upstream.url, monkeypatch) as depot:
         yield depot
 
 
@@ -188,26 +192,19 @@ def test_status_counts_the_files_in_no_variant_and_what_of_them_is_kept(
     """A file in no variant (weights.bin) comes with a pull of the whole repo, but status listed it apart
     with neither whether it was here nor what an interrupted pull kept of it (880 MiB in the trial)."""
     weights = bytes(range(256)) * 1024  # 4 chunks of 64 KiB
-    with Depot(tmp_path / "up", chunk_size=SMALL_CHUNK) as up:
-        up.import_dir(
-            write_model_dir(tmp_path / "src", {"config.json": b"{}", "weights.bin": weights}), "acme/w"
-        )
-        node = LiveNode(up)
-        try:
-            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.setenv("HF_ENDPOINT", node.url)
-            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
-                manifest = local.scan_repo("acme/w")
-                assert manifest.other == ("weights.bin",) and manifest.other_held == ()
-                write_partial(local, weights, [0, 1])  # a pull killed halfway through
-                assert local.get_manifest("acme/w").other_kept_bytes == 2 * SMALL_CHUNK
-                shown = CliRunner().invoke(cli, ["status", "acme/w", "--home", str(local.home)])
-                assert "0 of 1 here; 128.0 KiB of the rest kept for a resume" in shown.stdout, shown.stdout
-                local.pull("acme/w")
-                after = local.get_manifest("acme/w")
-                assert (after.other_held, after.other_kept_bytes) == (("weights.bin",), 0)
-        finally:
-            node.stop()
+    with (
+        serving_repo(tmp_path, {"config.json": b"{}", "weights.bin": weights}, "acme/w") as node,
+        hub_path_depot(tmp_path / "local", node.url, monkeypatch) as local,
+    ):
+        manifest = local.scan_repo("acme/w")
+        assert manifest.other == ("weights.bin",) and manifest.other_held == ()
+        write_partial(local, weights, [0, 1])  # a pull killed halfway through
+        assert local.get_manifest("acme/w").other_kept_bytes == 2 * SMALL_CHUNK
+        shown = CliRunner().invoke(cli, ["status", "acme/w", "--home", str(local.home)])
+        assert "0 of 1 here; 128.0 KiB of the rest kept for a resume" in shown.stdout, shown.stdout
+        local.pull("acme/w")
+        after = local.get_manifest("acme/w")
+        assert (after.other_held, after.other_kept_bytes) == (("weights.bin",), 0)
 
 
 def test_cli_pull_and_scan_from_a_server_given_on_the_command_line(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi, hf_hub_download
 
-from conftest import SMALL_CHUNK, LiveNode, write_model_dir
+from conftest import LiveNode, hub_path_depot, serving_repo, write_model_dir
 from modeldepot import Depot
 from modeldepot.errors import RepoNotFoundError
 
@@ -23,18 +23,13 @@ FILES = {
 
 @pytest.fixture
 def upstream(tmp_path: Path) -> Iterator[LiveNode]:
-    with Depot(tmp_path / "upstream-store") as hub:
-        hub.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
-        node = LiveNode(hub)
+    with serving_repo(tmp_path, FILES, REPO) as node:
         yield node
-        node.stop()
 
 
 @pytest.fixture
 def local(upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Depot]:
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", upstream.url)
-    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as depot:
+    with hub_path_depot(tmp_path / "local", upstream.url, monkeypatch) as depot:
         yield depot
 
 
