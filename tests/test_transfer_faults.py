@@ -555,3 +555,29 @@ def test_a_pull_killed_right_after_it_resumed_shows_what_it_kept(
         variant = manifest.variants[0]
         assert (variant.status, variant.resumable) == ("failed", True)
         assert variant.bytes_done >= kept, (variant.bytes_done, kept)
+
+
+def test_a_node_where_nothing_listens_is_dropped_at_once_the_hub_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node that is down (connection refused) was retried with backoff, 4-8 s per chunk: in a swarm its
+    claims stood that long (the other nodes stalled, and fetched more from the Hub). It is dropped at the
+    first refusal now; the Hub, whose refusal is more likely a blip, is still retried."""
+    import modeldepot.transfer.sources as sources
+    from conftest import free_port
+
+    waits: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(sources.asyncio, "sleep", no_wait)
+    port = free_port()  # (nothing listens there)
+    for kind, retried in (("node", 0), ("hub", 4)):
+        waits.clear()
+        source = sources.HttpSource(f"http://127.0.0.1:{port}", kind, None, sources.RetryPolicy(attempts=5))
+        with pytest.raises(
+            UpstreamError, match="nothing listens there" if kind == "node" else "after 5 attempts"
+        ):
+            asyncio.run(source.fetch(f"http://127.0.0.1:{port}/x", 0, 9, 10))
+        assert len(waits) == retried, kind

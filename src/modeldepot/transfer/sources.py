@@ -183,6 +183,12 @@ class HttpSource:
                 else:
                     raise _final_error(status, answer.url, answer.headers.get("X-Error-Message"))
             except (OSError, http.client.HTTPException) as error:
+                if isinstance(error, ConnectionRefusedError) and self.kind != "hub":
+                    # Nothing listens at a node's address: it is down. Retrying for seconds would hold its
+                    # chunks (its claims, in a swarm) from the sources that have them; dropped now, it
+                    # counts as failed at once.
+                    raise UpstreamError(f"{url}: nothing listens there (the node is down): {error}",
+                                        source=url) from error  # fmt: skip
                 problem = f"{type(error).__name__}: {error}".rstrip(": ")
                 timed_out = isinstance(error, TimeoutError)
             if number + 1 < self.retry.attempts:
