@@ -376,3 +376,25 @@ class CacheMachine(RuleBasedStateMachine):
 
 TestCacheMachine = CacheMachine.TestCase
 TestCacheMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+def test_a_key_evicted_while_it_loads_is_handed_over_but_not_cached() -> None:
+    """A repo removed while one of its engines was loading: the load finished into the cache, holding the
+    removed files' mappings (and their disk space) until evicted by chance."""
+    cache: LoadedModelCache[Engine] = LoadedModelCache(max_models=4)
+    started, go = threading.Event(), threading.Event()
+
+    def loader() -> Engine:
+        started.set()
+        go.wait(10)
+        return Engine("a")
+
+    got: list[Engine] = []
+    caller = threading.Thread(target=lambda: got.append(cache.get_or_load("a", loader, size=1)))
+    caller.start()
+    assert started.wait(10)
+    assert cache.loading() == ["a"]
+    assert cache.evict("a") is False  # (not cached yet)
+    go.set()
+    caller.join(10)
+    assert [e.name for e in got] == ["a"] and cache.keys() == [] and cache.loading() == []

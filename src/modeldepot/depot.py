@@ -713,7 +713,7 @@ class Depot:
             return
         if self._preloader is not None:
             self._preloader.forget(repo_id, commit_ids)
-        loaded = self._engines.keys() if self._engines is not None else []  # (a list: no mapping)
+        loaded = [*self._engines.keys(), *self._engines.loading()] if self._engines is not None else []
         for key in loaded:
             if isinstance(key, tuple) and len(key) >= 2 and key[0] == repo_id and key[1] in commit_ids:
                 assert self._engines is not None

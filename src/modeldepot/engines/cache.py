@@ -95,6 +95,7 @@ class _Flight:
         self.done = threading.Event()
         self.model: Any = None
         self.error: BaseException | None = None
+        self.dropped = False  # evicted while loading: handed to its callers, never cached
 
 
 class LoadedModelCache(Generic[M]):
@@ -198,9 +199,12 @@ class LoadedModelCache(Generic[M]):
         measured = size if size is not None else max(0, self._rss() - before)
         now = self._clock()
         with self._lock:
-            self._entries[key] = _Entry(model, measured, now, now)
             del self._flights[key]
-            evicted = self._enforce_locked(keep=key)
+            if flight.dropped:  # (what it was loaded from went meanwhile: its callers have it, the cache not)
+                evicted = []
+            else:
+                self._entries[key] = _Entry(model, measured, now, now)
+                evicted = self._enforce_locked(keep=key)
         flight.model = model
         flight.done.set()
         self._run_hooks(evicted)
@@ -276,11 +280,14 @@ class LoadedModelCache(Generic[M]):
         evicted.clear()
 
     def evict(self, key: Hashable) -> bool:
-        """Drop ``key`` (even if pinned); True if it was cached."""
+        """Drop ``key`` (even if pinned); True if it was cached. A load of it under way is not cached when
+        it ends (its callers still get it)."""
         with self._lock:
             entry = self._entries.pop(key, None)
             if entry is not None:
                 self._evictions += 1
+            if key in self._flights:
+                self._flights[key].dropped = True
         if entry is None:
             return False
         self._run_hooks([(key, entry.model)])
@@ -342,6 +349,11 @@ class LoadedModelCache(Generic[M]):
         """Loaded keys, least recently used first."""
         with self._lock:
             return [k for k, _ in sorted(self._entries.items(), key=lambda item: item[1].last_used)]
+
+    def loading(self) -> list[Hashable]:
+        """The keys of the loads under way."""
+        with self._lock:
+            return list(self._flights)
 
     def _total_locked(self) -> int:
         return sum(entry.size for entry in self._entries.values())
