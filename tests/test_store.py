@@ -6,6 +6,7 @@ import hashlib
 import os
 import sqlite3
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -462,3 +463,21 @@ def test_store_id_is_stable_across_opens(home: Path) -> None:
         assert again.store_id == store_id and len(store_id) == 32
     with Depot(home.parent / "other") as other:
         assert other.store_id != store_id
+
+
+def test_a_blob_written_since_its_check_is_rehashed_once(
+    depot: Depot, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads rehash a blob whose file changed after it was last checked, then record the check: a file
+    whose mtime is ahead of the clock (a clock set back) must not make every read rehash it."""
+    depot.import_dir(model_dir, REPO)
+    entry = depot.file_info(REPO, "model.safetensors")
+    blob = depot.store.blobs.path(entry.sha256)
+    ahead = time.time() + 3600
+    os.utime(blob, (ahead, ahead))
+    checks: list[str] = []
+    real = depot.store.check_blob
+    monkeypatch.setattr(depot.store, "check_blob", lambda *a: checks.append(a[0]) or real(*a))
+    for _ in range(3):
+        assert bytes(depot.get_file(REPO, "model.safetensors")) == sample_files()["model.safetensors"]
+    assert checks == [entry.sha256], "once, then known checked"

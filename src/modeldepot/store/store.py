@@ -247,7 +247,9 @@ class Store:
             raise CorruptBlobError(blob.sha256, f"{found[1]} (its file was changed after it was stored)")
         try:
             with self.index.write("recording a verification") as con:
-                con.execute("UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (time.time(), blob.sha256))
+                # (never before the mtime it was checked at: a clock set back must not make every read rehash)
+                checked = max(time.time(), modified)
+                con.execute("UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (checked, blob.sha256))
         except StoreFullError:
             pass  # (it is checked again next time: the check itself went through)
 
