@@ -34,7 +34,7 @@ MIN_CHUNK_SIZE = 64 * 1024
 MAX_CHUNK_SIZE = 1024 * MiB
 DEFAULT_CLUSTER_PREFIX = "/modeldepot"
 
-_SIZE = re.compile(r"\s*(\d+)\s*([KMGT]?)(i?B?)\s*", re.IGNORECASE)
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
@@ -44,11 +44,11 @@ def truthy(value: str | None) -> bool:
 
 
 def parse_size(text: str) -> int:
-    """Parse ``"16MiB"``, ``"16M"``, ``"65536"`` into bytes (binary units)."""
+    """Parse ``"16MiB"``, ``"1.5GiB"``, ``"16M"``, ``"65536"`` into bytes (binary units: MB is MiB)."""
     match = _SIZE.fullmatch(text)
     if not match:
-        raise ConfigError(f"cannot read size {text!r}: write it like 16MiB, 64KiB or 1048576")
-    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+        raise ConfigError(f"cannot read size {text!r}: write it like 16MiB, 1.5GiB, 64KiB or 1048576")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", re.IGNORECASE)

@@ -62,14 +62,22 @@ def parse_budget(budget: int | str) -> int:
         try:
             share = float(budget.strip()[:-1])
         except ValueError:
-            raise ConfigError(f"cannot read budget {budget!r}: write it like 50% or 8GiB") from None
+            raise ConfigError(f"cannot read the preload budget {budget!r} (--preload-budget, "
+                              "MODELDEPOT_PRELOAD_BUDGET): write it like 50% or 8GiB") from None  # fmt: skip
         if not 0 < share <= 100:
-            raise ConfigError(f"budget {budget!r} must be a share between 0% and 100% of RAM")
+            raise ConfigError(f"the preload budget {budget!r} (--preload-budget, MODELDEPOT_PRELOAD_BUDGET) must "
+                              "be a share between 0% and 100% of RAM")  # fmt: skip
         value = int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * share / 100)
     else:
-        value = parse_size(budget)
+        try:
+            value = parse_size(budget)
+        except ConfigError as error:
+            raise ConfigError(
+                f"the preload budget (--preload-budget, MODELDEPOT_PRELOAD_BUDGET): {error}"
+            ) from None
     if value <= 0:
-        raise ConfigError(f"budget {budget!r} must be more than 0 bytes")
+        raise ConfigError(f"the preload budget {budget!r} (--preload-budget, MODELDEPOT_PRELOAD_BUDGET) must be "
+                          "more than 0 bytes")  # fmt: skip
     return value
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import threading
 import time
 from collections import Counter
@@ -116,11 +115,8 @@ def parse_max_size(text: str, path: os.PathLike[str] | str) -> int:
             raise ConfigError(f"disk budget {text!r} must be a share above 0% and at most 100% of the disk")
         stat = os.statvfs(path)
         return int(stat.f_blocks * stat.f_frsize * share / 100)
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)", text)
     try:
-        if match is None:
-            raise ConfigError(text)
-        size = int(float(match.group(1)) * parse_size(f"1{match.group(2)}"))  # 1.5TiB too
+        size = parse_size(text)  # (1.5TiB too)
     except ConfigError:
         raise ConfigError(f"cannot read disk budget {text!r}: write it like 200GiB or 80%") from None
     if size <= 0:
