@@ -211,7 +211,9 @@ def test_budgets_parse() -> None:
     assert parse_budget("1.5GiB") == 3 << 29, "as MODELDEPOT_MAX_SIZE=1.5TiB is (it was refused here)"
     assert 0 < parse_budget("50%") < parse_budget("100%")
     for bad in ("0%", "150%", "lots", "x%", 0, "1.5.5GiB", "0.1"):
-        with pytest.raises(ConfigError, match=r"preload budget .*--preload-budget, MODELDEPOT_PRELOAD_BUDGET"):
+        with pytest.raises(
+            ConfigError, match=r"preload budget .*--preload-budget, MODELDEPOT_PRELOAD_BUDGET"
+        ):
             parse_budget(bad)
 
 
