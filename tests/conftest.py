@@ -357,9 +357,10 @@ class LiveNode(BackgroundServer):
 
 
 @contextlib.contextmanager
-def serving_repo(tmp_path: Path, files: dict[str, bytes], repo_id: str) -> Iterator[LiveNode]:
+def serving_repo(tmp_path: Path, files: dict[str, bytes], repo_id: str,
+                 chunk_size: int | None = None) -> Iterator[LiveNode]:  # fmt: skip
     """A node on loopback whose store (under ``tmp_path``) holds ``files`` as ``repo_id``: an upstream."""
-    with Depot(tmp_path / "upstream-store") as hub:
+    with Depot(tmp_path / "upstream-store", chunk_size=chunk_size) as hub:
         hub.import_dir(write_model_dir(tmp_path / "upstream-src", files), repo_id)
         node = LiveNode(hub)
         try:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from conftest import SMALL_CHUNK, LiveNode, store_files_consistent, write_model_dir
+from conftest import SMALL_CHUNK, LiveNode, serving_repo, store_files_consistent, write_model_dir
 from faultproxy import FaultProxy, wait_until
 from modeldepot import Depot, IntegrityError
 from modeldepot.errors import NotFoundError, UpstreamError
@@ -45,16 +45,9 @@ def repo_files(big_chunks: int) -> dict[str, bytes]:
 FILES = repo_files(24)
 
 
-@contextlib.contextmanager
-def serving(tmp_path: Path, files: dict[str, bytes]) -> Iterator[LiveNode]:
+def serving(tmp_path: Path, files: dict[str, bytes]) -> contextlib.AbstractContextManager[LiveNode]:
     """A node on loopback that holds ``files`` as REPO."""
-    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as node_depot:
-        node_depot.import_dir(write_model_dir(tmp_path / "src", files), REPO)
-        node = LiveNode(node_depot)
-        try:
-            yield node
-        finally:
-            node.stop()
+    return serving_repo(tmp_path, files, REPO, chunk_size=SMALL_CHUNK)
 
 
 def configs(seed: int, count: int) -> dict[str, bytes]:
