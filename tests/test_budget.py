@@ -206,8 +206,9 @@ def test_cli_pin_unpin_du_gc_and_bad_sizes(tmp_path: Path, monkeypatch: pytest.M
     text = runner.invoke(cli, ["du", "--home", str(home)], env={"MODELDEPOT_MAX_SIZE": "2MiB"})
     assert "budget" in text.output and "evicted     2 revisions" in text.output
     assert "kept from eviction (pinned or in use), of which" in text.output, "in use includes the pinned"
+    assert "MODELDEPOT_MAX_SIZE, this command's alone" in text.output
     assert (
-        "none in this command"
+        "budget      none"
         in runner.invoke(cli, ["du", "--home", str(home)], env={"MODELDEPOT_MAX_SIZE": ""}).output
     )
 
@@ -306,3 +307,66 @@ def test_a_pin_keeps_a_commit_whole_and_goes_with_its_repo(tmp_path: Path) -> No
         assert sorted(p.revision for p in depot.pins()) == sorted([commit, "main"])
         depot.remove("acme/a")
         assert depot.pins() == []
+
+
+def test_the_budget_is_the_stores_and_every_process_on_it_keeps_to_it(tmp_path: Path) -> None:
+    """`serve --max-size` held in the node alone: a `modeldepot import` or `pull` beside it, not given the same
+    MODELDEPOT_MAX_SIZE, filled the disk past it. The budget is now saved with the store (`serve --max-size`,
+    `modeldepot budget`), and a change reaches a running node at once."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from conftest import free_port, wait_for_port
+
+    home = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if k not in ("MODELDEPOT_MAX_SIZE", "MODELDEPOT_TOKEN")}
+    env["MODELDEPOT_CHUNK_SIZE"] = str(SMALL_CHUNK)
+
+    def cli_process(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "modeldepot", *args, "--home", str(home)],
+                              env={**env, **extra}, capture_output=True, text=True, timeout=90)  # fmt: skip
+
+    for name in ("acme/a", "acme/b"):
+        assert cli_process("import", str(model(tmp_path, name)), "--repo", name).returncode == 0
+        time.sleep(0.01)
+    port = free_port()
+    node = subprocess.Popen([sys.executable, "-m", "modeldepot", "serve", "--home", str(home), "--port", str(port),
+                             "--max-size", "2.5MiB", "--scrub-interval", "off"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for_port(port, 60, process=node)
+
+        def node_budget() -> dict[str, object]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/depot/v1/stats", timeout=10) as answer:
+                budget: dict[str, object] = json.loads(answer.read())["budget"]
+                return budget
+
+        assert node_budget()["max_bytes"] == int(2.5 * MB)
+        beside = cli_process("import", str(model(tmp_path, "acme/c")), "--repo", "acme/c")  # no budget given
+        assert beside.returncode == 0, beside.stderr
+        with Depot(home, create=False) as depot:
+            assert repos(depot) == {"acme/b", "acme/c"}, (
+                "the import beside the node kept to the node's budget"
+            )
+            assert depot.budget_status().used_bytes <= int(2.5 * MB)
+        # A process's own MODELDEPOT_MAX_SIZE may cap it further, never raise the store's.
+        shown = cli_process("budget", "--json", MODELDEPOT_MAX_SIZE="1TiB")
+        assert json.loads(shown.stdout)["max_bytes"] == int(2.5 * MB), shown.stdout
+        assert json.loads(shown.stdout)["store_max_size"] == "2.5MiB"
+        # Set from the CLI while the node runs: the node's next look has it, and the store is brought within.
+        lowered = cli_process("budget", "1.5MiB")
+        assert lowered.returncode == 0 and "evicted acme/b@" in lowered.stdout, (
+            lowered.stdout + lowered.stderr
+        )
+        assert "the store's 1.5MiB" in lowered.stdout
+        assert node_budget()["max_bytes"] == int(1.5 * MB)
+        assert cli_process("budget", "none").returncode == 0 and node_budget()["max_bytes"] is None
+        assert cli_process("import", str(model(tmp_path, "acme/d")), "--repo", "acme/d").returncode == 0
+        with Depot(home, create=False) as depot:
+            assert repos(depot) == {"acme/c", "acme/d"}, "no budget: nothing evicted"
+        bad = cli_process("budget", "lots")
+        assert bad.returncode == 2 and "write it like 200GiB or 80%" in bad.stderr, bad.stderr
+    finally:
+        node.terminate()
+        node.wait(30)

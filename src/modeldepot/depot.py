@@ -137,7 +137,7 @@ class Depot:
     - **hot models**: :meth:`load` with :attr:`engines` (the loaded-model cache) and :attr:`preloader`
       (the RAM tier);
     - **upkeep**: :meth:`verify`, :meth:`scrubber`, :meth:`remove`, :meth:`gc`, :meth:`du`; the disk
-      budget (``MODELDEPOT_MAX_SIZE``): :meth:`pin`, :meth:`unpin`, :meth:`pins`, :meth:`budget_status`,
+      budget (:meth:`set_max_size`): :meth:`pin`, :meth:`unpin`, :meth:`pins`, :meth:`budget_status`,
       :meth:`shrink`.
 
     :attr:`store` is the store itself (blobs by digest, chunk digests, inventory: what peers and the
@@ -773,9 +773,16 @@ class Depot:
         return self.store.budget.pins(repo_id)
 
     def budget_status(self) -> BudgetStatus:
-        """The disk budget (``MODELDEPOT_MAX_SIZE``), what the blobs use, what pins and uses keep, and the
-        evictions so far."""
+        """The disk budget (the store's, :meth:`set_max_size`, capped by ``MODELDEPOT_MAX_SIZE``), what the
+        blobs use, what pins and uses keep, and the evictions so far."""
         return self.store.budget.status()
+
+    def set_max_size(self, max_size: str | None) -> list[Eviction]:
+        """Save ``max_size`` (``"200GiB"``, ``"80%"``; None: none) as the store's disk budget, which every
+        process on the store keeps to from its next write, and evict the least recently used revisions until
+        the store is within it. ``MODELDEPOT_MAX_SIZE`` caps one process further."""
+        self.store.budget.save_max_size(max_size)
+        return self.shrink() if max_size is not None else []
 
     def shrink(self, max_size: str | None = None) -> list[Eviction]:
         """Evict the least recently used revisions until the store is within ``max_size`` (``"200GiB"``,

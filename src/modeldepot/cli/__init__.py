@@ -23,6 +23,9 @@ from modeldepot.depot import Depot
 from modeldepot.errors import ConfigError, DepotError, InvalidInputError
 from modeldepot.validation import validate_branch, validate_path, validate_repo_id, validate_revision
 
+if TYPE_CHECKING:
+    from modeldepot.store.budget import Eviction
+
 __all__ = ["cli", "main"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -391,6 +394,26 @@ def du_command(depot: Depot, as_json: bool) -> None:
     render.emit(as_json, body, lambda: render.render_du(usage, budget))
 
 
+@cli.command("budget")
+@click.argument("size", required=False, metavar="[SIZE|N%|none]")
+@_json_option
+@_reading_home_option
+def budget_command(depot: Depot, size: str | None, as_json: bool) -> None:
+    """Show the store's disk budget, or set it to SIZE (200GiB, or 80% of the disk; none: no budget).
+
+    The budget is kept with the store: every process on it (a node, a pull beside it) keeps to it, from its
+    next write. Setting it evicts the least recently used revisions until the store is within it, never what
+    is pinned or in use. MODELDEPOT_MAX_SIZE caps one process further."""
+    evicted: list[Eviction] = []
+    if size is not None:
+        chosen = None if size.strip().lower() == "none" else _max_size(size)
+        evicted = depot.set_max_size(chosen)
+    status = depot.budget_status()
+    over = max(0, status.used_bytes - status.max_bytes) if status.max_bytes is not None else 0
+    body = {**status.to_dict(), "evicted": [e.to_dict() for e in evicted], "over_budget_bytes": over}
+    render.emit(as_json, body, lambda: render.render_budget(status, evicted, over))
+
+
 @cli.command("pin")
 @_repo_argument
 @click.option("--quant", "-q", default=None, help="Pin this variant (the revision holding it stays whole).")
@@ -398,7 +421,7 @@ def du_command(depot: Depot, as_json: bool) -> None:
 @_json_option
 @_reading_home_option
 def pin_command(depot: Depot, repo_id: str, quant: str | None, revision: str, as_json: bool) -> None:
-    """Never evict this model to keep within the disk budget (MODELDEPOT_MAX_SIZE)."""
+    """Never evict this model to keep within the disk budget (`modeldepot budget`)."""
     pin = depot.pin(repo_id, quant, revision)
     render.emit(as_json, pin.to_dict(), lambda: render.out.print(
         f"pinned {repo_id}{f' ({quant})' if quant else ''}@{revision}"))  # fmt: skip
@@ -630,8 +653,10 @@ def peers_command(depot: Depot, cluster: str | None, cluster_prefix: str | None,
 @click.option("--preload-budget", default=None, metavar="SIZE|N%",
               help="RAM for preloaded models (default: $MODELDEPOT_PRELOAD_BUDGET, else 50%).")  # fmt: skip
 @click.option("--max-size", default=None, metavar="SIZE|N%", callback=lambda c, p, v: _max_size(v),
-              help="Disk budget of the store's blobs (200GiB, or 80% of the disk): the least recently used "
-                   "revisions are evicted to make room (default: $MODELDEPOT_MAX_SIZE, else none).")  # fmt: skip
+              help="Set the store's disk budget (200GiB, or 80% of the disk), as `modeldepot budget` does: kept "
+                   "with the store, so a pull beside the node keeps to it too; the least recently used revisions "
+                   "are evicted to make room (default: the budget the store has; $MODELDEPOT_MAX_SIZE caps this "
+                   "process further).")  # fmt: skip
 @click.option("--preload-top", default=0, show_default=True, type=click.IntRange(0, 1000),
               help="Preload the N most used models in the background at start.")  # fmt: skip
 @click.option(
@@ -698,9 +723,10 @@ def serve_command(
 
     parse_budget(depot.config.preload_budget)  # (a ConfigError now, not a 500 on /metrics later)
     if max_size is not None:
-        depot.config = dataclasses.replace(depot.config, max_size=max_size)
-        depot.store.budget.set_max_size(max_size)
-    if depot.store.budget.max_bytes is not None:
+        depot.set_max_size(
+            max_size
+        )  # (the store's from now on; a store over it is brought within it, logged)
+    elif depot.store.budget.max_bytes is not None:
         depot.shrink()  # a store already over its budget is brought within it (evictions are logged)
     limits = ConnectionLimits()
     if header_timeout is not None:

@@ -293,9 +293,7 @@ def render_remove(result: RemoveResult) -> None:
 
 
 def render_gc(report: GcReport, evicted: list[Eviction] | None = None, over: int = 0) -> None:
-    for eviction in evicted or []:
-        out.print(f"evicted {eviction.repo_id}@{eviction.commit_id[:12]} ({format_bytes(eviction.bytes_freed)}, "
-                  f"last used {_when(eviction.last_used)})")  # fmt: skip
+    _render_evictions(evicted or [])
     freed = report.bytes_freed + sum(e.bytes_freed for e in evicted or [])  # (evictions free theirs first)
     out.print(
         f"freed {format_bytes(freed)}: "
@@ -318,6 +316,36 @@ def render_gc(report: GcReport, evicted: list[Eviction] | None = None, over: int
                   "models pinned or in use keep it (`modeldepot pins`; unpin or remove models to go further)")  # fmt: skip
 
 
+def _budget_line(budget: BudgetStatus) -> str:
+    if budget.max_bytes is None:
+        return "none (set one with `modeldepot budget 200GiB`)"
+    share = 100 * budget.used_bytes / budget.max_bytes if budget.max_bytes else 0.0
+    if budget.store_max_size is None:
+        source = "MODELDEPOT_MAX_SIZE, this command's alone"
+    elif budget.process_max_bytes == budget.max_bytes:
+        source = f"MODELDEPOT_MAX_SIZE, below the store's {budget.store_max_size}"
+    else:
+        source = f"the store's {budget.store_max_size}"
+    return (f"{format_bytes(budget.used_bytes)} of {format_bytes(budget.max_bytes)} ({source}; {share:.0f}% used); "
+            f"{format_bytes(budget.in_use_bytes)} kept from eviction (pinned or in use), of which "
+            f"{format_bytes(budget.pinned_bytes)} pinned")  # fmt: skip
+
+
+def _render_evictions(evicted: list[Eviction]) -> None:
+    for eviction in evicted:
+        out.print(f"evicted {eviction.repo_id}@{eviction.commit_id[:12]} ({format_bytes(eviction.bytes_freed)}, "
+                  f"last used {_when(eviction.last_used)})")  # fmt: skip
+
+
+def render_budget(budget: BudgetStatus, evicted: list[Eviction], over: int) -> None:
+    _render_evictions(evicted)
+    out.print(f"budget  {_budget_line(budget)}")
+    out.print(f"evicted {budget.evictions} revisions, {format_bytes(budget.evicted_bytes)} so far")
+    if over:
+        err.print(f"[yellow]warning:[/yellow] the store is {format_bytes(over)} over its budget: the models pinned or "
+                  "in use keep it (`modeldepot pins`; unpin or remove models to go further)")  # fmt: skip
+
+
 def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
     saved = usage.logical_bytes - usage.blob_bytes
     out.print(f"store {usage.home}")
@@ -330,14 +358,7 @@ def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
     out.print(f"  index       {format_bytes(usage.index_bytes)}")
     out.print(f"  total       {format_bytes(usage.total_bytes)}")
     if budget is not None:
-        if budget.max_bytes is None:
-            out.print("  budget      none in this command (set MODELDEPOT_MAX_SIZE: a node's serve --max-size "
-                      "holds in the node only)")  # fmt: skip
-        else:
-            share = 100 * budget.used_bytes / budget.max_bytes if budget.max_bytes else 0.0
-            out.print(f"  budget      {format_bytes(budget.used_bytes)} of {format_bytes(budget.max_bytes)} "
-                      f"({share:.0f}%); {format_bytes(budget.in_use_bytes)} kept from eviction (pinned or in "
-                      f"use), of which {format_bytes(budget.pinned_bytes)} pinned")  # fmt: skip
+        out.print(f"  budget      {_budget_line(budget)}")
         out.print(f"  evicted     {budget.evictions} revisions, {format_bytes(budget.evicted_bytes)} so far")
     if usage.repos:
         table = _table("repo", "revisions", "files", "size", "only here")

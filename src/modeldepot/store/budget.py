@@ -1,8 +1,10 @@
 """A disk budget for the store's blobs: the least recently used revisions go first, never what is pinned or in
 use.
 
-The budget (``MODELDEPOT_MAX_SIZE``: ``"200GiB"``, or ``"80%"`` of the file system that holds the store)
-bounds the bytes of the store's blobs (each content once, as ``du`` counts them). Before an import or a
+The budget (``"200GiB"``, or ``"80%"`` of the file system that holds the store) is the store's: kept in its
+index (:meth:`DiskBudget.save_max_size`: ``modeldepot budget``, ``serve --max-size``), so every process on the
+store keeps to it, and a change reaches running ones at their next write. ``MODELDEPOT_MAX_SIZE`` caps one
+process further (the smaller of the two holds). It bounds the bytes of the store's blobs (each content once, as ``du`` counts them). Before an import or a
 pull writes new blobs, its :class:`BudgetWriter` (:meth:`DiskBudget.writing`) makes room: whole revisions
 are removed, as ``rm`` would, least recently used first, until the new bytes fit; when they cannot fit even
 then, :class:`BudgetExceededError` (a :class:`~modeldepot.errors.StoreFullError`) is raised and nothing is
@@ -56,6 +58,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+MAX_SIZE_SETTING = "max_size"  # the store's budget in its settings table, as written ("200GiB", "80%")
+
 DOWNLOADING_FRESH = (
     600.0  # seconds a 'downloading' status row protects its repo (a crashed pull's goes stale)
 )
@@ -95,12 +99,14 @@ class Eviction(_Record):
 
 @dataclass(frozen=True)
 class BudgetStatus(_Record):
-    max_bytes: int | None  # None: no budget
+    max_bytes: int | None  # the budget this process keeps to (the smaller of the two below); None: no budget
     used_bytes: int  # the blobs' bytes (each content once)
     pinned_bytes: int  # the blobs pinned revisions use
     in_use_bytes: int  # ... and those of revisions in use (pinned or not), which no eviction removes either
     evictions: int  # revisions evicted since the store was created
     evicted_bytes: int
+    store_max_size: str | None = None  # the store's budget as saved ("200GiB", "80%"); None: none saved
+    process_max_bytes: int | None = None  # this process's own cap (MODELDEPOT_MAX_SIZE); None: none
 
 
 def parse_max_size(text: str, path: os.PathLike[str] | str) -> int:
@@ -125,11 +131,12 @@ def parse_max_size(text: str, path: os.PathLike[str] | str) -> int:
 
 
 class DiskBudget:
-    """The budget of one store (``max_size`` None: none; the pins are kept either way). Thread-safe."""
+    """The budget of one store: the one saved with it, capped by this process's ``max_size`` (None: no cap; the
+    pins are kept either way). Thread-safe."""
 
     def __init__(self, store: Store, max_size: str | None) -> None:
         self.store = store
-        self.max_bytes = None if max_size is None else parse_max_size(max_size, store.home)
+        self.process_max_bytes = None if max_size is None else parse_max_size(max_size, store.home)
         self._hooks: list[InUse] = []
         self._evicted_hooks: list[Callable[[str], None]] = []
         self._writing: Counter[str] = Counter()
@@ -138,8 +145,45 @@ class DiskBudget:
         self._lock = threading.Lock()  # guards _writing, _reused, _reserved
         self._round = threading.Lock()  # one eviction round at a time in this process
 
-    def set_max_size(self, max_size: str | None) -> None:
-        self.max_bytes = None if max_size is None else parse_max_size(max_size, self.store.home)
+    @property
+    def store_max_size(self) -> str | None:
+        """The store's own budget, as saved (``"200GiB"``, ``"80%"``); None when it has none."""
+        return self.store.index.setting(MAX_SIZE_SETTING)
+
+    @property
+    def max_bytes(self) -> int | None:
+        """The budget this process keeps to: the store's, or this process's cap when that is smaller (one read
+        of the index, so that a budget another process saves holds here at once)."""
+        saved = self.store_max_size
+        limits = [self.process_max_bytes]
+        if saved is not None:
+            try:
+                limits.append(parse_max_size(saved, self.store.home))
+            except ConfigError as error:  # (written by hand into the index: saving checks it)
+                raise ConfigError(
+                    f"the store's disk budget: {error}; set it again with modeldepot budget"
+                ) from None
+        known = [limit for limit in limits if limit is not None]
+        return min(known) if known else None
+
+    def _setting_that_binds(self, budget: int) -> str:
+        if self.process_max_bytes == budget:
+            return "MODELDEPOT_MAX_SIZE, this process's own cap"
+        return "modeldepot budget SIZE: the store's"
+
+    def save_max_size(self, max_size: str | None) -> None:
+        """Make ``max_size`` the store's budget, which every process on the store keeps to (None: remove it)."""
+        with self.store.index.write("saving the disk budget") as con:
+            if max_size is None:
+                con.execute("DELETE FROM settings WHERE key = ?", (MAX_SIZE_SETTING,))
+            else:
+                parse_max_size(max_size, self.store.home)  # (ConfigError before anything is saved)
+                con.execute(
+                    "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                    "value = excluded.value",
+                    (MAX_SIZE_SETTING, max_size.strip()),
+                )
+        log.info("disk budget of %s: %s", self.store.home, max_size.strip() if max_size else "none")
 
     # -- what may not go ------------------------------------------------------------------------------------
 
@@ -272,6 +316,8 @@ class DiskBudget:
         pinned = self._pinned()
         return BudgetStatus(
             max_bytes=self.max_bytes,
+            store_max_size=self.store_max_size,
+            process_max_bytes=self.process_max_bytes,
             used_bytes=self.used_bytes(),
             pinned_bytes=self._bytes_of(pinned),
             in_use_bytes=self._bytes_of(commits, repos, self._kept_blobs()),
@@ -284,7 +330,8 @@ class DiskBudget:
     def check_fits(self, needed: int, doing: str, writer: BudgetWriter | None = None) -> None:
         """Raise :class:`BudgetExceededError` when ``needed`` new bytes cannot fit even after evicting every
         revision that may go; evict nothing."""
-        if self.max_bytes is None or needed <= 0:
+        budget = self.max_bytes
+        if budget is None or needed <= 0:
             return
         commits, repos = self._protected()
         if writer is not None:
@@ -292,16 +339,17 @@ class DiskBudget:
         with self._lock:
             others = self._reserved - (writer.reserved if writer else 0)
         self._refuse_if_too_big(
-            needed, self.max_bytes, self._bytes_of(commits, repos, self._kept_blobs()) + others, doing, writer
+            needed, budget, self._bytes_of(commits, repos, self._kept_blobs()) + others, doing, writer
         )
 
     def make_room(self, needed: int, doing: str, writer: BudgetWriter | None = None) -> list[Eviction]:
         """Evict the least recently used revisions until ``needed`` new bytes fit in the budget (no-op
         without one). Raises :class:`BudgetExceededError`, having removed nothing, when they cannot fit
         even after every revision that may go is gone."""
-        if self.max_bytes is None or needed <= 0:
+        budget = self.max_bytes
+        if budget is None or needed <= 0:
             return []
-        return self._evict_to(self.max_bytes - needed, needed, doing, writer)
+        return self._evict_to(budget - needed, needed, doing, writer)
 
     def shrink(self, max_bytes: int | None = None) -> list[Eviction]:
         """Evict the least recently used revisions until the store is within ``max_bytes`` (default: the
@@ -323,7 +371,7 @@ class DiskBudget:
                 f"{doing}: {_size(needed)} more does not fit in the disk budget of {_size(budget)}, even after "
                 f"evicting every model that may go: {_size(kept_bytes)} are pinned or in use "
                 f"(pinned: {_size(self._bytes_of(self._pinned()))}); nothing was removed. Raise the budget "
-                "(MODELDEPOT_MAX_SIZE, --max-size), unpin or remove models",
+                f"({self._setting_that_binds(budget)}), unpin or remove models",
                 budget_bytes=budget, protected_bytes=kept_bytes, needed_bytes=needed,
                 repo_id=writer.repo_id if writer else None,
             )  # fmt: skip
