@@ -177,13 +177,17 @@ def test_a_client_resuming_a_broken_answer_gets_the_file_whole(
 ) -> None:
     """A broken answer from a Hub-like upstream (no chunk digests) handed out bytes its final check refuted;
     a resume from where it stopped would join good bytes to them (huggingface_hub kept such a file as
-    good). The mirror answers that file whole for a while, whatever range is asked."""
+    good). The mirror answers that file whole for a while, whatever range is asked, and remembers it across
+    a restart (a client resuming after one got the range)."""
     upstream_proxy.set("flip", times=1, path_suffix=BIG)
     mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, as_node=False)
     try:
-        url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
-        received = asyncio.run(_read_until_it_breaks(url))
+        received = asyncio.run(_read_until_it_breaks(f"{mirror.url}/{REPO}/resolve/main/{BIG}"))
         assert 0 < len(received) < len(FILES[BIG])
+        mirror.stop()
+        mirror.depot.close()
+        mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, as_node=False)  # the same home
+        url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
         status, body = asyncio.run(_get(url, {"Range": f"bytes={len(received)}-"}))
         assert (status, len(body)) == (200, len(FILES[BIG])) and body == FILES[BIG]
         assert mirror.depot.has_file(REPO, BIG)

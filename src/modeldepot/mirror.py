@@ -11,12 +11,15 @@ to its end even if every reader leaves, so the next reader finds the file in the
 A broken response has still handed out bytes the check then refuted, and a client resumes: huggingface_hub
 asks for ``Range: bytes=N-`` and joins the answer to what it holds. So a file whose response broke
 (:meth:`Mirror.broke`) is answered whole for a while, whatever range is asked; huggingface_hub then starts
-the file over.
+the file over. The node remembers these files in its home (``mirror-broken.json``), so that a client
+resuming after the node restarted is answered whole too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import time
@@ -38,6 +41,8 @@ READ_BLOCK = 1024 * 1024
 # Seconds a file whose response broke is answered whole: longer than clients retry (huggingface_hub
 # resumes at once, a user re-running a download within the hour)
 BROKEN_TTL = 3600.0
+# In the store's home: [[repo id in lower case, path, when (seconds since the epoch)], ...]
+BROKEN_FILE = "mirror-broken.json"
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +70,48 @@ class Mirror:
         self.depot = depot
         self._manifests: dict[tuple[str, str], tuple[float, Manifest]] = {}
         self._jobs: dict[tuple[str, str, str], _Job] = {}
-        self._broken: dict[tuple[str, str], float] = {}  # (repo id in lower case, path) -> when
+        self._broken_file = depot.home / BROKEN_FILE
+        self._broken = self._load_broken()  # (repo id in lower case, path) -> when (seconds since the epoch)
 
     def broke(self, repo_id: str, path: str) -> bool:
         """Whether a response of this file broke lately after handing out bytes (see the module's doc)."""
         when = self._broken.get((repo_id.lower(), path))
-        if when is not None and time.monotonic() - when > BROKEN_TTL:
-            del self._broken[(repo_id.lower(), path)]
-            return False
-        return when is not None
+        return when is not None and abs(time.time() - when) <= BROKEN_TTL  # (a clock set back: not forever)
 
     def _note_broken(self, repo_id: str, path: str) -> None:
-        now = time.monotonic()
-        for key in [key for key, when in self._broken.items() if now - when > BROKEN_TTL]:
-            del self._broken[key]
+        now = time.time()
+        self._broken = {key: when for key, when in self._broken.items() if abs(now - when) <= BROKEN_TTL}
         self._broken[(repo_id.lower(), path)] = now
+        rows = [[repo, file, when] for (repo, file), when in self._broken.items()]
+        temporary = self._broken_file.with_name(f".{BROKEN_FILE}.{os.getpid()}.tmp")
+        try:  # (rare, and small: written at once, on the loop)
+            temporary.write_text(json.dumps(rows))
+            os.replace(temporary, self._broken_file)
+        except OSError as error:
+            log.warning("could not record %s/%s as broken in %s (%s): a resume after a restart would not be "
+                        "answered whole", repo_id, path, self._broken_file, error)  # fmt: skip
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+
+    def _load_broken(self) -> dict[tuple[str, str], float]:
+        try:
+            rows = json.loads(self._broken_file.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as error:
+            log.warning("ignoring %s: %s", self._broken_file, error)
+            return {}
+        broken: dict[tuple[str, str], float] = {}
+        for row in rows if isinstance(rows, list) else []:
+            if (
+                isinstance(row, list)
+                and len(row) == 3
+                and isinstance(row[0], str)
+                and isinstance(row[1], str)
+                and isinstance(row[2], (int, float))
+            ):
+                broken[(row[0], row[1])] = float(row[2])
+        return broken
 
     async def manifest(self, repo_id: str, revision: str) -> Manifest:
         """The upstream's view of ``repo_id`` at ``revision`` (a branch's scan is reused briefly)."""
