@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -292,6 +293,31 @@ def test_removing_a_preloaded_repo_lets_go_of_its_ram_and_its_disk_space(
     maps = Path("/proc/self/maps").read_text()
     assert blob not in maps, "the deleted blob is no longer mapped: its space is back"
     assert depot.preloader.holds("acme/b")
+
+
+def test_a_repo_removed_while_it_is_being_preloaded_is_not_kept(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removal that came while a preload read the files was missed: the preload finished, kept the deleted
+    blobs mapped (their space taken) and counted them in the RAM tier."""
+    add_repo(depot, tmp_path, "a", 1)
+    blob = str(depot.store.blobs.path(depot.file_info("acme/a", "model.safetensors").sha256))
+    preloader = depot.preloader
+    load = preloader._load
+
+    def load_then_removed(*args: Any) -> Any:
+        model = load(*args)  # its files mapped; the removal comes before the preload keeps them
+        depot.remove("acme/a")
+        return model
+
+    monkeypatch.setattr(preloader, "_load", load_then_removed)
+    with pytest.raises(NotFoundError, match="removed from the store while it was being preloaded"):
+        preloader.preload("acme/a")
+    assert not preloader.stats().preloaded and preloader.revisions() == set()
+    assert blob not in Path("/proc/self/maps").read_text(), "the deleted blob is not kept mapped"
+    monkeypatch.setattr(preloader, "_load", load)
+    add_repo(depot, tmp_path, "a", 2)
+    assert preloader.preload("acme/a").repo_id == "acme/a", "nothing of the abandoned load stays in the way"
 
 
 def test_a_blob_preloaded_by_two_models_counts_once(depot: Depot, tmp_path: Path) -> None:

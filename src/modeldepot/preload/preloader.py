@@ -178,6 +178,7 @@ class Preloader:
         self._lock = threading.RLock()
         self._models: dict[ModelKey, _Model] = {}  # insertion order = least recently used first
         self._loading: dict[ModelKey, threading.Event] = {}
+        self._forgotten: set[ModelKey] = set()  # loading when :meth:`forget` named their revision
         self._hits = self._misses = self._evictions = 0
         self._load_times: dict[bool, list[float]] = {True: [], False: []}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preload")
@@ -231,14 +232,22 @@ class Preloader:
             waiting.wait()
         try:
             model = self._load(key, entries, size)
-        finally:
+        except BaseException:
             with self._lock:
                 self._loading.pop(key).set()
+                self._forgotten.discard(key)
+            raise
         with self._lock:
-            self._models[key] = model
-            model.holders += hold
-            self._make_room(0, keep=key)  # bigger than expected (or a race): the others make way
-        return model, False
+            self._loading.pop(key).set()
+            forgotten = key in self._forgotten
+            self._forgotten.discard(key)
+            if not forgotten:
+                self._models[key] = model
+                model.holders += hold
+                self._make_room(0, keep=key)  # bigger than expected (or a race): the others make way
+                return model, False
+        self._free(model, drop_cache=False)  # (its files are gone: nothing to drop)
+        raise NotFoundError(f"{key[0]}@{key[1][:12]} was removed from the store while it was being preloaded")
 
     def _load(self, key: ModelKey, entries: list[FileEntry], size: int) -> _Model:
         started = time.perf_counter()
@@ -402,12 +411,15 @@ class Preloader:
     def forget(self, repo_id: str, commit_ids: Iterable[str]) -> int:
         """Take every model of these revisions out of RAM (they were removed from the store: their mappings
         would keep the deleted files' space taken, and count in the RAM tier); a held one goes when its last
-        holder lets go. Returns how many models were dropped."""
+        holder lets go, and one being loaded when its load ends (that preload raises NotFoundError). Returns
+        how many models were dropped."""
         commits = set(commit_ids)
         with self._lock:
             gone = [m for m in self._models.values() if m.key[0] == repo_id and m.key[1] in commits]
             for model in gone:
                 self._drop(model)
+            # (a model being loaded now is let go of when its load ends, instead of kept)
+            self._forgotten.update(k for k in self._loading if k[0] == repo_id and k[1] in commits)
         return len(gone)
 
     def pin(
