@@ -118,6 +118,10 @@ def run_server(
         bound = int(runner.addresses[0][1])
         log.info("serving %s on http://%s:%d (%s); HF_ENDPOINT=http://%s:%d", depot.home, host, bound, mode,
                  host, bound)  # fmt: skip
+        budget = depot.store.budget
+        if budget.max_bytes is not None:
+            log.info("disk budget: %d bytes (the store's: %s; MODELDEPOT_MAX_SIZE: %s)", budget.max_bytes,
+                     budget.store_max_size or "none", budget.process_max_bytes or "none")  # fmt: skip
         if fleet is not None:  # once listening: peers may come at once
             await fleet.register(advertise or advertised_url(host, int(runner.addresses[0][1])))
         server = runner.server
