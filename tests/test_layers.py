@@ -12,7 +12,8 @@ PACKAGE = Path(modeldepot.__file__).parent
 # Bottom to top. A module's layer is the first entry that prefixes its dotted name.
 LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (0, ("modeldepot._version", "modeldepot.errors", "modeldepot.validation", "modeldepot.config",
-         "modeldepot.hashing", "modeldepot.gitobjects", "modeldepot.modelcard", "modeldepot.counters")),
+         "modeldepot.hashing", "modeldepot.gitobjects", "modeldepot.modelcard", "modeldepot.counters",
+         "modeldepot.ratelimit")),
     (1, ("modeldepot.store",)),
     (2, ("modeldepot.hub", "modeldepot.transfer", "modeldepot.preload", "modeldepot.engines",
          "modeldepot.discovery", "modeldepot.hfcache")),

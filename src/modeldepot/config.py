@@ -51,6 +51,25 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
+MIN_RATE = 16 * 1024  # bytes a second: the least rate limit (below it, one read's piece lasts over a second)
+_PER_SECOND = re.compile(r"\s*(.*?)\s*(?:/\s*s(?:ec(?:ond)?)?)?\s*", re.IGNORECASE)
+
+
+def parse_rate(text: str, name: str = "rate") -> int:
+    """Bytes a second from ``"50MiB/s"``, ``"50MiB"``, ``"1.5GiB/s"`` or ``"1048576"`` (binary units, as
+    every size here)."""
+    match = _PER_SECOND.fullmatch(text)
+    try:
+        rate = parse_size(match.group(1) if match else text)
+    except ConfigError:
+        raise ConfigError(
+            f"cannot read {name} {text!r}: write it like 50MiB/s, 1.5GiB/s or 1048576"
+        ) from None
+    if rate < MIN_RATE:
+        raise ConfigError(f"{name} {text!r} is below the least that can be kept to, 16KiB/s")
+    return rate
+
+
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", re.IGNORECASE)
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -119,6 +138,11 @@ class DepotConfig:
     # The disk budget of the store's blobs: "200GiB", or "80%" of its file system; None: none
     # (MODELDEPOT_MAX_SIZE). See store/budget.py.
     max_size: str | None = None
+    # Bytes a second all of this process's pulls may download together, from every source; None: no cap
+    # (MODELDEPOT_MAX_DOWNLOAD_RATE). See ratelimit.py.
+    max_download_rate: int | None = None
+    # ... and a node may send in file bodies, to all its clients together (MODELDEPOT_MAX_UPLOAD_RATE).
+    max_upload_rate: int | None = None
 
     def __post_init__(self) -> None:
         if self.durability not in ("deferred", "sync"):
@@ -134,6 +158,9 @@ class DepotConfig:
         if self.cluster is not None:
             validate_cluster(self.cluster)
         object.__setattr__(self, "cluster_prefix", validate_cluster_prefix(self.cluster_prefix))
+        for rate in (self.max_download_rate, self.max_upload_rate):
+            if rate is not None and rate < MIN_RATE:
+                raise ConfigError(f"a rate limit of {rate} bytes a second is below the least, 16KiB/s")
         if self.chunk_size is not None and not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
             raise ConfigError(
                 f"chunk size {self.chunk_size} is outside {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes"
@@ -168,8 +195,15 @@ class DepotConfig:
             cluster=env.get("MODELDEPOT_CLUSTER", "").strip() or None,
             durability=(env.get("MODELDEPOT_DURABILITY") or "deferred").strip().lower(),
             max_size=env.get("MODELDEPOT_MAX_SIZE", "").strip() or None,
+            max_download_rate=_rate_setting(env, "MODELDEPOT_MAX_DOWNLOAD_RATE"),
+            max_upload_rate=_rate_setting(env, "MODELDEPOT_MAX_UPLOAD_RATE"),
             cluster_prefix=env.get("MODELDEPOT_CLUSTER_PREFIX", "").strip() or DEFAULT_CLUSTER_PREFIX,
         )
+
+
+def _rate_setting(env: Mapping[str, str], name: str) -> int | None:
+    text = env.get(name, "").strip()
+    return parse_rate(text, name) if text else None
 
 
 def _float_setting(env: Mapping[str, str], name: str, default: float) -> float:

@@ -56,6 +56,7 @@ if TYPE_CHECKING:  # the transfer machinery (aiohttp, huggingface_hub) loads on 
     from modeldepot.engines.cache import LoadedModelCache
     from modeldepot.hfcache import HfCacheExportResult, HfCacheImportResult
     from modeldepot.preload import Preloader
+    from modeldepot.ratelimit import RateLimit
     from modeldepot.transfer.chain import SourceChain
     from modeldepot.transfer.download import Limits
     from modeldepot.transfer.fleet import BackgroundFleet, FleetView, PeerRow
@@ -172,6 +173,7 @@ class Depot:
         self._fleet_lock = threading.Lock()
         # (repo, when scanned) -> the scanned commit's files, for commit_files
         self._listings: dict[tuple[str, float], tuple[RemoteFile, ...]] = {}
+        self._download_limit: RateLimit | None = None  # (download_limit: one for all this depot's pulls)
         self.store.budget.add_in_use(self._in_use)
         self.store.budget.add_evicted_hook(self._forget_removed_variants)
         self.store.add_quarantine_hook(self._let_go_of_blob)
@@ -407,7 +409,22 @@ class Depot:
         from modeldepot.transfer.chain import SourceChain
 
         fleet = None if self.config.offline else self.fleet
-        return SourceChain.from_config(self.config, fleet=fleet, node_id=self.store_id)
+        return SourceChain.from_config(self.config, fleet=fleet, node_id=self.store_id,
+                                       download_limit=self.download_limit)  # fmt: skip
+
+    @property
+    def download_limit(self) -> RateLimit | None:
+        """The cap on what all this depot's pulls download together (``config.max_download_rate``,
+        ``MODELDEPOT_MAX_DOWNLOAD_RATE``); None without one."""
+        rate = self.config.max_download_rate
+        if rate is None:
+            return None
+        with self._fleet_lock:
+            if self._download_limit is None or self._download_limit.rate != rate:
+                from modeldepot.ratelimit import RateLimit
+
+                self._download_limit = RateLimit(rate)
+            return self._download_limit
 
     # -- the fleet ------------------------------------------------------------------------------------
 

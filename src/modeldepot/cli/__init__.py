@@ -374,6 +374,21 @@ def gc_command(depot: Depot, partials: bool, max_size: str | None, as_json: bool
     render.emit(as_json, body, lambda: render.render_gc(report, evicted, over))
 
 
+def _rate(value: str | None, name: str) -> int | None:
+    """A click callback's reading of a rate (50MiB/s): ConfigError, a usage error, when unreadable."""
+    from modeldepot.config import parse_rate
+
+    return None if value is None else _setting(lambda v: parse_rate(v, name), value)
+
+
+def _use_rates(depot: Depot, download: int | None, upload: int | None = None) -> None:
+    """The rate caps the options gave, over the environment's."""
+    if download is not None:
+        depot.config = dataclasses.replace(depot.config, max_download_rate=download)
+    if upload is not None:
+        depot.config = dataclasses.replace(depot.config, max_upload_rate=upload)
+
+
 def _max_size(value: str | None) -> str | None:
     """A click callback's check of a disk budget (200GiB, 80%): ConfigError, a usage error, when unreadable."""
     if value is None:
@@ -478,6 +493,10 @@ def scan_command(depot: Depot, repo_id: str, revision: str, servers: tuple[str, 
 @_revision_option
 @_server_option
 @_cluster_options
+@click.option("--max-rate", "max_download_rate", default=None, metavar="RATE",
+              callback=lambda c, p, v: _rate(v, "--max-rate"),
+              help="Download at most this fast, from every source together (50MiB/s; default: "
+                   "$MODELDEPOT_MAX_DOWNLOAD_RATE, else no cap).")  # fmt: skip
 @_json_option
 @_home_option
 def pull_command(
@@ -489,6 +508,7 @@ def pull_command(
     servers: tuple[str, ...],
     cluster: str | None,
     cluster_prefix: str | None,
+    max_download_rate: int | None,
     as_json: bool,
 ) -> None:
     """Download REPO (or some of its variants) into the store, verified and resumable.
@@ -502,6 +522,7 @@ def pull_command(
         sys.exit(EXIT_BAD_INPUT)
     _use_servers(depot, servers)
     _use_cluster(depot, cluster, cluster_prefix)
+    _use_rates(depot, max_download_rate)
     chosen: list[str] | str | None = list(quants) if quants else ("all" if all_variants else None)
     view = render.PullView(f"pulling {repo_id}")
     try:
@@ -657,6 +678,12 @@ def peers_command(depot: Depot, cluster: str | None, cluster_prefix: str | None,
                    "with the store, so a pull beside the node keeps to it too; the least recently used revisions "
                    "are evicted to make room (default: the budget the store has; $MODELDEPOT_MAX_SIZE caps this "
                    "process further).")  # fmt: skip
+@click.option("--max-download-rate", default=None, metavar="RATE", callback=lambda c, p, v: _rate(v, "--max-download-rate"),
+              help="What the node's pulls (a mirror's, a swarm's) may download together, at most (50MiB/s; "
+                   "default: $MODELDEPOT_MAX_DOWNLOAD_RATE, else no cap).")  # fmt: skip
+@click.option("--max-upload-rate", default=None, metavar="RATE", callback=lambda c, p, v: _rate(v, "--max-upload-rate"),
+              help="What the node may send in file bodies, to all its clients together (50MiB/s; default: "
+                   "$MODELDEPOT_MAX_UPLOAD_RATE, else no cap).")  # fmt: skip
 @click.option("--preload-top", default=0, show_default=True, type=click.IntRange(0, 1000),
               help="Preload the N most used models in the background at start.")  # fmt: skip
 @click.option(
@@ -696,6 +723,8 @@ def serve_command(
     upstreams: tuple[str, ...],
     preload_budget: str | None,
     max_size: str | None,
+    max_download_rate: int | None,
+    max_upload_rate: int | None,
     preload_top: int,
     header_timeout: float | None,
     max_connections_per_client: int | None,
@@ -714,6 +743,7 @@ def serve_command(
 
     _use_servers(depot, upstreams)
     _use_cluster(depot, cluster, cluster_prefix)
+    _use_rates(depot, max_download_rate, max_upload_rate)
     if advertise is not None and depot.config.cluster is None:
         render.err.print("[red]error:[/red] --advertise needs a cluster to advertise in: give --cluster too")
         sys.exit(EXIT_BAD_INPUT)

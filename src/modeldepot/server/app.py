@@ -18,10 +18,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from modeldepot.depot import Depot
 from modeldepot.errors import DepotError
 from modeldepot.mirror import Mirror
+from modeldepot.ratelimit import RateLimit
 from modeldepot.server.context import CONTROL_TOKEN, DEPOT, TOKEN, is_authorized
 from modeldepot.server.control_routes import add_control_routes
 from modeldepot.server.dashboard import DASHBOARD_PATHS, add_dashboard_routes
@@ -30,7 +32,7 @@ from modeldepot.server.hub_routes import add_hub_routes
 from modeldepot.server.metrics import add_metrics, metrics_middleware
 from modeldepot.server.mirror_routes import MIRROR
 from modeldepot.server.native_routes import HEALTH_PATH, add_native_routes
-from modeldepot.server.responses import error_response, response_for_error
+from modeldepot.server.responses import CountedResponse, error_response, response_for_error
 
 __all__ = ["MAX_BODY", "MAX_HEADER", "create_app"]
 
@@ -163,16 +165,16 @@ def create_app(
         raise ValueError(
             "a node with a token is controlled with it: give a token or a control token, not both"
         )
-    app = web.Application(
-        middlewares=[
-            metrics_middleware,
-            request_id_middleware,
-            cors_middleware,
-            error_middleware,
-            auth_middleware,
-        ],
-        client_max_size=MAX_BODY,
-    )
+    middlewares: list[Middleware] = [
+        metrics_middleware,
+        request_id_middleware,
+        cors_middleware,
+        error_middleware,
+        auth_middleware,
+    ]
+    if depot.config.max_upload_rate is not None:
+        middlewares.append(_upload_limit_middleware(RateLimit(depot.config.max_upload_rate)))
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[DEPOT] = depot
     app[TOKEN] = token or ""
     app[CONTROL_TOKEN] = token or control_token or secrets.token_urlsafe(32)
@@ -193,6 +195,20 @@ def create_app(
     add_metrics(app)
     add_hub_routes(app)
     return app
+
+
+def _upload_limit_middleware(limit: RateLimit) -> Middleware:
+    """Every file body the node sends (blobs, chunks, a mirror's streams: the responses that send their own
+    body) keeps, with all the others, to ``limit`` (serve --max-upload-rate)."""
+
+    @web.middleware
+    async def limited(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        if isinstance(response, CountedResponse):
+            response.upload_limit = limit
+        return response
+
+    return limited
 
 
 LET_GO_EVERY = 2.0  # seconds between two looks for revisions another process removed or quarantined

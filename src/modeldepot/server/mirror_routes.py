@@ -72,6 +72,8 @@ class MirrorResponse(CountedResponse):
                     if request.transport is not None:
                         request.transport.close()
                     raise ConnectionResetError("the upstream transfer failed") from None
+                if self.upload_limit is not None:
+                    await self.upload_limit.take_async(block.nbytes)
                 await writer.write(block)  # (a client that left raises here)
                 self.body_sent += block.nbytes
         finally:

@@ -27,6 +27,7 @@ from modeldepot.errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
+from modeldepot.ratelimit import RateLimit
 from modeldepot.server.ranges import RangeNotSatisfiable
 from modeldepot.server.views import wanted_range, whole_headers
 from modeldepot.store.verified import VerifiedBlob
@@ -52,6 +53,8 @@ class CountedResponse(web.StreamResponse):
     def __init__(self, *, status: int = 200, headers: dict[str, str] | None = None) -> None:
         super().__init__(status=status, headers=headers)
         self.body_sent = 0
+        # The node's cap on what it sends (serve --max-upload-rate), set by the app before the body goes.
+        self.upload_limit: RateLimit | None = None
 
 
 def body_bytes_sent(request: BaseRequest, response: web.StreamResponse) -> int:
@@ -133,6 +136,18 @@ class BlobResponse(CountedResponse):
 
     async def _send(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
                     writer: AbstractStreamWriter, offset: int, count: int) -> None:  # fmt: skip
+        limit = self.upload_limit
+        if limit is None:
+            await self._send_piece(loop, transport, writer, offset, count)
+            return
+        piece = limit.piece()
+        for start in range(offset, offset + count, piece):
+            length = min(piece, offset + count - start)
+            await limit.take_async(length)
+            await self._send_piece(loop, transport, writer, start, length)
+
+    async def _send_piece(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
+                          writer: AbstractStreamWriter, offset: int, count: int) -> None:  # fmt: skip
         if self._reader.by_sendfile:  # not for a download in progress: its file may change under us
             file = self._reader.file
             try:

@@ -40,6 +40,7 @@ from modeldepot.errors import (
 from modeldepot.hashing import chunk_count
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.hub.scan import fetch_repo, hub_token
+from modeldepot.ratelimit import RateLimit
 from modeldepot.transfer.download import FileSource
 from modeldepot.transfer.fleet import FleetView
 from modeldepot.transfer.sources import HttpSource, RetryPolicy, small_request
@@ -83,7 +84,7 @@ class SourceChain:
 
     @classmethod
     def from_config(cls, config: DepotConfig, retry: RetryPolicy | None = None, fleet: FleetView | None = None,
-                    node_id: str | None = None) -> SourceChain:  # fmt: skip
+                    node_id: str | None = None, download_limit: RateLimit | None = None) -> SourceChain:  # fmt: skip
         retry = retry or RetryPolicy(read_timeout=config.read_timeout)
         hub_token_ = hub_token(config.hub_token)
         for name, urls in (("HF_ENDPOINT", [config.hub_endpoint]), ("MODELDEPOT_SERVERS", config.servers)):
@@ -93,15 +94,17 @@ class SourceChain:
                 except InvalidInputError as error:  # (the Hub's token goes in HF_TOKEN, never in the URL)
                     raise ConfigError(f"{name}: {str(error).replace('node URL', 'the URL', 1)}") from None
         return cls(
-            servers=tuple(HttpSource(url, "node", config.node_token, retry) for url in config.servers),
-            hub=HttpSource(config.hub_endpoint, "hub", hub_token_, retry),
+            servers=tuple(
+                HttpSource(url, "node", config.node_token, retry, download_limit) for url in config.servers
+            ),
+            hub=HttpSource(config.hub_endpoint, "hub", hub_token_, retry, download_limit),
             fleet=fleet,
             node_token=config.node_token,
             node_id=node_id,
         )
 
     def _node(self, url: str) -> HttpSource:
-        return HttpSource(url, "node", self.node_token, self.hub.retry)
+        return HttpSource(url, "node", self.node_token, self.hub.retry, self.hub.limit)
 
     def peers(self) -> list[HttpSource]:
         """The fleet's live nodes (this one excepted) that are not configured servers already, by node id."""

@@ -30,9 +30,13 @@ import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urljoin, urlsplit
 
 from modeldepot.errors import ConfigError
+
+if TYPE_CHECKING:
+    from modeldepot.ratelimit import RateLimit
 
 __all__ = [
     "READERS",
@@ -352,11 +356,13 @@ def _time_left(deadline: float, url: str, total: float, idle: float, connection:
 
 
 def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size: int, buffer: memoryview,
-               timeout: float, attempt: Attempt) -> Answer:  # fmt: skip
+               timeout: float, attempt: Attempt, limit: RateLimit | None = None) -> Answer:  # fmt: skip
     """GET ``url`` with ``Range: bytes=start-end`` (following redirects), reading a 206 (or a 200 of the
-    whole ``size``-byte file) into ``buffer``. Blocking: run it on :data:`READERS`. Raises OSError or
-    http.client.HTTPException when the connection fails (the caller retries)."""
+    whole ``size``-byte file) into ``buffer``, piece by piece within ``limit`` when there is one. Blocking:
+    run it on :data:`READERS`. Raises OSError or http.client.HTTPException when the connection fails (the
+    caller retries)."""
     want = end - start + 1
+    piece = want if limit is None else limit.piece()
     sent = {**headers, "Range": f"bytes={start}-{end}"}
     for _ in range(MAX_REDIRECTS + 1):
         origin, target = _origin(url)
@@ -378,7 +384,9 @@ def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size:
                     return answer  # (the connection is closed: its body was not read)
                 got = 0
                 while got < want:
-                    n = response.readinto(buffer[got:want])
+                    if limit is not None:
+                        limit.take(min(piece, want - got))
+                    n = response.readinto(buffer[got : min(want, got + piece)])
                     if not n:
                         break
                     got += n

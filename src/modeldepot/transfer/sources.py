@@ -37,6 +37,8 @@ from modeldepot.transfer.threads import until_done
 if TYPE_CHECKING:
     import aiohttp  # imported where used: a pull from the Hub alone never needs it (transfer/session.py)
 
+    from modeldepot.ratelimit import RateLimit
+
 __all__ = [
     "ChunkUnavailableError",
     "HttpSource",
@@ -106,6 +108,7 @@ class HttpSource:
     kind: SourceKind = "hub"
     token: str | None = field(default=None, repr=False)
     retry: RetryPolicy = RetryPolicy()
+    limit: RateLimit | None = field(default=None, repr=False, compare=False)  # what all downloads may take
 
     @property
     def name(self) -> str:
@@ -157,7 +160,7 @@ class HttpSource:
                 # The body is read into the buffer on a reader thread (transfer/ranged.py); a cancelled
                 # request aborts its read there, and waits until the thread has let go of the buffer.
                 read = READERS.submit(read_range, url, headers, start, end, size, view,
-                                      self.retry.read_timeout, attempt)  # fmt: skip
+                                      self.retry.read_timeout, attempt, self.limit)  # fmt: skip
                 try:
                     answer = await asyncio.wrap_future(read)
                 except asyncio.CancelledError:
@@ -232,6 +235,8 @@ class HttpSource:
                         raise UpstreamError(
                             f"{url}: the server sent more than the file's {size} bytes", source=url
                         )
+                    if self.limit is not None:
+                        await self.limit.take_async(len(piece))
                     await sink(memoryview(piece))
                 if got != size:
                     raise UpstreamError(f"{url}: received {got} bytes of {size}", source=url)
