@@ -378,3 +378,11 @@ def test_a_mirror_on_a_full_disk_answers_507_before_any_header(
         finally:
             mirror.stop()
             upstream.stop()
+
+
+def test_the_mount_that_holds_a_store_is_found(mount_tmpfs: Mount) -> None:
+    from modeldepot.store.filesystem import mount_of, shared_filesystem
+
+    root = mount_tmpfs("size=1m")
+    assert mount_of(root / "store" / "blobs") == (str(root), "tmpfs")
+    assert shared_filesystem(root / "store") is None

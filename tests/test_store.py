@@ -481,3 +481,35 @@ def test_a_blob_written_since_its_check_is_rehashed_once(
     for _ in range(3):
         assert bytes(depot.get_file(REPO, "model.safetensors")) == sample_files()["model.safetensors"]
     assert checks == [entry.sha256], "once, then known checked"
+
+
+def test_a_store_on_a_file_system_machines_share_says_it_is_one_machines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store on NFS, Lustre or a FUSE mount of another machine is one machine's (its index is SQLite in WAL
+    mode; such locks may not hold between machines: huggingface_hub PR#4228). It said nothing. This machine
+    has no NFS to mount: the mount table is written as /proc would show such a mount."""
+    from modeldepot.store import filesystem
+
+    sample = (
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+        f"40 22 0:50 / {str(tmp_path).replace(' ', chr(92) + '040')} rw,relatime shared:9 - nfs4 "
+        "filer:/export/models rw,vers=4.2\n"
+        "41 22 0:51 / /mnt/remote\\040models rw - fuse.sshfs me@host:/m rw\n"
+    )
+    assert filesystem.mount_of(tmp_path / "home" / "blobs", sample) == (str(tmp_path), "nfs4")
+    assert filesystem.shared_filesystem(Path("/mnt/remote models/x"), sample) == (
+        "/mnt/remote models",
+        "fuse.sshfs",
+    )
+    assert filesystem.shared_filesystem(Path("/srv/models"), sample) is None, "on the root's ext4"
+    table = tmp_path.parent / f"{tmp_path.name}-mountinfo"
+    table.write_text(sample)
+    monkeypatch.setattr(filesystem, "MOUNTINFO", table)
+    with caplog.at_level("WARNING", logger="modeldepot.store.store"):
+        for _ in range(2):
+            with Depot(tmp_path / "home"):
+                pass
+    said = [r.getMessage() for r in caplog.records if "several machines may share" in r.getMessage()]
+    assert len(said) == 1, "once per process"
+    assert "on nfs4" in said[0] and "MODELDEPOT_SERVERS" in said[0] and "modeldepot serve" in said[0]

@@ -39,6 +39,7 @@ from modeldepot.store.access import AccessLog
 from modeldepot.store.blobs import BlobFiles, WriteSession
 from modeldepot.store.budget import DiskBudget
 from modeldepot.store.durability import Durability
+from modeldepot.store.filesystem import shared_filesystem
 from modeldepot.store.index import Index
 from modeldepot.store.layout import StoreLayout, os_error
 from modeldepot.store.locks import StoreLock
@@ -73,6 +74,23 @@ def _entry(row: sqlite3.Row) -> FileEntry:
 _SHORT_COMMIT = re.compile(r"[0-9a-f]{7,39}")
 
 
+_WARNED_SHARED: set[Path] = set()
+
+
+def _warn_if_shared(home: Path) -> None:
+    """A store on a file system several machines may share is one machine's all the same (store/filesystem.py):
+    said once per process."""
+    shared = shared_filesystem(home)
+    if shared is None or home in _WARNED_SHARED:
+        return
+    _WARNED_SHARED.add(home)
+    log.warning("the store %s is on %s (mounted at %s), a file system several machines may share: use it from "
+                "this machine alone (its index needs one machine's shared memory, and the locks of such file "
+                "systems may not hold between machines). To share its models, serve it from here (modeldepot "
+                "serve) and point the other machines at it (MODELDEPOT_SERVERS, or HF_ENDPOINT), or give each "
+                "machine a MODELDEPOT_HOME on its own disk", home, shared[1], shared[0])  # fmt: skip
+
+
 class Store:
     """A store at ``config.home``, created on first use (unless ``create`` is false: then a folder that holds
     no store is a :class:`ConfigError`, so a mistyped home is not taken for a new, empty store)."""
@@ -83,6 +101,7 @@ class Store:
             raise ConfigError(f"no store at {config.home}: nothing was imported, pulled or served there "
                               "(check the folder's name)")  # fmt: skip
         self.layout.create()
+        _warn_if_shared(self.layout.home)
         self.index = Index(self.layout.index_path, self.layout.lock_path.parent / "index-setup.lock")
         self.blobs = BlobFiles(self.layout)
         self.snapshots = Snapshots(self.layout)
