@@ -17,7 +17,14 @@ from liar import REPO as LIAR_REPO
 from liar import Liar
 from modeldepot import Depot, NotFoundError
 from modeldepot.cli import cli
-from modeldepot.errors import AccessDeniedError, OfflineError, UpstreamDataError, UpstreamError
+from modeldepot.errors import (
+    AccessDeniedError,
+    OfflineError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+    UpstreamDataError,
+    UpstreamError,
+)
 from modeldepot.hub.variants import gguf_quant, group_files
 
 ONNX_COMMUNITY = [  # onnx-community/Phi-3.5-mini-instruct-onnx-web style, with external data
@@ -194,7 +201,7 @@ def test_scan_errors_name_the_repo_and_the_fix(
 
 HUB_REFUSALS = [  # what the Hub answers (hf-protocol.md), and what a scan must make of it
     (401, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}, b"",
-     NotFoundError, r"acme/model was not found on .*set HF_TOKEN to a token that can read it"),
+     RepoNotFoundError, r"acme/model was not found on .*set HF_TOKEN to a token that can read it"),
     (401, {"X-Error-Message": "Invalid username or password."}, b"",  # (from https, "not found": HfApi's rule)
      AccessDeniedError, r"refused access to acme/model \(401\): check HF_TOKEN"),
     (401, {"X-Error-Message": "Invalid credentials in Authorization header"}, b"",
@@ -202,7 +209,7 @@ HUB_REFUSALS = [  # what the Hub answers (hf-protocol.md), and what a scan must 
     (403, {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to model acme/model is restricted."}, b"",
      AccessDeniedError, r"acme/model is gated on .*accept its conditions there"),
     (404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id: v9"}, b"",
-     NotFoundError, r"revision 'v9' of acme/model does not exist"),
+     RevisionNotFoundError, r"revision 'v9' of acme/model does not exist"),
     (403, {"X-Error-Message": "Access to this resource is disabled."}, b"",
      AccessDeniedError, r"refused access to acme/model \(403\)"),
     (500, {"Content-Type": "application/json"}, b'{"error": "Internal Error - We\'re working hard to fix this"}',

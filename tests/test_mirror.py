@@ -97,6 +97,48 @@ def test_snapshot_download_of_a_repo_the_mirror_never_saw(
         mirror.depot.close()
 
 
+@pytest.mark.parametrize("as_node", [True, False], ids=["node upstream", "hub-like upstream"])
+def test_a_mirror_says_a_repo_or_revision_is_missing_as_the_hub_does(
+    upstream_proxy: FaultProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    client_env: Path,
+    as_node: bool,
+) -> None:
+    """A repo or revision no upstream has was a bare 404 "NotFound": huggingface_hub took it for a broken
+    connection (repo_exists raised, hf_hub_download fell back to its cache, transformers said it could not
+    connect). It is RepoNotFound or RevisionNotFound, as the Hub and a plain node say."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, as_node=as_node)
+    try:
+        for target, code in (
+            ("acme/nope/resolve/main/config.json", "RepoNotFound"),
+            (f"{REPO}/resolve/no-such-branch/config.json", "RevisionNotFound"),
+            ("api/models/acme/nope", "RepoNotFound"),
+            (f"api/models/{REPO}/revision/no-such-branch", "RevisionNotFound"),
+        ):
+            status, headers = asyncio.run(_head(f"{mirror.url}/{target}"))
+            assert (status, headers.get("X-Error-Code")) == (404, code), target
+        api = HfApi(endpoint=mirror.url)
+        assert api.repo_exists(REPO) and not api.repo_exists("acme/nope")
+        assert not api.revision_exists(REPO, "no-such-branch")
+        with pytest.raises(RepositoryNotFoundError):
+            hf_hub_download("acme/nope", "config.json", cache_dir=client_env, endpoint=mirror.url)
+        with pytest.raises(RevisionNotFoundError):
+            hf_hub_download(REPO, "config.json", revision="no-such-branch", cache_dir=client_env,
+                            endpoint=mirror.url)  # fmt: skip
+    finally:
+        mirror.stop()
+        mirror.depot.close()
+
+
+async def _head(url: str) -> tuple[int, dict[str, str]]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, dict(response.headers)
+
+
 async def _read(
     url: str, headers: dict[str, str] | None = None, at_headers: Callable[[], int] = lambda: 0
 ) -> tuple[int, bytes]:

@@ -32,6 +32,8 @@ Messages say what happened and what to do about it.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AccessDeniedError",
     "ConfigError",
@@ -110,15 +112,21 @@ class NotFoundError(DepotError, LookupError):
 
 
 class RepoNotFoundError(NotFoundError):
-    def __init__(self, repo_id: str) -> None:
-        super().__init__(f"repo {repo_id!r} is not in the store (see `modeldepot ls`)")
+    """The repo is not in the store, or (``message`` given, with ``source``) not on an upstream."""
+
+    def __init__(self, repo_id: str, message: str | None = None, **context: Any) -> None:
+        super().__init__(message or f"repo {repo_id!r} is not in the store (see `modeldepot ls`)", **context)
         self.repo_id = repo_id
 
 
 class RevisionNotFoundError(NotFoundError):
-    def __init__(self, repo_id: str, revision: str) -> None:
+    """The repo has no such revision in the store, or (``message`` given, with ``source``) upstream."""
+
+    def __init__(self, repo_id: str, revision: str, message: str | None = None, **context: Any) -> None:
         super().__init__(
-            f"revision {revision!r} of {repo_id!r} is not in the store (see `modeldepot info {repo_id}`)"
+            message
+            or f"revision {revision!r} of {repo_id!r} is not in the store (see `modeldepot info {repo_id}`)",
+            **context,
         )
         self.repo_id = repo_id
         self.revision = revision

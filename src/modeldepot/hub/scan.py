@@ -20,7 +20,8 @@ from urllib.parse import quote
 from modeldepot.errors import (
     AccessDeniedError,
     InvalidInputError,
-    NotFoundError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
     UpstreamDataError,
     UpstreamError,
     UpstreamTimeoutError,
@@ -127,19 +128,15 @@ def _refusal(reply: Reply, repo_id: str, revision: str, endpoint: str, token_nam
             "of the account that did", status=status, repo_id=repo_id, source=endpoint,
         )  # fmt: skip
     if code == "RevisionNotFound":
-        return NotFoundError(
-            f"revision {revision!r} of {repo_id} does not exist on {endpoint}",
-            status=status,
-            repo_id=repo_id,
-            source=endpoint,
-        )
+        return RevisionNotFoundError(repo_id, revision, f"revision {revision!r} of {repo_id} does not exist on "
+                                     f"{endpoint}", status=status, source=endpoint)  # fmt: skip
     # HfApi reads a 401 from the Hub (https) as "not found, or private", unless it says the credentials
     # are invalid; from anywhere else (a node asking for its token) as a refusal.
     hub_401 = status == 401 and message != _INVALID_CREDENTIALS and endpoint.startswith("https://")
     if code == "RepoNotFound" or hub_401:
-        return NotFoundError(
-            f"{repo_id} was not found on {endpoint}; if it is private, set {token_name} to a token that can read it",
-            status=status, repo_id=repo_id, source=endpoint,
+        return RepoNotFoundError(
+            repo_id, f"{repo_id} was not found on {endpoint}; if it is private, set {token_name} to a token that "
+            "can read it", status=status, source=endpoint,
         )  # fmt: skip
     if status in (401, 403):
         return AccessDeniedError(

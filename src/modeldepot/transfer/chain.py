@@ -35,6 +35,8 @@ from modeldepot.errors import (
     DepotError,
     InvalidInputError,
     NotFoundError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
     UpstreamError,
 )
 from modeldepot.hashing import chunk_count
@@ -142,9 +144,18 @@ class SourceChain:
             if not problems:
                 raise
             problems.append(error)
+            said = "; ".join(str(p) for p in problems)
+            # When every source that answered said "no such repo" (or revision) and the rest could not be
+            # reached, it is that kind, so that a node's clients hear RepoNotFound or RevisionNotFound as from
+            # the Hub (a bare 404 is a broken connection to huggingface_hub).
+            answered = [p for p in problems if not (isinstance(p, UpstreamError) and p.status is None)]
+            if answered and all(isinstance(p, RepoNotFoundError) for p in answered):
+                raise RepoNotFoundError(repo_id, said) from error
+            if answered and all(isinstance(p, (RepoNotFoundError, RevisionNotFoundError)) for p in answered):
+                raise RevisionNotFoundError(repo_id, revision, said) from error  # (the repo is somewhere)
             kind = next((k for k in (AccessDeniedError, NotFoundError) if any(isinstance(p, k) for p in problems)),
                         UpstreamError)  # fmt: skip
-            raise kind("; ".join(str(p) for p in problems), repo_id=repo_id) from error
+            raise kind(said, repo_id=repo_id) from error
         return Scan(spelled, commit_id, info, files, self.hub.base_url)
 
     def _manifest_nodes(self, manifest: Manifest) -> list[HttpSource]:
