@@ -355,7 +355,10 @@ def test_the_budget_is_the_stores_and_every_process_on_it_keeps_to_it(tmp_path: 
         assert json.loads(shown.stdout)["max_bytes"] == int(2.5 * MB), shown.stdout
         assert json.loads(shown.stdout)["store_max_size"] == "2.5MiB"
         # Set from the CLI while the node runs: the node's next look has it, and the store is brought within.
-        lowered = cli_process("budget", "1.5MiB")
+        refused = cli_process("budget", "1.5MiB")  # below what the store holds: removes models, so asks
+        assert refused.returncode == 2 and "pass --yes" in refused.stderr, refused.stderr
+        assert node_budget()["max_bytes"] == int(2.5 * MB), "nothing changed"
+        lowered = cli_process("budget", "1.5MiB", "--yes")
         assert lowered.returncode == 0 and "evicted acme/b@" in lowered.stdout, (
             lowered.stdout + lowered.stderr
         )
@@ -367,6 +370,44 @@ def test_the_budget_is_the_stores_and_every_process_on_it_keeps_to_it(tmp_path: 
             assert repos(depot) == {"acme/c", "acme/d"}, "no budget: nothing evicted"
         bad = cli_process("budget", "lots")
         assert bad.returncode == 2 and "write it like 200GiB or 80%" in bad.stderr, bad.stderr
+        # A budget is set before anything is imported (the first step on a new machine); a bad size says so,
+        # not "no store".
+        fresh = tmp_path / "fresh"
+        bad = subprocess.run([sys.executable, "-m", "modeldepot", "budget", "lots", "--home", str(fresh)], env=env,
+                             capture_output=True, text=True, timeout=90)  # fmt: skip
+        assert bad.returncode == 2 and "write it like 200GiB" in bad.stderr and not fresh.exists(), bad.stderr
+        done = subprocess.run([sys.executable, "-m", "modeldepot", "budget", "10GiB", "--home", str(fresh)], env=env,
+                              capture_output=True, text=True, timeout=90)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        with Depot(fresh, create=False) as depot:
+            assert depot.budget_status().max_bytes == 10 << 30
     finally:
         node.terminate()
         node.wait(30)
+
+
+def test_a_mirror_says_its_disk_budget_is_what_refuses_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirror whose budget could not take a file answered 507 "the node's disk is full": the client, and
+    whoever ran the node, looked for a full disk."""
+    import urllib.error
+    import urllib.request
+
+    from conftest import serving_repo
+
+    files = {"model.safetensors": np.random.default_rng(4).bytes(3 * MB)}
+    with serving_repo(tmp_path, files, "acme/big", chunk_size=SMALL_CHUNK) as upstream:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", upstream.url)
+        depot = Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK)
+        depot.set_max_size("1MiB")
+        mirror = LiveNode(depot, mirror=True, owns_depot=True)
+        try:
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{mirror.url}/acme/big/resolve/main/model.safetensors").close()
+            said = refused.value.read().decode()
+            assert refused.value.code == 507 and "disk budget" in said and "disk is full" not in said, said
+            assert "modeldepot budget" in said and "3.0 MiB more does not fit" in said, said
+        finally:
+            mirror.stop()

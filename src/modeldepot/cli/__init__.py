@@ -51,7 +51,13 @@ def _reading_home_option(function: F) -> F:
     return _with_home(function, creates=False)
 
 
-def _with_home(function: F, *, creates: bool) -> F:
+def _home_option_creating_when(creates: Callable[[dict[str, Any]], bool]) -> Callable[[F], F]:
+    """--home for a command that makes a store only when ``creates(its arguments)`` (`budget SIZE` does,
+    `budget` alone only reads)."""
+    return lambda function: _with_home(function, creates=creates)
+
+
+def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool]) -> F:
     @click.option(
         "--home",
         type=click.Path(file_okay=False, path_type=Path),
@@ -61,8 +67,9 @@ def _with_home(function: F, *, creates: bool) -> F:
     @wraps(function)
     def wrapper(*args: Any, home: Path | None, **kwargs: Any) -> Any:
         named = home is not None or bool(os.environ.get("MODELDEPOT_HOME"))
+        making = creates(kwargs) if callable(creates) else creates
         try:
-            with Depot(home, create=creates or not named) as depot:
+            with Depot(home, create=making or not named) as depot:
                 return function(depot, *args, **kwargs)
         except DepotError as error:
             render.err.print(f"[red]error:[/red] {error}")
@@ -410,23 +417,44 @@ def du_command(depot: Depot, as_json: bool) -> None:
 
 
 @cli.command("budget")
-@click.argument("size", required=False, metavar="[SIZE|N%|none]")
+@click.argument("size", required=False, metavar="[SIZE|N%|none]",
+                callback=lambda c, p, v: v if v is None or v.strip().lower() == "none" else _max_size(v))  # fmt: skip
+@click.option("--yes", "-y", is_flag=True, help="Evict without asking when the store is over the new budget.")
 @_json_option
-@_reading_home_option
-def budget_command(depot: Depot, size: str | None, as_json: bool) -> None:
+@_home_option_creating_when(lambda kwargs: kwargs.get("size") is not None)
+def budget_command(depot: Depot, size: str | None, yes: bool, as_json: bool) -> None:
     """Show the store's disk budget, or set it to SIZE (200GiB, or 80% of the disk; none: no budget).
 
     The budget is kept with the store: every process on it (a node, a pull beside it) keeps to it, from its
-    next write. Setting it evicts the least recently used revisions until the store is within it, never what
-    is pinned or in use. MODELDEPOT_MAX_SIZE caps one process further."""
+    next write. Setting it below what the store holds evicts the least recently used revisions until the
+    store is within it (asked first; --yes does not ask), never what is pinned or in use.
+    MODELDEPOT_MAX_SIZE caps one process further."""
     evicted: list[Eviction] = []
     if size is not None:
-        chosen = None if size.strip().lower() == "none" else _max_size(size)
+        chosen = None if size.strip().lower() == "none" else size
+        if chosen is not None and not yes:
+            _confirm_evictions(depot, chosen)
         evicted = depot.set_max_size(chosen)
     status = depot.budget_status()
     over = max(0, status.used_bytes - status.max_bytes) if status.max_bytes is not None else 0
     body = {**status.to_dict(), "evicted": [e.to_dict() for e in evicted], "over_budget_bytes": over}
     render.emit(as_json, body, lambda: render.render_budget(status, evicted, over))
+
+
+def _confirm_evictions(depot: Depot, size: str) -> None:
+    """Ask before a budget below what the store holds removes models (as `rm` asks); without a terminal,
+    refuse (exit 2) unless --yes was given."""
+    from modeldepot.store.budget import parse_max_size
+
+    limit, used = parse_max_size(size, depot.home), depot.budget_status().used_bytes
+    if used <= limit:
+        return
+    what = (f"the store holds {render.format_bytes(used)}, over {size.strip()}: setting this budget removes the "
+            "least recently used models (not the pinned ones, nor those in use) until it fits")  # fmt: skip
+    if not sys.stdin.isatty():
+        render.err.print(f"[red]error:[/red] {what}; pass --yes to do so")
+        sys.exit(EXIT_BAD_INPUT)
+    click.confirm(f"{what[0].upper()}{what[1:]}. Go on?", abort=True, err=True)
 
 
 @cli.command("pin")

@@ -30,6 +30,7 @@ from modeldepot.errors import (
 from modeldepot.ratelimit import RateLimit
 from modeldepot.server.ranges import RangeNotSatisfiable
 from modeldepot.server.views import wanted_range, whole_headers
+from modeldepot.store.budget import BudgetExceededError
 from modeldepot.store.verified import VerifiedBlob
 
 __all__ = [
@@ -265,6 +266,8 @@ def response_for_error(error: DepotError) -> web.Response:
         return error_response(
             502, "UpstreamIntegrity", f"the bytes from the node's upstream were wrong: {error}"
         )
+    if isinstance(error, BudgetExceededError):  # (its message names sizes and the fix, nothing private)
+        return error_response(507, "StoreFull", f"the node's disk budget is full: {error}")
     if isinstance(error, StoreFullError):
         return error_response(507, "StoreFull", "the node's disk is full")
     return error_response(500, "NodeError", "the node could not complete the request")

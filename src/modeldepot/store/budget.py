@@ -168,8 +168,8 @@ class DiskBudget:
 
     def _setting_that_binds(self, budget: int) -> str:
         if self.process_max_bytes == budget:
-            return "MODELDEPOT_MAX_SIZE, this process's own cap"
-        return "modeldepot budget SIZE: the store's"
+            return "this process's MODELDEPOT_MAX_SIZE"
+        return "the store's: `modeldepot budget SIZE`"
 
     def save_max_size(self, max_size: str | None) -> None:
         """Make ``max_size`` the store's budget, which every process on the store keeps to (None: remove it)."""
