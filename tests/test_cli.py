@@ -394,3 +394,15 @@ def test_status_of_an_imported_repo_says_so_instead_of_asking_for_a_scan(home: P
     assert code == 1 and "imported, not pulled" in err and f"modeldepot info {REPO}" in err, err
     code, _, err = run("status", "acme/never-seen", home=home)
     assert code == 1 and "modeldepot scan acme/never-seen" in err, err
+
+
+def test_git_names_that_are_no_branch_are_refused_as_branch_names(home: Path, model_dir: Path) -> None:
+    """`import -r HEAD` made a branch named HEAD (a repo without main, unreadable through the Hub routes,
+    which read HEAD as main); `-r refs/heads/main` a second branch listed as refs/heads/refs/heads/main;
+    `-r abcdef1` a branch that shadowed the commit whose id starts so."""
+    for name, says in (("HEAD", "write main"), ("refs/heads/main", "without its refs/heads/"),
+                       ("abcdef1", "reads as the start of a commit id")):  # fmt: skip
+        code, _, err = run("import", str(model_dir), "--repo", REPO, "-r", name, home=home)
+        assert code == 2 and says in err, (name, err)
+    with Depot(home) as depot:
+        assert depot.list_repos() == [], "nothing was imported"

@@ -19,6 +19,7 @@ from modeldepot import (
     EntryNotFoundError,
     InvalidInputError,
     InvalidRangeError,
+    InvalidRevisionError,
     RepoNotFoundError,
     RevisionNotFoundError,
     SourceDirectoryError,
@@ -379,9 +380,11 @@ def test_a_commit_is_found_by_the_start_of_its_id(depot: Depot, model_dir: Path,
         depot.resolve(REPO, "0000000" if not main.commit_id.startswith("0000000") else "1111111")
     with pytest.raises(RevisionNotFoundError):
         depot.resolve(REPO, main.commit_id[:6])  # (shorter than git's shortest: a branch name only)
-    depot.import_dir(model_dir, REPO, main.commit_id[:8])  # a branch named like hex wins over a prefix
-    other = depot.import_dir(write_model_dir(tmp_path / "o", {"a.txt": b"a"}), REPO, main.commit_id[:8])
-    assert depot.resolve(REPO, main.commit_id[:8]) == other.commit_id
+    # A branch named like the start of a commit id would shadow it: no write makes one.
+    with pytest.raises(InvalidRevisionError, match="reads as the start of a commit id"):
+        depot.import_dir(model_dir, REPO, main.commit_id[:8])
+    other = depot.import_dir(write_model_dir(tmp_path / "o", {"a.txt": b"a"}), REPO, "v2")
+    assert depot.resolve(REPO, other.commit_id[:8]) == other.commit_id
     # rm by the start of a commit id removes that commit (it took it for a branch and removed nothing)
     assert depot.remove(REPO, other.commit_id[:9]).commits == (other.commit_id,)
     assert depot.remove(REPO, main.commit_id[:7]).commits == (main.commit_id,)

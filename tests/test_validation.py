@@ -21,6 +21,7 @@ from modeldepot.errors import InvalidRangeError
 from modeldepot.validation import (
     is_commit_id,
     validate_branch,
+    validate_new_branch,
     validate_path,
     validate_repo_id,
     validate_revision,
@@ -50,6 +51,8 @@ BAD_REPO_IDS: list[object] = [
 BAD_REVISIONS: list[object] = [
     "", ".", "..", "a/../b", "a//b", "/main", "main/", "ma in", "main\n", "main\x00", "a\\b", "main.lock",
     "refs/pr/1.lock", ".hidden", "refs/.x", "a..b", "refs/pr..1", "v1..", "x" * 201, "ü", "%2e%2e", "HEAD~1", "main^", "a:b", "a*",
+    # git's names for what is not a branch (an import under them made a repo without main, unreadable):
+    "HEAD", "refs/heads/main", "refs/tags/v1", "-x", "a/-b",
     None, 1, b"main",
 ]  # fmt: skip
 COMMIT_LIKE = [COMMIT, "0" * 40, "f" * 40]
@@ -70,6 +73,9 @@ BAD_CASES = (
     + [pytest.param(f, v, InvalidRevisionError, id=f"{f.__name__}-{v!r}")
        for f in (validate_branch, validate_revision) for v in BAD_REVISIONS]
     + [pytest.param(validate_branch, v, InvalidRevisionError, id=f"branch-commit-{v}") for v in COMMIT_LIKE]
+    # a new branch that reads as the start of a commit id would shadow the commit (reads take both)
+    + [pytest.param(validate_new_branch, v, InvalidRevisionError, id=f"new-branch-{v}")
+       for v in ["abcdef1", "0123456789abcdef", "f" * 39, "HEAD", *COMMIT_LIKE]]
 )  # fmt: skip
 
 
@@ -88,8 +94,13 @@ def test_bad_input_raises_its_own_subclass(validator: Validator, value: object, 
     + [pytest.param(validate_repo_id, v, id=f"repo-{v}") for v in GOOD_REPO_IDS]
     + [
         pytest.param(f, v, id=f"{f.__name__}-{v}")
-        for f in (validate_branch, validate_revision)
+        for f in (validate_branch, validate_revision, validate_new_branch)
         for v in GOOD_BRANCHES
+    ]
+    + [
+        pytest.param(f, v, id=f"{f.__name__}-{v}")
+        for f in (validate_branch, validate_new_branch)
+        for v in ["abcdefg", "abcdef", "cafe-1"]
     ]
     + [pytest.param(validate_revision, v, id=f"revision-commit-{v}") for v in COMMIT_LIKE],
 )

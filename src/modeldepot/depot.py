@@ -61,7 +61,13 @@ if TYPE_CHECKING:  # the transfer machinery (aiohttp, huggingface_hub) loads on 
     from modeldepot.transfer.download import Limits
     from modeldepot.transfer.fleet import BackgroundFleet, FleetView, PeerRow
     from modeldepot.transfer.pull import PartialWatch, PullProgress, PullResult
-from modeldepot.validation import is_commit_id, validate_path, validate_repo_id, validate_revision
+from modeldepot.validation import (
+    SHORT_COMMIT,
+    is_commit_id,
+    validate_path,
+    validate_repo_id,
+    validate_revision,
+)
 
 __all__ = ["Depot", "MappedFile"]
 
@@ -565,7 +571,8 @@ class Depot:
 
     @staticmethod
     def _branch(revision: str) -> str | None:
-        return None if is_commit_id(revision) else revision
+        """The branch a pull of ``revision`` sets: none for a commit id, whole or its start."""
+        return None if is_commit_id(revision) or SHORT_COMMIT.fullmatch(revision) else revision
 
     def _limits(self) -> Limits:
         from modeldepot.transfer.download import Limits

@@ -42,6 +42,7 @@ __all__ = [
     "validate_endpoint",
     "validate_git_oid",
     "validate_label",
+    "validate_new_branch",
     "validate_path",
     "validate_repo_id",
     "validate_revision",
@@ -162,14 +163,37 @@ def validate_branch(name: object) -> str:
         )
     if ".." in name:
         raise InvalidRevisionError(f"revision {shown} may not contain '..' (git ref rules)")
+    if name == "HEAD":  # (the Hub routes read it as the default branch before they validate)
+        raise InvalidRevisionError("revision 'HEAD' is git's name for the default branch: write main")
+    if name.startswith(("refs/heads/", "refs/tags/")):
+        raise InvalidRevisionError(
+            f"revision {shown}: name the branch or tag without its {'/'.join(name.split('/')[:2])}/ "
+            "(as the Hub lists them)"
+        )
     for segment in name.split("/"):
         if not segment or not _REF_SEGMENT.fullmatch(segment):
             raise InvalidRevisionError(
                 f"revision {shown} is not a valid branch name: use letters, digits, '-', '_', '.' "
                 "and '/' between non-empty parts"
             )
-        if segment.endswith(".lock") or segment.startswith("."):
+        if segment.endswith(".lock") or segment.startswith((".", "-")):
             raise InvalidRevisionError(f"revision {shown} is not a valid branch name (git ref rules)")
+    return name
+
+
+SHORT_COMMIT = re.compile(r"[0-9a-f]{7,39}")  # the start of a commit id, as git and `info` print them
+
+
+def validate_new_branch(name: object) -> str:
+    """A branch name a write may create: a valid one (:func:`validate_branch`) that cannot be read as the
+    start of a commit id (reads take those: a branch named ``abcdef1`` would shadow the commit)."""
+    validate_branch(name)
+    assert isinstance(name, str)
+    if SHORT_COMMIT.fullmatch(name):
+        raise InvalidRevisionError(
+            f"branch name {_describe(name)} reads as the start of a commit id: choose a name with other "
+            "characters too"
+        )
     return name
 
 

@@ -35,7 +35,7 @@ from modeldepot.store.blobs import PartialBlob, WriteSession
 from modeldepot.store.models import ImportResult
 from modeldepot.store.publish import RevisionSpec, StagedFile, blob_states, publish
 from modeldepot.store.store import Store
-from modeldepot.validation import validate_branch, validate_path, validate_repo_id
+from modeldepot.validation import validate_new_branch, validate_path, validate_repo_id
 
 __all__ = ["ImportProgress", "import_dir", "likely_new_bytes", "scan_source", "stage_blob"]
 
@@ -268,7 +268,7 @@ def import_dir(
     progress: ImportProgress | None = None,
 ) -> ImportResult:
     validate_repo_id(repo_id)
-    validate_branch(revision)
+    validate_new_branch(revision)
     files = scan_source(Path(directory))
     doing = f"importing {repo_id}"
     with store.budget.writing(repo_id) as writer, WriteSession(store.layout) as session:

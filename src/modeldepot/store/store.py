@@ -48,7 +48,13 @@ from modeldepot.store.models import BlobRecord, FileEntry, RepoInfo, RepoSummary
 from modeldepot.store.partials import PartialFiles
 from modeldepot.store.snapshots import Snapshots
 from modeldepot.store.verified import VerifiedBlob
-from modeldepot.validation import is_commit_id, validate_path, validate_repo_id, validate_revision
+from modeldepot.validation import (
+    SHORT_COMMIT,
+    is_commit_id,
+    validate_path,
+    validate_repo_id,
+    validate_revision,
+)
 
 __all__ = ["Store"]
 
@@ -69,9 +75,6 @@ def _entry(row: sqlite3.Row) -> FileEntry:
         lfs=bool(row["lfs"]),
         chunk_size=row["chunk_size"],
     )
-
-
-_SHORT_COMMIT = re.compile(r"[0-9a-f]{7,39}")
 
 
 _WARNED_SHARED: set[Path] = set()
@@ -182,7 +185,7 @@ class Store:
             return str(rows[0]["commit_id"])
         if not self.index.read("SELECT 1 FROM repos WHERE repo_id = ?", (repo_id,)):
             raise RepoNotFoundError(repo_id)
-        if _SHORT_COMMIT.fullmatch(revision):  # an abbreviated commit id, as git and `info` print them
+        if SHORT_COMMIT.fullmatch(revision):  # an abbreviated commit id, as git and `info` print them
             found = self.index.read(
                 "SELECT commit_id FROM revisions WHERE repo_id = ? AND substr(commit_id, 1, ?) = ? LIMIT 2",
                 (repo_id, len(revision), revision),
