@@ -402,3 +402,33 @@ def test_a_file_being_pulled_is_described_as_a_stored_one(
             assert {f.path: bytes(third.get_file(REPO, f.path)) for f in third.list_files(REPO)} == FILES
     finally:
         mirror.stop()
+
+
+def test_a_mirror_shows_the_variants_its_clients_fetched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: Path
+) -> None:
+    """Files fetched through a mirror completed variants that `status`, the event stream and the dashboard
+    still showed as available: only a whole pull wrote statuses."""
+    from conftest import serving_repo
+
+    rng = random.Random(11)
+    files = {
+        "README.md": b"# tiny\n",
+        "tiny-Q4_K_M.gguf": rng.randbytes(3 * SMALL_CHUNK + 5),
+        "tiny-Q8_0.gguf": rng.randbytes(5 * SMALL_CHUNK + 7),
+    }
+    repo = "acme/tiny-GGUF"
+    with serving_repo(tmp_path, files, repo, chunk_size=SMALL_CHUNK) as upstream:
+        mirror = mirror_node(tmp_path, upstream.url, monkeypatch, as_node=False)
+        try:
+            for name in ("README.md", "tiny-Q4_K_M.gguf"):
+                got = hf_hub_download(repo, name, cache_dir=client_env, endpoint=mirror.url)
+                assert Path(got).read_bytes() == files[name]
+            variants = {v.name: v for v in mirror.depot.get_manifest(repo).variants}
+            assert set(variants) == {"Q4_K_M", "Q8_0"}
+            assert variants["Q4_K_M"].status == "downloaded", variants["Q4_K_M"]
+            assert variants["Q4_K_M"].bytes_done == variants["Q4_K_M"].total_bytes
+            assert variants["Q8_0"].status == "available", "one shared file does not make it downloaded"
+        finally:
+            mirror.stop()
+            mirror.depot.close()

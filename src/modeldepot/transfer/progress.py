@@ -36,8 +36,9 @@ class PullTracker:
     """Bytes done per file; turns them into progress callbacks and throttled status rows."""
 
     def __init__(self, store: Store, manifest: Manifest, names: list[str], files: list[RemoteFile],
-                 progress: PullProgress | None) -> None:  # fmt: skip
+                 progress: PullProgress | None, held: dict[str, int] | None = None) -> None:  # fmt: skip
         self.store, self.manifest, self.names, self.progress = store, manifest, names, progress
+        self.held = held or {}  # variant -> bytes of its files the store held before (not in this pull)
         self.sizes = {f.path: f.size for f in files}
         self.total = sum(self.sizes.values())
         self.done: dict[str, int] = {}
@@ -101,7 +102,7 @@ class PullTracker:
         sources: dict[str, dict[str, int]] = {}
         for name in self.names:
             wanted = {f.path for f in self.manifest.files_of(name)}
-            rows[name] = sum(n for path, n in self.done.items() if path in wanted)
+            rows[name] = self.held.get(name, 0) + sum(n for path, n in self.done.items() if path in wanted)
             kinds: dict[str, int] = {}
             for path in wanted & self.path_sources.keys():
                 for kind, amount in self.path_sources[path].items():

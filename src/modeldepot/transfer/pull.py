@@ -133,14 +133,35 @@ async def pull_async(
     watch: PartialWatch | None = None,
 ) -> PullResult:
     files, names = select(manifest, quants, paths)
+    held: dict[str, int] = {}
+    if paths is not None:  # (a mirror's pull of one file: the variants it completes show it)
+        names, held = await asyncio.to_thread(_variants_completed, store, manifest, {f.path for f in files})
     with store.budget.writing(manifest.repo_id) as writer:
         return await _pull_writing(store, manifest, files, names, branch, chain, offline, progress, limits,
-                                   watch, writer)  # fmt: skip
+                                   watch, writer, held)  # fmt: skip
+
+
+def _variants_completed(
+    store: Store, manifest: Manifest, pulling: set[str]
+) -> tuple[list[str], dict[str, int]]:
+    """The variants a pull of ``pulling`` alone completes (every other file of theirs is in the store at the
+    commit already), and the bytes each holds already: a mirror fetches a repo file by file, and each
+    variant shows as downloading, then downloaded, with the file that completes it."""
+    in_store = {e.path: e.size for e in store.files(manifest.repo_id, manifest.commit_id)}
+    names: list[str] = []
+    held: dict[str, int] = {}
+    for variant in manifest.variants:
+        needed = {f.path for f in manifest.files_of(variant.name)}
+        if needed & pulling and needed <= pulling | in_store.keys():
+            names.append(variant.name)
+            held[variant.name] = sum(in_store[path] for path in needed - pulling)
+    return names, held
 
 
 async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile], names: list[str],
                         branch: str | None, chain: SourceChain, offline: bool, progress: PullProgress | None,
-                        limits: Limits | None, watch: PartialWatch | None, writer: BudgetWriter) -> PullResult:  # fmt: skip
+                        limits: Limits | None, watch: PartialWatch | None, writer: BudgetWriter,
+                        held: dict[str, int] | None = None) -> PullResult:  # fmt: skip
     have: dict[str, BlobDigest] = {}
     for remote in files:
         found = _stored(store, remote)
@@ -151,7 +172,7 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
     if missing and offline:
         raise OfflineError(f"offline mode: {len(missing)} files of {manifest.repo_id} are not in the store",
                            repo_id=manifest.repo_id)  # fmt: skip
-    tracker = PullTracker(store, manifest, names, files, progress)
+    tracker = PullTracker(store, manifest, names, files, progress, held)
     for path, digest in have.items():
         tracker.done[path] = digest.size
         tracker.by_source["local"] = tracker.by_source.get("local", 0) + digest.size
