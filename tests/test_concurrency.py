@@ -266,3 +266,65 @@ def test_processes_rebuilding_a_missing_snapshot_at_once(depot: Depot, model_dir
         for proc in procs:
             finish(proc)
     assert depot.verify().snapshots_repaired == 0
+
+
+def _republish_between(depot: Depot, tmp_path: Path, files: dict[str, bytes]) -> Callable[[], None]:
+    """What an `rm` of acme/x and an import of the same bytes as acme/y beside a reader do: the reader's
+    look at the blob is of a placement that is gone, and a new, good one is there."""
+
+    def republish() -> None:
+        depot.remove("acme/x")
+        depot.import_dir(write_model_dir(tmp_path / "y", files), "acme/y")
+
+    return republish
+
+
+def test_a_read_that_lost_a_race_with_rm_and_an_import_leaves_the_new_blob_alone(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader whose blob was removed under it (its open failed: the file was missing) quarantined the blob
+    of the same content that an import had published meanwhile: acme/y, just imported, was unreadable.
+    The race is made deterministic by doing the rm and the import inside the reader's failing open."""
+    files = {"model.safetensors": os.urandom(3 * SMALL_CHUNK + 1)}
+    depot.import_dir(write_model_dir(tmp_path / "x", files), "acme/x")
+    entry = depot.file_info("acme/x", "model.safetensors")
+    opening = depot.store.blobs.open
+    depot.remove("acme/x")  # the reader resolved its entry before this
+
+    def open_then_race(sha256: str, size: int) -> int:
+        try:
+            return opening(sha256, size)
+        finally:
+            if not depot.has_file("acme/y", "model.safetensors"):
+                depot.import_dir(write_model_dir(tmp_path / "y", files), "acme/y")
+
+    monkeypatch.setattr(depot.store.blobs, "open", open_then_race)
+    fd = depot.store.open_fd(entry)  # the new placement, opened once the old one is known gone
+    os.close(fd)
+    monkeypatch.setattr(depot.store.blobs, "open", opening)
+    assert bytes(depot.get_file("acme/y", "model.safetensors")) == files["model.safetensors"]
+    assert depot.verify().ok and store_files_consistent(depot) == []
+
+
+def test_verify_that_lost_a_race_with_rm_and_an_import_leaves_the_new_blob_alone(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`verify` found a blob missing (removed while it ran) and quarantined the one of the same content
+    that an import had published meanwhile."""
+    files = {"model.safetensors": os.urandom(3 * SMALL_CHUNK + 1)}
+    depot.import_dir(write_model_dir(tmp_path / "x", files), "acme/x")
+    checking = depot.store.check_blob
+    republish = _republish_between(depot, tmp_path, files)
+
+    def race_then_check(sha256: str, size: int, chunk_size: int) -> tuple[str, str] | None:
+        if depot.has_file("acme/x", "model.safetensors"):
+            republish()
+            return ("missing", "its file is missing")  # what the check saw of the placement rm removed
+        return checking(sha256, size, chunk_size)
+
+    monkeypatch.setattr(depot.store, "check_blob", race_then_check)
+    report = depot.verify()
+    monkeypatch.setattr(depot.store, "check_blob", checking)
+    assert report.problems == (), report.problems
+    assert bytes(depot.get_file("acme/y", "model.safetensors")) == files["model.safetensors"]
+    assert depot.verify().ok and store_files_consistent(depot) == []

@@ -60,7 +60,7 @@ class Durability:
     """The store's unflushed and unchecked blobs (see the module's docstring). Thread-safe."""
 
     def __init__(self, index: Index, blob_path: Callable[[str], Path], check: Checker,
-                 quarantine: Callable[[str], object], deferred: bool) -> None:  # fmt: skip
+                 quarantine: Callable[[str, float], str | None], deferred: bool) -> None:  # fmt: skip
         self.index, self.blob_path, self.check, self.quarantine = index, blob_path, check, quarantine
         self.deferred = deferred
         self.boot = current_boot_id()
@@ -109,15 +109,17 @@ class Durability:
 
     def _check_one(self, sha256: str) -> str | None:
         rows = self.index.read(
-            "SELECT size, chunk_size, state, unflushed_boot FROM blobs WHERE sha256 = ?", (sha256,)
+            "SELECT size, chunk_size, state, unflushed_boot, created_at FROM blobs WHERE sha256 = ?",
+            (sha256,),
         )
         if not rows or rows[0]["state"] != "ok" or rows[0]["unflushed_boot"] in (None, self.boot):
             return None  # gone, quarantined, or checked by another process
         found = self.check(sha256, rows[0]["size"], rows[0]["chunk_size"])
         if found is not None:
+            if self.quarantine(sha256, rows[0]["created_at"]) is None:
+                return None  # removed, or removed and published again, while it was checked: not this one
             log.warning("blob %s… written before the restart is corrupt (%s): quarantined; pull it again",
                         sha256[:16], found[1])  # fmt: skip
-            self.quarantine(sha256)
             return found[1]
         self._flush_files([sha256])
         self._mark_durable([sha256], rows[0]["unflushed_boot"])

@@ -72,7 +72,7 @@ def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | 
         scope, params = "", ()
     index_ok = store.index.read("PRAGMA quick_check")[0][0] == "ok"
     rows = store.index.read(
-        f"SELECT sha256, size, chunk_size, state FROM blobs {scope} ORDER BY sha256", params
+        f"SELECT sha256, size, chunk_size, state, created_at FROM blobs {scope} ORDER BY sha256", params
     )
     total = sum(r["size"] for r in rows if r["state"] == "ok")
     checked_bytes = 0
@@ -91,10 +91,12 @@ def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | 
         if found is None:
             recording = recording and _record_verified(store, sha256)
             continue
-        if found[0] == "missing" and not store.index.read("SELECT 1 FROM blobs WHERE sha256 = ?", (sha256,)):
-            continue  # removed while we were verifying, not lost
-        moved = store.quarantine(sha256)
-        problems.append(VerifyProblem(sha256, found[0], found[1], moved, _users(store, sha256)))
+        if store.placement(sha256) != row["created_at"]:
+            continue  # removed (and maybe published again) while it was checked: not lost, not this one
+        moved = store.quarantine(sha256, row["created_at"])
+        if moved is None:
+            continue  # (the same, noticed under the lock)
+        problems.append(VerifyProblem(sha256, found[0], found[1], moved or None, _users(store, sha256)))
     repaired = _repair_snapshots(store, repo_id)
     return VerifyReport(
         blobs_checked=len(rows),

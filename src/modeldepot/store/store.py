@@ -7,6 +7,7 @@ du) in :mod:`.maintenance`; this module opens the store and answers reads.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -34,7 +35,7 @@ from modeldepot.errors import (
     RevisionNotFoundError,
     StoreFullError,
 )
-from modeldepot.hashing import BlobDigest, digest_stream
+from modeldepot.hashing import BlobDigest, chunk_count, digest_stream
 from modeldepot.store.access import AccessLog
 from modeldepot.store.blobs import BlobFiles, WriteSession
 from modeldepot.store.budget import DiskBudget
@@ -76,6 +77,12 @@ def _entry(row: sqlite3.Row) -> FileEntry:
         chunk_size=row["chunk_size"],
     )
 
+
+class _AnyPlacement:
+    """:meth:`Store.quarantine` without a placement seen: whatever the index holds now."""
+
+
+ANY_PLACEMENT = _AnyPlacement()
 
 _WARNED_SHARED: set[Path] = set()
 
@@ -243,12 +250,18 @@ class Store:
         """A read-only descriptor on the blob (the caller closes it): the one way every read opens a blob.
         A missing or wrong-sized blob is quarantined on the spot; one written before the machine restarted
         and not known to have reached the disk is rehashed first (store/durability.py)."""
+        return self._open_fd_seen(blob)[0]
+
+    def _open_fd_seen(self, blob: BlobRecord | FileEntry, again: bool = True) -> tuple[int, float | None]:
+        """:meth:`open_fd`, and the placement (:meth:`placement`) it opened."""
         self.durability.ensure_checked(blob.sha256)
-        self.check_if_changed(blob)
+        seen = self._check_if_changed(blob)
         try:
-            return self.blobs.open(blob.sha256, blob.size)
+            return self.blobs.open(blob.sha256, blob.size), seen
         except CorruptBlobError as error:
-            self.quarantine(blob.sha256)
+            if self.quarantine(blob.sha256, seen) is None and again and self.placement(blob.sha256) != seen:
+                # removed and published again since it was looked at: the new file is another placement
+                return self._open_fd_seen(blob, again=False)
             raise error from None
 
     def check_if_changed(self, blob: BlobRecord | FileEntry) -> None:
@@ -256,16 +269,22 @@ class Store:
         later: a write in place, as through a Hugging Face cache's hard link to an adopted blob); one stat
         and one indexed read otherwise. A blob that no longer matches is quarantined: CorruptBlobError. (Rot
         that leaves the mtime alone is the scrub's and `verify`'s to find.)"""
+        self._check_if_changed(blob)
+
+    def _check_if_changed(self, blob: BlobRecord | FileEntry) -> float | None:
+        """:meth:`check_if_changed`; returns the placement it saw (:meth:`placement`)."""
+        rows = self.index.read("SELECT created_at, verified_at FROM blobs WHERE sha256 = ?", (blob.sha256,))
+        seen = float(rows[0]["created_at"]) if rows else None
         try:
             modified = os.stat(self.blobs.path(blob.sha256)).st_mtime
         except OSError:
-            return  # (missing: opening it says so, and quarantines it)
-        rows = self.index.read("SELECT created_at, verified_at FROM blobs WHERE sha256 = ?", (blob.sha256,))
+            return seen  # (missing: opening it says so, and quarantines it)
         if not rows or modified <= max(rows[0]["created_at"], rows[0]["verified_at"] or 0.0):
-            return
+            return seen
         found = self.check_blob(blob.sha256, blob.size, blob.chunk_size)
         if found is not None:
-            self.quarantine(blob.sha256)
+            if self.quarantine(blob.sha256, seen) is None and self.placement(blob.sha256) != seen:
+                return self.placement(blob.sha256)  # published again meanwhile: that one is checked on open
             raise CorruptBlobError(blob.sha256, f"{found[1]} (its file was changed after it was stored)")
         try:
             with self.index.write("recording a verification") as con:
@@ -274,6 +293,7 @@ class Store:
                 con.execute("UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (checked, blob.sha256))
         except StoreFullError:
             pass  # (it is checked again next time: the check itself went through)
+        return seen
 
     def map(self, entry: FileEntry) -> mmap.mmap | None:
         """A read-only shared mapping of the file's blob (``None`` for an empty file)."""
@@ -301,9 +321,14 @@ class Store:
     def open_verified(self, blob: BlobRecord) -> VerifiedBlob:
         """The blob open for reading chunk by chunk, each chunk checked before it is handed out (what the
         node sends to other machines goes through this)."""
-        fd = self.open_fd(blob)
+        # The digests first: read after the open, they may be gone (an `rm` between), and every chunk then
+        # fails its check. They are the content's, whichever placement the open finds.
+        digests = self.chunk_digests(blob.sha256)
+        if len(digests) != chunk_count(blob.size, blob.chunk_size):
+            raise CorruptBlobError(blob.sha256, "it was removed from the store meanwhile")
+        fd, seen = self._open_fd_seen(blob)
         try:
-            return VerifiedBlob(blob, fd, self.chunk_digests(blob.sha256), self.quarantine)
+            return VerifiedBlob(blob, fd, digests, functools.partial(self.quarantine, seen=seen))
         except OSError as error:
             raise os_error(error, f"mapping blob {blob.sha256[:16]}…") from error
 
@@ -421,16 +446,29 @@ class Store:
         checked); returns how many were flushed."""
         return self.durability.sync(check)
 
-    def quarantine(self, sha256: str) -> str | None:
+    def quarantine(self, sha256: str, seen: float | _AnyPlacement | None = ANY_PLACEMENT) -> str | None:
         """Take a bad blob out of service: moved to quarantine/, marked in the index, never served; then
-        tell the hooks (:meth:`add_quarantine_hook`: a depot drops its engines and preloads of it)."""
+        tell the hooks (:meth:`add_quarantine_hook`: a depot drops its engines and preloads of it).
+
+        ``seen`` is the blob row's ``created_at`` when the caller looked at the blob that failed (None: it
+        had no row). A blob removed and published again since (an `rm` and an import beside a reader) is
+        another placement, good, and is left alone: None is returned, as when the blob is gone. Else where
+        the file went ("" when it was missing already)."""
         with self.lock.exclusive():
+            rows = self.index.read("SELECT created_at FROM blobs WHERE sha256 = ?", (sha256,))
+            if not rows or (seen is not ANY_PLACEMENT and rows[0]["created_at"] != seen):
+                return None
             moved = self.blobs.quarantine(sha256)
             with self.index.write("quarantining a blob") as con:
                 con.execute("UPDATE blobs SET state = 'quarantined' WHERE sha256 = ?", (sha256,))
         for hook in self._quarantine_hooks:
             hook(sha256)
-        return str(moved) if moved else None
+        return str(moved) if moved else ""
+
+    def placement(self, sha256: str) -> float | None:
+        """The blob row's ``created_at`` (None: no row): what :meth:`quarantine` is told was seen."""
+        rows = self.index.read("SELECT created_at FROM blobs WHERE sha256 = ?", (sha256,))
+        return float(rows[0]["created_at"]) if rows else None
 
     def add_quarantine_hook(self, hook: Callable[[str], None]) -> None:
         """Call ``hook(sha256)`` after each blob this process quarantines."""
