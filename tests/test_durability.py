@@ -161,3 +161,50 @@ def test_only_a_store_that_flushes_before_publishing_starts_writeback_during_a_d
                 assert partial.writeback is expected, mode
             finally:
                 partial.release(completed=False)
+
+
+def test_after_a_power_loss_a_writer_places_its_own_bytes_over_an_unchecked_blob(
+    tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An import after a power loss took a damaged blob, not checked yet, as held: it threw its own verified
+    copy away and reported success for a repo it could not read. A pull's look for what the store holds
+    did the same."""
+    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "before-the-outage")
+    home = tmp_path / "store"
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(folder, "acme/m")
+        damage = power_loss(depot)
+    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "after-the-outage")
+    with Depot(home) as depot:
+        depot.store.durability.close()  # (no background check: the writers meet the blobs unchecked)
+        assert depot.store.durability.unchecked() == len(FILES)
+        # A pull asks what the store holds: a damaged blob is checked first, and found lacking.
+        assert depot.store.local_digest(sha256=sha(FILES["a.safetensors"])) is None
+        assert depot.store.local_digest(sha256=sha(FILES["config.json"])) is not None
+        # An import of the same bytes (another repo) places them over the unchecked blobs.
+        depot.import_dir(folder, "acme/copy")
+        for path, data in FILES.items():
+            assert depot.get_file("acme/copy", path) == data, path
+            assert depot.get_file("acme/m", path) == data, f"{path} ({damage.get(path, 'intact')}) healed"
+        assert depot.verify().ok
+
+
+def test_the_flusher_never_marks_durable_a_blob_published_again_after_its_flush(
+    tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The background flush fsyncs a batch, then records it durable by SHA-256. An `rm` and an import of
+    the same bytes between the two made a new file, never fsynced, that the record then covered: after a
+    power loss it was served unchecked. The interleaving is played in order here."""
+    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "this-boot")
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        durability = depot.store.durability
+        durability.close()  # (the test plays the flusher's steps itself)
+        depot.import_dir(folder, "acme/m")
+        batch = durability.pending()
+        durability._flush_files([sha256 for sha256, _ in batch])  # the flush of the first placement ...
+        depot.remove("acme/m")  # ... then an rm and an import beside it ...
+        depot.import_dir(folder, "acme/again")
+        durability._mark_durable(batch, "this-boot")  # ... then the flusher's record
+        assert set(marks(depot).values()) == {"this-boot"}, "the new placement still waits for its flush"
+        assert durability.sync() == len(FILES)
+        assert set(marks(depot).values()) == {None}

@@ -122,7 +122,7 @@ class Durability:
                         sha256[:16], found[1])  # fmt: skip
             return found[1]
         self._flush_files([sha256])
-        self._mark_durable([sha256], rows[0]["unflushed_boot"])
+        self._mark_durable([(sha256, rows[0]["created_at"])], rows[0]["unflushed_boot"])
         return None
 
     # -- flushing ------------------------------------------------------------------------------------------
@@ -133,15 +133,21 @@ class Durability:
             self._start()
             self._wake.set()
 
-    def pending(self) -> list[str]:
-        """The blobs written under this boot that are not yet known durable."""
+    def pending(self) -> list[tuple[str, float]]:
+        """The blobs written under this boot that are not yet known durable: (SHA-256, the placement's
+        ``created_at``)."""
         rows = self.index.read(
-            "SELECT sha256 FROM blobs WHERE unflushed_boot = ? AND state = 'ok'", (self.boot,)
+            "SELECT sha256, created_at FROM blobs WHERE unflushed_boot = ? AND state = 'ok'", (self.boot,)
         )
-        return [row["sha256"] for row in rows]
+        return [(row["sha256"], row["created_at"]) for row in rows]
 
     def unchecked(self) -> int:
         return len(self._unchecked)
+
+    def forget_unchecked(self, digests: list[str]) -> None:
+        """These blobs were placed again, from bytes verified now: nothing to check."""
+        with self._lock:
+            self._unchecked.difference_update(digests)
 
     def sync(self, check: bool = True) -> int:
         """Make every blob written under this boot durable (first checking every unchecked blob, with
@@ -154,7 +160,7 @@ class Durability:
         pending = self.pending()
         for start in range(0, len(pending), BATCH):
             batch = pending[start : start + BATCH]
-            self._flush_files(batch)
+            self._flush_files([sha256 for sha256, _ in batch])
             self._mark_durable(batch, self.boot)
         return len(pending)
 
@@ -181,12 +187,14 @@ class Durability:
             finally:
                 os.close(fd)
 
-    def _mark_durable(self, digests: list[str], boot: str) -> None:
-        marks = ",".join("?" * len(digests))
+    def _mark_durable(self, placements: list[tuple[str, float]], boot: str) -> None:
+        """Record these blobs as durable, each only if its row is still the placement that was flushed: one
+        removed and published again meanwhile (an `rm` and an import beside the flush) is another file, not
+        flushed, and keeps its mark."""
         with self.index.write("recording blobs as durable") as con:
-            con.execute(
-                f"UPDATE blobs SET unflushed_boot = NULL WHERE unflushed_boot = ? AND sha256 IN ({marks})",
-                (boot, *digests),
+            con.executemany(
+                "UPDATE blobs SET unflushed_boot = NULL WHERE sha256 = ? AND created_at = ? AND unflushed_boot = ?",
+                [(sha256, created_at, boot) for sha256, created_at in placements],
             )
 
     # -- the background thread -------------------------------------------------------------------------------

@@ -46,13 +46,21 @@ class RevisionSpec:
     tree_oid: str | None = None
 
 
-def blob_states(index: Index, digests: list[str]) -> dict[str, str]:
+UNCHECKED = "unchecked"  # (blob_states) 'ok' in the index, but written before a restart and not yet checked
+
+
+def blob_states(index: Index, digests: list[str], boot: str | None = None) -> dict[str, str]:
+    """Each blob's state in the index; with ``boot`` (this machine's), one written under another boot and
+    not known durable is :data:`UNCHECKED`: a power loss may have damaged it."""
     states: dict[str, str] = {}
     for start in range(0, len(digests), 500):
         batch = digests[start : start + 500]
         marks = ",".join("?" * len(batch))
-        for row in index.read(f"SELECT sha256, state FROM blobs WHERE sha256 IN ({marks})", tuple(batch)):
-            states[row["sha256"]] = row["state"]
+        for row in index.read(
+            f"SELECT sha256, state, unflushed_boot FROM blobs WHERE sha256 IN ({marks})", tuple(batch)
+        ):
+            unchecked = boot is not None and row["unflushed_boot"] not in (None, boot)
+            states[row["sha256"]] = UNCHECKED if unchecked and row["state"] == "ok" else row["state"]
     return states
 
 
@@ -63,7 +71,9 @@ def publish(
     placed: list[str] = []
     try:
         with store.lock.shared(), store.layout.same_folders():
-            known = blob_states(store.index, list(partials))
+            # A blob the index has but that waits for its check after a restart is placed over with these
+            # verified bytes: taken as held, it could make this revision name damaged ones.
+            known = blob_states(store.index, list(partials), store.durability.boot)
             # The blobs it reuses (no partial: found in the store) must still be there: an eviction or an
             # `rm` in another process may have removed them since (removals take the lock exclusively).
             reused = sorted({s.digest.sha256 for s in staged if s.digest.sha256 not in partials})
@@ -80,6 +90,7 @@ def publish(
                     store.blobs.place(partial, sha256, durable=not store.durability.deferred)
                     placed.append(sha256)
             spec = _commit(store.index, spec, staged, store.durability.unflushed_boot, set(placed))
+            store.durability.forget_unchecked(placed)  # (placed over: these bytes were verified now)
             new = placed
             placed = []  # committed: the rows own these blobs now
             if new:
@@ -145,9 +156,20 @@ def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushe
             con.execute(
                 "INSERT INTO blobs (sha256, size, chunk_size, git_sha1, created_at, unflushed_boot) "
                 "VALUES (?, ?, ?, ?, ?, ?) "
+                # A new placement over a quarantined blob, or over one not checked since a restart: a new
+                # created_at (Store.quarantine and the flusher tell placements apart by it).
                 "ON CONFLICT (sha256) DO UPDATE SET state = 'ok', chunk_size = excluded.chunk_size, "
-                "verified_at = excluded.created_at, unflushed_boot = excluded.unflushed_boot WHERE state != 'ok'",
-                (digest.sha256, digest.size, digest.chunk_size, digest.git_sha1, now, boot),
+                "created_at = excluded.created_at, verified_at = excluded.created_at, "
+                "unflushed_boot = excluded.unflushed_boot WHERE state != 'ok' OR ?",
+                (
+                    digest.sha256,
+                    digest.size,
+                    digest.chunk_size,
+                    digest.git_sha1,
+                    now,
+                    boot,
+                    digest.sha256 in placed,
+                ),
             )
             if con.execute("SELECT changes()").fetchone()[0]:
                 con.execute("DELETE FROM chunks WHERE sha256 = ?", (digest.sha256,))

@@ -375,13 +375,20 @@ class Store:
     def local_digest(self, sha256: str | None = None, git_sha1: str | None = None) -> BlobDigest | None:
         """The digests of a servable blob found by SHA-256 or by git blob SHA-1; None if the store lacks it."""
         if sha256 is not None:
-            rows = self.index.read("SELECT * FROM blobs WHERE sha256 = ? AND state = 'ok'", (sha256,))
+            query, key = "SELECT * FROM blobs WHERE sha256 = ? AND state = 'ok'", sha256
         elif git_sha1 is not None:
-            rows = self.index.read(
-                "SELECT * FROM blobs WHERE git_sha1 = ? AND state = 'ok' LIMIT 1", (git_sha1,)
-            )
+            query, key = "SELECT * FROM blobs WHERE git_sha1 = ? AND state = 'ok' LIMIT 1", git_sha1
         else:
             return None
+        rows = self.index.read(query, (key,))
+        if rows and rows[0]["unflushed_boot"] not in (None, self.durability.boot):
+            # Written before the machine restarted and not known to have reached the disk: a writer must not
+            # take it as held before it is checked (else its revision names bytes a power loss damaged).
+            try:
+                self.durability.ensure_checked(rows[0]["sha256"])
+            except CorruptBlobError:
+                return None  # quarantined: the writer fetches or places its own bytes
+            rows = self.index.read(query, (key,))  # (checked, maybe by another thread: as it is now)
         if not rows:
             return None
         row = rows[0]
