@@ -43,8 +43,15 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     if match is None:
         return None  # malformed, multiple ranges or another unit: ignore it and send the whole file
     first, last = match.groups()
-    if (not first and not last) or len(first) > _MAX_DIGITS or len(last) > _MAX_DIGITS:
+    if not first and not last:
         return None
+    first, last = (n.lstrip("0") or "0" if n else "" for n in (first, last))  # (000…5 is 5)
+    # A number longer than any offset is still a number (RFC 9110): a first byte past the end is 416, a last
+    # byte or a suffix past it means "to the end". Read as the file's size, it never costs a huge int.
+    if len(first) > _MAX_DIGITS:
+        raise RangeNotSatisfiable(size)
+    if len(last) > _MAX_DIGITS:
+        last = str(size)
     if not first:  # suffix range: the last N bytes
         suffix = int(last)
         if suffix == 0 or size == 0:
