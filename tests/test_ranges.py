@@ -10,7 +10,7 @@ from modeldepot.server import ByteRange, RangeNotSatisfiable, parse_range
 
 Outcome = ByteRange | None | type[RangeNotSatisfiable]
 UNSATISFIABLE = RangeNotSatisfiable
-MAX_OFFSET = 10**19 - 1  # the longest offsets the parser reads (19 digits); longer ones may be ignored
+MAX_OFFSET = 10**19 - 1  # the longest offsets read as they are (19 digits); longer ones: "past the end"
 
 
 def outcome(header: str | None, size: int) -> Outcome:

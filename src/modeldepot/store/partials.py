@@ -44,6 +44,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import blake3
 
@@ -480,16 +481,21 @@ class PartialFiles:
         for data in logless:  # a one-chunk download, or (rarely) a data file whose log went
             size = _given_back(data)
             outcome = self._collect_logless(data, remove_all, now - max_age)
-            if outcome is not None:
-                removed, kept = (removed + 1, kept) if outcome else (removed, kept + 1)
-                freed += size if outcome else 0
+            if outcome == "removed":
+                removed, freed = removed + 1, freed + size
+            elif outcome == "kept":
+                kept += 1
+            elif outcome == "running":  # (counted as kept for a resume, gc said `gc --partials` drops it)
+                running += 1
         return removed, kept, running, freed
 
-    def _collect_logless(self, data: Path, remove_all: bool, older_than: float) -> bool | None:
+    def _collect_logless(
+        self, data: Path, remove_all: bool, older_than: float
+    ) -> Literal["removed", "kept", "running"] | None:
         """gc of a data file without a log: a one-chunk download (its own lock), or (rarely) data whose
-        log went. Kept while its lock is held, and for a resume until ``older_than`` unless ``remove_all``;
-        deleted while this holds its lock, so a claim that opened it meanwhile finds it unlinked once it
-        gets the lock, and starts anew. True when deleted, False when kept, None when already gone."""
+        log went. Left alone while its lock is held ("running"), kept for a resume until ``older_than``
+        unless ``remove_all``; deleted while this holds its lock, so a claim that opened it meanwhile finds
+        it unlinked once it gets the lock, and starts anew. None when already gone."""
         try:
             fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -499,11 +505,11 @@ class PartialFiles:
             if not _still_linked(fd, data):
                 return None
             if not remove_all and not _placed(fd) and os.fstat(fd).st_mtime > older_than:
-                return False
+                return "kept"
             self.layout.unlink(data)
-            return True
+            return "removed"
         except BlockingIOError:
-            return False  # a one-chunk download running now
+            return "running"  # a one-chunk download running now
         finally:
             os.close(fd)
 
