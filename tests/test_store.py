@@ -516,3 +516,42 @@ def test_a_store_on_a_file_system_machines_share_says_it_is_one_machines(
     said = [r.getMessage() for r in caplog.records if "several machines may share" in r.getMessage()]
     assert len(said) == 1, "once per process"
     assert "on nfs4" in said[0] and "MODELDEPOT_SERVERS" in said[0] and "modeldepot serve" in said[0]
+
+
+def test_rm_quant_removes_one_variants_own_files_and_keeps_the_rest(depot: Depot, tmp_path: Path) -> None:
+    """A GGUF repo with several quantizations held all of them until the whole revision went: pinning one
+    kept them all, and nothing removed just one."""
+    from click.testing import CliRunner
+
+    from modeldepot.cli import cli
+
+    files = {
+        "README.md": b"# tiny\n",
+        "config.json": b"{}",
+        "tiny-Q4_K_M.gguf": os.urandom(2 * SMALL_CHUNK + 3),
+        "tiny-Q8_0.gguf": os.urandom(3 * SMALL_CHUNK + 5),
+        "sub/tiny-F16.gguf": os.urandom(SMALL_CHUNK),
+    }
+    repo = "acme/tiny-GGUF"
+    commit = depot.import_dir(write_model_dir(tmp_path / "g", files), repo).commit_id
+    snapshot = depot.snapshot_path(repo)
+    q8 = depot.file_info(repo, "tiny-Q8_0.gguf").sha256
+    result = depot.remove(repo, quant="q8_0")  # (a variant's name in any case)
+    assert result.files_removed == ("tiny-Q8_0.gguf",) and result.bytes_freed == len(files["tiny-Q8_0.gguf"])
+    assert not depot.store.blobs.path(q8).exists()
+    assert depot.resolve(repo) == commit, "the revision stays"
+    assert {e.path for e in depot.list_files(repo)} == set(files) - {"tiny-Q8_0.gguf"}
+    assert not (snapshot / "tiny-Q8_0.gguf").exists() and (snapshot / "tiny-Q4_K_M.gguf").exists()
+    assert depot.get_file(repo, "config.json") == files["config.json"]
+    runner = CliRunner()
+    home = str(depot.home)
+    done = runner.invoke(cli, ["rm", repo, "--quant", "F16", "--yes", "--home", home])
+    assert done.exit_code == 0 and "1 file(s) of a revision that stays" in done.output, done.output
+    assert not (snapshot / "sub").exists(), "the folder it emptied goes too"
+    missing = runner.invoke(cli, ["rm", repo, "--quant", "Q2_K", "--yes", "--home", home])
+    assert (
+        missing.exit_code == 1 and "holds no variant 'Q2_K'" in missing.output and "Q4_K_M" in missing.output
+    )
+    asked = runner.invoke(cli, ["rm", repo, "--quant", "Q4_K_M", "--home", home], input="n\n")
+    assert asked.exit_code == 2 and "the Q4_K_M files of" in asked.output, asked.output
+    assert depot.verify().ok and store_files_consistent(depot) == []

@@ -44,7 +44,7 @@ from modeldepot.store import (
     verify,
 )
 from modeldepot.store.budget import BudgetStatus, Eviction, Pin
-from modeldepot.store.maintenance import VerifyProgress
+from modeldepot.store.maintenance import VerifyProgress, remove_files
 from modeldepot.store.partials import partial_key
 from modeldepot.store.scrub import DEFAULT_SCRUB_RATE, Scrubber
 from modeldepot.store.verified import VerifiedBlob
@@ -64,6 +64,7 @@ if TYPE_CHECKING:  # the transfer machinery (aiohttp, huggingface_hub) loads on 
 from modeldepot.validation import (
     SHORT_COMMIT,
     is_commit_id,
+    validate_label,
     validate_path,
     validate_repo_id,
     validate_revision,
@@ -685,14 +686,32 @@ class Depot:
         return verify(self.store, repo_id, progress)
 
     @_any_case
-    def remove(self, repo_id: str, revision: str | None = None) -> RemoveResult:
-        """Remove a repo or one revision; blobs nothing else uses are deleted at once."""
+    def remove(self, repo_id: str, revision: str | None = None, quant: str | None = None) -> RemoveResult:
+        """Remove a repo or one revision; blobs nothing else uses are deleted at once. With ``quant``, only
+        that variant's own files go from the revision (``main`` unless given): its shared files (config,
+        tokenizer) and the other variants stay."""
+        if quant is not None:
+            return self._remove_variant(repo_id, revision or "main", quant)
         result = remove(self.store, repo_id, revision)
         self._forget_removed_variants(repo_id)
         self._let_go_of(repo_id, result.commits)
         if revision is None:  # the repo is gone: its pins would apply again, unseen, to a later pull of it
             for pin in self.store.budget.pins(repo_id):
                 self.store.budget.unpin(repo_id, pin.quant, pin.revision)
+        return result
+
+    def _remove_variant(self, repo_id: str, revision: str, quant: str) -> RemoveResult:
+        validate_label(quant)
+        commit_id = self.store.resolve(repo_id, revision)
+        grouping = group_files(e.path for e in self.store.files(repo_id, commit_id))
+        variant = grouping.find(quant)
+        if variant is None:
+            raise NotFoundError(
+                f"{repo_id}@{commit_id[:12]} holds no variant {quant!r} (it holds: {grouping.names() or 'none'})"
+            )
+        result = remove_files(self.store, repo_id, commit_id, variant.files)
+        self._forget_removed_variants(repo_id)
+        self._let_go_of(repo_id, [commit_id])  # (its engines and preloads reload without it on next use)
         return result
 
     def let_go_of_removed(self) -> int:

@@ -21,7 +21,13 @@ from modeldepot.cli import render
 from modeldepot.config import parse_duration, parse_size, validate_cluster, validate_cluster_prefix
 from modeldepot.depot import Depot
 from modeldepot.errors import ConfigError, DepotError, InvalidInputError
-from modeldepot.validation import validate_branch, validate_path, validate_repo_id, validate_revision
+from modeldepot.validation import (
+    validate_branch,
+    validate_label,
+    validate_path,
+    validate_repo_id,
+    validate_revision,
+)
 
 if TYPE_CHECKING:
     from modeldepot.store.budget import Eviction
@@ -341,19 +347,25 @@ def sync_command(depot: Depot, as_json: bool) -> None:
     help="Remove only this revision: a commit id, or a branch (its commit, unless another ref names it too: "
     "then the branch alone).",
 )
+@click.option("--quant", "-q", default=None, callback=_checked(validate_label),
+              help="Remove only this variant's own files from the revision (main unless -r is given): its "
+                   "shared files and the other variants stay.")  # fmt: skip
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @_json_option
 @_reading_home_option
-def rm_command(depot: Depot, repo_id: str, revision: str | None, yes: bool, as_json: bool) -> None:
-    """Remove a repo (or one revision) and free the blobs nothing else uses."""
+def rm_command(depot: Depot, repo_id: str, revision: str | None, quant: str | None, yes: bool,
+               as_json: bool) -> None:  # fmt: skip
+    """Remove a repo (or one revision, or one variant of it) and free the blobs nothing else uses."""
     what = f"{repo_id}@{revision}" if revision else f"{repo_id} (all revisions)"
+    if quant is not None:
+        what = f"the {quant} files of {repo_id}@{revision or 'main'}"
     if not yes:
         if not sys.stdin.isatty():
             render.err.print(f"[red]error:[/red] refusing to remove {what} without confirmation: pass --yes")
             sys.exit(EXIT_BAD_INPUT)
         depot.repo_info(repo_id)  # fail on an unknown repo before asking
         click.confirm(f"Remove {what}?", abort=True, err=True)
-    result = depot.remove(repo_id, revision)
+    result = depot.remove(repo_id, revision, quant)
     render.emit(as_json, result.to_dict(), lambda: render.render_remove(result))
 
 

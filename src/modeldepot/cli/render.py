@@ -280,8 +280,13 @@ def render_remove(result: RemoveResult) -> None:
         out.print(f"removed the ref {result.ref_removed} of {result.repo_id}; its commit stays, as "
                   f"{', '.join(result.commit_kept_for)} still point(s) at it: nothing freed")  # fmt: skip
         return
+    removed = (
+        f"{len(result.files_removed)} file(s) of a revision that stays"
+        if result.files_removed
+        else f"{len(result.commits)} revision(s)"
+    )
     out.print(
-        f"removed {result.repo_id}: {len(result.commits)} revision(s), {result.blobs_removed} blobs, "
+        f"removed {result.repo_id}: {removed}, {result.blobs_removed} blobs, "
         f"{format_bytes(result.bytes_freed)} freed"
         + (
             f"; {format_bytes(result.bytes_still_linked)} more stay on disk, linked from elsewhere too (a Hugging "

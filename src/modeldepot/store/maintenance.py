@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from modeldepot.errors import StoreFullError
+from modeldepot.errors import RevisionNotFoundError, StoreFullError
 from modeldepot.store.blobs import WriteSession
 from modeldepot.store.models import (
     DiskUsage,
@@ -47,12 +47,15 @@ class RemoveResult:
     commit_kept_for: tuple[str, ...] = ()
     # Bytes of deleted blobs whose file has another name (a Hugging Face cache's hard link): not freed
     bytes_still_linked: int = 0
+    # Files removed from a revision that stays (a variant's own files: ``rm --quant``)
+    files_removed: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         return {"repo_id": self.repo_id, "commits": list(self.commits),
                 "blobs_removed": self.blobs_removed, "bytes_freed": self.bytes_freed,
                 "ref_removed": self.ref_removed, "commit_kept_for": list(self.commit_kept_for),
-                "bytes_still_linked": self.bytes_still_linked}  # fmt: skip
+                "bytes_still_linked": self.bytes_still_linked,
+                "files_removed": list(self.files_removed)}  # fmt: skip
 
 
 def _users(store: Store, sha256: str) -> tuple[str, ...]:
@@ -179,6 +182,45 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
             store.snapshots.remove(repo_id, commit_id)
     store.index.reserve.refill()  # from the space just freed (if it was released, else when there is room)
     return RemoveResult(repo_id, tuple(commits), len(freed), bytes_freed, bytes_still_linked=still_linked)
+
+
+def remove_files(store: Store, repo_id: str, commit_id: str, paths: Iterable[str]) -> RemoveResult:
+    """Remove some files from a revision that stays (one variant's own files), and free the blobs no one
+    else uses; the revision's snapshot loses their links. Removing every file removes the revision."""
+    wanted = set(paths)
+    with store.lock.exclusive():
+        held = {e.path for e in store.files(repo_id, commit_id)}
+        if not held:
+            raise RevisionNotFoundError(repo_id, commit_id)
+        gone = sorted(wanted & held)
+        if not gone:
+            return RemoveResult(repo_id, (), 0, 0)
+        if held > wanted & held:  # (else nothing would be left of it: the revision goes, below)
+
+            def delete_rows(con: sqlite3.Connection) -> list[str]:
+                candidates = {row[0] for row in con.execute(
+                    f"SELECT sha256 FROM files WHERE repo_id = ? AND commit_id = ? AND path IN "
+                    f"({','.join('?' * len(gone))})", (repo_id, commit_id, *gone))}  # fmt: skip
+                con.execute(
+                    f"DELETE FROM files WHERE repo_id = ? AND commit_id = ? AND path IN ({','.join('?' * len(gone))})",
+                    (repo_id, commit_id, *gone),
+                )
+                return _delete_unreferenced_rows(con, sorted(candidates))
+
+            freed = store.index.write_freeing(f"removing files of {repo_id}@{commit_id[:12]}", delete_rows)
+            bytes_freed = still_linked = 0
+            for sha256 in freed:
+                linked = _has_other_names(store.blobs.path(sha256))
+                size = store.blobs.delete(sha256)
+                if linked:
+                    still_linked += size
+                else:
+                    bytes_freed += size
+            store.snapshots.unlink(repo_id, commit_id, gone)
+            store.index.reserve.refill()
+            return RemoveResult(repo_id, (), len(freed), bytes_freed, bytes_still_linked=still_linked,
+                                files_removed=tuple(gone))  # fmt: skip
+    return remove(store, repo_id, commit_id)
 
 
 def _has_other_names(path: Path) -> bool:

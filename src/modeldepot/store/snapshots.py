@@ -82,6 +82,24 @@ class Snapshots:
             self.layout.rmtree(retired)
         raise OSError(errno.EBUSY, "other processes keep replacing this snapshot", str(final))
 
+    def unlink(self, repo_id: str, commit_id: str, paths: Iterable[str]) -> None:
+        """Take these files' links out of a snapshot that stays (its other links keep working for whoever
+        reads the folder now), and the folders they leave empty."""
+        root = self.path(repo_id, commit_id)
+        for path in paths:
+            link = self.layout.snapshot_file(root, path)
+            try:
+                self.layout.unlink(link)
+            except FileNotFoundError:
+                continue
+            folder = link.parent
+            while folder != root:
+                try:
+                    self.layout.inside(folder).rmdir()
+                except OSError:
+                    break
+                folder = folder.parent
+
     def remove(self, repo_id: str, commit_id: str | None = None) -> None:
         """Remove one snapshot, or every snapshot of a repo; prune the emptied org folder."""
         repo_dir = self.layout.repo_snapshots(repo_id)
