@@ -851,6 +851,51 @@ def test_etcd_chunk_claims_are_taken_once_settled_taken_over_and_released(etcd_s
     run(main())
 
 
+@pytest.mark.parametrize("registered", [False, True], ids=["pull-alone", "node"])
+def test_settlements_etcd_missed_while_down_are_written_when_it_returns(
+    etcd_server: EtcdServer, registered: bool
+) -> None:
+    """etcd is SIGKILLed while a pull settles its claims and restarted: the settlements it could not take
+    (one whose call failed, one made once the outage was known) are written when it is back, by a pull alone
+    (a lease of its own, nothing registered) as by a node. Lost, they kept every peer from taking those
+    chunks from the claimer, and the Hub from being asked, until the claims went late (a fleet trial's
+    pulls hung for minutes)."""
+    content, size = sha("settle"), 1 << 20
+    first, second = "ab" * 32, "cd" * 32
+
+    async def main() -> None:
+        claimer, reader = etcd(etcd_server, timeout=1), etcd(etcd_server)
+        async with started(claimer, reader):
+            if registered:
+                await claimer.register(node("a"))
+            for index in (0, 1, 2):
+                assert await claimer.claim_chunk(content, size, index, "A") is not None
+            await reader.wait_for(lambda: len(reader.claims(content, size)) == 3, WAIT)
+
+            etcd_server.kill()  # SIGKILL
+            await claimer.settle_claim(content, size, 0, first)  # its call fails: kept
+            await claimer.wait_for(lambda: not claimer.status().connected, WAIT)
+            began = time.monotonic()
+            await claimer.settle_claim(content, size, 1, second)  # known down: kept at once
+            assert time.monotonic() - began < 0.5  # a pull's worker does not wait on the outage
+
+            await asyncio.to_thread(etcd_server.start)  # the same data folder and ports
+            expected = {0: ("A", first), 1: ("A", second)}
+            await reader.wait_for(lambda: reader.settlements(content, size) == expected, 15)
+            assert reader.claims(content, size)[2].blake3 is None  # (never settled: left as it was)
+            async with raw(etcd_server) as client:
+                stored = await keys(client, f"/modeldepot/claims/{content}/{size}/".encode())
+                assert {k.rsplit(b"/", 1)[1]: json.loads(kv.value)["blake3"] for k, kv in stored.items()} == {
+                    b"0": first,
+                    b"1": second,
+                    b"2": None,
+                }
+                assert {kv.lease for kv in stored.values()} == {claimer._lease_id}  # still the claims' lease
+            assert claimer._unsettled == {}
+
+    run(main())
+
+
 def test_etcd_claims_of_a_killed_claimer_go_within_its_ttl(etcd_server: EtcdServer) -> None:
     async def main() -> None:
         reader = etcd(etcd_server)

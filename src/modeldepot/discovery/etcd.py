@@ -21,8 +21,9 @@ Two tasks run on the caller's loop:
 
 - the **writer** grants the lease, writes the record, writes the differences between the holdings
   :meth:`~EtcdDiscovery.publish` asked for and those it last wrote (transactions of at most 128 operations),
-  refreshes the lease, and after any failure checks (by the lease's key list) what really is in etcd
-  before writing again: a lease that ran out is granted anew and everything written again.
+  refreshes the lease, sends the claim settlements etcd missed during an outage, and after any failure
+  checks (by the lease's key list) what really is in etcd before writing again: a lease that ran out is
+  granted anew and everything written again (its claims went with it: their settlements are dropped).
 - the **follower** keeps the view: a snapshot of ``{prefix}/``, then one prefix watch; after an error it
   watches again from the last revision it applied (no event missed), or reloads a snapshot when etcd has
   compacted that revision away (or its revision went back: a cluster restored from a backup). It watches
@@ -201,6 +202,9 @@ class EtcdDiscovery(ViewDiscovery):
         self._written: dict[str, Holding | None] = {}
         self._written_rev: dict[str, int] = {}
         self._mine: dict[tuple[str, int], dict[int, ChunkClaim]] = {}  # this process's claims, by chunk
+        # Settlements (a claimed chunk's BLAKE3) etcd did not take yet: an outage must not lose one (peers
+        # take a claimed chunk only once its BLAKE3 is known), so the writer sends them when etcd is back.
+        self._unsettled: dict[tuple[str, int], dict[int, str]] = {}
         self._verify = False  # something failed or vanished: check the lease and its keys before writing
         self._checking = False
         self._write_lock = asyncio.Lock()
@@ -591,7 +595,8 @@ class EtcdDiscovery(ViewDiscovery):
                 self._drop_lease()
             else:
                 self._refresh_due = loop.time() + self._lease_ttl / 3
-        if record is None:  # a process that only claims chunks: its lease kept alive, nothing more
+        if record is None:  # a process that only claims chunks: its lease kept alive, its settlements sent
+            await self._write_settlements(client)
             self._ok()
             return
         if self._lease_id is None:
@@ -611,6 +616,7 @@ class EtcdDiscovery(ViewDiscovery):
             self._changed()
             log.info("registered in etcd as node %s (%s)", record.node_id, record.url)
         await self._write_holdings(client, record.node_id)
+        await self._write_settlements(client)
         self._ok()  # a whole pass went through (a partial one, as with a full etcd, is no recovery)
 
     async def _grant_lease(self, client: Any) -> None:
@@ -669,30 +675,81 @@ class EtcdDiscovery(ViewDiscovery):
         return winner
 
     async def settle_claim(self, sha256: str, chunk_size: int, index: int, blake3: str) -> None:
-        mine = self._mine.get((sha256, chunk_size), {})
-        ours = mine.get(index)
+        """Write the chunk's BLAKE3 into this process's claim. When etcd does not take it (an outage), the
+        settlement is kept and the writer sends it once etcd answers again: a claim left unsettled keeps
+        every peer from taking the chunk from this node, and the Hub from being asked for it, until the
+        claim goes late (what an etcd restart mid-swarm did to every pull)."""
+        validate_blake3(blake3)
+        ours = self._mine.get((sha256, chunk_size), {}).get(index)
         if ours is None or self._closed or self._lease_id is None:
             return
-        key = self._claim_key(sha256, chunk_size, index)
-        claim = ChunkClaim(ours.node_id, validate_blake3(blake3), 0)
-        client = self._client
-        tx = client.transactions
-        try:
-            won, responses = await self._call(client.transaction(
-                compare=[tx.mod(key) == ours.revision],
-                success=[tx.put(key, _encode(claim.to_dict()), lease=self._lease_id)], failure=[],
-            ))  # fmt: skip
-        except Exception as error:
-            self._failed(error, client)
+        content = (sha256, chunk_size)
+        if self._unsettled or not self._connected:
+            # etcd is out of reach, or settlements wait already: queued behind them, not a deadline each
+            # (a pull's workers await this), the writer sends them in order when etcd answers.
+            self._unsettled.setdefault(content, {})[index] = blake3
+            self._wake.set()
             return
+        client = self._client
+        try:
+            await self._settle(client, content, index, blake3)
+        except Exception as error:
+            self._unsettled.setdefault(content, {})[index] = blake3
+            self._failed(error, client)
+
+    async def _settle(self, client: Any, content: tuple[str, int], index: int, blake3: str) -> None:
+        """Settle one claim of this process, if it still is ours: a compare on its ``mod_revision`` (a claim
+        taken over is never overwritten). Raises when etcd does not answer."""
+        mine = self._mine.get(content, {})
+        ours = mine.get(index)
+        if ours is None or self._lease_id is None:
+            return  # gone with its lease, taken over, or released
+        sha256, chunk_size = content
+        key = self._claim_key(sha256, chunk_size, index)
+        claim = ChunkClaim(ours.node_id, blake3, 0)
+        tx = client.transactions
+        won, responses = await self._call(client.transaction(
+            compare=[tx.mod(key) == ours.revision],
+            success=[tx.put(key, _encode(claim.to_dict()), lease=self._lease_id)], failure=[tx.get(key)],
+        ))  # fmt: skip
         if won:
-            settled = ChunkClaim(claim.node_id, claim.blake3, _txn_revision(responses))
-            mine[index] = settled
-            self._set_claim(sha256, chunk_size, index, settled)
-            self._changed()
+            revision = _txn_revision(responses)
+        else:
+            # A settlement retried after a lost answer finds its own write there (this node's claim with
+            # this BLAKE3, on this lease): it is settled. Anything else: the claim was taken over.
+            found = responses[0] if responses else []
+            if not found:  # gone (its lease ran out): nothing to settle
+                mine.pop(index, None)
+                return
+            value, meta = found[0]
+            revision = int(meta.mod_revision)
+            parsed = self._parse(key, value, revision)
+            if (
+                parsed is None
+                or parsed[1] != ChunkClaim(ours.node_id, blake3, revision)
+                or int(meta.lease) != self._lease_id
+            ):
+                mine.pop(index, None)
+                return
+        settled = ChunkClaim(claim.node_id, claim.blake3, revision)
+        mine[index] = settled
+        self._set_claim(sha256, chunk_size, index, settled)
+        self._changed()
+
+    async def _write_settlements(self, client: Any) -> None:
+        """Send the settlements etcd did not take (in the order they came), each dropped once written or
+        once its claim is no longer this process's; raises at the first that etcd does not answer."""
+        for content in list(self._unsettled):
+            pending = self._unsettled.get(content, {})  # (a release meanwhile drops a content's)
+            for index in list(pending):
+                await self._settle(client, content, index, pending[index])
+                pending.pop(index, None)
+            if not pending and self._unsettled.get(content) is pending:
+                del self._unsettled[content]
 
     async def release_claims(self, sha256: str, chunk_size: int) -> None:
         mine = self._mine.pop((sha256, chunk_size), {})
+        self._unsettled.pop((sha256, chunk_size), None)  # released: nothing left to settle
         if not mine or self._closed:
             return
         client = self._client
@@ -788,6 +845,7 @@ class EtcdDiscovery(ViewDiscovery):
         self._written.clear()
         self._written_rev.clear()
         self._mine.clear()  # claims hang on the lease: gone with it
+        self._unsettled.clear()  # (and so is what there was to settle)
         self._changed()
 
     def _stopping(self) -> bool:

@@ -63,7 +63,8 @@ class MemRegistry:
 
     def set_available(self, available: bool) -> None:
         """An outage (False) or its end (True). During an outage writes are kept by each node and the
-        views stay as they were; at its end every live node writes its record and holdings again."""
+        views stay as they were; at its end every live node writes its record and holdings again, and every
+        member the chunk settlements it kept."""
         with self._lock:
             if available == self.available:
                 return
@@ -72,6 +73,7 @@ class MemRegistry:
             if available:
                 for member in self._members:
                     self._write(member)
+                    member._send_settlements()
         self._notify()
 
     # -- for MemDiscovery ---------------------------------------------------------------------------------
@@ -170,6 +172,7 @@ class MemDiscovery(ViewDiscovery):
         self._record: NodeRecord | None = None
         self._desired: dict[str, Holding] = {}
         self._dead = False
+        self._unsettled: dict[tuple[str, int, int], str] = {}  # settlements kept through an outage
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
@@ -217,12 +220,27 @@ class MemDiscovery(ViewDiscovery):
     async def settle_claim(self, sha256: str, chunk_size: int, index: int, blake3: str) -> None:
         registry = self.registry
         with self._lock:
-            if not registry.available or registry._claimed_by.get((sha256, chunk_size, index)) is not self:
+            if registry._claimed_by.get((sha256, chunk_size, index)) is not self:
                 return
-            by_index = self._claims[(sha256, chunk_size)]
-            claim = ChunkClaim(by_index[index].node_id, blake3, registry._next_revision())
-            self._set_claim(sha256, chunk_size, index, claim)
+            if not registry.available:  # kept, and written when the outage ends (as etcd's writer does)
+                self._unsettled[(sha256, chunk_size, index)] = blake3
+                return
+            self._settle(sha256, chunk_size, index, blake3)
         registry._notify()
+
+    def _settle(self, sha256: str, chunk_size: int, index: int, blake3: str) -> None:
+        """Under the registry's lock, with the registry available and the claim this member's."""
+        by_index = self._claims[(sha256, chunk_size)]
+        claim = ChunkClaim(by_index[index].node_id, blake3, self.registry._next_revision())
+        self._set_claim(sha256, chunk_size, index, claim)
+
+    def _send_settlements(self) -> None:
+        """Under the registry's lock, as an outage ends: the settlements kept meanwhile, on claims still
+        this member's (one taken over or gone is not settled)."""
+        pending, self._unsettled = self._unsettled, {}
+        for (sha256, chunk_size, index), blake3 in pending.items():
+            if self.registry._claimed_by.get((sha256, chunk_size, index)) is self and not self._dead:
+                self._settle(sha256, chunk_size, index, blake3)
 
     async def release_claims(self, sha256: str, chunk_size: int) -> None:
         registry = self.registry
