@@ -1,6 +1,7 @@
 """When another node's claim on a chunk stops keeping this node from the Hub (transfer/swarm.py), on the
-real mem registry: the claim of a node whose registration lapsed stands for a grace period; a claim is late
-against the swarm's typical time to land, not against a fixed time; the pull reports why it asked the Hub."""
+real mem registry and a real etcd: the claim of a node whose registration lapsed stands for a grace period;
+a claim is late against the swarm's typical time to land, not against a fixed time, and claims that never
+land do not hold that time up; the pull reports why it asked the Hub."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from typing import Any, TypeVar
 
 import pytest
 
+from etcdserver import EtcdServer
 from modeldepot.discovery.base import NodeRecord
+from modeldepot.discovery.etcd import EtcdDiscovery
 from modeldepot.discovery.mem import MemDiscovery, MemRegistry
 from modeldepot.transfer import swarm as swarm_module
 from modeldepot.transfer.download import FileSource
@@ -74,9 +77,14 @@ async def members(registry: MemRegistry, *records: NodeRecord | None) -> AsyncIt
             await discovery.close()
 
 
-def swarm_of(discovery: MemDiscovery, me: NodeRecord) -> SwarmFile:
-    return SwarmFile(FleetView(discovery, asyncio.get_running_loop(), me.node_id), me.node_id, SHA, SIZE, CHUNK,
+def swarm_of(discovery: MemDiscovery | EtcdDiscovery, me: NodeRecord | str) -> SwarmFile:
+    node_id = me if isinstance(me, str) else me.node_id
+    return SwarmFile(FleetView(discovery, asyncio.get_running_loop(), node_id), node_id, SHA, SIZE, CHUNK,
                      as_source)  # fmt: skip
+
+
+def on_etcd(server: EtcdServer) -> EtcdDiscovery:
+    return EtcdDiscovery([("127.0.0.1", server.client_port)])
 
 
 def test_a_claimer_whose_registration_lapses_keeps_its_claim_for_the_grace_then_loses_it(
@@ -163,5 +171,52 @@ def test_before_any_landing_only_a_long_silence_makes_a_claim_late(clock: Clock)
             assert swarm.standing_claim(5, set(), patience=10) is not None
             clock.now += 2
             assert swarm.standing_claim(5, set(), patience=10) is None
+
+    run(main())
+
+
+def test_claims_that_never_land_do_not_hold_up_the_time_they_are_judged_by(
+    clock: Clock, etcd_server: EtcdServer
+) -> None:
+    """b claims eight chunks and settles two, ten seconds later; the six others never land (b hangs, or
+    its settlements were lost) while b stays in the fleet. Counted at their growing age, the six held the
+    typical time to land at their own age, and three times it stayed ahead of them for ever: they were
+    never late, and the file waited on b. Counted at most three times the landings' median, they make the
+    typical time 30 s: they are late at 90 s."""
+    a, b = node("a"), node("b")
+
+    async def main() -> None:
+        da, db = on_etcd(etcd_server), on_etcd(etcd_server)
+        for discovery, record in ((da, a), (db, b)):
+            await discovery.start()
+            await discovery.register(record)
+        try:
+            for index in range(SIZE // CHUNK):
+                assert await db.claim_chunk(SHA, CHUNK, index, b.node_id) is not None
+            await da.wait_for(
+                lambda: len(da.claims(SHA, CHUNK)) == SIZE // CHUNK and len(da.peers()) == 2, 10
+            )
+            swarm = swarm_of(da, a)
+            swarm.refresh()
+            clock.now += 10
+            for index in (0, 1):
+                await db.settle_claim(SHA, CHUNK, index, BLAKE)
+            await da.wait_for(lambda: len(da.settlements(SHA, CHUNK)) == 2, 10)
+            swarm.refresh()
+            assert swarm.typical_landing() == pytest.approx(10)
+
+            clock.now += 75  # 85 s unlanded: late only past 3 x 30 s
+            swarm.refresh()
+            assert swarm.typical_landing() == pytest.approx(30)
+            assert swarm.standing_claim(5, set(), patience=10) is not None
+            clock.now += 10  # 95 s
+            swarm.refresh()
+            assert swarm.typical_landing() == pytest.approx(30), "no longer rising with the claims' age"
+            assert swarm.standing_claim(5, set(), patience=10) is None
+            assert await swarm.claim(5, set(), patience=10)
+            assert swarm.events == {"claims_won": 1, "taken_over_overdue": 1}
+            assert swarm.standing_claim(0, set(), patience=10) is not None  # a settled claim is never late
+        finally:
+            await da.close(), await db.close()
 
     run(main())

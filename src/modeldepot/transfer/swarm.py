@@ -17,7 +17,8 @@ node only takes it over), when its claimer has been gone from the fleet for REGI
 claims go with its lease within the TTL anyway; a registration that lapses under load and comes back voids
 nothing), when the claimer's copy failed its digest here, or when it is late: unlanded after ``patience``
 seconds and after three times the swarm's typical time from claim to landing (a claimer slow on the Hub
-does not hold the file's tail; a fleet that shares a slow uplink is not "late"). When the registry
+does not hold the file's tail; a fleet that shares a slow uplink is not "late"; claims that never land do
+not raise that time with their age). When the registry
 does not answer a claim, the chunk is not fetched from the Hub yet (another one is tried, or the same
 again), unless the registry has stayed silent for the patience: then chunks are fetched anyway (a pull
 never waits on the registry for long; an outage costs duplicate Hub traffic, a busy registry does not).
@@ -138,11 +139,20 @@ class SwarmFile:
     def typical_landing(self) -> float | None:
         """The swarm's typical seconds from a claim (as first seen here) to its settlement, or None before
         any claim seen unlanded has landed: the median of the latest landings and of the ages of the claims
-        still unlanded (at least that long: the first landings alone are the fastest, not the typical)."""
+        still unlanded (at least that long: the first landings alone are the fastest, not the typical).
+
+        An unlanded claim counts at its age only up to OVERDUE_FACTOR times the landings' own median: past
+        that it is what is being judged, not a sign of the swarm's pace. Counted at its whole age, claims
+        that never settle (a claimer that hangs, settlements lost) would hold the median at their own age
+        once they outnumber the landings, and the threshold, three times that, would stay ahead of them for
+        ever: nothing would ever be late."""
         if not self._landings:
             return None
         now = time.monotonic()
-        return statistics.median([*self._landings, *(now - since for _, since in self._pending.values())])
+        cap = OVERDUE_FACTOR * statistics.median(self._landings)
+        return statistics.median(
+            [*self._landings, *(min(now - since, cap) for _, since in self._pending.values())]
+        )
 
     def _overdue_after(self, patience: float) -> float:
         """Seconds another node's claim may stay unlanded: ``patience``, and a late claim is judged against
