@@ -1,19 +1,23 @@
 """When another node's claim on a chunk stops keeping this node from the Hub (transfer/swarm.py), on the
 real mem registry and a real etcd: the claim of a node whose registration lapsed stands for a grace period;
 a claim is late against the swarm's typical time to land, not against a fixed time, and claims that never
-land do not hold that time up; the pull reports why it asked the Hub."""
+land do not hold that time up; the pull reports why it asked the Hub. And a pull whose own node's server is
+gone from the fleet claims nothing more."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hashlib
+import json
+import logging
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 import pytest
 
 from etcdserver import EtcdServer
+from fleetnodes import Fleet
 from modeldepot.discovery.base import NodeRecord
 from modeldepot.discovery.etcd import EtcdDiscovery
 from modeldepot.discovery.mem import MemDiscovery, MemRegistry
@@ -220,3 +224,44 @@ def test_claims_that_never_land_do_not_hold_up_the_time_they_are_judged_by(
             await da.close(), await db.close()
 
     run(main())
+
+
+def test_a_pull_whose_nodes_server_died_claims_no_more_chunks(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``modeldepot pull --cluster`` into a served store claims on a lease of its own. Its node's
+    ``serve`` is SIGKILLed: the node leaves the fleet when its lease runs out, but the pull's lease lives
+    on. A claim the pull took then would keep the others from the Hub for a chunk none of them can take
+    from this store, until they took it over: the Hub sent it twice. Once its node is gone from the view,
+    the pull claims nothing more (it fetches on its own), and says so once."""
+    served = fleet.node("a").ready()
+    caplog.set_level(logging.INFO, "modeldepot.transfer.swarm")
+
+    async def main() -> None:
+        pull = on_etcd(fleet.etcd)  # as a CLI pull's fleet view: started, never registered
+        await pull.start()
+        try:
+            await pull.wait_for(lambda: served.id in {n.node_id for n in pull.peers()}, 10)
+            swarm = swarm_of(pull, served.id)
+            swarm.refresh()
+            assert await swarm.claim(0, set(), patience=10)
+            assert pull.claims(SHA, CHUNK)[0].node_id == served.id
+
+            await asyncio.to_thread(served.kill)  # SIGKILL: its record goes when its lease runs out
+            await pull.wait_for(lambda: served.id not in {n.node_id for n in pull.peers()}, 20)
+            swarm.refresh()
+            for index in (1, 2):
+                assert await swarm.claim(index, set(), patience=10), "the pull fetches it itself"
+            assert set(pull.claims(SHA, CHUNK)) == {0}, "and claims it for nobody"
+            assert swarm.events == {"claims_won": 1, "unshared": 2}
+            assert not swarm.serving
+            await swarm.settle(0, BLAKE)  # what it claimed before, it still settles
+            await pull.wait_for(lambda: pull.settlements(SHA, CHUNK) == {0: (served.id, BLAKE)}, 10)
+        finally:
+            await pull.close()
+
+    run(main())
+    claims = fleet.dump_claims()
+    assert claims == {}, json.dumps(claims)  # (its lease revoked with its view)
+    said = [r.getMessage() for r in caplog.records if "no longer in the fleet" in r.getMessage()]
+    assert len(said) == 1, said

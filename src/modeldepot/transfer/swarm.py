@@ -23,6 +23,10 @@ does not answer a claim, the chunk is not fetched from the Hub yet (another one 
 again), unless the registry has stayed silent for the patience: then chunks are fetched anyway (a pull
 never waits on the registry for long; an outage costs duplicate Hub traffic, a busy registry does not).
 
+A pull claims only while its own store's node is in the fleet's view: a claim of a pull whose server
+died keeps the others waiting on a node none of them can reach, until they take the chunk over from the
+Hub again. Without it, the pull fetches what is left as a plain downloader.
+
 Hub tokens never leave the node: a peer is asked with the node token, and the registry holds SHA-256s,
 chunk numbers, node ids and BLAKE3s only.
 """
@@ -94,6 +98,9 @@ class SwarmFile:
         self.follower: bool | None = None  # decided at the first read: others had landed chunks already
         self.last_activity = time.monotonic()  # when the claims on the file last changed, as seen here
         self._unanswered_since: float | None = None  # since when claims go unanswered
+        # This store's node is in the view (SourceChain.swarm_file saw it live when the file started).
+        self.serving = True
+        self._serving_lost_logged = False
         self.events: dict[str, int] = {}  # why chunks were fetched from the Hub, and other counts
 
     # -- reading the view -----------------------------------------------------------------------------------
@@ -115,6 +122,7 @@ class SwarmFile:
             landed = sum(c.blake3 is not None and c.node_id != self.node_id for c in seen.claims.values())
             self.follower = landed >= max(1, LATE_SHARE * self.chunks)
         self.claims, self.nodes, self.holders = seen.claims, seen.nodes, seen.holders
+        self._check_serving()
         self._known.update(seen.nodes)
         for node_id in self._known:
             if node_id in seen.nodes:
@@ -135,6 +143,29 @@ class SwarmFile:
                 if claimer == claim.node_id:
                     self._landings.append(now - since)
         return changed
+
+    def _check_serving(self) -> None:
+        """Whether this store's node is still in the fleet's view: its server is what gives the chunks this
+        pull fetches to the others. Once it is gone (its ``serve`` process died, while this pull, on a lease
+        of its own, lives on), a claim of this pull would keep the others from the Hub for a chunk none of
+        them can get from here, until they take it over: the Hub would send it twice. So the pull claims
+        nothing more; it fetches as a plain downloader (what it claimed already, it still settles), and
+        claims again if the node comes back."""
+        serving = self.node_id in self.nodes
+        if serving == self.serving:
+            return
+        self.serving = serving
+        if not serving and not self._serving_lost_logged:
+            self._serving_lost_logged = True  # once per file: a node that flaps does not flood the log
+            log.warning(
+                "%s: this store's node %s is no longer in the fleet (its server stopped?): no peer can take "
+                "chunks from it, so this pull claims no more of them and fetches the rest on its own",
+                self.sha256[:12],
+                self.node_id,
+            )
+        elif serving and self._serving_lost_logged:
+            log.info("%s: this store's node %s is back in the fleet: claiming chunks again", self.sha256[:12],
+                     self.node_id)  # fmt: skip
 
     def typical_landing(self) -> float | None:
         """The swarm's typical seconds from a claim (as first seen here) to its settlement, or None before
@@ -254,6 +285,11 @@ class SwarmFile:
             if standing is not None:
                 return False
             replaces = current.revision
+        if not self.serving:
+            # No claim: the others may not wait on this node for a chunk they cannot take from it. The Hub
+            # gives it here (a chunk another live node claims still comes from that node: see above).
+            self.count("unshared")
+            return True
         sha, size, node_id = self.sha256, self.chunk_size, self.node_id
         result = await self.fleet.call(lambda d: d.claim_chunk(sha, size, index, node_id, replaces), None)
         now = time.monotonic()
