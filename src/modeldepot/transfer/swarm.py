@@ -109,10 +109,11 @@ class SwarmFile:
         """Read the claims, live nodes and holders of the content from the view; True when the claims or
         the nodes changed."""
         sha, size = self.sha256, self.chunk_size
+        unread = _Seen({}, {}, {}, [])
         seen = self.fleet.read(
             lambda d: _Seen(d.claims(sha, size), d.settlements(sha, size), {n.node_id: n for n in d.peers()},
                             [(h.node, h.holding) for h in d.holders(sha)]),
-            _Seen({}, {}, {}, []),
+            unread,
         )  # fmt: skip
         changed = seen.claims != self.claims or seen.nodes.keys() != self.nodes.keys()
         now = time.monotonic()
@@ -122,7 +123,8 @@ class SwarmFile:
             landed = sum(c.blake3 is not None and c.node_id != self.node_id for c in seen.claims.values())
             self.follower = landed >= max(1, LATE_SHARE * self.chunks)
         self.claims, self.nodes, self.holders = seen.claims, seen.nodes, seen.holders
-        self._check_serving()
+        if seen is not unread:  # (a view that did not answer in time says nothing of this node)
+            self._check_serving()
         self._known.update(seen.nodes)
         for node_id in self._known:
             if node_id in seen.nodes:
