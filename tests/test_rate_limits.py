@@ -63,7 +63,7 @@ def test_a_rate_limit_holds_for_many_threads_together() -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    # 2 MiB at 1 MiB/s, less the first burst (a tenth of a second's worth)
+    # 2 MiB at 1 MiB/s, less the first burst (a fiftieth of a second's worth)
     assert time.monotonic() - started >= 1.8
 
 
