@@ -411,3 +411,37 @@ def test_a_mirror_says_its_disk_budget_is_what_refuses_a_file(
             assert "modeldepot budget" in said and "3.0 MiB more does not fit" in said, said
         finally:
             mirror.stop()
+
+
+def test_writers_in_two_processes_racing_for_the_last_room_end_within_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each process makes room for its own writers only: two that made room before either published both
+    fit, and the store stayed above its budget for good (three pulls at once: 170% of it, evicting nothing
+    after). The writer that ends above it now evicts. The race is played in order: the second writer,
+    another Depot on the same store (as another process would be), publishes between the first one's room
+    and its publish."""
+    from modeldepot.store import importer
+
+    monkeypatch.delenv("MODELDEPOT_MAX_SIZE", raising=False)
+    home = tmp_path / "store"
+    with Depot(home, chunk_size=SMALL_CHUNK) as first, Depot(home, chunk_size=SMALL_CHUNK) as second:
+        first.set_max_size("3.5MiB")
+        first.import_dir(model(tmp_path, "acme/old"), "acme/old")  # 1 MiB, the least recently used
+        time.sleep(0.01)
+        publishing = importer.publish
+        raced: list[str] = []
+
+        def publish_after_the_other(*args: object, **kwargs: object) -> object:
+            if not raced:
+                raced.append("y")
+                second.import_dir(model(tmp_path, "acme/y", size=2 * MB), "acme/y")  # it found the room free
+                time.sleep(0.01)
+            return publishing(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(importer, "publish", publish_after_the_other)
+        first.import_dir(model(tmp_path, "acme/x", size=2 * MB), "acme/x")
+        assert raced == ["y"]
+        assert first.budget_status().used_bytes <= int(3.5 * MB), repos(first)
+        assert "acme/x" in repos(first) and "acme/old" not in repos(first), "the least recently used went"
+        assert first.verify().ok and store_files_consistent(first) == []

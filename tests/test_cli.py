@@ -406,3 +406,10 @@ def test_git_names_that_are_no_branch_are_refused_as_branch_names(home: Path, mo
         assert code == 2 and says in err, (name, err)
     with Depot(home) as depot:
         assert depot.list_repos() == [], "nothing was imported"
+    # git cannot hold main and main/sub (one would be a folder of the other): neither can the store
+    assert run("import", str(model_dir), "--repo", REPO, home=home)[0] == 0
+    assert run("import", str(model_dir), "--repo", REPO, "-r", "dev/x", home=home)[0] == 0
+    code, _, err = run("import", str(model_dir), "--repo", REPO.upper(), "-r", "main/sub", home=home)
+    assert code == 2 and "cannot sit beside its branch 'main'" in err, err
+    code, _, err = run("import", str(model_dir), "--repo", REPO, "-r", "dev", home=home)
+    assert code == 2 and "'dev/x'" in err, err

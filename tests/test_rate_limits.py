@@ -124,3 +124,19 @@ def test_a_node_sends_no_faster_than_its_cap_to_all_clients_together(
     assert sorted(len(b) for b in bodies) == [2 * MiB, 3 * MiB]
     assert any(hashlib.sha256(b).hexdigest() == want for b in bodies)
     assert elapsed >= 2.2, f"5 MiB at 2 MiB/s, both clients together, in {elapsed:.2f} s"
+
+
+def test_a_node_sends_chunks_to_its_peers_within_its_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunk route (what peers fetch in a swarm) answered a plain response, which the cap never saw: a
+    16 MiB chunk left at 500 MB/s from a node capped at 5 MiB/s."""
+    monkeypatch.setenv("MODELDEPOT_MAX_UPLOAD_RATE", "2MiB/s")
+    with serving_repo(tmp_path, FILES, REPO) as node:  # (the default chunk: the file is one chunk)
+        sha256 = hashlib.sha256(FILES["model.safetensors"]).hexdigest()
+        started = time.monotonic()
+        with urllib.request.urlopen(f"{node.url}/api/depot/v1/blobs/{sha256}/chunks/0", timeout=30) as answer:
+            body = answer.read()
+        elapsed = time.monotonic() - started
+    assert body == FILES["model.safetensors"]
+    assert elapsed >= 1.3, f"3 MiB at 2 MiB/s in {elapsed:.2f} s"

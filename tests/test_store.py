@@ -531,6 +531,7 @@ def test_rm_quant_removes_one_variants_own_files_and_keeps_the_rest(depot: Depot
         "tiny-Q4_K_M.gguf": os.urandom(2 * SMALL_CHUNK + 3),
         "tiny-Q8_0.gguf": os.urandom(3 * SMALL_CHUNK + 5),
         "sub/tiny-F16.gguf": os.urandom(SMALL_CHUNK),
+        "mmproj-tiny-f16.gguf": os.urandom(SMALL_CHUNK + 1),  # every GGUF variant needs the projector
     }
     repo = "acme/tiny-GGUF"
     commit = depot.import_dir(write_model_dir(tmp_path / "g", files), repo).commit_id
@@ -542,6 +543,7 @@ def test_rm_quant_removes_one_variants_own_files_and_keeps_the_rest(depot: Depot
     assert depot.resolve(repo) == commit, "the revision stays"
     assert {e.path for e in depot.list_files(repo)} == set(files) - {"tiny-Q8_0.gguf"}
     assert not (snapshot / "tiny-Q8_0.gguf").exists() and (snapshot / "tiny-Q4_K_M.gguf").exists()
+    assert depot.get_file(repo, "mmproj-tiny-f16.gguf") == files["mmproj-tiny-f16.gguf"], "the others need it"
     assert depot.get_file(repo, "config.json") == files["config.json"]
     runner = CliRunner()
     home = str(depot.home)
@@ -554,4 +556,9 @@ def test_rm_quant_removes_one_variants_own_files_and_keeps_the_rest(depot: Depot
     )
     asked = runner.invoke(cli, ["rm", repo, "--quant", "Q4_K_M", "--home", home], input="n\n")
     assert asked.exit_code == 2 and "the Q4_K_M files of" in asked.output, asked.output
+    empty = runner.invoke(cli, ["rm", repo, "--quant", " ", "--yes", "--home", home])
+    assert empty.exit_code == 2 and "empty" in empty.output, empty.output
+    depot.pin(repo, "Q4_K_M")
+    depot.remove(repo, quant="Q4_K_M")  # a pin of what is gone would keep nothing: it goes too
+    assert depot.pins(repo) == []
     assert depot.verify().ok and store_files_consistent(depot) == []

@@ -265,3 +265,37 @@ def test_a_pull_whose_nodes_server_died_claims_no_more_chunks(
     assert claims == {}, json.dumps(claims)  # (its lease revoked with its view)
     said = [r.getMessage() for r in caplog.records if "no longer in the fleet" in r.getMessage()]
     assert len(said) == 1, said
+
+
+def test_a_pull_whose_nodes_server_died_stops_claiming_before_its_record_goes(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The record of a SIGKILLed ``serve`` stays in the view until its lease runs out (10 s): a four-node
+    pull is nearly over by then, and every chunk its pull claimed meanwhile came from the Hub twice (the
+    trial: 1.16-1.38×). Nothing listening at the node's address tells sooner."""
+    served = fleet.node("a").ready()
+    caplog.set_level(logging.INFO, "modeldepot.transfer.swarm")
+
+    async def main() -> None:
+        pull = on_etcd(fleet.etcd)
+        await pull.start()
+        try:
+            await pull.wait_for(lambda: served.id in {n.node_id for n in pull.peers()}, 10)
+            swarm = swarm_of(pull, served.id)
+            swarm.refresh()
+            assert await swarm.claim(0, set(), patience=10)
+            await asyncio.to_thread(served.kill)
+            await asyncio.sleep(1.1)  # (one look at its port a second)
+            swarm.refresh()
+            assert served.id in {n.node_id for n in pull.peers()}, "its record is still there"
+            assert await swarm.claim(1, set(), patience=10), "the pull fetches it itself"
+            assert set(pull.claims(SHA, CHUNK)) == {0}, "and claims it for nobody"
+            assert swarm.events == {"claims_won": 1, "unshared": 1}
+        finally:
+            await pull.close()
+
+    run(main())
+    said = [
+        r.getMessage() for r in caplog.records if "nothing listens at this store's node" in r.getMessage()
+    ]
+    assert len(said) == 1, said

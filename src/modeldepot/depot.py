@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import mmap
@@ -22,7 +23,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from modeldepot.config import DepotConfig
-from modeldepot.errors import ConfigError, DepotError, EntryNotFoundError, NotFoundError, OfflineError
+from modeldepot.errors import (
+    ConfigError,
+    DepotError,
+    EntryNotFoundError,
+    InvalidInputError,
+    NotFoundError,
+    OfflineError,
+)
 from modeldepot.hub.manifest import Manifest, RemoteFile, listed_files, manifest_from_record, save_scan
 from modeldepot.hub.variants import group_files
 from modeldepot.store import (
@@ -701,7 +709,8 @@ class Depot:
         return result
 
     def _remove_variant(self, repo_id: str, revision: str, quant: str) -> RemoveResult:
-        validate_label(quant)
+        if not validate_label(quant).strip():
+            raise InvalidInputError("the variant to remove is empty: give its name (see `modeldepot info`)")
         commit_id = self.store.resolve(repo_id, revision)
         grouping = group_files(e.path for e in self.store.files(repo_id, commit_id))
         variant = grouping.find(quant)
@@ -709,7 +718,14 @@ class Depot:
             raise NotFoundError(
                 f"{repo_id}@{commit_id[:12]} holds no variant {quant!r} (it holds: {grouping.names() or 'none'})"
             )
-        result = remove_files(self.store, repo_id, commit_id, variant.files)
+        # Its own files only: one another variant lists too (a GGUF repo's mmproj projector) stays.
+        others = {path for v in grouping.variants if v is not variant for path in v.files}
+        result = remove_files(self.store, repo_id, commit_id, [p for p in variant.files if p not in others])
+        for pin in self.store.budget.pins(repo_id):  # (a pin of what is gone would keep nothing, unseen)
+            if pin.quant is not None and pin.quant.lower() == variant.name.lower():
+                with contextlib.suppress(NotFoundError):
+                    if self.store.resolve(repo_id, pin.revision) == commit_id:
+                        self.store.budget.unpin(repo_id, pin.quant, pin.revision)
         self._forget_removed_variants(repo_id)
         self._let_go_of(repo_id, [commit_id])  # (its engines and preloads reload without it on next use)
         return result

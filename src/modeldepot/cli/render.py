@@ -347,8 +347,9 @@ def render_budget(budget: BudgetStatus, evicted: list[Eviction], over: int) -> N
     out.print(f"budget  {_budget_line(budget)}")
     out.print(f"evicted {budget.evictions} revisions, {format_bytes(budget.evicted_bytes)} so far")
     if over:
-        err.print(f"[yellow]warning:[/yellow] the store is {format_bytes(over)} over its budget: the models pinned or "
-                  "in use keep it (`modeldepot pins`; unpin or remove models to go further)")  # fmt: skip
+        err.print(f"[yellow]warning:[/yellow] the store is {format_bytes(over)} over its budget: what is pinned or in "
+                  f"use ({format_bytes(budget.in_use_bytes)}) is never evicted, and the next import or pull evicts "
+                  "the least recently used of the rest (`modeldepot gc --max-size SIZE` does it now)")  # fmt: skip
 
 
 def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:

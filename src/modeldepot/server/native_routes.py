@@ -31,7 +31,7 @@ from modeldepot.server.context import DEPOT, is_authorized, path_repo
 from modeldepot.server.fleet import FLEET
 from modeldepot.server.openapi import WITHHELD_PRELOAD, openapi_document
 from modeldepot.server.ranges import RangeNotSatisfiable
-from modeldepot.server.responses import CountedResponse, json_response, send_blob
+from modeldepot.server.responses import CountedResponse, ViewResponse, json_response, send_blob
 from modeldepot.server.views import wanted_range
 from modeldepot.store.maintenance import totals as store_totals
 from modeldepot.store.models import BlobRecord
@@ -269,7 +269,7 @@ async def read_chunk(request: web.Request) -> web.StreamResponse:
         view, digest = await asyncio.to_thread(depot.store.verified_chunk, blob, int(raw))
         chunk_size = blob.chunk_size
     headers = {"ETag": f'"{digest}"', "X-Chunk-Blake3": digest, "X-Chunk-Size": str(chunk_size)}
-    return web.Response(body=view, headers=headers, content_type="application/octet-stream")
+    return ViewResponse(view, headers)
 
 
 def bitfield(held: Iterable[int], count: int) -> str:

@@ -36,6 +36,7 @@ from modeldepot.store.verified import VerifiedBlob
 __all__ = [
     "BlobResponse",
     "CountedResponse",
+    "ViewResponse",
     "body_bytes_sent",
     "error_response",
     "json_response",
@@ -176,6 +177,31 @@ class BlobResponse(CountedResponse):
         self.body_sent += count
         if self.on_sendfile is not None:
             self.on_sendfile(count)
+
+
+class ViewResponse(CountedResponse):
+    """Sends ``view`` (a checked chunk: a view of the very mapping that was hashed), piece by piece within
+    the node's upload cap when it has one (a plain ``web.Response`` went around it)."""
+
+    def __init__(self, view: memoryview, headers: dict[str, str]) -> None:
+        super().__init__(status=200, headers={**headers, "Content-Type": "application/octet-stream"})
+        self._view = view
+        self.content_length = len(view)
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        writer = await super().prepare(request)
+        if request.method == "HEAD" or writer is None:
+            return writer
+        limit, view = self.upload_limit, self._view
+        piece = limit.piece() if limit is not None else max(1, len(view))
+        for start in range(0, len(view), piece):
+            part = view[start : start + piece]
+            if limit is not None:
+                await limit.take_async(len(part))
+            await writer.write(part)
+            self.body_sent += len(part)
+        await super().write_eof()
+        return writer
 
 
 async def send_blob(

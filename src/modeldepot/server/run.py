@@ -122,6 +122,12 @@ def run_server(
         if budget.max_bytes is not None:
             log.info("disk budget: %d bytes (the store's: %s; MODELDEPOT_MAX_SIZE: %s)", budget.max_bytes,
                      budget.store_max_size or "none", budget.process_max_bytes or "none")  # fmt: skip
+        for what, rate in (
+            ("downloads", depot.config.max_download_rate),
+            ("uploads", depot.config.max_upload_rate),
+        ):
+            if rate is not None:
+                log.info("%s capped at %.1f MiB/s, all connections together", what, rate / 2**20)
         if fleet is not None:  # once listening: peers may come at once
             await fleet.register(advertise or advertised_url(host, int(runner.addresses[0][1])))
         server = runner.server

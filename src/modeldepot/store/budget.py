@@ -22,8 +22,8 @@ the loaded-model cache's models: depot.py). Evictions are logged and counted in 
 
 Several processes may share a store: each decides from the index as it reads it, and each removal takes the
 store's lock like ``rm``; what a writer reuses is checked again when it publishes (store/publish.py). Two
-processes racing for the last room may together end above the budget; the next one that writes evicts
-again.
+processes racing for the last room may together go above the budget while they write; each writer that
+ends above it evicts again (:meth:`DiskBudget.writing`).
 """
 
 from __future__ import annotations
@@ -212,6 +212,18 @@ class DiskBudget:
                 self._reused.subtract(writer.reused)
                 self._reserved -= writer.reserved
                 self._writing, self._reused = +self._writing, +self._reused
+        self._within_after_writing(repo_id)
+
+    def _within_after_writing(self, repo_id: str) -> None:
+        """Writers in other processes make room each for itself (a reservation is one process's): three
+        pulls started together into the last room all fit, and the store stayed above its budget for good.
+        The writer that ends over it evicts the least recently used revisions it may, as far as it can."""
+        budget = self.max_bytes
+        if budget is None or self.used_bytes() <= budget:
+            return
+        self._evict_to(
+            budget, 0, f"keeping within the disk budget after writing {repo_id}", None, partial=True
+        )
 
     def pin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> Pin:
         """Keep the revision ``revision`` names (a branch is followed) from eviction. The repo must be in the

@@ -33,7 +33,7 @@ from modeldepot.hashing import GIT_OID_LIMIT, BlobDigest, digest_stream
 from modeldepot.modelcard import MAX_CARD_BYTES, card_metadata
 from modeldepot.store.blobs import PartialBlob, WriteSession
 from modeldepot.store.models import ImportResult
-from modeldepot.store.publish import RevisionSpec, StagedFile, blob_states, publish
+from modeldepot.store.publish import RevisionSpec, StagedFile, blob_states, publish, refuse_nested_branch
 from modeldepot.store.store import Store
 from modeldepot.validation import validate_new_branch, validate_path, validate_repo_id
 
@@ -269,6 +269,7 @@ def import_dir(
 ) -> ImportResult:
     validate_repo_id(repo_id)
     validate_new_branch(revision)
+    refuse_nested_branch(store.index, repo_id, revision)
     files = scan_source(Path(directory))
     doing = f"importing {repo_id}"
     with store.budget.writing(repo_id) as writer, WriteSession(store.layout) as session:

@@ -12,17 +12,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from modeldepot.errors import StoreError
+from modeldepot.errors import InvalidRevisionError, StoreError
 from modeldepot.hashing import BlobDigest
 from modeldepot.store.blobs import PartialBlob
 from modeldepot.store.index import Index
 from modeldepot.store.store import Store
 
-__all__ = ["RevisionSpec", "StagedFile", "blob_states", "publish"]
+__all__ = ["RevisionSpec", "StagedFile", "blob_states", "publish", "refuse_nested_branch"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,30 @@ def _unplace(store: Store, placed: list[str]) -> None:
                 store.blobs.delete(sha256)
 
 
+_NESTED_REF = (
+    "SELECT name FROM refs WHERE repo_id = ? COLLATE NOCASE AND name != ? AND "
+    "(substr(?, 1, length(name) + 1) = name || '/' OR substr(name, 1, ?) = ?) LIMIT 1"
+)
+
+
+def refuse_nested_branch(con: sqlite3.Connection | Index, repo_id: str, branch: str) -> None:
+    """git (and the Hub, and the Hugging Face cache's ``refs/`` folder) cannot hold both ``main`` and
+    ``main/sub``: a ref may not be a folder of another. InvalidRevisionError names the clash. (Asked again
+    in the publishing transaction; an import asks first, before it hashes a byte.)"""
+    params = (repo_id, branch, branch, len(branch) + 1, branch + "/")
+    rows = (
+        con.read(_NESTED_REF, params)
+        if isinstance(con, Index)
+        else con.execute(_NESTED_REF, params).fetchall()
+    )
+    clash = rows[0] if rows else None
+    if clash is not None:
+        raise InvalidRevisionError(
+            f"branch {branch!r} of {repo_id} cannot sit beside its branch {clash[0]!r}: one would be a folder "
+            "of the other (git's rule); choose another name"
+        )
+
+
 def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushed_boot: str | None,
             placed: set[str]) -> RevisionSpec:  # fmt: skip
     """The revision's rows in one transaction. The blobs this call placed record ``unflushed_boot`` (the
@@ -191,6 +216,7 @@ def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushe
                 ),
             )
         if spec.branch is not None:
+            refuse_nested_branch(con, spec.repo_id, spec.branch)
             con.execute(
                 "INSERT INTO refs (repo_id, name, commit_id, updated_at) VALUES (?, ?, ?, ?) ON CONFLICT "
                 "(repo_id, name) DO UPDATE SET commit_id = excluded.commit_id, updated_at = excluded.updated_at",

@@ -33,12 +33,14 @@ chunk numbers, node ids and BLAKE3s only.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import statistics
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from modeldepot.discovery.base import ChunkClaim, Holding, NodeRecord
 from modeldepot.hashing import chunk_count
@@ -55,6 +57,7 @@ OVERDUE_FACTOR = (
     3.0  # a claim is late once unlanded this many times the swarm's typical claim-to-landing time
 )
 FIRST_LANDING_PATIENCE = 60.0  # ... or this many seconds while no claim of the file was seen landing
+SERVING_PROBE_EVERY = 1.0  # seconds between two looks at whether this store's own node still listens
 LANDINGS_KEPT = 32  # the swarm's latest claim-to-settlement times kept, for its typical time per chunk
 
 SourceFactory = Callable[[NodeRecord, Holding | None], FileSource | None]
@@ -101,6 +104,8 @@ class SwarmFile:
         # This store's node is in the view (SourceChain.swarm_file saw it live when the file started).
         self.serving = True
         self._serving_lost_logged = False
+        self._probe_due = 0.0  # (_listening: when to look at this node's port again)
+        self._listening = True
         self.events: dict[str, int] = {}  # why chunks were fetched from the Hub, and other counts
 
     # -- reading the view -----------------------------------------------------------------------------------
@@ -168,6 +173,37 @@ class SwarmFile:
         elif serving and self._serving_lost_logged:
             log.info("%s: this store's node %s is back in the fleet: claiming chunks again", self.sha256[:12],
                      self.node_id)  # fmt: skip
+
+    async def _still_listening(self) -> bool:
+        """Whether this store's node still accepts connections, looked at once a second: a ``serve`` that
+        died leaves its record in the view until its lease runs out (10 s), and every claim made meanwhile
+        is one the others wait on, then fetch from the Hub again. Only a refusal (nothing listens at its
+        address) counts: an address this machine cannot reach itself (a proxy, NAT) says nothing."""
+        now = time.monotonic()
+        record = self.nodes.get(self.node_id)
+        if record is None or now < self._probe_due:
+            return self._listening
+        self._probe_due = now + SERVING_PROBE_EVERY
+        address = urlsplit(record.url)
+        try:
+            port = address.port or (443 if address.scheme == "https" else 80)
+            _, writer = await asyncio.wait_for(asyncio.open_connection(address.hostname, port), 0.5)
+            writer.close()
+            listening = True
+        except ConnectionRefusedError:
+            listening = False
+        except (OSError, ValueError, asyncio.TimeoutError):
+            listening = True  # (unknown: not a sign it is gone)
+        if listening != self._listening:
+            self._listening = listening
+            if listening:
+                log.info("%s: this store's node %s listens again: claiming chunks again", self.sha256[:12],
+                         self.node_id)  # fmt: skip
+            else:
+                log.warning("%s: nothing listens at this store's node %s (%s): its server stopped? This pull "
+                            "claims no more chunks and fetches the rest on its own", self.sha256[:12],
+                            self.node_id, record.url)  # fmt: skip
+        return listening
 
     def typical_landing(self) -> float | None:
         """The swarm's typical seconds from a claim (as first seen here) to its settlement, or None before
@@ -287,7 +323,7 @@ class SwarmFile:
             if standing is not None:
                 return False
             replaces = current.revision
-        if not self.serving:
+        if not self.serving or not await self._still_listening():
             # No claim: the others may not wait on this node for a chunk they cannot take from it. The Hub
             # gives it here (a chunk another live node claims still comes from that node: see above).
             self.count("unshared")
