@@ -353,3 +353,31 @@ def test_a_node_lets_go_of_what_another_process_removed(depot: Depot, tmp_path: 
         assert [m.repo_id for m in depot.preloader.stats().preloaded] == ["acme/b"]
     finally:
         node.stop()
+
+
+def test_removing_one_variant_lets_go_of_its_preload_only_here_and_beside_a_node(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """`rm --quant` left the removed variant mapped in a node beside it (its revision stayed whole, so the
+    node's look for removed revisions saw nothing: the space was not given back), and in its own process
+    dropped the preloads of the variants that stayed too."""
+    from conftest import LiveNode, wait_until
+
+    rng = random.Random(9)
+    files = {name: rng.randbytes(MiB) for name in ("m-Q4_K_M.gguf", "m-Q8_0.gguf", "m-F16.gguf")}
+    depot.import_dir(write_model_dir(tmp_path / "g", files), "acme/m-GGUF")
+    blob = {name: str(depot.store.blobs.path(depot.file_info("acme/m-GGUF", name).sha256)) for name in files}
+    for quant in ("Q4_K_M", "Q8_0", "F16"):
+        depot.preloader.preload("acme/m-GGUF", quant)
+    depot.remove("acme/m-GGUF", quant="F16")  # in this process
+    assert {m.variant for m in depot.preloader.stats().preloaded} == {"Q4_K_M", "Q8_0"}
+    assert blob["m-F16.gguf"] not in Path("/proc/self/maps").read_text()
+    node = LiveNode(depot)
+    try:
+        with Depot(depot.home) as beside:  # (another process's Depot: nothing of the node's memory)
+            beside.remove("acme/m-GGUF", quant="Q8_0")
+        wait_until(lambda: blob["m-Q8_0.gguf"] not in Path("/proc/self/maps").read_text(), timeout=10)
+        assert {m.variant for m in depot.preloader.stats().preloaded} == {"Q4_K_M"}
+        assert blob["m-Q4_K_M.gguf"] in Path("/proc/self/maps").read_text()
+    finally:
+        node.stop()

@@ -151,6 +151,7 @@ def test_examples(header: str | None, size: int, expected: Outcome) -> None:
         ("bytes=-99999999999999999999999", ByteRange(0, 9)),  # a suffix longer than the file: all of it
         ("bytes=00000000000000000000000005-", ByteRange(5, 9)),  # leading zeros are no size
         ("bytes=3-00000000000000000000000004", ByteRange(3, 4)),
+        ("bytes=50-99999999999999999999999", UNSATISFIABLE),  # a first byte past the end, whatever the last
     ],
 )
 def test_offsets_of_any_length_are_read_as_numbers(header: str, expected: Outcome) -> None:

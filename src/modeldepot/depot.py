@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import mmap
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from functools import wraps
 from pathlib import Path
 from types import TracebackType
@@ -83,6 +83,14 @@ __all__ = ["Depot", "MappedFile"]
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _maps_one_of(model_file: object, paths: Collection[str]) -> bool:
+    """Whether an engine loaded from ``model_file`` maps one of ``paths``: the file itself, or its
+    external data, named after it (``model.onnx_data``, ``model.onnx.data``)."""
+    if not isinstance(model_file, str):
+        return True
+    return any(path.startswith(model_file) for path in paths)
 
 
 def _any_case(method: F) -> F:
@@ -727,7 +735,7 @@ class Depot:
                     if self.store.resolve(repo_id, pin.revision) == commit_id:
                         self.store.budget.unpin(repo_id, pin.quant, pin.revision)
         self._forget_removed_variants(repo_id)
-        self._let_go_of(repo_id, [commit_id])  # (its engines and preloads reload without it on next use)
+        self._let_go_of(repo_id, [commit_id], result.files_removed)
         return result
 
     def let_go_of_removed(self) -> int:
@@ -751,7 +759,24 @@ class Depot:
         ]
         for repo_id, commit_id in gone:
             self._let_go_of(repo_id, [commit_id])
+        # Files taken out of a revision that stays (`rm --quant` beside the node): the models that map them.
+        for (repo_id, commit_id), used in self._paths_in_use().items():
+            if (repo_id, commit_id) in gone:
+                continue
+            held = {row["path"] for row in self.store.index.read(
+                "SELECT path FROM files WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id))}  # fmt: skip
+            if used - held:
+                self._let_go_of(repo_id, [commit_id], used - held)
+                gone.append((repo_id, commit_id))
         return len(gone)
+
+    def _paths_in_use(self) -> dict[tuple[str, str], set[str]]:
+        """(repo, commit) -> the files this process's preloads map and its engines were loaded from."""
+        found = self._preloader.paths() if self._preloader is not None else {}
+        for key in self._engines.keys() if self._engines is not None else []:
+            if isinstance(key, tuple) and len(key) >= 3 and all(isinstance(part, str) for part in key[:3]):
+                found.setdefault((key[0], key[1]), set()).add(key[2])
+        return found
 
     def _let_go_of_blob(self, sha256: str) -> None:
         """A blob this process quarantined: its engines and preloads must not go on using the bad bytes."""
@@ -765,16 +790,22 @@ class Depot:
         for repo_id, commit_ids in users.items():
             self._let_go_of(repo_id, commit_ids)
 
-    def _let_go_of(self, repo_id: str, commit_ids: Sequence[str]) -> None:
-        """Drop this process's preloads and loaded engines of removed revisions: their mappings would keep
-        the deleted files' disk space taken until the process ends."""
+    def _let_go_of(
+        self, repo_id: str, commit_ids: Sequence[str], paths: Collection[str] | None = None
+    ) -> None:
+        """Drop this process's preloads and loaded engines of removed revisions (with ``paths``: those that
+        map one of these files, removed from a revision that stays): their mappings would keep the deleted
+        files' disk space taken until the process ends."""
         if not commit_ids:
             return
         if self._preloader is not None:
-            self._preloader.forget(repo_id, commit_ids)
+            self._preloader.forget(repo_id, commit_ids, paths)
         loaded = [*self._engines.keys(), *self._engines.loading()] if self._engines is not None else []
         for key in loaded:
-            if isinstance(key, tuple) and len(key) >= 2 and key[0] == repo_id and key[1] in commit_ids:
+            # (an engine's key names the repo, the commit and the model file it was loaded from)
+            if not (isinstance(key, tuple) and len(key) >= 3 and key[0] == repo_id and key[1] in commit_ids):
+                continue
+            if paths is None or _maps_one_of(key[2], paths):
                 assert self._engines is not None
                 self._engines.evict(key)
 

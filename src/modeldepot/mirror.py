@@ -80,7 +80,8 @@ class Mirror:
 
     def _note_broken(self, repo_id: str, path: str) -> None:
         now = time.time()
-        self._broken = {key: when for key, when in self._broken.items() if abs(now - when) <= BROKEN_TTL}
+        known = {**self._load_broken(), **self._broken}  # (another node on this store may have written some)
+        self._broken = {key: when for key, when in known.items() if abs(now - when) <= BROKEN_TTL}
         self._broken[(repo_id.lower(), path)] = now
         rows = [[repo, file, when] for (repo, file), when in self._broken.items()]
         temporary = self._broken_file.with_name(f".{BROKEN_FILE}.{os.getpid()}.tmp")

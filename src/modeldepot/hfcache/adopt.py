@@ -357,6 +357,7 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
         writer.reuse(sha256 for sha256 in partials if known.get(sha256) == "ok")
         writer.make_room(sum(p.size for sha, p in partials.items() if known.get(sha) != "ok"), doing)
         revisions, new = _publish_revisions(store, scan, repo, verified, partials, private)
+        writer.keep_within()
     new_bytes = sum(p.size for sha256, p in partials.items() if sha256 in new)
     return HfCacheRepo(repo.repo_id, tuple(revisions), len(partials), len(new), new_bytes, linked, copied)
 

@@ -179,6 +179,7 @@ class Preloader:
         self._models: dict[ModelKey, _Model] = {}  # insertion order = least recently used first
         self._loading: dict[ModelKey, threading.Event] = {}
         self._forgotten: set[ModelKey] = set()  # loading when :meth:`forget` named their revision
+        self._loading_paths: dict[ModelKey, frozenset[str]] = {}  # the files each load in progress reads
         self._hits = self._misses = self._evictions = 0
         self._load_times: dict[bool, list[float]] = {True: [], False: []}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preload")
@@ -227,6 +228,7 @@ class Preloader:
                 waiting = self._loading.get(key)
                 if waiting is None:
                     self._loading[key] = threading.Event()
+                    self._loading_paths[key] = frozenset(e.path for e in entries)
                     self._make_room(self._new_bytes(entries))
                     break
             waiting.wait()
@@ -235,10 +237,12 @@ class Preloader:
         except BaseException:
             with self._lock:
                 self._loading.pop(key).set()
+                self._loading_paths.pop(key, None)
                 self._forgotten.discard(key)
             raise
         with self._lock:
             self._loading.pop(key).set()
+            self._loading_paths.pop(key, None)
             forgotten = key in self._forgotten
             self._forgotten.discard(key)
             if not forgotten:
@@ -408,18 +412,32 @@ class Preloader:
         with self._lock:
             return {(key[0], key[1]) for key in self._models}
 
-    def forget(self, repo_id: str, commit_ids: Iterable[str]) -> int:
+    def paths(self) -> dict[tuple[str, str], set[str]]:
+        """(repo, commit) -> the files this preloader maps of it, or reads for a load in progress."""
+        found: dict[tuple[str, str], set[str]] = {}
+        with self._lock:
+            for key, model in self._models.items():
+                found.setdefault((key[0], key[1]), set()).update(model.files)
+            for key, paths in self._loading_paths.items():
+                found.setdefault((key[0], key[1]), set()).update(paths)
+        return found
+
+    def forget(self, repo_id: str, commit_ids: Iterable[str], paths: Iterable[str] | None = None) -> int:
         """Take every model of these revisions out of RAM (they were removed from the store: their mappings
         would keep the deleted files' space taken, and count in the RAM tier); a held one goes when its last
-        holder lets go, and one being loaded when its load ends (that preload raises NotFoundError). Returns
-        how many models were dropped."""
+        holder lets go, and one being loaded when its load ends (that preload raises NotFoundError). With
+        ``paths``, only the models that map one of these files (removed from a revision that stays: `rm
+        --quant`). Returns how many models were dropped."""
         commits = set(commit_ids)
+        only = None if paths is None else set(paths)  # (given: the models that map one of these files)
         with self._lock:
-            gone = [m for m in self._models.values() if m.key[0] == repo_id and m.key[1] in commits]
+            gone = [m for m in self._models.values() if m.key[0] == repo_id and m.key[1] in commits
+                    and (only is None or not only.isdisjoint(m.files))]  # fmt: skip
             for model in gone:
                 self._drop(model)
             # (a model being loaded now is let go of when its load ends, instead of kept)
-            self._forgotten.update(k for k in self._loading if k[0] == repo_id and k[1] in commits)
+            self._forgotten.update(k for k in self._loading if k[0] == repo_id and k[1] in commits
+                                   and (only is None or not only.isdisjoint(self._loading_paths.get(k, ()))))  # fmt: skip
         return len(gone)
 
     def pin(

@@ -50,13 +50,14 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     # byte or a suffix past it means "to the end". Read as the file's size, it never costs a huge int.
     if len(first) > _MAX_DIGITS:
         raise RangeNotSatisfiable(size)
-    if len(last) > _MAX_DIGITS:
-        last = str(size)
+    huge = len(last) > _MAX_DIGITS  # (past any first byte too: "to the end", never "last < first")
     if not first:  # suffix range: the last N bytes
-        suffix = int(last)
+        suffix = size if huge else int(last)
         if suffix == 0 or size == 0:
             raise RangeNotSatisfiable(size)
         return ByteRange(max(0, size - suffix), size - 1)
+    if huge:
+        last = ""
     start = int(first)
     if last and int(last) < start:
         return None  # an invalid byte-range-spec: the whole Range header is ignored

@@ -199,15 +199,14 @@ class BlobFiles:
         """
         target = self.path(sha256)
         try:
-            made = not target.parent.is_dir()
             target.parent.mkdir(exist_ok=True)
             if not (partial.keep_name and self._link(partial.path, target)):
                 self.layout.replace(partial.path, target)
             partial.placed = True
             if durable:
                 fsync_dir(target.parent)
-                if made:  # (the new blobs/<ab>/ entry must survive a power loss too)
-                    fsync_dir(target.parent.parent)
+                # (blobs/ too: its <ab>/ entry may be new, made by this writer or by another a moment ago)
+                fsync_dir(target.parent.parent)
         except OSError as error:
             raise os_error(error, f"placing blob {sha256[:16]}…") from error
 

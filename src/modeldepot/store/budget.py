@@ -23,7 +23,7 @@ the loaded-model cache's models: depot.py). Evictions are logged and counted in 
 Several processes may share a store: each decides from the index as it reads it, and each removal takes the
 store's lock like ``rm``; what a writer reuses is checked again when it publishes (store/publish.py). Two
 processes racing for the last room may together go above the budget while they write; each writer that
-ends above it evicts again (:meth:`DiskBudget.writing`).
+ends above it evicts again (:meth:`BudgetWriter.keep_within`).
 """
 
 from __future__ import annotations
@@ -212,18 +212,6 @@ class DiskBudget:
                 self._reused.subtract(writer.reused)
                 self._reserved -= writer.reserved
                 self._writing, self._reused = +self._writing, +self._reused
-        self._within_after_writing(repo_id)
-
-    def _within_after_writing(self, repo_id: str) -> None:
-        """Writers in other processes make room each for itself (a reservation is one process's): three
-        pulls started together into the last room all fit, and the store stayed above its budget for good.
-        The writer that ends over it evicts the least recently used revisions it may, as far as it can."""
-        budget = self.max_bytes
-        if budget is None or self.used_bytes() <= budget:
-            return
-        self._evict_to(
-            budget, 0, f"keeping within the disk budget after writing {repo_id}", None, partial=True
-        )
 
     def pin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> Pin:
         """Keep the revision ``revision`` names (a branch is followed) from eviction. The repo must be in the
@@ -502,3 +490,18 @@ class BudgetWriter:
     def make_room(self, needed: int, doing: str) -> list[Eviction]:
         """:meth:`DiskBudget.make_room` for this writer; the room stays reserved until it ends."""
         return self.budget.make_room(needed, doing, self)
+
+    def keep_within(self) -> list[Eviction]:
+        """Once this writer published: if the store is above its budget, evict the least recently used
+        revisions that may go (never this writer's repo), as far as it can. Writers in other processes make
+        room each for itself (a reservation is one process's): three pulls started together into the last
+        room all fit, and the store stayed above its budget for good. Blocking: off an event loop."""
+        budget = self.budget
+        with budget._lock:  # (what it reserved is in the store now: counted once, as used)
+            budget._reserved -= self.reserved
+            self.reserved = 0
+        limit = budget.max_bytes
+        if limit is None or budget.used_bytes() <= limit:
+            return []
+        return budget._evict_to(limit, 0, f"keeping within the disk budget after writing {self.repo_id}", self,
+                                partial=True)  # fmt: skip

@@ -177,7 +177,8 @@ class Durability:
             finally:
                 os.close(fd)
             folders.add(path.parent)
-        for folder in folders:
+        # (and blobs/ itself, once: a blobs/<ab>/ folder made since the last flush is an entry of it)
+        for folder in [*folders, *{folder.parent for folder in folders}]:
             try:
                 fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except FileNotFoundError:

@@ -285,6 +285,7 @@ def import_dir(
         commit_id = commit_id_for_tree(trees[""])
         spec = RevisionSpec(repo_id, commit_id, revision, private, "import", _card(files), trees[""])
         new = publish(store, spec, staged, partials)
+        writer.keep_within()
     store.access.record(
         repo_id, count=0
     )  # an import is a use (the disk budget evicts the least recently used)

@@ -324,8 +324,8 @@ class Store:
         # The digests first: read after the open, they may be gone (an `rm` between), and every chunk then
         # fails its check. They are the content's, whichever placement the open finds.
         digests = self.chunk_digests(blob.sha256)
-        if len(digests) != chunk_count(blob.size, blob.chunk_size):
-            raise CorruptBlobError(blob.sha256, "it was removed from the store meanwhile")
+        if len(digests) != chunk_count(blob.size, blob.chunk_size):  # (not corrupt: a 404, not a 503)
+            raise NotFoundError(f"blob {blob.sha256[:16]}… was removed from the store meanwhile")
         fd, seen = self._open_fd_seen(blob)
         try:
             return VerifiedBlob(blob, fd, digests, functools.partial(self.quarantine, seen=seen))

@@ -25,7 +25,7 @@ from modeldepot.hub.manifest import INTERRUPTED, Manifest, RemoteFile
 from modeldepot.store.blobs import PartialBlob
 from modeldepot.store.budget import BudgetWriter
 from modeldepot.store.partials import ResumablePartial, partial_key
-from modeldepot.store.publish import RevisionSpec, StagedFile, publish
+from modeldepot.store.publish import RevisionSpec, StagedFile, publish, refuse_nested_branch
 from modeldepot.store.store import Store
 from modeldepot.transfer.chain import SourceChain
 from modeldepot.transfer.download import FileSource, Limits, download_file
@@ -162,9 +162,12 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
                         branch: str | None, chain: SourceChain, offline: bool, progress: PullProgress | None,
                         limits: Limits | None, watch: PartialWatch | None, writer: BudgetWriter,
                         held: dict[str, int] | None = None) -> PullResult:  # fmt: skip
+    if branch is not None:  # (a branch that cannot sit beside the store's is refused before a byte moves)
+        await asyncio.to_thread(refuse_nested_branch, store.index, manifest.repo_id, branch)
     have: dict[str, BlobDigest] = {}
-    for remote in files:
-        found = _stored(store, remote)
+    # (off the loop: a blob not checked since a restart is rehashed before it counts as held)
+    found_here = await asyncio.to_thread(lambda: [(remote, _stored(store, remote)) for remote in files])
+    for remote, found in found_here:
         if found is not None:
             have[remote.path] = found
             writer.reuse([found.sha256])  # kept from eviction from here on (publish checks they stayed)
@@ -220,6 +223,10 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
                 await asyncio.gather(*(swarm.release() for swarm in run.swarms), return_exceptions=True)
         await tracker.settle()
         tracker.write("downloaded")
+        try:
+            await asyncio.to_thread(writer.keep_within)
+        except DepotError as error:  # (the pull is done: the next writer evicts)
+            log.warning("%s: could not keep the store within its disk budget: %s", manifest.repo_id, error)
         store.access.record(
             manifest.repo_id, count=0
         )  # a pull is a use (the disk budget evicts the least recently used)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import statistics
 import time
 from collections import deque
@@ -106,6 +107,7 @@ class SwarmFile:
         self._serving_lost_logged = False
         self._probe_due = 0.0  # (_listening: when to look at this node's port again)
         self._listening = True
+        self._addresses: tuple[tuple[str, int], list[tuple[str, int]]] | None = None  # (host, port) -> addrs
         self.events: dict[str, int] = {}  # why chunks were fetched from the Hub, and other counts
 
     # -- reading the view -----------------------------------------------------------------------------------
@@ -184,16 +186,7 @@ class SwarmFile:
         if record is None or now < self._probe_due:
             return self._listening
         self._probe_due = now + SERVING_PROBE_EVERY
-        address = urlsplit(record.url)
-        try:
-            port = address.port or (443 if address.scheme == "https" else 80)
-            _, writer = await asyncio.wait_for(asyncio.open_connection(address.hostname, port), 0.5)
-            writer.close()
-            listening = True
-        except ConnectionRefusedError:
-            listening = False
-        except (OSError, ValueError, asyncio.TimeoutError):
-            listening = True  # (unknown: not a sign it is gone)
+        listening = await self._accepts(record.url)
         if listening != self._listening:
             self._listening = listening
             if listening:
@@ -204,6 +197,33 @@ class SwarmFile:
                             "claims no more chunks and fetches the rest on its own", self.sha256[:12],
                             self.node_id, record.url)  # fmt: skip
         return listening
+
+    async def _accepts(self, url: str) -> bool:
+        """False when every address of ``url``'s host refuses a connection (nothing listens there); True
+        when one accepts, or when it cannot be told (a timeout, a name that does not resolve). The addresses
+        are resolved once (a name like localhost has two: each is tried)."""
+        address = urlsplit(url)
+        try:
+            target = (address.hostname or "", address.port or (443 if address.scheme == "https" else 80))
+            if self._addresses is None or self._addresses[0] != target:
+                infos = await asyncio.wait_for(
+                    asyncio.get_running_loop().getaddrinfo(*target, type=socket.SOCK_STREAM), 0.5
+                )
+                self._addresses = (target, sorted({(str(info[4][0]), int(info[4][1])) for info in infos}))
+        except (OSError, ValueError, asyncio.TimeoutError):
+            return True
+        refused = 0
+        for host, port in self._addresses[1]:
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 0.5)
+            except ConnectionRefusedError:
+                refused += 1
+                continue
+            except (OSError, asyncio.TimeoutError):
+                continue
+            writer.close()
+            return True
+        return refused == 0 or refused < len(self._addresses[1])
 
     def typical_landing(self) -> float | None:
         """The swarm's typical seconds from a claim (as first seen here) to its settlement, or None before
