@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import mmap
 import threading
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import wraps
 from pathlib import Path
 from types import TracebackType
@@ -31,6 +31,7 @@ from modeldepot.errors import (
     NotFoundError,
     OfflineError,
 )
+from modeldepot.held import HeldModels
 from modeldepot.hub.manifest import Manifest, RemoteFile, listed_files, manifest_from_record, save_scan
 from modeldepot.hub.variants import group_files
 from modeldepot.store import (
@@ -83,14 +84,6 @@ __all__ = ["Depot", "MappedFile"]
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _maps_one_of(model_file: object, paths: Collection[str]) -> bool:
-    """Whether an engine loaded from ``model_file`` maps one of ``paths``: the file itself, or its
-    external data, named after it (``model.onnx_data``, ``model.onnx.data``)."""
-    if not isinstance(model_file, str):
-        return True
-    return any(path.startswith(model_file) for path in paths)
 
 
 def _any_case(method: F) -> F:
@@ -197,9 +190,11 @@ class Depot:
         # (repo, when scanned) -> the scanned commit's files, for commit_files
         self._listings: dict[tuple[str, float], tuple[RemoteFile, ...]] = {}
         self._download_limit: RateLimit | None = None  # (download_limit: one for all this depot's pulls)
-        self.store.budget.add_in_use(self._in_use)
+        # What this process holds in memory of the store: kept from eviction, let go of once removed.
+        self._held = HeldModels(self.store, lambda: self._preloader, lambda: self._engines)
+        self.store.budget.add_in_use(self._held.in_use)
         self.store.budget.add_evicted_hook(self._forget_removed_variants)
-        self.store.add_quarantine_hook(self._let_go_of_blob)
+        self.store.add_quarantine_hook(self._held.let_go_of_blob)
 
     @property
     def engines(self) -> LoadedModelCache[Any]:
@@ -710,7 +705,7 @@ class Depot:
             return self._remove_variant(repo_id, revision or "main", quant)
         result = remove(self.store, repo_id, revision)
         self._forget_removed_variants(repo_id)
-        self._let_go_of(repo_id, result.commits)
+        self._held.let_go_of(repo_id, result.commits)
         if revision is None:  # the repo is gone: its pins would apply again, unseen, to a later pull of it
             for pin in self.store.budget.pins(repo_id):
                 self.store.budget.unpin(repo_id, pin.quant, pin.revision)
@@ -735,79 +730,14 @@ class Depot:
                     if self.store.resolve(repo_id, pin.revision) == commit_id:
                         self.store.budget.unpin(repo_id, pin.quant, pin.revision)
         self._forget_removed_variants(repo_id)
-        self._let_go_of(repo_id, [commit_id], result.files_removed)
+        self._held.let_go_of(repo_id, [commit_id], result.files_removed)
         return result
 
     def let_go_of_removed(self) -> int:
-        """Drop this process's preloads and engines of revisions that are no longer whole in the store
-        (removed, or a blob of them quarantined, by another process: a `modeldepot rm` beside a node); a
+        """Drop this process's preloads and engines of what is no longer whole in the store (removed, a blob
+        of it quarantined, or files taken out of it, by another process: a `modeldepot rm` beside a node); a
         server calls this every few seconds. Returns how many revisions it let go of."""
-        gone = [
-            (repo_id, commit_id)
-            for repo_id, commit_id in set(self._in_use())
-            if commit_id is not None
-            and (
-                not self.store.index.read(
-                    "SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)
-                )
-                or self.store.index.read(
-                    "SELECT 1 FROM files f JOIN blobs b USING (sha256) WHERE f.repo_id = ? AND f.commit_id = ? "
-                    "AND b.state != 'ok' LIMIT 1",
-                    (repo_id, commit_id),
-                )
-            )
-        ]
-        for repo_id, commit_id in gone:
-            self._let_go_of(repo_id, [commit_id])
-        # Files taken out of a revision that stays (`rm --quant` beside the node): the models that map them.
-        for (repo_id, commit_id), used in self._paths_in_use().items():
-            if (repo_id, commit_id) in gone:
-                continue
-            held = {row["path"] for row in self.store.index.read(
-                "SELECT path FROM files WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id))}  # fmt: skip
-            if used - held:
-                self._let_go_of(repo_id, [commit_id], used - held)
-                gone.append((repo_id, commit_id))
-        return len(gone)
-
-    def _paths_in_use(self) -> dict[tuple[str, str], set[str]]:
-        """(repo, commit) -> the files this process's preloads map and its engines were loaded from."""
-        found = self._preloader.paths() if self._preloader is not None else {}
-        for key in self._engines.keys() if self._engines is not None else []:
-            if isinstance(key, tuple) and len(key) >= 3 and all(isinstance(part, str) for part in key[:3]):
-                found.setdefault((key[0], key[1]), set()).add(key[2])
-        return found
-
-    def _let_go_of_blob(self, sha256: str) -> None:
-        """A blob this process quarantined: its engines and preloads must not go on using the bad bytes."""
-        if self._preloader is None and self._engines is None:
-            return
-        users: dict[str, list[str]] = {}
-        for row in self.store.index.read(
-            "SELECT DISTINCT repo_id, commit_id FROM files WHERE sha256 = ?", (sha256,)
-        ):
-            users.setdefault(row["repo_id"], []).append(row["commit_id"])
-        for repo_id, commit_ids in users.items():
-            self._let_go_of(repo_id, commit_ids)
-
-    def _let_go_of(
-        self, repo_id: str, commit_ids: Sequence[str], paths: Collection[str] | None = None
-    ) -> None:
-        """Drop this process's preloads and loaded engines of removed revisions (with ``paths``: those that
-        map one of these files, removed from a revision that stays): their mappings would keep the deleted
-        files' disk space taken until the process ends."""
-        if not commit_ids:
-            return
-        if self._preloader is not None:
-            self._preloader.forget(repo_id, commit_ids, paths)
-        loaded = [*self._engines.keys(), *self._engines.loading()] if self._engines is not None else []
-        for key in loaded:
-            # (an engine's key names the repo, the commit and the model file it was loaded from)
-            if not (isinstance(key, tuple) and len(key) >= 3 and key[0] == repo_id and key[1] in commit_ids):
-                continue
-            if paths is None or _maps_one_of(key[2], paths):
-                assert self._engines is not None
-                self._engines.evict(key)
+        return self._held.let_go_of_removed()
 
     def _forget_removed_variants(self, repo_id: str) -> None:
         """After a removal or an eviction, a scanned variant whose files the store no longer holds is
@@ -881,20 +811,3 @@ class Depot:
 
         limit = None if max_size is None else parse_max_size(max_size, self.home)
         return self.store.budget.shrink(limit)
-
-    def _in_use(self) -> list[tuple[str, str | None]]:
-        """The revisions in use in this process, which no eviction removes: preloaded, or loaded engines'."""
-        used: list[tuple[str, str | None]] = []
-        if self._preloader is not None:
-            used.extend(self._preloader.revisions())
-        # (a list, least recently used first: the cache is no mapping; none made yet, none loaded)
-        loaded = self._engines.keys() if self._engines is not None else []
-        for key in loaded:
-            if (
-                isinstance(key, tuple)
-                and len(key) >= 2
-                and isinstance(key[0], str)
-                and isinstance(key[1], str)
-            ):
-                used.append((key[0], key[1]))
-        return used
