@@ -29,9 +29,6 @@ from modeldepot.validation import (
     validate_revision,
 )
 
-if TYPE_CHECKING:
-    from modeldepot.store.budget import Eviction
-
 __all__ = ["cli", "main"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -369,30 +366,6 @@ def rm_command(depot: Depot, repo_id: str, revision: str | None, quant: str | No
     render.emit(as_json, result.to_dict(), lambda: render.render_remove(result))
 
 
-@cli.command("gc")
-@click.option("--partials", is_flag=True, help="Also drop interrupted downloads kept for a resume.")
-@click.option("--max-size", default=None, metavar="SIZE|N%", callback=lambda c, p, v: _max_size(v),
-              help="Also evict the least recently used revisions until the blobs take at most this "
-                   "(200GiB, or 80% of the disk); never what is pinned or in use.")  # fmt: skip
-@_json_option
-@_reading_home_option
-def gc_command(depot: Depot, partials: bool, max_size: str | None, as_json: bool) -> None:
-    """Delete unreferenced blobs, abandoned partial files, stale snapshots and quarantined files.
-
-    Interrupted downloads stay (a later pull resumes them) unless --partials is given or they sat
-    untouched for a week."""
-    evicted = depot.shrink(max_size) if max_size is not None else []
-    report = depot.gc(partials=partials)
-    over = 0
-    if max_size is not None:  # (what pins and uses keep above the size asked for)
-        from modeldepot.store.budget import parse_max_size
-
-        over = max(0, depot.budget_status().used_bytes - parse_max_size(max_size, depot.home))
-    body = {**report.to_dict(), "evicted": [e.to_dict() for e in evicted],
-            "evicted_bytes": sum(e.bytes_freed for e in evicted), "over_max_size_bytes": over}  # fmt: skip
-    render.emit(as_json, body, lambda: render.render_gc(report, evicted, over))
-
-
 def _rate(value: str | None, name: str) -> int | None:
     """A click callback's reading of a rate (50MiB/s): ConfigError, a usage error, when unreadable."""
     from modeldepot.config import parse_rate
@@ -416,95 +389,6 @@ def _max_size(value: str | None) -> str | None:
 
     _setting(lambda v: parse_max_size(v, "/"), value)
     return value
-
-
-@cli.command("du")
-@_json_option
-@_reading_home_option
-def du_command(depot: Depot, as_json: bool) -> None:
-    """Show how much disk the store uses, how much deduplication saves, and the disk budget."""
-    usage, budget = depot.du(), depot.budget_status()
-    body = {**usage.to_dict(), "total_bytes": usage.total_bytes, "budget": budget.to_dict()}
-    render.emit(as_json, body, lambda: render.render_du(usage, budget))
-
-
-@cli.command("budget")
-@click.argument("size", required=False, metavar="[SIZE|N%|none]",
-                callback=lambda c, p, v: v if v is None or v.strip().lower() == "none" else _max_size(v))  # fmt: skip
-@click.option("--yes", "-y", is_flag=True, help="Evict without asking when the store is over the new budget.")
-@_json_option
-@_home_option_creating_when(lambda kwargs: kwargs.get("size") is not None)
-def budget_command(depot: Depot, size: str | None, yes: bool, as_json: bool) -> None:
-    """Show the store's disk budget, or set it to SIZE (200GiB, or 80% of the disk; none: no budget).
-
-    The budget is kept with the store: every process on it (a node, a pull beside it) keeps to it, from its
-    next write. Setting it below what the store holds evicts the least recently used revisions until the
-    store is within it (asked first; --yes does not ask), never what is pinned or in use.
-    MODELDEPOT_MAX_SIZE caps one process further."""
-    evicted: list[Eviction] = []
-    if size is not None:
-        chosen = None if size.strip().lower() == "none" else size
-        if chosen is not None and not yes:
-            _confirm_evictions(depot, chosen)
-        evicted = depot.set_max_size(chosen)
-    status = depot.budget_status()
-    over = max(0, status.used_bytes - status.max_bytes) if status.max_bytes is not None else 0
-    body = {**status.to_dict(), "evicted": [e.to_dict() for e in evicted], "over_budget_bytes": over}
-    render.emit(as_json, body, lambda: render.render_budget(status, evicted, over))
-
-
-def _confirm_evictions(depot: Depot, size: str) -> None:
-    """Ask before a budget below what the store holds removes models (as `rm` asks); without a terminal,
-    refuse (exit 2) unless --yes was given."""
-    from modeldepot.store.budget import parse_max_size
-
-    limit, used = parse_max_size(size, depot.home), depot.budget_status().used_bytes
-    if used <= limit:
-        return
-    what = (f"the store holds {render.format_bytes(used)}, over {size.strip()}: setting this budget removes the "
-            "least recently used models (not the pinned ones, nor those in use) until it fits")  # fmt: skip
-    if not sys.stdin.isatty():
-        render.err.print(f"[red]error:[/red] {what}; pass --yes to do so")
-        sys.exit(EXIT_BAD_INPUT)
-    click.confirm(f"{what[0].upper()}{what[1:]}. Go on?", abort=True, err=True)
-
-
-@cli.command("pin")
-@_repo_argument
-@click.option("--quant", "-q", default=None, help="Pin this variant (the revision holding it stays whole).")
-@_revision_option
-@_json_option
-@_reading_home_option
-def pin_command(depot: Depot, repo_id: str, quant: str | None, revision: str, as_json: bool) -> None:
-    """Never evict this model to keep within the disk budget (`modeldepot budget`)."""
-    pin = depot.pin(repo_id, quant, revision)
-    render.emit(as_json, pin.to_dict(), lambda: render.out.print(
-        f"pinned {repo_id}{f' ({quant})' if quant else ''}@{revision}"))  # fmt: skip
-
-
-@cli.command("unpin")
-@_repo_argument
-@click.option("--quant", "-q", default=None, help="The variant given to `pin`.")
-@_revision_option
-@_json_option
-@_reading_home_option
-def unpin_command(depot: Depot, repo_id: str, quant: str | None, revision: str, as_json: bool) -> None:
-    """Let the disk budget evict this model again."""
-    removed = depot.unpin(repo_id, quant, revision)
-    what = f"{repo_id}{f' ({quant})' if quant else ''}@{revision}"
-    render.emit(as_json, {"unpinned": removed}, lambda: render.out.print(
-        f"unpinned {what}" if removed else f"{what} was not pinned"))  # fmt: skip
-    if not removed:
-        sys.exit(EXIT_FAILURE)
-
-
-@cli.command("pins")
-@_json_option
-@_reading_home_option
-def pins_command(depot: Depot, as_json: bool) -> None:
-    """List what is pinned."""
-    pins = depot.pins()
-    render.emit(as_json, [p.to_dict() for p in pins], lambda: render.render_pins(pins))
 
 
 @cli.command("scan")
@@ -837,6 +721,7 @@ def _setting(parse: Callable[[str], T], text: str) -> T:
 # The `hf-cache` group lives in cli/hfcache.py, which uses the options above: imported here, last (not
 # while type checking, which would then see an import cycle).
 if not TYPE_CHECKING:
+    from modeldepot.cli import space  # noqa: F401  (its commands register themselves: gc, du, budget, pins)
     from modeldepot.cli.hfcache import hf_cache
 
     cli.add_command(hf_cache)
