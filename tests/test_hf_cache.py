@@ -191,6 +191,7 @@ def test_an_adopted_commit_the_cache_holds_in_part_is_known_as_partial(
     assert (
         "1 were not imported" in result.problems[0].detail and "tokenizer.json" in result.problems[0].detail
     )
+    assert result.ok, "a note: nothing was skipped (every snapshot_download with allow_patterns exited 1)"
     assert {e.path for e in depot.list_files(SAMPLE)} == set(sample_files()) - {"tokenizer.json"}
     listed = depot.commit_files(SAMPLE)
     assert {e.path for e in listed} == set(sample_files())
@@ -551,6 +552,24 @@ def test_an_export_of_nothing_writes_no_ref(filled: Depot, tmp_path: Path) -> No
         filled.store.quarantine(entry.sha256)
     result = filled.hf_cache_export(SAMPLE, cache_dir=tmp_path / "hub")
     assert result.files == 0 and not (tmp_path / "hub" / FOLDER / "refs" / "main").exists()
+
+
+def test_an_export_by_commit_writes_no_ref_and_the_cli_prints_what_it_adopted(
+    filled: Depot, tmp_path: Path
+) -> None:
+    """An export by the start of a commit id wrote refs/<those digits>, which scan_cache_dir listed as a
+    branch; and `hf-cache import` printed "1 revision(s) , 6 blobs" when a commit id began with a-f (rich
+    read "[e00f… (main)]" as markup)."""
+    commit = filled.resolve(SAMPLE)
+    hub = tmp_path / "hub"
+    assert filled.hf_cache_export(SAMPLE, commit[:7], cache_dir=hub).files == len(sample_files())
+    assert not (hub / FOLDER / "refs").exists() or list((hub / FOLDER / "refs").iterdir()) == []
+    assert [sorted(r.refs) for r in next(iter(scan_cache_dir(hub).repos)).revisions] == [[]]
+    filled.hf_cache_export(SAMPLE, cache_dir=hub)  # by its branch: refs/main
+    adopted = CliRunner().invoke(cli, ["hf-cache", "import", "--cache-dir", str(hub), "--home",
+                                       str(tmp_path / "again")])  # fmt: skip
+    assert adopted.exit_code == 0, adopted.output
+    assert f"1 revision(s) [{commit[:12]} (main)]" in adopted.output, adopted.output
 
 
 def test_export_refuses_to_write_through_a_link_out_of_the_cache(filled: Depot, tmp_path: Path) -> None:

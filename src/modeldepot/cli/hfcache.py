@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+from rich.markup import escape
 
 from modeldepot.cli import (
     EXIT_FAILURE,
@@ -117,7 +118,10 @@ def export_command(
 
 def _render_problems(problems: tuple[HfCacheProblem, ...]) -> None:
     for problem in problems:
-        render.err.print(f"[yellow]skipped[/yellow] {problem.path} ({problem.problem}): {problem.detail}")
+        said = "note" if _is_note(problem) else "skipped"
+        render.err.print(
+            f"[yellow]{said}[/yellow] {escape(problem.path)} ({problem.problem}): {escape(problem.detail)}"
+        )
 
 
 def _render_import(result: HfCacheImportResult) -> None:
@@ -129,12 +133,13 @@ def _render_import(result: HfCacheImportResult) -> None:
             f"{r.commit_id[:12]}" + (f" ({', '.join(r.refs)})" if r.refs else "") for r in repo.revisions
         )
         render.out.print(
-            f"adopted {repo.repo_id}: {len(repo.revisions)} revision(s) [{revisions}], {repo.blobs} blobs "
+            f"adopted {repo.repo_id}: {len(repo.revisions)} revision(s) {escape(f'[{revisions}]')}, {repo.blobs} blobs "
             f"({repo.linked_blobs} hard-linked, {repo.copied_blobs} copied), {repo.new_blobs} new "
             f"({render.format_bytes(repo.new_bytes)})"
         )
-    if result.problems:
-        render.out.print(f"[yellow]{len(result.problems)} problem(s)[/yellow]: those entries were skipped")
+    if not result.ok:
+        skipped = sum(not _is_note(problem) for problem in result.problems)
+        render.out.print(f"[yellow]{skipped} problem(s)[/yellow]: those entries were skipped")
 
 
 def _render_export(result: HfCacheExportResult) -> None:
@@ -150,3 +155,9 @@ def _render_export(result: HfCacheExportResult) -> None:
         render.err.print(f"[yellow]warning:[/yellow] the commit has {len(result.not_in_store)} more files the store "
                          f"does not hold, so neither does the snapshot ({shown}): `modeldepot pull "
                          f"{result.repo_id} -r {result.commit_id}` takes them")  # fmt: skip
+
+
+def _is_note(problem: HfCacheProblem) -> bool:
+    from modeldepot.hfcache.cache import NOTES
+
+    return problem.problem in NOTES

@@ -29,6 +29,9 @@ class _Record:
         return dataclasses.asdict(self)  # type: ignore[call-overload,no-any-return]
 
 
+NOTES = frozenset({"partial"})  # problems that are reported but skip nothing: the rest was imported
+
+
 @dataclass(frozen=True)
 class HfCacheProblem(_Record):
     """Something of the cache that was skipped, and why."""
@@ -67,8 +70,8 @@ class _Reported(_Record):
 
     @property
     def ok(self) -> bool:
-        """True when nothing was skipped."""
-        return not self.problems
+        """True when nothing was skipped (a note, such as a commit the cache holds in part, skips nothing)."""
+        return all(problem.problem in NOTES for problem in self.problems)
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "ok": self.ok}

@@ -28,7 +28,6 @@ from modeldepot.hfcache.cache import (
 from modeldepot.store.models import BlobRecord, FileEntry
 from modeldepot.store.store import Store
 from modeldepot.validation import (
-    is_commit_id,
     validate_path,
     validate_revision,
 )
@@ -90,7 +89,9 @@ def export_to_hf_cache(
                 progress(f"{repo_id}/{listed.path}", done, total)
     finally:
         writer.drop_if_empty(snapshot)
-    if not is_commit_id(revision) and exported:  # (a ref to a snapshot that is not there would mislead)
+    # A ref for a branch only (not a commit id, whole or its start); none to a snapshot that is not there.
+    branch = store.index.read("SELECT 1 FROM refs WHERE repo_id = ? AND name = ?", (held, revision))
+    if branch and exported:
         writer.ref(revision, commit_id)
     return HfCacheExportResult(
         repo_id=repo_id,
