@@ -3,6 +3,7 @@ pulled through the chain when missing."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -285,3 +286,24 @@ def test_uses_are_counted_under_the_variants_own_name(loaded: Depot) -> None:
     loaded.load(REPO, "FP16", warmup=0)
     loaded.store.access.flush()
     assert [(a.variant, a.count) for a in loaded.store.access.top(5)] == [("fp16", 2)]
+
+
+def test_a_variant_held_in_part_is_pulled_whole_or_named_as_lacking(
+    upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store held a variant's model file without its external data (a cache adopted from an
+    allow_patterns download, a pull that got part of it): load() handed onnxruntime the model, which failed
+    with "External data path does not exist". The commit's listing says what the variant needs."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[upstream.url]) as local:
+        local.download_file(REPO, "onnx/model.onnx")  # the model file alone
+        assert not local.has_file(REPO, "onnx/model.onnx_data")
+        offline = Depot(tmp_path / "local")
+        offline.config = dataclasses.replace(offline.config, offline=True)
+        with offline, pytest.raises(NotFoundError, match=r"in part: it lacks onnx/model.onnx_data"):
+            offline.load(REPO, "fp32")
+        session = local.load(REPO, "fp32")  # online: the rest is pulled first
+        assert local.has_file(REPO, "onnx/model.onnx_data")
+        (out,) = session.run(None, {"x": np.ones((1, 4), dtype=np.float32)})
+        np.testing.assert_allclose(out, np.ones((1, 4), dtype=np.float32) @ WEIGHT + BIAS, rtol=1e-5)

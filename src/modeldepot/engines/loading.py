@@ -19,6 +19,7 @@ from modeldepot.engines.adapters import ENGINES, EngineLoader, model_file, warmu
 from modeldepot.engines.cache import LoadedModelCache
 from modeldepot.engines.gguf_model import gguf_shard_names
 from modeldepot.errors import ConfigError, DepotError, InvalidInputError, NotFoundError, RevisionNotFoundError
+from modeldepot.hub.manifest import listed_files
 from modeldepot.hub.variants import group_files
 from modeldepot.preload import Preloader
 from modeldepot.store import Store
@@ -104,6 +105,26 @@ def _engine(engine: str | EngineLoader) -> tuple[EngineLoader, tuple[str, ...]]:
     return engine, ()
 
 
+def _lacking(store: Store, repo_id: str, commit_id: str, quant: str | None) -> list[str]:
+    """The variant's own files that its commit's listing names and the store lacks (a cache adopted from
+    an ``allow_patterns`` download, an interrupted pull): loaded without them, an ONNX model's external
+    data is a raw onnxruntime error. Nothing when the commit's listing is not known."""
+    try:
+        record = store.manifests.load(repo_id)
+    except NotFoundError:
+        return []
+    if record.commit_id != commit_id:
+        return []
+    grouping = group_files(f.path for f in listed_files(record))
+    variant = (
+        grouping.find(quant) if quant else next((v for v in grouping.variants if v.name == "fp32"), None)
+    )
+    if variant is None:
+        return []
+    held = {f.path for f in store.files(repo_id, commit_id)}
+    return sorted(set(variant.files) - held)
+
+
 def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant: str | None, revision: str,
             suffixes: tuple[str, ...]) -> tuple[str, str]:  # fmt: skip
     """(commit, model file) of the variant, pulling it first when the store lacks it (an imported repo
@@ -118,7 +139,12 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
         commit_id = None
     if commit_id is not None:
         try:
-            return commit_id, model_file([f.path for f in store.files(repo_id, commit_id)], quant, suffixes)
+            found = model_file([f.path for f in store.files(repo_id, commit_id)], quant, suffixes)
+            absent = _lacking(store, repo_id, commit_id, quant)
+            if not absent:
+                return commit_id, found
+            raise NotFoundError(f"{repo_id}@{commit_id[:12]} holds {quant or 'its model'} in part: it lacks "
+                                f"{', '.join(absent[:3])}{' and more' if len(absent) > 3 else ''}")  # fmt: skip
         except NotFoundError as missing:
             if offline:
                 raise  # nothing to pull from: the error lists the variants there are
