@@ -307,3 +307,15 @@ def test_a_variant_held_in_part_is_pulled_whole_or_named_as_lacking(
         assert local.has_file(REPO, "onnx/model.onnx_data")
         (out,) = session.run(None, {"x": np.ones((1, 4), dtype=np.float32)})
         np.testing.assert_allclose(out, np.ones((1, 4), dtype=np.float32) @ WEIGHT + BIAS, rtol=1e-5)
+
+
+def test_a_model_removed_while_it_loads_is_a_clear_error(loaded: Depot) -> None:
+    """A load racing an `rm` (here or in another process) failed with the engine's own error about a
+    missing file (onnxruntime's NoSuchFile, a bare FileNotFoundError)."""
+
+    def engine_that_meets_an_rm(path: Path) -> bytes:
+        loaded.remove(REPO)  # between the look at the store and the engine's open of the file
+        return Path(path).read_bytes()
+
+    with pytest.raises(NotFoundError, match="was removed from the store while it was being loaded"):
+        loaded.load(REPO, "fp16", engine=engine_that_meets_an_rm, warmup=0)

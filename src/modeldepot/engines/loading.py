@@ -79,6 +79,12 @@ def load_variant(
         )
         try:
             built = build()  # while the handle holds the preloaded copy, eviction cannot take it
+        except Exception as error:
+            if not isinstance(error, DepotError) and _gone(store, repo_id, commit_id, chosen):
+                # (the engine's own error about a missing file, from an `rm` while it loaded)
+                raise NotFoundError(f"{repo_id}@{commit_id[:12]}: {chosen} was removed from the store while it "
+                                    "was being loaded", repo_id=repo_id) from error  # fmt: skip
+            raise
         finally:
             if held is not None:
                 held.release()
@@ -103,6 +109,13 @@ def _engine(engine: str | EngineLoader) -> tuple[EngineLoader, tuple[str, ...]]:
             f"engine must be one of {', '.join(ENGINES)} or a callable, not {type(engine).__name__}"
         )
     return engine, ()
+
+
+def _gone(store: Store, repo_id: str, commit_id: str, chosen: str) -> bool:
+    """Whether the file a load chose is no longer in its revision (an `rm`, or `rm --quant`, meanwhile)."""
+    return not store.index.read(
+        "SELECT 1 FROM files WHERE repo_id = ? AND commit_id = ? AND path = ?", (repo_id, commit_id, chosen)
+    )
 
 
 def _lacking(store: Store, repo_id: str, commit_id: str, quant: str | None) -> list[str]:
