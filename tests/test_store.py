@@ -562,3 +562,19 @@ def test_rm_quant_removes_one_variants_own_files_and_keeps_the_rest(depot: Depot
     depot.remove(repo, quant="Q4_K_M")  # a pin of what is gone would keep nothing: it goes too
     assert depot.pins(repo) == []
     assert depot.verify().ok and store_files_consistent(depot) == []
+
+
+def test_uses_in_a_process_that_never_closes_its_depot_are_recorded(depot: Depot, model_dir: Path) -> None:
+    """A worker that loads models and exits without closing its Depot (as the README's examples do) recorded
+    none of its uses: `stats` and `serve --preload-top` never saw them."""
+    import subprocess
+    import sys
+
+    depot.import_dir(model_dir, REPO)
+    script = (
+        "import sys\nfrom modeldepot import Depot\nd = Depot(sys.argv[1])\n"
+        f"for _ in range(3):\n    d.get_file({REPO!r}, 'config.json')\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(depot.home)], check=True, timeout=60)
+    counts = {(a.repo_id, a.variant): a.count for a in depot.store.access.top()}
+    assert counts.get((REPO, "")) == 3, counts

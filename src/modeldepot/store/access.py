@@ -1,15 +1,18 @@
 """How often each model is used, persisted in the index, for preloading the hot ones at start.
 
 A use is counted in memory (a read path must not wait for an fsync) and written in one transaction at
-most every few seconds, and on close; a crash loses at most the last few seconds of counts, which only
-tune what is preloaded.
+most every few seconds, on close, and when the process exits (a worker that never closes its Depot, as the
+README's examples do not, recorded none of its loads); a crash loses at most the last few seconds of
+counts, which only tune what is preloaded.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,6 +37,16 @@ class ModelAccess:
         return asdict(self)
 
 
+def _flush_at_exit(log_ref: weakref.ref[AccessLog]) -> None:
+    access = log_ref()
+    if access is None:
+        return
+    try:
+        access.flush()
+    except Exception as error:  # (a closed or removed store at exit: nothing to keep)
+        log.debug("model accesses not recorded at exit: %s", error)
+
+
 class AccessLog:
     def __init__(self, index: Index, flush_interval: float = FLUSH_INTERVAL) -> None:
         self.index = index
@@ -42,6 +55,7 @@ class AccessLog:
         self._pending: dict[tuple[str, str], tuple[int, float]] = {}
         self._last_flush = time.monotonic()
         self._flushing = False
+        atexit.register(_flush_at_exit, weakref.ref(self))
 
     def record(self, repo_id: str, variant: str | None = None, count: int = 1) -> None:
         """Count one use of ``repo_id`` (or of one variant of it); ``count=0`` only marks it as used now
