@@ -414,7 +414,8 @@ class Depot:
                 return self.get_manifest(repo_id)
             except NotFoundError:
                 raise OfflineError(
-                    f"offline mode: {repo_id} was never scanned, and scanning needs the network"
+                    f"offline mode: the store does not hold {repo_id} (or no longer does), and finding it "
+                    "upstream needs the network"
                 ) from None
         scan = self.chain.scan(repo_id, revision)
         repo_id = self.store.spelled(scan.repo_id)  # the store's spelling, or for a new repo the upstream's
