@@ -330,7 +330,7 @@ def test_offline_mode_answers_from_the_store_and_opens_no_socket(
         monkeypatch.setenv("MODELDEPOT_OFFLINE", "1")
         with Depot(tmp_path / "local") as depot:
             assert depot.scan_repo("acme/tiny-gguf") == scanned
-            with pytest.raises(OfflineError, match="never scanned"):
+            with pytest.raises(OfflineError, match="the store does not hold"):
                 depot.scan_repo("onnx-community/tiny")
     finally:
         listener.close()
