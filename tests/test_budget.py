@@ -445,3 +445,16 @@ def test_writers_in_two_processes_racing_for_the_last_room_end_within_the_budget
         assert first.budget_status().used_bytes <= int(3.5 * MB), repos(first)
         assert "acme/x" in repos(first) and "acme/old" not in repos(first), "the least recently used went"
         assert first.verify().ok and store_files_consistent(first) == []
+
+
+def test_unpin_takes_what_pin_took(tmp_path: Path) -> None:
+    """A pin of "q4_k_m" was kept as typed and one of a commit's start as the whole id: `unpin` of the
+    variant's own spelling, or of the same start, said it was not pinned, and the pin stayed."""
+    files = {"m-Q4_K_M.gguf": os.urandom(1000), "m-Q8_0.gguf": os.urandom(1000)}
+    with Depot(tmp_path / "s") as depot:
+        commit = depot.import_dir(write_model_dir(tmp_path / "g", files), "acme/m-GGUF").commit_id
+        assert depot.pin("acme/m-GGUF", "q4_k_m").quant == "Q4_K_M", "kept under the variant's own name"
+        assert depot.unpin("acme/m-GGUF", "Q4_K_M") and depot.pins() == []
+        depot.pin("acme/m-GGUF", "Q8_0", commit[:8])
+        assert depot.unpin("acme/m-GGUF", "q8_0", commit[:8]) and depot.pins() == []
+        assert not depot.unpin("acme/m-GGUF", "Q8_0")

@@ -388,10 +388,18 @@ def test_cat_never_writes_a_corrupt_chunk_and_says_why_a_write_failed(home: Path
         assert not depot.has_file(REPO, "model.safetensors"), "quarantined"
 
 
-def test_status_of_an_imported_repo_says_so_instead_of_asking_for_a_scan(home: Path, model_dir: Path) -> None:
+def test_status_of_an_imported_repo_shows_its_variants_as_held(home: Path, model_dir: Path) -> None:
+    """An imported repo (never scanned) had no status: `status` said so, and the dashboard and the event
+    stream showed no variant of it, so none could be preloaded or pinned there."""
     run("import", str(model_dir), "--repo", REPO, home=home)
-    code, _, err = run("status", REPO, home=home)
-    assert code == 1 and "imported, not pulled" in err and f"modeldepot info {REPO}" in err, err
+    code, out, err = run("status", REPO, "--json", home=home)
+    assert code == 0, err
+    manifest = json.loads(out)[0] if out.lstrip().startswith("[") else json.loads(out)
+    assert manifest["endpoint"] == "this store (imported)"
+    assert {v["status"] for v in manifest["variants"]} == {"downloaded"} and manifest["variants"]
+    assert set(manifest["other_held"]) == set(manifest["other"]), "what is in no variant is held too"
+    with Depot(home) as depot:
+        assert [m.repo_id for m in depot.list_manifests()] == [REPO], "the event stream lists it"
     code, _, err = run("status", "acme/never-seen", home=home)
     assert code == 1 and "modeldepot scan acme/never-seen" in err, err
 

@@ -362,6 +362,30 @@ def test_preload_pin_unpin_and_remove(guarded: LiveNode, local: Depot) -> None:
     assert {f.path for f in local.list_files(REPO)} == set(Q4F16)
 
 
+def test_a_repo_being_pulled_is_not_removed_and_a_wrong_method_says_which_are_right(
+    guarded: LiveNode, local: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Removing a repo while the node pulled it answered 200 with bytes freed, and the pull then published
+    it again. A wrong method on a control route had the Hub's answer: 405 "read-only over the Hub API",
+    Allow: GET, HEAD (though /pulls takes POST), or a 404."""
+    pull(guarded, ["q4f16"], AUTH)
+    held = HeldPulls(local, monkeypatch)
+    started = call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH)
+    assert started.status == 202, started.body
+    refused = call(guarded.port, "DELETE", f"{API}/repos/{REPO}", headers=AUTH)
+    assert refused.status == 409 and "is running" in refused.body.decode(), refused.body
+    assert local.list_repos() != [], "nothing removed"
+    held.release()
+    finished(guarded, started.json()["id"], AUTH)
+    assert call(guarded.port, "DELETE", f"{API}/repos/{REPO}", headers=AUTH).status == 200
+    for method, route, allow in (("PUT", f"{API}/pulls", "GET, HEAD, POST"),
+                                 ("GET", f"{API}/repos/{REPO}/pin", "DELETE, PUT"),
+                                 ("GET", f"{API}/repos/{REPO}/preload", "POST")):  # fmt: skip
+        wrong = call(guarded.port, method, route, None, AUTH)
+        assert (wrong.status, wrong.headers.get("Allow")) == (405, allow), (method, route, wrong.body)
+        assert "read-only" not in wrong.body.decode()
+
+
 # -- who may call ---------------------------------------------------------------------------------------------
 
 
@@ -652,6 +676,7 @@ def test_every_control_answer_is_as_the_document_says(
     check(guarded, "POST", pulls, 200, {"repo": REPO, "quants": ["q4f16"]})
     check(guarded, "GET", pulls, 200)
     check(guarded, "GET", one, 200, id=started["id"])
+    check(guarded, "DELETE", repo, 409)  # (a pull of it runs)
     held.release()
     finished(guarded, started["id"], AUTH)
     check(guarded, "GET", one, 200, id=started["id"])  # done, with its result

@@ -105,9 +105,9 @@ def default_home(environ: Mapping[str, str] | None = None) -> Path:
     """``$MODELDEPOT_HOME``, else ``$XDG_CACHE_HOME/modeldepot``, else ``~/.cache/modeldepot``."""
     env = os.environ if environ is None else environ
     if env.get("MODELDEPOT_HOME"):
-        return Path(env["MODELDEPOT_HOME"]).expanduser()
+        return Path(env["MODELDEPOT_HOME"]).expanduser().absolute()
     cache = env.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
-    return Path(cache) / "modeldepot"
+    return (Path(cache) / "modeldepot").absolute()
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ class DepotConfig:
         connections = _int_setting(env, "MODELDEPOT_CONNECTIONS", 16)
         per_source = _int_setting(env, "MODELDEPOT_CONNECTIONS_PER_SOURCE", min(4, connections))
         return cls(
-            home=Path(home).expanduser() if home is not None else default_home(env),
+            home=Path(home).expanduser().absolute() if home is not None else default_home(env),
             chunk_size=parse_size(chunk) if chunk else None,
             hub_endpoint=(env.get("HF_ENDPOINT") or DEFAULT_HUB_ENDPOINT).rstrip("/"),
             hub_token=env.get("HF_TOKEN") or None,

@@ -32,7 +32,15 @@ from modeldepot.errors import (
     OfflineError,
 )
 from modeldepot.held import HeldModels
-from modeldepot.hub.manifest import Manifest, RemoteFile, listed_files, manifest_from_record, save_scan
+from modeldepot.hub.manifest import (
+    IMPORTED_ENDPOINT,
+    Manifest,
+    RemoteFile,
+    listed_files,
+    manifest_body,
+    manifest_from_record,
+    save_scan,
+)
 from modeldepot.hub.variants import group_files
 from modeldepot.store import (
     BlobRecord,
@@ -54,6 +62,7 @@ from modeldepot.store import (
 )
 from modeldepot.store.budget import BudgetStatus, Eviction, Pin
 from modeldepot.store.maintenance import VerifyProgress, remove_files
+from modeldepot.store.manifests import ManifestRecord, VariantStatusRecord
 from modeldepot.store.partials import partial_key
 from modeldepot.store.scrub import DEFAULT_SCRUB_RATE, Scrubber
 from modeldepot.store.verified import VerifiedBlob
@@ -600,13 +609,16 @@ class Depot:
             record = self.store.manifests.load(repo_id)
         except NotFoundError as unscanned:
             try:
-                self.store.repo_private(repo_id)  # (one indexed lookup: is the repo in the store at all)
+                private = self.store.repo_private(repo_id)  # (one indexed lookup: is the repo in the store)
             except NotFoundError:
                 raise unscanned from None  # nor is it in the store: scanning it is the way
-            raise NotFoundError(
-                f"{repo_id} was imported, not pulled: it has no download status "
-                f"(`modeldepot info {repo_id}` shows what the store holds of it)"
-            ) from None
+            from_store = self._held_manifest(repo_id, private)
+            if from_store is None:
+                raise NotFoundError(
+                    f"{repo_id} was imported, not pulled, and has no main branch: it has no download status "
+                    f"(`modeldepot info {repo_id}` shows what the store holds of it)"
+                ) from None
+            return from_store
         partials, running = self.store.partials, self.store.partials.is_pulling(repo_id)
         seen: dict[str, int | None] = {}  # (a shared file is in every variant: looked at once)
 
@@ -627,7 +639,48 @@ class Depot:
         return dataclasses.replace(manifest, other_held=held, other_kept_bytes=resumable)
 
     def list_manifests(self) -> list[Manifest]:
-        return [self.get_manifest(repo_id) for repo_id in self.store.manifests.scanned()]
+        """The manifests of the scanned repos, and of those the store holds unscanned (imported, adopted):
+        :meth:`get_manifest` of each."""
+        found = []
+        for row in self.store.index.read(
+            "SELECT repo_id FROM manifests UNION SELECT repo_id FROM repos ORDER BY repo_id"
+        ):
+            with contextlib.suppress(NotFoundError):  # (removed meanwhile, or held without main)
+                found.append(self.get_manifest(row["repo_id"]))
+        return found
+
+    def _held_manifest(self, repo_id: str, private: bool) -> Manifest | None:
+        """A repo the store holds but never scanned (imported, adopted from a Hugging Face cache): its main
+        revision's files as a manifest, each variant downloaded unless a blob of it is quarantined, so that
+        ``status``, the event stream and the dashboard show its variants as they show a pulled repo's."""
+        try:
+            commit_id = self.store.resolve(repo_id, "main")
+        except NotFoundError:
+            return None
+        rows = self.store.index.read(
+            "SELECT f.path, f.size, f.git_oid, f.sha256, f.lfs, b.state FROM files f JOIN blobs b USING (sha256) "
+            "WHERE f.repo_id = ? AND f.commit_id = ? ORDER BY f.path",
+            (repo_id, commit_id),
+        )
+        files = [
+            RemoteFile(r["path"], r["size"], r["git_oid"], r["sha256"] if r["lfs"] else None) for r in rows
+        ]
+        bad = {r["path"] for r in rows if r["state"] != "ok"}
+        sizes = {f.path: f.size for f in files}
+        grouping = group_files(sizes)
+        created = float(self.store.index.read(
+            "SELECT created_at FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)
+        )[0]["created_at"])  # fmt: skip
+        statuses = {}
+        for variant in grouping.variants:
+            own = {*variant.files, *grouping.shared}
+            done = "available" if own & bad else "downloaded"
+            statuses[variant.name] = VariantStatusRecord(
+                variant.name, done, sum(sizes[p] for p in own if p not in bad), None, None, created, created
+            )
+        body = manifest_body(repo_id, "main", commit_id, IMPORTED_ENDPOINT, {"private": private}, files)
+        manifest = manifest_from_record(ManifestRecord(repo_id, "main", commit_id, body, created, statuses))
+        return dataclasses.replace(manifest, other_held=tuple(p for p in manifest.other if p not in bad))
 
     # -- engines ----------------------------------------------------------------------------------------
 
@@ -777,15 +830,24 @@ class Depot:
         if quant is not None:
             commit_id = self.store.resolve(validate_repo_id(repo_id), validate_revision(revision))
             grouping = group_files(e.path for e in self.store.files(repo_id, commit_id))
-            if grouping.find(quant) is None:
+            variant = grouping.find(validate_label(quant))
+            if variant is None:
                 raise NotFoundError(f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: "
                                     f"{grouping.names()})", repo_id=repo_id)  # fmt: skip
+            quant = variant.name  # (kept under the variant's own name: unpin finds it however it is typed)
         return self.store.budget.pin(repo_id, quant, revision)
 
     @_any_case
     def unpin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
-        """Remove a pin; False when there was none."""
-        return self.store.budget.unpin(repo_id, quant, revision)
+        """Remove a pin, named as :meth:`pin` took it (a variant in any case, a commit by its start); False
+        when there was none."""
+        validate_revision(revision)
+        for pin in self.store.budget.pins(repo_id):
+            same_variant = (pin.quant or "").lower() == (quant or "").lower()
+            if same_variant and (pin.revision == revision or (
+                    SHORT_COMMIT.fullmatch(revision) and pin.revision.startswith(revision))):  # fmt: skip
+                return self.store.budget.unpin(repo_id, pin.quant, pin.revision)
+        return False
 
     @_any_case
     def pins(self, repo_id: str | None = None) -> list[Pin]:

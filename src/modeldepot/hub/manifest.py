@@ -100,6 +100,7 @@ def manifest_body(
 
 
 INTERRUPTED = "interrupted before it finished: pull again to resume"
+IMPORTED_ENDPOINT = "this store (imported)"  # the endpoint of a repo's manifest made of what the store holds
 
 
 def save_scan(store: Store, repo_id: str, revision: str, commit_id: str, endpoint: str, info: dict[str, Any],

@@ -425,6 +425,14 @@ async def remove_repo(request: web.Request) -> web.Response:
     revision = request.query.get("revision")
     if revision is not None:
         validate_revision(revision)
+    running = [
+        job
+        for job in request.app[PULLS].list()
+        if job.state == "running" and job.repo.lower() == repo_id.lower()
+    ]
+    if running:  # (it would publish again when it ends: the repo would come back after "removed")
+        raise Refused(409, "PullRunning", f"a pull of {repo_id} is running (pull {running[0].id}): remove it "
+                                          "once the pull ends")  # fmt: skip
     depot = request.app[DEPOT]
     result = await asyncio.to_thread(depot.remove, repo_id, revision)
     return json_response(result.to_dict())

@@ -401,6 +401,10 @@ async def not_models(request: web.Request) -> web.Response:
 async def read_only(request: web.Request) -> web.Response:
     """Any other /api route: writes (uploads, commits, repo creation and settings) are refused, since a node
     is filled by `modeldepot import` and pulls; reads it does not know are a 404."""
+    allowed = _methods_of_other_routes(request)
+    if allowed:  # (a route of the node's own API, asked with another method: its 405, not the Hub's)
+        return error_response(405, None, f"{request.method} is not allowed on {request.path}",
+                              {"Allow": ", ".join(sorted(allowed))})  # fmt: skip
     if request.method in ("GET", "HEAD"):
         return error_response(404, None, f"this node has no route {request.path}")
     return error_response(
@@ -409,6 +413,26 @@ async def read_only(request: web.Request) -> web.Response:
         "this node is read-only over the Hub API: publish with `modeldepot import`, or pull from the Hub",
         {"Allow": "GET, HEAD"},
     )
+
+
+def _methods_of_other_routes(request: web.Request) -> set[str]:
+    """The methods the app's other routes take for this path (the catch-all matched it for another)."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if not resource.canonical.startswith("/api/depot/"):
+            continue
+        for route in resource:
+            if route.method != "*" and _matches(resource, request.path):
+                allowed.add(route.method)
+    return allowed
+
+
+def _matches(resource: web.AbstractResource, path: str) -> bool:
+    info = resource.get_info()
+    if "path" in info:
+        return bool(info["path"] == path)
+    pattern = info.get("pattern")
+    return bool(pattern is not None and pattern.fullmatch(path))
 
 
 async def agent_harnesses(request: web.Request) -> web.Response:

@@ -669,7 +669,8 @@ def _control_paths(
             },
             "delete": {
                 "operationId": "unpin",
-                "description": f"Remove a pin (the same quant and revision it was made with). {_CONTROL}",
+                "description": "Remove a pin (its variant in any case, a commit by its start, as the pin took "
+                f"them). {_CONTROL}",
                 "parameters": repo_params,
                 "requestBody": variant_target,
                 "responses": {"200": ok("Unpinned"), **errors(401, 405, *shape)},
@@ -679,7 +680,7 @@ def _control_paths(
             "delete": {
                 "operationId": "removeRepo",
                 "description": "Remove the repo, or one revision of it; blobs nothing else uses are deleted at "
-                f"once. {_CONTROL}",
+                f"once. 409 while a pull of the repo runs on the node (it would publish the repo again). {_CONTROL}",
                 "parameters": [
                     *repo_params,
                     {
@@ -689,7 +690,7 @@ def _control_paths(
                         "schema": {"type": "string", "maxLength": 200},
                     },
                 ],
-                "responses": {"200": ok("RemoveResult"), **errors(400, 401, 404, 405)},
+                "responses": {"200": ok("RemoveResult"), **errors(400, 401, 404, 405, 409)},
             }
         },
     }
