@@ -204,7 +204,10 @@ def test_every_route_answers_as_the_document_says(nodes: tuple[LiveNode, LiveNod
     call(open_node, f"{API}/repos/{{org}}/{{name}}/revisions/{{rev}}/manifest", 404, **private)
     call(open_node, f"{API}/repos/{{org}}/{{name}}/revisions/{{rev}}/manifest", 404, rev="nope")
     call(open_node, f"{API}/repos/{{org}}/{{name}}/revisions/{{rev}}/manifest", 400, rev="a..b")
-    call(open_node, f"{API}/repos/{{org}}/{{name}}/manifest", 404, org="acme")  # imported: never scanned
+    call(
+        open_node, f"{API}/repos/{{org}}/{{name}}/manifest", 200, org="acme"
+    )  # imported: what the store holds
+    call(open_node, f"{API}/repos/{{org}}/{{name}}/manifest", 404, org="acme", name="nowhere")
     call(open_node, f"{API}/repos/{{org}}/{{name}}/manifest", 400, org="-acme")
     call(open_node, f"{API}/blobs/{{sha256}}", 206, {"Range": "bytes=10-19"})
     call(open_node, f"{API}/blobs/{{sha256}}", 416, {"Range": f"bytes={len(BIG)}-"})

@@ -112,7 +112,8 @@ async def manifest(request: web.Request) -> web.Response:
 
 
 async def pull_manifest(request: web.Request) -> web.Response:
-    """The saved scan of an upstream repo: its variants, their statuses and live progress."""
+    """The saved scan of an upstream repo: its variants, their statuses and live progress (of a repo held but
+    never scanned, what the store holds: Depot.get_manifest)."""
     depot = _depot(request)
     repo_id = await path_repo(request)
     try:

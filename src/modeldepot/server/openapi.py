@@ -337,7 +337,9 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/api/depot/v1/repos/{org}/{name}/manifest": {
                 "get": {
                     "operationId": "pullManifest",
-                    "description": "The saved scan of an upstream repo: variants, statuses, live progress.",
+                    "description": "The saved scan of an upstream repo: variants, statuses, live progress; for a "
+                    "repo held but never scanned (imported), its main revision's files as held (endpoint "
+                    "'this store (imported)').",
                     "parameters": repo_params,
                     "responses": {"200": ok("PullManifest"), **errors(400, 401, 404)},
                 }
