@@ -170,14 +170,7 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
 
         # On a full disk the index takes the room its transaction needs from the store's reserve.
         freed = store.index.write_freeing(f"removing {repo_id}", delete_rows)
-        bytes_freed = still_linked = 0
-        for sha256 in freed:
-            linked = _has_other_names(store.blobs.path(sha256))
-            size = store.blobs.delete(sha256)
-            if linked:
-                still_linked += size
-            else:
-                bytes_freed += size
+        bytes_freed, still_linked = _delete_blob_files(store, freed)
         for commit_id in commits:
             store.snapshots.remove(repo_id, commit_id)
     store.index.reserve.refill()  # from the space just freed (if it was released, else when there is room)
@@ -208,19 +201,26 @@ def remove_files(store: Store, repo_id: str, commit_id: str, paths: Iterable[str
                 return _delete_unreferenced_rows(con, sorted(candidates))
 
             freed = store.index.write_freeing(f"removing files of {repo_id}@{commit_id[:12]}", delete_rows)
-            bytes_freed = still_linked = 0
-            for sha256 in freed:
-                linked = _has_other_names(store.blobs.path(sha256))
-                size = store.blobs.delete(sha256)
-                if linked:
-                    still_linked += size
-                else:
-                    bytes_freed += size
+            bytes_freed, still_linked = _delete_blob_files(store, freed)
             store.snapshots.unlink(repo_id, commit_id, gone)
             store.index.reserve.refill()
             return RemoveResult(repo_id, (), len(freed), bytes_freed, bytes_still_linked=still_linked,
                                 files_removed=tuple(gone))  # fmt: skip
     return remove(store, repo_id, commit_id)
+
+
+def _delete_blob_files(store: Store, digests: list[str]) -> tuple[int, int]:
+    """Unlink the files of blobs whose rows are gone (under the exclusive lock): (bytes freed, bytes still
+    on the disk because another name links them: a Hugging Face cache the store adopted)."""
+    freed = still_linked = 0
+    for sha256 in digests:
+        linked = _has_other_names(store.blobs.path(sha256))
+        size = store.blobs.delete(sha256)
+        if linked:
+            still_linked += size
+        else:
+            freed += size
+    return freed, still_linked
 
 
 def _has_other_names(path: Path) -> bool:
