@@ -33,11 +33,10 @@ from modeldepot.errors import (
 )
 from modeldepot.held import HeldModels
 from modeldepot.hub.manifest import (
-    IMPORTED_ENDPOINT,
     Manifest,
     RemoteFile,
+    held_manifest,
     listed_files,
-    manifest_body,
     manifest_from_record,
     save_scan,
 )
@@ -62,7 +61,6 @@ from modeldepot.store import (
 )
 from modeldepot.store.budget import BudgetStatus, Eviction, Pin
 from modeldepot.store.maintenance import VerifyProgress, remove_files
-from modeldepot.store.manifests import ManifestRecord, VariantStatusRecord
 from modeldepot.store.partials import partial_key
 from modeldepot.store.scrub import DEFAULT_SCRUB_RATE, Scrubber
 from modeldepot.store.verified import VerifiedBlob
@@ -612,7 +610,7 @@ class Depot:
                 private = self.store.repo_private(repo_id)  # (one indexed lookup: is the repo in the store)
             except NotFoundError:
                 raise unscanned from None  # nor is it in the store: scanning it is the way
-            from_store = self._held_manifest(repo_id, private)
+            from_store = held_manifest(self.store, repo_id, private)
             if from_store is None:
                 raise NotFoundError(
                     f"{repo_id} was imported, not pulled, and has no main branch: it has no download status "
@@ -648,39 +646,6 @@ class Depot:
             with contextlib.suppress(NotFoundError):  # (removed meanwhile, or held without main)
                 found.append(self.get_manifest(row["repo_id"]))
         return found
-
-    def _held_manifest(self, repo_id: str, private: bool) -> Manifest | None:
-        """A repo the store holds but never scanned (imported, adopted from a Hugging Face cache): its main
-        revision's files as a manifest, each variant downloaded unless a blob of it is quarantined, so that
-        ``status``, the event stream and the dashboard show its variants as they show a pulled repo's."""
-        try:
-            commit_id = self.store.resolve(repo_id, "main")
-        except NotFoundError:
-            return None
-        rows = self.store.index.read(
-            "SELECT f.path, f.size, f.git_oid, f.sha256, f.lfs, b.state FROM files f JOIN blobs b USING (sha256) "
-            "WHERE f.repo_id = ? AND f.commit_id = ? ORDER BY f.path",
-            (repo_id, commit_id),
-        )
-        files = [
-            RemoteFile(r["path"], r["size"], r["git_oid"], r["sha256"] if r["lfs"] else None) for r in rows
-        ]
-        bad = {r["path"] for r in rows if r["state"] != "ok"}
-        sizes = {f.path: f.size for f in files}
-        grouping = group_files(sizes)
-        created = float(self.store.index.read(
-            "SELECT created_at FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)
-        )[0]["created_at"])  # fmt: skip
-        statuses = {}
-        for variant in grouping.variants:
-            own = {*variant.files, *grouping.shared}
-            done = "available" if own & bad else "downloaded"
-            statuses[variant.name] = VariantStatusRecord(
-                variant.name, done, sum(sizes[p] for p in own if p not in bad), None, None, created, created
-            )
-        body = manifest_body(repo_id, "main", commit_id, IMPORTED_ENDPOINT, {"private": private}, files)
-        manifest = manifest_from_record(ManifestRecord(repo_id, "main", commit_id, body, created, statuses))
-        return dataclasses.replace(manifest, other_held=tuple(p for p in manifest.other if p not in bad))
 
     # -- engines ----------------------------------------------------------------------------------------
 

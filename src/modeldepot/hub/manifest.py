@@ -10,12 +10,20 @@ from typing import TYPE_CHECKING, Any
 
 from modeldepot.errors import NotFoundError
 from modeldepot.hub.variants import group_files
-from modeldepot.store.manifests import ManifestRecord
+from modeldepot.store.manifests import ManifestRecord, VariantStatusRecord
 
 if TYPE_CHECKING:
     from modeldepot.store.store import Store
 
-__all__ = ["INTERRUPTED", "Manifest", "RemoteFile", "Variant", "manifest_body", "manifest_from_record"]
+__all__ = [
+    "INTERRUPTED",
+    "Manifest",
+    "RemoteFile",
+    "Variant",
+    "held_manifest",
+    "manifest_body",
+    "manifest_from_record",
+]
 
 
 @dataclass(frozen=True)
@@ -185,3 +193,35 @@ def manifest_from_record(
         variants=tuple(variants),
         private=bool(info.get("private", False)),
     )
+
+
+def held_manifest(store: Store, repo_id: str, private: bool) -> Manifest | None:
+    """A repo the store holds but never scanned (imported, adopted from a Hugging Face cache): its main
+    revision's files as a manifest, each variant downloaded unless a blob of it is quarantined, so that
+    ``status``, the event stream and the dashboard show its variants as they show a pulled repo's."""
+    try:
+        commit_id = store.resolve(repo_id, "main")
+    except NotFoundError:
+        return None
+    rows = store.index.read(
+        "SELECT f.path, f.size, f.git_oid, f.sha256, f.lfs, b.state FROM files f JOIN blobs b USING (sha256) "
+        "WHERE f.repo_id = ? AND f.commit_id = ? ORDER BY f.path",
+        (repo_id, commit_id),
+    )
+    files = [RemoteFile(r["path"], r["size"], r["git_oid"], r["sha256"] if r["lfs"] else None) for r in rows]
+    bad = {r["path"] for r in rows if r["state"] != "ok"}
+    sizes = {f.path: f.size for f in files}
+    grouping = group_files(sizes)
+    created = float(store.index.read(
+        "SELECT created_at FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)
+    )[0]["created_at"])  # fmt: skip
+    statuses = {}
+    for variant in grouping.variants:
+        own = {*variant.files, *grouping.shared}
+        done = "available" if own & bad else "downloaded"
+        statuses[variant.name] = VariantStatusRecord(
+            variant.name, done, sum(sizes[p] for p in own if p not in bad), None, None, created, created
+        )
+    body = manifest_body(repo_id, "main", commit_id, IMPORTED_ENDPOINT, {"private": private}, files)
+    manifest = manifest_from_record(ManifestRecord(repo_id, "main", commit_id, body, created, statuses))
+    return dataclasses.replace(manifest, other_held=tuple(p for p in manifest.other if p not in bad))
