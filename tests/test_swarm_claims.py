@@ -269,3 +269,31 @@ def test_a_pull_whose_nodes_server_died_claims_no_more_chunks(
     assert claims == {}, json.dumps(claims)  # (its lease revoked with its view)
     for said in ("nothing listens at this store's node", "no longer in the fleet"):
         assert len([r for r in caplog.records if said in r.getMessage()]) == 1, said
+
+
+def test_a_pull_under_a_download_cap_follows_the_others(clock: Clock) -> None:
+    """A `pull --max-rate` claimed chunks like the others, landed them at its pace, and held the swarm back
+    until they were taken over (three nodes waited for one capped at 5 MiB/s: 39 s instead of 8, and the
+    Hub sent 1.46× the file). It now follows while other nodes are live: it claims no fresh chunk while their
+    claims move, and claims the rest once they stop, as a late node does."""
+    registry = MemRegistry("slow")
+    a, b = node("a"), node("b")
+
+    async def main() -> None:
+        async with members(registry, a, b) as (da, db):
+            capped = SwarmFile(FleetView(da, asyncio.get_running_loop(), a.node_id), a.node_id, SHA, SIZE, CHUNK,
+                               as_source, slow=True)  # fmt: skip
+            capped.refresh()
+            assert capped.follower and not capped.may_claim_fresh(patience=10)
+            assert await db.claim_chunk(SHA, CHUNK, 0, b.node_id) is not None  # b moves on
+            clock.now += 9
+            capped.refresh()
+            assert not capped.may_claim_fresh(patience=10)
+            clock.now += 11  # b's claims stood still for the patience: the capped pull goes on its own
+            capped.refresh()
+            assert capped.may_claim_fresh(patience=10)
+            alone = swarm_of(db, b)  # (uncapped: it starts claiming at once)
+            alone.refresh()
+            assert alone.may_claim_fresh(patience=10)
+
+    run(main())

@@ -221,6 +221,10 @@ def test_four_nodes_pulling_at_once_take_each_chunk_from_the_hub_once(
     assert from_hub >= size  # every chunk came from the Hub once at least, as each node counted it
     from_peers = sum(r["bytes_by_source"].get("peer", 0) for r in results)
     assert from_peers >= (len(nodes) - 1.1) * size  # the other copies went from node to node
+    for result, node in zip(results, nodes, strict=True):  # `sources` left out the swarm's claimers
+        if result["bytes_by_source"].get("peer"):
+            assert set(result["sources"]) - {hub.proxy.url} <= {n.url for n in nodes} - {node.url}
+            assert set(result["sources"]) & ({n.url for n in nodes} - {node.url}), result["sources"]
     assert fleet.dump_claims() == {}  # released when the pulls ended
 
 

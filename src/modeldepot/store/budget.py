@@ -369,8 +369,10 @@ class DiskBudget:
         if kept_bytes + needed > budget:
             raise BudgetExceededError(
                 f"{doing}: {_size(needed)} more does not fit in the disk budget of {_size(budget)}, even after "
-                f"evicting every model that may go: {_size(kept_bytes)} are pinned or in use "
-                f"(pinned: {_size(self._bytes_of(self._pinned()))}); nothing was removed. Raise the budget "
+                f"evicting every model that may go: {_size(kept_bytes)} are pinned, in use"
+                + (f" or of {writer.repo_id} itself (its other variants: `modeldepot rm {writer.repo_id} "
+                   "--quant Q` makes room)" if writer is not None else "")
+                + f" (pinned: {_size(self._bytes_of(self._pinned()))}); nothing was removed. Raise the budget "
                 f"({self._setting_that_binds(budget)}), unpin or remove models",
                 budget_bytes=budget, protected_bytes=kept_bytes, needed_bytes=needed,
                 repo_id=writer.repo_id if writer else None,
@@ -503,5 +505,11 @@ class BudgetWriter:
         limit = budget.max_bytes
         if limit is None or budget.used_bytes() <= limit:
             return []
-        return budget._evict_to(limit, 0, f"keeping within the disk budget after writing {self.repo_id}", self,
-                                partial=True)  # fmt: skip
+        evicted = budget._evict_to(limit, 0, f"keeping within the disk budget after writing {self.repo_id}", self,
+                                   partial=True)  # fmt: skip
+        left = budget.used_bytes()
+        if left > limit:  # (a budget lowered while this wrote, or what is pinned or in use)
+            log.warning("the store takes %s, over its disk budget of %s, after writing %s: what is pinned, in use "
+                        "or of %s is kept; the next write evicts again", _size(left), _size(limit), self.repo_id,
+                        self.repo_id)  # fmt: skip
+        return evicted

@@ -259,7 +259,8 @@ class SourceChain:
         ):
             return None
         return SwarmFile(fleet, node_id, remote.sha256, remote.size, chunk_size,
-                         lambda node, holding: self.fleet_source(remote, node, holding))  # fmt: skip
+                         lambda node, holding: self.fleet_source(remote, node, holding),
+                         slow=self.hub.limit is not None)  # fmt: skip
 
     def hub_source(self, manifest: Manifest, remote: RemoteFile) -> FileSource:
         return FileSource(self.hub, self.hub.file_url(manifest.repo_id, manifest.commit_id, remote.path))

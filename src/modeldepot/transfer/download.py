@@ -75,7 +75,7 @@ SWARM_IDLE = 0.5  # seconds an idle worker of a swarm waits at most before it lo
 # A file of one chunk below this size is received into a buffer and hashed from a read, not through
 # mappings: mapping and unmapping (a TLB shootdown on every core) cost more than copying a small file.
 MAP_MIN_BYTES = 1024 * 1024
-BytesDone = Callable[[int, str], None]
+BytesDone = Callable[[int, str, str], None]  # (bytes, the source's kind, its base URL)
 """Told ``(bytes, kind)`` for each chunk written: ``kind`` is its source's (:attr:`FileSource.kind`)."""
 
 
@@ -129,7 +129,7 @@ async def download_file(
     """Complete ``partial`` with ``remote``'s bytes and return their digests, checked against upstream.
 
     ``fallback`` is asked once for more sources when every source given has failed (the chain's last
-    resort, the Hub). ``on_bytes`` is called with the size of each chunk as it is written, and its source's kind.
+    resort, the Hub). ``on_bytes`` is called with the size of each chunk as it is written, its source's kind and base URL.
     ``swarm``: the file's claims in the fleet (the Hub is then among ``sources``, asked only for what no
     other node holds or claims).
     """
@@ -525,7 +525,7 @@ class _FileJob(ChunkChooser):
 
     def _landed(self, source: FileSource, index: int, length: int) -> None:
         if self.on_bytes is not None:
-            self.on_bytes(length, source.kind)
+            self.on_bytes(length, source.kind, source.source.base_url)
         for other in self.requests.get(index, []):
             if other.source != source and not other.landing and other.task is not None:
                 other.task.cancel()  # the endgame's loser: its buffer slot and connection are released

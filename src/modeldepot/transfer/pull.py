@@ -370,11 +370,13 @@ class _PullRun:
         else:
             sources, fallback = (nodes, lambda: hub) if nodes else (hub, None)
 
-        def on_bytes(amount: int, origin: str) -> None:
+        def on_bytes(amount: int, origin: str, base_url: str) -> None:
             self.tracker.fetched += amount
             self.tracker.add(remote.path, amount, origin=origin)
+            self.used.add(
+                base_url
+            )  # (what sent bytes: the swarm's claimers too, never a source that refused)
 
-        self.used.update(s.source.base_url for s in sources)
         try:
             digest = await download_file(http, remote, claim, sources, self.limits, fallback, on_bytes, swarm)
         except IntegrityError as mismatch:

@@ -83,7 +83,7 @@ class SwarmFile:
     :meth:`release` write through the registry. Used from the pull's event loop."""
 
     def __init__(self, fleet: FleetView, node_id: str, sha256: str, size: int, chunk_size: int,
-                 make_source: SourceFactory) -> None:  # fmt: skip
+                 make_source: SourceFactory, slow: bool = False) -> None:  # fmt: skip
         self.fleet, self.node_id, self.sha256, self.chunk_size = fleet, node_id, sha256, chunk_size
         self.chunks = chunk_count(size, chunk_size)
         self.make_source = make_source
@@ -100,6 +100,7 @@ class SwarmFile:
         self._known: dict[str, NodeRecord] = {}  # every node seen live, as last seen
         self._missing_since: dict[str, float] = {}  # node id -> since when it is missing from the view
         self.follower: bool | None = None  # decided at the first read: others had landed chunks already
+        self.slow = slow  # this pull keeps to a download cap
         self.last_activity = time.monotonic()  # when the claims on the file last changed, as seen here
         self._unanswered_since: float | None = None  # since when claims go unanswered
         # This store's node is in the view (SourceChain.swarm_file saw it live when the file started).
@@ -128,7 +129,11 @@ class SwarmFile:
             self.last_activity = now  # (this node's own claims say nothing of the others' progress)
         if self.follower is None:
             landed = sum(c.blake3 is not None and c.node_id != self.node_id for c in seen.claims.values())
-            self.follower = landed >= max(1, LATE_SHARE * self.chunks)
+            # A pull under a download cap (``pull --max-rate``) follows whenever other nodes are live: its
+            # claims would land at its pace, far behind the swarm's, and stand until taken over (the trial:
+            # one capped node held three others back to its 39 s, and the Hub sent 1.46× the file).
+            crowd = self.slow and any(node_id != self.node_id for node_id in seen.nodes)
+            self.follower = crowd or landed >= max(1, LATE_SHARE * self.chunks)
         self.claims, self.nodes, self.holders = seen.claims, seen.nodes, seen.holders
         if seen is not unread:  # (a view that did not answer in time says nothing of this node)
             self._check_serving()
