@@ -132,7 +132,7 @@ def download(tmp_path: Path, sources: list[FileSource], limits: Limits,
     """Download DATA into a fresh store's partial; its SHA-256 and the bytes written by kind of source."""
     counted: dict[str, int] = {}
 
-    def on_bytes(amount: int, kind: str) -> None:
+    def on_bytes(amount: int, kind: str, base_url: str) -> None:
         counted[kind] = counted.get(kind, 0) + amount
 
     async def run() -> str:
@@ -389,7 +389,7 @@ def swarm_download(tmp_path: Path, claimer_url: str, hub_url: str, settled: bool
                     async with aiohttp.ClientSession(auto_decompress=False) as session:
                         digest = await download_file(
                             LazySession(session), remote, claim, [origin], limits,
-                            on_bytes=lambda n, kind: counted.update({kind: counted.get(kind, 0) + n}), swarm=swarm,
+                            on_bytes=lambda n, kind, url: counted.update({kind: counted.get(kind, 0) + n}), swarm=swarm,
                         )  # fmt: skip
                         return digest.sha256, counted
                 finally:
