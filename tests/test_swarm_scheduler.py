@@ -36,7 +36,7 @@ from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.transfer import choosing
 from modeldepot.transfer import swarm as swarm_module
-from modeldepot.transfer.download import FileSource, Limits, download_file
+from modeldepot.transfer.download import BytesDone, FileSource, Limits, download_file
 from modeldepot.transfer.fleet import FleetView
 from modeldepot.transfer.session import LazySession
 from modeldepot.transfer.sources import HttpSource, RetryPolicy
@@ -353,11 +353,12 @@ def test_fleet_peers_holding_complementary_partials_are_sources_with_their_chunk
             hub.stop()
 
 
-def swarm_download(tmp_path: Path, claimer_url: str, hub_url: str, settled: bool, limits: Limits
-                   ) -> tuple[str, dict[str, int]]:  # fmt: skip
+def swarm_download(tmp_path: Path, claimer_url: str, hub_url: str, settled: bool, limits: Limits,
+                   on_bytes: BytesDone | None = None) -> tuple[str, dict[str, int]]:  # fmt: skip
     """Download DATA into a fresh store's partial as a member of a swarm (a mem registry) in which another
     node, reached at ``claimer_url``, has claimed the low half (and, if ``settled``, settled it with the
-    right digests), the Hub being ``hub_url``: the SHA-256 and the bytes written by kind of source."""
+    right digests), the Hub being ``hub_url``: the SHA-256 and the bytes written by kind of source (unless
+    ``on_bytes`` is given: it is called instead)."""
     retry = RetryPolicy(attempts=2, base_delay=0.05, read_timeout=30)
     me = NodeRecord("a" * 32, "http://127.0.0.1:9/", "1", 1.0)
     claimer = NodeRecord("b" * 32, claimer_url, "1", 1.0)
@@ -373,6 +374,10 @@ def swarm_download(tmp_path: Path, claimer_url: str, hub_url: str, settled: bool
             await discovery.start()
             await discovery.register(record)
         counted: dict[str, int] = {}
+
+        def count(amount: int, kind: str, base_url: str) -> None:
+            counted[kind] = counted.get(kind, 0) + amount
+
         try:
             for index in range(CHUNKS // 2):
                 assert await theirs.claim_chunk(SHA, SMALL_CHUNK, index, claimer.node_id) is not None
@@ -389,7 +394,7 @@ def swarm_download(tmp_path: Path, claimer_url: str, hub_url: str, settled: bool
                     async with aiohttp.ClientSession(auto_decompress=False) as session:
                         digest = await download_file(
                             LazySession(session), remote, claim, [origin], limits,
-                            on_bytes=lambda n, kind, url: counted.update({kind: counted.get(kind, 0) + n}), swarm=swarm,
+                            on_bytes=on_bytes or count, swarm=swarm,
                         )  # fmt: skip
                         return digest.sha256, counted
                 finally:
@@ -484,5 +489,25 @@ def test_a_settled_chunk_its_claimer_no_longer_has_comes_from_the_hub(
         assert 0 in hub.chunks and set(hub.chunks) <= {0, *range(CHUNKS // 2, CHUNKS)}, hub.chunks
         from_low = (CHUNKS // 2 - 1) * SMALL_CHUNK
         assert counted == {"peer": from_low, "hub": len(DATA) - from_low}
+    finally:
+        low.stop(), hub.stop()
+
+
+def test_a_byte_callback_that_raises_fails_the_swarm_download_at_once(
+    tmp_path: Path, nodes: dict[str, LiveNode], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claimer's chunks come from a source that joined the download on its way (the swarm's view),
+    not from one it started with. When the caller's byte callback raises for them, the download fails
+    with that error at once; it used to wait for the hasher forever (here: the 60 s timeout)."""
+    monkeypatch.setattr(choosing, "SWARM_PATIENCE", 0.5)
+
+    def broken(amount: int, kind: str, base_url: str) -> None:
+        if kind == "peer":
+            raise RuntimeError("the caller's callback broke")
+
+    low, hub = Proxy(nodes["low"].url), Proxy(nodes["full"].url)
+    try:
+        with pytest.raises(RuntimeError, match="callback broke"):
+            swarm_download(tmp_path, low.url, hub.url, True, Limits(per_source=1, total=4), broken)
     finally:
         low.stop(), hub.stop()

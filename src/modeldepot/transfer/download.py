@@ -160,6 +160,9 @@ class _FileJob(ChunkChooser):
         # never lost (a Condition's lock acquisition could let one slip by).
         self._changed = asyncio.Event()
         self.failure: DepotError | None = None
+        # Set with the first error a worker or the swarm's follower ended with, whenever it joined (those
+        # that join on the way are not in the list run() is waiting on).
+        self.crashed: asyncio.Future[None] | None = None
         self.whole_body = False
         self.small_digest: BlobDigest | None = None  # a small file's digests, computed as it landed
 
@@ -173,17 +176,17 @@ class _FileJob(ChunkChooser):
         return set(self.requests)
 
     async def run(self, sources: list[FileSource]) -> BlobDigest:
+        crashed = self.crashed = asyncio.get_running_loop().create_future()
         hasher = asyncio.create_task(self._hash_in_order())
-        follower = asyncio.create_task(self._follow_swarm()) if self.swarm is not None else None
+        follower = self._watch(asyncio.create_task(self._follow_swarm())) if self.swarm is not None else None
         try:
             await self._start(sources)
             if not self.live:
                 await self._fall_back()
             while not hasher.done():
-                finished, _ = await asyncio.wait([hasher, *self.workers], return_when=asyncio.FIRST_COMPLETED)
-                for task in finished:
-                    if task is not hasher and task.exception() is not None:
-                        raise task.exception()  # type: ignore[misc]
+                await asyncio.wait([hasher, crashed, *self.workers], return_when=asyncio.FIRST_COMPLETED)
+                if crashed.done():
+                    crashed.result()  # a worker's unexpected error (a caller's callback that raised)
                 self.workers = [w for w in self.workers if not w.done()]
                 if self.failure is not None:
                     raise self.failure
@@ -197,6 +200,8 @@ class _FileJob(ChunkChooser):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if crashed.done():
+                crashed.exception()  # retrieved: raised above, or a second failure while cancelling
         try:
             _check(self.remote, digest)
         except IntegrityError:
@@ -220,7 +225,16 @@ class _FileJob(ChunkChooser):
         for source in sources:
             if source in self.live:
                 for _ in range(workers):
-                    self.workers.append(asyncio.create_task(self._work(source)))
+                    self.workers.append(self._watch(asyncio.create_task(self._work(source))))
+
+    def _watch(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
+        def ended(task: asyncio.Task[None]) -> None:
+            crashed = self.crashed
+            if crashed is not None and not crashed.done() and not task.cancelled() and task.exception():
+                crashed.set_exception(task.exception())  # type: ignore[arg-type]
+
+        task.add_done_callback(ended)
+        return task
 
     async def _fall_back(self) -> None:
         extra = self.fallback() if self.fallback is not None else []
