@@ -4,12 +4,14 @@ the four strategies, single-flight, auto-preload from recorded accesses, and loa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +89,40 @@ def test_a_held_handle_survives_eviction(depot: Depot, tmp_path: Path) -> None:
     assert not preloader.evict("acme/a")
     stats = preloader.stats()
     assert (stats.hits, stats.misses, stats.models) == (0, 1, 0)
+    preloader.close()
+
+
+def open_paths() -> set[str]:
+    """What this process's descriptors name now."""
+    paths = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # (listdir's own, closed since)
+            paths.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return paths
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_view_kept_past_its_handle_neither_breaks_eviction_nor_leaks(
+    strategy: str, depot: Depot, tmp_path: Path
+) -> None:
+    """A caller keeps a slice of a view (numpy.frombuffer does) after its handle is released. Evicting the
+    model raised BufferError out of an unrelated preload, left that preload's model marked as loading
+    (the next call for it waited forever) and its blob's descriptor open. Eviction now goes on; the
+    mapping goes when the view does, and what the view shows stays right."""
+    files = {name: add_repo(depot, tmp_path, name, seed) for seed, name in enumerate("abc")}
+    preloader = Preloader(depot, budget=9 * MiB, strategy=strategy)
+    with preloader.get("acme/a") as handle:
+        kept = handle.views["model.safetensors"][:16]
+    blob = str(depot.store.blobs.path(depot.file_info("acme/a", "model.safetensors").sha256))
+    preloader.preload("acme/b")
+    preloader.preload("acme/c")  # a goes
+    assert not preloader.holds("acme/a") and preloader.holds("acme/c")
+    assert bytes(kept) == files["a"]["model.safetensors"][:16]
+    kept.release()
+    assert blob not in open_paths(), "the evicted model's blob stayed open once its last view went"
+    done = threading.Event()
+    threading.Thread(target=lambda: (preloader.preload("acme/a"), done.set()), daemon=True).start()
+    assert done.wait(30), "a preload after the failed eviction waited forever"
     preloader.close()
 
 
@@ -381,3 +417,31 @@ def test_removing_one_variant_lets_go_of_its_preload_only_here_and_beside_a_node
         assert blob["m-Q4_K_M.gguf"] in Path("/proc/self/maps").read_text()
     finally:
         node.stop()
+
+
+def test_threads_first_use_of_the_ram_tier_makes_one(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight threads reach for ``depot.preloader`` at once (their first ``load()`` or preload). Each
+    made its own tier: the last one stayed, the others' models were held by no one the store or the
+    budget knew of, and ``close()`` never let go of them."""
+    import modeldepot.preload as preload_package
+
+    class SlowToMake(Preloader):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            time.sleep(0.05)  # the window between the look and the assignment, made wide
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(preload_package, "Preloader", SlowToMake)
+    start, seen = threading.Barrier(8), []
+
+    def first_use() -> None:
+        start.wait()
+        seen.append(depot.preloader)
+
+    threads = [threading.Thread(target=first_use) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({id(preloader) for preloader in seen}) == 1

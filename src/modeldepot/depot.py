@@ -187,7 +187,7 @@ class Depot:
         )
         self.store = Store(self.config, create=create)
         self._engines = engine_cache
-        self._engines_lock = threading.Lock()
+        self._made_lock = threading.Lock()
         self._preloader: Preloader | None = None
         self._fleet: FleetView | None = None  # a server's view (use_fleet), or the one this depot opened
         self._background: BackgroundFleet | None = None  # the one this depot opened (closed with it)
@@ -210,7 +210,7 @@ class Depot:
         if self._engines is None:
             from modeldepot.engines.cache import LoadedModelCache
 
-            with self._engines_lock:
+            with self._made_lock:
                 if self._engines is None:
                     self._engines = LoadedModelCache()
         return self._engines
@@ -687,14 +687,18 @@ class Depot:
         if self._preloader is None:
             from modeldepot.preload import Preloader
 
-            self._preloader = Preloader(self, self.config.preload_budget, self.config.preload_strategy)
+            with self._made_lock:  # threads' first loads at once: one tier (the others' would be orphans)
+                if self._preloader is None:
+                    budget, strategy = self.config.preload_budget, self.config.preload_strategy
+                    self._preloader = Preloader(self, budget, strategy)
         return self._preloader
 
     def use_preloader(self, preloader: Preloader) -> None:
         """Replace the RAM tier (a budget or strategy of the caller's choosing)."""
-        if self._preloader is not None and self._preloader is not preloader:
-            self._preloader.close()
-        self._preloader = preloader
+        with self._made_lock:
+            replaced, self._preloader = self._preloader, preloader
+        if replaced is not None and replaced is not preloader:
+            replaced.close()
 
     # -- upkeep ---------------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from pathlib import Path
@@ -83,8 +84,11 @@ class FileCopy:
         return self.size
 
     def close(self, drop_cache: bool) -> None:
+        """Let go of the copy. A view of it a caller still holds keeps its memory (the mapping is unmapped
+        when the last view goes) and stays valid: what was read stays read."""
         if self.mapping is not None:
-            self.mapping.close()
+            with contextlib.suppress(BufferError):  # exported: unmapped by the collector once released
+                self.mapping.close()
             self.mapping = None
         self.buffer = None
         if self.memfd >= 0:

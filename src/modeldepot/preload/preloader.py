@@ -229,7 +229,12 @@ class Preloader:
                 if waiting is None:
                     self._loading[key] = threading.Event()
                     self._loading_paths[key] = frozenset(e.path for e in entries)
-                    self._make_room(self._new_bytes(entries))
+                    try:
+                        self._make_room(self._new_bytes(entries))
+                    except BaseException:
+                        self._loading.pop(key).set()
+                        self._loading_paths.pop(key, None)
+                        raise
                     break
             waiting.wait()
         try:
