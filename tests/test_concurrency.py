@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SMALL_CHUNK, sample_files, store_files_consistent, write_model_dir
-from modeldepot import Depot, RepoNotFoundError, RevisionNotFoundError
+from modeldepot import Depot, NotFoundError, RepoNotFoundError, RevisionNotFoundError
 
 Files = dict[str, bytes]
 
@@ -304,6 +304,19 @@ def test_a_read_that_lost_a_race_with_rm_and_an_import_leaves_the_new_blob_alone
     monkeypatch.setattr(depot.store.blobs, "open", opening)
     assert bytes(depot.get_file("acme/y", "model.safetensors")) == files["model.safetensors"]
     assert depot.verify().ok and store_files_consistent(depot) == []
+
+
+def test_a_read_that_lost_a_race_with_rm_is_told_the_file_was_removed(depot: Depot, tmp_path: Path) -> None:
+    """A reader resolved its entry, then an `rm` took the repo: its open said the blob was corrupt and
+    quarantined (nothing was quarantined; a client of the node got a 503 for a file simply gone)."""
+    depot.import_dir(
+        write_model_dir(tmp_path / "x", {"model.safetensors": os.urandom(SMALL_CHUNK)}), "acme/x"
+    )
+    entry = depot.store.entry("acme/x", "model.safetensors", "main")
+    depot.remove("acme/x")
+    with pytest.raises(NotFoundError, match=r"model\.safetensors was removed from the store"):
+        depot.store.open(entry)
+    assert list(depot.store.layout.quarantine.iterdir()) == []
 
 
 def test_verify_that_lost_a_race_with_rm_and_an_import_leaves_the_new_blob_alone(

@@ -80,8 +80,9 @@ def load_variant(
         try:
             built = build()  # while the handle holds the preloaded copy, eviction cannot take it
         except Exception as error:
-            if not isinstance(error, DepotError) and _gone(store, repo_id, commit_id, chosen):
-                # (the engine's own error about a missing file, from an `rm` while it loaded)
+            if not isinstance(error, NotFoundError) and _gone(store, repo_id, commit_id, chosen):
+                # (the engine's own error about a missing file, or a link to it that failed: an `rm` while
+                # it loaded)
                 raise NotFoundError(f"{repo_id}@{commit_id[:12]}: {chosen} was removed from the store while it "
                                     "was being loaded", repo_id=repo_id) from error  # fmt: skip
             raise

@@ -78,6 +78,13 @@ def _entry(row: sqlite3.Row) -> FileEntry:
     )
 
 
+def _removed(blob: BlobRecord | FileEntry) -> NotFoundError:
+    if isinstance(blob, FileEntry):
+        return NotFoundError(f"{blob.repo_id}@{blob.commit_id[:12]}: {blob.path} was removed from the store "
+                             "while it was being opened", repo_id=blob.repo_id, path=blob.path)  # fmt: skip
+    return NotFoundError(f"blob {blob.sha256[:16]}… was removed from the store while it was being opened")
+
+
 class _AnyPlacement:
     """:meth:`Store.quarantine` without a placement seen: whatever the index holds now."""
 
@@ -259,9 +266,13 @@ class Store:
         try:
             return self.blobs.open(blob.sha256, blob.size), seen
         except CorruptBlobError as error:
-            if self.quarantine(blob.sha256, seen) is None and again and self.placement(blob.sha256) != seen:
-                # removed and published again since it was looked at: the new file is another placement
-                return self._open_fd_seen(blob, again=False)
+            if self.quarantine(blob.sha256, seen) is None:
+                now = self.placement(blob.sha256)
+                if now is None:  # removed (an `rm`, the budget) since it was looked up: not corrupt
+                    raise _removed(blob) from None
+                if again and now != seen:
+                    # removed and published again since it was looked at: the new file is another placement
+                    return self._open_fd_seen(blob, again=False)
             raise error from None
 
     def check_if_changed(self, blob: BlobRecord | FileEntry) -> None:
