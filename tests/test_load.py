@@ -170,6 +170,19 @@ def test_load_pulls_a_missing_variant_first(
         assert not local.has_file(REPO, "onnx/model.onnx_data"), "only the variant asked for"
 
 
+def test_load_without_a_variant_pulls_the_one_it_loads(
+    upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``load(repo)`` loads fp32; it pulled every variant first (a GGUF repo's every quant)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[upstream.url]) as local:
+        session = local.load(REPO)
+        assert session.get_inputs()[0].type == "tensor(float)"
+        assert local.has_file(REPO, "onnx/model.onnx_data") and local.has_file(REPO, "config.json")
+        assert not local.has_file(REPO, "onnx/model_fp16.onnx"), "only the variant it loads"
+
+
 def test_bad_input_is_refused_before_anything_loads(loaded: Depot) -> None:
     with pytest.raises(ValueError, match="repo"):
         loaded.load("not a repo")

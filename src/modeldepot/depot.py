@@ -672,8 +672,15 @@ class Depot:
         given); their failure is logged, not raised. The steps are in :mod:`modeldepot.engines.loading`.
         """
 
-        def pull_variant(repo: str, variant: str | None, rev: str) -> str:
-            return self.pull(repo, [variant] if variant else None, revision=rev).commit_id
+        def pull_variant(
+            repo: str, variant: str | None, rev: str, default: Callable[[Manifest], str | None]
+        ) -> str:
+            from modeldepot.transfer.pull import run_blocking
+
+            manifest = self.manifest_for(repo, rev)
+            variant = variant or default(manifest)
+            pulling = self.pull_async(repo, [variant] if variant else None, revision=rev, manifest=manifest)
+            return run_blocking(pulling).commit_id
 
         from modeldepot.engines.loading import load_variant
 

@@ -19,7 +19,7 @@ from modeldepot.engines.adapters import ENGINES, EngineLoader, model_file, warmu
 from modeldepot.engines.cache import LoadedModelCache
 from modeldepot.engines.gguf_model import gguf_shard_names
 from modeldepot.errors import ConfigError, DepotError, InvalidInputError, NotFoundError, RevisionNotFoundError
-from modeldepot.hub.manifest import listed_files
+from modeldepot.hub.manifest import Manifest, listed_files
 from modeldepot.hub.variants import group_files
 from modeldepot.preload import Preloader
 from modeldepot.store import Store
@@ -30,9 +30,21 @@ __all__ = ["PullVariant", "load_variant"]
 DEFAULT_SUFFIXES = (".onnx", ".safetensors", ".gguf", ".bin")
 SNAPSHOT_ENGINES = frozenset({"gguf"})  # ours that get the lasting snapshot paths (the docstring says why)
 
-PullVariant = Callable[[str, str | None, str], str]
-"""Pulls ``(repo_id, quant, revision)`` into the store (the whole repo when quant is None); returns the
-commit it published."""
+PullVariant = Callable[[str, str | None, str, Callable[[Manifest], str | None]], str]
+"""Pulls ``(repo_id, quant, revision, default)`` into the store; without a quant, the variant
+``default(manifest)`` names (the whole repo when it names none). Returns the commit it published."""
+
+
+def default_variant(suffixes: tuple[str, ...]) -> Callable[[Manifest], str | None]:
+    """The variant to pull when a load names none: the one holding the file :func:`model_file` would load
+    (fp32 first), not every variant (a GGUF repo's every quant is gigabytes nobody asked for). None
+    when that file is in no variant (a repo of one model: it is pulled whole)."""
+
+    def choose(manifest: Manifest) -> str | None:
+        chosen = model_file([f.path for f in manifest.files], None, suffixes)
+        return next((v.name for v in manifest.variants if chosen in v.files), None)
+
+    return choose
 
 
 def load_variant(
@@ -166,7 +178,7 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
     elif offline and here is not None:
         raise here
     try:
-        commit_id = pull(repo_id, quant, revision)
+        commit_id = pull(repo_id, quant, revision, default_variant(suffixes))
     except DepotError as error:
         if here is None:
             raise
