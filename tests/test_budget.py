@@ -18,6 +18,7 @@ from conftest import SMALL_CHUNK, LiveNode, store_files_consistent, write_model_
 from modeldepot import Depot
 from modeldepot.cli import cli
 from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError, StoreError, StoreFullError
+from modeldepot.preload import Preloader
 from modeldepot.store.budget import BudgetExceededError, parse_max_size
 
 MB = 1 << 20
@@ -72,6 +73,20 @@ def test_the_least_recently_used_revision_goes_first_and_reads_count_as_uses(
     assert status.max_bytes == int(3.5 * MB) and status.used_bytes <= status.max_bytes
     assert status.evictions == 1 and status.evicted_bytes >= MB
     assert store_files_consistent(store) == []
+
+
+def test_a_preload_counts_as_a_use(store: Depot, tmp_path: Path) -> None:
+    """A model preloaded (here by another process, since let go of) was used then: the budget evicted it
+    first all the same, as if it had not been touched since its import."""
+    for name in ("acme/a", "acme/b", "acme/c"):
+        store.import_dir(model(tmp_path, name), name)
+        time.sleep(0.01)
+    with Depot(store.home, chunk_size=SMALL_CHUNK) as other:
+        preloader = Preloader(other, budget="1GiB")
+        preloader.preload("acme/a")
+        preloader.close()
+    store.import_dir(model(tmp_path, "acme/d"), "acme/d")  # 4 MiB > 3.5 MiB: one must go
+    assert repos(store) == {"acme/a", "acme/c", "acme/d"}
 
 
 def test_pinned_content_is_never_evicted_and_what_cannot_fit_fails_before_writing(

@@ -213,6 +213,8 @@ class Preloader:
         """The model in RAM (loaded now if needed) and whether it was there; with ``hold``, a holder is
         counted before the lock is let go, so no eviction can come between."""
         key, entries = self._resolve(repo_id, quant, revision)
+        # A use for the disk budget's recency, not one for popularity (auto_preload's own picks would count)
+        self.store.access.record(key[0], key[2], count=0)
         size = sum(e.size for e in entries)
         if size > self.budget:
             raise InvalidInputError(
