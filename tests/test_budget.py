@@ -324,6 +324,24 @@ def test_a_pin_keeps_a_commit_whole_and_goes_with_its_repo(tmp_path: Path) -> No
         assert depot.pins() == []
 
 
+def test_the_pins_of_a_revision_removed_go_with_it(tmp_path: Path) -> None:
+    """Removing a repo's last revision by name (`rm REPO --revision main`) took the repo but left its pin,
+    which then kept a later, unrelated import of the repo from eviction; a commit pinned and removed
+    alone likewise. Pins of what stays stay."""
+    with Depot(tmp_path / "s") as depot:
+        old = depot.import_dir(model(tmp_path, "acme/a"), "acme/a").commit_id
+        depot.pin("acme/a")
+        depot.pin("acme/a", revision=old)
+        depot.import_dir(model(tmp_path, "acme/a", seed=1), "acme/a", revision="dev")
+        depot.pin("acme/a", revision="dev")
+        depot.remove("acme/a", revision=old)  # main's commit: main goes with it, dev stays
+        assert [p.revision for p in depot.pins()] == ["dev"]
+        depot.remove("acme/a", revision="dev")  # the last revision: the repo is gone
+        assert depot.pins() == []
+        depot.import_dir(model(tmp_path, "acme/a", seed=2), "acme/a")
+        assert depot.pins() == []
+
+
 def test_the_budget_is_the_stores_and_every_process_on_it_keeps_to_it(tmp_path: Path) -> None:
     """`serve --max-size` held in the node alone: a `modeldepot import` or `pull` beside it, not given the same
     MODELDEPOT_MAX_SIZE, filled the disk past it. The budget is now saved with the store (`serve --max-size`,

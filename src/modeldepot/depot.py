@@ -736,8 +736,11 @@ class Depot:
         result = remove(self.store, repo_id, revision)
         self._forget_removed_variants(repo_id)
         self._held.let_go_of(repo_id, result.commits)
-        if revision is None:  # the repo is gone: its pins would apply again, unseen, to a later pull of it
-            for pin in self.store.budget.pins(repo_id):
+        # Pins of what is gone (the repo, the commit, the branch) would apply again, unseen, to a later pull
+        for pin in self.store.budget.pins(repo_id):
+            try:
+                self.store.resolve(repo_id, pin.revision)
+            except NotFoundError:
                 self.store.budget.unpin(repo_id, pin.quant, pin.revision)
         return result
 
