@@ -73,6 +73,21 @@ def test_load_gives_a_warmed_session_with_external_data_and_caches_it(
     assert (stats.total_misses, stats.total_hits, stats.cached_models) == (1, 1, 1)
 
 
+def test_external_data_kept_in_a_subfolder_loads(depot: Depot, tmp_path: Path) -> None:
+    """onnx.save_model(..., location="weights/w.bin"): onnxruntime loads it from the folder; through
+    ``load`` it was a raw "External data path does not exist" (only the model's own folder was linked)."""
+    folder = tmp_path / "sub"
+    (folder / "onnx" / "weights").mkdir(parents=True)
+    onnx.save_model(linear_model(TensorProto.FLOAT, WEIGHT, BIAS), str(folder / "onnx" / "model.onnx"),
+                    save_as_external_data=True, all_tensors_to_one_file=True, location="weights/w.bin",
+                    size_threshold=0)  # fmt: skip
+    assert (folder / "onnx" / "weights" / "w.bin").stat().st_size >= WEIGHT.nbytes
+    depot.import_dir(folder, "acme/sub")
+    session = depot.load("acme/sub")
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ WEIGHT + BIAS, rtol=1e-5)
+
+
 def test_load_picks_the_variant(loaded: Depot) -> None:
     session = loaded.load(REPO, "fp16")
     assert session.get_inputs()[0].type == "tensor(float16)"

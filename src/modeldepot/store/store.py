@@ -13,7 +13,6 @@ import json
 import logging
 import mmap
 import os
-import posixpath
 import re
 import sqlite3
 import time
@@ -514,18 +513,21 @@ class Store:
 
     @contextlib.contextmanager
     def linked_folder(self, repo_id: str, commit_id: str, folder: str) -> Iterator[Path]:
-        """One folder of a revision as hard links (real files, not symlinks) in a private folder under
-        tmp/, removed on exit. For loaders that refuse a path leading out of the model's folder:
-        onnxruntime resolves symlinks and rejects external data that "escapes" the model directory."""
+        """One folder of a revision, its subfolders included (external data may be kept in one), as hard
+        links (real files, not symlinks) in a private folder under tmp/, removed on exit. For loaders that
+        refuse a path leading out of the model's folder: onnxruntime resolves symlinks and rejects external
+        data that "escapes" the model directory."""
         with WriteSession(self.layout) as session:
             view = self.layout.snapshot_file(session.path, f"view/{folder}" if folder else "view")
+            prefix = f"{folder}/" if folder else ""
             try:
                 self.layout.inside(view).mkdir(parents=True)
                 for entry in self.files(repo_id, commit_id):
-                    if posixpath.dirname(entry.path) == folder:
+                    if entry.path.startswith(prefix):
                         os.close(self.open_fd(entry))  # there, with the right size
-                        link = self.layout.snapshot_file(view, posixpath.basename(entry.path))
-                        os.link(self.blobs.path(entry.sha256), self.layout.inside(link))
+                        link = self.layout.inside(self.layout.snapshot_file(view, entry.path[len(prefix) :]))
+                        link.parent.mkdir(parents=True, exist_ok=True)
+                        os.link(self.blobs.path(entry.sha256), link)
             except OSError as error:
                 raise os_error(error, f"linking {repo_id}@{commit_id[:12]}/{folder} for a loader") from error
             yield view
