@@ -4,6 +4,7 @@ pulled through the chain when missing."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -141,9 +142,15 @@ def test_a_malformed_safetensors_file_is_a_clear_error(tmp_path: Path) -> None:
         + data[8:].replace(b'"data_offsets":[0,4096]', b'"data_offsets":[0,9999]'),
         "nested too deep": (100_000).to_bytes(8, "little") + b"[" * 100_000,  # (a RecursionError to json)
     }
+    length = int.from_bytes(data[:8], "little")
+    header, body = json.loads(data[8 : 8 + length]), data[8 + length :]
+    for field, value in (("data_offsets", ["0", "4096"]), ("data_offsets", [0.0, 4096.0]),
+                         ("shape", [4, 256.0]), ("shape", [True, 1024]), ("dtype", 5)):  # fmt: skip
+        described = json.dumps({**header, "w": {**header["w"], field: value}}).encode()
+        cases[f"{field} {value}"] = len(described).to_bytes(8, "little") + described + body
     for content in cases.values():
         (tmp_path / "bad.safetensors").write_bytes(content)
-        with pytest.raises(ValueError, match=r"bad\.safetensors"):
+        with pytest.raises(InvalidInputError, match=r"bad\.safetensors"):
             load_safetensors(tmp_path / "bad.safetensors")
     assert load_safetensors(good)["w"].shape == WEIGHT.shape
 

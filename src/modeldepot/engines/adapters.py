@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from modeldepot.engines.gguf_model import gguf_shard_names, load_gguf
-from modeldepot.errors import ConfigError, NotFoundError
+from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
 from modeldepot.hub.variants import group_files
 
 __all__ = [
@@ -110,25 +110,28 @@ def _safetensors_header(mapping: mmap.mmap | None, size: int, path: Path) -> tup
     """The tensor table of a safetensors file (``__metadata__`` left out), checked against the file's
     size, and where the data starts."""
     if mapping is None or size < 8:
-        raise ValueError(f"{path.name} is not a safetensors file: too short")
+        raise InvalidInputError(f"{path.name} is not a safetensors file: too short")
     (length,) = struct.unpack("<Q", mapping[:8])
     if length > min(_SAFETENSORS_MAX_HEADER, size - 8):
-        raise ValueError(f"{path.name} is not a safetensors file: header length {length}")
+        raise InvalidInputError(f"{path.name} is not a safetensors file: header length {length}")
     try:
         table = json.loads(mapping[8 : 8 + length])
     except (ValueError, RecursionError) as error:
-        raise ValueError(f"{path.name} has an unreadable safetensors header: {error}") from None
+        raise InvalidInputError(f"{path.name} has an unreadable safetensors header: {error}") from None
     if not isinstance(table, dict):
-        raise ValueError(f"{path.name} has an unreadable safetensors header")
+        raise InvalidInputError(f"{path.name} has an unreadable safetensors header")
     table.pop("__metadata__", None)
     base = 8 + length
     for name, info in table.items():
         try:
             start, end = info["data_offsets"]
-            shape = [int(d) for d in info["shape"]]
-            dtype = info["dtype"]
+            shape, dtype = list(info["shape"]), info["dtype"]
         except (TypeError, KeyError, ValueError):
-            raise ValueError(f"{path.name}: tensor {name!r} is described wrongly") from None
+            start = end = dtype = None
+            shape = []
+        # whole numbers only: "8" or 8.0 passed as far as numpy, as a raw TypeError
+        if not all(type(n) is int for n in (start, end, *shape)) or not isinstance(dtype, str):
+            raise InvalidInputError(f"{path.name}: tensor {name!r} is described wrongly") from None
         itemsize = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4}.get(
             dtype, 2 if "16" in dtype else 1
         )
@@ -140,7 +143,7 @@ def _safetensors_header(mapping: mmap.mmap | None, size: int, path: Path) -> tup
             or min(shape, default=0) < 0
             or (dtype in _SAFETENSORS_DTYPES and end - start != elements * itemsize)
         ):
-            raise ValueError(f"{path.name}: tensor {name!r} does not fit the file")
+            raise InvalidInputError(f"{path.name}: tensor {name!r} does not fit the file")
     return table, base
 
 
