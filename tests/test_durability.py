@@ -80,6 +80,21 @@ def test_sync_waits_until_everything_is_durable(
     assert again.exit_code == 0 and "already on disk" in again.stdout
 
 
+def test_a_process_that_opens_the_store_flushes_what_an_ended_one_left(
+    tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CLI import ends before its background flush; a process that opens the store later and stays
+    (a node, a notebook reading the model) flushes those blobs, as the docs say. It never did: they stayed
+    unflushed until a `modeldepot sync`."""
+    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "boot-one")
+    home = tmp_path / "store"
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(folder, "acme/m")
+    with Depot(home) as depot:
+        assert any(marks(depot).values())
+        wait_until(lambda: set(marks(depot).values()) == {None}, 30, "the flush of what the import left")
+
+
 def power_loss(depot: Depot) -> dict[str, str]:
     """What a power loss may leave of three unflushed blobs: one truncated, one zeroed, one missing; the
     fourth (the config) survived. Returns what happened to each file, by path."""

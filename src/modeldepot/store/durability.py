@@ -81,6 +81,10 @@ class Durability:
                 len(self._unchecked),
             )
             self._start()
+        if deferred and index.read(
+            "SELECT 1 FROM blobs WHERE unflushed_boot = ? AND state = 'ok' LIMIT 1", (self.boot,)
+        ):
+            self.written()  # left by a process that ended before its flush (a CLI import): flushed here
 
     @property
     def unflushed_boot(self) -> str | None:
