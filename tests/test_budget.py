@@ -54,9 +54,10 @@ def test_sizes_and_shares_of_the_disk_are_read_and_bad_ones_refused(tmp_path: Pa
     assert parse_max_size("1.5 GiB", tmp_path) == 3 << 29
     stat = os.statvfs(tmp_path)
     assert parse_max_size("50%", tmp_path) == int(stat.f_blocks * stat.f_frsize * 0.5)
-    for bad in ("0", "0%", "101%", "lots", "-5GiB", "%"):
+    assert parse_max_size(MB, tmp_path) == MB  # (Depot.set_max_size(1 << 30): an AttributeError)
+    for bad in ("0", "0%", "101%", "lots", "-5GiB", "%", 0, True, 1.5, ["1GiB"]):
         with pytest.raises(ConfigError):
-            parse_max_size(bad, tmp_path)
+            parse_max_size(bad, tmp_path)  # type: ignore[arg-type]
 
 
 def test_the_least_recently_used_revision_goes_first_and_reads_count_as_uses(

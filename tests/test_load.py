@@ -190,6 +190,11 @@ def test_load_pulls_a_missing_variant_first(
         assert session.get_inputs()[0].type == "tensor(float16)"
         assert local.has_file(REPO, "onnx/model_fp16.onnx") and local.has_file(REPO, "config.json")
         assert not local.has_file(REPO, "onnx/model.onnx_data"), "only the variant asked for"
+        local.remove(REPO)
+        local.pull(REPO, "fp16")  # one name alone, not in a list: it was taken letter by letter
+        assert local.has_file(REPO, "onnx/model_fp16.onnx") and not local.has_file(
+            REPO, "onnx/model.onnx_data"
+        )
 
 
 def test_load_without_a_variant_pulls_the_one_it_loads(

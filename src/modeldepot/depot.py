@@ -82,6 +82,7 @@ from modeldepot.validation import (
     is_commit_id,
     validate_label,
     validate_path,
+    validate_quants,
     validate_repo_id,
     validate_revision,
 )
@@ -521,6 +522,7 @@ class Depot:
         """
         from modeldepot.transfer.pull import run_blocking
 
+        quants = validate_quants(quants)  # (before the scan)
         manifest = self.manifest_for(repo_id, revision)
         return run_blocking(
             self.pull_async(repo_id, quants, revision=revision, progress=progress, manifest=manifest)
@@ -544,6 +546,7 @@ class Depot:
 
         from modeldepot.transfer.pull import pull_async
 
+        quants = validate_quants(quants)
         if manifest is None:
             manifest = await asyncio.to_thread(self.manifest_for, repo_id, revision)
         chain = await asyncio.to_thread(lambda: self.chain)  # the first use may open the fleet's view
@@ -839,14 +842,14 @@ class Depot:
         blobs use, what pins and uses keep, and the evictions so far."""
         return self.store.budget.status()
 
-    def set_max_size(self, max_size: str | None) -> list[Eviction]:
-        """Save ``max_size`` (``"200GiB"``, ``"80%"``; None: none) as the store's disk budget, which every
+    def set_max_size(self, max_size: str | int | None) -> list[Eviction]:
+        """Save ``max_size`` (``"200GiB"``, ``"80%"``, bytes; None: none) as the store's disk budget, which every
         process on the store keeps to from its next write, and evict the least recently used revisions until
         the store is within it. ``MODELDEPOT_MAX_SIZE`` caps one process further."""
         self.store.budget.save_max_size(max_size)
         return self.shrink() if max_size is not None else []
 
-    def shrink(self, max_size: str | None = None) -> list[Eviction]:
+    def shrink(self, max_size: str | int | None = None) -> list[Eviction]:
         """Evict the least recently used revisions until the store is within ``max_size`` (``"200GiB"``,
         ``"80%"``; default: the budget), never what is pinned or in use."""
         from modeldepot.store.budget import parse_max_size

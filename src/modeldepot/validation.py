@@ -44,6 +44,7 @@ __all__ = [
     "validate_label",
     "validate_new_branch",
     "validate_path",
+    "validate_quants",
     "validate_repo_id",
     "validate_revision",
     "validate_sha256",
@@ -248,6 +249,22 @@ def validate_label(value: object) -> str:
     if any(unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp") for char in value):
         raise InvalidInputError(f"label {_describe(value)} contains a control character")
     return value
+
+
+def validate_quants(quants: object) -> list[str] | str | None:
+    """What a pull takes: None (the whole repo), ``"all"`` (every variant), or variants' names; one name
+    alone is a list of one (``pull(repo, "fp16")`` went through it letter by letter)."""
+    if quants is None or quants == "all":
+        return quants  # type: ignore[return-value]
+    if isinstance(quants, str):
+        quants = [quants]
+    if not isinstance(quants, (list, tuple)):
+        raise InvalidInputError(f"quants must be None, 'all' or variants' names, not {_describe(quants)}")
+    for quant in quants:
+        if not isinstance(quant, str) or not quant.strip():
+            raise InvalidInputError(f"a variant's name must be a non-empty string, not {_describe(quant)}")
+        validate_label(quant)
+    return list(quants)
 
 
 def from_upstream(source: str, field: str, check: Callable[[object], T], value: object) -> T:

@@ -36,6 +36,7 @@ from modeldepot.preload.residency import MlockError, lock, resident_bytes, unloc
 from modeldepot.store.access import ModelAccess
 from modeldepot.store.models import FileEntry
 from modeldepot.store.store import Store
+from modeldepot.validation import validate_label
 
 __all__ = [
     "STRATEGIES",
@@ -187,6 +188,8 @@ class Preloader:
     # -- which files ------------------------------------------------------------------------------------
 
     def _resolve(self, repo_id: str, quant: str | None, revision: str) -> tuple[ModelKey, list[FileEntry]]:
+        if quant is not None:
+            validate_label(quant)  # (a number was an AttributeError from the variants' grouping)
         repo_id = self.store.spelled(repo_id)  # (any case: the Hub's repo ids ignore it)
         commit_id = self.store.resolve(repo_id, revision)
         entries = self.store.files(repo_id, commit_id)

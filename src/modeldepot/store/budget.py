@@ -109,9 +109,10 @@ class BudgetStatus(_Record):
     process_max_bytes: int | None = None  # this process's own cap (MODELDEPOT_MAX_SIZE); None: none
 
 
-def parse_max_size(text: str, path: os.PathLike[str] | str) -> int:
-    """Bytes from ``"200GiB"`` (or a plain number) or ``"80%"`` of the file system that holds ``path``."""
-    text = text.strip()
+def parse_max_size(text: str | int, path: os.PathLike[str] | str) -> int:
+    """Bytes from ``"200GiB"`` (or a plain number, or an int of bytes) or ``"80%"`` of the file system that
+    holds ``path``."""
+    text = _budget_text(text)
     if text.endswith("%"):
         try:
             share = float(text[:-1])
@@ -128,6 +129,14 @@ def parse_max_size(text: str, path: os.PathLike[str] | str) -> int:
     if size <= 0:
         raise ConfigError(f"disk budget {text!r} must be more than 0 bytes")
     return size
+
+
+def _budget_text(max_size: str | int) -> str:
+    if isinstance(max_size, int) and not isinstance(max_size, bool):
+        return str(max_size)
+    if not isinstance(max_size, str):
+        raise ConfigError(f"a disk budget is a size like 200GiB, 80% or a number of bytes, not {max_size!r}")
+    return max_size.strip()
 
 
 class DiskBudget:
@@ -171,7 +180,7 @@ class DiskBudget:
             return "this process's MODELDEPOT_MAX_SIZE"
         return "the store's: `modeldepot budget SIZE`"
 
-    def save_max_size(self, max_size: str | None) -> None:
+    def save_max_size(self, max_size: str | int | None) -> None:
         """Make ``max_size`` the store's budget, which every process on the store keeps to (None: remove it)."""
         with self.store.index.write("saving the disk budget") as con:
             if max_size is None:
@@ -181,9 +190,11 @@ class DiskBudget:
                 con.execute(
                     "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
                     "value = excluded.value",
-                    (MAX_SIZE_SETTING, max_size.strip()),
+                    (MAX_SIZE_SETTING, _budget_text(max_size)),
                 )
-        log.info("disk budget of %s: %s", self.store.home, max_size.strip() if max_size else "none")
+        log.info(
+            "disk budget of %s: %s", self.store.home, "none" if max_size is None else _budget_text(max_size)
+        )
 
     # -- what may not go ------------------------------------------------------------------------------------
 

@@ -93,7 +93,9 @@ class VerifiedBlob:
         return actual
 
     def _check_index(self, index: int) -> None:
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.chunks:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise InvalidRangeError(f"a chunk index is a whole number, not {index!r}")
+        if not 0 <= index < self.chunks:
             raise InvalidRangeError(f"chunk index {index!r} is outside 0..{self.chunks - 1}")
 
     def close(self) -> None:
