@@ -255,7 +255,7 @@ def validate_quants(quants: object) -> list[str] | str | None:
     """What a pull takes: None (the whole repo), ``"all"`` (every variant), or variants' names; one name
     alone is a list of one (``pull(repo, "fp16")`` went through it letter by letter)."""
     if quants is None or quants == "all":
-        return quants  # type: ignore[return-value]
+        return quants
     if isinstance(quants, str):
         quants = [quants]
     if not isinstance(quants, (list, tuple)):
