@@ -76,6 +76,19 @@ def test_hf_hub_download_and_file_metadata(node: LiveNode, tmp_path: Path) -> No
     assert Path(pr).read_bytes() == b'{"pr": 1}'
 
 
+def test_a_download_counts_one_use(node: LiveNode) -> None:
+    """One GET of a file counted two uses of its repo (the route and the blob's opening each did), so
+    `most used` and `--preload-top` favoured repos clients fetch over HTTP over those loaded in process."""
+    import urllib.request
+
+    access = node.depot.store.access
+    access.flush()
+    before = {a.repo_id: a.count for a in access.top(10)}.get(SAMPLE, 0)
+    with urllib.request.urlopen(f"{node.url}/{SAMPLE}/resolve/main/config.json", timeout=30) as answer:
+        answer.read()
+    assert {a.repo_id: a.count for a in access.top(10)}[SAMPLE] == before + 1
+
+
 def test_model_info_with_files_metadata(node: LiveNode) -> None:
     api = HfApi(endpoint=node.url)
     info = api.model_info(MINILM, files_metadata=True)

@@ -324,9 +324,7 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
             except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError, CorruptBlobError):
                 return await remote(request, repo_id, revision, path)  # (a quarantined file is pulled again)
     try:
-        answer = await local(request, repo_id, revision, path)
-        request.app[DEPOT].store.access.record(repo_id)  # a use: the disk budget evicts the least used
-        return answer
+        return await local(request, repo_id, revision, path)  # (a use, counted as the blob is opened)
     except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError, CorruptBlobError):
         if upstream_error is not None:
             raise upstream_error from None
