@@ -27,6 +27,7 @@ from modeldepot import (
 )
 from modeldepot.gitobjects import git_blob_oid
 from modeldepot.store.blobs import WriteSession
+from modeldepot.store.maintenance import totals as store_totals
 
 REPO = "acme/tiny-bert"
 
@@ -126,6 +127,11 @@ def test_a_corrupt_chunk_is_refused_and_quarantined(depot: Depot, model_dir: Pat
     assert not blob.exists() and not depot.has_file(REPO, "model.safetensors")
     with pytest.raises(CorruptBlobError):
         depot.get_file(REPO, "model.safetensors")
+    # A file not held is not counted as held (its size made up savings of deduplication that were none)
+    held = sum(map(len, sample_files().values())) - entry.size
+    usage = depot.du()
+    assert usage.logical_bytes == held == usage.repos[0].logical_bytes
+    assert usage.blob_bytes == held and store_totals(depot.store).logical_bytes == held
     report = depot.verify()
     assert not report.ok and [p.sha256 for p in report.problems] == [entry.sha256]
     depot.import_dir(model_dir, REPO)  # the same bytes again restore the blob

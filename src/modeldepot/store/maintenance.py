@@ -336,15 +336,19 @@ def disk_usage(store: Store) -> DiskUsage:
     blob_row = store.index.read(
         "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes FROM blobs WHERE state = 'ok'"
     )[0]
-    logical = store.index.read("SELECT COALESCE(SUM(size), 0) AS bytes FROM files")[0]["bytes"]
+    # (a file whose blob is quarantined is not held: counted, it made up savings of deduplication)
+    logical = store.index.read(
+        "SELECT COALESCE(SUM(f.size), 0) AS bytes FROM files f JOIN blobs b USING (sha256) WHERE b.state = 'ok'"
+    )[0]["bytes"]
     repos = []
     for row in store.index.read(
         """
         SELECT r.repo_id,
                (SELECT COUNT(*) FROM revisions v WHERE v.repo_id = r.repo_id) AS revisions,
                (SELECT COUNT(*) FROM files f WHERE f.repo_id = r.repo_id) AS files,
-               (SELECT COALESCE(SUM(size), 0) FROM files f WHERE f.repo_id = r.repo_id) AS logical,
-               (SELECT COALESCE(SUM(b.size), 0) FROM blobs b WHERE b.sha256 IN
+               (SELECT COALESCE(SUM(f.size), 0) FROM files f JOIN blobs b USING (sha256)
+                WHERE f.repo_id = r.repo_id AND b.state = 'ok') AS logical,
+               (SELECT COALESCE(SUM(b.size), 0) FROM blobs b WHERE b.state = 'ok' AND b.sha256 IN
                     (SELECT sha256 FROM files f WHERE f.repo_id = r.repo_id)
                 AND NOT EXISTS (SELECT 1 FROM files o WHERE o.sha256 = b.sha256 AND o.repo_id != r.repo_id))
                    AS unique_bytes
@@ -374,7 +378,7 @@ class StoreTotals:
     repo_ids: tuple[str, ...]
     blobs: int  # servable blobs (quarantined ones excluded)
     blob_bytes: int
-    logical_bytes: int  # the size of every file of every revision (content shared or not)
+    logical_bytes: int  # the size of every file of every revision (content shared or not) the store holds
 
 
 def totals(store: Store, public_only: bool = False) -> StoreTotals:
@@ -393,6 +397,7 @@ def totals(store: Store, public_only: bool = False) -> StoreTotals:
         f"SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes FROM blobs b WHERE state = 'ok' {used}"
     )[0]
     logical = store.index.read(
-        f"SELECT COALESCE(SUM(f.size), 0) AS bytes FROM files f JOIN repos r USING (repo_id) WHERE {public}"
+        "SELECT COALESCE(SUM(f.size), 0) AS bytes FROM files f JOIN repos r USING (repo_id) "
+        f"JOIN blobs b USING (sha256) WHERE {public} AND b.state = 'ok'"
     )[0]["bytes"]
     return StoreTotals(repo_ids, blobs["n"], blobs["bytes"], logical)
