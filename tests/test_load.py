@@ -292,6 +292,30 @@ def test_engines_and_preloads_of_a_blob_found_corrupt_are_let_go(depot: Depot, t
     assert depot.preloader.stats().preloaded == ()
 
 
+def test_a_blob_quarantined_lets_go_only_of_the_models_that_map_it(loaded: Depot, tmp_path: Path) -> None:
+    """fp32's weights were quarantined: the preload and engine of fp16, whose own files are whole, were
+    dropped too (a preload answered 200 and was gone two seconds later, counted as an eviction); so they
+    were when another process quarantined it and a node looked for what had left the store."""
+    weights = loaded.file_info(REPO, "onnx/model.onnx_data").sha256
+
+    def hold_both() -> None:
+        loaded.preloader.preload(REPO, "fp16")
+        loaded.preloader.preload(REPO)  # the whole revision: it maps the bad file
+        loaded.load(REPO, "fp16", warmup=0)
+
+    hold_both()
+    loaded.store.quarantine(weights)  # here (verify, a read): the quarantine's hooks
+    assert [m.variant for m in loaded.preloader.stats().preloaded] == ["fp16"]
+    assert len(loaded.engines.keys()) == 1 and loaded.preloader.stats().evictions == 0
+    loaded.import_dir(write_repo(tmp_path / "again"), REPO)  # whole again
+    hold_both()
+    with Depot(loaded.home) as other:
+        other.store.quarantine(weights)  # in another process: a node's look for what left the store
+    loaded._held.let_go_of_removed()
+    assert [m.variant for m in loaded.preloader.stats().preloaded] == ["fp16"]
+    assert len(loaded.engines.keys()) == 1
+
+
 def test_what_an_imported_repo_lacks_is_said_not_a_hub_error(
     loaded: Depot, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -75,23 +75,18 @@ class HeldModels:
             (repo_id, commit_id)
             for repo_id, commit_id in set(self.in_use())
             if commit_id is not None
-            and (
-                not read("SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id))
-                or read(
-                    "SELECT 1 FROM files f JOIN blobs b USING (sha256) WHERE f.repo_id = ? AND f.commit_id = ? "
-                    "AND b.state != 'ok' LIMIT 1",
-                    (repo_id, commit_id),
-                )
-            )
+            and not read("SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id))
         ]
         for repo_id, commit_id in gone:
             self.let_go_of(repo_id, [commit_id])
-        # Files taken out of a revision that stays (`rm --quant` beside the node): the models that map them.
+        # Files taken out of a revision that stays (`rm --quant` beside the node) or whose blob is quarantined:
+        # the models that map them (a variant whose own files are whole stays).
         for (repo_id, commit_id), used in self.paths_in_use().items():
             if (repo_id, commit_id) in gone:
                 continue
             held = {row["path"] for row in read(
-                "SELECT path FROM files WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id))}  # fmt: skip
+                "SELECT path FROM files f JOIN blobs b USING (sha256) WHERE f.repo_id = ? AND f.commit_id = ? "
+                "AND b.state = 'ok'", (repo_id, commit_id))}  # fmt: skip
             if used - held:
                 self.let_go_of(repo_id, [commit_id], used - held)
                 gone.append((repo_id, commit_id))
@@ -101,13 +96,13 @@ class HeldModels:
         """A blob this process quarantined: its engines and preloads must not go on using the bad bytes."""
         if self._preloader() is None and self._engines() is None:
             return
-        users: dict[str, list[str]] = {}
+        users: dict[tuple[str, str], set[str]] = {}
         for row in self.store.index.read(
-            "SELECT DISTINCT repo_id, commit_id FROM files WHERE sha256 = ?", (sha256,)
+            "SELECT repo_id, commit_id, path FROM files WHERE sha256 = ?", (sha256,)
         ):
-            users.setdefault(row["repo_id"], []).append(row["commit_id"])
-        for repo_id, commit_ids in users.items():
-            self.let_go_of(repo_id, commit_ids)
+            users.setdefault((row["repo_id"], row["commit_id"]), set()).add(row["path"])
+        for (repo_id, commit_id), paths in users.items():
+            self.let_go_of(repo_id, [commit_id], paths)  # (the models mapping those files: not the others)
 
     def let_go_of(
         self, repo_id: str, commit_ids: Sequence[str], paths: Collection[str] | None = None

@@ -394,9 +394,10 @@ class Preloader:
                 return  # everything left is held or pinned: the budget gives way
             self._drop(victim)
 
-    def _drop(self, model: _Model) -> None:
+    def _drop(self, model: _Model, evicted: bool = True) -> None:
+        """Take ``model`` out of the tier; ``evicted``: for room (counted), else because it left the store."""
         del self._models[model.key]
-        self._evictions += 1
+        self._evictions += evicted
         model.evicted = True
         if model.holders == 0:
             self._free(model)
@@ -444,7 +445,7 @@ class Preloader:
             gone = [m for m in self._models.values() if m.key[0] == repo_id and m.key[1] in commits
                     and (only is None or not only.isdisjoint(m.files))]  # fmt: skip
             for model in gone:
-                self._drop(model)
+                self._drop(model, evicted=False)
             # (a model being loaded now is let go of when its load ends, instead of kept)
             self._forgotten.update(k for k in self._loading if k[0] == repo_id and k[1] in commits
                                    and (only is None or not only.isdisjoint(self._loading_paths.get(k, ()))))  # fmt: skip
