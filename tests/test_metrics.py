@@ -188,6 +188,52 @@ def test_answers_are_counted_by_route_pattern_and_status(node: LiveNode, depot: 
     assert not any(sha in route for route in routes for sha in [BIG_SHA, *nowhere_shas])
 
 
+def call(node: LiveNode, method: str, target: str, headers: dict[str, str] | None = None) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
+    try:
+        connection.request(method, target, headers=headers or {})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def test_a_method_a_route_does_not_take_is_counted_under_that_route(node: LiveNode) -> None:
+    """A 405 and a CORS preflight were counted under the Hub's write catch-all (`/api/{tail}`) on the node's
+    own routes, and under `unmatched` elsewhere (`POST /metrics`, `DELETE` of a resolve URL)."""
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "DELETE"}
+    pin, resolve = f"{API}/repos/{{org}}/{{name}}/pin", "/{org}/{name}/resolve/{rev}/{path}"
+    asked = [
+        ("PUT", f"{API}/pulls", {}, f"{API}/pulls", 405),
+        ("OPTIONS", f"{API}/pulls", preflight, f"{API}/pulls", 204),
+        ("OPTIONS", f"{API}/repos/{REPO}/pin", preflight, pin, 204),
+        ("GET", f"{API}/repos/{REPO}/pin", {}, pin, 405),
+        ("POST", "/metrics", {}, "/metrics", 405),
+        ("OPTIONS", "/metrics", preflight, "/metrics", 204),
+        ("DELETE", f"/{REPO}/resolve/main/config.json", {}, resolve, 405),
+        ("OPTIONS", f"/{REPO}/resolve/main/config.json", preflight, resolve, 204),
+        ("POST", "/api/repos/create", {}, "/api/{tail}", 405),  # a Hub write: the catch-all's own
+        ("DELETE", "/nope", {}, "unmatched", 404),
+        ("OPTIONS", "/nope", preflight, "unmatched", 204),
+    ]
+    for method, target, headers, route, status in asked:
+        before = scrape(node)
+        assert call(node, method, target, headers) == status, (method, target)
+        after = scrape(node)
+        moved = {
+            labels: value - before.samples.get((name, labels), 0.0)
+            for (name, labels), value in after.samples.items()
+            if name == "modeldepot_http_requests_total" and dict(labels)["route"] != "/metrics"
+            and value != before.samples.get((name, labels), 0.0)
+        }  # fmt: skip
+        what = (method, target, moved)
+        if route == "/metrics":  # (the scrape itself moves /metrics 200)
+            assert requests_of(after, route, status) - requests_of(before, route, status) == 1, what
+        else:
+            assert moved == {frozenset({("route", route), ("status", str(status))}): 1.0}, what
+
+
 def test_sent_bytes_count_every_body_byte_once_and_no_header(node: LiveNode, depot: Depot) -> None:
     """Bodies sent by sendfile (a whole blob, a range of one), through the writer (JSON), and the scrapes'
     own: the counter moves by exactly their sizes."""

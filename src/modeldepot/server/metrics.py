@@ -5,9 +5,9 @@ Each app has a registry of its own (never prometheus_client's global one), holdi
 and :class:`NodeCollector`, which builds every modeldepot figure when it is scraped:
 
 - **counted by this app** (:class:`HttpCounters`, moved by :func:`metrics_middleware` and the body meter):
-  ``modeldepot_http_requests_total{route,status}`` — every answer, by the route's pattern
-  (``/api/depot/v1/blobs/{sha256}``, never the path asked for; a path no route matches is
-  ``route="unmatched"``) and status; ``modeldepot_http_sent_bytes_total`` — response body bytes handed to
+  ``modeldepot_http_requests_total{route,status}`` — every answer, by the pattern of the route the path
+  is for whatever the method (``/api/depot/v1/blobs/{sha256}``, never the path asked for; a 405 or a
+  preflight too; a path no route matches is ``route="unmatched"``) and status; ``modeldepot_http_sent_bytes_total`` — response body bytes handed to
   the connection, streams included: whatever goes through the response's writer, and the pieces a
   :class:`BlobResponse` sends by sendfile (around the writer), each counted as it goes;
 - **counted by the library in this process** (:data:`modeldepot.counters.PULLS`):
@@ -168,9 +168,25 @@ METRICS = web.AppKey("metrics", NodeMetrics)
 
 
 def route_label(request: web.Request) -> str:
-    """The pattern of the route that matched (``/api/depot/v1/blobs/{sha256}``), never the path itself."""
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else UNMATCHED
+    """The pattern of the route the request was for (``/api/depot/v1/blobs/{sha256}``), never the path
+    itself, whatever the method: a method the route does not take (a 405, a CORS preflight) is counted
+    under that route too, not under ``unmatched`` or a catch-all that answered it (the Hub's ``/api/{tail}``).
+    A path that no route's pattern matches is ``unmatched``."""
+    route = request.match_info.route
+    if route.resource is not None and route.method != "*":
+        return route.resource.canonical  # the route that takes this method: the usual case
+    for resource in request.app.router.resources():  # the first route, by registration, for this path
+        if any(r.method != "*" for r in resource) and _path_matches(resource, request.path):
+            return resource.canonical
+    return route.resource.canonical if route.resource is not None else UNMATCHED
+
+
+def _path_matches(resource: web.AbstractResource, path: str) -> bool:
+    info = resource.get_info()
+    if "path" in info:
+        return bool(info["path"] == path)
+    pattern = info.get("pattern")
+    return bool(pattern is not None and pattern.fullmatch(path))
 
 
 @web.middleware
