@@ -312,6 +312,24 @@ def test_every_field_is_checked_before_anything_starts(open_node: LiveNode, loca
     assert {f.path for f in local.list_files(REPO)} == set(Q4F16)  # nothing refused changed anything
 
 
+def test_stats_list_preloaded_models_without_already_and_no_hit_rate_before_a_lookup(
+    open_node: LiveNode, local: Depot
+) -> None:
+    """`stats.preload.hit_rate` was 0.0 before any lookup (as if every one had missed), and every listed
+    model said `already: true` (what answers a preload call, meaningless in a listing)."""
+    pull(open_node, ["q4f16"], CONTROL)
+    answered = call(open_node.port, "POST", f"{API}/repos/{REPO}/preload", {"quant": "q4f16"}, CONTROL).json()
+    assert answered["already"] is False  # the preload call's answer keeps it
+    stats = call(open_node.port, "GET", f"{API}/stats", headers=CONTROL).json()["preload"]
+    assert (stats["hits"], stats["misses"], stats["hit_rate"]) == (0, 0, None)
+    assert [m["variant"] for m in stats["models"]] == ["q4f16"] and "already" not in stats["models"][0]
+    listed = {k: v for k, v in stats["models"][0].items() if k != "resident_bytes"}
+    assert listed == {k: v for k, v in answered.items() if k not in ("already", "resident_bytes")}
+    local.preloader.get(REPO, "q4f16").release()  # a lookup, a hit
+    assert call(open_node.port, "GET", f"{API}/stats", headers=CONTROL).json()["preload"]["hit_rate"] == 1.0
+    assert call(open_node.port, "GET", f"{API}/stats").json()["preload"]["hit_rate"] is None  # withheld
+
+
 def pull(node: LiveNode, quants: list[str] | None, headers: dict[str, str] | None = None) -> dict[str, Any]:
     reply = call(node.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": quants}, headers)
     assert reply.status == 202, reply.body

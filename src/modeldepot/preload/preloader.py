@@ -109,7 +109,7 @@ class PreloadInfo:
     strategy: str
     locked: bool
     lock_error: str | None
-    already: bool  # it was preloaded before this call
+    already: bool  # it was preloaded before this call (always true in stats: the server's listings omit it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,7 +123,7 @@ class PreloadStats:
     ram_bytes: int  # resident now (mincore in the page-cache modes)
     hits: int
     misses: int
-    hit_rate: float
+    hit_rate: float | None  # None before the first lookup
     evictions: int
     avg_load_seconds_preloaded: float | None
     avg_load_seconds_cold: float | None
@@ -494,7 +494,7 @@ class Preloader:
                 ram_bytes=self._resident_total(),
                 hits=self._hits,
                 misses=self._misses,
-                hit_rate=self._hits / gets if gets else 0.0,
+                hit_rate=self._hits / gets if gets else None,
                 evictions=self._evictions,
                 avg_load_seconds_preloaded=sum(warm) / len(warm) if warm else None,
                 avg_load_seconds_cold=sum(cold) / len(cold) if cold else None,

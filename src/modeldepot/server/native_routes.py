@@ -27,6 +27,7 @@ from modeldepot.depot import Depot
 from modeldepot.errors import ChunkNotAvailableError, InvalidInputError, NotFoundError, RepoNotFoundError
 from modeldepot.hashing import chunk_count
 from modeldepot.hub.manifest import Manifest
+from modeldepot.preload.preloader import PreloadInfo
 from modeldepot.server.context import DEPOT, is_authorized, path_repo
 from modeldepot.server.fleet import FLEET
 from modeldepot.server.openapi import WITHHELD_PRELOAD, openapi_document
@@ -366,12 +367,18 @@ def _stats(depot: Depot, authorized: bool) -> dict[str, Any]:
         "blobs": totals.blobs,
         "blob_bytes": totals.blob_bytes,
         "logical_bytes": totals.logical_bytes,
-        "preload": {**figures, "models": [m.to_dict() for m in models]},
+        "preload": {**figures, "models": [_listed(m) for m in models]},
         "most_accessed": [a.to_dict() for a in most_accessed],
         "engines": engines,
         # the disk budget; without the token only the budget itself (the rest counts private repos too)
         "budget": budget if authorized else {**dict.fromkeys(budget), "max_bytes": budget["max_bytes"]},
     }
+
+
+def _listed(model: PreloadInfo) -> dict[str, Any]:
+    """A preloaded model as the stats list it: without ``already``, which answers a preload call (in a
+    listing it would always be true)."""
+    return {k: v for k, v in model.to_dict().items() if k != "already"}
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -251,13 +251,15 @@ def _components() -> ComponentSchemas:
             required=["blobs"],
         ),
     )
+    # (a listed model has no `already`: it answers a preload call)
+    preloaded = c.add("PreloadedModel", c.record(PreloadInfo, omit=["already"]))
     c.add(
         "StatsPreload",
         c.record(
             PreloadStats,
             omit=["preloaded", "most_accessed"],
             nullable=WITHHELD_PRELOAD,
-            add={"models": {"type": "array", "items": c.ref(PreloadInfo)}},
+            add={"models": {"type": "array", "items": preloaded}},
         ),
     )
     engine_figures = [f.name for f in dataclasses.fields(CacheStats)]
@@ -578,6 +580,7 @@ def _control_components(c: ComponentSchemas) -> None:
             }
         ),
     )
+    c.ref(PreloadInfo)
     c.ref(Pin)
     c.ref(RemoveResult)
     c.add(

@@ -524,7 +524,8 @@
       setBar($("ram-bar"), preload.ram_bytes, preload.budget_bytes);
       const count = preload.models.length; // the stats name the preloaded models (those this request may see)
       const ram = [`${count} model${count === 1 ? "" : "s"} preloaded`, preload.strategy];
-      if (preload.hit_rate !== null) ram.push(`hit rate ${(100 * preload.hit_rate).toFixed(0)}%`);
+      // hits null: withheld (no token); hit_rate null alone: no lookup yet
+      if (preload.hits !== null) ram.push(`hit rate ${preload.hit_rate === null ? "–" : `${(100 * preload.hit_rate).toFixed(0)}%`}`);
       setText($("ram-detail"), ram.join(" · "));
 
       const engines = stats.engines;
