@@ -5,6 +5,7 @@ against the OpenAPI document; and the dashboard's files (served without the toke
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import queue
 import re
@@ -24,7 +25,7 @@ import pytest
 from aiohttp import web
 
 import modeldepot
-from conftest import BackgroundServer, LiveNode, free_port, wait_until, write_model_dir
+from conftest import BackgroundServer, LiveNode, flip_byte, free_port, wait_until, write_model_dir
 from controlnodes import (
     API,
     AUTH,
@@ -43,7 +44,7 @@ from controlnodes import (
     source_node,
 )
 from modeldepot import Depot
-from modeldepot.errors import UpstreamError
+from modeldepot.errors import StoreFullError, UpstreamError
 from modeldepot.server import create_app
 from modeldepot.server.connections import NodeRunner
 from modeldepot.server.context import CONTROL_TOKEN as APP_CONTROL_TOKEN
@@ -106,6 +107,11 @@ class HeldPulls:
 
     def release(self) -> None:
         self.gate.set()
+
+
+def no_space(doing: str = "writing the index") -> Any:
+    """``Index.write`` on a disk so full that no transaction can start."""
+    raise StoreFullError(f"no space left while {doing}: nothing was changed")
 
 
 def pull_state(node: LiveNode, job_id: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
@@ -302,14 +308,85 @@ def test_every_field_is_checked_before_anything_starts(open_node: LiveNode, loca
             if status != 200:
                 assert message in reply.json()["error"], (method, route, body, reply.body)
         assert call(open_node.port, method, f"{API}/repos/-acme/tiny/{route}", headers=CONTROL).status == 400
-        assert call(open_node.port, method, f"{API}/repos/acme/nowhere/{route}", headers=CONTROL).status == (
-            200 if method == "DELETE" else 404
-        )
-    for query, status in (("?revision=a..b", 400), ("?force=1", 400), ("?revision=nope", 404)):
+        nowhere = call(open_node.port, method, f"{API}/repos/acme/nowhere/{route}", headers=CONTROL)
+        assert nowhere.status == (200 if method == "DELETE" else 404), (method, route, nowhere.body)
+    for query, status, message in (("?revision=a..b", 400, "revision: "), ("?revision=", 400, "revision: "),
+                                   ("?revision=main&revision=x", 400, "revision: give this query parameter once"),
+                                   ("?force=1", 400, "unknown query parameter 'force': this route takes revision"),
+                                   ("?revision=nope", 404, "nope")):  # fmt: skip
         reply = call(open_node.port, "DELETE", f"{API}/repos/{REPO}{query}", headers=CONTROL)
-        assert reply.status == status and reply.json()["error"], (query, reply.body)
+        assert reply.status == status and message in reply.json()["error"], (query, reply.body)
     assert call(open_node.port, "DELETE", f"{API}/repos/acme/nowhere", headers=CONTROL).status == 404
     assert {f.path for f in local.list_files(REPO)} == set(Q4F16)  # nothing refused changed anything
+
+
+def test_a_query_parameter_a_route_does_not_take_is_refused_and_nothing_is_done(
+    open_node: LiveNode, local: Depot
+) -> None:
+    """The routes other than DELETE /repos/{org}/{name} ignored their query: `preload?quant=fp16` preloaded
+    the whole repo, `pin?quant=q4f16` (PUT or DELETE) pinned or unpinned the whole repo."""
+    pull(open_node, ["q4f16"], CONTROL)
+    whole = call(open_node.port, "PUT", f"{API}/repos/{REPO}/pin", {}, CONTROL)
+    assert whole.status == 200, whole.body
+    for method, target, body in control_requests():
+        for query in ("?quant=q4f16", "?revision=main", "?repo=acme/other", "?a=1&quant=q4f16"):
+            if target == f"{API}/repos/{REPO}" and query == "?revision=main":
+                continue  # (the one parameter a route takes)
+            reply = call(open_node.port, method, target + query, body, CONTROL)
+            assert reply.status == 400, (method, target + query, reply.body)
+            error = reply.json()["error"]
+            assert error.startswith("unknown query parameter '") and "this route takes" in error, error
+            assert reply.headers["X-Error-Code"] == "BadRequest"
+    assert local.preloader.stats().models == 0  # nothing preloaded,
+    assert [(p.quant, p.revision) for p in local.pins()] == [(None, "main")]  # pinned or unpinned,
+    assert call(open_node.port, "GET", f"{API}/pulls", headers=CONTROL).json()[0]["quants"] == ["q4f16"]
+    assert len(call(open_node.port, "GET", f"{API}/pulls", headers=CONTROL).json()) == 1  # started,
+    assert [r.repo_id for r in local.list_repos()] == [REPO]  # or removed
+    message = call(open_node.port, "POST", f"{API}/repos/{REPO}/preload?quant=fp16", {}, CONTROL).json()
+    assert message["error"] == "unknown query parameter 'quant': this route takes no query parameter"
+
+
+def test_a_bad_value_names_its_field_with_json_kinds_and_null_is_the_default(
+    open_node: LiveNode, local: Depot
+) -> None:
+    """`"revision": null` was a 422 "revision must be a string, got NoneType" (Python's name for null), while
+    a null quant or quants meant the default; `?revision=a..b` on DELETE was a 400 that named no field."""
+    pull(open_node, ["q4f16"], CONTROL)
+    commit = local.resolve(REPO)
+    for value, kind in ((3, "number"), (1.5, "number"), (True, "boolean"), (["main"], "array"),
+                        ({"b": 1}, "object")):  # fmt: skip
+        for method, route, body in (("POST", "pulls", {"repo": REPO}), ("POST", f"repos/{REPO}/preload", {}),
+                                    ("PUT", f"repos/{REPO}/pin", {}), ("DELETE", f"repos/{REPO}/pin", {})):  # fmt: skip
+            reply = call(open_node.port, method, f"{API}/{route}", {**body, "revision": value}, CONTROL)
+            assert reply.status == 422, (method, route, value, reply.body)
+            assert reply.json()["error"] == (
+                f"revision: must be a string (a branch, tag or commit id), got {kind}"
+            ), reply.body
+        reply = call(open_node.port, "POST", f"{API}/pulls", {"repo": value}, CONTROL)
+        assert reply.status == 422, reply.body
+        assert reply.json()["error"] == f'repo: must be a string (like "org/name"), got {kind}'
+    null_repo = call(open_node.port, "POST", f"{API}/pulls", {"repo": None}, CONTROL)
+    assert null_repo.status == 422 and null_repo.json()["error"].endswith("got null"), null_repo.body
+    # null: the default (main, the whole repo), as absent.
+    pulled = call(open_node.port, "POST", f"{API}/pulls", {"repo": REPO, "revision": None, "quants": ["q4f16"]},
+                  CONTROL)  # fmt: skip
+    assert pulled.status == 202 and pulled.json()["revision"] == "main", pulled.body
+    finished(open_node, pulled.json()["id"], CONTROL)
+    defaults = {"revision": None, "quant": None}
+    preloaded = call(open_node.port, "POST", f"{API}/repos/{REPO}/preload", defaults, CONTROL)
+    assert preloaded.status == 200, preloaded.body
+    assert (preloaded.json()["commit_id"], preloaded.json()["variant"]) == (commit, "")
+    pinned = call(open_node.port, "PUT", f"{API}/repos/{REPO}/pin", defaults, CONTROL)
+    assert pinned.status == 200 and (pinned.json()["revision"], pinned.json()["quant"]) == ("main", None)
+    unpinned = call(open_node.port, "DELETE", f"{API}/repos/{REPO}/pin", {"revision": None}, CONTROL)
+    assert unpinned.json() == {"repo_id": REPO, "quant": None, "revision": "main", "unpinned": True}
+    # In the URL, a 400 (as a repo id in the path is), naming the parameter; in the body, a 422 naming the field.
+    query = call(open_node.port, "DELETE", f"{API}/repos/{REPO}?revision=a..b", headers=CONTROL)
+    body = call(open_node.port, "PUT", f"{API}/repos/{REPO}/pin", {"revision": "a..b"}, CONTROL)
+    assert (query.status, body.status) == (400, 422)
+    named = "revision: revision 'a..b' may not contain '..' (git ref rules)"
+    assert query.json()["error"] == body.json()["error"] == named
+    assert [r.repo_id for r in local.list_repos()] == [REPO]
 
 
 def test_stats_list_preloaded_models_without_already_and_no_hit_rate_before_a_lookup(
@@ -711,13 +788,27 @@ def test_every_control_answer_is_as_the_document_says(
         check(open_node, method, route, 422, {"repo": "a--b/c"} if route == pulls else {"quant": "a b"})
     check(open_node, "POST", pulls, 404, {"repo": "acme/nowhere"})
     for method, route in (("POST", preload), ("PUT", pin), ("DELETE", repo)):
-        check(open_node, method, route, 404, {} if method != "DELETE" else None, org="acme", name="nowhere")
+        check(open_node, method, route, 404, None if route == repo else {}, org="acme", name="nowhere")
+    for method, route, body in (("POST", pulls, {"repo": REPO}), ("GET", pulls, None), ("GET", one, None),
+                                ("POST", preload, {}), ("PUT", pin, {}), ("DELETE", pin, {}), ("DELETE", repo, None)):  # fmt: skip
+        check(open_node, method, route, 400, body, query="?quant=fp16")  # no route takes it
     for method, route in (("POST", preload), ("PUT", pin), ("DELETE", pin), ("DELETE", repo)):
         check(open_node, method, route, 405, {} if route != repo else None, org="")  # no route: /repos//tiny
     check(open_node, "DELETE", repo, 400, query="?revision=a..b")
     check(open_node, "POST", preload, 200, {"quant": "q4f16"})
     check(open_node, "PUT", pin, 200, {"quant": "q4f16"})
+    # 507: a disk so full that the index takes no write (its space reserve used up too).
+    with monkeypatch.context() as full:
+        full.setattr(local.store.index, "write", no_space)
+        check(open_node, "POST", pulls, 507, {"repo": REPO})  # (its scan is saved before it starts)
+        check(open_node, "PUT", pin, 507, {})
+        check(open_node, "DELETE", pin, 507, {"quant": "q4f16"})
+        check(open_node, "DELETE", repo, 507)
     check(open_node, "DELETE", pin, 200, {"quant": "q4f16"})
+    # 503: a file of the model failed verification (found by a download, and quarantined).
+    flip_byte(local.store.blobs.path(hashlib.sha256(FILES["onnx/model_q4f16.onnx"]).hexdigest()), 3)
+    assert call(open_node.port, "GET", f"/{REPO}/resolve/main/onnx/model_q4f16.onnx").status == 503
+    assert check(open_node, "POST", preload, 503, {"quant": "q4f16"}).headers["X-Error-Code"] == "CorruptFile"
     check(open_node, "DELETE", repo, 200)
 
     # 502 and 503: an upstream that does not answer, a node that is offline.
@@ -728,6 +819,18 @@ def test_every_control_answer_is_as_the_document_says(
             check(node, "POST", pulls, 502, {"repo": "acme/tiny"})
         finally:
             node.stop()
+    # 504: an upstream that takes the connection and never answers.
+    monkeypatch.setenv("MODELDEPOT_READ_TIMEOUT", "1")
+    with socket.socket() as hanging:
+        hanging.bind(("127.0.0.1", 0))
+        hanging.listen(8)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hanging.getsockname()[1]}")
+        with Depot(tmp_path / "slow") as slow:
+            node = OpenNode(slow)
+            try:
+                check(node, "POST", pulls, 504, {"repo": "acme/tiny"})
+            finally:
+                node.stop()
     monkeypatch.setenv("MODELDEPOT_OFFLINE", "1")
     with Depot(tmp_path / "offline") as offline:
         node = OpenNode(offline)

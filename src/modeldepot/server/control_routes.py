@@ -15,6 +15,12 @@ A pull runs on the node's event loop as a background task (:class:`PullJobs`), t
 chain only (its servers, its fleet, its Hub endpoint: a request names a repo, never a place to pull from);
 its progress is on the event stream (the variants' status rows) and at ``GET /pulls/{id}``. The node
 cancels running pulls when it stops; their finished chunks stay for a resume.
+
+What a request says is checked before anything is done, by one rule (docs/hub-api.md): what is wrong in the
+URL (a repo id in the path, a query parameter the route does not take, a bad value of one it takes) or in
+the body's shape (not a JSON object, a key the route does not take) is a 400; a body key whose value is
+wrong is a 422. Every message names the field or parameter, and a value's kind by its JSON name (null,
+number, ...). An optional field sent as null is its default (the whole repo, ``main``).
 """
 
 from __future__ import annotations
@@ -98,21 +104,26 @@ def control_refusal(request: web.Request) -> str | None:
     return WRONG_CONTROL_TOKEN if "Authorization" in request.headers else NEEDS_CONTROL_TOKEN
 
 
-def control(handler: Handler) -> Handler:
-    """A control route: the caller is checked first (:func:`control_refusal`: a 401 when it may not), and
+def control(*query: str) -> Callable[[Handler], Handler]:
+    """A control route taking the query parameters ``query`` (most take none): the caller is checked first
+    (:func:`control_refusal`: a 401 when it may not), then the query (:func:`_query_refusal`: a 400), and
     a :class:`Refused` becomes its JSON error."""
 
-    @functools.wraps(handler)
-    async def guarded(request: web.Request) -> web.StreamResponse:
-        refusal = control_refusal(request)
-        if refusal is not None:
-            return error_response(401, None, refusal)
-        try:
-            return await handler(request)
-        except Refused as refused:
-            return error_response(refused.status, refused.code, refused.message)
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            refusal = control_refusal(request)
+            if refusal is not None:
+                return error_response(401, None, refusal)
+            try:
+                _query_refusal(request, query)
+                return await handler(request)
+            except Refused as refused:
+                return error_response(refused.status, refused.code, refused.message)
 
-    return guarded
+        return guarded
+
+    return decorate
 
 
 # -- what a request says ----------------------------------------------------------------------------------
@@ -147,15 +158,55 @@ async def json_body(request: web.Request, keys: tuple[str, ...]) -> dict[str, An
     return value
 
 
-def _checked(what: str, check: Callable[[object], str], value: object) -> str:
+def _query_refusal(request: web.Request, takes: tuple[str, ...]) -> None:
+    """A 400 for a query parameter the route does not take (it would be ignored: ``?quant=fp16`` on a
+    preload would preload the whole repo), or one given twice."""
+    unknown = sorted(set(request.query) - set(takes))
+    if unknown:
+        takes_what = ", ".join(takes) or "no query parameter"
+        raise Refused(
+            400, "BadRequest", f"unknown query parameter {unknown[0][:40]!r}: this route takes {takes_what}"
+        )
+    for name in takes:
+        if len(request.query.getall(name, [])) > 1:
+            raise Refused(400, "BadRequest", f"{name}: give this query parameter once")
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of ``value``'s kind (what a client sent), never Python's."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _checked(
+    what: str, check: Callable[[object], str], value: object, expected: str, in_url: bool = False
+) -> str:
+    """``value`` of the body field (or, ``in_url``, query parameter) ``what``, through ``check``: a 422 (a
+    400 in the URL) naming ``what`` when it is no string (``expected`` says what string) or ``check``
+    refuses it."""
+    status, code = (400, "BadRequest") if in_url else (422, "InvalidField")
+    if not isinstance(value, str):
+        raise Refused(status, code, f"{what}: must be a string ({expected}), got {_json_type(value)}")
     try:
         return check(value)
     except InvalidInputError as error:
-        raise _invalid(f"{what}: {error}") from None
+        raise Refused(status, code, f"{what}: {error}") from None
+
+
+REVISION = "a branch, tag or commit id"
 
 
 def _revision_field(body: dict[str, Any]) -> str:
-    return _checked("revision", validate_revision, body.get("revision", "main"))
+    """The body's ``revision``: ``main`` when it is absent or null."""
+    value = body.get("revision")
+    return "main" if value is None else _checked("revision", validate_revision, value, REVISION)
 
 
 def _quant_name(value: object, what: str = "quant") -> str:
@@ -341,12 +392,12 @@ def _variants(manifest: Manifest, quants: Quants) -> Quants:
 PULLS = web.AppKey("pulls", PullJobs)
 
 
-@control
+@control()
 async def start_pull(request: web.Request) -> web.Response:
     body = await json_body(request, ("repo", "revision", "quants"))
     if "repo" not in body:
         raise _invalid('repo: required (like "org/name")')
-    repo_id = _checked("repo", validate_repo_id, body["repo"])
+    repo_id = _checked("repo", validate_repo_id, body["repo"], 'like "org/name"')
     repo_id = await asyncio.to_thread(request.app[DEPOT].store.spelled, repo_id)  # one job whatever the case
     revision = _revision_field(body)
     quants = _quants_field(body)
@@ -354,12 +405,12 @@ async def start_pull(request: web.Request) -> web.Response:
     return json_response(job.to_dict(), 202 if new else 200)
 
 
-@control
+@control()
 async def list_pulls(request: web.Request) -> web.Response:
     return json_response([job.to_dict() for job in reversed(request.app[PULLS].list())])
 
 
-@control
+@control()
 async def get_pull(request: web.Request) -> web.Response:
     job = request.app[PULLS].get(request.match_info["id"])
     if job is None:
@@ -378,7 +429,7 @@ def _unknown_variant_is_invalid(error: NotFoundError) -> None:
         raise _invalid(f"quant: {error}") from None
 
 
-@control
+@control()
 async def preload(request: web.Request) -> web.Response:
     repo_id = await path_repo(request)
     body = await json_body(request, ("quant", "revision"))
@@ -392,7 +443,7 @@ async def preload(request: web.Request) -> web.Response:
     return json_response(info.to_dict())
 
 
-@control
+@control()
 async def pin(request: web.Request) -> web.Response:
     repo_id = await path_repo(request)
     body = await json_body(request, ("quant", "revision"))
@@ -405,7 +456,7 @@ async def pin(request: web.Request) -> web.Response:
     return json_response(pinned.to_dict())
 
 
-@control
+@control()
 async def unpin(request: web.Request) -> web.Response:
     repo_id = await path_repo(request)
     body = await json_body(request, ("quant", "revision"))
@@ -414,17 +465,12 @@ async def unpin(request: web.Request) -> web.Response:
     return json_response({"repo_id": repo_id, "quant": quant, "revision": revision, "unpinned": removed})
 
 
-@control
+@control("revision")
 async def remove_repo(request: web.Request) -> web.Response:
     repo_id = await path_repo(request)
-    unknown = sorted(set(request.query) - {"revision"})
-    if unknown:
-        raise Refused(
-            400, "BadRequest", f"unknown query parameter {unknown[0][:40]!r}: this route takes revision"
-        )
     revision = request.query.get("revision")
-    if revision is not None:
-        validate_revision(revision)
+    if revision is not None:  # (in the URL: a 400, naming the parameter)
+        _checked("revision", validate_revision, revision, REVISION, in_url=True)
     running = [
         job
         for job in request.app[PULLS].list()

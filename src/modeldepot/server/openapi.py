@@ -512,8 +512,17 @@ _QUANT = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"}
 _CONTROL = (
     "A control route: requests need the control token as Authorization: Bearer, else 401. On a node with a "
     "token, that is its token; on a node without one (whose reads are open), a token it makes when it starts, "
-    "which `modeldepot serve` prints in the dashboard's address (http://HOST:PORT/#token=...)."
+    "which `modeldepot serve` prints in the dashboard's address (http://HOST:PORT/#token=...). What is wrong "
+    "in the URL (the repo id in the path, a query parameter the route does not take or a bad value of one it "
+    "takes) or in the body's shape (not a JSON object, an unknown key) is a 400; a body field with a wrong "
+    "value a 422; each message names the field. An optional field sent as null is its default."
 )
+_REVISION = {
+    "type": ["string", "null"],
+    "maxLength": 200,
+    "default": "main",
+    "description": "a branch, tag or commit id (its start will do); null or absent: main",
+}
 
 
 def _control_components(c: ComponentSchemas) -> None:
@@ -527,7 +536,7 @@ def _control_components(c: ComponentSchemas) -> None:
                     "maxLength": 96,
                     "description": "the repo id, as the node's upstreams know it",
                 },
-                "revision": {"type": "string", "maxLength": 200, "default": "main"},
+                "revision": _REVISION,
                 "quants": {
                     "anyOf": [
                         {"type": "array", "items": _QUANT, "minItems": 1, "maxItems": 64},
@@ -547,9 +556,9 @@ def _control_components(c: ComponentSchemas) -> None:
             {
                 "quant": {
                     **_nullable(_QUANT),
-                    "description": "one variant (and the shared files); null: all",
+                    "description": "one variant (and the shared files); null or absent: all",
                 },
-                "revision": {"type": "string", "maxLength": 200, "default": "main"},
+                "revision": _REVISION,
             },
             required=[],
         ),
@@ -605,12 +614,8 @@ def _control_paths(
     def body(name: str, required: bool) -> dict[str, Any]:
         return {"required": required, "content": {"application/json": {"schema": {"$ref": REF + name}}}}
 
-    shape = (
-        400,
-        413,
-        415,
-        422,
-    )  # a body that is not a JSON object or has a wrong key, too big, not JSON, bad field
+    # The URL or the body's shape (400), a body too big (413), not JSON (415), a bad field (422).
+    shape = (400, 413, 415, 422)
     variant_target = body("VariantTarget", False)
     return {
         "/api/depot/v1/pulls": {
@@ -619,7 +624,7 @@ def _control_paths(
                 "description": f"The pulls started over HTTP since the node started, newest first. {_CONTROL}",
                 "responses": {
                     "200": _json({"type": "array", "items": {"$ref": REF + "PullJob"}}),
-                    **errors(401),
+                    **errors(400, 401),
                 },
             },
             "post": {
@@ -628,13 +633,13 @@ def _control_paths(
                 "endpoint: a request never names where to pull from) and pull the variants in the background: "
                 "202 and the new pull; 200 and the running one when the same repo, revision and variants are "
                 "already being pulled. Progress: this pull's route and the event stream. An unknown repo is a "
-                "404, a variant the repo lacks a 422, an upstream that fails a 502, an offline node a 503. "
-                + _CONTROL,
+                "404, a variant the repo lacks a 422, an upstream that fails a 502 (that does not answer in "
+                "time a 504), an offline node a 503, a full disk (the scan is saved) a 507. " + _CONTROL,
                 "requestBody": body("PullRequest", True),
                 "responses": {
                     "200": ok("PullJob", "The same pull, already running"),
                     "202": ok("PullJob", "Started"),
-                    **errors(401, 404, 502, 503, *shape),
+                    **errors(401, 404, 502, 503, 504, 507, *shape),
                 },
             },
         },
@@ -643,7 +648,7 @@ def _control_paths(
                 "operationId": "getPull",
                 "description": f"One pull: running, done (with its result) or failed (with the error). {_CONTROL}",
                 "parameters": [_path_param("id", {"type": "string", "maxLength": 64})],
-                "responses": {"200": ok("PullJob"), **errors(401, 404)},
+                "responses": {"200": ok("PullJob"), **errors(400, 401, 404)},
             }
         },
         "/api/depot/v1/pins": {
@@ -657,11 +662,12 @@ def _control_paths(
         "/api/depot/v1/repos/{org}/{name}/preload": {
             "post": {
                 "operationId": "preload",
-                "description": f"Bring a stored model (a variant with the shared files, or every file) into the "
-                f"RAM tier. {_CONTROL}",
+                "description": "Bring a stored model (a variant with the shared files, or every file) into the "
+                "RAM tier. A model larger than the RAM tier's budget is a 400; one with a file that failed "
+                f"verification (quarantined) a 503, X-Error-Code CorruptFile. {_CONTROL}",
                 "parameters": repo_params,
                 "requestBody": variant_target,
-                "responses": {"200": ok("PreloadInfo"), **errors(401, 404, 405, *shape)},
+                "responses": {"200": ok("PreloadInfo"), **errors(401, 404, 405, 503, *shape)},
             }
         },
         "/api/depot/v1/repos/{org}/{name}/pin": {
@@ -670,7 +676,7 @@ def _control_paths(
                 "description": f"Keep the revision (a branch is followed) from eviction. {_CONTROL}",
                 "parameters": repo_params,
                 "requestBody": variant_target,
-                "responses": {"200": ok("Pin"), **errors(401, 404, 405, *shape)},
+                "responses": {"200": ok("Pin"), **errors(401, 404, 405, 507, *shape)},
             },
             "delete": {
                 "operationId": "unpin",
@@ -678,7 +684,7 @@ def _control_paths(
                 f"them). {_CONTROL}",
                 "parameters": repo_params,
                 "requestBody": variant_target,
-                "responses": {"200": ok("Unpinned"), **errors(401, 405, *shape)},
+                "responses": {"200": ok("Unpinned"), **errors(401, 405, 507, *shape)},
             },
         },
         "/api/depot/v1/repos/{org}/{name}": {
@@ -693,9 +699,10 @@ def _control_paths(
                         "in": "query",
                         "required": False,
                         "schema": {"type": "string", "maxLength": 200},
+                        "description": "one revision (a branch, tag or commit id) to remove; absent: the repo",
                     },
                 ],
-                "responses": {"200": ok("RemoveResult"), **errors(400, 401, 404, 405, 409)},
+                "responses": {"200": ok("RemoveResult"), **errors(400, 401, 404, 405, 409, 507)},
             }
         },
     }
