@@ -309,7 +309,7 @@ def test_every_field_is_checked_before_anything_starts(open_node: LiveNode, loca
                 assert message in reply.json()["error"], (method, route, body, reply.body)
         assert call(open_node.port, method, f"{API}/repos/-acme/tiny/{route}", headers=CONTROL).status == 400
         nowhere = call(open_node.port, method, f"{API}/repos/acme/nowhere/{route}", headers=CONTROL)
-        assert nowhere.status == (200 if method == "DELETE" else 404), (method, route, nowhere.body)
+        assert nowhere.status == 404, (method, route, nowhere.body)
     for query, status, message in (("?revision=a..b", 400, "revision: "), ("?revision=", 400, "revision: "),
                                    ("?revision=main&revision=x", 400, "revision: give this query parameter once"),
                                    ("?force=1", 400, "unknown query parameter 'force': this route takes revision"),
@@ -387,6 +387,27 @@ def test_a_bad_value_names_its_field_with_json_kinds_and_null_is_the_default(
     named = "revision: revision 'a..b' may not contain '..' (git ref rules)"
     assert query.json()["error"] == body.json()["error"] == named
     assert [r.repo_id for r in local.list_repos()] == [REPO]
+
+
+def test_pinning_again_keeps_the_pin_and_unpinning_a_repo_not_held_is_a_404(
+    open_node: LiveNode, local: Depot
+) -> None:
+    """A second PUT of a pin answered a new created_at (the store kept the first); a DELETE of a pin of a repo
+    the node does not hold answered 200 `unpinned: false`."""
+    pull(open_node, ["q4f16"], CONTROL)
+    first = call(open_node.port, "PUT", f"{API}/repos/{REPO}/pin", {"quant": "q4f16"}, CONTROL).json()
+    time.sleep(0.05)
+    again = call(open_node.port, "PUT", f"{API}/repos/{REPO}/pin", {"quant": "Q4F16"}, CONTROL).json()
+    assert again == first
+    listed = call(open_node.port, "GET", f"{API}/pins", headers=CONTROL).json()
+    assert listed == [first]
+    missing = call(open_node.port, "DELETE", f"{API}/repos/acme/nowhere/pin", {}, CONTROL)
+    assert missing.status == 404 and missing.headers["X-Error-Code"] == "RepoNotFound", missing.body
+    assert "acme/nowhere" in missing.json()["error"]
+    # A repo the node holds, without such a pin: 200, unpinned false.
+    none = call(open_node.port, "DELETE", f"{API}/repos/{REPO}/pin", {"quant": "fp16"}, CONTROL)
+    assert none.status == 200 and none.json()["unpinned"] is False, none.body
+    assert [p.quant for p in local.pins()] == ["q4f16"]
 
 
 def test_stats_list_preloaded_models_without_already_and_no_hit_rate_before_a_lookup(
@@ -787,7 +808,7 @@ def test_every_control_answer_is_as_the_document_says(
         check(open_node, method, route, 415, b"{}", {"Content-Type": "application/x-www-form-urlencoded"})
         check(open_node, method, route, 422, {"repo": "a--b/c"} if route == pulls else {"quant": "a b"})
     check(open_node, "POST", pulls, 404, {"repo": "acme/nowhere"})
-    for method, route in (("POST", preload), ("PUT", pin), ("DELETE", repo)):
+    for method, route in (("POST", preload), ("PUT", pin), ("DELETE", pin), ("DELETE", repo)):
         check(open_node, method, route, 404, None if route == repo else {}, org="acme", name="nowhere")
     for method, route, body in (("POST", pulls, {"repo": REPO}), ("GET", pulls, None), ("GET", one, None),
                                 ("POST", preload, {}), ("PUT", pin, {}), ("DELETE", pin, {}), ("DELETE", repo, None)):  # fmt: skip

@@ -461,7 +461,15 @@ async def unpin(request: web.Request) -> web.Response:
     repo_id = await path_repo(request)
     body = await json_body(request, ("quant", "revision"))
     quant, revision = _quant_field(body), _revision_field(body)
-    removed = await asyncio.to_thread(request.app[DEPOT].unpin, repo_id, quant, revision)
+    depot = request.app[DEPOT]
+
+    def unpinned() -> bool:
+        removed = depot.unpin(repo_id, quant, revision)
+        if not removed:
+            depot.store.repo_private(repo_id)  # a repo the node does not hold: RepoNotFoundError, a 404
+        return removed
+
+    removed = await asyncio.to_thread(unpinned)
     return json_response({"repo_id": repo_id, "quant": quant, "revision": revision, "unpinned": removed})
 
 

@@ -599,7 +599,10 @@ def _control_components(c: ComponentSchemas) -> None:
                 "repo_id": {"type": "string"},
                 "quant": {"type": ["string", "null"]},
                 "revision": {"type": "string"},
-                "unpinned": {"type": "boolean", "description": "false: there was no such pin"},
+                "unpinned": {
+                    "type": "boolean",
+                    "description": "false: the node holds the repo, but there was no such pin",
+                },
             }
         ),
     )
@@ -673,7 +676,8 @@ def _control_paths(
         "/api/depot/v1/repos/{org}/{name}/pin": {
             "put": {
                 "operationId": "pin",
-                "description": f"Keep the revision (a branch is followed) from eviction. {_CONTROL}",
+                "description": "Keep the revision (a branch is followed) from eviction. Pinning again what is "
+                f"pinned changes nothing (`created_at` stays when it was first pinned). {_CONTROL}",
                 "parameters": repo_params,
                 "requestBody": variant_target,
                 "responses": {"200": ok("Pin"), **errors(401, 404, 405, 507, *shape)},
@@ -681,10 +685,11 @@ def _control_paths(
             "delete": {
                 "operationId": "unpin",
                 "description": "Remove a pin (its variant in any case, a commit by its start, as the pin took "
-                f"them). {_CONTROL}",
+                "them): 200 with `unpinned` false when the node holds the repo but there was no such pin, 404 "
+                f"when it does not hold the repo (and had no such pin). {_CONTROL}",
                 "parameters": repo_params,
                 "requestBody": variant_target,
-                "responses": {"200": ok("Unpinned"), **errors(401, 405, 507, *shape)},
+                "responses": {"200": ok("Unpinned"), **errors(401, 404, 405, 507, *shape)},
             },
         },
         "/api/depot/v1/repos/{org}/{name}": {

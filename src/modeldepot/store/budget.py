@@ -236,15 +236,19 @@ class DiskBudget:
             revision = commit_id  # (the start of a commit id names that commit: kept whole, not as typed)
         if quant is not None:
             validate_label(quant)
-        pin = Pin(repo_id, quant, revision, time.time())
         with self.store.index.write(f"pinning {repo_id}") as con:
             con.execute(
                 "INSERT INTO pins (repo_id, variant, revision, created_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (repo_id, variant, revision) DO NOTHING",
-                (repo_id, quant or "", revision, pin.created_at),
+                (repo_id, quant or "", revision, time.time()),
             )
+            # (a pin made again keeps the time it was first made)
+            created_at = con.execute(
+                "SELECT created_at FROM pins WHERE repo_id = ? AND variant = ? AND revision = ?",
+                (repo_id, quant or "", revision),
+            ).fetchone()[0]
         log.info("pinned %s%s@%s", repo_id, f" ({quant})" if quant else "", revision)
-        return pin
+        return Pin(repo_id, quant, revision, float(created_at))
 
     def unpin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
         """Remove a pin; False when there was none."""
