@@ -7,7 +7,9 @@ the repo. A node without a token: the page reads it but cannot act, saying how t
 the address `modeldepot serve` prints (``#token=`` and the node's control token), which it takes out of the
 address bar. A fleet of two nodes sharing a token: the page lists the peers, pulls from the other node,
 preloads and pins; its screenshot is docs/dashboard.png (written there when MODELDEPOT_DASHBOARD_SCREENSHOT
-names a path).
+names a path). A node that stops under a live page: the page says since when it is not answering and dims
+what it shows (from then), until the node, started again on the same port, answers. A node with a token
+opened without it: the page says what it cannot read, and claims no emptiness it did not read.
 
 Chromium and its driver come from Debian (scripts/install-browser, which scripts/test runs); without them
 these tests fail, saying so (as the fleet tests do without etcd).
@@ -15,6 +17,7 @@ these tests fail, saying so (as the fleet tests do without etcd).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.options import Options
@@ -384,3 +388,107 @@ def run_fleet_node(browser: WebDriver, node: InProcessNode, depot: Depot, peer_i
     click(browser, f'{variant_row("q4f16")} button[data-action="unpin"]')
     message(browser, f"Unpin of {REPO} (q4f16): unpinned", "ok")
     assert [(p.repo_id, p.quant) for p in depot.pins()] == [("acme/embedder", None)]
+
+
+def test_a_node_that_stops_answering_leaves_its_last_picture_marked_stale(
+    browser: WebDriver, tmp_path: Path
+) -> None:
+    with Depot(tmp_path / "open", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "files", FILES), REPO)
+        node = OpenNode(depot)
+        try:
+            browser.get(node.url + "/")
+            wait_for(browser, "the stored repo", lambda d: REPO in (visible_text(d, "#repos") or ""))
+            wait_for(browser, "the live event stream", lambda d: visible_text(d, "#stream-state") == "live")
+            uptime = wait_for(browser, "the node's uptime", lambda d: visible_text(d, "#store-detail"))
+            assert uptime.startswith("up "), uptime
+            assert visible_text(browser, "#node-lost") is None and not is_stale(browser)
+        finally:
+            node.stop()  # as SIGTERM stops it: the page's connections end, new ones are refused
+
+        # What the page shows stays (it is all there is), said to be from when the node last answered.
+        lost = wait_for(browser, "that the node is not answering", lambda d: visible_text(d, "#node-lost"))
+        assert LOST.match(lost) and "the node did not answer" in lost, lost
+        assert is_stale(browser) and opacity(browser, "#repos-section") < 1 and opacity(browser, ".cards") < 1
+        assert REPO in (visible_text(browser, "#repos") or "")
+        assert (visible_text(browser, "#store-detail") or "").startswith("up ")  # (the uptime then)
+        # A repo stored while the node is away: the page, which cannot know, shows the store as it was.
+        depot.import_dir(write_model_dir(tmp_path / "more", sample_files(3)), "acme/embedder")
+
+        # Started again where the page knew it, the node is read again: the message and the marks go.
+        again = open_node_on(depot, node.port)
+        try:
+            wait_for(browser, "the node answering again", lambda d: visible_text(d, "#node-lost") is None)
+            assert not is_stale(browser)
+            repos = wait_for(browser, "the repo stored meanwhile",
+                             lambda d: "acme/embedder" in (visible_text(d, "#repos") or "") and visible_text(d, "#repos"))  # fmt: skip
+            assert REPO in repos, repos
+            wait_for(browser, "the live event stream", lambda d: visible_text(d, "#stream-state") == "live")
+        finally:
+            again.stop()
+    assert script_errors(browser) == []
+
+
+LOST = re.compile(r"The node is not answering \(since \d\d:\d\d:\d\d\); what is shown is from then\.")
+
+
+def is_stale(driver: WebDriver) -> bool:
+    return bool(js(driver, "return document.querySelector('main').classList.contains('stale')"))
+
+
+def opacity(driver: WebDriver, css: str) -> float:
+    return float(js(driver, "return getComputedStyle(document.querySelector(arguments[0])).opacity", css))
+
+
+def open_node_on(depot: Depot, port: int) -> OpenNode:
+    """A node over ``depot`` that listens on ``port`` too: started again at the address the page has."""
+    node = OpenNode(depot)
+    site = web.TCPSite(node.runner, "127.0.0.1", port)
+    asyncio.run_coroutine_threadsafe(site.start(), node.loop).result(30)
+    return node
+
+
+# What the page says of an empty store, a node outside a fleet, a disk without a budget: true once read.
+FALSE_CLAIMS = ("No repos yet", "No fleet", "no budget", "Nothing is preloaded")
+
+
+def test_a_node_read_without_its_token_claims_no_emptiness(browser: WebDriver, tmp_path: Path) -> None:
+    with Depot(tmp_path / "guarded", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "files", FILES), REPO)
+        node = LiveNode(depot, token=TOKEN)
+        try:
+            run_node_read_without_its_token(browser, node)
+        finally:
+            node.stop()
+    assert script_errors(browser) == []
+
+
+def run_node_read_without_its_token(browser: WebDriver, node: LiveNode) -> None:
+    # Every read is refused: the page says what it does not know, and why, not that there is nothing.
+    browser.get(node.url + "/")
+    wait_for(browser, "the token panel", lambda d: visible_text(d, "#token-panel"))
+    click(browser, "#token-skip")
+    wait_for(browser, "that the token is needed", lambda d: visible_text(d, "#token-state") == "token needed")
+    shown = page_text(browser)
+    assert not [claim for claim in FALSE_CLAIMS if claim in shown], shown
+    unknown = "Unknown: reading this needs the node's token."
+    for note in ("#repos-unknown", "#preloaded-unknown", "#peers-unknown"):
+        wait_for(browser, f"the note {note}: {unknown!r}", lambda d, n=note: visible_text(d, n) == unknown)
+    assert visible_text(browser, "#disk-used") == "–" and visible_text(browser, "#disk-budget") == "–"
+    assert visible_text(browser, "#disk-detail") == "unknown: reading this needs the node's token"
+    assert visible_text(browser, "#node-lost") is None  # refused is not silent
+
+    # With the token the page reads the node, and says what it read.
+    click(browser, "#token-button")
+    type_into(browser, "#token-input", TOKEN)
+    click(browser, "#token-submit")
+    wait_for(browser, "the stored repo", lambda d: REPO in (visible_text(d, "#repos") or ""))
+    wait_for(browser, "the budget", lambda d: visible_text(d, "#disk-budget") == "no budget")
+    assert "No fleet" in (visible_text(browser, "#peers-section") or "")
+    assert visible_text(browser, "#repos-unknown") is None and visible_text(browser, "#peers-unknown") is None
+
+    # Forgotten, the token takes what it read with it: the reads are refused again, and said to be.
+    click(browser, "#forget-token")
+    wait_for(browser, "the repos unknown again", lambda d: visible_text(d, "#repos-unknown") == unknown)
+    shown = page_text(browser)
+    assert REPO not in shown and not [claim for claim in FALSE_CLAIMS if claim in shown], shown

@@ -13,6 +13,7 @@
   const TOKEN_KEY = "modeldepot-token";
   const POLL_MS = 2000;
   const RECONNECT_MS = 2000;
+  const READ_TIMEOUT_MS = 10000; // a read still unanswered then: the node is not answering (a machine gone silent)
   const PULLS_SHOWN = 10;
   const HOW_TO_CONTROL =
     "To control this node, open the address `modeldepot serve` printed when it started (it ends in #token=…), " +
@@ -48,6 +49,9 @@
     pins: [],
     pulls: [],
     controlRefusal: null,
+    // Why each read's data is not known (null once read): nothing on the page may claim emptiness before.
+    unknown: { stats: "not read yet", repos: "not read yet", peers: "not read yet", pins: "not read yet" },
+    lost: null, // {since, error} while the node does not answer: what is shown is from then, marked stale
     variants: new Map(), // "repo:variant" -> the last variant event
     manifests: new Map(), // repo -> {revision, endpoint} from its saved scan (or null while asked)
   };
@@ -152,17 +156,21 @@
   async function api(method, path, body, quiet = false) {
     const init = { method, cache: "no-store", headers: headers(body === undefined ? {} : { "Content-Type": "application/json" }) };
     if (body !== undefined) init.body = JSON.stringify(body);
+    if (method === "GET") init.signal = AbortSignal.timeout(READ_TIMEOUT_MS); // (an action may take its time)
     let response;
     try {
       response = await fetch(`${API}/${path}`, init);
     } catch (error) {
-      return { ok: false, status: 0, data: null, error: `the node did not answer (${error.message})` };
+      const why = error.name === "TimeoutError" ? `within ${READ_TIMEOUT_MS / 1000} s` : `(${error.message})`;
+      return { ok: false, status: 0, data: null, error: `the node did not answer ${why}` };
     }
     let data = null;
     if ((response.headers.get("Content-Type") || "").startsWith("application/json")) {
       try {
         data = await response.json();
       } catch (error) {
+        // An answer cut short (the node stopped, or the read timed out, while it was sent): no data, not none.
+        if (response.ok) return { ok: false, status: 0, data: null, error: `the node's answer was cut short (${error.message})` };
         data = null;
       }
     }
@@ -198,7 +206,7 @@
 
   async function load() {
     const [info, stats, repos, peers, pins, pulls] = await Promise.all([
-      state.info ? Promise.resolve({ ok: true, data: state.info }) : api("GET", "info"),
+      state.info && !state.lost ? Promise.resolve({ ok: true, data: state.info }) : api("GET", "info"), // (again once back)
       api("GET", "stats"),
       api("GET", "repos"),
       api("GET", "peers"),
@@ -206,10 +214,13 @@
       api("GET", "pulls", undefined, true), // a control route: a 401 here leaves the reads readable
     ]);
     if (info.ok) state.info = info.data;
-    if (stats.ok) state.stats = stats.data;
-    if (repos.ok) state.repos = repos.data;
-    if (peers.ok) state.peers = peers.data;
-    if (pins.ok) state.pins = pins.data;
+    take("stats", stats, null);
+    take("repos", repos, []);
+    take("peers", peers, []);
+    take("pins", pins, []);
+    const silent = [info, stats, repos, peers, pins, pulls].find((answer) => answer.status === 0);
+    if (!silent) state.lost = null;
+    else state.lost = { since: state.lost ? state.lost.since : new Date(), error: silent.error };
     const readsRefused = [info, stats, repos, peers, pins].some((answer) => answer.status === 401);
     const controlRefused = pulls.status === 401 || pulls.status === 403;
     if (pulls.ok) {
@@ -225,6 +236,21 @@
       renderToken();
     }
     render();
+  }
+
+  // A read's answer: its data, or why it is not known. A refused read forgets what an earlier one showed (it
+  // was read with a token the page no longer has); one the node did not answer keeps it, shown as stale.
+  function take(name, answer, nothing) {
+    if (answer.ok) {
+      state[name] = answer.data;
+      state.unknown[name] = null;
+    } else if (answer.status === 401) {
+      state[name] = nothing;
+      state.unknown[name] = "reading this needs the node's token";
+      if (name === "repos") state.variants.clear(); // (their events come with the token too)
+    } else if (state.unknown[name] !== null) {
+      state.unknown[name] = answer.status === 0 ? "the node is not answering" : `the read failed: ${answer.error}`;
+    }
   }
 
   async function poll() {
@@ -480,12 +506,35 @@
   }
 
   function render() {
+    renderLost();
     renderHeader();
     renderCards();
     renderPulls();
     renderRepos();
     renderPreloaded();
     renderPeers();
+  }
+
+  function clock(date) {
+    return [date.getHours(), date.getMinutes(), date.getSeconds()].map((n) => String(n).padStart(2, "0")).join(":");
+  }
+
+  function renderLost() {
+    const lost = state.lost;
+    const box = $("node-lost");
+    box.hidden = !lost;
+    document.querySelector("main").classList.toggle("stale", Boolean(lost));
+    if (!lost) return;
+    const shown = Object.values(state.unknown).includes(null) ? "what is shown is from then" : "nothing could be read yet";
+    setText(box, `The node is not answering (since ${clock(lost.since)}); ${shown}. ` +
+      `Asking again every ${POLL_MS / 1000} s (last: ${lost.error}).`);
+  }
+
+  // A section's note saying why its data is not known (null: it is, the note is hidden).
+  function unknownNote(id, why) {
+    const note = $(id);
+    note.hidden = !why;
+    setText(note, why ? `Unknown: ${why}.` : "");
   }
 
   function renderHeader() {
@@ -504,7 +553,7 @@
     const used = budget && budget.used_bytes !== null ? budget.used_bytes : stats ? stats.blob_bytes : null;
     const max = budget ? budget.max_bytes : null;
     setText($("disk-used"), bytes(used));
-    setText($("disk-budget"), max === null || max === undefined ? "no budget" : bytes(max));
+    setText($("disk-budget"), !stats ? "–" : max === null || max === undefined ? "no budget" : bytes(max));
     setBar($("disk-bar"), max ? used || 0 : 0, max || 1); // (no budget: nothing to fill)
     $("disk-bar").classList.toggle("full", Boolean(max) && used / max > 0.9);
     const disk = [];
@@ -515,6 +564,7 @@
     } else if (stats) {
       disk.push(`${stats.blobs} blob${stats.blobs === 1 ? "" : "s"}`);
     }
+    if (!stats) disk.push(`unknown: ${state.unknown.stats}`);
     setText($("disk-detail"), disk.join(" · "));
 
     if (stats) {
@@ -537,6 +587,10 @@
 
       setText($("store-repos"), `${stats.repos} repo${stats.repos === 1 ? "" : "s"}`);
       setText($("store-detail"), `up ${Math.round(stats.uptime_seconds / 60)} min · ${stats.most_accessed.length ? `most used: ${stats.most_accessed[0].repo_id}` : "no use yet"}`);
+    } else {
+      for (const id of ["ram-used", "ram-budget", "engines-count", "store-repos"]) setText($(id), "–");
+      setBar($("ram-bar"), 0, 1);
+      for (const id of ["ram-detail", "engines-detail", "store-detail"]) setText($(id), `unknown: ${state.unknown.stats}`);
     }
   }
 
@@ -667,14 +721,18 @@
 
   function renderRepos() {
     const items = repoItems();
-    $("repos-empty").hidden = items.length > 0;
+    const why = items.length > 0 ? null : state.unknown.repos;
+    $("repos-empty").hidden = items.length > 0 || Boolean(why);
+    unknownNote("repos-unknown", why);
     sync($("repos"), items, (item) => item.id, makeRepo, updateRepo);
   }
 
   function renderPreloaded() {
     const models = state.stats ? state.stats.preload.models : [];
+    const why = state.stats ? null : state.unknown.stats;
     $("preloaded").hidden = models.length === 0;
-    $("preloaded-empty").hidden = models.length > 0;
+    $("preloaded-empty").hidden = models.length > 0 || Boolean(why);
+    unknownNote("preloaded-unknown", why);
     sync(
       $("preloaded").tBodies[0],
       models,
@@ -694,8 +752,10 @@
 
   function renderPeers() {
     const peers = state.peers;
+    const why = peers.length > 0 ? null : state.unknown.peers;
     $("peers").hidden = peers.length === 0;
-    $("peers-empty").hidden = peers.length > 0;
+    $("peers-empty").hidden = peers.length > 0 || Boolean(why);
+    unknownNote("peers-unknown", why);
     const self = state.info ? state.info.id : null;
     sync(
       $("peers").tBodies[0],
