@@ -184,6 +184,8 @@ def test_nodes_join_see_each_other_leave_and_ride_out_an_etcd_outage(fleet: Flee
 
     fleet.etcd.kill()  # an outage
     wait_until(lambda: not a.health()["connected"], 20, "health to show the outage")
+    assert a.get("/health", token=False)["status"] == "degraded"  # (200 still: files are served)
+    assert_documented("/health", a.get("/health", token=False))
     cluster = a.health()
     assert cluster["last_error"] and not cluster["registered"] and cluster["since"] <= time.time()
     assert a.peer_ids() == {a.id, b.id}, "the last known view stays"
@@ -197,6 +199,7 @@ def test_nodes_join_see_each_other_leave_and_ride_out_an_etcd_outage(fleet: Flee
 
     fleet.etcd.start()  # same data, same ports
     wait_until(lambda: all(n.health()["registered"] for n in (a, b)), 20, "both nodes to be registered again")
+    assert a.get("/health", token=False)["status"] == "ok"
     wait_until(
         lambda: (a.row(b.id) or {}).get("blobs") == 2, 15, "a to see what b imported during the outage"
     )

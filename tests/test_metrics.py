@@ -262,6 +262,11 @@ def test_store_gauges_follow_imports_and_removals(live_node: LiveNode, depot: De
     fewer = scrape(live_node)
     assert fewer.value("modeldepot_repos") == 1
     assert fewer.value("modeldepot_store_bytes") == sum(len(data) for data in set(FILES.values()))
+    assert fewer.value("modeldepot_store_quarantined_blobs") == 0
+    depot.store.quarantine(depot.file_info(REPO, "config.json").sha256)  # (found corrupt: a quarantine was
+    assert (
+        scrape(live_node).value("modeldepot_store_quarantined_blobs") == 1
+    )  # seen only as blobs going down)
 
 
 def test_the_budget_and_its_evictions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -374,6 +379,7 @@ def test_peers_and_peer_bytes_in_a_fleet(tmp_path: Path, monkeypatch: pytest.Mon
 
             wait_until(peers_of(a), 10, "node a to see both nodes")
             wait_until(peers_of(c), 10, "node c to see both nodes")
+            assert Scrape(get_url(a.url, "/metrics")).value("modeldepot_cluster_connected") == 1
             online(monkeypatch, nowhere())
             before = Scrape(get_url(a.url, "/metrics")).pulled()
             with Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b:

@@ -106,6 +106,8 @@ class NodeCollector(Collector):
             (gauge, "modeldepot_store_blobs", "Blobs in the store (distinct contents).", totals.blobs),
             (gauge, "modeldepot_store_bytes", "Bytes of the store's blobs (each content once).",
              totals.blob_bytes),
+            (gauge, "modeldepot_store_quarantined_blobs", "Blobs found corrupt and taken out of service (a "
+             "pull or import of their files restores them).", totals.quarantined_blobs),
             (gauge, "modeldepot_store_budget_bytes", "The store's disk budget in bytes; 0 means no budget.",
              budget.max_bytes or 0),
             (gauge, "modeldepot_store_pinned_bytes", "Bytes of the blobs that pinned revisions use.",
@@ -130,6 +132,11 @@ class NodeCollector(Collector):
             (counter, "modeldepot_http_sent_bytes", "Response body bytes this node sent, streams included.",
              sent),
         ]  # fmt: skip
+        cluster = fleet.status() if fleet is not None else None
+        if cluster is not None:
+            figures.append((gauge, "modeldepot_cluster_connected", "1 while the fleet's registry answers and "
+                            "this node is registered in it; 0 meanwhile (peers are the last known).",
+                            float(cluster.connected and cluster.registered)))  # fmt: skip
         for family, name, doc, value in figures:
             yield family(name, doc, value=value)
 

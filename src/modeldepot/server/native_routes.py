@@ -57,13 +57,22 @@ def _depot(request: web.Request) -> Depot:
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 while the node serves, whatever its fleet's registry does: ``cluster`` (a node served with one)
-    says how its view of the fleet stands."""
+    """200 while the node serves, whatever its fleet's registry does (a load balancer must not drop a node
+    that serves files): ``status`` is ``degraded``, with a ``detail``, while its registry cannot be reached
+    or its record is not in it (its peers and what they hold are then the last known); ``cluster`` (a node
+    served with one) says how its view of the fleet stands."""
     fleet = request.app.get(FLEET)
     status = fleet.status() if fleet is not None else None
     if status is None:
         return json_response({"status": "ok"})
-    return json_response({"status": "ok", "cluster": dataclasses.asdict(status)})
+    answer: dict[str, Any] = {"status": "ok", "cluster": dataclasses.asdict(status)}
+    if not status.connected:
+        answer.update(status="degraded", detail=f"the fleet's registry ({status.backend}) cannot be reached: "
+                      "peers and what they hold are as last seen; files are served")  # fmt: skip
+    elif not status.registered:
+        answer.update(status="degraded", detail="this node is not registered in its fleet yet: peers do not "
+                      "know of it; files are served")  # fmt: skip
+    return json_response(answer)
 
 
 async def peers(request: web.Request) -> web.Response:
@@ -367,6 +376,7 @@ def _stats(depot: Depot, authorized: bool) -> dict[str, Any]:
         "blobs": totals.blobs,
         "blob_bytes": totals.blob_bytes,
         "logical_bytes": totals.logical_bytes,
+        "quarantined_blobs": totals.quarantined_blobs,
         "preload": {**figures, "models": [_listed(m) for m in models]},
         "most_accessed": [a.to_dict() for a in most_accessed],
         "engines": engines,

@@ -185,7 +185,12 @@ def _components() -> ComponentSchemas:
         "Health",
         _closed(
             {
-                "status": {"const": "ok"},
+                "status": {
+                    "enum": ["ok", "degraded"],
+                    "description": "degraded: the fleet's registry cannot be reached, or this node is not "
+                    "registered in it (files are still served)",
+                },
+                "detail": {"type": "string", "description": "why it is degraded"},
                 "cluster": {
                     **c.ref(ClusterStatus),
                     "description": "how this node's view of its fleet stands; absent on a node served "

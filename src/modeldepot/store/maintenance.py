@@ -379,6 +379,7 @@ class StoreTotals:
     blobs: int  # servable blobs (quarantined ones excluded)
     blob_bytes: int
     logical_bytes: int  # the size of every file of every revision (content shared or not) the store holds
+    quarantined_blobs: int = 0  # blobs found corrupt and taken out of service (still listed by their files)
 
 
 def totals(store: Store, public_only: bool = False) -> StoreTotals:
@@ -400,4 +401,7 @@ def totals(store: Store, public_only: bool = False) -> StoreTotals:
         "SELECT COALESCE(SUM(f.size), 0) AS bytes FROM files f JOIN repos r USING (repo_id) "
         f"JOIN blobs b USING (sha256) WHERE {public} AND b.state = 'ok'"
     )[0]["bytes"]
-    return StoreTotals(repo_ids, blobs["n"], blobs["bytes"], logical)
+    quarantined = store.index.read(f"SELECT COUNT(*) AS n FROM blobs b WHERE state = 'quarantined' {used}")[
+        0
+    ]["n"]
+    return StoreTotals(repo_ids, blobs["n"], blobs["bytes"], logical, quarantined)
