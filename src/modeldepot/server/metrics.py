@@ -5,7 +5,8 @@ Each app has a registry of its own (never prometheus_client's global one), holdi
 and :class:`NodeCollector`, which builds every modeldepot figure when it is scraped:
 
 - **counted by this app** (:class:`HttpCounters`, moved by :func:`metrics_middleware` and the body meter):
-  ``modeldepot_http_requests_total{route,status}`` — every answer, by the pattern of the route the path
+  ``modeldepot_http_requests_total{route,status}`` — every answer of the app (not the parser's 400s nor
+  ``connections.py``'s canned answers, given on the socket before any handler), by the pattern of the route the path
   is for whatever the method (``/api/depot/v1/blobs/{sha256}``, never the path asked for; a 405 or a
   preflight too; a path no route matches is ``route="unmatched"``) and status; ``modeldepot_http_sent_bytes_total`` — response body bytes handed to
   the connection, streams included: whatever goes through the response's writer, and the pieces a
