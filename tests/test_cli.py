@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from conftest import LiveNode, flip_byte, sample_files
 from modeldepot import Depot
 from modeldepot.cli import cli
+from modeldepot.cli.render import format_bytes
 
 REPO = "acme/tiny"
 
@@ -57,6 +58,14 @@ def test_import_ls_info_path_cat(home: Path, model_dir: Path) -> None:
     assert code == 0 and Path(out.strip()).read_bytes() == sample_files()["config.json"]
     code, out, _ = run("path", REPO, home=home)
     assert Path(out.strip()).name == imported["commit_id"]
+
+
+def test_import_with_link_says_what_it_linked(home: Path, model_dir: Path) -> None:
+    code, out, err = run("import", str(model_dir), "--repo", REPO, "--link", home=home)
+    assert code == 0, err
+    linked = sum(map(len, set(sample_files().values())))  # (empty.txt and its like: one blob each content)
+    assert f"linked {format_bytes(linked)}" in out and "copied" not in out
+    assert (model_dir / "model.safetensors").stat().st_mode & 0o777 == 0o444
 
 
 def test_cat_writes_exact_bytes_through_a_real_pipe(home: Path, model_dir: Path) -> None:

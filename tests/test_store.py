@@ -6,6 +6,7 @@ import hashlib
 import os
 import sqlite3
 import stat
+import tempfile
 import time
 from pathlib import Path
 
@@ -259,6 +260,40 @@ def test_import_follows_file_links_and_skips_git_folders(
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceDirectoryError, match="no files"):
         depot.import_dir(tmp_path / "empty", REPO)
+
+
+def test_an_import_with_link_makes_no_second_copy(depot: Depot, tmp_path: Path) -> None:
+    """`import --link` (ollama#7254: an import copied 40 GB GGUFs it could have linked): the folder's files
+    become the store's blobs (one inode, read-only), a link in the folder links the file it names, a file
+    on another file system is copied; a linked file written in place later is never served."""
+    files = {"model.gguf": os.urandom(3 * SMALL_CHUNK + 5), "config.json": b'{"a": 1}'}
+    folder = write_model_dir(tmp_path / "folder", files)
+    elsewhere = write_model_dir(tmp_path / "elsewhere", {"tokenizer.json": b'{"t": 2}'})
+    (folder / "tokenizer.json").symlink_to(elsewhere / "tokenizer.json")
+    result = depot.import_dir(folder, REPO, link=True)
+    assert result.linked_bytes == result.new_bytes == sum(map(len, files.values())) + len(b'{"t": 2}')
+    for path, source in (
+        ("model.gguf", folder / "model.gguf"),
+        ("tokenizer.json", elsewhere / "tokenizer.json"),
+    ):
+        blob = depot.store.blobs.path(depot.file_info(REPO, path).sha256)
+        assert os.stat(blob).st_ino == os.stat(source).st_ino  # one file, two names
+        assert stat.S_IMODE(os.stat(source).st_mode) == 0o444
+    assert imported(depot, REPO) == {**files, "tokenizer.json": b'{"t": 2}'}
+    assert depot.verify().ok and store_files_consistent(depot) == []
+
+    if os.path.isdir("/dev/shm"):  # another file system: copied
+        with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+            other = write_model_dir(Path(shm), {"other.bin": os.urandom(SMALL_CHUNK)})
+            copied = depot.import_dir(other, "acme/other", link=True)
+            assert copied.new_bytes == SMALL_CHUNK and copied.linked_bytes == 0
+
+    os.chmod(folder / "model.gguf", 0o644)  # its owner makes it writable again and changes it in place
+    with open(folder / "model.gguf", "r+b") as handle:
+        handle.seek(SMALL_CHUNK)
+        handle.write(b"changed")
+    with pytest.raises(CorruptBlobError):
+        depot.get_file(REPO, "model.gguf")
 
 
 def imported(depot: Depot, repo: str) -> dict[str, bytes]:

@@ -251,11 +251,17 @@ class Depot:
         *,
         private: bool = False,
         progress: ImportProgress | None = None,
+        link: bool = False,
     ) -> ImportResult:
         """Publish a local folder as ``repo_id`` at branch ``revision``; the commit id derives from the files.
-        A repo the store holds under another case gets the revision (the Hub's repo ids ignore case)."""
+        A repo the store holds under another case gets the revision (the Hub's repo ids ignore case).
+
+        ``link``: the files become the store's blobs by hard links, not copies, where the file system
+        allows (the same one, your own files; others are copied): no second copy of a 40 GB GGUF. They are
+        made read-only (0444), as every blob is; a file changed in place later is found changed and never
+        served."""
         return import_dir(self.store, path, self.store.spelled(repo_id), revision, private=private,
-                          progress=progress)  # fmt: skip
+                          progress=progress, link=link)  # fmt: skip
 
     def hf_cache_import(
         self,

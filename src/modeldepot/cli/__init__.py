@@ -196,13 +196,19 @@ def cli() -> None:
     help="Branch to point at the import.",
 )
 @click.option("--private", is_flag=True, help="Mark the repo private (served only with the node token).")
+@click.option(
+    "--link",
+    is_flag=True,
+    help="Hard-link the files into the store instead of copying them (same file system, your own files; "
+    "others are copied): no second copy. The files become read-only, as the store's blobs are.",
+)
 @_json_option
 @_home_option
 def import_command(
-    depot: Depot, directory: Path, repo_id: str, revision: str, private: bool, as_json: bool
+    depot: Depot, directory: Path, repo_id: str, revision: str, private: bool, link: bool, as_json: bool
 ) -> None:
     """Publish the model folder DIRECTORY as repo ORG/NAME."""
-    bar = render.ByteProgress("importing")
+    bar = render.ByteProgress("linking" if link else "importing")
     with bar.running():
         result = depot.import_dir(
             directory,
@@ -210,6 +216,7 @@ def import_command(
             revision,
             private=private,
             progress=lambda path, done, total: bar.update(done, total, path),
+            link=link,
         )
     if as_json:
         render.print_json(result.to_dict())
@@ -219,6 +226,11 @@ def import_command(
         f"imported {result.repo_id}@{result.revision} → commit {result.commit_id[:12]}: {result.files} files, "
         f"{render.format_bytes(result.bytes)} ({render.format_bytes(reused)} already in the store)"
     )
+    if link:
+        copied = result.new_bytes - result.linked_bytes
+        render.out.print(f"linked {render.format_bytes(result.linked_bytes)}"
+                         + (f"; copied {render.format_bytes(copied)} (another file system or another user's "
+                            "files)" if copied else ""))  # fmt: skip
     render.out.print(f"snapshot: {result.snapshot_path}")
 
 

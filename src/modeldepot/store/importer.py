@@ -155,12 +155,15 @@ def _stage_all(
     chunk_size: int,
     progress: ImportProgress | None,
     durable: bool = True,
-) -> tuple[list[StagedFile], dict[str, PartialBlob]]:
-    """Copy and hash every file into the session; one synced partial per distinct content."""
+    link: bool = False,
+) -> tuple[list[StagedFile], dict[str, PartialBlob], set[str]]:
+    """Copy and hash every file into the session (with ``link``, hard-link those that can be: see
+    :func:`stage_blob`); one synced partial per distinct content, and the contents that were linked."""
     patterns = _lfs_patterns(files)
     total = sum(f.size for f in files)
     staged: list[StagedFile] = []
     partials: dict[str, PartialBlob] = {}
+    linked: set[str] = set()
     done_before = 0
     for source in files:
 
@@ -168,16 +171,24 @@ def _stage_all(
             if progress is not None:
                 progress(path, base + done, total)
 
-        digest, partial = _stage(session, source, chunk_size, report, durable)
+        if link:  # (the file a link in the folder names: linking the link itself would copy; synced)
+            real = Path(os.path.realpath(source.absolute))
+            digest, partial, was_linked = stage_blob(session, real, chunk_size, report, durable, link=True)
+        else:
+            digest, partial = _stage(session, source, chunk_size, report, durable)
+            was_linked = False
         if digest.sha256 in partials:
             partial.discard()  # the same content twice in one folder
         else:
-            partial.sync(durable)
+            if not link:
+                partial.sync(durable)
             partials[digest.sha256] = partial
+            if was_linked:
+                linked.add(digest.sha256)
         lfs = is_lfs_path(source.path, digest.size, patterns, GIT_OID_LIMIT)
         staged.append(StagedFile(source.path, digest, _git_oid(digest, lfs), lfs))
         done_before += source.size
-    return staged, partials
+    return staged, partials, linked
 
 
 def stage_blob(
@@ -266,7 +277,11 @@ def import_dir(
     revision: str = "main",
     private: bool = False,
     progress: ImportProgress | None = None,
+    link: bool = False,
 ) -> ImportResult:
+    """Publish the folder ``directory`` as ``repo_id`` at branch ``revision``. With ``link``, each file the
+    store lacks becomes a blob by a hard link, not a copy, where the file system allows (the same one, a
+    file of this user): it is then made read-only, as every blob is (see :func:`stage_blob`)."""
     validate_repo_id(repo_id)
     validate_new_branch(revision)
     refuse_nested_branch(store.index, repo_id, revision)
@@ -276,8 +291,8 @@ def import_dir(
         # Before a byte is written, refuse what surely cannot fit (the files no blob of the same size may
         # hold); once hashed, make room for the blobs really new, keeping those it shares from eviction.
         writer.check_fits(likely_new_bytes(store, [f.size for f in files]), doing)
-        staged, partials = _stage_all(session, files, store.chunk_size, progress,
-                                      not store.durability.deferred)  # fmt: skip
+        staged, partials, linked = _stage_all(session, files, store.chunk_size, progress,
+                                              not store.durability.deferred, link)  # fmt: skip
         known = blob_states(store.index, list(partials))
         writer.reuse(sha256 for sha256 in partials if known.get(sha256) == "ok")
         writer.make_room(sum(p.size for sha256, p in partials.items() if known.get(sha256) != "ok"), doing)
@@ -299,6 +314,7 @@ def import_dir(
         new_blobs=len(new_blobs),
         new_bytes=sum(new_blobs.values()),
         snapshot_path=str(store.snapshots.path(repo_id, commit_id)),
+        linked_bytes=sum(size for sha256, size in new_blobs.items() if sha256 in linked),
     )
 
 

@@ -101,6 +101,7 @@ class ImportResult(_Record):
     new_blobs: int  # distinct contents the store did not hold before
     new_bytes: int  # disk the import added (the rest was deduplicated)
     snapshot_path: str
+    linked_bytes: int = 0  # of new_bytes, those hard-linked to the folder's files (``link``): no second copy
 
 
 @dataclass(frozen=True)
