@@ -288,6 +288,12 @@ def test_an_import_with_link_makes_no_second_copy(depot: Depot, tmp_path: Path) 
             copied = depot.import_dir(other, "acme/other", link=True)
             assert copied.new_bytes == SMALL_CHUNK and copied.linked_bytes == 0
 
+    # A file whose content the store held already is not linked: it is given its mode back
+    again = write_model_dir(tmp_path / "again", {"config.json": b'{"a": 1}'})
+    os.chmod(again / "config.json", 0o640)
+    assert depot.import_dir(again, "acme/again", link=True).new_bytes == 0
+    assert stat.S_IMODE(os.stat(again / "config.json").st_mode) == 0o640
+
     os.chmod(folder / "model.gguf", 0o644)  # its owner makes it writable again and changes it in place
     with open(folder / "model.gguf", "r+b") as handle:
         handle.seek(SMALL_CHUNK)

@@ -13,6 +13,7 @@ The write protocol (the only way bytes enter blobs/):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -63,6 +64,9 @@ class PartialBlob:
         self.placed = False
         self.keep_name = False
         self.writeback = True  # start writing each block to disk as it is written (for a quick fsync)
+        # A hard link to a file of the user's (import --link, adopt), made read-only: the mode it had, given
+        # back when the partial is not placed (its content was in the store already, the import failed)
+        self.mode_to_restore: int | None = None
 
     def write(self, data: memoryview) -> None:
         try:
@@ -97,6 +101,12 @@ class PartialBlob:
     def discard(self) -> None:
         self._close()
         if not self.placed:
+            if self.mode_to_restore is not None:
+                with contextlib.suppress(OSError):
+                    # Only when the file has no other name than its own and this link: another (the store's
+                    # blob, another partial of the same file) must stay read-only.
+                    if os.stat(self.path, follow_symlinks=False).st_nlink == 2:
+                        os.chmod(self.path, self.mode_to_restore, follow_symlinks=False)
             try:
                 self.path.unlink()
             except FileNotFoundError:

@@ -256,6 +256,7 @@ def _stage_link(
             # again and change the store's blob), root included. It is copied instead.
             partial.discard()
             return None
+        partial.mode_to_restore = stat.S_IMODE(info.st_mode)  # (given back if the partial is not placed)
         os.fchmod(fd, 0o444)  # before the bytes are read: no new writer may open it from here on
         partial.size = partial.written = info.st_size
         reader = io.FileIO(fd, "rb", closefd=False)
