@@ -195,6 +195,24 @@ def test_a_split_model_loads_whole_from_its_shards(depot: Depot, split_folder: P
     assert depot.load(REPO, "Q8_0", engine="gguf") is model
 
 
+@pytest.mark.parametrize("where", ["here", "another process"])
+def test_a_quarantined_shard_lets_go_of_the_engine_that_maps_it(
+    depot: Depot, split_folder: Path, where: str
+) -> None:
+    """Shard 2 of a split model found corrupt: the engine, which maps every shard, is let go of (it was
+    kept: its cache key names shard 1 alone)."""
+    depot.import_dir(split_folder, REPO)
+    depot.load(REPO, "Q8_0", engine="gguf")
+    second = depot.file_info(REPO, "tiny-Q8_0-00002-of-00002.gguf").sha256
+    if where == "here":
+        depot.store.quarantine(second)
+    else:
+        with Depot(depot.home) as other:
+            other.store.quarantine(second)
+        assert depot.let_go_of_removed() == 1  # (a node does this every few seconds)
+    assert depot.engines.keys() == []
+
+
 def test_a_missing_shard_is_an_error_not_a_partial_model(depot: Depot, split_folder: Path) -> None:
     second = split_folder / "tiny-Q8_0-00002-of-00002.gguf"
     kept = second.read_bytes()

@@ -87,6 +87,24 @@ def test_external_data_kept_in_a_subfolder_loads(depot: Depot, tmp_path: Path) -
     session = depot.load("acme/sub")
     x = rng.standard_normal((2, 4)).astype(np.float32)
     np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ WEIGHT + BIAS, rtol=1e-5)
+    depot.store.quarantine(depot.file_info("acme/sub", "onnx/weights/w.bin").sha256)
+    assert depot.engines.keys() == [], "the session mapping the quarantined weights is let go of"
+
+
+def test_a_root_model_loads_whatever_happened_to_other_files_of_its_repo(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """A model at the repo's root: its folder is the whole repo, and a quarantined file of another model
+    in a subfolder failed the load (every file was checked and linked for onnxruntime)."""
+    folder = tmp_path / "root"
+    (folder / "gguf").mkdir(parents=True)
+    onnx.save_model(linear_model(TensorProto.FLOAT, WEIGHT, BIAS), str(folder / "model.onnx"))
+    (folder / "gguf" / "other.bin").write_bytes(b"x" * 5000)
+    depot.import_dir(folder, "acme/root")
+    depot.store.quarantine(depot.file_info("acme/root", "gguf/other.bin").sha256)
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    np.testing.assert_allclose(depot.load("acme/root", warmup=0).run(None, {"x": x})[0], x @ WEIGHT + BIAS,
+                               rtol=1e-5)  # fmt: skip
 
 
 def test_load_picks_the_variant(loaded: Depot) -> None:

@@ -150,6 +150,35 @@ async def _read(
     return seen, body
 
 
+def test_a_file_removed_while_the_mirror_opens_it_is_fetched_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An `rm` (or the disk budget) between the mirror's look-up of a file and its opening: the client got a
+    404 for a file the upstream has; it is fetched again."""
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        node = LiveNode(upstream_depot)
+        mirror = mirror_node(tmp_path, node.url, monkeypatch)
+        try:
+            url = f"{mirror.url}/{REPO}/resolve/main/config.json"
+            assert asyncio.run(_read(url))[1] == FILES["config.json"]
+            blobs, removed = mirror.depot.store.blobs, []
+            opening = blobs.open
+
+            def removing_first(sha256: str, size: int) -> int:
+                if not removed:
+                    removed.append(sha256)
+                    mirror.depot.remove(REPO)
+                return opening(sha256, size)
+
+            monkeypatch.setattr(blobs, "open", removing_first)
+            assert asyncio.run(_read(url))[1] == FILES["config.json"]
+            assert removed and mirror.depot.has_file(REPO, "config.json")
+        finally:
+            mirror.stop()
+            node.stop()
+
+
 def test_clients_get_bytes_while_a_slow_pull_runs_and_share_one_transfer(
     upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

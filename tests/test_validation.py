@@ -274,7 +274,7 @@ def _api_cases() -> list[Any]:
         add("import_dir-existing", lambda d, s, v=v: d.import_dir(s, REPO, v), InvalidRevisionError, v)
     for i in [-1, 99, True, "0", 0.0, None]:
         add("get_chunk-index", lambda d, s, i=i: d.get_chunk(REPO, "config.json", i), InvalidRangeError, i)
-    for q in [5, [5], [""], {"fp16"}, ["fp16\n"]]:  # (refused before any scan: no source is given here)
+    for q in [5, [5], [""], {"fp16"}, ["fp16\n"], []]:  # (refused before any scan: no source is given here)
         add("pull-quants", lambda d, s, q=q: d.pull(REPO, q), InvalidInputError, q)
     for q in [5, b"fp16"]:  # (an AttributeError from the variants' grouping)
         add("preload-quant", lambda d, s, q=q: d.preloader.preload(REPO, q), InvalidInputError, q)

@@ -30,6 +30,7 @@ from modeldepot.errors import (
     InvalidInputError,
     NotFoundError,
     OfflineError,
+    StoreError,
 )
 from modeldepot.held import HeldModels
 from modeldepot.hub.manifest import (
@@ -750,7 +751,10 @@ class Depot:
             try:
                 self.store.resolve(repo_id, pin.revision)
             except NotFoundError:
-                self.store.budget.unpin(repo_id, pin.quant, pin.revision)
+                try:
+                    self.store.budget.unpin(repo_id, pin.quant, pin.revision)
+                except StoreError as error:  # (the removal is done: it is not failed for its pin)
+                    log.warning("%s was removed but its pin of %s stays: %s", repo_id, pin.revision, error)
         return result
 
     def _remove_variant(self, repo_id: str, revision: str, quant: str) -> RemoveResult:
@@ -778,7 +782,7 @@ class Depot:
     def let_go_of_removed(self) -> int:
         """Drop this process's preloads and engines of what is no longer whole in the store (removed, a blob
         of it quarantined, or files taken out of it, by another process: a `modeldepot rm` beside a node); a
-        server calls this every few seconds. Returns how many revisions it let go of."""
+        server calls this every few seconds. Returns how many preloads and loaded engines went."""
         return self._held.let_go_of_removed()
 
     def _forget_removed_variants(self, repo_id: str) -> None:

@@ -36,6 +36,7 @@ from typing import Any
 
 __all__ = [
     "AccessDeniedError",
+    "BlobRemovedError",
     "ConfigError",
     "CorruptBlobError",
     "DepotError",
@@ -142,6 +143,11 @@ class EntryNotFoundError(NotFoundError, FileNotFoundError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class BlobRemovedError(NotFoundError):
+    """A file or blob looked up a moment ago was removed from the store before it was opened (an `rm`, the
+    disk budget): not corrupt. A mirror fetches it again; a scrub or an export goes on without it."""
 
 
 class ChunkNotAvailableError(NotFoundError):

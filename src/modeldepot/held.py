@@ -21,12 +21,28 @@ if TYPE_CHECKING:
 __all__ = ["HeldModels"]
 
 
-def _maps_one_of(model_file: object, paths: Collection[str]) -> bool:
-    """Whether an engine loaded from ``model_file`` maps one of ``paths``: the file itself, or its
-    external data, named after it (``model.onnx_data``, ``model.onnx.data``)."""
+def _maps_one_of(model_file: object, paths: Collection[str], revision_paths: Collection[str]) -> bool:
+    """Whether an engine loaded from ``model_file`` may map one of ``paths`` (files of a revision whose
+    files are ``revision_paths``): its variant's own files (a split GGUF's every shard, an ONNX model's
+    external data named after it), or, for ONNX, any file under its folder no other variant owns (external
+    data may be named anything: the load links that folder). An engine of another key (a callable's: what
+    it read is unknown) maps them all."""
     if not isinstance(model_file, str):
         return True
-    return any(path.startswith(model_file) for path in paths)
+    from modeldepot.engines.gguf_model import gguf_shard_names
+    from modeldepot.hub.variants import group_files
+
+    variants = group_files({*revision_paths, *paths, model_file}).variants
+    own = next((set(v.files) for v in variants if model_file in v.files), {model_file})
+    own.update(gguf_shard_names(model_file) or ())
+    others = {f for v in variants if model_file not in v.files for f in v.files}
+    folder = model_file.rpartition("/")[0]
+    under = f"{folder}/" if folder else ""
+    onnx = model_file.endswith(".onnx")
+    return any(
+        path in own or path.startswith(model_file) or (onnx and path.startswith(under) and path not in others)
+        for path in paths
+    )
 
 
 def _engine_revision(key: object) -> tuple[str, str, object] | None:
@@ -69,28 +85,25 @@ class HeldModels:
 
     def let_go_of_removed(self) -> int:
         """Let go of what is no longer whole in the store (removed, a blob of it quarantined, or files taken
-        out of it by another process: a `modeldepot rm` beside a node). Returns how many revisions."""
+        out of it by another process: a `modeldepot rm` beside a node). Returns how many preloads and engines went."""
         read = self.store.index.read
-        gone = [
-            (repo_id, commit_id)
-            for repo_id, commit_id in set(self.in_use())
-            if commit_id is not None
-            and not read("SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id))
-        ]
-        for repo_id, commit_id in gone:
-            self.let_go_of(repo_id, [commit_id])
-        # Files taken out of a revision that stays (`rm --quant` beside the node) or whose blob is quarantined:
-        # the models that map them (a variant whose own files are whole stays).
-        for (repo_id, commit_id), used in self.paths_in_use().items():
-            if (repo_id, commit_id) in gone:
+        dropped = 0
+        used = self.paths_in_use()
+        for repo_id, commit_id in set(self.in_use()):
+            if commit_id is None:
                 continue
-            held = {row["path"] for row in read(
-                "SELECT path FROM files f JOIN blobs b USING (sha256) WHERE f.repo_id = ? AND f.commit_id = ? "
-                "AND b.state = 'ok'", (repo_id, commit_id))}  # fmt: skip
-            if used - held:
-                self.let_go_of(repo_id, [commit_id], used - held)
-                gone.append((repo_id, commit_id))
-        return len(gone)
+            if not read("SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)):
+                dropped += self.let_go_of(repo_id, [commit_id])
+                continue
+            # Files taken out of a revision that stays (`rm --quant` beside the node), or whose blob is
+            # quarantined: the models that map them go (a variant whose own files are whole stays).
+            rows = read("SELECT path, state FROM files f JOIN blobs b USING (sha256) "
+                        "WHERE f.repo_id = ? AND f.commit_id = ?", (repo_id, commit_id))  # fmt: skip
+            bad = {row["path"] for row in rows if row["state"] != "ok"}
+            bad |= used.get((repo_id, commit_id), set()) - {row["path"] for row in rows}
+            if bad:
+                dropped += self.let_go_of(repo_id, [commit_id], bad)
+        return dropped
 
     def let_go_of_blob(self, sha256: str) -> None:
         """A blob this process quarantined: its engines and preloads must not go on using the bad bytes."""
@@ -104,21 +117,26 @@ class HeldModels:
         for (repo_id, commit_id), paths in users.items():
             self.let_go_of(repo_id, [commit_id], paths)  # (the models mapping those files: not the others)
 
-    def let_go_of(
-        self, repo_id: str, commit_ids: Sequence[str], paths: Collection[str] | None = None
-    ) -> None:
+    def let_go_of(self, repo_id: str, commit_ids: Sequence[str], paths: Collection[str] | None = None) -> int:
         """Drop this process's preloads and loaded engines of these revisions (with ``paths``: those that map
-        one of these files, removed from a revision that stays)."""
+        one of these files, removed from a revision that stays, or quarantined). Returns how many preloads
+        and loaded engines went (one being loaded goes when its load ends: not counted)."""
         if not commit_ids:
-            return
+            return 0
         preloader, engines = self._preloader(), self._engines()
-        if preloader is not None:
-            preloader.forget(repo_id, commit_ids, paths)
+        dropped = preloader.forget(repo_id, commit_ids, paths) if preloader is not None else 0
         if engines is None:
-            return
-        for key in [*engines.keys(), *engines.loading()]:
+            return dropped
+        loaded = set(engines.keys())
+        listed: dict[str, list[str]] = {}  # by commit: its files, read once
+        for key in [*loaded, *engines.loading()]:
             revision = _engine_revision(key)
             if revision is None or revision[0] != repo_id or revision[1] not in commit_ids:
                 continue
-            if paths is None or _maps_one_of(revision[2], paths):
+            if paths is not None and revision[1] not in listed:
+                listed[revision[1]] = [row["path"] for row in self.store.index.read(
+                    "SELECT path FROM files WHERE repo_id = ? AND commit_id = ?", (repo_id, revision[1]))]  # fmt: skip
+            if paths is None or _maps_one_of(revision[2], paths, listed[revision[1]]):
                 engines.evict(key)
+                dropped += key in loaded
+        return dropped

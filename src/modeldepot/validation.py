@@ -258,12 +258,20 @@ def validate_quants(quants: object) -> list[str] | str | None:
         return quants
     if isinstance(quants, str):
         quants = [quants]
-    if not isinstance(quants, (list, tuple)):
-        raise InvalidInputError(f"quants must be None, 'all' or variants' names, not {_describe(quants)}")
+    if not isinstance(quants, (list, tuple)) or not quants:
+        raise InvalidInputError(
+            f"quants must be None (the whole repo), 'all' or variants' names, not {_describe(quants)}"
+        )
     for quant in quants:
-        if not isinstance(quant, str) or not quant.strip():
-            raise InvalidInputError(f"a variant's name must be a non-empty string, not {_describe(quant)}")
-        validate_label(quant)
+        if (
+            not isinstance(quant, str)
+            or not quant.strip()
+            or len(quant) > MAX_LABEL_LENGTH
+            or any(unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp") for char in quant)
+        ):
+            raise InvalidInputError(
+                f"a variant's name is a short one-line string like 'q4f16', not {_describe(quant)}"
+            )
     return list(quants)
 
 

@@ -10,6 +10,7 @@ import stat
 from pathlib import Path
 
 from modeldepot.errors import (
+    BlobRemovedError,
     CorruptBlobError,
     InvalidInputError,
     StoreError,
@@ -81,6 +82,8 @@ def export_to_hf_cache(
                 counts[writer.blob(store, entry, blobs / etag, link=not copy)] += 1
             except CorruptBlobError as error:
                 problems.append(HfCacheProblem(repo_id, path, "corrupt", f"skipped: {error}"))
+            except BlobRemovedError as error:  # (an `rm` or the budget beside the export)
+                problems.append(HfCacheProblem(repo_id, path, "missing", f"skipped: {error}"))
             else:
                 writer.link(snapshot, entry.path, blobs / etag)
                 exported, exported_bytes = exported + 1, exported_bytes + entry.size

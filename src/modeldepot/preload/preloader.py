@@ -216,13 +216,13 @@ class Preloader:
         """The model in RAM (loaded now if needed) and whether it was there; with ``hold``, a holder is
         counted before the lock is let go, so no eviction can come between."""
         key, entries = self._resolve(repo_id, quant, revision)
-        # A use for the disk budget's recency, not one for popularity (auto_preload's own picks would count)
-        self.store.access.record(key[0], key[2], count=0)
         size = sum(e.size for e in entries)
         if size > self.budget:
             raise InvalidInputError(
                 f"{repo_id} ({size} bytes) is larger than the preload budget ({self.budget} bytes)"
             )
+        # A use for the disk budget's recency, not one for popularity (auto_preload's own picks would count)
+        self.store.access.record(key[0], key[2], count=0)
         while True:
             with self._lock:
                 model = self._models.get(key)

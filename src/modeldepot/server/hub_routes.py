@@ -19,6 +19,7 @@ from aiohttp import web
 from modeldepot.config import truthy
 from modeldepot.depot import Depot
 from modeldepot.errors import (
+    BlobRemovedError,
     CorruptBlobError,
     DepotError,
     EntryNotFoundError,
@@ -321,11 +322,12 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
         else:  # the upstream's commit: from the store when it holds the file, else pulled while served
             try:
                 return await local(request, repo_id, manifest.commit_id, path)
-            except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError, CorruptBlobError):
+            except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError, CorruptBlobError,
+                    BlobRemovedError):  # fmt: skip
                 return await remote(request, repo_id, revision, path)  # (a quarantined file is pulled again)
     try:
         return await local(request, repo_id, revision, path)  # (a use, counted as the blob is opened)
-    except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError, CorruptBlobError):
+    except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError, CorruptBlobError, BlobRemovedError):
         if upstream_error is not None:
             raise upstream_error from None
         if not await _mirrorable(request, repo_id):

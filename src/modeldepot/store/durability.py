@@ -67,10 +67,10 @@ class Durability:
         self._lock = threading.Lock()
         self._checking: dict[str, threading.Lock] = {}
         rows = index.read(
-            "SELECT sha256 FROM blobs WHERE unflushed_boot IS NOT NULL AND unflushed_boot != ? AND state = 'ok'",
-            (self.boot,),
+            "SELECT sha256, unflushed_boot FROM blobs WHERE unflushed_boot IS NOT NULL AND state = 'ok'"
         )
-        self._unchecked = {row["sha256"] for row in rows}
+        self._unchecked = {row["sha256"] for row in rows if row["unflushed_boot"] != self.boot}
+        left_unflushed = len(rows) > len(self._unchecked)  # by a process of this boot that ended first
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -81,9 +81,7 @@ class Durability:
                 len(self._unchecked),
             )
             self._start()
-        if deferred and index.read(
-            "SELECT 1 FROM blobs WHERE unflushed_boot = ? AND state = 'ok' LIMIT 1", (self.boot,)
-        ):
+        if deferred and left_unflushed:
             self.written()  # left by a process that ended before its flush (a CLI import): flushed here
 
     @property

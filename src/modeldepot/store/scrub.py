@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from modeldepot.errors import CorruptBlobError
+from modeldepot.errors import BlobRemovedError, CorruptBlobError
 from modeldepot.store.models import BlobRecord
 from modeldepot.store.store import Store
 
@@ -94,6 +94,8 @@ class Scrubber:
                 log.error("scrub: %s", error)
                 corrupt.append(blob.sha256)
                 continue
+            except BlobRemovedError:
+                continue  # removed (an `rm`, the budget) since the pass listed it
             checked += 1
             with self.store.index.write("recording a scrubbed blob") as con:
                 con.execute("UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (self._wall(), blob.sha256))

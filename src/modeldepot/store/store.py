@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 from modeldepot.config import DEFAULT_CHUNK_SIZE, DepotConfig
 from modeldepot.errors import (
+    BlobRemovedError,
     ConfigError,
     CorruptBlobError,
     DepotError,
@@ -77,11 +78,11 @@ def _entry(row: sqlite3.Row) -> FileEntry:
     )
 
 
-def _removed(blob: BlobRecord | FileEntry) -> NotFoundError:
+def _removed(blob: BlobRecord | FileEntry) -> BlobRemovedError:
     if isinstance(blob, FileEntry):
-        return NotFoundError(f"{blob.repo_id}@{blob.commit_id[:12]}: {blob.path} was removed from the store "
-                             "while it was being opened", repo_id=blob.repo_id, path=blob.path)  # fmt: skip
-    return NotFoundError(f"blob {blob.sha256[:16]}… was removed from the store while it was being opened")
+        return BlobRemovedError(f"{blob.repo_id}@{blob.commit_id[:12]}: {blob.path} was removed from the store "
+                                "while it was being opened", repo_id=blob.repo_id, path=blob.path)  # fmt: skip
+    return BlobRemovedError(f"blob {blob.sha256[:16]}… was removed from the store while it was being opened")
 
 
 class _AnyPlacement:
@@ -335,7 +336,7 @@ class Store:
         # fails its check. They are the content's, whichever placement the open finds.
         digests = self.chunk_digests(blob.sha256)
         if len(digests) != chunk_count(blob.size, blob.chunk_size):  # (not corrupt: a 404, not a 503)
-            raise NotFoundError(f"blob {blob.sha256[:16]}… was removed from the store meanwhile")
+            raise _removed(blob)
         fd, seen = self._open_fd_seen(blob)
         try:
             return VerifiedBlob(blob, fd, digests, functools.partial(self.quarantine, seen=seen))
@@ -523,11 +524,18 @@ class Store:
             try:
                 self.layout.inside(view).mkdir(parents=True)
                 for entry in self.files(repo_id, commit_id):
-                    if entry.path.startswith(prefix):
+                    if not entry.path.startswith(prefix):
+                        continue
+                    name = entry.path[len(prefix) :]
+                    try:
                         os.close(self.open_fd(entry))  # there, with the right size
-                        link = self.layout.inside(self.layout.snapshot_file(view, entry.path[len(prefix) :]))
-                        link.parent.mkdir(parents=True, exist_ok=True)
-                        os.link(self.blobs.path(entry.sha256), link)
+                    except (CorruptBlobError, NotFoundError):
+                        if "/" not in name:
+                            raise  # the folder's own files: the model's, or its external data
+                        continue  # a subfolder's may be another model's, not the loader's business
+                    link = self.layout.inside(self.layout.snapshot_file(view, name))
+                    link.parent.mkdir(parents=True, exist_ok=True)
+                    os.link(self.blobs.path(entry.sha256), link)
             except OSError as error:
                 raise os_error(error, f"linking {repo_id}@{commit_id[:12]}/{folder} for a loader") from error
             yield view
