@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -370,3 +371,22 @@ def test_cli_bad_input_does_not_create_a_store(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["info", "../x", "--home", str(home)])
     assert result.exit_code == 2
     assert not home.exists()
+    # Nor a command that makes a store, given what cannot work (each made one, then failed: a CLI trial)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = str(taken.getsockname()[1])
+    with taken:
+        for args, env in (
+            (["serve", "--port", port], {}),
+            (["serve", "--host", "256.1.1.1", "--port", "8"], {}),
+            (["budget", "none"], {}),
+            (["import", str(tmp_path), "--repo", "acme/x"], {"MODELDEPOT_MAX_SIZE": "12XB"}),
+        ):
+            result = CliRunner().invoke(cli, [*args, "--home", str(home)], env=env)
+            assert result.exit_code == 2, (args, result.output)
+            assert not home.exists(), args
+    absent = CliRunner().invoke(
+        cli, ["import", str(tmp_path / "absent"), "--repo", "acme/x", "--home", str(home)]
+    )
+    assert absent.exit_code == 1 and "not a directory" in absent.output and not home.exists()  # (missing: 1)

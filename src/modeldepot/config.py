@@ -194,11 +194,51 @@ class DepotConfig:
             preload_strategy=env.get("MODELDEPOT_PRELOAD_STRATEGY") or "page-cache",
             cluster=env.get("MODELDEPOT_CLUSTER", "").strip() or None,
             durability=(env.get("MODELDEPOT_DURABILITY") or "deferred").strip().lower(),
-            max_size=env.get("MODELDEPOT_MAX_SIZE", "").strip() or None,
+            max_size=_max_size_setting(env),
             max_download_rate=_rate_setting(env, "MODELDEPOT_MAX_DOWNLOAD_RATE"),
             max_upload_rate=_rate_setting(env, "MODELDEPOT_MAX_UPLOAD_RATE"),
             cluster_prefix=env.get("MODELDEPOT_CLUSTER_PREFIX", "").strip() or DEFAULT_CLUSTER_PREFIX,
         )
+
+
+def parse_max_size(text: str | int, path: os.PathLike[str] | str) -> int:
+    """Bytes from ``"200GiB"`` (or a plain number, or an int of bytes) or ``"80%"`` of the file system that
+    holds ``path``."""
+    text = budget_text(text)
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1])
+        except ValueError:
+            raise ConfigError(f"cannot read disk budget {text!r}: write it like 200GiB or 80%") from None
+        if not 0 < share <= 100:
+            raise ConfigError(f"disk budget {text!r} must be a share above 0% and at most 100% of the disk")
+        stat = os.statvfs(path)
+        return int(stat.f_blocks * stat.f_frsize * share / 100)
+    try:
+        size = parse_size(text)  # (1.5TiB too)
+    except ConfigError:
+        raise ConfigError(f"cannot read disk budget {text!r}: write it like 200GiB or 80%") from None
+    if size <= 0:
+        raise ConfigError(f"disk budget {text!r} must be more than 0 bytes")
+    return size
+
+
+def budget_text(max_size: str | int) -> str:
+    if isinstance(max_size, int) and not isinstance(max_size, bool):
+        return str(max_size)
+    if not isinstance(max_size, str):
+        raise ConfigError(f"a disk budget is a size like 200GiB, 80% or a number of bytes, not {max_size!r}")
+    return max_size.strip()
+
+
+def _max_size_setting(env: Mapping[str, str]) -> str | None:
+    text = env.get("MODELDEPOT_MAX_SIZE", "").strip() or None
+    if text is not None:
+        try:
+            parse_max_size(text, "/")  # (its syntax: a share is taken of the store's disk when it opens)
+        except ConfigError as error:
+            raise ConfigError(f"MODELDEPOT_MAX_SIZE: {error}") from None
+    return text
 
 
 def _rate_setting(env: Mapping[str, str], name: str) -> int | None:

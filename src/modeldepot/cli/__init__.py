@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import socket
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -20,7 +21,7 @@ from modeldepot._version import __version__
 from modeldepot.cli import render
 from modeldepot.config import parse_duration, parse_size, validate_cluster, validate_cluster_prefix
 from modeldepot.depot import Depot
-from modeldepot.errors import ConfigError, DepotError, InvalidInputError
+from modeldepot.errors import ConfigError, DepotError, InvalidInputError, SourceDirectoryError
 from modeldepot.validation import (
     validate_branch,
     validate_label,
@@ -60,7 +61,14 @@ def _home_option_creating_when(creates: Callable[[dict[str, Any]], bool]) -> Cal
     return lambda function: _with_home(function, creates=creates)
 
 
-def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool]) -> F:
+def _home_option_after(check: Callable[[dict[str, Any]], None]) -> Callable[[F], F]:
+    """--home for a command that makes a store once ``check(its arguments)`` passed (a DepotError: nothing
+    is made; `serve` on a port in use)."""
+    return lambda function: _with_home(function, creates=True, check=check)
+
+
+def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
+               check: Callable[[dict[str, Any]], None] | None = None) -> F:  # fmt: skip
     @click.option(
         "--home",
         type=click.Path(file_okay=False, path_type=Path),
@@ -72,6 +80,8 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool])
         named = home is not None or bool(os.environ.get("MODELDEPOT_HOME"))
         making = creates(kwargs) if callable(creates) else creates
         try:
+            if check is not None:
+                check(kwargs)
             with Depot(home, create=making or not named) as depot:
                 return function(depot, *args, **kwargs)
         except DepotError as error:
@@ -82,6 +92,31 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool])
             sys.exit(EXIT_INTERRUPTED)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _listenable(host: str, port: int) -> None:
+    """Whether ``serve`` may listen on host:port: tried before the store is opened (or made, in a mistyped
+    --home), so that a port in use or an address not this machine's is said first. (The listen itself
+    still says so, if the port is taken between.)"""
+    if port == 0:
+        return
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                 flags=socket.AI_PASSIVE):  # fmt: skip
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as the server binds)
+                probe.bind(address)
+    except OSError as error:
+        reason = (
+            os.strerror(error.errno) if isinstance(error.errno, int) and error.errno > 0 else error.strerror
+        )
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason or error}") from None
+
+
+def _a_folder(directory: Path) -> None:
+    """An import's folder is there (else SourceDirectoryError, exit 1) before a store is made for it."""
+    if not directory.is_dir():
+        raise SourceDirectoryError(f"{directory} is not a directory: give the folder that holds the model")
 
 
 def _checked(validator: Callable[[str], str]) -> Callable[[click.Context, click.Parameter, Any], Any]:
@@ -203,7 +238,7 @@ def cli() -> None:
     "others are copied): no second copy. The files become read-only, as the store's blobs are.",
 )
 @_json_option
-@_home_option
+@_home_option_after(lambda kwargs: _a_folder(kwargs["directory"]))
 def import_command(
     depot: Depot, directory: Path, repo_id: str, revision: str, private: bool, link: bool, as_json: bool
 ) -> None:
@@ -649,7 +684,7 @@ def peers_command(depot: Depot, cluster: str | None, cluster_prefix: str | None,
 @_cluster_options
 @click.option("--advertise", default=None, metavar="URL", callback=lambda c, p, v: _advertise_url(v),
               help="With --cluster: the URL peers reach this node at (default: http://HOST:PORT).")  # fmt: skip
-@_home_option
+@_home_option_after(lambda kwargs: _listenable(kwargs["host"], kwargs["port"]))
 def serve_command(
     depot: Depot,
     host: str,

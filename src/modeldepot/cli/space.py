@@ -65,7 +65,7 @@ def du_command(depot: Depot, as_json: bool) -> None:
                 callback=lambda c, p, v: v if v is None or v.strip().lower() == "none" else _max_size(v))  # fmt: skip
 @click.option("--yes", "-y", is_flag=True, help="Evict without asking when the store is over the new budget.")
 @_json_option
-@_home_option_creating_when(lambda kwargs: kwargs.get("size") is not None)
+@_home_option_creating_when(lambda kwargs: (kwargs.get("size") or "none").strip().lower() != "none")
 def budget_command(depot: Depot, size: str | None, yes: bool, as_json: bool) -> None:
     """Show the store's disk budget, or set it to SIZE (200GiB, or 80% of the disk; none: no budget).
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -38,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from modeldepot.config import parse_size
+from modeldepot.config import budget_text, parse_max_size
 from modeldepot.errors import ConfigError, NotFoundError, StoreFullError
 from modeldepot.store.models import _Record
 from modeldepot.validation import validate_label, validate_repo_id, validate_revision
@@ -109,36 +108,6 @@ class BudgetStatus(_Record):
     process_max_bytes: int | None = None  # this process's own cap (MODELDEPOT_MAX_SIZE); None: none
 
 
-def parse_max_size(text: str | int, path: os.PathLike[str] | str) -> int:
-    """Bytes from ``"200GiB"`` (or a plain number, or an int of bytes) or ``"80%"`` of the file system that
-    holds ``path``."""
-    text = _budget_text(text)
-    if text.endswith("%"):
-        try:
-            share = float(text[:-1])
-        except ValueError:
-            raise ConfigError(f"cannot read disk budget {text!r}: write it like 200GiB or 80%") from None
-        if not 0 < share <= 100:
-            raise ConfigError(f"disk budget {text!r} must be a share above 0% and at most 100% of the disk")
-        stat = os.statvfs(path)
-        return int(stat.f_blocks * stat.f_frsize * share / 100)
-    try:
-        size = parse_size(text)  # (1.5TiB too)
-    except ConfigError:
-        raise ConfigError(f"cannot read disk budget {text!r}: write it like 200GiB or 80%") from None
-    if size <= 0:
-        raise ConfigError(f"disk budget {text!r} must be more than 0 bytes")
-    return size
-
-
-def _budget_text(max_size: str | int) -> str:
-    if isinstance(max_size, int) and not isinstance(max_size, bool):
-        return str(max_size)
-    if not isinstance(max_size, str):
-        raise ConfigError(f"a disk budget is a size like 200GiB, 80% or a number of bytes, not {max_size!r}")
-    return max_size.strip()
-
-
 class DiskBudget:
     """The budget of one store: the one saved with it, capped by this process's ``max_size`` (None: no cap; the
     pins are kept either way). Thread-safe."""
@@ -190,10 +159,10 @@ class DiskBudget:
                 con.execute(
                     "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
                     "value = excluded.value",
-                    (MAX_SIZE_SETTING, _budget_text(max_size)),
+                    (MAX_SIZE_SETTING, budget_text(max_size)),
                 )
         log.info(
-            "disk budget of %s: %s", self.store.home, "none" if max_size is None else _budget_text(max_size)
+            "disk budget of %s: %s", self.store.home, "none" if max_size is None else budget_text(max_size)
         )
 
     # -- what may not go ------------------------------------------------------------------------------------
