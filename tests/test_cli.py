@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from conftest import LiveNode, flip_byte, sample_files
 from modeldepot import Depot
-from modeldepot.cli import cli
+from modeldepot.cli import cli, render
 from modeldepot.cli.render import format_bytes
 
 REPO = "acme/tiny"
@@ -430,3 +430,12 @@ def test_git_names_that_are_no_branch_are_refused_as_branch_names(home: Path, mo
     assert code == 2 and "cannot sit beside its branch 'main'" in err, err
     code, _, err = run("import", str(model_dir), "--repo", REPO, "-r", "dev", home=home)
     assert code == 2 and "'dev/x'" in err, err
+
+
+def test_info_names_the_revision_whose_rest_a_pull_takes(depot: Depot, model_dir: Path) -> None:
+    """A revision held in part said `modeldepot pull REPO` takes the rest: that pulls main, not it."""
+    commit = depot.import_dir(model_dir, REPO, "dev").commit_id
+    info = depot.repo_info(REPO)
+    with render.out.capture() as captured:
+        render.render_info(info, {commit: len(sample_files()) + 3})
+    assert f"`modeldepot pull {REPO} -r dev` takes the rest" in captured.get()

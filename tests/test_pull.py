@@ -115,6 +115,14 @@ def test_a_second_variant_reuses_the_shared_files_and_grows_the_revision(local: 
     assert local.has_file(REPO, "onnx/model_q4f16.onnx")  # the first variant stays in the same revision
     statuses = {v.name: v.status for v in local.get_manifest(REPO).variants}
     assert statuses == {"fp32": "downloaded", "q4f16": "downloaded", "fp16": "available"}
+    # A file of one found corrupt since (verify, a read): that variant is to be pulled again (it still said
+    # downloaded); the other stays downloaded
+    local.store.quarantine(local.file_info(REPO, "onnx/model.onnx").sha256)
+    variants = {v.name: v for v in local.get_manifest(REPO).variants}
+    assert (variants["fp32"].status, variants["q4f16"].status) == ("available", "downloaded")
+    assert "onnx/model.onnx no longer in the store" in (variants["fp32"].error or "")
+    local.pull(REPO, ["fp32"])
+    assert {v.name: v.status for v in local.get_manifest(REPO).variants}["fp32"] == "downloaded"
 
 
 def test_pull_of_the_whole_repo_and_of_everything_again(local: Depot) -> None:

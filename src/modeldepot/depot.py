@@ -111,6 +111,30 @@ def _any_case(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _lost_since(store: Store, manifest: Manifest) -> Manifest:
+    """``manifest`` with a variant downloaded once, a file of which the store no longer holds (found
+    corrupt and quarantined, or removed by another way than `rm`), shown as to be pulled again: its status
+    row still said downloaded."""
+    downloaded = [v for v in manifest.variants if v.status == "downloaded"]
+    if not downloaded:
+        return manifest
+    held = {row["path"] for row in store.index.read(
+        "SELECT path FROM files f JOIN blobs b USING (sha256) WHERE f.repo_id = ? AND f.commit_id = ? "
+        "AND b.state = 'ok'", (manifest.repo_id, manifest.commit_id))}  # fmt: skip
+    variants = []
+    for variant in manifest.variants:
+        lost = (
+            [p for p in (*variant.files, *manifest.shared) if p not in held] if variant in downloaded else []
+        )
+        if lost:
+            more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
+            variant = dataclasses.replace(variant, status="available", bytes_done=0, resumable=False,
+                                          error=f"{lost[0]}{more} no longer in the store (found corrupt, or "
+                                          "removed): pull it again")  # fmt: skip
+        variants.append(variant)
+    return dataclasses.replace(manifest, variants=tuple(variants))
+
+
 class MappedFile:
     """A file's bytes mapped read-only; ``with`` yields a memoryview and unmaps on exit."""
 
@@ -636,7 +660,7 @@ class Depot:
                 seen[key] = (0 if partials.holds(key) else None) if running else partials.kept_bytes(key)
             return seen[key]
 
-        manifest = manifest_from_record(record, running, kept)
+        manifest = _lost_since(self.store, manifest_from_record(record, running, kept))
         if not manifest.other:
             return manifest
         # Files in no variant come with a pull of the whole repo: what of them is here, and kept for a resume

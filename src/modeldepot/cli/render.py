@@ -236,7 +236,13 @@ def render_info(info: RepoInfo, upstream: dict[str, int] | None = None) -> None:
         total = (upstream or {}).get(revision.commit_id, 0)
         held = f"{len(revision.files)} files"
         if total > len(revision.files):
-            held = f"{len(revision.files)} of the commit's {total} files (`modeldepot pull {info.repo_id}` takes the rest)"
+            which = (
+                ""
+                if "main" in revision.refs
+                else f" -r {revision.refs[0] if revision.refs else revision.commit_id}"
+            )
+            held = (f"{len(revision.files)} of the commit's {total} files (`modeldepot pull {info.repo_id}{which}` "
+                    "takes the rest)")  # fmt: skip
         out.print(
             f"\ncommit {revision.commit_id} ({names}), {held}, "
             f"{format_bytes(revision.size)}, added {_when(revision.created_at)}"
