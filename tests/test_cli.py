@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -16,6 +18,7 @@ from conftest import LiveNode, flip_byte, sample_files
 from modeldepot import Depot
 from modeldepot.cli import cli, render
 from modeldepot.cli.render import format_bytes
+from modeldepot.transfer.progress import PullUpdate
 
 REPO = "acme/tiny"
 
@@ -439,3 +442,27 @@ def test_info_names_the_revision_whose_rest_a_pull_takes(depot: Depot, model_dir
     with render.out.capture() as captured:
         render.render_info(info, {commit: len(sample_files()) + 3})
     assert f"`modeldepot pull {REPO} -r dev` takes the rest" in captured.get()
+
+
+def test_long_work_reports_progress_in_a_log_too(
+    home: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With stderr not a terminal (a CI log), an import and a verify printed nothing until the end (a pull
+    printed lines); and a resumed pull's rate counted the bytes it found on disk."""
+    monkeypatch.setattr(render.ByteProgress, "LINE_INTERVAL", 0.0)  # (a line per update, not every 3 s)
+    code, out, err = run("import", str(model_dir), "--repo", REPO, "--json", home=home)
+    assert code == 0 and json.loads(out)["files"] == len(sample_files())
+    assert "importing: " in err and " of " in err and "B/s" in err
+    code, _, err = run("verify", home=home)
+    assert code == 0 and "verifying: " in err, err
+    view = render.PullView("pulling")
+    view.LINE_INTERVAL = 0.0
+    view._started = time.monotonic() - 1.0
+    lines: list[str] = []
+    monkeypatch.setattr(render, "_plain_lines", lines.extend)
+    total = 1 << 30
+    for done in (total // 2, total // 2 + (10 << 20)):  # half was on disk already; 10 MiB in a second
+        view.update(PullUpdate("w.bin", done, total, done, total))
+    view._flush()
+    rate = re.search(r"([0-9.]+) MiB/s", lines[-1])
+    assert rate is not None and 5 < float(rate.group(1)) <= 10.0, lines  # (it said 522 MiB/s)

@@ -258,7 +258,8 @@ def import_command(
         return
     reused = result.bytes - result.new_bytes
     render.out.print(
-        f"imported {result.repo_id}@{result.revision} → commit {result.commit_id[:12]}: {result.files} files, "
+        f"imported {result.repo_id}@{result.revision} → commit {result.commit_id[:12]}: "
+        f"{result.files} file{'' if result.files == 1 else 's'}, "
         f"{render.format_bytes(result.bytes)} ({render.format_bytes(reused)} already in the store)"
     )
     if link:

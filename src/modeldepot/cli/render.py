@@ -15,12 +15,14 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from modeldepot.hub.manifest import Manifest
 from modeldepot.store import DiskUsage, GcReport, RemoveResult, RepoInfo, RepoSummary, VerifyReport
@@ -90,29 +92,48 @@ def _when(timestamp: float | None) -> str:
     return "never" if timestamp is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
 
 
+class _BinarySpeedColumn(ProgressColumn):
+    """The rate in the units of the sizes beside it and of --max-rate (MiB/s; rich's says MB/s)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{format_bytes(int(speed))}/s", style="progress.data.speed")
+
+
 def _byte_bars() -> Progress:
     """Bars on stderr with bytes, rate and time left; gone when done (the result line says it all)."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
+        _BinarySpeedColumn(),
         TimeRemainingColumn(),
         console=err,
         transient=True,
     )
 
 
+def _progress_line(description: str, done: int, total: int, rate: float) -> str:
+    return (f"{description}: {format_bytes(done)} of {format_bytes(total)} ({100 * done / max(total, 1):.0f}%), "
+            f"{format_bytes(int(rate))}/s")  # fmt: skip
+
+
 class ByteProgress:
-    """A progress bar on stderr when it is a terminal; nothing otherwise (output stays parseable)."""
+    """A progress bar on stderr when it is a terminal; otherwise a plain line every few seconds and at the
+    end (a long import in a CI log is not silent; stdout stays parseable)."""
+
+    LINE_INTERVAL = 3.0
 
     def __init__(self, description: str) -> None:
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._description = description
+        self._started = time.monotonic()
+        self._last_line = self._started
 
     @contextmanager
     def running(self) -> Iterator[ByteProgress]:
+        self._started = self._last_line = time.monotonic()
         if err.is_terminal:
             self._progress = _byte_bars()
             with self._progress:
@@ -125,6 +146,13 @@ class ByteProgress:
         if self._progress is not None and self._task is not None:
             description = f"{self._description} {label}" if label else self._description
             self._progress.update(self._task, completed=done, total=total, description=description)
+            return
+        now = time.monotonic()
+        if now - self._last_line >= self.LINE_INTERVAL or (done >= total and now - self._started >= 1.0):
+            self._last_line = now
+            rate = done / max(now - self._started, 1e-6)
+            _plain_lines([_progress_line(self._description, done, total, rate)
+                          + (f" ({label})" if label and done < total else "")])  # fmt: skip
 
 
 def _plain_lines(lines: list[str]) -> None:
@@ -153,6 +181,7 @@ class PullView:
         self._last_line = 0.0
         self._lines: list[str] = []
         self._last_flush = 0.0
+        self._resumed: int | None = None  # what was done before this pull began: no part of its rate
 
     @contextmanager
     def running(self) -> Iterator[PullView]:
@@ -176,14 +205,13 @@ class PullView:
             self._finished.add(update.path)
             self._lines.append(f"  {update.path} ({format_bytes(update.file_size)})")
         now = time.monotonic()
+        if self._resumed is None:
+            self._resumed = update.done
         if now - self._last_line >= self.LINE_INTERVAL or update.done >= update.total:
             self._last_line = now
-            rate = update.done / max(now - self._started, 1e-6)
-            self._lines.append(
-                f"{self._description}: {format_bytes(update.done)} of {format_bytes(update.total)} "
-                f"({100 * update.done / max(update.total, 1):.0f}%), {format_bytes(int(rate))}/s"
-                + (", waiting for another process" if update.waiting else "")
-            )
+            rate = (update.done - self._resumed) / max(now - self._started, 1e-6)
+            self._lines.append(_progress_line(self._description, update.done, update.total, rate)
+                               + (", waiting for another process" if update.waiting else ""))  # fmt: skip
         if self._lines and (now - self._last_flush >= self.FLUSH_INTERVAL or update.done >= update.total):
             self._flush(now)
 
@@ -287,12 +315,12 @@ def render_remove(result: RemoveResult) -> None:
                   f"{', '.join(result.commit_kept_for)} still point(s) at it: nothing freed")  # fmt: skip
         return
     removed = (
-        f"{len(result.files_removed)} file(s) of a revision that stays"
+        f"{_count(len(result.files_removed), 'file')} of a revision that stays"
         if result.files_removed
-        else f"{len(result.commits)} revision(s)"
+        else _count(len(result.commits), "revision")
     )
     out.print(
-        f"removed {result.repo_id}: {removed}, {result.blobs_removed} blobs, "
+        f"removed {result.repo_id}: {removed}, {_count(result.blobs_removed, 'blob')}, "
         f"{format_bytes(result.bytes_freed)} freed"
         + (
             f"; {format_bytes(result.bytes_still_linked)} more stay on disk, linked from elsewhere too (a Hugging "
@@ -303,14 +331,24 @@ def render_remove(result: RemoveResult) -> None:
     )
 
 
+def _count(number: int, thing: str) -> str:
+    """``1 blob``, ``2 blobs``."""
+    return f"{number} {thing}{'' if number == 1 else 's'}"
+
+
 def render_gc(report: GcReport, evicted: list[Eviction] | None = None, over: int = 0) -> None:
     _render_evictions(evicted or [])
     freed = report.bytes_freed + sum(e.bytes_freed for e in evicted or [])  # (evictions free theirs first)
     out.print(
         f"freed {format_bytes(freed)}: "
         + (f"{len(evicted)} revision{'' if len(evicted) == 1 else 's'} evicted, " if evicted else "")
-        + f"{report.blobs_removed} blobs, "
-        f"{report.partials_removed} partial files, {report.snapshots_removed} stale snapshots"
+        + f"{_count(report.blobs_removed, 'blob')}, {_count(report.partials_removed, 'partial file')}, "
+        f"{_count(report.snapshots_removed, 'stale snapshot')}"
+        + (
+            f", {_count(report.quarantined_removed, 'quarantined file')}"
+            if report.quarantined_removed
+            else ""
+        )
         + (
             f" ({report.kept_partials} writes and downloads in progress left alone)"
             if report.kept_partials
@@ -351,7 +389,7 @@ def _render_evictions(evicted: list[Eviction]) -> None:
 def render_budget(budget: BudgetStatus, evicted: list[Eviction], over: int) -> None:
     _render_evictions(evicted)
     out.print(f"budget  {_budget_line(budget)}")
-    out.print(f"evicted {budget.evictions} revisions, {format_bytes(budget.evicted_bytes)} so far")
+    out.print(f"evicted {_count(budget.evictions, 'revision')}, {format_bytes(budget.evicted_bytes)} so far")
     if over:
         err.print(f"[yellow]warning:[/yellow] the store is {format_bytes(over)} over its budget: what is pinned or in "
                   f"use ({format_bytes(budget.in_use_bytes)}) is never evicted, and the next import or pull evicts "
@@ -371,7 +409,9 @@ def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
     out.print(f"  total       {format_bytes(usage.total_bytes)}")
     if budget is not None:
         out.print(f"  budget      {_budget_line(budget)}")
-        out.print(f"  evicted     {budget.evictions} revisions, {format_bytes(budget.evicted_bytes)} so far")
+        out.print(
+            f"  evicted     {_count(budget.evictions, 'revision')}, {format_bytes(budget.evicted_bytes)} so far"
+        )
     if usage.repos:
         table = _table("repo", "revisions", "files", "size", "only here")
         for repo in usage.repos:

@@ -401,7 +401,7 @@ class DiskBudget:
             eviction = Eviction(repo, commit, result.bytes_freed + result.bytes_still_linked, last_used)
             evicted.append(eviction)
             self._count(eviction)
-            log.warning("evicted %s@%s (%s, last used %s) to stay within the disk budget (%s)", repo,
+            log.info("evicted %s@%s (%s, last used %s) to stay within the disk budget (%s)", repo,
                         commit[:12], _size(eviction.bytes_freed), time.strftime("%Y-%m-%d %H:%M",
                         time.localtime(last_used)), doing)  # fmt: skip
             for hook in self._evicted_hooks:

@@ -277,7 +277,8 @@ def gc(store: Store, partials: bool = False) -> GcReport:
         downloads_removed, resumable, running, download_bytes = store.partials.collect(remove_all=partials)
         kept += running
         bytes_freed += session_bytes + download_bytes
-        for path in _files_under(store.layout.quarantine):
+        quarantined = _files_under(store.layout.quarantine)
+        for path in quarantined:
             bytes_freed += store.layout.unlink(path)
         live = {
             (r["repo_id"], r["commit_id"])
@@ -285,7 +286,8 @@ def gc(store: Store, partials: bool = False) -> GcReport:
         }
         stale = store.snapshots.remove_stale(live)
     store.index.reserve.refill()  # from the space just freed (if it was released, else when there is room)
-    return GcReport(blobs_removed, bytes_freed, partials_removed + downloads_removed, stale, kept, resumable)
+    return GcReport(blobs_removed, bytes_freed, partials_removed + downloads_removed, stale, kept, resumable,
+                    len(quarantined))  # fmt: skip
 
 
 def _collect_sessions(store: Store) -> tuple[int, int, int]:

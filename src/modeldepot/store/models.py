@@ -135,6 +135,7 @@ class GcReport(_Record):
     snapshots_removed: int
     kept_partials: int  # partials whose writer is still alive
     resumable_downloads: int = 0  # interrupted downloads kept in partials/ for a resume
+    quarantined_removed: int = 0  # files of quarantine/ (blobs found corrupt, kept for a look) deleted
 
 
 @dataclass(frozen=True)
