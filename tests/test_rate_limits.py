@@ -12,12 +12,21 @@ import random
 import threading
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from conftest import SMALL_CHUNK, hub_path_depot, serving_repo
+from conftest import (
+    SMALL_CHUNK,
+    InProcessNode,
+    LiveNode,
+    hub_path_depot,
+    serving_repo,
+    wait_until,
+    write_model_dir,
+)
 from modeldepot import Depot
 from modeldepot.cli import cli
 from modeldepot.config import DepotConfig, parse_rate
@@ -140,3 +149,68 @@ def test_a_node_sends_chunks_to_its_peers_within_its_cap(
         elapsed = time.monotonic() - started
     assert body == FILES["model.safetensors"]
     assert elapsed >= 1.3, f"3 MiB at 2 MiB/s in {elapsed:.2f} s"
+
+
+def test_a_slow_peer_does_not_hold_a_pull_to_its_pace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node that holds the file but sends it slowly (its --max-upload-rate, a slow link) was the pull's
+    only source until it had sent every byte, the upstream left idle. Below MODELDEPOT_SLOW_PEER_RATE, all
+    together, the upstream joins for the rest (here: 16 MiB at 512 KiB/s would take 32 s)."""
+    files = {
+        "config.json": b'{"model_type": "bert"}',
+        "model.safetensors": random.Random(5).randbytes(16 * MiB),
+    }
+    monkeypatch.setenv("MODELDEPOT_MAX_UPLOAD_RATE", "512KiB/s")
+    with Depot(tmp_path / "peer", chunk_size=SMALL_CHUNK) as peer_depot:
+        monkeypatch.delenv("MODELDEPOT_MAX_UPLOAD_RATE")
+        peer_depot.import_dir(write_model_dir(tmp_path / "peer-src", files), REPO)
+        peer = LiveNode(peer_depot)
+        try:
+            with serving_repo(tmp_path, files, REPO, chunk_size=SMALL_CHUNK) as hub:
+                monkeypatch.setenv("MODELDEPOT_SLOW_PEER_RATE", "2MiB/s")
+                monkeypatch.setenv("MODELDEPOT_SERVERS", peer.url)
+                with hub_path_depot(tmp_path / "puller", hub.url, monkeypatch) as puller:
+                    result = puller.pull(REPO)
+                    assert bytes(puller.get_file(REPO, "model.safetensors")) == files["model.safetensors"]
+        finally:
+            peer.stop()
+    sources = result.bytes_by_source
+    assert sources.get("node", 0) > 0 and sources.get("hub", 0) > 8 * MiB, sources
+    assert DepotConfig.from_env({"MODELDEPOT_SLOW_PEER_RATE": "off"}, home="/tmp/x").slow_peer_rate == 0
+
+
+def test_in_a_swarm_a_slow_holder_does_not_keep_the_hub_from_its_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same in a swarm (the puller a node of a fleet): the Hub was never asked for a chunk a live peer
+    held, however slowly that peer sent it."""
+    files = {
+        "config.json": b'{"model_type": "bert"}',
+        "model.safetensors": random.Random(6).randbytes(16 * MiB),
+    }
+    cluster = f"mem://slow-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("MODELDEPOT_MAX_UPLOAD_RATE", "512KiB/s")
+    with Depot(tmp_path / "peer", chunk_size=SMALL_CHUNK) as peer_depot:
+        monkeypatch.delenv("MODELDEPOT_MAX_UPLOAD_RATE")
+        peer_depot.import_dir(write_model_dir(tmp_path / "peer-src", files), REPO)
+        peer = InProcessNode(peer_depot, cluster)
+        try:
+            with serving_repo(tmp_path, files, REPO, chunk_size=SMALL_CHUNK) as hub:
+                monkeypatch.setenv("MODELDEPOT_SLOW_PEER_RATE", "2MiB/s")
+                with hub_path_depot(tmp_path / "puller", hub.url, monkeypatch) as puller_depot:
+                    puller = InProcessNode(puller_depot, cluster)
+                    try:
+                        wait_until(lambda: len(puller_depot.peers()) == 2, 10, "the puller to see the fleet")
+                        wait_until(lambda: puller_depot.peers()[0].blobs + puller_depot.peers()[1].blobs >= 2,
+                                   10, "the peer's holdings in the view")  # fmt: skip
+                        result = puller_depot.pull(REPO)
+                        got = bytes(puller_depot.get_file(REPO, "model.safetensors"))
+                    finally:
+                        puller.stop()
+        finally:
+            peer.stop()
+    assert got == files["model.safetensors"]
+    assert result.swarm.get("hub_chunks", 0) > 0, result.swarm  # (claimed: a member of the swarm)
+    sources = result.bytes_by_source
+    assert sources.get("peer", 0) > 0 and sources.get("hub", 0) > 8 * MiB, sources

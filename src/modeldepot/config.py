@@ -30,6 +30,7 @@ __all__ = [
 MiB = 1024 * 1024
 DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
 DEFAULT_CHUNK_SIZE = 16 * MiB
+DEFAULT_SLOW_PEER_RATE = 8 * MiB  # bytes a second (64 Mbit/s): below it, peers do not hold a pull back
 MIN_CHUNK_SIZE = 64 * 1024
 MAX_CHUNK_SIZE = 1024 * MiB
 DEFAULT_CLUSTER_PREFIX = "/modeldepot"
@@ -143,6 +144,9 @@ class DepotConfig:
     max_download_rate: int | None = None
     # ... and a node may send in file bodies, to all its clients together (MODELDEPOT_MAX_UPLOAD_RATE).
     max_upload_rate: int | None = None
+    # Other nodes that send a file slower than this, all together, do not hold the upstream back: it joins
+    # for the rest (MODELDEPOT_SLOW_PEER_RATE; 0 or off: they never do). See transfer/download.py.
+    slow_peer_rate: int = DEFAULT_SLOW_PEER_RATE
 
     def __post_init__(self) -> None:
         if self.durability not in ("deferred", "sync"):
@@ -198,6 +202,7 @@ class DepotConfig:
             max_download_rate=_rate_setting(env, "MODELDEPOT_MAX_DOWNLOAD_RATE"),
             max_upload_rate=_rate_setting(env, "MODELDEPOT_MAX_UPLOAD_RATE"),
             cluster_prefix=env.get("MODELDEPOT_CLUSTER_PREFIX", "").strip() or DEFAULT_CLUSTER_PREFIX,
+            slow_peer_rate=_slow_peer_rate(env),
         )
 
 
@@ -239,6 +244,13 @@ def _max_size_setting(env: Mapping[str, str]) -> str | None:
         except ConfigError as error:
             raise ConfigError(f"MODELDEPOT_MAX_SIZE: {error}") from None
     return text
+
+
+def _slow_peer_rate(env: Mapping[str, str]) -> int:
+    text = env.get("MODELDEPOT_SLOW_PEER_RATE", "").strip()
+    if not text:
+        return DEFAULT_SLOW_PEER_RATE
+    return 0 if text.lower() in ("0", "off") else parse_rate(text, "MODELDEPOT_SLOW_PEER_RATE")
 
 
 def _rate_setting(env: Mapping[str, str], name: str) -> int | None:

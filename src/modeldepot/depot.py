@@ -631,7 +631,11 @@ class Depot:
     def _limits(self) -> Limits:
         from modeldepot.transfer.download import Limits
 
-        return Limits(per_source=self.config.connections_per_source, total=self.config.connections)
+        slow, cap = self.config.slow_peer_rate, self.config.max_download_rate
+        # (under a download cap near that pace, the cap is what is slow: the upstream would not help)
+        slow = slow if cap is None or cap >= 2 * slow else 0
+        return Limits(per_source=self.config.connections_per_source, total=self.config.connections,
+                      slow_peer_rate=slow)  # fmt: skip
 
     @_any_case
     def get_manifest(self, repo_id: str) -> Manifest:

@@ -90,6 +90,7 @@ class ChunkChooser:
         self.peer_times: deque[float] = deque(maxlen=PEER_TIMES_KEPT)  # the latest peer chunks' seconds
         self.errors: dict[str, Exception] = {}  # source -> why it was dropped
         self.low = 0  # the lowest chunk that may not be done yet
+        self.peers_slow = False  # the other nodes send it too slowly: the upstream may take what they hold
         self.rotation = random.randrange(1 << 30)  # where the Hub's scan starts: claims collide less
 
     def _holds(self, source: FileSource, index: int) -> bool:
@@ -145,7 +146,7 @@ class ChunkChooser:
         failed = self._failed_for(index, now, patience)
         if endgame:
             failed.update(r.source.source.name for r in self.requests.get(index, []))
-        if any(
+        if not self.peers_slow and any(
             s.kind != "hub" and s.source.name not in failed and self._can_give(s, index) for s in self.live
         ):
             return True
@@ -230,9 +231,9 @@ class ChunkChooser:
         started, index = min(outstanding)
         spent, landed = self.timing.get(source, (0.0, 0))
         patience = max(ENDGAME_WAIT, ENDGAME_FACTOR * spent / landed) if landed else ENDGAME_WAIT
-        if (
-            origin_in_swarm
-        ):  # a chunk from the Hub again is what the swarm saves: only for a peer stuck that long
+        if origin_in_swarm and not self.peers_slow:
+            # a chunk from the Hub again is what the swarm saves: only for a peer stuck that long (unless
+            # the peers are slow as a whole: then their chunks in flight are the Hub's as any endgame's)
             patience = max(patience, STUCK_FACTOR * self._patience())
         if now - started >= patience:
             return index, None

@@ -31,6 +31,7 @@ SHA-256, or git oid); if not, the partial is reset and nothing is committed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import mmap
@@ -72,6 +73,9 @@ BAN_SECONDS = 30.0  # a source whose chunk failed its digest gets no chunk for s
 REFRESH_SECONDS = 2.0  # at most so often a partial holder's chunk map is read again
 SWARM_TICK = 0.1  # seconds between reads of the fleet's view of the file's claims and holders
 SWARM_IDLE = 0.5  # seconds an idle worker of a swarm waits at most before it looks again
+PACE_TICK = 0.5  # seconds between looks at the pace of the other nodes a file comes from
+PACE_MIN = 3.0  # seconds a peer request is outstanding, at least, before its pace is judged slow
+SLOW_LEFT = 5.0  # ... and only while more is left than the slow pace would bring in these seconds
 # A file of one chunk below this size is received into a buffer and hashed from a read, not through
 # mappings: mapping and unmapping (a TLB shootdown on every core) cost more than copying a small file.
 MAP_MIN_BYTES = 1024 * 1024
@@ -89,6 +93,9 @@ class Limits:
 
     per_source: int = 4
     total: int = 16
+    # Other nodes sending a file slower than this, all together, let the upstream in for the rest (0: never)
+    slow_peer_rate: int = 0
+    peer_requests: int = field(default=0, init=False, repr=False)  # on the wire to other nodes, every file
     _buffers: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
     _spare: list[bytearray] = field(default_factory=list, init=False, repr=False)  # buffers to reuse
     _sources: dict[str, asyncio.Semaphore] = field(default_factory=dict, init=False, repr=False)
@@ -165,6 +172,10 @@ class _FileJob(ChunkChooser):
         self.crashed: asyncio.Future[None] | None = None
         self.whole_body = False
         self.small_digest: BlobDigest | None = None  # a small file's digests, computed as it landed
+        self.peer_started: float | None = None  # when its first request to another node went on the wire
+        self.peer_landed: collections.deque[tuple[float, int]] = (
+            collections.deque()
+        )  # (when, bytes) from them
 
     @property
     def small(self) -> bool:
@@ -179,6 +190,9 @@ class _FileJob(ChunkChooser):
         crashed = self.crashed = asyncio.get_running_loop().create_future()
         hasher = asyncio.create_task(self._hash_in_order())
         follower = self._watch(asyncio.create_task(self._follow_swarm())) if self.swarm is not None else None
+        pace = None
+        if self.limits.slow_peer_rate and (self.fallback is not None or self.swarm is not None):
+            pace = self._watch(asyncio.create_task(self._watch_pace()))
         try:
             await self._start(sources)
             if not self.live:
@@ -195,8 +209,7 @@ class _FileJob(ChunkChooser):
             digest = hasher.result()
         finally:
             tasks: list[asyncio.Task[Any]] = [hasher, *self.workers, *self.tasks]
-            if follower is not None:
-                tasks.append(follower)
+            tasks.extend(task for task in (follower, pace) if task is not None)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -322,6 +335,49 @@ class _FileJob(ChunkChooser):
                 self._pulse()
             await asyncio.sleep(SWARM_TICK)
 
+    async def _watch_pace(self) -> None:
+        """Other nodes that send the file slower than ``slow_peer_rate`` all together (one capped with
+        --max-upload-rate, one behind a slow link) do not hold the pull to their pace: the upstream joins
+        for the rest (outside a swarm, the fallback is asked now; in one, the Hub may take the chunks they
+        hold). The endgame then takes their chunks in flight from it too, if they stay slow."""
+        while self._work_left() and not self.peers_slow:
+            await asyncio.sleep(PACE_TICK)
+            if not self._slow_peers(time.monotonic()):
+                continue
+            self.peers_slow = True
+            log.info("%s: the other nodes send it at less than %s/s: the upstream joins for the rest",
+                     self.remote.path, _mib(self.limits.slow_peer_rate))  # fmt: skip
+            if self.fallback is not None:
+                extra, self.fallback = self.fallback(), None
+                await self._start(extra)
+            self._pulse()
+
+    def _slow_peers(self, now: float) -> bool:
+        """Whether the other nodes send this file slower than ``slow_peer_rate`` allows its share of it (its
+        requests to them among every request on the wire to them, this transfer's files together): over
+        the last window, at least PACE_MIN and long enough for a chunk to land at that rate, while enough is
+        left to matter and an upstream may be brought in."""
+        rate = self.limits.slow_peer_rate
+        mine = sum(
+            1 for reqs in self.requests.values() for r in reqs if r.source.kind != "hub" and not r.landing
+        )
+        if not mine or self.peer_started is None:
+            return False
+        if self.fallback is None and not any(s.kind == "hub" for s in self.live):
+            return False  # (no upstream to bring in: offline, or the upstream is the one being waited for)
+        size, chunk = self.remote.size, self.partial.chunk_size
+        left = sum(chunk_span(i, size, chunk)[1] for i in range(self.low, self.partial.chunks)
+                   if i not in self.partial.done)  # fmt: skip
+        if left < rate * SLOW_LEFT:
+            return False  # (a little left: the endgame's business)
+        sharing = max(self.limits.peer_requests, mine)
+        window = max(PACE_MIN, min(chunk, size) * sharing / rate)
+        if now - self.peer_started < window:
+            return False
+        while self.peer_landed and self.peer_landed[0][0] < now - window:
+            self.peer_landed.popleft()
+        return sum(n for _, n in self.peer_landed) < rate * window * mine / sharing
+
     async def _rescue(self) -> bool:
         """Nothing is in flight and no live source may be asked for any chunk left: the fallback joins
         (the live sources stay for what they hold). True when the work may go on."""
@@ -427,6 +483,10 @@ class _FileJob(ChunkChooser):
         async with per_source:
             await buffers.acquire()
             request.started = time.monotonic()  # on the wire now: the endgame measures from here
+            to_peer = source.kind != "hub"
+            self.limits.peer_requests += to_peer
+            if to_peer and self.peer_started is None:
+                self.peer_started = request.started
             mapping = self._map_in_place(index, request)
             buffer: bytearray | None = None
             if mapping is None:  # a small file gets its own small buffer, not a pooled chunk-sized one
@@ -442,6 +502,8 @@ class _FileJob(ChunkChooser):
                 if mapping is not None:
                     _close_mapping(mapping)
                 raise
+            finally:
+                self.limits.peer_requests -= to_peer
         request.landing = True
         spent, landed = self.timing.get(source, (0.0, 0))
         took = time.monotonic() - request.started
@@ -538,6 +600,8 @@ class _FileJob(ChunkChooser):
             await self.swarm.settle(index, digest)  # the fleet may take it from this node now
 
     def _landed(self, source: FileSource, index: int, length: int) -> None:
+        if source.kind != "hub":
+            self.peer_landed.append((time.monotonic(), length))
         if self.on_bytes is not None:
             self.on_bytes(length, source.kind, source.source.base_url)
         for other in self.requests.get(index, []):
@@ -638,6 +702,10 @@ class _FileJob(ChunkChooser):
 
 
 UNMAPPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modeldepot-unmap")
+
+
+def _mib(rate: int) -> str:
+    return f"{rate / 2**20:g} MiB"
 
 
 def _close_mapping(mapping: mmap.mmap) -> None:
