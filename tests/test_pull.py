@@ -26,6 +26,7 @@ from conftest import (
 from modeldepot import Depot, IntegrityError, NotFoundError
 from modeldepot.cli import cli
 from modeldepot.errors import OfflineError
+from modeldepot.transfer.progress import PullUpdate
 
 REPO = "onnx-community/tiny"
 FILES = {
@@ -341,3 +342,29 @@ def test_a_pull_never_imports_aiohttp(upstream: LiveNode, tmp_path: Path, via: s
     downloaded, imported = answer.stdout.split()
     assert int(downloaded) == sum(len(data) for data in FILES.values())
     assert imported == "False"
+
+
+def test_a_pull_waiting_on_another_process_shows_how_far_that_one_is(local: Depot) -> None:
+    """A file another process is downloading: the pull showed it at 0 until the other had finished (a
+    CLI pull sat silent, "waiting for another process")."""
+    import hashlib
+
+    data = FILES["onnx/model.onnx"]
+    sha = hashlib.sha256(data).hexdigest()
+    updates: list[PullUpdate] = []
+    with Depot(local.home) as other:  # (its own descriptors: as another process, to the claim's lock)
+        claim = other.store.partials.claim(sha, len(data), SMALL_CHUNK, wait=False)
+        assert claim is not None
+        first = memoryview(data[:SMALL_CHUNK])
+        claim.write_chunk(0, first, blake3.blake3(first).hexdigest())
+        pulling = threading.Thread(target=lambda: local.pull(REPO, ["fp32"], progress=updates.append))
+        pulling.start()
+        try:
+            deadline = time.monotonic() + 20
+            while not any(u.waiting and u.file_done == SMALL_CHUNK for u in updates):
+                assert time.monotonic() < deadline, [u for u in updates if u.path == "onnx/model.onnx"]
+                time.sleep(0.1)
+        finally:
+            claim.release(completed=False)  # it let go: the waiting pull takes the download over
+            pulling.join(60)
+    assert bytes(local.get_file(REPO, "onnx/model.onnx")) == data

@@ -241,7 +241,7 @@ def render_ls(repos: list[RepoSummary], home: Path | None = None) -> None:
         where = f" at {home}" if home is not None else ""
         out.print(f"The store{where} is empty. Add a model with `modeldepot import DIR --repo ORG/NAME`.")
         return
-    table = _table("repo", "refs", "revisions", "files", "size", "private", "updated")
+    table = _table("repo", "refs", "revisions", "newest: files", "size", "private", "updated")
     for repo in repos:
         refs = ", ".join(f"{name}→{commit[:8]}" for name, commit in repo.refs.items()) or "-"
         table.add_row(

@@ -49,6 +49,14 @@ class PullTracker:
         self.last_write = 0.0
         self.pending: asyncio.Future[None] | None = None  # a status write running on a worker thread
 
+    def waiting_on(self, path: str, elsewhere: int) -> None:
+        """Show a file another process is transferring at the ``elsewhere`` bytes its download holds: only
+        shown (its bytes count when it is in the store, as found there)."""
+        if self.progress is not None:
+            mine = self.done.get(path, 0)
+            self.progress(PullUpdate(path, elsewhere, self.sizes.get(path, 0),
+                                     sum(self.done.values()) - mine + elsewhere, self.total, True))  # fmt: skip
+
     def add(self, path: str, amount: int, waiting: bool = False, origin: str = "local") -> None:
         self.done[path] = self.done.get(path, 0) + amount
         if amount:

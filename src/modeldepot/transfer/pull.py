@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ __all__ = [
 T = TypeVar("T")
 
 CLAIM_POLL = 0.25  # seconds between looks at a content another process is transferring
+WAIT_SHOWN = 1.0  # seconds between showings of how far that transfer is
 FILES_AT_ONCE = 32  # files transferring at once (each holds two descriptors; connections are limited apart)
 CLAIM_BATCH = 16  # claims taken in one trip to a worker thread
 
@@ -399,10 +401,15 @@ class _PullRun:
         """This process's claim on the content, after any other process transferring it lets go; None
         when the content turned up in the store meanwhile (its digests are then recorded)."""
         self.tracker.add(remote.path, 0, waiting=True)
+        shown = time.monotonic()
         while True:
             taken = await asyncio.to_thread(self._take, key, remote)
             if not isinstance(taken, _Busy):
                 return self._taken(key, remote, taken)
+            if time.monotonic() - shown >= WAIT_SHOWN:  # (what the other's download holds: not silence)
+                shown = time.monotonic()
+                elsewhere = await asyncio.to_thread(self.store.partials.kept_bytes, key)
+                self.tracker.waiting_on(remote.path, elsewhere or 0)
             await asyncio.sleep(CLAIM_POLL)
 
     def _taken(
