@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from modeldepot.errors import NotFoundError
 from modeldepot.hub.variants import group_files
 from modeldepot.store.manifests import ManifestRecord, VariantStatusRecord
+from modeldepot.store.partials import partial_key
 
 if TYPE_CHECKING:
     from modeldepot.store.store import Store
@@ -20,7 +21,9 @@ __all__ = [
     "Manifest",
     "RemoteFile",
     "Variant",
+    "current_manifest",
     "held_manifest",
+    "lost_since",
     "manifest_body",
     "manifest_from_record",
 ]
@@ -225,3 +228,65 @@ def held_manifest(store: Store, repo_id: str, private: bool) -> Manifest | None:
     body = manifest_body(repo_id, "main", commit_id, IMPORTED_ENDPOINT, {"private": private}, files)
     manifest = manifest_from_record(ManifestRecord(repo_id, "main", commit_id, body, created, statuses))
     return dataclasses.replace(manifest, other_held=tuple(p for p in manifest.other if p not in bad))
+
+
+def lost_since(store: Store, manifest: Manifest) -> Manifest:
+    """``manifest`` with a variant downloaded once, a file of which the store no longer holds (found
+    corrupt and quarantined, or removed by another way than `rm`), shown as to be pulled again: its status
+    row still said downloaded."""
+    downloaded = [v for v in manifest.variants if v.status == "downloaded"]
+    if not downloaded:
+        return manifest
+    held = {row["path"] for row in store.index.read(
+        "SELECT path FROM files f JOIN blobs b USING (sha256) WHERE f.repo_id = ? AND f.commit_id = ? "
+        "AND b.state = 'ok'", (manifest.repo_id, manifest.commit_id))}  # fmt: skip
+    variants = []
+    for variant in manifest.variants:
+        lost = (
+            [p for p in (*variant.files, *manifest.shared) if p not in held] if variant in downloaded else []
+        )
+        if lost:
+            more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
+            variant = dataclasses.replace(variant, status="available", bytes_done=0, resumable=False,
+                                          error=f"{lost[0]}{more} no longer in the store (found corrupt, or "
+                                          "removed): pull it again")  # fmt: skip
+        variants.append(variant)
+    return dataclasses.replace(manifest, variants=tuple(variants))
+
+
+def current_manifest(store: Store, repo_id: str) -> Manifest:
+    """The saved manifest of a scanned repo, with each variant's current status (a pull that was killed
+    shows as failed and resumable, not as downloading forever; one whose file was found corrupt since, as
+    to be pulled again), or a held repo's (:func:`held_manifest`)."""
+    try:
+        record = store.manifests.load(repo_id)
+    except NotFoundError as unscanned:
+        try:
+            private = store.repo_private(repo_id)  # (one indexed lookup: is the repo in the store)
+        except NotFoundError:
+            raise unscanned from None  # nor is it in the store: scanning it is the way
+        from_store = held_manifest(store, repo_id, private)
+        if from_store is None:
+            raise NotFoundError(
+                f"{repo_id} was imported, not pulled, and has no main branch: it has no download status "
+                f"(`modeldepot info {repo_id}` shows what the store holds of it)"
+            ) from None
+        return from_store
+    partials, running = store.partials, store.partials.is_pulling(repo_id)
+    seen: dict[str, int | None] = {}  # (a shared file is in every variant: looked at once)
+
+    def kept(remote: RemoteFile) -> int | None:
+        key = partial_key(remote.sha256, remote.git_oid)
+        if key not in seen:  # (a running pull's rows are current: only whether its files are there)
+            seen[key] = (0 if partials.holds(key) else None) if running else partials.kept_bytes(key)
+        return seen[key]
+
+    manifest = lost_since(store, manifest_from_record(record, running, kept))
+    if not manifest.other:
+        return manifest
+    # Files in no variant come with a pull of the whole repo: what of them is here, and kept for a resume
+    held = tuple(p for p in manifest.other if store.has_file(repo_id, p, manifest.commit_id))
+    wanted = set(manifest.other) - set(held)
+    lacking = [f for f in manifest.files if f.path in wanted]
+    resumable = 0 if running else sum(kept(f) or 0 for f in lacking)
+    return dataclasses.replace(manifest, other_held=held, other_kept_bytes=resumable)
