@@ -29,6 +29,7 @@ EXPECTED = {
     "EntryNotFoundError": (404, "EntryNotFound"),
     "ChunkNotAvailableError": (404, "ChunkNotAvailable"),
     "SourceDirectoryError": (404, "NotFound"),
+    "BlobRemovedError": (404, "NotFound"),
     "IntegrityError": (502, "UpstreamIntegrity"),
     "CorruptBlobError": (503, "CorruptFile"),
     "UpstreamError": (502, "UpstreamError"),
