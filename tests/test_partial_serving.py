@@ -165,6 +165,28 @@ def test_partials_are_served_only_with_the_token(nodes: tuple[LiveNode, LiveNode
         assert SHA[:16].encode() not in answers[0][2].replace(b"<digest>", b"")
 
 
+def test_a_public_repos_download_is_served_without_a_token(nodes: tuple[LiveNode, LiveNode]) -> None:
+    """A pull marks the download of a public repo's file as such: a node without a token (a fleet without
+    one) serves its logged chunks to peers; before, it served no download in progress to anyone, and each
+    node of such a fleet fetched every chunk from the Hub. A token node still wants its token. gc takes
+    the mark away with the download."""
+    guarded, open_node = nodes
+    depot = open_node.depot
+    claim = depot.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, wait=False)
+    assert claim is not None
+    claim.share_publicly()
+    claim.release(completed=False)
+    status, _, body = get(open_node, f"{API}/blobs/{SHA}/chunks/1")
+    assert status == 200 and body == chunk(1)
+    status, _, body = get(open_node, f"{API}/blobs/{SHA}", {"Range": f"bytes=0-{SMALL_CHUNK - 1}"})
+    assert status == 206 and body == chunk(0)
+    status, _, body = get(open_node, f"{API}/blobs/{SHA}/chunks")
+    assert status == 200 and json.loads(body)["complete"] is False
+    assert get(guarded, f"{API}/blobs/{SHA}/chunks/1")[0] == 401
+    depot.gc(partials=True)
+    assert not depot.store.partials.is_public(SHA) and get(open_node, f"{API}/blobs/{SHA}/chunks")[0] == 404
+
+
 def test_a_partial_is_served_beside_the_pull_that_holds_it(depot: Depot) -> None:
     """The partial's lock held (as by a pulling process): the node reads its log and chunks without it."""
     data = os.urandom(3 * SMALL_CHUNK)

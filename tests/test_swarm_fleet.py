@@ -355,3 +355,36 @@ def test_a_lying_stalling_or_trickling_peer_does_not_spoil_or_hold_up_the_pull(
             assert "failed its BLAKE3 check" in logs and proxy.url in logs
     finally:
         proxy.stop()
+
+
+def test_a_fleet_without_a_token_shares_what_it_pulls(fleet: Fleet, tmp_path: Path) -> None:
+    """Nodes started without a token served no download in progress to anyone (it might be a private
+    repo's): three nodes pulling a public model of four shards each fetched all of it from the Hub (three
+    times the model). A pull of a public repo marks its downloads as shareable: the Hub sends it once."""
+    files = {".gitattributes": GITATTRIBUTES, "config.json": b'{"model_type": "bert"}'}
+    for n in range(4):
+        files[f"model-0000{n + 1}-of-00004.safetensors"] = random_bytes(24 * MiB - 12345 * n, seed=20 + n)
+    size = sum(len(data) for data in files.values())
+    hub = Hub(tmp_path, files)
+    try:
+        nodes = [fleet.node(name, None, env=node_env()) for name in ("a", "b", "c")]
+        for node in nodes:
+            node.ready()
+        everyone = {n.id for n in nodes}
+        for node in nodes:
+            wait_until(lambda n=node: n.peer_ids() >= everyone, 20, f"{node.home.name} sees the fleet")  # type: ignore[misc]
+        env = {k: v for k, v in base_env(HF_ENDPOINT=hub.proxy.url, MODELDEPOT_CHUNK_SIZE=str(CHUNK)).items()
+               if k != "MODELDEPOT_TOKEN"}  # fmt: skip
+        pulls = [subprocess.Popen([sys.executable, "-m", "modeldepot", "pull", REPO, "--home", str(node.home),
+                                   "--cluster", node.cluster, "--json"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for node in nodes]  # fmt: skip
+        results = []
+        for pull in pulls:
+            out, err = pull.communicate(timeout=240)
+            assert pull.returncode == 0, err
+            results.append(json.loads(out))
+    finally:
+        hub.stop()
+    from_hub = sum(r["bytes_by_source"].get("hub", 0) for r in results)
+    assert from_hub <= 1.2 * size, [r["bytes_by_source"] for r in results]
+    assert sum(r["bytes_by_source"].get("peer", 0) for r in results) >= 1.5 * size

@@ -204,15 +204,18 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 async def _held_blob(request: web.Request) -> BlobRecord | None:
     """The complete blob the request names; None when the store lacks it but the request may be answered
-    from a download in progress (it carries the node's token). Raises NotFoundError otherwise."""
-    authorized = is_authorized(request)
+    from a download in progress (it carries the node's token, or the download is a public repo's). Raises
+    NotFoundError otherwise."""
+    authorized, store = is_authorized(request), _depot(request).store
     try:
-        return await asyncio.to_thread(
-            _depot(request).store.blob, request.match_info["sha256"], public_only=not authorized
-        )
+        return await asyncio.to_thread(store.blob, request.match_info["sha256"], public_only=not authorized)
     except NotFoundError:
-        if not authorized:
-            raise  # partials belong to no repo yet (a private one, maybe): never shown without the token
+        # A download in progress belongs to no repo yet (a private one, maybe): shown without the token only
+        # when its pull marked it a public repo's (a fleet without a token shares what it pulls)
+        if not authorized and not await asyncio.to_thread(
+            store.partials.is_public, request.match_info["sha256"]
+        ):
+            raise
         return None
 
 

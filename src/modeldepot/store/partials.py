@@ -121,6 +121,11 @@ class _Paths:
         """Every file of the download."""
         return (self.data,) if self.one_piece else (self.data, self.log)
 
+    @property
+    def public(self) -> Path:
+        """There when the content is a public repo's: its chunks may be served without the node's token."""
+        return self.log.with_suffix(".public")
+
 
 class ResumablePartial:
     """A claimed partial: this process holds its lock until :meth:`release` or :meth:`finish`."""
@@ -210,6 +215,15 @@ class ResumablePartial:
                 raise os_error(error, "resetting a download") from error
         self.done.clear()
 
+    def share_publicly(self) -> None:
+        """Mark the content as a public repo's: peers without the node's token may be given its chunks while
+        it downloads (a fleet without a token shares what it pulls). Unmarked, a download in progress
+        belongs to no repo yet, a private one maybe, and is shown to token holders alone."""
+        try:
+            os.close(os.open(self.paths.public, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        except OSError as error:
+            raise os_error(error, "marking a download as public") from error
+
     def release(self, completed: bool) -> None:
         """Let go of the lock. ``completed``: the content is in the store now, so the files go; else they
         stay for a resume (by this process later, another process, or a re-run)."""
@@ -220,6 +234,8 @@ class ResumablePartial:
         elif completed:
             for path in self.paths.names:  # unlinked while locked: waiters see it gone
                 self.layout.unlink(path)
+        if completed:
+            self.layout.unlink(self.paths.public)
         # Else its files stay as they are: a finished file flushed for placing is read-only, and may be a
         # committed blob's other name (a publish that failed after its commit); the next claim sees to it.
         if self._data_fd >= 0:
@@ -359,6 +375,10 @@ class PartialFiles:
             os.close(fd)
         return None if logged is None else PartialLog(sha256, size, self.chunk_size, logged, one_piece=True)
 
+    def is_public(self, sha256: str) -> bool:
+        """Whether the download of ``sha256`` is a public repo's (:meth:`ResumablePartial.share_publicly`)."""
+        return self._paths(sha256).public.exists()
+
     def open_chunks(self, sha256: str) -> PartialChunkReader | None:
         """The download of ``sha256`` open for reading its logged chunks, each checked against its BLAKE3
         when read (:class:`PartialChunkReader`); None when there is no such download. Takes no lock."""
@@ -487,6 +507,9 @@ class PartialFiles:
                 kept += 1
             elif outcome == "running":  # (counted as kept for a resume, gc said `gc --partials` drops it)
                 running += 1
+        for mark in self.root.glob("*.public"):  # of downloads gone
+            if not any(mark.with_suffix(suffix).exists() for suffix in (".log", ".part", ".one")):
+                self.layout.unlink(mark)
         return removed, kept, running, freed
 
     def _collect_logless(

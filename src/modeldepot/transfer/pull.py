@@ -461,6 +461,8 @@ class _PullRun:
                 claim.release(completed=False)
                 return _BUSY
             self.claims[key] = claim
+        if not (self.manifest.private or self.manifest.gated):  # (a fleet without a token shares it)
+            claim.share_publicly()
         return claim
 
     def finish_partials(self) -> dict[str, PartialBlob]:
