@@ -96,6 +96,8 @@ class Limits:
     # Other nodes sending a file slower than this, all together, let the upstream in for the rest (0: never)
     slow_peer_rate: int = 0
     peer_requests: int = field(default=0, init=False, repr=False)  # on the wire to other nodes, every file
+    # Other nodes a file of this transfer found slow: its other files need not measure them again
+    slow_peers: set[str] = field(default_factory=set, init=False, repr=False)
     _buffers: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
     _spare: list[bytearray] = field(default_factory=list, init=False, repr=False)  # buffers to reuse
     _sources: dict[str, asyncio.Semaphore] = field(default_factory=dict, init=False, repr=False)
@@ -345,6 +347,10 @@ class _FileJob(ChunkChooser):
             if not self._slow_peers(time.monotonic()):
                 continue
             self.peers_slow = True
+            # (whole holders only: a swarm's claimers sent little yet because they hold little, not slowly)
+            self.limits.slow_peers.update(
+                s.source.name for s in self.live if s.kind != "hub" and self.have.get(s) is None
+            )
             log.info("%s: the other nodes send it at less than %s/s: the upstream joins for the rest",
                      self.remote.path, _mib(self.limits.slow_peer_rate))  # fmt: skip
             if self.fallback is not None:
@@ -358,11 +364,6 @@ class _FileJob(ChunkChooser):
         the last window, at least PACE_MIN and long enough for a chunk to land at that rate, while enough is
         left to matter and an upstream may be brought in."""
         rate = self.limits.slow_peer_rate
-        mine = sum(
-            1 for reqs in self.requests.values() for r in reqs if r.source.kind != "hub" and not r.landing
-        )
-        if not mine or self.peer_started is None:
-            return False
         if self.fallback is None and not any(s.kind == "hub" for s in self.live):
             return False  # (no upstream to bring in: offline, or the upstream is the one being waited for)
         size, chunk = self.remote.size, self.partial.chunk_size
@@ -370,6 +371,14 @@ class _FileJob(ChunkChooser):
                    if i not in self.partial.done)  # fmt: skip
         if left < rate * SLOW_LEFT:
             return False  # (a little left: the endgame's business)
+        peers = {s.source.name for s in self.live if s.kind != "hub"}
+        if peers and peers <= self.limits.slow_peers:
+            return True  # (another file of the transfer measured them: its verdict holds for this one)
+        mine = sum(
+            1 for reqs in self.requests.values() for r in reqs if r.source.kind != "hub" and not r.landing
+        )
+        if not mine or self.peer_started is None:
+            return False
         sharing = max(self.limits.peer_requests, mine)
         window = max(PACE_MIN, min(chunk, size) * sharing / rate)
         if now - self.peer_started < window:
