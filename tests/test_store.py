@@ -6,6 +6,8 @@ import hashlib
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -294,12 +296,62 @@ def test_an_import_with_link_makes_no_second_copy(depot: Depot, tmp_path: Path) 
     assert depot.import_dir(again, "acme/again", link=True).new_bytes == 0
     assert stat.S_IMODE(os.stat(again / "config.json").st_mode) == 0o640
 
-    os.chmod(folder / "model.gguf", 0o644)  # its owner makes it writable again and changes it in place
+    # Its owner makes it writable again and changes it in place, putting its mtime back as `rsync --inplace
+    # -t` or `cp -p` would: the change time, which no one can set back, gives it away
+    before = os.stat(folder / "model.gguf")
+    os.chmod(folder / "model.gguf", 0o644)
     with open(folder / "model.gguf", "r+b") as handle:
         handle.seek(SMALL_CHUNK)
         handle.write(b"changed")
+    os.utime(folder / "model.gguf", ns=(before.st_atime_ns, before.st_mtime_ns))
     with pytest.raises(CorruptBlobError):
         depot.get_file(REPO, "model.gguf")
+
+
+def test_a_linked_file_written_while_it_is_hashed_is_refused(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A program that had the file open for writing before `import --link` made it read-only writes to it
+    while it is hashed: the hash is of neither version, and it was published and served as good."""
+    from modeldepot.store import importer
+
+    folder = write_model_dir(tmp_path / "folder", {"model.gguf": os.urandom(3 * SMALL_CHUNK)})
+    writer = os.open(folder / "model.gguf", os.O_WRONLY)
+    hashing = importer.digest_stream
+
+    def written_meanwhile(*args: object, **kwargs: object) -> object:
+        digest = hashing(*args, **kwargs)  # type: ignore[arg-type]
+        os.pwrite(writer, b"EVIL", 0)  # (after the bytes were read: the hash is of the old ones)
+        return digest
+
+    monkeypatch.setattr(importer, "digest_stream", written_meanwhile)
+    try:
+        with pytest.raises(SourceDirectoryError, match="changed while it was being hashed"):
+            depot.import_dir(folder, REPO, link=True)
+    finally:
+        os.close(writer)
+    assert depot.list_repos() == [] and stat.S_IMODE(os.stat(folder / "model.gguf").st_mode) != 0o444
+
+
+def test_a_killed_import_with_link_gives_the_files_their_modes_back_at_gc(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """`import --link` killed while it hashed left the user's file read-only for good (its mode was kept in
+    memory only): it is kept beside the link, and gc gives it back once the writer is gone."""
+    folder = write_model_dir(tmp_path / "folder", {"model.gguf": os.urandom(3 * SMALL_CHUNK)})
+    os.chmod(folder / "model.gguf", 0o640)
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, sys\n"
+         "from modeldepot import Depot\n"
+         "from modeldepot.store import importer\n"
+         "importer.digest_stream = lambda *a, **k: os._exit(9)\n"
+         "Depot(sys.argv[1]).import_dir(sys.argv[2], 'acme/x', link=True)\n",
+         str(depot.home), str(folder)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert killed.returncode == 9, killed.stderr
+    assert stat.S_IMODE(os.stat(folder / "model.gguf").st_mode) == 0o444  # (as the kill left it)
+    depot.gc()
+    assert stat.S_IMODE(os.stat(folder / "model.gguf").st_mode) == 0o640
+    assert os.stat(folder / "model.gguf").st_nlink == 1 and depot.list_repos() == []
 
 
 def imported(depot: Depot, repo: str) -> dict[str, bytes]:

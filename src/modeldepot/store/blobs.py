@@ -27,7 +27,7 @@ from modeldepot.errors import CorruptBlobError
 from modeldepot.store.layout import StoreLayout, fsync_dir, os_error
 from modeldepot.store.locks import lock_is_held
 
-__all__ = ["BlobFiles", "PartialBlob", "WriteSession", "start_writeback"]
+__all__ = ["BlobFiles", "PartialBlob", "WriteSession", "give_back_modes", "start_writeback"]
 
 _SYNC_FILE_RANGE_WRITE = 2
 STARTING_SESSION_GRACE = 3600.0  # seconds a session may sit under its dot-name while its pid is alive
@@ -98,19 +98,44 @@ class PartialBlob:
             os.close(self.fd)
             self.fd = -1
 
+    def keep_mode(self, mode: int) -> None:
+        """This partial is a hard link to a file of the user's, about to be made read-only: ``mode`` is
+        given back if it is not placed, by :meth:`discard`, or by gc when its writer was killed (written
+        beside it: :func:`give_back_modes`)."""
+        self.mode_to_restore = mode
+        _mode_file(self.path).write_text(f"{mode:o}")
+
     def discard(self) -> None:
         self._close()
         if not self.placed:
             if self.mode_to_restore is not None:
-                with contextlib.suppress(OSError):
-                    # Only when the file has no other name than its own and this link: another (the store's
-                    # blob, another partial of the same file) must stay read-only.
-                    if os.stat(self.path, follow_symlinks=False).st_nlink == 2:
-                        os.chmod(self.path, self.mode_to_restore, follow_symlinks=False)
+                _give_back_mode(self.path, self.mode_to_restore)
+            with contextlib.suppress(FileNotFoundError):
+                _mode_file(self.path).unlink()
             try:
                 self.path.unlink()
             except FileNotFoundError:
                 pass
+
+
+def _mode_file(partial: Path) -> Path:
+    return partial.with_name(partial.name + ".mode")
+
+
+def _give_back_mode(partial: Path, mode: int) -> None:
+    """Give a linked file of the user's its mode back, only when it has no other name than its own and this
+    link: another (the store's blob, another partial of the same file) must stay read-only."""
+    with contextlib.suppress(OSError):
+        if os.stat(partial, follow_symlinks=False).st_nlink == 2:
+            os.chmod(partial, mode, follow_symlinks=False)
+
+
+def give_back_modes(session: Path) -> None:
+    """Before a dead writer's session is deleted (gc): the files of the user's it linked and made read-only
+    get their modes back (an `import --link` killed midway left them 0444 for good)."""
+    for kept in session.glob("*.mode"):
+        with contextlib.suppress(OSError, ValueError):
+            _give_back_mode(kept.with_name(kept.name[: -len(".mode")]), int(kept.read_text(), 8))
 
 
 class WriteSession:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modeldepot.errors import RevisionNotFoundError, StoreFullError
-from modeldepot.store.blobs import WriteSession
+from modeldepot.store.blobs import WriteSession, give_back_modes
 from modeldepot.store.models import (
     DiskUsage,
     GcReport,
@@ -305,6 +305,7 @@ def _collect_sessions(store: Store) -> tuple[int, int, int]:
             continue
         freed += _allocated(entry)  # (a partial linked from elsewhere too, as an adoption's, frees nothing)
         if entry.is_dir():
+            give_back_modes(entry)
             removed += sum(1 for p in entry.iterdir() if p.name.endswith(".partial"))
             store.layout.rmtree(entry)
         else:

@@ -17,7 +17,7 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -287,9 +287,13 @@ class Store:
         rows = self.index.read("SELECT created_at, verified_at FROM blobs WHERE sha256 = ?", (blob.sha256,))
         seen = float(rows[0]["created_at"]) if rows else None
         try:
-            modified = os.stat(self.blobs.path(blob.sha256)).st_mtime
+            info = os.stat(self.blobs.path(blob.sha256))
         except OSError:
             return seen  # (missing: opening it says so, and quarantines it)
+        # The change time too: a write whose mtime was put back (`rsync --inplace -t`, `cp -p` onto a file
+        # an import linked) moves it, and no one can set it. A new name or a chmod moves it as well: the
+        # blob is then rehashed once, for nothing (the pull vouches for the name it drops: mark_checked).
+        modified = max(info.st_mtime, info.st_ctime)
         if not rows or modified <= max(rows[0]["created_at"], rows[0]["verified_at"] or 0.0):
             return seen
         found = self.check_blob(blob.sha256, blob.size, blob.chunk_size)
@@ -305,6 +309,17 @@ class Store:
         except StoreFullError:
             pass  # (it is checked again next time: the check itself went through)
         return seen
+
+    def mark_checked(self, digests: Sequence[str]) -> None:
+        """Record these blobs as checked now: their bytes were verified moments ago (a pull's), and what
+        changed since was only a name of theirs (a download's name dropped once the index had the blob),
+        which moves the change time :meth:`check_if_changed` looks at."""
+        if not digests:
+            return
+        marks = ",".join("?" * len(digests))
+        with contextlib.suppress(StoreFullError), self.index.write("recording checked blobs") as con:
+            con.execute(f"UPDATE blobs SET verified_at = ? WHERE state = 'ok' AND sha256 IN ({marks})",
+                        (time.time(), *digests))  # fmt: skip
 
     def map(self, entry: FileEntry) -> mmap.mmap | None:
         """A read-only shared mapping of the file's blob (``None`` for an empty file)."""
