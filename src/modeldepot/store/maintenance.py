@@ -211,7 +211,7 @@ def remove_files(store: Store, repo_id: str, commit_id: str, paths: Iterable[str
 
 def _delete_blob_files(store: Store, digests: list[str]) -> tuple[int, int]:
     """Unlink the files of blobs whose rows are gone (under the exclusive lock): (bytes freed, bytes still
-    on the disk because another name links them: a Hugging Face cache the store adopted)."""
+    on the disk because another name links them: a Hugging Face cache the store adopted, a folder imported with --link)."""
     freed = still_linked = 0
     for sha256 in digests:
         linked = _has_other_names(store.blobs.path(sha256))
