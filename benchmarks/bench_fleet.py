@@ -26,7 +26,7 @@ being its process's exit, from that moment (process start-up included):
   hf_transfer, no xet, no telemetry);
 - solo: ``modeldepot pull REPO --home DEST --json`` with ``HF_ENDPOINT=<hub>``: each node from the Hub;
 - cluster: every node runs ``modeldepot serve --cluster etcd://... --advertise http://NODE:8980`` with a
-  shared ``MODELDEPOT_TOKEN``; once all are healthy and each lists every node in ``/api/depot/v1/peers``,
+  shared ``MODELDEPOT_TOKEN`` (none with ``--no-token``); once all are healthy and each lists every node in ``/api/depot/v1/peers``,
   all run ``modeldepot pull REPO --home HOME --cluster etcd://... --json`` into the served store (the
   serve process gives peers the chunks its pull has landed).
 
@@ -480,7 +480,9 @@ def cluster(work: Path, args: argparse.Namespace, procs: Processes, total: int) 
     etcd = None
     try:
         etcd = start_etcd(procs, data / "data", work / "logs" / "etcd.log")
-        env = base_env(HF_ENDPOINT=f"http://{HUB_IP}:{PORT}", MODELDEPOT_TOKEN=TOKEN)
+        env = base_env(HF_ENDPOINT=f"http://{HUB_IP}:{PORT}")
+        if not args.no_token:
+            env["MODELDEPOT_TOKEN"] = TOKEN
         for i, home in enumerate(homes(work, args.nodes), 1):
             command = [*in_ns(node_ns(i)), *modeldepot(
                 "serve", "--home", str(home), "--host", "0.0.0.0", "--port", str(PORT), "--cluster", registry,
@@ -489,9 +491,8 @@ def cluster(work: Path, args: argparse.Namespace, procs: Processes, total: int) 
 
         def all_registered() -> bool:
             for i in range(1, args.nodes + 1):
-                body = curl_ok(
-                    in_ns(node_ns(i)), f"http://127.0.0.1:{PORT}{PEERS}", f"Authorization: Bearer {TOKEN}"
-                )
+                auth = [] if args.no_token else [f"Authorization: Bearer {TOKEN}"]
+                body = curl_ok(in_ns(node_ns(i)), f"http://127.0.0.1:{PORT}{PEERS}", *auth)
                 if body is None or len(json.loads(body)) != args.nodes:
                     return False
             return True
@@ -710,6 +711,8 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("bench-data"))
     parser.add_argument("--timeout", type=float, default=1800, help="seconds a scenario may take")
     parser.add_argument("--quick", action="store_true", help="256MiB, 4 nodes: a smoke test")
+    parser.add_argument("--no-token", action="store_true",
+                        help="the cluster without a shared MODELDEPOT_TOKEN (a fleet shares public repos' chunks all the same)")  # fmt: skip
     parser.add_argument("--profile-node", type=int, default=0, metavar="N",
                         help="sample node N's cluster pull with py-spy (pip install py-spy): collapsed "
                              "stacks in logs/cluster-nN.pyspy, on-CPU samples only")  # fmt: skip
