@@ -380,7 +380,9 @@ class _FileJob(ChunkChooser):
         if not mine or self.peer_started is None:
             return False
         sharing = max(self.limits.peer_requests, mine)
-        window = max(PACE_MIN, min(chunk, size) * sharing / rate)
+        # Two chunks' time at that rate, at least: bytes count when a whole chunk lands, and with one chunk
+        # per window a peer at 1-2x the rate could land none in one (a trial saw it judged slow at 1.25x)
+        window = max(PACE_MIN, 2 * min(chunk, size) * sharing / rate)
         if now - self.peer_started < window:
             return False
         while self.peer_landed and self.peer_landed[0][0] < now - window:
