@@ -10,7 +10,7 @@ from aiohttp import web
 from modeldepot.depot import Depot
 from modeldepot.validation import validate_repo_id
 
-__all__ = ["CONTROL_TOKEN", "DEPOT", "TOKEN", "carries_token", "is_authorized", "path_repo"]
+__all__ = ["CONTROL_TOKEN", "DEPOT", "TOKEN", "carries_token", "is_authorized", "path_matches", "path_repo"]
 
 DEPOT = web.AppKey("depot", Depot)
 TOKEN = web.AppKey("token", str)  # "" when the node has no token
@@ -42,3 +42,12 @@ async def path_repo(request: web.Request) -> str:
     their case, as on the Hub."""
     named = validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
     return await asyncio.to_thread(request.app[DEPOT].store.spelled, named)
+
+
+def path_matches(resource: web.AbstractResource, path: str) -> bool:
+    """Whether ``resource``'s path (plain, or a pattern) takes ``path``, whatever the method."""
+    info = resource.get_info()
+    if "path" in info:
+        return bool(info["path"] == path)
+    pattern = info.get("pattern")
+    return bool(pattern is not None and pattern.fullmatch(path))

@@ -30,7 +30,7 @@ from modeldepot.errors import (
     UpstreamError,
 )
 from modeldepot.gitobjects import TreeEntry, lfs_pointer, tree_oids
-from modeldepot.server.context import DEPOT, is_authorized, path_repo
+from modeldepot.server.context import DEPOT, is_authorized, path_matches, path_repo
 from modeldepot.server.listing import (
     CommitQuery,
     ModelQuery,
@@ -422,17 +422,9 @@ def _methods_of_other_routes(request: web.Request) -> set[str]:
         if not resource.canonical.startswith("/api/depot/"):
             continue
         for route in resource:
-            if route.method != "*" and _matches(resource, request.path):
+            if route.method != "*" and path_matches(resource, request.path):
                 allowed.add(route.method)
     return allowed
-
-
-def _matches(resource: web.AbstractResource, path: str) -> bool:
-    info = resource.get_info()
-    if "path" in info:
-        return bool(info["path"] == path)
-    pattern = info.get("pattern")
-    return bool(pattern is not None and pattern.fullmatch(path))
 
 
 async def agent_harnesses(request: web.Request) -> web.Response:

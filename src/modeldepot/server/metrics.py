@@ -44,7 +44,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from modeldepot.counters import PULLS, SOURCE_KINDS
-from modeldepot.server.context import DEPOT
+from modeldepot.server.context import DEPOT, path_matches
 from modeldepot.server.fleet import FLEET
 from modeldepot.server.responses import BlobResponse
 from modeldepot.store.maintenance import totals as store_totals
@@ -184,17 +184,9 @@ def route_label(request: web.Request) -> str:
     if route.resource is not None and route.method != "*":
         return route.resource.canonical  # the route that takes this method: the usual case
     for resource in request.app.router.resources():  # the first route, by registration, for this path
-        if any(r.method != "*" for r in resource) and _path_matches(resource, request.path):
+        if any(r.method != "*" for r in resource) and path_matches(resource, request.path):
             return resource.canonical
     return route.resource.canonical if route.resource is not None else UNMATCHED
-
-
-def _path_matches(resource: web.AbstractResource, path: str) -> bool:
-    info = resource.get_info()
-    if "path" in info:
-        return bool(info["path"] == path)
-    pattern = info.get("pattern")
-    return bool(pattern is not None and pattern.fullmatch(path))
 
 
 @web.middleware
