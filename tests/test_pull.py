@@ -368,3 +368,19 @@ def test_a_pull_waiting_on_another_process_shows_how_far_that_one_is(local: Depo
             claim.release(completed=False)  # it let go: the waiting pull takes the download over
             pulling.join(60)
     assert bytes(local.get_file(REPO, "onnx/model.onnx")) == data
+
+
+def test_a_file_just_pulled_is_not_hashed_again_when_read(
+    local: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads rehash a blob whose change time moved since it was checked (a write in place that put its mtime
+    back); the pull's own last step, dropping its downloads' names, moves it too: the pull vouches for those
+    blobs, or the first read of every pulled model would hash it whole once more."""
+    local.pull(REPO, ["fp32"])
+    checked: list[str] = []
+    checking = local.store.check_blob
+    monkeypatch.setattr(
+        local.store, "check_blob", lambda sha, *rest: checked.append(sha) or checking(sha, *rest)
+    )
+    assert bytes(local.get_file(REPO, "onnx/model.onnx")) == FILES["onnx/model.onnx"]
+    assert checked == []

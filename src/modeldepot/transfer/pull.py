@@ -274,6 +274,7 @@ class _PullRun:
         self.digests: dict[str, BlobDigest] = {}  # by content key
         self.used: set[str] = set()
         self.published = False
+        self.placed: set[str] = set()  # the blobs its publish placed (its own bytes)
         self.file_slots = asyncio.Semaphore(FILES_AT_ONCE)
         self.swarms: list[SwarmFile] = []  # files whose chunks this pull claims in the fleet
 
@@ -477,7 +478,7 @@ class _PullRun:
     def publish(self, spec: RevisionSpec, staged: list[StagedFile], partials: dict[str, PartialBlob]) -> None:
         """(On a worker thread.) Publish the revision, and record that it is: a pull cancelled meanwhile
         waits for this to end, and must then release its claims as completed, not keep them for a resume."""
-        publish(self.store, spec, staged, partials)
+        self.placed = publish(self.store, spec, staged, partials)
         self.published = True
 
     def release(self) -> None:
@@ -486,8 +487,10 @@ class _PullRun:
             claims = list(self.claims.items())
         for _, claim in claims:
             claim.release(completed=self.published)
-        if self.published:  # (dropping their downloads' names moved the blobs' change time: not their bytes)
-            self.store.mark_checked([self.digests[key].sha256 for key, _ in claims if key in self.digests])
+        if self.published:
+            # Dropping the downloads' names moved the change time of the blobs placed from them (these
+            # bytes, verified by this pull), not their bytes; no other blob has lost a name
+            self.store.mark_checked(sorted(self.placed))
 
 
 def _raise_first(errors: list[BaseException], files: int) -> None:
