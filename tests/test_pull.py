@@ -274,10 +274,10 @@ def test_a_pull_cancelled_while_it_publishes_waits_for_the_publish_and_counts_it
     started = threading.Event()
     real_publish = pull_module.publish
 
-    def slow_publish(*args: object) -> None:
+    def slow_publish(*args: object) -> set[str]:
         started.set()
         time.sleep(0.4)
-        real_publish(*args)  # type: ignore[arg-type]
+        return real_publish(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(pull_module, "publish", slow_publish)
 
