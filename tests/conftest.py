@@ -168,10 +168,8 @@ def writable(path: Path) -> Iterator[Path]:
 
 def flip_byte(path: Path, offset: int, keep_mtime: bool = True) -> None:
     """Corrupt one byte of a file in place (blobs are read-only, but root and failing disks ignore that).
-    By default as rot does it, leaving no trace in the file's times: its mtime is put back and, for a
-    store's blob, the store's last check of it is moved past the change time the write moved (which no one
-    can set back; Store.check_if_changed reads both). ``keep_mtime=False``: as a write does (which the
-    store notices at the next read)."""
+    By default as rot does it, the file's times left as they were; ``keep_mtime=False``: as a write does
+    (which the store notices at the next read: Store.check_if_changed)."""
     before = os.stat(path)
     with writable(path), open(path, "r+b") as handle:
         handle.seek(offset)
@@ -180,13 +178,6 @@ def flip_byte(path: Path, offset: int, keep_mtime: bool = True) -> None:
         handle.write(bytes([old[0] ^ 0xFF]))
     if keep_mtime:
         os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-        index = path.parent.parent.parent / "index.db"
-        if path.parent.parent.name == "blobs" and index.exists():
-            import sqlite3
-
-            with contextlib.closing(sqlite3.connect(index, timeout=30)) as con, con:
-                con.execute("UPDATE blobs SET verified_at = ? WHERE sha256 = ?",
-                            (os.stat(path).st_ctime + 0.001, path.name))  # fmt: skip
 
 
 def write_partial(depot: Depot, data: bytes, chunks: list[int]) -> str:

@@ -174,7 +174,7 @@ def test_a_public_repos_download_is_served_without_a_token(nodes: tuple[LiveNode
     depot = open_node.depot
     claim = depot.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, wait=False)
     assert claim is not None
-    claim.share_publicly()
+    claim.mark_public(True)
     claim.release(completed=False)
     status, _, body = get(open_node, f"{API}/blobs/{SHA}/chunks/1")
     assert status == 200 and body == chunk(1)
@@ -183,6 +183,15 @@ def test_a_public_repos_download_is_served_without_a_token(nodes: tuple[LiveNode
     status, _, body = get(open_node, f"{API}/blobs/{SHA}/chunks")
     assert status == 200 and json.loads(body)["complete"] is False
     assert get(guarded, f"{API}/blobs/{SHA}/chunks/1")[0] == 401
+    again = depot.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, wait=False)  # a private repo's pull
+    assert again is not None  # of the same content resumes it: the mark the public one left goes
+    again.mark_public(False)
+    again.release(completed=False)
+    assert get(open_node, f"{API}/blobs/{SHA}/chunks/1")[0] == 404
+    again = depot.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, wait=False)
+    assert again is not None
+    again.mark_public(True)
+    again.release(completed=False)
     depot.gc(partials=True)
     assert not depot.store.partials.is_public(SHA) and get(open_node, f"{API}/blobs/{SHA}/chunks")[0] == 404
 

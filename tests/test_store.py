@@ -296,14 +296,11 @@ def test_an_import_with_link_makes_no_second_copy(depot: Depot, tmp_path: Path) 
     assert depot.import_dir(again, "acme/again", link=True).new_bytes == 0
     assert stat.S_IMODE(os.stat(again / "config.json").st_mode) == 0o640
 
-    # Its owner makes it writable again and changes it in place, putting its mtime back as `rsync --inplace
-    # -t` or `cp -p` would: the change time, which no one can set back, gives it away
-    before = os.stat(folder / "model.gguf")
+    # Its owner makes it writable again and changes it in place: found at the next read by its mtime
     os.chmod(folder / "model.gguf", 0o644)
     with open(folder / "model.gguf", "r+b") as handle:
         handle.seek(SMALL_CHUNK)
         handle.write(b"changed")
-    os.utime(folder / "model.gguf", ns=(before.st_atime_ns, before.st_mtime_ns))
     with pytest.raises(CorruptBlobError):
         depot.get_file(REPO, "model.gguf")
 
@@ -352,6 +349,55 @@ def test_a_killed_import_with_link_gives_the_files_their_modes_back_at_gc(
     depot.gc()
     assert stat.S_IMODE(os.stat(folder / "model.gguf").st_mode) == 0o640
     assert os.stat(folder / "model.gguf").st_nlink == 1 and depot.list_repos() == []
+
+
+def test_gc_never_makes_a_linked_blob_writable(depot: Depot, tmp_path: Path) -> None:
+    """A killed `import --link` left its link and the file's old mode; the import run again made the file
+    the store's blob, and its owner deleted their name of it (the store holds it now): gc gave the blob,
+    the one other name left beside the dead import's link, the user's mode back, 0644."""
+    folder = write_model_dir(tmp_path / "folder", {"model.gguf": os.urandom(3 * SMALL_CHUNK)})
+    os.chmod(folder / "model.gguf", 0o644)
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, sys\n"
+         "from modeldepot import Depot\n"
+         "from modeldepot.store import importer\n"
+         "importer.digest_stream = lambda *a, **k: os._exit(9)\n"
+         "Depot(sys.argv[1]).import_dir(sys.argv[2], 'acme/x', link=True)\n",
+         str(depot.home), str(folder)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert killed.returncode == 9, killed.stderr
+    depot.import_dir(folder, REPO, link=True)
+    blob = depot.store.blobs.path(depot.file_info(REPO, "model.gguf").sha256)
+    (folder / "model.gguf").unlink()
+    depot.gc()
+    assert stat.S_IMODE(os.stat(blob).st_mode) == 0o444
+
+
+def test_a_linked_file_written_after_it_was_hashed_is_not_published(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that had a.bin open writes to it while b.bin is hashed, after a.bin's hash: its digests
+    were published with bytes they are not the hash of, served as good by local reads."""
+    from modeldepot.store import importer
+
+    folder = write_model_dir(
+        tmp_path / "folder", {"a.bin": os.urandom(SMALL_CHUNK), "b.bin": os.urandom(SMALL_CHUNK)}
+    )
+    writer = os.open(folder / "a.bin", os.O_WRONLY)
+    hashing, calls = importer.digest_stream, []
+
+    def writing_to_the_first(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            os.pwrite(writer, b"EVIL", 0)
+        return hashing(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(importer, "digest_stream", writing_to_the_first)
+    try:
+        with pytest.raises(SourceDirectoryError, match=r"a\.bin changed after it was hashed"):
+            depot.import_dir(folder, REPO, link=True)
+    finally:
+        os.close(writer)
+    assert depot.list_repos() == [] and depot.verify().ok
 
 
 def imported(depot: Depot, repo: str) -> dict[str, bytes]:

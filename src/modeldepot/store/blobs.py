@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import json
 import os
 import secrets
 import time
@@ -27,7 +28,7 @@ from modeldepot.errors import CorruptBlobError
 from modeldepot.store.layout import StoreLayout, fsync_dir, os_error
 from modeldepot.store.locks import lock_is_held
 
-__all__ = ["BlobFiles", "PartialBlob", "WriteSession", "give_back_modes", "start_writeback"]
+__all__ = ["BlobFiles", "PartialBlob", "WriteSession", "file_stamp", "give_back_modes", "start_writeback"]
 
 _SYNC_FILE_RANGE_WRITE = 2
 STARTING_SESSION_GRACE = 3600.0  # seconds a session may sit under its dot-name while its pid is alive
@@ -67,6 +68,8 @@ class PartialBlob:
         # A hard link to a file of the user's (import --link, adopt), made read-only: the mode it had, given
         # back when the partial is not placed (its content was in the store already, the import failed)
         self.mode_to_restore: int | None = None
+        self.linked_from: Path | None = None
+        self.stamp: tuple[int, int, int] | None = None  # (a linked file: see hashed)
 
     def write(self, data: memoryview) -> None:
         try:
@@ -98,18 +101,28 @@ class PartialBlob:
             os.close(self.fd)
             self.fd = -1
 
-    def keep_mode(self, mode: int) -> None:
-        """This partial is a hard link to a file of the user's, about to be made read-only: ``mode`` is
-        given back if it is not placed, by :meth:`discard`, or by gc when its writer was killed (written
-        beside it: :func:`give_back_modes`)."""
+    def keep_mode(self, source: Path, mode: int) -> None:
+        """This partial is a hard link to ``source``, a file of the user's, about to be made read-only:
+        ``mode`` is given back if it is not placed, by :meth:`discard`, or by gc when its writer was killed
+        (written beside it: :func:`give_back_modes`)."""
         self.mode_to_restore = mode
-        _mode_file(self.path).write_text(f"{mode:o}")
+        self.linked_from = source
+        _mode_file(self.path).write_text(json.dumps({"mode": mode, "source": str(source)}))
+
+    def hashed(self) -> None:
+        """Its bytes were just hashed: what a write would move is noted, for :meth:`changed_since_hashed`."""
+        self.stamp = file_stamp(os.stat(self.path))
+
+    def changed_since_hashed(self) -> bool:
+        """Whether the file was written since :meth:`hashed` (a writer that had a linked file of the user's
+        open before it was made read-only): its digests would not be its bytes'."""
+        return self.stamp is not None and file_stamp(os.stat(self.path)) != self.stamp
 
     def discard(self) -> None:
         self._close()
         if not self.placed:
-            if self.mode_to_restore is not None:
-                _give_back_mode(self.path, self.mode_to_restore)
+            if self.mode_to_restore is not None and self.linked_from is not None:
+                _give_back_mode(self.path, self.linked_from, self.mode_to_restore)
             with contextlib.suppress(FileNotFoundError):
                 _mode_file(self.path).unlink()
             try:
@@ -118,15 +131,22 @@ class PartialBlob:
                 pass
 
 
+def file_stamp(info: os.stat_result) -> tuple[int, int, int]:
+    """What a write moves: the size, the mtime (which may be put back) and the change time (which cannot)."""
+    return info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
 def _mode_file(partial: Path) -> Path:
     return partial.with_name(partial.name + ".mode")
 
 
-def _give_back_mode(partial: Path, mode: int) -> None:
-    """Give a linked file of the user's its mode back, only when it has no other name than its own and this
-    link: another (the store's blob, another partial of the same file) must stay read-only."""
+def _give_back_mode(partial: Path, source: Path, mode: int) -> None:
+    """Give a linked file of the user's its mode back, only while the user's name of it still names it and
+    it has no other name than that one and the link: another (the store's blob, once the user's name went;
+    another partial of the same file) must stay read-only."""
     with contextlib.suppress(OSError):
-        if os.stat(partial, follow_symlinks=False).st_nlink == 2:
+        linked, theirs = os.stat(partial, follow_symlinks=False), os.stat(source, follow_symlinks=False)
+        if (linked.st_dev, linked.st_ino) == (theirs.st_dev, theirs.st_ino) and linked.st_nlink == 2:
             os.chmod(partial, mode, follow_symlinks=False)
 
 
@@ -134,8 +154,11 @@ def give_back_modes(session: Path) -> None:
     """Before a dead writer's session is deleted (gc): the files of the user's it linked and made read-only
     get their modes back (an `import --link` killed midway left them 0444 for good)."""
     for kept in session.glob("*.mode"):
-        with contextlib.suppress(OSError, ValueError):
-            _give_back_mode(kept.with_name(kept.name[: -len(".mode")]), int(kept.read_text(), 8))
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            noted = json.loads(kept.read_text())
+            _give_back_mode(
+                kept.with_name(kept.name[: -len(".mode")]), Path(noted["source"]), int(noted["mode"])
+            )
 
 
 class WriteSession:

@@ -225,11 +225,6 @@ def stage_blob(
     return digest, partial, False
 
 
-def _stamp(info: os.stat_result) -> tuple[int, int, int]:
-    """What a write moves: the size, the mtime (which may be put back) and the change time (which cannot)."""
-    return info.st_size, info.st_mtime_ns, info.st_ctime_ns
-
-
 def _stage_link(
     session: WriteSession, source: Path, chunk_size: int, report: Callable[[int], None] | None, durable: bool
 ) -> tuple[BlobDigest, PartialBlob] | None:
@@ -261,15 +256,16 @@ def _stage_link(
             # again and change the store's blob), root included. It is copied instead.
             partial.discard()
             return None
-        partial.keep_mode(stat.S_IMODE(info.st_mode))  # (given back if the partial is not placed)
+        partial.keep_mode(source, stat.S_IMODE(info.st_mode))  # (given back if the partial is not placed)
         os.fchmod(fd, 0o444)  # before the bytes are read: no new writer may open it from here on
         partial.size = partial.written = info.st_size
-        before = _stamp(os.fstat(fd))
+        partial.hashed()  # (before: a write from here on is seen, now and when it is placed)
         reader = io.FileIO(fd, "rb", closefd=False)
         digest = digest_stream(reader.readinto, info.st_size, chunk_size, progress=report)
-        changed = _stamp(os.fstat(fd)) != before  # a writer that had it open before: a hash of neither
+        changed = partial.changed_since_hashed()  # a writer that had it open before: a hash of neither
         if not changed:
             partial.sync(durable)
+            partial.hashed()  # (sync made it read-only once more: that moved its change time)
     except OSError as error:
         partial.discard()
         raise SourceDirectoryError(f"cannot read {source}: {error.strerror}") from None

@@ -215,14 +215,18 @@ class ResumablePartial:
                 raise os_error(error, "resetting a download") from error
         self.done.clear()
 
-    def share_publicly(self) -> None:
-        """Mark the content as a public repo's: peers without the node's token may be given its chunks while
-        it downloads (a fleet without a token shares what it pulls). Unmarked, a download in progress
-        belongs to no repo yet, a private one maybe, and is shown to token holders alone."""
+    def mark_public(self, public: bool) -> None:
+        """Mark the content as a public repo's, or not: peers without the node's token may be given its
+        chunks while it downloads (a fleet without a token shares what it pulls). Unmarked, a download in
+        progress belongs to no repo yet, a private one maybe, and is shown to token holders alone (a mark
+        an earlier public pull of the same content left is taken away by a private one)."""
         try:
-            os.close(os.open(self.paths.public, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+            if public:
+                os.close(os.open(self.paths.public, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+            else:
+                self.layout.unlink(self.paths.public)
         except OSError as error:
-            raise os_error(error, "marking a download as public") from error
+            raise os_error(error, "marking a download as public or not") from error
 
     def release(self, completed: bool) -> None:
         """Let go of the lock. ``completed``: the content is in the store now, so the files go; else they
@@ -376,7 +380,7 @@ class PartialFiles:
         return None if logged is None else PartialLog(sha256, size, self.chunk_size, logged, one_piece=True)
 
     def is_public(self, sha256: str) -> bool:
-        """Whether the download of ``sha256`` is a public repo's (:meth:`ResumablePartial.share_publicly`)."""
+        """Whether the download of ``sha256`` is a public repo's (:meth:`ResumablePartial.mark_public`)."""
         return self._paths(sha256).public.exists()
 
     def open_chunks(self, sha256: str) -> PartialChunkReader | None:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from modeldepot.errors import InvalidRevisionError, StoreError
+from modeldepot.errors import InvalidRevisionError, SourceDirectoryError, StoreError
 from modeldepot.hashing import BlobDigest
 from modeldepot.store.blobs import PartialBlob
 from modeldepot.store.index import Index
@@ -88,6 +88,9 @@ def publish(
                 )  # fmt: skip
             for sha256, partial in partials.items():
                 if known.get(sha256) != "ok":
+                    if partial.changed_since_hashed():  # (a linked file written since: see importer)
+                        raise SourceDirectoryError(f"{partial.linked_from} changed after it was hashed "
+                                                   "(something still writes it): import it again once it is written")  # fmt: skip
                     store.blobs.place(partial, sha256, durable=not store.durability.deferred)
                     placed.append(sha256)
             spec = _commit(store.index, spec, staged, store.durability.unflushed_boot, set(placed))

@@ -17,7 +17,7 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -290,10 +290,10 @@ class Store:
             info = os.stat(self.blobs.path(blob.sha256))
         except OSError:
             return seen  # (missing: opening it says so, and quarantines it)
-        # The change time too: a write whose mtime was put back (`rsync --inplace -t`, `cp -p` onto a file
-        # an import linked) moves it, and no one can set it. A new name or a chmod moves it as well: the
-        # blob is then rehashed once, for nothing (the pull vouches for the name it drops: mark_checked).
-        modified = max(info.st_mtime, info.st_ctime)
+        # (Not the change time, which no one can set back: every link made or dropped moves it too, a load's
+        # hard links among them, and each read after one would hash the whole file again. A write that puts
+        # the mtime back is the scrub's and `verify`'s to find, as rot is.)
+        modified = info.st_mtime
         if not rows or modified <= max(rows[0]["created_at"], rows[0]["verified_at"] or 0.0):
             return seen
         found = self.check_blob(blob.sha256, blob.size, blob.chunk_size)
@@ -309,17 +309,6 @@ class Store:
         except StoreFullError:
             pass  # (it is checked again next time: the check itself went through)
         return seen
-
-    def mark_checked(self, digests: Sequence[str]) -> None:
-        """Record these blobs as checked now: their bytes were verified moments ago (a pull's), and what
-        changed since was only a name of theirs (a download's name dropped once the index had the blob),
-        which moves the change time :meth:`check_if_changed` looks at."""
-        if not digests:
-            return
-        marks = ",".join("?" * len(digests))
-        with contextlib.suppress(StoreFullError), self.index.write("recording checked blobs") as con:
-            con.execute(f"UPDATE blobs SET verified_at = ? WHERE state = 'ok' AND sha256 IN ({marks})",
-                        (time.time(), *digests))  # fmt: skip
 
     def map(self, entry: FileEntry) -> mmap.mmap | None:
         """A read-only shared mapping of the file's blob (``None`` for an empty file)."""

@@ -495,14 +495,17 @@ class _FileJob(ChunkChooser):
             await buffers.acquire()
             request.started = time.monotonic()  # on the wire now: the endgame measures from here
             to_peer = source.kind != "hub"
-            self.limits.peer_requests += to_peer
             if to_peer and self.peer_started is None:
                 self.peer_started = request.started
-            mapping = self._map_in_place(index, request)
-            buffer: bytearray | None = None
-            if mapping is None:  # a small file gets its own small buffer, not a pooled chunk-sized one
-                buffer = bytearray(length) if self.small else self.limits.take_buffer(self.partial.chunk_size)
+            mapping: mmap.mmap | None = None
             try:
+                self.limits.peer_requests += to_peer  # (undone in the finally, however this ends)
+                mapping = self._map_in_place(index, request)
+                buffer: bytearray | None = None
+                if mapping is None:  # a small file gets its own small buffer, not a pooled chunk-sized one
+                    buffer = (
+                        bytearray(length) if self.small else self.limits.take_buffer(self.partial.chunk_size)
+                    )
                 data = await source.source.fetch(
                     source.url, offset, offset + length - 1, self.remote.size,
                     buffer if mapping is None else mapping,

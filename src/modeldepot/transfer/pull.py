@@ -274,7 +274,6 @@ class _PullRun:
         self.digests: dict[str, BlobDigest] = {}  # by content key
         self.used: set[str] = set()
         self.published = False
-        self.placed: set[str] = set()  # the blobs its publish placed (its own bytes)
         self.file_slots = asyncio.Semaphore(FILES_AT_ONCE)
         self.swarms: list[SwarmFile] = []  # files whose chunks this pull claims in the fleet
 
@@ -462,8 +461,9 @@ class _PullRun:
                 claim.release(completed=False)
                 return _BUSY
             self.claims[key] = claim
-        if not (self.manifest.private or self.manifest.gated):  # (a fleet without a token shares it)
-            claim.share_publicly()
+        claim.mark_public(
+            not (self.manifest.private or self.manifest.gated)
+        )  # (a token-less fleet shares it)
         return claim
 
     def finish_partials(self) -> dict[str, PartialBlob]:
@@ -478,19 +478,15 @@ class _PullRun:
     def publish(self, spec: RevisionSpec, staged: list[StagedFile], partials: dict[str, PartialBlob]) -> None:
         """(On a worker thread.) Publish the revision, and record that it is: a pull cancelled meanwhile
         waits for this to end, and must then release its claims as completed, not keep them for a resume."""
-        self.placed = publish(self.store, spec, staged, partials)
+        publish(self.store, spec, staged, partials)
         self.published = True
 
     def release(self) -> None:
         with self.claims_lock:
             self.released = True
-            claims = list(self.claims.items())
-        for _, claim in claims:
+            claims = list(self.claims.values())
+        for claim in claims:
             claim.release(completed=self.published)
-        if self.published:
-            # Dropping the downloads' names moved the change time of the blobs placed from them (these
-            # bytes, verified by this pull), not their bytes; no other blob has lost a name
-            self.store.mark_checked(sorted(self.placed))
 
 
 def _raise_first(errors: list[BaseException], files: int) -> None:
