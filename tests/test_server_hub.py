@@ -76,17 +76,25 @@ def test_hf_hub_download_and_file_metadata(node: LiveNode, tmp_path: Path) -> No
     assert Path(pr).read_bytes() == b'{"pr": 1}'
 
 
-def test_a_download_counts_one_use(node: LiveNode) -> None:
+def test_a_download_counts_one_use_of_its_variant(node: LiveNode) -> None:
     """One GET of a file counted two uses of its repo (the route and the blob's opening each did), so
-    `most used` and `--preload-top` favoured repos clients fetch over HTTP over those loaded in process."""
+    `most used` and `--preload-top` favoured repos clients fetch over HTTP over those loaded in process;
+    and a use of the whole repo, so the RAM tier preloaded every quant of a repo whose clients fetched
+    one. A variant's file counts one use of that variant; a config, which comes with any, counts none."""
     import urllib.request
 
     access = node.depot.store.access
-    access.flush()
-    before = {a.repo_id: a.count for a in access.top(10)}.get(SAMPLE, 0)
-    with urllib.request.urlopen(f"{node.url}/{SAMPLE}/resolve/main/config.json", timeout=30) as answer:
-        answer.read()
-    assert {a.repo_id: a.count for a in access.top(10)}[SAMPLE] == before + 1
+
+    def uses() -> dict[tuple[str, str], int]:
+        return {(a.repo_id, a.variant): a.count for a in access.top(20) if a.repo_id == SAMPLE}
+
+    before = uses()
+    for path in ("onnx/model_q4.onnx", "config.json"):
+        with urllib.request.urlopen(f"{node.url}/{SAMPLE}/resolve/main/{path}", timeout=30) as answer:
+            answer.read()
+    after = uses()
+    assert after.get((SAMPLE, "q4"), 0) == before.get((SAMPLE, "q4"), 0) + 1
+    assert after.get((SAMPLE, ""), 0) == before.get((SAMPLE, ""), 0), after  # ('': the repo as a whole)
 
 
 def test_model_info_with_files_metadata(node: LiveNode) -> None:

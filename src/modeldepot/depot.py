@@ -196,6 +196,9 @@ class Depot:
         self._fleet_lock = threading.Lock()
         # (repo, when scanned) -> the scanned commit's files, for commit_files
         self._listings: dict[tuple[str, float], tuple[RemoteFile, ...]] = {}
+        # (repo, commit) -> its files' variants by path, for the uses open_verified counts (a commit's
+        # files only change by `rm --quant`, which takes the variant's files away with their names)
+        self._variant_files: dict[tuple[str, str], dict[str, str]] = {}
         self._download_limit: RateLimit | None = None  # (download_limit: one for all this depot's pulls)
         # What this process holds in memory of the store: kept from eviction, let go of once removed.
         self._held = HeldModels(self.store, lambda: self._preloader, lambda: self._engines)
@@ -399,9 +402,25 @@ class Depot:
         """A blob (or a file's blob) open for sending: each chunk is checked against its BLAKE3 before it
         is handed out, and a chunk that fails quarantines the blob. What the node serves goes through this."""
         if isinstance(blob, FileEntry):
-            self.store.access.record(blob.repo_id)
+            variant = self._variant_of(blob.repo_id, blob.commit_id, blob.path)
+            # A use of the variant the file is one of (what --preload-top and stats count: a client that
+            # fetched one quant made the whole repo popular, and the RAM tier preloaded every quant of it); a
+            # config or tokenizer, which comes with any variant, only marks the repo as used now (the budget)
+            self.store.access.record(blob.repo_id, variant, count=1 if variant else 0)
             blob = BlobRecord(blob.sha256, blob.size, blob.chunk_size)
         return self.store.open_verified(blob)
+
+    def _variant_of(self, repo_id: str, commit_id: str, path: str) -> str | None:
+        """The variant ``path`` is one of in that commit (None: a shared file, or one of no variant)."""
+        key = (repo_id, commit_id)
+        owners = self._variant_files.get(key)
+        if owners is None:
+            grouping = group_files(f.path for f in self.store.files(repo_id, commit_id))
+            owners = {p: v.name for v in grouping.variants for p in v.files}
+            if len(self._variant_files) >= 256:
+                self._variant_files.clear()
+            self._variant_files[key] = owners
+        return owners.get(path)
 
     def list_repos(self) -> list[RepoSummary]:
         return self.store.list_repos()
