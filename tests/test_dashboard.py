@@ -492,3 +492,29 @@ def run_node_read_without_its_token(browser: WebDriver, node: LiveNode) -> None:
     wait_for(browser, "the repos unknown again", lambda d: visible_text(d, "#repos-unknown") == unknown)
     shown = page_text(browser)
     assert REPO not in shown and not [claim for claim in FALSE_CLAIMS if claim in shown], shown
+
+
+def test_the_peers_say_when_the_fleets_registry_is_out_of_reach(
+    browser: WebDriver, tmp_path: Path, etcd_server: Any
+) -> None:
+    """etcd down: the node serves on, its view of the fleet the last known, and health says `degraded`;
+    the page listed the peers as if all were well."""
+    with Depot(tmp_path / "a", chunk_size=SMALL_CHUNK) as depot:
+        node = InProcessNode(depot, etcd_server.cluster)
+        try:
+            browser.get(node.url + "/")
+            wait_for(
+                browser,
+                "this node among the peers",
+                lambda d: "(this node)" in (visible_text(d, "#peers") or ""),
+            )
+            assert visible_text(browser, "#peers-degraded") is None
+            etcd_server.kill()
+            note = wait_for(
+                browser, "the registry said out of reach", lambda d: visible_text(d, "#peers-degraded"), 40
+            )
+            assert note.startswith("The fleet is degraded, since ") and "cannot be reached" in note, note
+            assert "(this node)" in (visible_text(browser, "#peers") or "")  # (the last known view, said so)
+        finally:
+            node.stop()
+    assert script_errors(browser) == []

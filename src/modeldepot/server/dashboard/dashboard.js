@@ -46,6 +46,7 @@
     stats: null,
     repos: [],
     peers: [],
+    health: null, // /api/depot/v1/health: its status is "degraded" while the registry is out of reach
     pins: [],
     pulls: [],
     controlRefusal: null,
@@ -205,15 +206,17 @@
   }
 
   async function load() {
-    const [info, stats, repos, peers, pins, pulls] = await Promise.all([
+    const [info, stats, repos, peers, pins, pulls, health] = await Promise.all([
       state.info && !state.lost ? Promise.resolve({ ok: true, data: state.info }) : api("GET", "info"), // (again once back)
       api("GET", "stats"),
       api("GET", "repos"),
       api("GET", "peers"),
       api("GET", "pins"),
       api("GET", "pulls", undefined, true), // a control route: a 401 here leaves the reads readable
+      api("GET", "health"), // (open: how the node's view of its fleet stands)
     ]);
     if (info.ok) state.info = info.data;
+    state.health = health.ok ? health.data : null;
     take("stats", stats, null);
     take("repos", repos, []);
     take("peers", peers, []);
@@ -752,6 +755,14 @@
 
   function renderPeers() {
     const peers = state.peers;
+    // The registry out of reach: the peers listed are the last known (health says so; it needs no token)
+    const health = state.health;
+    const degraded = health && health.status === "degraded" ? health : null;
+    $("peers-degraded").hidden = !degraded;
+    if (degraded) {
+      const since = degraded.cluster && degraded.cluster.since ? `, since ${ago(degraded.cluster.since)}` : "";
+      setText($("peers-degraded"), `The fleet is degraded${since}: ${degraded.detail}.`);
+    }
     const why = peers.length > 0 ? null : state.unknown.peers;
     $("peers").hidden = peers.length === 0;
     $("peers-empty").hidden = peers.length > 0 || Boolean(why);
