@@ -361,8 +361,9 @@ class _FileJob(ChunkChooser):
     def _slow_peers(self, now: float) -> bool:
         """Whether the other nodes send this file slower than ``slow_peer_rate`` allows its share of it (its
         requests to them among every request on the wire to them, this transfer's files together): over
-        the last window, at least PACE_MIN and long enough for a chunk to land at that rate, while enough is
-        left to matter and an upstream may be brought in."""
+        the last window, at least PACE_MIN and long enough for two chunks to land at that rate, while enough
+        is left to matter and an upstream may be brought in; or at once, when another file of the transfer
+        found every node it has slow."""
         rate = self.limits.slow_peer_rate
         if self.fallback is None and not any(s.kind == "hub" for s in self.live):
             return False  # (no upstream to bring in: offline, or the upstream is the one being waited for)
