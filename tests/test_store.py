@@ -521,6 +521,10 @@ def test_a_commit_is_found_by_the_start_of_its_id(depot: Depot, model_dir: Path,
     main = depot.import_dir(model_dir, REPO)
     assert depot.resolve(REPO, main.commit_id[:7]) == main.commit_id
     assert depot.file_info(REPO, "config.json", main.commit_id[:12]).commit_id == main.commit_id
+    # In capitals, as git takes it (it was not found)
+    assert depot.resolve(REPO, main.commit_id.upper()) == main.commit_id
+    assert depot.resolve(REPO, main.commit_id[:9].upper()) == main.commit_id
+    assert depot.file_info(REPO, "config.json", main.commit_id.upper()).commit_id == main.commit_id
     with pytest.raises(RevisionNotFoundError):
         depot.resolve(REPO, "0000000" if not main.commit_id.startswith("0000000") else "1111111")
     with pytest.raises(RevisionNotFoundError):

@@ -199,6 +199,10 @@ class Store:
             return str(rows[0]["commit_id"])
         if not self.index.read("SELECT 1 FROM repos WHERE repo_id = ?", (repo_id,)):
             raise RepoNotFoundError(repo_id)
+        lowered = revision.lower()
+        if lowered != revision and (is_commit_id(lowered) or SHORT_COMMIT.fullmatch(lowered)):
+            # a commit id in capitals, as git takes it (no branch has that name)
+            return self.resolve(repo_id, lowered)
         if SHORT_COMMIT.fullmatch(revision):  # an abbreviated commit id, as git and `info` print them
             found = self.index.read(
                 "SELECT commit_id FROM revisions WHERE repo_id = ? AND substr(commit_id, 1, ?) = ? LIMIT 2",
