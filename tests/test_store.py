@@ -137,7 +137,8 @@ def test_a_corrupt_chunk_is_refused_and_quarantined(depot: Depot, model_dir: Pat
     assert usage.blob_bytes == held and store_totals(depot.store).logical_bytes == held
     report = depot.verify()
     assert not report.ok and [p.sha256 for p in report.problems] == [entry.sha256]
-    depot.import_dir(model_dir, REPO)  # the same bytes again restore the blob
+    restored = depot.import_dir(model_dir, REPO)  # the same bytes again restore the blob
+    assert (restored.new_blobs, restored.new_bytes) == (1, entry.size)  # (it said they were in the store)
     assert depot.verify().ok
     assert bytes(depot.get_file(REPO, "model.safetensors")) == sample_files()["model.safetensors"]
 

@@ -68,8 +68,10 @@ def blob_states(index: Index, digests: list[str], boot: str | None = None) -> di
 def publish(
     store: Store, spec: RevisionSpec, staged: list[StagedFile], partials: dict[str, PartialBlob]
 ) -> set[str]:
-    """Publish ``staged`` files (whose new bytes wait in ``partials``, by SHA-256); returns the new blobs."""
+    """Publish ``staged`` files (whose new bytes wait in ``partials``, by SHA-256); returns the blobs it
+    placed (new, or placed over a quarantined or unchecked one)."""
     placed: list[str] = []
+    new: list[str] = []
     try:
         with store.lock.shared(), store.layout.same_folders():
             # A blob the index has but that waits for its check after a restart is placed over with these
@@ -104,7 +106,7 @@ def publish(
         if placed:
             _unplace(store, placed)
         raise
-    return {sha256 for sha256 in partials if sha256 not in known}
+    return set(new)
 
 
 def _build_snapshot(store: Store, repo_id: str, commit_id: str) -> None:
