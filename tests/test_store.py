@@ -331,13 +331,9 @@ def test_a_linked_file_written_while_it_is_hashed_is_refused(
     assert depot.list_repos() == [] and stat.S_IMODE(os.stat(folder / "model.gguf").st_mode) != 0o444
 
 
-def test_a_killed_import_with_link_gives_the_files_their_modes_back_at_gc(
-    depot: Depot, tmp_path: Path
-) -> None:
-    """`import --link` killed while it hashed left the user's file read-only for good (its mode was kept in
-    memory only): it is kept beside the link, and gc gives it back once the writer is gone."""
-    folder = write_model_dir(tmp_path / "folder", {"model.gguf": os.urandom(3 * SMALL_CHUNK)})
-    os.chmod(folder / "model.gguf", 0o640)
+def kill_import_with_link(depot: Depot, folder: Path) -> None:
+    """`import --link` of ``folder`` in a process killed once its first file is linked and made read-only,
+    before it is hashed."""
     killed = subprocess.run(
         [sys.executable, "-c", "import os, sys\n"
          "from modeldepot import Depot\n"
@@ -346,6 +342,16 @@ def test_a_killed_import_with_link_gives_the_files_their_modes_back_at_gc(
          "Depot(sys.argv[1]).import_dir(sys.argv[2], 'acme/x', link=True)\n",
          str(depot.home), str(folder)], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert killed.returncode == 9, killed.stderr
+
+
+def test_a_killed_import_with_link_gives_the_files_their_modes_back_at_gc(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """`import --link` killed while it hashed left the user's file read-only for good (its mode was kept in
+    memory only): it is kept beside the link, and gc gives it back once the writer is gone."""
+    folder = write_model_dir(tmp_path / "folder", {"model.gguf": os.urandom(3 * SMALL_CHUNK)})
+    os.chmod(folder / "model.gguf", 0o640)
+    kill_import_with_link(depot, folder)
     assert stat.S_IMODE(os.stat(folder / "model.gguf").st_mode) == 0o444  # (as the kill left it)
     depot.gc()
     assert stat.S_IMODE(os.stat(folder / "model.gguf").st_mode) == 0o640
@@ -358,14 +364,7 @@ def test_gc_never_makes_a_linked_blob_writable(depot: Depot, tmp_path: Path) -> 
     the one other name left beside the dead import's link, the user's mode back, 0644."""
     folder = write_model_dir(tmp_path / "folder", {"model.gguf": os.urandom(3 * SMALL_CHUNK)})
     os.chmod(folder / "model.gguf", 0o644)
-    killed = subprocess.run(
-        [sys.executable, "-c", "import os, sys\n"
-         "from modeldepot import Depot\n"
-         "from modeldepot.store import importer\n"
-         "importer.digest_stream = lambda *a, **k: os._exit(9)\n"
-         "Depot(sys.argv[1]).import_dir(sys.argv[2], 'acme/x', link=True)\n",
-         str(depot.home), str(folder)], capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert killed.returncode == 9, killed.stderr
+    kill_import_with_link(depot, folder)
     depot.import_dir(folder, REPO, link=True)
     blob = depot.store.blobs.path(depot.file_info(REPO, "model.gguf").sha256)
     (folder / "model.gguf").unlink()
