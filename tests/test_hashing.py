@@ -23,7 +23,15 @@ from modeldepot.gitobjects import (
     lfs_pointer,
     tree_oids,
 )
-from modeldepot.hashing import GIT_OID_LIMIT, chunk_count, chunk_span, digest_bytes, digest_stream
+from modeldepot.hashing import (
+    GIT_OID_LIMIT,
+    STAGE_SIZE,
+    BlobHasher,
+    chunk_count,
+    chunk_span,
+    digest_bytes,
+    digest_stream,
+)
 
 
 def reference_chunks(data: bytes, chunk_size: int) -> tuple[str, ...]:
@@ -48,6 +56,19 @@ def test_stream_digest_matches_reference_for_any_blocking(
     assert len(digest.chunk_blake3) == chunk_count(len(data), chunk_size)
     spans = [chunk_span(i, len(data), chunk_size) for i in range(chunk_count(len(data), chunk_size))]
     assert b"".join(data[o : o + n] for o, n in spans) == data
+
+
+@pytest.mark.parametrize("size", [0, 1, STAGE_SIZE - 1, STAGE_SIZE, STAGE_SIZE + 1, 3 * STAGE_SIZE + 12345])
+def test_cold_bytes_hashed_through_the_stage_give_the_same_sha256(size: int) -> None:
+    """Bytes fed as out of the caches go through a small buffer in pieces: the digest must not change,
+    whatever the size against the buffer's, and a second feed after the first must follow on from it."""
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    view = memoryview(data)
+    hasher = BlobHasher(2 * size, 16 << 20)
+    hasher.update_sha256(view, cold=True)
+    hasher.update_sha256(memoryview(data[::-1]), cold=True)
+    hasher.update_chunks(memoryview(data + data[::-1]))
+    assert hasher.finish().sha256 == hashlib.sha256(data + data[::-1]).hexdigest()
 
 
 def test_large_stream_uses_several_blocks_and_skips_git_oid() -> None:

@@ -23,8 +23,8 @@ Memory is bounded by the connection limit, not by the number of files: a request
 network, requests wait instead of fetched chunks piling up.
 
 The whole-file SHA-256 (and the git SHA-1 of small files) is computed in file order while chunks land,
-reading each chunk back from the page cache through a mapping: no second pass over the disk, no copy in
-memory. A resumed chunk is hashed the same way. The result must equal what the upstream announced (LFS
+reading each chunk back from the page cache through a mapping: no second pass over the disk. (The
+bytes go to SHA-256 through a small buffer that stays in the CPU's cache: hashing.py says why.) A resumed chunk is hashed the same way. The result must equal what the upstream announced (LFS
 SHA-256, or git oid); if not, the partial is reset and nothing is committed.
 """
 
@@ -742,7 +742,7 @@ def _hash_chunk(hasher: BlobHasher, source: mmap.mmap | int, offset: int, length
         hasher.update_chunk(read, digest)
         return
     with memoryview(source) as whole, whole[offset : offset + length] as data:
-        hasher.update_sha256(data)
+        hasher.update_sha256(data, cold=True)  # landed a while ago, by another thread: out of the caches
         hasher.update_chunk(data, digest)
 
 
