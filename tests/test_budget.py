@@ -220,7 +220,7 @@ def test_cli_pin_unpin_du_gc_and_bad_sizes(tmp_path: Path, monkeypatch: pytest.M
     budget = json.loads(usage.output)["budget"]
     assert budget["max_bytes"] == 2 * MB and budget["evictions"] == 2 and budget["pinned_bytes"] >= MB
     text = runner.invoke(cli, ["du", "--home", str(home)], env={"MODELDEPOT_MAX_SIZE": "2MiB"})
-    assert "budget" in text.output and "evicted     2 revisions" in text.output
+    assert "budget" in text.output and "so far, in 2 evictions" in text.output, text.output
     assert "kept from eviction (pinned or in use), of which" in text.output, "in use includes the pinned"
     assert "MODELDEPOT_MAX_SIZE, this command's alone" in text.output
     assert (
@@ -492,3 +492,74 @@ def test_unpin_takes_what_pin_took(tmp_path: Path) -> None:
         depot.pin("acme/m-GGUF", "Q8_0", commit[:8])
         assert depot.unpin("acme/m-GGUF", "q8_0", commit[:8]) and depot.pins() == []
         assert not depot.unpin("acme/m-GGUF", "Q8_0")
+
+
+def quants(tmp_path: Path, name: str, size: int = MB) -> Path:
+    """A GGUF repo's folder: two quants of ``size`` random bytes each and a small config."""
+    rng = np.random.default_rng(abs(hash(name)) % (1 << 32))
+    return write_model_dir(tmp_path / "src" / name, {
+        "config.json": json.dumps({"name": name}).encode(),
+        "model-Q4_K_M.gguf": rng.bytes(size),
+        "model-Q8_0.gguf": rng.bytes(size),
+    })  # fmt: skip
+
+
+def held_paths(depot: Depot, repo_id: str) -> set[str]:
+    return {f.path for f in depot.list_files(repo_id)}
+
+
+def test_a_quant_read_lately_stays_and_the_one_never_read_goes_alone(store: Depot, tmp_path: Path) -> None:
+    """The budget evicts a revision's variants apart: the quant read every day keeps its place, the one
+    pulled once and never read goes, and the repo's other files and other repos stay. (By revision, the
+    repo's reads kept both quants, and a repo used since went instead.)"""
+    store.import_dir(quants(tmp_path, "acme/q"), "acme/q")
+    time.sleep(0.01)
+    store.import_dir(model(tmp_path, "acme/b"), "acme/b")
+    time.sleep(0.01)
+    store.get_file("acme/q", "model-Q4_K_M.gguf")  # Q4 is used now; Q8 was last used at its import
+    store.get_file("acme/q", "config.json")  # (read with every load: it keeps no quant alive)
+    store.store.access.flush()
+    gc = CliRunner().invoke(cli, ["gc", "--max-size", "2.3MiB", "--home", str(store.home)])
+    assert gc.output.count("evicted ") == 1 and "Q8_0 (1.0 MiB, last used" in gc.output, gc.output
+    assert held_paths(store, "acme/q") == {"config.json", "model-Q4_K_M.gguf"}
+    assert repos(store) == {"acme/q", "acme/b"}
+    store.get_file("acme/q", "model-Q4_K_M.gguf")  # still there, whole
+    assert store_files_consistent(store) == []
+    du = CliRunner().invoke(cli, ["du", "--home", str(store.home)])
+    assert "1.0 MiB so far, in 1 eviction" in du.output, du.output
+    # The last quant goes with its revision, by the repo's last use: b (not used since) goes before it.
+    evicted = store.store.budget.make_room(int(2.2 * MB), "test")
+    assert [(e.repo_id, e.variant) for e in evicted] == [("acme/b", None)]
+
+
+def test_a_quants_pin_keeps_it_and_lets_the_others_go(store: Depot, tmp_path: Path) -> None:
+    """A pin of one variant keeps that variant and the shared files, not the revision's other variants:
+    what cannot go is counted so too, and a write that fits once they are gone is not refused."""
+    store.import_dir(quants(tmp_path, "acme/q"), "acme/q")
+    time.sleep(0.01)
+    store.import_dir(model(tmp_path, "acme/b"), "acme/b")
+    store.pin("acme/q", quant="q8_0")  # (any case, as the variant's name is matched)
+    store.pin("acme/b")
+    status = store.budget_status()
+    assert MB <= status.pinned_bytes < 2.1 * MB, status  # b, Q8 and q's config: not Q4
+    store.import_dir(model(tmp_path, "acme/c", size=MB + MB // 4), "acme/c")  # fits only if Q4 goes
+    assert held_paths(store, "acme/q") == {"config.json", "model-Q8_0.gguf"}
+    assert repos(store) == {"acme/q", "acme/b", "acme/c"}
+    with pytest.raises(BudgetExceededError):  # Q8 and b are pinned, c is in the way of nothing
+        store.import_dir(model(tmp_path, "acme/d", size=2 * MB), "acme/d")
+    assert store_files_consistent(store) == []
+
+
+def test_a_preloaded_quant_stays_while_its_revisions_other_quant_goes(store: Depot, tmp_path: Path) -> None:
+    """What the RAM tier maps is in use, file by file: the revision's other quant may go."""
+    store.import_dir(quants(tmp_path, "acme/q"), "acme/q")
+    time.sleep(0.01)
+    store.import_dir(model(tmp_path, "acme/b"), "acme/b")
+    store.preloader.preload("acme/q", quant="Q8_0")
+    evicted = store.store.budget.make_room(int(1.2 * MB), "test")
+    assert [(e.repo_id, e.variant, e.bytes_freed) for e in evicted] == [("acme/q", "Q4_K_M", MB)]
+    assert evicted[0].to_dict()["variant"] == "Q4_K_M"  # (as `gc --json` and the control API show it)
+    assert held_paths(store, "acme/q") == {"config.json", "model-Q8_0.gguf"}
+    assert {"model-Q8_0.gguf"} <= next(iter(store.preloader.paths().values()))
+    with pytest.raises(BudgetExceededError):  # Q8 is in use, and b is all that may go besides
+        store.store.budget.make_room(int(2.6 * MB), "test")

@@ -40,7 +40,7 @@ from modeldepot.hub.manifest import (
     listed_files,
     save_scan,
 )
-from modeldepot.hub.variants import group_files
+from modeldepot.hub.variants import group_files, variants_own_files
 from modeldepot.store import (
     BlobRecord,
     DiskUsage,
@@ -203,6 +203,7 @@ class Depot:
         # What this process holds in memory of the store: kept from eviction, let go of once removed.
         self._held = HeldModels(self.store, lambda: self._preloader, lambda: self._engines)
         self.store.budget.add_in_use(self._held.in_use)
+        self.store.budget.evict_by_variant(variants_own_files, self._held.paths_in_use)
         self.store.budget.add_evicted_hook(self._forget_removed_variants)
         self.store.add_quarantine_hook(self._held.let_go_of_blob)
 
@@ -358,8 +359,9 @@ class Depot:
         """
         if download:
             self.download_file(repo_id, path, revision)
-        mapping = self.store.map(self.store.entry(repo_id, path, revision))
-        self.store.access.record(repo_id)
+        entry = self.store.entry(repo_id, path, revision)
+        mapping = self.store.map(entry)
+        self._record_read(entry)
         return memoryview(mapping) if mapping is not None else memoryview(b"")
 
     @_any_case
@@ -367,28 +369,31 @@ class Depot:
         """Like :meth:`get_file`, as a context manager that unmaps the file on exit."""
         entry = self.store.entry(repo_id, path, revision)
         mapped = MappedFile(entry, self.store.map(entry))
-        self.store.access.record(repo_id)
+        self._record_read(entry)
         return mapped
 
     @_any_case
     def open_file(self, repo_id: str, path: str, revision: str = "main") -> BinaryIO:
         """A seekable binary stream; it reads from disk as asked and never holds the whole file."""
-        stream = self.store.open(self.store.entry(repo_id, path, revision))
-        self.store.access.record(repo_id)
+        entry = self.store.entry(repo_id, path, revision)
+        stream = self.store.open(entry)
+        self._record_read(entry)
         return stream
 
     @_any_case
     def get_chunk(self, repo_id: str, path: str, index: int, revision: str = "main") -> memoryview:
         """Chunk ``index`` of a file as a zero-copy view, verified against its BLAKE3 digest."""
-        chunk = self.store.chunk(self.store.entry(repo_id, path, revision), index)
-        self.store.access.record(repo_id)
+        entry = self.store.entry(repo_id, path, revision)
+        chunk = self.store.chunk(entry, index)
+        self._record_read(entry)
         return chunk
 
     @_any_case
     def file_path(self, repo_id: str, path: str, revision: str = "main") -> Path:
         """A real path (in the snapshot tree) for engines that open or mmap files themselves."""
-        found = self.store.file_path(repo_id, path, revision)
-        self.store.access.record(repo_id)
+        entry = self.store.entry(repo_id, path, revision)
+        found = self.store.entry_path(entry)
+        self._record_read(entry)
         return found
 
     @_any_case
@@ -409,6 +414,15 @@ class Depot:
             self.store.access.record(blob.repo_id, variant, count=1 if variant else 0)
             blob = BlobRecord(blob.sha256, blob.size, blob.chunk_size)
         return self.store.open_verified(blob)
+
+    def _record_read(self, entry: FileEntry) -> None:
+        """A local read is a use of the repo (for the budget's revisions and --preload-top) and, when the
+        file is one of a variant's, the variant's last use (the budget evicts the variants of a revision
+        apart: the quant read every day stays, the one pulled once and never read goes)."""
+        self.store.access.record(entry.repo_id)
+        variant = self._variant_of(entry.repo_id, entry.commit_id, entry.path)
+        if variant is not None:
+            self.store.access.record(entry.repo_id, variant, count=0)
 
     def _variant_of(self, repo_id: str, commit_id: str, path: str) -> str | None:
         """The variant ``path`` is one of in that commit (None: a shared file, or one of no variant)."""
@@ -757,9 +771,7 @@ class Depot:
             raise NotFoundError(
                 f"{repo_id}@{commit_id[:12]} holds no variant {quant!r} (it holds: {grouping.names() or 'none'})"
             )
-        # Its own files only: one another variant lists too (a GGUF repo's mmproj projector) stays.
-        others = {path for v in grouping.variants if v is not variant for path in v.files}
-        result = remove_files(self.store, repo_id, commit_id, [p for p in variant.files if p not in others])
+        result = remove_files(self.store, repo_id, commit_id, grouping.own_files(variant))
         for pin in self.store.budget.pins(repo_id):  # (a pin of what is gone would keep nothing, unseen)
             if pin.quant is not None and pin.quant.lower() == variant.name.lower():
                 with contextlib.suppress(NotFoundError):

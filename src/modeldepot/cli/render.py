@@ -341,7 +341,7 @@ def render_gc(report: GcReport, evicted: list[Eviction] | None = None, over: int
     freed = report.bytes_freed + sum(e.bytes_freed for e in evicted or [])  # (evictions free theirs first)
     out.print(
         f"freed {format_bytes(freed)}: "
-        + (f"{len(evicted)} revision{'' if len(evicted) == 1 else 's'} evicted, " if evicted else "")
+        + (f"{_count(len(evicted), 'eviction')}, " if evicted else "")
         + f"{_count(report.blobs_removed, 'blob')}, {_count(report.partials_removed, 'partial file')}, "
         f"{_count(report.snapshots_removed, 'stale snapshot')}"
         + (
@@ -382,14 +382,20 @@ def _budget_line(budget: BudgetStatus) -> str:
 
 def _render_evictions(evicted: list[Eviction]) -> None:
     for eviction in evicted:
-        out.print(f"evicted {eviction.repo_id}@{eviction.commit_id[:12]} ({format_bytes(eviction.bytes_freed)}, "
-                  f"last used {_when(eviction.last_used)})")  # fmt: skip
+        what = f"{eviction.repo_id}@{eviction.commit_id[:12]}" + (
+            f" {eviction.variant}" if eviction.variant else ""
+        )
+        out.print(
+            f"evicted {what} ({format_bytes(eviction.bytes_freed)}, last used {_when(eviction.last_used)})"
+        )
 
 
 def render_budget(budget: BudgetStatus, evicted: list[Eviction], over: int) -> None:
     _render_evictions(evicted)
     out.print(f"budget  {_budget_line(budget)}")
-    out.print(f"evicted {_count(budget.evictions, 'revision')}, {format_bytes(budget.evicted_bytes)} so far")
+    out.print(
+        f"evicted {format_bytes(budget.evicted_bytes)} so far, in {_count(budget.evictions, 'eviction')}"
+    )
     if over:
         err.print(f"[yellow]warning:[/yellow] the store is {format_bytes(over)} over its budget: what is pinned or in "
                   f"use ({format_bytes(budget.in_use_bytes)}) is never evicted, and the next import or pull evicts "
@@ -410,7 +416,7 @@ def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
     if budget is not None:
         out.print(f"  budget      {_budget_line(budget)}")
         out.print(
-            f"  evicted     {_count(budget.evictions, 'revision')}, {format_bytes(budget.evicted_bytes)} so far"
+            f"  evicted     {format_bytes(budget.evicted_bytes)} so far, in {_count(budget.evictions, 'eviction')}"
         )
     if usage.repos:
         table = _table("repo", "revisions", "files", "size", "only here")

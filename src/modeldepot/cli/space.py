@@ -103,7 +103,12 @@ def _confirm_evictions(depot: Depot, size: str) -> None:
 
 @cli.command("pin")
 @_repo_argument
-@click.option("--quant", "-q", default=None, help="Pin this variant (the revision holding it stays whole).")
+@click.option(
+    "--quant",
+    "-q",
+    default=None,
+    help="Pin this variant: it and the revision's shared files stay, its other variants may go.",
+)
 @_revision_option
 @_json_option
 @_reading_home_option

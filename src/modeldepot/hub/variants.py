@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["DetectedVariant", "Grouping", "group_files"]
+__all__ = ["DetectedVariant", "Grouping", "group_files", "variants_own_files"]
 
 # transformers.js DEFAULT_DTYPE_SUFFIX_MAPPING, longest suffix first so "_q4f16" wins over "_q4".
 _ONNX_SUFFIXES: tuple[tuple[str, str], ...] = (
@@ -101,6 +101,18 @@ class Grouping:
 
     def names(self) -> str:
         return ", ".join(v.name for v in self.variants) or "none"
+
+    def own_files(self, variant: DetectedVariant) -> frozenset[str]:
+        """The files that go with ``variant`` alone: those no other variant lists too (a GGUF repo's mmproj
+        projector, which several list, stays while one of them does)."""
+        others = {path for v in self.variants if v is not variant for path in v.files}
+        return frozenset(path for path in variant.files if path not in others)
+
+
+def variants_own_files(paths: Iterable[str]) -> list[tuple[str, frozenset[str]]]:
+    """Each variant among ``paths``, with its own files (what the disk budget may evict of it)."""
+    grouping = group_files(paths)
+    return [(v.name, grouping.own_files(v)) for v in grouping.variants]
 
 
 def _onnx_dtype(stem: str) -> str:

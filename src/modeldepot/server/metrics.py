@@ -113,7 +113,7 @@ class NodeCollector(Collector):
              budget.max_bytes or 0),
             (gauge, "modeldepot_store_pinned_bytes", "Bytes of the blobs that pinned revisions use.",
              budget.pinned_bytes),
-            (counter, "modeldepot_evictions", "Revisions evicted to keep within the disk budget, since the "
+            (counter, "modeldepot_evictions", "Revisions and variants evicted to keep within the disk budget, since the "
              "store was created.", budget.evictions),
             (counter, "modeldepot_evicted_bytes", "Bytes freed by evictions, since the store was created.",
              budget.evicted_bytes),

@@ -5,20 +5,26 @@ The budget (``"200GiB"``, or ``"80%"`` of the file system that holds the store) 
 index (:meth:`DiskBudget.save_max_size`: ``modeldepot budget``, ``serve --max-size``), so every process on the
 store keeps to it, and a change reaches running ones at their next write. ``MODELDEPOT_MAX_SIZE`` caps one
 process further (the smaller of the two holds). It bounds the bytes of the store's blobs (each content once, as ``du`` counts them). Before an import or a
-pull writes new blobs, its :class:`BudgetWriter` (:meth:`DiskBudget.writing`) makes room: whole revisions
-are removed, as ``rm`` would, least recently used first, until the new bytes fit; when they cannot fit even
+pull writes new blobs, its :class:`BudgetWriter` (:meth:`DiskBudget.writing`) makes room: revisions (or
+variants) are removed, as ``rm`` would, least recently used first, until the new bytes fit; when they cannot fit even
 then, :class:`BudgetExceededError` (a :class:`~modeldepot.errors.StoreFullError`) is raised and nothing is
 removed. The room a writer made stays reserved until it ends.
 
-The unit of eviction is a revision (a commit of a repo): pinning a repo, or one variant of it, keeps the
-revision its ref names. The last use of a revision a ref names is the later of its creation and the repo's
-last use (reads, loads, preloads, imports and pulls count: store/access.py); of one no ref names, its
-creation. What is never evicted: pinned revisions
-(the ``pins`` table: :meth:`pin`, :meth:`unpin`), every revision of a repo an import or a pull in this
-process is writing (:meth:`writing`) or that another process's pull marks as downloading (its variant
-status row, recently updated), and what the hooks given to :meth:`add_in_use` name (the preloader's and
-the loaded-model cache's models: depot.py). Evictions are logged and counted in the index
-(``settings``: ``evictions``, ``evicted_bytes``).
+The unit of eviction is a revision (a commit of a repo), or one variant of a revision that holds several
+(a GGUF repo's quants, an ONNX repo's precisions: the variants :meth:`evict_by_variant` is told of; the
+store knows none itself). The last use of a revision a ref names is the later of its creation and the
+repo's last use (reads, loads, preloads, imports and pulls count: store/access.py); of one no ref names,
+its creation. The last use of a variant is the later of its revision's creation and the variant's own last
+use (a load of it, a preload, a read or a download of one of its files, a pull of it): a config read with
+every load keeps no quant alive. A variant goes with its own files only (those no other variant lists);
+the revision's last variant, and its shared files (config, tokenizer), go with the revision. What is never
+evicted: pinned revisions (the ``pins`` table: :meth:`pin`, :meth:`unpin`; a pin of one variant keeps that
+variant and the revision's shared files, and lets its other variants go), every revision of a repo an
+import or a pull in this process is writing (:meth:`writing`) or that another process's pull marks as
+downloading (its variant status row, recently updated), and what the hooks given to :meth:`add_in_use`
+name (the preloader's and the loaded-model cache's models: depot.py; where the hook of
+:meth:`evict_by_variant` says which files they use, the revision's other variants may go). Evictions are
+logged and counted in the index (``settings``: ``evictions``, ``evicted_bytes``).
 
 Several processes may share a store: each decides from the index as it reads it, and each removal takes the
 store's lock like ``rm``; what a writer reuses is checked again when it publishes (store/publish.py). Two
@@ -33,8 +39,8 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from modeldepot.config import budget_text, parse_max_size
@@ -65,6 +71,10 @@ DOWNLOADING_FRESH = (
 
 InUse = Callable[[], Iterable[tuple[str, str | None]]]
 """Names what is in use: (repo id, commit id), or (repo id, None) for every revision of the repo."""
+Variants = Callable[[list[str]], list[tuple[str, frozenset[str]]]]
+"""The variants among a revision's files: (name, its own files, those no other variant lists)."""
+PathsInUse = Callable[[], Mapping[tuple[str, str], set[str]]]
+"""(repo id, commit id) -> the files of it in use (what the :data:`InUse` hooks name, file by file)."""
 
 
 class BudgetExceededError(StoreFullError):
@@ -94,6 +104,29 @@ class Eviction(_Record):
     commit_id: str
     bytes_freed: int
     last_used: float  # seconds since the epoch
+    variant: str | None = None  # one variant's own files went; None: the whole revision
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """What one eviction removes: a revision, or one variant's own files of it."""
+
+    repo_id: str
+    commit_id: str
+    last_used: float
+    variant: str | None = None
+    files: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass
+class _Kept:
+    """What no eviction may remove now."""
+
+    commits: set[tuple[str, str]]  # revisions kept whole
+    repos: set[str]  # repos every revision of which is kept whole
+    # Revisions that stay, but whose variants may go but for these files (a variant's pin, files in use)
+    parts: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    pinned_variants: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (lower case)
 
 
 @dataclass(frozen=True)
@@ -116,6 +149,8 @@ class DiskBudget:
         self.store = store
         self.process_max_bytes = None if max_size is None else parse_max_size(max_size, store.home)
         self._hooks: list[InUse] = []
+        self._variants: Variants | None = None  # without: revisions go whole
+        self._paths_in_use: PathsInUse | None = None
         self._evicted_hooks: list[Callable[[str], None]] = []
         self._writing: Counter[str] = Counter()
         self._reused: Counter[str] = Counter()  # blobs (SHA-256) writers found in the store and rely on
@@ -170,6 +205,12 @@ class DiskBudget:
     def add_in_use(self, hook: InUse) -> None:
         """Never evict what ``hook()`` names (asked at each eviction round)."""
         self._hooks.append(hook)
+
+    def evict_by_variant(self, variants: Variants, paths_in_use: PathsInUse) -> None:
+        """Let the variants of a revision that holds several go one at a time (``variants`` tells them
+        apart); ``paths_in_use`` says which files of the revisions the :meth:`add_in_use` hooks name are in
+        use (a revision the hooks name and it does not, stays whole)."""
+        self._variants, self._paths_in_use = variants, paths_in_use
 
     def add_evicted_hook(self, hook: Callable[[str], None]) -> None:
         """Call ``hook(repo_id)`` after each eviction of one of the repo's revisions."""
@@ -240,31 +281,50 @@ class DiskBudget:
         )
         return [Pin(r["repo_id"], r["variant"] or None, r["revision"], r["created_at"]) for r in rows]
 
-    def _pinned(self) -> set[tuple[str, str]]:
-        pinned = set()
+    def _pins_by_revision(self) -> dict[tuple[str, str], set[str]]:
+        """(repo, commit) -> what is pinned in it: variants' names in lower case, '' for the whole repo."""
+        pinned: dict[tuple[str, str], set[str]] = {}
         for pin in self.pins():
             try:
-                pinned.add((pin.repo_id, self.store.resolve(pin.repo_id, pin.revision)))
+                key = (pin.repo_id, self.store.resolve(pin.repo_id, pin.revision))
             except NotFoundError:
                 continue  # the pin names a branch or repo no longer in the store: nothing to keep
+            pinned.setdefault(key, set()).add((pin.quant or "").lower())
         return pinned
 
-    def _protected(self) -> tuple[set[tuple[str, str]], set[str]]:
-        """The revisions no eviction removes: pinned or in use, and the repos every revision of which stays."""
-        commits = self._pinned()
+    def _pins_kept(self) -> _Kept:
+        """What the pins alone keep."""
+        kept = _Kept(commits=set(), repos=set())
+        for key, variants in self._pins_by_revision().items():
+            if "" in variants or self._variants is None:
+                kept.commits.add(key)
+            else:
+                kept.pinned_variants[key] = variants
+        return kept
+
+    def _kept(self, writer: BudgetWriter | None = None) -> _Kept:
+        """What no eviction may remove now: pinned, in use, or of a repo being written."""
+        kept = self._pins_kept()
         with self._lock:
-            repos = set(self._writing)
+            kept.repos.update(self._writing)
+        if writer is not None:
+            kept.repos.add(writer.repo_id)
         since = time.time() - DOWNLOADING_FRESH
-        repos.update(r["repo_id"] for r in self.store.index.read(
+        kept.repos.update(r["repo_id"] for r in self.store.index.read(
             "SELECT DISTINCT repo_id FROM variant_status WHERE status = 'downloading' AND updated_at >= ?",
             (since,)))  # fmt: skip
+        in_use: Mapping[tuple[str, str], set[str]] = {}
+        if self._hooks and self._paths_in_use is not None and self._variants is not None:
+            in_use = self._paths_in_use()
         for hook in self._hooks:
             for repo_id, commit_id in hook():
                 if commit_id is None:
-                    repos.add(repo_id)
+                    kept.repos.add(repo_id)
+                elif (repo_id, commit_id) in in_use:
+                    kept.parts.setdefault((repo_id, commit_id), set()).update(in_use[(repo_id, commit_id)])
                 else:
-                    commits.add((repo_id, commit_id))
-        return commits, repos
+                    kept.commits.add((repo_id, commit_id))
+        return kept
 
     # -- figures ----------------------------------------------------------------------------------------------
 
@@ -296,18 +356,34 @@ class DiskBudget:
             return frozenset(self._reused)
 
     def status(self) -> BudgetStatus:
-        commits, repos = self._protected()
-        pinned = self._pinned()
+        pinned = self._pins_kept()
+        kept = self._kept()
         return BudgetStatus(
             max_bytes=self.max_bytes,
             store_max_size=self.store_max_size,
             process_max_bytes=self.process_max_bytes,
             used_bytes=self.used_bytes(),
-            pinned_bytes=self._bytes_of(pinned),
-            in_use_bytes=self._bytes_of(commits, repos, self._kept_blobs()),
+            pinned_bytes=self._kept_bytes(pinned, self._units(pinned)),
+            in_use_bytes=self._kept_bytes(kept, self._units(kept), self._kept_blobs()),
             evictions=int(self.store.index.setting("evictions") or 0),
             evicted_bytes=int(self.store.index.setting("evicted_bytes") or 0),
         )
+
+    def _kept_bytes(self, kept: _Kept, units: list[_Unit], blobs: Iterable[str] = ()) -> int:
+        """The bytes of the distinct blobs that stay when every unit of ``units`` has gone: those of the
+        revisions ``kept`` keeps, but for their variants that may go, and ``blobs``."""
+        partly = {key for key in (*kept.parts, *kept.pinned_variants)
+                  if key not in kept.commits and key[0] not in kept.repos}  # fmt: skip
+        if not partly:
+            return self._bytes_of(kept.commits, kept.repos, blobs)
+        going: dict[tuple[str, str], set[str]] = {}
+        for unit in units:
+            if unit.variant is not None:
+                going.setdefault((unit.repo_id, unit.commit_id), set()).update(unit.files)
+        staying = set(blobs)
+        for key in sorted(partly):
+            staying.update(e.sha256 for e in self.store.files(*key) if e.path not in going.get(key, set()))
+        return self._bytes_of(kept.commits, kept.repos, staying)
 
     # -- evicting ---------------------------------------------------------------------------------------------
 
@@ -317,14 +393,11 @@ class DiskBudget:
         budget = self.max_bytes
         if budget is None or needed <= 0:
             return
-        commits, repos = self._protected()
-        if writer is not None:
-            repos.add(writer.repo_id)
+        kept = self._kept(writer)
         with self._lock:
             others = self._reserved - (writer.reserved if writer else 0)
-        self._refuse_if_too_big(
-            needed, budget, self._bytes_of(commits, repos, self._kept_blobs()) + others, doing, writer
-        )
+        kept_bytes = self._kept_bytes(kept, self._units(kept), self._kept_blobs()) + others
+        self._refuse_if_too_big(needed, budget, kept_bytes, doing, writer)
 
     def make_room(self, needed: int, doing: str, writer: BudgetWriter | None = None) -> list[Eviction]:
         """Evict the least recently used revisions until ``needed`` new bytes fit in the budget (no-op
@@ -356,7 +429,7 @@ class DiskBudget:
                 f"evicting every model that may go: {_size(kept_bytes)} are pinned, in use"
                 + (f" or of {writer.repo_id} itself (its other variants: `modeldepot rm {writer.repo_id} "
                    "--quant Q` makes room)" if writer is not None else "")
-                + f" (pinned: {_size(self._bytes_of(self._pinned()))}); nothing was removed. Raise the budget "
+                + f" (pinned: {_size(self.status().pinned_bytes)}); nothing was removed. Raise the budget "
                 f"({self._setting_that_binds(budget)}), unpin or remove models",
                 budget_bytes=budget, protected_bytes=kept_bytes, needed_bytes=needed,
                 repo_id=writer.repo_id if writer else None,
@@ -374,66 +447,101 @@ class DiskBudget:
 
     def _evict_round(self, limit: int, needed: int, doing: str, writer: BudgetWriter | None,
                      partial: bool) -> list[Eviction]:  # fmt: skip
-        from modeldepot.store.maintenance import remove  # maintenance builds on the store
-
         with self._lock:
             others = self._reserved - (writer.reserved if writer else 0)
         used = self.used_bytes() + others
         if used <= limit:
             return []
-        commits, repos = self._protected()
-        if writer is not None:
-            repos.add(writer.repo_id)
-        if not partial:
-            kept_bytes = (
-                self._bytes_of(commits, repos, self._kept_blobs()) + others
-            )  # (others' writes in use)
+        kept = self._kept(writer)
+        units = self._units(kept)
+        if not partial:  # (others' writes in use)
+            kept_bytes = self._kept_bytes(kept, units, self._kept_blobs()) + others
             self._refuse_if_too_big(needed, limit + needed, kept_bytes, doing, writer)
         evicted: list[Eviction] = []
-        for repo, commit, last_used in self._candidates(commits, repos):
+        for unit in units:
             if used <= limit:
                 break
-            try:
-                result = remove(self.store, repo, commit, keep_blobs=self._kept_blobs())
-            except NotFoundError:
-                continue  # removed meanwhile (another process)
-            # Bytes out of the store (a Hugging Face cache's link may keep some of them on the disk)
-            eviction = Eviction(repo, commit, result.bytes_freed + result.bytes_still_linked, last_used)
+            eviction = self._evict(unit)
+            if eviction is None:
+                continue
             evicted.append(eviction)
             self._count(eviction)
-            log.info("evicted %s@%s (%s, last used %s) to stay within the disk budget (%s)", repo,
-                        commit[:12], _size(eviction.bytes_freed), time.strftime("%Y-%m-%d %H:%M",
-                        time.localtime(last_used)), doing)  # fmt: skip
+            what = f"{unit.repo_id}@{unit.commit_id[:12]}" + (f" ({unit.variant})" if unit.variant else "")
+            log.info("evicted %s (%s, last used %s) to stay within the disk budget (%s)", what,
+                     _size(eviction.bytes_freed), time.strftime("%Y-%m-%d %H:%M", time.localtime(unit.last_used)),
+                     doing)  # fmt: skip
             for hook in self._evicted_hooks:
-                hook(repo)
+                hook(unit.repo_id)
             used = self.used_bytes() + others
         return evicted
 
-    def _candidates(self, commits: set[tuple[str, str]], repos: set[str]) -> list[tuple[str, str, float]]:
-        """Revisions that may go, least recently used first (ties: those no ref names, then the oldest)."""
+    def _evict(self, unit: _Unit) -> Eviction | None:
+        """Remove what ``unit`` names (None: it went meanwhile, or a variant is its revision's last now)."""
+        from modeldepot.store.maintenance import remove, remove_files  # maintenance builds on the store
+
+        keep = self._kept_blobs()
+        try:
+            if unit.variant is None:
+                result = remove(self.store, unit.repo_id, unit.commit_id, keep_blobs=keep)
+            else:
+                assert self._variants is not None
+                now = self._variants([e.path for e in self.store.files(unit.repo_id, unit.commit_id)])
+                own = {name.lower(): files for name, files in now}.get(unit.variant.lower())
+                if len(now) < 2 or not own:
+                    return None  # (the last variant goes with its revision, by the repo's last use)
+                result = remove_files(self.store, unit.repo_id, unit.commit_id, own, keep_blobs=keep)
+        except NotFoundError:
+            return None  # removed meanwhile (another process)
+        # Bytes out of the store (a Hugging Face cache's link may keep some of them on the disk)
+        return Eviction(unit.repo_id, unit.commit_id, result.bytes_freed + result.bytes_still_linked,
+                        unit.last_used, unit.variant)  # fmt: skip
+
+    def _units(self, kept: _Kept) -> list[_Unit]:
+        """What may go, least recently used first (ties: a variant before its revision, revisions no ref
+        names, then the oldest): revisions, and the variants of those that hold several."""
         self.store.access.flush()
         last_access: dict[str, float] = {}
-        for row in self.store.index.read(
-            "SELECT repo_id, MAX(last_access) AS at FROM access GROUP BY repo_id"
-        ):
-            last_access[row["repo_id"]] = row["at"]
+        variant_access: dict[tuple[str, str], float] = {}
+        for row in self.store.index.read("SELECT repo_id, variant, last_access FROM access"):
+            repo_id, at = row["repo_id"], row["last_access"]
+            last_access[repo_id] = max(last_access.get(repo_id, 0.0), at)
+            if row["variant"]:
+                key = (repo_id, row["variant"].lower())
+                variant_access[key] = max(variant_access.get(key, 0.0), at)
         named = {
             (r["repo_id"], r["commit_id"])
             for r in self.store.index.read("SELECT repo_id, commit_id FROM refs")
         }
-        found = []
+        found: list[tuple[float, bool, float, bool, _Unit]] = []
         for row in self.store.index.read("SELECT repo_id, commit_id, created_at FROM revisions"):
             key = (row["repo_id"], row["commit_id"])
-            if key in commits or row["repo_id"] in repos:
+            if key in kept.commits or row["repo_id"] in kept.repos:
                 continue
             # The repo's uses count for the revisions its refs name; an old revision no ref names was last
             # used when it was made (reads by commit id are rare: a repo read daily keeps its newest alive).
-            last_used = row["created_at"]
-            if key in named:
-                last_used = max(last_used, last_access.get(row["repo_id"], 0.0))
-            found.append((last_used, key in named, row["created_at"], *key))
-        found.sort()
-        return [(repo, commit, last_used) for last_used, _, _, repo, commit in found]
+            created = row["created_at"]
+            last_used = max(created, last_access.get(row["repo_id"], 0.0)) if key in named else created
+            if key not in kept.parts and key not in kept.pinned_variants:
+                found.append((last_used, key in named, created, True, _Unit(*key, last_used)))
+            for unit in self._variant_units(key, created, kept, variant_access):
+                found.append((unit.last_used, key in named, created, False, unit))
+        found.sort(key=lambda f: (*f[:4], f[4].repo_id, f[4].commit_id, f[4].variant or ""))
+        return [f[4] for f in found]
+
+    def _variant_units(self, key: tuple[str, str], created: float, kept: _Kept,
+                       variant_access: dict[tuple[str, str], float]) -> list[_Unit]:  # fmt: skip
+        """The variants of a revision that holds several which may go: not pinned, none of their files in use."""
+        if self._variants is None:
+            return []
+        variants = self._variants([e.path for e in self.store.files(*key)])
+        if len(variants) < 2:
+            return []
+        in_use, pinned = kept.parts.get(key, set()), kept.pinned_variants.get(key, set())
+        return [
+            _Unit(*key, max(created, variant_access.get((key[0], name.lower()), 0.0)), name, files)
+            for name, files in variants
+            if files and name.lower() not in pinned and not files & in_use
+        ]
 
     def _count(self, eviction: Eviction) -> None:
         with self.store.index.write("counting an eviction") as con:

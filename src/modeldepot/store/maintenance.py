@@ -177,9 +177,11 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
     return RemoveResult(repo_id, tuple(commits), len(freed), bytes_freed, bytes_still_linked=still_linked)
 
 
-def remove_files(store: Store, repo_id: str, commit_id: str, paths: Iterable[str]) -> RemoveResult:
+def remove_files(store: Store, repo_id: str, commit_id: str, paths: Iterable[str],
+                 keep_blobs: frozenset[str] = frozenset()) -> RemoveResult:  # fmt: skip
     """Remove some files from a revision that stays (one variant's own files), and free the blobs no one
-    else uses; the revision's snapshot loses their links. Removing every file removes the revision."""
+    else uses (but ``keep_blobs``, as :func:`remove` keeps them); the revision's snapshot loses their
+    links. Removing every file removes the revision."""
     wanted = set(paths)
     with store.lock.exclusive():
         held = {e.path for e in store.files(repo_id, commit_id)}
@@ -198,7 +200,7 @@ def remove_files(store: Store, repo_id: str, commit_id: str, paths: Iterable[str
                     f"DELETE FROM files WHERE repo_id = ? AND commit_id = ? AND path IN ({','.join('?' * len(gone))})",
                     (repo_id, commit_id, *gone),
                 )
-                return _delete_unreferenced_rows(con, sorted(candidates))
+                return _delete_unreferenced_rows(con, sorted(candidates - keep_blobs))
 
             freed = store.index.write_freeing(f"removing files of {repo_id}@{commit_id[:12]}", delete_rows)
             bytes_freed, still_linked = _delete_blob_files(store, freed)
@@ -206,7 +208,7 @@ def remove_files(store: Store, repo_id: str, commit_id: str, paths: Iterable[str
             store.index.reserve.refill()
             return RemoveResult(repo_id, (), len(freed), bytes_freed, bytes_still_linked=still_linked,
                                 files_removed=tuple(gone))  # fmt: skip
-    return remove(store, repo_id, commit_id)
+    return remove(store, repo_id, commit_id, keep_blobs=keep_blobs)
 
 
 def _delete_blob_files(store: Store, digests: list[str]) -> tuple[int, int]:

@@ -550,7 +550,11 @@ class Store:
 
     def file_path(self, repo_id: str, path: str, revision: str = "main") -> Path:
         """A real path to the file, with its repo-relative name (engines find sibling files by name)."""
-        entry = self.entry(repo_id, path, revision)
+        return self.entry_path(self.entry(repo_id, path, revision))
+
+    def entry_path(self, entry: FileEntry) -> Path:
+        """:meth:`file_path` of a file already looked up."""
+        repo_id, path = entry.repo_id, entry.path
         fd = self.open_fd(entry)  # the blob behind the link must be there, with the right size
         os.close(fd)
         link = self.layout.snapshot_file(self.snapshots.path(repo_id, entry.commit_id), path)

@@ -229,9 +229,11 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
             await asyncio.to_thread(writer.keep_within)
         except DepotError as error:  # (the pull is done: the next writer evicts)
             log.warning("%s: could not keep the store within its disk budget: %s", manifest.repo_id, error)
-        store.access.record(
-            manifest.repo_id, count=0
-        )  # a pull is a use (the disk budget evicts the least recently used)
+        # A pull is a use of the repo and of each variant it pulled (the disk budget evicts the least
+        # recently used: a quant pulled into a months-old revision must not be the first to go)
+        store.access.record(manifest.repo_id, count=0)
+        for name in names:
+            store.access.record(manifest.repo_id, name, count=0)
     return PullResult(
         repo_id=manifest.repo_id,
         commit_id=manifest.commit_id,
