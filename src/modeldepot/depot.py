@@ -820,7 +820,8 @@ class Depot:
     @_any_case
     def pin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> Pin:
         """Never evict the revision ``revision`` names (a branch is followed) to keep within the disk budget;
-        ``quant``: one variant of it (the revision stays whole)."""
+        ``quant``: one variant of it (that variant and the revision's shared files stay; its other
+        variants may be evicted)."""
         if quant is not None:
             commit_id = self.store.resolve(validate_repo_id(repo_id), validate_revision(revision))
             grouping = group_files(e.path for e in self.store.files(repo_id, commit_id))

@@ -79,8 +79,13 @@ class HeldModels:
         found = preloader.paths() if preloader is not None else {}
         for key in engines.keys() if engines is not None else []:
             revision = _engine_revision(key)
-            if revision is not None and isinstance(revision[2], str):
-                found.setdefault((revision[0], revision[1]), set()).add(revision[2])
+            if revision is None:
+                continue
+            paths = found.setdefault((revision[0], revision[1]), set())
+            if isinstance(revision[2], str):
+                paths.add(revision[2])
+            else:  # (no file named: every file of the revision counts as in use)
+                paths.update(e.path for e in self.store.files(revision[0], revision[1]))
         return found
 
     def let_go_of_removed(self) -> int:

@@ -512,6 +512,10 @@ class DiskBudget:
             (r["repo_id"], r["commit_id"])
             for r in self.store.index.read("SELECT repo_id, commit_id FROM refs")
         }
+        paths: dict[tuple[str, str], list[str]] = {}  # (one read for every revision's files)
+        if self._variants is not None:
+            for row in self.store.index.read("SELECT repo_id, commit_id, path FROM files"):
+                paths.setdefault((row["repo_id"], row["commit_id"]), []).append(row["path"])
         found: list[tuple[float, bool, float, bool, _Unit]] = []
         for row in self.store.index.read("SELECT repo_id, commit_id, created_at FROM revisions"):
             key = (row["repo_id"], row["commit_id"])
@@ -523,17 +527,18 @@ class DiskBudget:
             last_used = max(created, last_access.get(row["repo_id"], 0.0)) if key in named else created
             if key not in kept.parts and key not in kept.pinned_variants:
                 found.append((last_used, key in named, created, True, _Unit(*key, last_used)))
-            for unit in self._variant_units(key, created, kept, variant_access):
+            for unit in self._variant_units(key, paths.get(key, []), created, kept, variant_access):
                 found.append((unit.last_used, key in named, created, False, unit))
         found.sort(key=lambda f: (*f[:4], f[4].repo_id, f[4].commit_id, f[4].variant or ""))
         return [f[4] for f in found]
 
-    def _variant_units(self, key: tuple[str, str], created: float, kept: _Kept,
+    def _variant_units(self, key: tuple[str, str], paths: list[str], created: float, kept: _Kept,
                        variant_access: dict[tuple[str, str], float]) -> list[_Unit]:  # fmt: skip
-        """The variants of a revision that holds several which may go: not pinned, none of their files in use."""
-        if self._variants is None:
+        """The variants of a revision (of these files) that holds several which may go: not pinned, none
+        of their files in use."""
+        if self._variants is None or len(paths) < 2:
             return []
-        variants = self._variants([e.path for e in self.store.files(*key)])
+        variants = self._variants(paths)
         if len(variants) < 2:
             return []
         in_use, pinned = kept.parts.get(key, set()), kept.pinned_variants.get(key, set())
