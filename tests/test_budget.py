@@ -563,3 +563,28 @@ def test_a_preloaded_quant_stays_while_its_revisions_other_quant_goes(store: Dep
     assert {"model-Q8_0.gguf"} <= next(iter(store.preloader.paths().values()))
     with pytest.raises(BudgetExceededError):  # Q8 is in use, and b is all that may go besides
         store.store.budget.make_room(int(2.6 * MB), "test")
+
+
+def test_a_quant_pulled_into_an_older_revision_is_not_the_first_to_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull is a use of each variant it pulls: Q4 pulled today into the revision Q8 came with last week
+    stays, Q8 goes (by the revision's age alone, the two tied and Q4 went by its name)."""
+    with Depot(tmp_path / "upstream") as hub:
+        hub.import_dir(quants(tmp_path, "up/q"), "up/q")
+        node = LiveNode(hub)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)
+            with budgeted(tmp_path / "local", "3.5MiB", monkeypatch) as local:
+                local.pull("up/q", quants=["Q8_0"])
+                time.sleep(0.01)
+                local.pull("up/q", quants=["Q4_K_M"])
+                assert held_paths(local, "up/q") == {"config.json", "model-Q4_K_M.gguf", "model-Q8_0.gguf"}
+                evicted = local.store.budget.make_room(int(1.7 * MB), "test")
+                assert [(e.repo_id, e.variant) for e in evicted] == [("up/q", "Q8_0")]
+                assert {v.name: v.status for v in local.get_manifest("up/q").variants} == {
+                    "Q4_K_M": "downloaded", "Q8_0": "available"}  # fmt: skip
+                assert store_files_consistent(local) == []
+        finally:
+            node.stop()
