@@ -30,6 +30,7 @@ from modeldepot.errors import (
     InvalidInputError,
     NotFoundError,
     OfflineError,
+    ReadOnlyStoreError,
     StoreError,
 )
 from modeldepot.held import HeldModels
@@ -104,6 +105,22 @@ def _any_case(method: F) -> F:
                 kwargs["repo_id"] = self.store.spelled(kwargs["repo_id"])
         elif args and args[0] is not None:
             args = (self.store.spelled(args[0]), *args[1:])
+        return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _writes(method: F) -> F:
+    """``method`` writes the store: on a read-only one it is a ReadOnlyStoreError before anything is done
+    (not a failure halfway, naming a folder the user never heard of)."""
+
+    @wraps(method)
+    def wrapper(self: Depot, *args: Any, **kwargs: Any) -> Any:
+        if self.store.read_only:
+            raise ReadOnlyStoreError(
+                f"the store at {self.home} is on a read-only file system: it is read and served as it is, "
+                f"never written ({method.__name__.replace('_', ' ')}: do that where the store is writable)"
+            )
         return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -246,6 +263,7 @@ class Depot:
 
     # -- writing --------------------------------------------------------------------------------------
 
+    @_writes
     def import_dir(
         self,
         path: str | Path,
@@ -266,6 +284,7 @@ class Depot:
         return import_dir(self.store, path, self.store.spelled(repo_id), revision, private=private,
                           progress=progress, link=link)  # fmt: skip
 
+    @_writes
     def hf_cache_import(
         self,
         repo_ids: Sequence[str] | None = None,
@@ -544,6 +563,7 @@ class Depot:
         return fleet.rows()
 
     @_any_case
+    @_writes
     def pull(
         self,
         repo_id: str,
@@ -592,11 +612,13 @@ class Depot:
                                 self.config.offline, progress, self._limits(), paths, watch)  # fmt: skip
 
     @_any_case
+    @_writes
     def download_quant(self, repo_id: str, quant: str, *, progress: PullProgress | None = None) -> PullResult:
         """Download one variant (and the shared files) of ``repo_id`` at ``main``."""
         return self.pull(repo_id, [quant], progress=progress)
 
     @_any_case
+    @_writes
     def download_file(
         self, repo_id: str, path: str, revision: str = "main", *, progress: PullProgress | None = None
     ) -> FileEntry:
@@ -741,6 +763,7 @@ class Depot:
         return verify(self.store, repo_id, progress)
 
     @_any_case
+    @_writes
     def remove(self, repo_id: str, revision: str | None = None, quant: str | None = None) -> RemoveResult:
         """Remove a repo or one revision; blobs nothing else uses are deleted at once. With ``quant``, only
         that variant's own files go from the revision (``main`` unless given): its shared files (config,
@@ -806,6 +829,7 @@ class Depot:
         if gone:
             self.store.manifests.set_statuses(repo_id, gone, "available")
 
+    @_writes
     def gc(self, *, partials: bool = False) -> GcReport:
         """Delete unreferenced and orphan blobs, abandoned partial files, stale snapshots, quarantine.
 
@@ -818,6 +842,7 @@ class Depot:
     # -- the disk budget ----------------------------------------------------------------------------------------
 
     @_any_case
+    @_writes
     def pin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> Pin:
         """Never evict the revision ``revision`` names (a branch is followed) to keep within the disk budget;
         ``quant``: one variant of it (that variant and the revision's shared files stay; its other
@@ -833,6 +858,7 @@ class Depot:
         return self.store.budget.pin(repo_id, quant, revision)
 
     @_any_case
+    @_writes
     def unpin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
         """Remove a pin, named as :meth:`pin` took it (a variant in any case, a commit by its start); False
         when there was none."""
@@ -855,6 +881,7 @@ class Depot:
         blobs use, what pins and uses keep, and the evictions so far."""
         return self.store.budget.status()
 
+    @_writes
     def set_max_size(self, max_size: str | int | None) -> list[Eviction]:
         """Save ``max_size`` (``"200GiB"``, ``"80%"``, bytes; None: none) as the store's disk budget, which every
         process on the store keeps to from its next write, and evict the least recently used revisions until
@@ -862,6 +889,7 @@ class Depot:
         self.store.budget.save_max_size(max_size)
         return self.shrink() if max_size is not None else []
 
+    @_writes
     def shrink(self, max_size: str | int | None = None) -> list[Eviction]:
         """Evict the least recently used revisions until the store is within ``max_size`` (``"200GiB"``,
         ``"80%"``; default: the budget), never what is pinned or in use."""

@@ -49,6 +49,7 @@ __all__ = [
     "InvalidRevisionError",
     "NotFoundError",
     "OfflineError",
+    "ReadOnlyStoreError",
     "RepoNotFoundError",
     "RevisionNotFoundError",
     "SourceDirectoryError",
@@ -226,6 +227,10 @@ class StoreFullError(StoreError):
 
 class StoreSchemaError(StoreError):
     """The index was written by a newer modeldepot than this one."""
+
+
+class ReadOnlyStoreError(StoreError):
+    """The store is on a read-only file system: it is read and served, never written."""
 
 
 class ConfigError(DepotError):

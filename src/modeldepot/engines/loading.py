@@ -18,7 +18,14 @@ from typing import Any
 from modeldepot.engines.adapters import ENGINES, EngineLoader, model_file, warmup
 from modeldepot.engines.cache import LoadedModelCache
 from modeldepot.engines.gguf_model import gguf_shard_names
-from modeldepot.errors import ConfigError, DepotError, InvalidInputError, NotFoundError, RevisionNotFoundError
+from modeldepot.errors import (
+    ConfigError,
+    DepotError,
+    InvalidInputError,
+    NotFoundError,
+    ReadOnlyStoreError,
+    RevisionNotFoundError,
+)
 from modeldepot.hub.manifest import Manifest, listed_files
 from modeldepot.hub.variants import group_files
 from modeldepot.preload import Preloader
@@ -81,7 +88,16 @@ def load_variant(
         elif isinstance(engine, str):  # ours read everything at load: hard links suffice
             folder, _, name = chosen.rpartition("/")
             with store.linked_folder(repo_id, commit_id, folder) as view:
-                return loader(view / name)
+                try:
+                    return loader(view / name)
+                except Exception as error:
+                    if store.read_only and "escapes model directory" in str(error):
+                        raise ReadOnlyStoreError(
+                            f"{repo_id}@{commit_id[:12]}: {chosen} keeps its weights in external data, which "
+                            "onnxruntime loads only from real files beside the model: a store on a read-only "
+                            "mount can give it links only. Load it from a writable store (or a copy of this one)"
+                        ) from error
+                    raise
         return loader(store.file_path(repo_id, chosen, commit_id))
 
     def load_and_warm() -> Any:

@@ -21,6 +21,7 @@ from modeldepot.errors import (
     InvalidInputError,
     NotFoundError,
     OfflineError,
+    ReadOnlyStoreError,
     RepoNotFoundError,
     RevisionNotFoundError,
     StoreFullError,
@@ -296,4 +297,6 @@ def response_for_error(error: DepotError) -> web.Response:
         return error_response(507, "StoreFull", f"the node's disk budget is full: {error}")
     if isinstance(error, StoreFullError):
         return error_response(507, "StoreFull", "the node's disk is full")
+    if isinstance(error, ReadOnlyStoreError):  # (a miss, or a write: such a node serves what it holds)
+        return error_response(503, "ReadOnlyStore", f"the node's store is read-only: {error}")
     return error_response(500, "NodeError", "the node could not complete the request")

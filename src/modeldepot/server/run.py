@@ -118,6 +118,9 @@ def run_server(
         bound = int(runner.addresses[0][1])
         log.info("serving %s on http://%s:%d (%s); HF_ENDPOINT=http://%s:%d", depot.home, host, bound, mode,
                  host, bound)  # fmt: skip
+        if depot.store.read_only:
+            log.info("the store is on a read-only mount: it serves what it holds as it is, and pulls, pins and "
+                     "removals are refused (503 ReadOnlyStore)")  # fmt: skip
         budget = depot.store.budget
         if budget.max_bytes is not None:
             log.info("disk budget: %d bytes (the store's: %s; MODELDEPOT_MAX_SIZE: %s)", budget.max_bytes,

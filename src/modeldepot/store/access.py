@@ -48,8 +48,9 @@ def _flush_at_exit(log_ref: weakref.ref[AccessLog]) -> None:
 
 
 class AccessLog:
-    def __init__(self, index: Index, flush_interval: float = FLUSH_INTERVAL) -> None:
+    def __init__(self, index: Index, flush_interval: float = FLUSH_INTERVAL, enabled: bool = True) -> None:
         self.index = index
+        self.enabled = enabled  # (a read-only store records no use)
         self.flush_interval = flush_interval
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, str], tuple[int, float]] = {}
@@ -60,6 +61,8 @@ class AccessLog:
     def record(self, repo_id: str, variant: str | None = None, count: int = 1) -> None:
         """Count one use of ``repo_id`` (or of one variant of it); ``count=0`` only marks it as used now
         (an import or a pull: the disk budget's recency, not the preloader's popularity)."""
+        if not self.enabled:
+            return
         key = (repo_id, variant or "")
         now = time.time()
         with self._lock:

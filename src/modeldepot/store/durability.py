@@ -60,9 +60,13 @@ class Durability:
     """The store's unflushed and unchecked blobs (see the module's docstring). Thread-safe."""
 
     def __init__(self, index: Index, blob_path: Callable[[str], Path], check: Checker,
-                 quarantine: Callable[[str, float], str | None], deferred: bool) -> None:  # fmt: skip
+                 quarantine: Callable[[str, float], str | None], deferred: bool, read_only: bool = False
+                 ) -> None:  # fmt: skip
         self.index, self.blob_path, self.check, self.quarantine = index, blob_path, check, quarantine
-        self.deferred = deferred
+        self.deferred = deferred and not read_only
+        # A store on a read-only mount: an unchecked blob is still checked before it is read (and refused
+        # when corrupt), but nothing is flushed or recorded
+        self.read_only = read_only
         self.boot = current_boot_id()
         self._lock = threading.Lock()
         self._checking: dict[str, threading.Lock] = {}
@@ -117,6 +121,8 @@ class Durability:
         if not rows or rows[0]["state"] != "ok" or rows[0]["unflushed_boot"] in (None, self.boot):
             return None  # gone, quarantined, or checked by another process
         found = self.check(sha256, rows[0]["size"], rows[0]["chunk_size"])
+        if found is None and self.read_only:
+            return None
         if found is not None:
             if self.quarantine(sha256, rows[0]["created_at"]) is None:
                 return None  # removed, or removed and published again, while it was checked: not this one
@@ -159,6 +165,8 @@ class Durability:
                 self.ensure_checked(sha256)
             except CorruptBlobError:
                 pass  # quarantined, and logged
+        if self.read_only:
+            return 0
         pending = self.pending()
         for start in range(0, len(pending), BATCH):
             batch = pending[start : start + BATCH]
@@ -218,6 +226,8 @@ class Durability:
                         self.ensure_checked(sha256)
                     except CorruptBlobError:
                         pass
+                if self.read_only:
+                    return  # (checked: nothing to flush, nobody writes)
                 woken = self._wake.wait(60.0)  # a write; or once a minute (another process's writes)
                 self._wake.clear()
                 if self._stop.is_set() or (woken and self._stop.wait(FLUSH_DELAY)):

@@ -19,12 +19,13 @@ import logging
 import os
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
-from modeldepot.errors import StoreError, StoreFullError, StoreSchemaError
+from modeldepot.errors import ReadOnlyStoreError, StoreError, StoreFullError, StoreSchemaError
 from modeldepot.store.layout import FULL_DISK_ADVICE
 
 __all__ = ["SCHEMA_VERSION", "ChangeCounter", "Index", "SpaceReserve", "translate_sqlite_error"]
@@ -291,12 +292,14 @@ class ChangeCounter:
     cheap poll: ``PRAGMA data_version`` on a connection of its own that never writes. Its value changes
     whenever another connection commits; reading it touches no table. Use from one thread at a time."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, read_only: bool = False) -> None:
         self.path = path
         try:
-            self._con: sqlite3.Connection | None = sqlite3.connect(
-                path, timeout=60.0, isolation_level=None, check_same_thread=False
-            )
+            if read_only:  # (nothing changes it: the counter stays as it is)
+                uri = f"file:{urllib.parse.quote(str(path))}?mode=ro&immutable=1"
+                self._con: sqlite3.Connection | None = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            else:
+                self._con = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
             self._con.execute("PRAGMA query_only=ON")
         except sqlite3.Error as error:
             raise translate_sqlite_error(error, f"opening the index {path}", path.parent) from error
@@ -318,10 +321,14 @@ class ChangeCounter:
 
 
 class Index:
-    def __init__(self, path: Path, setup_lock: Path) -> None:
+    def __init__(self, path: Path, setup_lock: Path, read_only: bool = False) -> None:
         self.path = path
+        self.read_only = read_only
         self.reserve = SpaceReserve(path.parent / "reserve", path)
         self._local = threading.local()
+        if read_only:
+            self._check_read_only()
+            return
         # Switching to WAL needs a moment with no other connection, and SQLite's busy timeout does not
         # cover it: processes opening a new store together would fail with "database is locked".
         # The switch persists in the file, so it is done once, under a lock, together with migrations.
@@ -366,7 +373,43 @@ class Index:
     def _failure(self, error: sqlite3.Error, doing: str) -> StoreError:
         return translate_sqlite_error(error, doing, self.path.parent)
 
+    def _check_read_only(self) -> None:
+        """A store on a read-only mount: its index is read as it was left, which must be whole and of this
+        schema (nothing can migrate it, or merge a write-ahead log left by a process that did not close)."""
+        doing = f"opening the index {self.path} (on a read-only file system)"
+        try:
+            log_bytes = os.path.getsize(f"{self.path}-wal")
+        except FileNotFoundError:
+            log_bytes = 0
+        except OSError as error:
+            raise StoreError(f"{doing}: {error}") from error
+        if log_bytes:
+            raise ReadOnlyStoreError(
+                f"{doing}: the store was not closed cleanly where it was written (its index has a write-ahead "
+                "log to merge): open it once where it is writable (any modeldepot command does), then "
+                "mount it read-only again"
+            )
+        try:
+            version = self.connection().execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as error:
+            raise self._failure(error, doing) from error
+        if version > SCHEMA_VERSION:
+            raise StoreSchemaError(
+                f"the index {self.path} has schema version {version}, newer than this modeldepot understands "
+                f"({SCHEMA_VERSION}); upgrade modeldepot"
+            )
+        if version < SCHEMA_VERSION:
+            raise ReadOnlyStoreError(
+                f"{doing}: it was written by an older modeldepot (schema {version}, this one reads {SCHEMA_VERSION}):"
+                " open it once where it is writable to upgrade it, then mount it read-only again"
+            )
+
     def _open_connection(self) -> sqlite3.Connection:
+        if self.read_only:  # (immutable: no locks, no -shm to make; nobody can change the file)
+            uri = f"file:{urllib.parse.quote(str(self.path))}?mode=ro&immutable=1"
+            con = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=True)
+            con.row_factory = sqlite3.Row
+            return con
         con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=True)
         try:
             con.row_factory = sqlite3.Row
@@ -388,6 +431,11 @@ class Index:
     @contextmanager
     def write(self, doing: str = "writing the index") -> Iterator[sqlite3.Connection]:
         """One IMMEDIATE transaction: all or nothing, serialised across processes."""
+        if self.read_only:
+            raise ReadOnlyStoreError(
+                f"{doing}: the store at {self.path.parent} is on a read-only file system: it is read and served "
+                "as it is, never written (import, pull, remove and pin where it is writable)"
+            )
         con = self.connection()
         try:
             con.execute("BEGIN IMMEDIATE")
@@ -433,7 +481,7 @@ class Index:
 
     def change_counter(self) -> ChangeCounter:
         """A :class:`ChangeCounter` of this index (a connection of its own: close it when done)."""
-        return ChangeCounter(self.path)
+        return ChangeCounter(self.path, self.read_only)
 
     def setting(self, key: str) -> str | None:
         rows = self.read("SELECT value FROM settings WHERE key = ?", (key,))

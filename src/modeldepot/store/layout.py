@@ -194,6 +194,14 @@ class StoreLayout:
         """What a snapshot link at ``link`` holds: the relative way to blob ``sha256``."""
         return os.path.relpath(self.blob_path(sha256), link.parent)
 
+    def on_read_only_mount(self) -> bool:
+        """Whether the store's home exists on a file system mounted read-only (a container's read-only
+        root or volume, a read-only NFS export): nobody writes there, so the store is only read."""
+        try:
+            return bool(os.statvfs(self.home).f_flag & os.ST_RDONLY)
+        except OSError:
+            return False
+
     def create(self) -> None:
         try:
             for directory in (self.home, self.blobs, self.snapshots, self.tmp, self.partials, self.quarantine,

@@ -20,11 +20,15 @@ __all__ = ["StoreLock", "lock_is_held"]
 
 
 class StoreLock:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, read_only: bool = False) -> None:
         self.path = path
+        self.read_only = read_only  # a store on a read-only mount: nobody writes it, nothing to lock out
 
     @contextmanager
     def _hold(self, mode: int) -> Iterator[None]:
+        if self.read_only:
+            yield
+            return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o664)
         try:
             fcntl.flock(fd, mode)

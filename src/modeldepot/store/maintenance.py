@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from modeldepot.errors import RevisionNotFoundError, StoreFullError
+from modeldepot.errors import RevisionNotFoundError
 from modeldepot.store.blobs import WriteSession, give_back_modes
 from modeldepot.store.models import (
     DiskUsage,
@@ -114,16 +114,15 @@ def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | 
 def _record_verified(store: Store, sha256: str) -> bool:
     """Note when a blob last passed; False once the disk is too full to (the check itself goes on: the
     times only tell when a blob was last checked)."""
-    try:
-        with store.index.write("recording a verification") as con:
-            con.execute("UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (time.time(), sha256))
-    except StoreFullError:
+    if not store.record_verified(sha256, time.time()):
         log.warning("the store's disk is full: verify goes on without recording when each blob passed")
         return False
     return True
 
 
 def _repair_snapshots(store: Store, repo_id: str | None) -> int:
+    if store.read_only:
+        return 0  # (nothing can be repaired there: a read of a broken link says so)
     if repo_id is None:
         revisions = store.index.read("SELECT repo_id, commit_id FROM revisions")
     else:

@@ -60,6 +60,8 @@ class ManifestStore:
         """Record a fresh scan. Variants keep their status unless the scan says otherwise (a new commit
         resets them); variants that disappeared are dropped."""
         validate_repo_id(repo_id)
+        if self.index.read_only:
+            return  # (a scan of a read-only store's repo is shown, not kept: nothing can be pulled there)
         now = time.time()
         with self.index.write(f"recording the manifest of {repo_id}") as con:
             old = con.execute("SELECT commit_id FROM manifests WHERE repo_id = ?", (repo_id,)).fetchone()

@@ -65,7 +65,9 @@ class Scrubber:
             "AND COALESCE(verified_at, created_at) <= ? ORDER BY COALESCE(verified_at, created_at), sha256",
             (self._wall() - older_than,),
         )
-        return [BlobRecord(r["sha256"], r["size"], r["chunk_size"]) for r in rows]
+        since = self._wall() - older_than  # (a read-only store's checks are this process's memory)
+        return [BlobRecord(r["sha256"], r["size"], r["chunk_size"]) for r in rows
+                if self.store.last_verified(r["sha256"]) <= since]  # fmt: skip
 
     def scrub(self, older_than: float = 0.0, stop: threading.Event | None = None) -> ScrubReport:
         """Check every blob due (see :meth:`due`); returns what was found. ``stop`` ends it between chunks."""
@@ -97,8 +99,7 @@ class Scrubber:
             except BlobRemovedError:
                 continue  # removed (an `rm`, the budget) since the pass listed it
             checked += 1
-            with self.store.index.write("recording a scrubbed blob") as con:
-                con.execute("UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (self._wall(), blob.sha256))
+            self.store.record_verified(blob.sha256, self._wall())
         return self._report(checked, checked_bytes, corrupt, False, started)
 
     def _report(self, checked: int, checked_bytes: int, corrupt: list[str], stopped: bool,

@@ -15,6 +15,7 @@ import mmap
 import os
 import re
 import sqlite3
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -117,19 +118,27 @@ class Store:
         if not create and not self.layout.index_path.is_file():
             raise ConfigError(f"no store at {config.home}: nothing was imported, pulled or served there "
                               "(check the folder's name)")  # fmt: skip
-        self.layout.create()
-        _warn_if_shared(self.layout.home)
-        self.index = Index(self.layout.index_path, self.layout.lock_path.parent / "index-setup.lock")
+        # A store on a read-only mount (a container's read-only root, a read-only volume or export) is read
+        # and served as it is: nothing is created, locked, recorded or flushed there, every write is a
+        # ReadOnlyStoreError, and what a check finds corrupt is refused by this process, left in place.
+        self.read_only = self.layout.index_path.is_file() and self.layout.on_read_only_mount()
+        if not self.read_only:
+            self.layout.create()
+            _warn_if_shared(self.layout.home)
+        self.index = Index(self.layout.index_path, self.layout.lock_path.parent / "index-setup.lock",
+                           read_only=self.read_only)  # fmt: skip
         self.blobs = BlobFiles(self.layout)
         self.snapshots = Snapshots(self.layout)
-        self.lock = StoreLock(self.layout.lock_path)
+        self.lock = StoreLock(self.layout.lock_path, read_only=self.read_only)
         self.manifests = ManifestStore(self.index)
-        self.access = AccessLog(self.index)
+        self.access = AccessLog(self.index, enabled=not self.read_only)
         self.chunk_size = self._settle_chunk_size(config.chunk_size)
         self.partials = PartialFiles(self.layout, self.chunk_size, writeback=config.durability == "sync")
         self.store_id = self._setting_or_default("store_id", uuid.uuid4().hex)
+        self._refused: set[str] = set()  # (read-only) blobs found corrupt: never served, left in place
+        self._checked: dict[str, float] = {}  # (read-only) blob -> when this process found it good
         self.durability = Durability(self.index, self.blobs.path, self.check_blob, self.quarantine,
-                                     deferred=config.durability == "deferred")  # fmt: skip
+                                     deferred=config.durability == "deferred", read_only=self.read_only)  # fmt: skip
         self.budget = DiskBudget(self, config.max_size)
         self._quarantine_hooks: list[Callable[[str], None]] = []
 
@@ -266,6 +275,10 @@ class Store:
     def _open_fd_seen(self, blob: BlobRecord | FileEntry, again: bool = True) -> tuple[int, float | None]:
         """:meth:`open_fd`, and the placement (:meth:`placement`) it opened."""
         self.durability.ensure_checked(blob.sha256)
+        if blob.sha256 in self._refused:  # (after the check: one another thread made may have found it so)
+            raise CorruptBlobError(
+                blob.sha256, "found corrupt before (the store is read-only: it was left in place)"
+            )
         seen = self._check_if_changed(blob)
         try:
             return self.blobs.open(blob.sha256, blob.size), seen
@@ -298,21 +311,36 @@ class Store:
         # hard links among them, and each read after one would hash the whole file again. A write that puts
         # the mtime back is the scrub's and `verify`'s to find, as rot is.)
         modified = info.st_mtime
-        if not rows or modified <= max(rows[0]["created_at"], rows[0]["verified_at"] or 0.0):
+        checked = max(rows[0]["created_at"], rows[0]["verified_at"] or 0.0, self._checked.get(blob.sha256, 0.0)
+                      ) if rows else 0.0  # fmt: skip
+        if not rows or modified <= checked:
             return seen
         found = self.check_blob(blob.sha256, blob.size, blob.chunk_size)
         if found is not None:
             if self.quarantine(blob.sha256, seen) is None and self.placement(blob.sha256) != seen:
                 return self.placement(blob.sha256)  # published again meanwhile: that one is checked on open
             raise CorruptBlobError(blob.sha256, f"{found[1]} (its file was changed after it was stored)")
+        # (never before the mtime it was checked at: a clock set back must not make every read rehash)
+        self.record_verified(blob.sha256, max(time.time(), modified))
+        return seen
+
+    def record_verified(self, sha256: str, checked: float) -> bool:
+        """The blob was found good at ``checked`` (its ``verified_at``). A read-only store keeps it in this
+        process's memory. False when the disk is too full to record it (it is checked again next time: the
+        check itself went through)."""
+        if self.read_only:
+            self._checked[sha256] = checked
+            return True
         try:
             with self.index.write("recording a verification") as con:
-                # (never before the mtime it was checked at: a clock set back must not make every read rehash)
-                checked = max(time.time(), modified)
-                con.execute("UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (checked, blob.sha256))
+                con.execute("UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (checked, sha256))
         except StoreFullError:
-            pass  # (it is checked again next time: the check itself went through)
-        return seen
+            return False
+        return True
+
+    def last_verified(self, sha256: str) -> float:
+        """When this process found a blob good, on a read-only store (0: not yet)."""
+        return self._checked.get(sha256, 0.0)
 
     def map(self, entry: FileEntry) -> mmap.mmap | None:
         """A read-only shared mapping of the file's blob (``None`` for an empty file)."""
@@ -479,7 +507,18 @@ class Store:
         ``seen`` is the blob row's ``created_at`` when the caller looked at the blob that failed (None: it
         had no row). A blob removed and published again since (an `rm` and an import beside a reader) is
         another placement, good, and is left alone: None is returned, as when the blob is gone. Else where
-        the file went ("" when it was missing already)."""
+        the file went ("" when it was missing already). On a read-only store the blob stays where it is
+        and this process refuses it ("" is returned)."""
+        if self.read_only:
+            if not self.index.read("SELECT 1 FROM blobs WHERE sha256 = ?", (sha256,)):
+                return None
+            if sha256 not in self._refused:
+                self._refused.add(sha256)
+                log.error("blob %s… is corrupt: the store is read-only, so it stays in place, and this process "
+                          "does not serve it (repair the store where it is writable: modeldepot verify)", sha256[:16])  # fmt: skip
+                for hook in self._quarantine_hooks:
+                    hook(sha256)
+            return ""
         with self.lock.exclusive():
             rows = self.index.read("SELECT created_at FROM blobs WHERE sha256 = ?", (sha256,))
             if not rows or (seen is not ANY_PLACEMENT and rows[0]["created_at"] != seen):
@@ -525,7 +564,12 @@ class Store:
         """One folder of a revision, its subfolders included (external data may be kept in one), as hard
         links (real files, not symlinks) in a private folder under tmp/, removed on exit. For loaders that
         refuse a path leading out of the model's folder: onnxruntime resolves symlinks and rejects external
-        data that "escapes" the model directory."""
+        data that "escapes" the model directory. On a read-only store, where no link can be made, the folder
+        is made outside the store (the system's temporary folder) of symbolic links to the blobs."""
+        if self.read_only:
+            with self._symlinked_folder(repo_id, commit_id, folder) as view:
+                yield view
+            return
         with WriteSession(self.layout) as session:
             view = self.layout.snapshot_file(session.path, f"view/{folder}" if folder else "view")
             prefix = f"{folder}/" if folder else ""
@@ -546,6 +590,27 @@ class Store:
                     os.link(self.blobs.path(entry.sha256), link)
             except OSError as error:
                 raise os_error(error, f"linking {repo_id}@{commit_id[:12]}/{folder} for a loader") from error
+            yield view
+
+    @contextlib.contextmanager
+    def _symlinked_folder(self, repo_id: str, commit_id: str, folder: str) -> Iterator[Path]:
+        prefix = f"{folder}/" if folder else ""
+        with tempfile.TemporaryDirectory(prefix="modeldepot-view-") as temporary:
+            view = Path(temporary) / "view"
+            view.mkdir()
+            for entry in self.files(repo_id, commit_id):
+                if not entry.path.startswith(prefix):
+                    continue
+                name = entry.path[len(prefix) :]
+                try:
+                    os.close(self.open_fd(entry))  # there, with the right size, not found corrupt
+                except (CorruptBlobError, NotFoundError):
+                    if "/" not in name:
+                        raise
+                    continue
+                link = self.layout.snapshot_file(view, name)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(self.blobs.path(entry.sha256))
             yield view
 
     def file_path(self, repo_id: str, path: str, revision: str = "main") -> Path:

@@ -1,0 +1,201 @@
+"""A store on a read-only mount (a container's read-only root or volume, a read-only export): read, loaded
+and served as it is; every write refused first and clearly; what is found corrupt refused, left in place.
+
+The mounts are real: a read-only bind mount of a store made here (``mount`` needs root, as the fleet
+tests' network namespaces do)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from huggingface_hub import hf_hub_download, snapshot_download
+from safetensors.numpy import save_file
+
+from conftest import SMALL_CHUNK, LiveNode, write_model_dir
+from modeldepot import Depot
+from modeldepot.cli import cli
+from modeldepot.errors import CorruptBlobError, ReadOnlyStoreError
+from test_load import REPO as ONNX_REPO
+from test_load import write_repo as write_onnx_repo
+
+Mount = Callable[[Path], Path]
+
+
+@pytest.fixture
+def read_only(tmp_path: Path) -> Iterator[Mount]:
+    """``read_only(folder)``: a read-only bind mount of ``folder`` (unmounted after the test)."""
+    mounts: list[Path] = []
+
+    def mount(source: Path) -> Path:
+        target = tmp_path / f"read-only-{len(mounts)}"
+        target.mkdir()
+        subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
+        mounts.append(target)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], check=True)
+        return target
+
+    yield mount
+    for target in reversed(mounts):
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def made_store(tmp_path: Path) -> Path:
+    """A store holding a safetensors model, two GGUF-named quants and an ONNX repo; closed."""
+    home = tmp_path / "store"
+    folder = tmp_path / "src" / "st"
+    folder.mkdir(parents=True)
+    save_file(
+        {"w": np.arange(64 * 256, dtype=np.float32).reshape(64, 256)}, str(folder / "model.safetensors")
+    )
+    (folder / "config.json").write_text('{"model_type": "test"}')
+    rng = np.random.default_rng(5)
+    quants = write_model_dir(tmp_path / "src" / "q", {
+        "config.json": b"{}", "model-Q4_K_M.gguf": rng.bytes(300_000), "model-Q8_0.gguf": rng.bytes(500_000),
+    })  # fmt: skip
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(folder, "acme/st")
+        depot.import_dir(quants, "acme/q")
+        depot.import_dir(write_onnx_repo(tmp_path / "src" / "onnx"), ONNX_REPO)
+    return home
+
+
+def tree(home: Path) -> dict[str, tuple[int, float]]:
+    return {str(p.relative_to(home)): (p.lstat().st_size, p.lstat().st_mtime) for p in home.rglob("*")}
+
+
+def test_a_store_on_a_read_only_mount_is_read_loaded_and_served(tmp_path: Path, read_only: Mount) -> None:
+    home = made_store(tmp_path)
+    before = tree(home)
+    views_before = set(Path(tempfile.gettempdir()).glob("modeldepot-view-*"))
+    with Depot(read_only(home)) as depot:
+        assert depot.store.read_only
+        assert {r.repo_id for r in depot.list_repos()} == {"acme/st", "acme/q", ONNX_REPO}
+        weights = (tmp_path / "src" / "q" / "model-Q8_0.gguf").read_bytes()
+        assert bytes(depot.get_file("acme/q", "model-Q8_0.gguf")) == weights
+        with depot.open_file("acme/q", "model-Q4_K_M.gguf") as stream:
+            assert len(stream.read()) == 300_000
+        assert depot.file_path("acme/st", "model.safetensors").read_bytes()[:8]
+        assert (depot.snapshot_path("acme/st") / "config.json").read_text() == '{"model_type": "test"}'
+        tensors = depot.load("acme/st", engine="safetensors")
+        np.testing.assert_array_equal(tensors["w"][1], np.arange(256, 512, dtype=np.float32))
+        session = depot.load(
+            ONNX_REPO, quant="fp16"
+        )  # (real onnxruntime, through links made outside the store)
+        assert session.get_inputs()[0].name == "x"
+        assert depot.preloader.preload("acme/q", quant="Q4_K_M").bytes > 300_000
+        assert depot.verify().problems == ()
+        assert depot.scrubber().scrub().blobs_checked == depot.du().blobs
+        assert depot.sync() == 0
+        assert depot.budget_status().used_bytes == depot.du().blob_bytes
+
+        node = LiveNode(depot)
+        try:
+            cache = tmp_path / "hf-cache"
+            path = hf_hub_download("acme/q", "model-Q8_0.gguf", cache_dir=cache, endpoint=node.url)
+            assert Path(path).read_bytes() == weights
+            folder = snapshot_download("acme/st", cache_dir=cache, endpoint=node.url)
+            assert (Path(folder) / "config.json").read_text() == '{"model_type": "test"}'
+        finally:
+            node.stop()
+    assert tree(home) == before, "nothing in the store changed"
+    assert set(Path(tempfile.gettempdir()).glob("modeldepot-view-*")) == views_before, "no view left behind"
+
+
+def test_every_write_is_refused_first_and_clearly(tmp_path: Path, read_only: Mount) -> None:
+    home = made_store(tmp_path)
+    mounted = read_only(home)
+    with Depot(mounted) as depot:
+        writes = {
+            "import": lambda: depot.import_dir(tmp_path / "src" / "st", "acme/new"),
+            "pull": lambda: depot.pull("acme/st"),
+            "remove": lambda: depot.remove("acme/q", quant="Q8_0"),
+            "pin": lambda: depot.pin("acme/st"),
+            "gc": lambda: depot.gc(),
+            "budget": lambda: depot.set_max_size("1GiB"),
+        }
+        for what, write in writes.items():
+            with pytest.raises(ReadOnlyStoreError, match="read-only file system") as caught:
+                write()
+            assert "where the store is writable" in str(caught.value), what
+        with pytest.raises(ReadOnlyStoreError, match="external data"):
+            depot.load(ONNX_REPO, quant="fp32")  # onnxruntime refuses data behind links: said so
+        assert {r.repo_id for r in depot.list_repos()} == {"acme/st", "acme/q", ONNX_REPO}
+    runner = CliRunner()
+    result = runner.invoke(cli, ["rm", "acme/q", "--yes", "--home", str(mounted)])
+    assert result.exit_code != 0 and "read-only file system" in result.output, result.output
+    listed = runner.invoke(cli, ["ls", "--home", str(mounted)])
+    assert listed.exit_code == 0 and "acme/q" in listed.output, listed.output
+
+
+def test_a_corrupt_blob_is_refused_and_left_in_place(tmp_path: Path, read_only: Mount) -> None:
+    """Found corrupt on a read-only store: never served (a read, a node's client), nothing moved; a blob
+    written before a restart and never checked is checked before its first read."""
+    home = made_store(tmp_path)
+    with Depot(home) as depot:
+        changed = depot.file_info("acme/q", "model-Q8_0.gguf").sha256
+        unchecked = depot.file_info("acme/q", "model-Q4_K_M.gguf").sha256
+    blob = home / "blobs" / changed[:2] / changed
+    os.chmod(blob, 0o644)
+    with open(blob, "r+b") as handle:  # changed in place after it was stored: its mtime says so
+        handle.seek(1000)
+        handle.write(b"\0" * 64)
+    zeroed = home / "blobs" / unchecked[:2] / unchecked
+    os.chmod(zeroed, 0o644)
+    stamp = zeroed.stat()
+    zeroed.write_bytes(bytes(stamp.st_size))  # a power loss's zeros, its mtime put back
+    os.utime(zeroed, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    with sqlite3.connect(home / "index.db") as con:  # written under a boot that has ended, never flushed
+        con.execute("UPDATE blobs SET unflushed_boot = 'a-boot-gone' WHERE sha256 = ?", (unchecked,))
+    con.close()
+    before = tree(home)
+    with Depot(read_only(home)) as depot:
+        for sha256, path in ((changed, "model-Q8_0.gguf"), (unchecked, "model-Q4_K_M.gguf")):
+            for _ in range(2):  # (the second time from this process's memory: nothing was moved)
+                with pytest.raises(CorruptBlobError) as caught:
+                    depot.get_file("acme/q", path)
+                assert caught.value.sha256 == sha256
+        node = LiveNode(depot)
+        try:
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{node.url}/acme/q/resolve/main/model-Q8_0.gguf", timeout=30)
+            assert refused.value.code == 503 and refused.value.headers["X-Error-Code"] == "CorruptFile"
+        finally:
+            node.stop()
+        assert bytes(depot.get_file("acme/q", "config.json")) == b"{}"  # the rest is served
+        assert depot.du().quarantine_bytes == 0
+    assert tree(home) == before, "nothing moved"
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() != changed
+
+
+def test_a_store_left_unclosed_says_how_to_open_it(tmp_path: Path, read_only: Mount) -> None:
+    """Copied while a process had it open (a write-ahead log not merged): it cannot be read as it is on a
+    read-only mount, and the error says what to do."""
+    home = made_store(tmp_path)
+    copy = tmp_path / "copied"
+    con = sqlite3.connect(home / "index.db")
+    try:
+        con.execute("PRAGMA wal_autocheckpoint=0")
+        con.execute("INSERT INTO settings VALUES ('copied-while-open', '1')")
+        con.commit()
+        shutil.copytree(home, copy, symlinks=True)
+    finally:
+        con.close()
+    assert (copy / "index.db-wal").stat().st_size > 0
+    with pytest.raises(ReadOnlyStoreError, match=r"not closed cleanly.*open it once where it is writable"):
+        Depot(read_only(copy))
+    with Depot(copy) as depot:  # opened where it is writable once, it merges it
+        assert depot.store.index.setting("copied-while-open") == "1"
+    with Depot(read_only(copy)) as depot:
+        assert depot.store.read_only and depot.store.index.setting("copied-while-open") == "1"
