@@ -11,6 +11,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -23,7 +24,8 @@ from click.testing import CliRunner
 from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors.numpy import save_file
 
-from conftest import SMALL_CHUNK, LiveNode, write_model_dir
+from conftest import SMALL_CHUNK, LiveNode, free_port, wait_for_port, write_model_dir
+from fleetnodes import base_env
 from modeldepot import Depot
 from modeldepot.cli import cli
 from modeldepot.errors import CorruptBlobError, ReadOnlyStoreError
@@ -170,6 +172,7 @@ def test_a_corrupt_blob_is_refused_and_left_in_place(tmp_path: Path, read_only: 
         try:
             with pytest.raises(urllib.error.HTTPError) as refused:
                 urllib.request.urlopen(f"{node.url}/acme/q/resolve/main/model-Q8_0.gguf", timeout=30)
+            refused.value.close()
             assert refused.value.code == 503 and refused.value.headers["X-Error-Code"] == "CorruptFile"
         finally:
             node.stop()
@@ -199,3 +202,28 @@ def test_a_store_left_unclosed_says_how_to_open_it(tmp_path: Path, read_only: Mo
         assert depot.store.index.setting("copied-while-open") == "1"
     with Depot(read_only(copy)) as depot:
         assert depot.store.read_only and depot.store.index.setting("copied-while-open") == "1"
+
+
+def test_modeldepot_serve_on_a_read_only_store_with_a_budget(tmp_path: Path, read_only: Mount) -> None:
+    """`serve` brings a store over its budget within it when it starts: not a read-only one, which it
+    serves as it is (it failed to start)."""
+    home = made_store(tmp_path)
+    with Depot(home) as depot:
+        depot.set_max_size("1MiB")  # (the store holds more)
+    mounted, port = read_only(home), free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as errors:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "modeldepot", "serve", "--home", str(mounted), "--port", str(port),
+             "--scrub-interval", "off"], env=base_env(), stdout=subprocess.DEVNULL, stderr=errors,
+        )  # fmt: skip
+    try:
+        wait_for_port(port, 60, process=process)
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/acme/q/resolve/main/config.json", timeout=10
+        ) as got:
+            assert got.read() == b"{}"
+    finally:
+        process.terminate()
+        process.wait(30)
+    assert "read-only mount" in log.read_text(), log.read_text()

@@ -730,7 +730,7 @@ def serve_command(
         depot.set_max_size(
             max_size
         )  # (the store's from now on; a store over it is brought within it, logged)
-    elif depot.store.budget.max_bytes is not None:
+    elif depot.store.budget.max_bytes is not None and not depot.store.read_only:
         depot.shrink()  # a store already over its budget is brought within it (evictions are logged)
     limits = ConnectionLimits()
     if header_timeout is not None:
