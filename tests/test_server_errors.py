@@ -40,6 +40,7 @@ EXPECTED = {
     "StoreFullError": (507, "StoreFull"),
     "StoreError": (500, "NodeError"),
     "StoreSchemaError": (500, "NodeError"),
+    "ReadOnlyStoreError": (503, "ReadOnlyStore"),
     "ConfigError": (500, "NodeError"),
 }
 
