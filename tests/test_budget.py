@@ -588,3 +588,82 @@ def test_a_quant_pulled_into_an_older_revision_is_not_the_first_to_go(
                 assert store_files_consistent(local) == []
         finally:
             node.stop()
+
+
+def test_a_kept_revision_keeps_one_variant_and_what_cannot_fit_is_refused_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pin of a quant whose branch moved to a commit without it keeps that revision (as a use would):
+    its variants may go but one, and that one counts as staying, so a write that cannot fit even then is
+    refused before anything is removed (one quant went for nothing, and the write overshot the budget)."""
+    with budgeted(tmp_path / "store", "5MiB", monkeypatch) as store:
+        store.import_dir(quants(tmp_path, "acme/q"), "acme/q")
+        store.pin("acme/q", quant="Q4_K_M")  # follows main
+        rng = np.random.default_rng(7)
+        moved = write_model_dir(tmp_path / "src" / "q2", {
+            "config.json": b"{}", "model-Q5_K_M.gguf": rng.bytes(MB), "model-Q8_0.gguf": rng.bytes(MB)})  # fmt: skip
+        store.import_dir(moved, "acme/q")  # main moves to a commit without Q4_K_M
+        old = next(r["commit_id"] for r in store.store.index.read("SELECT commit_id FROM revisions")
+                   if r["commit_id"] != store.resolve("acme/q"))  # fmt: skip
+        store.remove("acme/q", old)
+        with pytest.raises(BudgetExceededError):  # only one of Q5 and Q8 may go
+            store.store.budget.make_room(int(4.5 * MB), "test")
+        assert len(held_paths(store, "acme/q")) == 3, "nothing removed before the refusal"
+        assert [e.variant for e in store.store.budget.make_room(int(3.5 * MB), "test")] == ["Q5_K_M"]
+
+
+def test_a_pinned_variant_renamed_when_another_kind_goes_stays_pinned(store: Depot, tmp_path: Path) -> None:
+    """Variants' names depend on the files a revision holds (fp16 is onnx-fp16 beside a safetensors fp16):
+    a pin made under one name still keeps the variant once the other went and the name changed."""
+    rng = np.random.default_rng(3)
+    folder = write_model_dir(tmp_path / "src" / "o", {
+        "config.json": b"{}", "onnx/model.onnx": rng.bytes(MB // 2), "onnx/model_fp16.onnx": rng.bytes(MB // 2),
+        "onnx/model_quantized.onnx": rng.bytes(MB // 2), "model.fp16.safetensors": rng.bytes(MB // 2),
+    })  # fmt: skip
+    store.import_dir(folder, "acme/o")
+    store.pin("acme/o", quant="onnx-fp16")
+    time.sleep(0.01)
+    store.get_file("acme/o", "onnx/model.onnx")
+    store.get_file("acme/o", "onnx/model_quantized.onnx")
+    store.store.access.flush()
+    evicted = store.store.budget.make_room(int(1.6 * MB), "test")
+    assert [e.variant for e in evicted] == ["safetensors-fp16"]  # the least recently used
+    store.store.budget.make_room(int(2.9 * MB), "test")  # fp32 and q8 go; fp16 (pinned) does not
+    assert held_paths(store, "acme/o") == {"config.json", "onnx/model_fp16.onnx"}
+
+
+def test_a_variant_loaded_from_the_snapshot_folder_or_pulled_later_counts_as_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loader given the revision's folder (from_pretrained(path, variant=...)) reads unseen: every
+    variant of it counts as used then; and reads of a quant pulled into a commit read before count for it."""
+    with Depot(tmp_path / "upstream") as hub:
+        hub.import_dir(quants(tmp_path, "up/q"), "up/q")
+        node = LiveNode(hub)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)
+            with budgeted(tmp_path / "local", "10MiB", monkeypatch) as local:
+                local.pull("up/q", quants=["Q4_K_M"])
+                local.get_file("up/q", "model-Q4_K_M.gguf")  # (the commit's variants are known now)
+                local.pull("up/q", quants=["Q8_0"])  # one more variant in the same commit
+                local.store.access.flush()
+
+                def last_uses() -> dict[str, float]:
+                    local.store.access.flush()
+                    rows = local.store.index.read(
+                        "SELECT variant, last_access FROM access WHERE repo_id = 'up/q'"
+                    )
+                    return {r["variant"]: r["last_access"] for r in rows}
+
+                pulled = last_uses()
+                time.sleep(0.02)
+                local.get_file("up/q", "model-Q8_0.gguf")
+                read = last_uses()
+                assert read["Q8_0"] > pulled["Q8_0"] and read["Q4_K_M"] == pulled["Q4_K_M"]
+                time.sleep(0.02)
+                local.snapshot_path("up/q")
+                folder = last_uses()
+                assert folder["Q8_0"] > read["Q8_0"] and folder["Q4_K_M"] > read["Q4_K_M"]
+        finally:
+            node.stop()

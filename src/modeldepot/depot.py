@@ -215,7 +215,7 @@ class Depot:
         self._listings: dict[tuple[str, float], tuple[RemoteFile, ...]] = {}
         # (repo, commit) -> its files' variants by path, for the uses open_verified counts (a commit's
         # files only change by `rm --quant`, which takes the variant's files away with their names)
-        self._variant_files: dict[tuple[str, str], dict[str, str]] = {}
+        self._variant_files: dict[tuple[str, str], dict[str, str | None]] = {}
         self._download_limit: RateLimit | None = None  # (download_limit: one for all this depot's pulls)
         # What this process holds in memory of the store: kept from eviction, let go of once removed.
         self._held = HeldModels(self.store, lambda: self._preloader, lambda: self._engines)
@@ -419,7 +419,12 @@ class Depot:
     def snapshot_path(self, repo_id: str, revision: str = "main") -> Path:
         """The revision's folder, for ``from_pretrained(...)`` and other path-based loaders."""
         found = self.store.snapshot_path(repo_id, revision)
+        # A use of the repo, and of each of its variants: a loader given the folder (from_pretrained(path,
+        # variant="fp16")) reads what it reads unseen, and the budget must not take it for unused
         self.store.access.record(repo_id)
+        owners = self._variant_owners(repo_id, self.store.resolve(repo_id, revision))
+        for variant in {name for name in owners.values() if name is not None}:
+            self.store.access.record(repo_id, variant, count=0)
         return found
 
     def open_verified(self, blob: BlobRecord | FileEntry) -> VerifiedBlob:
@@ -445,15 +450,23 @@ class Depot:
 
     def _variant_of(self, repo_id: str, commit_id: str, path: str) -> str | None:
         """The variant ``path`` is one of in that commit (None: a shared file, or one of no variant)."""
+        return self._variant_owners(repo_id, commit_id, path).get(path)
+
+    def _variant_owners(self, repo_id: str, commit_id: str, path: str | None = None) -> dict[str, str | None]:
+        """Every file of that commit, and the variant it is one of (None: shared, or of no variant). Kept
+        per commit; read again when ``path`` is not among them (a pull added a variant to the commit since:
+        the names change with the files a commit holds, as fp16 becomes onnx-fp16 beside safetensors')."""
         key = (repo_id, commit_id)
         owners = self._variant_files.get(key)
-        if owners is None:
-            grouping = group_files(f.path for f in self.store.files(repo_id, commit_id))
-            owners = {p: v.name for v in grouping.variants for p in v.files}
+        if owners is None or (path is not None and path not in owners):
+            paths = [f.path for f in self.store.files(repo_id, commit_id)]
+            grouping = group_files(paths)
+            owners = dict.fromkeys(paths)
+            owners.update({p: v.name for v in grouping.variants for p in v.files})
             if len(self._variant_files) >= 256:
                 self._variant_files.clear()
             self._variant_files[key] = owners
-        return owners.get(path)
+        return owners
 
     def list_repos(self) -> list[RepoSummary]:
         return self.store.list_repos()

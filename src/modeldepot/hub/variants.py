@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["DetectedVariant", "Grouping", "group_files", "variants_own_files"]
+__all__ = ["DetectedVariant", "Grouping", "group_files", "variant_aliases", "variants_own_files"]
 
 # transformers.js DEFAULT_DTYPE_SUFFIX_MAPPING, longest suffix first so "_q4f16" wins over "_q4".
 _ONNX_SUFFIXES: tuple[tuple[str, str], ...] = (
@@ -109,10 +109,21 @@ class Grouping:
         return frozenset(path for path in variant.files if path not in others)
 
 
-def variants_own_files(paths: Iterable[str]) -> list[tuple[str, frozenset[str]]]:
-    """Each variant among ``paths``, with its own files (what the disk budget may evict of it)."""
+def variant_aliases(variant: DetectedVariant) -> frozenset[str]:
+    """The names a variant answers to, in lower case: its own, and with and without its kind. A revision
+    that holds ONNX and safetensors fp16 calls them onnx-fp16 and safetensors-fp16, one that holds one of
+    them calls it fp16: a pin or a use recorded under one name still finds it under the other."""
+    prefix = f"{variant.kind}-".lower()
+    name = variant.name.lower()
+    base = name[len(prefix) :] if name.startswith(prefix) else name
+    return frozenset({name, base, prefix + base})
+
+
+def variants_own_files(paths: Iterable[str]) -> list[tuple[str, frozenset[str], frozenset[str]]]:
+    """Each variant among ``paths``: its name, its own files (what the disk budget may evict of it) and
+    the names it answers to (:func:`variant_aliases`)."""
     grouping = group_files(paths)
-    return [(v.name, grouping.own_files(v)) for v in grouping.variants]
+    return [(v.name, grouping.own_files(v), variant_aliases(v)) for v in grouping.variants]
 
 
 def _onnx_dtype(stem: str) -> str:

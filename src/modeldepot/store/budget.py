@@ -71,8 +71,9 @@ DOWNLOADING_FRESH = (
 
 InUse = Callable[[], Iterable[tuple[str, str | None]]]
 """Names what is in use: (repo id, commit id), or (repo id, None) for every revision of the repo."""
-Variants = Callable[[list[str]], list[tuple[str, frozenset[str]]]]
-"""The variants among a revision's files: (name, its own files, those no other variant lists)."""
+Variants = Callable[[list[str]], list[tuple[str, frozenset[str], frozenset[str]]]]
+"""The variants among a revision's files: (name, its own files (those no other variant lists), the names in
+lower case a pin or a use of it may have been recorded under)."""
 PathsInUse = Callable[[], Mapping[tuple[str, str], set[str]]]
 """(repo id, commit id) -> the files of it in use (what the :data:`InUse` hooks name, file by file)."""
 
@@ -116,6 +117,7 @@ class _Unit:
     last_used: float
     variant: str | None = None
     files: frozenset[str] = field(default_factory=frozenset)
+    aliases: frozenset[str] = field(default_factory=frozenset)  # (lower case)
 
 
 @dataclass
@@ -135,7 +137,7 @@ class BudgetStatus(_Record):
     used_bytes: int  # the blobs' bytes (each content once)
     pinned_bytes: int  # the blobs pinned revisions use
     in_use_bytes: int  # ... and those of revisions in use (pinned or not), which no eviction removes either
-    evictions: int  # revisions evicted since the store was created
+    evictions: int  # revisions and variants evicted since the store was created
     evicted_bytes: int
     store_max_size: str | None = None  # the store's budget as saved ("200GiB", "80%"); None: none saved
     process_max_bytes: int | None = None  # this process's own cap (MODELDEPOT_MAX_SIZE); None: none
@@ -151,6 +153,7 @@ class DiskBudget:
         self._hooks: list[InUse] = []
         self._variants: Variants | None = None  # without: revisions go whole
         self._paths_in_use: PathsInUse | None = None
+        self._grouped: dict[tuple[str, str, int], list[tuple[str, frozenset[str], frozenset[str]]]] = {}
         self._evicted_hooks: list[Callable[[str], None]] = []
         self._writing: Counter[str] = Counter()
         self._reused: Counter[str] = Counter()  # blobs (SHA-256) writers found in the store and rely on
@@ -363,21 +366,22 @@ class DiskBudget:
             store_max_size=self.store_max_size,
             process_max_bytes=self.process_max_bytes,
             used_bytes=self.used_bytes(),
-            pinned_bytes=self._kept_bytes(pinned, self._units(pinned)),
-            in_use_bytes=self._kept_bytes(kept, self._units(kept), self._kept_blobs()),
+            pinned_bytes=self._kept_bytes(pinned),
+            in_use_bytes=self._kept_bytes(kept, blobs=self._kept_blobs()),
             evictions=int(self.store.index.setting("evictions") or 0),
             evicted_bytes=int(self.store.index.setting("evicted_bytes") or 0),
         )
 
-    def _kept_bytes(self, kept: _Kept, units: list[_Unit], blobs: Iterable[str] = ()) -> int:
-        """The bytes of the distinct blobs that stay when every unit of ``units`` has gone: those of the
-        revisions ``kept`` keeps, but for their variants that may go, and ``blobs``."""
+    def _kept_bytes(self, kept: _Kept, units: list[_Unit] | None = None, blobs: Iterable[str] = ()) -> int:
+        """The bytes of the distinct blobs that stay when every unit that may go has gone (``units``, or
+        worked out here when some are needed): those of the revisions ``kept`` keeps, but for their variants
+        that may go, and ``blobs``."""
         partly = {key for key in (*kept.parts, *kept.pinned_variants)
                   if key not in kept.commits and key[0] not in kept.repos}  # fmt: skip
         if not partly:
             return self._bytes_of(kept.commits, kept.repos, blobs)
         going: dict[tuple[str, str], set[str]] = {}
-        for unit in units:
+        for unit in self._units(kept) if units is None else units:
             if unit.variant is not None:
                 going.setdefault((unit.repo_id, unit.commit_id), set()).update(unit.files)
         staying = set(blobs)
@@ -393,15 +397,17 @@ class DiskBudget:
         budget = self.max_bytes
         if budget is None or needed <= 0:
             return
-        kept = self._kept(writer)
         with self._lock:
             others = self._reserved - (writer.reserved if writer else 0)
-        kept_bytes = self._kept_bytes(kept, self._units(kept), self._kept_blobs()) + others
+        if self.used_bytes() + others + needed <= budget:
+            return  # (fits without evicting anything: the common case, one indexed sum)
+        kept = self._kept(writer)
+        kept_bytes = self._kept_bytes(kept, blobs=self._kept_blobs()) + others
         self._refuse_if_too_big(needed, budget, kept_bytes, doing, writer)
 
     def make_room(self, needed: int, doing: str, writer: BudgetWriter | None = None) -> list[Eviction]:
-        """Evict the least recently used revisions until ``needed`` new bytes fit in the budget (no-op
-        without one). Raises :class:`BudgetExceededError`, having removed nothing, when they cannot fit
+        """Evict the least recently used revisions and variants until ``needed`` new bytes fit in the budget
+        (no-op without one). Raises :class:`BudgetExceededError`, having removed nothing, when they cannot fit
         even after every revision that may go is gone."""
         budget = self.max_bytes
         if budget is None or needed <= 0:
@@ -409,8 +415,8 @@ class DiskBudget:
         return self._evict_to(budget - needed, needed, doing, writer)
 
     def shrink(self, max_bytes: int | None = None) -> list[Eviction]:
-        """Evict the least recently used revisions until the store is within ``max_bytes`` (default: the
-        budget); as far as it can when pins and uses keep it above."""
+        """Evict the least recently used revisions and variants until the store is within ``max_bytes``
+        (default: the budget); as far as it can when pins and uses keep it above."""
         limit = self.max_bytes if max_bytes is None else max_bytes
         if limit is None:
             return []
@@ -455,7 +461,7 @@ class DiskBudget:
         kept = self._kept(writer)
         units = self._units(kept)
         if not partial:  # (others' writes in use)
-            kept_bytes = self._kept_bytes(kept, units, self._kept_blobs()) + others
+            kept_bytes = self._kept_bytes(kept, units, blobs=self._kept_blobs()) + others
             self._refuse_if_too_big(needed, limit + needed, kept_bytes, doing, writer)
         evicted: list[Eviction] = []
         for unit in units:
@@ -486,7 +492,7 @@ class DiskBudget:
             else:
                 assert self._variants is not None
                 now = self._variants([e.path for e in self.store.files(unit.repo_id, unit.commit_id)])
-                own = {name.lower(): files for name, files in now}.get(unit.variant.lower())
+                own = next((files for _, files, aliases in now if unit.variant.lower() in aliases), None)
                 if len(now) < 2 or not own:
                     return None  # (the last variant goes with its revision, by the repo's last use)
                 result = remove_files(self.store, unit.repo_id, unit.commit_id, own, keep_blobs=keep)
@@ -538,15 +544,26 @@ class DiskBudget:
         of their files in use."""
         if self._variants is None or len(paths) < 2:
             return []
-        variants = self._variants(paths)
+        grouped = (key[0], key[1], hash(frozenset(paths)))  # (the files a commit holds change: rm, a pull)
+        variants = self._grouped.get(grouped)
+        if variants is None:
+            if len(self._grouped) >= 10_000:
+                self._grouped.clear()
+            variants = self._grouped[grouped] = self._variants(paths)
         if len(variants) < 2:
             return []
         in_use, pinned = kept.parts.get(key, set()), kept.pinned_variants.get(key, set())
-        return [
-            _Unit(*key, max(created, variant_access.get((key[0], name.lower()), 0.0)), name, files)
-            for name, files in variants
-            if files and name.lower() not in pinned and not files & in_use
-        ]
+        units = []
+        for name, files, aliases in variants:
+            if files and not aliases & pinned and not files & in_use:
+                used = max([created, *(variant_access.get((key[0], alias), 0.0) for alias in aliases)])
+                units.append(_Unit(*key, used, name, files, aliases))
+        if len(units) == len(variants) and (key in kept.parts or key in kept.pinned_variants):
+            # A revision kept (in use, or a pin that names none of its variants now: its branch moved) whose
+            # every variant may go: its last stays with it, the most recently used, as least-recently-used
+            # order would leave it; counted as staying, so that what cannot fit is refused before a removal.
+            units.remove(max(units, key=lambda u: (u.last_used, u.variant or "")))
+        return units
 
     def _count(self, eviction: Eviction) -> None:
         with self.store.index.write("counting an eviction") as con:
