@@ -6,7 +6,10 @@ tests' network namespaces do)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -25,10 +28,10 @@ from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors.numpy import save_file
 
 from conftest import SMALL_CHUNK, LiveNode, free_port, wait_for_port, write_model_dir
-from fleetnodes import base_env
+from fleetnodes import base_env, modeldepot
 from modeldepot import Depot
 from modeldepot.cli import cli
-from modeldepot.errors import CorruptBlobError, ReadOnlyStoreError
+from modeldepot.errors import CorruptBlobError, NotFoundError, ReadOnlyStoreError
 from test_load import REPO as ONNX_REPO
 from test_load import write_repo as write_onnx_repo
 
@@ -71,6 +74,17 @@ def made_store(tmp_path: Path) -> Path:
         depot.import_dir(quants, "acme/q")
         depot.import_dir(write_onnx_repo(tmp_path / "src" / "onnx"), ONNX_REPO)
     return home
+
+
+def made_source(tmp_path: Path) -> Path:
+    """A repo folder with two safetensors variants (fp32 "safetensors" and "fp16") and a config."""
+    folder = tmp_path / "src" / "two"
+    folder.mkdir(parents=True)
+    weights = np.arange(256, dtype=np.float32).reshape(16, 16)
+    save_file({"w": weights}, str(folder / "model.safetensors"))
+    save_file({"w": weights.astype(np.float16)}, str(folder / "model.fp16.safetensors"))
+    (folder / "config.json").write_text("{}")
+    return folder
 
 
 def tree(home: Path) -> dict[str, tuple[int, float]]:
@@ -168,6 +182,7 @@ def test_a_corrupt_blob_is_refused_and_left_in_place(tmp_path: Path, read_only: 
                 with pytest.raises(CorruptBlobError) as caught:
                     depot.get_file("acme/q", path)
                 assert caught.value.sha256 == sha256
+                assert "the store is read-only, so it stays in place" in str(caught.value)
         node = LiveNode(depot)
         try:
             with pytest.raises(urllib.error.HTTPError) as refused:
@@ -227,3 +242,71 @@ def test_modeldepot_serve_on_a_read_only_store_with_a_budget(tmp_path: Path, rea
         process.terminate()
         process.wait(30)
     assert "read-only mount" in log.read_text(), log.read_text()
+
+
+def test_a_store_pulled_with_the_cli_and_synced_is_served_read_only(
+    tmp_path: Path, read_only: Mount, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The image-baking path: `modeldepot pull` then `modeldepot sync` in a build step, the store mounted
+    read-only elsewhere (another boot). A pull leaves its marks (a lock file per repo pulled, a write-ahead
+    log its threads' connections kept), and the store opened read-only all the same: status, info, a scan,
+    no rehash of what sync made durable, no pull, and loads without a writable temporary folder."""
+    with Depot(tmp_path / "upstream") as upstream:
+        upstream.import_dir(made_source(tmp_path), "acme/q")
+        node = LiveNode(upstream)
+        try:
+            env = base_env(HF_ENDPOINT=node.url)
+            home = tmp_path / "baked"
+            modeldepot("pull", "acme/q", "--quant", "safetensors", "--home", str(home), env=env)
+            unsynced = tmp_path / "unsynced"
+            shutil.copytree(home, unsynced, symlinks=True)  # (as a build step without `sync` leaves it)
+            modeldepot("sync", "--home", str(home), env=env)
+            mounted = read_only(home)
+            monkeypatch.setenv("MODELDEPOT_BOOT_ID", "another-machine")
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)
+            views = tmp_path / "no-temp"
+            views.mkdir()
+            monkeypatch.setattr(tempfile, "tempdir", str(read_only(views)))  # (a read-only /tmp)
+            with Depot(mounted) as depot:
+                assert depot.store.read_only and depot.store.durability.unchecked() == 0
+                manifest = depot.get_manifest("acme/q")
+                statuses = {v.name: v.status for v in manifest.variants}
+                assert statuses == {"safetensors": "downloaded", "fp16": "available"}
+                assert depot.scan_repo("acme/q").commit_id == manifest.commit_id  # (shown, not kept)
+                with pytest.raises(ReadOnlyStoreError):
+                    asyncio.run(depot.pull_async("acme/q", ["fp16"], manifest=manifest))
+                with pytest.raises(NotFoundError, match="pulling it failed too: .* read-only file system"):
+                    depot.load("acme/q", quant="fp16", engine="safetensors")  # (missing: it would pull)
+                assert depot.load("acme/q", quant="safetensors", engine="safetensors")["w"].shape == (16, 16)
+            for command in (["status", "acme/q"], ["info", "acme/q"], ["ls"]):
+                done = modeldepot(*command, "--home", str(mounted), env=env)
+                assert "Traceback" not in done.stderr, done.stderr
+            caplog.set_level(logging.WARNING, logger="modeldepot.store.durability")
+            with Depot(
+                read_only(unsynced)
+            ) as depot:  # not synced: checked at first read, said how to avoid it
+                assert depot.store.durability.unchecked() > 0 and depot.store.durability._thread is None
+                assert "modeldepot sync" in caplog.text
+                assert bytes(depot.get_file("acme/q", "config.json")) == b"{}"
+        finally:
+            node.stop()
+
+
+def test_a_read_only_node_refuses_pulls_with_503_and_does_not_mirror(
+    tmp_path: Path, read_only: Mount
+) -> None:
+    home = made_store(tmp_path)
+    with Depot(read_only(home)) as depot:
+        node = LiveNode(depot, token="secret", mirror=True)
+        try:
+            request = urllib.request.Request(
+                f"{node.url}/api/depot/v1/pulls", data=json.dumps({"repo": "acme/q"}).encode(), method="POST",
+                headers={"Authorization": "Bearer secret", "Content-Type": "application/json"},
+            )  # fmt: skip
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            refused.value.close()
+            assert (refused.value.code, refused.value.headers["X-Error-Code"]) == (503, "ReadOnlyStore")
+        finally:
+            node.stop()

@@ -599,6 +599,7 @@ class Depot:
             self.pull_async(repo_id, quants, revision=revision, progress=progress, manifest=manifest)
         )
 
+    @_writes
     async def pull_async(
         self,
         repo_id: str,

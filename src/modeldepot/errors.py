@@ -173,10 +173,16 @@ class IntegrityError(DepotError):
 
 
 class CorruptBlobError(IntegrityError):
-    def __init__(self, sha256: str, detail: str) -> None:
+    def __init__(self, sha256: str, detail: str, kept_in_place: bool = False) -> None:
+        # (kept_in_place: the store is read-only, nothing could be moved or fetched again there)
         super().__init__(
-            f"blob {sha256[:16]}… is corrupt ({detail}); it is quarantined and will not be served. "
-            "Import or pull the file again to restore it."
+            f"blob {sha256[:16]}… is corrupt ({detail}); "
+            + (
+                "the store is read-only, so it stays in place and this process does not serve it: repair the "
+                "store where it is writable (modeldepot verify, then pull or import the file again)"
+                if kept_in_place
+                else "it is quarantined and will not be served. Import or pull the file again to restore it."
+            )
         )
         self.sha256 = sha256
         self.detail = detail

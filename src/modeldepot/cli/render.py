@@ -303,10 +303,13 @@ def render_verify(report: VerifyReport) -> None:
     if report.ok:
         out.print(f"[green]ok[/green]: {summary}")
     else:
-        out.print(
-            f"[red]{len(report.problems)} problem(s)[/red]: {summary}. Corrupt blobs are quarantined and "
-            "never served; import or pull the affected files again."
+        fix = (
+            "The store is read-only: corrupt blobs stay in place, and each process refuses them; repair it "
+            "where it is writable (verify there, then import or pull the affected files again)."
+            if report.read_only
+            else "Corrupt blobs are quarantined and never served; import or pull the affected files again."
         )
+        out.print(f"[red]{len(report.problems)} problem(s)[/red]: {summary}. {fix}")
 
 
 def render_remove(result: RemoveResult) -> None:

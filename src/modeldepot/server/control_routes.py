@@ -43,6 +43,7 @@ from modeldepot.errors import (
     DepotError,
     InvalidInputError,
     NotFoundError,
+    ReadOnlyStoreError,
     RepoNotFoundError,
     RevisionNotFoundError,
 )
@@ -299,6 +300,10 @@ class PullJobs:
     async def start(self, depot: Depot, repo_id: str, revision: str, quants: Quants) -> tuple[PullJob, bool]:
         """The pull of ``quants`` of ``repo_id`` at ``revision``, and whether it is new. The repo is scanned
         first (through the depot's source chain): an unknown repo or variant raises, and nothing starts."""
+        if depot.store.read_only:  # (a 503 now, not a 202 for a job that fails at its first write)
+            raise ReadOnlyStoreError(
+                f"the store at {depot.home} is on a read-only file system: it pulls nothing"
+            )
         key = _key(repo_id, revision, quants)
         running = self._running.get(key)
         if running is not None:

@@ -61,6 +61,10 @@ def run_server(
     open_files = raise_open_file_limit()  # before the runner sizes its total cap from it
     cluster = depot.config.cluster
     fleet = NodeFleet(depot, cluster, depot.config.cluster_prefix) if cluster else None
+    if mirror and depot.store.read_only:
+        log.warning("not mirroring: the store is on a read-only mount, so this node serves what it holds and "
+                    "answers 404 for the rest (serve a writable store to mirror %s)", depot.config.hub_endpoint)  # fmt: skip
+        mirror = False
     app = create_app(depot, token, mirror=mirror, fleet=fleet)
     mode = "token required" if token else "no token: private repos are not served; control: the control token"
     if mirror:

@@ -78,7 +78,14 @@ class Durability:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        if self._unchecked:
+        if self._unchecked and read_only:  # (each process would rehash the whole store at each start)
+            log.warning(
+                "%d blob(s) were written under another boot (or machine) and not known to have reached the disk: "
+                "the store is read-only, so each is rehashed at its first read by each process. Run `modeldepot "
+                "sync` where the store is written before you make it read-only (an image's build step)",
+                len(self._unchecked),
+            )
+        elif self._unchecked:
             log.warning(
                 "%d blob(s) were written before the machine last started and may not have reached the disk: "
                 "each is checked before it is read (in the background meanwhile)",
@@ -111,7 +118,8 @@ class Durability:
                 self._unchecked.discard(sha256)
                 self._checking.pop(sha256, None)
         if problem is not None:
-            raise CorruptBlobError(sha256, f"{problem} (it was written before a restart of the machine)")
+            raise CorruptBlobError(sha256, f"{problem} (it was written before a restart of the machine)",
+                                   kept_in_place=self.read_only)  # fmt: skip
 
     def _check_one(self, sha256: str) -> str | None:
         rows = self.index.read(

@@ -423,6 +423,12 @@ class Index:
     def close(self) -> None:
         con: sqlite3.Connection | None = getattr(self._local, "con", None)
         if con is not None and getattr(self._local, "pid", None) == os.getpid():
+            if not self.read_only:
+                # The write-ahead log merged into the index now: other threads' connections (a pull's) may
+                # stay open until the process ends without one more word (the CLI ends at once), and a store
+                # left with a log to merge cannot be read from a read-only mount
+                with suppress(sqlite3.Error):
+                    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             con.close()
         self._local.con = None
         if self.reserve.released:  # closing the last connection removed the -wal and -shm files

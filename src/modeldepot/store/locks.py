@@ -47,7 +47,7 @@ def lock_is_held(path: Path) -> bool | None:
     """Whether a live process holds a ``flock`` on ``path`` (shared or exclusive); None when there is no
     such file. The kernel drops a dead process's locks, so a held lock means a live holder."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # (flock needs no write access: a read-only mount)
     except FileNotFoundError:
         return None
     try:

@@ -108,6 +108,7 @@ def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | 
         index_ok=index_ok,
         snapshots_repaired=repaired,
         seconds=time.monotonic() - started,
+        read_only=store.read_only,
     )
 
 

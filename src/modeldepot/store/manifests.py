@@ -55,14 +55,18 @@ class ManifestRecord:
 class ManifestStore:
     def __init__(self, index: Index) -> None:
         self.index = index
+        self._scanned: dict[str, ManifestRecord] = {}  # (read-only store) this process's scans, by repo
 
     def save(self, repo_id: str, revision: str, commit_id: str, body: str, statuses: dict[str, str]) -> None:
         """Record a fresh scan. Variants keep their status unless the scan says otherwise (a new commit
         resets them); variants that disappeared are dropped."""
         validate_repo_id(repo_id)
-        if self.index.read_only:
-            return  # (a scan of a read-only store's repo is shown, not kept: nothing can be pulled there)
         now = time.time()
+        if self.index.read_only:  # (kept by this process alone: nothing is written, nor pulled, there)
+            records = {name: VariantStatusRecord(name, status, 0, None, None, None, now)
+                       for name, status in statuses.items()}  # fmt: skip
+            self._scanned[repo_id] = ManifestRecord(repo_id, revision, commit_id, body, now, records)
+            return
         with self.index.write(f"recording the manifest of {repo_id}") as con:
             old = con.execute("SELECT commit_id FROM manifests WHERE repo_id = ?", (repo_id,)).fetchone()
             if old is not None and old[0] != commit_id:
@@ -88,11 +92,15 @@ class ManifestStore:
 
     def scanned_commit(self, repo_id: str) -> tuple[str, float] | None:
         """(commit id, when scanned) of the repo's saved scan, or None: a look without reading its body."""
+        if repo_id in self._scanned:
+            return self._scanned[repo_id].commit_id, self._scanned[repo_id].scanned_at
         rows = self.index.read("SELECT commit_id, scanned_at FROM manifests WHERE repo_id = ?", (repo_id,))
         return (str(rows[0]["commit_id"]), float(rows[0]["scanned_at"])) if rows else None
 
     def load(self, repo_id: str) -> ManifestRecord:
         validate_repo_id(repo_id)
+        if repo_id in self._scanned:
+            return self._scanned[repo_id]
         rows = self.index.read("SELECT * FROM manifests WHERE repo_id = ?", (repo_id,))
         if not rows:
             raise NotFoundError(f"{repo_id} has not been scanned yet: run `modeldepot scan {repo_id}`")

@@ -121,6 +121,7 @@ class VerifyReport(_Record):
     index_ok: bool
     snapshots_repaired: int
     seconds: float
+    read_only: bool = False  # the store is: a corrupt blob stays in place, refused by each process
 
     @property
     def ok(self) -> bool:

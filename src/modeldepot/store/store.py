@@ -15,7 +15,6 @@ import mmap
 import os
 import re
 import sqlite3
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -34,6 +33,7 @@ from modeldepot.errors import (
     NotFoundError,
     RepoNotFoundError,
     RevisionNotFoundError,
+    StoreError,
     StoreFullError,
 )
 from modeldepot.hashing import BlobDigest, chunk_count, digest_stream
@@ -276,9 +276,7 @@ class Store:
         """:meth:`open_fd`, and the placement (:meth:`placement`) it opened."""
         self.durability.ensure_checked(blob.sha256)
         if blob.sha256 in self._refused:  # (after the check: one another thread made may have found it so)
-            raise CorruptBlobError(
-                blob.sha256, "found corrupt before (the store is read-only: it was left in place)"
-            )
+            raise CorruptBlobError(blob.sha256, "found so before", kept_in_place=True)
         seen = self._check_if_changed(blob)
         try:
             return self.blobs.open(blob.sha256, blob.size), seen
@@ -290,6 +288,8 @@ class Store:
                 if again and now != seen:
                     # removed and published again since it was looked at: the new file is another placement
                     return self._open_fd_seen(blob, again=False)
+            if self.read_only:
+                raise CorruptBlobError(error.sha256, error.detail, kept_in_place=True) from None
             raise error from None
 
     def check_if_changed(self, blob: BlobRecord | FileEntry) -> None:
@@ -319,7 +319,8 @@ class Store:
         if found is not None:
             if self.quarantine(blob.sha256, seen) is None and self.placement(blob.sha256) != seen:
                 return self.placement(blob.sha256)  # published again meanwhile: that one is checked on open
-            raise CorruptBlobError(blob.sha256, f"{found[1]} (its file was changed after it was stored)")
+            raise CorruptBlobError(blob.sha256, f"{found[1]} (its file was changed after it was stored)",
+                                   kept_in_place=self.read_only)  # fmt: skip
         # (never before the mtime it was checked at: a clock set back must not make every read rehash)
         self.record_verified(blob.sha256, max(time.time(), modified))
         return seen
@@ -375,7 +376,9 @@ class Store:
             raise _removed(blob)
         fd, seen = self._open_fd_seen(blob)
         try:
-            return VerifiedBlob(blob, fd, digests, functools.partial(self.quarantine, seen=seen))
+            return VerifiedBlob(
+                blob, fd, digests, functools.partial(self.quarantine, seen=seen), self.read_only
+            )
         except OSError as error:
             raise os_error(error, f"mapping blob {blob.sha256[:16]}…") from error
 
@@ -564,10 +567,10 @@ class Store:
         """One folder of a revision, its subfolders included (external data may be kept in one), as hard
         links (real files, not symlinks) in a private folder under tmp/, removed on exit. For loaders that
         refuse a path leading out of the model's folder: onnxruntime resolves symlinks and rejects external
-        data that "escapes" the model directory. On a read-only store, where no link can be made, the folder
-        is made outside the store (the system's temporary folder) of symbolic links to the blobs."""
+        data that "escapes" the model directory. On a read-only store, where no link can be made, it is the
+        folder in the revision's snapshot (symbolic links to the blobs)."""
         if self.read_only:
-            with self._symlinked_folder(repo_id, commit_id, folder) as view:
+            with self._snapshot_folder(repo_id, commit_id, folder) as view:
                 yield view
             return
         with WriteSession(self.layout) as session:
@@ -593,25 +596,25 @@ class Store:
             yield view
 
     @contextlib.contextmanager
-    def _symlinked_folder(self, repo_id: str, commit_id: str, folder: str) -> Iterator[Path]:
+    def _snapshot_folder(self, repo_id: str, commit_id: str, folder: str) -> Iterator[Path]:
+        """(A read-only store.) The folder in the revision's own snapshot: its links to the blobs are what
+        a view made of links would be, and nothing need be made (a read-only container's /tmp may be
+        read-only too)."""
         prefix = f"{folder}/" if folder else ""
-        with tempfile.TemporaryDirectory(prefix="modeldepot-view-") as temporary:
-            view = Path(temporary) / "view"
-            view.mkdir()
-            for entry in self.files(repo_id, commit_id):
-                if not entry.path.startswith(prefix):
-                    continue
-                name = entry.path[len(prefix) :]
-                try:
-                    os.close(self.open_fd(entry))  # there, with the right size, not found corrupt
-                except (CorruptBlobError, NotFoundError):
-                    if "/" not in name:
-                        raise
-                    continue
-                link = self.layout.snapshot_file(view, name)
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(self.blobs.path(entry.sha256))
-            yield view
+        entries = self.files(repo_id, commit_id)
+        for entry in entries:
+            if not entry.path.startswith(prefix):
+                continue
+            try:
+                os.close(self.open_fd(entry))  # there, with the right size, not found corrupt
+            except (CorruptBlobError, NotFoundError):
+                if "/" not in entry.path[len(prefix) :]:
+                    raise  # the folder's own files: the model's, or its external data
+        if not self.snapshots.is_complete(repo_id, commit_id, [(e.path, e.sha256) for e in entries]):
+            raise StoreError(f"the snapshot folder of {repo_id}@{commit_id[:12]} is incomplete, and the store is "
+                             "read-only: repair it where it is writable (modeldepot verify)")  # fmt: skip
+        root = self.snapshots.path(repo_id, commit_id)
+        yield self.layout.snapshot_file(root, folder) if folder else root
 
     def file_path(self, repo_id: str, path: str, revision: str = "main") -> Path:
         """A real path to the file, with its repo-relative name (engines find sibling files by name)."""

@@ -36,9 +36,11 @@ class VerifiedBlob:
     by_sendfile = True  # whether a sender may send a checked chunk from ``file`` (else from :meth:`view`)
 
     def __init__(
-        self, blob: BlobRecord, fd: int, digests: list[str], quarantine: Callable[[str], object]
-    ) -> None:
+        self, blob: BlobRecord, fd: int, digests: list[str], quarantine: Callable[[str], object],
+        kept_in_place: bool = False,
+    ) -> None:  # fmt: skip
         self.blob = blob
+        self._kept_in_place = kept_in_place  # (a read-only store: a bad blob is refused, not moved)
         self.file = io.FileIO(fd, "rb", closefd=True)
         self._digests = digests
         self._quarantine = quarantine
@@ -89,7 +91,8 @@ class VerifiedBlob:
             actual = blake3.blake3(data).hexdigest()
         if actual != expected:
             self._quarantine(self.blob.sha256)
-            raise CorruptBlobError(self.blob.sha256, f"chunk {index} does not match its BLAKE3 digest")
+            raise CorruptBlobError(self.blob.sha256, f"chunk {index} does not match its BLAKE3 digest",
+                                   kept_in_place=self._kept_in_place)  # fmt: skip
         return actual
 
     def _check_index(self, index: int) -> None:
