@@ -276,7 +276,7 @@ def test_a_store_pulled_with_the_cli_and_synced_is_served_read_only(
                 assert depot.scan_repo("acme/q").commit_id == manifest.commit_id  # (shown, not kept)
                 with pytest.raises(ReadOnlyStoreError):
                     asyncio.run(depot.pull_async("acme/q", ["fp16"], manifest=manifest))
-                with pytest.raises(NotFoundError, match="pulling it failed too: .* read-only file system"):
+                with pytest.raises(NotFoundError, match=r"pulling it failed too: .* read-only file system"):
                     depot.load("acme/q", quant="fp16", engine="safetensors")  # (missing: it would pull)
                 assert depot.load("acme/q", quant="safetensors", engine="safetensors")["w"].shape == (16, 16)
             for command in (["status", "acme/q"], ["info", "acme/q"], ["ls"]):

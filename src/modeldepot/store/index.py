@@ -324,6 +324,7 @@ class Index:
     def __init__(self, path: Path, setup_lock: Path, read_only: bool = False) -> None:
         self.path = path
         self.read_only = read_only
+        self._wrote = False  # a transaction of this process committed (its close then merges the log)
         self.reserve = SpaceReserve(path.parent / "reserve", path)
         self._local = threading.local()
         if read_only:
@@ -423,11 +424,13 @@ class Index:
     def close(self) -> None:
         con: sqlite3.Connection | None = getattr(self._local, "con", None)
         if con is not None and getattr(self._local, "pid", None) == os.getpid():
-            if not self.read_only:
+            if self._wrote:
                 # The write-ahead log merged into the index now: other threads' connections (a pull's) may
                 # stay open until the process ends without one more word (the CLI ends at once), and a store
-                # left with a log to merge cannot be read from a read-only mount
-                with suppress(sqlite3.Error):
+                # left with a log to merge cannot be read from a read-only mount. (Not after reads alone: a
+                # command that only read leaves the index's files as they were.)
+                with suppress(sqlite3.Error):  # (not waiting on another process: it merges it when it ends)
+                    con.execute("PRAGMA busy_timeout = 100")
                     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             con.close()
         self._local.con = None
@@ -450,6 +453,7 @@ class Index:
         try:
             yield con
             con.execute("COMMIT")
+            self._wrote = True
         except BaseException as exc:
             if con.in_transaction:
                 con.execute("ROLLBACK")
