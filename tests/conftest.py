@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import gc
 import importlib
 import importlib.util
 import json
 import os
 import stat
+import subprocess
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -427,3 +430,60 @@ class InProcessNode:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+class Mounts:
+    """Real mounts a test makes (root, CAP_SYS_ADMIN: as CI runs the suite), each unmounted at its end; one
+    still in use then (a file left open) fails the test."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.mounted: list[Path] = []
+
+    def _run(self, *commands: list[str]) -> None:
+        for command in commands:
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                pytest.fail(f"`{' '.join(command)}` failed ({done.stderr.strip()}): these tests need root, "
+                            "allowed to mount (CAP_SYS_ADMIN), on Linux")  # fmt: skip
+
+    def _target(self, kind: str) -> Path:
+        target = self.root / f"{kind}-{len(self.mounted)}"
+        target.mkdir()
+        return target
+
+    def tmpfs(self, options: str) -> Path:
+        """A fresh tmpfs (``options`` e.g. ``"size=2m"``); its root."""
+        target = self._target("tmpfs")
+        self._run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)])
+        self.mounted.append(target)
+        return target
+
+    def read_only(self, source: Path) -> Path:
+        """``source`` again, on a read-only bind mount."""
+        target = self._target("read-only")
+        self._run(["mount", "--bind", str(source), str(target)])
+        self.mounted.append(target)
+        self._run(["mount", "-o", "remount,bind,ro", str(target)])
+        return target
+
+    def unmount_all(self) -> None:
+        gc.collect()  # (a server's finished worker threads leave their index connections to the collector)
+        busy = []
+        for target in reversed(self.mounted):
+            for _ in range(20):  # (a server's thread may be letting go of a file: a leak stays, it does not)
+                if subprocess.run(["umount", str(target)], capture_output=True, check=False).returncode == 0:
+                    break
+                gc.collect()
+                time.sleep(0.1)
+            else:
+                subprocess.run(["umount", "--lazy", str(target)], check=True)
+                busy.append(target)
+        assert busy == [], f"mounts still in use at the end of the test (a file left open?): {busy}"
+
+
+@pytest.fixture
+def mounts(tmp_path: Path) -> Iterator[Mounts]:
+    made = Mounts(tmp_path)
+    yield made
+    made.unmount_all()

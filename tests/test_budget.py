@@ -565,29 +565,35 @@ def test_a_preloaded_quant_stays_while_its_revisions_other_quant_goes(store: Dep
         store.store.budget.make_room(int(2.6 * MB), "test")
 
 
-def test_a_quant_pulled_into_an_older_revision_is_not_the_first_to_go(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A pull is a use of each variant it pulls: Q4 pulled today into the revision Q8 came with last week
-    stays, Q8 goes (by the revision's age alone, the two tied and Q4 went by its name)."""
+@pytest.fixture
+def quants_upstream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveNode]:
+    """A node serving ``up/q`` (two quants and a config), named by HF_ENDPOINT."""
     with Depot(tmp_path / "upstream") as hub:
         hub.import_dir(quants(tmp_path, "up/q"), "up/q")
         node = LiveNode(hub)
         try:
             monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
             monkeypatch.setenv("HF_ENDPOINT", node.url)
-            with budgeted(tmp_path / "local", "3.5MiB", monkeypatch) as local:
-                local.pull("up/q", quants=["Q8_0"])
-                time.sleep(0.01)
-                local.pull("up/q", quants=["Q4_K_M"])
-                assert held_paths(local, "up/q") == {"config.json", "model-Q4_K_M.gguf", "model-Q8_0.gguf"}
-                evicted = local.store.budget.make_room(int(1.7 * MB), "test")
-                assert [(e.repo_id, e.variant) for e in evicted] == [("up/q", "Q8_0")]
-                assert {v.name: v.status for v in local.get_manifest("up/q").variants} == {
-                    "Q4_K_M": "downloaded", "Q8_0": "available"}  # fmt: skip
-                assert store_files_consistent(local) == []
+            yield node
         finally:
             node.stop()
+
+
+def test_a_quant_pulled_into_an_older_revision_is_not_the_first_to_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quants_upstream: LiveNode
+) -> None:
+    """A pull is a use of each variant it pulls: Q4 pulled today into the revision Q8 came with last week
+    stays, Q8 goes (by the revision's age alone, the two tied and Q4 went by its name)."""
+    with budgeted(tmp_path / "local", "3.5MiB", monkeypatch) as local:
+        local.pull("up/q", quants=["Q8_0"])
+        time.sleep(0.01)
+        local.pull("up/q", quants=["Q4_K_M"])
+        assert held_paths(local, "up/q") == {"config.json", "model-Q4_K_M.gguf", "model-Q8_0.gguf"}
+        evicted = local.store.budget.make_room(int(1.7 * MB), "test")
+        assert [(e.repo_id, e.variant) for e in evicted] == [("up/q", "Q8_0")]
+        assert {v.name: v.status for v in local.get_manifest("up/q").variants} == {
+            "Q4_K_M": "downloaded", "Q8_0": "available"}  # fmt: skip
+        assert store_files_consistent(local) == []
 
 
 def test_a_kept_revision_keeps_one_variant_and_what_cannot_fit_is_refused_first(
@@ -633,37 +639,26 @@ def test_a_pinned_variant_renamed_when_another_kind_goes_stays_pinned(store: Dep
 
 
 def test_a_variant_loaded_from_the_snapshot_folder_or_pulled_later_counts_as_used(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quants_upstream: LiveNode
 ) -> None:
     """A loader given the revision's folder (from_pretrained(path, variant=...)) reads unseen: every
     variant of it counts as used then; and reads of a quant pulled into a commit read before count for it."""
-    with Depot(tmp_path / "upstream") as hub:
-        hub.import_dir(quants(tmp_path, "up/q"), "up/q")
-        node = LiveNode(hub)
-        try:
-            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.setenv("HF_ENDPOINT", node.url)
-            with budgeted(tmp_path / "local", "10MiB", monkeypatch) as local:
-                local.pull("up/q", quants=["Q4_K_M"])
-                local.get_file("up/q", "model-Q4_K_M.gguf")  # (the commit's variants are known now)
-                local.pull("up/q", quants=["Q8_0"])  # one more variant in the same commit
-                local.store.access.flush()
+    with budgeted(tmp_path / "local", "10MiB", monkeypatch) as local:
+        local.pull("up/q", quants=["Q4_K_M"])
+        local.get_file("up/q", "model-Q4_K_M.gguf")  # (the commit's variants are known now)
+        local.pull("up/q", quants=["Q8_0"])  # one more variant in the same commit
 
-                def last_uses() -> dict[str, float]:
-                    local.store.access.flush()
-                    rows = local.store.index.read(
-                        "SELECT variant, last_access FROM access WHERE repo_id = 'up/q'"
-                    )
-                    return {r["variant"]: r["last_access"] for r in rows}
+        def last_uses() -> dict[str, float]:
+            local.store.access.flush()
+            rows = local.store.index.read("SELECT variant, last_access FROM access WHERE repo_id = 'up/q'")
+            return {r["variant"]: r["last_access"] for r in rows}
 
-                pulled = last_uses()
-                time.sleep(0.02)
-                local.get_file("up/q", "model-Q8_0.gguf")
-                read = last_uses()
-                assert read["Q8_0"] > pulled["Q8_0"] and read["Q4_K_M"] == pulled["Q4_K_M"]
-                time.sleep(0.02)
-                local.snapshot_path("up/q")
-                folder = last_uses()
-                assert folder["Q8_0"] > read["Q8_0"] and folder["Q4_K_M"] > read["Q4_K_M"]
-        finally:
-            node.stop()
+        pulled = last_uses()
+        time.sleep(0.02)
+        local.get_file("up/q", "model-Q8_0.gguf")
+        read = last_uses()
+        assert read["Q8_0"] > pulled["Q8_0"] and read["Q4_K_M"] == pulled["Q4_K_M"]
+        time.sleep(0.02)
+        local.snapshot_path("up/q")
+        folder = last_uses()
+        assert folder["Q8_0"] > read["Q8_0"] and folder["Q4_K_M"] > read["Q4_K_M"]

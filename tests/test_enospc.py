@@ -6,7 +6,6 @@ Linux only, as root (CI runs so): each test mounts its own tmpfs and unmounts it
 from __future__ import annotations
 
 import errno
-import gc
 import hashlib
 import json
 import os
@@ -16,12 +15,12 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_CHUNK, LiveNode, sample_files, store_files_consistent, write_model_dir
+from conftest import SMALL_CHUNK, LiveNode, Mounts, sample_files, store_files_consistent, write_model_dir
 from modeldepot import Depot, StoreFullError
 
 Mount = Callable[[str], Path]
@@ -36,31 +35,9 @@ pytestmark = [
 
 
 @pytest.fixture
-def mount_tmpfs(tmp_path: Path) -> Iterator[Mount]:
+def mount_tmpfs(mounts: Mounts) -> Mount:
     """``mount(options)`` mounts a fresh tmpfs (e.g. ``"size=2m"``) and returns its root."""
-    mounted: list[Path] = []
-
-    def mount(options: str) -> Path:
-        root = tmp_path / f"tmpfs-{len(mounted)}"
-        root.mkdir()
-        command = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(root)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            pytest.fail(
-                f"`{' '.join(command)}` failed ({done.stderr.strip()}): "
-                "these tests need root, allowed to mount (CAP_SYS_ADMIN), on Linux"
-            )
-        mounted.append(root)
-        return root
-
-    yield mount
-    gc.collect()  # (a server's finished worker threads leave their index connections to the collector)
-    busy = []
-    for root in reversed(mounted):
-        if subprocess.run(["umount", str(root)], capture_output=True, check=False).returncode != 0:
-            subprocess.run(["umount", "--lazy", str(root)], check=True)
-            busy.append(root)
-    assert busy == [], f"tmpfs still in use at the end of the test (a file left open?): {busy}"
+    return mounts.tmpfs
 
 
 def free_bytes(root: Path) -> int:

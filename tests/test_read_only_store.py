@@ -18,7 +18,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors.numpy import save_file
 
-from conftest import SMALL_CHUNK, LiveNode, free_port, wait_for_port, write_model_dir
+from conftest import SMALL_CHUNK, LiveNode, Mounts, free_port, wait_for_port, write_model_dir
 from fleetnodes import base_env, modeldepot
 from modeldepot import Depot
 from modeldepot.cli import cli
@@ -39,21 +39,9 @@ Mount = Callable[[Path], Path]
 
 
 @pytest.fixture
-def read_only(tmp_path: Path) -> Iterator[Mount]:
+def read_only(mounts: Mounts) -> Mount:
     """``read_only(folder)``: a read-only bind mount of ``folder`` (unmounted after the test)."""
-    mounts: list[Path] = []
-
-    def mount(source: Path) -> Path:
-        target = tmp_path / f"read-only-{len(mounts)}"
-        target.mkdir()
-        subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
-        mounts.append(target)
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], check=True)
-        return target
-
-    yield mount
-    for target in reversed(mounts):
-        subprocess.run(["umount", "-l", str(target)], check=False)
+    return mounts.read_only
 
 
 def made_store(tmp_path: Path) -> Path:

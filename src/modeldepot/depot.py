@@ -204,6 +204,7 @@ class Depot:
         )
         self.store = Store(self.config, create=create)
         self._engines = engine_cache
+        self._own_engines = engine_cache is None  # (a cache given to it may serve other depots too)
         self._made_lock = threading.Lock()
         self._preloader: Preloader | None = None
         self._fleet: FleetView | None = None  # a server's view (use_fleet), or the one this depot opened
@@ -252,6 +253,10 @@ class Depot:
     def close(self) -> None:
         if self._preloader is not None:
             self._preloader.close()
+        if self._engines is not None and self._own_engines:
+            # The engines it loaded map the store's files: a closed depot lets go of them (a removed store's
+            # space comes back, its mount may be unmounted); a caller still holding one keeps it
+            self._engines.clear()
         self._close_fleet()
         self.store.close()
 
