@@ -106,6 +106,8 @@ def test_a_store_on_a_read_only_mount_is_read_loaded_and_served(tmp_path: Path, 
 
         node = LiveNode(depot)
         try:
+            with urllib.request.urlopen(f"{node.url}/api/depot/v1/info", timeout=10) as answer:
+                assert json.loads(answer.read())["read_only"] is True
             cache = tmp_path / "hf-cache"
             path = hf_hub_download("acme/q", "model-Q8_0.gguf", cache_dir=cache, endpoint=node.url)
             assert Path(path).read_bytes() == weights
@@ -141,6 +143,8 @@ def test_every_write_is_refused_first_and_clearly(tmp_path: Path, read_only: Mou
     assert result.exit_code != 0 and "read-only file system" in result.output, result.output
     listed = runner.invoke(cli, ["ls", "--home", str(mounted)])
     assert listed.exit_code == 0 and "acme/q" in listed.output, listed.output
+    usage = runner.invoke(cli, ["du", "--home", str(mounted)])
+    assert usage.exit_code == 0 and "(on a read-only mount: served as it is)" in usage.output, usage.output
 
 
 def test_a_corrupt_blob_is_refused_and_left_in_place(tmp_path: Path, read_only: Mount) -> None:

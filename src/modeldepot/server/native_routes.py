@@ -91,6 +91,7 @@ async def node_info(request: web.Request) -> web.Response:
             "chunk_size": depot.chunk_size,
             "capabilities": list(CAPABILITIES),
             "hub_api": True,
+            "read_only": depot.store.read_only,
         }
     )
 

@@ -209,6 +209,11 @@ def _components() -> ComponentSchemas:
                 "chunk_size": {"type": "integer"},
                 "capabilities": {"type": "array", "items": {"type": "string"}},
                 "hub_api": {"type": "boolean"},
+                "read_only": {
+                    "type": "boolean",
+                    "description": "The store is on a read-only mount: it "
+                    "serves what it holds, and refuses pulls, pins and removals (503 ReadOnlyStore)",
+                },
             }
         ),
     )

@@ -373,6 +373,7 @@ def disk_usage(store: Store) -> DiskUsage:
         quarantine_bytes=_tree_bytes(store.layout.quarantine),
         index_bytes=index_bytes,
         repos=tuple(repos),
+        read_only=store.read_only,
     )
 
 

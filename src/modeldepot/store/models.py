@@ -158,6 +158,7 @@ class DiskUsage(_Record):
     quarantine_bytes: int
     index_bytes: int
     repos: tuple[RepoDiskUsage, ...] = field(default_factory=tuple)
+    read_only: bool = False  # the store is on a read-only mount
 
     @property
     def total_bytes(self) -> int:
