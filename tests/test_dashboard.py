@@ -37,7 +37,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from conftest import SMALL_CHUNK, InProcessNode, LiveNode, free_port, sample_files, write_model_dir
+from conftest import SMALL_CHUNK, InProcessNode, LiveNode, Mounts, free_port, sample_files, write_model_dir
 from controlnodes import FILES, Q4F16, REPO, TOKEN, HoldingProxy, OpenNode, pulling_depot, source_node
 from modeldepot import Depot
 
@@ -515,6 +515,28 @@ def test_the_peers_say_when_the_fleets_registry_is_out_of_reach(
             )
             assert note.startswith("The fleet is degraded, since ") and "cannot be reached" in note, note
             assert "(this node)" in (visible_text(browser, "#peers") or "")  # (the last known view, said so)
+        finally:
+            node.stop()
+    assert script_errors(browser) == []
+
+
+def test_a_node_on_a_read_only_store_says_so_and_refuses_its_controls(
+    browser: WebDriver, tmp_path: Path, mounts: Mounts
+) -> None:
+    home = tmp_path / "store"
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "files", FILES), REPO)
+    with Depot(mounts.read_only(home)) as depot:
+        node = OpenNode(depot)
+        try:
+            browser.get(f"{node.url}/#token={node.control_token}")
+            wait_for(browser, "the stored repo", lambda d: REPO in (visible_text(d, "#repos") or ""))
+            note = wait_for(browser, "the read-only note", lambda d: visible_text(d, "#control-note"))
+            assert note.startswith("Read-only: the store is on a read-only mount"), note
+            assert visible_text(browser, "#token-state") == "token set"  # (the token is not what refuses)
+            click(browser, f'.repo[data-repo="{REPO}"] .repo-actions button[data-action="pin"]')
+            shown = message(browser, "read-only", "error")
+            assert shown.startswith(f"Pin of {REPO} failed:"), shown
         finally:
             node.stop()
     assert script_errors(browser) == []

@@ -545,9 +545,14 @@
       setText($("node-id"), `node ${state.info.id.slice(0, 12)}`);
       setText($("node-version"), `v${state.info.version}`);
     }
+    const refusals = [];
+    if (state.info && state.info.read_only) {
+      refusals.push("the store is on a read-only mount: this node serves what it holds, and refuses pulls, pins and removals");
+    }
+    if (state.controlRefusal) refusals.push(state.controlRefusal);
     const note = $("control-note");
-    note.hidden = !state.controlRefusal;
-    setText(note, state.controlRefusal ? `Read-only: ${state.controlRefusal}` : "");
+    note.hidden = !refusals.length;
+    setText(note, refusals.length ? `Read-only: ${refusals.join("; ")}` : "");
   }
 
   function renderCards() {
