@@ -4,6 +4,7 @@ use; content that cannot fit fails before a byte is written, and nothing is lost
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -591,8 +592,12 @@ def test_a_quant_pulled_into_an_older_revision_is_not_the_first_to_go(
         assert held_paths(local, "up/q") == {"config.json", "model-Q4_K_M.gguf", "model-Q8_0.gguf"}
         evicted = local.store.budget.make_room(int(1.7 * MB), "test")
         assert [(e.repo_id, e.variant) for e in evicted] == [("up/q", "Q8_0")]
-        assert {v.name: v.status for v in local.get_manifest("up/q").variants} == {
-            "Q4_K_M": "downloaded", "Q8_0": "available"}  # fmt: skip
+        variants = {v.name: v for v in local.get_manifest("up/q").variants}
+        assert {name: v.status for name, v in variants.items()} == {
+            "Q4_K_M": "downloaded",
+            "Q8_0": "available",
+        }
+        assert variants["Q8_0"].error is None  # (evicted: available again, not an error to report)
         assert store_files_consistent(local) == []
 
 
@@ -662,3 +667,45 @@ def test_a_variant_loaded_from_the_snapshot_folder_or_pulled_later_counts_as_use
         local.snapshot_path("up/q")
         folder = last_uses()
         assert folder["Q8_0"] > read["Q8_0"] and folder["Q4_K_M"] > read["Q4_K_M"]
+
+
+def test_a_file_several_quants_list_is_a_use_of_none_and_a_writers_evictions_are_warned_of(
+    store: Depot, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A GGUF repo's mmproj projector goes with every quant: read with the one in use, it made the last quant
+    listing it look used (the quant in use went). And an import that evicts says so at warning level: its
+    command prints no list of evictions."""
+    rng = np.random.default_rng(11)
+    folder = write_model_dir(tmp_path / "src" / "phi", {
+        "config.json": b"{}", "phi-Q4_K_M.gguf": rng.bytes(MB), "phi-Q8_0.gguf": rng.bytes(MB),
+        "mmproj-f16.gguf": rng.bytes(MB // 4),
+    })  # fmt: skip
+    store.import_dir(folder, "acme/phi")
+    time.sleep(0.01)
+    store.get_file("acme/phi", "phi-Q4_K_M.gguf")
+    time.sleep(0.01)
+    store.get_file("acme/phi", "mmproj-f16.gguf")  # (read after the quant, with it)
+    store.store.access.flush()
+    caplog.set_level(logging.WARNING, logger="modeldepot.store.budget")
+    store.import_dir(model(tmp_path, "acme/b", size=MB + MB // 2), "acme/b")  # needs one quant's room
+    assert held_paths(store, "acme/phi") == {"config.json", "phi-Q4_K_M.gguf", "mmproj-f16.gguf"}
+    assert "evicted acme/phi@" in caplog.text and "Q8_0" in caplog.text
+
+
+def test_uses_are_written_soon_after_a_burst_without_another_use(tmp_path: Path) -> None:
+    """A node's last downloads of a burst were written only when another use came, or when it stopped: a
+    `gc --max-size` beside it took the quants its clients had just fetched for unused."""
+    from modeldepot.store.access import AccessLog
+
+    with Depot(tmp_path / "store") as depot:
+        access = AccessLog(depot.store.index, flush_interval=0.2)
+        access.flush()  # (the interval counts from here)
+        access.record("acme/x", "Q4_K_M")
+        with Depot(tmp_path / "store") as other:  # another process's view: what the index holds
+            deadline = time.monotonic() + 30
+            rows: list[object] = []
+            while time.monotonic() < deadline and not rows:
+                rows = other.store.index.read("SELECT 1 FROM access WHERE repo_id = 'acme/x'")
+                time.sleep(0.05)
+            assert rows, "the use was never written"
+        access.close()

@@ -29,9 +29,9 @@ from safetensors.numpy import save_file
 
 from conftest import SMALL_CHUNK, LiveNode, Mounts, free_port, wait_for_port, write_model_dir
 from fleetnodes import base_env, modeldepot
-from modeldepot import Depot
+from modeldepot import Depot, ReadOnlyStoreError
 from modeldepot.cli import cli
-from modeldepot.errors import CorruptBlobError, NotFoundError, ReadOnlyStoreError
+from modeldepot.errors import CorruptBlobError, NotFoundError
 from test_load import REPO as ONNX_REPO
 from test_load import write_repo as write_onnx_repo
 
@@ -101,7 +101,8 @@ def test_a_store_on_a_read_only_mount_is_read_loaded_and_served(tmp_path: Path, 
         assert depot.preloader.preload("acme/q", quant="Q4_K_M").bytes > 300_000
         assert depot.verify().problems == ()
         assert depot.scrubber().scrub().blobs_checked == depot.du().blobs
-        assert depot.sync() == 0
+        with pytest.raises(ReadOnlyStoreError):  # (nothing it could flush, or record as flushed)
+            depot.sync()
         assert depot.budget_status().used_bytes == depot.du().blob_bytes
 
         node = LiveNode(depot)
@@ -141,13 +142,17 @@ def test_every_write_is_refused_first_and_clearly(tmp_path: Path, read_only: Mou
     runner = CliRunner()
     result = runner.invoke(cli, ["rm", "acme/q", "--yes", "--home", str(mounted)])
     assert result.exit_code != 0 and "read-only file system" in result.output, result.output
+    asked = runner.invoke(cli, ["rm", "acme/q", "--home", str(mounted)])  # (said before any question)
+    assert asked.exit_code != 0 and "read-only file system" in asked.output, asked.output
     listed = runner.invoke(cli, ["ls", "--home", str(mounted)])
     assert listed.exit_code == 0 and "acme/q" in listed.output, listed.output
     usage = runner.invoke(cli, ["du", "--home", str(mounted)])
     assert usage.exit_code == 0 and "(on a read-only mount: served as it is)" in usage.output, usage.output
 
 
-def test_a_corrupt_blob_is_refused_and_left_in_place(tmp_path: Path, read_only: Mount) -> None:
+def test_a_corrupt_blob_is_refused_and_left_in_place(
+    tmp_path: Path, read_only: Mount, caplog: pytest.LogCaptureFixture
+) -> None:
     """Found corrupt on a read-only store: never served (a read, a node's client), nothing moved; a blob
     written before a restart and never checked is checked before its first read."""
     home = made_store(tmp_path)
@@ -185,6 +190,7 @@ def test_a_corrupt_blob_is_refused_and_left_in_place(tmp_path: Path, read_only: 
             node.stop()
         assert bytes(depot.get_file("acme/q", "config.json")) == b"{}"  # the rest is served
         assert depot.du().quarantine_bytes == 0
+    assert "quarantined; pull it again" not in caplog.text  # (nothing was)
     assert tree(home) == before, "nothing moved"
     assert hashlib.sha256(blob.read_bytes()).hexdigest() != changed
 
@@ -268,7 +274,7 @@ def test_a_store_pulled_with_the_cli_and_synced_is_served_read_only(
                 assert depot.scan_repo("acme/q").commit_id == manifest.commit_id  # (shown, not kept)
                 with pytest.raises(ReadOnlyStoreError):
                     asyncio.run(depot.pull_async("acme/q", ["fp16"], manifest=manifest))
-                with pytest.raises(NotFoundError, match=r"pulling it failed too: .* read-only file system"):
+                with pytest.raises(NotFoundError, match=r"pulling it failed too: .* it pulls nothing"):
                     depot.load("acme/q", quant="fp16", engine="safetensors")  # (missing: it would pull)
                 assert depot.load("acme/q", quant="safetensors", engine="safetensors")["w"].shape == (16, 16)
             for command in (["status", "acme/q"], ["info", "acme/q"], ["ls"]):

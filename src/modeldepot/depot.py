@@ -116,11 +116,7 @@ def _writes(method: F) -> F:
 
     @wraps(method)
     def wrapper(self: Depot, *args: Any, **kwargs: Any) -> Any:
-        if self.store.read_only:
-            raise ReadOnlyStoreError(
-                f"the store at {self.home} is on a read-only file system: it is read and served as it is, "
-                f"never written ({method.__name__.replace('_', ' ')}: do that where the store is writable)"
-            )
+        self.check_writable(method.__name__.replace("_", " "))
         return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -244,6 +240,15 @@ class Depot:
     @property
     def chunk_size(self) -> int:
         return self.store.chunk_size
+
+    def check_writable(self, doing: str) -> None:
+        """Raise ReadOnlyStoreError when the store is on a read-only mount (before a command asks the user
+        to confirm what it could not do)."""
+        if self.store.read_only:
+            raise ReadOnlyStoreError(
+                f"the store at {self.home} is on a read-only file system: it is read and served as it is, "
+                f"never written ({doing}: do that where the store is writable)"
+            )
 
     @property
     def store_id(self) -> str:
@@ -467,7 +472,12 @@ class Depot:
             paths = [f.path for f in self.store.files(repo_id, commit_id)]
             grouping = group_files(paths)
             owners = dict.fromkeys(paths)
-            owners.update({p: v.name for v in grouping.variants for p in v.files})
+            listed: dict[str, list[str]] = {}
+            for variant in grouping.variants:
+                for listed_path in variant.files:
+                    listed.setdefault(listed_path, []).append(variant.name)
+            # (a file several variants list, a GGUF repo's mmproj, is theirs in common: a use of the repo)
+            owners.update({p: names[0] for p, names in listed.items() if len(names) == 1})
             if len(self._variant_files) >= 256:
                 self._variant_files.clear()
             self._variant_files[key] = owners
@@ -732,6 +742,9 @@ class Depot:
         ) -> str:
             from modeldepot.transfer.pull import run_blocking
 
+            if self.store.read_only:  # (before a scan: the network is not what refuses it)
+                raise ReadOnlyStoreError(f"the store at {self.home} is on a read-only file system: it pulls "
+                                         "nothing (pull it where the store is writable)")  # fmt: skip
             manifest = self.manifest_for(repo, rev)
             variant = variant or default(manifest)
             pulling = self.pull_async(repo, [variant] if variant else None, revision=rev, manifest=manifest)
@@ -769,6 +782,7 @@ class Depot:
         ``rate`` bytes a second and quarantines what fails. :meth:`verify` checks everything at once."""
         return Scrubber(self.store, rate)
 
+    @_writes
     def sync(self, *, check: bool = True) -> int:
         """Wait until everything the store holds is durable on disk (imports and pulls publish once their
         bytes are verified, and flush in the background: ``MODELDEPOT_DURABILITY``); returns how many blobs
@@ -834,12 +848,14 @@ class Depot:
         'available' again (its status row said 'downloaded'): the event stream and ``status`` say so."""
         try:
             manifest = self.get_manifest(repo_id)
+            recorded = self.store.manifests.load(repo_id).statuses  # (as kept: the manifest shows them live)
         except NotFoundError:
             return
         gone = {
             variant.name: 0
             for variant in manifest.variants
-            if variant.status == "downloaded"
+            if variant.name in recorded
+            and recorded[variant.name].status == "downloaded"
             and not all(
                 self.store.has_file(repo_id, path, manifest.commit_id)
                 for path in (*variant.files, *manifest.shared)

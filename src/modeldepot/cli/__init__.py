@@ -406,6 +406,7 @@ def rm_command(depot: Depot, repo_id: str, revision: str | None, quant: str | No
     what = f"{repo_id}@{revision}" if revision else f"{repo_id} (all revisions)"
     if quant is not None:
         what = f"the {quant} files of {repo_id}@{revision or 'main'}"
+    depot.check_writable("remove")  # (before asking what could not be done)
     if not yes:
         if not sys.stdin.isatty():
             render.err.print(f"[red]error:[/red] refusing to remove {what} without confirmation: pass --yes")
@@ -649,7 +650,7 @@ def peers_command(depot: Depot, cluster: str | None, cluster_prefix: str | None,
               help="RAM for preloaded models (default: $MODELDEPOT_PRELOAD_BUDGET, else 50%).")  # fmt: skip
 @click.option("--max-size", default=None, metavar="SIZE|N%", callback=lambda c, p, v: _max_size(v),
               help="Set the store's disk budget (200GiB, or 80% of the disk), as `modeldepot budget` does: kept "
-                   "with the store, so a pull beside the node keeps to it too; the least recently used revisions "
+                   "with the store, so a pull beside the node keeps to it too; the least recently used revisions and variants "
                    "are evicted to make room (default: the budget the store has; $MODELDEPOT_MAX_SIZE caps this "
                    "process further).")  # fmt: skip
 @click.option("--max-download-rate", default=None, metavar="RATE", callback=lambda c, p, v: _rate(v, "--max-download-rate"),

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 @cli.command("gc")
 @click.option("--partials", is_flag=True, help="Also drop interrupted downloads kept for a resume.")
 @click.option("--max-size", default=None, metavar="SIZE|N%", callback=lambda c, p, v: _max_size(v),
-              help="Also evict the least recently used revisions until the blobs take at most this "
+              help="Also evict the least recently used revisions and variants until the blobs take at most this "
                    "(200GiB, or 80% of the disk); never what is pinned or in use.")  # fmt: skip
 @_json_option
 @_reading_home_option
@@ -70,12 +70,13 @@ def budget_command(depot: Depot, size: str | None, yes: bool, as_json: bool) -> 
     """Show the store's disk budget, or set it to SIZE (200GiB, or 80% of the disk; none: no budget).
 
     The budget is kept with the store: every process on it (a node, a pull beside it) keeps to it, from its
-    next write. Setting it below what the store holds evicts the least recently used revisions until the
+    next write. Setting it below what the store holds evicts the least recently used revisions (and variants) until the
     store is within it (asked first; --yes does not ask), never what is pinned or in use.
     MODELDEPOT_MAX_SIZE caps one process further."""
     evicted: list[Eviction] = []
     if size is not None:
         chosen = None if size.strip().lower() == "none" else size
+        depot.check_writable("set max size")  # (before asking what could not be done)
         if chosen is not None and not yes:
             _confirm_evictions(depot, chosen)
         evicted = depot.set_max_size(chosen)

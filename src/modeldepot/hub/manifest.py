@@ -248,8 +248,8 @@ def lost_since(store: Store, manifest: Manifest) -> Manifest:
         if lost:
             more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
             variant = dataclasses.replace(variant, status="available", bytes_done=0, resumable=False,
-                                          error=f"{lost[0]}{more} no longer in the store (found corrupt, or "
-                                          "removed): pull it again")  # fmt: skip
+                                          error=f"{lost[0]}{more} no longer in the store (found corrupt, "
+                                          "removed, or evicted by the disk budget): pull it again")  # fmt: skip
         variants.append(variant)
     return dataclasses.replace(manifest, variants=tuple(variants))
 

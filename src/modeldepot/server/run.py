@@ -155,7 +155,8 @@ def run_server(
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())
-    flushed = depot.sync(check=False)  # what was written without a flush (deferred) reaches the disk
+    # What was written without a flush (deferred) reaches the disk (a read-only store has nothing to flush)
+    flushed = 0 if depot.store.read_only else depot.sync(check=False)
     if flushed:
         log.info("flushed %d blob(s) to disk before stopping", flushed)
 

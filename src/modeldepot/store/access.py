@@ -1,9 +1,10 @@
 """How often each model is used, persisted in the index, for preloading the hot ones at start.
 
 A use is counted in memory (a read path must not wait for an fsync) and written in one transaction at
-most every few seconds, on close, and when the process exits (a worker that never closes its Depot, as the
-README's examples do not, recorded none of its loads); a crash loses at most the last few seconds of
-counts, which only tune what is preloaded.
+most every few seconds (and at the latest a few seconds after it: a node's last downloads of a burst were
+seen by no `gc --max-size` beside it until the node stopped), on close, and when the process exits (a
+worker that never closes its Depot, as the README's examples do not, recorded none of its loads); a crash
+loses at most the last few seconds of counts, which only tune what is preloaded and evicted.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class AccessLog:
         self._pending: dict[tuple[str, str], tuple[int, float]] = {}
         self._last_flush = time.monotonic()
         self._flushing = False
+        self._timer: threading.Timer | None = None  # writes what a burst left, once it is over
+        self._closed = False
         atexit.register(_flush_at_exit, weakref.ref(self))
 
     def record(self, repo_id: str, variant: str | None = None, count: int = 1) -> None:
@@ -68,11 +71,33 @@ class AccessLog:
         with self._lock:
             pending, _ = self._pending.get(key, (0, now))
             self._pending[key] = (pending + count, now)
-            due = not self._flushing and time.monotonic() - self._last_flush >= self.flush_interval
+            waited = time.monotonic() - self._last_flush
+            due = not self._flushing and waited >= self.flush_interval
             if due:
                 self._flushing = True
+            elif self._timer is None and not self._closed:
+                self._timer = threading.Timer(max(self.flush_interval - waited, 0.05), self._flush_later)
+                self._timer.daemon = True
+                self._timer.start()
         if due:  # written on a helper thread: the read that triggered it does not wait for the fsync
             threading.Thread(target=self._flush_in_background, name="access-log", daemon=True).start()
+
+    def _flush_later(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._flushing or self._closed or not self._pending:
+                return
+            self._flushing = True
+        self._flush_in_background()
+
+    def close(self) -> None:
+        """Write what is pending and stop writing (the store closes its index next)."""
+        with self._lock:
+            self._closed = True
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        self.flush()
 
     def _flush_in_background(self) -> None:
         try:

@@ -473,9 +473,11 @@ class DiskBudget:
             evicted.append(eviction)
             self._count(eviction)
             what = f"{unit.repo_id}@{unit.commit_id[:12]}" + (f" ({unit.variant})" if unit.variant else "")
-            log.info("evicted %s (%s, last used %s) to stay within the disk budget (%s)", what,
-                     _size(eviction.bytes_freed), time.strftime("%Y-%m-%d %H:%M", time.localtime(unit.last_used)),
-                     doing)  # fmt: skip
+            # (a pull's or an import's evictions are warned of: their commands print no list of them)
+            log.log(logging.WARNING if writer is not None else logging.INFO,
+                    "evicted %s (%s, last used %s) to stay within the disk budget (%s)", what,
+                    _size(eviction.bytes_freed), time.strftime("%Y-%m-%d %H:%M", time.localtime(unit.last_used)),
+                    doing)  # fmt: skip
             for hook in self._evicted_hooks:
                 hook(unit.repo_id)
             used = self.used_bytes() + others

@@ -134,8 +134,9 @@ class Durability:
         if found is not None:
             if self.quarantine(sha256, rows[0]["created_at"]) is None:
                 return None  # removed, or removed and published again, while it was checked: not this one
-            log.warning("blob %s… written before the restart is corrupt (%s): quarantined; pull it again",
-                        sha256[:16], found[1])  # fmt: skip
+            if not self.read_only:  # (the store said so: it stays in place)
+                log.warning("blob %s… written before the restart is corrupt (%s): quarantined; pull it again",
+                            sha256[:16], found[1])  # fmt: skip
             return found[1]
         self._flush_files([sha256])
         self._mark_durable([(sha256, rows[0]["created_at"])], rows[0]["unflushed_boot"])

@@ -149,7 +149,7 @@ class Store:
     def close(self) -> None:
         self.durability.close()
         try:
-            self.access.flush()
+            self.access.close()
         except DepotError as error:  # counts only tune preloading: a store that cannot take them still closes
             log.warning("could not record model accesses on close: %s", error)
         finally:
