@@ -401,3 +401,24 @@ def test_a_model_removed_while_it_loads_is_a_clear_error(loaded: Depot) -> None:
 
     with pytest.raises(NotFoundError, match="was removed from the store while it was being loaded"):
         loaded.load(REPO, "fp16", engine=engine_that_meets_an_rm, warmup=0)
+
+
+def test_an_engine_held_past_its_depot_is_not_closed_with_it(tmp_path: Path) -> None:
+    """A closed depot lets go of the engines it loaded (they map its files) without closing one a caller
+    still holds (a llama-cpp `Llama` has a close())."""
+
+    class Engine:
+        closed = False
+
+        def __init__(self, path: Path) -> None:
+            self.path = path
+
+        def close(self) -> None:
+            self.closed = True
+
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(write_repo(tmp_path / "repo"), REPO)
+        engine = depot.load(REPO, quant="fp16", engine=Engine)
+        assert depot.load(REPO, quant="fp16", engine=Engine) is engine
+    assert isinstance(engine, Engine) and not engine.closed
+    assert engine.path.name == "model_fp16.onnx"

@@ -158,7 +158,7 @@ def test_a_corrupt_blob_is_refused_and_left_in_place(
     home = made_store(tmp_path)
     with Depot(home) as depot:
         changed = depot.file_info("acme/q", "model-Q8_0.gguf").sha256
-        unchecked = depot.file_info("acme/q", "model-Q4_K_M.gguf").sha256
+        unchecked = depot.file_info("acme/st", "model.safetensors").sha256
     blob = home / "blobs" / changed[:2] / changed
     os.chmod(blob, 0o644)
     with open(blob, "r+b") as handle:  # changed in place after it was stored: its mtime says so
@@ -174,10 +174,13 @@ def test_a_corrupt_blob_is_refused_and_left_in_place(
     con.close()
     before = tree(home)
     with Depot(read_only(home)) as depot:
-        for sha256, path in ((changed, "model-Q8_0.gguf"), (unchecked, "model-Q4_K_M.gguf")):
+        for sha256, repo, path in (
+            (changed, "acme/q", "model-Q8_0.gguf"),
+            (unchecked, "acme/st", "model.safetensors"),
+        ):
             for _ in range(2):  # (the second time from this process's memory: nothing was moved)
                 with pytest.raises(CorruptBlobError) as caught:
-                    depot.get_file("acme/q", path)
+                    depot.get_file(repo, path)
                 assert caught.value.sha256 == sha256
                 assert "the store is read-only, so it stays in place" in str(caught.value)
         node = LiveNode(depot)
@@ -188,6 +191,8 @@ def test_a_corrupt_blob_is_refused_and_left_in_place(
             assert refused.value.code == 503 and refused.value.headers["X-Error-Code"] == "CorruptFile"
         finally:
             node.stop()
+        with pytest.raises(CorruptBlobError):  # (a loader's folder: its links lead to the bad bytes)
+            depot.snapshot_path("acme/st")
         assert bytes(depot.get_file("acme/q", "config.json")) == b"{}"  # the rest is served
         assert depot.du().quarantine_bytes == 0
     assert "quarantined; pull it again" not in caplog.text  # (nothing was)
@@ -195,26 +200,42 @@ def test_a_corrupt_blob_is_refused_and_left_in_place(
     assert hashlib.sha256(blob.read_bytes()).hexdigest() != changed
 
 
-def test_a_store_left_unclosed_says_how_to_open_it(tmp_path: Path, read_only: Mount) -> None:
-    """Copied while a process had it open (a write-ahead log not merged): it cannot be read as it is on a
-    read-only mount, and the error says what to do."""
+def test_a_store_copied_while_open_is_read_with_its_log_or_says_how_to_open_it(
+    tmp_path: Path, read_only: Mount
+) -> None:
+    """Copied while a process had it open (a write-ahead log not merged): with the log's shared-memory file
+    beside it, it is read as it is, the log included; without it (which cannot be made on a read-only
+    mount), the error says what to do."""
     home = made_store(tmp_path)
-    copy = tmp_path / "copied"
     con = sqlite3.connect(home / "index.db")
     try:
         con.execute("PRAGMA wal_autocheckpoint=0")
         con.execute("INSERT INTO settings VALUES ('copied-while-open', '1')")
         con.commit()
-        shutil.copytree(home, copy, symlinks=True)
+        shutil.copytree(home, tmp_path / "copied", symlinks=True)
+        shutil.copytree(home, tmp_path / "copied-without-shm", symlinks=True)
     finally:
         con.close()
-    assert (copy / "index.db-wal").stat().st_size > 0
-    with pytest.raises(ReadOnlyStoreError, match=r"not closed cleanly.*open it once where it is writable"):
-        Depot(read_only(copy))
-    with Depot(copy) as depot:  # opened where it is writable once, it merges it
-        assert depot.store.index.setting("copied-while-open") == "1"
-    with Depot(read_only(copy)) as depot:
+    assert (tmp_path / "copied" / "index.db-wal").stat().st_size > 0
+    with Depot(read_only(tmp_path / "copied")) as depot:
         assert depot.store.read_only and depot.store.index.setting("copied-while-open") == "1"
+    (tmp_path / "copied-without-shm" / "index.db-shm").unlink()
+    with pytest.raises(ReadOnlyStoreError, match=r"not closed cleanly.*open it once where it is writable"):
+        Depot(read_only(tmp_path / "copied-without-shm"))
+
+
+def test_a_read_only_view_of_a_store_written_elsewhere_follows_it(tmp_path: Path, read_only: Mount) -> None:
+    """A `:ro` volume of a store another container writes: this side reads what the writer commits, before
+    and after the writer opened it (read as immutable, a store that changed underneath read as corrupt)."""
+    home = made_store(tmp_path)
+    with Depot(read_only(home)) as reader:
+        assert {r.repo_id for r in reader.list_repos()} == {"acme/st", "acme/q", ONNX_REPO}
+        with Depot(home, chunk_size=SMALL_CHUNK) as writer:
+            for number in range(30):
+                writer.import_dir(tmp_path / "src" / "st", f"acme/more-{number}")
+            assert len(reader.list_repos()) == 33  # (while the writer has it open)
+        assert len(reader.list_repos()) == 33
+        assert bytes(reader.get_file("acme/more-29", "config.json")) == b'{"model_type": "test"}'
 
 
 def test_modeldepot_serve_on_a_read_only_store_with_a_budget(tmp_path: Path, read_only: Mount) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import mmap
 import threading
@@ -114,9 +115,19 @@ def _writes(method: F) -> F:
     """``method`` writes the store: on a read-only one it is a ReadOnlyStoreError before anything is done
     (not a failure halfway, naming a folder the user never heard of)."""
 
+    doing = method.__name__.replace("_", " ")
+    if inspect.iscoroutinefunction(method):  # (still one, refusing when awaited, as the method would)
+
+        @wraps(method)
+        async def awaited(self: Depot, *args: Any, **kwargs: Any) -> Any:
+            self.check_writable(doing)
+            return await method(self, *args, **kwargs)
+
+        return awaited  # type: ignore[return-value]
+
     @wraps(method)
     def wrapper(self: Depot, *args: Any, **kwargs: Any) -> Any:
-        self.check_writable(method.__name__.replace("_", " "))
+        self.check_writable(doing)
         return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -258,10 +269,11 @@ class Depot:
     def close(self) -> None:
         if self._preloader is not None:
             self._preloader.close()
-        if self._engines is not None and self._own_engines:
+        if self._own_engines:
             # The engines it loaded map the store's files: a closed depot lets go of them (a removed store's
-            # space comes back, its mount may be unmounted); a caller still holding one keeps it
-            self._engines.clear()
+            # space comes back, its mount may be unmounted). Dropped, not closed: a caller still holding one
+            # goes on using it (clear() would run each engine's close)
+            self._engines = None
         self._close_fleet()
         self.store.close()
 
@@ -450,9 +462,11 @@ class Depot:
         return self.store.open_verified(blob)
 
     def _record_read(self, entry: FileEntry) -> None:
-        """A local read is a use of the repo (for the budget's revisions and --preload-top) and, when the
-        file is one of a variant's, the variant's last use (the budget evicts the variants of a revision
-        apart: the quant read every day stays, the one pulled once and never read goes)."""
+        """A local read is a use of the repo (what --preload-top and stats count, as an engine in this
+        process reads a model's files whatever they are) and, when the file is one of a single variant's,
+        that variant's last use (the budget evicts the variants of a revision apart: the quant read every
+        day stays, the one pulled once and never read goes). A node's client's download counts otherwise
+        (:meth:`open_verified`)."""
         self.store.access.record(entry.repo_id)
         variant = self._variant_of(entry.repo_id, entry.commit_id, entry.path)
         if variant is not None:

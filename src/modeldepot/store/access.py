@@ -90,13 +90,20 @@ class AccessLog:
             self._flushing = True
         self._flush_in_background()
 
-    def close(self) -> None:
-        """Write what is pending and stop writing (the store closes its index next)."""
+    def close(self, wait: float = 30.0) -> None:
+        """Write what is pending (after a write already under way on a helper thread, ``wait`` seconds at
+        most) and stop writing: the store closes its index next."""
         with self._lock:
             self._closed = True
             timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._flushing:
+                    break
+            time.sleep(0.01)
         self.flush()
 
     def _flush_in_background(self) -> None:
@@ -107,6 +114,10 @@ class AccessLog:
         finally:
             with self._lock:
                 self._flushing = False
+                if self._pending and self._timer is None and not self._closed:  # (came while it wrote)
+                    self._timer = threading.Timer(self.flush_interval, self._flush_later)
+                    self._timer.daemon = True
+                    self._timer.start()
 
     def flush(self) -> None:
         with self._lock:

@@ -305,9 +305,12 @@ class DiskBudget:
                 kept.pinned_variants[key] = variants
         return kept
 
-    def _kept(self, writer: BudgetWriter | None = None) -> _Kept:
-        """What no eviction may remove now: pinned, in use, or of a repo being written."""
-        kept = self._pins_kept()
+    def _kept(self, writer: BudgetWriter | None = None, pins: _Kept | None = None) -> _Kept:
+        """What no eviction may remove now: pinned (``pins``, when read already), in use, or of a repo being
+        written."""
+        kept = self._pins_kept() if pins is None else _Kept(
+            set(pins.commits), set(pins.repos), {}, {k: set(v) for k, v in pins.pinned_variants.items()}
+        )  # fmt: skip
         with self._lock:
             kept.repos.update(self._writing)
         if writer is not None:
@@ -316,17 +319,17 @@ class DiskBudget:
         kept.repos.update(r["repo_id"] for r in self.store.index.read(
             "SELECT DISTINCT repo_id FROM variant_status WHERE status = 'downloading' AND updated_at >= ?",
             (since,)))  # fmt: skip
+        named = [used for hook in self._hooks for used in hook()]
         in_use: Mapping[tuple[str, str], set[str]] = {}
-        if self._hooks and self._paths_in_use is not None and self._variants is not None:
-            in_use = self._paths_in_use()
-        for hook in self._hooks:
-            for repo_id, commit_id in hook():
-                if commit_id is None:
-                    kept.repos.add(repo_id)
-                elif (repo_id, commit_id) in in_use:
-                    kept.parts.setdefault((repo_id, commit_id), set()).update(in_use[(repo_id, commit_id)])
-                else:
-                    kept.commits.add((repo_id, commit_id))
+        if named and self._paths_in_use is not None and self._variants is not None:
+            in_use = self._paths_in_use()  # (after the hooks: a model loaded between is named by both)
+        for repo_id, commit_id in named:
+            if commit_id is None:
+                kept.repos.add(repo_id)
+            elif (repo_id, commit_id) in in_use:
+                kept.parts.setdefault((repo_id, commit_id), set()).update(in_use[(repo_id, commit_id)])
+            else:
+                kept.commits.add((repo_id, commit_id))
         return kept
 
     # -- figures ----------------------------------------------------------------------------------------------
@@ -359,20 +362,22 @@ class DiskBudget:
             return frozenset(self._reused)
 
     def status(self) -> BudgetStatus:
+        """The figures (a node's stats and metrics ask often: read only, the uses as written so far)."""
         pinned = self._pins_kept()
-        kept = self._kept()
+        kept = self._kept(pins=pinned)
         return BudgetStatus(
             max_bytes=self.max_bytes,
             store_max_size=self.store_max_size,
             process_max_bytes=self.process_max_bytes,
             used_bytes=self.used_bytes(),
-            pinned_bytes=self._kept_bytes(pinned),
-            in_use_bytes=self._kept_bytes(kept, blobs=self._kept_blobs()),
+            pinned_bytes=self._kept_bytes(pinned, flush=False),
+            in_use_bytes=self._kept_bytes(kept, blobs=self._kept_blobs(), flush=False),
             evictions=int(self.store.index.setting("evictions") or 0),
             evicted_bytes=int(self.store.index.setting("evicted_bytes") or 0),
         )
 
-    def _kept_bytes(self, kept: _Kept, units: list[_Unit] | None = None, blobs: Iterable[str] = ()) -> int:
+    def _kept_bytes(self, kept: _Kept, units: list[_Unit] | None = None, blobs: Iterable[str] = (),
+                    flush: bool = True) -> int:  # fmt: skip
         """The bytes of the distinct blobs that stay when every unit that may go has gone (``units``, or
         worked out here when some are needed): those of the revisions ``kept`` keeps, but for their variants
         that may go, and ``blobs``."""
@@ -381,7 +386,7 @@ class DiskBudget:
         if not partly:
             return self._bytes_of(kept.commits, kept.repos, blobs)
         going: dict[tuple[str, str], set[str]] = {}
-        for unit in self._units(kept) if units is None else units:
+        for unit in self._units(kept, flush) if units is None else units:
             if unit.variant is not None:
                 going.setdefault((unit.repo_id, unit.commit_id), set()).update(unit.files)
         staying = set(blobs)
@@ -504,10 +509,12 @@ class DiskBudget:
         return Eviction(unit.repo_id, unit.commit_id, result.bytes_freed + result.bytes_still_linked,
                         unit.last_used, unit.variant)  # fmt: skip
 
-    def _units(self, kept: _Kept) -> list[_Unit]:
+    def _units(self, kept: _Kept, flush: bool = True) -> list[_Unit]:
         """What may go, least recently used first (ties: a variant before its revision, revisions no ref
-        names, then the oldest): revisions, and the variants of those that hold several."""
-        self.store.access.flush()
+        names, then the oldest): revisions, and the variants of those that hold several. ``flush``: this
+        process's uses not yet written count too (one write)."""
+        if flush:
+            self.store.access.flush()
         last_access: dict[str, float] = {}
         variant_access: dict[tuple[str, str], float] = {}
         for row in self.store.index.read("SELECT repo_id, variant, last_access FROM access"):

@@ -287,6 +287,15 @@ class SpaceReserve:
             self.released = False
 
 
+def read_only_uri(path: Path, writer_elsewhere: bool) -> str:
+    """How an index on a read-only mount is opened. With its shared-memory file there (a writer has it open
+    where the store is writable, or left a log to merge), read-only as any reader: what the writer commits is
+    seen. Without it (a store closed cleanly: an image's), immutable: no locks and no file to make, which a
+    read-only mount could not take; should a writer appear, each connection is made again (Index)."""
+    quoted = urllib.parse.quote(str(path))
+    return f"file:{quoted}?mode=ro" if writer_elsewhere else f"file:{quoted}?mode=ro&immutable=1"
+
+
 class ChangeCounter:
     """Whether anyone (any connection, any process) committed to the index since the last look, for a
     cheap poll: ``PRAGMA data_version`` on a connection of its own that never writes. Its value changes
@@ -295,8 +304,8 @@ class ChangeCounter:
     def __init__(self, path: Path, read_only: bool = False) -> None:
         self.path = path
         try:
-            if read_only:  # (nothing changes it: the counter stays as it is)
-                uri = f"file:{urllib.parse.quote(str(path))}?mode=ro&immutable=1"
+            if read_only:
+                uri = read_only_uri(path, os.path.exists(f"{path}-shm"))
                 self._con: sqlite3.Connection | None = sqlite3.connect(uri, uri=True, check_same_thread=False)
             else:
                 self._con = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
@@ -344,11 +353,20 @@ class Index:
     def connection(self) -> sqlite3.Connection:
         pid = os.getpid()
         con: sqlite3.Connection | None = getattr(self._local, "con", None)
+        if (
+            con is not None
+            and self.read_only
+            and getattr(self._local, "immutable", False)
+            and self._writer_elsewhere()
+        ):
+            con.close()  # (a writer appeared where the store is writable: read what it writes, as it does)
+            con = None
         if con is None or getattr(self._local, "pid", None) != pid:
             # A connection inherited across fork() is never used, not even to close it.
             con = self._connect()
             self._local.con = con
             self._local.pid = pid
+            self._local.immutable = self.read_only and not self._writer_elsewhere()
         return con
 
     def _connect(self) -> sqlite3.Connection:
@@ -375,8 +393,8 @@ class Index:
         return translate_sqlite_error(error, doing, self.path.parent)
 
     def _check_read_only(self) -> None:
-        """A store on a read-only mount: its index is read as it was left, which must be whole and of this
-        schema (nothing can migrate it, or merge a write-ahead log left by a process that did not close)."""
+        """A store on a read-only mount: its index must be of this schema (nothing can migrate it), and
+        readable: an unmerged write-ahead log needs its shared-memory file, which cannot be made here."""
         doing = f"opening the index {self.path} (on a read-only file system)"
         try:
             log_bytes = os.path.getsize(f"{self.path}-wal")
@@ -384,7 +402,7 @@ class Index:
             log_bytes = 0
         except OSError as error:
             raise StoreError(f"{doing}: {error}") from error
-        if log_bytes:
+        if log_bytes and not self._writer_elsewhere():
             raise ReadOnlyStoreError(
                 f"{doing}: the store was not closed cleanly where it was written (its index has a write-ahead "
                 "log to merge): open it once where it is writable (any modeldepot command does), then "
@@ -405,10 +423,15 @@ class Index:
                 " open it once where it is writable to upgrade it, then mount it read-only again"
             )
 
+    def _writer_elsewhere(self) -> bool:
+        """(A read-only mount.) Whether the index has its shared-memory file: a process where the store is
+        writable has it open (a `:ro` volume another container writes), or left it with a log to merge."""
+        return os.path.exists(f"{self.path}-shm")
+
     def _open_connection(self) -> sqlite3.Connection:
-        if self.read_only:  # (immutable: no locks, no -shm to make; nobody can change the file)
-            uri = f"file:{urllib.parse.quote(str(self.path))}?mode=ro&immutable=1"
-            con = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=True)
+        if self.read_only:
+            con = sqlite3.connect(read_only_uri(self.path, self._writer_elsewhere()), uri=True,
+                                  isolation_level=None, check_same_thread=True)  # fmt: skip
             con.row_factory = sqlite3.Row
             return con
         con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=True)

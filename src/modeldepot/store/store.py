@@ -275,8 +275,7 @@ class Store:
     def _open_fd_seen(self, blob: BlobRecord | FileEntry, again: bool = True) -> tuple[int, float | None]:
         """:meth:`open_fd`, and the placement (:meth:`placement`) it opened."""
         self.durability.ensure_checked(blob.sha256)
-        if blob.sha256 in self._refused:  # (after the check: one another thread made may have found it so)
-            raise CorruptBlobError(blob.sha256, "found so before", kept_in_place=True)
+        self._refuse_if_found_corrupt(blob.sha256)  # (after the check: one another thread made may have)
         seen = self._check_if_changed(blob)
         try:
             return self.blobs.open(blob.sha256, blob.size), seen
@@ -291,6 +290,11 @@ class Store:
             if self.read_only:
                 raise CorruptBlobError(error.sha256, error.detail, kept_in_place=True) from None
             raise error from None
+
+    def _refuse_if_found_corrupt(self, sha256: str) -> None:
+        """(A read-only store.) A blob this process found corrupt stays in place: it is never handed out."""
+        if sha256 in self._refused:
+            raise CorruptBlobError(sha256, "found so before", kept_in_place=True)
 
     def check_if_changed(self, blob: BlobRecord | FileEntry) -> None:
         """Rehash a blob whose file was modified after it was published or last verified (its mtime is
@@ -549,6 +553,7 @@ class Store:
         commit_id = self.resolve(repo_id, revision)
         for entry in self.files(repo_id, commit_id):  # the caller reads them by path: checked first
             self.durability.ensure_checked(entry.sha256)
+            self._refuse_if_found_corrupt(entry.sha256)
             self.check_if_changed(entry)
         self.ensure_snapshot(repo_id, commit_id)
         return self.snapshots.path(repo_id, commit_id)

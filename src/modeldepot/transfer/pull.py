@@ -224,16 +224,21 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
                 # keep the digests they saw, and find this node's blobs by its holdings.
                 await asyncio.gather(*(swarm.release() for swarm in run.swarms), return_exceptions=True)
         await tracker.settle()
+        # A pull is a use of the repo and of each variant it pulled (the disk budget evicts the least
+        # recently used: a quant pulled into a months-old revision must not be the first to go), written
+        # before its status says it ended, which ends the protection of a pull in progress for the others
+        store.access.record(manifest.repo_id, count=0)
+        for name in names:
+            store.access.record(manifest.repo_id, name, count=0)
+        try:
+            await asyncio.to_thread(store.access.flush)
+        except DepotError as error:  # (the pull is done: only the budget's order would miss it)
+            log.warning("%s: could not record the pull as a use: %s", manifest.repo_id, error)
         tracker.write("downloaded")
         try:
             await asyncio.to_thread(writer.keep_within)
         except DepotError as error:  # (the pull is done: the next writer evicts)
             log.warning("%s: could not keep the store within its disk budget: %s", manifest.repo_id, error)
-        # A pull is a use of the repo and of each variant it pulled (the disk budget evicts the least
-        # recently used: a quant pulled into a months-old revision must not be the first to go)
-        store.access.record(manifest.repo_id, count=0)
-        for name in names:
-            store.access.record(manifest.repo_id, name, count=0)
     return PullResult(
         repo_id=manifest.repo_id,
         commit_id=manifest.commit_id,
