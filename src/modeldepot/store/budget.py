@@ -40,11 +40,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from modeldepot.config import budget_text, parse_max_size
 from modeldepot.errors import ConfigError, NotFoundError, StoreFullError
+from modeldepot.store.eviction import EvictionOrder, Kept, Unit, Variants
 from modeldepot.store.models import _Record
 from modeldepot.validation import validate_label, validate_repo_id, validate_revision
 
@@ -71,9 +72,6 @@ DOWNLOADING_FRESH = (
 
 InUse = Callable[[], Iterable[tuple[str, str | None]]]
 """Names what is in use: (repo id, commit id), or (repo id, None) for every revision of the repo."""
-Variants = Callable[[list[str]], list[tuple[str, frozenset[str], frozenset[str]]]]
-"""The variants among a revision's files: (name, its own files (those no other variant lists), the names in
-lower case a pin or a use of it may have been recorded under)."""
 PathsInUse = Callable[[], Mapping[tuple[str, str], set[str]]]
 """(repo id, commit id) -> the files of it in use (what the :data:`InUse` hooks name, file by file)."""
 
@@ -109,29 +107,6 @@ class Eviction(_Record):
 
 
 @dataclass(frozen=True)
-class _Unit:
-    """What one eviction removes: a revision, or one variant's own files of it."""
-
-    repo_id: str
-    commit_id: str
-    last_used: float
-    variant: str | None = None
-    files: frozenset[str] = field(default_factory=frozenset)
-    aliases: frozenset[str] = field(default_factory=frozenset)  # (lower case)
-
-
-@dataclass
-class _Kept:
-    """What no eviction may remove now."""
-
-    commits: set[tuple[str, str]]  # revisions kept whole
-    repos: set[str]  # repos every revision of which is kept whole
-    # Revisions that stay, but whose variants may go but for these files (a variant's pin, files in use)
-    parts: dict[tuple[str, str], set[str]] = field(default_factory=dict)
-    pinned_variants: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (lower case)
-
-
-@dataclass(frozen=True)
 class BudgetStatus(_Record):
     max_bytes: int | None  # the budget this process keeps to (the smaller of the two below); None: no budget
     used_bytes: int  # the blobs' bytes (each content once)
@@ -151,9 +126,8 @@ class DiskBudget:
         self.store = store
         self.process_max_bytes = None if max_size is None else parse_max_size(max_size, store.home)
         self._hooks: list[InUse] = []
-        self._variants: Variants | None = None  # without: revisions go whole
+        self.order = EvictionOrder(store)
         self._paths_in_use: PathsInUse | None = None
-        self._grouped: dict[tuple[str, str, int], list[tuple[str, frozenset[str], frozenset[str]]]] = {}
         self._evicted_hooks: list[Callable[[str], None]] = []
         self._writing: Counter[str] = Counter()
         self._reused: Counter[str] = Counter()  # blobs (SHA-256) writers found in the store and rely on
@@ -213,7 +187,7 @@ class DiskBudget:
         """Let the variants of a revision that holds several go one at a time (``variants`` tells them
         apart); ``paths_in_use`` says which files of the revisions the :meth:`add_in_use` hooks name are in
         use (a revision the hooks name and it does not, stays whole)."""
-        self._variants, self._paths_in_use = variants, paths_in_use
+        self.order.variants, self._paths_in_use = variants, paths_in_use
 
     def add_evicted_hook(self, hook: Callable[[str], None]) -> None:
         """Call ``hook(repo_id)`` after each eviction of one of the repo's revisions."""
@@ -295,20 +269,20 @@ class DiskBudget:
             pinned.setdefault(key, set()).add((pin.quant or "").lower())
         return pinned
 
-    def _pins_kept(self) -> _Kept:
+    def _pins_kept(self) -> Kept:
         """What the pins alone keep."""
-        kept = _Kept(commits=set(), repos=set())
+        kept = Kept(commits=set(), repos=set())
         for key, variants in self._pins_by_revision().items():
-            if "" in variants or self._variants is None:
+            if "" in variants or self.order.variants is None:
                 kept.commits.add(key)
             else:
                 kept.pinned_variants[key] = variants
         return kept
 
-    def _kept(self, writer: BudgetWriter | None = None, pins: _Kept | None = None) -> _Kept:
+    def _kept(self, writer: BudgetWriter | None = None, pins: Kept | None = None) -> Kept:
         """What no eviction may remove now: pinned (``pins``, when read already), in use, or of a repo being
         written."""
-        kept = self._pins_kept() if pins is None else _Kept(
+        kept = self._pins_kept() if pins is None else Kept(
             set(pins.commits), set(pins.repos), {}, {k: set(v) for k, v in pins.pinned_variants.items()}
         )  # fmt: skip
         with self._lock:
@@ -321,7 +295,7 @@ class DiskBudget:
             (since,)))  # fmt: skip
         named = [used for hook in self._hooks for used in hook()]
         in_use: Mapping[tuple[str, str], set[str]] = {}
-        if named and self._paths_in_use is not None and self._variants is not None:
+        if named and self._paths_in_use is not None and self.order.variants is not None:
             in_use = self._paths_in_use()  # (after the hooks: a model loaded between is named by both)
         for repo_id, commit_id in named:
             if commit_id is None:
@@ -338,24 +312,6 @@ class DiskBudget:
         row = self.store.index.read("SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state = 'ok'")
         return int(row[0][0])
 
-    def _bytes_of(self, revisions: Iterable[tuple[str, str]], repos: Iterable[str] = (),
-                  blobs: Iterable[str] = ()) -> int:  # fmt: skip
-        """The bytes of the distinct blobs the revisions (and every revision of ``repos``) use, and of
-        ``blobs`` (SHA-256s)."""
-        keys, whole, extra = sorted(set(revisions)), sorted(set(repos)), sorted(set(blobs))
-        if not keys and not whole and not extra:
-            return 0
-        values = ",".join(["(?, ?)"] * len(keys)) or "(NULL, NULL)"
-        marks, extra_marks = ",".join("?" * len(whole)), ",".join("?" * len(extra))
-        row = self.store.index.read(
-            f"WITH kept (repo_id, commit_id) AS (VALUES {values}) "
-            "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE sha256 IN (SELECT f.sha256 FROM files f WHERE "
-            f"f.repo_id IN ({marks}) OR EXISTS (SELECT 1 FROM kept k WHERE k.repo_id = f.repo_id AND "
-            f"k.commit_id = f.commit_id)) OR sha256 IN ({extra_marks})",
-            (*(part for key in keys for part in key), *whole, *extra),
-        )
-        return int(row[0][0])
-
     def _kept_blobs(self) -> frozenset[str]:
         """The blobs writers of this process found in the store and rely on: an eviction keeps them."""
         with self._lock:
@@ -370,29 +326,11 @@ class DiskBudget:
             store_max_size=self.store_max_size,
             process_max_bytes=self.process_max_bytes,
             used_bytes=self.used_bytes(),
-            pinned_bytes=self._kept_bytes(pinned, flush=False),
-            in_use_bytes=self._kept_bytes(kept, blobs=self._kept_blobs(), flush=False),
+            pinned_bytes=self.order.kept_bytes(pinned, flush=False),
+            in_use_bytes=self.order.kept_bytes(kept, blobs=self._kept_blobs(), flush=False),
             evictions=int(self.store.index.setting("evictions") or 0),
             evicted_bytes=int(self.store.index.setting("evicted_bytes") or 0),
         )
-
-    def _kept_bytes(self, kept: _Kept, units: list[_Unit] | None = None, blobs: Iterable[str] = (),
-                    flush: bool = True) -> int:  # fmt: skip
-        """The bytes of the distinct blobs that stay when every unit that may go has gone (``units``, or
-        worked out here when some are needed): those of the revisions ``kept`` keeps, but for their variants
-        that may go, and ``blobs``."""
-        partly = {key for key in (*kept.parts, *kept.pinned_variants)
-                  if key not in kept.commits and key[0] not in kept.repos}  # fmt: skip
-        if not partly:
-            return self._bytes_of(kept.commits, kept.repos, blobs)
-        going: dict[tuple[str, str], set[str]] = {}
-        for unit in self._units(kept, flush) if units is None else units:
-            if unit.variant is not None:
-                going.setdefault((unit.repo_id, unit.commit_id), set()).update(unit.files)
-        staying = set(blobs)
-        for key in sorted(partly):
-            staying.update(e.sha256 for e in self.store.files(*key) if e.path not in going.get(key, set()))
-        return self._bytes_of(kept.commits, kept.repos, staying)
 
     # -- evicting ---------------------------------------------------------------------------------------------
 
@@ -407,7 +345,7 @@ class DiskBudget:
         if self.used_bytes() + others + needed <= budget:
             return  # (fits without evicting anything: the common case, one indexed sum)
         kept = self._kept(writer)
-        kept_bytes = self._kept_bytes(kept, blobs=self._kept_blobs()) + others
+        kept_bytes = self.order.kept_bytes(kept, blobs=self._kept_blobs()) + others
         self._refuse_if_too_big(needed, budget, kept_bytes, doing, writer)
 
     def make_room(self, needed: int, doing: str, writer: BudgetWriter | None = None) -> list[Eviction]:
@@ -464,9 +402,9 @@ class DiskBudget:
         if used <= limit:
             return []
         kept = self._kept(writer)
-        units = self._units(kept)
+        units = self.order.units(kept)
         if not partial:  # (others' writes in use)
-            kept_bytes = self._kept_bytes(kept, units, blobs=self._kept_blobs()) + others
+            kept_bytes = self.order.kept_bytes(kept, units, blobs=self._kept_blobs()) + others
             self._refuse_if_too_big(needed, limit + needed, kept_bytes, doing, writer)
         evicted: list[Eviction] = []
         for unit in units:
@@ -488,7 +426,7 @@ class DiskBudget:
             used = self.used_bytes() + others
         return evicted
 
-    def _evict(self, unit: _Unit) -> Eviction | None:
+    def _evict(self, unit: Unit) -> Eviction | None:
         """Remove what ``unit`` names (None: it went meanwhile, or a variant is its revision's last now)."""
         from modeldepot.store.maintenance import remove, remove_files  # maintenance builds on the store
 
@@ -497,8 +435,8 @@ class DiskBudget:
             if unit.variant is None:
                 result = remove(self.store, unit.repo_id, unit.commit_id, keep_blobs=keep)
             else:
-                assert self._variants is not None
-                now = self._variants([e.path for e in self.store.files(unit.repo_id, unit.commit_id)])
+                assert self.order.variants is not None
+                now = self.order.variants([e.path for e in self.store.files(unit.repo_id, unit.commit_id)])
                 own = next((files for _, files, aliases in now if unit.variant.lower() in aliases), None)
                 if len(now) < 2 or not own:
                     return None  # (the last variant goes with its revision, by the repo's last use)
@@ -508,71 +446,6 @@ class DiskBudget:
         # Bytes out of the store (a Hugging Face cache's link may keep some of them on the disk)
         return Eviction(unit.repo_id, unit.commit_id, result.bytes_freed + result.bytes_still_linked,
                         unit.last_used, unit.variant)  # fmt: skip
-
-    def _units(self, kept: _Kept, flush: bool = True) -> list[_Unit]:
-        """What may go, least recently used first (ties: a variant before its revision, revisions no ref
-        names, then the oldest): revisions, and the variants of those that hold several. ``flush``: this
-        process's uses not yet written count too (one write)."""
-        if flush:
-            self.store.access.flush()
-        last_access: dict[str, float] = {}
-        variant_access: dict[tuple[str, str], float] = {}
-        for row in self.store.index.read("SELECT repo_id, variant, last_access FROM access"):
-            repo_id, at = row["repo_id"], row["last_access"]
-            last_access[repo_id] = max(last_access.get(repo_id, 0.0), at)
-            if row["variant"]:
-                key = (repo_id, row["variant"].lower())
-                variant_access[key] = max(variant_access.get(key, 0.0), at)
-        named = {
-            (r["repo_id"], r["commit_id"])
-            for r in self.store.index.read("SELECT repo_id, commit_id FROM refs")
-        }
-        paths: dict[tuple[str, str], list[str]] = {}  # (one read for every revision's files)
-        if self._variants is not None:
-            for row in self.store.index.read("SELECT repo_id, commit_id, path FROM files"):
-                paths.setdefault((row["repo_id"], row["commit_id"]), []).append(row["path"])
-        found: list[tuple[float, bool, float, bool, _Unit]] = []
-        for row in self.store.index.read("SELECT repo_id, commit_id, created_at FROM revisions"):
-            key = (row["repo_id"], row["commit_id"])
-            if key in kept.commits or row["repo_id"] in kept.repos:
-                continue
-            # The repo's uses count for the revisions its refs name; an old revision no ref names was last
-            # used when it was made (reads by commit id are rare: a repo read daily keeps its newest alive).
-            created = row["created_at"]
-            last_used = max(created, last_access.get(row["repo_id"], 0.0)) if key in named else created
-            if key not in kept.parts and key not in kept.pinned_variants:
-                found.append((last_used, key in named, created, True, _Unit(*key, last_used)))
-            for unit in self._variant_units(key, paths.get(key, []), created, kept, variant_access):
-                found.append((unit.last_used, key in named, created, False, unit))
-        found.sort(key=lambda f: (*f[:4], f[4].repo_id, f[4].commit_id, f[4].variant or ""))
-        return [f[4] for f in found]
-
-    def _variant_units(self, key: tuple[str, str], paths: list[str], created: float, kept: _Kept,
-                       variant_access: dict[tuple[str, str], float]) -> list[_Unit]:  # fmt: skip
-        """The variants of a revision (of these files) that holds several which may go: not pinned, none
-        of their files in use."""
-        if self._variants is None or len(paths) < 2:
-            return []
-        grouped = (key[0], key[1], hash(frozenset(paths)))  # (the files a commit holds change: rm, a pull)
-        variants = self._grouped.get(grouped)
-        if variants is None:
-            if len(self._grouped) >= 10_000:
-                self._grouped.clear()
-            variants = self._grouped[grouped] = self._variants(paths)
-        if len(variants) < 2:
-            return []
-        in_use, pinned = kept.parts.get(key, set()), kept.pinned_variants.get(key, set())
-        units = []
-        for name, files, aliases in variants:
-            if files and not aliases & pinned and not files & in_use:
-                used = max([created, *(variant_access.get((key[0], alias), 0.0) for alias in aliases)])
-                units.append(_Unit(*key, used, name, files, aliases))
-        if len(units) == len(variants) and (key in kept.parts or key in kept.pinned_variants):
-            # A revision kept (in use, or a pin that names none of its variants now: its branch moved) whose
-            # every variant may go: its last stays with it, the most recently used, as least-recently-used
-            # order would leave it; counted as staying, so that what cannot fit is refused before a removal.
-            units.remove(max(units, key=lambda u: (u.last_used, u.variant or "")))
-        return units
 
     def _count(self, eviction: Eviction) -> None:
         with self.store.index.write("counting an eviction") as con:

@@ -1,0 +1,158 @@
+"""The order in which the disk budget evicts (store/budget.py): what may go, least recently used first, and
+the bytes that stay once it has gone.
+
+The units are revisions, and the variants of a revision that holds several (told apart by the
+:data:`Variants` the depot gives: the store knows none itself). The last use of a revision a ref names is
+the later of its creation and the repo's last use; of one no ref names, its creation; of a variant, the
+later of its revision's creation and the variant's own last use, by any of its names. A revision that is
+kept (pinned, in use) but whose every variant may go keeps one, its most recently used, so that the bytes
+that stay are counted right and what cannot fit is refused before anything is removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modeldepot.store.store import Store
+
+__all__ = ["EvictionOrder", "Kept", "Unit", "Variants"]
+
+Variants = Callable[[list[str]], list[tuple[str, frozenset[str], frozenset[str]]]]
+"""The variants among a revision's files: (name, its own files (those no other variant lists), the names in
+lower case a pin or a use of it may have been recorded under)."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What one eviction removes: a revision, or one variant's own files of it."""
+
+    repo_id: str
+    commit_id: str
+    last_used: float
+    variant: str | None = None
+    files: frozenset[str] = field(default_factory=frozenset)
+    aliases: frozenset[str] = field(default_factory=frozenset)  # (lower case)
+
+
+@dataclass
+class Kept:
+    """What no eviction may remove now."""
+
+    commits: set[tuple[str, str]]  # revisions kept whole
+    repos: set[str]  # repos every revision of which is kept whole
+    # Revisions that stay, but whose variants may go but for these files (a variant's pin, files in use)
+    parts: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    pinned_variants: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (lower case)
+
+
+class EvictionOrder:
+    """The units of one store and what stays; ``variants`` set: revisions go variant by variant."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.variants: Variants | None = None  # without: revisions go whole
+        self._grouped: dict[tuple[str, str, int], list[tuple[str, frozenset[str], frozenset[str]]]] = {}
+
+    def units(self, kept: Kept, flush: bool = True) -> list[Unit]:
+        """What may go, least recently used first (ties: a variant before its revision, revisions no ref
+        names, then the oldest): revisions, and the variants of those that hold several. ``flush``: this
+        process's uses not yet written count too (one write)."""
+        if flush:
+            self.store.access.flush()
+        last_access: dict[str, float] = {}
+        variant_access: dict[tuple[str, str], float] = {}
+        for row in self.store.index.read("SELECT repo_id, variant, last_access FROM access"):
+            repo_id, at = row["repo_id"], row["last_access"]
+            last_access[repo_id] = max(last_access.get(repo_id, 0.0), at)
+            if row["variant"]:
+                key = (repo_id, row["variant"].lower())
+                variant_access[key] = max(variant_access.get(key, 0.0), at)
+        named = {
+            (r["repo_id"], r["commit_id"])
+            for r in self.store.index.read("SELECT repo_id, commit_id FROM refs")
+        }
+        paths: dict[tuple[str, str], list[str]] = {}  # (one read for every revision's files)
+        if self.variants is not None:
+            for row in self.store.index.read("SELECT repo_id, commit_id, path FROM files"):
+                paths.setdefault((row["repo_id"], row["commit_id"]), []).append(row["path"])
+        found: list[tuple[float, bool, float, bool, Unit]] = []
+        for row in self.store.index.read("SELECT repo_id, commit_id, created_at FROM revisions"):
+            key = (row["repo_id"], row["commit_id"])
+            if key in kept.commits or row["repo_id"] in kept.repos:
+                continue
+            # The repo's uses count for the revisions its refs name; an old revision no ref names was last
+            # used when it was made (reads by commit id are rare: a repo read daily keeps its newest alive).
+            created = row["created_at"]
+            last_used = max(created, last_access.get(row["repo_id"], 0.0)) if key in named else created
+            if key not in kept.parts and key not in kept.pinned_variants:
+                found.append((last_used, key in named, created, True, Unit(*key, last_used)))
+            for unit in self._variant_units(key, paths.get(key, []), created, kept, variant_access):
+                found.append((unit.last_used, key in named, created, False, unit))
+        found.sort(key=lambda f: (*f[:4], f[4].repo_id, f[4].commit_id, f[4].variant or ""))
+        return [f[4] for f in found]
+
+    def _variant_units(self, key: tuple[str, str], paths: list[str], created: float, kept: Kept,
+                       variant_access: dict[tuple[str, str], float]) -> list[Unit]:  # fmt: skip
+        """The variants of a revision (of these files) that holds several which may go: not pinned, none
+        of their files in use."""
+        if self.variants is None or len(paths) < 2:
+            return []
+        grouped = (key[0], key[1], hash(frozenset(paths)))  # (the files a commit holds change: rm, a pull)
+        variants = self._grouped.get(grouped)
+        if variants is None:
+            if len(self._grouped) >= 10_000:
+                self._grouped.clear()
+            variants = self._grouped[grouped] = self.variants(paths)
+        if len(variants) < 2:
+            return []
+        in_use, pinned = kept.parts.get(key, set()), kept.pinned_variants.get(key, set())
+        units = []
+        for name, files, aliases in variants:
+            if files and not aliases & pinned and not files & in_use:
+                used = max([created, *(variant_access.get((key[0], alias), 0.0) for alias in aliases)])
+                units.append(Unit(*key, used, name, files, aliases))
+        if len(units) == len(variants) and (key in kept.parts or key in kept.pinned_variants):
+            # A revision kept (in use, or a pin that names none of its variants now: its branch moved) whose
+            # every variant may go: its last stays with it, the most recently used, as least-recently-used
+            # order would leave it; counted as staying, so that what cannot fit is refused before a removal.
+            units.remove(max(units, key=lambda u: (u.last_used, u.variant or "")))
+        return units
+
+    def bytes_of(self, revisions: Iterable[tuple[str, str]], repos: Iterable[str] = (),
+                  blobs: Iterable[str] = ()) -> int:  # fmt: skip
+        """The bytes of the distinct blobs the revisions (and every revision of ``repos``) use, and of
+        ``blobs`` (SHA-256s)."""
+        keys, whole, extra = sorted(set(revisions)), sorted(set(repos)), sorted(set(blobs))
+        if not keys and not whole and not extra:
+            return 0
+        values = ",".join(["(?, ?)"] * len(keys)) or "(NULL, NULL)"
+        marks, extra_marks = ",".join("?" * len(whole)), ",".join("?" * len(extra))
+        row = self.store.index.read(
+            f"WITH kept (repo_id, commit_id) AS (VALUES {values}) "
+            "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE sha256 IN (SELECT f.sha256 FROM files f WHERE "
+            f"f.repo_id IN ({marks}) OR EXISTS (SELECT 1 FROM kept k WHERE k.repo_id = f.repo_id AND "
+            f"k.commit_id = f.commit_id)) OR sha256 IN ({extra_marks})",
+            (*(part for key in keys for part in key), *whole, *extra),
+        )
+        return int(row[0][0])
+
+    def kept_bytes(self, kept: Kept, units: list[Unit] | None = None, blobs: Iterable[str] = (),
+                    flush: bool = True) -> int:  # fmt: skip
+        """The bytes of the distinct blobs that stay when every unit that may go has gone (``units``, or
+        worked out here when some are needed): those of the revisions ``kept`` keeps, but for their variants
+        that may go, and ``blobs``."""
+        partly = {key for key in (*kept.parts, *kept.pinned_variants)
+                  if key not in kept.commits and key[0] not in kept.repos}  # fmt: skip
+        if not partly:
+            return self.bytes_of(kept.commits, kept.repos, blobs)
+        going: dict[tuple[str, str], set[str]] = {}
+        for unit in self.units(kept, flush) if units is None else units:
+            if unit.variant is not None:
+                going.setdefault((unit.repo_id, unit.commit_id), set()).update(unit.files)
+        staying = set(blobs)
+        for key in sorted(partly):
+            staying.update(e.sha256 for e in self.store.files(*key) if e.path not in going.get(key, set()))
+        return self.bytes_of(kept.commits, kept.repos, staying)
