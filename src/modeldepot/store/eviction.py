@@ -54,7 +54,9 @@ class EvictionOrder:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.variants: Variants | None = None  # without: revisions go whole
-        self._grouped: dict[tuple[str, str, int], list[tuple[str, frozenset[str], frozenset[str]]]] = {}
+        self._grouped: dict[
+            tuple[str, str, frozenset[str]], list[tuple[str, frozenset[str], frozenset[str]]]
+        ] = {}
 
     def units(self, kept: Kept, flush: bool = True) -> list[Unit]:
         """What may go, least recently used first (ties: a variant before its revision, revisions no ref
@@ -100,7 +102,7 @@ class EvictionOrder:
         of their files in use."""
         if self.variants is None or len(paths) < 2:
             return []
-        grouped = (key[0], key[1], hash(frozenset(paths)))  # (the files a commit holds change: rm, a pull)
+        grouped = (key[0], key[1], frozenset(paths))  # (the files a commit holds change: rm, a pull)
         variants = self._grouped.get(grouped)
         if variants is None:
             if len(self._grouped) >= 10_000:
@@ -122,7 +124,7 @@ class EvictionOrder:
         return units
 
     def bytes_of(self, revisions: Iterable[tuple[str, str]], repos: Iterable[str] = (),
-                  blobs: Iterable[str] = ()) -> int:  # fmt: skip
+                 blobs: Iterable[str] = ()) -> int:  # fmt: skip
         """The bytes of the distinct blobs the revisions (and every revision of ``repos``) use, and of
         ``blobs`` (SHA-256s)."""
         keys, whole, extra = sorted(set(revisions)), sorted(set(repos)), sorted(set(blobs))
@@ -140,7 +142,7 @@ class EvictionOrder:
         return int(row[0][0])
 
     def kept_bytes(self, kept: Kept, units: list[Unit] | None = None, blobs: Iterable[str] = (),
-                    flush: bool = True) -> int:  # fmt: skip
+                   flush: bool = True) -> int:  # fmt: skip
         """The bytes of the distinct blobs that stay when every unit that may go has gone (``units``, or
         worked out here when some are needed): those of the revisions ``kept`` keeps, but for their variants
         that may go, and ``blobs``."""
