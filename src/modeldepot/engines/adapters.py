@@ -48,21 +48,43 @@ def _require(module: str, install: str = "'modeldepot[engines]'") -> Any:
         raise ConfigError(f"this engine needs the {module!r} package: pip install {install}") from None
 
 
-def load_onnxruntime(path: Path, providers: list[str] | None = None, prepack: bool = False) -> Any:
+def load_onnxruntime(
+    path: Path,
+    providers: list[str] | None = None,
+    prepack: bool = False,
+    external_data: Mapping[str, memoryview] | None = None,
+) -> Any:
     """An ``onnxruntime.InferenceSession`` for ``path`` (CPU unless ``providers`` says otherwise).
 
     Without ``prepack`` (the default) the weights in external data stay mapped from the file: one copy in
     the page cache, shared by every worker and kept warm by the preloader, and a session in 0.1 s instead
     of 1.7 s for 1 GiB of MatMul weights (docs/benchmarks.md). ``prepack=True`` gives each session a
     private copy in MLAS's packed layout, which can speed up large-batch matrix products.
+
+    ``external_data`` hands onnxruntime the contents of external data files by the names the model gives
+    them, instead of the files beside it (which it refuses when they are links leading out of the model's
+    folder); it copies what the model uses while the session is made.
     """
     ort = _require("onnxruntime")
     options = ort.SessionOptions()
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
+    if external_data:
+        names = list(external_data)
+        buffers = [external_data[name] for name in names]
+        options.add_external_initializers_from_files_in_memory(names, buffers, [b.nbytes for b in buffers])
     return ort.InferenceSession(
         str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"]
     )
+
+
+def onnxruntime_version_lacking_data_in_memory() -> str | None:
+    """The installed onnxruntime's version when it cannot take external data in memory (before 1.23: the
+    ``external_data`` of :func:`load_onnxruntime`), else None."""
+    ort = _require("onnxruntime")
+    if hasattr(ort.SessionOptions, "add_external_initializers_from_files_in_memory"):
+        return None
+    return str(ort.__version__)
 
 
 _SAFETENSORS_DTYPES = {

@@ -6,20 +6,31 @@ onnxruntime resolves symlinks and refuses external data that "escapes" the model
 snapshot's links into ``blobs/`` would. They have read or mapped everything when the load returns, so the
 folder goes right after. A caller's own loader may read lazily: it gets the lasting snapshot path. So does
 ``gguf``, whose model names the files it maps (``GgufModel.files``); every shard of a split GGUF has its
-blob checked first, as the folder of links would.
+blob checked first, as the folder of links would. On a store on a read-only mount no link can be made:
+onnxruntime gets the snapshot's folder with the files beside the model handed over mapped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Hashable, Mapping
+from pathlib import Path
 from typing import Any
 
-from modeldepot.engines.adapters import ENGINES, EngineLoader, model_file, warmup
+from modeldepot.engines.adapters import (
+    ENGINES,
+    EngineLoader,
+    load_onnxruntime,
+    model_file,
+    onnxruntime_version_lacking_data_in_memory,
+    warmup,
+)
 from modeldepot.engines.cache import LoadedModelCache
 from modeldepot.engines.gguf_model import gguf_shard_names
 from modeldepot.errors import (
     ConfigError,
+    CorruptBlobError,
     DepotError,
     InvalidInputError,
     NotFoundError,
@@ -36,6 +47,7 @@ __all__ = ["PullVariant", "load_variant"]
 
 DEFAULT_SUFFIXES = (".onnx", ".safetensors", ".gguf", ".bin")
 SNAPSHOT_ENGINES = frozenset({"gguf"})  # ours that get the lasting snapshot paths (the docstring says why)
+ONNX_ENGINES = {"onnxruntime": False, "onnxruntime-prepacked": True}  # name -> prepack
 
 PullVariant = Callable[[str, str | None, str, Callable[[Manifest], str | None]], str]
 """Pulls ``(repo_id, quant, revision, default)`` into the store; without a quant, the variant
@@ -88,16 +100,9 @@ def load_variant(
         elif isinstance(engine, str):  # ours read everything at load: hard links suffice
             folder, _, name = chosen.rpartition("/")
             with store.linked_folder(repo_id, commit_id, folder) as view:
-                try:
-                    return loader(view / name)
-                except Exception as error:
-                    if store.read_only and "escapes model directory" in str(error):
-                        raise ReadOnlyStoreError(
-                            f"{repo_id}@{commit_id[:12]}: {chosen} keeps its weights in external data, which "
-                            "onnxruntime loads only from real files beside the model: a store on a read-only "
-                            "mount can give it links only. Load it from a writable store (or a copy of this one)"
-                        ) from error
-                    raise
+                if store.read_only and engine in ONNX_ENGINES:  # (links to the blobs: handed over mapped)
+                    return _onnx_from_mappings(store, repo_id, commit_id, chosen, view / name, engine)
+                return loader(view / name)
         return loader(store.file_path(repo_id, chosen, commit_id))
 
     def load_and_warm() -> Any:
@@ -138,6 +143,42 @@ def _engine(engine: str | EngineLoader) -> tuple[EngineLoader, tuple[str, ...]]:
             f"engine must be one of {', '.join(ENGINES)} or a callable, not {type(engine).__name__}"
         )
     return engine, ()
+
+
+def _onnx_from_mappings(
+    store: Store, repo_id: str, commit_id: str, chosen: str, path: Path, engine: str
+) -> Any:
+    """(A read-only store, where no hard link can be made.) An onnxruntime session for ``path`` in the
+    snapshot, the files beside the model handed over mapped, by the names the model gives them: it refuses
+    external data behind links that lead out of the model's folder. onnxruntime copies the weights it
+    uses while the session is made (a private copy, not the page cache's)."""
+    version = onnxruntime_version_lacking_data_in_memory()
+    if version is not None:
+        raise ReadOnlyStoreError(
+            f"{repo_id}@{commit_id[:12]}: loading {chosen} from a store on a read-only mount needs onnxruntime "
+            f"1.23 or later (this is {version}): older ones take external data only from real files beside "
+            "the model, and such a store has links to its blobs only"
+        )
+    folder = chosen.rpartition("/")[0]
+    prefix = f"{folder}/" if folder else ""
+    with contextlib.ExitStack() as held:
+        beside: dict[str, memoryview] = {}
+        for entry in store.files(repo_id, commit_id):
+            name = entry.path[len(prefix) :]
+            if not entry.path.startswith(prefix) or entry.path == chosen or name.endswith(".onnx"):
+                continue
+            try:
+                mapping = store.map(entry)
+            except (CorruptBlobError, NotFoundError):
+                if "/" not in name:
+                    raise  # the folder's own files: the model's external data among them
+                continue  # (a subfolder's may be another model's: linked_folder's rule)
+            if mapping is not None:
+                held.callback(mapping.close)
+                view = memoryview(mapping)
+                held.callback(view.release)
+                beside[name] = view
+        return load_onnxruntime(path, prepack=ONNX_ENGINES[engine], external_data=beside)
 
 
 def _gone(store: Store, repo_id: str, commit_id: str, chosen: str) -> bool:
