@@ -709,3 +709,46 @@ def test_uses_are_written_soon_after_a_burst_without_another_use(tmp_path: Path)
                 time.sleep(0.05)
             assert rows, "the use was never written"
         access.close()
+
+
+def test_a_pull_makes_room_by_its_repos_superseded_revision_and_unread_quant(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull of a repo's new revision under a budget that holds one: the revision it replaces goes
+    (huggingface_hub#1013), where the whole repo was kept and the pull refused. A pull of another quant of
+    the revision: the quant never read goes, the one just pulled stays, and the shared config with it."""
+    with Depot(tmp_path / "upstream") as hub:
+        hub.import_dir(model(tmp_path, "up/one", size=2 * MB), "up/one")
+        hub.import_dir(quants(tmp_path, "up/q"), "up/q")
+        node = LiveNode(hub)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)
+            with budgeted(tmp_path / "local", "3.5MiB", monkeypatch) as local:
+                first = local.pull("up/one").commit_id
+                hub.import_dir(model(tmp_path, "up/one", size=2 * MB, seed=1), "up/one")  # main moves on
+                second = local.pull("up/one").commit_id
+                assert second != first
+                assert [r["commit_id"] for r in local.store.index.read(
+                    "SELECT commit_id FROM revisions WHERE repo_id = 'up/one'")] == [second]  # fmt: skip
+                assert local.store.check_blob(local.file_info("up/one", "model.safetensors").sha256,
+                                              2 * MB, local.chunk_size) is None  # fmt: skip
+                local.remove("up/one")
+
+                local.set_max_size("1.5MiB")
+                local.pull("up/q", quants=["Q8_0"])
+                local.pull("up/q", quants=["Q4_K_M"])  # room only for one quant: Q8_0 was never read
+                assert held_paths(local, "up/q") == {"config.json", "model-Q4_K_M.gguf"}
+                statuses = {v.name: v.status for v in local.get_manifest("up/q").variants}
+                assert statuses == {"Q4_K_M": "downloaded", "Q8_0": "available"}
+
+                local.load("up/q", "Q4_K_M", engine=lambda path: path.read_bytes()[:4])  # in use now
+                with pytest.raises(BudgetExceededError):
+                    local.pull("up/q", quants=["Q8_0"])
+                assert held_paths(local, "up/q") == {"config.json", "model-Q4_K_M.gguf"}
+                local.engines.clear()
+                local.pull("up/q", quants=["Q8_0"])
+                assert held_paths(local, "up/q") == {"config.json", "model-Q8_0.gguf"}
+                assert store_files_consistent(local) == []
+        finally:
+            node.stop()

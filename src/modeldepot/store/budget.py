@@ -19,9 +19,11 @@ use (a load of it, a preload, a read or a download of one of its files, a pull o
 every load keeps no quant alive. A variant goes with its own files only (those no other variant lists);
 the revision's last variant, and its shared files (config, tokenizer), go with the revision. What is never
 evicted: pinned revisions (the ``pins`` table: :meth:`pin`, :meth:`unpin`; a pin of one variant keeps that
-variant and the revision's shared files, and lets its other variants go), every revision of a repo an
-import or a pull in this process is writing (:meth:`writing`) or that another process's pull marks as
-downloading (its variant status row, recently updated), and what the hooks given to :meth:`add_in_use`
+variant and the revision's shared files, and lets its other variants go), the revision a pull in this
+process is writing and the files it writes there (:meth:`writing`: its other variants and the repo's other
+revisions may go, the superseded revision a pull of a new one replaces among them), every revision of a
+repo an import in this process is writing (its commit is known once it is written) or that another
+process's pull marks as downloading (its variant status row, recently updated), and what the hooks given to :meth:`add_in_use`
 name (the preloader's and the loaded-model cache's models: depot.py; where the hook of
 :meth:`evict_by_variant` says which files they use, the revision's other variants may go). Evictions are
 logged and counted in the index (``settings``: ``evictions``, ``evicted_bytes``).
@@ -129,10 +131,10 @@ class DiskBudget:
         self.order = EvictionOrder(store)
         self._paths_in_use: PathsInUse | None = None
         self._evicted_hooks: list[Callable[[str], None]] = []
-        self._writing: Counter[str] = Counter()
+        self._writers: list[BudgetWriter] = []
         self._reused: Counter[str] = Counter()  # blobs (SHA-256) writers found in the store and rely on
         self._reserved = 0  # bytes writers made room for and may not have written yet
-        self._lock = threading.Lock()  # guards _writing, _reused, _reserved
+        self._lock = threading.Lock()  # guards _writers, _reused, _reserved
         self._round = threading.Lock()  # one eviction round at a time in this process
 
     @property
@@ -194,22 +196,28 @@ class DiskBudget:
         self._evicted_hooks.append(hook)
 
     @contextlib.contextmanager
-    def writing(self, repo_id: str) -> Iterator[BudgetWriter]:
-        """An import or a pull writes ``repo_id``: none of the repo's revisions is evicted meanwhile, and the
-        blobs it relies on (:meth:`BudgetWriter.reuse`) stay when a revision using them is evicted; the room
-        it made is reserved until it ends (so that two writers in this process do not count the same free
-        bytes)."""
-        writer = BudgetWriter(self, repo_id)
+    def writing(
+        self, repo_id: str, commit_id: str | None = None, paths: Iterable[str] = ()
+    ) -> Iterator[BudgetWriter]:
+        """An import or a pull writes ``repo_id``. With ``commit_id`` (a pull: the commit it publishes) that
+        revision and the files ``paths`` it writes there are kept meanwhile and after, and the repo's other
+        revisions and that revision's other variants may go, least recently used first, as any other's
+        (a pull of a new revision makes room by the one it supersedes, a pull of one quant by a quant
+        never read); without it (an import: its commit derives from what it writes), none of the repo's
+        revisions is evicted meanwhile. The blobs it relies on (:meth:`BudgetWriter.reuse`) stay when a
+        revision using them is evicted; the room it made is reserved until it ends (so that two writers in
+        this process do not count the same free bytes)."""
+        writer = BudgetWriter(self, repo_id, commit_id, paths)
         with self._lock:
-            self._writing[repo_id] += 1
+            self._writers.append(writer)
         try:
             yield writer
         finally:
             with self._lock:
-                self._writing.subtract([repo_id])
+                self._writers.remove(writer)
                 self._reused.subtract(writer.reused)
                 self._reserved -= writer.reserved
-                self._writing, self._reused = +self._writing, +self._reused
+                self._reused = +self._reused
 
     def pin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> Pin:
         """Keep the revision ``revision`` names (a branch is followed) from eviction. The repo must be in the
@@ -280,19 +288,29 @@ class DiskBudget:
         return kept
 
     def _kept(self, writer: BudgetWriter | None = None, pins: Kept | None = None) -> Kept:
-        """What no eviction may remove now: pinned (``pins``, when read already), in use, or of a repo being
-        written."""
+        """What no eviction may remove now: pinned (``pins``, when read already), in use, or being written
+        (:meth:`writing`)."""
         kept = self._pins_kept() if pins is None else Kept(
             set(pins.commits), set(pins.repos), {}, {k: set(v) for k, v in pins.pinned_variants.items()}
         )  # fmt: skip
         with self._lock:
-            kept.repos.update(self._writing)
-        if writer is not None:
-            kept.repos.add(writer.repo_id)
+            writers = list(self._writers)
+        if writer is not None and writer not in writers:
+            writers.append(writer)
+        for each in writers:
+            if each.commit_id is None:
+                kept.repos.add(each.repo_id)
+            else:
+                key = (each.repo_id, each.commit_id)
+                kept.parts.setdefault(key, set()).update(each.paths)
+                kept.written.add(key)
+        # Another process's pull, known by its status rows alone (no commit): its whole repo. This process's
+        # own pulls wrote those of their repos, and keep what they write above.
+        ours = {each.repo_id for each in writers if each.commit_id is not None}
         since = time.time() - DOWNLOADING_FRESH
         kept.repos.update(r["repo_id"] for r in self.store.index.read(
             "SELECT DISTINCT repo_id FROM variant_status WHERE status = 'downloading' AND updated_at >= ?",
-            (since,)))  # fmt: skip
+            (since,)) if r["repo_id"] not in ours)  # fmt: skip
         named = [used for hook in self._hooks for used in hook()]
         in_use: Mapping[tuple[str, str], set[str]] = {}
         if named and self._paths_in_use is not None and self.order.variants is not None:
@@ -376,8 +394,7 @@ class DiskBudget:
             raise BudgetExceededError(
                 f"{doing}: {_size(needed)} more does not fit in the disk budget of {_size(budget)}, even after "
                 f"evicting every model that may go: {_size(kept_bytes)} are pinned, in use"
-                + (f" or of {writer.repo_id} itself (its other variants: `modeldepot rm {writer.repo_id} "
-                   "--quant Q` makes room)" if writer is not None else "")
+                + (f" or of {writer.repo_id} itself" if writer is not None and writer.commit_id is None else "")
                 + f" (pinned: {_size(self.status().pinned_bytes)}); nothing was removed. Raise the budget "
                 f"({self._setting_that_binds(budget)}), unpin or remove models",
                 budget_bytes=budget, protected_bytes=kept_bytes, needed_bytes=needed,
@@ -469,8 +486,10 @@ def _size(count: int) -> str:
 class BudgetWriter:
     """One import or pull writing a repo under the budget (:meth:`DiskBudget.writing`)."""
 
-    def __init__(self, budget: DiskBudget, repo_id: str) -> None:
-        self.budget, self.repo_id = budget, repo_id
+    def __init__(self, budget: DiskBudget, repo_id: str, commit_id: str | None = None,
+                 paths: Iterable[str] = ()) -> None:  # fmt: skip
+        self.budget, self.repo_id, self.commit_id = budget, repo_id, commit_id
+        self.paths = frozenset(paths)  # the files it writes into ``commit_id``
         self.reused: set[str] = set()  # blobs (SHA-256) it found in the store and relies on
         self.reserved = 0  # bytes it made room for
 
@@ -491,7 +510,7 @@ class BudgetWriter:
 
     def keep_within(self) -> list[Eviction]:
         """Once this writer published: if the store is above its budget, evict the least recently used
-        revisions that may go (never this writer's repo), as far as it can. Writers in other processes make
+        revisions that may go (never what this writer wrote), as far as it can. Writers in other processes make
         room each for itself (a reservation is one process's): three pulls started together into the last
         room all fit, and the store stayed above its budget for good. Blocking: off an event loop."""
         budget = self.budget
@@ -506,6 +525,6 @@ class BudgetWriter:
         left = budget.used_bytes()
         if left > limit:  # (a budget lowered while this wrote, or what is pinned or in use)
             log.warning("the store takes %s, over its disk budget of %s, after writing %s: what is pinned, in use "
-                        "or of %s is kept; the next write evicts again", _size(left), _size(limit), self.repo_id,
+                        "or just written is kept; the next write evicts again", _size(left), _size(limit),
                         self.repo_id)  # fmt: skip
         return evicted

@@ -46,6 +46,9 @@ class Kept:
     # Revisions that stay, but whose variants may go but for these files (a variant's pin, files in use)
     parts: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     pinned_variants: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (lower case)
+    # Revisions a pull is writing files into (kept in ``parts``): never emptied by their variants' going, so
+    # that each of the variants they held may go, the last one too
+    written: set[tuple[str, str]] = field(default_factory=set)
 
 
 class EvictionOrder:
@@ -108,7 +111,7 @@ class EvictionOrder:
             if len(self._grouped) >= 10_000:
                 self._grouped.clear()
             variants = self._grouped[grouped] = self.variants(paths)
-        if len(variants) < 2:
+        if len(variants) < 2 and key not in kept.written:
             return []
         in_use, pinned = kept.parts.get(key, set()), kept.pinned_variants.get(key, set())
         units = []
@@ -116,7 +119,11 @@ class EvictionOrder:
             if files and not aliases & pinned and not files & in_use:
                 used = max([created, *(variant_access.get((key[0], alias), 0.0) for alias in aliases)])
                 units.append(Unit(*key, used, name, files, aliases))
-        if len(units) == len(variants) and (key in kept.parts or key in kept.pinned_variants):
+        if (
+            len(units) == len(variants)
+            and (key in kept.parts or key in kept.pinned_variants)
+            and (key not in kept.written)
+        ):
             # A revision kept (in use, or a pin that names none of its variants now: its branch moved) whose
             # every variant may go: its last stays with it, the most recently used, as least-recently-used
             # order would leave it; counted as staying, so that what cannot fit is refused before a removal.
