@@ -532,7 +532,7 @@ def test_a_node_on_a_read_only_store_says_so_and_refuses_its_controls(
             browser.get(f"{node.url}/#token={node.control_token}")
             wait_for(browser, "the stored repo", lambda d: REPO in (visible_text(d, "#repos") or ""))
             note = wait_for(browser, "the read-only note", lambda d: visible_text(d, "#control-note"))
-            assert note.startswith("Read-only: the store is on a read-only mount"), note
+            assert note.startswith("Read-only: the store is read-only here"), note
             assert visible_text(browser, "#token-state") == "token set"  # (the token is not what refuses)
             click(browser, f'.repo[data-repo="{REPO}"] .repo-actions button[data-action="pin"]')
             shown = message(browser, "read-only", "error")

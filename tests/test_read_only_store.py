@@ -152,7 +152,7 @@ def test_every_write_is_refused_first_and_clearly(tmp_path: Path, read_only: Mou
     listed = runner.invoke(cli, ["ls", "--home", str(mounted)])
     assert listed.exit_code == 0 and "acme/q" in listed.output, listed.output
     usage = runner.invoke(cli, ["du", "--home", str(mounted)])
-    assert usage.exit_code == 0 and "(on a read-only mount: served as it is)" in usage.output, usage.output
+    assert usage.exit_code == 0 and "(read-only here: served as it is)" in usage.output, usage.output
 
 
 def test_a_corrupt_blob_is_refused_and_left_in_place(
@@ -265,7 +265,7 @@ def test_modeldepot_serve_on_a_read_only_store_with_a_budget(tmp_path: Path, rea
     finally:
         process.terminate()
         process.wait(30)
-    assert "read-only mount" in log.read_text(), log.read_text()
+    assert "the store is on a read-only file system" in log.read_text(), log.read_text()
 
 
 def test_a_store_pulled_with_the_cli_and_synced_is_served_read_only(
@@ -334,3 +334,59 @@ def test_a_read_only_node_refuses_pulls_with_503_and_does_not_mirror(
             assert (refused.value.code, refused.value.headers["X-Error-Code"]) == (503, "ReadOnlyStore")
         finally:
             node.stop()
+
+
+WITHOUT_OVERRIDE = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner,-chown"]
+"""A process of this user that file permissions bind (root keeps its uid, not its power to ignore them)."""
+
+ANOTHER_USERS_READER = """
+import json, sys
+import numpy as np
+from modeldepot import Depot, ReadOnlyStoreError
+home, repo, weight, bias = sys.argv[1], sys.argv[2], np.array(json.loads(sys.argv[3]), np.float32), \\
+    np.array(json.loads(sys.argv[4]), np.float32)
+with Depot(home) as depot:
+    print("reason:", depot.store.read_only_reason)
+    print("pins:", [p.repo_id for p in depot.pins()])
+    print("config:", bytes(depot.get_file("acme/st", "config.json")).decode())
+    print("tensors:", sorted(depot.load("acme/st", engine="safetensors")))
+    session = depot.load(repo, quant="fp32")
+    x = np.ones((2, 4), dtype=np.float32)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ weight + bias, rtol=1e-5)
+    print("onnx: ok")
+    for write in (lambda: depot.pin("acme/st"), lambda: depot.pull("acme/st"), lambda: depot.gc()):
+        try:
+            write()
+        except ReadOnlyStoreError as error:
+            print("refused:", error)
+"""
+
+
+def test_a_store_another_user_owns_is_read_as_it_is(tmp_path: Path) -> None:
+    """A store an admin fills (root's /opt/models, another user's cache: huggingface_hub#2797) read by a user
+    who may not write it: read, loaded and listed as a read-only mount's, writes refused with the reason,
+    nothing created there; while its owner has it open and writes, what the owner commits is seen. It was a
+    PermissionError on the index's setup lock."""
+    home = made_store(tmp_path)
+    owner = 12345
+    with Depot(home) as writer:
+        writer.pin("acme/q")  # the owner's process has the index open: its -shm file is there
+        for path in [home, *home.rglob("*")]:
+            os.chown(path, owner, owner, follow_symlinks=False)
+        assert Path(f"{home}/index.db-shm").exists()
+        before = tree(home)
+        env = base_env(PYTHONDONTWRITEBYTECODE="1")
+        args = [str(home), ONNX_REPO, json.dumps(ONNX_WEIGHT.tolist()), json.dumps(ONNX_BIAS.tolist())]
+        done = subprocess.run([*WITHOUT_OVERRIDE, sys.executable, "-c", ANOTHER_USERS_READER, *args], env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert lines[0] == f"reason: not writable by this user (root; {home} belongs to uid {owner})", lines
+        assert "pins: ['acme/q']" in lines, "what the owner committed is seen"
+        assert 'config: {"model_type": "test"}' in lines and "tensors: ['w']" in lines and "onnx: ok" in lines
+        refusals = [line for line in lines if line.startswith("refused:")]
+        assert len(refusals) == 3 and all("not writable by this user" in line for line in refusals), refusals
+        removed = subprocess.run([*WITHOUT_OVERRIDE, sys.executable, "-m", "modeldepot", "rm", "acme/q",
+                                  "--home", str(home)], env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert removed.returncode != 0 and "not writable by this user" in removed.stderr + removed.stdout
+        assert tree(home) == before, "nothing in the store changed"

@@ -253,11 +253,11 @@ class Depot:
         return self.store.chunk_size
 
     def check_writable(self, doing: str) -> None:
-        """Raise ReadOnlyStoreError when the store is on a read-only mount (before a command asks the user
-        to confirm what it could not do)."""
+        """Raise ReadOnlyStoreError when the store is read-only here (a read-only mount, another user's
+        files), before a command asks the user to confirm what it could not do."""
         if self.store.read_only:
             raise ReadOnlyStoreError(
-                f"the store at {self.home} is on a read-only file system: it is read and served as it is, "
+                f"the store at {self.home} is {self.store.read_only_reason}: it is read and served as it is, "
                 f"never written ({doing}: do that where the store is writable)"
             )
 
@@ -757,7 +757,7 @@ class Depot:
             from modeldepot.transfer.pull import run_blocking
 
             if self.store.read_only:  # (before a scan: the network is not what refuses it)
-                raise ReadOnlyStoreError(f"the store at {self.home} is on a read-only file system: it pulls "
+                raise ReadOnlyStoreError(f"the store at {self.home} is {self.store.read_only_reason}: it pulls "
                                          "nothing (pull it where the store is writable)")  # fmt: skip
             manifest = self.manifest_for(repo, rev)
             variant = variant or default(manifest)

@@ -236,7 +236,8 @@ class StoreSchemaError(StoreError):
 
 
 class ReadOnlyStoreError(StoreError):
-    """The store is on a read-only file system: it is read and served, never written."""
+    """The store is read-only here (a read-only mount, or another user's files): it is read and served, never
+    written."""
 
 
 class ConfigError(DepotError):

@@ -407,7 +407,7 @@ def render_budget(budget: BudgetStatus, evicted: list[Eviction], over: int) -> N
 
 def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
     saved = usage.logical_bytes - usage.blob_bytes
-    out.print(f"store {usage.home}" + (" (on a read-only mount: served as it is)" if usage.read_only else ""))
+    out.print(f"store {usage.home}" + (" (read-only here: served as it is)" if usage.read_only else ""))
     out.print(
         f"  blobs       {format_bytes(usage.blob_bytes)} in {usage.blobs} blobs "
         f"(files add up to {format_bytes(usage.logical_bytes)}; deduplication saves {format_bytes(max(saved, 0))})"

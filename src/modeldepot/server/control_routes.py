@@ -302,7 +302,7 @@ class PullJobs:
         first (through the depot's source chain): an unknown repo or variant raises, and nothing starts."""
         if depot.store.read_only:  # (a 503 now, not a 202 for a job that fails at its first write)
             raise ReadOnlyStoreError(
-                f"the store at {depot.home} is on a read-only file system: it pulls nothing"
+                f"the store at {depot.home} is {depot.store.read_only_reason}: it pulls nothing"
             )
         key = _key(repo_id, revision, quants)
         running = self._running.get(key)

@@ -211,8 +211,8 @@ def _components() -> ComponentSchemas:
                 "hub_api": {"type": "boolean"},
                 "read_only": {
                     "type": "boolean",
-                    "description": "The store is on a read-only mount: it "
-                    "serves what it holds, and refuses pulls, pins and removals (503 ReadOnlyStore)",
+                    "description": "The store is read-only here (a read-only mount, or another user's "
+                    "files): it serves what it holds, and refuses pulls, pins and removals (503 ReadOnlyStore)",
                 },
             }
         ),

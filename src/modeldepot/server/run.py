@@ -62,8 +62,9 @@ def run_server(
     cluster = depot.config.cluster
     fleet = NodeFleet(depot, cluster, depot.config.cluster_prefix) if cluster else None
     if mirror and depot.store.read_only:
-        log.warning("not mirroring: the store is on a read-only mount, so this node serves what it holds and "
-                    "answers 404 for the rest (serve a writable store to mirror %s)", depot.config.hub_endpoint)  # fmt: skip
+        log.warning("not mirroring: the store is %s, so this node serves what it holds and answers 404 for "
+                    "the rest (serve a writable store to mirror %s)", depot.store.read_only_reason,
+                    depot.config.hub_endpoint)  # fmt: skip
         mirror = False
     app = create_app(depot, token, mirror=mirror, fleet=fleet)
     mode = "token required" if token else "no token: private repos are not served; control: the control token"
@@ -123,8 +124,8 @@ def run_server(
         log.info("serving %s on http://%s:%d (%s); HF_ENDPOINT=http://%s:%d", depot.home, host, bound, mode,
                  host, bound)  # fmt: skip
         if depot.store.read_only:
-            log.info("the store is on a read-only mount: it serves what it holds as it is, and pulls, pins and "
-                     "removals are refused (503 ReadOnlyStore)")  # fmt: skip
+            log.info("the store is %s: it serves what it holds as it is, and pulls, pins and removals are "
+                     "refused (503 ReadOnlyStore)", depot.store.read_only_reason)  # fmt: skip
         budget = depot.store.budget
         if budget.max_bytes is not None:
             log.info("disk budget: %d bytes (the store's: %s; MODELDEPOT_MAX_SIZE: %s)", budget.max_bytes,

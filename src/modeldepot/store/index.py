@@ -330,9 +330,10 @@ class ChangeCounter:
 
 
 class Index:
-    def __init__(self, path: Path, setup_lock: Path, read_only: bool = False) -> None:
+    def __init__(self, path: Path, setup_lock: Path, read_only: bool = False, why: str | None = None) -> None:
         self.path = path
         self.read_only = read_only
+        self.why = why or "on a read-only file system"  # (read-only: as in "the store at X is ...")
         self._wrote = False  # a transaction of this process committed (its close then merges the log)
         self.reserve = SpaceReserve(path.parent / "reserve", path)
         self._local = threading.local()
@@ -395,7 +396,7 @@ class Index:
     def _check_read_only(self) -> None:
         """A store on a read-only mount: its index must be of this schema (nothing can migrate it), and
         readable: an unmerged write-ahead log needs its shared-memory file, which cannot be made here."""
-        doing = f"opening the index {self.path} (on a read-only file system)"
+        doing = f"opening the index {self.path} (the store is {self.why})"
         try:
             log_bytes = os.path.getsize(f"{self.path}-wal")
         except FileNotFoundError:
@@ -406,7 +407,7 @@ class Index:
             raise ReadOnlyStoreError(
                 f"{doing}: the store was not closed cleanly where it was written (its index has a write-ahead "
                 "log to merge): open it once where it is writable (any modeldepot command does), then "
-                "mount it read-only again"
+                "read it here again"
             )
         try:
             version = self.connection().execute("PRAGMA user_version").fetchone()[0]
@@ -420,7 +421,7 @@ class Index:
         if version < SCHEMA_VERSION:
             raise ReadOnlyStoreError(
                 f"{doing}: it was written by an older modeldepot (schema {version}, this one reads {SCHEMA_VERSION}):"
-                " open it once where it is writable to upgrade it, then mount it read-only again"
+                " open it once where it is writable to upgrade it, then read it here again"
             )
 
     def _writer_elsewhere(self) -> bool:
@@ -465,8 +466,8 @@ class Index:
         """One IMMEDIATE transaction: all or nothing, serialised across processes."""
         if self.read_only:
             raise ReadOnlyStoreError(
-                f"{doing}: the store at {self.path.parent} is on a read-only file system: it is read and served "
-                "as it is, never written (import, pull, remove and pin where it is writable)"
+                f"{doing}: the store at {self.path.parent} is {self.why}: it is read and served as it is, never "
+                "written (import, pull, remove and pin where it is writable)"
             )
         con = self.connection()
         try:

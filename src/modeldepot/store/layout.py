@@ -194,6 +194,22 @@ class StoreLayout:
         """What a snapshot link at ``link`` holds: the relative way to blob ``sha256``."""
         return os.path.relpath(self.blob_path(sha256), link.parent)
 
+    def read_only_reason(self) -> str | None:
+        """Why this process may only read the store, as in "the store at X is ...": it is on a read-only
+        mount, or its files are another user's and this one may not write them (a store an admin fills in
+        /opt/models, huggingface_hub#2797); None when it may write it."""
+        if self.on_read_only_mount():
+            return "on a read-only file system"
+        effective = os.access in os.supports_effective_ids
+        for path in (self.home, self.index_path, self.lock_path.parent, self.blobs, self.snapshots):
+            try:
+                writable = not path.exists() or os.access(path, os.W_OK, effective_ids=effective)
+            except OSError:
+                continue
+            if not writable:
+                return f"not writable by this user ({_user(os.geteuid())}; {path} belongs to {_owner(path)})"
+        return None
+
     def on_read_only_mount(self) -> bool:
         """Whether the store's home exists on a file system mounted read-only (a container's read-only
         root or volume, a read-only NFS export): nobody writes there, so the store is only read."""
@@ -209,6 +225,22 @@ class StoreLayout:
                 directory.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise os_error(error, f"creating the store at {self.home}") from error
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _owner(path: Path) -> str:
+    try:
+        return _user(path.stat().st_uid)
+    except OSError:
+        return "another user"
 
 
 def _trusted(what: str, check: Callable[[object], object], value: str) -> None:

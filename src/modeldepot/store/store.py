@@ -118,15 +118,17 @@ class Store:
         if not create and not self.layout.index_path.is_file():
             raise ConfigError(f"no store at {config.home}: nothing was imported, pulled or served there "
                               "(check the folder's name)")  # fmt: skip
-        # A store on a read-only mount (a container's read-only root, a read-only volume or export) is read
-        # and served as it is: nothing is created, locked, recorded or flushed there, every write is a
-        # ReadOnlyStoreError, and what a check finds corrupt is refused by this process, left in place.
-        self.read_only = self.layout.index_path.is_file() and self.layout.on_read_only_mount()
+        # A store on a read-only mount (a container's read-only root, a read-only volume or export), or one
+        # this user may not write (another user's), is read and served as it is: nothing is created, locked,
+        # recorded or flushed there, every write is a ReadOnlyStoreError, and what a check finds corrupt is
+        # refused by this process, left in place.
+        self.read_only_reason = self.layout.read_only_reason() if self.layout.index_path.is_file() else None
+        self.read_only = self.read_only_reason is not None
         if not self.read_only:
             self.layout.create()
             _warn_if_shared(self.layout.home)
         self.index = Index(self.layout.index_path, self.layout.lock_path.parent / "index-setup.lock",
-                           read_only=self.read_only)  # fmt: skip
+                           read_only=self.read_only, why=self.read_only_reason)  # fmt: skip
         self.blobs = BlobFiles(self.layout)
         self.snapshots = Snapshots(self.layout)
         self.lock = StoreLock(self.layout.lock_path, read_only=self.read_only)

@@ -547,7 +547,7 @@
     }
     const refusals = [];
     if (state.info && state.info.read_only) {
-      refusals.push("the store is on a read-only mount: this node serves what it holds, and refuses pulls, pins and removals");
+      refusals.push("the store is read-only here (a read-only mount, or another user's files): this node serves what it holds, and refuses pulls, pins and removals");
     }
     if (state.controlRefusal) refusals.push(state.controlRefusal);
     const note = $("control-note");
