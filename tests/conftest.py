@@ -132,7 +132,7 @@ def store_files_consistent(depot: Depot) -> list[str]:
         "SELECT f.path FROM files f LEFT JOIN blobs b USING (sha256) WHERE b.sha256 IS NULL"
     )
     problems.extend(f"file {r['path']} references no blob" for r in dangling)
-    for repo in depot.list_repos():
+    for repo in store.list_repos():
         for name, commit in repo.refs.items():
             if not store.index.read(
                 "SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo.repo_id, commit)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +147,9 @@ class DepotConfig:
     # Other nodes that send a file slower than this, all together, do not hold the upstream back: it joins
     # for the rest (MODELDEPOT_SLOW_PEER_RATE; 0 or off: they never do). See transfer/download.py.
     slow_peer_rate: int = DEFAULT_SLOW_PEER_RATE
+    # Stores read through after this one, never written by it (MODELDEPOT_SHARED, paths joined by ":"): an
+    # admin's store of the models everyone uses, under a user's own. See tiers.py.
+    shared: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         if self.durability not in ("deferred", "sync"):
@@ -203,7 +206,23 @@ class DepotConfig:
             max_upload_rate=_rate_setting(env, "MODELDEPOT_MAX_UPLOAD_RATE"),
             cluster_prefix=env.get("MODELDEPOT_CLUSTER_PREFIX", "").strip() or DEFAULT_CLUSTER_PREFIX,
             slow_peer_rate=_slow_peer_rate(env),
+            shared=shared_homes(env.get("MODELDEPOT_SHARED", "")),
         )
+
+
+def shared_homes(text: str | Iterable[str | os.PathLike[str]]) -> tuple[Path, ...]:
+    """The shared stores' folders, from ``MODELDEPOT_SHARED`` (paths joined by ``:``) or a list."""
+    parts = text.split(os.pathsep) if isinstance(text, str) else list(text)
+    homes: list[Path] = []
+    for part in parts:
+        if isinstance(part, str) and not part.strip():
+            continue
+        if not isinstance(part, (str, os.PathLike)):
+            raise ConfigError(f"a shared store is a folder's path, not {part!r}")
+        home = Path(part).expanduser().absolute()
+        if home not in homes:
+            homes.append(home)
+    return tuple(homes)
 
 
 def parse_max_size(text: str | int, path: os.PathLike[str] | str) -> int:

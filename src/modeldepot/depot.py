@@ -23,9 +23,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
-from modeldepot.config import DepotConfig
+from modeldepot.config import DepotConfig, shared_homes
 from modeldepot.errors import (
     ConfigError,
+    CorruptBlobError,
     DepotError,
     EntryNotFoundError,
     InvalidInputError,
@@ -65,6 +66,7 @@ from modeldepot.store.budget import BudgetStatus, Eviction, Pin
 from modeldepot.store.maintenance import VerifyProgress, remove_files
 from modeldepot.store.scrub import DEFAULT_SCRUB_RATE, Scrubber
 from modeldepot.store.verified import VerifiedBlob
+from modeldepot.tiers import Tiers
 
 if TYPE_CHECKING:  # the transfer machinery (aiohttp, huggingface_hub) loads on the first pull, not at
     # import: a worker that only loads engines starts 0.3 s sooner
@@ -131,6 +133,13 @@ def _writes(method: F) -> F:
         return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _not_here(
+    repo_id: str, quant: str | None, revision: str, default: Callable[[Manifest], str | None]
+) -> str:
+    """(A load trying the depot's stores in turn.) Not in this store: the next one is tried."""
+    raise NotFoundError(f"{repo_id}@{revision}: not held here", repo_id=repo_id)
 
 
 class MappedFile:
@@ -201,6 +210,7 @@ class Depot:
         cluster: str | None = None,
         engine_cache: LoadedModelCache[Any] | None = None,
         create: bool = True,
+        shared: Sequence[str | Path] | None = None,
     ) -> None:
         base = DepotConfig.from_env(home=home)
         self.config = dataclasses.replace(
@@ -208,8 +218,10 @@ class Depot:
             chunk_size=chunk_size if chunk_size is not None else base.chunk_size,
             servers=tuple(s.rstrip("/") for s in servers) if servers is not None else base.servers,
             cluster=cluster if cluster is not None else base.cluster,
+            shared=shared_homes(shared) if shared is not None else base.shared,
         )
         self.store = Store(self.config, create=create)
+        self.tiers = Tiers(self.store, self._open_shared())
         self._engines = engine_cache
         self._own_engines = engine_cache is None  # (a cache given to it may serve other depots too)
         self._made_lock = threading.Lock()
@@ -231,6 +243,27 @@ class Depot:
         self.store.budget.evict_by_variant(variants_own_files, self._held.paths_in_use)
         self.store.budget.add_evicted_hook(self._forget_removed_variants)
         self.store.add_quarantine_hook(self._held.let_go_of_blob)
+
+    def _open_shared(self) -> list[Store]:
+        """The shared stores (``MODELDEPOT_SHARED``), opened read-only; each must exist."""
+        opened: list[Store] = []
+        try:
+            for home in self.config.shared:
+                if home == self.store.home:
+                    raise ConfigError(f"the shared store {home} is this depot's own store")
+                config = dataclasses.replace(self.config, home=home, chunk_size=None, shared=())
+                try:
+                    opened.append(
+                        Store(config, create=False, read_only="shared: read through, never written from here")
+                    )
+                except ConfigError as error:
+                    raise ConfigError(f"MODELDEPOT_SHARED: {error}") from None
+        except BaseException:
+            for store in opened:
+                store.close()
+            self.store.close()
+            raise
+        return opened
 
     @property
     def engines(self) -> LoadedModelCache[Any]:
@@ -275,6 +308,7 @@ class Depot:
             # goes on using it (clear() would run each engine's close)
             self._engines = None
         self._close_fleet()
+        self.tiers.close()
         self.store.close()
 
     def __enter__(self) -> Depot:
@@ -348,13 +382,15 @@ class Depot:
 
     @_any_case
     def resolve(self, repo_id: str, revision: str = "main") -> str:
-        """The commit id a branch name (or commit id) stands for."""
-        return self.store.resolve(repo_id, revision)
+        """The commit id a branch name (or commit id) stands for (in the store that answers it: the own
+        store or a shared one, tiers.py)."""
+        return self.tiers.holder(repo_id, revision)[2]
 
     @_any_case
     def list_files(self, repo_id: str, revision: str = "main") -> list[FileEntry]:
-        """Every file of a revision, sorted by path."""
-        return self.store.files(repo_id, self.store.resolve(repo_id, revision))
+        """Every file of a revision, sorted by path (as the store that answers it holds them)."""
+        store, spelled, commit_id = self.tiers.holder(repo_id, revision)
+        return store.files(spelled, commit_id)
 
     @_any_case
     def commit_files(self, repo_id: str, revision: str = "main") -> list[FileEntry]:
@@ -363,8 +399,10 @@ class Depot:
         that lacked files), the ones it lacks, with their sizes and digests and ``chunk_size`` 0 (not here).
         A commit id names one tree: a listing of part of it would let a client cache that part as the
         whole (huggingface_hub keeps a commit's listing for good)."""
-        commit_id = self.store.resolve(repo_id, revision)
-        held = self.store.files(repo_id, commit_id)
+        store, spelled, commit_id = self.tiers.holder(repo_id, revision)
+        held = store.files(spelled, commit_id)
+        if store is not self.store:
+            return held
         scanned = self.store.manifests.scanned_commit(repo_id)
         if scanned is None or scanned[0] != commit_id:
             return held
@@ -384,11 +422,18 @@ class Depot:
 
     @_any_case
     def file_info(self, repo_id: str, path: str, revision: str = "main") -> FileEntry:
-        return self.store.entry(repo_id, path, revision)
+        return self.tiers.entry(repo_id, path, revision)[1]
 
     @_any_case
     def has_file(self, repo_id: str, path: str, revision: str = "main") -> bool:
-        return self.store.has_file(repo_id, path, revision)
+        """Whether a store of the depot can serve the file now (present and not quarantined)."""
+        if not self.tiers.shared:
+            return self.store.has_file(repo_id, path, revision)
+        try:
+            self.tiers.entry(repo_id, path, revision)
+        except (NotFoundError, CorruptBlobError):
+            return False
+        return True
 
     @_any_case
     def get_file(
@@ -400,51 +445,55 @@ class Depot:
         """
         if download:
             self.download_file(repo_id, path, revision)
-        entry = self.store.entry(repo_id, path, revision)
-        mapping = self.store.map(entry)
-        self._record_read(entry)
+        store, entry = self.tiers.entry(repo_id, path, revision)
+        mapping = store.map(entry)
+        self._record_read(store, entry)
         return memoryview(mapping) if mapping is not None else memoryview(b"")
 
     @_any_case
     def map_file(self, repo_id: str, path: str, revision: str = "main") -> MappedFile:
         """Like :meth:`get_file`, as a context manager that unmaps the file on exit."""
-        entry = self.store.entry(repo_id, path, revision)
-        mapped = MappedFile(entry, self.store.map(entry))
-        self._record_read(entry)
+        store, entry = self.tiers.entry(repo_id, path, revision)
+        mapped = MappedFile(entry, store.map(entry))
+        self._record_read(store, entry)
         return mapped
 
     @_any_case
     def open_file(self, repo_id: str, path: str, revision: str = "main") -> BinaryIO:
         """A seekable binary stream; it reads from disk as asked and never holds the whole file."""
-        entry = self.store.entry(repo_id, path, revision)
-        stream = self.store.open(entry)
-        self._record_read(entry)
+        store, entry = self.tiers.entry(repo_id, path, revision)
+        stream = store.open(entry)
+        self._record_read(store, entry)
         return stream
 
     @_any_case
     def get_chunk(self, repo_id: str, path: str, index: int, revision: str = "main") -> memoryview:
         """Chunk ``index`` of a file as a zero-copy view, verified against its BLAKE3 digest."""
-        entry = self.store.entry(repo_id, path, revision)
-        chunk = self.store.chunk(entry, index)
-        self._record_read(entry)
+        store, entry = self.tiers.entry(repo_id, path, revision)
+        chunk = store.chunk(entry, index)
+        self._record_read(store, entry)
         return chunk
 
     @_any_case
     def file_path(self, repo_id: str, path: str, revision: str = "main") -> Path:
         """A real path (in the snapshot tree) for engines that open or mmap files themselves."""
-        entry = self.store.entry(repo_id, path, revision)
-        found = self.store.entry_path(entry)
-        self._record_read(entry)
+        store, entry = self.tiers.entry(repo_id, path, revision)
+        found = store.entry_path(entry)
+        self._record_read(store, entry)
         return found
 
     @_any_case
     def snapshot_path(self, repo_id: str, revision: str = "main") -> Path:
-        """The revision's folder, for ``from_pretrained(...)`` and other path-based loaders."""
-        found = self.store.snapshot_path(repo_id, revision)
+        """The revision's folder, for ``from_pretrained(...)`` and other path-based loaders (the folder of the
+        store that answers the revision: tiers.py)."""
+        store, spelled, commit_id = self.tiers.holder(repo_id, revision)
+        found = store.snapshot_path(spelled, commit_id)
+        if store is not self.store:
+            return found
         # A use of the repo, and of each of its variants: a loader given the folder (from_pretrained(path,
         # variant="fp16")) reads what it reads unseen, and the budget must not take it for unused
         self.store.access.record(repo_id)
-        owners = self._variant_owners(repo_id, self.store.resolve(repo_id, revision))
+        owners = self._variant_owners(repo_id, commit_id)
         for variant in {name for name in owners.values() if name is not None}:
             self.store.access.record(repo_id, variant, count=0)
         return found
@@ -459,14 +508,16 @@ class Depot:
             # config or tokenizer, which comes with any variant, only marks the repo as used now (the budget)
             self.store.access.record(blob.repo_id, variant, count=1 if variant else 0)
             blob = BlobRecord(blob.sha256, blob.size, blob.chunk_size)
-        return self.store.open_verified(blob)
+        return self.tiers.store_of_blob(blob.sha256).open_verified(blob)
 
-    def _record_read(self, entry: FileEntry) -> None:
+    def _record_read(self, store: Store, entry: FileEntry) -> None:
         """A local read is a use of the repo (what --preload-top and stats count, as an engine in this
         process reads a model's files whatever they are) and, when the file is one of a single variant's,
         that variant's last use (the budget evicts the variants of a revision apart: the quant read every
         day stays, the one pulled once and never read goes). A node's client's download counts otherwise
-        (:meth:`open_verified`)."""
+        (:meth:`open_verified`). A shared store's files are not this store's to count."""
+        if store is not self.store:
+            return
         self.store.access.record(entry.repo_id)
         variant = self._variant_of(entry.repo_id, entry.commit_id, entry.path)
         if variant is not None:
@@ -498,11 +549,12 @@ class Depot:
         return owners
 
     def list_repos(self) -> list[RepoSummary]:
-        return self.store.list_repos()
+        """The repos of the own store and of the shared ones, each once, sorted by repo id."""
+        return self.tiers.list_repos() if self.tiers.shared else self.store.list_repos()
 
     @_any_case
     def repo_info(self, repo_id: str) -> RepoInfo:
-        return self.store.repo_info(repo_id)
+        return self.tiers.repo_info(repo_id) if self.tiers.shared else self.store.repo_info(repo_id)
 
     # -- upstream repos -------------------------------------------------------------------------------
 
@@ -650,9 +702,36 @@ class Depot:
         quants = validate_quants(quants)
         if manifest is None:
             manifest = await asyncio.to_thread(self.manifest_for, repo_id, revision)
+        if self.tiers.shared:
+            held = await asyncio.to_thread(self._held_shared, manifest, quants, paths, revision)
+            if held is not None:
+                return held
         chain = await asyncio.to_thread(lambda: self.chain)  # the first use may open the fleet's view
         return await pull_async(self.store, manifest, quants, self._branch(revision), chain,
                                 self.config.offline, progress, self._limits(), paths, watch)  # fmt: skip
+
+    def _held_shared(self, manifest: Manifest, quants: list[str] | str | None, paths: list[str] | None,
+                     revision: str) -> PullResult | None:  # fmt: skip
+        """What a pull of a revision a shared store holds, as it would fetch it, returns: nothing written,
+        the files read there from then on (tiers.py). None when the pull must write."""
+        from modeldepot.transfer.pull import PullResult, select
+
+        files, names = select(manifest, quants, paths)
+        branch = self._branch(revision)
+        held = self.tiers.holding(manifest.repo_id, manifest.commit_id, [f.path for f in files], branch)
+        if held is None:
+            return None
+        by_source: dict[str, int] = {}
+        for remote in files:
+            source = "local" if held[remote.path] is self.store else "shared"
+            by_source[source] = by_source.get(source, 0) + remote.size
+        store = self.tiers.holder(manifest.repo_id, manifest.commit_id)[0]
+        spelled = store.spelled(manifest.repo_id)
+        log.info("%s@%s: held by the shared stores, nothing pulled", spelled, manifest.commit_id[:12])
+        return PullResult(repo_id=spelled, commit_id=manifest.commit_id, variants=tuple(names), files=len(files),
+                          bytes_total=sum(by_source.values()), bytes_downloaded=0, bytes_resumed=0,
+                          snapshot_path=str(store.snapshots.path(spelled, manifest.commit_id)),
+                          sources=("shared",), bytes_by_source=by_source)  # fmt: skip
 
     @_any_case
     @_writes
@@ -667,8 +746,8 @@ class Depot:
     ) -> FileEntry:
         """Make sure one file of ``repo_id`` is in the store (downloading it if needed); returns its entry."""
         validate_path(path)
-        if self.store.has_file(repo_id, path, revision):
-            return self.store.entry(repo_id, path, revision)
+        if self.has_file(repo_id, path, revision):
+            return self.file_info(repo_id, path, revision)
         manifest = self.manifest_for(repo_id, revision)
         if not any(f.path == path for f in manifest.files):
             raise EntryNotFoundError(repo_id, revision, path, manifest.commit_id)
@@ -766,6 +845,18 @@ class Depot:
 
         from modeldepot.engines.loading import load_variant
 
+        if self.tiers.shared:
+            try:
+                commit_id = self.tiers.holder(repo_id, revision)[2]
+            except NotFoundError:
+                commit_id = ""
+            for store in self.tiers.all if commit_id else ():
+                # (the commit the tiers answer, from the first store that holds the variant whole; none: pulled)
+                try:
+                    return load_variant(store, self.preloader, self.engines, _not_here, True,
+                                        store.spelled(repo_id), quant, commit_id, engine, warmup, inputs)  # fmt: skip
+                except (NotFoundError, CorruptBlobError):
+                    continue
         return load_variant(self.store, self.preloader, self.engines, pull_variant, self.config.offline,
                             repo_id, quant, revision, engine, warmup, inputs)  # fmt: skip
 

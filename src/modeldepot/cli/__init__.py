@@ -61,14 +61,15 @@ def _home_option_creating_when(creates: Callable[[dict[str, Any]], bool]) -> Cal
     return lambda function: _with_home(function, creates=creates)
 
 
-def _home_option_after(check: Callable[[dict[str, Any]], None]) -> Callable[[F], F]:
+def _home_option_after(check: Callable[[dict[str, Any]], None], *, shared: bool = True) -> Callable[[F], F]:
     """--home for a command that makes a store once ``check(its arguments)`` passed (a DepotError: nothing
-    is made; `serve` on a port in use)."""
-    return lambda function: _with_home(function, creates=True, check=check)
+    is made; `serve` on a port in use). ``shared=False``: the command works on the store alone, whatever
+    ``MODELDEPOT_SHARED`` says (`serve`: a node serves its own store)."""
+    return lambda function: _with_home(function, creates=True, check=check, shared=shared)
 
 
 def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
-               check: Callable[[dict[str, Any]], None] | None = None) -> F:  # fmt: skip
+               check: Callable[[dict[str, Any]], None] | None = None, shared: bool = True) -> F:  # fmt: skip
     @click.option(
         "--home",
         type=click.Path(file_okay=False, path_type=Path),
@@ -82,7 +83,11 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
         try:
             if check is not None:
                 check(kwargs)
-            with Depot(home, create=making or not named) as depot:
+            if not shared and os.environ.get("MODELDEPOT_SHARED", "").strip():
+                render.err.print("[yellow]note:[/yellow] MODELDEPOT_SHARED is not read here: a node serves its own "
+                                 "store (serve the shared one from a node of its own, and name it in "
+                                 "MODELDEPOT_SERVERS)")  # fmt: skip
+            with Depot(home, create=making or not named, shared=None if shared else ()) as depot:
                 return function(depot, *args, **kwargs)
         except DepotError as error:
             render.err.print(f"[red]error:[/red] {error}")
@@ -688,7 +693,7 @@ def peers_command(depot: Depot, cluster: str | None, cluster_prefix: str | None,
 @_cluster_options
 @click.option("--advertise", default=None, metavar="URL", callback=lambda c, p, v: _advertise_url(v),
               help="With --cluster: the URL peers reach this node at (default: http://HOST:PORT).")  # fmt: skip
-@_home_option_after(lambda kwargs: _listenable(kwargs["host"], kwargs["port"]))
+@_home_option_after(lambda kwargs: _listenable(kwargs["host"], kwargs["port"]), shared=False)
 def serve_command(
     depot: Depot,
     host: str,

@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from modeldepot.depot import Depot
-from modeldepot.errors import DepotError
+from modeldepot.errors import ConfigError, DepotError
 from modeldepot.mirror import Mirror
 from modeldepot.ratelimit import RateLimit
 from modeldepot.server.context import CONTROL_TOKEN, DEPOT, TOKEN, is_authorized
@@ -164,6 +164,11 @@ def create_app(
     if token and control_token:
         raise ValueError(
             "a node with a token is controlled with it: give a token or a control token, not both"
+        )
+    if depot.tiers.shared:
+        raise ConfigError(
+            "a node serves its own store only, not the shared stores its depot reads through: serve each "
+            "store from a node of its own, and name the shared one's in MODELDEPOT_SERVERS"
         )
     middlewares: list[Middleware] = [
         metrics_middleware,

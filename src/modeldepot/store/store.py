@@ -113,7 +113,9 @@ class Store:
     """A store at ``config.home``, created on first use (unless ``create`` is false: then a folder that holds
     no store is a :class:`ConfigError`, so a mistyped home is not taken for a new, empty store)."""
 
-    def __init__(self, config: DepotConfig, *, create: bool = True) -> None:
+    def __init__(self, config: DepotConfig, *, create: bool = True, read_only: str | None = None) -> None:
+        """``read_only``: open the store read-only whatever it is, for that reason (as in "the store at X is
+        ..."; a store read through by another: tiers.py)."""
         self.layout = StoreLayout(config.home)
         if not create and not self.layout.index_path.is_file():
             raise ConfigError(f"no store at {config.home}: nothing was imported, pulled or served there "
@@ -122,7 +124,9 @@ class Store:
         # this user may not write (another user's), is read and served as it is: nothing is created, locked,
         # recorded or flushed there, every write is a ReadOnlyStoreError, and what a check finds corrupt is
         # refused by this process, left in place.
-        self.read_only_reason = self.layout.read_only_reason() if self.layout.index_path.is_file() else None
+        self.read_only_reason = read_only or (
+            self.layout.read_only_reason() if self.layout.index_path.is_file() else None
+        )
         self.read_only = self.read_only_reason is not None
         if not self.read_only:
             self.layout.create()
@@ -642,6 +646,11 @@ class Store:
         return link
 
     # -- listing --------------------------------------------------------------------------------------
+
+    def ref_time(self, repo_id: str, name: str) -> float | None:
+        """When the branch ``name`` last moved here (None: no such branch)."""
+        rows = self.index.read("SELECT updated_at FROM refs WHERE repo_id = ? AND name = ?", (repo_id, name))
+        return float(rows[0]["updated_at"]) if rows else None
 
     def _refs(self, repo_id: str) -> dict[str, str]:
         rows = self.index.read("SELECT name, commit_id FROM refs WHERE repo_id = ? ORDER BY name", (repo_id,))

@@ -1,0 +1,133 @@
+"""Stores read through: a depot's own store first, then shared ones (``MODELDEPOT_SHARED``), never written
+by it (huggingface_hub#2816: an admin fills one store with the models everyone uses, each user pulls the
+rest into a store of their own, and nothing is held twice).
+
+A shared store is opened read-only, whoever may write it (its owner does, as ever, from their own
+depot): nothing of it is locked, counted or changed from here. What the tiers answer:
+
+- **a revision** (:meth:`Tiers.holder`): a commit id is the first store's that holds it, the own store
+  first; a branch is the store's whose ref of it moved last (each store's ``refs.updated_at``: when it last
+  learned where the branch is), so a model the admin updated is read from the shared store even when the
+  user pulled an older one of it into their own, and the user's pull of a newer one wins over the
+  admin's older one;
+- **a file** (:meth:`Tiers.entry`): the holder's, or, when it lacks the file (or holds it corrupt), the
+  first other store's that holds the same commit and file (one quant in the shared store, another in
+  the user's);
+- **a pull** (:meth:`Tiers.holding`): the shared store that holds everything a pull would fetch, at the
+  commit it names, whose branch is there too and newer than the own store's: the pull then writes
+  nothing.
+
+A snapshot folder is one store's (the holder's): a revision split across stores is read file by file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+
+from modeldepot.errors import CorruptBlobError, EntryNotFoundError, NotFoundError, RevisionNotFoundError
+from modeldepot.store import Store
+from modeldepot.store.models import FileEntry, RepoInfo, RepoSummary
+from modeldepot.validation import validate_path, validate_repo_id, validate_revision
+
+__all__ = ["Tiers"]
+
+
+class Tiers:
+    """A depot's own store and the shared stores read after it, in order."""
+
+    def __init__(self, own: Store, shared: Sequence[Store] = ()) -> None:
+        self.own = own
+        self.shared = tuple(shared)
+        self.all = (own, *self.shared)
+
+    def holder(self, repo_id: str, revision: str) -> tuple[Store, str, str]:
+        """The store that answers ``revision`` of ``repo_id`` (the module's docstring says which), the repo
+        id as it spells it, and the commit id; the own store's error when none holds it (a shared store's
+        when only it knows the repo)."""
+        if not self.shared:
+            return self.own, repo_id, self.own.resolve(repo_id, revision)
+        validate_repo_id(repo_id)
+        validate_revision(revision)
+        found: list[tuple[float, int, Store, str, str]] = []
+        errors: list[NotFoundError] = []
+        for rank, store in enumerate(self.all):
+            spelled = store.spelled(repo_id)
+            try:
+                commit_id = store.resolve(spelled, revision)
+            except NotFoundError as error:
+                errors.append(error)
+                continue
+            moved = store.ref_time(spelled, revision)
+            found.append((moved if moved is not None else float("-inf"), -rank, store, spelled, commit_id))
+        if not found:
+            raise next((e for e in errors if isinstance(e, RevisionNotFoundError)), errors[0])
+        _, _, store, spelled, commit_id = max(found, key=lambda f: f[:2])
+        return store, spelled, commit_id
+
+    def entry(self, repo_id: str, path: str, revision: str) -> tuple[Store, FileEntry]:
+        """The store holding the file, and its record (see the module's docstring)."""
+        validate_path(path)
+        store, spelled, commit_id = self.holder(repo_id, revision)
+        try:
+            return store, store.entry(spelled, path, commit_id)
+        except (EntryNotFoundError, CorruptBlobError) as missing:
+            for other in self.all:
+                if other is not store:
+                    with contextlib.suppress(NotFoundError, CorruptBlobError):
+                        return other, other.entry(other.spelled(repo_id), path, commit_id)
+            raise missing from None
+
+    def store_of_blob(self, sha256: str) -> Store:
+        """The first store whose index holds the blob, good (the own store when none does: its error)."""
+        if not self.shared:
+            return self.own
+        for store in self.all:
+            if store.index.read("SELECT 1 FROM blobs WHERE sha256 = ? AND state = 'ok'", (sha256,)):
+                return store
+        return self.own
+
+    def holding(
+        self, repo_id: str, commit_id: str, paths: Iterable[str], branch: str | None
+    ) -> dict[str, Store] | None:
+        """Where each of ``paths`` at ``commit_id`` is held, when a pull of them (setting ``branch``) need
+        write nothing: the stores hold each of them, good, a shared store some of them, and reads of
+        ``branch`` find that commit already (else they would not find what was pulled). None: pull."""
+        if not self.shared:
+            return None
+        if branch is not None:
+            try:
+                if self.holder(repo_id, branch)[2] != commit_id:
+                    return None
+            except NotFoundError:
+                return None
+        found: dict[str, Store] = {}
+        for path in paths:
+            store = next((s for s in self.all if s.has_file(s.spelled(repo_id), path, commit_id)), None)
+            if store is None:
+                return None
+            found[path] = store
+        return found if any(store is not self.own for store in found.values()) else None
+
+    def list_repos(self) -> list[RepoSummary]:
+        """Every repo of every store, each once (the own store's summary first), sorted by repo id."""
+        seen: dict[str, RepoSummary] = {}
+        for store in self.all:
+            for summary in store.list_repos():
+                seen.setdefault(summary.repo_id.lower(), summary)
+        return sorted(seen.values(), key=lambda s: s.repo_id)
+
+    def repo_info(self, repo_id: str) -> RepoInfo:
+        """The repo as the first store that holds it has it."""
+        error: NotFoundError | None = None
+        for store in self.all:
+            try:
+                return store.repo_info(store.spelled(repo_id))
+            except NotFoundError as missing:
+                error = error or missing
+        assert error is not None
+        raise error
+
+    def close(self) -> None:
+        for store in self.shared:
+            store.close()

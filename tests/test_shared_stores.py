@@ -1,0 +1,175 @@
+"""Shared stores read through (tiers.py, MODELDEPOT_SHARED; huggingface_hub#2816): an admin's store of the
+models everyone uses under each user's own. Reads, loads and pulls find what the shared store holds and
+write nothing for it; what it lacks is pulled into the user's store; a branch is read where it moved last;
+the shared store is never written. Upstream is a real node on loopback, named by HF_ENDPOINT."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import save_file
+
+from conftest import SMALL_CHUNK, LiveNode, store_files_consistent, write_model_dir
+from fleetnodes import base_env, modeldepot
+from modeldepot import Depot
+from modeldepot.cli import cli
+from modeldepot.errors import ConfigError, ReadOnlyStoreError, RevisionNotFoundError
+from modeldepot.server.app import create_app
+
+MB = 1 << 20
+
+
+def tree(home: Path) -> dict[str, tuple[int, float]]:
+    return {str(p.relative_to(home)): (p.lstat().st_size, p.lstat().st_mtime) for p in home.rglob("*")}
+
+
+def common_model(folder: Path, scale: float) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"w": np.full((64, 64), scale, dtype=np.float32)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"scale": scale}))
+    return folder
+
+
+def quants(folder: Path) -> Path:
+    rng = np.random.default_rng(3)
+    return write_model_dir(folder, {
+        "config.json": b'{"model_type": "llama"}',
+        "model-Q4_K_M.gguf": rng.bytes(MB // 2),
+        "model-Q8_0.gguf": rng.bytes(MB),
+    })  # fmt: skip
+
+
+class Upstream:
+    """A node serving ``acme/common`` and ``acme/q`` (two quants), named by HF_ENDPOINT."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.depot = Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK)
+        self.depot.import_dir(common_model(tmp_path / "src" / "common-1", 1.0), "acme/common")
+        self.depot.import_dir(quants(tmp_path / "src" / "q"), "acme/q")
+        self.node = LiveNode(self.depot)
+        self.moves = 1
+
+    def move_common(self) -> str:
+        """A new commit of acme/common on main."""
+        self.moves += 1
+        folder = common_model(self.tmp_path / "src" / f"common-{self.moves}", float(self.moves))
+        return self.depot.import_dir(folder, "acme/common").commit_id
+
+
+@pytest.fixture
+def upstream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Upstream]:
+    up = Upstream(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", up.node.url)
+    try:
+        yield up
+    finally:
+        up.node.stop()
+        up.depot.close()
+
+
+@pytest.fixture
+def admin(tmp_path: Path, upstream: Upstream) -> Path:
+    """The shared store: acme/common, and acme/q's Q4_K_M alone; closed."""
+    home = tmp_path / "shared"
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        depot.pull("acme/common")
+        depot.pull("acme/q", quants=["Q4_K_M"])
+    return home
+
+
+def test_reads_loads_and_pulls_find_the_shared_store_and_write_nothing_for_it(
+    tmp_path: Path, admin: Path, upstream: Upstream
+) -> None:
+    before = tree(admin)
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        assert {r.repo_id for r in user.list_repos()} == {"acme/common", "acme/q"}
+        assert json.loads(bytes(user.get_file("acme/common", "config.json"))) == {"scale": 1.0}
+        assert user.file_path("acme/common", "model.safetensors").is_relative_to(admin)
+        assert user.snapshot_path("acme/common").is_relative_to(admin)
+        tensors = user.load("acme/common", engine="safetensors")
+        np.testing.assert_array_equal(tensors["w"], np.ones((64, 64), dtype=np.float32))
+
+        pulled = user.pull("acme/common")  # (asks upstream where main is: the shared store holds that)
+        assert (pulled.bytes_downloaded, pulled.sources, pulled.bytes_by_source) == (
+            0, ("shared",), {"shared": pulled.bytes_total}
+        )  # fmt: skip
+        assert user.du().blobs == 0, "nothing written for what the shared store holds"
+
+        q8 = user.pull("acme/q", quants=["Q8_0"])  # the shared store lacks it: pulled into the user's
+        assert q8.bytes_downloaded >= MB and q8.sources != ("shared",)
+        weights = tmp_path / "src" / "q"
+        assert bytes(user.get_file("acme/q", "model-Q8_0.gguf")) == (weights / "model-Q8_0.gguf").read_bytes()
+        assert user.file_path("acme/q", "model-Q8_0.gguf").is_relative_to(user.home)
+        # the same commit's other quant is the shared store's: read from there, not pulled again
+        assert (
+            bytes(user.get_file("acme/q", "model-Q4_K_M.gguf"))
+            == (weights / "model-Q4_K_M.gguf").read_bytes()
+        )
+        assert user.file_path("acme/q", "model-Q4_K_M.gguf").is_relative_to(admin)
+        loaded = user.load("acme/q", "Q4_K_M", engine=lambda path: path.resolve())
+        assert loaded.is_relative_to(admin)
+        assert user.pull("acme/q", quants=["Q4_K_M"]).bytes_downloaded == 0
+        assert user.du().blob_bytes < 2 * MB, "Q4_K_M was never pulled into the user's store"
+        assert store_files_consistent(user) == []
+        with pytest.raises(ReadOnlyStoreError, match="shared: read through"):
+            user.tiers.shared[0].index.write("test").__enter__()
+    assert tree(admin) == before, "the shared store was not written"
+
+    runner = CliRunner()
+    env = {"MODELDEPOT_SHARED": str(admin)}
+    listed = runner.invoke(cli, ["ls", "--home", str(tmp_path / "user")], env=env)
+    assert listed.exit_code == 0 and "acme/common" in listed.output, listed.output
+    path = runner.invoke(
+        cli, ["path", "acme/common", "config.json", "--home", str(tmp_path / "user")], env=env
+    )
+    assert path.exit_code == 0 and str(admin) in path.output, path.output
+    cat = modeldepot("cat", "acme/common", "config.json", "--home", str(tmp_path / "user"),
+                     env=base_env(MODELDEPOT_SHARED=str(admin)))  # fmt: skip
+    assert json.loads(cat.stdout) == {"scale": 1.0}
+
+
+def test_a_branch_is_read_where_it_moved_last(tmp_path: Path, admin: Path, upstream: Upstream) -> None:
+    """The user pulls main after it moved upstream: their store gets the new commit and main is read there,
+    not at the shared store's older one. The admin then pulls a newer main: read from the shared store
+    without a pull. A commit id is read wherever it is held."""
+    first = Depot(admin, create=False)
+    old = first.resolve("acme/common")
+    first.close()
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        assert user.resolve("acme/common") == old
+        second = upstream.move_common()
+        assert user.pull("acme/common").bytes_downloaded > 0
+        assert user.resolve("acme/common") == second
+        assert json.loads(bytes(user.get_file("acme/common", "config.json"))) == {"scale": 2.0}
+        assert user.snapshot_path("acme/common").is_relative_to(user.home)
+        assert json.loads(bytes(user.get_file("acme/common", "config.json", old))) == {"scale": 1.0}
+
+        third = upstream.move_common()
+        with Depot(admin) as depot:  # the admin, from their own depot
+            depot.pull("acme/common")
+        assert user.resolve("acme/common") == third
+        assert json.loads(bytes(user.get_file("acme/common", "config.json"))) == {"scale": 3.0}
+        assert user.pull("acme/common").bytes_downloaded == 0
+        with pytest.raises(RevisionNotFoundError):
+            user.resolve("acme/common", "f" * 40)
+
+
+def test_shared_stores_are_checked(tmp_path: Path, admin: Path) -> None:
+    with pytest.raises(ConfigError, match="MODELDEPOT_SHARED: no store at"):
+        Depot(tmp_path / "user", shared=[tmp_path / "nowhere"])
+    with pytest.raises(ConfigError, match="this depot's own store"):
+        Depot(admin, shared=[admin])
+    with Depot(tmp_path / "user", shared=[]) as plain:
+        assert plain.list_repos() == []
+    with (
+        Depot(tmp_path / "user", shared=[admin]) as user,
+        pytest.raises(ConfigError, match="its own store only"),
+    ):
+        create_app(user)  # (`modeldepot serve` opens its store alone, and says so)
