@@ -466,7 +466,15 @@ def test_preload_pin_unpin_and_remove(guarded: LiveNode, local: Depot) -> None:
     assert again.status == 200 and again.json()["unpinned"] is False
     assert [p.quant for p in local.pins()] == [None]
 
-    removed = call(guarded.port, "DELETE", f"{API}/repos/{REPO}", headers=AUTH)
+    # A body is read as the pins' routes read theirs: a revision named there removes that revision alone (it
+    # was ignored, and the whole repo went), an unknown key or a disagreement with the URL removes nothing.
+    for bad, status in (({"x": 1}, 400), ({"revision": "dev"}, 404), ({"revision": 7}, 422)):
+        refused = call(guarded.port, "DELETE", f"{API}/repos/{REPO}", bad, AUTH)
+        assert refused.status == status, (bad, refused.body)
+    differs = call(guarded.port, "DELETE", f"{API}/repos/{REPO}?revision=main", {"revision": commit}, AUTH)
+    assert differs.status == 400 and "the URL names 'main'" in differs.json()["error"], differs.body
+    assert local.resolve(REPO) == commit, "nothing removed"
+    removed = call(guarded.port, "DELETE", f"{API}/repos/{REPO}", {"revision": "main"}, AUTH)
     assert removed.status == 200, removed.body
     assert removed.json()["commits"] == [commit] and removed.json()["bytes_freed"] > 0
     assert local.list_repos() == []

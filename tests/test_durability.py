@@ -156,10 +156,15 @@ def test_a_power_loss_never_serves_a_corrupt_byte_and_the_store_heals(
         assert depot.verify().ok
 
 
-def test_durability_setting_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MODELDEPOT_DURABILITY", "sometimes")
+@pytest.mark.parametrize("setting", ["MODELDEPOT_DURABILITY", "MODELDEPOT_PRELOAD_STRATEGY"])
+def test_settings_are_checked_when_the_store_opens(
+    setting: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(The preload strategy was read at the first preload only: `serve` started, and its /metrics and
+    /stats answered 500.)"""
+    monkeypatch.setenv(setting, "sometimes")
     done = CliRunner().invoke(cli, ["ls", "--home", str(tmp_path / "s")])
-    assert done.exit_code == 2 and "MODELDEPOT_DURABILITY" in done.output
+    assert done.exit_code == 2 and setting in done.output
 
 
 def test_only_a_store_that_flushes_before_publishing_starts_writeback_during_a_download(

@@ -111,6 +111,9 @@ def default_home(environ: Mapping[str, str] | None = None) -> Path:
     return (Path(cache) / "modeldepot").absolute()
 
 
+PRELOAD_STRATEGIES = ("page-cache", "mmap", "read", "memfd")  # how the RAM tier holds a file (preload/copies.py)
+
+
 @dataclass(frozen=True)
 class DepotConfig:
     """Where the store lives and how it chunks new blobs.
@@ -152,6 +155,9 @@ class DepotConfig:
     shared: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.preload_strategy not in PRELOAD_STRATEGIES:
+            raise ConfigError(f"MODELDEPOT_PRELOAD_STRATEGY {self.preload_strategy!r} must be one of "
+                              f"{', '.join(PRELOAD_STRATEGIES)}")  # fmt: skip
         if self.durability not in ("deferred", "sync"):
             raise ConfigError(f"MODELDEPOT_DURABILITY {self.durability!r} must be 'deferred' or 'sync'")
         if not 1 <= self.connections_per_source <= self.connections <= 256:

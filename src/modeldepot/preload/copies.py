@@ -7,13 +7,14 @@ import mmap
 import os
 from pathlib import Path
 
+from modeldepot.config import PRELOAD_STRATEGIES
 from modeldepot.preload.residency import populate, resident_bytes
 from modeldepot.store.models import FileEntry
 from modeldepot.store.store import Store
 
 __all__ = ["STRATEGIES", "FileCopy"]
 
-STRATEGIES = ("page-cache", "mmap", "read", "memfd")
+STRATEGIES = PRELOAD_STRATEGIES
 
 
 class FileCopy:

@@ -484,6 +484,14 @@ async def remove_repo(request: web.Request) -> web.Response:
     revision = request.query.get("revision")
     if revision is not None:  # (in the URL: a 400, naming the parameter)
         _checked("revision", validate_revision, revision, REVISION, in_url=True)
+    # The pins' routes take the revision in the body: a body naming one here is read too (a removal of the
+    # whole repo for a body that asked for one revision would lose what was never asked for)
+    body = await json_body(request, ("revision",))
+    if body.get("revision") is not None:
+        named = _checked("revision", validate_revision, body["revision"], REVISION)
+        if revision is not None and named != revision:
+            raise Refused(400, "BadRequest", f"revision: the URL names {revision!r}, the body {named!r}")
+        revision = named
     running = [
         job
         for job in request.app[PULLS].list()

@@ -717,7 +717,13 @@ def _control_paths(
                         "description": "one revision (a branch, tag or commit id) to remove; absent: the repo",
                     },
                 ],
-                "responses": {"200": ok("RemoveResult"), **errors(400, 401, 404, 405, 409, 507)},
+                "requestBody": {
+                    "required": False,
+                    "description": "the revision may be named here instead, as the pins' routes take it (both: "
+                    "they must agree)",
+                    "content": {"application/json": {"schema": _closed({"revision": _REVISION}, required=[])}},
+                },
+                "responses": {"200": ok("RemoveResult"), **errors(401, 404, 405, 409, 507, *shape)},
             }
         },
     }
