@@ -810,11 +810,18 @@ def test_every_control_answer_is_as_the_document_says(
                                 ("POST", preload, {}), ("PUT", pin, {}), ("DELETE", pin, {}), ("DELETE", repo, None)):  # fmt: skip
         check(guarded, method, route, 401, body, no_token)
         check(open_node, method, route, 401, body, no_token)
-    for method, route in (("POST", pulls), ("POST", preload), ("PUT", pin), ("DELETE", pin)):
+    for method, route in (
+        ("POST", pulls),
+        ("POST", preload),
+        ("PUT", pin),
+        ("DELETE", pin),
+        ("DELETE", repo),
+    ):
         check(open_node, method, route, 400, b"[]", JSON)
         check(open_node, method, route, 413, b" " * (MAX_CONTROL_BODY + 1), JSON)
         check(open_node, method, route, 415, b"{}", {"Content-Type": "application/x-www-form-urlencoded"})
-        check(open_node, method, route, 422, {"repo": "a--b/c"} if route == pulls else {"quant": "a b"})
+        check(open_node, method, route, 422, {"repo": "a--b/c"} if route == pulls else
+              {"revision": "a..b"} if route == repo else {"quant": "a b"})  # fmt: skip
     check(open_node, "POST", pulls, 404, {"repo": "acme/nowhere"})
     for method, route in (("POST", preload), ("PUT", pin), ("DELETE", pin), ("DELETE", repo)):
         check(open_node, method, route, 404, None if route == repo else {}, org="acme", name="nowhere")
