@@ -737,6 +737,13 @@ def test_a_pull_makes_room_by_its_repos_superseded_revision_and_unread_quant(
 
                 local.set_max_size("1.5MiB")
                 local.pull("up/q", quants=["Q8_0"])
+                commit = local.resolve("up/q")
+                # The room is made before a byte is fetched, by the revision's only other quant (the store
+                # went above its budget while the pull ran, and only the pull's end evicted it)
+                writing = {"config.json", "model-Q4_K_M.gguf"}
+                with local.store.budget.writing("up/q", commit, writing) as writer:
+                    evicted = writer.make_room(MB, "pulling up/q")
+                    assert [(e.repo_id, e.variant) for e in evicted] == [("up/q", "Q8_0")]
                 local.pull("up/q", quants=["Q4_K_M"])  # room only for one quant: Q8_0 was never read
                 assert held_paths(local, "up/q") == {"config.json", "model-Q4_K_M.gguf"}
                 statuses = {v.name: v.status for v in local.get_manifest("up/q").variants}

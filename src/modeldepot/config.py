@@ -111,7 +111,12 @@ def default_home(environ: Mapping[str, str] | None = None) -> Path:
     return (Path(cache) / "modeldepot").absolute()
 
 
-PRELOAD_STRATEGIES = ("page-cache", "mmap", "read", "memfd")  # how the RAM tier holds a file (preload/copies.py)
+PRELOAD_STRATEGIES = (
+    "page-cache",
+    "mmap",
+    "read",
+    "memfd",
+)  # how the RAM tier holds a file (preload/copies.py)
 
 
 @dataclass(frozen=True)

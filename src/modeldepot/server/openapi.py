@@ -721,7 +721,9 @@ def _control_paths(
                     "required": False,
                     "description": "the revision may be named here instead, as the pins' routes take it (both: "
                     "they must agree)",
-                    "content": {"application/json": {"schema": _closed({"revision": _REVISION}, required=[])}},
+                    "content": {
+                        "application/json": {"schema": _closed({"revision": _REVISION}, required=[])}
+                    },
                 },
                 "responses": {"200": ok("RemoveResult"), **errors(401, 404, 405, 409, 507, *shape)},
             }

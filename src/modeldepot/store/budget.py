@@ -455,7 +455,11 @@ class DiskBudget:
                 assert self.order.variants is not None
                 now = self.order.variants([e.path for e in self.store.files(unit.repo_id, unit.commit_id)])
                 own = next((files for _, files, aliases in now if unit.variant.lower() in aliases), None)
-                if len(now) < 2 or not own:
+                with self._lock:  # (a revision a pull writes into is never emptied: its last variant may go)
+                    written = any(
+                        (w.repo_id, w.commit_id) == (unit.repo_id, unit.commit_id) for w in self._writers
+                    )
+                if (len(now) < 2 and not written) or not own:
                     return None  # (the last variant goes with its revision, by the repo's last use)
                 result = remove_files(self.store, unit.repo_id, unit.commit_id, own, keep_blobs=keep)
         except NotFoundError:
