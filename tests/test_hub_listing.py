@@ -477,3 +477,36 @@ def test_a_config_nested_too_deep_to_parse_is_left_out_of_the_listing(depot: Dep
         node.stop()
     assert answer.status_code == 200, answer.text
     assert [(m["id"], m.get("config")) for m in answer.json()] == [("acme/deep", None)]
+
+
+def test_an_imported_repo_that_loses_a_variant_is_still_listed_whole(tmp_path: Path) -> None:
+    """`rm --quant` (or the disk budget evicting a variant) on a repo imported, never scanned: its commit was
+    listed with the files left alone, and huggingface_hub, which keeps a commit's listing for good, then
+    never fetched the rest even from a node that holds it all. The whole listing is kept before files go."""
+    folder = write_model_dir(tmp_path / "ox", {
+        "config.json": b"{}", "onnx/model.onnx": b"a" * 300, "onnx/model_fp16.onnx": b"b" * 200,
+        "onnx/model_quantized.onnx": b"c" * 100,
+    })  # fmt: skip
+    quants = write_model_dir(
+        tmp_path / "gg", {"model-Q4_K_M.gguf": b"d" * 300, "model-Q8_0.gguf": b"e" * 400}
+    )
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        commit = depot.import_dir(folder, "acme/ox").commit_id
+        depot.import_dir(quants, "acme/gg")
+        whole = {f.path for f in depot.list_files("acme/ox")}
+        depot.remove("acme/ox", quant="q8")
+        assert "onnx/model_quantized.onnx" not in {f.path for f in depot.list_files("acme/ox")}
+        depot.pin("acme/ox")
+        assert [e.variant for e in depot.shrink(depot.du().blob_bytes - 300)] == [
+            "Q4_K_M"
+        ]  # a quant of acme/gg
+        assert len(depot.list_files("acme/gg")) == 1
+        node = LiveNode(depot)
+        try:
+            api = HfApi(endpoint=node.url)
+            assert {s.rfilename for s in api.model_info("acme/ox", revision=commit).siblings or []} == whole
+            assert len(api.model_info("acme/gg").siblings or []) == 2
+        finally:
+            node.stop()
+        status = depot.get_manifest("acme/ox")
+        assert {v.name: v.status for v in status.variants}["q8"] == "available"

@@ -40,6 +40,7 @@ from modeldepot.hub.manifest import (
     Manifest,
     RemoteFile,
     current_manifest,
+    keep_listing,
     listed_files,
     save_scan,
 )
@@ -240,7 +241,11 @@ class Depot:
         # What this process holds in memory of the store: kept from eviction, let go of once removed.
         self._held = HeldModels(self.store, lambda: self._preloader, lambda: self._engines)
         self.store.budget.add_in_use(self._held.in_use)
-        self.store.budget.evict_by_variant(variants_own_files, self._held.paths_in_use)
+        self.store.budget.evict_by_variant(
+            variants_own_files,
+            self._held.paths_in_use,
+            lambda repo, commit: keep_listing(self.store, repo, commit),
+        )
         self.store.budget.add_evicted_hook(self._forget_removed_variants)
         self.store.add_quarantine_hook(self._held.let_go_of_blob)
 
@@ -932,6 +937,7 @@ class Depot:
             raise NotFoundError(
                 f"{repo_id}@{commit_id[:12]} holds no variant {quant!r} (it holds: {grouping.names() or 'none'})"
             )
+        keep_listing(self.store, repo_id, commit_id)
         result = remove_files(self.store, repo_id, commit_id, grouping.own_files(variant))
         for pin in self.store.budget.pins(repo_id):  # (a pin of what is gone would keep nothing, unseen)
             if pin.quant is not None and pin.quant.lower() == variant.name.lower():

@@ -230,6 +230,24 @@ def held_manifest(store: Store, repo_id: str, private: bool) -> Manifest | None:
     return dataclasses.replace(manifest, other_held=tuple(p for p in manifest.other if p not in bad))
 
 
+def keep_listing(store: Store, repo_id: str, commit_id: str) -> None:
+    """Before files of a revision of a repo never scanned (imported, adopted) are removed (`rm --quant`, the
+    disk budget evicting a variant): its whole listing, saved as the repo's manifest, so that the commit is
+    still listed whole, the files it lacks as not here (docs/hub-api.md: a client keeps a commit's listing
+    for good, and one of part of it would hide the rest even from a node holding it all)."""
+    if store.manifests.scanned_commit(repo_id) is not None:
+        return  # (scanned: its listing is upstream's, or another commit's, kept as it is)
+    files = [
+        RemoteFile(e.path, e.size, e.git_oid, e.sha256 if e.lfs else None)
+        for e in store.files(repo_id, commit_id)
+    ]
+    named = store.index.read("SELECT name FROM refs WHERE repo_id = ? AND commit_id = ? ORDER BY name = 'main' DESC, "
+                             "name LIMIT 1", (repo_id, commit_id))  # fmt: skip
+    revision = str(named[0]["name"]) if named else commit_id
+    save_scan(store, repo_id, revision, commit_id, IMPORTED_ENDPOINT, {"private": store.repo_private(repo_id)},
+              files)  # fmt: skip
+
+
 def lost_since(store: Store, manifest: Manifest) -> Manifest:
     """``manifest`` with a variant downloaded once, a file of which the store no longer holds (found
     corrupt and quarantined, or removed by another way than `rm`), shown as to be pulled again: its status

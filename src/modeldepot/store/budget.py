@@ -131,6 +131,7 @@ class DiskBudget:
         self.order = EvictionOrder(store)
         self._paths_in_use: PathsInUse | None = None
         self._evicted_hooks: list[Callable[[str], None]] = []
+        self._before_variant_removal: Callable[[str, str], None] | None = None
         self._writers: list[BudgetWriter] = []
         self._reused: Counter[str] = Counter()  # blobs (SHA-256) writers found in the store and rely on
         self._reserved = 0  # bytes writers made room for and may not have written yet
@@ -185,11 +186,14 @@ class DiskBudget:
         """Never evict what ``hook()`` names (asked at each eviction round)."""
         self._hooks.append(hook)
 
-    def evict_by_variant(self, variants: Variants, paths_in_use: PathsInUse) -> None:
+    def evict_by_variant(self, variants: Variants, paths_in_use: PathsInUse,
+                         before_removal: Callable[[str, str], None] | None = None) -> None:  # fmt: skip
         """Let the variants of a revision that holds several go one at a time (``variants`` tells them
         apart); ``paths_in_use`` says which files of the revisions the :meth:`add_in_use` hooks name are in
-        use (a revision the hooks name and it does not, stays whole)."""
+        use (a revision the hooks name and it does not, stays whole); ``before_removal(repo, commit)`` is
+        called before a variant's files go (the depot keeps the commit's whole listing)."""
         self.order.variants, self._paths_in_use = variants, paths_in_use
+        self._before_variant_removal = before_removal
 
     def add_evicted_hook(self, hook: Callable[[str], None]) -> None:
         """Call ``hook(repo_id)`` after each eviction of one of the repo's revisions."""
@@ -461,6 +465,8 @@ class DiskBudget:
                     )
                 if (len(now) < 2 and not written) or not own:
                     return None  # (the last variant goes with its revision, by the repo's last use)
+                if self._before_variant_removal is not None:
+                    self._before_variant_removal(unit.repo_id, unit.commit_id)
                 result = remove_files(self.store, unit.repo_id, unit.commit_id, own, keep_blobs=keep)
         except NotFoundError:
             return None  # removed meanwhile (another process)
