@@ -422,10 +422,13 @@ def test_the_budget_is_the_stores_and_every_process_on_it_keeps_to_it(tmp_path: 
 
 
 def test_a_mirror_says_its_disk_budget_is_what_refuses_a_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A mirror whose budget could not take a file answered 507 "the node's disk is full": the client, and
-    whoever ran the node, looked for a full disk."""
+    whoever ran the node, looked for a full disk. A HEAD (huggingface_hub's, before its GET) says so too:
+    it said 200, and the pull it started failed unseen (asyncio logged "Task exception was never
+    retrieved")."""
+    import gc
     import urllib.error
     import urllib.request
 
@@ -444,8 +447,16 @@ def test_a_mirror_says_its_disk_budget_is_what_refuses_a_file(
             said = refused.value.read().decode()
             assert refused.value.code == 507 and "disk budget" in said and "disk is full" not in said, said
             assert "modeldepot budget" in said and "3.0 MiB more does not fit" in said, said
+            with pytest.raises(urllib.error.HTTPError) as headed:
+                head = urllib.request.Request(
+                    f"{mirror.url}/acme/big/resolve/main/model.safetensors", method="HEAD"
+                )
+                urllib.request.urlopen(head).close()
+            assert headed.value.code == 507
         finally:
             mirror.stop()
+        gc.collect()
+        assert "never retrieved" not in caplog.text
 
 
 def test_writers_in_two_processes_racing_for_the_last_room_end_within_the_budget(

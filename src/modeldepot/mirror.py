@@ -63,6 +63,13 @@ class _Job:
         await self._event.wait()
 
 
+def _said(task: asyncio.Task[PullResult]) -> None:
+    """A mirror's pull that failed: its error is what the requests waiting on it answer; one a HEAD started
+    and no GET awaited is logged here, once (else asyncio logs it with a traceback, as never retrieved)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.info("a mirror's pull failed: %s", task.exception())
+
+
 class Mirror:
     """Pull-through reads for a server. Use from one event loop."""
 
@@ -136,6 +143,17 @@ class Mirror:
         """Begin pulling a file (if no pull of it is running) without waiting for it: a HEAD prefetches."""
         self._job(manifest, remote)
 
+    def pulling(self, manifest: Manifest, remote: RemoteFile) -> bool:
+        """Whether a pull of the file runs now."""
+        return (manifest.repo_id, manifest.commit_id, remote.path) in self._jobs
+
+    async def check_fits(self, manifest: Manifest, remote: RemoteFile) -> None:
+        """Refuse (BudgetExceededError: 507) a file the disk budget cannot hold before its pull starts, so
+        that a HEAD says what the GET would (a running pull made its room already)."""
+        if not self.pulling(manifest, remote):
+            doing = f"mirroring {remote.path} of {manifest.repo_id}"
+            await asyncio.to_thread(self.depot.store.budget.check_fits, remote.size, doing)
+
     def _job(self, manifest: Manifest, remote: RemoteFile) -> _Job:
         key = (manifest.repo_id, manifest.commit_id, remote.path)
         job = self._jobs.get(key)
@@ -160,6 +178,7 @@ class Mirror:
                 job.pulse()
 
         job.task = loop.create_task(run())
+        job.task.add_done_callback(_said)
         return job
 
     async def started(self, manifest: Manifest, remote: RemoteFile) -> None:

@@ -89,6 +89,7 @@ async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path
     _check_public(request, manifest)
     entry = _entry(manifest, remote)
     headers = file_headers(entry)
+    await mirror.check_fits(manifest, remote)
     mirror.start(manifest, remote)
     if request.method == "HEAD":
         return MirrorResponse(None, 200, headers, remote.size)
