@@ -447,10 +447,10 @@ def test_a_mirror_says_its_disk_budget_is_what_refuses_a_file(
             said = refused.value.read().decode()
             assert refused.value.code == 507 and "disk budget" in said and "disk is full" not in said, said
             assert "modeldepot budget" in said and "3.0 MiB more does not fit" in said, said
+            head = urllib.request.Request(
+                f"{mirror.url}/acme/big/resolve/main/model.safetensors", method="HEAD"
+            )
             with pytest.raises(urllib.error.HTTPError) as headed:
-                head = urllib.request.Request(
-                    f"{mirror.url}/acme/big/resolve/main/model.safetensors", method="HEAD"
-                )
                 urllib.request.urlopen(head).close()
             assert headed.value.code == 507
         finally:

@@ -104,3 +104,26 @@ def test_stats_lists_a_model_in_ram_that_was_never_used(home: Path, tmp_path: Pa
     assert model["resident_bytes"] == model["bytes"] == 4 * MiB + 2
     table = runner.invoke(cli, ["stats", "--home", str(home)])
     assert table.exit_code == 0 and "acme/fresh" in table.output and "never" in table.output, table.output
+
+
+def test_stats_sizes_a_variant_by_its_files_and_finds_a_repo_without_main(home: Path, tmp_path: Path) -> None:
+    """A use of one quant was shown with the whole revision's size; a repo held without a main branch (pulled
+    by commit id, imported to another branch) was taken for removed, and its preload went unseen."""
+    rng = random.Random(5)
+    quants = {
+        "config.json": b"{}",
+        "m-Q4_K_M.gguf": rng.randbytes(MiB),
+        "m-Q8_0.gguf": rng.randbytes(2 * MiB),
+    }
+    with Depot(home) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "q", quants), "acme/q")
+        depot.import_dir(write_model_dir(tmp_path / "d", {"model.safetensors": rng.randbytes(MiB)}), "acme/d",
+                         revision="dev")  # fmt: skip
+        depot.load("acme/q", "Q8_0", engine=lambda path: path.name)  # a use of Q8_0
+        depot.store.access.flush()
+    runner = CliRunner()
+    assert runner.invoke(cli, ["preload", "acme/d", "-r", "dev", "--home", str(home)]).exit_code == 0
+    shown = runner.invoke(cli, ["stats", "--home", str(home), "--json"])
+    models = {(m["repo_id"], m["variant"]): m for m in json.loads(shown.output)["models"]}
+    assert models[("acme/q", "Q8_0")]["bytes"] == 2 * MiB + 2, models
+    assert models[("acme/d", "")]["bytes"] == models[("acme/d", "")]["resident_bytes"] == MiB, models

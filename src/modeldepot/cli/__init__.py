@@ -576,7 +576,9 @@ def stats_command(depot: Depot, top: int, as_json: bool) -> None:
     accesses = depot.store.access.top(1 << 30)  # every use row: the top ones, and who was ever used
     for access in accesses[:top]:
         try:
-            in_ram, size = resident_in_ram(depot.store, access.repo_id, check=False)
+            in_ram, size = resident_in_ram(
+                depot.store, access.repo_id, None, check=False, variant=access.variant
+            )
         except DepotError:
             in_ram, size = 0, 0  # removed since: listed with nothing in RAM
         rows.append({**access.to_dict(), "bytes": size, "resident_bytes": in_ram})
@@ -587,7 +589,7 @@ def stats_command(depot: Depot, top: int, as_json: bool) -> None:
         if repo.repo_id in used:
             continue
         try:
-            in_ram, size = resident_in_ram(depot.store, repo.repo_id, check=False)
+            in_ram, size = resident_in_ram(depot.store, repo.repo_id, None, check=False)
         except DepotError:
             continue
         if in_ram:

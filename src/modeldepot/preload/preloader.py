@@ -504,13 +504,32 @@ class Preloader:
 
 
 def resident_in_ram(
-    store: Store, repo_id: str, revision: str = "main", check: bool = True
+    store: Store, repo_id: str, revision: str | None = "main", check: bool = True, variant: str | None = None
 ) -> tuple[int, int]:
-    """(bytes in the page cache now, bytes in all) of a revision's blobs, from any process. ``check``
-    False: the blobs are opened as they are, never rehashed (one not yet checked since a power loss would
-    be read whole, into RAM, by its check): a look that must not change what it looks at."""
+    """(bytes in the page cache now, bytes in all) of a revision's blobs, from any process: of ``variant``'s
+    files and the shared ones when it is named (and the revision holds it), else of all. ``revision`` None:
+    main, or the newest revision when no main names one (a repo pulled by commit id). ``check`` False: the
+    blobs are opened as they are, never rehashed (one not yet checked since a power loss would be read
+    whole, into RAM, by its check): a look that must not change what it looks at."""
+    if revision is None:
+        try:
+            commit_id = store.resolve(repo_id, "main")
+        except NotFoundError:
+            newest = store.revisions(repo_id)
+            if not newest:
+                raise
+            commit_id = newest[0][0]
+    else:
+        commit_id = store.resolve(repo_id, revision)
+    entries = store.files(repo_id, commit_id)
+    if variant:
+        grouping = group_files(e.path for e in entries)
+        chosen = grouping.find(variant)
+        if chosen is not None:
+            wanted = {*chosen.files, *grouping.shared}
+            entries = [e for e in entries if e.path in wanted]
     resident = total = 0
-    for entry in store.files(repo_id, store.resolve(repo_id, revision)):
+    for entry in entries:
         total += entry.size
         if check:
             fd = store.open_fd(entry)
