@@ -120,6 +120,15 @@ def _listenable(host: str, port: int) -> None:
         raise ConfigError(f"cannot listen on {host}:{port}: {reason or error}") from None
 
 
+def _upstream_urls() -> None:
+    """``HF_ENDPOINT`` and ``MODELDEPOT_SERVERS`` are URLs (else ConfigError, exit 2) before a store is made
+    for a pull or a scan."""
+    from modeldepot.config import DepotConfig
+    from modeldepot.transfer.chain import check_upstream_urls
+
+    check_upstream_urls(DepotConfig.from_env())
+
+
 def _a_folder(directory: Path) -> None:
     """An import's folder is there (else SourceDirectoryError, exit 1) before a store is made for it."""
     if not directory.is_dir():
@@ -453,7 +462,7 @@ def _max_size(value: str | None) -> str | None:
 @_server_option
 @_cluster_options
 @_json_option
-@_home_option
+@_home_option_after(lambda kwargs: _upstream_urls())
 def scan_command(depot: Depot, repo_id: str, revision: str, servers: tuple[str, ...], cluster: str | None,
                  cluster_prefix: str | None, as_json: bool) -> None:  # fmt: skip
     """Read REPO (depot servers first, then the fleet's live nodes, then the Hub at HF_ENDPOINT): files,
@@ -478,7 +487,7 @@ def scan_command(depot: Depot, repo_id: str, revision: str, servers: tuple[str, 
               help="Download at most this fast, from every source together (50MiB/s; default: "
                    "$MODELDEPOT_MAX_DOWNLOAD_RATE, else no cap).")  # fmt: skip
 @_json_option
-@_home_option
+@_home_option_after(lambda kwargs: _upstream_urls())
 def pull_command(
     depot: Depot,
     repo_id: str,

@@ -58,6 +58,17 @@ T = TypeVar("T")
 NODE_API = "/api/depot/v1"
 
 
+def check_upstream_urls(config: DepotConfig) -> None:
+    """ConfigError naming the setting when ``HF_ENDPOINT`` or a ``MODELDEPOT_SERVERS`` URL is no plain
+    http(s) URL of a host (the Hub's token goes in HF_TOKEN, never in the URL)."""
+    for name, urls in (("HF_ENDPOINT", [config.hub_endpoint]), ("MODELDEPOT_SERVERS", config.servers)):
+        for url in urls:
+            try:
+                validate_node_url(url)
+            except InvalidInputError as error:
+                raise ConfigError(f"{name}: {str(error).replace('node URL', 'the URL', 1)}") from None
+
+
 def _node_url(url: object) -> str | None:
     """A peer's URL as the registry gave it (whoever can write there wrote it), without a trailing ``/``,
     or None when it is no plain http(s) URL of a host."""
@@ -89,12 +100,7 @@ class SourceChain:
                     node_id: str | None = None, download_limit: RateLimit | None = None) -> SourceChain:  # fmt: skip
         retry = retry or RetryPolicy(read_timeout=config.read_timeout)
         hub_token_ = hub_token(config.hub_token)
-        for name, urls in (("HF_ENDPOINT", [config.hub_endpoint]), ("MODELDEPOT_SERVERS", config.servers)):
-            for url in urls:
-                try:
-                    validate_node_url(url)
-                except InvalidInputError as error:  # (the Hub's token goes in HF_TOKEN, never in the URL)
-                    raise ConfigError(f"{name}: {str(error).replace('node URL', 'the URL', 1)}") from None
+        check_upstream_urls(config)
         return cls(
             servers=tuple(
                 HttpSource(url, "node", config.node_token, retry, download_limit) for url in config.servers
