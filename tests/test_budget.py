@@ -770,3 +770,40 @@ def test_a_pull_makes_room_by_its_repos_superseded_revision_and_unread_quant(
                 assert store_files_consistent(local) == []
         finally:
             node.stop()
+
+
+def test_the_revision_a_pull_replaces_goes_last_and_stays_when_the_pull_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull of a new main made room by the revision it replaces first, before a byte was fetched: when the
+    download then failed, the model that loaded a minute before was gone. Now any other model that may go,
+    used since, goes first; the replaced revision goes only when nothing else can (and a failed pull then
+    resumes where it stopped)."""
+    from modeldepot.transfer import pull as pull_module
+
+    with Depot(tmp_path / "upstream") as hub:
+        hub.import_dir(model(tmp_path, "up/one", size=2 * MB), "up/one")
+        node = LiveNode(hub)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)
+            with budgeted(tmp_path / "local", "4.5MiB", monkeypatch) as local:
+                first = local.pull("up/one").commit_id
+                time.sleep(0.01)
+                local.import_dir(model(tmp_path, "acme/used"), "acme/used")  # used after up/one
+                hub.import_dir(model(tmp_path, "up/one", size=2 * MB, seed=1), "up/one")  # main moves on
+
+                async def broken(self: object, missing: object) -> object:
+                    raise ConnectionError("the network went away")
+
+                with monkeypatch.context() as patched:
+                    patched.setattr(pull_module._PullRun, "fetch", broken)
+                    with pytest.raises(ConnectionError):
+                        local.pull("up/one")
+                assert local.resolve("up/one") == first, "the model in use before the pull is still there"
+                assert repos(local) == {"up/one"}, "acme/used went instead, though used since"
+                second = local.pull("up/one").commit_id
+                assert second != first and local.resolve("up/one") == second
+                assert store_files_consistent(local) == []
+        finally:
+            node.stop()

@@ -201,7 +201,7 @@ class DiskBudget:
 
     @contextlib.contextmanager
     def writing(
-        self, repo_id: str, commit_id: str | None = None, paths: Iterable[str] = ()
+        self, repo_id: str, commit_id: str | None = None, paths: Iterable[str] = (), variants: Iterable[str] = ()
     ) -> Iterator[BudgetWriter]:
         """An import or a pull writes ``repo_id``. With ``commit_id`` (a pull: the commit it publishes) that
         revision and the files ``paths`` it writes there are kept meanwhile and after, and the repo's other
@@ -210,8 +210,9 @@ class DiskBudget:
         never read); without it (an import: its commit derives from what it writes), none of the repo's
         revisions is evicted meanwhile. The blobs it relies on (:meth:`BudgetWriter.reuse`) stay when a
         revision using them is evicted; the room it made is reserved until it ends (so that two writers in
-        this process do not count the same free bytes)."""
-        writer = BudgetWriter(self, repo_id, commit_id, paths)
+        this process do not count the same free bytes). ``variants``: those it marks ``downloading`` in the
+        index (another process's rows of the repo keep it whole, as ever)."""
+        writer = BudgetWriter(self, repo_id, commit_id, paths, variants)
         with self._lock:
             self._writers.append(writer)
         try:
@@ -308,13 +309,14 @@ class DiskBudget:
                 key = (each.repo_id, each.commit_id)
                 kept.parts.setdefault(key, set()).update(each.paths)
                 kept.written.add(key)
-        # Another process's pull, known by its status rows alone (no commit): its whole repo. This process's
-        # own pulls wrote those of their repos, and keep what they write above.
-        ours = {each.repo_id for each in writers if each.commit_id is not None}
+        # Another process's pull, known by its status rows alone (no commit): its whole repo. The rows of the
+        # variants this process's own pulls are downloading are theirs (they keep what they write, above); a
+        # row of any other variant of the repo is another pull's, and keeps the repo whole.
+        ours = {(each.repo_id, v.lower()) for each in writers if each.commit_id is not None for v in each.variants}
         since = time.time() - DOWNLOADING_FRESH
         kept.repos.update(r["repo_id"] for r in self.store.index.read(
-            "SELECT DISTINCT repo_id FROM variant_status WHERE status = 'downloading' AND updated_at >= ?",
-            (since,)) if r["repo_id"] not in ours)  # fmt: skip
+            "SELECT repo_id, variant FROM variant_status WHERE status = 'downloading' AND updated_at >= ?",
+            (since,)) if (r["repo_id"], r["variant"].lower()) not in ours)  # fmt: skip
         named = [used for hook in self._hooks for used in hook()]
         in_use: Mapping[tuple[str, str], set[str]] = {}
         if named and self._paths_in_use is not None and self.order.variants is not None:
@@ -497,9 +499,10 @@ class BudgetWriter:
     """One import or pull writing a repo under the budget (:meth:`DiskBudget.writing`)."""
 
     def __init__(self, budget: DiskBudget, repo_id: str, commit_id: str | None = None,
-                 paths: Iterable[str] = ()) -> None:  # fmt: skip
+                 paths: Iterable[str] = (), variants: Iterable[str] = ()) -> None:  # fmt: skip
         self.budget, self.repo_id, self.commit_id = budget, repo_id, commit_id
         self.paths = frozenset(paths)  # the files it writes into ``commit_id``
+        self.variants = frozenset(variants)  # the variants whose status rows it marks downloading
         self.reused: set[str] = set()  # blobs (SHA-256) it found in the store and relies on
         self.reserved = 0  # bytes it made room for
 

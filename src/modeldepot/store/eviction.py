@@ -63,8 +63,9 @@ class EvictionOrder:
 
     def units(self, kept: Kept, flush: bool = True) -> list[Unit]:
         """What may go, least recently used first (ties: a variant before its revision, revisions no ref
-        names, then the oldest): revisions, and the variants of those that hold several. ``flush``: this
-        process's uses not yet written count too (one write)."""
+        names, then the oldest), the other revisions of a repo a pull writes last of all: revisions, and the
+        variants of those that hold several. ``flush``: this process's uses not yet written count too (one
+        write)."""
         if flush:
             self.store.access.flush()
         last_access: dict[str, float] = {}
@@ -83,7 +84,10 @@ class EvictionOrder:
         if self.variants is not None:
             for row in self.store.index.read("SELECT repo_id, commit_id, path FROM files"):
                 paths.setdefault((row["repo_id"], row["commit_id"]), []).append(row["path"])
-        found: list[tuple[float, bool, float, bool, Unit]] = []
+        # The other revisions of a repo a pull writes go last: should the pull fail, the revision it was to
+        # replace is still there (they go when nothing else can, or once the pull published: keep_within).
+        written = {key[0] for key in kept.written}
+        found: list[tuple[bool, float, bool, float, bool, Unit]] = []
         for row in self.store.index.read("SELECT repo_id, commit_id, created_at FROM revisions"):
             key = (row["repo_id"], row["commit_id"])
             if key in kept.commits or row["repo_id"] in kept.repos:
@@ -92,12 +96,13 @@ class EvictionOrder:
             # used when it was made (reads by commit id are rare: a repo read daily keeps its newest alive).
             created = row["created_at"]
             last_used = max(created, last_access.get(row["repo_id"], 0.0)) if key in named else created
+            replaced = key[0] in written and key not in kept.written
             if key not in kept.parts and key not in kept.pinned_variants:
-                found.append((last_used, key in named, created, True, Unit(*key, last_used)))
+                found.append((replaced, last_used, key in named, created, True, Unit(*key, last_used)))
             for unit in self._variant_units(key, paths.get(key, []), created, kept, variant_access):
-                found.append((unit.last_used, key in named, created, False, unit))
-        found.sort(key=lambda f: (*f[:4], f[4].repo_id, f[4].commit_id, f[4].variant or ""))
-        return [f[4] for f in found]
+                found.append((replaced, unit.last_used, key in named, created, False, unit))
+        found.sort(key=lambda f: (*f[:5], f[5].repo_id, f[5].commit_id, f[5].variant or ""))
+        return [f[5] for f in found]
 
     def _variant_units(self, key: tuple[str, str], paths: list[str], created: float, kept: Kept,
                        variant_access: dict[tuple[str, str], float]) -> list[Unit]:  # fmt: skip
