@@ -390,3 +390,43 @@ def test_a_store_another_user_owns_is_read_as_it_is(tmp_path: Path) -> None:
                                   "--home", str(home)], env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
         assert removed.returncode != 0 and "not writable by this user" in removed.stderr + removed.stdout
         assert tree(home) == before, "nothing in the store changed"
+
+
+OPENING = "import sys\nfrom modeldepot import Depot\nDepot(sys.argv[1], create=False)"
+
+
+@pytest.mark.parametrize("mode", [0o700, 0o711])
+def test_a_store_this_user_may_not_read_is_said_so(tmp_path: Path, mode: int) -> None:
+    """Another user's store (an admin's, umask 077) as --home, or named in MODELDEPOT_SHARED: it was a
+    PermissionError traceback on every command (0o700: the index cannot even be looked at; 0o711: SQLite
+    cannot open it). As --home: an error naming the owner. Shared: left out, said, the own store used."""
+    home = made_store(tmp_path)
+    for path in [home, *home.rglob("*")]:
+        os.chown(path, 12345, 12345, follow_symlinks=False)
+        if not path.is_symlink():
+            path.chmod(mode if path.is_dir() else 0o600)
+    Depot(tmp_path / "user", chunk_size=SMALL_CHUNK).close()
+
+    def as_user(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*WITHOUT_OVERRIDE, sys.executable, "-m", "modeldepot", *args],
+                              env=base_env(PYTHONDONTWRITEBYTECODE="1", **env), capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+
+    own = as_user("ls", "--home", str(home))  # (the folder itself: the CLI says so)
+    assert own.returncode == 2 and "Traceback" not in own.stderr and "is not readable" in own.stderr, (
+        own.stderr
+    )
+    opened = subprocess.run([*WITHOUT_OVERRIDE, sys.executable, "-c", OPENING, str(home)], env=base_env(),
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    said = opened.stderr.strip().splitlines()[-1]
+    assert said.startswith(
+        f"modeldepot.errors.StoreError: the store at {home} is not readable by this user (root"
+    )
+    assert "uid 12345" in said
+    shared = as_user("ls", "--home", str(tmp_path / "user"), MODELDEPOT_SHARED=str(home))
+    assert shared.returncode == 0 and "Traceback" not in shared.stderr, shared.stderr
+    assert f"MODELDEPOT_SHARED: {home} is left out: the store at {home} is not readable" in shared.stderr
+    path = as_user(
+        "path", "acme/st", "config.json", "--home", str(tmp_path / "user"), MODELDEPOT_SHARED=str(home)
+    )
+    assert path.returncode == 1 and "error: repo 'acme/st' is not in the store" in path.stderr, path.stderr

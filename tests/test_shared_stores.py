@@ -161,9 +161,12 @@ def test_a_branch_is_read_where_it_moved_last(tmp_path: Path, admin: Path, upstr
             user.resolve("acme/common", "f" * 40)
 
 
-def test_shared_stores_are_checked(tmp_path: Path, admin: Path) -> None:
-    with pytest.raises(ConfigError, match="MODELDEPOT_SHARED: no store at"):
-        Depot(tmp_path / "user", shared=[tmp_path / "nowhere"])
+def test_shared_stores_are_checked(tmp_path: Path, admin: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A shared store that cannot be opened is left out, said once: the own store, and the other shared
+    ones, are read as ever."""
+    with Depot(tmp_path / "user", shared=[tmp_path / "nowhere", admin]) as user:
+        assert "acme/common" in {r.repo_id for r in user.list_repos()}
+    assert f"MODELDEPOT_SHARED: {tmp_path / 'nowhere'} is left out: no store at" in caplog.text
     with pytest.raises(ConfigError, match="this depot's own store"):
         Depot(admin, shared=[admin])
     with Depot(tmp_path / "user", shared=[]) as plain:

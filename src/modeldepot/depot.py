@@ -250,19 +250,21 @@ class Depot:
         self.store.add_quarantine_hook(self._held.let_go_of_blob)
 
     def _open_shared(self) -> list[Store]:
-        """The shared stores (``MODELDEPOT_SHARED``), opened read-only; each must exist."""
+        """The shared stores (``MODELDEPOT_SHARED``), opened read-only. One that cannot be opened (not there,
+        not readable by this user, of another schema) is left out with a warning: the depot's own store,
+        and the other shared ones, are used as ever."""
         opened: list[Store] = []
         try:
             for home in self.config.shared:
                 if home == self.store.home:
-                    raise ConfigError(f"the shared store {home} is this depot's own store")
+                    raise ConfigError(f"MODELDEPOT_SHARED: {home} is this depot's own store")
                 config = dataclasses.replace(self.config, home=home, chunk_size=None, shared=())
                 try:
                     opened.append(
                         Store(config, create=False, read_only="shared: read through, never written from here")
                     )
-                except ConfigError as error:
-                    raise ConfigError(f"MODELDEPOT_SHARED: {error}") from None
+                except DepotError as error:
+                    log.warning("MODELDEPOT_SHARED: %s is left out: %s", home, error)
         except BaseException:
             for store in opened:
                 store.close()

@@ -201,7 +201,11 @@ class DiskBudget:
 
     @contextlib.contextmanager
     def writing(
-        self, repo_id: str, commit_id: str | None = None, paths: Iterable[str] = (), variants: Iterable[str] = ()
+        self,
+        repo_id: str,
+        commit_id: str | None = None,
+        paths: Iterable[str] = (),
+        variants: Iterable[str] = (),
     ) -> Iterator[BudgetWriter]:
         """An import or a pull writes ``repo_id``. With ``commit_id`` (a pull: the commit it publishes) that
         revision and the files ``paths`` it writes there are kept meanwhile and after, and the repo's other
@@ -312,7 +316,9 @@ class DiskBudget:
         # Another process's pull, known by its status rows alone (no commit): its whole repo. The rows of the
         # variants this process's own pulls are downloading are theirs (they keep what they write, above); a
         # row of any other variant of the repo is another pull's, and keeps the repo whole.
-        ours = {(each.repo_id, v.lower()) for each in writers if each.commit_id is not None for v in each.variants}
+        ours = {
+            (each.repo_id, v.lower()) for each in writers if each.commit_id is not None for v in each.variants
+        }
         since = time.time() - DOWNLOADING_FRESH
         kept.repos.update(r["repo_id"] for r in self.store.index.read(
             "SELECT repo_id, variant FROM variant_status WHERE status = 'downloading' AND updated_at >= ?",

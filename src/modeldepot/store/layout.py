@@ -194,6 +194,19 @@ class StoreLayout:
         """What a snapshot link at ``link`` holds: the relative way to blob ``sha256``."""
         return os.path.relpath(self.blob_path(sha256), link.parent)
 
+    def holds_a_store(self) -> bool:
+        """Whether a store is here (its index); a StoreError when this user may not read it."""
+        try:
+            found = self.index_path.is_file()
+        except OSError as error:  # (a folder of another user's, 0700: is_file cannot look)
+            raise StoreError(f"the store at {self.home} is not readable by this user ({_user(os.geteuid())}): "
+                             f"{error.strerror or error}; {self.home} belongs to {_owner(self.home)}") from None  # fmt: skip
+        effective = os.access in os.supports_effective_ids
+        if found and not os.access(self.index_path, os.R_OK, effective_ids=effective):
+            raise StoreError(f"the store at {self.home} is not readable by this user ({_user(os.geteuid())}; "
+                             f"{self.index_path} belongs to {_owner(self.index_path)})")  # fmt: skip
+        return found
+
     def read_only_reason(self) -> str | None:
         """Why this process may only read the store, as in "the store at X is ...": it is on a read-only
         mount, or its files are another user's and this one may not write them (a store an admin fills in

@@ -117,16 +117,15 @@ class Store:
         """``read_only``: open the store read-only whatever it is, for that reason (as in "the store at X is
         ..."; a store read through by another: tiers.py)."""
         self.layout = StoreLayout(config.home)
-        if not create and not self.layout.index_path.is_file():
+        held = self.layout.holds_a_store()
+        if not create and not held:
             raise ConfigError(f"no store at {config.home}: nothing was imported, pulled or served there "
                               "(check the folder's name)")  # fmt: skip
         # A store on a read-only mount (a container's read-only root, a read-only volume or export), or one
         # this user may not write (another user's), is read and served as it is: nothing is created, locked,
         # recorded or flushed there, every write is a ReadOnlyStoreError, and what a check finds corrupt is
         # refused by this process, left in place.
-        self.read_only_reason = read_only or (
-            self.layout.read_only_reason() if self.layout.index_path.is_file() else None
-        )
+        self.read_only_reason = read_only or (self.layout.read_only_reason() if held else None)
         self.read_only = self.read_only_reason is not None
         if not self.read_only:
             self.layout.create()
