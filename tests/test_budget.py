@@ -807,3 +807,24 @@ def test_the_revision_a_pull_replaces_goes_last_and_stays_when_the_pull_fails(
                 assert store_files_consistent(local) == []
         finally:
             node.stop()
+
+
+def test_another_processs_pull_of_another_variant_of_the_repo_keeps_it_whole(tmp_path: Path) -> None:
+    """A pull here of one quant, while another process pulls another quant of the same repo (its fresh
+    'downloading' row): the other pull may rely on the revision it supersedes (blobs it found in the store,
+    known in its process only), so the repo stays whole, as before this process's pull (which dropped every
+    row of its repo as its own)."""
+    with Depot(tmp_path / "s") as depot:
+        depot.import_dir(quants(tmp_path, "acme/q"), "acme/q")
+        new, now = "c" * 40, time.time()
+        with depot.store.index.write("another process's pull") as con:
+            con.execute("INSERT INTO manifests (repo_id, revision, commit_id, body, scanned_at) "
+                        "VALUES ('acme/q', 'main', ?, '{}', ?)", (new, now))  # fmt: skip
+            con.execute("INSERT INTO variant_status (repo_id, variant, status, updated_at) "
+                        "VALUES ('acme/q', 'Q8_0', 'downloading', ?)", (now,))  # fmt: skip
+        budget = depot.store.budget
+        paths = ["config.json", "model-Q4_K_M.gguf"]
+        with budget.writing("acme/q", new, paths, ["Q4_K_M"]) as writer:
+            assert not [u for u in budget.order.units(budget._kept(writer)) if u.repo_id == "acme/q"]
+        with budget.writing("acme/q", new, paths, ["Q8_0"]) as writer:  # (the row is this pull's own)
+            assert [u for u in budget.order.units(budget._kept(writer)) if u.repo_id == "acme/q"]

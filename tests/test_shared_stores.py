@@ -176,3 +176,45 @@ def test_shared_stores_are_checked(tmp_path: Path, admin: Path, caplog: pytest.L
         pytest.raises(ConfigError, match="its own store only"),
     ):
         create_app(user)  # (`modeldepot serve` opens its store alone, and says so)
+
+
+def test_listings_agree_with_reads(tmp_path: Path, admin: Path, upstream: Upstream) -> None:
+    """`info` and `ls` showed the own store's main where reads used the shared store's newer one, and a commit
+    split across the stores was listed with the own store's files alone, while reads served the others."""
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        upstream.move_common()
+        user.pull("acme/common")  # the user's main: the second commit
+        third = upstream.move_common()
+        with Depot(admin) as depot:
+            depot.pull("acme/common")  # the admin's: the third, later
+        assert user.resolve("acme/common") == third
+        summary = next(r for r in user.list_repos() if r.repo_id == "acme/common")
+        info = user.repo_info("acme/common")
+        assert (info.refs["main"], summary.refs["main"]) == (third, third)
+        assert summary.revisions == len(info.revisions) == 3  # (one in the user's store, two in the admin's)
+        assert [r.refs for r in info.revisions if r.commit_id == third] == [("main",)]
+
+        user.pull("acme/q", quants=["Q8_0"])  # the admin's store holds Q4_K_M of that commit
+        assert {f.path for f in user.list_files("acme/q")} == {
+            "config.json",
+            "model-Q4_K_M.gguf",
+            "model-Q8_0.gguf",
+        }
+
+
+def test_a_shared_stores_files_are_not_counted_and_are_pulled_offline(
+    tmp_path: Path, admin: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node client's read through open_verified (`modeldepot cat`) counted a use of a shared repo in the
+    own store (stats, --preload-top, the budget's order); offline, a pull of what the shared store holds
+    failed ("the store does not hold"), while reads found it."""
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        with user.open_verified(user.file_info("acme/q", "model-Q4_K_M.gguf")) as blob:
+            blob.check(0)
+        user.store.access.flush()
+        assert user.store.index.read("SELECT * FROM access") == []
+    monkeypatch.setenv("MODELDEPOT_OFFLINE", "1")
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        pulled = user.pull("acme/common")
+        assert (pulled.bytes_downloaded, pulled.sources) == (0, ("shared",))
+        assert user.du().blobs == 0

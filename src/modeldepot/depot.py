@@ -396,8 +396,7 @@ class Depot:
     @_any_case
     def list_files(self, repo_id: str, revision: str = "main") -> list[FileEntry]:
         """Every file of a revision, sorted by path (as the store that answers it holds them)."""
-        store, spelled, commit_id = self.tiers.holder(repo_id, revision)
-        return store.files(spelled, commit_id)
+        return self.tiers.files(repo_id, revision)[2]
 
     @_any_case
     def commit_files(self, repo_id: str, revision: str = "main") -> list[FileEntry]:
@@ -406,8 +405,7 @@ class Depot:
         that lacked files), the ones it lacks, with their sizes and digests and ``chunk_size`` 0 (not here).
         A commit id names one tree: a listing of part of it would let a client cache that part as the
         whole (huggingface_hub keeps a commit's listing for good)."""
-        store, spelled, commit_id = self.tiers.holder(repo_id, revision)
-        held = store.files(spelled, commit_id)
+        store, commit_id, held = self.tiers.files(repo_id, revision)
         if store is not self.store:
             return held
         scanned = self.store.manifests.scanned_commit(repo_id)
@@ -508,14 +506,16 @@ class Depot:
     def open_verified(self, blob: BlobRecord | FileEntry) -> VerifiedBlob:
         """A blob (or a file's blob) open for sending: each chunk is checked against its BLAKE3 before it
         is handed out, and a chunk that fails quarantines the blob. What the node serves goes through this."""
-        if isinstance(blob, FileEntry):
+        store = self.tiers.store_of_blob(blob.sha256)
+        if isinstance(blob, FileEntry) and store is self.store:  # (a shared store's reads are not counted)
             variant = self._variant_of(blob.repo_id, blob.commit_id, blob.path)
             # A use of the variant the file is one of (what --preload-top and stats count: a client that
             # fetched one quant made the whole repo popular, and the RAM tier preloaded every quant of it); a
             # config or tokenizer, which comes with any variant, only marks the repo as used now (the budget)
             self.store.access.record(blob.repo_id, variant, count=1 if variant else 0)
+        if isinstance(blob, FileEntry):
             blob = BlobRecord(blob.sha256, blob.size, blob.chunk_size)
-        return self.tiers.store_of_blob(blob.sha256).open_verified(blob)
+        return store.open_verified(blob)
 
     def _record_read(self, store: Store, entry: FileEntry) -> None:
         """A local read is a use of the repo (what --preload-top and stats count, as an engine in this
@@ -775,6 +775,11 @@ class Depot:
             saved = self.get_manifest(repo_id)
         except NotFoundError:
             saved = None
+        if saved is None and self.config.offline:  # (what a shared store holds is pulled offline too)
+            for store in self.tiers.shared:
+                with contextlib.suppress(NotFoundError):
+                    saved = current_manifest(store, store.spelled(repo_id))
+                    break
         if saved is not None and (
             saved.commit_id == revision or (self.config.offline and saved.revision == revision)
         ):

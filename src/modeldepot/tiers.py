@@ -23,11 +23,12 @@ A snapshot folder is one store's (the holder's): a revision split across stores 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterable, Sequence
 
 from modeldepot.errors import CorruptBlobError, EntryNotFoundError, NotFoundError, RevisionNotFoundError
 from modeldepot.store import Store
-from modeldepot.store.models import FileEntry, RepoInfo, RepoSummary
+from modeldepot.store.models import FileEntry, RepoInfo, RepoSummary, RevisionInfo
 from modeldepot.validation import validate_path, validate_repo_id, validate_revision
 
 __all__ = ["Tiers"]
@@ -78,6 +79,32 @@ class Tiers:
                         return other, other.entry(other.spelled(repo_id), path, commit_id)
             raise missing from None
 
+    def files(self, repo_id: str, revision: str) -> tuple[Store, str, list[FileEntry]]:
+        """The store that answers the revision, its commit, and every file of it that a store holds (that
+        store's own first: a commit split across stores is listed as it is read, file by file)."""
+        store, spelled, commit_id = self.holder(repo_id, revision)
+        if not self.shared:  # (every Hub listing of a node asks: as the store answers it)
+            return store, commit_id, store.files(spelled, commit_id)
+        return store, commit_id, self._commit_files(repo_id, commit_id, first=store)
+
+    def _commit_files(self, repo_id: str, commit_id: str, first: Store) -> list[FileEntry]:
+        found = {e.path: e for e in first.files(first.spelled(repo_id), commit_id)}
+        for other in self.all:
+            if other is not first:
+                for entry in other.files(other.spelled(repo_id), commit_id):
+                    found.setdefault(entry.path, entry)
+        return sorted(found.values(), key=lambda e: e.path)
+
+    def _refs(self, repo_id: str) -> dict[str, str]:
+        """The repo's branches as the tiers answer them: each from the store where it moved last."""
+        latest: dict[str, tuple[float, int, str]] = {}
+        for rank, store in enumerate(self.all):
+            for row in store.index.read("SELECT name, commit_id, updated_at FROM refs WHERE repo_id = ?",
+                                        (store.spelled(repo_id),)):  # fmt: skip
+                seen = (float(row["updated_at"]), -rank, str(row["commit_id"]))
+                latest[row["name"]] = max(latest.get(row["name"], seen), seen)
+        return {name: latest[name][2] for name in sorted(latest)}
+
     def store_of_blob(self, sha256: str) -> Store:
         """The first store whose index holds the blob, good (the own store when none does: its error)."""
         if not self.shared:
@@ -110,23 +137,50 @@ class Tiers:
         return found if any(store is not self.own for store in found.values()) else None
 
     def list_repos(self) -> list[RepoSummary]:
-        """Every repo of every store, each once (the own store's summary first), sorted by repo id."""
-        seen: dict[str, RepoSummary] = {}
+        """Every repo of every store, each once, sorted by repo id; one several stores hold is summed up as
+        :meth:`repo_info` tells it (its branches where they moved last, its revisions in any store)."""
+        seen: dict[str, list[RepoSummary]] = {}
         for store in self.all:
             for summary in store.list_repos():
-                seen.setdefault(summary.repo_id.lower(), summary)
-        return sorted(seen.values(), key=lambda s: s.repo_id)
+                seen.setdefault(summary.repo_id.lower(), []).append(summary)
+        merged = []
+        for summaries in seen.values():
+            if len(summaries) == 1:
+                merged.append(summaries[0])
+                continue
+            info = self.repo_info(summaries[0].repo_id)
+            newest = info.revisions[0] if info.revisions else None
+            merged.append(dataclasses.replace(
+                summaries[0], refs=info.refs, revisions=len(info.revisions),
+                files=len(newest.files) if newest else 0, size=newest.size if newest else 0,
+            ))  # fmt: skip
+        return sorted(merged, key=lambda s: s.repo_id)
 
     def repo_info(self, repo_id: str) -> RepoInfo:
-        """The repo as the first store that holds it has it."""
+        """The repo as the stores hold it together: the first one's record, the branches where they moved
+        last, every revision any store holds (newest first), each with the files any store holds of it."""
+        infos: list[tuple[Store, RepoInfo]] = []
         error: NotFoundError | None = None
         for store in self.all:
             try:
-                return store.repo_info(store.spelled(repo_id))
+                infos.append((store, store.repo_info(store.spelled(repo_id))))
             except NotFoundError as missing:
                 error = error or missing
-        assert error is not None
-        raise error
+        if not infos:
+            assert error is not None
+            raise error
+        if len(infos) == 1:
+            return infos[0][1]
+        refs = self._refs(repo_id)
+        revisions: dict[str, RevisionInfo] = {}
+        for store, info in infos:
+            for revision in info.revisions:
+                if revision.commit_id not in revisions:
+                    files = tuple(self._commit_files(repo_id, revision.commit_id, first=store))
+                    names = tuple(name for name, commit in refs.items() if commit == revision.commit_id)
+                    revisions[revision.commit_id] = dataclasses.replace(revision, refs=names, files=files)
+        ordered = sorted(revisions.values(), key=lambda r: (-r.created_at, r.commit_id))
+        return dataclasses.replace(infos[0][1], refs=refs, revisions=tuple(ordered))
 
     def close(self) -> None:
         for store in self.shared:

@@ -148,16 +148,17 @@ def _engine(engine: str | EngineLoader) -> tuple[EngineLoader, tuple[str, ...]]:
 def _onnx_from_mappings(
     store: Store, repo_id: str, commit_id: str, chosen: str, path: Path, engine: str
 ) -> Any:
-    """(A read-only store, where no hard link can be made.) An onnxruntime session for ``path`` in the
+    """(A read-only store, where no hard link can be made: a read-only mount, another user's, a shared
+    one.) An onnxruntime session for ``path`` in the
     snapshot, the files beside the model handed over mapped, by the names the model gives them: it refuses
     external data behind links that lead out of the model's folder. onnxruntime copies the weights it
     uses while the session is made (a private copy, not the page cache's)."""
     version = onnxruntime_version_lacking_data_in_memory()
     if version is not None:
         raise ReadOnlyStoreError(
-            f"{repo_id}@{commit_id[:12]}: loading {chosen} from a store on a read-only mount needs onnxruntime "
-            f"1.23 or later (this is {version}): older ones take external data only from real files beside "
-            "the model, and such a store has links to its blobs only"
+            f"{repo_id}@{commit_id[:12]}: loading {chosen} from the store at {store.home}, which is "
+            f"{store.read_only_reason}, needs onnxruntime 1.23 or later (this is {version}): older ones take "
+            "external data only from real files beside the model, and that store can give links only"
         )
     folder = chosen.rpartition("/")[0]
     prefix = f"{folder}/" if folder else ""
