@@ -643,6 +643,7 @@ def peers_command(depot: Depot, cluster: str | None, cluster_prefix: str | None,
     "--token",
     envvar="MODELDEPOT_TOKEN",
     default=None,
+    callback=lambda c, p, v: _token(v),
     help="Require 'Authorization: Bearer TOKEN' on every route but health (default: $MODELDEPOT_TOKEN). "
     "Without one, reads are open and the control routes need a control token made at start (printed in "
     "the dashboard's address).",
@@ -756,6 +757,15 @@ def serve_command(
         limits = dataclasses.replace(limits, max_per_client=max_connections_per_client)
     run_server(depot, host, port, token, log_level, mirror=bool(upstreams), preload_top=preload_top, limits=limits,
                scrub_interval=scrub_interval, scrub_rate=scrub_rate, advertise=advertise)  # fmt: skip
+
+
+def _token(value: str | None) -> str | None:
+    """A node token, refused when empty (`--token "$TOKEN"` with TOKEN unset served an open node, said only
+    by an info line)."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("the token is empty: that would serve every route openly. Give a token, or no "
+                                 "--token (and no MODELDEPOT_TOKEN) for an open node")  # fmt: skip
+    return value
 
 
 def _advertise_url(value: str | None) -> str | None:
