@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import save_file
 
-from conftest import SMALL_CHUNK, LiveNode, flip_byte
+from conftest import SMALL_CHUNK, LiveNode, flip_byte, free_port
 from modeldepot import Depot
 from modeldepot.engines.adapters import dummy_inputs, load_safetensors, warmup
 from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
@@ -422,3 +422,28 @@ def test_an_engine_held_past_its_depot_is_not_closed_with_it(tmp_path: Path) -> 
         assert depot.load(REPO, quant="fp16", engine=Engine) is engine
     assert isinstance(engine, Engine) and not engine.closed
     assert engine.path.name == "model_fp16.onnx"
+
+
+def test_a_wrong_engine_is_said_at_once_without_asking_the_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default engine (onnxruntime) on a pulled safetensors repo: the store's answer ("no .onnx file; it
+    has .safetensors") and then a pull, which asked the network and said the same again ("pulling it failed
+    too: ...") or, without one, "cannot reach". The scan of the commit lists no such file: no pull."""
+    from conftest import serving_repo
+
+    weights = tmp_path / "w.safetensors"
+    save_file({"w": np.ones((4, 4), dtype=np.float32)}, str(weights))
+    with serving_repo(
+        tmp_path, {"model.safetensors": weights.read_bytes(), "config.json": b"{}"}, "acme/st"
+    ) as up:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", up.url)
+        with Depot(tmp_path / "local") as depot:
+            depot.pull("acme/st")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing answers from here on
+    with Depot(tmp_path / "local") as depot:
+        with pytest.raises(NotFoundError) as said:
+            depot.load("acme/st")
+        assert str(said.value) == "no .onnx file; it has .safetensors (engine='safetensors')"
+        assert depot.load("acme/st", engine="safetensors")["w"].shape == (4, 4)

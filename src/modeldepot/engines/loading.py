@@ -209,6 +209,23 @@ def _lacking(store: Store, repo_id: str, commit_id: str, quant: str | None) -> l
     return sorted(set(variant.files) - held)
 
 
+def _listing_lacks_it_too(store: Store, repo_id: str, commit_id: str, quant: str | None,
+                          suffixes: tuple[str, ...]) -> bool:  # fmt: skip
+    """Whether the commit's whole listing (the repo's saved scan, of that commit) has no file the engine
+    would load either: a wrong engine or variant, which no pull mends (it would only ask the network)."""
+    try:
+        record = store.manifests.load(repo_id)
+    except NotFoundError:
+        return False
+    if record.commit_id != commit_id:
+        return False
+    try:
+        model_file([f.path for f in listed_files(record)], quant, suffixes)
+    except NotFoundError:
+        return True
+    return False
+
+
 def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant: str | None, revision: str,
             suffixes: tuple[str, ...]) -> tuple[str, str]:  # fmt: skip
     """(commit, model file) of the variant, pulling it first when the store lacks it (an imported repo
@@ -230,8 +247,8 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
             raise NotFoundError(f"{repo_id}@{commit_id[:12]} holds {quant or 'its model'} in part: it lacks "
                                 f"{', '.join(absent[:3])}{' and more' if len(absent) > 3 else ''}")  # fmt: skip
         except NotFoundError as missing:
-            if offline:
-                raise  # nothing to pull from: the error lists the variants there are
+            if offline or _listing_lacks_it_too(store, repo_id, commit_id, quant, suffixes):
+                raise  # nothing to pull from, or nothing a pull would bring: the error says what there is
             here = missing
     elif offline and here is not None:
         raise here
@@ -240,5 +257,7 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
     except DepotError as error:
         if here is None:
             raise
+        if str(error) == str(here):  # (the scan says what the store said: once is enough)
+            raise here from None
         raise NotFoundError(f"{here}; pulling it failed too: {error}", repo_id=repo_id) from error
     return commit_id, model_file([f.path for f in store.files(repo_id, commit_id)], quant, suffixes)
