@@ -395,6 +395,8 @@ def test_only_the_repos_asked_for_and_private_stays_private(
         depot.hf_cache_import(cache_dir=tmp_path / "no-cache")
     with pytest.raises(InvalidInputError):
         depot.hf_cache_import(["../etc"], cache_dir=hf_cache)
+    with pytest.raises(InvalidInputError, match=r"give \['acme/absent'\]"):  # (was read letter by letter)
+        depot.hf_cache_import("acme/absent", cache_dir=hf_cache)  # type: ignore[arg-type]
 
 
 # -- export ------------------------------------------------------------------------------------------------

@@ -136,6 +136,13 @@ def _writes(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _repo_list(repo_ids: Sequence[str] | None) -> list[str] | None:
+    """A list of repo ids, refusing one id given alone (a string would be read letter by letter)."""
+    if isinstance(repo_ids, str):
+        raise InvalidInputError(f"repo_ids is a list of repo ids: give [{repo_ids!r}], not {repo_ids!r}")
+    return None if repo_ids is None else list(repo_ids)
+
+
 def _not_here(
     repo_id: str, quant: str | None, revision: str, default: Callable[[Manifest], str | None]
 ) -> str:
@@ -364,7 +371,8 @@ class Depot:
         (:mod:`modeldepot.hfcache`)."""
         from modeldepot.hfcache import import_hf_cache
 
-        return import_hf_cache(self.store, cache_dir, repo_ids, private=private, copy=copy, progress=progress)
+        return import_hf_cache(self.store, cache_dir, _repo_list(repo_ids), private=private, copy=copy,
+                               progress=progress)  # fmt: skip
 
     def hf_cache_export(
         self,
