@@ -307,7 +307,9 @@ def render_verify(report: VerifyReport) -> None:
             "The store is read-only: corrupt blobs stay in place, and each process refuses them; repair it "
             "where it is writable (verify there, then import or pull the affected files again)."
             if report.read_only
-            else "Corrupt blobs are quarantined and never served; import or pull the affected files again."
+            else "Corrupt blobs are quarantined and never served; import or pull the affected files again, or "
+            "remove the revisions that use them (modeldepot rm REPO --revision COMMIT: an import of a changed "
+            "folder makes a new commit, and the old one keeps its quarantined blob)."
         )
         out.print(f"[red]{len(report.problems)} problem(s)[/red]: {summary}. {fix}")
 
