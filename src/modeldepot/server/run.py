@@ -86,6 +86,8 @@ def run_server(
             stop.set()
             for number in signals:  # a second signal gets the default behaviour: no more waiting
                 loop.remove_signal_handler(number)
+            log.info("stopping: answers under way get up to %g s to end (a second Ctrl-C stops at once)",
+                     SHUTDOWN_GRACE)  # fmt: skip
 
         with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C raises KeyboardInterrupt instead
             for number in signals:
