@@ -218,3 +218,19 @@ def test_a_shared_stores_files_are_not_counted_and_are_pulled_offline(
         pulled = user.pull("acme/common")
         assert (pulled.bytes_downloaded, pulled.sources) == (0, ("shared",))
         assert user.du().blobs == 0
+
+
+def test_a_shared_stores_model_is_preloaded_from_where_it_is(tmp_path: Path, admin: Path, upstream: Upstream) -> None:
+    """The RAM tier reads the shared stores too (it said the repo was not in the store); a commit split
+    across the stores is preloaded file by file from each; nothing is counted in the own store."""
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        info = user.preloader.preload("acme/common")
+        assert info.bytes == sum(f.size for f in user.list_files("acme/common"))
+        assert user.preloader.holds("acme/common")
+        user.pull("acme/q", quants=["Q8_0"])  # Q4_K_M stays the admin's
+        both = user.preloader.preload("acme/q")
+        assert both.bytes == sum(f.size for f in user.list_files("acme/q")) and both.files == 3
+        quant = user.preloader.preload("acme/q", quant="Q4_K_M")
+        assert quant.variant == "Q4_K_M" and quant.resident_bytes == quant.bytes
+        user.store.access.flush()
+        assert {r["repo_id"] for r in user.store.index.read("SELECT repo_id FROM access")} <= {"acme/q"}

@@ -36,6 +36,7 @@ from modeldepot.preload.residency import MlockError, lock, resident_bytes, unloc
 from modeldepot.store.access import ModelAccess
 from modeldepot.store.models import FileEntry
 from modeldepot.store.store import Store
+from modeldepot.tiers import Tiers
 from modeldepot.validation import validate_label
 
 __all__ = [
@@ -173,6 +174,8 @@ class Preloader:
         if strategy not in STRATEGIES:
             raise ConfigError(f"unknown preload strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
         self.store: Store = source if isinstance(source, Store) else source.store
+        # A depot's shared stores (tiers.py) are read too: their models are preloaded from where they are
+        self._tiers: Tiers | None = None if isinstance(source, Store) else getattr(source, "tiers", None)
         self.budget = parse_budget(budget)
         self.strategy = strategy
         self.mlock = mlock
@@ -187,14 +190,30 @@ class Preloader:
 
     # -- which files ------------------------------------------------------------------------------------
 
-    def _resolve(self, repo_id: str, quant: str | None, revision: str) -> tuple[ModelKey, list[FileEntry]]:
+    def _resolve(
+        self, repo_id: str, quant: str | None, revision: str
+    ) -> tuple[ModelKey, list[FileEntry], dict[str, Store]]:
+        """The model's key, its files, and the store each is read from (the depot's own, or a shared one)."""
         if quant is not None:
             validate_label(quant)  # (a number was an AttributeError from the variants' grouping)
-        repo_id = self.store.spelled(repo_id)  # (any case: the Hub's repo ids ignore it)
-        commit_id = self.store.resolve(repo_id, revision)
-        entries = self.store.files(repo_id, commit_id)
+        if self._tiers is not None and self._tiers.shared:
+            store, commit_id, entries = self._tiers.files(repo_id, revision)
+            repo_id = store.spelled(repo_id)
+            holders = {e.path: self._tiers.entry(repo_id, e.path, commit_id)[0] for e in entries}
+        else:
+            repo_id = self.store.spelled(repo_id)  # (any case: the Hub's repo ids ignore it)
+            commit_id = self.store.resolve(repo_id, revision)
+            entries = self.store.files(repo_id, commit_id)
+            holders = {}
+        entries, key = self._variant(repo_id, commit_id, entries, quant)
+        return key, entries, holders
+
+    @staticmethod
+    def _variant(
+        repo_id: str, commit_id: str, entries: list[FileEntry], quant: str | None
+    ) -> tuple[list[FileEntry], ModelKey]:
         if quant is None:
-            return (repo_id, commit_id, ""), entries
+            return entries, (repo_id, commit_id, "")
         grouping = group_files(e.path for e in entries)
         variant = grouping.find(quant)
         if variant is None:
@@ -202,7 +221,7 @@ class Preloader:
                 f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: {grouping.names()})"
             )
         wanted = {*variant.files, *grouping.shared}
-        return (repo_id, commit_id, variant.name), [e for e in entries if e.path in wanted]
+        return [e for e in entries if e.path in wanted], (repo_id, commit_id, variant.name)
 
     # -- preloading -------------------------------------------------------------------------------------
 
@@ -215,14 +234,16 @@ class Preloader:
     def _obtain(self, repo_id: str, quant: str | None, revision: str, hold: bool) -> tuple[_Model, bool]:
         """The model in RAM (loaded now if needed) and whether it was there; with ``hold``, a holder is
         counted before the lock is let go, so no eviction can come between."""
-        key, entries = self._resolve(repo_id, quant, revision)
+        key, entries, holders = self._resolve(repo_id, quant, revision)
         size = sum(e.size for e in entries)
         if size > self.budget:
             raise InvalidInputError(
                 f"{repo_id} ({size} bytes) is larger than the preload budget ({self.budget} bytes)"
             )
-        # A use for the disk budget's recency, not one for popularity (auto_preload's own picks would count)
-        self.store.access.record(key[0], key[2], count=0)
+        # A use for the disk budget's recency, not one for popularity (auto_preload's own picks would count);
+        # a shared store's model is not the own store's to count
+        if all(holders.get(e.path, self.store) is self.store for e in entries):
+            self.store.access.record(key[0], key[2], count=0)
         while True:
             with self._lock:
                 model = self._models.get(key)
@@ -243,7 +264,7 @@ class Preloader:
                     break
             waiting.wait()
         try:
-            model = self._load(key, entries, size)
+            model = self._load(key, entries, size, holders)
         except BaseException:
             with self._lock:
                 self._loading.pop(key).set()
@@ -263,12 +284,12 @@ class Preloader:
         self._free(model, drop_cache=False)  # (its files are gone: nothing to drop)
         raise NotFoundError(f"{key[0]}@{key[1][:12]} was removed from the store while it was being preloaded")
 
-    def _load(self, key: ModelKey, entries: list[FileEntry], size: int) -> _Model:
+    def _load(self, key: ModelKey, entries: list[FileEntry], size: int, holders: dict[str, Store]) -> _Model:
         started = time.perf_counter()
         files: dict[str, FileCopy] = {}
         try:
             for entry in entries:
-                files[entry.path] = FileCopy(self.store, entry, self.strategy)
+                files[entry.path] = FileCopy(holders.get(entry.path, self.store), entry, self.strategy)
         except BaseException:
             for copy in files.values():
                 copy.close(drop_cache=False)
@@ -317,7 +338,7 @@ class Preloader:
 
     def get(self, repo_id: str, quant: str | None = None, revision: str = "main") -> PreloadHandle:
         """A held handle on a model, preloading it first when it is not in RAM (a miss)."""
-        key, _ = self._resolve(repo_id, quant, revision)
+        key, *_ = self._resolve(repo_id, quant, revision)
         with self._lock:
             model = self._models.get(key)
             if model is not None:
@@ -331,7 +352,7 @@ class Preloader:
 
     def holds(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
         try:
-            key, _ = self._resolve(repo_id, quant, revision)
+            key, *_ = self._resolve(repo_id, quant, revision)
         except NotFoundError:
             return False
         with self._lock:
@@ -410,7 +431,7 @@ class Preloader:
 
     def evict(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
         """Take a model out of RAM (at once, or when its last holder lets go); True if it was there."""
-        key, _ = self._resolve(repo_id, quant, revision)
+        key, *_ = self._resolve(repo_id, quant, revision)
         with self._lock:
             model = self._models.get(key)
             if model is None:
@@ -455,7 +476,7 @@ class Preloader:
         self, repo_id: str, quant: str | None = None, revision: str = "main", pinned: bool = True
     ) -> None:
         """Keep a preloaded model through every eviction (``pinned=False`` lets it go again)."""
-        key, _ = self._resolve(repo_id, quant, revision)
+        key, *_ = self._resolve(repo_id, quant, revision)
         with self._lock:
             model = self._models.get(key)
             if model is None:
