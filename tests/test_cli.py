@@ -379,7 +379,7 @@ def test_serve_says_in_one_line_why_it_cannot_start(home: Path) -> None:
     assert code == 2 and "500%" in err and "Traceback" not in err, err
     code, _, err = run("serve", "--scrub-rate", "0", home=home)  # (was a traceback)
     assert code == 2 and "--scrub-rate" in err and "no rate" in err and "Traceback" not in err, err
-    code, _, err = run("serve", "--token", "", home=home)  # (`--token "$TOKEN"`, TOKEN unset: was an open node)
+    code, _, err = run("serve", "--token", "", home=home)  # (`--token "$TOKEN"`, TOKEN unset: an open node)
     assert code == 2 and "the token is empty" in err, err
 
 

@@ -220,7 +220,9 @@ def test_a_shared_stores_files_are_not_counted_and_are_pulled_offline(
         assert user.du().blobs == 0
 
 
-def test_a_shared_stores_model_is_preloaded_from_where_it_is(tmp_path: Path, admin: Path, upstream: Upstream) -> None:
+def test_a_shared_stores_model_is_preloaded_from_where_it_is(
+    tmp_path: Path, admin: Path, upstream: Upstream
+) -> None:
     """The RAM tier reads the shared stores too (it said the repo was not in the store); a commit split
     across the stores is preloaded file by file from each; nothing is counted in the own store."""
     with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
