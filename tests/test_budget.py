@@ -828,3 +828,57 @@ def test_another_processs_pull_of_another_variant_of_the_repo_keeps_it_whole(tmp
             assert not [u for u in budget.order.units(budget._kept(writer)) if u.repo_id == "acme/q"]
         with budget.writing("acme/q", new, paths, ["Q8_0"]) as writer:  # (the row is this pull's own)
             assert [u for u in budget.order.units(budget._kept(writer)) if u.repo_id == "acme/q"]
+
+
+def test_a_pull_into_a_revision_takes_none_of_its_quants_for_a_readme_nor_the_shard_it_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write into a revision may make room by a quant of it only for another quant that comes: a mirror's
+    fetch of a README evicted the revision's only model, and one of a split GGUF's second shard evicted the
+    first (half a variant, grouped without what was being written), where a model used since went first."""
+    rng = np.random.default_rng(9)
+    shard = "Q8_0/model-Q8_0-00002-of-00002.gguf"
+    for name, files, writing in (
+        ("acme/gg", {"config.json": b"{}", "model-Q4_K_M.gguf": rng.bytes(MB)}, "README.md"),
+        ("acme/split", {"config.json": b"{}", "Q8_0/model-Q8_0-00001-of-00002.gguf": rng.bytes(MB)}, shard),
+    ):
+        with budgeted(tmp_path / name, "1GiB", monkeypatch) as store:
+            commit = store.import_dir(write_model_dir(tmp_path / "src" / name, files), name).commit_id
+            time.sleep(0.01)
+            store.import_dir(model(tmp_path, "acme/b"), "acme/b")  # used after the quant
+            store.store.access.flush()
+            store.set_max_size(store.du().blob_bytes + 1000)
+            with store.store.budget.writing(name, commit, [writing]) as writer:
+                evicted = writer.make_room(MB // 2, f"mirroring {writing}")
+            assert [(e.repo_id, e.variant) for e in evicted] == [("acme/b", None)], name
+            assert held_paths(store, name) == set(files), name
+
+
+def test_a_mirror_takes_a_file_whose_content_it_holds_whatever_its_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget's check before a mirror's pull counted the whole file, though the pull reuses content the
+    store holds under another repo or commit (a new commit that changed only the README): a 507 for nothing."""
+    import urllib.request
+
+    weights = np.random.default_rng(6).bytes(3 * MB)
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as hub:
+        for name in ("acme/big", "acme/copy"):
+            hub.import_dir(write_model_dir(tmp_path / "src" / name, {"model.safetensors": weights}), name)
+        upstream = LiveNode(hub)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", upstream.url)
+            depot = Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK)
+            depot.set_max_size("4MiB")
+            mirror = LiveNode(depot, mirror=True, owns_depot=True)
+            try:
+                for name in ("acme/big", "acme/copy"):
+                    with urllib.request.urlopen(f"{mirror.url}/{name}/resolve/main/model.safetensors") as got:
+                        assert got.read() == weights
+                    if name == "acme/big":
+                        depot.pin(name)  # (what is pinned stays: only the reuse makes room)
+            finally:
+                mirror.stop()
+        finally:
+            upstream.stop()

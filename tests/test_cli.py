@@ -381,6 +381,8 @@ def test_serve_says_in_one_line_why_it_cannot_start(home: Path) -> None:
     assert code == 2 and "--scrub-rate" in err and "no rate" in err and "Traceback" not in err, err
     code, _, err = run("serve", "--token", "", home=home)  # (`--token "$TOKEN"`, TOKEN unset: an open node)
     assert code == 2 and "the token is empty" in err, err
+    emptied = CliRunner().invoke(cli, ["serve", "--home", str(home)], env={"MODELDEPOT_TOKEN": ""})
+    assert emptied.exit_code == 2 and "MODELDEPOT_TOKEN is set but empty" in emptied.stderr, emptied.stderr
 
 
 def test_cat_never_writes_a_corrupt_chunk_and_says_why_a_write_failed(home: Path, model_dir: Path) -> None:

@@ -510,3 +510,21 @@ def test_an_imported_repo_that_loses_a_variant_is_still_listed_whole(tmp_path: P
             node.stop()
         status = depot.get_manifest("acme/ox")
         assert {v.name: v.status for v in status.variants}["q8"] == "available"
+
+
+def test_a_repo_imported_again_keeps_its_status_on_main_and_each_listing_whole(tmp_path: Path) -> None:
+    """The listing kept at the first `rm --quant` was the repo's scan for good: its status stayed on that
+    commit after an import moved main, and the new commit, losing a quant in turn, was listed in part."""
+    files = {"config.json": b"{}", "m-Q4_K_M.gguf": b"q" * 300, "m-Q8_0.gguf": b"e" * 400}
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "one", files), "acme/gg")
+        depot.remove("acme/gg", quant="Q8_0")
+        moved = depot.import_dir(
+            write_model_dir(tmp_path / "two", {**files, "config.json": b'{"a": 1}'}), "acme/gg"
+        )
+        assert depot.get_manifest("acme/gg").commit_id == moved.commit_id
+        depot.remove("acme/gg", quant="Q8_0")
+        assert {f.path for f in depot.commit_files("acme/gg", moved.commit_id)} == set(files)
+        assert {v.name: v.status for v in depot.get_manifest("acme/gg").variants} == {
+            "Q4_K_M": "downloaded", "Q8_0": "available"
+        }  # fmt: skip

@@ -424,26 +424,30 @@ def test_an_engine_held_past_its_depot_is_not_closed_with_it(tmp_path: Path) -> 
     assert engine.path.name == "model_fp16.onnx"
 
 
-def test_a_wrong_engine_is_said_at_once_without_asking_the_network(
+def test_a_wrong_engine_is_said_once_and_without_the_network_for_a_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The default engine (onnxruntime) on a pulled safetensors repo: the store's answer ("no .onnx file; it
-    has .safetensors") and then a pull, which asked the network and said the same again ("pulling it failed
-    too: ...") or, without one, "cannot reach". The scan of the commit lists no such file: no pull."""
+    has .safetensors") and then a pull, which said the same again ("pulling it failed too: ..."). For a
+    commit id whose listing lacks such a file too, no pull is made (it only asked the network); a branch is
+    pulled again (it may have moved on upstream), and the answer is said once."""
     from conftest import serving_repo
 
     weights = tmp_path / "w.safetensors"
     save_file({"w": np.ones((4, 4), dtype=np.float32)}, str(weights))
-    with serving_repo(
-        tmp_path, {"model.safetensors": weights.read_bytes(), "config.json": b"{}"}, "acme/st"
-    ) as up:
+    said = "no .onnx file; it has .safetensors (engine='safetensors')"
+    files = {"model.safetensors": weights.read_bytes(), "config.json": b"{}"}
+    with serving_repo(tmp_path, files, "acme/st") as up:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.setenv("HF_ENDPOINT", up.url)
         with Depot(tmp_path / "local") as depot:
-            depot.pull("acme/st")
+            commit = depot.pull("acme/st").commit_id
+            with pytest.raises(NotFoundError) as once:
+                depot.load("acme/st")
+            assert str(once.value) == said
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing answers from here on
     with Depot(tmp_path / "local") as depot:
-        with pytest.raises(NotFoundError) as said:
-            depot.load("acme/st")
-        assert str(said.value) == "no .onnx file; it has .safetensors (engine='safetensors')"
+        with pytest.raises(NotFoundError) as at_commit:
+            depot.load("acme/st", revision=commit)
+        assert str(at_commit.value) == said
         assert depot.load("acme/st", engine="safetensors")["w"].shape == (4, 4)

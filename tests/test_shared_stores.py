@@ -236,3 +236,13 @@ def test_a_shared_stores_model_is_preloaded_from_where_it_is(
         assert quant.variant == "Q4_K_M" and quant.resident_bytes == quant.bytes
         user.store.access.flush()
         assert {r["repo_id"] for r in user.store.index.read("SELECT repo_id FROM access")} <= {"acme/q"}
+
+
+def test_a_quant_found_corrupt_keeps_no_other_from_the_ram_tier(tmp_path: Path, admin: Path) -> None:
+    """With shared stores, the RAM tier asked every file of a commit where it is before choosing the variant:
+    one quant's blob found corrupt made `holds`, `preload` and `get` of every other quant raise."""
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        user.import_dir(quants(tmp_path / "src" / "gg"), "acme/gg")
+        user.store.quarantine(user.file_info("acme/gg", "model-Q4_K_M.gguf").sha256)
+        assert not user.preloader.holds("acme/gg", quant="Q8_0")
+        assert user.preloader.preload("acme/gg", quant="Q8_0").bytes == MB + len(b'{"model_type": "llama"}')

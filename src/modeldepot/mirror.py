@@ -150,9 +150,16 @@ class Mirror:
     async def check_fits(self, manifest: Manifest, remote: RemoteFile) -> None:
         """Refuse (BudgetExceededError: 507) a file the disk budget cannot hold before its pull starts, so
         that a HEAD says what the GET would (a running pull made its room already)."""
-        if not self.pulling(manifest, remote):
-            doing = f"mirroring {remote.path} of {manifest.repo_id}"
-            await asyncio.to_thread(self.depot.store.budget.check_fits, remote.size, doing)
+        if self.pulling(manifest, remote):
+            return
+        store, doing = self.depot.store, f"mirroring {remote.path} of {manifest.repo_id}"
+
+        def check() -> None:
+            # (content the store holds under another file is reused by the pull: it writes nothing for it)
+            held = store.local_digest(remote.sha256, None if remote.sha256 else remote.git_oid)
+            store.budget.check_fits(0 if held is not None else remote.size, doing)
+
+        await asyncio.to_thread(check)
 
     def _job(self, manifest: Manifest, remote: RemoteFile) -> _Job:
         key = (manifest.repo_id, manifest.commit_id, remote.path)

@@ -765,6 +765,10 @@ def _token(value: str | None) -> str | None:
     if value is not None and not value.strip():
         raise click.BadParameter("the token is empty: that would serve every route openly. Give a token, or no "
                                  "--token (and no MODELDEPOT_TOKEN) for an open node")  # fmt: skip
+    if value is None and "MODELDEPOT_TOKEN" in os.environ and not os.environ["MODELDEPOT_TOKEN"].strip():
+        # (click takes an empty variable for an unset one: `-e MODELDEPOT_TOKEN="$TOKEN"`, TOKEN unset)
+        raise click.BadParameter("MODELDEPOT_TOKEN is set but empty: that would serve every route openly. Set "
+                                 "a token, or unset it for an open node")  # fmt: skip
     return value
 
 

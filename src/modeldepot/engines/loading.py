@@ -41,7 +41,7 @@ from modeldepot.hub.manifest import Manifest, listed_files
 from modeldepot.hub.variants import group_files
 from modeldepot.preload import Preloader
 from modeldepot.store import Store
-from modeldepot.validation import validate_repo_id, validate_revision
+from modeldepot.validation import is_commit_id, validate_repo_id, validate_revision
 
 __all__ = ["PullVariant", "load_variant"]
 
@@ -212,7 +212,8 @@ def _lacking(store: Store, repo_id: str, commit_id: str, quant: str | None) -> l
 def _listing_lacks_it_too(store: Store, repo_id: str, commit_id: str, quant: str | None,
                           suffixes: tuple[str, ...]) -> bool:  # fmt: skip
     """Whether the commit's whole listing (the repo's saved scan, of that commit) has no file the engine
-    would load either: a wrong engine or variant, which no pull mends (it would only ask the network)."""
+    would load either: a wrong engine or variant, which no pull of that commit mends (it would only ask the
+    network). Only for a commit id: a pull of a branch scans it again, and it may have moved on."""
     try:
         record = store.manifests.load(repo_id)
     except NotFoundError:
@@ -247,7 +248,9 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
             raise NotFoundError(f"{repo_id}@{commit_id[:12]} holds {quant or 'its model'} in part: it lacks "
                                 f"{', '.join(absent[:3])}{' and more' if len(absent) > 3 else ''}")  # fmt: skip
         except NotFoundError as missing:
-            if offline or _listing_lacks_it_too(store, repo_id, commit_id, quant, suffixes):
+            if offline or (
+                is_commit_id(revision) and _listing_lacks_it_too(store, repo_id, commit_id, quant, suffixes)
+            ):
                 raise  # nothing to pull from, or nothing a pull would bring: the error says what there is
             here = missing
     elif offline and here is not None:

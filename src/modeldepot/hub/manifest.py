@@ -235,8 +235,9 @@ def keep_listing(store: Store, repo_id: str, commit_id: str) -> None:
     disk budget evicting a variant): its whole listing, saved as the repo's manifest, so that the commit is
     still listed whole, the files it lacks as not here (docs/hub-api.md: a client keeps a commit's listing
     for good, and one of part of it would hide the rest even from a node holding it all)."""
-    if store.manifests.scanned_commit(repo_id) is not None:
-        return  # (scanned: its listing is upstream's, or another commit's, kept as it is)
+    scanned = store.manifests.scanned_commit(repo_id)
+    if scanned is not None and (scanned[0] == commit_id or not _of_this_store(store.manifests.load(repo_id))):
+        return  # (this commit's listing is kept already, or the repo's scan is upstream's: kept as it is)
     files = [
         RemoteFile(e.path, e.size, e.git_oid, e.sha256 if e.lfs else None)
         for e in store.files(repo_id, commit_id)
@@ -246,6 +247,11 @@ def keep_listing(store: Store, repo_id: str, commit_id: str) -> None:
     revision = str(named[0]["name"]) if named else commit_id
     save_scan(store, repo_id, revision, commit_id, IMPORTED_ENDPOINT, {"private": store.repo_private(repo_id)},
               files)  # fmt: skip
+
+
+def _of_this_store(record: ManifestRecord) -> bool:
+    """Whether a saved scan is one :func:`keep_listing` made of what the store held (not upstream's)."""
+    return bool(json.loads(record.body).get("endpoint") == IMPORTED_ENDPOINT)
 
 
 def lost_since(store: Store, manifest: Manifest) -> Manifest:
@@ -272,12 +278,21 @@ def lost_since(store: Store, manifest: Manifest) -> Manifest:
     return dataclasses.replace(manifest, variants=tuple(variants))
 
 
+def _main_moved_from(store: Store, repo_id: str, commit_id: str) -> bool:
+    try:
+        return store.resolve(repo_id, "main") != commit_id
+    except NotFoundError:
+        return False
+
+
 def current_manifest(store: Store, repo_id: str) -> Manifest:
     """The saved manifest of a scanned repo, with each variant's current status (a pull that was killed
     shows as failed and resumable, not as downloading forever; one whose file was found corrupt since, as
     to be pulled again), or a held repo's (:func:`held_manifest`)."""
     try:
         record = store.manifests.load(repo_id)
+        if _of_this_store(record) and _main_moved_from(store, repo_id, record.commit_id):
+            raise NotFoundError(repo_id)  # (a listing kept of an older commit: the repo's status is main's)
     except NotFoundError as unscanned:
         try:
             private = store.repo_private(repo_id)  # (one indexed lookup: is the repo in the store)

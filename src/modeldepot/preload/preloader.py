@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from modeldepot.config import parse_size
-from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
+from modeldepot.errors import ConfigError, CorruptBlobError, InvalidInputError, NotFoundError
 from modeldepot.hub.variants import group_files
 from modeldepot.preload.copies import STRATEGIES, FileCopy
 from modeldepot.preload.residency import MlockError, lock, resident_bytes, unlock
@@ -192,21 +192,34 @@ class Preloader:
 
     def _resolve(
         self, repo_id: str, quant: str | None, revision: str
-    ) -> tuple[ModelKey, list[FileEntry], dict[str, Store]]:
-        """The model's key, its files, and the store each is read from (the depot's own, or a shared one)."""
+    ) -> tuple[ModelKey, list[FileEntry], Store]:
+        """The model's key, its files, and the store that answers its revision (the depot's own, or a shared
+        one: tiers.py)."""
         if quant is not None:
             validate_label(quant)  # (a number was an AttributeError from the variants' grouping)
         if self._tiers is not None and self._tiers.shared:
             store, commit_id, entries = self._tiers.files(repo_id, revision)
             repo_id = store.spelled(repo_id)
-            holders = {e.path: self._tiers.entry(repo_id, e.path, commit_id)[0] for e in entries}
         else:
+            store = self.store
             repo_id = self.store.spelled(repo_id)  # (any case: the Hub's repo ids ignore it)
             commit_id = self.store.resolve(repo_id, revision)
             entries = self.store.files(repo_id, commit_id)
-            holders = {}
         entries, key = self._variant(repo_id, commit_id, entries, quant)
-        return key, entries, holders
+        return key, entries, store
+
+    def _holders(self, key: ModelKey, entries: list[FileEntry], answering: Store) -> dict[str, Store]:
+        """The store each file is read from (a commit split across stores: each file's own); a file no store
+        gives good is left to the answering one, which says why as it would alone."""
+        if self._tiers is None or not self._tiers.shared:
+            return {}
+        holders: dict[str, Store] = {}
+        for entry in entries:
+            try:
+                holders[entry.path] = self._tiers.entry(key[0], entry.path, key[1])[0]
+            except (NotFoundError, CorruptBlobError):
+                holders[entry.path] = answering
+        return holders
 
     @staticmethod
     def _variant(
@@ -234,7 +247,8 @@ class Preloader:
     def _obtain(self, repo_id: str, quant: str | None, revision: str, hold: bool) -> tuple[_Model, bool]:
         """The model in RAM (loaded now if needed) and whether it was there; with ``hold``, a holder is
         counted before the lock is let go, so no eviction can come between."""
-        key, entries, holders = self._resolve(repo_id, quant, revision)
+        key, entries, answering = self._resolve(repo_id, quant, revision)
+        holders = self._holders(key, entries, answering)
         size = sum(e.size for e in entries)
         if size > self.budget:
             raise InvalidInputError(

@@ -464,14 +464,13 @@ class DiskBudget:
             if unit.variant is None:
                 result = remove(self.store, unit.repo_id, unit.commit_id, keep_blobs=keep)
             else:
-                assert self.order.variants is not None
-                now = self.order.variants([e.path for e in self.store.files(unit.repo_id, unit.commit_id)])
+                held = {e.path for e in self.store.files(unit.repo_id, unit.commit_id)}
+                with self._lock:  # (grouped with what pulls write into it, as the units were: eviction.py)
+                    written = {p for w in self._writers if (w.repo_id, w.commit_id) == (unit.repo_id, unit.commit_id)
+                               for p in w.paths}  # fmt: skip
+                now = self.order.grouped((unit.repo_id, unit.commit_id), held, written)
                 own = next((files for _, files, aliases in now if unit.variant.lower() in aliases), None)
-                with self._lock:  # (a revision a pull writes into is never emptied: its last variant may go)
-                    written = any(
-                        (w.repo_id, w.commit_id) == (unit.repo_id, unit.commit_id) for w in self._writers
-                    )
-                if (len(now) < 2 and not written) or not own:
+                if len(now) < 2 or not own or own & written:
                     return None  # (the last variant goes with its revision, by the repo's last use)
                 if self._before_variant_removal is not None:
                     self._before_variant_removal(unit.repo_id, unit.commit_id)

@@ -46,8 +46,8 @@ class Kept:
     # Revisions that stay, but whose variants may go but for these files (a variant's pin, files in use)
     parts: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     pinned_variants: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (lower case)
-    # Revisions a pull is writing files into (kept in ``parts``): never emptied by their variants' going, so
-    # that each of the variants they held may go, the last one too
+    # Revisions a pull is writing files into (the files in ``parts``): their variants are told apart with
+    # those files too, so the one being written is in use, and one held may go for another that comes
     written: set[tuple[str, str]] = field(default_factory=set)
 
 
@@ -107,16 +107,13 @@ class EvictionOrder:
     def _variant_units(self, key: tuple[str, str], paths: list[str], created: float, kept: Kept,
                        variant_access: dict[tuple[str, str], float]) -> list[Unit]:  # fmt: skip
         """The variants of a revision (of these files) that holds several which may go: not pinned, none
-        of their files in use."""
-        if self.variants is None or len(paths) < 2:
+        of their files in use. A revision a pull writes into is grouped with the files it writes: the
+        variant it writes is in use (a split GGUF's first shard stays while the next is fetched), and a
+        variant it holds may go for another that comes (not for a README)."""
+        if self.variants is None:
             return []
-        grouped = (key[0], key[1], frozenset(paths))  # (the files a commit holds change: rm, a pull)
-        variants = self._grouped.get(grouped)
-        if variants is None:
-            if len(self._grouped) >= 10_000:
-                self._grouped.clear()
-            variants = self._grouped[grouped] = self.variants(paths)
-        if len(variants) < 2 and key not in kept.written:
+        variants = self.grouped(key, paths, kept.parts.get(key, set()) if key in kept.written else set())
+        if len(variants) < 2:
             return []
         in_use, pinned = kept.parts.get(key, set()), kept.pinned_variants.get(key, set())
         units = []
@@ -124,16 +121,28 @@ class EvictionOrder:
             if files and not aliases & pinned and not files & in_use:
                 used = max([created, *(variant_access.get((key[0], alias), 0.0) for alias in aliases)])
                 units.append(Unit(*key, used, name, files, aliases))
-        if (
-            len(units) == len(variants)
-            and (key in kept.parts or key in kept.pinned_variants)
-            and (key not in kept.written)
-        ):
+        if len(units) == len(variants) and (key in kept.parts or key in kept.pinned_variants):
             # A revision kept (in use, or a pin that names none of its variants now: its branch moved) whose
             # every variant may go: its last stays with it, the most recently used, as least-recently-used
             # order would leave it; counted as staying, so that what cannot fit is refused before a removal.
             units.remove(max(units, key=lambda u: (u.last_used, u.variant or "")))
         return units
+
+    def grouped(self, key: tuple[str, str], held: Iterable[str], written: Iterable[str] = ()
+                ) -> list[tuple[str, frozenset[str], frozenset[str]]]:  # fmt: skip
+        """The variants of a revision's files, with the files a pull writes into it (each variant's own files
+        among them: those a removal of it would take are the held ones)."""
+        assert self.variants is not None
+        paths = frozenset(held) | frozenset(written)
+        if len(paths) < 2:
+            return []
+        grouped = (key[0], key[1], paths)  # (the files a commit holds change: rm, a pull)
+        variants = self._grouped.get(grouped)
+        if variants is None:
+            if len(self._grouped) >= 10_000:
+                self._grouped.clear()
+            variants = self._grouped[grouped] = self.variants(sorted(paths))
+        return variants
 
     def bytes_of(self, revisions: Iterable[tuple[str, str]], repos: Iterable[str] = (),
                  blobs: Iterable[str] = ()) -> int:  # fmt: skip
