@@ -33,17 +33,16 @@ from modeldepot.errors import (
     NotFoundError,
     OfflineError,
     ReadOnlyStoreError,
-    StoreError,
 )
 from modeldepot.held import HeldModels
 from modeldepot.hub.manifest import (
+    CommitListings,
     Manifest,
-    RemoteFile,
     current_manifest,
     keep_listing,
-    listed_files,
     save_scan,
 )
+from modeldepot.hub.removal import forget_removed_variants, remove_repo, remove_variant
 from modeldepot.hub.variants import group_files, variants_own_files
 from modeldepot.store import (
     BlobRecord,
@@ -60,14 +59,14 @@ from modeldepot.store import (
     disk_usage,
     gc,
     import_dir,
-    remove,
     verify,
 )
 from modeldepot.store.budget import BudgetStatus, Eviction, Pin
-from modeldepot.store.maintenance import VerifyProgress, remove_files
+from modeldepot.store.maintenance import VerifyProgress
 from modeldepot.store.scrub import DEFAULT_SCRUB_RATE, Scrubber
 from modeldepot.store.verified import VerifiedBlob
 from modeldepot.tiers import Tiers
+from modeldepot.uses import UseCounter
 
 if TYPE_CHECKING:  # the transfer machinery (aiohttp, huggingface_hub) loads on the first pull, not at
     # import: a worker that only loads engines starts 0.3 s sooner
@@ -229,7 +228,11 @@ class Depot:
             shared=shared_homes(shared) if shared is not None else base.shared,
         )
         self.store = Store(self.config, create=create)
-        self.tiers = Tiers(self.store, self._open_shared())
+        try:
+            self.tiers = Tiers.open(self.store, self.config)
+        except BaseException:
+            self.store.close()
+            raise
         self._engines = engine_cache
         self._own_engines = engine_cache is None  # (a cache given to it may serve other depots too)
         self._made_lock = threading.Lock()
@@ -239,11 +242,8 @@ class Depot:
         self._fleet_failed = False
         self._fleet_managed = False  # a server manages the view: never open one here, even after it closes
         self._fleet_lock = threading.Lock()
-        # (repo, when scanned) -> the scanned commit's files, for commit_files
-        self._listings: dict[tuple[str, float], tuple[RemoteFile, ...]] = {}
-        # (repo, commit) -> its files' variants by path, for the uses open_verified counts (a commit's
-        # files only change by `rm --quant`, which takes the variant's files away with their names)
-        self._variant_files: dict[tuple[str, str], dict[str, str | None]] = {}
+        self._listings = CommitListings(self.store)
+        self._uses = UseCounter(self.store)
         self._download_limit: RateLimit | None = None  # (download_limit: one for all this depot's pulls)
         # What this process holds in memory of the store: kept from eviction, let go of once removed.
         self._held = HeldModels(self.store, lambda: self._preloader, lambda: self._engines)
@@ -253,31 +253,8 @@ class Depot:
             self._held.paths_in_use,
             lambda repo, commit: keep_listing(self.store, repo, commit),
         )
-        self.store.budget.add_evicted_hook(self._forget_removed_variants)
+        self.store.budget.add_evicted_hook(lambda repo_id: forget_removed_variants(self.store, repo_id))
         self.store.add_quarantine_hook(self._held.let_go_of_blob)
-
-    def _open_shared(self) -> list[Store]:
-        """The shared stores (``MODELDEPOT_SHARED``), opened read-only. One that cannot be opened (not there,
-        not readable by this user, of another schema) is left out with a warning: the depot's own store,
-        and the other shared ones, are used as ever."""
-        opened: list[Store] = []
-        try:
-            for home in self.config.shared:
-                if home == self.store.home:
-                    raise ConfigError(f"MODELDEPOT_SHARED: {home} is this depot's own store")
-                config = dataclasses.replace(self.config, home=home, chunk_size=None, shared=())
-                try:
-                    opened.append(
-                        Store(config, create=False, read_only="shared: read through, never written from here")
-                    )
-                except DepotError as error:
-                    log.warning("MODELDEPOT_SHARED: %s is left out: %s", home, error)
-        except BaseException:
-            for store in opened:
-                store.close()
-            self.store.close()
-            raise
-        return opened
 
     @property
     def engines(self) -> LoadedModelCache[Any]:
@@ -416,22 +393,7 @@ class Depot:
         store, commit_id, held = self.tiers.files(repo_id, revision)
         if store is not self.store:
             return held
-        scanned = self.store.manifests.scanned_commit(repo_id)
-        if scanned is None or scanned[0] != commit_id:
-            return held
-        listing = self._listings.get((repo_id, scanned[1]))
-        if listing is None:  # (parsed once per scan: the Hub routes ask on every listing request)
-            try:
-                listing = listed_files(self.store.manifests.load(repo_id))
-            except NotFoundError:
-                return held  # (dropped meanwhile)
-            if len(self._listings) >= 64:
-                self._listings.clear()
-            self._listings[(repo_id, scanned[1])] = listing
-        have = {entry.path for entry in held}
-        lacking = [FileEntry(repo_id, commit_id, f.path, f.size, f.sha256 or "", f.git_oid, f.sha256 is not None, 0)
-                   for f in listing if f.path not in have]  # fmt: skip
-        return sorted([*held, *lacking], key=lambda entry: entry.path) if lacking else held
+        return self._listings.whole(repo_id, commit_id, held)
 
     @_any_case
     def file_info(self, repo_id: str, path: str, revision: str = "main") -> FileEntry:
@@ -501,67 +463,24 @@ class Depot:
         store that answers the revision: tiers.py)."""
         store, spelled, commit_id = self.tiers.holder(repo_id, revision)
         found = store.snapshot_path(spelled, commit_id)
-        if store is not self.store:
-            return found
-        # A use of the repo, and of each of its variants: a loader given the folder (from_pretrained(path,
-        # variant="fp16")) reads what it reads unseen, and the budget must not take it for unused
-        self.store.access.record(repo_id)
-        owners = self._variant_owners(repo_id, commit_id)
-        for variant in {name for name in owners.values() if name is not None}:
-            self.store.access.record(repo_id, variant, count=0)
+        if store is self.store:  # (a shared store's files are not this store's to count)
+            self._uses.folder(repo_id, commit_id)
         return found
 
     def open_verified(self, blob: BlobRecord | FileEntry) -> VerifiedBlob:
         """A blob (or a file's blob) open for sending: each chunk is checked against its BLAKE3 before it
         is handed out, and a chunk that fails quarantines the blob. What the node serves goes through this."""
         store = self.tiers.store_of_blob(blob.sha256)
-        if isinstance(blob, FileEntry) and store is self.store:  # (a shared store's reads are not counted)
-            variant = self._variant_of(blob.repo_id, blob.commit_id, blob.path)
-            # A use of the variant the file is one of (what --preload-top and stats count: a client that
-            # fetched one quant made the whole repo popular, and the RAM tier preloaded every quant of it); a
-            # config or tokenizer, which comes with any variant, only marks the repo as used now (the budget)
-            self.store.access.record(blob.repo_id, variant, count=1 if variant else 0)
         if isinstance(blob, FileEntry):
+            if store is self.store:  # (a shared store's reads are not counted)
+                self._uses.sent(blob)
             blob = BlobRecord(blob.sha256, blob.size, blob.chunk_size)
         return store.open_verified(blob)
 
     def _record_read(self, store: Store, entry: FileEntry) -> None:
-        """A local read is a use of the repo (what --preload-top and stats count, as an engine in this
-        process reads a model's files whatever they are) and, when the file is one of a single variant's,
-        that variant's last use (the budget evicts the variants of a revision apart: the quant read every
-        day stays, the one pulled once and never read goes). A node's client's download counts otherwise
-        (:meth:`open_verified`). A shared store's files are not this store's to count."""
-        if store is not self.store:
-            return
-        self.store.access.record(entry.repo_id)
-        variant = self._variant_of(entry.repo_id, entry.commit_id, entry.path)
-        if variant is not None:
-            self.store.access.record(entry.repo_id, variant, count=0)
-
-    def _variant_of(self, repo_id: str, commit_id: str, path: str) -> str | None:
-        """The variant ``path`` is one of in that commit (None: a shared file, or one of no variant)."""
-        return self._variant_owners(repo_id, commit_id, path).get(path)
-
-    def _variant_owners(self, repo_id: str, commit_id: str, path: str | None = None) -> dict[str, str | None]:
-        """Every file of that commit, and the variant it is one of (None: shared, or of no variant). Kept
-        per commit; read again when ``path`` is not among them (a pull added a variant to the commit since:
-        the names change with the files a commit holds, as fp16 becomes onnx-fp16 beside safetensors')."""
-        key = (repo_id, commit_id)
-        owners = self._variant_files.get(key)
-        if owners is None or (path is not None and path not in owners):
-            paths = [f.path for f in self.store.files(repo_id, commit_id)]
-            grouping = group_files(paths)
-            owners = dict.fromkeys(paths)
-            listed: dict[str, list[str]] = {}
-            for variant in grouping.variants:
-                for listed_path in variant.files:
-                    listed.setdefault(listed_path, []).append(variant.name)
-            # (a file several variants list, a GGUF repo's mmproj, is theirs in common: a use of the repo)
-            owners.update({p: names[0] for p, names in listed.items() if len(names) == 1})
-            if len(self._variant_files) >= 256:
-                self._variant_files.clear()
-            self._variant_files[key] = owners
-        return owners
+        """A local read is a use (uses.py); a shared store's files are not this store's to count."""
+        if store is self.store:
+            self._uses.read(entry)
 
     def list_repos(self) -> list[RepoSummary]:
         """The repos of the own store and of the shared ones, each once, sorted by repo id."""
@@ -718,35 +637,15 @@ class Depot:
         if manifest is None:
             manifest = await asyncio.to_thread(self.manifest_for, repo_id, revision)
         if self.tiers.shared:
-            held = await asyncio.to_thread(self._held_shared, manifest, quants, paths, revision)
+            from modeldepot.transfer.pull import select
+
+            files, names = select(manifest, quants, paths)
+            held = await asyncio.to_thread(self.tiers.pulled, manifest, files, names, self._branch(revision))
             if held is not None:
                 return held
         chain = await asyncio.to_thread(lambda: self.chain)  # the first use may open the fleet's view
         return await pull_async(self.store, manifest, quants, self._branch(revision), chain,
                                 self.config.offline, progress, self._limits(), paths, watch)  # fmt: skip
-
-    def _held_shared(self, manifest: Manifest, quants: list[str] | str | None, paths: list[str] | None,
-                     revision: str) -> PullResult | None:  # fmt: skip
-        """What a pull of a revision a shared store holds, as it would fetch it, returns: nothing written,
-        the files read there from then on (tiers.py). None when the pull must write."""
-        from modeldepot.transfer.pull import PullResult, select
-
-        files, names = select(manifest, quants, paths)
-        branch = self._branch(revision)
-        held = self.tiers.holding(manifest.repo_id, manifest.commit_id, [f.path for f in files], branch)
-        if held is None:
-            return None
-        by_source: dict[str, int] = {}
-        for remote in files:
-            source = "local" if held[remote.path] is self.store else "shared"
-            by_source[source] = by_source.get(source, 0) + remote.size
-        store = self.tiers.holder(manifest.repo_id, manifest.commit_id)[0]
-        spelled = store.spelled(manifest.repo_id)
-        log.info("%s@%s: held by the shared stores, nothing pulled", spelled, manifest.commit_id[:12])
-        return PullResult(repo_id=spelled, commit_id=manifest.commit_id, variants=tuple(names), files=len(files),
-                          bytes_total=sum(by_source.values()), bytes_downloaded=0, bytes_resumed=0,
-                          snapshot_path=str(store.snapshots.path(spelled, manifest.commit_id)),
-                          sources=("shared",), bytes_by_source=by_source)  # fmt: skip
 
     @_any_case
     @_writes
@@ -927,40 +826,11 @@ class Depot:
         that variant's own files go from the revision (``main`` unless given): its shared files (config,
         tokenizer) and the other variants stay."""
         if quant is not None:
-            return self._remove_variant(repo_id, revision or "main", quant)
-        result = remove(self.store, repo_id, revision)
-        self._forget_removed_variants(repo_id)
+            commit_id, result = remove_variant(self.store, repo_id, revision or "main", quant)
+            self._held.let_go_of(repo_id, [commit_id], result.files_removed)
+            return result
+        result = remove_repo(self.store, repo_id, revision)
         self._held.let_go_of(repo_id, result.commits)
-        # Pins of what is gone (the repo, the commit, the branch) would apply again, unseen, to a later pull
-        for pin in self.store.budget.pins(repo_id):
-            try:
-                self.store.resolve(repo_id, pin.revision)
-            except NotFoundError:
-                try:
-                    self.store.budget.unpin(repo_id, pin.quant, pin.revision)
-                except StoreError as error:  # (the removal is done: it is not failed for its pin)
-                    log.warning("%s was removed but its pin of %s stays: %s", repo_id, pin.revision, error)
-        return result
-
-    def _remove_variant(self, repo_id: str, revision: str, quant: str) -> RemoveResult:
-        if not validate_label(quant).strip():
-            raise InvalidInputError("the variant to remove is empty: give its name (see `modeldepot info`)")
-        commit_id = self.store.resolve(repo_id, revision)
-        grouping = group_files(e.path for e in self.store.files(repo_id, commit_id))
-        variant = grouping.find(quant)
-        if variant is None:
-            raise NotFoundError(
-                f"{repo_id}@{commit_id[:12]} holds no variant {quant!r} (it holds: {grouping.names() or 'none'})"
-            )
-        keep_listing(self.store, repo_id, commit_id)
-        result = remove_files(self.store, repo_id, commit_id, grouping.own_files(variant))
-        for pin in self.store.budget.pins(repo_id):  # (a pin of what is gone would keep nothing, unseen)
-            if pin.quant is not None and pin.quant.lower() == variant.name.lower():
-                with contextlib.suppress(NotFoundError):
-                    if self.store.resolve(repo_id, pin.revision) == commit_id:
-                        self.store.budget.unpin(repo_id, pin.quant, pin.revision)
-        self._forget_removed_variants(repo_id)
-        self._held.let_go_of(repo_id, [commit_id], result.files_removed)
         return result
 
     def let_go_of_removed(self) -> int:
@@ -968,27 +838,6 @@ class Depot:
         of it quarantined, or files taken out of it, by another process: a `modeldepot rm` beside a node); a
         server calls this every few seconds. Returns how many preloads and loaded engines went."""
         return self._held.let_go_of_removed()
-
-    def _forget_removed_variants(self, repo_id: str) -> None:
-        """After a removal or an eviction, a scanned variant whose files the store no longer holds is
-        'available' again (its status row said 'downloaded'): the event stream and ``status`` say so."""
-        try:
-            manifest = self.get_manifest(repo_id)
-            recorded = self.store.manifests.load(repo_id).statuses  # (as kept: the manifest shows them live)
-        except NotFoundError:
-            return
-        gone = {
-            variant.name: 0
-            for variant in manifest.variants
-            if variant.name in recorded
-            and recorded[variant.name].status == "downloaded"
-            and not all(
-                self.store.has_file(repo_id, path, manifest.commit_id)
-                for path in (*variant.files, *manifest.shared)
-            )
-        }
-        if gone:
-            self.store.manifests.set_statuses(repo_id, gone, "available")
 
     @_writes
     def gc(self, *, partials: bool = False) -> GcReport:

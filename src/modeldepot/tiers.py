@@ -24,14 +24,32 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from modeldepot.errors import CorruptBlobError, EntryNotFoundError, NotFoundError, RevisionNotFoundError
+from modeldepot.config import DepotConfig
+from modeldepot.errors import (
+    ConfigError,
+    CorruptBlobError,
+    DepotError,
+    EntryNotFoundError,
+    NotFoundError,
+    RevisionNotFoundError,
+)
+from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.store import Store
 from modeldepot.store.models import FileEntry, RepoInfo, RepoSummary, RevisionInfo
 from modeldepot.validation import validate_path, validate_repo_id, validate_revision
 
-__all__ = ["Tiers"]
+if TYPE_CHECKING:
+    from modeldepot.transfer.pull import PullResult
+
+__all__ = ["SHARED", "Tiers"]
+
+log = logging.getLogger(__name__)
+
+SHARED = "shared: read through, never written from here"  # (a shared store's read-only reason)
 
 
 class Tiers:
@@ -41,6 +59,27 @@ class Tiers:
         self.own = own
         self.shared = tuple(shared)
         self.all = (own, *self.shared)
+
+    @classmethod
+    def open(cls, own: Store, config: DepotConfig) -> Tiers:
+        """``own`` over the shared stores ``config.shared`` names, each opened read-only. One that cannot be
+        opened (not there, not readable by this user, of another schema) is left out with a warning: the
+        own store, and the other shared ones, are used as ever."""
+        opened: list[Store] = []
+        try:
+            for home in config.shared:
+                if home == own.home:
+                    raise ConfigError(f"MODELDEPOT_SHARED: {home} is this depot's own store")
+                settings = dataclasses.replace(config, home=home, chunk_size=None, shared=())
+                try:
+                    opened.append(Store(settings, create=False, read_only=SHARED))
+                except DepotError as error:
+                    log.warning("MODELDEPOT_SHARED: %s is left out: %s", home, error)
+        except BaseException:
+            for store in opened:
+                store.close()
+            raise
+        return cls(own, opened)
 
     def holder(self, repo_id: str, revision: str) -> tuple[Store, str, str]:
         """The store that answers ``revision`` of ``repo_id`` (the module's docstring says which), the repo
@@ -135,6 +174,28 @@ class Tiers:
                 return None
             found[path] = store
         return found if any(store is not self.own for store in found.values()) else None
+
+    def pulled(self, manifest: Manifest, files: Sequence[RemoteFile], variants: Sequence[str],
+               branch: str | None) -> PullResult | None:  # fmt: skip
+        """What a pull of ``files`` (of ``variants``) at the manifest's commit returns when the stores hold
+        them all, a shared one some (:meth:`holding`): nothing written, each file read where it is from
+        then on. None when the pull must write."""
+        from modeldepot.transfer.pull import PullResult
+
+        held = self.holding(manifest.repo_id, manifest.commit_id, [f.path for f in files], branch)
+        if held is None:
+            return None
+        by_source: dict[str, int] = {}
+        for remote in files:
+            source = "local" if held[remote.path] is self.own else "shared"
+            by_source[source] = by_source.get(source, 0) + remote.size
+        store = self.holder(manifest.repo_id, manifest.commit_id)[0]
+        spelled = store.spelled(manifest.repo_id)
+        log.info("%s@%s: held by the shared stores, nothing pulled", spelled, manifest.commit_id[:12])
+        return PullResult(repo_id=spelled, commit_id=manifest.commit_id, variants=tuple(variants),
+                          files=len(files), bytes_total=sum(by_source.values()), bytes_downloaded=0,
+                          bytes_resumed=0, snapshot_path=str(store.snapshots.path(spelled, manifest.commit_id)),
+                          sources=("shared",), bytes_by_source=by_source)  # fmt: skip
 
     def list_repos(self) -> list[RepoSummary]:
         """Every repo of every store, each once, sorted by repo id; one several stores hold is summed up as

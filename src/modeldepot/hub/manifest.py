@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from modeldepot.errors import NotFoundError
 from modeldepot.hub.variants import group_files
 from modeldepot.store.manifests import ManifestRecord, VariantStatusRecord
+from modeldepot.store.models import FileEntry
 from modeldepot.store.partials import partial_key
 
 if TYPE_CHECKING:
@@ -228,6 +229,35 @@ def held_manifest(store: Store, repo_id: str, private: bool) -> Manifest | None:
     body = manifest_body(repo_id, "main", commit_id, IMPORTED_ENDPOINT, {"private": private}, files)
     manifest = manifest_from_record(ManifestRecord(repo_id, "main", commit_id, body, created, statuses))
     return dataclasses.replace(manifest, other_held=tuple(p for p in manifest.other if p not in bad))
+
+
+class CommitListings:
+    """A commit's files as the Hub lists them (``Depot.commit_files``), each scan's listing parsed once: the
+    Hub routes ask on every listing request."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._parsed: dict[tuple[str, float], tuple[RemoteFile, ...]] = {}  # (repo, when scanned) -> files
+
+    def whole(self, repo_id: str, commit_id: str, held: list[FileEntry]) -> list[FileEntry]:
+        """``held`` (the commit's files the store holds, sorted by path) and, when the repo's saved scan is
+        of this commit, the ones it lacks, with their sizes and digests and ``chunk_size`` 0 (not here)."""
+        scanned = self.store.manifests.scanned_commit(repo_id)
+        if scanned is None or scanned[0] != commit_id:
+            return held
+        listing = self._parsed.get((repo_id, scanned[1]))
+        if listing is None:
+            try:
+                listing = listed_files(self.store.manifests.load(repo_id))
+            except NotFoundError:
+                return held  # (dropped meanwhile)
+            if len(self._parsed) >= 64:
+                self._parsed.clear()
+            self._parsed[(repo_id, scanned[1])] = listing
+        have = {entry.path for entry in held}
+        lacking = [FileEntry(repo_id, commit_id, f.path, f.size, f.sha256 or "", f.git_oid, f.sha256 is not None, 0)
+                   for f in listing if f.path not in have]  # fmt: skip
+        return sorted([*held, *lacking], key=lambda entry: entry.path) if lacking else held
 
 
 def keep_listing(store: Store, repo_id: str, commit_id: str) -> None:
