@@ -151,6 +151,8 @@ def test_every_write_is_refused_first_and_clearly(tmp_path: Path, read_only: Mou
     assert asked.exit_code != 0 and "read-only file system" in asked.output, asked.output
     listed = runner.invoke(cli, ["ls", "--home", str(mounted)])
     assert listed.exit_code == 0 and "acme/q" in listed.output, listed.output
+    shown = runner.invoke(cli, ["budget", "--home", str(mounted)])  # (it suggested a command that fails)
+    assert shown.exit_code == 0 and "none (the store is read-only here)" in shown.output, shown.output
     usage = runner.invoke(cli, ["du", "--home", str(mounted)])
     assert usage.exit_code == 0 and "(read-only here: served as it is)" in usage.output, usage.output
 

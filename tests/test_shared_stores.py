@@ -18,7 +18,7 @@ from conftest import SMALL_CHUNK, LiveNode, store_files_consistent, write_model_
 from fleetnodes import base_env, modeldepot
 from modeldepot import Depot
 from modeldepot.cli import cli
-from modeldepot.errors import ConfigError, ReadOnlyStoreError, RevisionNotFoundError
+from modeldepot.errors import ConfigError, NotFoundError, ReadOnlyStoreError, RevisionNotFoundError
 from modeldepot.server.app import create_app
 
 MB = 1 << 20
@@ -246,3 +246,71 @@ def test_a_quant_found_corrupt_keeps_no_other_from_the_ram_tier(tmp_path: Path, 
         user.store.quarantine(user.file_info("acme/gg", "model-Q4_K_M.gguf").sha256)
         assert not user.preloader.holds("acme/gg", quant="Q8_0")
         assert user.preloader.preload("acme/gg", quant="Q8_0").bytes == MB + len(b'{"model_type": "llama"}')
+
+
+def test_an_offline_pull_reads_the_commit_the_stores_answer_and_moves_no_branch_back(
+    tmp_path: Path, admin: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline, a pull took the user's own saved scan of an older main: it published that commit again (0 B
+    downloaded), its branch moved last, and main read the user's older commit instead of the admin's newer
+    one; for a quant only the admin's store held, it failed ("not in the store")."""
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        old = user.pull("acme/common", quants=None)  # (held by the shared store: nothing stored)
+        upstream.move_common()
+        moved = user.pull("acme/common").commit_id  # the user's own main: the second commit
+        third = upstream.move_common()
+        with Depot(admin) as depot:
+            depot.pull("acme/common")
+        assert user.resolve("acme/common") == third != moved != old.commit_id
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        again = user.pull("acme/common")
+        assert (again.commit_id, again.bytes_downloaded, again.sources) == (third, 0, ("shared",))
+        assert user.resolve("acme/common") == third, "main still reads the admin's newer commit"
+        q4 = user.pull("acme/q", quants=["Q4_K_M"])  # (the user never scanned acme/q)
+        assert q4.sources == ("shared",) and Path(q4.snapshot_path).is_relative_to(admin)
+
+
+def test_a_pull_of_a_quant_points_at_the_folder_that_holds_it(
+    tmp_path: Path, admin: Path, upstream: Upstream
+) -> None:
+    """A commit split across the stores: the pull of the admin's quant named the user's snapshot folder,
+    which lacks it."""
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        user.pull("acme/q", quants=["Q8_0"])
+        pulled = user.pull("acme/q", quants=["Q4_K_M"])
+        assert (Path(pulled.snapshot_path) / "model-Q4_K_M.gguf").is_file()
+
+
+def test_the_hf_cache_gets_what_reads_find_and_own_store_commands_say_where_a_repo_is(
+    tmp_path: Path, admin: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hf-cache export` read the own store alone: a commit split across the stores was exported without
+    the shared store's quant (and without saying so), a repo only the shared store holds was "not in the
+    store"; `pin`/`rm` of such a repo said "not in the store (see ls)", which lists it."""
+    from huggingface_hub import hf_hub_download
+
+    cache = tmp_path / "hf-cache"
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        user.pull("acme/q", quants=["Q8_0"])
+        exported = user.hf_cache_export("acme/q", cache_dir=cache)
+        assert exported.files == 3 and exported.not_in_store == ()
+        shared_only = user.hf_cache_export("acme/common", cache_dir=cache)
+        assert shared_only.files == 2
+        for what in (lambda: user.pin("acme/common"), lambda: user.remove("acme/common")):
+            with pytest.raises(NotFoundError, match=f"is in the shared store {admin}, read only from here"):
+                what()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = hf_hub_download("acme/q", "model-Q4_K_M.gguf", cache_dir=cache, local_files_only=True)
+    assert Path(path).read_bytes() == (tmp_path / "src" / "q" / "model-Q4_K_M.gguf").read_bytes()
+
+
+def test_a_new_users_store_reads_the_shared_one_at_once(tmp_path: Path, admin: Path) -> None:
+    """With MODELDEPOT_SHARED set, a command that only reads said "no store at" a MODELDEPOT_HOME nothing was
+    pulled into yet; and the own store named again through a link was taken for a shared one."""
+    env = {"MODELDEPOT_SHARED": str(admin), "MODELDEPOT_HOME": str(tmp_path / "fresh")}
+    listed = CliRunner().invoke(cli, ["ls"], env=env)
+    assert listed.exit_code == 0 and "acme/common" in listed.output, listed.output
+    (tmp_path / "link").symlink_to(admin)
+    with pytest.raises(ConfigError, match="this depot's own store"):
+        Depot(admin, shared=[tmp_path / "link"])

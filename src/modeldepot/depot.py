@@ -33,6 +33,7 @@ from modeldepot.errors import (
     NotFoundError,
     OfflineError,
     ReadOnlyStoreError,
+    RepoNotFoundError,
 )
 from modeldepot.held import HeldModels
 from modeldepot.hub.manifest import (
@@ -131,6 +132,29 @@ def _writes(method: F) -> F:
     def wrapper(self: Depot, *args: Any, **kwargs: Any) -> Any:
         self.check_writable(doing)
         return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _own_store(method: F) -> F:
+    """``method`` works on the depot's own store only (a removal, a pin): a repo only a shared store holds
+    is said to be there, read only from here, not "not in the store" (which ``ls``, listing it, belies)."""
+
+    @wraps(method)
+    def wrapper(self: Depot, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except RepoNotFoundError as missing:
+            repo_id = missing.repo_id or ""
+            for store in self.tiers.shared:
+                if repo_id and store.index.read(
+                    "SELECT 1 FROM repos WHERE repo_id = ?", (store.spelled(repo_id),)
+                ):
+                    raise RepoNotFoundError(
+                        repo_id, f"{repo_id} is in the shared store {store.home}, read only from here: "
+                        f"{method.__name__.replace('_', ' ')} it there (its owner may), or pull it into your own"
+                    ) from None  # fmt: skip
+            raise
 
     return wrapper  # type: ignore[return-value]
 
@@ -362,10 +386,28 @@ class Depot:
     ) -> HfCacheExportResult:
         """Make ``repo_id`` at ``revision`` appear in a Hugging Face cache (default: huggingface_hub's) as a
         download would have left it (blobs hard-linked to the store's when on its file system, else copied),
-        so ``hf_hub_download``/``snapshot_download``/``from_pretrained`` find it offline."""
+        so ``hf_hub_download``/``snapshot_download``/``from_pretrained`` find it offline. With shared stores,
+        the commit reads find (tiers.py), from each store that holds files of it."""
         from modeldepot.hfcache import export_to_hf_cache
 
-        result = export_to_hf_cache(self.store, repo_id, revision, cache_dir, copy=copy, progress=progress)
+        answering, spelled, commit_id = self.tiers.holder(repo_id, revision)
+        result = export_to_hf_cache(answering, repo_id, revision, cache_dir, copy=copy, progress=progress)
+        done = frozenset(e.path for e in answering.files(spelled, commit_id))
+        for other in self.tiers.all if self.tiers.shared else ():  # (a commit split across the stores)
+            held = (
+                {e.path for e in other.files(other.spelled(repo_id), commit_id)}
+                if other is not answering
+                else set()
+            )
+            if held - done:
+                more = export_to_hf_cache(other, repo_id, commit_id, cache_dir, copy=copy, progress=progress,
+                                          skip=done)  # fmt: skip
+                done |= held
+                result = dataclasses.replace(
+                    result, files=result.files + more.files, bytes=result.bytes + more.bytes,
+                    linked=result.linked + more.linked, copied=result.copied + more.copied,
+                    kept=result.kept + more.kept, problems=result.problems + more.problems,
+                )  # fmt: skip
         held = {entry.path for entry in self.list_files(repo_id, result.commit_id)}
         lacking = tuple(e.path for e in self.commit_files(repo_id, result.commit_id) if e.path not in held)
         return dataclasses.replace(result, not_in_store=lacking) if lacking else result
@@ -678,15 +720,14 @@ class Depot:
         scanned at, or, offline, the branch it was scanned at); else a fresh scan."""
         validate_repo_id(repo_id)
         validate_revision(revision)
+        if self.config.offline and self.tiers.shared:  # (the commit reads find, whichever store's)
+            answered = self.tiers.manifest(repo_id, revision)
+            if answered is not None:
+                return answered
         try:
             saved = self.get_manifest(repo_id)
         except NotFoundError:
             saved = None
-        if saved is None and self.config.offline:  # (what a shared store holds is pulled offline too)
-            for store in self.tiers.shared:
-                with contextlib.suppress(NotFoundError):
-                    saved = current_manifest(store, store.spelled(repo_id))
-                    break
         if saved is not None and (
             saved.commit_id == revision or (self.config.offline and saved.revision == revision)
         ):
@@ -821,6 +862,7 @@ class Depot:
 
     @_any_case
     @_writes
+    @_own_store
     def remove(self, repo_id: str, revision: str | None = None, quant: str | None = None) -> RemoveResult:
         """Remove a repo or one revision; blobs nothing else uses are deleted at once. With ``quant``, only
         that variant's own files go from the revision (``main`` unless given): its shared files (config,
@@ -853,6 +895,7 @@ class Depot:
 
     @_any_case
     @_writes
+    @_own_store
     def pin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> Pin:
         """Never evict the revision ``revision`` names (a branch is followed) to keep within the disk budget;
         ``quant``: one variant of it (that variant and the revision's shared files stay; its other

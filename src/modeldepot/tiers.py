@@ -37,7 +37,7 @@ from modeldepot.errors import (
     NotFoundError,
     RevisionNotFoundError,
 )
-from modeldepot.hub.manifest import Manifest, RemoteFile
+from modeldepot.hub.manifest import Manifest, RemoteFile, current_manifest, held_manifest
 from modeldepot.store import Store
 from modeldepot.store.models import FileEntry, RepoInfo, RepoSummary, RevisionInfo
 from modeldepot.validation import validate_path, validate_repo_id, validate_revision
@@ -68,7 +68,7 @@ class Tiers:
         opened: list[Store] = []
         try:
             for home in config.shared:
-                if home == own.home:
+                if home.resolve() == own.home.resolve():
                     raise ConfigError(f"MODELDEPOT_SHARED: {home} is this depot's own store")
                 settings = dataclasses.replace(config, home=home, chunk_size=None, shared=())
                 try:
@@ -175,6 +175,22 @@ class Tiers:
             found[path] = store
         return found if any(store is not self.own for store in found.values()) else None
 
+    def manifest(self, repo_id: str, revision: str) -> Manifest | None:
+        """(Offline.) The manifest of the commit the stores answer for ``revision``: a store's saved scan of
+        it, the own store's first, else the files the answering store holds of it. None when no store holds
+        the revision. (The own store's scan of an older commit would pull that one again, and its branch,
+        set anew, would read that older commit from then on.)"""
+        try:
+            answering, spelled, commit_id = self.holder(repo_id, revision)
+        except NotFoundError:
+            return None
+        for store in self.all:
+            with contextlib.suppress(NotFoundError):
+                found = current_manifest(store, store.spelled(repo_id))
+                if found.commit_id == commit_id:
+                    return found
+        return held_manifest(answering, spelled, answering.repo_private(spelled), commit_id)
+
     def pulled(self, manifest: Manifest, files: Sequence[RemoteFile], variants: Sequence[str],
                branch: str | None) -> PullResult | None:  # fmt: skip
         """What a pull of ``files`` (of ``variants``) at the manifest's commit returns when the stores hold
@@ -189,7 +205,8 @@ class Tiers:
         for remote in files:
             source = "local" if held[remote.path] is self.own else "shared"
             by_source[source] = by_source.get(source, 0) + remote.size
-        store = self.holder(manifest.repo_id, manifest.commit_id)[0]
+        # (the folder of the store holding the biggest file pulled, the model's: a folder is one store's)
+        store = held[max(files, key=lambda f: f.size).path] if files else self.own
         spelled = store.spelled(manifest.repo_id)
         log.info("%s@%s: held by the shared stores, nothing pulled", spelled, manifest.commit_id[:12])
         return PullResult(repo_id=spelled, commit_id=manifest.commit_id, variants=tuple(variants),

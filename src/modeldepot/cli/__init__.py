@@ -80,6 +80,9 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
     def wrapper(*args: Any, home: Path | None, **kwargs: Any) -> Any:
         named = home is not None or bool(os.environ.get("MODELDEPOT_HOME"))
         making = creates(kwargs) if callable(creates) else creates
+        # (a user's own store under shared ones is made by the first command, a read too: the shared
+        # stores' models are read through it, before anything was pulled into it)
+        making = making or (shared and bool(os.environ.get("MODELDEPOT_SHARED", "").strip()))
         try:
             if check is not None:
                 check(kwargs)

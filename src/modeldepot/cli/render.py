@@ -372,7 +372,11 @@ def render_gc(report: GcReport, evicted: list[Eviction] | None = None, over: int
 
 def _budget_line(budget: BudgetStatus) -> str:
     if budget.max_bytes is None:
-        return "none (set one with `modeldepot budget 200GiB`)"
+        return (
+            "none (the store is read-only here)"
+            if budget.read_only
+            else "none (set one with `modeldepot budget 200GiB`)"
+        )
     share = 100 * budget.used_bytes / budget.max_bytes if budget.max_bytes else 0.0
     if budget.store_max_size is None:
         source = "MODELDEPOT_MAX_SIZE, this command's alone"

@@ -42,6 +42,7 @@ def export_to_hf_cache(
     *,
     copy: bool = False,
     progress: Progress | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> HfCacheExportResult:
     """Make ``repo_id`` at ``revision`` appear in a Hugging Face cache (default: huggingface_hub's), as a
     download of it from the Hub would have left it; ``refs/<revision>`` too when it is a branch.
@@ -53,12 +54,13 @@ def export_to_hf_cache(
 
     The cache's folder is named by ``repo_id`` as given, even when the store holds the repo under another
     case: huggingface_hub looks it up with the case its caller uses (``from_pretrained("Org/Name")``).
+    ``skip``: paths left out (exported from another store already: a commit split across stores).
     """
     held = store.spelled(repo_id)
     validate_revision(revision)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     commit_id = store.resolve(held, revision)
-    entries = store.files(held, commit_id)
+    entries = [e for e in store.files(held, commit_id) if e.path not in skip]
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as error:

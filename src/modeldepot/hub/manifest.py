@@ -199,14 +199,16 @@ def manifest_from_record(
     )
 
 
-def held_manifest(store: Store, repo_id: str, private: bool) -> Manifest | None:
+def held_manifest(store: Store, repo_id: str, private: bool, commit_id: str | None = None) -> Manifest | None:
     """A repo the store holds but never scanned (imported, adopted from a Hugging Face cache): its main
-    revision's files as a manifest, each variant downloaded unless a blob of it is quarantined, so that
-    ``status``, the event stream and the dashboard show its variants as they show a pulled repo's."""
-    try:
-        commit_id = store.resolve(repo_id, "main")
-    except NotFoundError:
-        return None
+    revision's files (or ``commit_id``'s) as a manifest, each variant downloaded unless a blob of it is
+    quarantined, so that ``status``, the event stream and the dashboard show its variants as they show a
+    pulled repo's."""
+    if commit_id is None:
+        try:
+            commit_id = store.resolve(repo_id, "main")
+        except NotFoundError:
+            return None
     rows = store.index.read(
         "SELECT f.path, f.size, f.git_oid, f.sha256, f.lfs, b.state FROM files f JOIN blobs b USING (sha256) "
         "WHERE f.repo_id = ? AND f.commit_id = ? ORDER BY f.path",

@@ -118,6 +118,7 @@ class BudgetStatus(_Record):
     evicted_bytes: int
     store_max_size: str | None = None  # the store's budget as saved ("200GiB", "80%"); None: none saved
     process_max_bytes: int | None = None  # this process's own cap (MODELDEPOT_MAX_SIZE); None: none
+    read_only: bool = False  # the store is read-only here: no budget can be saved, nothing evicted
 
 
 class DiskBudget:
@@ -360,6 +361,7 @@ class DiskBudget:
             in_use_bytes=self.order.kept_bytes(kept, blobs=self._kept_blobs(), flush=False),
             evictions=int(self.store.index.setting("evictions") or 0),
             evicted_bytes=int(self.store.index.setting("evicted_bytes") or 0),
+            read_only=self.store.read_only,
         )
 
     # -- evicting ---------------------------------------------------------------------------------------------
