@@ -528,3 +528,8 @@ def test_a_repo_imported_again_keeps_its_status_on_main_and_each_listing_whole(t
         assert {v.name: v.status for v in depot.get_manifest("acme/gg").variants} == {
             "Q4_K_M": "downloaded", "Q8_0": "available"
         }  # fmt: skip
+        first = depot.resolve("acme/gg", moved.commit_id)  # (main) then an older commit loses a file:
+        older = next(r.commit_id for r in depot.repo_info("acme/gg").revisions if r.commit_id != first)
+        depot.remove("acme/gg", revision=older, quant="Q4_K_M")  # main's kept listing stays
+        assert {f.path for f in depot.commit_files("acme/gg", moved.commit_id)} == set(files)
+        assert depot.get_manifest("acme/gg").commit_id == moved.commit_id

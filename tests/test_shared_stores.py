@@ -314,3 +314,40 @@ def test_a_new_users_store_reads_the_shared_one_at_once(tmp_path: Path, admin: P
     (tmp_path / "link").symlink_to(admin)
     with pytest.raises(ConfigError, match="this depot's own store"):
         Depot(admin, shared=[tmp_path / "link"])
+
+
+def test_what_reads_find_is_exported_and_own_store_checks_say_where_a_repo_is(
+    tmp_path: Path, admin: Path, upstream: Upstream
+) -> None:
+    """The answering store's copy of a file found corrupt was counted as exported, and the good one in the
+    shared store never was; `rm` of a repo only the shared store holds asked before refusing; a loop of links
+    in MODELDEPOT_SHARED was a traceback."""
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        user.pull("acme/common", quants=None)
+        upstream.move_common()
+        with Depot(admin) as depot:  # the admin's main moves on, and the user's store takes it too
+            depot.pull("acme/common")
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[]) as own:
+        own.pull("acme/common")  # (the same commit in both stores, the user's moved last)
+        own.store.quarantine(own.file_info("acme/common", "model.safetensors").sha256)
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        exported = user.hf_cache_export("acme/common", cache_dir=tmp_path / "hf")
+        assert (exported.files, exported.problems) == (2, ())
+    done = CliRunner().invoke(cli, ["rm", "acme/q", "--home", str(tmp_path / "user")],
+                              env={"MODELDEPOT_SHARED": str(admin)}, input="y\n")  # fmt: skip
+    assert done.exit_code != 0 and "Remove" not in done.output, done.output
+    assert "is in the shared store" in done.output, done.output
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with Depot(tmp_path / "user", shared=[tmp_path / "a"]) as user:
+        assert user.tiers.shared == ()
+
+
+def test_a_typed_home_is_made_only_with_a_note(tmp_path: Path, admin: Path) -> None:
+    """With MODELDEPOT_SHARED set, a read made the user's own store silently: a mistyped folder became one."""
+    done = CliRunner().invoke(
+        cli, ["ls", "--home", str(tmp_path / "typo")], env={"MODELDEPOT_SHARED": str(admin)}
+    )
+    assert done.exit_code == 0 and f"no store at {tmp_path / 'typo'} yet: made one" in done.stderr, (
+        done.stderr
+    )

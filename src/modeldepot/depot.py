@@ -151,8 +151,8 @@ def _own_store(method: F) -> F:
                     "SELECT 1 FROM repos WHERE repo_id = ?", (store.spelled(repo_id),)
                 ):
                     raise RepoNotFoundError(
-                        repo_id, f"{repo_id} is in the shared store {store.home}, read only from here: "
-                        f"{method.__name__.replace('_', ' ')} it there (its owner may), or pull it into your own"
+                        repo_id, f"{repo_id} is in the shared store {store.home}, read only from here: change it "
+                        "there (its owner may), or pull it into your own store"
                     ) from None  # fmt: skip
             raise
 
@@ -392,7 +392,12 @@ class Depot:
 
         answering, spelled, commit_id = self.tiers.holder(repo_id, revision)
         result = export_to_hf_cache(answering, repo_id, revision, cache_dir, copy=copy, progress=progress)
-        done = frozenset(e.path for e in answering.files(spelled, commit_id))
+        # (exported good: a file the answering store found corrupt is taken from another store that holds it)
+        done = frozenset(
+            e.path
+            for e in answering.files(spelled, commit_id)
+            if answering.has_file(spelled, e.path, commit_id)
+        )
         for other in self.tiers.all if self.tiers.shared else ():  # (a commit split across the stores)
             held = (
                 {e.path for e in other.files(other.spelled(repo_id), commit_id)}
@@ -402,11 +407,13 @@ class Depot:
             if held - done:
                 more = export_to_hf_cache(other, repo_id, commit_id, cache_dir, copy=copy, progress=progress,
                                           skip=done)  # fmt: skip
+                mended = held - done - {p.path.rsplit(f"/{commit_id}/", 1)[-1] for p in more.problems}
                 done |= held
                 result = dataclasses.replace(
                     result, files=result.files + more.files, bytes=result.bytes + more.bytes,
-                    linked=result.linked + more.linked, copied=result.copied + more.copied,
-                    kept=result.kept + more.kept, problems=result.problems + more.problems,
+                    linked=result.linked + more.linked, copied=result.copied + more.copied, kept=result.kept + more.kept,
+                    problems=tuple(p for p in result.problems if p.path.rsplit(f"/{commit_id}/", 1)[-1] not in mended)
+                    + more.problems,
                 )  # fmt: skip
         held = {entry.path for entry in self.list_files(repo_id, result.commit_id)}
         lacking = tuple(e.path for e in self.commit_files(repo_id, result.commit_id) if e.path not in held)
@@ -527,6 +534,12 @@ class Depot:
     def list_repos(self) -> list[RepoSummary]:
         """The repos of the own store and of the shared ones, each once, sorted by repo id."""
         return self.tiers.list_repos() if self.tiers.shared else self.store.list_repos()
+
+    @_any_case
+    @_own_store
+    def own_repo_info(self, repo_id: str) -> RepoInfo:
+        """The repo as the depot's own store holds it (what `rm`, `pin` and the budget work on)."""
+        return self.store.repo_info(repo_id)
 
     @_any_case
     def repo_info(self, repo_id: str) -> RepoInfo:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -68,7 +69,7 @@ class Tiers:
         opened: list[Store] = []
         try:
             for home in config.shared:
-                if home.resolve() == own.home.resolve():
+                if os.path.realpath(home) == os.path.realpath(own.home):  # (a loop of links: no error)
                     raise ConfigError(f"MODELDEPOT_SHARED: {home} is this depot's own store")
                 settings = dataclasses.replace(config, home=home, chunk_size=None, shared=())
                 try:
@@ -86,7 +87,8 @@ class Tiers:
         id as it spells it, and the commit id; the own store's error when none holds it (a shared store's
         when only it knows the repo)."""
         if not self.shared:
-            return self.own, repo_id, self.own.resolve(repo_id, revision)
+            spelled = self.own.spelled(repo_id)  # (any case: the Hub's repo ids ignore it)
+            return self.own, spelled, self.own.resolve(spelled, revision)
         validate_repo_id(repo_id)
         validate_revision(revision)
         found: list[tuple[float, int, Store, str, str]] = []

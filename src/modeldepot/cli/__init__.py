@@ -80,9 +80,15 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
     def wrapper(*args: Any, home: Path | None, **kwargs: Any) -> Any:
         named = home is not None or bool(os.environ.get("MODELDEPOT_HOME"))
         making = creates(kwargs) if callable(creates) else creates
-        # (a user's own store under shared ones is made by the first command, a read too: the shared
-        # stores' models are read through it, before anything was pulled into it)
-        making = making or (shared and bool(os.environ.get("MODELDEPOT_SHARED", "").strip()))
+        # A user's own store under shared ones is made by the first command, a read too (the shared stores'
+        # models are read through it, before anything was pulled into it), and said: a mistyped folder shows
+        # as a store made where none was meant
+        if not making and named and shared and os.environ.get("MODELDEPOT_SHARED", "").strip():
+            folder = Path(home or os.environ["MODELDEPOT_HOME"]).expanduser()
+            if not (folder / "index.db").exists():
+                making = True
+                render.err.print(f"[yellow]note:[/yellow] no store at {folder} yet: made one, your own, to read "
+                                 "the MODELDEPOT_SHARED stores through (check its name if you meant another)")  # fmt: skip
         try:
             if check is not None:
                 check(kwargs)
@@ -425,10 +431,10 @@ def rm_command(depot: Depot, repo_id: str, revision: str | None, quant: str | No
         what = f"the {quant} files of {repo_id}@{revision or 'main'}"
     depot.check_writable("remove")  # (before asking what could not be done)
     if not yes:
+        depot.own_repo_info(repo_id)  # fail on a repo not in the store (or only a shared one's) before asking
         if not sys.stdin.isatty():
             render.err.print(f"[red]error:[/red] refusing to remove {what} without confirmation: pass --yes")
             sys.exit(EXIT_BAD_INPUT)
-        depot.repo_info(repo_id)  # fail on an unknown repo before asking
         click.confirm(f"Remove {what}?", abort=True, err=True)
     result = depot.remove(repo_id, revision, quant)
     render.emit(as_json, result.to_dict(), lambda: render.render_remove(result))

@@ -268,8 +268,14 @@ def keep_listing(store: Store, repo_id: str, commit_id: str) -> None:
     still listed whole, the files it lacks as not here (docs/hub-api.md: a client keeps a commit's listing
     for good, and one of part of it would hide the rest even from a node holding it all)."""
     scanned = store.manifests.scanned_commit(repo_id)
-    if scanned is not None and (scanned[0] == commit_id or not _of_this_store(store.manifests.load(repo_id))):
-        return  # (this commit's listing is kept already, or the repo's scan is upstream's: kept as it is)
+    if scanned is not None and (
+        scanned[0] == commit_id
+        or not _of_this_store(store.manifests.load(repo_id))
+        or not _main_moved_from(store, repo_id, scanned[0])
+    ):
+        # (this commit's listing is kept already; the repo's scan is upstream's; or the listing kept is
+        # main's, which an older commit losing a file must not replace: one listing is kept per repo)
+        return
     files = [
         RemoteFile(e.path, e.size, e.git_oid, e.sha256 if e.lfs else None)
         for e in store.files(repo_id, commit_id)
