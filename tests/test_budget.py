@@ -578,21 +578,23 @@ def test_a_preloaded_quant_stays_while_its_revisions_other_quant_goes(store: Dep
 
 
 @pytest.fixture
-def quants_upstream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveNode]:
-    """A node serving ``up/q`` (two quants and a config), named by HF_ENDPOINT."""
+def upstream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Depot]:
+    """A node serving ``up/one`` (a 2 MB model and a config) and ``up/q`` (two quants and a config), named by
+    HF_ENDPOINT: its store (a test moves a repo's main on by importing into it)."""
     with Depot(tmp_path / "upstream") as hub:
+        hub.import_dir(model(tmp_path, "up/one", size=2 * MB), "up/one")
         hub.import_dir(quants(tmp_path, "up/q"), "up/q")
         node = LiveNode(hub)
         try:
             monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
             monkeypatch.setenv("HF_ENDPOINT", node.url)
-            yield node
+            yield hub
         finally:
             node.stop()
 
 
 def test_a_quant_pulled_into_an_older_revision_is_not_the_first_to_go(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quants_upstream: LiveNode
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream: Depot
 ) -> None:
     """A pull is a use of each variant it pulls: Q4 pulled today into the revision Q8 came with last week
     stays, Q8 goes (by the revision's age alone, the two tied and Q4 went by its name)."""
@@ -655,7 +657,7 @@ def test_a_pinned_variant_renamed_when_another_kind_goes_stays_pinned(store: Dep
 
 
 def test_a_variant_loaded_from_the_snapshot_folder_or_pulled_later_counts_as_used(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quants_upstream: LiveNode
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream: Depot
 ) -> None:
     """A loader given the revision's folder (from_pretrained(path, variant=...)) reads unseen: every
     variant of it counts as used then; and reads of a quant pulled into a commit read before count for it."""
@@ -723,57 +725,48 @@ def test_uses_are_written_soon_after_a_burst_without_another_use(tmp_path: Path)
 
 
 def test_a_pull_makes_room_by_its_repos_superseded_revision_and_unread_quant(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream: Depot
 ) -> None:
     """A pull of a repo's new revision under a budget that holds one: the revision it replaces goes
     (huggingface_hub#1013), where the whole repo was kept and the pull refused. A pull of another quant of
     the revision: the quant never read goes, the one just pulled stays, and the shared config with it."""
-    with Depot(tmp_path / "upstream") as hub:
-        hub.import_dir(model(tmp_path, "up/one", size=2 * MB), "up/one")
-        hub.import_dir(quants(tmp_path, "up/q"), "up/q")
-        node = LiveNode(hub)
-        try:
-            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.setenv("HF_ENDPOINT", node.url)
-            with budgeted(tmp_path / "local", "3.5MiB", monkeypatch) as local:
-                first = local.pull("up/one").commit_id
-                hub.import_dir(model(tmp_path, "up/one", size=2 * MB, seed=1), "up/one")  # main moves on
-                second = local.pull("up/one").commit_id
-                assert second != first
-                assert [r["commit_id"] for r in local.store.index.read(
-                    "SELECT commit_id FROM revisions WHERE repo_id = 'up/one'")] == [second]  # fmt: skip
-                assert local.store.check_blob(local.file_info("up/one", "model.safetensors").sha256,
-                                              2 * MB, local.chunk_size) is None  # fmt: skip
-                local.remove("up/one")
+    with budgeted(tmp_path / "local", "3.5MiB", monkeypatch) as local:
+        first = local.pull("up/one").commit_id
+        upstream.import_dir(model(tmp_path, "up/one", size=2 * MB, seed=1), "up/one")  # main moves on
+        second = local.pull("up/one").commit_id
+        assert second != first
+        assert [r["commit_id"] for r in local.store.index.read(
+            "SELECT commit_id FROM revisions WHERE repo_id = 'up/one'")] == [second]  # fmt: skip
+        assert local.store.check_blob(local.file_info("up/one", "model.safetensors").sha256,
+                                      2 * MB, local.chunk_size) is None  # fmt: skip
+        local.remove("up/one")
 
-                local.set_max_size("1.5MiB")
-                local.pull("up/q", quants=["Q8_0"])
-                commit = local.resolve("up/q")
-                # The room is made before a byte is fetched, by the revision's only other quant (the store
-                # went above its budget while the pull ran, and only the pull's end evicted it)
-                writing = {"config.json", "model-Q4_K_M.gguf"}
-                with local.store.budget.writing("up/q", commit, writing) as writer:
-                    evicted = writer.make_room(MB, "pulling up/q")
-                    assert [(e.repo_id, e.variant) for e in evicted] == [("up/q", "Q8_0")]
-                local.pull("up/q", quants=["Q4_K_M"])  # room only for one quant: Q8_0 was never read
-                assert held_paths(local, "up/q") == {"config.json", "model-Q4_K_M.gguf"}
-                statuses = {v.name: v.status for v in local.get_manifest("up/q").variants}
-                assert statuses == {"Q4_K_M": "downloaded", "Q8_0": "available"}
+        local.set_max_size("1.5MiB")
+        local.pull("up/q", quants=["Q8_0"])
+        commit = local.resolve("up/q")
+        # The room is made before a byte is fetched, by the revision's only other quant (the store
+        # went above its budget while the pull ran, and only the pull's end evicted it)
+        writing = {"config.json", "model-Q4_K_M.gguf"}
+        with local.store.budget.writing("up/q", commit, writing) as writer:
+            evicted = writer.make_room(MB, "pulling up/q")
+            assert [(e.repo_id, e.variant) for e in evicted] == [("up/q", "Q8_0")]
+        local.pull("up/q", quants=["Q4_K_M"])  # room only for one quant: Q8_0 was never read
+        assert held_paths(local, "up/q") == {"config.json", "model-Q4_K_M.gguf"}
+        statuses = {v.name: v.status for v in local.get_manifest("up/q").variants}
+        assert statuses == {"Q4_K_M": "downloaded", "Q8_0": "available"}
 
-                local.load("up/q", "Q4_K_M", engine=lambda path: path.read_bytes()[:4])  # in use now
-                with pytest.raises(BudgetExceededError):
-                    local.pull("up/q", quants=["Q8_0"])
-                assert held_paths(local, "up/q") == {"config.json", "model-Q4_K_M.gguf"}
-                local.engines.clear()
-                local.pull("up/q", quants=["Q8_0"])
-                assert held_paths(local, "up/q") == {"config.json", "model-Q8_0.gguf"}
-                assert store_files_consistent(local) == []
-        finally:
-            node.stop()
+        local.load("up/q", "Q4_K_M", engine=lambda path: path.read_bytes()[:4])  # in use now
+        with pytest.raises(BudgetExceededError):
+            local.pull("up/q", quants=["Q8_0"])
+        assert held_paths(local, "up/q") == {"config.json", "model-Q4_K_M.gguf"}
+        local.engines.clear()
+        local.pull("up/q", quants=["Q8_0"])
+        assert held_paths(local, "up/q") == {"config.json", "model-Q8_0.gguf"}
+        assert store_files_consistent(local) == []
 
 
 def test_the_revision_a_pull_replaces_goes_last_and_stays_when_the_pull_fails(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream: Depot
 ) -> None:
     """A pull of a new main made room by the revision it replaces first, before a byte was fetched: when the
     download then failed, the model that loaded a minute before was gone. Now any other model that may go,
@@ -781,32 +774,24 @@ def test_the_revision_a_pull_replaces_goes_last_and_stays_when_the_pull_fails(
     resumes where it stopped)."""
     from modeldepot.transfer import pull as pull_module
 
-    with Depot(tmp_path / "upstream") as hub:
-        hub.import_dir(model(tmp_path, "up/one", size=2 * MB), "up/one")
-        node = LiveNode(hub)
-        try:
-            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.setenv("HF_ENDPOINT", node.url)
-            with budgeted(tmp_path / "local", "4.5MiB", monkeypatch) as local:
-                first = local.pull("up/one").commit_id
-                time.sleep(0.01)
-                local.import_dir(model(tmp_path, "acme/used"), "acme/used")  # used after up/one
-                hub.import_dir(model(tmp_path, "up/one", size=2 * MB, seed=1), "up/one")  # main moves on
+    with budgeted(tmp_path / "local", "4.5MiB", monkeypatch) as local:
+        first = local.pull("up/one").commit_id
+        time.sleep(0.01)
+        local.import_dir(model(tmp_path, "acme/used"), "acme/used")  # used after up/one
+        upstream.import_dir(model(tmp_path, "up/one", size=2 * MB, seed=1), "up/one")  # main moves on
 
-                async def broken(self: object, missing: object) -> object:
-                    raise ConnectionError("the network went away")
+        async def broken(self: object, missing: object) -> object:
+            raise ConnectionError("the network went away")
 
-                with monkeypatch.context() as patched:
-                    patched.setattr(pull_module._PullRun, "fetch", broken)
-                    with pytest.raises(ConnectionError):
-                        local.pull("up/one")
-                assert local.resolve("up/one") == first, "the model in use before the pull is still there"
-                assert repos(local) == {"up/one"}, "acme/used went instead, though used since"
-                second = local.pull("up/one").commit_id
-                assert second != first and local.resolve("up/one") == second
-                assert store_files_consistent(local) == []
-        finally:
-            node.stop()
+        with monkeypatch.context() as patched:
+            patched.setattr(pull_module._PullRun, "fetch", broken)
+            with pytest.raises(ConnectionError):
+                local.pull("up/one")
+        assert local.resolve("up/one") == first, "the model in use before the pull is still there"
+        assert repos(local) == {"up/one"}, "acme/used went instead, though used since"
+        second = local.pull("up/one").commit_id
+        assert second != first and local.resolve("up/one") == second
+        assert store_files_consistent(local) == []
 
 
 def test_another_processs_pull_of_another_variant_of_the_repo_keeps_it_whole(tmp_path: Path) -> None:
