@@ -242,6 +242,8 @@ def test_a_command_that_only_reads_makes_no_store_in_a_mistyped_folder(
             assert f"no store at {folder}" in result.output.replace("\n", ""), (args, result.output)
         assert not (folder / "index.db").exists() and not (folder / "blobs").exists()
     assert not typo.exists()
+    code, _, err = run("import", str(existing), "--repo", REPO, home=typo)  # (an empty folder: it made one)
+    assert code == 1 and "is empty: give the folder that holds the model" in err and not typo.exists(), err
     code, _, _ = run("import", str(model_dir), "--repo", REPO, home=typo)
     assert code == 0
     code, out, _ = run("ls", home=typo)

@@ -401,6 +401,10 @@ def test_pinning_again_keeps_the_pin_and_unpinning_a_repo_not_held_is_a_404(
     assert again == first
     listed = call(open_node.port, "GET", f"{API}/pins", headers=CONTROL).json()
     assert listed == [first]
+    unknown = call(open_node.port, "PUT", f"{API}/repos/{REPO}/pin", {"revision": "nob"}, CONTROL)
+    assert unknown.status == 404 and unknown.json()["error"].startswith(
+        "revision: 'nob' is not a revision of"
+    )
     missing = call(open_node.port, "DELETE", f"{API}/repos/acme/nowhere/pin", {}, CONTROL)
     assert missing.status == 404 and missing.headers["X-Error-Code"] == "RepoNotFound", missing.body
     assert "acme/nowhere" in missing.json()["error"]

@@ -142,6 +142,13 @@ def _a_folder(directory: Path) -> None:
     """An import's folder is there (else SourceDirectoryError, exit 1) before a store is made for it."""
     if not directory.is_dir():
         raise SourceDirectoryError(f"{directory} is not a directory: give the folder that holds the model")
+    try:
+        with os.scandir(directory) as entries:
+            empty = next(entries, None) is None
+    except OSError as error:
+        raise SourceDirectoryError(f"{directory} cannot be read: {error.strerror or error}") from None
+    if empty:
+        raise SourceDirectoryError(f"{directory} is empty: give the folder that holds the model")
 
 
 def _checked(validator: Callable[[str], str]) -> Callable[[click.Context, click.Parameter, Any], Any]:

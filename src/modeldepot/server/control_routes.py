@@ -429,8 +429,12 @@ async def get_pull(request: web.Request) -> web.Response:
 
 
 def _unknown_variant_is_invalid(error: NotFoundError) -> None:
-    """A variant the repo lacks is the request's mistake (422); a missing repo or revision stays a 404."""
-    if not isinstance(error, (RepoNotFoundError, RevisionNotFoundError)) and "has no variant" in str(error):
+    """A variant the repo lacks is the request's mistake (422); a missing repo or revision stays a 404, the
+    revision's named as the body's field (the Hub's wording, "Invalid rev id", names none)."""
+    if isinstance(error, RevisionNotFoundError):
+        raise Refused(404, "RevisionNotFound", f"revision: {error.revision!r} is not a revision of "
+                                               f"{error.repo_id} on this node") from None  # fmt: skip
+    if not isinstance(error, RepoNotFoundError) and "has no variant" in str(error):
         raise _invalid(f"quant: {error}") from None
 
 
