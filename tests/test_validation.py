@@ -376,12 +376,15 @@ def test_cli_bad_input_does_not_create_a_store(tmp_path: Path) -> None:
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     port = str(taken.getsockname()[1])
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
     with taken:
         for args, env in (
             (["serve", "--port", port], {}),
             (["serve", "--host", "256.1.1.1", "--port", "8"], {}),
             (["budget", "none"], {}),
-            (["import", str(tmp_path), "--repo", "acme/x"], {"MODELDEPOT_MAX_SIZE": "12XB"}),
+            (["import", str(model), "--repo", "acme/x"], {"MODELDEPOT_MAX_SIZE": "12XB"}),
         ):
             result = CliRunner().invoke(cli, [*args, "--home", str(home)], env=env)
             assert result.exit_code == 2, (args, result.output)
