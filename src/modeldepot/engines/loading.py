@@ -6,8 +6,9 @@ onnxruntime resolves symlinks and refuses external data that "escapes" the model
 snapshot's links into ``blobs/`` would. They have read or mapped everything when the load returns, so the
 folder goes right after. A caller's own loader may read lazily: it gets the lasting snapshot path. So does
 ``gguf``, whose model names the files it maps (``GgufModel.files``); every shard of a split GGUF has its
-blob checked first, as the folder of links would. On a store on a read-only mount no link can be made:
-onnxruntime gets the snapshot's folder with the files beside the model handed over mapped.
+blob checked first, as the folder of links would. On a read-only store (a read-only mount, another user's,
+a shared one) no link can be made: onnxruntime gets the snapshot's folder with the files beside the model
+handed over mapped.
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ class DiskUsage(_Record):
     quarantine_bytes: int
     index_bytes: int
     repos: tuple[RepoDiskUsage, ...] = field(default_factory=tuple)
-    read_only: bool = False  # the store is on a read-only mount
+    read_only: bool = False  # the store is read-only here (a read-only mount, another user's, a shared one)
 
     @property
     def total_bytes(self) -> int:
