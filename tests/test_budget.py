@@ -3,6 +3,7 @@ use; content that cannot fit fails before a byte is written, and nothing is lost
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,6 +38,22 @@ def model(tmp_path: Path, name: str, size: int = MB, seed: int = 0) -> Path:
 def budgeted(home: Path, max_size: str, monkeypatch: pytest.MonkeyPatch) -> Depot:
     monkeypatch.setenv("MODELDEPOT_MAX_SIZE", max_size)
     return Depot(home, chunk_size=SMALL_CHUNK)
+
+
+@contextlib.contextmanager
+def budgeted_mirror(
+    tmp_path: Path, upstream_url: str, max_size: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Depot, LiveNode]]:
+    """A mirroring node of ``upstream_url`` (named by HF_ENDPOINT) whose store keeps to ``max_size``."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", upstream_url)
+    depot = Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK)
+    depot.set_max_size(max_size)
+    mirror = LiveNode(depot, mirror=True, owns_depot=True)
+    try:
+        yield depot, mirror
+    finally:
+        mirror.stop()
 
 
 def repos(depot: Depot) -> set[str]:
@@ -435,28 +452,21 @@ def test_a_mirror_says_its_disk_budget_is_what_refuses_a_file(
     from conftest import serving_repo
 
     files = {"model.safetensors": np.random.default_rng(4).bytes(3 * MB)}
-    with serving_repo(tmp_path, files, "acme/big", chunk_size=SMALL_CHUNK) as upstream:
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setenv("HF_ENDPOINT", upstream.url)
-        depot = Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK)
-        depot.set_max_size("1MiB")
-        mirror = LiveNode(depot, mirror=True, owns_depot=True)
-        try:
-            with pytest.raises(urllib.error.HTTPError) as refused:
-                urllib.request.urlopen(f"{mirror.url}/acme/big/resolve/main/model.safetensors").close()
-            said = refused.value.read().decode()
-            assert refused.value.code == 507 and "disk budget" in said and "disk is full" not in said, said
-            assert "modeldepot budget" in said and "3.0 MiB more does not fit" in said, said
-            head = urllib.request.Request(
-                f"{mirror.url}/acme/big/resolve/main/model.safetensors", method="HEAD"
-            )
-            with pytest.raises(urllib.error.HTTPError) as headed:
-                urllib.request.urlopen(head).close()
-            assert headed.value.code == 507
-        finally:
-            mirror.stop()
-        gc.collect()
-        assert "never retrieved" not in caplog.text
+    with (
+        serving_repo(tmp_path, files, "acme/big", chunk_size=SMALL_CHUNK) as upstream,
+        budgeted_mirror(tmp_path, upstream.url, "1MiB", monkeypatch) as (_, mirror),
+    ):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{mirror.url}/acme/big/resolve/main/model.safetensors").close()
+        said = refused.value.read().decode()
+        assert refused.value.code == 507 and "disk budget" in said and "disk is full" not in said, said
+        assert "modeldepot budget" in said and "3.0 MiB more does not fit" in said, said
+        head = urllib.request.Request(f"{mirror.url}/acme/big/resolve/main/model.safetensors", method="HEAD")
+        with pytest.raises(urllib.error.HTTPError) as headed:
+            urllib.request.urlopen(head).close()
+        assert headed.value.code == 507
+    gc.collect()
+    assert "never retrieved" not in caplog.text
 
 
 def test_writers_in_two_processes_racing_for_the_last_room_end_within_the_budget(
@@ -852,18 +862,11 @@ def test_a_mirror_takes_a_file_whose_content_it_holds_whatever_its_budget(
             hub.import_dir(write_model_dir(tmp_path / "src" / name, {"model.safetensors": weights}), name)
         upstream = LiveNode(hub)
         try:
-            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.setenv("HF_ENDPOINT", upstream.url)
-            depot = Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK)
-            depot.set_max_size("4MiB")
-            mirror = LiveNode(depot, mirror=True, owns_depot=True)
-            try:
+            with budgeted_mirror(tmp_path, upstream.url, "4MiB", monkeypatch) as (depot, mirror):
                 for name in ("acme/big", "acme/copy"):
                     with urllib.request.urlopen(f"{mirror.url}/{name}/resolve/main/model.safetensors") as got:
                         assert got.read() == weights
                     if name == "acme/big":
                         depot.pin(name)  # (what is pinned stays: only the reuse makes room)
-            finally:
-                mirror.stop()
         finally:
             upstream.stop()

@@ -390,7 +390,8 @@ class Depot:
         the commit reads find (tiers.py), from each store that holds files of it."""
         from modeldepot.hfcache import export_to_hf_cache
 
-        answering, spelled, commit_id = self.tiers.holder(repo_id, revision)
+        # (the id as the own store spells it; the cache's folder keeps the caller's)
+        answering, spelled, commit_id = self.tiers.holder(self.store.spelled(repo_id), revision)
         result = export_to_hf_cache(answering, repo_id, revision, cache_dir, copy=copy, progress=progress)
         # (exported good: a file the answering store found corrupt is taken from another store that holds it)
         done = frozenset(

@@ -86,9 +86,8 @@ class Tiers:
         """The store that answers ``revision`` of ``repo_id`` (the module's docstring says which), the repo
         id as it spells it, and the commit id; the own store's error when none holds it (a shared store's
         when only it knows the repo)."""
-        if not self.shared:
-            spelled = self.own.spelled(repo_id)  # (any case: the Hub's repo ids ignore it)
-            return self.own, spelled, self.own.resolve(spelled, revision)
+        if not self.shared:  # (the depot's methods spelled the id already: no lookup more on a node's reads)
+            return self.own, repo_id, self.own.resolve(repo_id, revision)
         validate_repo_id(repo_id)
         validate_revision(revision)
         found: list[tuple[float, int, Store, str, str]] = []
