@@ -1,0 +1,182 @@
+"""One node's session with etcd: the gRPC client (another endpoint after a failure), every call under a
+deadline, the lease its keys hang on, and the health :meth:`~EtcdDiscovery.status` reports. The view and
+the writer (:mod:`.discovery`) and the chunk claims (:mod:`.claims`) build on it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+import aetcd  # type: ignore[import-untyped]
+
+from modeldepot.discovery.base import ChunkClaim, Holding, NodeRecord, ViewDiscovery
+from modeldepot.discovery.etcd.wire import CHANNEL_OPTIONS, FleetKey, FleetKeys, decode, describe, retrieve
+from modeldepot.errors import InvalidInputError
+from modeldepot.validation import validate_cluster_prefix, validate_endpoint
+
+log = logging.getLogger("modeldepot.discovery.etcd")
+
+T = TypeVar("T")
+
+_MAX_WARNED_KEYS = 1000
+
+
+class EtcdConnection(ViewDiscovery):
+    """The client, the lease and the health of a node's link to etcd (see :class:`EtcdDiscovery`)."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[tuple[str, int]],
+        prefix: str = "/modeldepot",
+        ttl: float = 10.0,
+        *,
+        timeout: float = 3.0,
+    ) -> None:
+        super().__init__()
+        if not endpoints:
+            raise InvalidInputError("an etcd registry needs at least one endpoint (host, port)")
+        self.endpoints = [validate_endpoint(host, port) for host, port in endpoints]
+        self.prefix = validate_cluster_prefix(prefix)
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 1 <= ttl <= 3600:
+            raise InvalidInputError(f"lease TTL {ttl!r} must be from 1 to 3600 seconds")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 300:
+            raise InvalidInputError(f"etcd call timeout {timeout!r} must be more than 0 and at most 300 s")
+        self.ttl = float(ttl)
+        self.timeout = float(timeout)
+        self._keys = FleetKeys(self.prefix)
+        self._endpoint = 0
+        self._client: Any = None
+        self._old_clients: set[asyncio.Task[None]] = set()
+        self._lease_id: int | None = None
+        self._lease_ttl = self.ttl
+        self._refresh_due = 0.0  # loop time of the next lease refresh
+        self._verify = False  # something failed or vanished: check the lease and its keys before writing
+        self._write_lock = asyncio.Lock()
+        self._wake = asyncio.Event()  # the writer's: something to write, or a failure to recover from
+        self._connected = False
+        self._since: float | None = None
+        self._last_error: str | None = None
+        self._outage_logged = False
+        self._warned: set[bytes] = set()
+        self._started = False
+        self._closed = False
+
+    async def _grant_lease(self, client: Any) -> None:
+        lease = await self._call(client.lease(math.ceil(self.ttl)))
+        self._lease_id, self._lease_ttl = int(lease.id), max(1.0, float(lease.ttl))
+        self._refresh_due = asyncio.get_running_loop().time() + self._lease_ttl / 3
+        self._wake.set()  # the keeper refreshes it from now on
+
+    def _stopping(self) -> bool:
+        return self._closed
+
+    # -- what etcd holds, read as input from outside -----------------------------------------------------
+
+    def _parse(
+        self, key: bytes, value: bytes, revision: int
+    ) -> tuple[FleetKey, NodeRecord | Holding | ChunkClaim] | None:
+        """The key and the entry it holds, or None (skipped with a warning when malformed)."""
+        try:
+            parsed = self._keys.parse(key)
+            if parsed is None:
+                return None
+            if parsed.kind == "node":
+                record = NodeRecord.from_dict(decode(value))
+                if record.node_id != parsed.node_id:
+                    raise InvalidInputError(f"the record names node {record.node_id!r}")
+                return parsed, record
+            if parsed.kind == "claim":
+                return parsed, ChunkClaim.from_dict(decode(value), revision)
+            return parsed, Holding.from_dict(decode(value))
+        except InvalidInputError as error:
+            self._warn(key, error)
+            return None
+
+    def _warn(self, key: bytes, error: Exception) -> None:
+        if key in self._warned:
+            return
+        if len(self._warned) < _MAX_WARNED_KEYS:
+            self._warned.add(key)
+        log.warning("etcd: skipping %r, which is not a valid fleet entry: %s", key[:200], error)
+
+    def _new_client(self) -> Any:
+        host, port = self.endpoints[self._endpoint]
+        return aetcd.Client(host, port, timeout=self.timeout, options=dict(CHANNEL_OPTIONS))
+
+    def _endpoint_name(self) -> str:
+        host, port = self.endpoints[self._endpoint]
+        return f"{host}:{port}"
+
+    async def _call(self, awaitable: Awaitable[T]) -> T:
+        """One call to etcd, under a deadline of our own too (gRPC's is ``timeout``): a timer that cancels
+        it (not asyncio.wait_for, which can swallow the caller's cancellation on Python 3.10 and 3.11)."""
+        task = asyncio.ensure_future(awaitable)
+        task.add_done_callback(retrieve)
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        timer = asyncio.get_running_loop().call_later(self.timeout + 1.0, expire)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if expired:
+                raise asyncio.TimeoutError(f"etcd did not answer in {self.timeout + 1:g} s") from None
+            raise
+        finally:
+            timer.cancel()
+
+    def _ok(self) -> None:
+        if self._connected:
+            return
+        if self._outage_logged:
+            log.info(
+                "etcd %s answers again after %.1f s: checking this node's registration, resuming the watch",
+                self._endpoint_name(),
+                time.time() - (self._since or time.time()),
+            )
+        self._outage_logged = False
+        self._connected = True
+        self._since = time.time()
+        self._last_error = None
+        self._changed()
+
+    def _failed(self, error: BaseException, client: Any) -> None:
+        text = describe(error)
+        self._verify = True
+        if not self._outage_logged:
+            log.warning(
+                "etcd %s is out of reach (%s): answering from the last view of the fleet (%d nodes) and "
+                "retrying",
+                self._endpoint_name(),
+                text,
+                len(self._nodes),
+                exc_info=None if isinstance(error, (aetcd.ClientError, asyncio.TimeoutError)) else error,
+            )
+            self._outage_logged = True
+            self._since = time.time()
+        else:
+            log.debug("etcd %s: still out of reach: %s", self._endpoint_name(), text)
+        self._connected = False
+        self._last_error = text
+        self._wake.set()
+        self._changed()
+        if len(self.endpoints) > 1 and client is self._client and not self._closed:
+            self._endpoint = (self._endpoint + 1) % len(self.endpoints)
+            self._client = self._new_client()
+            task = asyncio.create_task(self._close_quietly(client))
+            self._old_clients.add(task)
+            task.add_done_callback(self._old_clients.discard)
+
+    async def _close_quietly(self, client: Any) -> None:
+        try:
+            await self._call(client.close())
+        except Exception as error:
+            log.debug("closing an etcd client: %s", describe(error))
