@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING
 import click
 from rich.markup import escape
 
-from modeldepot.cli import (
+from modeldepot.cli import render
+from modeldepot.cli.options import (
     EXIT_FAILURE,
-    _checked,
-    _home_option,
-    _json_option,
-    _reading_home_option,
-    _repo_argument,
-    _revision_option,
-    render,
+    checked,
+    home_option,
+    json_option,
+    reading_home_option,
+    repo_argument,
+    revision_option,
 )
 from modeldepot.depot import Depot
 from modeldepot.validation import validate_repo_id
@@ -45,7 +45,7 @@ _copy_option = click.option(
 
 def _repo_ids(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
     """A click callback: every REPO validated while arguments are parsed, before any store opens."""
-    check = _checked(validate_repo_id)
+    check = checked(validate_repo_id)
     return tuple(check(ctx, param, value) for value in values)
 
 
@@ -61,8 +61,8 @@ def hf_cache() -> None:
 @click.option(
     "--private", is_flag=True, help="Mark the adopted repos private (a private repo stays private)."
 )
-@_json_option
-@_home_option
+@json_option
+@home_option
 def import_command(
     depot: Depot, repo_ids: tuple[str, ...], cache_dir: Path | None, copy: bool, private: bool, as_json: bool
 ) -> None:
@@ -88,12 +88,12 @@ def import_command(
 
 
 @hf_cache.command("export")
-@_repo_argument
-@_revision_option
+@repo_argument
+@revision_option
 @_cache_dir_option
 @_copy_option
-@_json_option
-@_reading_home_option
+@json_option
+@reading_home_option
 def export_command(
     depot: Depot, repo_id: str, revision: str, cache_dir: Path | None, copy: bool, as_json: bool
 ) -> None:

@@ -8,17 +8,16 @@ from typing import TYPE_CHECKING
 
 import click
 
-from modeldepot.cli import (
+from modeldepot.cli import cli, render
+from modeldepot.cli.options import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
-    _home_option_creating_when,
-    _json_option,
-    _max_size,
-    _reading_home_option,
-    _repo_argument,
-    _revision_option,
-    cli,
-    render,
+    home_option_creating_when,
+    json_option,
+    max_size_value,
+    reading_home_option,
+    repo_argument,
+    revision_option,
 )
 from modeldepot.depot import Depot
 
@@ -28,11 +27,11 @@ if TYPE_CHECKING:
 
 @cli.command("gc")
 @click.option("--partials", is_flag=True, help="Also drop interrupted downloads kept for a resume.")
-@click.option("--max-size", default=None, metavar="SIZE|N%", callback=lambda c, p, v: _max_size(v),
+@click.option("--max-size", default=None, metavar="SIZE|N%", callback=lambda c, p, v: max_size_value(v),
               help="Also evict the least recently used revisions and variants until the blobs take at most this "
                    "(200GiB, or 80% of the disk); never what is pinned or in use.")  # fmt: skip
-@_json_option
-@_reading_home_option
+@json_option
+@reading_home_option
 def gc_command(depot: Depot, partials: bool, max_size: str | None, as_json: bool) -> None:
     """Delete unreferenced blobs, abandoned partial files, stale snapshots and quarantined files.
 
@@ -51,8 +50,8 @@ def gc_command(depot: Depot, partials: bool, max_size: str | None, as_json: bool
 
 
 @cli.command("du")
-@_json_option
-@_reading_home_option
+@json_option
+@reading_home_option
 def du_command(depot: Depot, as_json: bool) -> None:
     """Show how much disk the store uses, how much deduplication saves, and the disk budget."""
     usage, budget = depot.du(), depot.budget_status()
@@ -62,10 +61,10 @@ def du_command(depot: Depot, as_json: bool) -> None:
 
 @cli.command("budget")
 @click.argument("size", required=False, metavar="[SIZE|N%|none]",
-                callback=lambda c, p, v: v if v is None or v.strip().lower() == "none" else _max_size(v))  # fmt: skip
+                callback=lambda c, p, v: v if v is None or v.strip().lower() == "none" else max_size_value(v))  # fmt: skip
 @click.option("--yes", "-y", is_flag=True, help="Evict without asking when the store is over the new budget.")
-@_json_option
-@_home_option_creating_when(lambda kwargs: (kwargs.get("size") or "none").strip().lower() != "none")
+@json_option
+@home_option_creating_when(lambda kwargs: (kwargs.get("size") or "none").strip().lower() != "none")
 def budget_command(depot: Depot, size: str | None, yes: bool, as_json: bool) -> None:
     """Show the store's disk budget, or set it to SIZE (200GiB, or 80% of the disk; none: no budget).
 
@@ -103,16 +102,16 @@ def _confirm_evictions(depot: Depot, size: str) -> None:
 
 
 @cli.command("pin")
-@_repo_argument
+@repo_argument
 @click.option(
     "--quant",
     "-q",
     default=None,
     help="Pin this variant: it and the revision's shared files stay, its other variants may go.",
 )
-@_revision_option
-@_json_option
-@_reading_home_option
+@revision_option
+@json_option
+@reading_home_option
 def pin_command(depot: Depot, repo_id: str, quant: str | None, revision: str, as_json: bool) -> None:
     """Never evict this model to keep within the disk budget (`modeldepot budget`)."""
     pin = depot.pin(repo_id, quant, revision)
@@ -121,11 +120,11 @@ def pin_command(depot: Depot, repo_id: str, quant: str | None, revision: str, as
 
 
 @cli.command("unpin")
-@_repo_argument
+@repo_argument
 @click.option("--quant", "-q", default=None, help="The variant given to `pin`.")
-@_revision_option
-@_json_option
-@_reading_home_option
+@revision_option
+@json_option
+@reading_home_option
 def unpin_command(depot: Depot, repo_id: str, quant: str | None, revision: str, as_json: bool) -> None:
     """Let the disk budget evict this model again."""
     removed = depot.unpin(repo_id, quant, revision)
@@ -137,8 +136,8 @@ def unpin_command(depot: Depot, repo_id: str, quant: str | None, revision: str, 
 
 
 @cli.command("pins")
-@_json_option
-@_reading_home_option
+@json_option
+@reading_home_option
 def pins_command(depot: Depot, as_json: bool) -> None:
     """List what is pinned."""
     pins = depot.pins()

@@ -1,0 +1,230 @@
+"""What the commands share: the store's --home (a Depot opened, errors made messages and exit codes), the
+options and arguments checked while the command line is parsed (before any store is opened), and the
+settings the options replace."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from modeldepot.cli import render
+from modeldepot.config import validate_cluster, validate_cluster_prefix
+from modeldepot.depot import Depot
+from modeldepot.errors import ConfigError, DepotError, InvalidInputError, SourceDirectoryError
+from modeldepot.validation import validate_repo_id, validate_revision
+
+F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
+
+
+def exit_code_for(error: DepotError) -> int:
+    return EXIT_BAD_INPUT if isinstance(error, (InvalidInputError, ConfigError)) else EXIT_FAILURE
+
+
+def home_option(function: F) -> F:
+    """Every command takes --home; errors from the library become a message and an exit code here."""
+    return _with_home(function, creates=True)
+
+
+def reading_home_option(function: F) -> F:
+    """--home for a command that only reads or tidies: it never makes a store in a folder named by --home or
+    ``MODELDEPOT_HOME`` (a mistyped path is an error, not a new, empty store). The default folder is still
+    made on first use."""
+    return _with_home(function, creates=False)
+
+
+def home_option_creating_when(creates: Callable[[dict[str, Any]], bool]) -> Callable[[F], F]:
+    """--home for a command that makes a store only when ``creates(its arguments)`` (`budget SIZE` does,
+    `budget` alone only reads)."""
+    return lambda function: _with_home(function, creates=creates)
+
+
+def home_option_after(check: Callable[[dict[str, Any]], None], *, shared: bool = True) -> Callable[[F], F]:
+    """--home for a command that makes a store once ``check(its arguments)`` passed (a DepotError: nothing
+    is made; `serve` on a port in use). ``shared=False``: the command works on the store alone, whatever
+    ``MODELDEPOT_SHARED`` says (`serve`: a node serves its own store)."""
+    return lambda function: _with_home(function, creates=True, check=check, shared=shared)
+
+
+def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
+               check: Callable[[dict[str, Any]], None] | None = None, shared: bool = True) -> F:  # fmt: skip
+    @click.option(
+        "--home",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Store folder (default: $MODELDEPOT_HOME, else $XDG_CACHE_HOME/modeldepot, else ~/.cache/modeldepot).",
+    )
+    @wraps(function)
+    def wrapper(*args: Any, home: Path | None, **kwargs: Any) -> Any:
+        named = home is not None or bool(os.environ.get("MODELDEPOT_HOME"))
+        making = creates(kwargs) if callable(creates) else creates
+        # A user's own store under shared ones is made by the first command, a read too (the shared stores'
+        # models are read through it, before anything was pulled into it), and said: a mistyped folder shows
+        # as a store made where none was meant
+        if not making and named and shared and os.environ.get("MODELDEPOT_SHARED", "").strip():
+            folder = Path(home or os.environ["MODELDEPOT_HOME"]).expanduser()
+            if not (folder / "index.db").exists():
+                making = True
+                render.err.print(f"[yellow]note:[/yellow] no store at {folder} yet: made one, your own, to read "
+                                 "the MODELDEPOT_SHARED stores through (check its name if you meant another)")  # fmt: skip
+        try:
+            if check is not None:
+                check(kwargs)
+            if not shared and os.environ.get("MODELDEPOT_SHARED", "").strip():
+                render.err.print("[yellow]note:[/yellow] MODELDEPOT_SHARED is not read here: a node serves its own "
+                                 "store (serve the shared one from a node of its own, and name it in "
+                                 "MODELDEPOT_SERVERS)")  # fmt: skip
+            with Depot(home, create=making or not named, shared=None if shared else ()) as depot:
+                return function(depot, *args, **kwargs)
+        except DepotError as error:
+            render.err.print(f"[red]error:[/red] {error}")
+            sys.exit(exit_code_for(error))
+        except KeyboardInterrupt:  # (a pull says more: it keeps its chunks)
+            render.err.print("interrupted: what was not finished is not in the store; run the command again")
+            sys.exit(EXIT_INTERRUPTED)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def upstream_urls_checked() -> None:
+    """``HF_ENDPOINT`` and ``MODELDEPOT_SERVERS`` are URLs (else ConfigError, exit 2) before a store is made
+    for a pull or a scan."""
+    from modeldepot.config import DepotConfig
+    from modeldepot.transfer.chain import check_upstream_urls
+
+    check_upstream_urls(DepotConfig.from_env())
+
+
+def a_folder(directory: Path) -> None:
+    """An import's folder is there (else SourceDirectoryError, exit 1) before a store is made for it."""
+    if not directory.is_dir():
+        raise SourceDirectoryError(f"{directory} is not a directory: give the folder that holds the model")
+    try:
+        with os.scandir(directory) as entries:
+            empty = next(entries, None) is None
+    except OSError as error:
+        raise SourceDirectoryError(f"{directory} cannot be read: {error.strerror or error}") from None
+    if empty:
+        raise SourceDirectoryError(f"{directory} is empty: give the folder that holds the model")
+
+
+def checked(validator: Callable[[str], str]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback that validates a name while arguments are parsed, before any store is opened."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return validator(value)
+        except InvalidInputError as error:
+            render.err.print(f"[red]error:[/red] {error}")
+            ctx.exit(EXIT_BAD_INPUT)
+
+    return callback
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+revision_option = click.option(
+    "--revision",
+    "-r",
+    default="main",
+    show_default=True,
+    callback=checked(validate_revision),
+    help="Branch name or commit id (of what the store holds, its first 7 or more characters do).",
+)
+repo_argument = click.argument("repo_id", metavar="REPO", callback=checked(validate_repo_id))
+
+
+def server_urls(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """A click callback: URLs from repeated or comma-separated values, checked before any store opens."""
+    from modeldepot.discovery.base import validate_node_url
+
+    urls = tuple(u.strip().rstrip("/") for item in values for u in item.split(",") if u.strip())
+    for url in urls:
+        try:
+            validate_node_url(url)
+        except InvalidInputError as error:
+            raise click.BadParameter(str(error), ctx, param) from None
+    return urls
+
+
+def use_servers(depot: Depot, urls: tuple[str, ...]) -> None:
+    """--server / --upstream replace MODELDEPOT_SERVERS for this command."""
+    if urls:
+        depot.config = dataclasses.replace(depot.config, servers=urls)
+
+
+server_option = click.option(
+    "--server",
+    "servers",
+    multiple=True,
+    metavar="URL[,URL...]",
+    callback=server_urls,
+    help="Depot nodes to ask before the Hub (repeatable; replaces $MODELDEPOT_SERVERS).",
+)
+
+
+def cluster_options(function: F) -> F:
+    """--cluster and --cluster-prefix, checked while arguments are parsed (they replace $MODELDEPOT_CLUSTER
+    and $MODELDEPOT_CLUSTER_PREFIX for this command)."""
+    function = click.option(
+        "--cluster-prefix", default=None, metavar="PREFIX",
+        callback=lambda c, p, v: None if v is None else setting(validate_cluster_prefix, v),
+        help="The registry's key prefix (default: $MODELDEPOT_CLUSTER_PREFIX, else /modeldepot).",
+    )(function)  # fmt: skip
+    return click.option(
+        "--cluster", default=None, metavar="etcd://HOST:PORT[,HOST:PORT...]",
+        callback=lambda c, p, v: None if v is None else setting(validate_cluster, v.strip()),
+        help="The fleet's registry (default: $MODELDEPOT_CLUSTER): its live nodes are sources too.",
+    )(function)  # fmt: skip
+
+
+def use_cluster(depot: Depot, cluster: str | None, prefix: str | None) -> None:
+    """--cluster / --cluster-prefix replace MODELDEPOT_CLUSTER / MODELDEPOT_CLUSTER_PREFIX for this command."""
+    if cluster is not None:
+        depot.config = dataclasses.replace(depot.config, cluster=cluster)
+    if prefix is not None:
+        depot.config = dataclasses.replace(depot.config, cluster_prefix=prefix)
+
+
+def rate_value(value: str | None, name: str) -> int | None:
+    """A click callback's reading of a rate (50MiB/s): ConfigError, a usage error, when unreadable."""
+    from modeldepot.config import parse_rate
+
+    return None if value is None else setting(lambda v: parse_rate(v, name), value)
+
+
+def use_rates(depot: Depot, download: int | None, upload: int | None = None) -> None:
+    """The rate caps the options gave, over the environment's."""
+    if download is not None:
+        depot.config = dataclasses.replace(depot.config, max_download_rate=download)
+    if upload is not None:
+        depot.config = dataclasses.replace(depot.config, max_upload_rate=upload)
+
+
+def max_size_value(value: str | None) -> str | None:
+    """A click callback's check of a disk budget (200GiB, 80%): ConfigError, a usage error, when unreadable."""
+    if value is None:
+        return None
+    from modeldepot.store.budget import parse_max_size
+
+    setting(lambda v: parse_max_size(v, "/"), value)
+    return value
+
+
+def setting(parse: Callable[[str], T], text: str) -> T:
+    """A click callback's conversion: a ConfigError becomes click's usage error (exit 2)."""
+    try:
+        return parse(text)
+    except ConfigError as error:
+        raise click.BadParameter(str(error)) from None

@@ -1,0 +1,205 @@
+"""``modeldepot serve``: the store over HTTP, as a mirror with --upstream, in a fleet with --cluster."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+
+import click
+
+from modeldepot.cli import cli, render
+from modeldepot.cli.options import (
+    EXIT_BAD_INPUT,
+    cluster_options,
+    home_option_after,
+    max_size_value,
+    rate_value,
+    server_urls,
+    setting,
+    use_cluster,
+    use_rates,
+    use_servers,
+)
+from modeldepot.config import parse_duration, parse_size
+from modeldepot.depot import Depot
+from modeldepot.errors import ConfigError, InvalidInputError
+
+
+def _listenable(host: str, port: int) -> None:
+    """Whether ``serve`` may listen on host:port: tried before the store is opened (or made, in a mistyped
+    --home), so that a port in use or an address not this machine's is said first. (The listen itself
+    still says so, if the port is taken between.)"""
+    if port == 0:
+        return
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                 flags=socket.AI_PASSIVE):  # fmt: skip
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as the server binds: asyncio's
+                if family == socket.AF_INET6:  # way, IPv6 apart from IPv4)
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+    except OSError as error:
+        reason = (
+            os.strerror(error.errno) if isinstance(error.errno, int) and error.errno > 0 else error.strerror
+        )
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason or error}") from None
+
+
+@cli.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", default=8980, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on."
+)
+@click.option(
+    "--token",
+    envvar="MODELDEPOT_TOKEN",
+    default=None,
+    callback=lambda c, p, v: _token(v),
+    help="Require 'Authorization: Bearer TOKEN' on every route but health (default: $MODELDEPOT_TOKEN). "
+    "Without one, reads are open and the control routes need a control token made at start (printed in "
+    "the dashboard's address).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+@click.option(
+    "--upstream",
+    "upstreams",
+    multiple=True,
+    metavar="URL[,URL...]",
+    callback=server_urls,
+    help="Mirror: pull what the store lacks from these depot nodes (then the Hub at HF_ENDPOINT) while "
+    "serving it. Repeatable or comma-separated; replaces MODELDEPOT_SERVERS.",
+)
+@click.option("--preload-budget", default=None, metavar="SIZE|N%",
+              help="RAM for preloaded models (default: $MODELDEPOT_PRELOAD_BUDGET, else 50%).")  # fmt: skip
+@click.option("--max-size", default=None, metavar="SIZE|N%", callback=lambda c, p, v: max_size_value(v),
+              help="Set the store's disk budget (200GiB, or 80% of the disk), as `modeldepot budget` does: kept "
+                   "with the store, so a pull beside the node keeps to it too; the least recently used revisions and variants "
+                   "are evicted to make room (default: the budget the store has; $MODELDEPOT_MAX_SIZE caps this "
+                   "process further).")  # fmt: skip
+@click.option("--max-download-rate", default=None, metavar="RATE", callback=lambda c, p, v: rate_value(v, "--max-download-rate"),
+              help="What the node's pulls (a mirror's, a swarm's) may download together, at most (50MiB/s; "
+                   "default: $MODELDEPOT_MAX_DOWNLOAD_RATE, else no cap).")  # fmt: skip
+@click.option("--max-upload-rate", default=None, metavar="RATE", callback=lambda c, p, v: rate_value(v, "--max-upload-rate"),
+              help="What the node may send in file bodies, to all its clients together (50MiB/s; default: "
+                   "$MODELDEPOT_MAX_UPLOAD_RATE, else no cap).")  # fmt: skip
+@click.option("--preload-top", default=0, show_default=True, type=click.IntRange(0, 1000),
+              help="Preload the N most used models in the background at start.")  # fmt: skip
+@click.option(
+    "--header-timeout",
+    envvar="MODELDEPOT_HEADER_TIMEOUT",
+    default=None,
+    type=click.FloatRange(0, 86400, min_open=True),
+    metavar="SECONDS",
+    help="Close a connection that has not sent a complete request head this long after it opened or "
+    "after its last response (default: $MODELDEPOT_HEADER_TIMEOUT, else 10).",
+)
+@click.option(
+    "--max-connections-per-client",
+    envvar="MODELDEPOT_MAX_CONNECTIONS_PER_CLIENT",
+    default=None,
+    type=click.IntRange(0),
+    metavar="N",
+    help="Concurrent connections one client address may hold; more are answered 503 and closed, 0 for no "
+    "cap (default: $MODELDEPOT_MAX_CONNECTIONS_PER_CLIENT, else 256).",
+)
+@click.option("--scrub-interval", envvar="MODELDEPOT_SCRUB_INTERVAL", default="1d", show_default=True,
+              metavar="DURATION", callback=lambda c, p, v: setting(parse_duration, v),
+              help="Rehash every blob this often in the background (1d, 12h, 30m; 0 or off: never), quarantining "
+                   "what fails; local reads are guarded by this.")  # fmt: skip
+@click.option("--scrub-rate", envvar="MODELDEPOT_SCRUB_RATE", default="64MiB", show_default=True, metavar="SIZE",
+              callback=lambda c, p, v: setting(_positive_size, v), help="Bytes a second the scrub may read.")  # fmt: skip
+@cluster_options
+@click.option("--advertise", default=None, metavar="URL", callback=lambda c, p, v: _advertise_url(v),
+              help="With --cluster: the URL peers reach this node at (default: http://HOST:PORT).")  # fmt: skip
+@home_option_after(lambda kwargs: _listenable(kwargs["host"], kwargs["port"]), shared=False)
+def serve_command(
+    depot: Depot,
+    host: str,
+    port: int,
+    token: str | None,
+    log_level: str,
+    upstreams: tuple[str, ...],
+    preload_budget: str | None,
+    max_size: str | None,
+    max_download_rate: int | None,
+    max_upload_rate: int | None,
+    preload_top: int,
+    header_timeout: float | None,
+    max_connections_per_client: int | None,
+    scrub_interval: float,
+    scrub_rate: int,
+    cluster: str | None,
+    cluster_prefix: str | None,
+    advertise: str | None,
+) -> None:
+    """Serve the store over HTTP: the Hub's API (HF_ENDPOINT=http://HOST:PORT) and /api/depot/v1.
+
+    With --cluster (or $MODELDEPOT_CLUSTER) the node joins its fleet: it registers itself and publishes
+    which contents it holds (by SHA-256 only), and its pulls find holders through the registry."""
+    from modeldepot.server.connections import ConnectionLimits
+    from modeldepot.server.run import run_server
+
+    use_servers(depot, upstreams)
+    use_cluster(depot, cluster, cluster_prefix)
+    use_rates(depot, max_download_rate, max_upload_rate)
+    if advertise is not None and depot.config.cluster is None:
+        render.err.print("[red]error:[/red] --advertise needs a cluster to advertise in: give --cluster too")
+        sys.exit(EXIT_BAD_INPUT)
+    if preload_budget is not None:
+        depot.config = dataclasses.replace(depot.config, preload_budget=preload_budget)
+    from modeldepot.preload.preloader import parse_budget
+
+    parse_budget(depot.config.preload_budget)  # (a ConfigError now, not a 500 on /metrics later)
+    if max_size is not None:
+        depot.set_max_size(
+            max_size
+        )  # (the store's from now on; a store over it is brought within it, logged)
+    elif depot.store.budget.max_bytes is not None and not depot.store.read_only:
+        depot.shrink()  # a store already over its budget is brought within it (evictions are logged)
+    limits = ConnectionLimits()
+    if header_timeout is not None:
+        limits = dataclasses.replace(limits, header_timeout=header_timeout)
+    if max_connections_per_client is not None:
+        limits = dataclasses.replace(limits, max_per_client=max_connections_per_client)
+    run_server(depot, host, port, token, log_level, mirror=bool(upstreams), preload_top=preload_top, limits=limits,
+               scrub_interval=scrub_interval, scrub_rate=scrub_rate, advertise=advertise)  # fmt: skip
+
+
+def _token(value: str | None) -> str | None:
+    """A node token, refused when empty (`--token "$TOKEN"` with TOKEN unset served an open node, said only
+    by an info line)."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("the token is empty: that would serve every route openly. Give a token, or no "
+                                 "--token (and no MODELDEPOT_TOKEN) for an open node")  # fmt: skip
+    if value is None and "MODELDEPOT_TOKEN" in os.environ and not os.environ["MODELDEPOT_TOKEN"].strip():
+        # (click takes an empty variable for an unset one: `-e MODELDEPOT_TOKEN="$TOKEN"`, TOKEN unset)
+        raise click.BadParameter("MODELDEPOT_TOKEN is set but empty: that would serve every route openly. Set "
+                                 "a token, or unset it for an open node")  # fmt: skip
+    return value
+
+
+def _advertise_url(value: str | None) -> str | None:
+    """A click callback's check of --advertise: an http(s) URL of a host (InvalidInputError: usage error)."""
+    if value is None:
+        return None
+    from modeldepot.discovery.base import validate_node_url
+
+    try:
+        return validate_node_url(value.strip()).rstrip("/")
+    except InvalidInputError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+def _positive_size(text: str) -> int:
+    size = parse_size(text)
+    if size <= 0:
+        raise ConfigError(f"{text!r} is no rate: give more than 0 bytes a second (e.g. 64MiB)")
+    return size
