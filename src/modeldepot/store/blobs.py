@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from modeldepot.errors import CorruptBlobError
-from modeldepot.store.layout import StoreLayout, fsync_dir, os_error
+from modeldepot.store.layout import StoreLayout, fsync_dir, fsync_file, os_error
 from modeldepot.store.locks import lock_is_held
 
 __all__ = ["BlobFiles", "PartialBlob", "WriteSession", "file_stamp", "give_back_modes", "start_writeback"]
@@ -237,6 +237,9 @@ class WriteSession:
         return lock_is_held(session_dir / cls.LOCK_NAME) is not True
 
 
+_NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS)
+
+
 class BlobFiles:
     """The blob files under blobs/: placing, opening, mapping, quarantining, deleting."""
 
@@ -247,19 +250,24 @@ class BlobFiles:
         return self.layout.blob_path(sha256)
 
     def place(self, partial: PartialBlob, sha256: str, durable: bool = True) -> None:
-        """Publish a synced partial as blob ``sha256``, over whatever file is there (an orphan of unknown
-        history, or the spot a quarantined blob left). Hold the store lock shared while calling.
+        """Publish a verified partial as blob ``sha256``. Hold the store lock shared while calling.
+
+        A file there already (an orphan of unknown history, a blob not checked since a restart, or the copy
+        another writer placed a moment ago: writers look at the index before they place, under the shared
+        lock, so two may place one blob) is replaced only by bytes made durable first: its row may say
+        durable, or be marked so by another process's flush, and nothing would ever flush the new file.
 
         A partial that readers may find by its name (``keep_name``: a download in progress, served to
         peers) is linked, and keeps its name until its owner lets it go once the index has the blob: no
         moment between the placing and the commit finds neither, and a commit that fails leaves the
-        download whole for a resume. Others are renamed (a link costs an inode of its own on tmpfs).
+        download whole for a resume. Others are linked and unlinked (renamed where the file system has no
+        hard links): a link never replaces a file, so placing over one is always known.
         """
         target = self.path(sha256)
         try:
             target.parent.mkdir(exist_ok=True)
             if not (partial.keep_name and self._link(partial.path, target)):
-                self.layout.replace(partial.path, target)
+                self._move(partial.path, target)
             partial.placed = True
             if durable:
                 fsync_dir(target.parent)
@@ -269,20 +277,38 @@ class BlobFiles:
             raise os_error(error, f"placing blob {sha256[:16]}…") from error
 
     def _link(self, source: Path, target: Path) -> bool:
-        """Link ``target`` to ``source`` (over a file there); False where the file system has no hard
-        links for it (then placing renames, as for a write session)."""
+        """Link ``target`` to ``source`` (over a file there, ``source`` made durable first); False where the
+        file system has no hard links for it (then placing renames, as for a write session)."""
         try:
             try:
                 os.link(self.layout.inside(source), self.layout.inside(target))
             except FileExistsError:
+                fsync_file(source)
                 spare = target.with_name(f".{target.name}.{secrets.token_hex(4)}")  # gc's after a kill
                 os.link(self.layout.inside(source), self.layout.inside(spare))
                 self.layout.replace(spare, target)
         except OSError as error:
-            if error.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            if error.errno in _NO_HARD_LINKS:
                 return False
             raise
         return True
+
+    def _move(self, source: Path, target: Path) -> None:
+        """``source`` becomes ``target``; a file there is replaced only once ``source`` is durable."""
+        try:
+            os.link(self.layout.inside(source), self.layout.inside(target))
+        except FileExistsError:
+            fsync_file(source)
+            self.layout.replace(source, target)
+            return
+        except OSError as error:
+            if error.errno not in _NO_HARD_LINKS:
+                raise
+            if os.path.lexists(target):  # (a writer placing at this very moment goes unseen here: no links)
+                fsync_file(source)
+            self.layout.replace(source, target)
+            return
+        self.layout.unlink(source)
 
     def open(self, sha256: str, size: int) -> int:
         """An fd for reading the blob, after a cheap check that it is there with the right size."""

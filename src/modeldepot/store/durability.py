@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from modeldepot.errors import CorruptBlobError, DepotError
+from modeldepot.errors import CorruptBlobError, DepotError, StoreError
 from modeldepot.store.index import Index
 
 __all__ = ["DURABILITY_MODES", "Durability", "current_boot_id"]
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DURABILITY_MODES = ("deferred", "sync")
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+UNKNOWN_BOOT = "unknown"
 FLUSH_DELAY = 1.0  # seconds after a write before the background flush: writes close together share it
 BATCH = 256  # blobs marked durable per index transaction
 
@@ -45,15 +46,15 @@ Checker = Callable[[str, int, int], "tuple[str, str] | None"]
 
 def current_boot_id() -> str:
     """This boot of the kernel: ``MODELDEPOT_BOOT_ID`` when set (tests simulate a reboot with it), else
-    the kernel's boot id; ``"unknown"`` where there is none (then every reopen counts as a new boot only if
-    the id changes: it never does, so deferred writes are flushed by the background thread alone)."""
+    the kernel's boot id; :data:`UNKNOWN_BOOT` where there is none (then a store writes every blob durably
+    before publishing it, as ``MODELDEPOT_DURABILITY=sync`` does)."""
     override = os.environ.get("MODELDEPOT_BOOT_ID")
     if override:
         return override.strip()[:64]
     try:
-        return BOOT_ID_PATH.read_text().strip()[:64] or "unknown"
+        return BOOT_ID_PATH.read_text().strip()[:64] or UNKNOWN_BOOT
     except OSError:
-        return "unknown"
+        return UNKNOWN_BOOT
 
 
 class Durability:
@@ -63,13 +64,16 @@ class Durability:
                  quarantine: Callable[[str, float], str | None], deferred: bool, read_only: bool = False
                  ) -> None:  # fmt: skip
         self.index, self.blob_path, self.check, self.quarantine = index, blob_path, check, quarantine
-        self.deferred = deferred and not read_only
+        self.boot = current_boot_id()
+        # Without a boot id (no /proc/sys/kernel/random/boot_id: another system, a sandbox hiding it) a power
+        # loss cannot be told from a restart of the process: every blob is made durable before it is published
+        self.deferred = deferred and not read_only and self.boot != UNKNOWN_BOOT
         # A store on a read-only mount: an unchecked blob is still checked before it is read (and refused
         # when corrupt), but nothing is flushed or recorded
         self.read_only = read_only
-        self.boot = current_boot_id()
         self._lock = threading.Lock()
         self._checking: dict[str, threading.Lock] = {}
+        self._suspect: set[str] = set()  # blobs whose flush failed: confirmed from the disk before marked
         rows = index.read(
             "SELECT sha256, unflushed_boot FROM blobs WHERE unflushed_boot IS NOT NULL AND state = 'ok'"
         )
@@ -138,8 +142,7 @@ class Durability:
                 log.warning("blob %s… written before the restart is corrupt (%s): quarantined; pull it again",
                             sha256[:16], found[1])  # fmt: skip
             return found[1]
-        self._flush_files([sha256])
-        self._mark_durable([(sha256, rows[0]["created_at"])], rows[0]["unflushed_boot"])
+        self._flush_and_mark([(sha256, rows[0]["created_at"])], rows[0]["unflushed_boot"])
         return None
 
     # -- flushing ------------------------------------------------------------------------------------------
@@ -177,14 +180,63 @@ class Durability:
         if self.read_only:
             return 0
         pending = self.pending()
+        failed: list[str] = []
         for start in range(0, len(pending), BATCH):
-            batch = pending[start : start + BATCH]
-            self._flush_files([sha256 for sha256, _ in batch])
-            self._mark_durable(batch, self.boot)
-        return len(pending)
+            failed += self._flush_and_mark(pending[start : start + BATCH], self.boot)
+        if failed:
+            raise StoreError(
+                f"{len(failed)} blob(s) could not be made durable: the disk reported an error while writing them "
+                f"back (blob {failed[0][:16]}…; see the log). Their bytes read back from the disk are checked "
+                "again at the next flush, and quarantined if damaged: check the disk"
+            )
+        return len(pending) - len(failed)
 
-    def _flush_files(self, digests: list[str]) -> None:
+    def _flush_and_mark(self, placements: list[tuple[str, float]], boot: str) -> list[str]:
+        """Flush these blobs and record them durable; returns those that could not be (a write-back error)."""
+        failed = self._flush_files([sha256 for sha256, _ in placements])
+        durable = []
+        for sha256, created_at in placements:
+            suspect = sha256 in failed or sha256 in self._suspect
+            if not suspect or self._confirm_on_disk(sha256, created_at):
+                durable.append((sha256, created_at))
+        self._mark_durable(durable, boot)
+        return [sha256 for sha256, _ in placements if sha256 in self._suspect]
+
+    def _confirm_on_disk(self, sha256: str, created_at: float) -> bool:
+        """After a failed flush: whether the blob's bytes on the disk are whole (then it is durable). An
+        ``fsync`` retried after an error reports success (the kernel reports a write-back error once), so
+        the retry proves nothing: the cached pages are dropped and the file hashed as the disk holds it,
+        and a damaged one is quarantined (the next pull fetches it again)."""
+        self._suspect.add(sha256)
+        rows = self.index.read("SELECT size, chunk_size FROM blobs WHERE sha256 = ? AND created_at = ?",
+                               (sha256, created_at))  # fmt: skip
+        if not rows:
+            self._suspect.discard(sha256)  # removed, or placed again, meanwhile: not these bytes
+            return False
+        try:
+            fd = os.open(self.blob_path(sha256), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # (missing: the check says so)
+        found = self.check(sha256, rows[0]["size"], rows[0]["chunk_size"])
+        if found is not None:
+            log.warning("blob %s… could not be written back to the disk and reads back damaged (%s): "
+                        "quarantined; pull it again", sha256[:16], found[1])  # fmt: skip
+            self.quarantine(sha256, created_at)
+            self._suspect.discard(sha256)
+            return False
+        if self._flush_files([sha256]):
+            return False
+        self._suspect.discard(sha256)
+        return True
+
+    def _flush_files(self, digests: list[str]) -> set[str]:
+        """``fsync`` each blob and its folders; returns the blobs whose ``fsync`` failed (logged)."""
         folders: set[Path] = set()
+        failed: set[str] = set()
         for sha256 in digests:
             path = self.blob_path(sha256)
             try:
@@ -193,6 +245,10 @@ class Durability:
                 continue  # removed meanwhile (rm, gc): nothing to flush
             try:
                 os.fsync(fd)
+            except OSError as error:
+                log.warning("flushing blob %s… to the disk failed: %s", sha256[:16], error.strerror or error)
+                failed.add(sha256)
+                continue
             finally:
                 os.close(fd)
             folders.add(path.parent)
@@ -206,6 +262,7 @@ class Durability:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        return failed
 
     def _mark_durable(self, placements: list[tuple[str, float]], boot: str) -> None:
         """Record these blobs as durable, each only if its row is still the placement that was flushed: one

@@ -62,6 +62,15 @@ def unlink_counting(path: Path) -> int:
     return size
 
 
+def fsync_file(path: Path) -> None:
+    """Make a file's bytes durable (before it replaces one whose row may say durable)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename, link or unlink inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

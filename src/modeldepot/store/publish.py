@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -65,6 +66,19 @@ def blob_states(index: Index, digests: list[str], boot: str | None = None) -> di
     return states
 
 
+MISSING = "missing"  # (_with_files) 'ok' in the index, but its file is not there
+
+
+def _with_files(store: Store, states: dict[str, str]) -> dict[str, str]:
+    """``states``, where a blob the index calls good has no file, :data:`MISSING`: a quarantine killed
+    between moving the file and writing its row (or whose row could not be written) left it so. Taken as
+    held, a new revision would name a file that is not there."""
+    for sha256, state in states.items():
+        if state == "ok" and not os.path.lexists(store.blobs.path(sha256)):
+            states[sha256] = MISSING
+    return states
+
+
 def publish(
     store: Store, spec: RevisionSpec, staged: list[StagedFile], partials: dict[str, PartialBlob]
 ) -> set[str]:
@@ -76,11 +90,11 @@ def publish(
         with store.lock.shared(), store.layout.same_folders():
             # A blob the index has but that waits for its check after a restart is placed over with these
             # verified bytes: taken as held, it could make this revision name damaged ones.
-            known = blob_states(store.index, list(partials), store.durability.boot)
+            known = _with_files(store, blob_states(store.index, list(partials), store.durability.boot))
             # The blobs it reuses (no partial: found in the store) must still be there: an eviction or an
             # `rm` in another process may have removed them since (removals take the lock exclusively).
             reused = sorted({s.digest.sha256 for s in staged if s.digest.sha256 not in partials})
-            present = blob_states(store.index, reused)
+            present = _with_files(store, blob_states(store.index, reused))
             gone = [sha256 for sha256 in reused if present.get(sha256) != "ok"]
             if gone:
                 raise StoreError(

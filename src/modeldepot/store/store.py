@@ -448,6 +448,11 @@ class Store:
             except CorruptBlobError:
                 return None  # quarantined: the writer fetches or places its own bytes
             rows = self.index.read(query, (key,))  # (checked, maybe by another thread: as it is now)
+        if rows and not os.path.lexists(self.blobs.path(rows[0]["sha256"])):
+            # (a quarantine killed between moving the file and writing its row): out of service now, so
+            # that the writer fetches or places its own bytes
+            self.quarantine(rows[0]["sha256"], rows[0]["created_at"])
+            return None
         if not rows:
             return None
         row = rows[0]
