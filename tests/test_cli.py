@@ -203,6 +203,18 @@ def test_a_source_url_that_cannot_be_one_is_a_usage_error(
     monkeypatch.setenv("HF_ENDPOINT", "https://me:s3cret@hub.example")  # refused, the password not echoed
     code, _, err = run("pull", REPO, home=home)
     assert code == 2 and "may not hold a user, a password" in err and "s3cret" not in err, err
+    # `serve` (a mirror's pulls answered 500 for it), before it makes a store; and --advertise without a
+    # cluster, which was refused only once the store was made
+    fresh = home.parent / "never-made"
+    for bad in ("notaurl", "ftp://x", "http://127.0.0.1:99999"):
+        monkeypatch.setenv("HF_ENDPOINT", bad)
+        code, _, err = run("serve", "--port", "0", "--upstream", "http://127.0.0.1:1", home=fresh)
+        assert code == 2 and "HF_ENDPOINT" in err, (bad, err)
+    monkeypatch.delenv("HF_ENDPOINT")
+    monkeypatch.setenv("MODELDEPOT_CLUSTER", "")
+    code, _, err = run("serve", "--port", "0", "--advertise", "http://h:1", home=fresh)
+    assert code == 2 and "--advertise needs a cluster" in err, err
+    assert not fresh.exists()
 
 
 READING_COMMANDS = [

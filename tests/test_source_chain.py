@@ -606,3 +606,44 @@ def test_a_bad_path_is_refused_before_any_connection(
         with pytest.raises(InvalidPathError):
             local.get_file(REPO, path, download=True)
     assert server.connections == hub.connections == 0
+
+
+def test_a_kept_alive_connection_the_node_closed_while_idle_is_not_reused(tmp_path: Path) -> None:
+    """A node closes a connection idle for its header timeout (10 s by default); the reader kept idle ones
+    for 30 s. Reused, each failed its request (RemoteDisconnected), and with several in the pool every
+    retry of a range met another: a fleet's pulls, idle while etcd was down, failed after 5 attempts (a
+    trial found it)."""
+    import time
+
+    from conftest import BackgroundServer
+    from modeldepot.server import create_app
+    from modeldepot.server.connections import ConnectionLimits, NodeRunner
+    from modeldepot.transfer import ranged
+
+    data = random.randbytes(3 * SMALL_CHUNK)
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "m", {"w.bin": data}), "acme/m")
+        limits = ConnectionLimits(header_timeout=0.3)
+        node = BackgroundServer(NodeRunner(create_app(depot), limits=limits), name="impatient-node")
+        try:
+            url = f"{node.url}/acme/m/resolve/main/w.bin"
+            buffer = memoryview(bytearray(len(data)))
+
+            def read_all_at_once() -> None:  # four connections at once: four kept alive after
+                readers = [threading.Thread(target=lambda i=i: ranged.read_range(
+                    url, {}, i * SMALL_CHUNK // 2, (i + 1) * SMALL_CHUNK // 2 - 1, len(data),
+                    buffer[i * SMALL_CHUNK // 2 : (i + 1) * SMALL_CHUNK // 2], 10, ranged.Attempt()))
+                    for i in range(4)]  # fmt: skip
+                for reader in readers:
+                    reader.start()
+                for reader in readers:
+                    reader.join()
+
+            read_all_at_once()
+            time.sleep(1.0)  # the node closes them all
+            for _ in range(4):  # one attempt each, as a source's retries would make
+                answer = ranged.read_range(url, {}, 0, 99, len(data), buffer[:100], 10, ranged.Attempt())
+                assert answer.status == 206 and answer.got == 100
+            assert bytes(buffer[:100]) == data[:100]
+        finally:
+            node.stop()

@@ -179,6 +179,30 @@ def test_before_any_landing_only_a_long_silence_makes_a_claim_late(clock: Clock)
     run(main())
 
 
+def test_while_the_registry_is_out_of_reach_a_claim_is_late_after_the_patience(clock: Clock) -> None:
+    """With etcd down, no settlement can be seen: another node's claim, made before the outage, held the
+    chunk from the Hub for the minute before a first landing (a trial: 71 s where the Hub alone takes 7)."""
+    registry = MemRegistry("outage")
+    a, b = node("a"), node("b")
+
+    async def main() -> None:
+        async with members(registry, a, b) as (da, db):
+            assert await db.claim_chunk(SHA, CHUNK, 5, b.node_id) is not None
+            swarm = swarm_of(da, a)
+            swarm.refresh()
+            clock.now += 11
+            assert swarm.standing_claim(5, set(), patience=10) is not None  # answering: waited for
+            registry.set_available(False)
+            swarm.refresh()
+            assert not swarm.registry_answers
+            assert swarm.standing_claim(5, set(), patience=10) is None
+            registry.set_available(True)
+            swarm.refresh()
+            assert swarm.standing_claim(5, set(), patience=10) is not None
+
+    run(main())
+
+
 def test_claims_that_never_land_do_not_hold_up_the_time_they_are_judged_by(
     clock: Clock, etcd_server: EtcdServer
 ) -> None:

@@ -5,26 +5,40 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import sys
+from typing import Any
 
 import click
 
-from modeldepot.cli import cli, render
+from modeldepot.cli import cli
 from modeldepot.cli.options import (
-    EXIT_BAD_INPUT,
     cluster_options,
     home_option_after,
     max_size_value,
     rate_value,
     server_urls,
     setting,
+    upstream_urls_checked,
     use_cluster,
     use_rates,
     use_servers,
 )
-from modeldepot.config import parse_duration, parse_size
+from modeldepot.config import DepotConfig, parse_duration, parse_size
 from modeldepot.depot import Depot
 from modeldepot.errors import ConfigError, InvalidInputError
+
+
+def _ready_to_serve(kwargs: dict[str, Any]) -> None:
+    """What ``serve`` checks before its store is opened, or made in a mistyped --home (a ConfigError, exit
+    2): --advertise has a cluster, the upstreams (``HF_ENDPOINT``, ``MODELDEPOT_SERVERS``) are URLs (a bad
+    one started a mirror whose pulls answered 500), and the port is free."""
+    if (
+        kwargs["advertise"] is not None
+        and kwargs["cluster"] is None
+        and DepotConfig.from_env().cluster is None
+    ):
+        raise ConfigError("--advertise needs a cluster to advertise in: give --cluster too")
+    upstream_urls_checked()
+    _listenable(kwargs["host"], kwargs["port"])
 
 
 def _listenable(host: str, port: int) -> None:
@@ -119,7 +133,7 @@ def _listenable(host: str, port: int) -> None:
 @cluster_options
 @click.option("--advertise", default=None, metavar="URL", callback=lambda c, p, v: _advertise_url(v),
               help="With --cluster: the URL peers reach this node at (default: http://HOST:PORT).")  # fmt: skip
-@home_option_after(lambda kwargs: _listenable(kwargs["host"], kwargs["port"]), shared=False)
+@home_option_after(lambda kwargs: _ready_to_serve(kwargs), shared=False)
 def serve_command(
     depot: Depot,
     host: str,
@@ -150,9 +164,6 @@ def serve_command(
     use_servers(depot, upstreams)
     use_cluster(depot, cluster, cluster_prefix)
     use_rates(depot, max_download_rate, max_upload_rate)
-    if advertise is not None and depot.config.cluster is None:
-        render.err.print("[red]error:[/red] --advertise needs a cluster to advertise in: give --cluster too")
-        sys.exit(EXIT_BAD_INPUT)
     if preload_budget is not None:
         depot.config = dataclasses.replace(depot.config, preload_budget=preload_budget)
     from modeldepot.preload.preloader import parse_budget

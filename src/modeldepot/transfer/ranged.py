@@ -23,6 +23,7 @@ import contextlib
 import http.client
 import os
 import re
+import select
 import socket
 import ssl
 import threading
@@ -162,6 +163,22 @@ class Attempt:
                 pass  # already closed
 
 
+def _dropped(connection: http.client.HTTPConnection) -> bool:
+    """Whether the server closed a kept-alive connection while it was idle (a node closes one idle for its
+    header timeout, 10 s by default): it then reads as ready (its end of file) before anything was sent.
+    Reused, it fails the next request with RemoteDisconnected, and a pool of them failed every retry of a
+    range (a swarm's pulls, idle while etcd was down, failed so)."""
+    sock = connection.sock
+    if sock is None:
+        return False
+    try:
+        poll = select.poll()  # (not select.select: a node has more than 1024 files open)
+        poll.register(sock, select.POLLIN)
+        return bool(poll.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
 class _Pool:
     """Idle keep-alive connections by origin. Thread-safe."""
 
@@ -176,7 +193,7 @@ class _Pool:
             idle = self._idle.get(route, [])
             while idle:
                 since, connection = idle.pop()
-                if now - since < IDLE_SECONDS:
+                if now - since < IDLE_SECONDS and not _dropped(connection):
                     connection.timeout = timeout
                     if connection.sock is not None:
                         connection.sock.settimeout(timeout)
