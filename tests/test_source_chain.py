@@ -647,3 +647,36 @@ def test_a_kept_alive_connection_the_node_closed_while_idle_is_not_reused(tmp_pa
             assert bytes(buffer[:100]) == data[:100]
         finally:
             node.stop()
+
+
+def test_a_peer_whose_copy_failed_its_check_is_asked_once_not_five_times(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer answers 503 CorruptFile for a blob that failed its check: it will not serve it however often
+    it is asked. Taken for a passing 503, each range waited five attempts on every such holder (a trial: a
+    pull took twice as long with two corrupt holders). The Hub's 503 is still retried."""
+    import logging
+    import time
+
+    from conftest import LiveNode, flip_byte
+    from modeldepot.errors import UpstreamError
+    from modeldepot.transfer.sources import HttpSource
+
+    data = random.randbytes(2 * SMALL_CHUNK)
+    caplog.set_level(logging.INFO, "modeldepot.access")
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "m", {"w.bin": data}), "acme/m")
+        entry = depot.file_info("acme/m", "w.bin")
+        flip_byte(depot.store.blobs.path(entry.sha256), 5, keep_mtime=False)  # noticed at the next read
+        node = LiveNode(depot)
+        try:
+            source = HttpSource(node.url, "peer")
+            url = f"{node.url}/api/depot/v1/blobs/{entry.sha256}"
+            started = time.monotonic()
+            with pytest.raises(UpstreamError, match="failed its check"):
+                asyncio.run(source.fetch(url, 0, SMALL_CHUNK - 1, len(data)))
+            assert time.monotonic() - started < 0.5  # (five attempts wait 0.25 s and more between them)
+        finally:
+            node.stop()
+    asked = [r for r in caplog.records if r.name == "modeldepot.access" and entry.sha256 in r.getMessage()]
+    assert len(asked) == 1, [r.getMessage() for r in asked]

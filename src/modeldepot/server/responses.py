@@ -157,12 +157,16 @@ class BlobResponse(CountedResponse):
                 await loop.sendfile(transport, file, offset, count)
             except NotImplementedError:  # e.g. TLS transports
                 pass
-            except BaseException:
+            except BaseException as error:
                 # A client that left: asyncio leaves the file's position after the last byte it sent, even
                 # when it fails (it moves it only when it sent some: the pieces go in order, so before this
                 # one the position is at most ``offset``; the file is this response's own). A cancelled
                 # send may not have moved it yet: its piece then counts 0.
                 self._sent_by_sendfile(max(0, file.tell() - offset))
+                if isinstance(error, RuntimeError) and transport.is_closing():
+                    # (asyncio's word for a transport the client closed between two pieces of a capped
+                    # send; aiohttp logs anything but a reset as an unhandled error, with no access line)
+                    raise ConnectionResetError("the client closed the connection") from None
                 raise
             else:
                 self._sent_by_sendfile(count)
@@ -281,7 +285,10 @@ def response_for_error(error: DepotError) -> web.Response:
         return error_response(404, "NotFound", str(error))
     if isinstance(error, CorruptBlobError):
         return error_response(
-            503, "CorruptFile", "this file failed verification on the node and is not served"
+            503,
+            "CorruptFile",
+            f"this file (blob {error.sha256[:12]}…) failed verification on the node and is not "
+            "served: pull it again there",
         )
     if isinstance(error, OfflineError):
         return error_response(503, "Offline", f"the node is offline and does not hold this: {error}")

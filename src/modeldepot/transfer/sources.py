@@ -177,6 +177,15 @@ class HttpSource:
                         problem = f"received {answer.got} bytes of {want}"
                 elif status == 200:
                     raise RangeIgnoredError(f"{url}: the server ignored the Range header")
+                elif (
+                    status == 503
+                    and self.kind != "hub"
+                    and answer.headers.get("X-Error-Code") == "CorruptFile"
+                ):
+                    # A peer whose copy failed its check: it will not serve it however often it is asked
+                    # (retried, each range waited 5 attempts on every such holder)
+                    raise UpstreamError(f"{url}: the node's copy failed its check there and is not served",
+                                        source=url, status=503)  # fmt: skip
                 elif status in RETRY_STATUSES:
                     retry_after = answer.headers.get("Retry-After")
                     problem = f"HTTP {status}"
