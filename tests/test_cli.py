@@ -206,6 +206,9 @@ def test_a_source_url_that_cannot_be_one_is_a_usage_error(
     # `serve` (a mirror's pulls answered 500 for it), before it makes a store; and --advertise without a
     # cluster, which was refused only once the store was made
     fresh = home.parent / "never-made"
+    # An error naming what the user typed shows it as typed (rich took "[bold]" for markup and ate it)
+    code, _, err = run("info", "acme/[bold]x", home=fresh)
+    assert code == 2 and "'acme/[bold]x'" in err, err
     for bad in ("notaurl", "ftp://x", "http://127.0.0.1:99999"):
         monkeypatch.setenv("HF_ENDPOINT", bad)
         code, _, err = run("serve", "--port", "0", "--upstream", "http://127.0.0.1:1", home=fresh)

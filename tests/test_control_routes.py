@@ -405,6 +405,12 @@ def test_pinning_again_keeps_the_pin_and_unpinning_a_repo_not_held_is_a_404(
     assert unknown.status == 404 and unknown.json()["error"].startswith(
         "revision: 'nob' is not a revision of"
     )
+    # ... and the same words from a removal and from a pull (both said the Hub's "Invalid rev id: nob")
+    for method, route, body in (("DELETE", f"{API}/repos/{REPO}", {"revision": "nob"}),
+                                ("POST", f"{API}/pulls", {"repo": REPO, "revision": "nob"})):  # fmt: skip
+        answer = call(open_node.port, method, route, body, CONTROL)
+        assert answer.status == 404, (method, answer.body)
+        assert answer.json()["error"].startswith("revision: 'nob' is not a revision of"), answer.body
     missing = call(open_node.port, "DELETE", f"{API}/repos/acme/nowhere/pin", {}, CONTROL)
     assert missing.status == 404 and missing.headers["X-Error-Code"] == "RepoNotFound", missing.body
     assert "acme/nowhere" in missing.json()["error"]

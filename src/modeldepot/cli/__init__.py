@@ -6,12 +6,14 @@ Exit codes: 0 ok, 1 failure (including ``verify`` finding corruption), 2 bad inp
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+from rich.markup import escape
 
 from modeldepot._version import __version__
 from modeldepot.cli import render
@@ -178,7 +180,9 @@ def cat_command(depot: Depot, repo_id: str, path: str, revision: str) -> None:
         except BrokenPipeError:
             os._exit(EXIT_OK)  # the reader (e.g. `head`) has what it wanted
         except OSError as error:  # a full disk behind the redirection, say
-            render.err.print(f"[red]error:[/red] writing to standard output: {error.strerror or error}")
+            render.err.print(
+                f"[red]error:[/red] writing to standard output: {escape(str(error.strerror or error))}"
+            )
             sys.exit(EXIT_FAILURE)
 
 
@@ -431,12 +435,16 @@ def peers_command(depot: Depot, cluster: str | None, cluster_prefix: str | None,
     last_seen is the last moment this command's view of the registry knew the node alive (now). Exit 1
     when the registry cannot be reached."""
     use_cluster(depot, cluster, cluster_prefix)
+    if not os.environ.get("MODELDEPOT_LOG_LEVEL"):
+        # The registry's outage warning speaks for a node ("answering from the last view … retrying"): this
+        # command does neither, and says what failed itself
+        logging.getLogger("modeldepot.discovery").setLevel(logging.ERROR)
     rows = depot.peers()
     fleet = depot.fleet
     status = fleet.status() if fleet is not None else None
     if status is not None and not status.connected:  # a fresh view of an unreachable registry is empty
-        render.err.print(f"[red]error:[/red] the registry {depot.config.cluster} cannot be reached: "
-                         f"{status.last_error or 'no answer'}")  # fmt: skip
+        render.err.print(f"[red]error:[/red] the registry {escape(str(depot.config.cluster))} cannot be reached: "
+                         f"{escape(status.last_error or 'no answer')}")  # fmt: skip
         sys.exit(EXIT_FAILURE)
     if as_json:
         render.print_json([row.to_dict() for row in rows])

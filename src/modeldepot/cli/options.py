@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from rich.markup import escape
 
 from modeldepot.cli import render
 from modeldepot.config import validate_cluster, validate_cluster_prefix
@@ -87,7 +88,7 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
             with Depot(home, create=making or not named, shared=None if shared else ()) as depot:
                 return function(depot, *args, **kwargs)
         except DepotError as error:
-            render.err.print(f"[red]error:[/red] {error}")
+            render.err.print(f"[red]error:[/red] {escape(str(error))}")
             sys.exit(exit_code_for(error))
         except KeyboardInterrupt:  # (a pull says more: it keeps its chunks)
             render.err.print("interrupted: what was not finished is not in the store; run the command again")
@@ -127,7 +128,7 @@ def checked(validator: Callable[[str], str]) -> Callable[[click.Context, click.P
         try:
             return validator(value)
         except InvalidInputError as error:
-            render.err.print(f"[red]error:[/red] {error}")
+            render.err.print(f"[red]error:[/red] {escape(str(error))}")
             ctx.exit(EXIT_BAD_INPUT)
 
     return callback

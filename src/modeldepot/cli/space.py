@@ -7,6 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 import click
+from rich.markup import escape
 
 from modeldepot.cli import cli, render
 from modeldepot.cli.options import (
@@ -96,7 +97,7 @@ def _confirm_evictions(depot: Depot, size: str) -> None:
     what = (f"the store holds {render.format_bytes(used)}, over {size.strip()}: setting this budget removes the "
             "least recently used models (not the pinned ones, nor those in use) until it fits")  # fmt: skip
     if not sys.stdin.isatty():
-        render.err.print(f"[red]error:[/red] {what}; pass --yes to do so")
+        render.err.print(f"[red]error:[/red] {escape(what)}; pass --yes to do so")
         sys.exit(EXIT_BAD_INPUT)
     click.confirm(f"{what[0].upper()}{what[1:]}. Go on?", abort=True, err=True)
 

@@ -121,6 +121,9 @@ def control(*query: str) -> Callable[[Handler], Handler]:
                 return await handler(request)
             except Refused as refused:
                 return error_response(refused.status, refused.code, refused.message)
+            except RevisionNotFoundError as error:  # (the Hub's wording, "Invalid rev id", names no field)
+                return error_response(404, "RevisionNotFound", f"revision: {error.revision!r} is not a "
+                                      f"revision of {error.repo_id}")  # fmt: skip
 
         return guarded
 

@@ -36,7 +36,9 @@ CHANNEL_OPTIONS: dict[str, int] = {
 
 def describe(error: BaseException) -> str:
     """An error in one line of at most 300 characters, for logs and the node's status."""
-    text = str(error) or ("no answer in time" if isinstance(error, asyncio.TimeoutError) else "")
+    # (gRPC's messages may end in a colon with nothing after it: "errors resolving host:2379: ")
+    text = str(error).strip().rstrip(":").rstrip()
+    text = text or ("no answer in time" if isinstance(error, asyncio.TimeoutError) else "")
     text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     return text if len(text) <= 300 else text[:297] + "…"
 
