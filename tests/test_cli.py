@@ -176,6 +176,20 @@ def test_rm_of_a_branch_sharing_its_commit_says_only_the_ref_went(home: Path, mo
     assert list(json.loads(out)["refs"]) == ["main"]
 
 
+def test_info_marks_files_that_failed_verification(home: Path, model_dir: Path) -> None:
+    """After `verify` quarantined a file, `info` (and `ls`, the dashboard) listed it as any other: only
+    `status` said it was gone (a trial). Now `info` marks it and says how to fetch it again."""
+    run("import", str(model_dir), "--repo", REPO, home=home)
+    with Depot(home) as depot:
+        entry = depot.file_info(REPO, "model.safetensors")
+        depot.store.quarantine(entry.sha256)
+    code, out, err = run("info", REPO, home=home)
+    assert code == 0 and "failed verification: not served" in out.replace("\n", " "), out
+    assert "1 file(s) failed verification" in err and f"modeldepot pull {REPO}" in err, err
+    code, out, _ = run("info", REPO, "--json", home=home)
+    assert json.loads(out)["revisions"][0]["quarantined"] == ["model.safetensors"]
+
+
 def test_ctrl_c_in_any_command_is_one_line_and_the_shells_code(
     home: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

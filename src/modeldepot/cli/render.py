@@ -275,10 +275,19 @@ def render_info(info: RepoInfo, upstream: dict[str, int] | None = None) -> None:
             f"\ncommit {revision.commit_id} ({names}), {held}, "
             f"{format_bytes(revision.size)}, added {_when(revision.created_at)}"
         )
+        if revision.quarantined:
+            which = (
+                ""
+                if "main" in revision.refs
+                else f" -r {revision.refs[0] if revision.refs else revision.commit_id}"
+            )
+            err.print(f"[yellow]warning:[/yellow] {len(revision.quarantined)} file(s) failed verification and are not "
+                      f"served (marked below): `modeldepot pull {info.repo_id}{which}` fetches them again")  # fmt: skip
         table = _table("path", "size", "sha256", "etag", "lfs")
         for entry in revision.files:
+            damaged = entry.path in revision.quarantined
             table.add_row(
-                entry.path,
+                escape(entry.path) + (" [red](failed verification: not served)[/red]" if damaged else ""),
                 format_bytes(entry.size),
                 entry.sha256[:16],
                 entry.etag[:16],

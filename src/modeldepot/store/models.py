@@ -60,6 +60,8 @@ class RevisionInfo(_Record):
     refs: tuple[str, ...]
     created_at: float
     files: tuple[FileEntry, ...]
+    # Paths of ``files`` whose content failed a check and is quarantined: listed, never served (pull again)
+    quarantined: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:

@@ -748,7 +748,10 @@ class Store:
         ):
             names = tuple(name for name, commit in refs.items() if commit == rev["commit_id"])
             files = tuple(self.files(repo_id, rev["commit_id"]))
-            revisions.append(RevisionInfo(rev["commit_id"], names, rev["created_at"], files))
+            quarantined = tuple(row["path"] for row in self.index.read(
+                "SELECT f.path FROM files f JOIN blobs b USING (sha256) WHERE f.repo_id = ? AND f.commit_id = ? "
+                "AND b.state != 'ok' ORDER BY f.path", (repo_id, rev["commit_id"])))  # fmt: skip
+            revisions.append(RevisionInfo(rev["commit_id"], names, rev["created_at"], files, quarantined))
         return RepoInfo(
             repo_id=repo_id,
             private=bool(repo["private"]),
