@@ -261,7 +261,7 @@ class BlobFiles:
         peers) is linked, and keeps its name until its owner lets it go once the index has the blob: no
         moment between the placing and the commit finds neither, and a commit that fails leaves the
         download whole for a resume. Others are linked and unlinked (renamed where the file system has no
-        hard links): a link never replaces a file, so placing over one is always known.
+        hard links, or no inode left for one): a link never replaces a file, so placing over one is known.
         """
         target = self.path(sha256)
         try:
@@ -302,7 +302,8 @@ class BlobFiles:
             self.layout.replace(source, target)
             return
         except OSError as error:
-            if error.errno not in _NO_HARD_LINKS:
+            # (no links here; or none left: on tmpfs a link takes an inode of its own, a rename none)
+            if error.errno not in (*_NO_HARD_LINKS, errno.ENOSPC, errno.EDQUOT):
                 raise
             if os.path.lexists(target):  # (a writer placing at this very moment goes unseen here: no links)
                 fsync_file(source)
