@@ -424,3 +424,19 @@ def test_without_a_boot_id_every_blob_is_durable_before_it_is_published(
         assert not depot.store.durability.deferred
         depot.import_dir(folder, "acme/m")
         assert set(marks(depot).values()) == {None}
+
+
+def test_sync_makes_the_snapshot_folders_durable_too(
+    tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`modeldepot sync` flushed the blobs alone: a snapshot's links were left to the file system's own
+    ordering (btrfs logs each file's fsync apart), and a path kept from before a power loss could name none."""
+    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "boot-one")
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        depot.store.durability.close()
+        depot.import_dir(folder, "acme/m")
+        fsynced = FsyncLog(monkeypatch)
+        depot.sync()
+        snapshot = depot.snapshot_path("acme/m")
+        for made in (snapshot, snapshot.parent, snapshot.parent.parent):
+            assert made.stat().st_ino in fsynced.inodes, made

@@ -7,13 +7,14 @@ place, so a reader never sees half of one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from modeldepot.store.layout import StoreLayout, os_error
+from modeldepot.store.layout import StoreLayout, fsync_dir, os_error
 
 __all__ = ["Snapshots"]
 
@@ -109,6 +110,14 @@ class Snapshots:
                 self.layout.inside(directory).rmdir()
             except OSError:
                 break
+
+    def sync(self) -> None:
+        """Make every snapshot folder's entries durable (``modeldepot sync``). They are derived state, rebuilt
+        from the index when lost, but a program that kept a path from before a power loss opens it as it
+        is, and file systems that log each file's fsync apart (btrfs) made no link durable with its blob."""
+        for folder, _subfolders, _files in os.walk(self.layout.snapshots):  # (links are not followed)
+            with contextlib.suppress(FileNotFoundError):  # (a snapshot swapped or removed meanwhile)
+                fsync_dir(Path(folder))
 
     def present(self) -> list[tuple[str, str]]:
         """(repo_id, folder name) of every snapshot folder on disk, including leftovers."""

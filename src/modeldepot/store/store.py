@@ -514,8 +514,11 @@ class Store:
 
     def sync(self, check: bool = True) -> int:
         """Wait until every blob is durable (and, with ``check``, every one written before a restart
-        checked); returns how many were flushed."""
-        return self.durability.sync(check)
+        checked), and every snapshot folder; returns how many blobs were flushed."""
+        flushed = self.durability.sync(check)
+        if not self.read_only:
+            self.snapshots.sync()
+        return flushed
 
     def quarantine(self, sha256: str, seen: float | _AnyPlacement | None = ANY_PLACEMENT) -> str | None:
         """Take a bad blob out of service: moved to quarantine/, marked in the index, never served; then
