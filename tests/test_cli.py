@@ -188,6 +188,10 @@ def test_info_marks_files_that_failed_verification(home: Path, model_dir: Path) 
     assert "1 file(s) failed verification" in err and f"modeldepot pull {REPO}" in err, err
     code, out, _ = run("info", REPO, "--json", home=home)
     assert json.loads(out)["revisions"][0]["quarantined"] == ["model.safetensors"]
+    code, out, _ = run("ls", home=home)
+    assert code == 0 and "(1 failed verification)" in out.replace("\n", " ").replace("│", ""), out
+    code, out, _ = run("ls", "--json", home=home)
+    assert json.loads(out)[0]["quarantined"] == 1
 
 
 def test_ctrl_c_in_any_command_is_one_line_and_the_shells_code(

@@ -245,10 +245,11 @@ def render_ls(repos: list[RepoSummary], home: Path | None = None) -> None:
     for repo in repos:
         refs = ", ".join(f"{name}→{commit[:8]}" for name, commit in repo.refs.items()) or "-"
         table.add_row(
-            repo.repo_id,
+            escape(repo.repo_id),
             refs,
             str(repo.revisions),
-            str(repo.files),
+            str(repo.files)
+            + (f" [red]({repo.quarantined} failed verification)[/red]" if repo.quarantined else ""),
             format_bytes(repo.size),
             "yes" if repo.private else "no",
             _when(repo.updated_at),

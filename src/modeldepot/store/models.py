@@ -80,6 +80,7 @@ class RepoSummary(_Record):
     card: dict[str, Any]  # pipeline_tag, library_name, license, base_model, tags: what the model card says
     created_at: float
     updated_at: float
+    quarantined: int = 0  # of ``files``, those whose content failed a check: listed, not served
 
 
 @dataclass(frozen=True)

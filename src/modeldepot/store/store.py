@@ -699,7 +699,9 @@ class Store:
                    COALESCE(n.revisions, 0) AS revisions,
                    (SELECT COUNT(*) FROM files f WHERE f.repo_id = r.repo_id AND f.commit_id = n.commit_id) AS n,
                    (SELECT COALESCE(SUM(size), 0) FROM files f
-                     WHERE f.repo_id = r.repo_id AND f.commit_id = n.commit_id) AS bytes
+                     WHERE f.repo_id = r.repo_id AND f.commit_id = n.commit_id) AS bytes,
+                   (SELECT COUNT(*) FROM files f JOIN blobs b USING (sha256)
+                     WHERE f.repo_id = r.repo_id AND f.commit_id = n.commit_id AND b.state != 'ok') AS lost
             FROM (SELECT * FROM repos {only}) r LEFT JOIN newest n ON n.repo_id = r.repo_id AND n.rank = 1
             ORDER BY r.repo_id
             """,
@@ -719,6 +721,7 @@ class Store:
                 revisions=row["revisions"],
                 files=row["n"],
                 size=row["bytes"],
+                quarantined=row["lost"],
                 card=json.loads(row["card"]),
                 created_at=row["created_at"],
                 updated_at=row["updated_at"],

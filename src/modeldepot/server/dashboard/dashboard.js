@@ -674,6 +674,7 @@
     if (summary) {
       const refs = Object.entries(summary.refs).map(([ref, commit]) => `${ref} → ${commit.slice(0, 10)}`);
       facts = [refs.join(", "), `${summary.files} file${summary.files === 1 ? "" : "s"}`, bytes(summary.size), summary.origin === "import" ? "imported" : "pulled"];
+      if (summary.quarantined) facts.push(`${summary.quarantined} failed verification: not served, pull again`);
     } else {
       facts = ["scanned, not in the store yet"];
     }
