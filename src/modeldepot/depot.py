@@ -388,34 +388,9 @@ class Depot:
         download would have left it (blobs hard-linked to the store's when on its file system, else copied),
         so ``hf_hub_download``/``snapshot_download``/``from_pretrained`` find it offline. With shared stores,
         the commit reads find (tiers.py), from each store that holds files of it."""
-        from modeldepot.hfcache import export_to_hf_cache
+        from modeldepot.hfcache.export import export_through_tiers
 
-        # (the id as the own store spells it; the cache's folder keeps the caller's)
-        answering, spelled, commit_id = self.tiers.holder(self.store.spelled(repo_id), revision)
-        result = export_to_hf_cache(answering, repo_id, revision, cache_dir, copy=copy, progress=progress)
-        # (exported good: a file the answering store found corrupt is taken from another store that holds it)
-        done = frozenset(
-            e.path
-            for e in answering.files(spelled, commit_id)
-            if answering.has_file(spelled, e.path, commit_id)
-        )
-        for other in self.tiers.all if self.tiers.shared else ():  # (a commit split across the stores)
-            held = (
-                {e.path for e in other.files(other.spelled(repo_id), commit_id)}
-                if other is not answering
-                else set()
-            )
-            if held - done:
-                more = export_to_hf_cache(other, repo_id, commit_id, cache_dir, copy=copy, progress=progress,
-                                          skip=done)  # fmt: skip
-                mended = held - done - {p.path.rsplit(f"/{commit_id}/", 1)[-1] for p in more.problems}
-                done |= held
-                result = dataclasses.replace(
-                    result, files=result.files + more.files, bytes=result.bytes + more.bytes,
-                    linked=result.linked + more.linked, copied=result.copied + more.copied, kept=result.kept + more.kept,
-                    problems=tuple(p for p in result.problems if p.path.rsplit(f"/{commit_id}/", 1)[-1] not in mended)
-                    + more.problems,
-                )  # fmt: skip
+        result = export_through_tiers(self.tiers, repo_id, revision, cache_dir, copy=copy, progress=progress)
         held = {entry.path for entry in self.list_files(repo_id, result.commit_id)}
         lacking = tuple(e.path for e in self.commit_files(repo_id, result.commit_id) if e.path not in held)
         return dataclasses.replace(result, not_in_store=lacking) if lacking else result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import secrets
@@ -28,6 +29,7 @@ from modeldepot.hfcache.cache import (
 )
 from modeldepot.store.models import BlobRecord, FileEntry
 from modeldepot.store.store import Store
+from modeldepot.tiers import Tiers
 from modeldepot.validation import (
     validate_path,
     validate_revision,
@@ -287,3 +289,41 @@ def _copy_blob(store: Store, blob: BlobRecord, temporary: Path) -> None:
                 out.write(data)
         out.flush()
         os.fsync(out.fileno())
+
+
+def export_through_tiers(
+    tiers: Tiers,
+    repo_id: str,
+    revision: str = "main",
+    cache_dir: str | Path | None = None,
+    *,
+    copy: bool = False,
+    progress: Progress | None = None,
+) -> HfCacheExportResult:
+    """:func:`export_to_hf_cache` from the store that answers ``revision`` (tiers.py), then, for a commit
+    split across a user's store and shared ones, from each other store that holds files of it; a file the
+    answering store found corrupt is taken from another that holds it good."""
+    # (the id as the own store spells it; the cache's folder keeps the caller's)
+    answering, spelled, commit_id = tiers.holder(tiers.own.spelled(repo_id), revision)
+    result = export_to_hf_cache(answering, repo_id, revision, cache_dir, copy=copy, progress=progress)
+    done = frozenset(
+        e.path for e in answering.files(spelled, commit_id) if answering.has_file(spelled, e.path, commit_id)
+    )
+    for other in tiers.all if tiers.shared else ():
+        held = (
+            {e.path for e in other.files(other.spelled(repo_id), commit_id)}
+            if other is not answering
+            else set()
+        )
+        if held - done:
+            more = export_to_hf_cache(other, repo_id, commit_id, cache_dir, copy=copy, progress=progress,
+                                      skip=done)  # fmt: skip
+            mended = held - done - {p.path.rsplit(f"/{commit_id}/", 1)[-1] for p in more.problems}
+            done |= held
+            result = dataclasses.replace(
+                result, files=result.files + more.files, bytes=result.bytes + more.bytes,
+                linked=result.linked + more.linked, copied=result.copied + more.copied, kept=result.kept + more.kept,
+                problems=tuple(p for p in result.problems if p.path.rsplit(f"/{commit_id}/", 1)[-1] not in mended)
+                + more.problems,
+            )  # fmt: skip
+    return result
