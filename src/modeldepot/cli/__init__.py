@@ -120,7 +120,7 @@ def import_command(
         render.out.print(f"linked {render.format_bytes(result.linked_bytes)}"
                          + (f"; copied {render.format_bytes(copied)} (another file system or another user's "
                             "files)" if copied else ""))  # fmt: skip
-    render.out.print(f"snapshot: {result.snapshot_path}")
+    render.out.print(f"snapshot: {escape(str(result.snapshot_path))}")
 
 
 @cli.command("ls")
@@ -344,7 +344,7 @@ def pull_command(
         + (f", {render.format_bytes(result.bytes_resumed)} resumed" if result.bytes_resumed else "")
         + (f" from {', '.join(result.sources)}" if result.sources else "")
     )
-    render.out.print(f"snapshot: {result.snapshot_path}")
+    render.out.print(f"snapshot: {escape(str(result.snapshot_path))}")
 
 
 @cli.command("status")

@@ -127,7 +127,7 @@ def _render_problems(problems: tuple[HfCacheProblem, ...]) -> None:
 def _render_import(result: HfCacheImportResult) -> None:
     _render_problems(result.problems)
     if not result.repos:
-        render.out.print(f"nothing adopted from {result.cache_dir}")
+        render.out.print(f"nothing adopted from {escape(str(result.cache_dir))}")
     for repo in result.repos:
         revisions = ", ".join(
             f"{r.commit_id[:12]}" + (f" ({', '.join(r.refs)})" if r.refs else "") for r in repo.revisions
@@ -149,7 +149,7 @@ def _render_export(result: HfCacheExportResult) -> None:
         f"{render.format_bytes(result.bytes)} ({result.linked} hard-linked, {result.copied} copied, "
         f"{result.kept} already there)"
     )
-    render.out.print(f"snapshot: {result.snapshot_path}")
+    render.out.print(f"snapshot: {escape(str(result.snapshot_path))}")
     if result.not_in_store:
         shown = ", ".join(result.not_in_store[:5]) + (" …" if len(result.not_in_store) > 5 else "")
         render.err.print(f"[yellow]warning:[/yellow] the commit has {len(result.not_in_store)} more files the store "

@@ -76,7 +76,7 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
             folder = Path(home or os.environ["MODELDEPOT_HOME"]).expanduser()
             if not (folder / "index.db").exists():
                 making = True
-                render.err.print(f"[yellow]note:[/yellow] no store at {folder} yet: made one, your own, to read "
+                render.err.print(f"[yellow]note:[/yellow] no store at {escape(str(folder))} yet: made one, your own, to read "
                                  "the MODELDEPOT_SHARED stores through (check its name if you meant another)")  # fmt: skip
         try:
             if check is not None:

@@ -282,8 +282,10 @@ def render_info(info: RepoInfo, upstream: dict[str, int] | None = None) -> None:
                 if "main" in revision.refs
                 else f" -r {revision.refs[0] if revision.refs else revision.commit_id}"
             )
+            again = (f"import its folder again (or `modeldepot pull {info.repo_id}{which}` where an upstream holds it)"
+                     if info.origin == "import" else f"`modeldepot pull {info.repo_id}{which}` fetches them again")  # fmt: skip
             err.print(f"[yellow]warning:[/yellow] {len(revision.quarantined)} file(s) failed verification and are not "
-                      f"served (marked below): `modeldepot pull {info.repo_id}{which}` fetches them again")  # fmt: skip
+                      f"served (marked below): {again}")  # fmt: skip
         table = _table("path", "size", "sha256", "etag", "lfs")
         for entry in revision.files:
             damaged = entry.path in revision.quarantined
@@ -423,7 +425,9 @@ def render_budget(budget: BudgetStatus, evicted: list[Eviction], over: int) -> N
 
 def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
     saved = usage.logical_bytes - usage.blob_bytes
-    out.print(f"store {usage.home}" + (" (read-only here: served as it is)" if usage.read_only else ""))
+    out.print(
+        f"store {escape(str(usage.home))}" + (" (read-only here: served as it is)" if usage.read_only else "")
+    )
     out.print(
         f"  blobs       {format_bytes(usage.blob_bytes)} in {usage.blobs} blobs "
         f"(files add up to {format_bytes(usage.logical_bytes)}; deduplication saves {format_bytes(max(saved, 0))})"

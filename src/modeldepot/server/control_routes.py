@@ -122,8 +122,9 @@ def control(*query: str) -> Callable[[Handler], Handler]:
             except Refused as refused:
                 return error_response(refused.status, refused.code, refused.message)
             except RevisionNotFoundError as error:  # (the Hub's wording, "Invalid rev id", names no field)
+                where = f"on {error.source}" if error.source else "on this node"
                 return error_response(404, "RevisionNotFound", f"revision: {error.revision!r} is not a "
-                                      f"revision of {error.repo_id}")  # fmt: skip
+                                      f"revision of {error.repo_id} {where}")  # fmt: skip
 
         return guarded
 

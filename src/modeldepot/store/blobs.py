@@ -288,7 +288,7 @@ class BlobFiles:
                 os.link(self.layout.inside(source), self.layout.inside(spare))
                 self.layout.replace(spare, target)
         except OSError as error:
-            if error.errno in _NO_HARD_LINKS:
+            if error.errno in (*_NO_HARD_LINKS, errno.ENOSPC, errno.EDQUOT):  # (no inode left for a link)
                 return False
             raise
         return True

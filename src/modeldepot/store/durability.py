@@ -73,7 +73,7 @@ class Durability:
         self.read_only = read_only
         self._lock = threading.Lock()
         self._checking: dict[str, threading.Lock] = {}
-        self._suspect: set[str] = set()  # blobs whose flush failed: confirmed from the disk before marked
+        self._flush_lock = threading.Lock()  # (_flush_and_mark)
         rows = index.read(
             "SELECT sha256, unflushed_boot FROM blobs WHERE unflushed_boot IS NOT NULL AND state = 'ok'"
         )
@@ -142,7 +142,9 @@ class Durability:
                 log.warning("blob %s… written before the restart is corrupt (%s): quarantined; pull it again",
                             sha256[:16], found[1])  # fmt: skip
             return found[1]
-        self._flush_and_mark([(sha256, rows[0]["created_at"])], rows[0]["unflushed_boot"])
+        placement = (sha256, rows[0]["created_at"])
+        if self._flush_and_mark([placement], rows[0]["unflushed_boot"]) and self._quarantined(*placement):
+            return "the disk reported an error while writing it back"
         return None
 
     # -- flushing ------------------------------------------------------------------------------------------
@@ -171,7 +173,9 @@ class Durability:
 
     def sync(self, check: bool = True) -> int:
         """Make every blob written under this boot durable (first checking every unchecked blob, with
-        ``check``: a server stopping leaves those to the next start); returns how many were flushed."""
+        ``check``: a server stopping leaves those to the next start); returns how many were flushed.
+        Raises StoreError when the disk reported an error (the blobs concerned are quarantined, or left to
+        the next flush: see :meth:`_flush_and_mark`)."""
         for sha256 in list(self._unchecked) if check else ():
             try:
                 self.ensure_checked(sha256)
@@ -186,57 +190,35 @@ class Durability:
         if failed:
             raise StoreError(
                 f"{len(failed)} blob(s) could not be made durable: the disk reported an error while writing them "
-                f"back (blob {failed[0][:16]}…; see the log). Their bytes read back from the disk are checked "
-                "again at the next flush, and quarantined if damaged: check the disk"
+                f"back (blob {failed[0][:16]}…; see the log). What it could not write is quarantined (pull it "
+                "again); check the disk"
             )
         return len(pending) - len(failed)
 
     def _flush_and_mark(self, placements: list[tuple[str, float]], boot: str) -> list[str]:
-        """Flush these blobs and record them durable; returns those that could not be (a write-back error)."""
-        failed = self._flush_files([sha256 for sha256, _ in placements])
-        durable = []
-        for sha256, created_at in placements:
-            suspect = sha256 in failed or sha256 in self._suspect
-            if not suspect or self._confirm_on_disk(sha256, created_at):
-                durable.append((sha256, created_at))
-        self._mark_durable(durable, boot)
-        return [sha256 for sha256, _ in placements if sha256 in self._suspect]
+        """Flush these blobs and record them durable; returns those that could not be.
 
-    def _confirm_on_disk(self, sha256: str, created_at: float) -> bool:
-        """After a failed flush: whether the blob's bytes on the disk are whole (then it is durable). An
-        ``fsync`` retried after an error reports success (the kernel reports a write-back error once), so
-        the retry proves nothing: the cached pages are dropped and the file hashed as the disk holds it,
-        and a damaged one is quarantined (the next pull fetches it again)."""
-        self._suspect.add(sha256)
-        rows = self.index.read("SELECT size, chunk_size FROM blobs WHERE sha256 = ? AND created_at = ?",
-                               (sha256, created_at))  # fmt: skip
-        if not rows:
-            self._suspect.discard(sha256)  # removed, or placed again, meanwhile: not these bytes
-            return False
-        try:
-            fd = os.open(self.blob_path(sha256), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass  # (missing: the check says so)
-        found = self.check(sha256, rows[0]["size"], rows[0]["chunk_size"])
-        if found is not None:
-            log.warning("blob %s… could not be written back to the disk and reads back damaged (%s): "
-                        "quarantined; pull it again", sha256[:16], found[1])  # fmt: skip
-            self.quarantine(sha256, created_at)
-            self._suspect.discard(sha256)
-            return False
-        if self._flush_files([sha256]):
-            return False
-        self._suspect.discard(sha256)
-        return True
+        The kernel reports a write-back error to one ``fsync`` only: a retry succeeds and proves nothing,
+        and the bytes read back come from the cache (dropping it does not drop what a preload or an engine
+        maps). So a blob whose ``fsync`` failed is quarantined at once (the next pull fetches it again);
+        one whose folder's ``fsync`` failed keeps its mark (after a power loss a lost entry is found missing,
+        never read as good). One flush at a time in a process: another's ``fsync`` of a blob whose error
+        this one was told would succeed, and mark it durable before it is quarantined."""
+        with self._flush_lock:
+            bad_files, bad_folders = self._flush_files([sha256 for sha256, _ in placements])
+            for sha256, created_at in placements:
+                if sha256 in bad_files:
+                    log.warning("blob %s… could not be written back to the disk: quarantined; pull it again",
+                                sha256[:16])  # fmt: skip
+                    self.quarantine(sha256, created_at)
+            self._mark_durable([p for p in placements if p[0] not in bad_files | bad_folders], boot)
+        return [sha256 for sha256, _ in placements if sha256 in bad_files | bad_folders]
 
-    def _flush_files(self, digests: list[str]) -> set[str]:
-        """``fsync`` each blob and its folders; returns the blobs whose ``fsync`` failed (logged)."""
-        folders: set[Path] = set()
-        failed: set[str] = set()
+    def _flush_files(self, digests: list[str]) -> tuple[set[str], set[str]]:
+        """``fsync`` each blob and its folders; returns the blobs whose ``fsync`` failed, and those whose
+        folder's did (each logged)."""
+        folders: dict[Path, set[str]] = {}
+        bad_files: set[str] = set()
         for sha256 in digests:
             path = self.blob_path(sha256)
             try:
@@ -247,22 +229,35 @@ class Durability:
                 os.fsync(fd)
             except OSError as error:
                 log.warning("flushing blob %s… to the disk failed: %s", sha256[:16], error.strerror or error)
-                failed.add(sha256)
+                bad_files.add(sha256)
                 continue
             finally:
                 os.close(fd)
-            folders.add(path.parent)
+            folders.setdefault(path.parent, set()).add(sha256)
+        bad_folders: set[str] = set()
         # (and blobs/ itself, once: a blobs/<ab>/ folder made since the last flush is an entry of it)
-        for folder in [*folders, *{folder.parent for folder in folders}]:
+        everything = {sha256 for held in folders.values() for sha256 in held}
+        for folder, held in [
+            *folders.items(),
+            *((parent, everything) for parent in {f.parent for f in folders}),
+        ]:
             try:
                 fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
             try:
                 os.fsync(fd)
+            except OSError as error:
+                log.warning("flushing the folder %s to the disk failed: %s", folder, error.strerror or error)
+                bad_folders |= held
             finally:
                 os.close(fd)
-        return failed
+        return bad_files, bad_folders
+
+    def _quarantined(self, sha256: str, created_at: float) -> bool:
+        rows = self.index.read("SELECT 1 FROM blobs WHERE sha256 = ? AND created_at = ? AND state = 'quarantined'",
+                               (sha256, created_at))  # fmt: skip
+        return bool(rows)
 
     def _mark_durable(self, placements: list[tuple[str, float]], boot: str) -> None:
         """Record these blobs as durable, each only if its row is still the placement that was flushed: one

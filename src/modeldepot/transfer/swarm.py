@@ -112,6 +112,7 @@ class SwarmFile:
         self._addresses: tuple[tuple[str, int], list[tuple[str, int]]] | None = None  # (host, port) -> addrs
         self.events: dict[str, int] = {}  # why chunks were fetched from the Hub, and other counts
         self.registry_answers = True  # (refresh) False: claims settled meanwhile cannot be seen to land
+        self._unreachable_since: float | None = None  # since when the registry does not answer the view
 
     # -- reading the view -----------------------------------------------------------------------------------
 
@@ -137,7 +138,12 @@ class SwarmFile:
             crowd = self.slow and any(node_id != self.node_id for node_id in seen.nodes)
             self.follower = crowd or landed >= max(1, LATE_SHARE * self.chunks)
         self.claims, self.nodes, self.holders = seen.claims, seen.nodes, seen.holders
-        self.registry_answers = seen.connected
+        if seen is not unread:  # (a view that did not answer in time says nothing of the registry either)
+            self.registry_answers = seen.connected
+            if seen.connected:
+                self._unreachable_since = None
+            elif self._unreachable_since is None:
+                self._unreachable_since = now
         if seen is not unread:  # (a view that did not answer in time says nothing of this node)
             self._check_serving()
         self._known.update(seen.nodes)
@@ -301,8 +307,10 @@ class SwarmFile:
             # While the registry is out of reach a claim's settlement cannot be seen: its claimer may well
             # have the chunk, but waiting for a landing never seen held every pull of an etcd outage for the
             # minute before the first landing (a trial: 71 s for what the Hub alone sends in 7)
-            late_after = self._overdue_after(patience) if self.registry_answers else patience
-            if time.monotonic() - seen >= late_after:
+            # (an outage of the patience at least: one call that timed out under load voids nothing)
+            now = time.monotonic()
+            lost = self._unreachable_since is not None and now - self._unreachable_since >= patience
+            if now - seen >= (patience if lost else self._overdue_after(patience)):
                 return None, "overdue"
         return claim, "standing"
 
