@@ -263,6 +263,8 @@ class Durability:
         """Record these blobs as durable, each only if its row is still the placement that was flushed: one
         removed and published again meanwhile (an `rm` and an import beside the flush) is another file, not
         flushed, and keeps its mark."""
+        if not placements:
+            return  # (no write transaction: a store read by another user sees its index unchanged)
         with self.index.write("recording blobs as durable") as con:
             con.executemany(
                 "UPDATE blobs SET unflushed_boot = NULL WHERE sha256 = ? AND created_at = ? AND unflushed_boot = ?",
