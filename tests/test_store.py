@@ -331,6 +331,62 @@ def test_a_linked_file_written_while_it_is_hashed_is_refused(
     assert depot.list_repos() == [] and stat.S_IMODE(os.stat(folder / "model.gguf").st_mode) != 0o444
 
 
+def test_two_imports_linking_one_folder_at_once_both_succeed_and_give_the_modes_back(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `import --link` of one folder at once (a chaos trial): each one's link and chmod moved the other's
+    change time, both failed ("changed while it was being hashed") and the user's files stayed read-only
+    (the second noted the mode the first had set). The second now copies what the first links."""
+    from modeldepot.store import importer
+
+    files = {"model.gguf": os.urandom(3 * SMALL_CHUNK), "config.json": b'{"a": 1}'}
+    folder = write_model_dir(tmp_path / "folder", files)
+    for name in files:
+        os.chmod(folder / name, 0o640)
+    hashing, started, results = importer.digest_stream, [], []
+    with Depot(depot.home) as other:
+
+        def other_import_meanwhile(*args: object, **kwargs: object) -> object:
+            if not started:  # (the first import has linked its first file and holds it)
+                started.append(True)
+                results.append(other.import_dir(folder, "acme/second", link=True))
+            return hashing(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(importer, "digest_stream", other_import_meanwhile)
+        first = depot.import_dir(folder, REPO, link=True)
+    second = results[0]
+    assert imported(depot, REPO) == files and imported(depot, "acme/second") == files
+    assert second.linked_bytes < second.new_bytes, "the file the first one held was copied"
+    assert first.new_bytes + second.new_bytes == sum(map(len, files.values()))
+    for name in files:  # a file the store keeps as its blob is read-only; any other has its mode back
+        blob = depot.store.blobs.path(depot.file_info(REPO, name).sha256)
+        kept = os.stat(blob).st_ino == os.stat(folder / name).st_ino
+        assert stat.S_IMODE(os.stat(folder / name).st_mode) == (0o444 if kept else 0o640), name
+    assert depot.verify().ok and store_files_consistent(depot) == []
+
+
+def test_a_removal_beside_an_import_with_link_is_no_writer(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An `rm` (or gc, or an eviction) of another name of a linked file moves its change time: an `import
+    --link` beside it failed, "changed while it was being hashed (something still writes it)", for a writer
+    that was not (a chaos trial)."""
+    from modeldepot.store import importer
+
+    folder = write_model_dir(tmp_path / "folder", {"model.gguf": os.urandom(3 * SMALL_CHUNK)})
+    depot.import_dir(folder, "acme/first", link=True)  # the user's file is the store's blob now
+    hashing = importer.digest_stream
+
+    def removed_meanwhile(*args: object, **kwargs: object) -> object:
+        digest = hashing(*args, **kwargs)  # type: ignore[arg-type]
+        depot.remove("acme/first")  # the blob's name goes: one link fewer
+        return digest
+
+    monkeypatch.setattr(importer, "digest_stream", removed_meanwhile)
+    depot.import_dir(folder, REPO, link=True)
+    assert imported(depot, REPO) == {"model.gguf": (folder / "model.gguf").read_bytes()}
+
+
 def kill_import_with_link(depot: Depot, folder: Path) -> None:
     """`import --link` of ``folder`` in a process killed once its first file is linked and made read-only,
     before it is hashed."""

@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import secrets
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,15 @@ from modeldepot.errors import CorruptBlobError
 from modeldepot.store.layout import StoreLayout, fsync_dir, fsync_file, os_error
 from modeldepot.store.locks import lock_is_held
 
-__all__ = ["BlobFiles", "PartialBlob", "WriteSession", "file_stamp", "give_back_modes", "start_writeback"]
+__all__ = [
+    "BlobFiles",
+    "PartialBlob",
+    "WriteSession",
+    "file_stamp",
+    "give_back_modes",
+    "start_writeback",
+    "written_since",
+]
 
 _SYNC_FILE_RANGE_WRITE = 2
 STARTING_SESSION_GRACE = 3600.0  # seconds a session may sit under its dot-name while its pid is alive
@@ -69,7 +78,7 @@ class PartialBlob:
         # back when the partial is not placed (its content was in the store already, the import failed)
         self.mode_to_restore: int | None = None
         self.linked_from: Path | None = None
-        self.stamp: tuple[int, int, int] | None = None  # (a linked file: see hashed)
+        self.stamp: FileStamp | None = None  # (a linked file: see hashed)
 
     def write(self, data: memoryview) -> None:
         try:
@@ -116,7 +125,7 @@ class PartialBlob:
     def changed_since_hashed(self) -> bool:
         """Whether the file was written since :meth:`hashed` (a writer that had a linked file of the user's
         open before it was made read-only): its digests would not be its bytes'."""
-        return self.stamp is not None and file_stamp(os.stat(self.path)) != self.stamp
+        return self.stamp is not None and written_since(self.stamp, file_stamp(os.stat(self.path)))
 
     def discard(self) -> None:
         self._close()
@@ -131,9 +140,22 @@ class PartialBlob:
                 pass
 
 
-def file_stamp(info: os.stat_result) -> tuple[int, int, int]:
-    """What a write moves: the size, the mtime (which may be put back) and the change time (which cannot)."""
-    return info.st_size, info.st_mtime_ns, info.st_ctime_ns
+FileStamp = tuple[int, int, int, int, int]
+
+
+def file_stamp(info: os.stat_result) -> FileStamp:
+    """What a write moves: the size, the mtime (which may be put back) and the change time (which cannot);
+    and what else moves the change time: the number of links and the mode."""
+    return info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_nlink, stat.S_IMODE(info.st_mode)
+
+
+def written_since(before: FileStamp, now: FileStamp) -> bool:
+    """Whether a file was written between two stamps. A change time moved alone is a write whose mtime was
+    put back, unless a link made or removed, or a mode changed, explains it: an `rm`, `gc` or eviction of
+    another name of a linked file, which failed an `import --link` beside it for a writer that was not."""
+    if now[:2] != before[:2]:
+        return True
+    return now[2] != before[2] and now[3:] == before[3:]
 
 
 def _mode_file(partial: Path) -> Path:

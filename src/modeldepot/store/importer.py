@@ -9,6 +9,8 @@ leaves the store as it was before the import or as it is after it, never in betw
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import io
 import logging
 import os
@@ -225,6 +227,21 @@ def stage_blob(
     return digest, partial, False
 
 
+def _linking_alone(fd: int) -> bool:
+    """Whether this import may link the file open at ``fd`` (an exclusive ``flock`` of it, held until its
+    partial is closed): False while another import links the very same file. Two that did both failed
+    ("changed while it was being hashed": each one's link and chmod moved the other's change time) and left
+    the user's files read-only (the second noted the mode the first had set). The second copies it instead
+    (what it copies is dropped at publish when the first placed the same bytes)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass  # (a file system without flock: linked as before)
+    return True
+
+
 def _stage_link(
     session: WriteSession, source: Path, chunk_size: int, report: Callable[[int], None] | None, durable: bool
 ) -> tuple[BlobDigest, PartialBlob] | None:
@@ -234,21 +251,32 @@ def _stage_link(
     os.close(partial.fd)
     partial.fd = -1
     staging = partial.path.with_name(partial.path.name + ".link")
+    fd = -1
     try:
-        # A link to the name itself, never through a symbolic link (a name swapped for a link to another
-        # file after the scan must not bring that file in, nor have its mode changed below).
+        # The name itself, never through a symbolic link (a name swapped for a link to another file after
+        # the scan must not bring that file in, nor have its mode changed below).
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        if not _linking_alone(fd):
+            os.close(fd)
+            partial.discard()
+            return None
         os.link(source, staging, follow_symlinks=False)
         os.replace(staging, partial.path)
-        fd = os.open(partial.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        if os.stat(partial.path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
+            raise OSError(errno.ESTALE, "the name was given to another file meanwhile")
     except FileNotFoundError:
+        if fd >= 0:
+            os.close(fd)
         partial.discard()
         raise SourceDirectoryError(f"cannot read {source}: it is gone") from None
     except OSError:  # EXDEV, EPERM (protected hard links), EMLINK, ENOTSUP, ELOOP (a link): copy instead
         with contextlib.suppress(OSError):
             staging.unlink()
+        if fd >= 0:
+            os.close(fd)
         partial.discard()
         return None
-    partial.fd = fd
+    partial.fd = fd  # (it holds the lock _linking_alone took, until the partial is placed or discarded)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
