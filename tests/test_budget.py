@@ -159,12 +159,14 @@ def test_preloaded_and_loaded_models_and_pulls_in_progress_are_in_use(store: Dep
     store.import_dir(model(tmp_path, "acme/pulling"), "acme/pulling")
     store.load("acme/loaded", engine="safetensors")
     store.preloader.preload("acme/preloaded")
-    # A pull in another process marks its repo as downloading in the index:
+    # A pull in another process marks its repo as downloading in the index, and holds its pull mark:
     with store.store.index.write("test") as con:
         con.execute("INSERT INTO manifests VALUES ('acme/pulling', 'main', ?, '{}', ?)",
                     (store.resolve("acme/pulling"), time.time()))  # fmt: skip
         con.execute("INSERT INTO variant_status (repo_id, variant, status, updated_at) "
                     "VALUES ('acme/pulling', '', 'downloading', ?)", (time.time(),))  # fmt: skip
+    pull_mark = contextlib.ExitStack()
+    pull_mark.enter_context(store.store.partials.pulling("acme/pulling"))
     status = store.budget_status()
     assert status.in_use_bytes >= 3 * MB and status.pinned_bytes == 0
     with pytest.raises(BudgetExceededError):
@@ -174,6 +176,11 @@ def test_preloaded_and_loaded_models_and_pulls_in_progress_are_in_use(store: Dep
     store.engines.clear()  # the engine is unloaded: its model may go
     store.import_dir(model(tmp_path, "acme/new"), "acme/new")
     assert repos(store) == {"acme/preloaded", "acme/pulling", "acme/new"}
+    pull_mark.close()  # the pull is killed: its row still says downloading, and keeps nothing (a chaos
+    # trial: a tight budget refused writes for the ten minutes the row stayed fresh)
+    budget = store.store.budget
+    with budget.writing("acme/other") as writer:
+        assert "acme/pulling" not in budget._kept(writer).repos
 
 
 def test_a_pull_evicts_before_it_downloads_and_fails_before_it_writes(
@@ -819,7 +826,10 @@ def test_another_processs_pull_of_another_variant_of_the_repo_keeps_it_whole(tmp
                         "VALUES ('acme/q', 'Q8_0', 'downloading', ?)", (now,))  # fmt: skip
         budget = depot.store.budget
         paths = ["config.json", "model-Q4_K_M.gguf"]
-        with budget.writing("acme/q", new, paths, ["Q4_K_M"]) as writer:
+        with (
+            depot.store.partials.pulling("acme/q"),
+            budget.writing("acme/q", new, paths, ["Q4_K_M"]) as writer,
+        ):
             assert not [u for u in budget.order.units(budget._kept(writer)) if u.repo_id == "acme/q"]
         with budget.writing("acme/q", new, paths, ["Q8_0"]) as writer:  # (the row is this pull's own)
             assert [u for u in budget.order.units(budget._kept(writer)) if u.repo_id == "acme/q"]

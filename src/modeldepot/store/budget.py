@@ -320,10 +320,13 @@ class DiskBudget:
         ours = {
             (each.repo_id, v.lower()) for each in writers if each.commit_id is not None for v in each.variants
         }
+        # (a row whose pull was killed is no pull: no live process holds the repo's pull mark, and the row
+        # protected its repo for DOWNLOADING_FRESH all the same: a tight budget refused writes meanwhile)
         since = time.time() - DOWNLOADING_FRESH
-        kept.repos.update(r["repo_id"] for r in self.store.index.read(
+        pulled = {r["repo_id"] for r in self.store.index.read(
             "SELECT repo_id, variant FROM variant_status WHERE status = 'downloading' AND updated_at >= ?",
-            (since,)) if (r["repo_id"], r["variant"].lower()) not in ours)  # fmt: skip
+            (since,)) if (r["repo_id"], r["variant"].lower()) not in ours}  # fmt: skip
+        kept.repos.update(repo_id for repo_id in pulled if self.store.partials.is_pulling(repo_id))
         named = [used for hook in self._hooks for used in hook()]
         in_use: Mapping[tuple[str, str], set[str]] = {}
         if named and self._paths_in_use is not None and self.order.variants is not None:
