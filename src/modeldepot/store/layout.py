@@ -64,16 +64,16 @@ def unlink_counting(path: Path) -> int:
 
 def fsync_file(path: Path) -> None:
     """Make a file's bytes durable (before it replaces one whose row may say durable)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
 def fsync_dir(path: Path) -> None:
     """Make a rename, link or unlink inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:

@@ -9,7 +9,6 @@ releasing it compare the ``mod_revision`` too: a claim taken over is never overw
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from typing import Any
 
 from modeldepot.discovery.base import ChunkClaim, validate_node_id
@@ -21,15 +20,8 @@ from modeldepot.validation import validate_blake3, validate_sha256, validate_siz
 class EtcdClaims(EtcdConnection):
     """This process's chunk claims, and the settlements etcd has not taken yet."""
 
-    def __init__(
-        self,
-        endpoints: Sequence[tuple[str, int]],
-        prefix: str = "/modeldepot",
-        ttl: float = 10.0,
-        *,
-        timeout: float = 3.0,
-    ) -> None:
-        super().__init__(endpoints, prefix, ttl, timeout=timeout)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # (EtcdConnection's; EtcdDiscovery names them)
+        super().__init__(*args, **kwargs)
         self._mine: dict[tuple[str, int], dict[int, ChunkClaim]] = {}  # this process's claims, by chunk
         # Settlements (a claimed chunk's BLAKE3) etcd did not take yet: an outage must not lose one (peers
         # take a claimed chunk only once its BLAKE3 is known), so the writer sends them when etcd is back.
