@@ -13,6 +13,7 @@ import json
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -231,6 +232,17 @@ def test_the_flusher_never_marks_durable_a_blob_published_again_after_its_flush(
         assert set(marks(depot).values()) == {None}
 
 
+@contextlib.contextmanager
+def unflushed_import(tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Depot]:
+    """A store under boot "boot-one" that imported ``folder`` as acme/m, with its background flusher stopped:
+    every blob is unflushed until the test flushes it."""
+    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "boot-one")
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        depot.store.durability.close()
+        depot.import_dir(folder, "acme/m")
+        yield depot
+
+
 class FsyncLog:
     """Every inode ``os.fsync`` made durable (and, with ``fail``, a write-back error for some): what a
     power loss may take is then known, file by file, as the kernel would know it."""
@@ -352,11 +364,8 @@ def test_a_blob_whose_flush_failed_is_quarantined_not_recorded_durable(
     recorded as durable a blob whose bytes never reached the disk (a review found it). Reading it back
     proves nothing either (the cache answers, and dropping it spares what a preload maps): such a blob is
     quarantined, `sync` says so, and the next import or pull places it again."""
-    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "boot-one")
-    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+    with unflushed_import(tmp_path, folder, monkeypatch) as depot:
         durability = depot.store.durability
-        durability.close()
-        depot.import_dir(folder, "acme/m")
         target = sha(FILES["b.safetensors"])
         fsynced = FsyncLog(monkeypatch)
         fsynced.fail.add(depot.store.blobs.path(target).stat().st_ino)
@@ -383,11 +392,8 @@ def test_a_flush_failing_in_one_thread_is_not_trusted_by_another(
     runs at a time now: the second waits, and finds the blob quarantined."""
     import threading
 
-    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "boot-one")
-    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+    with unflushed_import(tmp_path, folder, monkeypatch) as depot:
         durability = depot.store.durability
-        durability.close()
-        depot.import_dir(folder, "acme/m")
         target = sha(FILES["a.safetensors"])
         inode = depot.store.blobs.path(target).stat().st_ino
         real = os.fsync
@@ -422,11 +428,8 @@ def test_a_folder_whose_flush_failed_keeps_its_blobs_marked(
     """An error flushing a blob's folder raised out of the flush halfway, a bare OSError, and lost which
     blob had failed (a review): now the blobs of that folder keep their mark (a lost entry is found
     missing after a power loss, never read as good), `sync` says so, and the next flush records them."""
-    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "boot-one")
-    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+    with unflushed_import(tmp_path, folder, monkeypatch) as depot:
         durability = depot.store.durability
-        durability.close()
-        depot.import_dir(folder, "acme/m")
         target = sha(FILES["c.safetensors"])
         fsynced = FsyncLog(monkeypatch)
         fsynced.fail.add(depot.store.blobs.path(target).parent.stat().st_ino)
