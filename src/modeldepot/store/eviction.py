@@ -147,7 +147,8 @@ class EvictionOrder:
     def bytes_of(self, revisions: Iterable[tuple[str, str]], repos: Iterable[str] = (),
                  blobs: Iterable[str] = ()) -> int:  # fmt: skip
         """The bytes of the distinct blobs the revisions (and every revision of ``repos``) use, and of
-        ``blobs`` (SHA-256s)."""
+        ``blobs`` (SHA-256s); not of quarantined ones (their files are out of the store, as in
+        :meth:`DiskBudget.used_bytes`)."""
         keys, whole, extra = sorted(set(revisions)), sorted(set(repos)), sorted(set(blobs))
         if not keys and not whole and not extra:
             return 0
@@ -155,9 +156,9 @@ class EvictionOrder:
         marks, extra_marks = ",".join("?" * len(whole)), ",".join("?" * len(extra))
         row = self.store.index.read(
             f"WITH kept (repo_id, commit_id) AS (VALUES {values}) "
-            "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE sha256 IN (SELECT f.sha256 FROM files f WHERE "
-            f"f.repo_id IN ({marks}) OR EXISTS (SELECT 1 FROM kept k WHERE k.repo_id = f.repo_id AND "
-            f"k.commit_id = f.commit_id)) OR sha256 IN ({extra_marks})",
+            "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state = 'ok' AND (sha256 IN (SELECT f.sha256 "
+            f"FROM files f WHERE f.repo_id IN ({marks}) OR EXISTS (SELECT 1 FROM kept k WHERE k.repo_id = "
+            f"f.repo_id AND k.commit_id = f.commit_id)) OR sha256 IN ({extra_marks}))",
             (*(part for key in keys for part in key), *whole, *extra),
         )
         return int(row[0][0])
