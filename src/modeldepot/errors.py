@@ -186,6 +186,14 @@ class CorruptBlobError(IntegrityError):
         )
         self.sha256 = sha256
         self.detail = detail
+        self.found_before = False
+
+    @classmethod
+    def found_earlier(cls, sha256: str) -> CorruptBlobError:
+        """A blob quarantined before this look (by a check, a scrub, a verify: that one said why)."""
+        error = cls(sha256, "it failed verification earlier")
+        error.found_before = True
+        return error
 
 
 class UpstreamError(DepotError):

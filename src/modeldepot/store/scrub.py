@@ -93,6 +93,8 @@ class Scrubber:
                         elif stop.wait(ahead):
                             return self._report(checked, checked_bytes, corrupt, True, started)
             except CorruptBlobError as error:
+                if error.found_before:  # (a check quarantined it since the pass listed it, and said why)
+                    continue
                 log.error("scrub: %s", error)
                 corrupt.append(blob.sha256)
                 continue

@@ -241,7 +241,7 @@ class Store:
         if not rows:
             raise EntryNotFoundError(repo_id, revision, path, commit_id)
         if rows[0]["state"] != "ok":
-            raise CorruptBlobError(rows[0]["sha256"], "it failed verification earlier")
+            raise CorruptBlobError.found_earlier(rows[0]["sha256"])
         return _entry(rows[0])
 
     def has_file(self, repo_id: str, path: str, revision: str = "main") -> bool:
@@ -285,6 +285,8 @@ class Store:
         try:
             return self.blobs.open(blob.sha256, blob.size), seen
         except CorruptBlobError as error:
+            if self._quarantined_at(blob.sha256, seen):  # (by another thread's check since it was looked up)
+                raise CorruptBlobError.found_earlier(blob.sha256) from None
             if self.quarantine(blob.sha256, seen) is None:
                 now = self.placement(blob.sha256)
                 if now is None:  # removed (an `rm`, the budget) since it was looked up: not corrupt
@@ -401,7 +403,7 @@ class Store:
         if not rows or (public_only and not self._is_public(sha256)):
             raise NotFoundError(f"blob {sha256} is not in the store")
         if rows[0]["state"] != "ok":
-            raise CorruptBlobError(sha256, "it failed verification earlier")
+            raise CorruptBlobError.found_earlier(sha256)
         return BlobRecord(sha256, rows[0]["size"], rows[0]["chunk_size"])
 
     def _is_public(self, sha256: str) -> bool:
@@ -549,6 +551,11 @@ class Store:
         for hook in self._quarantine_hooks:
             hook(sha256)
         return str(moved) if moved else ""
+
+    def _quarantined_at(self, sha256: str, seen: float | None) -> bool:
+        """Whether the blob's placement ``seen`` is quarantined."""
+        rows = self.index.read("SELECT created_at, state FROM blobs WHERE sha256 = ?", (sha256,))
+        return bool(rows) and rows[0]["state"] == "quarantined" and float(rows[0]["created_at"]) == seen
 
     def placement(self, sha256: str) -> float | None:
         """The blob row's ``created_at`` (None: no row): what :meth:`quarantine` is told was seen."""
