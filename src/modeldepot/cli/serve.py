@@ -116,6 +116,15 @@ def _listenable(host: str, port: int) -> None:
     "after its last response (default: $MODELDEPOT_HEADER_TIMEOUT, else 10).",
 )
 @click.option(
+    "--send-timeout",
+    envvar="MODELDEPOT_SEND_TIMEOUT",
+    default=None,
+    type=click.FloatRange(0.001, 86400),
+    metavar="SECONDS",
+    help="Close a connection whose client has read nothing of an answer this long (default: "
+    "$MODELDEPOT_SEND_TIMEOUT, else 60).",
+)
+@click.option(
     "--max-connections-per-client",
     envvar="MODELDEPOT_MAX_CONNECTIONS_PER_CLIENT",
     default=None,
@@ -147,6 +156,7 @@ def serve_command(
     max_upload_rate: int | None,
     preload_top: int,
     header_timeout: float | None,
+    send_timeout: float | None,
     max_connections_per_client: int | None,
     scrub_interval: float,
     scrub_rate: int,
@@ -178,6 +188,8 @@ def serve_command(
     limits = ConnectionLimits()
     if header_timeout is not None:
         limits = dataclasses.replace(limits, header_timeout=header_timeout)
+    if send_timeout is not None:
+        limits = dataclasses.replace(limits, send_timeout=send_timeout)
     if max_connections_per_client is not None:
         limits = dataclasses.replace(limits, max_per_client=max_connections_per_client)
     run_server(depot, host, port, token, log_level, mirror=bool(upstreams), preload_top=preload_top, limits=limits,

@@ -10,6 +10,9 @@ aiohttp runs one :class:`RequestHandler` (an asyncio protocol) per connection. :
   headers), or the connection is closed. Bytes arriving do not restart the clock, so dripping a header byte
   at a time (slowloris) does not keep a connection; an idle keep-alive connection is closed the same way.
   While a request is being handled and its answer sent (a download may take minutes) no clock runs.
+- **A send timeout**: a client that stops reading an answer (its receive window closed) for
+  ``send_timeout`` seconds is disconnected by the kernel (``TCP_USER_TIMEOUT``, which also covers data
+  never acknowledged): a download only ever waits on a client that reads, however slowly.
 - **Malformed requests** (a garbage request line, TLS or other non-HTTP bytes, an invalid header) are
   answered 400 and logged as one line with the client address and a short reason: no traceback, and no
   access-log line of their own.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +49,7 @@ __all__ = [
     "BACKLOG",
     "DEFAULT_HEADER_TIMEOUT",
     "DEFAULT_MAX_CONNECTIONS_PER_CLIENT",
+    "DEFAULT_SEND_TIMEOUT",
     "ConnectionLimits",
     "NodeAccessLogger",
     "NodeRequestHandler",
@@ -52,14 +57,19 @@ __all__ = [
     "NodeServer",
     "open_file_limit",
     "raise_open_file_limit",
+    "set_send_timeout",
     "total_connection_cap",
 ]
 
 log = logging.getLogger("modeldepot.server")
 
 DEFAULT_HEADER_TIMEOUT = 10.0  # seconds to deliver a request head (MODELDEPOT_HEADER_TIMEOUT)
+DEFAULT_SEND_TIMEOUT = 60.0  # seconds a client may leave an answer unread (MODELDEPOT_SEND_TIMEOUT)
 DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 256  # per client address (MODELDEPOT_MAX_CONNECTIONS_PER_CLIENT)
 RESERVED_DESCRIPTORS = 128  # kept for the store's files and index, logs and outgoing pulls
+# A connection holds its socket and, while it sends a blob, the blob's file and the descriptor the blob's
+# mapping keeps (CPython's mmap holds a duplicate of the one it maps)
+DESCRIPTORS_PER_CONNECTION = 3
 BACKLOG = 1024  # pending connections the kernel queues for accept() (it caps this at net.core.somaxconn)
 _UNLIMITED_FILES = 1 << 16  # what open_file_limit() assumes where it cannot ask (no `resource` module)
 
@@ -71,10 +81,13 @@ class ConnectionLimits:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     max_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
     max_total: int | None = None
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
 
     def __post_init__(self) -> None:
         if not 0 < self.header_timeout <= 86400:
             raise ConfigError(f"header timeout {self.header_timeout!r} must be in (0, 86400] seconds")
+        if not 0.001 <= self.send_timeout <= 86400:
+            raise ConfigError(f"send timeout {self.send_timeout!r} must be in [0.001, 86400] seconds")
         if self.max_per_client < 0:
             raise ConfigError(f"connections per client {self.max_per_client} must be >= 0 (0: no cap)")
         if self.max_total is not None and self.max_total < 1:
@@ -107,8 +120,23 @@ def raise_open_file_limit() -> int:
 
 
 def total_connection_cap(open_files: int) -> int:
-    """Connections a node with ``open_files`` descriptors can hold: each may also hold the file it sends."""
-    return max(1, (open_files - RESERVED_DESCRIPTORS) // 2)
+    """Connections a node with ``open_files`` descriptors can hold: each may also hold the file it sends
+    (and its mapping's descriptor)."""
+    return max(1, (open_files - RESERVED_DESCRIPTORS) // DESCRIPTORS_PER_CONNECTION)
+
+
+def set_send_timeout(transport: asyncio.BaseTransport, seconds: float) -> bool:
+    """Have the kernel drop the connection when what it sends stays unacknowledged, or unsent for a closed
+    receive window, ``seconds`` long; False where it cannot (not TCP, not Linux)."""
+    sock = transport.get_extra_info("socket")
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if sock is None or option is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, max(1, round(seconds * 1000)))
+    except OSError:
+        return False
+    return True
 
 
 def client_address(transport: asyncio.BaseTransport) -> str:
@@ -217,12 +245,14 @@ class NodeAccessLogger(AbstractAccessLogger):
 class NodeRequestHandler(RequestHandler):
     """aiohttp's protocol for one connection, plus the caps, the header timeout and one-line parse errors."""
 
-    __slots__ = ("_admission", "_client", "_head_timer", "_header_timeout", "_malformed", "_timer_loop")
+    __slots__ = ("_admission", "_client", "_head_timer", "_header_timeout", "_malformed", "_send_timeout",
+                 "_timer_loop")  # fmt: skip
 
     def __init__(self, manager: NodeServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
         super().__init__(manager, loop=loop, **kwargs)
         self._admission = manager.admission
         self._header_timeout = manager.limits.header_timeout
+        self._send_timeout = manager.limits.send_timeout
         self._timer_loop = loop
         self._client: str | None = None  # set while the connection is admitted and counted
         self._head_timer: asyncio.TimerHandle | None = None
@@ -238,6 +268,7 @@ class NodeRequestHandler(RequestHandler):
             transport.close()
             return
         self._client = client
+        set_send_timeout(transport, self._send_timeout)
         super().connection_made(transport)
         self._await_head()
 

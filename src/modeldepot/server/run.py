@@ -143,9 +143,10 @@ def run_server(
         server = runner.server
         assert isinstance(server, NodeServer)
         log.info(
-            "connections: a request head within %g s, at most %s per client address and %d in total "
-            "(%d open files)",
+            "connections: a request head within %g s, an answer read within %g s, at most %s per client "
+            "address and %d in total (%d open files)",
             limits.header_timeout,
+            limits.send_timeout,
             limits.max_per_client or "any number",
             server.max_total,
             open_files,
