@@ -455,6 +455,19 @@ def test_status_of_an_imported_repo_shows_its_variants_as_held(home: Path, model
     assert code == 1 and "modeldepot scan acme/never-seen" in err, err
 
 
+def test_the_held_manifest_of_a_revision_removed_meanwhile_is_none(home: Path, model_dir: Path) -> None:
+    """The node's manifest route answered 500 (an IndexError) when a revision it had resolved was removed
+    before it read the revision's files: a removal beside it is a 404, not a failure."""
+    from modeldepot.hub.manifest import held_manifest
+
+    with Depot(home) as depot:
+        depot.import_dir(model_dir, REPO)
+        commit = depot.resolve(REPO)
+        assert held_manifest(depot.store, REPO, False, commit) is not None
+        depot.remove(REPO)
+        assert held_manifest(depot.store, REPO, False, commit) is None
+
+
 def test_git_names_that_are_no_branch_are_refused_as_branch_names(home: Path, model_dir: Path) -> None:
     """`import -r HEAD` made a branch named HEAD (a repo without main, unreadable through the Hub routes,
     which read HEAD as main); `-r refs/heads/main` a second branch listed as refs/heads/refs/heads/main;

@@ -203,24 +203,27 @@ def held_manifest(store: Store, repo_id: str, private: bool, commit_id: str | No
     """A repo the store holds but never scanned (imported, adopted from a Hugging Face cache): its main
     revision's files (or ``commit_id``'s) as a manifest, each variant downloaded unless a blob of it is
     quarantined, so that ``status``, the event stream and the dashboard show its variants as they show a
-    pulled repo's."""
+    pulled repo's. None when the store holds no such revision."""
     if commit_id is None:
         try:
             commit_id = store.resolve(repo_id, "main")
         except NotFoundError:
             return None
-    rows = store.index.read(
-        "SELECT f.path, f.size, f.git_oid, f.sha256, f.lfs, b.state FROM files f JOIN blobs b USING (sha256) "
-        "WHERE f.repo_id = ? AND f.commit_id = ? ORDER BY f.path",
+    # One read: the revision may be removed between two (a node's manifest route answered 500 beside `rm`s)
+    found = store.index.read(
+        "SELECT r.created_at, f.path, f.size, f.git_oid, f.sha256, f.lfs, b.state FROM revisions r "
+        "LEFT JOIN files f ON f.repo_id = r.repo_id AND f.commit_id = r.commit_id "
+        "LEFT JOIN blobs b ON b.sha256 = f.sha256 WHERE r.repo_id = ? AND r.commit_id = ? ORDER BY f.path",
         (repo_id, commit_id),
     )
+    if not found:
+        return None
+    created = float(found[0]["created_at"])
+    rows = [r for r in found if r["path"] is not None and r["state"] is not None]
     files = [RemoteFile(r["path"], r["size"], r["git_oid"], r["sha256"] if r["lfs"] else None) for r in rows]
     bad = {r["path"] for r in rows if r["state"] != "ok"}
     sizes = {f.path: f.size for f in files}
     grouping = group_files(sizes)
-    created = float(store.index.read(
-        "SELECT created_at FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)
-    )[0]["created_at"])  # fmt: skip
     statuses = {}
     for variant in grouping.variants:
         own = {*variant.files, *grouping.shared}
