@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from huggingface_hub import (
     HfApi,
     get_hf_file_metadata,
@@ -137,6 +138,19 @@ def test_tree_pages_are_followed(depot: Depot, live_node: LiveNode, tmp_path: Pa
     assert api.list_repo_files("acme/many") == sorted(files)  # 1000 per page, then a Link rel="next"
     expanded = list(api.list_repo_tree("acme/many", path_in_repo="shard", expand=True))  # 50 per page
     assert [item.path for item in expanded] == sorted(files)
+
+
+def test_names_with_percent_signs_are_decoded_once(node: LiveNode, depot: Depot, tmp_path: Path) -> None:
+    """A folder "x%20y" beside "x y" listed the other's files, "p%41" was a 404 for "pA", and a revision
+    quoted twice resolved: the node decoded what aiohttp had decoded already."""
+    files = {"x%20y/a.txt": b"a", "x y/b.txt": b"b", "p%41/c.txt": b"c"}
+    depot.import_dir(write_model_dir(tmp_path / "pct", files), "acme/pct")
+    api = HfApi(endpoint=node.url)
+    for folder, listed in (("x%20y", ["x%20y/a.txt"]), ("x y", ["x y/b.txt"]), ("p%41", ["p%41/c.txt"])):
+        assert [item.path for item in api.list_repo_tree("acme/pct", path_in_repo=folder)] == listed
+    assert {item.path for item in api.list_repo_tree(SAMPLE, revision="refs/pr/1")} == {"config.json"}
+    twice = requests.get(f"{node.url}/api/models/{SAMPLE}/tree/refs%252Fpr%252F1", timeout=30)
+    assert twice.status_code in (400, 404), twice.text  # "refs%2Fpr%2F1" is no revision of it
 
 
 def test_typed_errors(node: LiveNode, tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -69,8 +68,8 @@ DEFAULT_BRANCH = "main"
 
 def _revision(request: web.Request) -> str:
     """The revision the request names; ``HEAD`` (as git and the Hub take it) is the default branch."""
-    raw = request.match_info.get("rev")
-    revision = unquote(raw) if raw is not None else DEFAULT_BRANCH
+    # (aiohttp decodes what a route matched, %2F and %25 included: "refs%2Fpr%2F1" is refs/pr/1 here)
+    revision = request.match_info.get("rev", DEFAULT_BRANCH)
     return validate_revision(DEFAULT_BRANCH if revision == "HEAD" else revision)
 
 
@@ -229,7 +228,7 @@ async def _tree_of(request: web.Request, repo_id: str, revision: str) -> tuple[_
 async def list_tree(request: web.Request) -> web.Response:
     repo_id = await path_repo(request)
     revision = _revision(request)
-    folder = unquote(request.match_info.get("path", "")).strip("/")
+    folder = request.match_info.get("path", "").strip("/")
     if folder:
         validate_path(folder)
     tree, updated_at = await _tree_of(request, repo_id, revision)
