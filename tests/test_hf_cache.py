@@ -204,6 +204,20 @@ def test_an_adopted_commit_the_cache_holds_in_part_is_known_as_partial(
         assert {s.rfilename for s in HfApi(endpoint=node.url).model_info(SAMPLE).siblings or []} == set(
             sample_files()
         )
+        # The file the commit has and the node lacks is a 404, one huggingface_hub does not record as absent
+        # from the commit (.no_exist): it took the file from no other node once it had asked this one.
+        from huggingface_hub import _CACHED_NO_EXIST, hf_hub_download, try_to_load_from_cache
+        from huggingface_hub.errors import EntryNotFoundError as HubEntryNotFound
+
+        client_cache = hf_cache.parent / "client"
+        for path in ("tokenizer.json", "not-in-the-commit.json"):
+            with pytest.raises(HubEntryNotFound):
+                hf_hub_download(SAMPLE, path, cache_dir=client_cache, endpoint=node.url)
+        assert try_to_load_from_cache(SAMPLE, "tokenizer.json", cache_dir=client_cache) is None
+        assert (
+            try_to_load_from_cache(SAMPLE, "not-in-the-commit.json", cache_dir=client_cache)
+            is _CACHED_NO_EXIST
+        )
         code, out, _ = run("info", SAMPLE, home=depot.home)
         assert code == 0
         assert "of the commit's 6 files" in out, out

@@ -135,12 +135,17 @@ class RevisionNotFoundError(NotFoundError):
 
 
 class EntryNotFoundError(NotFoundError, FileNotFoundError):
-    def __init__(self, repo_id: str, revision: str, path: str, commit_id: str | None = None) -> None:
-        super().__init__(f"{path!r} is not in {repo_id}@{revision}")
+    def __init__(self, repo_id: str, revision: str, path: str, commit_id: str | None = None,
+                 in_commit: bool = False) -> None:  # fmt: skip
+        super().__init__(
+            f"{path!r} of {repo_id}@{revision} is not held here" if in_commit
+            else f"{path!r} is not in {repo_id}@{revision}"
+        )  # fmt: skip
         self.repo_id = repo_id
         self.revision = revision
         self.path = path
         self.commit_id = commit_id  # the commit looked in, when the revision resolved
+        self.in_commit = in_commit  # the commit has the file (its listing says so), the store does not
 
     def __str__(self) -> str:
         return str(self.args[0])

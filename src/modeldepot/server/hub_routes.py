@@ -347,15 +347,26 @@ async def raw(request: web.Request) -> web.StreamResponse:
 async def _local_resolve(request: web.Request, repo_id: str, revision: str, path: str) -> web.StreamResponse:
     await _check_visible(request, repo_id)
     depot: Depot = request.app[DEPOT]
-    entry = await asyncio.to_thread(depot.file_info, repo_id, path, revision)
+    entry = await asyncio.to_thread(_held_entry, depot, repo_id, path, revision)
     reader = await asyncio.to_thread(depot.open_verified, entry)
     return await send_blob(request, reader, entry.etag, file_headers(entry))
+
+
+def _held_entry(depot: Depot, repo_id: str, path: str, revision: str) -> FileEntry:
+    """The file as the depot holds it; one its commit has that is not held here (a pull of one variant)
+    is an EntryNotFoundError that says so (``in_commit``: answered without the commit's id)."""
+    try:
+        return depot.file_info(repo_id, path, revision)
+    except EntryNotFoundError as missing:
+        if missing.commit_id and any(f.path == path for f in depot.commit_files(repo_id, missing.commit_id)):
+            raise EntryNotFoundError(repo_id, revision, path, missing.commit_id, in_commit=True) from None
+        raise
 
 
 async def _local_raw(request: web.Request, repo_id: str, revision: str, path: str) -> web.StreamResponse:
     await _check_visible(request, repo_id)
     depot: Depot = request.app[DEPOT]
-    entry = await asyncio.to_thread(depot.file_info, repo_id, path, revision)
+    entry = await asyncio.to_thread(_held_entry, depot, repo_id, path, revision)
     if entry.lfs:
         return _pointer_response(request, entry)
     reader = await asyncio.to_thread(depot.open_verified, entry)

@@ -276,6 +276,11 @@ def response_for_error(error: DepotError) -> web.Response:
         return error_response(404, "RepoNotFound", f"Repository not found: {error.repo_id}")
     if isinstance(error, RevisionNotFoundError):
         return error_response(404, "RevisionNotFound", f"Invalid rev id: {error.revision}")
+    if isinstance(error, EntryNotFoundError) and error.in_commit:
+        # Without X-Repo-Commit: with it, huggingface_hub records the file as absent from that commit for
+        # good (.no_exist/<commit>/<path>), and would not take it from a node that holds it later
+        return error_response(404, "EntryNotFound", f"Entry not found: {error.path} (this node does not hold "
+                              "this file of the commit)")  # fmt: skip
     if isinstance(error, EntryNotFoundError):
         commit = {"X-Repo-Commit": error.commit_id} if error.commit_id else None
         return error_response(404, "EntryNotFound", f"Entry not found: {error.path}", commit)
