@@ -387,7 +387,7 @@ def test_last_commit_is_when_the_revision_came_and_gated_repos_say_so(
         open_node.stop()
 
 
-def test_what_a_node_does_not_serve_is_refused_clearly(node: LiveNode) -> None:
+def test_what_a_node_does_not_serve_is_refused_clearly(node: LiveNode, tmp_path: Path) -> None:
     from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(endpoint=node.url, token=False)
@@ -403,6 +403,19 @@ def test_what_a_node_does_not_serve_is_refused_clearly(node: LiveNode) -> None:
             write()
         assert refused.value.response.status_code == 405
     assert node.depot.list_files(SAMPLE)  # nothing was changed
+    # An id without an org (the Hub's old "gpt2") was a bare 404, which huggingface_hub took for a broken
+    # connection ("check your connection"), and repo_exists raised
+    assert api.repo_exists("gpt2") is False and api.repo_exists(SAMPLE) is True
+    for call in (lambda: api.model_info("gpt2"), lambda: api.list_repo_refs("gpt2"),
+                 lambda: api.list_repo_files("gpt2", revision="refs/pr/1"),
+                 lambda: api.get_paths_info("gpt2", ["config.json"]),
+                 lambda: hf_hub_download("gpt2", "config.json", endpoint=node.url, cache_dir=str(tmp_path))):  # fmt: skip
+        with pytest.raises(RepositoryNotFoundError):  # ("gpt2/refs" reads as a repo id too: not held either)
+            call()
+    with pytest.raises(RepositoryNotFoundError, match="org/name"):
+        api.model_info("gpt2", revision="main")
+    unknown = requests.get(f"{node.url}/api/models/acme/x/unknown", timeout=30)  # (no repo route at all)
+    assert unknown.status_code == 404 and "X-Error-Code" not in unknown.headers
 
 
 def test_huggingface_hub_caches_the_nodes_agent_registry_instead_of_asking_every_process(

@@ -402,6 +402,14 @@ def _pointer_response(request: web.Request, entry: FileEntry) -> web.Response:
                         content_type="text/plain", charset="utf-8")  # fmt: skip
 
 
+async def no_org(request: web.Request) -> web.Response:
+    """A repo id of one part: a RepoNotFound (a bare 404 was taken by huggingface_hub for a broken
+    connection, "check your connection"), saying what the node holds."""
+    name = request.match_info["name"]
+    return error_response(404, "RepoNotFound", f"Repository not found: {name} (a node holds repos as org/name: "
+                          f"give the repo's full id, as the Hub names it now)")  # fmt: skip
+
+
 async def not_models(request: web.Request) -> web.Response:
     """Datasets and Spaces: a node holds model repos only."""
     kind = request.match_info["kind"]
@@ -457,6 +465,11 @@ def add_hub_routes(app: web.Application) -> None:
     app.router.add_get("/api/agent-harnesses", agent_harnesses)
     app.router.add_get("/{org}/{name}/resolve/{rev}/{path:.+}", resolve)  # add_get answers HEAD too
     app.router.add_get("/{org}/{name}/raw/{rev}/{path:.+}", raw)
+    # Repo ids without an org (the Hub's old ones: gpt2): after the routes above, which they cannot match
+    one_part = "/api/models/{name:[^/]+}{tail:(/revision/.+|/tree/.+|/paths-info/.+|/refs|/commits/.+)?}"
+    app.router.add_get(one_part, no_org)
+    app.router.add_post(one_part, no_org)
+    app.router.add_get("/{name}/{kind:resolve|raw}/{rev}/{path:.+}", no_org)
     # What a node deliberately does not answer, said clearly rather than with a bare 404 (docs/hub-api.md).
     app.router.add_route("*", "/api/{kind:datasets|spaces}{tail:.*}", not_models, name="refused-api-kind")
     app.router.add_route("*", "/{kind:datasets|spaces}/{tail:.+}", not_models, name="refused-kind")
