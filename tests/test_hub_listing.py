@@ -309,6 +309,20 @@ def test_head_names_the_default_branch(node: LiveNode, catalog: Depot, tmp_path:
     assert [c.commit_id for c in api.list_repo_commits(BERT, revision="HEAD")] == [main]
 
 
+def test_a_repo_without_a_main_branch_is_described_as_it_is_listed(
+    node: LiveNode, catalog: Depot, tmp_path: Path
+) -> None:
+    """Imported with ``-r dev`` only, a repo was listed (with the sha of its newest revision) while
+    model_info and repo_exists of it failed: "Invalid rev id: main"."""
+    catalog.import_dir(write_model_dir(tmp_path / "devonly", {"config.json": b"{}"}), "acme/devonly", "dev")
+    api = HfApi(endpoint=node.url, token=False)
+    listed = next(m for m in api.list_models(author="acme", full=True) if m.id == "acme/devonly")
+    assert listed.sha == catalog.resolve("acme/devonly", "dev")
+    assert api.repo_exists("acme/devonly") and api.model_info("acme/devonly").sha == listed.sha
+    with pytest.raises(RevisionNotFoundError):  # (main named: it is not there)
+        api.model_info("acme/devonly", revision="main")
+
+
 def test_commits_list_the_revisions_from_the_one_named(
     depot: Depot, history: dict[str, str], live_node: LiveNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -35,6 +35,7 @@ from modeldepot.server.listing import (
     ModelQuery,
     commits_page,
     expand_names,
+    head,
     model_config,
     models_page,
 )
@@ -154,13 +155,29 @@ async def _stored_view(request: web.Request, repo_id: str, revision: str) -> Rev
 
 async def model_info(request: web.Request) -> web.Response:
     expand = expand_names(request.query)
-    view = await _revision_view(request, await path_repo(request), _revision(request))
+    repo_id = await path_repo(request)
+    revision = _revision(request)
+    if "rev" not in request.match_info:  # the repo's: as /api/models lists it (repo_exists asks so)
+        revision = await asyncio.to_thread(_listed_revision, request.app[DEPOT], repo_id)
+    view = await _revision_view(request, repo_id, revision)
     if not expand:
         return json_response(model_info_body(view, truthy(request.query.get("blobs"))))
     config = None  # read from the store: a revision a mirror has not pulled has none
     if "config" in expand:
         config = await asyncio.to_thread(model_config, request.app[DEPOT].store, view.repo_id, view.commit_id)
     return json_response(select_properties(model_properties(view, config), expand))
+
+
+def _listed_revision(depot: Depot, repo_id: str) -> str:
+    """The default branch; for a repo the store holds without one (imported with ``-r dev`` only), the
+    newest revision, which /api/models describes."""
+    try:
+        summary = depot.store.repo_summary(repo_id)
+    except NotFoundError:
+        return DEFAULT_BRANCH
+    return (
+        DEFAULT_BRANCH if DEFAULT_BRANCH in summary.refs else head(depot.store, summary)[0] or DEFAULT_BRANCH
+    )
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -42,6 +42,7 @@ __all__ = [
     "ModelQuery",
     "commits_page",
     "expand_names",
+    "head",
     "model_config",
     "models_page",
 ]
@@ -202,7 +203,7 @@ class ModelQuery:
         return key < cursor[0] if self.descending else key > cursor[0]  # type: ignore[operator]
 
 
-def _head(store: Store, summary: RepoSummary) -> tuple[str, float]:
+def head(store: Store, summary: RepoSummary) -> tuple[str, float]:
     """The revision a listing describes: the default branch's, or the newest one of a repo without it."""
     revisions = store.revisions(summary.repo_id)
     when = dict(revisions)
@@ -244,7 +245,7 @@ def model_config(store: Store, repo_id: str, commit_id: str) -> dict[str, Any] |
 
 def _item(store: Store, summary: RepoSummary, properties: Iterable[str]) -> dict[str, Any]:
     wanted = set(properties)
-    commit_id, committed_at = _head(store, summary)
+    commit_id, committed_at = head(store, summary)
     files = store.files(summary.repo_id, commit_id) if wanted & {"siblings", "usedStorage"} else []
     view: RevisionView = stored_view(summary, commit_id, files, committed_at)
     config = model_config(store, summary.repo_id, commit_id) if "config" in wanted else None
