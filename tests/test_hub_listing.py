@@ -190,6 +190,23 @@ def test_pages_are_chained_by_link_headers(
     assert [m["id"] for m in last.json()] == [GPT] and "next" not in last.links
 
 
+def test_a_host_header_naming_no_host_is_bad_input_where_a_next_link_is_built(node: LiveNode) -> None:
+    """The Link to the next page is absolute, made of the Host header: one naming no host was a 500."""
+    import socket
+
+    for host in (b"x:99999", b"x:abc"):
+        for target in (b"/api/models?limit=1", b"/api/depot/v1/inventory?limit=1"):
+            with socket.create_connection(("127.0.0.1", node.port), timeout=30) as sock:
+                sock.sendall(
+                    b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
+                )
+                answer = b""
+                while block := sock.recv(65536):
+                    answer += block
+            assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+            assert b"Host header" in answer
+
+
 def test_listed_properties_full_config_card_and_expand(node: LiveNode, catalog: Depot) -> None:
     api = HfApi(endpoint=node.url, token=False)
     [plain] = api.list_models(search="bert-tiny")

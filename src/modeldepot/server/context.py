@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from modeldepot.depot import Depot
+from modeldepot.errors import InvalidInputError
 from modeldepot.validation import validate_repo_id
 
-__all__ = ["CONTROL_TOKEN", "DEPOT", "TOKEN", "carries_token", "is_authorized", "path_matches", "path_repo"]
+if TYPE_CHECKING:
+    from yarl import URL  # (aiohttp's URL type)
+
+__all__ = ["CONTROL_TOKEN", "DEPOT", "TOKEN", "carries_token", "is_authorized", "path_matches", "path_repo",
+           "request_url"]  # fmt: skip
 
 DEPOT = web.AppKey("depot", Depot)
 TOKEN = web.AppKey("token", str)  # "" when the node has no token
@@ -51,3 +57,12 @@ def path_matches(resource: web.AbstractResource, path: str) -> bool:
         return bool(info["path"] == path)
     pattern = info.get("pattern")
     return bool(pattern is not None and pattern.fullmatch(path))
+
+
+def request_url(request: web.Request) -> URL:
+    """The request's absolute URL (for links to a next page); a Host header that names no host is bad input
+    (a 400), not a failure of the node."""
+    try:
+        return request.url
+    except ValueError as error:
+        raise InvalidInputError(f"the Host header does not name a host ({error})") from None

@@ -29,7 +29,7 @@ from modeldepot.errors import (
     UpstreamError,
 )
 from modeldepot.gitobjects import TreeEntry, lfs_pointer, tree_oids
-from modeldepot.server.context import DEPOT, is_authorized, path_matches, path_repo
+from modeldepot.server.context import DEPOT, is_authorized, path_matches, path_repo, request_url
 from modeldepot.server.listing import (
     CommitQuery,
     ModelQuery,
@@ -78,7 +78,7 @@ def _next_link(request: web.Request, **params: str) -> str:
     """A ``Link`` header to the same listing with ``params`` replaced (an absolute URL: huggingface.js
     follows only those)."""
     kept = [(key, value) for key, value in request.query.items() if key not in params]
-    return f'<{request.url.with_query([*kept, *params.items()])}>; rel="next"'
+    return f'<{request_url(request).with_query([*kept, *params.items()])}>; rel="next"'
 
 
 async def _check_visible(request: web.Request, repo_id: str) -> None:

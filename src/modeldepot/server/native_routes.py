@@ -28,7 +28,7 @@ from modeldepot.errors import ChunkNotAvailableError, InvalidInputError, NotFoun
 from modeldepot.hashing import chunk_count
 from modeldepot.hub.manifest import Manifest
 from modeldepot.preload.preloader import PreloadInfo
-from modeldepot.server.context import DEPOT, is_authorized, path_repo
+from modeldepot.server.context import DEPOT, is_authorized, path_repo, request_url
 from modeldepot.server.fleet import FLEET
 from modeldepot.server.openapi import WITHHELD_PRELOAD, openapi_document
 from modeldepot.server.ranges import RangeNotSatisfiable
@@ -338,7 +338,7 @@ async def inventory(request: web.Request) -> web.Response:
     blobs = await asyncio.to_thread(_depot(request).store.inventory, after, limit, not is_authorized(request))
     body: dict[str, Any] = {"blobs": [b.to_dict() for b in blobs]}
     if len(blobs) == limit:
-        body["next"] = str(request.url.update_query(after=blobs[-1].sha256))
+        body["next"] = str(request_url(request).update_query(after=blobs[-1].sha256))
     return json_response(body)
 
 
