@@ -492,6 +492,14 @@ def test_paths_info_takes_json_and_forms(node: LiveNode, catalog: Depot) -> None
         assert answer.status_code == 400, body
     traversal = requests.post(url, data={"paths": ["onnx/../../x"]}, timeout=30)
     assert traversal.status_code == 400
+    # A path named many times is answered once (a 1 MB body naming one file 52,000 times was a 12 MB answer
+    # built on the event loop); more than the Hub's 1000 paths is a 413 that says so, both ways
+    repeated = requests.post(url, json={"paths": ["config.json"] * 5000}, timeout=30)
+    assert repeated.status_code == 200 and [e["path"] for e in repeated.json()] == ["config.json"]
+    many = [f"f{i:04d}.txt" for i in range(1001)]
+    for sent in ({"json": {"paths": many}}, {"data": {"paths": many}}):
+        refused = requests.post(url, timeout=30, **sent)  # type: ignore[arg-type]
+        assert refused.status_code == 413 and "1000" in refused.json()["error"], refused.text
 
 
 def test_a_config_nested_too_deep_to_parse_is_left_out_of_the_listing(depot: Depot, tmp_path: Path) -> None:

@@ -168,6 +168,15 @@ def test_blob_reads_whole_by_range_and_by_if_range(node: LiveNode) -> None:
         assert same.status == 206 and same.body == data[1:3]
         other = fetch(node, f"{API}/blobs/{sha}", {"Range": "bytes=1-2", "If-Range": '"stale"'})
         assert other.status == 200 and other.body == data
+        upper = fetch(node, f"{API}/blobs/{sha}", {"Range": "BYTES=1-2"})  # (units are case-insensitive)
+        assert upper.status == 206 and upper.body == data[1:3]
+        for held in (f'"{sha}"', f'"stale", W/"{sha}"', "*"):  # the client holds these bytes: a 304
+            unchanged = fetch(node, f"{API}/blobs/{sha}", {"If-None-Match": held})
+            assert (
+                unchanged.status == 304 and unchanged.body == b"" and unchanged.headers["ETag"] == f'"{sha}"'
+            )
+        changed = fetch(node, f"{API}/blobs/{sha}", {"If-None-Match": '"stale"'})
+        assert changed.status == 200 and changed.body == data
 
 
 def test_chunk_reads_carry_their_blake3(node: LiveNode) -> None:

@@ -106,10 +106,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as error:
         if error.status < 400:
             raise
+        default = f"{error.status}: {error.reason}"  # (aiohttp's text when it was given none)
         return error_response(
             error.status,
             None,
-            error.reason,
+            error.text if error.text and error.text != default else error.reason,
             {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None,
         )
     except Exception as error:

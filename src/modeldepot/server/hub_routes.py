@@ -267,6 +267,9 @@ async def list_tree(request: web.Request) -> web.Response:
     return json_response([tree.entry(p, expand, updated_at) for p in chunk], headers=headers)
 
 
+MAX_PATHS_INFO = 1000  # paths one paths-info request may name (the Hub's cap; aiohttp's on form fields)
+
+
 async def _paths_info_request(request: web.Request) -> tuple[list[str], bool]:
     """The paths and ``expand`` of a paths-info request: a JSON body (``{"paths": [...], "expand": true}``,
     as huggingface.js sends it) or a form (``paths=a&paths=b&expand=True``, as huggingface_hub does)."""
@@ -290,7 +293,11 @@ async def _paths_info_request(request: web.Request) -> tuple[list[str], bool]:
             raise InvalidInputError(f"the paths-info form could not be read: {error}") from None
         paths = [str(p) for p in form.getall("paths", [])]
         expand = truthy(str(form.get("expand", "")))
-    return [validate_path(p.strip("/")) for p in paths], expand
+    wanted = list(dict.fromkeys(validate_path(p.strip("/")) for p in paths))  # (each once, in order)
+    if len(wanted) > MAX_PATHS_INFO:
+        raise web.HTTPRequestEntityTooLarge(MAX_PATHS_INFO, text=f"at most {MAX_PATHS_INFO} paths per "
+                                            f"paths-info request, as on the Hub; {len(wanted)} were sent")  # fmt: skip
+    return wanted, expand
 
 
 async def paths_info(request: web.Request) -> web.Response:

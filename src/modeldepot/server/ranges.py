@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 __all__ = ["ByteRange", "RangeNotSatisfiable", "parse_range"]
 
-_SPEC = re.compile(r"bytes=(\d*)-(\d*)", re.ASCII)
+_SPEC = re.compile(r"bytes=(\d*)-(\d*)", re.ASCII | re.IGNORECASE)  # (units are case-insensitive: RFC 9110)
 _MAX_DIGITS = 19  # anything longer is no offset in any file we hold
 
 

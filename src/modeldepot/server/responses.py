@@ -221,6 +221,9 @@ async def send_blob(
         "Accept-Ranges": "bytes",
         "Content-Type": "application/octet-stream",
     }
+    if _matches_none(request.headers.get("If-None-Match"), etag):
+        reader.close()  # the client holds these very bytes
+        return web.Response(status=304, headers={k: v for k, v in headers.items() if k != "Content-Type"})
     try:
         wanted = wanted_range(request, size, etag, hub=hub)
     except RangeNotSatisfiable:
@@ -238,6 +241,14 @@ async def send_blob(
         return BlobResponse(reader, 0, size, 200, whole)
     headers["Content-Range"] = wanted.content_range(size)
     return BlobResponse(reader, wanted.start, wanted.length, 206, headers)
+
+
+def _matches_none(header: str | None, etag: str) -> bool:
+    """Whether an ``If-None-Match`` header names ``etag`` (or ``*``), compared weakly (RFC 9110 §13.1.2)."""
+    if header is None:
+        return False
+    tags = [tag.strip() for tag in header.split(",")]
+    return "*" in tags or f'"{etag}"' in (tag.removeprefix("W/") for tag in tags)
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
