@@ -157,12 +157,11 @@ def test_import_adopts_a_real_cache_by_hard_links(
 def test_an_import_keeps_to_the_disk_budget(
     hf_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from modeldepot.store.budget import BudgetExceededError
-
     monkeypatch.setenv("MODELDEPOT_MAX_SIZE", "1KiB")  # far below the sample's weights
     with Depot(tmp_path / "small") as small:
-        with pytest.raises(BudgetExceededError):
-            small.hf_cache_import(cache_dir=hf_cache)
+        refused = small.hf_cache_import(cache_dir=hf_cache)  # (reported, and the next repo would be adopted)
+        assert [(p.repo_id, p.problem) for p in refused.problems] == [(SAMPLE, "failed")]
+        assert "budget" in refused.problems[0].detail and refused.repos == ()
         assert small.list_repos() == [] and store_blob_files(small) == set()
     monkeypatch.setenv("MODELDEPOT_MAX_SIZE", "64MiB")
     with Depot(tmp_path / "roomy") as roomy:
@@ -313,6 +312,99 @@ def test_damaged_entries_are_reported_and_skipped_the_rest_imported(
     assert weights.exists() and hashlib.sha256(weights.read_bytes()).hexdigest() != weights.name
     assert depot.verify().ok and store_files_consistent(depot) == []
     assert list(depot.store.layout.tmp.iterdir()) == []
+
+
+def _relink(snapshot: Path, path: str, data: bytes) -> None:
+    """Point a snapshot's (plain, git-named) file at another valid blob of ``data``."""
+    from modeldepot.gitobjects import git_blob_oid
+
+    blobs = snapshot.parent.parent / "blobs"
+    (blobs / git_blob_oid(data)).write_bytes(data)
+    (snapshot / path).unlink()
+    (snapshot / path).symlink_to(f"../../blobs/{git_blob_oid(data)}")
+
+
+def test_the_files_of_a_commit_the_store_holds_never_change(
+    depot: Depot, hf_cache: Path, tmp_path: Path
+) -> None:
+    """A second cache's snapshot of the same commit linking config.json to other (valid) bytes replaced the
+    store's file of that commit: `cat`, the node and peers sent the new bytes under the old commit, and
+    verify found nothing wrong."""
+    assert depot.hf_cache_import(cache_dir=hf_cache).ok
+    commit = depot.resolve(SAMPLE)
+    other = tmp_path / "other" / "hub"
+    shutil.copytree(hf_cache, other, symlinks=True)
+    shutil.rmtree(other / FOLDER / "trees")  # (no listing of the commit to tell: the store's files do)
+    _relink(snapshot_of(other), "config.json", b'{"model_type": "EVIL"}')
+    result = depot.hf_cache_import(cache_dir=other)
+    assert [(p.problem, p.path) for p in result.problems] == [
+        ("conflict", f"{FOLDER}/snapshots/{commit}/config.json")
+    ]
+    assert "never change" in result.problems[0].detail and not result.ok
+    assert bytes(depot.get_file(SAMPLE, "config.json", commit)) == sample_files()["config.json"]
+    assert depot.verify().ok and store_files_consistent(depot) == []
+
+
+def test_a_file_the_commits_listing_gives_other_bytes_is_not_adopted(hf_cache: Path, tmp_path: Path) -> None:
+    _relink(snapshot_of(hf_cache), "config.json", b'{"model_type": "EVIL"}')
+    commit = snapshot_of(hf_cache).name
+    with Depot(tmp_path / "fresh") as fresh:
+        result = fresh.hf_cache_import(cache_dir=hf_cache)
+        assert ("conflict", f"{FOLDER}/snapshots/{commit}/config.json") in [
+            (p.problem, p.path) for p in result.problems
+        ]
+        assert not fresh.has_file(SAMPLE, "config.json") and fresh.has_file(SAMPLE, "tokenizer.json")
+
+
+def test_a_commit_published_meanwhile_with_other_bytes_is_refused_whole(
+    depot: Depot, hf_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The publishing transaction itself refuses other bytes for a commit's file (a writer that published the
+    commit after the import looked: here, the look skipped)."""
+    from modeldepot.hfcache import adopt
+    from modeldepot.store.publish import StagedFile
+
+    assert depot.hf_cache_import(cache_dir=hf_cache).ok
+    other = tmp_path / "other" / "hub"
+    shutil.copytree(hf_cache, other, symlinks=True)
+    shutil.rmtree(other / FOLDER / "trees")
+    _relink(snapshot_of(other), "config.json", b'{"model_type": "EVIL"}')
+    looked: list[int] = []
+
+    def no_look(store, scan, repo, commit, links, verified, listing):  # type: ignore[no-untyped-def]
+        looked.append(1)
+        return [StagedFile(f.path, verified[f.etag].digest, verified[f.etag].git_oid, verified[f.etag].lfs)
+                for f in links]  # fmt: skip
+
+    monkeypatch.setattr(adopt, "_files_of_the_commit", no_look)
+    result = depot.hf_cache_import(cache_dir=other)
+    assert looked and any(p.problem == "conflict" and "never change" in p.detail for p in result.problems)
+    assert bytes(depot.get_file(SAMPLE, "config.json")) == sample_files()["config.json"]
+
+
+def test_a_repo_that_cannot_be_adopted_is_skipped_and_the_others_are_adopted(
+    hf_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One repo over the disk budget stopped the whole import: the repos after it were not adopted."""
+    import hashlib
+
+    big = os.urandom(2 << 20)
+    folder = hf_cache / "models--acme--aaa-big"  # (adopted first: by name)
+    sha = hashlib.sha256(big).hexdigest()
+    (folder / "blobs").mkdir(parents=True)
+    (folder / "blobs" / sha).write_bytes(big)
+    (folder / "snapshots" / ("a" * 40)).mkdir(parents=True)
+    (folder / "snapshots" / ("a" * 40) / "big.bin").symlink_to(f"../../blobs/{sha}")
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("MODELDEPOT_MAX_SIZE", "1MiB")  # room for the sample, not for the big one
+    with Depot(tmp_path / "small") as small:
+        result = small.hf_cache_import(cache_dir=hf_cache)
+        assert [(p.repo_id, p.problem) for p in result.problems] == [("acme/aaa-big", "failed")]
+        assert "disk budget" in result.problems[0].detail
+        assert [r.repo_id for r in small.list_repos()] == [SAMPLE]
+    code, out, _ = run("hf-cache", "import", "--cache-dir", str(hf_cache), "--json", home=tmp_path / "small")
+    assert code == 1 and json.loads(out)["problems"], out  # (--json printed nothing when a repo failed)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="gives a file to another user: as root")

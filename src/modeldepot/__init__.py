@@ -10,6 +10,7 @@ from modeldepot.depot import Depot, MappedFile
 from modeldepot.errors import (
     AccessDeniedError,
     ChunkNotAvailableError,
+    CommitConflictError,
     ConfigError,
     CorruptBlobError,
     DepotError,
@@ -49,6 +50,7 @@ from modeldepot.store import (
 __all__ = [
     "AccessDeniedError",
     "ChunkNotAvailableError",
+    "CommitConflictError",
     "ConfigError",
     "CorruptBlobError",
     "Depot",

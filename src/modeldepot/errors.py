@@ -16,7 +16,8 @@ HTTP status in one place each::
     │   ├── ChunkNotAvailableError               a chunk of a download in progress this node cannot serve yet
     │   └── SourceDirectoryError (FileNotFoundError)
     ├── IntegrityError                           bytes that do not match their digests     → exit 1
-    │   └── CorruptBlobError                     a quarantined or damaged blob: never served
+    │   ├── CorruptBlobError                     a quarantined or damaged blob: never served
+    │   └── CommitConflictError                  other bytes for a file of a commit the store holds
     ├── UpstreamError                            the Hub or a node refused or failed       → exit 1
     │   ├── UpstreamDataError                    it answered with a value we refuse (a name, digest, size)
     │   ├── UpstreamTimeoutError                 it did not answer in time
@@ -199,6 +200,18 @@ class CorruptBlobError(IntegrityError):
         error = cls(sha256, "it failed verification earlier")
         error.found_before = True
         return error
+
+
+class CommitConflictError(IntegrityError):
+    """A commit names fixed content: a write that would give a file of a commit the store holds other
+    bytes (another cache's snapshot under the same commit id, an upstream that lies) changes nothing."""
+
+    def __init__(self, repo_id: str, commit_id: str, path: str, held: str, offered: str) -> None:
+        super().__init__(
+            f"{path!r} of {repo_id}@{commit_id[:12]} is held with other bytes (SHA-256 {held[:12]}…) than "
+            f"these ({offered[:12]}…): a commit's files never change, so nothing was changed"
+        )
+        self.repo_id, self.commit_id, self.path = repo_id, commit_id, path
 
 
 class UpstreamError(DepotError):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from modeldepot.errors import (
+    CommitConflictError,
     IntegrityError,
     InvalidInputError,
     NotFoundError,
@@ -41,6 +42,7 @@ from modeldepot.hfcache.cache import (
 from modeldepot.hub.manifest import RemoteFile, save_scan
 from modeldepot.modelcard import MAX_CARD_BYTES, card_metadata
 from modeldepot.store.blobs import PartialBlob, WriteSession
+from modeldepot.store.budget import BudgetExceededError
 from modeldepot.store.importer import likely_new_bytes, stage_blob
 from modeldepot.store.publish import RevisionSpec, StagedFile, blob_states, publish
 from modeldepot.store.store import Store
@@ -286,7 +288,21 @@ def import_hf_cache(
 
     adopted = []
     for repo in repos:
-        result = _adopt(store, scan, repo, private, not copy, report, done)
+        start = done[0]
+        try:
+            result = _adopt(store, scan, repo, private, not copy, report, done)
+        except (
+            BudgetExceededError,
+            IntegrityError,
+            NotFoundError,
+            InvalidInputError,
+            UpstreamDataError,
+        ) as error:
+            # One repo that cannot be adopted (over the disk budget, a file written while it was hashed) is
+            # reported and skipped; the others are adopted (a store error, a full disk, stops them all).
+            scan.problem(repo.repo_id, repo.folder, "failed", f"{error}: the repo was skipped")
+            done[0] = start + sum(link.size for link in _blob_sources(repo).values())
+            continue
         if result is not None:
             adopted.append(result)
     return HfCacheImportResult(str(cache), tuple(adopted), tuple(scan.problems))
@@ -383,29 +399,70 @@ def _publish_revisions(store: Store, scan: _Scan, repo: _CachedRepo, verified: d
                 scan.problem(repo.repo_id, repo.folder / "refs" / name, "missing",
                              f"points at commit {commit}, none of whose files could be imported")  # fmt: skip
             continue
-        staged = [StagedFile(f.path, verified[f.etag].digest, verified[f.etag].git_oid, verified[f.etag].lfs)
-                  for f in links]  # fmt: skip
+        listing = _read_tree_listing(scan, repo.repo_id, repo.folder / "trees" / f"{commit}.json")
+        staged = _files_of_the_commit(store, scan, repo, commit, links, verified, listing)
         names = refs.get(commit, [])
+        if not staged:
+            for name in names:
+                scan.problem(repo.repo_id, repo.folder / "refs" / name, "missing",
+                             f"points at commit {commit}, none of whose files could be imported")  # fmt: skip
+            continue
         spec = RevisionSpec(repo.repo_id, commit, names[0] if names else None, private, ORIGIN, _card(links))
         used = {s.digest.sha256 for s in staged}
-        new |= publish(store, spec, staged, {sha256: partials[sha256] for sha256 in used})
+        try:
+            new |= publish(store, spec, staged, {sha256: partials[sha256] for sha256 in used})
+        except (
+            CommitConflictError
+        ) as conflict:  # (another writer published the commit since it was looked at)
+            scan.problem(repo.repo_id, repo.folder / "snapshots" / commit, "conflict", f"{conflict}: skipped")
+            continue
         for name in names[1:]:
             publish(store, dataclasses.replace(spec, branch=name), staged, {})
         revisions.append(
             HfCacheRevision(commit, tuple(names), len(staged), sum(s.digest.size for s in staged))
         )
-        _note_a_partial_commit(store, scan, repo, commit, names, {s.path for s in staged}, private)
+        _note_a_partial_commit(store, scan, repo, commit, names, {s.path for s in staged}, private, listing)
     return revisions, new
 
 
+def _files_of_the_commit(store: Store, scan: _Scan, repo: _CachedRepo, commit: str, links: list[_Link],
+                         verified: dict[str, _Verified], listing: list[RemoteFile] | None) -> list[StagedFile]:  # fmt: skip
+    """The snapshot's files that may be published as the commit's: not one the commit's own listing
+    (``trees/<commit>.json``) gives other bytes, nor one the store holds with other bytes for that commit
+    (another cache's snapshot under the same commit id: a commit's files never change). Those are reported."""
+    held: dict[str, str] = {
+        row["path"]: row["sha256"]
+        for row in store.index.read(
+            "SELECT path, sha256 FROM files WHERE repo_id = ? AND commit_id = ?", (repo.repo_id, commit)
+        )
+    }
+    listed = {f.path: f for f in listing or []}
+    staged = []
+    for link in links:
+        found = verified[link.etag]
+        entry = listed.get(link.path)
+        where = repo.folder / "snapshots" / commit / link.path
+        if entry is not None and (entry.git_oid != found.git_oid or entry.size != found.digest.size):
+            scan.problem(repo.repo_id, where, "conflict",
+                         f"it links to blob {link.etag[:12]}…, and the commit's listing ({commit[:12]}…) names "
+                         f"another (git blob id {entry.git_oid[:12]}…): skipped")  # fmt: skip
+        elif held.get(link.path, found.digest.sha256) != found.digest.sha256:
+            scan.problem(repo.repo_id, where, "conflict",
+                         f"the store holds other bytes for this file of commit {commit[:12]}… (SHA-256 "
+                         f"{held[link.path][:12]}…, this one {found.digest.sha256[:12]}…), and a commit's files "
+                         "never change: skipped")  # fmt: skip
+        else:
+            staged.append(StagedFile(link.path, found.digest, found.git_oid, found.lfs))
+    return staged
+
+
 def _note_a_partial_commit(store: Store, scan: _Scan, repo: _CachedRepo, commit: str, names: list[str],
-                           imported: set[str], private: bool) -> None:  # fmt: skip
+                           imported: set[str], private: bool, listing: list[RemoteFile] | None) -> None:  # fmt: skip
     """When huggingface_hub's listing of the commit (``trees/<commit>.json``, written by snapshot_download)
     names files the cache did not hold or that could not be imported, say so, and keep that listing as the
     repo's manifest (unless the repo has one of another commit, not main's): ``info`` and ``status`` count
     what is missing, a node lists the whole commit and refuses what it lacks, a pull takes the rest."""
     tree = repo.folder / "trees" / f"{commit}.json"
-    listing = _read_tree_listing(scan, repo.repo_id, tree)
     if listing is None:
         return
     missing = [f.path for f in listing if f.path not in imported]

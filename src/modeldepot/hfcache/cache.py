@@ -38,7 +38,9 @@ class HfCacheProblem(_Record):
 
     repo_id: str | None
     path: str  # relative to the cache folder
-    problem: str  # corrupt, incomplete, missing, outside, invalid, unreadable, partial (a commit in part)
+    # corrupt, incomplete, missing, outside, invalid, unreadable, conflict (other bytes than the commit's),
+    # failed (a repo skipped whole: over the disk budget...), partial (a commit in part: a note)
+    problem: str
     detail: str
 
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from modeldepot.errors import InvalidRevisionError, SourceDirectoryError, StoreError
+from modeldepot.errors import CommitConflictError, InvalidRevisionError, SourceDirectoryError, StoreError
 from modeldepot.hashing import BlobDigest
 from modeldepot.store.blobs import PartialBlob
 from modeldepot.store.index import Index
@@ -194,8 +194,15 @@ def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushe
             "INSERT OR IGNORE INTO revisions (repo_id, commit_id, tree_oid, created_at) VALUES (?, ?, ?, ?)",
             (spec.repo_id, spec.commit_id, spec.tree_oid, now),
         )
+        held = dict(con.execute(
+            "SELECT path, sha256 FROM files WHERE repo_id = ? AND commit_id = ?", (spec.repo_id, spec.commit_id)
+        ).fetchall())  # fmt: skip
         for item in staged:
             digest = item.digest
+            if held.get(item.path, digest.sha256) != digest.sha256:
+                raise CommitConflictError(
+                    spec.repo_id, spec.commit_id, item.path, held[item.path], digest.sha256
+                )
             boot = unflushed_boot if digest.sha256 in placed else None
             con.execute(
                 "INSERT INTO blobs (sha256, size, chunk_size, git_sha1, created_at, unflushed_boot) "
