@@ -505,6 +505,37 @@ def test_only_the_repos_asked_for_and_private_stays_private(
         depot.hf_cache_import("acme/absent", cache_dir=hf_cache)  # type: ignore[arg-type]
 
 
+TRUNCATE_WHILE_OPEN = """
+import os, sys
+from modeldepot import CorruptBlobError, Depot
+home, cache_file = sys.argv[1], sys.argv[2]
+with Depot(home) as depot:
+    entry = depot.file_info("acme/sample", "model.safetensors")
+    with depot.open_verified(entry) as reader:
+        reader.check(0)
+        os.chmod(cache_file, 0o644)
+        os.truncate(cache_file, 1000)  # the user truncates their own cache's file, the node sending it
+        try:
+            reader.check(1)
+        except CorruptBlobError as error:
+            print("refused:", error)
+    print("quarantined" if not depot.has_file("acme/sample", "model.safetensors") else "served")
+"""
+
+
+def test_a_blob_truncated_through_the_cache_is_refused_not_a_crash(depot: Depot, hf_cache: Path) -> None:
+    """An adopted blob is one inode with the cache's: truncated there while a node sent it, the node died
+    of SIGBUS (its chunk checks read a mapping past the file's new end). Run apart: it killed its process."""
+    assert depot.hf_cache_import(cache_dir=hf_cache).ok
+    cache_file = os.path.realpath(snapshot_of(hf_cache) / "model.safetensors")
+    with depot.open_verified(depot.file_info(SAMPLE, "model.safetensors")) as reader:
+        assert reader.shared  # (named by the cache too: read, never mapped)
+    done = subprocess.run([sys.executable, "-c", TRUNCATE_WHILE_OPEN, str(depot.home), cache_file],
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, (done.returncode, done.stderr)  # (-7: SIGBUS)
+    assert "refused:" in done.stdout and "ends before chunk 1" in done.stdout and "quarantined" in done.stdout
+
+
 # -- export ------------------------------------------------------------------------------------------------
 
 

@@ -279,10 +279,10 @@ class Mirror:
         reader = await asyncio.to_thread(self.depot.open_verified, entry)
         try:
             for index in reader.chunks_of(start, end):
-                await asyncio.to_thread(reader.check, index)
+                view = await asyncio.to_thread(reader.checked_view, index)
                 offset, length = reader.span(index)
                 lo, hi = max(start, offset), min(end, offset + length - 1)
-                yield reader.view(index)[lo - offset : hi - offset + 1]
+                yield view[lo - offset : hi - offset + 1]
         finally:
             reader.close()
 

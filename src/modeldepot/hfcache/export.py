@@ -284,8 +284,7 @@ def _copy_blob(store: Store, blob: BlobRecord, temporary: Path) -> None:
     """Copy the store's blob to ``temporary``, each chunk checked against its BLAKE3 first, then flushed."""
     with store.open_verified(blob) as reader, open(temporary, "xb") as out:
         for index in range(reader.chunks):
-            reader.check(index)
-            with reader.view(index) as data:
+            with reader.checked_view(index) as data:
                 out.write(data)
         out.flush()
         os.fsync(out.fileno())

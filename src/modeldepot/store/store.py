@@ -374,8 +374,7 @@ class Store:
         """Chunk ``index`` of a blob as a view of its mapping, and the BLAKE3 it was just checked against;
         a bad chunk quarantines the blob."""
         with self.open_verified(blob) as reader:
-            digest = reader.check(index)
-            return reader.view(index), digest
+            return reader.checked_view(index), reader.digest(index)
 
     def open_verified(self, blob: BlobRecord) -> VerifiedBlob:
         """The blob open for reading chunk by chunk, each chunk checked before it is handed out (what the

@@ -21,6 +21,7 @@ import blake3
 
 from modeldepot.errors import ChunkNotAvailableError, CorruptBlobError, InvalidRangeError
 from modeldepot.hashing import chunk_count, chunk_span
+from modeldepot.store.layout import os_error
 from modeldepot.store.models import BlobRecord
 
 __all__ = ["PartialChunkReader", "VerifiedBlob"]
@@ -31,6 +32,11 @@ class VerifiedBlob:
 
     ``file`` is a read-only file object over the blob (for ``sendfile``); :meth:`view` gives a chunk's
     bytes as a zero-copy view of the mapping that was hashed. Close it (or use it as a context manager).
+
+    A blob file with another name (a Hugging Face cache's blob it was adopted from, a user's file imported
+    with ``--link``, an export) may be written there, truncated even, and a read of a mapping past the end
+    of a file kills the process (SIGBUS): such a blob is read with ``pread`` instead, each chunk into bytes
+    of its own, and a chunk found short is corrupt like one whose digest fails.
     """
 
     by_sendfile = True  # whether a sender may send a checked chunk from ``file`` (else from :meth:`view`)
@@ -45,7 +51,9 @@ class VerifiedBlob:
         self._digests = digests
         self._quarantine = quarantine
         try:
-            self._mapping = mmap.mmap(fd, blob.size, prot=mmap.PROT_READ) if blob.size else None
+            self.shared = os.fstat(fd).st_nlink > 1  # (named elsewhere too: read, never mapped)
+            mapped = blob.size and not self.shared
+            self._mapping = mmap.mmap(fd, blob.size, prot=mmap.PROT_READ) if mapped else None
         except BaseException:
             self.file.close()
             raise
@@ -73,27 +81,60 @@ class VerifiedBlob:
         return chunk_span(index, self.blob.size, self.blob.chunk_size)
 
     def view(self, index: int) -> memoryview:
-        """Chunk ``index`` as a view of the mapping (check it first)."""
+        """Chunk ``index`` as a view of the mapping (check it first; :meth:`checked_view` does both). A blob
+        read unmapped (``shared``) reads the chunk again and checks it again: its file may have changed."""
         offset, length = self.span(index)
-        return (
-            memoryview(self._mapping)[offset : offset + length]
-            if self._mapping is not None
-            else memoryview(b"")
-        )
+        if self._mapping is not None:
+            return memoryview(self._mapping)[offset : offset + length]
+        return self.checked_view(index) if length else memoryview(b"")
+
+    def digest(self, index: int) -> str:
+        """The BLAKE3 recorded for chunk ``index`` (what :meth:`check` compares with)."""
+        self._check_index(index)
+        return self._digests[index]
+
+    def checked_view(self, index: int) -> memoryview:
+        """Chunk ``index`` checked (:meth:`check`), then its bytes: a view of the mapping that was hashed, or
+        the very bytes that were read and hashed."""
+        if self._mapping is not None:
+            self.check(index)
+            return self.view(index)
+        return memoryview(self._read_checked(index)[0])
 
     def check(self, index: int) -> str:
         """Hash chunk ``index`` and compare it with its recorded BLAKE3; returns the digest. A mismatch
         quarantines the blob and raises CorruptBlobError. Blocks for a few milliseconds: call it from a
         worker thread in async code (blake3 releases the GIL)."""
+        if self._mapping is None:
+            return self._read_checked(index)[1]
         self._check_index(index)
-        expected = self._digests[index] if index < len(self._digests) else None
         with self.view(index) as data:
             actual = blake3.blake3(data).hexdigest()
+        self._compare(index, actual)
+        return actual
+
+    def _read_checked(self, index: int) -> tuple[bytes, str]:
+        """(Unmapped.) Chunk ``index`` read with ``pread`` and checked: its bytes and their digest."""
+        self._check_index(index)
+        offset, length = self.span(index)
+        try:
+            data = os.pread(self.file.fileno(), length, offset)
+        except OSError as error:
+            raise os_error(error, f"reading chunk {index} of blob {self.blob.sha256[:16]}…") from error
+        if len(data) != length:  # (truncated through another name of the file)
+            self._quarantine(self.blob.sha256)
+            raise CorruptBlobError(self.blob.sha256, f"its file ends before chunk {index} does",
+                                   kept_in_place=self._kept_in_place)  # fmt: skip
+        actual = blake3.blake3(data).hexdigest()
+        self._compare(index, actual)
+        return data, actual
+
+    def _compare(self, index: int, actual: str) -> None:
+        expected = self._digests[index] if index < len(self._digests) else None
         if actual != expected:
             self._quarantine(self.blob.sha256)
             raise CorruptBlobError(self.blob.sha256, f"chunk {index} does not match its BLAKE3 digest",
                                    kept_in_place=self._kept_in_place)  # fmt: skip
-        return actual
 
     def _check_index(self, index: int) -> None:
         if isinstance(index, bool) or not isinstance(index, int):
@@ -157,6 +198,17 @@ class PartialChunkReader(VerifiedBlob):
         with self._lock:
             self._checked[index] = data
         return expected
+
+    def digest(self, index: int) -> str:
+        """The BLAKE3 the log names for chunk ``index``."""
+        self._check_index(index)
+        if index not in self._logged:
+            raise ChunkNotAvailableError(self.blob.sha256, index, "it has not been downloaded yet")
+        return self._logged[index]
+
+    def checked_view(self, index: int) -> memoryview:
+        self.check(index)
+        return self.view(index)
 
     def view(self, index: int) -> memoryview:
         """The bytes of chunk ``index`` that :meth:`check` hashed (each check gives them out once)."""
