@@ -365,6 +365,43 @@ def test_two_imports_linking_one_folder_at_once_both_succeed_and_give_the_modes_
     assert depot.verify().ok and store_files_consistent(depot) == []
 
 
+def test_a_second_import_linking_one_folder_after_the_first_hashed_copies_and_neither_fails(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock that makes a second `import --link` of a file copy it was let go when the first had hashed
+    the file (its descriptor closed), not when it had placed it: both linked, and both failed, "changed
+    after it was hashed", or left the user's files read-only. A link made and dropped elsewhere (another
+    store's import and rm) between the hash and the publish failed an import too."""
+    from modeldepot.store import importer
+
+    files = {"model.gguf": os.urandom(3 * SMALL_CHUNK), "config.json": b'{"a": 1}'}
+    folder = write_model_dir(tmp_path / "folder", files)
+    for name in files:
+        os.chmod(folder / name, 0o640)
+    publishing, started, results = importer.publish, [], []
+    with Depot(depot.home) as other:
+
+        def other_import_and_a_passing_link(*args: object, **kwargs: object) -> object:
+            if not started:  # (every file of the first import is hashed and held by now)
+                started.append(True)
+                results.append(other.import_dir(folder, "acme/second", link=True))
+                for name in files:
+                    os.link(folder / name, tmp_path / "passing")
+                    os.unlink(tmp_path / "passing")
+            return publishing(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(importer, "publish", other_import_and_a_passing_link)
+        first = depot.import_dir(folder, REPO, link=True)
+    assert imported(depot, REPO) == files and imported(depot, "acme/second") == files
+    assert results[0].linked_bytes == 0, "the files the first one held were copied"
+    assert first.new_bytes == 0, "the second one, published first, placed them"
+    for name in files:  # a file the store keeps as its blob is read-only; any other has its mode back
+        blob = depot.store.blobs.path(depot.file_info(REPO, name).sha256)
+        kept = os.stat(blob).st_ino == os.stat(folder / name).st_ino
+        assert stat.S_IMODE(os.stat(folder / name).st_mode) == (0o444 if kept else 0o640), name
+    assert depot.verify().ok and store_files_consistent(depot) == []
+
+
 def test_a_removal_beside_an_import_with_link_is_no_writer(
     depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

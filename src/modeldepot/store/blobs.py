@@ -20,7 +20,6 @@ import fcntl
 import json
 import os
 import secrets
-import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,6 +78,9 @@ class PartialBlob:
         self.mode_to_restore: int | None = None
         self.linked_from: Path | None = None
         self.stamp: FileStamp | None = None  # (a linked file: see hashed)
+        # (A linked file:) a descriptor of it holding the exclusive flock that keeps a second import from
+        # linking the same file, until this partial is discarded (its session ends: placed by then, or not)
+        self.link_lock = -1
 
     def write(self, data: memoryview) -> None:
         try:
@@ -129,6 +131,9 @@ class PartialBlob:
 
     def discard(self) -> None:
         self._close()
+        if self.link_lock >= 0:
+            os.close(self.link_lock)
+            self.link_lock = -1
         if not self.placed:
             if self.mode_to_restore is not None and self.linked_from is not None:
                 _give_back_mode(self.path, self.linked_from, self.mode_to_restore)
@@ -140,22 +145,20 @@ class PartialBlob:
                 pass
 
 
-FileStamp = tuple[int, int, int, int, int]
+FileStamp = tuple[int, int]
 
 
 def file_stamp(info: os.stat_result) -> FileStamp:
-    """What a write moves: the size, the mtime (which may be put back) and the change time (which cannot);
-    and what else moves the change time: the number of links and the mode."""
-    return info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_nlink, stat.S_IMODE(info.st_mode)
+    """What a write moves: the size and the mtime."""
+    return info.st_size, info.st_mtime_ns
 
 
 def written_since(before: FileStamp, now: FileStamp) -> bool:
-    """Whether a file was written between two stamps. A change time moved alone is a write whose mtime was
-    put back, unless a link made or removed, or a mode changed, explains it: an `rm`, `gc` or eviction of
-    another name of a linked file, which failed an `import --link` beside it for a writer that was not."""
-    if now[:2] != before[:2]:
-        return True
-    return now[2] != before[2] and now[3:] == before[3:]
+    """Whether a file was written between two stamps. (Not the change time: a link made and dropped
+    elsewhere, another import's chmod, an `rm` of another name move it and nothing else, and failed imports
+    beside them; a writer that also puts the mtime back is left, as rot is, to the chunk checks of every
+    send, the scrub and `verify`.)"""
+    return now != before
 
 
 def _mode_file(partial: Path) -> Path:

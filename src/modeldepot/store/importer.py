@@ -229,7 +229,7 @@ def stage_blob(
 
 def _linking_alone(fd: int) -> bool:
     """Whether this import may link the file open at ``fd`` (an exclusive ``flock`` of it, held until its
-    partial is closed): False while another import links the very same file. Two that did both failed
+    partial is discarded: :attr:`PartialBlob.link_lock`): False while another import links the very same file. Two that did both failed
     ("changed while it was being hashed": each one's link and chmod moved the other's change time) and left
     the user's files read-only (the second noted the mode the first had set). The second copies it instead
     (what it copies is dropped at publish when the first placed the same bytes)."""
@@ -276,7 +276,12 @@ def _stage_link(
             os.close(fd)
         partial.discard()
         return None
-    partial.fd = fd  # (it holds the lock _linking_alone took, until the partial is placed or discarded)
+    partial.fd = fd
+    try:  # (the lock _linking_alone took, held by a descriptor of its own: sync closes ``fd``)
+        partial.link_lock = os.dup(fd)
+    except OSError:
+        partial.discard()
+        raise SourceDirectoryError(f"cannot read {source}: out of file descriptors") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
