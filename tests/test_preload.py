@@ -371,6 +371,22 @@ def test_a_blob_preloaded_by_two_models_counts_once(depot: Depot, tmp_path: Path
     preloader.close()
 
 
+def test_two_paths_of_one_blob_count_once_against_the_budget(depot: Depot, tmp_path: Path) -> None:
+    """A model whose two files hold the same bytes (one blob: 4 MiB of RAM) was refused under a budget of 6
+    MiB as "larger than the preload budget" (8 MiB), and said 8 MiB resident."""
+    data = random.Random(6).randbytes(4 * MiB)
+    depot.import_dir(write_model_dir(tmp_path / "d", {"model.safetensors": data, "copy/model.safetensors": data}),
+                     "acme/dup")  # fmt: skip
+    preloader = Preloader(depot, budget=6 * MiB)
+    info = preloader.preload("acme/dup")
+    assert info.resident_bytes == 4 * MiB and preloader.stats().ram_bytes == 4 * MiB
+    preloader.close()
+    copies = Preloader(depot, budget=6 * MiB, strategy="read")  # (private copies: each file its own memory)
+    with pytest.raises(InvalidInputError, match="larger than the preload budget"):
+        copies.preload("acme/dup")
+    copies.close()
+
+
 def test_a_node_lets_go_of_what_another_process_removed(depot: Depot, tmp_path: Path) -> None:
     """`modeldepot rm` beside a running node removed a repo the node had preloaded: the node kept the deleted
     blobs mapped (their space taken) and counted them in RAM until it stopped."""

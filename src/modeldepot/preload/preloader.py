@@ -249,7 +249,7 @@ class Preloader:
         counted before the lock is let go, so no eviction can come between."""
         key, entries, answering = self._resolve(repo_id, quant, revision)
         holders = self._holders(key, entries, answering)
-        size = sum(e.size for e in entries)
+        size = self._footprint(entries)
         if size > self.budget:
             raise InvalidInputError(
                 f"{repo_id} ({size} bytes) is larger than the preload budget ({self.budget} bytes)"
@@ -393,20 +393,29 @@ class Preloader:
 
     # -- evicting ---------------------------------------------------------------------------------------
 
+    def _footprint(self, entries: list[FileEntry], held: frozenset[str] = frozenset()) -> int:
+        """The RAM ``entries`` take in the tier, but for the blobs in ``held``: in the page cache each content
+        once (two paths of one blob are the same pages), as private copies each file its own."""
+        if self.strategy not in ("page-cache", "mmap"):
+            return sum(e.size for e in entries)
+        return sum(e.size for e in {e.sha256: e for e in entries}.values() if e.sha256 not in held)
+
     def _new_bytes(self, entries: list[FileEntry]) -> int:
         """What loading ``entries`` adds to the tier: not the blobs another model already holds in the page
         cache (the same pages)."""
-        if self.strategy not in ("page-cache", "mmap"):
-            return sum(e.size for e in entries)  # (private copies: each its own memory)
-        held = {c.entry.sha256 for m in self._models.values() for c in m.files.values() if c.shared}
-        return sum(e.size for e in {e.sha256: e for e in entries}.values() if e.sha256 not in held)
+        held = frozenset(c.entry.sha256 for m in self._models.values() for c in m.files.values() if c.shared)
+        return self._footprint(entries, held)
 
     def _resident_total(self) -> int:
         """RAM the tier holds: a blob in the page cache counts once, however many models (a repo preloaded
         whole and as a variant) or paths map it; a private copy counts each time."""
+        return self._resident(*self._models.values())
+
+    def _resident(self, *models: _Model) -> int:
+        """RAM ``models`` hold (counted as :meth:`_resident_total` counts it)."""
         counted: set[str] = set()
         total = 0
-        for model in self._models.values():
+        for model in models:
             for copy in model.files.values():
                 if copy.shared:
                     if copy.entry.sha256 in counted:
@@ -414,9 +423,6 @@ class Preloader:
                     counted.add(copy.entry.sha256)
                 total += copy.resident()
         return total
-
-    def _resident(self, model: _Model) -> int:
-        return sum(copy.resident() for copy in model.files.values())
 
     def _make_room(self, incoming: int, keep: ModelKey | None = None) -> None:
         """Evict least recently used models (not held, not pinned, not ``keep``) until ``incoming`` more
