@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import save_file
 
-from conftest import SMALL_CHUNK, LiveNode, flip_byte, free_port
+from conftest import SMALL_CHUNK, LiveNode, flip_byte, free_port, write_model_dir
 from modeldepot import Depot
 from modeldepot.engines.adapters import dummy_inputs, load_safetensors, warmup
 from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
@@ -171,6 +171,26 @@ def test_a_malformed_safetensors_file_is_a_clear_error(tmp_path: Path) -> None:
         with pytest.raises(InvalidInputError, match=r"bad\.safetensors"):
             load_safetensors(tmp_path / "bad.safetensors")
     assert load_safetensors(good)["w"].shape == WEIGHT.shape
+
+
+def test_a_file_an_engine_cannot_parse_is_bad_input_naming_the_repo_and_file(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """onnxruntime's own InvalidProtobuf (and safetensors' SafetensorError for a dtype numpy lacks) reached the
+    caller raw, naming a private folder that was gone by then."""
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 4]}}).encode()
+    depot.import_dir(
+        write_model_dir(tmp_path / "o", {"model.onnx": b"not an onnx model" * 50}), "acme/bad-onnx"
+    )
+    depot.import_dir(write_model_dir(tmp_path / "s", {"model.safetensors": len(header).to_bytes(8, "little")
+                                                       + header + b"\0" * 4}), "acme/bad-st")  # fmt: skip
+    for repo, engine, file in (("acme/bad-onnx", "onnxruntime", "model.onnx"),
+                               ("acme/bad-st", "safetensors", "model.safetensors")):  # fmt: skip
+        with pytest.raises(InvalidInputError, match=f"{engine} could not load {file} of {repo}") as refused:
+            depot.load(repo, engine=engine, warmup=0)
+        assert "/tmp/" not in str(refused.value).replace(str(tmp_path), "") and str(depot.home) not in str(
+            refused.value
+        )
 
 
 def test_warmup_survives_errors_and_shapes_inputs(loaded: Depot) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +100,24 @@ def load_variant(
                 store.file_path(repo_id, shard, commit_id)
         elif isinstance(engine, str):  # ours read everything at load: hard links suffice
             folder, _, name = chosen.rpartition("/")
-            with store.linked_folder(repo_id, commit_id, folder) as view:
+            with store.linked_folder(repo_id, commit_id, folder) as view, _refused_by(engine, view, folder):
                 if store.read_only and engine in ONNX_ENGINES:  # (links to the blobs: handed over mapped)
                     return _onnx_from_mappings(store, repo_id, commit_id, chosen, view / name, engine)
                 return loader(view / name)
         return loader(store.file_path(repo_id, chosen, commit_id))
+
+    @contextlib.contextmanager
+    def _refused_by(engine: str, view: Path, folder: str) -> Iterator[None]:
+        """An engine of ours that cannot load the file (onnxruntime's InvalidProtobuf, safetensors' own
+        errors) says so as bad input naming the repo and the file, not a private folder gone by then."""
+        try:
+            yield
+        except (DepotError, OSError, MemoryError):
+            raise
+        except Exception as error:
+            said = str(error).replace(str(view), f"{repo_id}@{commit_id[:12]}/{folder}".rstrip("/"))
+            raise InvalidInputError(f"{engine} could not load {chosen} of {repo_id}@{commit_id[:12]}: "
+                                    f"{type(error).__name__}: {said}") from error  # fmt: skip
 
     def load_and_warm() -> Any:
         started = time.perf_counter()
