@@ -598,6 +598,22 @@ def test_export_lays_the_cache_out_as_a_download_does(source: tuple[Depot, LiveN
     assert any(key.startswith("refs/refs/pr/") for key in layout(exported))
 
 
+def test_an_export_beside_another_leaves_no_temporary_name(
+    filled: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two exports of one repo at once: the second one's link, renamed over the first one's link to the same
+    file, stayed under its temporary name (a rename between two links to one file does nothing)."""
+    from modeldepot.hfcache import export
+
+    cache = tmp_path / "c" / "hub"
+    assert filled.hf_cache_export(SAMPLE, cache_dir=cache).ok
+    monkeypatch.setattr(
+        export._CacheWriter, "_holds", lambda *args: False
+    )  # (both looked before either linked)
+    assert filled.hf_cache_export(SAMPLE, cache_dir=cache).ok
+    assert [p.name for p in (cache / FOLDER / "blobs").iterdir() if p.name.endswith(".tmp")] == []
+
+
 def test_export_copies_when_asked_and_repairs_a_damaged_blob(filled: Depot, tmp_path: Path) -> None:
     cache = tmp_path / "hub"
     result = filled.hf_cache_export(SAMPLE, cache_dir=cache, copy=True)

@@ -180,6 +180,9 @@ class _CacheWriter:
             if how == "copied":
                 _copy_blob(store, record, temporary)
             os.replace(temporary, target)
+            # (a rename over another link to the same file does nothing, its name left behind: an export
+            # beside this one linked the store's blob there a moment ago)
+            unlink_quietly(temporary)
         except OSError as error:
             unlink_quietly(temporary)
             raise StoreError(f"cannot write {target} in the Hugging Face cache: {error.strerror}") from None
