@@ -468,6 +468,22 @@ def test_the_held_manifest_of_a_revision_removed_meanwhile_is_none(home: Path, m
         assert held_manifest(depot.store, REPO, False, commit) is None
 
 
+def test_variant_names_sizes_and_cache_folders_are_checked_as_input(home: Path, model_dir: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """`preload -q ''` and `-q ../x` said "has no variant" (exit 1), `budget １０GiB` set 10 GiB, and
+    `hf-cache export --cache-dir ''` wrote into the current folder."""
+    run("import", str(model_dir), "--repo", REPO, home=home)
+    for quant in ("", " ", "../x", "a/b"):
+        code, _, err = run("preload", REPO, "-q", quant, home=home)
+        assert code == 2 and "variant's name" in err, (quant, err)
+    for size in ("１０GiB", "５０%", "nan%", "5.%"):
+        code, _, err = run("budget", size, home=home)
+        assert code == 2 and "cannot read disk budget" in err, (size, err)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run("hf-cache", "export", REPO, "--cache-dir", "", home=home)
+    assert code == 2 and "cache folder" in err and not list(tmp_path.glob("models--*")), err
+
+
 def test_git_names_that_are_no_branch_are_refused_as_branch_names(home: Path, model_dir: Path) -> None:
     """`import -r HEAD` made a branch named HEAD (a repo without main, unreadable through the Hub routes,
     which read HEAD as main); `-r refs/heads/main` a second branch listed as refs/heads/refs/heads/main;

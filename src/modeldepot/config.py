@@ -35,7 +35,9 @@ MIN_CHUNK_SIZE = 64 * 1024
 MAX_CHUNK_SIZE = 1024 * MiB
 DEFAULT_CLUSTER_PREFIX = "/modeldepot"
 
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*", re.IGNORECASE)
+_SIZE = re.compile(
+    r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*", re.IGNORECASE | re.ASCII
+)  # (no other digits: "１０GiB" is not 10 GiB)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
@@ -56,6 +58,18 @@ MIN_RATE = 16 * 1024  # bytes a second: the least rate limit (below it, one read
 _PER_SECOND = re.compile(r"\s*(.*?)\s*(?:/\s*s(?:ec(?:ond)?)?)?\s*", re.IGNORECASE)
 
 
+_SHARE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*%\s*", re.ASCII)
+
+
+def parse_share(text: str) -> float:
+    """The percentage ``"50%"`` (or ``"12.5 %"``) names; ValueError for anything else (other digits than
+    ASCII ones, "nan%", "-5%")."""
+    match = _SHARE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not a percentage: {text!r}")
+    return float(match.group(1))
+
+
 def parse_rate(text: str, name: str = "rate") -> int:
     """Bytes a second from ``"50MiB/s"``, ``"50MiB"``, ``"1.5GiB/s"`` or ``"1048576"`` (binary units, as
     every size here)."""
@@ -71,7 +85,7 @@ def parse_rate(text: str, name: str = "rate") -> int:
     return rate
 
 
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", re.IGNORECASE)
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", re.IGNORECASE | re.ASCII)
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -242,7 +256,7 @@ def parse_max_size(text: str | int, path: os.PathLike[str] | str) -> int:
     text = budget_text(text)
     if text.endswith("%"):
         try:
-            share = float(text[:-1])
+            share = parse_share(text)
         except ValueError:
             raise ConfigError(f"cannot read disk budget {text!r}: write it like 200GiB or 80%") from None
         if not 0 < share <= 100:

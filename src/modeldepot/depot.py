@@ -84,8 +84,8 @@ if TYPE_CHECKING:  # the transfer machinery (aiohttp, huggingface_hub) loads on 
 from modeldepot.validation import (
     SHORT_COMMIT,
     is_commit_id,
-    validate_label,
     validate_path,
+    validate_quant,
     validate_quants,
     validate_repo_id,
     validate_revision,
@@ -892,7 +892,7 @@ class Depot:
         if quant is not None:
             commit_id = self.store.resolve(validate_repo_id(repo_id), validate_revision(revision))
             grouping = group_files(e.path for e in self.store.files(repo_id, commit_id))
-            variant = grouping.find(validate_label(quant))
+            variant = grouping.find(validate_quant(quant))
             if variant is None:
                 raise NotFoundError(f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: "
                                     f"{grouping.names()})", repo_id=repo_id)  # fmt: skip

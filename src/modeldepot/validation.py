@@ -262,17 +262,22 @@ def validate_quants(quants: object) -> list[str] | str | None:
         raise InvalidInputError(
             f"quants must be None (the whole repo), 'all' or variants' names, not {_describe(quants)}"
         )
-    for quant in quants:
-        if (
-            not isinstance(quant, str)
-            or not quant.strip()
-            or len(quant) > MAX_LABEL_LENGTH
-            or any(unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp") for char in quant)
-        ):
-            raise InvalidInputError(
-                f"a variant's name is a short one-line string like 'q4f16', not {_describe(quant)}"
-            )
-    return list(quants)
+    return [validate_quant(quant) for quant in quants]
+
+
+def validate_quant(quant: object) -> str:
+    """A variant's name as a caller gives it (``fp16``, ``Q4_K_M``): a short one-line string, not empty, no
+    path (``-q ''`` or ``-q ../x`` was "has no variant", a miss, not bad input)."""
+    if (
+        not isinstance(quant, str)
+        or not quant.strip()
+        or len(quant) > MAX_LABEL_LENGTH
+        or any(c in "/\\" or unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") for c in quant)
+    ):
+        raise InvalidInputError(
+            f"a variant's name is a short one-line string like 'q4f16', not {_describe(quant)}"
+        )
+    return quant
 
 
 def from_upstream(source: str, field: str, check: Callable[[object], T], value: object) -> T:

@@ -31,9 +31,19 @@ if TYPE_CHECKING:
 
 __all__ = ["hf_cache"]
 
+
+def _cache_dir(value: str | None) -> Path | None:
+    if value is not None and not value.strip():  # (click's Path took "" for ".": the current folder)
+        raise click.BadParameter(
+            "the cache folder is empty: give a folder, or no --cache-dir for huggingface_hub's"
+        )
+    return None if value is None else Path(value)
+
+
 _cache_dir_option = click.option(
     "--cache-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIRECTORY",
+    callback=lambda c, p, v: _cache_dir(v),
     default=None,
     help="The Hugging Face cache (default: huggingface_hub's: $HF_HUB_CACHE, else $HF_HOME/hub, else "
     "~/.cache/huggingface/hub).",

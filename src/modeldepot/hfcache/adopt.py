@@ -35,7 +35,7 @@ from modeldepot.hfcache.cache import (
     HfCacheRepo,
     HfCacheRevision,
     Progress,
-    default_cache_dir,
+    cache_dir_given,
     repo_folder_name,
     within,
 )
@@ -270,7 +270,7 @@ def import_hf_cache(
     written); what is skipped is in the result's ``problems``.
     """
     wanted = [validate_repo_id(r) for r in repo_ids] if repo_ids is not None else None
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = cache_dir_given(cache_dir)
     if not cache.is_dir():
         raise SourceDirectoryError(f"there is no Hugging Face cache at {cache}: give --cache-dir, or download "
                                    "something with huggingface_hub first")  # fmt: skip

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modeldepot.errors import InvalidInputError
 from modeldepot.validation import (
     validate_repo_id,
 )
@@ -101,6 +102,17 @@ class HfCacheExportResult(_Reported):
     problems: tuple[HfCacheProblem, ...]
     # The commit's files the store does not hold (known from its saved scan): the snapshot lacks them too
     not_in_store: tuple[str, ...] = ()
+
+
+def cache_dir_given(cache_dir: Path | str | None) -> Path:
+    """The cache folder asked for, or huggingface_hub's (:func:`default_cache_dir`); an empty name is bad
+    input (``--cache-dir ""`` wrote into the current folder)."""
+    if cache_dir is None:
+        return default_cache_dir()
+    if not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir).strip():
+        raise InvalidInputError(f"the Hugging Face cache folder is {cache_dir!r}: give a folder, or none for "
+                                "huggingface_hub's own")  # fmt: skip
+    return Path(cache_dir)
 
 
 def default_cache_dir() -> Path:

@@ -21,7 +21,7 @@ from modeldepot.hfcache.cache import (
     HfCacheExportResult,
     HfCacheProblem,
     Progress,
-    default_cache_dir,
+    cache_dir_given,
     etag_of_file,
     repo_folder_name,
     unlink_quietly,
@@ -60,7 +60,7 @@ def export_to_hf_cache(
     """
     held = store.spelled(repo_id)
     validate_revision(revision)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = cache_dir_given(cache_dir)
     commit_id = store.resolve(held, revision)
     entries = [e for e in store.files(held, commit_id) if e.path not in skip]
     try:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from modeldepot.errors import InvalidInputError, NotFoundError, StoreError
+from modeldepot.errors import NotFoundError, StoreError
 from modeldepot.hub.manifest import current_manifest, keep_listing
 from modeldepot.hub.variants import group_files
 from modeldepot.store import RemoveResult, Store, remove
 from modeldepot.store.maintenance import remove_files
-from modeldepot.validation import validate_label
+from modeldepot.validation import validate_quant
 
 __all__ = ["forget_removed_variants", "remove_repo", "remove_variant"]
 
@@ -38,8 +38,7 @@ def remove_repo(store: Store, repo_id: str, revision: str | None) -> RemoveResul
 def remove_variant(store: Store, repo_id: str, revision: str, quant: str) -> tuple[str, RemoveResult]:
     """Remove one variant's own files from a revision: (its commit, what was removed). The commit's whole
     listing is kept first (hub/manifest.py ``keep_listing``), and a pin of the variant there goes."""
-    if not validate_label(quant).strip():
-        raise InvalidInputError("the variant to remove is empty: give its name (see `modeldepot info`)")
+    validate_quant(quant)
     commit_id = store.resolve(repo_id, revision)
     grouping = group_files(e.path for e in store.files(repo_id, commit_id))
     variant = grouping.find(quant)

@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from modeldepot.config import parse_size
+from modeldepot.config import parse_share, parse_size
 from modeldepot.errors import ConfigError, CorruptBlobError, InvalidInputError, NotFoundError
 from modeldepot.hub.variants import group_files
 from modeldepot.preload.copies import STRATEGIES, FileCopy
@@ -37,7 +37,7 @@ from modeldepot.store.access import ModelAccess
 from modeldepot.store.models import FileEntry
 from modeldepot.store.store import Store
 from modeldepot.tiers import Tiers
-from modeldepot.validation import validate_label
+from modeldepot.validation import validate_quant
 
 __all__ = [
     "STRATEGIES",
@@ -62,7 +62,7 @@ def parse_budget(budget: int | str) -> int:
         value = budget
     elif budget.strip().endswith("%"):
         try:
-            share = float(budget.strip()[:-1])
+            share = parse_share(budget)
         except ValueError:
             raise ConfigError(f"cannot read the preload budget {budget!r} (--preload-budget, "
                               "MODELDEPOT_PRELOAD_BUDGET): write it like 50% or 8GiB") from None  # fmt: skip
@@ -196,7 +196,7 @@ class Preloader:
         """The model's key, its files, and the store that answers its revision (the depot's own, or a shared
         one: tiers.py)."""
         if quant is not None:
-            validate_label(quant)  # (a number was an AttributeError from the variants' grouping)
+            validate_quant(quant)  # (a number was an AttributeError from the variants' grouping)
         if self._tiers is not None and self._tiers.shared:
             store, commit_id, entries = self._tiers.files(repo_id, revision)
             repo_id = store.spelled(repo_id)

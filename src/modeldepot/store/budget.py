@@ -49,7 +49,7 @@ from modeldepot.config import budget_text, parse_max_size
 from modeldepot.errors import ConfigError, NotFoundError, StoreFullError
 from modeldepot.store.eviction import EvictionOrder, Kept, Unit, Variants
 from modeldepot.store.models import _Record
-from modeldepot.validation import validate_label, validate_repo_id, validate_revision
+from modeldepot.validation import validate_quant, validate_repo_id, validate_revision
 
 if TYPE_CHECKING:
     from modeldepot.store.store import Store
@@ -240,7 +240,7 @@ class DiskBudget:
         ):
             revision = commit_id  # (the start of a commit id names that commit: kept whole, not as typed)
         if quant is not None:
-            validate_label(quant)
+            validate_quant(quant)
         with self.store.index.write(f"pinning {repo_id}") as con:
             con.execute(
                 "INSERT INTO pins (repo_id, variant, revision, created_at) VALUES (?, ?, ?, ?) "
@@ -260,7 +260,7 @@ class DiskBudget:
         validate_repo_id(repo_id)
         validate_revision(revision)
         if quant is not None:
-            validate_label(quant)
+            validate_quant(quant)
         with self.store.index.write(f"unpinning {repo_id}") as con:
             removed = con.execute(
                 "DELETE FROM pins WHERE repo_id = ? AND variant = ? AND revision = ?",

@@ -129,7 +129,7 @@ def _bypassed(host: str, no_proxy: str) -> bool:
 
 
 _Route = tuple[_Origin, "Proxy | None"]  # an origin, and the proxy it is reached through
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)", re.ASCII)
 
 
 @dataclass
