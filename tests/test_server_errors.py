@@ -32,6 +32,10 @@ EXPECTED = {
     "BlobRemovedError": (404, "NotFound"),
     "IntegrityError": (502, "UpstreamIntegrity"),
     "CorruptBlobError": (503, "CorruptFile"),
+    "CommitConflictError": (
+        502,
+        "UpstreamIntegrity",
+    ),  # (a mirror's upstream giving a held commit other bytes)
     "UpstreamError": (502, "UpstreamError"),
     "UpstreamDataError": (502, "UpstreamError"),
     "UpstreamTimeoutError": (504, "UpstreamTimeout"),
@@ -51,6 +55,7 @@ def _instance(cls: type[errors.DepotError]) -> errors.DepotError:
         "RevisionNotFoundError": ("acme/x", "main"),
         "EntryNotFoundError": ("acme/x", "main", "a.bin"),
         "CorruptBlobError": ("0" * 64, "chunk 0"),
+        "CommitConflictError": ("acme/x", "c" * 40, "a.bin", "0" * 64, "1" * 64),
         "ChunkNotAvailableError": ("0" * 64, 3, "not downloaded yet"),
         "UpstreamDataError": ("http://up", "commit id", "bad"),
     }

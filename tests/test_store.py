@@ -803,7 +803,7 @@ def test_rm_quant_removes_one_variants_own_files_and_keeps_the_rest(depot: Depot
     asked = runner.invoke(cli, ["rm", repo, "--quant", "Q4_K_M", "--home", home], input="n\n")
     assert asked.exit_code == 2 and "the Q4_K_M files of" in asked.output, asked.output
     empty = runner.invoke(cli, ["rm", repo, "--quant", " ", "--yes", "--home", home])
-    assert empty.exit_code == 2 and "empty" in empty.output, empty.output
+    assert empty.exit_code == 2 and "variant's name" in empty.output, empty.output
     depot.pin(repo, "Q4_K_M")
     depot.remove(repo, quant="Q4_K_M")  # a pin of what is gone would keep nothing: it goes too
     assert depot.pins(repo) == []

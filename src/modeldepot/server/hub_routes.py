@@ -491,9 +491,10 @@ def add_hub_routes(app: web.Application) -> None:
     app.router.add_get("/{org}/{name}/raw/{rev}/{path:.+}", raw)
     # Repo ids without an org (the Hub's old ones: gpt2): after the routes above, which they cannot match
     one_part = "/api/models/{name:[^/]+}{tail:(/revision/.+|/tree/.+|/paths-info/.+|/refs|/commits/.+)?}"
-    app.router.add_get(one_part, no_org)
-    app.router.add_post(one_part, no_org)
-    app.router.add_get("/{name}/{kind:resolve|raw}/{rev}/{path:.+}", no_org)
+    app.router.add_route("*", one_part, no_org, name="refused-no-org")
+    app.router.add_route(
+        "*", "/{name}/{kind:resolve|raw}/{rev}/{path:.+}", no_org, name="refused-no-org-file"
+    )
     # What a node deliberately does not answer, said clearly rather than with a bare 404 (docs/hub-api.md).
     app.router.add_route("*", "/api/{kind:datasets|spaces}{tail:.*}", not_models, name="refused-api-kind")
     app.router.add_route("*", "/{kind:datasets|spaces}/{tail:.+}", not_models, name="refused-kind")
