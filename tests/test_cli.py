@@ -14,7 +14,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from conftest import LiveNode, flip_byte, sample_files
+from conftest import LiveNode, flip_byte, sample_files, write_model_dir
 from modeldepot import Depot
 from modeldepot.cli import cli, render
 from modeldepot.cli.render import format_bytes
@@ -482,6 +482,18 @@ def test_variant_names_sizes_and_cache_folders_are_checked_as_input(home: Path, 
     monkeypatch.chdir(tmp_path)
     code, _, err = run("hf-cache", "export", REPO, "--cache-dir", "", home=home)
     assert code == 2 and "cache folder" in err and not list(tmp_path.glob("models--*")), err
+
+
+def test_info_of_a_repo_of_many_files_lists_them_all_as_plain_columns(home: Path, tmp_path: Path) -> None:
+    """rich took 17 s to lay out the table of a repo of 30,000 files: from 1,000 rows it is plain columns."""
+    from modeldepot.cli.render import LARGE_TABLE
+
+    files = {f"d{i % 7}/f{i}.json": str(i).encode() for i in range(LARGE_TABLE)}
+    run("import", str(write_model_dir(tmp_path / "many", files)), "--repo", "acme/many", home=home)
+    code, out, _ = run("info", "acme/many", home=home)
+    lines = out.splitlines()
+    assert code == 0 and lines[3].split() == ["path", "size", "sha256", "etag", "lfs"]
+    assert sorted(line.split()[0] for line in lines[5:]) == sorted(files)
 
 
 def test_git_names_that_are_no_branch_are_refused_as_branch_names(home: Path, model_dir: Path) -> None:
