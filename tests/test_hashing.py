@@ -41,14 +41,14 @@ def reference_chunks(data: bytes, chunk_size: int) -> tuple[str, ...]:
 
 
 @settings(max_examples=60, deadline=None)
-@given(data=st.binary(max_size=5000), chunk_size=st.integers(1, 700), block_size=st.integers(1, 900))
+@given(data=st.binary(max_size=5000), chunk_size=st.integers(1, 700), block_size=st.integers(1, 900),
+       inline_bytes=st.sampled_from([0, 2500, 1 << 20]))  # fmt: skip
 def test_stream_digest_matches_reference_for_any_blocking(
-    data: bytes, chunk_size: int, block_size: int
+    data: bytes, chunk_size: int, block_size: int, inline_bytes: int
 ) -> None:
     sink = bytearray()
-    digest = digest_stream(
-        io.BytesIO(data).readinto, len(data), chunk_size, sink=sink.extend, block_size=block_size
-    )
+    digest = digest_stream(io.BytesIO(data).readinto, len(data), chunk_size, sink=sink.extend,
+                           block_size=block_size, inline_bytes=inline_bytes)  # fmt: skip
     assert bytes(sink) == data
     assert digest.sha256 == hashlib.sha256(data).hexdigest()
     assert digest.chunk_blake3 == reference_chunks(data, chunk_size)
@@ -81,11 +81,12 @@ def test_large_stream_uses_several_blocks_and_skips_git_oid() -> None:
     assert progress[-1] == len(data) and len(progress) > 1 and progress == sorted(progress)
 
 
-def test_source_shorter_or_longer_than_announced_is_an_integrity_error() -> None:
+@pytest.mark.parametrize("inline_bytes", [0, 1 << 20])
+def test_source_shorter_or_longer_than_announced_is_an_integrity_error(inline_bytes: int) -> None:
     with pytest.raises(IntegrityError, match="changed"):
-        digest_stream(io.BytesIO(b"abc").readinto, 5, 4)
+        digest_stream(io.BytesIO(b"abc").readinto, 5, 4, inline_bytes=inline_bytes)
     with pytest.raises(IntegrityError, match="more"):
-        digest_stream(io.BytesIO(b"abcdef").readinto, 5, 4)
+        digest_stream(io.BytesIO(b"abcdef").readinto, 5, 4, inline_bytes=inline_bytes)
 
 
 def _git(args: list[str], cwd: Path, stdin: bytes | None = None) -> str:
