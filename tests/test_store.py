@@ -402,6 +402,28 @@ def test_a_second_import_linking_one_folder_after_the_first_hashed_copies_and_ne
     assert depot.verify().ok and store_files_consistent(depot) == []
 
 
+LINK_UNDER_A_LOW_FILE_LIMIT = """
+import resource, sys
+from modeldepot import Depot
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+with Depot(sys.argv[1]) as depot:
+    result = depot.import_dir(sys.argv[2], "acme/many", link=True)
+    print(result.files, result.linked_bytes)
+"""
+
+
+def test_an_import_with_link_of_more_files_than_descriptors_succeeds(tmp_path: Path) -> None:
+    """Each linked file's lock was held by a descriptor until the import published: `import --link` of 1,100
+    files failed under the usual limit of 1,024 ("Too many open files"), and `hf-cache import` of a large repo
+    called its blobs unreadable."""
+    files = {f"f{i}.json": str(i).encode() for i in range(400)}
+    folder = write_model_dir(tmp_path / "many", files)
+    done = subprocess.run([sys.executable, "-c", LINK_UNDER_A_LOW_FILE_LIMIT, str(tmp_path / "store"), str(folder)],
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["400", str(sum(map(len, files.values())))]
+
+
 def test_a_removal_beside_an_import_with_link_is_no_writer(
     depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -40,6 +40,7 @@ from modeldepot.cli.options import (
 )
 from modeldepot.depot import Depot
 from modeldepot.errors import DepotError
+from modeldepot.openfiles import raise_open_file_limit
 from modeldepot.validation import (
     validate_branch,
     validate_label,
@@ -64,6 +65,7 @@ def cli() -> None:
         if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise click.UsageError(f"MODELDEPOT_LOG_LEVEL={level!r}: use debug, info, warning or error")
         logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise_open_file_limit()  # (a command holds a file per linked file, or per connection, a while)
 
 
 @cli.command("import")

@@ -42,6 +42,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from modeldepot.errors import ConfigError
+from modeldepot.openfiles import open_file_limit, raise_open_file_limit
 from modeldepot.server.app import CORS, MAX_HEADER
 from modeldepot.server.responses import body_bytes_sent, error_response
 
@@ -71,7 +72,6 @@ RESERVED_DESCRIPTORS = 128  # kept for the store's files and index, logs and out
 # mapping keeps (CPython's mmap holds a duplicate of the one it maps)
 DESCRIPTORS_PER_CONNECTION = 3
 BACKLOG = 1024  # pending connections the kernel queues for accept() (it caps this at net.core.somaxconn)
-_UNLIMITED_FILES = 1 << 16  # what open_file_limit() assumes where it cannot ask (no `resource` module)
 
 
 @dataclass(frozen=True)
@@ -92,31 +92,6 @@ class ConnectionLimits:
             raise ConfigError(f"connections per client {self.max_per_client} must be >= 0 (0: no cap)")
         if self.max_total is not None and self.max_total < 1:
             raise ConfigError(f"total connections {self.max_total} must be >= 1")
-
-
-def open_file_limit() -> int:
-    """The soft RLIMIT_NOFILE: how many descriptors this process may hold."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return _UNLIMITED_FILES
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return _UNLIMITED_FILES if soft == resource.RLIM_INFINITY else soft
-
-
-def raise_open_file_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit where the system allows it; the soft limit after."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return open_file_limit()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):  # macOS refuses more than OPEN_MAX, some sandboxes refuse any change
-            pass
-    return open_file_limit()
 
 
 def total_connection_cap(open_files: int) -> int:

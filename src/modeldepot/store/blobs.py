@@ -131,9 +131,6 @@ class PartialBlob:
 
     def discard(self) -> None:
         self._close()
-        if self.link_lock >= 0:
-            os.close(self.link_lock)
-            self.link_lock = -1
         if not self.placed:
             if self.mode_to_restore is not None and self.linked_from is not None:
                 _give_back_mode(self.path, self.linked_from, self.mode_to_restore)
@@ -143,6 +140,12 @@ class PartialBlob:
                 self.path.unlink()
             except FileNotFoundError:
                 pass
+        self.release_link_lock()  # (last: no other import links the file before its mode is given back)
+
+    def release_link_lock(self) -> None:
+        if self.link_lock >= 0:
+            os.close(self.link_lock)
+            self.link_lock = -1
 
 
 FileStamp = tuple[int, int]
@@ -201,6 +204,7 @@ class WriteSession:
         self.layout = layout
         self.path = layout.tmp / name
         self._partials: list[PartialBlob] = []
+        self.link_locks = 0  # linked files' locks taken (store/importer.py: at most a share of the fd limit)
         # Locked under a dot-name first, then renamed: gc never sees a session whose lock is not yet held.
         starting = layout.tmp / f".{name}"
         try:
@@ -294,6 +298,7 @@ class BlobFiles:
             if not (partial.keep_name and self._link(partial.path, target)):
                 self._move(partial.path, target)
             partial.placed = True
+            partial.release_link_lock()  # (the store holds the file now: another import finds it there)
             if durable:
                 fsync_dir(target.parent)
                 # (blobs/ too: its <ab>/ entry may be new, made by this writer or by another a moment ago)

@@ -33,6 +33,7 @@ from modeldepot.gitobjects import (
 )
 from modeldepot.hashing import GIT_OID_LIMIT, BlobDigest, digest_stream
 from modeldepot.modelcard import MAX_CARD_BYTES, card_metadata
+from modeldepot.openfiles import open_file_limit
 from modeldepot.store.blobs import PartialBlob, WriteSession
 from modeldepot.store.models import ImportResult
 from modeldepot.store.publish import RevisionSpec, StagedFile, blob_states, publish, refuse_nested_branch
@@ -277,11 +278,13 @@ def _stage_link(
         partial.discard()
         return None
     partial.fd = fd
-    try:  # (the lock _linking_alone took, held by a descriptor of its own: sync closes ``fd``)
-        partial.link_lock = os.dup(fd)
-    except OSError:
-        partial.discard()
-        raise SourceDirectoryError(f"cannot read {source}: out of file descriptors") from None
+    # The lock _linking_alone took, held by a descriptor of its own (sync closes ``fd``) until the file is
+    # placed: for as many files as a share of the descriptors allows (an import of thousands of files ran out
+    # of them); the files beyond are linked without it (two imports of one file then may leave it read-only).
+    if session.link_locks < max(64, open_file_limit() // 4):
+        with contextlib.suppress(OSError):
+            partial.link_lock = os.dup(fd)
+            session.link_locks += 1
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
