@@ -295,7 +295,7 @@ async def _paths_info_request(request: web.Request) -> tuple[list[str], bool]:
         expand = truthy(str(form.get("expand", "")))
     wanted = list(dict.fromkeys(validate_path(p.strip("/")) for p in paths))  # (each once, in order)
     if len(wanted) > MAX_PATHS_INFO:
-        raise web.HTTPRequestEntityTooLarge(MAX_PATHS_INFO, text=f"at most {MAX_PATHS_INFO} paths per "
+        raise web.HTTPRequestEntityTooLarge(MAX_PATHS_INFO, len(wanted), text=f"at most {MAX_PATHS_INFO} paths per "
                                             f"paths-info request, as on the Hub; {len(wanted)} were sent")  # fmt: skip
     return wanted, expand
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 from collections.abc import Callable
@@ -167,6 +168,9 @@ class BlobResponse(CountedResponse):
                     # (asyncio's word for a transport the client closed between two pieces of a capped
                     # send; aiohttp logs anything but a reset as an unhandled error, with no access line)
                     raise ConnectionResetError("the client closed the connection") from None
+                if isinstance(error, OSError) and error.errno == errno.ETIMEDOUT:
+                    # (the kernel dropped a client that read nothing for the send timeout: connections.py)
+                    raise ConnectionResetError("the client read nothing for the send timeout") from None
                 raise
             else:
                 self._sent_by_sendfile(count)
