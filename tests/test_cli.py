@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import LiveNode, flip_byte, sample_files, write_model_dir
-from modeldepot import Depot
+from modeldepot import Depot, InvalidInputError
 from modeldepot.cli import cli, render
 from modeldepot.cli.render import format_bytes
 from modeldepot.transfer.progress import PullUpdate
@@ -473,9 +473,15 @@ def test_variant_names_sizes_and_cache_folders_are_checked_as_input(home: Path, 
     """`preload -q ''` and `-q ../x` said "has no variant" (exit 1), `budget １０GiB` set 10 GiB, and
     `hf-cache export --cache-dir ''` wrote into the current folder."""
     run("import", str(model_dir), "--repo", REPO, home=home)
+    run("pin", REPO, home=home)
     for quant in ("", " ", "../x", "a/b"):
-        code, _, err = run("preload", REPO, "-q", quant, home=home)
-        assert code == 2 and "variant's name" in err, (quant, err)
+        for command in ("preload", "unpin", "rm"):  # (unpin -q '' took the whole repo's pin)
+            code, _, err = run(command, REPO, "-q", quant, home=home)
+            assert code == 2 and "variant's name" in err, (command, quant, err)
+    with Depot(home) as depot:
+        assert [p.quant for p in depot.pins()] == [None], "the pin stays"
+        with pytest.raises(InvalidInputError, match="variant's name"):
+            depot.load(REPO, quant="../x", warmup=0)
     for size in ("１０GiB", "５０%", "nan%", "5.%"):
         code, _, err = run("budget", size, home=home)
         assert code == 2 and "cannot read disk budget" in err, (size, err)

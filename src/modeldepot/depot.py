@@ -905,6 +905,8 @@ class Depot:
         """Remove a pin, named as :meth:`pin` took it (a variant in any case, a commit by its start); False
         when there was none."""
         validate_revision(revision)
+        if quant is not None:
+            validate_quant(quant)  # ("" matched the whole repo's pin, and took it)
         for pin in self.store.budget.pins(repo_id):
             same_variant = (pin.quant or "").lower() == (quant or "").lower()
             if same_variant and (pin.revision == revision or (

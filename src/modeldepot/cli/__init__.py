@@ -43,8 +43,8 @@ from modeldepot.errors import DepotError
 from modeldepot.openfiles import raise_open_file_limit
 from modeldepot.validation import (
     validate_branch,
-    validate_label,
     validate_path,
+    validate_quant,
     validate_repo_id,
     validate_revision,
 )
@@ -249,7 +249,7 @@ def sync_command(depot: Depot, as_json: bool) -> None:
     help="Remove only this revision: a commit id, or a branch (its commit, unless another ref names it too: "
     "then the branch alone).",
 )
-@click.option("--quant", "-q", default=None, callback=checked(validate_label),
+@click.option("--quant", "-q", default=None, callback=checked(validate_quant),
               help="Remove only this variant's own files from the revision (main unless -r is given): its "
                    "shared files and the other variants stay.")  # fmt: skip
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")

@@ -42,7 +42,7 @@ from modeldepot.hub.manifest import Manifest, listed_files
 from modeldepot.hub.variants import group_files
 from modeldepot.preload import Preloader
 from modeldepot.store import Store
-from modeldepot.validation import is_commit_id, validate_repo_id, validate_revision
+from modeldepot.validation import is_commit_id, validate_quant, validate_repo_id, validate_revision
 
 __all__ = ["PullVariant", "load_variant"]
 
@@ -84,8 +84,8 @@ def load_variant(
     ``offline``: a variant missing from a revision the store holds is an error listing the ones it has."""
     validate_repo_id(repo_id)
     validate_revision(revision)
-    if quant is not None and not isinstance(quant, str):
-        raise InvalidInputError(f"quant must be a variant's name or None, not {type(quant).__name__}")
+    if quant is not None:
+        validate_quant(quant)
     if isinstance(warmups, bool) or not isinstance(warmups, int) or warmups < 0:
         raise InvalidInputError(f"warmup must be a number of passes, 0 or more, not {warmups!r}")
     loader, suffixes = _engine(engine)
