@@ -420,6 +420,11 @@ class Depot:
             return held
         return self._listings.whole(repo_id, commit_id, held)
 
+    def commit_lists(self, repo_id: str, commit_id: str, path: str) -> bool:
+        """Whether the commit has ``path`` by the repo's saved listing of it (:meth:`commit_files` lists it,
+        held or not), for a repo as the store spells it."""
+        return self._listings.lists(repo_id, commit_id, path)
+
     @_any_case
     def file_info(self, repo_id: str, path: str, revision: str = "main") -> FileEntry:
         return self.tiers.entry(repo_id, path, revision)[1]

@@ -242,27 +242,41 @@ class CommitListings:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._parsed: dict[tuple[str, float], tuple[RemoteFile, ...]] = {}  # (repo, when scanned) -> files
+        # (repo, when scanned) -> its files, and their paths
+        self._parsed: dict[tuple[str, float], tuple[tuple[RemoteFile, ...], frozenset[str]]] = {}
 
     def whole(self, repo_id: str, commit_id: str, held: list[FileEntry]) -> list[FileEntry]:
         """``held`` (the commit's files the store holds, sorted by path) and, when the repo's saved scan is
         of this commit, the ones it lacks, with their sizes and digests and ``chunk_size`` 0 (not here)."""
+        listing = self._listing(repo_id, commit_id)
+        if listing is None:
+            return held
+        have = {entry.path for entry in held}
+        lacking = [FileEntry(repo_id, commit_id, f.path, f.size, f.sha256 or "", f.git_oid, f.sha256 is not None, 0)
+                   for f in listing[0] if f.path not in have]  # fmt: skip
+        return sorted([*held, *lacking], key=lambda entry: entry.path) if lacking else held
+
+    def lists(self, repo_id: str, commit_id: str, path: str) -> bool:
+        """Whether the repo's saved scan, of this commit, names ``path`` (a file the store may lack): one
+        look, not a listing of the whole commit (a 404 on a revision of 20,000 files took 187 ms)."""
+        listing = self._listing(repo_id, commit_id)
+        return listing is not None and path in listing[1]
+
+    def _listing(self, repo_id: str, commit_id: str) -> tuple[tuple[RemoteFile, ...], frozenset[str]] | None:
+        """The saved scan's files and paths, parsed once, when it is of this commit."""
         scanned = self.store.manifests.scanned_commit(repo_id)
         if scanned is None or scanned[0] != commit_id:
-            return held
+            return None
         listing = self._parsed.get((repo_id, scanned[1]))
         if listing is None:
             try:
-                listing = listed_files(self.store.manifests.load(repo_id))
+                files = listed_files(self.store.manifests.load(repo_id))
             except NotFoundError:
-                return held  # (dropped meanwhile)
+                return None  # (dropped meanwhile)
             if len(self._parsed) >= 64:
                 self._parsed.clear()
-            self._parsed[(repo_id, scanned[1])] = listing
-        have = {entry.path for entry in held}
-        lacking = [FileEntry(repo_id, commit_id, f.path, f.size, f.sha256 or "", f.git_oid, f.sha256 is not None, 0)
-                   for f in listing if f.path not in have]  # fmt: skip
-        return sorted([*held, *lacking], key=lambda entry: entry.path) if lacking else held
+            listing = self._parsed[(repo_id, scanned[1])] = (files, frozenset(f.path for f in files))
+        return listing
 
 
 def keep_listing(store: Store, repo_id: str, commit_id: str) -> None:

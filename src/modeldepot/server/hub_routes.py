@@ -382,7 +382,7 @@ def _held_entry(depot: Depot, repo_id: str, path: str, revision: str) -> FileEnt
     try:
         return depot.file_info(repo_id, path, revision)
     except EntryNotFoundError as missing:
-        if missing.commit_id and any(f.path == path for f in depot.commit_files(repo_id, missing.commit_id)):
+        if missing.commit_id and depot.commit_lists(repo_id, missing.commit_id, path):
             raise EntryNotFoundError(repo_id, revision, path, missing.commit_id, in_commit=True) from None
         raise
 
