@@ -9,6 +9,8 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -385,6 +387,30 @@ def test_two_paths_of_one_blob_count_once_against_the_budget(depot: Depot, tmp_p
     with pytest.raises(InvalidInputError, match="larger than the preload budget"):
         copies.preload("acme/dup")
     copies.close()
+
+
+POPULATE_TRUNCATED = """
+import errno, mmap, os, sys
+from modeldepot.preload.residency import populate
+fd = os.open(sys.argv[1], os.O_RDONLY)
+mapping = mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
+os.truncate(sys.argv[2], 0)  # the other name of the same file (a Hugging Face cache's), truncated
+try:
+    populate(mapping, len(mapping))
+except OSError as error:
+    print("refused", errno.errorcode[error.errno])
+"""
+
+
+def test_populating_a_file_truncated_through_another_name_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    """MADV_POPULATE_READ's EFAULT (the mapping runs past the file's end) was taken for an older kernel, and
+    the pages were touched one by one: SIGBUS killed the node preloading an adopted blob."""
+    blob, other = tmp_path / "blob", tmp_path / "hf-cache-blob"
+    blob.write_bytes(os.urandom(4 * MiB))
+    os.link(blob, other)
+    done = subprocess.run([sys.executable, "-c", POPULATE_TRUNCATED, str(blob), str(other)],
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert (done.returncode, done.stdout.strip()) == (0, "refused EFAULT"), (done.returncode, done.stderr)
 
 
 def test_a_node_lets_go_of_what_another_process_removed(depot: Depot, tmp_path: Path) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 from pathlib import Path
 
 from modeldepot.config import PRELOAD_STRATEGIES
+from modeldepot.errors import CorruptBlobError
 from modeldepot.preload.residency import populate, resident_bytes
 from modeldepot.store.models import FileEntry
 from modeldepot.store.store import Store
@@ -31,6 +33,13 @@ class FileCopy:
         self.path = store.file_path(entry.repo_id, entry.path, entry.commit_id)
         try:
             self._fill()
+        except OSError as error:
+            self.close(drop_cache=False)
+            if error.errno != errno.EFAULT:
+                raise
+            # (a blob named elsewhere too, truncated there since it was opened: corrupt, as a check finds it)
+            store.quarantine(entry.sha256)
+            raise CorruptBlobError(entry.sha256, "its file is shorter than the index says") from None
         except BaseException:
             self.close(drop_cache=False)
             raise

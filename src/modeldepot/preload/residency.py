@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import mmap
 import os
 import resource
@@ -62,8 +63,14 @@ def populate(mapping: mmap.mmap, length: int) -> None:
     try:
         mapping.madvise(MADV_POPULATE_READ, 0, length)
         return
-    except (OSError, ValueError):
-        pass  # an older kernel: touch the pages
+    except ValueError:
+        pass  # (a platform without madvise's advice: touch the pages)
+    except OSError as error:
+        if error.errno == errno.EFAULT:  # (touching the pages would kill the process: SIGBUS)
+            raise OSError(errno.EFAULT, "the file is shorter than its mapping: it was truncated") from None
+        if error.errno != errno.EINVAL:
+            raise
+        # an older kernel, which does not know the advice: touch the pages
     view = memoryview(mapping)
     try:
         for offset in range(0, length, PAGE):
