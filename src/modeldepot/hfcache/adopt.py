@@ -300,7 +300,8 @@ def import_hf_cache(
         ) as error:
             # One repo that cannot be adopted (over the disk budget, a file written while it was hashed) is
             # reported and skipped; the others are adopted (a store error, a full disk, stops them all).
-            scan.problem(repo.repo_id, repo.folder, "failed", f"{error}: the repo was skipped")
+            scan.problem(repo.repo_id, repo.folder, "failed", f"{error}: the repo was not adopted (revisions "
+                         "published before this stay: `modeldepot info` shows them)")  # fmt: skip
             done[0] = start + sum(link.size for link in _blob_sources(repo).values())
             continue
         if result is not None:
