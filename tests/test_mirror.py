@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, snapshot_download
 
-from conftest import SMALL_CHUNK, LiveNode, flip_byte, store_files_consistent, write_model_dir
+from conftest import SMALL_CHUNK, LiveNode, flip_byte, store_files_consistent, wait_until, write_model_dir
 from faultproxy import FaultProxy
 from modeldepot import Depot
 
@@ -262,14 +262,50 @@ def test_a_client_resuming_a_broken_answer_gets_the_file_whole(
         status, body = asyncio.run(_get(url, {"Range": f"bytes={len(received)}-"}))
         assert (status, len(body)) == (200, len(FILES[BIG])) and body == FILES[BIG]
         assert mirror.depot.has_file(REPO, BIG)
-        status, body = asyncio.run(_get(url, {"Range": "bytes=10-19"}))
+        status, body = asyncio.run(_get(url, {"Range": f"bytes={len(received)}-"}))
         assert (status, body) == (200, FILES[BIG]), "still whole: the file is answered from the store now"
+        status, body = asyncio.run(
+            _get(url, {"Range": "bytes=10-19"})
+        )  # (HfFileSystem's reads: read as asked,
+        assert (status, body) == (
+            206,
+            FILES[BIG][10:20],
+        )  # a 200 was taken for the range: the file's first bytes)
 
         mirror.depot.remove(REPO)  # huggingface_hub's own resume, end to end: pulled again, flipped again
         upstream_proxy.set("flip", times=1, path_suffix=BIG)
         got = hf_hub_download(REPO, BIG, revision="main", endpoint=mirror.url, cache_dir=client_env)
         assert Path(got).read_bytes() == FILES[BIG]
         assert upstream_proxy.plan.injected == 1
+    finally:
+        mirror.stop()
+        mirror.depot.close()
+
+
+async def _read_some_and_leave(url: str) -> bytes:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.status == 200
+        return await response.content.readany()
+
+
+def test_a_client_that_left_before_the_pull_failed_gets_the_file_whole_when_it_resumes(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that left before the pull's final check refuted what it had been given (a Ctrl-C, `curl -m`)
+    resumed with a range, and was answered 206: a corrupt file of good bytes joined to refuted ones."""
+    from modeldepot.server.mirror_routes import MIRROR
+
+    upstream_proxy.set("flip", times=1, path_suffix=BIG)
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, as_node=False)
+    try:
+        url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
+        received = asyncio.run(_read_some_and_leave(url))
+        assert 0 < len(received) < len(FILES[BIG])
+        pulls = mirror.runner.app[MIRROR]
+        wait_until(lambda: not pulls._jobs, 60, "the mirror's pull to end")  # (failed: a byte flipped)
+        assert pulls.broke(REPO, BIG) and not mirror.depot.has_file(REPO, BIG)
+        status, body = asyncio.run(_get(url, {"Range": f"bytes={len(received)}-"}))
+        assert (status, body) == (200, FILES[BIG])
     finally:
         mirror.stop()
         mirror.depot.close()

@@ -9,10 +9,12 @@ receives a complete response that is wrong; if the check fails, the stream break
 to its end even if every reader leaves, so the next reader finds the file in the store.
 
 A broken response has still handed out bytes the check then refuted, and a client resumes: huggingface_hub
-asks for ``Range: bytes=N-`` and joins the answer to what it holds. So a file whose response broke
-(:meth:`Mirror.broke`) is answered whole for a while, whatever range is asked; huggingface_hub then starts
-the file over. The node remembers these files in its home (``mirror-broken.json``), so that a client
-resuming after the node restarted is answered whole too.
+asks for ``Range: bytes=N-`` and joins the answer to what it holds. So a file whose response broke, or
+whose pull failed after any reader had bytes of it (a client that left earlier resumes too), is
+:meth:`Mirror.broke` for a while: a resume (``bytes=N-``) is answered whole, and huggingface_hub starts the
+file over. A closed range (``bytes=a-b``, HfFileSystem's reads) is answered as asked: a client takes a
+200 for the range it asked for. The node remembers these files in its home (``mirror-broken.json``), so
+that a client resuming after the node restarted is answered whole too.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class _Job:
     remote: RemoteFile
     task: asyncio.Task[PullResult] | None = None
     partial: ResumablePartial | None = None
+    handed_out: bool = False  # whether a reader was given bytes of the pull (before its whole-file check)
     _event: asyncio.Event = field(default_factory=asyncio.Event)
 
     def pulse(self) -> None:
@@ -180,6 +183,12 @@ class Mirror:
             try:
                 return await self.depot.pull_async(manifest.repo_id, None, revision=manifest.revision, progress=progress,
                                                    paths=[remote.path], watch=watch, manifest=manifest)  # fmt: skip
+            except Exception:
+                if (
+                    job.handed_out
+                ):  # (a client that left before may resume: its bytes were refuted, or unproven)
+                    self._note_broken(manifest.repo_id, remote.path)
+                raise
             finally:
                 self._jobs.pop(key, None)
                 job.pulse()
@@ -267,6 +276,7 @@ class Mirror:
                 if not data:
                     raise OSError(f"the partial file ended at {position}")
                 position += len(data)
+                job.handed_out = True
                 yield memoryview(data)
 
     async def _from_store(

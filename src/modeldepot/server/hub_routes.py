@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -333,8 +334,9 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
     repo_id = await path_repo(request)
     revision = _revision(request)
     path = validate_path(request.match_info["path"])
-    if "Range" in request.headers and MIRROR in request.app and request.app[MIRROR].broke(repo_id, path):
-        # A client resuming a response that broke would join good bytes to refuted ones: send it whole.
+    if _resumes(request) and MIRROR in request.app and request.app[MIRROR].broke(repo_id, path):
+        # A client resuming a response that broke would join good bytes to refuted ones: send it whole. (Not
+        # a read of a closed range, HfFileSystem's: it takes a 200 for the range it asked, wrong bytes.)
         request = request.clone(headers={k: v for k, v in request.headers.items() if k.lower() != "range"})
     upstream_error: DepotError | None = None
     if await _upstream_first(request, repo_id):
@@ -356,6 +358,15 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
         if not await _mirrorable(request, repo_id):
             raise
         return await remote(request, repo_id, revision, path)
+
+
+_RESUME = re.compile(r"\s*bytes\s*=\s*\d+\s*-\s*", re.ASCII | re.IGNORECASE)
+
+
+def _resumes(request: web.Request) -> bool:
+    """Whether the request asks for the rest of a file from an offset (``Range: bytes=N-``), as a client
+    resuming a download does."""
+    return bool(_RESUME.fullmatch(request.headers.get("Range", "")))
 
 
 async def resolve(request: web.Request) -> web.StreamResponse:
