@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import requests
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, snapshot_download
 
 from conftest import SMALL_CHUNK, LiveNode, flip_byte, store_files_consistent, wait_until, write_model_dir
@@ -309,6 +310,31 @@ def test_a_client_that_left_before_the_pull_failed_gets_the_file_whole_when_it_r
     finally:
         mirror.stop()
         mirror.depot.close()
+
+
+def test_a_file_the_upstreams_branch_dropped_is_not_answered_from_the_mirrors_older_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstream's main moved to a commit without tokenizer.json: the mirror answered it from the older
+    commit it held (200, that commit's X-Repo-Commit), and huggingface_hub moved the client's refs/main back."""
+    from modeldepot import mirror as mirroring
+
+    monkeypatch.setattr(mirroring, "MANIFEST_TTL", 0.0)  # (the upstream is asked again at once)
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "v1", FILES), REPO)
+        node = LiveNode(upstream_depot)
+        mirror = mirror_node(tmp_path, node.url, monkeypatch)
+        try:
+            url = f"{mirror.url}/{REPO}/resolve/main/config.json"
+            assert asyncio.run(_read(url))[1] == FILES["config.json"]  # the mirror holds the first commit
+            kept = {path: data for path, data in FILES.items() if path != "config.json"}
+            upstream_depot.import_dir(write_model_dir(tmp_path / "v2", kept), REPO)  # main moves upstream
+            answer = requests.get(url, timeout=60)
+            assert answer.status_code == 404 and answer.headers["X-Error-Code"] == "EntryNotFound"
+            assert answer.headers.get("X-Repo-Commit") == upstream_depot.resolve(REPO)
+        finally:
+            mirror.stop()
+            node.stop()
 
 
 def test_a_mirror_pulls_a_quarantined_file_again(

@@ -342,6 +342,10 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
     if await _upstream_first(request, repo_id):
         try:
             manifest, _ = await request.app[MIRROR].remote_file(repo_id, revision, path)
+        except EntryNotFoundError:
+            # The upstream answered: its commit for the revision has no such file (removed there). The store's
+            # older commit must not answer: a client would mix two commits (its refs/main moved back).
+            raise
         except (UpstreamError, NotFoundError) as error:
             upstream_error = error  # the store may still hold it
         else:  # the upstream's commit: from the store when it holds the file, else pulled while served
