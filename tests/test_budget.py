@@ -488,6 +488,33 @@ def test_a_mirror_says_its_disk_budget_is_what_refuses_a_file(
     assert "never retrieved" not in caplog.text
 
 
+def test_a_mirrors_head_says_what_its_get_would_for_a_second_file_of_a_revision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the revision's first file held, a HEAD of a second that cannot fit said 200 (counting the
+    revision's first file as room), and the GET then refused it: 507."""
+    import urllib.error
+    import urllib.request
+
+    from conftest import serving_repo
+
+    rng = np.random.default_rng(5)
+    files = {"a.safetensors": rng.bytes(2 * MB), "b.safetensors": rng.bytes(2 * MB)}
+    with (
+        serving_repo(tmp_path, files, "acme/two", chunk_size=SMALL_CHUNK) as upstream,
+        budgeted_mirror(tmp_path, upstream.url, "3MiB", monkeypatch) as (_, mirror),
+    ):
+        base = f"{mirror.url}/acme/two/resolve/main"
+        with urllib.request.urlopen(f"{base}/a.safetensors") as first:
+            assert first.read() == files["a.safetensors"]
+        codes = []
+        for method in ("HEAD", "GET"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(urllib.request.Request(f"{base}/b.safetensors", method=method)).close()
+            codes.append(refused.value.code)
+        assert codes == [507, 507]
+
+
 def test_writers_in_two_processes_racing_for_the_last_room_end_within_the_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

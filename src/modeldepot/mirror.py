@@ -160,7 +160,10 @@ class Mirror:
         def check() -> None:
             # (content the store holds under another file is reused by the pull: it writes nothing for it)
             held = store.local_digest(remote.sha256, None if remote.sha256 else remote.git_oid)
-            store.budget.check_fits(0 if held is not None else remote.size, doing)
+            # As the pull will write it: the revision it writes into is kept (a HEAD said 200 for a file the
+            # GET refused, counting the revision's other files as room)
+            with store.budget.writing(manifest.repo_id, manifest.commit_id, [remote.path]) as writer:
+                writer.check_fits(0 if held is not None else remote.size, doing)
 
         await asyncio.to_thread(check)
 
