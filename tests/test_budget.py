@@ -512,6 +512,7 @@ def test_a_mirrors_head_says_what_its_get_would_for_a_second_file_of_a_revision(
             with pytest.raises(urllib.error.HTTPError) as refused:
                 urllib.request.urlopen(urllib.request.Request(f"{base}/b.safetensors", method=method)).close()
             codes.append(refused.value.code)
+            refused.value.close()  # (its connection)
         assert codes == [507, 507]
 
 
