@@ -337,6 +337,38 @@ def test_a_file_the_upstreams_branch_dropped_is_not_answered_from_the_mirrors_ol
             node.stop()
 
 
+def test_a_second_name_of_content_being_pulled_follows_that_pull(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same weights under main and dev (or a tokenizer two repos share) on a cold mirror: the second
+    request's pull waited for the first one's claim on the content, writing nothing, and its answer sent no
+    headers until the first pull ended (after a minute a 408; huggingface_hub gave up long before)."""
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "main", FILES), REPO)
+        dev = {BIG: FILES[BIG], "config.json": b'{"dev": true}'}
+        upstream_depot.import_dir(write_model_dir(tmp_path / "dev", dev), REPO, "dev")
+        node = LiveNode(upstream_depot)
+        proxy = FaultProxy(node.url)
+        proxy.set("slow", times=-1, slow_delay=0.3)  # the file takes seconds to come
+        mirror = mirror_node(tmp_path, proxy.url, monkeypatch)
+        try:
+            first = threading.Thread(
+                target=lambda: asyncio.run(_read(f"{mirror.url}/{REPO}/resolve/main/{BIG}"))
+            )
+            first.start()
+            wait_until(lambda: proxy.plan.body_bytes > 0, 60, "the first pull to be under way")
+            seen, body = asyncio.run(_read(f"{mirror.url}/{REPO}/resolve/dev/{BIG}",
+                                           at_headers=lambda: int(mirror.depot.has_file(REPO, BIG))))  # fmt: skip
+            first.join(60)
+            assert seen == 0, "the second answer's headers came while the first pull was still running"
+            assert body == FILES[BIG]
+            wait_until(lambda: mirror.depot.has_file(REPO, BIG, "dev"), 60, "dev's pull to take the content")
+        finally:
+            mirror.stop()
+            proxy.stop()
+            node.stop()
+
+
 def test_a_mirror_pulls_a_quarantined_file_again(
     upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -43,6 +43,7 @@ READ_BLOCK = 1024 * 1024
 # Seconds a file whose response broke is answered whole: longer than clients retry (huggingface_hub
 # resumes at once, a user re-running a download within the hour)
 BROKEN_TTL = 3600.0
+SIBLING_LOOK = 0.25  # seconds between looks for another pull writing the content a waiting pull waits for
 # In the store's home: [[repo id in lower case, path, when (seconds since the epoch)], ...]
 BROKEN_FILE = "mirror-broken.json"
 
@@ -206,10 +207,35 @@ class Mirror:
         not a body that ends at 0 bytes."""
         job = self._job(manifest, remote)
         assert job.task is not None
-        while job.partial is None and not job.task.done():
-            await job.wait()
+        await self._writing(job)
         if job.task.done():
             job.task.result()
+
+    async def _writing(self, job: _Job) -> _Job:
+        """Wait until the bytes of ``job``'s file are being written, by its pull or by another of the same
+        content (the same tokenizer under two names: its pull waits for that one's claim, writing nothing
+        meanwhile, and a reader waiting for it sent no headers for a minute, then a 408), or the pull
+        ended; returns the job whose partial holds them."""
+        assert job.task is not None
+        while job.partial is None and not job.task.done():
+            writing = self._same_content(job)
+            if writing is not None:
+                return writing
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(job.wait(), SIBLING_LOOK)
+        return job
+
+    def _same_content(self, job: _Job) -> _Job | None:
+        """A running pull of another name of ``job``'s content that writes it now."""
+        mine = job.remote
+        for other in self._jobs.values():
+            theirs = other.remote
+            if (other is not job and other.partial is not None and other.task is not None
+                    and not other.task.done() and theirs.size == mine.size
+                    and (theirs.sha256, theirs.git_oid if theirs.sha256 is None else None)
+                    == (mine.sha256, mine.git_oid if mine.sha256 is None else None)):  # fmt: skip
+                return other
+        return None
 
     async def read(
         self, manifest: Manifest, remote: RemoteFile, start: int, end: int
@@ -236,10 +262,10 @@ class Mirror:
         if remote.size == 0:
             await job.task
             return
-        while job.partial is None and not job.task.done():
-            await job.wait()
-        partial = job.partial
-        fd = _open(partial) if partial is not None and not job.task.done() else None
+        source = await self._writing(job)  # (this pull's, or one of the same content under another name)
+        assert source.task is not None
+        partial = source.partial
+        fd = _open(partial) if partial is not None and not source.task.done() else None
         if fd is None:
             # Raises what the pull raised. Shielded: a reader that leaves must not cancel the shared pull,
             # which may still be finishing (its partial moved into the store, its task not yet done).
@@ -248,7 +274,7 @@ class Mirror:
                 yield block
             return
         try:
-            async for block in self._follow(job, fd, start, end):
+            async for block in self._follow(source, fd, start, end):
                 yield block
         finally:
             os.close(fd)
