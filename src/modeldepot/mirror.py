@@ -55,7 +55,9 @@ class _Job:
     remote: RemoteFile
     task: asyncio.Task[PullResult] | None = None
     partial: ResumablePartial | None = None
-    handed_out: bool = False  # whether a reader was given bytes of the pull (before its whole-file check)
+    # The files (repo id, path) whose readers were given bytes of this pull before its whole-file check (its
+    # own, or another name of the same content: Mirror._writing)
+    handed_out: set[tuple[str, str]] = field(default_factory=set)
     _event: asyncio.Event = field(default_factory=asyncio.Event)
 
     def pulse(self) -> None:
@@ -188,10 +190,9 @@ class Mirror:
                 return await self.depot.pull_async(manifest.repo_id, None, revision=manifest.revision, progress=progress,
                                                    paths=[remote.path], watch=watch, manifest=manifest)  # fmt: skip
             except Exception:
-                if (
-                    job.handed_out
-                ):  # (a client that left before may resume: its bytes were refuted, or unproven)
-                    self._note_broken(manifest.repo_id, remote.path)
+                # (a client that left before may resume: the bytes it was given were refuted, or unproven)
+                for repo_id, path in sorted(job.handed_out):
+                    self._note_broken(repo_id, path)
                 raise
             finally:
                 self._jobs.pop(key, None)
@@ -274,12 +275,14 @@ class Mirror:
                 yield block
             return
         try:
-            async for block in self._follow(source, fd, start, end):
+            async for block in self._follow(source, fd, start, end, (manifest.repo_id, remote.path)):
                 yield block
         finally:
             os.close(fd)
 
-    async def _follow(self, job: _Job, fd: int, start: int, end: int) -> AsyncIterator[memoryview]:
+    async def _follow(self, job: _Job, fd: int, start: int, end: int,
+                      reading: tuple[str, str]) -> AsyncIterator[memoryview]:  # fmt: skip
+        """Bytes ``start..end`` of ``job``'s partial as its chunks land, for a reader of ``reading``."""
         partial = job.partial
         assert partial is not None and job.task is not None
         chunk_size = partial.chunk_size
@@ -305,7 +308,7 @@ class Mirror:
                 if not data:
                     raise OSError(f"the partial file ended at {position}")
                 position += len(data)
-                job.handed_out = True
+                job.handed_out.add(reading)
                 yield memoryview(data)
 
     async def _from_store(
