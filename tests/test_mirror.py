@@ -4,6 +4,7 @@ real huggingface_hub as the client; live status in the manifest route and the ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import threading
@@ -49,6 +50,20 @@ def mirror_node(
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9" if as_node else upstream)
     depot = Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK, servers=[upstream] if as_node else [])
     return LiveNode(depot, mirror=True, owns_depot=True)
+
+
+@contextlib.contextmanager
+def mirror_of_a_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Depot, LiveNode]]:
+    """An upstream node holding FILES as REPO (its depot, to change it) and a mirror of it."""
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        node = LiveNode(upstream_depot)
+        mirror = mirror_node(tmp_path, node.url, monkeypatch)
+        try:
+            yield upstream_depot, mirror
+        finally:
+            mirror.stop()
+            node.stop()
 
 
 @pytest.fixture
@@ -156,28 +171,21 @@ def test_a_file_removed_while_the_mirror_opens_it_is_fetched_again(
 ) -> None:
     """An `rm` (or the disk budget) between the mirror's look-up of a file and its opening: the client got a
     404 for a file the upstream has; it is fetched again."""
-    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
-        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
-        node = LiveNode(upstream_depot)
-        mirror = mirror_node(tmp_path, node.url, monkeypatch)
-        try:
-            url = f"{mirror.url}/{REPO}/resolve/main/config.json"
-            assert asyncio.run(_read(url))[1] == FILES["config.json"]
-            blobs, removed = mirror.depot.store.blobs, []
-            opening = blobs.open
+    with mirror_of_a_node(tmp_path, monkeypatch) as (_, mirror):
+        url = f"{mirror.url}/{REPO}/resolve/main/config.json"
+        assert asyncio.run(_read(url))[1] == FILES["config.json"]
+        blobs, removed = mirror.depot.store.blobs, []
+        opening = blobs.open
 
-            def removing_first(sha256: str, size: int) -> int:
-                if not removed:
-                    removed.append(sha256)
-                    mirror.depot.remove(REPO)
-                return opening(sha256, size)
+        def removing_first(sha256: str, size: int) -> int:
+            if not removed:
+                removed.append(sha256)
+                mirror.depot.remove(REPO)
+            return opening(sha256, size)
 
-            monkeypatch.setattr(blobs, "open", removing_first)
-            assert asyncio.run(_read(url))[1] == FILES["config.json"]
-            assert removed and mirror.depot.has_file(REPO, "config.json")
-        finally:
-            mirror.stop()
-            node.stop()
+        monkeypatch.setattr(blobs, "open", removing_first)
+        assert asyncio.run(_read(url))[1] == FILES["config.json"]
+        assert removed and mirror.depot.has_file(REPO, "config.json")
 
 
 def test_clients_get_bytes_while_a_slow_pull_runs_and_share_one_transfer(
@@ -320,21 +328,14 @@ def test_a_file_the_upstreams_branch_dropped_is_not_answered_from_the_mirrors_ol
     from modeldepot import mirror as mirroring
 
     monkeypatch.setattr(mirroring, "MANIFEST_TTL", 0.0)  # (the upstream is asked again at once)
-    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
-        upstream_depot.import_dir(write_model_dir(tmp_path / "v1", FILES), REPO)
-        node = LiveNode(upstream_depot)
-        mirror = mirror_node(tmp_path, node.url, monkeypatch)
-        try:
-            url = f"{mirror.url}/{REPO}/resolve/main/config.json"
-            assert asyncio.run(_read(url))[1] == FILES["config.json"]  # the mirror holds the first commit
-            kept = {path: data for path, data in FILES.items() if path != "config.json"}
-            upstream_depot.import_dir(write_model_dir(tmp_path / "v2", kept), REPO)  # main moves upstream
-            answer = requests.get(url, timeout=60)
-            assert answer.status_code == 404 and answer.headers["X-Error-Code"] == "EntryNotFound"
-            assert answer.headers.get("X-Repo-Commit") == upstream_depot.resolve(REPO)
-        finally:
-            mirror.stop()
-            node.stop()
+    with mirror_of_a_node(tmp_path, monkeypatch) as (upstream_depot, mirror):
+        url = f"{mirror.url}/{REPO}/resolve/main/config.json"
+        assert asyncio.run(_read(url))[1] == FILES["config.json"]  # the mirror holds the first commit
+        kept = {path: data for path, data in FILES.items() if path != "config.json"}
+        upstream_depot.import_dir(write_model_dir(tmp_path / "v2", kept), REPO)  # main moves upstream
+        answer = requests.get(url, timeout=60)
+        assert answer.status_code == 404 and answer.headers["X-Error-Code"] == "EntryNotFound"
+        assert answer.headers.get("X-Repo-Commit") == upstream_depot.resolve(REPO)
 
 
 def test_a_second_name_of_content_being_pulled_follows_that_pull(

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from modeldepot import (
     CorruptBlobError,
     Depot,
     EntryNotFoundError,
+    ImportResult,
     InvalidInputError,
     InvalidRangeError,
     InvalidRevisionError,
@@ -331,38 +333,57 @@ def test_a_linked_file_written_while_it_is_hashed_is_refused(
     assert depot.list_repos() == [] and stat.S_IMODE(os.stat(folder / "model.gguf").st_mode) != 0o444
 
 
-def test_two_imports_linking_one_folder_at_once_both_succeed_and_give_the_modes_back(
-    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Two `import --link` of one folder at once (a chaos trial): each one's link and chmod moved the other's
-    change time, both failed ("changed while it was being hashed") and the user's files stayed read-only
-    (the second noted the mode the first had set). The second now copies what the first links."""
+def _second_import_during(
+    depot: Depot,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    step: str,
+    also: Callable[[], None] = lambda: None,
+) -> tuple[ImportResult, ImportResult, dict[str, bytes], Path]:
+    """`import --link` of a folder, and a second one of the same folder (and ``also``) run when the first
+    reaches ``step`` (a function of the importer's) the first time: (first, second, files, folder)."""
     from modeldepot.store import importer
 
     files = {"model.gguf": os.urandom(3 * SMALL_CHUNK), "config.json": b'{"a": 1}'}
     folder = write_model_dir(tmp_path / "folder", files)
     for name in files:
         os.chmod(folder / name, 0o640)
-    hashing, started, results = importer.digest_stream, [], []
+    original, started, results = getattr(importer, step), [], []
     with Depot(depot.home) as other:
 
-        def other_import_meanwhile(*args: object, **kwargs: object) -> object:
-            if not started:  # (the first import has linked its first file and holds it)
+        def meanwhile(*args: object, **kwargs: object) -> object:
+            if not started:
                 started.append(True)
                 results.append(other.import_dir(folder, "acme/second", link=True))
-            return hashing(*args, **kwargs)  # type: ignore[arg-type]
+                also()
+            return original(*args, **kwargs)
 
-        monkeypatch.setattr(importer, "digest_stream", other_import_meanwhile)
+        monkeypatch.setattr(importer, step, meanwhile)
         first = depot.import_dir(folder, REPO, link=True)
-    second = results[0]
     assert imported(depot, REPO) == files and imported(depot, "acme/second") == files
-    assert second.linked_bytes < second.new_bytes, "the file the first one held was copied"
-    assert first.new_bytes + second.new_bytes == sum(map(len, files.values()))
-    for name in files:  # a file the store keeps as its blob is read-only; any other has its mode back
+    return first, results[0], files, folder
+
+
+def _modes_given_back(depot: Depot, folder: Path, files: dict[str, bytes]) -> None:
+    """A file the store keeps as its blob is read-only; any other has its mode back."""
+    for name in files:
         blob = depot.store.blobs.path(depot.file_info(REPO, name).sha256)
         kept = os.stat(blob).st_ino == os.stat(folder / name).st_ino
         assert stat.S_IMODE(os.stat(folder / name).st_mode) == (0o444 if kept else 0o640), name
     assert depot.verify().ok and store_files_consistent(depot) == []
+
+
+def test_two_imports_linking_one_folder_at_once_both_succeed_and_give_the_modes_back(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `import --link` of one folder at once (a chaos trial): each one's link and chmod moved the other's
+    change time, both failed ("changed while it was being hashed") and the user's files stayed read-only
+    (the second noted the mode the first had set). The second now copies what the first links."""
+    # (the second runs once the first has linked its first file and holds it)
+    first, second, files, folder = _second_import_during(depot, tmp_path, monkeypatch, "digest_stream")
+    assert second.linked_bytes < second.new_bytes, "the file the first one held was copied"
+    assert first.new_bytes + second.new_bytes == sum(map(len, files.values()))
+    _modes_given_back(depot, folder, files)
 
 
 def test_a_second_import_linking_one_folder_after_the_first_hashed_copies_and_neither_fails(
@@ -372,34 +393,19 @@ def test_a_second_import_linking_one_folder_after_the_first_hashed_copies_and_ne
     the file (its descriptor closed), not when it had placed it: both linked, and both failed, "changed
     after it was hashed", or left the user's files read-only. A link made and dropped elsewhere (another
     store's import and rm) between the hash and the publish failed an import too."""
-    from modeldepot.store import importer
 
-    files = {"model.gguf": os.urandom(3 * SMALL_CHUNK), "config.json": b'{"a": 1}'}
-    folder = write_model_dir(tmp_path / "folder", files)
-    for name in files:
-        os.chmod(folder / name, 0o640)
-    publishing, started, results = importer.publish, [], []
-    with Depot(depot.home) as other:
+    def a_passing_link() -> None:
+        for name in ("model.gguf", "config.json"):
+            os.link(tmp_path / "folder" / name, tmp_path / "passing")
+            os.unlink(tmp_path / "passing")
 
-        def other_import_and_a_passing_link(*args: object, **kwargs: object) -> object:
-            if not started:  # (every file of the first import is hashed and held by now)
-                started.append(True)
-                results.append(other.import_dir(folder, "acme/second", link=True))
-                for name in files:
-                    os.link(folder / name, tmp_path / "passing")
-                    os.unlink(tmp_path / "passing")
-            return publishing(*args, **kwargs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(importer, "publish", other_import_and_a_passing_link)
-        first = depot.import_dir(folder, REPO, link=True)
-    assert imported(depot, REPO) == files and imported(depot, "acme/second") == files
-    assert results[0].linked_bytes == 0, "the files the first one held were copied"
+    # (the second runs once every file of the first is hashed and held)
+    first, second, files, folder = _second_import_during(
+        depot, tmp_path, monkeypatch, "publish", a_passing_link
+    )
+    assert second.linked_bytes == 0, "the files the first one held were copied"
     assert first.new_bytes == 0, "the second one, published first, placed them"
-    for name in files:  # a file the store keeps as its blob is read-only; any other has its mode back
-        blob = depot.store.blobs.path(depot.file_info(REPO, name).sha256)
-        kept = os.stat(blob).st_ino == os.stat(folder / name).st_ino
-        assert stat.S_IMODE(os.stat(folder / name).st_mode) == (0o444 if kept else 0o640), name
-    assert depot.verify().ok and store_files_consistent(depot) == []
+    _modes_given_back(depot, folder, files)
 
 
 LINK_UNDER_A_LOW_FILE_LIMIT = """
