@@ -412,9 +412,8 @@ def _publish_revisions(store: Store, scan: _Scan, repo: _CachedRepo, verified: d
         used = {s.digest.sha256 for s in staged}
         try:
             new |= publish(store, spec, staged, {sha256: partials[sha256] for sha256 in used})
-        except (
-            CommitConflictError
-        ) as conflict:  # (another writer published the commit since it was looked at)
+        except CommitConflictError as conflict:
+            # (another writer published the commit since it was looked at)
             scan.problem(repo.repo_id, repo.folder / "snapshots" / commit, "conflict", f"{conflict}: skipped")
             continue
         for name in names[1:]:
@@ -431,12 +430,7 @@ def _files_of_the_commit(store: Store, scan: _Scan, repo: _CachedRepo, commit: s
     """The snapshot's files that may be published as the commit's: not one the commit's own listing
     (``trees/<commit>.json``) gives other bytes, nor one the store holds with other bytes for that commit
     (another cache's snapshot under the same commit id: a commit's files never change). Those are reported."""
-    held: dict[str, str] = {
-        row["path"]: row["sha256"]
-        for row in store.index.read(
-            "SELECT path, sha256 FROM files WHERE repo_id = ? AND commit_id = ?", (repo.repo_id, commit)
-        )
-    }
+    held = {entry.path: entry.sha256 for entry in store.files(repo.repo_id, commit)}
     listed = {f.path: f for f in listing or []}
     staged = []
     for link in links:
