@@ -14,7 +14,8 @@ from aiohttp import web
 
 from conftest import BackgroundServer
 
-MODES = ("pass", "drop", "500", "429", "stall", "flip", "ignore-range", "slow", "404")
+# "hang": every request, metadata too, is accepted and never answered (a hung Hub or proxy)
+MODES = ("pass", "drop", "500", "429", "stall", "flip", "ignore-range", "slow", "404", "hang")
 
 
 @dataclass
@@ -29,6 +30,7 @@ class FaultPlan:
     injected: int = 0
     body_bytes: int = 0  # file bytes the proxy sent to clients
     requests: list[str] = field(default_factory=list)  # "<path> <range>" of every file request
+    api_requests: list[str] = field(default_factory=list)  # the path of every other request
     request_times: list[float] = field(default_factory=list)  # time.time() of each of them
     authorizations: list[str] = field(default_factory=list)
     in_flight: dict[str, int] = field(default_factory=dict)  # file requests being answered, by file name
@@ -81,7 +83,11 @@ class FaultProxy:
             for k, v in request.headers.items()
             if k.lower() in ("range", "authorization", "accept-encoding")
         }
+        if plan.mode == "hang":
+            (plan.requests if is_file else plan.api_requests).append(request.path)
+            await asyncio.sleep(3600)
         if not is_file:
+            plan.api_requests.append(request.path)
             return await self._forward(request, headers, plan, count=False)
         plan.requests.append(f"{request.path} {request.headers.get('Range', '-')}")
         plan.request_times.append(time.time())

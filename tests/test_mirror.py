@@ -4,7 +4,6 @@ real huggingface_hub as the client; live status in the manifest route and the ev
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 import threading
@@ -18,52 +17,13 @@ from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, s
 
 from conftest import SMALL_CHUNK, LiveNode, flip_byte, store_files_consistent, wait_until, write_model_dir
 from faultproxy import FaultProxy
+from mirrornodes import BIG, FILES, REPO, mirror_node, mirror_of_a_node, proxied_upstream
 from modeldepot import Depot
-
-REPO = "acme/mirrored"
-BIG = "model.safetensors"
-rng = random.Random(7)
-FILES = {
-    "config.json": b'{"model_type": "bert", "hidden_size": 8}',
-    "tokenizer.json": b'{"vocab": {"x": 0}}',
-    BIG: rng.randbytes(48 * SMALL_CHUNK + 99),
-    "empty.txt": b"",
-}
 
 
 @pytest.fixture
 def upstream_proxy(tmp_path: Path) -> Iterator[FaultProxy]:
-    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
-        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
-        node = LiveNode(upstream_depot)
-        proxy = FaultProxy(node.url)
-        yield proxy
-        proxy.stop()
-        node.stop()
-
-
-def mirror_node(
-    tmp_path: Path, upstream: str, monkeypatch: pytest.MonkeyPatch, as_node: bool = True
-) -> LiveNode:
-    """A mirroring node whose upstream is a depot node (chunk digests), or a Hub-like one (none)."""
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9" if as_node else upstream)
-    depot = Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK, servers=[upstream] if as_node else [])
-    return LiveNode(depot, mirror=True, owns_depot=True)
-
-
-@contextlib.contextmanager
-def mirror_of_a_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Depot, LiveNode]]:
-    """An upstream node holding FILES as REPO (its depot, to change it) and a mirror of it."""
-    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
-        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
-        node = LiveNode(upstream_depot)
-        mirror = mirror_node(tmp_path, node.url, monkeypatch)
-        try:
-            yield upstream_depot, mirror
-        finally:
-            mirror.stop()
-            node.stop()
+    yield from proxied_upstream(tmp_path)
 
 
 @pytest.fixture
@@ -107,7 +67,7 @@ def test_snapshot_download_of_a_repo_the_mirror_never_saw(
         folder = Path(snapshot_download(REPO, cache_dir=client_env, endpoint=mirror.url))
         for name, data in FILES.items():
             assert (folder / name).read_bytes() == data
-        assert all(mirror.depot.has_file(REPO, name) for name in FILES)
+        assert [n for n in FILES if not mirror.depot.has_file(REPO, n)] == []
     finally:
         mirror.stop()
         mirror.depot.close()

@@ -3,18 +3,25 @@
 A reader asks for a byte range of a file at a revision. If the store has the file, the bytes come from
 the store. If not, one pull of that file starts (or is joined: every reader of the same file shares it)
 and the reader follows the partial file as chunks land, each chunk handed out once it is written and,
-from a depot node, checked against the node's BLAKE3. The last chunk of every response (a whole file or a
-range) is held back until the whole file has matched the upstream's SHA-256 (or git oid): a reader never
-receives a complete response that is wrong; if the check fails, the stream breaks instead. The pull runs
-to its end even if every reader leaves, so the next reader finds the file in the store.
+from a depot node, checked against the node's BLAKE3. The last chunk of a response that ends at the file's
+end, or that holds a chunk no node's digest vouched for (a Hub source's), is held back until the whole file
+has matched the upstream's SHA-256 (or git oid): a reader never receives a complete response that is wrong;
+if the check fails, the stream breaks instead. (A range inside the file whose every chunk a node vouched
+for goes as its chunks land: a header read of a big file must not wait for all of it.) The pull runs to its
+end even if every reader leaves, so the next reader finds the file in the store.
 
-A broken response has still handed out bytes the check then refuted, and a client resumes: huggingface_hub
-asks for ``Range: bytes=N-`` and joins the answer to what it holds. So a file whose response broke, or
-whose pull failed after any reader had bytes of it (a client that left earlier resumes too), is
-:meth:`Mirror.broke` for a while: a resume (``bytes=N-``) is answered whole, and huggingface_hub starts the
-file over. A closed range (``bytes=a-b``, HfFileSystem's reads) is answered as asked: a client takes a
-200 for the range it asked for. The node remembers these files in its home (``mirror-broken.json``), so
-that a client resuming after the node restarted is answered whole too.
+A broken response may have handed out bytes the check then refuted, and a client resumes: huggingface_hub
+asks for ``Range: bytes=N-`` and joins the answer to what it holds. So a file whose response broke after
+sending unvouched bytes, or whose pull failed after any reader had such bytes of it (a client that left
+earlier resumes too), is :meth:`Mirror.broke` for a while: a resume (``bytes=N-``) is answered whole, and
+huggingface_hub starts the file over. A closed range (``bytes=a-b``, HfFileSystem's reads) is answered as
+asked: a client takes a 200 for the range it asked for. The node remembers these files in its home
+(``mirror-broken.json``), so that a client resuming after the node restarted is answered whole too.
+
+The upstream is untrusted in time as well as in content: requests share one scan per (repo, revision), run
+on threads of their own; a request the store could answer waits for it a few seconds (HELD_PATIENCE), and
+a pull that failed before a chunk landed answers its failure for FAILED_TTL instead of being tried again
+by every retry of every client.
 """
 
 from __future__ import annotations
@@ -26,10 +33,11 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from modeldepot.depot import Depot
-from modeldepot.errors import EntryNotFoundError
+from modeldepot.errors import EntryNotFoundError, UpstreamError, UpstreamTimeoutError
 from modeldepot.hashing import chunk_span
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.store.partials import ResumablePartial
@@ -44,6 +52,18 @@ READ_BLOCK = 1024 * 1024
 # resumes at once, a user re-running a download within the hour)
 BROKEN_TTL = 3600.0
 SIBLING_LOOK = 0.25  # seconds between looks for another pull writing the content a waiting pull waits for
+# Upstream scans at once, on threads of their own: a hung upstream holds them (each for its sources' timeouts),
+# never the loop's default pool that every read of the store uses
+SCAN_THREADS = 4
+# Seconds a file whose pull failed upstream before a chunk landed answers that failure: a client's immediate
+# retries (five, from huggingface_hub) each pulled the whole file again, and each got a 200 cut short
+FAILED_TTL = 20.0
+# Seconds a request for something the store holds waits for the upstream's scan before the store answers (an
+# upstream that accepts and never answers: huggingface_hub gives up on a HEAD after 10 s)
+HELD_PATIENCE = 5.0
+# Seconds an answer's headers wait for the first bytes of a pull (so that a pull failing from its start is a
+# 502): under a client's 10 s timeouts
+FIRST_BYTES_PATIENCE = 5.0
 # In the store's home: [[repo id in lower case, path, when (seconds since the epoch)], ...]
 BROKEN_FILE = "mirror-broken.json"
 
@@ -58,6 +78,7 @@ class _Job:
     # The files (repo id, path) whose readers were given bytes of this pull before its whole-file check (its
     # own, or another name of the same content: Mirror._writing)
     handed_out: set[tuple[str, str]] = field(default_factory=set)
+    found_chunks: int = 0  # chunks its partial held when it began (a resume's)
     _event: asyncio.Event = field(default_factory=asyncio.Event)
 
     def pulse(self) -> None:
@@ -79,10 +100,18 @@ def _said(task: asyncio.Task[PullResult]) -> None:
 class Mirror:
     """Pull-through reads for a server. Use from one event loop."""
 
-    def __init__(self, depot: Depot) -> None:
+    def __init__(self, depot: Depot, deadline: float = 60.0) -> None:
+        """``deadline``: the seconds a request may take before its answer (a server's request deadline)."""
         self.depot = depot
+        # Seconds a request the store cannot answer waits for the upstream's scan: under the request's
+        # deadline, so that it hears 504 UpstreamTimeout (and not the deadline's 408, which says it was slow)
+        self.scan_patience = max(1.0, deadline - 5.0)
         self._manifests: dict[tuple[str, str], tuple[float, Manifest]] = {}
+        self._scans: dict[tuple[str, str], asyncio.Task[Manifest]] = {}  # the running one per key
+        self._scan_threads = ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="mirror-scan")
         self._jobs: dict[tuple[str, str, str], _Job] = {}
+        # (repo id, commit, path) -> (when (monotonic), the failure) of a pull that failed upstream lately
+        self._failed: dict[tuple[str, str, str], tuple[float, UpstreamError]] = {}
         self._broken_file = depot.home / BROKEN_FILE
         self._broken = self._load_broken()  # (repo id in lower case, path) -> when (seconds since the epoch)
 
@@ -127,27 +156,47 @@ class Mirror:
                 broken[(row[0], row[1])] = float(row[2])
         return broken
 
-    async def manifest(self, repo_id: str, revision: str) -> Manifest:
-        """The upstream's view of ``repo_id`` at ``revision`` (a branch's scan is reused briefly)."""
+    async def manifest(self, repo_id: str, revision: str, held: bool = False) -> Manifest:
+        """The upstream's view of ``repo_id`` at ``revision`` (a branch's scan is reused briefly). Requests
+        for the same (repo, revision) share one scan; one that waited long enough for it (HELD_PATIENCE when
+        the store ``held`` an answer, else :attr:`scan_patience`) raises UpstreamTimeoutError (504) while the
+        scan goes on, for the requests that follow."""
+        patience = min(HELD_PATIENCE, self.scan_patience) if held else self.scan_patience
         key = (repo_id, revision)
         cached = self._manifests.get(key)
         if cached is not None and (is_commit_id(revision) or time.monotonic() - cached[0] < MANIFEST_TTL):
             return cached[1]
-        manifest = await asyncio.to_thread(self.depot.manifest_for, repo_id, revision)
-        self._manifests[key] = (time.monotonic(), manifest)
-        return manifest
+        scan = self._scans.get(key)
+        if scan is None:
+            scan = self._scans[key] = asyncio.get_running_loop().create_task(self._scan(key))
+            scan.add_done_callback(_retrieved)
+        try:
+            return await asyncio.wait_for(asyncio.shield(scan), patience)
+        except TimeoutError:
+            raise UpstreamTimeoutError(
+                f"no upstream described {repo_id} at {revision} within {patience:g} s (the node goes on "
+                "asking: try again)",
+                repo_id=repo_id,
+            ) from None
 
-    async def remote_file(self, repo_id: str, revision: str, path: str) -> tuple[Manifest, RemoteFile]:
+    async def _scan(self, key: tuple[str, str]) -> Manifest:
+        try:
+            loop = asyncio.get_running_loop()
+            manifest = await loop.run_in_executor(self._scan_threads, self.depot.manifest_for, *key)
+            self._manifests[key] = (time.monotonic(), manifest)
+            return manifest
+        finally:
+            self._scans.pop(key, None)
+
+    async def remote_file(
+        self, repo_id: str, revision: str, path: str, held: bool = False
+    ) -> tuple[Manifest, RemoteFile]:
         validate_path(path)
-        manifest = await self.manifest(repo_id, revision)
+        manifest = await self.manifest(repo_id, revision, held)
         for remote in manifest.files:
             if remote.path == path:
                 return manifest, remote
         raise EntryNotFoundError(repo_id, revision, path, manifest.commit_id)
-
-    def start(self, manifest: Manifest, remote: RemoteFile) -> None:
-        """Begin pulling a file (if no pull of it is running) without waiting for it: a HEAD prefetches."""
-        self._job(manifest, remote)
 
     def pulling(self, manifest: Manifest, remote: RemoteFile) -> bool:
         """Whether a pull of the file runs now."""
@@ -175,11 +224,12 @@ class Mirror:
         job = self._jobs.get(key)
         if job is not None:
             return job
+        self._check_not_failed(key)
         job = self._jobs[key] = _Job(remote)
         loop = asyncio.get_running_loop()
 
         def watch(path: str, partial: ResumablePartial) -> None:
-            job.partial = partial
+            job.partial, job.found_chunks = partial, len(partial.done)
             job.pulse()
 
         def progress(update: PullUpdate) -> None:
@@ -189,10 +239,15 @@ class Mirror:
             try:
                 return await self.depot.pull_async(manifest.repo_id, None, revision=manifest.revision, progress=progress,
                                                    paths=[remote.path], watch=watch, manifest=manifest)  # fmt: skip
-            except Exception:
+            except Exception as error:
                 # (a client that left before may resume: the bytes it was given were refuted, or unproven)
                 for repo_id, path in sorted(job.handed_out):
                     self._note_broken(repo_id, path)
+                # An upstream that gave nothing (wrong bytes are no such failure: a garbled transfer is tried
+                # again): its next pull would fetch it all again, and fail. An outage mid-file is not either:
+                # what landed stays, and a client's resume starts a pull from there.
+                if isinstance(error, UpstreamError) and not _landed(job):
+                    self._failed[key] = (time.monotonic(), error)
                 raise
             finally:
                 self._jobs.pop(key, None)
@@ -202,13 +257,47 @@ class Mirror:
         job.task.add_done_callback(_said)
         return job
 
-    async def started(self, manifest: Manifest, remote: RemoteFile) -> None:
-        """Wait until the file's pull writes (its partial exists) or ends, and raise what a failed pull raised:
-        an answer's headers wait for this, so a pull that cannot start (a full disk) is an error status,
-        not a body that ends at 0 bytes."""
+    def check_not_failed(self, manifest: Manifest, remote: RemoteFile) -> None:
+        """Raise the failure of the file's last pull if it failed upstream within FAILED_TTL (UpstreamError:
+        a 502, or a 504), rather than pull it again at once."""
+        if not self.pulling(manifest, remote):
+            self._check_not_failed((manifest.repo_id, manifest.commit_id, remote.path))
+
+    def _check_not_failed(self, key: tuple[str, str, str]) -> None:
+        now = time.monotonic()
+        for old in [k for k, (when, _) in self._failed.items() if now - when > FAILED_TTL]:
+            del self._failed[old]
+        if key not in self._failed:
+            return
+        when, error = self._failed[key]
+        kind = UpstreamTimeoutError if isinstance(error, UpstreamTimeoutError) else UpstreamError
+        raise kind(
+            f"the pull of {key[2]} failed {now - when:.0f} s ago ({error}); it is tried again "
+            f"{FAILED_TTL - (now - when):.0f} s from now",
+            repo_id=key[0],
+            path=key[2],
+        )
+
+    async def started(self, manifest: Manifest, remote: RemoteFile, offset: int = 0) -> None:
+        """Start the file's pull (or join it) and wait until it writes (its partial exists) or ends, and
+        raise what a failed pull raised: an answer's headers wait for this, so a pull that cannot start (a
+        full disk) is an error status, not a body that ends at 0 bytes. Then wait up to FIRST_BYTES_PATIENCE
+        for the chunk holding byte ``offset`` to land, so that a pull failing upstream from its start is a
+        502, not a 200 cut short (after that the headers go: a client's timeouts must not expire)."""
         job = self._job(manifest, remote)
         assert job.task is not None
-        await self._writing(job)
+        source = await self._writing(job)
+        assert source.task is not None
+        deadline = time.monotonic() + FIRST_BYTES_PATIENCE
+        while (
+            not job.task.done()
+            and source.partial is not None
+            and not source.task.done()
+            and offset // source.partial.chunk_size not in source.partial.done
+            and (left := deadline - time.monotonic()) > 0
+        ):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(source.wait(), left)
         if job.task.done():
             job.task.result()
 
@@ -242,21 +331,21 @@ class Mirror:
         self, manifest: Manifest, remote: RemoteFile, start: int, end: int
     ) -> AsyncIterator[memoryview]:
         """Bytes ``start..end`` (inclusive) of the file, as they become available and checked."""
-        sent = False
+        reading = _Reading(manifest.repo_id, remote.path)
         try:
-            async for block in self._read(manifest, remote, start, end):
-                sent = True
+            async for block in self._read(manifest, remote, start, end, reading):
                 yield block
         except Exception as error:
-            if sent:
+            if reading.unproven:
                 self._note_broken(manifest.repo_id, remote.path)
-                log.info("%s/%s: the transfer failed after bytes were sent (%s: %s): the response breaks, and "
-                            "for an hour the file is answered whole, never a range a client could join to "
-                            "them", manifest.repo_id, remote.path, type(error).__name__, error)  # fmt: skip
+                log.info("%s/%s: the transfer failed after unproven bytes were sent (%s: %s): the response "
+                         "breaks, and for an hour a resume of the file is answered whole, never a range a "
+                         "client could join to them", manifest.repo_id, remote.path, type(error).__name__,
+                         error)  # fmt: skip
             raise
 
     async def _read(
-        self, manifest: Manifest, remote: RemoteFile, start: int, end: int
+        self, manifest: Manifest, remote: RemoteFile, start: int, end: int, reading: _Reading
     ) -> AsyncIterator[memoryview]:
         job = self._job(manifest, remote)
         assert job.task is not None
@@ -275,30 +364,37 @@ class Mirror:
                 yield block
             return
         try:
-            async for block in self._follow(source, fd, start, end, (manifest.repo_id, remote.path)):
+            async for block in self._follow(source, fd, start, end, reading):
                 yield block
         finally:
             os.close(fd)
 
-    async def _follow(self, job: _Job, fd: int, start: int, end: int,
-                      reading: tuple[str, str]) -> AsyncIterator[memoryview]:  # fmt: skip
-        """Bytes ``start..end`` of ``job``'s partial as its chunks land, for a reader of ``reading``."""
+    async def _follow(
+        self, job: _Job, fd: int, start: int, end: int, reading: _Reading
+    ) -> AsyncIterator[memoryview]:
+        """Bytes ``start..end`` of ``job``'s partial as its chunks land, for ``reading``."""
         partial = job.partial
         assert partial is not None and job.task is not None
         chunk_size = partial.chunk_size
         last = end // chunk_size  # the final chunk of this response, whole file or range
         for index in range(start // chunk_size, last + 1):
-            # The final chunk waits for the whole-file check; the others for their own landing. So no
-            # response, a range included, ever completes with bytes the upstream's digest has not vouched
-            # for (a chunk from a Hub source carries no digest of its own).
-            while not (index in partial.done and (index != last or job.task.done())):
+            # The final chunk of a response waits for the whole-file check, the others for their own landing:
+            # so no response, a range included, ever completes with bytes the upstream's digests have not
+            # vouched for. A range that ends inside the file and whose every chunk a node's digest vouched
+            # for goes at once (a header read of a big file waited for all of it: clients timed out).
+            vouched = not reading.unproven and index in partial.vouched and end < partial.size - 1
+            while not (index in partial.done and (index != last or vouched or job.task.done())):
                 if job.task.done():
                     job.task.result()
                     if index not in partial.done:
                         raise RuntimeError("the pull ended without this chunk")  # pragma: no cover
                 await job.wait()
-            if index == last:
-                job.task.result()
+            if index not in partial.vouched:
+                if index == last:
+                    job.task.result()
+                else:
+                    reading.unproven = True
+                    job.handed_out.add((reading.repo_id, reading.path))
             offset, length = chunk_span(index, partial.size, chunk_size)
             lo, hi = max(start, offset), min(end, offset + length - 1)
             position = lo
@@ -308,7 +404,6 @@ class Mirror:
                 if not data:
                     raise OSError(f"the partial file ended at {position}")
                 position += len(data)
-                job.handed_out.add(reading)
                 yield memoryview(data)
 
     async def _from_store(
@@ -329,11 +424,34 @@ class Mirror:
             reader.close()
 
     async def close(self) -> None:
-        """Wait for running pulls to stop (cancelled: their finished chunks stay for a resume)."""
-        tasks = [job.task for job in self._jobs.values() if job.task is not None]
+        """Wait for running pulls to stop (cancelled: their finished chunks stay for a resume); scans still
+        waiting for an upstream are left to their threads' timeouts."""
+        tasks: list[asyncio.Task[PullResult] | asyncio.Task[Manifest]] = list(self._scans.values())
+        tasks += [job.task for job in self._jobs.values() if job.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._scan_threads.shutdown(wait=False, cancel_futures=True)
+
+
+def _landed(job: _Job) -> bool:
+    """Whether ``job``'s pull landed a chunk."""
+    return job.partial is not None and len(job.partial.done) > job.found_chunks
+
+
+@dataclass
+class _Reading:
+    """One response's reading of a file: whether it was handed bytes of a chunk no digest vouched for."""
+
+    repo_id: str
+    path: str
+    unproven: bool = False
+
+
+def _retrieved(task: asyncio.Task[Manifest]) -> None:
+    """A scan every waiter gave up on (their patience ran out) failed: its error was said to them already."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _open(partial: ResumablePartial) -> int | None:

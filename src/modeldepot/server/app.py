@@ -188,7 +188,7 @@ def create_app(
     if fleet is not None:
         app[FLEET] = fleet
     if mirror:
-        app[MIRROR] = Mirror(depot)
+        app[MIRROR] = Mirror(depot, request_deadline)
 
         async def stop_pulls(app: web.Application) -> None:
             await app[MIRROR].close()

@@ -57,7 +57,7 @@ from modeldepot.server.views import (
     whole_headers,
 )
 from modeldepot.store import FileEntry, RepoSummary
-from modeldepot.validation import validate_path, validate_revision
+from modeldepot.validation import is_commit_id, validate_path, validate_revision
 
 __all__ = ["add_hub_routes"]
 
@@ -113,26 +113,35 @@ async def _mirrorable(request: web.Request, repo_id: str) -> bool:
     return summary is None or (summary.origin != "import" and (not summary.private or is_authorized(request)))
 
 
-async def _upstream_first(request: web.Request, repo_id: str) -> bool:
+async def _upstream_first(request: web.Request, repo_id: str, revision: str) -> tuple[bool, bool]:
     """On a mirror, a repo that came from upstream (pulled, or not here at all) is described by the upstream
     (its scan, kept briefly): a mirror holding a few of its files still lists them all, and follows a branch
-    that moves. The store answers when the upstream cannot. An imported repo is the node's own, and a
-    private one this request may not see is never looked up upstream (that would reveal it)."""
+    that moves. The store answers when the upstream cannot, or not within a few seconds (a hung upstream).
+    An imported repo is the node's own, a private one this request may not see is never looked up upstream
+    (that would reveal it), and a commit the store holds is answered from the store (it cannot move).
+    Returns (whether to ask the upstream first, whether the store holds the repo: it may answer instead)."""
     if MIRROR not in request.app:
-        return False
+        return False, False
     summary = await _local_summary(request, repo_id)
     if summary is None:
-        return True
-    return summary.origin != "import" and (not summary.private or is_authorized(request))
+        return True, False
+    if (
+        is_commit_id(revision)
+        or summary.origin == "import"
+        or (summary.private and not is_authorized(request))
+    ):
+        return False, True  # (a commit the store lacks is a miss, answered from upstream when mirrorable)
+    return True, True
 
 
 async def _revision_view(request: web.Request, repo_id: str, revision: str) -> RevisionView:
     """The revision as the upstream describes it (see :func:`_upstream_first`) or as stored here; on a
     local miss, when the node mirrors, the upstream's. Both are described the same way."""
     upstream_error: DepotError | None = None
-    if await _upstream_first(request, repo_id):
+    first, held = await _upstream_first(request, repo_id, revision)
+    if first:
         try:
-            return await mirror_revision(request, repo_id, revision)
+            return await mirror_revision(request, repo_id, revision, held)
         except (UpstreamError, NotFoundError) as error:
             upstream_error = error  # the store may still hold it
     try:
@@ -339,9 +348,10 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
         # a read of a closed range, HfFileSystem's: it takes a 200 for the range it asked, wrong bytes.)
         request = request.clone(headers={k: v for k, v in request.headers.items() if k.lower() != "range"})
     upstream_error: DepotError | None = None
-    if await _upstream_first(request, repo_id):
+    first, held = await _upstream_first(request, repo_id, revision)
+    if first:
         try:
-            manifest, _ = await request.app[MIRROR].remote_file(repo_id, revision, path)
+            manifest, _ = await request.app[MIRROR].remote_file(repo_id, revision, path, held)
         except EntryNotFoundError:
             # The upstream answered: its commit for the revision has no such file (removed there). The store's
             # older commit must not answer: a client would mix two commits (its refs/main moved back).

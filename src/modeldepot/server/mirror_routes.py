@@ -1,9 +1,12 @@
 """Answers for what the store lacks, when the node mirrors upstreams (``serve --upstream``).
 
-A HEAD is answered from the upstream's metadata at once (and starts the pull, since a GET follows);
-a GET sends the headers at once and then the bytes as the pull lands and checks them, so a client's
-10-second timeouts (docs/background.md) only ever wait for the next chunk. ``model_info`` of a repo not
-yet pulled is answered from the scan, so ``snapshot_download`` works through a mirror too.
+A HEAD is answered from the upstream's metadata at once and pulls nothing (``file_exists`` and size
+probes must not start a download of a whole file; a GET follows a client's HEAD at once anyway); a GET
+starts or joins the file's pull and sends its headers once the chunk it starts in has landed, or the pull
+failed (a 502 then, not a 200 cut short), or a few seconds passed (``mirror.FIRST_BYTES_PATIENCE``), and then
+the bytes as the pull lands and checks them, so a client's 10-second timeouts (docs/background.md) only
+ever wait for the next chunk. ``model_info`` of a repo not yet pulled is answered from the scan, so
+``snapshot_download`` works through a mirror too.
 """
 
 from __future__ import annotations
@@ -83,21 +86,26 @@ class MirrorResponse(CountedResponse):
 
 
 async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path: str) -> web.StreamResponse:
-    """A resolve answer for a file the mirror is pulling: the headers of a stored file's, at once."""
+    """A resolve answer for a file the mirror is pulling: the headers of a stored file's, once the pull has
+    its first bytes (or a few seconds passed). A HEAD, or a range past the end, pulls nothing."""
     mirror = request.app[MIRROR]
     manifest, remote = await mirror.remote_file(repo_id, revision, path)
     _check_public(request, manifest)
     entry = _entry(manifest, remote)
     headers = file_headers(entry)
     await mirror.check_fits(manifest, remote)
-    mirror.start(manifest, remote)
-    if request.method == "HEAD":
+    if request.method == "HEAD":  # (file_exists, a size probe: answered from the upstream's metadata)
+        if not remote.size:  # (no GET follows: huggingface_hub makes an empty file itself)
+            await mirror.started(manifest, remote)
+        # (A pull that failed lately is the GET's 502: huggingface_hub retries a HEAD's for half a minute,
+        # then says it could not locate the file; a GET's error it shows at once, with its reason.)
         return MirrorResponse(None, 200, headers, remote.size)
-    await mirror.started(manifest, remote)
+    mirror.check_not_failed(manifest, remote)
     try:
         wanted = wanted_range(request, remote.size, entry.etag)
     except RangeNotSatisfiable:
         return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{remote.size}"})
+    await mirror.started(manifest, remote, 0 if wanted is None else wanted.start)
     if wanted is None:
         body = mirror.read(manifest, remote, 0, remote.size - 1) if remote.size else None
         return MirrorResponse(body, 200, {**headers, **whole_headers(request, remote.size)}, remote.size)
@@ -107,9 +115,12 @@ async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path
     )
 
 
-async def mirror_revision(request: web.Request, repo_id: str, revision: str) -> RevisionView:
-    """An upstream revision (its scan), described as a stored one is."""
-    manifest = await request.app[MIRROR].manifest(repo_id, revision)
+async def mirror_revision(
+    request: web.Request, repo_id: str, revision: str, held: bool = False
+) -> RevisionView:
+    """An upstream revision (its scan), described as a stored one is. ``held``: the store can answer instead
+    (the scan is waited for briefly: see :meth:`Mirror.manifest`)."""
+    manifest = await request.app[MIRROR].manifest(repo_id, revision, held)
     _check_public(request, manifest)
     card = {k: v for k, v in (("pipeline_tag", manifest.pipeline_tag), ("library_name", manifest.library_name),
                               ("tags", list(manifest.tags))) if v}  # fmt: skip

@@ -137,6 +137,9 @@ class ResumablePartial:
         self.size = size
         self.chunk_size = chunk_size
         self.done = done  # chunk index -> BLAKE3 of the chunk as written
+        # Chunks that landed in this process checked against a BLAKE3 a depot node's manifest gave (as
+        # trusted as the SHA-256 the whole file is checked against): a reader may have them before that check
+        self.vouched: set[int] = set()
         self.resumed_bytes = resumed_bytes  # bytes found already on disk, verified, when claimed
         self._lock_fd = lock_fd  # the log's; a one-chunk content's own data file (read-only)
         self._data_fd = data_fd
@@ -166,9 +169,12 @@ class ResumablePartial:
         except (OSError, ValueError):
             return None  # (no room for a mapping) the caller reads into a buffer instead
 
-    def write_chunk(self, index: int, data: memoryview, digest: str, in_place: bool = False) -> None:
+    def write_chunk(
+        self, index: int, data: memoryview, digest: str, in_place: bool = False, vouched: bool = False
+    ) -> None:
         """Write chunk ``index`` at its offset and log it (call from a worker thread: it blocks).
-        ``in_place``: ``data`` is the chunk's own mapping (:meth:`map_chunk`), already there: only log it."""
+        ``in_place``: ``data`` is the chunk's own mapping (:meth:`map_chunk`), already there: only log it.
+        ``vouched``: ``digest`` matched one a depot node's manifest gave (see :attr:`vouched`)."""
         offset, length = chunk_span(index, self.size, self.chunk_size)
         if len(data) != length:
             raise ValueError(f"chunk {index} must be {length} bytes, got {len(data)}")
@@ -182,6 +188,8 @@ class ResumablePartial:
                 os.write(self._lock_fd, f"{index} {digest}\n".encode())
         except OSError as error:
             raise os_error(error, "writing a download to the store") from error
+        if vouched:
+            self.vouched.add(index)  # (before it is done: a reader that sees it done sees this too)
         self.done[index] = digest
 
     def close_data(self) -> None:
@@ -213,6 +221,7 @@ class ResumablePartial:
                 os.write(self._lock_fd, _HEADER.format(size=self.size, chunk=self.chunk_size).encode())
             except OSError as error:
                 raise os_error(error, "resetting a download") from error
+        self.vouched.clear()
         self.done.clear()
 
     def mark_public(self, public: bool) -> None:

@@ -575,6 +575,7 @@ class _FileJob(ChunkChooser):
         second copy is dropped), and cancel the other request for it. ``in_place``: ``data`` is the chunk's
         own pages in the file (nothing to write, only to log)."""
         expected = source.chunk_blake3[index] if source.chunk_blake3 else None
+        vouched = expected is not None  # (by a depot node's manifest; a claimer's digest is only its word)
         if expected is None and self.swarm is not None and source.kind != "hub":
             expected = self.swarm.digest(index)  # as its claimer had it from the Hub
         if self.small and not in_place and index not in self.partial.done and index not in self.landing:
@@ -582,7 +583,7 @@ class _FileJob(ChunkChooser):
             # same bytes while they are in the cache) instead of three: 300 files made 900 trips.
             self.landing.add(index)
             try:
-                digest, whole = await to_thread_to_the_end(self._write_small, data, expected)
+                digest, whole = await to_thread_to_the_end(self._write_small, data, expected, vouched)
             finally:
                 self.landing.discard(index)
             if whole is not None:
@@ -607,7 +608,7 @@ class _FileJob(ChunkChooser):
         try:
             if not in_place:
                 await self._stop_in_place_writer(index, request)
-            await to_thread_to_the_end(self.partial.write_chunk, index, data, digest, in_place)
+            await to_thread_to_the_end(self.partial.write_chunk, index, data, digest, in_place, vouched)
         finally:
             self.landing.discard(index)
         self._landed(source, index, len(data))
@@ -624,14 +625,16 @@ class _FileJob(ChunkChooser):
                 other.task.cancel()  # the endgame's loser: its buffer slot and connection are released
         self._pulse()
 
-    def _write_small(self, data: memoryview, expected: str | None) -> tuple[str, BlobDigest | None]:
+    def _write_small(
+        self, data: memoryview, expected: str | None, vouched: bool
+    ) -> tuple[str, BlobDigest | None]:
         """(On a worker thread.) A small file's one chunk: its BLAKE3; unless that differs from
         ``expected``, the write and the file's digests, hashed from ``data`` (the bytes just written).
         Returns (BLAKE3, digests or None when rejected)."""
         digest = _blake3(data)
         if expected is not None and digest != expected:
             return digest, None
-        self.partial.write_chunk(0, data, digest)
+        self.partial.write_chunk(0, data, digest, vouched=vouched)
         hasher = BlobHasher(self.remote.size, self.partial.chunk_size)
         hasher.update_sha256(data)
         hasher.update_chunk(data, digest)

@@ -1,0 +1,66 @@
+"""A mirroring node (`serve --upstream`) in front of a real upstream node, for the mirror's tests: the
+upstream holds FILES as REPO, behind a fault proxy or not."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import SMALL_CHUNK, LiveNode, write_model_dir
+from faultproxy import FaultProxy
+from modeldepot import Depot
+
+__all__ = ["BIG", "FILES", "REPO", "mirror_node", "mirror_of_a_node", "proxied_upstream"]
+
+REPO = "acme/mirrored"
+BIG = "model.safetensors"
+rng = random.Random(7)
+FILES = {
+    "config.json": b'{"model_type": "bert", "hidden_size": 8}',
+    "tokenizer.json": b'{"vocab": {"x": 0}}',
+    BIG: rng.randbytes(48 * SMALL_CHUNK + 99),
+    "empty.txt": b"",
+}
+
+
+def proxied_upstream(tmp_path: Path) -> Iterator[FaultProxy]:
+    """(For a fixture.) An upstream node holding FILES as REPO, behind a fault proxy (yielded)."""
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        node = LiveNode(upstream_depot)
+        proxy = FaultProxy(node.url)
+        yield proxy
+        proxy.stop()
+        node.stop()
+
+
+def mirror_node(
+    tmp_path: Path,
+    upstream: str,
+    monkeypatch: pytest.MonkeyPatch,
+    as_node: bool = True,
+    request_deadline: float = 60.0,
+) -> LiveNode:
+    """A mirroring node whose upstream is a depot node (chunk digests), or a Hub-like one (none)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9" if as_node else upstream)
+    depot = Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK, servers=[upstream] if as_node else [])
+    return LiveNode(depot, request_deadline=request_deadline, mirror=True, owns_depot=True)
+
+
+@contextlib.contextmanager
+def mirror_of_a_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Depot, LiveNode]]:
+    """An upstream node holding FILES as REPO (its depot, to change it) and a mirror of it."""
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        node = LiveNode(upstream_depot)
+        mirror = mirror_node(tmp_path, node.url, monkeypatch)
+        try:
+            yield upstream_depot, mirror
+        finally:
+            mirror.stop()
+            node.stop()

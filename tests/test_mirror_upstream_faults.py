@@ -1,0 +1,194 @@
+"""A mirror (`serve --upstream`) whose upstream fails: hangs, cuts every transfer, goes away mid-file. The
+store answers what it holds, the rest of the node is not held up, a failure is an error status (not a 200
+cut short), and nothing the upstream did not ask for is pulled."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import requests
+from huggingface_hub import HfApi, hf_hub_download
+
+from conftest import wait_until
+from faultproxy import FaultProxy
+from mirrornodes import BIG, FILES, REPO, mirror_node, proxied_upstream
+from modeldepot import mirror as mirroring
+from modeldepot.server.mirror_routes import MIRROR
+
+
+@pytest.fixture
+def upstream_proxy(tmp_path: Path) -> Iterator[FaultProxy]:
+    yield from proxied_upstream(tmp_path)
+
+
+@pytest.fixture
+def client_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+
+
+def test_a_hung_upstream_leaves_held_files_and_the_rest_of_the_node_answering(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: None
+) -> None:
+    """An upstream that accepts connections and never answers: requests by branch for files the mirror
+    held waited the whole request deadline for it and got a 408, eight of them took every thread of the
+    loop's pool (a file by commit id and /api/models waited too), and each asked the upstream again."""
+    monkeypatch.setattr(mirroring, "MANIFEST_TTL", 0.0)  # (the upstream is asked on every request)
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, request_deadline=15.0)
+    try:
+        held = f"{mirror.url}/{REPO}/resolve/main/config.json"
+        assert requests.get(held, timeout=60).content == FILES["config.json"]
+        commit = mirror.depot.resolve(REPO, "main")
+        plan = upstream_proxy.set("hang", times=-1)
+
+        def get(url: str, method: str = "GET") -> tuple[int, bytes, str]:
+            answer = requests.request(method, url, timeout=60)
+            return answer.status_code, answer.content, answer.headers.get("X-Error-Code", "")
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            by_branch = [pool.submit(get, held, method) for method in ("HEAD", "GET") * 4]
+            by_commit = pool.submit(get, f"{mirror.url}/{REPO}/resolve/{commit}/config.json")
+            listing = pool.submit(get, f"{mirror.url}/api/models")
+            info = pool.submit(HfApi(endpoint=mirror.url).model_info, REPO)
+            client = pool.submit(hf_hub_download, REPO, "config.json", endpoint=mirror.url,
+                                 cache_dir=tmp_path / "hf-cache")  # fmt: skip
+            unheld = pool.submit(get, f"{mirror.url}/{REPO}/resolve/main/{BIG}")
+            for answer in by_branch:
+                assert answer.result()[:2] in ((200, b""), (200, FILES["config.json"]))
+            assert by_commit.result()[:2] == (200, FILES["config.json"])
+            assert listing.result()[0] == 200 and REPO.encode() in listing.result()[1]
+            assert info.result().sha == commit
+            assert Path(client.result()).read_bytes() == FILES["config.json"]
+            # What the store lacks: the upstream's failure to answer, said before the request's deadline
+            assert unheld.result()[0::2] == (504, "UpstreamTimeout")
+        assert plan.api_requests == [f"/api/models/{REPO}/revision/main"], "one scan, shared"
+    finally:
+        mirror.stop()
+
+
+@pytest.mark.parametrize("as_node", [True, False], ids=["node upstream", "hub-like upstream"])
+def test_a_small_range_of_a_file_being_pulled_waits_only_for_its_own_chunks(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, as_node: bool
+) -> None:
+    """A header read (get_safetensors_metadata, HfFileSystem) of a file the mirror lacked waited until the
+    whole file was pulled, and clients gave up after 10 s. From a node, whose chunk digests vouch for each
+    chunk as it lands, a range inside the file goes as soon as its chunks did; from a Hub-like upstream
+    (no chunk digests) its last chunk still waits for the whole file's SHA-256."""
+    plan = upstream_proxy.set("slow", times=-1, slow_delay=0.1)
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, as_node=as_node)
+    try:
+        answer = requests.get(f"{mirror.url}/{REPO}/resolve/main/{BIG}", headers={"Range": "bytes=0-999"},
+                              timeout=60)  # fmt: skip
+        crossed = plan.body_bytes
+        assert (answer.status_code, answer.content) == (206, FILES[BIG][:1000])
+        if as_node:
+            assert crossed < len(FILES[BIG]) / 2, "the range came with its own chunk"
+        else:
+            assert crossed == len(FILES[BIG]), "the range waited for the whole file's check"
+        wait_until(lambda: mirror.depot.has_file(REPO, BIG), 60, "the pull to end")
+    finally:
+        mirror.stop()
+
+
+def test_an_upstream_failing_every_transfer_is_a_502_and_not_pulled_again_at_once(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: None
+) -> None:
+    """An upstream that fails every transfer of a file: each client GET was a 200 cut at 0 bytes (never saying
+    why) and each retry pulled the file again. The headers wait a few seconds for the pull's first bytes
+    (a pull that fails in that time is a 502 at once), and a failed pull's error answers the retries that
+    follow for a while (the pull's own retries take longer than a client waits for headers)."""
+    plan = upstream_proxy.set("500", times=-1, path_suffix=BIG)
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
+    try:
+        url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
+        try:
+            first = requests.get(url, timeout=60)
+            assert first.status_code == 502, first.status_code
+        except requests.exceptions.ChunkedEncodingError:
+            pass  # (a 200 cut short: the pull was still retrying when the headers went)
+        pulls = mirror.runner.app[MIRROR]
+        wait_until(lambda: not pulls._jobs, 60, "the mirror's pull to fail")
+        asked = len(plan.requests)
+        again = requests.get(url, timeout=60)
+        assert (again.status_code, again.headers.get("X-Error-Code")) == (502, "UpstreamError")
+        assert "tried again" in again.json()["error"] and "500" in again.json()["error"], again.text
+        assert len(plan.requests) == asked, "the retry did not pull the file again"
+        from huggingface_hub.errors import HfHubHTTPError
+
+        with pytest.raises(HfHubHTTPError, match="upstream failed"):
+            hf_hub_download(REPO, BIG, endpoint=mirror.url, cache_dir=tmp_path / "hf-cache")
+        assert len(plan.requests) == asked
+
+        monkeypatch.setattr(mirroring, "FAILED_TTL", 0.0)  # (the failure has aged: the next GET pulls again)
+        upstream_proxy.set("pass")
+        assert requests.get(url, timeout=60).content == FILES[BIG]
+    finally:
+        mirror.stop()
+
+
+def test_a_head_or_a_range_past_the_end_pulls_nothing(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: None
+) -> None:
+    """A HEAD (file_exists, a size probe) or a 416 started a pull of the whole file."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    plan = upstream_proxy.set("slow", times=-1, slow_delay=0.1)  # (a pull started would still run below)
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
+    try:
+        assert HfApi(endpoint=mirror.url).file_exists(REPO, BIG)
+        assert get_hf_file_metadata(hf_hub_url(REPO, BIG, endpoint=mirror.url)).size == len(FILES[BIG])
+        past = requests.get(f"{mirror.url}/{REPO}/resolve/main/{BIG}", headers={"Range": "bytes=999999999-"},
+                            timeout=60)  # fmt: skip
+        assert (past.status_code, past.headers["Content-Range"]) == (416, f"bytes */{len(FILES[BIG])}")
+        assert not mirror.runner.app[MIRROR]._jobs and plan.requests == []
+        assert not mirror.depot.has_file(REPO, BIG)
+    finally:
+        mirror.stop()
+
+
+async def _read_until_it_breaks(url: str) -> bytes:
+    received = bytearray()
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.status == 200
+        try:
+            async for piece in response.content.iter_any():
+                received += piece
+        except aiohttp.ClientPayloadError:
+            return bytes(received)
+    raise AssertionError(f"the answer ended whole ({len(received)} bytes)")
+
+
+def test_a_resume_after_an_honest_upstream_outage_is_answered_as_asked(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node upstream that went away mid-file: every byte the broken answer had sent was checked against
+    the node's chunk digest, yet a resume of the file (`bytes=N-`) was answered whole for an hour (a
+    re-download; `curl -C -` refuses it)."""
+    plan = upstream_proxy.set("slow", times=-1, slow_delay=0.05)
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
+    try:
+        url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
+
+        def cut_when_half_crossed() -> None:
+            wait_until(lambda: plan.body_bytes > len(FILES[BIG]) // 2, 60, "half the file to cross")
+            upstream_proxy.set("500", times=-1, path_suffix=BIG)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            cutting = pool.submit(cut_when_half_crossed)
+            received = asyncio.run(_read_until_it_breaks(url))
+            cutting.result()
+        assert 0 < len(received) < len(FILES[BIG]) and received == FILES[BIG][: len(received)]
+        pulls = mirror.runner.app[MIRROR]
+        wait_until(lambda: not pulls._jobs, 60, "the mirror's pull to end")
+        assert not pulls.broke(REPO, BIG), "nothing unproven was sent"
+
+        upstream_proxy.set("pass")  # back: the resume pulls again (from what landed), no failure kept
+        rest = requests.get(url, headers={"Range": f"bytes={len(received)}-"}, timeout=60)
+        assert (rest.status_code, rest.content) == (206, FILES[BIG][len(received) :])
+    finally:
+        mirror.stop()
