@@ -18,6 +18,7 @@ from conftest import (
     SMALL_CHUNK,
     InProcessNode,
     LiveNode,
+    flip_byte,
     free_port,
     sample_files,
     wait_until,
@@ -245,6 +246,23 @@ def test_sent_bytes_count_every_body_byte_once_and_no_header(node: LiveNode, dep
     assert ranged.status == 206 and len(ranged.body) == 70_000
     info = get(node, f"{API}/info")
     sent_reaches(node, expected + len(FILES[BIG]) + 70_000 + len(info.body))
+
+
+def test_answers_cut_short_are_counted(node: LiveNode, depot: Depot) -> None:
+    """A blob found corrupt while it is sent is cut short after a 200's headers: http_requests counts the 200;
+    answers_cut says the body never completed (it was no success). A client that leaves is not counted."""
+    blob = f"{API}/blobs/{{sha256}}"
+    connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
+    connection.request("GET", f"{API}/blobs/{BIG_SHA}")
+    connection.getresponse().read(10)  # a client that leaves after 10 bytes
+    connection.close()
+    assert get(node, f"{API}/blobs/{BIG_SHA}").body == FILES[BIG]
+    flip_byte(depot.store.blobs.path(BIG_SHA), len(FILES[BIG]) - 1)  # its last chunk: after the headers
+    with pytest.raises(http.client.IncompleteRead):
+        get(node, f"{API}/blobs/{BIG_SHA}")
+    after = scrape(node)
+    assert after.value("modeldepot_http_answers_cut_total", route=blob) == 1
+    assert after.labels_of("modeldepot_http_answers_cut_total", "route") == {blob}
 
 
 def test_store_gauges_follow_imports_and_removals(live_node: LiveNode, depot: Depot, tmp_path: Path) -> None:

@@ -8,7 +8,9 @@ and :class:`NodeCollector`, which builds every modeldepot figure when it is scra
   ``modeldepot_http_requests_total{route,status}`` — every answer of the app (not the parser's 400s nor
   ``connections.py``'s canned answers, given on the socket before any handler), by the pattern of the route the path
   is for whatever the method (``/api/depot/v1/blobs/{sha256}``, never the path asked for; a 405 or a
-  preflight too; a path no route matches is ``route="unmatched"``) and status; ``modeldepot_http_sent_bytes_total`` — response body bytes handed to
+  preflight too; a path no route matches is ``route="unmatched"``) and status; ``modeldepot_http_answers_cut_total{route}``
+  — answers the node cut short after their headers (a blob found corrupt mid-send, a mirror's failed upstream
+  transfer: their status said 200 or 206); ``modeldepot_http_sent_bytes_total`` — response body bytes handed to
   the connection, streams included: whatever goes through the response's writer, and the pieces a
   :class:`BlobResponse` sends by sendfile (around the writer), each counted as it goes;
 - **counted by the library in this process** (:data:`modeldepot.counters.PULLS`):
@@ -46,7 +48,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from modeldepot.counters import PULLS, SOURCE_KINDS
 from modeldepot.server.context import DEPOT, path_matches
 from modeldepot.server.fleet import FLEET
-from modeldepot.server.responses import BlobResponse
+from modeldepot.server.responses import BlobResponse, CountedResponse
 from modeldepot.store.maintenance import totals as store_totals
 
 __all__ = ["METRICS", "METRICS_PATH", "UNMATCHED", "HttpCounters", "NodeCollector", "NodeMetrics",
@@ -65,11 +67,20 @@ class HttpCounters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._requests: dict[tuple[str, int], int] = {}
+        self._cut: dict[str, int] = {}
         self._sent = 0
 
     def count_request(self, route: str, status: int) -> None:
         with self._lock:
             self._requests[route, status] = self._requests.get((route, status), 0) + 1
+
+    def count_cut(self, route: str) -> None:
+        with self._lock:
+            self._cut[route] = self._cut.get(route, 0) + 1
+
+    def cut_answers(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._cut)
 
     def add_sent(self, amount: int) -> None:
         if amount > 0:
@@ -160,6 +171,17 @@ class NodeCollector(Collector):
             answers.add_metric([route, str(status)], count)
         yield answers
 
+        cut = CounterMetricFamily(
+            "modeldepot_http_answers_cut",
+            "Answers this node cut short after their headers, by route pattern: a blob found corrupt while "
+            "sent, a mirror's upstream transfer that failed (counted in http_requests by the status they began "
+            "with). Not clients that left.",
+            labels=["route"],
+        )
+        for route, count in sorted(self._http.cut_answers().items()):
+            cut.add_metric([route], count)
+        yield cut
+
 
 class NodeMetrics:
     """An app's metrics: its registry and its HTTP counters."""
@@ -229,6 +251,9 @@ async def _meter_body(request: web.Request, response: web.StreamResponse) -> Non
     _count_body(request.writer, metrics.http.add_sent)
     if isinstance(response, BlobResponse):
         response.on_sendfile = metrics.http.add_sent
+    if isinstance(response, CountedResponse):
+        route = route_label(request)
+        response.on_cut = lambda: metrics.http.count_cut(route)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -72,8 +72,7 @@ class MirrorResponse(CountedResponse):
                     # that a client could take for a whole file.
                     log.warning("%s %s: the answer breaks after its headers: %s: %s", request.method,
                                 request.path, type(error).__name__, error)  # fmt: skip
-                    if request.transport is not None:
-                        request.transport.close()
+                    self.cut(request)
                     raise ConnectionResetError("the upstream transfer failed") from None
                 if self.upload_limit is not None:
                     await self.upload_limit.take_async(block.nbytes)

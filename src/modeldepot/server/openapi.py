@@ -496,6 +496,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "`modeldepot_store_bytes`, `modeldepot_store_budget_bytes`, 0 for no budget, "
                     "`modeldepot_evictions_total`), this node's answers "
                     "(`modeldepot_http_requests_total{route,status}` by route pattern, "
+                    "`modeldepot_http_answers_cut_total{route}`, "
                     "`modeldepot_http_sent_bytes_total`), this process's pulls "
                     "(`modeldepot_pull_bytes_total{source}`, `modeldepot_chunks_rejected_total`), the RAM "
                     "tier, the engine cache and the fleet (`modeldepot_peers`); see docs/architecture.md. "

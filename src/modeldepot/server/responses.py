@@ -59,6 +59,16 @@ class CountedResponse(web.StreamResponse):
         self.body_sent = 0
         # The node's cap on what it sends (serve --max-upload-rate), set by the app before the body goes.
         self.upload_limit: RateLimit | None = None
+        # Told when the node cuts this answer short (the node's metrics count them: its status said 200)
+        self.on_cut: Callable[[], None] | None = None
+
+    def cut(self, request: BaseRequest) -> None:
+        """End the answer before its body is complete: close the connection (a client sees a truncated body,
+        never a complete wrong one) and say so."""
+        if request.transport is not None:
+            request.transport.close()
+        if self.on_cut is not None:
+            self.on_cut()
 
 
 def body_bytes_sent(request: BaseRequest, response: web.StreamResponse) -> int:
@@ -110,7 +120,7 @@ class BlobResponse(CountedResponse):
                 await self._send_checked(transport, writer)
             except (CorruptBlobError, ChunkNotAvailableError) as error:
                 log.error("stopped sending %s: %s", request.path, error)
-                transport.close()  # a truncated body, never a complete wrong one
+                self.cut(request)
                 raise ConnectionResetError(str(error)) from None
             await super().write_eof()
             return writer
