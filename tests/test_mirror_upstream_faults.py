@@ -192,3 +192,19 @@ def test_a_resume_after_an_honest_upstream_outage_is_answered_as_asked(
         assert (rest.status_code, rest.content) == (206, FILES[BIG][len(received) :])
     finally:
         mirror.stop()
+
+
+def test_a_node_that_stops_answers_the_requests_waiting_for_a_hung_upstream(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request waiting for a hung upstream's scan held a stopping node (Ctrl-C) for most of a minute."""
+    plan = upstream_proxy.set("hang", times=-1)
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(requests.get, f"{mirror.url}/api/models/{REPO}", timeout=120)
+        try:
+            wait_until(lambda: plan.api_requests, 30, "the scan to ask the upstream")
+        finally:
+            mirror.stop()
+        answer = waiting.result()
+    assert answer.status_code == 504 and "stopping" in answer.json()["error"], answer.text

@@ -178,6 +178,14 @@ class Mirror:
                 "asking: try again)",
                 repo_id=repo_id,
             ) from None
+        except asyncio.CancelledError:
+            if not scan.cancelled():  # (this request was cancelled, not the shielded scan)
+                raise
+            # (the scan was: the node stops, see stop_scans)
+            raise UpstreamTimeoutError(
+                f"the node is stopping, and no upstream described {repo_id} at {revision} before",
+                repo_id=repo_id,
+            ) from None
 
     async def _scan(self, key: tuple[str, str]) -> Manifest:
         try:
@@ -422,6 +430,12 @@ class Mirror:
                 yield view[lo - offset : hi - offset + 1]
         finally:
             reader.close()
+
+    def stop_scans(self) -> None:
+        """Give up the scans under way (the node stops: the requests waiting for them hear a 504 now, not
+        when a hung upstream's timeouts end). Their threads end with those timeouts."""
+        for scan in self._scans.values():
+            scan.cancel()
 
     async def close(self) -> None:
         """Wait for running pulls to stop (cancelled: their finished chunks stay for a resume); scans still

@@ -190,9 +190,13 @@ def create_app(
     if mirror:
         app[MIRROR] = Mirror(depot, request_deadline)
 
+        async def stop_scans(app: web.Application) -> None:
+            app[MIRROR].stop_scans()  # (as the node begins to stop: the requests waiting for them end)
+
         async def stop_pulls(app: web.Application) -> None:
             await app[MIRROR].close()
 
+        app.on_shutdown.append(stop_scans)
         app.on_cleanup.append(stop_pulls)
     app.cleanup_ctx.append(_letting_go_of_what_others_removed(depot))
     add_native_routes(app)

@@ -72,7 +72,9 @@ def run_server(
         upstreams = [*depot.config.servers, *(["the fleet"] if cluster else []), depot.config.hub_endpoint]
         mode += f"; mirroring {', '.join(upstreams)}"
     # (its access log: NodeAccessLogger on modeldepot.access, one line per request with its body bytes)
-    runner = NodeRunner(app, limits=limits, shutdown_timeout=SHUTDOWN_GRACE)
+    # aiohttp waits its shutdown timeout twice for an answer under way (for it to end, then again after
+    # cancelling its request): half of the grace each, or a slow download held a stopping node a minute
+    runner = NodeRunner(app, limits=limits, shutdown_timeout=SHUTDOWN_GRACE / 2)
 
     if scrub_interval > 0:
         app.cleanup_ctx.append(_scrubbing(depot, scrub_interval, scrub_rate))
