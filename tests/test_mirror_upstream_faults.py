@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import blake3
 import pytest
 import requests
+from aiohttp import web
 from huggingface_hub import HfApi, hf_hub_download
 
-from conftest import wait_until
+from conftest import SMALL_CHUNK, LiveNode, wait_until, write_model_dir
 from faultproxy import FaultProxy
 from mirrornodes import BIG, FILES, REPO, mirror_node, proxied_upstream
+from modeldepot import Depot
 from modeldepot import mirror as mirroring
 from modeldepot.server.mirror_routes import MIRROR
 
@@ -71,21 +76,30 @@ def test_a_hung_upstream_leaves_held_files_and_the_rest_of_the_node_answering(
         mirror.stop()
 
 
-@pytest.mark.parametrize("as_node", [True, False], ids=["node upstream", "hub-like upstream"])
+@pytest.mark.parametrize(
+    ("as_node", "last"),
+    [(True, 999), (True, 8 * SMALL_CHUNK + 10), (False, 999)],
+    ids=["node upstream", "nine chunks", "hub-like upstream"],
+)
 def test_a_small_range_of_a_file_being_pulled_waits_only_for_its_own_chunks(
-    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, as_node: bool
+    upstream_proxy: FaultProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    as_node: bool,
+    last: int,
 ) -> None:
     """A header read (get_safetensors_metadata, HfFileSystem) of a file the mirror lacked waited until the
     whole file was pulled, and clients gave up after 10 s. From a node, whose chunk digests vouch for each
-    chunk as it lands, a range inside the file goes as soon as its chunks did; from a Hub-like upstream
-    (no chunk digests) its last chunk still waits for the whole file's SHA-256."""
+    chunk as it lands, a range inside the file goes as soon as its chunks did (however many: its last one
+    had to have landed before the first was sent); from a Hub-like upstream (no chunk digests) its last chunk still waits for
+    the whole file's SHA-256."""
     plan = upstream_proxy.set("slow", times=-1, slow_delay=0.1)
     mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, as_node=as_node)
     try:
-        answer = requests.get(f"{mirror.url}/{REPO}/resolve/main/{BIG}", headers={"Range": "bytes=0-999"},
+        answer = requests.get(f"{mirror.url}/{REPO}/resolve/main/{BIG}", headers={"Range": f"bytes=0-{last}"},
                               timeout=60)  # fmt: skip
         crossed = plan.body_bytes
-        assert (answer.status_code, answer.content) == (206, FILES[BIG][:1000])
+        assert (answer.status_code, answer.content) == (206, FILES[BIG][: last + 1])
         if as_node:
             assert crossed < len(FILES[BIG]) / 2, "the range came with its own chunk"
         else:
@@ -208,3 +222,91 @@ def test_a_node_that_stops_answers_the_requests_waiting_for_a_hung_upstream(
             mirror.stop()
         answer = waiting.result()
     assert answer.status_code == 504 and "stopping" in answer.json()["error"], answer.text
+
+
+BAD = 3  # the chunk of BIG a lying node changes
+LIE = (
+    bytes(FILES[BIG][: BAD * SMALL_CHUNK + 10])
+    + bytes([FILES[BIG][BAD * SMALL_CHUNK + 10] ^ 0xFF])
+    + bytes(FILES[BIG][BAD * SMALL_CHUNK + 11 :])
+)
+
+
+class LyingNode(FaultProxy):
+    """In front of a real node: its manifest of REPO gives, for BIG's chunk BAD, the BLAKE3 of LIE's (its
+    SHA-256 stays the true one), and it serves LIE's bytes, the last chunk 2 s late (readers get ahead of
+    the pull's whole-file check)."""
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/manifest") and "/revisions/" in request.path:
+            async with self._session.get(self.upstream + request.path_qs) as answer:
+                body = await answer.json()
+            for item in body.get("files", []):
+                if item.get("path") == BIG:
+                    chunk = LIE[BAD * SMALL_CHUNK : (BAD + 1) * SMALL_CHUNK]
+                    item["chunks"][BAD] = blake3.blake3(chunk).hexdigest()
+            return web.json_response(body)
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d+)", request.headers.get("Range", ""))
+        if request.method == "GET" and request.path.endswith(f"/{BIG}") and wanted is not None:
+            first, last = int(wanted[1]), int(wanted[2])
+            if last == len(LIE) - 1:
+                await asyncio.sleep(2)
+            return web.Response(status=206, body=LIE[first : last + 1],
+                                headers={"Content-Range": f"bytes {first}-{last}/{len(LIE)}"})  # fmt: skip
+        return await super()._handle(request)
+
+
+@contextlib.contextmanager
+def mirror_of_a_liar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, liar_scans: bool) -> Iterator[LiveNode]:
+    """A mirror whose configured upstreams are a lying node and, unless the liar answers the scan (it is
+    the only one), an honest one asked first (slowed: the liar serves most chunks); the "Hub" is honest."""
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        honest = LiveNode(upstream_depot)
+        liar, slowed = LyingNode(honest.url), FaultProxy(honest.url)
+        slowed.set("slow", times=-1, slow_delay=1.0)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", honest.url)
+        servers = [liar.url] if liar_scans else [slowed.url, liar.url]
+        mirror = LiveNode(Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK, servers=servers), mirror=True,
+                          owns_depot=True)  # fmt: skip
+        try:
+            yield mirror
+        finally:
+            mirror.stop()
+            for server in (liar, slowed, honest):
+                server.stop()
+
+
+def test_a_range_is_released_early_only_on_the_digests_of_the_node_that_answered_the_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node other than the one whose SHA-256 the file is checked against gave a chunk digest for other
+    bytes (a lying or broken node): a range inside that chunk completed as a 206 of its bytes before the
+    whole-file check refuted them. Its digests vouch for nothing: the range waits for the check."""
+    with mirror_of_a_liar(tmp_path, monkeypatch, liar_scans=False) as mirror:
+        first, last = BAD * SMALL_CHUNK, BAD * SMALL_CHUNK + 999
+        answer = requests.get(f"{mirror.url}/{REPO}/resolve/main/{BIG}",
+                              headers={"Range": f"bytes={first}-{last}"}, timeout=60)  # fmt: skip
+        assert (answer.status_code, answer.content) == (206, FILES[BIG][first : last + 1])
+        wait_until(lambda: mirror.depot.has_file(REPO, BIG), 60, "the pull to end")
+        assert mirror.depot.get_file(REPO, BIG).tobytes() == FILES[BIG]
+
+
+def test_a_whole_file_answer_across_a_refuted_download_breaks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pull throws away a download whose SHA-256 failed and fetches it again from the Hub; a client
+    following it had been sent the refuted chunks, and its 200 completed with them (the pull succeeded)."""
+    with mirror_of_a_liar(tmp_path, monkeypatch, liar_scans=True) as mirror:
+        url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
+        try:
+            body: bytes | None = requests.get(url, timeout=60).content
+        except requests.exceptions.ChunkedEncodingError:
+            body = None  # (broken: what it was sent is refuted)
+        assert body is None or body == FILES[BIG], "a complete 200 whose body is not the file"
+        assert body is None, "the refuted chunks were sent before the check"
+        wait_until(lambda: mirror.depot.has_file(REPO, BIG), 60, "the pull to end")
+        pulls = mirror.runner.app[MIRROR]
+        assert pulls.broke(REPO, BIG), "a resume of it is answered whole"
+        assert requests.get(url, headers={"Range": "bytes=100-"}, timeout=60).content == FILES[BIG]

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from modeldepot.depot import Depot
-from modeldepot.errors import EntryNotFoundError, UpstreamError, UpstreamTimeoutError
+from modeldepot.errors import EntryNotFoundError, IntegrityError, UpstreamError, UpstreamTimeoutError
 from modeldepot.hashing import chunk_span
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.store.partials import ResumablePartial
@@ -52,9 +52,10 @@ READ_BLOCK = 1024 * 1024
 # resumes at once, a user re-running a download within the hour)
 BROKEN_TTL = 3600.0
 SIBLING_LOOK = 0.25  # seconds between looks for another pull writing the content a waiting pull waits for
-# Upstream scans at once, on threads of their own: a hung upstream holds them (each for its sources' timeouts),
-# never the loop's default pool that every read of the store uses
-SCAN_THREADS = 4
+# Upstream scans at once, on threads of their own: a hung upstream holds them (each for its sources' timeouts,
+# a minute), never the loop's default pool that every read of the store uses. More wait their turn: an
+# upstream that hangs on some repos only delays the scans of the others once it holds all of them
+SCAN_THREADS = 16
 # Seconds a file whose pull failed upstream before a chunk landed answers that failure: a client's immediate
 # retries (five, from huggingface_hub) each pulled the whole file again, and each got a 200 cut short
 FAILED_TTL = 20.0
@@ -286,17 +287,21 @@ class Mirror:
             path=key[2],
         )
 
-    async def started(self, manifest: Manifest, remote: RemoteFile, offset: int = 0) -> None:
+    async def started(
+        self, manifest: Manifest, remote: RemoteFile, offset: int = 0, since: float | None = None
+    ) -> _Job:
         """Start the file's pull (or join it) and wait until it writes (its partial exists) or ends, and
         raise what a failed pull raised: an answer's headers wait for this, so a pull that cannot start (a
-        full disk) is an error status, not a body that ends at 0 bytes. Then wait up to FIRST_BYTES_PATIENCE
-        for the chunk holding byte ``offset`` to land, so that a pull failing upstream from its start is a
-        502, not a 200 cut short (after that the headers go: a client's timeouts must not expire)."""
+        full disk) is an error status, not a body that ends at 0 bytes. Then wait until FIRST_BYTES_PATIENCE
+        after ``since`` (a ``time.monotonic()``: when the request came; now by default) for the chunk
+        holding byte ``offset`` to land, so that a pull failing upstream from its start is a 502, not a 200
+        cut short (after that the headers go: a client's timeouts must not expire). Returns the pull, for
+        :meth:`read`."""
         job = self._job(manifest, remote)
         assert job.task is not None
         source = await self._writing(job)
         assert source.task is not None
-        deadline = time.monotonic() + FIRST_BYTES_PATIENCE
+        deadline = (time.monotonic() if since is None else since) + FIRST_BYTES_PATIENCE
         while (
             not job.task.done()
             and source.partial is not None
@@ -308,6 +313,7 @@ class Mirror:
                 await asyncio.wait_for(source.wait(), left)
         if job.task.done():
             job.task.result()
+        return job
 
     async def _writing(self, job: _Job) -> _Job:
         """Wait until the bytes of ``job``'s file are being written, by its pull or by another of the same
@@ -336,12 +342,13 @@ class Mirror:
         return None
 
     async def read(
-        self, manifest: Manifest, remote: RemoteFile, start: int, end: int
+        self, manifest: Manifest, remote: RemoteFile, start: int, end: int, job: _Job
     ) -> AsyncIterator[memoryview]:
-        """Bytes ``start..end`` (inclusive) of the file, as they become available and checked."""
+        """Bytes ``start..end`` (inclusive) of the file, as its pull ``job`` (:meth:`started`'s) lands and
+        checks them."""
         reading = _Reading(manifest.repo_id, remote.path)
         try:
-            async for block in self._read(manifest, remote, start, end, reading):
+            async for block in self._read(manifest, remote, start, end, job, reading):
                 yield block
         except Exception as error:
             if reading.unproven:
@@ -353,9 +360,8 @@ class Mirror:
             raise
 
     async def _read(
-        self, manifest: Manifest, remote: RemoteFile, start: int, end: int, reading: _Reading
+        self, manifest: Manifest, remote: RemoteFile, start: int, end: int, job: _Job, reading: _Reading
     ) -> AsyncIterator[memoryview]:
-        job = self._job(manifest, remote)
         assert job.task is not None
         if remote.size == 0:
             await job.task
@@ -385,24 +391,32 @@ class Mirror:
         assert partial is not None and job.task is not None
         chunk_size = partial.chunk_size
         last = end // chunk_size  # the final chunk of this response, whole file or range
+        resets, sent = partial.resets, False
         for index in range(start // chunk_size, last + 1):
             # The final chunk of a response waits for the whole-file check, the others for their own landing:
             # so no response, a range included, ever completes with bytes the upstream's digests have not
-            # vouched for. A range that ends inside the file and whose every chunk a node's digest vouched
+            # vouched for. A range that ends inside the file and whose every chunk the scan's node vouched
             # for goes at once (a header read of a big file waited for all of it: clients timed out).
-            vouched = not reading.unproven and index in partial.vouched and end < partial.size - 1
-            while not (index in partial.done and (index != last or vouched or job.task.done())):
+            while True:
+                if partial.resets != resets:  # the whole file failed its check: every chunk was dropped
+                    if sent:  # (the pull may fetch it again and succeed: what was sent stays refuted)
+                        reading.unproven = True
+                        raise IntegrityError(f"{reading.path}: the file failed its check after part of it "
+                                             "was sent; the answer breaks")  # fmt: skip
+                    resets = partial.resets
+                early = index in partial.vouched and not reading.unproven and end < partial.size - 1
+                if index in partial.done and (index != last or early or job.task.done()):
+                    break
                 if job.task.done():
                     job.task.result()
                     if index not in partial.done:
                         raise RuntimeError("the pull ended without this chunk")  # pragma: no cover
                 await job.wait()
-            if index not in partial.vouched:
-                if index == last:
-                    job.task.result()
-                else:
-                    reading.unproven = True
-                    job.handed_out.add((reading.repo_id, reading.path))
+            if index == last and not early:
+                job.task.result()  # (the whole file matched)
+            elif index not in partial.vouched:
+                reading.unproven = True
+                job.handed_out.add((reading.repo_id, reading.path))
             offset, length = chunk_span(index, partial.size, chunk_size)
             lo, hi = max(start, offset), min(end, offset + length - 1)
             position = lo
@@ -412,6 +426,7 @@ class Mirror:
                 if not data:
                     raise OSError(f"the partial file ended at {position}")
                 position += len(data)
+                sent = True
                 yield memoryview(data)
 
     async def _from_store(
@@ -436,12 +451,14 @@ class Mirror:
         when a hung upstream's timeouts end). Their threads end with those timeouts."""
         for scan in self._scans.values():
             scan.cancel()
+        self._scans.clear()  # (a scan cancelled before it ran never removes itself)
 
     async def close(self) -> None:
         """Wait for running pulls to stop (cancelled: their finished chunks stay for a resume); scans still
         waiting for an upstream are left to their threads' timeouts."""
         tasks: list[asyncio.Task[PullResult] | asyncio.Task[Manifest]] = list(self._scans.values())
         tasks += [job.task for job in self._jobs.values() if job.task is not None]
+        self._scans.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

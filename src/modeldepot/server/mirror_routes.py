@@ -12,6 +12,7 @@ ever wait for the next chunk. ``model_info`` of a repo not yet pulled is answere
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -87,7 +88,7 @@ class MirrorResponse(CountedResponse):
 async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path: str) -> web.StreamResponse:
     """A resolve answer for a file the mirror is pulling: the headers of a stored file's, once the pull has
     its first bytes (or a few seconds passed). A HEAD, or a range past the end, pulls nothing."""
-    mirror = request.app[MIRROR]
+    mirror, since = request.app[MIRROR], time.monotonic()
     manifest, remote = await mirror.remote_file(repo_id, revision, path)
     _check_public(request, manifest)
     entry = _entry(manifest, remote)
@@ -99,18 +100,18 @@ async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path
         # (A pull that failed lately is the GET's 502: huggingface_hub retries a HEAD's for half a minute,
         # then says it could not locate the file; a GET's error it shows at once, with its reason.)
         return MirrorResponse(None, 200, headers, remote.size)
-    mirror.check_not_failed(manifest, remote)
     try:
         wanted = wanted_range(request, remote.size, entry.etag)
     except RangeNotSatisfiable:
         return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{remote.size}"})
-    await mirror.started(manifest, remote, 0 if wanted is None else wanted.start)
+    mirror.check_not_failed(manifest, remote)
+    job = await mirror.started(manifest, remote, 0 if wanted is None else wanted.start, since)
     if wanted is None:
-        body = mirror.read(manifest, remote, 0, remote.size - 1) if remote.size else None
+        body = mirror.read(manifest, remote, 0, remote.size - 1, job) if remote.size else None
         return MirrorResponse(body, 200, {**headers, **whole_headers(request, remote.size)}, remote.size)
     headers["Content-Range"] = wanted.content_range(remote.size)
     return MirrorResponse(
-        mirror.read(manifest, remote, wanted.start, wanted.end), 206, headers, wanted.length
+        mirror.read(manifest, remote, wanted.start, wanted.end, job), 206, headers, wanted.length
     )
 
 

@@ -137,9 +137,10 @@ class ResumablePartial:
         self.size = size
         self.chunk_size = chunk_size
         self.done = done  # chunk index -> BLAKE3 of the chunk as written
-        # Chunks that landed in this process checked against a BLAKE3 a depot node's manifest gave (as
-        # trusted as the SHA-256 the whole file is checked against): a reader may have them before that check
+        # Chunks that landed in this process checked against a BLAKE3 the node that answered the scan gave
+        # (its word, as the SHA-256 the whole file is checked against): a reader may have them before that
         self.vouched: set[int] = set()
+        self.resets = 0  # times the whole file failed its check and every chunk was dropped (reset)
         self.resumed_bytes = resumed_bytes  # bytes found already on disk, verified, when claimed
         self._lock_fd = lock_fd  # the log's; a one-chunk content's own data file (read-only)
         self._data_fd = data_fd
@@ -174,7 +175,7 @@ class ResumablePartial:
     ) -> None:
         """Write chunk ``index`` at its offset and log it (call from a worker thread: it blocks).
         ``in_place``: ``data`` is the chunk's own mapping (:meth:`map_chunk`), already there: only log it.
-        ``vouched``: ``digest`` matched one a depot node's manifest gave (see :attr:`vouched`)."""
+        ``vouched``: ``digest`` matched one the scan's node gave (see :attr:`vouched`)."""
         offset, length = chunk_span(index, self.size, self.chunk_size)
         if len(data) != length:
             raise ValueError(f"chunk {index} must be {length} bytes, got {len(data)}")
@@ -223,6 +224,7 @@ class ResumablePartial:
                 raise os_error(error, "resetting a download") from error
         self.vouched.clear()
         self.done.clear()
+        self.resets += 1
 
     def mark_public(self, public: bool) -> None:
         """Mark the content as a public repo's, or not: peers without the node's token may be given its

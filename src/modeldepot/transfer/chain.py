@@ -184,7 +184,9 @@ class SourceChain:
         weights with a repo the node has)."""
         found: dict[str, list[FileSource]] = {}
         wanted = {f.path: f for f in files}
-        known: dict[str, tuple[str, ...]] = {}  # sha256 -> chunk digests at our chunk size, from a manifest
+        # sha256 -> (chunk digests at our chunk size, from a manifest; whether the scan's node gave them)
+        known: dict[str, tuple[tuple[str, ...], bool]] = {}
+        scanner = manifest.endpoint.rstrip("/")
         manifest_nodes = (
             await asyncio.to_thread(self._manifest_nodes, manifest)
             if self.fleet is not None
@@ -200,11 +202,18 @@ class SourceChain:
                 if remote is None or not _same_content(remote, item):
                     continue
                 digests = _chunk_digests(server, manifest, remote, item, chunk_size)
-                if digests is not None and remote.sha256:
-                    known.setdefault(remote.sha256, digests)
+                vouches = digests is not None and server.base_url.rstrip("/") == scanner
+                if (
+                    digests is not None
+                    and remote.sha256
+                    and known.get(remote.sha256, ((), False))[1] <= vouches
+                ):
+                    known[remote.sha256] = (digests, vouches)
                 url = server.file_url(manifest.repo_id, manifest.commit_id, remote.path)
                 origin = "node" if server in self.servers else "peer"
-                found.setdefault(remote.path, []).append(FileSource(server, url, digests, origin))
+                found.setdefault(remote.path, []).append(
+                    FileSource(server, url, digests, origin, vouches=vouches)
+                )
         if self.fleet is not None:
             await self._fleet_holders(files, found, known)
         by_content = [f for f in files if f.path not in found and f.sha256]
@@ -217,7 +226,7 @@ class SourceChain:
         return found
 
     async def _fleet_holders(self, files: list[RemoteFile], found: dict[str, list[FileSource]],
-                             known: dict[str, tuple[str, ...]]) -> None:  # fmt: skip
+                             known: dict[str, tuple[tuple[str, ...], bool]]) -> None:  # fmt: skip
         """Adds to ``found`` the live nodes whose holdings name a file's content (one read of the view):
         whole, or in part (a download in progress or kept for a resume, with at least one chunk done:
         the transfer reads which chunks from the node's chunk map, and asks it for those alone)."""
@@ -230,13 +239,14 @@ class SourceChain:
             sha256 = remote.sha256 or ""
             have = {s.source.base_url.rstrip("/") for s in found.get(remote.path, [])}
             for holder in holders.get(sha256, []):
-                source = self.fleet_source(remote, holder.node, holder.holding, known.get(sha256))
+                digests, vouches = known.get(sha256, (None, False))
+                source = self.fleet_source(remote, holder.node, holder.holding, digests, vouches)
                 if source is not None and source.source.base_url not in have:
                     have.add(source.source.base_url)
                     found.setdefault(remote.path, []).append(source)
 
     def fleet_source(self, remote: RemoteFile, node: NodeRecord, holding: Holding | None,
-                     digests: tuple[str, ...] | None = None) -> FileSource | None:  # fmt: skip
+                     digests: tuple[str, ...] | None = None, vouches: bool = False) -> FileSource | None:  # fmt: skip
         """A fleet node as a source of ``remote`` (an LFS file) through its blob route: whole, or in part
         (a download in progress, or a claimer of its chunks, ``holding`` None: the transfer reads which
         chunks from its chunk map). None for this node itself, a URL that is no node's, the Hub's, or a
@@ -252,7 +262,7 @@ class SourceChain:
         source = configured[0] if configured else self._node(url)
         blob = f"{url}{NODE_API}/blobs/{remote.sha256}"
         chunks_url = None if holding is not None and holding.complete else f"{blob}/chunks"
-        return FileSource(source, blob, digests, "node" if configured else "peer", chunks_url)
+        return FileSource(source, blob, digests, "node" if configured else "peer", chunks_url, vouches)
 
     async def swarm_file(self, remote: RemoteFile, chunk_size: int) -> SwarmFile | None:
         """The file's claims in the fleet, when this node takes part: a registry that keeps claims, this

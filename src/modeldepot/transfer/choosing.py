@@ -56,6 +56,9 @@ class FileSource:
     chunk_blake3: tuple[str, ...] | None = None
     origin: str = ""  # "node" (configured), "peer" (found in the fleet), "hub"; default: the source's kind
     chunks_url: str | None = None  # a holder of part of the file: where its chunk map is read
+    # Its chunk digests are the word of the node that answered the scan, whose SHA-256 the file is checked
+    # against: a chunk that matches one may be handed to a reader before that check (mirror.py)
+    vouches: bool = False
 
     @property
     def kind(self) -> str:

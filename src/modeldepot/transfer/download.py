@@ -575,7 +575,7 @@ class _FileJob(ChunkChooser):
         second copy is dropped), and cancel the other request for it. ``in_place``: ``data`` is the chunk's
         own pages in the file (nothing to write, only to log)."""
         expected = source.chunk_blake3[index] if source.chunk_blake3 else None
-        vouched = expected is not None  # (by a depot node's manifest; a claimer's digest is only its word)
+        vouched = expected is not None and source.vouches  # (see FileSource.vouches)
         if expected is None and self.swarm is not None and source.kind != "hub":
             expected = self.swarm.digest(index)  # as its claimer had it from the Hub
         if self.small and not in_place and index not in self.partial.done and index not in self.landing:
