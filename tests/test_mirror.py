@@ -19,6 +19,7 @@ from conftest import SMALL_CHUNK, LiveNode, flip_byte, store_files_consistent, w
 from faultproxy import FaultProxy
 from mirrornodes import BIG, FILES, REPO, mirror_node, mirror_of_a_node, proxied_upstream
 from modeldepot import Depot
+from modeldepot import mirror as mirroring
 
 
 @pytest.fixture
@@ -188,7 +189,11 @@ def test_a_corrupt_upstream_breaks_the_stream_and_nothing_is_kept(
             asyncio.run(_read(url))
         assert not mirror.depot.has_file(REPO, BIG)
         assert store_files_consistent(mirror.depot) == []
-        # The next request pulls again and now gets it right.
+        # Twice wrong: the next requests hear why for a while (FAILED_TTL) rather than pull it all again...
+        refused = requests.get(url, timeout=60)
+        assert (refused.status_code, refused.headers["X-Error-Code"]) == (502, "UpstreamIntegrity")
+        monkeypatch.setattr(mirroring, "FAILED_TTL", 0.0)
+        # ...then a request pulls again and now gets it right.
         assert asyncio.run(_read(url))[1] == FILES[BIG]
     finally:
         mirror.stop()
@@ -285,7 +290,6 @@ def test_a_file_the_upstreams_branch_dropped_is_not_answered_from_the_mirrors_ol
 ) -> None:
     """The upstream's main moved to a commit without tokenizer.json: the mirror answered it from the older
     commit it held (200, that commit's X-Repo-Commit), and huggingface_hub moved the client's refs/main back."""
-    from modeldepot import mirror as mirroring
 
     monkeypatch.setattr(mirroring, "MANIFEST_TTL", 0.0)  # (the upstream is asked again at once)
     with mirror_of_a_node(tmp_path, monkeypatch) as (upstream_depot, mirror):

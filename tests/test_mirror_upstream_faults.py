@@ -145,6 +145,27 @@ def test_an_upstream_failing_every_transfer_is_a_502_and_not_pulled_again_at_onc
         mirror.stop()
 
 
+def test_an_upstream_whose_file_fails_its_check_every_time_is_not_pulled_for_ever(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: None
+) -> None:
+    """A Hub-like upstream that sends a file's bytes wrong every time: huggingface_hub retries for as long as
+    each attempt gets bytes, and each attempt made the mirror pull the whole file again (36 times a minute,
+    never ending). A second failure of the file's check is remembered: a 502 saying why, for a while."""
+    plan = upstream_proxy.set("flip", times=-1, path_suffix=BIG)
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, as_node=False)
+    try:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        with pytest.raises(HfHubHTTPError, match="502"):
+            hf_hub_download(REPO, BIG, endpoint=mirror.url, cache_dir=tmp_path / "hf-cache")
+        assert plan.body_bytes <= 2 * len(FILES[BIG]), "the file crossed at most twice"
+        answer = requests.get(f"{mirror.url}/{REPO}/resolve/main/{BIG}", timeout=60)
+        assert (answer.status_code, answer.headers["X-Error-Code"]) == (502, "UpstreamIntegrity")
+        assert "SHA-256" in answer.json()["error"] and not mirror.depot.has_file(REPO, BIG)
+    finally:
+        mirror.stop()
+
+
 def test_a_head_or_a_range_past_the_end_pulls_nothing(
     upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: None
 ) -> None:

@@ -151,6 +151,10 @@ def test_bytes_that_do_not_match_upstream_digests_are_never_committed(
     assert list((local.home / "tmp").iterdir()) == []
     failed = local.get_manifest(REPO).variant("fp16")
     assert failed.status == "failed" and "IntegrityError" in (failed.error or "")
+    # "Nothing was kept": its refuted bytes are not kept as a resumable download (status said "resumable:
+    # N kept", the fleet's registry listed it as a partial holding, and the next pull fetched it all again)
+    assert not local.store.partials.holds(entry.sha256)
+    assert failed.bytes_done == failed.total_bytes - entry.size  # (the config and tokenizer are kept)
     assert local.pull(REPO, ["q4f16"]).files == 4  # an unharmed variant still pulls
 
 

@@ -220,6 +220,11 @@ def test_a_source_whose_chunk_fails_its_digest_gets_no_more_chunks(
         )
         assert counted == {"node": len(DATA)}
         assert sorted(good.chunks) == list(range(CHUNKS))
+        # The next download (another file of the pull, another pull) does not ask it either: the ban was
+        # per file, and a liar was asked again for every file of a pull, "not asked for 30 s" each time.
+        assert download(tmp_path / "next", [source(flipper.url, "peer"), source(good.url, "node")],
+                        Limits(per_source=1, total=4))[0] == SHA  # fmt: skip
+        assert len(flipper.chunks) == 1
     finally:
         good.stop(), flipper.stop()
 

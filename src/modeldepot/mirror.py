@@ -37,7 +37,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from modeldepot.depot import Depot
-from modeldepot.errors import EntryNotFoundError, IntegrityError, UpstreamError, UpstreamTimeoutError
+from modeldepot.errors import (
+    DepotError,
+    EntryNotFoundError,
+    IntegrityError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
 from modeldepot.hashing import chunk_span
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.store.partials import ResumablePartial
@@ -56,9 +62,10 @@ SIBLING_LOOK = 0.25  # seconds between looks for another pull writing the conten
 # a minute), never the loop's default pool that every read of the store uses. More wait their turn: an
 # upstream that hangs on some repos only delays the scans of the others once it holds all of them
 SCAN_THREADS = 16
-# Seconds a file whose pull failed upstream before a chunk landed answers that failure: a client's immediate
-# retries (five, from huggingface_hub) each pulled the whole file again, and each got a 200 cut short
+# Seconds a file whose pull failed upstream before a chunk landed (or failed its check twice) answers that
+# failure: a client's immediate retries each pulled the whole file again, and each got a 200 cut short
 FAILED_TTL = 20.0
+REFUTED_MEMORY = 300.0  # seconds a file that failed its check is remembered: a second failure is kept
 # Seconds a request for something the store holds waits for the upstream's scan before the store answers (an
 # upstream that accepts and never answers: huggingface_hub gives up on a HEAD after 10 s)
 HELD_PATIENCE = 5.0
@@ -112,7 +119,8 @@ class Mirror:
         self._scan_threads = ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="mirror-scan")
         self._jobs: dict[tuple[str, str, str], _Job] = {}
         # (repo id, commit, path) -> (when (monotonic), the failure) of a pull that failed upstream lately
-        self._failed: dict[tuple[str, str, str], tuple[float, UpstreamError]] = {}
+        self._failed: dict[tuple[str, str, str], tuple[float, UpstreamError | IntegrityError]] = {}
+        self._refuted: dict[tuple[str, str, str], float] = {}  # -> when its pull's file last failed its check
         self._broken_file = depot.home / BROKEN_FILE
         self._broken = self._load_broken()  # (repo id in lower case, path) -> when (seconds since the epoch)
 
@@ -252,11 +260,7 @@ class Mirror:
                 # (a client that left before may resume: the bytes it was given were refuted, or unproven)
                 for repo_id, path in sorted(job.handed_out):
                     self._note_broken(repo_id, path)
-                # An upstream that gave nothing (wrong bytes are no such failure: a garbled transfer is tried
-                # again): its next pull would fetch it all again, and fail. An outage mid-file is not either:
-                # what landed stays, and a client's resume starts a pull from there.
-                if isinstance(error, UpstreamError) and not _landed(job):
-                    self._failed[key] = (time.monotonic(), error)
+                self._remember_failure(key, job, error)
                 raise
             finally:
                 self._jobs.pop(key, None)
@@ -272,14 +276,34 @@ class Mirror:
         if not self.pulling(manifest, remote):
             self._check_not_failed((manifest.repo_id, manifest.commit_id, remote.path))
 
+    def _remember_failure(self, key: tuple[str, str, str], job: _Job, error: Exception) -> None:
+        """Keep a failed pull's error for FAILED_TTL when pulling again at once would only fail again: an
+        upstream that gave nothing (an outage mid-file is not that: what landed stays, a client's resume
+        starts a pull from there), or one whose file failed its check twice in a row (once is tried again, a
+        transfer garbled on the way; huggingface_hub retries for as long as each attempt gets some bytes,
+        and each attempt pulled the whole file again)."""
+        now = time.monotonic()
+        if isinstance(error, IntegrityError):
+            refuted_before = self._refuted.pop(key, None)
+            if refuted_before is None or now - refuted_before > REFUTED_MEMORY:
+                self._refuted[key] = now
+                return
+            self._failed[key] = (now, error)
+        elif isinstance(error, UpstreamError) and not _landed(job):
+            self._failed[key] = (now, error)
+
     def _check_not_failed(self, key: tuple[str, str, str]) -> None:
         now = time.monotonic()
         for old in [k for k, (when, _) in self._failed.items() if now - when > FAILED_TTL]:
             del self._failed[old]
+        for old in [k for k, when in self._refuted.items() if now - when > REFUTED_MEMORY]:
+            del self._refuted[old]
         if key not in self._failed:
             return
         when, error = self._failed[key]
-        kind = UpstreamTimeoutError if isinstance(error, UpstreamTimeoutError) else UpstreamError
+        kind: type[DepotError] = type(error) if isinstance(error, UpstreamTimeoutError) else UpstreamError
+        if isinstance(error, IntegrityError):
+            kind = IntegrityError
         raise kind(
             f"the pull of {key[2]} failed {now - when:.0f} s ago ({error}); it is tried again "
             f"{FAILED_TTL - (now - when):.0f} s from now",

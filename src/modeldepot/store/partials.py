@@ -241,15 +241,18 @@ class ResumablePartial:
 
     def release(self, completed: bool) -> None:
         """Let go of the lock. ``completed``: the content is in the store now, so the files go; else they
-        stay for a resume (by this process later, another process, or a re-run)."""
-        if self.paths.one_piece and completed:
+        stay for a resume (by this process later, another process, or a re-run), unless the whole file
+        failed its check and nothing was fetched since (:meth:`reset`): its bytes are refuted, none would
+        be resumed, and they were shown as kept."""
+        gone = completed or (self.resets > 0 and not self.done)
+        if self.paths.one_piece and gone:
             # Unless its name is gone already (placed by a version that renamed it): it may be another claim's.
             if _still_linked(self._lock_fd, self.paths.data):
                 self.layout.unlink(self.paths.data)
-        elif completed:
+        elif gone:
             for path in self.paths.names:  # unlinked while locked: waiters see it gone
                 self.layout.unlink(path)
-        if completed:
+        if gone:
             self.layout.unlink(self.paths.public)
         # Else its files stay as they are: a finished file flushed for placing is read-only, and may be a
         # committed blob's other name (a publish that failed after its commit); the next claim sees to it.

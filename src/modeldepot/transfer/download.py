@@ -9,10 +9,10 @@ more chunks than a slow one. A partial holder's chunk map is read when it joins 
 ``ChunkNotAvailable``) goes back to the pool.
 
 The endgame's first copy to land wins and the other request is cancelled, so a slow or stalled source
-never holds the last chunk. A source whose chunk fails its digest gets no chunk for ``BAN_SECONDS`` and
-its other requests go back to the pool. A source that keeps failing (a stall past the read timeout, after
-retries) is dropped for this file; when no live source may be asked for the chunks left, the fallback
-(the Hub) joins.
+never holds the last chunk. A source whose chunk fails its digest gets no chunk for ``BAN_SECONDS`` (in
+every download of this process) and its other requests go back to the pool. A source that keeps failing
+(a stall past the read timeout, after retries) is dropped for this file; when no live source may be asked
+for the chunks left, the fallback (the Hub) joins.
 
 In a swarm (transfer/swarm.py) the Hub is a source from the start: this node claims each chunk in the
 registry before fetching it from the Hub, and settles the claim with the chunk's BLAKE3 once landed;
@@ -69,7 +69,10 @@ __all__ = ["FileSource", "Limits", "download_file"]
 
 log = logging.getLogger(__name__)
 
-BAN_SECONDS = 30.0  # a source whose chunk failed its digest gets no chunk for so long (in this transfer)
+BAN_SECONDS = 30.0  # a source whose chunk failed its digest gets no chunk for so long (in this process)
+# Node URL -> until when (monotonic) it gets no chunk: for every file this process downloads (a liar was
+# banned file by file, and asked again for the next file of the same pull)
+BANNED_NODES: dict[str, float] = {}
 REFRESH_SECONDS = 2.0  # at most so often a partial holder's chunk map is read again
 SWARM_TICK = 0.1  # seconds between reads of the fleet's view of the file's claims and holders
 SWARM_IDLE = 0.5  # seconds an idle worker of a swarm waits at most before it looks again
@@ -227,8 +230,12 @@ class _FileJob(ChunkChooser):
 
     async def _start(self, sources: list[FileSource]) -> None:
         """Sources join: a partial holder once its chunk map is read (it serves only those chunks)."""
+        now = time.monotonic()
         for source in sources:
             self.have[source] = None if source.chunks_url is None else frozenset()
+            banned_until = BANNED_NODES.get(source.source.base_url, 0.0)
+            if banned_until > now:  # (its bytes for another file failed their digest lately)
+                self.banned[source] = banned_until
         self.live.extend(sources)
         await asyncio.gather(*(self._refresh(s) for s in sources if s.chunks_url is not None))
         self._spawn(sources)
@@ -644,7 +651,9 @@ class _FileJob(ChunkChooser):
         """A source whose bytes failed their digest gets no chunk for BAN_SECONDS (unless no other source
         holds it); its other requests are cancelled, their chunks back in the pool, when another may serve."""
         now = time.monotonic()
-        self.banned[source] = now + BAN_SECONDS
+        self.banned[source] = BANNED_NODES[source.source.base_url] = now + BAN_SECONDS
+        for url in [url for url, until in BANNED_NODES.items() if until <= now]:
+            del BANNED_NODES[url]
         if not any(s is not source and not self._is_banned(s, now) for s in self.live):
             return
         for requests in self.requests.values():

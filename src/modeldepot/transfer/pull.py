@@ -390,6 +390,8 @@ class _PullRun:
             digest = await download_file(http, remote, claim, sources, self.limits, fallback, on_bytes, swarm)
         except IntegrityError as mismatch:
             if claim.done or set(self.tracker.path_sources.get(remote.path, {})) <= {"hub"}:
+                if not claim.done:  # (thrown away: not "kept" in the status a failed pull leaves)
+                    self.tracker.forget(remote.path)
                 raise  # not the whole file's digest (the download was not reset), or the upstream's own bytes
             # Each chunk from another node matched the digest a node gave for it (its manifest, its chunk's
             # settlement), or came from a partial holder outside a swarm, unchecked: the upstream's SHA-256
@@ -400,6 +402,8 @@ class _PullRun:
             try:
                 digest = await download_file(http, remote, claim, hub, self.limits, None, on_bytes)
             except DepotError as again:
+                if not claim.done:
+                    self.tracker.forget(remote.path)
                 raise mismatch from again
         claim.close_data()
         self.digests[key] = digest
