@@ -68,9 +68,9 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MODELDEPOT_HOME", str(tmp_path / "default-home"))
     monkeypatch.delenv("MODELDEPOT_CHUNK_SIZE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from modeldepot.transfer import download
+    from modeldepot.transfer.choosing import BANNED_NODES
 
-    monkeypatch.setattr(download, "BANNED_NODES", {})  # (a liar's port may be another test's honest node)
+    BANNED_NODES.clear()  # (a liar's port may be another test's honest node)
 
 
 @pytest.fixture

@@ -229,6 +229,21 @@ def test_a_source_whose_chunk_fails_its_digest_gets_no_more_chunks(
         good.stop(), flipper.stop()
 
 
+def test_a_lone_source_whose_chunk_fails_its_digest_makes_the_fallback_join(
+    tmp_path: Path, nodes: dict[str, LiveNode]
+) -> None:
+    """The one node holding a file sent a chunk that failed its digest: it was asked again for it (three
+    times) before the Hub joined, each failure logged as "not asking it for 30 s"."""
+    hub, flipper = Proxy(nodes["full"].url), Proxy(nodes["full"].url, flip=True)
+    try:
+        sha, counted = download(tmp_path, [source(flipper.url, "peer")], Limits(per_source=1, total=4),
+                                hub=[source(hub.url, "hub")])  # fmt: skip
+        assert sha == SHA and counted == {"hub": len(DATA)}
+        assert len(flipper.chunks) == 1, "the Hub joined at its first corrupt chunk"
+    finally:
+        hub.stop(), flipper.stop()
+
+
 def test_the_endgame_takes_the_slow_sources_chunks_from_another(
     tmp_path: Path, nodes: dict[str, LiveNode]
 ) -> None:

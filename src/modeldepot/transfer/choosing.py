@@ -33,8 +33,11 @@ from modeldepot.transfer.sources import HttpSource
 if TYPE_CHECKING:
     from modeldepot.transfer.swarm import SwarmFile
 
-__all__ = ["ChunkChooser", "ChunkRequest", "FileSource"]
+__all__ = ["BANNED_NODES", "ChunkChooser", "ChunkRequest", "FileSource"]
 
+# Node URL -> until when (monotonic) it gets no chunk, in every download of this process: a liar was
+# banned file by file, and asked again for the next file of the same pull (and the files downloading beside)
+BANNED_NODES: dict[str, float] = {}
 MAX_CHUNK_ATTEMPTS = 3  # tries of one chunk that failed its digest before the file is given up
 ENDGAME_COPIES = 2  # requests for one chunk at most, in the endgame
 ENDGAME_WAIT = 1.0  # seconds a chunk is outstanding, at least, before the endgame asks another source too
@@ -163,14 +166,14 @@ class ChunkChooser:
         them has been outstanding STUCK_FACTOR times the patience: a peer that stalls or trickles)."""
         failed = self.bad.get(index, set()) | set(self.errors)
         failed.update(s.source.name for s, chunks in self.refused.items() if index in chunks)  # lack it now
-        failed.update(s.source.name for s, until in self.banned.items() if until > now)
+        failed.update(s.source.name for s in self.live if self._is_banned(s, now))
         for requests in self.requests.values():
             failed.update(r.source.source.name for r in requests if r.source.kind != "hub" and not r.landing
                           and now - r.started >= STUCK_FACTOR * patience)  # fmt: skip
         return failed
 
     def _is_banned(self, source: FileSource, now: float) -> bool:
-        return self.banned.get(source, 0.0) > now
+        return max(self.banned.get(source, 0.0), BANNED_NODES.get(source.source.base_url, 0.0)) > now
 
     def _may_take(self, source: FileSource, index: int, now: float, endgame: bool = False) -> bool:
         """Whether ``source`` may be asked for chunk ``index``: it holds it; it did not fail its digest

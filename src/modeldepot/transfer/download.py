@@ -57,7 +57,7 @@ from modeldepot.errors import (
 from modeldepot.hashing import BlobDigest, BlobHasher, chunk_span, digest_bytes
 from modeldepot.hub.manifest import RemoteFile
 from modeldepot.store.partials import ResumablePartial
-from modeldepot.transfer.choosing import ChunkChooser, ChunkRequest, FileSource
+from modeldepot.transfer.choosing import BANNED_NODES, ChunkChooser, ChunkRequest, FileSource
 from modeldepot.transfer.sources import ChunkUnavailableError, HttpSource, RangeIgnoredError
 from modeldepot.transfer.threads import to_thread_to_the_end
 
@@ -70,9 +70,6 @@ __all__ = ["FileSource", "Limits", "download_file"]
 log = logging.getLogger(__name__)
 
 BAN_SECONDS = 30.0  # a source whose chunk failed its digest gets no chunk for so long (in this process)
-# Node URL -> until when (monotonic) it gets no chunk: for every file this process downloads (a liar was
-# banned file by file, and asked again for the next file of the same pull)
-BANNED_NODES: dict[str, float] = {}
 REFRESH_SECONDS = 2.0  # at most so often a partial holder's chunk map is read again
 SWARM_TICK = 0.1  # seconds between reads of the fleet's view of the file's claims and holders
 SWARM_IDLE = 0.5  # seconds an idle worker of a swarm waits at most before it looks again
@@ -230,12 +227,8 @@ class _FileJob(ChunkChooser):
 
     async def _start(self, sources: list[FileSource]) -> None:
         """Sources join: a partial holder once its chunk map is read (it serves only those chunks)."""
-        now = time.monotonic()
         for source in sources:
             self.have[source] = None if source.chunks_url is None else frozenset()
-            banned_until = BANNED_NODES.get(source.source.base_url, 0.0)
-            if banned_until > now:  # (its bytes for another file failed their digest lately)
-                self.banned[source] = banned_until
         self.live.extend(sources)
         await asyncio.gather(*(self._refresh(s) for s in sources if s.chunks_url is not None))
         self._spawn(sources)
@@ -602,12 +595,16 @@ class _FileJob(ChunkChooser):
         else:
             digest = await asyncio.to_thread(_blake3, data)
         if expected is not None and digest != expected:
-            log.warning("%s: chunk %d from %s failed its BLAKE3 check: not asking it for %g s",
-                        self.remote.path, index, source.source.name, BAN_SECONDS)  # fmt: skip
+            # (said once per ban: the chunks it had in flight, for this file and others, fail too)
+            said = log.debug if self._is_banned(source, time.monotonic()) else log.warning
+            said("%s: chunk %d from %s failed its BLAKE3 check: not asking it for %g s", self.remote.path,
+                 index, source.source.name, BAN_SECONDS)  # fmt: skip
             self.bad.setdefault(index, set()).add(source.source.name)
             PULLS.reject_chunk()
             self.attempts[index] = self.attempts.get(index, 0) + 1
             self._ban(source)
+            if self.fallback is not None and all(self._is_banned(s, time.monotonic()) for s in self.live):
+                await self._fall_back()  # (rather than ask the liar again: it was the one source)
             return
         if index in self.partial.done or index in self.landing:
             return
