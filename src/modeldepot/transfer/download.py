@@ -649,8 +649,9 @@ class _FileJob(ChunkChooser):
         holds it); its other requests are cancelled, their chunks back in the pool, when another may serve."""
         now = time.monotonic()
         self.banned[source] = BANNED_NODES[source.source.base_url] = now + BAN_SECONDS
-        for url in [url for url, until in BANNED_NODES.items() if until <= now]:
-            del BANNED_NODES[url]
+        for url, until in list(BANNED_NODES.items()):  # (a copy taken at once: pulls on other threads)
+            if until <= now:
+                BANNED_NODES.pop(url, None)
         if not any(s is not source and not self._is_banned(s, now) for s in self.live):
             return
         for requests in self.requests.values():
