@@ -299,6 +299,29 @@ def test_close_removes_the_node_at_once(etcd_server: EtcdServer) -> None:
     run(main())
 
 
+def test_a_second_process_registering_the_same_node_id_is_told_to_the_first(etcd_server: EtcdServer) -> None:
+    """Two `serve` on one store (one node id): the second's record replaced the first's, and the first still
+    said registered and healthy, its log calling the second's record "not a valid fleet entry"."""
+    first = node("a")
+    second = NodeRecord(first.node_id, "http://elsewhere.test:8981", "1.2.3", 1_700_000_001.0)
+
+    async def main() -> None:
+        da, db = etcd(etcd_server, ttl=30), etcd(etcd_server, ttl=30)
+        async with started(da):
+            await da.register(first)
+            await da.wait_for(lambda: da.status().registered, WAIT)
+            await db.start()
+            await db.register(second)
+            status = await da.wait_for(lambda: da.status().conflict and da.status(), WAIT)
+            assert not status.registered and "http://elsewhere.test:8981" in (status.conflict or "")
+            assert db.status().conflict is None
+            await db.close()  # the second leaves: the first writes its record again
+            await da.wait_for(lambda: da.status().registered and da.status().conflict is None, WAIT)
+            assert [n.url for n in da.peers()] == [first.url]
+
+    run(main())
+
+
 CHILD = """
 import asyncio, sys, time
 from modeldepot.discovery import Holding, NodeRecord

@@ -218,6 +218,7 @@ class ClusterStatus:
     last_error: str | None = None
     since: float | None = None  # when the current state (connected or not) began
     peers: int = 0
+    conflict: str | None = None  # another process registered this node's id (etcd), and what to do
 
 
 class Discovery(abc.ABC):

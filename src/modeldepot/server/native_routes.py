@@ -69,6 +69,8 @@ async def health(request: web.Request) -> web.Response:
     if not status.connected:
         answer.update(status="degraded", detail=f"the fleet's registry ({status.backend}) cannot be reached: "
                       "peers and what they hold are as last seen; files are served")  # fmt: skip
+    elif status.conflict:
+        answer.update(status="degraded", detail=f"{status.conflict}; files are served")
     elif not status.registered:
         answer.update(status="degraded", detail="this node is not registered in its fleet yet: peers do not "
                       "know of it; files are served")  # fmt: skip

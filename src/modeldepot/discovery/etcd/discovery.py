@@ -65,6 +65,9 @@ class EtcdDiscovery(EtcdClaims):
         self._written: dict[str, Holding | None] = {}
         self._written_rev: dict[str, int] = {}
         self._checking = False
+        # Another process's record under this node's id replaced this one's (two nodes serving one store):
+        # its URL, until this node's record is written again
+        self._displaced_by: str | None = None
         # The view's position in etcd's history.
         self._rev: int | None = None  # the last revision applied to the view; None: load a snapshot
         self._probe = False
@@ -154,9 +157,11 @@ class EtcdDiscovery(EtcdClaims):
             and not (self._verify or self._checking)
             and self._lease_id is not None
             and self._record_rev > 0
+            and self._displaced_by is None
         )
         with self._lock:
             peers = len(self._nodes)
+        displaced = self._displaced_by
         return ClusterStatus(
             backend="etcd",
             connected=self._connected,
@@ -164,6 +169,10 @@ class EtcdDiscovery(EtcdClaims):
             last_error=self._last_error,
             since=self._since,
             peers=peers,
+            conflict=None
+            if displaced is None
+            else f"another process registered this node's id, at {displaced}: "
+            "two nodes serving one store? Peers reach that one; this node is outside the fleet until it leaves",
         )
 
     # -- the view (the follower) ----------------------------------------------------------------------------
@@ -273,7 +282,12 @@ class EtcdDiscovery(EtcdClaims):
             and kv.mod_revision > self._record_rev
             and kv.lease != self._lease_id
         ):
-            self._warn(kv.key, InvalidInputError("another process registers this node id"))
+            url = entry.url if isinstance(entry, NodeRecord) else "an unreadable record"
+            if self._displaced_by != url:
+                log.warning("etcd: another process registered this node's id %s, at %s (two nodes serving one "
+                            "store?): peers reach that one now; this node serves on, outside the fleet, "
+                            "until that one leaves", node_id, url)  # fmt: skip
+            self._displaced_by = url
         self._changed()
 
     def _own_key_deleted(self, kind: str, sha256: str, node_id: str, revision: int) -> None:
@@ -384,6 +398,7 @@ class EtcdDiscovery(EtcdClaims):
                 client.put(self._keys.node(record.node_id), encode(record.to_dict()), lease=self._lease_id)
             )
             self._record_rev = int(answer.header.revision)
+            self._displaced_by = None
             self._set_node(record)
             self._changed()
             log.info("registered in etcd as node %s (%s)", record.node_id, record.url)
