@@ -13,6 +13,7 @@ import contextlib
 import logging
 import re
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -24,7 +25,7 @@ from modeldepot.depot import Depot
 from modeldepot.errors import ConfigError, DepotError
 from modeldepot.mirror import Mirror
 from modeldepot.ratelimit import RateLimit
-from modeldepot.server.context import CONTROL_TOKEN, DEPOT, TOKEN, is_authorized
+from modeldepot.server.context import ARRIVED, CONTROL_TOKEN, DEPOT, TOKEN, is_authorized
 from modeldepot.server.control_routes import add_control_routes
 from modeldepot.server.dashboard import DASHBOARD_PATHS, add_dashboard_routes
 from modeldepot.server.fleet import FLEET, NodeFleet
@@ -79,6 +80,7 @@ _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every request gets an id (the client's ``X-Request-Id`` when it sent a sane one), echoed in the
     answer and named in every log line about it, so a client's report and the node's log meet."""
+    request[ARRIVED] = time.monotonic()
     sent = request.headers.get("X-Request-Id", "")
     request[REQUEST_ID] = sent if _CLIENT_REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex[:16]
     response = await handler(request)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -15,14 +15,17 @@ from modeldepot.validation import validate_repo_id
 if TYPE_CHECKING:
     from yarl import URL  # (aiohttp's URL type)
 
-__all__ = ["CONTROL_TOKEN", "DEPOT", "TOKEN", "carries_token", "is_authorized", "path_matches", "path_repo",
-           "request_url"]  # fmt: skip
+__all__ = ["ARRIVED", "CONTROL_TOKEN", "DEPOT", "TOKEN", "carries_token", "is_authorized", "path_matches",
+           "path_repo", "request_url"]  # fmt: skip
 
 DEPOT = web.AppKey("depot", Depot)
 TOKEN = web.AppKey("token", str)  # "" when the node has no token
 # What unlocks the control routes: the node's token when it has one, else a control token made at start
 # (never empty).
 CONTROL_TOKEN = web.AppKey("control_token", str)
+# When the request's handling began (time.monotonic()): a wait that must end under a client's timeout counts
+# from there, not from where it is (a mirror's first bytes, after its scan)
+ARRIVED: Any = web.RequestKey("arrived", float) if hasattr(web, "RequestKey") else "arrived"
 
 
 def carries_token(request: web.Request, token: str) -> bool:

@@ -22,7 +22,7 @@ from aiohttp.web_request import BaseRequest
 from modeldepot.errors import RepoNotFoundError
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.mirror import Mirror
-from modeldepot.server.context import is_authorized
+from modeldepot.server.context import ARRIVED, is_authorized
 from modeldepot.server.ranges import RangeNotSatisfiable
 from modeldepot.server.responses import CountedResponse
 from modeldepot.server.views import RevisionView, file_headers, wanted_range, whole_headers
@@ -88,7 +88,7 @@ class MirrorResponse(CountedResponse):
 async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path: str) -> web.StreamResponse:
     """A resolve answer for a file the mirror is pulling: the headers of a stored file's, once the pull has
     its first bytes (or a few seconds passed). A HEAD, or a range past the end, pulls nothing."""
-    mirror, since = request.app[MIRROR], time.monotonic()
+    mirror, since = request.app[MIRROR], request.get(ARRIVED, time.monotonic())
     manifest, remote = await mirror.remote_file(repo_id, revision, path)
     _check_public(request, manifest)
     entry = _entry(manifest, remote)
