@@ -254,9 +254,11 @@ LIE = (
 
 
 class LyingNode(FaultProxy):
-    """In front of a real node: its manifest of REPO gives, for BIG's chunk BAD, the BLAKE3 of LIE's (its
-    SHA-256 stays the true one), and it serves LIE's bytes, the last chunk 2 s late (readers get ahead of
-    the pull's whole-file check)."""
+    """In front of a real node: its manifest gives, for BIG's chunk BAD, the BLAKE3 of LIE's (its SHA-256
+    stays the true one), and it serves LIE's bytes, the last chunk ``late`` seconds late (readers get ahead
+    of the pull's whole-file check)."""
+
+    late = 2.0
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if request.path.endswith("/manifest") and "/revisions/" in request.path:
@@ -271,7 +273,7 @@ class LyingNode(FaultProxy):
         if request.method == "GET" and request.path.endswith(f"/{BIG}") and wanted is not None:
             first, last = int(wanted[1]), int(wanted[2])
             if last == len(LIE) - 1:
-                await asyncio.sleep(2)
+                await asyncio.sleep(self.late)
             return web.Response(status=206, body=LIE[first : last + 1],
                                 headers={"Content-Range": f"bytes {first}-{last}/{len(LIE)}"})  # fmt: skip
         return await super()._handle(request)
@@ -331,3 +333,45 @@ def test_a_whole_file_answer_across_a_refuted_download_breaks(
         pulls = mirror.runner.app[MIRROR]
         assert pulls.broke(REPO, BIG), "a resume of it is answered whole"
         assert requests.get(url, headers={"Range": "bytes=100-"}, timeout=60).content == FILES[BIG]
+
+
+def test_a_range_is_not_vouched_for_by_another_repos_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader follows any running pull of the same content (a fork, a shared tokenizer): a range of a repo
+    scanned from an honest node went early on chunks another repo's scanner, a liar, had vouched for."""
+    fork = "other/fork"
+    with (
+        Depot(tmp_path / "h1", chunk_size=SMALL_CHUNK) as held,
+        Depot(tmp_path / "h2", chunk_size=SMALL_CHUNK) as forked,
+    ):
+        held.import_dir(write_model_dir(tmp_path / "src1", FILES), REPO)
+        forked.import_dir(write_model_dir(tmp_path / "src2", FILES), fork)
+        honest, other = LiveNode(held), LiveNode(forked)
+        liar = LyingNode(other.url)
+        liar.late = 8.0
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", honest.url)
+        mirror = LiveNode(Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK, servers=[honest.url, liar.url]),
+                          mirror=True, owns_depot=True)  # fmt: skip
+        pulls = mirror.runner.app[MIRROR]
+
+        def vouched() -> set[int]:
+            return {i for job in list(pulls._jobs.values()) if job.partial for i in job.partial.vouched}
+
+        try:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                whole = pool.submit(requests.get, f"{mirror.url}/{fork}/resolve/main/{BIG}", timeout=60)
+                wait_until(
+                    lambda: BAD in vouched(), 20, "the fork's pull to land the lie, vouched by its scan"
+                )
+                first, last = BAD * SMALL_CHUNK, BAD * SMALL_CHUNK + 999
+                answer = requests.get(f"{mirror.url}/{REPO}/resolve/main/{BIG}",
+                                      headers={"Range": f"bytes={first}-{last}"}, timeout=60)  # fmt: skip
+                with contextlib.suppress(requests.exceptions.RequestException):
+                    whole.result()  # (the fork's own answer breaks: its scan's node lied)
+            assert (answer.status_code, answer.content) == (206, FILES[BIG][first : last + 1])
+        finally:
+            mirror.stop()
+            for server in (liar, honest, other):
+                server.stop()

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import random
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -242,6 +243,24 @@ def test_a_lone_source_whose_chunk_fails_its_digest_makes_the_fallback_join(
         assert len(flipper.chunks) == 1, "the Hub joined at its first corrupt chunk"
     finally:
         hub.stop(), flipper.stop()
+
+
+def test_a_node_whose_ban_ends_is_asked_again_without_waiting_for_another_source(
+    tmp_path: Path, nodes: dict[str, LiveNode]
+) -> None:
+    """A node banned by another download of the process (its ban has a moment left) slept until another
+    source landed a chunk: behind a source that trickles, the whole file waited for it."""
+    from modeldepot.transfer.choosing import BANNED_NODES
+
+    fast, slow = Proxy(nodes["full"].url), Proxy(nodes["full"].url, trickle=True)
+    try:
+        BANNED_NODES[fast.url] = time.monotonic() + 0.5
+        sha, _ = download(tmp_path, [source(slow.url, "peer"), source(fast.url, "node")],
+                                Limits(per_source=1, total=4))  # fmt: skip
+        assert sha == SHA and fast.chunks
+        assert slow.body_bytes < SMALL_CHUNK, "the download ended before the trickling source sent a chunk"
+    finally:
+        fast.stop(), slow.stop()
 
 
 def test_the_endgame_takes_the_slow_sources_chunks_from_another(

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 from modeldepot.depot import Depot
 from modeldepot.errors import (
+    CorruptBlobError,
     DepotError,
     EntryNotFoundError,
     IntegrityError,
@@ -117,6 +118,7 @@ class Mirror:
         self._manifests: dict[tuple[str, str], tuple[float, Manifest]] = {}
         self._scans: dict[tuple[str, str], asyncio.Task[Manifest]] = {}  # the running one per key
         self._scan_threads = ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="mirror-scan")
+        self._stopping = False
         self._jobs: dict[tuple[str, str, str], _Job] = {}
         # (repo id, commit, path) -> (when (monotonic), the failure) of a pull that failed upstream lately
         self._failed: dict[tuple[str, str, str], tuple[float, UpstreamError | IntegrityError]] = {}
@@ -175,6 +177,9 @@ class Mirror:
         cached = self._manifests.get(key)
         if cached is not None and (is_commit_id(revision) or time.monotonic() - cached[0] < MANIFEST_TTL):
             return cached[1]
+        if self._stopping:  # (a request that came as the node began to stop: no new scan to wait for)
+            raise UpstreamTimeoutError(f"the node is stopping: {repo_id} at {revision} is not looked up upstream",
+                                       repo_id=repo_id)  # fmt: skip
         scan = self._scans.get(key)
         if scan is None:
             scan = self._scans[key] = asyncio.get_running_loop().create_task(self._scan(key))
@@ -203,7 +208,8 @@ class Mirror:
             self._manifests[key] = (time.monotonic(), manifest)
             return manifest
         finally:
-            self._scans.pop(key, None)
+            if self._scans.get(key) is asyncio.current_task():  # (not a newer scan of the key)
+                del self._scans[key]
 
     async def remote_file(
         self, repo_id: str, revision: str, path: str, held: bool = False
@@ -254,8 +260,10 @@ class Mirror:
 
         async def run() -> PullResult:
             try:
-                return await self.depot.pull_async(manifest.repo_id, None, revision=manifest.revision, progress=progress,
-                                                   paths=[remote.path], watch=watch, manifest=manifest)  # fmt: skip
+                result = await self.depot.pull_async(manifest.repo_id, None, revision=manifest.revision, progress=progress,
+                                                     paths=[remote.path], watch=watch, manifest=manifest)  # fmt: skip
+                self._refuted.pop(key, None)
+                return result
             except Exception as error:
                 # (a client that left before may resume: the bytes it was given were refuted, or unproven)
                 for repo_id, path in sorted(job.handed_out):
@@ -283,7 +291,7 @@ class Mirror:
         transfer garbled on the way; huggingface_hub retries for as long as each attempt gets some bytes,
         and each attempt pulled the whole file again)."""
         now = time.monotonic()
-        if isinstance(error, IntegrityError):
+        if isinstance(error, IntegrityError) and not isinstance(error, CorruptBlobError):  # (not the store's)
             refuted_before = self._refuted.pop(key, None)
             if refuted_before is None or now - refuted_before > REFUTED_MEMORY:
                 self._refuted[key] = now
@@ -390,29 +398,39 @@ class Mirror:
         if remote.size == 0:
             await job.task
             return
-        source = await self._writing(job)  # (this pull's, or one of the same content under another name)
-        assert source.task is not None
-        partial = source.partial
-        fd = _open(partial) if partial is not None and not source.task.done() else None
-        if fd is None:
-            # Raises what the pull raised. Shielded: a reader that leaves must not cancel the shared pull,
-            # which may still be finishing (its partial moved into the store, its task not yet done).
-            await asyncio.shield(job.task)
-            async for block in self._from_store(manifest, remote, start, end):
-                yield block
-            return
-        try:
-            async for block in self._follow(source, fd, start, end, reading):
-                yield block
-        finally:
-            os.close(fd)
+        while True:
+            source = await self._writing(job)  # (this pull's, or one of the same content under another name)
+            assert source.task is not None
+            partial = source.partial
+            fd = _open(partial) if partial is not None and not source.task.done() else None
+            if fd is None:
+                # Raises what the pull raised. Shielded: a reader that leaves must not cancel the shared pull,
+                # which may still be finishing (its partial moved into the store, its task not yet done).
+                await asyncio.shield(job.task)
+                async for block in self._from_store(manifest, remote, start, end):
+                    yield block
+                return
+            try:
+                # (another repo's pull of the same content: its scan's node vouches for nothing of this one's)
+                async for block in self._follow(source, fd, start, end, reading, own=source is job):
+                    yield block
+                return
+            except Exception:
+                if source is job or reading.sent:
+                    raise
+                # The other name's pull failed before a byte of it went out: this file's own pull goes on
+                # (it waited for that one's claim), and is followed now.
+            finally:
+                os.close(fd)
 
     async def _follow(
-        self, job: _Job, fd: int, start: int, end: int, reading: _Reading
+        self, job: _Job, fd: int, start: int, end: int, reading: _Reading, own: bool
     ) -> AsyncIterator[memoryview]:
-        """Bytes ``start..end`` of ``job``'s partial as its chunks land, for ``reading``."""
+        """Bytes ``start..end`` of ``job``'s partial as its chunks land, for ``reading``. ``own``: ``job`` is
+        the pull of the file read (not another name's, whose vouched chunks vouch for nothing here)."""
         partial = job.partial
         assert partial is not None and job.task is not None
+        vouched = partial.vouched if own else frozenset()
         chunk_size = partial.chunk_size
         last = end // chunk_size  # the final chunk of this response, whole file or range
         resets, sent = partial.resets, False
@@ -428,7 +446,7 @@ class Mirror:
                         raise IntegrityError(f"{reading.path}: the file failed its check after part of it "
                                              "was sent; the answer breaks")  # fmt: skip
                     resets = partial.resets
-                early = index in partial.vouched and not reading.unproven and end < partial.size - 1
+                early = index in vouched and not reading.unproven and end < partial.size - 1
                 if index in partial.done and (index != last or early or job.task.done()):
                     break
                 if job.task.done():
@@ -438,7 +456,7 @@ class Mirror:
                 await job.wait()
             if index == last and not early:
                 job.task.result()  # (the whole file matched)
-            elif index not in partial.vouched:
+            elif index not in vouched:
                 reading.unproven = True
                 job.handed_out.add((reading.repo_id, reading.path))
             offset, length = chunk_span(index, partial.size, chunk_size)
@@ -450,7 +468,7 @@ class Mirror:
                 if not data:
                     raise OSError(f"the partial file ended at {position}")
                 position += len(data)
-                sent = True
+                sent = reading.sent = True
                 yield memoryview(data)
 
     async def _from_store(
@@ -473,6 +491,7 @@ class Mirror:
     def stop_scans(self) -> None:
         """Give up the scans under way (the node stops: the requests waiting for them hear a 504 now, not
         when a hung upstream's timeouts end). Their threads end with those timeouts."""
+        self._stopping = True
         for scan in self._scans.values():
             scan.cancel()
         self._scans.clear()  # (a scan cancelled before it ran never removes itself)
@@ -501,6 +520,7 @@ class _Reading:
     repo_id: str
     path: str
     unproven: bool = False
+    sent: bool = False  # bytes went out
 
 
 def _retrieved(task: asyncio.Task[Manifest]) -> None:

@@ -70,6 +70,7 @@ __all__ = ["FileSource", "Limits", "download_file"]
 log = logging.getLogger(__name__)
 
 BAN_SECONDS = 30.0  # a source whose chunk failed its digest gets no chunk for so long (in this process)
+MAX_BANNED = 256  # nodes the ban list holds before the expired bans are dropped
 REFRESH_SECONDS = 2.0  # at most so often a partial holder's chunk map is read again
 SWARM_TICK = 0.1  # seconds between reads of the fleet's view of the file's claims and holders
 SWARM_IDLE = 0.5  # seconds an idle worker of a swarm waits at most before it looks again
@@ -422,7 +423,7 @@ class _FileJob(ChunkChooser):
                 await self._refresh(source)
                 return
             timeout = max(due - now, 0.05) if timeout is None else min(timeout, max(due - now, 0.05))
-        until = self.banned.get(source, 0.0)
+        until = max(self.banned.get(source, 0.0), BANNED_NODES.get(source.source.base_url, 0.0))
         if until > now:
             timeout = until - now if timeout is None else min(timeout, until - now)
         with contextlib.suppress(TimeoutError):
@@ -649,9 +650,10 @@ class _FileJob(ChunkChooser):
         holds it); its other requests are cancelled, their chunks back in the pool, when another may serve."""
         now = time.monotonic()
         self.banned[source] = BANNED_NODES[source.source.base_url] = now + BAN_SECONDS
-        for url, until in list(BANNED_NODES.items()):  # (a copy taken at once: pulls on other threads)
-            if until <= now:
-                BANNED_NODES.pop(url, None)
+        if len(BANNED_NODES) > MAX_BANNED:  # (rarely: pruning races with a ban another thread sets)
+            for url, until in list(BANNED_NODES.items()):
+                if until <= now:
+                    BANNED_NODES.pop(url, None)
         if not any(s is not source and not self._is_banned(s, now) for s in self.live):
             return
         for requests in self.requests.values():
