@@ -254,7 +254,7 @@ def test_a_node_whose_ban_ends_is_asked_again_without_waiting_for_another_source
 
     fast, slow = Proxy(nodes["full"].url), Proxy(nodes["full"].url, trickle=True)
     try:
-        BANNED_NODES[fast.url] = time.monotonic() + 0.5
+        BANNED_NODES[f"node {fast.url}"] = time.monotonic() + 0.5  # (its source name: kind and URL)
         sha, _ = download(tmp_path, [source(slow.url, "peer"), source(fast.url, "node")],
                                 Limits(per_source=1, total=4))  # fmt: skip
         assert sha == SHA and fast.chunks

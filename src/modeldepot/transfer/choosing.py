@@ -35,8 +35,10 @@ if TYPE_CHECKING:
 
 __all__ = ["BANNED_NODES", "ChunkChooser", "ChunkRequest", "FileSource"]
 
-# Node URL -> until when (monotonic) it gets no chunk, in every download of this process: a liar was
-# banned file by file, and asked again for the next file of the same pull (and the files downloading beside)
+# Source name (its kind and URL) -> until when (monotonic) it gets no chunk, in every download of this
+# process: a liar was banned file by file, and asked again for the next file of the same pull (and the
+# files downloading beside). (A claimer that lies about a chunk's digest gets an honest holder banned so:
+# it costs a detour by the Hub, never a wrong byte.)
 BANNED_NODES: dict[str, float] = {}
 MAX_CHUNK_ATTEMPTS = 3  # tries of one chunk that failed its digest before the file is given up
 ENDGAME_COPIES = 2  # requests for one chunk at most, in the endgame
@@ -173,7 +175,7 @@ class ChunkChooser:
         return failed
 
     def _is_banned(self, source: FileSource, now: float) -> bool:
-        return max(self.banned.get(source, 0.0), BANNED_NODES.get(source.source.base_url, 0.0)) > now
+        return max(self.banned.get(source, 0.0), BANNED_NODES.get(source.source.name, 0.0)) > now
 
     def _may_take(self, source: FileSource, index: int, now: float, endgame: bool = False) -> bool:
         """Whether ``source`` may be asked for chunk ``index``: it holds it; it did not fail its digest

@@ -423,7 +423,7 @@ class _FileJob(ChunkChooser):
                 await self._refresh(source)
                 return
             timeout = max(due - now, 0.05) if timeout is None else min(timeout, max(due - now, 0.05))
-        until = max(self.banned.get(source, 0.0), BANNED_NODES.get(source.source.base_url, 0.0))
+        until = max(self.banned.get(source, 0.0), BANNED_NODES.get(source.source.name, 0.0))
         if until > now:
             timeout = until - now if timeout is None else min(timeout, until - now)
         with contextlib.suppress(TimeoutError):
@@ -649,11 +649,11 @@ class _FileJob(ChunkChooser):
         """A source whose bytes failed their digest gets no chunk for BAN_SECONDS (unless no other source
         holds it); its other requests are cancelled, their chunks back in the pool, when another may serve."""
         now = time.monotonic()
-        self.banned[source] = BANNED_NODES[source.source.base_url] = now + BAN_SECONDS
+        self.banned[source] = BANNED_NODES[source.source.name] = now + BAN_SECONDS
         if len(BANNED_NODES) > MAX_BANNED:  # (rarely: pruning races with a ban another thread sets)
-            for url, until in list(BANNED_NODES.items()):
+            for name, until in list(BANNED_NODES.items()):
                 if until <= now:
-                    BANNED_NODES.pop(url, None)
+                    BANNED_NODES.pop(name, None)
         if not any(s is not source and not self._is_banned(s, now) for s in self.live):
             return
         for requests in self.requests.values():
