@@ -8,13 +8,22 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from conftest import SMALL_CHUNK, LiveNode, write_model_dir
 from faultproxy import FaultProxy
 from modeldepot import Depot
 
-__all__ = ["BIG", "FILES", "REPO", "mirror_node", "mirror_of_a_node", "proxied_upstream"]
+__all__ = [
+    "BIG",
+    "FILES",
+    "REPO",
+    "mirror_node",
+    "mirror_of_a_node",
+    "proxied_upstream",
+    "read_until_it_breaks",
+]
 
 REPO = "acme/mirrored"
 BIG = "model.safetensors"
@@ -64,3 +73,16 @@ def mirror_of_a_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
         finally:
             mirror.stop()
             node.stop()
+
+
+async def read_until_it_breaks(url: str) -> bytes:
+    """What a GET of ``url`` received before its answer broke (it must break, after a 200)."""
+    received = bytearray()
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.status == 200
+        try:
+            async for piece in response.content.iter_any():
+                received += piece
+        except aiohttp.ClientPayloadError:
+            return bytes(received)
+    raise AssertionError(f"the answer ended whole ({len(received)} bytes)")

@@ -17,7 +17,15 @@ from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, s
 
 from conftest import SMALL_CHUNK, LiveNode, flip_byte, store_files_consistent, wait_until, write_model_dir
 from faultproxy import FaultProxy
-from mirrornodes import BIG, FILES, REPO, mirror_node, mirror_of_a_node, proxied_upstream
+from mirrornodes import (
+    BIG,
+    FILES,
+    REPO,
+    mirror_node,
+    mirror_of_a_node,
+    proxied_upstream,
+    read_until_it_breaks,
+)
 from modeldepot import Depot
 from modeldepot import mirror as mirroring
 
@@ -200,18 +208,6 @@ def test_a_corrupt_upstream_breaks_the_stream_and_nothing_is_kept(
         mirror.depot.close()
 
 
-async def _read_until_it_breaks(url: str) -> bytes:
-    received = bytearray()
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        assert response.status == 200
-        try:
-            async for piece in response.content.iter_any():
-                received += piece
-        except aiohttp.ClientPayloadError:
-            return bytes(received)
-    raise AssertionError(f"the answer ended whole ({len(received)} bytes)")
-
-
 async def _get(url: str, headers: dict[str, str]) -> tuple[int, bytes]:
     async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
         return response.status, await response.read()
@@ -227,7 +223,7 @@ def test_a_client_resuming_a_broken_answer_gets_the_file_whole(
     upstream_proxy.set("flip", times=1, path_suffix=BIG)
     mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, as_node=False)
     try:
-        received = asyncio.run(_read_until_it_breaks(f"{mirror.url}/{REPO}/resolve/main/{BIG}"))
+        received = asyncio.run(read_until_it_breaks(f"{mirror.url}/{REPO}/resolve/main/{BIG}"))
         assert 0 < len(received) < len(FILES[BIG])
         mirror.stop()
         mirror.depot.close()

@@ -11,7 +11,6 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import aiohttp
 import blake3
 import pytest
 import requests
@@ -20,7 +19,7 @@ from huggingface_hub import HfApi, hf_hub_download
 
 from conftest import SMALL_CHUNK, LiveNode, wait_until, write_model_dir
 from faultproxy import FaultProxy
-from mirrornodes import BIG, FILES, REPO, mirror_node, proxied_upstream
+from mirrornodes import BIG, FILES, REPO, mirror_node, proxied_upstream, read_until_it_breaks
 from modeldepot import Depot
 from modeldepot import mirror as mirroring
 from modeldepot.server.mirror_routes import MIRROR
@@ -186,18 +185,6 @@ def test_a_head_or_a_range_past_the_end_pulls_nothing(
         mirror.stop()
 
 
-async def _read_until_it_breaks(url: str) -> bytes:
-    received = bytearray()
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        assert response.status == 200
-        try:
-            async for piece in response.content.iter_any():
-                received += piece
-        except aiohttp.ClientPayloadError:
-            return bytes(received)
-    raise AssertionError(f"the answer ended whole ({len(received)} bytes)")
-
-
 def test_a_resume_after_an_honest_upstream_outage_is_answered_as_asked(
     upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -215,7 +202,7 @@ def test_a_resume_after_an_honest_upstream_outage_is_answered_as_asked(
 
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             cutting = pool.submit(cut_when_half_crossed)
-            received = asyncio.run(_read_until_it_breaks(url))
+            received = asyncio.run(read_until_it_breaks(url))
             cutting.result()
         assert 0 < len(received) < len(FILES[BIG]) and received == FILES[BIG][: len(received)]
         pulls = mirror.runner.app[MIRROR]
