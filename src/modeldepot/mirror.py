@@ -117,6 +117,7 @@ class Mirror:
         self.scan_patience = max(1.0, deadline - 5.0)
         self._manifests: dict[tuple[str, str], tuple[float, Manifest]] = {}
         self._scans: dict[tuple[str, str], asyncio.Task[Manifest]] = {}  # the running one per key
+        self._scan_began: dict[tuple[str, str], float] = {}  # when it began (monotonic)
         self._scan_threads = ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="mirror-scan")
         self._stopping = False
         self._jobs: dict[tuple[str, str, str], _Job] = {}
@@ -169,10 +170,9 @@ class Mirror:
 
     async def manifest(self, repo_id: str, revision: str, held: bool = False) -> Manifest:
         """The upstream's view of ``repo_id`` at ``revision`` (a branch's scan is reused briefly). Requests
-        for the same (repo, revision) share one scan; one that waited long enough for it (HELD_PATIENCE when
-        the store ``held`` an answer, else :attr:`scan_patience`) raises UpstreamTimeoutError (504) while the
-        scan goes on, for the requests that follow."""
-        patience = min(HELD_PATIENCE, self.scan_patience) if held else self.scan_patience
+        for the same (repo, revision) share one scan; one that waited long enough for it (until HELD_PATIENCE
+        after the scan began when the store ``held`` an answer, else :attr:`scan_patience`) raises
+        UpstreamTimeoutError (504) while the scan goes on, for the requests that follow."""
         key = (repo_id, revision)
         cached = self._manifests.get(key)
         if cached is not None and (is_commit_id(revision) or time.monotonic() - cached[0] < MANIFEST_TTL):
@@ -184,12 +184,18 @@ class Mirror:
         if scan is None:
             scan = self._scans[key] = asyncio.get_running_loop().create_task(self._scan(key))
             scan.add_done_callback(_retrieved)
+            self._scan_began[key] = time.monotonic()
+        patience = self.scan_patience
+        if (
+            held
+        ):  # (counted from the scan's start: a hung upstream costs the store's answers 5 s once, not each)
+            began = self._scan_began.get(key, time.monotonic())
+            patience = max(0.0, min(HELD_PATIENCE, self.scan_patience) - (time.monotonic() - began))
         try:
             return await asyncio.wait_for(asyncio.shield(scan), patience)
         except TimeoutError:
             raise UpstreamTimeoutError(
-                f"no upstream described {repo_id} at {revision} within {patience:g} s (the node goes on "
-                "asking: try again)",
+                f"no upstream described {repo_id} at {revision} in time (the node goes on asking: try again)",
                 repo_id=repo_id,
             ) from None
         except asyncio.CancelledError:
@@ -210,6 +216,7 @@ class Mirror:
         finally:
             if self._scans.get(key) is asyncio.current_task():  # (not a newer scan of the key)
                 del self._scans[key]
+                self._scan_began.pop(key, None)
 
     async def remote_file(
         self, repo_id: str, revision: str, path: str, held: bool = False
@@ -495,6 +502,7 @@ class Mirror:
         for scan in self._scans.values():
             scan.cancel()
         self._scans.clear()  # (a scan cancelled before it ran never removes itself)
+        self._scan_began.clear()
 
     async def close(self) -> None:
         """Wait for running pulls to stop (cancelled: their finished chunks stay for a resume); scans still
