@@ -73,7 +73,22 @@ def test_sizes_and_shares_of_the_disk_are_read_and_bad_ones_refused(tmp_path: Pa
     stat = os.statvfs(tmp_path)
     assert parse_max_size("50%", tmp_path) == int(stat.f_blocks * stat.f_frsize * 0.5)
     assert parse_max_size(MB, tmp_path) == MB  # (Depot.set_max_size(1 << 30): an AttributeError)
-    for bad in ("0", "0%", "101%", "lots", "-5GiB", "%", 0, True, 1.5, ["1GiB"]):
+    # (a budget that rounds to 0 bytes evicted everything; 400 digits overflowed a float: a traceback)
+    huge = ("9" * 400 + "GiB", "99999999999999999999999999999999TiB", "1" + "0" * 19)
+    for bad in (
+        "0",
+        "0%",
+        "101%",
+        "lots",
+        "-5GiB",
+        "%",
+        "0.00000000000000000001%",
+        *huge,
+        0,
+        True,
+        1.5,
+        ["1GiB"],
+    ):
         with pytest.raises(ConfigError):
             parse_max_size(bad, tmp_path)  # type: ignore[arg-type]
 

@@ -482,9 +482,14 @@ def test_variant_names_sizes_and_cache_folders_are_checked_as_input(home: Path, 
         assert [p.quant for p in depot.pins()] == [None], "the pin stays"
         with pytest.raises(InvalidInputError, match="variant's name"):
             depot.load(REPO, quant="../x", warmup=0)
-    for size in ("１０GiB", "５０%", "nan%", "5.%"):
+    for size in ("１０GiB", "５０%", "nan%", "5.%", "9" * 400 + "GiB"):
         code, _, err = run("budget", size, home=home)
         assert code == 2 and "cannot read disk budget" in err, (size, err)
+    code, _, err = run("budget", "0.00000000000000000001%", "--yes", home=home)
+    assert code == 2 and "0 bytes" in err, err  # (it set a budget of 0 bytes: every model evicted)
+    for command in (("gc", "--max-size"), ("pull", REPO, "--max-rate")):  # (a traceback: OverflowError)
+        code, _, err = run(*command, "9" * 400 + "MiB", home=home)
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) <= 4, (command, err)
     monkeypatch.chdir(tmp_path)
     code, _, err = run("hf-cache", "export", REPO, "--cache-dir", "", home=home)
     assert code == 2 and "cache folder" in err and not list(tmp_path.glob("models--*")), err

@@ -26,6 +26,7 @@ from conftest import (
 from modeldepot import Depot, IntegrityError, NotFoundError
 from modeldepot.cli import cli
 from modeldepot.errors import OfflineError
+from modeldepot.store.partials import partial_key
 from modeldepot.transfer.progress import PullUpdate
 
 REPO = "onnx-community/tiny"
@@ -75,6 +76,26 @@ def test_pull_one_variant_takes_exactly_its_files_and_the_shared_ones(
         Path(p).name for p in wanted)  # fmt: skip
     assert local.store.repo_summary(REPO).card["pipeline_tag"] == "text-generation"
     assert list((local.home / "tmp").iterdir()) == []
+
+
+def test_a_variant_never_pulled_is_resumable_by_its_own_files_only(local: Depot) -> None:
+    """A pull of one variant interrupted after the shared config landed made every variant "resumable: 0 B
+    kept" in `status`, those never asked for too."""
+    manifest = local.scan_repo(REPO)
+    chunk = local.chunk_size
+
+    def leave_a_partial(path: str) -> None:
+        [remote] = [f for f in manifest.files if f.path == path]
+        claim = local.store.partials.claim(
+            partial_key(remote.sha256, remote.git_oid), remote.size, chunk, False
+        )
+        assert claim is not None
+        claim.release(completed=False)  # (a pull interrupted: it stays for a resume)
+
+    leave_a_partial("config.json")  # shared by every variant
+    assert not any(v.resumable for v in local.get_manifest(REPO).variants)
+    leave_a_partial("onnx/model_fp16.onnx")
+    assert {v.name for v in local.get_manifest(REPO).variants if v.resumable} == {"fp16"}
 
 
 def test_a_node_holding_one_variant_lists_the_whole_commit_and_refuses_what_it_lacks(

@@ -46,12 +46,22 @@ def truthy(value: str | None) -> bool:
     return value is not None and value.strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
+MAX_SIZE = 1 << 62  # bytes: 4 EiB, more than any disk or link (a size past it is a typo, or an overflow)
+
+
 def parse_size(text: str) -> int:
-    """Parse ``"16MiB"``, ``"1.5GiB"``, ``"16M"``, ``"65536"`` into bytes (binary units: MB is MiB)."""
+    """Parse ``"16MiB"``, ``"1.5GiB"``, ``"16M"``, ``"65536"`` into bytes (binary units: MB is MiB), at most
+    MAX_SIZE."""
     match = _SIZE.fullmatch(text)
     if not match:
         raise ConfigError(f"cannot read size {text!r}: write it like 16MiB, 1.5GiB, 64KiB or 1048576")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    number, unit = match.group(1), _UNITS[match.group(2).upper()]
+    # (exact for whole numbers: a float of 400 digits is infinity, and int() of it raised OverflowError)
+    size = int(number) * unit if "." not in number else float(number) * unit
+    if size > MAX_SIZE:
+        shown = text.strip() if len(text.strip()) <= 40 else text.strip()[:37] + "..."
+        raise ConfigError(f"size {shown!r} is more than 4 EiB: write it like 16MiB, 1.5GiB or 1048576")
+    return int(size)
 
 
 MIN_RATE = 16 * 1024  # bytes a second: the least rate limit (below it, one read's piece lasts over a second)
@@ -262,7 +272,10 @@ def parse_max_size(text: str | int, path: os.PathLike[str] | str) -> int:
         if not 0 < share <= 100:
             raise ConfigError(f"disk budget {text!r} must be a share above 0% and at most 100% of the disk")
         stat = os.statvfs(path)
-        return int(stat.f_blocks * stat.f_frsize * share / 100)
+        size = int(stat.f_blocks * stat.f_frsize * share / 100)
+        if size <= 0:  # ("0.00000000001%" of a disk: a budget that evicts everything)
+            raise ConfigError(f"disk budget {text!r} is 0 bytes of this disk: give it more")
+        return size
     try:
         size = parse_size(text)  # (1.5TiB too)
     except ConfigError:

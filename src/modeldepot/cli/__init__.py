@@ -57,7 +57,7 @@ __all__ = ["cli", "main"]
 def cli() -> None:
     """modeldepot: a verified, deduplicated store for model repos (ONNX, GGUF, safetensors).
 
-    MODELDEPOT_LOG_LEVEL (debug, info, warning: the default) sets what the commands log to stderr."""
+    MODELDEPOT_LOG_LEVEL (debug, info, warning: the default, or error) sets what the commands log to stderr."""
     level = os.environ.get("MODELDEPOT_LOG_LEVEL")
     if level:
         import logging

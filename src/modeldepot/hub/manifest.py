@@ -156,14 +156,17 @@ def manifest_from_record(
             status, error = "failed", INTERRUPTED
         own = {*item["files"], *body["shared"]}
         kept = (
-            [partial(f) for f in files if f.path in own]
+            {f.path: partial(f) for f in files if f.path in own}
             if partial is not None and status != "downloaded"
-            else []
+            else {}
         )
-        resumable = any(k is not None for k in kept)
+        # A variant never pulled is resumable by its own files only: a shared config another variant's pull
+        # left waiting made every variant "resumable: 0 B kept"
+        theirs = item["files"] if status == "available" else own
+        resumable = any(kept.get(path) is not None for path in theirs)
         bytes_done = state.bytes_done if state else 0
         if resumable and status == "failed":
-            bytes_done = max(bytes_done, sum(k or 0 for k in kept))
+            bytes_done = max(bytes_done, sum(k or 0 for k in kept.values()))
         variants.append(
             Variant(
                 name=item["name"],
