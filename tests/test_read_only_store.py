@@ -131,18 +131,18 @@ def test_every_write_is_refused_first_and_clearly(tmp_path: Path, read_only: Mou
     home = made_store(tmp_path)
     mounted = read_only(home)
     with Depot(mounted) as depot:
-        writes = {
-            "import": lambda: depot.import_dir(tmp_path / "src" / "st", "acme/new"),
-            "pull": lambda: depot.pull("acme/st"),
-            "remove": lambda: depot.remove("acme/q", quant="Q8_0"),
-            "pin": lambda: depot.pin("acme/st"),
+        writes = {  # (named as the user knows them: "import dir: do that where...", "set max size: ...")
+            "an import": lambda: depot.import_dir(tmp_path / "src" / "st", "acme/new"),
+            "a pull": lambda: depot.pull("acme/st"),
+            "a removal": lambda: depot.remove("acme/q", quant="Q8_0"),
+            "a pin": lambda: depot.pin("acme/st"),
             "gc": lambda: depot.gc(),
-            "budget": lambda: depot.set_max_size("1GiB"),
+            "a disk budget": lambda: depot.set_max_size("1GiB"),
         }
         for what, write in writes.items():
             with pytest.raises(ReadOnlyStoreError, match="read-only file system") as caught:
                 write()
-            assert "where the store is writable" in str(caught.value), what
+            assert f"({what}: do that where the store is writable)" in str(caught.value), what
         assert {r.repo_id for r in depot.list_repos()} == {"acme/st", "acme/q", ONNX_REPO}
     runner = CliRunner()
     result = runner.invoke(cli, ["rm", "acme/q", "--yes", "--home", str(mounted)])

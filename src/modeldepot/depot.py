@@ -114,11 +114,18 @@ def _any_case(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+# What a writing method is called in a read-only store's refusal: the user's word, not the method's name
+_WRITES = {"import_dir": "an import", "hf_cache_import": "an import", "pull": "a pull", "pull_async": "a pull",
+           "download_quant": "a pull", "download_file": "a pull", "sync": "a sync", "remove": "a removal",
+           "gc": "gc", "pin": "a pin", "unpin": "an unpin", "set_max_size": "a disk budget",
+           "shrink": "a shrink to the disk budget"}  # fmt: skip
+
+
 def _writes(method: F) -> F:
     """``method`` writes the store: on a read-only one it is a ReadOnlyStoreError before anything is done
     (not a failure halfway, naming a folder the user never heard of)."""
 
-    doing = method.__name__.replace("_", " ")
+    doing = _WRITES.get(method.__name__, method.__name__.replace("_", " "))
     if inspect.iscoroutinefunction(method):  # (still one, refusing when awaited, as the method would)
 
         @wraps(method)

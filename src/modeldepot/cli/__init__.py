@@ -261,7 +261,7 @@ def rm_command(depot: Depot, repo_id: str, revision: str | None, quant: str | No
     what = f"{repo_id}@{revision}" if revision else f"{repo_id} (all revisions)"
     if quant is not None:
         what = f"the {quant} files of {repo_id}@{revision or 'main'}"
-    depot.check_writable("remove")  # (before asking what could not be done)
+    depot.check_writable("a removal")  # (before asking what could not be done)
     if not yes:
         depot.own_repo_info(repo_id)  # fail on a repo not in the store (or only a shared one's) before asking
         if not sys.stdin.isatty():

@@ -76,7 +76,7 @@ def budget_command(depot: Depot, size: str | None, yes: bool, as_json: bool) -> 
     evicted: list[Eviction] = []
     if size is not None:
         chosen = None if size.strip().lower() == "none" else size
-        depot.check_writable("set max size")  # (before asking what could not be done)
+        depot.check_writable("a disk budget")  # (before asking what could not be done)
         if chosen is not None and not yes:
             _confirm_evictions(depot, chosen)
         evicted = depot.set_max_size(chosen)
