@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from conftest import BackgroundServer
+from conftest import SMALL_CHUNK, BackgroundServer, LiveNode, write_model_dir
+from modeldepot import Depot
 
 # "hang": every request, metadata too, is accepted and never answered (a hung Hub or proxy)
 MODES = ("pass", "drop", "500", "429", "stall", "flip", "ignore-range", "slow", "404", "hang")
@@ -165,3 +167,15 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not reached")
         time.sleep(0.02)
+
+
+def proxied_node(folder: Path, files: dict[str, bytes], repo: str) -> Iterator[FaultProxy]:
+    """(For a fixture.) A node holding ``files`` as ``repo`` (its store and the model folder in ``folder``),
+    behind a fault proxy (yielded); both stopped after."""
+    with Depot(folder / "store", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(write_model_dir(folder / "src", files), repo)
+        node = LiveNode(depot)
+        proxy = FaultProxy(node.url)
+        yield proxy
+        proxy.stop()
+        node.stop()

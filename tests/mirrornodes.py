@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from conftest import SMALL_CHUNK, LiveNode, write_model_dir
-from faultproxy import FaultProxy
+from faultproxy import FaultProxy, proxied_node
 from modeldepot import Depot
 
 __all__ = [
@@ -38,13 +38,7 @@ FILES = {
 
 def proxied_upstream(tmp_path: Path) -> Iterator[FaultProxy]:
     """(For a fixture.) An upstream node holding FILES as REPO, behind a fault proxy (yielded)."""
-    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
-        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
-        node = LiveNode(upstream_depot)
-        proxy = FaultProxy(node.url)
-        yield proxy
-        proxy.stop()
-        node.stop()
+    yield from proxied_node(tmp_path / "upstream", FILES, REPO)
 
 
 def mirror_node(

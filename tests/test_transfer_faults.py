@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from conftest import SMALL_CHUNK, LiveNode, serving_repo, store_files_consistent, write_model_dir
-from faultproxy import FaultProxy, wait_until
+from faultproxy import FaultProxy, proxied_node, wait_until
 from modeldepot import Depot, IntegrityError
 from modeldepot.errors import NotFoundError, UpstreamError
 from modeldepot.hashing import chunk_span
@@ -183,13 +183,7 @@ BIG_FILES = repo_files(160)  # 10 MiB: long enough, through a slowed proxy, to b
 
 @pytest.fixture
 def big_upstream(tmp_path: Path) -> Iterator[FaultProxy]:
-    with Depot(tmp_path / "big-upstream", chunk_size=SMALL_CHUNK) as node_depot:
-        node_depot.import_dir(write_model_dir(tmp_path / "big-src", BIG_FILES), REPO)
-        node = LiveNode(node_depot)
-        fault_proxy = FaultProxy(node.url)
-        yield fault_proxy
-        fault_proxy.stop()
-        node.stop()
+    yield from proxied_node(tmp_path / "big-upstream", BIG_FILES, REPO)
 
 
 def _killed_a_third_through(proxy: FaultProxy, home: Path) -> int:
