@@ -93,7 +93,6 @@ class ChunkChooser:
         self.requests: dict[int, list[ChunkRequest]] = {}  # chunk -> its requests in flight (two: endgame)
         self.bad: dict[int, set[str]] = {}  # chunk -> sources whose bytes failed its digest
         self.attempts: dict[int, int] = {}
-        self.banned: dict[FileSource, float] = {}  # source -> until when it gets no chunk (monotonic)
         self.timing: dict[FileSource, tuple[float, int]] = {}  # seconds spent on the chunks landed, how many
         self.peer_times: deque[float] = deque(maxlen=PEER_TIMES_KEPT)  # the latest peer chunks' seconds
         self.errors: dict[str, Exception] = {}  # source -> why it was dropped
@@ -174,8 +173,13 @@ class ChunkChooser:
                           and now - r.started >= STUCK_FACTOR * patience)  # fmt: skip
         return failed
 
+    @staticmethod
+    def _banned_until(source: FileSource) -> float:
+        """Until when (monotonic) ``source`` gets no chunk (BANNED_NODES: in every download of the process)."""
+        return BANNED_NODES.get(source.source.name, 0.0)
+
     def _is_banned(self, source: FileSource, now: float) -> bool:
-        return max(self.banned.get(source, 0.0), BANNED_NODES.get(source.source.name, 0.0)) > now
+        return self._banned_until(source) > now
 
     def _may_take(self, source: FileSource, index: int, now: float, endgame: bool = False) -> bool:
         """Whether ``source`` may be asked for chunk ``index``: it holds it; it did not fail its digest

@@ -423,7 +423,7 @@ class _FileJob(ChunkChooser):
                 await self._refresh(source)
                 return
             timeout = max(due - now, 0.05) if timeout is None else min(timeout, max(due - now, 0.05))
-        until = max(self.banned.get(source, 0.0), BANNED_NODES.get(source.source.name, 0.0))
+        until = self._banned_until(source)
         if until > now:
             timeout = until - now if timeout is None else min(timeout, until - now)
         with contextlib.suppress(TimeoutError):
@@ -649,7 +649,7 @@ class _FileJob(ChunkChooser):
         """A source whose bytes failed their digest gets no chunk for BAN_SECONDS (unless no other source
         holds it); its other requests are cancelled, their chunks back in the pool, when another may serve."""
         now = time.monotonic()
-        self.banned[source] = BANNED_NODES[source.source.name] = now + BAN_SECONDS
+        BANNED_NODES[source.source.name] = now + BAN_SECONDS
         if len(BANNED_NODES) > MAX_BANNED:  # (rarely: pruning races with a ban another thread sets)
             for name, until in list(BANNED_NODES.items()):
                 if until <= now:
