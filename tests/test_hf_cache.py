@@ -724,7 +724,7 @@ def test_an_export_by_commit_writes_no_ref_and_the_cli_prints_what_it_adopted(
     adopted = CliRunner().invoke(cli, ["hf-cache", "import", "--cache-dir", str(hub), "--home",
                                        str(tmp_path / "again")])  # fmt: skip
     assert adopted.exit_code == 0, adopted.output
-    assert f"1 revision(s) [{commit[:12]} (main)]" in adopted.output, adopted.output
+    assert f"1 revision [{commit[:12]} (main)]" in adopted.output, adopted.output
 
 
 def test_export_refuses_to_write_through_a_link_out_of_the_cache(filled: Depot, tmp_path: Path) -> None:

@@ -108,8 +108,7 @@ def test_a_store_on_a_read_only_mount_is_read_loaded_and_served(tmp_path: Path, 
         assert depot.preloader.preload("acme/q", quant="Q4_K_M").bytes > 300_000
         assert depot.verify().problems == ()
         assert depot.scrubber().scrub().blobs_checked == depot.du().blobs
-        with pytest.raises(ReadOnlyStoreError):  # (nothing it could flush, or record as flushed)
-            depot.sync()
+        assert depot.sync() == depot.du().blobs  # (none flushed by its writer yet: flushed, not recorded)
         assert depot.budget_status().used_bytes == depot.du().blob_bytes
 
         node = LiveNode(depot)
@@ -317,6 +316,28 @@ def test_a_store_pulled_with_the_cli_and_synced_is_served_read_only(
                 assert bytes(depot.get_file("acme/q", "config.json")) == b"{}"
         finally:
             node.stop()
+
+
+def test_sync_of_a_read_only_store_flushes_its_writers_blobs(tmp_path: Path, read_only: Mount) -> None:
+    """`modeldepot sync` where the store is read-only (another user's, a build step's still in the page
+    cache) was refused, exit 1: the kernel can flush what its writer left all the same; only the record of
+    it waits for the writer (so a power loss costs a rehash there, never an unchecked byte)."""
+    home = tmp_path / "store"
+    env = base_env()
+    modeldepot("import", str(made_source(tmp_path)), "--repo", "acme/q", "--home", str(home), env=env)
+    with sqlite3.connect(f"file:{home / 'index.db'}?mode=ro", uri=True) as con:  # (a Depot would flush them)
+        unflushed = con.execute("SELECT count(*) FROM blobs WHERE unflushed_boot IS NOT NULL").fetchone()[0]
+    con.close()
+    assert unflushed == 3, "an import leaves its flush to the background (or to the next process)"
+    mounted = read_only(home)
+    before = tree(home)
+    done = modeldepot("sync", "--json", "--home", str(mounted), env=env)
+    assert json.loads(done.stdout) == {"flushed": unflushed, "checked": 0, "read_only": True}
+    said = modeldepot("sync", "--home", str(mounted), env=env).stdout
+    assert "3 blobs flushed to disk (the store is read-only here: its writer's next sync" in said, said
+    assert tree(home) == before, "nothing in the store changed"
+    assert json.loads(modeldepot("sync", "--json", "--home", str(home), env=env).stdout)["flushed"] == 3
+    assert "everything was already on disk" in modeldepot("sync", "--home", str(mounted), env=env).stdout
 
 
 def test_a_read_only_node_refuses_pulls_with_503_and_does_not_mirror(

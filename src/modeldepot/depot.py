@@ -116,7 +116,7 @@ def _any_case(method: F) -> F:
 
 # What a writing method is called in a read-only store's refusal: the user's word, not the method's name
 _WRITES = {"import_dir": "an import", "hf_cache_import": "an import", "pull": "a pull", "pull_async": "a pull",
-           "download_quant": "a pull", "download_file": "a pull", "sync": "a sync", "remove": "a removal",
+           "download_quant": "a pull", "download_file": "a pull", "remove": "a removal",
            "gc": "gc", "pin": "a pin", "unpin": "an unpin", "set_max_size": "a disk budget",
            "shrink": "a shrink to the disk budget"}  # fmt: skip
 
@@ -848,12 +848,12 @@ class Depot:
         ``rate`` bytes a second and quarantines what fails. :meth:`verify` checks everything at once."""
         return Scrubber(self.store, rate)
 
-    @_writes
     def sync(self, *, check: bool = True) -> int:
         """Wait until everything the store holds is durable on disk (imports and pulls publish once their
         bytes are verified, and flush in the background: ``MODELDEPOT_DURABILITY``); returns how many blobs
         had to be flushed. Blobs written before the machine restarted are checked first (unless not
-        ``check``: a server stopping leaves them to the next start)."""
+        ``check``: a server stopping leaves them to the next start). On a read-only store what its writer
+        left unflushed is flushed (by the kernel's flush of every file system) and not recorded."""
         return self.store.sync(check)
 
     @_any_case

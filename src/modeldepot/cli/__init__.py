@@ -114,7 +114,7 @@ def import_command(
     reused = result.bytes - result.new_bytes
     render.out.print(
         f"imported {result.repo_id}@{result.revision} → commit {result.commit_id[:12]}: "
-        f"{result.files} file{'' if result.files == 1 else 's'}, "
+        f"{render.count(result.files, 'file')}, "
         f"{render.format_bytes(result.bytes)} ({render.format_bytes(reused)} already in the store)"
     )
     if link:
@@ -234,8 +234,10 @@ def sync_command(depot: Depot, as_json: bool) -> None:
     unchecked = depot.store.durability.unchecked()
     flushed = depot.sync()
     body = {"flushed": flushed, "checked": unchecked}
-    render.emit(as_json, body, lambda: render.out.print(
-        f"{flushed} blob(s) flushed to disk" + (f", {unchecked} checked after a restart" if unchecked else "")
+    read_only = depot.store.read_only
+    render.emit(as_json, {**body, "read_only": read_only}, lambda: render.out.print(
+        f"{render.count(flushed, 'blob')} flushed to disk" + (f", {unchecked} checked after a restart" if unchecked else "")
+        + (" (the store is read-only here: its writer's next sync records them as flushed)" if read_only and flushed else "")
         if flushed or unchecked else "everything was already on disk"))  # fmt: skip
 
 
@@ -341,7 +343,7 @@ def pull_command(
         return
     render.out.print(
         f"pulled {result.repo_id}@{result.commit_id[:12]} ({', '.join(result.variants) or 'all files'}): "
-        f"{result.files} files, {render.format_bytes(result.bytes_total)}, "
+        f"{render.count(result.files, 'file')}, {render.format_bytes(result.bytes_total)}, "
         f"{render.format_bytes(result.bytes_downloaded)} downloaded"
         + (f", {render.format_bytes(result.bytes_resumed)} resumed" if result.bytes_resumed else "")
         + (f" from {', '.join(result.sources)}" if result.sources else "")
@@ -384,7 +386,7 @@ def preload_command(depot: Depot, repo_id: str, quant: str | None, revision: str
         return
     render.out.print(
         f"{'already in RAM' if info.already else 'preloaded'} {info.repo_id}@{info.commit_id[:12]} "
-        f"({info.variant or 'all files'}): {info.files} files, {render.format_bytes(info.bytes)}, "
+        f"({info.variant or 'all files'}): {render.count(info.files, 'file')}, {render.format_bytes(info.bytes)}, "
         f"{render.format_bytes(info.resident_bytes)} resident, {info.seconds:.2f} s"
     )
 

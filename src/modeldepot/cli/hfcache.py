@@ -143,19 +143,21 @@ def _render_import(result: HfCacheImportResult) -> None:
             f"{r.commit_id[:12]}" + (f" ({', '.join(r.refs)})" if r.refs else "") for r in repo.revisions
         )
         render.out.print(
-            f"adopted {repo.repo_id}: {len(repo.revisions)} revision(s) {escape(f'[{revisions}]')}, {repo.blobs} blobs "
+            f"adopted {repo.repo_id}: {render.count(len(repo.revisions), 'revision')} {escape(f'[{revisions}]')}, "
+            f"{render.count(repo.blobs, 'blob')} "
             f"({repo.linked_blobs} hard-linked, {repo.copied_blobs} copied), {repo.new_blobs} new "
             f"({render.format_bytes(repo.new_bytes)})"
         )
     if not result.ok:
         skipped = sum(not _is_note(problem) for problem in result.problems)
-        render.out.print(f"[yellow]{skipped} problem(s)[/yellow]: those entries were skipped")
+        render.out.print(f"[yellow]{render.count(skipped, 'problem')}[/yellow]: those entries were skipped")
 
 
 def _render_export(result: HfCacheExportResult) -> None:
     _render_problems(result.problems)
     render.out.print(
-        f"exported {result.repo_id}@{result.revision} → commit {result.commit_id[:12]}: {result.files} files, "
+        f"exported {result.repo_id}@{result.revision} → commit {result.commit_id[:12]}: "
+        f"{render.count(result.files, 'file')}, "
         f"{render.format_bytes(result.bytes)} ({result.linked} hard-linked, {result.copied} copied, "
         f"{result.kept} already there)"
     )

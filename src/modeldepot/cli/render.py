@@ -281,7 +281,7 @@ def render_info(info: RepoInfo, upstream: dict[str, int] | None = None) -> None:
     for revision in info.revisions:
         names = ", ".join(revision.refs) if revision.refs else "detached"
         total = (upstream or {}).get(revision.commit_id, 0)
-        held = f"{len(revision.files)} files"
+        held = count(len(revision.files), "file")
         if total > len(revision.files):
             which = (
                 ""
@@ -302,7 +302,7 @@ def render_info(info: RepoInfo, upstream: dict[str, int] | None = None) -> None:
             )
             again = (f"import its folder again (or `modeldepot pull {info.repo_id}{which}` where an upstream holds it)"
                      if info.origin == "import" else f"`modeldepot pull {info.repo_id}{which}` fetches them again")  # fmt: skip
-            err.print(f"[yellow]warning:[/yellow] {len(revision.quarantined)} file(s) failed verification and are not "
+            err.print(f"[yellow]warning:[/yellow] {count(len(revision.quarantined), 'file')} failed verification and are not "
                       f"served (marked below): {again}")  # fmt: skip
         _print_rows(("path", "size", "sha256", "etag", "lfs"), [
             (
@@ -340,7 +340,7 @@ def render_verify(report: VerifyReport) -> None:
             "remove the revisions that use them (modeldepot rm REPO --revision COMMIT: an import of a changed "
             "folder makes a new commit, and the old one keeps its quarantined blob)."
         )
-        out.print(f"[red]{len(report.problems)} problem(s)[/red]: {summary}. {fix}")
+        out.print(f"[red]{count(len(report.problems), 'problem')}[/red]: {summary}. {fix}")
 
 
 def render_remove(result: RemoveResult) -> None:
@@ -349,12 +349,12 @@ def render_remove(result: RemoveResult) -> None:
                   f"{', '.join(result.commit_kept_for)} still point(s) at it: nothing freed")  # fmt: skip
         return
     removed = (
-        f"{_count(len(result.files_removed), 'file')} of a revision that stays"
+        f"{count(len(result.files_removed), 'file')} of a revision that stays"
         if result.files_removed
-        else _count(len(result.commits), "revision")
+        else count(len(result.commits), "revision")
     )
     out.print(
-        f"removed {result.repo_id}: {removed}, {_count(result.blobs_removed, 'blob')}, "
+        f"removed {result.repo_id}: {removed}, {count(result.blobs_removed, 'blob')}, "
         f"{format_bytes(result.bytes_freed)} freed"
         + (
             f"; {format_bytes(result.bytes_still_linked)} more stay on disk, linked from elsewhere too (a Hugging "
@@ -365,7 +365,7 @@ def render_remove(result: RemoveResult) -> None:
     )
 
 
-def _count(number: int, thing: str) -> str:
+def count(number: int, thing: str) -> str:
     """``1 blob``, ``2 blobs``."""
     return f"{number} {thing}{'' if number == 1 else 's'}"
 
@@ -375,14 +375,10 @@ def render_gc(report: GcReport, evicted: list[Eviction] | None = None, over: int
     freed = report.bytes_freed + sum(e.bytes_freed for e in evicted or [])  # (evictions free theirs first)
     out.print(
         f"freed {format_bytes(freed)}: "
-        + (f"{_count(len(evicted), 'eviction')}, " if evicted else "")
-        + f"{_count(report.blobs_removed, 'blob')}, {_count(report.partials_removed, 'partial file')}, "
-        f"{_count(report.snapshots_removed, 'stale snapshot')}"
-        + (
-            f", {_count(report.quarantined_removed, 'quarantined file')}"
-            if report.quarantined_removed
-            else ""
-        )
+        + (f"{count(len(evicted), 'eviction')}, " if evicted else "")
+        + f"{count(report.blobs_removed, 'blob')}, {count(report.partials_removed, 'partial file')}, "
+        f"{count(report.snapshots_removed, 'stale snapshot')}"
+        + (f", {count(report.quarantined_removed, 'quarantined file')}" if report.quarantined_removed else "")
         + (
             f" ({report.kept_partials} writes and downloads in progress left alone)"
             if report.kept_partials
@@ -432,7 +428,7 @@ def render_budget(budget: BudgetStatus, evicted: list[Eviction], over: int) -> N
     _render_evictions(evicted)
     out.print(f"budget  {_budget_line(budget)}")
     out.print(
-        f"evicted {format_bytes(budget.evicted_bytes)} so far, in {_count(budget.evictions, 'eviction')}"
+        f"evicted {format_bytes(budget.evicted_bytes)} so far, in {count(budget.evictions, 'eviction')}"
     )
     if over:
         err.print(f"[yellow]warning:[/yellow] the store is {format_bytes(over)} over its budget: what is pinned or in "
@@ -456,7 +452,7 @@ def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
     if budget is not None:
         out.print(f"  budget      {_budget_line(budget)}")
         out.print(
-            f"  evicted     {format_bytes(budget.evicted_bytes)} so far, in {_count(budget.evictions, 'eviction')}"
+            f"  evicted     {format_bytes(budget.evicted_bytes)} so far, in {count(budget.evictions, 'eviction')}"
         )
     if usage.repos:
         table = _table("repo", "revisions", "files", "size", "only here")
@@ -516,7 +512,9 @@ def render_manifest(manifest: Manifest) -> None:
                           format_bytes(variant.total_bytes), status)  # fmt: skip
         out.print(table)
     shared_bytes = sum(f.size for f in manifest.files if f.path in set(manifest.shared))
-    out.print(f"shared by every variant: {len(manifest.shared)} files ({format_bytes(shared_bytes)})")
+    out.print(
+        f"shared by every variant: {count(len(manifest.shared), 'file')} ({format_bytes(shared_bytes)})"
+    )
     if manifest.other:
         kept = (
             f"; {format_bytes(manifest.other_kept_bytes)} of the rest kept for a resume"

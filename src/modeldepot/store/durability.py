@@ -174,6 +174,7 @@ class Durability:
     def sync(self, check: bool = True) -> int:
         """Make every blob written under this boot durable (first checking every unchecked blob, with
         ``check``: a server stopping leaves those to the next start); returns how many were flushed.
+        A read-only store's are flushed and not recorded (only its writer can).
         Raises StoreError when the disk reported an error (the blobs concerned are quarantined, or left to
         the next flush: see :meth:`_flush_and_mark`)."""
         for sha256 in list(self._unchecked) if check else ():
@@ -181,9 +182,14 @@ class Durability:
                 self.ensure_checked(sha256)
             except CorruptBlobError:
                 pass  # quarantined, and logged
-        if self.read_only:
-            return 0
         pending = self.pending()
+        if self.read_only:
+            # Its writer's blobs (a build step's pull) reach the disk by the kernel's flush of every file
+            # system; only the writer can record them durable, so its next start under another boot
+            # rehashes them for nothing, never serves them unchecked.
+            if pending:
+                os.sync()
+            return len(pending)
         failed: list[str] = []
         for start in range(0, len(pending), BATCH):
             failed += self._flush_and_mark(pending[start : start + BATCH], self.boot)
