@@ -358,27 +358,48 @@ def test_what_an_imported_repo_lacks_is_said_not_a_hub_error(
     loaded: Depot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """load() of a variant an imported repo lacks said only "cannot reach https://huggingface.co to scan
-    ...": what the store lacks comes first (the variants there are, the engine a file needs), then why the
-    pull that could have completed it failed."""
+    ...": what the store lacks comes first (the variants there are, the engine a file needs), and that an
+    imported repo is completed by nothing upstream."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # (nothing listens)
     with (
         Depot(loaded.home) as online,
-        pytest.raises(
-            NotFoundError, match=r"^no variant 'q9' here \(there is: fp16, fp32\); pulling it failed"
-        ),
-    ):
+        pytest.raises(NotFoundError, match=r"^no variant 'q9' here \(there is: fp16, fp32\) \(the repo was "
+                      r"imported here: nothing is pulled into it"),
+    ):  # fmt: skip
         online.load(REPO, "q9")
     with pytest.raises(NotFoundError, match=r"^revision 'dev' of .* is not in the store"):
         loaded.load(REPO, revision="dev")  # (offline: the repo is here, not that revision of it)
     with (
         Depot(loaded.home) as online,
-        pytest.raises(NotFoundError, match=r"^revision 'dev' .*; pulling it failed"),
+        pytest.raises(NotFoundError, match=r"^revision 'dev' .* \(the repo was imported here"),
     ):
         online.load(REPO, revision="dev")
     with pytest.raises(NotFoundError, match=r"no \.safetensors file") as raised:
         loaded.load(REPO, engine="safetensors")
     assert "engine='onnxruntime'" in str(raised.value)
+
+
+def test_a_repo_imported_here_is_never_completed_by_an_upstream_repo_of_its_name(
+    upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's own model imported under a Hub name (a fine-tune kept as its base's id): load() of a variant
+    it lacks pulled the upstream's repo of that name and moved main to it, and the next load() of the
+    user's variant returned the upstream's weights (a trial). The mirror never looks upstream for an
+    imported repo either; an explicit pull still takes the upstream's."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    mine = write_repo(tmp_path / "mine")
+    (mine / "onnx" / "model.onnx").unlink()
+    (mine / "onnx" / "model.onnx_data").unlink()  # fp16 alone: the upstream's has fp32 too
+    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[upstream.url]) as local:
+        imported = local.import_dir(mine, REPO).commit_id
+        with pytest.raises(NotFoundError, match=r"no variant 'fp32' here .* \(the repo was imported here"):
+            local.load(REPO, "fp32")
+        assert local.resolve(REPO) == imported and not local.has_file(REPO, "onnx/model.onnx")
+        assert local.load(REPO, "fp16").get_inputs()[0].type == "tensor(float16)"
+        local.pull(REPO, "fp32")  # (asked for by name: the upstream's repo replaces the import at main)
+        assert local.resolve(REPO) != imported and local.load(REPO, "fp32") is not None
 
 
 def test_uses_are_counted_under_the_variants_own_name(loaded: Depot) -> None:
