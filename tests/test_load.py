@@ -178,12 +178,12 @@ def test_a_file_an_engine_cannot_parse_is_bad_input_naming_the_repo_and_file(
 ) -> None:
     """onnxruntime's own InvalidProtobuf (and safetensors' SafetensorError for a dtype numpy lacks) reached the
     caller raw, naming a private folder that was gone by then."""
-    header = json.dumps({"w": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 4]}}).encode()
+    header = json.dumps({"w": {"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}}).encode()
     depot.import_dir(
         write_model_dir(tmp_path / "o", {"model.onnx": b"not an onnx model" * 50}), "acme/bad-onnx"
     )
     depot.import_dir(write_model_dir(tmp_path / "s", {"model.safetensors": len(header).to_bytes(8, "little")
-                                                       + header + b"\0" * 4}), "acme/bad-st")  # fmt: skip
+                                                       + header + b"\0" * 2}), "acme/bad-st")  # fmt: skip
     for repo, engine, file in (("acme/bad-onnx", "onnxruntime", "model.onnx"),
                                ("acme/bad-st", "safetensors", "model.safetensors")):  # fmt: skip
         with pytest.raises(InvalidInputError, match=f"{engine} could not load {file} of {repo}") as refused:
@@ -191,6 +191,34 @@ def test_a_file_an_engine_cannot_parse_is_bad_input_naming_the_repo_and_file(
         assert "/tmp/" not in str(refused.value).replace(str(tmp_path), "") and str(depot.home) not in str(
             refused.value
         )
+
+
+def test_bf16_and_fp8_safetensors_load_as_arrays_mapping_the_file(depot: Depot, tmp_path: Path) -> None:
+    """A BF16 checkpoint (most of the Hub's LLM weights) failed to load with engine="safetensors": "data
+    type 'bfloat16' not understood", as bad input (a trial). Its tensors are ml_dtypes arrays now, mapping
+    the stored file as the other types' do; a type no numpy array holds is named."""
+    import ml_dtypes
+
+    values = np.array([[1.0, -2.0, 0.5], [3.0, 0.0, -0.25]], dtype=np.float32)
+    bf16 = (values.view(np.uint32) >> 16).astype(np.uint16).tobytes()  # (exact: 8 bits of mantissa)
+    fp8 = values.astype(ml_dtypes.float8_e4m3fn).tobytes()
+    header = json.dumps({
+        "w": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 12]},
+        "q": {"dtype": "F8_E4M3", "shape": [2, 3], "data_offsets": [12, 18]},
+        "__metadata__": {"format": "pt"},
+    }).encode()  # fmt: skip
+    content = len(header).to_bytes(8, "little") + header + bf16 + fp8
+    depot.import_dir(write_model_dir(tmp_path / "m", {"model.safetensors": content}), "acme/bf16")
+    tensors = depot.load("acme/bf16", engine="safetensors")
+    assert tensors["w"].dtype == ml_dtypes.bfloat16 and tensors["q"].dtype == ml_dtypes.float8_e4m3fn
+    np.testing.assert_array_equal(tensors["w"].astype(np.float32), values)
+    np.testing.assert_array_equal(tensors["q"].astype(np.float32), values)
+    assert not tensors["w"].flags.writeable, "it maps the stored file"
+    shifted = json.dumps({"w": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 4]}}).encode()
+    depot.import_dir(write_model_dir(tmp_path / "n", {"model.safetensors": len(shifted).to_bytes(8, "little")
+                                                      + shifted + b"\0" * 4}), "acme/short")  # fmt: skip
+    with pytest.raises(InvalidInputError, match="does not fit the file"):  # (4 BF16 values are 8 bytes)
+        depot.load("acme/short", engine="safetensors")
 
 
 def test_warmup_survives_errors_and_shapes_inputs(loaded: Depot) -> None:
@@ -358,21 +386,22 @@ def test_what_an_imported_repo_lacks_is_said_not_a_hub_error(
     loaded: Depot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """load() of a variant an imported repo lacks said only "cannot reach https://huggingface.co to scan
-    ...": what the store lacks comes first (the variants there are, the engine a file needs), and that an
-    imported repo is completed by nothing upstream."""
+    ...": what the store lacks comes first (the variants there are, the engine a file needs), then why the
+    pull that could have completed it failed."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # (nothing listens)
     with (
         Depot(loaded.home) as online,
-        pytest.raises(NotFoundError, match=r"^no variant 'q9' here \(there is: fp16, fp32\) \(the repo was "
-                      r"imported here: nothing is pulled into it"),
-    ):  # fmt: skip
+        pytest.raises(
+            NotFoundError, match=r"^no variant 'q9' here \(there is: fp16, fp32\); pulling it failed"
+        ),
+    ):
         online.load(REPO, "q9")
     with pytest.raises(NotFoundError, match=r"^revision 'dev' of .* is not in the store"):
         loaded.load(REPO, revision="dev")  # (offline: the repo is here, not that revision of it)
     with (
         Depot(loaded.home) as online,
-        pytest.raises(NotFoundError, match=r"^revision 'dev' .* \(the repo was imported here"),
+        pytest.raises(NotFoundError, match=r"^revision 'dev' .*; pulling it failed"),
     ):
         online.load(REPO, revision="dev")
     with pytest.raises(NotFoundError, match=r"no \.safetensors file") as raised:
@@ -380,26 +409,35 @@ def test_what_an_imported_repo_lacks_is_said_not_a_hub_error(
     assert "engine='onnxruntime'" in str(raised.value)
 
 
-def test_a_repo_imported_here_is_never_completed_by_an_upstream_repo_of_its_name(
+def test_an_import_is_completed_only_by_an_upstream_repo_holding_its_files(
     upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A user's own model imported under a Hub name (a fine-tune kept as its base's id): load() of a variant
-    it lacks pulled the upstream's repo of that name and moved main to it, and the next load() of the
-    user's variant returned the upstream's weights (a trial). The mirror never looks upstream for an
-    imported repo either; an explicit pull still takes the upstream's."""
+    """A user's own model imported under a Hub name (a fine-tune kept under its base's id): load() of a
+    variant it lacked pulled the upstream's repo of that name and moved main to it, and the next load() of
+    the user's variant returned the upstream's weights (a trial). An import the upstream's repo holds file
+    for file (a download's folder, a variant short) is completed, as before; an explicit pull still takes
+    the upstream's repo whatever the import holds."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    mine = write_repo(tmp_path / "mine")
-    (mine / "onnx" / "model.onnx").unlink()
-    (mine / "onnx" / "model.onnx_data").unlink()  # fp16 alone: the upstream's has fp32 too
-    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[upstream.url]) as local:
-        imported = local.import_dir(mine, REPO).commit_id
-        with pytest.raises(NotFoundError, match=r"no variant 'fp32' here .* \(the repo was imported here"):
-            local.load(REPO, "fp32")
-        assert local.resolve(REPO) == imported and not local.has_file(REPO, "onnx/model.onnx")
-        assert local.load(REPO, "fp16").get_inputs()[0].type == "tensor(float16)"
-        local.pull(REPO, "fp32")  # (asked for by name: the upstream's repo replaces the import at main)
-        assert local.resolve(REPO) != imported and local.load(REPO, "fp32") is not None
+    for name, config, completed in (("download", '{"model_type": "linear"}', True),
+                                    ("fine-tune", '{"model_type": "mine"}', False)):  # fmt: skip
+        mine = write_repo(tmp_path / name)
+        (mine / "onnx" / "model.onnx").unlink()
+        (mine / "onnx" / "model.onnx_data").unlink()  # fp16 alone: the upstream's has fp32 too
+        (mine / "config.json").write_text(config)
+        with Depot(tmp_path / f"local-{name}", chunk_size=SMALL_CHUNK, servers=[upstream.url]) as local:
+            imported = local.import_dir(mine, REPO).commit_id
+            if completed:
+                local.load(REPO, "fp32")
+                assert local.has_file(REPO, "onnx/model.onnx_data"), "completed from the upstream"
+                continue
+            with pytest.raises(NotFoundError, match=r"no variant 'fp32' here .*; pulling it failed too: "
+                               r"acme/linear was imported here, .* another \(config.json differs\)"):  # fmt: skip
+                local.load(REPO, "fp32")
+            assert local.resolve(REPO) == imported and not local.has_file(REPO, "onnx/model.onnx")
+            assert local.load(REPO, "fp16").get_inputs()[0].type == "tensor(float16)"
+            local.pull(REPO, "fp32")  # (asked for by name: the upstream's repo takes the import's place)
+            assert local.resolve(REPO) != imported and local.load(REPO, "fp32") is not None
 
 
 def test_uses_are_counted_under_the_variants_own_name(loaded: Depot) -> None:

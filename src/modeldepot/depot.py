@@ -782,7 +782,9 @@ class Depot:
         """A loaded, warmed-up engine for a variant of ``repo_id``, kept in :attr:`engines` (an LRU of
         loaded engines): the second call for the same variant and engine is a cache hit.
 
-        The variant is pulled through the source chain first if the store lacks it. ``engine`` is
+        The variant is pulled through the source chain first if the store lacks it (into a repo imported
+        here only when the upstream's repo of its name holds each of its files: else the upstream's is
+        another, and a NotFoundError says so). ``engine`` is
         ``"onnxruntime"`` (an InferenceSession), ``"safetensors"`` (numpy tensors), ``"torch"`` (torch
         tensors, when torch is installed), ``"gguf"`` (a :class:`~modeldepot.engines.GgufModel`: metadata
         and read-only tensors mapping the file, a split model's shards merged), or any callable taking the
@@ -800,6 +802,7 @@ class Depot:
                 raise ReadOnlyStoreError(f"the store at {self.home} is {self.store.read_only_reason}: it pulls "
                                          "nothing (pull it where the store is writable)")  # fmt: skip
             manifest = self.manifest_for(repo, rev)
+            self._check_completes_import(repo, rev, manifest)
             variant = variant or default(manifest)
             pulling = self.pull_async(repo, [variant] if variant else None, revision=rev, manifest=manifest)
             return run_blocking(pulling).commit_id
@@ -820,6 +823,32 @@ class Depot:
                     continue
         return load_variant(self.store, self.preloader, self.engines, pull_variant, self.config.offline,
                             repo_id, quant, revision, engine, warmup, inputs)  # fmt: skip
+
+    def _check_completes_import(self, repo_id: str, revision: str, manifest: Manifest) -> None:
+        """A repo imported here is completed from the upstream's repo of its name only when that one holds
+        each of its files, the same (a Hub download's folder a shard short): else it is another repo (the
+        user's fine-tune kept under its base's id), and its pull would move the branch off the user's
+        weights. NotFoundError then."""
+        try:
+            if self.store.repo_summary(repo_id).origin != "import":
+                return
+            commit_id = self.store.resolve(repo_id, revision)
+        except NotFoundError:
+            return  # (not here, or not that revision: a pull adds it, moving nothing of the user's)
+        upstream = {f.path: f for f in manifest.files}
+        for entry in self.store.files(repo_id, commit_id):
+            remote = upstream.get(entry.path)
+            if remote is None or not (
+                entry.sha256 == remote.sha256
+                if remote.sha256 is not None
+                else not entry.lfs and entry.git_oid == remote.git_oid
+            ):
+                raise NotFoundError(
+                    f"{repo_id} was imported here, and the upstream's repo of that name is another ("
+                    f"{entry.path} {'is not in it' if remote is None else 'differs'}): nothing is pulled into "
+                    f"yours (`modeldepot pull {repo_id}` takes the upstream's in its place)",
+                    repo_id=repo_id,
+                )
 
     @property
     def preloader(self) -> Preloader:

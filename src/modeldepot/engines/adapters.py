@@ -90,6 +90,11 @@ def onnxruntime_version_lacking_data_in_memory() -> str | None:
 _SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32", "I16": "int16",
     "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "C64": "complex64",
+}  # fmt: skip
+# The machine-learning types numpy lacks, as ml_dtypes spells them (most checkpoints on the Hub are BF16)
+_SAFETENSORS_ML_DTYPES = {
+    "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
 }  # fmt: skip
 _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 
@@ -97,7 +102,8 @@ _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 def load_safetensors(path: Path, framework: str = "numpy") -> dict[str, Any]:
     """Every tensor of a safetensors file: read-only numpy arrays that *map* the file (no copy: one copy
     in the page cache, shared by every worker and kept warm by the preloader), or ``pt`` tensors (copied,
-    by safetensors) when torch is installed. Files with dtypes numpy lacks (BF16) are read by safetensors.
+    by safetensors) when torch is installed. BF16 and FP8 tensors are arrays of ml_dtypes' types (mapping
+    the file too); a type no numpy package has (the packed F4, F6) is an InvalidInputError naming it.
     """
     _require("safetensors")
     if framework == "pt":
@@ -110,13 +116,10 @@ def load_safetensors(path: Path, framework: str = "numpy") -> dict[str, Any]:
         size = os.fstat(handle.fileno()).st_size
         mapping = mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ) if size else None
     header, base = _safetensors_header(mapping, size, path)
-    if any(info["dtype"] not in _SAFETENSORS_DTYPES for info in header.values()):
-        from safetensors.numpy import load_file
-
-        return dict(load_file(str(path)))
+    types = {name: _numpy_dtype(path, name, info["dtype"]) for name, info in header.items()}
     tensors = {}
     for name, info in header.items():
-        dtype = numpy.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        dtype = numpy.dtype(types[name])
         start, end = info["data_offsets"]
         count = (end - start) // dtype.itemsize
         array = (
@@ -126,6 +129,16 @@ def load_safetensors(path: Path, framework: str = "numpy") -> dict[str, Any]:
         )
         tensors[name] = array.reshape(info["shape"])
     return tensors
+
+
+def _numpy_dtype(path: Path, name: str, dtype: str) -> Any:
+    """The numpy type of a safetensors dtype (ml_dtypes' for BF16 and FP8)."""
+    if dtype in _SAFETENSORS_DTYPES:
+        return _SAFETENSORS_DTYPES[dtype]
+    if dtype in _SAFETENSORS_ML_DTYPES:
+        return getattr(_require("ml_dtypes"), _SAFETENSORS_ML_DTYPES[dtype])
+    raise InvalidInputError(f"{path.name}: tensor {name!r} is of type {dtype}, which no numpy array holds "
+                            "(engine='torch', or a callable engine, reads it)")  # fmt: skip
 
 
 def _safetensors_header(mapping: mmap.mmap | None, size: int, path: Path) -> tuple[dict[str, Any], int]:
@@ -154,7 +167,7 @@ def _safetensors_header(mapping: mmap.mmap | None, size: int, path: Path) -> tup
         # whole numbers only: "8" or 8.0 passed as far as numpy, as a raw TypeError
         if not all(type(n) is int for n in (start, end, *shape)) or not isinstance(dtype, str):
             raise InvalidInputError(f"{path.name}: tensor {name!r} is described wrongly") from None
-        itemsize = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4}.get(
+        itemsize = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4}.get(
             dtype, 2 if "16" in dtype else 1
         )
         elements = 1
@@ -163,7 +176,10 @@ def _safetensors_header(mapping: mmap.mmap | None, size: int, path: Path) -> tup
         if (
             not (0 <= start <= end <= size - base)
             or min(shape, default=0) < 0
-            or (dtype in _SAFETENSORS_DTYPES and end - start != elements * itemsize)
+            or (
+                dtype in _SAFETENSORS_DTYPES.keys() | _SAFETENSORS_ML_DTYPES.keys()
+                and end - start != elements * itemsize
+            )
         ):
             raise InvalidInputError(f"{path.name}: tensor {name!r} does not fit the file")
     return table, base

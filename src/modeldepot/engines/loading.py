@@ -112,6 +112,9 @@ def load_variant(
         errors) says so as bad input naming the repo and the file, not a private folder gone by then."""
         try:
             yield
+        except InvalidInputError as error:  # (ours, naming the file alone)
+            raise InvalidInputError(f"{engine} could not load {chosen} of {repo_id}@{commit_id[:12]}: {error}",
+                                    repo_id=repo_id) from None  # fmt: skip
         except (DepotError, OSError, MemoryError):
             raise
         except Exception as error:
@@ -243,10 +246,10 @@ def _listing_lacks_it_too(store: Store, repo_id: str, commit_id: str, quant: str
 
 def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant: str | None, revision: str,
             suffixes: tuple[str, ...]) -> tuple[str, str]:  # fmt: skip
-    """(commit, model file) of the variant, pulling it first when the store lacks it (not into a repo
-    imported here: the upstream's repo of that name is another, and its pull would mix into the user's and
-    move its branch). When the pull fails, the error says first what the store lacks (the variants it has,
-    the engine its files need), then why the pull failed."""
+    """(commit, model file) of the variant, pulling it first when the store lacks it (an imported repo
+    too, when the upstream's repo of its name holds its files: see ``Depot.load``). When the pull fails,
+    the error says first what the store lacks (the variants it has, the engine its files need), then why
+    the pull failed."""
     here: NotFoundError | None = None
     try:
         commit_id: str | None = store.resolve(repo_id, revision)
@@ -270,10 +273,6 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
             here = missing
     elif offline and here is not None:
         raise here
-    if here is not None and store.repo_summary(repo_id).origin == "import":
-        raise NotFoundError(f"{here} (the repo was imported here: nothing is pulled into it; import the "
-                            f"folder that holds it, or `modeldepot pull {repo_id}` to take the upstream's repo "
-                            "of that name in its place)", repo_id=repo_id) from None  # fmt: skip
     try:
         commit_id = pull(repo_id, quant, revision, default_variant(suffixes))
     except DepotError as error:
