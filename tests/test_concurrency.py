@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_CHUNK, sample_files, store_files_consistent, write_model_dir
+from conftest import SMALL_CHUNK, sample_files, store_files_consistent, wait_until, write_model_dir
 from modeldepot import Depot, NotFoundError, RepoNotFoundError, RevisionNotFoundError
 
 Files = dict[str, bytes]
@@ -214,6 +214,71 @@ def test_forked_children_use_the_parents_depot(depot: Depot, tmp_path: Path) -> 
     depot.import_dir(write_model_dir(tmp_path / "after", sample_files(seed=4)), "org/after")
     assert store_files_consistent(depot) == []
     assert depot.verify().ok
+
+
+def test_a_forked_worker_flushes_and_counts_its_own_work(depot: Depot, tmp_path: Path) -> None:
+    """A worker forked after the store was opened (gunicorn's pattern) has the parent's memory, not its
+    threads: its writes waited for another process's flush (the flusher thread it "had" was the parent's),
+    its uses were written only at its exit, the parent's pending ones again with them (13 recorded for 11
+    reads; a trial). Each object with a thread of its own starts over in the child now."""
+    depot.import_dir(write_model_dir(tmp_path / "before", sample_files(seed=3)), "org/before")
+    assert wait_until(lambda: not unflushed(depot), timeout=10), "the parent's flusher runs"
+    depot.get_file(
+        "org/before", "config.json"
+    )  # (pending in the parent when it forks: the parent's to write)
+    folder = write_model_dir(tmp_path / "child", model_files(seed=11))
+
+    def work(_: int) -> None:
+        depot.store.access.flush_interval = 0.2
+        depot.import_dir(folder, "org/child")
+        for _ in range(5):
+            depot.get_file("org/child", "config.json")
+        assert wait_until(lambda: not unflushed(depot), timeout=10), "the child's own flusher runs"
+        assert wait_until(lambda: uses(depot, "org/child") == 5, timeout=10), "written while it runs"
+        depot.store.access.flush()  # (what its exit does)
+
+    list(fork_children(1, work))  # (each child ends by os._exit: nothing written at its exit)
+    depot.store.access.flush()
+    assert uses(depot, "org/before") == 1 and uses(depot, "org/child") == 5
+
+
+def test_a_fork_while_another_thread_writes_the_index_leaves_the_child_able_to_write(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """SQLite keeps a process's locks in its memory: a fork while another thread was inside a transaction
+    left the child sure the lock was held, and its every write failed ("database is locked", after the busy
+    timeout). A fork waits for the transactions under way now (and none starts meanwhile)."""
+    inside, forked = threading.Event(), threading.Event()
+
+    def long_write() -> None:
+        with depot.store.index.write("a long transaction"):
+            inside.set()
+            forked.wait(0.5)  # (the fork waits for this transaction: it cannot come before it ends)
+
+    writer = threading.Thread(target=long_write)
+    writer.start()
+    assert inside.wait(10)
+    folder = write_model_dir(tmp_path / "child", model_files(seed=12))
+
+    def work(_: int) -> None:
+        depot.import_dir(folder, "org/child")
+
+    list(fork_children(1, work))
+    forked.set()
+    writer.join()
+    assert depot.get_file("org/child", "config.json") == model_files(seed=12)["config.json"]
+
+
+def unflushed(depot: Depot) -> list[str]:
+    return [
+        r["sha256"]
+        for r in depot.store.index.read("SELECT sha256 FROM blobs WHERE unflushed_boot IS NOT NULL")
+    ]
+
+
+def uses(depot: Depot, repo_id: str) -> int:
+    rows = depot.store.index.read("SELECT count FROM access WHERE repo_id = ? AND variant = ''", (repo_id,))
+    return rows[0]["count"] if rows else 0
 
 
 @pytest.mark.parametrize("whole_repo", [True, False], ids=["repo", "revision"])

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from modeldepot.errors import DepotError
+from modeldepot.store.forking import start_over_after_fork
 from modeldepot.store.index import Index
 
 __all__ = ["AccessLog", "ModelAccess"]
@@ -59,7 +60,18 @@ class AccessLog:
         self._flushing = False
         self._timer: threading.Timer | None = None  # writes what a burst left, once it is over
         self._closed = False
-        atexit.register(_flush_at_exit, weakref.ref(self))
+        atexit.register(_flush_at_exit, weakref.ref(self))  # (in a forked child too: its own uses)
+        start_over_after_fork(self)
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's pending uses are the parent's to write (a worker wrote them
+        again at its exit, each counted twice), and its timer thread is not here (a worker wrote its own
+        only when it ended)."""
+        self._lock = threading.Lock()
+        self._pending = {}
+        self._last_flush = time.monotonic()
+        self._flushing = False
+        self._timer = None
 
     def record(self, repo_id: str, variant: str | None = None, count: int = 1) -> None:
         """Count one use of ``repo_id`` (or of one variant of it); ``count=0`` only marks it as used now

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from modeldepot.errors import CorruptBlobError, DepotError, StoreError
+from modeldepot.store.forking import start_over_after_fork
 from modeldepot.store.index import Index
 
 __all__ = ["DURABILITY_MODES", "Durability", "current_boot_id"]
@@ -98,6 +99,19 @@ class Durability:
             self._start()
         if deferred and left_unflushed:
             self.written()  # left by a process that ended before its flush (a CLI import): flushed here
+        start_over_after_fork(self)
+
+    def after_fork(self) -> None:
+        """In a forked child: the background thread is not here (a worker's writes waited for another
+        process's flush), and a lock it held would stay held. Started again by the child's first write."""
+        self._lock = threading.Lock()
+        self._checking = {}
+        self._flush_lock = threading.Lock()
+        self._wake = threading.Event()
+        stopped, self._stop = self._stop.is_set(), threading.Event()
+        if stopped:
+            self._stop.set()
+        self._thread = None
 
     @property
     def unflushed_boot(self) -> str | None:

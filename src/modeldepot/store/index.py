@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from modeldepot.errors import ReadOnlyStoreError, StoreError, StoreFullError, StoreSchemaError
+from modeldepot.store.forking import INDEX_GATE
 from modeldepot.store.layout import FULL_DISK_ADVICE
 
 __all__ = ["SCHEMA_VERSION", "ChangeCounter", "Index", "SpaceReserve", "translate_sqlite_error"]
@@ -469,21 +470,22 @@ class Index:
                 f"{doing}: the store at {self.path.parent} is {self.why}: it is read and served as it is, never "
                 "written (import, pull, remove and pin where it is writable)"
             )
-        con = self.connection()
-        try:
-            con.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as error:
-            raise self._failure(error, doing) from error
-        try:
-            yield con
-            con.execute("COMMIT")
-            self._wrote = True
-        except BaseException as exc:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise self._failure(exc, doing) from exc
-            raise
+        with INDEX_GATE:
+            con = self.connection()
+            try:
+                con.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as error:
+                raise self._failure(error, doing) from error
+            try:
+                yield con
+                con.execute("COMMIT")
+                self._wrote = True
+            except BaseException as exc:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise self._failure(exc, doing) from exc
+                raise
 
     def write_freeing(self, doing: str, body: Callable[[sqlite3.Connection], T]) -> T:
         """``body`` in one :meth:`write` transaction, for a change that lets the caller free disk space
@@ -509,7 +511,8 @@ class Index:
 
     def read(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         try:
-            return self.connection().execute(sql, params).fetchall()
+            with INDEX_GATE:
+                return self.connection().execute(sql, params).fetchall()
         except sqlite3.Error as error:
             raise self._failure(error, "reading the index") from error
 

@@ -1,0 +1,96 @@
+"""What a child made by ``fork()`` (a gunicorn or multiprocessing worker forked after the store was opened)
+must not inherit half-done.
+
+The child has the parent's memory, not its threads. So a background thread an object started is not
+running there, and a lock one of them held stays held for ever: such objects register here, and each
+starts over in the child (``after_fork``). And SQLite keeps each process's file locks in its own memory: a
+fork while another thread was inside a transaction left the child believing the lock held, and every write
+of the child failed with "database is locked" after its busy timeout (a trial: a worker forked while the
+parent's use counts were being written). So a fork waits until no thread of the process is inside an
+index transaction (:data:`INDEX_GATE`), and no transaction starts until it is done.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Protocol
+
+
+class StartsOverAfterFork(Protocol):
+    def after_fork(self) -> None:
+        """In the child: drop the parent's threads, locks and work in progress (not its data)."""
+
+
+_OWNERS: weakref.WeakSet[StartsOverAfterFork] = weakref.WeakSet()
+
+
+def start_over_after_fork(owner: StartsOverAfterFork) -> None:
+    """Have ``owner.after_fork()`` called in every child this process forks while ``owner`` lives."""
+    _OWNERS.add(owner)
+
+
+class ForkGate:
+    """Counts the threads inside index transactions; a fork waits until there are none (those of the
+    forking thread itself aside: it cannot wait for itself) and holds new ones back until it is done."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._changed = threading.Condition(threading.Lock())
+        self._inside = 0
+        self._forking = False
+        self._mine = threading.local()  # this thread's depth (a write's body reads too)
+
+    def __enter__(self) -> None:
+        """A thread enters an index transaction (``with INDEX_GATE:``)."""
+        mine = self._mine
+        depth = getattr(mine, "depth", 0)
+        if depth == 0:
+            with self._changed:
+                while self._forking:
+                    self._changed.wait()
+                self._inside += 1
+        mine.depth = depth + 1
+
+    def __exit__(self, *exc: object) -> None:
+        mine = self._mine
+        mine.depth -= 1
+        if mine.depth == 0:
+            with self._changed:
+                self._inside -= 1
+                if self._inside == 0 and self._forking:
+                    self._changed.notify_all()
+
+    def before_fork(self) -> None:
+        mine = 1 if getattr(self._mine, "depth", 0) else 0
+        with self._changed:
+            self._forking = True
+            while self._inside > mine:
+                self._changed.wait()
+
+    def after_fork_in_parent(self) -> None:
+        with self._changed:
+            self._forking = False
+            self._changed.notify_all()
+
+    def after_fork_in_child(self) -> None:
+        depth = getattr(self._mine, "depth", 0)  # (the forking thread's: the only one the child has)
+        self._reset()
+        self._inside, self._mine.depth = (1 if depth else 0), depth
+
+
+INDEX_GATE = ForkGate()
+
+
+def _in_child() -> None:
+    INDEX_GATE.after_fork_in_child()
+    for owner in list(_OWNERS):
+        owner.after_fork()
+
+
+os.register_at_fork(
+    before=INDEX_GATE.before_fork, after_in_parent=INDEX_GATE.after_fork_in_parent, after_in_child=_in_child
+)
