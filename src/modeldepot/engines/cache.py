@@ -17,6 +17,7 @@ Design notes (where the seed was thin or wrong):
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import logging
 import os
@@ -62,6 +63,17 @@ def default_on_evict(key: Hashable, model: Any) -> None:
     close = getattr(model, "close", None)
     if callable(close):
         close()
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """The failed load's error for one more of its waiters (raised from it): a copy of the same type, with a
+    traceback of its own (one object raised in every waiting thread piled up all their frames), or the
+    error itself when it cannot be copied."""
+    try:
+        copied = copy.copy(error)
+    except Exception:
+        return error
+    return copied.with_traceback(None) if type(copied) is type(error) else error
 
 
 @dataclass(frozen=True)
@@ -171,8 +183,6 @@ class LoadedModelCache(Generic[M]):
                 self._misses += 1
                 flight = self._flights[key] = _Flight()
                 evicted += self._make_room_locked(size)
-            else:
-                self._hits += 1  # (it waits for the load under way: one load serves it, as a hit does)
         if evicted:
             self._run_hooks(evicted)
         if entry is not None:
@@ -180,8 +190,16 @@ class LoadedModelCache(Generic[M]):
         assert flight is not None
         if not leader:
             flight.done.wait()
+            with self._lock:  # (a hit once the load under way served it: a failed one served nobody)
+                if flight.error is None:
+                    self._hits += 1
+                else:
+                    self._misses += 1
             if flight.error is not None:
-                raise flight.error
+                own = _own_copy(flight.error)
+                if own is flight.error:
+                    raise own
+                raise own from flight.error
             return flight.model  # type: ignore[no-any-return]
         return self._lead(key, flight, loader, size)
 
