@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 from conftest import SMALL_CHUNK, LiveNode, flip_byte, free_port, write_model_dir
 from modeldepot import Depot
 from modeldepot.engines.adapters import dummy_inputs, load_safetensors, warmup
-from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
+from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError, OfflineError
 
 REPO = "acme/linear"
 rng = np.random.default_rng(3)
@@ -380,6 +380,24 @@ def test_a_blob_quarantined_lets_go_only_of_the_models_that_map_it(loaded: Depot
     loaded._held.let_go_of_removed()
     assert [m.variant for m in loaded.preloader.stats().preloaded] == ["fp16"]
     assert len(loaded.engines.keys()) == 1
+
+
+def test_a_library_load_lets_go_of_what_another_process_removed(
+    loaded: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that loads with the library (no node, whose timer looks every 2 s) handed out its cached
+    engine of a repo another process had removed, for ever, and its mapping kept the deleted files' disk
+    space (a trial). load() looks too now, every LOOK_EVERY seconds at most."""
+    import modeldepot.held
+
+    session = loaded.load(REPO, "fp16", warmup=0)
+    with Depot(loaded.home) as other:  # (another process's Depot: nothing of this one's memory)
+        other.remove(REPO)
+    monkeypatch.setattr(modeldepot.held, "LOOK_EVERY", 0.0)
+    loaded._held._next_look = 0.0
+    with pytest.raises(OfflineError):  # (the repo is gone, as for any other caller: offline, not found here)
+        loaded.load(REPO, "fp16", warmup=0)
+    assert loaded.engines.keys() == [] and session is not None
 
 
 def test_what_an_imported_repo_lacks_is_said_not_a_hub_error(

@@ -809,6 +809,7 @@ class Depot:
 
         from modeldepot.engines.loading import load_variant
 
+        self._held.look_now_and_then()  # (what another process removed is not handed out from the cache)
         if self.tiers.shared:
             try:
                 commit_id = self.tiers.holder(repo_id, revision)[2]
@@ -908,7 +909,8 @@ class Depot:
     def let_go_of_removed(self) -> int:
         """Drop this process's preloads and engines of what is no longer whole in the store (removed, a blob
         of it quarantined, or files taken out of it, by another process: a `modeldepot rm` beside a node); a
-        server calls this every few seconds. Returns how many preloads and loaded engines went."""
+        server calls this every few seconds, and :meth:`load` every 2 s at most. Returns how many preloads and
+        loaded engines went."""
         return self._held.let_go_of_removed()
 
     @_writes

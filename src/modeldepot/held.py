@@ -9,6 +9,7 @@ process removed (:meth:`HeldModels.let_go_of_removed`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,10 @@ if TYPE_CHECKING:
     from modeldepot.preload import Preloader
 
 __all__ = ["HeldModels"]
+
+# Seconds between looks for what another process removed, from a process that loads models (a library's:
+# a node looks on a timer of its own)
+LOOK_EVERY = 2.0
 
 
 def _maps_one_of(model_file: object, paths: Collection[str], revision_paths: Collection[str]) -> bool:
@@ -61,6 +66,7 @@ class HeldModels:
         self.store = store
         self._preloader = preloader
         self._engines = engines
+        self._next_look = time.monotonic() + LOOK_EVERY
 
     def in_use(self) -> list[tuple[str, str | None]]:
         """The revisions in use in this process, which no eviction removes: preloaded, or loaded engines'."""
@@ -87,6 +93,14 @@ class HeldModels:
             else:  # (no file named: every file of the revision counts as in use)
                 paths.update(e.path for e in self.store.files(revision[0], revision[1]))
         return found
+
+    def look_now_and_then(self) -> None:
+        """:meth:`let_go_of_removed`, if LOOK_EVERY has passed since the last look (a library user's load:
+        an engine of a repo another process removed was handed out again, and kept its disk space)."""
+        now = time.monotonic()
+        if now >= self._next_look:
+            self._next_look = now + LOOK_EVERY
+            self.let_go_of_removed()
 
     def let_go_of_removed(self) -> int:
         """Let go of what is no longer whole in the store (removed, a blob of it quarantined, or files taken
