@@ -33,6 +33,7 @@ from modeldepot import (
 from modeldepot.gitobjects import git_blob_oid
 from modeldepot.store.blobs import WriteSession
 from modeldepot.store.maintenance import totals as store_totals
+from modeldepot.store.snapshots import Snapshots
 
 REPO = "acme/tiny-bert"
 
@@ -237,6 +238,36 @@ def test_snapshot_is_rebuilt_when_damaged(depot: Depot, model_dir: Path) -> None
     (snapshot / "tokenizer.json").unlink()
     assert depot.verify().snapshots_repaired == 1
     assert depot.file_path(REPO, "onnx/model_q4.onnx").read_bytes() == sample_files()["onnx/model_q4.onnx"]
+
+
+def test_a_snapshot_with_a_link_its_revision_lost_is_rebuilt(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rm --quant` killed after its commit and before it took the variant's links out left them in the
+    snapshot folder for good (dangling, or live when another repo holds the blob): `path`, `verify` and
+    `gc` found every expected link right and looked no further (a crash trial)."""
+    files = {"config.json": b"{}", "m-Q4_K_M.gguf": b"4" * 5000, "m-Q8_0.gguf": b"8" * 9000}
+    depot.import_dir(write_model_dir(tmp_path / "m", files), "acme/gguf")
+
+    class Killed(Exception):
+        pass
+
+    def killed(*_: object) -> None:
+        raise Killed  # (the process ends here: after the commit, before the links go)
+
+    monkeypatch.setattr(Snapshots, "unlink", killed)
+    with pytest.raises(Killed):
+        depot.remove("acme/gguf", quant="Q8_0")
+    monkeypatch.undo()
+    folder = depot.snapshot_path("acme/gguf")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "m-Q4_K_M.gguf"]
+    depot.import_dir(write_model_dir(tmp_path / "m", files), "acme/gguf")
+    monkeypatch.setattr(Snapshots, "unlink", killed)
+    with pytest.raises(Killed):  # (again, and this time `verify` is what finds it)
+        depot.remove("acme/gguf", quant="Q8_0")
+    monkeypatch.undo()
+    assert depot.verify().snapshots_repaired == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "m-Q4_K_M.gguf"]
 
 
 def test_etags_follow_the_hub_rules(depot: Depot, tmp_path: Path) -> None:
