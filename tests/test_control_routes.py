@@ -520,6 +520,41 @@ def test_a_repo_being_pulled_is_not_removed_and_a_wrong_method_says_which_are_ri
         assert "read-only" not in wrong.body.decode()
 
 
+def test_a_repo_whose_pull_is_still_scanning_is_not_removed_and_a_case_asks_for_the_same_job(
+    guarded: LiveNode, local: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removal while a pull's scan ran (a slow Hub: seconds) answered 200, and the pull then published the
+    repo again; the same pull asked in another case during that scan started a second job (a trial)."""
+    pull(guarded, ["q4f16"], AUTH)
+    scanning, go_on = threading.Event(), threading.Event()
+    real = local.manifest_for
+
+    def slow_scan(*args: Any, **kwargs: Any) -> Any:
+        scanning.set()
+        go_on.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(local, "manifest_for", slow_scan)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(
+            call, guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH
+        )
+        assert scanning.wait(10)
+        again = pool.submit(call, guarded.port, "POST", f"{API}/pulls",
+                            {"repo": REPO.upper(), "quants": ["FP16"]}, AUTH)  # fmt: skip
+        refused = call(guarded.port, "DELETE", f"{API}/repos/{REPO}", headers=AUTH)
+        assert refused.status == 409 and "a pull starting" in refused.body.decode(), refused.body
+        go_on.set()
+        started, joined = first.result(timeout=30), again.result(timeout=30)
+    assert (started.status, joined.status) == (202, 200), (started.body, joined.body)
+    assert joined.json()["id"] == started.json()["id"]
+    finished(guarded, started.json()["id"], AUTH)
+    assert (
+        local.list_repos() != []
+        and call(guarded.port, "DELETE", f"{API}/repos/{REPO}", headers=AUTH).status == 200
+    )
+
+
 # -- who may call ---------------------------------------------------------------------------------------------
 
 

@@ -281,9 +281,11 @@ PullKey = tuple[str, str, "tuple[str, ...] | str | None"]
 
 
 def _key(repo_id: str, revision: str, quants: Quants) -> PullKey:
+    """One key whatever the case the repo id is typed in (a repo the node never saw has no spelling of
+    its own yet: `acme/model` and `ACME/Model` asked at once started two jobs)."""
     if isinstance(quants, list):
-        return repo_id, revision, tuple(sorted({q.lower() for q in quants}))
-    return repo_id, revision, quants
+        return repo_id.lower(), revision, tuple(sorted({q.lower() for q in quants}))
+    return repo_id.lower(), revision, quants
 
 
 class PullJobs:
@@ -300,6 +302,13 @@ class PullJobs:
 
     def list(self) -> list[PullJob]:
         return list(self._jobs.values())
+
+    def pulling(self, repo_id: str) -> str | None:
+        """What pulls ``repo_id`` now (a pull's id, or "a pull starting" while its scan runs), or None."""
+        running = [job.id for key, job in self._running.items() if key[0] == repo_id.lower()]
+        if running:
+            return f"pull {running[0]}"
+        return "a pull starting" if any(key[0] == repo_id.lower() for key in self._starting) else None
 
     async def start(self, depot: Depot, repo_id: str, revision: str, quants: Quants) -> tuple[PullJob, bool]:
         """The pull of ``quants`` of ``repo_id`` at ``revision``, and whether it is new. The repo is scanned
@@ -500,14 +509,12 @@ async def remove_repo(request: web.Request) -> web.Response:
         if revision is not None and named != revision:
             raise Refused(400, "BadRequest", f"revision: the URL names {revision!r}, the body {named!r}")
         revision = named
-    running = [
-        job
-        for job in request.app[PULLS].list()
-        if job.state == "running" and job.repo.lower() == repo_id.lower()
-    ]
-    if running:  # (it would publish again when it ends: the repo would come back after "removed")
-        raise Refused(409, "PullRunning", f"a pull of {repo_id} is running (pull {running[0].id}): remove it "
-                                          "once the pull ends")  # fmt: skip
+    # (A pull running, or scanning before it runs, would publish when it ends: the repo would come back
+    # after "removed")
+    pulling = request.app[PULLS].pulling(repo_id)
+    if pulling is not None:
+        raise Refused(409, "PullRunning", f"a pull of {repo_id} is running ({pulling}): remove it once the "
+                                          "pull ends")  # fmt: skip
     depot = request.app[DEPOT]
     result = await asyncio.to_thread(depot.remove, repo_id, revision)
     return json_response(result.to_dict())
