@@ -151,6 +151,25 @@ def test_pinned_content_is_never_evicted_and_what_cannot_fit_fails_before_writin
     assert store_files_consistent(store) == []
 
 
+def test_what_would_free_nothing_is_not_evicted(tmp_path: Path) -> None:
+    """A copy of a pinned repo (each of its blobs the pinned one's) was evicted first, freeing 0 bytes: a
+    repo lost for nothing, counted as an eviction (a trial). Two unpinned copies still go, together."""
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        same = model(tmp_path, "acme/same", size=3 * MB)
+        depot.import_dir(same, "acme/pinned")
+        depot.import_dir(same, "acme/copy-of-pinned")  # (used first: the least recently used is the other)
+        depot.import_dir(model(tmp_path, "acme/other", size=2 * MB), "acme/other")
+        depot.pin("acme/pinned")
+        evicted = depot.set_max_size(4 * MB)
+        assert [(e.repo_id, e.bytes_freed > 0) for e in evicted] == [("acme/other", True)]
+        assert repos(depot) == {"acme/pinned", "acme/copy-of-pinned"}
+        depot.unpin("acme/pinned")
+        evicted = depot.set_max_size(2 * MB)  # (two copies, neither pinned: each alone frees nothing)
+        assert {e.repo_id for e in evicted} == {"acme/pinned", "acme/copy-of-pinned"} and repos(
+            depot
+        ) == set()
+
+
 def test_a_quarantined_blob_counts_neither_as_used_nor_as_pinned(store: Depot, tmp_path: Path) -> None:
     store.import_dir(model(tmp_path, "acme/a"), "acme/a")
     store.pin("acme/a")

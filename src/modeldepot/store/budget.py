@@ -441,9 +441,13 @@ class DiskBudget:
             kept_bytes = self.order.kept_bytes(kept, units, blobs=self._kept_blobs()) + others
             self._refuse_if_too_big(needed, limit + needed, kept_bytes, doing, writer)
         evicted: list[Eviction] = []
+        # (a copy of a pinned repo freed nothing, and went all the same: a repo lost for no byte)
+        staying = self.order.staying_blobs(units, self._kept_blobs())
         for unit in units:
             if used <= limit:
                 break
+            if self.order.frees_nothing(unit, staying):
+                continue
             eviction = self._evict(unit)
             if eviction is None:
                 continue

@@ -163,6 +163,27 @@ class EvictionOrder:
         )
         return int(row[0][0])
 
+    def staying_blobs(self, units: list[Unit], blobs: Iterable[str] = ()) -> set[str]:
+        """The blobs that stay whatever of ``units`` goes (a file outside them uses each: a pinned or
+        in-use revision's, a repo being written), and ``blobs``."""
+        whole = {(u.repo_id, u.commit_id) for u in units if u.variant is None}
+        parts: dict[tuple[str, str], set[str]] = {}
+        for unit in units:
+            if unit.variant is not None:
+                parts.setdefault((unit.repo_id, unit.commit_id), set()).update(unit.files)
+        staying = set(blobs)
+        for row in self.store.index.read("SELECT repo_id, commit_id, path, sha256 FROM files"):
+            key = (row["repo_id"], row["commit_id"])
+            if key not in whole and row["path"] not in parts.get(key, ()):
+                staying.add(row["sha256"])
+        return staying
+
+    def frees_nothing(self, unit: Unit, staying: set[str]) -> bool:
+        """Whether removing ``unit`` would free no byte: each of its blobs stays (:meth:`staying_blobs`)."""
+        entries = self.store.files(unit.repo_id, unit.commit_id)
+        used = {e.sha256 for e in entries if unit.variant is None or e.path in unit.files}
+        return bool(used) and used <= staying
+
     def kept_bytes(self, kept: Kept, units: list[Unit] | None = None, blobs: Iterable[str] = (),
                    flush: bool = True) -> int:  # fmt: skip
         """The bytes of the distinct blobs that stay when every unit that may go has gone (``units``, or
