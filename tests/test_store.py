@@ -823,6 +823,21 @@ def test_a_store_on_a_file_system_machines_share_says_it_is_one_machines(
     assert "on nfs4" in said[0] and "MODELDEPOT_SERVERS" in said[0] and "modeldepot serve" in said[0]
 
 
+def test_the_listing_kept_of_an_import_goes_with_the_import(depot: Depot, tmp_path: Path) -> None:
+    """An imported repo that lost a variant (`rm --quant`: its listing is kept, to list the commit whole)
+    and was then removed stayed in `status`, the manifest route and the dashboard for good, "scanned, not
+    in the store yet", with Pull buttons answering 404 and a removal answering 404 too (a trial)."""
+    files = {"config.json": b"{}", "onnx/model.onnx": b"a" * 3000, "onnx/model_fp16.onnx": b"b" * 2000}
+    for removal in ("repo", "revision"):
+        commit = depot.import_dir(write_model_dir(tmp_path / removal, files), "acme/imp").commit_id
+        depot.remove("acme/imp", quant="fp16")
+        assert [m.repo_id for m in depot.list_manifests()] == ["acme/imp"]
+        depot.remove("acme/imp", commit if removal == "revision" else None)
+        assert depot.list_manifests() == [] and depot.list_repos() == []
+        with pytest.raises(LookupError, match="not been scanned"):
+            depot.get_manifest("acme/imp")
+
+
 def test_rm_quant_removes_one_variants_own_files_and_keeps_the_rest(depot: Depot, tmp_path: Path) -> None:
     """A GGUF repo with several quantizations held all of them until the whole revision went: pinning one
     kept them all, and nothing removed just one."""

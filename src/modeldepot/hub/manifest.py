@@ -290,7 +290,7 @@ def keep_listing(store: Store, repo_id: str, commit_id: str) -> None:
     scanned = store.manifests.scanned_commit(repo_id)
     if scanned is not None and (
         scanned[0] == commit_id
-        or not _of_this_store(store.manifests.load(repo_id))
+        or not of_this_store(store.manifests.load(repo_id))
         or not _main_moved_from(store, repo_id, scanned[0])
     ):
         # (this commit's listing is kept already; the repo's scan is upstream's; or the listing kept is
@@ -307,7 +307,7 @@ def keep_listing(store: Store, repo_id: str, commit_id: str) -> None:
               files)  # fmt: skip
 
 
-def _of_this_store(record: ManifestRecord) -> bool:
+def of_this_store(record: ManifestRecord) -> bool:
     """Whether a saved scan is one :func:`keep_listing` made of what the store held (not upstream's)."""
     return bool(json.loads(record.body).get("endpoint") == IMPORTED_ENDPOINT)
 
@@ -349,7 +349,7 @@ def current_manifest(store: Store, repo_id: str) -> Manifest:
     to be pulled again), or a held repo's (:func:`held_manifest`)."""
     try:
         record = store.manifests.load(repo_id)
-        if _of_this_store(record) and _main_moved_from(store, repo_id, record.commit_id):
+        if of_this_store(record) and _main_moved_from(store, repo_id, record.commit_id):
             raise NotFoundError(repo_id)  # (a listing kept of an older commit: the repo's status is main's)
     except NotFoundError as unscanned:
         try:

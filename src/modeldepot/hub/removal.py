@@ -8,7 +8,7 @@ import contextlib
 import logging
 
 from modeldepot.errors import NotFoundError, StoreError
-from modeldepot.hub.manifest import current_manifest, keep_listing
+from modeldepot.hub.manifest import current_manifest, keep_listing, of_this_store
 from modeldepot.hub.variants import group_files
 from modeldepot.store import RemoveResult, Store, remove
 from modeldepot.store.maintenance import remove_files
@@ -59,7 +59,19 @@ def remove_variant(store: Store, repo_id: str, revision: str, quant: str) -> tup
 
 def forget_removed_variants(store: Store, repo_id: str) -> None:
     """After a removal or an eviction, a scanned variant whose files the store no longer holds is
-    'available' again (its status row said 'downloaded'): the event stream and ``status`` say so."""
+    'available' again (its status row said 'downloaded'): the event stream and ``status`` say so. A listing
+    kept of the store's own revision (``keep_listing``: an import that lost a variant) goes with that
+    revision: it stayed for good, shown with Pull buttons that answered 404, and no removal could take it."""
+    try:
+        record = store.manifests.load(repo_id)
+        if of_this_store(record):
+            try:
+                store.resolve(repo_id, record.commit_id)
+            except NotFoundError:
+                store.manifests.forget(repo_id, record.commit_id)
+                return
+    except NotFoundError:
+        return
     try:
         manifest = current_manifest(store, repo_id)
         recorded = store.manifests.load(repo_id).statuses  # (as kept: the manifest shows them live)

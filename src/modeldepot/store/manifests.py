@@ -90,6 +90,14 @@ class ManifestStore:
                     (repo_id, variant, status, now),
                 )
 
+    def forget(self, repo_id: str, commit_id: str) -> None:
+        """Drop the repo's saved scan (and its variants' rows) if it is still of ``commit_id``."""
+        with self.index.write(f"forgetting the listing of {repo_id}") as con:
+            if con.execute(
+                "DELETE FROM manifests WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)
+            ).rowcount:
+                con.execute("DELETE FROM variant_status WHERE repo_id = ?", (repo_id,))
+
     def scanned_commit(self, repo_id: str) -> tuple[str, float] | None:
         """(commit id, when scanned) of the repo's saved scan, or None: a look without reading its body."""
         if repo_id in self._scanned:
