@@ -261,6 +261,18 @@ def run_guarded_node(browser: WebDriver, node: LiveNode, local: Depot, proxy: Ho
              lambda d: js(d, f"return document.querySelector('.repo[data-repo=\"{REPO}\"]').dataset.stored") == "no")  # fmt: skip
     assert local.list_repos() == []
 
+    # An imported repo (no scan upstream: its variants are the store's alone) goes from the page with its
+    # removal, here or by another process (its row stayed, every variant "downloaded", until a reload)
+    local.import_dir(write_model_dir(node.depot.home.parent / "own", sample_files(4)), "acme/own")
+    own = '.repo[data-repo="acme/own"]'
+    wait_for(
+        browser,
+        "the imported repo's variants",
+        lambda d: d.find_elements(By.CSS_SELECTOR, f"{own} tr.variant"),
+    )
+    local.remove("acme/own")
+    wait_for(browser, "the removed import's row gone", lambda d: not d.find_elements(By.CSS_SELECTOR, own))
+
 
 def test_a_node_without_a_token_is_controlled_from_the_address_serve_prints(
     browser: WebDriver, tmp_path: Path

@@ -315,3 +315,60 @@ SCHEMA = schemathesis.openapi.from_dict(openapi_document(modeldepot.__version__)
 def test_schemathesis_operation(case: schemathesis.Case, node: LiveNode) -> None:
     """schemathesis' pytest runner (coverage phase: boundaries and edge values) against a live node."""
     case.call_and_validate(base_url=node.url, checks=CHECKS, headers=CONTROL_HEADERS)
+
+
+def test_open_dashboards_share_one_look_and_hear_when_a_repo_goes(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each event stream (an open dashboard) looked at every manifest on its own every half second: ten
+    saturated a node of 500 repos. And a removed repo's variants were never said gone: its row stayed on
+    the dashboard, "scanned, not in the store yet", every variant "downloaded" (a trial)."""
+    import threading
+    import time
+
+    for name in ("acme/one", "acme/two"):
+        depot.import_dir(
+            write_model_dir(tmp_path / name, {"config.json": b"{}", "model.onnx": name.encode()}), name
+        )
+    looks = []
+    real = depot.list_manifests
+    monkeypatch.setattr(depot, "list_manifests", lambda: looks.append(time.monotonic()) or real())
+    node = LiveNode(depot)
+    events: list[list[tuple[str, dict[str, Any]]]] = [[] for _ in range(4)]
+    done = threading.Event()
+
+    def listen(heard: list[tuple[str, dict[str, Any]]]) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
+        connection.request("GET", "/api/depot/v1/events")
+        answer, name = connection.getresponse(), ""
+        while not done.is_set():
+            line = answer.readline().decode().rstrip("\n")
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                heard.append((name, json.loads(line[6:])))
+        connection.close()
+
+    listeners = [threading.Thread(target=listen, args=(heard,), daemon=True) for heard in events]
+    try:
+        for listener in listeners:
+            listener.start()
+        deadline = time.monotonic() + 20
+        while not all(len(heard) >= 2 for heard in events) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        start = len(looks)
+        time.sleep(2.0)
+        assert len(looks) - start <= 7, (
+            f"{len(looks) - start} looks in 2 s for 4 streams: one shared look each 0.5 s"
+        )
+        depot.remove("acme/one")
+        while (
+            not all(any(n == "gone" for n, _ in heard) for heard in events)
+            and time.monotonic() < deadline + 10
+        ):
+            time.sleep(0.05)
+        for heard in events:
+            assert [s for n, s in heard if n == "gone"] == [{"repo_id": "acme/one", "variant": "fp32"}], heard
+    finally:
+        done.set()
+        node.stop()

@@ -240,6 +240,14 @@ def _components() -> ComponentSchemas:
     )
     c.ref(Manifest)
     c.add(
+        "GoneEvent",
+        c.record(
+            Variant,
+            only=[],
+            add={"repo_id": c.field(Manifest, "repo_id"), "variant": c.field(Variant, "name")},
+        ),
+    )
+    c.add(
         "VariantEvent",
         c.record(
             Variant,
@@ -360,15 +368,18 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "get": {
                     "operationId": "events",
                     "description": "Server-sent events, endless: a `variant` event (JSON data, `x-event-data`) "
-                    "per variant on connect and per change of status or progress; a comment line as "
-                    "heartbeat.",
+                    "per variant on connect and per change of status or progress; a `gone` event for a "
+                    "variant no longer listed (its repo removed); a comment line as heartbeat.",
                     "responses": {
                         "200": {
                             "description": "OK",
                             "content": {
                                 "text/event-stream": {
                                     "schema": {"type": "string"},
-                                    "x-event-data": {"variant": {"$ref": REF + "VariantEvent"}},
+                                    "x-event-data": {
+                                        "variant": {"$ref": REF + "VariantEvent"},
+                                        "gone": {"$ref": REF + "GoneEvent"},
+                                    },
                                 }
                             },
                         },

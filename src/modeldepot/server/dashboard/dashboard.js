@@ -341,7 +341,7 @@
       if (field === "event") name = value;
       else if (field === "data") data.push(value);
     }
-    if (name !== "variant" || !data.length) return;
+    if ((name !== "variant" && name !== "gone") || !data.length) return;
     let variant;
     try {
       variant = JSON.parse(data.join("\n"));
@@ -349,6 +349,12 @@
       return;
     }
     const key = `${variant.repo_id}:${variant.variant}`;
+    if (name === "gone") { // its repo was removed (here or in another process): its row goes
+      state.variants.delete(key);
+      refreshSoon();
+      scheduleRender();
+      return;
+    }
     const before = state.variants.get(key);
     state.variants.set(key, variant);
     if (variant.status !== "downloading" && (!before || before.status !== variant.status)) refreshSoon();
