@@ -30,6 +30,7 @@ from modeldepot import (
     SourceDirectoryError,
     StoreSchemaError,
 )
+from modeldepot.errors import StoreError
 from modeldepot.gitobjects import git_blob_oid
 from modeldepot.store.blobs import WriteSession
 from modeldepot.store.maintenance import totals as store_totals
@@ -483,31 +484,61 @@ def test_a_removal_beside_an_import_with_link_is_no_writer(
     assert imported(depot, REPO) == {"model.gguf": (folder / "model.gguf").read_bytes()}
 
 
-def kill_import_with_link(depot: Depot, folder: Path) -> None:
-    """`import --link` of ``folder`` in a process killed once its first file is linked and made read-only,
-    before it is hashed."""
+def kill_import_with_link(depot: Depot, folder: Path, at: str = "importer.digest_stream") -> None:
+    """`import --link` of ``folder`` in a process killed at ``at`` (a function of the store's package): by
+    default once its first file is linked and made read-only, before it is hashed."""
+    module, function = at.rsplit(".", 1)
     killed = subprocess.run(
         [sys.executable, "-c", "import os, sys\n"
          "from modeldepot import Depot\n"
-         "from modeldepot.store import importer\n"
-         "importer.digest_stream = lambda *a, **k: os._exit(9)\n"
+         f"from modeldepot.store import {module}\n"
+         f"{module}.{function} = lambda *a, **k: os._exit(9)\n"
          "Depot(sys.argv[1]).import_dir(sys.argv[2], 'acme/x', link=True)\n",
          str(depot.home), str(folder)], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert killed.returncode == 9, killed.stderr
 
 
+@pytest.mark.parametrize("at", ["importer.digest_stream", "publish._commit"], ids=["hashing", "placed"])
 def test_a_killed_import_with_link_gives_the_files_their_modes_back_at_gc(
-    depot: Depot, tmp_path: Path
+    depot: Depot, tmp_path: Path, at: str
 ) -> None:
     """`import --link` killed while it hashed left the user's file read-only for good (its mode was kept in
-    memory only): it is kept beside the link, and gc gives it back once the writer is gone."""
+    memory only): it is kept beside the link, and gc gives it back once the writer is gone. Killed after
+    its blobs were placed, before its commit, the files stayed 0444 all the same: the mode kept named the
+    link, renamed into blobs/ by then, and gc deleted the blob (a crash trial)."""
     folder = write_model_dir(tmp_path / "folder", {"model.gguf": os.urandom(3 * SMALL_CHUNK)})
     os.chmod(folder / "model.gguf", 0o640)
-    kill_import_with_link(depot, folder)
+    kill_import_with_link(depot, folder, at)
     assert stat.S_IMODE(os.stat(folder / "model.gguf").st_mode) == 0o444  # (as the kill left it)
     depot.gc()
     assert stat.S_IMODE(os.stat(folder / "model.gguf").st_mode) == 0o640
     assert os.stat(folder / "model.gguf").st_nlink == 1 and depot.list_repos() == []
+
+
+def test_an_import_with_link_failing_after_it_placed_gives_the_modes_back(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An `import --link` failing after it placed its blobs (a disk error at its commit) takes them out
+    again, and left the user's files 0444 for good (a crash trial)."""
+    from modeldepot.store import publish
+
+    folder = write_model_dir(
+        tmp_path / "folder", {"a.gguf": os.urandom(SMALL_CHUNK), "b.gguf": os.urandom(99)}
+    )
+    for name in ("a.gguf", "b.gguf"):
+        os.chmod(folder / name, 0o640)
+
+    def failing(*_: object, **__: object) -> None:
+        raise StoreError("the disk failed")
+
+    monkeypatch.setattr(publish, "_commit", failing)
+    with pytest.raises(StoreError, match="the disk failed"):
+        depot.import_dir(folder, REPO, link=True)
+    for name in ("a.gguf", "b.gguf"):
+        assert stat.S_IMODE(os.stat(folder / name).st_mode) == 0o640 and os.stat(folder / name).st_nlink == 1
+    monkeypatch.undo()
+    depot.import_dir(folder, REPO, link=True)  # (and then it is the store's, read-only)
+    assert stat.S_IMODE(os.stat(folder / "a.gguf").st_mode) == 0o444
 
 
 def test_gc_never_makes_a_linked_blob_writable(depot: Depot, tmp_path: Path) -> None:

@@ -77,6 +77,7 @@ class PartialBlob:
         # back when the partial is not placed (its content was in the store already, the import failed)
         self.mode_to_restore: int | None = None
         self.linked_from: Path | None = None
+        self.linked_inode: tuple[int, int] | None = None
         self.stamp: FileStamp | None = None  # (a linked file: see hashed)
         # (A linked file:) a descriptor of it holding the exclusive flock that keeps a second import from
         # linking the same file, until this partial is discarded (its session ends: placed by then, or not)
@@ -118,7 +119,11 @@ class PartialBlob:
         (written beside it: :func:`give_back_modes`)."""
         self.mode_to_restore = mode
         self.linked_from = source
-        _mode_file(self.path).write_text(json.dumps({"mode": mode, "source": str(source)}))
+        linked = os.stat(self.path, follow_symlinks=False)
+        self.linked_inode = (linked.st_dev, linked.st_ino)
+        _mode_file(self.path).write_text(
+            json.dumps({"mode": mode, "source": str(source), "inode": list(self.linked_inode)})
+        )
 
     def hashed(self) -> None:
         """Its bytes were just hashed: what a write would move is noted, for :meth:`changed_since_hashed`."""
@@ -131,9 +136,10 @@ class PartialBlob:
 
     def discard(self) -> None:
         self._close()
+        if self.mode_to_restore is not None and self.linked_from is not None:
+            # (placed too: a failed import takes its placed blobs out again, and the user's file was left 0444)
+            _give_back_mode(self.path, self.linked_from, self.mode_to_restore, self.linked_inode)
         if not self.placed:
-            if self.mode_to_restore is not None and self.linked_from is not None:
-                _give_back_mode(self.path, self.linked_from, self.mode_to_restore)
             with contextlib.suppress(FileNotFoundError):
                 _mode_file(self.path).unlink()
             try:
@@ -168,14 +174,29 @@ def _mode_file(partial: Path) -> Path:
     return partial.with_name(partial.name + ".mode")
 
 
-def _give_back_mode(partial: Path, source: Path, mode: int) -> None:
-    """Give a linked file of the user's its mode back, only while the user's name of it still names it and
-    it has no other name than that one and the link: another (the store's blob, once the user's name went;
-    another partial of the same file) must stay read-only."""
-    with contextlib.suppress(OSError):
-        linked, theirs = os.stat(partial, follow_symlinks=False), os.stat(source, follow_symlinks=False)
-        if (linked.st_dev, linked.st_ino) == (theirs.st_dev, theirs.st_ino) and linked.st_nlink == 2:
-            os.chmod(partial, mode, follow_symlinks=False)
+def _give_back_mode(partial: Path, source: Path, mode: int, inode: tuple[int, int] | None = None) -> None:
+    """Give a linked file of the user's its mode back, only while the user's name of it still names it
+    (``inode``: the file linked; the partial's, when not noted) and it has no other name than that one and
+    the partial: another (the store's blob, placed and committed; another partial of the same file) must
+    stay read-only. A blob placed and never committed (a failed import took it out again; gc deleted a
+    killed one's) is no name any more: the mode comes back."""
+    with contextlib.suppress(OSError, NotImplementedError):
+        try:
+            ours = os.stat(partial, follow_symlinks=False)
+        except FileNotFoundError:
+            ours = None  # (placed into blobs/, or discarded)
+        if inode is None:
+            if ours is None:
+                return
+            inode = (ours.st_dev, ours.st_ino)
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            theirs = os.fstat(fd)
+            names = theirs.st_nlink - (ours is not None and (ours.st_dev, ours.st_ino) == tuple(inode))
+            if (theirs.st_dev, theirs.st_ino) == tuple(inode) and names == 1:
+                os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
 
 
 def give_back_modes(session: Path) -> None:
@@ -184,9 +205,9 @@ def give_back_modes(session: Path) -> None:
     for kept in session.glob("*.mode"):
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             noted = json.loads(kept.read_text())
-            _give_back_mode(
-                kept.with_name(kept.name[: -len(".mode")]), Path(noted["source"]), int(noted["mode"])
-            )
+            inode = noted.get("inode")
+            _give_back_mode(kept.with_name(kept.name[: -len(".mode")]), Path(noted["source"]), int(noted["mode"]),
+                            None if inode is None else (int(inode[0]), int(inode[1])))  # fmt: skip
 
 
 class WriteSession:
