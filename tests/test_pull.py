@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -127,6 +128,24 @@ def test_a_node_holding_one_variant_lists_the_whole_commit_and_refuses_what_it_l
             snapshot_download(REPO, endpoint=node.url, cache_dir=tmp_path / "hf2")
     finally:
         node.stop()
+
+
+def test_a_pull_killed_after_it_published_shows_its_variants_downloaded(local: Depot) -> None:
+    """A pull killed between its commit and the rows that say its variants are done left them
+    "downloading", shown as "failed (interrupted before it finished: pull again to resume)" of a revision
+    the store holds whole (a crash trial). What the store holds whole is downloaded; the rest stays failed."""
+    local.pull(REPO, "fp16")
+    local.store.manifests.set_statuses(
+        REPO, {"fp16": 10, "q4f16": 10}, "downloading"
+    )  # (as the kill left them)
+    statuses = {v.name: (v.status, v.error) for v in local.get_manifest(REPO).variants}
+    assert statuses["fp16"] == ("downloaded", None)
+    assert statuses["q4f16"][0] == "failed" and "interrupted" in (statuses["q4f16"][1] or "")
+    # Its download's files, published by hard links, kept their names in partials/ until gc: `du` counted
+    # them a second time ("partial 94 MiB" beside the same bytes as blobs)
+    blob = local.store.blobs.path(local.file_info(REPO, "onnx/model_fp16.onnx").sha256)
+    os.link(blob, local.store.layout.partials / "left-by-a-kill.part")
+    assert local.du().partial_bytes == 0
 
 
 def test_a_second_variant_reuses_the_shared_files_and_grows_the_revision(local: Depot) -> None:

@@ -315,9 +315,12 @@ def of_this_store(record: ManifestRecord) -> bool:
 def lost_since(store: Store, manifest: Manifest) -> Manifest:
     """``manifest`` with a variant downloaded once, a file of which the store no longer holds (found
     corrupt and quarantined, or removed by another way than `rm`), shown as to be pulled again: its status
-    row still said downloaded."""
+    row still said downloaded. And one whose pull was killed after it published (its row still said
+    downloading) but whose every file the store holds at the commit, shown as downloaded: it said
+    "interrupted: pull again to resume" of a revision whole in the store (a crash trial)."""
     downloaded = [v for v in manifest.variants if v.status == "downloaded"]
-    if not downloaded:
+    interrupted = [v for v in manifest.variants if v.status == "failed" and v.error == INTERRUPTED]
+    if not downloaded and not interrupted:
         return manifest
     held = {row["path"] for row in store.index.read(
         "SELECT path FROM files f JOIN blobs b USING (sha256) WHERE f.repo_id = ? AND f.commit_id = ? "
@@ -332,6 +335,9 @@ def lost_since(store: Store, manifest: Manifest) -> Manifest:
             variant = dataclasses.replace(variant, status="available", bytes_done=0, resumable=False,
                                           error=f"{lost[0]}{more} no longer in the store (found corrupt, "
                                           "removed, or evicted by the disk budget): pull it again")  # fmt: skip
+        elif variant in interrupted and all(p in held for p in (*variant.files, *manifest.shared)):
+            variant = dataclasses.replace(variant, status="downloaded", bytes_done=variant.total_bytes,
+                                          resumable=False, error=None)  # fmt: skip
         variants.append(variant)
     return dataclasses.replace(manifest, variants=tuple(variants))
 

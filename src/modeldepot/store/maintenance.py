@@ -333,8 +333,19 @@ def _files_under(root: Path) -> list[Path]:
     return found
 
 
-def _tree_bytes(root: Path) -> int:
-    return sum(p.lstat().st_size for p in _files_under(root) if p.exists())
+def _tree_bytes(root: Path, only_names: bool = False) -> int:
+    """The sizes of the files under ``root``; ``only_names``: of those no other name holds (a download's
+    file published by a hard link into blobs/, its pull killed before it dropped its own name, is counted
+    as a blob already; a linked import's, as the user's file)."""
+    sizes = 0
+    for path in _files_under(root):
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            continue
+        if not only_names or info.st_nlink == 1:
+            sizes += info.st_size
+    return sizes
 
 
 def disk_usage(store: Store) -> DiskUsage:
@@ -369,7 +380,7 @@ def disk_usage(store: Store) -> DiskUsage:
         blobs=blob_row["n"],
         blob_bytes=blob_row["bytes"],
         logical_bytes=logical,
-        partial_bytes=_tree_bytes(store.layout.tmp) + _tree_bytes(store.layout.partials),
+        partial_bytes=_tree_bytes(store.layout.tmp, True) + _tree_bytes(store.layout.partials, True),
         quarantine_bytes=_tree_bytes(store.layout.quarantine),
         index_bytes=index_bytes,
         repos=tuple(repos),
