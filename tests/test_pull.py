@@ -148,6 +148,22 @@ def test_a_pull_killed_after_it_published_shows_its_variants_downloaded(local: D
     assert local.du().partial_bytes == 0
 
 
+def test_gc_removes_the_pull_marks_no_pull_holds(local: Depot) -> None:
+    """Every repo ever pulled left its pull mark (an empty lock file) in partials/ for good: rm, gc and
+    gc --partials left them all (a crash trial)."""
+    local.pull(REPO, "fp16")
+    marks = list(local.store.layout.partials.glob("pull-*.lock"))
+    assert len(marks) == 1
+    with local.store.partials.pulling(REPO):  # (a pull running: its mark stays, and says so)
+        local.gc()
+        assert local.store.partials.is_pulling(REPO) and marks[0].exists()
+    local.gc()
+    assert not marks[0].exists() and not local.store.partials.is_pulling(REPO)
+    local.remove(REPO)
+    local.pull(REPO, "fp16")  # (a new mark, made anew)
+    assert local.get_manifest(REPO).variant("fp16").status == "downloaded"
+
+
 def test_a_second_variant_reuses_the_shared_files_and_grows_the_revision(local: Depot) -> None:
     local.pull(REPO, ["q4f16"])
     second = local.pull(REPO, ["fp32"])

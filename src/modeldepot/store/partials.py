@@ -282,13 +282,19 @@ class PartialFiles:
 
     @contextlib.contextmanager
     def pulling(self, repo_id: str) -> Iterator[None]:
-        """Mark a pull of ``repo_id`` as running in this process (a shared flock: pulls may overlap)."""
-        try:
-            fd = os.open(self._pull_mark(repo_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as error:
-            raise os_error(error, "marking a pull as running") from error
-        try:
+        """Mark a pull of ``repo_id`` as running in this process (a shared flock: pulls may overlap). gc
+        removes a mark no pull holds (:meth:`collect`), so the mark locked must still be the one named."""
+        mark = self._pull_mark(repo_id)
+        while True:
+            try:
+                fd = os.open(mark, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as error:
+                raise os_error(error, "marking a pull as running") from error
             fcntl.flock(fd, fcntl.LOCK_SH)
+            if _still_linked(fd, mark):
+                break
+            os.close(fd)  # (gc removed it between our open and our lock: the next one is made anew)
+        try:
             yield
         finally:
             os.close(fd)
@@ -512,6 +518,15 @@ class PartialFiles:
                     kept += 1
             finally:
                 os.close(fd)
+        for mark in self.root.glob("pull-*.lock"):  # (one per repo ever pulled: an inode each, for good)
+            with contextlib.suppress(OSError):
+                fd = os.open(mark, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (held shared by every pull running)
+                    if _still_linked(fd, mark):
+                        self.layout.unlink(mark)
+                finally:
+                    os.close(fd)
         logless = [
             *self.root.glob("*.one"),
             *(p for p in self.root.glob("*.part") if not p.with_suffix(".log").exists()),
