@@ -296,6 +296,11 @@ def run_open_node(browser: WebDriver, node: OpenNode, depot: Depot) -> None:
     assert note.startswith("Read-only:") and "#token=" in note and "--token" in note, note
     assert visible_text(browser, "#token-state") == "token needed"
     assert visible_text(browser, "#token-panel") is None  # the reads work: nothing asked by itself
+    # The store's use counts private repos: withheld, and what is shown says it is the public repos' alone
+    # (it read as the disk used against the budget: 88% of a store 98% full)
+    used = wait_for(browser, "the disk card", lambda d: (visible_text(d, "#disk-used") or "").endswith("in public repos")
+                    and visible_text(d, "#disk-used"))  # fmt: skip
+    assert used != "–" and "needs the node's token" in (visible_text(browser, "#disk-detail") or "")
     click(browser, repo_button.format("pin"))
     shown = message(browser, "control token", "error")
     assert shown.startswith(f"Pin of {REPO} failed:") and "#token=" in shown, shown

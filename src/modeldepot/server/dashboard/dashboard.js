@@ -564,13 +564,17 @@
   function renderCards() {
     const stats = state.stats;
     const budget = stats ? stats.budget : null; // without the token only max_bytes (the rest counts private repos)
-    const used = budget && budget.used_bytes !== null ? budget.used_bytes : stats ? stats.blob_bytes : null;
+    // Without the token the store's use is withheld (it counts private repos): what the public repos take
+    // is shown as that, never as the disk used against the budget (it read 88% of a store 98% full)
+    const withheld = Boolean(budget) && budget.used_bytes === null;
+    const used = budget && !withheld ? budget.used_bytes : stats ? stats.blob_bytes : null;
     const max = budget ? budget.max_bytes : null;
-    setText($("disk-used"), bytes(used));
+    setText($("disk-used"), withheld ? `${bytes(used)} in public repos` : bytes(used));
     setText($("disk-budget"), !stats ? "–" : max === null || max === undefined ? "no budget" : bytes(max));
-    setBar($("disk-bar"), max ? used || 0 : 0, max || 1); // (no budget: nothing to fill)
-    $("disk-bar").classList.toggle("full", Boolean(max) && used / max > 0.9);
+    setBar($("disk-bar"), max && !withheld ? used || 0 : 0, max || 1); // (no budget, or withheld: nothing to fill)
+    $("disk-bar").classList.toggle("full", Boolean(max) && !withheld && used / max > 0.9);
     const disk = [];
+    if (withheld) disk.push("the store's whole use needs the node's token");
     if (budget && budget.pinned_bytes !== null) disk.push(`${bytes(budget.pinned_bytes)} pinned`);
     if (budget && budget.evictions !== null) disk.push(`${budget.evictions} evicted (${bytes(budget.evicted_bytes)})`);
     if (stats && stats.logical_bytes > stats.blob_bytes) {
