@@ -21,6 +21,10 @@ import asyncio
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,8 +41,18 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from conftest import SMALL_CHUNK, InProcessNode, LiveNode, Mounts, free_port, sample_files, write_model_dir
+from conftest import (
+    SMALL_CHUNK,
+    InProcessNode,
+    LiveNode,
+    Mounts,
+    free_port,
+    sample_files,
+    wait_for_port,
+    write_model_dir,
+)
 from controlnodes import FILES, Q4F16, REPO, TOKEN, HoldingProxy, OpenNode, pulling_depot, source_node
+from fleetnodes import base_env, modeldepot
 from modeldepot import Depot
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -444,6 +458,40 @@ def test_a_node_that_stops_answering_leaves_its_last_picture_marked_stale(
         finally:
             again.stop()
     assert script_errors(browser) == []
+
+
+def test_a_node_gone_silent_is_not_shown_live(browser: WebDriver, tmp_path: Path) -> None:
+    """A node frozen without closing its connections (SIGSTOP: a process stuck, a machine gone silent): the
+    banner said it was not answering, "since" the moment its reads timed out (10 s late), and the event
+    stream's pill said "live" for as long as it lasted (a trial). The stream heard nothing for longer than
+    its heartbeat's period: it is said silent, and the banner dates the silence from the read it began."""
+    home = tmp_path / "node"
+    modeldepot("import", str(write_model_dir(tmp_path / "files", FILES)), "--repo", REPO, "--home", str(home),
+               env=base_env())  # fmt: skip
+    port = free_port()
+    node = subprocess.Popen([sys.executable, "-m", "modeldepot", "serve", "--home", str(home), "--port", str(port),
+                             "--scrub-interval", "off"], env=base_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for_port(port, 60, process=node)
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait_for(browser, "the live event stream", lambda d: visible_text(d, "#stream-state") == "live")
+        frozen = time.time()
+        node.send_signal(signal.SIGSTOP)
+        lost = wait_for(
+            browser, "that the node is not answering", lambda d: visible_text(d, "#node-lost"), 40
+        )
+        since = re.search(r"since (\d\d):(\d\d):(\d\d)", lost)
+        assert since, lost
+        shown = time.localtime(frozen)
+        said = int(since[1]) * 3600 + int(since[2]) * 60 + int(since[3])
+        assert abs(said - (shown.tm_hour * 3600 + shown.tm_min * 60 + shown.tm_sec)) <= 7, (lost, frozen)
+        wait_for(browser, "the stream said silent",
+                 lambda d: (visible_text(d, "#stream-state") or "").startswith("silent"), 40)  # fmt: skip
+    finally:
+        node.send_signal(signal.SIGCONT)
+        node.terminate()
+        node.wait(60)
 
 
 LOST = re.compile(r"The node is not answering \(since \d\d:\d\d:\d\d\); what is shown is from then\.")

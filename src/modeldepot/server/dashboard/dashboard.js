@@ -13,6 +13,7 @@
   const TOKEN_KEY = "modeldepot-token";
   const POLL_MS = 2000;
   const RECONNECT_MS = 2000;
+  const STREAM_SILENCE_MS = 25000; // no byte of the event stream for this long (its heartbeat is every 15 s)
   const READ_TIMEOUT_MS = 10000; // a read still unanswered then: the node is not answering (a machine gone silent)
   const PULLS_SHOWN = 10;
   const HOW_TO_CONTROL =
@@ -158,12 +159,13 @@
     const init = { method, cache: "no-store", headers: headers(body === undefined ? {} : { "Content-Type": "application/json" }) };
     if (body !== undefined) init.body = JSON.stringify(body);
     if (method === "GET") init.signal = AbortSignal.timeout(READ_TIMEOUT_MS); // (an action may take its time)
+    const asked = new Date(); // (a read that timed out: the node was silent since then, not since the timeout)
     let response;
     try {
       response = await fetch(`${API}/${path}`, init);
     } catch (error) {
       const why = error.name === "TimeoutError" ? `within ${READ_TIMEOUT_MS / 1000} s` : `(${error.message})`;
-      return { ok: false, status: 0, data: null, error: `the node did not answer ${why}` };
+      return { ok: false, status: 0, data: null, error: `the node did not answer ${why}`, asked };
     }
     let data = null;
     if ((response.headers.get("Content-Type") || "").startsWith("application/json")) {
@@ -223,7 +225,7 @@
     take("pins", pins, []);
     const silent = [info, stats, repos, peers, pins, pulls].find((answer) => answer.status === 0);
     if (!silent) state.lost = null;
-    else state.lost = { since: state.lost ? state.lost.since : new Date(), error: silent.error };
+    else state.lost = { since: state.lost ? state.lost.since : silent.asked || new Date(), error: silent.error };
     const readsRefused = [info, stats, repos, peers, pins].some((answer) => answer.status === 401);
     const controlRefused = pulls.status === 401 || pulls.status === 403;
     if (pulls.ok) {
@@ -294,6 +296,17 @@
     const control = new AbortController();
     streamControl = control;
     streamState("connecting", "connecting…");
+    // The node sends a heartbeat every 15 s: a stream silent longer is a node gone silent (a frozen process,
+    // a machine gone), not a live one (the pill said "live" while the banner said the node was not answering)
+    let silence = null;
+    let stalled = false;
+    const listen = () => {
+      clearTimeout(silence);
+      silence = setTimeout(() => {
+        stalled = true;
+        control.abort();
+      }, STREAM_SILENCE_MS);
+    };
     try {
       const response = await fetch(`${API}/events`, {
         headers: headers({ Accept: "text/event-stream" }),
@@ -307,11 +320,13 @@
       }
       if (!response.ok || !response.body) throw new Error(`HTTP ${response.status}`);
       streamState("live", "live");
+      listen();
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
+        listen();
         buffer += value; // the node ends its lines with \n alone
         let cut;
         while ((cut = buffer.indexOf("\n\n")) >= 0) {
@@ -321,8 +336,9 @@
       }
       throw new Error("the stream ended");
     } catch (error) {
-      if (control.signal.aborted) return;
-      streamState("error", "reconnecting…");
+      clearTimeout(silence);
+      if (control.signal.aborted && !stalled) return;
+      streamState("error", stalled ? "silent: reconnecting…" : "reconnecting…");
       setTimeout(() => {
         if (streamControl === control) connect();
       }, RECONNECT_MS);
