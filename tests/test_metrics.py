@@ -87,7 +87,11 @@ class Scrape:
         return {dict(labels)[label] for sample, labels in self.samples if sample == name}
 
     def pulled(self) -> dict[str, float]:
-        return {source: self.value("modeldepot_pull_bytes_total", source=source) for source in SOURCE_KINDS}
+        """Bytes pulls fetched by kind of source, and ``local``: those they found in place."""
+        fetched = {
+            s: self.value("modeldepot_pull_bytes_total", source=s) for s in SOURCE_KINDS if s != "local"
+        }
+        return {**fetched, "local": self.value("modeldepot_pull_reused_bytes_total")}
 
 
 def scrape(node: LiveNode, headers: dict[str, str] | None = None) -> Scrape:
@@ -146,7 +150,8 @@ def test_every_family_is_there_with_its_type(node: LiveNode) -> None:
     expected = {
         "modeldepot_store_bytes": "gauge", "modeldepot_store_budget_bytes": "gauge", "modeldepot_repos": "gauge",
         "modeldepot_http_requests": "counter", "modeldepot_http_sent_bytes": "counter",
-        "modeldepot_pull_bytes": "counter", "modeldepot_chunks_rejected": "counter",
+        "modeldepot_pull_bytes": "counter", "modeldepot_pull_reused_bytes": "counter",
+        "modeldepot_chunks_rejected": "counter",
         "modeldepot_evictions": "counter", "modeldepot_preload_resident_bytes": "gauge",
         "modeldepot_engine_cache_hits": "counter", "modeldepot_peers": "gauge",
         "process_resident_memory_bytes": "gauge",
@@ -155,7 +160,7 @@ def test_every_family_is_there_with_its_type(node: LiveNode) -> None:
     assert s.value("modeldepot_repos") == 1
     assert s.value("modeldepot_store_budget_bytes") == 0  # no budget
     assert s.value("modeldepot_peers") == 0  # no cluster
-    assert s.labels_of("modeldepot_pull_bytes_total", "source") == set(SOURCE_KINDS)
+    assert s.labels_of("modeldepot_pull_bytes_total", "source") == set(SOURCE_KINDS) - {"local"}
     openmetrics = get(node, "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"})
     assert openmetrics.status == 200 and openmetrics.content_type.startswith("application/openmetrics-text")
     assert openmetrics.body.endswith(b"# EOF\n")

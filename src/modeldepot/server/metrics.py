@@ -14,8 +14,8 @@ and :class:`NodeCollector`, which builds every modeldepot figure when it is scra
   the connection, streams included: whatever goes through the response's writer, and the pieces a
   :class:`BlobResponse` sends by sendfile (around the writer), each counted as it goes;
 - **counted by the library in this process** (:data:`modeldepot.counters.PULLS`):
-  ``modeldepot_pull_bytes_total{source}`` (``local``, ``node``, ``peer``, ``hub``: as a pull's
-  ``bytes_by_source``), ``modeldepot_chunks_rejected_total`` (chunks that failed their BLAKE3 check on
+  ``modeldepot_pull_bytes_total{source}`` (``node``, ``peer``, ``hub``: as a pull's ``bytes_by_source``,
+  what was fetched), ``modeldepot_pull_reused_bytes_total`` (a pull's ``local`` bytes: found in place), ``modeldepot_chunks_rejected_total`` (chunks that failed their BLAKE3 check on
   receipt), ``modeldepot_files_rejected_total`` (downloaded files that failed their SHA-256 or git oid);
 - **read from the store** (its index, on a worker thread): ``modeldepot_repos``, ``modeldepot_store_blobs``,
   ``modeldepot_store_bytes`` (blob bytes, each content once), and from ``Depot.budget_status()``
@@ -152,15 +152,24 @@ class NodeCollector(Collector):
         for family, name, doc, value in figures:
             yield family(name, doc, value=value)
 
+        # Bytes over the wire apart from bytes found in place: counted together, a pull asked again of what
+        # the store holds (any token holder's) moved the "traffic" by the repo's size, and sum(rate()) was no
+        # measure of it
         by_source = CounterMetricFamily(
             "modeldepot_pull_bytes",
-            "Bytes the pulls of this process took, by kind of source (local: already in the store or "
-            "resumed; node: configured servers; peer: fleet nodes; hub).",
+            "Bytes the pulls of this process fetched, by kind of source (node: configured servers; peer: "
+            "fleet nodes; hub).",
             labels=["source"],
         )
-        for source in sorted({*SOURCE_KINDS, *pulls.bytes_by_source}):
+        for source in sorted({*SOURCE_KINDS, *pulls.bytes_by_source} - {"local"}):
             by_source.add_metric([source], pulls.bytes_by_source.get(source, 0))
         yield by_source
+        yield CounterMetricFamily(
+            "modeldepot_pull_reused_bytes",
+            "Bytes the pulls of this process found in place rather than fetched: already in the store, the "
+            "same content under another path, or kept by an interrupted download.",
+            value=pulls.bytes_by_source.get("local", 0),
+        )
 
         answers = CounterMetricFamily(
             "modeldepot_http_requests",
