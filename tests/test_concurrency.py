@@ -269,6 +269,29 @@ def test_a_fork_while_another_thread_writes_the_index_leaves_the_child_able_to_w
     assert depot.get_file("org/child", "config.json") == model_files(seed=12)["config.json"]
 
 
+def test_two_forks_at_once_keep_transactions_out_until_both_are_done() -> None:
+    """The gate was one flag: the first of two forks at once to end opened it while the second went on, and
+    a transaction could start inside that one (its child sure the lock was held: a review). The hooks are
+    called as os.fork calls them."""
+    from modeldepot.store.forking import ForkGate
+
+    gate, entered = ForkGate(), threading.Event()
+    gate.before_fork()  # one thread forks
+    gate.before_fork()  # and another, at once
+    gate.after_fork_in_parent()  # the first is done
+
+    def transaction() -> None:
+        with gate:
+            entered.set()
+
+    inside = threading.Thread(target=transaction)
+    inside.start()
+    assert not entered.wait(0.5), "a transaction started inside the second fork"
+    gate.after_fork_in_parent()
+    assert entered.wait(5)
+    inside.join(5)
+
+
 def unflushed(depot: Depot) -> list[str]:
     return [
         r["sha256"]

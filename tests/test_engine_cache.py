@@ -19,6 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from modeldepot.engines import LoadedModelCache
 from modeldepot.engines import cache as cache_module
+from modeldepot.errors import CorruptBlobError, RepoNotFoundError, RevisionNotFoundError
 
 
 class Clock:
@@ -181,6 +182,44 @@ def test_a_failed_load_reaches_every_waiter_and_is_not_cached(flight_waiters: Fl
     stats = cache.stats()
     assert "k" not in cache and stats.load_failures == 1 and (stats.total_hits, stats.total_misses) == (0, 10)
     assert cache.get_or_load("k", lambda: "fine") == "fine"  # the next call loads again
+
+
+@pytest.mark.parametrize("error", [
+    RepoNotFoundError("org/missing"),
+    CorruptBlobError("ab" * 32, "chunk 3 does not match its BLAKE3"),
+    RevisionNotFoundError("org/m", "dev"),
+    OSError(5, "Input/output error"),
+], ids=lambda e: type(e).__name__)  # fmt: skip
+def test_each_waiter_gets_the_failed_loads_own_error(flight_waiters: FlightWaiters, error: Exception) -> None:
+    """Copied through its constructor, a RepoNotFoundError's message came out as its repo id for every
+    waiter ('repo "repo \'org/x\' is not in the store …" is not in the store'), and errors whose constructor
+    takes other arguments than their args were not copied at all (a review)."""
+    cache: LoadedModelCache[str] = LoadedModelCache()
+    release = threading.Event()
+
+    def failing() -> str:
+        release.wait(30)
+        raise error
+
+    caught: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            cache.get_or_load("k", failing)
+        except BaseException as raised:  # (the type is checked below)
+            caught.append(raised)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        flight_waiters.wait_for(3)
+    finally:
+        release.set()
+    for thread in threads:
+        thread.join()
+    assert [type(e) for e in caught] == [type(error)] * 4 and {str(e) for e in caught} == {str(error)}
+    assert len({id(e) for e in caught}) == 4 and vars(caught[0]) == vars(caught[-1])
 
 
 def test_the_least_recently_used_goes_when_slots_run_out() -> None:

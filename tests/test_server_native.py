@@ -27,6 +27,7 @@ from schemathesis.checks import (
 import modeldepot
 from conftest import SMALL_CHUNK, LiveNode, flip_byte, sample_files, write_model_dir
 from modeldepot import Depot
+from modeldepot.errors import StoreError
 from modeldepot.server import create_app
 from modeldepot.server.openapi import openapi_document
 
@@ -330,9 +331,16 @@ def test_open_dashboards_share_one_look_and_hear_when_a_repo_goes(
         depot.import_dir(
             write_model_dir(tmp_path / name, {"config.json": b"{}", "model.onnx": name.encode()}), name
         )
-    looks = []
-    real = depot.list_manifests
-    monkeypatch.setattr(depot, "list_manifests", lambda: looks.append(time.monotonic()) or real())
+    looks: list[float] = []
+    real, failing = depot.list_manifests, threading.Event()
+
+    def look() -> Any:
+        looks.append(time.monotonic())
+        if failing.is_set():  # (a busy index: the streams go on with the last look)
+            raise StoreError("reading the index: database is locked")
+        return real()
+
+    monkeypatch.setattr(depot, "list_manifests", look)
     node = LiveNode(depot)
     events: list[list[tuple[str, dict[str, Any]]]] = [[] for _ in range(4)]
     done = threading.Event()
@@ -361,6 +369,9 @@ def test_open_dashboards_share_one_look_and_hear_when_a_repo_goes(
         assert len(looks) - start <= 7, (
             f"{len(looks) - start} looks in 2 s for 4 streams: one shared look each 0.5 s"
         )
+        failing.set()
+        time.sleep(1.5)
+        failing.clear()
         depot.remove("acme/one")
         while (
             not all(any(n == "gone" for n, _ in heard) for heard in events)

@@ -238,6 +238,27 @@ def test_a_shared_stores_model_is_preloaded_from_where_it_is(
         assert {r["repo_id"] for r in user.store.index.read("SELECT repo_id FROM access")} <= {"acme/q"}
 
 
+def test_a_shared_stores_engines_and_preloads_stay_until_it_removes_them(tmp_path: Path, admin: Path) -> None:
+    """The look for what another process removed asked the own store alone: an engine or a preload of a
+    shared store's model was let go of as removed every 2 s (by a node's timer, and by load() itself), and
+    built again at the next load (a review)."""
+    builds: list[str] = []
+
+    def engine(path: str) -> object:
+        builds.append(path)
+        return object()
+
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        first = user.load("acme/common", engine=engine)
+        user.preloader.preload("acme/common")
+        assert user.let_go_of_removed() == 0
+        assert user.load("acme/common", engine=engine) is first and len(builds) == 1
+        assert user.preloader.holds("acme/common")
+        with Depot(admin) as owner:  # (its admin removes it)
+            owner.remove("acme/common")
+        assert user.let_go_of_removed() == 2 and not user.preloader.holds("acme/common")
+
+
 def test_a_quant_found_corrupt_keeps_no_other_from_the_ram_tier(tmp_path: Path, admin: Path) -> None:
     """With shared stores, the RAM tier asked every file of a commit where it is before choosing the variant:
     one quant's blob found corrupt made `holds`, `preload` and `get` of every other quant raise."""

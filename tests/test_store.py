@@ -32,6 +32,7 @@ from modeldepot import (
 )
 from modeldepot.errors import StoreError
 from modeldepot.gitobjects import git_blob_oid
+from modeldepot.store import FileEntry
 from modeldepot.store.blobs import WriteSession
 from modeldepot.store.maintenance import totals as store_totals
 from modeldepot.store.snapshots import Snapshots
@@ -269,6 +270,28 @@ def test_a_snapshot_with_a_link_its_revision_lost_is_rebuilt(
     monkeypatch.undo()
     assert depot.verify().snapshots_repaired == 1
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "m-Q4_K_M.gguf"]
+
+
+def test_a_snapshot_rebuilt_from_a_stale_look_is_built_again_of_the_files_now(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot counts as whole only with no link its revision lacks: a reader that looked at the files
+    just before a pull added one to the commit found the pull's snapshot "damaged" and replaced it with one
+    of the files before (a review). It looks again after its build, and builds again."""
+    files = {"config.json": b"{}", "m-Q4_K_M.gguf": b"4" * 5000, "m-Q8_0.gguf": b"8" * 9000}
+    commit = depot.import_dir(write_model_dir(tmp_path / "m", files), "acme/gguf").commit_id
+    folder = depot.store.snapshots.path("acme/gguf", commit)
+    (folder / "config.json").unlink()  # (so that the reader rebuilds)
+    real, looks = depot.store.files, []
+
+    def stale_first(repo_id: str, commit_id: str) -> list[FileEntry]:
+        looks.append(1)
+        found = real(repo_id, commit_id)
+        return [f for f in found if f.path != "m-Q8_0.gguf"] if len(looks) == 1 else found
+
+    monkeypatch.setattr(depot.store, "files", stale_first)
+    assert depot.store.ensure_snapshot("acme/gguf", commit)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files)
 
 
 def test_etags_follow_the_hub_rules(depot: Depot, tmp_path: Path) -> None:

@@ -277,7 +277,7 @@ class Depot:
         self._uses = UseCounter(self.store)
         self._download_limit: RateLimit | None = None  # (download_limit: one for all this depot's pulls)
         # What this process holds in memory of the store: kept from eviction, let go of once removed.
-        self._held = HeldModels(self.store, lambda: self._preloader, lambda: self._engines)
+        self._held = HeldModels(self.store, lambda: self._preloader, lambda: self._engines, self.tiers.shared)
         self.store.budget.add_in_use(self._held.in_use)
         self.store.budget.evict_by_variant(
             variants_own_files,

@@ -62,8 +62,11 @@ class HeldModels:
     ``preloader()`` and ``engines()``, which return None until they exist)."""
 
     def __init__(self, store: Store, preloader: Callable[[], Preloader | None],
-                 engines: Callable[[], LoadedModelCache[Any] | None]) -> None:  # fmt: skip
+                 engines: Callable[[], LoadedModelCache[Any] | None], shared: Sequence[Store] = ()) -> None:  # fmt: skip
         self.store = store
+        self.shared = tuple(
+            shared
+        )  # stores read through under this one (MODELDEPOT_SHARED): models come from them too
         self._preloader = preloader
         self._engines = engines
         self._next_look = time.monotonic() + LOOK_EVERY
@@ -105,13 +108,15 @@ class HeldModels:
     def let_go_of_removed(self) -> int:
         """Let go of what is no longer whole in the store (removed, a blob of it quarantined, or files taken
         out of it by another process: a `modeldepot rm` beside a node). Returns how many preloads and engines went."""
-        read = self.store.index.read
         dropped = 0
         used = self.paths_in_use()
         for repo_id, commit_id in set(self.in_use()):
             if commit_id is None:
                 continue
-            if not read("SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)):
+            # (the store that holds the revision: a shared store's engine was let go of, every 2 s, as removed)
+            read = next((store.index.read for store in (self.store, *self.shared) if store.index.read(
+                "SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id))), None)  # fmt: skip
+            if read is None:
                 dropped += self.let_go_of(repo_id, [commit_id])
                 continue
             # Files taken out of a revision that stays (`rm --quant` beside the node), or whose blob is

@@ -17,7 +17,6 @@ Design notes (where the seed was thin or wrong):
 from __future__ import annotations
 
 import asyncio
-import copy
 import inspect
 import logging
 import os
@@ -68,12 +67,16 @@ def default_on_evict(key: Hashable, model: Any) -> None:
 def _own_copy(error: BaseException) -> BaseException:
     """The failed load's error for one more of its waiters (raised from it): a copy of the same type, with a
     traceback of its own (one object raised in every waiting thread piled up all their frames), or the
-    error itself when it cannot be copied."""
+    error itself when it cannot be copied. Made without its constructor, which several errors give other
+    arguments than their ``args`` (a RepoNotFoundError's message came out as its repo id)."""
+    cls = type(error)
     try:
-        copied = copy.copy(error)
+        copied = cls.__new__(cls, *error.args)
+        copied.args = error.args
+        copied.__dict__.update(error.__dict__)
     except Exception:
         return error
-    return copied.with_traceback(None) if type(copied) is type(error) else error
+    return copied
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import base64
 import contextlib
 import dataclasses
 import json
+import logging
 import re
 import time
 from collections.abc import Iterable
@@ -24,7 +25,13 @@ from aiohttp.web_request import BaseRequest
 
 from modeldepot._version import __version__
 from modeldepot.depot import Depot
-from modeldepot.errors import ChunkNotAvailableError, InvalidInputError, NotFoundError, RepoNotFoundError
+from modeldepot.errors import (
+    ChunkNotAvailableError,
+    DepotError,
+    InvalidInputError,
+    NotFoundError,
+    RepoNotFoundError,
+)
 from modeldepot.hashing import chunk_count
 from modeldepot.hub.manifest import Manifest
 from modeldepot.preload.preloader import PreloadInfo
@@ -40,6 +47,8 @@ from modeldepot.store.verified import PartialChunkReader
 from modeldepot.validation import validate_revision
 
 __all__ = ["API", "HEALTH_PATH", "add_native_routes"]
+
+log = logging.getLogger(__name__)
 
 API = "/api/depot/v1"
 HEALTH_PATH = f"{API}/health"
@@ -166,6 +175,7 @@ class SharedLooks:
         self._manifests: list[Manifest] = []
         self._at = -EVENTS_POLL
         self._look: asyncio.Task[list[Manifest]] | None = None
+        self._failing = False
 
     async def manifests(self, depot: Depot) -> list[Manifest]:
         """The manifests as of at most about EVENTS_POLL ago."""
@@ -178,10 +188,17 @@ class SharedLooks:
     async def _looking(self, depot: Depot) -> list[Manifest]:
         try:
             self._manifests = await asyncio.to_thread(depot.list_manifests)
-            self._at = time.monotonic()
-            return self._manifests
+            self._failing = False
+        except DepotError as error:  # (a busy or full disk: the streams go on with the last look, said once)
+            if not self._failing:
+                log.warning(
+                    "the event streams could not read the statuses (they show the last read): %s", error
+                )
+            self._failing = True
         finally:
+            self._at = time.monotonic()
             self._look = None
+        return self._manifests
 
 
 LOOKS = web.AppKey("looks", SharedLooks)

@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import secrets
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -193,8 +194,13 @@ def _give_back_mode(partial: Path, source: Path, mode: int, inode: tuple[int, in
         try:
             theirs = os.fstat(fd)
             names = theirs.st_nlink - (ours is not None and (ours.st_dev, ours.st_ino) == tuple(inode))
-            if (theirs.st_dev, theirs.st_ino) == tuple(inode) and names == 1:
-                os.fchmod(fd, mode)
+            # (and still as the import left it: a mode kept names a file of the user's, never one to widen)
+            if (
+                (theirs.st_dev, theirs.st_ino) == tuple(inode)
+                and names == 1
+                and stat.S_IMODE(theirs.st_mode) == 0o444
+            ):
+                os.fchmod(fd, mode & 0o7777)
         finally:
             os.close(fd)
 

@@ -7,7 +7,8 @@ starts over in the child (``after_fork``). And SQLite keeps each process's file 
 fork while another thread was inside a transaction left the child believing the lock held, and every write
 of the child failed with "database is locked" after its busy timeout (a trial: a worker forked while the
 parent's use counts were being written). So a fork waits until no thread of the process is inside an
-index transaction (:data:`INDEX_GATE`), and no transaction starts until it is done.
+index transaction (:data:`INDEX_GATE`), and no transaction starts until it is done. (So a thread must not
+wait, inside one, for a lock a forking thread may hold: the fork would wait for ever.)
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class ForkGate:
     def _reset(self) -> None:
         self._changed = threading.Condition(threading.Lock())
         self._inside = 0
-        self._forking = False
+        self._forking = 0  # forks under way (two threads may fork at once: the first done must not open it)
         self._mine = threading.local()  # this thread's depth (a write's body reads too)
 
     def __enter__(self) -> None:
@@ -67,14 +68,15 @@ class ForkGate:
     def before_fork(self) -> None:
         mine = 1 if getattr(self._mine, "depth", 0) else 0
         with self._changed:
-            self._forking = True
+            self._forking += 1
             while self._inside > mine:
                 self._changed.wait()
 
     def after_fork_in_parent(self) -> None:
         with self._changed:
-            self._forking = False
-            self._changed.notify_all()
+            self._forking -= 1
+            if not self._forking:
+                self._changed.notify_all()
 
     def after_fork_in_child(self) -> None:
         depth = getattr(self._mine, "depth", 0)  # (the forking thread's: the only one the child has)

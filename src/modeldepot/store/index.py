@@ -318,7 +318,8 @@ class ChangeCounter:
         if self._con is None:
             raise ValueError("the change counter is closed")
         try:
-            return int(self._con.execute("PRAGMA data_version").fetchone()[0])
+            with INDEX_GATE:
+                return int(self._con.execute("PRAGMA data_version").fetchone()[0])
         except sqlite3.Error as error:
             raise translate_sqlite_error(
                 error, "reading the index's change counter", self.path.parent
@@ -454,10 +455,14 @@ class Index:
                 # stay open until the process ends without one more word (the CLI ends at once), and a store
                 # left with a log to merge cannot be read from a read-only mount. (Not after reads alone: a
                 # command that only read leaves the index's files as they were.)
-                with suppress(sqlite3.Error):  # (not waiting on another process: it merges it when it ends)
+                with (
+                    suppress(sqlite3.Error),
+                    INDEX_GATE,
+                ):  # (not waiting on another process: it merges it then)
                     con.execute("PRAGMA busy_timeout = 100")
                     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            con.close()
+            with INDEX_GATE:
+                con.close()
         self._local.con = None
         if self.reserve.released:  # closing the last connection removed the -wal and -shm files
             self.reserve.refill()
@@ -525,6 +530,10 @@ class Index:
         return str(rows[0]["value"]) if rows else None
 
     def _migrate(self) -> None:
+        with INDEX_GATE:
+            self._migrate_now()
+
+    def _migrate_now(self) -> None:
         con = self.connection()
         try:
             if con.execute("PRAGMA journal_mode").fetchone()[0] != "wal":

@@ -582,8 +582,15 @@ class Store:
         pairs = [(f.path, f.sha256) for f in self.files(repo_id, commit_id)]
         if self.snapshots.is_complete(repo_id, commit_id, pairs):
             return False
-        with self.lock.shared():  # gc (exclusive) never sees a snapshot half-built
-            self.snapshots.build(repo_id, commit_id, pairs)
+        for _ in range(5):
+            with self.lock.shared():  # gc (exclusive) never sees a snapshot half-built
+                self.snapshots.build(repo_id, commit_id, pairs)
+            # A pull that added files to the commit between our look and our build has built its snapshot,
+            # which ours (of the files before it) just replaced: built again, of the files now
+            now = [(f.path, f.sha256) for f in self.files(repo_id, commit_id)]
+            if now == pairs:
+                break
+            pairs = now
         return True
 
     @contextlib.contextmanager

@@ -307,6 +307,7 @@
         control.abort();
       }, STREAM_SILENCE_MS);
     };
+    listen(); // (from the request on: a node frozen before it answers leaves the pill "connecting…" too)
     try {
       const response = await fetch(`${API}/events`, {
         headers: headers({ Accept: "text/event-stream" }),
@@ -314,6 +315,7 @@
         signal: control.signal,
       });
       if (response.status === 401) {
+        clearTimeout(silence);
         unauthorized();
         streamState("refused", "live updates need the token");
         return; // setToken() connects again
