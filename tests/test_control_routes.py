@@ -555,6 +555,28 @@ def test_a_repo_whose_pull_is_still_scanning_is_not_removed_and_a_case_asks_for_
     )
 
 
+def test_the_same_commit_asked_by_branch_and_by_commit_id_is_one_pull(
+    guarded: LiveNode, local: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull asked by branch, then by the commit the branch names, started a second job (a trial)."""
+    held = HeldPulls(local, monkeypatch)
+    by_branch = call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH)
+    assert by_branch.status == 202, by_branch.body
+    commit = by_branch.json()["commit_id"]
+    by_commit = call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "revision": commit, "quants": ["fp16"]},
+                     AUTH)  # fmt: skip
+    assert (by_commit.status, by_commit.json()["id"]) == (200, by_branch.json()["id"]), by_commit.body
+    other = call(
+        guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "revision": commit, "quants": ["q4f16"]}, AUTH
+    )
+    assert other.status == 202 and other.json()["id"] != by_branch.json()["id"], (
+        "another variant: its own job"
+    )
+    held.release()
+    for job in (by_branch, other):
+        finished(guarded, job.json()["id"], AUTH)
+
+
 # -- who may call ---------------------------------------------------------------------------------------------
 
 

@@ -328,7 +328,14 @@ class PullJobs:
         self._starting[key] = future
         try:
             manifest = await asyncio.to_thread(depot.manifest_for, repo_id, revision)
-            job = self._launch(depot, key, manifest, revision, _variants(manifest, quants))
+            wanted = _variants(manifest, quants)
+            # (the same commit asked by branch and by commit id: one job, as for the same words twice)
+            same = next((job for (repo, _, asked), job in self._running.items() if repo == key[0]
+                         and job.commit_id == manifest.commit_id and asked == _key(repo, "", wanted)[2]), None)  # fmt: skip
+            if same is not None:
+                future.set_result(same)
+                return same, False
+            job = self._launch(depot, key, manifest, revision, wanted)
         except BaseException as error:
             # Requests waiting for this scan get its error; when this request was cancelled (its deadline),
             # a timeout of their own (the error middleware answers 408), never a cancellation.
