@@ -26,7 +26,7 @@ from conftest import (
 )
 from modeldepot import Depot, IntegrityError, NotFoundError
 from modeldepot.cli import cli
-from modeldepot.errors import OfflineError
+from modeldepot.errors import ConfigError, OfflineError
 from modeldepot.store.partials import partial_key
 from modeldepot.transfer.progress import PullUpdate
 
@@ -162,6 +162,24 @@ def test_gc_removes_the_pull_marks_no_pull_holds(local: Depot) -> None:
     local.remove(REPO)
     local.pull(REPO, "fp16")  # (a new mark, made anew)
     assert local.get_manifest(REPO).variant("fp16").status == "downloaded"
+
+
+def test_a_pull_of_more_files_than_the_process_may_open_says_so_before_a_byte_moves(
+    local: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull holds each file it fetches open until it publishes: a repo of 100,000 files failed after 40 s
+    with "Too many open files", 40,000 partial files left (a scale trial)."""
+    from modeldepot.transfer import pull as pulling
+
+    monkeypatch.setattr(pulling, "open_file_limit", lambda: 260)
+    monkeypatch.setattr(pulling, "raise_open_file_limit", lambda: 260)  # (a hard limit it cannot pass)
+    with pytest.raises(
+        ConfigError, match=r"each of the 6 files it fetches open .* may hold 260 files .*ulimit -n"
+    ):
+        local.pull(REPO, "all")
+    assert not any(local.store.layout.partials.glob("*.part*")) and local.list_repos() == []
+    local.pull(REPO, "fp16")  # (fewer files: room enough)
+    assert local.has_file(REPO, "onnx/model_fp16.onnx")
 
 
 def test_a_second_variant_reuses_the_shared_files_and_grows_the_revision(local: Depot) -> None:

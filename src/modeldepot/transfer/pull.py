@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from modeldepot.counters import PULLS
-from modeldepot.errors import DepotError, IntegrityError, OfflineError, UpstreamError
+from modeldepot.errors import ConfigError, DepotError, IntegrityError, OfflineError, UpstreamError
 from modeldepot.hashing import BlobDigest
 from modeldepot.hub.manifest import INTERRUPTED, Manifest, RemoteFile
+from modeldepot.openfiles import open_file_limit, raise_open_file_limit
 from modeldepot.store.blobs import PartialBlob
 from modeldepot.store.budget import BudgetWriter
 from modeldepot.store.partials import ResumablePartial, partial_key
@@ -143,6 +144,26 @@ async def pull_async(
                                    watch, writer, held)  # fmt: skip
 
 
+# Descriptors a pull needs besides one per file it fetches: sockets, the index, its status writes, a node's
+# connections around it
+OTHER_DESCRIPTORS = 256
+
+
+def _check_open_file_limit(repo_id: str, fetching: int) -> None:
+    """A pull holds each file it fetches open (its lock) until it publishes them together: a repo of more
+    files than the process may open failed after minutes ("Too many open files"), 40,000 partial files
+    left. Said before a byte moves now (the soft limit raised first, where the hard one allows)."""
+    needed = fetching + OTHER_DESCRIPTORS
+    if needed <= open_file_limit() or needed <= raise_open_file_limit():
+        return
+    raise ConfigError(
+        f"{repo_id}: a pull holds each of the {fetching} files it fetches open until it publishes them together, "
+        f"and this process may hold {open_file_limit()} files (its open-file limit, `ulimit -n`): raise it to "
+        f"{needed} or more (the hard limit too, or LimitNOFILE= for a service), or pull a variant at a time (--quant)",
+        repo_id=repo_id,
+    )
+
+
 def _variants_completed(
     store: Store, manifest: Manifest, pulling: set[str]
 ) -> tuple[list[str], dict[str, int]]:
@@ -177,6 +198,7 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
     if missing and offline:
         raise OfflineError(f"offline mode: {len(missing)} files of {manifest.repo_id} are not in the store",
                            repo_id=manifest.repo_id)  # fmt: skip
+    _check_open_file_limit(manifest.repo_id, len(missing))
     tracker = PullTracker(store, manifest, names, files, progress, held)
     for path, digest in have.items():
         tracker.done[path] = digest.size
