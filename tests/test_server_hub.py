@@ -140,6 +140,27 @@ def test_tree_pages_are_followed(depot: Depot, live_node: LiveNode, tmp_path: Pa
     assert [item.path for item in expanded] == sorted(files)
 
 
+def test_a_tree_paged_through_is_read_once_while_the_index_stays(
+    depot: Depot, live_node: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every page of a tree read all of the commit's rows and built its whole tree: a listing quadratic in
+    the files (a repo of 100,000 files: 0.8 s a page, 100 pages; a scale trial). Read once now, again only
+    when the index changed."""
+    files = {f"shard/{i:05d}.json": str(i).encode() for i in range(1203)}
+    depot.import_dir(write_model_dir(tmp_path / "many", files), "acme/many")
+    reads: list[str] = []
+    real = depot.commit_files
+    monkeypatch.setattr(depot, "commit_files", lambda *args: reads.append(args[0]) or real(*args))
+    api = HfApi(endpoint=live_node.url)
+    expanded = list(api.list_repo_tree("acme/many", path_in_repo="shard", expand=True))  # 25 pages
+    assert [item.path for item in expanded] == sorted(files) and api.list_repo_files("acme/many") == sorted(
+        files
+    )
+    assert reads == ["acme/many"]
+    depot.import_dir(write_model_dir(tmp_path / "more", {"more.json": b"{}"}), "acme/many")  # (main moves on)
+    assert api.list_repo_files("acme/many") == ["more.json"] and len(reads) == 2
+
+
 def test_names_with_percent_signs_are_decoded_once(node: LiveNode, depot: Depot, tmp_path: Path) -> None:
     """A folder "x%20y" beside "x y" listed the other's files, "p%41" was a 404 for "pA", and a revision
     quoted twice resolved: the node decoded what aiohttp had decoded already."""

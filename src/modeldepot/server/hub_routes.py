@@ -30,6 +30,7 @@ from modeldepot.errors import (
     UpstreamError,
 )
 from modeldepot.gitobjects import TreeEntry, lfs_pointer, tree_oids
+from modeldepot.server.commit_cache import COMMITS, CommitCache
 from modeldepot.server.context import DEPOT, is_authorized, path_matches, path_repo, request_url
 from modeldepot.server.listing import (
     CommitQuery,
@@ -158,7 +159,11 @@ async def _stored_view(request: web.Request, repo_id: str, revision: str) -> Rev
     depot: Depot = request.app[DEPOT]
     summary = await _visible_repo(request, repo_id)
     commit_id = await asyncio.to_thread(depot.resolve, repo_id, revision)
-    files = await asyncio.to_thread(depot.commit_files, repo_id, commit_id)  # (the whole tree, held or not)
+    files = await asyncio.to_thread(  # (the whole tree, held or not; kept while the index does not change)
+        request.app[COMMITS].files,
+        (summary.repo_id, commit_id),
+        lambda: depot.commit_files(repo_id, commit_id),
+    )
     committed_at = await asyncio.to_thread(depot.store.revision_time, repo_id, commit_id)
     return stored_view(summary, commit_id, files, committed_at)
 
@@ -249,7 +254,11 @@ class _Tree:
 async def _tree_of(request: web.Request, repo_id: str, revision: str) -> tuple[_Tree, float]:
     """The revision's tree and when its commit was made here (an import or a pull; an upstream's scan)."""
     view = await _revision_view(request, repo_id, revision)
-    return _Tree.of(view.commit_id, list(view.files)), view.committed_at
+    # (built once per listing the commit cache keeps: a mirror's upstream views are built each time)
+    tree = request.app[COMMITS].built(
+        (view.repo_id, view.commit_id), view.files, lambda: _Tree.of(view.commit_id, list(view.files))
+    )
+    return tree, view.committed_at
 
 
 async def list_tree(request: web.Request) -> web.Response:
@@ -502,6 +511,12 @@ async def agent_harnesses(request: web.Request) -> web.Response:
 
 
 def add_hub_routes(app: web.Application) -> None:
+    app[COMMITS] = CommitCache(app[DEPOT].store)
+
+    async def close_commits(app: web.Application) -> None:
+        app[COMMITS].close()
+
+    app.on_cleanup.append(close_commits)
     repo = "/api/models/{org}/{name}"
     app.router.add_get(repo, model_info)
     app.router.add_get(repo + "/revision/{rev}", model_info)

@@ -1,0 +1,70 @@
+"""A commit's listing and tree, kept while the index has not changed.
+
+A client paging the tree of a repo of 100,000 files (``list_repo_files``, ``snapshot_download``: 1,000
+entries a page) had the node read every row of the commit and build its whole tree at every page: 0.4 s a
+page for 50,000 files, a listing quadratic in the files (a scale trial). Any commit to the index, by any
+connection of any process, moves its ``data_version`` (:class:`~modeldepot.store.index.ChangeCounter`):
+until then what was read stands.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from aiohttp import web
+
+from modeldepot.store import FileEntry, Store
+
+__all__ = ["COMMITS", "CommitCache"]
+
+KEPT = 8  # commits kept: a few clients paging a few big repos at once
+T = TypeVar("T")
+
+
+class CommitCache(Generic[T]):
+    """(repo, commit) -> its files, and what is built of them (the tree), as of an index version."""
+
+    def __init__(self, store: Store) -> None:
+        self._counter = store.index.change_counter()
+        self._lock = threading.Lock()  # (the counter's connection: one thread at a time)
+        self._kept: OrderedDict[tuple[str, str], tuple[int, tuple[FileEntry, ...], T | None]] = OrderedDict()
+
+    def files(self, key: tuple[str, str], read: Callable[[], list[FileEntry]]) -> tuple[FileEntry, ...]:
+        """The commit's files, read again only when the index changed since (call from a worker thread)."""
+        with self._lock:
+            version = self._counter.value()
+            kept = self._kept.get(key)
+            if kept is not None and kept[0] == version:
+                self._kept.move_to_end(key)
+                return kept[1]
+        files = tuple(read())
+        with self._lock:
+            self._kept[key] = (version, files, None)
+            self._kept.move_to_end(key)
+            while len(self._kept) > KEPT:
+                self._kept.popitem(last=False)
+        return files
+
+    def built(self, key: tuple[str, str], files: tuple[FileEntry, ...], build: Callable[[], T]) -> T:
+        """What ``build`` makes of ``files``, made once for as long as they are the ones kept for ``key``."""
+        with self._lock:
+            kept = self._kept.get(key)
+            if kept is not None and kept[1] is files and kept[2] is not None:
+                return kept[2]
+        made = build()
+        with self._lock:
+            kept = self._kept.get(key)
+            if kept is not None and kept[1] is files:
+                self._kept[key] = (kept[0], files, made)
+        return made
+
+    def close(self) -> None:
+        with self._lock:
+            self._counter.close()
+            self._kept.clear()
+
+
+COMMITS = web.AppKey("commits", CommitCache)
