@@ -1,4 +1,4 @@
-"""A commit's listing and tree, kept while the index has not changed.
+"""A commit's listing and tree, and a repo's summary, kept while the index has not changed.
 
 A client paging the tree of a repo of 100,000 files (``list_repo_files``, ``snapshot_download``: 1,000
 entries a page) had the node read every row of the commit and build its whole tree at every page: 0.4 s a
@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 
 from aiohttp import web
 
-from modeldepot.store import FileEntry, Store
+from modeldepot.store import FileEntry, RepoSummary, Store
 
 __all__ = ["COMMITS", "CommitCache"]
 
@@ -31,6 +31,7 @@ class CommitCache(Generic[T]):
         self._counter = store.index.change_counter()
         self._lock = threading.Lock()  # (the counter's connection: one thread at a time)
         self._kept: OrderedDict[tuple[str, str], tuple[int, tuple[FileEntry, ...], T | None]] = OrderedDict()
+        self._summaries: OrderedDict[str, tuple[int, RepoSummary]] = OrderedDict()
 
     def files(self, key: tuple[str, str], read: Callable[[], list[FileEntry]]) -> tuple[FileEntry, ...]:
         """The commit's files, read again only when the index changed since (call from a worker thread)."""
@@ -47,6 +48,21 @@ class CommitCache(Generic[T]):
             while len(self._kept) > KEPT:
                 self._kept.popitem(last=False)
         return files
+
+    def summary(self, repo_id: str, read: Callable[[], RepoSummary]) -> RepoSummary:
+        """The repo's summary (its counts add up every file row: 77 ms at 50,000 files, at every page)."""
+        with self._lock:
+            version = self._counter.value()
+            kept = self._summaries.get(repo_id)
+            if kept is not None and kept[0] == version:
+                return kept[1]
+        found = read()
+        with self._lock:
+            self._summaries[repo_id] = (version, found)
+            self._summaries.move_to_end(repo_id)
+            while len(self._summaries) > KEPT:
+                self._summaries.popitem(last=False)
+        return found
 
     def built(self, key: tuple[str, str], files: tuple[FileEntry, ...], build: Callable[[], T]) -> T:
         """What ``build`` makes of ``files``, made once for as long as they are the ones kept for ``key``."""
