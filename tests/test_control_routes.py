@@ -662,6 +662,11 @@ def test_on_a_node_without_a_token_the_control_token_unlocks_what_a_token_would(
     assert call(open_node.port, "GET", "/api/models/acme/secret", headers=CONTROL).status == 200
     wrong = {"Authorization": "Bearer not-the-control-token"}
     assert call(open_node.port, "GET", f"{API}/stats", headers=wrong).json()["budget"]["used_bytes"] is None
+    local.pin("acme/secret")  # (a pin of a private repo is listed with the token alone)
+    assert call(open_node.port, "GET", f"{API}/pins").json() == []
+    assert [p["repo_id"] for p in call(open_node.port, "GET", f"{API}/pins", headers=CONTROL).json()] == [
+        "acme/secret"
+    ]
 
 
 def test_a_reverse_proxy_on_the_same_machine_passes_no_control_on(open_node: LiveNode, local: Depot) -> None:
