@@ -181,7 +181,7 @@ def _give_back_mode(partial: Path, source: Path, mode: int, inode: tuple[int, in
     the partial: another (the store's blob, placed and committed; another partial of the same file) must
     stay read-only. A blob placed and never committed (a failed import took it out again; gc deleted a
     killed one's) is no name any more: the mode comes back."""
-    with contextlib.suppress(OSError, NotImplementedError):
+    with contextlib.suppress(OSError):
         try:
             ours = os.stat(partial, follow_symlinks=False)
         except FileNotFoundError:
