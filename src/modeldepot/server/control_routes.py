@@ -532,10 +532,12 @@ async def list_pins(request: web.Request) -> web.Response:
     only those of public repos in the store."""
     depot, authorized = request.app[DEPOT], is_authorized(request)
 
+    # One lookup a pin: listing every repo cost 0.1 s at 5,000 repos, at every poll of every dashboard,
+    # for no pin at all
     def public(repo_id: str) -> bool:
         try:
-            return not depot.store.repo_private(repo_id)  # (one lookup a pin: listing every repo cost 0.1 s at
-        except NotFoundError:  # 5,000 repos, at every poll of every dashboard, for no pin at all)
+            return not depot.store.repo_private(repo_id)
+        except NotFoundError:
             return False
 
     def visible() -> list[dict[str, Any]]:
