@@ -33,6 +33,11 @@ class CommitCache(Generic[T]):
         self._kept: OrderedDict[tuple[str, str], tuple[int, tuple[FileEntry, ...], T | None]] = OrderedDict()
         self._summaries: OrderedDict[str, tuple[int, RepoSummary]] = OrderedDict()
 
+    def version(self) -> int:
+        """The index's ``data_version`` now (the event streams' look asks it too: one counter for both)."""
+        with self._lock:
+            return self._counter.value()
+
     def files(self, key: tuple[str, str], read: Callable[[], list[FileEntry]]) -> tuple[FileEntry, ...]:
         """The commit's files, read again only when the index changed since (call from a worker thread)."""
         with self._lock:

@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -35,13 +35,13 @@ from modeldepot.errors import (
 from modeldepot.hashing import chunk_count
 from modeldepot.hub.manifest import Manifest
 from modeldepot.preload.preloader import PreloadInfo
+from modeldepot.server.commit_cache import COMMITS
 from modeldepot.server.context import DEPOT, is_authorized, path_repo, request_url
 from modeldepot.server.fleet import FLEET
 from modeldepot.server.openapi import WITHHELD_PRELOAD, openapi_document
 from modeldepot.server.ranges import RangeNotSatisfiable
 from modeldepot.server.responses import CountedResponse, ViewResponse, json_response, send_blob
 from modeldepot.server.views import wanted_range
-from modeldepot.store.index import ChangeCounter
 from modeldepot.store.maintenance import totals as store_totals
 from modeldepot.store.models import BlobRecord
 from modeldepot.store.verified import PartialChunkReader
@@ -173,7 +173,8 @@ class SharedLooks:
     """One look at the manifests at a time, shared by every event stream (each stream looked on its own:
     0.11 s of the GIL for 500 repos every half second, per open dashboard; ten saturated the node)."""
 
-    def __init__(self) -> None:
+    def __init__(self, index_version: Callable[[], int]) -> None:
+        self._index_version = index_version  # (the index's data_version: CommitCache.version)
         self._manifests: list[Manifest] = []
         self._at = -EVENTS_POLL
         self._look: asyncio.Task[list[Manifest]] | None = None
@@ -181,7 +182,6 @@ class SharedLooks:
         # The index's version at the last whole look: unchanged, the statuses are (a look cost 1 s of CPU at
         # 5,000 repos, twice a second, while any dashboard was open). Looked at whole every EVENTS_REREAD all
         # the same: a pull killed changes what a status shows (no process holds its mark) and writes nothing.
-        self._counter: ChangeCounter | None = None
         self._version: int | None = None
         self._read_at = -EVENTS_REREAD
 
@@ -193,21 +193,13 @@ class SharedLooks:
             self._look = asyncio.get_running_loop().create_task(self._looking(depot))
         return await asyncio.shield(self._look)  # (a stream that leaves does not cancel the others' look)
 
-    def _changed(self, depot: Depot) -> bool:
-        if self._counter is None:
-            self._counter = depot.store.index.change_counter()
-        version, self._version = self._version, self._counter.value()
-        return version != self._version or time.monotonic() - self._read_at >= EVENTS_REREAD
-
     def _read(self, depot: Depot) -> list[Manifest]:
-        if self._changed(depot):
+        version = self._index_version()
+        changed, self._version = version != self._version, version
+        if changed or time.monotonic() - self._read_at >= EVENTS_REREAD:
             self._read_at = time.monotonic()
             self._manifests = depot.list_manifests()
         return self._manifests
-
-    def close(self) -> None:
-        if self._counter is not None:
-            self._counter.close()
 
     async def _looking(self, depot: Depot) -> list[Manifest]:
         try:
@@ -480,16 +472,12 @@ async def openapi(request: web.Request) -> web.Response:
 def add_native_routes(app: web.Application) -> None:
     app[STARTED] = time.monotonic()
     app[STOPPING] = asyncio.Event()
-    app[LOOKS] = SharedLooks()
+    app[LOOKS] = SharedLooks(lambda: app[COMMITS].version())  # (COMMITS: made with the Hub's routes)
 
     async def stop_streams(app: web.Application) -> None:
         app[STOPPING].set()
 
-    async def close_looks(app: web.Application) -> None:
-        app[LOOKS].close()
-
     app.on_shutdown.append(stop_streams)
-    app.on_cleanup.append(close_looks)
     app.router.add_get(HEALTH_PATH, health)
     app.router.add_get(f"{API}/info", node_info)
     app.router.add_get(f"{API}/repos", list_repos)
