@@ -17,7 +17,8 @@ from conftest import SMALL_CHUNK, BackgroundServer, LiveNode, write_model_dir
 from modeldepot import Depot
 
 # "hang": every request, metadata too, is accepted and never answered (a hung Hub or proxy)
-MODES = ("pass", "drop", "500", "429", "stall", "flip", "ignore-range", "slow", "404", "hang")
+# "cut": each answer's connection is closed after ``cut_after`` body bytes (a flaky link)
+MODES = ("pass", "drop", "500", "429", "stall", "flip", "ignore-range", "slow", "404", "hang", "cut")
 
 
 @dataclass
@@ -29,6 +30,7 @@ class FaultPlan:
     path_suffix: str = ""  # only requests for files ending so are touched ("" = every file)
     slow_delay: float = 0.02  # seconds per 64 KiB piece in "slow" mode
     retry_after_date: float = 0.0  # "429" mode: Retry-After as an HTTP date this far ahead (0: "1" second)
+    cut_after: int = 0  # "cut" mode: body bytes sent before the connection is closed
     injected: int = 0
     body_bytes: int = 0  # file bytes the proxy sent to clients
     requests: list[str] = field(default_factory=list)  # "<path> <range>" of every file request
@@ -144,6 +146,13 @@ class FaultProxy:
                     return response
                 if fault == "stall" and sent >= 1000:
                     await asyncio.sleep(3600)
+                if fault == "cut" and sent + len(piece) >= plan.cut_after:
+                    piece = piece[: plan.cut_after - sent]
+                    await response.write(piece)
+                    plan.body_bytes += len(piece)
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
                 if fault == "flip" and sent == 0 and len(piece) > 100:
                     piece = piece[:100] + bytes([piece[100] ^ 0x01]) + piece[101:]
                 if fault == "slow":

@@ -568,3 +568,54 @@ def test_a_node_where_nothing_listens_is_dropped_at_once_the_hub_retried(
         ):
             asyncio.run(source.fetch(f"http://127.0.0.1:{port}/x", 0, 9, 10))
         assert len(waits) == retried, kind
+
+
+@pytest.mark.parametrize("as_node", [False, True], ids=["hub", "node"])
+def test_a_link_that_cuts_every_answer_midway_still_completes_each_range_asking_for_the_rest(
+    as_node: bool, proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every answer is cut a third of a chunk in: five attempts from the start of the range never completed
+    # one, and each of them fetched the same third again.
+    plan = proxy.set("cut", times=-1, path_suffix=BIG, cut_after=SMALL_CHUNK // 3)
+    with local_depot(tmp_path / "local", proxy, as_node, monkeypatch) as depot:
+        depot.pull(REPO)
+        assert_committed(depot)
+    assert plan.injected >= 3 * (len(FILES[BIG]) // SMALL_CHUNK)
+    assert plan.body_bytes == sum(map(len, FILES.values())), (
+        "a retry asks only for what the cut one did not bring"
+    )
+
+
+def test_a_slow_link_shows_progress_as_bytes_arrive_not_only_as_chunks_land(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chunk = 4 << 20
+    files = {"config.json": b"{}", BIG: random.Random(7).randbytes(2 * chunk)}
+    with serving(tmp_path / "upstream", files) as node:
+        proxy = FaultProxy(node.url)
+        try:
+            # About 3 MB/s for each of the two chunks: 1.3 s before either is whole.
+            proxy.set("slow", times=-1, path_suffix=BIG, slow_delay=0.02)
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", proxy.url)
+            updates = []
+            with Depot(tmp_path / "local", chunk_size=chunk) as depot:
+                pulling = threading.Thread(target=lambda: depot.pull(REPO, progress=updates.append))
+                pulling.start()
+                rows = set()  # what `status` and the dashboard show meanwhile
+                while pulling.is_alive():
+                    with contextlib.suppress(NotFoundError):
+                        rows.add(depot.get_manifest(REPO).variants[0].bytes_done)
+                    time.sleep(0.05)
+                pulling.join()
+                assert bytes(depot.get_file(REPO, BIG)) == files[BIG]
+        finally:
+            proxy.stop()
+    landed_only = {n + k * chunk for n in (0, 2) for k in range(3)}
+    assert rows - landed_only, f"the status rows moved only as chunks landed: {sorted(rows)}"
+    big = [u for u in updates if u.path == BIG]
+    before_a_chunk_landed = [u.file_shown for u in big if u.file_done == 0]
+    assert max(before_a_chunk_landed) >= chunk // 2, "bytes received were shown before a chunk was whole"
+    assert all(u.file_shown <= u.file_size and u.shown <= u.total for u in updates)
+    assert big[-1].file_done == big[-1].file_shown == len(files[BIG]), "the last update: all checked"
+    assert updates[-1].receiving == 0

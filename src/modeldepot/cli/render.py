@@ -216,7 +216,7 @@ class PullView:
 
     def update(self, update: PullUpdate) -> None:
         if self._progress is not None and self._total is not None:
-            self._progress.update(self._total, completed=update.done, total=update.total)
+            self._progress.update(self._total, completed=update.shown, total=update.total)
             self._update_file_bar(self._progress, update)
             return
         if update.file_done >= update.file_size and update.path not in self._finished:
@@ -227,8 +227,8 @@ class PullView:
             self._resumed = update.done
         if now - self._last_line >= self.LINE_INTERVAL or update.done >= update.total:
             self._last_line = now
-            rate = (update.done - self._resumed) / max(now - self._started, 1e-6)
-            self._lines.append(_progress_line(self._description, update.done, update.total, rate)
+            rate = max(0, update.shown - self._resumed) / max(now - self._started, 1e-6)
+            self._lines.append(_progress_line(self._description, update.shown, update.total, rate)
                                + (", waiting for another process" if update.waiting else ""))  # fmt: skip
         if self._lines and (now - self._last_flush >= self.FLUSH_INTERVAL or update.done >= update.total):
             self._flush(now)
@@ -248,7 +248,7 @@ class PullView:
                 " (another process is fetching it)" if update.waiting else ""
             )
             task = self._files[update.path] = progress.add_task(label, total=update.file_size)
-        progress.update(task, completed=update.file_done)
+        progress.update(task, completed=update.file_shown)
         if update.file_done >= update.file_size:
             self._finished.add(update.path)
             progress.remove_task(self._files.pop(update.path))

@@ -363,7 +363,7 @@ class PullJobs:
 
     async def _run(self, depot: Depot, key: PullKey, job: PullJob, manifest: Manifest) -> None:
         def progress(update: PullUpdate) -> None:
-            job.bytes_done, job.bytes_total = update.done, update.total
+            job.bytes_done, job.bytes_total = update.shown, update.total
 
         try:
             result: PullResult = await depot.pull_async(

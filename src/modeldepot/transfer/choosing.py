@@ -24,11 +24,11 @@ import random
 import statistics
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from modeldepot.store.partials import ResumablePartial
-from modeldepot.transfer.sources import HttpSource
+from modeldepot.transfer.sources import HttpSource, Receiving
 
 if TYPE_CHECKING:
     from modeldepot.transfer.swarm import SwarmFile
@@ -78,6 +78,7 @@ class ChunkRequest:
     started: float
     task: asyncio.Task[bool] | None = None
     landing: bool = False  # its bytes are in (or it streams the whole file): never cancelled then
+    receiving: Receiving = field(default_factory=Receiving)  # its bytes in so far (shown, not yet checked)
 
 
 class ChunkChooser:

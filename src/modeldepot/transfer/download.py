@@ -82,6 +82,8 @@ SLOW_LEFT = 5.0  # ... and only while more is left than the slow pace would brin
 MAP_MIN_BYTES = 1024 * 1024
 BytesDone = Callable[[int, str, str], None]  # (bytes, the source's kind, its base URL)
 """Told ``(bytes, kind)`` for each chunk written: ``kind`` is its source's (:attr:`FileSource.kind`)."""
+BytesReceiving = Callable[[], int]
+"""Tells the bytes received of chunks that have not landed yet (unchecked: a progress display's)."""
 
 
 @dataclass
@@ -135,19 +137,23 @@ async def download_file(
     fallback: Callable[[], list[FileSource]] | None = None,
     on_bytes: BytesDone | None = None,
     swarm: SwarmFile | None = None,
+    on_start: Callable[[BytesReceiving], None] | None = None,
 ) -> BlobDigest:
     """Complete ``partial`` with ``remote``'s bytes and return their digests, checked against upstream.
 
     ``fallback`` is asked once for more sources when every source given has failed (the chain's last
     resort, the Hub). ``on_bytes`` is called with the size of each chunk as it is written, its source's kind and base URL.
     ``swarm``: the file's claims in the fleet (the Hub is then among ``sources``, asked only for what no
-    other node holds or claims).
+    other node holds or claims). ``on_start`` is given, before the first request, what tells the bytes
+    received of the chunks that have not landed (a chunk over a slow link takes seconds to be whole).
     """
     if remote.size == 0:
         digest = digest_bytes(b"", partial.chunk_size)
         _check(remote, digest)
         return digest
     job = _FileJob(http, remote, partial, limits, fallback, on_bytes, swarm)
+    if on_start is not None:
+        on_start(job.receiving)
     return await job.run(sources)
 
 
@@ -188,6 +194,16 @@ class _FileJob(ChunkChooser):
     @property
     def in_flight(self) -> set[int]:
         return set(self.requests)
+
+    def receiving(self) -> int:
+        """Bytes received of the chunks in flight (the most of any one chunk's requests: the endgame's two
+        copies are one chunk), not counting those that landed."""
+        done = self.partial.done
+        return sum(
+            max(request.receiving.count for request in requests)
+            for index, requests in self.requests.items()
+            if requests and index not in done
+        )
 
     async def run(self, sources: list[FileSource]) -> BlobDigest:
         crashed = self.crashed = asyncio.get_running_loop().create_future()
@@ -510,7 +526,7 @@ class _FileJob(ChunkChooser):
                     )
                 data = await source.source.fetch(
                     source.url, offset, offset + length - 1, self.remote.size,
-                    buffer if mapping is None else mapping,
+                    buffer if mapping is None else mapping, request.receiving,
                 )  # fmt: skip
             except BaseException:
                 buffers.release()

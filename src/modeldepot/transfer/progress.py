@@ -27,6 +27,20 @@ class PullUpdate:
     done: int
     total: int
     waiting: bool = False  # the file is being transferred by another process; this one waits for it
+    # Bytes received of chunks not checked yet (of the file, of the pull): shown, not done (a chunk that
+    # fails its check, or a transfer cut, takes them back). A 16 MiB chunk over a slow link takes seconds.
+    file_receiving: int = 0
+    receiving: int = 0
+
+    @property
+    def file_shown(self) -> int:
+        """The file's bytes to show as in: checked and received."""
+        return min(self.file_size, self.file_done + self.file_receiving)
+
+    @property
+    def shown(self) -> int:
+        """The pull's bytes to show as in: checked and received."""
+        return min(self.total, self.done + self.receiving)
 
 
 PullProgress = Callable[[PullUpdate], None]
@@ -48,6 +62,29 @@ class PullTracker:
         self.path_sources: dict[str, dict[str, int]] = {}  # path -> kind of source -> bytes
         self.last_write = 0.0
         self.pending: asyncio.Future[None] | None = None  # a status write running on a worker thread
+        # Files in transfer: what tells the bytes received of their chunks not landed yet, and what it told
+        self.receiving: dict[str, Callable[[], int]] = {}
+        self.shown_receiving: dict[str, int] = {}
+
+    def receiving_from(self, path: str, receiving: Callable[[], int]) -> None:
+        self.receiving[path] = receiving
+
+    def received_all(self, path: str) -> None:
+        """``path``'s transfer ended (its bytes are checked, or it failed)."""
+        self.receiving.pop(path, None)
+        self.shown_receiving.pop(path, None)
+
+    def tick(self) -> None:
+        """Show the bytes received since the last chunk landed (called every ``STATUS_INTERVAL`` during a
+        transfer): each file whose count moved is told, and the status rows are written."""
+        moved = False
+        for path, receiving in list(self.receiving.items()):
+            now = receiving()
+            if now != self.shown_receiving.get(path, 0):
+                moved = True
+                self._tell(path, now)
+        if moved:
+            self._write_now_and_then()
 
     def waiting_on(self, path: str, elsewhere: int) -> None:
         """Show a file another process is transferring at the ``elsewhere`` bytes its download holds: only
@@ -64,9 +101,18 @@ class PullTracker:
             PULLS.add_bytes(origin, amount)  # the process's counters (the node's /metrics)
             kinds = self.path_sources.setdefault(path, {})
             kinds[origin] = kinds.get(origin, 0) + amount
+        receiving = self.receiving.get(path)
+        self._tell(path, receiving() if receiving is not None else 0, waiting)
+        self._write_now_and_then()
+
+    def _tell(self, path: str, receiving: int, waiting: bool = False) -> None:
+        self.shown_receiving[path] = receiving
         if self.progress is not None:
-            self.progress(PullUpdate(path, self.done[path], self.sizes.get(path, 0),
-                                     sum(self.done.values()), self.total, waiting))  # fmt: skip
+            self.progress(PullUpdate(path, self.done.get(path, 0), self.sizes.get(path, 0),
+                                     sum(self.done.values()), self.total, waiting, receiving,
+                                     sum(self.shown_receiving.values())))  # fmt: skip
+
+    def _write_now_and_then(self) -> None:
         if time.monotonic() - self.last_write >= STATUS_INTERVAL and (
             self.pending is None or self.pending.done()
         ):
@@ -74,7 +120,7 @@ class PullTracker:
             # transfers do not stall behind the disk.
             self.last_write = time.monotonic()
             # The rows are taken here, on the loop, so the thread never reads dicts the transfers change.
-            rows, sources = self._rows()
+            rows, sources = self._rows(self.shown_receiving)
             self.pending = asyncio.get_running_loop().run_in_executor(
                 None,
                 self.store.manifests.set_statuses,
@@ -104,13 +150,19 @@ class PullTracker:
         rows, sources = self._rows()
         self.store.manifests.set_statuses(self.manifest.repo_id, rows, status, error, sources)
 
-    def _rows(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-        """Each variant's bytes done, and its bytes by kind of source."""
+    def _rows(
+        self, receiving: dict[str, int] | None = None
+    ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        """Each variant's bytes done (and ``receiving``, while it downloads), and its bytes by kind of
+        source (checked bytes only)."""
         rows: dict[str, int] = {}
         sources: dict[str, dict[str, int]] = {}
+        receiving = receiving or {}
         for name in self.names:
             wanted = {f.path for f in self.manifest.files_of(name)}
-            rows[name] = self.held.get(name, 0) + sum(n for path, n in self.done.items() if path in wanted)
+            done = sum(n for path, n in self.done.items() if path in wanted)
+            done += sum(n for path, n in receiving.items() if path in wanted)
+            rows[name] = self.held.get(name, 0) + done
             kinds: dict[str, int] = {}
             for path in wanted & self.path_sources.keys():
                 for kind, amount in self.path_sources[path].items():

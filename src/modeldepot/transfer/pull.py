@@ -30,8 +30,8 @@ from modeldepot.store.partials import ResumablePartial, partial_key
 from modeldepot.store.publish import RevisionSpec, StagedFile, publish, refuse_nested_branch
 from modeldepot.store.store import Store
 from modeldepot.transfer.chain import SourceChain
-from modeldepot.transfer.download import FileSource, Limits, download_file
-from modeldepot.transfer.progress import PullProgress, PullTracker, PullUpdate
+from modeldepot.transfer.download import BytesReceiving, FileSource, Limits, download_file
+from modeldepot.transfer.progress import STATUS_INTERVAL, PullProgress, PullTracker, PullUpdate
 from modeldepot.transfer.ranged import close_idle
 from modeldepot.transfer.session import LazySession
 from modeldepot.transfer.swarm import SwarmFile
@@ -313,6 +313,7 @@ class _PullRun:
         if unique:
             async with contextlib.AsyncExitStack() as stack:
                 stack.callback(close_idle)  # the ranged reads' kept-alive connections (transfer/ranged.py)
+                stack.callback(asyncio.create_task(self._show_receiving()).cancel)
                 http = LazySession()  # for servers that ignore ranges (whole bodies): rarely made
                 stack.push_async_callback(http.close)
                 holders = await self.chain.holders(
@@ -329,6 +330,15 @@ class _PullRun:
             if remote is not unique[key]:
                 self.tracker.add(remote.path, remote.size)
         return fetched
+
+    async def _show_receiving(self) -> None:
+        """Progress between the chunks' landings: their bytes as they arrive (told every so often)."""
+        try:
+            while True:
+                await asyncio.sleep(STATUS_INTERVAL)
+                self.tracker.tick()
+        except Exception:  # (a caller's progress callback that raised: the transfer goes on without it)
+            log.exception("%s: the pull's progress display failed", self.manifest.repo_id)
 
     async def _claim_and_transfer(self, http: LazySession, unique: dict[str, RemoteFile],
                                   holders: dict[str, list[FileSource]]) -> list[BaseException | None]:  # fmt: skip
@@ -408,8 +418,13 @@ class _PullRun:
                 base_url
             )  # (what sent bytes: the swarm's claimers too, never a source that refused)
 
+        def on_start(receiving: BytesReceiving) -> None:
+            self.tracker.receiving_from(remote.path, receiving)
+
         try:
-            digest = await download_file(http, remote, claim, sources, self.limits, fallback, on_bytes, swarm)
+            digest = await download_file(
+                http, remote, claim, sources, self.limits, fallback, on_bytes, swarm, on_start
+            )
         except IntegrityError as mismatch:
             if claim.done or set(self.tracker.path_sources.get(remote.path, {})) <= {"hub"}:
                 if not claim.done:  # (thrown away: not "kept" in the status a failed pull leaves)
@@ -422,11 +437,15 @@ class _PullRun:
                         "fetching it again from the upstream alone", remote.path)  # fmt: skip
             self.tracker.forget(remote.path)
             try:
-                digest = await download_file(http, remote, claim, hub, self.limits, None, on_bytes)
+                digest = await download_file(
+                    http, remote, claim, hub, self.limits, None, on_bytes, None, on_start
+                )
             except DepotError as again:
                 if not claim.done:
                     self.tracker.forget(remote.path)
                 raise mismatch from again
+        finally:
+            self.tracker.received_all(remote.path)
         claim.close_data()
         self.digests[key] = digest
 

@@ -53,6 +53,9 @@ __all__ = [
 ]
 
 MAX_REDIRECTS = 5
+# A body is read into its buffer in pieces of at most this size, the count of bytes in updated after each:
+# a 16 MiB chunk over a slow link would otherwise show no progress until it is whole (8 s at 2 MiB/s).
+READ_PIECE = 1 << 20
 IDLE_SECONDS = 30.0  # a kept-alive connection unused for longer is closed, not reused
 READERS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="modeldepot-range")
 """The threads ranged reads run on (not the loop's default executor: landing and hashing use that one)."""
@@ -146,10 +149,13 @@ class Answer:
 
 @dataclass
 class Attempt:
-    """One attempt in flight; :meth:`abort` (from any thread) ends its read."""
+    """One attempt in flight; :meth:`abort` (from any thread) ends its read. ``received``: the body's bytes
+    read into the buffer so far (written by the reader thread alone; a progress display reads it, and a
+    retry after a cut asks only for the rest)."""
 
     connection: http.client.HTTPConnection | None = None
     aborted: bool = False
+    received: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def abort(self) -> None:
@@ -379,7 +385,7 @@ def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size:
     run it on :data:`READERS`. Raises OSError or http.client.HTTPException when the connection fails (the
     caller retries)."""
     want = end - start + 1
-    piece = want if limit is None else limit.piece()
+    piece = min(want, READ_PIECE) if limit is None else min(limit.piece(), READ_PIECE)
     sent = {**headers, "Range": f"bytes={start}-{end}"}
     for _ in range(MAX_REDIRECTS + 1):
         origin, target = _origin(url)
@@ -407,6 +413,7 @@ def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size:
                     if not n:
                         break
                     got += n
+                    attempt.received = got
                 answer.got = got
                 # A body longer than announced, or one cut short, leaves the connection unusable.
                 use.reusable = got == want and not response.will_close and response.length == 0

@@ -31,7 +31,7 @@ from modeldepot.errors import (
     UpstreamTimeoutError,
 )
 from modeldepot.hashing import chunk_count, chunk_span
-from modeldepot.transfer.ranged import READERS, Attempt, Reply, proxy_of, read_range, request
+from modeldepot.transfer.ranged import READERS, Answer, Attempt, Reply, proxy_of, read_range, request
 from modeldepot.transfer.threads import until_done
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ __all__ = [
     "ChunkUnavailableError",
     "HttpSource",
     "RangeIgnoredError",
+    "Receiving",
     "RetryPolicy",
     "SourceKind",
     "retry_after_seconds",
@@ -73,6 +74,10 @@ class RetryPolicy:
     base_delay: float = 0.5  # seconds, doubled per attempt, with jitter
     max_delay: float = 30.0
     read_timeout: float = 30.0  # seconds without a byte before a request counts as stalled
+    # An attempt cut after it brought this much (or a quarter of the range) is resumed where it stopped and
+    # not counted as failed (at most max_resumes times a range: a server that always cuts early still fails).
+    progress_bytes: int = 1 << 20
+    max_resumes: int = 64
 
     def delay(self, attempt: int, retry_after: str | None) -> float:
         """Seconds to wait before retry ``attempt + 1``: what the server asked for (``Retry-After``, up to
@@ -100,6 +105,20 @@ def retry_after_seconds(value: str, now: float | None = None) -> float | None:
     if when.tzinfo is None:  # asctime dates and "-0000" state no zone; HTTP-dates are GMT
         when = when.replace(tzinfo=timezone.utc)
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+@dataclass
+class Receiving:
+    """The bytes of one ranged fetch received so far, over its attempts: those the attempts before kept in
+    place and those the one in flight has read (its reader thread writes them; the loop reads them)."""
+
+    kept: int = 0
+    attempt: Attempt | None = None
+
+    @property
+    def count(self) -> int:
+        attempt = self.attempt
+        return self.kept + (attempt.received if attempt is not None else 0)
 
 
 @dataclass(frozen=True)
@@ -130,11 +149,17 @@ class HttpSource:
                                      sock_read=self.retry.read_timeout)  # fmt: skip
 
     async def fetch(
-        self, url: str, start: int, end: int, size: int, into: bytearray | mmap.mmap | None = None
-    ) -> memoryview:
+        self, url: str, start: int, end: int, size: int, into: bytearray | mmap.mmap | None = None,
+        receiving: Receiving | None = None,
+    ) -> memoryview:  # fmt: skip
         """Bytes ``start..end`` (inclusive) of a ``size``-byte file; retried on transient failures. Read
         into ``into`` when it is large enough: a reused buffer (no allocation, no zeroing per chunk), or
-        the file's own pages, mapped (no copy between the socket and the file).
+        the file's own pages, mapped (no copy between the socket and the file). ``receiving`` counts the
+        bytes in as they arrive (a progress display's).
+
+        A connection cut (or stalled) in the middle of the body is retried for the rest of the range alone,
+        and an attempt that brought at least ``RetryPolicy.progress_bytes`` (or a quarter of the range) is not
+        counted against the attempts: a flaky link that drops every few seconds still completes the range, however slowly.
 
         Raises RangeIgnoredError when the server sends the whole file in reply to a partial range. Never
         returns or raises while a reader thread may still write into ``into``, even when cancelled.
@@ -143,38 +168,42 @@ class HttpSource:
         buffer = into if into is not None and len(into) >= want else bytearray(want)
         view = memoryview(buffer)[:want]
         try:
-            return await self._read(url, start, end, size, view)
+            await self._read(url, start, size, view, Receiving() if receiving is None else receiving)
+            return view
         except BaseException:
             view.release()  # no reader holds it now: the caller may reuse, resize or unmap what it viewed
             raise
 
-    async def _read(self, url: str, start: int, end: int, size: int, view: memoryview) -> memoryview:
+    async def _read(self, url: str, start: int, size: int, view: memoryview, receiving: Receiving) -> None:
         want = len(view)
         headers = self.headers()
         problem = "no attempt was made"
         timed_out = False
-        for number in range(self.retry.attempts):
+        failures = 0  # attempts that failed and brought too little to count as progress
+        resumed = 0  # attempts that continued where a cut one stopped
+        while failures < self.retry.attempts:
             retry_after = None
-            attempt = Attempt()
+            kept = receiving.kept
+            attempt = receiving.attempt = Attempt()
             try:
-                # The body is read into the buffer on a reader thread (transfer/ranged.py); a cancelled
-                # request aborts its read there, and waits until the thread has let go of the buffer.
-                read = READERS.submit(read_range, url, headers, start, end, size, view,
-                                      self.retry.read_timeout, attempt, self.limit)  # fmt: skip
-                try:
-                    answer = await asyncio.wrap_future(read)
-                except asyncio.CancelledError:
-                    attempt.abort()
-                    await until_done(read)
-                    raise
+                with view[kept:] as rest:  # (released on the way out: an unmapped file must hold no view)
+                    answer = await self._attempt(
+                        url, start + kept, start + want - 1, size, rest, headers, attempt
+                    )
                 status = answer.status
-                if status == 206 or (status == 200 and want == size):
+                if status == 206 or (status == 200 and want - kept == size):
                     if answer.problem:
                         problem = answer.problem
-                    elif answer.got == want:
-                        return view
+                    elif answer.got == want - kept:
+                        receiving.kept, receiving.attempt = want, None
+                        return
                     else:
-                        problem = f"received {answer.got} bytes of {want}"
+                        problem = f"received {kept + answer.got} bytes of {want}"
+                elif status == 200 and kept:
+                    # The range of a retry answered with the whole file (another server behind a balancer):
+                    # the chunk is asked for whole again.
+                    receiving.kept, attempt.received = 0, 0
+                    problem = "the server ignored the range of a retry"
                 elif status == 200:
                     raise RangeIgnoredError(f"{url}: the server ignored the Range header")
                 elif (
@@ -190,7 +219,7 @@ class HttpSource:
                     retry_after = answer.headers.get("Retry-After")
                     problem = f"HTTP {status}"
                 elif status == 404 and answer.headers.get("X-Error-Code") == "ChunkNotAvailable":
-                    raise ChunkUnavailableError(f"{url} bytes {start}-{end}: not held there (yet)",
+                    raise ChunkUnavailableError(f"{url} bytes {start}-{start + want - 1}: not held there (yet)",
                                                 source=url, status=404)  # fmt: skip
                 else:
                     raise _final_error(status, answer.url, answer.headers.get("X-Error-Message"))
@@ -203,10 +232,33 @@ class HttpSource:
                                         source=url) from error  # fmt: skip
                 problem = f"{type(error).__name__}: {error}".rstrip(": ")
                 timed_out = isinstance(error, TimeoutError)
-            if number + 1 < self.retry.attempts:
-                await asyncio.sleep(self.retry.delay(number, retry_after))
+            # What the attempt read before it failed is in place: the next one asks for the rest only.
+            receiving.kept, receiving.attempt = receiving.kept + attempt.received, None
+            if (
+                attempt.received >= min(self.retry.progress_bytes, want // 4)
+                and resumed < self.retry.max_resumes
+            ):
+                resumed += 1  # (the link works, and the server answered: asked again at once)
+                continue
+            failures += 1
+            if failures < self.retry.attempts:
+                await asyncio.sleep(self.retry.delay(failures - 1, retry_after))
         kind = UpstreamTimeoutError if timed_out else UpstreamError  # what the last attempt met
-        raise kind(f"{url} bytes {start}-{end}: {problem} after {self.retry.attempts} attempts", source=url)
+        raise kind(f"{url} bytes {start}-{start + want - 1}: {problem} after {failures + resumed} attempts",
+                   source=url)  # fmt: skip
+
+    async def _attempt(self, url: str, start: int, end: int, size: int, into: memoryview,
+                       headers: dict[str, str], attempt: Attempt) -> Answer:  # fmt: skip
+        """One ranged GET, its body read into ``into`` on a reader thread (transfer/ranged.py); a cancelled
+        request aborts its read there, and waits until the thread has let go of the buffer."""
+        read = READERS.submit(read_range, url, headers, start, end, size, into,
+                              self.retry.read_timeout, attempt, self.limit)  # fmt: skip
+        try:
+            return await asyncio.wrap_future(read)
+        except asyncio.CancelledError:
+            attempt.abort()
+            await until_done(read)
+            raise
 
     async def chunk_map(self, url: str, size: int, chunk_size: int) -> frozenset[int] | None:
         """Which of our ``chunk_size`` chunks of a ``size``-byte file a node can serve, from its bitfield
