@@ -18,6 +18,7 @@ these tests fail, saying so (as the fleet tests do without etcd).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -74,7 +75,7 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriv
                      "--no-first-run", "--disable-background-networking", "--disable-component-update",
                      "--disable-sync", "--window-size=1280,1000", f"--user-data-dir={tmp_path / 'chromium'}"):  # fmt: skip
         options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(WAIT)
     try:
@@ -557,6 +558,41 @@ def run_node_read_without_its_token(browser: WebDriver, node: LiveNode) -> None:
     wait_for(browser, "the repos unknown again", lambda d: visible_text(d, "#repos-unknown") == unknown)
     shown = page_text(browser)
     assert REPO not in shown and not [claim for claim in FALSE_CLAIMS if claim in shown], shown
+
+
+def answers_to(driver: WebDriver, path: str) -> list[int]:
+    """The statuses of the answers the page got for ``path`` (from the browser's network log) since the
+    last call."""
+    statuses = []
+    for entry in driver.get_log("performance"):  # type: ignore[attr-defined]
+        event = json.loads(entry["message"])["message"]
+        if event.get("method") == "Network.responseReceived":
+            response = event["params"]["response"]
+            if response["url"].split("?")[0].endswith(path):
+                statuses.append(int(response["status"]))
+    return statuses
+
+
+def test_the_page_polls_the_repo_list_by_its_etag_and_still_sees_it_change(
+    browser: WebDriver, tmp_path: Path
+) -> None:
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "files", FILES), REPO)
+        node = LiveNode(depot)
+        try:
+            browser.get(node.url + "/")
+            wait_for(browser, "the stored repo", lambda d: REPO in (visible_text(d, "#repos") or ""))
+            time.sleep(6.5)  # three polls at least (the import's blobs recorded durable meanwhile: a change)
+            statuses = answers_to(browser, "/api/depot/v1/repos")
+            assert statuses[0] == 200 and statuses[-1] == 304, statuses
+            assert REPO in (visible_text(browser, "#repos") or ""), "a 304 keeps what the page showed"
+            depot.import_dir(write_model_dir(tmp_path / "more", sample_files(3)), "acme/more")
+            wait_for(browser, "a new list", lambda d: 200 in answers_to(d, "/api/depot/v1/repos"))
+            wait_for(browser, "the new repo", lambda d: "acme/more" in (visible_text(d, "#repos") or ""))
+            assert REPO in (visible_text(browser, "#repos") or "")
+        finally:
+            node.stop()
+    assert script_errors(browser) == []
 
 
 def test_the_peers_say_when_the_fleets_registry_is_out_of_reach(

@@ -48,6 +48,7 @@ class Reply:
     content_type: str
     body: bytes
     events: list[tuple[str, str]]  # (event, data) of a text/event-stream answer: its first event
+    etag: str | None = None
 
 
 def request(node: LiveNode, target: str, headers: dict[str, str] | None = None) -> Reply:
@@ -58,7 +59,7 @@ def request(node: LiveNode, target: str, headers: dict[str, str] | None = None) 
         response = connection.getresponse()
         content_type = response.getheader("Content-Type", "").split(";")[0].strip()
         if content_type != "text/event-stream":
-            return Reply(response.status, content_type, response.read(), [])
+            return Reply(response.status, content_type, response.read(), [], response.getheader("ETag"))
         fields: dict[str, str] = {}
         while line := response.readline().decode():  # "" when the stream ends
             line = line.rstrip("\r\n")
@@ -209,6 +210,9 @@ def test_every_route_answers_as_the_document_says(nodes: tuple[LiveNode, LiveNod
     )  # imported: what the store holds
     call(open_node, f"{API}/repos/{{org}}/{{name}}/manifest", 404, org="acme", name="nowhere")
     call(open_node, f"{API}/repos/{{org}}/{{name}}/manifest", 400, org="-acme")
+    listed = call(open_node, f"{API}/repos", 200)
+    assert listed.etag is not None
+    call(open_node, f"{API}/repos", 304, {"If-None-Match": listed.etag})
     call(open_node, f"{API}/blobs/{{sha256}}", 206, {"Range": "bytes=10-19"})
     call(open_node, f"{API}/blobs/{{sha256}}", 416, {"Range": f"bytes={len(BIG)}-"})
     # A file still downloading (chunk 0 of 3 logged): served to the token alone, by Range, chunk by chunk.

@@ -119,6 +119,39 @@ def test_repos_lists_each_repo_with_its_refs(node: LiveNode, depot: Depot) -> No
         )
 
 
+def test_the_repo_list_answers_304_while_the_index_stands_and_its_change_at_once(
+    depot: Depot, tmp_path: Path
+) -> None:
+    # (The dashboard polls it every 2 s: unchanged, it is neither read, encoded nor sent again.)
+    depot.import_dir(write_model_dir(tmp_path / "pub", sample_files(0)), "acme/public")
+    depot.import_dir(write_model_dir(tmp_path / "priv", sample_files(1)), "acme/secret", private=True)
+    live = LiveNode(depot, control_token="control-token")  # (reads open; private repos behind the token)
+    try:
+        token = {"Authorization": "Bearer control-token"}
+        public, everything = fetch(live, f"{API}/repos"), fetch(live, f"{API}/repos", token)
+        assert [r["repo_id"] for r in public.json()] == ["acme/public"]
+        assert [r["repo_id"] for r in everything.json()] == ["acme/public", "acme/secret"]
+        assert public.headers["ETag"] != everything.headers["ETag"], (
+            "one tag per view: the token's holds more"
+        )
+        again = fetch(live, f"{API}/repos", {"If-None-Match": public.headers["ETag"]})
+        assert (again.status, again.body, again.headers["ETag"]) == (304, b"", public.headers["ETag"])
+        # A tokenless client that kept the token's tag is not told its (private) list still stands.
+        taken = fetch(live, f"{API}/repos", {"If-None-Match": everything.headers["ETag"]})
+        assert taken.status == 200 and [r["repo_id"] for r in taken.json()] == ["acme/public"]
+        depot.import_dir(write_model_dir(tmp_path / "new", sample_files(2)), "acme/newer")
+        changed = fetch(live, f"{API}/repos", {"If-None-Match": public.headers["ETag"]})
+        assert changed.status == 200 and changed.headers["ETag"] != public.headers["ETag"]
+        assert [r["repo_id"] for r in changed.json()] == ["acme/newer", "acme/public"]
+        models = fetch(live, "/api/models").json()  # (the Hub's listing reads the same kept list)
+        assert sorted(m["id"] for m in models) == ["acme/newer", "acme/public"]
+        depot.remove("acme/newer")
+        assert [r["repo_id"] for r in fetch(live, f"{API}/repos").json()] == ["acme/public"]
+        assert [m["id"] for m in fetch(live, "/api/models").json()] == ["acme/public"]
+    finally:
+        live.stop()
+
+
 def test_manifest_lists_every_file_with_its_chunk_digests(node: LiveNode, depot: Depot) -> None:
     for repo_id, files in REPOS.items():
         commit = depot.resolve(repo_id)

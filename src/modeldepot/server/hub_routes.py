@@ -201,7 +201,10 @@ def _listed_revision(depot: Depot, repo_id: str) -> str:
 async def list_models(request: web.Request) -> web.Response:
     """``GET /api/models``: the repos the store holds (a mirror lists only those), as the Hub lists models."""
     query = ModelQuery.parse(request.query)
-    page, cursor = await asyncio.to_thread(models_page, request.app[DEPOT], query, is_authorized(request))
+    depot, cache, authorized = request.app[DEPOT], request.app[COMMITS], is_authorized(request)
+    page, cursor = await asyncio.to_thread(
+        lambda: models_page(depot, query, authorized, cache.repos(depot.store.list_repos)[1])
+    )
     return json_response(page, headers={"Link": _next_link(request, cursor=cursor)} if cursor else None)
 
 

@@ -252,10 +252,13 @@ def _item(store: Store, summary: RepoSummary, properties: Iterable[str]) -> dict
     return select_properties(model_properties(view, config), wanted)
 
 
-def models_page(depot: Depot, query: ModelQuery, authorized: bool) -> tuple[list[dict[str, Any]], str | None]:
+def models_page(
+    depot: Depot, query: ModelQuery, authorized: bool, repos: Iterable[RepoSummary] | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
     """One page of the models the request may see (private ones only with the node's token), and the
-    cursor of the next page (None on the last)."""
-    visible = [s for s in depot.store.list_repos() if (authorized or not s.private) and query.matches(s)]
+    cursor of the next page (None on the last). ``repos``: the store's, as read already (else read here)."""
+    repos = depot.store.list_repos() if repos is None else repos
+    visible = [s for s in repos if (authorized or not s.private) and query.matches(s)]
     ordered = sorted(visible, key=query.key, reverse=query.descending)  # stable: ties stay in id order
     if query.cursor is not None:
         cursor = query.cursor

@@ -40,7 +40,7 @@ from modeldepot.server.context import DEPOT, is_authorized, path_repo, request_u
 from modeldepot.server.fleet import FLEET
 from modeldepot.server.openapi import WITHHELD_PRELOAD, openapi_document
 from modeldepot.server.ranges import RangeNotSatisfiable
-from modeldepot.server.responses import CountedResponse, ViewResponse, json_response, send_blob
+from modeldepot.server.responses import CountedResponse, ViewResponse, json_response, matches_none, send_blob
 from modeldepot.server.views import wanted_range
 from modeldepot.store.maintenance import totals as store_totals
 from modeldepot.store.models import BlobRecord
@@ -110,9 +110,28 @@ async def node_info(request: web.Request) -> web.Response:
 
 
 async def list_repos(request: web.Request) -> web.Response:
-    repos = await asyncio.to_thread(_depot(request).list_repos)
-    visible = [r for r in repos if not r.private or is_authorized(request)]
-    return json_response([r.to_dict() for r in visible])
+    """The repos, with an ETag of the index version they are of: a client that sends it back gets a 304
+    until the index changes (the dashboard asks every 2 s; 0.8 MB and 0.25 s of CPU at 3,000 repos)."""
+    depot, authorized = _depot(request), is_authorized(request)
+    if depot.tiers.shared:  # (the shared stores' changes move no version of this store's index)
+        repos = await asyncio.to_thread(depot.list_repos)
+        return json_response([r.to_dict() for r in repos if not r.private or authorized])
+    cache = request.app[COMMITS]
+
+    def read() -> tuple[int, bytes]:
+        version, repos = cache.repos(depot.store.list_repos)
+
+        def make() -> bytes:
+            return json.dumps([r.to_dict() for r in repos if not r.private or authorized]).encode()
+
+        return version, cache.body(("repos", authorized), version, make)
+
+    version, body = await asyncio.to_thread(read)
+    etag = f"repos-{cache.epoch}-{version}-{'all' if authorized else 'public'}"
+    headers = {"ETag": f'"{etag}"', "Cache-Control": "no-cache"}
+    if matches_none(request.headers.get("If-None-Match"), etag):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=body, content_type="application/json", headers=headers)
 
 
 async def manifest(request: web.Request) -> web.Response:

@@ -42,6 +42,7 @@ __all__ = [
     "body_bytes_sent",
     "error_response",
     "json_response",
+    "matches_none",
     "response_for_error",
     "send_blob",
 ]
@@ -235,7 +236,7 @@ async def send_blob(
         "Accept-Ranges": "bytes",
         "Content-Type": "application/octet-stream",
     }
-    if _matches_none(request.headers.get("If-None-Match"), etag):
+    if matches_none(request.headers.get("If-None-Match"), etag):
         reader.close()  # the client holds these very bytes
         return web.Response(status=304, headers={k: v for k, v in headers.items() if k != "Content-Type"})
     try:
@@ -257,7 +258,7 @@ async def send_blob(
     return BlobResponse(reader, wanted.start, wanted.length, 206, headers)
 
 
-def _matches_none(header: str | None, etag: str) -> bool:
+def matches_none(header: str | None, etag: str) -> bool:
     """Whether an ``If-None-Match`` header names ``etag`` (or ``*``), compared weakly (RFC 9110 §13.1.2)."""
     if header is None:
         return False

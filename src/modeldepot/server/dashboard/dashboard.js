@@ -154,11 +154,17 @@
     return all;
   }
 
+  // A read's last answer that came with an ETag, by path: sent back, the node answers 304 while it stands
+  // (the repo list, every 2 s, was 0.8 MB and a quarter of a second of the node's CPU at 3,000 repos).
+  const kept = new Map();
+
   // quiet: a 401 is not reported (the polled list of pulls, refused on a node whose reads are open).
   async function api(method, path, body, quiet = false) {
     const init = { method, cache: "no-store", headers: headers(body === undefined ? {} : { "Content-Type": "application/json" }) };
     if (body !== undefined) init.body = JSON.stringify(body);
     if (method === "GET") init.signal = AbortSignal.timeout(READ_TIMEOUT_MS); // (an action may take its time)
+    const before = method === "GET" ? kept.get(path) : undefined;
+    if (before && before.token === state.token) init.headers["If-None-Match"] = before.etag;
     const asked = new Date(); // (a read that timed out: the node was silent since then, not since the timeout)
     let response;
     try {
@@ -167,6 +173,7 @@
       const why = error.name === "TimeoutError" ? `within ${READ_TIMEOUT_MS / 1000} s` : `(${error.message})`;
       return { ok: false, status: 0, data: null, error: `the node did not answer ${why}`, asked };
     }
+    if (response.status === 304 && before) return { ok: true, status: 200, data: before.data, error: null };
     let data = null;
     if ((response.headers.get("Content-Type") || "").startsWith("application/json")) {
       try {
@@ -176,6 +183,11 @@
         if (response.ok) return { ok: false, status: 0, data: null, error: `the node's answer was cut short (${error.message})` };
         data = null;
       }
+    }
+    if (method === "GET") {
+      const etag = response.headers.get("ETag");
+      if (response.ok && etag && data !== null) kept.set(path, { etag, data, token: state.token });
+      else kept.delete(path);
     }
     const message = response.ok
       ? null
