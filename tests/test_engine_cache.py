@@ -10,7 +10,7 @@ import threading
 import traceback
 import weakref
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from hypothesis import settings
@@ -37,6 +37,22 @@ class Engine:
 
     def close(self) -> None:
         self.closed = True
+
+
+class ClosingEngine:
+    """An engine whose close() is noted by name (a list of the engines themselves would hold them)."""
+
+    closed: ClassVar[list[str]] = []
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def close(self) -> None:
+        ClosingEngine.closed.append(self.name)
+
+    def run(self) -> str:
+        assert self.name not in ClosingEngine.closed, f"{self.name} ran after it was closed"
+        return self.name
 
 
 class FlightWaiters:
@@ -277,11 +293,32 @@ def test_eviction_closes_and_frees_the_engine() -> None:
     assert cache.evict("b") and closed == ["b"] and not cache.evict("b")
 
 
-def test_default_hook_calls_close() -> None:
-    cache: LoadedModelCache[Engine] = LoadedModelCache()
-    engine = cache.get_or_load("a", lambda: Engine("a"))
+def test_default_hook_calls_close_of_an_engine_nobody_holds() -> None:
+    ClosingEngine.closed = []
+    cache: LoadedModelCache[ClosingEngine] = LoadedModelCache()
+    cache.get_or_load("a", lambda: ClosingEngine("a"))
     cache.evict("a")
-    assert engine.closed
+    assert ClosingEngine.closed == ["a"]
+
+
+def test_an_engine_evicted_while_a_caller_holds_it_is_not_closed_under_it() -> None:
+    ClosingEngine.closed = []
+    cache: LoadedModelCache[ClosingEngine] = LoadedModelCache(max_models=1, ttl=5, clock=(clock := Clock()))
+    in_use = cache.get_or_load("a", lambda: ClosingEngine("a"))
+    cache.get_or_load("b", lambda: ClosingEngine("b"))  # evicts a, which a request still runs on
+    assert in_use.run() == "a" and ClosingEngine.closed == []
+    cache.get_or_load("c", lambda: ClosingEngine("c"))  # evicts b, which nobody holds: closed at once
+    assert ClosingEngine.closed == ["b"]
+    held = cache.get_or_load("c", lambda: ClosingEngine("other"))
+    clock.now += 10
+    cache.evict_stale()  # the TTL, with a caller still on it
+    assert held.run() == "c" and ClosingEngine.closed == ["b"]
+    ref = weakref.ref(in_use)
+    del in_use, held
+    gc.collect()
+    assert ref() is None, "an engine left to its holders goes with the last of them"
+    cache.get_or_load("d", lambda: ClosingEngine("d"))
+    assert cache.evict("d") and ClosingEngine.closed == ["b", "d"]
 
 
 def test_a_hook_that_raises_does_not_break_the_cache(caplog: pytest.LogCaptureFixture) -> None:

@@ -296,7 +296,7 @@ def test_load_uses_the_preloaded_copy_and_times_both_ways(loaded: Depot) -> None
     assert stats.avg_load_seconds_cold is not None and stats.avg_load_seconds_preloaded is not None
     assert stats.hits == 1  # the load held the preloaded model while the engine read it
     top = {(a.repo_id, a.variant): a.count for a in stats.most_accessed}
-    assert top[(REPO, "fp16")] == 1 and top[(REPO, "")] == 1
+    assert top[(REPO, "fp16")] == 1 and top[(REPO, "fp32")] == 1  # (a load without one: the variant loaded)
 
 
 def test_callables_with_one_name_get_their_own_engines(depot: Depot, tmp_path: Path) -> None:
@@ -465,6 +465,41 @@ def test_uses_are_counted_under_the_variants_own_name(loaded: Depot) -> None:
     loaded.load(REPO, "FP16", warmup=0)
     loaded.store.access.flush()
     assert [(a.variant, a.count) for a in loaded.store.access.top(5)] == [("fp16", 2)]
+
+
+def test_a_load_without_a_variant_counts_as_a_use_of_the_variant_it_loads(loaded: Depot) -> None:
+    # (a use of the whole repo made serve --preload-top preload every variant of it)
+    loaded.load(REPO, warmup=0)
+    loaded.store.access.flush()
+    assert [(a.variant, a.count) for a in loaded.store.access.top(5)] == [("fp32", 1)]
+
+
+def test_a_repo_of_onnx_exports_beside_its_safetensors_loads_either(loaded: Depot, tmp_path: Path) -> None:
+    # (the layout of sentence-transformers' repos on the Hub: fp32 is the ONNX export there)
+    folder = write_repo(tmp_path / "mixed")
+    save_file({"w": WEIGHT, "b": BIAS}, str(folder / "model.safetensors"))
+    loaded.import_dir(folder, "acme/mixed")
+    tensors = loaded.load("acme/mixed", engine="safetensors")
+    np.testing.assert_array_equal(tensors["w"], WEIGHT)
+    assert loaded.load("acme/mixed").get_inputs()[0].type == "tensor(float)"
+
+
+def test_the_memory_budget_counts_a_model_by_its_files_and_makes_room_before_it_loads(
+    loaded: Depot, tmp_path: Path
+) -> None:
+    # Measured as the process's growth over the load, an ONNX model was charged for onnxruntime's import
+    # and a mapped one for next to nothing; and nothing was made room for before the load.
+    onnx_bytes = sum(
+        (tmp_path / "repo" / "onnx" / name).stat().st_size for name in ("model.onnx", "model.onnx_data")
+    )
+    loaded.load(REPO, warmup=0)
+    assert loaded.engines.stats().total_memory_bytes == onnx_bytes
+    _safetensors_repo(loaded, tmp_path, "acme/st")
+    st_bytes = loaded.file_info("acme/st", "model.safetensors").size
+    loaded.engines.memory_budget = onnx_bytes + st_bytes - 1  # (one model fits, not both)
+    loaded.load("acme/st", engine="safetensors")
+    stats = loaded.engines.stats()
+    assert (stats.cached_models, stats.total_memory_bytes) == (1, st_bytes), "room made before the load"
 
 
 def test_a_variant_held_in_part_is_pulled_whole_or_named_as_lacking(

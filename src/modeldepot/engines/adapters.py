@@ -273,6 +273,10 @@ def model_file(paths: list[str], quant: str | None, suffixes: tuple[str, ...]) -
     else:
         plain = next((v for v in grouping.variants if v.name == "fp32"), None)
         candidates = list(plain.files) if plain is not None else list(paths)
+        if plain is not None and not any(p.endswith(suffixes) for p in candidates):
+            # fp32 is another format here (a repo of ONNX exports beside its safetensors): the engine's own
+            # format, wherever it is ("no .safetensors file; it has .onnx" of a repo that held one)
+            candidates = list(paths)
     for suffix in suffixes:
         matching = sorted(
             (p for p in candidates if p.endswith(suffix)), key=lambda p: (p.count("/"), len(p), p)

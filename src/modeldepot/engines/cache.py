@@ -9,7 +9,11 @@ Design notes (where the seed was thin or wrong):
   all receive its exception; a failure is not cached). Different keys load in parallel.
 - ``on_evict`` runs outside the lock, after the entry is gone from the cache, so a slow ``close()`` never
   blocks other callers. The cache keeps no other reference: once the caller drops theirs, the engine is
-  freed.
+  freed. The default hook closes an engine only when nothing outside the cache holds it: ``load()`` hands
+  out the engine itself, with no release to say when a caller is done, so an engine evicted (another
+  model's load, the TTL) while a request ran on it was closed under that request (a native engine's
+  ``close()`` frees what the request reads). One still held is left to its holders, and goes, with its
+  own finalizer, when the last one lets go of it (as the seed's ``Arc`` did).
 - A size that is not given is measured as the process's RSS growth during the load (a rough figure when
   loads overlap, and 0 if memory was freed meanwhile).
 """
@@ -20,6 +24,7 @@ import asyncio
 import inspect
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable
@@ -58,10 +63,21 @@ def _available_fraction() -> float:
 
 
 def default_on_evict(key: Hashable, model: Any) -> None:
-    """Call the engine's ``close()`` when it has one (sessions, files, pools)."""
+    """Call the engine's ``close()`` when it has one (sessions, files, pools). The cache calls it only for
+    an engine nothing else holds (see the module's docstring)."""
     close = getattr(model, "close", None)
     if callable(close):
         close()
+
+
+# References to an evicted engine while the cache decides whether to close it: _run_hooks' local name,
+# _held_elsewhere's parameter and getrefcount's own argument.
+_OWN_REFERENCES = 3
+
+
+def _held_elsewhere(model: object) -> bool:
+    """Whether anything outside the cache still holds ``model`` (a caller, a request running on it)."""
+    return sys.getrefcount(model) > _OWN_REFERENCES
 
 
 def _own_copy(error: BaseException) -> BaseException:
@@ -293,12 +309,17 @@ class LoadedModelCache(Generic[M]):
         return evicted
 
     def _run_hooks(self, evicted: list[tuple[Hashable, M]]) -> None:
-        for key, model in evicted:
+        """The hook for each evicted entry; the list holds the cache's last references (it is emptied)."""
+        while evicted:
+            key, model = evicted.pop()
             try:
-                self.on_evict(key, model)
+                if self.on_evict is default_on_evict and _held_elsewhere(model):
+                    log.debug("%r left the cache while still held: it goes when its holders let go", key)
+                else:
+                    self.on_evict(key, model)
             except Exception:
                 log.exception("on_evict failed for %r; the entry is gone all the same", key)
-        evicted.clear()
+            del model
 
     def evict(self, key: Hashable) -> bool:
         """Drop ``key`` (even if pinned); True if it was cached. A load of it under way is not cached when
@@ -311,7 +332,9 @@ class LoadedModelCache(Generic[M]):
                 self._flights[key].dropped = True
         if entry is None:
             return False
-        self._run_hooks([(key, entry.model)])
+        evicted = [(key, entry.model)]
+        del entry  # (the hook's list holds the cache's last reference)
+        self._run_hooks(evicted)
         return True
 
     def evict_stale(self) -> int:
