@@ -487,3 +487,34 @@ def test_threads_first_use_of_the_ram_tier_makes_one(
     for thread in threads:
         thread.join()
     assert len({id(preloader) for preloader in seen}) == 1
+
+
+def test_a_release_and_repeated_stats_do_not_measure_the_whole_tier_again(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A measure walks the page cache (0.1 s a GiB): every load's release measured the whole tier under the
+    # tier's lock, and so did every stats call (every dashboard poll, every metrics scrape), twice.
+    from modeldepot.preload import copies
+
+    for seed, name in enumerate("ab"):
+        add_repo(depot, tmp_path, name, seed)
+    preloader = Preloader(depot, budget="1GiB")
+    preloader.preload("acme/a")
+    preloader.preload("acme/b")
+    measured: list[int] = []
+    real = copies.resident_bytes
+    monkeypatch.setattr(copies, "resident_bytes", lambda fd, size: measured.append(size) or real(fd, size))
+    for _ in range(20):
+        preloader.get("acme/a").release()
+    assert measured == [], "a release within the budget measures nothing"
+    stats = preloader.stats()
+    once = len(measured)
+    assert (
+        stats.ram_bytes == sum(m.resident_bytes for m in stats.preloaded) and once <= 4
+    )  # (2 models x 2 files)
+    for _ in range(10):
+        assert preloader.stats().ram_bytes == stats.ram_bytes
+    assert len(measured) == once, "stats within a second of the last measure read it again"
+    preloader.evict("acme/b")
+    assert preloader.stats().models == 1 and len(measured) > once, "the models changed: measured again"
+    preloader.close()

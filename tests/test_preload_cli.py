@@ -127,3 +127,18 @@ def test_stats_sizes_a_variant_by_its_files_and_finds_a_repo_without_main(home: 
     models = {(m["repo_id"], m["variant"]): m for m in json.loads(shown.output)["models"]}
     assert models[("acme/q", "Q8_0")]["bytes"] == 2 * MiB + 2, models
     assert models[("acme/d", "")]["bytes"] == models[("acme/d", "")]["resident_bytes"] == MiB, models
+
+
+def test_preload_command_with_a_private_copy_strategy_fills_the_page_cache_and_says_so(
+    home: Path, tmp_path: Path
+) -> None:
+    # A copy in the command's own memory went with it, while the command said it was preloaded.
+    make_store(home, tmp_path)
+    done = CliRunner().invoke(
+        cli, ["preload", "acme/hot", "--home", str(home)], env={"MODELDEPOT_PRELOAD_STRATEGY": "read"}
+    )
+    assert done.exit_code == 0, done.output
+    assert "MODELDEPOT_PRELOAD_STRATEGY=read" in done.output and "fills the page cache" in done.output
+    with Depot(home) as depot:
+        in_ram, size = resident_in_ram(depot.store, "acme/hot", None, check=False)
+    assert in_ram == size == 8 * MiB + 2, "the pages outlive the command"

@@ -380,10 +380,23 @@ def preload_command(depot: Depot, repo_id: str, quant: str | None, revision: str
 
     The pages stay after this command ends, until the kernel needs the memory; `modeldepot stats` shows
     what is in RAM."""
+    configured = depot.config.preload_strategy
+    if configured not in ("page-cache", "mmap"):
+        # A private copy (read, memfd) is this process's memory: it went with the command, which said
+        # it was preloaded. The page cache is what outlives it.
+        from modeldepot.preload import Preloader
+
+        depot.use_preloader(Preloader(depot, depot.config.preload_budget, "page-cache"))
     info = depot.preloader.preload(repo_id, quant, revision)
     if as_json:
         render.print_json(info.to_dict())
         return
+    if configured != info.strategy:
+        render.err.print(
+            f"(MODELDEPOT_PRELOAD_STRATEGY={configured} keeps a copy in the memory of the process that"
+            " preloads, `modeldepot serve` or a Python worker: this command fills the page cache, which"
+            " outlives it)"
+        )
     render.out.print(
         f"{'already in RAM' if info.already else 'preloaded'} {info.repo_id}@{info.commit_id[:12]} "
         f"({info.variant or 'all files'}): {render.count(info.files, 'file')}, {render.format_bytes(info.bytes)}, "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import os
 import threading
 import time
@@ -52,6 +53,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ModelKey = tuple[str, str, str]  # repo, commit, variant ('' = every file)
+RESIDENCY_FRESH = 1.0  # seconds a measure of what is in RAM answers stats (the models unchanged)
 
 
 def parse_budget(budget: int | str) -> int:
@@ -187,6 +189,11 @@ class Preloader:
         self._hits = self._misses = self._evictions = 0
         self._load_times: dict[bool, list[float]] = {True: [], False: []}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preload")
+        # Whether the budget gave way to a holder or a pin (everything left held): a release then measures
+        # again. Every release of every load measured the whole tier (0.1 s a GiB) under the lock.
+        self._gave_way = False
+        # The last measure for stats: when, of which models, each one's bytes in RAM, and the tier's
+        self._measured: tuple[float, tuple[_Model, ...], dict[ModelKey, int], int] | None = None
 
     # -- which files ------------------------------------------------------------------------------------
 
@@ -386,7 +393,7 @@ class Preloader:
         with self._lock:
             model.holders -= 1
             free = model.evicted and model.holders == 0
-            if not model.evicted and model.holders == 0:
+            if not model.evicted and model.holders == 0 and self._gave_way:
                 self._make_room(0)  # a budget that gave way to this holder applies again
         if free:
             self._free(model)
@@ -427,11 +434,13 @@ class Preloader:
     def _make_room(self, incoming: int, keep: ModelKey | None = None) -> None:
         """Evict least recently used models (not held, not pinned, not ``keep``) until ``incoming`` more
         bytes fit; what is resident is measured again after each eviction."""
+        self._gave_way = False
         while self._resident_total() + incoming > self.budget:
             victim = next(
                 (m for m in self._models.values() if m.holders == 0 and not m.pinned and m.key != keep), None
             )
             if victim is None:
+                self._gave_way = True
                 return  # everything left is held or pinned: the budget gives way
             self._drop(victim)
 
@@ -518,21 +527,56 @@ class Preloader:
 
     # -- figures ----------------------------------------------------------------------------------------
 
-    def _info(self, model: _Model, already: bool) -> PreloadInfo:
+    def _info(self, model: _Model, already: bool, resident: int | None = None) -> PreloadInfo:
         repo_id, commit_id, variant = model.key
-        return PreloadInfo(repo_id, commit_id, variant, len(model.files), model.size, self._resident(model),
+        resident = self._resident(model) if resident is None else resident
+        return PreloadInfo(repo_id, commit_id, variant, len(model.files), model.size, resident,
                            round(model.seconds, 6), self.strategy, model.locked, model.lock_error, already)  # fmt: skip
+
+    def _measured_locked(self) -> tuple[dict[ModelKey, int], int]:
+        """Each model's bytes in RAM and the tier's, measured again only after ``RESIDENCY_FRESH`` seconds or
+        when the models changed: a measure walks the page cache (0.1 s a GiB), and stats are read by every
+        dashboard's poll and every metrics scrape."""
+        models = tuple(self._models.values())
+        now = time.monotonic()
+        kept = self._measured
+        same = kept is not None and len(kept[1]) == len(models) and all(map(operator.is_, kept[1], models))
+        if kept is not None and same and now - kept[0] < RESIDENCY_FRESH:
+            return kept[2], kept[3]
+        blobs: dict[str, int] = {}  # a blob in the page cache, measured once however many models map it
+        per_model: dict[ModelKey, int] = {}
+        total = 0
+        for model in models:
+            counted: set[str] = set()
+            held = 0
+            for copy in model.files.values():
+                if not copy.shared:
+                    held += (resident := copy.resident())
+                    total += resident
+                elif (sha256 := copy.entry.sha256) not in counted:
+                    counted.add(sha256)
+                    if sha256 not in blobs:
+                        blobs[sha256] = copy.resident()
+                        total += blobs[sha256]
+                    held += blobs[sha256]
+            per_model[model.key] = held
+        self._measured = (now, models, per_model, total)
+        return per_model, total
 
     def stats(self) -> PreloadStats:
         with self._lock:
-            infos = tuple(self._info(m, already=True) for m in reversed(self._models.values()))
+            per_model, total = self._measured_locked()
+            infos = tuple(
+                self._info(m, already=True, resident=per_model[m.key])
+                for m in reversed(self._models.values())
+            )
             gets = self._hits + self._misses
             warm, cold = self._load_times[True], self._load_times[False]
             return PreloadStats(
                 strategy=self.strategy,
                 budget_bytes=self.budget,
                 models=len(infos),
-                ram_bytes=self._resident_total(),
+                ram_bytes=total,
                 hits=self._hits,
                 misses=self._misses,
                 hit_rate=self._hits / gets if gets else None,

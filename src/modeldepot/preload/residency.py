@@ -21,6 +21,9 @@ __all__ = ["MADV_POPULATE_READ", "MlockError", "lock", "populate", "resident_byt
 
 MADV_POPULATE_READ = 22  # linux/mman.h; Python's mmap module may not name it
 PAGE = mmap.PAGESIZE
+_RESIDENT_BIT = bytes(
+    flag & 1 for flag in range(256)
+)  # mincore's byte per page: its lowest bit says resident
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
 _libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -90,7 +93,7 @@ def resident_bytes(fd: int, length: int) -> int:
         if _libc.mincore(_address(mapping), length, vector) != 0:
             error = ctypes.get_errno()
             raise OSError(error, f"mincore failed: {os.strerror(error)}")
-        resident = sum(1 for flag in bytes(vector) if flag & 1)
+        resident = bytes(vector).translate(_RESIDENT_BIT).count(1)  # (a loop in Python: 0.02 s a GiB)
     finally:
         mapping.close()
     return min(length, resident * PAGE)
