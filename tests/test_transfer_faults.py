@@ -574,13 +574,13 @@ def test_a_node_where_nothing_listens_is_dropped_at_once_the_hub_retried(
 def test_a_link_that_cuts_every_answer_midway_still_completes_each_range_asking_for_the_rest(
     as_node: bool, proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Every answer is cut a third of a chunk in: five attempts from the start of the range never completed
-    # one, and each of them fetched the same third again.
-    plan = proxy.set("cut", times=-1, path_suffix=BIG, cut_after=SMALL_CHUNK // 3)
+    # Every answer is cut a fifth of a chunk in: five attempts from the start of the range never completed
+    # one, and each of them fetched the same fifth again.
+    plan = proxy.set("cut", times=-1, path_suffix=BIG, cut_after=SMALL_CHUNK // 5)
     with local_depot(tmp_path / "local", proxy, as_node, monkeypatch) as depot:
         depot.pull(REPO)
         assert_committed(depot)
-    assert plan.injected >= 3 * (len(FILES[BIG]) // SMALL_CHUNK)
+    assert plan.injected >= 5 * (len(FILES[BIG]) // SMALL_CHUNK)
     assert plan.body_bytes == sum(map(len, FILES.values())), (
         "a retry asks only for what the cut one did not bring"
     )
@@ -611,11 +611,44 @@ def test_a_slow_link_shows_progress_as_bytes_arrive_not_only_as_chunks_land(
                 assert bytes(depot.get_file(REPO, BIG)) == files[BIG]
         finally:
             proxy.stop()
+    # The status rows say what is checked, and kept for a resume: never the bytes in flight (a killed pull
+    # was said to have kept 45 MiB, and had kept none).
     landed_only = {n + k * chunk for n in (0, 2) for k in range(3)}
-    assert rows - landed_only, f"the status rows moved only as chunks landed: {sorted(rows)}"
+    assert rows <= landed_only, f"the status rows counted unchecked bytes: {sorted(rows - landed_only)}"
     big = [u for u in updates if u.path == BIG]
     before_a_chunk_landed = [u.file_shown for u in big if u.file_done == 0]
     assert max(before_a_chunk_landed) >= chunk // 2, "bytes received were shown before a chunk was whole"
     assert all(u.file_shown <= u.file_size and u.shown <= u.total for u in updates)
     assert big[-1].file_done == big[-1].file_shown == len(files[BIG]), "the last update: all checked"
     assert updates[-1].receiving == 0
+
+
+def test_a_tiny_file_from_a_failing_source_is_retried_with_backoff_not_in_a_burst(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A range of 1-3 bytes made every failure a "resume" (a quarter of it is 0 bytes): 69 requests at once.
+    files = {"config.json": b"{}", "tokenizer.json": b'{"a": 1}'}
+    with serving(tmp_path / "upstream", files) as node:
+        proxy = FaultProxy(node.url)
+        try:
+            plan = proxy.set("500", times=-1, path_suffix="config.json")
+            depot = local_depot(tmp_path / "local", proxy, False, monkeypatch)
+            with depot, pytest.raises(UpstreamError, match="after 5 attempts"):
+                depot.pull(REPO)
+            assert plan.injected == 5
+        finally:
+            proxy.stop()
+
+
+def test_the_hub_is_asked_again_through_an_outage_longer_than_five_attempts(
+    proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seven refusals a second apart (Retry-After: 1), then the Hub answers: five attempts gave up at the fifth.
+    plan = proxy.set("429", times=7, path_suffix="config.json")  # (one file of one range)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("MODELDEPOT_READ_TIMEOUT", "10")  # (the Hub's patience: twice this)
+    monkeypatch.setenv("HF_ENDPOINT", proxy.url)
+    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as depot:
+        depot.pull(REPO)
+        assert plan.injected == 7
+        assert_committed(depot)

@@ -166,6 +166,7 @@ class _FileJob(ChunkChooser):
         self.fallback, self.on_bytes = fallback, on_bytes
         self.tasks: set[asyncio.Task[bool]] = set()
         self.landing: set[int] = set()  # chunks being written
+        self.counted: set[int] = set()  # chunks landed, told to on_bytes (on the loop)
         # Chunks a request receives straight into the file's own pages: its request and the mapping.
         self.in_place: dict[int, tuple[ChunkRequest, mmap.mmap]] = {}
         self.workers: list[asyncio.Task[None]] = []
@@ -197,12 +198,12 @@ class _FileJob(ChunkChooser):
 
     def receiving(self) -> int:
         """Bytes received of the chunks in flight (the most of any one chunk's requests: the endgame's two
-        copies are one chunk), not counting those that landed."""
-        done = self.partial.done
+        copies are one chunk), not counting those that landed (as the loop saw them land: the partial's own
+        set is written on a worker thread, before the chunk's bytes are counted done)."""
         return sum(
             max(request.receiving.count for request in requests)
             for index, requests in self.requests.items()
-            if requests and index not in done
+            if requests and index not in self.counted
         )
 
     async def run(self, sources: list[FileSource]) -> BlobDigest:
@@ -637,6 +638,7 @@ class _FileJob(ChunkChooser):
             await self.swarm.settle(index, digest)  # the fleet may take it from this node now
 
     def _landed(self, source: FileSource, index: int, length: int) -> None:
+        self.counted.add(index)
         if source.kind != "hub":
             self.peer_landed.append((time.monotonic(), length))
         if self.on_bytes is not None:

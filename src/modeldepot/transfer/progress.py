@@ -92,7 +92,8 @@ class PullTracker:
         if self.progress is not None:
             mine = self.done.get(path, 0)
             self.progress(PullUpdate(path, elsewhere, self.sizes.get(path, 0),
-                                     sum(self.done.values()) - mine + elsewhere, self.total, True))  # fmt: skip
+                                     sum(self.done.values()) - mine + elsewhere, self.total, True,
+                                     0, sum(self.shown_receiving.values())))  # fmt: skip
 
     def add(self, path: str, amount: int, waiting: bool = False, origin: str = "local") -> None:
         self.done[path] = self.done.get(path, 0) + amount
@@ -120,7 +121,8 @@ class PullTracker:
             # transfers do not stall behind the disk.
             self.last_write = time.monotonic()
             # The rows are taken here, on the loop, so the thread never reads dicts the transfers change.
-            rows, sources = self._rows(self.shown_receiving)
+            # Checked bytes alone: a row outlives a killed pull, and says what it kept for a resume.
+            rows, sources = self._rows()
             self.pending = asyncio.get_running_loop().run_in_executor(
                 None,
                 self.store.manifests.set_statuses,
@@ -150,19 +152,13 @@ class PullTracker:
         rows, sources = self._rows()
         self.store.manifests.set_statuses(self.manifest.repo_id, rows, status, error, sources)
 
-    def _rows(
-        self, receiving: dict[str, int] | None = None
-    ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-        """Each variant's bytes done (and ``receiving``, while it downloads), and its bytes by kind of
-        source (checked bytes only)."""
+    def _rows(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        """Each variant's bytes done, and its bytes by kind of source."""
         rows: dict[str, int] = {}
         sources: dict[str, dict[str, int]] = {}
-        receiving = receiving or {}
         for name in self.names:
             wanted = {f.path for f in self.manifest.files_of(name)}
-            done = sum(n for path, n in self.done.items() if path in wanted)
-            done += sum(n for path, n in receiving.items() if path in wanted)
-            rows[name] = self.held.get(name, 0) + done
+            rows[name] = self.held.get(name, 0) + sum(n for path, n in self.done.items() if path in wanted)
             kinds: dict[str, int] = {}
             for path in wanted & self.path_sources.keys():
                 for kind, amount in self.path_sources[path].items():

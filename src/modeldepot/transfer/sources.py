@@ -12,6 +12,7 @@ import base64
 import binascii
 import http.client
 import json
+import logging
 import mmap
 import random
 import re
@@ -50,6 +51,8 @@ __all__ = [
     "small_request",
 ]
 
+log = logging.getLogger(__name__)
+
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 MAX_SMALL_ANSWER = 256 << 20  # bytes of a manifest or chunk map taken from a node (200,000 files fit)
 # ASCII digits only: str.isdigit() also takes "²", which float() refuses.
@@ -74,8 +77,9 @@ class RetryPolicy:
     base_delay: float = 0.5  # seconds, doubled per attempt, with jitter
     max_delay: float = 30.0
     read_timeout: float = 30.0  # seconds without a byte before a request counts as stalled
-    # An attempt cut after it brought this much (or a quarter of the range) is resumed where it stopped and
-    # not counted as failed (at most max_resumes times a range: a server that always cuts early still fails).
+    # An attempt cut after it brought bytes is resumed where it stopped and not counted as failed (at most
+    # max_resumes times a range: a server that always cuts early still fails); at once when it brought this
+    # much (or a quarter of the range), else after the first backoff.
     progress_bytes: int = 1 << 20
     max_resumes: int = 64
 
@@ -158,8 +162,10 @@ class HttpSource:
         bytes in as they arrive (a progress display's).
 
         A connection cut (or stalled) in the middle of the body is retried for the rest of the range alone,
-        and an attempt that brought at least ``RetryPolicy.progress_bytes`` (or a quarter of the range) is not
-        counted against the attempts: a flaky link that drops every few seconds still completes the range, however slowly.
+        and an attempt that brought bytes is not counted against the attempts (up to
+        ``RetryPolicy.max_resumes`` times): a flaky link that drops every few seconds still completes the
+        range, however slowly. The Hub is asked again for twice the read timeout at least (60 s by default)
+        after a failure, however many attempts that takes: a short outage does not end a pull.
 
         Raises RangeIgnoredError when the server sends the whole file in reply to a partial range. Never
         returns or raises while a reader thread may still write into ``into``, even when cancelled.
@@ -181,8 +187,14 @@ class HttpSource:
         timed_out = False
         failures = 0  # attempts that failed and brought too little to count as progress
         resumed = 0  # attempts that continued where a cut one stopped
-        while failures < self.retry.attempts:
+        # The Hub is the last resort: it is asked for as long as a short outage lasts (a Wi-Fi drop, a DSL
+        # resync), not only five times (7 s of backoff when the network is unreachable failed a pull of an
+        # hour). Other nodes are dropped sooner: the Hub or another node takes their chunks.
+        patience = 2 * self.retry.read_timeout if self.kind == "hub" else 0.0
+        first_failure: float | None = None
+        while True:
             retry_after = None
+            timed_out = False  # (what the last attempt met is what the error says)
             kept = receiving.kept
             attempt = receiving.attempt = Attempt()
             try:
@@ -234,15 +246,22 @@ class HttpSource:
                 timed_out = isinstance(error, TimeoutError)
             # What the attempt read before it failed is in place: the next one asks for the rest only.
             receiving.kept, receiving.attempt = receiving.kept + attempt.received, None
-            if (
-                attempt.received >= min(self.retry.progress_bytes, want // 4)
-                and resumed < self.retry.max_resumes
-            ):
-                resumed += 1  # (the link works, and the server answered: asked again at once)
+            if attempt.received and resumed < self.retry.max_resumes:
+                first_failure = None  # (the outage, if it was one, is over)
+                # Not a failure: the link works and the range moved (a link cut every 700 KiB completed no
+                # 16 MiB chunk in five attempts). Asked again at once when it brought much, else after the
+                # first backoff (a server that cuts after every few bytes is not asked in a burst).
+                if not resumed:
+                    log.info("%s: cut after %d bytes of %d; asking for the rest", url, receiving.kept, want)
+                resumed += 1
+                if attempt.received < min(self.retry.progress_bytes, want // 4):
+                    await asyncio.sleep(self.retry.delay(0, retry_after))
                 continue
             failures += 1
-            if failures < self.retry.attempts:
-                await asyncio.sleep(self.retry.delay(failures - 1, retry_after))
+            first_failure = time.monotonic() if first_failure is None else first_failure
+            if failures >= self.retry.attempts and time.monotonic() - first_failure >= patience:
+                break
+            await asyncio.sleep(self.retry.delay(failures - 1, retry_after))
         kind = UpstreamTimeoutError if timed_out else UpstreamError  # what the last attempt met
         raise kind(f"{url} bytes {start}-{start + want - 1}: {problem} after {failures + resumed} attempts",
                    source=url)  # fmt: skip
