@@ -244,6 +244,31 @@ def test_a_read_only_view_of_a_store_written_elsewhere_follows_it(tmp_path: Path
         assert bytes(reader.get_file("acme/more-29", "config.json")) == b'{"model_type": "test"}'
 
 
+def test_a_node_on_a_read_only_view_lists_what_the_writer_adds(tmp_path: Path, read_only: Mount) -> None:
+    """The node's lists are kept while the index's version stands: a version read on the view's immutable
+    connection never moved, and a node served the list of before the writer came, for good."""
+    home = made_store(tmp_path)
+    with Depot(read_only(home)) as reader:
+        node = LiveNode(reader)
+        try:
+            listed = json.loads(urllib.request.urlopen(f"{node.url}/api/depot/v1/repos", timeout=10).read())
+            assert len(listed) == 3
+            with Depot(home, chunk_size=SMALL_CHUNK) as writer:
+                writer.import_dir(tmp_path / "src" / "st", "acme/added-later")
+                repos = json.loads(
+                    urllib.request.urlopen(f"{node.url}/api/depot/v1/repos", timeout=10).read()
+                )
+                models = json.loads(urllib.request.urlopen(f"{node.url}/api/models", timeout=10).read())
+                info = json.loads(
+                    urllib.request.urlopen(f"{node.url}/api/models/acme/added-later", timeout=10).read()
+                )
+            assert "acme/added-later" in {r["repo_id"] for r in repos}
+            assert "acme/added-later" in {m["id"] for m in models}
+            assert {s["rfilename"] for s in info["siblings"]} >= {"config.json"}
+        finally:
+            node.stop()
+
+
 def test_modeldepot_serve_on_a_read_only_store_with_a_budget(tmp_path: Path, read_only: Mount) -> None:
     """`serve` brings a store over its budget within it when it starts: not a read-only one, which it
     serves as it is (it failed to start)."""

@@ -136,6 +136,10 @@ def test_the_repo_list_answers_304_while_the_index_stands_and_its_change_at_once
         )
         again = fetch(live, f"{API}/repos", {"If-None-Match": public.headers["ETag"]})
         assert (again.status, again.body, again.headers["ETag"]) == (304, b"", public.headers["ETag"])
+        depot.store.access.record("acme/public")  # (a write to the index that changes nothing listed)
+        depot.store.access.flush()
+        unchanged = fetch(live, f"{API}/repos", {"If-None-Match": public.headers["ETag"]})
+        assert unchanged.status == 304, "a list that stands keeps its tag, whatever else the index recorded"
         # A tokenless client that kept the token's tag is not told its (private) list still stands.
         taken = fetch(live, f"{API}/repos", {"If-None-Match": everything.headers["ETag"]})
         assert taken.status == 200 and [r["repo_id"] for r in taken.json()] == ["acme/public"]

@@ -6,17 +6,17 @@ page for 50,000 files, a listing quadratic in the files (a scale trial). Any com
 connection of any process, moves its ``data_version`` (:class:`~modeldepot.store.index.ChangeCounter`):
 until then what was read stands. Every open dashboard lists the repos every 2 s (0.25 s of CPU at 3,000
 repos, the query and the JSON), and every page of ``/api/models`` read them all: read once per change now,
-and a dashboard that holds the list gets a 304 for it (its ETag names the version).
+and a dashboard that holds the list gets a 304 for it (its ETag is a digest of the list's bytes).
 """
 
 from __future__ import annotations
 
 import threading
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
+import blake3
 from aiohttp import web
 
 from modeldepot.store import FileEntry, RepoSummary, Store
@@ -36,10 +36,7 @@ class CommitCache(Generic[T]):
         self._kept: OrderedDict[tuple[str, str], tuple[int, tuple[FileEntry, ...], T | None]] = OrderedDict()
         self._summaries: OrderedDict[str, tuple[int, RepoSummary]] = OrderedDict()
         self._repos: tuple[int, tuple[RepoSummary, ...]] | None = None
-        self._bodies: dict[Hashable, tuple[int, bytes]] = {}
-        # Versions count from this connection's opening: an ETag made of one names this cache too, so a
-        # client's tag from before a restart never matches a version counted again from the start.
-        self.epoch = uuid.uuid4().hex[:12]
+        self._bodies: dict[Hashable, tuple[int, bytes, str]] = {}
 
     def version(self) -> int:
         """The index's ``data_version`` now (the event streams' look asks it too: one counter for both)."""
@@ -88,16 +85,19 @@ class CommitCache(Generic[T]):
             self._repos = found
         return found
 
-    def body(self, key: Hashable, version: int, make: Callable[[], bytes]) -> bytes:
-        """An answer's body made of what was read at index ``version``, made once for that version."""
+    def body(self, key: Hashable, version: int, make: Callable[[], bytes]) -> tuple[bytes, str]:
+        """An answer's body made of what was read at index ``version``, made once for that version, and a
+        tag of its bytes: the same list after a write that changed nothing of it (a use recorded, a pull's
+        status) keeps its tag, and a client that holds it gets a 304 still."""
         with self._lock:
             kept = self._bodies.get(key)
             if kept is not None and kept[0] == version:
-                return kept[1]
+                return kept[1], kept[2]
         made = make()
+        tag = blake3.blake3(made).hexdigest()[:32]
         with self._lock:
-            self._bodies[key] = (version, made)
-        return made
+            self._bodies[key] = (version, made, tag)
+        return made, tag
 
     def built(self, key: tuple[str, str], files: tuple[FileEntry, ...], build: Callable[[], T]) -> T:
         """What ``build`` makes of ``files``, made once for as long as they are the ones kept for ``key``."""

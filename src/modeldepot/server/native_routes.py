@@ -110,24 +110,25 @@ async def node_info(request: web.Request) -> web.Response:
 
 
 async def list_repos(request: web.Request) -> web.Response:
-    """The repos, with an ETag of the index version they are of: a client that sends it back gets a 304
-    until the index changes (the dashboard asks every 2 s; 0.8 MB and 0.25 s of CPU at 3,000 repos)."""
+    """The repos, with an ETag of their bytes: a client that sends it back gets a 304 while the list stands
+    (the dashboard asks every 2 s; 0.8 MB and 0.25 s of CPU at 3,000 repos). Read again only when the
+    index changed."""
     depot, authorized = _depot(request), is_authorized(request)
     if depot.tiers.shared:  # (the shared stores' changes move no version of this store's index)
         repos = await asyncio.to_thread(depot.list_repos)
         return json_response([r.to_dict() for r in repos if not r.private or authorized])
     cache = request.app[COMMITS]
 
-    def read() -> tuple[int, bytes]:
+    def read() -> tuple[bytes, str]:
         version, repos = cache.repos(depot.store.list_repos)
 
         def make() -> bytes:
             return json.dumps([r.to_dict() for r in repos if not r.private or authorized]).encode()
 
-        return version, cache.body(("repos", authorized), version, make)
+        return cache.body(("repos", authorized), version, make)
 
-    version, body = await asyncio.to_thread(read)
-    etag = f"repos-{cache.epoch}-{version}-{'all' if authorized else 'public'}"
+    body, digest = await asyncio.to_thread(read)
+    etag = f"repos-{digest}-{'all' if authorized else 'public'}"
     headers = {"ETag": f'"{etag}"', "Cache-Control": "no-cache"}
     if matches_none(request.headers.get("If-None-Match"), etag):
         return web.Response(status=304, headers=headers)

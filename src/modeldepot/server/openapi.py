@@ -341,9 +341,9 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/api/depot/v1/repos": {
                 "get": {
                     "operationId": "listRepos",
-                    "description": "Answered with an ETag of the index's version (the token's view and the "
-                    "public one have their own): sent back in If-None-Match, it gets a 304 until the index "
-                    "changes. Not on a node that lists shared stores too.",
+                    "description": "Answered with an ETag of the list (the token's view and the public one "
+                    "have their own): sent back in If-None-Match, it gets a 304 while the list stands. Not on "
+                    "a node that lists shared stores too.",
                     "responses": {
                         "200": _json({"type": "array", "items": {"$ref": REF + "RepoSummary"}}),
                         "304": {"description": "The list the ETag names still stands"},

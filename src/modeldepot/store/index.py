@@ -304,26 +304,45 @@ class ChangeCounter:
 
     def __init__(self, path: Path, read_only: bool = False) -> None:
         self.path = path
+        self.read_only = read_only
+        self._con: sqlite3.Connection | None = None
+        # (A read-only mount with no writer at the start: the connection is immutable, and its version never
+        # moves. Made again once a writer appears, as the index's are; the versions of each connection count
+        # apart, so they are told apart by how many connections came before: a value never comes back.)
+        self._immutable = False
+        self._connections = 0
+        self._connect()
+
+    def _connect(self) -> None:
         try:
-            if read_only:
-                uri = read_only_uri(path, os.path.exists(f"{path}-shm"))
-                self._con: sqlite3.Connection | None = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            if self.read_only:
+                writer = os.path.exists(f"{self.path}-shm")
+                uri = read_only_uri(self.path, writer)
+                con = sqlite3.connect(uri, uri=True, check_same_thread=False)
+                self._immutable = not writer
             else:
-                self._con = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
-            self._con.execute("PRAGMA query_only=ON")
+                con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
+            con.execute("PRAGMA query_only=ON")
         except sqlite3.Error as error:
-            raise translate_sqlite_error(error, f"opening the index {path}", path.parent) from error
+            raise translate_sqlite_error(error, f"opening the index {self.path}", self.path.parent) from error
+        if self._con is not None:
+            self._con.close()
+        self._con = con
+        self._connections += 1
 
     def value(self) -> int:
         if self._con is None:
             raise ValueError("the change counter is closed")
+        if self._immutable and os.path.exists(f"{self.path}-shm"):
+            self._connect()  # a writer appeared: what it commits is read from now on
         try:
             with INDEX_GATE:
-                return int(self._con.execute("PRAGMA data_version").fetchone()[0])
+                version = int(self._con.execute("PRAGMA data_version").fetchone()[0])
         except sqlite3.Error as error:
             raise translate_sqlite_error(
                 error, "reading the index's change counter", self.path.parent
             ) from error
+        return (self._connections << 40) + version
 
     def close(self) -> None:
         if self._con is not None:
