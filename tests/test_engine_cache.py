@@ -295,10 +295,22 @@ def test_eviction_closes_and_frees_the_engine() -> None:
 
 def test_default_hook_calls_close_of_an_engine_nobody_holds() -> None:
     ClosingEngine.closed = []
-    cache: LoadedModelCache[ClosingEngine] = LoadedModelCache()
+    cache: LoadedModelCache[ClosingEngine] = LoadedModelCache(max_models=1, ttl=10, clock=(clock := Clock()))
     cache.get_or_load("a", lambda: ClosingEngine("a"))
     cache.evict("a")
     assert ClosingEngine.closed == ["a"]
+    # Each way out, the cache's own frames holding nothing: the TTL of the key asked for again, and an
+    # unpin that lets the limits evict the entry it unpinned.
+    cache.get_or_load("b", lambda: ClosingEngine("b"))
+    clock.now += 11
+    cache.get_or_load("b", lambda: ClosingEngine("b2"))
+    assert ClosingEngine.closed == ["a", "b"]
+    cache.pin("b")
+    cache.get_or_load("c", lambda: ClosingEngine("c"))  # (the slot gives way to the pin)
+    clock.now += 1
+    cache.get_or_load("c", lambda: ClosingEngine("c2"))  # c used later than b2
+    cache.unpin("b")
+    assert cache.keys() == ["c"] and ClosingEngine.closed == ["a", "b", "b2"]
 
 
 def test_an_engine_evicted_while_a_caller_holds_it_is_not_closed_under_it() -> None:

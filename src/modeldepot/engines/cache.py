@@ -70,14 +70,23 @@ def default_on_evict(key: Hashable, model: Any) -> None:
         close()
 
 
-# References to an evicted engine while the cache decides whether to close it: _run_hooks' local name,
-# _held_elsewhere's parameter and getrefcount's own argument.
-_OWN_REFERENCES = 3
+def _references_to(model: object) -> int:
+    return sys.getrefcount(model)
 
 
-def _held_elsewhere(model: object) -> bool:
-    """Whether anything outside the cache still holds ``model`` (a caller, a request running on it)."""
-    return sys.getrefcount(model) > _OWN_REFERENCES
+def _own_references() -> int:
+    """The references an evicted engine has while :meth:`LoadedModelCache._run_hooks` decides whether to
+    close it, when nothing outside the cache holds it: counted on this interpreter, through the same steps
+    (a fixed number would be wrong where the interpreter counts a local passed along otherwise, and an
+    engine held by a caller would be closed under it again)."""
+    evicted: list[tuple[Hashable, object]] = [("probe", object())]
+    while evicted:
+        _key, model = evicted.pop()
+        return _references_to(model)
+    raise AssertionError("unreachable")
+
+
+_OWN_REFERENCES = _own_references()
 
 
 def _own_copy(error: BaseException) -> BaseException:
@@ -186,6 +195,7 @@ class LoadedModelCache(Generic[M]):
                 self._hits += 1
                 entry.last_used = now
                 return entry.model
+            entry = None  # (the slow path may expire it: its hook must find no reference of the cache's)
         return self._get_slow(key, loader, size, now)
 
     def _get_slow(self, key: Hashable, loader: Loader[M], size: int | None, now: float) -> M:
@@ -313,7 +323,7 @@ class LoadedModelCache(Generic[M]):
         while evicted:
             key, model = evicted.pop()
             try:
-                if self.on_evict is default_on_evict and _held_elsewhere(model):
+                if self.on_evict is default_on_evict and _references_to(model) > _OWN_REFERENCES:
                     log.debug("%r left the cache while still held: it goes when its holders let go", key)
                 else:
                     self.on_evict(key, model)
@@ -366,6 +376,7 @@ class LoadedModelCache(Generic[M]):
             if entry.pins == 0:
                 raise ValueError(f"{key!r} is not pinned")
             entry.pins -= 1
+            del entry  # (it may be the one evicted: its hook must find no reference of the cache's)
             evicted = self._enforce_locked(keep=None)
         self._run_hooks(evicted)
 

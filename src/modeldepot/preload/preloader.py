@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 ModelKey = tuple[str, str, str]  # repo, commit, variant ('' = every file)
 RESIDENCY_FRESH = 1.0  # seconds a measure of what is in RAM answers stats (the models unchanged)
+RECHECK_SECONDS = 10.0  # a holder's release measures the tier against its budget at least this often
 
 
 def parse_budget(budget: int | str) -> int:
@@ -192,6 +193,7 @@ class Preloader:
         # Whether the budget gave way to a holder or a pin (everything left held): a release then measures
         # again. Every release of every load measured the whole tier (0.1 s a GiB) under the lock.
         self._gave_way = False
+        self._room_made_at = time.monotonic()  # when the tier was last measured against its budget
         # The last measure for stats: when, of which models, each one's bytes in RAM, and the tier's
         self._measured: tuple[float, tuple[_Model, ...], dict[ModelKey, int], int] | None = None
 
@@ -393,8 +395,11 @@ class Preloader:
         with self._lock:
             model.holders -= 1
             free = model.evicted and model.holders == 0
-            if not model.evicted and model.holders == 0 and self._gave_way:
-                self._make_room(0)  # a budget that gave way to this holder applies again
+            stale = time.monotonic() - self._room_made_at >= RECHECK_SECONDS
+            if not model.evicted and model.holders == 0 and (self._gave_way or stale):
+                # A budget that gave way to this holder applies again; and now and then all the same: pages
+                # the kernel took back and a reader brought in again put the tier over its budget unseen.
+                self._make_room(0)
         if free:
             self._free(model)
 
@@ -435,6 +440,7 @@ class Preloader:
         """Evict least recently used models (not held, not pinned, not ``keep``) until ``incoming`` more
         bytes fit; what is resident is measured again after each eviction."""
         self._gave_way = False
+        self._room_made_at = time.monotonic()
         while self._resident_total() + incoming > self.budget:
             victim = next(
                 (m for m in self._models.values() if m.holders == 0 and not m.pinned and m.key != keep), None
