@@ -640,15 +640,69 @@ def test_a_tiny_file_from_a_failing_source_is_retried_with_backoff_not_in_a_burs
             proxy.stop()
 
 
-def test_the_hub_is_asked_again_through_an_outage_longer_than_five_attempts(
-    proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Seven refusals a second apart (Retry-After: 1), then the Hub answers: five attempts gave up at the fifth.
-    plan = proxy.set("429", times=7, path_suffix="config.json")  # (one file of one range)
+def _interrupted_on_a_slow_hub(proxy: FaultProxy, home: Path, env: dict[str, str]) -> int:
+    """A pull into a new store of 2 MiB chunks from ``proxy`` as the Hub, slowed down, Ctrl-C'ed while four
+    chunks are in flight and none is whole: how many body bytes crossed."""
+    Depot(home, chunk_size=2 << 20).close()
+    first = proxy.set("slow", times=-1, slow_delay=0.04)  # (64 KiB pieces: 1.6 MB/s a connection)
+    process = _pull_process(home, env, interruptible=True)
+    try:
+        wait_until(lambda: first.body_bytes > 6 << 20)  # four chunks at 1.5 MiB each
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.communicate()
+    assert process.returncode == 130, stderr
+    return first.body_bytes
+
+
+def _hub_env(proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(MODELDEPOT_SERVERS="", HF_ENDPOINT=proxy.url, MODELDEPOT_CONNECTIONS="4")  # (the Hub path)
+    for name in ("MODELDEPOT_SERVERS", "HF_ENDPOINT", "MODELDEPOT_CONNECTIONS"):
+        monkeypatch.setenv(name, env[name])
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("MODELDEPOT_READ_TIMEOUT", "10")  # (the Hub's patience: twice this)
-    monkeypatch.setenv("HF_ENDPOINT", proxy.url)
-    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as depot:
-        depot.pull(REPO)
-        assert plan.injected == 7
-        assert_committed(depot)
+    return env
+
+
+def test_ctrl_c_keeps_what_each_chunk_in_flight_received(
+    big_upstream: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a slow link four chunks a file are in flight for a minute each: a Ctrl-C threw all of them away.
+    proxy, home = big_upstream, tmp_path / "local"
+    crossed = _interrupted_on_a_slow_hub(proxy, home, _hub_env(proxy, monkeypatch))
+    second = proxy.set("pass")
+    with Depot(home) as depot:
+        result = depot.pull(REPO)
+        assert bytes(depot.get_file(REPO, BIG)) == BIG_FILES[BIG]
+        assert store_files_consistent(depot) == []
+    lost = crossed + second.body_bytes - sum(map(len, BIG_FILES.values()))
+    assert result.bytes_resumed >= 4 << 20, result
+    # (at most a read piece and what sat in the socket, a connection: it was every byte in flight, 6 MiB)
+    assert lost < 2 << 20, f"{lost} bytes crossed twice"
+    assert result.bytes_downloaded == second.body_bytes, "the parts count as resumed, not fetched"
+
+
+@pytest.mark.parametrize("how", ["rotten", "rebooted"])
+def test_a_part_kept_from_a_stopped_pull_is_never_taken_on_trust(
+    how: str, big_upstream: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A part is checked with its chunk: wrong (rotten here), the file is fetched again and comes out right;
+    # written under another boot of the kernel (its pages may never have reached the disk), it is not taken.
+    proxy, home = big_upstream, tmp_path / "local"
+    _interrupted_on_a_slow_hub(proxy, home, _hub_env(proxy, monkeypatch))
+    if how == "rotten":
+        (part,) = (home / "partials").glob("*.part")
+        with open(part, "r+b") as data:
+            data.seek(1000)
+            data.write(b"rot" * 100)
+    else:
+        monkeypatch.setenv("MODELDEPOT_BOOT_ID", "another-boot")
+    proxy.set("pass")
+    with Depot(home) as depot:
+        result = depot.pull(REPO)
+        assert bytes(depot.get_file(REPO, BIG)) == BIG_FILES[BIG]
+        assert store_files_consistent(depot) == []
+    if how == "rebooted":
+        assert result.bytes_resumed < 1 << 20, "a part of another boot was taken"

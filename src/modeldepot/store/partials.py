@@ -4,7 +4,8 @@ the process that started it.
 ::
 
     partials/<key>.part   the file being downloaded, preallocated to its final size
-    partials/<key>.log    a header line, then one line per finished chunk: "<index> <blake3>"
+    partials/<key>.log    a header line, then one line per finished chunk: "<index> <blake3>", and one
+                          per chunk a transfer left part of: "<index> +<bytes> <boot id>"
     partials/<key>.one    a content of one chunk: the file, and its own lock (no log)
 
 ``key`` is the content's expected SHA-256 (or ``git-<oid>`` for a plain git file), so two pulls of the same
@@ -29,6 +30,13 @@ a new file), and gc removes it.
 The log is appended without fsync, and a chunk's line may reach the disk before its bytes do. That is
 why a resume trusts no line blindly: every logged chunk is re-read and checked against its BLAKE3 (a
 read at disk speed, far cheaper than refetching), and the ones that fail are fetched again.
+
+A transfer stopped in the middle of a chunk (Ctrl-C, a source that failed) that received into the file's
+own pages logs how far it got: the next one asks for the rest of that chunk alone (on a slow link four
+16 MiB chunks a file are in flight, a minute of transfer each). Nothing proves those bytes until the chunk
+is whole: its BLAKE3 (a node's) or the file's SHA-256 (the Hub's) is checked as ever, a chunk that fails
+is fetched again whole, and a part logged under another boot of the kernel is not taken (its pages may not
+have reached the disk).
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ import blake3
 
 from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.store.blobs import PartialBlob, start_writeback
+from modeldepot.store.durability import UNKNOWN_BOOT, current_boot_id
 from modeldepot.store.layout import StoreLayout, os_error
 from modeldepot.store.locks import lock_is_held
 from modeldepot.store.models import BlobRecord
@@ -68,6 +77,7 @@ PARTIAL_MAX_AGE = 7 * 24 * 3600.0  # seconds an untouched, unlocked partial is k
 _HEADER = "modeldepot-partial 1 size={size} chunk={chunk}\n"
 _HEADER_LINE = re.compile(r"modeldepot-partial 1 size=([0-9]{1,19}) chunk=([0-9]{1,12})")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_PART = re.compile(r"\+([0-9]{1,12}) (\S{1,64})")  # "+<bytes> <boot id>", after a line's chunk index
 _BLAKE3 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -131,12 +141,15 @@ class ResumablePartial:
     """A claimed partial: this process holds its lock until :meth:`release` or :meth:`finish`."""
 
     def __init__(self, layout: StoreLayout, paths: _Paths, lock_fd: int, data_fd: int, size: int, chunk_size: int,
-                 done: dict[int, str], resumed_bytes: int, writeback: bool = True) -> None:  # fmt: skip
+                 done: dict[int, str], resumed_bytes: int, writeback: bool = True,
+                 parts: dict[int, int] | None = None) -> None:  # fmt: skip
         self.layout = layout
         self.paths = paths
         self.size = size
         self.chunk_size = chunk_size
         self.done = done  # chunk index -> BLAKE3 of the chunk as written
+        # Chunk index -> bytes at its start an earlier transfer received into the file (not checked yet)
+        self.parts: dict[int, int] = dict(parts or {})
         # Chunks that landed in this process checked against a BLAKE3 the node that answered the scan gave
         # (its word, as the SHA-256 the whole file is checked against): a reader may have them before that
         self.vouched: set[int] = set()
@@ -191,7 +204,27 @@ class ResumablePartial:
             raise os_error(error, "writing a download to the store") from error
         if vouched:
             self.vouched.add(index)  # (before it is done: a reader that sees it done sees this too)
+        self.parts.pop(index, None)
         self.done[index] = digest
+
+    def log_part(self, index: int, received: int) -> None:
+        """Chunk ``index``'s first ``received`` bytes are in the file (received into its mapped pages by a
+        transfer that stopped): the next transfer of it asks for the rest alone."""
+        length = chunk_span(index, self.size, self.chunk_size)[1]
+        if self.paths.one_piece or index in self.done or not 0 < received < length or self._lock_fd < 0:
+            return
+        boot = current_boot_id()
+        if boot == UNKNOWN_BOOT:
+            return  # (no way to tell a part written before a power loss from one that reached the disk)
+        try:
+            os.write(self._lock_fd, f"{index} +{received} {boot}\n".encode())
+        except OSError:
+            return  # (only a resume's shortcut: the chunk is fetched whole instead)
+        self.parts[index] = received
+
+    def forget_part(self, index: int) -> None:
+        """The part of chunk ``index`` did not make a whole chunk that checks out: the chunk is fetched whole."""
+        self.parts.pop(index, None)
 
     def close_data(self) -> None:
         """Close the data file while the lock stays held (a finished file waiting for its publish:
@@ -224,6 +257,7 @@ class ResumablePartial:
                 raise os_error(error, "resetting a download") from error
         self.vouched.clear()
         self.done.clear()
+        self.parts.clear()
         self.resets += 1
 
     def mark_public(self, public: bool) -> None:
@@ -456,7 +490,8 @@ class PartialFiles:
 
     def _open(self, key: str, paths: _Paths, lock_fd: int, size: int, chunk_size: int) -> ResumablePartial:
         header = _HEADER.format(size=size, chunk=chunk_size)
-        logged = None if paths.one_piece else _read_log(lock_fd, header)
+        read = None if paths.one_piece else _read_log_and_parts(lock_fd, header)
+        logged, parts = (None, {}) if read is None else read
         try:
             if paths.one_piece and not os.fstat(lock_fd).st_mode & 0o200:
                 os.fchmod(lock_fd, 0o644)  # flushed for placing (read-only), then not placed
@@ -470,7 +505,7 @@ class PartialFiles:
             if paths.one_piece:  # no log: a leftover counts if it is the whole content, by its key's digest
                 logged = _whole_content(data_fd, key, size)
             if logged is None:  # new, or written for another size or chunk size: start over
-                logged = {}
+                logged, parts = {}, {}
                 if not paths.one_piece:
                     _empty(lock_fd)
                     os.write(lock_fd, header.encode())
@@ -482,8 +517,16 @@ class PartialFiles:
             os.close(data_fd)
             raise os_error(error, f"reserving {size} bytes for a download") from error
         resumed = sum(chunk_span(i, size, chunk_size)[1] for i in done)
+        boot = current_boot_id()
+        count = chunk_count(size, chunk_size)
+        taken = {
+            index: received
+            for index, (received, written_under) in parts.items()
+            if index < count and index not in done and written_under == boot != UNKNOWN_BOOT
+            and 0 < received < chunk_span(index, size, chunk_size)[1]
+        }  # fmt: skip
         return ResumablePartial(self.layout, paths, lock_fd, data_fd, size, chunk_size, done, resumed,
-                                    self.writeback)  # fmt: skip
+                                self.writeback, taken)  # fmt: skip
 
     def collect(self, remove_all: bool, max_age: float = PARTIAL_MAX_AGE) -> tuple[int, int, int, int]:
         """gc: delete unlocked partials older than ``max_age`` (every unlocked one with ``remove_all``);
@@ -648,16 +691,28 @@ def _mtime(path: Path) -> float:
 def _read_log(fd: int, header: str) -> dict[int, str] | None:
     """Logged chunks, or None when the log is empty or describes another file layout. A torn last line
     (a kill mid-append) and anything unreadable are skipped: those chunks are simply fetched again."""
+    read = _read_log_and_parts(fd, header)
+    return None if read is None else read[0]
+
+
+def _read_log_and_parts(fd: int, header: str) -> tuple[dict[int, str], dict[int, tuple[int, str]]] | None:
+    """Logged chunks, and the parts of chunks logged (index -> (bytes, the boot they were written under));
+    None as :func:`_read_log`."""
     size = os.fstat(fd).st_size
     text = os.pread(fd, size, 0).decode("ascii", "replace") if size else ""
     if not text.startswith(header):
         return None
     logged: dict[int, str] = {}
+    parts: dict[int, tuple[int, str]] = {}
     for line in text[len(header) :].split("\n"):
-        index, _, digest = line.partition(" ")
-        if index.isdigit() and len(digest) == 64:
-            logged[int(index)] = digest
-    return logged
+        index, _, rest = line.partition(" ")
+        if not index.isdigit():
+            continue
+        if len(rest) == 64:
+            logged[int(index)] = rest
+        elif (part := _PART.fullmatch(rest)) is not None:
+            parts[int(index)] = (int(part.group(1)), part.group(2))
+    return logged, parts
 
 
 def _verified_chunks(fd: int, size: int, chunk_size: int, logged: dict[int, str]) -> dict[int, str]:

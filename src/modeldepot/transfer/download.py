@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from modeldepot.transfer.session import LazySession
     from modeldepot.transfer.swarm import SwarmFile
 
-__all__ = ["FileSource", "Limits", "download_file"]
+__all__ = ["LEFT_IN_PLACE", "FileSource", "Limits", "download_file"]
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,9 @@ SLOW_LEFT = 5.0  # ... and only while more is left than the slow pace would brin
 # mappings: mapping and unmapping (a TLB shootdown on every core) cost more than copying a small file.
 MAP_MIN_BYTES = 1024 * 1024
 BytesDone = Callable[[int, str, str], None]  # (bytes, the source's kind, its base URL)
-"""Told ``(bytes, kind)`` for each chunk written: ``kind`` is its source's (:attr:`FileSource.kind`)."""
+"""Told ``(bytes, kind)`` for each chunk written: ``kind`` is its source's (:attr:`FileSource.kind`), or
+:data:`LEFT_IN_PLACE` for the part of it an earlier transfer left in the file."""
+LEFT_IN_PLACE = "local"
 BytesReceiving = Callable[[], int]
 """Tells the bytes received of chunks that have not landed yet (unchecked: a progress display's)."""
 
@@ -520,6 +522,10 @@ class _FileJob(ChunkChooser):
             try:
                 self.limits.peer_requests += to_peer  # (undone in the finally, however this ends)
                 mapping = self._map_in_place(index, request)
+                if mapping is not None and (part := self.partial.parts.get(index, 0)):
+                    # What a transfer that stopped left in these pages: only the rest is asked for (checked
+                    # with it when the chunk is whole)
+                    request.part = request.receiving.kept = part
                 buffer: bytearray | None = None
                 if mapping is None:  # a small file gets its own small buffer, not a pooled chunk-sized one
                     buffer = (
@@ -533,6 +539,10 @@ class _FileJob(ChunkChooser):
                 buffers.release()
                 self._done_in_place(index, request)
                 if mapping is not None:
+                    received = request.receiving.count
+                    if received and index not in self.landing and index not in self.partial.done:
+                        # (a Ctrl-C, a source that failed: what came is in the file's pages, for the next one)
+                        self.partial.log_part(index, received)
                     _close_mapping(mapping)
                 raise
             finally:
@@ -612,6 +622,13 @@ class _FileJob(ChunkChooser):
                 return
         else:
             digest = await asyncio.to_thread(_blake3, data)
+        if expected is not None and digest != expected and request is not None and request.part:
+            # The part an earlier transfer left is what failed, maybe (written before a crash, say): the
+            # chunk is fetched whole, and the source is not blamed for it.
+            log.info("%s: chunk %d, completed from a part kept in the file, failed its check: fetching it "
+                     "whole", self.remote.path, index)  # fmt: skip
+            self.partial.forget_part(index)
+            return
         if expected is not None and digest != expected:
             # (said once per ban: the chunks it had in flight, for this file and others, fail too)
             said = log.debug if self._is_banned(source, time.monotonic()) else log.warning
@@ -633,16 +650,19 @@ class _FileJob(ChunkChooser):
             await to_thread_to_the_end(self.partial.write_chunk, index, data, digest, in_place, vouched)
         finally:
             self.landing.discard(index)
-        self._landed(source, index, len(data))
+        self._landed(source, index, len(data), request.part if request is not None and in_place else 0)
         if self.swarm is not None:  # a chunk this node claimed, whoever it came from in the end
             await self.swarm.settle(index, digest)  # the fleet may take it from this node now
 
-    def _landed(self, source: FileSource, index: int, length: int) -> None:
+    def _landed(self, source: FileSource, index: int, length: int, part: int = 0) -> None:
+        """``part``: bytes of the chunk an earlier transfer left in the file (found in place, not fetched)."""
         self.counted.add(index)
         if source.kind != "hub":
-            self.peer_landed.append((time.monotonic(), length))
+            self.peer_landed.append((time.monotonic(), length - part))
         if self.on_bytes is not None:
-            self.on_bytes(length, source.kind, source.source.base_url)
+            if part:
+                self.on_bytes(part, LEFT_IN_PLACE, "")
+            self.on_bytes(length - part, source.kind, source.source.base_url)
         for other in self.requests.get(index, []):
             if other.source != source and not other.landing and other.task is not None:
                 other.task.cancel()  # the endgame's loser: its buffer slot and connection are released

@@ -30,7 +30,7 @@ from modeldepot.store.partials import ResumablePartial, partial_key
 from modeldepot.store.publish import RevisionSpec, StagedFile, publish, refuse_nested_branch
 from modeldepot.store.store import Store
 from modeldepot.transfer.chain import SourceChain
-from modeldepot.transfer.download import BytesReceiving, FileSource, Limits, download_file
+from modeldepot.transfer.download import LEFT_IN_PLACE, BytesReceiving, FileSource, Limits, download_file
 from modeldepot.transfer.progress import STATUS_INTERVAL, PullProgress, PullTracker, PullUpdate
 from modeldepot.transfer.ranged import close_idle
 from modeldepot.transfer.session import LazySession
@@ -412,6 +412,10 @@ class _PullRun:
             sources, fallback = (nodes, lambda: hub) if nodes else (hub, None)
 
         def on_bytes(amount: int, origin: str, base_url: str) -> None:
+            if origin == LEFT_IN_PLACE:  # a chunk's part an earlier transfer left: resumed, not fetched
+                self.tracker.resumed += amount
+                self.tracker.add(remote.path, amount)
+                return
             self.tracker.fetched += amount
             self.tracker.add(remote.path, amount, origin=origin)
             self.used.add(

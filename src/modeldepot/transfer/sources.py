@@ -164,8 +164,7 @@ class HttpSource:
         A connection cut (or stalled) in the middle of the body is retried for the rest of the range alone,
         and an attempt that brought bytes is not counted against the attempts (up to
         ``RetryPolicy.max_resumes`` times): a flaky link that drops every few seconds still completes the
-        range, however slowly. The Hub is asked again for twice the read timeout at least (60 s by default)
-        after a failure, however many attempts that takes: a short outage does not end a pull.
+        range, however slowly.
 
         Raises RangeIgnoredError when the server sends the whole file in reply to a partial range. Never
         returns or raises while a reader thread may still write into ``into``, even when cancelled.
@@ -183,15 +182,10 @@ class HttpSource:
     async def _read(self, url: str, start: int, size: int, view: memoryview, receiving: Receiving) -> None:
         want = len(view)
         headers = self.headers()
-        problem = "no attempt was made"
+        problem = ""
         timed_out = False
         failures = 0  # attempts that failed and brought too little to count as progress
         resumed = 0  # attempts that continued where a cut one stopped
-        # The Hub is the last resort: it is asked for as long as a short outage lasts (a Wi-Fi drop, a DSL
-        # resync), not only five times (7 s of backoff when the network is unreachable failed a pull of an
-        # hour). Other nodes are dropped sooner: the Hub or another node takes their chunks.
-        patience = 2 * self.retry.read_timeout if self.kind == "hub" else 0.0
-        first_failure: float | None = None
         while True:
             retry_after = None
             timed_out = False  # (what the last attempt met is what the error says)
@@ -247,7 +241,6 @@ class HttpSource:
             # What the attempt read before it failed is in place: the next one asks for the rest only.
             receiving.kept, receiving.attempt = receiving.kept + attempt.received, None
             if attempt.received and resumed < self.retry.max_resumes:
-                first_failure = None  # (the outage, if it was one, is over)
                 # Not a failure: the link works and the range moved (a link cut every 700 KiB completed no
                 # 16 MiB chunk in five attempts). Asked again at once when it brought much, else after the
                 # first backoff (a server that cuts after every few bytes is not asked in a burst).
@@ -258,8 +251,7 @@ class HttpSource:
                     await asyncio.sleep(self.retry.delay(0, retry_after))
                 continue
             failures += 1
-            first_failure = time.monotonic() if first_failure is None else first_failure
-            if failures >= self.retry.attempts and time.monotonic() - first_failure >= patience:
+            if failures >= self.retry.attempts:
                 break
             await asyncio.sleep(self.retry.delay(failures - 1, retry_after))
         kind = UpstreamTimeoutError if timed_out else UpstreamError  # what the last attempt met
