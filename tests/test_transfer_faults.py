@@ -684,15 +684,35 @@ def test_ctrl_c_keeps_what_each_chunk_in_flight_received(
     assert result.bytes_downloaded == second.body_bytes, "the parts count as resumed, not fetched"
 
 
-@pytest.mark.parametrize("how", ["rotten", "rebooted"])
+@pytest.mark.parametrize("how", ["rotten", "rotten-from-a-node", "rebooted"])
 def test_a_part_kept_from_a_stopped_pull_is_never_taken_on_trust(
     how: str, big_upstream: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A part is checked with its chunk: wrong (rotten here), the file is fetched again and comes out right;
-    # written under another boot of the kernel (its pages may never have reached the disk), it is not taken.
-    proxy, home = big_upstream, tmp_path / "local"
-    _interrupted_on_a_slow_hub(proxy, home, _hub_env(proxy, monkeypatch))
-    if how == "rotten":
+    # A part is checked with its chunk: wrong (rotten here), the file is fetched again from the Hub and comes
+    # out right, or the chunk from a node (its BLAKE3), which is not blamed for it (the Hub is out of reach:
+    # a ban would fail the pull); written under another boot of the kernel (its pages may never have
+    # reached the disk), it is not taken.
+    if how == "rotten-from-a-node":
+        stack = contextlib.ExitStack()
+        node = stack.enter_context(serving_repo(tmp_path / "node", BIG_FILES, REPO, chunk_size=2 << 20))
+        proxy = FaultProxy(node.url)
+        stack.callback(proxy.stop)
+        env = _hub_env(proxy, monkeypatch)
+        env.update(MODELDEPOT_SERVERS=proxy.url, HF_ENDPOINT="http://127.0.0.1:9")
+        for name in ("MODELDEPOT_SERVERS", "HF_ENDPOINT"):
+            monkeypatch.setenv(name, env[name])
+    else:
+        stack, proxy = contextlib.ExitStack(), big_upstream
+        env = _hub_env(proxy, monkeypatch)
+    with stack:
+        _run_with_a_part_not_to_trust(how, proxy, tmp_path / "local", env, monkeypatch)
+
+
+def _run_with_a_part_not_to_trust(
+    how: str, proxy: FaultProxy, home: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _interrupted_on_a_slow_hub(proxy, home, env)
+    if how.startswith("rotten"):
         (part,) = (home / "partials").glob("*.part")
         with open(part, "r+b") as data:
             data.seek(1000)
@@ -706,3 +726,8 @@ def test_a_part_kept_from_a_stopped_pull_is_never_taken_on_trust(
         assert store_files_consistent(depot) == []
     if how == "rebooted":
         assert result.bytes_resumed < 1 << 20, "a part of another boot was taken"
+    if how == "rotten-from-a-node":
+        from modeldepot.transfer.choosing import BANNED_NODES
+
+        assert result.bytes_by_source.get("node", 0) > 0 and "hub" not in result.bytes_by_source
+        assert not [name for name in BANNED_NODES if proxy.url in name], "the node was blamed for our part"

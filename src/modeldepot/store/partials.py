@@ -211,8 +211,8 @@ class ResumablePartial:
         """Chunk ``index``'s first ``received`` bytes are in the file (received into its mapped pages by a
         transfer that stopped): the next transfer of it asks for the rest alone."""
         length = chunk_span(index, self.size, self.chunk_size)[1]
-        if self.paths.one_piece or index in self.done or not 0 < received < length or self._lock_fd < 0:
-            return
+        if self.paths.one_piece or index in self.done or not 0 <= received < length or self._lock_fd < 0:
+            return  # (0: no part, the part logged before is void)
         boot = current_boot_id()
         if boot == UNKNOWN_BOOT:
             return  # (no way to tell a part written before a power loss from one that reached the disk)
@@ -220,11 +220,14 @@ class ResumablePartial:
             os.write(self._lock_fd, f"{index} +{received} {boot}\n".encode())
         except OSError:
             return  # (only a resume's shortcut: the chunk is fetched whole instead)
-        self.parts[index] = received
+        if received:
+            self.parts[index] = received
 
     def forget_part(self, index: int) -> None:
-        """The part of chunk ``index`` did not make a whole chunk that checks out: the chunk is fetched whole."""
-        self.parts.pop(index, None)
+        """The part of chunk ``index`` did not make a whole chunk that checks out: the chunk is fetched whole,
+        here and by a resume."""
+        if self.parts.pop(index, None) is not None:
+            self.log_part(index, 0)
 
     def close_data(self) -> None:
         """Close the data file while the lock stays held (a finished file waiting for its publish:
