@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timezone
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import quote
 
 from modeldepot.errors import (
@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 MAX_SMALL_ANSWER = 256 << 20  # bytes of a manifest or chunk map taken from a node (200,000 files fit)
@@ -262,14 +263,8 @@ class HttpSource:
                        headers: dict[str, str], attempt: Attempt) -> Answer:  # fmt: skip
         """One ranged GET, its body read into ``into`` on a reader thread (transfer/ranged.py); a cancelled
         request aborts its read there, and waits until the thread has let go of the buffer."""
-        read = READERS.submit(read_range, url, headers, start, end, size, into,
-                              self.retry.read_timeout, attempt, self.limit)  # fmt: skip
-        try:
-            return await asyncio.wrap_future(read)
-        except asyncio.CancelledError:
-            attempt.abort()
-            await until_done(read)
-            raise
+        return await _on_a_reader(attempt, lambda: read_range(url, headers, start, end, size, into,
+                                                              self.retry.read_timeout, attempt, self.limit))  # fmt: skip
 
     async def chunk_map(self, url: str, size: int, chunk_size: int) -> frozenset[int] | None:
         """Which of our ``chunk_size`` chunks of a ``size``-byte file a node can serve, from its bitfield
@@ -322,7 +317,15 @@ async def small_request(method: str, url: str, headers: dict[str, str], timeout:
     over the ranged reads' kept-alive connections: no aiohttp for a pull (transfer/session.py). Raises
     OSError or http.client.HTTPException; a cancelled request is abandoned (its socket shut down)."""
     attempt = Attempt()
-    future = READERS.submit(request, method, url, headers, timeout, MAX_SMALL_ANSWER, attempt)
+    return await _on_a_reader(
+        attempt, lambda: request(method, url, headers, timeout, MAX_SMALL_ANSWER, attempt)
+    )
+
+
+async def _on_a_reader(attempt: Attempt, call: Callable[[], T]) -> T:
+    """``call()`` (a blocking request of ``attempt``) on a reader thread; cancelled, the request is abandoned
+    (its socket shut down) and waited for until its thread has let go of what it reads into."""
+    future = READERS.submit(call)
     try:
         return await asyncio.wrap_future(future)
     except asyncio.CancelledError:
