@@ -79,7 +79,6 @@ class ChunkRequest:
     task: asyncio.Task[bool] | None = None
     landing: bool = False  # its bytes are in (or it streams the whole file): never cancelled then
     receiving: Receiving = field(default_factory=Receiving)  # its bytes in so far (shown, not yet checked)
-    part: int = 0  # bytes of the chunk an earlier transfer left in the file, which it did not ask for
 
 
 class ChunkChooser:

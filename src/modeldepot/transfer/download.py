@@ -525,7 +525,7 @@ class _FileJob(ChunkChooser):
                 if mapping is not None and (part := self.partial.parts.get(index, 0)):
                     # What a transfer that stopped left in these pages: only the rest is asked for (checked
                     # with it when the chunk is whole)
-                    request.part = request.receiving.kept = part
+                    request.receiving.kept = request.receiving.in_place = part
                 buffer: bytearray | None = None
                 if mapping is None:  # a small file gets its own small buffer, not a pooled chunk-sized one
                     buffer = (
@@ -622,7 +622,7 @@ class _FileJob(ChunkChooser):
                 return
         else:
             digest = await asyncio.to_thread(_blake3, data)
-        if expected is not None and digest != expected and request is not None and request.part:
+        if expected is not None and digest != expected and request is not None and request.receiving.in_place:
             # The part an earlier transfer left is what failed, maybe (written before a crash, say): the
             # chunk is fetched whole, and the source is not blamed for it.
             log.info("%s: chunk %d, completed from a part kept in the file, failed its check: fetching it "
@@ -650,7 +650,9 @@ class _FileJob(ChunkChooser):
             await to_thread_to_the_end(self.partial.write_chunk, index, data, digest, in_place, vouched)
         finally:
             self.landing.discard(index)
-        self._landed(source, index, len(data), request.part if request is not None and in_place else 0)
+        self._landed(
+            source, index, len(data), request.receiving.in_place if request is not None and in_place else 0
+        )
         if self.swarm is not None:  # a chunk this node claimed, whoever it came from in the end
             await self.swarm.settle(index, digest)  # the fleet may take it from this node now
 

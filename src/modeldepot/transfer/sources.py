@@ -119,6 +119,9 @@ class Receiving:
 
     kept: int = 0
     attempt: Attempt | None = None
+    # Bytes in place before the first attempt (a part of the chunk an earlier transfer left), not fetched
+    # by this one: 0 once a retry starts the range over
+    in_place: int = 0
 
     @property
     def count(self) -> int:
@@ -209,7 +212,7 @@ class HttpSource:
                 elif status == 200 and kept:
                     # The range of a retry answered with the whole file (another server behind a balancer):
                     # the chunk is asked for whole again.
-                    receiving.kept, attempt.received = 0, 0
+                    receiving.kept, receiving.in_place, attempt.received = 0, 0, 0
                     problem = "the server ignored the range of a retry"
                 elif status == 200:
                     raise RangeIgnoredError(f"{url}: the server ignored the Range header")
