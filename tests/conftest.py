@@ -148,6 +148,10 @@ def store_files_consistent(depot: Depot) -> list[str]:
     return problems
 
 
+WITHOUT_OVERRIDE = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner,-chown"]
+"""A process of this user that file permissions bind (root keeps its uid, not its power to ignore them)."""
+
+
 def drop_page_cache(depot: Depot, repo_id: str) -> None:
     """Drop a repo's blobs from the page cache, as a reboot or memory pressure would (dirty pages, of
     blobs not flushed yet, are written out first: the kernel drops clean pages only)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -518,3 +519,84 @@ def test_a_release_and_repeated_stats_do_not_measure_the_whole_tier_again(
     preloader.evict("acme/b")
     assert preloader.stats().models == 1 and len(measured) > once, "the models changed: measured again"
     preloader.close()
+
+
+AS_ANOTHER_USER = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"),
+    reason="reads a file of another user: as root, with setpriv",
+)
+ANOTHER_USERS_RAM = """
+import json, sys
+from modeldepot import Depot
+from modeldepot.preload import Preloader, resident_in_ram
+with Depot(sys.argv[1]) as depot:
+    in_ram, size = resident_in_ram(depot.store, "acme/a", check=False)
+    preloader = Preloader(depot, budget="1GiB")
+    info = preloader.preload("acme/a")
+    print(json.dumps({"in_ram": in_ram, "size": size, "preloaded": info.resident_bytes,
+                      "tier": preloader.stats().ram_bytes}))
+    preloader.close()
+"""
+
+
+@AS_ANOTHER_USER
+def test_the_ram_of_another_users_blobs_is_unknown_not_whole(home: Path, tmp_path: Path) -> None:
+    """mincore tells a process the page cache of a file it owns or may write; of any other it says every page
+    is resident (the kernel's side-channel rule). `stats` said 100% in RAM of a shared or another user's
+    store that nothing had read since a reboot; a preload of it counted what the kernel hid."""
+    from conftest import WITHOUT_OVERRIDE
+    from fleetnodes import base_env
+
+    with Depot(home) as depot:
+        add_repo(depot, tmp_path, "a", 7)
+        depot.get_file("acme/a", "config.json")  # (a use: listed by stats)
+        depot.sync()
+        size = sum(entry.size for entry in depot.list_files("acme/a"))
+        drop_page_cache(depot, "acme/a")
+        for blob in (home / "blobs").rglob("*"):
+            os.chown(blob, 12345, 12345, follow_symlinks=False)  # (0444: readable, not writable, by others)
+    env = base_env(PYTHONDONTWRITEBYTECODE="1", MODELDEPOT_CHUNK_SIZE=str(16 * MiB))  # (the store's own)
+    done = subprocess.run([*WITHOUT_OVERRIDE, sys.executable, "-c", ANOTHER_USERS_RAM, str(home)], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen["size"] == size and seen["in_ram"] is None, seen
+    # The preload's own mappings hold every page: counted from them, whatever the kernel hides of the file.
+    assert seen["preloaded"] == seen["tier"] == size, seen
+    with Depot(home) as depot:
+        drop_page_cache(depot, "acme/a")
+    table = subprocess.run([*WITHOUT_OVERRIDE, sys.executable, "-m", "modeldepot", "stats", "--home", str(home)],
+                           env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    assert "acme/a" in table.stdout and "unknown" in table.stdout and "(100%)" not in table.stdout, (
+        table.stdout
+    )
+
+
+def test_a_mappings_resident_pages_are_counted_from_its_page_table(tmp_path: Path) -> None:
+    """The measure for blobs whose page cache the kernel hides: the present pages of the preload's own
+    mapping. It follows the pages in and out (MADV_PAGEOUT reclaims the mapping's clean pages)."""
+    import mmap
+
+    from modeldepot.preload.residency import mapped_resident_bytes, populate
+
+    path = tmp_path / "blob"
+    path.write_bytes(random.Random(3).randbytes(4 * MiB + 100))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        size = os.fstat(fd).st_size
+        mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        assert mapped_resident_bytes(mapping, size) == 0
+        populate(mapping, size)
+        assert mapped_resident_bytes(mapping, size) == size
+        assert resident_bytes(fd, size) == size
+        try:
+            mapping.madvise(21)  # MADV_PAGEOUT (Linux 5.4)
+        except OSError:
+            pytest.skip("MADV_PAGEOUT is not known to this kernel")
+        assert mapped_resident_bytes(mapping, size) < MiB
+        mapping.close()
+    finally:
+        os.close(fd)

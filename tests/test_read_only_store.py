@@ -27,7 +27,15 @@ from click.testing import CliRunner
 from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors.numpy import save_file
 
-from conftest import SMALL_CHUNK, LiveNode, Mounts, free_port, wait_for_port, write_model_dir
+from conftest import (
+    SMALL_CHUNK,
+    WITHOUT_OVERRIDE,
+    LiveNode,
+    Mounts,
+    free_port,
+    wait_for_port,
+    write_model_dir,
+)
 from fleetnodes import base_env, modeldepot
 from modeldepot import Depot, ReadOnlyStoreError
 from modeldepot.cli import cli
@@ -383,9 +391,6 @@ def test_a_read_only_node_refuses_pulls_with_503_and_does_not_mirror(
         finally:
             node.stop()
 
-
-WITHOUT_OVERRIDE = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner,-chown"]
-"""A process of this user that file permissions bind (root keeps its uid, not its power to ignore them)."""
 
 ANOTHER_USERS_READER = """
 import json, sys

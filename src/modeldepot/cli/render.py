@@ -482,11 +482,22 @@ def render_stats(rows: list[dict[str, Any]], budget: int) -> None:
         out.print("No model has been used yet (get_file, open_file and load count uses), and none is in RAM.")
         return
     table = _table("model", "variant", "uses", "last use", "size", "in RAM")
+    unknown = False
     for row in rows:
-        share = f" ({100 * row['resident_bytes'] / row['bytes']:.0f}%)" if row["bytes"] else ""
+        in_ram = row["resident_bytes"]
+        if in_ram is None:
+            unknown, shown = True, "unknown"
+        else:
+            share = f" ({100 * in_ram / row['bytes']:.0f}%)" if row["bytes"] else ""
+            shown = format_bytes(in_ram) + share
         table.add_row(row["repo_id"], row["variant"] or "-", str(row["count"]), _when(row["last_access"]),
-                      format_bytes(row["bytes"]), format_bytes(row["resident_bytes"]) + share)  # fmt: skip
+                      format_bytes(row["bytes"]), shown)  # fmt: skip
     out.print(table)
+    if unknown:
+        out.print(
+            "in RAM unknown: the kernel shows the page cache of a file only to its owner or a user who may "
+            "write it (these blobs are another user's)"
+        )
     out.print(f"preload budget {format_bytes(budget)}")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from modeldepot.config import PRELOAD_STRATEGIES
 from modeldepot.errors import CorruptBlobError
-from modeldepot.preload.residency import populate, resident_bytes
+from modeldepot.preload.residency import mapped_resident_bytes, populate, resident_bytes
 from modeldepot.store.models import FileEntry
 from modeldepot.store.store import Store
 
@@ -89,9 +89,15 @@ class FileCopy:
 
     def resident(self) -> int:
         """Bytes of this file in RAM now (page cache or private memory)."""
-        if self.strategy in ("page-cache", "mmap"):
-            return resident_bytes(self.blob_fd, self.size)
-        return self.size
+        if self.strategy not in ("page-cache", "mmap"):
+            return self.size
+        measured = resident_bytes(self.blob_fd, self.size)
+        if measured is None and self.mapping is not None:
+            # Another user's blob, whose page cache the kernel does not show: what of it this copy's own
+            # mapping holds, which the preload made whole and the kernel unmaps as it reclaims.
+            measured = mapped_resident_bytes(self.mapping, self.size)
+        # (no measure at all: counted whole, the side of the budget that never holds more than it says)
+        return self.size if measured is None else measured
 
     def close(self, drop_cache: bool) -> None:
         """Let go of the copy. A view of it a caller still holds keeps its memory (the mapping is unmapped

@@ -4,8 +4,9 @@ Strategies (what "preloaded" means):
 
 - ``page-cache`` (default): every page of the model's blobs is made resident in the kernel's page cache
   (``MADV_POPULATE_READ``) and kept mapped. One copy in RAM, shared with every process that maps or opens
-  the same files (a worker that loads from the snapshot path finds it there). Residency is measured with
-  ``mincore``: the budget counts what is really in RAM.
+  the same files (a worker that loads from the snapshot path finds it there). Residency is measured
+  (``cachestat``, ``mincore``, or the copy's own mapping for another user's blobs: :mod:`.residency`):
+  the budget counts what is really in RAM.
 - ``mmap``: the same, populated when mapped (``MAP_POPULATE``).
 - ``read``: a private buffer per file (this process only; doubles RAM if others also map the file).
 - ``memfd``: a RAM-only file per blob, reachable by path (``/proc/self/fd/N``) for loaders that want a path.
@@ -124,7 +125,7 @@ class PreloadStats:
     strategy: str
     budget_bytes: int
     models: int
-    ram_bytes: int  # resident now (mincore in the page-cache modes)
+    ram_bytes: int  # resident now (measured in the page-cache modes)
     hits: int
     misses: int
     hit_rate: float | None  # None before the first lookup
@@ -596,12 +597,13 @@ class Preloader:
 
 def resident_in_ram(
     store: Store, repo_id: str, revision: str | None = "main", check: bool = True, variant: str | None = None
-) -> tuple[int, int]:
+) -> tuple[int | None, int]:
     """(bytes in the page cache now, bytes in all) of a revision's blobs, from any process: of ``variant``'s
     files and the shared ones when it is named (and the revision holds it), else of all. ``revision`` None:
     main, or the newest revision when no main names one (a repo pulled by commit id). ``check`` False: the
     blobs are opened as they are, never rehashed (one not yet checked since a power loss would be read
-    whole, into RAM, by its check): a look that must not change what it looks at."""
+    whole, into RAM, by its check): a look that must not change what it looks at. The bytes in the page
+    cache are None when the kernel does not show them to this process (blobs of another user's store)."""
     if revision is None:
         try:
             commit_id = store.resolve(repo_id, "main")
@@ -619,7 +621,8 @@ def resident_in_ram(
         if chosen is not None:
             wanted = {*chosen.files, *grouping.shared}
             entries = [e for e in entries if e.path in wanted]
-    resident = total = 0
+    resident: int | None = 0
+    total = 0
     for entry in entries:
         total += entry.size
         if check:
@@ -630,7 +633,8 @@ def resident_in_ram(
             except OSError:
                 continue  # gone or unreadable: nothing of it in RAM to count
         try:
-            resident += resident_bytes(fd, entry.size)
+            measured = resident_bytes(fd, entry.size)
         finally:
             os.close(fd)
+        resident = None if resident is None or measured is None else resident + measured
     return resident, total
