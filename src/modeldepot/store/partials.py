@@ -5,7 +5,8 @@ the process that started it.
 
     partials/<key>.part   the file being downloaded, preallocated to its final size
     partials/<key>.log    a header line, then one line per finished chunk: "<index> <blake3>", and one
-                          per chunk a transfer left part of: "<index> +<bytes> <boot id>"
+                          per chunk a transfer left part of: "<index> +<bytes> <boot id> <blake3 | ->"
+                          (the BLAKE3 its sender gave for the whole chunk, "-" for none: the Hub's)
     partials/<key>.one    a content of one chunk: the file, and its own lock (no log)
 
 ``key`` is the content's expected SHA-256 (or ``git-<oid>`` for a plain git file), so two pulls of the same
@@ -36,7 +37,9 @@ own pages logs how far it got: the next one asks for the rest of that chunk alon
 16 MiB chunks a file are in flight, a minute of transfer each). Nothing proves those bytes until the chunk
 is whole: its BLAKE3 (a node's) or the file's SHA-256 (the Hub's) is checked as ever, a chunk that fails
 is fetched again whole, and a part logged under another boot of the kernel is not taken (its pages may not
-have reached the disk).
+have reached the disk). A part keeps the BLAKE3 its sender gave for the chunk: a chunk a node began and the
+Hub (which gives no chunk digest) completes is checked against it, or a liar's bytes would pass unchecked
+to the whole file's SHA-256, which throws every chunk away.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from modeldepot.store.verified import PartialChunkReader
 
 __all__ = [
     "PARTIAL_MAX_AGE",
+    "ChunkPart",
     "PartialFiles",
     "PartialLog",
     "PartialState",
@@ -77,7 +81,8 @@ PARTIAL_MAX_AGE = 7 * 24 * 3600.0  # seconds an untouched, unlocked partial is k
 _HEADER = "modeldepot-partial 1 size={size} chunk={chunk}\n"
 _HEADER_LINE = re.compile(r"modeldepot-partial 1 size=([0-9]{1,19}) chunk=([0-9]{1,12})")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_PART = re.compile(r"\+([0-9]{1,12}) (\S{1,64})")  # "+<bytes> <boot id>", after a line's chunk index
+# "+<bytes> <boot id> <blake3 | ->" after a line's chunk index (the BLAKE3 is missing from older logs)
+_PART = re.compile(r"\+([0-9]{1,12}) (\S{1,64})(?: ([0-9a-f]{64}|-))?")
 _BLAKE3 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -137,19 +142,27 @@ class _Paths:
         return self.log.with_suffix(".public")
 
 
+@dataclass(frozen=True)
+class ChunkPart:
+    """The start of a chunk a transfer that stopped left in the file, unchecked until the chunk is whole."""
+
+    received: int  # bytes at the chunk's start
+    blake3: str | None  # what its sender gave as the whole chunk's BLAKE3 (None: no digest, the Hub's)
+
+
 class ResumablePartial:
     """A claimed partial: this process holds its lock until :meth:`release` or :meth:`finish`."""
 
     def __init__(self, layout: StoreLayout, paths: _Paths, lock_fd: int, data_fd: int, size: int, chunk_size: int,
                  done: dict[int, str], resumed_bytes: int, writeback: bool = True,
-                 parts: dict[int, int] | None = None) -> None:  # fmt: skip
+                 parts: dict[int, ChunkPart] | None = None) -> None:  # fmt: skip
         self.layout = layout
         self.paths = paths
         self.size = size
         self.chunk_size = chunk_size
         self.done = done  # chunk index -> BLAKE3 of the chunk as written
-        # Chunk index -> bytes at its start an earlier transfer received into the file (not checked yet)
-        self.parts: dict[int, int] = dict(parts or {})
+        # Chunk index -> what a transfer that stopped received into the file at its start (not checked yet)
+        self.parts: dict[int, ChunkPart] = dict(parts or {})
         # Chunks that landed in this process checked against a BLAKE3 the node that answered the scan gave
         # (its word, as the SHA-256 the whole file is checked against): a reader may have them before that
         self.vouched: set[int] = set()
@@ -207,9 +220,11 @@ class ResumablePartial:
         self.parts.pop(index, None)
         self.done[index] = digest
 
-    def log_part(self, index: int, received: int) -> None:
+    def log_part(self, index: int, received: int, blake3_hex: str | None = None) -> None:
         """Chunk ``index``'s first ``received`` bytes are in the file (received into its mapped pages by a
-        transfer that stopped): the next transfer of it asks for the rest alone."""
+        transfer that stopped): the next transfer of it asks for the rest alone. ``blake3_hex``: the
+        digest the bytes' sender gave for the whole chunk (None: it gave none), to check the chunk against
+        when a source without digests completes it."""
         length = chunk_span(index, self.size, self.chunk_size)[1]
         if self.paths.one_piece or index in self.done or not 0 <= received < length or self._lock_fd < 0:
             return  # (0: no part, the part logged before is void)
@@ -217,11 +232,11 @@ class ResumablePartial:
         if boot == UNKNOWN_BOOT:
             return  # (no way to tell a part written before a power loss from one that reached the disk)
         try:
-            os.write(self._lock_fd, f"{index} +{received} {boot}\n".encode())
+            os.write(self._lock_fd, f"{index} +{received} {boot} {blake3_hex or '-'}\n".encode())
         except OSError:
             return  # (only a resume's shortcut: the chunk is fetched whole instead)
         if received:
-            self.parts[index] = received
+            self.parts[index] = ChunkPart(received, blake3_hex)
 
     def forget_part(self, index: int) -> None:
         """The part of chunk ``index`` did not make a whole chunk that checks out: the chunk is fetched whole,
@@ -523,10 +538,10 @@ class PartialFiles:
         boot = current_boot_id()
         count = chunk_count(size, chunk_size)
         taken = {
-            index: received
-            for index, (received, written_under) in parts.items()
+            index: part
+            for index, (part, written_under) in parts.items()
             if index < count and index not in done and written_under == boot != UNKNOWN_BOOT
-            and 0 < received < chunk_span(index, size, chunk_size)[1]
+            and 0 < part.received < chunk_span(index, size, chunk_size)[1]
         }  # fmt: skip
         return ResumablePartial(self.layout, paths, lock_fd, data_fd, size, chunk_size, done, resumed,
                                 self.writeback, taken)  # fmt: skip
@@ -698,15 +713,17 @@ def _read_log(fd: int, header: str) -> dict[int, str] | None:
     return None if read is None else read[0]
 
 
-def _read_log_and_parts(fd: int, header: str) -> tuple[dict[int, str], dict[int, tuple[int, str]]] | None:
-    """Logged chunks, and the parts of chunks logged (index -> (bytes, the boot they were written under));
+def _read_log_and_parts(
+    fd: int, header: str
+) -> tuple[dict[int, str], dict[int, tuple[ChunkPart, str]]] | None:
+    """Logged chunks, and the parts of chunks logged (index -> (the part, the boot it was written under));
     None as :func:`_read_log`."""
     size = os.fstat(fd).st_size
     text = os.pread(fd, size, 0).decode("ascii", "replace") if size else ""
     if not text.startswith(header):
         return None
     logged: dict[int, str] = {}
-    parts: dict[int, tuple[int, str]] = {}
+    parts: dict[int, tuple[ChunkPart, str]] = {}
     for line in text[len(header) :].split("\n"):
         index, _, rest = line.partition(" ")
         if not index.isdigit():
@@ -714,7 +731,11 @@ def _read_log_and_parts(fd: int, header: str) -> tuple[dict[int, str], dict[int,
         if len(rest) == 64:
             logged[int(index)] = rest
         elif (part := _PART.fullmatch(rest)) is not None:
-            parts[int(index)] = (int(part.group(1)), part.group(2))
+            digest = part.group(3)
+            parts[int(index)] = (
+                ChunkPart(int(part.group(1)), None if digest in (None, "-") else digest),
+                part.group(2),
+            )
     return logged, parts
 
 

@@ -79,6 +79,7 @@ class ChunkRequest:
     task: asyncio.Task[bool] | None = None
     landing: bool = False  # its bytes are in (or it streams the whole file): never cancelled then
     receiving: Receiving = field(default_factory=Receiving)  # its bytes in so far (shown, not yet checked)
+    part_blake3: str | None = None  # the BLAKE3 the sender of the part it began from gave (see _land)
 
 
 class ChunkChooser:

@@ -171,6 +171,9 @@ class _FileJob(ChunkChooser):
         self.counted: set[int] = set()  # chunks landed, told to on_bytes (on the loop)
         # Chunks a request receives straight into the file's own pages: its request and the mapping.
         self.in_place: dict[int, tuple[ChunkRequest, mmap.mmap]] = {}
+        # Who sent the bytes of the parts this transfer left in the file (chunk -> (kind, base URL, bytes)
+        # in order): credited to them when the chunk lands, not counted as found on disk.
+        self.part_origins: dict[int, list[tuple[str, str, int]]] = {}
         self.workers: list[asyncio.Task[None]] = []
         self.refreshed: dict[FileSource, float] = {}  # when a partial holder's chunk map was last read
         self.refreshing: set[FileSource] = set()
@@ -522,10 +525,11 @@ class _FileJob(ChunkChooser):
             try:
                 self.limits.peer_requests += to_peer  # (undone in the finally, however this ends)
                 mapping = self._map_in_place(index, request)
-                if mapping is not None and (part := self.partial.parts.get(index, 0)):
+                if mapping is not None and (part := self.partial.parts.get(index)) is not None:
                     # What a transfer that stopped left in these pages: only the rest is asked for (checked
                     # with it when the chunk is whole)
-                    request.receiving.kept = request.receiving.in_place = part
+                    request.receiving.kept = request.receiving.in_place = part.received
+                    request.part_blake3 = part.blake3
                 buffer: bytearray | None = None
                 if mapping is None:  # a small file gets its own small buffer, not a pooled chunk-sized one
                     buffer = (
@@ -539,10 +543,9 @@ class _FileJob(ChunkChooser):
                 buffers.release()
                 self._done_in_place(index, request)
                 if mapping is not None:
-                    received = request.receiving.count
-                    if received and index not in self.landing and index not in self.partial.done:
+                    if index not in self.landing and index not in self.partial.done:
                         # (a Ctrl-C, a source that failed: what came is in the file's pages, for the next one)
-                        self.partial.log_part(index, received)
+                        self._keep_part(source, index, request)
                     _close_mapping(mapping)
                 raise
             finally:
@@ -569,6 +572,31 @@ class _FileJob(ChunkChooser):
                 # Unmapping 16 MiB of written pages takes ~2 ms (0.23 s of a 2 GiB pull's event loop): on a
                 # thread of its own, not waited for, and never queued ahead of the shared pool's writes.
                 UNMAPPER.submit(_close_mapping, mapping)
+
+    def _keep_part(self, source: FileSource, index: int, request: ChunkRequest) -> None:
+        """Log what ``request`` (stopped) received into chunk ``index``'s pages for the next request, with
+        the BLAKE3 its sender gave for the chunk; a banned source's bytes (it lied) are not kept."""
+        receiving = request.receiving
+        new = receiving.count - receiving.in_place  # (in_place: 0 once a retry started the chunk over)
+        if new <= 0:
+            return  # the part it began from stands as logged
+        if self._is_banned(source, time.monotonic()):
+            self.part_origins.pop(index, None)
+            self.partial.forget_part(index)
+            return
+        if not receiving.in_place:
+            self.part_origins.pop(index, None)  # (a part before it, if any, was fetched over)
+        self.part_origins.setdefault(index, []).append((source.kind, source.source.base_url, new))
+        self.partial.log_part(index, receiving.count, self._expected(source, index) or request.part_blake3)
+
+    def _expected(self, source: FileSource, index: int) -> str | None:
+        """The BLAKE3 chunk ``index`` from ``source`` must have: the source's own, or (a node without
+        digests, in a swarm) the one its claimer settled from the Hub; None for the Hub's bytes."""
+        if source.chunk_blake3:
+            return source.chunk_blake3[index]
+        if self.swarm is not None and source.kind != "hub":
+            return self.swarm.digest(index)
+        return None
 
     def _map_in_place(self, index: int, request: ChunkRequest) -> mmap.mmap | None:
         """The chunk's own pages in the file for ``request`` to receive into, unless another request (the
@@ -602,10 +630,14 @@ class _FileJob(ChunkChooser):
         """Check a fetched chunk against the source's digest, then write and log it (once: an endgame's
         second copy is dropped), and cancel the other request for it. ``in_place``: ``data`` is the chunk's
         own pages in the file (nothing to write, only to log)."""
-        expected = source.chunk_blake3[index] if source.chunk_blake3 else None
-        vouched = expected is not None and source.vouches  # (see FileSource.vouches)
-        if expected is None and self.swarm is not None and source.kind != "hub":
-            expected = self.swarm.digest(index)  # as its claimer had it from the Hub
+        vouched = bool(source.chunk_blake3) and source.vouches  # (see FileSource.vouches)
+        expected = self._expected(source, index)
+        part = request.receiving.in_place if request is not None and in_place else 0
+        if expected is None and part and request is not None:
+            # A part a node sent (then cut, dropped, or a Ctrl-C) completed by a source that gives no
+            # digest: checked against the node's, or its bytes would reach the file's SHA-256 unchecked
+            # (which throws every chunk away).
+            expected = request.part_blake3
         if self.small and not in_place and index not in self.partial.done and index not in self.landing:
             # A config's whole life on one worker-thread trip (its BLAKE3, the write, its SHA-256 from the
             # same bytes while they are in the cache) instead of three: 300 files made 900 trips.
@@ -622,11 +654,12 @@ class _FileJob(ChunkChooser):
                 return
         else:
             digest = await asyncio.to_thread(_blake3, data)
-        if expected is not None and digest != expected and request is not None and request.receiving.in_place:
-            # The part an earlier transfer left is what failed, maybe (written before a crash, say): the
-            # chunk is fetched whole, and the source is not blamed for it.
+        if expected is not None and digest != expected and part:
+            # The part an earlier transfer left is what failed, maybe (written before a crash, say, or by a
+            # node that lied): the chunk is fetched whole, and the source is not blamed for it.
             log.info("%s: chunk %d, completed from a part kept in the file, failed its check: fetching it "
                      "whole", self.remote.path, index)  # fmt: skip
+            self.part_origins.pop(index, None)
             self.partial.forget_part(index)
             return
         if expected is not None and digest != expected:
@@ -650,20 +683,25 @@ class _FileJob(ChunkChooser):
             await to_thread_to_the_end(self.partial.write_chunk, index, data, digest, in_place, vouched)
         finally:
             self.landing.discard(index)
-        self._landed(
-            source, index, len(data), request.receiving.in_place if request is not None and in_place else 0
-        )
+        self._landed(source, index, len(data), part)
         if self.swarm is not None:  # a chunk this node claimed, whoever it came from in the end
             await self.swarm.settle(index, digest)  # the fleet may take it from this node now
 
     def _landed(self, source: FileSource, index: int, length: int, part: int = 0) -> None:
-        """``part``: bytes of the chunk an earlier transfer left in the file (found in place, not fetched)."""
+        """``part``: bytes at the chunk's start a transfer that stopped left in the file: credited to the
+        sources that sent them in this transfer, the rest as found in place (a pull before this one's)."""
         self.counted.add(index)
+        origins = self.part_origins.pop(index, [])
         if source.kind != "hub":
             self.peer_landed.append((time.monotonic(), length - part))
         if self.on_bytes is not None:
-            if part:
-                self.on_bytes(part, LEFT_IN_PLACE, "")
+            left = part
+            for kind, base_url, amount in origins:
+                if (taken := min(amount, left)) > 0:
+                    self.on_bytes(taken, kind, base_url)
+                    left -= taken
+            if left:
+                self.on_bytes(left, LEFT_IN_PLACE, "")
             self.on_bytes(length - part, source.kind, source.source.base_url)
         for other in self.requests.get(index, []):
             if other.source != source and not other.landing and other.task is not None:

@@ -1,0 +1,167 @@
+"""Parts of chunks: what a request cut mid-chunk left in the file's pages, completed by the next request.
+A part keeps the BLAKE3 its sender gave for the chunk, so a node's bytes completed by the Hub (which gives no
+chunk digest) are still checked at the chunk; its bytes are credited to the source that sent them."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import blake3
+import pytest
+from aiohttp import web
+
+from conftest import SMALL_CHUNK, BackgroundServer
+from modeldepot import Depot
+from modeldepot.errors import UpstreamError
+from modeldepot.hashing import chunk_span
+from modeldepot.hub.manifest import RemoteFile
+from modeldepot.store.partials import ResumablePartial
+from modeldepot.transfer.download import FileSource, Limits, download_file
+from modeldepot.transfer.session import LazySession
+from modeldepot.transfer.sources import HttpSource, RetryPolicy
+
+CHUNKS = 4
+DATA = random.Random(22).randbytes(CHUNKS * SMALL_CHUNK)
+SHA = hashlib.sha256(DATA).hexdigest()
+DIGESTS = tuple(
+    blake3.blake3(DATA[o : o + n]).hexdigest()
+    for o, n in (chunk_span(i, len(DATA), SMALL_CHUNK) for i in range(CHUNKS))
+)
+REMOTE = RemoteFile("w.safetensors", len(DATA), "0" * 40, SHA)
+_RANGE = re.compile(r"bytes=(\d+)-(\d+)")
+CUT_AT = 20_000
+
+
+class RangeServer:
+    """Answers ranges of DATA. ``cutting``: the first answer to each chunk's range sends ``CUT_AT`` bytes
+    (flipped when ``lying``) and hangs up; every request after that gets a 500 (the node went away)."""
+
+    def __init__(self, cutting: bool = False, lying: bool = False) -> None:
+        self.cutting, self.lying = cutting, lying
+        self.cut: set[int] = set()
+        app = web.Application()
+        app.router.add_route("GET", "/{tail:.*}", self._handle)
+        self._server = BackgroundServer(web.AppRunner(app), "parts-" + ("cutting" if cutting else "whole"))
+        self.url = self._server.url
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        wanted = _RANGE.fullmatch(request.headers.get("Range", ""))
+        assert wanted is not None
+        start, end = int(wanted.group(1)), int(wanted.group(2))
+        body = DATA[start : end + 1]
+        headers = {"Content-Range": f"bytes {start}-{end}/{len(DATA)}"}
+        if not self.cutting:
+            return web.Response(status=206, body=body, headers=headers)
+        if start in self.cut or start % SMALL_CHUNK:
+            return web.Response(status=500)
+        self.cut.add(start)
+        response = web.StreamResponse(status=206, headers=headers)
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(bytes(b ^ 0xFF for b in body[:CUT_AT]) if self.lying else body[:CUT_AT])
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+def node_source(server: RangeServer) -> FileSource:
+    """A node that gives the chunks' BLAKE3s (honest ones, whatever its bytes)."""
+    return FileSource(HttpSource(server.url, "node", None, RetryPolicy(attempts=1, base_delay=0.01)),
+                      f"{server.url}/blob", DIGESTS, "peer")  # fmt: skip
+
+
+def hub_source(server: RangeServer) -> FileSource:
+    return FileSource(HttpSource(server.url, "hub", None, RetryPolicy(attempts=1)), f"{server.url}/file")
+
+
+def fetch(
+    claim: ResumablePartial, sources: list[FileSource], fallback: list[FileSource],
+    on_bytes: Callable[[int, str, str], None] | None = None,
+) -> str:  # fmt: skip
+    async def run() -> str:
+        async with aiohttp.ClientSession() as http:
+            digest = await download_file(LazySession(http), REMOTE, claim, sources, Limits(per_source=2, total=8),
+                                         lambda: fallback, on_bytes)  # fmt: skip
+            return digest.sha256
+
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def servers() -> object:
+    made: list[RangeServer] = []
+
+    def make(**how: bool) -> RangeServer:
+        made.append(RangeServer(**how))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+def test_a_lying_nodes_part_completed_from_the_hub_is_caught_at_the_chunk(
+    tmp_path: Path, servers: Callable
+) -> None:
+    """A node sends flipped bytes and hangs up; the Hub completes each chunk from where it stopped. The
+    mixed chunk was logged done unchecked (the Hub gives no digest), the file failed its SHA-256, and every
+    chunk was thrown away: the node's BLAKE3 kept with the part catches it at the chunk."""
+    liar, hub = servers(cutting=True, lying=True), servers()
+    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+        claim = local.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, False)
+        assert claim is not None
+        try:
+            assert fetch(claim, [node_source(liar)], [hub_source(hub)]) == SHA
+        finally:
+            claim.release(completed=False)
+
+
+def test_a_part_a_node_sent_is_checked_by_its_digest_after_a_restart(
+    tmp_path: Path, servers: Callable
+) -> None:
+    """The same across two pulls: the first ends with the node's parts in the file (it went away, no Hub
+    to fall back on); the next, from the Hub alone, finds them in the log with the node's BLAKE3s."""
+    liar, hub = servers(cutting=True, lying=True), servers()
+    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+        claim = local.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, False)
+        assert claim is not None
+        with pytest.raises(UpstreamError):
+            fetch(claim, [node_source(liar)], [])
+        claim.release(completed=False)
+        again = local.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, False)
+        assert again is not None
+        try:
+            assert again.parts, "the node's parts are in the file, for this pull"
+            assert fetch(again, [hub_source(hub)], []) == SHA
+        finally:
+            again.release(completed=False)
+
+
+def test_bytes_a_node_sent_in_this_pull_are_its_not_resumed(tmp_path: Path, servers: Callable) -> None:
+    """An honest node cut after 20,000 bytes of each chunk, the Hub sends the rest: those bytes came over
+    the network from the node in this pull. They were counted as found on disk ("local": bytes_resumed,
+    not the node's in bytes_by_source nor its metrics)."""
+    cutter, hub = servers(cutting=True), servers()
+    counted: dict[str, int] = {}
+
+    def on_bytes(amount: int, kind: str, base_url: str) -> None:
+        counted[kind] = counted.get(kind, 0) + amount
+
+    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+        claim = local.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, False)
+        assert claim is not None and not claim.parts and not claim.done
+        try:
+            assert fetch(claim, [node_source(cutter)], [hub_source(hub)], on_bytes) == SHA
+        finally:
+            claim.release(completed=False)
+    sent = len(cutter.cut) * CUT_AT
+    assert sent and counted == {"peer": sent, "hub": len(DATA) - sent}, counted
