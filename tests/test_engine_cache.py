@@ -327,10 +327,87 @@ def test_an_engine_evicted_while_a_caller_holds_it_is_not_closed_under_it() -> N
     assert held.run() == "c" and ClosingEngine.closed == ["b"]
     ref = weakref.ref(in_use)
     del in_use, held
+    cache.evict_stale()  # (any eviction or miss): the holders let go, closed now
+    assert sorted(ClosingEngine.closed) == ["a", "b", "c"]
     gc.collect()
-    assert ref() is None, "an engine left to its holders goes with the last of them"
+    assert ref() is None, "an engine left to its holders goes with the last of them, and is closed"
     cache.get_or_load("d", lambda: ClosingEngine("d"))
-    assert cache.evict("d") and ClosingEngine.closed == ["b", "d"]
+    assert cache.evict("d") and ClosingEngine.closed[-1] == "d"
+
+
+class PooledEngine(ClosingEngine):
+    """An engine with a worker thread running one of its methods (a batching loop, a pool), and a callback
+    to itself: its own references, not holders."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.stopping = threading.Event()
+        self.on_done = self.close  # (a bound method: a reference to itself)
+        self.worker = threading.Thread(target=self._serve, daemon=True, name=f"engine-{name}")
+        self.worker.start()
+
+    def _serve(self) -> None:
+        self.stopping.wait()
+
+    def close(self) -> None:
+        super().close()
+        self.stopping.set()
+
+
+def test_an_engine_whose_own_thread_and_callbacks_refer_to_it_is_closed_when_nobody_holds_it() -> None:
+    """The reference count told the cache's references from a holder's; an engine's own (a worker thread
+    running its method, a callback it keeps) counted as holders: it was never closed, and its thread ran
+    for good, once per eviction (review)."""
+    ClosingEngine.closed = []
+    cache: LoadedModelCache[PooledEngine] = LoadedModelCache(max_models=1)
+    cache.get_or_load("a", lambda: PooledEngine("a"))
+    worker = next(t for t in threading.enumerate() if t.name == "engine-a")
+    cache.get_or_load("b", lambda: PooledEngine("b"))  # evicts a: nobody holds it
+    assert ClosingEngine.closed == ["a"]
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+    held = cache.get_or_load("b", lambda: PooledEngine("other"))
+    cache.evict("b")
+    assert ClosingEngine.closed == ["a"] and held.run() == "b", "a caller holds b: not closed under it"
+    del held
+    cache.get_or_load("c", lambda: PooledEngine("c"))  # a miss: the retired are looked at again
+    assert ClosingEngine.closed == ["a", "b"]
+    cache.clear()
+
+
+def test_an_engine_a_request_runs_on_in_another_thread_is_not_closed_under_it() -> None:
+    """No variable holds the engine, only the request's frames (``get_or_load(...).run()``): still held."""
+    ClosingEngine.closed = []
+    started, finish = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    class Slow(ClosingEngine):
+        def run(self) -> str:
+            started.set()
+            finish.wait(10)
+            return super().run()
+
+    cache: LoadedModelCache[ClosingEngine] = LoadedModelCache(max_models=1)
+    request = threading.Thread(target=lambda: ran.append(cache.get_or_load("a", lambda: Slow("a")).run()))
+    request.start()
+    assert started.wait(10)
+    cache.get_or_load("b", lambda: ClosingEngine("b"))  # evicts a, mid-request
+    assert ClosingEngine.closed == []
+    finish.set()
+    request.join(10)
+    assert ran == ["a"]
+    cache.evict_stale()
+    assert ClosingEngine.closed == ["a"]
+
+
+def test_close_on_evict_closes_whoever_holds_the_engine() -> None:
+    from modeldepot.engines.cache import close_on_evict
+
+    ClosingEngine.closed = []
+    cache: LoadedModelCache[ClosingEngine] = LoadedModelCache(max_models=1, on_evict=close_on_evict)
+    held = cache.get_or_load("a", lambda: ClosingEngine("a"))
+    cache.get_or_load("b", lambda: ClosingEngine("b"))
+    assert ClosingEngine.closed == ["a"] and held.name == "a"
 
 
 def test_a_hook_that_raises_does_not_break_the_cache(caplog: pytest.LogCaptureFixture) -> None:
