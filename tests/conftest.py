@@ -61,6 +61,11 @@ importlib.import_module("huggingface_hub.constants")
 for _name in [name for name in os.environ if name.lower().endswith("_proxy")]:
     del os.environ[_name]
 
+# A pull through an outage tries again for two minutes by default: a test of a failing upstream (a node
+# killed, a port nothing listens on) fails at once, as before; tests of the patience set their own. Set in
+# the process environment, so that the processes tests start inherit it.
+os.environ["MODELDEPOT_OUTAGE_PATIENCE"] = "0"
+
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -31,6 +31,9 @@ class FaultPlan:
     slow_delay: float = 0.02  # seconds per 64 KiB piece in "slow" mode
     retry_after_date: float = 0.0  # "429" mode: Retry-After as an HTTP date this far ahead (0: "1" second)
     cut_after: int = 0  # "cut" mode: body bytes sent before the connection is closed
+    # Until this time.monotonic(), whatever the mode, every connection is closed unanswered and the ones
+    # answering are cut (the network went away)
+    down_until: float = 0.0
     injected: int = 0
     body_bytes: int = 0  # file bytes the proxy sent to clients
     requests: list[str] = field(default_factory=list)  # "<path> <range>" of every file request
@@ -81,6 +84,10 @@ class FaultProxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         plan = self.plan
+        if time.monotonic() < plan.down_until:
+            assert request.transport is not None
+            request.transport.close()
+            raise web.HTTPException()  # (nothing is sent on the closed connection)
         is_file = "/resolve/" in request.path
         headers = {
             k: v
@@ -140,6 +147,10 @@ class FaultProxy:
             await response.prepare(request)
             sent = 0
             async for piece in upstream.content.iter_chunked(65536):
+                if time.monotonic() < plan.down_until:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
                 if fault == "drop" and sent >= 1000:
                     assert request.transport is not None
                     request.transport.close()

@@ -625,6 +625,51 @@ def test_a_slow_link_shows_progress_as_bytes_arrive_not_only_as_chunks_land(
     assert updates[-1].receiving == 0
 
 
+@pytest.mark.parametrize("patience", [60, 0])
+def test_a_pull_waits_out_an_outage_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, patience: int
+) -> None:
+    """The network goes away for 10 s mid-pull (every connection cut, every new one closed unanswered):
+    longer than a range's five attempts. The pull ended with an error (run again, it resumed); it tries
+    again, resuming, for MODELDEPOT_OUTAGE_PATIENCE seconds. 0: it fails at once, as before."""
+    chunk = 1 << 20
+    files = {"config.json": b"{}", BIG: random.Random(8).randbytes(6 * chunk)}
+    with serving(tmp_path / "upstream", files) as node:
+        proxy = FaultProxy(node.url)
+        try:
+            plan = proxy.set("slow", times=-1, path_suffix=BIG, slow_delay=0.05)  # 1.3 MB/s a connection
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", proxy.url)
+            monkeypatch.setenv("MODELDEPOT_OUTAGE_PATIENCE", str(patience))
+            outcome: list[object] = []
+
+            def pull() -> None:
+                try:
+                    outcome.append(depot.pull(REPO))
+                except Exception as error:
+                    outcome.append(error)
+
+            with Depot(tmp_path / "local", chunk_size=chunk) as depot:
+                pulling = threading.Thread(target=pull)
+                pulling.start()
+                wait_until(lambda: plan.body_bytes > chunk)
+                plan.down_until = time.monotonic() + 10
+                pulling.join(120)
+                assert not pulling.is_alive()
+                if not patience:
+                    assert isinstance(outcome[0], UpstreamError) and outcome[0].network, outcome
+                    return
+                assert not isinstance(outcome[0], Exception), outcome
+                assert bytes(depot.get_file(REPO, BIG)) == files[BIG]
+        finally:
+            proxy.stop()
+    waits = [r.getMessage() for r in caplog.records if "no source answers" in r.getMessage()]
+    assert waits and "trying again in" in waits[0], "the wait is said"
+    # What came before the outage was kept: the bytes through the link are the file and what cut reads
+    # lost (a piece of 256 KiB at most a request), not the file twice.
+    assert plan.body_bytes < len(files[BIG]) + 8 * (256 << 10)
+
+
 def test_a_tiny_file_from_a_failing_source_is_retried_with_backoff_not_in_a_burst(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -161,6 +161,9 @@ class DepotConfig:
     connections: int = 16  # parallel requests of one transfer, in total (MODELDEPOT_CONNECTIONS)
     connections_per_source: int = 4
     read_timeout: float = 30.0  # seconds without a byte before a retry (MODELDEPOT_READ_TIMEOUT)
+    # Seconds Depot.pull (and `modeldepot pull`) keeps trying again through an outage, once no source
+    # answers at all (MODELDEPOT_OUTAGE_PATIENCE; 0: fail at once)
+    outage_patience: float = 120.0
     preload_budget: str = "50%"  # RAM for preloaded models: "50%" of RAM, "8GiB" (MODELDEPOT_PRELOAD_BUDGET)
     preload_strategy: str = "page-cache"  # MODELDEPOT_PRELOAD_STRATEGY
     cluster: str | None = None  # the fleet's registry: etcd://HOST:PORT[,HOST:PORT] (MODELDEPOT_CLUSTER)
@@ -232,6 +235,7 @@ class DepotConfig:
             connections=connections,
             connections_per_source=per_source,
             read_timeout=_float_setting(env, "MODELDEPOT_READ_TIMEOUT", 30.0),
+            outage_patience=_float_setting(env, "MODELDEPOT_OUTAGE_PATIENCE", 120.0, zero=True),
             preload_budget=env.get("MODELDEPOT_PRELOAD_BUDGET") or "50%",
             preload_strategy=env.get("MODELDEPOT_PRELOAD_STRATEGY") or "page-cache",
             cluster=env.get("MODELDEPOT_CLUSTER", "").strip() or None,
@@ -315,7 +319,8 @@ def _rate_setting(env: Mapping[str, str], name: str) -> int | None:
     return parse_rate(text, name) if text else None
 
 
-def _float_setting(env: Mapping[str, str], name: str, default: float) -> float:
+def _float_setting(env: Mapping[str, str], name: str, default: float, zero: bool = False) -> float:
+    """Seconds from ``env[name]``: positive, below a day (or 0 too, with ``zero``)."""
     text = env.get(name)
     if not text:
         return default
@@ -323,8 +328,10 @@ def _float_setting(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(text)
     except ValueError:
         raise ConfigError(f"{name}={text!r} is not a number") from None
-    if not 0 < value < 86400:
-        raise ConfigError(f"{name}={text!r} must be a positive number of seconds")
+    in_range = (value >= 0 if zero else value > 0) and value < 86400  # (NaN is not)
+    if not in_range:
+        kind = "a number of seconds (0 or more)" if zero else "a positive number of seconds"
+        raise ConfigError(f"{name}={text!r} must be {kind} below a day")
     return value
 
 

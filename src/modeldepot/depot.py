@@ -647,15 +647,17 @@ class Depot:
 
         ``quants``: None for the whole repo, ``"all"`` for every variant, or names like ``["q4f16"]``;
         the shared files (configs, tokenizers) come with any variant. Content the store already holds is
-        not downloaded again; an interrupted pull continues where it stopped.
+        not downloaded again; an interrupted pull continues where it stopped. Through an outage (no source
+        answers at all) it tries again, resuming, for ``MODELDEPOT_OUTAGE_PATIENCE`` seconds (120).
         """
-        from modeldepot.transfer.pull import run_blocking
+        from modeldepot.transfer.pull import run_through_outages
 
         quants = validate_quants(quants)  # (before the scan)
         manifest = self.manifest_for(repo_id, revision)
-        return run_blocking(
-            self.pull_async(repo_id, quants, revision=revision, progress=progress, manifest=manifest)
-        )
+        return run_through_outages(
+            lambda: self.pull_async(repo_id, quants, revision=revision, progress=progress, manifest=manifest),
+            self.config.outage_patience, repo_id,
+        )  # fmt: skip
 
     @_writes
     async def pull_async(
@@ -708,11 +710,12 @@ class Depot:
         manifest = self.manifest_for(repo_id, revision)
         if not any(f.path == path for f in manifest.files):
             raise EntryNotFoundError(repo_id, revision, path, manifest.commit_id)
-        from modeldepot.transfer.pull import run_blocking
+        from modeldepot.transfer.pull import run_through_outages
 
-        run_blocking(
-            self.pull_async(repo_id, revision=revision, progress=progress, paths=[path], manifest=manifest)
-        )
+        run_through_outages(
+            lambda: self.pull_async(repo_id, revision=revision, progress=progress, paths=[path], manifest=manifest),
+            self.config.outage_patience, f"{repo_id}/{path}",
+        )  # fmt: skip
         return self.store.entry(repo_id, path, manifest.commit_id)
 
     @_any_case

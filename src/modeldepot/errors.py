@@ -217,6 +217,10 @@ class CommitConflictError(IntegrityError):
 class UpstreamError(DepotError):
     """The Hub or another node could not answer (unreachable, server error, refused)."""
 
+    # No answer came at all (a connection refused, cut, or silent: the network or the host), rather than
+    # an HTTP answer that said no: what waiting out an outage may mend
+    network: bool = False
+
 
 class UpstreamDataError(UpstreamError):
     """An upstream (the Hub, a depot node, a mirror's upstream) sent a value that fails validation.

@@ -288,7 +288,12 @@ class _FileJob(ChunkChooser):
             kind = NotFoundError
         if not issubclass(kind, (NotFoundError, AccessDeniedError, IntegrityError, UpstreamTimeoutError)):
             kind = UpstreamError  # one cause everywhere (missing, refused, corrupt) is worth keeping
-        raise kind(f"{self.remote.path}: could not download it ({reasons})", path=self.remote.path)
+        failed = kind(f"{self.remote.path}: could not download it ({reasons})", path=self.remote.path)
+        if isinstance(failed, UpstreamError):  # (no source answered at all: the network, say)
+            failed.network = bool(self.errors) and all(
+                isinstance(error, UpstreamError) and error.network for error in self.errors.values()
+            )
+        raise failed
 
     # -- choosing chunks --------------------------------------------------------------------------------
 

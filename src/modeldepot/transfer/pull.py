@@ -123,6 +123,39 @@ def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
         return helper.submit(asyncio.run, coroutine).result()
 
 
+OUTAGE_FIRST_WAIT = 2.0  # seconds before the first try again after an outage; doubled up to the next
+OUTAGE_LONGEST_WAIT = 30.0
+OUTAGE_PROGRESS_SECONDS = 30.0  # a try that ran this long got somewhere: the patience starts over
+
+
+def run_through_outages(start: Callable[[], Coroutine[Any, Any, T]], patience: float, what: str) -> T:
+    """:func:`run_blocking` of ``start()``; when it fails because no source answered at all (the network,
+    or the host, went away: ``UpstreamError.network``), it is run again, and resumes where it stopped (its
+    chunks and parts are kept), for up to ``patience`` seconds from the first such failure (a try that ran
+    a while made progress: the patience starts over). An HTTP answer that said no is no outage."""
+    deadline: float | None = None
+    wait = OUTAGE_FIRST_WAIT
+    while True:
+        started = time.monotonic()
+        try:
+            return run_blocking(start())
+        except UpstreamError as error:
+            now = time.monotonic()
+            if not error.network or patience <= 0:
+                raise
+            if deadline is None or now - started >= OUTAGE_PROGRESS_SECONDS:
+                deadline, wait = now + patience, OUTAGE_FIRST_WAIT
+            if now >= deadline:
+                error.args = (f"{error} (no source answered for {patience:g} s: MODELDEPOT_OUTAGE_PATIENCE)",
+                              *error.args[1:])  # fmt: skip
+                raise
+            pause = min(wait, deadline - now)
+            log.warning("%s: no source answers (%s); trying again in %.0f s, for %.0f s more at most (what "
+                        "came is kept)", what, error, pause, deadline - now)  # fmt: skip
+            time.sleep(pause)
+            wait = min(wait * 2, OUTAGE_LONGEST_WAIT)
+
+
 async def pull_async(
     store: Store,
     manifest: Manifest,

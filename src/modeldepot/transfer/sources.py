@@ -192,7 +192,7 @@ class HttpSource:
         resumed = 0  # attempts that continued where a cut one stopped
         while True:
             retry_after = None
-            timed_out = False  # (what the last attempt met is what the error says)
+            timed_out = no_answer = False  # (what the last attempt met is what the error says)
             kept = receiving.kept
             attempt = receiving.attempt = Attempt()
             try:
@@ -238,10 +238,13 @@ class HttpSource:
                     # Nothing listens at a node's address: it is down. Retrying for seconds would hold its
                     # chunks (its claims, in a swarm) from the sources that have them; dropped now, it
                     # counts as failed at once.
-                    raise UpstreamError(f"{url}: nothing listens there (the node is down): {error}",
-                                        source=url) from error  # fmt: skip
+                    down = UpstreamError(
+                        f"{url}: nothing listens there (the node is down): {error}", source=url
+                    )
+                    down.network = True
+                    raise down from error
                 problem = f"{type(error).__name__}: {error}".rstrip(": ")
-                timed_out = isinstance(error, TimeoutError)
+                timed_out, no_answer = isinstance(error, TimeoutError), True
             # What the attempt read before it failed is in place: the next one asks for the rest only.
             receiving.kept, receiving.attempt = receiving.kept + attempt.received, None
             if attempt.received and resumed < self.retry.max_resumes:
@@ -259,8 +262,10 @@ class HttpSource:
                 break
             await asyncio.sleep(self.retry.delay(failures - 1, retry_after))
         kind = UpstreamTimeoutError if timed_out else UpstreamError  # what the last attempt met
-        raise kind(f"{url} bytes {start}-{start + want - 1}: {problem} after {failures + resumed} attempts",
-                   source=url)  # fmt: skip
+        failed = kind(f"{url} bytes {start}-{start + want - 1}: {problem} after {failures + resumed} attempts",
+                      source=url)  # fmt: skip
+        failed.network = no_answer
+        raise failed
 
     async def _attempt(self, url: str, start: int, end: int, size: int, into: memoryview,
                        headers: dict[str, str], attempt: Attempt) -> Answer:  # fmt: skip
