@@ -432,7 +432,7 @@ def stats_command(depot: Depot, top: int, as_json: bool) -> None:
             in_ram, size = resident_in_ram(depot.store, repo.repo_id, None, check=False)
         except DepotError:
             continue
-        if in_ram:
+        if in_ram:  # (None, not known: nothing says it is in RAM)
             rows.append({"repo_id": repo.repo_id, "variant": "", "count": 0, "last_access": None,
                          "bytes": size, "resident_bytes": in_ram})  # fmt: skip
     if as_json:

@@ -12,10 +12,13 @@ Design notes (where the seed was thin or wrong):
   freed. The default hook closes an engine only when nothing outside the cache holds it: ``load()`` hands
   out the engine itself, with no release to say when a caller is done, so an engine evicted (another
   model's load, the TTL) while a request ran on it was closed under that request (a native engine's
-  ``close()`` frees what the request reads). One still held is closed once its holders let go of it (seen
-  at the cache's next eviction or miss); the engine's own references (a callback it keeps, a worker
-  thread running one of its methods) are not holders (:mod:`.holders`). ``on_evict=close_on_evict``
-  closes on eviction whoever holds the engine.
+  ``close()`` frees what the request reads). One still held is left to its holders, and goes, with its
+  own finalizer, when the last one lets go of it (as the seed's ``Arc`` did). Held is read from the
+  reference count alone: an engine's own references (a worker thread running its method, a callback it
+  keeps) count as holders too, so such an engine is not closed by the default hook; ``on_evict=
+  close_on_evict`` closes on eviction whoever holds the engine. (Reading which references are the
+  engine's own was tried, and closed engines under requests: a closure over ``self`` in its thread, an
+  event loop it keeps that reaches the tasks waiting on it.)
 - A size that is not given is measured as the process's RSS growth during the load (a rough figure when
   loads overlap, and 0 if memory was freed meanwhile).
 """
@@ -32,8 +35,6 @@ import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
-
-from modeldepot.engines.holders import held_outside
 
 __all__ = ["CacheStats", "LoadedModelCache", "close_on_evict", "default_on_evict", "process_rss_bytes"]
 
@@ -67,7 +68,9 @@ def _available_fraction() -> float:
 
 
 def close_on_evict(key: Hashable, model: Any) -> None:
-    """Call the engine's ``close()`` when it has one, as soon as it leaves the cache, whoever holds it."""
+    """Call the engine's ``close()`` when it has one, as soon as it leaves the cache, whoever holds it (for
+    an engine whose own worker thread or callbacks keep it referenced, and whose close() is safe to call
+    while a caller may still hold it)."""
     close = getattr(model, "close", None)
     if callable(close):
         close()
@@ -75,13 +78,12 @@ def close_on_evict(key: Hashable, model: Any) -> None:
 
 def default_on_evict(key: Hashable, model: Any) -> None:
     """Call the engine's ``close()`` when it has one (sessions, files, pools). The cache calls it only for
-    an engine nothing else holds, and for one still held once its holders let go (see the module's
-    docstring)."""
+    an engine nothing else holds (see the module's docstring)."""
     close_on_evict(key, model)
 
 
 def _references_to(model: object) -> int:
-    return sys.getrefcount(model) - 1  # (as held_outside counts them: not getrefcount's argument)
+    return sys.getrefcount(model)
 
 
 def _own_references() -> int:
@@ -143,8 +145,7 @@ class _Flight:
 
     def __init__(self) -> None:
         self.done = threading.Event()
-        self.model: Any = None  # for its waiters: the last one to take it lets go (the cache keeps none)
-        self.waiters = 0
+        self.model: Any = None
         self.error: BaseException | None = None
         self.dropped = False  # evicted while loading: handed to its callers, never cached
 
@@ -189,10 +190,6 @@ class LoadedModelCache(Generic[M]):
         self._entries: dict[Hashable, _Entry[M]] = {}
         self._next_sweep = 0.0  # when expired entries are next looked for (at most once a second)
         self._flights: dict[Hashable, _Flight] = {}
-        # Evicted engines still held when they left (default hook): closed once their holders let go. By
-        # id, the reference count each had when last looked at: unchanged, its holders are not sought again.
-        self._retired: list[tuple[Hashable, M]] = []
-        self._retired_counts: dict[int, int] = {}
         self._hits = self._misses = self._evictions = self._failures = 0
 
     # -- loading ----------------------------------------------------------------------------------------
@@ -215,7 +212,7 @@ class LoadedModelCache(Generic[M]):
 
     def _get_slow(self, key: Hashable, loader: Loader[M], size: int | None, now: float) -> M:
         with self._lock:
-            evicted = self._expire_locked(now) + self._retired_locked()
+            evicted = self._expire_locked(now)
             self._next_sweep = now + min(self.ttl or 1.0, 1.0)
             entry = self._entries.get(key)
             flight = self._flights.get(key)
@@ -227,8 +224,6 @@ class LoadedModelCache(Generic[M]):
                 self._misses += 1
                 flight = self._flights[key] = _Flight()
                 evicted += self._make_room_locked(size)
-            else:
-                flight.waiters += 1  # (here, in the lock it was found in: the leader hands it the model)
         if evicted:
             self._run_hooks(evicted)
         if entry is not None:
@@ -241,15 +236,12 @@ class LoadedModelCache(Generic[M]):
                     self._hits += 1
                 else:
                     self._misses += 1
-                model, flight.waiters = flight.model, flight.waiters - 1
-                if not flight.waiters:
-                    flight.model = None  # (an evicted engine must find no reference of the cache's)
             if flight.error is not None:
                 own = _own_copy(flight.error)
                 if own is flight.error:
                     raise own
                 raise own from flight.error
-            return model  # type: ignore[no-any-return]
+            return flight.model  # type: ignore[no-any-return]
         return self._lead(key, flight, loader, size)
 
     def _lead(self, key: Hashable, flight: _Flight, loader: Loader[M], size: int | None) -> M:
@@ -272,8 +264,7 @@ class LoadedModelCache(Generic[M]):
             else:
                 self._entries[key] = _Entry(model, measured, now, now)
                 evicted = self._enforce_locked(keep=key)
-            if flight.waiters:
-                flight.model = model
+        flight.model = model
         flight.done.set()
         self._run_hooks(evicted)
         return model
@@ -339,27 +330,13 @@ class LoadedModelCache(Generic[M]):
         self._evictions += len(evicted)
         return evicted
 
-    def _retired_locked(self) -> list[tuple[Hashable, M]]:
-        """The retired engines, to go through the hooks again (a holder may have let go)."""
-        retired, self._retired = self._retired, []
-        return retired
-
     def _run_hooks(self, evicted: list[tuple[Hashable, M]]) -> None:
         """The hook for each evicted entry; the list holds the cache's last references (it is emptied)."""
         while evicted:
             key, model = evicted.pop()
             try:
-                with self._lock:
-                    seen = self._retired_counts.pop(id(model), None)
-                held = False
-                if self.on_evict is default_on_evict:
-                    held, count = held_outside(model, _OWN_REFERENCES, seen)
-                if held:
-                    if seen is None:
-                        log.debug("%r left the cache while still held: closed once its holders let go", key)
-                    with self._lock:
-                        self._retired.append((key, model))
-                        self._retired_counts[id(model)] = count
+                if self.on_evict is default_on_evict and _references_to(model) > _OWN_REFERENCES:
+                    log.debug("%r left the cache while still held: it goes when its holders let go", key)
                 else:
                     self.on_evict(key, model)
             except Exception:
@@ -383,12 +360,10 @@ class LoadedModelCache(Generic[M]):
         return True
 
     def evict_stale(self) -> int:
-        """Drop every entry idle for longer than the TTL (and close the evicted engines their holders let go
-        of since); returns how many entries went."""
+        """Drop every entry idle for longer than the TTL; returns how many went."""
         with self._lock:
             evicted = self._expire_locked()
-            count = len(evicted)
-            evicted += self._retired_locked()
+        count = len(evicted)
         self._run_hooks(evicted)
         return count
 

@@ -589,10 +589,11 @@ class _FileJob(ChunkChooser):
             self.part_origins.pop(index, None)
             self.partial.forget_part(index)
             return
+        earlier = request.part_blake3 if receiving.in_place else None
         if not receiving.in_place:
             self.part_origins.pop(index, None)  # (a part before it, if any, was fetched over)
         self.part_origins.setdefault(index, []).append((source.kind, source.source.base_url, new))
-        self.partial.log_part(index, receiving.count, self._expected(source, index) or request.part_blake3)
+        self.partial.log_part(index, receiving.count, self._expected(source, index) or earlier)
 
     def _expected(self, source: FileSource, index: int) -> str | None:
         """The BLAKE3 chunk ``index`` from ``source`` must have: the source's own, or (a node without
