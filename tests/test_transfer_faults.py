@@ -670,6 +670,42 @@ def test_a_pull_waits_out_an_outage_and_resumes(
     assert plan.body_bytes < len(files[BIG]) + 8 * (256 << 10)
 
 
+def test_a_pull_waiting_for_a_suspended_one_says_who_and_takes_over_once_it_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pull in another terminal suspended with Ctrl-Z held the download: a second pull of the same file
+    waited without end and said "waiting for another process", nothing more (a trial's waited 150 s)."""
+    from fleetnodes import base_env
+
+    files = {"config.json": b"{}", BIG: random.Random(9).randbytes(4 << 20)}
+    home = tmp_path / "local"
+    with serving(tmp_path / "upstream", files) as node:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "modeldepot", "pull", REPO, "--home", str(home), "--max-rate", "1MiB/s"],
+            env=base_env(HF_ENDPOINT=node.url), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_until(
+                lambda: any((home / "partials").glob("*.log")) if (home / "partials").exists() else False
+            )
+            first.send_signal(signal.SIGSTOP)
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)
+            outcome: list[object] = []
+            with Depot(home) as depot:
+                second = threading.Thread(target=lambda: outcome.append(depot.pull(REPO)))
+                second.start()
+                wait_until(lambda: any("suspended" in r.getMessage() for r in caplog.records))
+                said = next(r.getMessage() for r in caplog.records if "suspended" in r.getMessage())
+                assert f"process {first.pid}" in said and f"kill -CONT {first.pid}" in said, said
+                first.kill()  # the user stops it: the waiting pull takes the download over
+                second.join(60)
+                assert outcome and bytes(depot.get_file(REPO, BIG)) == files[BIG]
+        finally:
+            first.kill()
+            first.wait()
+
+
 def test_a_tiny_file_from_a_failing_source_is_retried_with_backoff_not_in_a_burst(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-__all__ = ["StoreLock", "lock_is_held"]
+__all__ = ["StoreLock", "flock_holder", "lock_is_held", "process_state"]
 
 
 class StoreLock:
@@ -57,3 +57,32 @@ def lock_is_held(path: Path) -> bool | None:
     finally:
         os.close(fd)  # a lock we took is released with it
     return False
+
+
+def flock_holder(path: Path) -> int | None:
+    """The pid of a process holding a ``flock`` on ``path`` (``/proc/locks``), None when none does or it
+    cannot be told (no procfs; a holder in another pid namespace shows as none)."""
+    try:
+        info = os.stat(path)
+        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+            for line in locks:
+                fields = line.split()  # "1: FLOCK  ADVISORY  WRITE 28045 fe:00:2343248 0 EOF"
+                if len(fields) < 6 or fields[1] != "FLOCK" or fields[0] == "->":
+                    continue
+                major, minor, inode = fields[5].split(":")
+                if (int(inode), os.makedev(int(major, 16), int(minor, 16))) == (info.st_ino, info.st_dev):
+                    pid = int(fields[4])
+                    return pid if pid > 0 else None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` (``R``, ``S``, ``D``; ``T`` stopped: Ctrl-Z, SIGSTOP), None
+    when it is gone or cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return None

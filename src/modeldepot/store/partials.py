@@ -63,7 +63,7 @@ from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.store.blobs import PartialBlob, start_writeback
 from modeldepot.store.durability import UNKNOWN_BOOT, current_boot_id
 from modeldepot.store.layout import StoreLayout, os_error
-from modeldepot.store.locks import lock_is_held
+from modeldepot.store.locks import flock_holder, lock_is_held
 from modeldepot.store.models import BlobRecord
 from modeldepot.store.verified import PartialChunkReader
 
@@ -359,6 +359,14 @@ class PartialFiles:
     def holds(self, key: str) -> bool:
         """Whether a partial download of ``key`` is on disk (a pull would resume it)."""
         return any(path.exists() for one_piece in (False, True) for path in self._paths(key, one_piece).names)
+
+    def holder(self, key: str) -> int | None:
+        """The pid of the process that holds the download of ``key`` (None: none, or not to be told)."""
+        for paths in (self._paths(key), self._paths(key, one_piece=True)):
+            pid = flock_holder(paths.lock)
+            if pid is not None:
+                return pid
+        return None
 
     def kept_bytes(self, key: str) -> int | None:
         """The bytes a partial download of ``key`` holds by its log (what a resume would not fetch again,

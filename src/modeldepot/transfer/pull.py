@@ -26,6 +26,7 @@ from modeldepot.hub.manifest import INTERRUPTED, Manifest, RemoteFile
 from modeldepot.openfiles import open_file_limit, raise_open_file_limit
 from modeldepot.store.blobs import PartialBlob
 from modeldepot.store.budget import BudgetWriter
+from modeldepot.store.locks import process_state
 from modeldepot.store.partials import ResumablePartial, partial_key
 from modeldepot.store.publish import RevisionSpec, StagedFile, publish, refuse_nested_branch
 from modeldepot.store.store import Store
@@ -53,6 +54,9 @@ T = TypeVar("T")
 
 CLAIM_POLL = 0.25  # seconds between looks at a content another process is transferring
 WAIT_SHOWN = 1.0  # seconds between showings of how far that transfer is
+STILL_SAID = (
+    120.0  # seconds a transfer of another process may stand still before it is said (then each 10 min)
+)
 FILES_AT_ONCE = 32  # files transferring at once (each holds two descriptors; connections are limited apart)
 CLAIM_BATCH = 16  # claims taken in one trip to a worker thread
 
@@ -490,16 +494,44 @@ class _PullRun:
         """This process's claim on the content, after any other process transferring it lets go; None
         when the content turned up in the store meanwhile (its digests are then recorded)."""
         self.tracker.add(remote.path, 0, waiting=True)
-        shown = time.monotonic()
+        shown = moved = time.monotonic()
+        said: float | None = None  # when the standstill was last said
+        kept: int | None = None
         while True:
             taken = await asyncio.to_thread(self._take, key, remote)
             if not isinstance(taken, _Busy):
                 return self._taken(key, remote, taken)
-            if time.monotonic() - shown >= WAIT_SHOWN:  # (what the other's download holds: not silence)
-                shown = time.monotonic()
+            now = time.monotonic()
+            if now - shown >= WAIT_SHOWN:  # (what the other's download holds: not silence)
+                shown = now
                 elsewhere = await asyncio.to_thread(self.store.partials.kept_bytes, key)
                 self.tracker.waiting_on(remote.path, elsewhere or 0)
+                if elsewhere != kept:
+                    kept, moved = elsewhere, now
+                said = await asyncio.to_thread(self._say_standstill, key, remote, now - moved, said)
             await asyncio.sleep(CLAIM_POLL)
+
+    def _say_standstill(self, key: str, remote: RemoteFile, still: float, said: float | None) -> float | None:
+        """(On a worker thread.) Say who holds the download this pull waits for, when that process is
+        suspended (Ctrl-Z: it waited without end, and said nothing) or its download has not moved for
+        STILL_SAID seconds; again each 10 minutes. Returns when it was last said."""
+        now = time.monotonic()
+        if said is not None and now - said < 600:
+            return said
+        pid = self.store.partials.holder(key)
+        state = None if pid is None else process_state(pid)
+        who = "another process" if pid is None else f"process {pid}"
+        if state == "T":
+            log.warning("%s: waiting for %s, which downloads %s and is suspended (Ctrl-Z or SIGSTOP): `kill -CONT "
+                        "%d` lets it go on; once it is stopped, this pull takes the download over",
+                        self.manifest.repo_id, who, remote.path, pid)  # fmt: skip
+            return now
+        if still >= STILL_SAID:
+            log.warning("%s: waiting for %s, which downloads %s and has landed nothing for %.0f s (a slow link, "
+                        "or stuck); once it is stopped, this pull takes the download over",
+                        self.manifest.repo_id, who, remote.path, still)  # fmt: skip
+            return now
+        return said
 
     def _taken(
         self, key: str, remote: RemoteFile, taken: ResumablePartial | BlobDigest
