@@ -24,7 +24,7 @@ import pytest
 from conftest import SMALL_CHUNK, LiveNode, serving_repo, store_files_consistent, write_model_dir
 from faultproxy import FaultProxy, proxied_node, wait_until
 from modeldepot import Depot, IntegrityError
-from modeldepot.errors import NotFoundError, UpstreamError
+from modeldepot.errors import NotFoundError, PullRunningError, UpstreamError
 from modeldepot.hashing import chunk_span
 from modeldepot.hub.manifest import INTERRUPTED
 from modeldepot.transfer.threads import to_thread_to_the_end
@@ -670,40 +670,66 @@ def test_a_pull_waits_out_an_outage_and_resumes(
     assert plan.body_bytes < len(files[BIG]) + 8 * (256 << 10)
 
 
+SLOW_PULLED = {"config.json": b"{}", BIG: random.Random(9).randbytes(4 << 20)}
+
+
+@contextlib.contextmanager
+def pull_in_another_process(home: Path, node: LiveNode) -> Iterator[subprocess.Popen[bytes]]:
+    """``modeldepot pull`` of SLOW_PULLED from ``node`` into ``home`` at 1 MiB/s, as a process of its own,
+    yielded once its download is under way (killed after)."""
+    from fleetnodes import base_env
+
+    pulling = subprocess.Popen(
+        [sys.executable, "-m", "modeldepot", "pull", REPO, "--home", str(home), "--max-rate", "1MiB/s"],
+        env=base_env(HF_ENDPOINT=node.url), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: (home / "partials").exists() and any((home / "partials").glob("*.log")))
+        yield pulling
+    finally:
+        pulling.kill()
+        pulling.wait()
+
+
 def test_a_pull_waiting_for_a_suspended_one_says_who_and_takes_over_once_it_stops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A pull in another terminal suspended with Ctrl-Z held the download: a second pull of the same file
     waited without end and said "waiting for another process", nothing more (a trial's waited 150 s)."""
-    from fleetnodes import base_env
-
-    files = {"config.json": b"{}", BIG: random.Random(9).randbytes(4 << 20)}
     home = tmp_path / "local"
-    with serving(tmp_path / "upstream", files) as node:
-        first = subprocess.Popen(
-            [sys.executable, "-m", "modeldepot", "pull", REPO, "--home", str(home), "--max-rate", "1MiB/s"],
-            env=base_env(HF_ENDPOINT=node.url), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            wait_until(
-                lambda: any((home / "partials").glob("*.log")) if (home / "partials").exists() else False
-            )
-            first.send_signal(signal.SIGSTOP)
-            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.setenv("HF_ENDPOINT", node.url)
-            outcome: list[object] = []
-            with Depot(home) as depot:
-                second = threading.Thread(target=lambda: outcome.append(depot.pull(REPO)))
-                second.start()
-                wait_until(lambda: any("suspended" in r.getMessage() for r in caplog.records))
-                said = next(r.getMessage() for r in caplog.records if "suspended" in r.getMessage())
-                assert f"process {first.pid}" in said and f"kill -CONT {first.pid}" in said, said
-                first.kill()  # the user stops it: the waiting pull takes the download over
-                second.join(60)
-                assert outcome and bytes(depot.get_file(REPO, BIG)) == files[BIG]
-        finally:
-            first.kill()
-            first.wait()
+    with serving(tmp_path / "upstream", SLOW_PULLED) as node, pull_in_another_process(home, node) as first:
+        first.send_signal(signal.SIGSTOP)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", node.url)
+        outcome: list[object] = []
+        with Depot(home) as depot:
+            second = threading.Thread(target=lambda: outcome.append(depot.pull(REPO)))
+            second.start()
+            wait_until(lambda: any("suspended" in r.getMessage() for r in caplog.records))
+            said = next(r.getMessage() for r in caplog.records if "suspended" in r.getMessage())
+            assert f"process {first.pid}" in said and f"kill -CONT {first.pid}" in said, said
+            first.kill()  # the user stops it: the waiting pull takes the download over
+            second.join(60)
+            assert outcome and bytes(depot.get_file(REPO, BIG)) == SLOW_PULLED[BIG]
+
+
+def test_a_repo_another_process_pulls_is_not_removed_under_it(tmp_path: Path) -> None:
+    """`rm` while another process pulled the repo removed it, and the pull failed at its end, its bytes all
+    fetched, saying files "it shares with other repos" went (a trial); the control API said 409 of a pull
+    in its own process only."""
+    home = tmp_path / "local"
+    with serving(tmp_path / "upstream", SLOW_PULLED) as node, pull_in_another_process(home, node) as pulling:
+        with Depot(home) as depot, pytest.raises(PullRunningError, match=f"process {pulling.pid}"):
+            depot.remove(REPO)
+        refused = subprocess.run([sys.executable, "-m", "modeldepot", "rm", REPO, "--yes", "--home", str(home)],
+                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert refused.returncode == 1 and "a pull of acme/faulty is running" in refused.stderr, (
+            refused.stderr
+        )
+        assert pulling.wait(60) == 0, "the pull ends as it would have"
+    with Depot(home) as depot:
+        assert bytes(depot.get_file(REPO, BIG)) == SLOW_PULLED[BIG]
+        assert depot.remove(REPO).commits, "once the pull ended, removed"
 
 
 def test_a_tiny_file_from_a_failing_source_is_retried_with_backoff_not_in_a_burst(

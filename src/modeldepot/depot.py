@@ -32,6 +32,7 @@ from modeldepot.errors import (
     InvalidInputError,
     NotFoundError,
     OfflineError,
+    PullRunningError,
     ReadOnlyStoreError,
     RepoNotFoundError,
 )
@@ -900,7 +901,13 @@ class Depot:
     def remove(self, repo_id: str, revision: str | None = None, quant: str | None = None) -> RemoveResult:
         """Remove a repo or one revision; blobs nothing else uses are deleted at once. With ``quant``, only
         that variant's own files go from the revision (``main`` unless given): its shared files (config,
-        tokenizer) and the other variants stay."""
+        tokenizer) and the other variants stay. Refused (:class:`PullRunningError`) while a pull of the repo
+        runs, here or in another process."""
+        if self.store.partials.is_pulling(repo_id):
+            holder = self.store.partials.pull_holder(repo_id)
+            who = "" if holder is None else f" (process {holder})"
+            raise PullRunningError(f"a pull of {repo_id} is running{who}: nothing was removed; remove it once the "
+                                   "pull ends, or stop the pull first", repo_id=repo_id)  # fmt: skip
         if quant is not None:
             commit_id, result = remove_variant(self.store, repo_id, revision or "main", quant)
             self._held.let_go_of(repo_id, [commit_id], result.files_removed)

@@ -23,6 +23,7 @@ HTTP status in one place each::
     │   ├── UpstreamTimeoutError                 it did not answer in time
     │   ├── AccessDeniedError                    gated or private upstream repo: needs a token
     │   └── OfflineError                         offline mode forbids the connection
+    ├── PullRunningError                         a pull of the repo runs: removing it waits → exit 1 / 409
     ├── StoreError (OSError)                     the store itself cannot do its job        → exit 1
     │   ├── StoreFullError                       ENOSPC / SQLITE_FULL: nothing partial is left behind
     │   └── StoreSchemaError                     an index written by a newer modeldepot
@@ -50,6 +51,7 @@ __all__ = [
     "InvalidRevisionError",
     "NotFoundError",
     "OfflineError",
+    "PullRunningError",
     "ReadOnlyStoreError",
     "RepoNotFoundError",
     "RevisionNotFoundError",
@@ -248,6 +250,11 @@ class AccessDeniedError(UpstreamError):
 
 class OfflineError(UpstreamError):
     """Offline mode (HF_HUB_OFFLINE=1 or MODELDEPOT_OFFLINE=1) forbids opening a connection."""
+
+
+class PullRunningError(DepotError):
+    """A pull of the repo is running (in this process or another): removing it now would come undone when
+    the pull publishes, or fail the pull at its end. Nothing was removed."""
 
 
 class StoreError(DepotError, OSError):

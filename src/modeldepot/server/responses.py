@@ -22,6 +22,7 @@ from modeldepot.errors import (
     InvalidInputError,
     NotFoundError,
     OfflineError,
+    PullRunningError,
     ReadOnlyStoreError,
     RepoNotFoundError,
     RevisionNotFoundError,
@@ -331,6 +332,8 @@ def response_for_error(error: DepotError) -> web.Response:
         return error_response(
             502, "UpstreamIntegrity", f"the bytes from the node's upstream were wrong: {error}"
         )
+    if isinstance(error, PullRunningError):
+        return error_response(409, "PullRunning", str(error))
     if isinstance(error, BudgetExceededError):  # (its message names sizes and the fix, nothing private)
         return error_response(507, "StoreFull", f"the node's disk budget is full: {error}")
     if isinstance(error, StoreFullError):

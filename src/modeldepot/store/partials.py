@@ -356,6 +356,10 @@ class PartialFiles:
         one is a pull that was killed)."""
         return lock_is_held(self._pull_mark(repo_id)) is True
 
+    def pull_holder(self, repo_id: str) -> int | None:
+        """The pid of a process pulling ``repo_id`` (one of them), None when none is or it cannot be told."""
+        return flock_holder(self._pull_mark(repo_id))
+
     def holds(self, key: str) -> bool:
         """Whether a partial download of ``key`` is on disk (a pull would resume it)."""
         return any(path.exists() for one_piece in (False, True) for path in self._paths(key, one_piece).names)
