@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_CHUNK, store_files_consistent, write_model_dir
+from conftest import SMALL_CHUNK, store_files_consistent, wait_until, write_model_dir
 from modeldepot import Depot, RepoNotFoundError
 from modeldepot.hashing import digest_bytes
 
@@ -120,11 +120,15 @@ def check_store(home: Path, expected: dict[str, States], context: str) -> None:
 
 
 def reimport(home: Path, folder: Path, repo_id: str, commit: str, context: str) -> None:
+    """Import again after a kill: the same commit, a consistent store, and nothing the killed import
+    staged left in tmp/ (it stayed until a gc: 129 MiB of a trial's)."""
     with Depot(home) as depot:
         assert depot.import_dir(folder, repo_id).commit_id == commit, (
             f"{context}: re-import changed the commit"
         )
         assert store_files_consistent(depot) == [], context
+    left = list((home / "tmp").iterdir()) if (home / "tmp").exists() else []
+    assert left == [], f"{context}: a killed import's session is still in tmp/: {left}"
 
 
 def random_files(rng: random.Random, count: int, low: int, high: int, prefix: str = "") -> Files:
@@ -276,3 +280,24 @@ def test_kill_remove(tmp_path: Path) -> None:
         return killed
 
     kill_rounds("remove", 8, duration, one_round)
+
+
+def test_what_a_killed_import_staged_goes_at_the_next_import(tmp_path: Path) -> None:
+    """An import killed while it stages leaves its write session in tmp/ (the file copied so far): it stayed
+    until a `gc` (129 MiB of a trial's, through imports and a node's start). The next import removes it."""
+    folder = write_model_dir(tmp_path / "big", {"model.safetensors": random.Random(5).randbytes(64 << 20)})
+    home = tmp_path / "store"
+    command = [sys.executable, "-c", CHILD, str(home), str(SMALL_CHUNK), "import", str(folder), "org/big"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+
+        def staging() -> bool:
+            partials = list((home / "tmp").glob("*/*.partial")) if (home / "tmp").exists() else []
+            return any(p.stat().st_blocks for p in partials)
+
+        wait_until(staging, timeout=60)
+        proc.kill()
+        proc.communicate()
+    assert staging(), "the killed import's staged file is in tmp/"
+    with Depot(home) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "small", {"config.json": b"{}"}), "org/small")
+    assert list((home / "tmp").iterdir()) == []

@@ -44,6 +44,7 @@ from modeldepot.modelcard import MAX_CARD_BYTES, card_metadata
 from modeldepot.store.blobs import PartialBlob, WriteSession
 from modeldepot.store.budget import BudgetExceededError
 from modeldepot.store.importer import likely_new_bytes, stage_blob
+from modeldepot.store.maintenance import sweep_dead_sessions
 from modeldepot.store.publish import RevisionSpec, StagedFile, blob_states, publish
 from modeldepot.store.store import Store
 from modeldepot.validation import (
@@ -328,6 +329,7 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
         return None
     durable = not store.durability.deferred
     doing = f"adopting {repo.repo_id} from the Hugging Face cache"
+    sweep_dead_sessions(store)
     with store.budget.writing(repo.repo_id) as writer, WriteSession(store.layout) as session:
         # The disk budget: what surely cannot fit is refused before anything is staged; room is made for
         # what turned out new once hashed, the blobs it shares kept from eviction meanwhile.

@@ -35,6 +35,7 @@ from modeldepot.hashing import GIT_OID_LIMIT, BlobDigest, digest_stream
 from modeldepot.modelcard import MAX_CARD_BYTES, card_metadata
 from modeldepot.openfiles import open_file_limit
 from modeldepot.store.blobs import PartialBlob, WriteSession
+from modeldepot.store.maintenance import sweep_dead_sessions
 from modeldepot.store.models import ImportResult
 from modeldepot.store.publish import RevisionSpec, StagedFile, blob_states, publish, refuse_nested_branch
 from modeldepot.store.store import Store
@@ -332,6 +333,7 @@ def import_dir(
     refuse_nested_branch(store.index, repo_id, revision)
     files = scan_source(Path(directory))
     doing = f"importing {repo_id}"
+    sweep_dead_sessions(store)
     with store.budget.writing(repo_id) as writer, WriteSession(store.layout) as session:
         # Before a byte is written, refuse what surely cannot fit (the files no blob of the same size may
         # hold); once hashed, make room for the blobs really new, keeping those it shares from eviction.

@@ -42,6 +42,24 @@ class StoreLock:
     def exclusive(self) -> AbstractContextManager[None]:
         return self._hold(fcntl.LOCK_EX)
 
+    @contextmanager
+    def exclusive_if_free(self) -> Iterator[bool]:
+        """The lock exclusively if nobody holds it now (True), else at once False: for upkeep that may
+        as well wait for the next writer."""
+        if self.read_only:
+            yield False
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o664)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
 
 def lock_is_held(path: Path) -> bool | None:
     """Whether a live process holds a ``flock`` on ``path`` (shared or exclusive); None when there is no
