@@ -516,3 +516,50 @@ def test_a_mirror_shows_the_variants_its_clients_fetched(
         finally:
             mirror.stop()
             mirror.depot.close()
+
+
+def test_a_file_another_process_pulls_into_the_mirrors_store_is_streamed_as_it_lands(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: Path
+) -> None:
+    """A `modeldepot pull` on the mirror's store (capped by --max-rate) holds the file's download: the
+    mirror's own pull waits for it, and its reader waited for all of it, sent nothing, and heard the request
+    deadline's 408 (a trial's huggingface_hub client gave up). It follows that download's chunks, each
+    checked against the BLAKE3 logged for it; the last only once the whole file is in the store."""
+    import subprocess
+    import sys
+    import time
+
+    from fleetnodes import base_env
+
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, request_deadline=4.0)
+    home = tmp_path / "mirror"
+    env = base_env(MODELDEPOT_SERVERS=upstream_proxy.url, MODELDEPOT_CHUNK_SIZE=str(SMALL_CHUNK))
+    pulling = subprocess.Popen(
+        [sys.executable, "-m", "modeldepot", "pull", REPO, "--home", str(home), "--max-rate", "384KiB/s"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: (home / "partials").exists() and any((home / "partials").glob("*.log")))
+        first_bytes: list[float] = []
+
+        async def download() -> tuple[int, bytes]:
+            url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
+            async with aiohttp.ClientSession() as session, session.get(url) as response:
+                body = bytearray()
+                async for piece in response.content.iter_any():
+                    first_bytes.append(time.monotonic())
+                    body += piece
+                return response.status, bytes(body)
+
+        status, body = asyncio.run(download())
+        _, errors = pulling.communicate(timeout=120)
+        ended = time.monotonic()
+        assert pulling.returncode == 0, errors
+        assert status == 200 and body == FILES[BIG]
+        assert first_bytes and first_bytes[0] < ended - 2, "bytes went out while the other process pulled"
+        crossed = upstream_proxy.plan.body_bytes
+        assert crossed < len(FILES[BIG]) + 2 * SMALL_CHUNK, "one transfer upstream, the other process's"
+    finally:
+        pulling.kill()
+        pulling.wait()
+        mirror.stop()

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 from modeldepot.depot import Depot
 from modeldepot.errors import (
+    ChunkNotAvailableError,
     CorruptBlobError,
     DepotError,
     EntryNotFoundError,
@@ -364,9 +365,18 @@ class Mirror:
             writing = self._same_content(job)
             if writing is not None:
                 return writing
+            if await asyncio.to_thread(self._held_elsewhere, job):
+                return job  # (its bytes are followed in the other process's download: _follow_elsewhere)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(job.wait(), SIBLING_LOOK)
         return job
+
+    def _held_elsewhere(self, job: _Job) -> bool:
+        """Whether another process (a `modeldepot pull` on the same store) downloads ``job``'s content, so
+        that ``job``'s pull waits for it: a reader waited for that whole download, sent nothing, and heard
+        the request deadline's 408 after a minute (a trial, with a pull capped by --max-rate)."""
+        sha256 = job.remote.sha256
+        return sha256 is not None and self.depot.store.partials.downloading(sha256)
 
     def _same_content(self, job: _Job) -> _Job | None:
         """A running pull of another name of ``job``'s content that writes it now."""
@@ -409,12 +419,17 @@ class Mirror:
             source = await self._writing(job)  # (this pull's, or one of the same content under another name)
             assert source.task is not None
             partial = source.partial
+            if partial is None and not source.task.done():  # another process downloads it (_writing)
+                async for block in self._follow_elsewhere(source, start, end, reading):
+                    start += len(block)
+                    yield block
+                continue  # (its pull ended, or took the download over: read on from there)
             fd = _open(partial) if partial is not None and not source.task.done() else None
             if fd is None:
                 # Raises what the pull raised. Shielded: a reader that leaves must not cancel the shared pull,
                 # which may still be finishing (its partial moved into the store, its task not yet done).
                 await asyncio.shield(job.task)
-                async for block in self._from_store(manifest, remote, start, end):
+                async for block in self._from_store(manifest, remote, start, end, reading.elsewhere):
                     yield block
                 return
             try:
@@ -463,6 +478,9 @@ class Mirror:
                 await job.wait()
             if index == last and not early:
                 job.task.result()  # (the whole file matched)
+                if any(partial.done.get(i) != digest for i, digest in reading.elsewhere.items()):
+                    raise IntegrityError(f"{reading.path}: a chunk sent from another process's download is not "
+                                         "the file's as checked whole; the answer breaks")  # fmt: skip
             elif index not in vouched:
                 reading.unproven = True
                 job.handed_out.add((reading.repo_id, reading.path))
@@ -478,15 +496,53 @@ class Mirror:
                 sent = reading.sent = True
                 yield memoryview(data)
 
-    async def _from_store(
-        self, manifest: Manifest, remote: RemoteFile, start: int, end: int
+    async def _follow_elsewhere(
+        self, job: _Job, start: int, end: int, reading: _Reading
     ) -> AsyncIterator[memoryview]:
-        """The stored file's bytes, each chunk checked against its BLAKE3 before it is yielded."""
+        """Bytes from ``start`` of ``job``'s content as another process's download of it lands them, each
+        chunk checked against the BLAKE3 that download logged, until ``job``'s pull ends or takes the
+        download over. Never the chunk that ends the response: that one waits for the whole-file check
+        (read from the store then, where every chunk sent is compared with the stored blob's first)."""
+        assert job.task is not None and job.remote.sha256 is not None
+        sha256, partials = job.remote.sha256, self.depot.store.partials
+        while job.partial is None and not job.task.done():
+            reader = await asyncio.to_thread(partials.open_chunks, sha256)
+            if reader is not None:
+                try:
+                    last = end // reader.chunk_size
+                    for index in range(start // reader.chunk_size, last):
+                        if not reader.logged(index):
+                            break
+                        try:
+                            view = await asyncio.to_thread(reader.checked_view, index)
+                        except ChunkNotAvailableError:
+                            break  # (its bytes not on disk yet, or the download started over)
+                        offset, length = reader.span(index)
+                        reading.unproven = reading.sent = True  # (only the whole file's check proves them)
+                        reading.elsewhere[index] = reader.digest(index)
+                        job.handed_out.add((reading.repo_id, reading.path))
+                        yield view[start - offset : min(end, offset + length - 1) - offset + 1]
+                        start = offset + length
+                finally:
+                    reader.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(job.wait(), SIBLING_LOOK)
+
+    async def _from_store(
+        self, manifest: Manifest, remote: RemoteFile, start: int, end: int, sent: dict[int, str] | None = None
+    ) -> AsyncIterator[memoryview]:
+        """The stored file's bytes, each chunk checked against its BLAKE3 before it is yielded. ``sent``:
+        chunks already sent from another process's download (index -> the BLAKE3 it logged), which must be
+        the stored blob's, or the answer breaks (that download may have started over after they went)."""
         entry = await asyncio.to_thread(
             self.depot.file_info, manifest.repo_id, remote.path, manifest.commit_id
         )
         reader = await asyncio.to_thread(self.depot.open_verified, entry)
         try:
+            for index, digest in (sent or {}).items():
+                if reader.digest(index) != digest:
+                    raise IntegrityError(f"{remote.path}: a chunk sent from another process's download is not "
+                                         "the file's as checked whole; the answer breaks")  # fmt: skip
             for index in reader.chunks_of(start, end):
                 view = await asyncio.to_thread(reader.checked_view, index)
                 offset, length = reader.span(index)
@@ -529,6 +585,8 @@ class _Reading:
     path: str
     unproven: bool = False
     sent: bool = False  # bytes went out
+    # Chunks sent from another process's download of the file: index -> the BLAKE3 it logged for them
+    elsewhere: dict[int, str] = field(default_factory=dict)
 
 
 def _retrieved(task: asyncio.Task[Manifest]) -> None:

@@ -356,6 +356,10 @@ class PartialFiles:
         one is a pull that was killed)."""
         return lock_is_held(self._pull_mark(repo_id)) is True
 
+    def downloading(self, key: str) -> bool:
+        """Whether a live process holds the download of ``key`` (its claim's lock)."""
+        return any(lock_is_held(paths.lock) is True for paths in (self._paths(key), self._paths(key, True)))
+
     def pull_holder(self, repo_id: str) -> int | None:
         """The pid of a process pulling ``repo_id`` (one of them), None when none is or it cannot be told."""
         return flock_holder(self._pull_mark(repo_id))
