@@ -6,7 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, s
 
 from conftest import SMALL_CHUNK, LiveNode, flip_byte, store_files_consistent, wait_until, write_model_dir
 from faultproxy import FaultProxy
+from fleetnodes import base_env
 from mirrornodes import (
     BIG,
     FILES,
@@ -518,6 +523,18 @@ def test_a_mirror_shows_the_variants_its_clients_fetched(
             mirror.depot.close()
 
 
+def pull_beside(home: Path, upstream: str) -> subprocess.Popen[str]:
+    """A `modeldepot pull` of REPO into the mirror's store ``home`` (its own process, at 384 KiB/s: 8 s),
+    returned once its download is under way."""
+    env = base_env(MODELDEPOT_SERVERS=upstream, MODELDEPOT_CHUNK_SIZE=str(SMALL_CHUNK))
+    pulling = subprocess.Popen(
+        [sys.executable, "-m", "modeldepot", "pull", REPO, "--home", str(home), "--max-rate", "384KiB/s"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_until(lambda: (home / "partials").exists() and any((home / "partials").glob("*.log")))
+    return pulling
+
+
 def test_a_file_another_process_pulls_into_the_mirrors_store_is_streamed_as_it_lands(
     upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: Path
 ) -> None:
@@ -525,21 +542,9 @@ def test_a_file_another_process_pulls_into_the_mirrors_store_is_streamed_as_it_l
     mirror's own pull waits for it, and its reader waited for all of it, sent nothing, and heard the request
     deadline's 408 (a trial's huggingface_hub client gave up). It follows that download's chunks, each
     checked against the BLAKE3 logged for it; the last only once the whole file is in the store."""
-    import subprocess
-    import sys
-    import time
-
-    from fleetnodes import base_env
-
     mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, request_deadline=4.0)
-    home = tmp_path / "mirror"
-    env = base_env(MODELDEPOT_SERVERS=upstream_proxy.url, MODELDEPOT_CHUNK_SIZE=str(SMALL_CHUNK))
-    pulling = subprocess.Popen(
-        [sys.executable, "-m", "modeldepot", "pull", REPO, "--home", str(home), "--max-rate", "384KiB/s"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    pulling = pull_beside(tmp_path / "mirror", upstream_proxy.url)
     try:
-        wait_until(lambda: (home / "partials").exists() and any((home / "partials").glob("*.log")))
         first_bytes: list[float] = []
 
         async def download() -> tuple[int, bytes]:
@@ -561,5 +566,25 @@ def test_a_file_another_process_pulls_into_the_mirrors_store_is_streamed_as_it_l
         assert crossed < len(FILES[BIG]) + 2 * SMALL_CHUNK, "one transfer upstream, the other process's"
     finally:
         pulling.kill()
-        pulling.wait()
+        pulling.communicate()
+        mirror.stop()
+
+
+def test_a_reader_of_a_file_a_suspended_process_downloads_is_broken_not_kept_for_good(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: Path
+) -> None:
+    """The other process was suspended (Ctrl-Z): its download lands nothing, and a reader following it
+    polled it for good after its client left (review). It breaks after STILL_ELSEWHERE."""
+    monkeypatch.setattr(mirroring, "STILL_ELSEWHERE", 2.0)
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, request_deadline=4.0)
+    pulling = pull_beside(tmp_path / "mirror", upstream_proxy.url)
+    try:
+        pulling.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        received = asyncio.run(read_until_it_breaks(f"{mirror.url}/{REPO}/resolve/main/{BIG}"))
+        assert time.monotonic() - started < 30
+        assert FILES[BIG].startswith(received), "what went out is the file's"
+    finally:
+        pulling.kill()
+        pulling.communicate()
         mirror.stop()

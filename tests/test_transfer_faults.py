@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -730,6 +730,53 @@ def test_a_repo_another_process_pulls_is_not_removed_under_it(tmp_path: Path) ->
     with Depot(home) as depot:
         assert bytes(depot.get_file(REPO, BIG)) == SLOW_PULLED[BIG]
         assert depot.remove(REPO).commits, "once the pull ended, removed"
+
+
+def test_the_outage_patience_starts_over_only_after_a_try_that_landed_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A try that merely lasted started the patience over: through a silent outage each try waits out its
+    timeouts (five attempts of 30 s), and the pull was tried again for good (review)."""
+    from modeldepot.transfer import pull as pulling
+    from modeldepot.transfer.progress import PullUpdate
+
+    monkeypatch.setattr(pulling, "OUTAGE_FIRST_WAIT", 0.01)
+    monkeypatch.setattr(pulling, "OUTAGE_LONGEST_WAIT", 0.01)
+    tries = 0
+
+    async def a_try(watch: Callable[[PullUpdate], None]) -> None:
+        nonlocal tries
+        tries += 1
+        if tries > 40:
+            raise RuntimeError("tried again for good")
+        watch(PullUpdate("w", 0, 1000, 100 * min(tries, 3), 1000))  # bytes landed by the first three
+        await asyncio.sleep(0.3)  # (each try lasts: its timeouts)
+        failed = UpstreamError("no answer")
+        failed.network = True
+        raise failed
+
+    started = time.monotonic()
+    with pytest.raises(UpstreamError, match="no source answered for 1 s"):
+        pulling.run_through_outages(a_try, None, 1.0, REPO)
+    assert 3 < tries < 10 and time.monotonic() - started < 5
+
+
+def test_only_no_answer_at_all_counts_as_an_outage() -> None:
+    """A redirect loop, a malformed status line, a TLS certificate are answers or settings: not waited out."""
+    import errno
+    import http.client
+    import socket
+    import ssl
+
+    from modeldepot.transfer.sources import is_no_answer
+
+    outages = [ConnectionRefusedError(), http.client.RemoteDisconnected("closed"), TimeoutError(),
+               socket.gaierror(-2, "Name or service not known"), OSError(errno.ENETUNREACH, "unreachable"),
+               http.client.IncompleteRead(b"")]  # fmt: skip
+    answers = [http.client.HTTPException("more than 5 redirects"), http.client.BadStatusLine("junk"),
+               ssl.SSLCertVerificationError("certificate verify failed"), OSError(errno.EACCES, "denied")]  # fmt: skip
+    assert [is_no_answer(e) for e in outages] == [True] * len(outages)
+    assert [is_no_answer(e) for e in answers] == [False] * len(answers)
 
 
 def test_a_tiny_file_from_a_failing_source_is_retried_with_backoff_not_in_a_burst(

@@ -656,8 +656,8 @@ class Depot:
         quants = validate_quants(quants)  # (before the scan)
         manifest = self.manifest_for(repo_id, revision)
         return run_through_outages(
-            lambda: self.pull_async(repo_id, quants, revision=revision, progress=progress, manifest=manifest),
-            self.config.outage_patience, repo_id,
+            lambda watch: self.pull_async(repo_id, quants, revision=revision, progress=watch, manifest=manifest),
+            progress, self.config.outage_patience, repo_id,
         )  # fmt: skip
 
     @_writes
@@ -714,8 +714,9 @@ class Depot:
         from modeldepot.transfer.pull import run_through_outages
 
         run_through_outages(
-            lambda: self.pull_async(repo_id, revision=revision, progress=progress, paths=[path], manifest=manifest),
-            self.config.outage_patience, f"{repo_id}/{path}",
+            lambda watch: self.pull_async(repo_id, revision=revision, progress=watch, paths=[path],
+                                          manifest=manifest),
+            progress, self.config.outage_patience, f"{repo_id}/{path}",
         )  # fmt: skip
         return self.store.entry(repo_id, path, manifest.commit_id)
 

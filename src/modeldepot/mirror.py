@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -74,6 +74,9 @@ HELD_PATIENCE = 5.0
 # Seconds an answer's headers wait for the first bytes of a pull (so that a pull failing from its start is a
 # 502): under a client's 10 s timeouts
 FIRST_BYTES_PATIENCE = 5.0
+# Seconds a reader following another process's download of its file waits for that download to land a
+# chunk (a suspended `modeldepot pull`): then the answer breaks, and its client tries again later
+STILL_ELSEWHERE = 60.0
 # In the store's home: [[repo id in lower case, path, when (seconds since the epoch)], ...]
 BROKEN_FILE = "mirror-broken.json"
 
@@ -420,9 +423,11 @@ class Mirror:
             assert source.task is not None
             partial = source.partial
             if partial is None and not source.task.done():  # another process downloads it (_writing)
-                async for block in self._follow_elsewhere(source, start, end, reading):
-                    start += len(block)
-                    yield block
+                # (closed when this reader stops, at once: the reader it holds between chunks with it)
+                async with contextlib.aclosing(self._follow_elsewhere(source, start, end, reading)) as blocks:
+                    async for block in blocks:
+                        start += len(block)
+                        yield block
                 continue  # (its pull ended, or took the download over: read on from there)
             fd = _open(partial) if partial is not None and not source.task.done() else None
             if fd is None:
@@ -498,16 +503,19 @@ class Mirror:
 
     async def _follow_elsewhere(
         self, job: _Job, start: int, end: int, reading: _Reading
-    ) -> AsyncIterator[memoryview]:
+    ) -> AsyncGenerator[memoryview, None]:
         """Bytes from ``start`` of ``job``'s content as another process's download of it lands them, each
         chunk checked against the BLAKE3 that download logged, until ``job``'s pull ends or takes the
         download over. Never the chunk that ends the response: that one waits for the whole-file check
         (read from the store then, where every chunk sent is compared with the stored blob's first)."""
         assert job.task is not None and job.remote.sha256 is not None
         sha256, partials = job.remote.sha256, self.depot.store.partials
+        landed, moved = -1, time.monotonic()
         while job.partial is None and not job.task.done():
             reader = await asyncio.to_thread(partials.open_chunks, sha256)
             if reader is not None:
+                if reader.logged_count != landed:
+                    landed, moved = reader.logged_count, time.monotonic()
                 try:
                     last = end // reader.chunk_size
                     for index in range(start // reader.chunk_size, last):
@@ -525,6 +533,12 @@ class Mirror:
                         start = offset + length
                 finally:
                     reader.close()
+            if time.monotonic() - moved > STILL_ELSEWHERE:
+                holder = await asyncio.to_thread(partials.holder, sha256)
+                raise UpstreamTimeoutError(f"{reading.path}: the download of it another process runs"
+                                           f"{'' if holder is None else f' (process {holder})'} has landed "
+                                           f"nothing for {STILL_ELSEWHERE:g} s; the answer breaks",
+                                           repo_id=reading.repo_id, path=reading.path)  # fmt: skip
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(job.wait(), SIBLING_LOOK)
 

@@ -82,15 +82,23 @@ def flock_holder(path: Path) -> int | None:
     cannot be told (no procfs; a holder in another pid namespace shows as none)."""
     try:
         info = os.stat(path)
+        same_inode: list[int] = []
         with open("/proc/locks", encoding="ascii", errors="replace") as locks:
             for line in locks:
-                fields = line.split()  # "1: FLOCK  ADVISORY  WRITE 28045 fe:00:2343248 0 EOF"
-                if len(fields) < 6 or fields[1] != "FLOCK" or fields[0] == "->":
+                fields = (
+                    line.split()
+                )  # "1: FLOCK  ADVISORY  WRITE 28045 fe:00:2343248 0 EOF" (waiters: "1: ->")
+                if len(fields) < 6 or fields[1] != "FLOCK":
                     continue
                 major, minor, inode = fields[5].split(":")
-                if (int(inode), os.makedev(int(major, 16), int(minor, 16))) == (info.st_ino, info.st_dev):
-                    pid = int(fields[4])
-                    return pid if pid > 0 else None
+                if int(inode) != info.st_ino or int(fields[4]) <= 0:
+                    continue
+                if os.makedev(int(major, 16), int(minor, 16)) == info.st_dev:
+                    return int(fields[4])
+                same_inode.append(int(fields[4]))
+        # (btrfs and some overlays show another device number there than stat() does: the inode alone,
+        # when one process holds a lock of it)
+        return same_inode[0] if len(set(same_inode)) == 1 else None
     except (OSError, ValueError):
         pass
     return None

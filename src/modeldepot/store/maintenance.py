@@ -299,7 +299,11 @@ def sweep_dead_sessions(store: Store) -> int:
     with store.lock.exclusive_if_free() as free:
         if not free:
             return 0
-        freed = _collect_sessions(store)[2]
+        try:
+            freed = _collect_sessions(store)[2]
+        except OSError as error:  # (a session another writer ends or starts meanwhile: the next one does it)
+            log.debug("tmp/ left as it is for now: %s", error)
+            return 0
     if freed:
         log.info("removed what writers that ended midway left in tmp/ (%d bytes)", freed)
     return freed

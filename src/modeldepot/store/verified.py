@@ -179,6 +179,11 @@ class PartialChunkReader(VerifiedBlob):
         """Whether the log names chunk ``index`` (a claim: :meth:`check` proves it)."""
         return index in self._logged
 
+    @property
+    def logged_count(self) -> int:
+        """How many chunks the log names."""
+        return len(self._logged)
+
     def check(self, index: int) -> str:
         """Read chunk ``index`` and compare it with its logged BLAKE3; returns the digest, and keeps the
         bytes for :meth:`view`. Raises ChunkNotAvailableError when the chunk cannot be served."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -129,26 +130,38 @@ def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
 
 OUTAGE_FIRST_WAIT = 2.0  # seconds before the first try again after an outage; doubled up to the next
 OUTAGE_LONGEST_WAIT = 30.0
-OUTAGE_PROGRESS_SECONDS = 30.0  # a try that ran this long got somewhere: the patience starts over
 
 
-def run_through_outages(start: Callable[[], Coroutine[Any, Any, T]], patience: float, what: str) -> T:
-    """:func:`run_blocking` of ``start()``; when it fails because no source answered at all (the network,
-    or the host, went away: ``UpstreamError.network``), it is run again, and resumes where it stopped (its
-    chunks and parts are kept), for up to ``patience`` seconds from the first such failure (a try that ran
-    a while made progress: the patience starts over). An HTTP answer that said no is no outage."""
+def run_through_outages(
+    start: Callable[[PullProgress], Coroutine[Any, Any, T]], progress: PullProgress | None, patience: float,
+    what: str,
+) -> T:  # fmt: skip
+    """:func:`run_blocking` of ``start(progress)``; when it fails because no source answered at all (the
+    network, or the host, went away: ``UpstreamError.network``), it is run again, and resumes where it
+    stopped (its chunks and parts are kept), for up to ``patience`` seconds from the first such failure; a
+    try that landed bytes starts the patience over (not one that merely lasted: through a silent outage
+    each try waits out its timeouts, and the patience never ran out). An HTTP answer that said no is no
+    outage."""
     deadline: float | None = None
     wait = OUTAGE_FIRST_WAIT
+    landed = best = -1  # the pull's checked bytes, as this try reported them, and the most any try did
+
+    def watch(update: PullUpdate) -> None:
+        nonlocal landed
+        landed = max(landed, update.done)
+        if progress is not None:
+            progress(update)
+
     while True:
-        started = time.monotonic()
         try:
-            return run_blocking(start())
+            return run_blocking(start(watch))
         except UpstreamError as error:
             now = time.monotonic()
             if not error.network or patience <= 0:
                 raise
-            if deadline is None or now - started >= OUTAGE_PROGRESS_SECONDS:
+            if deadline is None or landed > best:
                 deadline, wait = now + patience, OUTAGE_FIRST_WAIT
+            best = max(best, landed)
             if now >= deadline:
                 error.args = (f"{error} (no source answered for {patience:g} s: MODELDEPOT_OUTAGE_PATIENCE)",
                               *error.args[1:])  # fmt: skip
@@ -519,6 +532,8 @@ class _PullRun:
         if said is not None and now - said < 600:
             return said
         pid = self.store.partials.holder(key)
+        if pid == os.getpid():
+            return said  # (another pull of this process: it is not stopped from here)
         state = None if pid is None else process_state(pid)
         who = "another process" if pid is None else f"process {pid}"
         if state == "T":

@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
 import http.client
 import json
 import logging
 import mmap
 import random
 import re
+import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -91,6 +94,21 @@ class RetryPolicy:
         if asked is not None:
             return min(asked, self.max_delay)
         return float(min(self.base_delay * (1 << attempt), self.max_delay) * random.uniform(0.5, 1.0))
+
+
+# What an unreachable network or host gives (not an answer, nor a setting: a TLS certificate, a redirect loop)
+_UNREACHABLE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN})
+
+
+def is_no_answer(error: BaseException) -> bool:
+    """Whether ``error`` says no answer came at all (refused, reset, cut, silent, unreachable, a name that
+    did not resolve): what an outage gives, and waiting it out may mend. Not an answer that said no, nor a
+    failure of its own (a TLS certificate, a redirect loop, a malformed status line)."""
+    if isinstance(error, ssl.SSLError):
+        return False
+    return isinstance(
+        error, (ConnectionError, TimeoutError, socket.gaierror, http.client.IncompleteRead)
+    ) or (isinstance(error, OSError) and error.errno in _UNREACHABLE)
 
 
 def retry_after_seconds(value: str, now: float | None = None) -> float | None:
@@ -244,7 +262,7 @@ class HttpSource:
                     down.network = True
                     raise down from error
                 problem = f"{type(error).__name__}: {error}".rstrip(": ")
-                timed_out, no_answer = isinstance(error, TimeoutError), True
+                timed_out, no_answer = isinstance(error, TimeoutError), is_no_answer(error)
             # What the attempt read before it failed is in place: the next one asks for the rest only.
             receiving.kept, receiving.attempt = receiving.kept + attempt.received, None
             if attempt.received and resumed < self.retry.max_resumes:
