@@ -86,7 +86,7 @@ def test_public_api_is_pinned() -> None:
         "NotFoundError", "RemoveResult", "RepoInfo", "RepoNotFoundError", "RepoSummary", "RevisionInfo",
         "RevisionNotFoundError", "SourceDirectoryError", "StoreError", "StoreFullError", "StoreSchemaError",
         "VerifyProblem", "VerifyReport", "__version__", "UpstreamError", "UpstreamDataError", "UpstreamTimeoutError", "AccessDeniedError",
-        "OfflineError", "ChunkNotAvailableError", "ReadOnlyStoreError", "CommitConflictError",
+        "OfflineError", "PullRunningError", "ChunkNotAvailableError", "ReadOnlyStoreError", "CommitConflictError",
     }  # fmt: skip
     for name in modeldepot.__all__:
         assert hasattr(modeldepot, name)

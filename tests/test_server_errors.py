@@ -41,6 +41,7 @@ EXPECTED = {
     "UpstreamTimeoutError": (504, "UpstreamTimeout"),
     "AccessDeniedError": (502, "UpstreamError"),
     "OfflineError": (503, "Offline"),
+    "PullRunningError": (409, "PullRunning"),
     "StoreFullError": (507, "StoreFull"),
     "StoreError": (500, "NodeError"),
     "StoreSchemaError": (500, "NodeError"),

@@ -904,6 +904,7 @@ class Depot:
         that variant's own files go from the revision (``main`` unless given): its shared files (config,
         tokenizer) and the other variants stay. Refused (:class:`PullRunningError`) while a pull of the repo
         runs, here or in another process."""
+        validate_repo_id(repo_id)  # (before it names a file)
         if self.store.partials.is_pulling(repo_id):
             holder = self.store.partials.pull_holder(repo_id)
             who = "" if holder is None else f" (process {holder})"
