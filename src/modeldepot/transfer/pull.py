@@ -55,9 +55,9 @@ T = TypeVar("T")
 
 CLAIM_POLL = 0.25  # seconds between looks at a content another process is transferring
 WAIT_SHOWN = 1.0  # seconds between showings of how far that transfer is
-STILL_SAID = (
-    120.0  # seconds a transfer of another process may stand still before it is said (then each 10 min)
-)
+STILL_SAID = 120.0  # seconds another process's transfer may stand still before that is said
+STANDSTILL_LOOK = 5.0  # seconds a file waits for another process before who holds it is looked at
+SAID_AGAIN = 600.0  # seconds before the same holder's standstill is said again (once for all files)
 FILES_AT_ONCE = 32  # files transferring at once (each holds two descriptors; connections are limited apart)
 CLAIM_BATCH = 16  # claims taken in one trip to a worker thread
 
@@ -349,6 +349,7 @@ class _PullRun:
         self.tracker, self.limits, self.watch = tracker, limits, watch
         self.claims: dict[str, ResumablePartial] = {}
         self.claims_lock = threading.Lock()  # claims are taken on worker threads (_take)
+        self.standstills_said: dict[int | None, float] = {}  # holder pid -> when its standstill was said
         self.released = False
         self.digests: dict[str, BlobDigest] = {}  # by content key
         self.used: set[str] = set()
@@ -507,8 +508,7 @@ class _PullRun:
         """This process's claim on the content, after any other process transferring it lets go; None
         when the content turned up in the store meanwhile (its digests are then recorded)."""
         self.tracker.add(remote.path, 0, waiting=True)
-        shown = moved = time.monotonic()
-        said: float | None = None  # when the standstill was last said
+        began = shown = moved = time.monotonic()
         kept: int | None = None
         while True:
             taken = await asyncio.to_thread(self._take, key, remote)
@@ -521,32 +521,34 @@ class _PullRun:
                 self.tracker.waiting_on(remote.path, elsewhere or 0)
                 if elsewhere != kept:
                     kept, moved = elsewhere, now
-                said = await asyncio.to_thread(self._say_standstill, key, remote, now - moved, said)
+                if now - began >= STANDSTILL_LOOK:
+                    await asyncio.to_thread(self._say_standstill, key, remote, now - moved)
             await asyncio.sleep(CLAIM_POLL)
 
-    def _say_standstill(self, key: str, remote: RemoteFile, still: float, said: float | None) -> float | None:
+    def _say_standstill(self, key: str, remote: RemoteFile, still: float) -> None:
         """(On a worker thread.) Say who holds the download this pull waits for, when that process is
-        suspended (Ctrl-Z: it waited without end, and said nothing) or its download has not moved for
-        STILL_SAID seconds; again each 10 minutes. Returns when it was last said."""
-        now = time.monotonic()
-        if said is not None and now - said < 600:
-            return said
+        suspended (Ctrl-Z: the pull waited without end, and said nothing) or its download has landed
+        nothing for STILL_SAID seconds: once for all the files it holds, again after SAID_AGAIN."""
         pid = self.store.partials.holder(key)
         if pid == os.getpid():
-            return said  # (another pull of this process: it is not stopped from here)
-        state = None if pid is None else process_state(pid)
+            return  # (another pull of this process: it is not stopped from here)
+        now = time.monotonic()
+        with self.claims_lock:
+            if now - self.standstills_said.get(pid, -SAID_AGAIN) < SAID_AGAIN:
+                return
+            suspended = pid is not None and process_state(pid) == "T"
+            if not suspended and still < STILL_SAID:
+                return
+            self.standstills_said[pid] = now
         who = "another process" if pid is None else f"process {pid}"
-        if state == "T":
+        if suspended:
             log.warning("%s: waiting for %s, which downloads %s and is suspended (Ctrl-Z or SIGSTOP): `kill -CONT "
                         "%d` lets it go on; once it is stopped, this pull takes the download over",
                         self.manifest.repo_id, who, remote.path, pid)  # fmt: skip
-            return now
-        if still >= STILL_SAID:
+        else:
             log.warning("%s: waiting for %s, which downloads %s and has landed nothing for %.0f s (a slow link, "
                         "or stuck); once it is stopped, this pull takes the download over",
                         self.manifest.repo_id, who, remote.path, still)  # fmt: skip
-            return now
-        return said
 
     def _taken(
         self, key: str, remote: RemoteFile, taken: ResumablePartial | BlobDigest
