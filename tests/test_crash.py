@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_CHUNK, store_files_consistent, wait_until, write_model_dir
+from conftest import SMALL_CHUNK, LiveNode, store_files_consistent, wait_until, write_model_dir
 from modeldepot import Depot, RepoNotFoundError
 from modeldepot.hashing import digest_bytes
 
@@ -282,9 +282,11 @@ def test_kill_remove(tmp_path: Path) -> None:
     kill_rounds("remove", 8, duration, one_round)
 
 
-def test_what_a_killed_import_staged_goes_at_the_next_import(tmp_path: Path) -> None:
+@pytest.mark.parametrize("next_step", ["import", "serve"])
+def test_what_a_killed_import_staged_goes_at_the_next_import_or_start(tmp_path: Path, next_step: str) -> None:
     """An import killed while it stages leaves its write session in tmp/ (the file copied so far): it stayed
-    until a `gc` (129 MiB of a trial's, through imports and a node's start). The next import removes it."""
+    until a `gc` (129 MiB of a trial's, through imports and a node's start). The next import removes it, and
+    so does a node as it starts."""
     folder = write_model_dir(tmp_path / "big", {"model.safetensors": random.Random(5).randbytes(64 << 20)})
     home = tmp_path / "store"
     command = [sys.executable, "-c", CHILD, str(home), str(SMALL_CHUNK), "import", str(folder), "org/big"]
@@ -299,5 +301,8 @@ def test_what_a_killed_import_staged_goes_at_the_next_import(tmp_path: Path) -> 
         proc.communicate()
     assert staging(), "the killed import's staged file is in tmp/"
     with Depot(home) as depot:
-        depot.import_dir(write_model_dir(tmp_path / "small", {"config.json": b"{}"}), "org/small")
+        if next_step == "import":
+            depot.import_dir(write_model_dir(tmp_path / "small", {"config.json": b"{}"}), "org/small")
+        else:
+            LiveNode(depot).stop()
     assert list((home / "tmp").iterdir()) == []

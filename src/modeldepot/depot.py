@@ -64,7 +64,7 @@ from modeldepot.store import (
     verify,
 )
 from modeldepot.store.budget import BudgetStatus, Eviction, Pin
-from modeldepot.store.maintenance import VerifyProgress
+from modeldepot.store.maintenance import VerifyProgress, sweep_dead_sessions
 from modeldepot.store.scrub import DEFAULT_SCRUB_RATE, Scrubber
 from modeldepot.store.verified import VerifiedBlob
 from modeldepot.tiers import Tiers
@@ -931,6 +931,12 @@ class Depot:
 
         Interrupted downloads are kept for a resume (a week), unless ``partials`` is True."""
         return gc(self.store, partials)
+
+    def drop_dead_writes(self) -> int:
+        """Remove what writers that ended midway (an import killed) left in ``tmp/``, when no other writer
+        holds the store lock now (imports do it too; ``gc`` does it always); the bytes freed. Nothing on
+        a read-only store."""
+        return 0 if self.store.read_only else sweep_dead_sessions(self.store)
 
     def du(self) -> DiskUsage:
         return disk_usage(self.store)

@@ -232,6 +232,12 @@ def _letting_go_of_what_others_removed(depot: Depot) -> Callable[[web.Applicatio
     would keep the deleted files' space taken (and the bad bytes in use)."""
 
     async def watch(_app: web.Application) -> AsyncIterator[None]:
+        # (and at the start, what a killed import left in tmp/: it stayed until a gc, through the node's start)
+        try:
+            await asyncio.to_thread(depot.drop_dead_writes)
+        except Exception as error:  # (upkeep only: the node serves all the same)
+            log.warning("could not tidy tmp/: %s: %s", type(error).__name__, error)
+
         async def loop() -> None:
             while True:
                 await asyncio.sleep(LET_GO_EVERY)
