@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -483,9 +483,7 @@ class Mirror:
                 await job.wait()
             if index == last and not early:
                 job.task.result()  # (the whole file matched)
-                if any(partial.done.get(i) != digest for i, digest in reading.elsewhere.items()):
-                    raise IntegrityError(f"{reading.path}: a chunk sent from another process's download is not "
-                                         "the file's as checked whole; the answer breaks")  # fmt: skip
+                _check_sent_elsewhere(reading.path, reading.elsewhere, partial.done.get)
             elif index not in vouched:
                 reading.unproven = True
                 job.handed_out.add((reading.repo_id, reading.path))
@@ -553,10 +551,7 @@ class Mirror:
         )
         reader = await asyncio.to_thread(self.depot.open_verified, entry)
         try:
-            for index, digest in (sent or {}).items():
-                if reader.digest(index) != digest:
-                    raise IntegrityError(f"{remote.path}: a chunk sent from another process's download is not "
-                                         "the file's as checked whole; the answer breaks")  # fmt: skip
+            _check_sent_elsewhere(remote.path, sent or {}, reader.digest)
             for index in reader.chunks_of(start, end):
                 view = await asyncio.to_thread(reader.checked_view, index)
                 offset, length = reader.span(index)
@@ -601,6 +596,15 @@ class _Reading:
     sent: bool = False  # bytes went out
     # Chunks sent from another process's download of the file: index -> the BLAKE3 it logged for them
     elsewhere: dict[int, str] = field(default_factory=dict)
+
+
+def _check_sent_elsewhere(path: str, sent: dict[int, str], checked: Callable[[int], str | None]) -> None:
+    """Every chunk sent from another process's download (index -> the BLAKE3 it logged) must be the file's
+    as checked whole (``checked``: a chunk's digest there): that download may have started over after they
+    went. Else the answer breaks."""
+    if any(checked(index) != digest for index, digest in sent.items()):
+        raise IntegrityError(f"{path}: a chunk sent from another process's download is not the file's as "
+                             "checked whole; the answer breaks")  # fmt: skip
 
 
 def _retrieved(task: asyncio.Task[Manifest]) -> None:

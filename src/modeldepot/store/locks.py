@@ -85,9 +85,8 @@ def flock_holder(path: Path) -> int | None:
         same_inode: list[int] = []
         with open("/proc/locks", encoding="ascii", errors="replace") as locks:
             for line in locks:
-                fields = (
-                    line.split()
-                )  # "1: FLOCK  ADVISORY  WRITE 28045 fe:00:2343248 0 EOF" (waiters: "1: ->")
+                # "1: FLOCK  ADVISORY  WRITE 28045 fe:00:2343248 0 EOF" (a waiter's: "1: -> FLOCK ...")
+                fields = line.split()
                 if len(fields) < 6 or fields[1] != "FLOCK":
                     continue
                 major, minor, inode = fields[5].split(":")
