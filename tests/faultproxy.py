@@ -34,6 +34,9 @@ class FaultPlan:
     # Until this time.monotonic(), whatever the mode, every connection is closed unanswered and the ones
     # answering are cut (the network went away)
     down_until: float = 0.0
+    # Until this time.monotonic(), nothing is sent at all (packets vanish): requests are held unanswered and
+    # answers stall; then they go on, for any client still waiting
+    silent_until: float = 0.0
     injected: int = 0
     body_bytes: int = 0  # file bytes the proxy sent to clients
     requests: list[str] = field(default_factory=list)  # "<path> <range>" of every file request
@@ -88,6 +91,7 @@ class FaultProxy:
             assert request.transport is not None
             request.transport.close()
             raise web.HTTPException()  # (nothing is sent on the closed connection)
+        await _wait_out_silence(plan)
         is_file = "/resolve/" in request.path
         headers = {
             k: v
@@ -151,6 +155,7 @@ class FaultProxy:
                     assert request.transport is not None
                     request.transport.close()
                     return response
+                await _wait_out_silence(plan)
                 if fault == "drop" and sent >= 1000:
                     assert request.transport is not None
                     request.transport.close()
@@ -177,6 +182,11 @@ class FaultProxy:
 
     def stop(self) -> None:
         self._server.stop()
+
+
+async def _wait_out_silence(plan: FaultPlan) -> None:
+    while time.monotonic() < plan.silent_until:  # (until the plan lifts it, or the time comes)
+        await asyncio.sleep(0.05)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:

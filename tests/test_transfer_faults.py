@@ -27,6 +27,7 @@ from modeldepot import Depot, IntegrityError
 from modeldepot.errors import NotFoundError, PullRunningError, UpstreamError
 from modeldepot.hashing import chunk_span
 from modeldepot.hub.manifest import INTERRUPTED
+from modeldepot.transfer.progress import PullUpdate
 from modeldepot.transfer.threads import to_thread_to_the_end
 
 REPO = "acme/faulty"
@@ -663,8 +664,8 @@ def test_a_pull_waits_out_an_outage_and_resumes(
                 assert bytes(depot.get_file(REPO, BIG)) == files[BIG]
         finally:
             proxy.stop()
-    waits = [r.getMessage() for r in caplog.records if "no source answers" in r.getMessage()]
-    assert waits and "trying again in" in waits[0], "the wait is said"
+    waits = [r.getMessage() for r in caplog.records if "no source has answered" in r.getMessage()]
+    assert waits and "asking again for" in waits[0], "the wait is said"
     # What came before the outage was kept: the bytes through the link are the file and what cut reads
     # lost (a piece of 256 KiB at most a request), not the file twice.
     assert plan.body_bytes < len(files[BIG]) + 8 * (256 << 10)
@@ -737,7 +738,7 @@ def test_the_outage_patience_starts_over_only_after_a_try_that_landed_bytes(
 ) -> None:
     """A try that merely lasted started the patience over: through a silent outage each try waits out its
     timeouts (five attempts of 30 s), and the pull was tried again for good (review)."""
-    from modeldepot.transfer import pull as pulling
+    from modeldepot.transfer import outage as pulling
     from modeldepot.transfer.progress import PullUpdate
 
     monkeypatch.setattr(pulling, "OUTAGE_FIRST_WAIT", 0.01)
@@ -759,6 +760,128 @@ def test_the_outage_patience_starts_over_only_after_a_try_that_landed_bytes(
     with pytest.raises(UpstreamError, match="no source answered for 1 s"):
         pulling.run_through_outages(a_try, None, 1.0, REPO)
     assert 3 < tries < 10 and time.monotonic() - started < 5
+
+
+def _pull_through_the_proxy(
+    depot: Depot, outcome: list[object], updates: list[PullUpdate]
+) -> threading.Thread:
+    def pull() -> None:
+        try:
+            outcome.append(depot.pull(REPO, progress=updates.append))
+        except Exception as error:
+            outcome.append(error)
+
+    pulling = threading.Thread(target=pull)
+    pulling.start()
+    return pulling
+
+
+OUTAGE_FILES = {"config.json": b"{}", BIG: random.Random(10).randbytes(6 << 20)}
+
+
+def test_a_silent_outage_is_said_while_it_lasts_and_waited_out_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Packets vanish for 8 s mid-pull (nothing refused, nothing cut: each attempt waits out its read
+    timeout). The patience began only once a range's five attempts had run out: a trial over network
+    namespaces heard no word for 5 minutes (30 s timeouts), then saw the pull start over as the link came
+    back, its progress back to 0 and "no source answers" while bytes flowed. Now the silence is said while
+    it lasts, the ranges ask again without the pull starting over, and what progress shows never goes back."""
+    chunk = 1 << 20
+    with serving(tmp_path / "upstream", OUTAGE_FILES) as node:
+        proxy = FaultProxy(node.url)
+        try:
+            plan = proxy.set("slow", times=-1, path_suffix=BIG, slow_delay=0.05)
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", proxy.url)
+            monkeypatch.setenv("MODELDEPOT_OUTAGE_PATIENCE", "60")
+            monkeypatch.setenv("MODELDEPOT_READ_TIMEOUT", "1")
+            outcome: list[object] = []
+            updates: list[PullUpdate] = []
+            with Depot(tmp_path / "local", chunk_size=chunk) as depot:
+                pulling = _pull_through_the_proxy(depot, outcome, updates)
+                wait_until(lambda: plan.body_bytes > chunk)
+                plan.silent_until = time.monotonic() + 8
+                silence_ends = time.time() + 8
+                pulling.join(120)
+                assert not pulling.is_alive()
+                assert not isinstance(outcome[0], Exception), outcome
+                assert bytes(depot.get_file(REPO, BIG)) == OUTAGE_FILES[BIG]
+        finally:
+            proxy.stop()
+    said = [r for r in caplog.records if "no source has answered" in r.getMessage()]
+    assert len(said) == 1 and said[0].created < silence_ends, "the silence is said once, while it lasts"
+    assert any("a source answers again" in r.getMessage() for r in caplog.records)
+    assert not any("trying again in" in r.getMessage() for r in caplog.records), "the pull did not start over"
+    shown = [u.shown for u in updates]
+    assert shown == sorted(shown), "progress went back"
+
+
+def test_the_outage_patience_counts_from_the_last_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through a silent outage that does not end, the pull gives up once nothing has come for the patience
+    (and an attempt's read timeout): not after the five attempts of a range, then the patience, then a
+    last try's five attempts more (the trial's "for 49 s more at most" was overrun by the whole outage).
+    What came is kept: pulled again once the link is back, the file is not fetched twice."""
+    chunk = 1 << 20
+    patience, read_timeout = 4, 1
+    with serving(tmp_path / "upstream", OUTAGE_FILES) as node:
+        proxy = FaultProxy(node.url)
+        try:
+            plan = proxy.set("slow", times=-1, path_suffix=BIG, slow_delay=0.05)
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", proxy.url)
+            monkeypatch.setenv("MODELDEPOT_OUTAGE_PATIENCE", str(patience))
+            monkeypatch.setenv("MODELDEPOT_READ_TIMEOUT", str(read_timeout))
+            outcome: list[object] = []
+            with Depot(tmp_path / "local", chunk_size=chunk) as depot:
+                pulling = _pull_through_the_proxy(depot, outcome, [])
+                wait_until(lambda: plan.body_bytes > 2 * chunk)
+                plan.silent_until = time.monotonic() + 3600
+                silent_from = time.monotonic()
+                pulling.join(120)
+                waited = time.monotonic() - silent_from
+                assert not pulling.is_alive()
+                failed = outcome[0]
+                assert isinstance(failed, UpstreamError) and failed.network, outcome
+                assert f"no source answered for {patience} s: MODELDEPOT_OUTAGE_PATIENCE" in str(failed)
+                # (five attempts of a range with their backoff alone are 9-13 s here)
+                assert waited < patience + 3 * read_timeout + 4, f"gave up after {waited:.1f} s of silence"
+                plan.silent_until = 0
+                sent_before = plan.body_bytes
+                depot.pull(REPO)
+                assert bytes(depot.get_file(REPO, BIG)) == OUTAGE_FILES[BIG]
+        finally:
+            proxy.stop()
+    assert plan.body_bytes - sent_before < len(OUTAGE_FILES[BIG]) - chunk, "what came was fetched again"
+
+
+def test_progress_never_goes_back_when_a_pull_starts_over() -> None:
+    """A try that starts over counts its parts of chunks again from 0 as it resumes them: shown as they
+    were, the total went back by 32 MiB and a rate of 65 MiB/s on a 2.3 MiB/s link (trial). What the
+    tries before showed holds until the new one passes it; checked bytes stay as they are."""
+    from modeldepot.transfer import outage
+
+    tries = 0
+
+    async def a_try(watch: Callable[[PullUpdate], None]) -> str:
+        nonlocal tries
+        tries += 1
+        if tries == 1:
+            watch(PullUpdate(BIG, 100, 1000, 110, 2000, file_receiving=500, receiving=500))  # 610, 600 shown
+            failed = UpstreamError("no answer")
+            failed.network = True
+            raise failed
+        watch(PullUpdate(BIG, 100, 1000, 110, 2000))  # resumed: its part not counted yet
+        watch(PullUpdate(BIG, 100, 1000, 110, 2000, file_receiving=520, receiving=520))
+        return "done"
+
+    shown: list[PullUpdate] = []
+    assert outage.run_through_outages(a_try, shown.append, 30.0, REPO) == "done"
+    assert [(u.file_shown, u.shown, u.file_done, u.done) for u in shown] == [
+        (600, 610, 100, 110), (600, 610, 100, 110), (620, 630, 100, 110),
+    ]  # fmt: skip
 
 
 def test_only_no_answer_at_all_counts_as_an_outage() -> None:

@@ -15,10 +15,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from modeldepot.counters import PULLS
 from modeldepot.errors import ConfigError, DepotError, IntegrityError, OfflineError, UpstreamError
@@ -33,6 +32,7 @@ from modeldepot.store.publish import RevisionSpec, StagedFile, publish, refuse_n
 from modeldepot.store.store import Store
 from modeldepot.transfer.chain import SourceChain
 from modeldepot.transfer.download import LEFT_IN_PLACE, BytesReceiving, FileSource, Limits, download_file
+from modeldepot.transfer.outage import run_blocking, run_through_outages
 from modeldepot.transfer.progress import STATUS_INTERVAL, PullProgress, PullTracker, PullUpdate
 from modeldepot.transfer.ranged import close_idle
 from modeldepot.transfer.session import LazySession
@@ -48,6 +48,7 @@ __all__ = [
     "PullUpdate",
     "pull_async",
     "run_blocking",
+    "run_through_outages",
     "select",
 ]
 
@@ -114,63 +115,6 @@ def select(
     wanted = {f.path for name in names for f in manifest.files_of(name)}
     wanted.update(manifest.shared)
     return [f for f in manifest.files if f.path in wanted], names
-
-
-def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run ``coroutine`` to its end and return its result. In a thread that runs an event loop already
-    (``asyncio.run`` refuses to nest), the coroutine runs on a new loop in a helper thread while this one
-    waits: the caller asked for a blocking call, and gets one (``Depot.pull`` is ``pull_async`` run so)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    with ThreadPoolExecutor(1, thread_name_prefix="modeldepot-blocking") as helper:
-        return helper.submit(asyncio.run, coroutine).result()
-
-
-OUTAGE_FIRST_WAIT = 2.0  # seconds before the first try again after an outage; doubled up to the next
-OUTAGE_LONGEST_WAIT = 30.0
-
-
-def run_through_outages(
-    start: Callable[[PullProgress], Coroutine[Any, Any, T]], progress: PullProgress | None, patience: float,
-    what: str,
-) -> T:  # fmt: skip
-    """:func:`run_blocking` of ``start(progress)``; when it fails because no source answered at all (the
-    network, or the host, went away: ``UpstreamError.network``), it is run again, and resumes where it
-    stopped (its chunks and parts are kept), for up to ``patience`` seconds from the first such failure; a
-    try that landed bytes starts the patience over (not one that merely lasted: through a silent outage
-    each try waits out its timeouts, and the patience never ran out). An HTTP answer that said no is no
-    outage."""
-    deadline: float | None = None
-    wait = OUTAGE_FIRST_WAIT
-    landed = best = -1  # the pull's checked bytes, as this try reported them, and the most any try did
-
-    def watch(update: PullUpdate) -> None:
-        nonlocal landed
-        landed = max(landed, update.done)
-        if progress is not None:
-            progress(update)
-
-    while True:
-        try:
-            return run_blocking(start(watch))
-        except UpstreamError as error:
-            now = time.monotonic()
-            if not error.network or patience <= 0:
-                raise
-            if deadline is None or landed > best:
-                deadline, wait = now + patience, OUTAGE_FIRST_WAIT
-            best = max(best, landed)
-            if now >= deadline:
-                error.args = (f"{error} (no source answered for {patience:g} s: MODELDEPOT_OUTAGE_PATIENCE)",
-                              *error.args[1:])  # fmt: skip
-                raise
-            pause = min(wait, deadline - now)
-            log.warning("%s: no source answers (%s); trying again in %.0f s, for %.0f s more at most (what "
-                        "came is kept)", what, error, pause, deadline - now)  # fmt: skip
-            time.sleep(pause)
-            wait = min(wait * 2, OUTAGE_LONGEST_WAIT)
 
 
 async def pull_async(

@@ -35,6 +35,7 @@ from modeldepot.errors import (
     UpstreamTimeoutError,
 )
 from modeldepot.hashing import chunk_count, chunk_span
+from modeldepot.transfer.outage import OUTAGE, wait_in_outage
 from modeldepot.transfer.ranged import READERS, Answer, Attempt, Reply, proxy_of, read_range, request
 from modeldepot.transfer.threads import until_done
 
@@ -208,16 +209,22 @@ class HttpSource:
         timed_out = False
         failures = 0  # attempts that failed and brought too little to count as progress
         resumed = 0  # attempts that continued where a cut one stopped
+        clock = OUTAGE.get()  # (a pull's, when it waits out outages)
+        outage_waits = 0  # attempts that met the pull's outage: the network's failures, not this source's
+        tried = 0
         while True:
             retry_after = None
             timed_out = no_answer = False  # (what the last attempt met is what the error says)
             kept = receiving.kept
             attempt = receiving.attempt = Attempt()
+            tried += 1
             try:
                 with view[kept:] as rest:  # (released on the way out: an unmapped file must hold no view)
                     answer = await self._attempt(
                         url, start + kept, start + want - 1, size, rest, headers, attempt
                     )
+                if clock is not None:
+                    clock.heard()
                 status = answer.status
                 if status == 206 or (status == 200 and want - kept == size):
                     if answer.problem:
@@ -275,12 +282,21 @@ class HttpSource:
                 if attempt.received < min(self.retry.progress_bytes, want // 4):
                     await asyncio.sleep(self.retry.delay(0, retry_after))
                 continue
+            if no_answer and not attempt.received and clock is not None and clock.outage():
+                # Nothing came from any source of the pull for a while: the network's failure, not this
+                # source's. Asked again, uncounted, until the pull has heard nothing for its patience.
+                if clock.left() <= 0:
+                    break
+                clock.say(f"{url}: {problem}")
+                await asyncio.sleep(wait_in_outage(outage_waits, clock))
+                outage_waits += 1
+                continue
             failures += 1
             if failures >= self.retry.attempts:
                 break
             await asyncio.sleep(self.retry.delay(failures - 1, retry_after))
         kind = UpstreamTimeoutError if timed_out else UpstreamError  # what the last attempt met
-        failed = kind(f"{url} bytes {start}-{start + want - 1}: {problem} after {failures + resumed} attempts",
+        failed = kind(f"{url} bytes {start}-{start + want - 1}: {problem} after {tried} attempts",
                       source=url)  # fmt: skip
         failed.network = no_answer
         raise failed
