@@ -550,14 +550,14 @@ def test_a_mirrors_head_says_what_its_get_would_for_a_second_file_of_a_revision(
         assert codes == [507, 507]
 
 
-def test_writers_in_two_processes_racing_for_the_last_room_end_within_the_budget(
+def test_a_write_in_another_process_counts_the_room_a_write_under_way_holds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each process makes room for its own writers only: two that made room before either published both
-    fit, and the store stayed above its budget for good (three pulls at once: 170% of it, evicting nothing
-    after). The writer that ends above it now evicts. The race is played in order: the second writer,
-    another Depot on the same store (as another process would be), publishes between the first one's room
-    and its publish."""
+    """Each process counted the room its own writers made: two that made room before either published both
+    found it free (three pulls at once went to 137% of the budget while they downloaded, and the first to
+    finish was evicted by another at once: a trial). The room a write under way holds is seen by every
+    process on the store: the second write, from another Depot on the store (as another process would be),
+    made while the first is under way, is refused before it writes, naming what holds the room."""
     from modeldepot.store import importer
 
     monkeypatch.delenv("MODELDEPOT_MAX_SIZE", raising=False)
@@ -565,23 +565,92 @@ def test_writers_in_two_processes_racing_for_the_last_room_end_within_the_budget
     with Depot(home, chunk_size=SMALL_CHUNK) as first, Depot(home, chunk_size=SMALL_CHUNK) as second:
         first.set_max_size("3.5MiB")
         first.import_dir(model(tmp_path, "acme/old"), "acme/old")  # 1 MiB, the least recently used
-        time.sleep(0.01)
         publishing = importer.publish
-        raced: list[str] = []
+        refused: list[StoreFullError] = []
 
-        def publish_after_the_other(*args: object, **kwargs: object) -> object:
-            if not raced:
-                raced.append("y")
-                second.import_dir(model(tmp_path, "acme/y", size=2 * MB), "acme/y")  # it found the room free
-                time.sleep(0.01)
+        def publish_after_the_other_tried(*args: object, **kwargs: object) -> object:
+            if not refused:
+                with pytest.raises(StoreFullError) as caught:
+                    second.import_dir(model(tmp_path, "acme/y", size=2 * MB), "acme/y")
+                refused.append(caught.value)
             return publishing(*args, **kwargs)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(importer, "publish", publish_after_the_other)
+        monkeypatch.setattr(importer, "publish", publish_after_the_other_tried)
         first.import_dir(model(tmp_path, "acme/x", size=2 * MB), "acme/x")
-        assert raced == ["y"]
-        assert first.budget_status().used_bytes <= int(3.5 * MB), repos(first)
-        assert "acme/x" in repos(first) and "acme/old" not in repos(first), "the least recently used went"
+        assert "held by writes under way (acme/x 2.0 MiB by process" in str(refused[0])
+        assert repos(first) == {"acme/old", "acme/x"}, "y was never written"
+        assert first.budget_status().used_bytes <= int(3.5 * MB)
+        assert not list((home / "locks" / "reservations").iterdir()), "the room went with its writer"
         assert first.verify().ok and store_files_consistent(first) == []
+
+
+def test_a_write_does_not_evict_what_was_published_or_used_since_it_began(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that ends above the budget evicts the least recently used: never what another process
+    published (or anyone used) while it wrote. The model a concurrent pull had just said it pulled went at
+    once (a trial). Here a process without the budget (MODELDEPOT_MAX_SIZE caps one process) publishes
+    between the first's room and its publish: the first evicts the old model, keeps the new one, and says
+    that the store is above its budget."""
+    from modeldepot.store import importer
+
+    home = tmp_path / "store"
+    with budgeted(home, "3.5MiB", monkeypatch) as first:
+        monkeypatch.delenv("MODELDEPOT_MAX_SIZE")
+        with Depot(home, chunk_size=SMALL_CHUNK) as second:
+            first.import_dir(model(tmp_path, "acme/old"), "acme/old")  # 1 MiB, the least recently used
+            time.sleep(0.01)
+            publishing = importer.publish
+            raced: list[str] = []
+
+            def publish_after_the_other(*args: object, **kwargs: object) -> object:
+                if not raced:
+                    raced.append("y")
+                    second.import_dir(model(tmp_path, "acme/y", size=2 * MB), "acme/y")
+                return publishing(*args, **kwargs)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(importer, "publish", publish_after_the_other)
+            first.import_dir(model(tmp_path, "acme/x", size=2 * MB), "acme/x")
+            assert raced == ["y"]
+            assert repos(first) == {"acme/x", "acme/y"}, "what was published meanwhile stays"
+            assert first.verify().ok and store_files_consistent(first) == []
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from modeldepot.store.reservations import Reservations
+held = Reservations(Path(sys.argv[1])).hold("acme/elsewhere", int(sys.argv[2]))
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_room_a_killed_process_held_is_free_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reservation is a file its process holds locked: while it lives, other processes count its room;
+    killed (SIGKILL: nothing of it runs), the kernel lets go of its lock, and the room is free again."""
+    import subprocess
+    import sys
+
+    with budgeted(tmp_path / "store", "3.5MiB", monkeypatch) as depot:
+        depot.import_dir(model(tmp_path, "acme/old"), "acme/old")
+        directory = depot.store.budget.reservations.directory
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory), str(3 * MB)],
+                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            with pytest.raises(StoreFullError, match=f"acme/elsewhere 3.0 MiB by process {holder.pid}"):
+                depot.import_dir(model(tmp_path, "acme/x", size=MB), "acme/x")
+        finally:
+            holder.kill()
+            holder.wait()
+            assert holder.stdout is not None
+            holder.stdout.close()
+        depot.import_dir(model(tmp_path, "acme/x", size=MB), "acme/x")
+        assert repos(depot) == {"acme/old", "acme/x"}
+        assert not list(directory.iterdir()), "the dead process's reservation was removed"
 
 
 def test_unpin_takes_what_pin_took(tmp_path: Path) -> None:

@@ -29,9 +29,10 @@ name (the preloader's and the loaded-model cache's models: depot.py; where the h
 logged and counted in the index (``settings``: ``evictions``, ``evicted_bytes``).
 
 Several processes may share a store: each decides from the index as it reads it, and each removal takes the
-store's lock like ``rm``; what a writer reuses is checked again when it publishes (store/publish.py). Two
-processes racing for the last room may together go above the budget while they write; each writer that
-ends above it evicts again (:meth:`BudgetWriter.keep_within`).
+store's lock like ``rm``; what a writer reuses is checked again when it publishes (store/publish.py). The
+room a writer made is seen by every process (store/reservations.py), and made one process at a time; a
+writer never evicts what was used or published since it began. A writer that ends above the budget (a
+budget lowered meanwhile) evicts again (:meth:`BudgetWriter.keep_within`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from modeldepot.config import budget_text, parse_max_size
 from modeldepot.errors import ConfigError, NotFoundError, StoreFullError
 from modeldepot.store.eviction import EvictionOrder, Kept, Unit, Variants
 from modeldepot.store.models import _Record
+from modeldepot.store.reservations import Reservation, Reservations
 from modeldepot.validation import validate_quant, validate_repo_id, validate_revision
 
 if TYPE_CHECKING:
@@ -138,6 +140,8 @@ class DiskBudget:
         self._reserved = 0  # bytes writers made room for and may not have written yet
         self._lock = threading.Lock()  # guards _writers, _reused, _reserved
         self._round = threading.Lock()  # one eviction round at a time in this process
+        # What writers in other processes reserved (this process's own: _reserved)
+        self.reservations = Reservations(store.layout.lock_path.parent / "reservations", store.read_only)
 
     @property
     def store_max_size(self) -> str | None:
@@ -228,6 +232,7 @@ class DiskBudget:
                 self._reused.subtract(writer.reused)
                 self._reserved -= writer.reserved
                 self._reused = +self._reused
+            writer.release()
 
     def pin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> Pin:
         """Keep the revision ``revision`` names (a branch is followed) from eviction. The repo must be in the
@@ -375,8 +380,7 @@ class DiskBudget:
         budget = self.max_bytes
         if budget is None or needed <= 0:
             return
-        with self._lock:
-            others = self._reserved - (writer.reserved if writer else 0)
+        others = self._others_reserved(writer)
         if self.used_bytes() + others + needed <= budget:
             return  # (fits without evicting anything: the common case, one indexed sum)
         kept = self._kept(writer)
@@ -412,26 +416,46 @@ class DiskBudget:
                 f"{doing}: {_size(needed)} more does not fit in the disk budget of {_size(budget)}, even after "
                 f"evicting every model that may go: {_size(kept_bytes)} are pinned, in use"
                 + (f" or of {writer.repo_id} itself" if writer is not None and writer.commit_id is None else "")
+                + self._writes_under_way()
                 + f" (pinned: {_size(self.status().pinned_bytes)}); nothing was removed. Raise the budget "
                 f"({self._setting_that_binds(budget)}), unpin or remove models",
                 budget_bytes=budget, protected_bytes=kept_bytes, needed_bytes=needed,
                 repo_id=writer.repo_id if writer else None,
             )  # fmt: skip
 
+    def _others_reserved(self, writer: BudgetWriter | None) -> int:
+        """The room other writers hold, in this process and in others, and have not filled yet."""
+        with self._lock:
+            here = self._reserved - (writer.reserved if writer else 0)
+        return here + sum(held.amount for held in self.reservations.elsewhere())
+
+    def _writes_under_way(self) -> str:
+        """What other processes' writes under way hold, for a refusal ("" when none)."""
+        held = self.reservations.elsewhere()
+        if not held:
+            return ""
+        named = ", ".join(f"{h.repo_id} {_size(h.amount)}" + (f" by process {h.pid}" if h.pid else "")
+                          for h in held[:3])  # fmt: skip
+        return f", or held by writes under way ({named}{', ...' if len(held) > 3 else ''})"
+
     def _evict_to(self, limit: int, needed: int, doing: str, writer: BudgetWriter | None,
                   partial: bool = False) -> list[Eviction]:  # fmt: skip
-        with self._round:
+        if writer is None:
+            with self._round:
+                return self._evict_round(limit, needed, doing, writer, partial)
+        # Room is made and reserved by one process at a time: two saw the same free bytes, and both took them
+        with self.reservations.admitting(), self._round:
             evicted = self._evict_round(limit, needed, doing, writer, partial)
-            if writer is not None:  # reserved until the writer ends (counted as used by the others)
+            if needed:  # reserved until the writer ends (counted as used by the others)
                 with self._lock:
                     writer.reserved += needed
                     self._reserved += needed
+                writer.reserve(writer.reserved)
             return evicted
 
     def _evict_round(self, limit: int, needed: int, doing: str, writer: BudgetWriter | None,
                      partial: bool) -> list[Eviction]:  # fmt: skip
-        with self._lock:
-            others = self._reserved - (writer.reserved if writer else 0)
+        others = self._others_reserved(writer)
         used = self.used_bytes() + others
         if used <= limit:
             return []
@@ -447,6 +471,11 @@ class DiskBudget:
             if used <= limit:
                 break
             if self.order.frees_nothing(unit, staying):
+                continue
+            if writer is not None and unit.last_used >= writer.started:
+                # Used (or written) since this writer began: another process's pull that just said it
+                # was done went at once to make room for this one (a trial); it stays above the budget,
+                # warned of, and the next write evicts again
                 continue
             eviction = self._evict(unit)
             if eviction is None:
@@ -519,6 +548,23 @@ class BudgetWriter:
         self.variants = frozenset(variants)  # the variants whose status rows it marks downloading
         self.reused: set[str] = set()  # blobs (SHA-256) it found in the store and relies on
         self.reserved = 0  # bytes it made room for
+        self.started = time.time()  # (what was used since is not evicted for it)
+        self._reservation: Reservation | None = None  # its room, as other processes see it
+
+    def reserve(self, amount: int) -> None:
+        """Show other processes the room this writer holds (``amount`` bytes in all; 0: none)."""
+        if self._reservation is None:
+            if amount:
+                self._reservation = self.budget.reservations.hold(self.repo_id, amount)
+        elif amount:
+            self._reservation.set(amount)
+        else:
+            self.release()
+
+    def release(self) -> None:
+        if self._reservation is not None:
+            self._reservation.release()
+            self._reservation = None
 
     def reuse(self, sha256s: Iterable[str]) -> None:
         """Keep these blobs of the store while it writes: an eviction of a revision using them leaves them."""
@@ -544,6 +590,7 @@ class BudgetWriter:
         with budget._lock:  # (what it reserved is in the store now: counted once, as used)
             budget._reserved -= self.reserved
             self.reserved = 0
+        self.release()
         limit = budget.max_bytes
         if limit is None or budget.used_bytes() <= limit:
             return []

@@ -1,0 +1,133 @@
+"""Room in the disk budget that writes under way made, seen by every process on the store.
+
+A writer (an import, a pull) makes room before it writes and holds that room until it publishes. Kept in
+one process's memory, two processes each saw the same free bytes: three pulls started together went to
+137% of the budget while they downloaded, and the first to finish was evicted at once by another (a trial
+of several processes). So each process's reservations are files in ``locks/reservations/``, each held
+with ``flock`` by its process for as long as it holds the room: the kernel lets go of a killed process's
+lock, and a reservation nobody holds is no reservation (it is removed when found). Room is made under
+``locks/budget.lock`` (:meth:`Reservations.admitting`), so two processes do not both take the last of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from modeldepot.store.locks import StoreLock
+
+_FIELD = 20  # digits of a reservation's byte count (fixed: the file is rewritten in place)
+
+
+class Reservation:
+    """One writer's room, held until :meth:`release` (or the process ends)."""
+
+    def __init__(self, fd: int, path: Path, repo_id: str) -> None:
+        self._fd, self.path, self.repo_id = fd, path, repo_id
+
+    def set(self, amount: int) -> None:
+        os.pwrite(self._fd, f"{amount:{_FIELD}d} {self.repo_id}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd < 0:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # (before the lock goes: a reader never counts a file nobody holds)
+        os.close(self._fd)
+        self._fd = -1
+
+
+class Reservations:
+    """The reservations of one store (``directory``: its ``locks/reservations``)."""
+
+    def __init__(self, directory: Path, read_only: bool = False) -> None:
+        self.directory = directory
+        self.read_only = read_only
+        self._admission = StoreLock(directory.parent / "budget.lock", read_only)
+        self._names = itertools.count()
+        self._token = ""  # this process's names' start (a new one in a forked child)
+        self._pid = 0
+
+    def admitting(self) -> contextlib.AbstractContextManager[None]:
+        """Held while a writer makes room and reserves it: one process at a time."""
+        return self._admission.exclusive()
+
+    def hold(self, repo_id: str, amount: int) -> Reservation:
+        """Reserve ``amount`` bytes for a write of ``repo_id`` (from any thread)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"{self._prefix()}{next(self._names)}"
+        staging = self.directory / f".{name}"
+        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o664)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # (held before it has its name: never seen unheld)
+            reservation = Reservation(fd, self.directory / name, repo_id)
+            reservation.set(amount)
+            staging.rename(reservation.path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                staging.unlink()
+            raise
+        return reservation
+
+    def elsewhere(self) -> list[Held]:
+        """The room other processes' live writes hold (this process counts its own); what a killed one
+        left is removed."""
+        if self.read_only:
+            return []
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        mine = self._prefix()
+        found: list[Held] = []
+        for name in names:
+            if name.startswith(mine):
+                continue
+            path = self.directory / name
+            held = _held(path, name)
+            if held is None:
+                if not name.startswith("."):  # (a staging name is a reservation being made)
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                continue
+            found.append(held)
+        return found
+
+    def _prefix(self) -> str:
+        if self._pid != os.getpid():
+            self._pid, self._token = os.getpid(), secrets.token_hex(4)
+        return f"{self._pid}-{self._token}-"
+
+
+@dataclass(frozen=True)
+class Held:
+    """Room a write under way in another process holds."""
+
+    repo_id: str
+    amount: int
+    pid: int | None
+
+
+def _held(path: Path, name: str) -> Held | None:
+    """What a reservation file holds while a process holds its lock; None when none does."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            amount, _, repo_id = os.pread(fd, 4096, 0).decode(errors="replace").strip().partition(" ")
+            pid = name.lstrip(".").split("-", 1)[0]
+            return Held(repo_id, int(amount) if amount.isascii() and amount.isdigit() else 0,
+                        int(pid) if pid.isascii() and pid.isdigit() else None)  # fmt: skip
+        return None
+    finally:
+        os.close(fd)
