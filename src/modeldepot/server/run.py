@@ -70,7 +70,7 @@ def run_server(
     mode = "token required" if token else "no token: private repos are not served; control: the control token"
     if mirror:
         upstreams = [*depot.config.servers, *(["the fleet"] if cluster else []), depot.config.hub_endpoint]
-        mode += f"; mirroring {', '.join(upstreams)}"
+        mode += f"; mirroring {', '.join(dict.fromkeys(upstreams))}"  # (--upstream may be HF_ENDPOINT)
     # (its access log: NodeAccessLogger on modeldepot.access, one line per request with its body bytes)
     # aiohttp waits its shutdown timeout twice for an answer under way (for it to end, then again after
     # cancelling its request): half of the grace each, or a slow download held a stopping node a minute

@@ -1,13 +1,17 @@
-"""Outages: a pull that no source answers at all waits for one, for ``MODELDEPOT_OUTAGE_PATIENCE`` seconds.
+"""Outages: a pull that gets nothing from any source waits for the Hub, for ``MODELDEPOT_OUTAGE_PATIENCE`` s.
 
-One clock per pull (:class:`OutageClock`) says how long its sources have sent nothing: bytes arriving, or any
-HTTP answer, set it back to 0. A range attempt that got no answer (refused, cut, silent, unreachable) while
-the whole pull has heard nothing for a moment is the network's failure, not its source's: the range asks
-again, without counting it against its attempts, until the pull has heard nothing for the patience
-(``HttpSource`` in sources.py). A try of the pull that fails for want of an answer all the same (a node that
-refuses is dropped at once) is run again, resuming, under the same clock (:func:`run_through_outages`).
+One clock per pull (:class:`OutageClock`) says how long its sources have sent nothing while it asked them:
+an answer, or a piece of a body, sets it back to 0 (an attempt that has its answer and reads counts as
+heard until it ends: a stall is bounded by the read timeout, and a slow link is no outage); the time no
+range asks anything (the pull waits for another process, or looks its sources up) does not count. A range
+attempt of the Hub that got no answer at all (refused, cut, silent, unreachable) while the pull has heard
+nothing for a moment is the network's failure: the range asks again, without giving up, until the pull
+has heard nothing for the patience, and then has its five attempts as ever (``HttpSource`` in
+sources.py). A node that does not answer is not waited for: its failures count, and the pull fails over
+to the Hub. A try of the pull that fails for want of an answer all the same (a node that refuses, with no
+Hub behind it) is run again, resuming, under the same clock (:func:`run_through_outages`).
 
-So the patience counts from the last byte that came, not from the end of a try: through a silent outage each
+So the patience counts from the last byte, not from the end of a try: through a silent outage each
 attempt waits out its read timeout, and five of them made minutes of silence before the patience even
 began (a trial over network namespaces). The clock reaches the ranges through a context variable: a pull's
 tasks inherit it, and a pull run without one (a mirror's, the control API's: their clients are waiting on
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -27,6 +32,7 @@ from typing import Any, TypeVar
 
 from modeldepot.errors import UpstreamError
 from modeldepot.transfer.progress import PullProgress, PullUpdate
+from modeldepot.transfer.ranged import Attempt
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +48,58 @@ OUTAGE_LONGEST_WAIT = 8.0  # (the link back, a pull is idle this long at most be
 
 
 class OutageClock:
-    """How long the sources of one pull have sent nothing, and whether that has lasted ``patience`` seconds.
-
-    Told of bytes and answers from the pull's event loop (and between its tries): plain attributes."""
+    """How long the sources of one pull have sent nothing while it asked them, and whether that has lasted
+    ``patience`` seconds. Used on the pull's event loop (and between its tries): plain attributes."""
 
     def __init__(self, patience: float, what: str) -> None:
         self.patience, self.what = patience, what
         self.last_heard = time.monotonic()
         self.said = False  # this silence was said
+        self.asking = 0  # ranges asking a source now
+        self.idle_since: float | None = self.last_heard  # none asks since then: the clock stands still
+        self._attempts: dict[int, Attempt] = {}  # each asking range's attempt in flight
+        self._tokens = itertools.count()
 
-    def heard(self) -> None:
-        """Bytes, or an answer, came from a source."""
-        if self.said:
-            log.warning("%s: a source answers again, after %.0f s", self.what, self.silent_for())
-            self.said = False
-        self.last_heard = time.monotonic()
+    # -- what the ranges tell it
+
+    def asking_begins(self) -> int:
+        """A range begins asking; returns its token."""
+        if self.asking == 0 and self.idle_since is not None:
+            self.last_heard += time.monotonic() - self.idle_since  # (asking nothing is no silence)
+            self.idle_since = None
+        self.asking += 1
+        return next(self._tokens)
+
+    def attempt(self, token: int, attempt: Attempt) -> None:
+        """Range ``token``'s new attempt (its last one ended)."""
+        self._end_attempt(token)
+        self._attempts[token] = attempt
+
+    def asking_ends(self, token: int) -> None:
+        self._end_attempt(token)
+        self.asking -= 1
+        if self.asking == 0:
+            self.idle_since = time.monotonic()
+
+    def outage_goes_on(self) -> None:
+        """A try failed for want of an answer: the wait before the next one is the outage's."""
+        self.idle_since = None
+
+    def _end_attempt(self, token: int) -> None:
+        ended = self._attempts.pop(token, None)
+        if ended is not None and ended.activity > self.last_heard:
+            if self.said:
+                log.warning("%s: bytes come again, after %.0f s", self.what, ended.activity - self.last_heard)
+                self.said = False
+            self.last_heard = ended.activity
+
+    # -- what it says
 
     def silent_for(self) -> float:
-        return time.monotonic() - self.last_heard
+        if any(attempt.activity for attempt in tuple(self._attempts.values())):
+            return 0.0  # an answer being read: heard (until it ends, the read timeout bounding a stall)
+        until = self.idle_since if self.asking == 0 and self.idle_since is not None else time.monotonic()
+        return max(0.0, until - self.last_heard)
 
     def left(self) -> float:
         """Seconds of patience left (0 once it ran out)."""
@@ -73,10 +113,8 @@ class OutageClock:
         """Say the silence, once (``problem``: what the last attempt met)."""
         if not self.said:
             self.said = True
-            silent = self.silent_for()
-            lasted = f" for {silent:.0f} s" if silent >= 1 else ""
-            log.warning("%s: no source has answered%s (%s); asking again for %.0f s more at most "
-                        "(MODELDEPOT_OUTAGE_PATIENCE): what came is kept", self.what, lasted, problem,
+            log.warning("%s: no source has sent anything for %.0f s (%s); asking again for %.0f s more "
+                        "(MODELDEPOT_OUTAGE_PATIENCE): what came is kept", self.what, self.silent_for(), problem,
                         self.left())  # fmt: skip
 
     def gave_up(self, error: UpstreamError) -> UpstreamError:
@@ -122,7 +160,7 @@ def run_through_outages(
     if patience <= 0:
         return run_blocking(start(progress or (lambda _update: None)))
     clock = OutageClock(patience, what)
-    shown = _ShownSoFar(progress, clock)
+    shown = _ShownSoFar(progress)
     waits = 0  # tries again since a try brought bytes
     while True:
         shown.new_try()
@@ -132,12 +170,14 @@ def run_through_outages(
         except UpstreamError as error:
             if not error.network:
                 raise
+            clock.outage_goes_on()
             if clock.left() <= 0:
                 raise clock.gave_up(error) from None
             waits = 0 if shown.moved else waits
             pause = wait_in_outage(waits, clock)
             waits += 1
-            clock.say(str(error))
+            if clock.outage():
+                clock.say(str(error))
             log.info("%s: trying again in %.1f s (what came is kept)", what, pause)
             time.sleep(pause)
         finally:
@@ -145,21 +185,20 @@ def run_through_outages(
 
 
 class _ShownSoFar:
-    """The progress of a pull over its tries: tells the clock when bytes move, and never shows less than a
-    try before showed (a new try counts its parts again from 0 as it resumes them)."""
+    """The progress of a pull over its tries: never less than a try before showed (a new try counts its parts
+    again from 0 as it resumes them)."""
 
-    def __init__(self, progress: PullProgress | None, clock: OutageClock) -> None:
-        self.progress, self.clock = progress, clock
+    def __init__(self, progress: PullProgress | None) -> None:
+        self.progress = progress
         self.most = -1  # the most bytes any try showed
         self.most_before = -1  # ... of the tries before this one
-        self.this_try = -1  # the bytes this try showed last (-1: nothing yet)
         self.floor = 0  # what the tries before showed, in all and by file
         self.file_floor: dict[str, int] = {}
         self.files: dict[str, int] = {}
 
     def new_try(self) -> None:
         self.floor, self.file_floor = max(self.floor, self.most), dict(self.files)
-        self.this_try, self.most_before = -1, self.most
+        self.most_before = self.most
 
     @property
     def moved(self) -> bool:
@@ -167,11 +206,7 @@ class _ShownSoFar:
         return self.most > self.most_before
 
     def watch(self, update: PullUpdate) -> None:
-        # Bytes moved: on in this try (not its first report: what it resumed), or past every try before.
-        if 0 <= self.this_try < update.shown or update.shown > self.most:
-            self.clock.heard()
         self.most = max(self.most, update.shown)
-        self.this_try = update.shown
         self.files[update.path] = max(self.files.get(update.path, 0), update.file_shown)
         if self.progress is None:
             return

@@ -157,6 +157,9 @@ class Attempt:
     connection: http.client.HTTPConnection | None = None
     aborted: bool = False
     received: int = 0
+    # time.monotonic() of the last sign of life from the server: its answer, then each piece of its body
+    # (a pull's outage clock reads it: transfer/outage.py)
+    activity: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def abort(self) -> None:
@@ -393,6 +396,7 @@ def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size:
         with _connection(origin, timeout, attempt) as use:
             use.send("GET", target, sent)
             response = use.connection.getresponse()
+            attempt.activity = time.monotonic()
             answer = Answer(response.status, response.headers, url)
             if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
                 response.read()
@@ -414,7 +418,7 @@ def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size:
                     if not n:
                         break
                     got += n
-                    attempt.received = got
+                    attempt.received, attempt.activity = got, time.monotonic()
                 answer.got = got
                 # A body longer than announced, or one cut short, leaves the connection unusable.
                 use.reusable = got == want and not response.will_close and response.length == 0

@@ -35,7 +35,7 @@ from modeldepot.errors import (
     UpstreamTimeoutError,
 )
 from modeldepot.hashing import chunk_count, chunk_span
-from modeldepot.transfer.outage import OUTAGE, wait_in_outage
+from modeldepot.transfer.outage import OUTAGE, OutageClock, wait_in_outage
 from modeldepot.transfer.ranged import READERS, Answer, Attempt, Reply, proxy_of, read_range, request
 from modeldepot.transfer.threads import until_done
 
@@ -203,14 +203,24 @@ class HttpSource:
             raise
 
     async def _read(self, url: str, start: int, size: int, view: memoryview, receiving: Receiving) -> None:
+        clock = OUTAGE.get()  # (a pull's, when it waits out outages)
+        if clock is None:
+            return await self._read_attempts(url, start, size, view, receiving, None, 0)
+        token = clock.asking_begins()
+        try:
+            return await self._read_attempts(url, start, size, view, receiving, clock, token)
+        finally:
+            clock.asking_ends(token)
+
+    async def _read_attempts(self, url: str, start: int, size: int, view: memoryview, receiving: Receiving,
+                             clock: OutageClock | None, token: int) -> None:  # fmt: skip
         want = len(view)
         headers = self.headers()
         problem = ""
         timed_out = False
         failures = 0  # attempts that failed and brought too little to count as progress
         resumed = 0  # attempts that continued where a cut one stopped
-        clock = OUTAGE.get()  # (a pull's, when it waits out outages)
-        outage_waits = 0  # attempts that met the pull's outage: the network's failures, not this source's
+        outage_waits = 0  # of the Hub's attempts that met the pull's outage
         tried = 0
         while True:
             retry_after = None
@@ -218,13 +228,13 @@ class HttpSource:
             kept = receiving.kept
             attempt = receiving.attempt = Attempt()
             tried += 1
+            if clock is not None:
+                clock.attempt(token, attempt)
             try:
                 with view[kept:] as rest:  # (released on the way out: an unmapped file must hold no view)
                     answer = await self._attempt(
                         url, start + kept, start + want - 1, size, rest, headers, attempt
                     )
-                if clock is not None:
-                    clock.heard()
                 status = answer.status
                 if status == 206 or (status == 200 and want - kept == size):
                     if answer.problem:
@@ -282,21 +292,20 @@ class HttpSource:
                 if attempt.received < min(self.retry.progress_bytes, want // 4):
                     await asyncio.sleep(self.retry.delay(0, retry_after))
                 continue
-            if no_answer and not attempt.received and clock is not None and clock.outage():
-                # Nothing came from any source of the pull for a while: the network's failure, not this
-                # source's. Asked again, uncounted, until the pull has heard nothing for its patience.
-                if clock.left() <= 0:
-                    break
+            failures += 1
+            if no_answer and self.kind == "hub" and clock is not None and clock.outage() and clock.left() > 0:
+                # Nothing came from any source of the pull for a while, the Hub (the last resort) did not
+                # answer: the network's failure. Asked again until the pull has heard nothing for its
+                # patience; then its attempts count as ever. (A node is not waited for: failed over.)
                 clock.say(f"{url}: {problem}")
                 await asyncio.sleep(wait_in_outage(outage_waits, clock))
                 outage_waits += 1
                 continue
-            failures += 1
             if failures >= self.retry.attempts:
                 break
             await asyncio.sleep(self.retry.delay(failures - 1, retry_after))
         kind = UpstreamTimeoutError if timed_out else UpstreamError  # what the last attempt met
-        failed = kind(f"{url} bytes {start}-{start + want - 1}: {problem} after {tried} attempts",
+        failed = kind(f"{url} bytes {start}-{start + want - 1}: {problem} after {tried} attempt{'s' if tried > 1 else ''}",
                       source=url)  # fmt: skip
         failed.network = no_answer
         raise failed

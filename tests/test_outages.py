@@ -1,0 +1,235 @@
+"""Outages with the pull's outage clock on (MODELDEPOT_OUTAGE_PATIENCE; the suite runs with 0 elsewhere): a
+node that goes away is failed over at once, the time nothing is asked is no silence, a slow link is no
+outage, resumed bytes are no answer, a short patience never takes a range's attempts away (a review of the
+clock's first version: each of these failed on it)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import serving_repo
+from faultproxy import FaultProxy, wait_until
+from modeldepot import Depot
+from modeldepot.errors import UpstreamError
+from modeldepot.transfer.progress import PullUpdate
+
+REPO = "acme/faulty"
+BIG = "model.safetensors"
+FILES = {"config.json": b"{}", BIG: random.Random(11).randbytes(6 << 20)}
+
+
+def test_a_configured_node_that_goes_away_mid_pull_is_failed_over_to_the_hub_quickly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A configured node (MODELDEPOT_SERVERS) is the file's only source, the Hub its fallback, and the node
+    goes away mid-pull: every connection to it closed unanswered (a reset, an unreachable host: fast
+    failures, not a refusal). Its failures count, and the Hub finishes the file after the node's five
+    attempts. The clock's first version took them for the network's (only the node was asked, so the pull
+    heard nothing) and waited the whole patience for the node, saying that no source answered."""
+    chunk = 1 << 20
+    with serving_repo(tmp_path / "upstream", FILES, REPO, chunk_size=chunk) as node:
+        proxy = FaultProxy(node.url)  # the configured node, reached through the proxy
+        try:
+            plan = proxy.set("slow", times=-1, path_suffix=BIG, slow_delay=0.05)
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("MODELDEPOT_SERVERS", proxy.url)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)  # the Hub: up all along
+            monkeypatch.setenv("MODELDEPOT_OUTAGE_PATIENCE", "60")
+            monkeypatch.setenv("MODELDEPOT_READ_TIMEOUT", "2")
+            outcome: list[object] = []
+            with Depot(tmp_path / "local", chunk_size=chunk) as depot:
+
+                def pull() -> None:
+                    try:
+                        outcome.append(depot.pull(REPO))
+                    except Exception as error:
+                        outcome.append(error)
+
+                pulling = threading.Thread(target=pull)
+                pulling.start()
+                wait_until(lambda: plan.body_bytes > chunk)
+                plan.down_until = time.monotonic() + 3600  # the node is gone for good
+                gone = time.monotonic()
+                pulling.join(90)
+                took = time.monotonic() - gone
+                assert not pulling.is_alive()
+                assert not isinstance(outcome[0], Exception), outcome
+                assert bytes(depot.get_file(REPO, BIG)) == FILES[BIG]
+        finally:
+            proxy.stop()
+    said = [r.getMessage() for r in caplog.records if "no source has sent anything" in r.getMessage()]
+    assert took < 25 and not said, (
+        f"the Hub took over {took:.0f} s after the node went away (said: {said[:1]})"
+    )
+
+
+def test_resumed_bytes_at_the_start_of_a_try_are_not_taken_for_a_source_that_answers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A try that starts over reports what it resumes from disk, file by file: no source answered. Taken for
+    bytes that came, it set the patience back each try, and a pull whose tries fail for want of an answer
+    never gave up (saying "bytes come again" each time). Only answers and bodies tell the clock."""
+    from modeldepot.transfer import outage
+
+    tries = 0
+
+    async def a_try(watch: Callable[[PullUpdate], None]) -> str:
+        nonlocal tries
+        tries += 1
+        if tries > 50:
+            return "never gave up"
+        # (as _PullRun reports two partially downloaded files it resumes, before any request)
+        watch(PullUpdate("a.bin", 100, 1000, 100, 2000))
+        watch(PullUpdate("b.bin", 300, 1000, 400, 2000))
+        await asyncio.sleep(0.05)
+        failed = UpstreamError("no answer")
+        failed.network = True
+        raise failed
+
+    caplog.set_level(logging.INFO)
+    old = outage.OUTAGE_FIRST_WAIT, outage.OUTAGE_LONGEST_WAIT
+    outage.OUTAGE_FIRST_WAIT = outage.OUTAGE_LONGEST_WAIT = 0.01
+    try:
+        with pytest.raises(UpstreamError, match="MODELDEPOT_OUTAGE_PATIENCE"):
+            outage.run_through_outages(a_try, None, 0.3, REPO)
+    finally:
+        outage.OUTAGE_FIRST_WAIT, outage.OUTAGE_LONGEST_WAIT = old
+    assert not any("bytes come again" in r.getMessage() for r in caplog.records)
+
+
+def test_silence_while_no_source_was_asked_does_not_use_up_the_patience(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The time no range asks anything is no silence: here the pull waits for another process that holds the
+    download (suspended, then killed), and as it takes the download over its first attempts meet a blip (a
+    second of connections closed unanswered). The clock's first version counted the wait as silence past
+    the patience and ended the range after one attempt, and the pull with it."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import SMALL_CHUNK
+    from fleetnodes import base_env
+
+    files = {BIG: random.Random(12).randbytes(24 * SMALL_CHUNK)}
+    home = tmp_path / "local"
+    with serving_repo(tmp_path / "upstream", files, REPO, chunk_size=SMALL_CHUNK) as node:
+        proxy = FaultProxy(node.url)
+        first = subprocess.Popen(
+            [sys.executable, "-m", "modeldepot", "pull", REPO, "--home", str(home), "--max-rate", "1MiB/s"],
+            env=base_env(HF_ENDPOINT=node.url), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_until(lambda: (home / "partials").exists() and any((home / "partials").glob("*.log")))
+            first.send_signal(signal.SIGSTOP)
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", proxy.url)
+            monkeypatch.setenv("MODELDEPOT_OUTAGE_PATIENCE", "5")
+            monkeypatch.setenv("MODELDEPOT_READ_TIMEOUT", "2")
+            outcome: list[object] = []
+            with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+
+                def pull() -> None:
+                    try:
+                        outcome.append(depot.pull(REPO))
+                    except Exception as error:
+                        outcome.append(error)
+
+                second = threading.Thread(target=pull)
+                second.start()
+                time.sleep(8)  # it waits for the suspended process
+                proxy.plan.down_until = time.monotonic() + 1.0  # a one-second blip as it takes over
+                first.kill()
+                first.wait()
+                second.join(60)
+                assert not second.is_alive()
+                assert not isinstance(outcome[0], Exception), outcome
+                assert bytes(depot.get_file(REPO, BIG)) == files[BIG]
+        finally:
+            first.kill()
+            first.wait()
+            proxy.stop()
+
+
+def test_a_slow_but_alive_link_is_not_taken_for_an_outage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow link is no outage: an attempt that has its answer and reads counts as heard until it ends (a
+    stall ends it after the read timeout). The clock's first version heard bytes only per 256 KiB piece, so
+    a 512 kbit/s link was 4 s of silence at a time (and under 17 kbit/s the whole patience)."""
+    from modeldepot.transfer import outage
+
+    clocks: list[outage.OutageClock] = []
+
+    class Recorded(outage.OutageClock):
+        def __init__(self, *args: object) -> None:
+            super().__init__(*args)  # type: ignore[arg-type]
+            clocks.append(self)
+
+    monkeypatch.setattr(outage, "OutageClock", Recorded)
+    chunk = 1 << 20
+    with serving_repo(tmp_path / "upstream", FILES, REPO, chunk_size=chunk) as node:
+        proxy = FaultProxy(node.url)
+        try:
+            plan = proxy.set("slow", times=-1, path_suffix=BIG, slow_delay=1.0)  # 64 KiB a second
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", proxy.url)
+            monkeypatch.setenv("MODELDEPOT_CONNECTIONS", "1")
+            monkeypatch.setenv("MODELDEPOT_OUTAGE_PATIENCE", "120")  # (conftest sets 0: no clock)
+            with Depot(tmp_path / "local", chunk_size=chunk) as depot:
+                pulling = threading.Thread(target=lambda: depot.pull(REPO))
+                pulling.start()
+                wait_until(lambda: plan.body_bytes > 0)
+                worst, last_sent, sent = 0.0, time.monotonic(), plan.body_bytes
+                until = time.monotonic() + 10
+                while time.monotonic() < until:
+                    if plan.body_bytes != sent:
+                        sent, last_sent = plan.body_bytes, time.monotonic()
+                    if time.monotonic() - last_sent < 1.1:  # bytes came within the last second
+                        worst = max(worst, clocks[0].silent_for())
+                    time.sleep(0.05)
+                plan.slow_delay = 0.0
+                pulling.join(60)
+        finally:
+            proxy.stop()
+    assert worst < outage.QUIET_BEFORE_OUTAGE, (
+        f"silent for {worst:.1f} s by the clock while bytes arrived every 1 s"
+    )
+
+
+def test_a_short_patience_never_gives_a_range_fewer_attempts_than_no_patience(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A range always has its five attempts: a patience shorter than the quiet that makes an outage (or one
+    used up) gave the Hub's range one attempt, where no patience gives five."""
+    import modeldepot.transfer.sources as sources
+    from conftest import free_port
+    from modeldepot.transfer import outage
+
+    async def no_wait(seconds: float) -> None:
+        pass
+
+    monkeypatch.setattr(sources.asyncio, "sleep", no_wait)
+    port = free_port()  # (nothing listens there: the Hub's refusal, a blip)
+    source = sources.HttpSource(f"http://127.0.0.1:{port}", "hub", None, sources.RetryPolicy(attempts=5))
+    tries: dict[str, str] = {}
+    for label, clock in (("no clock", None), ("patience 1 s", outage.OutageClock(1.0, REPO))):
+        if clock is not None:
+            clock.last_heard -= 2.5  # the pull has been quiet for 2.5 s (its setup, a slow link)
+
+        async def read(clock: outage.OutageClock | None = clock) -> None:
+            outage.OUTAGE.set(clock)
+            await source.fetch(f"http://127.0.0.1:{port}/x", 0, 9, 10)
+
+        with pytest.raises(UpstreamError) as failed:
+            asyncio.run(read())
+        tries[label] = str(failed.value).rsplit(" after ", 1)[-1]
+    assert tries == {"no clock": "5 attempts", "patience 1 s": "5 attempts"}, tries
