@@ -322,6 +322,20 @@ def test_import_follows_file_links_and_skips_git_folders(
         depot.import_dir(tmp_path / "empty", REPO)
 
 
+def test_a_linked_file_is_made_read_only_for_its_own_readers_alone(depot: Depot, tmp_path: Path) -> None:
+    """`import --link` of a fine-tune saved 0600 (safetensors writes so) made it 0444: anyone's to read, a
+    private repo's too (a trial). It loses its write bits, and gains no reader; it is served as ever."""
+    folder = write_model_dir(tmp_path / "folder", {"model.safetensors": os.urandom(2 * SMALL_CHUNK)})
+    (folder / "config.json").write_bytes(b"{}")
+    os.chmod(folder / "model.safetensors", 0o600)
+    os.chmod(folder / "config.json", 0o640)
+    depot.import_dir(folder, REPO, link=True, private=True)
+    assert stat.S_IMODE(os.stat(folder / "model.safetensors").st_mode) == 0o400
+    assert stat.S_IMODE(os.stat(folder / "config.json").st_mode) == 0o440
+    assert bytes(depot.get_file(REPO, "model.safetensors")) == (folder / "model.safetensors").read_bytes()
+    assert depot.verify().ok and store_files_consistent(depot) == []
+
+
 def test_an_import_with_link_makes_no_second_copy(depot: Depot, tmp_path: Path) -> None:
     """`import --link` (ollama#7254: an import copied 40 GB GGUFs it could have linked): the folder's files
     become the store's blobs (one inode, read-only), a link in the folder links the file it names, a file
@@ -424,7 +438,7 @@ def _modes_given_back(depot: Depot, folder: Path, files: dict[str, bytes]) -> No
     for name in files:
         blob = depot.store.blobs.path(depot.file_info(REPO, name).sha256)
         kept = os.stat(blob).st_ino == os.stat(folder / name).st_ino
-        assert stat.S_IMODE(os.stat(folder / name).st_mode) == (0o444 if kept else 0o640), name
+        assert stat.S_IMODE(os.stat(folder / name).st_mode) == (0o440 if kept else 0o640), name
     assert depot.verify().ok and store_files_consistent(depot) == []
 
 
@@ -532,7 +546,7 @@ def test_a_killed_import_with_link_gives_the_files_their_modes_back_at_gc(
     folder = write_model_dir(tmp_path / "folder", {"model.gguf": os.urandom(3 * SMALL_CHUNK)})
     os.chmod(folder / "model.gguf", 0o640)
     kill_import_with_link(depot, folder, at)
-    assert stat.S_IMODE(os.stat(folder / "model.gguf").st_mode) == 0o444  # (as the kill left it)
+    assert stat.S_IMODE(os.stat(folder / "model.gguf").st_mode) == 0o440  # (as the kill left it)
     depot.gc()
     assert stat.S_IMODE(os.stat(folder / "model.gguf").st_mode) == 0o640
     assert os.stat(folder / "model.gguf").st_nlink == 1 and depot.list_repos() == []
@@ -561,7 +575,7 @@ def test_an_import_with_link_failing_after_it_placed_gives_the_modes_back(
         assert stat.S_IMODE(os.stat(folder / name).st_mode) == 0o640 and os.stat(folder / name).st_nlink == 1
     monkeypatch.undo()
     depot.import_dir(folder, REPO, link=True)  # (and then it is the store's, read-only)
-    assert stat.S_IMODE(os.stat(folder / "a.gguf").st_mode) == 0o444
+    assert stat.S_IMODE(os.stat(folder / "a.gguf").st_mode) == 0o440
 
 
 def test_gc_never_makes_a_linked_blob_writable(depot: Depot, tmp_path: Path) -> None:

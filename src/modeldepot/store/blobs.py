@@ -77,6 +77,7 @@ class PartialBlob:
         # A hard link to a file of the user's (import --link, adopt), made read-only: the mode it had, given
         # back when the partial is not placed (its content was in the store already, the import failed)
         self.mode_to_restore: int | None = None
+        self.read_only = 0o444  # (a linked file's: its own readers only, read_only_mode)
         self.linked_from: Path | None = None
         self.linked_inode: tuple[int, int] | None = None
         self.stamp: FileStamp | None = None  # (a linked file: see hashed)
@@ -101,7 +102,7 @@ class PartialBlob:
         try:
             if self.written != self.size:
                 os.ftruncate(self.fd, self.written)
-            os.fchmod(self.fd, 0o444)
+            os.fchmod(self.fd, self.read_only)
             if durable:
                 os.fsync(self.fd)
         except OSError as error:
@@ -119,6 +120,7 @@ class PartialBlob:
         ``mode`` is given back if it is not placed, by :meth:`discard`, or by gc when its writer was killed
         (written beside it: :func:`give_back_modes`)."""
         self.mode_to_restore = mode
+        self.read_only = read_only_mode(mode)
         self.linked_from = source
         linked = os.stat(self.path, follow_symlinks=False)
         self.linked_inode = (linked.st_dev, linked.st_ino)
@@ -156,6 +158,12 @@ class PartialBlob:
 
 
 FileStamp = tuple[int, int]
+
+
+def read_only_mode(mode: int) -> int:
+    """The mode a linked file of the user's takes as a blob: its write bits gone, and no reader added (a
+    0600 fine-tune made 0444 was anyone's to read: a trial)."""
+    return 0o400 | (mode & 0o444)
 
 
 def file_stamp(info: os.stat_result) -> FileStamp:
@@ -198,7 +206,7 @@ def _give_back_mode(partial: Path, source: Path, mode: int, inode: tuple[int, in
             if (
                 (theirs.st_dev, theirs.st_ino) == tuple(inode)
                 and names == 1
-                and stat.S_IMODE(theirs.st_mode) == 0o444
+                and stat.S_IMODE(theirs.st_mode) == read_only_mode(mode)
             ):
                 os.fchmod(fd, mode & 0o7777)
         finally:

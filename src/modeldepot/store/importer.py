@@ -294,7 +294,7 @@ def _stage_link(
             partial.discard()
             return None
         partial.keep_mode(source, stat.S_IMODE(info.st_mode))  # (given back if the partial is not placed)
-        os.fchmod(fd, 0o444)  # before the bytes are read: no new writer may open it from here on
+        os.fchmod(fd, partial.read_only)  # before the bytes are read: no new writer may open it from here on
         partial.size = partial.written = info.st_size
         partial.hashed()  # (before: a write from here on is seen, now and when it is placed)
         reader = io.FileIO(fd, "rb", closefd=False)
