@@ -41,10 +41,10 @@ T = TypeVar("T")
 # Seconds the whole pull must have heard nothing before an attempt without an answer is the network's
 # failure rather than its source's: a source that refuses while others send is counted as failing.
 QUIET_BEFORE_OUTAGE = 2.0
-OUTAGE_FIRST_WAIT = (
-    0.5  # seconds before a range (or the pull) asks again in an outage; doubled up to the next
-)
-OUTAGE_LONGEST_WAIT = 8.0  # (the link back, a pull is idle this long at most before it notices)
+# Seconds before a range (or the pull) asks again in an outage, doubled up to the longest (the link back, a
+# pull is idle this long at most before it notices)
+OUTAGE_FIRST_WAIT = 0.5
+OUTAGE_LONGEST_WAIT = 8.0
 
 
 class OutageClock:
