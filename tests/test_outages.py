@@ -233,3 +233,21 @@ def test_a_short_patience_never_gives_a_range_fewer_attempts_than_no_patience(
             asyncio.run(read())
         tries[label] = str(failed.value).rsplit(" after ", 1)[-1]
     assert tries == {"no clock": "5 attempts", "patience 1 s": "5 attempts"}, tries
+
+
+def test_an_attempt_that_ended_is_no_sign_of_life_while_its_range_waits() -> None:
+    """An attempt that got its answer counts as heard while it reads; once it ended (failed: a stall after
+    the headers), it is not: kept as in flight while its range waited to ask again (backoff up to 30 s),
+    it made the whole pull look heard from, and no outage was seen."""
+    from modeldepot.transfer.outage import OutageClock
+    from modeldepot.transfer.ranged import Attempt
+
+    clock = OutageClock(60.0, REPO)
+    token = clock.asking_begins()
+    clock.last_heard -= 10  # (nothing for 10 s)
+    stalled = Attempt()
+    stalled.activity = time.monotonic() - 5  # answered 5 s ago, nothing since
+    clock.attempt(token, stalled)
+    assert clock.silent_for() == 0 and not clock.outage()
+    clock.attempt_ended(token)
+    assert clock.silent_for() >= 4.5 and clock.outage()

@@ -71,9 +71,13 @@ class OutageClock:
         return next(self._tokens)
 
     def attempt(self, token: int, attempt: Attempt) -> None:
-        """Range ``token``'s new attempt (its last one ended)."""
-        self._end_attempt(token)
+        """Range ``token``'s new attempt, in flight until :meth:`attempt_ended`."""
         self._attempts[token] = attempt
+
+    def attempt_ended(self, token: int) -> None:
+        """Range ``token``'s attempt ended (what it heard is kept; it is in flight no more: a failed one
+        kept as such made the pull look heard from while its range waited to ask again)."""
+        self._end_attempt(token)
 
     def asking_ends(self, token: int) -> None:
         self._end_attempt(token)
