@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -546,14 +545,21 @@ def test_long_work_reports_progress_in_a_log_too(
     assert "importing: " in err and " of " in err and "B/s" in err
     code, _, err = run("verify", home=home)
     assert code == 0 and "verifying: " in err, err
+    clock = [1000.0]
+    monkeypatch.setattr(render.time, "monotonic", lambda: clock[0])
     view = render.PullView("pulling")
-    view.LINE_INTERVAL = 0.0
-    view._started = time.monotonic() - 1.0
     lines: list[str] = []
     monkeypatch.setattr(render, "_plain_lines", lines.extend)
-    total = 1 << 30
-    for done in (total // 2, total // 2 + (10 << 20)):  # half was on disk already; 10 MiB in a second
-        view.update(PullUpdate("w.bin", done, total, done, total))
+    total, mib = 1 << 30, 1 << 20
+    # Half was on disk (found); 2 MiB/s come; a chunk lands with the 12 MiB part an interrupted pull had
+    # kept of it (found too: the bar jumped by it, and so did the rate, above --max-rate: a trial).
+    for seconds, shown, found in ((0, 512, 512), (1, 514, 512), (2, 528, 524), (4, 532, 524)):
+        clock[0] = 1000.0 + seconds
+        view.update(PullUpdate("w.bin", shown * mib, total, shown * mib, total, found=found * mib))
     view._flush()
     rate = re.search(r"([0-9.]+) MiB/s", lines[-1])
-    assert rate is not None and 5 < float(rate.group(1)) <= 10.0, lines  # (it said 522 MiB/s)
+    assert rate is not None and float(rate.group(1)) == 2.0, lines  # (it said 5.0: the part as fetched)
+    clock[0] = 1008.0  # a last frame that falls back (a Ctrl-C's did, by 36 MiB) shows what was shown
+    view.update(PullUpdate("w.bin", 520 * mib, total, 520 * mib, total, found=524 * mib))
+    view._flush()
+    assert lines[-1].startswith("pulling: 532.0 MiB of 1.0 GiB"), lines

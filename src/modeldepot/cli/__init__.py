@@ -336,7 +336,7 @@ def pull_command(
         with view.running():
             result = depot.pull(repo_id, chosen, revision=revision, progress=view.update)
     except KeyboardInterrupt:
-        render.err.print("interrupted: every finished chunk is kept; run the same command to resume")
+        render.err.print(f"interrupted: {_kept_for_a_resume(depot, repo_id)}; run the same command to resume")
         sys.exit(EXIT_INTERRUPTED)
     if as_json:
         render.print_json(result.to_dict())
@@ -476,6 +476,23 @@ if not TYPE_CHECKING:
     from modeldepot.cli.hfcache import hf_cache
 
     cli.add_command(hf_cache)
+
+
+def _kept_for_a_resume(depot: Depot, repo_id: str) -> str:
+    """What an interrupted pull of ``repo_id`` kept, by its status rows (the chunks checked and the parts of
+    chunks in flight: what the resume does not fetch again)."""
+    from modeldepot.hub.manifest import INTERRUPTED
+
+    try:
+        stopped = [
+            v for v in depot.get_manifest(repo_id).variants if v.status == "failed" and v.error == INTERRUPTED
+        ]
+    except DepotError:
+        stopped = []
+    if not stopped:
+        return "every finished chunk is kept"
+    return ", ".join(f"{render.format_bytes(v.bytes_done)} of {render.format_bytes(v.total_bytes)} kept"
+                     + (f" ({v.name})" if len(stopped) > 1 else "") for v in stopped)  # fmt: skip
 
 
 def main() -> None:

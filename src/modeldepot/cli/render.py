@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -110,12 +111,49 @@ def _when(timestamp: float | None) -> str:
     return "never" if timestamp is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
 
 
+def _speed(task: Task) -> float | None:
+    """A task's rate: the one its owner gave (``rate``: of the bytes fetched, not those found on disk), else
+    rich's."""
+    given = task.fields.get("rate")
+    return float(given) if given is not None else task.finished_speed or task.speed
+
+
 class _BinarySpeedColumn(ProgressColumn):
     """The rate in the units of the sizes beside it and of --max-rate (MiB/s; rich's says MB/s)."""
 
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
+        speed = _speed(task)
         return Text("?" if speed is None else f"{format_bytes(int(speed))}/s", style="progress.data.speed")
+
+
+class _TimeLeftColumn(TimeRemainingColumn):
+    """The time left at :func:`_speed`'s rate."""
+
+    def render(self, task: Task) -> Text:
+        speed = _speed(task)
+        if task.fields.get("rate") is None or task.total is None or task.finished:
+            return super().render(task)
+        if not speed:
+            return Text("-:--:--", style="progress.remaining")
+        left = int((task.total - task.completed) / speed)
+        return Text(f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}", style="progress.remaining")
+
+
+class _Rate:
+    """Bytes a second over the last ``WINDOW`` seconds of samples (0 while nothing moves: an outage)."""
+
+    WINDOW = 10.0
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def add(self, now: float, count: int) -> float:
+        samples = self._samples
+        samples.append((now, count))
+        while len(samples) > 2 and now - samples[1][0] >= self.WINDOW:
+            samples.popleft()
+        start, first = samples[0]
+        return max(0, count - first) / (now - start) if now - start > 0.5 else 0.0
 
 
 def _byte_bars() -> Progress:
@@ -125,7 +163,7 @@ def _byte_bars() -> Progress:
         BarColumn(),
         DownloadColumn(binary_units=True),
         _BinarySpeedColumn(),
-        TimeRemainingColumn(),
+        _TimeLeftColumn(),
         console=err,
         transient=True,
     )
@@ -199,7 +237,9 @@ class PullView:
         self._last_line = 0.0
         self._lines: list[str] = []
         self._last_flush = 0.0
-        self._resumed: int | None = None  # what was done before this pull began: no part of its rate
+        self._rate = _Rate()  # of the bytes fetched (not those found on disk)
+        self._most = 0  # the most bytes shown: never less is shown (a Ctrl-C's last frame fell back 36 MiB)
+        self.last: PullUpdate | None = None
 
     @contextmanager
     def running(self) -> Iterator[PullView]:
@@ -215,20 +255,20 @@ class PullView:
             yield self
 
     def update(self, update: PullUpdate) -> None:
+        self.last = update
+        now = time.monotonic()
+        shown = self._most = max(self._most, update.shown)
+        rate = self._rate.add(now, max(0, update.shown - update.found))
         if self._progress is not None and self._total is not None:
-            self._progress.update(self._total, completed=update.shown, total=update.total)
+            self._progress.update(self._total, completed=shown, total=update.total, rate=rate)
             self._update_file_bar(self._progress, update)
             return
         if update.file_done >= update.file_size and update.path not in self._finished:
             self._finished.add(update.path)
             self._lines.append(f"  {update.path} ({format_bytes(update.file_size)})")
-        now = time.monotonic()
-        if self._resumed is None:
-            self._resumed = update.done
         if now - self._last_line >= self.LINE_INTERVAL or update.done >= update.total:
             self._last_line = now
-            rate = max(0, update.shown - self._resumed) / max(now - self._started, 1e-6)
-            self._lines.append(_progress_line(self._description, update.shown, update.total, rate)
+            self._lines.append(_progress_line(self._description, shown, update.total, rate)
                                + (", waiting for another process" if update.waiting else ""))  # fmt: skip
         if self._lines and (now - self._last_flush >= self.FLUSH_INTERVAL or update.done >= update.total):
             self._flush(now)
@@ -445,7 +485,9 @@ def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
         f"  blobs       {format_bytes(usage.blob_bytes)} in {usage.blobs} blobs "
         f"(files add up to {format_bytes(usage.logical_bytes)}; deduplication saves {format_bytes(max(saved, 0))})"
     )
-    out.print(f"  partial     {format_bytes(usage.partial_bytes)}")
+    kept = (f" (room for whole files; {format_bytes(usage.partial_kept_bytes)} received, kept for a resume)"
+            if usage.partial_kept_bytes else "")  # fmt: skip
+    out.print(f"  partial     {format_bytes(usage.partial_bytes)}{kept}")
     out.print(f"  quarantine  {format_bytes(usage.quarantine_bytes)}")
     out.print(f"  index       {format_bytes(usage.index_bytes)}")
     out.print(f"  total       {format_bytes(usage.total_bytes)}")

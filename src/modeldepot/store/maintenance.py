@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from modeldepot.errors import RevisionNotFoundError
+from modeldepot.errors import DepotError, RevisionNotFoundError
 from modeldepot.store.blobs import WriteSession, give_back_modes
 from modeldepot.store.models import (
     DiskUsage,
@@ -398,11 +398,21 @@ def disk_usage(store: Store) -> DiskUsage:
         blob_bytes=blob_row["bytes"],
         logical_bytes=logical,
         partial_bytes=_tree_bytes(store.layout.tmp, True) + _tree_bytes(store.layout.partials, True),
+        partial_kept_bytes=_kept_for_resumes(store),
         quarantine_bytes=_tree_bytes(store.layout.quarantine),
         index_bytes=index_bytes,
         repos=tuple(repos),
         read_only=store.read_only,
     )
+
+
+def _kept_for_resumes(store: Store) -> int:
+    """The bytes interrupted downloads received and keep for a resume (by their logs)."""
+    kept = 0
+    for log in store.layout.partials.glob("*.log"):
+        with contextlib.suppress(DepotError, OSError):  # (a file of another name there: none of ours)
+            kept += store.partials.kept_bytes(log.stem) or 0
+    return kept
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,9 @@ class DiskUsage(_Record):
     index_bytes: int
     repos: tuple[RepoDiskUsage, ...] = field(default_factory=tuple)
     read_only: bool = False  # the store is read-only here (a read-only mount, another user's, a shared one)
+    # Of partial_bytes (each download takes room for its whole file as it starts): what interrupted downloads
+    # received and keep for a resume
+    partial_kept_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:

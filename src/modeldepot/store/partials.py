@@ -53,7 +53,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -115,6 +115,8 @@ class PartialLog:
     chunk_size: int
     logged: dict[int, str]  # chunk index -> BLAKE3 the log names (the last line for an index wins)
     one_piece: bool = False  # a content of one chunk (no log: ``logged`` is what its whole file proved)
+    # chunk index -> bytes of a part of it a stopped transfer kept (written under this boot: a resume's)
+    parts: dict[int, int] = field(default_factory=dict)
 
     @property
     def chunks(self) -> int:
@@ -182,6 +184,10 @@ class ResumablePartial:
     @property
     def data_fd(self) -> int:
         return self._data_fd
+
+    def part_bytes(self) -> int:
+        """The bytes of the parts of chunks kept (a resume does not fetch them again)."""
+        return sum(part.received for index, part in tuple(self.parts.items()) if index not in self.done)
 
     def map_chunk(self, index: int) -> mmap.mmap | None:
         """Chunk ``index`` of the file, mapped writable: a download receives into the file's own pages
@@ -396,6 +402,7 @@ class PartialFiles:
             else sum(  # (None: a git-<oid> key, or a log without a valid header)
                 chunk_span(index, log.size, log.chunk_size)[1] for index in log.logged if index < log.chunks
             )
+            + sum(log.parts.values())  # (parts of chunks a stopped transfer kept: a resume takes them too)
         )
         self._kept[key] = (stamp, kept)
         return kept
@@ -440,11 +447,18 @@ class PartialFiles:
         size, chunk_size = int(match.group(1)), int(match.group(2))
         count = chunk_count(size, chunk_size)
         logged: dict[int, str] = {}
+        parts: dict[int, int] = {}
+        boot = current_boot_id()
         for line in body.split("\n"):
             index, _, digest = line.partition(" ")
-            if index.isascii() and index.isdigit() and int(index) < count and _BLAKE3.fullmatch(digest):
+            if not (index.isascii() and index.isdigit() and int(index) < count):
+                continue
+            if _BLAKE3.fullmatch(digest):
                 logged[int(index)] = digest
-        return PartialLog(sha256, size, chunk_size, logged)
+            elif (part := _PART.fullmatch(digest)) is not None and part.group(2) == boot != UNKNOWN_BOOT:
+                parts[int(index)] = int(part.group(1))
+        return PartialLog(sha256, size, chunk_size, logged,
+                          parts={i: n for i, n in parts.items() if i not in logged})  # fmt: skip
 
     def _one_piece_log(self, sha256: str) -> PartialLog | None:
         """A download of one chunk as a log would tell it once the whole file is the content ``sha256``

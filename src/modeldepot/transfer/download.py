@@ -204,9 +204,10 @@ class _FileJob(ChunkChooser):
     def receiving(self) -> int:
         """Bytes received of the chunks in flight (the most of any one chunk's requests: the endgame's two
         copies are one chunk), not counting those that landed (as the loop saw them land: the partial's own
-        set is written on a worker thread, before the chunk's bytes are counted done)."""
+        set is written on a worker thread, before the chunk's bytes are counted done), nor a part of a chunk
+        an earlier transfer left (shown, and counted resumed, as its chunk lands)."""
         return sum(
-            max(request.receiving.count for request in requests)
+            max(request.receiving.count - request.receiving.in_place for request in requests)
             for index, requests in self.requests.items()
             if requests and index not in self.counted
         )

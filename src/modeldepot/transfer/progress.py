@@ -31,6 +31,10 @@ class PullUpdate:
     # fails its check, or a transfer cut, takes them back). A 16 MiB chunk over a slow link takes seconds.
     file_receiving: int = 0
     receiving: int = 0
+    # Bytes of the pull found on disk (chunks checked when it began; parts of chunks an interrupted pull kept,
+    # once their chunks land): shown, and no part of its rate (a resume's parts, shown as their chunks
+    # started, made a rate above --max-rate)
+    found: int = 0
 
     @property
     def file_shown(self) -> int:
@@ -90,7 +94,7 @@ class PullTracker:
             mine = self.done.get(path, 0)
             self.progress(PullUpdate(path, elsewhere, self.sizes.get(path, 0),
                                      sum(self.done.values()) - mine + elsewhere, self.total, True,
-                                     0, sum(self.shown_receiving.values())))  # fmt: skip
+                                     0, sum(self.shown_receiving.values()), self.resumed))  # fmt: skip
 
     def add(self, path: str, amount: int, waiting: bool = False, origin: str = "local") -> None:
         self.done[path] = self.done.get(path, 0) + amount
@@ -108,7 +112,7 @@ class PullTracker:
         if self.progress is not None:
             self.progress(PullUpdate(path, self.done.get(path, 0), self.sizes.get(path, 0),
                                      sum(self.done.values()), self.total, waiting, receiving,
-                                     sum(self.shown_receiving.values())))  # fmt: skip
+                                     sum(self.shown_receiving.values()), self.resumed))  # fmt: skip
 
     def _write_now_and_then(self) -> None:
         if time.monotonic() - self.last_write >= STATUS_INTERVAL and (
@@ -144,18 +148,25 @@ class PullTracker:
         if self.pending is not None:
             await asyncio.gather(self.pending, return_exceptions=True)
 
-    def write(self, status: str, error: str | None = None) -> None:
+    def write(self, status: str, error: str | None = None, kept: dict[str, int] | None = None) -> None:
+        """Write the variants' status rows. ``kept``: bytes of parts of chunks kept for a resume, by path (a
+        stopped pull's: counted as kept, as the resume counts them)."""
         self.last_write = time.monotonic()
-        rows, sources = self._rows()
+        rows, sources = self._rows(kept or {})
         self.store.manifests.set_statuses(self.manifest.repo_id, rows, status, error, sources)
 
-    def _rows(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-        """Each variant's bytes done, and its bytes by kind of source."""
+    def _rows(self, kept: dict[str, int] | None = None) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        """Each variant's bytes done (and ``kept``), and its bytes by kind of source."""
         rows: dict[str, int] = {}
         sources: dict[str, dict[str, int]] = {}
+        kept = kept or {}
         for name in self.names:
             wanted = {f.path for f in self.manifest.files_of(name)}
-            rows[name] = self.held.get(name, 0) + sum(n for path, n in self.done.items() if path in wanted)
+            rows[name] = self.held.get(name, 0) + sum(
+                min(self.sizes.get(path, 0), n + kept.get(path, 0))
+                for path, n in self.done.items()
+                if path in wanted
+            )
             kinds: dict[str, int] = {}
             for path in wanted & self.path_sources.keys():
                 for kind, amount in self.path_sources[path].items():

@@ -227,7 +227,8 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
                 tracker.write("downloaded")
             else:
                 stopped = isinstance(error, (asyncio.CancelledError, KeyboardInterrupt))  # (Ctrl-C, a stop)
-                tracker.write("failed", INTERRUPTED if stopped else f"{type(error).__name__}: {error}"[:500])
+                tracker.write("failed", INTERRUPTED if stopped else f"{type(error).__name__}: {error}"[:500],
+                              run.parts_kept())  # fmt: skip
             raise
         finally:
             try:
@@ -300,11 +301,21 @@ class _PullRun:
         self.published = False
         self.file_slots = asyncio.Semaphore(FILES_AT_ONCE)
         self.swarms: list[SwarmFile] = []  # files whose chunks this pull claims in the fleet
+        self.paths: dict[str, list[str]] = {}  # content key -> the paths of it this pull fetches
+
+    def parts_kept(self) -> dict[str, int]:
+        """Bytes of parts of chunks this pull's claims keep for a resume, by path (read as it stopped)."""
+        with self.claims_lock:
+            claims = dict(self.claims)
+        return {path: part for key, claim in claims.items() if (part := claim.part_bytes())
+                for path in self.paths.get(key, ())}  # fmt: skip
 
     async def fetch(self, missing: list[RemoteFile]) -> dict[str, BlobDigest]:
         unique: dict[str, RemoteFile] = {}
         for remote in missing:  # a repo may hold the same bytes under two paths: fetch them once
-            unique.setdefault(partial_key(remote.sha256, remote.git_oid), remote)
+            key = partial_key(remote.sha256, remote.git_oid)
+            unique.setdefault(key, remote)
+            self.paths.setdefault(key, []).append(remote.path)
         if unique:
             async with contextlib.AsyncExitStack() as stack:
                 stack.callback(close_idle)  # the ranged reads' kept-alive connections (transfer/ranged.py)
