@@ -302,7 +302,15 @@ def test_cli_pin_unpin_du_gc_and_bad_sizes(tmp_path: Path, monkeypatch: pytest.M
     unpinned = runner.invoke(cli, ["unpin", "acme/a", "--home", str(home)])
     assert unpinned.exit_code == 0 and "unpinned" in unpinned.output
     again = runner.invoke(cli, ["unpin", "acme/a", "--home", str(home)])
-    assert again.exit_code == 1 and "was not pinned" in again.output
+    assert again.exit_code == 1 and "was not pinned" in again.output and "its pins" not in again.output
+    # A pin of another revision (or variant): `unpin REPO` said "was not pinned" as `pins` listed it (trial)
+    with Depot(home) as depot:
+        commit = depot.resolve("acme/a")
+    assert runner.invoke(cli, ["pin", "acme/a", "-r", commit, "--home", str(home)]).exit_code == 0
+    other = runner.invoke(cli, ["unpin", "acme/a", "--home", str(home)])
+    assert other.exit_code == 1 and f"its pins: `modeldepot unpin acme/a -r {commit}`" in other.output, (
+        other.output
+    )
     bad = runner.invoke(cli, ["du", "--home", str(home)], env={"MODELDEPOT_MAX_SIZE": "lots"})
     assert bad.exit_code == 2 and "disk budget" in bad.output
     bad = runner.invoke(cli, ["serve", "--max-size", "200%", "--home", str(home)])

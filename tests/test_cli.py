@@ -367,6 +367,15 @@ def test_chunk_size_from_environment(
         assert depot.chunk_size in (65536, 1 << 20)
 
 
+def test_a_bad_chunk_size_in_the_environment_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "cannot read size '12XB'" named no setting, and nothing on the command line said 12XB (a trial)."""
+    monkeypatch.setenv("MODELDEPOT_CHUNK_SIZE", "12XB")
+    code, _, err = run("ls", home=tmp_path / "s")
+    assert code == 2 and "MODELDEPOT_CHUNK_SIZE: cannot read size '12XB'" in err, err
+
+
 def test_gc_counts_the_space_of_the_downloads_and_revisions_it_drops(home: Path, model_dir: Path) -> None:
     """An interrupted download dropped by --partials, and revisions evicted by --max-size, are space freed:
     the summary said "freed 0 B" for both."""

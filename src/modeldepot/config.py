@@ -41,6 +41,15 @@ _SIZE = re.compile(
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
+def _size_setting(name: str, value: str) -> int:
+    """``value``, a size, read from the setting ``name`` (named in the error: nothing on a command line
+    says where a bad size came from)."""
+    try:
+        return parse_size(value)
+    except ConfigError as error:
+        raise ConfigError(f"{name}: {error}") from None
+
+
 def truthy(value: str | None) -> bool:
     """Whether a setting or a query parameter says yes: ``1``, ``true``, ``yes`` or ``on``, in any case."""
     return value is not None and value.strip().upper() in ("1", "ON", "YES", "TRUE")
@@ -226,7 +235,7 @@ class DepotConfig:
         per_source = _int_setting(env, "MODELDEPOT_CONNECTIONS_PER_SOURCE", min(4, connections))
         return cls(
             home=Path(home).expanduser().absolute() if home is not None else default_home(env),
-            chunk_size=parse_size(chunk) if chunk else None,
+            chunk_size=_size_setting("MODELDEPOT_CHUNK_SIZE", chunk) if chunk else None,
             hub_endpoint=(env.get("HF_ENDPOINT") or DEFAULT_HUB_ENDPOINT).rstrip("/"),
             hub_token=env.get("HF_TOKEN") or None,
             offline=any(truthy(env.get(name)) for name in ("HF_HUB_OFFLINE", "MODELDEPOT_OFFLINE")),

@@ -131,9 +131,21 @@ def unpin_command(depot: Depot, repo_id: str, quant: str | None, revision: str, 
     removed = depot.unpin(repo_id, quant, revision)
     what = f"{repo_id}{f' ({quant})' if quant else ''}@{revision}"
     render.emit(as_json, {"unpinned": removed}, lambda: render.out.print(
-        f"unpinned {what}" if removed else f"{what} was not pinned"))  # fmt: skip
+        f"unpinned {what}" if removed else f"{what} was not pinned{_other_pins(depot, repo_id)}"))  # fmt: skip
     if not removed:
         sys.exit(EXIT_FAILURE)
+
+
+def _other_pins(depot: Depot, repo_id: str) -> str:
+    """The pins of ``repo_id`` an unpin did not name, as the commands that take them ("" when none)."""
+    pins = depot.pins(repo_id)
+    if not pins:
+        return ""
+    return "; its pins: " + ", ".join(
+        f"`modeldepot unpin {p.repo_id}" + (f" --quant {p.quant}" if p.quant else "")
+        + (f" -r {p.revision}" if p.revision != "main" else "") + "`"
+        for p in pins
+    )  # fmt: skip
 
 
 @cli.command("pins")

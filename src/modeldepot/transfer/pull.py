@@ -190,8 +190,15 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
             writer.reuse([found.sha256])  # kept from eviction from here on (publish checks they stayed)
     missing = [f for f in files if f.path not in have]
     if missing and offline:
-        raise OfflineError(f"offline mode: {len(missing)} files of {manifest.repo_id} are not in the store",
-                           repo_id=manifest.repo_id)  # fmt: skip
+        named = ", ".join(f.path for f in missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise OfflineError(
+            f"offline mode: {len(missing)} file{'s' if len(missing) > 1 else ''} of {manifest.repo_id} "
+            f"{'are' if len(missing) > 1 else 'is'} not in the store ({named}): pull it once online "
+            "(HF_HUB_OFFLINE and MODELDEPOT_OFFLINE unset)",
+            repo_id=manifest.repo_id,
+        )
     _check_open_file_limit(manifest.repo_id, len(missing))
     tracker = PullTracker(store, manifest, names, files, progress, held)
     for path, digest in have.items():
