@@ -485,6 +485,9 @@ def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
         f"  blobs       {format_bytes(usage.blob_bytes)} in {usage.blobs} blobs "
         f"(files add up to {format_bytes(usage.logical_bytes)}; deduplication saves {format_bytes(max(saved, 0))})"
     )
+    if usage.linked_bytes:
+        out.print(f"              {format_bytes(usage.linked_bytes)} of them hard-linked from elsewhere too (a Hugging "
+                  "Face cache, an `import --link` folder): on the disk once, and not freed by rm or gc")  # fmt: skip
     kept = (f" (room for whole files; {format_bytes(usage.partial_kept_bytes)} received, kept for a resume)"
             if usage.partial_kept_bytes else "")  # fmt: skip
     out.print(f"  partial     {format_bytes(usage.partial_bytes)}{kept}")

@@ -399,11 +399,23 @@ def disk_usage(store: Store) -> DiskUsage:
         logical_bytes=logical,
         partial_bytes=_tree_bytes(store.layout.tmp, True) + _tree_bytes(store.layout.partials, True),
         partial_kept_bytes=_kept_for_resumes(store),
+        linked_bytes=_linked_bytes(store),
         quarantine_bytes=_tree_bytes(store.layout.quarantine),
         index_bytes=index_bytes,
         repos=tuple(repos),
         read_only=store.read_only,
     )
+
+
+def _linked_bytes(store: Store) -> int:
+    """The bytes of the blobs with another name outside the store too (a Hugging Face cache's, an `import
+    --link` folder's): on the disk once, and not freed when the store lets them go."""
+    linked = 0
+    for row in store.index.read("SELECT sha256, size FROM blobs WHERE state = 'ok'"):
+        with contextlib.suppress(OSError, DepotError):
+            if store.blobs.path(row["sha256"]).stat().st_nlink > 1:
+                linked += row["size"]
+    return linked
 
 
 def _kept_for_resumes(store: Store) -> int:

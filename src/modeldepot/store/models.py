@@ -165,6 +165,9 @@ class DiskUsage(_Record):
     # Of partial_bytes (each download takes room for its whole file as it starts): what interrupted downloads
     # received and keep for a resume
     partial_kept_bytes: int = 0
+    # Of blob_bytes: blobs with a name outside the store too (adopted from a Hugging Face cache, `import
+    # --link`): shared on the disk, and not freed when the store lets them go
+    linked_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
