@@ -423,6 +423,7 @@ def stats_command(depot: Depot, top: int, as_json: bool) -> None:
             in_ram, size = 0, 0  # removed since: listed with nothing in RAM
         rows.append({**access.to_dict(), "bytes": size, "resident_bytes": in_ram})
     used = {access.repo_id for access in accesses}
+    last_uses = depot.store.access.last_uses()  # (a pull's or an import's, uncounted: "never" said it)
     for repo in depot.list_repos():  # models in RAM never used (preloaded, say), in the slots left
         if len(rows) >= top:
             break
@@ -433,8 +434,8 @@ def stats_command(depot: Depot, top: int, as_json: bool) -> None:
         except DepotError:
             continue
         if in_ram:  # (None, not known: nothing says it is in RAM)
-            rows.append({"repo_id": repo.repo_id, "variant": "", "count": 0, "last_access": None,
-                         "bytes": size, "resident_bytes": in_ram})  # fmt: skip
+            rows.append({"repo_id": repo.repo_id, "variant": "", "count": 0,
+                         "last_access": last_uses.get(repo.repo_id), "bytes": size, "resident_bytes": in_ram})  # fmt: skip
     if as_json:
         render.print_json({"models": rows, "budget_bytes": depot.preloader.budget,
                            "strategy": depot.preloader.strategy})  # fmt: skip

@@ -145,6 +145,12 @@ class AccessLog:
                 [(repo, variant, count, last) for (repo, variant), (count, last) in pending.items()],
             )
 
+    def last_uses(self) -> dict[str, float]:
+        """Each repo's last use, as the disk budget evicts by it (an import or a pull marks one, uncounted)."""
+        self.flush()
+        rows = self.index.read("SELECT repo_id, MAX(last_access) AS last FROM access GROUP BY repo_id")
+        return {r["repo_id"]: r["last"] for r in rows}
+
     def top(self, limit: int = 10, public_only: bool = False) -> list[ModelAccess]:
         """The most used models first (ties: the most recent first), counts not yet written included.
 
