@@ -206,6 +206,38 @@ def test_ctrl_c_in_any_command_is_one_line_and_the_shells_code(
     assert result.exit_code == 130 and "interrupted:" in result.output and "Aborted" not in result.output
 
 
+CTRL_C_WHILE_LOADING = """
+import sys
+
+class Interrupting:  # a Ctrl-C as the command's modules load (its first half second)
+    def find_spec(self, name, path=None, target=None):
+        if name == "modeldepot.cli":
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, Interrupting())
+from modeldepot.launch import main
+main()
+"""
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line_too() -> None:
+    """A Ctrl-C in the first half second of any command printed a traceback of the imports (a trial): the
+    package is light (its names load on first use) and the entry point loads the command itself."""
+    import modeldepot
+
+    ran = subprocess.run(
+        [sys.executable, "-c", CTRL_C_WHILE_LOADING], capture_output=True, text=True, timeout=60
+    )
+    assert (ran.returncode, ran.stderr) == (130, "interrupted\n"), ran.stderr
+    light = subprocess.run([sys.executable, "-c", "import sys, modeldepot; print(sorted(m for m in sys.modules "
+                            "if m.startswith('modeldepot')))"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert light.stdout.strip() == "['modeldepot', 'modeldepot._version', 'modeldepot.errors']", light.stdout
+    assert modeldepot.Depot is Depot and set(modeldepot.__all__) <= set(dir(modeldepot)) | set(
+        modeldepot._LAZY
+    )
+
+
 def test_a_source_url_that_cannot_be_one_is_a_usage_error(
     home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

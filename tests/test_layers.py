@@ -18,7 +18,8 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (2, ("modeldepot.hub", "modeldepot.transfer", "modeldepot.preload", "modeldepot.engines",
          "modeldepot.discovery", "modeldepot.hfcache", "modeldepot.tiers", "modeldepot.uses")),
     (3, ("modeldepot.depot", "modeldepot.held", "modeldepot.mirror")),
-    (4, ("modeldepot.cli", "modeldepot.server", "modeldepot.dashboard", "modeldepot.__main__", "modeldepot")),
+    (4, ("modeldepot.cli", "modeldepot.server", "modeldepot.dashboard", "modeldepot.__main__", "modeldepot.launch",
+         "modeldepot")),
 ]  # fmt: skip
 
 

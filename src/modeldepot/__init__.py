@@ -4,9 +4,9 @@ Content-addressed, chunk-verified storage for model repos (ONNX, GGUF, safetenso
 zero-copy reads and real paths for inference engines. Start with :class:`Depot`.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from modeldepot._version import __version__
-from modeldepot.config import DepotConfig
-from modeldepot.depot import Depot, MappedFile
 from modeldepot.errors import (
     AccessDeniedError,
     ChunkNotAvailableError,
@@ -35,18 +35,44 @@ from modeldepot.errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
-from modeldepot.store import (
-    DiskUsage,
-    FileEntry,
-    GcReport,
-    ImportResult,
-    RemoveResult,
-    RepoInfo,
-    RepoSummary,
-    RevisionInfo,
-    VerifyProblem,
-    VerifyReport,
-)
+
+if TYPE_CHECKING:
+    from modeldepot.config import DepotConfig
+    from modeldepot.depot import Depot, MappedFile
+    from modeldepot.store import (
+        DiskUsage,
+        FileEntry,
+        GcReport,
+        ImportResult,
+        RemoveResult,
+        RepoInfo,
+        RepoSummary,
+        RevisionInfo,
+        VerifyProblem,
+        VerifyReport,
+    )
+
+# Imported on first use (PEP 562): `import modeldepot` stays light, so the command's entry point is running
+# before the store's modules load, and a Ctrl-C in its first half second is no traceback (a trial).
+_LAZY = {
+    "DepotConfig": "modeldepot.config",
+    "Depot": "modeldepot.depot",
+    "MappedFile": "modeldepot.depot",
+    **dict.fromkeys(("DiskUsage", "FileEntry", "GcReport", "ImportResult", "RemoveResult", "RepoInfo",
+                     "RepoSummary", "RevisionInfo", "VerifyProblem", "VerifyReport"), "modeldepot.store"),
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'modeldepot' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AccessDeniedError",

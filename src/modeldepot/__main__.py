@@ -1,3 +1,3 @@
-from modeldepot.cli import main
+from modeldepot.launch import main
 
 main()
