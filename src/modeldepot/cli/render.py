@@ -140,17 +140,24 @@ class _TimeLeftColumn(TimeRemainingColumn):
 
 
 class _Rate:
-    """Bytes a second over the last ``WINDOW`` seconds of samples (0 while nothing moves: an outage)."""
+    """Bytes a second over the last ``WINDOW`` seconds of samples (0 while nothing moves: an outage). A
+    count that falls (a pull tried again counts what the try before fetched as found) is no negative
+    progress: only rises add up (it said 0 B/s for 10 s after each try again: a review)."""
 
     WINDOW = 10.0
 
     def __init__(self) -> None:
         self._samples: deque[tuple[float, int]] = deque()
+        self._last = 0  # the last count given
+        self._risen = 0  # what the counts rose by, in all
 
     def add(self, now: float, count: int) -> float:
+        self._risen += max(0, count - self._last)
+        self._last = count
         samples = self._samples
+        count = self._risen
         samples.append((now, count))
-        while len(samples) > 2 and now - samples[1][0] >= self.WINDOW:
+        while len(samples) > 1 and now - samples[0][0] > self.WINDOW:
             samples.popleft()
         start, first = samples[0]
         return max(0, count - first) / (now - start) if now - start > 0.5 else 0.0

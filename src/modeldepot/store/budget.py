@@ -231,8 +231,9 @@ class DiskBudget:
                 self._writers.remove(writer)
                 self._reused.subtract(writer.reused)
                 self._reserved -= writer.reserved
+                writer.reserved = 0
                 self._reused = +self._reused
-            writer.release()
+                writer.release()  # (under the lock: a make_room still running must not reserve after)
 
     def pin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> Pin:
         """Keep the revision ``revision`` names (a branch is followed) from eviction. The repo must be in the
@@ -446,11 +447,11 @@ class DiskBudget:
         # Room is made and reserved by one process at a time: two saw the same free bytes, and both took them
         with self.reservations.admitting(), self._round:
             evicted = self._evict_round(limit, needed, doing, writer, partial)
-            if needed:  # reserved until the writer ends (counted as used by the others)
-                with self._lock:
+            with self._lock:  # reserved until the writer publishes or ends (counted as used by the others)
+                if needed and writer in self._writers:  # (a pull cancelled meanwhile left: nothing to hold)
                     writer.reserved += needed
                     self._reserved += needed
-                writer.reserve(writer.reserved)
+                    writer.reserve(writer.reserved)
             return evicted
 
     def _evict_round(self, limit: int, needed: int, doing: str, writer: BudgetWriter | None,
@@ -566,6 +567,14 @@ class BudgetWriter:
             self._reservation.release()
             self._reservation = None
 
+    def published(self) -> None:
+        """What it wrote is in the index now, counted as used: the room it held is held no more (counted
+        twice meanwhile, by every other process, it made one evict the model just published: a review)."""
+        with self.budget._lock:
+            self.budget._reserved -= self.reserved
+            self.reserved = 0
+            self.release()
+
     def reuse(self, sha256s: Iterable[str]) -> None:
         """Keep these blobs of the store while it writes: an eviction of a revision using them leaves them."""
         with self.budget._lock:
@@ -587,10 +596,7 @@ class BudgetWriter:
         room each for itself (a reservation is one process's): three pulls started together into the last
         room all fit, and the store stayed above its budget for good. Blocking: off an event loop."""
         budget = self.budget
-        with budget._lock:  # (what it reserved is in the store now: counted once, as used)
-            budget._reserved -= self.reserved
-            self.reserved = 0
-        self.release()
+        self.published()  # (when publish did not say so already)
         limit = budget.max_bytes
         if limit is None or budget.used_bytes() <= limit:
             return []

@@ -346,7 +346,7 @@ def import_dir(
         trees = tree_oids(TreeEntry(s.path, s.git_oid) for s in staged)
         commit_id = commit_id_for_tree(trees[""])
         spec = RevisionSpec(repo_id, commit_id, revision, private, "import", _card(files), trees[""])
-        new = publish(store, spec, staged, partials)
+        new = publish(store, spec, staged, partials, writer.published)
         writer.keep_within()
     store.access.record(
         repo_id, count=0

@@ -15,6 +15,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,10 +81,12 @@ def _with_files(store: Store, states: dict[str, str]) -> dict[str, str]:
 
 
 def publish(
-    store: Store, spec: RevisionSpec, staged: list[StagedFile], partials: dict[str, PartialBlob]
-) -> set[str]:
+    store: Store, spec: RevisionSpec, staged: list[StagedFile], partials: dict[str, PartialBlob],
+    committed: Callable[[], None] | None = None,
+) -> set[str]:  # fmt: skip
     """Publish ``staged`` files (whose new bytes wait in ``partials``, by SHA-256); returns the blobs it
-    placed (new, or placed over a quarantined or unchecked one)."""
+    placed (new, or placed over a quarantined or unchecked one). ``committed`` is called once the index
+    names them (a writer's room in the disk budget is held no more: ``BudgetWriter.published``)."""
     placed: list[str] = []
     new: list[str] = []
     try:
@@ -113,6 +116,8 @@ def publish(
             store.durability.forget_unchecked(placed)  # (placed over: these bytes were verified now)
             new = placed
             placed = []  # committed: the rows own these blobs now
+            if committed is not None:
+                committed()
             if new:
                 store.durability.written()
             _build_snapshot(store, spec.repo_id, spec.commit_id)

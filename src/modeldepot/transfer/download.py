@@ -205,12 +205,26 @@ class _FileJob(ChunkChooser):
         """Bytes received of the chunks in flight (the most of any one chunk's requests: the endgame's two
         copies are one chunk), not counting those that landed (as the loop saw them land: the partial's own
         set is written on a worker thread, before the chunk's bytes are counted done), nor a part of a chunk
-        an earlier transfer left (shown, and counted resumed, as its chunk lands)."""
-        return sum(
-            max(request.receiving.count - request.receiving.in_place for request in requests)
+        an earlier pull left (shown, and counted resumed, as its chunk lands; one this pull received, from
+        a source it left since, stays shown)."""
+        in_flight = sum(
+            max(request.receiving.count - self._found_in_place(index, request) for request in requests)
             for index, requests in self.requests.items()
             if requests and index not in self.counted
         )
+        # Parts this pull received from a source it left, no request on them yet: still shown (they went,
+        # then came back as the next request began from them: the progress fell back by them, a review)
+        parts = self.partial.parts
+        waiting = sum(
+            parts[index].received for index in tuple(self.part_origins)
+            if index in parts and not self.requests.get(index) and index not in self.counted
+        )  # fmt: skip
+        return in_flight + waiting
+
+    def _found_in_place(self, index: int, request: ChunkRequest) -> int:
+        """The bytes of chunk ``index`` ``request`` began from that an earlier pull left (0 for a part this
+        pull received from a source it left since: shown as it came)."""
+        return 0 if index in self.part_origins else request.receiving.in_place
 
     async def run(self, sources: list[FileSource]) -> BlobDigest:
         crashed = self.crashed = asyncio.get_running_loop().create_future()

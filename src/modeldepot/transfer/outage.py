@@ -74,9 +74,13 @@ class OutageClock:
         """Range ``token``'s new attempt, in flight until :meth:`attempt_ended`."""
         self._attempts[token] = attempt
 
-    def attempt_ended(self, token: int) -> None:
-        """Range ``token``'s attempt ended (what it heard is kept; it is in flight no more: a failed one
-        kept as such made the pull look heard from while its range waited to ask again)."""
+    def attempt_ended(self, token: int, heard: bool) -> None:
+        """Range ``token``'s attempt ended, ``heard``: it got an answer that was no failure to answer, or
+        body bytes (headers, then a stalled body, are no answer: taken as one, the patience never ran out,
+        and a pull whose Hub answered and sent nothing was tried again for good: a review). It is in flight
+        no more (a failed one kept as such made the pull look heard from while its range waited)."""
+        if not heard:
+            self._attempts.pop(token, None)
         self._end_attempt(token)
 
     def asking_ends(self, token: int) -> None:

@@ -209,7 +209,8 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
     new_bytes = {f.sha256 or f.git_oid: f.size for f in missing}
     with store.partials.pulling(manifest.repo_id):
         # Room for the new blobs before a byte is fetched (or a BudgetExceededError, nothing written).
-        await asyncio.to_thread(writer.make_room, sum(new_bytes.values()), f"pulling {manifest.repo_id}")
+        # (to its end: cancelled, the pull leaves its writer only once the room is made and so released)
+        await to_thread_to_the_end(writer.make_room, sum(new_bytes.values()), f"pulling {manifest.repo_id}")
         tracker.write("downloading")
         run = _PullRun(store, manifest, chain, tracker, limits or Limits(), watch)
         try:
@@ -227,7 +228,7 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
             )
             # (Both end before a cancelled pull unwinds: its release must not run beside them.)
             partials = await to_thread_to_the_end(run.finish_partials)
-            await to_thread_to_the_end(run.publish, spec, staged, partials)
+            await to_thread_to_the_end(run.publish, spec, staged, partials, writer)
         except BaseException as error:
             await tracker.settle()
             if run.published:  # cancelled while the publish ran, and it completed: the revision is in
@@ -575,10 +576,11 @@ class _PullRun:
             ready[self.digests[key].sha256] = blob
         return ready
 
-    def publish(self, spec: RevisionSpec, staged: list[StagedFile], partials: dict[str, PartialBlob]) -> None:
+    def publish(self, spec: RevisionSpec, staged: list[StagedFile], partials: dict[str, PartialBlob],
+                writer: BudgetWriter) -> None:  # fmt: skip
         """(On a worker thread.) Publish the revision, and record that it is: a pull cancelled meanwhile
         waits for this to end, and must then release its claims as completed, not keep them for a resume."""
-        publish(self.store, spec, staged, partials)
+        publish(self.store, spec, staged, partials, writer.published)
         self.published = True
 
     def release(self) -> None:

@@ -396,7 +396,6 @@ def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size:
         with _connection(origin, timeout, attempt) as use:
             use.send("GET", target, sent)
             response = use.connection.getresponse()
-            attempt.activity = time.monotonic()
             answer = Answer(response.status, response.headers, url)
             if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
                 response.read()
@@ -406,6 +405,7 @@ def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size:
                     sent = {k: v for k, v in sent.items() if k.lower() != "authorization"}
                 url = location
                 continue
+            attempt.activity = time.monotonic()  # (a redirect is no sign of life: its target may be down)
             if response.status == 206 or (response.status == 200 and want == size):
                 answer.problem = _range_problem(response, start, end, want)
                 if answer.problem:

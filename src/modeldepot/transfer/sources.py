@@ -283,7 +283,7 @@ class HttpSource:
             # What the attempt read before it failed is in place: the next one asks for the rest only.
             receiving.kept, receiving.attempt = receiving.kept + attempt.received, None
             if clock is not None:
-                clock.attempt_ended(token)
+                clock.attempt_ended(token, heard=bool(attempt.received) or not no_answer)
             if attempt.received and resumed < self.retry.max_resumes:
                 # Not a failure: the link works and the range moved (a link cut every 700 KiB completed no
                 # 16 MiB chunk in five attempts). Asked again at once when it brought much, else after the

@@ -1,0 +1,98 @@
+"""The disk budget with writers in several processes: the room a write holds goes as it publishes, and a
+pull cancelled while it makes room holds none after."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import SMALL_CHUNK, LiveNode
+from modeldepot import Depot
+from test_budget import MB, model, repos
+
+
+def test_a_published_write_still_holds_its_room_and_another_process_evicts_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between its publish and keep_within a writer's bytes are counted twice by every other process: once
+    as blobs in the index (used_bytes) and once as its reservation file. 2 MiB + 2 MiB fit in a 5 MiB
+    budget, yet the second import (another Depot = another process) evicts the model the first one has
+    just published (and import_dir of it returned normally)."""
+    from modeldepot.store import importer
+
+    monkeypatch.delenv("MODELDEPOT_MAX_SIZE", raising=False)
+    home = tmp_path / "store"
+    with Depot(home, chunk_size=SMALL_CHUNK) as first, Depot(home, chunk_size=SMALL_CHUNK) as second:
+        first.set_max_size("5MiB")
+        publishing = importer.publish
+        raced: list[str] = []
+
+        def publish_then_the_other_writes(*args: object, **kwargs: object) -> object:
+            new = publishing(*args, **kwargs)  # type: ignore[arg-type]
+            if not raced:  # (a window of a pull: run.release, swarm releases, access flush, status write)
+                raced.append("y")
+                second.import_dir(model(tmp_path, "acme/y", size=2 * MB), "acme/y")
+            return new
+
+        monkeypatch.setattr(importer, "publish", publish_then_the_other_writes)
+        first.import_dir(model(tmp_path, "acme/x", size=2 * MB), "acme/x")
+        assert raced == ["y"]
+        # 4 MiB and a little in a 5 MiB budget: nothing had to go
+        assert repos(first) == {"acme/x", "acme/y"}, "x, just published, was evicted for y"
+        assert first.budget_status().evictions == 0
+
+
+def test_a_pull_cancelled_while_it_makes_room_leaks_its_reservation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pull.py runs writer.make_room in asyncio.to_thread: a pull cancelled while it waits there (for
+    budget.lock, which another process holds while it evicts) leaves `with budget.writing()` at once; the
+    thread then goes on, adds the room to budget._reserved and creates a reservation file held by this
+    process. Neither is ever released: every process on the store counts that room as taken for as long
+    as this one lives (a node, a library caller with asyncio.wait_for)."""
+    with Depot(tmp_path / "upstream") as hub:
+        hub.import_dir(model(tmp_path, "up/one", size=2 * MB), "up/one")
+        node = LiveNode(hub)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.delenv("MODELDEPOT_MAX_SIZE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+                local.set_max_size("10MiB")
+                budget = local.store.budget
+                manifest = local.manifest_for("up/one", "main")
+                admission = budget.reservations._admission
+                held = threading.Event()
+                let_go = threading.Event()
+
+                def other_process_evicting() -> None:  # (another process's make_room, under budget.lock)
+                    with admission.exclusive():
+                        held.set()
+                        let_go.wait(30)
+
+                holder = threading.Thread(target=other_process_evicting)
+                holder.start()
+                assert held.wait(10)
+
+                async def pull_then_cancel() -> None:
+                    task = asyncio.create_task(local.pull_async("up/one", manifest=manifest))
+                    await asyncio.sleep(1.0)  # waiting for budget.lock in make_room's thread
+                    task.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await task
+                    let_go.set()  # the other process is done: make_room's thread goes on
+                    await asyncio.sleep(1.0)
+
+                asyncio.run(pull_then_cancel())
+                holder.join()
+                directory = budget.reservations.directory
+                left = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+                assert (budget._reserved, left) == (0, []), (
+                    f"{budget._reserved} bytes stay reserved in this process, reservation files held for a "
+                    f"pull that ended: {left}"
+                )
+        finally:
+            node.stop()
