@@ -249,5 +249,5 @@ def test_an_attempt_that_ended_is_no_sign_of_life_while_its_range_waits() -> Non
     stalled.activity = time.monotonic() - 5  # answered 5 s ago, nothing since
     clock.attempt(token, stalled)
     assert clock.silent_for() == 0 and not clock.outage()
-    clock.attempt_ended(token)
+    clock.attempt_ended(token, heard=False)  # (headers, then a stalled body: no answer)
     assert clock.silent_for() >= 4.5 and clock.outage()
