@@ -525,6 +525,11 @@ def test_variant_names_sizes_and_cache_folders_are_checked_as_input(home: Path, 
     for size in ("１０GiB", "５０%", "nan%", "5.%", "9" * 400 + "GiB"):
         code, _, err = run("budget", size, home=home)
         assert code == 2 and "cannot read disk budget" in err, (size, err)
+    for size in ("-5GiB", "-5%", "-.5GiB"):  # (click read "-5GiB" as an option: "no such option '-5'")
+        code, _, err = run("budget", size, home=home)
+        assert code == 2 and "cannot be negative" in err, (size, err)
+    code, _, err = run("budget", "--bogus", home=home)
+    assert code == 2 and "No such option" in err, err
     code, _, err = run("budget", "0.00000000000000000001%", "--yes", home=home)
     assert code == 2 and "0 bytes" in err, err  # (it set a budget of 0 bytes: every model evicted)
     for command in (("gc", "--max-size"), ("pull", REPO, "--max-rate")):  # (a traceback: OverflowError)

@@ -277,6 +277,8 @@ def parse_max_size(text: str | int, path: os.PathLike[str] | str) -> int:
     """Bytes from ``"200GiB"`` (or a plain number, or an int of bytes) or ``"80%"`` of the file system that
     holds ``path``."""
     text = budget_text(text)
+    if text.startswith("-"):
+        raise ConfigError(f"disk budget {text!r} cannot be negative: give a size like 200GiB or 80%")
     if text.endswith("%"):
         try:
             share = parse_share(text)

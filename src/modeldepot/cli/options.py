@@ -213,6 +213,22 @@ def use_rates(depot: Depot, download: int | None, upload: int | None = None) -> 
         depot.config = dataclasses.replace(depot.config, max_upload_rate=upload)
 
 
+class NumbersAreArguments(click.Command):
+    """A command whose argument is a size or a count: `budget -5GiB` is the argument `-5GiB` (refused as a
+    size), not "no such option '-5'"."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" not in args:
+            numbers = [arg for arg in args if _looks_like_a_number(arg)]
+            if numbers:
+                args = [arg for arg in args if not _looks_like_a_number(arg)] + ["--", *numbers]
+        return super().parse_args(ctx, args)
+
+
+def _looks_like_a_number(arg: str) -> bool:
+    return len(arg) > 1 and arg[0] == "-" and (arg[1].isdigit() or arg[1] == ".")
+
+
 def max_size_value(value: str | None) -> str | None:
     """A click callback's check of a disk budget (200GiB, 80%): ConfigError, a usage error, when unreadable."""
     if value is None:

@@ -13,6 +13,7 @@ from modeldepot.cli import cli, render
 from modeldepot.cli.options import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
+    NumbersAreArguments,
     home_option_creating_when,
     json_option,
     max_size_value,
@@ -60,7 +61,7 @@ def du_command(depot: Depot, as_json: bool) -> None:
     render.emit(as_json, body, lambda: render.render_du(usage, budget))
 
 
-@cli.command("budget")
+@cli.command("budget", cls=NumbersAreArguments)
 @click.argument("size", required=False, metavar="[SIZE|N%|none]",
                 callback=lambda c, p, v: v if v is None or v.strip().lower() == "none" else max_size_value(v))  # fmt: skip
 @click.option("--yes", "-y", is_flag=True, help="Evict without asking when the store is over the new budget.")
