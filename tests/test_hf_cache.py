@@ -483,6 +483,33 @@ def test_a_private_repo_held_under_another_case_stays_private(
     assert [(r.repo_id, r.private) for r in depot.list_repos()] == [("Acme/Sample", True)]
 
 
+@pytest.mark.parametrize("newest", ["models--Acme--Sample", FOLDER])
+def test_two_spellings_of_one_repo_are_adopted_as_one_the_newest_refs_kept(
+    depot: Depot, hf_cache: Path, source: tuple[Depot, LiveNode], newest: str
+) -> None:
+    """huggingface_hub downloads Acme/Sample and acme/sample into two folders; the Hub has one repo. They
+    were merged under the sort order's spelling, main left at whichever folder came last by name, without a
+    word: the newest download's refs are kept, and a note says so."""
+    source_depot, _ = source
+    main, dev = source_depot.resolve(SAMPLE), source_depot.resolve(SAMPLE, "dev")
+    other = hf_cache / "models--Acme--Sample"
+    shutil.copytree(hf_cache / FOLDER, other, symlinks=True)
+    (other / "refs" / "main").write_text(dev)  # the other spelling's download saw another main
+    older = FOLDER if newest != FOLDER else other.name
+    os.utime(hf_cache / older / "refs" / "main", (1_000_000_000, 1_000_000_000))
+    result = depot.hf_cache_import(cache_dir=hf_cache)
+    assert result.ok, result.problems
+    spelling = "Acme/Sample" if newest == other.name else SAMPLE
+    assert [r.repo_id for r in depot.list_repos()] == [spelling]
+    assert depot.resolve(SAMPLE) == (dev if newest == other.name else main)
+    notes = [p for p in result.problems if p.problem == "merged"]
+    assert len(notes) == 1 and notes[0].path == newest and FOLDER in notes[0].detail, result.problems
+    assert depot.hf_cache_import(["ACME/sample"], cache_dir=hf_cache).ok  # asked for under a third spelling
+    assert [r.repo_id for r in depot.list_repos()] == [spelling]
+    code, _, err = run("hf-cache", "import", "--cache-dir", str(hf_cache), home=depot.home)
+    assert code == 0 and "note" in err and "merged" in err, err
+
+
 def test_only_the_repos_asked_for_and_private_stays_private(
     depot: Depot, hf_cache: Path, source: tuple[Depot, LiveNode], tmp_path: Path
 ) -> None:

@@ -102,29 +102,65 @@ def _listdir(folder: Path) -> list[str]:
 
 
 def _repo_folders(scan: _Scan, wanted: list[str] | None) -> list[tuple[str, Path]]:
-    if wanted is not None:
-        found = []
-        for repo_id in wanted:
-            folder = scan.cache / repo_folder_name(repo_id)
-            if not folder.is_dir():
-                raise SourceDirectoryError(
-                    f"{repo_id} is not in the Hugging Face cache at {scan.cache} (no folder {folder.name})"
-                )
-            found.append((repo_id, folder))
-        return found
+    """The cache's folders of model repos (of the ones ``wanted``, under any case), by repo id as each folder
+    spells it."""
     found = []
     for name in _listdir(scan.cache):
         folder = scan.cache / name
         if not name.startswith(PREFIX) or not folder.is_dir():
             continue  # datasets, spaces, .locks, the shared blobs/ of newer huggingface_hub
         repo_id = name[len(PREFIX) :].replace("--", "/")
+        if wanted is not None:
+            if repo_id.lower() in {w.lower() for w in wanted}:
+                found.append((repo_id, folder))
+            continue
         try:
             validate_repo_id(repo_id)
         except InvalidInputError as error:
             scan.problem(None, folder, "invalid", f"not a repo id the store accepts: {error}")
             continue
         found.append((repo_id, folder))
+    for repo_id in wanted or ():
+        if not any(found_id.lower() == repo_id.lower() for found_id, _ in found):
+            raise SourceDirectoryError(f"{repo_id} is not in the Hugging Face cache at {scan.cache} (no folder "
+                                       f"{repo_folder_name(repo_id)})")  # fmt: skip
     return found
+
+
+def _one_folder_per_repo(
+    scan: _Scan, store: Store, folders: list[tuple[str, Path]]
+) -> list[tuple[str, Path]]:
+    """The Hub matches repo ids whatever their case, the Hugging Face cache keeps a folder per spelling
+    (``Org/Model`` and ``org/model`` downloaded twice): such folders are one repo, adopted under one
+    spelling (the store's, else the newest folder's), the newest folder last, so that where their refs
+    differ the newest download's are kept. Said in a note."""
+    groups: dict[str, list[tuple[str, Path]]] = {}
+    for repo_id, folder in folders:
+        groups.setdefault(repo_id.lower(), []).append((repo_id, folder))
+    ordered = []
+    for group in groups.values():
+        group.sort(key=lambda item: (_refs_written(item[1]), item[1].name))
+        spelling = store.spelled(group[-1][0])
+        if len(group) > 1:
+            names = ", ".join(folder.name for _, folder in group)
+            scan.problem(spelling, group[-1][1], "merged",
+                         f"{names} are one repo on the Hub (the Hugging Face cache keeps a folder per spelling of "
+                         f"its id): adopted together as {spelling}; where their refs differ, this folder's, the "
+                         "newest, are kept")  # fmt: skip
+        ordered += [(spelling, folder) for _, folder in group]
+    return ordered
+
+
+def _refs_written(folder: Path) -> float:
+    """When huggingface_hub last moved one of the folder's refs (0 when it has none)."""
+    newest = 0.0
+    for current, _, names in os.walk(folder / "refs"):
+        for name in names:
+            try:
+                newest = max(newest, os.lstat(os.path.join(current, name)).st_mtime)
+            except OSError:
+                continue
+    return newest
 
 
 def _scan_repo(scan: _Scan, repo_id: str, folder: Path) -> _CachedRepo:
@@ -278,7 +314,8 @@ def import_hf_cache(
     scan = _Scan(cache)
     # (a repo the store holds under another case is that repo: its spelling, and its private flag, are kept)
     repos = [
-        _scan_repo(scan, store.spelled(repo_id), folder) for repo_id, folder in _repo_folders(scan, wanted)
+        _scan_repo(scan, repo_id, folder)
+        for repo_id, folder in _one_folder_per_repo(scan, store, _repo_folders(scan, wanted))
     ]
     total = sum(link.size for repo in repos for link in _blob_sources(repo).values())
     done = [0]

@@ -30,7 +30,7 @@ class _Record:
         return dataclasses.asdict(self)  # type: ignore[call-overload,no-any-return]
 
 
-NOTES = frozenset({"partial"})  # problems that are reported but skip nothing: the rest was imported
+NOTES = frozenset({"partial", "merged"})  # problems that are reported but skip nothing: the rest was imported
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ class HfCacheProblem(_Record):
     repo_id: str | None
     path: str  # relative to the cache folder
     # corrupt, incomplete, missing, outside, invalid, unreadable, conflict (other bytes than the commit's),
-    # failed (a repo skipped whole: over the disk budget...), partial (a commit in part: a note)
+    # failed (a repo skipped whole: over the disk budget...), partial (a commit in part: a note), merged
+    # (folders of one repo under two spellings of its id, adopted as one: a note)
     problem: str
     detail: str
 
