@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from aiohttp import web
 
 from conftest import SMALL_CHUNK, BackgroundServer, LiveNode, write_model_dir
 from modeldepot import Depot
+from modeldepot.transfer.progress import PullUpdate
 
 # "hang": every request, metadata too, is accepted and never answered (a hung Hub or proxy)
 # "cut": each answer's connection is closed after ``cut_after`` body bytes (a flaky link)
@@ -209,3 +211,20 @@ def proxied_node(folder: Path, files: dict[str, bytes], repo: str) -> Iterator[F
         yield proxy
         proxy.stop()
         node.stop()
+
+
+def pull_in_a_thread(
+    depot: Depot, repo: str, outcome: list[object], updates: list[PullUpdate] | None = None
+) -> threading.Thread:
+    """``depot.pull(repo)`` on a thread of its own, started: its result (or its error) is appended to
+    ``outcome``, its progress to ``updates``."""
+
+    def pull() -> None:
+        try:
+            outcome.append(depot.pull(repo, progress=None if updates is None else updates.append))
+        except Exception as error:
+            outcome.append(error)
+
+    pulling = threading.Thread(target=pull)
+    pulling.start()
+    return pulling

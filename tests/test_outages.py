@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import serving_repo
-from faultproxy import FaultProxy, wait_until
+from faultproxy import FaultProxy, pull_in_a_thread, wait_until
 from modeldepot import Depot
 from modeldepot.errors import UpstreamError
 from modeldepot.transfer.progress import PullUpdate
@@ -46,15 +46,7 @@ def test_a_configured_node_that_goes_away_mid_pull_is_failed_over_to_the_hub_qui
             monkeypatch.setenv("MODELDEPOT_READ_TIMEOUT", "2")
             outcome: list[object] = []
             with Depot(tmp_path / "local", chunk_size=chunk) as depot:
-
-                def pull() -> None:
-                    try:
-                        outcome.append(depot.pull(REPO))
-                    except Exception as error:
-                        outcome.append(error)
-
-                pulling = threading.Thread(target=pull)
-                pulling.start()
+                pulling = pull_in_a_thread(depot, REPO, outcome)
                 wait_until(lambda: plan.body_bytes > chunk)
                 plan.down_until = time.monotonic() + 3600  # the node is gone for good
                 gone = time.monotonic()
@@ -136,15 +128,7 @@ def test_silence_while_no_source_was_asked_does_not_use_up_the_patience(
             monkeypatch.setenv("MODELDEPOT_READ_TIMEOUT", "2")
             outcome: list[object] = []
             with Depot(home, chunk_size=SMALL_CHUNK) as depot:
-
-                def pull() -> None:
-                    try:
-                        outcome.append(depot.pull(REPO))
-                    except Exception as error:
-                        outcome.append(error)
-
-                second = threading.Thread(target=pull)
-                second.start()
+                second = pull_in_a_thread(depot, REPO, outcome)
                 time.sleep(8)  # it waits for the suspended process
                 proxy.plan.down_until = time.monotonic() + 1.0  # a one-second blip as it takes over
                 first.kill()

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from conftest import SMALL_CHUNK, LiveNode, serving_repo, store_files_consistent, write_model_dir
-from faultproxy import FaultProxy, proxied_node, wait_until
+from faultproxy import FaultProxy, proxied_node, pull_in_a_thread, wait_until
 from modeldepot import Depot, IntegrityError
 from modeldepot.errors import NotFoundError, PullRunningError, UpstreamError
 from modeldepot.hashing import chunk_span
@@ -689,16 +689,8 @@ def test_a_pull_waits_out_an_outage_and_resumes(
             monkeypatch.setenv("HF_ENDPOINT", proxy.url)
             monkeypatch.setenv("MODELDEPOT_OUTAGE_PATIENCE", str(patience))
             outcome: list[object] = []
-
-            def pull() -> None:
-                try:
-                    outcome.append(depot.pull(REPO))
-                except Exception as error:
-                    outcome.append(error)
-
             with Depot(tmp_path / "local", chunk_size=chunk) as depot:
-                pulling = threading.Thread(target=pull)
-                pulling.start()
+                pulling = pull_in_a_thread(depot, REPO, outcome)
                 wait_until(lambda: plan.body_bytes > chunk)
                 plan.down_until = time.monotonic() + 10
                 pulling.join(120)
@@ -779,20 +771,6 @@ def test_a_repo_another_process_pulls_is_not_removed_under_it(tmp_path: Path) ->
         assert depot.remove(REPO).commits, "once the pull ended, removed"
 
 
-def _pull_through_the_proxy(
-    depot: Depot, outcome: list[object], updates: list[PullUpdate]
-) -> threading.Thread:
-    def pull() -> None:
-        try:
-            outcome.append(depot.pull(REPO, progress=updates.append))
-        except Exception as error:
-            outcome.append(error)
-
-    pulling = threading.Thread(target=pull)
-    pulling.start()
-    return pulling
-
-
 OUTAGE_FILES = {"config.json": b"{}", BIG: random.Random(10).randbytes(6 << 20)}
 
 
@@ -816,7 +794,7 @@ def test_a_silent_outage_is_said_while_it_lasts_and_waited_out_in_place(
             outcome: list[object] = []
             updates: list[PullUpdate] = []
             with Depot(tmp_path / "local", chunk_size=chunk) as depot:
-                pulling = _pull_through_the_proxy(depot, outcome, updates)
+                pulling = pull_in_a_thread(depot, REPO, outcome, updates)
                 wait_until(lambda: plan.body_bytes > chunk)
                 plan.silent_until = time.monotonic() + 8
                 silence_ends = time.time() + 8
@@ -853,7 +831,7 @@ def test_the_outage_patience_counts_from_the_last_byte(
             monkeypatch.setenv("MODELDEPOT_READ_TIMEOUT", str(read_timeout))
             outcome: list[object] = []
             with Depot(tmp_path / "local", chunk_size=chunk) as depot:
-                pulling = _pull_through_the_proxy(depot, outcome, [])
+                pulling = pull_in_a_thread(depot, REPO, outcome)
                 wait_until(lambda: plan.body_bytes > 2 * chunk)
                 plan.silent_until = time.monotonic() + 3600
                 silent_from = time.monotonic()
