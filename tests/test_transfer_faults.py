@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -769,6 +770,43 @@ def test_a_repo_another_process_pulls_is_not_removed_under_it(tmp_path: Path) ->
     with Depot(home) as depot:
         assert bytes(depot.get_file(REPO, BIG)) == SLOW_PULLED[BIG]
         assert depot.remove(REPO).commits, "once the pull ended, removed"
+
+
+def test_a_failover_mid_chunk_does_not_take_back_what_was_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node (the file's first source) goes away with chunks half received into the file's pages, and the
+    Hub's requests go on from their parts. As such a chunk landed it was told done in two pieces (the part
+    its sender sent, then the rest), and between the two the progress given to the library's caller and
+    the file's bar fell back by the rest (a review: 4.0 to 3.5 MiB)."""
+    chunk = 1 << 20
+    files = {"config.json": b"{}", BIG: random.Random(11).randbytes(6 * chunk)}
+    with serving_repo(tmp_path / "upstream", files, REPO, chunk_size=chunk) as node:
+        proxy = FaultProxy(node.url)  # the configured node, reached through the proxy
+        try:
+            plan = proxy.set("slow", times=-1, path_suffix=BIG, slow_delay=0.05)
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("MODELDEPOT_SERVERS", proxy.url)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)  # the Hub: up all along
+            monkeypatch.setenv("MODELDEPOT_OUTAGE_PATIENCE", "0")
+            monkeypatch.setenv("MODELDEPOT_READ_TIMEOUT", "2")
+            updates: list[PullUpdate] = []
+            outcome: list[object] = []
+            with Depot(tmp_path / "local", chunk_size=chunk) as depot:
+                pulling = pull_in_a_thread(depot, REPO, outcome, updates)
+                wait_until(lambda: plan.body_bytes > chunk + chunk // 2)
+                plan.down_until = time.monotonic() + 3600  # the node is gone for good
+                pulling.join(90)
+                assert not pulling.is_alive()
+                assert not isinstance(outcome[0], Exception), outcome
+                assert bytes(depot.get_file(REPO, BIG)) == files[BIG]
+        finally:
+            proxy.stop()
+    big = [u for u in updates if u.path == BIG]
+    assert any(u.file_done % chunk > 0 for u in big), "no chunk was finished from a part (nothing tested)"
+    fell = [(a.file_shown, b.file_shown) for a, b in itertools.pairwise(big) if b.file_shown < a.file_shown]
+    fell_total = [(a.shown, b.shown) for a, b in itertools.pairwise(updates) if b.shown < a.shown]
+    assert not fell and not fell_total, f"the file's progress fell: {fell[:3]}; the pull's: {fell_total[:3]}"
 
 
 OUTAGE_FILES = {"config.json": b"{}", BIG: random.Random(10).randbytes(6 << 20)}

@@ -169,6 +169,7 @@ class _FileJob(ChunkChooser):
         self.tasks: set[asyncio.Task[bool]] = set()
         self.landing: set[int] = set()  # chunks being written
         self.counted: set[int] = set()  # chunks landed, told to on_bytes (on the loop)
+        self.crediting: dict[int, int] = {}  # a chunk being told to on_bytes: its bytes not told yet
         # Chunks a request receives straight into the file's own pages: its request and the mapping.
         self.in_place: dict[int, tuple[ChunkRequest, mmap.mmap]] = {}
         # Who sent the bytes of the parts this transfer left in the file (chunk -> (kind, base URL, bytes)
@@ -219,7 +220,7 @@ class _FileJob(ChunkChooser):
             parts[index].received for index in tuple(self.part_origins)
             if index in parts and not self.requests.get(index) and index not in self.counted
         )  # fmt: skip
-        return in_flight + waiting
+        return in_flight + waiting + sum(self.crediting.values())
 
     def _found_in_place(self, index: int, request: ChunkRequest) -> int:
         """The bytes of chunk ``index`` ``request`` began from that an earlier pull left (0 for a part this
@@ -715,15 +716,26 @@ class _FileJob(ChunkChooser):
         origins = self.part_origins.pop(index, [])
         if source.kind != "hub":
             self.peer_landed.append((time.monotonic(), length - part))
-        if self.on_bytes is not None:
-            left = part
-            for kind, base_url, amount in origins:
-                if (taken := min(amount, left)) > 0:
-                    self.on_bytes(taken, kind, base_url)
-                    left -= taken
-            if left:
-                self.on_bytes(left, LEFT_IN_PLACE, "")
-            self.on_bytes(length - part, source.kind, source.source.base_url)
+        if (on_bytes := self.on_bytes) is not None:
+            # A chunk is told done in pieces (its part's senders, then the rest's): what is not told yet stays
+            # in receiving(), so that progress shown between two pieces does not fall back by the rest
+            self.crediting[index] = length
+
+            def credit(amount: int, kind: str, base_url: str) -> None:
+                self.crediting[index] -= amount
+                on_bytes(amount, kind, base_url)
+
+            try:
+                left = part
+                for kind, base_url, amount in origins:
+                    if (taken := min(amount, left)) > 0:
+                        credit(taken, kind, base_url)
+                        left -= taken
+                if left:
+                    credit(left, LEFT_IN_PLACE, "")
+                credit(length - part, source.kind, source.source.base_url)
+            finally:
+                del self.crediting[index]
         for other in self.requests.get(index, []):
             if other.source != source and not other.landing and other.task is not None:
                 other.task.cancel()  # the endgame's loser: its buffer slot and connection are released
