@@ -25,6 +25,7 @@ from huggingface_hub import (
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
 from conftest import (
+    SMALL_CHUNK,
     LiveNode,
     cancel_other_tasks,
     free_port,
@@ -96,6 +97,35 @@ def test_a_download_counts_one_use_of_its_variant(node: LiveNode) -> None:
     after = uses()
     assert after.get((SAMPLE, "q4"), 0) == before.get((SAMPLE, "q4"), 0) + 1
     assert after.get((SAMPLE, ""), 0) == before.get((SAMPLE, ""), 0), after  # ('': the repo as a whole)
+
+
+def test_a_download_in_many_ranges_counts_one_use(
+    node: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every range request counted a use: one peer's pull of a 768 MiB file counted 49, and `--preload-top`
+    preloaded the file a peer fetched once over the model loaded ten times (a trial). A download counts
+    once, at its first byte: a GET of the file, or of a range from byte 0; a HEAD, a range further on and a
+    resume count none."""
+    access = node.depot.store.access
+    url = f"{node.url}/{SAMPLE}/resolve/main/model.safetensors"
+
+    def count() -> int:
+        return sum(a.count for a in access.top(20) if a.repo_id == SAMPLE)
+
+    before = count()
+    for method, header in (("HEAD", None), ("GET", "bytes=100-199"), ("GET", "bytes=70000-"),
+                           ("GET", "bytes=-500"), ("GET", "bytes=0-99")):  # fmt: skip
+        answer = requests.request(method, url, headers={"Range": header} if header else {}, timeout=30)
+        assert answer.status_code in (200, 206), (method, header, answer.status_code)
+    assert count() == before + 1, "only the range from byte 0 starts a download"
+    hf_hub_download(SAMPLE, "model.safetensors", endpoint=node.url, cache_dir=tmp_path / "hf")  # HEAD, GET
+    assert count() == before + 2
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", node.url)
+    with Depot(tmp_path / "peer", chunk_size=SMALL_CHUNK) as peer:  # a pull: one range per 64 KiB chunk
+        peer.download_file(SAMPLE, "model.safetensors")
+        assert bytes(peer.get_file(SAMPLE, "model.safetensors")) == sample_files()["model.safetensors"]
+    assert count() == before + 3
 
 
 def test_model_info_with_files_metadata(node: LiveNode) -> None:

@@ -505,12 +505,14 @@ class Depot:
             self._uses.folder(repo_id, commit_id)
         return found
 
-    def open_verified(self, blob: BlobRecord | FileEntry) -> VerifiedBlob:
+    def open_verified(self, blob: BlobRecord | FileEntry, *, counts_as_use: bool = True) -> VerifiedBlob:
         """A blob (or a file's blob) open for sending: each chunk is checked against its BLAKE3 before it
-        is handed out, and a chunk that fails quarantines the blob. What the node serves goes through this."""
+        is handed out, and a chunk that fails quarantines the blob. What the node serves goes through this.
+        A file's opening counts a use of it unless ``counts_as_use`` is False (a request that does not
+        start a download: one of a pull's ranges after its first, a HEAD)."""
         store = self.tiers.store_of_blob(blob.sha256)
         if isinstance(blob, FileEntry):
-            if store is self.store:  # (a shared store's reads are not counted)
+            if counts_as_use and store is self.store:  # (a shared store's reads are not counted)
                 self._uses.sent(blob)
             blob = BlobRecord(blob.sha256, blob.size, blob.chunk_size)
         return store.open_verified(blob)

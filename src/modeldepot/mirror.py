@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -418,6 +419,7 @@ class Mirror:
         if remote.size == 0:
             await job.task
             return
+        first = start == 0  # (a download's first range: one use of the file, whatever ranges follow)
         while True:
             source = await self._writing(job)  # (this pull's, or one of the same content under another name)
             assert source.task is not None
@@ -434,7 +436,7 @@ class Mirror:
                 # Raises what the pull raised. Shielded: a reader that leaves must not cancel the shared pull,
                 # which may still be finishing (its partial moved into the store, its task not yet done).
                 await asyncio.shield(job.task)
-                async for block in self._from_store(manifest, remote, start, end, reading.elsewhere):
+                async for block in self._from_store(manifest, remote, start, end, reading.elsewhere, first):
                     yield block
                 return
             try:
@@ -541,7 +543,13 @@ class Mirror:
                 await asyncio.wait_for(job.wait(), SIBLING_LOOK)
 
     async def _from_store(
-        self, manifest: Manifest, remote: RemoteFile, start: int, end: int, sent: dict[int, str] | None = None
+        self,
+        manifest: Manifest,
+        remote: RemoteFile,
+        start: int,
+        end: int,
+        sent: dict[int, str] | None = None,
+        counts_as_use: bool = True,
     ) -> AsyncIterator[memoryview]:
         """The stored file's bytes, each chunk checked against its BLAKE3 before it is yielded. ``sent``:
         chunks already sent from another process's download (index -> the BLAKE3 it logged), which must be
@@ -549,7 +557,9 @@ class Mirror:
         entry = await asyncio.to_thread(
             self.depot.file_info, manifest.repo_id, remote.path, manifest.commit_id
         )
-        reader = await asyncio.to_thread(self.depot.open_verified, entry)
+        reader = await asyncio.to_thread(
+            functools.partial(self.depot.open_verified, entry, counts_as_use=counts_as_use)
+        )
         try:
             _check_sent_elsewhere(remote.path, sent or {}, reader.digest)
             for index in reader.chunks_of(start, end):

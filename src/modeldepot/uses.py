@@ -4,7 +4,7 @@ of a revision apart: the quant read every day stays, the one pulled once and nev
 
 A file read here is a use of the repo, and of the variant it is one of; a file a node's client downloads
 counts once for that variant (a config or tokenizer, which comes with any variant, only marks the repo as
-used now); a snapshot folder handed to a loader is a use of every variant in it (what the loader reads is
+used now), at its first byte: a client's ranges after that one are the same download; a snapshot folder handed to a loader is a use of every variant in it (what the loader reads is
 not seen). A file several variants list (a GGUF repo's mmproj) is theirs in common: a use of the repo.
 """
 
