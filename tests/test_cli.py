@@ -452,6 +452,13 @@ def test_serve_says_in_one_line_why_it_cannot_start(home: Path) -> None:
     assert code == 2 and "cannot listen on 999.1.1.1:0" in err and "Traceback" not in err, err
     code, _, err = run("serve", "--preload-budget", "500%", home=home)
     assert code == 2 and "500%" in err and "Traceback" not in err, err
+    never_made = home.parent / "never-made"  # (a bad RAM budget made the store, then refused to serve it)
+    code, _, err = run("serve", "--preload-budget", "-5GiB", home=never_made)
+    assert code == 2 and "-5GiB" in err and not never_made.exists(), err
+    refused = CliRunner().invoke(
+        cli, ["serve", "--home", str(never_made)], env={"MODELDEPOT_PRELOAD_BUDGET": "200%"}
+    )
+    assert refused.exit_code == 2 and "200%" in refused.stderr and not never_made.exists(), refused.stderr
     code, _, err = run("serve", "--scrub-rate", "0", home=home)  # (was a traceback)
     assert code == 2 and "--scrub-rate" in err and "no rate" in err and "Traceback" not in err, err
     code, _, err = run("serve", "--token", "", home=home)  # (`--token "$TOKEN"`, TOKEN unset: an open node)

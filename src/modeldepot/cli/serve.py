@@ -30,7 +30,11 @@ from modeldepot.errors import ConfigError, InvalidInputError
 def _ready_to_serve(kwargs: dict[str, Any]) -> None:
     """What ``serve`` checks before its store is opened, or made in a mistyped --home (a ConfigError, exit
     2): --advertise has a cluster, the upstreams (``HF_ENDPOINT``, ``MODELDEPOT_SERVERS``) are URLs (a bad
-    one started a mirror whose pulls answered 500), and the port is free."""
+    one started a mirror whose pulls answered 500), the RAM budget (--preload-budget,
+    ``MODELDEPOT_PRELOAD_BUDGET``) can be read, and the port is free."""
+    from modeldepot.preload.preloader import parse_budget
+
+    parse_budget(kwargs["preload_budget"] or DepotConfig.from_env().preload_budget)
     if (
         kwargs["advertise"] is not None
         and kwargs["cluster"] is None
@@ -176,9 +180,6 @@ def serve_command(
     use_rates(depot, max_download_rate, max_upload_rate)
     if preload_budget is not None:
         depot.config = dataclasses.replace(depot.config, preload_budget=preload_budget)
-    from modeldepot.preload.preloader import parse_budget
-
-    parse_budget(depot.config.preload_budget)  # (a ConfigError now, not a 500 on /metrics later)
     if max_size is not None:
         depot.set_max_size(
             max_size
