@@ -251,14 +251,13 @@ class HttpSource:
                     problem = "the server ignored the range of a retry"
                 elif status == 200:
                     raise RangeIgnoredError(f"{url}: the server ignored the Range header")
-                elif (
-                    status == 503
-                    and self.kind != "hub"
-                    and answer.headers.get("X-Error-Code") == "CorruptFile"
-                ):
-                    # A peer whose copy failed its check: it will not serve it however often it is asked
-                    # (retried, each range waited 5 attempts on every such holder)
-                    raise UpstreamError(f"{url}: the node's copy failed its check there and is not served",
+                elif status == 503 and answer.headers.get("X-Error-Code") == "CorruptFile":
+                    # A node (a peer, or one given as HF_ENDPOINT) whose copy failed its check: it will not
+                    # serve it however often it is asked (retried, each range waited 5 attempts on every
+                    # such holder, and the pull said "HTTP 503 after 5 attempts", the node's reason dropped)
+                    said = answer.headers.get("X-Error-Message") or "the file failed its check there"
+                    reason = "".join(c for c in said if c.isprintable())
+                    raise UpstreamError(f"{url}: the node's copy is corrupt and is not served ({reason[:300]})",
                                         source=url, status=503)  # fmt: skip
                 elif status in RETRY_STATUSES:
                     retry_after = answer.headers.get("Retry-After")
