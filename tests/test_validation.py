@@ -140,6 +140,12 @@ def test_validators_refuse_every_non_string(validator: Validator, value: object)
         validator(value)
 
 
+def test_a_path_object_is_refused_with_the_text_to_give() -> None:
+    """ML code holds pathlib paths: "must be a string, got PosixPath" left the user to guess what to give."""
+    with pytest.raises(InvalidPathError, match=r"relative to the repo root \('onnx/model.onnx'\)"):
+        validate_path(Path("onnx") / "model.onnx")
+
+
 @given(path=pathlike)
 def test_accepted_path_stays_inside_base(path: str) -> None:
     try:

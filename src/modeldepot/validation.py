@@ -14,6 +14,7 @@ import ipaddress
 import re
 import unicodedata
 from collections.abc import Callable
+from pathlib import PurePath
 from typing import TypeVar
 from urllib.parse import unquote
 
@@ -118,7 +119,12 @@ def _decodes_to_traversal(segment: str) -> bool:
 def validate_path(path: object) -> str:
     """Return ``path`` if it is a safe relative POSIX path inside a repo, else raise InvalidPathError."""
     if not isinstance(path, str):
-        raise InvalidPathError(f"file path must be a string, got {type(path).__name__}")
+        hint = (
+            f": give its text, relative to the repo root ({path.as_posix()!r})"
+            if isinstance(path, PurePath)
+            else ""
+        )
+        raise InvalidPathError(f"file path must be a string, got {type(path).__name__}{hint}")
     shown = _describe(path)
     if not path:
         raise InvalidPathError("file path is empty")
