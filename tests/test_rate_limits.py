@@ -49,6 +49,16 @@ def test_rates_are_read_and_bad_ones_refused() -> None:
             parse_rate(bad)
     with pytest.raises(ConfigError, match="below the least"):
         parse_rate("1KiB/s")
+    # A negative figure is said to be one, alike for every size and rate (it was "cannot read" in some)
+    from modeldepot.config import parse_max_size, parse_size
+
+    for parse, text in ((parse_rate, "-5MiB/s"), (parse_size, "-5GiB"), (parse_max_size, "-5GiB")):
+        with pytest.raises(ConfigError, match="cannot be negative"):
+            parse(text, *(("/",) if parse is parse_max_size else ()))
+    with pytest.raises(ConfigError, match="more than 4 EiB"):
+        parse_max_size("18446744073709551617000000000000", "/")
+    with pytest.raises(ConfigError, match=r"MODELDEPOT_CONNECTIONS -1 must be from 1 to 256 \(connections"):
+        DepotConfig.from_env({"MODELDEPOT_CONNECTIONS": "-1"}, home="/tmp/x")
     with pytest.raises(ConfigError, match="MODELDEPOT_MAX_DOWNLOAD_RATE"):
         DepotConfig.from_env({"MODELDEPOT_MAX_DOWNLOAD_RATE": "fast"}, home="/tmp/x")
     assert (

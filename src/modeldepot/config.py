@@ -63,6 +63,10 @@ def parse_size(text: str) -> int:
     MAX_SIZE."""
     match = _SIZE.fullmatch(text)
     if not match:
+        if text.strip().startswith("-"):
+            raise ConfigError(
+                f"size {text!r} cannot be negative: write it like 16MiB, 1.5GiB, 64KiB or 1048576"
+            )
         raise ConfigError(f"cannot read size {text!r}: write it like 16MiB, 1.5GiB, 64KiB or 1048576")
     number, unit = match.group(1), _UNITS[match.group(2).upper()]
     # (exact for whole numbers: a float of 400 digits is infinity, and int() of it raised OverflowError)
@@ -96,9 +100,8 @@ def parse_rate(text: str, name: str = "rate") -> int:
     try:
         rate = parse_size(match.group(1) if match else text)
     except ConfigError:
-        raise ConfigError(
-            f"cannot read {name} {text!r}: write it like 50MiB/s, 1.5GiB/s or 1048576"
-        ) from None
+        said = "cannot be negative" if text.strip().startswith("-") else "cannot be read"
+        raise ConfigError(f"{name} {text!r} {said}: write it like 50MiB/s, 1.5GiB/s or 1048576") from None
     if rate < MIN_RATE:
         raise ConfigError(f"{name} {text!r} is below the least that can be kept to, 16KiB/s")
     return rate
@@ -201,6 +204,9 @@ class DepotConfig:
                               f"{', '.join(PRELOAD_STRATEGIES)}")  # fmt: skip
         if self.durability not in ("deferred", "sync"):
             raise ConfigError(f"MODELDEPOT_DURABILITY {self.durability!r} must be 'deferred' or 'sync'")
+        if not 1 <= self.connections <= 256:
+            raise ConfigError(f"MODELDEPOT_CONNECTIONS {self.connections} must be from 1 to 256 (connections a pull "
+                              "opens in total)")  # fmt: skip
         if not 1 <= self.connections_per_source <= self.connections <= 256:
             raise ConfigError(
                 f"connections: {self.connections} in total and {self.connections_per_source} per source "
@@ -294,6 +300,10 @@ def parse_max_size(text: str | int, path: os.PathLike[str] | str) -> int:
     try:
         size = parse_size(text)  # (1.5TiB too)
     except ConfigError:
+        if _SIZE.fullmatch(text):  # (read, and more than any disk)
+            raise ConfigError(
+                f"disk budget {text[:40]!r} is more than 4 EiB: write it like 200GiB or 80%"
+            ) from None
         raise ConfigError(f"cannot read disk budget {text!r}: write it like 200GiB or 80%") from None
     if size <= 0:
         raise ConfigError(f"disk budget {text!r} must be more than 0 bytes")
