@@ -305,6 +305,22 @@ def test_an_idle_engine_goes_at_its_ttl_without_another_load() -> None:
     assert len(cache) == 0 and cache.stats().total_memory_bytes == 0
 
 
+def test_the_ttl_thread_keeps_no_cache_alive() -> None:
+    """The thread that keeps the TTL held the last cache it looked at while it waited: a closed depot's
+    engines stayed, and the files they map stayed open (a read-only mount could not be unmounted)."""
+    closed: list[Hashable] = []
+    cache: LoadedModelCache[str] = LoadedModelCache(ttl=0.1, on_evict=lambda key, model: closed.append(key))
+    cache.get_or_load("a", lambda: "A", size=1)
+    deadline = time.monotonic() + 3
+    while not closed and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert closed == ["a"]
+    held = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert held() is None
+
+
 def test_what_has_expired_is_not_counted() -> None:
     clock = Clock()
     cache: LoadedModelCache[str] = LoadedModelCache(ttl=10, clock=clock)

@@ -154,13 +154,16 @@ class _Reaper:
                     (d for c in list(self._caches) if (d := c._seconds_to_expiry()) is not None), default=None
                 )
                 self._changed.wait(None if due is None else max(due, self.SHORTEST_WAIT))
-            for cache in list(self._caches):
-                try:
-                    cache.evict_stale()
-                except (
-                    Exception
-                ):  # (the hooks' errors are logged there; a cache's own failure must not end this)
-                    log.exception("evicting the idle engines of a cache failed")
+            self._evict_stale()
+
+    def _evict_stale(self) -> None:
+        """Each cache's idle entries, in a frame of its own: no reference to a cache outlives it (one left
+        in ``_run``'s frame while it waited kept a closed depot's engines, and the files they map, open)."""
+        for cache in list(self._caches):
+            try:
+                cache.evict_stale()
+            except Exception:  # (its hooks' errors are logged there; one cache's must not end the thread)
+                log.exception("evicting the idle engines of a cache failed")
 
 
 _REAPER = _Reaper()
