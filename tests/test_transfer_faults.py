@@ -772,6 +772,25 @@ def test_a_repo_another_process_pulls_is_not_removed_under_it(tmp_path: Path) ->
         assert depot.remove(REPO).commits, "once the pull ended, removed"
 
 
+def test_a_file_another_repo_shared_removed_under_a_pull_is_fetched_again(tmp_path: Path) -> None:
+    """`rm` of another repo (or the disk budget evicting it) that held a file the pull found in the store (a
+    config of two bytes) made the pull fail at its end, everything fetched: "run it again" (a trial, a
+    250 MiB pull). The pull fetches that file again, and resumes the rest from disk."""
+    home = tmp_path / "local"
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:  # (the chunk size of the pull's process: base_env's)
+        depot.import_dir(
+            write_model_dir(tmp_path / "other", {"config.json": SLOW_PULLED["config.json"]}), "acme/other"
+        )
+    with serving(tmp_path / "upstream", SLOW_PULLED) as node, pull_in_another_process(home, node) as pulling:
+        with Depot(home) as depot:
+            assert depot.remove("acme/other").commits  # the blob the pull found for its config.json goes
+        assert pulling.wait(60) == 0, "the pull ends as it would have"
+    with Depot(home) as depot:
+        for path, data in SLOW_PULLED.items():
+            assert bytes(depot.get_file(REPO, path)) == data
+        assert store_files_consistent(depot) == []
+
+
 def test_a_failover_mid_chunk_does_not_take_back_what_was_shown(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

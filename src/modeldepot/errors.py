@@ -26,6 +26,7 @@ HTTP status in one place each::
     ├── PullRunningError                         a pull of the repo runs: removing it waits → exit 1 / 409
     ├── StoreError (OSError)                     the store itself cannot do its job        → exit 1
     │   ├── StoreFullError                       ENOSPC / SQLITE_FULL: nothing partial is left behind
+    │   ├── SharedBlobsRemovedError              files it shares removed before it published: fetched again
     │   └── StoreSchemaError                     an index written by a newer modeldepot
     └── ConfigError                              bad settings (env vars, chunk size)       → exit 2
 
@@ -55,6 +56,7 @@ __all__ = [
     "ReadOnlyStoreError",
     "RepoNotFoundError",
     "RevisionNotFoundError",
+    "SharedBlobsRemovedError",
     "SourceDirectoryError",
     "StoreError",
     "StoreFullError",
@@ -266,6 +268,14 @@ class StoreError(DepotError, OSError):
 
 class StoreFullError(StoreError):
     """No space left: the operation was rolled back and nothing partial is visible."""
+
+
+class SharedBlobsRemovedError(StoreError):
+    """Blobs a write found in the store and relied on (files it shares with other repos) were removed before
+    it published (an `rm`, the disk budget, in another process): nothing was published. A pull fetches them
+    again by itself. ``gone``: their SHA-256s."""
+
+    gone: tuple[str, ...] = ()
 
 
 class StoreSchemaError(StoreError):

@@ -19,7 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from modeldepot.errors import CommitConflictError, InvalidRevisionError, SourceDirectoryError, StoreError
+from modeldepot.errors import (
+    CommitConflictError,
+    InvalidRevisionError,
+    SharedBlobsRemovedError,
+    SourceDirectoryError,
+    StoreError,
+)
 from modeldepot.hashing import BlobDigest
 from modeldepot.store.blobs import PartialBlob
 from modeldepot.store.index import Index
@@ -100,11 +106,13 @@ def publish(
             present = _with_files(store, blob_states(store.index, reused))
             gone = [sha256 for sha256 in reused if present.get(sha256) != "ok"]
             if gone:
-                raise StoreError(
+                removed = SharedBlobsRemovedError(
                     f"{spec.repo_id}: {len(gone)} file(s) it shares with other repos were removed from the "
                     f"store meanwhile (by `rm` or the disk budget, e.g. blob {gone[0][:12]}): nothing was "
                     "published; run it again", repo_id=spec.repo_id,
                 )  # fmt: skip
+                removed.gone = tuple(gone)
+                raise removed
             for sha256, partial in partials.items():
                 if known.get(sha256) != "ok":
                     if partial.changed_since_hashed():  # (a linked file written since: see importer)

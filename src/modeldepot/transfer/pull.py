@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from modeldepot.counters import PULLS
-from modeldepot.errors import ConfigError, DepotError, IntegrityError, OfflineError, UpstreamError
+from modeldepot.errors import (
+    ConfigError,
+    DepotError,
+    IntegrityError,
+    OfflineError,
+    SharedBlobsRemovedError,
+    UpstreamError,
+)
 from modeldepot.hashing import BlobDigest
 from modeldepot.hub.manifest import INTERRUPTED, Manifest, RemoteFile
 from modeldepot.openfiles import open_file_limit, raise_open_file_limit
@@ -133,10 +140,26 @@ async def pull_async(
     held: dict[str, int] = {}
     if paths is not None:  # (a mirror's pull of one file: the variants it completes show it)
         names, held = await asyncio.to_thread(_variants_completed, store, manifest, {f.path for f in files})
-    with store.budget.writing(manifest.repo_id, manifest.commit_id, (f.path for f in files), names) as writer:
-        return await _pull_writing(store, manifest, files, names, branch, chain, offline, progress, limits,
-                                   watch, writer, held)  # fmt: skip
+    for again in range(SHARED_REMOVED_TRIES):
+        try:
+            with store.budget.writing(
+                manifest.repo_id, manifest.commit_id, (f.path for f in files), names
+            ) as writer:
+                return await _pull_writing(store, manifest, files, names, branch, chain, offline, progress, limits,
+                                           watch, writer, held)  # fmt: skip
+        except SharedBlobsRemovedError as error:
+            # Files it found in the store (a config other repos have too) were removed before it published (an
+            # `rm` of another repo, the disk budget): fetched now, the rest resumed from disk. (A 250 MiB pull
+            # failed at its end for a 3-byte file, "run it again": a trial.)
+            if again == SHARED_REMOVED_TRIES - 1:
+                raise
+            log.info("%s: files it shares with other repos were removed from the store meanwhile (by `rm` or the "
+                     "disk budget, e.g. blob %s): fetching them again (what was downloaded is kept)",
+                     manifest.repo_id, error.gone[0][:12])  # fmt: skip
+    raise AssertionError("unreachable")
 
+
+SHARED_REMOVED_TRIES = 3  # publishes a pull tries while files it shares are removed under it
 
 # Descriptors a pull needs besides one per file it fetches: sockets, the index, its status writes, a node's
 # connections around it
