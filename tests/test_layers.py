@@ -85,7 +85,7 @@ def test_public_api_is_pinned() -> None:
         "EntryNotFoundError", "FileEntry", "GcReport", "ImportResult", "IntegrityError", "InvalidInputError",
         "InvalidPathError", "InvalidRangeError", "InvalidRepoIdError", "InvalidRevisionError", "MappedFile",
         "NotFoundError", "RemoveResult", "RepoInfo", "RepoNotFoundError", "RepoSummary", "RevisionInfo",
-        "RevisionNotFoundError", "SourceDirectoryError", "StoreError", "StoreFullError", "StoreSchemaError",
+        "RevisionNotFoundError", "SharedBlobsRemovedError", "SourceDirectoryError", "StoreError", "StoreFullError", "StoreSchemaError",
         "VerifyProblem", "VerifyReport", "__version__", "UpstreamError", "UpstreamDataError", "UpstreamTimeoutError", "AccessDeniedError",
         "OfflineError", "PullRunningError", "ChunkNotAvailableError", "ReadOnlyStoreError", "CommitConflictError",
     }  # fmt: skip
