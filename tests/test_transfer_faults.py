@@ -772,6 +772,23 @@ def test_a_repo_another_process_pulls_is_not_removed_under_it(tmp_path: Path) ->
         assert depot.remove(REPO).commits, "once the pull ended, removed"
 
 
+def test_a_repo_being_pulled_is_pinned_once_published(tmp_path: Path) -> None:
+    """`pin` of a repo another process was pulling said "not in the store" (the node: 404), while `status`
+    showed it downloading and `rm` said a pull runs (a trial): it says the pull runs, and to pin it after."""
+    home = tmp_path / "local"
+    with serving(tmp_path / "upstream", SLOW_PULLED) as node, pull_in_another_process(home, node) as pulling:
+        with Depot(home) as depot, pytest.raises(PullRunningError, match="pin it once the pull is done"):
+            depot.pin(REPO)
+        refused = subprocess.run([sys.executable, "-m", "modeldepot", "pin", REPO, "--home", str(home)],
+                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert refused.returncode == 1 and f"process {pulling.pid}" in refused.stderr, refused.stderr
+        assert pulling.wait(60) == 0
+    with Depot(home) as depot:
+        assert depot.pin(REPO).repo_id == REPO
+        with pytest.raises(NotFoundError, match="not in the store"):
+            depot.pin("acme/never-pulled")
+
+
 def test_a_file_another_repo_shared_removed_under_a_pull_is_fetched_again(tmp_path: Path) -> None:
     """`rm` of another repo (or the disk budget evicting it) that held a file the pull found in the store (a
     config of two bytes) made the pull fail at its end, everything fetched: "run it again" (a trial, a

@@ -952,15 +952,27 @@ class Depot:
         """Never evict the revision ``revision`` names (a branch is followed) to keep within the disk budget;
         ``quant``: one variant of it (that variant and the revision's shared files stay; its other
         variants may be evicted)."""
-        if quant is not None:
-            commit_id = self.store.resolve(validate_repo_id(repo_id), validate_revision(revision))
-            grouping = group_files(e.path for e in self.store.files(repo_id, commit_id))
-            variant = grouping.find(validate_quant(quant))
-            if variant is None:
-                raise NotFoundError(f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: "
-                                    f"{grouping.names()})", repo_id=repo_id)  # fmt: skip
-            quant = variant.name  # (kept under the variant's own name: unpin finds it however it is typed)
-        return self.store.budget.pin(repo_id, quant, revision)
+        try:
+            if quant is not None:
+                commit_id = self.store.resolve(validate_repo_id(repo_id), validate_revision(revision))
+                grouping = group_files(e.path for e in self.store.files(repo_id, commit_id))
+                variant = grouping.find(validate_quant(quant))
+                if variant is None:
+                    raise NotFoundError(f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: "
+                                        f"{grouping.names()})", repo_id=repo_id)  # fmt: skip
+                quant = (
+                    variant.name
+                )  # (kept under the variant's own name: unpin finds it however it is typed)
+            return self.store.budget.pin(repo_id, quant, revision)
+        except NotFoundError as missing:
+            if not self.store.partials.is_pulling(repo_id):
+                raise
+            # (while `status` showed it downloading, the pin said "not in the store", and the node 404)
+            holder = self.store.partials.pull_holder(repo_id)
+            who = "" if holder is None else f" (process {holder})"
+            raise PullRunningError(f"a pull of {repo_id} is running{who} and has not published "
+                                   f"{repo_id if quant is None else quant} yet ({missing}): pin it once the pull is "
+                                   "done", repo_id=repo_id) from None  # fmt: skip
 
     @_any_case
     @_writes
