@@ -687,3 +687,33 @@ def test_a_peer_whose_copy_failed_its_check_is_asked_once_not_five_times(
     assert len(asked) == 1, [r.getMessage() for r in asked]
     asked = [r for r in caplog.records if r.name == "modeldepot.access" and entry.sha256 in r.getMessage()]
     assert len(asked) == 1, [r.getMessage() for r in asked]
+
+
+def test_a_revision_nowhere_is_said_by_the_hub_first_and_is_a_revision_not_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revision that does not exist, pulled with depot nodes ahead of the Hub: each node's "not found; if it
+    is private, set MODELDEPOT_TOKEN", and a refusal by a node with a token, came before the Hub's "revision
+    ... does not exist" (a wall), and the control API answered 502. The Hub's answer comes first, the nodes'
+    in one clause, and it is a RevisionNotFoundError (404)."""
+    from modeldepot.errors import RevisionNotFoundError
+
+    with Depot(tmp_path / "hub", chunk_size=SMALL_CHUNK) as hub_depot, \
+            Depot(tmp_path / "a") as a_depot, Depot(tmp_path / "b") as b_depot:  # fmt: skip
+        hub_depot.import_dir(write_model_dir(tmp_path / "m", {"config.json": b"{}"}), REPO)
+        hub, empty, guarded = LiveNode(hub_depot), LiveNode(a_depot), LiveNode(b_depot, token="secret")
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", hub.url)
+            monkeypatch.setenv("MODELDEPOT_SERVERS", f"{empty.url},{guarded.url}")
+            with Depot(tmp_path / "local") as depot, pytest.raises(RevisionNotFoundError) as raised:
+                depot.pull(REPO, revision="f" * 40)
+            said = str(raised.value)
+            assert said.startswith(f"revision '{'f' * 40}' of {REPO} does not exist on {hub.url}"), said
+            assert (
+                f"not on the depot node {empty.url} either" in said and said.count("MODELDEPOT_TOKEN") == 1
+            ), said
+            assert f"{guarded.url} refused access" in said, said
+        finally:
+            for node in (hub, empty, guarded):
+                node.stop()

@@ -149,16 +149,20 @@ class SourceChain:
         except DepotError as error:
             if not problems:
                 raise
+            said = _what_each_said(error, problems)
             problems.append(error)
-            said = "; ".join(str(p) for p in problems)
             # When every source that answered said "no such repo" (or revision) and the rest could not be
             # reached, it is that kind, so that a node's clients hear RepoNotFound or RevisionNotFound as from
             # the Hub (a bare 404 is a broken connection to huggingface_hub).
             answered = [p for p in problems if not (isinstance(p, UpstreamError) and p.status is None)]
             if answered and all(isinstance(p, RepoNotFoundError) for p in answered):
                 raise RepoNotFoundError(repo_id, said) from error
-            if answered and all(isinstance(p, (RepoNotFoundError, RevisionNotFoundError)) for p in answered):
-                raise RevisionNotFoundError(repo_id, revision, said) from error  # (the repo is somewhere)
+            if isinstance(error, RevisionNotFoundError) or (
+                answered and all(isinstance(p, (RepoNotFoundError, RevisionNotFoundError)) for p in answered)
+            ):
+                # (the repo is somewhere: public on the Hub, when the Hub said the revision is not, and a node
+                # that refused to say is beside the point; a pull of it answered 502, a trial)
+                raise RevisionNotFoundError(repo_id, revision, said) from error
             kind = next((k for k in (AccessDeniedError, NotFoundError) if any(isinstance(p, k) for p in problems)),
                         UpstreamError)  # fmt: skip
             raise kind(said, repo_id=repo_id) from error
@@ -327,3 +331,23 @@ async def _node_manifest(server: HttpSource, repo_id: str, commit_id: str) -> li
         raise UpstreamError(f"{url}: {type(error).__name__}: {error}", source=url) from error
     files = body.get("files") if isinstance(body, dict) else None
     return [f for f in files if isinstance(f, dict)] if isinstance(files, list) else []
+
+
+def _what_each_said(hub: DepotError, nodes: list[DepotError]) -> str:
+    """What the Hub answered first (the last word on a repo it has), then the nodes': those that do not have
+    it in one clause, the rest as they said it (a fleet's every node said "not found; if it is private, set
+    MODELDEPOT_TOKEN", a wall before the Hub's "revision ... does not exist": a trial)."""
+    lacking = [
+        p.source
+        for p in nodes
+        if isinstance(p, (RepoNotFoundError, RevisionNotFoundError)) and p.source is not None
+    ]
+    parts = [str(hub)]
+    if lacking:
+        shown = ", ".join(lacking[:3]) + (f" and {len(lacking) - 3} more" if len(lacking) > 3 else "")
+        hint = " (a private repo there needs MODELDEPOT_TOKEN)" if isinstance(hub, RepoNotFoundError) else ""
+        parts.append(f"not on the depot node{'s' if len(lacking) > 1 else ''} {shown} either{hint}")
+    parts += [
+        str(p) for p in nodes if not (isinstance(p, (RepoNotFoundError, RevisionNotFoundError)) and p.source)
+    ]
+    return "; ".join(parts)
