@@ -36,9 +36,9 @@ MAX_CHUNK_SIZE = 1024 * MiB
 DEFAULT_CLUSTER_PREFIX = "/modeldepot"
 
 _SIZE = re.compile(
-    r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*", re.IGNORECASE | re.ASCII
+    r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)\s*", re.IGNORECASE | re.ASCII
 )  # (no other digits: "１０GiB" is not 10 GiB)
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
 
 
 def _size_setting(name: str, value: str) -> int:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -81,10 +82,22 @@ def budget_command(depot: Depot, size: str | None, yes: bool, as_json: bool) -> 
         if chosen is not None and not yes:
             _confirm_evictions(depot, chosen)
         evicted = depot.set_max_size(chosen)
+        _warn_if_beyond_the_disk(depot)
     status = depot.budget_status()
     over = max(0, status.used_bytes - status.max_bytes) if status.max_bytes is not None else 0
     body = {**status.to_dict(), "evicted": [e.to_dict() for e in evicted], "over_budget_bytes": over}
     render.emit(as_json, body, lambda: render.render_budget(status, evicted, over))
+
+
+def _warn_if_beyond_the_disk(depot: Depot) -> None:
+    """A budget larger than the disk never binds: `2048TiB` typed for `2048GiB` is an easy slip (accepted
+    without a word, a trial)."""
+    limit = depot.budget_status().max_bytes
+    disk = os.statvfs(depot.home)
+    size = disk.f_blocks * disk.f_frsize
+    if limit is not None and limit > size:
+        render.err.print(f"[yellow]warning:[/yellow] the budget, {render.format_bytes(limit)}, is more than the "
+                         f"disk the store is on holds ({render.format_bytes(size)}): it never binds")  # fmt: skip
 
 
 def _confirm_evictions(depot: Depot, size: str) -> None:
@@ -95,7 +108,7 @@ def _confirm_evictions(depot: Depot, size: str) -> None:
     limit, used = parse_max_size(size, depot.home), depot.budget_status().used_bytes
     if used <= limit:
         return
-    what = (f"the store holds {render.format_bytes(used)}, over {size.strip()}: setting this budget removes the "
+    what = (f"the store holds {render.format_bytes(used)}, over {render.format_bytes(limit)}: setting this budget removes the "
             "least recently used models (not the pinned ones, nor those in use) until it fits")  # fmt: skip
     if not sys.stdin.isatty():
         render.err.print(f"[red]error:[/red] {escape(what)}; pass --yes to do so")
