@@ -623,3 +623,18 @@ def test_long_work_reports_progress_in_a_log_too(
     view.update(PullUpdate("w.bin", 520 * mib, total, 520 * mib, total, found=524 * mib))
     view._flush()
     assert lines[-1].startswith("pulling: 532.0 MiB of 1.0 GiB"), lines
+
+
+def test_du_and_budget_say_what_the_budget_does_not_count(home: Path, model_dir: Path) -> None:
+    """A node said "60% of 100 MiB used" while it took 462 MiB (downloads kept for a resume), and `du` called
+    what a killed import left in tmp/ "partial", among the downloads a resume takes (two trials)."""
+    run("import", str(model_dir), "--repo", REPO, home=home)
+    (home / "partials" / "kept-download.part").write_bytes(b"k" * 3000)
+    (home / "tmp" / "killed-import").mkdir(parents=True)
+    (home / "tmp" / "killed-import" / "w.bin").write_bytes(b"w" * 5000)
+    code, out, _ = run("du", home=home)
+    assert code == 0 and re.search(r"partial +2\.9 KiB", out) and re.search(r"unfinished +4\.9 KiB", out), out
+    code, out, _ = run("budget", "1GiB", home=home)
+    assert code == 0 and "beside it, 7.8 KiB of unfinished downloads and writes, not counted" in out, out
+    code, out, _ = run("budget", "--json", home=home)
+    assert code == 0 and json.loads(out)["uncounted_bytes"] == 8000, out

@@ -471,9 +471,20 @@ def _render_evictions(evicted: list[Eviction]) -> None:
         )
 
 
-def render_budget(budget: BudgetStatus, evicted: list[Eviction], over: int) -> None:
+def _outside_the_budget(usage: DiskUsage | None) -> str:
+    """What the budget does not count: downloads kept for a resume, what killed writes left (a node said "60%
+    of 100 MiB used" taking 462 MiB: a trial)."""
+    if usage is None or not usage.partial_bytes + usage.unfinished_write_bytes:
+        return ""
+    return (f"; beside it, {format_bytes(usage.partial_bytes + usage.unfinished_write_bytes)} of unfinished "
+            "downloads and writes, not counted (`modeldepot gc --partials` frees them)")  # fmt: skip
+
+
+def render_budget(
+    budget: BudgetStatus, evicted: list[Eviction], over: int, usage: DiskUsage | None = None
+) -> None:
     _render_evictions(evicted)
-    out.print(f"budget  {_budget_line(budget)}")
+    out.print(f"budget  {_budget_line(budget)}{_outside_the_budget(usage)}")
     out.print(
         f"evicted {format_bytes(budget.evicted_bytes)} so far, in {count(budget.evictions, 'eviction')}"
     )
@@ -498,11 +509,14 @@ def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
     kept = (f" (room for whole files; {format_bytes(usage.partial_kept_bytes)} received, kept for a resume)"
             if usage.partial_kept_bytes else "")  # fmt: skip
     out.print(f"  partial     {format_bytes(usage.partial_bytes)}{kept}")
+    if usage.unfinished_write_bytes:
+        out.print(f"  unfinished  {format_bytes(usage.unfinished_write_bytes)} (what killed imports or pulls were "
+                  "writing: no resume takes it, `modeldepot gc` frees it)")  # fmt: skip
     out.print(f"  quarantine  {format_bytes(usage.quarantine_bytes)}")
     out.print(f"  index       {format_bytes(usage.index_bytes)}")
     out.print(f"  total       {format_bytes(usage.total_bytes)}")
     if budget is not None:
-        out.print(f"  budget      {_budget_line(budget)}")
+        out.print(f"  budget      {_budget_line(budget)}{_outside_the_budget(usage)}")
         out.print(
             f"  evicted     {format_bytes(budget.evicted_bytes)} so far, in {count(budget.evictions, 'eviction')}"
         )

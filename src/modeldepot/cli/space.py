@@ -83,10 +83,11 @@ def budget_command(depot: Depot, size: str | None, yes: bool, as_json: bool) -> 
             _confirm_evictions(depot, chosen)
         evicted = depot.set_max_size(chosen)
         _warn_if_beyond_the_disk(depot)
-    status = depot.budget_status()
+    status, usage = depot.budget_status(), depot.du()
     over = max(0, status.used_bytes - status.max_bytes) if status.max_bytes is not None else 0
-    body = {**status.to_dict(), "evicted": [e.to_dict() for e in evicted], "over_budget_bytes": over}
-    render.emit(as_json, body, lambda: render.render_budget(status, evicted, over))
+    body = {**status.to_dict(), "evicted": [e.to_dict() for e in evicted], "over_budget_bytes": over,
+            "uncounted_bytes": usage.partial_bytes + usage.unfinished_write_bytes}  # fmt: skip
+    render.emit(as_json, body, lambda: render.render_budget(status, evicted, over, usage))
 
 
 def _warn_if_beyond_the_disk(depot: Depot) -> None:

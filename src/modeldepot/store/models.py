@@ -168,7 +168,11 @@ class DiskUsage(_Record):
     # Of blob_bytes: blobs with a name outside the store too (adopted from a Hugging Face cache, `import
     # --link`): shared on the disk, and not freed when the store lets them go
     linked_bytes: int = 0
+    # What writes that never ended (an import or a pull killed) left in tmp/: no resume takes them, `gc` frees
+    # them (they were shown as "partial", among the downloads kept for a resume: a trial)
+    unfinished_write_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return self.blob_bytes + self.partial_bytes + self.quarantine_bytes + self.index_bytes
+        return (self.blob_bytes + self.partial_bytes + self.unfinished_write_bytes + self.quarantine_bytes
+                + self.index_bytes)  # fmt: skip
