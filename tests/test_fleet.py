@@ -173,6 +173,7 @@ def test_nodes_join_see_each_other_leave_and_ride_out_an_etcd_outage(fleet: Flee
     assert (
         health["backend"] == "etcd" and health["connected"] and health["registered"] and health["peers"] == 3
     )
+    assert a.get("/health", token=False)["node_id"] == a.id
     assert_documented("/health", a.get("/health"))
     assert_documented("/peers", a.get("/peers"))
 
@@ -217,6 +218,23 @@ def test_nodes_join_see_each_other_leave_and_ride_out_an_etcd_outage(fleet: Flee
     keys = fleet.dump()
     assert not [k for k in keys if b.id.encode() in k], "a stopped node's keys are withdrawn"
     assert any(a.id.encode() in k for k in keys)
+
+
+def test_a_node_that_cannot_be_reached_at_its_advertised_url_says_so(fleet: Fleet) -> None:
+    """`--advertise` of an address nobody reaches: health said "ok" and the log nothing, while every peer
+    failed to reach the node (a trial). The node looks at itself through that URL as it registers."""
+    from modeldepot.server import fleet as node_fleet
+
+    lost = fleet.node("lost", None, "--advertise", f"http://127.0.0.1:{free_port()}").ready()
+    wait_until(lambda: lost.get("/health", token=False).get("detail"), 10 * node_fleet.ADVERTISED_TRIES,
+               "health to say the node cannot be reached where its peers are told to")  # fmt: skip
+    answer = lost.get("/health", token=False)
+    assert answer["status"] == "degraded" and "check --advertise" in answer["detail"], answer
+    assert_documented("/health", answer)
+    assert "could not reach itself at http://127.0.0.1:" in lost.log_text()
+    found = fleet.node("found").ready()  # (its own URL, the default: it reaches itself)
+    time.sleep(node_fleet.ADVERTISED_PAUSE + 1)
+    assert found.get("/health", token=False)["status"] == "ok" and "could not reach" not in found.log_text()
 
 
 def test_a_private_repo_comes_through_the_fleet_with_the_node_token_alone(

@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 
+import aiohttp
 from aiohttp import web
 
 from modeldepot._version import __version__
@@ -30,6 +31,7 @@ from modeldepot.discovery.base import ClusterStatus, Discovery, Holding, NodeRec
 from modeldepot.hashing import chunk_count
 from modeldepot.store.partials import PartialState
 from modeldepot.store.store import Store
+from modeldepot.transfer.chain import NODE_API
 from modeldepot.transfer.fleet import FleetView, PeerRow
 
 __all__ = ["FLEET", "PUBLISH_INTERVAL", "HoldingsReader", "NodeFleet", "advertised_url"]
@@ -37,6 +39,8 @@ __all__ = ["FLEET", "PUBLISH_INTERVAL", "HoldingsReader", "NodeFleet", "advertis
 log = logging.getLogger("modeldepot.server")
 
 PUBLISH_INTERVAL = 1.0  # seconds between looks at the store for changes to publish
+# A node's look at itself through the URL its peers are given: tries, the time each may take, the pause between
+ADVERTISED_TRIES, ADVERTISED_TIMEOUT, ADVERTISED_PAUSE = 3, 5.0, 2.0
 
 
 def advertised_url(host: str, port: int) -> str:
@@ -118,6 +122,9 @@ class NodeFleet:
         self._task: asyncio.Task[None] | None = None
         self._state: tuple[bool, bool] | None = None  # (connected, registered), as last logged
         self._problem: str | None = None  # the publisher's last error, logged once
+        # Why this node could not reach itself at the URL its peers are given (None: it did, or not looked yet)
+        self.unreachable: str | None = None
+        self._check: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Connect and load the view (an unreachable registry is no error: the view starts empty), and let
@@ -138,10 +145,45 @@ class NodeFleet:
         log.info("cluster %s (prefix %s): this node is %s at %s", self.cluster, self.prefix,
                  self.record.node_id, url)  # fmt: skip
         self._task = asyncio.get_running_loop().create_task(self._run(), name="holdings-publisher")
+        self._check = asyncio.get_running_loop().create_task(
+            self._check_advertised(url), name="advertised-url"
+        )
         return self.record
+
+    async def _check_advertised(self, url: str) -> None:
+        """Whether this node answers at the URL its peers are given: a node advertised at an address nobody
+        reaches (a container's own, a mistyped --advertise) said "ok" in health and nothing in its log, while
+        every peer failed to reach it (a trial). Looked at as it registers (three tries); what fails is said
+        in a warning and in health. (A node may fail to reach itself where its peers would not, behind a
+        balancer without hairpinning: the warning says so.)"""
+        assert self.record is not None
+        problem = ""
+        for _ in range(ADVERTISED_TRIES):
+            try:
+                async with (
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ADVERTISED_TIMEOUT)) as session,
+                    session.get(f"{url.rstrip('/')}{NODE_API}/health", allow_redirects=False) as answer,
+                ):
+                    body = await answer.json(content_type=None) if answer.status == 200 else None
+                found = body.get("node_id") if isinstance(body, dict) else None
+                if found == self.record.node_id:
+                    self.unreachable = None
+                    return
+                problem = (f"node {found} answers there" if isinstance(found, str)
+                           else f"what answers there is not this node (HTTP {answer.status})")  # fmt: skip
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as error:
+                problem = f"{type(error).__name__}: {error}".rstrip(": ")
+            await asyncio.sleep(ADVERTISED_PAUSE)
+        self.unreachable = (f"this node could not reach itself at {url}, the URL its peers are given ({problem}): "
+                            "peers may not either; check --advertise")  # fmt: skip
+        log.warning("cluster %s: %s", self.cluster, self.unreachable)
 
     async def close(self) -> None:
         """Stop publishing, withdraw the record and holdings, disconnect. Idempotent."""
+        check, self._check = self._check, None
+        if check is not None:
+            check.cancel()
+            await asyncio.gather(check, return_exceptions=True)
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

@@ -76,7 +76,11 @@ async def health(request: web.Request) -> web.Response:
     status = fleet.status() if fleet is not None else None
     if status is None:
         return json_response({"status": "ok"})
-    answer: dict[str, Any] = {"status": "ok", "cluster": dataclasses.asdict(status)}
+    answer: dict[str, Any] = {
+        "status": "ok",
+        "node_id": _depot(request).store_id,
+        "cluster": dataclasses.asdict(status),
+    }
     if not status.connected:
         answer.update(status="degraded", detail=f"the fleet's registry ({status.backend}) cannot be reached: "
                       "peers and what they hold are as last seen; files are served")  # fmt: skip
@@ -85,6 +89,8 @@ async def health(request: web.Request) -> web.Response:
     elif not status.registered:
         answer.update(status="degraded", detail="this node is not registered in its fleet yet: peers do not "
                       "know of it; files are served")  # fmt: skip
+    elif fleet is not None and fleet.unreachable:
+        answer.update(status="degraded", detail=f"{fleet.unreachable}; files are served")
     return json_response(answer)
 
 

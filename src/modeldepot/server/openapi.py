@@ -187,8 +187,14 @@ def _components() -> ComponentSchemas:
             {
                 "status": {
                     "enum": ["ok", "degraded"],
-                    "description": "degraded: the fleet's registry cannot be reached, or this node is not "
-                    "registered in it (files are still served)",
+                    "description": "degraded: the fleet's registry cannot be reached, this node is not "
+                    "registered in it, or it could not reach itself at the URL its peers are given (files are "
+                    "still served)",
+                },
+                "node_id": {
+                    "type": "string",
+                    "description": "the node's id in its fleet (its store's); absent on a node served without a "
+                    "cluster",
                 },
                 "detail": {"type": "string", "description": "why it is degraded"},
                 "cluster": {
