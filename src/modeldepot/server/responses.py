@@ -283,10 +283,16 @@ def error_response(
     return json_response({"error": message}, status, all_headers)
 
 
+_ASCII_SPELLINGS = str.maketrans(
+    {"…": "...", "‘": "'", "’": "'", "“": '"', "”": '"', "–": "-", "—": "-", "→": "->"}
+)
+
+
 def _header_safe(text: str) -> str:
     """Printable ASCII only: a message may quote what a client sent (a path, a name), and a control
     character in a header would break the answer (aiohttp refuses it) or split it."""
-    ascii_text = text.encode("ascii", "replace").decode()
+    # (the ellipsis of a shortened name, the quotes of a message, in ASCII: "…" came out as "?", a trial)
+    ascii_text = text.translate(_ASCII_SPELLINGS).encode("ascii", "replace").decode()
     return "".join(c if " " <= c <= "~" else " " for c in ascii_text)[:500]
 
 
