@@ -623,6 +623,10 @@ def test_long_work_reports_progress_in_a_log_too(
     view.update(PullUpdate("w.bin", 520 * mib, total, 520 * mib, total, found=524 * mib))
     view._flush()
     assert lines[-1].startswith("pulling: 532.0 MiB of 1.0 GiB"), lines
+    resumed = render.PullView("resuming")  # all of it on disk: no rate ("0 B/s" read as a stall, a trial)
+    resumed.update(PullUpdate("w.bin", total, total, total, total, found=total))
+    resumed._flush()
+    assert lines[-1] == "resuming: 1.0 GiB of 1.0 GiB (100%)", lines
 
 
 def test_du_and_budget_say_what_the_budget_does_not_count(home: Path, model_dir: Path) -> None:

@@ -176,9 +176,10 @@ def _byte_bars() -> Progress:
     )
 
 
-def _progress_line(description: str, done: int, total: int, rate: float) -> str:
-    return (f"{description}: {format_bytes(done)} of {format_bytes(total)} ({100 * done / max(total, 1):.0f}%), "
-            f"{format_bytes(int(rate))}/s")  # fmt: skip
+def _progress_line(description: str, done: int, total: int, rate: float | None) -> str:
+    """``rate`` None: nothing was fetched (all of it found on disk: "0 B/s" read as a stall, a trial)."""
+    said = f"{description}: {format_bytes(done)} of {format_bytes(total)} ({100 * done / max(total, 1):.0f}%)"
+    return said + ("" if rate is None else f", {format_bytes(int(rate))}/s")
 
 
 class ByteProgress:
@@ -275,7 +276,8 @@ class PullView:
             self._lines.append(f"  {update.path} ({format_bytes(update.file_size)})")
         if now - self._last_line >= self.LINE_INTERVAL or update.done >= update.total:
             self._last_line = now
-            self._lines.append(_progress_line(self._description, shown, update.total, rate)
+            fetched_none = update.done >= update.total and update.shown <= update.found
+            self._lines.append(_progress_line(self._description, shown, update.total, None if fetched_none else rate)
                                + (", waiting for another process" if update.waiting else ""))  # fmt: skip
         if self._lines and (now - self._last_flush >= self.FLUSH_INTERVAL or update.done >= update.total):
             self._flush(now)
