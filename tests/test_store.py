@@ -340,6 +340,28 @@ def test_a_linked_file_is_made_read_only_for_its_own_readers_alone(depot: Depot,
     assert depot.du().linked_bytes == 2, "the store's alone once the folder's name went"
 
 
+def test_a_removed_or_evicted_link_import_gives_its_files_their_write_bit_back(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """`rm` (or the disk budget's eviction) of an `import --link` left the user's own files read-only for good
+    (a trial): as the store lets go of a blob that has a name elsewhere, its owner's write bit comes back."""
+    folder = write_model_dir(tmp_path / "folder", {"model.safetensors": os.urandom(2 * SMALL_CHUNK)})
+    (folder / "config.json").write_bytes(b'{"linked": 1}')
+    os.chmod(folder / "model.safetensors", 0o600)
+    depot.import_dir(folder, REPO, link=True)
+    assert stat.S_IMODE(os.stat(folder / "model.safetensors").st_mode) == 0o400
+    depot.remove(REPO)
+    assert stat.S_IMODE(os.stat(folder / "model.safetensors").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(folder / "config.json").st_mode) == 0o644
+    depot.import_dir(folder, "acme/evicted", link=True)
+    depot.import_dir(
+        write_model_dir(tmp_path / "copied", {"w.bin": os.urandom(3 * SMALL_CHUNK)}), "acme/copied"
+    )
+    assert [e.repo_id for e in depot.shrink(3 * SMALL_CHUNK + 100)] == ["acme/evicted"]
+    assert stat.S_IMODE(os.stat(folder / "model.safetensors").st_mode) == 0o600
+    assert store_files_consistent(depot) == []
+
+
 def test_an_import_with_link_makes_no_second_copy(depot: Depot, tmp_path: Path) -> None:
     """`import --link` (ollama#7254: an import copied 40 GB GGUFs it could have linked): the folder's files
     become the store's blobs (one inode, read-only), a link in the folder links the file it names, a file

@@ -407,5 +407,24 @@ class BlobFiles:
         return target
 
     def delete(self, sha256: str) -> int:
-        """Unlink a blob file; returns the bytes freed. Hold the store lock exclusively."""
-        return self.layout.unlink(self.path(sha256))
+        """Unlink a blob file; returns the bytes freed. Hold the store lock exclusively.
+
+        A blob with a name outside the store too (an `import --link` folder, an adopted Hugging Face cache)
+        was made read-only when the store took it: its owner's write bit is given back as the store lets
+        go (a removed or evicted `--link` import left the user's own files read-only for good: a trial)."""
+        path = self.layout.inside(self.path(sha256))
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            fd = -1  # (gone already, or not a file: unlink says)
+        try:
+            freed = self.layout.unlink(path)
+            if fd >= 0:
+                info = os.fstat(fd)
+                if info.st_nlink > 0 and not info.st_mode & stat.S_IWUSR and info.st_uid == os.geteuid():
+                    with contextlib.suppress(OSError):
+                        os.fchmod(fd, stat.S_IMODE(info.st_mode) | stat.S_IWUSR)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        return freed
