@@ -448,7 +448,10 @@ class _FileJob(ChunkChooser):
             await self._start(extra)
             self._pulse()
             return True
-        missing = NotFoundError(f"no source left holds chunks {left[:5]}")
+        # (each source left is told it holds none of them: "node X: no source left holds chunks [0, 1, 2]"
+        # read as the node's fault, when the Hub had failed and the nodes waited on each other's claims)
+        shown = f"{left[:5]}"[:-1] + (", …]" if len(left) > 5 else "]")
+        missing = NotFoundError(f"holds none of the chunks left ({shown}), and no source that does is left")
         for stuck in list(self.live):
             self._drop(stuck, missing)
         self._pulse()
