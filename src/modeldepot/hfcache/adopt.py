@@ -370,7 +370,9 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
     with store.budget.writing(repo.repo_id) as writer, WriteSession(store.layout) as session:
         # The disk budget: what surely cannot fit is refused before anything is staged; room is made for
         # what turned out new once hashed, the blobs it shares kept from eviction meanwhile.
-        writer.check_fits(likely_new_bytes(store, [s.size for s in sources.values()]), doing)
+        # (counted by the cache's sizes: a blob the check would find corrupt, and skip, is counted here too)
+        writer.check_fits(likely_new_bytes(store, [s.size for s in sources.values()]),
+                          f"{doing} (by the sizes of its blobs, before they are checked)")  # fmt: skip
         verified: dict[str, _Verified] = {}
         partials: dict[str, PartialBlob] = {}  # by SHA-256
         linked = copied = 0
