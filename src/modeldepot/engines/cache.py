@@ -30,7 +30,9 @@ Design notes (where the seed was thin or wrong):
 from __future__ import annotations
 
 import asyncio
+import heapq
 import inspect
+import itertools
 import logging
 import os
 import sys
@@ -123,47 +125,89 @@ def _own_copy(error: BaseException) -> BaseException:
 
 class _Reaper:
     """One daemon thread that evicts the idle entries of every cache with a TTL (and a real clock) when their
-    time is up. It holds the caches weakly: a cache no one holds goes, and its engines with it."""
+    time is up: a heap of (when, cache), one look per cache that is due (not a walk over every cache at each
+    load). It holds the caches weakly: a cache no one holds goes, and its engines with it.
+
+    Fork-safe: a fork waits until the thread holds no cache's lock (``_busy``; a child that inherited one
+    held would hang at its first use of that cache), and a child starts a thread of its own for the engines
+    it inherited (they expired only once it loaded something itself)."""
 
     SHORTEST_WAIT = 0.05  # seconds (an entry due now but used again meanwhile is not looked at in a loop)
 
     def __init__(self) -> None:
-        self._caches: weakref.WeakSet[LoadedModelCache[Any]] = weakref.WeakSet()
-        self._changed = threading.Condition()
-        self._pid = 0  # the process whose thread runs (a forked child starts its own)
-        os.register_at_fork(after_in_child=self._forked)
+        self._due: list[tuple[float, int, weakref.ref[LoadedModelCache[Any]]]] = []  # a heap
+        self._order = itertools.count()  # (ties in the heap: never compare the references)
+        self._changed = threading.Condition()  # guards _due and _pid; lock order: _changed, then _busy
+        self._busy = threading.Lock()  # held by the thread while it is inside a cache's lock
+        self._pid = 0  # the process whose thread runs
+        os.register_at_fork(
+            before=self._before_fork, after_in_parent=self._after_fork, after_in_child=self._forked
+        )
+
+    def _before_fork(self) -> None:
+        self._changed.acquire()
+        self._busy.acquire()
+
+    def _after_fork(self) -> None:
+        self._busy.release()
+        self._changed.release()
 
     def _forked(self) -> None:
-        self._changed = threading.Condition()  # (the parent's thread may have held it as the child forked)
-        self._pid = 0
+        self._changed, self._busy, self._pid = threading.Condition(), threading.Lock(), 0
+        if self._due:
+            self._start()
+
+    def _start(self) -> None:
+        self._pid = os.getpid()
+        threading.Thread(target=self._run, name="modeldepot-engine-ttl", daemon=True).start()
 
     def watch(self, cache: LoadedModelCache[Any]) -> None:
         """``cache`` holds an entry that may expire: look at it when its time is up (never called under the
-        cache's lock: the thread takes it under its own)."""
+        cache's lock)."""
+        left = cache._seconds_to_expiry()
+        if left is None:
+            return
         with self._changed:
-            self._caches.add(cache)
+            heapq.heappush(self._due, (time.monotonic() + left, next(self._order), weakref.ref(cache)))
             if self._pid != os.getpid():
-                self._pid = os.getpid()
-                threading.Thread(target=self._run, name="modeldepot-engine-ttl", daemon=True).start()
+                self._start()
             self._changed.notify()
 
     def _run(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._changed:
+                    wait = self._due[0][0] - time.monotonic() if self._due else None
+                    if wait is None or wait > 0:
+                        self._changed.wait(None if wait is None else max(wait, self.SHORTEST_WAIT))
+                        continue
+                    _, _, held = heapq.heappop(self._due)
+                self._look(held)
+        except BaseException:  # (never expected: said, and the next watch() starts another thread)
+            log.exception("the thread that keeps the engine caches' TTL stopped")
             with self._changed:
-                due = min(
-                    (d for c in list(self._caches) if (d := c._seconds_to_expiry()) is not None), default=None
-                )
-                self._changed.wait(None if due is None else max(due, self.SHORTEST_WAIT))
-            self._evict_stale()
+                self._pid = 0
+            raise
 
-    def _evict_stale(self) -> None:
-        """Each cache's idle entries, in a frame of its own: no reference to a cache outlives it (one left
-        in ``_run``'s frame while it waited kept a closed depot's engines, and the files they map, open)."""
-        for cache in list(self._caches):
-            try:
-                cache.evict_stale()
-            except Exception:  # (its hooks' errors are logged there; one cache's must not end the thread)
-                log.exception("evicting the idle engines of a cache failed")
+    def _look(self, held: weakref.ref[LoadedModelCache[Any]]) -> None:
+        """Evict one cache's idle entries, and look again when its next is due. In a frame of its own: no
+        reference to a cache outlives it (one left in the waiting frame kept a closed depot's engines, and
+        the files they map, open)."""
+        cache = held()
+        if cache is None:
+            return
+        try:
+            with self._busy:
+                evicted = cache._take_stale()
+            cache._run_hooks(evicted)  # (outside: a slow close() holds up no fork)
+            with self._busy:
+                left = cache._seconds_to_expiry()
+        except Exception:  # (a hook's error is logged by _run_hooks; one cache's must not end the thread)
+            log.exception("evicting the idle engines of a cache failed")
+            return
+        if left is not None:
+            with self._changed:
+                heapq.heappush(self._due, (time.monotonic() + left, next(self._order), held))
 
 
 _REAPER = _Reaper()
@@ -416,11 +460,15 @@ class LoadedModelCache(Generic[M]):
 
     def evict_stale(self) -> int:
         """Drop every entry idle for longer than the TTL; returns how many went."""
-        with self._lock:
-            evicted = self._expire_locked()
+        evicted = self._take_stale()
         count = len(evicted)
         self._run_hooks(evicted)
         return count
+
+    def _take_stale(self) -> list[tuple[Hashable, M]]:
+        """The entries idle for longer than the TTL, taken out (their hooks not run yet)."""
+        with self._lock:
+            return self._expire_locked()
 
     def clear(self) -> None:
         with self._lock:
