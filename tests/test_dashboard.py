@@ -357,7 +357,7 @@ def test_a_fleet_node_lists_its_peers_pulls_preloads_and_pins(
             a = InProcessNode(a_depot, cluster, TOKEN)
             b = InProcessNode(b_depot, cluster, TOKEN)
             try:
-                run_fleet_node(browser, b, b_depot, a_depot.store_id)
+                run_fleet_node(browser, b, b_depot, a_depot.node_id)
             finally:
                 b.stop()
                 a.stop()

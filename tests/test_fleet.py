@@ -128,7 +128,7 @@ def test_holders_found_by_content_get_the_scan_nodes_chunk_digests(
             monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # no Hub
             with Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b:
                 assert b.fleet is not None
-                wait_until(lambda: {r.node_id: r.blobs for r in b.peers()} == {a_depot.store_id: 3, c_depot.store_id: 1},
+                wait_until(lambda: {r.node_id: r.blobs for r in b.peers()} == {a_depot.node_id: 3, c_depot.node_id: 1},
                            10, "both nodes and their holdings in the view")  # fmt: skip
                 manifest = b.scan_repo("acme/model")
                 assert manifest.endpoint == a.url  # the scan found the repo on a live peer
@@ -147,7 +147,7 @@ def test_holders_found_by_content_get_the_scan_nodes_chunk_digests(
                 assert bytes(b.get_file("acme/model", "model.safetensors")) == big
                 # The node's own holdings follow what this depot now holds once it serves: not here (it does
                 # not register), so the fleet is still the two nodes.
-                assert {r.node_id for r in b.peers()} == {a_depot.store_id, c_depot.store_id}
+                assert {r.node_id for r in b.peers()} == {a_depot.node_id, c_depot.node_id}
         finally:
             c.stop()
             a.stop()

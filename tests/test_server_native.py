@@ -94,7 +94,7 @@ def node(depot: Depot, tmp_path: Path) -> Iterator[LiveNode]:
 
 def test_info_health_and_stats(node: LiveNode, depot: Depot) -> None:
     info = fetch(node, f"{API}/info").json()
-    assert info["id"] == depot.store_id == fetch(node, f"{API}/info").json()["id"]  # the store's, stable
+    assert info["id"] == depot.node_id == fetch(node, f"{API}/info").json()["id"]  # the node's, stable
     assert info["version"] == modeldepot.__version__
     assert info["chunk_size"] == depot.chunk_size == SMALL_CHUNK
     assert set(info["capabilities"]) >= CAPABILITIES

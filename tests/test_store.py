@@ -867,22 +867,23 @@ def test_store_id_is_stable_across_opens(home: Path) -> None:
         assert other.store_id != store_id
 
 
-def test_a_copied_store_is_known_by_an_id_of_its_own(home: Path, model_dir: Path) -> None:
-    """`cp -a` of a store (an image with models baked in, deployed twice) kept the id its node is known by
-    in the fleet: the copy's node pushed the original's out (a trial). A writable copy records an id of its
-    own, once; the original keeps its own."""
+def test_a_copied_store_is_another_node(home: Path, model_dir: Path) -> None:
+    """`cp -a` of a store (an image with models baked in, run twice) kept the id its node is known by in the
+    fleet: the copy's node pushed the original's out (a trial). The node id is the store's on this machine
+    at this path: a copy's is its own, and each stays as it is opened again."""
     import shutil
 
     with Depot(home) as original:
         original.import_dir(model_dir, REPO)
-        store_id = original.store_id
+        node_id = original.node_id
     copy = home.parent / "copy"
     shutil.copytree(home, copy, symlinks=True)
-    with Depot(copy) as copied:
-        own = copied.store_id
-        assert own != store_id and len(own) == 32 and copied.resolve(REPO)
-    with Depot(copy) as again, Depot(home) as original:
-        assert again.store_id == own and original.store_id == store_id
+    with Depot(copy) as copied, Depot(home) as again:
+        assert copied.store_id == again.store_id, "the same store, copied"
+        assert copied.node_id != node_id and len(copied.node_id) == 32 and again.node_id == node_id
+        assert copied.resolve(REPO)
+    with Depot(copy) as reopened:
+        assert reopened.node_id == copied.node_id
 
 
 def test_a_blob_written_since_its_check_is_rehashed_once(

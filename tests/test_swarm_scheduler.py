@@ -355,7 +355,7 @@ def test_fleet_peers_holding_complementary_partials_are_sources_with_their_chunk
             low, high = InProcessNode(low_depot, cluster, TOKEN), InProcessNode(high_depot, cluster, TOKEN)
             started += [low, high]
             with Depot(tmp_path / "puller", chunk_size=SMALL_CHUNK, cluster=cluster) as puller:
-                expected = {low_depot.store_id: (0, 1), high_depot.store_id: (0, 1)}
+                expected = {low_depot.node_id: (0, 1), high_depot.node_id: (0, 1)}
                 wait_until(lambda: {r.node_id: (r.blobs, r.partial) for r in puller.peers()} == expected, 10,
                            "both nodes and their partial holdings in the view")  # fmt: skip
                 remote = RemoteFile("w.safetensors", len(DATA), "0" * 40, SHA)

@@ -319,8 +319,14 @@ class Depot:
 
     @property
     def store_id(self) -> str:
-        """A random id given to the store when it was created; a node serving it is known by it."""
+        """A random id given to the store when it was created (its copies keep it)."""
         return self.store.store_id
+
+    @property
+    def node_id(self) -> str:
+        """The id a node serving this store is known by in its fleet: the store's, on this machine, at this
+        path (a copy of the store elsewhere is another node: :func:`~modeldepot.store.store.node_id_of`)."""
+        return self.store.node_id
 
     def close(self) -> None:
         if self._preloader is not None:
@@ -567,7 +573,7 @@ class Depot:
         from modeldepot.transfer.chain import SourceChain
 
         fleet = None if self.config.offline else self.fleet
-        return SourceChain.from_config(self.config, fleet=fleet, node_id=self.store_id,
+        return SourceChain.from_config(self.config, fleet=fleet, node_id=self.node_id,
                                        download_limit=self.download_limit)  # fmt: skip
 
     @property

@@ -134,13 +134,13 @@ class NodeFleet:
         discovery = open_discovery(self.cluster, prefix=self.prefix)
         await discovery.start()
         self.discovery = discovery
-        self.view = FleetView(discovery, asyncio.get_running_loop(), self.depot.store_id)
+        self.view = FleetView(discovery, asyncio.get_running_loop(), self.depot.node_id)
         self.depot.use_fleet(self.view)
 
     async def register(self, url: str) -> NodeRecord:
         """Announce this node at ``url``, and start publishing what its store holds."""
         assert self.discovery is not None, "start() first"
-        self.record = NodeRecord(self.depot.store_id, url, __version__, time.time())
+        self.record = NodeRecord(self.depot.node_id, url, __version__, time.time())
         await self.discovery.register(self.record)
         log.info("cluster %s (prefix %s): this node is %s at %s", self.cluster, self.prefix,
                  self.record.node_id, url)  # fmt: skip

@@ -78,7 +78,7 @@ async def health(request: web.Request) -> web.Response:
         return json_response({"status": "ok"})
     answer: dict[str, Any] = {
         "status": "ok",
-        "node_id": _depot(request).store_id,
+        "node_id": _depot(request).node_id,
         "cluster": dataclasses.asdict(status),
     }
     if not status.connected:
@@ -105,7 +105,7 @@ async def node_info(request: web.Request) -> web.Response:
     depot = _depot(request)
     return json_response(
         {
-            "id": depot.store_id,
+            "id": depot.node_id,
             "version": __version__,
             "chunk_size": depot.chunk_size,
             "capabilities": list(CAPABILITIES),

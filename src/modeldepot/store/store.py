@@ -15,6 +15,7 @@ import logging
 import mmap
 import os
 import re
+import socket
 import sqlite3
 import time
 import uuid
@@ -80,6 +81,16 @@ def _entry(row: sqlite3.Row) -> FileEntry:
     )
 
 
+def node_id_of(store_id: str, home: Path) -> str:
+    """The id a node serving the store is known by in its fleet: the store's, on this machine, at this path.
+    A copy of a store (`cp -a`, an image with models baked in run twice, a cloned machine) is another node:
+    known by the store's id alone, a copy's node pushed the original out of the fleet (a trial). Two
+    processes serving one store here are one node (the second is told so), and so are a node and a `pull`
+    beside it on its store (the swarm takes them for one)."""
+    where = f"{store_id} {socket.gethostname()} {os.path.realpath(home)}"
+    return hashlib.blake2b(where.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+
+
 def _removed(blob: BlobRecord | FileEntry) -> BlobRemovedError:
     if isinstance(blob, FileEntry):
         return BlobRemovedError(f"{blob.repo_id}@{blob.commit_id[:12]}: {blob.path} was removed from the store "
@@ -140,7 +151,8 @@ class Store:
         self.access = AccessLog(self.index, enabled=not self.read_only)
         self.chunk_size = self._settle_chunk_size(config.chunk_size)
         self.partials = PartialFiles(self.layout, self.chunk_size, writeback=config.durability == "sync")
-        self.store_id = self._own_id()
+        self.store_id = self._setting_or_default("store_id", uuid.uuid4().hex)
+        self.node_id = node_id_of(self.store_id, self.home)
         self._refused: set[str] = set()  # (read-only) blobs found corrupt: never served, left in place
         self._checked: dict[str, float] = {}  # (read-only) blob -> when this process found it good
         self.durability = Durability(self.index, self.blobs.path, self.check_blob, self.quarantine,
@@ -170,39 +182,6 @@ class Store:
             stored = self.index.setting(key)
             assert stored is not None
         return stored
-
-    def _own_id(self) -> str:
-        """The store's id, by which a node serving it is known in its fleet. A copy of a store (``cp -a``, an
-        image with models baked in, deployed twice) is another store: sharing the id, each copy's node
-        pushed the other out of the fleet (a trial). The id is kept with where the store was when it was
-        given (its folder's device and inode); opened anywhere else, a writable copy records an id of its
-        own, and a read-only one goes by an id derived from both."""
-        made = self._setting_or_default("store_id", uuid.uuid4().hex)
-        here = self._where()
-        where = self.index.setting("store_id_where")
-        if where == here:
-            return made  # (every open but a store's first here: one read, no write)
-        if self.read_only:
-            if where is None:
-                return made
-            return hashlib.blake2b(f"{made} {here}".encode(), digest_size=16).hexdigest()
-        with self.index.write("recording the store's id") as con:  # (one writer decides: a copy gets one id)
-            rows = con.execute("SELECT key, value FROM settings WHERE key IN ('store_id', 'store_id_where')")
-            found = {str(key): str(value) for key, value in rows.fetchall()}
-            if found.get("store_id_where") not in (None, here):
-                log.info("the store at %s is a copy of another one (its id %s was given elsewhere): it takes an "
-                         "id of its own", self.home, found["store_id"])  # fmt: skip
-                con.execute("UPDATE settings SET value = ? WHERE key = 'store_id'", (uuid.uuid4().hex,))
-            con.execute("INSERT OR REPLACE INTO settings VALUES ('store_id_where', ?)", (here,))
-        stored = self.index.setting("store_id")
-        assert stored is not None
-        return stored
-
-    def _where(self) -> str:
-        """Where this store is: its folder's device and inode (a copy's are others; a move within a file system
-        keeps them)."""
-        status = os.stat(self.home)
-        return f"{status.st_dev}:{status.st_ino}"
 
     def _settle_chunk_size(self, requested: int | None) -> int:
         stored = self._setting_or_default("chunk_size", str(requested or DEFAULT_CHUNK_SIZE))
