@@ -867,6 +867,37 @@ def test_store_id_is_stable_across_opens(home: Path) -> None:
         assert other.store_id != store_id
 
 
+def test_a_failed_link_import_gives_the_exact_mode_back_and_another_stores_blob_stays_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ways the write bit given back on `rm` went too far (a review): a failed `import --link` of a 0664
+    file left it 0644 (the bit came back before the exact mode could), and `rm` in one store made the same
+    file, linked into another store too, writable there."""
+    from modeldepot.store import publish
+
+    folder = write_model_dir(tmp_path / "folder", {"a.gguf": os.urandom(SMALL_CHUNK)})
+    os.chmod(folder / "a.gguf", 0o664)
+
+    def failing(*_: object, **__: object) -> None:
+        raise StoreError("the disk failed")
+
+    with Depot(tmp_path / "failing", chunk_size=SMALL_CHUNK) as depot, monkeypatch.context() as patched:
+        patched.setattr(publish, "_commit", failing)
+        with pytest.raises(StoreError):
+            depot.import_dir(folder, REPO, link=True)
+    assert stat.S_IMODE(os.stat(folder / "a.gguf").st_mode) == 0o664
+    with Depot(tmp_path / "one", chunk_size=SMALL_CHUNK) as one, \
+            Depot(tmp_path / "two", chunk_size=SMALL_CHUNK) as two:  # fmt: skip
+        one.import_dir(folder, REPO, link=True)
+        two.import_dir(folder, REPO, link=True)
+        blob = two.store.blobs.path(two.file_info(REPO, "a.gguf").sha256)
+        assert os.stat(blob).st_ino == os.stat(folder / "a.gguf").st_ino
+        one.remove(REPO)
+        assert stat.S_IMODE(os.stat(blob).st_mode) == 0o444, "the other store's blob stays read-only"
+        two.remove(REPO)
+    assert stat.S_IMODE(os.stat(folder / "a.gguf").st_mode) == 0o644, "its owner may write it again"
+
+
 def test_a_copied_store_is_another_node(home: Path, model_dir: Path) -> None:
     """`cp -a` of a store (an image with models baked in, run twice) kept the id its node is known by in the
     fleet: the copy's node pushed the original's out (a trial). The node id is the store's on this machine

@@ -406,22 +406,24 @@ class BlobFiles:
         fsync_dir(target.parent)
         return target
 
-    def delete(self, sha256: str) -> int:
+    def delete(self, sha256: str, *, give_back_write: bool = True) -> int:
         """Unlink a blob file; returns the bytes freed. Hold the store lock exclusively.
 
-        A blob with a name outside the store too (an `import --link` folder, an adopted Hugging Face cache)
-        was made read-only when the store took it: its owner's write bit is given back as the store lets
-        go (a removed or evicted `--link` import left the user's own files read-only for good: a trial)."""
+        A blob with one name outside the store (an `import --link` folder's file, an adopted Hugging Face
+        cache's) was made read-only when the store took it: as the store lets go of it and that name is the
+        only one left, its owner's write bit comes back (a removed or evicted `--link` import left the
+        user's own files read-only for good: a trial). With more names left (another store holds it, or a
+        failed import's partial, whose discard gives the exact mode back) nothing changes."""
         path = self.layout.inside(self.path(sha256))
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError:
-            fd = -1  # (gone already, or not a file: unlink says)
+        fd = -1
+        if give_back_write:
+            with contextlib.suppress(OSError):  # (gone already, or not a file: unlink says)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             freed = self.layout.unlink(path)
             if fd >= 0:
                 info = os.fstat(fd)
-                if info.st_nlink > 0 and not info.st_mode & stat.S_IWUSR and info.st_uid == os.geteuid():
+                if info.st_nlink == 1 and not info.st_mode & stat.S_IWUSR and info.st_uid == os.geteuid():
                     with contextlib.suppress(OSError):
                         os.fchmod(fd, stat.S_IMODE(info.st_mode) | stat.S_IWUSR)
         finally:

@@ -156,7 +156,9 @@ def _unplace(store: Store, placed: list[str]) -> None:
         states = blob_states(store.index, placed)
         for sha256 in placed:
             if states.get(sha256) != "ok":
-                store.blobs.delete(sha256)
+                store.blobs.delete(
+                    sha256, give_back_write=False
+                )  # (the partial's discard gives the exact mode back)
 
 
 _NESTED_REF = (
