@@ -694,8 +694,9 @@ def test_a_revision_nowhere_is_said_by_the_hub_first_and_is_a_revision_not_found
 ) -> None:
     """A revision that does not exist, pulled with depot nodes ahead of the Hub: each node's "not found; if it
     is private, set MODELDEPOT_TOKEN", and a refusal by a node with a token, came before the Hub's "revision
-    ... does not exist" (a wall), and the control API answered 502. The Hub's answer comes first, the nodes'
-    in one clause, and it is a RevisionNotFoundError (404)."""
+    ... does not exist" (a wall). The Hub's answer comes first, the nodes' in one clause: a
+    RevisionNotFoundError (404); with a node that refused to say, still a refusal (the revision may be that
+    node's, a private repo's)."""
     from modeldepot.errors import RevisionNotFoundError
 
     with Depot(tmp_path / "hub", chunk_size=SMALL_CHUNK) as hub_depot, \
@@ -705,15 +706,20 @@ def test_a_revision_nowhere_is_said_by_the_hub_first_and_is_a_revision_not_found
         try:
             monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
             monkeypatch.setenv("HF_ENDPOINT", hub.url)
-            monkeypatch.setenv("MODELDEPOT_SERVERS", f"{empty.url},{guarded.url}")
+            monkeypatch.setenv("MODELDEPOT_SERVERS", empty.url)
             with Depot(tmp_path / "local") as depot, pytest.raises(RevisionNotFoundError) as raised:
                 depot.pull(REPO, revision="f" * 40)
             said = str(raised.value)
             assert said.startswith(f"revision '{'f' * 40}' of {REPO} does not exist on {hub.url}"), said
-            assert (
-                f"not on the depot node {empty.url} either" in said and said.count("MODELDEPOT_TOKEN") == 1
-            ), said
-            assert f"{guarded.url} refused access" in said, said
+            assert f"not on the depot node {empty.url} either" in said and "MODELDEPOT_TOKEN" not in said, (
+                said
+            )
+            monkeypatch.setenv("MODELDEPOT_SERVERS", f"{empty.url},{guarded.url}")
+            with Depot(tmp_path / "local") as depot, pytest.raises(AccessDeniedError) as refused:
+                depot.pull(REPO, revision="f" * 40)
+            said = str(refused.value)
+            assert said.startswith(f"revision '{'f' * 40}' of {REPO} does not exist on {hub.url}"), said
+            assert f"{guarded.url} refused access" in said and said.count("MODELDEPOT_TOKEN") == 1, said
         finally:
             for node in (hub, empty, guarded):
                 node.stop()

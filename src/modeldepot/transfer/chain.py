@@ -157,12 +157,8 @@ class SourceChain:
             answered = [p for p in problems if not (isinstance(p, UpstreamError) and p.status is None)]
             if answered and all(isinstance(p, RepoNotFoundError) for p in answered):
                 raise RepoNotFoundError(repo_id, said) from error
-            if isinstance(error, RevisionNotFoundError) or (
-                answered and all(isinstance(p, (RepoNotFoundError, RevisionNotFoundError)) for p in answered)
-            ):
-                # (the repo is somewhere: public on the Hub, when the Hub said the revision is not, and a node
-                # that refused to say is beside the point; a pull of it answered 502, a trial)
-                raise RevisionNotFoundError(repo_id, revision, said) from error
+            if answered and all(isinstance(p, (RepoNotFoundError, RevisionNotFoundError)) for p in answered):
+                raise RevisionNotFoundError(repo_id, revision, said) from error  # (the repo is somewhere)
             kind = next((k for k in (AccessDeniedError, NotFoundError) if any(isinstance(p, k) for p in problems)),
                         UpstreamError)  # fmt: skip
             raise kind(said, repo_id=repo_id) from error
