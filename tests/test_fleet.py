@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import random
 import signal
 import subprocess
@@ -235,6 +236,50 @@ def test_a_node_that_cannot_be_reached_at_its_advertised_url_says_so(fleet: Flee
     found = fleet.node("found").ready()  # (its own URL, the default: it reaches itself)
     time.sleep(node_fleet.ADVERTISED_PAUSE + 1)
     assert found.get("/health", token=False)["status"] == "ok" and "could not reach" not in found.log_text()
+
+
+def test_a_node_that_answers_at_its_advertised_url_later_is_healthy_then(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The look at the advertised URL was made three times as the node registered, never again: a URL that
+    answers a little later (a Service routes to a pod once it is ready) left health degraded for the node's
+    whole life (a review). It is looked at again until it answers, and health is then ok."""
+    from aiohttp import web
+
+    from modeldepot.discovery.base import NodeRecord
+    from modeldepot.server import fleet as node_fleet
+    from modeldepot.transfer.chain import NODE_API
+
+    caplog.set_level(logging.INFO, "modeldepot.server")
+    monkeypatch.setattr(node_fleet, "ADVERTISED_PAUSE", 0.05)
+    monkeypatch.setattr(node_fleet, "ADVERTISED_RECHECK", 0.2)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    node = node_fleet.NodeFleet.__new__(node_fleet.NodeFleet)
+    node.cluster, node.unreachable = "etcd://test", None
+    node.record = NodeRecord("me", url, "0", 0.0)
+
+    async def main() -> None:
+        check = asyncio.create_task(node._check_advertised(url))
+        while node.unreachable is None:  # three failures: said
+            await asyncio.sleep(0.05)
+        assert "check --advertise" in node.unreachable
+
+        async def health(_: web.Request) -> web.Response:
+            return web.json_response({"status": "ok", "node_id": "me"})
+
+        app = web.Application()  # now something answers there: this node
+        app.router.add_get(f"{NODE_API}/health", health)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            await asyncio.wait_for(check, 10)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+    assert node.unreachable is None and any(f"answers at {url} now" in r.getMessage() for r in caplog.records)
 
 
 def test_a_private_repo_comes_through_the_fleet_with_the_node_token_alone(

@@ -41,6 +41,9 @@ log = logging.getLogger("modeldepot.server")
 PUBLISH_INTERVAL = 1.0  # seconds between looks at the store for changes to publish
 # A node's look at itself through the URL its peers are given: tries, the time each may take, the pause between
 ADVERTISED_TRIES, ADVERTISED_TIMEOUT, ADVERTISED_PAUSE = 3, 5.0, 2.0
+ADVERTISED_RECHECK = (
+    30.0  # seconds between looks once it failed (it may answer later: a Service routes to it when ready)
+)
 
 
 def advertised_url(host: str, port: int) -> str:
@@ -153,30 +156,45 @@ class NodeFleet:
     async def _check_advertised(self, url: str) -> None:
         """Whether this node answers at the URL its peers are given: a node advertised at an address nobody
         reaches (a container's own, a mistyped --advertise) said "ok" in health and nothing in its log, while
-        every peer failed to reach it (a trial). Looked at as it registers (three tries); what fails is said
-        in a warning and in health. (A node may fail to reach itself where its peers would not, behind a
+        every peer failed to reach it (a trial). Asked as it registers, then (after three failures, said in
+        a warning and in health) every ADVERTISED_RECHECK seconds until it answers (a Service that routes
+        to the node once it is ready). (A node may fail to reach itself where its peers would not, behind a
         balancer without hairpinning: the warning says so.)"""
         assert self.record is not None
-        problem = ""
-        for _ in range(ADVERTISED_TRIES):
-            try:
-                async with (
-                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ADVERTISED_TIMEOUT)) as session,
-                    session.get(f"{url.rstrip('/')}{NODE_API}/health", allow_redirects=False) as answer,
-                ):
-                    body = await answer.json(content_type=None) if answer.status == 200 else None
-                found = body.get("node_id") if isinstance(body, dict) else None
-                if found == self.record.node_id:
-                    self.unreachable = None
-                    return
-                problem = (f"node {found} answers there" if isinstance(found, str)
-                           else f"what answers there is not this node (HTTP {answer.status})")  # fmt: skip
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as error:
-                problem = f"{type(error).__name__}: {error}".rstrip(": ")
-            await asyncio.sleep(ADVERTISED_PAUSE)
-        self.unreachable = (f"this node could not reach itself at {url}, the URL its peers are given ({problem}): "
-                            "peers may not either; check --advertise")  # fmt: skip
-        log.warning("cluster %s: %s", self.cluster, self.unreachable)
+        failures = 0
+        while True:
+            problem = await self._ask_self(url)
+            if problem is None:
+                if self.unreachable is not None:
+                    log.info("cluster %s: this node answers at %s now", self.cluster, url)
+                self.unreachable = None
+                return
+            failures += 1
+            if failures == ADVERTISED_TRIES:
+                self.unreachable = (f"this node could not reach itself at {url}, the URL its peers are given "
+                                    f"({problem}): peers may not either; check --advertise")  # fmt: skip
+                log.warning("cluster %s: %s", self.cluster, self.unreachable)
+            await asyncio.sleep(ADVERTISED_PAUSE if failures < ADVERTISED_TRIES else ADVERTISED_RECHECK)
+
+    async def _ask_self(self, url: str) -> str | None:
+        """None when this node answers its health at ``url``; else what went wrong."""
+        assert self.record is not None
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ADVERTISED_TIMEOUT)) as session,
+                session.get(f"{url.rstrip('/')}{NODE_API}/health", allow_redirects=False) as answer,
+            ):
+                body = await answer.json(content_type=None) if answer.status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as error:
+            return f"{type(error).__name__}: {error}".rstrip(": ")
+        found = body.get("node_id") if isinstance(body, dict) else None
+        if found == self.record.node_id:
+            return None
+        return (
+            f"node {found} answers there"
+            if isinstance(found, str)
+            else f"what answers there is not this node (HTTP {answer.status})"
+        )
 
     async def close(self) -> None:
         """Stop publishing, withdraw the record and holdings, disconnect. Idempotent."""
