@@ -29,6 +29,7 @@ from modeldepot.errors import NotFoundError, PullRunningError, UpstreamError
 from modeldepot.hashing import chunk_span
 from modeldepot.hub.manifest import INTERRUPTED
 from modeldepot.transfer.progress import PullUpdate
+from modeldepot.transfer.pull import PullResult
 from modeldepot.transfer.threads import to_thread_to_the_end
 
 REPO = "acme/faulty"
@@ -789,23 +790,46 @@ def test_a_repo_being_pulled_is_pinned_once_published(tmp_path: Path) -> None:
             depot.pin("acme/never-pulled")
 
 
-def test_a_file_another_repo_shared_removed_under_a_pull_is_fetched_again(tmp_path: Path) -> None:
+def test_a_file_another_repo_shared_removed_under_a_pull_is_fetched_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`rm` of another repo (or the disk budget evicting it) that held a file the pull found in the store (a
     config of two bytes) made the pull fail at its end, everything fetched: "run it again" (a trial, a
-    250 MiB pull). The pull fetches that file again, and resumes the rest from disk."""
+    250 MiB pull). The pull fetches that file too, in the same run, and says what it fetched."""
     home = tmp_path / "local"
-    with Depot(home, chunk_size=SMALL_CHUNK) as depot:  # (the chunk size of the pull's process: base_env's)
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
         depot.import_dir(
             write_model_dir(tmp_path / "other", {"config.json": SLOW_PULLED["config.json"]}), "acme/other"
         )
-    with serving(tmp_path / "upstream", SLOW_PULLED) as node, pull_in_another_process(home, node) as pulling:
-        with Depot(home) as depot:
-            assert depot.remove("acme/other").commits  # the blob the pull found for its config.json goes
-        assert pulling.wait(60) == 0, "the pull ends as it would have"
-    with Depot(home) as depot:
-        for path, data in SLOW_PULLED.items():
-            assert bytes(depot.get_file(REPO, path)) == data
-        assert store_files_consistent(depot) == []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with serving(tmp_path / "upstream", SLOW_PULLED) as node:
+        monkeypatch.setenv("HF_ENDPOINT", node.url)
+        with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+            _pull_past_a_removal(depot, home)
+
+
+def _pull_past_a_removal(depot: Depot, home: Path) -> None:
+    """A pull at 2 MiB/s; the other repo removed (by another Depot) once its weights are under way."""
+    import dataclasses
+
+    depot.config = dataclasses.replace(depot.config, max_download_rate=2 << 20)  # (2 s for the weights)
+    outcome: list[object] = []
+    updates: list[PullUpdate] = []
+    pulling = pull_in_a_thread(depot, REPO, outcome, updates)
+    wait_until(lambda: outcome or any(u.path == BIG and u.file_done for u in updates))
+    assert not outcome, outcome
+    with Depot(home) as other:
+        assert other.remove("acme/other").commits  # the blob the pull found for its config.json goes
+    pulling.join(60)
+    result = outcome[0]
+    assert isinstance(result, PullResult), result
+    assert result.bytes_downloaded == sum(map(len, SLOW_PULLED.values())) and result.bytes_resumed == 0
+    assert "local" not in result.bytes_by_source and result.sources, result
+    statuses = {v.name: v.status for v in depot.get_manifest(REPO).variants}
+    assert set(statuses.values()) == {"downloaded"}, statuses
+    for path, data in SLOW_PULLED.items():
+        assert bytes(depot.get_file(REPO, path)) == data
+    assert store_files_consistent(depot) == []
 
 
 def test_a_failover_mid_chunk_does_not_take_back_what_was_shown(

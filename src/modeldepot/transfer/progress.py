@@ -96,6 +96,15 @@ class PullTracker:
                                      sum(self.done.values()) - mine + elsewhere, self.total, True,
                                      0, sum(self.shown_receiving.values()), self.resumed))  # fmt: skip
 
+    def forget_found(self, path: str, size: int) -> None:
+        """``path``, found in the store as the pull began, went before it published: it is fetched (its bytes
+        counted as they come, not twice)."""
+        self.done[path] = 0
+        left = self.by_source.pop("local", 0) - size
+        if left > 0:
+            self.by_source["local"] = left
+        self.path_sources.get(path, {}).pop("local", None)
+
     def add(self, path: str, amount: int, waiting: bool = False, origin: str = "local") -> None:
         self.done[path] = self.done.get(path, 0) + amount
         if amount:

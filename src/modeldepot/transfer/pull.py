@@ -140,23 +140,9 @@ async def pull_async(
     held: dict[str, int] = {}
     if paths is not None:  # (a mirror's pull of one file: the variants it completes show it)
         names, held = await asyncio.to_thread(_variants_completed, store, manifest, {f.path for f in files})
-    for again in range(SHARED_REMOVED_TRIES):
-        try:
-            with store.budget.writing(
-                manifest.repo_id, manifest.commit_id, (f.path for f in files), names
-            ) as writer:
-                return await _pull_writing(store, manifest, files, names, branch, chain, offline, progress, limits,
-                                           watch, writer, held)  # fmt: skip
-        except SharedBlobsRemovedError as error:
-            # Files it found in the store (a config other repos have too) were removed before it published (an
-            # `rm` of another repo, the disk budget): fetched now, the rest resumed from disk. (A 250 MiB pull
-            # failed at its end for a 3-byte file, "run it again": a trial.)
-            if again == SHARED_REMOVED_TRIES - 1:
-                raise
-            log.info("%s: files it shares with other repos were removed from the store meanwhile (by `rm` or the "
-                     "disk budget, e.g. blob %s): fetching them again (what was downloaded is kept)",
-                     manifest.repo_id, error.gone[0][:12])  # fmt: skip
-    raise AssertionError("unreachable")
+    with store.budget.writing(manifest.repo_id, manifest.commit_id, (f.path for f in files), names) as writer:
+        return await _pull_writing(store, manifest, files, names, branch, chain, offline, progress, limits,
+                                   watch, writer, held)  # fmt: skip
 
 
 SHARED_REMOVED_TRIES = 3  # publishes a pull tries while files it shares are removed under it
@@ -238,10 +224,6 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
         run = _PullRun(store, manifest, chain, tracker, limits or Limits(), watch)
         try:
             fetched = await run.fetch(missing)
-            staged = [
-                StagedFile(f.path, have.get(f.path) or fetched[f.path], f.git_oid, f.sha256 is not None)
-                for f in files
-            ]
             card = {k: v for k, v in (("pipeline_tag", manifest.pipeline_tag), ("library_name", manifest.library_name),
                                       ("tags", list(manifest.tags)), ("gated", manifest.gated)) if v}  # fmt: skip
             # What was private or gated upstream stays behind this node's token.
@@ -251,7 +233,29 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
             )
             # (Both end before a cancelled pull unwinds: its release must not run beside them.)
             partials = await to_thread_to_the_end(run.finish_partials)
-            await to_thread_to_the_end(run.publish, spec, staged, partials, writer)
+            for tried in range(1, SHARED_REMOVED_TRIES + 1):
+                staged = [
+                    StagedFile(f.path, have.get(f.path) or fetched[f.path], f.git_oid, f.sha256 is not None)
+                    for f in files
+                ]
+                try:
+                    await to_thread_to_the_end(run.publish, spec, staged, partials, writer)
+                    break
+                except SharedBlobsRemovedError as removed:
+                    if tried == SHARED_REMOVED_TRIES:
+                        raise
+                    # Files it found in the store (a config other repos have too) went before it published
+                    # (an `rm` of another repo, the disk budget): fetched now, in this pull (it failed at its
+                    # end, a 250 MiB pull for a 3-byte config, "run it again": a trial)
+                    again = [f for f in files if f.path in have and have[f.path].sha256 in removed.gone]
+                    log.info("%s: %d file(s) it shares with other repos were removed from the store meanwhile (by "
+                             "`rm` or the disk budget): fetching them again", manifest.repo_id, len(again))  # fmt: skip
+                    for remote in again:
+                        tracker.forget_found(remote.path, have.pop(remote.path).size)
+                    await to_thread_to_the_end(writer.make_room, sum(f.size for f in again),
+                                               f"pulling {manifest.repo_id}")  # fmt: skip
+                    fetched.update(await run.fetch(again))
+                    partials.update(await to_thread_to_the_end(run.finish_partials))
         except BaseException as error:
             await tracker.settle()
             if run.published:  # cancelled while the publish ran, and it completed: the revision is in
@@ -333,6 +337,7 @@ class _PullRun:
         self.file_slots = asyncio.Semaphore(FILES_AT_ONCE)
         self.swarms: list[SwarmFile] = []  # files whose chunks this pull claims in the fleet
         self.paths: dict[str, list[str]] = {}  # content key -> the paths of it this pull fetches
+        self.finished: set[str] = set()  # content keys handed over for publishing
 
     def parts_kept(self) -> dict[str, int]:
         """Bytes of parts of chunks this pull's claims keep for a resume, by path (read as it stopped)."""
@@ -591,11 +596,14 @@ class _PullRun:
         return claim
 
     def finish_partials(self) -> dict[str, PartialBlob]:
-        """Flush every downloaded file and hand it over for publishing, by SHA-256."""
+        """Flush every downloaded file not handed over yet, and hand it over for publishing, by SHA-256."""
         ready: dict[str, PartialBlob] = {}
         for key, claim in self.claims.items():
+            if key in self.finished:
+                continue
             blob = claim.finish()
             blob.sync(durable=not self.store.durability.deferred)
+            self.finished.add(key)
             ready[self.digests[key].sha256] = blob
         return ready
 
