@@ -4,6 +4,7 @@ and counts the body bytes it lets through (what really crossed the wire)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import threading
 import time
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from conftest import SMALL_CHUNK, BackgroundServer, LiveNode, write_model_dir
@@ -228,3 +230,23 @@ def pull_in_a_thread(
     pulling = threading.Thread(target=pull)
     pulling.start()
     return pulling
+
+
+@contextlib.contextmanager
+def a_slow_node_before_the_hub(
+    node: LiveNode, monkeypatch: pytest.MonkeyPatch, path_suffix: str, patience: float
+) -> Iterator[FaultPlan]:
+    """``node`` as a configured depot node (MODELDEPOT_SERVERS) behind a proxy that sends the files ending
+    in ``path_suffix`` slowly (1.3 MB/s a connection), and as the Hub (HF_ENDPOINT), up all along; reads time
+    out after 2 s, the outage patience is ``patience``. Yields the proxy's plan (its faults to set)."""
+    proxy = FaultProxy(node.url)
+    try:
+        plan = proxy.set("slow", times=-1, path_suffix=path_suffix, slow_delay=0.05)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("MODELDEPOT_SERVERS", proxy.url)
+        monkeypatch.setenv("HF_ENDPOINT", node.url)
+        monkeypatch.setenv("MODELDEPOT_OUTAGE_PATIENCE", str(patience))
+        monkeypatch.setenv("MODELDEPOT_READ_TIMEOUT", "2")
+        yield plan
+    finally:
+        proxy.stop()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import serving_repo
-from faultproxy import FaultProxy, pull_in_a_thread, wait_until
+from faultproxy import FaultProxy, a_slow_node_before_the_hub, pull_in_a_thread, wait_until
 from modeldepot import Depot
 from modeldepot.errors import UpstreamError
 from modeldepot.transfer.progress import PullUpdate
@@ -35,28 +35,19 @@ def test_a_configured_node_that_goes_away_mid_pull_is_failed_over_to_the_hub_qui
     attempts. The clock's first version took them for the network's (only the node was asked, so the pull
     heard nothing) and waited the whole patience for the node, saying that no source answered."""
     chunk = 1 << 20
-    with serving_repo(tmp_path / "upstream", FILES, REPO, chunk_size=chunk) as node:
-        proxy = FaultProxy(node.url)  # the configured node, reached through the proxy
-        try:
-            plan = proxy.set("slow", times=-1, path_suffix=BIG, slow_delay=0.05)
-            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.setenv("MODELDEPOT_SERVERS", proxy.url)
-            monkeypatch.setenv("HF_ENDPOINT", node.url)  # the Hub: up all along
-            monkeypatch.setenv("MODELDEPOT_OUTAGE_PATIENCE", "60")
-            monkeypatch.setenv("MODELDEPOT_READ_TIMEOUT", "2")
-            outcome: list[object] = []
-            with Depot(tmp_path / "local", chunk_size=chunk) as depot:
-                pulling = pull_in_a_thread(depot, REPO, outcome)
-                wait_until(lambda: plan.body_bytes > chunk)
-                plan.down_until = time.monotonic() + 3600  # the node is gone for good
-                gone = time.monotonic()
-                pulling.join(90)
-                took = time.monotonic() - gone
-                assert not pulling.is_alive()
-                assert not isinstance(outcome[0], Exception), outcome
-                assert bytes(depot.get_file(REPO, BIG)) == FILES[BIG]
-        finally:
-            proxy.stop()
+    with serving_repo(tmp_path / "upstream", FILES, REPO, chunk_size=chunk) as node, \
+            a_slow_node_before_the_hub(node, monkeypatch, BIG, patience=60) as plan:  # fmt: skip
+        outcome: list[object] = []
+        with Depot(tmp_path / "local", chunk_size=chunk) as depot:
+            pulling = pull_in_a_thread(depot, REPO, outcome)
+            wait_until(lambda: plan.body_bytes > chunk)
+            plan.down_until = time.monotonic() + 3600  # the node is gone for good
+            gone = time.monotonic()
+            pulling.join(90)
+            took = time.monotonic() - gone
+            assert not pulling.is_alive()
+            assert not isinstance(outcome[0], Exception), outcome
+            assert bytes(depot.get_file(REPO, BIG)) == FILES[BIG]
     said = [r.getMessage() for r in caplog.records if "no source has sent anything" in r.getMessage()]
     assert took < 25 and not said, (
         f"the Hub took over {took:.0f} s after the node went away (said: {said[:1]})"

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from conftest import SMALL_CHUNK, LiveNode, serving_repo, store_files_consistent, write_model_dir
-from faultproxy import FaultProxy, proxied_node, pull_in_a_thread, wait_until
+from faultproxy import FaultProxy, a_slow_node_before_the_hub, proxied_node, pull_in_a_thread, wait_until
 from modeldepot import Depot, IntegrityError
 from modeldepot.errors import NotFoundError, PullRunningError, UpstreamError
 from modeldepot.hashing import chunk_span
@@ -841,27 +841,18 @@ def test_a_failover_mid_chunk_does_not_take_back_what_was_shown(
     the file's bar fell back by the rest (a review: 4.0 to 3.5 MiB)."""
     chunk = 1 << 20
     files = {"config.json": b"{}", BIG: random.Random(11).randbytes(6 * chunk)}
-    with serving_repo(tmp_path / "upstream", files, REPO, chunk_size=chunk) as node:
-        proxy = FaultProxy(node.url)  # the configured node, reached through the proxy
-        try:
-            plan = proxy.set("slow", times=-1, path_suffix=BIG, slow_delay=0.05)
-            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.setenv("MODELDEPOT_SERVERS", proxy.url)
-            monkeypatch.setenv("HF_ENDPOINT", node.url)  # the Hub: up all along
-            monkeypatch.setenv("MODELDEPOT_OUTAGE_PATIENCE", "0")
-            monkeypatch.setenv("MODELDEPOT_READ_TIMEOUT", "2")
-            updates: list[PullUpdate] = []
-            outcome: list[object] = []
-            with Depot(tmp_path / "local", chunk_size=chunk) as depot:
-                pulling = pull_in_a_thread(depot, REPO, outcome, updates)
-                wait_until(lambda: plan.body_bytes > chunk + chunk // 2)
-                plan.down_until = time.monotonic() + 3600  # the node is gone for good
-                pulling.join(90)
-                assert not pulling.is_alive()
-                assert not isinstance(outcome[0], Exception), outcome
-                assert bytes(depot.get_file(REPO, BIG)) == files[BIG]
-        finally:
-            proxy.stop()
+    with serving_repo(tmp_path / "upstream", files, REPO, chunk_size=chunk) as node, \
+            a_slow_node_before_the_hub(node, monkeypatch, BIG, patience=0) as plan:  # fmt: skip
+        updates: list[PullUpdate] = []
+        outcome: list[object] = []
+        with Depot(tmp_path / "local", chunk_size=chunk) as depot:
+            pulling = pull_in_a_thread(depot, REPO, outcome, updates)
+            wait_until(lambda: plan.body_bytes > chunk + chunk // 2)
+            plan.down_until = time.monotonic() + 3600  # the node is gone for good
+            pulling.join(90)
+            assert not pulling.is_alive()
+            assert not isinstance(outcome[0], Exception), outcome
+            assert bytes(depot.get_file(REPO, BIG)) == files[BIG]
     big = [u for u in updates if u.path == BIG]
     assert any(u.file_done % chunk > 0 for u in big), "no chunk was finished from a part (nothing tested)"
     fell = [(a.file_shown, b.file_shown) for a, b in itertools.pairwise(big) if b.file_shown < a.file_shown]
