@@ -966,9 +966,8 @@ class Depot:
                 if variant is None:
                     raise NotFoundError(f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: "
                                         f"{grouping.names()})", repo_id=repo_id)  # fmt: skip
-                quant = (
-                    variant.name
-                )  # (kept under the variant's own name: unpin finds it however it is typed)
+                # (kept under the variant's own name: unpin finds it however it is typed)
+                quant = variant.name
             return self.store.budget.pin(repo_id, quant, revision)
         except NotFoundError as missing:
             if not self.store.partials.is_pulling(repo_id):

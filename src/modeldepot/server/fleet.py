@@ -41,9 +41,8 @@ log = logging.getLogger("modeldepot.server")
 PUBLISH_INTERVAL = 1.0  # seconds between looks at the store for changes to publish
 # A node's look at itself through the URL its peers are given: tries, the time each may take, the pause between
 ADVERTISED_TRIES, ADVERTISED_TIMEOUT, ADVERTISED_PAUSE = 3, 5.0, 2.0
-ADVERTISED_RECHECK = (
-    30.0  # seconds between looks once it failed (it may answer later: a Service routes to it when ready)
-)
+# Seconds between looks once it failed (it may answer later: a Service routes to a node once it is ready)
+ADVERTISED_RECHECK = 30.0
 
 
 def advertised_url(host: str, port: int) -> str:
