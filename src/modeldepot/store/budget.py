@@ -485,10 +485,13 @@ class DiskBudget:
             self._count(eviction)
             what = f"{unit.repo_id}@{unit.commit_id[:12]}" + (f" ({unit.variant})" if unit.variant else "")
             # (a pull's or an import's evictions are warned of: their commands print no list of them)
+            # (room is made before a write: said, as a pull that then failed had freed the space for nothing
+            # and the operator read the warning as the pull's doing after it: a trial)
             log.log(logging.WARNING if writer is not None else logging.INFO,
-                    "evicted %s (%s, last used %s) to stay within the disk budget (%s)", what,
+                    "evicted %s (%s, last used %s) to stay within the disk budget (%s)%s", what,
                     _size(eviction.bytes_freed), time.strftime("%Y-%m-%d %H:%M", time.localtime(unit.last_used)),
-                    doing)  # fmt: skip
+                    doing, "; room made before the write, gone even if the write fails" if writer is not None
+                    else "")  # fmt: skip
             for hook in self._evicted_hooks:
                 hook(unit.repo_id)
             used = self.used_bytes() + others
