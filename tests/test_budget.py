@@ -871,7 +871,9 @@ def test_a_file_several_quants_list_is_a_use_of_none_and_a_writers_evictions_are
     store.import_dir(model(tmp_path, "acme/b", size=MB + MB // 2), "acme/b")  # needs one quant's room
     assert held_paths(store, "acme/phi") == {"config.json", "phi-Q4_K_M.gguf", "mmproj-f16.gguf"}
     assert "evicted acme/phi@" in caplog.text and "Q8_0" in caplog.text
-    assert "room made before the write, gone even if the write fails" in caplog.text  # (a trial: read as lost)
+    assert (
+        "room made before the write, gone even if the write fails" in caplog.text
+    )  # (a trial: read as lost)
 
 
 def test_uses_are_written_soon_after_a_burst_without_another_use(tmp_path: Path) -> None:

@@ -164,6 +164,9 @@ def test_a_pull_runs_in_the_background_once_and_reports_its_result(
     assert {f.path for f in local.list_files(REPO)} == set(Q4F16)
     variant = call(guarded.port, "GET", f"{API}/repos/{REPO}/manifest", headers=AUTH).json()["variants"]
     assert {v["name"]: v["status"] for v in variant}["q4f16"] == "downloaded"
+    # (`?revision=x` was ignored, and main's manifest answered: a trial)
+    refused = call(guarded.port, "GET", f"{API}/repos/{REPO}/manifest?revision=x", headers=AUTH)
+    assert refused.status == 400 and "revisions/{rev}/manifest" in refused.json()["error"], refused.body
 
     # Finished, the same request is a new pull, with nothing left to download.
     fresh = call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["q4f16"]}, AUTH)

@@ -166,6 +166,9 @@ async def pull_manifest(request: web.Request) -> web.Response:
     never scanned, what the store holds: Depot.get_manifest)."""
     depot = _depot(request)
     repo_id = await path_repo(request)
+    if request.query:  # (`?revision=x` answered main's manifest, the parameter ignored: a trial)
+        raise InvalidInputError(f"unknown query parameter {next(iter(request.query))[:40]!r}: this route takes none "
+                                "(a revision's files and chunks: /repos/{repo}/revisions/{rev}/manifest)")  # fmt: skip
     try:
         manifest = await asyncio.to_thread(depot.get_manifest, repo_id)
     except NotFoundError:
