@@ -346,6 +346,19 @@ def test_the_ttl_thread_outlives_loads_from_many_threads_at_once() -> None:
     assert "idle" not in late._entries, "an idle engine outlived its TTL"
 
 
+def test_the_ttl_thread_keeps_one_look_per_cache_however_many_loads() -> None:
+    """Each load pushed a look at its cache, and each look pushed itself again: a server that loads often
+    (four slots, many models) grew the heap, and the thread's wakes, without end (a second reading)."""
+    from modeldepot.engines.cache import _REAPER
+
+    cache: LoadedModelCache[object] = LoadedModelCache(max_models=4, ttl=3600)
+    for key in range(200):
+        cache.get_or_load(key, object, size=1)
+    with _REAPER._changed:
+        looks = [entry for entry in _REAPER._due if entry[2]() is cache]
+    assert len(looks) == 1, len(looks)
+
+
 def _child_can_lock(cache: LoadedModelCache[object]) -> bool:
     pid = os.fork()
     if pid == 0:

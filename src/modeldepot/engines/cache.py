@@ -136,8 +136,11 @@ class _Reaper:
 
     def __init__(self) -> None:
         self._due: list[tuple[float, int, weakref.ref[LoadedModelCache[Any]]]] = []  # a heap
+        # Each cache's one look to come: an entry of the heap for another time is stale, and skipped (a heap
+        # entry per load, each looked at and pushed again, grew without end in a server that loads often)
+        self._scheduled: weakref.WeakKeyDictionary[LoadedModelCache[Any], float] = weakref.WeakKeyDictionary()
         self._order = itertools.count()  # (ties in the heap: never compare the references)
-        self._changed = threading.Condition()  # guards _due and _pid; lock order: _changed, then _busy
+        self._changed = threading.Condition()  # guards _due, _scheduled, _pid; order: _changed, then _busy
         self._busy = threading.Lock()  # held by the thread while it is inside a cache's lock
         self._pid = 0  # the process whose thread runs
         os.register_at_fork(
@@ -164,14 +167,24 @@ class _Reaper:
     def watch(self, cache: LoadedModelCache[Any]) -> None:
         """``cache`` holds an entry that may expire: look at it when its time is up (never called under the
         cache's lock)."""
-        left = cache._seconds_to_expiry()
-        if left is None:
+        when = cache._next_expiry()
+        if when is None:
             return
         with self._changed:
-            heapq.heappush(self._due, (time.monotonic() + left, next(self._order), weakref.ref(cache)))
+            if self._schedule(cache, weakref.ref(cache), when):
+                self._changed.notify()
             if self._pid != os.getpid():
                 self._start()
-            self._changed.notify()
+
+    def _schedule(
+        self, cache: LoadedModelCache[Any], held: weakref.ref[LoadedModelCache[Any]], when: float
+    ) -> bool:
+        """(Under ``_changed``.) Look at ``cache`` at ``when`` (monotonic), unless a look is due no later."""
+        if self._scheduled.get(cache, float("inf")) <= when:
+            return False
+        self._scheduled[cache] = when
+        heapq.heappush(self._due, (when, next(self._order), held))
+        return True
 
     def _run(self) -> None:
         try:
@@ -181,33 +194,37 @@ class _Reaper:
                     if wait is None or wait > 0:
                         self._changed.wait(None if wait is None else max(wait, self.SHORTEST_WAIT))
                         continue
-                    _, _, held = heapq.heappop(self._due)
-                self._look(held)
+                    when, _, held = heapq.heappop(self._due)
+                self._look(held, when)
         except BaseException:  # (never expected: said, and the next watch() starts another thread)
             log.exception("the thread that keeps the engine caches' TTL stopped")
             with self._changed:
                 self._pid = 0
             raise
 
-    def _look(self, held: weakref.ref[LoadedModelCache[Any]]) -> None:
+    def _look(self, held: weakref.ref[LoadedModelCache[Any]], when: float) -> None:
         """Evict one cache's idle entries, and look again when its next is due. In a frame of its own: no
         reference to a cache outlives it (one left in the waiting frame kept a closed depot's engines, and
         the files they map, open)."""
         cache = held()
         if cache is None:
             return
+        with self._changed:
+            if self._scheduled.get(cache) != when:
+                return  # (a stale entry: the cache's look is another)
+            del self._scheduled[cache]
         try:
             with self._busy:
                 evicted = cache._take_stale()
             cache._run_hooks(evicted)  # (outside: a slow close() holds up no fork)
             with self._busy:
-                left = cache._seconds_to_expiry()
+                next_due = cache._next_expiry()
         except Exception:  # (a hook's error is logged by _run_hooks; one cache's must not end the thread)
             log.exception("evicting the idle engines of a cache failed")
             return
-        if left is not None:
+        if next_due is not None:
             with self._changed:
-                heapq.heappush(self._due, (time.monotonic() + left, next(self._order), held))
+                self._schedule(cache, held, next_due)
 
 
 _REAPER = _Reaper()
@@ -529,13 +546,13 @@ class LoadedModelCache(Generic[M]):
         with self._lock:
             return list(self._flights)
 
-    def _seconds_to_expiry(self) -> float | None:
-        """How long until the first idle entry is due to expire (0: due now); None when none can."""
+    def _next_expiry(self) -> float | None:
+        """When (on the cache's clock) the first idle entry is due to expire; None when none can."""
         with self._lock:
             if self.ttl is None:
                 return None
             idle = [e.last_used for e in self._entries.values() if e.pins == 0]
-            return max(0.0, min(idle) + self.ttl - self._clock()) if idle else None
+            return min(idle) + self.ttl if idle else None
 
     def _total_locked(self) -> int:
         return sum(entry.size for entry in self._entries.values())
