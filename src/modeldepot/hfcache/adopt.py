@@ -104,6 +104,7 @@ def _listdir(folder: Path) -> list[str]:
 def _repo_folders(scan: _Scan, wanted: list[str] | None) -> list[tuple[str, Path]]:
     """The cache's folders of model repos (of the ones ``wanted``, under any case), by repo id as each folder
     spells it."""
+    wanted_lower = {w.lower() for w in wanted or ()}
     found = []
     for name in _listdir(scan.cache):
         folder = scan.cache / name
@@ -111,7 +112,7 @@ def _repo_folders(scan: _Scan, wanted: list[str] | None) -> list[tuple[str, Path
             continue  # datasets, spaces, .locks, the shared blobs/ of newer huggingface_hub
         repo_id = name[len(PREFIX) :].replace("--", "/")
         if wanted is not None:
-            if repo_id.lower() in {w.lower() for w in wanted}:
+            if repo_id.lower() in wanted_lower:
                 found.append((repo_id, folder))
             continue
         try:

@@ -333,17 +333,15 @@ def _what_each_said(hub: DepotError, nodes: list[DepotError]) -> str:
     """What the Hub answered first (the last word on a repo it has), then the nodes': those that do not have
     it in one clause, the rest as they said it (a fleet's every node said "not found; if it is private, set
     MODELDEPOT_TOKEN", a wall before the Hub's "revision ... does not exist": a trial)."""
-    lacking = [
-        p.source
-        for p in nodes
-        if isinstance(p, (RepoNotFoundError, RevisionNotFoundError)) and p.source is not None
-    ]
+
+    def lacks_it(problem: DepotError) -> bool:
+        return isinstance(problem, (RepoNotFoundError, RevisionNotFoundError)) and problem.source is not None
+
+    lacking = [str(p.source) for p in nodes if lacks_it(p)]
     parts = [str(hub)]
     if lacking:
         shown = ", ".join(lacking[:3]) + (f" and {len(lacking) - 3} more" if len(lacking) > 3 else "")
         hint = " (a private repo there needs MODELDEPOT_TOKEN)" if isinstance(hub, RepoNotFoundError) else ""
         parts.append(f"not on the depot node{'s' if len(lacking) > 1 else ''} {shown} either{hint}")
-    parts += [
-        str(p) for p in nodes if not (isinstance(p, (RepoNotFoundError, RevisionNotFoundError)) and p.source)
-    ]
+    parts += [str(p) for p in nodes if not lacks_it(p)]
     return "; ".join(parts)
