@@ -388,3 +388,36 @@ def test_a_fleet_without_a_token_shares_what_it_pulls(fleet: Fleet, tmp_path: Pa
     from_hub = sum(r["bytes_by_source"].get("hub", 0) for r in results)
     assert from_hub <= 1.2 * size, [r["bytes_by_source"] for r in results]
     assert sum(r["bytes_by_source"].get("peer", 0) for r in results) >= 1.5 * size
+
+
+def test_a_swarm_whose_hub_dies_for_good_fails_at_the_outage_patience(fleet: Fleet, tmp_path: Path) -> None:
+    """The Hub goes away for good while two nodes pull one file from it together: each pull fails once it
+    has heard nothing for MODELDEPOT_OUTAGE_PATIENCE, as its warning says. Before, each node kept its claims
+    on the chunks it could no longer fetch, and the other waited for them to go late (a trial: 19 s for a
+    patience of 8; 60 s once no claim had landed yet)."""
+    size = 48 * MiB
+    files = {".gitattributes": GITATTRIBUTES, "config.json": b"{}", BIG: random_bytes(size, seed=29)}
+    hub = Hub(tmp_path, files)
+    try:
+        nodes = start_nodes(fleet, ["a", "b"])
+        hub.proxy.seconds_per_mib = 2.0  # a slow uplink: the Hub goes before any claimed chunk lands
+        patience = 5
+        pulls = [Pull(node, hub, MODELDEPOT_OUTAGE_PATIENCE=str(patience), MODELDEPOT_LOG_LEVEL="info")
+                 for node in nodes]  # fmt: skip
+        wait_until(lambda: hub.proxy.total() >= MiB, 60, "the Hub sends the file")
+    finally:
+        stopped = time.monotonic()
+        hub.stop()
+    for pull in pulls:
+        out, err = pull.process.communicate(timeout=120)
+        waited = time.monotonic() - stopped
+        print(
+            f"{pull.node.home.name}: exit {pull.process.returncode} {waited:.1f} s after the Hub went:\n{err}"
+        )
+        assert pull.process.returncode != 0, out
+        [said] = [line for line in err.splitlines() if line.startswith("error:")]
+        assert (
+            f"no source answered for {patience} s: MODELDEPOT_OUTAGE_PATIENCE" in said
+        )  # an outage, said so
+        # (the Hub's answers in flight end within 5 s of its stop; then the patience and a try's attempts)
+        assert waited < 5 + patience + 8, f"{pull.node.home.name} failed {waited:.1f} s after the Hub went"

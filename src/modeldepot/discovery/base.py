@@ -24,7 +24,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -287,8 +287,11 @@ class Discovery(abc.ABC):
         """Record the BLAKE3 of a chunk this process claimed and now holds (nothing if the claim is gone)."""
         return None
 
-    async def release_claims(self, sha256: str, chunk_size: int) -> None:
-        """Withdraw this process's claims on ``sha256`` (its pull is over; those taken over stay)."""
+    async def release_claims(
+        self, sha256: str, chunk_size: int, chunks: Collection[int] | None = None
+    ) -> None:
+        """Withdraw this process's claims on ``sha256`` (its pull is over; those taken over stay), or only
+        those on ``chunks`` (it will not fetch them: its Hub failed)."""
         return None
 
     # -- waiting for a change (tests, and whoever reacts to the fleet) -----------------------------------

@@ -13,7 +13,7 @@ import asyncio
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from modeldepot.discovery.base import (
     ChunkClaim,
@@ -118,10 +118,17 @@ class MemRegistry:
         self._revision += 1
         return self._revision
 
-    def _drop_claims_of(self, member: MemDiscovery, content: tuple[str, int] | None = None) -> None:
-        """Remove the claims ``member`` holds (on ``content`` only, when given): as its lease would go."""
+    def _drop_claims_of(
+        self,
+        member: MemDiscovery,
+        content: tuple[str, int] | None = None,
+        chunks: Collection[int] | None = None,
+    ) -> None:
+        """Remove the claims ``member`` holds (on ``content`` only, when given; and of its ``chunks``
+        only, when given): as its lease would go."""
         for key in [k for k, owner in self._claimed_by.items()
-                    if owner is member and (content is None or k[:2] == content)]:  # fmt: skip
+                    if owner is member and (content is None or k[:2] == content)
+                    and (chunks is None or k[2] in chunks)]:  # fmt: skip
             del self._claimed_by[key]
             sha256, chunk_size, index = key
             by_index = self._claims.get((sha256, chunk_size), {})
@@ -242,10 +249,12 @@ class MemDiscovery(ViewDiscovery):
             if self.registry._claimed_by.get((sha256, chunk_size, index)) is self and not self._dead:
                 self._settle(sha256, chunk_size, index, blake3)
 
-    async def release_claims(self, sha256: str, chunk_size: int) -> None:
+    async def release_claims(
+        self, sha256: str, chunk_size: int, chunks: Collection[int] | None = None
+    ) -> None:
         registry = self.registry
         with self._lock:
-            registry._drop_claims_of(self, (sha256, chunk_size))
+            registry._drop_claims_of(self, (sha256, chunk_size), chunks)
         registry._notify()
 
     def status(self) -> ClusterStatus:

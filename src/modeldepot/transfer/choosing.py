@@ -24,6 +24,7 @@ import random
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -89,6 +90,7 @@ class ChunkChooser:
     def __init__(self, partial: ResumablePartial, swarm: SwarmFile | None) -> None:
         self.partial, self.swarm = partial, swarm
         self.live: list[FileSource] = []
+        self.fallback: Callable[[], list[FileSource]] | None = None  # the upstream, when it is not live yet
         self.have: dict[FileSource, frozenset[int] | None] = {}  # chunks a source can serve (None: all)
         self.announced: dict[FileSource, frozenset[int]] = {}  # chunks a claimer settled (swarm)
         self.refused: dict[FileSource, set[int]] = {}  # chunks a partial holder said it lacks (404)
@@ -98,6 +100,7 @@ class ChunkChooser:
         self.timing: dict[FileSource, tuple[float, int]] = {}  # seconds spent on the chunks landed, how many
         self.peer_times: deque[float] = deque(maxlen=PEER_TIMES_KEPT)  # the latest peer chunks' seconds
         self.errors: dict[str, Exception] = {}  # source -> why it was dropped
+        self.left_without: set[str] = set()  # sources dropped once nobody was left to give what they lack
         self.low = 0  # the lowest chunk that may not be done yet
         self.peers_slow = False  # the other nodes send it too slowly: the upstream may take what they hold
         self.rotation = random.randrange(1 << 30)  # where the Hub's scan starts: claims collide less
@@ -146,10 +149,11 @@ class ChunkChooser:
             patience = max(patience, ENDGAME_FACTOR * statistics.median([*self.peer_times, *peer_ages]))
         return patience
 
-    def _origin_blocked(self, index: int, now: float, endgame: bool) -> bool:
+    def _origin_blocked(self, index: int, now: float, endgame: bool, following: bool = True) -> bool:
         """In a swarm, whether the Hub must not be asked for chunk ``index`` now: a live peer that can give
-        it holds it, or another live node's claim on it stands. In the endgame the peers its requests wait
-        for count as failed (it duplicates them only when no other peer can)."""
+        it holds it, or another live node's claim on it stands (or, ``following``, this node follows the
+        others and nobody claims it yet). In the endgame the peers its requests wait for count as failed
+        (it duplicates them only when no other peer can)."""
         assert self.swarm is not None
         patience = self._patience()
         failed = self._failed_for(index, now, patience)
@@ -161,7 +165,7 @@ class ChunkChooser:
             return True
         if self.swarm.standing_claim(index, failed, patience) is not None:
             return True
-        return index not in self.swarm.claims and not self.swarm.may_claim_fresh(patience)
+        return following and index not in self.swarm.claims and not self.swarm.may_claim_fresh(patience)
 
     def _failed_for(self, index: int, now: float, patience: float) -> set[str]:
         """The sources that cannot give chunk ``index`` now (a claim of theirs no longer counts): its copy
@@ -262,7 +266,11 @@ class ChunkChooser:
         if self.swarm is None:
             return False
         now = time.monotonic()
+        # With no Hub left to this node, a chunk nobody claims comes from nowhere: only a claim that stands
+        # (its claimer may land it) or a holder is worth waiting for, not the others' stopping
+        hub_left = self.fallback is not None or any(s.kind == "hub" for s in self.live)
         return any(
-            index not in self.partial.done and self._origin_blocked(index, now, endgame=False)
+            index not in self.partial.done
+            and self._origin_blocked(index, now, endgame=False, following=hub_left)
             for index in range(self.low, self.partial.chunks)
         )

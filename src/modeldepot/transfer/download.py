@@ -166,7 +166,7 @@ class _FileJob(ChunkChooser):
         super().__init__(partial, swarm)
         self.http, self.remote, self.limits = http, remote, limits
         self.fallback, self.on_bytes = fallback, on_bytes
-        self.tasks: set[asyncio.Task[bool]] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
         self.landing: set[int] = set()  # chunks being written
         self.counted: set[int] = set()  # chunks landed, told to on_bytes (on the loop)
         self.crediting: dict[int, int] = {}  # a chunk being told to on_bytes: its bytes not told yet
@@ -298,7 +298,12 @@ class _FileJob(ChunkChooser):
             if self.live:
                 return
         reasons = "; ".join(f"{name}: {why}" for name, why in self.errors.items()) or "no source holds it"
-        kinds = {type(error) for error in self.errors.values()}
+        # The sources left without the chunks they were waited for failed because the others did: the
+        # kind of failure is the others' (a Hub gone for the whole swarm is an outage, said as one)
+        causes = {
+            name: why for name, why in self.errors.items() if name not in self.left_without
+        } or self.errors
+        kinds = {type(error) for error in causes.values()}
         kind = kinds.pop() if len(kinds) == 1 else UpstreamError
         if kind is ChunkUnavailableError:
             kind = NotFoundError
@@ -306,8 +311,8 @@ class _FileJob(ChunkChooser):
             kind = UpstreamError  # one cause everywhere (missing, refused, corrupt) is worth keeping
         failed = kind(f"{self.remote.path}: could not download it ({reasons})", path=self.remote.path)
         if isinstance(failed, UpstreamError):  # (no source answered at all: the network, say)
-            failed.network = bool(self.errors) and all(
-                isinstance(error, UpstreamError) and error.network for error in self.errors.values()
+            failed.network = bool(causes) and all(
+                isinstance(error, UpstreamError) and error.network for error in causes.values()
             )
         raise failed
 
@@ -453,6 +458,7 @@ class _FileJob(ChunkChooser):
         shown = f"{left[:5]}"[:-1] + (", …]" if len(left) > 5 else "]")
         missing = NotFoundError(f"holds none of the chunks left ({shown}), and no source that does is left")
         for stuck in list(self.live):
+            self.left_without.add(stuck.source.name)
             self._drop(stuck, missing)
         self._pulse()
         return False
@@ -811,6 +817,10 @@ class _FileJob(ChunkChooser):
             self.live.remove(source)
             self.errors[source.source.name] = error
             log.info("%s: no longer asking %s for it (%s)", self.remote.path, source.source.name, error)
+            if source.kind == "hub" and self.swarm is not None:
+                withdrawing = self._watch(asyncio.create_task(self.swarm.withdraw_unlanded()))
+                self.tasks.add(withdrawing)
+                withdrawing.add_done_callback(self.tasks.discard)
 
     def _fail(self, error: DepotError) -> None:
         if self.failure is None:

@@ -95,6 +95,7 @@ class SwarmFile:
         self.settled: dict[str, set[int]] = {}  # node id -> chunks it settled (kept after its claims go)
         self._sources: dict[tuple[str, str], FileSource | None] = {}  # (node id, url) -> as a source
         self.mine: set[int] = set()  # chunks this pull claimed
+        self.landed: set[int] = set()  # chunks this pull landed (and settled, when it claimed them)
         self._first_seen: dict[tuple[int, int], float] = {}  # (chunk, claim revision) -> when first seen
         self._pending: dict[int, tuple[str, float]] = {}  # chunk -> (claimer, when first seen unlanded)
         self._landings: deque[float] = deque(maxlen=LANDINGS_KEPT)  # seconds from claim seen to settled
@@ -399,9 +400,22 @@ class SwarmFile:
 
     async def settle(self, index: int, digest: str) -> None:
         """Tell the fleet the chunk this node claimed has landed, and its BLAKE3."""
+        self.landed.add(index)
         if index in self.mine:
             sha, size = self.sha256, self.chunk_size
             await self.fleet.call(lambda d: d.settle_claim(sha, size, index, digest), None)
+
+    async def withdraw_unlanded(self) -> None:
+        """Withdraw this node's claims on the chunks it has not landed: its Hub failed, and it will not
+        fetch them. (Kept, they held the other nodes until they went late: with the Hub gone for all,
+        each waited on the other's claims well past the outage patience, a minute before any had landed.)"""
+        unlanded = self.mine - self.landed
+        if unlanded:
+            self.mine -= unlanded
+            sha, size = self.sha256, self.chunk_size
+            log.info("%s: withdrawing this node's claims on %d chunk%s it will not fetch", sha[:12], len(unlanded),
+                     "" if len(unlanded) == 1 else "s")  # fmt: skip
+            await self.fleet.call(lambda d: d.release_claims(sha, size, unlanded), None)
 
     async def release(self) -> None:
         """Withdraw this node's claims on the file (its pull is over: it holds the file, or gave up)."""

@@ -9,6 +9,7 @@ releasing it compare the ``mod_revision`` too: a claim taken over is never overw
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from typing import Any
 
 from modeldepot.discovery.base import ChunkClaim, validate_node_id
@@ -174,9 +175,18 @@ class EtcdClaims(EtcdConnection):
             if not pending and self._unsettled.get(content) is pending:
                 del self._unsettled[content]
 
-    async def release_claims(self, sha256: str, chunk_size: int) -> None:
-        mine = self._mine.pop((sha256, chunk_size), {})
-        self._unsettled.pop((sha256, chunk_size), None)  # released: nothing left to settle
+    async def release_claims(
+        self, sha256: str, chunk_size: int, chunks: Collection[int] | None = None
+    ) -> None:
+        content = (sha256, chunk_size)
+        if chunks is None:
+            mine = self._mine.pop(content, {})
+            self._unsettled.pop(content, None)  # released: nothing left to settle
+        else:
+            held, pending = self._mine.get(content, {}), self._unsettled.get(content, {})
+            mine = {index: held.pop(index) for index in chunks if index in held}
+            for index in mine:
+                pending.pop(index, None)
         if not mine or self._closed:
             return
         client = self._client
