@@ -255,6 +255,12 @@ def test_budgets_parse() -> None:
             ConfigError, match=r"preload budget .*--preload-budget, MODELDEPOT_PRELOAD_BUDGET"
         ):
             parse_budget(bad)
+    # More bytes than the machine's RAM, as "150%" is: a budget that would never evict
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert parse_budget(ram) == parse_budget("100%")
+    for too_much in (ram + 1, 2**80, "64TiB"):
+        with pytest.raises(ConfigError, match=r"more than this machine's RAM .*: give 100% at most"):
+            parse_budget(too_much)
 
 
 class PreloaderMachine(RuleBasedStateMachine):

@@ -73,7 +73,7 @@ def parse_budget(budget: int | str) -> int:
         if not 0 < share <= 100:
             raise ConfigError(f"the preload budget {budget!r} (--preload-budget, MODELDEPOT_PRELOAD_BUDGET) must "
                               "be a share between 0% and 100% of RAM")  # fmt: skip
-        value = int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * share / 100)
+        value = int(_ram() * share / 100)
     else:
         try:
             value = parse_size(budget)
@@ -84,7 +84,15 @@ def parse_budget(budget: int | str) -> int:
     if value <= 0:
         raise ConfigError(f"the preload budget {budget!r} (--preload-budget, MODELDEPOT_PRELOAD_BUDGET) must be "
                           "more than 0 bytes")  # fmt: skip
+    if value > (ram := _ram()):  # ("150%" was refused, 2**80 bytes taken: a budget that never evicts)
+        raise ConfigError(f"the preload budget {budget!r} (--preload-budget, MODELDEPOT_PRELOAD_BUDGET) is more "
+                          f"than this machine's RAM ({ram / (1 << 30):.1f} GiB): give 100% at most")  # fmt: skip
     return value
+
+
+def _ram() -> int:
+    """Bytes of RAM the machine has."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass
