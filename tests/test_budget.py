@@ -1034,3 +1034,53 @@ def test_a_mirror_takes_a_file_whose_content_it_holds_whatever_its_budget(
                         depot.pin(name)  # (what is pinned stays: only the reuse makes room)
         finally:
             upstream.stop()
+
+
+def test_a_budgets_evictions_are_previewed_as_they_then_go(tmp_path: Path) -> None:
+    """`budget SIZE --dry-run` (Depot.plan_shrink) lists what a budget would evict, in order, and the bytes
+    each frees, changing nothing; setting the budget then evicts just that: variants apart, a copy that frees
+    nothing alone, a pin kept. (A budget's evictions could not be previewed: `budget` asked "Go on?" or,
+    without a terminal, refused, and named no model.)"""
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(quants(tmp_path, "acme/q"), "acme/q")
+        time.sleep(0.01)
+        depot.import_dir(model(tmp_path, "acme/b", size=2 * MB), "acme/b")
+        depot.import_dir(model(tmp_path, "acme/b", size=2 * MB), "acme/copy-of-b")
+        time.sleep(0.01)
+        depot.import_dir(model(tmp_path, "acme/pinned", size=MB), "acme/pinned")
+        depot.pin("acme/pinned")
+        time.sleep(0.01)
+        depot.get_file("acme/q", "model-Q4_K_M.gguf")
+        depot.store.access.flush()
+        home = str(depot.home)
+        held = {r: held_paths(depot, r) for r in repos(depot)}
+        for limit in (int(4.5 * MB), int(2.5 * MB), MB):  # (Q8; b, then its copy that frees it; q)
+            planned = depot.plan_shrink(limit)
+            shown = CliRunner().invoke(cli, ["budget", str(limit), "--dry-run", "--json", "--home", home])
+            assert shown.exit_code == 0, shown.output
+            body = json.loads(shown.output)
+            assert body["would_evict"] == [e.to_dict() for e in planned] and body["max_bytes"] == limit
+            assert {r: held_paths(depot, r) for r in repos(depot)} == held, "a dry run removed nothing"
+            assert depot.budget_status().store_max_size is None, "nor saved the budget"
+            evicted = depot.shrink(limit)
+            assert [(e.repo_id, e.commit_id, e.variant, e.bytes_freed) for e in evicted] == [
+                (e.repo_id, e.commit_id, e.variant, e.bytes_freed) for e in planned
+            ], limit
+            held = {r: held_paths(depot, r) for r in repos(depot)}
+        assert "acme/pinned" in held
+        assert depot.plan_shrink(100 * MB) == []
+        said = CliRunner().invoke(cli, ["budget", "100MiB", "--dry-run", "--home", home])
+        assert "nothing would be evicted" in said.output, said.output
+        # The text, and what the pins keep above the budget
+        depot.import_dir(model(tmp_path, "acme/c", size=MB), "acme/c")
+        said = CliRunner().invoke(cli, ["budget", "1KiB", "--dry-run", "--home", home])
+        assert said.exit_code == 0 and "would evict acme/c@" in said.output, said.output
+        assert "over it, as what is pinned or in use stays" in said.output, said.output
+        assert "acme/c" in repos(depot)
+        refused = CliRunner().invoke(cli, ["budget", "1KiB", "--home", home])  # (no terminal: not asked)
+        assert refused.exit_code == 2 and "--dry-run shows what would go" in refused.output, refused.output
+        assert "acme/c" in repos(depot)
+        refused = CliRunner().invoke(cli, ["budget", "none", "--dry-run", "--home", home])
+        assert refused.exit_code == 2 and "give the size to try" in refused.output, refused.output
+        refused = CliRunner().invoke(cli, ["budget", "--dry-run", "--home", home])  # (no budget saved)
+        assert refused.exit_code == 2 and "has no disk budget" in refused.output, refused.output

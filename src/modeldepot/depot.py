@@ -1013,6 +1013,14 @@ class Depot:
         self.store.budget.save_max_size(max_size)
         return self.shrink() if max_size is not None else []
 
+    def plan_shrink(self, max_size: str | int | None = None) -> list[Eviction]:
+        """What :meth:`shrink` (or :meth:`set_max_size`) to ``max_size`` would evict now, in order, with the
+        bytes each would free: nothing is removed."""
+        from modeldepot.store.budget import parse_max_size
+
+        limit = None if max_size is None else parse_max_size(max_size, self.home)
+        return self.store.budget.plan_shrink(limit)
+
     @_writes
     def shrink(self, max_size: str | int | None = None) -> list[Eviction]:
         """Evict the least recently used revisions until the store is within ``max_size`` (``"200GiB"``,

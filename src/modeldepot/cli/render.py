@@ -463,14 +463,32 @@ def _budget_line(budget: BudgetStatus) -> str:
             f"{format_bytes(budget.pinned_bytes)} pinned")  # fmt: skip
 
 
-def _render_evictions(evicted: list[Eviction]) -> None:
-    for eviction in evicted:
+def _render_evictions(evicted: list[Eviction], verb: str = "evicted", most: int | None = None) -> None:
+    """One line per eviction (the first ``most`` of them, and how many more)."""
+    for eviction in evicted[:most]:
         what = f"{eviction.repo_id}@{eviction.commit_id[:12]}" + (
             f" {eviction.variant}" if eviction.variant else ""
         )
+        out.print(f"{verb} {escape(what)} ({format_bytes(eviction.bytes_freed)}, last used "
+                  f"{_when(eviction.last_used)})")  # fmt: skip
+    if most is not None and len(evicted) > most:
+        out.print(f"... and {count(len(evicted) - most, 'eviction')} more")
+
+
+def render_planned_evictions(planned: list[Eviction], limit: int, used: int, most: int | None = None) -> None:
+    """What a budget of ``limit`` bytes would evict from a store whose blobs take ``used``."""
+    if used <= limit:
         out.print(
-            f"evicted {what} ({format_bytes(eviction.bytes_freed)}, last used {_when(eviction.last_used)})"
+            f"the store takes {format_bytes(used)}, within {format_bytes(limit)}: nothing would be evicted"
         )
+        return
+    _render_evictions(planned, "would evict", most)
+    freed = sum(e.bytes_freed for e in planned)
+    left = used - freed
+    out.print(f"{count(len(planned), 'eviction')} would free {format_bytes(freed)}: the store would take "
+              f"{format_bytes(left)} of {format_bytes(limit)}"
+              + (f", {format_bytes(left - limit)} over it, as what is pinned or in use stays" if left > limit
+                 else ""))  # fmt: skip
 
 
 def _outside_the_budget(usage: DiskUsage | None) -> str:

@@ -66,15 +66,22 @@ def du_command(depot: Depot, as_json: bool) -> None:
 @click.argument("size", required=False, metavar="[SIZE|N%|none]",
                 callback=lambda c, p, v: v if v is None or v.strip().lower() == "none" else max_size_value(v))  # fmt: skip
 @click.option("--yes", "-y", is_flag=True, help="Evict without asking when the store is over the new budget.")
+@click.option("--dry-run", "-n", is_flag=True,
+              help="Show what the budget would evict now, in order, and change nothing.")  # fmt: skip
 @json_option
-@home_option_creating_when(lambda kwargs: (kwargs.get("size") or "none").strip().lower() != "none")
-def budget_command(depot: Depot, size: str | None, yes: bool, as_json: bool) -> None:
+@home_option_creating_when(
+    lambda kwargs: (kwargs.get("size") or "none").strip().lower() != "none" and not kwargs.get("dry_run")
+)
+def budget_command(depot: Depot, size: str | None, yes: bool, dry_run: bool, as_json: bool) -> None:
     """Show the store's disk budget, or set it to SIZE (200GiB, or 80% of the disk; none: no budget).
 
     The budget is kept with the store: every process on it (a node, a pull beside it) keeps to it, from its
     next write. Setting it below what the store holds evicts the least recently used revisions (and variants) until the
     store is within it (asked first; --yes does not ask), never what is pinned or in use.
     MODELDEPOT_MAX_SIZE caps one process further."""
+    if dry_run:
+        _plan_budget(depot, size, as_json)
+        return
     evicted: list[Eviction] = []
     if size is not None:
         chosen = None if size.strip().lower() == "none" else size
@@ -88,6 +95,27 @@ def budget_command(depot: Depot, size: str | None, yes: bool, as_json: bool) -> 
     body = {**status.to_dict(), "evicted": [e.to_dict() for e in evicted], "over_budget_bytes": over,
             "uncounted_bytes": usage.partial_bytes + usage.unfinished_write_bytes}  # fmt: skip
     render.emit(as_json, body, lambda: render.render_budget(status, evicted, over, usage))
+
+
+def _plan_budget(depot: Depot, size: str | None, as_json: bool) -> None:
+    """``budget [SIZE] --dry-run``: what the budget (SIZE, or the one in force) would evict now."""
+    from modeldepot.store.budget import parse_max_size
+
+    if size is not None and size.strip().lower() == "none":
+        render.err.print(
+            "[red]error:[/red] a budget of none evicts nothing: give the size to try, like 200GiB"
+        )
+        sys.exit(EXIT_BAD_INPUT)
+    limit = depot.budget_status().max_bytes if size is None else parse_max_size(size, depot.home)
+    if limit is None:
+        render.err.print("[red]error:[/red] the store has no disk budget: give the size to try, like "
+                         "`modeldepot budget 200GiB --dry-run`")  # fmt: skip
+        sys.exit(EXIT_BAD_INPUT)
+    planned, used = depot.plan_shrink(limit), depot.budget_status().used_bytes
+    body = {"dry_run": True, "max_bytes": limit, "used_bytes": used,
+            "would_evict": [e.to_dict() for e in planned],
+            "would_free_bytes": sum(e.bytes_freed for e in planned)}  # fmt: skip
+    render.emit(as_json, body, lambda: render.render_planned_evictions(planned, limit, used))
 
 
 def _warn_if_beyond_the_disk(depot: Depot) -> None:
@@ -112,8 +140,11 @@ def _confirm_evictions(depot: Depot, size: str) -> None:
     what = (f"the store holds {render.format_bytes(used)}, over {render.format_bytes(limit)}: setting this budget removes the "
             "least recently used models (not the pinned ones, nor those in use) until it fits")  # fmt: skip
     if not sys.stdin.isatty():
-        render.err.print(f"[red]error:[/red] {escape(what)}; pass --yes to do so")
+        render.err.print(
+            f"[red]error:[/red] {escape(what)}; pass --yes to do so (--dry-run shows what would go)"
+        )
         sys.exit(EXIT_BAD_INPUT)
+    render.render_planned_evictions(depot.plan_shrink(limit), limit, used, most=20)
     click.confirm(f"{what[0].upper()}{what[1:]}. Go on?", abort=True, err=True)
 
 

@@ -410,6 +410,20 @@ class DiskBudget:
                         "(unpin or remove models to go further)", _size(limit), _size(left))  # fmt: skip
         return evicted
 
+    def plan_shrink(self, max_bytes: int | None = None) -> list[Eviction]:
+        """What :meth:`shrink` to ``max_bytes`` (default: the budget) would evict now, in order, and the bytes
+        each would free; nothing is removed (a budget's evictions, previewed before they are asked for)."""
+        limit = self.max_bytes if max_bytes is None else max_bytes
+        if limit is None:
+            return []
+        used = self.used_bytes() + self._others_reserved(None)
+        if used <= limit:
+            return []
+        units = self.order.units(self._kept())
+        staying = self.order.staying_blobs(units, self._kept_blobs())
+        return [Eviction(u.repo_id, u.commit_id, freed, u.last_used, u.variant)
+                for u, freed in self.order.plan(units, staying, used, limit)]  # fmt: skip
+
     def _refuse_if_too_big(self, needed: int, budget: int, kept_bytes: int, doing: str,
                            writer: BudgetWriter | None) -> None:  # fmt: skip
         if kept_bytes + needed > budget:

@@ -178,6 +178,49 @@ class EvictionOrder:
                 staying.add(row["sha256"])
         return staying
 
+    def plan(self, units: list[Unit], staying: set[str], used: int, limit: int) -> list[tuple[Unit, int]]:
+        """What evicting ``units`` in order until ``used`` bytes are down to ``limit`` would remove, and the
+        bytes each would free (a blob goes with the last file that uses it; ``staying`` ones never go), as
+        the evictions themselves go: a unit that frees nothing is passed over, and a revision's last variant
+        goes with its revision. Nothing is removed."""
+        files: dict[tuple[str, str], dict[str, str]] = {}  # revision -> path -> SHA-256, as the plan goes
+        users: dict[str, int] = {}  # blob -> files of the units' revisions that use it
+        for key in dict.fromkeys((u.repo_id, u.commit_id) for u in units):
+            files[key] = {e.path: e.sha256 for e in self.store.files(*key)}
+            for sha256 in files[key].values():
+                users[sha256] = users.get(sha256, 0) + 1
+        sizes = {sha256: size for sha256, size in self._sizes(users)}
+        planned: list[tuple[Unit, int]] = []
+        for unit in units:
+            if used <= limit:
+                break
+            held = files[(unit.repo_id, unit.commit_id)]
+            going = {p: s for p, s in held.items() if unit.variant is None or p in unit.files}
+            if not going or (unit.variant is not None and len(going) == len(held)):
+                continue  # (gone with a variant before; a last variant goes with its revision)
+            if set(going.values()) <= staying:
+                continue
+            freed = 0
+            for path, sha256 in going.items():
+                del held[path]
+                users[sha256] -= 1
+                if users[sha256] == 0 and sha256 not in staying:
+                    freed += sizes.get(sha256, 0)
+            planned.append((unit, freed))
+            used -= freed
+        return planned
+
+    def _sizes(self, blobs: Iterable[str]) -> list[tuple[str, int]]:
+        """The sizes of those of ``blobs`` in the store (not quarantined)."""
+        wanted = sorted(blobs)
+        found: list[tuple[str, int]] = []
+        for start in range(0, len(wanted), 500):  # (SQLite's bound on parameters)
+            part = wanted[start : start + 500]
+            marks = ",".join("?" * len(part))
+            found.extend((r["sha256"], r["size"]) for r in self.store.index.read(
+                f"SELECT sha256, size FROM blobs WHERE state = 'ok' AND sha256 IN ({marks})", tuple(part)))  # fmt: skip
+        return found
+
     def frees_nothing(self, unit: Unit, staying: set[str]) -> bool:
         """Whether removing ``unit`` would free no byte: each of its blobs stays (:meth:`staying_blobs`)."""
         entries = self.store.files(unit.repo_id, unit.commit_id)
