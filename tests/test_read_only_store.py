@@ -19,6 +19,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,34 @@ def test_a_read_only_copy_of_a_store_is_another_node(tmp_path: Path, read_only: 
         mounted = copy.home
     with Depot(mounted) as again:
         assert again.node_id == copy.node_id
+
+
+def test_a_read_only_store_of_the_schema_before_is_read_as_it_is(tmp_path: Path, read_only: Mount) -> None:
+    """Schema 9 added what only writes use (the linked files' modes): a store baked with schema 8 is read
+    where it cannot be upgraded (before, every new schema made a baked store unreadable until re-baked); one
+    older than that is refused, saying how to upgrade it; once writable, it is upgraded."""
+    from modeldepot.store.index import READABLE_FROM, SCHEMA_VERSION
+
+    home = made_store(tmp_path)
+    with closing(sqlite3.connect(home / "index.db")) as con:  # (as schema 8 left it)
+        con.execute("DROP TABLE linked_sources")
+        con.execute(f"PRAGMA user_version = {READABLE_FROM}")
+        con.commit()
+    with Depot(read_only(home)) as depot:
+        assert depot.store.read_only
+        weights = (tmp_path / "src" / "q" / "model-Q8_0.gguf").read_bytes()
+        assert bytes(depot.get_file("acme/q", "model-Q8_0.gguf")) == weights
+    with closing(sqlite3.connect(home / "index.db")) as con:
+        con.execute(f"PRAGMA user_version = {READABLE_FROM - 1}")
+        con.commit()
+    with pytest.raises(ReadOnlyStoreError, match="open it once where it is writable to upgrade it"):
+        Depot(read_only(home))
+    with closing(sqlite3.connect(home / "index.db")) as con:
+        con.execute(f"PRAGMA user_version = {READABLE_FROM}")
+        con.commit()
+    with Depot(home) as depot:  # writable: upgraded
+        assert depot.store.index.read("PRAGMA user_version")[0][0] == SCHEMA_VERSION
+        depot.remove("acme/q")
 
 
 def test_a_store_on_a_read_only_mount_is_read_loaded_and_served(tmp_path: Path, read_only: Mount) -> None:

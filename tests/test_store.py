@@ -362,6 +362,38 @@ def test_a_removed_or_evicted_link_import_gives_its_files_their_write_bit_back(
     assert store_files_consistent(depot) == []
 
 
+def test_a_removed_link_import_gives_back_the_mode_it_took_and_widens_none(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """Given back by the link count alone, the owner's write bit widened a read-only cache's files (0444 came
+    back 0644) and another store's blobs of the same cache, once the cache's own names went (a trial). The
+    mode recorded as the store took a file comes back, to that file alone, while it is as the store left it
+    and has no other name."""
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(os.stat(path).st_mode)
+
+    read_only = write_model_dir(tmp_path / "ro", {"a.bin": os.urandom(SMALL_CHUNK), "b.bin": b"b" * 100})
+    for name in ("a.bin", "b.bin"):
+        os.chmod(read_only / name, 0o444)
+    depot.import_dir(read_only, "acme/ro", link=True)
+    depot.remove("acme/ro")
+    assert (mode(read_only / "a.bin"), mode(read_only / "b.bin")) == (0o444, 0o444)
+
+    shared = write_model_dir(tmp_path / "shared", {"w.bin": os.urandom(SMALL_CHUNK)})
+    os.chmod(shared / "w.bin", 0o640)
+    with Depot(tmp_path / "other", chunk_size=SMALL_CHUNK) as other:
+        depot.import_dir(shared, "acme/shared", link=True)
+        other.import_dir(shared, "acme/shared", link=True)  # (the same file: a second store adopts it)
+        theirs = other.store.blobs.path(other.file_info("acme/shared", "w.bin").sha256)
+        assert os.stat(theirs).st_nlink == 3 and mode(theirs) == 0o440
+        (shared / "w.bin").unlink()  # the folder's own name goes (a cache that deleted the revision)
+        depot.remove("acme/shared")
+        assert mode(theirs) == 0o440, "the other store's blob stays read-only"
+        assert other.verify().ok
+    assert store_files_consistent(depot) == []
+
+
 def test_an_import_with_link_makes_no_second_copy(depot: Depot, tmp_path: Path) -> None:
     """`import --link` (ollama#7254: an import copied 40 GB GGUFs it could have linked): the folder's files
     become the store's blobs (one inode, read-only), a link in the folder links the file it names, a file
@@ -895,7 +927,11 @@ def test_a_failed_link_import_gives_the_exact_mode_back_and_another_stores_blob_
         one.remove(REPO)
         assert stat.S_IMODE(os.stat(blob).st_mode) == 0o444, "the other store's blob stays read-only"
         two.remove(REPO)
-    assert stat.S_IMODE(os.stat(folder / "a.gguf").st_mode) == 0o644, "its owner may write it again"
+    # (the mode it had: the first store noted it on the file, and the second, finding it read-only, read it)
+    assert stat.S_IMODE(os.stat(folder / "a.gguf").st_mode) == 0o664, "its owner may write it again"
+    assert "user.modeldepot.mode" not in os.listxattr(folder / "a.gguf"), (
+        "nothing of the stores is left on it"
+    )
 
 
 def test_a_copied_store_is_another_node(home: Path, model_dir: Path) -> None:

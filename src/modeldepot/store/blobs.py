@@ -23,6 +23,7 @@ import secrets
 import stat
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from modeldepot.errors import CorruptBlobError
@@ -31,6 +32,7 @@ from modeldepot.store.locks import lock_is_held
 
 __all__ = [
     "BlobFiles",
+    "LinkedSource",
     "PartialBlob",
     "WriteSession",
     "file_stamp",
@@ -60,6 +62,15 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     """Ask the kernel to start writing a range to disk now (Linux), so the final fsync waits less."""
     if _sync_file_range is not None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+@dataclass(frozen=True)
+class LinkedSource:
+    """The file of the user's a blob is a hard link of, and the mode it had before the store took it."""
+
+    path: Path
+    inode: tuple[int, int]  # (device, inode)
+    mode: int
 
 
 class PartialBlob:
@@ -118,15 +129,23 @@ class PartialBlob:
     def keep_mode(self, source: Path, mode: int) -> None:
         """This partial is a hard link to ``source``, a file of the user's, about to be made read-only:
         ``mode`` is given back if it is not placed, by :meth:`discard`, or by gc when its writer was killed
-        (written beside it: :func:`give_back_modes`)."""
+        (written beside it: :func:`give_back_modes`). A file another store took first is read-only already:
+        the mode it had before is the one that store noted on the file (:func:`_mode_before_stores`)."""
+        linked = os.stat(self.path, follow_symlinks=False)
+        mode = _mode_before_stores(self.path, mode)
         self.mode_to_restore = mode
         self.read_only = read_only_mode(mode)
         self.linked_from = source
-        linked = os.stat(self.path, follow_symlinks=False)
         self.linked_inode = (linked.st_dev, linked.st_ino)
         _mode_file(self.path).write_text(
             json.dumps({"mode": mode, "source": str(source), "inode": list(self.linked_inode)})
         )
+
+    def linked_source(self) -> LinkedSource | None:
+        """The file of the user's this partial is a hard link of (:meth:`keep_mode`), if any."""
+        if self.linked_from is None or self.mode_to_restore is None or self.linked_inode is None:
+            return None
+        return LinkedSource(self.linked_from, self.linked_inode, self.mode_to_restore)
 
     def hashed(self) -> None:
         """Its bytes were just hashed: what a write would move is noted, for :meth:`changed_since_hashed`."""
@@ -179,6 +198,24 @@ def written_since(before: FileStamp, now: FileStamp) -> bool:
     return now != before
 
 
+# An extended attribute on a file of the user's a store took: its mode before any store did, for the next
+# store that takes it (it finds the file read-only) and for whichever lets go of it last.
+_MODE_ATTRIBUTE = "user.modeldepot.mode"
+
+
+def _mode_before_stores(path: Path, mode: int) -> int:
+    """The mode of the file ``path`` links (now ``mode``) before any store took it: the one noted on it, while
+    it is still as the store that noted it left it; else ``mode``, noted now. Without extended attributes,
+    ``mode``: a file another store took then keeps its read-only mode when the stores let go (never wider)."""
+    with contextlib.suppress(OSError, ValueError):
+        noted = int(os.getxattr(path, _MODE_ATTRIBUTE, follow_symlinks=False))
+        if 0 <= noted <= 0o7777 and read_only_mode(noted) == mode:
+            return noted
+    with contextlib.suppress(OSError):
+        os.setxattr(path, _MODE_ATTRIBUTE, str(mode).encode(), follow_symlinks=False)
+    return mode
+
+
 def _mode_file(partial: Path) -> Path:
     return partial.with_name(partial.name + ".mode")
 
@@ -209,6 +246,8 @@ def _give_back_mode(partial: Path, source: Path, mode: int, inode: tuple[int, in
                 and stat.S_IMODE(theirs.st_mode) == read_only_mode(mode)
             ):
                 os.fchmod(fd, mode & 0o7777)
+                with contextlib.suppress(OSError):  # (no store holds it now)
+                    os.removexattr(fd, _MODE_ATTRIBUTE)
         finally:
             os.close(fd)
 
@@ -406,27 +445,17 @@ class BlobFiles:
         fsync_dir(target.parent)
         return target
 
-    def delete(self, sha256: str, *, give_back_write: bool = True) -> int:
+    def delete(self, sha256: str, linked: LinkedSource | None = None) -> int:
         """Unlink a blob file; returns the bytes freed. Hold the store lock exclusively.
 
-        A blob with one name outside the store (an `import --link` folder's file, an adopted Hugging Face
-        cache's) was made read-only when the store took it: as the store lets go of it and that name is the
-        only one left, its owner's write bit comes back (a removed or evicted `--link` import left the
-        user's own files read-only for good: a trial). With more names left (another store holds it, or a
-        failed import's partial, whose discard gives the exact mode back) nothing changes."""
+        A blob that is a hard link of a file of the user's (``linked``: an `import --link` folder's, an
+        adopted Hugging Face cache's) was made read-only when the store took it: its mode comes back, the
+        one it had then, when that file is still the one linked, still as the store left it, and now its
+        only name (a removed `--link` import left the user's files read-only for good: a trial). Never
+        another name's: guessed from the link count alone, a read-only cache's files were made writable,
+        and so were another store's blobs of the same cache (a trial)."""
         path = self.layout.inside(self.path(sha256))
-        fd = -1
-        if give_back_write:
-            with contextlib.suppress(OSError):  # (gone already, or not a file: unlink says)
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        try:
-            freed = self.layout.unlink(path)
-            if fd >= 0:
-                info = os.fstat(fd)
-                if info.st_nlink == 1 and not info.st_mode & stat.S_IWUSR and info.st_uid == os.geteuid():
-                    with contextlib.suppress(OSError):
-                        os.fchmod(fd, stat.S_IMODE(info.st_mode) | stat.S_IWUSR)
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        freed = self.layout.unlink(path)
+        if linked is not None:
+            _give_back_mode(path, linked.path, linked.mode, linked.inode)
         return freed

@@ -149,8 +149,23 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX repos_by_folded_id ON repos (repo_id COLLATE NOCASE);
     CREATE INDEX manifests_by_folded_id ON manifests (repo_id COLLATE NOCASE)
     """,
+    # 9: the file of the user's a blob is a hard link of (import --link, an adopted Hugging Face cache), and
+    # the mode it had before the store made it read-only: given back, exactly, when the store lets go of it
+    # and that file is the last name left (store/blobs.py). No foreign key: read after the blob's row went.
+    """
+    CREATE TABLE linked_sources (
+        sha256 TEXT PRIMARY KEY,
+        source TEXT NOT NULL,
+        device INTEGER NOT NULL,
+        inode  INTEGER NOT NULL,
+        mode   INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
+# A store that cannot be upgraded here (a read-only mount, another user's) is read as it is from this
+# version on: the migrations after it add what only writes use (linked_sources).
+READABLE_FROM = 8
 # Result codes (sqlite3.SQLITE_FULL and friends exist only from Python 3.11). Python reports extended codes.
 _SQLITE_IOERR = 10
 _SQLITE_FULL = 13
@@ -439,7 +454,7 @@ class Index:
                 f"the index {self.path} has schema version {version}, newer than this modeldepot understands "
                 f"({SCHEMA_VERSION}); upgrade modeldepot"
             )
-        if version < SCHEMA_VERSION:
+        if version < READABLE_FROM:
             raise ReadOnlyStoreError(
                 f"{doing}: it was written by an older modeldepot (schema {version}, this one reads {SCHEMA_VERSION}):"
                 " open it once where it is writable to upgrade it, then read it here again"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modeldepot.errors import DepotError, RevisionNotFoundError
-from modeldepot.store.blobs import WriteSession, give_back_modes
+from modeldepot.store.blobs import LinkedSource, WriteSession, give_back_modes
 from modeldepot.store.models import (
     DiskUsage,
     GcReport,
@@ -215,14 +215,38 @@ def _delete_blob_files(store: Store, digests: list[str]) -> tuple[int, int]:
     """Unlink the files of blobs whose rows are gone (under the exclusive lock): (bytes freed, bytes still
     on the disk because another name links them: a Hugging Face cache the store adopted, a folder imported with --link)."""
     freed = still_linked = 0
+    sources = linked_sources(store, digests)
     for sha256 in digests:
         linked = _has_other_names(store.blobs.path(sha256))
-        size = store.blobs.delete(sha256)
+        size = store.blobs.delete(sha256, sources.get(sha256))
         if linked:
             still_linked += size
         else:
             freed += size
+    # (a row left by a crash or a full disk here is harmless: a file's mode comes back only while it is
+    # the one recorded, as the store left it, with no other name; the blob's next placement replaces it)
+    if sources:
+        with (
+            contextlib.suppress(DepotError),
+            store.index.write("forgetting the linked files let go of") as con,
+        ):
+            con.executemany("DELETE FROM linked_sources WHERE sha256 = ?", [(sha256,) for sha256 in sources])
     return freed, still_linked
+
+
+def linked_sources(store: Store, digests: list[str]) -> dict[str, LinkedSource]:
+    """The files of the user's these blobs are hard links of (import --link, an adopted Hugging Face cache),
+    by SHA-256, with the modes they had before the store took them."""
+    found: dict[str, LinkedSource] = {}
+    for start in range(0, len(digests), 500):  # (SQLite's bound on parameters)
+        part = digests[start : start + 500]
+        for row in store.index.read(
+            f"SELECT sha256, source, device, inode, mode FROM linked_sources WHERE sha256 IN "
+            f"({','.join('?' * len(part))})", tuple(part)):  # fmt: skip
+            found[row["sha256"]] = LinkedSource(
+                Path(row["source"]), (row["device"], row["inode"]), row["mode"]
+            )
+    return found
 
 
 def _has_other_names(path: Path) -> bool:

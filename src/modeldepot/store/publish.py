@@ -27,7 +27,7 @@ from modeldepot.errors import (
     StoreError,
 )
 from modeldepot.hashing import BlobDigest
-from modeldepot.store.blobs import PartialBlob
+from modeldepot.store.blobs import LinkedSource, PartialBlob
 from modeldepot.store.index import Index
 from modeldepot.store.store import Store
 
@@ -120,7 +120,12 @@ def publish(
                                                    "(something still writes it): import it again once it is written")  # fmt: skip
                     store.blobs.place(partial, sha256, durable=not store.durability.deferred)
                     placed.append(sha256)
-            spec = _commit(store.index, spec, staged, store.durability.unflushed_boot, set(placed))
+            linked = {
+                sha256: source
+                for sha256 in placed
+                if (source := partials[sha256].linked_source()) is not None
+            }
+            spec = _commit(store.index, spec, staged, store.durability.unflushed_boot, set(placed), linked)
             store.durability.forget_unchecked(placed)  # (placed over: these bytes were verified now)
             new = placed
             placed = []  # committed: the rows own these blobs now
@@ -156,9 +161,7 @@ def _unplace(store: Store, placed: list[str]) -> None:
         states = blob_states(store.index, placed)
         for sha256 in placed:
             if states.get(sha256) != "ok":
-                store.blobs.delete(
-                    sha256, give_back_write=False
-                )  # (the partial's discard gives the exact mode back)
+                store.blobs.delete(sha256)  # (a linked one: the partial's discard gives its mode back)
 
 
 _NESTED_REF = (
@@ -186,9 +189,10 @@ def refuse_nested_branch(con: sqlite3.Connection | Index, repo_id: str, branch: 
 
 
 def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushed_boot: str | None,
-            placed: set[str]) -> RevisionSpec:  # fmt: skip
+            placed: set[str], linked: dict[str, LinkedSource]) -> RevisionSpec:  # fmt: skip
     """The revision's rows in one transaction. The blobs this call placed record ``unflushed_boot`` (the
-    boot they were written under, when not yet flushed: store/durability.py). A repo the store holds under
+    boot they were written under, when not yet flushed: store/durability.py), and the file of the user's
+    each is a hard link of (``linked``: its mode is given back when the store lets go of it). A repo the store holds under
     another case keeps its spelling (Store.spelled; asked in the transaction, so two first writers of one
     repo in two cases make one repo): the spec it was recorded under is returned."""
     now = time.time()
@@ -263,4 +267,11 @@ def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushe
                 "(repo_id, name) DO UPDATE SET commit_id = excluded.commit_id, updated_at = excluded.updated_at",
                 (spec.repo_id, spec.branch, spec.commit_id, now),
             )
+        for sha256 in placed:  # (a blob placed over a linked one is another file: its record goes)
+            source = linked.get(sha256)
+            if source is None:
+                con.execute("DELETE FROM linked_sources WHERE sha256 = ?", (sha256,))
+            else:
+                con.execute("INSERT OR REPLACE INTO linked_sources (sha256, source, device, inode, mode) "
+                            "VALUES (?, ?, ?, ?, ?)", (sha256, str(source.path), *source.inode, source.mode))  # fmt: skip
     return spec
