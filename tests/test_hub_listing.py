@@ -572,3 +572,48 @@ def test_a_repo_imported_again_keeps_its_status_on_main_and_each_listing_whole(t
         depot.remove("acme/gg", revision=older, quant="Q4_K_M")  # main's kept listing stays
         assert {f.path for f in depot.commit_files("acme/gg", moved.commit_id)} == set(files)
         assert depot.get_manifest("acme/gg").commit_id == moved.commit_id
+
+
+def test_a_commit_held_in_part_is_listed_whole_after_the_repos_scan_moves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node whose store pulled one quant of main, then one of dev, listed main's commit as the files it held
+    (the repo's one saved scan was dev's by then): `snapshot_download` of main ended "complete" with part of
+    it, and huggingface_hub keeps a commit's listing for good (a trial). Each scanned commit's listing is
+    kept: main is listed whole, and a whole-repo download of it fails loudly on the file the node lacks."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    files = {"config.json": b"{}", "tokenizer.json": b'{"t": 1}', "m-Q4_K_M.gguf": b"q" * 300,
+             "m-Q8_0.gguf": b"e" * 400}  # fmt: skip
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream:
+        main = upstream.import_dir(write_model_dir(tmp_path / "main", files), "acme/gg").commit_id
+        dev_files = {**files, "config.json": b'{"dev": 1}'}
+        dev = upstream.import_dir(write_model_dir(tmp_path / "dev", dev_files), "acme/gg", "dev").commit_id
+        hub = LiveNode(upstream)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", hub.url)
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+                local.pull("acme/gg", "Q4_K_M")
+                local.pull("acme/gg", "Q8_0", revision="dev")
+                assert local.get_manifest("acme/gg").commit_id == dev
+                assert {f.path for f in local.commit_files("acme/gg", main)} == set(files)
+                node = LiveNode(local)
+                try:
+                    api = HfApi(endpoint=node.url, token=False)
+                    for revision in ("main", main):
+                        assert set(api.list_repo_files("acme/gg", revision=revision)) == set(files), revision
+                    with pytest.raises(EntryNotFoundError):
+                        snapshot_download(
+                            "acme/gg", revision=main, cache_dir=tmp_path / "hf", endpoint=node.url
+                        )
+                    held = snapshot_download("acme/gg", revision=main, cache_dir=tmp_path / "hf2",
+                                             endpoint=node.url, allow_patterns=["*Q4_K_M*", "*.json"])  # fmt: skip
+                    assert sorted(p.name for p in Path(held).iterdir()) == [
+                        "config.json", "m-Q4_K_M.gguf", "tokenizer.json"
+                    ]  # fmt: skip
+                finally:
+                    node.stop()
+        finally:
+            hub.stop()

@@ -127,7 +127,12 @@ def save_scan(store: Store, repo_id: str, revision: str, commit_id: str, endpoin
         for v in grouping.variants
     }
     body = manifest_body(repo_id, revision, commit_id, endpoint, info, files)
-    store.manifests.save(repo_id, revision, commit_id, body, statuses)
+    store.manifests.save(repo_id, revision, commit_id, body, statuses, _listing_json(files))
+
+
+def _listing_json(files: list[RemoteFile]) -> str:
+    """A commit's files as its kept listing holds them (ManifestStore.keep_listing)."""
+    return json.dumps([dataclasses.asdict(f) for f in files], separators=(",", ":"))
 
 
 def listed_files(record: ManifestRecord) -> tuple[RemoteFile, ...]:
@@ -246,7 +251,8 @@ class CommitListings:
     def __init__(self, store: Store) -> None:
         self.store = store
         # (repo, when scanned) -> its files, and their paths
-        self._parsed: dict[tuple[str, float], tuple[tuple[RemoteFile, ...], frozenset[str]]] = {}
+        # (repo, when scanned) -> its files, and their paths; (repo, commit id) -> a listing kept of the commit
+        self._parsed: dict[tuple[str, float | str], tuple[tuple[RemoteFile, ...], frozenset[str]]] = {}
 
     def whole(self, repo_id: str, commit_id: str, held: list[FileEntry]) -> list[FileEntry]:
         """``held`` (the commit's files the store holds, sorted by path) and, when the repo's saved scan is
@@ -266,19 +272,28 @@ class CommitListings:
         return listing is not None and path in listing[1]
 
     def _listing(self, repo_id: str, commit_id: str) -> tuple[tuple[RemoteFile, ...], frozenset[str]] | None:
-        """The saved scan's files and paths, parsed once, when it is of this commit."""
+        """The commit's files and paths, parsed once: the repo's saved scan's when it is of this commit,
+        else the listing kept of the commit when it was scanned (the repo's one scan had moved to another
+        commit, and a commit held in part was listed as that part: a client cached it as the whole)."""
         scanned = self.store.manifests.scanned_commit(repo_id)
-        if scanned is None or scanned[0] != commit_id:
-            return None
-        listing = self._parsed.get((repo_id, scanned[1]))
+        key: tuple[str, float | str] = (
+            (repo_id, scanned[1]) if scanned and scanned[0] == commit_id else (repo_id, commit_id)
+        )
+        listing = self._parsed.get(key)
         if listing is None:
-            try:
-                files = listed_files(self.store.manifests.load(repo_id))
-            except NotFoundError:
-                return None  # (dropped meanwhile)
+            if key[1] != commit_id:
+                try:
+                    files = listed_files(self.store.manifests.load(repo_id))
+                except NotFoundError:
+                    return None  # (dropped meanwhile)
+            else:
+                kept = self.store.manifests.listing(repo_id, commit_id)
+                if kept is None:
+                    return None
+                files = tuple(RemoteFile(**f) for f in json.loads(kept))
             if len(self._parsed) >= 64:
                 self._parsed.clear()
-            listing = self._parsed[(repo_id, scanned[1])] = (files, frozenset(f.path for f in files))
+            listing = self._parsed[key] = (files, frozenset(f.path for f in files))
         return listing
 
 
@@ -287,19 +302,20 @@ def keep_listing(store: Store, repo_id: str, commit_id: str) -> None:
     disk budget evicting a variant): its whole listing, saved as the repo's manifest, so that the commit is
     still listed whole, the files it lacks as not here (docs/hub-api.md: a client keeps a commit's listing
     for good, and one of part of it would hide the rest even from a node holding it all)."""
+    files = [
+        RemoteFile(e.path, e.size, e.git_oid, e.sha256 if e.lfs else None)
+        for e in store.files(repo_id, commit_id)
+    ]
+    store.manifests.keep_listing(repo_id, commit_id, _listing_json(files))  # (the commit's, whatever else)
     scanned = store.manifests.scanned_commit(repo_id)
     if scanned is not None and (
         scanned[0] == commit_id
         or not of_this_store(store.manifests.load(repo_id))
         or not _main_moved_from(store, repo_id, scanned[0])
     ):
-        # (this commit's listing is kept already; the repo's scan is upstream's; or the listing kept is
-        # main's, which an older commit losing a file must not replace: one listing is kept per repo)
+        # (this commit's scan is kept already; the repo's scan is upstream's; or the scan kept is main's,
+        # which an older commit losing a file must not replace: its status rows are main's)
         return
-    files = [
-        RemoteFile(e.path, e.size, e.git_oid, e.sha256 if e.lfs else None)
-        for e in store.files(repo_id, commit_id)
-    ]
     named = store.index.read("SELECT name FROM refs WHERE repo_id = ? AND commit_id = ? ORDER BY name = 'main' DESC, "
                              "name LIMIT 1", (repo_id, commit_id))  # fmt: skip
     revision = str(named[0]["name"]) if named else commit_id

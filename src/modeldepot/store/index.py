@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
@@ -161,10 +162,23 @@ _MIGRATIONS: tuple[str, ...] = (
         mode   INTEGER NOT NULL
     ) WITHOUT ROWID
     """,
+    # 10: each scanned commit's whole listing (the hub layer's JSON of its files), kept while the store holds
+    # the commit or it is the repo's scan: a commit held in part is listed whole after the repo's one saved
+    # scan moved to another commit (a client caches a commit's listing for good: docs/hub-api.md).
+    """
+    CREATE TABLE commit_listings (
+        repo_id   TEXT NOT NULL COLLATE NOCASE,
+        commit_id TEXT NOT NULL,
+        files     TEXT NOT NULL,
+        saved_at  REAL NOT NULL,
+        PRIMARY KEY (repo_id, commit_id)
+    ) WITHOUT ROWID
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 # A store that cannot be upgraded here (a read-only mount, another user's) is read as it is from this
-# version on: the migrations after it add what only writes use (linked_sources).
+# version on: the migrations after it add what only writes use (linked_sources), or what a read does
+# without (commit_listings: Index.schema says which it may ask).
 READABLE_FROM = 8
 # Result codes (sqlite3.SQLITE_FULL and friends exist only from Python 3.11). Python reports extended codes.
 _SQLITE_IOERR = 10
@@ -459,6 +473,12 @@ class Index:
                 f"{doing}: it was written by an older modeldepot (schema {version}, this one reads {SCHEMA_VERSION}):"
                 " open it once where it is writable to upgrade it, then read it here again"
             )
+
+    @functools.cached_property
+    def schema(self) -> int:
+        """The index's schema version (below SCHEMA_VERSION only for a store read where it cannot be
+        upgraded: see READABLE_FROM)."""
+        return int(self.read("PRAGMA user_version")[0][0])
 
     def _writer_elsewhere(self) -> bool:
         """(A read-only mount.) Whether the index has its shared-memory file: a process where the store is

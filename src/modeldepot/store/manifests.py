@@ -7,6 +7,7 @@ Statuses survive restarts; the transfer engine updates them live.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from modeldepot.validation import validate_repo_id
 __all__ = ["STATUSES", "ManifestRecord", "ManifestStore", "VariantStatusRecord"]
 
 STATUSES = ("available", "downloading", "downloaded", "failed")
+LISTING_KEPT = 86400.0  # seconds the listing of a commit the store does not hold is kept (ManifestStore.save)
 
 
 def _by_source(text: str | None) -> dict[str, int]:
@@ -28,6 +30,19 @@ def _by_source(text: str | None) -> dict[str, int]:
     if not isinstance(value, dict):
         return {}
     return {k: v for k, v in value.items() if isinstance(k, str) and type(v) is int and v >= 0}
+
+
+def _keep_listing(con: sqlite3.Connection, repo_id: str, commit_id: str, listing: str, now: float) -> None:
+    """A commit's listing kept (a commit id names one tree: the first listing of it stays), and the repo's
+    listings of commits the store does not hold let go (a mirror following a busy repo), once old enough
+    that no pull of theirs is still on its way to publishing."""
+    con.execute("INSERT OR IGNORE INTO commit_listings (repo_id, commit_id, files, saved_at) VALUES (?, ?, ?, ?)",
+                (repo_id, commit_id, listing, now))  # fmt: skip
+    con.execute(
+        "DELETE FROM commit_listings WHERE repo_id = ? AND commit_id != ? AND saved_at < ? AND NOT EXISTS "
+        "(SELECT 1 FROM revisions r WHERE commit_listings.repo_id = r.repo_id AND r.commit_id = "
+        "commit_listings.commit_id)", (repo_id, commit_id, now - LISTING_KEPT),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -57,9 +72,11 @@ class ManifestStore:
         self.index = index
         self._scanned: dict[str, ManifestRecord] = {}  # (read-only store) this process's scans, by repo
 
-    def save(self, repo_id: str, revision: str, commit_id: str, body: str, statuses: dict[str, str]) -> None:
+    def save(self, repo_id: str, revision: str, commit_id: str, body: str, statuses: dict[str, str],
+             listing: str | None = None) -> None:  # fmt: skip
         """Record a fresh scan. Variants keep their status unless the scan says otherwise (a new commit
-        resets them); variants that disappeared are dropped."""
+        resets them); variants that disappeared are dropped. ``listing``: the commit's files (the hub
+        layer's JSON), kept for the commit after the repo's scan moves on (:meth:`listing`)."""
         validate_repo_id(repo_id)
         now = time.time()
         if self.index.read_only:  # (kept by this process alone: nothing is written, nor pulled, there)
@@ -68,6 +85,8 @@ class ManifestStore:
             self._scanned[repo_id] = ManifestRecord(repo_id, revision, commit_id, body, now, records)
             return
         with self.index.write(f"recording the manifest of {repo_id}") as con:
+            if listing is not None:
+                _keep_listing(con, repo_id, commit_id, listing, now)
             old = con.execute("SELECT commit_id FROM manifests WHERE repo_id = ?", (repo_id,)).fetchone()
             if old is not None and old[0] != commit_id:
                 con.execute("DELETE FROM variant_status WHERE repo_id = ?", (repo_id,))
@@ -97,6 +116,23 @@ class ManifestStore:
                 "DELETE FROM manifests WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)
             ).rowcount:
                 con.execute("DELETE FROM variant_status WHERE repo_id = ?", (repo_id,))
+
+    def keep_listing(self, repo_id: str, commit_id: str, listing: str) -> None:
+        """Keep the files of a commit (the hub layer's JSON), for :meth:`listing`."""
+        validate_repo_id(repo_id)
+        if self.index.read_only:
+            return
+        with self.index.write(f"keeping the listing of {repo_id}@{commit_id[:12]}") as con:
+            _keep_listing(con, repo_id, commit_id, listing, time.time())
+
+    def listing(self, repo_id: str, commit_id: str) -> str | None:
+        """The files of a commit as its scan listed them (the hub layer's JSON), or None: never scanned, or
+        its listing was let go (gc: the store holds nothing of it), or the store's schema keeps none."""
+        if self.index.schema < 10:  # (a store read where it cannot be upgraded)
+            return None
+        rows = self.index.read("SELECT files FROM commit_listings WHERE repo_id = ? AND commit_id = ?",
+                               (repo_id, commit_id))  # fmt: skip
+        return str(rows[0]["files"]) if rows else None
 
     def scanned_commit(self, repo_id: str) -> tuple[str, float] | None:
         """(commit id, when scanned) of the repo's saved scan, or None: a look without reading its body."""
