@@ -38,7 +38,15 @@ def _flip(depot: Depot, chunk: int) -> None:
 
 
 def _raw_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes, bool]:
-    """(status, headers, body received, whether the body was complete) over a plain socket."""
+    """(status, headers, body received, whether the body was complete) over a plain socket; a redirect to the
+    same node (a branch's LFS file to its commit's URL) is followed, as huggingface_hub follows it."""
+    answer = _raw_get_once(url, headers)
+    if answer[0] == 302 and answer[1]["Location"].startswith("/"):
+        return _raw_get_once(url[: url.index("/", len("http://"))] + answer[1]["Location"], headers)
+    return answer
+
+
+def _raw_get_once(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes, bool]:
     parsed = requests.utils.urlparse(url)
     connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
     try:

@@ -363,11 +363,16 @@ def test_serve_command_serves_and_finishes_in_flight_downloads_on_sigterm(
 ) -> None:
     process, url, payload = served
     port = int(url.rsplit(":", 1)[1])
+    # (a branch's LFS file redirects to its commit's URL, as the Hub's to its CDN: the download goes there)
+    pinned = requests.head(f"{url}/acme/big/resolve/main/model.safetensors", timeout=30)
+    location = pinned.headers["Location"]
+    assert (
+        pinned.status_code == 302
+        and location == f"/acme/big/resolve/{pinned.headers['X-Repo-Commit']}/model.safetensors"
+    )
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        sock.sendall(
-            b"GET /acme/big/resolve/main/model.safetensors HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
+        sock.sendall(f"GET {location} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         received = bytearray(sock.recv(65536))
         process.terminate()  # SIGTERM while most of the body is still to be sent
         while chunk := sock.recv(1 << 20):
@@ -377,7 +382,7 @@ def test_serve_command_serves_and_finishes_in_flight_downloads_on_sigterm(
     assert process.wait(60) == 0
     assert process.stdout is not None
     log = process.stdout.read().decode()
-    assert "serving" in log and "GET /acme/big/resolve/main/model.safetensors" in log
+    assert "serving" in log and f"GET {location}" in log
 
 
 def test_model_card_metadata_reaches_model_info(node: LiveNode) -> None:
@@ -484,3 +489,43 @@ def test_huggingface_hub_caches_the_nodes_agent_registry_instead_of_asking_every
     assert done.stdout.strip() == node.depot.resolve(SAMPLE)
     cached = tmp_path / "hf-home" / ".agent_harnesses.json"
     assert json.loads(cached.read_text()) == {"standardEnvVars": [], "harnesses": {}}
+
+
+def test_a_branchs_lfs_file_redirects_to_its_commit_so_a_resume_stays_on_it(tmp_path: Path) -> None:
+    """A download of a branch's file that was cut after the branch moved resumed, from the branch's URL, with
+    the new commit's bytes: the old commit's file held both halves under its own digest, and
+    huggingface_hub, which checks the size alone, kept it (a trial). As the Hub redirects an LFS file to its
+    CDN, a node redirects a branch's LFS file to its commit's URL: the download, and its resume, stay there.
+    Plain files are sent from the branch's URL, as the Hub sends them."""
+    size = 3 * SMALL_CHUNK
+    one, two = os.urandom(size), os.urandom(size)
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        first = depot.import_dir(
+            write_model_dir(tmp_path / "one", {"config.json": b"{}", "model.safetensors": one}), "acme/flip"
+        ).commit_id
+        node = LiveNode(depot)
+        try:
+            metadata = get_hf_file_metadata(hf_hub_url("acme/flip", "model.safetensors", endpoint=node.url))
+            assert metadata.location == f"{node.url}/acme/flip/resolve/{first}/model.safetensors"
+            assert (metadata.commit_hash, metadata.size) == (first, size)
+            depot.import_dir(
+                write_model_dir(tmp_path / "two", {"config.json": b"{}", "model.safetensors": two}),
+                "acme/flip",
+            )  # main moves, to a file of the same size
+            resumed = requests.get(metadata.location, headers={"Range": f"bytes={size // 2}-"}, timeout=30)
+            assert resumed.status_code == 206 and resumed.content == one[size // 2 :], (
+                "the resume stays on its commit"
+            )
+            plain = requests.head(f"{node.url}/acme/flip/resolve/main/config.json", timeout=30)
+            assert plain.status_code == 200 and "Location" not in plain.headers
+            pinned = requests.head(
+                f"{node.url}/acme/flip/resolve/main/model.safetensors?download=true", timeout=30
+            )
+            assert pinned.status_code == 302 and pinned.headers["X-Linked-Size"] == str(size)
+            assert pinned.headers["Location"].endswith("/model.safetensors?download=true")
+            downloaded = hf_hub_download(
+                "acme/flip", "model.safetensors", cache_dir=tmp_path / "hf", endpoint=node.url
+            )
+            assert Path(downloaded).read_bytes() == two
+        finally:
+            node.stop()

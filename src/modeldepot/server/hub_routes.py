@@ -55,6 +55,7 @@ from modeldepot.server.views import (
     model_properties,
     select_properties,
     stored_view,
+    to_its_commit,
     wanted_range,
     whole_headers,
 )
@@ -434,6 +435,8 @@ async def _local_resolve(request: web.Request, repo_id: str, revision: str, path
     await _check_visible(request, repo_id)
     depot: Depot = request.app[DEPOT]
     entry = await asyncio.to_thread(_held_entry, depot, repo_id, path, revision)
+    if entry.lfs and (pinned := to_its_commit(request, entry.commit_id, file_headers(entry))) is not None:
+        return pinned
     reader = await asyncio.to_thread(
         functools.partial(depot.open_verified, entry, counts_as_use=starts_a_download(request))
     )

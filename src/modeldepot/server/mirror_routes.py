@@ -25,7 +25,7 @@ from modeldepot.mirror import Mirror
 from modeldepot.server.context import ARRIVED, is_authorized
 from modeldepot.server.ranges import RangeNotSatisfiable
 from modeldepot.server.responses import CountedResponse
-from modeldepot.server.views import RevisionView, file_headers, wanted_range, whole_headers
+from modeldepot.server.views import RevisionView, file_headers, to_its_commit, wanted_range, whole_headers
 from modeldepot.store import FileEntry
 
 __all__ = ["MIRROR", "mirror_resolve", "mirror_revision"]
@@ -93,6 +93,8 @@ async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path
     _check_public(request, manifest)
     entry = _entry(manifest, remote)
     headers = file_headers(entry)
+    if entry.lfs and (pinned := to_its_commit(request, entry.commit_id, headers)) is not None:
+        return pinned
     await mirror.check_fits(manifest, remote)
     if request.method == "HEAD":  # (file_exists, a size probe: answered from the upstream's metadata)
         if not remote.size:  # (no GET follows: huggingface_hub makes an empty file itself)

@@ -12,12 +12,14 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 
 from modeldepot.gitobjects import lfs_pointer
 from modeldepot.server.ranges import ByteRange, parse_range
 from modeldepot.store import FileEntry, RepoSummary
+from modeldepot.validation import is_commit_id
 
 __all__ = [
     "COMMIT_AUTHOR",
@@ -173,6 +175,22 @@ def file_headers(entry: FileEntry) -> dict[str, str]:
         "Accept-Ranges": "bytes",
         "Content-Type": "application/octet-stream",
     }
+
+
+def to_its_commit(request: web.Request, commit_id: str, headers: dict[str, str]) -> web.Response | None:
+    """An LFS file asked for by a branch (or a commit id's start): a redirect to the same file at its
+    commit, with the file's headers, as the Hub's redirect to its CDN. huggingface_hub then downloads, and
+    resumes, from that URL: from the branch's, a download cut after the branch moved resumed with the new
+    commit's bytes, and the old commit's file held both (a trial; it checks the size alone). None for a
+    full commit id, and for a plain file (sent as ever: small, and the Hub sends those itself)."""
+    revision = request.match_info.get("rev", "")
+    if revision == commit_id or is_commit_id(revision):
+        return None
+    org, name, path = (request.match_info[k] for k in ("org", "name", "path"))
+    location = f"/{quote(org)}/{quote(name)}/resolve/{commit_id}/{quote(path)}"
+    if request.query_string:
+        location += f"?{request.query_string}"
+    return web.Response(status=302, headers={**headers, "Location": location})
 
 
 def wanted_range(request: web.Request, size: int, etag: str, *, hub: bool = True) -> ByteRange | None:
