@@ -529,3 +529,17 @@ def test_a_branchs_lfs_file_redirects_to_its_commit_so_a_resume_stays_on_it(tmp_
             assert Path(downloaded).read_bytes() == two
         finally:
             node.stop()
+
+
+def test_a_branchs_full_ref_name_is_the_branch(node: LiveNode, tmp_path: Path) -> None:
+    """`list_repo_refs` gives each branch's `ref` as `refs/heads/dev`; given back as a revision it was a 400
+    that reached huggingface_hub's HEAD without its body: "check your connection" (a trial). As on the Hub,
+    it names the branch."""
+    api = HfApi(endpoint=node.url)
+    refs = {b.name: b.ref for b in api.list_repo_refs(SAMPLE).branches}
+    assert refs["dev"] == "refs/heads/dev"
+    got = hf_hub_download(
+        SAMPLE, "config.json", revision=refs["dev"], endpoint=node.url, cache_dir=tmp_path / "hf"
+    )
+    assert Path(got).read_bytes() == b'{"dev": true}'
+    assert api.list_repo_files(SAMPLE, revision="refs/heads/main") == api.list_repo_files(SAMPLE)

@@ -75,6 +75,9 @@ def _revision(request: web.Request) -> str:
     """The revision the request names; ``HEAD`` (as git and the Hub take it) is the default branch."""
     # (aiohttp decodes what a route matched, %2F and %25 included: "refs%2Fpr%2F1" is refs/pr/1 here)
     revision = request.match_info.get("rev", DEFAULT_BRANCH)
+    # A branch's full ref name is the branch, as the Hub reads it: `list_repo_refs` gives `refs/heads/dev`,
+    # and a 400 for it reached huggingface_hub's HEAD without its body ("check your connection": a trial)
+    revision = revision.removeprefix("refs/heads/")
     return validate_revision(DEFAULT_BRANCH if revision == "HEAD" else revision)
 
 
