@@ -1084,3 +1084,28 @@ def test_a_budgets_evictions_are_previewed_as_they_then_go(tmp_path: Path) -> No
         assert refused.exit_code == 2 and "give the size to try" in refused.output, refused.output
         refused = CliRunner().invoke(cli, ["budget", "--dry-run", "--home", home])  # (no budget saved)
         assert refused.exit_code == 2 and "has no disk budget" in refused.output, refused.output
+
+
+def test_blobs_shared_with_files_outside_the_store_are_neither_counted_nor_evicted(tmp_path: Path) -> None:
+    """A model adopted from a Hugging Face cache (or imported with --link) was counted against the budget and
+    evicted first, freeing no disk: the cache keeps its files (a trial: `budget 100MiB` evicted an adopted
+    1 GiB model, 0 MiB given back, and the next pull evicted more). Its blobs are neither counted nor evicted
+    for room; once the outside names go, the blobs are the store's alone: counted, and evicted in turn."""
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        folder = model(tmp_path, "acme/linked", size=2 * MB)
+        depot.import_dir(folder, "acme/linked", link=True)
+        time.sleep(0.01)
+        depot.import_dir(model(tmp_path, "acme/copied", size=MB), "acme/copied")
+        status = depot.budget_status()
+        assert MB <= status.used_bytes < 1.1 * MB and 2 * MB <= status.shared_bytes < 2.1 * MB, status
+        assert [e.repo_id for e in depot.plan_shrink(MB // 2)] == ["acme/copied"]
+        evicted = depot.set_max_size(MB // 2)
+        assert [(e.repo_id, e.bytes_freed >= MB) for e in evicted] == [("acme/copied", True)]
+        assert repos(depot) == {"acme/linked"}
+        said = CliRunner().invoke(cli, ["budget", "--home", str(depot.home)])
+        assert "shared with files outside the store" in said.output, said.output
+        for path in folder.iterdir():  # the folder's own names go: the blobs are the store's alone now
+            path.unlink()
+        status = depot.budget_status()
+        assert status.used_bytes >= 2 * MB and status.shared_bytes == 0
+        assert [(e.repo_id, e.bytes_freed >= 2 * MB) for e in depot.shrink()] == [("acme/linked", True)]

@@ -458,9 +458,12 @@ def _budget_line(budget: BudgetStatus) -> str:
         source = f"MODELDEPOT_MAX_SIZE, below the store's {budget.store_max_size}"
     else:
         source = f"the store's {budget.store_max_size}"
+    shared = (f"; {format_bytes(budget.shared_bytes)} shared with files outside the store (an adopted Hugging "
+              "Face cache, `import --link`) not counted: evicting them would free no disk"
+              if budget.shared_bytes else "")  # fmt: skip
     return (f"{format_bytes(budget.used_bytes)} of {format_bytes(budget.max_bytes)} ({source}; {share:.0f}% used); "
             f"{format_bytes(budget.in_use_bytes)} kept from eviction (pinned or in use), of which "
-            f"{format_bytes(budget.pinned_bytes)} pinned")  # fmt: skip
+            f"{format_bytes(budget.pinned_bytes)} pinned{shared}")  # fmt: skip
 
 
 def _render_evictions(evicted: list[Eviction], verb: str = "evicted", most: int | None = None) -> None:

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from modeldepot.config import budget_text, parse_max_size
 from modeldepot.errors import ConfigError, NotFoundError, StoreFullError
-from modeldepot.store.eviction import EvictionOrder, Kept, Unit, Variants
+from modeldepot.store.eviction import EvictionOrder, Kept, Unit, Variants, ok_bytes, shared_blobs
 from modeldepot.store.models import _Record
 from modeldepot.store.reservations import Reservation, Reservations
 from modeldepot.validation import validate_quant, validate_repo_id, validate_revision
@@ -121,6 +121,9 @@ class BudgetStatus(_Record):
     store_max_size: str | None = None  # the store's budget as saved ("200GiB", "80%"); None: none saved
     process_max_bytes: int | None = None  # this process's own cap (MODELDEPOT_MAX_SIZE); None: none
     read_only: bool = False  # the store is read-only here: no budget can be saved, nothing evicted
+    # Blobs another name outside the store links too (an adopted Hugging Face cache, `import --link`): on the
+    # disk whatever the store does, so neither counted in used_bytes nor evicted for room
+    shared_bytes: int = 0
 
 
 class DiskBudget:
@@ -348,9 +351,11 @@ class DiskBudget:
 
     # -- figures ----------------------------------------------------------------------------------------------
 
-    def used_bytes(self) -> int:
+    def used_bytes(self, shared: Mapping[str, int] | None = None) -> int:
+        """The blobs' bytes the budget counts: not those of the blobs another name outside the store links
+        too (``shared``: :func:`~modeldepot.store.eviction.shared_blobs`, looked at now when not given)."""
         row = self.store.index.read("SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state = 'ok'")
-        return int(row[0][0])
+        return int(row[0][0]) - ok_bytes(self.store, shared_blobs(self.store) if shared is None else shared)
 
     def _kept_blobs(self) -> frozenset[str]:
         """The blobs writers of this process found in the store and rely on: an eviction keeps them."""
@@ -361,16 +366,18 @@ class DiskBudget:
         """The figures (a node's stats and metrics ask often: read only, the uses as written so far)."""
         pinned = self._pins_kept()
         kept = self._kept(pins=pinned)
+        shared = shared_blobs(self.store)
         return BudgetStatus(
             max_bytes=self.max_bytes,
             store_max_size=self.store_max_size,
             process_max_bytes=self.process_max_bytes,
-            used_bytes=self.used_bytes(),
-            pinned_bytes=self.order.kept_bytes(pinned, flush=False),
-            in_use_bytes=self.order.kept_bytes(kept, blobs=self._kept_blobs(), flush=False),
+            used_bytes=self.used_bytes(shared),
+            pinned_bytes=self.order.kept_bytes(pinned, flush=False, shared=shared),
+            in_use_bytes=self.order.kept_bytes(kept, blobs=self._kept_blobs(), flush=False, shared=shared),
             evictions=int(self.store.index.setting("evictions") or 0),
             evicted_bytes=int(self.store.index.setting("evicted_bytes") or 0),
             read_only=self.store.read_only,
+            shared_bytes=sum(shared.values()),
         )
 
     # -- evicting ---------------------------------------------------------------------------------------------
@@ -381,11 +388,11 @@ class DiskBudget:
         budget = self.max_bytes
         if budget is None or needed <= 0:
             return
-        others = self._others_reserved(writer)
-        if self.used_bytes() + others + needed <= budget:
-            return  # (fits without evicting anything: the common case, one indexed sum)
+        others, shared = self._others_reserved(writer), shared_blobs(self.store)
+        if self.used_bytes(shared) + others + needed <= budget:
+            return  # (fits without evicting anything: the common case)
         kept = self._kept(writer)
-        kept_bytes = self.order.kept_bytes(kept, blobs=self._kept_blobs()) + others
+        kept_bytes = self.order.kept_bytes(kept, blobs=self._kept_blobs(), shared=shared) + others
         self._refuse_if_too_big(needed, budget, kept_bytes, doing, writer)
 
     def make_room(self, needed: int, doing: str, writer: BudgetWriter | None = None) -> list[Eviction]:
@@ -416,11 +423,12 @@ class DiskBudget:
         limit = self.max_bytes if max_bytes is None else max_bytes
         if limit is None:
             return []
-        used = self.used_bytes() + self._others_reserved(None)
+        shared = shared_blobs(self.store)
+        used = self.used_bytes(shared) + self._others_reserved(None)
         if used <= limit:
             return []
         units = self.order.units(self._kept())
-        staying = self.order.staying_blobs(units, self._kept_blobs())
+        staying = self.order.staying_blobs(units, self._kept_blobs()) | shared.keys()
         return [Eviction(u.repo_id, u.commit_id, freed, u.last_used, u.variant)
                 for u, freed in self.order.plan(units, staying, used, limit)]  # fmt: skip
 
@@ -470,18 +478,19 @@ class DiskBudget:
 
     def _evict_round(self, limit: int, needed: int, doing: str, writer: BudgetWriter | None,
                      partial: bool) -> list[Eviction]:  # fmt: skip
-        others = self._others_reserved(writer)
-        used = self.used_bytes() + others
+        others, shared = self._others_reserved(writer), shared_blobs(self.store)
+        used = self.used_bytes(shared) + others
         if used <= limit:
             return []
         kept = self._kept(writer)
         units = self.order.units(kept)
         if not partial:  # (others' writes in use)
-            kept_bytes = self.order.kept_bytes(kept, units, blobs=self._kept_blobs()) + others
+            kept_bytes = self.order.kept_bytes(kept, units, blobs=self._kept_blobs(), shared=shared) + others
             self._refuse_if_too_big(needed, limit + needed, kept_bytes, doing, writer)
         evicted: list[Eviction] = []
-        # (a copy of a pinned repo freed nothing, and went all the same: a repo lost for no byte)
-        staying = self.order.staying_blobs(units, self._kept_blobs())
+        # (a copy of a pinned repo freed nothing, and went all the same: a repo lost for no byte; so did a
+        # model adopted from a Hugging Face cache, whose files the cache keeps on the disk: a trial)
+        staying = self.order.staying_blobs(units, self._kept_blobs()) | shared.keys()
         for unit in units:
             if used <= limit:
                 break
@@ -508,7 +517,7 @@ class DiskBudget:
                     else "")  # fmt: skip
             for hook in self._evicted_hooks:
                 hook(unit.repo_id)
-            used = self.used_bytes() + others
+            used = self.used_bytes(shared) + others
         return evicted
 
     def _evict(self, unit: Unit) -> Eviction | None:
@@ -533,9 +542,8 @@ class DiskBudget:
                 result = remove_files(self.store, unit.repo_id, unit.commit_id, own, keep_blobs=keep)
         except NotFoundError:
             return None  # removed meanwhile (another process)
-        # Bytes out of the store (a Hugging Face cache's link may keep some of them on the disk)
-        return Eviction(unit.repo_id, unit.commit_id, result.bytes_freed + result.bytes_still_linked,
-                        unit.last_used, unit.variant)  # fmt: skip
+        # The bytes given back to the disk (a file another name links too stays, and the budget never counted it)
+        return Eviction(unit.repo_id, unit.commit_id, result.bytes_freed, unit.last_used, unit.variant)
 
     def _count(self, eviction: Eviction) -> None:
         with self.store.index.write("counting an eviction") as con:

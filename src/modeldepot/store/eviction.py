@@ -11,14 +11,17 @@ that stay are counted right and what cannot fit is refused before anything is re
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from modeldepot.store.store import Store
 
-__all__ = ["EvictionOrder", "Kept", "Unit", "Variants"]
+from modeldepot.errors import DepotError
+
+__all__ = ["EvictionOrder", "Kept", "Unit", "Variants", "ok_bytes", "shared_blobs"]
 
 Variants = Callable[[list[str]], list[tuple[str, frozenset[str], frozenset[str]]]]
 """The variants among a revision's files: (name, its own files (those no other variant lists), the names in
@@ -145,23 +148,24 @@ class EvictionOrder:
         return variants
 
     def bytes_of(self, revisions: Iterable[tuple[str, str]], repos: Iterable[str] = (),
-                 blobs: Iterable[str] = ()) -> int:  # fmt: skip
+                 blobs: Iterable[str] = (), shared: Mapping[str, int] | None = None) -> int:  # fmt: skip
         """The bytes of the distinct blobs the revisions (and every revision of ``repos``) use, and of
         ``blobs`` (SHA-256s); not of quarantined ones (their files are out of the store, as in
-        :meth:`DiskBudget.used_bytes`)."""
+        :meth:`DiskBudget.used_bytes`), nor of the ``shared`` ones (:func:`shared_blobs`)."""
         keys, whole, extra = sorted(set(revisions)), sorted(set(repos)), sorted(set(blobs))
         if not keys and not whole and not extra:
             return 0
         values = ",".join(["(?, ?)"] * len(keys)) or "(NULL, NULL)"
         marks, extra_marks = ",".join("?" * len(whole)), ",".join("?" * len(extra))
-        row = self.store.index.read(
+        rows = self.store.index.read(
             f"WITH kept (repo_id, commit_id) AS (VALUES {values}) "
-            "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state = 'ok' AND (sha256 IN (SELECT f.sha256 "
+            "SELECT sha256, size FROM blobs WHERE state = 'ok' AND (sha256 IN (SELECT f.sha256 "
             f"FROM files f WHERE f.repo_id IN ({marks}) OR EXISTS (SELECT 1 FROM kept k WHERE k.repo_id = "
             f"f.repo_id AND k.commit_id = f.commit_id)) OR sha256 IN ({extra_marks}))",
             (*(part for key in keys for part in key), *whole, *extra),
         )
-        return int(row[0][0])
+        shared = shared or {}
+        return sum(int(row["size"]) for row in rows if row["sha256"] not in shared)
 
     def staying_blobs(self, units: list[Unit], blobs: Iterable[str] = ()) -> set[str]:
         """The blobs that stay whatever of ``units`` goes (a file outside them uses each: a pinned or
@@ -228,14 +232,14 @@ class EvictionOrder:
         return bool(used) and used <= staying
 
     def kept_bytes(self, kept: Kept, units: list[Unit] | None = None, blobs: Iterable[str] = (),
-                   flush: bool = True) -> int:  # fmt: skip
+                   flush: bool = True, shared: Mapping[str, int] | None = None) -> int:  # fmt: skip
         """The bytes of the distinct blobs that stay when every unit that may go has gone (``units``, or
         worked out here when some are needed): those of the revisions ``kept`` keeps, but for their variants
         that may go, and ``blobs``."""
         partly = {key for key in (*kept.parts, *kept.pinned_variants)
                   if key not in kept.commits and key[0] not in kept.repos}  # fmt: skip
         if not partly:
-            return self.bytes_of(kept.commits, kept.repos, blobs)
+            return self.bytes_of(kept.commits, kept.repos, blobs, shared)
         going: dict[tuple[str, str], set[str]] = {}
         for unit in self.units(kept, flush) if units is None else units:
             if unit.variant is not None:
@@ -243,4 +247,28 @@ class EvictionOrder:
         staying = set(blobs)
         for key in sorted(partly):
             staying.update(e.sha256 for e in self.store.files(*key) if e.path not in going.get(key, set()))
-        return self.bytes_of(kept.commits, kept.repos, staying)
+        return self.bytes_of(kept.commits, kept.repos, staying, shared)
+
+
+def shared_blobs(store: Store) -> dict[str, int]:
+    """The store's blobs that another name outside it links too (an adopted Hugging Face cache's file, an
+    `import --link` folder's), with their sizes: on the disk whether the store keeps them or not, so the disk
+    budget neither counts them nor evicts them to make room (evicting an adopted model freed nothing: a
+    trial). One look at each blob file."""
+    shared: dict[str, int] = {}
+    for row in store.index.read("SELECT sha256, size FROM blobs WHERE state = 'ok'"):
+        with contextlib.suppress(OSError, DepotError):
+            if store.blobs.path(row["sha256"]).stat().st_nlink > 1:
+                shared[row["sha256"]] = int(row["size"])
+    return shared
+
+
+def ok_bytes(store: Store, blobs: Iterable[str]) -> int:
+    """The bytes of those of ``blobs`` the store holds (not quarantined)."""
+    wanted, total = sorted(blobs), 0
+    for start in range(0, len(wanted), 500):  # (SQLite's bound on parameters)
+        part = wanted[start : start + 500]
+        total += int(store.index.read(
+            f"SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state = 'ok' AND sha256 IN ({','.join('?' * len(part))})",
+            tuple(part))[0][0])  # fmt: skip
+    return total

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from modeldepot.errors import DepotError, RevisionNotFoundError
 from modeldepot.store.blobs import LinkedSource, WriteSession, give_back_modes
+from modeldepot.store.eviction import shared_blobs
 from modeldepot.store.models import (
     DiskUsage,
     GcReport,
@@ -435,12 +436,7 @@ def disk_usage(store: Store) -> DiskUsage:
 def _linked_bytes(store: Store) -> int:
     """The bytes of the blobs with another name outside the store too (a Hugging Face cache's, an `import
     --link` folder's): on the disk once, and not freed when the store lets them go."""
-    linked = 0
-    for row in store.index.read("SELECT sha256, size FROM blobs WHERE state = 'ok'"):
-        with contextlib.suppress(OSError, DepotError):
-            if store.blobs.path(row["sha256"]).stat().st_nlink > 1:
-                linked += row["size"]
-    return linked
+    return sum(shared_blobs(store).values())
 
 
 def _kept_for_resumes(store: Store) -> int:
