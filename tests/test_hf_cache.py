@@ -870,3 +870,42 @@ def test_the_default_cache_is_huggingface_hubs(pristine: Path, tmp_path: Path) -
     assert read_tree(
         tmp_path / "elsewhere" / FOLDER / "snapshots" / json.loads(done.stdout)["commit_id"]
     ) == (sample_files())
+
+
+def test_an_export_keeps_a_ref_to_another_snapshot_and_says_what_it_names(tmp_path: Path) -> None:
+    """An export of a store whose main was older than the cache's moved the cache's refs/main back without a
+    word: offline code loaded older weights (a trial). Such a ref stays (the export says so, and fails)
+    unless --move-ref; a move is said. An export under another case than the store's says which spelling
+    huggingface_hub will find; HF_HOME given for its hub/ cache is refused, for an import too."""
+    cache = tmp_path / "hf" / "hub"
+    newer, older = (
+        {"config.json": b'{"v": 2}', "w.bin": b"2" * 100},
+        {"config.json": b'{"v": 1}', "w.bin": b"1" * 100},
+    )
+    with (
+        Depot(tmp_path / "new", chunk_size=SMALL_CHUNK) as new,
+        Depot(tmp_path / "old", chunk_size=SMALL_CHUNK) as old,
+    ):
+        b = new.import_dir(write_model_dir(tmp_path / "b", newer), "acme/m").commit_id
+        a = old.import_dir(write_model_dir(tmp_path / "a", older), "acme/m").commit_id
+        assert new.hf_cache_export("acme/m", cache_dir=cache).ok
+        ref = cache / "models--acme--m" / "refs" / "main"
+        kept = old.hf_cache_export("acme/m", cache_dir=cache)
+        assert not kept.ok and ref.read_text() == b and (cache / "models--acme--m" / "snapshots" / a).is_dir()
+        [problem] = kept.problems
+        assert problem.problem == "ref-kept" and b[:12] in problem.detail and "--move-ref" in problem.detail
+        said = CliRunner().invoke(cli, ["hf-cache", "export", "acme/m", "--cache-dir", str(cache), "--home",
+                                        str(old.home)])  # fmt: skip
+        assert said.exit_code == 1 and "ref-kept" in said.output and ref.read_text() == b, said.output
+        moved = old.hf_cache_export("acme/m", cache_dir=cache, move_ref=True)
+        assert moved.ok and ref.read_text() == a
+        assert [(p.problem, p.detail) for p in moved.problems] == [
+            ("ref-moved", f"moved from {b[:12]} to {a[:12]}")
+        ]
+        spelled = old.hf_cache_export("ACME/M", cache_dir=cache)
+        assert spelled.ok and [p.problem for p in spelled.problems] == ["spelling"]
+        assert "'acme/m'" in spelled.problems[0].detail
+        with pytest.raises(InvalidInputError, match="looks like HF_HOME"):
+            old.hf_cache_export("acme/m", cache_dir=tmp_path / "hf")
+        with pytest.raises(InvalidInputError, match=r"whose cache is .*hub \(HF_HUB_CACHE\)"):
+            old.hf_cache_import(cache_dir=tmp_path / "hf")

@@ -397,14 +397,17 @@ class Depot:
         cache_dir: str | Path | None = None,
         copy: bool = False,
         progress: ImportProgress | None = None,
+        move_ref: bool = False,
     ) -> HfCacheExportResult:
         """Make ``repo_id`` at ``revision`` appear in a Hugging Face cache (default: huggingface_hub's) as a
         download would have left it (blobs hard-linked to the store's when on its file system, else copied),
         so ``hf_hub_download``/``snapshot_download``/``from_pretrained`` find it offline. With shared stores,
-        the commit reads find (tiers.py), from each store that holds files of it."""
+        the commit reads find (tiers.py), from each store that holds files of it. A branch's ref in the cache
+        that names another commit it holds a snapshot of stays, said in the result, unless ``move_ref``."""
         from modeldepot.hfcache.export import export_through_tiers
 
-        result = export_through_tiers(self.tiers, repo_id, revision, cache_dir, copy=copy, progress=progress)
+        result = export_through_tiers(self.tiers, repo_id, revision, cache_dir, copy=copy, progress=progress,
+                                      move_ref=move_ref)  # fmt: skip
         held = {entry.path for entry in self.list_files(repo_id, result.commit_id)}
         lacking = tuple(e.path for e in self.commit_files(repo_id, result.commit_id) if e.path not in held)
         return dataclasses.replace(result, not_in_store=lacking) if lacking else result

@@ -102,10 +102,19 @@ def import_command(
 @revision_option
 @_cache_dir_option
 @_copy_option
+@click.option("--move-ref", is_flag=True,
+              help="Move the cache's refs/REVISION to the exported commit even when it names another snapshot "
+                   "the cache holds (without it, that ref stays, and the export says so).")  # fmt: skip
 @json_option
 @reading_home_option
 def export_command(
-    depot: Depot, repo_id: str, revision: str, cache_dir: Path | None, copy: bool, as_json: bool
+    depot: Depot,
+    repo_id: str,
+    revision: str,
+    cache_dir: Path | None,
+    copy: bool,
+    move_ref: bool,
+    as_json: bool,
 ) -> None:
     """Make REPO appear in the Hugging Face cache, as a download from the Hub would have left it.
 
@@ -120,6 +129,7 @@ def export_command(
             cache_dir=cache_dir,
             copy=copy,
             progress=lambda what, done, total: bar.update(done, total, what),
+            move_ref=move_ref,
         )
     render.emit(as_json, result.to_dict(), lambda: _render_export(result))
     if not result.ok:

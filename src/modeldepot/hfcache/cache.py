@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -30,7 +31,8 @@ class _Record:
         return dataclasses.asdict(self)  # type: ignore[call-overload,no-any-return]
 
 
-NOTES = frozenset({"partial", "merged"})  # problems that are reported but skip nothing: the rest was imported
+# Problems that are reported but skip nothing: the rest was imported (exported)
+NOTES = frozenset({"partial", "merged", "ref-moved", "spelling"})
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,14 @@ def cache_dir_given(cache_dir: Path | str | None) -> Path:
     if not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir).strip():
         raise InvalidInputError(f"the Hugging Face cache folder is {cache_dir!r}: give a folder, or none for "
                                 "huggingface_hub's own")  # fmt: skip
-    return Path(cache_dir)
+    folder = Path(cache_dir)
+    with contextlib.suppress(OSError):
+        # HF_HOME given for HF_HUB_CACHE (they differ by /hub): an import adopted "nothing" and said so with
+        # success, an export wrote where huggingface_hub never looks (a trial)
+        if (folder / "hub").is_dir() and not any(folder.glob("models--*")):
+            raise InvalidInputError(f"{folder} holds a hub/ folder and no models--* folder: it looks like HF_HOME, "
+                                    f"whose cache is {folder / 'hub'} (HF_HUB_CACHE): give that")  # fmt: skip
+    return folder
 
 
 def default_cache_dir() -> Path:

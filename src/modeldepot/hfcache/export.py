@@ -31,6 +31,7 @@ from modeldepot.store.models import BlobRecord, FileEntry
 from modeldepot.store.store import Store
 from modeldepot.tiers import Tiers
 from modeldepot.validation import (
+    is_commit_id,
     validate_path,
     validate_revision,
 )
@@ -45,6 +46,7 @@ def export_to_hf_cache(
     copy: bool = False,
     progress: Progress | None = None,
     skip: frozenset[str] = frozenset(),
+    move_ref: bool = False,
 ) -> HfCacheExportResult:
     """Make ``repo_id`` at ``revision`` appear in a Hugging Face cache (default: huggingface_hub's), as a
     download of it from the Hub would have left it; ``refs/<revision>`` too when it is a branch.
@@ -57,6 +59,9 @@ def export_to_hf_cache(
     The cache's folder is named by ``repo_id`` as given, even when the store holds the repo under another
     case: huggingface_hub looks it up with the case its caller uses (``from_pretrained("Org/Name")``).
     ``skip``: paths left out (exported from another store already: a commit split across stores).
+    ``move_ref``: move ``refs/<revision>`` even when it names another commit the cache holds (a newer
+    download, maybe: moved back, offline code loaded older weights without a word, a trial); without it
+    such a ref stays, and the result says so (not ``ok``).
     """
     held = store.spelled(repo_id)
     validate_revision(revision)
@@ -99,7 +104,11 @@ def export_to_hf_cache(
     # A ref for a branch only (not a commit id, whole or its start); none to a snapshot that is not there.
     branch = store.index.read("SELECT 1 FROM refs WHERE repo_id = ? AND name = ?", (held, revision))
     if branch and exported:
-        writer.ref(revision, commit_id)
+        problems.extend(_set_ref(writer, repo_id, revision, commit_id, move_ref))
+    if repo_id != held:
+        problems.append(HfCacheProblem(repo_id, writer.name, "spelling", f"exported as {repo_id!r}, as typed: "
+                                       f"huggingface_hub finds it when asked for that spelling; the store spells it "
+                                       f"{held!r} (export {held} for that one)"))  # fmt: skip
     return HfCacheExportResult(
         repo_id=repo_id,
         revision=revision,
@@ -113,6 +122,23 @@ def export_to_hf_cache(
         copied=counts["copied"],
         kept=counts["kept"],
     )
+
+
+def _set_ref(
+    writer: _CacheWriter, repo_id: str, branch: str, commit_id: str, move: bool
+) -> list[HfCacheProblem]:
+    """``refs/<branch>`` set to ``commit_id``; what became of another commit it named, as a problem."""
+    before = writer.ref_target(branch)
+    path = f"{writer.name}/refs/{branch}"
+    if before is not None and before != commit_id and not move and writer.holds_snapshot(before):
+        return [HfCacheProblem(repo_id, path, "ref-kept", f"it names {before[:12]}, a snapshot the cache holds (a "
+                               f"newer download, maybe): left as it is, so offline code asking for {branch} still "
+                               f"loads that one; the snapshot of {commit_id[:12]} is exported (--move-ref moves "
+                               f"{branch} to it)")]  # fmt: skip
+    writer.ref(branch, commit_id)
+    if before is not None and before != commit_id:
+        return [HfCacheProblem(repo_id, path, "ref-moved", f"moved from {before[:12]} to {commit_id[:12]}")]
+    return []
 
 
 class _CacheWriter:
@@ -231,6 +257,20 @@ class _CacheWriter:
             unlink_quietly(temporary)
             raise StoreError(f"cannot write {final} in the Hugging Face cache: {error.strerror}") from None
 
+    def ref_target(self, branch: str) -> str | None:
+        """The commit ``refs/<branch>`` names now (None: none, or not one to read)."""
+        final = self.root / "refs" / branch
+        try:
+            named = final.read_text().strip() if not final.is_symlink() else ""
+        except (OSError, UnicodeDecodeError):
+            return None
+        return named if is_commit_id(named) else None
+
+    def holds_snapshot(self, commit_id: str) -> bool:
+        """Whether the cache holds a snapshot folder of ``commit_id`` for this repo."""
+        snapshot = self.root / "snapshots" / commit_id
+        return snapshot.is_dir() and not snapshot.is_symlink()
+
     def ref(self, branch: str, commit_id: str) -> None:
         """``refs/<branch>`` holding ``commit_id`` (no newline, as huggingface_hub writes it)."""
         parent = str(Path(branch).parent)
@@ -301,13 +341,15 @@ def export_through_tiers(
     *,
     copy: bool = False,
     progress: Progress | None = None,
+    move_ref: bool = False,
 ) -> HfCacheExportResult:
     """:func:`export_to_hf_cache` from the store that answers ``revision`` (tiers.py), then, for a commit
     split across a user's store and shared ones, from each other store that holds files of it; a file the
     answering store found corrupt is taken from another that holds it good."""
     # (the id as the own store spells it; the cache's folder keeps the caller's)
     answering, spelled, commit_id = tiers.holder(tiers.own.spelled(repo_id), revision)
-    result = export_to_hf_cache(answering, repo_id, revision, cache_dir, copy=copy, progress=progress)
+    result = export_to_hf_cache(answering, repo_id, revision, cache_dir, copy=copy, progress=progress,
+                                move_ref=move_ref)  # fmt: skip
     done = frozenset(
         e.path for e in answering.files(spelled, commit_id) if answering.has_file(spelled, e.path, commit_id)
     )
