@@ -825,6 +825,16 @@ def test_the_command(home: Path, hf_cache: Path, tmp_path: Path) -> None:
     assert [r["repo_id"] for r in body["repos"]] == [SAMPLE] and body["repos"][0]["new_blobs"] > 0
     code, out, _ = run("hf-cache", "import", SAMPLE, "--cache-dir", str(hf_cache), home=home)
     assert code == 0 and f"adopted {SAMPLE}" in out and "0 new" in out
+    # What no run could ever adopt is said, as notes: a legacy id, a download left unfinished that no snapshot
+    # names (every scheduled import "failed" for good over them: a trial)
+    (hf_cache / "models--gpt2" / "snapshots").mkdir(parents=True)
+    stale = next((hf_cache / FOLDER / "blobs").iterdir())
+    (stale.parent / f"{'0' * 64}.incomplete").write_bytes(b"half")
+    code, out, err = run("hf-cache", "import", "--cache-dir", str(hf_cache), home=home)
+    assert code == 0 and "note models--gpt2 (legacy-id)" in err and "openai-community/gpt2" in err, err
+    assert "(incomplete)" in err, err
+    shutil.rmtree(hf_cache / "models--gpt2")
+    (stale.parent / f"{'0' * 64}.incomplete").unlink()
     exported = tmp_path / "exported"
     code, out, _ = run("hf-cache", "export", SAMPLE, "--cache-dir", str(exported), "--json", home=home)
     body = json.loads(out)

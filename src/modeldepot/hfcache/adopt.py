@@ -118,7 +118,8 @@ def _repo_folders(scan: _Scan, wanted: list[str] | None) -> list[tuple[str, Path
         try:
             validate_repo_id(repo_id)
         except InvalidInputError as error:
-            scan.problem(None, folder, "invalid", f"not a repo id the store accepts: {error}")
+            scan.problem(None, folder, "legacy-id", f"not a repo id the store accepts: {error}; pull it by its "
+                         "current org/name id (gpt2 is openai-community/gpt2 on the Hub now)")  # fmt: skip
             continue
         found.append((repo_id, folder))
     for repo_id in wanted or ():

@@ -31,8 +31,10 @@ class _Record:
         return dataclasses.asdict(self)  # type: ignore[call-overload,no-any-return]
 
 
-# Problems that are reported but skip nothing: the rest was imported (exported)
-NOTES = frozenset({"partial", "merged", "ref-moved", "spelling"})
+# Problems that are reported and leave the import (export) a success: they skip nothing a snapshot needs, or
+# nothing a run could ever adopt (a legacy id, a download huggingface_hub left unfinished and no snapshot
+# names), which made every scheduled import "fail" for good (a trial)
+NOTES = frozenset({"partial", "merged", "ref-moved", "spelling", "incomplete", "legacy-id"})
 
 
 @dataclass(frozen=True)
