@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 from conftest import SMALL_CHUNK, LiveNode, flip_byte, free_port, write_model_dir
 from modeldepot import Depot
 from modeldepot.engines.adapters import dummy_inputs, load_safetensors, warmup
-from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError, OfflineError
+from modeldepot.errors import ConfigError, CorruptBlobError, InvalidInputError, NotFoundError, OfflineError
 
 REPO = "acme/linear"
 rng = np.random.default_rng(3)
@@ -191,6 +191,25 @@ def test_a_file_an_engine_cannot_parse_is_bad_input_naming_the_repo_and_file(
         assert "/tmp/" not in str(refused.value).replace(str(tmp_path), "") and str(depot.home) not in str(
             refused.value
         )
+
+
+def test_a_file_rotten_in_place_that_an_engine_refuses_is_found_corrupt_not_bad_input(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """An adopted cache's file written through its link with the mtime put back passes every look at the
+    file, and its load said "invalid input" (InvalidProtobuf) of a model the store held corrupt (a trial). A
+    file an engine refuses is checked: corrupt, it is quarantined and said so; sound, the engine's refusal
+    stands (a file that is no ONNX model from the start)."""
+    write_repo(tmp_path / "src")
+    depot.import_dir(tmp_path / "src", "acme/rot")
+    model = depot.file_info("acme/rot", "onnx/model.onnx")
+    blob = depot.store.blobs.path(model.sha256)
+    for offset in range(min(64, blob.stat().st_size)):
+        flip_byte(blob, offset)  # the protobuf's start: onnxruntime cannot parse it
+    with pytest.raises(CorruptBlobError, match="the engine refused it") as found:
+        depot.load("acme/rot", engine="onnxruntime", warmup=0)
+    assert found.value.sha256 == model.sha256 and "quarantined" in str(found.value)
+    assert not blob.exists() and not depot.has_file("acme/rot", model.path)
 
 
 def test_bf16_and_fp8_safetensors_load_as_arrays_mapping_the_file(depot: Depot, tmp_path: Path) -> None:

@@ -135,6 +135,8 @@ def load_variant(
                 # it loaded)
                 raise NotFoundError(f"{repo_id}@{commit_id[:12]}: {chosen} was removed from the store while it "
                                     "was being loaded", repo_id=repo_id) from error  # fmt: skip
+            if isinstance(error, InvalidInputError):
+                _refuse_if_corrupt(store, repo_id, commit_id, chosen, error)
             raise
         finally:
             if held is not None:
@@ -157,6 +159,26 @@ def load_variant(
     companions = set(gguf_shard_names(chosen) or ()) | {chosen}
     size = sum(f.size for f in files if f.path in companions or _is_external_data_of(f.path, chosen))
     return cache.get_or_load(key, load_and_warm, size)
+
+
+def _refuse_if_corrupt(store: Store, repo_id: str, commit_id: str, chosen: str, error: Exception) -> None:
+    """An engine refused the file: its bytes (and those loaded with it) are checked against their digests, and
+    a blob that fails is quarantined and raised as corrupt. The engines read files from the disk, unchecked
+    (at storage speed); a file written in place with its mtime put back (through an adopted cache's link)
+    passed every look, and its load said "invalid input" of a model the store held corrupt (a trial)."""
+    loaded = set(gguf_shard_names(chosen) or ()) | {chosen}
+    for entry in store.files(repo_id, commit_id):
+        if entry.path not in loaded and not _is_external_data_of(entry.path, chosen):
+            continue
+        rows = store.index.read("SELECT size, chunk_size, created_at FROM blobs WHERE sha256 = ? AND state = 'ok'",
+                                (entry.sha256,))  # fmt: skip
+        if not rows:
+            continue
+        found = store.check_blob(entry.sha256, rows[0]["size"], rows[0]["chunk_size"])
+        if found is not None:
+            store.quarantine(entry.sha256, rows[0]["created_at"])
+            raise CorruptBlobError(entry.sha256, f"{entry.path} of {repo_id}@{commit_id[:12]}: {found[1]}; the "
+                                   f"engine refused it: {error}", kept_in_place=store.read_only) from error  # fmt: skip
 
 
 def _is_external_data_of(path: str, model: str) -> bool:
