@@ -825,6 +825,7 @@ def test_the_command(home: Path, hf_cache: Path, tmp_path: Path) -> None:
     assert [r["repo_id"] for r in body["repos"]] == [SAMPLE] and body["repos"][0]["new_blobs"] > 0
     code, out, _ = run("hf-cache", "import", SAMPLE, "--cache-dir", str(hf_cache), home=home)
     assert code == 0 and f"adopted {SAMPLE}" in out and "0 new" in out
+    assert "(0 hard-linked, 0 copied)" in out, "a run again brought nothing in, and says so"
     # What no run could ever adopt is said, as notes: a legacy id, a download left unfinished that no snapshot
     # names (every scheduled import "failed" for good over them: a trial)
     (hf_cache / "models--gpt2" / "snapshots").mkdir(parents=True)

@@ -377,7 +377,7 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
                           f"{doing} (by the sizes of its blobs, before they are checked)")  # fmt: skip
         verified: dict[str, _Verified] = {}
         partials: dict[str, PartialBlob] = {}  # by SHA-256
-        linked = copied = 0
+        linked_ones: set[str] = set()  # (SHA-256s) the partials that are hard links to the cache's files
         for etag, source in sorted(sources.items()):
             what = f"{repo.repo_id}/{source.path}"
             try:
@@ -412,14 +412,19 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
                 partial.discard()  # the same bytes under both kinds of name
             else:
                 partials[digest.sha256] = partial
-                linked, copied = linked + was_linked, copied + (not was_linked)
+                if was_linked:
+                    linked_ones.add(digest.sha256)
         known = blob_states(store.index, list(partials))
         writer.reuse(sha256 for sha256 in partials if known.get(sha256) == "ok")
         writer.make_room(sum(p.size for sha, p in partials.items() if known.get(sha) != "ok"), doing)
         revisions, new = _publish_revisions(store, scan, repo, verified, partials, private)
         writer.keep_within()
     new_bytes = sum(p.size for sha256, p in partials.items() if sha256 in new)
-    return HfCacheRepo(repo.repo_id, tuple(revisions), len(partials), len(new), new_bytes, linked, copied)
+    # (what came into the store, and how: a run again linked nothing, and said "7 hard-linked" of blobs it held)
+    linked = len(new & linked_ones)
+    return HfCacheRepo(
+        repo.repo_id, tuple(revisions), len(partials), len(new), new_bytes, linked, len(new) - linked
+    )
 
 
 def _publish_revisions(store: Store, scan: _Scan, repo: _CachedRepo, verified: dict[str, _Verified],
