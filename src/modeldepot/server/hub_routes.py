@@ -329,6 +329,9 @@ async def _paths_info_request(request: web.Request) -> tuple[list[str], bool]:
     else:
         try:
             form = await request.post()
+        except web.HTTPRequestEntityTooLarge:  # (aiohttp's cap on form fields: said as the node says it)
+            raise web.HTTPRequestEntityTooLarge(MAX_PATHS_INFO, MAX_PATHS_INFO + 1, text=f"at most {MAX_PATHS_INFO} "
+                                                "paths per paths-info request, as on the Hub") from None  # fmt: skip
         except (ValueError, LookupError) as error:  # not UTF-8, no boundary, an unknown charset...
             raise InvalidInputError(f"the paths-info form could not be read: {error}") from None
         paths = [str(p) for p in form.getall("paths", [])]
