@@ -292,7 +292,7 @@ def test_a_file_the_upstreams_branch_dropped_is_not_answered_from_the_mirrors_ol
     """The upstream's main moved to a commit without tokenizer.json: the mirror answered it from the older
     commit it held (200, that commit's X-Repo-Commit), and huggingface_hub moved the client's refs/main back."""
 
-    monkeypatch.setattr(mirroring, "MANIFEST_TTL", 0.0)  # (the upstream is asked again at once)
+    monkeypatch.setenv("MODELDEPOT_MIRROR_TTL", "0")  # (the upstream is asked again at once)
     with mirror_of_a_node(tmp_path, monkeypatch) as (upstream_depot, mirror):
         url = f"{mirror.url}/{REPO}/resolve/main/config.json"
         assert asyncio.run(_read(url))[1] == FILES["config.json"]  # the mirror holds the first commit

@@ -42,7 +42,7 @@ def test_a_hung_upstream_leaves_held_files_and_the_rest_of_the_node_answering(
     """An upstream that accepts connections and never answers: requests by branch for files the mirror
     held waited the whole request deadline for it and got a 408, eight of them took every thread of the
     loop's pool (a file by commit id and /api/models waited too), and each asked the upstream again."""
-    monkeypatch.setattr(mirroring, "MANIFEST_TTL", 0.0)  # (the upstream is asked on every request)
+    monkeypatch.setenv("MODELDEPOT_MIRROR_TTL", "0")  # (the upstream is asked on every request)
     mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, request_deadline=15.0)
     try:
         held = f"{mirror.url}/{REPO}/resolve/main/config.json"

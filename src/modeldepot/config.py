@@ -176,6 +176,9 @@ class DepotConfig:
     # Seconds Depot.pull (and `modeldepot pull`) keeps trying again through an outage, once no source
     # answers at all (MODELDEPOT_OUTAGE_PATIENCE; 0: fail at once)
     outage_patience: float = 120.0
+    # Seconds a mirror reuses its upstream's answer for a branch before it asks again: a branch moved upstream
+    # is followed after this long at most (MODELDEPOT_MIRROR_TTL; 0: ask at every request)
+    mirror_ttl: float = 30.0
     preload_budget: str = "50%"  # RAM for preloaded models: "50%" of RAM, "8GiB" (MODELDEPOT_PRELOAD_BUDGET)
     preload_strategy: str = "page-cache"  # MODELDEPOT_PRELOAD_STRATEGY
     cluster: str | None = None  # the fleet's registry: etcd://HOST:PORT[,HOST:PORT] (MODELDEPOT_CLUSTER)
@@ -251,6 +254,7 @@ class DepotConfig:
             connections_per_source=per_source,
             read_timeout=_float_setting(env, "MODELDEPOT_READ_TIMEOUT", 30.0),
             outage_patience=_float_setting(env, "MODELDEPOT_OUTAGE_PATIENCE", 120.0, zero=True),
+            mirror_ttl=_float_setting(env, "MODELDEPOT_MIRROR_TTL", 30.0, zero=True),
             preload_budget=env.get("MODELDEPOT_PRELOAD_BUDGET") or "50%",
             preload_strategy=env.get("MODELDEPOT_PRELOAD_STRATEGY") or "page-cache",
             cluster=env.get("MODELDEPOT_CLUSTER", "").strip() or None,

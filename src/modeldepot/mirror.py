@@ -55,7 +55,6 @@ from modeldepot.validation import is_commit_id, validate_path
 
 __all__ = ["Mirror"]
 
-MANIFEST_TTL = 30.0  # seconds a branch's scan answers misses before the upstream is asked again
 READ_BLOCK = 1024 * 1024
 # Seconds a file whose response broke is answered whole: longer than clients retry (huggingface_hub
 # resumes at once, a user re-running a download within the hour)
@@ -180,7 +179,8 @@ class Mirror:
         UpstreamTimeoutError (504) while the scan goes on, for the requests that follow."""
         key = (repo_id, revision)
         cached = self._manifests.get(key)
-        if cached is not None and (is_commit_id(revision) or time.monotonic() - cached[0] < MANIFEST_TTL):
+        ttl = self.depot.config.mirror_ttl
+        if cached is not None and (is_commit_id(revision) or time.monotonic() - cached[0] < ttl):
             return cached[1]
         if self._stopping:  # (a request that came as the node began to stop: no new scan to wait for)
             raise UpstreamTimeoutError(f"the node is stopping: {repo_id} at {revision} is not looked up upstream",
