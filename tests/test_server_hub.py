@@ -22,7 +22,12 @@ from huggingface_hub import (
     hf_hub_url,
     snapshot_download,
 )
-from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 from conftest import (
     SMALL_CHUNK,
@@ -444,7 +449,6 @@ def test_last_commit_is_when_the_revision_came_and_gated_repos_say_so(
 
 
 def test_what_a_node_does_not_serve_is_refused_clearly(node: LiveNode, tmp_path: Path) -> None:
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(endpoint=node.url, token=False)
     for call in (lambda: api.dataset_info("acme/data"), lambda: api.space_info("acme/app")):
@@ -543,3 +547,31 @@ def test_a_branchs_full_ref_name_is_the_branch(node: LiveNode, tmp_path: Path) -
     )
     assert Path(got).read_bytes() == b'{"dev": true}'
     assert api.list_repo_files(SAMPLE, revision="refs/heads/main") == api.list_repo_files(SAMPLE)
+
+
+def test_hf_auth_login_and_whoami_take_a_nodes_token(depot: Depot, tmp_path: Path) -> None:
+    """`hf auth login --token T` and `hf auth whoami` failed against a node (no /api/whoami-v2): its token could
+    be given as HF_TOKEN alone (a trial). The node's token is a read token of the user "modeldepot"."""
+    depot.import_dir(write_model_dir(tmp_path / "m", {"config.json": b"{}"}), SAMPLE, private=True)
+    node = LiveNode(depot, token="node-secret")
+    try:
+        assert HfApi(endpoint=node.url, token="node-secret").whoami()["name"] == "modeldepot"
+        with pytest.raises(HfHubHTTPError) as refused:
+            HfApi(endpoint=node.url, token="wrong").whoami()
+        assert refused.value.response.status_code == 401
+        env = {**os.environ, "HF_ENDPOINT": node.url, "HF_HOME": str(tmp_path / "hf")}
+        for name in ("HF_TOKEN", "HF_HUB_OFFLINE"):  # (the tests run offline but for loopback nodes)
+            env.pop(name, None)
+        hf = str(Path(sys.executable).parent / "hf")
+        login = subprocess.run([hf, "auth", "login", "--token", "node-secret"], env=env, capture_output=True,
+                               text=True, timeout=120)  # fmt: skip
+        assert login.returncode == 0, login.stdout + login.stderr
+        who = subprocess.run([hf, "auth", "whoami"], env=env, capture_output=True, text=True, timeout=120)
+        assert who.returncode == 0 and "modeldepot" in who.stdout, who.stdout + who.stderr
+        # and the login's token reads the node's private repo
+        got = subprocess.run([sys.executable, "-c", f"from huggingface_hub import hf_hub_download; print(open("
+                              f"hf_hub_download({SAMPLE!r}, 'config.json')).read())"], env=env, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+        assert got.returncode == 0 and got.stdout.strip() == "{}", got.stderr
+    finally:
+        node.stop()

@@ -509,6 +509,20 @@ async def no_org(request: web.Request) -> web.Response:
                           f"give the repo's full id, as the Hub names it now)")  # fmt: skip
 
 
+async def whoami(request: web.Request) -> web.Response:
+    """``/api/whoami-v2``: `hf auth login --token T` and `whoami` check a token with it (without, a node's
+    token could be given as HF_TOKEN alone: a trial). The node's token (on a node without one, its control
+    token) is a read token of the user "modeldepot"; anything else is refused, as the Hub refuses a bad
+    token."""
+    if "Authorization" not in request.headers or not is_authorized(request):
+        return error_response(401, None, "Invalid credentials in Authorization header: give the node's token "
+                              "(serve --token), or none: a node without one serves its public repos to anyone")  # fmt: skip
+    return json_response({
+        "type": "user", "id": "modeldepot", "name": "modeldepot", "fullname": "modeldepot node", "orgs": [],
+        "auth": {"type": "access_token", "accessToken": {"displayName": "modeldepot-node", "role": "read"}},
+    })  # fmt: skip
+
+
 async def not_models(request: web.Request) -> web.Response:
     """Datasets and Spaces: a node holds model repos only."""
     kind = request.match_info["kind"]
@@ -568,6 +582,7 @@ def add_hub_routes(app: web.Application) -> None:
     app.router.add_get(repo + "/commits/{rev:.+}", list_commits)  # huggingface.js does not encode the rev
     app.router.add_get("/api/models", list_models)
     app.router.add_get("/api/agent-harnesses", agent_harnesses)
+    app.router.add_get("/api/whoami-v2", whoami)
     app.router.add_get("/{org}/{name}/resolve/{rev}/{path:.+}", resolve)  # add_get answers HEAD too
     app.router.add_get("/{org}/{name}/raw/{rev}/{path:.+}", raw)
     # Repo ids without an org (the Hub's old ones: gpt2): after the routes above, which they cannot match
