@@ -918,7 +918,8 @@ def test_every_control_answer_is_as_the_document_says(
     check(open_node, "DELETE", pin, 200, {"quant": "q4f16"})
     # 503: a file of the model failed verification (found by a download, and quarantined).
     flip_byte(local.store.blobs.path(hashlib.sha256(FILES["onnx/model_q4f16.onnx"]).hexdigest()), 3)
-    assert call(open_node.port, "GET", f"/{REPO}/resolve/main/onnx/model_q4f16.onnx").status == 503
+    commit = local.resolve(REPO)  # (by its branch, an LFS file is a redirect to its commit's URL)
+    assert call(open_node.port, "GET", f"/{REPO}/resolve/{commit}/onnx/model_q4f16.onnx").status == 503
     assert check(open_node, "POST", preload, 503, {"quant": "q4f16"}).headers["X-Error-Code"] == "CorruptFile"
     check(open_node, "DELETE", repo, 200)
 

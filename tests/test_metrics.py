@@ -247,7 +247,7 @@ def test_sent_bytes_count_every_body_byte_once_and_no_header(node: LiveNode, dep
     expected = first.value(SENT) + first.size
     whole = get(node, f"{API}/blobs/{BIG_SHA}")
     assert whole.body == FILES[BIG]
-    ranged = get(node, f"/{REPO}/resolve/main/{BIG}", {"Range": "bytes=100-70099"})
+    ranged = get(node, f"/{REPO}/resolve/{depot.resolve(REPO)}/{BIG}", {"Range": "bytes=100-70099"})
     assert ranged.status == 206 and len(ranged.body) == 70_000
     info = get(node, f"{API}/info")
     sent_reaches(node, expected + len(FILES[BIG]) + 70_000 + len(info.body))

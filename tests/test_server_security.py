@@ -31,7 +31,22 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 def call(
     node: LiveNode, method: str, target: str, headers: dict[str, str] | None = None, body: bytes | None = None
 ) -> Reply:
-    """One request sent exactly as given (no normalising, no re-encoding) on a fresh connection."""
+    """One request sent exactly as given (no normalising, no re-encoding) on a fresh connection; a redirect
+    to the node itself (a branch's LFS file to its commit's URL) is followed, with the same headers, as
+    huggingface_hub follows it."""
+    reply = _call_once(node, method, target, headers, body)
+    location = reply.headers.get("Location", "")
+    if reply.status == 302 and location.startswith("/"):
+        assert (
+            reply.headers.get("X-Repo-Commit") and f"/resolve/{reply.headers['X-Repo-Commit']}/" in location
+        )
+        return _call_once(node, method, location, headers, body)
+    return reply
+
+
+def _call_once(
+    node: LiveNode, method: str, target: str, headers: dict[str, str] | None = None, body: bytes | None = None
+) -> Reply:
     connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
     try:
         connection.request(method, target, body=body, headers=headers or {})
