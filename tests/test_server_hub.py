@@ -578,3 +578,35 @@ def test_hf_auth_login_and_whoami_take_a_nodes_token(depot: Depot, tmp_path: Pat
         assert got.returncode == 0 and got.stdout.strip() == "{}", got.stderr
     finally:
         node.stop()
+
+
+def test_model_info_gives_the_safetensors_parameters(node: LiveNode, depot: Depot, tmp_path: Path) -> None:
+    """`model_info(...).safetensors` was None, `expand=["safetensors"]` too, though the node held the files
+    (a trial; `get_safetensors_metadata` worked). The parameters by dtype, summed over a sharded model's
+    files, as the Hub gives them; none for a file that is no safetensors."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    api = HfApi(endpoint=node.url)
+    real = api.get_safetensors_metadata(MINILM)
+    info = api.model_info(MINILM).safetensors
+    assert (
+        info is not None
+        and info.parameters == real.parameter_count
+        and info.total == sum(real.parameter_count.values())
+    )
+    assert api.model_info(MINILM, expand=["safetensors"]).safetensors == info
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    save_file(
+        {"a": np.zeros((3, 4), np.float32), "b": np.zeros(5, np.int64)},
+        str(folder / "model-00001-of-00002.safetensors"),
+    )
+    save_file({"c": np.zeros((2, 2, 2), np.float16)}, str(folder / "model-00002-of-00002.safetensors"))
+    depot.import_dir(folder, "acme/sharded")
+    sharded = api.model_info("acme/sharded").safetensors
+    assert sharded is not None and (sharded.parameters, sharded.total) == (
+        {"F32": 12, "I64": 5, "F16": 8},
+        25,
+    )
+    assert api.model_info(SAMPLE).safetensors is None  # (its model.safetensors is random bytes)

@@ -41,6 +41,7 @@ from modeldepot.server.listing import (
     head,
     model_config,
     models_page,
+    safetensors_info,
 )
 from modeldepot.server.mirror_routes import MIRROR, mirror_resolve, mirror_revision
 from modeldepot.server.ranges import RangeNotSatisfiable
@@ -183,12 +184,23 @@ async def model_info(request: web.Request) -> web.Response:
     if "rev" not in request.match_info:  # the repo's: as /api/models lists it (repo_exists asks so)
         revision = await asyncio.to_thread(_listed_revision, request.app[DEPOT], repo_id)
     view = await _revision_view(request, repo_id, revision)
+    store = request.app[DEPOT].store
+    # The parameters by dtype, as the Hub gives them by default (read from the store: a revision held in part,
+    # or that a mirror has not pulled, has none)
+    parameters = None
+    held = not any(f.path.endswith(".safetensors") and not f.chunk_size for f in view.files)
+    if held and (not expand or "safetensors" in expand):
+        parameters = await asyncio.to_thread(safetensors_info, store, view.repo_id, view.commit_id)
     if not expand:
-        return json_response(model_info_body(view, truthy(request.query.get("blobs"))))
+        body = model_info_body(view, truthy(request.query.get("blobs")))
+        return json_response({**body, "safetensors": parameters} if parameters else body)
     config = None  # read from the store: a revision a mirror has not pulled has none
     if "config" in expand:
-        config = await asyncio.to_thread(model_config, request.app[DEPOT].store, view.repo_id, view.commit_id)
-    return json_response(select_properties(model_properties(view, config), expand))
+        config = await asyncio.to_thread(model_config, store, view.repo_id, view.commit_id)
+    body = model_properties(view, config)
+    if parameters:
+        body["safetensors"] = parameters
+    return json_response(select_properties(body, expand))
 
 
 def _listed_revision(depot: Depot, repo_id: str) -> str:

@@ -32,7 +32,7 @@ from modeldepot.server.views import (
     select_properties,
     stored_view,
 )
-from modeldepot.store import RepoSummary, Store
+from modeldepot.store import FileEntry, RepoSummary, Store
 
 __all__ = [
     "COMMITS_PAGE",
@@ -241,6 +241,55 @@ def model_config(store: Store, repo_id: str, commit_id: str) -> dict[str, Any] |
     if special:
         found["tokenizer_config"] = special
     return found or None
+
+
+SAFETENSORS_HEADER_MAX = 100 << 20  # bytes of a safetensors header read at most (the format's own bound)
+_PARAMETERS: dict[tuple[str, str, str], dict[str, Any] | None] = {}  # (home, repo, commit) -> safetensors
+
+
+def safetensors_info(store: Store, repo_id: str, commit_id: str) -> dict[str, Any] | None:
+    """The ``safetensors`` property, as the Hub derives it: the parameters of the commit's safetensors files
+    by dtype, and their total, from the files' headers (read through the chunk checks, once per commit).
+    None when the commit has none, or the store lacks one of them (a sum of part would be wrong), or one
+    is unreadable."""
+    key = (str(store.home), repo_id, commit_id)
+    if key in _PARAMETERS:
+        return _PARAMETERS[key]
+    entries = [e for e in store.files(repo_id, commit_id) if e.path.endswith(".safetensors")]
+    parameters: dict[str, int] = {}
+    try:
+        for entry in entries:
+            for dtype, count in _safetensors_parameters(store, entry).items():
+                parameters[dtype] = parameters.get(dtype, 0) + count
+        found = {"parameters": parameters, "total": sum(parameters.values())} if parameters else None
+    except (NotFoundError, CorruptBlobError, ValueError, RecursionError, KeyError, TypeError):
+        found = None
+    if len(_PARAMETERS) >= 1024:
+        _PARAMETERS.clear()
+    _PARAMETERS[key] = found
+    return found
+
+
+def _safetensors_parameters(store: Store, entry: FileEntry) -> dict[str, int]:
+    """The parameters of one safetensors file by dtype, from its header."""
+    first = bytes(store.chunk(entry, 0))
+    length = int.from_bytes(first[:8], "little")
+    if len(first) < 8 or length > min(SAFETENSORS_HEADER_MAX, entry.size - 8):
+        raise ValueError(f"{entry.path} has no safetensors header")
+    header, index = first, 1
+    while len(header) < 8 + length:
+        header += bytes(store.chunk(entry, index))
+        index += 1
+    table = json.loads(header[8 : 8 + length])
+    counts: dict[str, int] = {}
+    for name, tensor in table.items():
+        if name == "__metadata__":
+            continue
+        shape = tensor["shape"]
+        if not isinstance(tensor["dtype"], str) or not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise ValueError(f"{entry.path}: tensor {name!r} is described wrongly")
+        counts[tensor["dtype"]] = counts.get(tensor["dtype"], 0) + math.prod(shape)
+    return counts
 
 
 def _item(store: Store, summary: RepoSummary, properties: Iterable[str]) -> dict[str, Any]:
