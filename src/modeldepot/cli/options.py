@@ -91,7 +91,8 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
             render.err.print(f"[red]error:[/red] {escape(str(error))}")
             sys.exit(exit_code_for(error))
         except KeyboardInterrupt:  # (a pull says more: it keeps its chunks)
-            render.err.print("interrupted: what was not finished is not in the store; run the command again")
+            # (the store, or a Hugging Face cache an export writes: each name appears whole, or not at all)
+            render.err.print("interrupted: nothing was left half-written; run the command again to finish")
             sys.exit(EXIT_INTERRUPTED)
 
     return wrapper  # type: ignore[return-value]
