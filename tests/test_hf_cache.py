@@ -920,3 +920,24 @@ def test_an_export_keeps_a_ref_to_another_snapshot_and_says_what_it_names(tmp_pa
             old.hf_cache_export("acme/m", cache_dir=tmp_path / "hf")
         with pytest.raises(InvalidInputError, match=r"whose cache is .*hub \(HF_HUB_CACHE\)"):
             old.hf_cache_import(cache_dir=tmp_path / "hf")
+
+
+def test_a_commit_split_across_two_spellings_folders_is_one_repo_whole_without_a_partial_note(
+    depot: Depot, hf_cache: Path
+) -> None:
+    """`Org/Model` held one quant of a commit, `org/model` the other: each folder's note said the commit lacked
+    what the other folder held (`pull` it), and the repo was said adopted twice (a trial). The note counts
+    what the store holds of the commit once every folder is adopted; the repo is said once."""
+    other = hf_cache / "models--Acme--Sample"
+    shutil.copytree(hf_cache / FOLDER, other, symlinks=True)
+    commit = (hf_cache / FOLDER / "refs" / "main").read_text()
+    assert (hf_cache / FOLDER / "trees" / f"{commit}.json").exists()  # (the commit's whole listing)
+    for folder, dropped in ((hf_cache / FOLDER, "onnx"), (other, "model.safetensors")):
+        target = folder / "snapshots" / commit / dropped
+        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+    result = depot.hf_cache_import(cache_dir=hf_cache)
+    assert [p.problem for p in result.problems] == ["merged"], result.problems
+    [repo] = result.repos
+    [revision] = [r for r in repo.revisions if r.commit_id == commit]
+    assert revision.files == len(sample_files()) and "main" in revision.refs
+    assert {f.path for f in depot.list_files(repo.repo_id)} == set(sample_files())

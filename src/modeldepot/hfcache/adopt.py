@@ -87,6 +87,9 @@ class _Scan:
         self.cache = cache
         self.real = os.path.realpath(cache)
         self.problems: list[HfCacheProblem] = []
+        # Commits whose listing names files the snapshot lacked: (repo, its listing's path, commit, listing),
+        # said once every folder is adopted (a folder of another spelling of the id may hold the rest)
+        self.partial: list[tuple[str, Path, str, list[RemoteFile]]] = []
 
     def problem(self, repo_id: str | None, path: Path, kind: str, detail: str) -> None:
         self.problems.append(
@@ -346,7 +349,47 @@ def import_hf_cache(
             continue
         if result is not None:
             adopted.append(result)
-    return HfCacheImportResult(str(cache), tuple(adopted), tuple(scan.problems))
+    for (
+        repo_id,
+        tree,
+        commit,
+        listing,
+    ) in scan.partial:  # (what the store holds of it now, every folder adopted)
+        held = {entry.path for entry in store.files(repo_id, commit)}
+        missing = [f.path for f in listing if f.path not in held]
+        if missing:
+            scan.problem(repo_id, tree, "partial",
+                         f"commit {commit[:12]} has {len(listing)} files and {len(missing)} were not imported "
+                         f"(e.g. {missing[0]!r}): `modeldepot pull {repo_id} -r {commit}` takes the rest")  # fmt: skip
+    return HfCacheImportResult(str(cache), tuple(_one_per_repo(store, adopted)), tuple(scan.problems))
+
+
+def _one_per_repo(store: Store, adopted: list[HfCacheRepo]) -> list[HfCacheRepo]:
+    """The folders of one repo (its id's spellings) said as one: they were "adopted" twice (a trial); a
+    commit both held counts the files the store holds of it now."""
+    merged: dict[str, HfCacheRepo] = {}
+    for repo in adopted:
+        held = merged.get(repo.repo_id)
+        if held is None:
+            merged[repo.repo_id] = repo
+            continue
+        revisions = {r.commit_id: r for r in held.revisions}
+        for revision in repo.revisions:
+            known = revisions.get(revision.commit_id)
+            if known is None:
+                revisions[revision.commit_id] = revision
+                continue
+            files = store.files(repo.repo_id, revision.commit_id)
+            revisions[revision.commit_id] = HfCacheRevision(
+                revision.commit_id, tuple(dict.fromkeys([*known.refs, *revision.refs])), len(files),
+                sum(f.size for f in files),
+            )  # fmt: skip
+        merged[repo.repo_id] = dataclasses.replace(
+            held, revisions=tuple(revisions.values()), blobs=held.blobs + repo.blobs,
+            new_blobs=held.new_blobs + repo.new_blobs, new_bytes=held.new_bytes + repo.new_bytes,
+            linked_blobs=held.linked_blobs + repo.linked_blobs, copied_blobs=held.copied_blobs + repo.copied_blobs,
+        )  # fmt: skip
+    return list(merged.values())
 
 
 def _blob_sources(repo: _CachedRepo) -> dict[str, _Link]:
@@ -508,12 +551,9 @@ def _note_a_partial_commit(store: Store, scan: _Scan, repo: _CachedRepo, commit:
     tree = repo.folder / "trees" / f"{commit}.json"
     if listing is None:
         return
-    missing = [f.path for f in listing if f.path not in imported]
-    if not missing:
+    if all(f.path in imported for f in listing):
         return
-    scan.problem(repo.repo_id, tree, "partial",
-                 f"commit {commit[:12]} has {len(listing)} files and {len(missing)} were not imported (e.g. "
-                 f"{missing[0]!r}): `modeldepot pull {repo.repo_id} -r {commit}` takes the rest")  # fmt: skip
+    scan.partial.append((repo.repo_id, tree, commit, listing))
     try:
         saved = store.manifests.load(repo.repo_id).commit_id
     except NotFoundError:
