@@ -850,7 +850,7 @@ def test_the_command(home: Path, hf_cache: Path, tmp_path: Path) -> None:
     (snapshot_of(hf_cache) / "stray.txt").write_bytes(b"a file, not a link")
     code, out, err = run("hf-cache", "import", "--cache-dir", str(hf_cache), "--json", home=home)
     assert code == 1 and not json.loads(out)["ok"]
-    assert [p["problem"] for p in json.loads(out)["problems"]] == ["invalid"]
+    assert [p["problem"] for p in json.loads(out)["problems"]] == ["unlisted"]
     code, _, err = run("hf-cache", "import", "--cache-dir", str(hf_cache), home=home)
     assert code == 1 and "stray.txt" in err
     # Bad input: exit 2 before anything opens; absent things: exit 1.
@@ -941,3 +941,30 @@ def test_a_commit_split_across_two_spellings_folders_is_one_repo_whole_without_a
     [revision] = [r for r in repo.revisions if r.commit_id == commit]
     assert revision.files == len(sample_files()) and "main" in revision.refs
     assert {f.path for f in depot.list_files(repo.repo_id)} == set(sample_files())
+
+
+def test_a_cache_whose_snapshots_hold_files_is_adopted_by_the_commits_listing(
+    depot: Depot, pristine: Path, tmp_path: Path
+) -> None:
+    """A cache copied with `cp -rL` (or made where links are off) holds files in its snapshots, not links to
+    blobs/: huggingface_hub reads it, and the import skipped every file as "invalid". Each is verified against
+    the commit's listing (trees/<commit>.json) and adopted; a file the listing does not name is skipped."""
+    copied = tmp_path / "copied" / "hub"
+    shutil.copytree(pristine, copied)  # (links followed: files everywhere)
+    commit = (copied / FOLDER / "refs" / "main").read_text()
+    snapshot = copied / FOLDER / "snapshots" / commit
+    assert not (snapshot / "config.json").is_symlink()
+    (snapshot / "extra.txt").write_bytes(b"not in the listing")
+    result = depot.hf_cache_import([SAMPLE], cache_dir=copied)
+    # (the other commits were fetched file by file: no listing of theirs to verify their files against)
+    assert [(p.problem, p.path) for p in result.problems if commit in p.path] == [
+        ("unlisted", f"{FOLDER}/snapshots/{commit}/extra.txt")
+    ]  # fmt: skip
+    assert read_tree(depot.snapshot_path(SAMPLE, commit)) == sample_files()
+    flip_byte(snapshot / "config.json", 3)  # a file that is not what the listing says: refused as corrupt
+    with Depot(tmp_path / "other") as other:
+        refused = other.hf_cache_import([SAMPLE], cache_dir=copied)
+        assert ("corrupt", f"{FOLDER}/blobs/") in {
+            (p.problem, p.path[: len(FOLDER) + 7]) for p in refused.problems
+        }
+        assert not other.has_file(SAMPLE, "config.json", commit)

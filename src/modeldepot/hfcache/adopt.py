@@ -90,6 +90,7 @@ class _Scan:
         # Commits whose listing names files the snapshot lacked: (repo, its listing's path, commit, listing),
         # said once every folder is adopted (a folder of another spelling of the id may hold the rest)
         self.partial: list[tuple[str, Path, str, list[RemoteFile]]] = []
+        self.listings: dict[Path, list[RemoteFile] | None] = {}  # trees/<commit>.json read (and said) once
 
     def problem(self, repo_id: str | None, path: Path, kind: str, detail: str) -> None:
         self.problems.append(
@@ -181,27 +182,34 @@ def _scan_repo(scan: _Scan, repo_id: str, folder: Path) -> _CachedRepo:
         elif not is_commit_id(name):
             scan.problem(repo_id, path, "invalid", "a snapshot folder must be named by a 40-hex commit id")
         else:
-            snapshots[name] = _scan_snapshot(scan, repo_id, folder, path)
+            listing = _read_tree_listing(scan, repo_id, folder / "trees" / f"{name}.json")
+            snapshots[name] = _scan_snapshot(scan, repo_id, folder, path, listing)
     return _CachedRepo(repo_id, folder, snapshots, _scan_refs(scan, repo_id, folder, snapshots))
 
 
-def _scan_snapshot(scan: _Scan, repo_id: str, folder: Path, root: Path) -> list[_Link]:
+def _scan_snapshot(
+    scan: _Scan, repo_id: str, folder: Path, root: Path, listing: list[RemoteFile] | None
+) -> list[_Link]:
     blobs = os.path.normpath(os.path.abspath(folder / "blobs"))
     links: list[_Link] = []
     for current, dirs, names in os.walk(root):  # links to folders are listed in dirs, never entered
         for name in [d for d in dirs if os.path.islink(os.path.join(current, d))]:
             scan.problem(repo_id, Path(current, name), "outside", "a link to a folder: refused")
         dirs[:] = sorted(d for d in dirs if not os.path.islink(os.path.join(current, d)))
+        listed = {f.path: f for f in listing or []}
         for name in sorted(names):
             link = Path(current, name)
-            found = _read_link(scan, repo_id, blobs, root, link)
+            found = _read_link(scan, repo_id, blobs, root, link, listed)
             if found is not None:
                 links.append(found)
     return links
 
 
-def _read_link(scan: _Scan, repo_id: str, blobs: str, root: Path, link: Path) -> _Link | None:
-    """The blob a snapshot entry names, once everything about it checked out; else a problem."""
+def _read_link(scan: _Scan, repo_id: str, blobs: str, root: Path, link: Path,
+               listed: dict[str, RemoteFile]) -> _Link | None:  # fmt: skip
+    """The blob a snapshot entry names, once everything about it checked out; else a problem. A file in
+    place of the link (a cache copied with `cp -rL`, or made where links are off: huggingface_hub reads it
+    so) is its own blob, verified against the commit's listing (``listed``: trees/<commit>.json)."""
     relative = link.relative_to(root).as_posix()
     try:
         validate_path(relative)
@@ -209,8 +217,17 @@ def _read_link(scan: _Scan, repo_id: str, blobs: str, root: Path, link: Path) ->
         scan.problem(repo_id, link, "invalid", str(error))
         return None
     if not link.is_symlink():
-        scan.problem(repo_id, link, "invalid", "a file, not a link to blobs/: no name to verify it against")
-        return None
+        entry = listed.get(relative)
+        try:
+            info = os.stat(link, follow_symlinks=False)
+        except OSError as error:
+            scan.problem(repo_id, link, "unreadable", str(error))
+            return None
+        if entry is None or not stat.S_ISREG(info.st_mode):
+            scan.problem(repo_id, link, "unlisted", "a file in place of a link to blobs/, and the commit's listing "
+                         "(trees/<commit>.json) names none to verify it against: skipped")  # fmt: skip
+            return None
+        return _Link(relative, entry.sha256 or entry.git_oid, link, info.st_size)
     target = os.readlink(link)
     hop = os.path.normpath(os.path.join(os.path.abspath(link.parent), target))
     etag = os.path.basename(hop)
@@ -565,7 +582,14 @@ def _note_a_partial_commit(store: Store, scan: _Scan, repo: _CachedRepo, commit:
 
 def _read_tree_listing(scan: _Scan, repo_id: str, tree: Path) -> list[RemoteFile] | None:
     """huggingface_hub's cached listing of a commit, every value checked as an upstream's would be; None
-    when there is none (older huggingface_hub, hf_hub_download alone) or it cannot be read (reported)."""
+    when there is none (older huggingface_hub, hf_hub_download alone) or it cannot be read (reported, once)."""
+    if tree in scan.listings:
+        return scan.listings[tree]
+    scan.listings[tree] = found = _read_listing_once(scan, repo_id, tree)
+    return found
+
+
+def _read_listing_once(scan: _Scan, repo_id: str, tree: Path) -> list[RemoteFile] | None:
     try:
         if tree.stat().st_size > MAX_TREE_LISTING:
             raise ValueError(f"it is larger than {MAX_TREE_LISTING} bytes")
