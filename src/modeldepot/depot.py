@@ -1003,10 +1003,11 @@ class Depot:
             validate_repo_id(repo_id)
         return self.store.budget.pins(repo_id)
 
-    def budget_status(self) -> BudgetStatus:
+    def budget_status(self, fresh: bool = True) -> BudgetStatus:
         """The disk budget (the store's, :meth:`set_max_size`, capped by ``MODELDEPOT_MAX_SIZE``), what the
-        blobs use, what pins and uses keep, and the evictions so far."""
-        return self.store.budget.status()
+        blobs use, what pins and uses keep, and the evictions so far (``fresh`` False: which blobs files
+        outside the store share, as looked at in the last seconds: for what asks often)."""
+        return self.store.budget.status(fresh)
 
     @_writes
     def set_max_size(self, max_size: str | int | None) -> list[Eviction]:

@@ -103,7 +103,7 @@ class NodeCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         depot = self._app[DEPOT]
         totals = store_totals(depot.store)
-        budget = depot.budget_status()
+        budget = depot.budget_status(fresh=False)
         preload = depot.preloader.stats()
         engines = depot.engines.stats()
         fleet = self._app.get(FLEET)

@@ -454,7 +454,7 @@ def _stats(depot: Depot, authorized: bool) -> dict[str, Any]:
     private; a removed repo, which may have been private, is never named), and what cannot be split per
     repo is null."""
     totals = store_totals(depot.store, public_only=not authorized)
-    budget = depot.budget_status().to_dict()
+    budget = depot.budget_status(fresh=False).to_dict()
     preload = depot.preloader.stats()
     engines = depot.engines.stats().to_dict()
     figures = {k: v for k, v in preload.to_dict().items() if k not in ("preloaded", "most_accessed")}

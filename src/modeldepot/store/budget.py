@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 
 MAX_SIZE_SETTING = "max_size"  # the store's budget in its settings table, as written ("200GiB", "80%")
 
+SHARED_FRESH = 5.0  # seconds a look at which blobs are shared with files outside the store answers status()
 DOWNLOADING_FRESH = (
     600.0  # seconds a 'downloading' status row protects its repo (a crashed pull's goes stale)
 )
@@ -141,7 +142,8 @@ class DiskBudget:
         self._writers: list[BudgetWriter] = []
         self._reused: Counter[str] = Counter()  # blobs (SHA-256) writers found in the store and rely on
         self._reserved = 0  # bytes writers made room for and may not have written yet
-        self._lock = threading.Lock()  # guards _writers, _reused, _reserved
+        self._shared: tuple[float, dict[str, int]] | None = None  # (when, shared_blobs) for status
+        self._lock = threading.Lock()  # guards _writers, _reused, _reserved, _shared
         self._round = threading.Lock()  # one eviction round at a time in this process
         # What writers in other processes reserved (this process's own: _reserved)
         self.reservations = Reservations(store.layout.lock_path.parent / "reservations", store.read_only)
@@ -357,16 +359,29 @@ class DiskBudget:
         row = self.store.index.read("SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state = 'ok'")
         return int(row[0][0]) - ok_bytes(self.store, shared_blobs(self.store) if shared is None else shared)
 
+    def _shared_lately(self) -> dict[str, int]:
+        """:func:`shared_blobs` as looked at in the last SHARED_FRESH seconds (a node's status is asked often:
+        by a dashboard, every scrape of /metrics; a look is a stat of every blob file). Evictions look anew."""
+        now = time.monotonic()
+        with self._lock:
+            if self._shared is not None and now - self._shared[0] < SHARED_FRESH:
+                return self._shared[1]
+        shared = shared_blobs(self.store)
+        with self._lock:
+            self._shared = (now, shared)
+        return shared
+
     def _kept_blobs(self) -> frozenset[str]:
         """The blobs writers of this process found in the store and rely on: an eviction keeps them."""
         with self._lock:
             return frozenset(self._reused)
 
-    def status(self) -> BudgetStatus:
-        """The figures (a node's stats and metrics ask often: read only, the uses as written so far)."""
+    def status(self, fresh: bool = True) -> BudgetStatus:
+        """The figures (a node's stats and metrics ask often: read only, the uses as written so far;
+        ``fresh`` False: the blobs shared with files outside the store as looked at in the last seconds)."""
         pinned = self._pins_kept()
         kept = self._kept(pins=pinned)
-        shared = shared_blobs(self.store)
+        shared = shared_blobs(self.store) if fresh else self._shared_lately()
         return BudgetStatus(
             max_bytes=self.max_bytes,
             store_max_size=self.store_max_size,
