@@ -192,11 +192,11 @@ def _scan_snapshot(
 ) -> list[_Link]:
     blobs = os.path.normpath(os.path.abspath(folder / "blobs"))
     links: list[_Link] = []
+    listed = {f.path: f for f in listing or []}
     for current, dirs, names in os.walk(root):  # links to folders are listed in dirs, never entered
         for name in [d for d in dirs if os.path.islink(os.path.join(current, d))]:
             scan.problem(repo_id, Path(current, name), "outside", "a link to a folder: refused")
         dirs[:] = sorted(d for d in dirs if not os.path.islink(os.path.join(current, d)))
-        listed = {f.path: f for f in listing or []}
         for name in sorted(names):
             link = Path(current, name)
             found = _read_link(scan, repo_id, blobs, root, link, listed)
@@ -366,12 +366,8 @@ def import_hf_cache(
             continue
         if result is not None:
             adopted.append(result)
-    for (
-        repo_id,
-        tree,
-        commit,
-        listing,
-    ) in scan.partial:  # (what the store holds of it now, every folder adopted)
+    # (what the store holds of each commit now, every folder adopted)
+    for repo_id, tree, commit, listing in scan.partial:
         held = {entry.path for entry in store.files(repo_id, commit)}
         missing = [f.path for f in listing if f.path not in held]
         if missing:
