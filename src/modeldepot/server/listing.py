@@ -249,9 +249,9 @@ _PARAMETERS: dict[tuple[str, str, str], dict[str, Any] | None] = {}  # (home, re
 
 def safetensors_info(store: Store, repo_id: str, commit_id: str) -> dict[str, Any] | None:
     """The ``safetensors`` property, as the Hub derives it: the parameters of the commit's safetensors files
-    by dtype, and their total, from the files' headers (read through the chunk checks, once per commit).
-    None when the commit has none, or the store lacks one of them (a sum of part would be wrong), or one
-    is unreadable."""
+    by dtype, and their total, from the headers of the files the store holds of the commit (read through the
+    chunk checks, once per commit; the caller asks only when it holds them all: a sum of part would be
+    wrong). None when it has none, or one is unreadable."""
     key = (str(store.home), repo_id, commit_id)
     if key in _PARAMETERS:
         return _PARAMETERS[key]
