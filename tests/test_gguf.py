@@ -355,3 +355,26 @@ def test_a_big_endian_file_reads_the_same(tmp_path: Path) -> None:
     for name, expected in TENSORS.items():
         assert model.tensors[name].dtype.byteorder == ">" or expected.dtype.itemsize == 1
         np.testing.assert_array_equal(model.tensors[name], expected)
+
+
+def test_model_info_gives_the_gguf_properties(single: Depot, depot: Depot, split_folder: Path) -> None:
+    """`model_info(...).gguf` was None against a node holding the files (a trial): the first GGUF model's
+    parameters, architecture and context length, as the Hub gives them (not its projector's); a split
+    model's over every shard; nothing for a repo without GGUF."""
+    from huggingface_hub import HfApi
+
+    node = LiveNode(single)
+    try:
+        api = HfApi(endpoint=node.url)
+        total = sum(int(np.prod(a.shape)) for a in TENSORS.values()) + int(np.prod(QUANT_SOURCE.shape))
+        expected = {"total": total, "architecture": "llama", "context_length": 2048}
+        assert api.model_info(REPO).gguf == expected
+        assert api.model_info(REPO, expand=["gguf"]).gguf == expected
+        depot.import_dir(split_folder, "acme/split-gguf")
+        assert api.model_info("acme/split-gguf").gguf == expected  # (its tensors spread over two shards)
+        (split_folder.parent / "plain").mkdir()
+        (split_folder.parent / "plain" / "config.json").write_text("{}")
+        depot.import_dir(split_folder.parent / "plain", "acme/plain")
+        assert api.model_info("acme/plain").gguf is None
+    finally:
+        node.stop()

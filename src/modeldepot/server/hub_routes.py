@@ -38,6 +38,7 @@ from modeldepot.server.listing import (
     ModelQuery,
     commits_page,
     expand_names,
+    gguf_info,
     head,
     model_config,
     models_page,
@@ -187,20 +188,21 @@ async def model_info(request: web.Request) -> web.Response:
     store = request.app[DEPOT].store
     # The parameters by dtype, as the Hub gives them by default (read from the store: a revision held in part,
     # or that a mirror has not pulled, has none)
-    parameters = None
+    derived: dict[str, Any] = {}
     held = not any(f.path.endswith(".safetensors") and not f.chunk_size for f in view.files)
     if held and (not expand or "safetensors" in expand):
-        parameters = await asyncio.to_thread(safetensors_info, store, view.repo_id, view.commit_id)
+        derived["safetensors"] = await asyncio.to_thread(
+            safetensors_info, store, view.repo_id, view.commit_id
+        )
+    if not expand or "gguf" in expand:
+        derived["gguf"] = await asyncio.to_thread(gguf_info, store, view.repo_id, view.commit_id)
+    derived = {name: value for name, value in derived.items() if value}
     if not expand:
-        body = model_info_body(view, truthy(request.query.get("blobs")))
-        return json_response({**body, "safetensors": parameters} if parameters else body)
+        return json_response({**model_info_body(view, truthy(request.query.get("blobs"))), **derived})
     config = None  # read from the store: a revision a mirror has not pulled has none
     if "config" in expand:
         config = await asyncio.to_thread(model_config, store, view.repo_id, view.commit_id)
-    body = model_properties(view, config)
-    if parameters:
-        body["safetensors"] = parameters
-    return json_response(select_properties(body, expand))
+    return json_response(select_properties({**model_properties(view, config), **derived}, expand))
 
 
 def _listed_revision(depot: Depot, repo_id: str) -> str:

@@ -20,7 +20,7 @@ from multidict import MultiMapping
 
 from modeldepot.config import truthy
 from modeldepot.depot import Depot
-from modeldepot.errors import CorruptBlobError, InvalidInputError, NotFoundError
+from modeldepot.errors import CorruptBlobError, DepotError, InvalidInputError, NotFoundError
 from modeldepot.server.views import (
     COMMIT_AUTHOR,
     COMMIT_TITLE,
@@ -267,6 +267,56 @@ def safetensors_info(store: Store, repo_id: str, commit_id: str) -> dict[str, An
     if len(_PARAMETERS) >= 1024:
         _PARAMETERS.clear()
     _PARAMETERS[key] = found
+    return found
+
+
+_GGUF: dict[tuple[str, str, str], dict[str, Any] | None] = {}  # (home, repo, commit) -> gguf
+
+
+def gguf_info(store: Store, repo_id: str, commit_id: str) -> dict[str, Any] | None:
+    """The ``gguf`` property, as the Hub derives it, from the first GGUF model of the commit the store holds
+    (a split one's every shard): its parameters (``total``), ``architecture``, ``context_length``,
+    ``chat_template``, ``bos_token`` and ``eos_token``, as its metadata has them. None when it has none,
+    one is unreadable, or the ``gguf`` package is not installed. Read once per commit."""
+    from modeldepot.engines.gguf_model import gguf_shard_names, load_gguf
+
+    key = (str(store.home), repo_id, commit_id)
+    if key in _GGUF:
+        return _GGUF[key]
+    found: dict[str, Any] | None = None
+    models = sorted(e.path for e in store.files(repo_id, commit_id) if e.path.endswith(".gguf")
+                    and "mmproj" not in e.path.rsplit("/", 1)[-1].lower())  # fmt: skip
+    first = (gguf_shard_names(models[0]) or models)[0] if models else None
+    try:
+        if first is not None:
+            model = load_gguf(store.file_path(repo_id, first, commit_id))
+            found = _gguf_properties(
+                model.metadata, sum(math.prod(i.shape) for i in model.tensor_info.values())
+            )
+    except (DepotError, OSError, ValueError, TypeError):
+        found = None
+    if len(_GGUF) >= 256:
+        _GGUF.clear()
+    _GGUF[key] = found
+    return found
+
+
+def _gguf_properties(metadata: dict[str, Any], total: int) -> dict[str, Any]:
+    architecture = metadata.get("general.architecture")
+    found: dict[str, Any] = {"total": total}
+    if isinstance(architecture, str):
+        found["architecture"] = architecture
+        context = metadata.get(f"{architecture}.context_length")
+        if isinstance(context, int) and not isinstance(context, bool):
+            found["context_length"] = context
+    template = metadata.get("tokenizer.chat_template")
+    if isinstance(template, str):
+        found["chat_template"] = template
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    for name in ("bos", "eos"):
+        index = metadata.get(f"tokenizer.ggml.{name}_token_id")
+        if isinstance(tokens, list) and isinstance(index, int) and 0 <= index < len(tokens):
+            found[f"{name}_token"] = tokens[index]
     return found
 
 
