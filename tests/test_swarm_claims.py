@@ -325,3 +325,39 @@ def test_a_pull_under_a_download_cap_follows_the_others(clock: Clock) -> None:
             assert alone.may_claim_fresh(patience=10)
 
     run(main())
+
+
+def test_a_withdrawal_cut_short_by_the_pulls_end_leaves_no_claim_behind(etcd_server: EtcdServer) -> None:
+    """A node that drops the Hub withdraws its unlanded claims; the pull that then fails cancels the
+    withdrawal while its deletes are in flight, and its release knew nothing of the claims any more: they
+    stood in etcd until the process ended, and the other nodes waited on them (a review). A chunk whose bytes
+    are being written is not withdrawn."""
+    a, b = node("a"), node("b")
+
+    async def main() -> None:
+        da, db = on_etcd(etcd_server), on_etcd(etcd_server)
+        for discovery, record in ((da, a), (db, b)):
+            await discovery.start()
+            await discovery.register(record)
+        try:
+            swarm = swarm_of(da, a)
+            for index in range(4):
+                assert await swarm.claim(index, set(), patience=10)
+            await db.wait_for(lambda: len(db.claims(SHA, CHUNK)) == 4, 10)
+            withdrawing = asyncio.create_task(swarm.withdraw_unlanded(landing={3}))
+            await asyncio.sleep(0)  # (its deletes sent)
+            withdrawing.cancel()  # the pull failed meanwhile: its run() cancels its tasks
+            await asyncio.gather(withdrawing, return_exceptions=True)
+            await swarm.release()  # the pull's end
+            await db.wait_for(lambda: not db.claims(SHA, CHUNK), 10)
+            # Withdrawn in full, a landing chunk's claim stays (to be settled), the rest go at once
+            for index in range(4):
+                assert await swarm.claim(index, set(), patience=10)
+            await swarm.withdraw_unlanded(landing={3})
+            await db.wait_for(lambda: set(db.claims(SHA, CHUNK)) == {3}, 10)
+            await swarm.release()
+            await db.wait_for(lambda: not db.claims(SHA, CHUNK), 10)
+        finally:
+            await da.close(), await db.close()
+
+    run(main())

@@ -818,7 +818,9 @@ class _FileJob(ChunkChooser):
             self.errors[source.source.name] = error
             log.info("%s: no longer asking %s for it (%s)", self.remote.path, source.source.name, error)
             if source.kind == "hub" and self.swarm is not None:
-                withdrawing = self._watch(asyncio.create_task(self.swarm.withdraw_unlanded()))
+                withdrawing = self._watch(
+                    asyncio.create_task(self.swarm.withdraw_unlanded(set(self.landing)))
+                )
                 self.tasks.add(withdrawing)
                 withdrawing.add_done_callback(self.tasks.discard)
 

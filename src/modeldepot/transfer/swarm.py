@@ -39,7 +39,7 @@ import socket
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -96,6 +96,9 @@ class SwarmFile:
         self._sources: dict[tuple[str, str], FileSource | None] = {}  # (node id, url) -> as a source
         self.mine: set[int] = set()  # chunks this pull claimed
         self.landed: set[int] = set()  # chunks this pull landed (and settled, when it claimed them)
+        self.withdrawn: set[int] = (
+            set()
+        )  # claims withdrawn as the Hub failed (the release takes what is left)
         self._first_seen: dict[tuple[int, int], float] = {}  # (chunk, claim revision) -> when first seen
         self._pending: dict[int, tuple[str, float]] = {}  # chunk -> (claimer, when first seen unlanded)
         self._landings: deque[float] = deque(maxlen=LANDINGS_KEPT)  # seconds from claim seen to settled
@@ -405,22 +408,26 @@ class SwarmFile:
             sha, size = self.sha256, self.chunk_size
             await self.fleet.call(lambda d: d.settle_claim(sha, size, index, digest), None)
 
-    async def withdraw_unlanded(self) -> None:
-        """Withdraw this node's claims on the chunks it has not landed: its Hub failed, and it will not
-        fetch them. (Kept, they held the other nodes until they went late: with the Hub gone for all,
-        each waited on the other's claims well past the outage patience, a minute before any had landed.)"""
-        unlanded = self.mine - self.landed
+    async def withdraw_unlanded(self, landing: Collection[int] = ()) -> None:
+        """Withdraw this node's claims on the chunks it has not landed (nor is ``landing``: their bytes are
+        in): its Hub failed, and it will not fetch them. (Kept, they held the other nodes until they went
+        late: with the Hub gone for all, each waited on the other's claims well past the outage patience, a
+        minute before any had landed.) The pull's :meth:`release` releases what this left, if cancelled."""
+        unlanded = self.mine - self.landed - set(landing)
         if unlanded:
             self.mine -= unlanded
+            self.withdrawn |= unlanded
             sha, size = self.sha256, self.chunk_size
             log.info("%s: withdrawing this node's claims on %d chunk%s it will not fetch", sha[:12], len(unlanded),
                      "" if len(unlanded) == 1 else "s")  # fmt: skip
             await self.fleet.call(lambda d: d.release_claims(sha, size, unlanded), None)
 
     async def release(self) -> None:
-        """Withdraw this node's claims on the file (its pull is over: it holds the file, or gave up)."""
-        if self.mine:
+        """Withdraw this node's claims on the file (its pull is over: it holds the file, or gave up): every
+        claim the registry still holds for this process, a withdrawal cut short by the pull's end too."""
+        if self.mine or self.withdrawn:
             self.mine.clear()
+            self.withdrawn.clear()
             sha, size = self.sha256, self.chunk_size
             await self.fleet.call(lambda d: d.release_claims(sha, size), None)
 

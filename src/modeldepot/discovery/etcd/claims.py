@@ -182,11 +182,9 @@ class EtcdClaims(EtcdConnection):
         if chunks is None:
             mine = self._mine.pop(content, {})
             self._unsettled.pop(content, None)  # released: nothing left to settle
-        else:
-            held, pending = self._mine.get(content, {}), self._unsettled.get(content, {})
-            mine = {index: held.pop(index) for index in chunks if index in held}
-            for index in mine:
-                pending.pop(index, None)
+        else:  # (kept as this process's until deleted: a release cancelled midway leaves them to the last one)
+            held = self._mine.get(content, {})
+            mine = {index: held[index] for index in chunks if index in held}
         if not mine or self._closed:
             return
         client = self._client
@@ -197,6 +195,11 @@ class EtcdClaims(EtcdConnection):
             await self._call(client.transaction(compare=[tx.mod(key) == revision], success=[tx.delete(key)],
                                                 failure=[]))  # fmt: skip
             self._drop_claim(sha256, chunk_size, index, revision)
+            if chunks is not None:
+                held = self._mine.get(content, {})
+                if (claim := held.get(index)) is not None and claim.revision == revision:
+                    del held[index]
+                self._unsettled.get(content, {}).pop(index, None)
 
         results = await asyncio.gather(
             *(release(i, c.revision) for i, c in mine.items()), return_exceptions=True
