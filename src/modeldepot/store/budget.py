@@ -356,8 +356,14 @@ class DiskBudget:
     def used_bytes(self, shared: Mapping[str, int] | None = None) -> int:
         """The blobs' bytes the budget counts: not those of the blobs another name outside the store links
         too (``shared``: :func:`~modeldepot.store.eviction.shared_blobs`, looked at now when not given)."""
-        row = self.store.index.read("SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state = 'ok'")
-        return int(row[0][0]) - ok_bytes(self.store, shared_blobs(self.store) if shared is None else shared)
+        return self._all_bytes() - ok_bytes(
+            self.store, shared_blobs(self.store) if shared is None else shared
+        )
+
+    def _all_bytes(self) -> int:
+        """Every blob's bytes, shared or not: one indexed sum. What fits counting these fits (a look at which
+        blobs are shared stats every blob file: only when the sum says a write may not fit, a review)."""
+        return int(self.store.index.read("SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state = 'ok'")[0][0])
 
     def _shared_lately(self) -> dict[str, int]:
         """:func:`shared_blobs` as looked at in the last SHARED_FRESH seconds (a node's status is asked often:
@@ -403,9 +409,12 @@ class DiskBudget:
         budget = self.max_bytes
         if budget is None or needed <= 0:
             return
-        others, shared = self._others_reserved(writer), shared_blobs(self.store)
+        others = self._others_reserved(writer)
+        if self._all_bytes() + others + needed <= budget:
+            return  # (fits without evicting anything: the common case, one indexed sum)
+        shared = shared_blobs(self.store)
         if self.used_bytes(shared) + others + needed <= budget:
-            return  # (fits without evicting anything: the common case)
+            return
         kept = self._kept(writer)
         kept_bytes = self.order.kept_bytes(kept, blobs=self._kept_blobs(), shared=shared) + others
         self._refuse_if_too_big(needed, budget, kept_bytes, doing, writer)
@@ -426,8 +435,8 @@ class DiskBudget:
         if limit is None:
             return []
         evicted = self._evict_to(limit, 0, "shrinking the store", None, partial=True)
-        left = self.used_bytes()
-        if left > limit:
+        left = self._all_bytes()
+        if left > limit and (left := self.used_bytes()) > limit:
             log.warning("shrinking the store to %s: it still takes %s, as the models pinned or in use keep it above "
                         "(unpin or remove models to go further)", _size(limit), _size(left))  # fmt: skip
         return evicted
@@ -437,6 +446,8 @@ class DiskBudget:
         each would free; nothing is removed (a budget's evictions, previewed before they are asked for)."""
         limit = self.max_bytes if max_bytes is None else max_bytes
         if limit is None:
+            return []
+        if self._all_bytes() + self._others_reserved(None) <= limit:
             return []
         shared = shared_blobs(self.store)
         used = self.used_bytes(shared) + self._others_reserved(None)
@@ -493,7 +504,10 @@ class DiskBudget:
 
     def _evict_round(self, limit: int, needed: int, doing: str, writer: BudgetWriter | None,
                      partial: bool) -> list[Eviction]:  # fmt: skip
-        others, shared = self._others_reserved(writer), shared_blobs(self.store)
+        others = self._others_reserved(writer)
+        if self._all_bytes() + others <= limit:
+            return []  # (the common case: one indexed sum)
+        shared = shared_blobs(self.store)
         used = self.used_bytes(shared) + others
         if used <= limit:
             return []
@@ -638,12 +652,14 @@ class BudgetWriter:
         budget = self.budget
         self.published()  # (when publish did not say so already)
         limit = budget.max_bytes
-        if limit is None or budget.used_bytes() <= limit:
-            return []
+        if limit is None or budget._all_bytes() <= limit:
+            return []  # (and when the shared bytes are what is over, _evict_to says so at once)
         evicted = budget._evict_to(limit, 0, f"keeping within the disk budget after writing {self.repo_id}", self,
                                    partial=True)  # fmt: skip
-        left = budget.used_bytes()
-        if left > limit:  # (a budget lowered while this wrote, or what is pinned or in use)
+        left = budget._all_bytes()
+        if (
+            left > limit and (left := budget.used_bytes()) > limit
+        ):  # (a budget lowered while this wrote, or what is pinned or in use)
             log.warning("the store takes %s, over its disk budget of %s, after writing %s: what is pinned, in use "
                         "or just written is kept; the next write evicts again", _size(left), _size(limit),
                         self.repo_id)  # fmt: skip
