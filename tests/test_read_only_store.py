@@ -132,6 +132,7 @@ def test_a_read_only_store_of_the_schema_before_is_read_as_it_is(tmp_path: Path,
         con.commit()
     with Depot(home) as depot:  # writable: upgraded
         assert depot.store.index.read("PRAGMA user_version")[0][0] == SCHEMA_VERSION
+        assert depot.store.index.setting("links_unrecorded") == "1"  # (it held blobs: links, maybe)
         depot.remove("acme/q")
 
 

@@ -398,6 +398,26 @@ def test_a_removed_link_import_gives_back_the_mode_it_took_and_widens_none(
     assert store_files_consistent(depot) == []
 
 
+def test_a_link_import_from_before_the_modes_were_recorded_gets_its_write_bit_back(tmp_path: Path) -> None:
+    """A store upgraded to schema 9 holds links it made before it recorded their modes: removed, their
+    files stayed read-only for good (a review). Such a store gives a blob with no record its owner's write
+    bit back when the user's name is its last, as before; one made since records every link."""
+    folder = write_model_dir(tmp_path / "folder", {"w.bin": os.urandom(SMALL_CHUNK)})
+    os.chmod(folder / "w.bin", 0o644)
+    home = tmp_path / "store"
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        assert depot.store.index.setting("links_unrecorded") is None  # (a store made at schema 9 or later)
+        depot.import_dir(folder, REPO, link=True)
+    with sqlite3.connect(home / "index.db") as con:  # as the upgrade left a store that linked files before
+        con.execute("DELETE FROM linked_sources")
+        con.execute("INSERT INTO settings (key, value) VALUES ('links_unrecorded', '1')")
+    con.close()
+    with Depot(home) as depot:
+        assert stat.S_IMODE(os.stat(folder / "w.bin").st_mode) == 0o444
+        depot.remove(REPO)
+    assert stat.S_IMODE(os.stat(folder / "w.bin").st_mode) == 0o644
+
+
 def test_an_import_with_link_makes_no_second_copy(depot: Depot, tmp_path: Path) -> None:
     """`import --link` (ollama#7254: an import copied 40 GB GGUFs it could have linked): the folder's files
     become the store's blobs (one inode, read-only), a link in the folder links the file it names, a file

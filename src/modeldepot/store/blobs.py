@@ -445,7 +445,7 @@ class BlobFiles:
         fsync_dir(target.parent)
         return target
 
-    def delete(self, sha256: str, linked: LinkedSource | None = None) -> int:
+    def delete(self, sha256: str, linked: LinkedSource | None = None, unrecorded: bool = False) -> int:
         """Unlink a blob file; returns the bytes freed. Hold the store lock exclusively.
 
         A blob that is a hard link of a file of the user's (``linked``: an `import --link` folder's, an
@@ -453,9 +453,24 @@ class BlobFiles:
         one it had then, when that file is still the one linked, still as the store left it, and now its
         only name (a removed `--link` import left the user's files read-only for good: a trial). Never
         another name's: guessed from the link count alone, a read-only cache's files were made writable,
-        and so were another store's blobs of the same cache (a trial)."""
+        and so were another store's blobs of the same cache (a trial). ``unrecorded``: the store linked
+        files before it recorded them (schema 9): a blob with no record gets its owner's write bit back
+        when its last other name is the user's, as before (a review: such files stayed read-only)."""
         path = self.layout.inside(self.path(sha256))
-        freed = self.layout.unlink(path)
+        fd = -1
+        if linked is None and unrecorded:
+            with contextlib.suppress(OSError):  # (gone already, or not a file: unlink says)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            freed = self.layout.unlink(path)
+            if fd >= 0:
+                info = os.fstat(fd)
+                if info.st_nlink == 1 and not info.st_mode & stat.S_IWUSR and info.st_uid == os.geteuid():
+                    with contextlib.suppress(OSError):
+                        os.fchmod(fd, stat.S_IMODE(info.st_mode) | stat.S_IWUSR)
+        finally:
+            if fd >= 0:
+                os.close(fd)
         if linked is not None:
             _give_back_mode(path, linked.path, linked.mode, linked.inode)
         return freed

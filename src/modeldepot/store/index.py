@@ -160,7 +160,8 @@ _MIGRATIONS: tuple[str, ...] = (
         device INTEGER NOT NULL,
         inode  INTEGER NOT NULL,
         mode   INTEGER NOT NULL
-    ) WITHOUT ROWID
+    ) WITHOUT ROWID;
+    INSERT INTO settings (key, value) SELECT 'links_unrecorded', '1' WHERE EXISTS (SELECT 1 FROM blobs)
     """,
     # 10: each scanned commit's whole listing (the hub layer's JSON of its files), kept while the store holds
     # the commit or it is the repo's scan: a commit held in part is listed whole after the repo's one saved

@@ -217,9 +217,10 @@ def _delete_blob_files(store: Store, digests: list[str]) -> tuple[int, int]:
     on the disk because another name links them: a Hugging Face cache the store adopted, a folder imported with --link)."""
     freed = still_linked = 0
     sources = linked_sources(store, digests)
+    unrecorded = store.index.setting("links_unrecorded") == "1"  # (a store that linked files before schema 9)
     for sha256 in digests:
         linked = _has_other_names(store.blobs.path(sha256))
-        size = store.blobs.delete(sha256, sources.get(sha256))
+        size = store.blobs.delete(sha256, sources.get(sha256), unrecorded)
         if linked:
             still_linked += size
         else:
