@@ -29,7 +29,7 @@ from modeldepot.server.context import ARRIVED, CONTROL_TOKEN, DEPOT, TOKEN, is_a
 from modeldepot.server.control_routes import add_control_routes
 from modeldepot.server.dashboard import DASHBOARD_PATHS, add_dashboard_routes
 from modeldepot.server.fleet import FLEET, NodeFleet
-from modeldepot.server.hub_routes import add_hub_routes
+from modeldepot.server.hub_routes import MAX_PATHS_INFO, add_hub_routes
 from modeldepot.server.metrics import add_metrics, metrics_middleware
 from modeldepot.server.mirror_routes import MIRROR
 from modeldepot.server.native_routes import HEALTH_PATH, add_native_routes
@@ -182,7 +182,12 @@ def create_app(
     ]
     if depot.config.max_upload_rate is not None:
         middlewares.append(_upload_limit_middleware(RateLimit(depot.config.max_upload_rate)))
-    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
+    try:  # (a paths-info form of the Hub's 1000 paths has an `expand` field too: aiohttp's cap was 1000)
+        app = web.Application(
+            middlewares=middlewares, client_max_size=MAX_BODY, client_max_fields=MAX_PATHS_INFO + 8
+        )
+    except TypeError:  # (an aiohttp without the cap: no form's fields are counted)
+        app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[DEPOT] = depot
     app[TOKEN] = token or ""
     app[CONTROL_TOKEN] = token or control_token or secrets.token_urlsafe(32)

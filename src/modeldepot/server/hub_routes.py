@@ -343,7 +343,11 @@ async def _paths_info_request(request: web.Request) -> tuple[list[str], bool]:
     else:
         try:
             form = await request.post()
-        except web.HTTPRequestEntityTooLarge:  # (aiohttp's cap on form fields: said as the node says it)
+        except (
+            web.HTTPRequestEntityTooLarge
+        ) as error:  # (aiohttp's cap on form fields: said as the node says it)
+            if "form fields" not in (error.text or ""):
+                raise  # (a body over the size cap: aiohttp's words say so)
             raise web.HTTPRequestEntityTooLarge(MAX_PATHS_INFO, MAX_PATHS_INFO + 1, text=f"at most {MAX_PATHS_INFO} "
                                                 "paths per paths-info request, as on the Hub") from None  # fmt: skip
         except (ValueError, LookupError) as error:  # not UTF-8, no boundary, an unknown charset...
