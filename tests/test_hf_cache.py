@@ -913,6 +913,13 @@ def test_an_export_keeps_a_ref_to_another_snapshot_and_says_what_it_names(tmp_pa
         assert [(p.problem, p.detail) for p in moved.problems] == [
             ("ref-moved", f"moved from {b[:12]} to {a[:12]}")
         ]
+        # The store's branch moves on (a pull, then an export, on a schedule): a commit it knows is moved from
+        c = old.import_dir(
+            write_model_dir(tmp_path / "c", {**older, "w.bin": b"3" * 100}), "acme/m"
+        ).commit_id
+        forward = old.hf_cache_export("acme/m", cache_dir=cache)
+        assert forward.ok and ref.read_text() == c, forward.problems
+        assert [p.problem for p in forward.problems] == ["ref-moved"]
         spelled = old.hf_cache_export("ACME/M", cache_dir=cache)
         assert spelled.ok and [p.problem for p in spelled.problems] == ["spelling"]
         assert "'acme/m'" in spelled.problems[0].detail

@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from modeldepot.errors import (
@@ -104,7 +105,15 @@ def export_to_hf_cache(
     # A ref for a branch only (not a commit id, whole or its start); none to a snapshot that is not there.
     branch = store.index.read("SELECT 1 FROM refs WHERE repo_id = ? AND name = ?", (held, revision))
     if branch and exported:
-        problems.extend(_set_ref(writer, repo_id, revision, commit_id, move_ref))
+
+        def known(commit: str) -> bool:
+            return bool(
+                store.index.read(
+                    "SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (held, commit)
+                )
+            )
+
+        problems.extend(_set_ref(writer, repo_id, revision, commit_id, move_ref, known))
     if repo_id != held:
         problems.append(HfCacheProblem(repo_id, writer.name, "spelling", f"exported as {repo_id!r}, as typed: "
                                        f"huggingface_hub finds it when asked for that spelling; the store spells it "
@@ -124,17 +133,24 @@ def export_to_hf_cache(
     )
 
 
-def _set_ref(
-    writer: _CacheWriter, repo_id: str, branch: str, commit_id: str, move: bool
-) -> list[HfCacheProblem]:
-    """``refs/<branch>`` set to ``commit_id``; what became of another commit it named, as a problem."""
+def _set_ref(writer: _CacheWriter, repo_id: str, branch: str, commit_id: str, move: bool,
+             known: Callable[[str], bool]) -> list[HfCacheProblem]:  # fmt: skip
+    """``refs/<branch>`` set to ``commit_id``; what became of another commit it named, as a problem. A ref
+    to a snapshot the cache holds of a commit the store does not know (``known``: a newer download, maybe)
+    stays unless ``move``; one the store knows (an export before, the branch moved since) moves."""
     before = writer.ref_target(branch)
     path = f"{writer.name}/refs/{branch}"
-    if before is not None and before != commit_id and not move and writer.holds_snapshot(before):
-        return [HfCacheProblem(repo_id, path, "ref-kept", f"it names {before[:12]}, a snapshot the cache holds (a "
-                               f"newer download, maybe): left as it is, so offline code asking for {branch} still "
-                               f"loads that one; the snapshot of {commit_id[:12]} is exported (--move-ref moves "
-                               f"{branch} to it)")]  # fmt: skip
+    if (
+        before is not None
+        and before != commit_id
+        and not move
+        and writer.holds_snapshot(before)
+        and not known(before)
+    ):
+        return [HfCacheProblem(repo_id, path, "ref-kept", f"it names {before[:12]}, a snapshot the cache holds of a "
+                               f"commit the store does not (a newer download, maybe): left as it is, so offline code "
+                               f"asking for {branch} still loads that one; the snapshot of {commit_id[:12]} is "
+                               f"exported (--move-ref moves {branch} to it)")]  # fmt: skip
     writer.ref(branch, commit_id)
     if before is not None and before != commit_id:
         return [HfCacheProblem(repo_id, path, "ref-moved", f"moved from {before[:12]} to {commit_id[:12]}")]
