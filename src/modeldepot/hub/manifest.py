@@ -127,7 +127,9 @@ def save_scan(store: Store, repo_id: str, revision: str, commit_id: str, endpoin
         for v in grouping.variants
     }
     body = manifest_body(repo_id, revision, commit_id, endpoint, info, files)
-    store.manifests.save(repo_id, revision, commit_id, body, statuses, _listing_json(files))
+    # (an upstream's listing of the commit is its whole tree: it replaces one kept of what the store held)
+    store.manifests.save(repo_id, revision, commit_id, body, statuses, _listing_json(files),
+                         replace=endpoint != IMPORTED_ENDPOINT)  # fmt: skip
 
 
 def _listing_json(files: list[RemoteFile]) -> str:
@@ -306,8 +308,15 @@ def keep_listing(store: Store, repo_id: str, commit_id: str) -> None:
         RemoteFile(e.path, e.size, e.git_oid, e.sha256 if e.lfs else None)
         for e in store.files(repo_id, commit_id)
     ]
-    store.manifests.keep_listing(repo_id, commit_id, _listing_json(files))  # (the commit's, whatever else)
     scanned = store.manifests.scanned_commit(repo_id)
+    # The commit's listing, whatever else: the repo's scan's when it is of this commit (a commit pulled in
+    # part before listings were kept: what the store holds is a part, a review), else what the store holds
+    whole = (
+        listed_files(store.manifests.load(repo_id))
+        if scanned is not None and scanned[0] == commit_id
+        else files
+    )
+    store.manifests.keep_listing(repo_id, commit_id, _listing_json(list(whole)))
     if scanned is not None and (
         scanned[0] == commit_id
         or not of_this_store(store.manifests.load(repo_id))

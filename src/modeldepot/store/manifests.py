@@ -32,12 +32,16 @@ def _by_source(text: str | None) -> dict[str, int]:
     return {k: v for k, v in value.items() if isinstance(k, str) and type(v) is int and v >= 0}
 
 
-def _keep_listing(con: sqlite3.Connection, repo_id: str, commit_id: str, listing: str, now: float) -> None:
-    """A commit's listing kept (a commit id names one tree: the first listing of it stays), and the repo's
-    listings of commits the store does not hold let go (a mirror following a busy repo), once old enough
-    that no pull of theirs is still on its way to publishing."""
-    con.execute("INSERT OR IGNORE INTO commit_listings (repo_id, commit_id, files, saved_at) VALUES (?, ?, ?, ?)",
-                (repo_id, commit_id, listing, now))  # fmt: skip
+def _keep_listing(con: sqlite3.Connection, repo_id: str, commit_id: str, listing: str, now: float,
+                  replace: bool = False) -> None:  # fmt: skip
+    """A commit's listing kept (a commit id names one tree: the first listing of it stays, unless
+    ``replace``), and the repo's listings of commits the store does not hold let go (a mirror following a
+    busy repo), once old enough that no pull of theirs is still on its way to publishing."""
+    update = (
+        "DO UPDATE SET files = excluded.files, saved_at = excluded.saved_at WHERE files != excluded.files"
+    )
+    con.execute("INSERT INTO commit_listings (repo_id, commit_id, files, saved_at) VALUES (?, ?, ?, ?) ON CONFLICT "
+                f"(repo_id, commit_id) {update if replace else 'DO NOTHING'}", (repo_id, commit_id, listing, now))  # fmt: skip
     con.execute(
         "DELETE FROM commit_listings WHERE repo_id = ? AND commit_id != ? AND saved_at < ? AND NOT EXISTS "
         "(SELECT 1 FROM revisions r WHERE commit_listings.repo_id = r.repo_id AND r.commit_id = "
@@ -73,10 +77,11 @@ class ManifestStore:
         self._scanned: dict[str, ManifestRecord] = {}  # (read-only store) this process's scans, by repo
 
     def save(self, repo_id: str, revision: str, commit_id: str, body: str, statuses: dict[str, str],
-             listing: str | None = None) -> None:  # fmt: skip
+             listing: str | None = None, replace: bool = False) -> None:  # fmt: skip
         """Record a fresh scan. Variants keep their status unless the scan says otherwise (a new commit
         resets them); variants that disappeared are dropped. ``listing``: the commit's files (the hub
-        layer's JSON), kept for the commit after the repo's scan moves on (:meth:`listing`)."""
+        layer's JSON), kept for the commit after the repo's scan moves on (:meth:`listing`), over one kept
+        before when ``replace``."""
         validate_repo_id(repo_id)
         now = time.time()
         if self.index.read_only:  # (kept by this process alone: nothing is written, nor pulled, there)
@@ -86,7 +91,7 @@ class ManifestStore:
             return
         with self.index.write(f"recording the manifest of {repo_id}") as con:
             if listing is not None:
-                _keep_listing(con, repo_id, commit_id, listing, now)
+                _keep_listing(con, repo_id, commit_id, listing, now, replace)
             old = con.execute("SELECT commit_id FROM manifests WHERE repo_id = ?", (repo_id,)).fetchone()
             if old is not None and old[0] != commit_id:
                 con.execute("DELETE FROM variant_status WHERE repo_id = ?", (repo_id,))
