@@ -244,7 +244,9 @@ def model_config(store: Store, repo_id: str, commit_id: str) -> dict[str, Any] |
 
 
 SAFETENSORS_HEADER_MAX = 100 << 20  # bytes of a safetensors header read at most (the format's own bound)
-_PARAMETERS: dict[tuple[str, str, str], dict[str, Any] | None] = {}  # (home, repo, commit) -> safetensors
+# (home, repo, commit, the files' digests) -> what was read: the files held make the key (a shard pulled since
+# is another sum), and a failure is not kept (a file quarantined, then pulled again: a review)
+_PARAMETERS: dict[tuple[str, str, str, tuple[str, ...]], dict[str, Any] | None] = {}
 
 
 def safetensors_info(store: Store, repo_id: str, commit_id: str) -> dict[str, Any] | None:
@@ -252,25 +254,27 @@ def safetensors_info(store: Store, repo_id: str, commit_id: str) -> dict[str, An
     by dtype, and their total, from the headers of the files the store holds of the commit (read through the
     chunk checks, once per commit; the caller asks only when it holds them all: a sum of part would be
     wrong). None when it has none, or one is unreadable."""
-    key = (str(store.home), repo_id, commit_id)
+    entries = [e for e in store.files(repo_id, commit_id) if e.path.endswith(".safetensors")]
+    key = (str(store.home), repo_id, commit_id, tuple(e.sha256 for e in entries))
     if key in _PARAMETERS:
         return _PARAMETERS[key]
-    entries = [e for e in store.files(repo_id, commit_id) if e.path.endswith(".safetensors")]
     parameters: dict[str, int] = {}
     try:
         for entry in entries:
             for dtype, count in _safetensors_parameters(store, entry).items():
                 parameters[dtype] = parameters.get(dtype, 0) + count
-        found = {"parameters": parameters, "total": sum(parameters.values())} if parameters else None
-    except (NotFoundError, CorruptBlobError, ValueError, RecursionError, KeyError, TypeError):
-        found = None
+    except (NotFoundError, CorruptBlobError):
+        return None  # (not kept: a file gone or corrupt now may be pulled again)
+    except (ValueError, RecursionError, KeyError, TypeError):
+        parameters = {}  # (a file that is no safetensors: so it stays)
+    found = {"parameters": parameters, "total": sum(parameters.values())} if parameters else None
     if len(_PARAMETERS) >= 1024:
         _PARAMETERS.clear()
     _PARAMETERS[key] = found
     return found
 
 
-_GGUF: dict[tuple[str, str, str], dict[str, Any] | None] = {}  # (home, repo, commit) -> gguf
+_GGUF: dict[tuple[str, str, str, tuple[str, ...]], dict[str, Any] | None] = {}  # (as _PARAMETERS) -> gguf
 
 
 def gguf_info(store: Store, repo_id: str, commit_id: str) -> dict[str, Any] | None:
@@ -280,21 +284,22 @@ def gguf_info(store: Store, repo_id: str, commit_id: str) -> dict[str, Any] | No
     one is unreadable, or the ``gguf`` package is not installed. Read once per commit."""
     from modeldepot.engines.gguf_model import gguf_shard_names, load_gguf
 
-    key = (str(store.home), repo_id, commit_id)
+    held = {e.path: e.sha256 for e in store.files(repo_id, commit_id) if e.path.endswith(".gguf")}
+    key = (str(store.home), repo_id, commit_id, tuple(held.values()))
     if key in _GGUF:
         return _GGUF[key]
     found: dict[str, Any] | None = None
-    models = sorted(e.path for e in store.files(repo_id, commit_id) if e.path.endswith(".gguf")
-                    and "mmproj" not in e.path.rsplit("/", 1)[-1].lower())  # fmt: skip
+    models = sorted(path for path in held if "mmproj" not in path.rsplit("/", 1)[-1].lower())
     first = (gguf_shard_names(models[0]) or models)[0] if models else None
     try:
         if first is not None:
             model = load_gguf(store.file_path(repo_id, first, commit_id))
-            found = _gguf_properties(
-                model.metadata, sum(math.prod(i.shape) for i in model.tensor_info.values())
-            )
-    except (DepotError, OSError, ValueError, TypeError):
-        found = None
+            total = sum(math.prod(i.shape) for i in model.tensor_info.values())
+            found = _gguf_properties(model.metadata, total)
+    except (NotFoundError, CorruptBlobError, OSError):
+        return None  # (not kept: a shard gone or corrupt now may be pulled again)
+    except (DepotError, ValueError, TypeError):
+        found = None  # (no GGUF, or no gguf package: so it stays)
     if len(_GGUF) >= 256:
         _GGUF.clear()
     _GGUF[key] = found
