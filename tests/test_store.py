@@ -396,6 +396,13 @@ def test_a_removed_link_import_gives_back_the_mode_it_took_and_widens_none(
         assert mode(theirs) == 0o440, "the other store's blob stays read-only"
         assert other.verify().ok
     assert store_files_consistent(depot) == []
+    # A note a killed store left on a file says nothing of the mode its user set since (it widened it back)
+    stale = write_model_dir(tmp_path / "stale", {"s.bin": os.urandom(SMALL_CHUNK)})
+    os.setxattr(stale / "s.bin", "user.modeldepot.mode", b"420")  # 0644, noted by a store since gone
+    os.chmod(stale / "s.bin", 0o444)  # the user's choice
+    depot.import_dir(stale, "acme/stale", link=True)
+    depot.remove("acme/stale")
+    assert mode(stale / "s.bin") == 0o444
 
 
 def test_a_link_import_from_before_the_modes_were_recorded_gets_its_write_bit_back(tmp_path: Path) -> None:

@@ -205,11 +205,14 @@ _MODE_ATTRIBUTE = "user.modeldepot.mode"
 
 def _mode_before_stores(path: Path, mode: int) -> int:
     """The mode of the file ``path`` links (now ``mode``) before any store took it: the one noted on it, while
-    it is still as the store that noted it left it; else ``mode``, noted now. Without extended attributes,
-    ``mode``: a file another store took then keeps its read-only mode when the stores let go (never wider)."""
+    another store holds it (a name besides the user's and this partial) and it is still as that store left
+    it; else ``mode``, noted now (a note no store holds to any more, left by a kill, says nothing of a mode
+    the user set since: trusted, it widened a file the user had made read-only, a review). Without extended
+    attributes, ``mode``: a file another store took then keeps its read-only mode when the stores let go."""
     with contextlib.suppress(OSError, ValueError):
         noted = int(os.getxattr(path, _MODE_ATTRIBUTE, follow_symlinks=False))
-        if 0 <= noted <= 0o7777 and read_only_mode(noted) == mode:
+        held_elsewhere = os.stat(path, follow_symlinks=False).st_nlink > 2
+        if held_elsewhere and 0 <= noted <= 0o7777 and read_only_mode(noted) == mode:
             return noted
     with contextlib.suppress(OSError):
         os.setxattr(path, _MODE_ATTRIBUTE, str(mode).encode(), follow_symlinks=False)
