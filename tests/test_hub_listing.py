@@ -624,5 +624,9 @@ def test_a_commit_held_in_part_is_listed_whole_after_the_repos_scan_moves_on(
                     ]  # fmt: skip
                 finally:
                     node.stop()
+                local.remove("acme/gg", revision=main)  # (gc lets go of the listing of a commit gone)
+                local.gc()
+                assert local.store.manifests.listing("acme/gg", main) is None
+                assert local.store.manifests.listing("acme/gg", dev) is not None  # (the repo's scan's)
         finally:
             hub.stop()

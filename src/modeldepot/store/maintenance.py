@@ -291,6 +291,13 @@ def gc(store: Store, partials: bool = False) -> GcReport:
         unreferenced = [r[0] for r in con.execute(
             "SELECT sha256 FROM blobs WHERE sha256 NOT IN (SELECT sha256 FROM files)")]  # fmt: skip
         _delete_unreferenced_rows(con, unreferenced)
+        # The listings kept of commits the store no longer holds, nor is the repo's scan of (a repo removed and
+        # never scanned again: a save prunes only the repo it saves)
+        con.execute(
+            "DELETE FROM commit_listings WHERE NOT EXISTS (SELECT 1 FROM revisions r WHERE commit_listings.repo_id "
+            "= r.repo_id AND r.commit_id = commit_listings.commit_id) AND NOT EXISTS (SELECT 1 FROM manifests m "
+            "WHERE commit_listings.repo_id = m.repo_id AND m.commit_id = commit_listings.commit_id)"
+        )
 
     with store.lock.exclusive():
         # On a full disk the index takes the room its transaction needs from the store's reserve.
