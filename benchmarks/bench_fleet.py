@@ -526,7 +526,8 @@ def curl_floor(names: list[str]) -> tuple[float, int]:
     """Seconds and bytes for curl (one stream, one file after the other) to bring the repo's big files from
     the Hub to /dev/null in node 1's namespace: the uplink's real rate."""
     urls = [f"http://{HUB_IP}:{PORT}/{REPO}/resolve/main/{name}" for name in names]
-    command = [*in_ns(node_ns(1)), "curl", "-sf", "-w", "%{size_download} %{time_total}\n"]
+    # (-L: a branch's LFS file is a redirect to its commit's URL, as on the Hub)
+    command = [*in_ns(node_ns(1)), "curl", "-sfL", "-w", "%{size_download} %{time_total}\n"]
     for url in urls:
         command += ["-o", "/dev/null", url]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()

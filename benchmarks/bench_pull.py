@@ -246,6 +246,16 @@ class Clients:
         self.repo, self.big_path = repo, big_path
         self.call_only: list[float] = []  # snapshot_download's call alone, without process start-up
         self.recycle = total + (64 << 20)  # memory recycled before each run: what it writes, and some
+        self._commit: str | None = None
+
+    @property
+    def commit(self) -> str:
+        """The repo's commit on the node: curl asks files by it (a branch's LFS file is a redirect there)."""
+        if self._commit is None:
+            out = subprocess.run([*self.prefix, "curl", "-sf", f"{self.url}/api/models/{self.repo}"],
+                                 check=True, capture_output=True, text=True).stdout  # fmt: skip
+            self._commit = str(json.loads(out)["sha"])
+        return self._commit
 
     def snapshot(self, then_sync: bool = False) -> float:
         dest = self.work / "dest-snapshot"
@@ -270,7 +280,7 @@ class Clients:
         """A note: how long curl takes to fetch the big file from ``url`` (one stream, into /dev/null)."""
         out = subprocess.run(
             [*self.prefix, "curl", "-sf", "-o", "/dev/null", "-w", "%{time_total} %{size_download}",
-             f"{url}/{self.repo}/resolve/main/{self.big_path}"],
+             f"{url}/{self.repo}/resolve/{self.commit}/{self.big_path}"],
             check=True, capture_output=True, text=True,
         ).stdout.split()  # fmt: skip
         seconds, got = float(out[0]), int(out[1])
@@ -574,7 +584,7 @@ class ScenarioClients(Clients):
         return seconds
 
     def _url(self, path: str) -> str:
-        return f"{self.url}/{self.repo}/resolve/main/{path}"
+        return f"{self.url}/{self.repo}/resolve/{self.commit}/{path}"
 
     def curl_one_process(self) -> float:
         """One ``curl -Z`` process, CURL_PARALLEL transfers at once over kept connections; files over

@@ -73,7 +73,13 @@ def main() -> None:
         node, url = serve(served)
         nodes.append(node)
         file_url = f"{url}/{REPO}/resolve/main/model.safetensors"
-        curl = ["curl", "-sf", "-o", "/dev/null", file_url]
+        curl = [
+            "curl",
+            "-sfL",
+            "-o",
+            "/dev/null",
+            file_url,
+        ]  # (-L: a branch's LFS file redirects to its commit's)
         floor = min(timed(curl) for _ in range(3))
         print(
             f"{os.cpu_count()} cores; file {size} bytes; floor (curl, uncapped): {size / floor / 2**20:.0f} MiB/s"
@@ -90,7 +96,7 @@ def main() -> None:
             capped, capped_url = serve(served, "--max-upload-rate", str(cap))
             try:
                 upload = timed(
-                    ["curl", "-sf", "-o", "/dev/null", f"{capped_url}/{REPO}/resolve/main/model.safetensors"]
+                    ["curl", "-sfL", "-o", "/dev/null", f"{capped_url}/{REPO}/resolve/main/model.safetensors"]
                 )
             finally:
                 capped.send_signal(signal.SIGINT)

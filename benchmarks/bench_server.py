@@ -41,7 +41,7 @@ MANY_REPO = "bench/many"
 
 def curl_seconds(url: str) -> float:
     out = subprocess.run(
-        ["curl", "-s", "-o", "/dev/null", "-w", "%{time_total} %{size_download}", url],
+        ["curl", "-sL", "-o", "/dev/null", "-w", "%{time_total} %{size_download}", url],  # (-L: see bench_pull)
         check=True, capture_output=True, text=True,
     ).stdout.split()  # fmt: skip
     return float(out[0])
