@@ -91,6 +91,20 @@ def on_etcd(server: EtcdServer) -> EtcdDiscovery:
     return EtcdDiscovery([("127.0.0.1", server.client_port)])
 
 
+@contextlib.asynccontextmanager
+async def registered_on_etcd(server: EtcdServer, *records: NodeRecord) -> AsyncIterator[list[EtcdDiscovery]]:
+    """A discovery on ``server`` per record, each registered as its node; closed after."""
+    discoveries = [on_etcd(server) for _ in records]
+    try:
+        for discovery, record in zip(discoveries, records, strict=True):
+            await discovery.start()
+            await discovery.register(record)
+        yield discoveries
+    finally:
+        for discovery in discoveries:
+            await discovery.close()
+
+
 def test_a_claimer_whose_registration_lapses_keeps_its_claim_for_the_grace_then_loses_it(
     clock: Clock,
 ) -> None:
@@ -218,11 +232,7 @@ def test_claims_that_never_land_do_not_hold_up_the_time_they_are_judged_by(
     a, b = node("a"), node("b")
 
     async def main() -> None:
-        da, db = on_etcd(etcd_server), on_etcd(etcd_server)
-        for discovery, record in ((da, a), (db, b)):
-            await discovery.start()
-            await discovery.register(record)
-        try:
+        async with registered_on_etcd(etcd_server, a, b) as (da, db):
             for index in range(SIZE // CHUNK):
                 assert await db.claim_chunk(SHA, CHUNK, index, b.node_id) is not None
             await da.wait_for(
@@ -248,8 +258,6 @@ def test_claims_that_never_land_do_not_hold_up_the_time_they_are_judged_by(
             assert await swarm.claim(5, set(), patience=10)
             assert swarm.events == {"claims_won": 1, "taken_over_overdue": 1}
             assert swarm.standing_claim(0, set(), patience=10) is not None  # a settled claim is never late
-        finally:
-            await da.close(), await db.close()
 
     run(main())
 
@@ -335,11 +343,7 @@ def test_a_withdrawal_cut_short_by_the_pulls_end_leaves_no_claim_behind(etcd_ser
     a, b = node("a"), node("b")
 
     async def main() -> None:
-        da, db = on_etcd(etcd_server), on_etcd(etcd_server)
-        for discovery, record in ((da, a), (db, b)):
-            await discovery.start()
-            await discovery.register(record)
-        try:
+        async with registered_on_etcd(etcd_server, a, b) as (da, db):
             swarm = swarm_of(da, a)
             for index in range(4):
                 assert await swarm.claim(index, set(), patience=10)
@@ -357,7 +361,5 @@ def test_a_withdrawal_cut_short_by_the_pulls_end_leaves_no_claim_behind(etcd_ser
             await db.wait_for(lambda: set(db.claims(SHA, CHUNK)) == {3}, 10)
             await swarm.release()
             await db.wait_for(lambda: not db.claims(SHA, CHUNK), 10)
-        finally:
-            await da.close(), await db.close()
 
     run(main())
