@@ -194,7 +194,7 @@ class EvictionOrder:
             files[key] = {e.path: e.sha256 for e in self.store.files(*key)}
             for sha256 in files[key].values():
                 users[sha256] = users.get(sha256, 0) + 1
-        sizes = {sha256: size for sha256, size in self._sizes(users)}
+        sizes = ok_sizes(self.store, users)
         planned: list[tuple[Unit, int]] = []
         for unit in units:
             if used <= limit:
@@ -214,17 +214,6 @@ class EvictionOrder:
             planned.append((unit, freed))
             used -= freed
         return planned
-
-    def _sizes(self, blobs: Iterable[str]) -> list[tuple[str, int]]:
-        """The sizes of those of ``blobs`` in the store (not quarantined)."""
-        wanted = sorted(blobs)
-        found: list[tuple[str, int]] = []
-        for start in range(0, len(wanted), 500):  # (SQLite's bound on parameters)
-            part = wanted[start : start + 500]
-            marks = ",".join("?" * len(part))
-            found.extend((r["sha256"], r["size"]) for r in self.store.index.read(
-                f"SELECT sha256, size FROM blobs WHERE state = 'ok' AND sha256 IN ({marks})", tuple(part)))  # fmt: skip
-        return found
 
     def frees_nothing(self, unit: Unit, staying: set[str]) -> bool:
         """Whether removing ``unit`` would free no byte: each of its blobs stays (:meth:`staying_blobs`)."""
@@ -269,12 +258,17 @@ def shared_blobs(store: Store) -> dict[str, int]:
     return shared
 
 
-def ok_bytes(store: Store, blobs: Iterable[str]) -> int:
-    """The bytes of those of ``blobs`` the store holds (not quarantined)."""
-    wanted, total = sorted(blobs), 0
+def ok_sizes(store: Store, blobs: Iterable[str]) -> dict[str, int]:
+    """The sizes of those of ``blobs`` the store holds (not quarantined), by SHA-256."""
+    wanted, found = sorted(blobs), dict[str, int]()
     for start in range(0, len(wanted), 500):  # (SQLite's bound on parameters)
         part = wanted[start : start + 500]
-        total += int(store.index.read(
-            f"SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state = 'ok' AND sha256 IN ({','.join('?' * len(part))})",
-            tuple(part))[0][0])  # fmt: skip
-    return total
+        found.update((r["sha256"], int(r["size"])) for r in store.index.read(
+            f"SELECT sha256, size FROM blobs WHERE state = 'ok' AND sha256 IN ({','.join('?' * len(part))})",
+            tuple(part)))  # fmt: skip
+    return found
+
+
+def ok_bytes(store: Store, blobs: Iterable[str]) -> int:
+    """The bytes of those of ``blobs`` the store holds (not quarantined)."""
+    return sum(ok_sizes(store, blobs).values())
