@@ -116,14 +116,19 @@ def test_git_object_ids_match_real_git(tmp_path: Path) -> None:
     trees = tree_oids(entries)
     assert trees[""] == _git(["write-tree"], tmp_path)
     assert trees["onnx"] == _git(["rev-parse", f"{trees['']}:onnx"], tmp_path)
-    env_commit = subprocess.run(
-        ["git", "commit-tree", trees[""], "-m", "modeldepot import"],
-        cwd=tmp_path, capture_output=True, check=True,
-        env={"GIT_AUTHOR_NAME": "modeldepot", "GIT_AUTHOR_EMAIL": "modeldepot@localhost",
-             "GIT_AUTHOR_DATE": "@0 +0000", "GIT_COMMITTER_NAME": "modeldepot",
-             "GIT_COMMITTER_EMAIL": "modeldepot@localhost", "GIT_COMMITTER_DATE": "@0 +0000"},
-    ).stdout.decode().strip()  # fmt: skip
-    assert commit_id_for_tree(trees[""]) == env_commit
+
+    def commit_tree(*parent: str) -> str:
+        return subprocess.run(
+            ["git", "commit-tree", trees[""], *parent, "-m", "modeldepot import"],
+            cwd=tmp_path, capture_output=True, check=True,
+            env={"GIT_AUTHOR_NAME": "modeldepot", "GIT_AUTHOR_EMAIL": "modeldepot@localhost",
+                 "GIT_AUTHOR_DATE": "@0 +0000", "GIT_COMMITTER_NAME": "modeldepot",
+                 "GIT_COMMITTER_EMAIL": "modeldepot@localhost", "GIT_COMMITTER_DATE": "@0 +0000"},
+        ).stdout.decode().strip()  # fmt: skip
+
+    root = commit_tree()
+    assert commit_id_for_tree(trees[""]) == root
+    assert commit_id_for_tree(trees[""], root) == commit_tree("-p", root)  # an import on top of a head
 
 
 def test_lfs_pointer_and_patterns() -> None:

@@ -180,6 +180,37 @@ def test_truncated_blob_is_caught_on_open(depot: Depot, model_dir: Path) -> None
     assert not depot.has_file(REPO, "model.safetensors")
 
 
+def test_an_older_folder_imported_again_is_a_new_commit_on_the_branch(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """Commit ids came from the files alone: importing v1, v2, then v1 again moved main back to v1's old
+    commit, and the commits listed from main no longer had v2's."""
+    newer = write_model_dir(tmp_path / "v2", {**sample_files(), "config.json": b'{"v": 2}'})
+    with (
+        Depot(tmp_path / "a", chunk_size=SMALL_CHUNK) as a,
+        Depot(tmp_path / "b", chunk_size=SMALL_CHUNK) as b,
+    ):
+        first = a.import_dir(model_dir, REPO)
+        assert a.import_dir(model_dir, REPO).commit_id == first.commit_id  # the same files: nothing new
+        second = a.import_dir(newer, REPO)
+        third = a.import_dir(model_dir, REPO)
+        assert third.commit_id not in (first.commit_id, second.commit_id)
+        assert a.resolve(REPO) == third.commit_id
+        assert [c for c, _ in a.store.revisions(REPO)][:3] == [
+            third.commit_id,
+            second.commit_id,
+            first.commit_id,
+        ]
+        assert a.get_file(REPO, "config.json", third.commit_id) == sample_files()["config.json"]
+        # The same history gives the same ids on another machine
+        assert [b.import_dir(d, REPO).commit_id for d in (model_dir, newer, model_dir)] == [
+            first.commit_id,
+            second.commit_id,
+            third.commit_id,
+        ]
+        assert a.import_dir(model_dir, REPO, "dev").commit_id == first.commit_id  # a new branch: no parent
+
+
 def test_commit_ids_are_deterministic_and_content_is_stored_once(tmp_path: Path, model_dir: Path) -> None:
     with (
         Depot(tmp_path / "a", chunk_size=SMALL_CHUNK) as a,

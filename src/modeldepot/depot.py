@@ -359,7 +359,8 @@ class Depot:
         progress: ImportProgress | None = None,
         link: bool = False,
     ) -> ImportResult:
-        """Publish a local folder as ``repo_id`` at branch ``revision``; the commit id derives from the files.
+        """Publish a local folder as ``repo_id`` at branch ``revision``; the commit id derives from the files
+        and the branch's head (the same files on the same history: the same id).
         A repo the store holds under another case gets the revision (the Hub's repo ids ignore case).
 
         ``link``: the files become the store's blobs by hard links, not copies, where the file system

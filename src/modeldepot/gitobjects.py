@@ -2,8 +2,8 @@
 
 An imported directory gets the ids a git + git-lfs push of the same files would have: LFS files are
 represented in the tree by their pointer file, other files by their content, and the commit is a
-fixed-author, epoch-dated commit of that tree. The same tree therefore always gets the same commit id,
-and the server can answer with the same ETags and tree oids as the Hub.
+fixed-author, epoch-dated commit of that tree, whose parent is the branch's head when it has one. The
+same files imported on the same history therefore always get the same commit id, and the server can answer with the same ETags and tree oids as the Hub.
 """
 
 from __future__ import annotations
@@ -108,7 +108,9 @@ def tree_oids(entries: Iterable[TreeEntry]) -> dict[str, str]:
     return oids
 
 
-def commit_id_for_tree(tree_oid: str, message: str = "modeldepot import") -> str:
-    """A deterministic commit of ``tree_oid``: same tree, same id, on every machine."""
-    body = f"tree {tree_oid}\nauthor {_COMMIT_IDENT}\ncommitter {_COMMIT_IDENT}\n\n{message}\n"
+def commit_id_for_tree(tree_oid: str, parent: str | None = None, message: str = "modeldepot import") -> str:
+    """A deterministic commit of ``tree_oid`` on top of ``parent`` (the branch's head, if it has one): the
+    same tree on the same history gets the same id on every machine."""
+    parent_line = f"parent {parent}\n" if parent else ""
+    body = f"tree {tree_oid}\n{parent_line}author {_COMMIT_IDENT}\ncommitter {_COMMIT_IDENT}\n\n{message}\n"
     return git_object_id("commit", body.encode())
