@@ -223,6 +223,14 @@ def test_an_adopted_commit_the_cache_holds_in_part_is_known_as_partial(
         code, out, _ = run("info", SAMPLE, home=depot.home)
         assert code == 0
         assert "of the commit's 6 files" in out, out
+        # Its variants lack the tokenizer: "available", with what of them is here (it said nothing is)
+        variants = depot.get_manifest(SAMPLE).variants
+        files = sample_files()
+        assert {v.status for v in variants} == {"available"}
+        for variant in variants:
+            assert variant.bytes_done == variant.total_bytes - len(files["tokenizer.json"]), variant
+        code, out, _ = run("status", SAMPLE, home=depot.home)
+        assert code == 0 and "of it here: a pull takes the rest" in out, out
         # Exported again, the snapshot lacks the file too, and the export says so (it said nothing)
         exported = depot.hf_cache_export(SAMPLE, cache_dir=hf_cache.parent / "again")
         assert exported.ok and exported.not_in_store == ("tokenizer.json",)

@@ -606,6 +606,8 @@ def render_manifest(manifest: Manifest) -> None:
                 status += f" {100 * variant.bytes_done / variant.total_bytes:.0f}%"
             if variant.error:
                 status += f" ({variant.error})"
+            if variant.status == "available" and variant.bytes_done:
+                status += f" ({format_bytes(variant.bytes_done)} of it here: a pull takes the rest)"
             if variant.resumable:
                 status += f" [cyan]resumable: {format_bytes(variant.bytes_done)} kept[/cyan]"
             table.add_row(variant.name, variant.kind, str(len(variant.files) + len(manifest.shared)),

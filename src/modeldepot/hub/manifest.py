@@ -252,7 +252,6 @@ class CommitListings:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        # (repo, when scanned) -> its files, and their paths
         # (repo, when scanned) -> its files, and their paths; (repo, commit id) -> a listing kept of the commit
         self._parsed: dict[tuple[str, float | str], tuple[tuple[RemoteFile, ...], frozenset[str]]] = {}
 
@@ -403,7 +402,7 @@ def current_manifest(store: Store, repo_id: str) -> Manifest:
             seen[key] = (0 if partials.holds(key) else None) if running else partials.kept_bytes(key)
         return seen[key]
 
-    manifest = lost_since(store, manifest_from_record(record, running, kept))
+    manifest = _held_in_part(store, lost_since(store, manifest_from_record(record, running, kept)))
     if not manifest.other:
         return manifest
     # Files in no variant come with a pull of the whole repo: what of them is here, and kept for a resume
@@ -412,3 +411,28 @@ def current_manifest(store: Store, repo_id: str) -> Manifest:
     lacking = [f for f in manifest.files if f.path in wanted]
     resumable = 0 if running else sum(kept(f) or 0 for f in lacking)
     return dataclasses.replace(manifest, other_held=held, other_kept_bytes=resumable)
+
+
+def _held_in_part(store: Store, manifest: Manifest) -> Manifest:
+    """Variants never pulled whose own files the store holds some of (an adopted cache that lacked a
+    tokenizer, an import of the weights alone) count those bytes as done: "available" with nothing to show
+    read as nothing here. (The shared files alone do not: every other variant of a pulled one has them.)"""
+    waiting = [v for v in manifest.variants if v.status == "available" and not v.resumable]
+    if not waiting:
+        return manifest
+    held = {
+        row["path"]
+        for row in store.index.read(
+            "SELECT f.path FROM files f JOIN blobs b USING (sha256) "
+            "WHERE f.repo_id = ? AND f.commit_id = ? AND b.state = 'ok'",
+            (manifest.repo_id, manifest.commit_id),
+        )
+    }
+    sizes = {f.path: f.size for f in manifest.files}
+    variants = []
+    for variant in manifest.variants:
+        if variant in waiting and held.intersection(variant.files):
+            here = sum(sizes[p] for p in {*variant.files, *manifest.shared} & held)
+            variant = dataclasses.replace(variant, bytes_done=here)
+        variants.append(variant)
+    return dataclasses.replace(manifest, variants=tuple(variants))
