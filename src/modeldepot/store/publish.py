@@ -206,13 +206,14 @@ def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushe
         con.execute(
             "INSERT INTO repos (repo_id, private, origin, card, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (repo_id) DO UPDATE SET private = excluded.private, origin = excluded.origin, "
-            "card = excluded.card, updated_at = excluded.updated_at",
+            "card = excluded.card",
             (spec.repo_id, int(spec.private), spec.origin, json.dumps(spec.card), now, now),
         )
         con.execute(
             "INSERT OR IGNORE INTO revisions (repo_id, commit_id, tree_oid, created_at) VALUES (?, ?, ?, ?)",
             (spec.repo_id, spec.commit_id, spec.tree_oid, now),
         )
+        changed = con.execute("SELECT changes()").fetchone()[0] > 0
         held = dict(con.execute(
             "SELECT path, sha256 FROM files WHERE repo_id = ? AND commit_id = ?", (spec.repo_id, spec.commit_id)
         ).fetchall())  # fmt: skip
@@ -264,9 +265,13 @@ def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushe
             refuse_nested_branch(con, spec.repo_id, spec.branch)
             con.execute(
                 "INSERT INTO refs (repo_id, name, commit_id, updated_at) VALUES (?, ?, ?, ?) ON CONFLICT "
-                "(repo_id, name) DO UPDATE SET commit_id = excluded.commit_id, updated_at = excluded.updated_at",
+                "(repo_id, name) DO UPDATE SET commit_id = excluded.commit_id, updated_at = excluded.updated_at "
+                "WHERE refs.commit_id != excluded.commit_id",
                 (spec.repo_id, spec.branch, spec.commit_id, now),
             )
+            changed = changed or con.execute("SELECT changes()").fetchone()[0] > 0
+        if changed:  # (the same files published again change nothing: not when the repo or its ref moved)
+            con.execute("UPDATE repos SET updated_at = ? WHERE repo_id = ?", (now, spec.repo_id))
         for sha256 in placed:  # (a blob placed over a linked one is another file: its record goes)
             source = linked.get(sha256)
             if source is None:
