@@ -107,6 +107,15 @@ def test_a_root_model_loads_whatever_happened_to_other_files_of_its_repo(
                                rtol=1e-5)  # fmt: skip
 
 
+def test_a_quant_loads_when_another_quant_beside_it_is_corrupt(loaded: Depot) -> None:
+    """onnx-community keeps every quant in one onnx/ folder: fp32's quarantined external data made fp16
+    unloadable too (every file of the folder was checked for the loader), with an error naming a digest."""
+    loaded.store.quarantine(loaded.file_info(REPO, "onnx/model.onnx_data").sha256)
+    assert loaded.load(REPO, "fp16", warmup=0).get_inputs()[0].type == "tensor(float16)"
+    with pytest.raises(CorruptBlobError, match="onnx/model.onnx_data of acme/linear@"):
+        loaded.load(REPO, "fp32", warmup=0)
+
+
 def test_load_picks_the_variant(loaded: Depot) -> None:
     session = loaded.load(REPO, "fp16")
     assert session.get_inputs()[0].type == "tensor(float16)"

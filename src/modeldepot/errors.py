@@ -196,6 +196,7 @@ class CorruptBlobError(IntegrityError):
         )
         self.sha256 = sha256
         self.detail = detail
+        self.kept_in_place = kept_in_place
         self.found_before = False
 
     @classmethod

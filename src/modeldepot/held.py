@@ -35,12 +35,12 @@ def _maps_one_of(model_file: object, paths: Collection[str], revision_paths: Col
     if not isinstance(model_file, str):
         return True
     from modeldepot.engines.gguf_model import gguf_shard_names
-    from modeldepot.hub.variants import group_files
+    from modeldepot.hub.variants import files_of_other_variants, group_files
 
     variants = group_files({*revision_paths, *paths, model_file}).variants
     own = next((set(v.files) for v in variants if model_file in v.files), {model_file})
     own.update(gguf_shard_names(model_file) or ())
-    others = {f for v in variants if model_file not in v.files for f in v.files}
+    others = files_of_other_variants(model_file, {*revision_paths, *paths})
     folder = model_file.rpartition("/")[0]
     under = f"{folder}/" if folder else ""
     onnx = model_file.endswith(".onnx")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from modeldepot.errors import (
     RevisionNotFoundError,
 )
 from modeldepot.hub.manifest import Manifest, listed_files
-from modeldepot.hub.variants import group_files
+from modeldepot.hub.variants import files_of_other_variants, group_files
 from modeldepot.preload import Preloader
 from modeldepot.store import Store
 from modeldepot.validation import is_commit_id, validate_quant, validate_repo_id, validate_revision
@@ -100,9 +100,13 @@ def load_variant(
                 store.file_path(repo_id, shard, commit_id)
         elif isinstance(engine, str):  # ours read everything at load: hard links suffice
             folder, _, name = chosen.rpartition("/")
-            with store.linked_folder(repo_id, commit_id, folder) as view, _refused_by(engine, view, folder):
+            others = files_of_other_variants(chosen, (f.path for f in files))
+            with (
+                store.linked_folder(repo_id, commit_id, folder, others) as view,
+                _refused_by(engine, view, folder),
+            ):
                 if store.read_only and engine in ONNX_ENGINES:  # (links to the blobs: handed over mapped)
-                    return _onnx_from_mappings(store, repo_id, commit_id, chosen, view / name, engine)
+                    return _onnx_from_mappings(store, repo_id, commit_id, chosen, view / name, engine, others)
                 return loader(view / name)
         return loader(store.file_path(repo_id, chosen, commit_id))
 
@@ -199,7 +203,7 @@ def _engine(engine: str | EngineLoader) -> tuple[EngineLoader, tuple[str, ...]]:
 
 
 def _onnx_from_mappings(
-    store: Store, repo_id: str, commit_id: str, chosen: str, path: Path, engine: str
+    store: Store, repo_id: str, commit_id: str, chosen: str, path: Path, engine: str, others: Collection[str]
 ) -> Any:
     """(A read-only store, where no hard link can be made: a read-only mount, another user's, a shared
     one.) An onnxruntime session for ``path`` in the
@@ -224,9 +228,9 @@ def _onnx_from_mappings(
             try:
                 mapping = store.map(entry)
             except (CorruptBlobError, NotFoundError):
-                if "/" not in name:
+                if "/" not in name and entry.path not in others:
                     raise  # the folder's own files: the model's external data among them
-                continue  # (a subfolder's may be another model's: linked_folder's rule)
+                continue  # (another variant's, or a subfolder's: linked_folder's rule)
             if mapping is not None:
                 held.callback(mapping.close)
                 view = memoryview(mapping)

@@ -19,7 +19,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["DetectedVariant", "Grouping", "group_files", "variant_aliases", "variants_own_files"]
+__all__ = [
+    "DetectedVariant",
+    "Grouping",
+    "files_of_other_variants",
+    "group_files",
+    "variant_aliases",
+    "variants_own_files",
+]
 
 # transformers.js DEFAULT_DTYPE_SUFFIX_MAPPING, longest suffix first so "_q4f16" wins over "_q4".
 _ONNX_SUFFIXES: tuple[tuple[str, str], ...] = (
@@ -124,6 +131,16 @@ def variants_own_files(paths: Iterable[str]) -> list[tuple[str, frozenset[str], 
     the names it answers to (:func:`variant_aliases`)."""
     grouping = group_files(paths)
     return [(v.name, grouping.own_files(v), variant_aliases(v)) for v in grouping.variants]
+
+
+def files_of_other_variants(model_file: str, paths: Iterable[str]) -> frozenset[str]:
+    """The files (among ``paths``) of the variants ``model_file`` is not in, and not its own variant's too:
+    what a load of it does without (``onnx/model.onnx``'s external data beside ``onnx/model_fp16.onnx``'s)."""
+    variants = group_files({*paths, model_file}).variants
+    own = {path for v in variants if model_file in v.files for path in v.files}
+    return frozenset(
+        path for v in variants if model_file not in v.files for path in v.files if path not in own
+    )
 
 
 def _onnx_dtype(stem: str) -> str:

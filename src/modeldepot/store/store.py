@@ -19,7 +19,7 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -89,6 +89,16 @@ def node_id_of(store_id: str, home: Path) -> str:
     beside it on its store (the swarm takes them for one)."""
     where = f"{store_id} {socket.gethostname()} {os.path.realpath(home)}"
     return hashlib.blake2b(where.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+
+
+def _naming(error: CorruptBlobError | NotFoundError, entry: FileEntry) -> DepotError:
+    """``error`` about a blob, said of the file a loader's folder needed (it named a digest alone)."""
+    if not isinstance(error, CorruptBlobError):
+        return error
+    named = CorruptBlobError(error.sha256, f"{entry.path} of {entry.repo_id}@{entry.commit_id[:12]}: {error.detail}",
+                             kept_in_place=error.kept_in_place)  # fmt: skip
+    named.found_before = error.found_before
+    return named
 
 
 def _removed(blob: BlobRecord | FileEntry) -> BlobRemovedError:
@@ -607,14 +617,21 @@ class Store:
         return True
 
     @contextlib.contextmanager
-    def linked_folder(self, repo_id: str, commit_id: str, folder: str) -> Iterator[Path]:
+    def linked_folder(
+        self, repo_id: str, commit_id: str, folder: str, others: Collection[str] = frozenset()
+    ) -> Iterator[Path]:
         """One folder of a revision, its subfolders included (external data may be kept in one), as hard
         links (real files, not symlinks) in a private folder under tmp/, removed on exit. For loaders that
         refuse a path leading out of the model's folder: onnxruntime resolves symlinks and rejects external
         data that "escapes" the model directory. On a read-only store, where no link can be made, it is the
-        folder in the revision's snapshot (symbolic links to the blobs)."""
+        folder in the revision's snapshot (symbolic links to the blobs).
+
+        A file of the folder itself that is missing or corrupt fails the view (it may be the model's, or
+        its external data), unless it is one of ``others`` (another variant's, which the loader does
+        without: one quant's rotted weights must not stop every quant beside it); a subfolder's is left
+        out."""
         if self.read_only:
-            with self._snapshot_folder(repo_id, commit_id, folder) as view:
+            with self._snapshot_folder(repo_id, commit_id, folder, others) as view:
                 yield view
             return
         with WriteSession(self.layout) as session:
@@ -628,10 +645,10 @@ class Store:
                     name = entry.path[len(prefix) :]
                     try:
                         os.close(self.open_fd(entry))  # there, with the right size
-                    except (CorruptBlobError, NotFoundError):
-                        if "/" not in name:
-                            raise  # the folder's own files: the model's, or its external data
-                        continue  # a subfolder's may be another model's, not the loader's business
+                    except (CorruptBlobError, NotFoundError) as error:
+                        if "/" not in name and entry.path not in others:
+                            raise _naming(error, entry) from None  # the model's, or its external data
+                        continue  # another model's, not the loader's business
                     link = self.layout.inside(self.layout.snapshot_file(view, name))
                     link.parent.mkdir(parents=True, exist_ok=True)
                     os.link(self.blobs.path(entry.sha256), link)
@@ -640,7 +657,9 @@ class Store:
             yield view
 
     @contextlib.contextmanager
-    def _snapshot_folder(self, repo_id: str, commit_id: str, folder: str) -> Iterator[Path]:
+    def _snapshot_folder(
+        self, repo_id: str, commit_id: str, folder: str, others: Collection[str]
+    ) -> Iterator[Path]:
         """(A read-only store.) The folder in the revision's own snapshot: its links to the blobs are what
         a view made of links would be, and nothing need be made (a read-only container's /tmp may be
         read-only too)."""
@@ -651,9 +670,9 @@ class Store:
                 continue
             try:
                 os.close(self.open_fd(entry))  # there, with the right size, not found corrupt
-            except (CorruptBlobError, NotFoundError):
-                if "/" not in entry.path[len(prefix) :]:
-                    raise  # the folder's own files: the model's, or its external data
+            except (CorruptBlobError, NotFoundError) as error:
+                if "/" not in entry.path[len(prefix) :] and entry.path not in others:
+                    raise _naming(error, entry) from None  # the model's, or its external data
         if not self.snapshots.is_complete(repo_id, commit_id, [(e.path, e.sha256) for e in entries]):
             raise StoreError(f"the snapshot folder of {repo_id}@{commit_id[:12]} is incomplete, and the store is "
                              "read-only: repair it where it is writable (modeldepot verify)")  # fmt: skip
