@@ -116,6 +116,23 @@ def test_a_quant_loads_when_another_quant_beside_it_is_corrupt(loaded: Depot) ->
         loaded.load(REPO, "fp32", warmup=0)
 
 
+def test_depots_sharing_an_engine_cache_let_go_of_their_own_engines_only(tmp_path: Path) -> None:
+    """A cache given to two depots: each one's look for removed models took the other store's engines for
+    removed ones and evicted them (every 2 s, a cold load each time); a remove in one dropped the other's."""
+    from modeldepot.engines import LoadedModelCache
+
+    cache: LoadedModelCache[object] = LoadedModelCache(max_models=8)
+    with Depot(tmp_path / "a", engine_cache=cache) as a, Depot(tmp_path / "b", engine_cache=cache) as b:
+        for depot in (a, b):
+            depot.import_dir(write_repo(tmp_path / f"repo-{depot.home.name}"), REPO)
+        ours = a.load(REPO, warmup=0)
+        b.load(REPO, "fp16", warmup=0)
+        assert b.let_go_of_removed() == 0 and a.load(REPO, warmup=0) is ours
+        b.remove(REPO)  # the same repo, the same commit, in b's store
+        assert a.load(REPO, warmup=0) is ours
+        assert a.let_go_of_removed() == 0 and cache.stats().evictions == 1  # (b's fp16 engine)
+
+
 def test_load_picks_the_variant(loaded: Depot) -> None:
     session = loaded.load(REPO, "fp16")
     assert session.get_inputs()[0].type == "tensor(float16)"

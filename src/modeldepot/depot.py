@@ -836,7 +836,8 @@ class Depot:
                 # (the commit the tiers answer, from the first store that holds the variant whole; none: pulled)
                 try:
                     return load_variant(store, self.preloader, self.engines, _not_here, True,
-                                        store.spelled(repo_id), quant, commit_id, engine, warmup, inputs)  # fmt: skip
+                                        store.spelled(repo_id), quant, commit_id, engine, warmup, inputs,
+                                        owner=self.store)  # fmt: skip
                 except (NotFoundError, CorruptBlobError):
                     continue
         return load_variant(self.store, self.preloader, self.engines, pull_variant, self.config.offline,

@@ -50,9 +50,19 @@ def _maps_one_of(model_file: object, paths: Collection[str], revision_paths: Col
     )
 
 
-def _engine_revision(key: object) -> tuple[str, str, object] | None:
-    """(repo, commit, model file) of an engine's cache key (``Depot.load``'s), or None for another key."""
-    if isinstance(key, tuple) and len(key) >= 3 and isinstance(key[0], str) and isinstance(key[1], str):
+def engine_key(
+    store: Store, repo_id: str, commit_id: str, model_file: str, engine: object
+) -> tuple[Any, ...]:
+    """The cache key of an engine ``Depot.load`` makes. It names the store: a cache given to several depots
+    holds the engines of each, and each lets go of its own only (another store's were taken for removed
+    ones, and evicted every 2 s)."""
+    return (repo_id, commit_id, model_file, engine, store.store_id)
+
+
+def engine_revision(key: object, store: Store) -> tuple[str, str, object] | None:
+    """(repo, commit, model file) of an engine's cache key (``Depot.load``'s, of ``store``), or None for
+    another key."""
+    if isinstance(key, tuple) and len(key) == 5 and key[4] == store.store_id:
         return key[0], key[1], key[2]
     return None
 
@@ -77,7 +87,7 @@ class HeldModels:
         used: list[tuple[str, str | None]] = list(preloader.revisions()) if preloader is not None else []
         # (a list, least recently used first: the cache is no mapping; none made yet, none loaded)
         for key in engines.keys() if engines is not None else []:
-            revision = _engine_revision(key)
+            revision = engine_revision(key, self.store)
             if revision is not None:
                 used.append((revision[0], revision[1]))
         return used
@@ -87,7 +97,7 @@ class HeldModels:
         preloader, engines = self._preloader(), self._engines()
         found = preloader.paths() if preloader is not None else {}
         for key in engines.keys() if engines is not None else []:
-            revision = _engine_revision(key)
+            revision = engine_revision(key, self.store)
             if revision is None:
                 continue
             paths = found.setdefault((revision[0], revision[1]), set())
@@ -154,7 +164,7 @@ class HeldModels:
         loaded = set(engines.keys())
         listed: dict[str, list[str]] = {}  # by commit: its files, read once
         for key in [*loaded, *engines.loading()]:
-            revision = _engine_revision(key)
+            revision = engine_revision(key, self.store)
             if revision is None or revision[0] != repo_id or revision[1] not in commit_ids:
                 continue
             if paths is not None and revision[1] not in listed:

@@ -38,6 +38,7 @@ from modeldepot.errors import (
     ReadOnlyStoreError,
     RevisionNotFoundError,
 )
+from modeldepot.held import engine_key
 from modeldepot.hub.manifest import Manifest, listed_files
 from modeldepot.hub.variants import files_of_other_variants, group_files
 from modeldepot.preload import Preloader
@@ -79,8 +80,11 @@ def load_variant(
     engine: str | EngineLoader,
     warmups: int,
     inputs: Mapping[str, Any] | None,
+    owner: Store | None = None,
 ) -> Any:
     """A loaded, warmed-up engine for a variant, from ``cache`` or built now (see the module's docstring).
+    ``owner``: the store of the depot that loads it, when ``store`` is a shared one it reads through (the
+    cache key names the owner's: its depot lets go of the engine when the shared store removes the model).
     ``offline``: a variant missing from a revision the store holds is an error listing the ones it has."""
     validate_repo_id(repo_id)
     validate_revision(revision)
@@ -92,7 +96,7 @@ def load_variant(
     commit_id, chosen = _locate(store, pull, offline, repo_id, quant, revision, suffixes or DEFAULT_SUFFIXES)
     # The callable itself, not its name: two lambdas (or two factories' inner functions) share a
     # __qualname__ but build different engines. The same callable object hits the cache.
-    key: Hashable = (repo_id, commit_id, chosen, engine)
+    key: Hashable = engine_key(owner or store, repo_id, commit_id, chosen, engine)
 
     def build() -> Any:
         if isinstance(engine, str) and engine in SNAPSHOT_ENGINES:

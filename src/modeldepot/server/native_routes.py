@@ -33,6 +33,7 @@ from modeldepot.errors import (
     RepoNotFoundError,
 )
 from modeldepot.hashing import chunk_count
+from modeldepot.held import engine_revision
 from modeldepot.hub.manifest import Manifest
 from modeldepot.preload.preloader import PreloadInfo
 from modeldepot.server.commit_cache import COMMITS
@@ -470,9 +471,10 @@ def _stats(depot: Depot, authorized: bool) -> dict[str, Any]:
             else sum(m.resident_bytes for m in models)
         )
         figures.update(dict.fromkeys(WITHHELD_PRELOAD), ram_bytes=ram)
-        # load() keys an engine (repo_id, commit, path, engine); one cached under another key names no repo
+        # load() keys an engine by its revision and store; one cached under another key names no repo
         loaded = depot.engines.keys()  # a list (the cache is no mapping)
-        public = sum(1 for key in loaded if isinstance(key, tuple) and key and key[0] in visible)
+        revisions = (engine_revision(key, depot.store) for key in loaded)
+        public = sum(1 for revision in revisions if revision is not None and revision[0] in visible)
         engines = {**dict.fromkeys(engines), "cached_models": public}
     return {
         "repos": len(totals.repo_ids),
