@@ -112,7 +112,7 @@ def test_a_quant_loads_when_another_quant_beside_it_is_corrupt(loaded: Depot) ->
     unloadable too (every file of the folder was checked for the loader), with an error naming a digest."""
     loaded.store.quarantine(loaded.file_info(REPO, "onnx/model.onnx_data").sha256)
     assert loaded.load(REPO, "fp16", warmup=0).get_inputs()[0].type == "tensor(float16)"
-    with pytest.raises(CorruptBlobError, match="onnx/model.onnx_data of acme/linear@"):
+    with pytest.raises(CorruptBlobError, match=r"onnx/model\.onnx_data of acme/linear@"):
         loaded.load(REPO, "fp32", warmup=0)
 
 
