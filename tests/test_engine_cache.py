@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import os
 import threading
 import time
@@ -259,6 +260,17 @@ def test_the_memory_projection_is_recomputed_after_each_eviction() -> None:
     cache.get_or_load("c", lambda: "C", size=50)  # 130 > 100: evicting a alone makes room (90)
     assert evicted == ["a"] and cache.keys() == ["b", "c"]
     assert cache.stats().total_memory_bytes == 90
+
+
+def test_a_model_over_the_whole_budget_is_kept_alone_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """It flushed every other engine and stayed over the budget without a word (a trial)."""
+    cache: LoadedModelCache[str] = LoadedModelCache(max_models=10, memory_budget=100)
+    cache.get_or_load("a", lambda: "A", size=40)
+    with caplog.at_level(logging.WARNING, logger="modeldepot.engines.cache"):
+        cache.get_or_load("huge", lambda: "H", size=150)
+    assert (
+        cache.keys() == ["huge"] and "more than the engine cache's whole memory budget (100)" in caplog.text
+    )
 
 
 def test_a_size_not_given_is_measured_as_rss_growth() -> None:

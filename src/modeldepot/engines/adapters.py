@@ -8,6 +8,7 @@ when missing.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import mmap
@@ -27,6 +28,7 @@ __all__ = [
     "ENGINES",
     "EngineLoader",
     "WarmupReport",
+    "check_engine_installed",
     "dummy_inputs",
     "load_gguf",
     "load_onnxruntime",
@@ -45,7 +47,29 @@ def _require(module: str, install: str = "'modeldepot[engines]'") -> Any:
     try:
         return __import__(module)
     except ImportError:
-        raise ConfigError(f"this engine needs the {module!r} package: pip install {install}") from None
+        raise ConfigError(_missing(module, install)) from None
+
+
+def _missing(module: str, install: str = "'modeldepot[engines]'") -> str:
+    return f"this engine needs the {module!r} package: pip install {install}"
+
+
+# The packages each engine of ours imports as it loads (torch's own install line: no extra of ours has it)
+_ENGINE_PACKAGES: dict[str, tuple[str, ...]] = {
+    "onnxruntime": ("onnxruntime",),
+    "onnxruntime-prepacked": ("onnxruntime",),
+    "safetensors": ("safetensors", "numpy"),
+    "torch": ("safetensors", "torch"),
+    "gguf": ("numpy",),
+}
+
+
+def check_engine_installed(name: str) -> None:
+    """Raise the ConfigError the engine ``name``'s load would, before anything is pulled or evicted for it:
+    a missing package is found without importing one (the loaded-model cache makes room before a load)."""
+    for module in _ENGINE_PACKAGES.get(name, ()):
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(_missing(module, "torch" if module == "torch" else "'modeldepot[engines]'"))
 
 
 def load_onnxruntime(

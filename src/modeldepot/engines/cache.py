@@ -7,6 +7,11 @@ Design notes (where the seed was thin or wrong):
   projection after each eviction; the seed computed it once and could evict everything or loop.
 - A load happens outside the lock, once per key however many callers ask (they wait for its result, or
   all receive its exception; a failure is not cached). Different keys load in parallel.
+- Room is made before a load (a free slot, the budget's bytes for the size given), so that two big
+  models are never in memory at once (Ollama, too, unloads a runner before it starts the next): a load
+  that then fails does not bring back what it evicted. ``Depot.load`` checks what it can before it asks
+  (the engine's package, the files there and whole). A model bigger than the whole budget is loaded and
+  kept alone, with a warning: refusing it would fail a worker's one model.
 - ``on_evict`` runs outside the lock, after the entry is gone from the cache, so a slow ``close()`` never
   blocks other callers. The cache keeps no other reference: once the caller drops theirs, the engine is
   freed. The default hook closes an engine only when nothing outside the cache holds it: ``load()`` hands
@@ -380,6 +385,9 @@ class LoadedModelCache(Generic[M]):
                 evicted = self._enforce_locked(keep=key)
         flight.model = model
         flight.done.set()
+        if self.memory_budget is not None and measured > self.memory_budget and not flight.dropped:
+            log.warning("%r takes %d bytes, more than the engine cache's whole memory budget (%d): it is kept "
+                        "alone, every other engine evicted", key, measured, self.memory_budget)  # fmt: skip
         self._run_hooks(evicted)
         if self.ttl is not None and self._clock is time.monotonic:
             _REAPER.watch(self)

@@ -22,6 +22,7 @@ from typing import Any
 from modeldepot.engines.adapters import (
     ENGINES,
     EngineLoader,
+    check_engine_installed,
     load_onnxruntime,
     model_file,
     onnxruntime_version_lacking_data_in_memory,
@@ -198,6 +199,9 @@ def _engine(engine: str | EngineLoader) -> tuple[EngineLoader, tuple[str, ...]]:
     if isinstance(engine, str):
         if engine not in ENGINES:
             raise ConfigError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)} or a callable")
+        check_engine_installed(
+            engine
+        )  # (before a pull, or room made in the cache, for a load that must fail)
         return ENGINES[engine]
     if not callable(engine):
         raise ConfigError(
