@@ -422,6 +422,34 @@ def test_the_pins_of_a_revision_removed_go_with_it(tmp_path: Path) -> None:
         assert depot.pins() == []
 
 
+def test_a_node_says_what_it_evicted_as_it_started(tmp_path: Path) -> None:
+    """`serve --max-size` (or a store over its saved budget) evicted models before the node's log was set up:
+    the budget's lines were lost, and models went without a word (a trial)."""
+    import subprocess
+    import sys
+
+    from conftest import free_port, wait_for_port
+
+    home = tmp_path / "store"
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        for name in ("acme/a", "acme/b"):
+            depot.import_dir(model(tmp_path, name), name)
+            time.sleep(0.01)
+    env = {k: v for k, v in os.environ.items() if k not in ("MODELDEPOT_MAX_SIZE", "MODELDEPOT_TOKEN")}
+    port, log = free_port(), tmp_path / "serve.log"
+    with log.open("wb") as log_file:
+        node = subprocess.Popen([sys.executable, "-m", "modeldepot", "serve", "--home", str(home), "--port",
+                                 str(port), "--max-size", "1.5MiB", "--scrub-interval", "off"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=log_file)  # fmt: skip
+    try:
+        wait_for_port(port, 60, process=node)
+    finally:
+        node.terminate()
+        node.wait(30)
+    said = log.read_text()
+    assert "over its disk budget of 1.5 MiB: 1 eviction freed" in said and "evicted acme/a@" in said, said
+
+
 def test_the_budget_is_the_stores_and_every_process_on_it_keeps_to_it(tmp_path: Path) -> None:
     """`serve --max-size` held in the node alone: a `modeldepot import` or `pull` beside it, not given the same
     MODELDEPOT_MAX_SIZE, filled the disk past it. The budget is now saved with the store (`serve --max-size`,

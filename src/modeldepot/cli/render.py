@@ -466,16 +466,28 @@ def _budget_line(budget: BudgetStatus) -> str:
             f"{format_bytes(budget.pinned_bytes)} pinned{shared}")  # fmt: skip
 
 
-def _render_evictions(evicted: list[Eviction], verb: str = "evicted", most: int | None = None) -> None:
+def _render_evictions(
+    evicted: list[Eviction], verb: str = "evicted", most: int | None = None, console: Console = out
+) -> None:
     """One line per eviction (the first ``most`` of them, and how many more)."""
     for eviction in evicted[:most]:
         what = f"{eviction.repo_id}@{eviction.commit_id[:12]}" + (
             f" {eviction.variant}" if eviction.variant else ""
         )
-        out.print(f"{verb} {escape(what)} ({format_bytes(eviction.bytes_freed)}, last used "
-                  f"{_when(eviction.last_used)})")  # fmt: skip
+        console.print(f"{verb} {escape(what)} ({format_bytes(eviction.bytes_freed)}, last used "
+                      f"{_when(eviction.last_used)})")  # fmt: skip
     if most is not None and len(evicted) > most:
-        out.print(f"... and {count(len(evicted) - most, 'eviction')} more")
+        console.print(f"... and {count(len(evicted) - most, 'eviction')} more")
+
+
+def render_evictions_at_start(evicted: list[Eviction], limit: int | None) -> None:
+    """What a node evicted as it started, the store being over its disk budget (on stderr, with its log:
+    before the log is set up, the budget's own lines were lost, and models went without a word)."""
+    if not evicted:
+        return
+    err.print(f"the store was over its disk budget of {format_bytes(limit or 0)}: "
+              f"{count(len(evicted), 'eviction')} freed {format_bytes(sum(e.bytes_freed for e in evicted))}")  # fmt: skip
+    _render_evictions(evicted, console=err)
 
 
 def render_planned_evictions(planned: list[Eviction], limit: int, used: int, most: int | None = None) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from modeldepot.cli import cli
+from modeldepot.cli import cli, render
 from modeldepot.cli.options import (
     cluster_options,
     home_option_after,
@@ -181,11 +181,14 @@ def serve_command(
     if preload_budget is not None:
         depot.config = dataclasses.replace(depot.config, preload_budget=preload_budget)
     if max_size is not None:
-        depot.set_max_size(
+        evicted = depot.set_max_size(
             max_size
-        )  # (the store's from now on; a store over it is brought within it, logged)
+        )  # (the store's from now on; a store over it is brought within it)
     elif depot.store.budget.max_bytes is not None and not depot.store.read_only:
-        depot.shrink()  # a store already over its budget is brought within it (evictions are logged)
+        evicted = depot.shrink()  # a store already over its budget is brought within it
+    else:
+        evicted = []
+    render.render_evictions_at_start(evicted, depot.store.budget.max_bytes)
     limits = ConnectionLimits()
     if header_timeout is not None:
         limits = dataclasses.replace(limits, header_timeout=header_timeout)
