@@ -361,6 +361,20 @@ def test_writers_in_one_process_reserve_the_room_they_made(store: Depot, tmp_pat
         assert fourth.make_room(MB, "fourth") == []  # the reservations went with their writers
 
 
+def test_the_budget_says_the_room_writes_under_way_hold(store: Depot, tmp_path: Path) -> None:
+    """A pull under way was shown "0% used" and its files "not counted (`gc --partials` frees them)", while
+    the budget counted its room (the next import was refused) and gc left it alone (a trial)."""
+    store.import_dir(model(tmp_path, "acme/a"), "acme/a")
+    with store.store.budget.writing("acme/x") as writer:
+        writer.make_room(2 * MB, "a pull")
+        assert store.budget_status().reserved_bytes == 2 * MB
+        shown = CliRunner().invoke(cli, ["budget", "--home", str(store.home), "--json"])
+        assert json.loads(shown.output)["reserved_bytes"] == 2 * MB
+        said = " ".join(CliRunner().invoke(cli, ["budget", "--home", str(store.home)]).output.split())
+        assert "2.0 MiB more held for writes under way until they publish" in said, said
+    assert store.budget_status().reserved_bytes == 0
+
+
 def test_a_revision_is_not_published_over_a_shared_blob_removed_meanwhile(
     store: Depot, tmp_path: Path
 ) -> None:

@@ -461,8 +461,10 @@ def _budget_line(budget: BudgetStatus) -> str:
     shared = (f"; {format_bytes(budget.shared_bytes)} shared with files outside the store (an adopted Hugging "
               "Face cache, `import --link`) not counted: evicting them would free no disk"
               if budget.shared_bytes else "")  # fmt: skip
-    return (f"{format_bytes(budget.used_bytes)} of {format_bytes(budget.max_bytes)} ({source}; {share:.0f}% used); "
-            f"{format_bytes(budget.in_use_bytes)} kept from eviction (pinned or in use), of which "
+    held = (f"; {format_bytes(budget.reserved_bytes)} more held for writes under way until they publish "
+            "(counted: a write that would not fit beside them is refused)" if budget.reserved_bytes else "")  # fmt: skip
+    return (f"{format_bytes(budget.used_bytes)} of {format_bytes(budget.max_bytes)} ({source}; {share:.0f}% used)"
+            f"{held}; {format_bytes(budget.in_use_bytes)} kept from eviction (pinned or in use), of which "
             f"{format_bytes(budget.pinned_bytes)} pinned{shared}")  # fmt: skip
 
 
@@ -506,20 +508,24 @@ def render_planned_evictions(planned: list[Eviction], limit: int, used: int, mos
                  else ""))  # fmt: skip
 
 
-def _outside_the_budget(usage: DiskUsage | None) -> str:
+def _outside_the_budget(usage: DiskUsage | None, budget: BudgetStatus) -> str:
     """What the budget does not count: downloads kept for a resume, what killed writes left (a node said "60%
-    of 100 MiB used" taking 462 MiB: a trial)."""
+    of 100 MiB used" taking 462 MiB: a trial). Writes under way are counted by the room they hold (their
+    files were said "not counted", and freed by `gc --partials`, which leaves them alone: a trial)."""
     if usage is None or not usage.partial_bytes + usage.unfinished_write_bytes:
         return ""
-    return (f"; beside it, {format_bytes(usage.partial_bytes + usage.unfinished_write_bytes)} of unfinished "
-            "downloads and writes, not counted (`modeldepot gc --partials` frees them)")  # fmt: skip
+    unfinished = format_bytes(usage.partial_bytes + usage.unfinished_write_bytes)
+    if budget.reserved_bytes:
+        return (f"; beside it, {unfinished} of downloads and writes: those under way fill the room held for "
+                "them, the rest is not counted (`modeldepot gc --partials` frees it)")  # fmt: skip
+    return f"; beside it, {unfinished} of unfinished downloads and writes, not counted (`modeldepot gc --partials` frees them)"
 
 
 def render_budget(
     budget: BudgetStatus, evicted: list[Eviction], over: int, usage: DiskUsage | None = None
 ) -> None:
     _render_evictions(evicted)
-    out.print(f"budget  {_budget_line(budget)}{_outside_the_budget(usage)}")
+    out.print(f"budget  {_budget_line(budget)}{_outside_the_budget(usage, budget)}")
     out.print(
         f"evicted {format_bytes(budget.evicted_bytes)} so far, in {count(budget.evictions, 'eviction')}"
     )
@@ -551,7 +557,7 @@ def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
     out.print(f"  index       {format_bytes(usage.index_bytes)}")
     out.print(f"  total       {format_bytes(usage.total_bytes)}")
     if budget is not None:
-        out.print(f"  budget      {_budget_line(budget)}{_outside_the_budget(usage)}")
+        out.print(f"  budget      {_budget_line(budget)}{_outside_the_budget(usage, budget)}")
         out.print(
             f"  evicted     {format_bytes(budget.evicted_bytes)} so far, in {count(budget.evictions, 'eviction')}"
         )

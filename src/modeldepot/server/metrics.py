@@ -20,6 +20,7 @@ and :class:`NodeCollector`, which builds every modeldepot figure when it is scra
 - **read from the store** (its index, on a worker thread): ``modeldepot_repos``, ``modeldepot_store_blobs``,
   ``modeldepot_store_bytes`` (blob bytes, each content once), and from ``Depot.budget_status()``
   ``modeldepot_store_budget_bytes`` (0: no budget), ``modeldepot_store_pinned_bytes``,
+  ``modeldepot_store_reserved_bytes`` (room writes under way hold until they publish),
   ``modeldepot_evictions_total`` and ``modeldepot_evicted_bytes_total`` (since the store was created);
 - **read from the depot's tiers**: ``modeldepot_preload_resident_bytes`` and
   ``modeldepot_preload_budget_bytes`` (``depot.preloader.stats()``),
@@ -124,6 +125,8 @@ class NodeCollector(Collector):
              budget.max_bytes or 0),
             (gauge, "modeldepot_store_pinned_bytes", "Bytes of the blobs that pinned revisions use.",
              budget.pinned_bytes),
+            (gauge, "modeldepot_store_reserved_bytes", "Room that writes under way (pulls, imports) hold in the "
+             "disk budget until they publish.", budget.reserved_bytes),
             (counter, "modeldepot_evictions", "Revisions and variants evicted to keep within the disk budget, since the "
              "store was created.", budget.evictions),
             (counter, "modeldepot_evicted_bytes", "Bytes freed by evictions, since the store was created.",

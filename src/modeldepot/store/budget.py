@@ -125,6 +125,9 @@ class BudgetStatus(_Record):
     # Blobs another name outside the store links too (an adopted Hugging Face cache, `import --link`): on the
     # disk whatever the store does, so neither counted in used_bytes nor evicted for room
     shared_bytes: int = 0
+    # Room writes under way (pulls, imports, in any process) made and hold until they publish: counted by
+    # every check of the budget, though not in used_bytes yet
+    reserved_bytes: int = 0
 
 
 class DiskBudget:
@@ -399,6 +402,7 @@ class DiskBudget:
             evicted_bytes=int(self.store.index.setting("evicted_bytes") or 0),
             read_only=self.store.read_only,
             shared_bytes=sum(shared.values()),
+            reserved_bytes=self._others_reserved(None),
         )
 
     # -- evicting ---------------------------------------------------------------------------------------------
