@@ -303,6 +303,8 @@ def test_cli_pin_unpin_du_gc_and_bad_sizes(tmp_path: Path, monkeypatch: pytest.M
     assert unpinned.exit_code == 0 and "unpinned" in unpinned.output
     again = runner.invoke(cli, ["unpin", "acme/a", "--home", str(home)])
     assert again.exit_code == 1 and "was not pinned" in again.output and "its pins" not in again.output
+    unknown = runner.invoke(cli, ["unpin", "acme/nope", "--home", str(home)])  # (it said "was not pinned")
+    assert unknown.exit_code == 1 and "is not in the store" in unknown.output, unknown.output
     # A pin of another revision (or variant): `unpin REPO` said "was not pinned" as `pins` listed it (trial)
     with Depot(home) as depot:
         commit = depot.resolve("acme/a")

@@ -175,6 +175,8 @@ def pin_command(depot: Depot, repo_id: str, quant: str | None, revision: str, as
 def unpin_command(depot: Depot, repo_id: str, quant: str | None, revision: str, as_json: bool) -> None:
     """Let the disk budget evict this model again."""
     removed = depot.unpin(repo_id, quant, revision)
+    if not removed:
+        depot.repo_info(repo_id)  # a repo the store does not hold: not found, as the control API says
     what = f"{repo_id}{f' ({quant})' if quant else ''}@{revision}"
     render.emit(as_json, {"unpinned": removed}, lambda: render.out.print(
         f"unpinned {what}" if removed else f"{what} was not pinned{_other_pins(depot, repo_id)}"))  # fmt: skip
