@@ -533,7 +533,7 @@ def test_variant_names_sizes_and_cache_folders_are_checked_as_input(home: Path, 
         code, _, err = run("budget", size, home=home)
         assert code == 2 and "cannot read disk budget" in err, (size, err)
     code, _, err = run("budget", "9" * 400 + "GiB", home=home)
-    assert code == 2 and "is more than 4 EiB" in err, err
+    assert code == 2 and "is more than 4096 PiB" in err, err
     for size in ("-5GiB", "-5%", "-.5GiB"):  # (click read "-5GiB" as an option: "no such option '-5'")
         code, _, err = run("budget", size, home=home)
         assert code == 2 and "cannot be negative" in err, (size, err)

@@ -55,7 +55,7 @@ def test_rates_are_read_and_bad_ones_refused() -> None:
     for parse, text in ((parse_rate, "-5MiB/s"), (parse_size, "-5GiB"), (parse_max_size, "-5GiB")):
         with pytest.raises(ConfigError, match="cannot be negative"):
             parse(text, *(("/",) if parse is parse_max_size else ()))
-    with pytest.raises(ConfigError, match="more than 4 EiB"):
+    with pytest.raises(ConfigError, match="more than 4096 PiB"):
         parse_max_size("18446744073709551617000000000000", "/")
     with pytest.raises(ConfigError, match=r"MODELDEPOT_CONNECTIONS -1 must be from 1 to 256 \(connections"):
         DepotConfig.from_env({"MODELDEPOT_CONNECTIONS": "-1"}, home="/tmp/x")

@@ -73,7 +73,7 @@ def parse_size(text: str) -> int:
     size = int(number) * unit if "." not in number else float(number) * unit
     if size > MAX_SIZE:
         shown = text.strip() if len(text.strip()) <= 40 else text.strip()[:37] + "..."
-        raise ConfigError(f"size {shown!r} is more than 4 EiB: write it like 16MiB, 1.5GiB or 1048576")
+        raise ConfigError(f"size {shown!r} is more than 4096 PiB: write it like 16MiB, 1.5GiB or 1048576")
     return int(size)
 
 
@@ -306,7 +306,7 @@ def parse_max_size(text: str | int, path: os.PathLike[str] | str) -> int:
     except ConfigError:
         if _SIZE.fullmatch(text):  # (read, and more than any disk)
             raise ConfigError(
-                f"disk budget {text[:40]!r} is more than 4 EiB: write it like 200GiB or 80%"
+                f"disk budget {text[:40]!r} is more than 4096 PiB: write it like 200GiB or 80%"
             ) from None
         raise ConfigError(f"cannot read disk budget {text!r}: write it like 200GiB or 80%") from None
     if size <= 0:
