@@ -196,6 +196,7 @@ class Preloader:
         self._loading: dict[ModelKey, threading.Event] = {}
         self._forgotten: set[ModelKey] = set()  # loading when :meth:`forget` named their revision
         self._loading_paths: dict[ModelKey, frozenset[str]] = {}  # the files each load in progress reads
+        self._loading_bytes: dict[ModelKey, int] = {}  # the room each load in progress made for itself
         self._hits = self._misses = self._evictions = 0
         self._load_times: dict[bool, list[float]] = {True: [], False: []}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preload")
@@ -259,8 +260,13 @@ class Preloader:
     def preload(self, repo_id: str, quant: str | None = None, revision: str = "main") -> PreloadInfo:
         """Bring a model (a variant and the shared files, or the whole revision) into RAM, evicting the
         least recently used models as the budget needs. Concurrent calls for one model load it once."""
-        model, already = self._obtain(repo_id, quant, revision, hold=False)
-        return self._info(model, already)
+        # Held while it is measured: an eviction by another thread closed its files under the measure
+        # (a raw EBADF from a preload that had succeeded: a trial)
+        model, already = self._obtain(repo_id, quant, revision, hold=True)
+        try:
+            return self._info(model, already)
+        finally:
+            self._release(model)
 
     def _obtain(self, repo_id: str, quant: str | None, revision: str, hold: bool) -> tuple[_Model, bool]:
         """The model in RAM (loaded now if needed) and whether it was there; with ``hold``, a holder is
@@ -285,15 +291,18 @@ class Preloader:
                     return model, True
                 waiting = self._loading.get(key)
                 if waiting is None:
-                    self._loading[key] = threading.Event()
-                    self._loading_paths[key] = frozenset(e.path for e in entries)
-                    try:
-                        self._make_room(self._new_bytes(entries))
-                    except BaseException:
-                        self._loading.pop(key).set()
-                        self._loading_paths.pop(key, None)
-                        raise
-                    break
+                    # Loads in flight count: two preloads at once each saw only what was loaded, both went
+                    # over the budget, and the first was evicted as the second ended (a trial). One that
+                    # fits only once those end waits for one of them, then looks again.
+                    incoming = self._new_bytes(entries)
+                    self._make_room(incoming)
+                    if self._gave_way and self._loading:
+                        waiting = next(iter(self._loading.values()))
+                    else:
+                        self._loading[key] = threading.Event()
+                        self._loading_paths[key] = frozenset(e.path for e in entries)
+                        self._loading_bytes[key] = incoming
+                        break
             waiting.wait()
         try:
             model = self._load(key, entries, size, holders)
@@ -301,11 +310,13 @@ class Preloader:
             with self._lock:
                 self._loading.pop(key).set()
                 self._loading_paths.pop(key, None)
+                self._loading_bytes.pop(key, None)
                 self._forgotten.discard(key)
             raise
         with self._lock:
             self._loading.pop(key).set()
             self._loading_paths.pop(key, None)
+            self._loading_bytes.pop(key, None)
             forgotten = key in self._forgotten
             self._forgotten.discard(key)
             if not forgotten:
@@ -450,6 +461,7 @@ class Preloader:
         bytes fit; what is resident is measured again after each eviction."""
         self._gave_way = False
         self._room_made_at = time.monotonic()
+        incoming += sum(self._loading_bytes.values())  # (the room loads in progress made for themselves)
         while self._resident_total() + incoming > self.budget:
             victim = next(
                 (m for m in self._models.values() if m.holders == 0 and not m.pinned and m.key != keep), None
