@@ -148,8 +148,10 @@ class PreloadStats:
 
 
 class PreloadHandle:
-    """A preloaded model, held: ``views`` (memoryview per path) and ``paths`` (real path per file) stay
-    valid until :meth:`release` (or the end of a ``with`` block)."""
+    """A preloaded model, held: ``views`` (memoryview per path) stay valid until :meth:`release` (or the end
+    of a ``with`` block), whatever happens to the store meanwhile. ``paths`` (a real path per file, for
+    loaders that open files by name) name the revision's files in the store: no eviction takes a held
+    model's, but an ``rm`` of the revision does (``memfd`` copies' paths are this process's own, and stay)."""
 
     def __init__(self, preloader: Preloader, model: _Model) -> None:
         self._preloader = preloader
