@@ -48,6 +48,9 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
 
+from modeldepot.config import parse_size
+from modeldepot.errors import ConfigError
+
 __all__ = ["CacheStats", "LoadedModelCache", "close_on_evict", "default_on_evict", "process_rss_bytes"]
 
 log = logging.getLogger(__name__)
@@ -273,7 +276,7 @@ class LoadedModelCache(Generic[M]):
     """Loaded engines by key. Thread-safe; an async twin of every loading call.
 
     ``max_models`` slots; ``ttl`` seconds of idleness before an entry goes (reads extend it);
-    ``memory_budget`` bytes for all entries together (None: no budget); ``evict_on_memory_pressure``
+    ``memory_budget`` bytes (or a size like ``"8GiB"``) for all entries together (None: no budget); ``evict_on_memory_pressure``
     evicts idle entries before a load when the machine is short of memory; ``on_evict(key, model)`` runs
     after an entry leaves (default: :func:`default_on_evict`). ``clock`` and ``rss`` are injectable for
     tests.
@@ -283,7 +286,7 @@ class LoadedModelCache(Generic[M]):
         self,
         max_models: int = 4,
         ttl: float | None = 3600.0,
-        memory_budget: int | None = None,
+        memory_budget: int | str | None = None,
         evict_on_memory_pressure: bool = True,
         on_evict: EvictHook | None = None,
         *,
@@ -291,12 +294,20 @@ class LoadedModelCache(Generic[M]):
         rss: Callable[[], int] = process_rss_bytes,
         available_fraction: Callable[[], float] = _available_fraction,
     ) -> None:
-        if max_models < 1:
-            raise ValueError("max_models must be at least 1")
-        if ttl is not None and ttl <= 0:
-            raise ValueError("ttl must be positive (or None for no expiry)")
-        if memory_budget is not None and memory_budget <= 0:
-            raise ValueError("memory_budget must be positive (or None for no budget)")
+        if isinstance(max_models, bool) or not isinstance(max_models, int) or max_models < 1:
+            raise ValueError(f"max_models must be a number of models, at least 1, not {max_models!r}")
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0):
+            raise ValueError(f"ttl must be a positive number of seconds (or None for no expiry), not {ttl!r}")
+        if isinstance(memory_budget, str):  # ("8GiB", as every size of modeldepot's is written)
+            try:
+                memory_budget = parse_size(memory_budget)
+            except ConfigError as error:
+                raise ValueError(f"memory_budget: {error}") from None
+        if memory_budget is not None and (
+            isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0
+        ):
+            raise ValueError(f"memory_budget must be a positive size (bytes, or like '8GiB'), or None for no budget, "
+                             f"not {memory_budget!r}")  # fmt: skip
         self.max_models = max_models
         self.ttl = ttl
         self.memory_budget = memory_budget
