@@ -644,7 +644,7 @@ def test_bad_settings_are_refused() -> None:
     # (a size in words, or a count as a string, raised a raw TypeError from a comparison: a trial)
     for kwargs in ({"max_models": 0}, {"ttl": 0}, {"memory_budget": -1}, {"max_models": "4"},
                    {"memory_budget": "lots"}, {"memory_budget": 2.5}, {"ttl": "1h"}):  # fmt: skip
-        with pytest.raises(ValueError, match="must be|memory_budget: cannot read"):
+        with pytest.raises(ValueError, match=r"must be|memory_budget: cannot read"):
             LoadedModelCache(**kwargs)  # type: ignore[arg-type]
     assert LoadedModelCache(memory_budget="8GiB").memory_budget == 8 << 30
 
