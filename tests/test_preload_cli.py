@@ -131,6 +131,15 @@ def test_stats_sizes_a_variant_by_its_files_and_finds_a_repo_without_main(home: 
     models = {(m["repo_id"], m["variant"]): m for m in json.loads(shown.output)["models"]}
     assert models[("acme/q", "Q8_0")]["bytes"] == 2 * MiB + 2, models
     assert models[("acme/d", "")]["bytes"] == models[("acme/d", "")]["resident_bytes"] == MiB, models
+    # A quant removed since is listed with nothing (its shared config was shown as it: 2 B, all in RAM)
+    assert (
+        runner.invoke(cli, ["rm", "acme/q", "--quant", "Q8_0", "--yes", "--home", str(home)]).exit_code == 0
+    )
+    shown = runner.invoke(cli, ["stats", "--home", str(home), "--json"])
+    models = {(m["repo_id"], m["variant"]): m for m in json.loads(shown.output)["models"]}
+    assert (models[("acme/q", "Q8_0")]["bytes"], models[("acme/q", "Q8_0")]["resident_bytes"]) == (0, 0), (
+        models
+    )
 
 
 def test_preload_command_with_a_private_copy_strategy_fills_the_page_cache_and_says_so(

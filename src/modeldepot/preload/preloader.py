@@ -621,7 +621,8 @@ def resident_in_ram(
     store: Store, repo_id: str, revision: str | None = "main", check: bool = True, variant: str | None = None
 ) -> tuple[int | None, int]:
     """(bytes in the page cache now, bytes in all) of a revision's blobs, from any process: of ``variant``'s
-    files and the shared ones when it is named (and the revision holds it), else of all. ``revision`` None:
+    files and the shared ones when it is named (a NotFoundError when the revision no longer holds it: `rm
+    --quant` left its shared files, counted as the variant), else of all. ``revision`` None:
     main, or the newest revision when no main names one (a repo pulled by commit id). ``check`` False: the
     blobs are opened as they are, never rehashed (one not yet checked since a power loss would be read
     whole, into RAM, by its check): a look that must not change what it looks at. The bytes in the page
@@ -640,9 +641,10 @@ def resident_in_ram(
     if variant:
         grouping = group_files(e.path for e in entries)
         chosen = grouping.find(variant)
-        if chosen is not None:
-            wanted = {*chosen.files, *grouping.shared}
-            entries = [e for e in entries if e.path in wanted]
+        if chosen is None:
+            raise NotFoundError(f"{repo_id}@{commit_id[:12]} no longer holds {variant}", repo_id=repo_id)
+        wanted = {*chosen.files, *grouping.shared}
+        entries = [e for e in entries if e.path in wanted]
     resident: int | None = 0
     total = 0
     for entry in entries:
