@@ -377,6 +377,20 @@ def test_the_budget_says_the_room_writes_under_way_hold(store: Depot, tmp_path: 
     assert store.budget_status().reserved_bytes == 0
 
 
+def test_a_budget_set_while_a_write_runs_counts_the_room_it_takes(tmp_path: Path) -> None:
+    """A pull begun with no budget held no room: a budget set meanwhile, its dry run and the imports beside
+    it saw the store within it, and the pull's end left the store at 307% of it (a trial)."""
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot, Depot(depot.home) as beside:
+        depot.import_dir(model(tmp_path, "acme/a"), "acme/a")
+        with depot.store.budget.writing("acme/big") as writer:
+            writer.make_room(3 * MB, "a pull")  # (no budget yet)
+            assert [e.repo_id for e in beside.plan_shrink(2 * MB)] == ["acme/a"]
+            beside.set_max_size(3 * MB)
+            with pytest.raises(StoreFullError):  # 1 + 3 held: 1 more does not fit beside them
+                beside.import_dir(model(tmp_path, "acme/b", seed=3), "acme/b")
+        assert beside.budget_status().reserved_bytes == 0
+
+
 def test_a_revision_is_not_published_over_a_shared_blob_removed_meanwhile(
     store: Depot, tmp_path: Path
 ) -> None:

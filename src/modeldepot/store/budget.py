@@ -428,7 +428,13 @@ class DiskBudget:
         (no-op without one). Raises :class:`BudgetExceededError`, having removed nothing, when they cannot fit
         even after every revision that may go is gone."""
         budget = self.max_bytes
-        if budget is None or needed <= 0:
+        if needed <= 0:
+            return []
+        if budget is None:
+            # Held all the same: a budget set while this writes counts the room it is about to take (a pull
+            # begun without one was invisible to `budget SIZE`, its dry run and the imports beside it: a trial)
+            if writer is not None:
+                self._reserve(writer, needed)
             return []
         return self._evict_to(budget - needed, needed, doing, writer)
 
@@ -499,12 +505,16 @@ class DiskBudget:
         # Room is made and reserved by one process at a time: two saw the same free bytes, and both took them
         with self.reservations.admitting(), self._round:
             evicted = self._evict_round(limit, needed, doing, writer, partial)
-            with self._lock:  # reserved until the writer publishes or ends (counted as used by the others)
-                if needed and writer in self._writers:  # (a pull cancelled meanwhile left: nothing to hold)
-                    writer.reserved += needed
-                    self._reserved += needed
-                    writer.reserve(writer.reserved)
+            self._reserve(writer, needed)
             return evicted
+
+    def _reserve(self, writer: BudgetWriter, needed: int) -> None:
+        """Hold ``needed`` more bytes for ``writer`` until it publishes or ends (counted as used by the others)."""
+        with self._lock:
+            if needed and writer in self._writers:  # (a pull cancelled meanwhile left: nothing to hold)
+                writer.reserved += needed
+                self._reserved += needed
+                writer.reserve(writer.reserved)
 
     def _evict_round(self, limit: int, needed: int, doing: str, writer: BudgetWriter | None,
                      partial: bool) -> list[Eviction]:  # fmt: skip
