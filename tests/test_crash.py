@@ -178,7 +178,8 @@ def test_kill_import_of_a_new_revision_keeps_the_old_one(tmp_path: Path) -> None
     def next_folder() -> tuple[Path, Files, str]:
         files = {**base, **random_files(rng, 3, 100_000, 3_000_000, prefix=f"new{len(folders)}/")}
         folder = write_model_dir(tmp_path / f"model-{len(folders)}", files)
-        commit = reference.import_dir(folder, f"ref/r{len(folders)}").commit_id
+        # (imported in the same order as the store's, on one branch: the same history, the same ids)
+        commit = reference.import_dir(folder, "ref/model").commit_id
         folders.append((folder, files, commit))
         return folders[-1]
 
