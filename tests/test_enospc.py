@@ -156,8 +156,12 @@ def test_out_of_inodes_during_an_import(mount_tmpfs: Mount, tmp_path: Path, stag
         folder = random_folder(tmp_path / "big", [50_000, 60_000, 70_000, 80_000], seed=6)
         prefixes = len(new_prefixes(depot, folder))
         assert prefixes >= 2, "the test needs blobs in two new blobs/<ab>/ folders"
-        session = 2 + 4  # the session's folder and .lock, and one partial file per file
-        budget = {"creating a file": session - 1, "placing blob": session + 1}.get(stage, session + prefixes)
+        # The session's folder and .lock, one partial file per file, and the room it holds in the budget's
+        # reservations (taken once hashed: before the blobs are placed)
+        session = 2 + 4
+        budget = {"creating a file": session - 1, "placing blob": session + 1 + 1}.get(
+            stage, session + 1 + prefixes
+        )
         (root / "filler").mkdir()
         for n in range(free_inodes(root) - budget):
             (root / "filler" / str(n)).touch()

@@ -18,6 +18,7 @@ import modeldepot
 from conftest import LiveNode, sample_files, write_model_dir
 from controlnodes import Reply
 from modeldepot import Depot
+from modeldepot.enginekeys import engine_key
 from modeldepot.hub.manifest import RemoteFile, manifest_body
 from modeldepot.server import create_app
 
@@ -343,7 +344,8 @@ def test_stats_without_the_token_count_public_repos_alone(
     depot.remove(gone)
     for repo in (REPO, HIDDEN):
         depot.preloader.preload(repo)
-        depot.engines.get_or_load((repo, depot.resolve(repo), "config.json", "test"), object, size=1)
+        depot.engines.get_or_load(engine_key(depot.store, repo, depot.resolve(repo), "config.json", "test"), object,
+                                  size=1)  # fmt: skip
     private_sha = depot.file_info(HIDDEN, "weights.bin").sha256
 
     public = call(node, "GET", "/api/depot/v1/stats")

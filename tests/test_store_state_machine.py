@@ -21,6 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from conftest import SMALL_CHUNK, flip_byte, store_files_consistent, write_model_dir
 from modeldepot import CorruptBlobError, Depot, RepoNotFoundError
+from modeldepot.gitobjects import commit_id_for_tree
 
 _rng = random.Random(20240611)
 CONTENTS = [
@@ -57,7 +58,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.depot = Depot(self.tmp / "store", chunk_size=SMALL_CHUNK)
         self.refs: dict[str, dict[str, str]] = {}  # repo -> branch -> commit id
         self.revisions: dict[str, dict[str, int]] = {}  # repo -> commit id -> folder
-        self.commit_of_folder: dict[int, str] = {}
+        self.tree_of_folder: dict[int, str] = {}
+        self.folder_of_commit: dict[str, int] = {}
         self.corrupt: dict[str, int] = {}  # sha256 -> offset of the flipped byte (not yet detected)
         self.quarantined: set[str] = set()
         self.quarantine_bytes = 0  # bytes under quarantine/ until the next gc
@@ -68,6 +70,10 @@ class StoreMachine(RuleBasedStateMachine):
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- model helpers ------------------------------------------------------------------------------------
+
+    def tree_oid(self, commit_id: str) -> str:
+        rows = self.depot.store.index.read("SELECT tree_oid FROM revisions WHERE commit_id = ?", (commit_id,))
+        return str(rows[0]["tree_oid"])
 
     def referenced(self, repo: str | None = None) -> set[str]:
         shas: set[str] = set()
@@ -111,9 +117,15 @@ class StoreMachine(RuleBasedStateMachine):
     def import_folder(self, folder: int, repo: str, branch: str) -> None:
         before = self.referenced()
         restored = folder_shas(folder) & self.quarantined
+        head = self.refs.get(repo, {}).get(branch)
         result = self.depot.import_dir(self.sources[folder], repo, branch)
-        assert result.commit_id == self.commit_of_folder.setdefault(folder, result.commit_id)
-        assert list(self.commit_of_folder.values()).count(result.commit_id) == 1
+        # The branch's head when it holds the folder already, else a commit of its tree on top of the head
+        tree = self.tree_of_folder.setdefault(folder, self.tree_oid(result.commit_id))
+        if head is not None and self.revisions[repo][head] == folder:
+            assert result.commit_id == head
+        else:
+            assert result.commit_id == commit_id_for_tree(tree, head)
+        assert self.folder_of_commit.setdefault(result.commit_id, folder) == folder
         new = (folder_shas(folder) - before) | restored  # (a restored blob's bytes are written anew)
         assert (result.new_blobs, result.new_bytes) == (len(new), sum(SIZE[s] for s in new))
         assert result.files == len(FOLDERS[folder])

@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from modeldepot.enginekeys import engine_key
 from modeldepot.engines.adapters import (
     ENGINES,
     EngineLoader,
@@ -39,7 +40,6 @@ from modeldepot.errors import (
     ReadOnlyStoreError,
     RevisionNotFoundError,
 )
-from modeldepot.held import engine_key
 from modeldepot.hub.manifest import Manifest, listed_files
 from modeldepot.hub.variants import files_of_other_variants, group_files
 from modeldepot.preload import Preloader

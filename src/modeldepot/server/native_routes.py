@@ -25,6 +25,7 @@ from aiohttp.web_request import BaseRequest
 
 from modeldepot._version import __version__
 from modeldepot.depot import Depot
+from modeldepot.enginekeys import engine_revision
 from modeldepot.errors import (
     ChunkNotAvailableError,
     DepotError,
@@ -33,7 +34,6 @@ from modeldepot.errors import (
     RepoNotFoundError,
 )
 from modeldepot.hashing import chunk_count
-from modeldepot.held import engine_revision
 from modeldepot.hub.manifest import Manifest
 from modeldepot.preload.preloader import PreloadInfo
 from modeldepot.server.commit_cache import COMMITS

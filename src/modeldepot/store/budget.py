@@ -434,7 +434,10 @@ class DiskBudget:
             # Held all the same: a budget set while this writes counts the room it is about to take (a pull
             # begun without one was invisible to `budget SIZE`, its dry run and the imports beside it: a trial)
             if writer is not None:
-                self._reserve(writer, needed)
+                try:
+                    self._reserve(writer, needed)
+                except OSError as error:  # (bookkeeping for a budget not set: never a reason to fail a write)
+                    log.debug("no reservation of %d bytes for %s: %s", needed, writer.repo_id, error)
             return []
         return self._evict_to(budget - needed, needed, doing, writer)
 
