@@ -643,10 +643,11 @@ def test_the_async_twin_is_single_flight_for_coroutine_loaders(flight_waiters: F
 def test_bad_settings_are_refused() -> None:
     # (a size in words, or a count as a string, raised a raw TypeError from a comparison: a trial)
     for kwargs in ({"max_models": 0}, {"ttl": 0}, {"memory_budget": -1}, {"max_models": "4"},
-                   {"memory_budget": "lots"}, {"memory_budget": 2.5}, {"ttl": "1h"}):  # fmt: skip
+                   {"memory_budget": "lots"}, {"memory_budget": float("nan")}, {"ttl": "1h"}):  # fmt: skip
         with pytest.raises(ValueError, match=r"must be|memory_budget: cannot read"):
             LoadedModelCache(**kwargs)  # type: ignore[arg-type]
     assert LoadedModelCache(memory_budget="8GiB").memory_budget == 8 << 30
+    assert LoadedModelCache(memory_budget=0.5 * (16 << 30)).memory_budget == 8 << 30  # (a float: bytes)
 
 
 class CacheMachine(RuleBasedStateMachine):

@@ -8,6 +8,7 @@ import mmap
 import os
 import shutil
 import struct
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from conftest import SMALL_CHUNK, LiveNode
 from modeldepot import Depot
 from modeldepot.engines import GgufModel
 from modeldepot.engines.adapters import load_gguf, model_file
-from modeldepot.errors import InvalidInputError, NotFoundError
+from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
 
 REPO = "acme/tiny-gguf"
 Q8 = gguf.GGMLQuantizationType.Q8_0
@@ -378,3 +379,16 @@ def test_model_info_gives_the_gguf_properties(single: Depot, depot: Depot, split
         assert api.model_info("acme/plain").gguf is None
     finally:
         node.stop()
+
+
+def test_a_missing_gguf_package_is_said_before_the_cache_makes_room(
+    single: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's own package was not among those checked first: the warm engine was evicted for a load
+    that had to fail (a review)."""
+    single.engines.max_models = 1
+    single.load(REPO, "Q8_0", engine=lambda path: object())
+    monkeypatch.setitem(sys.modules, "gguf", None)  # (import gguf raises ImportError, as if not installed)
+    with pytest.raises(ConfigError, match="'gguf' package"):
+        single.load(REPO, "Q8_0", engine="gguf")
+    assert single.engines.stats().evictions == 0

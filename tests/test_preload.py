@@ -126,6 +126,21 @@ def test_a_preload_beside_evictions_is_measured_held(depot: Depot, tmp_path: Pat
     assert errors == []
 
 
+def test_a_preload_over_a_held_or_pinned_model_stays_as_it_returns(depot: Depot, tmp_path: Path) -> None:
+    """The budget gives way to a held (or pinned) model: a preload measured while held evicted the model
+    it had just loaded as it let go of it (a review)."""
+    add_repo(depot, tmp_path, "a", 1)
+    add_repo(depot, tmp_path, "b", 2)
+    add_repo(depot, tmp_path, "c", 3)
+    preloader = Preloader(depot, budget=6 * MiB, strategy="read")
+    with preloader.get("acme/a"):
+        assert not preloader.preload("acme/b").already
+        assert preloader.holds("acme/b") and preloader.stats().evictions == 0
+    preloader.pin("acme/b")
+    assert not preloader.preload("acme/c").already and preloader.holds("acme/c")
+    preloader.close()
+
+
 def test_least_recently_used_models_go_when_the_budget_is_full(depot: Depot, tmp_path: Path) -> None:
     for seed, name in enumerate("abc"):
         add_repo(depot, tmp_path, name, seed)

@@ -269,6 +269,21 @@ def test_a_quant_found_corrupt_keeps_no_other_from_the_ram_tier(tmp_path: Path, 
         assert user.preloader.preload("acme/gg", quant="Q8_0").bytes == MB + len(b'{"model_type": "llama"}')
 
 
+def test_a_pull_that_finds_main_unmoved_makes_main_read_where_it_was_pulled(
+    tmp_path: Path, admin: Path, upstream: Upstream
+) -> None:
+    """A pull learns where the branch is: one that found the user's main unmoved upstream left main read at
+    the admin's commit, moved since, when publishing the same commit no longer touched the ref (a review)."""
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        second = upstream.move_common()
+        assert user.pull("acme/common").commit_id == second  # into the user's own store
+        with Depot(admin) as depot:  # the admin's main moves to something of their own afterwards
+            mine = depot.import_dir(common_model(tmp_path / "src" / "admins", 9.0), "acme/common").commit_id
+        assert user.resolve("acme/common") == mine  # (learned last: read from the shared store)
+        assert user.pull("acme/common").commit_id == second
+        assert user.resolve("acme/common") == second
+
+
 def test_an_offline_pull_reads_the_commit_the_stores_answer_and_moves_no_branch_back(
     tmp_path: Path, admin: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:

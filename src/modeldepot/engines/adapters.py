@@ -14,6 +14,7 @@ import logging
 import mmap
 import os
 import struct
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -60,7 +61,7 @@ _ENGINE_PACKAGES: dict[str, tuple[str, ...]] = {
     "onnxruntime-prepacked": ("onnxruntime",),
     "safetensors": ("safetensors", "numpy"),
     "torch": ("safetensors", "torch"),
-    "gguf": ("numpy",),
+    "gguf": ("gguf", "numpy"),
 }
 
 
@@ -68,7 +69,11 @@ def check_engine_installed(name: str) -> None:
     """Raise the ConfigError the engine ``name``'s load would, before anything is pulled or evicted for it:
     a missing package is found without importing one (the loaded-model cache makes room before a load)."""
     for module in _ENGINE_PACKAGES.get(name, ()):
-        if importlib.util.find_spec(module) is None:
+        try:  # (one imported already is answered from sys.modules: a load's hit pays next to nothing)
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # (a module in sys.modules without a spec: it is there)
+            found = sys.modules.get(module) is not None
+        if not found:
             raise ConfigError(_missing(module, "torch" if module == "torch" else "'modeldepot[engines]'"))
 
 

@@ -39,6 +39,9 @@ import heapq
 import inspect
 import itertools
 import logging
+import math
+import numbers
+import operator
 import os
 import sys
 import threading
@@ -272,11 +275,20 @@ class _Flight:
         self.dropped = False  # evicted while loading: handed to its callers, never cached
 
 
+def _real(value: object) -> float | None:
+    """A finite real number given (an int, a float, a numpy scalar), not a bool or a string; else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
 class LoadedModelCache(Generic[M]):
     """Loaded engines by key. Thread-safe; an async twin of every loading call.
 
     ``max_models`` slots; ``ttl`` seconds of idleness before an entry goes (reads extend it);
-    ``memory_budget`` bytes (or a size like ``"8GiB"``) for all entries together (None: no budget); ``evict_on_memory_pressure``
+    ``memory_budget`` bytes (or a size like ``"8GiB"``) for all entries together (None: no budget);
+    ``evict_on_memory_pressure``
     evicts idle entries before a load when the machine is short of memory; ``on_evict(key, model)`` runs
     after an entry leaves (default: :func:`default_on_evict`). ``clock`` and ``rss`` are injectable for
     tests.
@@ -286,7 +298,7 @@ class LoadedModelCache(Generic[M]):
         self,
         max_models: int = 4,
         ttl: float | None = 3600.0,
-        memory_budget: int | str | None = None,
+        memory_budget: float | str | None = None,
         evict_on_memory_pressure: bool = True,
         on_evict: EvictHook | None = None,
         *,
@@ -294,23 +306,31 @@ class LoadedModelCache(Generic[M]):
         rss: Callable[[], int] = process_rss_bytes,
         available_fraction: Callable[[], float] = _available_fraction,
     ) -> None:
-        if isinstance(max_models, bool) or not isinstance(max_models, int) or max_models < 1:
+        try:
+            slots = -1 if isinstance(max_models, bool) else operator.index(max_models)  # (a numpy int too)
+        except TypeError:
+            slots = -1
+        if slots < 1:
             raise ValueError(f"max_models must be a number of models, at least 1, not {max_models!r}")
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0):
+        if ttl is not None and not (_real(ttl) or 0) > 0:
             raise ValueError(f"ttl must be a positive number of seconds (or None for no expiry), not {ttl!r}")
+        budget: int | None = None
         if isinstance(memory_budget, str):  # ("8GiB", as every size of modeldepot's is written)
             try:
-                memory_budget = parse_size(memory_budget)
+                budget = parse_size(memory_budget)
             except ConfigError as error:
                 raise ValueError(f"memory_budget: {error}") from None
-        if memory_budget is not None and (
-            isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0
-        ):
-            raise ValueError(f"memory_budget must be a positive size (bytes, or like '8GiB'), or None for no budget, "
-                             f"not {memory_budget!r}")  # fmt: skip
-        self.max_models = max_models
+        elif memory_budget is not None:  # (bytes, a float among them: 0.5 * the machine's RAM)
+            number = _real(memory_budget)
+            if number is None or number < 1:
+                raise ValueError(f"memory_budget must be a positive size (bytes, or like '8GiB'), or None for no "
+                                 f"budget, not {memory_budget!r}")  # fmt: skip
+            budget = int(number)
+        if budget is not None and budget < 1:
+            raise ValueError(f"memory_budget must be a positive size, not {memory_budget!r}")
+        self.max_models = slots
         self.ttl = ttl
-        self.memory_budget = memory_budget
+        self.memory_budget = budget
         self.evict_on_memory_pressure = evict_on_memory_pressure
         self.on_evict: EvictHook = on_evict if on_evict is not None else default_on_evict
         self._clock, self._rss, self._available = clock, rss, available_fraction
@@ -398,7 +418,7 @@ class LoadedModelCache(Generic[M]):
         flight.done.set()
         if self.memory_budget is not None and measured > self.memory_budget and not flight.dropped:
             log.warning("%r takes %d bytes, more than the engine cache's whole memory budget (%d): it is kept "
-                        "alone, every other engine evicted", key, measured, self.memory_budget)  # fmt: skip
+                        "with only what is pinned or held beside it", key, measured, self.memory_budget)  # fmt: skip
         self._run_hooks(evicted)
         if self.ttl is not None and self._clock is time.monotonic:
             _REAPER.watch(self)

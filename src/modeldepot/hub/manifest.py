@@ -432,7 +432,11 @@ def _held_in_part(store: Store, manifest: Manifest) -> Manifest:
     variants = []
     for variant in manifest.variants:
         if variant in waiting and held.intersection(variant.files):
-            here = sum(sizes[p] for p in {*variant.files, *manifest.shared} & held)
-            variant = dataclasses.replace(variant, bytes_done=here)
+            own = {*variant.files, *manifest.shared}
+            # (all of it: fetched a file at a time, through a mirror, no status row said so)
+            status = "downloaded" if own <= held else variant.status
+            variant = dataclasses.replace(
+                variant, status=status, bytes_done=sum(sizes[p] for p in own & held)
+            )
         variants.append(variant)
     return dataclasses.replace(manifest, variants=tuple(variants))

@@ -268,7 +268,7 @@ class Preloader:
         try:
             return self._info(model, already)
         finally:
-            self._release(model)
+            self._release(model, budget_again=False)  # (not to evict the model it just loaded)
 
     def _obtain(self, repo_id: str, quant: str | None, revision: str, hold: bool) -> tuple[_Model, bool]:
         """The model in RAM (loaded now if needed) and whether it was there; with ``hold``, a holder is
@@ -413,12 +413,12 @@ class Preloader:
         self._models.pop(model.key)
         self._models[model.key] = model
 
-    def _release(self, model: _Model) -> None:
+    def _release(self, model: _Model, budget_again: bool = True) -> None:
         with self._lock:
             model.holders -= 1
             free = model.evicted and model.holders == 0
             stale = time.monotonic() - self._room_made_at >= RECHECK_SECONDS
-            if not model.evicted and model.holders == 0 and (self._gave_way or stale):
+            if budget_again and not model.evicted and model.holders == 0 and (self._gave_way or stale):
                 # A budget that gave way to this holder applies again; and now and then all the same: pages
                 # the kernel took back and a reader brought in again put the tier over its budget unseen.
                 self._make_room(0)

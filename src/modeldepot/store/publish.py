@@ -263,14 +263,20 @@ def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushe
             )
         if spec.branch is not None:
             refuse_nested_branch(con, spec.repo_id, spec.branch)
+            was = con.execute(
+                "SELECT commit_id FROM refs WHERE repo_id = ? AND name = ?", (spec.repo_id, spec.branch)
+            ).fetchone()
+            # The ref's time is when the store last learned where the branch is (a shared store's reader takes
+            # the branch of the store that learned last: a pull that found it unmoved is that store)
             con.execute(
                 "INSERT INTO refs (repo_id, name, commit_id, updated_at) VALUES (?, ?, ?, ?) ON CONFLICT "
-                "(repo_id, name) DO UPDATE SET commit_id = excluded.commit_id, updated_at = excluded.updated_at "
-                "WHERE refs.commit_id != excluded.commit_id",
+                "(repo_id, name) DO UPDATE SET commit_id = excluded.commit_id, updated_at = excluded.updated_at",
                 (spec.repo_id, spec.branch, spec.commit_id, now),
             )
-            changed = changed or con.execute("SELECT changes()").fetchone()[0] > 0
-        if changed:  # (the same files published again change nothing: not when the repo or its ref moved)
+            changed = changed or was is None or was[0] != spec.commit_id
+        if (
+            changed
+        ):  # (the same files published again change nothing the repo shows: a re-import is no update)
             con.execute("UPDATE repos SET updated_at = ? WHERE repo_id = ?", (now, spec.repo_id))
         for sha256 in placed:  # (a blob placed over a linked one is another file: its record goes)
             source = linked.get(sha256)
