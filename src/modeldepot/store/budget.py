@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from modeldepot.config import budget_text, parse_max_size
 from modeldepot.errors import ConfigError, NotFoundError, StoreFullError
 from modeldepot.store.eviction import EvictionOrder, Kept, Unit, Variants, ok_bytes, shared_blobs
+from modeldepot.store.layout import os_error
 from modeldepot.store.models import _Record
 from modeldepot.store.reservations import Reservation, Reservations
 from modeldepot.validation import validate_quant, validate_repo_id, validate_revision
@@ -508,7 +509,10 @@ class DiskBudget:
         # Room is made and reserved by one process at a time: two saw the same free bytes, and both took them
         with self.reservations.admitting(), self._round:
             evicted = self._evict_round(limit, needed, doing, writer, partial)
-            self._reserve(writer, needed)
+            try:
+                self._reserve(writer, needed)
+            except OSError as error:  # (no inode or room left for the reservation's file: the store's error)
+                raise os_error(error, f"holding room in the disk budget for {writer.repo_id}") from error
             return evicted
 
     def _reserve(self, writer: BudgetWriter, needed: int) -> None:
