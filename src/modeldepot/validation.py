@@ -166,7 +166,7 @@ def validate_branch(name: object) -> str:
     if is_commit_id(name):
         raise InvalidRevisionError(
             f"revision {shown} looks like a commit id; a branch name is needed here "
-            "(commit ids are derived from the files)"
+            "(an import makes its commit id from the files and the branch's head)"
         )
     if ".." in name:
         raise InvalidRevisionError(f"revision {shown} may not contain '..' (git ref rules)")
