@@ -983,3 +983,25 @@ def test_a_cache_whose_snapshots_hold_files_is_adopted_by_the_commits_listing(
             (p.problem, p.path[: len(FOLDER) + 7]) for p in refused.problems
         }
         assert not other.has_file(SAMPLE, "config.json", commit)
+
+
+def test_adopting_a_cache_older_than_the_stores_branch_keeps_the_stores(depot: Depot, tmp_path: Path) -> None:
+    """Re-adopting a cache after imports moved main on set main back to the cache's older commit, with exit 0
+    and no word (a trial). A ref huggingface_hub wrote since the store's moved (a newer download) moves it."""
+    import time
+
+    first = depot.import_dir(
+        write_model_dir(tmp_path / "v1", {"config.json": b'{"v": 1}'}), "acme/m"
+    ).commit_id
+    cache = tmp_path / "cache"
+    assert depot.hf_cache_export("acme/m", cache_dir=cache).ok
+    second = depot.import_dir(
+        write_model_dir(tmp_path / "v2", {"config.json": b'{"v": 2}'}), "acme/m"
+    ).commit_id
+    result = depot.hf_cache_import(["acme/m"], cache_dir=cache)
+    assert result.ok and [p.problem for p in result.problems] == ["branch-kept"], result.problems
+    assert depot.resolve("acme/m") == second and depot.resolve("acme/m", first) == first
+    later = time.time() + 5
+    os.utime(cache / "models--acme--m" / "refs" / "main", (later, later))
+    assert depot.hf_cache_import(["acme/m"], cache_dir=cache).problems == ()
+    assert depot.resolve("acme/m") == first

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import stat
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,7 @@ class _Scan:
     def __init__(self, cache: Path) -> None:
         self.cache = cache
         self.real = os.path.realpath(cache)
+        self.started = time.time()  # (a store's ref moved since was moved by this run: another folder's)
         self.problems: list[HfCacheProblem] = []
         # Commits whose listing names files the snapshot lacked: (repo, its listing's path, commit, listing),
         # said once every folder is adopted (a folder of another spelling of the id may hold the rest)
@@ -493,7 +495,8 @@ def _publish_revisions(store: Store, scan: _Scan, repo: _CachedRepo, verified: d
         pass
     refs: dict[str, list[str]] = {}
     for name, commit in sorted(repo.refs.items(), key=lambda item: (item[0] != "main", item[0])):
-        refs.setdefault(commit, []).append(name)
+        if not _older_than_the_stores(store, scan, repo, name, commit):
+            refs.setdefault(commit, []).append(name)
     order = sorted(repo.snapshots, key=lambda c: ("main" in refs.get(c, ()), c in refs, c))
     revisions: list[HfCacheRevision] = []
     new: set[str] = set()
@@ -527,6 +530,26 @@ def _publish_revisions(store: Store, scan: _Scan, repo: _CachedRepo, verified: d
         )
         _note_a_partial_commit(store, scan, repo, commit, names, {s.path for s in staged}, private, listing)
     return revisions, new
+
+
+def _older_than_the_stores(store: Store, scan: _Scan, repo: _CachedRepo, name: str, commit: str) -> bool:
+    """Whether the cache's ref ``name`` (at ``commit``) was written before the store's ref of that name last
+    moved elsewhere: the store's is the newer, and stays (re-adopting a cache after imports moved main on
+    set main back to the cache's older commit, without a word: a trial). Said as a note."""
+    rows = store.index.read("SELECT commit_id, updated_at FROM refs WHERE repo_id = ? AND name = ?",
+                            (store.spelled(repo.repo_id), name))  # fmt: skip
+    if not rows or rows[0]["commit_id"] == commit:
+        return False
+    try:
+        written = os.lstat(repo.folder / "refs" / name).st_mtime
+    except OSError:
+        return False
+    if not written < float(rows[0]["updated_at"]) < scan.started:
+        return False
+    scan.problem(repo.repo_id, repo.folder / "refs" / name, "branch-kept",
+                 f"points at {commit[:12]}, while the store's {name} moved to {rows[0]['commit_id'][:12]} after this "
+                 f"ref was written: the store's stays (its commit {commit[:12]} is adopted all the same)")  # fmt: skip
+    return True
 
 
 def _files_of_the_commit(store: Store, scan: _Scan, repo: _CachedRepo, commit: str, links: list[_Link],
