@@ -299,10 +299,11 @@ def test_the_hf_cli_lists_and_describes_models(node: LiveNode, catalog: Depot, t
 
 @pytest.fixture
 def history(depot: Depot, tmp_path: Path) -> dict[str, str]:
-    """Four revisions of one repo, imported to main, dev, main, dev at known times; and a pull request."""
+    """Five revisions of one repo, imported to main, dev, main, main, dev at known times; and a pull
+    request."""
     commits = {}
     for step, (branch, when) in enumerate(
-        (("main", 1000.0), ("dev", 2000.0), ("main", 3000.0), ("dev", 4000.0))
+        (("main", 1000.0), ("dev", 1500.0), ("main", 2000.0), ("main", 3000.0), ("dev", 4000.0))
     ):
         folder = write_model_dir(tmp_path / f"r{step}", {"config.json": json.dumps({"step": step}).encode()})
         commits[f"r{step}"] = commit = depot.import_dir(folder, "acme/history", branch).commit_id
@@ -344,31 +345,33 @@ def test_a_repo_without_a_main_branch_is_described_as_it_is_listed(
 def test_commits_list_the_revisions_from_the_one_named(
     depot: Depot, history: dict[str, str], live_node: LiveNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A branch's commits are its history: an import's parent is its branch's head (main listed dev's
+    commits, and dev main's, by the time they came: a trial)."""
     api = HfApi(endpoint=live_node.url, token=False)
-    r0, r1, r2, r3 = (history[f"r{i}"] for i in range(4))
+    r0, d0, r1, r2, d1 = (history[f"r{i}"] for i in range(5))
     main = api.list_repo_commits("acme/history")
-    assert [c.commit_id for c in main] == [r2, r1, r0]  # newest first, from main's commit (r3 came later)
+    assert [c.commit_id for c in main] == [r2, r1, r0]  # newest first, main's alone
     assert [c.created_at.timestamp() for c in main] == [3000.0, 2000.0, 1000.0]
     assert all(
         c.title == "modeldepot import" and c.authors == ["modeldepot"] and c.message == "" for c in main
     )
-    assert [c.commit_id for c in api.list_repo_commits("acme/history", revision="dev")] == [r3, r2, r1, r0]
+    assert [c.commit_id for c in api.list_repo_commits("acme/history", revision="dev")] == [d1, d0]
     assert [c.commit_id for c in api.list_repo_commits("acme/history", revision=r1)] == [r1, r0]
     by_pr = api.list_repo_commits("acme/history", revision="refs/pr/1")
-    assert [c.commit_id for c in by_pr] == [history["pr"], r3, r2, r1, r0]
+    assert [c.commit_id for c in by_pr] == [history["pr"]]  # (a branch of its own: a root)
     formatted = api.list_repo_commits("acme/history", formatted=True)
     assert [c.formatted_title for c in formatted] == ["modeldepot import"] * 3
     # Pages: `limit` and `p` as the Hub takes them, chained by Link, counted by X-Total-Count
-    url = f"{live_node.url}/api/models/acme/history/commits/dev"
-    first = requests.get(url, params={"limit": "3"}, timeout=30)
-    assert [c["id"] for c in first.json()] == [r3, r2, r1] and first.headers["X-Total-Count"] == "4"
+    url = f"{live_node.url}/api/models/acme/history/commits/main"
+    first = requests.get(url, params={"limit": "2"}, timeout=30)
+    assert [c["id"] for c in first.json()] == [r2, r1] and first.headers["X-Total-Count"] == "3"
     second = requests.get(first.links["next"]["url"], timeout=30)
     assert "p=1" in first.links["next"]["url"] and [c["id"] for c in second.json()] == [r0]
-    assert "next" not in second.links and second.headers["X-Total-Count"] == "4"
+    assert "next" not in second.links and second.headers["X-Total-Count"] == "3"
     unencoded = requests.get(f"{live_node.url}/api/models/acme/history/commits/refs/pr/1", timeout=30)
-    assert [c["id"] for c in unencoded.json()][:2] == [history["pr"], r3]  # as huggingface.js sends it
+    assert [c["id"] for c in unencoded.json()] == [history["pr"]]  # as huggingface.js sends it
     monkeypatch.setattr(listing, "COMMITS_PAGE", 2)  # the client follows the pages
-    assert [c.commit_id for c in api.list_repo_commits("acme/history", revision="dev")] == [r3, r2, r1, r0]
+    assert [c.commit_id for c in api.list_repo_commits("acme/history")] == [r2, r1, r0]
     with pytest.raises(RevisionNotFoundError):
         api.list_repo_commits("acme/history", revision="nope")
     with pytest.raises(RepositoryNotFoundError):

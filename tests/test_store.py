@@ -211,6 +211,32 @@ def test_an_older_folder_imported_again_is_a_new_commit_on_the_branch(
         assert a.import_dir(model_dir, REPO, "dev").commit_id == first.commit_id  # a new branch: no parent
 
 
+def test_a_commits_history_follows_its_parents_then_the_time_revisions_came(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """Listed by the time they came, one branch's history held another's commits (a trial). An import's
+    parent is told from its id; past a commit whose parent cannot be told (pulled: no tree of ours), the
+    older revisions follow by the time they came, as before."""
+    from modeldepot.store.history import commit_history
+
+    def folder(n: int) -> Path:
+        return write_model_dir(tmp_path / f"v{n}", {**sample_files(), "config.json": b'{"v": %d}' % n})
+
+    with Depot(tmp_path / "a", chunk_size=SMALL_CHUNK) as depot:
+        m0 = depot.import_dir(folder(0), REPO).commit_id
+        d0 = depot.import_dir(folder(1), REPO, "dev").commit_id
+        m1 = depot.import_dir(folder(2), REPO).commit_id
+        m2 = depot.import_dir(folder(3), REPO).commit_id
+
+        def history(commit: str) -> list[str]:
+            return [c for c, _ in commit_history(depot.store, REPO, commit)]
+
+        assert history(m2) == [m2, m1, m0] and history(d0) == [d0] and history(m1) == [m1, m0]
+        with depot.store.index.write() as con:  # m1 as a pulled commit is kept: no tree of ours
+            con.execute("UPDATE revisions SET tree_oid = NULL WHERE commit_id = ?", (m1,))
+        assert history(m2) == [m2, m1, d0, m0]  # (its parent still told by m2's id; then by time)
+
+
 def test_the_same_files_published_again_are_no_update_of_the_repo(tmp_path: Path, model_dir: Path) -> None:
     """A re-import that changed nothing made the repo "updated just now". (Its ref's time moves: the store
     learned where the branch is, which a shared store's reader goes by.)"""

@@ -33,6 +33,7 @@ from modeldepot.server.views import (
     stored_view,
 )
 from modeldepot.store import FileEntry, RepoSummary, Store
+from modeldepot.store.history import commit_history
 
 __all__ = [
     "COMMITS_PAGE",
@@ -403,12 +404,10 @@ class CommitQuery:
 def commits_page(
     store: Store, repo_id: str, commit_id: str, query: CommitQuery
 ) -> tuple[list[dict[str, Any]], int, bool]:
-    """The commits listed from ``commit_id``: this store's revisions of the repo, newest first, from that one
-    on (an import or a pull is a commit; they have no parents, so "reachable" means "came here earlier").
-    Returns the page, how many there are in all, and whether another page follows."""
-    revisions = store.revisions(repo_id)
-    start = next(i for i, (commit, _) in enumerate(revisions) if commit == commit_id)
-    listed = revisions[start:]
+    """The commits listed from ``commit_id``, newest first: its history as the store can tell it
+    (:func:`~modeldepot.store.history.commit_history`: an import's parents, else the revisions that came
+    earlier). Returns the page, how many there are in all, and whether another page follows."""
+    listed = commit_history(store, repo_id, commit_id)
     first = query.page * query.page_size
     page = listed[first : first + query.page_size]
     commits = []
