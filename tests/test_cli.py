@@ -642,3 +642,10 @@ def test_du_and_budget_say_what_the_budget_does_not_count(home: Path, model_dir:
     assert code == 0 and "beside it, 7.8 KiB of unfinished downloads and writes, not counted" in out, out
     code, out, _ = run("budget", "--json", home=home)
     assert code == 0 and json.loads(out)["uncounted_bytes"] == 8000, out
+
+
+def test_status_of_a_store_whose_repos_have_no_main_says_so(home: Path, model_dir: Path) -> None:
+    """After `rm -r main` of a repo with another branch, status said no repo had been scanned (a trial)."""
+    assert run("import", str(model_dir), "--repo", REPO, "-r", "dev", home=home)[0] == 0
+    code, out, _ = run("status", home=home)
+    assert code == 0 and "1 repo held here, none with a main branch" in " ".join(out.split()), out

@@ -362,7 +362,13 @@ def status_command(depot: Depot, repo_id: str | None, as_json: bool) -> None:
         render.print_json([m.to_dict() for m in manifests])
         return
     if not manifests:
-        render.out.print("No repo has been scanned yet: `modeldepot scan ORG/NAME`.")
+        held = depot.list_repos()
+        render.out.print(
+            f"No download status: {render.count(len(held), 'repo')} held here, none with a main branch "
+            "(`modeldepot info REPO` shows its branches and commits)."
+            if held
+            else "No repo has been scanned yet: `modeldepot scan ORG/NAME`."
+        )
     for manifest in manifests:
         render.render_manifest(manifest)
 
