@@ -237,6 +237,36 @@ def test_a_commits_history_follows_its_parents_then_the_time_revisions_came(
         assert history(m2) == [m2, m1, d0, m0]  # (its parent still told by m2's id; then by time)
 
 
+def test_imports_at_once_onto_one_branch_keep_each_others_commits(tmp_path: Path) -> None:
+    """Each import read the branch's head before it published: two at once took the same parent, and the
+    last one's commit dropped the other's from the branch's history, or a re-import of the head's files
+    moved the branch back (a trial). The head is read in the publishing transaction now."""
+    import threading
+
+    from modeldepot.store.history import commit_history
+
+    home = tmp_path / "store"
+    with Depot(home, chunk_size=SMALL_CHUNK) as first, Depot(home) as second:
+        for round_ in range(6):
+            folders = [write_model_dir(tmp_path / f"r{round_}-{n}", {"config.json": b'{"r": %d, "n": %d}' % (round_, n)})
+                       for n in range(2)]  # fmt: skip
+            barrier, made = threading.Barrier(2), {}
+
+            def run(depot: Depot, folder: Path, barrier: threading.Barrier, made: dict[Path, str]) -> None:
+                barrier.wait()
+                made[folder] = depot.import_dir(folder, REPO).commit_id
+
+            threads = [threading.Thread(target=run, args=(depot, folder, barrier, made))
+                       for depot, folder in zip((first, second), folders, strict=True)]  # fmt: skip
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            history = [c for c, _ in commit_history(first.store, REPO, first.resolve(REPO))]
+            assert set(made.values()) <= set(history), (round_, made, history)
+            assert first.resolve(REPO) in made.values()
+
+
 def test_the_same_files_published_again_are_no_update_of_the_repo(tmp_path: Path, model_dir: Path) -> None:
     """A re-import that changed nothing made the repo "updated just now". (Its ref's time moves: the store
     learned where the branch is, which a shared store's reader goes by.)"""

@@ -24,7 +24,6 @@ from modeldepot.errors import InvalidInputError, InvalidPathError, SourceDirecto
 from modeldepot.gitobjects import (
     DEFAULT_LFS_PATTERNS,
     TreeEntry,
-    commit_id_for_tree,
     git_blob_oid,
     is_lfs_path,
     lfs_patterns_from_gitattributes,
@@ -344,9 +343,10 @@ def import_dir(
         writer.reuse(sha256 for sha256 in partials if known.get(sha256) == "ok")
         writer.make_room(sum(p.size for sha256, p in partials.items() if known.get(sha256) != "ok"), doing)
         trees = tree_oids(TreeEntry(s.path, s.git_oid) for s in staged)
-        commit_id = _commit_on(store, repo_id, revision, trees[""])
-        spec = RevisionSpec(repo_id, commit_id, revision, private, "import", _card(files), trees[""])
-        new = publish(store, spec, staged, partials, writer.published)
+        spec = RevisionSpec(repo_id, "", revision, private, "import", _card(files), trees[""], on_head=True)
+        recorded: list[RevisionSpec] = []
+        new = publish(store, spec, staged, partials, writer.published, recorded)
+        commit_id = recorded[0].commit_id
         writer.keep_within()
     store.access.record(
         repo_id, count=0
@@ -363,24 +363,6 @@ def import_dir(
         snapshot_path=str(store.snapshots.path(repo_id, commit_id)),
         linked_bytes=sum(size for sha256, size in new_blobs.items() if sha256 in linked),
     )
-
-
-def _commit_on(store: Store, repo_id: str, branch: str, tree_oid: str) -> str:
-    """The commit an import of ``tree_oid`` makes on ``branch``: its head when that holds the same tree (a
-    folder imported again changes nothing), else a new commit whose parent is the head. A folder of older
-    files imported again is then a newer commit, not the old one brought back, so the branch's history
-    (the commits listed from its head) keeps what came between."""
-    rows = store.index.read(
-        "SELECT r.commit_id, v.tree_oid FROM refs r JOIN revisions v USING (repo_id, commit_id) "
-        "WHERE r.repo_id = ? AND r.name = ?",
-        (repo_id, branch),
-    )
-    if not rows:
-        return commit_id_for_tree(tree_oid)
-    head, head_tree = str(rows[0]["commit_id"]), rows[0]["tree_oid"]
-    if head_tree is None:  # a pulled commit keeps no tree id: its files give it
-        head_tree = tree_oids(TreeEntry(f.path, f.git_oid) for f in store.files(repo_id, head))[""]
-    return head if head_tree == tree_oid else commit_id_for_tree(tree_oid, head)
 
 
 def likely_new_bytes(store: Store, sizes: list[int]) -> int:

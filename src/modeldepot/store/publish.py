@@ -26,6 +26,7 @@ from modeldepot.errors import (
     SourceDirectoryError,
     StoreError,
 )
+from modeldepot.gitobjects import TreeEntry, commit_id_for_tree, tree_oids
 from modeldepot.hashing import BlobDigest
 from modeldepot.store.blobs import LinkedSource, PartialBlob
 from modeldepot.store.index import Index
@@ -53,6 +54,32 @@ class RevisionSpec:
     origin: str = "import"
     card: dict[str, Any] = field(default_factory=dict)
     tree_oid: str | None = None
+    # An import's: the commit id is made in the publishing transaction, from ``tree_oid`` and the head the
+    # branch has then (:func:`commit_on_head`); ``commit_id`` is unused. Read before it, two imports onto
+    # one branch at once took the same head for parent: the last one's commit dropped the other's from
+    # the branch's history, or moved the branch back (a trial).
+    on_head: bool = False
+
+
+def commit_on_head(con: sqlite3.Connection, repo_id: str, branch: str, tree_oid: str) -> str:
+    """The commit an import of ``tree_oid`` makes on ``branch``: its head when that holds the same tree (a
+    folder imported again changes nothing), else a new commit whose parent is the head (older files
+    imported again are a newer commit, not the old one brought back: the branch's history keeps what came
+    between); a root when the branch has no head. Same files on the same history: the same id anywhere."""
+    row = con.execute(
+        "SELECT r.commit_id, v.tree_oid FROM refs r JOIN revisions v USING (repo_id, commit_id) "
+        "WHERE r.repo_id = ? AND r.name = ?",
+        (repo_id, branch),
+    ).fetchone()
+    if row is None:
+        return commit_id_for_tree(tree_oid)
+    head, head_tree = str(row[0]), row[1]
+    if head_tree is None:  # a pulled commit keeps no tree id: its files give it
+        files = con.execute(
+            "SELECT path, git_oid FROM files WHERE repo_id = ? AND commit_id = ?", (repo_id, head)
+        )
+        head_tree = tree_oids(TreeEntry(path, oid) for path, oid in files)[""]
+    return head if head_tree == tree_oid else commit_id_for_tree(tree_oid, head)
 
 
 UNCHECKED = "unchecked"  # (blob_states) 'ok' in the index, but written before a restart and not yet checked
@@ -88,11 +115,13 @@ def _with_files(store: Store, states: dict[str, str]) -> dict[str, str]:
 
 def publish(
     store: Store, spec: RevisionSpec, staged: list[StagedFile], partials: dict[str, PartialBlob],
-    committed: Callable[[], None] | None = None,
+    committed: Callable[[], None] | None = None, recorded: list[RevisionSpec] | None = None,
 ) -> set[str]:  # fmt: skip
     """Publish ``staged`` files (whose new bytes wait in ``partials``, by SHA-256); returns the blobs it
     placed (new, or placed over a quarantined or unchecked one). ``committed`` is called once the index
-    names them (a writer's room in the disk budget is held no more: ``BudgetWriter.published``)."""
+    names them (a writer's room in the disk budget is held no more: ``BudgetWriter.published``).
+    ``recorded`` gets the spec the revision was recorded under (the repo's spelling in the store, the
+    commit id an ``on_head`` spec was given)."""
     placed: list[str] = []
     new: list[str] = []
     try:
@@ -126,6 +155,8 @@ def publish(
                 if (source := partials[sha256].linked_source()) is not None
             }
             spec = _commit(store.index, spec, staged, store.durability.unflushed_boot, set(placed), linked)
+            if recorded is not None:
+                recorded.append(spec)
             store.durability.forget_unchecked(placed)  # (placed over: these bytes were verified now)
             new = placed
             placed = []  # committed: the rows own these blobs now
@@ -196,13 +227,18 @@ def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushe
     another case keeps its spelling (Store.spelled; asked in the transaction, so two first writers of one
     repo in two cases make one repo): the spec it was recorded under is returned."""
     now = time.time()
-    with index.write(f"recording {spec.repo_id}@{spec.commit_id[:12]}") as con:
+    with index.write(f"recording {spec.repo_id}@{spec.commit_id[:12] or spec.branch}") as con:
         held = con.execute(
             "SELECT repo_id FROM repos WHERE repo_id = ?1 COLLATE NOCASE ORDER BY repo_id = ?1 DESC LIMIT 1",
             (spec.repo_id,),
         ).fetchone()
         if held is not None and held[0] != spec.repo_id:
             spec = dataclasses.replace(spec, repo_id=held[0])
+        if spec.on_head:
+            if spec.branch is None or spec.tree_oid is None:
+                raise ValueError("a commit made on a branch's head needs the branch and the tree")
+            commit = commit_on_head(con, spec.repo_id, spec.branch, spec.tree_oid)
+            spec = dataclasses.replace(spec, commit_id=commit, on_head=False)
         con.execute(
             "INSERT INTO repos (repo_id, private, origin, card, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (repo_id) DO UPDATE SET private = excluded.private, origin = excluded.origin, "
