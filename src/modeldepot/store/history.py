@@ -34,7 +34,10 @@ def commit_history(store: Store, repo_id: str, commit_id: str) -> list[tuple[str
             break
         if commit_id_for_tree(tree) == current:
             return [(c, came[c]) for c in listed]  # a root: the history is whole
-        current = next((c for c in came if c not in listed and commit_id_for_tree(tree, c) == current), None)
+        # (the parent came before its child: those first, the one just before it most likely)
+        before = [c for c in came if came[c] <= came[current] and c not in listed]
+        after = [c for c in came if came[c] > came[current] and c not in listed]
+        current = next((c for c in (*before, *after) if commit_id_for_tree(tree, c) == current), None)
     # Not told further: the older revisions, by the time they came
     last = came[listed[-1]] if listed else float("inf")
     older = [c for c in came if c not in listed and came[c] <= last]
