@@ -310,9 +310,8 @@ def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushe
                 (spec.repo_id, spec.branch, spec.commit_id, now),
             )
             changed = changed or was is None or was[0] != spec.commit_id
-        if (
-            changed
-        ):  # (the same files published again change nothing the repo shows: a re-import is no update)
+        # (the same files published again change nothing the repo shows: a re-import is no update)
+        if changed:
             con.execute("UPDATE repos SET updated_at = ? WHERE repo_id = ?", (now, spec.repo_id))
         for sha256 in placed:  # (a blob placed over a linked one is another file: its record goes)
             source = linked.get(sha256)
