@@ -295,10 +295,12 @@ class Preloader:
                 if waiting is None:
                     # Loads in flight count: two preloads at once each saw only what was loaded, both went
                     # over the budget, and the first was evicted as the second ended (a trial). One that
-                    # fits only once those end waits for one of them, then looks again.
+                    # fits once those end waits for one of them, then looks again; one that would not fit
+                    # beside what is held or pinned anyway goes on, the budget giving way as ever (waiting
+                    # made every preload wait for the others then: a review).
                     incoming = self._new_bytes(entries)
                     self._make_room(incoming)
-                    if self._gave_way and self._loading:
+                    if self._gave_way and self._loading and self._resident_total() + incoming <= self.budget:
                         waiting = next(iter(self._loading.values()))
                     else:
                         self._loading[key] = threading.Event()
