@@ -26,6 +26,7 @@ from conftest import (
     serving_repo,
     wait_until,
     write_model_dir,
+    write_partial,
 )
 from modeldepot import Depot
 from modeldepot.cli import cli
@@ -180,6 +181,30 @@ def test_a_node_sends_chunks_to_its_peers_within_its_cap(
         elapsed = time.monotonic() - started
     assert body == FILES["model.safetensors"]
     assert elapsed >= 1.3, f"3 MiB at 2 MiB/s in {elapsed:.2f} s"
+
+
+def test_a_download_in_progress_goes_whole_to_a_peer_under_the_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk of a download in progress is sent from the bytes its check read, which the reader gives out
+    once: under a cap, whose pieces (128 KiB at 2 MiB/s) are smaller than a chunk, the second piece found
+    none and the answer broke off."""
+    monkeypatch.setenv("MODELDEPOT_MAX_UPLOAD_RATE", "2MiB/s")
+    data = random.Random(5).randbytes(600 << 10)
+    with Depot(tmp_path / "store") as depot:
+        assert depot.chunk_size > len(data)  # (one chunk, sent in five pieces)
+        sha256 = write_partial(depot, data, [0])
+        node = LiveNode(depot, token="s3cret")
+        try:
+            request = urllib.request.Request(
+                f"{node.url}/api/depot/v1/blobs/{sha256}",
+                headers={"Authorization": "Bearer s3cret", "Range": f"bytes=0-{len(data) - 1}"},
+            )
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                body = answer.read()
+        finally:
+            node.stop()
+    assert body == data
 
 
 def test_a_slow_peer_does_not_hold_a_pull_to_its_pace(

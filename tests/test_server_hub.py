@@ -33,6 +33,7 @@ from conftest import (
     SMALL_CHUNK,
     LiveNode,
     cancel_other_tasks,
+    flip_byte,
     free_port,
     minilm_model_dir,
     sample_files,
@@ -63,6 +64,24 @@ def test_snapshot_download_is_byte_identical(node: LiveNode, tmp_path: Path) -> 
         folder = snapshot_download(repo, endpoint=node.url, cache_dir=tmp_path / "hf")
         assert read_tree(Path(folder)) == original
         assert Path(folder).name == node.depot.resolve(repo)  # the client names snapshots after X-Repo-Commit
+
+
+def test_a_small_file_with_a_flipped_byte_is_never_served_whole(node: LiveNode, depot: Depot) -> None:
+    """A file up to 256 KiB is read rather than mapped and goes out with its headers in one write, from the
+    bytes that were hashed: a byte flipped in its second chunk cuts the answer short, in its first the
+    answer is a 503 before anything of it left."""
+    files = sample_files()
+    data = files["onnx/model_q4.onnx"]
+    assert SMALL_CHUNK < len(data) <= 256 << 10
+    commit = depot.resolve(SAMPLE)
+    url = f"{node.url}/{SAMPLE}/resolve/{commit}/onnx/model_q4.onnx"
+    assert requests.get(url, timeout=30).content == data
+    flip_byte(depot.store.blobs.path(hashlib.sha256(data).hexdigest()), SMALL_CHUNK + 5)
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):  # (its Content-Length never reached)
+        requests.get(url, timeout=30)
+    flip_byte(depot.store.blobs.path(hashlib.sha256(files["tokenizer.json"]).hexdigest()), 3)
+    refused = requests.get(f"{node.url}/{SAMPLE}/resolve/{commit}/tokenizer.json", timeout=30)
+    assert refused.status_code == 503 and files["tokenizer.json"][:100] not in refused.content
 
 
 def test_hf_hub_download_and_file_metadata(node: LiveNode, tmp_path: Path) -> None:

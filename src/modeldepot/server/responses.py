@@ -96,7 +96,14 @@ class BlobResponse(CountedResponse):
 
     aiohttp's FileResponse would also use sendfile, but it replaces the ETag with one made of mtime and
     size; Hub clients name cached blobs after the ETag, so it has to be the Hub's (git oid or SHA-256).
+
+    A body of up to SMALL_BODY bytes goes with its headers in one write, from the bytes that were hashed:
+    for a config, a sendfile call beside the headers' own send (and the connection's reading paused and
+    resumed around it) cost more than the copy; a node serving 300 small files spent a third of its time
+    there.
     """
+
+    SMALL_BODY = 256 << 10
 
     def __init__(
         self, reader: VerifiedBlob, offset: int, count: int, status: int, headers: dict[str, str]
@@ -106,6 +113,9 @@ class BlobResponse(CountedResponse):
         self._offset = offset
         self._count = count
         self.content_length = count
+        self._small = count <= self.SMALL_BODY
+        # (aiohttp then holds the headers back until the first write of the body, and sends both at once)
+        self._send_headers_immediately = not self._small
         # Told the size of each piece sent by sendfile, which goes around the payload writer (the node's
         # metrics count what passes through the writer themselves: server/metrics.py).
         self.on_sendfile: Callable[[int], None] | None = None
@@ -144,55 +154,66 @@ class BlobResponse(CountedResponse):
             chunk_offset, chunk_length = reader.span(index)
             lo, hi = max(start, chunk_offset), min(end, chunk_offset + chunk_length - 1)
             try:
-                await self._send(loop, transport, writer, lo, hi - lo + 1)
+                await self._send_chunk(loop, transport, writer, index, lo, hi - lo + 1)
             except BaseException:
                 if checking is not None:
                     await asyncio.gather(checking, return_exceptions=True)
                 raise
 
-    async def _send(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
-                    writer: AbstractStreamWriter, offset: int, count: int) -> None:  # fmt: skip
-        limit = self.upload_limit
-        if limit is None:
-            await self._send_piece(loop, transport, writer, offset, count)
-            return
-        piece = limit.piece()
-        for start in range(offset, offset + count, piece):
-            length = min(piece, offset + count - start)
-            await limit.take_async(length)
-            await self._send_piece(loop, transport, writer, start, length)
+    def _pieces(self, offset: int, count: int) -> list[tuple[int, int]]:
+        """(offset, length) of the pieces bytes ``offset .. offset + count - 1`` go in: one, or the upload
+        cap's pieces."""
+        step = count if self.upload_limit is None else self.upload_limit.piece()
+        return [(at, min(step, offset + count - at)) for at in range(offset, offset + count, max(1, step))]
 
-    async def _send_piece(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
-                          writer: AbstractStreamWriter, offset: int, count: int) -> None:  # fmt: skip
-        if self._reader.by_sendfile:  # not for a download in progress: its file may change under us
-            file = self._reader.file
+    async def _send_chunk(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
+                          writer: AbstractStreamWriter, index: int, offset: int, count: int) -> None:  # fmt: skip
+        """Bytes ``offset .. offset + count - 1`` of chunk ``index``, which was checked, within the upload cap."""
+        position, stop = offset, offset + count
+        # (not for a download in progress: its file may change under us)
+        if self._reader.by_sendfile and not self._small:
             try:
-                await loop.sendfile(transport, file, offset, count)
-            except NotImplementedError:  # e.g. TLS transports
-                pass
-            except BaseException as error:
-                # A client that left: asyncio leaves the file's position after the last byte it sent, even
-                # when it fails (it moves it only when it sent some: the pieces go in order, so before this
-                # one the position is at most ``offset``; the file is this response's own). A cancelled
-                # send may not have moved it yet: its piece then counts 0.
-                self._sent_by_sendfile(max(0, file.tell() - offset))
-                if isinstance(error, RuntimeError) and transport.is_closing():
-                    # (asyncio's word for a transport the client closed between two pieces of a capped
-                    # send; aiohttp logs anything but a reset as an unhandled error, with no access line)
-                    raise ConnectionResetError("the client closed the connection") from None
-                if isinstance(error, OSError) and error.errno == errno.ETIMEDOUT:
-                    # (the kernel dropped a client that read nothing for the send timeout: connections.py)
-                    raise ConnectionResetError("the client read nothing for the send timeout") from None
-                raise
-            else:
-                self._sent_by_sendfile(count)
+                for at, length in self._pieces(position, stop - position):
+                    if self.upload_limit is not None:
+                        await self.upload_limit.take_async(length)
+                    await self._sendfile(loop, transport, at, length)
+                    position = at + length
                 return
-        # The bytes that were hashed, copied once: a transport may keep what it is given after write returns.
-        index = offset // self._reader.chunk_size
+            except NotImplementedError:  # e.g. TLS transports: the rest goes through the writer
+                pass
+        # The bytes that were hashed (taken once: an unmapped reader gives them out once); a mapping's are
+        # copied: a transport may keep what it is given after write returns.
         chunk_offset, _ = self._reader.span(index)
-        with self._reader.view(index) as view:
-            await writer.write(bytes(view[offset - chunk_offset : offset - chunk_offset + count]))
-        self.body_sent += count
+        view = self._reader.view(index)
+        for at, length in self._pieces(position, stop - position):
+            if self.upload_limit is not None:
+                await self.upload_limit.take_async(length)
+            piece = view[at - chunk_offset : at - chunk_offset + length]
+            await writer.write(bytes(piece) if self._reader.mapped else piece)
+            self.body_sent += length
+
+    async def _sendfile(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, offset: int,
+                        count: int) -> None:  # fmt: skip
+        file = self._reader.file
+        try:
+            await loop.sendfile(transport, file, offset, count)
+        except NotImplementedError:
+            raise
+        except BaseException as error:
+            # A client that left: asyncio leaves the file's position after the last byte it sent, even
+            # when it fails (it moves it only when it sent some: the pieces go in order, so before this
+            # one the position is at most ``offset``; the file is this response's own). A cancelled
+            # send may not have moved it yet: its piece then counts 0.
+            self._sent_by_sendfile(max(0, file.tell() - offset))
+            if isinstance(error, RuntimeError) and transport.is_closing():
+                # (asyncio's word for a transport the client closed between two pieces of a capped
+                # send; aiohttp logs anything but a reset as an unhandled error, with no access line)
+                raise ConnectionResetError("the client closed the connection") from None
+            if isinstance(error, OSError) and error.errno == errno.ETIMEDOUT:
+                # (the kernel dropped a client that read nothing for the send timeout: connections.py)
+                raise ConnectionResetError("the client read nothing for the send timeout") from None
+            raise
+        self._sent_by_sendfile(count)
 
     def _sent_by_sendfile(self, count: int) -> None:
         self.body_sent += count
@@ -226,10 +247,17 @@ class ViewResponse(CountedResponse):
 
 
 async def send_blob(
-    request: web.Request, reader: VerifiedBlob, etag: str, headers: dict[str, str], *, hub: bool = True
+    request: web.Request,
+    reader: VerifiedBlob,
+    etag: str,
+    headers: dict[str, str],
+    *,
+    hub: bool = True,
+    checked: int | None = None,
 ) -> web.StreamResponse:
     """A 200, 206 or 416 for the blob per the request's Range and If-Range; for a GET, the first chunk it
-    sends has been checked (a corrupt one raises CorruptBlobError: the caller answers 503)."""
+    sends has been checked (a corrupt one raises CorruptBlobError: the caller answers 503). ``checked``: a
+    chunk the caller checked already (with the file's opening: one trip to a worker thread less)."""
     size = reader.size
     headers = {
         **headers,
@@ -246,7 +274,7 @@ async def send_blob(
         reader.close()
         return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{size}"})
     start, count = (0, size) if wanted is None else (wanted.start, wanted.length)
-    if request.method != "HEAD" and count:
+    if request.method != "HEAD" and count and start // reader.chunk_size != checked:
         try:
             await asyncio.to_thread(reader.check, start // reader.chunk_size)
         except BaseException:
