@@ -346,9 +346,7 @@ def lost_since(store: Store, manifest: Manifest) -> Manifest:
     interrupted = [v for v in manifest.variants if v.status == "failed" and v.error == INTERRUPTED]
     if not downloaded and not interrupted:
         return manifest
-    held = {row["path"] for row in store.index.read(
-        "SELECT path FROM files f JOIN blobs b USING (sha256) WHERE f.repo_id = ? AND f.commit_id = ? "
-        "AND b.state = 'ok'", (manifest.repo_id, manifest.commit_id))}  # fmt: skip
+    held = _held_paths(store, manifest.repo_id, manifest.commit_id)
     variants = []
     for variant in manifest.variants:
         lost = (
@@ -364,6 +362,13 @@ def lost_since(store: Store, manifest: Manifest) -> Manifest:
                                           resumable=False, error=None)  # fmt: skip
         variants.append(variant)
     return dataclasses.replace(manifest, variants=tuple(variants))
+
+
+def _held_paths(store: Store, repo_id: str, commit_id: str) -> set[str]:
+    """The files of the commit the store can serve now (present, not quarantined), in one read."""
+    return {row["path"] for row in store.index.read(
+        "SELECT path FROM files f JOIN blobs b USING (sha256) WHERE f.repo_id = ? AND f.commit_id = ? "
+        "AND b.state = 'ok'", (repo_id, commit_id))}  # fmt: skip
 
 
 def _main_moved_from(store: Store, repo_id: str, commit_id: str) -> bool:
@@ -394,10 +399,14 @@ def current_manifest(store: Store, repo_id: str) -> Manifest:
             ) from None
         return from_store
     partials, running = store.partials, store.partials.is_pulling(repo_id)
+    # (one look at the folder: five for each of a repo's 300 files were most of a pull's status read)
+    on_disk = partials.keys_on_disk()
     seen: dict[str, int | None] = {}  # (a shared file is in every variant: looked at once)
 
     def kept(remote: RemoteFile) -> int | None:
         key = partial_key(remote.sha256, remote.git_oid)
+        if key not in on_disk:
+            return None
         if key not in seen:  # (a running pull's rows are current: only whether its files are there)
             seen[key] = (0 if partials.holds(key) else None) if running else partials.kept_bytes(key)
         return seen[key]
@@ -406,7 +415,8 @@ def current_manifest(store: Store, repo_id: str) -> Manifest:
     if not manifest.other:
         return manifest
     # Files in no variant come with a pull of the whole repo: what of them is here, and kept for a resume
-    held = tuple(p for p in manifest.other if store.has_file(repo_id, p, manifest.commit_id))
+    servable = _held_paths(store, manifest.repo_id, manifest.commit_id)
+    held = tuple(p for p in manifest.other if p in servable)
     wanted = set(manifest.other) - set(held)
     lacking = [f for f in manifest.files if f.path in wanted]
     resumable = 0 if running else sum(kept(f) or 0 for f in lacking)

@@ -407,6 +407,17 @@ class PartialFiles:
         self._kept[key] = (stamp, kept)
         return kept
 
+    def keys_on_disk(self) -> frozenset[str]:
+        """The keys any download has a file of in the folder now (its data or its log; the marks aside)."""
+        try:
+            with os.scandir(self.root) as entries:
+                return frozenset(
+                    stem for stem, dot, suffix in (entry.name.rpartition(".") for entry in entries)
+                    if dot and suffix in ("part", "log", "one")
+                )  # fmt: skip
+        except FileNotFoundError:
+            return frozenset()
+
     def signature(self) -> tuple[tuple[str, int, int], ...]:
         """(name, size, mtime in ns) of every download's log, sorted: it changes whenever a download
         starts, logs a chunk, finishes or is dropped (a cheap look, for polling)."""

@@ -618,8 +618,9 @@ class _PullRun:
         with self.claims_lock:
             self.released = True
             claims = list(self.claims.values())
-        for claim in claims:
-            claim.release(completed=self.published)
+        with self.store.layout.same_folders():  # (partials/ resolved once, not twice per file)
+            for claim in claims:
+                claim.release(completed=self.published)
 
 
 def _raise_first(errors: list[BaseException], files: int) -> None:
