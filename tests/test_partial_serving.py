@@ -196,6 +196,35 @@ def test_a_public_repos_download_is_served_without_a_token(nodes: tuple[LiveNode
     assert not depot.store.partials.is_public(SHA) and get(open_node, f"{API}/blobs/{SHA}/chunks")[0] == 404
 
 
+def test_public_marks_are_links_of_one_file_and_free_no_inode(depot: Depot) -> None:
+    """Each download's mark is a hard link of ``partials/public-mark``: a pull of 300 configs made and freed
+    300 inodes, and on an ext4 without a journal every inode freed in the last seconds is skipped by the
+    next allocations (the next pull's files cost 20 times as much). Made again when it went; a download's
+    release takes its mark, not the shared file."""
+    partials = depot.store.partials
+    contents = [os.urandom(100 + i) for i in range(3)]
+    claims = []
+    for data in contents:
+        claim = partials.claim(hashlib.sha256(data).hexdigest(), len(data), SMALL_CHUNK, wait=False)
+        assert claim is not None
+        claim.mark_public(True)
+        claims.append(claim)
+    shared = partials.root / "public-mark"
+    marks = [partials.root / f"{hashlib.sha256(data).hexdigest()}.public" for data in contents]
+    assert {m.stat().st_ino for m in marks} == {shared.stat().st_ino} and shared.stat().st_nlink == 4
+    assert all(partials.is_public(hashlib.sha256(data).hexdigest()) for data in contents)
+    claims[0].release(completed=True)  # (its content in the store now: the mark goes with the download)
+    assert not marks[0].exists() and shared.stat().st_nlink == 3
+    claims[1].mark_public(False)  # (a private repo's pull of the same content takes the mark away)
+    assert not partials.is_public(hashlib.sha256(contents[1]).hexdigest()) and shared.exists()
+    shared.unlink()
+    claims[1].mark_public(True)  # (the shared file gone: made again)
+    assert marks[1].stat().st_ino == shared.stat().st_ino
+    for claim in claims[1:]:
+        claim.release(completed=False)
+    assert partials.keys_on_disk() == {hashlib.sha256(data).hexdigest() for data in contents[1:]}
+
+
 def test_a_partial_is_served_beside_the_pull_that_holds_it(depot: Depot) -> None:
     """The partial's lock held (as by a pulling process): the node reads its log and chunks without it."""
     data = os.urandom(3 * SMALL_CHUNK)

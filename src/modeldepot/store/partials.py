@@ -78,6 +78,7 @@ __all__ = [
 ]
 
 PARTIAL_MAX_AGE = 7 * 24 * 3600.0  # seconds an untouched, unlocked partial is kept for a resume by gc
+PUBLIC_MARK = "public-mark"  # the empty file every download's ``.public`` mark is a hard link of
 _HEADER = "modeldepot-partial 1 size={size} chunk={chunk}\n"
 _HEADER_LINE = re.compile(r"modeldepot-partial 1 size=([0-9]{1,19}) chunk=([0-9]{1,12})")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -291,7 +292,7 @@ class ResumablePartial:
         an earlier public pull of the same content left is taken away by a private one)."""
         try:
             if public:
-                os.close(os.open(self.paths.public, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+                _make_mark(self.paths.public.with_name(PUBLIC_MARK), self.paths.public)
             else:
                 self.layout.unlink(self.paths.public)
         except OSError as error:
@@ -670,6 +671,25 @@ class PartialFiles:
             return "running"  # a one-chunk download running now
         finally:
             os.close(fd)
+
+
+def _make_mark(shared: Path, path: Path) -> None:
+    """The empty file ``path``, made as a hard link of ``shared`` (made first if need be): a link takes no
+    inode and its removal frees none. On an ext4 without a journal a new inode skips every one freed in
+    the last 5-35 seconds, and a pull of 300 configs, freeing one mark per file as it ended, made the next
+    pull's files and links cost 0.4 ms each instead of 0.02 (benchmarks, the twenty-fifth run). Where the
+    link cannot be made (too many links, another user's file under protected_hardlinks), a file of its own."""
+    for _ in range(2):
+        try:
+            os.link(shared, path)
+            return
+        except FileExistsError:
+            return  # (marked already: a leftover a resume keeps, or the same content's other pull)
+        except FileNotFoundError:
+            os.close(os.open(shared, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        except OSError:
+            break
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
 
 
 def _given_back(path: Path) -> int:
