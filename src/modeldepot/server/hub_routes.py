@@ -487,7 +487,10 @@ async def _open_held(
     depot: Depot = request.app[DEPOT]
     authorized = is_authorized(request)
     counts_as_use = starts_a_download(request)
-    from_the_start = request.method == "GET" and "Range" not in request.headers
+    # (not when the answer may have no body: a revalidation is answered without reading the file)
+    from_the_start = (
+        request.method == "GET" and "Range" not in request.headers and "If-None-Match" not in request.headers
+    )
 
     def open_held() -> tuple[FileEntry, VerifiedBlob | None, int | None]:
         if not authorized and depot.store.repo_private(repo_id):
@@ -505,7 +508,20 @@ async def _open_held(
             raise
         return entry, reader, 0
 
-    return await asyncio.to_thread(open_held)
+    opening = asyncio.ensure_future(asyncio.to_thread(open_held))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:  # (its deadline, say): what the thread opens is closed when it ends
+        opening.add_done_callback(_close_opened)
+        raise
+
+
+def _close_opened(done: asyncio.Future[tuple[FileEntry, VerifiedBlob | None, int | None]]) -> None:
+    if done.cancelled() or done.exception() is not None:
+        return
+    reader = done.result()[1]
+    if reader is not None:
+        reader.close()
 
 
 async def _local_raw(request: web.Request, repo_id: str, revision: str, path: str) -> web.StreamResponse:

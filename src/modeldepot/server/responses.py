@@ -114,6 +114,7 @@ class BlobResponse(CountedResponse):
         self._count = count
         self.content_length = count
         self._small = count <= self.SMALL_BODY
+        self._checking: asyncio.Future[str] | None = None  # the next chunk's check, on a worker thread
         # (aiohttp then holds the headers back until the first write of the body, and sends both at once)
         self._send_headers_immediately = not self._small
         # Told the size of each piece sent by sendfile, which goes around the payload writer (the node's
@@ -137,7 +138,7 @@ class BlobResponse(CountedResponse):
             await super().write_eof()
             return writer
         finally:
-            self._reader.close()
+            close_when_done(self._reader, self._checking)
 
     async def _send_checked(self, transport: asyncio.Transport, writer: AbstractStreamWriter) -> None:
         reader = self._reader
@@ -148,17 +149,14 @@ class BlobResponse(CountedResponse):
         for index in chunks:
             if index != chunks[0]:  # the first was checked before the headers
                 assert checking is not None
-                await checking
+                await asyncio.shield(
+                    checking
+                )  # (cancelled, the reader is closed once the check ends: prepare)
             if index + 1 in chunks:
-                checking = loop.run_in_executor(None, reader.check, index + 1)
+                checking = self._checking = loop.run_in_executor(None, reader.check, index + 1)
             chunk_offset, chunk_length = reader.span(index)
             lo, hi = max(start, chunk_offset), min(end, chunk_offset + chunk_length - 1)
-            try:
-                await self._send_chunk(loop, transport, writer, index, lo, hi - lo + 1)
-            except BaseException:
-                if checking is not None:
-                    await asyncio.gather(checking, return_exceptions=True)
-                raise
+            await self._send_chunk(loop, transport, writer, index, lo, hi - lo + 1)
 
     def _pieces(self, offset: int, count: int) -> list[tuple[int, int]]:
         """(offset, length) of the pieces bytes ``offset .. offset + count - 1`` go in: one, or the upload
@@ -275,16 +273,33 @@ async def send_blob(
         return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{size}"})
     start, count = (0, size) if wanted is None else (wanted.start, wanted.length)
     if request.method != "HEAD" and count and start // reader.chunk_size != checked:
+        checking = asyncio.ensure_future(asyncio.to_thread(reader.check, start // reader.chunk_size))
         try:
-            await asyncio.to_thread(reader.check, start // reader.chunk_size)
+            await asyncio.shield(checking)
         except BaseException:
-            reader.close()
+            close_when_done(reader, checking)
             raise
     if wanted is None:
         whole = {**headers, **whole_headers(request, size)} if hub else headers
         return BlobResponse(reader, 0, size, 200, whole)
     headers["Content-Range"] = wanted.content_range(size)
     return BlobResponse(reader, wanted.start, wanted.length, 206, headers)
+
+
+def close_when_done(reader: VerifiedBlob, work: asyncio.Future[Any] | None) -> None:
+    """Close ``reader`` now, or once ``work`` (a check of one of its chunks, on a worker thread) has ended:
+    closed beneath a thread that still reads it, its descriptor may be another file's by the time it does
+    (a request cancelled by its deadline, a client gone)."""
+
+    def close(done: asyncio.Future[Any] | None) -> None:
+        if done is not None and not done.cancelled():
+            done.exception()  # (retrieved: the answer it was for has ended already)
+        reader.close()
+
+    if work is None or work.done():
+        close(work)
+    else:
+        work.add_done_callback(close)
 
 
 def matches_none(header: str | None, etag: str) -> bool:

@@ -42,7 +42,7 @@ class VerifiedBlob:
     with ``--link``, an export) may be written there, truncated even, and a read of a mapping past the end
     of a file kills the process (SIGBUS): such a blob is read with ``pread`` instead, each chunk into bytes
     of its own, and a chunk found short is corrupt like one whose digest fails. So is a small one (up to
-    MAPPED_FROM). A chunk read so is handed out by :meth:`view` as the very bytes :meth:`check` hashed.
+    MAPPED_FROM), whose chunks :meth:`view` hands out as the very bytes :meth:`check` read and hashed.
     """
 
     by_sendfile = True  # whether a sender may send a checked chunk from ``file`` (else from :meth:`view`)
@@ -56,8 +56,8 @@ class VerifiedBlob:
         self.file = io.FileIO(fd, "rb", closefd=True)
         self._digests = digests
         self._quarantine = quarantine
-        # (unmapped) chunks checked and not yet handed out: the last two (a sender checks the next one while
-        # it sends one; a scrub that only checks keeps no more)
+        # (a small blob's) chunks checked and not yet handed out: the last two (a sender checks the next one
+        # while it sends one; a scrub that only checks keeps no more)
         self._checked: dict[int, bytes] = {}
         self._checked_lock = threading.Lock()
         try:
@@ -96,9 +96,9 @@ class VerifiedBlob:
         return self._mapping is not None
 
     def view(self, index: int) -> memoryview:
-        """Chunk ``index`` as a view of the mapping (check it first; :meth:`checked_view` does both). A blob
-        read unmapped gives the bytes its last :meth:`check` of the chunk hashed, once; without one, it reads
-        the chunk and checks it (its file may have changed since)."""
+        """Chunk ``index`` as a view of the mapping (check it first; :meth:`checked_view` does both). A small
+        blob gives the bytes its last :meth:`check` of the chunk hashed, once; otherwise a blob read unmapped
+        reads the chunk and checks it (its file may have changed since)."""
         offset, length = self.span(index)
         if self._mapping is not None:
             return memoryview(self._mapping)[offset : offset + length]
@@ -127,10 +127,13 @@ class VerifiedBlob:
         worker thread in async code (blake3 releases the GIL)."""
         if self._mapping is None:
             read, digest = self._read_checked(index)
-            with self._checked_lock:
-                self._checked[index] = read
-                while len(self._checked) > 2:
-                    del self._checked[next(iter(self._checked))]
+            if (
+                self.size <= MAPPED_FROM
+            ):  # (a big shared blob goes by sendfile: its copies would be dead weight)
+                with self._checked_lock:
+                    self._checked[index] = read
+                    while len(self._checked) > 2:
+                        del self._checked[next(iter(self._checked))]
             return digest
         self._check_index(index)
         with self.view(index) as data:
