@@ -195,6 +195,20 @@ def flip_byte(path: Path, offset: int, keep_mtime: bool = True) -> None:
         os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
+def http_request(node: LiveNode, target: str, headers: dict[str, str] | None = None, method: str = "GET"
+                 ) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+    """One request to ``node`` on a connection of its own: status, headers and the whole body."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
+    try:
+        connection.request(method, target, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
 def write_partial(depot: Depot, data: bytes, chunks: list[int]) -> str:
     """A download of ``data`` in progress, as a pull leaves it: its partial claimed through the store's own
     API, ``chunks`` written and logged (each with its BLAKE3), then released unfinished. Returns its SHA-256."""

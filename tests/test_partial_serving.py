@@ -22,6 +22,7 @@ import blake3
 import pytest
 
 from conftest import SMALL_CHUNK, LiveNode, flip_byte, write_model_dir, write_partial
+from conftest import http_request as get
 from modeldepot import Depot
 from modeldepot.store import publish as publish_module
 
@@ -35,17 +36,6 @@ SHA = hashlib.sha256(DATA).hexdigest()
 
 def chunk(index: int) -> bytes:
     return DATA[index * SMALL_CHUNK : (index + 1) * SMALL_CHUNK]
-
-
-def get(node: LiveNode, target: str, headers: dict[str, str] | None = None, method: str = "GET"
-        ) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
-    connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
-    try:
-        connection.request(method, target, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        connection.close()
 
 
 @pytest.fixture

@@ -6,13 +6,12 @@ still reads it; a revalidation (If-None-Match) is answered without reading the f
 from __future__ import annotations
 
 import hashlib
-import http.client
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import LiveNode, flip_byte, sample_files, write_model_dir
+from conftest import LiveNode, flip_byte, http_request, sample_files, write_model_dir
 from modeldepot import Depot
 from modeldepot.store.verified import VerifiedBlob
 
@@ -20,17 +19,6 @@ REPO = "acme/tiny"
 FILES = sample_files(0)
 BIG = "model.safetensors"  # 300,000 bytes: five chunks of 64 KiB, sent by sendfile
 CONF = "config.json"
-
-
-def request(node: LiveNode, method: str, target: str, headers: dict[str, str] | None = None
-            ) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
-    connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
-    try:
-        connection.request(method, target, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        connection.close()
 
 
 def test_a_shared_blob_sent_by_sendfile_keeps_no_copies_of_its_chunks(
@@ -49,7 +37,7 @@ def test_a_shared_blob_sent_by_sendfile_keeps_no_copies_of_its_chunks(
     monkeypatch.setattr(VerifiedBlob, "close", close)
     node = LiveNode(depot)
     try:
-        status, _, body = request(node, "GET", f"/{REPO}/resolve/{depot.resolve(REPO)}/{BIG}")
+        status, _, body = http_request(node, f"/{REPO}/resolve/{depot.resolve(REPO)}/{BIG}")
     finally:
         node.stop()
     assert status == 200 and body == FILES[BIG]
@@ -63,12 +51,12 @@ def test_a_revalidation_is_answered_without_reading_the_file(depot: Depot, tmp_p
     node = LiveNode(depot)
     try:
         target = f"/{REPO}/resolve/{depot.resolve(REPO)}/{CONF}"
-        status, headers, _ = request(node, "GET", target)
+        status, headers, _ = http_request(node, target)
         assert status == 200
         flip_byte(depot.store.blobs.path(hashlib.sha256(FILES[CONF]).hexdigest()), 2)
-        status, _, body = request(node, "GET", target, {"If-None-Match": headers["ETag"]})
+        status, _, body = http_request(node, target, {"If-None-Match": headers["ETag"]})
         assert status == 304, (status, body[:200])
-        assert request(node, "GET", target)[0] == 503  # (the rot is found by the next read that sends it)
+        assert http_request(node, target)[0] == 503  # (the rot is found by the next read that sends it)
     finally:
         node.stop()
 
@@ -103,7 +91,7 @@ def test_a_reader_opened_for_an_answer_past_its_deadline_is_closed(
     try:
         for path in (CONF, BIG):  # (opened and checked in one trip; checked in send_blob after a Range)
             headers = {} if path == CONF else {"Range": "bytes=70000-"}
-            assert request(node, "GET", f"/{REPO}/resolve/{depot.resolve(REPO)}/{path}", headers)[0] == 408
+            assert http_request(node, f"/{REPO}/resolve/{depot.resolve(REPO)}/{path}", headers)[0] == 408
         deadline = time.monotonic() + 10
         while not set(opened) <= set(closed) and time.monotonic() < deadline:
             time.sleep(0.05)
