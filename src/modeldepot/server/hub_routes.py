@@ -456,9 +456,8 @@ async def raw(request: web.Request) -> web.StreamResponse:
 
 
 async def _local_resolve(request: web.Request, repo_id: str, revision: str, path: str) -> web.StreamResponse:
-    redirects = not is_commit_id(
-        request.match_info.get("rev", "")
-    )  # (an LFS file by a branch: to_its_commit)
+    # An LFS file asked for by a branch is a redirect to its commit (to_its_commit): not opened
+    redirects = not is_commit_id(request.match_info.get("rev", ""))
     entry, reader, checked = await _open_held(request, repo_id, revision, path, opens_lfs=not redirects)
     if reader is None:
         pinned = to_its_commit(request, entry.commit_id, file_headers(entry))

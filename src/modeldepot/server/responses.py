@@ -149,9 +149,8 @@ class BlobResponse(CountedResponse):
         for index in chunks:
             if index != chunks[0]:  # the first was checked before the headers
                 assert checking is not None
-                await asyncio.shield(
-                    checking
-                )  # (cancelled, the reader is closed once the check ends: prepare)
+                # (shielded: cancelled, the answer closes its reader once the check has ended, in prepare)
+                await asyncio.shield(checking)
             if index + 1 in chunks:
                 checking = self._checking = loop.run_in_executor(None, reader.check, index + 1)
             chunk_offset, chunk_length = reader.span(index)

@@ -127,9 +127,8 @@ class VerifiedBlob:
         worker thread in async code (blake3 releases the GIL)."""
         if self._mapping is None:
             read, digest = self._read_checked(index)
-            if (
-                self.size <= MAPPED_FROM
-            ):  # (a big shared blob goes by sendfile: its copies would be dead weight)
+            # (kept for a small blob alone: a big shared one goes by sendfile, its copies would be dead weight)
+            if self.size <= MAPPED_FROM:
                 with self._checked_lock:
                     self._checked[index] = read
                     while len(self._checked) > 2:
