@@ -213,6 +213,8 @@ def test_public_marks_are_links_of_one_file_and_free_no_inode(depot: Depot) -> N
     for claim in claims[1:]:
         claim.release(completed=False)
     assert partials.keys_on_disk() == {hashlib.sha256(data).hexdigest() for data in contents[1:]}
+    depot.gc(partials=True)  # (the downloads dropped, their marks, then the shared file no mark links)
+    assert partials.keys_on_disk() == set() and not shared.exists() and not any(m.exists() for m in marks)
 
 
 def test_a_partial_is_served_beside_the_pull_that_holds_it(depot: Depot) -> None:

@@ -646,6 +646,10 @@ class PartialFiles:
         for mark in self.root.glob("*.public"):  # of downloads gone
             if not any(mark.with_suffix(suffix).exists() for suffix in (".log", ".part", ".one")):
                 self.layout.unlink(mark)
+        shared = self.root / PUBLIC_MARK
+        with contextlib.suppress(FileNotFoundError):
+            if shared.lstat().st_nlink == 1:  # (no mark links it: made again by the next public pull)
+                self.layout.unlink(shared)
         return removed, kept, running, freed
 
     def _collect_logless(
