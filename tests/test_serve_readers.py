@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LiveNode, flip_byte, http_request, sample_files, write_model_dir
+from conftest import SMALL_CHUNK, LiveNode, flip_byte, http_request, sample_files, write_model_dir
 from modeldepot import Depot
 from modeldepot.store.verified import VerifiedBlob
 
@@ -98,3 +98,30 @@ def test_a_reader_opened_for_an_answer_past_its_deadline_is_closed(
     finally:
         node.stop()
     assert len(opened) == 2 and set(opened) <= set(closed), f"opened {len(opened)}, closed {len(closed)}"
+
+
+def test_where_sendfile_cannot_run_the_answer_goes_whole_through_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transport asyncio cannot sendfile on (TLS, say) raises NotImplementedError: the piece and the rest
+    go through the writer, from the checked chunks, under the upload cap (each piece paid for once)."""
+    import asyncio
+
+    monkeypatch.setenv("MODELDEPOT_MAX_UPLOAD_RATE", "1MiB/s")  # (pieces of 64 KiB)
+
+    async def no_sendfile(*args: object, **kwargs: object) -> int:
+        raise NotImplementedError("sendfile is not supported for this transport")
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "sendfile", no_sendfile)
+    with Depot(tmp_path / "capped", chunk_size=SMALL_CHUNK) as depot:
+        assert depot.config.max_upload_rate == 1 << 20
+        depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        node = LiveNode(depot)
+        try:
+            target = f"/{REPO}/resolve/{depot.resolve(REPO)}/{BIG}"
+            status, _, body = http_request(node, target)
+            assert status == 200 and body == FILES[BIG]
+            status, _, body = http_request(node, target, {"Range": "bytes=70000-299999"})
+            assert status == 206 and body == FILES[BIG][70000:]
+        finally:
+            node.stop()

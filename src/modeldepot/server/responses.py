@@ -166,25 +166,23 @@ class BlobResponse(CountedResponse):
     async def _send_chunk(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
                           writer: AbstractStreamWriter, index: int, offset: int, count: int) -> None:  # fmt: skip
         """Bytes ``offset .. offset + count - 1`` of chunk ``index``, which was checked, within the upload cap."""
-        position, stop = offset, offset + count
         # (not for a download in progress: its file may change under us)
-        if self._reader.by_sendfile and not self._small:
-            try:
-                for at, length in self._pieces(position, stop - position):
-                    if self.upload_limit is not None:
-                        await self.upload_limit.take_async(length)
-                    await self._sendfile(loop, transport, at, length)
-                    position = at + length
-                return
-            except NotImplementedError:  # e.g. TLS transports: the rest goes through the writer
-                pass
-        # The bytes that were hashed (taken once: an unmapped reader gives them out once); a mapping's are
-        # copied: a transport may keep what it is given after write returns.
+        by_sendfile = self._reader.by_sendfile and not self._small
+        view: memoryview | None = None
         chunk_offset, _ = self._reader.span(index)
-        view = self._reader.view(index)
-        for at, length in self._pieces(position, stop - position):
+        for at, length in self._pieces(offset, count):
             if self.upload_limit is not None:
-                await self.upload_limit.take_async(length)
+                await self.upload_limit.take_async(length)  # (once a piece, whichever way it goes)
+            if by_sendfile:
+                try:
+                    await self._sendfile(loop, transport, at, length)
+                    continue
+                except NotImplementedError:  # (e.g. TLS): this piece and the rest go through the writer
+                    by_sendfile = False
+            if view is None:
+                # The bytes that were hashed (taken once: an unmapped reader gives them out once); a mapping's
+                # are copied: a transport may keep what it is given after write returns.
+                view = self._reader.view(index)
             piece = view[at - chunk_offset : at - chunk_offset + length]
             await writer.write(bytes(piece) if self._reader.mapped else piece)
             self.body_sent += length
@@ -194,7 +192,7 @@ class BlobResponse(CountedResponse):
         file = self._reader.file
         try:
             await loop.sendfile(transport, file, offset, count)
-        except NotImplementedError:
+        except NotImplementedError:  # (nothing was sent: the caller sends the piece another way)
             raise
         except BaseException as error:
             # A client that left: asyncio leaves the file's position after the last byte it sent, even
