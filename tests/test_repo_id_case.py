@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi, hf_hub_download
 
-from conftest import LiveNode, hub_path_depot, serving_repo, write_model_dir
+from conftest import LiveNode, http_request, hub_path_depot, serving_repo, write_model_dir
 from modeldepot import Depot
 from modeldepot.errors import RepoNotFoundError
 
@@ -78,6 +78,26 @@ def test_hub_clients_reach_a_repo_in_any_case_and_are_told_its_spelling(
                           cache_dir=tmp_path / "hf")  # fmt: skip
     assert Path(got).read_bytes() == FILES["model.safetensors"]
     assert [f.path for f in api.list_repo_tree("org-x/Tiny-Model")] == sorted(FILES)
+
+
+def test_a_private_repo_asked_in_another_case_stays_hidden_without_the_token(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """A file's answer spells the repo in the same trip to a worker thread as the file's lookup: typed in
+    another case, a private repo is still hidden from a request without the token."""
+    depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO, private=True)
+    node = LiveNode(depot, token="secret")
+    try:
+        for asked in ("org-x/tiny-model", REPO):
+            for route in ("resolve", "raw"):
+                status, _, body = http_request(node, f"/{asked}/{route}/main/config.json")
+                assert status == 401 and FILES["config.json"] not in body  # (the Hub: 401, RepoNotFound)
+                status, _, body = http_request(
+                    node, f"/{asked}/{route}/main/config.json", {"Authorization": "Bearer secret"}
+                )
+                assert (status, body) == (200, FILES["config.json"])
+    finally:
+        node.stop()
 
 
 def test_the_hf_cache_export_is_named_as_asked(depot: Depot, tmp_path: Path) -> None:

@@ -62,7 +62,7 @@ from modeldepot.server.views import (
 )
 from modeldepot.store import FileEntry, RepoSummary
 from modeldepot.store.verified import VerifiedBlob
-from modeldepot.validation import is_commit_id, validate_path, validate_revision
+from modeldepot.validation import is_commit_id, validate_path, validate_repo_id, validate_revision
 
 __all__ = ["add_hub_routes"]
 
@@ -391,7 +391,10 @@ FileAnswer = Callable[[web.Request, str, str, str], Awaitable[web.StreamResponse
 async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswer) -> web.StreamResponse:
     """A file of a revision: ``local`` answers from the store, ``remote`` from a mirror's upstream (each
     called with the repo, the revision and the path), whichever knows the file, in the mirror's order."""
-    repo_id = await path_repo(request)
+    if MIRROR in request.app:
+        repo_id = await path_repo(request)
+    else:  # spelled as the store spells it by the file's lookup, in its one trip to a worker thread
+        repo_id = validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
     revision = _revision(request)
     path = validate_path(request.match_info["path"])
     if _resumes(request) and MIRROR in request.app and request.app[MIRROR].broke(repo_id, path):
@@ -492,9 +495,10 @@ async def _open_held(
     )
 
     def open_held() -> tuple[FileEntry, VerifiedBlob | None, int | None]:
-        if not authorized and depot.store.repo_private(repo_id):
+        spelled = depot.store.spelled(repo_id)
+        if not authorized and depot.store.repo_private(spelled):
             raise RepoNotFoundError(repo_id)
-        entry = _held_entry(depot, repo_id, path, revision)
+        entry = _held_entry(depot, spelled, path, revision)
         if entry.lfs and not opens_lfs:
             return entry, None, None
         reader = depot.open_verified(entry, counts_as_use=counts_as_use)
