@@ -355,13 +355,15 @@ class Depot:
         repo_id: str,
         revision: str = "main",
         *,
-        private: bool = False,
+        private: bool | None = None,
         progress: ImportProgress | None = None,
         link: bool = False,
     ) -> ImportResult:
         """Publish a local folder as ``repo_id`` at branch ``revision``; the commit id derives from the files
         and the branch's head (the same files on the same history: the same id).
         A repo the store holds under another case gets the revision (the Hub's repo ids ignore case).
+        ``private`` is the whole repo's visibility, as on the Hub: True hides it behind the node's token,
+        False shows it, None (the default) keeps what it is (a new repo is public).
 
         ``link``: the files become the store's blobs by hard links, not copies, where the file system
         allows (the same one, your own files; others are copied): no second copy of a 40 GB GGUF. They are

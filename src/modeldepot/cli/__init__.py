@@ -85,7 +85,12 @@ def cli() -> None:
     callback=checked(validate_branch),
     help="Branch to point at the import.",
 )
-@click.option("--private", is_flag=True, help="Mark the repo private (served only with the node token).")
+@click.option(
+    "--private/--public",
+    default=None,
+    help="Make the whole repo private (served only with the node token) or public; without either, a repo "
+    "keeps its visibility (a new one is public).",
+)
 @click.option(
     "--link",
     is_flag=True,
@@ -95,7 +100,13 @@ def cli() -> None:
 @json_option
 @home_option_after(lambda kwargs: a_folder(kwargs["directory"]))
 def import_command(
-    depot: Depot, directory: Path, repo_id: str, revision: str, private: bool, link: bool, as_json: bool
+    depot: Depot,
+    directory: Path,
+    repo_id: str,
+    revision: str,
+    private: bool | None,
+    link: bool,
+    as_json: bool,
 ) -> None:
     """Publish the model folder DIRECTORY as repo ORG/NAME."""
     bar = render.ByteProgress("linking" if link else "importing")

@@ -488,11 +488,8 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
 def _publish_revisions(store: Store, scan: _Scan, repo: _CachedRepo, verified: dict[str, _Verified],
                        partials: dict[str, PartialBlob], private: bool) -> tuple[list[HfCacheRevision], set[str]]:  # fmt: skip
     """One publish per snapshot (its first ref moved with it; a second ref to the same commit takes one more,
-    with nothing new to place). The revision ``main`` names goes last: the repo's card is the last one's."""
-    try:
-        private = private or store.repo_private(repo.repo_id)  # never make a private repo public
-    except RepoNotFoundError:
-        pass
+    with nothing new to place). The revision ``main`` names goes last."""
+    keep_or_private = True if private else None  # never makes a private repo public (kept in the transaction)
     refs: dict[str, list[str]] = {}
     for name, commit in sorted(repo.refs.items(), key=lambda item: (item[0] != "main", item[0])):
         if not _older_than_the_stores(store, scan, repo, name, commit):
@@ -515,7 +512,8 @@ def _publish_revisions(store: Store, scan: _Scan, repo: _CachedRepo, verified: d
                 scan.problem(repo.repo_id, repo.folder / "refs" / name, "missing",
                              f"points at commit {commit}, none of whose files could be imported")  # fmt: skip
             continue
-        spec = RevisionSpec(repo.repo_id, commit, names[0] if names else None, private, ORIGIN, _card(links))
+        spec = RevisionSpec(repo.repo_id, commit, names[0] if names else None, keep_or_private, ORIGIN,
+                            _card(links))  # fmt: skip
         used = {s.digest.sha256 for s in staged}
         try:
             new |= publish(store, spec, staged, {sha256: partials[sha256] for sha256 in used})
@@ -528,7 +526,13 @@ def _publish_revisions(store: Store, scan: _Scan, repo: _CachedRepo, verified: d
         revisions.append(
             HfCacheRevision(commit, tuple(names), len(staged), sum(s.digest.size for s in staged))
         )
-        _note_a_partial_commit(store, scan, repo, commit, names, {s.path for s in staged}, private, listing)
+        try:  # (the scan kept for the rest says what the repo is now: a pull of the rest keeps it private)
+            now_private = store.repo_private(repo.repo_id)
+        except RepoNotFoundError:  # (removed meanwhile)
+            now_private = private
+        _note_a_partial_commit(
+            store, scan, repo, commit, names, {s.path for s in staged}, now_private, listing
+        )
     return revisions, new
 
 

@@ -320,11 +320,12 @@ def import_dir(
     directory: Path | str,
     repo_id: str,
     revision: str = "main",
-    private: bool = False,
+    private: bool | None = None,
     progress: ImportProgress | None = None,
     link: bool = False,
 ) -> ImportResult:
-    """Publish the folder ``directory`` as ``repo_id`` at branch ``revision``. With ``link``, each file the
+    """Publish the folder ``directory`` as ``repo_id`` at branch ``revision``; ``private`` sets the repo's
+    visibility (None keeps it; a new repo is public). With ``link``, each file the
     store lacks becomes a blob by a hard link, not a copy, where the file system allows (the same one, a
     file of this user): it is then made read-only, as every blob is (see :func:`stage_blob`)."""
     validate_repo_id(repo_id)

@@ -45,13 +45,21 @@ class StagedFile:
     lfs: bool
 
 
+# The branch a repo's model card (its listings, its model info) is read from, as the Hub's default branch
+DEFAULT_BRANCH = "main"
+
+
 @dataclass(frozen=True)
 class RevisionSpec:
     repo_id: str
     commit_id: str
     branch: str | None  # the ref to point at the commit; None leaves refs alone (a pull by commit id)
-    private: bool = False
+    # The repo's visibility: None keeps what the store has (a new repo is public). It is the whole repo's, as
+    # on the Hub: an import of a branch without --private made a private repo's main public (a trial).
+    private: bool | None = False
     origin: str = "import"
+    # The revision's model card. The repo's (its listings, its model info) is main's: only a revision of
+    # main, or the repo's first, sets it (a branch with no README erased main's pipeline tag and tags).
     card: dict[str, Any] = field(default_factory=dict)
     tree_oid: str | None = None
     # An import's: the commit id is made in the publishing transaction, from ``tree_oid`` and the head the
@@ -240,10 +248,19 @@ def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushe
             commit = commit_on_head(con, spec.repo_id, spec.branch, spec.tree_oid)
             spec = dataclasses.replace(spec, commit_id=commit, on_head=False)
         con.execute(
-            "INSERT INTO repos (repo_id, private, origin, card, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (repo_id) DO UPDATE SET private = excluded.private, origin = excluded.origin, "
-            "card = excluded.card",
-            (spec.repo_id, int(spec.private), spec.origin, json.dumps(spec.card), now, now),
+            "INSERT INTO repos (repo_id, private, origin, card, created_at, updated_at) "
+            "VALUES (:repo, :private, :origin, :card, :now, :now) ON CONFLICT (repo_id) DO UPDATE SET "
+            "private = CASE WHEN :keep_private THEN repos.private ELSE excluded.private END, "
+            "origin = excluded.origin, card = CASE WHEN :of_main THEN excluded.card ELSE repos.card END",
+            {
+                "repo": spec.repo_id,
+                "private": int(bool(spec.private)),
+                "origin": spec.origin,
+                "now": now,
+                "card": json.dumps(spec.card),
+                "keep_private": spec.private is None,
+                "of_main": spec.branch == DEFAULT_BRANCH,
+            },
         )
         con.execute(
             "INSERT OR IGNORE INTO revisions (repo_id, commit_id, tree_oid, created_at) VALUES (?, ?, ?, ?)",

@@ -226,8 +226,8 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
             fetched = await run.fetch(missing)
             card = {k: v for k, v in (("pipeline_tag", manifest.pipeline_tag), ("library_name", manifest.library_name),
                                       ("tags", list(manifest.tags)), ("gated", manifest.gated)) if v}  # fmt: skip
-            # What was private or gated upstream stays behind this node's token.
-            private = manifest.private or bool(manifest.gated)
+            # What was private or gated upstream stays behind this node's token; a repo private here stays so.
+            private = True if manifest.private or manifest.gated else None
             spec = RevisionSpec(
                 manifest.repo_id, manifest.commit_id, branch, private, manifest.endpoint, card
             )
