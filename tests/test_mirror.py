@@ -588,3 +588,34 @@ def test_a_reader_of_a_file_a_suspended_process_downloads_is_broken_not_kept_for
         pulling.kill()
         pulling.communicate()
         mirror.stop()
+
+
+def test_a_mirror_gives_the_parameters_of_a_branch_it_holds_as_of_its_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: Path
+) -> None:
+    """Described by the upstream (a branch), the files had no chunk size, and the mirror took them for not
+    held: `model_info(...).safetensors` was missing by the branch and present by its commit id."""
+    import numpy as np
+    from huggingface_hub import HfApi
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "src"
+    folder.mkdir()
+    save_file({"w": np.zeros((4, 8), np.float32)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text("{}")
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(folder, REPO)
+        node = LiveNode(upstream_depot)
+        mirror = mirror_node(tmp_path, node.url, monkeypatch)
+        try:
+            api = HfApi(endpoint=mirror.url)
+            assert api.model_info(REPO).safetensors is None, "not held: no sum of part"
+            snapshot_download(REPO, cache_dir=client_env, endpoint=mirror.url)
+            by_branch = api.model_info(REPO).safetensors
+            assert by_branch is not None and (by_branch.parameters, by_branch.total) == ({"F32": 32}, 32)
+            commit = api.model_info(REPO).sha
+            assert commit is not None and api.model_info(REPO, revision=commit).safetensors == by_branch
+        finally:
+            mirror.stop()
+            node.stop()
+            mirror.depot.close()

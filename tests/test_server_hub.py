@@ -631,3 +631,17 @@ def test_model_info_gives_the_safetensors_parameters(node: LiveNode, depot: Depo
         25,
     )
     assert api.model_info(SAMPLE).safetensors is None  # (its model.safetensors is random bytes)
+    # Mistral's layout: the same weights as shards (with their index) and as consolidated.safetensors, and a
+    # checkpoint in a folder: the model is counted once, as get_safetensors_metadata reads it (it was twice)
+    save_file({"a": np.zeros((3, 4), np.float32), "b": np.zeros(5, np.int64), "c": np.zeros(8, np.float16)},
+              str(folder / "consolidated.safetensors"))  # fmt: skip
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                           "b": "model-00001-of-00002.safetensors",
+                                           "c": "model-00002-of-00002.safetensors"}}  # fmt: skip
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "checkpoint-1").mkdir()
+    save_file({"d": np.zeros(100, np.float32)}, str(folder / "checkpoint-1" / "model.safetensors"))
+    depot.import_dir(folder, "acme/sharded")
+    both = api.model_info("acme/sharded").safetensors
+    assert both is not None and (both.parameters, both.total) == ({"F32": 12, "I64": 5, "F16": 8}, 25)
+    assert api.get_safetensors_metadata("acme/sharded").parameter_count == both.parameters

@@ -189,10 +189,10 @@ async def model_info(request: web.Request) -> web.Response:
     # The parameters by dtype, as the Hub gives them by default (read from the store: a revision held in part,
     # or that a mirror has not pulled, has none)
     derived: dict[str, Any] = {}
-    held = not any(f.path.endswith(".safetensors") and not f.chunk_size for f in view.files)
-    if held and (not expand or "safetensors" in expand):
+    if not expand or "safetensors" in expand:
+        listed = [f.path for f in view.files]
         derived["safetensors"] = await asyncio.to_thread(
-            safetensors_info, store, view.repo_id, view.commit_id
+            safetensors_info, store, view.repo_id, view.commit_id, listed
         )
     if not expand or "gguf" in expand:
         derived["gguf"] = await asyncio.to_thread(gguf_info, store, view.repo_id, view.commit_id)

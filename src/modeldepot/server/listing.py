@@ -12,6 +12,7 @@ import binascii
 import html
 import json
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -250,12 +251,39 @@ SAFETENSORS_HEADER_MAX = 100 << 20  # bytes of a safetensors header read at most
 _PARAMETERS: dict[tuple[str, str, str, tuple[str, ...]], dict[str, Any] | None] = {}
 
 
-def safetensors_info(store: Store, repo_id: str, commit_id: str) -> dict[str, Any] | None:
-    """The ``safetensors`` property, as the Hub derives it: the parameters of the commit's safetensors files
-    by dtype, and their total, from the headers of the files the store holds of the commit (read through the
-    chunk checks, once per commit; the caller asks only when it holds them all: a sum of part would be
-    wrong). None when it has none, or one is unreadable."""
-    entries = [e for e in store.files(repo_id, commit_id) if e.path.endswith(".safetensors")]
+# A transformers model's weights at the repo's root: one file, or shards an index names (huggingface_hub's
+# serialization names them so; huggingface.js matches them the same way)
+_HF_SHARD = re.compile(r"model-\d{5,6}-of-\d{5,6}\.safetensors")
+
+
+def counted_safetensors(paths: Iterable[str]) -> list[str]:
+    """The safetensors files whose parameters a commit has: its transformers model when the root holds one
+    (the shards of ``model.safetensors.index.json``, else ``model.safetensors``), as huggingface_hub's
+    ``get_safetensors_metadata`` reads it; a copy of the same weights beside it (Mistral's
+    ``consolidated.safetensors``, a checkpoint in a folder) is not counted twice. Otherwise every
+    safetensors file: a diffusers pipeline's components, an adapter."""
+    listed = set(paths)
+    shards = sorted(p for p in listed if _HF_SHARD.fullmatch(p))
+    if shards and "model.safetensors.index.json" in listed:
+        return shards
+    if "model.safetensors" in listed:
+        return ["model.safetensors"]
+    return shards or sorted(p for p in listed if p.endswith(".safetensors"))
+
+
+def safetensors_info(
+    store: Store, repo_id: str, commit_id: str, listed: Iterable[str]
+) -> dict[str, Any] | None:
+    """The ``safetensors`` property, as the Hub derives it: the parameters by dtype, and their total, of the
+    commit's weights (:func:`counted_safetensors` of ``listed``, the commit's every path), from the headers of
+    the files (read through the chunk checks, once per commit). None when it has none, the store does not
+    hold them all (a sum of part would be wrong: a revision held in part, or that a mirror has not pulled),
+    or one is unreadable."""
+    counted = counted_safetensors(listed)
+    held = {e.path: e for e in store.files(repo_id, commit_id) if e.path in set(counted)}
+    if not counted or len(held) < len(counted):
+        return None
+    entries = [held[path] for path in counted]
     key = (str(store.home), repo_id, commit_id, tuple(e.sha256 for e in entries))
     if key in _PARAMETERS:
         return _PARAMETERS[key]
