@@ -645,3 +645,25 @@ def test_model_info_gives_the_safetensors_parameters(node: LiveNode, depot: Depo
     both = api.model_info("acme/sharded").safetensors
     assert both is not None and (both.parameters, both.total) == ({"F32": 12, "I64": 5, "F16": 8}, 25)
     assert api.get_safetensors_metadata("acme/sharded").parameter_count == both.parameters
+
+
+def test_auth_check_says_whether_the_request_may_read_the_repo(depot: Depot, tmp_path: Path) -> None:
+    """`HfApi.auth_check` got a bare 404 ("no route") for a repo anyone could read."""
+    depot.import_dir(write_model_dir(tmp_path / "public", {"config.json": b"{}"}), SAMPLE)
+    depot.import_dir(
+        write_model_dir(tmp_path / "secret", {"config.json": b"{}"}), "acme/secret", private=True
+    )
+    node = LiveNode(depot, control_token="t0ken")  # (a node without a token: its control token reads all)
+    try:
+        anonymous, holder = HfApi(endpoint=node.url, token=False), HfApi(endpoint=node.url, token="t0ken")
+        anonymous.auth_check(SAMPLE)
+        anonymous.auth_check("ACME/sample")
+        holder.auth_check("acme/secret")
+        for api, repo in ((anonymous, "acme/secret"), (holder, "acme/missing")):
+            with pytest.raises(RepositoryNotFoundError):
+                api.auth_check(repo)
+        with pytest.raises(HfHubHTTPError) as refused:
+            holder.auth_check(SAMPLE, write=True)
+        assert refused.value.response.status_code == 403 and "read-only" in str(refused.value)
+    finally:
+        node.stop()

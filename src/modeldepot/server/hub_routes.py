@@ -205,6 +205,21 @@ async def model_info(request: web.Request) -> web.Response:
     return json_response(select_properties({**model_properties(view, config), **derived}, expand))
 
 
+async def auth_check(request: web.Request) -> web.Response:
+    """``HfApi.auth_check``: a 200 when the request may read the repo (a private one takes the node's token),
+    else what model info answers (RepoNotFound, as the Hub's 401). ``/write`` is a 403 for a repo it may
+    read: a node takes no writes over the Hub API. (Without the route, a bare 404 the client could not tell
+    from a missing repo.)"""
+    repo_id = await path_repo(request)
+    revision = await asyncio.to_thread(_listed_revision, request.app[DEPOT], repo_id)
+    await _revision_view(request, repo_id, revision)
+    if request.path.endswith("/write"):
+        return error_response(
+            403, None, "this node is read-only over the Hub API: publish with `modeldepot import`"
+        )
+    return json_response({})
+
+
 def _listed_revision(depot: Depot, repo_id: str) -> str:
     """The default branch; for a repo the store holds without one (imported with ``-r dev`` only), the
     newest revision, which /api/models describes."""
@@ -643,6 +658,8 @@ def add_hub_routes(app: web.Application) -> None:
     app.router.add_get(repo + "/tree/{rev}/{path:.+}", list_tree)
     app.router.add_post(repo + "/paths-info/{rev}", paths_info)
     app.router.add_get(repo + "/refs", list_refs)
+    app.router.add_get(repo + "/auth-check", auth_check)
+    app.router.add_get(repo + "/auth-check/write", auth_check)
     app.router.add_get(repo + "/commits/{rev:.+}", list_commits)  # huggingface.js does not encode the rev
     app.router.add_get("/api/models", list_models)
     app.router.add_get("/api/agent-harnesses", agent_harnesses)
@@ -650,7 +667,7 @@ def add_hub_routes(app: web.Application) -> None:
     app.router.add_get("/{org}/{name}/resolve/{rev}/{path:.+}", resolve)  # add_get answers HEAD too
     app.router.add_get("/{org}/{name}/raw/{rev}/{path:.+}", raw)
     # Repo ids without an org (the Hub's old ones: gpt2): after the routes above, which they cannot match
-    one_part = "/api/models/{name:[^/]+}{tail:(/revision/.+|/tree/.+|/paths-info/.+|/refs|/commits/.+)?}"
+    one_part = "/api/models/{name:[^/]+}{tail:(/revision/.+|/tree/.+|/paths-info/.+|/refs|/commits/.+|/auth-check.*)?}"
     app.router.add_route("*", one_part, no_org, name="refused-no-org")
     app.router.add_route(
         "*", "/{name}/{kind:resolve|raw}/{rev}/{path:.+}", no_org, name="refused-no-org-file"
