@@ -619,3 +619,41 @@ def test_a_mirror_gives_the_parameters_of_a_branch_it_holds_as_of_its_commit(
             mirror.stop()
             node.stop()
             mirror.depot.close()
+
+
+def test_a_mirror_lists_the_refs_of_a_repo_it_has_not_pulled_in_the_upstreams_spelling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`list_repo_refs` was "repository not found" for a repo whose files the mirror served, and the model
+    info of a repo not pulled yet repeated the caller's spelling of its id."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), "Acme/Mixed")
+        upstream_depot.import_dir(
+            write_model_dir(tmp_path / "dev", {"config.json": b"{}"}), "Acme/Mixed", "dev"
+        )
+        node = LiveNode(upstream_depot)
+        mirror = mirror_node(tmp_path, node.url, monkeypatch)
+        try:
+            api = HfApi(endpoint=mirror.url)
+            assert api.model_info("acme/mixed").id == "Acme/Mixed"
+            refs = api.list_repo_refs("acme/mixed")
+            assert [(b.name, b.target_commit) for b in refs.branches] == [
+                ("main", upstream_depot.resolve("Acme/Mixed"))
+            ]
+            with pytest.raises(RepositoryNotFoundError):
+                api.list_repo_refs("acme/nothing")
+            hf_hub_download(
+                "acme/mixed", "config.json", revision="dev", cache_dir=tmp_path / "hf", endpoint=mirror.url
+            )
+            held = {b.name: b.target_commit for b in api.list_repo_refs("Acme/Mixed").branches}
+            assert held == {
+                "main": upstream_depot.resolve("Acme/Mixed"),
+                "dev": upstream_depot.resolve("Acme/Mixed", "dev"),
+            }
+        finally:
+            mirror.stop()
+            node.stop()
+            mirror.depot.close()

@@ -386,11 +386,25 @@ async def paths_info(request: web.Request) -> web.Response:
 
 
 async def list_refs(request: web.Request) -> web.Response:
+    """The refs the store holds. On a mirror, main is the upstream's (as model info and files follow it):
+    a repo not pulled yet has that one, where it was "not found" while its files were served."""
     repo_id = await path_repo(request)
-    summary = await _visible_repo(request, repo_id)
+    refs: dict[str, str] = {}
+    try:
+        refs = dict((await _visible_repo(request, repo_id)).refs)
+    except RepoNotFoundError:
+        if not await _mirrorable(request, repo_id):
+            raise
+    first, held = await _upstream_first(request, repo_id, DEFAULT_BRANCH)
+    if first:
+        try:
+            refs[DEFAULT_BRANCH] = (await mirror_revision(request, repo_id, DEFAULT_BRANCH, held)).commit_id
+        except (UpstreamError, NotFoundError):
+            if not refs:
+                raise
     include_prs = truthy(request.query.get("include_prs"))
     branches, pulls = [], []
-    for name, commit_id in sorted(summary.refs.items()):
+    for name, commit_id in sorted(refs.items()):
         if name.startswith("refs/pr/"):
             pulls.append({"name": name, "ref": name, "targetCommit": commit_id})
         else:

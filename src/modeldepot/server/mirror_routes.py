@@ -127,7 +127,7 @@ async def mirror_revision(
     card = {k: v for k, v in (("pipeline_tag", manifest.pipeline_tag), ("library_name", manifest.library_name),
                               ("tags", list(manifest.tags))) if v}  # fmt: skip
     return RevisionView(
-        repo_id=repo_id,
+        repo_id=manifest.repo_id,  # (the upstream's spelling: the Hub's id, whatever case it was asked in)
         commit_id=manifest.commit_id,
         files=tuple(_entry(manifest, f) for f in manifest.files),
         private=manifest.private,
