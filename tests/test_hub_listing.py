@@ -216,7 +216,7 @@ def test_listed_properties_full_config_card_and_expand(node: LiveNode, catalog: 
         plain.pipeline_tag == "fill-mask" and plain.library_name == "transformers" and plain.private is False
     )
     assert plain.created_at is not None and plain.created_at.timestamp() == REPOS[BERT][2]
-    assert plain.tags == ["bert", "transformers", "fill-mask", "license:mit"]
+    assert plain.tags == ["bert", "transformers", "safetensors", "onnx", "fill-mask", "license:mit"]
     [full] = api.list_models(search="bert-tiny", full=True)
     assert full.sha == catalog.resolve(BERT) and full.author == "acme" and full.gated is False
     assert full.last_modified is not None and full.last_modified.timestamp() == REPOS[BERT][3]

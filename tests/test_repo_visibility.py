@@ -62,3 +62,24 @@ def test_a_branch_without_a_readme_keeps_mains_card(tmp_path: Path) -> None:
             assert api.model_info(REPO).pipeline_tag == "fill-mask"
         finally:
             node.stop()
+
+
+def test_the_formats_of_a_repos_files_are_its_tags_as_on_the_hub(tmp_path: Path) -> None:
+    """`list_models(filter="gguf")` found no GGUF repo whose card did not list the tag: the Hub tags a repo
+    with its files' formats. They are not the README's: not in the card data."""
+    with Depot(tmp_path / "home") as depot:
+        files = {"config.json": b"{}", "README.md": CARD, "onnx/model.onnx": b"x"}
+        depot.import_dir(write_model_dir(tmp_path / "a", files), "acme/onnx")
+        depot.import_dir(write_model_dir(tmp_path / "b", {"llama-Q4_K_M.GGUF": b"y"}), "acme/quants")
+        depot.import_dir(write_model_dir(tmp_path / "c", {"config.json": b"{}"}), "acme/plain")
+        node = LiveNode(depot)
+        try:
+            api = HfApi(endpoint=node.url)
+            assert [m.id for m in api.list_models(filter="gguf")] == ["acme/quants"]
+            assert [m.id for m in api.list_models(filter=["onnx", "text-classification"])] == ["acme/onnx"]
+            info = api.model_info("acme/onnx")
+            assert {"onnx", "foo", "transformers"} <= set(info.tags or [])
+            assert info.card_data is not None and "file_tags" not in info.card_data.to_dict()
+            assert "gguf" not in (api.model_info("acme/plain").tags or [])
+        finally:
+            node.stop()

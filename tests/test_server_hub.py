@@ -418,8 +418,9 @@ def test_model_card_metadata_reaches_model_info(node: LiveNode) -> None:
     info = HfApi(endpoint=node.url).model_info(MINILM)
     assert info.pipeline_tag == "sentence-similarity" and info.library_name == "sentence-transformers"
     assert "feature-extraction" in (info.tags or [])
-    bare = HfApi(endpoint=node.url).model_info(SAMPLE)  # no README: nothing claimed
-    assert bare.pipeline_tag is None and bare.library_name is None and bare.tags == []
+    bare = HfApi(endpoint=node.url).model_info(SAMPLE)  # no README: nothing claimed but its files' formats
+    assert bare.pipeline_tag is None and bare.library_name is None and bare.tags == ["safetensors", "onnx"]
+    assert bare.card_data is None
 
 
 def test_a_request_that_does_not_arrive_in_time_gets_408(depot: Depot) -> None:

@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["MAX_CARD_BYTES", "card_metadata"]
+__all__ = ["FILE_TAGS", "MAX_CARD_BYTES", "card_metadata", "file_tags", "repo_card"]
 
 MAX_CARD_BYTES = 1 << 20
 _FIELDS = ("pipeline_tag", "library_name", "license", "base_model")
+# The card's key for the tags the files imply: not the README's, so not in the card data the Hub gives
+FILE_TAGS = "file_tags"
+# Tags the Hub gives a repo for the formats of its files, whatever its card says (``filter=gguf`` finds
+# every GGUF repo there): each is the files' extension
+_FORMAT_TAGS = ("safetensors", "gguf", "onnx")
+
+
+def file_tags(paths: Iterable[str]) -> list[str]:
+    """The format tags of a revision with files ``paths`` (``safetensors``, ``gguf``, ``onnx``)."""
+    extensions = {
+        name.rsplit(".", 1)[1].lower() for name in (p.rsplit("/", 1)[-1] for p in paths) if "." in name
+    }
+    return [tag for tag in _FORMAT_TAGS if tag in extensions]
+
+
+def repo_card(readme: str | None, paths: Iterable[str]) -> dict[str, Any]:
+    """What a revision's README (its text, None without one) and files say of the repo: :func:`card_metadata`,
+    and the files' format tags under :data:`FILE_TAGS`."""
+    card = card_metadata(readme) if readme is not None else {}
+    tags = file_tags(paths)
+    return {**card, FILE_TAGS: tags} if tags else card
 
 
 def card_metadata(text: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from modeldepot.hfcache.cache import (
     within,
 )
 from modeldepot.hub.manifest import RemoteFile, save_scan
-from modeldepot.modelcard import MAX_CARD_BYTES, card_metadata
+from modeldepot.modelcard import MAX_CARD_BYTES, repo_card
 from modeldepot.store.blobs import PartialBlob, WriteSession
 from modeldepot.store.budget import BudgetExceededError
 from modeldepot.store.importer import likely_new_bytes, stage_blob
@@ -645,10 +645,9 @@ def _read_listing_once(scan: _Scan, repo_id: str, tree: Path) -> list[RemoteFile
 
 
 def _card(links: list[_Link]) -> dict[str, Any]:
-    for link in links:
-        if link.path == "README.md" and link.size <= MAX_CARD_BYTES:
-            try:
-                return card_metadata(link.source.read_text(errors="replace"))
-            except OSError:
-                return {}
-    return {}
+    readme = next((link for link in links if link.path == "README.md" and link.size <= MAX_CARD_BYTES), None)
+    try:
+        text = readme.source.read_text(errors="replace") if readme else None
+    except OSError:
+        text = None
+    return repo_card(text, (link.path for link in links))

@@ -17,6 +17,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from modeldepot.gitobjects import lfs_pointer
+from modeldepot.modelcard import FILE_TAGS
 from modeldepot.server.ranges import ByteRange, parse_range
 from modeldepot.store import FileEntry, RepoSummary
 from modeldepot.validation import is_commit_id
@@ -95,11 +96,13 @@ def _names(value: Any) -> list[str]:
 
 
 def hub_tags(card: dict[str, Any]) -> list[str]:
-    """A repo's tags as the Hub lists them: the card's own, then its library, pipeline tag, ``license:X``
-    and ``base_model:X`` (what ``filter`` matches on the Hub), each once."""
+    """A repo's tags as the Hub lists them: the card's own, then its library, its files' formats
+    (``safetensors``, ``gguf``, ``onnx``), pipeline tag, ``license:X`` and ``base_model:X`` (what ``filter``
+    matches on the Hub), each once."""
     tags = [
         *_names(card.get("tags", [])),
         *_names(card.get("library_name")),
+        *_names(card.get(FILE_TAGS, [])),
         *_names(card.get("pipeline_tag")),
         *(f"license:{name}" for name in _names(card.get("license"))),
         *(f"base_model:{name}" for name in _names(card.get("base_model"))),
@@ -141,8 +144,9 @@ def model_info_body(view: RevisionView, blobs: bool) -> dict[str, Any]:
     for key in ("pipeline_tag", "library_name"):
         if view.card.get(key):
             body[key] = view.card[key]
-    if view.card:
-        body["cardData"] = view.card
+    card_data = {k: v for k, v in view.card.items() if k != FILE_TAGS}  # (the README's alone)
+    if card_data:
+        body["cardData"] = card_data
     if blobs:
         body["usedStorage"] = sum(f.size for f in view.files)
     return body

@@ -31,7 +31,7 @@ from modeldepot.gitobjects import (
     tree_oids,
 )
 from modeldepot.hashing import GIT_OID_LIMIT, BlobDigest, digest_stream
-from modeldepot.modelcard import MAX_CARD_BYTES, card_metadata
+from modeldepot.modelcard import MAX_CARD_BYTES, repo_card
 from modeldepot.openfiles import open_file_limit
 from modeldepot.store.blobs import PartialBlob, WriteSession
 from modeldepot.store.maintenance import sweep_dead_sessions
@@ -123,10 +123,8 @@ def _enter(folder: Path, directory: Path, real_root: str, above: frozenset[str])
 
 
 def _card(files: list[SourceFile]) -> dict[str, Any]:
-    for source in files:
-        if source.path == "README.md" and source.size <= MAX_CARD_BYTES:
-            return card_metadata(source.absolute.read_text(errors="replace"))
-    return {}
+    readme = next((f for f in files if f.path == "README.md" and f.size <= MAX_CARD_BYTES), None)
+    return repo_card(readme.absolute.read_text(errors="replace") if readme else None, (f.path for f in files))
 
 
 def _lfs_patterns(files: list[SourceFile]) -> tuple[str, ...]:
