@@ -160,11 +160,14 @@ class DepotConfig:
     """Where the store lives and how it chunks new blobs.
 
     ``chunk_size`` applies to a store when it is created; an existing store keeps the size recorded in
-    its index (``None`` means "whatever the store has, or the default for a new one").
+    its index (``None`` means "whatever the store has, or the default for a new one"). Asked for by the
+    program (``chunk_size_required``), another size than an existing store's is an error; from
+    ``MODELDEPOT_CHUNK_SIZE``, it shapes new stores only (set in a profile, it made every older store fail).
     """
 
     home: Path
     chunk_size: int | None = None
+    chunk_size_required: bool = True
     hub_endpoint: str = DEFAULT_HUB_ENDPOINT
     hub_token: str | None = field(default=None, repr=False)  # sent to the Hub only, never to nodes or peers
     offline: bool = False
@@ -245,6 +248,7 @@ class DepotConfig:
         return cls(
             home=Path(home).expanduser().absolute() if home is not None else default_home(env),
             chunk_size=_size_setting("MODELDEPOT_CHUNK_SIZE", chunk) if chunk else None,
+            chunk_size_required=False,
             hub_endpoint=(env.get("HF_ENDPOINT") or DEFAULT_HUB_ENDPOINT).rstrip("/"),
             hub_token=env.get("HF_TOKEN") or None,
             offline=any(truthy(env.get(name)) for name in ("HF_HUB_OFFLINE", "MODELDEPOT_OFFLINE")),

@@ -255,6 +255,7 @@ class Depot:
         self.config = dataclasses.replace(
             base,
             chunk_size=chunk_size if chunk_size is not None else base.chunk_size,
+            chunk_size_required=chunk_size is not None,
             servers=tuple(s.rstrip("/") for s in servers) if servers is not None else base.servers,
             cluster=cluster if cluster is not None else base.cluster,
             shared=shared_homes(shared) if shared is not None else base.shared,

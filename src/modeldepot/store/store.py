@@ -159,7 +159,7 @@ class Store:
         self.lock = StoreLock(self.layout.lock_path, read_only=self.read_only)
         self.manifests = ManifestStore(self.index)
         self.access = AccessLog(self.index, enabled=not self.read_only)
-        self.chunk_size = self._settle_chunk_size(config.chunk_size)
+        self.chunk_size = self._settle_chunk_size(config.chunk_size, config.chunk_size_required)
         self.partials = PartialFiles(self.layout, self.chunk_size, writeback=config.durability == "sync")
         self.store_id = self._setting_or_default("store_id", uuid.uuid4().hex)
         self.node_id = node_id_of(self.store_id, self.home)
@@ -193,10 +193,16 @@ class Store:
             assert stored is not None
         return stored
 
-    def _settle_chunk_size(self, requested: int | None) -> int:
+    def _settle_chunk_size(self, requested: int | None, required: bool) -> int:
         stored = self._setting_or_default("chunk_size", str(requested or DEFAULT_CHUNK_SIZE))
         self._setting_or_default("created_at", repr(time.time()))
-        if requested is not None and requested != int(stored):
+        if requested is not None and requested != int(stored) and not required:
+            log.debug(
+                "%s keeps its %d-byte chunks (MODELDEPOT_CHUNK_SIZE shapes new stores)",
+                self.home,
+                int(stored),
+            )
+        elif requested is not None and requested != int(stored):
             raise ConfigError(
                 f"the store at {self.home} uses {int(stored)}-byte chunks, not {requested}: "
                 "chunk size is fixed when a store is created (use another MODELDEPOT_HOME)"
