@@ -67,6 +67,15 @@ def test_a_pull_stores_the_upstreams_spelling_and_never_pulls_a_held_repo_again(
     assert local.download_file("org-x/TINY-MODEL", "config.json").repo_id == REPO
 
 
+def test_a_pull_by_a_commit_id_in_capitals_sets_no_branch(local: Depot, upstream: LiveNode) -> None:
+    """Reads take a commit id in capitals, as git does; a pull of ``-r CFEDE1F`` made a branch of that name."""
+    commit = upstream.depot.resolve(REPO)
+    local.pull(REPO, revision=commit[:7].upper())
+    local.pull(REPO, revision=commit.upper())
+    assert local.repo_info(REPO).refs == {}
+    assert local.resolve(REPO, commit) == commit
+
+
 def test_hub_clients_reach_a_repo_in_any_case_and_are_told_its_spelling(
     live_node: LiveNode, tmp_path: Path
 ) -> None:

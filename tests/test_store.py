@@ -994,7 +994,9 @@ def test_chunk_size_is_fixed_per_store(tmp_path: Path, monkeypatch: pytest.Monke
     # The variable shapes new stores: an older store keeps its own (set in a profile, it made each fail)
     with Depot(tmp_path / "s") as older:
         assert older.chunk_size == SMALL_CHUNK
-    with pytest.raises(ConfigError, match="chunk size is fixed"):  # (asked for by the program, it is an error)
+    with pytest.raises(
+        ConfigError, match="chunk size is fixed"
+    ):  # (asked for by the program, it is an error)
         Depot(tmp_path / "s", chunk_size=2 * SMALL_CHUNK)
     monkeypatch.setenv("MODELDEPOT_CHUNK_SIZE", "lots")
     with pytest.raises(ConfigError, match="cannot read size"):

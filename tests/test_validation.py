@@ -76,7 +76,7 @@ BAD_CASES = (
     + [pytest.param(validate_branch, v, InvalidRevisionError, id=f"branch-commit-{v}") for v in COMMIT_LIKE]
     # a new branch that reads as the start of a commit id would shadow the commit (reads take both)
     + [pytest.param(validate_new_branch, v, InvalidRevisionError, id=f"new-branch-{v}")
-       for v in ["abcdef1", "0123456789abcdef", "f" * 39, "HEAD", *COMMIT_LIKE]]
+       for v in ["abcdef1", "ABCDEF1", "0123456789ABCdef", "f" * 39, "F" * 40, "HEAD", *COMMIT_LIKE]]
 )  # fmt: skip
 
 

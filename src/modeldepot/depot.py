@@ -757,8 +757,10 @@ class Depot:
 
     @staticmethod
     def _branch(revision: str) -> str | None:
-        """The branch a pull of ``revision`` sets: none for a commit id, whole or its start."""
-        return None if is_commit_id(revision) or SHORT_COMMIT.fullmatch(revision) else revision
+        """The branch a pull of ``revision`` sets: none for a commit id, whole or its start, in any case (a
+        pull of ``-r CFEDE1F`` made a branch of that name)."""
+        lowered = revision.lower()
+        return None if is_commit_id(lowered) or SHORT_COMMIT.fullmatch(lowered) else revision
 
     def _limits(self) -> Limits:
         from modeldepot.transfer.download import Limits

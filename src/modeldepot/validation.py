@@ -193,10 +193,11 @@ SHORT_COMMIT = re.compile(r"[0-9a-f]{7,39}")  # the start of a commit id, as git
 
 def validate_new_branch(name: object) -> str:
     """A branch name a write may create: a valid one (:func:`validate_branch`) that cannot be read as the
-    start of a commit id (reads take those: a branch named ``abcdef1`` would shadow the commit)."""
+    start of a commit id, in any case (reads take those, in capitals too, as git does: a branch named
+    ``abcdef1`` or ``ABCDEF1`` would shadow the commit)."""
     validate_branch(name)
     assert isinstance(name, str)
-    if SHORT_COMMIT.fullmatch(name):
+    if SHORT_COMMIT.fullmatch(name.lower()) or is_commit_id(name.lower()):
         raise InvalidRevisionError(
             f"branch name {_describe(name)} reads as the start of a commit id: choose a name with other "
             "characters too"
