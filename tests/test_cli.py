@@ -486,6 +486,21 @@ def test_cat_never_writes_a_corrupt_chunk_and_says_why_a_write_failed(home: Path
         assert not depot.has_file(REPO, "model.safetensors"), "quarantined"
 
 
+def test_listings_that_cannot_be_written_say_so_in_one_line(home: Path, model_dir: Path) -> None:
+    """`ls > /dev/full` (and every table, and --json) ended in a traceback; `cat` said it in one line."""
+    run("import", str(model_dir), "--repo", REPO, home=home)
+    for args in (["ls"], ["ls", "--json"], ["info", REPO], ["du", "--json"]):
+        command = [sys.executable, "-m", "modeldepot", *args, "--home", str(home)]
+        with open("/dev/full", "wb") as full:
+            done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, check=False)
+        assert done.returncode == 1, (args, done.stderr)
+        assert "error: writing to standard output: No space left on device" in done.stderr, (
+            args,
+            done.stderr,
+        )
+        assert "Traceback" not in done.stderr, (args, done.stderr)
+
+
 def test_status_of_an_imported_repo_shows_its_variants_as_held(home: Path, model_dir: Path) -> None:
     """An imported repo (never scanned) had no status: `status` said so, and the dashboard and the event
     stream showed no variant of it, so none could be preloaded or pinned there."""

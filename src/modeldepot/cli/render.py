@@ -25,6 +25,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from modeldepot.errors import DepotError
 from modeldepot.hub.manifest import Manifest
 from modeldepot.store import DiskUsage, GcReport, RemoveResult, RepoInfo, RepoSummary, VerifyReport
 
@@ -54,13 +55,51 @@ __all__ = [
     "render_verify",
 ]
 
+
+class OutputError(DepotError):
+    """Standard output could not be written (a full disk behind a redirection, an I/O error)."""
+
+
+class _Stdout:
+    """Standard output for the renderers: a write that fails is an :class:`OutputError`, said in one line as
+    every error is (``ls > /dev/full`` ended in a traceback). A reader gone (``| head``) is left to ``main``."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stdout.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            raise OutputError(f"writing to standard output: {error.strerror or error}") from error
+
+    def flush(self) -> None:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            raise OutputError(f"writing to standard output: {error.strerror or error}") from error
+
+    def isatty(self) -> bool:
+        return sys.stdout.isatty()
+
+    def fileno(self) -> int:
+        return sys.stdout.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return sys.stdout.encoding
+
+
+stdout = _Stdout()
 # Piped output has no width to respect: rich's default of 80 columns would cut repo ids and paths.
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+out = Console(file=stdout, highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # type: ignore[arg-type]  # (what Console uses of IO)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    stdout.flush()
 
 
 def emit(as_json: bool, data: Any, human: Callable[[], None]) -> None:
