@@ -17,6 +17,7 @@ from conftest import LiveNode, flip_byte, sample_files, write_model_dir
 from modeldepot import Depot, InvalidInputError
 from modeldepot.cli import cli, render
 from modeldepot.cli.render import format_bytes
+from modeldepot.errors import SourceDirectoryError
 from modeldepot.transfer.progress import PullUpdate
 
 REPO = "acme/tiny"
@@ -499,6 +500,23 @@ def test_listings_that_cannot_be_written_say_so_in_one_line(home: Path, model_di
             done.stderr,
         )
         assert "Traceback" not in done.stderr, (args, done.stderr)
+
+
+def test_an_import_never_takes_the_store_in(tmp_path: Path, model_dir: Path) -> None:
+    """With the store in the model's folder, its live index, locks and reserve became files of the repo a
+    node would serve; the store's own folder imported as a model took all of it."""
+    code, _, err = run("import", str(model_dir), "--repo", REPO, home=model_dir)
+    assert code == 1 and "the store's own folder" in err and not (model_dir / "index.db").exists(), err
+    inside = model_dir / ".store"
+    assert run("import", str(model_dir), "--repo", REPO, home=inside)[0] == 0
+    with Depot(inside) as depot:
+        assert sorted(e.path for e in depot.list_files(REPO)) == sorted(
+            p.relative_to(model_dir).as_posix()
+            for p in model_dir.rglob("*")
+            if p.is_file() and inside not in p.parents
+        )
+        with pytest.raises(SourceDirectoryError, match="the store itself"):
+            depot.import_dir(inside, "acme/self")
 
 
 def test_status_of_an_imported_repo_shows_its_variants_as_held(home: Path, model_dir: Path) -> None:

@@ -98,7 +98,7 @@ def cli() -> None:
     "others are copied): no second copy. The files become read-only, as the store's blobs are.",
 )
 @json_option
-@home_option_after(lambda kwargs: a_folder(kwargs["directory"]))
+@home_option_after(lambda kwargs: a_folder(kwargs["directory"], kwargs["home"]))
 def import_command(
     depot: Depot,
     directory: Path,

@@ -16,7 +16,7 @@ import click
 from rich.markup import escape
 
 from modeldepot.cli import render
-from modeldepot.config import validate_cluster, validate_cluster_prefix
+from modeldepot.config import DepotConfig, validate_cluster, validate_cluster_prefix
 from modeldepot.depot import Depot
 from modeldepot.errors import ConfigError, DepotError, InvalidInputError, SourceDirectoryError
 from modeldepot.validation import validate_repo_id, validate_revision
@@ -80,7 +80,7 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
                                  "the MODELDEPOT_SHARED stores through (check its name if you meant another)")  # fmt: skip
         try:
             if check is not None:
-                check(kwargs)
+                check({**kwargs, "home": home})
             if not shared and os.environ.get("MODELDEPOT_SHARED", "").strip():
                 render.err.print("[yellow]note:[/yellow] MODELDEPOT_SHARED is not read here: a node serves its own "
                                  "store (serve the shared one from a node of its own, and name it in "
@@ -107,10 +107,15 @@ def upstream_urls_checked() -> None:
     check_upstream_urls(DepotConfig.from_env())
 
 
-def a_folder(directory: Path) -> None:
-    """An import's folder is there (else SourceDirectoryError, exit 1) before a store is made for it."""
+def a_folder(directory: Path, home: Path | None) -> None:
+    """An import's folder is there (else SourceDirectoryError, exit 1), and is not where the store goes
+    (``--home``, or ``MODELDEPOT_HOME``), before a store is made for it."""
     if not directory.is_dir():
         raise SourceDirectoryError(f"{directory} is not a directory: give the folder that holds the model")
+    if os.path.realpath(DepotConfig.from_env(home=home).home) == os.path.realpath(directory):
+        raise SourceDirectoryError(
+            f"{directory} is the store's own folder (--home or MODELDEPOT_HOME): keep the store elsewhere"
+        )
     try:
         with os.scandir(directory) as entries:
             empty = next(entries, None) is None

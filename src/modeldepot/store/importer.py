@@ -65,8 +65,10 @@ def _git_oid(digest: BlobDigest, lfs: bool) -> str:
     return digest.git_sha1
 
 
-def scan_source(directory: Path) -> list[SourceFile]:
-    """The regular files under ``directory``, validated and sorted.
+def scan_source(directory: Path, store_home: Path | None = None) -> list[SourceFile]:
+    """The regular files under ``directory``, validated and sorted; the store at ``store_home`` is never
+    one of them (``--home`` in the model's folder, ``MODELDEPOT_HOME=.``: its live index, locks and reserve
+    became files of the repo a node would serve), and is no folder to import.
 
     Links to files are followed wherever they point: a link names one file its owner chose, and the Hub's
     cache is made of them (``snapshots/<commit>/*`` link to ``../../blobs/``, outside the snapshot folder).
@@ -77,11 +79,18 @@ def scan_source(directory: Path) -> list[SourceFile]:
     if not directory.is_dir():
         raise SourceDirectoryError(f"{directory} is not a directory: give the folder that holds the model")
     real_root = os.path.realpath(directory)
+    real_store = os.path.realpath(store_home) if store_home is not None else None
+    if real_store == real_root:
+        raise SourceDirectoryError(f"{directory} is the store itself: give the folder that holds the model")
     found: list[SourceFile] = []
     # The real paths of each folder walked and of the folders it lies in: a link to one of them is a loop.
     lineage: dict[str, frozenset[str]] = {os.fspath(directory): frozenset({real_root})}
     for root, dirs, names in os.walk(directory, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not (Path(root) == directory and d in _SKIPPED_DIRS))
+        dirs[:] = sorted(
+            d for d in dirs
+            if not (Path(root) == directory and d in _SKIPPED_DIRS)
+            and (real_store is None or os.path.realpath(os.path.join(root, d)) != real_store)
+        )  # fmt: skip
         for name in dirs:
             lineage[os.path.join(root, name)] = _enter(Path(root) / name, directory, real_root, lineage[root])
         for name in names:
@@ -329,7 +338,7 @@ def import_dir(
     validate_repo_id(repo_id)
     validate_new_branch(revision)
     refuse_nested_branch(store.index, repo_id, revision)
-    files = scan_source(Path(directory))
+    files = scan_source(Path(directory), store.home)
     doing = f"importing {repo_id}"
     sweep_dead_sessions(store)
     with store.budget.writing(repo_id) as writer, WriteSession(store.layout) as session:
