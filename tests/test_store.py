@@ -466,6 +466,19 @@ def test_a_removed_or_evicted_link_import_gives_its_files_their_write_bit_back(
     assert store_files_consistent(depot) == []
 
 
+def test_gc_frees_nothing_of_a_quarantined_file_the_user_still_links(depot: Depot, tmp_path: Path) -> None:
+    """A blob of an `import --link` changed in the user's folder is quarantined; gc removes the store's name
+    of it, but the file stays the user's: gc said it freed its size."""
+    folder = write_model_dir(tmp_path / "folder", {"w.bin": os.urandom(2 * SMALL_CHUNK)})
+    depot.import_dir(folder, REPO, link=True)
+    os.chmod(folder / "w.bin", 0o600)
+    flip_byte(folder / "w.bin", 10)
+    assert not depot.verify().ok  # (quarantined)
+    report = depot.gc()
+    assert (report.quarantined_removed, report.bytes_freed) == (1, 0)
+    assert (folder / "w.bin").stat().st_nlink == 1
+
+
 def test_a_removed_link_import_gives_back_the_mode_it_took_and_widens_none(
     depot: Depot, tmp_path: Path
 ) -> None:

@@ -306,7 +306,7 @@ def gc(store: Store, partials: bool = False) -> GcReport:
         blobs_removed, bytes_freed = 0, 0
         for path in _files_under(store.layout.blobs):
             if path.name not in known:
-                bytes_freed += store.layout.unlink(path)
+                bytes_freed += _unlink_freeing(store, path)
                 blobs_removed += 1
         partials_removed, kept, session_bytes = _collect_sessions(store)
         downloads_removed, resumable, running, download_bytes = store.partials.collect(remove_all=partials)
@@ -314,7 +314,7 @@ def gc(store: Store, partials: bool = False) -> GcReport:
         bytes_freed += session_bytes + download_bytes
         quarantined = _files_under(store.layout.quarantine)
         for path in quarantined:
-            bytes_freed += store.layout.unlink(path)
+            bytes_freed += _unlink_freeing(store, path)
         live = {
             (r["repo_id"], r["commit_id"])
             for r in store.index.read("SELECT repo_id, commit_id FROM revisions")
@@ -374,6 +374,14 @@ def _allocated(entry: Path) -> int:
             found = path.lstat()
             total += found.st_blocks * 512 if found.st_nlink == 1 else 0
     return total
+
+
+def _unlink_freeing(store: Store, path: Path) -> int:
+    """Delete a file of the store; the bytes that frees: none while another name links it (a quarantined
+    blob of an ``import --link`` is the user's file still: gc said it freed its size)."""
+    linked = _has_other_names(path)
+    size = store.layout.unlink(path)
+    return 0 if linked else size
 
 
 def _files_under(root: Path) -> list[Path]:
