@@ -533,6 +533,12 @@ def test_status_of_an_imported_repo_shows_its_variants_as_held(home: Path, model
         assert [m.repo_id for m in depot.list_manifests()] == [REPO], "the event stream lists it"
     code, _, err = run("status", "acme/never-seen", home=home)
     assert code == 1 and "modeldepot scan acme/never-seen" in err, err
+    # A variant removed from an imported repo has no upstream to come from: not "available"
+    removed = manifest["variants"][0]["name"]
+    assert run("rm", REPO, "--quant", removed, "--yes", home=home)[0] == 0
+    code, out, _ = run("status", REPO, home=home)
+    [line] = [line for line in out.splitlines() if f" {removed} " in line]
+    assert "import it again" in line and "available" not in line, out
 
 
 def test_the_held_manifest_of_a_revision_removed_meanwhile_is_none(home: Path, model_dir: Path) -> None:

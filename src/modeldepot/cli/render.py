@@ -26,7 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from modeldepot.errors import DepotError
-from modeldepot.hub.manifest import Manifest
+from modeldepot.hub.manifest import IMPORTED_ENDPOINT, Manifest
 from modeldepot.store import DiskUsage, GcReport, RemoveResult, RepoInfo, RepoSummary, VerifyReport
 
 if TYPE_CHECKING:  # not imported at run time: `import` and the store commands start without aiohttp
@@ -663,7 +663,10 @@ def render_manifest(manifest: Manifest) -> None:
                 status += f" {100 * variant.bytes_done / variant.total_bytes:.0f}%"
             if variant.error:
                 status += f" ({variant.error})"
-            if variant.status == "available" and variant.bytes_done:
+            if variant.status == "available" and manifest.endpoint == IMPORTED_ENDPOINT:
+                # (no upstream to pull it from: a pull would ask the Hub for another repo of that name)
+                status = "not held: removed here (import it again to have it)"
+            elif variant.status == "available" and variant.bytes_done:
                 status += f" ({format_bytes(variant.bytes_done)} of it here: a pull takes the rest)"
             if variant.resumable:
                 status += f" [cyan]resumable: {format_bytes(variant.bytes_done)} kept[/cyan]"
