@@ -36,6 +36,7 @@ __all__ = [
     "PartialBlob",
     "WriteSession",
     "file_stamp",
+    "give_back_mode",
     "give_back_modes",
     "start_writeback",
     "written_since",
@@ -160,7 +161,7 @@ class PartialBlob:
         self._close()
         if self.mode_to_restore is not None and self.linked_from is not None:
             # (placed too: a failed import takes its placed blobs out again, and the user's file was left 0444)
-            _give_back_mode(self.path, self.linked_from, self.mode_to_restore, self.linked_inode)
+            give_back_mode(self.path, self.linked_from, self.mode_to_restore, self.linked_inode)
         if not self.placed:
             with contextlib.suppress(FileNotFoundError):
                 _mode_file(self.path).unlink()
@@ -223,7 +224,7 @@ def _mode_file(partial: Path) -> Path:
     return partial.with_name(partial.name + ".mode")
 
 
-def _give_back_mode(partial: Path, source: Path, mode: int, inode: tuple[int, int] | None = None) -> None:
+def give_back_mode(partial: Path, source: Path, mode: int, inode: tuple[int, int] | None = None) -> None:
     """Give a linked file of the user's its mode back, only while the user's name of it still names it
     (``inode``: the file linked; the partial's, when not noted) and it has no other name than that one and
     the partial: another (the store's blob, placed and committed; another partial of the same file) must
@@ -262,7 +263,7 @@ def give_back_modes(session: Path) -> None:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             noted = json.loads(kept.read_text())
             inode = noted.get("inode")
-            _give_back_mode(kept.with_name(kept.name[: -len(".mode")]), Path(noted["source"]), int(noted["mode"]),
+            give_back_mode(kept.with_name(kept.name[: -len(".mode")]), Path(noted["source"]), int(noted["mode"]),
                             None if inode is None else (int(inode[0]), int(inode[1])))  # fmt: skip
 
 
@@ -475,5 +476,5 @@ class BlobFiles:
             if fd >= 0:
                 os.close(fd)
         if linked is not None:
-            _give_back_mode(path, linked.path, linked.mode, linked.inode)
+            give_back_mode(path, linked.path, linked.mode, linked.inode)
         return freed

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modeldepot.errors import DepotError, RevisionNotFoundError
-from modeldepot.store.blobs import LinkedSource, WriteSession, give_back_modes
+from modeldepot.store.blobs import LinkedSource, WriteSession, give_back_mode, give_back_modes
 from modeldepot.store.eviction import shared_blobs
 from modeldepot.store.models import (
     DiskUsage,
@@ -313,8 +313,7 @@ def gc(store: Store, partials: bool = False) -> GcReport:
         kept += running
         bytes_freed += session_bytes + download_bytes
         quarantined = _files_under(store.layout.quarantine)
-        for path in quarantined:
-            bytes_freed += _unlink_freeing(store, path)
+        bytes_freed += _delete_quarantined(store, quarantined, known)
         live = {
             (r["repo_id"], r["commit_id"])
             for r in store.index.read("SELECT repo_id, commit_id FROM revisions")
@@ -374,6 +373,28 @@ def _allocated(entry: Path) -> int:
             found = path.lstat()
             total += found.st_blocks * 512 if found.st_nlink == 1 else 0
     return total
+
+
+def _delete_quarantined(store: Store, quarantined: list[Path], good: set[str]) -> int:
+    """Delete the quarantined files; the bytes freed. One that is a hard link of a file of the user's
+    (``import --link``, an adopted cache) goes as :func:`_delete_blob_files` deletes a blob: the file gets
+    the mode it had back, and its record goes (a corrupt one stayed read-only for good). Not for a blob
+    placed again since (``good``): the record is that placement's now."""
+    names = {path: path.name.split(".", 1)[0] for path in quarantined}
+    sources = linked_sources(store, sorted({sha256 for sha256 in names.values() if sha256 not in good}))
+    freed = 0
+    for path, sha256 in names.items():
+        freed += _unlink_freeing(store, path)
+        source = sources.get(sha256)
+        if source is not None:
+            give_back_mode(path, source.path, source.mode, source.inode)
+    if sources:
+        with (
+            contextlib.suppress(DepotError),
+            store.index.write("forgetting the quarantined linked files") as con,
+        ):
+            con.executemany("DELETE FROM linked_sources WHERE sha256 = ?", [(sha256,) for sha256 in sources])
+    return freed
 
 
 def _unlink_freeing(store: Store, path: Path) -> int:
