@@ -490,7 +490,7 @@ def test_cat_never_writes_a_corrupt_chunk_and_says_why_a_write_failed(home: Path
 def test_listings_that_cannot_be_written_say_so_in_one_line(home: Path, model_dir: Path) -> None:
     """`ls > /dev/full` (and every table, and --json) ended in a traceback; `cat` said it in one line."""
     run("import", str(model_dir), "--repo", REPO, home=home)
-    for args in (["ls"], ["ls", "--json"], ["info", REPO], ["du", "--json"]):
+    for args in (["ls"], ["ls", "--json"], ["info", REPO], ["du", "--json"], ["path", REPO]):
         command = [sys.executable, "-m", "modeldepot", *args, "--home", str(home)]
         with open("/dev/full", "wb") as full:
             done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, check=False)

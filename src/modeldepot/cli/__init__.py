@@ -173,7 +173,8 @@ def path_command(depot: Depot, repo_id: str, path: str | None, revision: str) ->
     """Print the path of FILE in the revision's snapshot folder (a link to its blob, under its repo name,
     so that model.onnx finds model.onnx_data beside it), or of the folder itself when FILE is omitted."""
     found = depot.file_path(repo_id, path, revision) if path else depot.snapshot_path(repo_id, revision)
-    click.echo(str(found))
+    render.stdout.write(f"{found}\n")  # (a write that fails is one line: OutputError)
+    render.stdout.flush()
 
 
 @cli.command("cat")
