@@ -642,6 +642,8 @@ def test_model_info_gives_the_safetensors_parameters(node: LiveNode, depot: Depo
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     (folder / "checkpoint-1").mkdir()
     save_file({"d": np.zeros(100, np.float32)}, str(folder / "checkpoint-1" / "model.safetensors"))
+    # an older sharding's file left beside the index's (named as a shard, in no weight map)
+    save_file({"a": np.zeros((3, 4), np.float32)}, str(folder / "model-00001-of-00003.safetensors"))
     depot.import_dir(folder, "acme/sharded")
     both = api.model_info("acme/sharded").safetensors
     assert both is not None and (both.parameters, both.total) == ({"F32": 12, "I64": 5, "F16": 8}, 25)

@@ -256,15 +256,22 @@ _PARAMETERS: dict[tuple[str, str, str, tuple[str, ...]], dict[str, Any] | None] 
 _HF_SHARD = re.compile(r"model-\d{5,6}-of-\d{5,6}\.safetensors")
 
 
-def counted_safetensors(paths: Iterable[str]) -> list[str]:
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def counted_safetensors(paths: Iterable[str], indexed: Iterable[str] = ()) -> list[str]:
     """The safetensors files whose parameters a commit has: its transformers model when the root holds one
-    (the shards of ``model.safetensors.index.json``, else ``model.safetensors``), as huggingface_hub's
+    (the shards of ``model.safetensors.index.json``: ``indexed``, its weight map's files, when it was read,
+    else the files named as shards; else ``model.safetensors``), as huggingface_hub's
     ``get_safetensors_metadata`` reads it; a copy of the same weights beside it (Mistral's
-    ``consolidated.safetensors``, a checkpoint in a folder) is not counted twice. Otherwise every
-    safetensors file: a diffusers pipeline's components, an adapter."""
+    ``consolidated.safetensors``, a checkpoint in a folder, an older sharding's files) is not counted twice.
+    Otherwise every safetensors file: a diffusers pipeline's components, an adapter."""
     listed = set(paths)
+    named = sorted(set(indexed))
+    if named and SAFETENSORS_INDEX in listed and listed.issuperset(named):
+        return named
     shards = sorted(p for p in listed if _HF_SHARD.fullmatch(p))
-    if shards and "model.safetensors.index.json" in listed:
+    if shards and SAFETENSORS_INDEX in listed:
         return shards
     if "model.safetensors" in listed:
         return ["model.safetensors"]
@@ -279,7 +286,13 @@ def safetensors_info(
     the files (read through the chunk checks, once per commit). None when it has none, the store does not
     hold them all (a sum of part would be wrong: a revision held in part, or that a mirror has not pulled),
     or one is unreadable."""
-    counted = counted_safetensors(listed)
+    listed = set(listed)
+    indexed: list[str] = []
+    if SAFETENSORS_INDEX in listed:
+        weight_map = (_read_json(store, repo_id, commit_id, SAFETENSORS_INDEX) or {}).get("weight_map")
+        if isinstance(weight_map, dict):
+            indexed = [name for name in weight_map.values() if isinstance(name, str)]
+    counted = counted_safetensors(listed, indexed)
     held = {e.path: e for e in store.files(repo_id, commit_id) if e.path in set(counted)}
     if not counted or len(held) < len(counted):
         return None
