@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["FILE_TAGS", "MAX_CARD_BYTES", "card_metadata", "file_tags", "repo_card"]
+__all__ = ["FILE_TAGS", "MAX_CARD_BYTES", "card_metadata", "file_tags", "repo_card", "upstream_card"]
 
 MAX_CARD_BYTES = 1 << 20
 _FIELDS = ("pipeline_tag", "library_name", "license", "base_model")
@@ -22,6 +22,18 @@ def file_tags(paths: Iterable[str]) -> list[str]:
         name.rsplit(".", 1)[1].lower() for name in (p.rsplit("/", 1)[-1] for p in paths) if "." in name
     }
     return [tag for tag in _FORMAT_TAGS if tag in extensions]
+
+
+def upstream_card(pipeline_tag: str | None, library_name: str | None, tags: Iterable[str],
+                  gated: object = False) -> dict[str, Any]:  # fmt: skip
+    """A card from an upstream's description of a repo: its format tags (the Hub's, a node's) apart from the
+    others, as :func:`repo_card` keeps them (not the README's: not in the card data a node gives)."""
+    tags = list(tags)
+    card: dict[str, Any] = {k: v for k, v in (("pipeline_tag", pipeline_tag), ("library_name", library_name),
+                                              ("tags", [t for t in tags if t not in _FORMAT_TAGS]),
+                                              (FILE_TAGS, [t for t in tags if t in _FORMAT_TAGS]),
+                                              ("gated", gated)) if v}  # fmt: skip
+    return card
 
 
 def repo_card(readme: str | None, paths: Iterable[str]) -> dict[str, Any]:

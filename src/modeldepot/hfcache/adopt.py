@@ -512,8 +512,9 @@ def _publish_revisions(store: Store, scan: _Scan, repo: _CachedRepo, verified: d
                 scan.problem(repo.repo_id, repo.folder / "refs" / name, "missing",
                              f"points at commit {commit}, none of whose files could be imported")  # fmt: skip
             continue
+        # (a cache holds what its user downloaded: without the README, the card is not known to be empty)
         spec = RevisionSpec(repo.repo_id, commit, names[0] if names else None, keep_or_private, ORIGIN,
-                            _card(links))  # fmt: skip
+                            _card(links), card_known=any(link.path == "README.md" for link in links))  # fmt: skip
         used = {s.digest.sha256 for s in staged}
         try:
             new |= publish(store, spec, staged, {sha256: partials[sha256] for sha256 in used})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Callable
@@ -412,6 +413,9 @@ def current_manifest(store: Store, repo_id: str) -> Manifest:
         return seen[key]
 
     manifest = _held_in_part(store, lost_since(store, manifest_from_record(record, running, kept)))
+    with contextlib.suppress(NotFoundError):  # (held: the store's flag is the repo's, not the scan's)
+        # A pull into a private repo saved the upstream's "public", and its manifest was served to anyone.
+        manifest = dataclasses.replace(manifest, private=store.repo_private(manifest.repo_id))
     if not manifest.other:
         return manifest
     # Files in no variant come with a pull of the whole repo: what of them is here, and kept for a resume

@@ -22,6 +22,7 @@ from aiohttp.web_request import BaseRequest
 from modeldepot.errors import RepoNotFoundError
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.mirror import Mirror
+from modeldepot.modelcard import upstream_card
 from modeldepot.server.context import ARRIVED, is_authorized
 from modeldepot.server.ranges import RangeNotSatisfiable
 from modeldepot.server.responses import CountedResponse
@@ -124,8 +125,7 @@ async def mirror_revision(
     (the scan is waited for briefly: see :meth:`Mirror.manifest`)."""
     manifest = await request.app[MIRROR].manifest(repo_id, revision, held)
     _check_public(request, manifest)
-    card = {k: v for k, v in (("pipeline_tag", manifest.pipeline_tag), ("library_name", manifest.library_name),
-                              ("tags", list(manifest.tags))) if v}  # fmt: skip
+    card = upstream_card(manifest.pipeline_tag, manifest.library_name, manifest.tags)
     return RevisionView(
         repo_id=manifest.repo_id,  # (the upstream's spelling: the Hub's id, whatever case it was asked in)
         commit_id=manifest.commit_id,

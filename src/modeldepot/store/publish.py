@@ -28,6 +28,7 @@ from modeldepot.errors import (
 )
 from modeldepot.gitobjects import TreeEntry, commit_id_for_tree, tree_oids
 from modeldepot.hashing import BlobDigest
+from modeldepot.modelcard import FILE_TAGS
 from modeldepot.store.blobs import LinkedSource, PartialBlob
 from modeldepot.store.index import Index
 from modeldepot.store.store import Store
@@ -56,10 +57,10 @@ class RevisionSpec:
     branch: str | None  # the ref to point at the commit; None leaves refs alone (a pull by commit id)
     # The repo's visibility: None keeps what the store has (a new repo is public). It is the whole repo's, as
     # on the Hub: an import of a branch without --private made a private repo's main public (a trial).
-    private: bool | None = False
+    private: bool | None = None
     origin: str = "import"
-    # The revision's model card. The repo's (its listings, its model info) is main's: only a revision of
-    # main, or the repo's first, sets it (a branch with no README erased main's pipeline tag and tags).
+    # The revision's model card. The repo's (its listings, its model info) is main's, or the newest
+    # revision's where it has no main: see _record_repo.
     card: dict[str, Any] = field(default_factory=dict)
     tree_oid: str | None = None
     # An import's: the commit id is made in the publishing transaction, from ``tree_oid`` and the head the
@@ -67,6 +68,9 @@ class RevisionSpec:
     # one branch at once took the same head for parent: the last one's commit dropped the other's from
     # the branch's history, or moved the branch back (a trial).
     on_head: bool = False
+    # False when the README may be missing from what was published only (an adopted cache holds what its
+    # user downloaded): the card's README part is then kept
+    card_known: bool = True
 
 
 def commit_on_head(con: sqlite3.Connection, repo_id: str, branch: str, tree_oid: str) -> str:
@@ -227,6 +231,36 @@ def refuse_nested_branch(con: sqlite3.Connection | Index, repo_id: str, branch: 
         )
 
 
+def _record_repo(con: sqlite3.Connection, spec: RevisionSpec, now: float) -> None:
+    """The repo's row: its visibility as :attr:`RevisionSpec.private` says; its origin and card those of the
+    revision its listings describe (main, or the newest where it has no main): a branch published beside
+    main leaves them (an import of a branch turned a pulled repo into the node's own, and its card erased
+    main's), and a card not known (an adopted cache without the README) keeps the README's part."""
+    row = con.execute("SELECT private, origin, card FROM repos WHERE repo_id = ?", (spec.repo_id,)).fetchone()
+    if row is None:
+        con.execute(
+            "INSERT INTO repos (repo_id, private, origin, card, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (spec.repo_id, int(bool(spec.private)), spec.origin, json.dumps(spec.card), now, now),
+        )
+        return
+    private = bool(row[0]) if spec.private is None else spec.private
+    origin, card = row[1], json.loads(row[2])
+    has_main = con.execute(
+        "SELECT 1 FROM refs WHERE repo_id = ? AND name = ?", (spec.repo_id, DEFAULT_BRANCH)
+    ).fetchone()
+    if spec.branch == DEFAULT_BRANCH or has_main is None:
+        origin = spec.origin
+        if spec.card_known:
+            card = spec.card
+        else:
+            card = {k: v for k, v in card.items() if k != FILE_TAGS}
+            card.update((k, v) for k, v in spec.card.items() if k == FILE_TAGS)
+    con.execute(
+        "UPDATE repos SET private = ?, origin = ?, card = ? WHERE repo_id = ?",
+        (int(private), origin, json.dumps(card), spec.repo_id),
+    )
+
+
 def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushed_boot: str | None,
             placed: set[str], linked: dict[str, LinkedSource]) -> RevisionSpec:  # fmt: skip
     """The revision's rows in one transaction. The blobs this call placed record ``unflushed_boot`` (the
@@ -247,21 +281,7 @@ def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushe
                 raise ValueError("a commit made on a branch's head needs the branch and the tree")
             commit = commit_on_head(con, spec.repo_id, spec.branch, spec.tree_oid)
             spec = dataclasses.replace(spec, commit_id=commit, on_head=False)
-        con.execute(
-            "INSERT INTO repos (repo_id, private, origin, card, created_at, updated_at) "
-            "VALUES (:repo, :private, :origin, :card, :now, :now) ON CONFLICT (repo_id) DO UPDATE SET "
-            "private = CASE WHEN :keep_private THEN repos.private ELSE excluded.private END, "
-            "origin = excluded.origin, card = CASE WHEN :of_main THEN excluded.card ELSE repos.card END",
-            {
-                "repo": spec.repo_id,
-                "private": int(bool(spec.private)),
-                "origin": spec.origin,
-                "now": now,
-                "card": json.dumps(spec.card),
-                "keep_private": spec.private is None,
-                "of_main": spec.branch == DEFAULT_BRANCH,
-            },
-        )
+        _record_repo(con, spec, now)
         con.execute(
             "INSERT OR IGNORE INTO revisions (repo_id, commit_id, tree_oid, created_at) VALUES (?, ?, ?, ?)",
             (spec.repo_id, spec.commit_id, spec.tree_oid, now),

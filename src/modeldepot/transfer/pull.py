@@ -30,6 +30,7 @@ from modeldepot.errors import (
 )
 from modeldepot.hashing import BlobDigest
 from modeldepot.hub.manifest import INTERRUPTED, Manifest, RemoteFile
+from modeldepot.modelcard import upstream_card
 from modeldepot.openfiles import open_file_limit, raise_open_file_limit
 from modeldepot.store.blobs import PartialBlob
 from modeldepot.store.budget import BudgetWriter
@@ -224,8 +225,7 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
         run = _PullRun(store, manifest, chain, tracker, limits or Limits(), watch)
         try:
             fetched = await run.fetch(missing)
-            card = {k: v for k, v in (("pipeline_tag", manifest.pipeline_tag), ("library_name", manifest.library_name),
-                                      ("tags", list(manifest.tags)), ("gated", manifest.gated)) if v}  # fmt: skip
+            card = upstream_card(manifest.pipeline_tag, manifest.library_name, manifest.tags, manifest.gated)
             # What was private or gated upstream stays behind this node's token; a repo private here stays so.
             private = True if manifest.private or manifest.gated else None
             spec = RevisionSpec(
