@@ -665,7 +665,7 @@ def render_manifest(manifest: Manifest) -> None:
                 status += f" ({variant.error})"
             if variant.status == "available" and manifest.endpoint == IMPORTED_ENDPOINT:
                 # (no upstream to pull it from: a pull would ask the Hub for another repo of that name)
-                status = "not held: removed here (import it again to have it)"
+                status = "not held here (imported: import it again to have it)"
             elif variant.status == "available" and variant.bytes_done:
                 status += f" ({format_bytes(variant.bytes_done)} of it here: a pull takes the rest)"
             if variant.resumable:
