@@ -673,7 +673,7 @@ def add_hub_routes(app: web.Application) -> None:
     app.router.add_post(repo + "/paths-info/{rev}", paths_info)
     app.router.add_get(repo + "/refs", list_refs)
     app.router.add_get(repo + "/auth-check", auth_check)
-    app.router.add_get(repo + "/auth-check/write", auth_check)
+    app.router.add_get(repo + "/auth-check/write", auth_check, name="refused-auth-check-write")  # (a 403)
     app.router.add_get(repo + "/commits/{rev:.+}", list_commits)  # huggingface.js does not encode the rev
     app.router.add_get("/api/models", list_models)
     app.router.add_get("/api/agent-harnesses", agent_harnesses)
