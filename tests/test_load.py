@@ -178,6 +178,36 @@ def test_safetensors_and_callable_engines(depot: Depot, tmp_path: Path) -> None:
         assert set(depot.load("acme/st", engine="torch")) == {"w", "b"}
 
 
+def test_a_sharded_safetensors_checkpoint_loads_whole(depot: Depot, tmp_path: Path) -> None:
+    """The Hub's layout for every checkpoint over 5 GB: engine="safetensors" returned the first shard's
+    tensors alone, silently, and the cache counted that shard's size alone."""
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    save_file({"w": WEIGHT}, str(folder / "model-00001-of-00002.safetensors"))
+    save_file(
+        {"b": BIAS, "c": np.arange(1000, dtype=np.float32)}, str(folder / "model-00002-of-00002.safetensors")
+    )
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        "w": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors",
+        "c": "model-00002-of-00002.safetensors"}}))  # fmt: skip
+    depot.import_dir(folder, "acme/sharded")
+    loaded = depot.load("acme/sharded", engine="safetensors")
+    assert set(loaded) == {"w", "b", "c"}
+    np.testing.assert_array_equal(loaded["c"], np.arange(1000, dtype=np.float32))
+    shards = sum((folder / f"model-0000{i}-of-00002.safetensors").stat().st_size for i in (1, 2))
+    assert depot.engines.stats().total_memory_bytes == shards
+    # Two shards holding one tensor are no checkpoint
+    save_file({"w": WEIGHT}, str(folder / "model-00002-of-00002.safetensors"))
+    depot.import_dir(folder, "acme/twice")
+    with pytest.raises(InvalidInputError, match="in two shards"):
+        depot.load("acme/twice", engine="safetensors")
+    # A store holding a shard short (a pull cut midway) has no model to load: a pull fetches the rest
+    from modeldepot.engines.adapters import model_file
+
+    with pytest.raises(NotFoundError, match="lacks model-00002-of-00002.safetensors"):
+        model_file(["config.json", "model-00001-of-00002.safetensors"], None, (".safetensors",))
+
+
 def test_a_malformed_safetensors_file_is_a_clear_error(tmp_path: Path) -> None:
     good = tmp_path / "good.safetensors"
     save_file({"w": WEIGHT}, str(good))

@@ -13,6 +13,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import struct
 import sys
 import time
@@ -35,6 +36,7 @@ __all__ = [
     "load_onnxruntime",
     "load_safetensors",
     "model_file",
+    "safetensors_shard_names",
     "warmup",
 ]
 
@@ -128,12 +130,46 @@ _SAFETENSORS_ML_DTYPES = {
 _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 
 
+# A sharded checkpoint's file, as huggingface_hub's serialization names it (``model-00001-of-00004``)
+_SAFETENSORS_SHARD = re.compile(r"^(?P<prefix>.*?)-(?P<shard>\d{5})-of-(?P<total>\d{5})\.safetensors$")
+
+
+def safetensors_shard_names(path: str) -> list[str] | None:
+    """Every shard of the sharded checkpoint that ``path`` (a repo path or a file name) is one of, in
+    order, in the same folder; None when its name is not a shard's."""
+    folder, slash, name = path.rpartition("/")
+    match = _SAFETENSORS_SHARD.match(name)
+    if match is None or not 1 <= int(match["shard"]) <= int(match["total"]):
+        return None
+    total = int(match["total"])
+    return [
+        f"{folder}{slash}{match['prefix']}-{n:05d}-of-{total:05d}.safetensors" for n in range(1, total + 1)
+    ]
+
+
 def load_safetensors(path: Path, framework: str = "numpy") -> dict[str, Any]:
     """Every tensor of a safetensors file: read-only numpy arrays that *map* the file (no copy: one copy
     in the page cache, shared by every worker and kept warm by the preloader), or ``pt`` tensors (copied,
     by safetensors) when torch is installed. BF16 and FP8 tensors are arrays of ml_dtypes' types (mapping
     the file too); a type no numpy package has (the packed F4, F6) is an InvalidInputError naming it.
+    A shard of a sharded checkpoint (``model-00001-of-00002.safetensors``) loads with its every shard
+    beside it: the model's tensors, not the first file's alone (a load returned half a model).
     """
+    shards = safetensors_shard_names(path.name)
+    if shards is None:
+        return _load_safetensors_file(path, framework)
+    tensors: dict[str, Any] = {}
+    for shard in shards:
+        if not (path.parent / shard).is_file():
+            raise NotFoundError(f"{path.name} is one of {len(shards)} shards, and {shard} is not beside it")
+        for name, tensor in _load_safetensors_file(path.parent / shard, framework).items():
+            if name in tensors:
+                raise InvalidInputError(f"tensor {name!r} is in two shards of {path.name}'s checkpoint")
+            tensors[name] = tensor
+    return tensors
+
+
+def _load_safetensors_file(path: Path, framework: str) -> dict[str, Any]:
     _require("safetensors")
     if framework == "pt":
         _require("torch", "torch")
@@ -313,7 +349,8 @@ def model_file(paths: list[str], quant: str | None, suffixes: tuple[str, ...]) -
         if suffix == ".gguf":  # projectors are companions of every GGUF variant, not its model
             matching = [p for p in matching if "mmproj" not in p.rsplit("/", 1)[-1].lower()] or matching
         if matching:
-            shards = (gguf_shard_names(matching[0]) if suffix == ".gguf" else None) or []
+            split = gguf_shard_names if suffix == ".gguf" else safetensors_shard_names
+            shards = split(matching[0]) or []
             missing = sorted(set(shards) - set(paths))
             if missing:
                 raise NotFoundError(f"{matching[0]} is one of {len(shards)} shards and the store lacks "

@@ -27,6 +27,7 @@ from modeldepot.engines.adapters import (
     load_onnxruntime,
     model_file,
     onnxruntime_version_lacking_data_in_memory,
+    safetensors_shard_names,
     warmup,
 )
 from modeldepot.engines.cache import LoadedModelCache
@@ -165,7 +166,7 @@ def load_variant(
     # What it takes in memory, about: the model file and what is loaded with it (its external data, its
     # shards), for the cache's memory budget to make room before the load (the process's growth measured
     # over a load said 190 MiB of a 22 MiB model whose engine was imported then, 0.8 MiB of a mapped one).
-    companions = set(gguf_shard_names(chosen) or ()) | {chosen}
+    companions = set(gguf_shard_names(chosen) or safetensors_shard_names(chosen) or ()) | {chosen}
     size = sum(f.size for f in files if f.path in companions or _is_external_data_of(f.path, chosen))
     return cache.get_or_load(key, load_and_warm, size)
 
