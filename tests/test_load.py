@@ -204,7 +204,7 @@ def test_a_sharded_safetensors_checkpoint_loads_whole(depot: Depot, tmp_path: Pa
     # A store holding a shard short (a pull cut midway) has no model to load: a pull fetches the rest
     from modeldepot.engines.adapters import model_file
 
-    with pytest.raises(NotFoundError, match="lacks model-00002-of-00002.safetensors"):
+    with pytest.raises(NotFoundError, match=r"lacks model-00002-of-00002\.safetensors"):
         model_file(["config.json", "model-00001-of-00002.safetensors"], None, (".safetensors",))
 
 
