@@ -113,8 +113,8 @@ def flight_waiters(monkeypatch: pytest.MonkeyPatch) -> FlightWaiters:
             return super().wait(timeout)
 
     class CountedFlight(cache_module._Flight):
-        def __init__(self) -> None:
-            super().__init__()
+        def __init__(self, size: int | None) -> None:
+            super().__init__(size)
             self.done = CountedEvent()
 
     monkeypatch.setattr(cache_module, "_Flight", CountedFlight)
@@ -271,6 +271,41 @@ def test_a_model_over_the_whole_budget_is_kept_alone_with_a_warning(caplog: pyte
     assert (
         cache.keys() == ["huge"] and "more than the engine cache's whole memory budget (100)" in caplog.text
     )
+
+
+def test_loads_under_way_hold_their_room_in_the_budget_and_the_slots() -> None:
+    """Three first loads of 4-byte models under a 6-byte budget, started together, were all built at once
+    (each saw an empty cache), then two were evicted as they ended. A load now waits for those under way
+    when nothing can be evicted, and the models are never more than the budget together."""
+    evicted: list[Hashable] = []
+    cache: LoadedModelCache[str] = LoadedModelCache(max_models=10, memory_budget=6,
+                                                    on_evict=lambda key, model: evicted.append(key))  # fmt: skip
+    lock, loading, peak = threading.Lock(), [0], [0]
+    start = threading.Barrier(3)
+
+    def load(key: str) -> str:
+        with lock:
+            loading[0] += 1
+            peak[0] = max(peak[0], loading[0] + len(cache))  # models in memory: cached and being built
+        time.sleep(0.2)
+        with lock:
+            loading[0] -= 1
+        return key.upper()
+
+    def call(key: str) -> None:
+        start.wait()
+        assert cache.get_or_load(key, lambda: load(key), size=4) == key.upper()
+
+    threads = [threading.Thread(target=call, args=(key,)) for key in "abc"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert peak[0] == 1, "one model at a time: each waited for the one under way, then evicted it"
+    assert len(cache) == 1 and len(evicted) == 2
+    # The slot limit too; and a loader that loads another model itself never waits for its own load
+    slots: LoadedModelCache[str] = LoadedModelCache(max_models=1)
+    assert slots.get_or_load("outer", lambda: slots.get_or_load("inner", lambda: "I") + "O") == "IO"
 
 
 def test_a_size_not_given_is_measured_as_rss_growth() -> None:

@@ -7,9 +7,10 @@ Design notes (where the seed was thin or wrong):
   projection after each eviction; the seed computed it once and could evict everything or loop.
 - A load happens outside the lock, once per key however many callers ask (they wait for its result, or
   all receive its exception; a failure is not cached). Different keys load in parallel.
-- Room is made before a load (a free slot, the budget's bytes for the size given), so that two big
-  models are never in memory at once (Ollama, too, unloads a runner before it starts the next): a load
-  that then fails does not bring back what it evicted. ``Depot.load`` checks what it can before it asks
+- Room is made before a load (a free slot, the budget's bytes for the size given, beside the loads
+  under way: a load waits for those when nothing more can be evicted), so that two big models are never
+  in memory at once (Ollama, too, unloads a runner before it starts the next): a load that then fails
+  does not bring back what it evicted. ``Depot.load`` checks what it can before it asks
   (the engine's package, the files there and whole). A model bigger than the whole budget is loaded and
   kept alone, with a warning: refusing it would fail a worker's one model.
 - ``on_evict`` runs outside the lock, after the entry is gone from the cache, so a slow ``close()`` never
@@ -268,11 +269,14 @@ class _Entry(Generic[M]):
 class _Flight:
     """One load in progress; its waiters block on ``done``."""
 
-    def __init__(self) -> None:
+    def __init__(self, size: int | None) -> None:
         self.done = threading.Event()
         self.model: Any = None
         self.error: BaseException | None = None
         self.dropped = False  # evicted while loading: handed to its callers, never cached
+        self.size = size  # the bytes it will take, when known: counted in the budget while it loads
+        self.thread = threading.get_ident()  # its leader (a load it makes itself never waits for it)
+        self.admitted = False  # given its room (a slot, its bytes) and loading: not waiting for room
 
 
 def _real(value: object) -> float | None:
@@ -340,6 +344,7 @@ class LoadedModelCache(Generic[M]):
         self._entries: dict[Hashable, _Entry[M]] = {}
         self._next_sweep = 0.0  # when expired entries are next looked for (at most once a second)
         self._flights: dict[Hashable, _Flight] = {}
+        self._flight_ended = threading.Condition(self._lock)  # (a load waiting for room waits on it)
         self._hits = self._misses = self._evictions = self._failures = 0
 
     # -- loading ----------------------------------------------------------------------------------------
@@ -372,8 +377,8 @@ class LoadedModelCache(Generic[M]):
                 entry.last_used = now
             elif flight is None:
                 self._misses += 1
-                flight = self._flights[key] = _Flight()
-                evicted += self._make_room_locked(size)
+                flight = self._flights[key] = _Flight(size)
+                evicted += self._make_room_locked(key, size)
         if evicted:
             self._run_hooks(evicted)
         if entry is not None:
@@ -402,6 +407,7 @@ class LoadedModelCache(Generic[M]):
             with self._lock:
                 self._failures += 1
                 del self._flights[key]
+                self._flight_ended.notify_all()
             flight.error = error
             flight.done.set()
             raise
@@ -409,6 +415,7 @@ class LoadedModelCache(Generic[M]):
         now = self._clock()
         with self._lock:
             del self._flights[key]
+            self._flight_ended.notify_all()
             if flight.dropped:  # (what it was loaded from went meanwhile: its callers have it, the cache not)
                 evicted = []
             else:
@@ -442,28 +449,53 @@ class LoadedModelCache(Generic[M]):
 
     # -- eviction ---------------------------------------------------------------------------------------
 
-    def _make_room_locked(self, incoming: int | None) -> list[tuple[Hashable, M]]:
-        """Before a load: a free slot, room in the budget for ``incoming`` bytes, and (under memory
-        pressure) one idle entry less. The projection is recomputed after every eviction."""
+    def _make_room_locked(self, key: Hashable, incoming: int | None) -> list[tuple[Hashable, M]]:
+        """Before the load of ``key``: a free slot, room in the budget for ``incoming`` bytes beside the
+        entries and the loads under way, and (under memory pressure) one idle entry less. The projection
+        is recomputed after every eviction. When nothing more can be evicted and loads under way hold the
+        room, it waits for them to end (and evicts again): loads that started together were all built at
+        once (three models of 4 MiB under a 6 MiB budget), then all but one evicted. Never for a load of
+        its own thread's (a loader that loads another model), nor for one that waits for room itself."""
         evicted: list[tuple[Hashable, M]] = []
-        while len(self._entries) + len(self._flights) > self.max_models and self._evict_lru_locked(evicted):
-            pass
-        if self.memory_budget is not None and incoming is not None:
-            while self._total_locked() + incoming > self.memory_budget and self._evict_lru_locked(evicted):
+        while True:
+            while not self._slot_free_locked(key) and self._evict_lru_locked(evicted):
                 pass
+            if incoming is not None:
+                while not self._fits_locked(key, incoming) and self._evict_lru_locked(evicted):
+                    pass
+            room = self._slot_free_locked(key) and (incoming is None or self._fits_locked(key, incoming))
+            if room or all(f.thread == threading.get_ident() for f in self._loading_locked(key)):
+                break  # (room, or none to wait for: the limit gives way, as it does for what is pinned)
+            self._flight_ended.wait()
+        self._flights[key].admitted = True
         if self.evict_on_memory_pressure and self._entries and self._available() < LOW_MEMORY_FRACTION:
             self._evict_lru_locked(evicted)
         return evicted
 
+    def _loading_locked(self, key: Hashable) -> list[_Flight]:
+        """The loads under way (given their room) but the one of ``key``."""
+        return [f for k, f in self._flights.items() if k != key and f.admitted]
+
+    def _slot_free_locked(self, key: Hashable) -> bool:
+        """Whether the load of ``key`` has a slot beside the entries and the loads under way."""
+        return len(self._entries) + len(self._loading_locked(key)) + 1 <= self.max_models
+
+    def _fits_locked(self, key: Hashable, incoming: int) -> bool:
+        if self.memory_budget is None:
+            return True
+        loading = sum(f.size or 0 for f in self._loading_locked(key))
+        return self._total_locked() + loading + incoming <= self.memory_budget
+
     def _enforce_locked(self, keep: Hashable) -> list[tuple[Hashable, M]]:
-        """After a load: the limits again, with what the new entry really took; it is never the victim."""
+        """After a load: the limits again, with what the new entry really took beside the loads under way;
+        it is never the victim."""
         evicted: list[tuple[Hashable, M]] = []
-        while len(self._entries) + len(self._flights) > self.max_models and self._evict_lru_locked(
-            evicted, keep
-        ):
+        while len(self._entries) + len(
+            self._loading_locked(keep)
+        ) > self.max_models and self._evict_lru_locked(evicted, keep):
             pass
         if self.memory_budget is not None:
-            while self._total_locked() > self.memory_budget and self._evict_lru_locked(evicted, keep):
+            while not self._fits_locked(keep, 0) and self._evict_lru_locked(evicted, keep):
                 pass
         return evicted
 
