@@ -96,6 +96,9 @@ def check_values(model: GgufModel) -> None:
     np.testing.assert_array_equal(model.dequantize("q8.weight"), gguf.quants.dequantize(Q8_BYTES, Q8))
     np.testing.assert_allclose(model.dequantize("q8.weight"), QUANT_SOURCE, atol=0.03)
     np.testing.assert_array_equal(model.dequantize("f16.weight"), F16.astype(np.float32))
+    # plain integers are numbers already (gguf.quants refuses I32: it was "a newer gguf package may decode it")
+    assert model.dequantize("ints").dtype == np.float32
+    np.testing.assert_array_equal(model.dequantize("ints"), INTS.astype(np.float32))
 
 
 def file_mappings() -> list[tuple[int, int, str, str]]:
