@@ -170,3 +170,26 @@ def test_an_adopted_cache_without_the_readme_keeps_the_pulled_card(
         depot.hf_cache_import([REPO], cache_dir=cache)
         card = depot.store.repo_summary(REPO).card
         assert card.get("pipeline_tag") == "text-classification" and "foo" in card.get("tags", []), card
+
+
+def test_a_pulled_repo_is_described_as_the_node_it_came_from_describes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The card was rebuilt from the upstream's tag list: `license: mit` became a card tag `license:mit`,
+    and the card data of the node that pulled it had no license."""
+    card = CARD.replace(b"tags: [foo]", b"tags: [foo]\nbase_model: acme/base")
+    with (
+        serving_repo(tmp_path, {**WEIGHTS, "README.md": card}, REPO) as upstream,
+        hub_path_depot(tmp_path / "local", upstream.url, monkeypatch) as depot,
+    ):
+        depot.pull(REPO)
+        node = LiveNode(depot)
+        try:
+            theirs = HfApi(endpoint=upstream.url).model_info(REPO)
+            ours = HfApi(endpoint=node.url).model_info(REPO)
+            assert theirs.card_data is not None and ours.card_data is not None
+            assert ours.card_data.to_dict() == theirs.card_data.to_dict()
+            assert ours.card_data.license == "mit" and ours.card_data.base_model == "acme/base"
+            assert sorted(ours.tags or []) == sorted(theirs.tags or [])
+        finally:
+            node.stop()

@@ -26,14 +26,27 @@ def file_tags(paths: Iterable[str]) -> list[str]:
 
 def upstream_card(pipeline_tag: str | None, library_name: str | None, tags: Iterable[str],
                   gated: object = False) -> dict[str, Any]:  # fmt: skip
-    """A card from an upstream's description of a repo: its format tags (the Hub's, a node's) apart from the
-    others, as :func:`repo_card` keeps them (not the README's: not in the card data a node gives)."""
+    """A card from an upstream's description of a repo (the Hub's, a node's), as :func:`repo_card` has it:
+    the tags the upstream derived from the card put back where they came from (``license:mit`` is the
+    card's ``license``, ``base_model:X`` its ``base_model``; the library and pipeline tag are fields of
+    their own) and its format tags apart, so that a node that pulled a repo describes it as the one it
+    came from (its card data had ``tags: [license:mit]`` and no license)."""
     tags = list(tags)
-    card: dict[str, Any] = {k: v for k, v in (("pipeline_tag", pipeline_tag), ("library_name", library_name),
-                                              ("tags", [t for t in tags if t not in _FORMAT_TAGS]),
-                                              (FILE_TAGS, [t for t in tags if t in _FORMAT_TAGS]),
-                                              ("gated", gated)) if v}  # fmt: skip
-    return card
+    derived = {pipeline_tag, library_name}
+    licenses = [t.split(":", 1)[1] for t in tags if t.startswith("license:")]
+    # (``base_model:quantized:X`` names a relation, not the base: kept as a tag, it is listed as it came)
+    bases = [t.split(":", 1)[1] for t in tags if t.startswith("base_model:") and t.count(":") == 1]
+    taken = {f"license:{name}" for name in licenses} | {f"base_model:{name}" for name in bases}
+    card: dict[str, Any] = {
+        "pipeline_tag": pipeline_tag,
+        "library_name": library_name,
+        "license": licenses[0] if len(licenses) == 1 else licenses,
+        "base_model": bases[0] if len(bases) == 1 else bases,
+        "tags": [t for t in tags if t not in _FORMAT_TAGS and t not in derived and t not in taken],
+        FILE_TAGS: [t for t in tags if t in _FORMAT_TAGS],
+        "gated": gated,
+    }
+    return {key: value for key, value in card.items() if value}
 
 
 def repo_card(readme: str | None, paths: Iterable[str]) -> dict[str, Any]:

@@ -109,7 +109,9 @@ class GgufModel:
         """Tensor ``name`` decoded into a new float32 array of its logical shape (``gguf.quants``; raises
         :class:`ConfigError` for a type the installed gguf package cannot decode)."""
         info = self.tensor_info[name]
-        if info.ggml_type in _NUMERIC_TYPES:  # (plain numbers: nothing to decode; gguf.quants refuses I32, F64)
+        if (
+            info.ggml_type in _NUMERIC_TYPES
+        ):  # (plain numbers: nothing to decode; gguf.quants refuses I32, F64)
             return self.tensors[name].astype("float32").reshape(info.shape)
         gguf = _gguf()
         try:
