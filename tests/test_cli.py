@@ -502,6 +502,15 @@ def test_listings_that_cannot_be_written_say_so_in_one_line(home: Path, model_di
         assert "Traceback" not in done.stderr, (args, done.stderr)
 
 
+def test_peers_says_a_time_it_cannot_show_as_unknown(capsys: pytest.CaptureFixture[str]) -> None:
+    """One node record in the registry with `started_at: 1e308` (finite, so valid) crashed `peers`'s table."""
+    from modeldepot.transfer.fleet import PeerRow
+
+    render.render_peers([PeerRow("huge", "http://127.0.0.1:1", "x", 1e308, 1e20, 0, 0, 0)], "connected")
+    shown = capsys.readouterr().out
+    assert "huge" in shown and "?" in shown
+
+
 def test_an_import_never_takes_the_store_in(tmp_path: Path, model_dir: Path) -> None:
     """With the store in the model's folder, its live index, locks and reserve became files of the repo a
     node would serve; the store's own folder imported as a model took all of it."""

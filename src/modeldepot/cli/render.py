@@ -147,7 +147,12 @@ def _print_rows(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 
 
 def _when(timestamp: float | None) -> str:
-    return "never" if timestamp is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+    if timestamp is None:
+        return "never"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+    except (OverflowError, OSError, ValueError):  # (a peer's record may say any number: `peers` crashed)
+        return "?"
 
 
 def _speed(task: Task) -> float | None:
