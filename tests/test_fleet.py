@@ -154,6 +154,37 @@ def test_holders_found_by_content_get_the_scan_nodes_chunk_digests(
             a.stop()
 
 
+def test_a_peer_that_refuses_this_nodes_token_is_said_once_as_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node of the fleet started with another token answers 401: what it holds (or claimed in a swarm) is
+    fetched elsewhere, the Hub's chunks again (1.8 times the repo in a trial), and only an info line said
+    so. It is a warning now, once for the node, naming the token."""
+    cluster = f"mem://fleet-{uuid.uuid4().hex[:12]}"
+    big = weights(1, 12)
+    files = {".gitattributes": GITATTRIBUTES, "config.json": b"{}", "model.safetensors": big}
+    with (
+        Depot(tmp_path / "a", chunk_size=SMALL_CHUNK) as a_depot,
+        Depot(tmp_path / "c", chunk_size=SMALL_CHUNK) as c_depot,
+    ):
+        a_depot.import_dir(write_model_dir(tmp_path / "src-a", files), "acme/model")
+        c_depot.import_dir(write_model_dir(tmp_path / "src-c", {"w.safetensors": big}), "other/base")
+        a, c = InProcessNode(a_depot, cluster), InProcessNode(c_depot, cluster, token="another")
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # no Hub
+            with Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b:
+                wait_until(lambda: len(b.peers()) == 2, 10, "both nodes in the view")
+                with caplog.at_level(logging.WARNING, logger="modeldepot.transfer.download"):
+                    b.pull("acme/model")
+                assert bytes(b.get_file("acme/model", "model.safetensors")) == big
+                said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+                assert len([m for m in said if c.url in m and "MODELDEPOT_TOKEN" in m]) == 1, said
+        finally:
+            c.stop()
+            a.stop()
+
+
 # -- with etcd and real processes --------------------------------------------------------------------------
 
 

@@ -817,6 +817,8 @@ class _FileJob(ChunkChooser):
             self.live.remove(source)
             self.errors[source.source.name] = error
             log.info("%s: no longer asking %s for it (%s)", self.remote.path, source.source.name, error)
+            if isinstance(error, AccessDeniedError) and source.kind != "hub":
+                _say_refused_once(source.source.name, error)
             if source.kind == "hub" and self.swarm is not None:
                 withdrawing = self._watch(
                     asyncio.create_task(self.swarm.withdraw_unlanded(set(self.landing)))
@@ -893,3 +895,21 @@ def _check(remote: RemoteFile, digest: BlobDigest) -> None:
         raise IntegrityError(
             f"{remote.path}: the bytes received do not match the upstream's git oid; nothing was kept"
         )
+
+
+_REFUSED_BY: set[str] = set()  # the nodes that refused this process's requests, said once each
+
+
+def _say_refused_once(node: str, error: AccessDeniedError) -> None:
+    """A node of the fleet that refuses this one's requests (another MODELDEPOT_TOKEN) is said once, as a
+    warning: what it claimed in a swarm, or holds, is then fetched elsewhere, the Hub's chunks again (a
+    fleet with one node's token changed fetched 1.8 times the repo from the Hub, with an info line alone)."""
+    if node in _REFUSED_BY:
+        return
+    _REFUSED_BY.add(node)
+    log.warning(
+        "%s refuses this node's requests (%s): its MODELDEPOT_TOKEN differs from this one's, so what it "
+        "holds or has claimed is fetched elsewhere (from the Hub again)",
+        node,
+        error,
+    )
