@@ -466,6 +466,12 @@ def test_serve_says_in_one_line_why_it_cannot_start(home: Path) -> None:
     assert code == 2 and "the token is empty" in err, err
     emptied = CliRunner().invoke(cli, ["serve", "--home", str(home)], env={"MODELDEPOT_TOKEN": ""})
     assert emptied.exit_code == 2 and "MODELDEPOT_TOKEN is set but empty" in emptied.stderr, emptied.stderr
+    # A token no client can send in a header (a newline from a file, a space) refused everyone, unsaid
+    for unsendable in ("s3cret\n", "two words", "pässword"):
+        code, _, err = run("serve", "--token", unsendable, home=home)
+        assert code == 2 and "no client can send it" in err, (unsendable, err)
+    pasted = CliRunner().invoke(cli, ["serve", "--home", str(home)], env={"MODELDEPOT_TOKEN": "s3cret\n"})
+    assert pasted.exit_code == 2 and "no client can send it" in pasted.stderr, pasted.stderr
 
 
 def test_cat_never_writes_a_corrupt_chunk_and_says_why_a_write_failed(home: Path, model_dir: Path) -> None:

@@ -210,6 +210,12 @@ def _token(value: str | None) -> str | None:
         # (click takes an empty variable for an unset one: `-e MODELDEPOT_TOKEN="$TOKEN"`, TOKEN unset)
         raise click.BadParameter("MODELDEPOT_TOKEN is set but empty: that would serve every route openly. Set "
                                  "a token, or unset it for an open node")  # fmt: skip
+    given = value if value is not None else os.environ.get("MODELDEPOT_TOKEN")
+    if given is not None and not all("!" <= c <= "~" for c in given):
+        # (a newline, a space, a letter outside ASCII: no client can send it in an Authorization header,
+        # so the node would refuse everyone, itself said nowhere)
+        raise click.BadParameter("the token has a space, a control character or a character outside ASCII: no "
+                                 "client can send it (`Authorization: Bearer TOKEN`); give printable ASCII alone")  # fmt: skip
     return value
 
 
