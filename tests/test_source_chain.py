@@ -720,6 +720,14 @@ def test_a_revision_nowhere_is_said_by_the_hub_first_and_is_a_revision_not_found
             said = str(refused.value)
             assert said.startswith(f"revision '{'f' * 40}' of {REPO} does not exist on {hub.url}"), said
             assert f"{guarded.url} refused access" in said and said.count("MODELDEPOT_TOKEN") == 1, said
+            # A node that holds the repo, not the revision, says so ("not on the depot node" sent users
+            # looking for a repo it held)
+            monkeypatch.setenv("MODELDEPOT_SERVERS", f"{empty.url},{hub.url}")
+            with Depot(tmp_path / "local") as depot, pytest.raises(RevisionNotFoundError) as raised:
+                depot.pull(REPO, revision="f" * 40)
+            said = str(raised.value)
+            assert f"not on the depot node {empty.url} either" in said, said
+            assert f"the depot node {hub.url} has the repo, but no revision '{'f' * 40}'" in said, said
         finally:
             for node in (hub, empty, guarded):
                 node.stop()

@@ -337,11 +337,21 @@ def _what_each_said(hub: DepotError, nodes: list[DepotError]) -> str:
     def lacks_it(problem: DepotError) -> bool:
         return isinstance(problem, (RepoNotFoundError, RevisionNotFoundError)) and problem.source is not None
 
-    lacking = [str(p.source) for p in nodes if lacks_it(p)]
+    def listed(sources: list[str]) -> str:
+        shown = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
+        return f"node{'s' if len(sources) > 1 else ''} {shown}"
+
+    # (a node that has the repo but not the revision is said so: "not on the depot nodes" sent users looking
+    # for a repo those nodes held, when the revision was the mistake)
+    no_repo = [str(p.source) for p in nodes if lacks_it(p) and not isinstance(p, RevisionNotFoundError)]
+    no_revision = [p for p in nodes if lacks_it(p) and isinstance(p, RevisionNotFoundError)]
     parts = [str(hub)]
-    if lacking:
-        shown = ", ".join(lacking[:3]) + (f" and {len(lacking) - 3} more" if len(lacking) > 3 else "")
+    if no_repo:
         hint = " (a private repo there needs MODELDEPOT_TOKEN)" if isinstance(hub, RepoNotFoundError) else ""
-        parts.append(f"not on the depot node{'s' if len(lacking) > 1 else ''} {shown} either{hint}")
+        parts.append(f"not on the depot {listed(no_repo)} either{hint}")
+    if no_revision:
+        revision = getattr(no_revision[0], "revision", "")
+        parts.append(f"the depot {listed([str(p.source) for p in no_revision])} "
+                     f"{'have' if len(no_revision) > 1 else 'has'} the repo, but no revision {revision!r}")  # fmt: skip
     parts += [str(p) for p in nodes if not lacks_it(p)]
     return "; ".join(parts)
