@@ -15,6 +15,7 @@ Nothing waits by sleeping: every wait is bounded and polls its condition (``wait
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,12 +110,12 @@ def test_cluster_settings_are_checked_at_the_edge(tmp_path: Path) -> None:
 # -- in one process, through the mem:// registry ----------------------------------------------------------
 
 
-def test_holders_found_by_content_get_the_scan_nodes_chunk_digests(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A pull finds every live node that holds a file's content (here one that holds it under another repo)
-    in the fleet's view, without asking any node; their blob route is checked against the chunk digests
-    the scan node's manifest gave for the same content."""
+@contextlib.contextmanager
+def scan_node_and_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, holder_token: str | None = None
+) -> Iterator[tuple[str, bytes, tuple[Depot, InProcessNode], tuple[Depot, InProcessNode]]]:
+    """A mem:// fleet of two nodes, and no Hub: ``a`` holds "acme/model", ``c`` (with ``holder_token``, if
+    given) its weights under another repo. Yields the cluster, the weights, and each node with its depot."""
     cluster = f"mem://fleet-{uuid.uuid4().hex[:12]}"
     big = weights(1, 12)
     files = {".gitattributes": GITATTRIBUTES, "config.json": b"{}", "model.safetensors": big}
@@ -123,35 +125,45 @@ def test_holders_found_by_content_get_the_scan_nodes_chunk_digests(
     ):
         a_depot.import_dir(write_model_dir(tmp_path / "src-a", files), "acme/model")
         c_depot.import_dir(write_model_dir(tmp_path / "src-c", {"w.safetensors": big}), "other/base")
-        a, c = InProcessNode(a_depot, cluster), InProcessNode(c_depot, cluster)
+        a, c = InProcessNode(a_depot, cluster), InProcessNode(c_depot, cluster, token=holder_token)
         try:
             monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
             monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # no Hub
-            with Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b:
-                assert b.fleet is not None
-                wait_until(lambda: {r.node_id: r.blobs for r in b.peers()} == {a_depot.node_id: 3, c_depot.node_id: 1},
-                           10, "both nodes and their holdings in the view")  # fmt: skip
-                manifest = b.scan_repo("acme/model")
-                assert manifest.endpoint == a.url  # the scan found the repo on a live peer
-                chain = b.chain
-
-                found = asyncio.run(chain.holders(manifest, SMALL_CHUNK, list(manifest.files)))
-                by_url = {s.source.base_url: s for s in found["model.safetensors"]}
-                assert set(by_url) == {a.url, c.url}
-                assert by_url[c.url].url == f"{c.url}{API}/blobs/{sha(big)}"
-                assert by_url[c.url].chunk_blake3 == by_url[a.url].chunk_blake3 is not None
-                assert [s.source.base_url for s in found["config.json"]] == [
-                    a.url
-                ]  # no LFS digest: the scan node
-                result = b.pull("acme/model")
-                assert set(result.sources) == {a.url, c.url}
-                assert bytes(b.get_file("acme/model", "model.safetensors")) == big
-                # The node's own holdings follow what this depot now holds once it serves: not here (it does
-                # not register), so the fleet is still the two nodes.
-                assert {r.node_id for r in b.peers()} == {a_depot.node_id, c_depot.node_id}
+            yield cluster, big, (a_depot, a), (c_depot, c)
         finally:
             c.stop()
             a.stop()
+
+
+def test_holders_found_by_content_get_the_scan_nodes_chunk_digests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull finds every live node that holds a file's content (here one that holds it under another repo)
+    in the fleet's view, without asking any node; their blob route is checked against the chunk digests
+    the scan node's manifest gave for the same content."""
+    with (
+        scan_node_and_holder(tmp_path, monkeypatch) as (cluster, big, (a_depot, a), (c_depot, c)),
+        Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b,
+    ):
+        assert b.fleet is not None
+        wait_until(lambda: {r.node_id: r.blobs for r in b.peers()} == {a_depot.node_id: 3, c_depot.node_id: 1},
+                   10, "both nodes and their holdings in the view")  # fmt: skip
+        manifest = b.scan_repo("acme/model")
+        assert manifest.endpoint == a.url  # the scan found the repo on a live peer
+        chain = b.chain
+
+        found = asyncio.run(chain.holders(manifest, SMALL_CHUNK, list(manifest.files)))
+        by_url = {s.source.base_url: s for s in found["model.safetensors"]}
+        assert set(by_url) == {a.url, c.url}
+        assert by_url[c.url].url == f"{c.url}{API}/blobs/{sha(big)}"
+        assert by_url[c.url].chunk_blake3 == by_url[a.url].chunk_blake3 is not None
+        assert [s.source.base_url for s in found["config.json"]] == [a.url]  # no LFS digest: the scan node
+        result = b.pull("acme/model")
+        assert set(result.sources) == {a.url, c.url}
+        assert bytes(b.get_file("acme/model", "model.safetensors")) == big
+        # The node's own holdings follow what this depot now holds once it serves: not here (it does
+        # not register), so the fleet is still the two nodes.
+        assert {r.node_id for r in b.peers()} == {a_depot.node_id, c_depot.node_id}
 
 
 def test_a_peer_that_refuses_this_nodes_token_is_said_once_as_a_warning(
@@ -160,29 +172,16 @@ def test_a_peer_that_refuses_this_nodes_token_is_said_once_as_a_warning(
     """A node of the fleet started with another token answers 401: what it holds (or claimed in a swarm) is
     fetched elsewhere, the Hub's chunks again (1.8 times the repo in a trial), and only an info line said
     so. It is a warning now, once for the node, naming the token."""
-    cluster = f"mem://fleet-{uuid.uuid4().hex[:12]}"
-    big = weights(1, 12)
-    files = {".gitattributes": GITATTRIBUTES, "config.json": b"{}", "model.safetensors": big}
     with (
-        Depot(tmp_path / "a", chunk_size=SMALL_CHUNK) as a_depot,
-        Depot(tmp_path / "c", chunk_size=SMALL_CHUNK) as c_depot,
+        scan_node_and_holder(tmp_path, monkeypatch, "another") as (cluster, big, _, (_, c)),
+        Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b,
     ):
-        a_depot.import_dir(write_model_dir(tmp_path / "src-a", files), "acme/model")
-        c_depot.import_dir(write_model_dir(tmp_path / "src-c", {"w.safetensors": big}), "other/base")
-        a, c = InProcessNode(a_depot, cluster), InProcessNode(c_depot, cluster, token="another")
-        try:
-            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # no Hub
-            with Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b:
-                wait_until(lambda: len(b.peers()) == 2, 10, "both nodes in the view")
-                with caplog.at_level(logging.WARNING, logger="modeldepot.transfer.download"):
-                    b.pull("acme/model")
-                assert bytes(b.get_file("acme/model", "model.safetensors")) == big
-                said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-                assert len([m for m in said if c.url in m and "MODELDEPOT_TOKEN" in m]) == 1, said
-        finally:
-            c.stop()
-            a.stop()
+        wait_until(lambda: len(b.peers()) == 2, 10, "both nodes in the view")
+        with caplog.at_level(logging.WARNING, logger="modeldepot.transfer.download"):
+            b.pull("acme/model")
+        assert bytes(b.get_file("acme/model", "model.safetensors")) == big
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len([m for m in said if c.url in m and "MODELDEPOT_TOKEN" in m]) == 1, said
 
 
 # -- with etcd and real processes --------------------------------------------------------------------------
