@@ -65,6 +65,15 @@ def test_onnx_dtypes_with_their_external_data() -> None:
     assert genai.variants[0].files == ("model.onnx", "model.onnx.data") and genai.shared == (
         "genai_config.json",
     )
+    # A file per tensor (torch.onnx.export over 2 GB) beside the one model of its folder is its data; not
+    # where the folder holds several models (whose is it?), nor at the root (anything is there)
+    export = group_files(["config.json", "onnx/model.onnx", "onnx/onnx__MatMul_1", "onnx/layers.0.weight",
+                          "onnx/README.md", "model.onnx", "weights.bin"])  # fmt: skip
+    by_name = {v.name: v.files for v in export.variants}
+    assert by_name == {
+        "fp32": ("model.onnx", "onnx/layers.0.weight", "onnx/model.onnx", "onnx/onnx__MatMul_1")
+    }, by_name
+    assert export.other == ("onnx/README.md", "weights.bin")
 
 
 def test_gguf_quants_splits_and_projectors() -> None:

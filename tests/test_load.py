@@ -87,6 +87,12 @@ def test_external_data_kept_in_a_subfolder_loads(depot: Depot, tmp_path: Path) -
     session = depot.load("acme/sub")
     x = rng.standard_normal((2, 4)).astype(np.float32)
     np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ WEIGHT + BIAS, rtol=1e-5)
+    # External data not named after its model is its variant's all the same: pulled with it, preloaded
+    # with it, counted in the engine cache's budget (the graph alone was: 149 bytes of a 4 KiB model)
+    [variant] = depot.get_manifest("acme/sub").variants
+    assert set(variant.files) >= {"onnx/model.onnx", "onnx/weights/w.bin"}
+    assert depot.engines.stats().total_memory_bytes >= WEIGHT.nbytes
+    assert depot.preloader.preload("acme/sub", variant.name).bytes >= WEIGHT.nbytes
     depot.store.quarantine(depot.file_info("acme/sub", "onnx/weights/w.bin").sha256)
     assert depot.engines.keys() == [], "the session mapping the quarantined weights is let go of"
 

@@ -167,6 +167,8 @@ def load_variant(
     # shards), for the cache's memory budget to make room before the load (the process's growth measured
     # over a load said 190 MiB of a 22 MiB model whose engine was imported then, 0.8 MiB of a mapped one).
     companions = set(gguf_shard_names(chosen) or safetensors_shard_names(chosen) or ()) | {chosen}
+    if named is not None and named.kind == "onnx" and chosen in named.files:
+        companions |= set(named.files)  # (its external data, whatever its names)
     size = sum(f.size for f in files if f.path in companions or _is_external_data_of(f.path, chosen))
     return cache.get_or_load(key, load_and_warm, size)
 

@@ -3,7 +3,9 @@
 Naming follows the ecosystem (docs/background.md, "Variant names"):
 
 - ONNX (transformers.js / onnx-community): ``{base}{suffix}.onnx`` with dtype suffixes (``_fp16``,
-  ``_q4f16``, ``_quantized`` = q8, none = fp32), external data ``{stem}.onnx_data[_N]`` or ``{stem}.onnx.data``.
+  ``_q4f16``, ``_quantized`` = q8, none = fp32), external data ``{stem}.onnx_data[_N]`` or
+  ``{stem}.onnx.data``, or, in a folder (not the root) of one ONNX model, any other file there or below but
+  documents, pictures and other models (a file per tensor, as torch.onnx.export writes a model over 2 GB).
 - GGUF: the quant label in the file name (``Q4_K_M``, ``IQ2_XS``, ``BF16``, ``UD-Q4_K_XL``…; the last match
   wins, as huggingface.js does), split files ``-00001-of-00003.gguf`` grouped, ``mmproj`` projectors as
   companions of every GGUF variant.
@@ -33,6 +35,9 @@ _ONNX_SUFFIXES: tuple[tuple[str, str], ...] = (
     ("_quantized", "q8"), ("_q4f16", "q4f16"), ("_q2f16", "q2f16"), ("_q1f16", "q1f16"), ("_uint8", "uint8"),
     ("_fp16", "fp16"), ("_int8", "int8"), ("_bnb4", "bnb4"), ("_q4", "q4"), ("_q2", "q2"), ("_q1", "q1"),
 )  # fmt: skip
+# What is no ONNX model's external data, beside it in its folder: documents, pictures, code, settings
+_NOT_ONNX_DATA = (".md", ".txt", ".json", ".yaml", ".yml", ".py", ".png", ".jpg", ".jpeg", ".gif", ".svg",
+                  ".gitattributes", ".gitignore", ".gguf", ".safetensors", ".onnx")  # fmt: skip
 _ONNX_DATA = re.compile(r"^(?P<stem>.+)\.onnx(?:_data(?:_\d+)?|\.data)$")
 
 _GGUF_NAMES = [
@@ -200,6 +205,30 @@ def group_files(paths: Iterable[str]) -> Grouping:
         if path.endswith((".safetensors", ".safetensors.index.json")):
             dtype = _SAFETENSORS_DTYPE.search(path)
             groups.setdefault(("safetensors", dtype["dtype"] if dtype else "safetensors"), []).append(path)
+            claimed.add(path)
+
+    # External data not named after its model (torch.onnx.export of a model over 2 GB writes a file per
+    # tensor, named after it; `location="weights.bin"`): in a folder (not the root) of one ONNX model, the
+    # files nothing else claims are its data. Left out, a pull of the variant lacked them (the load then
+    # failed), and a preload brought the graph alone into RAM.
+    models_in: dict[str, list[tuple[str, str]]] = {}
+    for stem, key in onnx_by_stem.items():
+        models_in.setdefault(stem.rpartition("/")[0], []).append(key)
+
+    def data_owner(path: str) -> tuple[str, str] | None:
+        """The one ONNX model of the nearest folder above ``path`` that has models (the root is none)."""
+        folder = path.rpartition("/")[0]
+        while folder and folder not in models_in:
+            folder = folder.rpartition("/")[0]
+        keys = models_in.get(folder, []) if folder else []
+        return keys[0] if len(keys) == 1 else None
+
+    for path in all_paths:
+        if path in claimed or _SHARED_NAMES.search(path) or path.lower().endswith(_NOT_ONNX_DATA):
+            continue
+        owner = data_owner(path)
+        if owner is not None:
+            groups[owner].append(path)
             claimed.add(path)
 
     shared = [p for p in all_paths if p not in claimed and _SHARED_NAMES.search(p)]
