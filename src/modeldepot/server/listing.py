@@ -246,9 +246,10 @@ def model_config(store: Store, repo_id: str, commit_id: str) -> dict[str, Any] |
 
 
 SAFETENSORS_HEADER_MAX = 100 << 20  # bytes of a safetensors header read at most (the format's own bound)
-# (home, repo, commit, the files' digests) -> what was read: the files held make the key (a shard pulled since
-# is another sum), and a failure is not kept (a file quarantined, then pulled again: a review)
-_PARAMETERS: dict[tuple[str, str, str, tuple[str, ...]], dict[str, Any] | None] = {}
+# (home, repo, commit, the weights' paths listed, those held with their digests) -> what was read: the files
+# held make the key (a shard pulled since is another sum), and a failure is not kept (a file quarantined,
+# then pulled again: a review)
+_PARAMETERS: dict[tuple[Any, ...], dict[str, Any] | None] = {}
 
 
 # A transformers model's weights at the repo's root: one file, or shards an index names (huggingface_hub's
@@ -286,20 +287,31 @@ def safetensors_info(
     the files (read through the chunk checks, once per commit). None when it has none, the store does not
     hold them all (a sum of part would be wrong: a revision held in part, or that a mirror has not pulled),
     or one is unreadable."""
-    listed = set(listed)
+
+    def weights(path: str) -> bool:
+        return path.endswith(".safetensors") or path == SAFETENSORS_INDEX
+
+    listed = {path for path in listed if weights(path)}
+    held = {e.path: e for e in store.files(repo_id, commit_id) if weights(e.path)}
+    # (looked up before the index is read: model info asked it, and hashed it, on every call)
+    key = (
+        str(store.home),
+        repo_id,
+        commit_id,
+        tuple(sorted(listed)),
+        tuple(sorted((p, e.sha256) for p, e in held.items())),
+    )
+    if key in _PARAMETERS:
+        return _PARAMETERS[key]
     indexed: list[str] = []
     if SAFETENSORS_INDEX in listed:
         weight_map = (_read_json(store, repo_id, commit_id, SAFETENSORS_INDEX) or {}).get("weight_map")
         if isinstance(weight_map, dict):
             indexed = [name for name in weight_map.values() if isinstance(name, str)]
     counted = counted_safetensors(listed, indexed)
-    held = {e.path: e for e in store.files(repo_id, commit_id) if e.path in set(counted)}
-    if not counted or len(held) < len(counted):
+    if not counted or any(path not in held for path in counted):
         return None
     entries = [held[path] for path in counted]
-    key = (str(store.home), repo_id, commit_id, tuple(e.sha256 for e in entries))
-    if key in _PARAMETERS:
-        return _PARAMETERS[key]
     parameters: dict[str, int] = {}
     try:
         for entry in entries:
