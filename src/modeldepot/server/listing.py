@@ -12,7 +12,6 @@ import binascii
 import html
 import json
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from multidict import MultiMapping
 
 from modeldepot.config import truthy
 from modeldepot.depot import Depot
+from modeldepot.engines.adapters import safetensors_shard_names
 from modeldepot.errors import CorruptBlobError, DepotError, InvalidInputError, NotFoundError
 from modeldepot.server.views import (
     COMMIT_AUTHOR,
@@ -252,11 +252,6 @@ SAFETENSORS_HEADER_MAX = 100 << 20  # bytes of a safetensors header read at most
 _PARAMETERS: dict[tuple[Any, ...], dict[str, Any] | None] = {}
 
 
-# A transformers model's weights at the repo's root: one file, or shards an index names (huggingface_hub's
-# serialization names them so; huggingface.js matches them the same way)
-_HF_SHARD = re.compile(r"model-\d{5,6}-of-\d{5,6}\.safetensors")
-
-
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
@@ -271,7 +266,8 @@ def counted_safetensors(paths: Iterable[str], indexed: Iterable[str] = ()) -> li
     named = sorted(set(indexed))
     if named and SAFETENSORS_INDEX in listed and listed.issuperset(named):
         return named
-    shards = sorted(p for p in listed if _HF_SHARD.fullmatch(p))
+    # (a transformers model's shards at the root, as huggingface_hub's serialization names them)
+    shards = sorted(p for p in listed if p.startswith("model-") and safetensors_shard_names(p) is not None)
     if shards and SAFETENSORS_INDEX in listed:
         return shards
     if "model.safetensors" in listed:
