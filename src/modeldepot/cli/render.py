@@ -60,25 +60,27 @@ class OutputError(DepotError):
     """Standard output could not be written (a full disk behind a redirection, an I/O error)."""
 
 
+@contextmanager
+def _writing() -> Iterator[None]:
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        raise OutputError(f"writing to standard output: {error.strerror or error}") from error
+
+
 class _Stdout:
     """Standard output for the renderers: a write that fails is an :class:`OutputError`, said in one line as
     every error is (``ls > /dev/full`` ended in a traceback). A reader gone (``| head``) is left to ``main``."""
 
     def write(self, text: str) -> int:
-        try:
+        with _writing():
             return sys.stdout.write(text)
-        except BrokenPipeError:
-            raise
-        except OSError as error:
-            raise OutputError(f"writing to standard output: {error.strerror or error}") from error
 
     def flush(self) -> None:
-        try:
+        with _writing():
             sys.stdout.flush()
-        except BrokenPipeError:
-            raise
-        except OSError as error:
-            raise OutputError(f"writing to standard output: {error.strerror or error}") from error
 
     def isatty(self) -> bool:
         return sys.stdout.isatty()
