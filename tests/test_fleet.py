@@ -257,7 +257,9 @@ def test_a_node_that_cannot_be_reached_at_its_advertised_url_says_so(fleet: Flee
     from modeldepot.server import fleet as node_fleet
 
     lost = fleet.node("lost", None, "--advertise", f"http://127.0.0.1:{free_port()}").ready()
-    wait_until(lambda: lost.get("/health", token=False).get("detail"), 10 * node_fleet.ADVERTISED_TRIES,
+    # (not any detail: "not registered in its fleet yet" comes first, before the node looks at itself)
+    wait_until(lambda: "check --advertise" in lost.get("/health", token=False).get("detail", ""),
+               10 * node_fleet.ADVERTISED_TRIES,
                "health to say the node cannot be reached where its peers are told to")  # fmt: skip
     answer = lost.get("/health", token=False)
     assert answer["status"] == "degraded" and "check --advertise" in answer["detail"], answer
