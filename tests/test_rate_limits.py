@@ -118,6 +118,21 @@ def test_pull_max_rate_is_an_option_and_a_bad_one_a_usage_error(
         assert depot.verify().ok
 
 
+def test_off_lifts_a_profiles_cap_for_one_pull(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cap in a profile (MODELDEPOT_MAX_DOWNLOAD_RATE) had no way out for one urgent pull: `--max-rate off`
+    was "cannot be read" (and so was the variable's own `off`)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert DepotConfig.from_env({"MODELDEPOT_MAX_DOWNLOAD_RATE": "OFF"}).max_download_rate is None
+    monkeypatch.setenv("MODELDEPOT_MAX_DOWNLOAD_RATE", "16KiB/s")  # (3 MiB would take over three minutes)
+    with serving_repo(tmp_path, FILES, REPO, chunk_size=SMALL_CHUNK) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        home = str(tmp_path / "cli")
+        done = CliRunner().invoke(cli, ["pull", REPO, "--max-rate", "off", "--home", home])
+        assert done.exit_code == 0, done.output
+    with Depot(home, create=False) as depot:
+        assert depot.verify().ok and depot.config.max_download_rate == 16 * 1024
+
+
 def test_a_node_sends_no_faster_than_its_cap_to_all_clients_together(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -93,6 +93,9 @@ def parse_share(text: str) -> float:
     return float(match.group(1))
 
 
+NO_CAP = "off"  # a rate setting's value for no cap: `pull --max-rate off` under a profile's cap
+
+
 def parse_rate(text: str, name: str = "rate") -> int:
     """Bytes a second from ``"50MiB/s"``, ``"50MiB"``, ``"1.5GiB/s"`` or ``"1048576"`` (binary units, as
     every size here)."""
@@ -101,7 +104,9 @@ def parse_rate(text: str, name: str = "rate") -> int:
         rate = parse_size(match.group(1) if match else text)
     except ConfigError:
         said = "cannot be negative" if text.strip().startswith("-") else "cannot be read"
-        raise ConfigError(f"{name} {text!r} {said}: write it like 50MiB/s, 1.5GiB/s or 1048576") from None
+        raise ConfigError(
+            f"{name} {text!r} {said}: write it like 50MiB/s, 1.5GiB/s, 1048576 or off"
+        ) from None
     if rate < MIN_RATE:
         raise ConfigError(f"{name} {text!r} is below the least that can be kept to, 16KiB/s")
     return rate
@@ -345,7 +350,7 @@ def _slow_peer_rate(env: Mapping[str, str]) -> int:
 
 def _rate_setting(env: Mapping[str, str], name: str) -> int | None:
     text = env.get(name, "").strip()
-    return parse_rate(text, name) if text else None
+    return None if not text or text.lower() == NO_CAP else parse_rate(text, name)
 
 
 def _float_setting(env: Mapping[str, str], name: str, default: float, zero: bool = False) -> float:

@@ -314,7 +314,7 @@ def scan_command(depot: Depot, repo_id: str, revision: str, servers: tuple[str, 
 @cluster_options
 @click.option("--max-rate", "max_download_rate", default=None, metavar="RATE",
               callback=lambda c, p, v: rate_value(v, "--max-rate"),
-              help="Download at most this fast, from every source together (50MiB/s; default: "
+              help="Download at most this fast, from every source together (50MiB/s, or off; default: "
                    "$MODELDEPOT_MAX_DOWNLOAD_RATE, else no cap).")  # fmt: skip
 @json_option
 @home_option_after(lambda kwargs: upstream_urls_checked())

@@ -205,18 +205,21 @@ def use_cluster(depot: Depot, cluster: str | None, prefix: str | None) -> None:
 
 
 def rate_value(value: str | None, name: str) -> int | None:
-    """A click callback's reading of a rate (50MiB/s): ConfigError, a usage error, when unreadable."""
-    from modeldepot.config import parse_rate
+    """A click callback's reading of a rate (50MiB/s): ConfigError, a usage error, when unreadable; 0 for
+    ``off`` (no cap, over the environment's); None when not given."""
+    from modeldepot.config import NO_CAP, parse_rate
 
+    if value is not None and value.strip().lower() == NO_CAP:
+        return 0
     return None if value is None else setting(lambda v: parse_rate(v, name), value)
 
 
 def use_rates(depot: Depot, download: int | None, upload: int | None = None) -> None:
-    """The rate caps the options gave, over the environment's."""
+    """The rate caps the options gave (0: none), over the environment's."""
     if download is not None:
-        depot.config = dataclasses.replace(depot.config, max_download_rate=download)
+        depot.config = dataclasses.replace(depot.config, max_download_rate=download or None)
     if upload is not None:
-        depot.config = dataclasses.replace(depot.config, max_upload_rate=upload)
+        depot.config = dataclasses.replace(depot.config, max_upload_rate=upload or None)
 
 
 class NumbersAreArguments(click.Command):

@@ -103,10 +103,10 @@ def _listenable(host: str, port: int) -> None:
                    "are evicted to make room (default: the budget the store has; $MODELDEPOT_MAX_SIZE caps this "
                    "process further).")  # fmt: skip
 @click.option("--max-download-rate", default=None, metavar="RATE", callback=lambda c, p, v: rate_value(v, "--max-download-rate"),
-              help="What the node's pulls (a mirror's, a swarm's) may download together, at most (50MiB/s; "
+              help="What the node's pulls (a mirror's, a swarm's) may download together, at most (50MiB/s, or off; "
                    "default: $MODELDEPOT_MAX_DOWNLOAD_RATE, else no cap).")  # fmt: skip
 @click.option("--max-upload-rate", default=None, metavar="RATE", callback=lambda c, p, v: rate_value(v, "--max-upload-rate"),
-              help="What the node may send in file bodies, to all its clients together (50MiB/s; default: "
+              help="What the node may send in file bodies, to all its clients together (50MiB/s, or off; default: "
                    "$MODELDEPOT_MAX_UPLOAD_RATE, else no cap).")  # fmt: skip
 @click.option("--preload-top", default=0, show_default=True, type=click.IntRange(0, 1000),
               help="Preload the N most used models in the background at start.")  # fmt: skip
