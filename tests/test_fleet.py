@@ -314,6 +314,26 @@ def test_a_node_that_answers_at_its_advertised_url_later_is_healthy_then(
     assert node.unreachable is None and any(f"answers at {url} now" in r.getMessage() for r in caplog.records)
 
 
+def test_a_node_without_a_token_names_only_what_it_serves_its_peers(fleet: Fleet, tmp_path: Path) -> None:
+    """A node without a token serves no private repo's blob to a peer, yet named them all in etcd: every
+    pull of that content asked it first, and got a 404 a chunk at a time (a review)."""
+    secret, shared, public = weights(5, 2), weights(6, 2), b'{"model_type": "bert"}'
+    with Depot(tmp_path / "open", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "p", {"w.safetensors": secret, "s.safetensors": shared}),
+                         "acme/secret", private=True)  # fmt: skip
+        depot.import_dir(
+            write_model_dir(tmp_path / "q", {"config.json": public, "s.safetensors": shared}), "acme/open"
+        )
+    node = fleet.node("open", None).ready()
+    named = {sha(shared), sha(public)}  # (the secret weights: not)
+    wait_until(lambda: set(fleet.holdings(node.id)) == named, 15, "the node's holdings in etcd", interval=0.1)
+    with Depot(tmp_path / "open") as depot:
+        depot.remove("acme/open")  # the shared weights are a private repo's alone now
+    wait_until(
+        lambda: set(fleet.holdings(node.id)) == set(), 15, "the shared weights withdrawn", interval=0.1
+    )
+
+
 def test_a_private_repo_comes_through_the_fleet_with_the_node_token_alone(
     fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,7 +7,7 @@
   process or any other (a CLI import, pull, ``rm`` or ``gc`` on the same store, a quarantine): the index's
   ``PRAGMA data_version`` on a connection of its own, and the listing of ``partials/``. Only then are the
   holdings computed again (every blob with state ``ok``, whole; every download in ``partials/`` with the
-  chunks its log names, in progress) and handed to the discovery, which writes the difference in batches.
+  chunks its log names, in progress; on a node without a token, public repos' contents alone) and handed to the discovery, which writes the difference in batches.
   An idle node does nothing more than those two looks. Holdings name contents by SHA-256 alone: no repo
   or file name (a private repo's least of all) ever reaches the registry.
 - **Outages.** The discovery keeps its last view and retries; this module logs each change of its state
@@ -59,8 +59,11 @@ class HoldingsReader:
     """What a store holds, by SHA-256, computed again only when something changed. Any thread may call it
     (one at a time: a lock sees to it); :meth:`close` when done."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, public_only: bool = False) -> None:
         self.store = store
+        # A node without a token serves peers public repos' contents alone: it names no other (peers that
+        # asked for a private repo's blob it named were refused, one 404 after another)
+        self.public_only = public_only
         self._lock = threading.Lock()
         self._counter = store.index.change_counter()
         self._version: int | None = None
@@ -84,7 +87,7 @@ class HoldingsReader:
             return None
         if version != self._version:
             self._blobs = {}
-            for blob in self.store.held_blobs():
+            for blob in self.store.held_blobs(public_only=self.public_only):
                 chunks = chunk_count(blob.size, blob.chunk_size)
                 self._blobs[blob.sha256] = Holding(blob.size, True, chunks, chunks)
         if signature != self._signature:
@@ -97,7 +100,7 @@ class HoldingsReader:
         self._version, self._signature = version, signature
         holdings: dict[str, Holding] = {}
         for _size, _mtime, state in self._partials.values():
-            if state is not None:
+            if state is not None and (not self.public_only or self.store.partials.is_public(state.sha256)):
                 chunks = state.chunks
                 holdings[state.sha256] = Holding(state.size, False, min(state.chunks_logged, chunks), chunks)
         holdings.update(self._blobs)  # a content both whole and downloading (a race) is whole
@@ -113,8 +116,17 @@ class NodeFleet:
     :meth:`register` once listening, :meth:`close` at shutdown (before in-flight answers finish: peers
     stop choosing a node that leaves)."""
 
-    def __init__(self, depot: Depot, cluster: str, prefix: str, interval: float = PUBLISH_INTERVAL) -> None:
+    def __init__(
+        self,
+        depot: Depot,
+        cluster: str,
+        prefix: str,
+        interval: float = PUBLISH_INTERVAL,
+        *,
+        token: bool = False,
+    ) -> None:
         self.depot = depot
+        self.token = token  # whether the node serves with a token (without, it names public contents alone)
         self.cluster = cluster
         self.prefix = prefix
         self.interval = interval
@@ -232,7 +244,7 @@ class NodeFleet:
             while True:
                 try:
                     if reader is None:
-                        reader = await asyncio.to_thread(HoldingsReader, self.depot.store)
+                        reader = await asyncio.to_thread(HoldingsReader, self.depot.store, not self.token)
                     found = await asyncio.to_thread(reader.poll)
                     if found is not None and found != published:
                         pending = found

@@ -60,7 +60,7 @@ def run_server(
     limits = limits or ConnectionLimits()
     open_files = raise_open_file_limit()  # before the runner sizes its total cap from it
     cluster = depot.config.cluster
-    fleet = NodeFleet(depot, cluster, depot.config.cluster_prefix) if cluster else None
+    fleet = NodeFleet(depot, cluster, depot.config.cluster_prefix, token=bool(token)) if cluster else None
     if mirror and depot.store.read_only:
         log.warning("not mirroring: the store is %s, so this node serves what it holds and answers 404 for "
                     "the rest (serve a writable store to mirror %s)", depot.store.read_only_reason,

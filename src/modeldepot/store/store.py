@@ -65,6 +65,8 @@ __all__ = ["Store"]
 log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# A condition on blobs ``b``: a public repo's file has the content (it may be served without the node's token)
+_PUBLIC = " AND EXISTS (SELECT 1 FROM files f JOIN repos r USING (repo_id) WHERE f.sha256 = b.sha256 AND r.private = 0)"
 _FILE_COLUMNS = "f.repo_id, f.commit_id, f.path, f.size, f.sha256, f.git_oid, f.lfs, b.chunk_size, b.state"
 
 
@@ -444,21 +446,21 @@ class Store:
 
     def inventory(self, after: str = "", limit: int = 1000, public_only: bool = False) -> list[BlobRecord]:
         """Servable blobs in digest order, starting after ``after`` (a cursor for paging)."""
-        visible = (
-            "AND EXISTS (SELECT 1 FROM files f JOIN repos r USING (repo_id) WHERE f.sha256 = b.sha256 AND r.private = 0)"
-            if public_only
-            else ""
-        )
+        visible = _PUBLIC if public_only else ""
         rows = self.index.read(
-            f"SELECT sha256, size, chunk_size FROM blobs b WHERE state = 'ok' AND sha256 > ? {visible} "
+            f"SELECT sha256, size, chunk_size FROM blobs b WHERE state = 'ok' AND sha256 > ?{visible} "
             "ORDER BY sha256 LIMIT ?",
             (after, limit),
         )
         return [BlobRecord(r["sha256"], r["size"], r["chunk_size"]) for r in rows]
 
-    def held_blobs(self) -> list[BlobRecord]:
-        """Every servable blob, private repos' too, by digest: what a node tells its fleet it holds."""
-        rows = self.index.read("SELECT sha256, size, chunk_size FROM blobs WHERE state = 'ok'")
+    def held_blobs(self, public_only: bool = False) -> list[BlobRecord]:
+        """Every servable blob (``public_only``: of a public repo), by digest: what a node tells its fleet it
+        holds."""
+        rows = self.index.read(
+            "SELECT sha256, size, chunk_size FROM blobs b WHERE state = 'ok'"
+            + (_PUBLIC if public_only else "")
+        )
         return [BlobRecord(r["sha256"], r["size"], r["chunk_size"]) for r in rows]
 
     def local_digest(self, sha256: str | None = None, git_sha1: str | None = None) -> BlobDigest | None:
