@@ -40,7 +40,7 @@ from conftest import (
 from fleetnodes import base_env, modeldepot
 from modeldepot import Depot, ReadOnlyStoreError
 from modeldepot.cli import cli
-from modeldepot.errors import CorruptBlobError, NotFoundError
+from modeldepot.errors import CorruptBlobError, NotFoundError, RepoNotFoundError
 from test_load import BIAS as ONNX_BIAS
 from test_load import REPO as ONNX_REPO
 from test_load import WEIGHT as ONNX_WEIGHT
@@ -297,6 +297,39 @@ def test_a_read_only_view_of_a_store_written_elsewhere_follows_it(tmp_path: Path
             assert len(reader.list_repos()) == 33  # (while the writer has it open)
         assert len(reader.list_repos()) == 33
         assert bytes(reader.get_file("acme/more-29", "config.json")) == b'{"model_type": "test"}'
+
+
+def test_a_read_only_view_follows_a_writer_that_came_and_went_between_two_looks(
+    tmp_path: Path, read_only: Mount
+) -> None:
+    """An admin's one CLI command on a store a node (or a long-lived process) reads read-only: the writer
+    made the index's shared-memory file and removed it as it closed, before the reader looked again, and the
+    reader's immutable connections kept the old pages for good: a moved branch was served at its old commit
+    on one thread and its new one on another, and a repo removed and collected read as corrupt (a trial)."""
+    home = made_store(tmp_path)
+    with Depot(read_only(home)) as reader:
+        node = LiveNode(reader)
+        try:
+            before = json.loads(urllib.request.urlopen(f"{node.url}/api/models/acme/st", timeout=10).read())
+            assert bytes(reader.get_file("acme/st", "config.json")) == b'{"model_type": "test"}'
+            moved = tmp_path / "moved"
+            moved.mkdir()
+            (moved / "config.json").write_bytes(b'{"model_type": "moved"}')
+            with Depot(home, chunk_size=SMALL_CHUNK) as writer:
+                commit = writer.import_dir(moved, "acme/st").commit_id
+            assert not Path(f"{home}/index.db-shm").exists()  # (the writer came and went)
+            assert reader.resolve("acme/st") == commit != before["sha"]
+            assert bytes(reader.get_file("acme/st", "config.json")) == b'{"model_type": "moved"}'
+            for _ in range(8):  # (the node's worker threads, each with its own connection)
+                info = json.loads(urllib.request.urlopen(f"{node.url}/api/models/acme/st", timeout=10).read())
+                assert info["sha"] == commit
+            with Depot(home) as writer:
+                writer.remove("acme/st")
+                writer.gc()
+            with pytest.raises(RepoNotFoundError):
+                reader.get_file("acme/st", "config.json")
+        finally:
+            node.stop()
 
 
 def test_a_node_on_a_read_only_view_lists_what_the_writer_adds(tmp_path: Path, read_only: Mount) -> None:

@@ -327,6 +327,22 @@ def read_only_uri(path: Path, writer_elsewhere: bool) -> str:
     return f"file:{quoted}?mode=ro" if writer_elsewhere else f"file:{quoted}?mode=ro&immutable=1"
 
 
+def immutable_key(path: Path) -> tuple[int, int, int] | None:
+    """(A read-only mount.) What an immutable connection to the index at ``path`` may be kept for: the
+    file's identity, size and time as it is opened; None when a writer has the index open (its shared-memory
+    file is there: connections are not immutable then). A writer that came and went between two looks (a
+    CLI import that ended: it removed its -shm file as it closed) changed the file: its identity, size or
+    time tells so, and the connection is made again (it kept the old pages for good: a node on another
+    user's store served two commits of one branch in turn)."""
+    if os.path.exists(f"{path}-shm"):
+        return None
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_ino, found.st_size, found.st_mtime_ns
+
+
 class ChangeCounter:
     """Whether anyone (any connection, any process) committed to the index since the last look, for a
     cheap poll: ``PRAGMA data_version`` on a connection of its own that never writes. Its value changes
@@ -339,17 +355,17 @@ class ChangeCounter:
         # (A read-only mount with no writer at the start: the connection is immutable, and its version never
         # moves. Made again once a writer appears, as the index's are; the versions of each connection count
         # apart, so they are told apart by how many connections came before: a value never comes back.)
-        self._immutable = False
+        self._immutable: tuple[int, int, int] | None = None  # (immutable_key, as the connection was made)
         self._connections = 0
         self._connect()
 
     def _connect(self) -> None:
         try:
             if self.read_only:
-                writer = os.path.exists(f"{self.path}-shm")
-                uri = read_only_uri(self.path, writer)
+                key = immutable_key(self.path)
+                uri = read_only_uri(self.path, key is None)
                 con = sqlite3.connect(uri, uri=True, check_same_thread=False)
-                self._immutable = not writer
+                self._immutable = key
             else:
                 con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
             con.execute("PRAGMA query_only=ON")
@@ -363,8 +379,8 @@ class ChangeCounter:
     def value(self) -> int:
         if self._con is None:
             raise ValueError("the change counter is closed")
-        if self._immutable and os.path.exists(f"{self.path}-shm"):
-            self._connect()  # a writer appeared: what it commits is read from now on
+        if self._immutable is not None and immutable_key(self.path) != self._immutable:
+            self._connect()  # a writer appeared, or came and went: what it committed is read from now on
         try:
             with INDEX_GATE:
                 version = int(self._con.execute("PRAGMA data_version").fetchone()[0])
@@ -405,20 +421,18 @@ class Index:
     def connection(self) -> sqlite3.Connection:
         pid = os.getpid()
         con: sqlite3.Connection | None = getattr(self._local, "con", None)
-        if (
-            con is not None
-            and self.read_only
-            and getattr(self._local, "immutable", False)
-            and self._writer_elsewhere()
-        ):
-            con.close()  # (a writer appeared where the store is writable: read what it writes, as it does)
+        immutable = getattr(self._local, "immutable", None)
+        if con is not None and immutable is not None and immutable_key(self.path) != immutable:
+            # (a writer appeared where the store is writable, or came and went: read what it wrote)
+            con.close()
             con = None
         if con is None or getattr(self._local, "pid", None) != pid:
             # A connection inherited across fork() is never used, not even to close it.
+            key = immutable_key(self.path) if self.read_only else None  # (before: a change after is seen)
             con = self._connect()
             self._local.con = con
             self._local.pid = pid
-            self._local.immutable = self.read_only and not self._writer_elsewhere()
+            self._local.immutable = key
         return con
 
     def _connect(self) -> sqlite3.Connection:
