@@ -657,3 +657,36 @@ def test_a_mirror_lists_the_refs_of_a_repo_it_has_not_pulled_in_the_upstreams_sp
             mirror.stop()
             node.stop()
             mirror.depot.close()
+
+
+def test_a_repo_the_upstream_made_private_is_no_longer_served_to_anyone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirror without a token of its own hides what is private upstream, but a repo it mirrored while
+    public went on being served to anyone after the upstream made it private, its new commits too, listed
+    as "private": false (a trial): the store's flag (public) won over the upstream's."""
+    monkeypatch.setenv("MODELDEPOT_MIRROR_TTL", "0")  # (the upstream is asked again at once)
+    monkeypatch.setenv("MODELDEPOT_TOKEN", "upstream-token")  # (what the mirror sends its upstream)
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        node = LiveNode(upstream_depot, token="upstream-token")
+        mirror = mirror_node(tmp_path, node.url, monkeypatch)
+        try:
+            answer = requests.get(f"{mirror.url}/{REPO}/resolve/main/config.json", timeout=30)
+            assert answer.status_code == 200 and answer.content == FILES["config.json"]
+            public_commit = answer.headers["X-Repo-Commit"]
+            changed = write_model_dir(tmp_path / "secret", {**FILES, "config.json": b'{"secret": 1}'})
+            upstream_depot.import_dir(changed, REPO, private=True)
+            for path in (
+                f"/{REPO}/resolve/main/config.json",
+                f"/api/models/{REPO}",
+                f"/{REPO}/resolve/main/{BIG}",
+                f"/{REPO}/resolve/{public_commit}/config.json",  # (held: it cannot move, the store answers)
+                f"/api/models/{REPO}/revision/{public_commit}",
+            ):
+                answer = requests.get(mirror.url + path, timeout=30)
+                assert answer.status_code == 404, (path, answer.status_code, answer.content[:200])
+            assert mirror.depot.repo_info(REPO).private  # (and stays so: kept behind a token from now on)
+        finally:
+            mirror.stop()
+            node.stop()

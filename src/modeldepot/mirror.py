@@ -216,6 +216,12 @@ class Mirror:
         try:
             loop = asyncio.get_running_loop()
             manifest = await loop.run_in_executor(self._scan_threads, self.depot.manifest_for, *key)
+            if (manifest.private or manifest.gated) and await asyncio.to_thread(
+                self.depot.store.hide_repo, manifest.repo_id
+            ):  # (what the store holds of it answers commit ids and listings: behind the token now, too)
+                log.warning(
+                    "%s is private upstream now: this node serves it with its token alone", manifest.repo_id
+                )
             self._manifests[key] = (time.monotonic(), manifest)
             return manifest
         finally:

@@ -413,9 +413,11 @@ def current_manifest(store: Store, repo_id: str) -> Manifest:
         return seen[key]
 
     manifest = _held_in_part(store, lost_since(store, manifest_from_record(record, running, kept)))
-    with contextlib.suppress(NotFoundError):  # (held: the store's flag is the repo's, not the scan's)
-        # A pull into a private repo saved the upstream's "public", and its manifest was served to anyone.
-        manifest = dataclasses.replace(manifest, private=store.repo_private(manifest.repo_id))
+    with contextlib.suppress(NotFoundError):  # (held: private when the store or the upstream says so)
+        # A pull into a private repo saved the upstream's "public", and its manifest was served to anyone;
+        # and a repo the upstream made private after a pull stayed public on a mirror, new commits and all.
+        private = store.repo_private(manifest.repo_id) or manifest.private
+        manifest = dataclasses.replace(manifest, private=private)
     if not manifest.other:
         return manifest
     # Files in no variant come with a pull of the whole repo: what of them is here, and kept for a resume

@@ -43,7 +43,13 @@ from modeldepot.server.listing import (
     models_page,
     safetensors_info,
 )
-from modeldepot.server.mirror_routes import MIRROR, mirror_resolve, mirror_revision
+from modeldepot.server.mirror_routes import (
+    MIRROR,
+    PrivateUpstream,
+    check_public,
+    mirror_resolve,
+    mirror_revision,
+)
 from modeldepot.server.ranges import RangeNotSatisfiable
 from modeldepot.server.responses import error_response, json_response, send_blob
 from modeldepot.server.views import (
@@ -153,6 +159,8 @@ async def _revision_view(request: web.Request, repo_id: str, revision: str) -> R
     if first:
         try:
             return await mirror_revision(request, repo_id, revision, held)
+        except PrivateUpstream:
+            raise  # (the store must not answer in its place)
         except (UpstreamError, NotFoundError) as error:
             upstream_error = error  # the store may still hold it
     try:
@@ -399,6 +407,8 @@ async def list_refs(request: web.Request) -> web.Response:
     if first:
         try:
             refs[DEFAULT_BRANCH] = (await mirror_revision(request, repo_id, DEFAULT_BRANCH, held)).commit_id
+        except PrivateUpstream:
+            raise
         except (UpstreamError, NotFoundError):
             if not refs:
                 raise
@@ -435,7 +445,10 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
     if first:
         try:
             manifest, _ = await request.app[MIRROR].remote_file(repo_id, revision, path, held)
-        except EntryNotFoundError:
+            check_public(
+                request, manifest
+            )  # (the store holds it: it must not answer what the upstream hides)
+        except (EntryNotFoundError, PrivateUpstream):
             # The upstream answered: its commit for the revision has no such file (removed there). The store's
             # older commit must not answer: a client would mix two commits (its refs/main moved back).
             raise

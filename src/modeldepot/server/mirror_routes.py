@@ -29,16 +29,22 @@ from modeldepot.server.responses import CountedResponse
 from modeldepot.server.views import RevisionView, file_headers, to_its_commit, wanted_range, whole_headers
 from modeldepot.store import FileEntry
 
-__all__ = ["MIRROR", "mirror_resolve", "mirror_revision"]
+__all__ = ["MIRROR", "PrivateUpstream", "check_public", "mirror_resolve", "mirror_revision"]
 
 MIRROR = web.AppKey("mirror", Mirror)
 
 log = logging.getLogger(__name__)
 
 
-def _check_public(request: web.Request, manifest: Manifest) -> None:
+class PrivateUpstream(RepoNotFoundError):
+    """The upstream says the repo is private or gated, and the request may not see it: what the store holds
+    of it must not answer in its place (a repo made private upstream was served from the store to anyone)."""
+
+
+def check_public(request: web.Request, manifest: Manifest) -> None:
+    """PrivateUpstream (a 404, as for a repo not there) when the upstream's repo is hidden to ``request``."""
     if (manifest.private or manifest.gated) and not is_authorized(request):
-        raise RepoNotFoundError(manifest.repo_id)
+        raise PrivateUpstream(manifest.repo_id)
 
 
 def _entry(manifest: Manifest, remote: RemoteFile) -> FileEntry:
@@ -91,7 +97,7 @@ async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path
     its first bytes (or a few seconds passed). A HEAD, or a range past the end, pulls nothing."""
     mirror, since = request.app[MIRROR], request.get(ARRIVED, time.monotonic())
     manifest, remote = await mirror.remote_file(repo_id, revision, path)
-    _check_public(request, manifest)
+    check_public(request, manifest)
     entry = _entry(manifest, remote)
     headers = file_headers(entry)
     if entry.lfs and (pinned := to_its_commit(request, entry.commit_id, headers)) is not None:
@@ -124,7 +130,7 @@ async def mirror_revision(
     """An upstream revision (its scan), described as a stored one is. ``held``: the store can answer instead
     (the scan is waited for briefly: see :meth:`Mirror.manifest`)."""
     manifest = await request.app[MIRROR].manifest(repo_id, revision, held)
-    _check_public(request, manifest)
+    check_public(request, manifest)
     card = upstream_card(manifest.pipeline_tag, manifest.library_name, manifest.tags)
     return RevisionView(
         repo_id=manifest.repo_id,  # (the upstream's spelling: the Hub's id, whatever case it was asked in)

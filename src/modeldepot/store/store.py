@@ -728,6 +728,18 @@ class Store:
             raise RepoNotFoundError(repo_id)
         return bool(rows[0]["private"])
 
+    def hide_repo(self, repo_id: str) -> bool:
+        """Make a held repo private (its upstream made it so: a mirror must not go on serving it to anyone);
+        whether it was public. Nothing when the store does not hold it."""
+        validate_repo_id(repo_id)
+        with self.index.write(f"making {repo_id} private") as con:
+            return (
+                con.execute(
+                    "UPDATE repos SET private = 1 WHERE repo_id = ? AND private = 0", (repo_id,)
+                ).rowcount
+                > 0
+            )
+
     def repo_summary(self, repo_id: str) -> RepoSummary:
         """One repo's refs, counts and its newest revision's size, without listing every file."""
         validate_repo_id(repo_id)
