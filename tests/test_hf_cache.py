@@ -241,6 +241,43 @@ def test_an_adopted_commit_the_cache_holds_in_part_is_known_as_partial(
         node.stop()
 
 
+def test_a_commit_adopted_without_its_listing_is_not_taken_for_the_whole_of_it(
+    tmp_path: Path, source: tuple[Depot, LiveNode], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache filled file by file (hf_hub_download, transformers' way) has no trees/<commit>.json: what it
+    holds of a commit was taken for the whole commit. A pull of that commit by its id fetched nothing and
+    said its weights were not in it; a mirror over the store listed the commit as the cached files, and
+    answered a file of it with a 404 that made the client record it as absent (.no_exist) (a trial)."""
+    from huggingface_hub import HfApi
+
+    origin, node = source
+    commit = origin.resolve(SAMPLE)
+    cache = tmp_path / "hf" / "hub"
+    hf_hub_download(SAMPLE, "config.json", endpoint=node.url, cache_dir=cache)
+    assert not (cache / FOLDER / "trees").exists()
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        assert depot.hf_cache_import(cache_dir=cache).ok
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", node.url)
+    with Depot(tmp_path / "store") as depot:
+        mirror = LiveNode(Depot(tmp_path / "store"), mirror=True, owns_depot=True)
+        try:
+            listed = {
+                f.path
+                for f in HfApi(endpoint=mirror.url).list_repo_tree(SAMPLE, revision=commit, recursive=True)
+            }
+            assert listed >= set(sample_files()), listed
+            client = tmp_path / "client"
+            found = hf_hub_download(
+                SAMPLE, "tokenizer.json", revision=commit, endpoint=mirror.url, cache_dir=client
+            )
+            assert Path(found).read_bytes() == sample_files()["tokenizer.json"]
+        finally:
+            mirror.stop()
+        entry = depot.download_file(SAMPLE, "model.safetensors", revision=commit)
+        assert bytes(depot.get_file(SAMPLE, entry.path, commit)) == sample_files()["model.safetensors"]
+
+
 def test_removing_an_adopted_repo_says_what_stays_linked_from_the_cache(depot: Depot, hf_cache: Path) -> None:
     """rm of an adopted repo said its bytes were freed while the cache's hard links kept every one on disk."""
     assert depot.hf_cache_import(cache_dir=hf_cache).ok

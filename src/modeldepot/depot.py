@@ -38,6 +38,7 @@ from modeldepot.errors import (
 )
 from modeldepot.held import HeldModels
 from modeldepot.hub.manifest import (
+    IMPORTED_ENDPOINT,
     CommitListings,
     Manifest,
     current_manifest,
@@ -749,11 +750,27 @@ class Depot:
             saved = self.get_manifest(repo_id)
         except NotFoundError:
             saved = None
-        if saved is not None and (
-            saved.commit_id == revision or (self.config.offline and saved.revision == revision)
+        if (
+            saved is not None
+            and (saved.commit_id == revision or (self.config.offline and saved.revision == revision))
+            and (self.config.offline or not self._held_in_part(saved))
         ):
             return saved
         return self.scan_repo(repo_id, revision)
+
+    def _held_in_part(self, manifest: Manifest) -> bool:
+        """Whether ``manifest`` is what the store holds of an upstream's commit, not known to be the whole of
+        it: a commit adopted from a Hugging Face cache without its listing (a cache filled by hf_hub_download,
+        transformers' way, holds the files that were asked for). A pull of that commit by its id fetched
+        nothing, and said a file of it was not in it."""
+        if manifest.endpoint != IMPORTED_ENDPOINT:
+            return False
+        from modeldepot.hfcache.cache import ORIGIN as HF_CACHE_ORIGIN
+
+        try:
+            return self.store.repo_summary(manifest.repo_id).origin == HF_CACHE_ORIGIN
+        except NotFoundError:
+            return False
 
     @staticmethod
     def _branch(revision: str) -> str | None:

@@ -30,6 +30,7 @@ from modeldepot.errors import (
     UpstreamError,
 )
 from modeldepot.gitobjects import TreeEntry, lfs_pointer, tree_oids
+from modeldepot.hfcache.cache import ORIGIN as HF_CACHE_ORIGIN
 from modeldepot.server.commit_cache import COMMITS, CommitCache
 from modeldepot.server.context import DEPOT, is_authorized, path_matches, path_repo, request_url
 from modeldepot.server.listing import (
@@ -143,11 +144,13 @@ async def _upstream_first(request: web.Request, repo_id: str, revision: str) -> 
     if summary is None:
         return True, False
     if (
-        is_commit_id(revision)
+        (is_commit_id(revision) and summary.origin != HF_CACHE_ORIGIN)
         or summary.origin == "import"
         or (summary.private and not is_authorized(request))
     ):
         return False, True  # (a commit the store lacks is a miss, answered from upstream when mirrorable)
+    # (a commit adopted from a Hugging Face cache may be held in part, its whole listing unknown here: the
+    # store listed what the cache held, and a client kept that listing, and `.no_exist` for the rest)
     return True, True
 
 
