@@ -216,13 +216,22 @@ def test_preloaded_and_loaded_models_and_pulls_in_progress_are_in_use(store: Dep
     pull_mark.enter_context(store.store.partials.pulling("acme/pulling"))
     status = store.budget_status()
     assert status.in_use_bytes >= 3 * MB and status.pinned_bytes == 0
-    with pytest.raises(BudgetExceededError):
+    held = store.preloader.get("acme/preloaded")  # (a preload a caller holds does not give way)
+    with pytest.raises(BudgetExceededError) as refused:
         store.import_dir(model(tmp_path, "acme/new"), "acme/new")
+    assert "pinned or in use (engines this process loaded)" in str(refused.value)
     assert repos(store) == {"acme/loaded", "acme/preloaded", "acme/pulling"}
+    held.release()
+
+    # A preload nothing holds gives way when room cannot be made otherwise (a node's preloads refused its own
+    # pulls for as long as it ran: a trial); the engine stays
+    store.import_dir(model(tmp_path, "acme/new"), "acme/new")
+    assert repos(store) == {"acme/loaded", "acme/pulling", "acme/new"}
+    assert store.preloader.revisions() == set()
 
     store.engines.clear()  # the engine is unloaded: its model may go
-    store.import_dir(model(tmp_path, "acme/new"), "acme/new")
-    assert repos(store) == {"acme/preloaded", "acme/pulling", "acme/new"}
+    store.import_dir(model(tmp_path, "acme/newer"), "acme/newer")
+    assert repos(store) == {"acme/pulling", "acme/new", "acme/newer"}
     pull_mark.close()  # the pull is killed: its row still says downloading, and keeps nothing (a chaos
     # trial: a tight budget refused writes for the ten minutes the row stayed fresh)
     budget = store.store.budget
@@ -801,8 +810,11 @@ def test_a_preloaded_quant_stays_while_its_revisions_other_quant_goes(store: Dep
     assert evicted[0].to_dict()["variant"] == "Q4_K_M"  # (as `gc --json` and the control API show it)
     assert held_paths(store, "acme/q") == {"config.json", "model-Q8_0.gguf"}
     assert {"model-Q8_0.gguf"} <= next(iter(store.preloader.paths().values()))
-    with pytest.raises(BudgetExceededError):  # Q8 is in use, and b is all that may go besides
-        store.store.budget.make_room(int(2.6 * MB), "test")
+    with store.preloader.get("acme/q", quant="Q8_0"), pytest.raises(BudgetExceededError):
+        store.store.budget.make_room(int(2.6 * MB), "test")  # Q8 is held, and b is all that may go besides
+    # Not held, the preload gives way when nothing else can make the room (the RAM tier is no pin)
+    evicted = store.store.budget.make_room(int(2.6 * MB), "test")
+    assert {(e.repo_id, e.variant) for e in evicted} >= {("acme/b", None)} and not store.preloader.revisions()
 
 
 @pytest.fixture

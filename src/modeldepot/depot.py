@@ -282,6 +282,7 @@ class Depot:
         # What this process holds in memory of the store: kept from eviction, let go of once removed.
         self._held = HeldModels(self.store, lambda: self._preloader, lambda: self._engines, self.tiers.shared)
         self.store.budget.add_in_use(self._held.in_use)
+        self.store.budget.add_gives_way(lambda: self._preloader is not None and self._preloader.give_way())
         self.store.budget.evict_by_variant(
             variants_own_files,
             self._held.paths_in_use,

@@ -499,6 +499,18 @@ class Preloader:
             self._drop(model)
             return True
 
+    def give_way(self) -> bool:
+        """Drop the least recently used model that nothing holds and that is not pinned, for the disk budget
+        (its revision may be evicted then: the RAM tier is a cache of the disk, not a pin); whether one went."""
+        with self._lock:
+            victim = next((m for m in self._models.values() if m.holders == 0 and not m.pinned), None)
+            if victim is None:
+                return False
+            log.info("letting go of the preload of %s (%s) for room on disk", victim.key[0],
+                     victim.key[2] or "all files")  # fmt: skip
+            self._drop(victim)
+            return True
+
     def revisions(self) -> set[tuple[str, str]]:
         """(repo, commit) of every model in RAM now."""
         with self._lock:

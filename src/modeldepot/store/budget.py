@@ -139,6 +139,7 @@ class DiskBudget:
         self.store = store
         self.process_max_bytes = None if max_size is None else parse_max_size(max_size, store.home)
         self._hooks: list[InUse] = []
+        self._give_way: list[Callable[[], bool]] = []
         self.order = EvictionOrder(store)
         self._paths_in_use: PathsInUse | None = None
         self._evicted_hooks: list[Callable[[str], None]] = []
@@ -199,6 +200,12 @@ class DiskBudget:
     def add_in_use(self, hook: InUse) -> None:
         """Never evict what ``hook()`` names (asked at each eviction round)."""
         self._hooks.append(hook)
+
+    def add_gives_way(self, hook: Callable[[], bool]) -> None:
+        """When room cannot be made, ``hook()`` lets go of one thing it keeps in use, and says whether it did
+        (the RAM tier drops its least recently used preload, whose revision may go then): a model preloaded on
+        a node kept its disk for as long as the node ran, and the node's own pulls were refused (a trial)."""
+        self._give_way.append(hook)
 
     def evict_by_variant(self, variants: Variants, paths_in_use: PathsInUse,
                          before_removal: Callable[[str, str], None] | None = None) -> None:  # fmt: skip
@@ -440,7 +447,12 @@ class DiskBudget:
                 except OSError as error:  # (bookkeeping for a budget not set: never a reason to fail a write)
                     log.debug("no reservation of %d bytes for %s: %s", needed, writer.repo_id, error)
             return []
-        return self._evict_to(budget - needed, needed, doing, writer)
+        while True:
+            try:
+                return self._evict_to(budget - needed, needed, doing, writer)
+            except BudgetExceededError:
+                if not any(hook() for hook in self._give_way):  # (one thing at a time, then a new round)
+                    raise
 
     def shrink(self, max_bytes: int | None = None) -> list[Eviction]:
         """Evict the least recently used revisions and variants until the store is within ``max_bytes``
@@ -477,7 +489,7 @@ class DiskBudget:
         if kept_bytes + needed > budget:
             raise BudgetExceededError(
                 f"{doing}: {_size(needed)} more does not fit in the disk budget of {_size(budget)}, even after "
-                f"evicting every model that may go: {_size(kept_bytes)} are pinned, in use"
+                f"evicting every model that may go: {_size(kept_bytes)} are pinned or in use (engines this process loaded)"
                 + (f" or of {writer.repo_id} itself" if writer is not None and writer.commit_id is None else "")
                 + self._writes_under_way()
                 + f" (pinned: {_size(self.status().pinned_bytes)}); nothing was removed. Raise the budget "
