@@ -303,6 +303,52 @@ def test_accesses_are_counted_persisted_and_drive_auto_preload(home: Path, tmp_p
         preloader.close()
 
 
+def test_auto_preload_keeps_the_most_used_that_fit_together_and_skips_what_left(
+    home: Path, tmp_path: Path
+) -> None:
+    """`--preload-top 3` under a budget for two preloaded the most used first, and each preload evicted the
+    least recently preloaded: the most used went. And the uses of removed repos (never forgotten) took the
+    places of the models there: four times N of them, and nothing was preloaded (a trial)."""
+    with Depot(home) as depot:
+        for seed, name in enumerate(("gone1", "gone2", "gone3", "gone4", "gone5", "m1", "m2", "m3")):
+            add_repo(depot, tmp_path, name, seed, size=MiB)
+        for name, uses in (("gone1", 30), ("gone2", 30), ("gone3", 30), ("gone4", 30), ("gone5", 30),
+                           ("m1", 20), ("m2", 10), ("m3", 5)):  # fmt: skip
+            for _ in range(uses):
+                depot.get_file(f"acme/{name}", "config.json")
+        for name in ("gone1", "gone2", "gone3", "gone4", "gone5"):
+            depot.remove(f"acme/{name}")
+        preloader = Preloader(depot, budget=int(2.5 * MiB))
+        try:
+            done = preloader.auto_preload(3)
+            assert [i.repo_id for i in done] == ["acme/m1", "acme/m2"]
+            assert {key[0] for key in preloader.revisions()} == {"acme/m1", "acme/m2"}
+            assert [m.repo_id for m in preloader.stats().most_accessed][:2] == ["acme/m1", "acme/m2"]
+        finally:
+            preloader.close()
+
+
+def test_a_quant_read_through_the_file_api_is_the_one_auto_preload_takes(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """Reads of one quant's file (file_path, map_file: how llama.cpp users read it) counted a use of the
+    whole repo: `--preload-top` took every quant, which did not fit, and preloaded nothing (a trial)."""
+    files = {
+        "config.json": b"{}",
+        **{f"tiny-{q}.gguf": os.urandom(MiB) for q in ("Q4_K_M", "Q5_K_M", "Q8_0")},
+    }
+    depot.import_dir(write_model_dir(tmp_path / "g", files), "acme/tiny-GGUF")
+    for _ in range(3):
+        depot.file_path("acme/tiny-GGUF", "tiny-Q4_K_M.gguf")
+        with depot.map_file("acme/tiny-GGUF", "tiny-Q4_K_M.gguf"):
+            pass
+    preloader = Preloader(depot, budget=int(1.5 * MiB))
+    try:
+        assert [(i.repo_id, i.variant) for i in preloader.auto_preload(1)] == [("acme/tiny-GGUF", "Q4_K_M")]
+    finally:
+        preloader.close()
+
+
 def test_variants_and_bad_names(depot: Depot, tmp_path: Path) -> None:
     files = {"onnx/model.onnx": b"x" * 1000, "onnx/model_q4.onnx": b"y" * 500, "config.json": b"{}"}
     depot.import_dir(write_model_dir(tmp_path / "v", files), "acme/v")

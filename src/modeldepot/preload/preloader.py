@@ -369,16 +369,34 @@ class Preloader:
         return self._pool.submit(self.auto_preload, top_n)
 
     def auto_preload(self, top_n: int) -> list[PreloadInfo]:
-        """Preload the ``top_n`` most used models (by recorded accesses) that fit the budget, the most
-        used first; models no longer in the store are skipped."""
-        done: list[PreloadInfo] = []
-        for access in self.store.access.top(max(top_n * 4, top_n)):
-            if len(done) >= top_n:
+        """Preload the ``top_n`` most used models (by recorded accesses) that fit the budget together, the
+        most used first; models no longer in the store, and those that do not fit beside the more used ones,
+        are skipped. (Preloaded in turn, most used first, each evicted the least recently preloaded: with
+        room for two of three, the most used went, a trial.) Returns them, most used first."""
+        chosen: list[tuple[str, str | None]] = []
+        room = self.budget
+        for access in self.store.access.top(top_n * 4 + 20, in_store=True):
+            if len(chosen) >= top_n:
                 break
+            quant = access.variant or None
             try:
-                done.append(self.preload(access.repo_id, access.variant or None))
-            except (NotFoundError, InvalidInputError) as error:
+                _, entries, _ = self._resolve(access.repo_id, quant, "main")
+            except NotFoundError as error:  # (a variant removed, a repo without main)
                 log.info("not preloading %s: %s", access.repo_id, error)
+                continue
+            size = self._footprint(entries)
+            if size > room:
+                log.info("not preloading %s (%s): %d bytes do not fit in the preload budget beside the %d more "
+                         "used models", access.repo_id, quant or "all files", size, len(chosen))  # fmt: skip
+                continue
+            room -= size
+            chosen.append((access.repo_id, quant))
+        done: list[PreloadInfo] = []
+        for repo_id, quant in reversed(chosen):  # (the least used first: should one evict, it is theirs)
+            try:
+                done.insert(0, self.preload(repo_id, quant))
+            except (NotFoundError, InvalidInputError) as error:  # (removed meanwhile)
+                log.info("not preloading %s: %s", repo_id, error)
         return done
 
     # -- using ------------------------------------------------------------------------------------------
@@ -627,7 +645,7 @@ class Preloader:
                 avg_load_seconds_preloaded=sum(warm) / len(warm) if warm else None,
                 avg_load_seconds_cold=sum(cold) / len(cold) if cold else None,
                 preloaded=infos,
-                most_accessed=tuple(self.store.access.top(5)),
+                most_accessed=tuple(self.store.access.top(5, in_store=True)),
             )
 
 

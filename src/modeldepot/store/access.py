@@ -151,13 +151,18 @@ class AccessLog:
         rows = self.index.read("SELECT repo_id, MAX(last_access) AS last FROM access GROUP BY repo_id")
         return {r["repo_id"]: r["last"] for r in rows}
 
-    def top(self, limit: int = 10, public_only: bool = False) -> list[ModelAccess]:
+    def top(self, limit: int = 10, public_only: bool = False, in_store: bool = False) -> list[ModelAccess]:
         """The most used models first (ties: the most recent first), counts not yet written included.
 
         ``public_only``: only repos in the store that are not private (not one since removed, which may
-        have been private)."""
+        have been private); ``in_store``: only repos in the store (uses outlive a repo: a removed one, used
+        the most, named "the most used" and took the places of the models there)."""
         self.flush()
-        visible = "AND repo_id IN (SELECT repo_id FROM repos WHERE private = 0)" if public_only else ""
+        visible = (
+            "AND repo_id IN (SELECT repo_id FROM repos WHERE private = 0)"
+            if public_only
+            else ("AND repo_id IN (SELECT repo_id FROM repos)" if in_store else "")
+        )
         rows = self.index.read(
             f"SELECT repo_id, variant, count, last_access FROM access WHERE count > 0 {visible} "
             "ORDER BY count DESC, last_access DESC LIMIT ?",
