@@ -170,6 +170,36 @@ def test_verify_finds_flipped_truncated_and_missing_blobs(depot: Depot, model_di
     assert store_files_consistent(depot) == []
 
 
+def test_gc_deletes_nothing_on_a_damaged_index_and_says_how_to_get_out(home: Path, model_dir: Path) -> None:
+    """One flipped bit of the index (the cell count of the blobs table's page: SQLite reads the page without
+    a word) and gc took 4 of 7 good blobs for orphans, and said all went well (a trial)."""
+    from click.testing import CliRunner
+
+    from modeldepot.cli import cli
+    from modeldepot.errors import IndexDamagedError
+
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(model_dir, REPO)
+    blobs = sorted(p for p in (home / "blobs").rglob("*") if p.is_file())
+    con = sqlite3.connect(home / "index.db")
+    root, page_size = (con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'blobs'").fetchone()[0],
+                       con.execute("PRAGMA page_size").fetchone()[0])  # fmt: skip
+    con.close()
+    with (home / "index.db").open("r+b") as index:  # (the low byte of the page's cell count)
+        index.seek((root - 1) * page_size + 4)
+        count = index.read(1)[0]
+        index.seek(-1, os.SEEK_CUR)
+        index.write(bytes([count ^ 0x04]))
+    with Depot(home) as depot, pytest.raises(IndexDamagedError, match="deleted nothing") as refused:
+        depot.gc()
+    assert ".recover" in str(refused.value) and "modeldepot import" in str(refused.value)
+    done = CliRunner().invoke(cli, ["gc", "--home", str(home)])
+    assert done.exit_code != 0 and "failed SQLite's check" in done.output, done.output
+    assert sorted(p for p in (home / "blobs").rglob("*") if p.is_file()) == blobs
+    checked = CliRunner().invoke(cli, ["verify", "--home", str(home)])
+    assert checked.exit_code != 0 and ".recover" in checked.output, checked.output
+
+
 def test_truncated_blob_is_caught_on_open(depot: Depot, model_dir: Path) -> None:
     depot.import_dir(model_dir, REPO)
     entry = depot.file_info(REPO, "model.safetensors")

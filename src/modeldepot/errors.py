@@ -283,6 +283,11 @@ class StoreSchemaError(StoreError):
     """The index was written by a newer modeldepot than this one."""
 
 
+class IndexDamagedError(StoreError):
+    """The store's index failed SQLite's check: a pass that deletes what the index does not name (gc) would
+    take good files for garbage. Nothing was deleted."""
+
+
 class ReadOnlyStoreError(StoreError):
     """The store is read-only here (a read-only mount, or another user's files): it is read and served, never
     written."""

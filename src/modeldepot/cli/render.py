@@ -420,7 +420,7 @@ def render_verify(report: VerifyReport) -> None:
         for user in problem.files:
             err.print(f"    used by {user}")
     if not report.index_ok:
-        err.print("[red]the index failed SQLite's integrity check[/red]: restore index.db from a backup")
+        err.print(f"[red]the index failed SQLite's integrity check[/red]: {escape(report.index_advice)}")
     summary = f"checked {report.blobs_checked} blobs ({format_bytes(report.bytes_checked)}) in {report.seconds:.1f}s"
     if report.snapshots_repaired:
         summary += f", repaired {report.snapshots_repaired} snapshots"

@@ -125,6 +125,7 @@ class VerifyReport(_Record):
     snapshots_repaired: int
     seconds: float
     read_only: bool = False  # the store is: a corrupt blob stays in place, refused by each process
+    index_advice: str = ""  # how to get out of a damaged index (when not index_ok)
 
     @property
     def ok(self) -> bool:
