@@ -261,6 +261,31 @@ def test_a_corrupt_blob_is_refused_and_left_in_place(
     assert hashlib.sha256(blob.read_bytes()).hexdigest() != changed
 
 
+def test_a_corrupt_blob_repaired_where_the_store_is_writable_is_served_again(
+    tmp_path: Path, read_only: Mount
+) -> None:
+    """A node on a read-only view refused a blob it found corrupt for as long as it ran, after the owner
+    repaired it as the log said (verify, then an import again): the refusal was of the content, not of the
+    placement found bad (a trial)."""
+    home = made_store(tmp_path)
+    with Depot(home) as depot:
+        sha256 = depot.file_info("acme/q", "model-Q8_0.gguf").sha256
+    blob = home / "blobs" / sha256[:2] / sha256
+    os.chmod(blob, 0o644)
+    with open(blob, "r+b") as handle:
+        handle.seek(1000)
+        handle.write(b"\0" * 64)
+    with Depot(read_only(home)) as reader:
+        with pytest.raises(CorruptBlobError):
+            reader.get_file("acme/q", "model-Q8_0.gguf")
+        with Depot(home) as owner:  # the repair, where the store is writable
+            assert not owner.verify().ok
+            owner.import_dir(tmp_path / "src" / "q", "acme/q")
+            assert owner.verify().ok
+        data = bytes(reader.get_file("acme/q", "model-Q8_0.gguf"))
+        assert hashlib.sha256(data).hexdigest() == sha256
+
+
 def test_a_store_copied_while_open_is_read_with_its_log_or_says_how_to_open_it(
     tmp_path: Path, read_only: Mount
 ) -> None:

@@ -165,7 +165,9 @@ class Store:
         self.partials = PartialFiles(self.layout, self.chunk_size, writeback=config.durability == "sync")
         self.store_id = self._setting_or_default("store_id", uuid.uuid4().hex)
         self.node_id = node_id_of(self.store_id, self.home)
-        self._refused: set[str] = set()  # (read-only) blobs found corrupt: never served, left in place
+        # (read-only) blobs found corrupt, by the placement found so: never served, left in place; a repair
+        # where the store is writable (verify, then an import or a pull) is a new placement, served again
+        self._refused: dict[str, float] = {}
         self._checked: dict[str, float] = {}  # (read-only) blob -> when this process found it good
         self.durability = Durability(self.index, self.blobs.path, self.check_blob, self.quarantine,
                                      deferred=config.durability == "deferred", read_only=self.read_only)  # fmt: skip
@@ -332,7 +334,9 @@ class Store:
     def _refuse_if_found_corrupt(self, sha256: str) -> None:
         """(A read-only store.) A blob this process found corrupt stays in place: it is never handed out."""
         if sha256 in self._refused:
-            raise CorruptBlobError(sha256, "found so before", kept_in_place=True)
+            if self.placement(sha256) == self._refused[sha256]:
+                raise CorruptBlobError(sha256, "found so before", kept_in_place=True)
+            del self._refused[sha256]  # (repaired where the store is writable: a node refused it until restarted)
 
     def check_if_changed(self, blob: BlobRecord | FileEntry) -> None:
         """Rehash a blob whose file was modified after it was published or last verified (its mtime is
@@ -562,10 +566,12 @@ class Store:
         the file went ("" when it was missing already). On a read-only store the blob stays where it is
         and this process refuses it ("" is returned)."""
         if self.read_only:
-            if not self.index.read("SELECT 1 FROM blobs WHERE sha256 = ?", (sha256,)):
+            rows = self.index.read("SELECT created_at FROM blobs WHERE sha256 = ?", (sha256,))
+            if not rows or (seen is not ANY_PLACEMENT and rows[0]["created_at"] != seen):
                 return None
-            if sha256 not in self._refused:
-                self._refused.add(sha256)
+            placement = float(rows[0]["created_at"])
+            if self._refused.get(sha256, -1.0) != placement:
+                self._refused[sha256] = placement
                 log.error("blob %s… is corrupt: the store is read-only, so it stays in place, and this process "
                           "does not serve it (repair the store where it is writable: modeldepot verify)", sha256[:16])  # fmt: skip
                 for hook in self._quarantine_hooks:
