@@ -429,3 +429,38 @@ def test_verify_that_lost_a_race_with_rm_and_an_import_leaves_the_new_blob_alone
     assert report.problems == (), report.problems
     assert bytes(depot.get_file("acme/y", "model.safetensors")) == files["model.safetensors"]
     assert depot.verify().ok and store_files_consistent(depot) == []
+
+
+def test_a_wait_for_the_store_lock_says_who_holds_it_and_that_it_is_suspended(
+    depot: Depot, model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gc suspended (Ctrl-Z) while it held the store's lock kept every import, rm and pull waiting for
+    ever, and none of them said a word (a trial)."""
+    import logging
+    import signal
+
+    from modeldepot.store import locks
+
+    monkeypatch.setattr(locks, "WAIT_SAID", 0.2)
+    depot.import_dir(model_dir, "acme/a")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(depot.store.lock.path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        os.kill(holder.pid, signal.SIGSTOP)
+        caplog.set_level(logging.WARNING, "modeldepot.store.locks")
+        collected: list[object] = []
+        waiting = threading.Thread(target=lambda: collected.append(depot.gc()))
+        waiting.start()
+        wait_until(lambda: f"kill -CONT {holder.pid}" in caplog.text, 10, "the wait to be said")
+        assert f"which process {holder.pid} holds and is suspended" in caplog.text and not collected
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.kill()
+        waiting.join(30)
+        assert collected, "the gc ran once the holder was gone"
+    finally:
+        holder.kill()
+        holder.communicate()

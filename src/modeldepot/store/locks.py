@@ -11,12 +11,19 @@ Always taken before an index transaction, never while one is open.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 __all__ = ["StoreLock", "flock_holder", "lock_is_held", "process_state"]
+
+log = logging.getLogger(__name__)
+
+# Seconds a wait for a lock another process holds goes on before it is said, and between two sayings
+WAIT_SAID, WAIT_SAID_AGAIN = 5.0, 60.0
 
 
 class StoreLock:
@@ -31,10 +38,38 @@ class StoreLock:
             return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o664)
         try:
-            fcntl.flock(fd, mode)
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._wait(fd, mode)
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the lock
+
+    def _wait(self, fd: int, mode: int) -> None:
+        """Block for the lock, saying who holds it once the wait is long (a gc suspended by Ctrl-Z held every
+        import, rm and pull waiting for ever, without a word: a trial)."""
+        done = threading.Event()
+
+        def say() -> None:
+            while not done.wait(WAIT_SAID if not said else WAIT_SAID_AGAIN):
+                pid = flock_holder(self.path)
+                who = "another process" if pid is None else f"process {pid}"
+                if pid is not None and process_state(pid) == "T":
+                    log.warning("waiting for the store's lock (%s), which %s holds and is suspended (Ctrl-Z or "
+                                "SIGSTOP): `kill -CONT %d` lets it go on", self.path.name, who, pid)  # fmt: skip
+                else:
+                    log.warning("waiting for the store's lock (%s), which %s holds (a gc, a removal or a write "
+                                "under way)", self.path.name, who)  # fmt: skip
+                said.append(True)
+
+        said: list[bool] = []
+        notice = threading.Thread(target=say, name="lock-wait-notice", daemon=True)
+        notice.start()
+        try:
+            fcntl.flock(fd, mode)
+        finally:
+            done.set()
 
     def shared(self) -> AbstractContextManager[None]:
         return self._hold(fcntl.LOCK_SH)

@@ -336,7 +336,9 @@ class Store:
         if sha256 in self._refused:
             if self.placement(sha256) == self._refused[sha256]:
                 raise CorruptBlobError(sha256, "found so before", kept_in_place=True)
-            del self._refused[sha256]  # (repaired where the store is writable: a node refused it until restarted)
+            del self._refused[
+                sha256
+            ]  # (repaired where the store is writable: a node refused it until restarted)
 
     def check_if_changed(self, blob: BlobRecord | FileEntry) -> None:
         """Rehash a blob whose file was modified after it was published or last verified (its mtime is
