@@ -96,3 +96,44 @@ def test_a_pull_cancelled_while_it_makes_room_leaks_its_reservation(
                 )
         finally:
             node.stop()
+
+
+def test_a_second_pull_of_the_same_revision_under_the_budget_shares_the_first_ones_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes pulling one revision make one transfer, but the budget's reservations counted its room
+    twice: under a budget for 1.5 of the revision, the second pull was refused, told to raise a budget
+    that fits (a trial: several workers loading one model at start)."""
+    import subprocess
+    import sys
+
+    from conftest import wait_until
+    from fleetnodes import base_env
+
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as hub:
+        hub.import_dir(model(tmp_path, "up/big", size=4 * MB), "up/big")
+        node = LiveNode(hub)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.delenv("MODELDEPOT_MAX_SIZE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)
+            home = tmp_path / "local"
+            with Depot(home, chunk_size=SMALL_CHUNK) as local:
+                local.set_max_size("6MiB")
+                reservations = home / "locks" / "reservations"
+                first = subprocess.Popen(
+                    [sys.executable, "-m", "modeldepot", "pull", "up/big", "--home", str(home), "--max-rate", "1MiB/s"],
+                    env=base_env(HF_ENDPOINT=node.url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                )  # fmt: skip
+                try:
+                    wait_until(lambda: reservations.exists() and any(reservations.iterdir()), 30,
+                               "the first pull's reservation")  # fmt: skip
+                    assert local.pull("up/big").commit_id == hub.resolve("up/big")
+                    _, err = first.communicate(timeout=60)
+                    assert first.returncode == 0, err
+                finally:
+                    first.kill()
+                    first.communicate()
+                assert local.verify().ok and repos(local) == {"up/big"}
+        finally:
+            node.stop()

@@ -499,10 +499,20 @@ class DiskBudget:
             )  # fmt: skip
 
     def _others_reserved(self, writer: BudgetWriter | None) -> int:
-        """The room other writers hold, in this process and in others, and have not filled yet."""
+        """The room other writers hold, in this process and in others, and have not filled yet; not the
+        room they hold for contents ``writer`` pulls too (pulls of the same contents share their downloads:
+        a second pull of a revision under a budget for 1.5 of it was refused, the room counted twice)."""
+        mine = writer.contents if writer is not None else {}
         with self._lock:
-            here = self._reserved - (writer.reserved if writer else 0)
-        return here + sum(held.amount for held in self.reservations.elsewhere())
+            if not mine:
+                here = self._reserved - (writer.reserved if writer else 0)
+            else:
+                here = sum(
+                    _beyond(other.reserved, other.contents, mine)
+                    for other in self._writers
+                    if other is not writer
+                )
+        return here + sum(_beyond(held.amount, held.contents, mine) for held in self.reservations.elsewhere())
 
     def _writes_under_way(self) -> str:
         """What other processes' writes under way hold, for a refusal ("" when none)."""
@@ -626,6 +636,13 @@ def _size(count: int) -> str:
     return f"{count} B"
 
 
+def _beyond(amount: int, contents: Mapping[str, int], mine: Mapping[str, int]) -> int:
+    """Of ``amount`` bytes held for ``contents``, those not for contents in ``mine`` too."""
+    if not mine or not contents:
+        return amount
+    return max(0, amount - sum(size for key, size in contents.items() if key in mine))
+
+
 class BudgetWriter:
     """One import or pull writing a repo under the budget (:meth:`DiskBudget.writing`)."""
 
@@ -636,6 +653,9 @@ class BudgetWriter:
         self.variants = frozenset(variants)  # the variants whose status rows it marks downloading
         self.reused: set[str] = set()  # blobs (SHA-256) it found in the store and relies on
         self.reserved = 0  # bytes it made room for
+        self.contents: dict[
+            str, int
+        ] = {}  # a pull's new contents (key -> size): pulls of them share downloads
         self.started = time.time()  # (what was used since is not evicted for it)
         self._reservation: Reservation | None = None  # its room, as other processes see it
 
@@ -643,7 +663,7 @@ class BudgetWriter:
         """Show other processes the room this writer holds (``amount`` bytes in all; 0: none)."""
         if self._reservation is None:
             if amount:
-                self._reservation = self.budget.reservations.hold(self.repo_id, amount)
+                self._reservation = self.budget.reservations.hold(self.repo_id, amount, self.contents)
         elif amount:
             self._reservation.set(amount)
         else:

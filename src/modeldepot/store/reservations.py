@@ -16,16 +16,20 @@ import fcntl
 import itertools
 import os
 import secrets
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from modeldepot.store.locks import StoreLock
 
 _FIELD = 20  # digits of a reservation's byte count (fixed: the file is rewritten in place)
+_MAX_BYTES = 1 << 22  # read of a reservation: its contents' lines (~90 bytes each) of a repo of 40,000 files
 
 
 class Reservation:
-    """One writer's room, held until :meth:`release` (or the process ends)."""
+    """One writer's room, held until :meth:`release` (or the process ends). The file's first line is the
+    amount and the repo; the lines after it, the contents the room is for (``key size``: a pull's, whose
+    downloads other pulls of the same contents share)."""
 
     def __init__(self, fd: int, path: Path, repo_id: str) -> None:
         self._fd, self.path, self.repo_id = fd, path, repo_id
@@ -57,8 +61,9 @@ class Reservations:
         """Held while a writer makes room and reserves it: one process at a time."""
         return self._admission.exclusive()
 
-    def hold(self, repo_id: str, amount: int) -> Reservation:
-        """Reserve ``amount`` bytes for a write of ``repo_id`` (from any thread)."""
+    def hold(self, repo_id: str, amount: int, contents: Mapping[str, int] | None = None) -> Reservation:
+        """Reserve ``amount`` bytes for a write of ``repo_id`` (from any thread): for ``contents`` (content key
+        -> size), when the write is a pull's."""
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"{self._prefix()}{next(self._names)}"
         staging = self.directory / f".{name}"
@@ -67,6 +72,9 @@ class Reservations:
             fcntl.flock(fd, fcntl.LOCK_EX)  # (held before it has its name: never seen unheld)
             reservation = Reservation(fd, self.directory / name, repo_id)
             reservation.set(amount)
+            if contents:
+                listed = "".join(f"{key} {size}\n" for key, size in contents.items()).encode()
+                os.pwrite(fd, listed, len(f"{amount:{_FIELD}d} {repo_id}\n".encode()))
             staging.rename(reservation.path)
         except BaseException:
             os.close(fd)
@@ -112,6 +120,7 @@ class Held:
     repo_id: str
     amount: int
     pid: int | None
+    contents: Mapping[str, int] = field(default_factory=dict)  # (a pull's: content key -> size)
 
 
 def _held(path: Path, name: str) -> Held | None:
@@ -124,10 +133,16 @@ def _held(path: Path, name: str) -> Held | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            amount, _, repo_id = os.pread(fd, 4096, 0).decode(errors="replace").strip().partition(" ")
+            first, *listed = os.pread(fd, _MAX_BYTES, 0).decode(errors="replace").splitlines()
+            amount, _, repo_id = first.strip().partition(" ")
             pid = name.lstrip(".").split("-", 1)[0]
+            contents = {}
+            for line in listed:
+                key, _, size = line.partition(" ")
+                if size.isascii() and size.isdigit():
+                    contents[key] = int(size)
             return Held(repo_id, int(amount) if amount.isascii() and amount.isdigit() else 0,
-                        int(pid) if pid.isascii() and pid.isdigit() else None)  # fmt: skip
+                        int(pid) if pid.isascii() and pid.isdigit() else None, contents)  # fmt: skip
         return None
     finally:
         os.close(fd)

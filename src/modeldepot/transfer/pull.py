@@ -217,6 +217,7 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
         PULLS.add_bytes("local", digest.size)
         tracker.path_sources[path] = {"local": digest.size}
     new_bytes = {f.sha256 or f.git_oid: f.size for f in missing}
+    writer.contents = new_bytes  # (another pull of them shares their downloads: its room is theirs too)
     with store.partials.pulling(manifest.repo_id):
         # Room for the new blobs before a byte is fetched (or a BudgetExceededError, nothing written).
         # (to its end: cancelled, the pull leaves its writer only once the room is made and so released)
