@@ -200,6 +200,36 @@ def test_gc_deletes_nothing_on_a_damaged_index_and_says_how_to_get_out(home: Pat
     assert checked.exit_code != 0 and ".recover" in checked.output, checked.output
 
 
+def test_files_another_user_wrote_into_the_store_are_named_and_gc_goes_past_them(
+    home: Path, model_dir: Path
+) -> None:
+    """A `sudo modeldepot pull` into one's own store left files of root's: `rm` failed halfway and gc at the
+    same file every time, never reaching the rest, and neither said whose the files were (a trial). As root
+    without its override of permissions, a folder of another user's is what root's is to a user."""
+    from conftest import WITHOUT_OVERRIDE
+    from fleetnodes import base_env
+
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(model_dir, REPO)
+        weights = depot.file_info(REPO, "model.safetensors").sha256
+    foreign = home / "blobs" / weights[:2]
+    for path in (foreign, *foreign.iterdir()):
+        os.chown(path, 12345, 12345)
+    env = base_env(PYTHONDONTWRITEBYTECODE="1")
+
+    def modeldepot(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*WITHOUT_OVERRIDE, sys.executable, "-m", "modeldepot", *args, "--home", str(home)],
+                              env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    removed = modeldepot("rm", REPO, "--yes")
+    assert removed.returncode != 0 and "belongs to uid 12345, not root" in removed.stderr, removed.stderr
+    assert f"sudo chown -R root {home}" in removed.stderr, removed.stderr
+    collected = modeldepot("gc")
+    assert collected.returncode != 0 and "could not delete 1 file" in collected.stderr, collected.stderr
+    left = [p for p in (home / "blobs").rglob("*") if p.is_file()]
+    assert [p.name for p in left] == [weights], "gc went past the file it could not delete"
+
+
 def test_truncated_blob_is_caught_on_open(depot: Depot, model_dir: Path) -> None:
     depot.import_dir(model_dir, REPO)
     entry = depot.file_info(REPO, "model.safetensors")

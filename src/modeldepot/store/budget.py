@@ -464,7 +464,7 @@ class DiskBudget:
         left = self._all_bytes()
         if left > limit and (left := self.used_bytes()) > limit:
             log.warning("shrinking the store to %s: it still takes %s, as the models pinned or in use keep it above "
-                        "(unpin or remove models to go further)", _size(limit), _size(left))  # fmt: skip
+                        "(unpin or remove models to go further)", size_text(limit), size_text(left))  # fmt: skip
         return evicted
 
     def plan_shrink(self, max_bytes: int | None = None) -> list[Eviction]:
@@ -488,11 +488,11 @@ class DiskBudget:
                            writer: BudgetWriter | None) -> None:  # fmt: skip
         if kept_bytes + needed > budget:
             raise BudgetExceededError(
-                f"{doing}: {_size(needed)} more does not fit in the disk budget of {_size(budget)}, even after "
-                f"evicting every model that may go: {_size(kept_bytes)} are pinned or in use (engines this process loaded)"
+                f"{doing}: {size_text(needed)} more does not fit in the disk budget of {size_text(budget)}, even after "
+                f"evicting every model that may go: {size_text(kept_bytes)} are pinned or in use (engines this process loaded)"
                 + (f" or of {writer.repo_id} itself" if writer is not None and writer.commit_id is None else "")
                 + self._writes_under_way()
-                + f" (pinned: {_size(self.status().pinned_bytes)}); nothing was removed. Raise the budget "
+                + f" (pinned: {size_text(self.status().pinned_bytes)}); nothing was removed. Raise the budget "
                 f"({self._setting_that_binds(budget)}), unpin or remove models",
                 budget_bytes=budget, protected_bytes=kept_bytes, needed_bytes=needed,
                 repo_id=writer.repo_id if writer else None,
@@ -519,7 +519,7 @@ class DiskBudget:
         held = self.reservations.elsewhere()
         if not held:
             return ""
-        named = ", ".join(f"{h.repo_id} {_size(h.amount)}" + (f" by process {h.pid}" if h.pid else "")
+        named = ", ".join(f"{h.repo_id} {size_text(h.amount)}" + (f" by process {h.pid}" if h.pid else "")
                           for h in held[:3])  # fmt: skip
         return f", or held by writes under way ({named}{', ...' if len(held) > 3 else ''})"
 
@@ -584,7 +584,7 @@ class DiskBudget:
             # and the operator read the warning as the pull's doing after it: a trial)
             log.log(logging.WARNING if writer is not None else logging.INFO,
                     "evicted %s (%s, last used %s) to stay within the disk budget (%s)%s", what,
-                    _size(eviction.bytes_freed), time.strftime("%Y-%m-%d %H:%M", time.localtime(unit.last_used)),
+                    size_text(eviction.bytes_freed), time.strftime("%Y-%m-%d %H:%M", time.localtime(unit.last_used)),
                     doing, "; room made before the write, gone even if the write fails" if writer is not None
                     else "")  # fmt: skip
             for hook in self._evicted_hooks:
@@ -627,7 +627,7 @@ class DiskBudget:
                 )
 
 
-def _size(count: int) -> str:
+def size_text(count: int) -> str:
     value: Any = float(count)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(value) < 1024 or unit == "TiB":
@@ -714,6 +714,6 @@ class BudgetWriter:
             left > limit and (left := budget.used_bytes()) > limit
         ):  # (a budget lowered while this wrote, or what is pinned or in use)
             log.warning("the store takes %s, over its disk budget of %s, after writing %s: what is pinned, in use "
-                        "or just written is kept; the next write evicts again", _size(left), _size(limit),
+                        "or just written is kept; the next write evicts again", size_text(left), size_text(limit),
                         self.repo_id)  # fmt: skip
         return evicted

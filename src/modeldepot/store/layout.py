@@ -47,7 +47,30 @@ def os_error(error: OSError, doing: str) -> StoreError:
         return StoreFullError(
             f"no space left on the store's disk while {doing}: nothing partial was kept; {FULL_DISK_ADVICE}"
         )
-    return StoreError(f"{doing} failed: {error.strerror or error} ({error.filename or ''})")
+    return StoreError(f"{doing} failed: {error.strerror or error} ({error.filename or ''}){_foreign(error)}")
+
+
+def _foreign(error: OSError) -> str:
+    """What to say of a permission refused inside a store some of whose files another user wrote (a `sudo
+    modeldepot pull` into one's own store: rm failed halfway, gc at the same file every time, and a pull
+    of the repo for good, none saying why): who owns them, and how to give them back."""
+    if error.errno not in (errno.EACCES, errno.EPERM) or not error.filename:
+        return ""
+    path = Path(os.fsdecode(error.filename))
+    me = os.geteuid()
+    for place in (path, path.parent):  # (a file opened, or a name deleted in its folder)
+        try:
+            owner = place.lstat().st_uid
+        except OSError:
+            continue
+        if owner == me:
+            continue  # (the user's own: refused for another reason, a read-only file system, an ACL)
+        store = next((p for p in place.parents if (p / "index.db").exists()), None)
+        if store is None:
+            return f"; {place} belongs to {_user(owner)}, not {_user(me)}"
+        return (f"; {place} belongs to {_user(owner)}, not {_user(me)} (a command run as another user, with sudo, "
+                f"wrote into this store): `sudo chown -R {_user(me)} {store}` gives the store back")  # fmt: skip
+    return ""
 
 
 def unlink_counting(path: Path) -> int:

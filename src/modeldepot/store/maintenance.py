@@ -12,12 +12,13 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from modeldepot.errors import DepotError, IndexDamagedError, RevisionNotFoundError
+from modeldepot.errors import DepotError, IndexDamagedError, RevisionNotFoundError, StoreError
 from modeldepot.store.blobs import LinkedSource, WriteSession, give_back_mode, give_back_modes
+from modeldepot.store.budget import size_text
 from modeldepot.store.eviction import shared_blobs
 from modeldepot.store.models import (
     DiskUsage,
@@ -326,24 +327,51 @@ def gc(store: Store, partials: bool = False) -> GcReport:
         store.index.write_freeing("collecting garbage", delete_rows)
         known = {r["sha256"] for r in store.index.read("SELECT sha256 FROM blobs WHERE state = 'ok'")}
         blobs_removed, bytes_freed = 0, 0
+        # A file this user may not delete (another user's, a `sudo` pull's) is passed over, and said at the end:
+        # gc stopped at the first, every time, and never reached the rest (a trial)
+        refused: list[StoreError] = []
         for path in _files_under(store.layout.blobs):
             if path.name not in known:
-                bytes_freed += _unlink_freeing(store, path)
-                blobs_removed += 1
-        partials_removed, kept, session_bytes = _collect_sessions(store)
-        downloads_removed, resumable, running, download_bytes = store.partials.collect(remove_all=partials)
-        kept += running
-        bytes_freed += session_bytes + download_bytes
+                with _passed_over(refused):
+                    bytes_freed += _unlink_freeing(store, path)
+                    blobs_removed += 1
+        partials_removed = kept = resumable = stale = 0
+        with _passed_over(refused):
+            partials_removed, kept, session_bytes = _collect_sessions(store)
+            bytes_freed += session_bytes
+        with _passed_over(refused):
+            downloads_removed, resumable, running, download_bytes = store.partials.collect(
+                remove_all=partials
+            )
+            partials_removed += downloads_removed
+            kept += running
+            bytes_freed += download_bytes
         quarantined = _files_under(store.layout.quarantine)
-        bytes_freed += _delete_quarantined(store, quarantined, known)
+        with _passed_over(refused):
+            bytes_freed += _delete_quarantined(store, quarantined, known)
         live = {
             (r["repo_id"], r["commit_id"])
             for r in store.index.read("SELECT repo_id, commit_id FROM revisions")
         }
-        stale = store.snapshots.remove_stale(live)
+        with _passed_over(refused):
+            stale = store.snapshots.remove_stale(live)
     store.index.reserve.refill()  # from the space just freed (if it was released, else when there is room)
-    return GcReport(blobs_removed, bytes_freed, partials_removed + downloads_removed, stale, kept, resumable,
+    if refused:
+        raise StoreError(f"gc freed {size_text(bytes_freed)}, and could not delete {len(refused)} file"
+                         f"{'s' if len(refused) > 1 else ''}: {refused[0]}")  # fmt: skip
+    return GcReport(blobs_removed, bytes_freed, partials_removed, stale, kept, resumable,
                     len(quarantined))  # fmt: skip
+
+
+@contextlib.contextmanager
+def _passed_over(refused: list[StoreError]) -> Iterator[None]:
+    """A deletion this user may not make (a permission refused) is noted in ``refused``, and gc goes on."""
+    try:
+        yield
+    except StoreError as error:
+        if not isinstance(error.__cause__, PermissionError):
+            raise
+        refused.append(error)
 
 
 def sweep_dead_sessions(store: Store) -> int:
