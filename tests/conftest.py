@@ -443,7 +443,9 @@ class InProcessNode:
         from modeldepot.server.connections import NodeRunner
         from modeldepot.server.fleet import NodeFleet
 
-        fleet = NodeFleet(depot, cluster, "/modeldepot", interval=0.05)
+        fleet = NodeFleet(
+            depot, cluster, "/modeldepot", interval=0.05, token=bool(token)
+        )  # (as run.py makes it)
         self.fleet = fleet
         runner = NodeRunner(create_app(depot, token, fleet=fleet))
 

@@ -219,7 +219,7 @@ def test_preloaded_and_loaded_models_and_pulls_in_progress_are_in_use(store: Dep
     held = store.preloader.get("acme/preloaded")  # (a preload a caller holds does not give way)
     with pytest.raises(BudgetExceededError) as refused:
         store.import_dir(model(tmp_path, "acme/new"), "acme/new")
-    assert "pinned or in use (engines this process loaded)" in str(refused.value)
+    assert "pinned, in use (loaded by this process) or files this write reuses" in str(refused.value)
     assert repos(store) == {"acme/loaded", "acme/preloaded", "acme/pulling"}
     held.release()
 
@@ -817,6 +817,27 @@ def test_a_preloaded_quant_stays_while_its_revisions_other_quant_goes(store: Dep
     assert {(e.repo_id, e.variant) for e in evicted} >= {("acme/b", None)} and not store.preloader.revisions()
 
 
+def test_a_write_that_cannot_fit_leaves_the_ram_tier_alone(store: Depot, tmp_path: Path) -> None:
+    """The RAM tier gave way one preload after another for a write that could not fit even without them
+    (larger than the budget, or behind a pin): it emptied the tier, and the write was refused all the
+    same (a review). And an import, checked before it writes, was refused where a pull gave way."""
+    for name in ("acme/a", "acme/b", "acme/c"):
+        store.import_dir(model(tmp_path, name), name)
+    store.pin("acme/c")
+    store.preloader.preload("acme/a")
+    store.preloader.preload("acme/b")
+    with pytest.raises(BudgetExceededError):
+        store.store.budget.make_room(3 * MB, "test")  # (c is pinned: a and b would not make the room)
+    with pytest.raises(BudgetExceededError):
+        store.import_dir(model(tmp_path, "acme/big", size=3 * MB), "acme/big")
+    assert {key[0] for key in store.preloader.revisions()} == {"acme/a", "acme/b"}
+    store.import_dir(
+        model(tmp_path, "acme/d", size=int(1.2 * MB)), "acme/d"
+    )  # (one preload must go: one goes)
+    assert repos(store) == {"acme/b", "acme/c", "acme/d"}
+    assert {key[0] for key in store.preloader.revisions()} == {"acme/b"}
+
+
 @pytest.fixture
 def upstream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Depot]:
     """A node serving ``up/one`` (a 2 MB model and a config) and ``up/q`` (two quants and a config), named by
@@ -1181,3 +1202,17 @@ def test_blobs_shared_with_files_outside_the_store_are_neither_counted_nor_evict
         status = depot.budget_status()
         assert status.used_bytes >= 2 * MB and status.shared_bytes == 0
         assert [(e.repo_id, e.bytes_freed >= 2 * MB) for e in depot.shrink()] == [("acme/linked", True)]
+
+
+def test_removing_the_last_variant_of_a_revision_drops_its_pins(store: Depot, tmp_path: Path) -> None:
+    """`rm --quant` of a revision's last variant removed the revision and kept its pins: listed for good,
+    and applied again, unseen, to a later pull of it (a README walk)."""
+    folder = quants(tmp_path, "acme/q")
+    (folder / "config.json").unlink()  # (no shared file: the last variant's files are the revision's last)
+    store.import_dir(folder, "acme/q")
+    store.pin("acme/q", quant="Q4_K_M")
+    store.pin("acme/q", quant="Q8_0")
+    store.remove("acme/q", quant="Q8_0")
+    assert [p.quant for p in store.pins("acme/q")] == ["Q4_K_M"]
+    store.remove("acme/q", quant="Q4_K_M")  # (the last: the revision goes with it)
+    assert "acme/q" not in repos(store) and store.pins("acme/q") == []

@@ -137,3 +137,22 @@ def test_a_second_pull_of_the_same_revision_under_the_budget_shares_the_first_on
                 assert local.verify().ok and repos(local) == {"up/big"}
         finally:
             node.stop()
+
+
+def test_a_reservation_being_made_is_read_as_no_room_yet(tmp_path: Path) -> None:
+    """A reservation file another process has made and locked, and not written yet, is empty a moment: read
+    as none (it raised ValueError, and a node's metrics, stats and imports with it: a review)."""
+    import fcntl
+    import os
+
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        reservations = depot.store.budget.reservations
+        reservations.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(reservations.directory / ".4242-abcd-0", os.O_RDWR | os.O_CREAT, 0o664)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # (another open file description: a lock of another process's)
+            for contents in (False, True):
+                assert [(h.amount, h.pid) for h in reservations.elsewhere(contents)] == [(0, 4242)]
+            assert depot.budget_status().reserved_bytes == 0
+        finally:
+            os.close(fd)

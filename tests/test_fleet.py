@@ -517,3 +517,24 @@ def test_holdings_follow_cli_imports_pulls_gc_and_rm_on_a_served_store(fleet: Fl
     # Its own deletes (gc, rm, the quarantine) are no lost keys: no "gone ... registering again" (they were,
     # when the watch showed one before the transaction's answer, and health flapped).
     assert "record is gone" not in a.log_text() and "registered again" not in a.log_text()
+
+
+def test_a_node_on_every_address_is_advertised_by_its_machines_name_not_localhost(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`serve --host 0.0.0.0 --cluster ...` registered http://localhost:PORT where the machine's full name is
+    localhost (as on many: getfqdn), and peers on other machines fetched from their own localhost (a
+    README walk). And a name that leads to this machine alone is said."""
+    import socket
+
+    from modeldepot.server import fleet as node_fleet
+
+    monkeypatch.setattr(socket, "getfqdn", lambda *_: "localhost")
+    monkeypatch.setattr(socket, "gethostname", lambda: "worker-a")
+    monkeypatch.setattr(node_fleet, "loopback_only", lambda name: name != "worker-a")
+    assert node_fleet.advertised_url("0.0.0.0", 8980) == "http://worker-a:8980"
+    assert node_fleet.advertised_url("10.1.2.3", 8980) == "http://10.1.2.3:8980"
+    assert "give --advertise" not in caplog.text
+    monkeypatch.setattr(node_fleet, "loopback_only", lambda name: True)
+    node_fleet.advertised_url("::", 8980)
+    assert "peers on other machines cannot reach it at http://worker-a:8980; give --advertise" in caplog.text

@@ -24,6 +24,7 @@ from conftest import (
     SMALL_CHUNK,
     LiveNode,
     flip_byte,
+    free_port,
     minilm_model_dir,
     sample_files,
     store_files_consistent,
@@ -276,6 +277,21 @@ def test_a_commit_adopted_without_its_listing_is_not_taken_for_the_whole_of_it(
             mirror.stop()
         entry = depot.download_file(SAMPLE, "model.safetensors", revision=commit)
         assert bytes(depot.get_file(SAMPLE, entry.path, commit)) == sample_files()["model.safetensors"]
+
+
+def test_a_commit_adopted_whole_with_its_listing_is_pulled_without_the_upstream(
+    tmp_path: Path, hf_cache: Path, source: tuple[Depot, LiveNode], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit adopted with huggingface_hub's listing of it (snapshot_download's) is known whole: a pull of
+    it by its id needs no upstream (it was looked up there, and failed with the upstream down: a review)."""
+    origin, _ = source
+    commit = origin.resolve(SAMPLE)
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        assert depot.hf_cache_import(cache_dir=hf_cache).ok
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # (nothing answers there)
+    with Depot(tmp_path / "store") as depot:
+        assert depot.pull(SAMPLE, revision=commit).commit_id == commit
 
 
 def test_removing_an_adopted_repo_says_what_stays_linked_from_the_cache(depot: Depot, hf_cache: Path) -> None:

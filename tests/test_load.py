@@ -533,6 +533,10 @@ def test_an_import_is_completed_only_by_an_upstream_repo_holding_its_files(
             if completed:
                 local.load(REPO, "fp32")
                 assert local.has_file(REPO, "onnx/model.onnx_data"), "completed from the upstream"
+                # ... and the variant imported stays on main (it was left on a detached revision: a README walk)
+                assert local.has_file(REPO, "onnx/model_fp16.onnx") and local.file_path(
+                    REPO, "onnx/model_fp16.onnx"
+                )
                 continue
             with pytest.raises(NotFoundError, match=r"no variant 'fp32' here .*; pulling it failed too: "
                                r"acme/linear was imported here, .* another \(config.json differs\)"):  # fmt: skip

@@ -690,3 +690,26 @@ def test_a_repo_the_upstream_made_private_is_no_longer_served_to_anyone(
         finally:
             mirror.stop()
             node.stop()
+
+
+def test_a_repo_the_upstream_no_longer_shows_is_served_behind_the_token_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repo made private beyond the mirror's credentials (or deleted) is "not found" upstream: the mirror
+    answered from what it held, to anyone, listed public (a review). It is kept behind the token now."""
+    monkeypatch.setenv("MODELDEPOT_MIRROR_TTL", "0")
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        node = LiveNode(upstream_depot)
+        mirror = mirror_node(tmp_path, node.url, monkeypatch)
+        try:
+            answer = requests.get(f"{mirror.url}/{REPO}/resolve/main/config.json", timeout=30)
+            assert answer.status_code == 200
+            upstream_depot.remove(REPO)
+            for path in (f"/{REPO}/resolve/main/config.json", f"/api/models/{REPO}"):
+                answer = requests.get(mirror.url + path, timeout=30)
+                assert answer.status_code == 404, (path, answer.status_code, answer.content[:200])
+            assert mirror.depot.repo_info(REPO).private
+        finally:
+            mirror.stop()
+            node.stop()

@@ -28,8 +28,8 @@ def make_store(home: Path, tmp_path: Path) -> None:
             files = {"config.json": b"{}", "model.safetensors": random.Random(seed).randbytes(8 * MiB)}
             depot.import_dir(write_model_dir(tmp_path / name, files), f"acme/{name}")
         for _ in range(3):
-            depot.get_file("acme/hot", "config.json")
-        depot.get_file("acme/cold", "config.json")
+            depot.get_file("acme/hot", "model.safetensors")
+        depot.get_file("acme/cold", "model.safetensors")
         for name in ("hot", "cold"):
             drop_page_cache(depot, f"acme/{name}")
 

@@ -9,12 +9,14 @@ from typing import TYPE_CHECKING, Any
 from modeldepot._version import __version__
 from modeldepot.errors import (
     AccessDeniedError,
+    BlobRemovedError,
     ChunkNotAvailableError,
     CommitConflictError,
     ConfigError,
     CorruptBlobError,
     DepotError,
     EntryNotFoundError,
+    IndexDamagedError,
     IntegrityError,
     InvalidInputError,
     InvalidPathError,
@@ -77,6 +79,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AccessDeniedError",
+    "BlobRemovedError",
     "ChunkNotAvailableError",
     "CommitConflictError",
     "ConfigError",
@@ -89,6 +92,7 @@ __all__ = [
     "FileEntry",
     "GcReport",
     "ImportResult",
+    "IndexDamagedError",
     "IntegrityError",
     "InvalidInputError",
     "InvalidPathError",

@@ -35,6 +35,7 @@ from modeldepot.errors import (
     PullRunningError,
     ReadOnlyStoreError,
     RepoNotFoundError,
+    UpstreamError,
 )
 from modeldepot.held import HeldModels
 from modeldepot.hub.manifest import (
@@ -281,8 +282,10 @@ class Depot:
         self._download_limit: RateLimit | None = None  # (download_limit: one for all this depot's pulls)
         # What this process holds in memory of the store: kept from eviction, let go of once removed.
         self._held = HeldModels(self.store, lambda: self._preloader, lambda: self._engines, self.tiers.shared)
-        self.store.budget.add_in_use(self._held.in_use)
-        self.store.budget.add_gives_way(lambda: self._preloader is not None and self._preloader.give_way())
+        self.store.budget.add_in_use(self._held.loaded)
+        self.store.budget.add_gives_way(
+            self._held.preloaded, lambda: self._preloader is not None and self._preloader.give_way()
+        )
         self.store.budget.evict_by_variant(
             variants_own_files,
             self._held.paths_in_use,
@@ -751,12 +754,18 @@ class Depot:
             saved = self.get_manifest(repo_id)
         except NotFoundError:
             saved = None
-        if (
-            saved is not None
-            and (saved.commit_id == revision or (self.config.offline and saved.revision == revision))
-            and (self.config.offline or not self._held_in_part(saved))
+        if saved is not None and (
+            saved.commit_id == revision or (self.config.offline and saved.revision == revision)
         ):
-            return saved
+            if self.config.offline or not self._held_in_part(saved):
+                return saved
+            try:
+                return self.scan_repo(repo_id, revision)
+            except UpstreamError as error:  # (what the store holds of it is all it can go by)
+                log.warning("%s@%s was adopted from a Hugging Face cache without its listing, and the upstream "
+                            "could not tell the rest of it (%s): going by the files held", repo_id, revision[:12],
+                            error)  # fmt: skip
+                return saved
         return self.scan_repo(repo_id, revision)
 
     def _held_in_part(self, manifest: Manifest) -> bool:
@@ -766,12 +775,12 @@ class Depot:
         nothing, and said a file of it was not in it."""
         if manifest.endpoint != IMPORTED_ENDPOINT:
             return False
+        if self.store.manifests.listing(manifest.repo_id, manifest.commit_id) is not None:
+            return False  # (its whole listing is known: huggingface_hub's, kept as it was adopted)
         from modeldepot.hfcache.cache import ORIGIN as HF_CACHE_ORIGIN
 
-        try:
-            return self.store.repo_summary(manifest.repo_id).origin == HF_CACHE_ORIGIN
-        except NotFoundError:
-            return False
+        rows = self.store.index.read("SELECT origin FROM repos WHERE repo_id = ?", (manifest.repo_id,))
+        return bool(rows) and rows[0]["origin"] == HF_CACHE_ORIGIN
 
     @staticmethod
     def _branch(revision: str) -> str | None:
@@ -842,9 +851,18 @@ class Depot:
                 raise ReadOnlyStoreError(f"the store at {self.home} is {self.store.read_only_reason}: it pulls "
                                          "nothing (pull it where the store is writable)")  # fmt: skip
             manifest = self.manifest_for(repo, rev)
-            self._check_completes_import(repo, rev, manifest)
+            imported = self._check_completes_import(repo, rev, manifest)
             variant = variant or default(manifest)
-            pulling = self.pull_async(repo, [variant] if variant else None, revision=rev, manifest=manifest)
+            quants = [variant] if variant else None
+            if variant and quants and imported:
+                # The variants the user imported come along (from the store: nothing is fetched), so that the
+                # branch the pull moves to the upstream's commit still holds them (they were left behind on
+                # a detached revision, and an offline load of them failed: a README walk)
+                with contextlib.suppress(NotFoundError):  # (no such variant: the pull says so, as ever)
+                    asked = manifest.variant(variant).name
+                    quants += [v.name for v in manifest.variants
+                               if v.name != asked and {f.path for f in manifest.files_of(v.name)} <= imported]  # fmt: skip
+            pulling = self.pull_async(repo, quants, revision=rev, manifest=manifest)
             return run_blocking(pulling).commit_id
 
         from modeldepot.engines.loading import load_variant
@@ -866,17 +884,18 @@ class Depot:
         return load_variant(self.store, self.preloader, self.engines, pull_variant, self.config.offline,
                             repo_id, quant, revision, engine, warmup, inputs)  # fmt: skip
 
-    def _check_completes_import(self, repo_id: str, revision: str, manifest: Manifest) -> None:
+    def _check_completes_import(self, repo_id: str, revision: str, manifest: Manifest) -> set[str] | None:
         """A repo imported here is completed from the upstream's repo of its name only when that one holds
         each of its files, the same (a Hub download's folder a shard short): else it is another repo (the
         user's fine-tune kept under its base's id), and its pull would move the branch off the user's
-        weights. NotFoundError then."""
+        weights. NotFoundError then. Returns the imported revision's paths when it is completed so, else
+        None."""
         try:
             if self.store.repo_summary(repo_id).origin != "import":
-                return
+                return None
             commit_id = self.store.resolve(repo_id, revision)
         except NotFoundError:
-            return  # (not here, or not that revision: a pull adds it, moving nothing of the user's)
+            return None  # (not here, or not that revision: a pull adds it, moving nothing of the user's)
         upstream = {f.path: f for f in manifest.files}
         for entry in self.store.files(repo_id, commit_id):
             remote = upstream.get(entry.path)
@@ -891,6 +910,7 @@ class Depot:
                     f"yours (`modeldepot pull {repo_id}` takes the upstream's in its place)",
                     repo_id=repo_id,
                 )
+        return {entry.path for entry in self.store.files(repo_id, commit_id)}
 
     @property
     def preloader(self) -> Preloader:

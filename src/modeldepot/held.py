@@ -66,9 +66,21 @@ class HeldModels:
         self._next_look = time.monotonic() + LOOK_EVERY
 
     def in_use(self) -> list[tuple[str, str | None]]:
-        """The revisions in use in this process, which no eviction removes: preloaded, or loaded engines'."""
+        """The revisions in use in this process: preloaded, or loaded engines'."""
+        return [*self.preloaded(), *self.loaded()]
+
+    def preloaded(self) -> list[tuple[str, str | None]]:
+        """The revisions of this process's preloads that may give way (kept from eviction until room cannot
+        be made else): none held, nor pinned in RAM."""
+        preloader = self._preloader()
+        return list(preloader.revisions(gives_way=True)) if preloader is not None else []
+
+    def loaded(self) -> list[tuple[str, str | None]]:
+        """The revisions of this process's loaded engines, and of its preloads held or pinned (never evicted)."""
         preloader, engines = self._preloader(), self._engines()
-        used: list[tuple[str, str | None]] = list(preloader.revisions()) if preloader is not None else []
+        used: list[tuple[str, str | None]] = (
+            list(preloader.revisions(gives_way=False)) if preloader is not None else []
+        )
         # (a list, least recently used first: the cache is no mapping; none made yet, none loaded)
         for key in engines.keys() if engines is not None else []:
             revision = engine_revision(key, self.store)

@@ -39,11 +39,13 @@ from dataclasses import dataclass, field
 
 from modeldepot.depot import Depot
 from modeldepot.errors import (
+    AccessDeniedError,
     ChunkNotAvailableError,
     CorruptBlobError,
     DepotError,
     EntryNotFoundError,
     IntegrityError,
+    RepoNotFoundError,
     UpstreamError,
     UpstreamTimeoutError,
 )
@@ -215,19 +217,40 @@ class Mirror:
     async def _scan(self, key: tuple[str, str]) -> Manifest:
         try:
             loop = asyncio.get_running_loop()
-            manifest = await loop.run_in_executor(self._scan_threads, self.depot.manifest_for, *key)
-            if (manifest.private or manifest.gated) and await asyncio.to_thread(
-                self.depot.store.hide_repo, manifest.repo_id
-            ):  # (what the store holds of it answers commit ids and listings: behind the token now, too)
-                log.warning(
-                    "%s is private upstream now: this node serves it with its token alone", manifest.repo_id
-                )
+            try:
+                manifest = await loop.run_in_executor(self._scan_threads, self.depot.manifest_for, *key)
+            except (RepoNotFoundError, AccessDeniedError):
+                # The upstream no longer shows the repo to this node (made private beyond its credentials, or
+                # deleted): what the store pulled of it is served behind the node's token alone from now on
+                await self._hide(key[0], "no longer shown by the upstream", pulled_from_here=True)
+                raise
+            if manifest.private or manifest.gated:
+                # (what the store holds of it answers commit ids and listings: behind the token now, too)
+                await self._hide(manifest.repo_id, "private upstream now")
             self._manifests[key] = (time.monotonic(), manifest)
             return manifest
         finally:
             if self._scans.get(key) is asyncio.current_task():  # (not a newer scan of the key)
                 del self._scans[key]
                 self._scan_began.pop(key, None)
+
+    async def _hide(self, repo_id: str, why: str, pulled_from_here: bool = False) -> None:
+        """Make a repo the store pulled private (not one imported here: the node's own); ``pulled_from_here``:
+        only when pulled from one of this node's upstreams (one pulled from elsewhere they need not know)."""
+        store, config = self.depot.store, self.depot.config
+        upstreams = {url.rstrip("/") for url in (*config.servers, config.hub_endpoint)}
+
+        def hide() -> bool:
+            rows = store.index.read("SELECT origin FROM repos WHERE repo_id = ? COLLATE NOCASE", (repo_id,))
+            if not rows or rows[0]["origin"] == "import":
+                return False
+            return (not pulled_from_here or rows[0]["origin"].rstrip("/") in upstreams) and store.hide_repo(
+                repo_id
+            )
+
+        if await asyncio.to_thread(hide):
+            log.warning("%s is %s: this node serves it behind its token from now on (without one, to no one)",
+                        repo_id, why)  # fmt: skip
 
     async def remote_file(
         self, repo_id: str, revision: str, path: str, held: bool = False
@@ -256,6 +279,9 @@ class Mirror:
             # As the pull will write it: the revision it writes into is kept (a HEAD said 200 for a file the
             # GET refused, counting the revision's other files as room)
             with store.budget.writing(manifest.repo_id, manifest.commit_id, [remote.path]) as writer:
+                writer.contents = {
+                    remote.sha256 or remote.git_oid: remote.size
+                }  # (a pull of it beside: shared)
                 writer.check_fits(0 if held is not None else remote.size, doing)
 
         await asyncio.to_thread(check)

@@ -2,7 +2,7 @@
 (what ``--preload-top`` and ``stats`` rank) and each variant's last use (the disk budget evicts the variants
 of a revision apart: the quant read every day stays, the one pulled once and never read goes).
 
-A file read here is a use of the variant it is one of (of the repo, when it is of none); a file a node's client downloads
+A file read here is a use of the variant it is one of (of the repo, when it has none); a file a node's client downloads
 counts once for that variant (a config or tokenizer, which comes with any variant, only marks the repo as
 used now), at its first byte: a client's ranges after that one are the same download; a snapshot folder handed to a loader is a use of every variant in it (what the loader reads is
 not seen). A file several variants list (a GGUF repo's mmproj) is theirs in common: a use of the repo.
@@ -30,9 +30,14 @@ class UseCounter:
     def read(self, entry: FileEntry) -> None:
         """A local read of a file (an engine in this process reads a model's files whatever they are): a use
         of its variant, as a file sent is (a read of one quant counted the whole repo, and the RAM tier's
-        `--preload-top` took every quant for the one used: a trial); a file of no one variant, of the repo."""
-        variant = self.variant_of(entry.repo_id, entry.commit_id, entry.path)
-        self.store.access.record(entry.repo_id, variant)  # (a shared file, a config: a use of the repo)
+        `--preload-top` took every quant for the one used: a trial); of the repo when it has no variants."""
+        owners = self.owners(entry.repo_id, entry.commit_id, entry.path)
+        variant = owners.get(entry.path)
+        if variant is not None:
+            self.store.access.record(entry.repo_id, variant)
+        else:  # (a shared file, a config, comes with any variant: it marks the repo used now, counts no use)
+            has_variants = any(name is not None for name in owners.values())
+            self.store.access.record(entry.repo_id, count=0 if has_variants else 1)
 
     def sent(self, entry: FileEntry) -> None:
         """A file a node sends to a client: a use of its variant (a client that fetched one quant made the

@@ -485,6 +485,10 @@ def render_gc(report: GcReport, evicted: list[Eviction] | None = None, over: int
             else ""
         )
     )
+    for problem in report.not_deleted[:5]:
+        err.print(f"[red]not deleted:[/red] {escape(problem)}")
+    if len(report.not_deleted) > 5:
+        err.print(f"[red]not deleted:[/red] {len(report.not_deleted) - 5} more files")
     if over:
         err.print(f"[yellow]warning:[/yellow] the store is still {format_bytes(over)} over the size asked for: the "
                   "models pinned or in use keep it (`modeldepot pins`; unpin or remove models to go further)")  # fmt: skip

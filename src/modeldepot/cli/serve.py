@@ -145,7 +145,7 @@ def _listenable(host: str, port: int) -> None:
               callback=lambda c, p, v: setting(_positive_size, v), help="Bytes a second the scrub may read.")  # fmt: skip
 @cluster_options
 @click.option("--advertise", default=None, metavar="URL", callback=lambda c, p, v: _advertise_url(v),
-              help="With --cluster: the URL peers reach this node at (default: http://HOST:PORT).")  # fmt: skip
+              help="With --cluster: the URL peers reach this node at (default: http://HOST:PORT; for 0.0.0.0, this machine's name, said when it leads to itself alone).")  # fmt: skip
 @home_option_after(lambda kwargs: _ready_to_serve(kwargs), shared=False)
 def serve_command(
     depot: Depot,

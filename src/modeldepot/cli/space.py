@@ -50,6 +50,8 @@ def gc_command(depot: Depot, partials: bool, max_size: str | None, as_json: bool
     body = {**report.to_dict(), "evicted": [e.to_dict() for e in evicted],
             "evicted_bytes": sum(e.bytes_freed for e in evicted), "over_max_size_bytes": over}  # fmt: skip
     render.emit(as_json, body, lambda: render.render_gc(report, evicted, over))
+    if report.not_deleted:  # (gc did the rest: said above, and in the exit status)
+        sys.exit(EXIT_FAILURE)
 
 
 @cli.command("du")

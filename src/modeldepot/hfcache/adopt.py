@@ -40,7 +40,7 @@ from modeldepot.hfcache.cache import (
     repo_folder_name,
     within,
 )
-from modeldepot.hub.manifest import RemoteFile, save_scan
+from modeldepot.hub.manifest import RemoteFile, keep_known_listing, save_scan
 from modeldepot.modelcard import MAX_CARD_BYTES, repo_card
 from modeldepot.store.blobs import PartialBlob, WriteSession
 from modeldepot.store.budget import BudgetExceededError
@@ -531,6 +531,8 @@ def _publish_revisions(store: Store, scan: _Scan, repo: _CachedRepo, verified: d
             now_private = store.repo_private(repo.repo_id)
         except RepoNotFoundError:  # (removed meanwhile)
             now_private = private
+        if listing is not None:  # (without it, what the cache held is not known to be the whole commit)
+            keep_known_listing(store, repo.repo_id, commit, listing)
         _note_a_partial_commit(
             store, scan, repo, commit, names, {s.path for s in staged}, now_private, listing
         )

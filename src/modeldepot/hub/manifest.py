@@ -138,6 +138,12 @@ def _listing_json(files: list[RemoteFile]) -> str:
     return json.dumps([dataclasses.asdict(f) for f in files], separators=(",", ":"))
 
 
+def keep_known_listing(store: Store, repo_id: str, commit_id: str, files: list[RemoteFile]) -> None:
+    """Keep a commit's whole listing learnt without a scan (huggingface_hub's, in an adopted cache): the
+    commit is known whole or in part from then on, and not looked up upstream again to know it."""
+    store.manifests.keep_listing(repo_id, commit_id, _listing_json(files))
+
+
 def listed_files(record: ManifestRecord) -> tuple[RemoteFile, ...]:
     """The files a saved scan lists (its commit's whole tree), without building the whole manifest."""
     return tuple(RemoteFile(**f) for f in json.loads(record.body)["files"])

@@ -24,15 +24,21 @@ def remove_repo(store: Store, repo_id: str, revision: str | None) -> RemoveResul
     is gone (the repo, the commit, the branch): they would apply again, unseen, to a later pull."""
     result = remove(store, repo_id, revision)
     forget_removed_variants(store, repo_id)
+    _drop_pins_of_what_went(store, repo_id)
+    return result
+
+
+def _drop_pins_of_what_went(store: Store, repo_id: str) -> None:
+    """Unpin the revisions of ``repo_id`` that no longer resolve: a pin would apply again, unseen, to a later
+    pull (the removal is not failed for its pins)."""
     for pin in store.budget.pins(repo_id):
         try:
             store.resolve(repo_id, pin.revision)
         except NotFoundError:
             try:
                 store.budget.unpin(repo_id, pin.quant, pin.revision)
-            except StoreError as error:  # (the removal is done: it is not failed for its pin)
+            except StoreError as error:
                 log.warning("%s was removed but its pin of %s stays: %s", repo_id, pin.revision, error)
-    return result
 
 
 def remove_variant(store: Store, repo_id: str, revision: str, quant: str) -> tuple[str, RemoveResult]:
@@ -54,6 +60,7 @@ def remove_variant(store: Store, repo_id: str, revision: str, quant: str) -> tup
                 if store.resolve(repo_id, pin.revision) == commit_id:
                     store.budget.unpin(repo_id, pin.quant, pin.revision)
     forget_removed_variants(store, repo_id)
+    _drop_pins_of_what_went(store, repo_id)  # (the last variant took its revision with it: its pins go too)
     return commit_id, result
 
 

@@ -529,10 +529,12 @@ class Preloader:
             self._drop(victim)
             return True
 
-    def revisions(self) -> set[tuple[str, str]]:
-        """(repo, commit) of every model in RAM now."""
+    def revisions(self, gives_way: bool | None = None) -> set[tuple[str, str]]:
+        """(repo, commit) of every model in RAM now; ``gives_way``: of those :meth:`give_way` may drop (True:
+        nothing holds them and they are not pinned), or of the others (False)."""
         with self._lock:
-            return {(key[0], key[1]) for key in self._models}
+            return {(key[0], key[1]) for key, model in self._models.items()
+                    if gives_way is None or gives_way == (model.holders == 0 and not model.pinned)}  # fmt: skip
 
     def paths(self) -> dict[tuple[str, str], set[str]]:
         """(repo, commit) -> the files this preloader maps of it, or reads for a load in progress."""

@@ -47,12 +47,31 @@ ADVERTISED_RECHECK = 30.0
 
 def advertised_url(host: str, port: int) -> str:
     """The URL peers reach a node listening on ``host:port`` at, when ``--advertise`` gives none: that
-    address, or this machine's name for a wildcard address (0.0.0.0, ::)."""
+    address, or this machine's name for a wildcard address (0.0.0.0, ::): its full name, or its host name
+    when that one is only ``localhost`` (as on many machines: peers fetched from their own localhost)."""
     if host in ("", "0.0.0.0", "::"):
-        host = socket.getfqdn()
+        host = next((n for n in (socket.getfqdn(), socket.gethostname()) if n and not _local_name(n)), "")
+        host = host or socket.gethostname() or "localhost"
+        if loopback_only(host):
+            log.warning("this node listens on every address, and this machine's name (%s) leads to itself "
+                        "alone: peers on other machines cannot reach it at http://%s:%d; give --advertise "
+                        "http://NAME:%d with a name or address they reach", host, host, port, port)  # fmt: skip
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # an IPv6 address
     return f"http://{host}:{port}"
+
+
+def _local_name(name: str) -> bool:
+    return name == "localhost" or name.startswith("localhost.")
+
+
+def loopback_only(name: str) -> bool:
+    """Whether ``name`` resolves to loopback addresses alone (or not at all)."""
+    try:
+        found = {str(info[4][0]) for info in socket.getaddrinfo(name, None)}
+    except OSError:
+        return True
+    return all(address.startswith("127.") or address == "::1" for address in found)
 
 
 class HoldingsReader:

@@ -143,14 +143,18 @@ async def _upstream_first(request: web.Request, repo_id: str, revision: str) -> 
     summary = await _local_summary(request, repo_id)
     if summary is None:
         return True, False
-    if (
-        (is_commit_id(revision) and summary.origin != HF_CACHE_ORIGIN)
-        or summary.origin == "import"
-        or (summary.private and not is_authorized(request))
-    ):
-        return False, True  # (a commit the store lacks is a miss, answered from upstream when mirrorable)
-    # (a commit adopted from a Hugging Face cache may be held in part, its whole listing unknown here: the
-    # store listed what the cache held, and a client kept that listing, and `.no_exist` for the rest)
+    if summary.origin == "import" or (summary.private and not is_authorized(request)):
+        return False, True
+    if is_commit_id(revision):
+        # A commit adopted from a Hugging Face cache without its listing may be held in part: the store listed
+        # what the cache held, and a client kept that listing, and `.no_exist` for the rest (a trial)
+        unknown = summary.origin == HF_CACHE_ORIGIN and await asyncio.to_thread(
+            lambda: request.app[DEPOT].store.manifests.listing(summary.repo_id, revision.lower()) is None
+        )
+        return (
+            unknown,
+            True,
+        )  # (else a commit the store lacks is a miss, answered from upstream when mirrorable)
     return True, True
 
 

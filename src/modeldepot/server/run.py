@@ -67,7 +67,7 @@ def run_server(
                     depot.config.hub_endpoint)  # fmt: skip
         mirror = False
     app = create_app(depot, token, mirror=mirror, fleet=fleet)
-    mode = "token required" if token else "no token: private repos are not served; control: the control token"
+    mode = "token required" if token else "no token: reads open; private repos and control: the control token"
     if mirror:
         upstreams = [*depot.config.servers, *(["the fleet"] if cluster else []), depot.config.hub_endpoint]
         mode += f"; mirroring {', '.join(dict.fromkeys(upstreams))}"  # (--upstream may be HF_ENDPOINT)
@@ -125,8 +125,10 @@ def run_server(
                      preloader.budget)  # fmt: skip
             preloader.auto_preload_in_background(preload_top)
         bound = int(runner.addresses[0][1])
+        # (a wildcard address is no URL to give a client: this machine's loopback is, here)
+        near = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, host)
         log.info("serving %s on http://%s:%d (%s); HF_ENDPOINT=http://%s:%d", depot.home, host, bound, mode,
-                 host, bound)  # fmt: skip
+                 near, bound)  # fmt: skip
         if depot.store.read_only:
             log.info("the store is %s: it serves what it holds as it is, and pulls, pins and removals are "
                      "refused (503 ReadOnlyStore)", depot.store.read_only_reason)  # fmt: skip

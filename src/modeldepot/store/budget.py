@@ -139,7 +139,7 @@ class DiskBudget:
         self.store = store
         self.process_max_bytes = None if max_size is None else parse_max_size(max_size, store.home)
         self._hooks: list[InUse] = []
-        self._give_way: list[Callable[[], bool]] = []
+        self._give_way: list[tuple[InUse, Callable[[], bool]]] = []
         self.order = EvictionOrder(store)
         self._paths_in_use: PathsInUse | None = None
         self._evicted_hooks: list[Callable[[str], None]] = []
@@ -201,11 +201,25 @@ class DiskBudget:
         """Never evict what ``hook()`` names (asked at each eviction round)."""
         self._hooks.append(hook)
 
-    def add_gives_way(self, hook: Callable[[], bool]) -> None:
-        """When room cannot be made, ``hook()`` lets go of one thing it keeps in use, and says whether it did
-        (the RAM tier drops its least recently used preload, whose revision may go then): a model preloaded on
-        a node kept its disk for as long as the node ran, and the node's own pulls were refused (a trial)."""
-        self._give_way.append(hook)
+    def add_gives_way(self, in_use: InUse, let_go: Callable[[], bool]) -> None:
+        """Keep what ``in_use()`` names as :meth:`add_in_use` would, until room cannot be made otherwise and
+        could be without them: then ``let_go()`` lets go of one of them and says whether it did (the RAM tier
+        drops its least recently used preload, whose revision may go then), and the round is tried again. A
+        model preloaded on a node kept its disk for as long as the node ran, and the node's own pulls were
+        refused (a trial); and a write that could not fit at all emptied the RAM tier for nothing (a review)."""
+        self._give_way.append((in_use, let_go))
+
+    def _gave_way(self, needed: int, writer: BudgetWriter | None) -> bool:
+        """(A write was refused.) Whether what gives way let go of one thing, as letting go of them all would
+        make room for ``needed`` bytes."""
+        budget = self.max_bytes
+        if not self._give_way or budget is None:
+            return False
+        shared = shared_blobs(self.store)
+        firm = self.order.kept_bytes(self._kept(writer, soft=False), blobs=self._kept_blobs(), shared=shared)
+        if firm + self._others_reserved(writer) + needed > budget:
+            return False
+        return any(let_go() for _, let_go in self._give_way)
 
     def evict_by_variant(self, variants: Variants, paths_in_use: PathsInUse,
                          before_removal: Callable[[str, str], None] | None = None) -> None:  # fmt: skip
@@ -319,9 +333,9 @@ class DiskBudget:
                 kept.pinned_variants[key] = variants
         return kept
 
-    def _kept(self, writer: BudgetWriter | None = None, pins: Kept | None = None) -> Kept:
+    def _kept(self, writer: BudgetWriter | None = None, pins: Kept | None = None, soft: bool = True) -> Kept:
         """What no eviction may remove now: pinned (``pins``, when read already), in use, or being written
-        (:meth:`writing`)."""
+        (:meth:`writing`); ``soft``: and what gives way only when it must (:meth:`add_gives_way`)."""
         kept = self._pins_kept() if pins is None else Kept(
             set(pins.commits), set(pins.repos), {}, {k: set(v) for k, v in pins.pinned_variants.items()}
         )  # fmt: skip
@@ -349,7 +363,8 @@ class DiskBudget:
             "SELECT repo_id, variant FROM variant_status WHERE status = 'downloading' AND updated_at >= ?",
             (since,)) if (r["repo_id"], r["variant"].lower()) not in ours}  # fmt: skip
         kept.repos.update(repo_id for repo_id in pulled if self.store.partials.is_pulling(repo_id))
-        named = [used for hook in self._hooks for used in hook()]
+        hooks = [*self._hooks, *(in_use for in_use, _ in self._give_way)] if soft else self._hooks
+        named = [used for hook in hooks for used in hook()]
         in_use: Mapping[tuple[str, str], set[str]] = {}
         if named and self._paths_in_use is not None and self.order.variants is not None:
             in_use = self._paths_in_use()  # (after the hooks: a model loaded between is named by both)
@@ -417,7 +432,15 @@ class DiskBudget:
 
     def check_fits(self, needed: int, doing: str, writer: BudgetWriter | None = None) -> None:
         """Raise :class:`BudgetExceededError` when ``needed`` new bytes cannot fit even after evicting every
-        revision that may go; evict nothing."""
+        revision that may go (and what gives way: :meth:`add_gives_way`); evict nothing."""
+        while True:
+            try:
+                return self._check_fits(needed, doing, writer)
+            except BudgetExceededError:
+                if not self._gave_way(needed, writer):  # (as make_room would: an import was refused)
+                    raise
+
+    def _check_fits(self, needed: int, doing: str, writer: BudgetWriter | None) -> None:
         budget = self.max_bytes
         if budget is None or needed <= 0:
             return
@@ -451,7 +474,7 @@ class DiskBudget:
             try:
                 return self._evict_to(budget - needed, needed, doing, writer)
             except BudgetExceededError:
-                if not any(hook() for hook in self._give_way):  # (one thing at a time, then a new round)
+                if not self._gave_way(needed, writer):  # (one thing at a time, then a new round)
                     raise
 
     def shrink(self, max_bytes: int | None = None) -> list[Eviction]:
@@ -489,7 +512,7 @@ class DiskBudget:
         if kept_bytes + needed > budget:
             raise BudgetExceededError(
                 f"{doing}: {size_text(needed)} more does not fit in the disk budget of {size_text(budget)}, even after "
-                f"evicting every model that may go: {size_text(kept_bytes)} are pinned or in use (engines this process loaded)"
+                f"evicting every model that may go: {size_text(kept_bytes)} are pinned, in use (loaded by this process) or files this write reuses"
                 + (f" or of {writer.repo_id} itself" if writer is not None and writer.commit_id is None else "")
                 + self._writes_under_way()
                 + f" (pinned: {size_text(self.status().pinned_bytes)}); nothing was removed. Raise the budget "
@@ -512,7 +535,8 @@ class DiskBudget:
                     for other in self._writers
                     if other is not writer
                 )
-        return here + sum(_beyond(held.amount, held.contents, mine) for held in self.reservations.elsewhere())
+        elsewhere = self.reservations.elsewhere(contents=bool(mine))
+        return here + sum(_beyond(held.amount, held.contents, mine) for held in elsewhere)
 
     def _writes_under_way(self) -> str:
         """What other processes' writes under way hold, for a refusal ("" when none)."""

@@ -429,25 +429,25 @@ class Index:
         if con is None or getattr(self._local, "pid", None) != pid:
             # A connection inherited across fork() is never used, not even to close it.
             key = immutable_key(self.path) if self.read_only else None  # (before: a change after is seen)
-            con = self._connect()
+            con = self._connect(key)
             self._local.con = con
             self._local.pid = pid
             self._local.immutable = key
         return con
 
-    def _connect(self) -> sqlite3.Connection:
-        """A new connection. On a full disk the room SQLite needs to open the database (its -wal and -shm
+    def _connect(self, key: tuple[int, int, int] | None = None) -> sqlite3.Connection:
+        """A new connection (on a read-only store, immutable when ``key``, an :func:`immutable_key`, is given). On a full disk the room SQLite needs to open the database (its -wal and -shm
         files) is taken from the reserve, and what is left of the reserve is taken back at once."""
         doing = f"opening the index {self.path}"
         try:
-            return self._open_connection()
+            return self._open_connection(key)
         except sqlite3.Error as error:
             if not is_full_error(error, self.path.parent):
                 raise self._failure(error, doing) from error
             if not self.reserve.release():
                 raise self._reserve_used_up(doing) from error
         try:
-            return self._open_connection()
+            return self._open_connection(key)
         except sqlite3.Error as error:
             if is_full_error(error, self.path.parent):
                 raise self._reserve_used_up(doing) from error
@@ -500,9 +500,9 @@ class Index:
         writable has it open (a `:ro` volume another container writes), or left it with a log to merge."""
         return os.path.exists(f"{self.path}-shm")
 
-    def _open_connection(self) -> sqlite3.Connection:
-        if self.read_only:
-            con = sqlite3.connect(read_only_uri(self.path, self._writer_elsewhere()), uri=True,
+    def _open_connection(self, key: tuple[int, int, int] | None = None) -> sqlite3.Connection:
+        if self.read_only:  # (immutable exactly when ``key`` says so: the connection is kept by it)
+            con = sqlite3.connect(read_only_uri(self.path, key is None), uri=True,
                                   isolation_level=None, check_same_thread=True)  # fmt: skip
             con.row_factory = sqlite3.Row
             return con

@@ -66,10 +66,14 @@ def _foreign(error: OSError) -> str:
         if owner == me:
             continue  # (the user's own: refused for another reason, a read-only file system, an ACL)
         store = next((p for p in place.parents if (p / "index.db").exists()), None)
-        if store is None:
+        try:
+            own_store = store is not None and (store / "index.db").stat().st_uid == me
+        except OSError:
+            own_store = False
+        if not own_store:  # (an admin's store, say: its owner's to change, not the user's to take)
             return f"; {place} belongs to {_user(owner)}, not {_user(me)}"
         return (f"; {place} belongs to {_user(owner)}, not {_user(me)} (a command run as another user, with sudo, "
-                f"wrote into this store): `sudo chown -R {_user(me)} {store}` gives the store back")  # fmt: skip
+                f"wrote into your store): `sudo chown -R {_user(me)} {store}` gives it back")  # fmt: skip
     return ""
 
 

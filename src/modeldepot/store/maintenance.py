@@ -18,7 +18,6 @@ from pathlib import Path
 
 from modeldepot.errors import DepotError, IndexDamagedError, RevisionNotFoundError, StoreError
 from modeldepot.store.blobs import LinkedSource, WriteSession, give_back_mode, give_back_modes
-from modeldepot.store.budget import size_text
 from modeldepot.store.eviction import shared_blobs
 from modeldepot.store.models import (
     DiskUsage,
@@ -347,8 +346,7 @@ def gc(store: Store, partials: bool = False) -> GcReport:
             kept += running
             bytes_freed += download_bytes
         quarantined = _files_under(store.layout.quarantine)
-        with _passed_over(refused):
-            bytes_freed += _delete_quarantined(store, quarantined, known)
+        bytes_freed += _delete_quarantined(store, quarantined, known, refused)
         live = {
             (r["repo_id"], r["commit_id"])
             for r in store.index.read("SELECT repo_id, commit_id FROM revisions")
@@ -356,20 +354,18 @@ def gc(store: Store, partials: bool = False) -> GcReport:
         with _passed_over(refused):
             stale = store.snapshots.remove_stale(live)
     store.index.reserve.refill()  # from the space just freed (if it was released, else when there is room)
-    if refused:
-        raise StoreError(f"gc freed {size_text(bytes_freed)}, and could not delete {len(refused)} file"
-                         f"{'s' if len(refused) > 1 else ''}: {refused[0]}")  # fmt: skip
     return GcReport(blobs_removed, bytes_freed, partials_removed, stale, kept, resumable,
-                    len(quarantined))  # fmt: skip
+                    len(quarantined), tuple(str(error) for error in refused))  # fmt: skip
 
 
 @contextlib.contextmanager
-def _passed_over(refused: list[StoreError]) -> Iterator[None]:
-    """A deletion this user may not make (a permission refused) is noted in ``refused``, and gc goes on."""
+def _passed_over(refused: list[StoreError] | None) -> Iterator[None]:
+    """A deletion this user may not make (a permission refused) is noted in ``refused``, and gc goes on
+    (None: it raises, as any other failure)."""
     try:
         yield
     except StoreError as error:
-        if not isinstance(error.__cause__, PermissionError):
+        if refused is None or not isinstance(error.__cause__, PermissionError):
             raise
         refused.append(error)
 
@@ -425,7 +421,9 @@ def _allocated(entry: Path) -> int:
     return total
 
 
-def _delete_quarantined(store: Store, quarantined: list[Path], good: set[str]) -> int:
+def _delete_quarantined(
+    store: Store, quarantined: list[Path], good: set[str], refused: list[StoreError] | None = None
+) -> int:
     """Delete the quarantined files; the bytes freed. One that is a hard link of a file of the user's
     (``import --link``, an adopted cache) goes as :func:`_delete_blob_files` deletes a blob: the file gets
     the mode it had back, and its record goes (a corrupt one stayed read-only for good). Not for a blob
@@ -434,10 +432,11 @@ def _delete_quarantined(store: Store, quarantined: list[Path], good: set[str]) -
     sources = linked_sources(store, sorted({sha256 for sha256 in names.values() if sha256 not in good}))
     freed = 0
     for path, sha256 in names.items():
-        freed += _unlink_freeing(store, path)
-        source = sources.get(sha256)
-        if source is not None:
-            give_back_mode(path, source.path, source.mode, source.inode)
+        with _passed_over(refused):
+            freed += _unlink_freeing(store, path)
+            source = sources.get(sha256)
+            if source is not None:
+                give_back_mode(path, source.path, source.mode, source.inode)
     if sources:
         with (
             contextlib.suppress(DepotError),

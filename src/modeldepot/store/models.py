@@ -141,6 +141,9 @@ class GcReport(_Record):
     kept_partials: int  # partials whose writer is still alive
     resumable_downloads: int = 0  # interrupted downloads kept in partials/ for a resume
     quarantined_removed: int = 0  # files of quarantine/ (blobs found corrupt, kept for a look) deleted
+    # What it could not delete (another user's files: a `sudo` pull's), each said with its owner and the fix;
+    # gc went past them
+    not_deleted: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -83,9 +83,9 @@ class Reservations:
             raise
         return reservation
 
-    def elsewhere(self) -> list[Held]:
+    def elsewhere(self, contents: bool = False) -> list[Held]:
         """The room other processes' live writes hold (this process counts its own); what a killed one
-        left is removed."""
+        left is removed. ``contents``: with the contents each holds room for (read only when asked)."""
         if self.read_only:
             return []
         try:
@@ -98,7 +98,7 @@ class Reservations:
             if name.startswith(mine):
                 continue
             path = self.directory / name
-            held = _held(path, name)
+            held = _held(path, name, contents)
             if held is None:
                 if not name.startswith("."):  # (a staging name is a reservation being made)
                     with contextlib.suppress(OSError):
@@ -123,7 +123,7 @@ class Held:
     contents: Mapping[str, int] = field(default_factory=dict)  # (a pull's: content key -> size)
 
 
-def _held(path: Path, name: str) -> Held | None:
+def _held(path: Path, name: str, with_contents: bool = False) -> Held | None:
     """What a reservation file holds while a process holds its lock; None when none does."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -133,8 +133,12 @@ def _held(path: Path, name: str) -> Held | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            first, *listed = os.pread(fd, _MAX_BYTES, 0).decode(errors="replace").splitlines()
-            amount, _, repo_id = first.strip().partition(" ")
+            # (a file being made is empty a moment: held, with nothing in it yet)
+            lines = (
+                os.pread(fd, _MAX_BYTES if with_contents else 4096, 0).decode(errors="replace").splitlines()
+            )
+            amount, _, repo_id = (lines[0] if lines else "").strip().partition(" ")
+            listed = lines[1:] if with_contents else []
             pid = name.lstrip(".").split("-", 1)[0]
             contents = {}
             for line in listed:

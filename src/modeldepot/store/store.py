@@ -333,12 +333,12 @@ class Store:
 
     def _refuse_if_found_corrupt(self, sha256: str) -> None:
         """(A read-only store.) A blob this process found corrupt stays in place: it is never handed out."""
-        if sha256 in self._refused:
-            if self.placement(sha256) == self._refused[sha256]:
+        refused = self._refused.get(sha256)
+        if refused is not None:
+            if self.placement(sha256) == refused:
                 raise CorruptBlobError(sha256, "found so before", kept_in_place=True)
-            del self._refused[
-                sha256
-            ]  # (repaired where the store is writable: a node refused it until restarted)
+            # (repaired where the store is writable: a node refused it until restarted; threads may race here)
+            self._refused.pop(sha256, None)
 
     def check_if_changed(self, blob: BlobRecord | FileEntry) -> None:
         """Rehash a blob whose file was modified after it was published or last verified (its mtime is
@@ -740,13 +740,15 @@ class Store:
         """Make a held repo private (its upstream made it so: a mirror must not go on serving it to anyone);
         whether it was public. Nothing when the store does not hold it."""
         validate_repo_id(repo_id)
+        rows = self.index.read("SELECT repo_id FROM repos WHERE repo_id = ? COLLATE NOCASE AND private = 0",
+                               (repo_id,))  # fmt: skip
+        if not rows:
+            return False  # (private already, or not held: no write)
         with self.index.write(f"making {repo_id} private") as con:
-            return (
-                con.execute(
-                    "UPDATE repos SET private = 1 WHERE repo_id = ? AND private = 0", (repo_id,)
-                ).rowcount
-                > 0
+            done = con.execute(
+                "UPDATE repos SET private = 1 WHERE repo_id = ? AND private = 0", (rows[0]["repo_id"],)
             )
+            return done.rowcount > 0
 
     def repo_summary(self, repo_id: str) -> RepoSummary:
         """One repo's refs, counts and its newest revision's size, without listing every file."""
