@@ -397,6 +397,9 @@ class Preloader:
                 done.insert(0, self.preload(repo_id, quant))
             except (NotFoundError, InvalidInputError) as error:  # (removed meanwhile)
                 log.info("not preloading %s: %s", repo_id, error)
+        if not done:  # (it said it would preload, then nothing: a README walk)
+            log.info("preloaded nothing: no model in the store was used yet (a use: a load, a read or a download "
+                     "of a variant's file), or none fits the preload budget")  # fmt: skip
         return done
 
     # -- using ------------------------------------------------------------------------------------------
