@@ -4,7 +4,9 @@ pull cancelled while it makes room holds none after."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,23 @@ import pytest
 from conftest import SMALL_CHUNK, LiveNode
 from modeldepot import Depot
 from test_budget import MB, model, repos
+
+
+@contextlib.contextmanager
+def hub_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, repo_id: str, size: int
+) -> Iterator[tuple[Depot, LiveNode]]:
+    """A node holding ``repo_id`` (a model of ``size`` bytes), named by HF_ENDPOINT, no disk budget here."""
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as hub:
+        hub.import_dir(model(tmp_path, repo_id, size=size), repo_id)
+        node = LiveNode(hub)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.delenv("MODELDEPOT_MAX_SIZE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)
+            yield hub, node
+        finally:
+            node.stop()
 
 
 def test_a_published_write_still_holds_its_room_and_another_process_evicts_it(
@@ -53,49 +72,43 @@ def test_a_pull_cancelled_while_it_makes_room_leaks_its_reservation(
     thread then goes on, adds the room to budget._reserved and creates a reservation file held by this
     process. Neither is ever released: every process on the store counts that room as taken for as long
     as this one lives (a node, a library caller with asyncio.wait_for)."""
-    with Depot(tmp_path / "upstream") as hub:
-        hub.import_dir(model(tmp_path, "up/one", size=2 * MB), "up/one")
-        node = LiveNode(hub)
-        try:
-            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.delenv("MODELDEPOT_MAX_SIZE", raising=False)
-            monkeypatch.setenv("HF_ENDPOINT", node.url)
-            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
-                local.set_max_size("10MiB")
-                budget = local.store.budget
-                manifest = local.manifest_for("up/one", "main")
-                admission = budget.reservations._admission
-                held = threading.Event()
-                let_go = threading.Event()
+    with (
+        hub_serving(tmp_path, monkeypatch, "up/one", 2 * MB),
+        Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local,
+    ):
+        local.set_max_size("10MiB")
+        budget = local.store.budget
+        manifest = local.manifest_for("up/one", "main")
+        admission = budget.reservations._admission
+        held = threading.Event()
+        let_go = threading.Event()
 
-                def other_process_evicting() -> None:  # (another process's make_room, under budget.lock)
-                    with admission.exclusive():
-                        held.set()
-                        let_go.wait(30)
+        def other_process_evicting() -> None:  # (another process's make_room, under budget.lock)
+            with admission.exclusive():
+                held.set()
+                let_go.wait(30)
 
-                holder = threading.Thread(target=other_process_evicting)
-                holder.start()
-                assert held.wait(10)
+        holder = threading.Thread(target=other_process_evicting)
+        holder.start()
+        assert held.wait(10)
 
-                async def pull_then_cancel() -> None:
-                    task = asyncio.create_task(local.pull_async("up/one", manifest=manifest))
-                    await asyncio.sleep(1.0)  # waiting for budget.lock in make_room's thread
-                    task.cancel()
-                    with pytest.raises(asyncio.CancelledError):
-                        await task
-                    let_go.set()  # the other process is done: make_room's thread goes on
-                    await asyncio.sleep(1.0)
+        async def pull_then_cancel() -> None:
+            task = asyncio.create_task(local.pull_async("up/one", manifest=manifest))
+            await asyncio.sleep(1.0)  # waiting for budget.lock in make_room's thread
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            let_go.set()  # the other process is done: make_room's thread goes on
+            await asyncio.sleep(1.0)
 
-                asyncio.run(pull_then_cancel())
-                holder.join()
-                directory = budget.reservations.directory
-                left = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
-                assert (budget._reserved, left) == (0, []), (
-                    f"{budget._reserved} bytes stay reserved in this process, reservation files held for a "
-                    f"pull that ended: {left}"
-                )
-        finally:
-            node.stop()
+        asyncio.run(pull_then_cancel())
+        holder.join()
+        directory = budget.reservations.directory
+        left = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+        assert (budget._reserved, left) == (0, []), (
+            f"{budget._reserved} bytes stay reserved in this process, reservation files held for a "
+            f"pull that ended: {left}"
+        )
 
 
 def test_a_second_pull_of_the_same_revision_under_the_budget_shares_the_first_ones_room(
@@ -110,33 +123,25 @@ def test_a_second_pull_of_the_same_revision_under_the_budget_shares_the_first_on
     from conftest import wait_until
     from fleetnodes import base_env
 
-    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as hub:
-        hub.import_dir(model(tmp_path, "up/big", size=4 * MB), "up/big")
-        node = LiveNode(hub)
-        try:
-            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.delenv("MODELDEPOT_MAX_SIZE", raising=False)
-            monkeypatch.setenv("HF_ENDPOINT", node.url)
-            home = tmp_path / "local"
-            with Depot(home, chunk_size=SMALL_CHUNK) as local:
-                local.set_max_size("6MiB")
-                reservations = home / "locks" / "reservations"
-                first = subprocess.Popen(
-                    [sys.executable, "-m", "modeldepot", "pull", "up/big", "--home", str(home), "--max-rate", "1MiB/s"],
-                    env=base_env(HF_ENDPOINT=node.url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                )  # fmt: skip
-                try:
-                    wait_until(lambda: reservations.exists() and any(reservations.iterdir()), 30,
-                               "the first pull's reservation")  # fmt: skip
-                    assert local.pull("up/big").commit_id == hub.resolve("up/big")
-                    _, err = first.communicate(timeout=60)
-                    assert first.returncode == 0, err
-                finally:
-                    first.kill()
-                    first.communicate()
-                assert local.verify().ok and repos(local) == {"up/big"}
-        finally:
-            node.stop()
+    with hub_serving(tmp_path, monkeypatch, "up/big", 4 * MB) as (hub, node):
+        home = tmp_path / "local"
+        with Depot(home, chunk_size=SMALL_CHUNK) as local:
+            local.set_max_size("6MiB")
+            reservations = home / "locks" / "reservations"
+            first = subprocess.Popen(
+                [sys.executable, "-m", "modeldepot", "pull", "up/big", "--home", str(home), "--max-rate", "1MiB/s"],
+                env=base_env(HF_ENDPOINT=node.url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            try:
+                wait_until(lambda: reservations.exists() and any(reservations.iterdir()), 30,
+                           "the first pull's reservation")  # fmt: skip
+                assert local.pull("up/big").commit_id == hub.resolve("up/big")
+                _, err = first.communicate(timeout=60)
+                assert first.returncode == 0, err
+            finally:
+                first.kill()
+                first.communicate()
+            assert local.verify().ok and repos(local) == {"up/big"}
 
 
 def test_a_reservation_being_made_is_read_as_no_room_yet(tmp_path: Path) -> None:
