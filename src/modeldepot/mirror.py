@@ -244,9 +244,9 @@ class Mirror:
             rows = store.index.read("SELECT origin FROM repos WHERE repo_id = ? COLLATE NOCASE", (repo_id,))
             if not rows or rows[0]["origin"] == "import":
                 return False
-            return (not pulled_from_here or rows[0]["origin"].rstrip("/") in upstreams) and store.hide_repo(
-                repo_id
-            )
+            if pulled_from_here and rows[0]["origin"].rstrip("/") not in upstreams:
+                return False
+            return store.hide_repo(repo_id)
 
         if await asyncio.to_thread(hide):
             log.warning("%s is %s: this node serves it behind its token from now on (without one, to no one)",
@@ -279,9 +279,8 @@ class Mirror:
             # As the pull will write it: the revision it writes into is kept (a HEAD said 200 for a file the
             # GET refused, counting the revision's other files as room)
             with store.budget.writing(manifest.repo_id, manifest.commit_id, [remote.path]) as writer:
-                writer.contents = {
-                    remote.sha256 or remote.git_oid: remote.size
-                }  # (a pull of it beside: shared)
+                # (a pull of the same file beside: its room is this one's too)
+                writer.contents = {remote.sha256 or remote.git_oid: remote.size}
                 writer.check_fits(0 if held is not None else remote.size, doing)
 
         await asyncio.to_thread(check)

@@ -151,10 +151,8 @@ async def _upstream_first(request: web.Request, repo_id: str, revision: str) -> 
         unknown = summary.origin == HF_CACHE_ORIGIN and await asyncio.to_thread(
             lambda: request.app[DEPOT].store.manifests.listing(summary.repo_id, revision.lower()) is None
         )
-        return (
-            unknown,
-            True,
-        )  # (else a commit the store lacks is a miss, answered from upstream when mirrorable)
+        # (else a commit the store lacks is a miss, answered from upstream when mirrorable)
+        return unknown, True
     return True, True
 
 
@@ -452,9 +450,8 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
     if first:
         try:
             manifest, _ = await request.app[MIRROR].remote_file(repo_id, revision, path, held)
-            check_public(
-                request, manifest
-            )  # (the store holds it: it must not answer what the upstream hides)
+            # (the store may hold it: it must not answer what the upstream hides)
+            check_public(request, manifest)
         except (EntryNotFoundError, PrivateUpstream):
             # The upstream answered: its commit for the revision has no such file (removed there). The store's
             # older commit must not answer: a client would mix two commits (its refs/main moved back).

@@ -677,9 +677,8 @@ class BudgetWriter:
         self.variants = frozenset(variants)  # the variants whose status rows it marks downloading
         self.reused: set[str] = set()  # blobs (SHA-256) it found in the store and relies on
         self.reserved = 0  # bytes it made room for
-        self.contents: dict[
-            str, int
-        ] = {}  # a pull's new contents (key -> size): pulls of them share downloads
+        # A pull's new contents (key -> size): another pull of them shares their downloads, and its room
+        self.contents: dict[str, int] = {}
         self.started = time.time()  # (what was used since is not evicted for it)
         self._reservation: Reservation | None = None  # its room, as other processes see it
 

@@ -436,8 +436,9 @@ class Index:
         return con
 
     def _connect(self, key: tuple[int, int, int] | None = None) -> sqlite3.Connection:
-        """A new connection (on a read-only store, immutable when ``key``, an :func:`immutable_key`, is given). On a full disk the room SQLite needs to open the database (its -wal and -shm
-        files) is taken from the reserve, and what is left of the reserve is taken back at once."""
+        """A new connection (on a read-only store, immutable when ``key``, an :func:`immutable_key`, is
+        given). On a full disk the room SQLite needs to open the database (its -wal and -shm files) is taken
+        from the reserve, and what is left of the reserve is taken back at once."""
         doing = f"opening the index {self.path}"
         try:
             return self._open_connection(key)
