@@ -89,6 +89,7 @@ def test_public_api_is_pinned() -> None:
         "RevisionNotFoundError", "SharedBlobsRemovedError", "SourceDirectoryError", "StoreError", "StoreFullError", "StoreSchemaError",
         "VerifyProblem", "VerifyReport", "__version__", "UpstreamError", "UpstreamDataError", "UpstreamTimeoutError", "AccessDeniedError",
         "OfflineError", "PullRunningError", "ChunkNotAvailableError", "ReadOnlyStoreError", "CommitConflictError",
+        "BlobRemovedError", "IndexDamagedError",
     }  # fmt: skip
     for name in modeldepot.__all__:
         assert hasattr(modeldepot, name)
