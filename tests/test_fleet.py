@@ -105,6 +105,7 @@ def test_cluster_settings_are_checked_at_the_edge(tmp_path: Path) -> None:
     assert no_cluster.exit_code == 2 and "--advertise needs a cluster" in no_cluster.stderr
     refused = CliRunner().invoke(cli, ["peers", *home], env={"MODELDEPOT_CLUSTER": ""})
     assert refused.exit_code == 2 and "no cluster" in refused.stderr
+    assert not (tmp_path / "store").exists(), "no store is made for a command refused (a README walk)"
 
 
 # -- in one process, through the mem:// registry ----------------------------------------------------------

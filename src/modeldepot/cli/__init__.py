@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.markup import escape
@@ -25,7 +25,6 @@ from modeldepot.cli.options import (
     a_folder,
     checked,
     cluster_options,
-    home_option,
     home_option_after,
     json_option,
     rate_value,
@@ -39,7 +38,7 @@ from modeldepot.cli.options import (
     use_servers,
 )
 from modeldepot.depot import Depot
-from modeldepot.errors import DepotError
+from modeldepot.errors import ConfigError, DepotError
 from modeldepot.openfiles import raise_open_file_limit
 from modeldepot.validation import (
     validate_branch,
@@ -461,10 +460,17 @@ def stats_command(depot: Depot, top: int, as_json: bool) -> None:
     render.render_stats(rows, depot.preloader.budget)
 
 
+def _a_cluster_given(kwargs: dict[str, Any]) -> None:
+    """A cluster to list, from --cluster or MODELDEPOT_CLUSTER, before a store is made for it (`peers`
+    without one made an empty store in the default folder, and then failed: a README walk)."""
+    if not kwargs.get("cluster") and not os.environ.get("MODELDEPOT_CLUSTER", "").strip():
+        raise ConfigError("no cluster to list: give --cluster etcd://HOST:PORT or set MODELDEPOT_CLUSTER")
+
+
 @cli.command("peers")
 @cluster_options
 @json_option
-@home_option
+@home_option_after(_a_cluster_given)
 def peers_command(depot: Depot, cluster: str | None, cluster_prefix: str | None, as_json: bool) -> None:
     """List the fleet's live nodes (from its registry, --cluster or $MODELDEPOT_CLUSTER) and what each holds.
 
