@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import serving_repo
+from conftest import free_port, serving_repo
 from faultproxy import FaultProxy, a_slow_node_before_the_hub, pull_in_a_thread, wait_until
 from modeldepot import Depot
 from modeldepot.errors import UpstreamError
@@ -52,6 +52,33 @@ def test_a_configured_node_that_goes_away_mid_pull_is_failed_over_to_the_hub_qui
     assert took < 25 and not said, (
         f"the Hub took over {took:.0f} s after the node went away (said: {said[:1]})"
     )
+
+
+def test_a_hub_that_never_answered_a_pull_looked_up_through_a_node_is_not_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pull looks the repo up through a configured node (``pull --server``), the node goes away mid-pull,
+    and nothing listens at HF_ENDPOINT (mistyped): nothing says the Hub's address was ever right, so this is
+    no outage under way. The pull fails after the Hub's attempts, saying to check HF_ENDPOINT; it waited the
+    whole patience before (a user's first try of a mirror with --server: two minutes)."""
+    chunk = 1 << 20
+    with serving_repo(tmp_path / "upstream", FILES, REPO, chunk_size=chunk) as node, \
+            a_slow_node_before_the_hub(node, monkeypatch, BIG, patience=60) as plan:  # fmt: skip
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # (nothing listens there)
+        outcome: list[object] = []
+        with Depot(tmp_path / "local", chunk_size=chunk) as depot:
+            pulling = pull_in_a_thread(depot, REPO, outcome)
+            wait_until(lambda: plan.body_bytes > chunk)
+            plan.down_until = time.monotonic() + 3600
+            gone = time.monotonic()
+            pulling.join(90)
+            took = time.monotonic() - gone
+            assert not pulling.is_alive()
+    [failed] = outcome
+    assert isinstance(failed, UpstreamError), failed
+    assert "check HF_ENDPOINT" in str(failed), failed
+    said = [r.getMessage() for r in caplog.records if "no source has sent anything" in r.getMessage()]
+    assert took < 30 and not said, f"failed {took:.0f} s after the node went away (said: {said[:1]})"
 
 
 def test_resumed_bytes_at_the_start_of_a_try_are_not_taken_for_a_source_that_answers(

@@ -677,7 +677,7 @@ class Depot:
         manifest = self.manifest_for(repo_id, revision)
         return run_through_outages(
             lambda watch: self.pull_async(repo_id, quants, revision=revision, progress=watch, manifest=manifest),
-            progress, self.config.outage_patience, repo_id,
+            progress, self.config.outage_patience, repo_id, self._through_hub(manifest),
         )  # fmt: skip
 
     @_writes
@@ -736,7 +736,7 @@ class Depot:
         run_through_outages(
             lambda watch: self.pull_async(repo_id, revision=revision, progress=watch, paths=[path],
                                           manifest=manifest),
-            progress, self.config.outage_patience, f"{repo_id}/{path}",
+            progress, self.config.outage_patience, f"{repo_id}/{path}", self._through_hub(manifest),
         )  # fmt: skip
         return self.store.entry(repo_id, path, manifest.commit_id)
 
@@ -767,6 +767,11 @@ class Depot:
                             error)  # fmt: skip
                 return saved
         return self.scan_repo(repo_id, revision)
+
+    def _through_hub(self, manifest: Manifest) -> bool:
+        """Whether ``manifest`` was looked up at the Hub (``HF_ENDPOINT``): then the Hub's address is known to
+        answer, and a pull waits out its outages."""
+        return manifest.endpoint.rstrip("/") == self.config.hub_endpoint.rstrip("/")
 
     def _held_in_part(self, manifest: Manifest) -> bool:
         """Whether ``manifest`` is what the store holds of an upstream's commit, not known to be the whole of

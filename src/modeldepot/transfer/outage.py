@@ -51,8 +51,11 @@ class OutageClock:
     """How long the sources of one pull have sent nothing while it asked them, and whether that has lasted
     ``patience`` seconds. Used on the pull's event loop (and between its tries): plain attributes."""
 
-    def __init__(self, patience: float, what: str) -> None:
+    def __init__(self, patience: float, what: str, hub_heard: bool = True) -> None:
         self.patience, self.what = patience, what
+        # Whether the Hub answered this pull (its look-up, or a range): one that never did is no outage
+        # under way but, likely, a wrong HF_ENDPOINT (a pull that looked the repo up through a node)
+        self.hub_heard = hub_heard
         self.last_heard = time.monotonic()
         self.said = False  # this silence was said
         self.asking = 0  # ranges asking a source now
@@ -133,6 +136,14 @@ class OutageClock:
         return error
 
 
+def never_answered(error: UpstreamError) -> UpstreamError:
+    """``error``, saying that the Hub never answered the pull (not an outage under way: an address to check)."""
+    said = "the Hub never answered this pull (the repo was looked up through a node): check HF_ENDPOINT"
+    if error.args and said not in str(error.args[0]):
+        error.args = (f"{error.args[0]} ({said})", *error.args[1:])
+    return error
+
+
 OUTAGE: contextvars.ContextVar[OutageClock | None] = contextvars.ContextVar("modeldepot_outage", default=None)
 
 
@@ -157,17 +168,21 @@ def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
 
 def run_through_outages(
     start: Callable[[PullProgress], Coroutine[Any, Any, T]], progress: PullProgress | None, patience: float,
-    what: str,
+    what: str, hub_heard: bool = True,
 ) -> T:  # fmt: skip
     """:func:`run_blocking` of ``start(progress)`` under an :class:`OutageClock` of ``patience`` seconds
     (none for 0: an attempt's failures count as before, and an outage fails the pull). When the pull fails
     because no source answered at all (``UpstreamError.network``) before the patience ran out, it is run
     again, resuming where it stopped (its chunks and parts are kept). An HTTP answer that said no is no
     outage. What progress shows does not go back when a try starts over: it holds what the last one showed
-    until the new one passes it (the parts of chunks it had are on disk, and are counted again)."""
+    until the new one passes it (the parts of chunks it had are on disk, and are counted again).
+
+    ``hub_heard``: whether the pull looked the repo up through the Hub. One that looked it up through a node
+    and whose Hub has not answered once is not waited for: nothing says the Hub's address is right (a
+    ``pull --server MIRROR`` with a mistyped ``HF_ENDPOINT`` waited the patience out, two minutes)."""
     if patience <= 0:
         return run_blocking(start(progress or (lambda _update: None)))
-    clock = OutageClock(patience, what)
+    clock = OutageClock(patience, what, hub_heard)
     shown = _ShownSoFar(progress)
     waits = 0  # tries again since a try brought bytes
     while True:
@@ -178,6 +193,8 @@ def run_through_outages(
         except UpstreamError as error:
             if not error.network:
                 raise
+            if not clock.hub_heard:
+                raise never_answered(error) from None
             clock.outage_goes_on()
             if clock.left() <= 0:
                 raise clock.gave_up(error) from None
