@@ -239,6 +239,40 @@ def test_preloaded_and_loaded_models_and_pulls_in_progress_are_in_use(store: Dep
         assert "acme/pulling" not in budget._kept(writer).repos
 
 
+def test_an_update_of_a_pinned_model_that_cannot_fit_beside_it_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pinned branch whose upstream moved, under a budget for one revision: the pin keeps the commit the pull
+    replaces until the new one is whole, so the update is refused, saying so and what to do (the error named
+    no cause: "unpin or remove models" with one model, an operator's first upstream update)."""
+    with Depot(tmp_path / "upstream") as hub:
+        hub.import_dir(model(tmp_path, "up/served", size=2 * MB), "up/served")
+        node = LiveNode(hub)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)
+            with budgeted(tmp_path / "local", "3MiB", monkeypatch) as local:
+                local.pull("up/served")
+                local.pin("up/served")
+                hub.import_dir(model(tmp_path, "up/served", size=2 * MB, seed=1), "up/served")
+                with pytest.raises(BudgetExceededError) as refused:
+                    local.pull("up/served")
+                said = str(refused.value)
+                assert "its pin keeps the revision this pull replaces" in said, said
+                assert "modeldepot unpin up/served" in said, said
+                # What status says meanwhile: the variant is held whole at the commit main names here
+                served = local.resolve("up/served", "main")
+                [variant] = local.get_manifest("up/served").variants
+                assert (variant.status, variant.held_commit) == ("available", served), variant
+                local.unpin("up/served")
+                local.pull("up/served")  # (as it says: then it fits)
+                assert local.resolve("up/served", "main") == hub.resolve("up/served", "main") != served
+                [variant] = local.get_manifest("up/served").variants
+                assert (variant.status, variant.held_commit) == ("downloaded", None), variant
+        finally:
+            node.stop()
+
+
 def test_a_pull_evicts_before_it_downloads_and_fails_before_it_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

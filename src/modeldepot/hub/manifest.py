@@ -53,6 +53,9 @@ class Variant:
     updated_at: float | None
     resumable: bool = False  # part of it waits in partials/: a pull continues from there
     bytes_by_source: dict[str, int] = field(default_factory=dict)  # local | node | peer | hub -> bytes
+    # Not held at the scanned commit, but whole at the older one its branch still names in the store (an
+    # update not pulled yet, or refused): what the branch serves meanwhile
+    held_commit: str | None = None
 
 
 @dataclass(frozen=True)
@@ -442,6 +445,7 @@ def _held_in_part(store: Store, manifest: Manifest) -> Manifest:
     waiting = [v for v in manifest.variants if v.status == "available" and not v.resumable]
     if not waiting:
         return manifest
+    older = _older_commit_held(store, manifest)
     held = {
         row["path"]
         for row in store.index.read(
@@ -460,5 +464,26 @@ def _held_in_part(store: Store, manifest: Manifest) -> Manifest:
             variant = dataclasses.replace(
                 variant, status=status, bytes_done=sum(sizes[p] for p in own & held)
             )
+        elif variant in waiting and variant.name.lower() in older:
+            variant = dataclasses.replace(variant, held_commit=older[variant.name.lower()])
         variants.append(variant)
     return dataclasses.replace(manifest, variants=tuple(variants))
+
+
+def _older_commit_held(store: Store, manifest: Manifest) -> dict[str, str]:
+    """Variant (lower case) -> the commit its branch names in the store, when that is not the scanned one and
+    holds the variant whole: after an update was scanned and not pulled (refused by the budget, a pin's old
+    commit kept: a review), `status` said "available" of a model the store holds and serves."""
+    try:
+        commit_id = store.resolve(manifest.repo_id, manifest.revision)
+    except NotFoundError:
+        return {}
+    if commit_id == manifest.commit_id:
+        return {}
+    rows = store.index.read(
+        "SELECT f.path, b.state FROM files f LEFT JOIN blobs b USING (sha256) WHERE f.repo_id = ? AND f.commit_id = ?",
+        (manifest.repo_id, commit_id),
+    )
+    held = {row["path"] for row in rows if row["state"] == "ok"}
+    grouping = group_files(row["path"] for row in rows)
+    return {v.name.lower(): commit_id for v in grouping.variants if {*v.files, *grouping.shared} <= held}

@@ -195,6 +195,7 @@ def _variant_states(manifests: list[Manifest], authorized: bool) -> dict[str, di
                 "error": variant.error,
                 "resumable": variant.resumable,
                 "bytes_by_source": variant.bytes_by_source,
+                "held_commit": variant.held_commit,
             }
     return states
 

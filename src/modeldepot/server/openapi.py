@@ -257,7 +257,15 @@ def _components() -> ComponentSchemas:
         "VariantEvent",
         c.record(
             Variant,
-            only=["status", "bytes_done", "total_bytes", "error", "resumable", "bytes_by_source"],
+            only=[
+                "status",
+                "bytes_done",
+                "total_bytes",
+                "error",
+                "resumable",
+                "bytes_by_source",
+                "held_commit",
+            ],
             add={
                 "repo_id": c.field(Manifest, "repo_id"),
                 "commit_id": c.field(Manifest, "commit_id"),

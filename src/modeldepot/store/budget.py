@@ -516,10 +516,26 @@ class DiskBudget:
                 + (f" or of {writer.repo_id} itself" if writer is not None and writer.commit_id is None else "")
                 + self._writes_under_way()
                 + f" (pinned: {size_text(self.status().pinned_bytes)}); nothing was removed. Raise the budget "
-                f"({self._setting_that_binds(budget)}), unpin or remove models",
+                f"({self._setting_that_binds(budget)}), unpin or remove models" + self._pinned_update(writer),
                 budget_bytes=budget, protected_bytes=kept_bytes, needed_bytes=needed,
                 repo_id=writer.repo_id if writer else None,
             )  # fmt: skip
+
+    def _pinned_update(self, writer: BudgetWriter | None) -> str:
+        """What to say when ``writer`` pulls a new commit of a repo whose pin keeps another of its commits: the
+        pin follows its branch only once the new commit is whole (an operator who pins "the model we serve"
+        met this on the upstream's first update, the error naming no cause)."""
+        if writer is None or writer.commit_id is None:
+            return ""
+        held = {
+            commit for (repo_id, commit) in self._pins_by_revision()
+            if repo_id == writer.repo_id and commit != writer.commit_id
+        }  # fmt: skip
+        if not held:
+            return ""
+        return (f". {writer.repo_id} is pinned, and its pin keeps the revision this pull replaces until the new one "
+                f"is whole: an update of a pinned model needs room for both (or `modeldepot unpin {writer.repo_id}`, "
+                "pull, then pin it again)")  # fmt: skip
 
     def _others_reserved(self, writer: BudgetWriter | None) -> int:
         """The room other writers hold, in this process and in others, and have not filled yet; not the

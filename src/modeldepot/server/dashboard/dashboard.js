@@ -756,7 +756,8 @@
     const note = row.querySelector(".note");
     const sources = Object.entries(variant.bytes_by_source || {}).filter(([, n]) => n > 0).map(([k, n]) => `${k} ${bytes(n)}`);
     note.className = variant.error ? "note error-text" : "note muted";
-    setText(note, variant.error || sources.join(" · "));
+    const older = variant.held_commit ? `held whole at ${variant.held_commit.slice(0, 12)}: Pull updates it` : "";
+    setText(note, variant.error || older || sources.join(" · "));
     const downloaded = variant.status === "downloaded" && Boolean(item.summary);
     const pinned = Boolean(pinOf(item.id, variant.variant));
     for (const b of row.querySelector(".actions").children) {
