@@ -200,6 +200,34 @@ def test_gc_deletes_nothing_on_a_damaged_index_and_says_how_to_get_out(home: Pat
     assert checked.exit_code != 0 and ".recover" in checked.output, checked.output
 
 
+def test_rm_deletes_nothing_on_a_damaged_index(home: Path, model_dir: Path) -> None:
+    """rm frees the blobs no other file row names, read from the index: a damaged page is read wrong without a
+    word (gc so deleted good blobs) or fails halfway (here: a bare "database disk image is malformed" from
+    SQLite). rm runs SQLite's quick check first, as gc does, deletes nothing and says how to get out."""
+    from modeldepot.errors import IndexDamagedError
+
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(model_dir, REPO)
+        depot.import_dir(model_dir, "acme/same-files")
+    blobs = sorted(p for p in (home / "blobs").rglob("*") if p.is_file())
+    con = sqlite3.connect(home / "index.db")
+    root, page_size = (con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'files_by_blob'").fetchone()[0],
+                       con.execute("PRAGMA page_size").fetchone()[0])  # fmt: skip
+    con.close()
+    with (home / "index.db").open("r+b") as index:  # (the low byte of the page's cell count)
+        index.seek((root - 1) * page_size + 4)
+        count = index.read(1)[0]
+        index.seek(-1, os.SEEK_CUR)
+        index.write(bytes([count ^ 0x04]))
+    with Depot(home) as depot:
+        with pytest.raises(IndexDamagedError, match="deleted nothing") as refused:
+            depot.remove(REPO)
+        assert ".recover" in str(refused.value)
+        with pytest.raises(IndexDamagedError, match="deleted nothing"):
+            depot.remove(REPO, quant="q4")
+    assert sorted(p for p in (home / "blobs").rglob("*") if p.is_file()) == blobs
+
+
 def test_files_another_user_wrote_into_the_store_are_named_and_gc_goes_past_them(
     home: Path, model_dir: Path
 ) -> None:

@@ -158,6 +158,7 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
                 if others:
                     return RemoveResult(repo_id, (), 0, 0, revision, others)
         marks = ",".join("?" * len(commits))
+        _refuse_a_damaged_index(store, f"removing {repo_id}")
 
         def delete_rows(con: sqlite3.Connection) -> list[str]:
             candidates = [r[0] for r in con.execute(
@@ -193,6 +194,7 @@ def remove_files(store: Store, repo_id: str, commit_id: str, paths: Iterable[str
         if not gone:
             return RemoveResult(repo_id, (), 0, 0)
         if held > wanted & held:  # (else nothing would be left of it: the revision goes, below)
+            _refuse_a_damaged_index(store, f"removing files of {repo_id}")
 
             def delete_rows(con: sqlite3.Connection) -> list[str]:
                 candidates = {row[0] for row in con.execute(
