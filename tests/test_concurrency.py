@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import os
 import shutil
@@ -171,6 +172,7 @@ def fork_children(count: int, work: Callable[[int], None]) -> Iterator[int]:
         pid = os.fork()
         if pid == 0:  # the child: never return into pytest
             os.close(read_fd)
+            faulthandler.dump_traceback_later(60, exit=True)  # (a child that hangs fails, saying where)
             code, report = 1, b""
             try:
                 work(n)

@@ -54,6 +54,7 @@ from typing import Any, Generic, TypeVar
 
 from modeldepot.config import parse_size
 from modeldepot.errors import ConfigError
+from modeldepot.store.forking import start_over_after_fork
 
 __all__ = ["CacheStats", "LoadedModelCache", "close_on_evict", "default_on_evict", "process_rss_bytes"]
 
@@ -346,6 +347,20 @@ class LoadedModelCache(Generic[M]):
         self._flights: dict[Hashable, _Flight] = {}
         self._flight_ended = threading.Condition(self._lock)  # (a load waiting for room waits on it)
         self._hits = self._misses = self._evictions = self._failures = 0
+        start_over_after_fork(self)
+
+    def after_fork(self) -> None:
+        """In a forked child: the loads the parent's other threads had under way never end here. A load of
+        one of them waited for ever for it, and under a memory budget a load of any model waited for the
+        room they held (a worker forked while a warm-up thread loaded: a trial). The loaded engines stay."""
+        forking = (
+            threading.get_ident()
+        )  # (the child's one thread: its own load, if it forked in one, goes on)
+        self._lock = threading.Lock()
+        self._flight_ended = threading.Condition(self._lock)
+        for key, flight in list(self._flights.items()):
+            if flight.thread != forking:
+                del self._flights[key]
 
     # -- loading ----------------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ from modeldepot.hub.variants import group_files
 from modeldepot.preload.copies import STRATEGIES, FileCopy
 from modeldepot.preload.residency import MlockError, lock, resident_bytes, unlock
 from modeldepot.store.access import ModelAccess
+from modeldepot.store.forking import ForkSafeExecutor, start_over_after_fork
 from modeldepot.store.models import FileEntry
 from modeldepot.store.store import Store
 from modeldepot.tiers import Tiers
@@ -201,13 +202,22 @@ class Preloader:
         self._loading_bytes: dict[ModelKey, int] = {}  # the room each load in progress made for itself
         self._hits = self._misses = self._evictions = 0
         self._load_times: dict[bool, list[float]] = {True: [], False: []}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preload")
+        self._pool = ForkSafeExecutor(max_workers=1, thread_name_prefix="preload")
         # Whether the budget gave way to a holder or a pin (everything left held): a release then measures
         # again. Every release of every load measured the whole tier (0.1 s a GiB) under the lock.
         self._gave_way = False
         self._room_made_at = time.monotonic()  # when the tier was last measured against its budget
         # The last measure for stats: when, of which models, each one's bytes in RAM, and the tier's
         self._measured: tuple[float, tuple[_Model, ...], dict[ModelKey, int], int] | None = None
+        start_over_after_fork(self)
+
+    def after_fork(self) -> None:
+        """In a forked child: the loads the parent's other threads had under way never end here (a preload of
+        one of them waited for ever), and one of them may have held the lock."""
+        self._lock = threading.RLock()
+        for loading in (self._loading, self._loading_paths, self._loading_bytes):
+            loading.clear()
+        self._forgotten.clear()
 
     # -- which files ------------------------------------------------------------------------------------
 

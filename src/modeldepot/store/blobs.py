@@ -28,7 +28,7 @@ from pathlib import Path
 
 from modeldepot.errors import CorruptBlobError
 from modeldepot.store.layout import StoreLayout, fsync_dir, fsync_file, os_error
-from modeldepot.store.locks import lock_is_held
+from modeldepot.store.locks import lock_is_held, unlock_and_close
 
 __all__ = [
     "BlobFiles",
@@ -173,7 +173,7 @@ class PartialBlob:
 
     def release_link_lock(self) -> None:
         if self.link_lock >= 0:
-            os.close(self.link_lock)
+            unlock_and_close(self.link_lock)
             self.link_lock = -1
 
 
@@ -328,7 +328,7 @@ class WriteSession:
         for partial in self._partials:
             partial.discard()
         self.layout.rmtree(self.path)
-        os.close(self._lock_fd)
+        unlock_and_close(self._lock_fd)
 
     def __enter__(self) -> WriteSession:
         return self

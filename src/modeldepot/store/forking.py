@@ -16,7 +16,12 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Protocol
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import ParamSpec, Protocol, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class StartsOverAfterFork(Protocol):
@@ -30,6 +35,39 @@ _OWNERS: weakref.WeakSet[StartsOverAfterFork] = weakref.WeakSet()
 def start_over_after_fork(owner: StartsOverAfterFork) -> None:
     """Have ``owner.after_fork()`` called in every child this process forks while ``owner`` lives."""
     _OWNERS.add(owner)
+
+
+class ForkSafeExecutor(Executor):
+    """A thread pool made on first use, and made anew in a forked child. A child inherits a
+    ``ThreadPoolExecutor`` with its threads dead and its count of idle ones saying otherwise: it starts
+    none, and nothing submitted there ever runs (every pull of a gunicorn worker forked after the parent
+    pulled hung for good, without a word: a trial)."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
+        self._max_workers, self._prefix = max_workers, thread_name_prefix
+        self._pool: ThreadPoolExecutor | None = None
+        self._made = threading.Lock()
+        start_over_after_fork(self)
+
+    def _current(self) -> ThreadPoolExecutor:
+        pool = self._pool
+        if pool is None:
+            with self._made:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self._max_workers, thread_name_prefix=self._prefix)
+                pool = self._pool
+        return pool
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        return self._current().submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pool = self._pool
+        if pool is not None:
+            pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    def after_fork(self) -> None:
+        self._pool, self._made = None, threading.Lock()  # (the parent's threads are not the child's)
 
 
 class ForkGate:

@@ -29,6 +29,7 @@ from typing import TypeVar
 from modeldepot.errors import ReadOnlyStoreError, StoreError, StoreFullError, StoreSchemaError
 from modeldepot.store.forking import INDEX_GATE
 from modeldepot.store.layout import FULL_DISK_ADVICE
+from modeldepot.store.locks import unlock_and_close
 
 __all__ = ["SCHEMA_VERSION", "ChangeCounter", "Index", "SpaceReserve", "translate_sqlite_error"]
 
@@ -415,7 +416,7 @@ class Index:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._migrate()
         finally:
-            os.close(fd)
+            unlock_and_close(fd)
         self.reserve.refill()
 
     def connection(self) -> sqlite3.Connection:

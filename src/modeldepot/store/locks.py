@@ -10,6 +10,7 @@ Always taken before an index transaction, never while one is open.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -18,12 +19,22 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-__all__ = ["StoreLock", "flock_holder", "lock_is_held", "process_state"]
+__all__ = ["StoreLock", "flock_holder", "lock_is_held", "process_state", "unlock_and_close"]
 
 log = logging.getLogger(__name__)
 
 # Seconds a wait for a lock another process holds goes on before it is said, and between two sayings
 WAIT_SAID, WAIT_SAID_AGAIN = 5.0, 60.0
+
+
+def unlock_and_close(fd: int) -> None:
+    """Close ``fd``, letting go of the ``flock`` it holds first. A child forked while it was held shares its
+    open file description, and a close alone leaves the lock to that description until the child exits: a
+    worker forked while another thread pulled kept `rm` refused ("a pull is running") for its whole life,
+    and one forked during a write waited for ever on the lock its own copy held (a trial)."""
+    with contextlib.suppress(OSError):  # (a file system without flock: nothing to let go of)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
 
 
 class StoreLock:
@@ -44,7 +55,7 @@ class StoreLock:
                 self._wait(fd, mode)
             yield
         finally:
-            os.close(fd)  # closing the descriptor releases the lock
+            unlock_and_close(fd)
 
     def _wait(self, fd: int, mode: int) -> None:
         """Block for the lock, saying who holds it once the wait is long (a gc suspended by Ctrl-Z held every
@@ -93,7 +104,7 @@ class StoreLock:
                 return
             yield True
         finally:
-            os.close(fd)
+            unlock_and_close(fd)
 
 
 def lock_is_held(path: Path) -> bool | None:
@@ -108,7 +119,7 @@ def lock_is_held(path: Path) -> bool | None:
     except BlockingIOError:
         return True
     finally:
-        os.close(fd)  # a lock we took is released with it
+        unlock_and_close(fd)
     return False
 
 

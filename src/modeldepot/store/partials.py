@@ -63,7 +63,7 @@ from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.store.blobs import PartialBlob, start_writeback
 from modeldepot.store.durability import UNKNOWN_BOOT, current_boot_id
 from modeldepot.store.layout import StoreLayout, os_error
-from modeldepot.store.locks import flock_holder, lock_is_held
+from modeldepot.store.locks import flock_holder, lock_is_held, unlock_and_close
 from modeldepot.store.models import BlobRecord
 from modeldepot.store.verified import PartialChunkReader
 
@@ -319,7 +319,7 @@ class ResumablePartial:
             os.close(self._data_fd)
             self._data_fd = -1
         if self._lock_fd >= 0:
-            os.close(self._lock_fd)
+            unlock_and_close(self._lock_fd)
             self._lock_fd = -1
 
 
@@ -352,11 +352,11 @@ class PartialFiles:
             fcntl.flock(fd, fcntl.LOCK_SH)
             if _still_linked(fd, mark):
                 break
-            os.close(fd)  # (gc removed it between our open and our lock: the next one is made anew)
+            unlock_and_close(fd)  # (gc removed it between our open and our lock: the next one is made anew)
         try:
             yield
         finally:
-            os.close(fd)
+            unlock_and_close(fd)
 
     def is_pulling(self, repo_id: str) -> bool:
         """Whether a live process is pulling ``repo_id`` now (a status row saying 'downloading' without
@@ -541,11 +541,11 @@ class PartialFiles:
                 if not (paths.one_piece and _placed(lock_fd)):
                     break
                 self.layout.unlink(paths.lock)  # a blob's other name: its download ended before letting go
-            os.close(lock_fd)  # its holder finished and unlinked it while we waited: take a fresh one
+            unlock_and_close(lock_fd)  # its holder finished and unlinked it while we waited: take a fresh one
         try:
             return self._open(key, paths, lock_fd, size, chunk_size)
         except BaseException:
-            os.close(lock_fd)
+            unlock_and_close(lock_fd)
             raise
 
     def _open(self, key: str, paths: _Paths, lock_fd: int, size: int, chunk_size: int) -> ResumablePartial:
@@ -620,7 +620,7 @@ class PartialFiles:
                 else:
                     kept += 1
             finally:
-                os.close(fd)
+                unlock_and_close(fd)
         for mark in self.root.glob("pull-*.lock"):  # (one per repo ever pulled: an inode each, for good)
             with contextlib.suppress(OSError):
                 fd = os.open(mark, os.O_RDONLY | os.O_CLOEXEC)
@@ -629,7 +629,7 @@ class PartialFiles:
                     if _still_linked(fd, mark):
                         self.layout.unlink(mark)
                 finally:
-                    os.close(fd)
+                    unlock_and_close(fd)
         logless = [
             *self.root.glob("*.one"),
             *(p for p in self.root.glob("*.part") if not p.with_suffix(".log").exists()),
@@ -674,7 +674,7 @@ class PartialFiles:
         except BlockingIOError:
             return "running"  # a one-chunk download running now
         finally:
-            os.close(fd)
+            unlock_and_close(fd)
 
 
 def _make_mark(shared: Path, path: Path) -> None:

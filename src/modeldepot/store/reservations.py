@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modeldepot.store.locks import StoreLock
+from modeldepot.store.locks import StoreLock, unlock_and_close
 
 _FIELD = 20  # digits of a reservation's byte count (fixed: the file is rewritten in place)
 _MAX_BYTES = 1 << 22  # read of a reservation: its contents' lines (~90 bytes each) of a repo of 40,000 files
@@ -42,7 +42,7 @@ class Reservation:
             return
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # (before the lock goes: a reader never counts a file nobody holds)
-        os.close(self._fd)
+        unlock_and_close(self._fd)
         self._fd = -1
 
 
@@ -77,7 +77,7 @@ class Reservations:
                 os.pwrite(fd, listed, len(f"{amount:{_FIELD}d} {repo_id}\n".encode()))
             staging.rename(reservation.path)
         except BaseException:
-            os.close(fd)
+            unlock_and_close(fd)
             with contextlib.suppress(OSError):
                 staging.unlink()
             raise
@@ -149,4 +149,4 @@ def _held(path: Path, name: str, with_contents: bool = False) -> Held | None:
                         int(pid) if pid.isascii() and pid.isdigit() else None, contents)  # fmt: skip
         return None
     finally:
-        os.close(fd)
+        unlock_and_close(fd)

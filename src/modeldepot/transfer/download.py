@@ -38,7 +38,6 @@ import mmap
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +55,7 @@ from modeldepot.errors import (
 )
 from modeldepot.hashing import BlobDigest, BlobHasher, chunk_span, digest_bytes
 from modeldepot.hub.manifest import RemoteFile
+from modeldepot.store.forking import ForkSafeExecutor
 from modeldepot.store.partials import ResumablePartial
 from modeldepot.transfer.choosing import BANNED_NODES, ChunkChooser, ChunkRequest, FileSource
 from modeldepot.transfer.sources import ChunkUnavailableError, HttpSource, RangeIgnoredError
@@ -856,7 +856,7 @@ class _FileJob(ChunkChooser):
                     mapping.close()
 
 
-UNMAPPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modeldepot-unmap")
+UNMAPPER = ForkSafeExecutor(max_workers=1, thread_name_prefix="modeldepot-unmap")
 
 
 def _mib(rate: int) -> str:

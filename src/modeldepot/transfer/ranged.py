@@ -29,12 +29,12 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urljoin, urlsplit
 
 from modeldepot.errors import ConfigError
+from modeldepot.store.forking import ForkSafeExecutor
 
 if TYPE_CHECKING:
     from modeldepot.ratelimit import RateLimit
@@ -58,7 +58,7 @@ MAX_REDIRECTS = 5
 # piece of 1 MiB still sat 8 s at 1 Mbit/s). 64 calls a chunk cost nothing measurable.
 READ_PIECE = 256 << 10
 IDLE_SECONDS = 30.0  # a kept-alive connection unused for longer is closed, not reused
-READERS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="modeldepot-range")
+READERS = ForkSafeExecutor(max_workers=64, thread_name_prefix="modeldepot-range")
 """The threads ranged reads run on (not the loop's default executor: landing and hashing use that one)."""
 
 _Origin = tuple[str, str, int]

@@ -1,0 +1,116 @@
+"""Workers forked from a process that opened the store and used it (gunicorn ``--preload``, a multiprocessing
+pool of forks): what other threads of the parent were doing at the fork must neither hang the child nor
+keep the parent's locks for the child's whole life (an explorer's findings, each failing before)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import SMALL_CHUNK, hub_path_depot, sample_files, serving_repo, write_model_dir
+from modeldepot import Depot
+from modeldepot.engines import LoadedModelCache
+from modeldepot.preload import Preloader
+from test_concurrency import fork_children
+
+REPO = "acme/forked"
+
+
+def test_a_worker_forked_after_the_parent_pulled_can_pull(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child inherited the ranged readers' thread pool with its threads dead and its idle count saying
+    otherwise: nothing submitted there ran, and every pull of the child hung without a word."""
+    files, other = sample_files(seed=21), sample_files(seed=22)
+    with serving_repo(tmp_path / "up", files, REPO, chunk_size=SMALL_CHUNK) as node:
+        node.depot.import_dir(write_model_dir(tmp_path / "other", other), "acme/other")
+        with hub_path_depot(tmp_path / "local", node.url, monkeypatch) as depot:
+            depot.pull(REPO)  # (the readers' threads start in the parent)
+
+            def work(_: int) -> None:
+                depot.pull("acme/other")
+                assert depot.get_file("acme/other", "model.safetensors") == other["model.safetensors"]
+
+            list(fork_children(1, work))
+
+
+def test_a_store_lock_held_as_a_worker_forked_is_the_parents_to_let_go(depot: Depot, tmp_path: Path) -> None:
+    """A flock belongs to the open file description, which a forked child shares: closed in the parent, the
+    lock stayed held until the child exited (a worker forked while a thread pulled kept `rm` refused, "a pull
+    is running", and gc waiting, for its whole life). Each lock is let go of before its descriptor closes."""
+    depot.import_dir(write_model_dir(tmp_path / "model", sample_files(seed=23)), REPO)
+    holding, forked = threading.Event(), threading.Event()
+
+    def write_while_it_forks() -> None:
+        with depot.store.lock.shared(), depot.store.partials.pulling(REPO):
+            holding.set()
+            forked.wait(10)
+
+    writer = threading.Thread(target=write_while_it_forks)
+    writer.start()
+    assert holding.wait(10)
+
+    def idle(_: int) -> None:
+        time.sleep(4)  # (a worker that does not touch the store)
+
+    for _pid in fork_children(1, idle):
+        forked.set()
+        writer.join(10)
+        assert not depot.store.partials.is_pulling(REPO), "the parent's pull mark outlived its pull"
+        with depot.store.lock.exclusive_if_free() as free:
+            assert free, "the parent's store lock outlived its write"
+        depot.remove(REPO)
+
+
+def test_a_load_under_way_in_another_thread_as_a_worker_forked_does_not_hang_the_worker() -> None:
+    """The child inherited the load in flight of a thread it does not have: its load of that model waited for
+    ever, and under a memory budget its load of any model waited for the room that flight held."""
+    cache: LoadedModelCache[str] = LoadedModelCache(max_models=4, memory_budget=100)
+    loading, forked = threading.Event(), threading.Event()
+
+    def slow_load() -> str:
+        loading.set()
+        forked.wait(10)
+        return "the parent's"
+
+    loader = threading.Thread(target=lambda: cache.get_or_load("model", slow_load, size=80))
+    loader.start()
+    assert loading.wait(10)
+
+    def work(_: int) -> None:
+        assert cache.get_or_load("other", lambda: "another", size=60) == "another"
+        assert cache.get_or_load("model", lambda: "the child's", size=30) == "the child's"
+
+    try:
+        list(fork_children(1, work))
+    finally:
+        forked.set()
+        loader.join(10)
+    assert cache.get_or_load("model", lambda: "again") == "the parent's"
+
+
+def test_a_preload_under_way_in_another_thread_as_a_worker_forked_does_not_hang_the_worker(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """The same for the RAM tier: the child waited for ever on the parent's preload of the model, and its
+    background preloads (one thread, inherited dead) never ran."""
+    depot.import_dir(write_model_dir(tmp_path / "model", sample_files(seed=24)), REPO)
+    preloader = Preloader(depot, budget="64MiB")
+    preloader.auto_preload_in_background(1).result(30)  # (its thread starts in the parent)
+    key = (REPO, depot.resolve(REPO), "")
+    preloader.evict(REPO)  # (in case it was preloaded: the worker's preload must load it)
+    with preloader._lock:  # a thread of the parent is loading it as the worker forks
+        preloader._loading[key] = threading.Event()
+
+    def work(_: int) -> None:
+        assert not preloader.preload(REPO).already
+        assert preloader.auto_preload_in_background(1).result(30) is not None
+
+    try:
+        list(fork_children(1, work))
+    finally:
+        preloader._loading.pop(key).set()
+        preloader.close()
