@@ -329,6 +329,23 @@ def test_the_same_content_under_two_paths_crosses_the_wire_once(
     assert local.du().blobs == 2
 
 
+def test_a_file_published_into_a_revision_is_linked_into_its_snapshot_where_it_stands(local: Depot) -> None:
+    """Each file a mirror fetches is published into its commit: the whole snapshot folder was built again and
+    swapped in each time, so fetching a repo of 700 files through a mirror took 363 s (12 s from its node).
+    A file published into a revision whose snapshot stands is linked into it; the folder and the links
+    already there stay as they are, and the snapshot is whole."""
+    local.download_file(REPO, "config.json")
+    commit = local.resolve(REPO)
+    folder = local.store.snapshots.path(REPO, commit)
+    before = (os.stat(folder).st_ino, os.lstat(folder / "config.json").st_ino)
+    local.download_file(REPO, "onnx/model.onnx")
+    local.download_file(REPO, "tokenizer.json")
+    assert (os.stat(folder).st_ino, os.lstat(folder / "config.json").st_ino) == before, "built again"
+    for path in ("config.json", "onnx/model.onnx", "tokenizer.json"):
+        assert (folder / path).read_bytes() == FILES[path]
+    assert not local.store.ensure_snapshot(REPO, commit), "the snapshot is whole, and nothing else is in it"
+
+
 def test_the_blocking_api_works_inside_an_event_loop(local: Depot) -> None:
     """A notebook cell or an async server calling the plain API: it blocks, and it works."""
 

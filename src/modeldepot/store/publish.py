@@ -176,7 +176,7 @@ def publish(
                 committed()
             if new:
                 store.durability.written()
-            _build_snapshot(store, spec.repo_id, spec.commit_id)
+            _build_snapshot(store, spec.repo_id, spec.commit_id, [(s.path, s.digest.sha256) for s in staged])
     except BaseException:
         if placed:
             _unplace(store, placed)
@@ -184,13 +184,15 @@ def publish(
     return set(new)
 
 
-def _build_snapshot(store: Store, repo_id: str, commit_id: str) -> None:
+def _build_snapshot(store: Store, repo_id: str, commit_id: str, published: list[tuple[str, str]]) -> None:
     """Under the shared lock, so gc (exclusive) never removes a snapshot being built. Derived state: if
-    this fails (a full disk, no inodes), the revision still exists and snapshot_path/verify rebuild it."""
+    this fails (a full disk, no inodes), the revision still exists and snapshot_path/verify rebuild it.
+    Files published into a revision whose snapshot stands are linked into it; else it is built whole."""
     try:
-        store.snapshots.build(
-            repo_id, commit_id, [(f.path, f.sha256) for f in store.files(repo_id, commit_id)]
-        )
+        if not store.snapshots.add(repo_id, commit_id, published):
+            store.snapshots.build(
+                repo_id, commit_id, [(f.path, f.sha256) for f in store.files(repo_id, commit_id)]
+            )
     except StoreError as error:
         log.warning(
             "published %s@%s, but its snapshot folder could not be built yet: %s", repo_id, commit_id, error

@@ -2,7 +2,8 @@
 
 It is derived state: the index says what a snapshot holds, and a missing or damaged snapshot is rebuilt
 from it. A snapshot appears whole or not at all: it is built under a temporary name and renamed into
-place, so a reader never sees half of one.
+place, so a reader never sees half of one. Files published later into its revision are linked into it
+where it stands (:meth:`Snapshots.add`), each link whole.
 """
 
 from __future__ import annotations
@@ -66,6 +67,42 @@ class Snapshots:
             self.layout.rmtree(staging)
             raise os_error(error, f"building the snapshot of {repo_id}@{commit_id[:12]}") from error
         return final
+
+    def add(self, repo_id: str, commit_id: str, files: Iterable[tuple[str, str]]) -> bool:
+        """Link these files into the revision's snapshot where it stands, each link made under a temporary
+        name and renamed into place (a reader sees each whole). False, having done nothing, when there is no
+        snapshot folder yet, or when a builder swapped another in meanwhile and a link of these is not in it
+        (the caller builds it whole). A mirror that published each file it fetched into its commit rebuilt
+        the whole folder each time: a repo of 700 files fetched through it took 363 s, 12 s from its node."""
+        root = self.path(repo_id, commit_id)
+        if not os.path.isdir(root):
+            return False
+        files = list(files)
+        try:
+            for path, sha256 in files:
+                link = self.layout.snapshot_file(root, path)
+                target = self.layout.link_target(link, sha256)
+                with contextlib.suppress(OSError):
+                    if os.readlink(link) == target:
+                        continue
+                self.layout.inside(link.parent).mkdir(parents=True, exist_ok=True)
+                staging = link.with_name(f".{link.name}.{secrets.token_hex(4)}.link")
+                os.symlink(target, self.layout.inside(staging))
+                try:
+                    self.layout.rename(staging, link)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        self.layout.unlink(staging)
+                    raise
+            for path, sha256 in files:  # (in the folder that stands now: not one retired meanwhile)
+                link = self.layout.snapshot_file(root, path)
+                if os.readlink(link) != self.layout.link_target(link, sha256):
+                    return False
+        except FileNotFoundError:
+            return False  # (swapped or removed as it linked: built whole)
+        except OSError as error:
+            raise os_error(error, f"linking files into the snapshot of {repo_id}@{commit_id[:12]}") from error
+        return True
 
     def _swap_in(self, staging: Path, final: Path, final_is_complete: Callable[[], bool]) -> None:
         """Rename staging over final, racing other builders of the same snapshot safely.
