@@ -284,6 +284,9 @@ class BackgroundServer:
     def stop(self) -> None:
         import asyncio
 
+        if self.loop.is_closed():
+            return  # (stopped already: by the test, then by its fixture)
+
         async def shutdown() -> None:
             if self._on_stop is not None:
                 await self._on_stop()

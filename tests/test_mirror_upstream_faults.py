@@ -144,6 +144,26 @@ def test_an_upstream_failing_every_transfer_is_a_502_and_not_pulled_again_at_onc
         mirror.stop()
 
 
+def test_an_upstream_that_went_away_is_a_502_not_a_200_cut_at_0_bytes(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: None
+) -> None:
+    """Nothing listens at the upstream's address any more (it stopped after the mirror scanned the repo): the
+    pull's attempts took seconds of backoff, the headers went after 5 s, and the client got a 200 that ended
+    at 0 bytes (curl: exit 18; huggingface_hub: a broken connection, a retry, and only then the 502). A
+    refused connection is asked again soon, and the answer is the 502 saying why."""
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
+    try:
+        assert requests.get(f"{mirror.url}/{REPO}/resolve/main/config.json", timeout=60).ok  # (scanned)
+        upstream_proxy.stop()
+        answer = requests.get(f"{mirror.url}/{REPO}/resolve/main/{BIG}", timeout=60)
+        assert (answer.status_code, answer.headers.get("X-Error-Code")) == (502, "UpstreamError"), (
+            answer.headers
+        )
+        assert "ConnectionRefused" in answer.json()["error"], answer.text
+    finally:
+        mirror.stop()
+
+
 def test_an_upstream_whose_file_fails_its_check_every_time_is_not_pulled_for_ever(
     upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: None
 ) -> None:

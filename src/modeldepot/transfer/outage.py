@@ -15,7 +15,8 @@ So the patience counts from the last byte, not from the end of a try: through a 
 attempt waits out its read timeout, and five of them made minutes of silence before the patience even
 began (a trial over network namespaces). The clock reaches the ranges through a context variable: a pull's
 tasks inherit it, and a pull run without one (a mirror's, the control API's: their clients are waiting on
-an answer) keeps the ranges' own five attempts.
+an answer) keeps the ranges' own five attempts (a refused connection's a moment apart, not over seconds of
+backoff: a mirror's headers went first, and its client got a 200 that ended at 0 bytes).
 """
 
 from __future__ import annotations

@@ -97,6 +97,9 @@ class RetryPolicy:
         return float(min(self.base_delay * (1 << attempt), self.max_delay) * random.uniform(0.5, 1.0))
 
 
+# Seconds between the attempts a refused connection to the Hub makes when no outage clock runs
+REFUSED_RETRY_DELAY = 0.2
+
 # What an unreachable network or host gives (not an answer, nor a setting: a TLS certificate, a redirect loop)
 _UNREACHABLE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN})
 
@@ -224,7 +227,7 @@ class HttpSource:
         tried = 0
         while True:
             retry_after = None
-            timed_out = no_answer = False  # (what the last attempt met is what the error says)
+            timed_out = no_answer = refused = False  # (what the last attempt met is what the error says)
             kept = receiving.kept
             attempt = receiving.attempt = Attempt()
             tried += 1
@@ -281,6 +284,7 @@ class HttpSource:
                     raise down from error
                 problem = f"{type(error).__name__}: {error}".rstrip(": ")
                 timed_out, no_answer = isinstance(error, TimeoutError), is_no_answer(error)
+                refused = isinstance(error, ConnectionRefusedError)
             # What the attempt read before it failed is in place: the next one asks for the rest only.
             receiving.kept, receiving.attempt = receiving.kept + attempt.received, None
             if clock is not None:
@@ -310,6 +314,12 @@ class HttpSource:
                 continue
             if failures >= self.retry.attempts:
                 break
+            if refused and clock is None:
+                # Nothing listens at the Hub's address, and a client waits on this pull (a mirror's, the
+                # control API's): asked again soon, not over seconds of backoff. A mirror's headers went
+                # after 5 s of them, and its client got a 200 that ended at 0 bytes, not the 502.
+                await asyncio.sleep(REFUSED_RETRY_DELAY)
+                continue
             await asyncio.sleep(self.retry.delay(failures - 1, retry_after))
         kind = UpstreamTimeoutError if timed_out else UpstreamError  # what the last attempt met
         failed = kind(f"{url} bytes {start}-{start + want - 1}: {problem} after {tried} attempt{'s' if tried > 1 else ''}",
