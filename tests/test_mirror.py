@@ -73,6 +73,25 @@ def test_huggingface_hub_downloads_a_miss_through_the_mirror(
         mirror.depot.close()
 
 
+def test_a_client_revalidating_a_file_the_mirror_does_not_hold_gets_a_304_and_nothing_is_pulled(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache that holds a file (a browser's, a reverse proxy's, transformers.js's) sends its ETag back: a
+    mirror that did not hold the file pulled it and sent the whole of it, though the upstream's scan names
+    the very bytes the client holds."""
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
+    try:
+        url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
+        etag = requests.head(url, timeout=60).headers["ETag"]
+        answer = requests.get(url, headers={"If-None-Match": etag}, timeout=60)
+        assert (answer.status_code, answer.content, answer.headers.get("ETag")) == (304, b"", etag)
+        assert upstream_proxy.plan.body_bytes == 0 and not mirror.depot.has_file(REPO, BIG), "nothing pulled"
+        assert requests.get(url, headers={"If-None-Match": '"another"'}, timeout=60).content == FILES[BIG]
+    finally:
+        mirror.stop()
+        mirror.depot.close()
+
+
 def test_snapshot_download_of_a_repo_the_mirror_never_saw(
     upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: Path
 ) -> None:

@@ -25,7 +25,7 @@ from modeldepot.mirror import Mirror
 from modeldepot.modelcard import upstream_card
 from modeldepot.server.context import ARRIVED, is_authorized
 from modeldepot.server.ranges import RangeNotSatisfiable
-from modeldepot.server.responses import CountedResponse
+from modeldepot.server.responses import CountedResponse, matches_none
 from modeldepot.server.views import RevisionView, file_headers, to_its_commit, wanted_range, whole_headers
 from modeldepot.store import FileEntry
 
@@ -102,6 +102,10 @@ async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path
     headers = file_headers(entry)
     if entry.lfs and (pinned := to_its_commit(request, entry.commit_id, headers)) is not None:
         return pinned
+    if matches_none(request.headers.get("If-None-Match"), entry.etag):
+        # The client holds these very bytes (the upstream's scan names them): nothing to pull. A mirror sent
+        # the whole file, pulling it first, to a cache that revalidated what it held.
+        return web.Response(status=304, headers={k: v for k, v in headers.items() if k != "Content-Type"})
     await mirror.check_fits(manifest, remote)
     if request.method == "HEAD":  # (file_exists, a size probe: answered from the upstream's metadata)
         if not remote.size:  # (no GET follows: huggingface_hub makes an empty file itself)
