@@ -178,6 +178,12 @@ def test_listing_files_trees_and_paths(node: LiveNode) -> None:
     assert all(item.last_commit is not None for item in expanded)
     assert api.file_exists(SAMPLE, "onnx/model_q4.onnx") and not api.file_exists(SAMPLE, "missing.bin")
     assert not api.file_exists("acme/absent", "config.json")
+    # Revisions no branch here can have (names git allows but the node does not take, a tag's full ref, a
+    # ref copied encoded): False, as from the Hub, where a 400 made these calls raise
+    for odd in ("v1.0+x", "my branch", "refs/tags/v1", "refs%2Fpr%2F1", "x" * 201):
+        assert not api.revision_exists(SAMPLE, odd), odd
+        assert not api.file_exists(SAMPLE, "config.json", revision=odd), odd
+    assert api.revision_exists(SAMPLE, "dev") and api.revision_exists(SAMPLE, "refs/heads/dev")
     infos = api.get_paths_info(SAMPLE, ["config.json", "onnx", "missing.bin"])
     assert sorted(i.path for i in infos) == ["config.json", "onnx"]
     refs = api.list_repo_refs(SAMPLE, include_pull_requests=True)

@@ -87,7 +87,13 @@ def _revision(request: web.Request) -> str:
     # A branch's full ref name is the branch, as the Hub reads it: `list_repo_refs` gives `refs/heads/dev`,
     # and a 400 for it reached huggingface_hub's HEAD without its body ("check your connection": a trial)
     revision = revision.removeprefix("refs/heads/")
-    return validate_revision(DEFAULT_BRANCH if revision == "HEAD" else revision)
+    try:
+        return validate_revision(DEFAULT_BRANCH if revision == "HEAD" else revision)
+    except InvalidInputError as refused:
+        # No revision of that name can be here: the Hub's answer for a revision it cannot resolve, which
+        # huggingface_hub's revision_exists and file_exists take for False (a 400 made them raise)
+        repo_id = f"{request.match_info.get('org', '')}/{request.match_info.get('name', '')}"
+        raise RevisionNotFoundError(repo_id, revision, str(refused)) from None
 
 
 def _next_link(request: web.Request, **params: str) -> str:
