@@ -606,6 +606,14 @@ def test_a_variant_held_in_part_is_pulled_whole_or_named_as_lacking(
         offline.config = dataclasses.replace(offline.config, offline=True)
         with offline, pytest.raises(NotFoundError, match=r"in part: it lacks onnx/model.onnx_data"):
             offline.load(REPO, "fp32")
+        local.download_file(REPO, "onnx/model_fp16.onnx")
+        # Without a variant named, the default's lack is said, and the variant a load could take (an offline
+        # worker baked with one quant was told only what fp32 lacked)
+        with (
+            offline,
+            pytest.raises(NotFoundError, match=r"lacks onnx/model.onnx_data; it holds the variants fp16"),
+        ):
+            offline.load(REPO)
         session = local.load(REPO, "fp32")  # online: the rest is pulled first
         assert local.has_file(REPO, "onnx/model.onnx_data")
         (out,) = session.run(None, {"x": np.ones((1, 4), dtype=np.float32)})

@@ -310,12 +310,18 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
         commit_id = None
     if commit_id is not None:
         try:
-            found = model_file([f.path for f in store.files(repo_id, commit_id)], quant, suffixes)
+            held = [f.path for f in store.files(repo_id, commit_id)]
+            found = model_file(held, quant, suffixes)
             absent = _lacking(store, repo_id, commit_id, quant)
             if not absent:
                 return commit_id, found
+            # (without a variant named: the ones held, which a load can take; an offline worker baked with one
+            # quant was told only what its default variant lacked)
+            others = ", ".join(v.name for v in group_files(held).variants if not set(v.files) & set(absent))
+            others = others if quant is None else ""
             raise NotFoundError(f"{repo_id}@{commit_id[:12]} holds {quant or 'its model'} in part: it lacks "
-                                f"{', '.join(absent[:3])}{' and more' if len(absent) > 3 else ''}")  # fmt: skip
+                                f"{', '.join(absent[:3])}{' and more' if len(absent) > 3 else ''}"
+                                + (f"; it holds the variants {others}: name one (quant=...)" if others else ""))  # fmt: skip
         except NotFoundError as missing:
             if offline or (
                 is_commit_id(revision) and _listing_lacks_it_too(store, repo_id, commit_id, quant, suffixes)
