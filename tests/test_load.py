@@ -609,6 +609,8 @@ def test_a_variant_held_in_part_is_pulled_whole_or_named_as_lacking(
         local.download_file(REPO, "onnx/model_fp16.onnx")
         # Without a variant named, the default's lack is said, and the variant a load could take (an offline
         # worker baked with one quant was told only what fp32 lacked)
+        offline = Depot(tmp_path / "local")
+        offline.config = dataclasses.replace(offline.config, offline=True)
         with (
             offline,
             pytest.raises(NotFoundError, match=r"lacks onnx/model.onnx_data; it holds the variants fp16"),
