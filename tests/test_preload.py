@@ -25,7 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from conftest import drop_page_cache, write_model_dir
 from modeldepot import Depot
-from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
+from modeldepot.errors import ConfigError, DepotError, InvalidInputError, NotFoundError
 from modeldepot.preload import STRATEGIES, Preloader, PreloadHandle, PreloadInfo, parse_budget
 from modeldepot.preload.residency import resident_bytes
 
@@ -63,6 +63,48 @@ def test_page_cache_preload_makes_every_page_resident(depot: Depot, tmp_path: Pa
     stats = preloader.stats()
     assert stats.models == 1 and stats.ram_bytes == info.bytes and stats.budget_bytes == 1 << 30
     preloader.close()
+
+
+def test_a_preload_that_ends_after_its_tier_closed_lets_its_copy_go(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Depot closed (a server shutting down, a store reloaded) while a warm-up preload ran: the preload put
+    its copy into the closed tier, where nothing could free it (memfd: the model's size in RAM for the life
+    of the process). It is freed, the preload says the tier closed, and a preload after that is refused."""
+    add_repo(depot, tmp_path, "a", 2)
+    preloader = Preloader(depot, budget="1GiB", strategy="memfd")
+    loaded, go_on, outcome = threading.Event(), threading.Event(), []
+    load = preloader._load
+
+    def load_then_wait(*args: Any) -> Any:
+        model = load(*args)
+        loaded.set()
+        go_on.wait(10)
+        return model
+
+    monkeypatch.setattr(preloader, "_load", load_then_wait)
+
+    def preload() -> None:
+        try:
+            outcome.append(preloader.preload("acme/a"))
+        except Exception as error:
+            outcome.append(error)
+
+    def memfds() -> int:
+        return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:modeldepot")
+                   for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}"))  # fmt: skip
+
+    worker = threading.Thread(target=preload)
+    worker.start()
+    assert loaded.wait(30) and memfds() >= 1
+    preloader.close()
+    go_on.set()
+    worker.join(30)
+    [failed] = outcome
+    assert isinstance(failed, DepotError) and "closed" in str(failed), failed
+    assert memfds() == 0, "the copy loaded into the closed tier was kept"
+    with pytest.raises(DepotError, match="closed"):
+        preloader.preload("acme/a")
 
 
 def test_preloads_at_once_count_each_others_room(depot: Depot, tmp_path: Path) -> None:

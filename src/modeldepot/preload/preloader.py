@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from modeldepot.config import parse_share, parse_size
-from modeldepot.errors import ConfigError, CorruptBlobError, InvalidInputError, NotFoundError
+from modeldepot.errors import ConfigError, CorruptBlobError, DepotError, InvalidInputError, NotFoundError
 from modeldepot.hub.variants import group_files
 from modeldepot.preload.copies import STRATEGIES, FileCopy
 from modeldepot.preload.residency import MlockError, lock, resident_bytes, unlock
@@ -209,6 +209,9 @@ class Preloader:
         self._room_made_at = time.monotonic()  # when the tier was last measured against its budget
         # The last measure for stats: when, of which models, each one's bytes in RAM, and the tier's
         self._measured: tuple[float, tuple[_Model, ...], dict[ModelKey, int], int] | None = None
+        # Closed: what it loads is freed, not kept (a Depot closed while a preload ran held its memfd copy,
+        # 100 MiB of RAM, for the life of the process: a trial)
+        self._closed = threading.Event()
         start_over_after_fork(self)
 
     def after_fork(self) -> None:
@@ -296,6 +299,8 @@ class Preloader:
             self.store.access.record(key[0], key[2], count=0)
         while True:
             with self._lock:
+                if self._closed.is_set():
+                    raise DepotError("the preloader is closed (its depot was closed): open the depot again")
                 model = self._models.get(key)
                 if model is not None:
                     self._touch(model)
@@ -333,6 +338,9 @@ class Preloader:
             self._loading_bytes.pop(key, None)
             forgotten = key in self._forgotten
             self._forgotten.discard(key)
+            if self._closed.is_set():  # (closed while it loaded: a copy kept in a closed tier was held for good)
+                self._free(model, drop_cache=False)
+                raise DepotError("the preloader was closed while this model was being preloaded")
             if not forgotten:
                 self._models[key] = model
                 model.holders += hold
@@ -595,6 +603,7 @@ class Preloader:
         preload` run warms the cache for the workers that follow); only eviction drops them."""
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
+            self._closed.set()
             for model in list(self._models.values()):
                 del self._models[model.key]
                 model.evicted = True
