@@ -54,31 +54,29 @@ def test_a_configured_node_that_goes_away_mid_pull_is_failed_over_to_the_hub_qui
     )
 
 
-def test_a_hub_that_never_answered_a_pull_looked_up_through_a_node_is_not_waited_for(
+def test_the_silence_of_a_hub_that_never_answered_a_pull_looked_up_through_a_node_names_hf_endpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A pull looks the repo up through a configured node (``pull --server``), the node goes away mid-pull,
-    and nothing listens at HF_ENDPOINT (mistyped): nothing says the Hub's address was ever right, so this is
-    no outage under way. The pull fails after the Hub's attempts, saying to check HF_ENDPOINT; it waited the
-    whole patience before (a user's first try of a mirror with --server: two minutes)."""
+    and nothing listens at HF_ENDPOINT (mistyped, or the network went): it is waited out as an outage (a
+    Wi-Fi blip is silent everywhere; failing it at once ended pulls through a node: a review), and the
+    warning says that the Hub never answered, so that a wrong HF_ENDPOINT is looked at (a user's first try
+    of a mirror with --server waited two minutes without a word on it)."""
     chunk = 1 << 20
     with serving_repo(tmp_path / "upstream", FILES, REPO, chunk_size=chunk) as node, \
-            a_slow_node_before_the_hub(node, monkeypatch, BIG, patience=60) as plan:  # fmt: skip
+            a_slow_node_before_the_hub(node, monkeypatch, BIG, patience=12) as plan:  # fmt: skip
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # (nothing listens there)
         outcome: list[object] = []
         with Depot(tmp_path / "local", chunk_size=chunk) as depot:
             pulling = pull_in_a_thread(depot, REPO, outcome)
             wait_until(lambda: plan.body_bytes > chunk)
             plan.down_until = time.monotonic() + 3600
-            gone = time.monotonic()
             pulling.join(90)
-            took = time.monotonic() - gone
             assert not pulling.is_alive()
     [failed] = outcome
-    assert isinstance(failed, UpstreamError), failed
-    assert "check HF_ENDPOINT" in str(failed), failed
+    assert isinstance(failed, UpstreamError) and "MODELDEPOT_OUTAGE_PATIENCE" in str(failed), failed
     said = [r.getMessage() for r in caplog.records if "no source has sent anything" in r.getMessage()]
-    assert took < 30 and not said, f"failed {took:.0f} s after the node went away (said: {said[:1]})"
+    assert said and "the Hub has not answered this pull once: if HF_ENDPOINT is wrong" in said[0], said
 
 
 def test_resumed_bytes_at_the_start_of_a_try_are_not_taken_for_a_source_that_answers(

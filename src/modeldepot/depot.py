@@ -769,8 +769,7 @@ class Depot:
         return self.scan_repo(repo_id, revision)
 
     def _through_hub(self, manifest: Manifest) -> bool:
-        """Whether ``manifest`` was looked up at the Hub (``HF_ENDPOINT``): then the Hub's address is known to
-        answer, and a pull waits out its outages."""
+        """Whether ``manifest`` was looked up at the Hub (``HF_ENDPOINT``): its address is known to answer."""
         return manifest.endpoint.rstrip("/") == self.config.hub_endpoint.rstrip("/")
 
     def _held_in_part(self, manifest: Manifest) -> bool:

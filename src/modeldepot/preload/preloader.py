@@ -338,7 +338,9 @@ class Preloader:
             self._loading_bytes.pop(key, None)
             forgotten = key in self._forgotten
             self._forgotten.discard(key)
-            if self._closed.is_set():  # (closed while it loaded: a copy kept in a closed tier was held for good)
+            if (
+                self._closed.is_set()
+            ):  # (closed while it loaded: a copy kept in a closed tier was held for good)
                 self._free(model, drop_cache=False)
                 raise DepotError("the preloader was closed while this model was being preloaded")
             if not forgotten:

@@ -54,8 +54,8 @@ class OutageClock:
 
     def __init__(self, patience: float, what: str, hub_heard: bool = True) -> None:
         self.patience, self.what = patience, what
-        # Whether the Hub answered this pull (its look-up, or a range): one that never did is no outage
-        # under way but, likely, a wrong HF_ENDPOINT (a pull that looked the repo up through a node)
+        # Whether the Hub answered this pull (its look-up, or a range): the silence of one that never did is
+        # said with a word on HF_ENDPOINT (a mistyped one behind `pull --server` looks like an outage)
         self.hub_heard = hub_heard
         self.last_heard = time.monotonic()
         self.said = False  # this silence was said
@@ -125,9 +125,11 @@ class OutageClock:
         """Say the silence, once (``problem``: what the last attempt met)."""
         if not self.said:
             self.said = True
+            never = ("; the Hub has not answered this pull once: if HF_ENDPOINT is wrong, stop it (Ctrl-C) and "
+                     "set it right" if not self.hub_heard else "")  # fmt: skip
             log.warning("%s: no source has sent anything for %.0f s (%s); asking again for %.0f s more "
-                        "(MODELDEPOT_OUTAGE_PATIENCE): what came is kept", self.what, self.silent_for(), problem,
-                        self.left())  # fmt: skip
+                        "(MODELDEPOT_OUTAGE_PATIENCE): what came is kept%s", self.what, self.silent_for(), problem,
+                        self.left(), never)  # fmt: skip
 
     def gave_up(self, error: UpstreamError) -> UpstreamError:
         """``error``, saying that the patience ran out (once)."""
@@ -135,14 +137,6 @@ class OutageClock:
         if error.args and said not in str(error.args[0]):
             error.args = (f"{error.args[0]} ({said})", *error.args[1:])
         return error
-
-
-def never_answered(error: UpstreamError) -> UpstreamError:
-    """``error``, saying that the Hub never answered the pull (not an outage under way: an address to check)."""
-    said = "the Hub never answered this pull (the repo was looked up through a node): check HF_ENDPOINT"
-    if error.args and said not in str(error.args[0]):
-        error.args = (f"{error.args[0]} ({said})", *error.args[1:])
-    return error
 
 
 OUTAGE: contextvars.ContextVar[OutageClock | None] = contextvars.ContextVar("modeldepot_outage", default=None)
@@ -176,11 +170,7 @@ def run_through_outages(
     because no source answered at all (``UpstreamError.network``) before the patience ran out, it is run
     again, resuming where it stopped (its chunks and parts are kept). An HTTP answer that said no is no
     outage. What progress shows does not go back when a try starts over: it holds what the last one showed
-    until the new one passes it (the parts of chunks it had are on disk, and are counted again).
-
-    ``hub_heard``: whether the pull looked the repo up through the Hub. One that looked it up through a node
-    and whose Hub has not answered once is not waited for: nothing says the Hub's address is right (a
-    ``pull --server MIRROR`` with a mistyped ``HF_ENDPOINT`` waited the patience out, two minutes)."""
+    until the new one passes it (the parts of chunks it had are on disk, and are counted again)."""
     if patience <= 0:
         return run_blocking(start(progress or (lambda _update: None)))
     clock = OutageClock(patience, what, hub_heard)
@@ -194,8 +184,6 @@ def run_through_outages(
         except UpstreamError as error:
             if not error.network:
                 raise
-            if not clock.hub_heard:
-                raise never_answered(error) from None
             clock.outage_goes_on()
             if clock.left() <= 0:
                 raise clock.gave_up(error) from None

@@ -289,7 +289,6 @@ class HttpSource:
             receiving.kept, receiving.attempt = receiving.kept + attempt.received, None
             if clock is not None:
                 clock.attempt_ended(token, heard=bool(attempt.received) or not no_answer)
-                clock.hub_heard = clock.hub_heard or (self.kind == "hub" and bool(attempt.received))
             if attempt.received and resumed < self.retry.max_resumes:
                 # Not a failure: the link works and the range moved (a link cut every 700 KiB completed no
                 # 16 MiB chunk in five attempts). Asked again at once when it brought much, else after the
@@ -301,10 +300,7 @@ class HttpSource:
                     await asyncio.sleep(self.retry.delay(0, retry_after))
                 continue
             failures += 1
-            if (
-                no_answer and self.kind == "hub" and clock is not None and clock.hub_heard and clock.outage()
-                and clock.left() > 0
-            ):  # fmt: skip
+            if no_answer and self.kind == "hub" and clock is not None and clock.outage() and clock.left() > 0:
                 # Nothing came from any source of the pull for a while, the Hub (the last resort) did not
                 # answer: the network's failure. Asked again until the pull has heard nothing for its
                 # patience; then its attempts count as ever. (A node is not waited for: failed over.)
