@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -20,6 +21,7 @@ from faultproxy import FaultProxy, a_slow_node_before_the_hub, pull_in_a_thread,
 from modeldepot import Depot
 from modeldepot.errors import UpstreamError
 from modeldepot.transfer.progress import PullUpdate
+from restarting import RestartingServer
 
 REPO = "acme/faulty"
 BIG = "model.safetensors"
@@ -77,6 +79,38 @@ def test_the_silence_of_a_hub_that_never_answered_a_pull_looked_up_through_a_nod
     assert isinstance(failed, UpstreamError) and "MODELDEPOT_OUTAGE_PATIENCE" in str(failed), failed
     said = [r.getMessage() for r in caplog.records if "no source has sent anything" in r.getMessage()]
     assert said and "the Hub has not answered this pull once: if HF_ENDPOINT is wrong" in said[0], said
+
+
+def test_a_pull_without_a_clock_rides_out_an_upstream_that_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MODELDEPOT_OUTAGE_PATIENCE=0 (as a control API's pull job): the upstream restarts mid-pull, refusing
+    connections for 2 s. The range's five attempts spread over seconds of backoff ride it out; made 0.2 s
+    apart for every pull without a clock (for a mirror's headers), they gave up within a second (a review)."""
+    chunk = 1 << 20
+    files = {"config.json": b"{}", BIG: random.Random(12).randbytes(8 << 20)}
+    with serving_repo(tmp_path / "upstream", files, REPO, chunk_size=chunk) as node:
+        slow = FaultProxy(node.url)
+        plan = slow.set("slow", times=-1, path_suffix=BIG, slow_delay=0.05)
+        target = urlsplit(slow.url)
+        upstream = RestartingServer(free_port(), (target.hostname or "127.0.0.1", target.port or 80))
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", upstream.url)
+        monkeypatch.setenv("MODELDEPOT_OUTAGE_PATIENCE", "0")
+        try:
+            outcome: list[object] = []
+            with Depot(tmp_path / "local", chunk_size=chunk) as depot:
+                pulling = pull_in_a_thread(depot, REPO, outcome)
+                wait_until(lambda: plan.body_bytes > chunk)
+                upstream.down()
+                time.sleep(2)
+                upstream.up()
+                pulling.join(120)
+                assert not isinstance(outcome[0], Exception), outcome
+                assert bytes(depot.get_file(REPO, BIG)) == files[BIG]
+        finally:
+            upstream.down()
+            slow.stop()
 
 
 def test_resumed_bytes_at_the_start_of_a_try_are_not_taken_for_a_source_that_answers(

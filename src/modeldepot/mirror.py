@@ -34,7 +34,6 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from modeldepot.depot import Depot
@@ -51,7 +50,9 @@ from modeldepot.errors import (
 )
 from modeldepot.hashing import chunk_span
 from modeldepot.hub.manifest import Manifest, RemoteFile
+from modeldepot.store.forking import ForkSafeExecutor
 from modeldepot.store.partials import ResumablePartial
+from modeldepot.transfer.outage import QUICK_REFUSALS
 from modeldepot.transfer.pull import PullResult, PullUpdate
 from modeldepot.validation import is_commit_id, validate_path
 
@@ -124,7 +125,7 @@ class Mirror:
         self._manifests: dict[tuple[str, str], tuple[float, Manifest]] = {}
         self._scans: dict[tuple[str, str], asyncio.Task[Manifest]] = {}  # the running one per key
         self._scan_began: dict[tuple[str, str], float] = {}  # when it began (monotonic)
-        self._scan_threads = ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="mirror-scan")
+        self._scan_threads = ForkSafeExecutor(SCAN_THREADS, thread_name_prefix="mirror-scan")
         self._stopping = False
         self._jobs: dict[tuple[str, str, str], _Job] = {}
         # (repo id, commit, path) -> (when (monotonic), the failure) of a pull that failed upstream lately
@@ -302,6 +303,7 @@ class Mirror:
             job.pulse()
 
         async def run() -> PullResult:
+            QUICK_REFUSALS.set(True)  # (this task's own context: an answer's headers wait on this pull)
             try:
                 result = await self.depot.pull_async(manifest.repo_id, None, revision=manifest.revision, progress=progress,
                                                      paths=[remote.path], watch=watch, manifest=manifest)  # fmt: skip

@@ -47,12 +47,15 @@ class ForkSafeExecutor(Executor):
         self._max_workers, self._prefix = max_workers, thread_name_prefix
         self._pool: ThreadPoolExecutor | None = None
         self._made = threading.Lock()
+        self._shut = False  # (shut before its first use: a submit is refused as a thread pool refuses it)
         start_over_after_fork(self)
 
     def _current(self) -> ThreadPoolExecutor:
         pool = self._pool
         if pool is None:
             with self._made:
+                if self._shut:
+                    raise RuntimeError("cannot schedule new futures after shutdown")
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self._max_workers, thread_name_prefix=self._prefix)
                 pool = self._pool
@@ -62,6 +65,8 @@ class ForkSafeExecutor(Executor):
         return self._current().submit(fn, *args, **kwargs)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._made:
+            self._shut = True
         pool = self._pool
         if pool is not None:
             pool.shutdown(wait=wait, cancel_futures=cancel_futures)

@@ -15,8 +15,8 @@ So the patience counts from the last byte, not from the end of a try: through a 
 attempt waits out its read timeout, and five of them made minutes of silence before the patience even
 began (a trial over network namespaces). The clock reaches the ranges through a context variable: a pull's
 tasks inherit it, and a pull run without one (a mirror's, the control API's: their clients are waiting on
-an answer) keeps the ranges' own five attempts (a refused connection's a moment apart, not over seconds of
-backoff: a mirror's headers went first, and its client got a 200 that ended at 0 bytes).
+an answer) keeps the ranges' own five attempts (a mirror's, a refused connection's a moment apart, not over
+seconds of backoff: its headers went first, and its client got a 200 that ended at 0 bytes).
 """
 
 from __future__ import annotations
@@ -139,6 +139,10 @@ class OutageClock:
         return error
 
 
+# Set in a mirror's pull: an answer's headers wait on it, and a refused connection is asked again at once
+QUICK_REFUSALS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "modeldepot_quick_refusals", default=False
+)
 OUTAGE: contextvars.ContextVar[OutageClock | None] = contextvars.ContextVar("modeldepot_outage", default=None)
 
 

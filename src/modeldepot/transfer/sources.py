@@ -35,7 +35,7 @@ from modeldepot.errors import (
     UpstreamTimeoutError,
 )
 from modeldepot.hashing import chunk_count, chunk_span
-from modeldepot.transfer.outage import OUTAGE, OutageClock, wait_in_outage
+from modeldepot.transfer.outage import OUTAGE, QUICK_REFUSALS, OutageClock, wait_in_outage
 from modeldepot.transfer.ranged import READERS, Answer, Attempt, Reply, proxy_of, read_range, request
 from modeldepot.transfer.threads import until_done
 
@@ -97,7 +97,7 @@ class RetryPolicy:
         return float(min(self.base_delay * (1 << attempt), self.max_delay) * random.uniform(0.5, 1.0))
 
 
-# Seconds between the attempts a refused connection to the Hub makes when no outage clock runs
+# Seconds between the attempts a refused connection to the Hub makes in a mirror's pull (QUICK_REFUSALS)
 REFUSED_RETRY_DELAY = 0.2
 
 # What an unreachable network or host gives (not an answer, nor a setting: a TLS certificate, a redirect loop)
@@ -310,10 +310,11 @@ class HttpSource:
                 continue
             if failures >= self.retry.attempts:
                 break
-            if refused and clock is None:
-                # Nothing listens at the Hub's address, and a client waits on this pull (a mirror's, the
-                # control API's): asked again soon, not over seconds of backoff. A mirror's headers went
-                # after 5 s of them, and its client got a 200 that ended at 0 bytes, not the 502.
+            if refused and clock is None and QUICK_REFUSALS.get():
+                # Nothing listens at the Hub's address, and an answer's headers wait on this pull (a
+                # mirror's): asked again soon, not over seconds of backoff. A mirror's headers went after
+                # 5 s of them, and its client got a 200 that ended at 0 bytes, not the 502. (Not a pull
+                # job's, polled: it rides out an upstream's restart, as a review found it no longer did.)
                 await asyncio.sleep(REFUSED_RETRY_DELAY)
                 continue
             await asyncio.sleep(self.retry.delay(failures - 1, retry_after))
