@@ -265,6 +265,11 @@ def test_an_update_of_a_pinned_model_that_cannot_fit_beside_it_says_why(
                 [variant] = local.get_manifest("up/served").variants
                 assert (variant.status, variant.held_commit) == ("available", served), variant
                 local.unpin("up/served")
+                local.pin("up/served", revision=served)  # kept on purpose: an update replaces nothing of it
+                with pytest.raises(BudgetExceededError) as refused:
+                    local.pull("up/served")
+                assert "this pull replaces" not in str(refused.value) and "unpin" in str(refused.value)
+                local.unpin("up/served", revision=served)
                 local.pull("up/served")  # (as it says: then it fits)
                 assert local.resolve("up/served", "main") == hub.resolve("up/served", "main") != served
                 [variant] = local.get_manifest("up/served").variants

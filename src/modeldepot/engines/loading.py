@@ -317,8 +317,10 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
                 return commit_id, found
             # (without a variant named: the ones held, which a load can take; an offline worker baked with one
             # quant was told only what its default variant lacked)
+            grouping = group_files([*held, *absent])
             others = ", ".join(v.name for v in group_files(held).variants if not set(v.files) & set(absent))
-            others = others if quant is None else ""
+            # (none when a shared file is what lacks: every variant lacks it too)
+            others = others if quant is None and not set(absent) & set(grouping.shared) else ""
             raise NotFoundError(f"{repo_id}@{commit_id[:12]} holds {quant or 'its model'} in part: it lacks "
                                 f"{', '.join(absent[:3])}{' and more' if len(absent) > 3 else ''}"
                                 + (f"; it holds the variants {others}: name one (quant=...)" if others else ""))  # fmt: skip

@@ -91,7 +91,10 @@ def _revision(request: web.Request) -> str:
         return validate_revision(DEFAULT_BRANCH if revision == "HEAD" else revision)
     except InvalidInputError as refused:
         # No revision of that name can be here: the Hub's answer for a revision it cannot resolve, which
-        # huggingface_hub's revision_exists and file_exists take for False (a 400 made them raise)
+        # huggingface_hub's revision_exists and file_exists take for False (a 400 made them raise). Not on
+        # a mirror: its upstream may have such a revision (a tag with a "+"), which it cannot serve.
+        if MIRROR in request.app:
+            raise
         repo_id = f"{request.match_info.get('org', '')}/{request.match_info.get('name', '')}"
         raise RevisionNotFoundError(repo_id, revision, str(refused)) from None
 

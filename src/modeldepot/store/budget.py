@@ -525,12 +525,17 @@ class DiskBudget:
         """What to say when ``writer`` pulls a new commit of a repo whose pin keeps another of its commits: the
         pin follows its branch only once the new commit is whole (an operator who pins "the model we serve"
         met this on the upstream's first update, the error naming no cause)."""
-        if writer is None or writer.commit_id is None:
+        if writer is None or writer.commit_id is None or writer.branch is None:
             return ""
-        held = {
-            commit for (repo_id, commit) in self._pins_by_revision()
-            if repo_id == writer.repo_id and commit != writer.commit_id
-        }  # fmt: skip
+        # (a pin of the branch this pull moves: one of a commit, or of another branch, it does not replace,
+        # and "unpin, pull, pin again" would lose what it keeps: a review)
+        branch = writer.branch.lower()
+        pinned = [pin for pin in self.pins() if pin.repo_id.lower() == writer.repo_id.lower()
+                  and pin.revision.lower() == branch]  # fmt: skip
+        try:
+            held = pinned and self.store.resolve(writer.repo_id, writer.branch) != writer.commit_id
+        except NotFoundError:
+            held = False
         if not held:
             return ""
         return (f". {writer.repo_id} is pinned, and its pin keeps the revision this pull replaces until the new one "
@@ -695,6 +700,7 @@ class BudgetWriter:
         self.reserved = 0  # bytes it made room for
         # A pull's new contents (key -> size): another pull of them shares their downloads, and its room
         self.contents: dict[str, int] = {}
+        self.branch: str | None = None  # a pull's: the branch it moves to ``commit_id``
         self.started = time.time()  # (what was used since is not evicted for it)
         self._reservation: Reservation | None = None  # its room, as other processes see it
 

@@ -142,6 +142,7 @@ async def pull_async(
     if paths is not None:  # (a mirror's pull of one file: the variants it completes show it)
         names, held = await asyncio.to_thread(_variants_completed, store, manifest, {f.path for f in files})
     with store.budget.writing(manifest.repo_id, manifest.commit_id, (f.path for f in files), names) as writer:
+        writer.branch = branch
         return await _pull_writing(store, manifest, files, names, branch, chain, offline, progress, limits,
                                    watch, writer, held)  # fmt: skip
 
