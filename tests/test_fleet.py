@@ -43,6 +43,7 @@ from conftest import (
     LiveNode,
     flip_byte,
     free_port,
+    serving_repo,
     wait_until,
     write_model_dir,
 )
@@ -165,6 +166,29 @@ def test_holders_found_by_content_get_the_scan_nodes_chunk_digests(
         # The node's own holdings follow what this depot now holds once it serves: not here (it does
         # not register), so the fleet is still the two nodes.
         assert {r.node_id for r in b.peers()} == {a_depot.node_id, c_depot.node_id}
+
+
+def test_a_branch_is_the_hubs_to_say_when_a_peer_holds_an_older_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once any node of a fleet held a repo, every pull in the fleet took the commit that node held for main,
+    after the Hub's main had moved on ("pulled ..., 0 B downloaded", nodes serving different mains: an
+    explorer's trial). A branch is looked up at the Hub first; the peers still answer a commit id, and a
+    branch when the Hub cannot be reached (scan_node_and_holder's fleet has no Hub)."""
+    newer = {".gitattributes": GITATTRIBUTES, "config.json": b'{"v": 2}', "model.safetensors": weights(2, 12)}
+    with (
+        scan_node_and_holder(tmp_path, monkeypatch) as (cluster, _big, (a_depot, a), _holder),
+        serving_repo(tmp_path / "hub", newer, "acme/model", chunk_size=SMALL_CHUNK) as hub,
+    ):
+        older = a_depot.resolve("acme/model")
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        with Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b:
+            wait_until(lambda: len(b.peers()) == 2, 10, "both nodes in the view")
+            manifest = b.scan_repo("acme/model")
+            assert (manifest.endpoint, manifest.commit_id) == (hub.url, hub.depot.resolve("acme/model"))
+            b.pull("acme/model")
+            assert bytes(b.get_file("acme/model", "config.json")) == b'{"v": 2}'
+            assert b.scan_repo("acme/model", older).endpoint == a.url  # (a commit: the peer that holds it)
 
 
 def test_a_peer_that_refuses_this_nodes_token_is_said_once_as_a_warning(

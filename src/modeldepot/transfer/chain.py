@@ -2,8 +2,8 @@
 by discovery, ``MODELDEPOT_CLUSTER``), then the Hub as last resort.
 
 Scanning asks each configured node, then each live peer of the fleet, then the Hub, and keeps the first
-that knows the repo: a repo imported privately on node A is pulled by node B from A without the Hub ever
-being asked. Bytes come from every node that holds the scanned commit (chunks spread across them, each
+that knows the repo (a branch the Hub before the peers: theirs is the commit they hold, the Hub's may have
+moved on): a repo imported privately on node A is pulled by node B from A. Bytes come from every node that holds the scanned commit (chunks spread across them, each
 chunk checked against the node's BLAKE3), and from every live node whose holdings name the content (one
 read of the fleet's local view: no node is asked); the Hub joins a file only when no node holds it or every
 node failed it.
@@ -47,7 +47,7 @@ from modeldepot.transfer.download import FileSource
 from modeldepot.transfer.fleet import FleetView
 from modeldepot.transfer.sources import HttpSource, RetryPolicy, small_request
 from modeldepot.transfer.swarm import SwarmFile
-from modeldepot.validation import from_upstream, validate_blake3
+from modeldepot.validation import SHORT_COMMIT, from_upstream, is_commit_id, validate_blake3
 
 __all__ = ["Scan", "SourceChain"]
 
@@ -128,24 +128,37 @@ class SourceChain:
 
     def scan(self, repo_id: str, revision: str) -> Scan:
         """Describe ``repo_id`` at ``revision`` from the first source of the chain that has it: the
-        configured nodes, then the fleet's live nodes, then the Hub.
+        configured nodes, then the fleet's live nodes, then the Hub (for a branch, the Hub before the live
+        nodes: a node says the commit it holds).
 
         When none has it, the error says what each source answered, and keeps the most telling kind:
         a refusal (a token is missing) over "not found" over "unreachable"."""
         problems: list[DepotError] = []
-        for server in (*self.servers, *self.peers()):
+        peers = self.peers()
+        hub_said: DepotError | None = None
+        for server in self.servers:
             try:
-                spelled, commit_id, info, files = fetch_repo(
-                    repo_id, revision, server.base_url, server.token, "MODELDEPOT_TOKEN",
-                    server.retry.read_timeout,
-                )  # fmt: skip
-                return Scan(spelled, commit_id, info, files, server.base_url)
+                return self._scan_at(server, repo_id, revision)
+            except DepotError as error:
+                problems.append(error)
+        if peers and not _names_a_commit(revision):
+            # A branch is the Hub's to say: a peer answers with the commit it holds, and once any node held
+            # the repo, every pull in the fleet took that commit for main after the Hub's had moved on (an
+            # explorer's trial). Asked before the peers, whose bytes come by content all the same; a repo
+            # the Hub does not have (imported on a node) or a Hub out of reach leaves it to the peers.
+            try:
+                return self._hub_scan(repo_id, revision)
+            except DepotError as error:
+                hub_said = error
+        for peer in peers:
+            try:
+                return self._scan_at(peer, repo_id, revision)
             except DepotError as error:
                 problems.append(error)
         try:
-            spelled, commit_id, info, files = fetch_repo(
-                repo_id, revision, self.hub.base_url, self.hub.token, timeout=self.hub.retry.read_timeout
-            )
+            if hub_said is not None:
+                raise hub_said
+            return self._hub_scan(repo_id, revision)
         except DepotError as error:
             if not problems:
                 raise
@@ -162,6 +175,17 @@ class SourceChain:
             kind = next((k for k in (AccessDeniedError, NotFoundError) if any(isinstance(p, k) for p in problems)),
                         UpstreamError)  # fmt: skip
             raise kind(said, repo_id=repo_id) from error
+
+    def _scan_at(self, node: HttpSource, repo_id: str, revision: str) -> Scan:
+        spelled, commit_id, info, files = fetch_repo(
+            repo_id, revision, node.base_url, node.token, "MODELDEPOT_TOKEN", node.retry.read_timeout
+        )
+        return Scan(spelled, commit_id, info, files, node.base_url)
+
+    def _hub_scan(self, repo_id: str, revision: str) -> Scan:
+        spelled, commit_id, info, files = fetch_repo(
+            repo_id, revision, self.hub.base_url, self.hub.token, timeout=self.hub.retry.read_timeout
+        )
         return Scan(spelled, commit_id, info, files, self.hub.base_url)
 
     def _manifest_nodes(self, manifest: Manifest) -> list[HttpSource]:
@@ -327,6 +351,11 @@ async def _node_manifest(server: HttpSource, repo_id: str, commit_id: str) -> li
         raise UpstreamError(f"{url}: {type(error).__name__}: {error}", source=url) from error
     files = body.get("files") if isinstance(body, dict) else None
     return [f for f in files if isinstance(f, dict)] if isinstance(files, list) else []
+
+
+def _names_a_commit(revision: str) -> bool:
+    """Whether ``revision`` is a commit id, whole or its start (any node holding it has the same files)."""
+    return is_commit_id(revision.lower()) or SHORT_COMMIT.fullmatch(revision.lower()) is not None
 
 
 def _what_each_said(hub: DepotError, nodes: list[DepotError]) -> str:
