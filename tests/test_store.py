@@ -170,6 +170,20 @@ def test_verify_finds_flipped_truncated_and_missing_blobs(depot: Depot, model_di
     assert store_files_consistent(depot) == []
 
 
+def damage_the_index(home: Path, table: str) -> None:
+    """Flip a bit of the cell count of ``table``'s (or an index's) root page: SQLite reads the page without
+    a word, and sees rows that are not there or misses some that are."""
+    con = sqlite3.connect(home / "index.db")
+    root, page_size = (con.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0],
+                       con.execute("PRAGMA page_size").fetchone()[0])  # fmt: skip
+    con.close()
+    with (home / "index.db").open("r+b") as index:  # (the low byte of the page's cell count)
+        index.seek((root - 1) * page_size + 4)
+        count = index.read(1)[0]
+        index.seek(-1, os.SEEK_CUR)
+        index.write(bytes([count ^ 0x04]))
+
+
 def test_gc_deletes_nothing_on_a_damaged_index_and_says_how_to_get_out(home: Path, model_dir: Path) -> None:
     """One flipped bit of the index (the cell count of the blobs table's page: SQLite reads the page without
     a word) and gc took 4 of 7 good blobs for orphans, and said all went well (a trial)."""
@@ -181,15 +195,7 @@ def test_gc_deletes_nothing_on_a_damaged_index_and_says_how_to_get_out(home: Pat
     with Depot(home, chunk_size=SMALL_CHUNK) as depot:
         depot.import_dir(model_dir, REPO)
     blobs = sorted(p for p in (home / "blobs").rglob("*") if p.is_file())
-    con = sqlite3.connect(home / "index.db")
-    root, page_size = (con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'blobs'").fetchone()[0],
-                       con.execute("PRAGMA page_size").fetchone()[0])  # fmt: skip
-    con.close()
-    with (home / "index.db").open("r+b") as index:  # (the low byte of the page's cell count)
-        index.seek((root - 1) * page_size + 4)
-        count = index.read(1)[0]
-        index.seek(-1, os.SEEK_CUR)
-        index.write(bytes([count ^ 0x04]))
+    damage_the_index(home, "blobs")
     with Depot(home) as depot, pytest.raises(IndexDamagedError, match="deleted nothing") as refused:
         depot.gc()
     assert ".recover" in str(refused.value) and "modeldepot import" in str(refused.value)
@@ -210,15 +216,7 @@ def test_rm_deletes_nothing_on_a_damaged_index(home: Path, model_dir: Path) -> N
         depot.import_dir(model_dir, REPO)
         depot.import_dir(model_dir, "acme/same-files")
     blobs = sorted(p for p in (home / "blobs").rglob("*") if p.is_file())
-    con = sqlite3.connect(home / "index.db")
-    root, page_size = (con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'files_by_blob'").fetchone()[0],
-                       con.execute("PRAGMA page_size").fetchone()[0])  # fmt: skip
-    con.close()
-    with (home / "index.db").open("r+b") as index:  # (the low byte of the page's cell count)
-        index.seek((root - 1) * page_size + 4)
-        count = index.read(1)[0]
-        index.seek(-1, os.SEEK_CUR)
-        index.write(bytes([count ^ 0x04]))
+    damage_the_index(home, "files_by_blob")
     with Depot(home) as depot:
         with pytest.raises(IndexDamagedError, match="deleted nothing") as refused:
             depot.remove(REPO)
