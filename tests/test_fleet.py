@@ -191,6 +191,30 @@ def test_a_branch_is_the_hubs_to_say_when_a_peer_holds_an_older_commit(
             assert b.scan_repo("acme/model", older).endpoint == a.url  # (a commit: the peer that holds it)
 
 
+def test_a_repo_nowhere_is_not_found_though_a_tokened_peer_refused_to_say(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One node of the fleet with a token this one lacks: its refusal says nothing of the repo, and a repo
+    the Hub and the other peers do not have is RepoNotFound (a typo was a 502 on a mirror, repo_exists
+    raising, "check MODELDEPOT_TOKEN" for a token not needed: an explorer's trial), the refusal still said."""
+    from modeldepot.errors import RepoNotFoundError
+
+    with (
+        scan_node_and_holder(tmp_path, monkeypatch, holder_token="s3cret") as (
+            cluster,
+            _big,
+            _scanned,
+            _holder,
+        ),
+        serving_repo(tmp_path / "hub", {"config.json": b"{}"}, "acme/other", chunk_size=SMALL_CHUNK) as hub,
+    ):
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        with Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b:
+            wait_until(lambda: len(b.peers()) == 2, 10, "both nodes in the view")
+            with pytest.raises(RepoNotFoundError, match="MODELDEPOT_TOKEN"):
+                b.scan_repo("acme/nope")
+
+
 def test_a_peer_that_refuses_this_nodes_token_is_said_once_as_a_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

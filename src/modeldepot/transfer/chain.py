@@ -150,11 +150,14 @@ class SourceChain:
                 return self._hub_scan(repo_id, revision)
             except DepotError as error:
                 hub_said = error
+        cannot_tell: list[DepotError] = []  # peers that refused this node's token: they say nothing of it
         for peer in peers:
             try:
                 return self._scan_at(peer, repo_id, revision)
             except DepotError as error:
                 problems.append(error)
+                if isinstance(error, AccessDeniedError):
+                    cannot_tell.append(error)
         try:
             if hub_said is not None:
                 raise hub_said
@@ -167,7 +170,12 @@ class SourceChain:
             # When every source that answered said "no such repo" (or revision) and the rest could not be
             # reached, it is that kind, so that a node's clients hear RepoNotFound or RevisionNotFound as from
             # the Hub (a bare 404 is a broken connection to huggingface_hub).
-            answered = [p for p in problems if not (isinstance(p, UpstreamError) and p.status is None)]
+            # (nor a peer that refused this node's token: one tokened node in a fleet made every typo's "not
+            # found" a 502 on the others, repo_exists raising: an explorer's trial; its refusal is still said)
+            answered = [
+                p for p in problems
+                if not (isinstance(p, UpstreamError) and p.status is None) and not any(p is q for q in cannot_tell)
+            ]  # fmt: skip
             if answered and all(isinstance(p, RepoNotFoundError) for p in answered):
                 raise RepoNotFoundError(repo_id, said) from error
             if answered and all(isinstance(p, (RepoNotFoundError, RevisionNotFoundError)) for p in answered):
