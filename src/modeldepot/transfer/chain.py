@@ -56,6 +56,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 NODE_API = "/api/depot/v1"
+# Seconds a branch's look-up at the Hub waits before the fleet's peers are asked (a fleet whose Hub drops
+# every packet, behind a firewall, must not wait a whole read timeout per scan; huggingface_hub's own
+# metadata calls wait 10 s)
+BRANCH_LOOKUP_TIMEOUT = 10.0
 
 
 def check_upstream_urls(config: DepotConfig) -> None:
@@ -147,7 +151,9 @@ class SourceChain:
             # explorer's trial). Asked before the peers, whose bytes come by content all the same; a repo
             # the Hub does not have (imported on a node) or a Hub out of reach leaves it to the peers.
             try:
-                return self._hub_scan(repo_id, revision)
+                return self._hub_scan(
+                    repo_id, revision, min(self.hub.retry.read_timeout, BRANCH_LOOKUP_TIMEOUT)
+                )
             except DepotError as error:
                 hub_said = error
         cannot_tell: list[DepotError] = []  # peers that refused this node's token: they say nothing of it
@@ -190,9 +196,13 @@ class SourceChain:
         )
         return Scan(spelled, commit_id, info, files, node.base_url)
 
-    def _hub_scan(self, repo_id: str, revision: str) -> Scan:
+    def _hub_scan(self, repo_id: str, revision: str, timeout: float | None = None) -> Scan:
         spelled, commit_id, info, files = fetch_repo(
-            repo_id, revision, self.hub.base_url, self.hub.token, timeout=self.hub.retry.read_timeout
+            repo_id,
+            revision,
+            self.hub.base_url,
+            self.hub.token,
+            timeout=timeout or self.hub.retry.read_timeout,
         )
         return Scan(spelled, commit_id, info, files, self.hub.base_url)
 
