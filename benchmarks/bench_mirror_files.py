@@ -26,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import Row, render
+from common import Row, hub_client_env, render
 from modeldepot import Depot
 from netutil import free_port, wait_for_port
 
@@ -57,14 +57,7 @@ def serve(home: Path, upstream: str | None = None) -> tuple[subprocess.Popen[byt
 
 def snapshot_seconds(endpoint: str, cache: Path) -> float:
     shutil.rmtree(cache, ignore_errors=True)
-    env = {
-        **os.environ,
-        "HF_ENDPOINT": endpoint,
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    }
-    env.pop("HF_HUB_OFFLINE", None)
-    out = subprocess.run([sys.executable, "-c", SNAPSHOT, REPO, str(cache)], env=env, check=True,
+    out = subprocess.run([sys.executable, "-c", SNAPSHOT, REPO, str(cache)], env=hub_client_env(endpoint), check=True,
                          capture_output=True, text=True)  # fmt: skip
     shutil.rmtree(cache, ignore_errors=True)
     return float(out.stdout.strip().splitlines()[-1])

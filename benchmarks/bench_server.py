@@ -30,7 +30,7 @@ from pathlib import Path
 
 import aiohttp
 
-from common import Row, random_file, render
+from common import Row, hub_client_env, random_file, render
 from modeldepot import Depot
 from modeldepot.config import parse_size
 from netutil import free_port, wait_for_port
@@ -149,16 +149,9 @@ print(time.perf_counter() - start)
 
 def hf_download_seconds(endpoint: str, filename: str, cache: Path) -> float:
     shutil.rmtree(cache, ignore_errors=True)
-    env = {
-        **os.environ,
-        "HF_ENDPOINT": endpoint,
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    }
-    env.pop("HF_HUB_OFFLINE", None)
     out = subprocess.run(
         [sys.executable, "-c", DOWNLOAD, REPO, filename, str(cache)],
-        env=env,
+        env=hub_client_env(endpoint),
         check=True,
         capture_output=True,
         text=True,

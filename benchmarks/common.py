@@ -30,6 +30,18 @@ class Row:
         return self.anchor_s / self.ours_s
 
 
+def hub_client_env(endpoint: str) -> dict[str, str]:
+    """The environment of a huggingface_hub client of ``endpoint``: online, no Xet, no progress bars."""
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": endpoint,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    env.pop("HF_HUB_OFFLINE", None)
+    return env
+
+
 def median_time(
     action: Callable[[], object], setup: Callable[[], object] | None = None, repeat: int = 3
 ) -> float:

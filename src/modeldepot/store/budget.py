@@ -532,11 +532,12 @@ class DiskBudget:
         branch = writer.branch.lower()
         pinned = [pin for pin in self.pins() if pin.repo_id.lower() == writer.repo_id.lower()
                   and pin.revision.lower() == branch]  # fmt: skip
+        if not pinned:
+            return ""
         try:
-            held = pinned and self.store.resolve(writer.repo_id, writer.branch) != writer.commit_id
+            if self.store.resolve(writer.repo_id, writer.branch) == writer.commit_id:
+                return ""
         except NotFoundError:
-            held = False
-        if not held:
             return ""
         return (f". {writer.repo_id} is pinned, and its pin keeps the revision this pull replaces until the new one "
                 f"is whole: an update of a pinned model needs room for both (or `modeldepot unpin {writer.repo_id}`, "
