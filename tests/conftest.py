@@ -9,8 +9,10 @@ import importlib
 import importlib.util
 import json
 import os
+import socket
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -437,11 +439,51 @@ def fleet(tmp_path: Path, etcd_server: EtcdServer) -> Iterator[Fleet]:
     fleet.close()
 
 
+class SilentAddress:
+    """An address that accepts connections and never answers (a wrong --advertise, a frozen host): keeps the
+    request line of each request it got (:attr:`asked`), and the connections open until closed."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self.asked: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                held = self.sock.accept()[0]
+                self.held.append(held)
+                threading.Thread(target=self._read, args=(held,), daemon=True).start()
+
+    def _read(self, held: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            self.asked.append(held.recv(4096).split(b"\r\n", 1)[0].decode("latin-1"))
+
+    def scans(self) -> list[str]:
+        return [line for line in self.asked if "/api/models/" in line]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for held in [*self.held, self.sock]:
+            held.close()
+
+
 class InProcessNode:
     """A node (the production app, with ``token`` if given) whose fleet is on a mem:// registry, on a
-    background loop; its publisher puts what its store holds in the registry every 50 ms."""
+    background loop; its publisher puts what its store holds in the registry every 50 ms. ``advertise``: the
+    URL it registers at, when not its own (a wrong --advertise)."""
 
-    def __init__(self, depot: Depot, cluster: str, token: str | None = None) -> None:
+    def __init__(
+        self, depot: Depot, cluster: str, token: str | None = None, advertise: str | None = None
+    ) -> None:
         from modeldepot.server import create_app
         from modeldepot.server.connections import NodeRunner
         from modeldepot.server.fleet import NodeFleet
@@ -454,7 +496,7 @@ class InProcessNode:
 
         async def join() -> None:
             await fleet.start()
-            await fleet.register(f"http://127.0.0.1:{int(runner.addresses[0][1])}")
+            await fleet.register(advertise or f"http://127.0.0.1:{int(runner.addresses[0][1])}")
 
         self.server = BackgroundServer(runner, "fleet-node", on_start=join, on_stop=fleet.close)
         self.url = self.server.url

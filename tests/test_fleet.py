@@ -15,12 +15,14 @@ Nothing waits by sleeping: every wait is bounded and polls its condition (``wait
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import json
 import logging
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,6 +43,7 @@ from conftest import (
     BackgroundServer,
     InProcessNode,
     LiveNode,
+    SilentAddress,
     flip_byte,
     free_port,
     serving_repo,
@@ -213,6 +216,46 @@ def test_a_repo_nowhere_is_not_found_though_a_tokened_peer_refused_to_say(
             wait_until(lambda: len(b.peers()) == 2, 10, "both nodes in the view")
             with pytest.raises(RepoNotFoundError, match="MODELDEPOT_TOKEN"):
                 b.scan_repo("acme/nope")
+
+
+def test_a_peer_that_never_answers_costs_a_scan_seconds_not_a_read_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One node of a fleet advertised at an address that accepts and never answers (or frozen, its lease
+    still running): every scan that asked the peers waited on it a whole read timeout, in turn, 30 s of
+    silence per pull in the fleet (an explorer's trial). Peers are asked at once, for PEER_SCAN_TIMEOUT
+    each, the first to describe the repo wins, and a peer that let a scan time out is left out of the next."""
+    from modeldepot.errors import RepoNotFoundError
+    from modeldepot.transfer import chain
+
+    monkeypatch.setattr(chain, "PEER_SCAN_TIMEOUT", 1.0)
+    monkeypatch.setattr(chain, "_UNANSWERING", {})
+    monkeypatch.setenv("MODELDEPOT_READ_TIMEOUT", "600")  # (waiting on it a read timeout would hang the test)
+    silent = SilentAddress()
+    with (
+        scan_node_and_holder(tmp_path, monkeypatch) as (cluster, _big, (a_depot, a), _holder),
+        Depot(tmp_path / "frozen", chunk_size=SMALL_CHUNK) as frozen_depot,
+    ):
+        frozen = InProcessNode(frozen_depot, cluster, advertise=silent.url)
+        try:
+            commit = a_depot.resolve("acme/model")
+            with Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b:
+                wait_until(lambda: len(b.peers()) == 3, 10, "the three nodes in the view")
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    with pytest.raises(RepoNotFoundError, match="did not answer in time"):
+                        pool.submit(b.scan_repo, "acme/nope", "0" * 40).result(timeout=60)
+                    assert len(silent.scans()) == 1
+                    scanned = pool.submit(b.scan_repo, "acme/model", commit).result(timeout=60)
+                    assert scanned.endpoint == a.url, "the peer that answered"
+                    with pytest.raises(RepoNotFoundError) as nowhere:
+                        pool.submit(b.scan_repo, "acme/nope", "0" * 40).result(timeout=60)
+                assert f"{silent.url} was not asked" in str(nowhere.value)
+                assert len(silent.scans()) == 1, "left out of the next scans"
+                b.pull("acme/model", revision=commit)
+                assert bytes(b.get_file("acme/model", "config.json", commit)) == b"{}"
+        finally:
+            frozen.stop()
+            silent.close()
 
 
 def test_a_peer_that_refuses_this_nodes_token_is_said_once_as_a_warning(
@@ -574,7 +617,6 @@ def test_a_node_on_every_address_is_advertised_by_its_machines_name_not_localhos
     """`serve --host 0.0.0.0 --cluster ...` registered http://localhost:PORT where the machine's full name is
     localhost (as on many: getfqdn), and peers on other machines fetched from their own localhost (a
     README walk). And a name that leads to this machine alone is said."""
-    import socket
 
     from modeldepot.server import fleet as node_fleet
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import random
 import re
 import time
@@ -25,6 +26,7 @@ from conftest import (
     ForwardingProxy,
     InProcessNode,
     LiveNode,
+    SilentAddress,
     free_port,
     wait_until,
     write_model_dir,
@@ -57,10 +59,11 @@ _RANGE = re.compile(r"bytes=(\d+)-(\d+)")
 
 class Proxy(ForwardingProxy):
     """Forwards to a node; logs each blob request's chunk (None for other routes) and counts body bytes.
-    ``flip`` corrupts one byte of every body; ``trickle`` sends 512 bytes per 0.1 s."""
+    ``flip`` corrupts one byte of every body; ``trickle`` sends 512 bytes per 0.1 s; ``hang`` never answers
+    a ranged request (a node frozen after it answered its chunk map)."""
 
-    def __init__(self, upstream: str, flip: bool = False, trickle: bool = False) -> None:
-        self.upstream, self.flip, self.trickle = upstream, flip, trickle
+    def __init__(self, upstream: str, flip: bool = False, trickle: bool = False, hang: bool = False) -> None:
+        self.upstream, self.flip, self.trickle, self.hang = upstream, flip, trickle, hang
         self.chunks: list[int] = []  # chunk of each ranged request, in order
         self.body_bytes = 0
         super().__init__("swarm-proxy")
@@ -69,6 +72,8 @@ class Proxy(ForwardingProxy):
         wanted = _RANGE.fullmatch(request.headers.get("Range", ""))
         if wanted is not None:
             self.chunks.append(int(wanted.group(1)) // SMALL_CHUNK)
+            if self.hang:
+                await asyncio.Event().wait()  # (until the client goes)
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("range", "authorization")}
         async with self.session.get(self.upstream + request.path_qs, headers=headers) as upstream:
             body = await upstream.read()
@@ -393,12 +398,12 @@ def test_fleet_peers_holding_complementary_partials_are_sources_with_their_chunk
 
 
 def swarm_download(tmp_path: Path, claimer_url: str, hub_url: str, settled: bool, limits: Limits,
-                   on_bytes: BytesDone | None = None) -> tuple[str, dict[str, int]]:  # fmt: skip
+                   on_bytes: BytesDone | None = None, read_timeout: float = 30) -> tuple[str, dict[str, int]]:  # fmt: skip
     """Download DATA into a fresh store's partial as a member of a swarm (a mem registry) in which another
     node, reached at ``claimer_url``, has claimed the low half (and, if ``settled``, settled it with the
     right digests), the Hub being ``hub_url``: the SHA-256 and the bytes written by kind of source (unless
     ``on_bytes`` is given: it is called instead)."""
-    retry = RetryPolicy(attempts=2, base_delay=0.05, read_timeout=30)
+    retry = RetryPolicy(attempts=2, base_delay=0.05, read_timeout=read_timeout)
     me = NodeRecord("a" * 32, "http://127.0.0.1:9/", "1", 1.0)
     claimer = NodeRecord("b" * 32, claimer_url, "1", 1.0)
 
@@ -530,6 +535,47 @@ def test_a_settled_chunk_its_claimer_no_longer_has_comes_from_the_hub(
         assert counted == {"peer": from_low, "hub": len(DATA) - from_low}
     finally:
         low.stop(), hub.stop()
+
+
+def test_a_claimer_that_never_answers_is_given_up_on_in_seconds_not_a_read_timeout(
+    tmp_path: Path, nodes: dict[str, LiveNode]
+) -> None:
+    """The claimer of the low half settled it and is then reached at an address that accepts and never
+    answers (frozen, or a wrong --advertise): its chunk map was waited for the whole read timeout, and a
+    3-node swarm took 35 s instead of 8 (an explorer's trial). A node that sends no byte in SILENT_PEER
+    seconds is given up on, and its chunks come from the Hub."""
+    silent, hub = SilentAddress(), Proxy(nodes["full"].url)
+    try:
+        sha, counted = swarm_download(
+            tmp_path, silent.url, hub.url, True, Limits(per_source=2, total=4), read_timeout=600
+        )
+        assert sha == SHA and counted == {"hub": len(DATA)}
+        assert any("/chunks" in line for line in silent.asked), silent.asked
+    finally:
+        silent.close(), hub.stop()
+
+
+def test_a_claimer_that_stops_answering_ranges_is_given_up_on_in_seconds(
+    tmp_path: Path, nodes: dict[str, LiveNode], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The claimer of the low half answers its chunk map, then no range (frozen since): each of its claims
+    stood while a request to it was outstanding, until the read timeout, and the next request to it waited
+    as long. A peer whose request brings no byte in SILENT_PEER seconds is dropped for the file, its claims
+    void, and the Hub gives its chunks. (SWARM_PATIENCE stays as it is: the patience grows with the age of
+    the requests in flight, so a lone hung one was never "stuck". The late node's wait for the swarm's claims
+    to stand still, 10 s of it, is not what is tested.)"""
+    hung, hub = Proxy(nodes["low"].url, hang=True), Proxy(nodes["full"].url)
+    try:
+        with caplog.at_level(logging.INFO, logger="modeldepot.transfer.download"):
+            sha, counted = swarm_download(
+                tmp_path, hung.url, hub.url, True, Limits(per_source=1, total=4), read_timeout=600
+            )
+        assert sha == SHA and counted == {"hub": len(DATA)}
+        assert len(hung.chunks) == 1, f"asked once, then dropped: {hung.chunks}"
+        dropped = [r.getMessage() for r in caplog.records if "no longer asking" in r.getMessage()]
+        assert any(hung.url in m and "sent no byte in" in m for m in dropped), dropped
+    finally:
+        hung.stop(), hub.stop()
 
 
 def test_a_byte_callback_that_raises_fails_the_swarm_download_at_once(

@@ -23,6 +23,9 @@ import asyncio
 import http.client
 import json
 import logging
+import queue
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -38,6 +41,7 @@ from modeldepot.errors import (
     RepoNotFoundError,
     RevisionNotFoundError,
     UpstreamError,
+    UpstreamTimeoutError,
 )
 from modeldepot.hashing import chunk_count
 from modeldepot.hub.manifest import Manifest, RemoteFile
@@ -60,6 +64,17 @@ NODE_API = "/api/depot/v1"
 # every packet, behind a firewall, must not wait a whole read timeout per scan; huggingface_hub's own
 # metadata calls wait 10 s)
 BRANCH_LOOKUP_TIMEOUT = 10.0
+# Seconds a fleet peer may take to describe a repo: a node answers from its index in milliseconds, and one
+# frozen (SIGSTOP, a hung host whose lease still runs) or advertised at a wrong address that accepts and never
+# answers cost every pull of the fleet a whole read timeout, 30 s of silence (an explorer's trial)
+PEER_SCAN_TIMEOUT = 5.0
+PEER_SCAN_WIDTH = (
+    8  # peers asked at once (the first that describes the repo wins; the others are not awaited)
+)
+UNANSWERING_FOR = 60.0  # seconds a peer that let a scan time out is left out of this process's next scans
+# peer base URL -> time.monotonic() until which scans leave it out (plain dict operations: no lock to be
+# inherited held by a forked child)
+_UNANSWERING: dict[str, float] = {}
 
 
 def check_upstream_urls(config: DepotConfig) -> None:
@@ -157,13 +172,9 @@ class SourceChain:
             except DepotError as error:
                 hub_said = error
         cannot_tell: list[DepotError] = []  # peers that refused this node's token: they say nothing of it
-        for peer in peers:
-            try:
-                return self._scan_at(peer, repo_id, revision)
-            except DepotError as error:
-                problems.append(error)
-                if isinstance(error, AccessDeniedError):
-                    cannot_tell.append(error)
+        found = self._scan_peers(peers, repo_id, revision, problems, cannot_tell)
+        if found is not None:
+            return found
         try:
             if hub_said is not None:
                 raise hub_said
@@ -190,9 +201,66 @@ class SourceChain:
                         UpstreamError)  # fmt: skip
             raise kind(said, repo_id=repo_id) from error
 
-    def _scan_at(self, node: HttpSource, repo_id: str, revision: str) -> Scan:
+    def _scan_peers(self, peers: list[HttpSource], repo_id: str, revision: str, problems: list[DepotError],
+                    cannot_tell: list[DepotError]) -> Scan | None:  # fmt: skip
+        """The first of the fleet's ``peers`` to describe the repo, asked PEER_SCAN_WIDTH at a time, each for
+        PEER_SCAN_TIMEOUT at most (None when none does; what each said goes to ``problems``, a refusal of
+        this node's token to ``cannot_tell`` too). A peer that let a scan time out is left out of this
+        process's scans for UNANSWERING_FOR seconds.
+
+        Each is asked on a daemon thread of its own: a peer that does not answer is not waited for once
+        another has, nor does it hold a finished command's process open."""
+        now = time.monotonic()
+        asked = [peer for peer in peers if _UNANSWERING.get(peer.base_url, 0.0) <= now]
+        answers: queue.SimpleQueue[tuple[HttpSource, Scan | DepotError]] = queue.SimpleQueue()
+
+        def ask(peer: HttpSource) -> None:
+            answer: Scan | DepotError
+            try:
+                answer = self._scan_at(
+                    peer, repo_id, revision, min(peer.retry.read_timeout, PEER_SCAN_TIMEOUT)
+                )
+            except UpstreamTimeoutError as error:  # (said here: a scan another peer answered does not wait)
+                _UNANSWERING[peer.base_url] = time.monotonic() + UNANSWERING_FOR
+                log.warning("%s did not answer a scan of %s within %g s: left out of scans for %g s",
+                            peer.base_url, repo_id, PEER_SCAN_TIMEOUT, UNANSWERING_FOR)  # fmt: skip
+                answer = error
+            except DepotError as error:
+                answer = error
+            except Exception as error:  # (every thread answers: the loop below counts on it)
+                answer = UpstreamError(f"{peer.base_url} could not be scanned: {type(error).__name__}: {error}",
+                                       repo_id=repo_id, source=peer.base_url)  # fmt: skip
+            answers.put((peer, answer))
+
+        waiting = iter(asked)
+        in_flight = 0
+        while True:
+            while in_flight < PEER_SCAN_WIDTH and (peer := next(waiting, None)) is not None:
+                threading.Thread(target=ask, args=(peer,), name="modeldepot-peer-scan", daemon=True).start()
+                in_flight += 1
+            if not in_flight:
+                break
+            peer, answer = answers.get()
+            in_flight -= 1
+            if isinstance(answer, Scan):
+                return answer
+            problems.append(answer)
+            if isinstance(answer, AccessDeniedError):
+                cannot_tell.append(answer)
+        for peer in peers:
+            if peer not in asked:
+                problems.append(UpstreamError(f"{peer.base_url} was not asked (it did not answer a scan a moment "
+                                              "ago)", repo_id=repo_id, source=peer.base_url))  # fmt: skip
+        return None
+
+    def _scan_at(self, node: HttpSource, repo_id: str, revision: str, timeout: float | None = None) -> Scan:
         spelled, commit_id, info, files = fetch_repo(
-            repo_id, revision, node.base_url, node.token, "MODELDEPOT_TOKEN", node.retry.read_timeout
+            repo_id,
+            revision,
+            node.base_url,
+            node.token,
+            "MODELDEPOT_TOKEN",
+            timeout or node.retry.read_timeout,
         )
         return Scan(spelled, commit_id, info, files, node.base_url)
 

@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from modeldepot.store.partials import ResumablePartial
-from modeldepot.transfer.sources import HttpSource, Receiving
+from modeldepot.transfer.sources import SILENT_PEER, HttpSource, Receiving
 
 if TYPE_CHECKING:
     from modeldepot.transfer.swarm import SwarmFile
 
-__all__ = ["BANNED_NODES", "ChunkChooser", "ChunkRequest", "FileSource"]
+__all__ = ["BANNED_NODES", "ChunkChooser", "ChunkRequest", "FileSource", "is_silent"]
 
 # Source name (its kind and URL) -> until when (monotonic) it gets no chunk, in every download of this
 # process: a liar was banned file by file, and asked again for the next file of the same pull (and the
@@ -274,3 +274,8 @@ class ChunkChooser:
             and self._origin_blocked(index, now, endgame=False, following=hub_left)
             for index in range(self.low, self.partial.chunks)
         )
+
+
+def is_silent(request: ChunkRequest, now: float) -> bool:
+    """Whether ``request`` has brought no byte in SILENT_PEER seconds on the wire."""
+    return now - request.started >= SILENT_PEER and request.receiving.count == request.receiving.in_place

@@ -57,8 +57,8 @@ from modeldepot.hashing import BlobDigest, BlobHasher, chunk_span, digest_bytes
 from modeldepot.hub.manifest import RemoteFile
 from modeldepot.store.forking import ForkSafeExecutor
 from modeldepot.store.partials import ResumablePartial
-from modeldepot.transfer.choosing import BANNED_NODES, ChunkChooser, ChunkRequest, FileSource
-from modeldepot.transfer.sources import ChunkUnavailableError, HttpSource, RangeIgnoredError
+from modeldepot.transfer.choosing import BANNED_NODES, ChunkChooser, ChunkRequest, FileSource, is_silent
+from modeldepot.transfer.sources import SILENT_PEER, ChunkUnavailableError, HttpSource, RangeIgnoredError
 from modeldepot.transfer.threads import to_thread_to_the_end
 
 if TYPE_CHECKING:
@@ -234,6 +234,7 @@ class _FileJob(ChunkChooser):
         pace = None
         if self.limits.slow_peer_rate and (self.fallback is not None or self.swarm is not None):
             pace = self._watch(asyncio.create_task(self._watch_pace()))
+        silence = self._watch(asyncio.create_task(self._drop_silent_peers()))
         try:
             await self._start(sources)
             if not self.live:
@@ -250,7 +251,7 @@ class _FileJob(ChunkChooser):
             digest = hasher.result()
         finally:
             tasks: list[asyncio.Task[Any]] = [hasher, *self.workers, *self.tasks]
-            tasks.extend(task for task in (follower, pace) if task is not None)
+            tasks.extend(task for task in (follower, pace, silence) if task is not None)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -406,6 +407,26 @@ class _FileJob(ChunkChooser):
                 extra, self.fallback = self.fallback(), None
                 await self._start(extra)
             self._pulse()
+
+    async def _drop_silent_peers(self) -> None:
+        """A fleet peer that sends no byte to a request in SILENT_PEER seconds (frozen, or advertised at an
+        address that accepts and never answers) is dropped for this file and its requests are cancelled: its
+        claims no longer keep the Hub from their chunks, and no worker goes back to it for the next chunk
+        (each waited as long: a swarm paid SILENT_PEER per chunk the node had claimed)."""
+        while self._work_left():
+            await asyncio.sleep(PACE_TICK)
+            now = time.monotonic()
+            silent = {r.source: r for reqs in self.requests.values() for r in reqs
+                      if r.source.kind == "peer" and not r.landing and is_silent(r, now)}  # fmt: skip
+            for source in silent:
+                self._drop(source, UpstreamTimeoutError(
+                    f"sent no byte in {SILENT_PEER:g} s (frozen, or not reachable at the address it gave?)",
+                    source=source.source.base_url))  # fmt: skip
+                for request in [r for reqs in self.requests.values() for r in reqs if r.source is source]:
+                    if request.task is not None and not request.landing:
+                        request.task.cancel()
+            if silent:
+                self._pulse()
 
     def _slow_peers(self, now: float) -> bool:
         """Whether the other nodes send this file slower than ``slow_peer_rate`` allows its share of it (its

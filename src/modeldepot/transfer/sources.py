@@ -97,6 +97,12 @@ class RetryPolicy:
         return float(min(self.base_delay * (1 << attempt), self.max_delay) * random.uniform(0.5, 1.0))
 
 
+# Seconds a depot node may take to send a first byte, to a chunk map's request or to a range's (then its
+# source counts as failed for the chunk): a live node answers in milliseconds, however busy or slow its link
+# (its bytes then trickle); one frozen, or advertised at an address that accepts and never answers, held the
+# chunks it had claimed in a swarm for the whole read timeout (35 s instead of 8: an explorer's trial)
+SILENT_PEER = 5.0
+
 # Seconds between the attempts a refused connection to the Hub makes in a mirror's pull (QUICK_REFUSALS)
 REFUSED_RETRY_DELAY = 0.2
 
@@ -336,7 +342,7 @@ class HttpSource:
         (``GET /api/depot/v1/blobs/{sha256}/chunks``): None when it holds the whole file. A node that chunks
         otherwise serves our chunk when it holds every one of its chunks that the span touches. One attempt."""
         try:
-            reply = await small_request("GET", url, self.headers(), self.retry.read_timeout)
+            reply = await small_request("GET", url, self.headers(), min(self.retry.read_timeout, SILENT_PEER))
             if reply.status != 200:
                 raise _final_error(reply.status, url, reply.headers.get("X-Error-Message"))
             body = json.loads(reply.body)
