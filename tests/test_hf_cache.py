@@ -13,6 +13,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -1041,8 +1042,6 @@ def test_a_cache_whose_snapshots_hold_files_is_adopted_by_the_commits_listing(
 def test_adopting_a_cache_older_than_the_stores_branch_keeps_the_stores(depot: Depot, tmp_path: Path) -> None:
     """Re-adopting a cache after imports moved main on set main back to the cache's older commit, with exit 0
     and no word (a trial). A ref huggingface_hub wrote since the store's moved (a newer download) moves it."""
-    import time
-
     first = depot.import_dir(
         write_model_dir(tmp_path / "v1", {"config.json": b'{"v": 1}'}), "acme/m"
     ).commit_id
@@ -1056,5 +1055,38 @@ def test_adopting_a_cache_older_than_the_stores_branch_keeps_the_stores(depot: D
     assert depot.resolve("acme/m") == second and depot.resolve("acme/m", first) == first
     later = time.time() + 5
     os.utime(cache / "models--acme--m" / "refs" / "main", (later, later))
-    assert depot.hf_cache_import(["acme/m"], cache_dir=cache).problems == ()
+    moved = depot.hf_cache_import(["acme/m"], cache_dir=cache)
+    assert moved.ok and [(p.problem, p.detail) for p in moved.problems] == [
+        ("ref-moved", f"moved from {second[:12]} to {first[:12]}")
+    ], "said: a cache copied without its times (cp -r, scp) looks newer and moved main back silently"
     assert depot.resolve("acme/m") == first
+
+
+def test_a_branch_stays_at_a_whole_commit_rather_than_move_to_a_few_files_of_another(
+    tmp_path: Path, source: tuple[Depot, LiveNode], hf_cache: Path
+) -> None:
+    """hf_hub_download and from_pretrained leave a few files of a commit and no listing of it: adopting such
+    a cache whose main is newer moved the store's main from the model it held whole to a commit of its config
+    alone, exit 0 and no word, and `path` and `load` found no weights (a trial). The store's main stays, the
+    commit is adopted as it is, and a note says how to have it whole. A commit known whole (its listing) moves
+    it, said too."""
+    origin, node = source
+    commit = origin.resolve(SAMPLE)
+    cache = tmp_path / "config-only" / "hub"
+    hf_hub_download(SAMPLE, "config.json", endpoint=node.url, cache_dir=cache)
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        older = {**sample_files(), "config.json": b'{"older": true}'}
+        held = depot.import_dir(write_model_dir(tmp_path / "held", older), SAMPLE).commit_id
+        later = time.time() + 5  # (the caches' main written after the store's: newer downloads)
+        for ref in (cache / FOLDER / "refs" / "main", hf_cache / FOLDER / "refs" / "main"):
+            os.utime(ref, (later, later))
+        adopted = depot.hf_cache_import(cache_dir=cache)
+        assert adopted.ok and [p.problem for p in adopted.problems] == ["branch-kept"], adopted.problems
+        assert f"modeldepot pull {SAMPLE} -r main" in adopted.problems[0].detail
+        assert depot.resolve(SAMPLE) == held and depot.has_file(SAMPLE, "model.safetensors")
+        assert bytes(depot.get_file(SAMPLE, "config.json", commit)) == sample_files()["config.json"]
+        whole = depot.hf_cache_import(cache_dir=hf_cache)
+        assert ("ref-moved", f"moved from {held[:12]} to {commit[:12]}") in {
+            (p.problem, p.detail) for p in whole.problems
+        }, whole.problems
+        assert depot.resolve(SAMPLE) == commit

@@ -492,7 +492,7 @@ def _publish_revisions(store: Store, scan: _Scan, repo: _CachedRepo, verified: d
     keep_or_private = True if private else None  # never makes a private repo public (kept in the transaction)
     refs: dict[str, list[str]] = {}
     for name, commit in sorted(repo.refs.items(), key=lambda item: (item[0] != "main", item[0])):
-        if not _older_than_the_stores(store, scan, repo, name, commit):
+        if not _keeps_the_stores_ref(store, scan, repo, name, commit):
             refs.setdefault(commit, []).append(name)
     order = sorted(repo.snapshots, key=lambda c: ("main" in refs.get(c, ()), c in refs, c))
     revisions: list[HfCacheRevision] = []
@@ -539,24 +539,41 @@ def _publish_revisions(store: Store, scan: _Scan, repo: _CachedRepo, verified: d
     return revisions, new
 
 
-def _older_than_the_stores(store: Store, scan: _Scan, repo: _CachedRepo, name: str, commit: str) -> bool:
-    """Whether the cache's ref ``name`` (at ``commit``) was written before the store's ref of that name last
-    moved elsewhere: the store's is the newer, and stays (re-adopting a cache after imports moved main on
-    set main back to the cache's older commit, without a word: a trial). Said as a note."""
+def _keeps_the_stores_ref(store: Store, scan: _Scan, repo: _CachedRepo, name: str, commit: str) -> bool:
+    """Whether the store's ref ``name``, at another commit, stays where it is rather than move to the cache's
+    ``commit`` (adopted all the same, said in a note): when the store's moved after the cache's ref was
+    written (re-adopting a cache after imports moved main on set main back to the cache's older commit,
+    without a word: a trial), or when the cache's commit is not known whole and the store does not hold it
+    yet (hf_hub_download and from_pretrained leave a few files and no listing: main moved to a commit of a
+    config alone, and `path` and `load` found no weights, a trial). A ref that moves is said too (a cache
+    copied without its times, by `cp -r` or `scp`, looks newer and moved main back, silently: a trial)."""
     rows = store.index.read("SELECT commit_id, updated_at FROM refs WHERE repo_id = ? AND name = ?",
                             (store.spelled(repo.repo_id), name))  # fmt: skip
     if not rows or rows[0]["commit_id"] == commit:
         return False
+    held, ref = rows[0]["commit_id"], repo.folder / "refs" / name
     try:
-        written = os.lstat(repo.folder / "refs" / name).st_mtime
+        written = os.lstat(ref).st_mtime
     except OSError:
-        return False
-    if not written < float(rows[0]["updated_at"]) < scan.started:
-        return False
-    scan.problem(repo.repo_id, repo.folder / "refs" / name, "branch-kept",
-                 f"points at {commit[:12]}, while the store's {name} moved to {rows[0]['commit_id'][:12]} after this "
-                 f"ref was written: the store's stays (its commit {commit[:12]} is adopted all the same)")  # fmt: skip
-    return True
+        written = None
+    if written is not None and written < float(rows[0]["updated_at"]) < scan.started:
+        scan.problem(repo.repo_id, ref, "branch-kept",
+                     f"points at {commit[:12]}, while the store's {name} moved to {held[:12]} after this ref was "
+                     f"written: the store's stays (its commit {commit[:12]} is adopted all the same)")  # fmt: skip
+        return True
+    listing = _read_tree_listing(scan, repo.repo_id, repo.folder / "trees" / f"{commit}.json")
+    cached = {link.path for link in repo.snapshots.get(commit, [])}
+    whole = listing is not None and all(f.path in cached for f in listing)
+    if not whole and not store.files(store.spelled(repo.repo_id), commit):
+        what = ("no listing of it (huggingface_hub writes one in snapshot_download alone)" if listing is None
+                else f"{len(listing)} files listed for it")  # fmt: skip
+        scan.problem(repo.repo_id, ref, "branch-kept",
+                     f"points at {commit[:12]}, of which the cache holds {len(cached)} files and {what}: the "
+                     f"store's {name} stays at {held[:12]}, which it holds (commit {commit[:12]} is adopted as it "
+                     f"is; `modeldepot pull {repo.repo_id} -r {name}` brings it whole and moves {name})")  # fmt: skip
+        return True
+    scan.problem(repo.repo_id, ref, "ref-moved", f"moved from {held[:12]} to {commit[:12]}")
+    return False
 
 
 def _files_of_the_commit(store: Store, scan: _Scan, repo: _CachedRepo, commit: str, links: list[_Link],
