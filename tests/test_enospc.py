@@ -112,6 +112,35 @@ def test_import_bigger_than_the_free_space(mount_tmpfs: Mount, tmp_path: Path, s
         assert_import_works(depot, random_folder(tmp_path / "fits", [free // 3], seed=3))
 
 
+def test_a_cache_import_fails_the_repo_the_disk_cannot_hold_and_adopts_the_rest(
+    mount_tmpfs: Mount, tmp_path: Path
+) -> None:
+    """A full disk while adopting a Hugging Face cache stopped the whole run: the repos after it, that fit,
+    were never tried, and the summary of those adopted before was lost (`--json` printed nothing: a trial).
+    The repo that does not fit fails (nothing of it kept), as one over the disk budget does; the rest are
+    adopted."""
+    root = mount_tmpfs("size=4m")
+    depot, _small = small_store(root)
+    cache = tmp_path / "hf" / "hub"  # (another file system: its blobs are copied)
+    with depot, Depot(tmp_path / "other", chunk_size=SMALL_CHUNK) as other:
+        free = free_bytes(root)
+        for repo_id, size, seed in (
+            ("a/first", free // 10, 4),
+            ("b/big", free + 100_000, 5),
+            ("c/last", free // 10, 6),
+        ):
+            other.import_dir(random_folder(tmp_path / repo_id.replace("/", "-"), [size], seed), repo_id)
+            assert other.hf_cache_export(repo_id, cache_dir=cache).ok
+        result = depot.hf_cache_import(cache_dir=cache)
+        assert [(p.repo_id, p.problem) for p in result.problems] == [("b/big", "failed")], result.problems
+        assert "no space left" in result.problems[0].detail and not result.ok
+        assert [repo.repo_id for repo in result.repos] == ["a/first", "c/last"]
+        assert {"a/first", "c/last", "org/small"} == {r.repo_id for r in depot.list_repos()}
+        assert store_files_consistent(depot) == []
+        for repo_id in ("a/first", "c/last"):
+            assert depot.verify(repo_id).ok
+
+
 def test_index_full_after_the_blobs_were_written(mount_tmpfs: Mount, tmp_path: Path) -> None:
     """Every file fits, so the blobs are written and placed; then the index transaction finds no room."""
     root = mount_tmpfs("size=4m")

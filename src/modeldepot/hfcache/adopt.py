@@ -22,6 +22,7 @@ from modeldepot.errors import (
     NotFoundError,
     RepoNotFoundError,
     SourceDirectoryError,
+    StoreFullError,
     UpstreamDataError,
 )
 from modeldepot.gitobjects import git_blob_oid, lfs_pointer
@@ -355,13 +356,16 @@ def import_hf_cache(
             result = _adopt(store, scan, repo, private, not copy, report, done)
         except (
             BudgetExceededError,
+            StoreFullError,
             IntegrityError,
             NotFoundError,
             InvalidInputError,
             UpstreamDataError,
         ) as error:
-            # One repo that cannot be adopted (over the disk budget, a file written while it was hashed) is
-            # reported and skipped; the others are adopted (a store error, a full disk, stops them all).
+            # One repo that cannot be adopted (over the disk budget, or more than the disk has left; a file
+            # written while it was hashed) is reported and skipped, nothing of it kept; the others are adopted
+            # (a full disk stopped them all, the smaller ones after too, and the summary of those adopted
+            # before was lost, --json printing nothing: a trial). Another store error stops them all.
             scan.problem(repo.repo_id, repo.folder, "failed", f"{error}: the repo was not adopted (revisions "
                          "published before this stay: `modeldepot info` shows them)")  # fmt: skip
             done[0] = start + sum(link.size for link in _blob_sources(repo).values())
