@@ -670,6 +670,24 @@ def test_export_is_found_offline_by_huggingface_hub(filled: Depot, tmp_path: Pat
     assert list((cache / FOLDER).glob(".modeldepot-*")) == []  # no temporary file left
 
 
+def test_export_leaves_a_file_of_the_users_in_a_snapshot_alone(filled: Depot, tmp_path: Path) -> None:
+    """A config patched in the cache (its link replaced by a file, a common fix) was replaced by the link again
+    without a word by the next export, counted "already there" (a trial). It stays, said in a note."""
+    cache = tmp_path / "exported" / "hub"
+    assert filled.hf_cache_export(SAMPLE, cache_dir=cache).ok
+    patched = cache / FOLDER / "snapshots" / filled.resolve(SAMPLE) / "config.json"
+    patched.unlink()
+    patched.write_bytes(b'{"patched": true}')
+    again = filled.hf_cache_export(SAMPLE, cache_dir=cache)
+    assert again.ok and [(p.problem, p.path) for p in again.problems] == [
+        ("own-file", f"{FOLDER}/snapshots/{filled.resolve(SAMPLE)}/config.json")
+    ]
+    assert patched.read_bytes() == b'{"patched": true}' and not patched.is_symlink()
+    assert again.files == len(sample_files()) - 1 and again.kept == len(sample_files())
+    found = hf_hub_download(SAMPLE, "config.json", cache_dir=cache, local_files_only=True)
+    assert Path(found).read_bytes() == b'{"patched": true}'
+
+
 def test_export_lays_the_cache_out_as_a_download_does(source: tuple[Depot, LiveNode], tmp_path: Path) -> None:
     origin, node = source
     downloaded, exported = tmp_path / "downloaded", tmp_path / "exported"

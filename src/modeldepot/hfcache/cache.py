@@ -34,7 +34,9 @@ class _Record:
 # Problems that are reported and leave the import (export) a success: they skip nothing a snapshot needs, or
 # nothing a run could ever adopt (a legacy id, a download huggingface_hub left unfinished and no snapshot
 # names), which made every scheduled import "fail" for good (a trial)
-NOTES = frozenset({"partial", "merged", "ref-moved", "branch-kept", "spelling", "incomplete", "legacy-id"})
+NOTES = frozenset(
+    {"partial", "merged", "ref-moved", "branch-kept", "spelling", "incomplete", "legacy-id", "own-file"}
+)
 
 
 @dataclass(frozen=True)

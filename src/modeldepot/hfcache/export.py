@@ -95,8 +95,12 @@ def export_to_hf_cache(
             except BlobRemovedError as error:  # (an `rm` or the budget beside the export)
                 problems.append(HfCacheProblem(repo_id, path, "missing", f"skipped: {error}"))
             else:
-                writer.link(snapshot, entry.path, blobs / etag)
-                exported, exported_bytes = exported + 1, exported_bytes + entry.size
+                if writer.link(snapshot, entry.path, blobs / etag):
+                    exported, exported_bytes = exported + 1, exported_bytes + entry.size
+                else:
+                    problems.append(HfCacheProblem(repo_id, path, "own-file", "a file of its own is there, not a "
+                                                   "link to the commit's: left as it is (remove it and export again "
+                                                   "for the commit's)"))  # fmt: skip
             done += listed.size
             if progress is not None:
                 progress(f"{repo_id}/{listed.path}", done, total)
@@ -251,8 +255,11 @@ class _CacheWriter:
             pass
         return etag_of_file(Path(real), entry.size, entry.lfs) == entry.etag
 
-    def link(self, snapshot: Path, path: str, blob: Path) -> None:
-        """``snapshots/<commit>/<path>`` -> the relative way to ``blob``, as huggingface_hub links it."""
+    def link(self, snapshot: Path, path: str, blob: Path) -> bool:
+        """``snapshots/<commit>/<path>`` -> the relative way to ``blob``, as huggingface_hub links it. False,
+        and nothing changed, when a file of the user's is there in place of a link (a config patched in the
+        cache, a common fix: replaced by the link without a word, and counted "already there", a trial;
+        huggingface_hub leaves such a file alone too)."""
         parent = str(Path(path).parent)
         folder = self.folder(f"{snapshot.relative_to(self.root).as_posix()}/{parent}" if parent != "." else
                              snapshot.relative_to(self.root).as_posix())  # fmt: skip
@@ -260,9 +267,11 @@ class _CacheWriter:
         target = os.path.relpath(blob, folder)
         try:
             if os.readlink(final) == target:
-                return
+                return True
         except OSError:
             pass
+        if final.is_file() and not final.is_symlink():
+            return False
         if final.is_dir() and not final.is_symlink():
             raise InvalidInputError(f"{final} is a folder; the repo has a file there: remove the folder")
         temporary = self._temporary(self.root)  # not in the snapshot: scan_cache_dir would list it
@@ -272,6 +281,7 @@ class _CacheWriter:
         except OSError as error:
             unlink_quietly(temporary)
             raise StoreError(f"cannot write {final} in the Hugging Face cache: {error.strerror}") from None
+        return True
 
     def ref_target(self, branch: str) -> str | None:
         """The commit ``refs/<branch>`` names now (None: none, or not one to read)."""
