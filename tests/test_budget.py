@@ -1243,6 +1243,26 @@ def test_blobs_shared_with_files_outside_the_store_are_neither_counted_nor_evict
         assert [(e.repo_id, e.bytes_freed >= 2 * MB) for e in depot.shrink()] == [("acme/linked", True)]
 
 
+def test_blobs_exported_to_a_hugging_face_cache_are_still_the_stores(tmp_path: Path) -> None:
+    """An export links the store's blobs into a Hugging Face cache: they were taken for blobs linked in from
+    outside, neither counted nor evicted, and pulls and exports took the store past its budget with `budget`
+    saying 0% used (a trial). They are the store's: counted, and evicted in turn; the cache keeps its copy."""
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(model(tmp_path, "acme/old", size=MB), "acme/old")
+        cache = tmp_path / "hf" / "hub"
+        exported = depot.hf_cache_export("acme/old", cache_dir=cache)
+        assert exported.ok and exported.linked == exported.files
+        time.sleep(0.01)
+        depot.import_dir(model(tmp_path, "acme/new", size=MB), "acme/new")
+        status = depot.budget_status()
+        assert status.used_bytes >= 2 * MB and status.shared_bytes == 0, status
+        evicted = depot.set_max_size(3 * MB // 2)
+        assert [e.repo_id for e in evicted] == ["acme/old"]  # (its bytes stay on the disk, the cache's now)
+        assert repos(depot) == {"acme/new"} and depot.budget_status().used_bytes <= 3 * MB // 2
+        kept = cache / "models--acme--old" / "snapshots" / exported.commit_id
+        assert all(path.read_bytes() for path in kept.iterdir()), "the cache's copy stays whole"
+
+
 def test_removing_the_last_variant_of_a_revision_drops_its_pins(store: Depot, tmp_path: Path) -> None:
     """`rm --quant` of a revision's last variant removed the revision and kept its pins: listed for good,
     and applied again, unseen, to a later pull of it (a README walk)."""

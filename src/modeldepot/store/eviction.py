@@ -244,12 +244,21 @@ def shared_blobs(store: Store) -> dict[str, int]:
     """The store's blobs that another name outside it links too (an adopted Hugging Face cache's file, an
     `import --link` folder's), with their sizes: on the disk whether the store keeps them or not, so the disk
     budget neither counts them nor evicts them to make room (evicting an adopted model freed nothing: a
-    trial). One look at each blob file."""
+    trial). One look at each blob file.
+
+    Only a blob that came in by a link (``linked_sources``) is so: one the store wrote, and then exported to a
+    Hugging Face cache by a hard link, is the store's, counted and evicted (the cache keeps its link); taken
+    for shared, exports took a store past its budget with `budget` saying 0% used (a trial). (A store that
+    linked files in before it recorded them, schema 9, cannot tell: every blob linked elsewhere is shared.)"""
     shared: dict[str, int] = {}
     folder = str(store.layout.blobs)
+    linked_in = (
+        None if store.index.setting("links_unrecorded") == "1"
+        else {row["sha256"] for row in store.index.read("SELECT sha256 FROM linked_sources")}
+    )  # fmt: skip
     for sha256, size in store.index.read("SELECT sha256, size FROM blobs WHERE state = 'ok'"):
-        if _SHA256.fullmatch(sha256) is None:
-            continue  # (a row no write makes: no path is built from it)
+        if _SHA256.fullmatch(sha256) is None or (linked_in is not None and sha256 not in linked_in):
+            continue  # (the store's own; or a row no write makes, no path built from it)
         try:  # (a string path, one stat: Path objects and checks per blob took 19 us of its 25)
             if os.stat(f"{folder}/{sha256[:2]}/{sha256}", follow_symlinks=False).st_nlink > 1:
                 shared[sha256] = int(size)
