@@ -741,14 +741,19 @@ def test_export_copies_when_asked_and_repairs_a_damaged_blob(filled: Depot, tmp_
 
 
 def test_export_skips_a_quarantined_file(filled: Depot, tmp_path: Path) -> None:
+    """A file whose blob is quarantined is skipped, and the branch's ref is not set to the snapshot that lacks
+    it (offline loaders found such a snapshot and failed for the file with "couldn't connect": a trial)."""
     filled.store.quarantine(filled.file_info(SAMPLE, "tokenizer.json").sha256)
     result = filled.hf_cache_export(SAMPLE, cache_dir=tmp_path / "hub")
     assert not result.ok and [(p.problem, p.path.rsplit("/", 1)[-1]) for p in result.problems] == [
-        ("corrupt", "tokenizer.json")
+        ("corrupt", "tokenizer.json"),
+        ("ref-not-set", "main"),
     ]
+    assert f"modeldepot pull {SAMPLE} -r main" in result.problems[1].detail
     assert result.files == len(sample_files()) - 1
     folder = Path(result.snapshot_path)
     assert read_tree(folder) == {p: d for p, d in sample_files().items() if p != "tokenizer.json"}
+    assert not (tmp_path / "hub" / FOLDER / "refs" / "main").exists()
 
 
 def test_export_rehashes_a_blob_changed_in_place_through_an_adopted_cache(
@@ -763,7 +768,8 @@ def test_export_rehashes_a_blob_changed_in_place_through_an_adopted_cache(
     flip_byte(shared, 1000, keep_mtime=False)  # (a write through the cache's name)
     result = depot.hf_cache_export(SAMPLE, cache_dir=tmp_path / "other" / "hub")
     assert [(p.problem, p.path.rsplit("/", 1)[-1]) for p in result.problems] == [
-        ("corrupt", "model.safetensors")
+        ("corrupt", "model.safetensors"),
+        ("ref-not-set", "main"),
     ]
     assert "changed after it was stored" in result.problems[0].detail
     exported = read_tree(Path(result.snapshot_path))

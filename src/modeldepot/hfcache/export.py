@@ -48,6 +48,7 @@ def export_to_hf_cache(
     progress: Progress | None = None,
     skip: frozenset[str] = frozenset(),
     move_ref: bool = False,
+    set_ref: bool = True,
 ) -> HfCacheExportResult:
     """Make ``repo_id`` at ``revision`` appear in a Hugging Face cache (default: huggingface_hub's), as a
     download of it from the Hub would have left it; ``refs/<revision>`` too when it is a branch.
@@ -62,7 +63,8 @@ def export_to_hf_cache(
     ``skip``: paths left out (exported from another store already: a commit split across stores).
     ``move_ref``: move ``refs/<revision>`` even when it names another commit the cache holds (a newer
     download, maybe: moved back, offline code loaded older weights without a word, a trial); without it
-    such a ref stays, and the result says so (not ``ok``).
+    such a ref stays, and the result says so (not ``ok``). ``set_ref`` False: the ref is left to the caller
+    (:func:`branch_ref`).
     """
     held = store.spelled(repo_id)
     validate_revision(revision)
@@ -106,18 +108,9 @@ def export_to_hf_cache(
                 progress(f"{repo_id}/{listed.path}", done, total)
     finally:
         writer.drop_if_empty(snapshot)
-    # A ref for a branch only (not a commit id, whole or its start); none to a snapshot that is not there.
-    branch = store.index.read("SELECT 1 FROM refs WHERE repo_id = ? AND name = ?", (held, revision))
-    if branch and exported:
-
-        def known(commit: str) -> bool:
-            return bool(
-                store.index.read(
-                    "SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (held, commit)
-                )
-            )
-
-        problems.extend(_set_ref(writer, repo_id, revision, commit_id, move_ref, known))
+    if set_ref and exported:
+        lacking = len(entries) - exported - sum(p.problem == "own-file" for p in problems)
+        problems.extend(branch_ref(store, repo_id, revision, commit_id, cache, move_ref, lacking))
     if repo_id != held:
         problems.append(HfCacheProblem(repo_id, writer.name, "spelling", f"exported as {repo_id!r}, as typed: "
                                        f"huggingface_hub finds it when asked for that spelling; the store spells it "
@@ -135,6 +128,29 @@ def export_to_hf_cache(
         copied=counts["copied"],
         kept=counts["kept"],
     )
+
+
+def branch_ref(store: Store, repo_id: str, revision: str, commit_id: str, cache: Path, move: bool,
+               lacking: int) -> list[HfCacheProblem]:  # fmt: skip
+    """``refs/<revision>`` of an exported commit, when ``revision`` is a branch (not a commit id, whole or its
+    start), and what became of it. Not when its snapshot lacks ``lacking`` files (skipped: corrupt, removed):
+    offline loaders found such a snapshot, and failed for the file with "couldn't connect" (a trial); the
+    ref is left as it was, said as a problem."""
+    held = store.spelled(repo_id)
+    if not store.index.read("SELECT 1 FROM refs WHERE repo_id = ? AND name = ?", (held, revision)):
+        return []
+    writer = _CacheWriter(cache, repo_folder_name(repo_id))
+    if lacking:
+        return [HfCacheProblem(repo_id, f"{writer.name}/refs/{revision}", "ref-not-set",
+                               f"not set to {commit_id[:12]}: its snapshot lacks the {lacking} file(s) skipped "
+                               f"(`modeldepot pull {held} -r {revision}` fetches them again; then export again)")]  # fmt: skip
+
+    def known(commit: str) -> bool:
+        return bool(
+            store.index.read("SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (held, commit))
+        )
+
+    return _set_ref(writer, repo_id, revision, commit_id, move, known)
 
 
 def _set_ref(writer: _CacheWriter, repo_id: str, branch: str, commit_id: str, move: bool,
@@ -375,7 +391,7 @@ def export_through_tiers(
     # (the id as the own store spells it; the cache's folder keeps the caller's)
     answering, spelled, commit_id = tiers.holder(tiers.own.spelled(repo_id), revision)
     result = export_to_hf_cache(answering, repo_id, revision, cache_dir, copy=copy, progress=progress,
-                                move_ref=move_ref)  # fmt: skip
+                                set_ref=False)  # fmt: skip
     done = frozenset(
         e.path for e in answering.files(spelled, commit_id) if answering.has_file(spelled, e.path, commit_id)
     )
@@ -396,4 +412,10 @@ def export_through_tiers(
                 problems=tuple(p for p in result.problems if p.path.rsplit(f"/{commit_id}/", 1)[-1] not in mended)
                 + more.problems,
             )  # fmt: skip
+    if result.files:  # (once every store gave what it holds: a file one found corrupt, another may mend)
+        lacking = sum(p.problem in ("corrupt", "missing") for p in result.problems)
+        problems = branch_ref(
+            answering, repo_id, revision, commit_id, Path(result.cache_dir), move_ref, lacking
+        )
+        result = dataclasses.replace(result, problems=result.problems + tuple(problems))
     return result
