@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import save_file
 
-from conftest import SMALL_CHUNK, LiveNode, store_files_consistent, write_model_dir
+from conftest import SMALL_CHUNK, LiveNode, store_files_consistent, writable, write_model_dir
 from fleetnodes import base_env, modeldepot
 from modeldepot import Depot
 from modeldepot.cli import cli
@@ -133,6 +133,32 @@ def test_reads_loads_and_pulls_find_the_shared_store_and_write_nothing_for_it(
     cat = modeldepot("cat", "acme/common", "config.json", "--home", str(tmp_path / "user"),
                      env=base_env(MODELDEPOT_SHARED=str(admin)))  # fmt: skip
     assert json.loads(cat.stdout) == {"scale": 1.0}
+
+
+def test_a_pull_after_a_power_loss_checks_the_shared_stores_blobs_and_fetches_a_damaged_one(
+    tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shared store pulled a model, never flushed, and the power went: its weights' blob zeroed. After the
+    reboot a user's pull took them for held (its blobs unchecked), wrote nothing, gave their folder as the
+    model's, zeroed weights and all, and pulling again changed nothing (an explorer's trial). The blobs a pull
+    finds in a shared store are checked first: the damaged file is fetched into the user's own store."""
+    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "before-the-outage")
+    home = tmp_path / "shared"
+    with Depot(home, chunk_size=SMALL_CHUNK) as admin:
+        admin.store.durability.close()  # (nothing flushed: the power went first)
+        admin.pull("acme/common")
+        blob = admin.store.blobs.path(admin.file_info("acme/common", "model.safetensors").sha256)
+        with writable(blob):
+            blob.write_bytes(bytes(blob.stat().st_size))
+    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "after-the-outage")
+    good = (tmp_path / "src" / "common-1" / "model.safetensors").read_bytes()
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[home]) as user:
+        pulled = user.pull("acme/common")
+        assert pulled.bytes_downloaded >= len(good), pulled
+        assert Path(pulled.snapshot_path, "model.safetensors").read_bytes() == good
+        assert bytes(user.get_file("acme/common", "model.safetensors")) == good
+        assert user.file_path("acme/common", "model.safetensors").is_relative_to(user.home)
+        assert json.loads(bytes(user.get_file("acme/common", "config.json"))) == {"scale": 1.0}
 
 
 def test_a_branch_is_read_where_it_moved_last(tmp_path: Path, admin: Path, upstream: Upstream) -> None:

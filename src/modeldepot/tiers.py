@@ -170,7 +170,7 @@ class Tiers:
                 return None
         found: dict[str, Store] = {}
         for path in paths:
-            store = next((s for s in self.all if s.has_file(s.spelled(repo_id), path, commit_id)), None)
+            store = next((s for s in self.all if _held_good(s, repo_id, path, commit_id)), None)
             if store is None:
                 return None
             found[path] = store
@@ -264,3 +264,17 @@ class Tiers:
     def close(self) -> None:
         for store in self.shared:
             store.close()
+
+
+def _held_good(store: Store, repo_id: str, path: str, commit_id: str) -> bool:
+    """Whether ``store`` holds the file, its blob checked after a restart of the machine when it was written
+    before it and maybe never flushed (a shared store after a power loss: a pull took its zeroed weights for
+    held, wrote nothing and gave their folder as the model's, and pulled nothing again: a trial)."""
+    spelled = store.spelled(repo_id)
+    if not store.has_file(spelled, path, commit_id):
+        return False
+    try:
+        store.durability.ensure_checked(store.entry(spelled, path, commit_id).sha256)
+    except (CorruptBlobError, NotFoundError):
+        return False
+    return True
