@@ -161,19 +161,25 @@ def test_an_import_keeps_to_the_disk_budget(
 ) -> None:
     monkeypatch.setenv("MODELDEPOT_MAX_SIZE", "1KiB")  # far below the sample's weights
     with Depot(tmp_path / "small") as small:
-        refused = small.hf_cache_import(cache_dir=hf_cache)  # (reported, and the next repo would be adopted)
+        refused = small.hf_cache_import(cache_dir=hf_cache, copy=True)  # (reported; the next repo is tried)
         assert [(p.repo_id, p.problem) for p in refused.problems] == [(SAMPLE, "failed")]
         assert "budget" in refused.problems[0].detail and refused.repos == ()
         # (said to be counted by the cache's sizes: a repo whose big blob was corrupt, and would be skipped,
         # was refused for its size, the corrupt blob never named: a trial)
         assert "before they are checked" in refused.problems[0].detail, refused.problems
         assert small.list_repos() == [] and store_blob_files(small) == set()
+        # By hard links the blobs take no room and are not counted (refused by their sizes, a cache bigger
+        # than the budget was adopted once the budget was set after: a trial): what is copied counts
+        linked = small.hf_cache_import(cache_dir=hf_cache)
+        assert linked.ok and linked.repos[0].linked_blobs == linked.repos[0].blobs, linked
+        status = small.budget_status()
+        assert status.used_bytes <= 1024 < status.shared_bytes, status
     monkeypatch.setenv("MODELDEPOT_MAX_SIZE", "64MiB")
     with Depot(tmp_path / "roomy") as roomy:
         roomy.import_dir(
             write_model_dir(tmp_path / "old", {"w.bin": os.urandom((64 << 20) - (100 << 10))}), "acme/old"
         )
-        assert roomy.hf_cache_import(cache_dir=hf_cache).ok  # the old repo goes to make room
+        assert roomy.hf_cache_import(cache_dir=hf_cache, copy=True).ok  # the old repo goes to make room
         assert [r.repo_id for r in roomy.list_repos()] == [SAMPLE]
         assert roomy.budget_status().evictions == 1
 
@@ -464,11 +470,12 @@ def test_a_repo_that_cannot_be_adopted_is_skipped_and_the_others_are_adopted(
     (folder / "refs" / "main").write_text("a" * 40)
     monkeypatch.setenv("MODELDEPOT_MAX_SIZE", "1MiB")  # room for the sample, not for the big one
     with Depot(tmp_path / "small") as small:
-        result = small.hf_cache_import(cache_dir=hf_cache)
+        result = small.hf_cache_import(cache_dir=hf_cache, copy=True)  # (linked, blobs take no room)
         assert [(p.repo_id, p.problem) for p in result.problems] == [("acme/aaa-big", "failed")]
         assert "disk budget" in result.problems[0].detail
         assert [r.repo_id for r in small.list_repos()] == [SAMPLE]
-    code, out, _ = run("hf-cache", "import", "--cache-dir", str(hf_cache), "--json", home=tmp_path / "small")
+    code, out, _ = run("hf-cache", "import", "--cache-dir", str(hf_cache), "--copy", "--json",
+                       home=tmp_path / "small")  # fmt: skip
     assert code == 1 and json.loads(out)["problems"], out  # (--json printed nothing when a repo failed)
 
 

@@ -420,6 +420,16 @@ def _blob_sources(repo: _CachedRepo) -> dict[str, _Link]:
     return sources
 
 
+def _linkable(store: Store, source: Path) -> bool:
+    """Whether the cache's file may become a blob by a hard link (on the store's file system, and the user's
+    own: another's is copied, as stage_blob does)."""
+    try:
+        info = os.stat(source)
+        return info.st_dev == os.stat(store.layout.blobs).st_dev and info.st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
 def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bool,
            report: Callable[[str, int], None], done: list[int]) -> HfCacheRepo | None:  # fmt: skip
     sources = _blob_sources(repo)
@@ -435,7 +445,11 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
         # The disk budget: what surely cannot fit is refused before anything is staged; room is made for
         # what turned out new once hashed, the blobs it shares kept from eviction meanwhile.
         # (counted by the cache's sizes: a blob the check would find corrupt, and skip, is counted here too)
-        writer.check_fits(likely_new_bytes(store, [s.size for s in sources.values()]),
+        # (a blob that will be a hard link to the cache's file takes no room, and is not counted once adopted:
+        # a cache bigger than the budget was refused by its sizes, adopted when the budget was set after, a
+        # trial)
+        copied = [s.size for s in sources.values() if not (link and _linkable(store, s.source))]
+        writer.check_fits(likely_new_bytes(store, copied),
                           f"{doing} (by the sizes of its blobs, before they are checked)")  # fmt: skip
         verified: dict[str, _Verified] = {}
         partials: dict[str, PartialBlob] = {}  # by SHA-256
@@ -478,7 +492,10 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
                     linked_ones.add(digest.sha256)
         known = blob_states(store.index, list(partials))
         writer.reuse(sha256 for sha256 in partials if known.get(sha256) == "ok")
-        writer.make_room(sum(p.size for sha, p in partials.items() if known.get(sha) != "ok"), doing)
+        writer.make_room(
+            sum(p.size for sha, p in partials.items() if known.get(sha) != "ok" and sha not in linked_ones),
+            doing,
+        )
         revisions, new = _publish_revisions(store, scan, repo, verified, partials, private)
         writer.keep_within()
     new_bytes = sum(p.size for sha256, p in partials.items() if sha256 in new)
