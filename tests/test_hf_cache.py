@@ -494,6 +494,25 @@ def test_another_users_files_are_copied_never_linked_even_by_root(depot: Depot, 
     ), "the importer's own files are still linked"
 
 
+def test_a_listing_only_its_owner_may_read_is_a_note(
+    depot: Depot, hf_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface_hub writes trees/<commit>.json 0600: adopting another user's cache "failed", exit 1, for
+    every commit snapshot_download fetched, though each was adopted (a trial). It is a note. (Root reads any
+    file: the refusal a user gets is what the test makes the listing's read raise.)"""
+    read = Path.read_bytes
+
+    def refused(path: Path) -> bytes:
+        if path.parent.name == "trees":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refused)
+    result = depot.hf_cache_import(cache_dir=hf_cache)
+    assert result.ok and "listing-unreadable" in {p.problem for p in result.problems}, result.problems
+    assert depot.resolve(SAMPLE) == snapshot_of(hf_cache).name
+
+
 def test_copies_when_asked_and_the_cache_is_left_alone(depot: Depot, hf_cache: Path) -> None:
     modes = {p: stat.S_IMODE(p.stat().st_mode) for p in (hf_cache / FOLDER / "blobs").iterdir()}
     result = depot.hf_cache_import(cache_dir=hf_cache, copy=True)

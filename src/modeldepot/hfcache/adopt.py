@@ -663,6 +663,13 @@ def _read_listing_once(scan: _Scan, repo_id: str, tree: Path) -> list[RemoteFile
             raise ValueError("its files are not an object")
     except FileNotFoundError:
         return None
+    except PermissionError:
+        # (huggingface_hub writes its listings 0600: adopting another user's cache "failed", exit 1, for every
+        # commit snapshot_download fetched, each adopted all the same: a trial)
+        scan.problem(repo_id, tree, "listing-unreadable", "the commit's file listing is not readable by you "
+                     "(huggingface_hub writes it for its owner alone): whether the cache holds the commit whole "
+                     "cannot be told, and it is adopted as the files it holds")  # fmt: skip
+        return None
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
         scan.problem(repo_id, tree, "unreadable", f"the commit's file listing is not readable: {error}")
         return None

@@ -35,7 +35,17 @@ class _Record:
 # nothing a run could ever adopt (a legacy id, a download huggingface_hub left unfinished and no snapshot
 # names), which made every scheduled import "fail" for good (a trial)
 NOTES = frozenset(
-    {"partial", "merged", "ref-moved", "branch-kept", "spelling", "incomplete", "legacy-id", "own-file"}
+    {
+        "partial",
+        "merged",
+        "ref-moved",
+        "branch-kept",
+        "spelling",
+        "incomplete",
+        "legacy-id",
+        "own-file",
+        "listing-unreadable",
+    }
 )
 
 
