@@ -1079,6 +1079,8 @@ def test_a_cache_whose_snapshots_hold_files_is_adopted_by_the_commits_listing(
     assert [(p.problem, p.path) for p in result.problems if commit in p.path] == [
         ("unlisted", f"{FOLDER}/snapshots/{commit}/extra.txt")
     ]  # fmt: skip
+    unlisted = next(p for p in result.problems if p.problem == "unlisted")
+    assert f"modeldepot pull {SAMPLE} -r {commit}" in unlisted.detail, "said what to do instead"
     assert read_tree(depot.snapshot_path(SAMPLE, commit)) == sample_files()
     flip_byte(snapshot / "config.json", 3)  # a file that is not what the listing says: refused as corrupt
     with Depot(tmp_path / "other") as other:

@@ -227,8 +227,12 @@ def _read_link(scan: _Scan, repo_id: str, blobs: str, root: Path, link: Path,
             scan.problem(repo_id, link, "unreadable", str(error))
             return None
         if entry is None or not stat.S_ISREG(info.st_mode):
+            commit = root.name
             scan.problem(repo_id, link, "unlisted", "a file in place of a link to blobs/, and the commit's listing "
-                         "(trees/<commit>.json) names none to verify it against: skipped")  # fmt: skip
+                         "(trees/<commit>.json) names none to verify it against: skipped (a cache copied with its "
+                         f"links followed, `cp -rL` or an object store? `modeldepot pull {repo_id} -r {commit}` "
+                         f"fetches the commit, or `modeldepot import {root} --repo {repo_id}` takes its files as "
+                         "they are, under a commit id of their own)")  # fmt: skip
             return None
         return _Link(relative, entry.sha256 or entry.git_oid, link, info.st_size)
     target = os.readlink(link)
