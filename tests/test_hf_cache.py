@@ -239,6 +239,10 @@ def test_an_adopted_commit_the_cache_holds_in_part_is_known_as_partial(
             assert variant.bytes_done == variant.total_bytes - len(files["tokenizer.json"]), variant
         code, out, _ = run("status", SAMPLE, home=depot.home)
         assert code == 0 and "of it here: a pull takes the rest" in out, out
+        # `path` and `cat` of it said it is "not in" the commit, which has it
+        for command in ("path", "cat"):
+            code, _, err = run(command, SAMPLE, "tokenizer.json", home=depot.home)
+            assert code != 0 and "its commit has it" in err and f"modeldepot pull {SAMPLE}" in err, err
         # Exported again, the snapshot lacks the file too, and the export says so (it said nothing)
         exported = depot.hf_cache_export(SAMPLE, cache_dir=hf_cache.parent / "again")
         assert exported.ok and exported.not_in_store == ("tokenizer.json",)

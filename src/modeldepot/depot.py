@@ -453,7 +453,22 @@ class Depot:
 
     @_any_case
     def file_info(self, repo_id: str, path: str, revision: str = "main") -> FileEntry:
-        return self.tiers.entry(repo_id, path, revision)[1]
+        return self._entry(repo_id, path, revision)[1]
+
+    def _entry(self, repo_id: str, path: str, revision: str) -> tuple[Store, FileEntry]:
+        """The file where a store of the depot holds it; one its commit has that the store lacks (a pull of
+        one variant, an adopted cache that held part of the commit) is an EntryNotFoundError that says so,
+        and how to have it (`path` and `cat` said "not in" the commit, which has it: a trial)."""
+        try:
+            return self.tiers.entry(repo_id, path, revision)
+        except EntryNotFoundError as missing:
+            commit_id = missing.commit_id
+            if missing.in_commit or not commit_id or not self.commit_lists(repo_id, commit_id, path):
+                raise
+            advice = f" (its commit has it: `modeldepot pull {repo_id} -r {revision}` fetches it)"
+            raise EntryNotFoundError(
+                repo_id, revision, path, commit_id, in_commit=True, advice=advice
+            ) from None
 
     @_any_case
     def has_file(self, repo_id: str, path: str, revision: str = "main") -> bool:
@@ -476,7 +491,7 @@ class Depot:
         """
         if download:
             self.download_file(repo_id, path, revision)
-        store, entry = self.tiers.entry(repo_id, path, revision)
+        store, entry = self._entry(repo_id, path, revision)
         mapping = store.map(entry)
         self._record_read(store, entry)
         return memoryview(mapping) if mapping is not None else memoryview(b"")
@@ -484,7 +499,7 @@ class Depot:
     @_any_case
     def map_file(self, repo_id: str, path: str, revision: str = "main") -> MappedFile:
         """Like :meth:`get_file`, as a context manager that unmaps the file on exit."""
-        store, entry = self.tiers.entry(repo_id, path, revision)
+        store, entry = self._entry(repo_id, path, revision)
         mapped = MappedFile(entry, store.map(entry))
         self._record_read(store, entry)
         return mapped
@@ -492,7 +507,7 @@ class Depot:
     @_any_case
     def open_file(self, repo_id: str, path: str, revision: str = "main") -> BinaryIO:
         """A seekable binary stream; it reads from disk as asked and never holds the whole file."""
-        store, entry = self.tiers.entry(repo_id, path, revision)
+        store, entry = self._entry(repo_id, path, revision)
         stream = store.open(entry)
         self._record_read(store, entry)
         return stream
@@ -500,7 +515,7 @@ class Depot:
     @_any_case
     def get_chunk(self, repo_id: str, path: str, index: int, revision: str = "main") -> memoryview:
         """Chunk ``index`` of a file as a zero-copy view, verified against its BLAKE3 digest."""
-        store, entry = self.tiers.entry(repo_id, path, revision)
+        store, entry = self._entry(repo_id, path, revision)
         chunk = store.chunk(entry, index)
         self._record_read(store, entry)
         return chunk
@@ -508,7 +523,7 @@ class Depot:
     @_any_case
     def file_path(self, repo_id: str, path: str, revision: str = "main") -> Path:
         """A real path (in the snapshot tree) for engines that open or mmap files themselves."""
-        store, entry = self.tiers.entry(repo_id, path, revision)
+        store, entry = self._entry(repo_id, path, revision)
         found = store.entry_path(entry)
         self._record_read(store, entry)
         return found

@@ -141,10 +141,10 @@ class RevisionNotFoundError(NotFoundError):
 
 class EntryNotFoundError(NotFoundError, FileNotFoundError):
     def __init__(self, repo_id: str, revision: str, path: str, commit_id: str | None = None,
-                 in_commit: bool = False) -> None:  # fmt: skip
+                 in_commit: bool = False, advice: str = "") -> None:  # fmt: skip
         super().__init__(
-            f"{path!r} of {repo_id}@{revision} is not held here" if in_commit
-            else f"{path!r} is not in {repo_id}@{revision}"
+            (f"{path!r} of {repo_id}@{revision} is not held here" if in_commit
+             else f"{path!r} is not in {repo_id}@{revision}") + advice
         )  # fmt: skip
         self.repo_id = repo_id
         self.revision = revision
