@@ -673,6 +673,10 @@ def test_export_is_found_offline_by_huggingface_hub(filled: Depot, tmp_path: Pat
     result = filled.hf_cache_export(SAMPLE, cache_dir=cache)
     dev = filled.hf_cache_export(SAMPLE, "dev", cache_dir=cache)
     assert result.ok and dev.ok and result.files == len(sample_files()) and result.linked == result.files
+    # (a typo in --cache-dir made a cache nothing reads without a word: a trial)
+    assert [p.problem for p in result.problems] == ["new-cache"] and dev.problems == ()
+    with pytest.raises(InvalidInputError, match="inside the store"):
+        filled.hf_cache_export(SAMPLE, cache_dir=filled.home / "hub")
     for path, data in sample_files().items():
         found = hf_hub_download(SAMPLE, path, cache_dir=cache, local_files_only=True)
         assert Path(found).read_bytes() == data
@@ -774,6 +778,7 @@ def test_export_skips_a_quarantined_file(filled: Depot, tmp_path: Path) -> None:
     """A file whose blob is quarantined is skipped, and the branch's ref is not set to the snapshot that lacks
     it (offline loaders found such a snapshot and failed for the file with "couldn't connect": a trial)."""
     filled.store.quarantine(filled.file_info(SAMPLE, "tokenizer.json").sha256)
+    (tmp_path / "hub").mkdir()  # (a cache there already: no note that one was made)
     result = filled.hf_cache_export(SAMPLE, cache_dir=tmp_path / "hub")
     assert not result.ok and [(p.problem, p.path.rsplit("/", 1)[-1]) for p in result.problems] == [
         ("corrupt", "tokenizer.json"),
@@ -796,6 +801,7 @@ def test_export_rehashes_a_blob_changed_in_place_through_an_adopted_cache(
     shared = snapshot_of(hf_cache) / "model.safetensors"
     assert inode(shared) == inode(depot.store.blobs.path(entry.sha256))
     flip_byte(shared, 1000, keep_mtime=False)  # (a write through the cache's name)
+    (tmp_path / "other" / "hub").mkdir(parents=True)  # (a cache there already: no note that one was made)
     result = depot.hf_cache_export(SAMPLE, cache_dir=tmp_path / "other" / "hub")
     assert [(p.problem, p.path.rsplit("/", 1)[-1]) for p in result.problems] == [
         ("corrupt", "model.safetensors"),

@@ -393,6 +393,7 @@ def test_what_reads_find_is_exported_and_own_store_checks_say_where_a_repo_is(
         own.pull("acme/common")  # (the same commit in both stores, the user's moved last)
         own.store.quarantine(own.file_info("acme/common", "model.safetensors").sha256)
     with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        (tmp_path / "hf").mkdir()  # (a cache there already: no note that one was made)
         exported = user.hf_cache_export("acme/common", cache_dir=tmp_path / "hf")
         assert (exported.files, exported.problems) == (2, ())
     done = CliRunner().invoke(cli, ["rm", "acme/q", "--home", str(tmp_path / "user")],

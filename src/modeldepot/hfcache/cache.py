@@ -45,6 +45,7 @@ NOTES = frozenset(
         "legacy-id",
         "own-file",
         "listing-unreadable",
+        "new-cache",
     }
 )
 

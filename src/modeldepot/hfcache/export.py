@@ -71,6 +71,14 @@ def export_to_hf_cache(
     cache = cache_dir_given(cache_dir)
     commit_id = store.resolve(held, revision)
     entries = [e for e in store.files(held, commit_id) if e.path not in skip]
+    if within(os.path.realpath(store.home), os.path.realpath(cache)):
+        raise InvalidInputError(f"{cache} is inside the store ({store.home}): give the Hugging Face cache "
+                                "(HF_HUB_CACHE, e.g. ~/.cache/huggingface/hub)")  # fmt: skip
+    problems: list[HfCacheProblem] = []
+    if not cache.is_dir():
+        # (a typo in --cache-dir made a cache nothing reads, without a word: a trial)
+        problems.append(HfCacheProblem(repo_id, str(cache), "new-cache", f"no Hugging Face cache was at {cache}: "
+                                       "one was made (is it the one your tools read? HF_HUB_CACHE, HF_HOME)"))  # fmt: skip
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -80,7 +88,6 @@ def export_to_hf_cache(
     writer.sweep(blobs)
     writer.sweep(writer.root)  # (the links' and refs' temporaries are made in the repo's folder)
     snapshot = writer.folder(f"snapshots/{commit_id}")
-    problems: list[HfCacheProblem] = []
     counts = {"linked": 0, "copied": 0, "kept": 0}
     total, done, exported, exported_bytes = sum(e.size for e in entries), 0, 0, 0
     try:
