@@ -479,11 +479,13 @@ class SilentAddress:
 class InProcessNode:
     """A node (the production app, with ``token`` if given) whose fleet is on a mem:// registry, on a
     background loop; its publisher puts what its store holds in the registry every 50 ms. ``advertise``: the
-    URL it registers at, when not its own (a wrong --advertise)."""
+    URL it registers at, when not its own (a wrong --advertise); ``mirror``: it serves as `serve --upstream`
+    does (its upstream HF_ENDPOINT)."""
 
     def __init__(
-        self, depot: Depot, cluster: str, token: str | None = None, advertise: str | None = None
-    ) -> None:
+        self, depot: Depot, cluster: str, token: str | None = None, advertise: str | None = None,
+        mirror: bool = False,
+    ) -> None:  # fmt: skip
         from modeldepot.server import create_app
         from modeldepot.server.connections import NodeRunner
         from modeldepot.server.fleet import NodeFleet
@@ -492,7 +494,7 @@ class InProcessNode:
             depot, cluster, "/modeldepot", interval=0.05, token=bool(token)
         )  # (as run.py makes it)
         self.fleet = fleet
-        runner = NodeRunner(create_app(depot, token, fleet=fleet))
+        runner = NodeRunner(create_app(depot, token, fleet=fleet, mirror=mirror))
 
         async def join() -> None:
             await fleet.start()

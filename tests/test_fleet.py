@@ -258,6 +258,38 @@ def test_a_peer_that_never_answers_costs_a_scan_seconds_not_a_read_timeout(
             silent.close()
 
 
+def test_a_mirror_peer_answers_a_branch_while_the_hub_is_silent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer that is a mirror asks its own upstream for a branch first, and answers from its store after
+    mirror.HELD_PATIENCE when that upstream is silent: the very case in which a branch is asked of the peers.
+    Given up on at 5 s, such a peer never answered in time and was left out of the next scans (a review)."""
+    from modeldepot.transfer import chain
+
+    monkeypatch.setattr(
+        chain, "BRANCH_LOOKUP_TIMEOUT", 1.0
+    )  # (the scanner's own wait for the Hub: not tested)
+    monkeypatch.setattr(chain, "_UNANSWERING", {})
+    silent = SilentAddress()  # the Hub, behind a firewall that lets connections in and drops the rest
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", silent.url)
+    cluster = f"mem://fleet-{uuid.uuid4().hex[:12]}"
+    files = {".gitattributes": GITATTRIBUTES, "config.json": b"{}", "model.safetensors": weights(3, 4)}
+    with Depot(tmp_path / "a", chunk_size=SMALL_CHUNK) as a_depot:
+        a_depot.import_dir(write_model_dir(tmp_path / "src", files), "acme/model")
+        with a_depot.store.index.write() as db:  # (as if the mirror had pulled it from that Hub)
+            db.execute("UPDATE repos SET origin = ?", (silent.url,))
+        a = InProcessNode(a_depot, cluster, mirror=True)
+        try:
+            with Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b:
+                wait_until(lambda: len(b.peers()) == 1, 10, "the mirror in the view")
+                for _ in range(2):  # (and not left out of the next scan)
+                    assert b.scan_repo("acme/model").endpoint == a.url
+        finally:
+            a.stop()
+            silent.close()
+
+
 def test_a_peer_that_refuses_this_nodes_token_is_said_once_as_a_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -66,8 +66,11 @@ NODE_API = "/api/depot/v1"
 BRANCH_LOOKUP_TIMEOUT = 10.0
 # Seconds a fleet peer may take to describe a repo: a node answers from its index in milliseconds, and one
 # frozen (SIGSTOP, a hung host whose lease still runs) or advertised at a wrong address that accepts and never
-# answers cost every pull of the fleet a whole read timeout, 30 s of silence (an explorer's trial)
-PEER_SCAN_TIMEOUT = 5.0
+# answers cost every pull of the fleet a whole read timeout, 30 s of silence (an explorer's trial). A mirror
+# among the peers asks its own upstream first and answers from its store after mirror.HELD_PATIENCE (5 s) when
+# that upstream is silent, the very case in which the peers are asked for a branch: well above it (at 5 s such
+# a peer never answered in time, and was left out: a review)
+PEER_SCAN_TIMEOUT = 10.0
 PEER_SCAN_WIDTH = (
     8  # peers asked at once (the first that describes the repo wins; the others are not awaited)
 )
