@@ -955,6 +955,7 @@ def test_the_command(home: Path, hf_cache: Path, tmp_path: Path) -> None:
     (stale.parent / f"{'0' * 64}.incomplete").write_bytes(b"half")
     code, out, err = run("hf-cache", "import", "--cache-dir", str(hf_cache), home=home)
     assert code == 0 and "note models--gpt2 (legacy-id)" in err and "openai-community/gpt2" in err, err
+    assert "--repo ORG/gpt2 --link" in " ".join(err.split()), "the way to take its files as they are"
     assert "(incomplete)" in err, err
     shutil.rmtree(hf_cache / "models--gpt2")
     (stale.parent / f"{'0' * 64}.incomplete").unlink()

@@ -125,8 +125,14 @@ def _repo_folders(scan: _Scan, wanted: list[str] | None) -> list[tuple[str, Path
         try:
             validate_repo_id(repo_id)
         except InvalidInputError as error:
-            scan.problem(None, folder, "legacy-id", f"not a repo id the store accepts: {error}; pull it by its "
-                         "current org/name id (gpt2 is openai-community/gpt2 on the Hub now)")  # fmt: skip
+            example = (
+                f"modeldepot import {folder}/snapshots/COMMIT --repo ORG/{repo_id} --link"
+                if "/" not in repo_id
+                else "modeldepot import SNAPSHOT_FOLDER --repo ORG/NAME --link"
+            )
+            scan.problem(None, folder, "legacy-id", f"not a repo id the store accepts: {error}; the Hub moved such "
+                         f"repos under an org (gpt2 is openai-community/gpt2 now): pull it by that id, or take "
+                         f"these files as they are, by hard links ({example})")  # fmt: skip
             continue
         found.append((repo_id, folder))
     for repo_id in wanted or ():
