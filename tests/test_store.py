@@ -527,6 +527,36 @@ def test_a_linked_file_is_made_read_only_for_its_own_readers_alone(depot: Depot,
     assert depot.du().linked_bytes == 2, "the store's alone once the folder's name went"
 
 
+def test_a_private_file_is_copied_not_linked_into_a_store_others_may_enter() -> None:
+    """Linked, a file only its owner may read made its blob its owner's alone (0400): in a store others read
+    (a shared store, MODELDEPOT_SHARED), every repo of the same bytes, pulled or imported later, was
+    unreadable to them (an explorer's trial, adopting a private Hugging Face cache). Such a file is copied
+    into a store others may enter (the store's blob 0444; the file left as it was); into one they cannot
+    (every test's other store: pytest's folder is its owner's alone), it is linked as before."""
+    open_root = Path(tempfile.mkdtemp(prefix="modeldepot-open-"))
+    try:
+        os.chmod(open_root, 0o755)
+        folder = write_model_dir(open_root / "folder", {"model.safetensors": os.urandom(2 * SMALL_CHUNK)})
+        (folder / "config.json").write_bytes(b"{}")
+        os.chmod(folder / "model.safetensors", 0o600)
+        os.chmod(folder / "config.json", 0o644)
+        with Depot(open_root / "store", chunk_size=SMALL_CHUNK) as depot:
+            os.chmod(depot.home, 0o755)
+            depot.import_dir(folder, REPO, link=True)
+
+            def blob(path: str) -> os.stat_result:
+                return os.stat(depot.store.blobs.path(depot.file_info(REPO, path).sha256))
+
+            private, public = folder / "model.safetensors", folder / "config.json"
+            assert blob("model.safetensors").st_ino != private.stat().st_ino, "copied"
+            assert stat.S_IMODE(blob("model.safetensors").st_mode) == 0o444
+            assert stat.S_IMODE(private.stat().st_mode) == 0o600, "left as it was"
+            assert blob("config.json").st_ino == public.stat().st_ino, "a file anyone may read is linked"
+            assert bytes(depot.get_file(REPO, "model.safetensors")) == private.read_bytes()
+    finally:
+        subprocess.run(["rm", "-rf", str(open_root)], check=True)
+
+
 def test_a_removed_or_evicted_link_import_gives_its_files_their_write_bit_back(
     depot: Depot, tmp_path: Path
 ) -> None:

@@ -250,6 +250,27 @@ def _linking_alone(fd: int) -> bool:
     return True
 
 
+def _narrows_readers(session: WriteSession, mode: int) -> bool:
+    """Whether a file of ``mode`` taken as a blob by a hard link (which keeps its readers: a 0600 file becomes
+    0400) would have fewer readers than the store's own blobs (0444) in a store others may enter (no folder
+    from / to its home closed to them): such a file is copied. Linked, an adopted private cache made its blobs its owner's alone,
+    and every repo of the same bytes, pulled or imported later, unreadable to the other users of a shared
+    store (a trial)."""
+    if mode & 0o444 == 0o444:
+        return False
+    folder = os.path.realpath(session.layout.home)
+    while True:  # (a folder on the way that neither its group nor others may enter keeps everyone else out)
+        try:
+            if not os.stat(folder).st_mode & 0o011:
+                return False
+        except OSError:
+            return False
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return True
+        folder = parent
+
+
 def _stage_link(
     session: WriteSession, source: Path, chunk_size: int, report: Callable[[int], None] | None, durable: bool
 ) -> tuple[BlobDigest, PartialBlob] | None:
@@ -294,7 +315,11 @@ def _stage_link(
             session.link_locks += 1
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        if (
+            not stat.S_ISREG(info.st_mode)
+            or info.st_uid != os.geteuid()
+            or _narrows_readers(session, stat.S_IMODE(info.st_mode))
+        ):
             # Another user's file: it could not be made read-only for good (its owner may make it writable
             # again and change the store's blob), root included. It is copied instead.
             partial.discard()
