@@ -258,6 +258,35 @@ def test_a_peer_that_never_answers_costs_a_scan_seconds_not_a_read_timeout(
             silent.close()
 
 
+def test_a_peer_whose_chunks_wait_in_this_pulls_queue_is_not_taken_for_silent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer capped at 2 MiB/s (`serve --max-upload-rate`) sends four files of a pull, no Hub to go to: their
+    chunks wait in the pull's own queue (4 requests to a node at once) well past SILENT_PEER. Judged from when
+    a request was made, the healthy peer was dropped as "sent no byte" and the pull failed (a review); a
+    request is judged from when it asked the peer."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # no Hub
+    cluster = f"mem://fleet-{uuid.uuid4().hex[:12]}"
+    mib = 1 << 20
+    files = {".gitattributes": b"*.bin filter=lfs diff=lfs merge=lfs -text\n"}
+    files.update({f"w{i}.bin": random.Random(i).randbytes(4 * mib) for i in range(4)})
+    monkeypatch.setenv("MODELDEPOT_MAX_UPLOAD_RATE", "2MiB")
+    with Depot(tmp_path / "peer", chunk_size=mib) as peer_depot:
+        monkeypatch.delenv("MODELDEPOT_MAX_UPLOAD_RATE")
+        peer_depot.import_dir(write_model_dir(tmp_path / "src", files), "acme/big")
+        peer = InProcessNode(peer_depot, cluster)
+        try:
+            with Depot(tmp_path / "b", chunk_size=mib, cluster=cluster) as b:
+                wait_until(lambda: any(row.blobs for row in b.peers()), 10, "the peer's holdings in the view")
+                pulled = b.pull("acme/big")
+                assert pulled.bytes_by_source == {"peer": sum(len(d) for d in files.values())}, pulled
+                for path, data in files.items():
+                    assert bytes(b.get_file("acme/big", path)) == data
+        finally:
+            peer.stop()
+
+
 def test_a_mirror_peer_answers_a_branch_while_the_hub_is_silent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -277,5 +277,14 @@ class ChunkChooser:
 
 
 def is_silent(request: ChunkRequest, now: float) -> bool:
-    """Whether ``request`` has brought no byte in SILENT_PEER seconds on the wire."""
-    return now - request.started >= SILENT_PEER and request.receiving.count == request.receiving.in_place
+    """Whether ``request``'s attempt has asked its server for SILENT_PEER seconds without an answer (its status
+    line: the body may then wait on this pull's own rate cap). Not a request waiting for a slot or a thread of
+    this pull's (a healthy peer was dropped for the queue of a pull of many files: a review), nor one between
+    attempts."""
+    attempt = request.receiving.attempt
+    return (
+        attempt is not None
+        and attempt.began > 0
+        and attempt.activity < attempt.began
+        and now - attempt.began >= SILENT_PEER
+    )

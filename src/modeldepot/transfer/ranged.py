@@ -160,6 +160,9 @@ class Attempt:
     # time.monotonic() of the last sign of life from the server: its answer, then each piece of its body
     # (a pull's outage clock reads it: transfer/outage.py)
     activity: float = 0.0
+    # time.monotonic() when a reader thread took it up and opened its connection (0 until then: an attempt
+    # waiting for a thread is not yet asking the server anything)
+    began: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def abort(self) -> None:
@@ -315,6 +318,7 @@ def _connection(origin: _Origin, timeout: float, attempt: Attempt) -> Iterator[_
             connection.close()
             raise ConnectionAbortedError("the request was abandoned")
         attempt.connection = connection
+        attempt.began = attempt.began or time.monotonic()
     use = _InUse(connection, route)
     try:
         if connection.sock is None:  # connect first: an abort that came while the socket was being
