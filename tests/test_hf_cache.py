@@ -596,7 +596,11 @@ def test_two_spellings_of_one_repo_are_adopted_as_one_the_newest_refs_kept(
     assert result.ok, result.problems
     spelling = "Acme/Sample" if newest == other.name else SAMPLE
     assert [r.repo_id for r in depot.list_repos()] == [spelling]
-    assert depot.resolve(SAMPLE) == (dev if newest == other.name else main)
+    # (the newest folder's main is dev's commit, of which it holds config.json alone and no listing: main
+    # stays at the commit held whole, said in a note, rather than move to a few files of another)
+    assert depot.resolve(SAMPLE) == main
+    kept = [p for p in result.problems if p.problem == "branch-kept"]
+    assert len(kept) == (1 if newest == other.name else 0), result.problems
     notes = [p for p in result.problems if p.problem == "merged"]
     assert len(notes) == 1 and notes[0].path == newest and FOLDER in notes[0].detail, result.problems
     assert depot.hf_cache_import(["ACME/sample"], cache_dir=hf_cache).ok  # asked for under a third spelling
@@ -1148,6 +1152,8 @@ def test_a_branch_stays_at_a_whole_commit_rather_than_move_to_a_few_files_of_ano
         assert f"modeldepot pull {SAMPLE} -r main" in adopted.problems[0].detail
         assert depot.resolve(SAMPLE) == held and depot.has_file(SAMPLE, "model.safetensors")
         assert bytes(depot.get_file(SAMPLE, "config.json", commit)) == sample_files()["config.json"]
+        again = depot.hf_cache_import(cache_dir=cache)  # (held in part now: main moved to it, a review)
+        assert [p.problem for p in again.problems] == ["branch-kept"] and depot.resolve(SAMPLE) == held
         whole = depot.hf_cache_import(cache_dir=hf_cache)
         assert ("ref-moved", f"moved from {held[:12]} to {commit[:12]}") in {
             (p.problem, p.detail) for p in whole.problems

@@ -465,7 +465,7 @@ class Depot:
             commit_id = missing.commit_id
             if missing.in_commit or not commit_id or not self.commit_lists(repo_id, commit_id, path):
                 raise
-            advice = f" (its commit has it: `modeldepot pull {repo_id} -r {revision}` fetches it)"
+            advice = f" (its commit has it: `modeldepot pull {repo_id} -r {commit_id}` fetches it)"
             raise EntryNotFoundError(
                 repo_id, revision, path, commit_id, in_commit=True, advice=advice
             ) from None

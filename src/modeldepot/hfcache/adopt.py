@@ -41,7 +41,7 @@ from modeldepot.hfcache.cache import (
     repo_folder_name,
     within,
 )
-from modeldepot.hub.manifest import RemoteFile, keep_known_listing, save_scan
+from modeldepot.hub.manifest import CommitListings, RemoteFile, keep_known_listing, save_scan
 from modeldepot.modelcard import MAX_CARD_BYTES, repo_card
 from modeldepot.store.blobs import PartialBlob, WriteSession
 from modeldepot.store.budget import BudgetExceededError
@@ -237,8 +237,8 @@ def _read_link(scan: _Scan, repo_id: str, blobs: str, root: Path, link: Path,
             scan.problem(repo_id, link, "unlisted", "a file in place of a link to blobs/, and the commit's listing "
                          "(trees/<commit>.json) names none to verify it against: skipped (a cache copied with its "
                          f"links followed, `cp -rL` or an object store? `modeldepot pull {repo_id} -r {commit}` "
-                         f"fetches the commit, or `modeldepot import {root} --repo {repo_id}` takes its files as "
-                         "they are, under a commit id of their own)")  # fmt: skip
+                         f"fetches the commit, or `modeldepot import {root} --repo {repo_id} -r from-cache` takes "
+                         "its files as they are, under a commit id of their own, on a branch of their own)")  # fmt: skip
             return None
         return _Link(relative, entry.sha256 or entry.git_oid, link, info.st_size)
     target = os.readlink(link)
@@ -595,7 +595,7 @@ def _keeps_the_stores_ref(store: Store, scan: _Scan, repo: _CachedRepo, name: st
     listing = _read_tree_listing(scan, repo.repo_id, repo.folder / "trees" / f"{commit}.json")
     cached = {link.path for link in repo.snapshots.get(commit, [])}
     whole = listing is not None and all(f.path in cached for f in listing)
-    if not whole and not store.files(store.spelled(repo.repo_id), commit):
+    if not whole and not _holds_whole(store, store.spelled(repo.repo_id), commit):
         what = ("no listing of it (huggingface_hub writes one in snapshot_download alone)" if listing is None
                 else f"{len(listing)} files listed for it")  # fmt: skip
         scan.problem(repo.repo_id, ref, "branch-kept",
@@ -605,6 +605,25 @@ def _keeps_the_stores_ref(store: Store, scan: _Scan, repo: _CachedRepo, name: st
         return True
     scan.problem(repo.repo_id, ref, "ref-moved", f"moved from {held[:12]} to {commit[:12]}")
     return False
+
+
+def _holds_whole(store: Store, repo_id: str, commit: str) -> bool:
+    """Whether the store holds every file of ``commit``: one it made (an import: whole by construction), or
+    one whose listing it keeps (a pull's scan, an adopted cache's trees/<commit>.json) and holds each file of.
+    (A commit adopted as a few files and no listing is not: "held" at all, the second import of the same
+    cache moved main to it after all, a review.)"""
+    held = store.files(repo_id, commit)
+    if not held:
+        return False
+    rows = store.index.read(
+        "SELECT tree_oid FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit)
+    )
+    if rows and rows[0]["tree_oid"]:
+        return True
+    listings = CommitListings(store)
+    return listings.lists(repo_id, commit, held[0].path) and len(
+        listings.whole(repo_id, commit, held)
+    ) == len(held)
 
 
 def _files_of_the_commit(store: Store, scan: _Scan, repo: _CachedRepo, commit: str, links: list[_Link],
