@@ -292,12 +292,17 @@ def test_a_mirror_peer_answers_a_branch_while_the_hub_is_silent(
 ) -> None:
     """A peer that is a mirror asks its own upstream for a branch first, and answers from its store after
     mirror.HELD_PATIENCE when that upstream is silent: the very case in which a branch is asked of the peers.
-    Given up on at 5 s, such a peer never answered in time and was left out of the next scans (a review)."""
+    Given up on at 5 s, such a peer never answered in time and was left out of the next scans (a review). And
+    for a repo it does not hold it waits on its upstream past any scan's patience: left out for that, the
+    repos it alone holds could not be scanned for a minute (a review): a peer that answers its health is
+    alive, only slow, and stays in."""
+    from modeldepot.errors import UpstreamError
+    from modeldepot.mirror import HELD_PATIENCE
     from modeldepot.transfer import chain
 
-    monkeypatch.setattr(
-        chain, "BRANCH_LOOKUP_TIMEOUT", 1.0
-    )  # (the scanner's own wait for the Hub: not tested)
+    assert chain.PEER_SCAN_TIMEOUT > HELD_PATIENCE
+    monkeypatch.setattr(chain, "BRANCH_LOOKUP_TIMEOUT", 1.0)  # (the scanner's wait for the Hub: not tested)
+    monkeypatch.setattr(chain, "PEER_SCAN_TIMEOUT", HELD_PATIENCE + 1.5)  # (above it, as ever; shorter)
     monkeypatch.setattr(chain, "_UNANSWERING", {})
     silent = SilentAddress()  # the Hub, behind a firewall that lets connections in and drops the rest
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -312,8 +317,9 @@ def test_a_mirror_peer_answers_a_branch_while_the_hub_is_silent(
         try:
             with Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b:
                 wait_until(lambda: len(b.peers()) == 1, 10, "the mirror in the view")
-                for _ in range(2):  # (and not left out of the next scan)
-                    assert b.scan_repo("acme/model").endpoint == a.url
+                with pytest.raises(UpstreamError, match="did not answer in time"):
+                    b.scan_repo("acme/not-held")
+                assert b.scan_repo("acme/model").endpoint == a.url
         finally:
             a.stop()
             silent.close()

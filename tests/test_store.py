@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import os
+import pwd
 import sqlite3
 import stat
 import subprocess
@@ -553,6 +555,16 @@ def test_a_private_file_is_copied_not_linked_into_a_store_others_may_enter() -> 
             assert stat.S_IMODE(private.stat().st_mode) == 0o600, "left as it was"
             assert blob("config.json").st_ino == public.stat().st_ino, "a file anyone may read is linked"
             assert bytes(depot.get_file(REPO, "model.safetensors")) == private.read_bytes()
+        # A home of 0750 whose group is its owner's own (Debian's user-private groups) is its owner's alone:
+        # linked there (every private file of a personal store was copied: a review)
+        owner = pwd.getpwuid(os.geteuid())
+        if grp.getgrgid(owner.pw_gid).gr_name == owner.pw_name:
+            os.chown(open_root, owner.pw_uid, owner.pw_gid)
+            os.chmod(open_root, 0o750)
+            with Depot(open_root / "personal", chunk_size=SMALL_CHUNK) as personal:
+                personal.import_dir(folder, "acme/personal", link=True)
+                entry = personal.file_info("acme/personal", "model.safetensors")
+                assert os.stat(personal.store.blobs.path(entry.sha256)).st_ino == private.stat().st_ino
     finally:
         subprocess.run(["rm", "-rf", str(open_root)], check=True)
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import grp
 import io
 import logging
 import os
+import pwd
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -261,7 +263,7 @@ def _narrows_readers(session: WriteSession, mode: int) -> bool:
     folder = os.path.realpath(session.layout.home)
     while True:  # (a folder on the way that neither its group nor others may enter keeps everyone else out)
         try:
-            if not os.stat(folder).st_mode & 0o011:
+            if _closed_to_others(os.stat(folder)):
                 return False
         except OSError:
             return False
@@ -269,6 +271,22 @@ def _narrows_readers(session: WriteSession, mode: int) -> bool:
         if parent == folder:
             return True
         folder = parent
+
+
+def _closed_to_others(info: os.stat_result) -> bool:
+    """Whether no user but the folder's owner (and root) may enter it: others may not, nor its group, unless
+    that is the owner's own group (a user-private group, as Debian and Ubuntu make them: a home of 0750 is
+    its owner's alone; counted open, every private file of a personal store was copied, a review)."""
+    if info.st_mode & 0o001:
+        return False
+    if not info.st_mode & 0o010:
+        return True
+    try:
+        owner = pwd.getpwuid(info.st_uid)
+        group = grp.getgrgid(info.st_gid)
+    except KeyError:
+        return False
+    return group.gr_name == owner.pw_name and set(group.gr_mem) <= {owner.pw_name}
 
 
 def _stage_link(

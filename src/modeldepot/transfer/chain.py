@@ -47,6 +47,7 @@ from modeldepot.hashing import chunk_count
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.hub.scan import fetch_repo, hub_token
 from modeldepot.ratelimit import RateLimit
+from modeldepot.transfer import ranged
 from modeldepot.transfer.download import FileSource
 from modeldepot.transfer.fleet import FleetView
 from modeldepot.transfer.sources import HttpSource, RetryPolicy, small_request
@@ -75,6 +76,7 @@ PEER_SCAN_WIDTH = (
     8  # peers asked at once (the first that describes the repo wins; the others are not awaited)
 )
 UNANSWERING_FOR = 60.0  # seconds a peer that let a scan time out is left out of this process's next scans
+HEALTH_PROBE_TIMEOUT = 2.0  # ... unless it answers its health within so long (it is alive, only slow)
 # peer base URL -> time.monotonic() until which scans leave it out (plain dict operations: no lock to be
 # inherited held by a forked child)
 _UNANSWERING: dict[str, float] = {}
@@ -224,9 +226,10 @@ class SourceChain:
                     peer, repo_id, revision, min(peer.retry.read_timeout, PEER_SCAN_TIMEOUT)
                 )
             except UpstreamTimeoutError as error:  # (said here: a scan another peer answered does not wait)
-                _UNANSWERING[peer.base_url] = time.monotonic() + UNANSWERING_FOR
-                log.warning("%s did not answer a scan of %s within %g s: left out of scans for %g s",
-                            peer.base_url, repo_id, PEER_SCAN_TIMEOUT, UNANSWERING_FOR)  # fmt: skip
+                if not _answers_at_all(peer):
+                    _UNANSWERING[peer.base_url] = time.monotonic() + UNANSWERING_FOR
+                    log.warning("%s did not answer a scan of %s within %g s, nor its health: left out of scans "
+                                "for %g s", peer.base_url, repo_id, PEER_SCAN_TIMEOUT, UNANSWERING_FOR)  # fmt: skip
                 answer = error
             except DepotError as error:
                 answer = error
@@ -445,6 +448,25 @@ async def _node_manifest(server: HttpSource, repo_id: str, commit_id: str) -> li
 def _names_a_commit(revision: str) -> bool:
     """Whether ``revision`` is a commit id, whole or its start (any node holding it has the same files)."""
     return is_commit_id(revision.lower()) or SHORT_COMMIT.fullmatch(revision.lower()) is not None
+
+
+def _answers_at_all(peer: HttpSource) -> bool:
+    """Whether ``peer`` answers its health within HEALTH_PROBE_TIMEOUT, whatever it says: a peer slow to
+    describe a repo may be a mirror waiting on its own silent upstream for a repo it does not hold (left out
+    for that, the repos it alone holds could not be scanned for a minute: a review); a frozen one, or an
+    address that accepts and never answers, says nothing."""
+    try:
+        ranged.request(
+            "GET",
+            f"{peer.base_url}{NODE_API}/health",
+            peer.headers(),
+            HEALTH_PROBE_TIMEOUT,
+            1 << 16,
+            ranged.Attempt(),
+        )
+    except (OSError, http.client.HTTPException):
+        return False
+    return True
 
 
 def _what_each_said(hub: DepotError, nodes: list[DepotError]) -> str:
