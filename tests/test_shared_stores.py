@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import save_file
 
-from conftest import SMALL_CHUNK, LiveNode, store_files_consistent, writable, write_model_dir
+from conftest import SMALL_CHUNK, LiveNode, flip_byte, store_files_consistent, writable, write_model_dir
 from fleetnodes import base_env, modeldepot
 from modeldepot import Depot
 from modeldepot.cli import cli
@@ -159,6 +159,30 @@ def test_a_pull_after_a_power_loss_checks_the_shared_stores_blobs_and_fetches_a_
         assert bytes(user.get_file("acme/common", "model.safetensors")) == good
         assert user.file_path("acme/common", "model.safetensors").is_relative_to(user.home)
         assert json.loads(bytes(user.get_file("acme/common", "config.json"))) == {"scale": 1.0}
+
+
+def test_a_file_found_rotten_in_the_shared_store_is_pulled_into_the_users_own(
+    tmp_path: Path, admin: Path, upstream: Upstream
+) -> None:
+    """Rot in the admin's store (a byte flipped, its times kept): a user's read refused it, rightly, and left
+    it in place (the store is not theirs to repair), but every pull after, in any process, took that copy
+    for held ("0 B downloaded from shared") and the file was never readable again (an explorer's trial). The
+    refusal is kept in the user's own store: the next pull fetches the file there."""
+    from modeldepot.errors import CorruptBlobError
+
+    with Depot(admin) as depot:
+        flip_byte(depot.store.blobs.path(depot.file_info("acme/common", "model.safetensors").sha256), 200)
+    good = (tmp_path / "src" / "common-1" / "model.safetensors").read_bytes()
+    with (
+        Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user,
+        pytest.raises(CorruptBlobError),
+    ):
+        user.get_chunk("acme/common", "model.safetensors", 0)  # (checked against its BLAKE3, as `cat` reads)
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:  # (another process)
+        pulled = user.pull("acme/common")
+        assert pulled.bytes_by_source.get("shared", 0) < len(good) <= pulled.bytes_downloaded, pulled
+        assert bytes(user.get_file("acme/common", "model.safetensors")) == good
+        assert user.file_path("acme/common", "model.safetensors").is_relative_to(user.home)
 
 
 def test_a_branch_is_read_where_it_moved_last(tmp_path: Path, admin: Path, upstream: Upstream) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -51,6 +52,8 @@ __all__ = ["SHARED", "Tiers"]
 log = logging.getLogger(__name__)
 
 SHARED = "shared: read through, never written from here"  # (a shared store's read-only reason)
+# The own store's folder of notes on shared stores' blobs found corrupt (one file per blob: its placement)
+REFUSED_FOLDER = "shared-refused"
 
 
 class Tiers:
@@ -60,6 +63,35 @@ class Tiers:
         self.own = own
         self.shared = tuple(shared)
         self.all = (own, *self.shared)
+        for store in self.shared:
+            store.add_quarantine_hook(functools.partial(self._found_corrupt, store))
+
+    def _found_corrupt(self, store: Store, sha256: str) -> None:
+        """A shared store's blob this process found corrupt stays in place (the store is not this user's to
+        repair): kept in mind in the own store, with its placement, so that a pull in any process fetches the
+        file into the own store rather than take that copy for held (rotten in the admin's store, it was
+        never readable again: "0 B downloaded from shared", pull after pull, an explorer's trial)."""
+        placement = store.placement(sha256)
+        if self.own.read_only or placement is None:
+            return
+        folder = self.own.home / REFUSED_FOLDER
+        try:
+            folder.mkdir(exist_ok=True)
+            temporary = folder / f".{sha256}.{os.getpid()}"
+            temporary.write_text(repr(placement))
+            os.replace(temporary, folder / sha256)
+        except OSError as error:
+            log.warning("could not note in %s that a shared store's blob %s… is corrupt: %s", folder,
+                        sha256[:16], error)  # fmt: skip
+
+    def found_corrupt(self, store: Store, sha256: str) -> bool:
+        """Whether a process of this depot found ``store``'s blob corrupt, and it is still that placement (a
+        repair of the shared store places it anew)."""
+        try:
+            noted = float((self.own.home / REFUSED_FOLDER / sha256).read_text())
+        except (OSError, ValueError):
+            return False
+        return store.placement(sha256) == noted
 
     @classmethod
     def open(cls, own: Store, config: DepotConfig) -> Tiers:
@@ -170,11 +202,30 @@ class Tiers:
                 return None
         found: dict[str, Store] = {}
         for path in paths:
-            store = next((s for s in self.all if _held_good(s, repo_id, path, commit_id)), None)
+            store = next((s for s in self.all if self._held_good(s, repo_id, path, commit_id)), None)
             if store is None:
                 return None
             found[path] = store
         return found if any(store is not self.own for store in found.values()) else None
+
+    def _held_good(self, store: Store, repo_id: str, path: str, commit_id: str) -> bool:
+        """Whether ``store`` holds the file good, as far as can be told without reading it all: not found
+        corrupt by a process of this depot (:meth:`found_corrupt`), its blob checked after a restart of the
+        machine when it was written before it and maybe never flushed (a shared store after a power loss: a
+        pull took its zeroed weights for held, wrote nothing and gave their folder as the model's, and pulled
+        nothing again: a trial), and not changed in place since it was checked."""
+        spelled = store.spelled(repo_id)
+        if not store.has_file(spelled, path, commit_id):
+            return False
+        try:
+            entry = store.entry(spelled, path, commit_id)
+            if store is not self.own and self.found_corrupt(store, entry.sha256):
+                return False
+            store.durability.ensure_checked(entry.sha256)
+            store.check_if_changed(entry)
+        except (CorruptBlobError, NotFoundError):
+            return False
+        return True
 
     def manifest(self, repo_id: str, revision: str) -> Manifest | None:
         """(Offline.) The manifest of the commit the stores answer for ``revision``: a store's saved scan of
@@ -264,17 +315,3 @@ class Tiers:
     def close(self) -> None:
         for store in self.shared:
             store.close()
-
-
-def _held_good(store: Store, repo_id: str, path: str, commit_id: str) -> bool:
-    """Whether ``store`` holds the file, its blob checked after a restart of the machine when it was written
-    before it and maybe never flushed (a shared store after a power loss: a pull took its zeroed weights for
-    held, wrote nothing and gave their folder as the model's, and pulled nothing again: a trial)."""
-    spelled = store.spelled(repo_id)
-    if not store.has_file(spelled, path, commit_id):
-        return False
-    try:
-        store.durability.ensure_checked(store.entry(spelled, path, commit_id).sha256)
-    except (CorruptBlobError, NotFoundError):
-        return False
-    return True
