@@ -158,6 +158,29 @@ def test_a_power_loss_never_serves_a_corrupt_byte_and_the_store_heals(
         assert depot.verify().ok
 
 
+def test_verify_after_a_power_loss_checks_each_blob_once_with_the_stores_own_check(
+    tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`verify` after a reboot rehashed the blobs the store's background check was rehashing too (two reads
+    of a big store), reported those the thread had quarantined first as "missing", and left what it found
+    good unchecked for the next process to read again (an explorer's trial). It checks an unchecked blob
+    through the store's own check: each damaged one is said to have been found corrupt after the restart,
+    and every good one is recorded checked and durable."""
+    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "before-the-outage")
+    home = tmp_path / "store"
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(folder, "acme/m")
+        damage = power_loss(depot)
+    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "after-the-outage")
+    with Depot(home) as depot:
+        report = depot.verify()
+        kinds = {problem.sha256: problem.problem for problem in report.problems}
+        assert set(kinds) == {sha(FILES[path]) for path in damage}, report.problems
+        assert set(kinds.values()) <= {"restart", "quarantined"}, report.problems
+        assert marks(depot)[sha(FILES["config.json"])] is None, "checked, and recorded durable"
+        assert depot.store.durability.unchecked() == 0
+
+
 @pytest.mark.parametrize("setting", ["MODELDEPOT_DURABILITY", "MODELDEPOT_PRELOAD_STRATEGY"])
 def test_settings_are_checked_when_the_store_opens(
     setting: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -180,6 +180,10 @@ class Durability:
     def unchecked(self) -> int:
         return len(self._unchecked)
 
+    def is_unchecked(self, sha256: str) -> bool:
+        """Whether the blob waits for its check after a restart (:meth:`ensure_checked` does it)."""
+        return sha256 in self._unchecked
+
     def forget_unchecked(self, digests: list[str]) -> None:
         """These blobs were placed again, from bytes verified now: nothing to check."""
         with self._lock:

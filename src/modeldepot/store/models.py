@@ -110,7 +110,7 @@ class ImportResult(_Record):
 @dataclass(frozen=True)
 class VerifyProblem(_Record):
     sha256: str
-    problem: str  # "missing", "size", "sha256", "chunk"
+    problem: str  # "missing", "size", "sha256", "chunk", "read", "restart" (found corrupt after one), "quarantined"
     detail: str
     quarantined_to: str | None
     files: tuple[str, ...]  # "org/name@commit:path" of every file that used the blob
