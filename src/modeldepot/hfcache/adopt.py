@@ -44,8 +44,8 @@ from modeldepot.hfcache.cache import (
 from modeldepot.hub.manifest import CommitListings, RemoteFile, keep_known_listing, save_scan
 from modeldepot.modelcard import MAX_CARD_BYTES, repo_card
 from modeldepot.store.blobs import PartialBlob, WriteSession
-from modeldepot.store.budget import BudgetExceededError
-from modeldepot.store.importer import likely_new_bytes, stage_blob
+from modeldepot.store.budget import BudgetExceededError, size_text
+from modeldepot.store.importer import likely_new_bytes, stage_blob, why_copied
 from modeldepot.store.maintenance import sweep_dead_sessions
 from modeldepot.store.publish import RevisionSpec, StagedFile, blob_states, publish
 from modeldepot.store.store import Store
@@ -464,6 +464,7 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
         verified: dict[str, _Verified] = {}
         partials: dict[str, PartialBlob] = {}  # by SHA-256
         linked_ones: set[str] = set()  # (SHA-256s) the partials that are hard links to the cache's files
+        sources_of: dict[str, Path] = {}  # SHA-256 -> the cache's file it was staged from
         for etag, source in sorted(sources.items()):
             what = f"{repo.repo_id}/{source.path}"
             try:
@@ -498,6 +499,7 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
                 partial.discard()  # the same bytes under both kinds of name
             else:
                 partials[digest.sha256] = partial
+                sources_of[digest.sha256] = source.source
                 if was_linked:
                     linked_ones.add(digest.sha256)
         known = blob_states(store.index, list(partials))
@@ -511,9 +513,26 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
     new_bytes = sum(p.size for sha256, p in partials.items() if sha256 in new)
     # (what came into the store, and how: a run again linked nothing, and said "7 hard-linked" of blobs it held)
     linked = len(new & linked_ones)
+    if link:
+        _say_why_copied(store, scan, repo, {sha256: (sources_of[sha256], partials[sha256].size)
+                                            for sha256 in new - linked_ones})  # fmt: skip
     return HfCacheRepo(
         repo.repo_id, tuple(revisions), len(partials), len(new), new_bytes, linked, len(new) - linked
     )
+
+
+def _say_why_copied(
+    store: Store, scan: _Scan, repo: _CachedRepo, copied: dict[str, tuple[Path, int]]
+) -> None:
+    """A note per reason the blobs adopted by copies were not hard-linked (the summary said "0 hard-linked,
+    5 copied", never why: an admin adopting hundreds of GB by links got a second copy, or a full disk, a
+    trial)."""
+    reasons: dict[str, list[int]] = {}
+    for source, size in copied.values():
+        reasons.setdefault(why_copied(store.layout, source), []).append(size)
+    for reason, sizes in reasons.items():
+        scan.problem(repo.repo_id, repo.folder / "blobs", "copied",
+                     f"{len(sizes)} blob(s), {size_text(sum(sizes))}, copied rather than linked: {reason}")  # fmt: skip
 
 
 def _publish_revisions(store: Store, scan: _Scan, repo: _CachedRepo, verified: dict[str, _Verified],

@@ -46,6 +46,7 @@ NOTES = frozenset(
         "own-file",
         "listing-unreadable",
         "new-cache",
+        "copied",
     }
 )
 

@@ -36,6 +36,7 @@ from modeldepot.hashing import GIT_OID_LIMIT, BlobDigest, digest_stream
 from modeldepot.modelcard import MAX_CARD_BYTES, repo_card
 from modeldepot.openfiles import open_file_limit
 from modeldepot.store.blobs import PartialBlob, WriteSession
+from modeldepot.store.layout import StoreLayout
 from modeldepot.store.maintenance import sweep_dead_sessions
 from modeldepot.store.models import ImportResult
 from modeldepot.store.publish import RevisionSpec, StagedFile, blob_states, publish, refuse_nested_branch
@@ -252,7 +253,23 @@ def _linking_alone(fd: int) -> bool:
     return True
 
 
-def _narrows_readers(session: WriteSession, mode: int) -> bool:
+def why_copied(layout: StoreLayout, source: Path) -> str:
+    """Why a file an import was asked to link was copied instead, as far as can be told after the fact."""
+    try:
+        info = os.stat(source)
+        store_device = os.stat(layout.blobs).st_dev
+    except OSError:
+        return "it could not be linked"
+    if info.st_dev != store_device:
+        return "on another file system than the store"
+    if info.st_uid != os.geteuid():
+        return "another user's files (their owner could change the store's bytes through them)"
+    if _narrows_readers(layout, stat.S_IMODE(info.st_mode)):
+        return "fewer may read them than the store's blobs, in a store others may enter"
+    return "the file system refused a hard link, or another import was linking the same file"
+
+
+def _narrows_readers(layout: StoreLayout, mode: int) -> bool:
     """Whether a file of ``mode`` taken as a blob by a hard link (which keeps its readers: a 0600 file becomes
     0400) would have fewer readers than the store's own blobs (0444) in a store others may enter (no folder
     from / to its home closed to them): such a file is copied. Linked, an adopted private cache made its blobs its owner's alone,
@@ -260,7 +277,7 @@ def _narrows_readers(session: WriteSession, mode: int) -> bool:
     store (a trial)."""
     if mode & 0o444 == 0o444:
         return False
-    folder = os.path.realpath(session.layout.home)
+    folder = os.path.realpath(layout.home)
     while True:  # (a folder on the way that neither its group nor others may enter keeps everyone else out)
         try:
             if _closed_to_others(os.stat(folder)):
@@ -336,7 +353,7 @@ def _stage_link(
         if (
             not stat.S_ISREG(info.st_mode)
             or info.st_uid != os.geteuid()
-            or _narrows_readers(session, stat.S_IMODE(info.st_mode))
+            or _narrows_readers(session.layout, stat.S_IMODE(info.st_mode))
         ):
             # Another user's file: it could not be made read-only for good (its owner may make it writable
             # again and change the store's blob), root included. It is copied instead.
