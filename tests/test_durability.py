@@ -114,6 +114,20 @@ def power_loss(depot: Depot) -> dict[str, str]:
     return damage
 
 
+def after_a_power_loss(
+    tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, dict[str, str]]:
+    """A store that imported ``folder`` as acme/m, never flushed, then lost its power (:func:`power_loss`),
+    and the machine started again: its home, and what happened to each damaged file."""
+    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "before-the-outage")
+    home = tmp_path / "store"
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(folder, "acme/m")
+        damage = power_loss(depot)
+    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "after-the-outage")
+    return home, damage
+
+
 def test_a_power_loss_never_serves_a_corrupt_byte_and_the_store_heals(
     tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -166,12 +180,7 @@ def test_verify_after_a_power_loss_checks_each_blob_once_with_the_stores_own_che
     good unchecked for the next process to read again (an explorer's trial). It checks an unchecked blob
     through the store's own check: each damaged one is said to have been found corrupt after the restart,
     and every good one is recorded checked and durable."""
-    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "before-the-outage")
-    home = tmp_path / "store"
-    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
-        depot.import_dir(folder, "acme/m")
-        damage = power_loss(depot)
-    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "after-the-outage")
+    home, damage = after_a_power_loss(tmp_path, folder, monkeypatch)
     with Depot(home) as depot:
         report = depot.verify()
         kinds = {problem.sha256: problem.problem for problem in report.problems}
@@ -214,12 +223,7 @@ def test_after_a_power_loss_a_writer_places_its_own_bytes_over_an_unchecked_blob
     """An import after a power loss took a damaged blob, not checked yet, as held: it threw its own verified
     copy away and reported success for a repo it could not read. A pull's look for what the store holds
     did the same."""
-    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "before-the-outage")
-    home = tmp_path / "store"
-    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
-        depot.import_dir(folder, "acme/m")
-        damage = power_loss(depot)
-    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "after-the-outage")
+    home, damage = after_a_power_loss(tmp_path, folder, monkeypatch)
     with Depot(home) as depot:
         depot.store.durability.close()  # (no background check: the writers meet the blobs unchecked)
         assert depot.store.durability.unchecked() == len(FILES)
