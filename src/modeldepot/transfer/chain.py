@@ -72,9 +72,8 @@ BRANCH_LOOKUP_TIMEOUT = 10.0
 # that upstream is silent, the very case in which the peers are asked for a branch: well above it (at 5 s such
 # a peer never answered in time, and was left out: a review)
 PEER_SCAN_TIMEOUT = 10.0
-PEER_SCAN_WIDTH = (
-    8  # peers asked at once (the first that describes the repo wins; the others are not awaited)
-)
+# Peers asked at once (the first that describes the repo wins; the others are not awaited)
+PEER_SCAN_WIDTH = 8
 UNANSWERING_FOR = 60.0  # seconds a peer that let a scan time out is left out of this process's next scans
 HEALTH_PROBE_TIMEOUT = 2.0  # ... unless it answers its health within so long (it is alive, only slow)
 # peer base URL -> time.monotonic() until which scans leave it out (plain dict operations: no lock to be

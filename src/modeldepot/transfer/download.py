@@ -409,18 +409,18 @@ class _FileJob(ChunkChooser):
             self._pulse()
 
     async def _drop_silent_peers(self) -> None:
-        """A fleet peer that sends no byte to a request in SILENT_PEER seconds (frozen, or advertised at an
-        address that accepts and never answers) is dropped for this file and its requests are cancelled: its
-        claims no longer keep the Hub from their chunks, and no worker goes back to it for the next chunk
-        (each waited as long: a swarm paid SILENT_PEER per chunk the node had claimed)."""
+        """A fleet peer that has not answered a request SILENT_PEER seconds after it was asked (frozen, or
+        advertised at an address that accepts and never answers) is dropped for this file and its requests
+        are cancelled: its claims no longer keep the Hub from their chunks, and no worker goes back to it for
+        the next chunk (each waited as long: a swarm paid SILENT_PEER per chunk the node had claimed)."""
         while self._work_left():
             await asyncio.sleep(PACE_TICK)
             now = time.monotonic()
-            silent = {r.source: r for reqs in self.requests.values() for r in reqs
+            silent = {r.source for reqs in self.requests.values() for r in reqs
                       if r.source.kind == "peer" and not r.landing and is_silent(r, now)}  # fmt: skip
             for source in silent:
                 self._drop(source, UpstreamTimeoutError(
-                    f"sent no byte in {SILENT_PEER:g} s (frozen, or not reachable at the address it gave?)",
+                    f"did not answer in {SILENT_PEER:g} s (frozen, or not reachable at the address it gave?)",
                     source=source.source.base_url))  # fmt: skip
                 for request in [r for reqs in self.requests.values() for r in reqs if r.source is source]:
                     if request.task is not None and not request.landing:

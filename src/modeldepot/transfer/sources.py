@@ -97,10 +97,10 @@ class RetryPolicy:
         return float(min(self.base_delay * (1 << attempt), self.max_delay) * random.uniform(0.5, 1.0))
 
 
-# Seconds a depot node may take to send a first byte, to a chunk map's request or to a range's (then its
-# source counts as failed for the chunk): a live node answers in milliseconds, however busy or slow its link
-# (its bytes then trickle); one frozen, or advertised at an address that accepts and never answers, held the
-# chunks it had claimed in a swarm for the whole read timeout (35 s instead of 8: an explorer's trial)
+# Seconds a fleet peer may take to answer a chunk map's request, or a range's (its status line: then it is
+# dropped for the file): a live node answers at once, however busy or slow its link (its bytes may then
+# trickle); one frozen, or advertised at an address that accepts and never answers, held the chunks it had
+# claimed in a swarm for the whole read timeout (35 s instead of 8: an explorer's trial)
 SILENT_PEER = 5.0
 
 # Seconds between the attempts a refused connection to the Hub makes in a mirror's pull (QUICK_REFUSALS)
