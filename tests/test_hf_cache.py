@@ -792,7 +792,7 @@ def test_export_skips_a_quarantined_file(filled: Depot, tmp_path: Path) -> None:
         ("corrupt", "tokenizer.json"),
         ("ref-not-set", "main"),
     ]
-    assert f"modeldepot pull {SAMPLE} -r main" in result.problems[1].detail
+    assert f"modeldepot pull {SAMPLE} -r {filled.resolve(SAMPLE)}" in result.problems[1].detail
     assert result.files == len(sample_files()) - 1
     folder = Path(result.snapshot_path)
     assert read_tree(folder) == {p: d for p, d in sample_files().items() if p != "tokenizer.json"}

@@ -150,7 +150,7 @@ def branch_ref(store: Store, repo_id: str, revision: str, commit_id: str, cache:
     if lacking:
         return [HfCacheProblem(repo_id, f"{writer.name}/refs/{revision}", "ref-not-set",
                                f"not set to {commit_id[:12]}: its snapshot lacks the {lacking} file(s) skipped "
-                               f"(`modeldepot pull {held} -r {revision}` fetches them again; then export again)")]  # fmt: skip
+                               f"(`modeldepot pull {held} -r {commit_id}` fetches them again; then export again)")]  # fmt: skip
 
     def known(commit: str) -> bool:
         return bool(
