@@ -190,6 +190,37 @@ def test_verify_after_a_power_loss_checks_each_blob_once_with_the_stores_own_che
         assert depot.store.durability.unchecked() == 0
 
 
+def test_verify_after_a_restart_goes_on_when_the_disk_is_too_full_to_record_its_checks(
+    tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's own check records a blob durable, an index write: on a full disk its StoreFullError
+    escaped `verify` (a review), which went on without recording before (the disk full after a power loss
+    is a likely time to run it). It goes on, and says the store is sound."""
+    from modeldepot.errors import StoreFullError
+    from modeldepot.store import durability as durability_module
+    from modeldepot.store.index import Index
+
+    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "before-the-outage")
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(folder, "acme/m")
+    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "after-the-outage")
+    monkeypatch.setattr(durability_module.Durability, "_start", lambda self: None)  # (no background check)
+    write = Index.write
+
+    @contextlib.contextmanager
+    def full(self: Index, doing: str, *args: object, **kwargs: object) -> Iterator[object]:
+        if doing in ("recording blobs as durable", "recording a verification"):
+            raise StoreFullError(f"no space left while {doing}")
+        with write(self, doing, *args, **kwargs) as con:  # type: ignore[arg-type]
+            yield con
+
+    monkeypatch.setattr(Index, "write", full)
+    with Depot(tmp_path / "store") as depot:
+        assert depot.store.durability.unchecked() == len(FILES)
+        report = depot.verify()
+        assert report.ok and report.blobs_checked == len(FILES), report
+
+
 @pytest.mark.parametrize("setting", ["MODELDEPOT_DURABILITY", "MODELDEPOT_PRELOAD_STRATEGY"])
 def test_settings_are_checked_when_the_store_opens(
     setting: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

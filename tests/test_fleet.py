@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -219,7 +220,7 @@ def test_a_repo_nowhere_is_not_found_though_a_tokened_peer_refused_to_say(
 
 
 def test_a_peer_that_never_answers_costs_a_scan_seconds_not_a_read_timeout(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One node of a fleet advertised at an address that accepts and never answers (or frozen, its lease
     still running): every scan that asked the peers waited on it a whole read timeout, in turn, 30 s of
@@ -230,7 +231,9 @@ def test_a_peer_that_never_answers_costs_a_scan_seconds_not_a_read_timeout(
 
     monkeypatch.setattr(chain, "PEER_SCAN_TIMEOUT", 1.0)
     monkeypatch.setattr(chain, "_UNANSWERING", {})
+    monkeypatch.setattr(chain, "_TIMED_OUT", {})
     monkeypatch.setenv("MODELDEPOT_READ_TIMEOUT", "600")  # (waiting on it a read timeout would hang the test)
+    caplog.set_level(logging.WARNING, logger="modeldepot.transfer.chain")
     silent = SilentAddress()
     with (
         scan_node_and_holder(tmp_path, monkeypatch) as (cluster, _big, (a_depot, a), _holder),
@@ -245,6 +248,9 @@ def test_a_peer_that_never_answers_costs_a_scan_seconds_not_a_read_timeout(
                     with pytest.raises(RepoNotFoundError, match="did not answer in time"):
                         pool.submit(b.scan_repo, "acme/nope", "0" * 40).result(timeout=60)
                     assert len(silent.scans()) == 1
+                    # (judged after the scan's answer, by a look at its health: the scan does not wait for it)
+                    wait_until(lambda: any("(nor its health): left out" in r.getMessage() for r in caplog.records),
+                               10, "the silent peer left out")  # fmt: skip
                     scanned = pool.submit(b.scan_repo, "acme/model", commit).result(timeout=60)
                     assert scanned.endpoint == a.url, "the peer that answered"
                     with pytest.raises(RepoNotFoundError) as nowhere:
@@ -256,6 +262,63 @@ def test_a_peer_that_never_answers_costs_a_scan_seconds_not_a_read_timeout(
         finally:
             frozen.stop()
             silent.close()
+
+
+def test_a_peer_whose_health_answers_but_whose_scans_hang_is_left_out_after_three(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node whose loop is alive (its health answers) while its scans hang (a locked index, a hung disk):
+    kept in for its health, every scan nobody else answered waited on it, scan after scan (a review). After
+    SLOW_SCANS_TOLERATED timeouts in a row it is left out as a silent one is."""
+    from modeldepot.errors import RepoNotFoundError
+    from modeldepot.transfer import chain
+
+    monkeypatch.setattr(chain, "PEER_SCAN_TIMEOUT", 0.5)
+    monkeypatch.setattr(chain, "_UNANSWERING", {})
+    monkeypatch.setattr(chain, "_TIMED_OUT", {})
+    caplog.set_level(logging.WARNING, logger="modeldepot.transfer.chain")
+    asked: list[str] = []
+
+    def judged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "modeldepot.transfer.chain"]
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    released = threading.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        while not released.is_set():  # the fault itself: a scan that does not end (until the test's end)
+            await asyncio.sleep(0.05)
+        return web.Response(status=503)
+
+    app = web.Application()
+    app.router.add_get(f"{API}/health", health)
+    app.router.add_get("/api/models/{tail:.*}", hang)
+    stuck = BackgroundServer(web.AppRunner(app), "stuck-scans")
+    with (
+        scan_node_and_holder(tmp_path, monkeypatch) as (cluster, _big, _a, _holder),
+        Depot(tmp_path / "stuck", chunk_size=SMALL_CHUNK) as stuck_depot,
+    ):
+        node = InProcessNode(stuck_depot, cluster, advertise=stuck.url)
+        try:
+            with Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b:
+                wait_until(lambda: len(b.peers()) == 3, 10, "the three nodes in the view")
+                for scans in range(1, chain.SLOW_SCANS_TOLERATED + 1):
+                    with pytest.raises(RepoNotFoundError):
+                        b.scan_repo("acme/nope", "0" * 40)
+                    wait_until(lambda n=scans: len(judged()) == n, 10, "the stuck peer judged")
+                    assert len(asked) == scans
+                assert [m.rsplit(": ", 1)[-1] for m in judged()] == ["asked again", "asked again",
+                                                                      "left out of scans for 60 s"]  # fmt: skip
+                with pytest.raises(RepoNotFoundError, match="was not asked"):
+                    b.scan_repo("acme/nope", "0" * 40)
+                assert len(asked) == chain.SLOW_SCANS_TOLERATED
+        finally:
+            released.set()
+            node.stop()
+            stuck.stop()
 
 
 def test_a_peer_whose_chunks_wait_in_this_pulls_queue_is_not_taken_for_silent(

@@ -582,6 +582,29 @@ def test_a_private_repo_held_under_another_case_stays_private(
     assert [(r.repo_id, r.private) for r in depot.list_repos()] == [("Acme/Sample", True)]
 
 
+def test_a_branch_stays_rather_than_move_to_an_import_a_quant_was_removed_from(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """An import's commit was taken for whole by its tree though `rm --quant` had taken files of it: a cache
+    whose main named it (config alone) moved the store's main to a commit held in part (a review)."""
+    files = {"config.json": b'{"a": 1}', "m-Q4_K_M.gguf": b"q4" * 5000, "m-Q8_0.gguf": b"q8" * 9000}
+    older = depot.import_dir(write_model_dir(tmp_path / "x", files), "acme/m").commit_id
+    cache = tmp_path / "cache"
+    assert depot.hf_cache_export("acme/m", older, cache_dir=cache).ok
+    newer = depot.import_dir(write_model_dir(tmp_path / "y", {**files, "config.json": b'{"a": 2}'}), "acme/m")
+    depot.remove("acme/m", older, quant="Q8_0")
+    folder = cache / "models--acme--m"
+    for weights in (folder / "snapshots" / older).glob("*.gguf"):
+        weights.unlink()  # (the cache holds its config alone, as hf_hub_download leaves it)
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(older)
+    later = time.time() + 5
+    os.utime(folder / "refs" / "main", (later, later))
+    result = depot.hf_cache_import(cache_dir=cache)
+    assert [p.problem for p in result.problems] == ["branch-kept"], result.problems
+    assert depot.resolve("acme/m") == newer.commit_id
+
+
 @pytest.mark.parametrize("newest", ["models--Acme--Sample", FOLDER])
 def test_two_spellings_of_one_repo_are_adopted_as_one_the_newest_refs_kept(
     depot: Depot, hf_cache: Path, source: tuple[Depot, LiveNode], newest: str

@@ -179,6 +179,9 @@ def test_a_file_found_rotten_in_the_shared_store_is_pulled_into_the_users_own(
     ):
         user.get_chunk("acme/common", "model.safetensors", 0)  # (checked against its BLAKE3, as `cat` reads)
     with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:  # (another process)
+        # Its reads refuse it too (they served the rotten bytes again: only pulls read the note, a review)
+        with pytest.raises(CorruptBlobError):
+            user.file_path("acme/common", "model.safetensors")
         pulled = user.pull("acme/common")
         assert pulled.bytes_by_source.get("shared", 0) < len(good) <= pulled.bytes_downloaded, pulled
         assert bytes(user.get_file("acme/common", "model.safetensors")) == good

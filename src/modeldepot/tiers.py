@@ -27,6 +27,8 @@ import dataclasses
 import functools
 import logging
 import os
+import re
+import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 SHARED = "shared: read through, never written from here"  # (a shared store's read-only reason)
 # The own store's folder of notes on shared stores' blobs found corrupt (one file per blob: its placement)
 REFUSED_FOLDER = "shared-refused"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class Tiers:
@@ -65,22 +68,48 @@ class Tiers:
         self.all = (own, *self.shared)
         for store in self.shared:
             store.add_quarantine_hook(functools.partial(self._found_corrupt, store))
+        if self.shared:
+            self._refuse_what_was_found_corrupt()
+
+    def _refuse_what_was_found_corrupt(self) -> None:
+        """Each shared store refuses, in this process too, the blobs another process of the depot found
+        corrupt (its reads served them again: only pulls read the notes, a review)."""
+        for sha256, placement in self._notes().items():
+            for store in self.shared:
+                store.refuse(sha256, placement)
+
+    def _notes(self) -> dict[str, float]:
+        """The notes kept in the own store: SHA-256 -> the placement found corrupt."""
+        folder = self.own.home / REFUSED_FOLDER
+        notes: dict[str, float] = {}
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return notes
+        for name in names:
+            if _SHA256.fullmatch(name) is None:
+                continue  # (a temporary, or anything else: no path is built from it)
+            with contextlib.suppress(OSError, ValueError):
+                notes[name] = float((folder / name).read_text())
+        return notes
 
     def _found_corrupt(self, store: Store, sha256: str) -> None:
         """A shared store's blob this process found corrupt stays in place (the store is not this user's to
         repair): kept in mind in the own store, with its placement, so that a pull in any process fetches the
         file into the own store rather than take that copy for held (rotten in the admin's store, it was
         never readable again: "0 B downloaded from shared", pull after pull, an explorer's trial)."""
-        placement = store.placement(sha256)
-        if self.own.read_only or placement is None:
-            return
         folder = self.own.home / REFUSED_FOLDER
+        temporary = folder / f".{sha256}.{os.getpid()}.{threading.get_ident()}"
         try:
+            placement = store.placement(sha256)
+            if self.own.read_only or placement is None:
+                return
             folder.mkdir(exist_ok=True)
-            temporary = folder / f".{sha256}.{os.getpid()}"
             temporary.write_text(repr(placement))
             os.replace(temporary, folder / sha256)
-        except OSError as error:
+        except (OSError, DepotError) as error:  # (never in place of the CorruptBlobError the reader gets)
+            with contextlib.suppress(OSError):
+                temporary.unlink()
             log.warning("could not note in %s that a shared store's blob %s… is corrupt: %s", folder,
                         sha256[:16], error)  # fmt: skip
 
@@ -219,7 +248,9 @@ class Tiers:
             return False
         try:
             entry = store.entry(spelled, path, commit_id)
-            if store is not self.own and self.found_corrupt(store, entry.sha256):
+            if store is not self.own and (
+                store.refused(entry.sha256) or self.found_corrupt(store, entry.sha256)
+            ):
                 return False
             store.durability.ensure_checked(entry.sha256)
             store.check_if_changed(entry)

@@ -627,22 +627,21 @@ def _keeps_the_stores_ref(store: Store, scan: _Scan, repo: _CachedRepo, name: st
 
 
 def _holds_whole(store: Store, repo_id: str, commit: str) -> bool:
-    """Whether the store holds every file of ``commit``: one it made (an import: whole by construction), or
-    one whose listing it keeps (a pull's scan, an adopted cache's trees/<commit>.json) and holds each file of.
-    (A commit adopted as a few files and no listing is not: "held" at all, the second import of the same
-    cache moved main to it after all, a review.)"""
+    """Whether the store holds every file of ``commit``: one whose listing it keeps (a pull's scan, an adopted
+    cache's trees/<commit>.json, an import's once `rm --quant` or the budget took files of it) and holds each
+    file of; or, with none kept, one it made (an import: whole by construction). (A commit adopted as a few
+    files and no listing is not: "held" at all, the second import of the same cache moved main to it after
+    all; an import's taken for whole by its tree though files of it were removed: reviews.)"""
     held = store.files(repo_id, commit)
     if not held:
         return False
+    listings = CommitListings(store)
+    if listings.lists(repo_id, commit, held[0].path):
+        return len(listings.whole(repo_id, commit, held)) == len(held)
     rows = store.index.read(
         "SELECT tree_oid FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit)
     )
-    if rows and rows[0]["tree_oid"]:
-        return True
-    listings = CommitListings(store)
-    return listings.lists(repo_id, commit, held[0].path) and len(
-        listings.whole(repo_id, commit, held)
-    ) == len(held)
+    return bool(rows and rows[0]["tree_oid"])
 
 
 def _files_of_the_commit(store: Store, scan: _Scan, repo: _CachedRepo, commit: str, links: list[_Link],

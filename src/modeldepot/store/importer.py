@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import grp
 import io
 import logging
@@ -291,19 +292,26 @@ def _narrows_readers(layout: StoreLayout, mode: int) -> bool:
 
 
 def _closed_to_others(info: os.stat_result) -> bool:
-    """Whether no user but the folder's owner (and root) may enter it: others may not, nor its group, unless
-    that is the owner's own group (a user-private group, as Debian and Ubuntu make them: a home of 0750 is
-    its owner's alone; counted open, every private file of a personal store was copied, a review)."""
-    if info.st_mode & 0o001:
+    """Whether no user but this one (and root) may enter the folder: it is this user's (a folder of another's
+    keeps its owner in: root linking a 0600 file into alice's store made a blob she could not read, a
+    review), and others may not enter, nor its group, unless that is this user's own group alone (a
+    user-private group, as Debian and Ubuntu make them: a home of 0750 is its owner's alone; counted open,
+    every private file of a personal store was copied, a review)."""
+    if info.st_uid != os.geteuid() or info.st_mode & 0o001:
         return False
-    if not info.st_mode & 0o010:
-        return True
+    return not info.st_mode & 0o010 or _own_private_group(info.st_uid, info.st_gid)
+
+
+@functools.lru_cache(maxsize=64)
+def _own_private_group(uid: int, gid: int) -> bool:
+    """Whether ``gid`` is the user-private group of ``uid``: named as the user, its primary group, no other
+    member listed (one lookup per pair: with LDAP each may be a request)."""
     try:
-        owner = pwd.getpwuid(info.st_uid)
-        group = grp.getgrgid(info.st_gid)
+        user = pwd.getpwuid(uid)
+        group = grp.getgrgid(gid)
     except KeyError:
         return False
-    return group.gr_name == owner.pw_name and set(group.gr_mem) <= {owner.pw_name}
+    return group.gr_name == user.pw_name and user.pw_gid == gid and set(group.gr_mem) <= {user.pw_name}
 
 
 def _stage_link(

@@ -11,6 +11,7 @@
     ├── partials/<key>.part, .log    resumable downloads: data, and the log of verified chunks (the lock)
     ├── partials/<key>.one           a download of one chunk: data and lock in one, no log
     ├── quarantine/<sha256>          blobs that failed verification, kept for inspection, never served
+    ├── shared-refused/<sha256>      a shared store's blob found corrupt (tiers.py: pulled into this one)
     └── locks/store.lock             shared while blobs are placed, exclusive while blobs are deleted
 """
 

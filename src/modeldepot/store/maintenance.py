@@ -94,14 +94,21 @@ def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | 
             problems.append(VerifyProblem(sha256, "quarantined", "failed verification earlier; import or "
                                           "pull it again", None, _users(store, sha256)))  # fmt: skip
             continue
-        if store.durability.is_unchecked(sha256) and not store.read_only:
-            # Written before a restart, maybe never flushed: checked once, through the store's own check (the
-            # background thread's rehash and verify's were two reads of it, and a blob the thread quarantined
-            # first was reported "missing": an explorer's trial), which also records it durable.
-            with contextlib.suppress(CorruptBlobError):
-                store.durability.ensure_checked(sha256)
-            found = None if _state_now(store, sha256, row["created_at"]) != "quarantined" else _AFTER_RESTART
-        else:
+        found: tuple[str, str] | None = None
+        try:
+            if store.durability.is_unchecked(sha256) and not store.read_only:
+                # Written before a restart, maybe never flushed: checked once, through the store's own check
+                # (the background thread's rehash and verify's were two reads of it, and a blob the thread
+                # quarantined first was reported "missing": an explorer's trial), which records it durable.
+                with contextlib.suppress(CorruptBlobError):
+                    store.durability.ensure_checked(sha256)
+                if _state_now(store, sha256, row["created_at"]) == "quarantined":
+                    found = _AFTER_RESTART
+            else:
+                found = store.check_blob(sha256, row["size"], row["chunk_size"])
+        except StoreError as error:  # (recording it durable: a full disk, say; verify goes on, as ever)
+            log.warning("verify: the store's check of blob %s… could not record it (%s): rehashed here",
+                        sha256[:16], error)  # fmt: skip
             found = store.check_blob(sha256, row["size"], row["chunk_size"])
         checked_bytes += row["size"]
         if progress is not None:

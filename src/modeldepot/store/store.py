@@ -331,6 +331,17 @@ class Store:
                 raise CorruptBlobError(error.sha256, error.detail, kept_in_place=True) from None
             raise error from None
 
+    def refuse(self, sha256: str, placement: float) -> None:
+        """(A read-only store.) Refuse the blob's placement ``placement`` from now on, as one this process
+        found corrupt: another process of the same depot found it so (tiers.py keeps such notes)."""
+        if self.read_only and self.placement(sha256) == placement:
+            self._refused[sha256] = placement
+
+    def refused(self, sha256: str) -> bool:
+        """(A read-only store.) Whether this process refuses the blob (found corrupt, kept in place)."""
+        refused = self._refused.get(sha256)
+        return refused is not None and self.placement(sha256) == refused
+
     def _refuse_if_found_corrupt(self, sha256: str) -> None:
         """(A read-only store.) A blob this process found corrupt stays in place: it is never handed out."""
         refused = self._refused.get(sha256)

@@ -76,9 +76,11 @@ PEER_SCAN_TIMEOUT = 10.0
 PEER_SCAN_WIDTH = 8
 UNANSWERING_FOR = 60.0  # seconds a peer that let a scan time out is left out of this process's next scans
 HEALTH_PROBE_TIMEOUT = 2.0  # ... unless it answers its health within so long (it is alive, only slow)
-# peer base URL -> time.monotonic() until which scans leave it out (plain dict operations: no lock to be
-# inherited held by a forked child)
+SLOW_SCANS_TOLERATED = 3  # ... and then until so many scans in a row timed out
+# peer base URL -> time.monotonic() until which scans leave it out; peer base URL -> its scans that timed out
+# in a row (plain dict operations: no lock to be inherited held by a forked child)
 _UNANSWERING: dict[str, float] = {}
+_TIMED_OUT: dict[str, int] = {}
 
 
 def check_upstream_urls(config: DepotConfig) -> None:
@@ -224,18 +226,16 @@ class SourceChain:
                 answer = self._scan_at(
                     peer, repo_id, revision, min(peer.retry.read_timeout, PEER_SCAN_TIMEOUT)
                 )
-            except UpstreamTimeoutError as error:  # (said here: a scan another peer answered does not wait)
-                if not _answers_at_all(peer):
-                    _UNANSWERING[peer.base_url] = time.monotonic() + UNANSWERING_FOR
-                    log.warning("%s did not answer a scan of %s within %g s, nor its health: left out of scans "
-                                "for %g s", peer.base_url, repo_id, PEER_SCAN_TIMEOUT, UNANSWERING_FOR)  # fmt: skip
-                answer = error
             except DepotError as error:
                 answer = error
             except Exception as error:  # (every thread answers: the loop below counts on it)
                 answer = UpstreamError(f"{peer.base_url} could not be scanned: {type(error).__name__}: {error}",
                                        repo_id=repo_id, source=peer.base_url)  # fmt: skip
             answers.put((peer, answer))
+            if isinstance(answer, UpstreamTimeoutError):  # (after the answer: the scan does not wait for it)
+                _judge_unanswering(peer, repo_id)
+            else:
+                _TIMED_OUT.pop(peer.base_url, None)
 
         waiting = iter(asked)
         in_flight = 0
@@ -447,6 +447,24 @@ async def _node_manifest(server: HttpSource, repo_id: str, commit_id: str) -> li
 def _names_a_commit(revision: str) -> bool:
     """Whether ``revision`` is a commit id, whole or its start (any node holding it has the same files)."""
     return is_commit_id(revision.lower()) or SHORT_COMMIT.fullmatch(revision.lower()) is not None
+
+
+def _judge_unanswering(peer: HttpSource, repo_id: str) -> None:
+    """A peer let a scan time out: it is left out of this process's scans for UNANSWERING_FOR seconds unless
+    it answers its health (alive, only slow: a mirror peer waits on its own silent upstream for a repo it does
+    not hold; left out for that, the repos it alone holds could not be scanned for a minute, a review), and
+    then still after SLOW_SCANS_TOLERATED timeouts in a row (alive, but its scans hang: each scan nobody else
+    answered waited on it, a review). Said in a warning either way."""
+    timed_out = _TIMED_OUT[peer.base_url] = _TIMED_OUT.get(peer.base_url, 0) + 1
+    if _answers_at_all(peer) and timed_out < SLOW_SCANS_TOLERATED:
+        log.warning("%s did not answer a scan of %s within %g s, but answers its health: asked again",
+                    peer.base_url, repo_id, PEER_SCAN_TIMEOUT)  # fmt: skip
+        return
+    _UNANSWERING[peer.base_url] = time.monotonic() + UNANSWERING_FOR
+    _TIMED_OUT.pop(peer.base_url, None)
+    log.warning("%s did not answer a scan of %s within %g s (%s): left out of scans for %g s", peer.base_url,
+                repo_id, PEER_SCAN_TIMEOUT, "nor its health" if timed_out < SLOW_SCANS_TOLERATED
+                else f"{timed_out} in a row", UNANSWERING_FOR)  # fmt: skip
 
 
 def _answers_at_all(peer: HttpSource) -> bool:
