@@ -98,6 +98,8 @@ class Tiers:
         repair): kept in mind in the own store, with its placement, so that a pull in any process fetches the
         file into the own store rather than take that copy for held (rotten in the admin's store, it was
         never readable again: "0 B downloaded from shared", pull after pull, an explorer's trial)."""
+        if _SHA256.fullmatch(sha256) is None:
+            return  # (a name from another store's index: no path is built from it unless it is a digest)
         folder = self.own.home / REFUSED_FOLDER
         temporary = folder / f".{sha256}.{os.getpid()}.{threading.get_ident()}"
         try:
