@@ -178,6 +178,28 @@ def test_manifest_lists_every_file_with_its_chunk_digests(node: LiveNode, depot:
         assert reply.status == 404 and reply.headers["X-Error-Code"] == code
 
 
+def test_a_manifest_answers_304_while_the_commit_stands_and_its_change_at_once(
+    node: LiveNode, depot: Depot
+) -> None:
+    # (A mirror or a peer pulling a commit's files one by one asks for its manifest at every file.)
+    target = f"{API}/repos/acme/other/revisions/{depot.resolve('acme/other')}/manifest"
+    first = fetch(node, target)
+    tag = first.headers["ETag"]
+    again = fetch(node, target, {"If-None-Match": tag})
+    assert (again.status, again.body, again.headers["ETag"]) == (304, b"", tag)
+    depot.store.access.record("acme/other")  # (a write to the index that changes nothing the manifest says)
+    depot.store.access.flush()
+    assert fetch(node, target, {"If-None-Match": tag}).status == 304
+    assert fetch(node, f"{API}/repos/acme/tiny/revisions/main/manifest", {"If-None-Match": tag}).status == 200
+    depot.remove("acme/other", quant="q4")  # (the commit stands; the store holds less of it)
+    changed = fetch(node, target, {"If-None-Match": tag})
+    assert changed.status == 200 and changed.headers["ETag"] != tag
+    assert {f["path"] for f in changed.json()["files"]} == {f["path"] for f in first.json()["files"]} - {
+        "onnx/model_q4.onnx",
+        "onnx/model_q4.onnx_data",
+    }
+
+
 def test_blob_reads_whole_by_range_and_by_if_range(node: LiveNode) -> None:
     for sha, data in BLOBS.items():
         size = len(data)

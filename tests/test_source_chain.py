@@ -595,6 +595,27 @@ def test_download_file_and_get_file_with_download_fetch_exactly_one_file(
     assert store_files_consistent(local) == [] and hub.connections == 0
 
 
+def test_pulls_of_one_commit_file_by_file_read_its_manifest_once(
+    background: Background, make_node: NodeFactory, make_local: LocalFactory
+) -> None:
+    # (A mirror pulls each file a client asks for on its own: each pull asked the node for the commit's
+    # whole manifest, built and parsed again every time.)
+    node = make_node("n", {REPO: FILES})
+    proxy = RecordingProxy(background, node.url)
+    local = make_local("by-file", [proxy.url], CountingListener(background).url)
+
+    for path in ("tokenizer.json", "config.json", WEIGHTS):
+        local.download_file(REPO, path)
+
+    manifests = [s.status for s in proxy.seen if s.path.endswith("/manifest") and "/revisions/" in s.path]
+    assert manifests == [200, 304, 304], manifests
+    assert bytes(local.get_file(REPO, WEIGHTS)) == BIG and proxy.resolved_paths() == {
+        "tokenizer.json",
+        "config.json",
+        WEIGHTS,
+    }
+
+
 def test_a_bad_path_is_refused_before_any_connection(
     background: Background, make_local: LocalFactory
 ) -> None:

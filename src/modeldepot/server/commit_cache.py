@@ -24,6 +24,7 @@ from modeldepot.store import FileEntry, RepoSummary, Store
 __all__ = ["COMMITS", "CommitCache"]
 
 KEPT = 8  # commits kept: a few clients paging a few big repos at once
+BODIES_KEPT = 64 * 1024 * 1024  # bytes of answers' bodies kept (a 100,000-file commit's manifest: ~40 MB)
 T = TypeVar("T")
 
 
@@ -36,7 +37,7 @@ class CommitCache(Generic[T]):
         self._kept: OrderedDict[tuple[str, str], tuple[int, tuple[FileEntry, ...], T | None]] = OrderedDict()
         self._summaries: OrderedDict[str, tuple[int, RepoSummary]] = OrderedDict()
         self._repos: tuple[int, tuple[RepoSummary, ...]] | None = None
-        self._bodies: dict[Hashable, tuple[int, bytes, str]] = {}
+        self._bodies: OrderedDict[Hashable, tuple[int, bytes, str]] = OrderedDict()
 
     def version(self) -> int:
         """The index's ``data_version`` now (the event streams' look asks it too: one counter for both)."""
@@ -92,11 +93,16 @@ class CommitCache(Generic[T]):
         with self._lock:
             kept = self._bodies.get(key)
             if kept is not None and kept[0] == version:
+                self._bodies.move_to_end(key)
                 return kept[1], kept[2]
         made = make()
         tag = blake3.blake3(made).hexdigest()[:32]
         with self._lock:
             self._bodies[key] = (version, made, tag)
+            self._bodies.move_to_end(key)
+            kept_bytes = sum(len(body) for _, body, _ in self._bodies.values())
+            while kept_bytes > BODIES_KEPT and len(self._bodies) > 1:
+                kept_bytes -= len(self._bodies.popitem(last=False)[1][1])
         return made, tag
 
     def built(self, key: tuple[str, str], files: tuple[FileEntry, ...], build: Callable[[], T]) -> T:

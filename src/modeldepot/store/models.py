@@ -21,8 +21,16 @@ __all__ = [
 ]
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
 class _Record:
     def to_dict(self) -> dict[str, Any]:
+        # A record of plain values is read field by field: ``asdict`` deep-copies each one, and a node's
+        # manifest of a 300-file commit spent 8 ms in it at every peer's and mirror's ask (a profile)
+        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        if all(isinstance(value, _PLAIN) for value in plain.values()):
+            return plain
         return dataclasses.asdict(self)  # type: ignore[call-overload,no-any-return]
 
 

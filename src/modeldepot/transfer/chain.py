@@ -20,6 +20,7 @@ add its own to a node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import logging
@@ -81,6 +82,11 @@ SLOW_SCANS_TOLERATED = 3  # ... and then until so many scans in a row timed out
 # in a row (plain dict operations: no lock to be inherited held by a forked child)
 _UNANSWERING: dict[str, float] = {}
 _TIMED_OUT: dict[str, int] = {}
+# A node's manifest of a commit, as last read, and its tag: asked again with the tag, a node whose index has not
+# changed answers 304 (a mirror's misses of one commit, one pull per file, each read and parsed the commit's
+# whole manifest: 3 ms of the mirror's CPU per file of a 300-file repo, a profile). (url, token) -> (ETag, files)
+_MANIFESTS: dict[tuple[str, str | None], tuple[str, list[dict[str, Any]]]] = {}
+MANIFESTS_KEPT = 16
 
 
 def check_upstream_urls(config: DepotConfig) -> None:
@@ -433,15 +439,28 @@ async def _node_has_blob(server: HttpSource, sha256: str) -> str | None:
 
 async def _node_manifest(server: HttpSource, repo_id: str, commit_id: str) -> list[dict[str, Any]]:
     url = f"{server.base_url}{NODE_API}/repos/{quote(repo_id)}/revisions/{commit_id}/manifest"
+    headers = server.headers()
+    kept = _MANIFESTS.get((url, headers.get("Authorization")))
+    if kept is not None:
+        headers = {**headers, "If-None-Match": kept[0]}
     try:
-        reply = await small_request("GET", url, server.headers(), server.retry.read_timeout)
+        reply = await small_request("GET", url, headers, server.retry.read_timeout)
+        if reply.status == 304 and kept is not None:
+            return kept[1]
         if reply.status != 200:
             raise UpstreamError(f"{url}: HTTP {reply.status}", source=url, status=reply.status)
         body = json.loads(reply.body)
     except (OSError, http.client.HTTPException, ValueError, RecursionError) as error:  # (too deep: a lie)
         raise UpstreamError(f"{url}: {type(error).__name__}: {error}", source=url) from error
     files = body.get("files") if isinstance(body, dict) else None
-    return [f for f in files if isinstance(f, dict)] if isinstance(files, list) else []
+    listed = [f for f in files if isinstance(f, dict)] if isinstance(files, list) else []
+    etag = reply.headers.get("ETag")
+    if etag:
+        _MANIFESTS[(url, headers.get("Authorization"))] = (etag, listed)
+        with contextlib.suppress(RuntimeError, KeyError, StopIteration):  # (another thread's at once: one more)
+            while len(_MANIFESTS) > MANIFESTS_KEPT:
+                del _MANIFESTS[next(iter(_MANIFESTS))]
+    return listed
 
 
 def _names_a_commit(revision: str) -> bool:
