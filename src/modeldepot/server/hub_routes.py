@@ -123,11 +123,9 @@ async def _visible_repo(request: web.Request, repo_id: str) -> RepoSummary:
     return summary
 
 
-async def _local_summary(request: web.Request, repo_id: str) -> RepoSummary | None:
-    try:
-        return await asyncio.to_thread(request.app[DEPOT].store.repo_summary, repo_id)
-    except RepoNotFoundError:
-        return None
+async def _local_origin(request: web.Request, repo_id: str) -> tuple[str, bool] | None:
+    """Where the store's repo came from and whether it is private; None when it does not hold it."""
+    return await asyncio.to_thread(request.app[DEPOT].store.origin, repo_id)
 
 
 async def _mirrorable(request: web.Request, repo_id: str) -> bool:
@@ -136,8 +134,8 @@ async def _mirrorable(request: web.Request, repo_id: str) -> bool:
     move the repo's branch) nor a private local one this request may not see (a miss must not reveal it)."""
     if MIRROR not in request.app:
         return False
-    summary = await _local_summary(request, repo_id)
-    return summary is None or (summary.origin != "import" and (not summary.private or is_authorized(request)))
+    held = await _local_origin(request, repo_id)
+    return held is None or (held[0] != "import" and (not held[1] or is_authorized(request)))
 
 
 async def _upstream_first(request: web.Request, repo_id: str, revision: str) -> tuple[bool, bool]:
@@ -149,16 +147,17 @@ async def _upstream_first(request: web.Request, repo_id: str, revision: str) -> 
     Returns (whether to ask the upstream first, whether the store holds the repo: it may answer instead)."""
     if MIRROR not in request.app:
         return False, False
-    summary = await _local_summary(request, repo_id)
-    if summary is None:
+    held = await _local_origin(request, repo_id)
+    if held is None:
         return True, False
-    if summary.origin == "import" or (summary.private and not is_authorized(request)):
+    origin, private = held
+    if origin == "import" or (private and not is_authorized(request)):
         return False, True
     if is_commit_id(revision):
         # A commit adopted from a Hugging Face cache without its listing may be held in part: the store listed
         # what the cache held, and a client kept that listing, and `.no_exist` for the rest (a trial)
-        unknown = summary.origin == HF_CACHE_ORIGIN and await asyncio.to_thread(
-            lambda: request.app[DEPOT].store.manifests.listing(summary.repo_id, revision.lower()) is None
+        unknown = origin == HF_CACHE_ORIGIN and await asyncio.to_thread(
+            lambda: request.app[DEPOT].store.manifests.listing(repo_id, revision.lower()) is None
         )
         # (else a commit the store lacks is a miss, answered from upstream when mirrorable)
         return unknown, True

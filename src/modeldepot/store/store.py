@@ -302,6 +302,21 @@ class Store:
         )
         return [_entry(row) for row in rows]
 
+    def file_sizes(self, repo_id: str, commit_id: str) -> dict[str, int]:
+        """The paths of a commit's files the store holds, and their sizes (what a mirror's pull of one file
+        asks: a pull per file of a 300-file repo spent 7 ms on :meth:`files` each, a profile)."""
+        rows = self.index.read(
+            "SELECT path, size FROM files WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)
+        )
+        return {row["path"]: row["size"] for row in rows}
+
+    def origin(self, repo_id: str) -> tuple[str, bool] | None:
+        """Where a repo came from (``import``, a pull's endpoint, ...) and whether it is private; None when the
+        store does not hold it (one indexed lookup: a mirror asks at every request)."""
+        validate_repo_id(repo_id)
+        rows = self.index.read("SELECT origin, private FROM repos WHERE repo_id = ?", (repo_id,))
+        return (str(rows[0]["origin"]), bool(rows[0]["private"])) if rows else None
+
     # -- reading bytes --------------------------------------------------------------------------------
 
     def open_fd(self, blob: BlobRecord | FileEntry) -> int:

@@ -175,7 +175,7 @@ def _variants_completed(
     """The variants a pull of ``pulling`` alone completes (every other file of theirs is in the store at the
     commit already), and the bytes each holds already: a mirror fetches a repo file by file, and each
     variant shows as downloading, then downloaded, with the file that completes it."""
-    in_store = {e.path: e.size for e in store.files(manifest.repo_id, manifest.commit_id)}
+    in_store = store.file_sizes(manifest.repo_id, manifest.commit_id)
     names: list[str] = []
     held: dict[str, int] = {}
     for variant in manifest.variants:
