@@ -308,6 +308,36 @@ def test_loads_under_way_hold_their_room_in_the_budget_and_the_slots() -> None:
     assert slots.get_or_load("outer", lambda: slots.get_or_load("inner", lambda: "I") + "O") == "IO"
 
 
+@pytest.mark.parametrize("limit", ["slots", "memory"])
+def test_loaders_on_many_threads_that_each_load_another_model_never_wait_for_each_other(limit: str) -> None:
+    """Two loads filled the cache's two slots, and each loader then loaded a companion model (a pipeline's
+    tokenizer, an encoder): each companion waited for the other thread's load to end, which waited on its
+    own companion: both hung for good (an explorer's trial)."""
+    cache: LoadedModelCache[str] = (
+        LoadedModelCache(max_models=2) if limit == "slots" else LoadedModelCache(memory_budget=8)
+    )
+    both_loading = threading.Barrier(2, timeout=10)
+
+    def outer(key: str) -> str:
+        both_loading.wait()  # (each has its room when the other asks for its companion)
+        return key + cache.get_or_load(f"{key}-companion", lambda: "+c", size=4)
+
+    results: dict[str, str] = {}
+    threads = [
+        threading.Thread(
+            target=lambda key=key: results.update({key: cache.get_or_load(key, lambda: outer(key), size=4)})
+        )
+        for key in ("a", "b")
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert not any(thread.is_alive() for thread in threads), "nested loads on two threads hung"
+    assert results == {"a": "a+c", "b": "b+c"}
+    assert cache.loading() == []
+
+
 def test_a_size_not_given_is_measured_as_rss_growth() -> None:
     rss = iter([1000, 1700])
     cache: LoadedModelCache[str] = LoadedModelCache(rss=lambda: next(rss))

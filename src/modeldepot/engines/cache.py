@@ -469,8 +469,9 @@ class LoadedModelCache(Generic[M]):
         entries and the loads under way, and (under memory pressure) one idle entry less. The projection
         is recomputed after every eviction. When nothing more can be evicted and loads under way hold the
         room, it waits for them to end (and evicts again): loads that started together were all built at
-        once (three models of 4 MiB under a 6 MiB budget), then all but one evicted. Never for a load of
-        its own thread's (a loader that loads another model), nor for one that waits for room itself."""
+        once (three models of 4 MiB under a 6 MiB budget), then all but one evicted. Never for one that
+        waits for room itself, and never by a thread that leads a load under way (a loader that loads another
+        model): it would hold its room while it waits, and two such threads waited for each other for good."""
         evicted: list[tuple[Hashable, M]] = []
         while True:
             while not self._slot_free_locked(key) and self._evict_lru_locked(evicted):
@@ -479,8 +480,9 @@ class LoadedModelCache(Generic[M]):
                 while not self._fits_locked(key, incoming) and self._evict_lru_locked(evicted):
                     pass
             room = self._slot_free_locked(key) and (incoming is None or self._fits_locked(key, incoming))
-            if room or all(f.thread == threading.get_ident() for f in self._loading_locked(key)):
-                break  # (room, or none to wait for: the limit gives way, as it does for what is pinned)
+            loading = self._loading_locked(key)
+            if room or not loading or any(f.thread == threading.get_ident() for f in loading):
+                break  # (room, none to wait for, or a nested load: the limit gives way, as for what is pinned)
             self._flight_ended.wait()
         self._flights[key].admitted = True
         if self.evict_on_memory_pressure and self._entries and self._available() < LOW_MEMORY_FRACTION:
