@@ -65,6 +65,39 @@ def test_page_cache_preload_makes_every_page_resident(depot: Depot, tmp_path: Pa
     preloader.close()
 
 
+@pytest.mark.parametrize("tier", ["the depot's", "its own"])
+def test_a_tier_used_without_load_lets_go_of_what_another_process_removed(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tier: str
+) -> None:
+    """A worker that preloads and reads its models (no load()) kept a model another process removed: mapped,
+    its disk space taken though `rm` said it was freed, its budget spent, and evict() refused it as "not in
+    the store" (an explorer's trial). A tier of its own (Preloader(depot, ...)) did so even after the same
+    process's remove()."""
+    import modeldepot.held
+
+    add_repo(depot, tmp_path, "gone", 1)
+    add_repo(depot, tmp_path, "kept", 2)
+    preloader = depot.preloader if tier == "the depot's" else Preloader(depot, budget="1GiB")
+    preloader.preload("acme/gone")
+    preloader.preload("acme/kept")
+    blob = depot.store.blobs.path(depot.file_info("acme/gone", "model.safetensors").sha256)
+    with Depot(depot.home) as other:  # (another process's Depot: nothing of this one's memory)
+        other.remove("acme/gone")
+    assert not blob.exists()
+    monkeypatch.setattr(modeldepot.held, "LOOK_EVERY", 0.0)
+    depot._held._next_look = 0.0
+    stats = preloader.stats()
+    assert [m.repo_id for m in stats.preloaded] == ["acme/kept"] and stats.models == 1
+    mapped = Path("/proc/self/maps").read_text()
+    opened = [os.readlink(fd) for fd in Path("/proc/self/fd").iterdir() if fd.is_symlink()]
+    assert str(blob) not in mapped and not any(str(blob) in path for path in opened), (
+        "the removed blob's disk space is given back"
+    )
+    if tier == "its own":  # (kept from the disk budget's eviction, as the depot's own held models are)
+        assert ("acme/kept", depot.resolve("acme/kept")) in depot._held.in_use()
+        preloader.close()
+
+
 def test_a_preload_that_ends_after_its_tier_closed_lets_its_copy_go(
     depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

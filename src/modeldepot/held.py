@@ -10,6 +10,7 @@ process removed (:meth:`HeldModels.let_go_of_removed`).
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,21 @@ class HeldModels:
         self._preloader = preloader
         self._engines = engines
         self._next_look = time.monotonic() + LOOK_EVERY
+        # RAM tiers of the caller's own (``Preloader(depot, ...)``) beside the depot's: kept from eviction
+        # and let go of once removed as its own is (they kept a removed model's disk space for good)
+        self._own_preloaders: weakref.WeakSet[Preloader] = weakref.WeakSet()
+
+    def add_preloader(self, preloader: Preloader) -> None:
+        """A RAM tier built on this depot: its models count as in use, and go once removed."""
+        self._own_preloaders.add(preloader)
+
+    def _preloaders(self) -> list[Preloader]:
+        """The depot's RAM tier (when made) and the others built on it."""
+        main = self._preloader()
+        return [
+            *([main] if main is not None else []),
+            *(p for p in list(self._own_preloaders) if p is not main),
+        ]
 
     def in_use(self) -> list[tuple[str, str | None]]:
         """The revisions in use in this process: preloaded, or loaded engines'."""
@@ -81,6 +97,8 @@ class HeldModels:
         used: list[tuple[str, str | None]] = (
             list(preloader.revisions(gives_way=False)) if preloader is not None else []
         )
+        for other in self._preloaders()[1 if preloader is not None else 0 :]:
+            used.extend(other.revisions())  # (the disk budget asks only the depot's own tier to give way)
         # (a list, least recently used first: the cache is no mapping; none made yet, none loaded)
         for key in engines.keys() if engines is not None else []:
             revision = engine_revision(key, self.store)
@@ -90,8 +108,11 @@ class HeldModels:
 
     def paths_in_use(self) -> dict[tuple[str, str], set[str]]:
         """(repo, commit) -> the files this process's preloads map and its engines were loaded from."""
-        preloader, engines = self._preloader(), self._engines()
-        found = preloader.paths() if preloader is not None else {}
+        engines = self._engines()
+        found: dict[tuple[str, str], set[str]] = {}
+        for preloader in self._preloaders():
+            for held, mapped in preloader.paths().items():
+                found.setdefault(held, set()).update(mapped)
         for key in engines.keys() if engines is not None else []:
             revision = engine_revision(key, self.store)
             if revision is None:
@@ -137,7 +158,7 @@ class HeldModels:
 
     def let_go_of_blob(self, sha256: str) -> None:
         """A blob this process quarantined: its engines and preloads must not go on using the bad bytes."""
-        if self._preloader() is None and self._engines() is None:
+        if not self._preloaders() and self._engines() is None:
             return
         users: dict[tuple[str, str], set[str]] = {}
         for row in self.store.index.read(
@@ -153,8 +174,8 @@ class HeldModels:
         and loaded engines went (one being loaded goes when its load ends: not counted)."""
         if not commit_ids:
             return 0
-        preloader, engines = self._preloader(), self._engines()
-        dropped = preloader.forget(repo_id, commit_ids, paths) if preloader is not None else 0
+        engines = self._engines()
+        dropped = sum(preloader.forget(repo_id, commit_ids, paths) for preloader in self._preloaders())
         if engines is None:
             return dropped
         loaded = set(engines.keys())

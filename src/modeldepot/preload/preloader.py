@@ -25,7 +25,7 @@ import operator
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -89,6 +89,10 @@ def parse_budget(budget: int | str) -> int:
         raise ConfigError(f"the preload budget {budget!r} (--preload-budget, MODELDEPOT_PRELOAD_BUDGET) is more "
                           f"than this machine's RAM ({ram / (1 << 30):.1f} GiB): give 100% at most")  # fmt: skip
     return value
+
+
+def _nothing() -> None:
+    pass
 
 
 def _ram() -> int:
@@ -212,6 +216,13 @@ class Preloader:
         # Closed: what it loads is freed, not kept (a Depot closed while a preload ran held its memfd copy,
         # 100 MiB of RAM, for the life of the process: a trial)
         self._closed = threading.Event()
+        # A depot's: what it holds counts as in use there, and what another process removed goes at the next
+        # use after a few seconds (a worker that only preloads and reads kept a removed model mapped, its disk
+        # space taken and its budget spent, for good: a trial). (A store's has no depot to tell.)
+        held = getattr(source, "_held", None)
+        self._look_for_removed: Callable[[], None] = held.look_now_and_then if held is not None else _nothing
+        if held is not None:
+            held.add_preloader(self)
         start_over_after_fork(self)
 
     def after_fork(self) -> None:
@@ -275,6 +286,7 @@ class Preloader:
     def preload(self, repo_id: str, quant: str | None = None, revision: str = "main") -> PreloadInfo:
         """Bring a model (a variant and the shared files, or the whole revision) into RAM, evicting the
         least recently used models as the budget needs. Concurrent calls for one model load it once."""
+        self._look_for_removed()
         # Held while it is measured: an eviction by another thread closed its files under the measure
         # (a raw EBADF from a preload that had succeeded: a trial)
         model, already = self._obtain(repo_id, quant, revision, hold=True)
@@ -426,6 +438,7 @@ class Preloader:
 
     def get(self, repo_id: str, quant: str | None = None, revision: str = "main") -> PreloadHandle:
         """A held handle on a model, preloading it first when it is not in RAM (a miss)."""
+        self._look_for_removed()
         key, *_ = self._resolve(repo_id, quant, revision)
         with self._lock:
             model = self._models.get(key)
@@ -532,6 +545,7 @@ class Preloader:
 
     def evict(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
         """Take a model out of RAM (at once, or when its last holder lets go); True if it was there."""
+        self._look_for_removed()
         key, *_ = self._resolve(repo_id, quant, revision)
         with self._lock:
             model = self._models.get(key)
@@ -651,6 +665,7 @@ class Preloader:
         return per_model, total
 
     def stats(self) -> PreloadStats:
+        self._look_for_removed()
         with self._lock:
             per_model, total = self._measured_locked()
             infos = tuple(

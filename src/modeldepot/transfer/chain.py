@@ -457,7 +457,9 @@ async def _node_manifest(server: HttpSource, repo_id: str, commit_id: str) -> li
     etag = reply.headers.get("ETag")
     if etag:
         _MANIFESTS[(url, headers.get("Authorization"))] = (etag, listed)
-        with contextlib.suppress(RuntimeError, KeyError, StopIteration):  # (another thread's at once: one more)
+        with contextlib.suppress(
+            RuntimeError, KeyError, StopIteration
+        ):  # (another thread's at once: one more)
             while len(_MANIFESTS) > MANIFESTS_KEPT:
                 del _MANIFESTS[next(iter(_MANIFESTS))]
     return listed
