@@ -424,6 +424,16 @@ def test_the_budget_says_the_room_writes_under_way_hold(store: Depot, tmp_path: 
         assert json.loads(shown.output)["reserved_bytes"] == 2 * MB
         said = " ".join(CliRunner().invoke(cli, ["budget", "--home", str(store.home)]).output.split())
         assert "2.0 MiB more held for writes under way until they publish" in said, said
+        # A budget the blobs alone fit, and the room held beside them does not: the eviction counts that
+        # room, so the preview says what goes and the budget asks first (it evicted without a word: a trial)
+        home = str(store.home)
+        shown = " ".join(
+            CliRunner().invoke(cli, ["budget", "2MiB", "--dry-run", "--home", home]).output.split()
+        )
+        assert "would evict acme/a@" in shown and "writes under way hold 2.0 MiB more" in shown, shown
+        refused = CliRunner().invoke(cli, ["budget", "2MiB", "--home", home], input="n\n")  # (no terminal)
+        assert refused.exit_code == 2 and "pass --yes" in refused.output, refused.output
+        assert repos(store) == {"acme/a"} and store.budget_status().store_max_size is None
     assert store.budget_status().reserved_bytes == 0
 
 

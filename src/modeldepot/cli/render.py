@@ -542,16 +542,22 @@ def render_evictions_at_start(evicted: list[Eviction], limit: int | None) -> Non
     _render_evictions(evicted, console=err)
 
 
-def render_planned_evictions(planned: list[Eviction], limit: int, used: int, most: int | None = None) -> None:
-    """What a budget of ``limit`` bytes would evict from a store whose blobs take ``used``."""
-    if used <= limit:
-        out.print(
-            f"the store takes {format_bytes(used)}, within {format_bytes(limit)}: nothing would be evicted"
-        )
+def render_planned_evictions(
+    planned: list[Eviction], limit: int, used: int, most: int | None = None, reserved: int = 0
+) -> None:
+    """What a budget of ``limit`` bytes would evict from a store whose blobs take ``used``, beside the room
+    ``reserved`` that writes under way hold (counted by the eviction: a dry run that left it out said "nothing
+    would be evicted" beside a pull, and the budget then evicted a model, a trial)."""
+    writes = f" and writes under way hold {format_bytes(reserved)} more" if reserved else ""
+    if used + reserved <= limit and not planned:
+        out.print(f"the store takes {format_bytes(used)}{writes}, within {format_bytes(limit)}: nothing would be "
+                  "evicted")  # fmt: skip
         return
+    if writes:
+        out.print(f"the store takes {format_bytes(used)}{writes}, over {format_bytes(limit)}")
     _render_evictions(planned, "would evict", most)
     freed = sum(e.bytes_freed for e in planned)
-    left = used - freed
+    left = used + reserved - freed
     out.print(f"{count(len(planned), 'eviction')} would free {format_bytes(freed)}: the store would take "
               f"{format_bytes(left)} of {format_bytes(limit)}"
               + (f", {format_bytes(left - limit)} over it, as what is pinned or in use stays" if left > limit

@@ -113,11 +113,13 @@ def _plan_budget(depot: Depot, size: str | None, as_json: bool) -> None:
         render.err.print("[red]error:[/red] the store has no disk budget: give the size to try, like "
                          "`modeldepot budget 200GiB --dry-run`")  # fmt: skip
         sys.exit(EXIT_BAD_INPUT)
-    planned, used = depot.plan_shrink(limit), depot.budget_status().used_bytes
-    body = {"dry_run": True, "max_bytes": limit, "used_bytes": used,
-            "would_evict": [e.to_dict() for e in planned],
+    status = depot.budget_status()
+    planned = depot.plan_shrink(limit)
+    body = {"dry_run": True, "max_bytes": limit, "used_bytes": status.used_bytes,
+            "reserved_bytes": status.reserved_bytes, "would_evict": [e.to_dict() for e in planned],
             "would_free_bytes": sum(e.bytes_freed for e in planned)}  # fmt: skip
-    render.emit(as_json, body, lambda: render.render_planned_evictions(planned, limit, used))
+    render.emit(as_json, body, lambda: render.render_planned_evictions(planned, limit, status.used_bytes,
+                                                                      reserved=status.reserved_bytes))  # fmt: skip
 
 
 def _warn_if_beyond_the_disk(depot: Depot) -> None:
@@ -136,17 +138,22 @@ def _confirm_evictions(depot: Depot, size: str) -> None:
     refuse (exit 2) unless --yes was given."""
     from modeldepot.store.budget import parse_max_size
 
-    limit, used = parse_max_size(size, depot.home), depot.budget_status().used_bytes
-    if used <= limit:
+    limit, status = parse_max_size(size, depot.home), depot.budget_status()
+    # (the room writes under way hold counts, as the eviction counts it: beside a pull, a budget the blobs
+    # alone fitted evicted a model without asking, a trial)
+    used, reserved = status.used_bytes, status.reserved_bytes
+    planned = depot.plan_shrink(limit)
+    if used + reserved <= limit and not planned:
         return
-    what = (f"the store holds {render.format_bytes(used)}, over {render.format_bytes(limit)}: setting this budget removes the "
-            "least recently used models (not the pinned ones, nor those in use) until it fits")  # fmt: skip
+    writes = f" and writes under way hold {render.format_bytes(reserved)} more" if reserved else ""
+    what = (f"the store holds {render.format_bytes(used)}{writes}, over {render.format_bytes(limit)}: setting this budget "
+            "removes the least recently used models (not the pinned ones, nor those in use) until it fits")  # fmt: skip
     if not sys.stdin.isatty():
         render.err.print(
             f"[red]error:[/red] {escape(what)}; pass --yes to do so (--dry-run shows what would go)"
         )
         sys.exit(EXIT_BAD_INPUT)
-    render.render_planned_evictions(depot.plan_shrink(limit), limit, used, most=20)
+    render.render_planned_evictions(planned, limit, used, most=20, reserved=reserved)
     click.confirm(f"{what[0].upper()}{what[1:]}. Go on?", abort=True, err=True)
 
 
