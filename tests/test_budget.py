@@ -278,6 +278,41 @@ def test_an_update_of_a_pinned_model_that_cannot_fit_beside_it_says_why(
             node.stop()
 
 
+def test_a_pinned_model_updated_a_variant_at_a_time_keeps_what_it_held_until_the_update_is_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pin of the whole model followed its branch to an update pulled a quant at a time: the commit that held
+    the pinned model whole was left to no ref, and the next write evicted the pinned Q8 (a trial). It is kept
+    while the update lacks a variant it held; once the update is whole it may go."""
+    with Depot(tmp_path / "upstream") as hub:
+        hub.import_dir(quants(tmp_path, "up/q"), "up/q")
+        node = LiveNode(hub)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+                local.pull("up/q")
+                old = local.resolve("up/q")
+                local.pin("up/q")
+                local.set_max_size("3.5MiB")
+                update = quants(tmp_path, "up/q")
+                (update / "model-Q4_K_M.gguf").write_bytes(np.random.default_rng(9).bytes(MB))
+                hub.import_dir(update, "up/q")
+                local.pull("up/q", "Q4_K_M")
+                new = local.resolve("up/q")
+                assert new != old and not local.has_file("up/q", "model-Q8_0.gguf", new)
+                with pytest.raises(BudgetExceededError):  # (3 MiB held, all of it pinned: 1 MiB more is over)
+                    local.import_dir(model(tmp_path, "acme/other", size=MB), "acme/other")
+                assert local.has_file("up/q", "model-Q8_0.gguf", old), "the pinned Q8 stays"
+                local.set_max_size(None)
+                local.pull("up/q")  # the update, whole: the pin needs no more of the old commit
+                assert local.has_file("up/q", "model-Q8_0.gguf", new)
+                assert {(e.repo_id, e.commit_id) for e in local.shrink("2.5MiB")} == {("up/q", old)}
+                assert [c for c, _ in local.store.revisions("up/q")] == [new]
+        finally:
+            node.stop()
+
+
 def test_a_pull_evicts_before_it_downloads_and_fails_before_it_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

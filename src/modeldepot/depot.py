@@ -43,6 +43,7 @@ from modeldepot.hub.manifest import (
     CommitListings,
     Manifest,
     current_manifest,
+    holds_whole,
     keep_listing,
     save_scan,
 )
@@ -290,6 +291,9 @@ class Depot:
             variants_own_files,
             self._held.paths_in_use,
             lambda repo, commit: keep_listing(self.store, repo, commit),
+        )
+        self.store.budget.judge_whole_by(
+            lambda repo_id, commit_id: holds_whole(self.store, repo_id, commit_id)
         )
         self.store.budget.add_evicted_hook(lambda repo_id: forget_removed_variants(self.store, repo_id))
         self.store.add_quarantine_hook(self._held.let_go_of_blob)

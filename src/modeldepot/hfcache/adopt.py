@@ -41,7 +41,7 @@ from modeldepot.hfcache.cache import (
     repo_folder_name,
     within,
 )
-from modeldepot.hub.manifest import CommitListings, RemoteFile, keep_known_listing, save_scan
+from modeldepot.hub.manifest import RemoteFile, holds_whole, keep_known_listing, save_scan
 from modeldepot.modelcard import MAX_CARD_BYTES, repo_card
 from modeldepot.store.blobs import PartialBlob, WriteSession
 from modeldepot.store.budget import BudgetExceededError, size_text
@@ -614,7 +614,7 @@ def _keeps_the_stores_ref(store: Store, scan: _Scan, repo: _CachedRepo, name: st
     listing = _read_tree_listing(scan, repo.repo_id, repo.folder / "trees" / f"{commit}.json")
     cached = {link.path for link in repo.snapshots.get(commit, [])}
     whole = listing is not None and all(f.path in cached for f in listing)
-    if not whole and not _holds_whole(store, store.spelled(repo.repo_id), commit):
+    if not whole and not holds_whole(store, store.spelled(repo.repo_id), commit):
         what = ("no listing of it (huggingface_hub writes one in snapshot_download alone)" if listing is None
                 else f"{len(listing)} files listed for it")  # fmt: skip
         scan.problem(repo.repo_id, ref, "branch-kept",
@@ -624,24 +624,6 @@ def _keeps_the_stores_ref(store: Store, scan: _Scan, repo: _CachedRepo, name: st
         return True
     scan.problem(repo.repo_id, ref, "ref-moved", f"moved from {held[:12]} to {commit[:12]}")
     return False
-
-
-def _holds_whole(store: Store, repo_id: str, commit: str) -> bool:
-    """Whether the store holds every file of ``commit``: one whose listing it keeps (a pull's scan, an adopted
-    cache's trees/<commit>.json, an import's once `rm --quant` or the budget took files of it) and holds each
-    file of; or, with none kept, one it made (an import: whole by construction). (A commit adopted as a few
-    files and no listing is not: "held" at all, the second import of the same cache moved main to it after
-    all; an import's taken for whole by its tree though files of it were removed: reviews.)"""
-    held = store.files(repo_id, commit)
-    if not held:
-        return False
-    listings = CommitListings(store)
-    if listings.lists(repo_id, commit, held[0].path):
-        return len(listings.whole(repo_id, commit, held)) == len(held)
-    rows = store.index.read(
-        "SELECT tree_oid FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit)
-    )
-    return bool(rows and rows[0]["tree_oid"])
 
 
 def _files_of_the_commit(store: Store, scan: _Scan, repo: _CachedRepo, commit: str, links: list[_Link],

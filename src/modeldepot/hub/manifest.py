@@ -25,6 +25,7 @@ __all__ = [
     "Variant",
     "current_manifest",
     "held_manifest",
+    "holds_whole",
     "lost_since",
     "manifest_body",
     "manifest_from_record",
@@ -339,6 +340,24 @@ def keep_listing(store: Store, repo_id: str, commit_id: str) -> None:
     revision = str(named[0]["name"]) if named else commit_id
     save_scan(store, repo_id, revision, commit_id, IMPORTED_ENDPOINT, {"private": store.repo_private(repo_id)},
               files)  # fmt: skip
+
+
+def holds_whole(store: Store, repo_id: str, commit: str) -> bool:
+    """Whether the store holds every file of ``commit``: one whose listing it keeps (a pull's scan, an adopted
+    cache's trees/<commit>.json, an import's once `rm --quant` or the budget took files of it) and holds each
+    file of; or, with none kept, one it made (an import: whole by construction). (A commit adopted as a few
+    files and no listing is not: "held" at all, the second import of the same cache moved main to it after
+    all; an import's taken for whole by its tree though files of it were removed: reviews.)"""
+    held = store.files(repo_id, commit)
+    if not held:
+        return False
+    listings = CommitListings(store)
+    if listings.lists(repo_id, commit, held[0].path):
+        return len(listings.whole(repo_id, commit, held)) == len(held)
+    rows = store.index.read(
+        "SELECT tree_oid FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit)
+    )
+    return bool(rows and rows[0]["tree_oid"])
 
 
 def of_this_store(record: ManifestRecord) -> bool:

@@ -144,6 +144,7 @@ class DiskBudget:
         self._paths_in_use: PathsInUse | None = None
         self._evicted_hooks: list[Callable[[str], None]] = []
         self._before_variant_removal: Callable[[str, str], None] | None = None
+        self._holds_whole: Callable[[str, str], bool] | None = None  # (see judge_whole_by)
         self._writers: list[BudgetWriter] = []
         self._reused: Counter[str] = Counter()  # blobs (SHA-256) writers found in the store and rely on
         self._reserved = 0  # bytes writers made room for and may not have written yet
@@ -229,6 +230,11 @@ class DiskBudget:
         called before a variant's files go (the depot keeps the commit's whole listing)."""
         self.order.variants, self._paths_in_use = variants, paths_in_use
         self._before_variant_removal = before_removal
+
+    def judge_whole_by(self, holds_whole: Callable[[str, str], bool]) -> None:
+        """``holds_whole(repo, commit)`` says whether the store holds every file of a commit (by its listing,
+        the hub layer's): a pinned branch's commit held whole lets the one it replaced go."""
+        self._holds_whole = holds_whole
 
     def add_evicted_hook(self, hook: Callable[[str], None]) -> None:
         """Call ``hook(repo_id)`` after each eviction of one of the repo's revisions."""
@@ -321,7 +327,35 @@ class DiskBudget:
             except NotFoundError:
                 continue  # the pin names a branch or repo no longer in the store: nothing to keep
             pinned.setdefault(key, set()).add((pin.quant or "").lower())
+            if pin.quant is None and pin.revision != key[1]:
+                earlier = self._held_before(pin.repo_id, key[1])
+                if earlier is not None:
+                    pinned.setdefault((pin.repo_id, earlier), set()).add("")
         return pinned
+
+    def _held_before(self, repo_id: str, commit_id: str) -> str | None:
+        """The newest revision older than ``commit_id`` that holds a variant (a file, without the variants'
+        hook) it lacks: the commit a pinned branch named before a pull of some variants of an update moved it.
+        A pin of the whole model keeps that one too, until the update holds all it held (a `pull --quant fp16`
+        of an update left the pin on fp16 alone, and the next write evicted the pinned fp32 and q4: a trial)."""
+
+        def held(commit: str) -> set[str]:
+            paths = list(self.store.file_sizes(repo_id, commit))
+            if self.order.variants is None:
+                return set(paths)
+            return {name.lower() for name, _, _ in self.order.variants(paths)}
+
+        if self._holds_whole is not None and self._holds_whole(repo_id, commit_id):
+            return None  # (an update that dropped a variant upstream is the model now)
+        revisions = self.store.revisions(repo_id)
+        newer = next((when for commit, when in revisions if commit == commit_id), None)
+        if newer is None:
+            return None
+        now = held(commit_id)
+        for commit, when in revisions:
+            if commit != commit_id and when <= newer and held(commit) - now:
+                return commit
+        return None
 
     def _pins_kept(self) -> Kept:
         """What the pins alone keep."""
