@@ -433,6 +433,31 @@ def test_an_old_revision_no_ref_names_goes_before_a_repo_used_since(store: Depot
     assert repos(store) == {"acme/a", "acme/b"}
 
 
+def test_a_repo_pulled_by_commit_id_counts_its_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repo pulled by commit id (a pinned deployment's, a mirror's clients asking by commit) has no ref: its
+    reads counted for nothing, and the budget evicted it, read three times, before a repo never read (a
+    trial). Its reads count now; among its revisions, the oldest still goes first."""
+    with Depot(tmp_path / "upstream") as hub:
+        hub.import_dir(model(tmp_path, "up/hot"), "up/hot")
+        node = LiveNode(hub)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+                commit = hub.resolve("up/hot")
+                local.pull("up/hot", revision=commit)
+                assert local.store.index.read("SELECT 1 FROM refs WHERE repo_id = 'up/hot'") == []
+                time.sleep(0.01)
+                local.import_dir(model(tmp_path, "acme/never-read"), "acme/never-read")
+                time.sleep(0.01)
+                for _ in range(3):
+                    local.get_file("up/hot", "config.json", revision=commit)
+                local.store.access.flush()
+                assert [e.repo_id for e in local.plan_shrink(int(1.5 * MB))] == ["acme/never-read"]
+        finally:
+            node.stop()
+
+
 def test_writers_in_one_process_reserve_the_room_they_made(store: Depot, tmp_path: Path) -> None:
     store.import_dir(model(tmp_path, "acme/a"), "acme/a")
     time.sleep(0.01)

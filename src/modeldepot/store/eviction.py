@@ -3,7 +3,8 @@ the bytes that stay once it has gone.
 
 The units are revisions, and the variants of a revision that holds several (told apart by the
 :data:`Variants` the depot gives: the store knows none itself). The last use of a revision a ref names is
-the later of its creation and the repo's last use; of one no ref names, its creation; of a variant, the
+the later of its creation and the repo's last use; of one no ref names, its creation (unless no ref names
+any revision of the repo: a repo pulled by commit id counts its uses as a named one does); of a variant, the
 later of its revision's creation and the variant's own last use, by any of its names. A revision that is
 kept (pinned, in use) but whose every variant may go keeps one, its most recently used, so that the bytes
 that stay are counted right and what cannot fit is refused before anything is removed.
@@ -84,6 +85,7 @@ class EvictionOrder:
             (r["repo_id"], r["commit_id"])
             for r in self.store.index.read("SELECT repo_id, commit_id FROM refs")
         }
+        named_repos = {repo_id for repo_id, _ in named}
         paths: dict[tuple[str, str], list[str]] = {}  # (one read for every revision's files)
         if self.variants is not None:
             for row in self.store.index.read("SELECT repo_id, commit_id, path FROM files"):
@@ -97,9 +99,12 @@ class EvictionOrder:
             if key in kept.commits or row["repo_id"] in kept.repos:
                 continue
             # The repo's uses count for the revisions its refs name; an old revision no ref names was last
-            # used when it was made (reads by commit id are rare: a repo read daily keeps its newest alive).
+            # used when it was made (a repo read daily keeps its newest alive). A repo no ref names at all
+            # (pulled by commit id: a pinned deployment's, a mirror's clients asking by commit) is read by
+            # commit id: its uses count for its revisions (it went before repos never read, a trial).
             created = row["created_at"]
-            last_used = max(created, last_access.get(row["repo_id"], 0.0)) if key in named else created
+            counts = key in named or row["repo_id"] not in named_repos
+            last_used = max(created, last_access.get(row["repo_id"], 0.0)) if counts else created
             replaced = key[0] in written and key not in kept.written
             if key not in kept.parts and key not in kept.pinned_variants:
                 found.append((replaced, last_used, key in named, created, True, Unit(*key, last_used)))
