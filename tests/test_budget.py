@@ -1238,6 +1238,27 @@ def test_a_mirror_takes_a_file_whose_content_it_holds_whatever_its_budget(
             upstream.stop()
 
 
+def test_the_preview_takes_a_revisions_last_variant_with_its_shared_files_as_the_eviction_does(
+    tmp_path: Path,
+) -> None:
+    """The preview showed a revision's last quant going alone and its config and tokenizer staying; the
+    eviction took the revision whole (its repo gone from `ls`), in fewer steps (a trial)."""
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        folder = quants(tmp_path, "acme/q")
+        (folder / "tokenizer.json").write_bytes(json.dumps({"vocab": ["x" * 64] * 8000}).encode())
+        depot.import_dir(folder, "acme/q")
+        planned = depot.plan_shrink(1024)
+        assert [e.variant for e in planned] == ["Q4_K_M", None] or [e.variant for e in planned] == [
+            "Q8_0",
+            None,
+        ]
+        evicted = depot.shrink(1024)
+        assert [(e.repo_id, e.commit_id, e.variant, e.bytes_freed) for e in evicted] == [
+            (e.repo_id, e.commit_id, e.variant, e.bytes_freed) for e in planned
+        ]
+        assert repos(depot) == set()
+
+
 def test_a_budgets_evictions_are_previewed_as_they_then_go(tmp_path: Path) -> None:
     """`budget SIZE --dry-run` (Depot.plan_shrink) lists what a budget would evict, in order, and the bytes
     each frees, changing nothing; setting the budget then evicts just that: variants apart, a copy that frees

@@ -204,10 +204,19 @@ class EvictionOrder:
         for unit in units:
             if used <= limit:
                 break
-            held = files[(unit.repo_id, unit.commit_id)]
-            going = {p: s for p, s in held.items() if unit.variant is None or p in unit.files}
-            if not going or (unit.variant is not None and len(going) == len(held)):
-                continue  # (gone with a variant before; a last variant goes with its revision)
+            key = (unit.repo_id, unit.commit_id)
+            held = files[key]
+            if unit.variant is None:
+                going = dict(held)
+            else:  # (as DiskBudget._evict judges: among the files left, a last variant goes with its revision,
+                # config and tokenizer too: the preview said they stayed, a trial)
+                now = self.grouped(key, held) if self.variants is not None else []
+                own = next((mine for _, mine, aliases in now if unit.variant.lower() in aliases), None)
+                if len(now) < 2 or not own:
+                    continue
+                going = {p: s for p, s in held.items() if p in own}
+            if not going:
+                continue  # (gone with a variant before)
             if set(going.values()) <= staying:
                 continue
             freed = 0
