@@ -208,6 +208,8 @@ def test_a_failed_load_reaches_every_waiter_and_is_not_cached(flight_waiters: Fl
     CorruptBlobError("ab" * 32, "chunk 3 does not match its BLAKE3"),
     RevisionNotFoundError("org/m", "dev"),
     OSError(5, "Input/output error"),
+    FileNotFoundError(2, "No such file or directory", "/models/tokenizer.json"),  # (its file name was lost)
+    UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),  # (its message was empty)
 ], ids=lambda e: type(e).__name__)  # fmt: skip
 def test_each_waiter_gets_the_failed_loads_own_error(flight_waiters: FlightWaiters, error: Exception) -> None:
     """Copied through its constructor, a RepoNotFoundError's message came out as its repo id for every

@@ -36,6 +36,7 @@ Design notes (where the seed was thin or wrong):
 from __future__ import annotations
 
 import asyncio
+import copy
 import heapq
 import inspect
 import itertools
@@ -128,6 +129,8 @@ def _own_copy(error: BaseException) -> BaseException:
     arguments than their ``args`` (a RepoNotFoundError's message came out as its repo id)."""
     cls = type(error)
     try:
+        if cls.__module__ == "builtins":  # (built by their constructor: an OSError's file name, a
+            return copy.copy(error)  # UnicodeDecodeError's every field, are not in __dict__)
         copied = cls.__new__(cls, *error.args)
         copied.args = error.args
         copied.__dict__.update(error.__dict__)
