@@ -383,8 +383,9 @@ class Preloader:
     def _lock_pages(self, model: _Model) -> None:
         try:
             for copy in model.files.values():
-                if copy.mapping is not None:
-                    lock(copy.mapping, copy.size)
+                held = copy.mapping if copy.mapping is not None else copy.buffer  # (`read`'s is a buffer:
+                if held is not None:  # left unlocked, it was said locked, a trial)
+                    lock(held, copy.size)
             model.locked = True
         except MlockError as error:
             model.lock_error = str(error)
@@ -539,8 +540,9 @@ class Preloader:
 
     def _free(self, model: _Model, drop_cache: bool = True) -> None:
         for copy in model.files.values():
-            if model.locked and copy.mapping is not None:
-                unlock(copy.mapping, copy.size)
+            held = copy.mapping if copy.mapping is not None else copy.buffer
+            if model.locked and held is not None:
+                unlock(held, copy.size)
             copy.close(drop_cache)
 
     def evict(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:

@@ -83,7 +83,7 @@ _release_buffer = ctypes.pythonapi.PyBuffer_Release
 _release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
 
 
-def _address(mapping: mmap.mmap) -> ctypes.c_void_p:
+def _address(mapping: mmap.mmap | bytearray) -> ctypes.c_void_p:
     """The start address of a mapping (read-only ones too: ctypes' from_buffer wants a writable buffer,
     the buffer protocol does not). Valid while the mapping is open."""
     buffer = _PyBuffer()
@@ -203,7 +203,7 @@ def mapped_resident_bytes(mapping: mmap.mmap, length: int) -> int | None:
     return min(length, present * PAGE)
 
 
-def lock(mapping: mmap.mmap, length: int) -> None:
+def lock(mapping: mmap.mmap | bytearray, length: int) -> None:
     if length and _libc.mlock(_address(mapping), length) != 0:
         error = ctypes.get_errno()
         soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
@@ -215,6 +215,6 @@ def lock(mapping: mmap.mmap, length: int) -> None:
         )
 
 
-def unlock(mapping: mmap.mmap, length: int) -> None:
+def unlock(mapping: mmap.mmap | bytearray, length: int) -> None:
     if length:
         _libc.munlock(_address(mapping), length)
