@@ -591,6 +591,29 @@ def test_the_memory_budget_counts_a_model_by_its_files_and_makes_room_before_it_
     assert (stats.cached_models, stats.total_memory_bytes) == (1, st_bytes), "room made before the load"
 
 
+def test_a_graph_of_an_encoder_decoder_export_is_charged_for_itself_not_its_siblings(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """An encoder-decoder export (Whisper, T5, Florence: several graphs in one variant) was charged every graph
+    of the variant for the one it loads: 2.25 times its size, over the whole budget, every other engine
+    evicted (an explorer's trial). The graph loaded and its own external data count."""
+    folder = tmp_path / "encdec"
+    (folder / "onnx").mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    for name, width in (("encoder_model", 300), ("decoder_model", 40), ("decoder_model_merged", 500)):
+        weight = rng.standard_normal((4, width)).astype(np.float32)
+        onnx.save_model(linear_model(TensorProto.FLOAT, weight, np.zeros(width, np.float32)),
+                        str(folder / "onnx" / f"{name}.onnx"), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=f"{name}.onnx_data", size_threshold=0)  # fmt: skip
+    (folder / "config.json").write_text('{"model_type": "encdec"}')
+    depot.import_dir(folder, "acme/encdec")
+    depot.load("acme/encdec", warmup=0)
+    own = sum(
+        (folder / "onnx" / name).stat().st_size for name in ("decoder_model.onnx", "decoder_model.onnx_data")
+    )
+    assert depot.engines.stats().total_memory_bytes == own
+
+
 def test_a_variant_held_in_part_is_pulled_whole_or_named_as_lacking(
     upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
