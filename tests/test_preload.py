@@ -99,6 +99,29 @@ def test_a_tier_used_without_load_lets_go_of_what_another_process_removed(
         preloader.close()
 
 
+def test_a_preload_of_a_model_removed_and_put_back_at_once_lets_the_old_file_go(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Removed and imported again (the same commit) between two looks for removals: the index said the
+    revision was whole, so the tier kept the deleted file mapped for good, its space taken (a trial)."""
+    import modeldepot.held
+
+    add_repo(depot, tmp_path, "back", 1)
+    depot.preloader.preload("acme/back")
+    blob = depot.store.blobs.path(depot.file_info("acme/back", "model.safetensors").sha256)
+    with Depot(depot.home) as other:  # (another process's Depot)
+        commit = other.resolve("acme/back")
+        other.remove("acme/back")
+        assert other.import_dir(tmp_path / "back", "acme/back").commit_id == commit
+    monkeypatch.setattr(modeldepot.held, "LOOK_EVERY", 0.0)
+    depot._held._next_look = 0.0
+    assert depot.preloader.stats().models == 0
+    assert "(deleted)" not in "".join(
+        line for line in Path("/proc/self/maps").read_text().splitlines() if str(blob) in line
+    )
+    assert depot.preloader.preload("acme/back").resident_bytes > 0  # (the file there now)
+
+
 def test_a_preload_that_ends_after_its_tier_closed_lets_its_copy_go(
     depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

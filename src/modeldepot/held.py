@@ -154,6 +154,9 @@ class HeldModels:
             bad |= used.get((repo_id, commit_id), set()) - {row["path"] for row in rows}
             if bad:
                 dropped += self.let_go_of(repo_id, [commit_id], bad)
+        for preloader in self._preloaders():
+            for (repo_id, commit_id), paths in preloader.replaced().items():
+                dropped += preloader.forget(repo_id, [commit_id], paths)
         return dropped
 
     def let_go_of_blob(self, sha256: str) -> None:

@@ -585,6 +585,23 @@ class Preloader:
                 found.setdefault((key[0], key[1]), set()).update(paths)
         return found
 
+    def replaced(self) -> dict[tuple[str, str], set[str]]:
+        """(repo, commit) -> the files of the models in RAM whose blob the store no longer holds as the one
+        mapped (removed, and the same commit imported or pulled again before a look for removals: the index
+        says the revision is whole, and the old, deleted file stayed mapped for good, a trial)."""
+        with self._lock:
+            held = [(key, path, copy) for key, model in self._models.items() for path, copy in model.files.items()]
+        found: dict[tuple[str, str], set[str]] = {}
+        for key, path, copy in held:
+            try:
+                mapped, now = os.fstat(copy.blob_fd), os.stat(copy.path)
+                same = (now.st_dev, now.st_ino) == (mapped.st_dev, mapped.st_ino)
+            except (OSError, ValueError):  # (its file went, or the copy was closed meanwhile)
+                same = False
+            if not same:
+                found.setdefault((key[0], key[1]), set()).add(path)
+        return found
+
     def forget(self, repo_id: str, commit_ids: Iterable[str], paths: Iterable[str] | None = None) -> int:
         """Take every model of these revisions out of RAM (they were removed from the store: their mappings
         would keep the deleted files' space taken, and count in the RAM tier); a held one goes when its last
