@@ -711,6 +711,39 @@ def test_a_repo_the_upstream_made_private_is_no_longer_served_to_anyone(
             node.stop()
 
 
+def test_a_hub_outage_hides_nothing_a_mirror_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mirror of a node that lacks a repo, with the Hub behind it: during a Hub outage the node's "not here"
+    was taken for the whole answer, the repo pulled from the Hub was hidden for good (404 to everyone, after
+    the Hub came back, after a restart), and a branch only the Hub has was a RevisionNotFound, which keeps
+    huggingface_hub from its own cache (an explorer's trial). The outage is a 502 now; nothing is hidden."""
+    monkeypatch.setenv("MODELDEPOT_MIRROR_TTL", "0")
+    with (
+        Depot(tmp_path / "node", chunk_size=SMALL_CHUNK) as node_depot,
+        Depot(tmp_path / "hub", chunk_size=SMALL_CHUNK) as hub_depot,
+    ):
+        node_depot.import_dir(write_model_dir(tmp_path / "other", {"config.json": b"{}"}), "acme/other")
+        hub_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        node, hub = LiveNode(node_depot), LiveNode(hub_depot)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        mirror = LiveNode(Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK, servers=[node.url]), mirror=True,
+                          owns_depot=True)  # fmt: skip
+        try:
+            answer = requests.get(f"{mirror.url}/{REPO}/resolve/main/config.json", timeout=30)
+            assert answer.status_code == 200 and answer.content == FILES["config.json"]
+            hub.stop()  # (the outage)
+            for path in (f"/{REPO}/resolve/main/config.json", f"/api/models/{REPO}"):
+                answer = requests.get(mirror.url + path, timeout=30)
+                assert answer.status_code == 200, (path, answer.status_code, answer.content[:300])
+            missing = requests.get(f"{mirror.url}/api/models/{REPO}/revision/hub-only-branch", timeout=30)
+            assert missing.status_code == 502, (missing.status_code, missing.content[:300])
+            assert not mirror.depot.repo_info(REPO).private, "nothing hidden for an outage"
+        finally:
+            mirror.stop()
+            node.stop()
+            hub.stop()
+
+
 def test_a_repo_the_upstream_no_longer_shows_is_served_behind_the_token_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

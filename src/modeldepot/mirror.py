@@ -220,10 +220,15 @@ class Mirror:
             loop = asyncio.get_running_loop()
             try:
                 manifest = await loop.run_in_executor(self._scan_threads, self.depot.manifest_for, *key)
-            except (RepoNotFoundError, AccessDeniedError):
+            except (RepoNotFoundError, AccessDeniedError) as error:
                 # The upstream no longer shows the repo to this node (made private beyond its credentials, or
-                # deleted): what the store pulled of it is served behind the node's token alone from now on
-                await self._hide(key[0], "no longer shown by the upstream", pulled_from_here=True)
+                # deleted): what the store pulled of it is served behind the node's token alone from now on.
+                # Only when the upstream it came from says so: another's "not here", with that one out of
+                # reach, hid a public repo for good (an explorer's trial)
+                said_by = getattr(error, "denied_by", None) or ((error.source,) if error.source else ())
+                await self._hide(
+                    key[0], "no longer shown by the upstream", pulled_from_here=True, said_by=said_by
+                )
                 raise
             if manifest.private or manifest.gated:
                 # (what the store holds of it answers commit ids and listings: behind the token now, too)
@@ -235,9 +240,12 @@ class Mirror:
                 del self._scans[key]
                 self._scan_began.pop(key, None)
 
-    async def _hide(self, repo_id: str, why: str, pulled_from_here: bool = False) -> None:
+    async def _hide(
+        self, repo_id: str, why: str, pulled_from_here: bool = False, said_by: tuple[str, ...] = ()
+    ) -> None:
         """Make a repo the store pulled private (not one imported here: the node's own); ``pulled_from_here``:
-        only when pulled from one of this node's upstreams (one pulled from elsewhere they need not know)."""
+        only when pulled from one of this node's upstreams (one pulled from elsewhere they need not know),
+        and that one is among ``said_by``, the URLs of the answers that said it is gone."""
         store, config = self.depot.store, self.depot.config
         upstreams = {url.rstrip("/") for url in (*config.servers, config.hub_endpoint)}
 
@@ -245,7 +253,11 @@ class Mirror:
             rows = store.index.read("SELECT origin FROM repos WHERE repo_id = ? COLLATE NOCASE", (repo_id,))
             if not rows or rows[0]["origin"] == "import":
                 return False
-            if pulled_from_here and rows[0]["origin"].rstrip("/") not in upstreams:
+            origin = rows[0]["origin"].rstrip("/")
+            if pulled_from_here and (
+                origin not in upstreams
+                or not any(url.startswith(f"{origin}/") or url == origin for url in said_by)
+            ):
                 return False
             return store.hide_repo(repo_id)
 

@@ -590,7 +590,9 @@ class Preloader:
         mapped (removed, and the same commit imported or pulled again before a look for removals: the index
         says the revision is whole, and the old, deleted file stayed mapped for good, a trial)."""
         with self._lock:
-            held = [(key, path, copy) for key, model in self._models.items() for path, copy in model.files.items()]
+            held = [
+                (key, path, copy) for key, model in self._models.items() for path, copy in model.files.items()
+            ]
         found: dict[tuple[str, str], set[str]] = {}
         for key, path, copy in held:
             try:

@@ -39,6 +39,7 @@ from modeldepot.errors import (
     DepotError,
     InvalidInputError,
     NotFoundError,
+    OfflineError,
     RepoNotFoundError,
     RevisionNotFoundError,
     UpstreamError,
@@ -86,6 +87,8 @@ _TIMED_OUT: dict[str, int] = {}
 # changed answers 304 (a mirror's misses of one commit, one pull per file, each read and parsed the commit's
 # whole manifest: 3 ms of the mirror's CPU per file of a 300-file repo, a profile). (url, token) -> (ETag, files)
 _MANIFESTS: dict[tuple[str, str | None], tuple[str, list[dict[str, Any]]]] = {}
+# Hub endpoints that answered a scan in this process (any answer): one out of reach later is an outage
+_HUB_ANSWERED: set[str] = set()
 MANIFESTS_KEPT = 16
 
 
@@ -205,10 +208,28 @@ class SourceChain:
                 p for p in problems
                 if not (isinstance(p, UpstreamError) and p.status is None) and not any(p is q for q in cannot_tell)
             ]  # fmt: skip
+            if (
+                _unanswered(error)
+                and self.hub.base_url in _HUB_ANSWERED
+                and not any(isinstance(p, AccessDeniedError) for p in problems)
+            ):
+                # The Hub says whether a repo or a branch exists; a node, only what it holds. With a Hub that
+                # answered this process before out of reach now (an outage), "not on the nodes" is no answer:
+                # a mirror took it for the repo's removal and hid a public repo it held, for good, and a
+                # client's RevisionNotFound kept it from its own cache (an explorer's trial). Said as the outage
+                # it is (a 502: huggingface_hub falls back to its cache). (A Hub never reached, a network
+                # without one, leaves the nodes' word: a typo is "not found" there, not a 502 retried.)
+                raise UpstreamError(said, repo_id=repo_id) from error
+            # (which sources said so: a mirror hides a repo only when the one it was pulled from does)
+            denied_by = tuple(str(p.source) for p in answered if p.source)
             if answered and all(isinstance(p, RepoNotFoundError) for p in answered):
-                raise RepoNotFoundError(repo_id, said) from error
+                missing: NotFoundError = RepoNotFoundError(repo_id, said)
+                missing.denied_by = denied_by  # type: ignore[attr-defined]
+                raise missing from error
             if answered and all(isinstance(p, (RepoNotFoundError, RevisionNotFoundError)) for p in answered):
-                raise RevisionNotFoundError(repo_id, revision, said) from error  # (the repo is somewhere)
+                missing = RevisionNotFoundError(repo_id, revision, said)  # (the repo is somewhere)
+                missing.denied_by = denied_by  # type: ignore[attr-defined]
+                raise missing from error
             kind = next((k for k in (AccessDeniedError, NotFoundError) if any(isinstance(p, k) for p in problems)),
                         UpstreamError)  # fmt: skip
             raise kind(said, repo_id=repo_id) from error
@@ -276,13 +297,19 @@ class SourceChain:
         return Scan(spelled, commit_id, info, files, node.base_url)
 
     def _hub_scan(self, repo_id: str, revision: str, timeout: float | None = None) -> Scan:
-        spelled, commit_id, info, files = fetch_repo(
-            repo_id,
-            revision,
-            self.hub.base_url,
-            self.hub.token,
-            timeout=timeout or self.hub.retry.read_timeout,
-        )
+        try:
+            spelled, commit_id, info, files = fetch_repo(
+                repo_id,
+                revision,
+                self.hub.base_url,
+                self.hub.token,
+                timeout=timeout or self.hub.retry.read_timeout,
+            )
+        except DepotError as error:
+            if not _unanswered(error):
+                _HUB_ANSWERED.add(self.hub.base_url)
+            raise
+        _HUB_ANSWERED.add(self.hub.base_url)
         return Scan(spelled, commit_id, info, files, self.hub.base_url)
 
     def _manifest_nodes(self, manifest: Manifest) -> list[HttpSource]:
@@ -505,6 +532,15 @@ def _answers_at_all(peer: HttpSource) -> bool:
     except (OSError, http.client.HTTPException):
         return False
     return True
+
+
+def _unanswered(problem: DepotError) -> bool:
+    """Whether a source could not be reached or did not answer in time (not: it is offline by choice)."""
+    return (
+        isinstance(problem, UpstreamError)
+        and problem.status is None
+        and not isinstance(problem, OfflineError)
+    )
 
 
 def _what_each_said(hub: DepotError, nodes: list[DepotError]) -> str:
