@@ -17,7 +17,7 @@ import requests
 from aiohttp import web
 from huggingface_hub import HfApi, hf_hub_download
 
-from conftest import SMALL_CHUNK, LiveNode, wait_until, write_model_dir
+from conftest import SMALL_CHUNK, LiveNode, SilentAddress, wait_until, write_model_dir
 from faultproxy import FaultProxy
 from mirrornodes import BIG, FILES, REPO, mirror_node, proxied_upstream, read_until_it_breaks
 from modeldepot import Depot
@@ -382,3 +382,26 @@ def test_a_range_is_not_vouched_for_by_another_repos_scan(
             mirror.stop()
             for server in (liar, honest, other):
                 server.stop()
+
+
+def test_a_scan_no_upstream_answered_is_answered_at_once_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hung upstream: each retry of a client (huggingface_hub retries a 502 five times) waited the scan's
+    whole read timeout again, a download failing after 200 s (an explorer's trial). A scan that got no answer
+    is answered for FAILED_TTL at once, without asking again."""
+    silent = SilentAddress()
+    monkeypatch.setenv("MODELDEPOT_READ_TIMEOUT", "1")
+    mirror = mirror_node(tmp_path, silent.url, monkeypatch, as_node=False)
+    try:
+        first = requests.get(f"{mirror.url}/acme/hung/resolve/main/config.json", timeout=60)
+        assert first.status_code in (502, 504), first.status_code
+        asked = len(silent.scans())
+        again = requests.get(f"{mirror.url}/acme/hung/resolve/main/config.json", timeout=60)
+        assert again.status_code == first.status_code and "asked again" in again.json()["error"], (
+            again.content[:300]
+        )
+        assert len(silent.scans()) == asked, "not asked again"
+    finally:
+        mirror.stop()
+        silent.close()

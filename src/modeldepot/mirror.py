@@ -125,6 +125,8 @@ class Mirror:
         self._manifests: dict[tuple[str, str], tuple[float, Manifest]] = {}
         self._scans: dict[tuple[str, str], asyncio.Task[Manifest]] = {}  # the running one per key
         self._scan_began: dict[tuple[str, str], float] = {}  # when it began (monotonic)
+        # (repo, revision) -> (when (monotonic), the error) of a scan no upstream answered lately
+        self._scan_failed: dict[tuple[str, str], tuple[float, UpstreamError]] = {}
         self._scan_threads = ForkSafeExecutor(SCAN_THREADS, thread_name_prefix="mirror-scan")
         self._stopping = False
         self._jobs: dict[tuple[str, str, str], _Job] = {}
@@ -185,6 +187,14 @@ class Mirror:
         ttl = self.depot.config.mirror_ttl
         if cached is not None and (is_commit_id(revision) or time.monotonic() - cached[0] < ttl):
             return cached[1]
+        failed = self._scan_failed.get(key)
+        if failed is not None and time.monotonic() - failed[0] < FAILED_TTL:
+            # (a hung upstream's scan took each of a client's retries its whole timeout again: 30 s each, a
+            # download failing after 200 s, an explorer's trial)
+            again = time.monotonic() - failed[0]
+            kind = UpstreamTimeoutError if isinstance(failed[1], UpstreamTimeoutError) else UpstreamError
+            raise kind(f"{failed[1]} (a scan {again:.0f} s ago; asked again {FAILED_TTL - again:.0f} s from now)",
+                       repo_id=repo_id, source=failed[1].source)  # fmt: skip
         if self._stopping:  # (a request that came as the node began to stop: no new scan to wait for)
             raise UpstreamTimeoutError(f"the node is stopping: {repo_id} at {revision} is not looked up upstream",
                                        repo_id=repo_id)  # fmt: skip
@@ -230,10 +240,17 @@ class Mirror:
                     key[0], "no longer shown by the upstream", pulled_from_here=True, said_by=said_by
                 )
                 raise
+            except UpstreamError as error:
+                if error.status is None:  # (no answer at all)
+                    self._scan_failed[key] = (time.monotonic(), error)
+                    if len(self._scan_failed) > 1000:
+                        self._scan_failed.pop(next(iter(self._scan_failed)))
+                raise
             if manifest.private or manifest.gated:
                 # (what the store holds of it answers commit ids and listings: behind the token now, too)
                 await self._hide(manifest.repo_id, "private upstream now")
             self._manifests[key] = (time.monotonic(), manifest)
+            self._scan_failed.pop(key, None)
             return manifest
         finally:
             if self._scans.get(key) is asyncio.current_task():  # (not a newer scan of the key)
