@@ -137,6 +137,9 @@ def test_the_two_references_agree(spec: tuple[int | None, int | None], size: int
         ("bytes=١-٢", 10, None),  # only ASCII digits are digits here
         ("bytes=9999999999999999999-", 10, UNSATISFIABLE),  # 19 digits: read, and past the end
         ("  bytes=1-2  ", 10, ByteRange(1, 2)),
+        ("bytes = 1-2", 10, ByteRange(1, 2)),
+        ("bytes=1 0-2 0", 30, None),  # (a space inside a number: no number, not 10-20, an explorer's trial)
+        ("bytes=1- 2", 10, None),
     ],
 )
 def test_examples(header: str | None, size: int, expected: Outcome) -> None:

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 __all__ = ["ByteRange", "RangeNotSatisfiable", "parse_range"]
 
-_SPEC = re.compile(r"bytes=(\d*)-(\d*)", re.ASCII | re.IGNORECASE)  # (units are case-insensitive: RFC 9110)
+# (units are case-insensitive, RFC 9110; white space around the "=" is tolerated, none inside the spec: "1 0-2 0"
+# was read as 10-20)
+_SPEC = re.compile(r"bytes[ \t]*=[ \t]*(\d*)-(\d*)", re.ASCII | re.IGNORECASE)
 _MAX_DIGITS = 19  # anything longer is no offset in any file we hold
 
 
@@ -39,7 +41,7 @@ class ByteRange:
 def parse_range(header: str | None, size: int) -> ByteRange | None:
     if header is None:
         return None
-    match = _SPEC.fullmatch(header.strip().replace(" ", ""))
+    match = _SPEC.fullmatch(header.strip())
     if match is None:
         return None  # malformed, multiple ranges or another unit: ignore it and send the whole file
     first, last = match.groups()
