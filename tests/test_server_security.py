@@ -483,7 +483,9 @@ def test_cors_headers_on_every_kind_of_answer(node: LiveNode, guarded: LiveNode,
         preflight = call(target_node, "OPTIONS", f"/{REPO}/resolve/main/config.json", PREFLIGHT)
         assert preflight.status == 204 and preflight.headers["Access-Control-Allow-Origin"] == "*"
         assert {"get", "head", "post"} <= listed(preflight, "Access-Control-Allow-Methods")
-        assert {"authorization", "range"} <= listed(preflight, "Access-Control-Allow-Headers")
+        assert {"authorization", "range", "if-none-match"} <= listed(
+            preflight, "Access-Control-Allow-Headers"
+        )
 
 
 def json_keys(value: Any) -> Iterator[str]:

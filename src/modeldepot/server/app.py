@@ -56,7 +56,8 @@ CORS = {
 PREFLIGHT = {
     **CORS,
     "Access-Control-Allow-Methods": "GET, HEAD, POST, PUT, DELETE, OPTIONS",  # PUT, DELETE: control routes
-    "Access-Control-Allow-Headers": "Authorization, Range, If-Range, Content-Type, Accept, User-Agent, X-Amzn-Trace-Id",
+    "Access-Control-Allow-Headers": "Authorization, Range, If-Range, If-None-Match, Content-Type, Accept, User-Agent, "
+    "X-Amzn-Trace-Id",  # (If-None-Match: a browser's conditional GET, answered 304)
     "Access-Control-Max-Age": "86400",
 }
 
