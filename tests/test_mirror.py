@@ -711,6 +711,27 @@ def test_a_repo_the_upstream_made_private_is_no_longer_served_to_anyone(
             node.stop()
 
 
+def test_a_mirror_lists_the_commits_of_a_repo_and_branch_it_describes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a cold mirror, model_info answered a repo and list_repo_commits raised RepositoryNotFoundError (and a
+    branch not pulled under its own name, RevisionNotFoundError): the listing spoke for the store alone (an
+    explorer's trial). A revision the store does not hold is listed as the upstream's one commit."""
+    from huggingface_hub import HfApi
+
+    with mirror_of_a_node(tmp_path, monkeypatch) as (upstream_depot, mirror):
+        api = HfApi(endpoint=mirror.url)
+        head = upstream_depot.resolve(REPO)
+        assert api.model_info(REPO).sha == head
+        assert [c.commit_id for c in api.list_repo_commits(REPO)] == [head]
+        upstream_depot.import_dir(write_model_dir(tmp_path / "dev", {"config.json": b'{"dev": 1}'}), REPO,
+                                  revision="dev")  # fmt: skip
+        dev = upstream_depot.resolve(REPO, "dev")
+        assert [c.commit_id for c in api.list_repo_commits(REPO, revision="dev")] == [dev]
+        hf_hub_download(REPO, "config.json", cache_dir=tmp_path / "client", endpoint=mirror.url)  # (held now)
+        assert [c.commit_id for c in api.list_repo_commits(REPO)] == [head]
+
+
 def test_a_hub_outage_hides_nothing_a_mirror_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A mirror of a node that lacks a repo, with the Hub behind it: during a Hub outage the node's "not here"
     was taken for the whole answer, the repo pulled from the Hub was hidden for good (404 to everyone, after

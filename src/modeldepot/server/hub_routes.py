@@ -36,6 +36,7 @@ from modeldepot.server.context import DEPOT, is_authorized, path_matches, path_r
 from modeldepot.server.listing import (
     CommitQuery,
     ModelQuery,
+    commit_item,
     commits_page,
     expand_names,
     gguf_info,
@@ -268,9 +269,19 @@ async def list_commits(request: web.Request) -> web.Response:
     ``rev`` names (see :func:`~modeldepot.server.listing.commits_page`); ``p`` and ``limit`` page them."""
     repo_id = await path_repo(request)
     query = CommitQuery.parse(request.query)
-    await _visible_repo(request, repo_id)
     depot: Depot = request.app[DEPOT]
-    commit_id = await asyncio.to_thread(depot.resolve, repo_id, _revision(request))
+    if MIRROR in request.app:
+        # The revision as the mirror's other routes describe it (the upstream's branch; a repo or branch not
+        # pulled yet): model_info answered it, and its commits were "not found", a repo's or a branch's
+        # (an explorer's trial). One the store does not hold is listed as that one commit.
+        view = await _revision_view(request, repo_id, _revision(request))
+        repo_id, commit_id = await asyncio.to_thread(depot.store.spelled, view.repo_id), view.commit_id
+        if not await asyncio.to_thread(depot.store.holds_revision, repo_id, commit_id):
+            page = [commit_item(commit_id, view.committed_at, query)] if query.page == 0 else []
+            return json_response(page, headers={"X-Total-Count": "1"})
+    else:
+        await _visible_repo(request, repo_id)
+        commit_id = await asyncio.to_thread(depot.resolve, repo_id, _revision(request))
     page, total, more = await asyncio.to_thread(commits_page, depot.store, repo_id, commit_id, query)
     headers = {"X-Total-Count": str(total)}
     if more:

@@ -459,16 +459,19 @@ def commits_page(
     listed = commit_history(store, repo_id, commit_id)
     first = query.page * query.page_size
     page = listed[first : first + query.page_size]
-    commits = []
-    for commit, created_at in page:
-        item: dict[str, Any] = {
-            "id": commit,
-            "title": COMMIT_TITLE,
-            "message": "",
-            "date": iso_time(created_at),
-            "authors": [{"user": COMMIT_AUTHOR}],
-        }
-        if query.formatted:
-            item["formatted"] = {"title": html.escape(COMMIT_TITLE), "message": ""}
-        commits.append(item)
+    commits = [commit_item(commit, created_at, query) for commit, created_at in page]
     return commits, len(listed), first + query.page_size < len(listed)
+
+
+def commit_item(commit_id: str, created_at: float, query: CommitQuery) -> dict[str, Any]:
+    """One commit as the Hub lists it (the store keeps no titles nor authors)."""
+    item: dict[str, Any] = {
+        "id": commit_id,
+        "title": COMMIT_TITLE,
+        "message": "",
+        "date": iso_time(created_at),
+        "authors": [{"user": COMMIT_AUTHOR}],
+    }
+    if query.formatted:
+        item["formatted"] = {"title": html.escape(COMMIT_TITLE), "message": ""}
+    return item

@@ -285,6 +285,12 @@ class Store:
             return False
         return True
 
+    def holds_revision(self, repo_id: str, commit_id: str) -> bool:
+        """Whether the store holds the commit (some file of it, at least) under that repo id as spelled."""
+        return bool(self.index.read(
+            "SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)
+        ))  # fmt: skip
+
     def revision_time(self, repo_id: str, commit_id: str) -> float:
         """When the revision was imported or pulled into this store."""
         rows = self.index.read(
