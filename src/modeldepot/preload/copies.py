@@ -31,6 +31,7 @@ class FileCopy:
         self.memfd = -1
         self.blob_fd = store.open_fd(entry)
         self.path = store.file_path(entry.repo_id, entry.path, entry.commit_id)
+        self.stored_path = self.path  # (the store's name of it: a memfd copy's path is its own)
         try:
             self._fill()
         except OSError as error:
