@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import requests
+from aiohttp import web
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, snapshot_download
 
 from conftest import SMALL_CHUNK, LiveNode, flip_byte, store_files_consistent, wait_until, write_model_dir
@@ -732,11 +733,21 @@ def test_a_mirror_lists_the_commits_of_a_repo_and_branch_it_describes(
         assert [c.commit_id for c in api.list_repo_commits(REPO)] == [head]
 
 
-def test_a_hub_outage_hides_nothing_a_mirror_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("hub_state", ["refused", "503", "gated"])
+def test_a_hub_outage_hides_nothing_a_mirror_holds_and_a_refusal_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub_state: str
+) -> None:
     """A mirror of a node that lacks a repo, with the Hub behind it: during a Hub outage the node's "not here"
     was taken for the whole answer, the repo pulled from the Hub was hidden for good (404 to everyone, after
     the Hub came back, after a restart), and a branch only the Hub has was a RevisionNotFound, which keeps
-    huggingface_hub from its own cache (an explorer's trial). The outage is a 502 now; nothing is hidden."""
+    huggingface_hub from its own cache (an explorer's trial). An outage (no answer, or a 5xx) is a 502 now,
+    and hides nothing; the Hub's own refusal (gated since) still hides the repo, depot nodes beside it or not
+    (a review)."""
+    from aiohttp.web_runner import AppRunner
+
+    from conftest import BackgroundServer
+    from test_source_chain import _app, _forward
+
     monkeypatch.setenv("MODELDEPOT_MIRROR_TTL", "0")
     with (
         Depot(tmp_path / "node", chunk_size=SMALL_CHUNK) as node_depot,
@@ -744,7 +755,20 @@ def test_a_hub_outage_hides_nothing_a_mirror_holds(tmp_path: Path, monkeypatch: 
     ):
         node_depot.import_dir(write_model_dir(tmp_path / "other", {"config.json": b"{}"}), "acme/other")
         hub_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
-        node, hub = LiveNode(node_depot), LiveNode(hub_depot)
+        node, hub_storage = LiveNode(node_depot), LiveNode(hub_depot)
+        state = {"now": "up"}
+
+        async def handle(request: web.Request) -> web.Response:
+            if state["now"] == "503":
+                return web.Response(status=503, text="upstream connect error")
+            if state["now"] == "gated":
+                return web.Response(status=403, headers={"X-Error-Code": "GatedRepo",
+                                                         "X-Error-Message": f"Access to model {REPO} is restricted"})  # fmt: skip
+            return await _forward(request, hub_storage.url)
+
+        app = _app()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        hub = BackgroundServer(AppRunner(app), name="hub")
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         mirror = LiveNode(Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK, servers=[node.url]), mirror=True,
@@ -752,7 +776,13 @@ def test_a_hub_outage_hides_nothing_a_mirror_holds(tmp_path: Path, monkeypatch: 
         try:
             answer = requests.get(f"{mirror.url}/{REPO}/resolve/main/config.json", timeout=30)
             assert answer.status_code == 200 and answer.content == FILES["config.json"]
-            hub.stop()  # (the outage)
+            if hub_state == "refused":
+                hub.stop()
+            state["now"] = hub_state
+            if hub_state == "gated":
+                answer = requests.get(f"{mirror.url}/api/models/{REPO}", timeout=30)
+                assert answer.status_code != 200 and mirror.depot.repo_info(REPO).private, answer.status_code
+                return
             for path in (f"/{REPO}/resolve/main/config.json", f"/api/models/{REPO}"):
                 answer = requests.get(mirror.url + path, timeout=30)
                 assert answer.status_code == 200, (path, answer.status_code, answer.content[:300])
@@ -761,8 +791,9 @@ def test_a_hub_outage_hides_nothing_a_mirror_holds(tmp_path: Path, monkeypatch: 
             assert not mirror.depot.repo_info(REPO).private, "nothing hidden for an outage"
         finally:
             mirror.stop()
-            node.stop()
             hub.stop()
+            node.stop()
+            hub_storage.stop()
 
 
 def test_a_repo_the_upstream_no_longer_shows_is_served_behind_the_token_alone(

@@ -79,6 +79,9 @@ class DepotError(Exception):
     path: str | None = None
     source: str | None = None
     status: int | None = None
+    # Of a lookup that asked several upstreams, the URLs of those that said the repo is not there, or refused
+    # it (a mirror hides a repo only when the one it came from says so)
+    denied_by: tuple[str, ...] = ()
 
     def __init__(
         self,

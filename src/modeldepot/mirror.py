@@ -235,7 +235,7 @@ class Mirror:
                 # deleted): what the store pulled of it is served behind the node's token alone from now on.
                 # Only when the upstream it came from says so: another's "not here", with that one out of
                 # reach, hid a public repo for good (an explorer's trial)
-                said_by = getattr(error, "denied_by", None) or ((error.source,) if error.source else ())
+                said_by = error.denied_by or ((error.source,) if error.source else ())
                 await self._hide(
                     key[0], "no longer shown by the upstream", pulled_from_here=True, said_by=said_by
                 )

@@ -209,7 +209,7 @@ class SourceChain:
                 if not (isinstance(p, UpstreamError) and p.status is None) and not any(p is q for q in cannot_tell)
             ]  # fmt: skip
             if (
-                _unanswered(error)
+                (_unanswered(error) or (isinstance(error, UpstreamError) and (error.status or 0) >= 500))
                 and self.hub.base_url in _HUB_ANSWERED
                 and not any(isinstance(p, AccessDeniedError) for p in problems)
             ):
@@ -224,15 +224,23 @@ class SourceChain:
             denied_by = tuple(str(p.source) for p in answered if p.source)
             if answered and all(isinstance(p, RepoNotFoundError) for p in answered):
                 missing: NotFoundError = RepoNotFoundError(repo_id, said)
-                missing.denied_by = denied_by  # type: ignore[attr-defined]
+                missing.denied_by = denied_by
                 raise missing from error
             if answered and all(isinstance(p, (RepoNotFoundError, RevisionNotFoundError)) for p in answered):
                 missing = RevisionNotFoundError(repo_id, revision, said)  # (the repo is somewhere)
-                missing.denied_by = denied_by  # type: ignore[attr-defined]
+                missing.denied_by = denied_by
                 raise missing from error
             kind = next((k for k in (AccessDeniedError, NotFoundError) if any(isinstance(p, k) for p in problems)),
                         UpstreamError)  # fmt: skip
-            raise kind(said, repo_id=repo_id) from error
+            failure = kind(said, repo_id=repo_id)
+            # (a refusal too: a mirror with depot nodes beside the Hub served a repo gated since to anyone, a
+            # review)
+            failure.denied_by = tuple(
+                str(p.source)
+                for p in answered
+                if p.source and isinstance(p, (RepoNotFoundError, AccessDeniedError))
+            )
+            raise failure from error
 
     def _scan_peers(self, peers: list[HttpSource], repo_id: str, revision: str, problems: list[DepotError],
                     cannot_tell: list[DepotError]) -> Scan | None:  # fmt: skip
