@@ -458,6 +458,63 @@ def test_a_repo_pulled_by_commit_id_counts_its_reads(tmp_path: Path, monkeypatch
             node.stop()
 
 
+def test_a_branch_pin_keeps_no_commit_the_branch_never_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit pulled in part by its id (an experiment), then main pulled a quant at a later commit, then main
+    pinned: the pin kept the experiment, which main never named, for as long as main lacked its quant (a
+    review). What a whole-model pin keeps besides its branch's commit is a commit held whole."""
+    with Depot(tmp_path / "upstream") as hub:
+        hub.import_dir(quants(tmp_path, "up/q"), "up/q")
+        first = hub.resolve("up/q")
+        update = quants(tmp_path, "up/q")
+        (update / "model-Q4_K_M.gguf").write_bytes(np.random.default_rng(9).bytes(MB))
+        hub.import_dir(update, "up/q")
+        node = LiveNode(hub)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+                local.pull("up/q", "Q8_0", revision=first)  # (by commit id, one quant: no ref)
+                time.sleep(0.01)
+                local.pull("up/q", "Q4_K_M")  # main: the newer commit, one quant
+                local.pin("up/q")
+                assert ("up/q", first) in {(e.repo_id, e.commit_id) for e in local.plan_shrink(1)}
+        finally:
+            node.stop()
+
+
+def test_in_a_repo_no_ref_names_its_reads_keep_its_newest_revision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repo pulled by commit id twice: its reads counted for every revision, and the old commit never read
+    since outlived a repo read after it (a review). They count for its newest; the old goes first."""
+    with Depot(tmp_path / "upstream") as hub:
+        hub.import_dir(model(tmp_path, "up/hot", seed=1), "up/hot")
+        old = hub.resolve("up/hot")
+        hub.import_dir(model(tmp_path, "up/hot", seed=2), "up/hot")
+        new = hub.resolve("up/hot")
+        node = LiveNode(hub)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+                local.pull("up/hot", revision=old)
+                time.sleep(0.01)
+                local.import_dir(model(tmp_path, "acme/warm"), "acme/warm")
+                time.sleep(0.01)
+                local.pull("up/hot", revision=new)
+                time.sleep(0.01)
+                local.get_file("acme/warm", "config.json")
+                time.sleep(0.01)
+                local.get_file("up/hot", "config.json", revision=new)
+                local.store.access.flush()
+                order = [(e.repo_id, e.commit_id) for e in local.plan_shrink(1)]
+                assert order == [("up/hot", old), ("acme/warm", order[1][1]), ("up/hot", new)], order
+        finally:
+            node.stop()
+
+
 def test_writers_in_one_process_reserve_the_room_they_made(store: Depot, tmp_path: Path) -> None:
     store.import_dir(model(tmp_path, "acme/a"), "acme/a")
     time.sleep(0.01)

@@ -353,7 +353,12 @@ class DiskBudget:
             return None
         now = held(commit_id)
         for commit, when in revisions:
-            if commit != commit_id and when <= newer and held(commit) - now:
+            if commit == commit_id or when > newer:
+                continue
+            # (held whole, as the model pinned was: not a commit pulled in part by its id, which the branch
+            # never named, kept for as long as the branch lacked its quant, a review)
+            whole = self._holds_whole is None or self._holds_whole(repo_id, commit)
+            if whole and held(commit) - now:
                 return commit
         return None
 
