@@ -20,6 +20,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from faultproxy import wait_until
 from modeldepot.engines import LoadedModelCache, close_on_evict
 from modeldepot.engines import cache as cache_module
 from modeldepot.errors import CorruptBlobError, RepoNotFoundError, RevisionNotFoundError
@@ -338,6 +339,46 @@ def test_loaders_on_many_threads_that_each_load_another_model_never_wait_for_eac
     assert not any(thread.is_alive() for thread in threads), "nested loads on two threads hung"
     assert results == {"a": "a+c", "b": "b+c"}
     assert cache.loading() == []
+
+
+def test_a_companion_another_thread_waits_room_for_is_not_waited_for_by_the_load_that_needs_it() -> None:
+    """One slot: a load of A under way, another thread asking for B waits for A's room; A's loader then asks
+    for B, joins B's load, and waited for it while B waited for A: both hung (a review)."""
+    cache: LoadedModelCache[str] = LoadedModelCache(max_models=1)
+    b_waits = threading.Event()
+
+    def load_a() -> str:
+        b_waits.wait(10)
+        wait_until(lambda: cache.loading() == ["A", "B"] or cache.loading() == ["B", "A"], timeout=10)
+        time.sleep(0.1)  # (B's leader is in its wait for room)
+        return "A" + cache.get_or_load("B", lambda: "b")
+
+    outer = threading.Thread(target=lambda: cache.get_or_load("A", load_a), daemon=True)
+    outer.start()
+    wait_until(lambda: cache.loading() == ["A"], timeout=10)
+    other = threading.Thread(target=lambda: (b_waits.set(), cache.get_or_load("B", lambda: "b")), daemon=True)
+    other.start()
+    outer.join(10)
+    other.join(10)
+    assert not outer.is_alive() and not other.is_alive(), "the two loads hung"
+    assert cache.get_or_load("A", lambda: "never") == "Ab"
+
+
+def test_a_coroutine_loader_that_loads_a_companion_does_not_wait_for_its_own_room() -> None:
+    """A coroutine loader's companion is loaded on another worker thread: it waited for the room of the load
+    it was part of, for good (a review). The load it is nested in goes by the context, not the thread."""
+    cache: LoadedModelCache[str] = LoadedModelCache(max_models=1)
+
+    async def load_b() -> str:
+        return "b"
+
+    async def load_a() -> str:
+        return "A" + await cache.get_or_load_async("B", load_b)
+
+    async def main() -> str:
+        return await asyncio.wait_for(cache.get_or_load_async("A", load_a), 10)
+
+    assert asyncio.run(main()) == "Ab"
 
 
 def test_a_size_not_given_is_measured_as_rss_growth() -> None:

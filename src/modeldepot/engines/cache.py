@@ -36,6 +36,7 @@ Design notes (where the seed was thin or wrong):
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import heapq
 import inspect
@@ -281,6 +282,12 @@ class _Flight:
         self.size = size  # the bytes it will take, when known: counted in the budget while it loads
         self.thread = threading.get_ident()  # its leader (a load it makes itself never waits for it)
         self.admitted = False  # given its room (a slot, its bytes) and loading: not waiting for room
+        self.needed = False  # a thread that leads a load waits for it: it waits for room no more
+
+
+# The loads the running code leads (inside their loaders): a load it asks for is nested in them, and never
+# waits for room they hold
+_LEADING: contextvars.ContextVar[tuple[_Flight, ...]] = contextvars.ContextVar("leading_loads", default=())
 
 
 def _real(value: object) -> float | None:
@@ -403,6 +410,12 @@ class LoadedModelCache(Generic[M]):
             return entry.model
         assert flight is not None
         if not leader:
+            with self._lock:
+                if not flight.admitted and any(f.admitted for f in _LEADING.get()):
+                    # (this thread holds room for a load of its own: were that load's companion to wait for
+                    # room, each would wait for the other, a review)
+                    flight.needed = True
+                    self._flight_ended.notify_all()
             flight.done.wait()
             with self._lock:  # (a hit once the load under way served it: a failed one served nobody)
                 if flight.error is None:
@@ -419,9 +432,13 @@ class LoadedModelCache(Generic[M]):
 
     def _lead(self, key: Hashable, flight: _Flight, loader: Loader[M], size: int | None) -> M:
         before = self._rss() if size is None else 0
+        # (what the loader loads itself is nested in this load, on this thread or, through the context that
+        # asyncio.to_thread copies, on another: a nested coroutine loader's companion waited for this room)
+        leading = _LEADING.set((*_LEADING.get(), flight))
         try:
             model = loader()
         except BaseException as error:
+            _LEADING.reset(leading)
             with self._lock:
                 self._failures += 1
                 del self._flights[key]
@@ -429,6 +446,7 @@ class LoadedModelCache(Generic[M]):
             flight.error = error
             flight.done.set()
             raise
+        _LEADING.reset(leading)
         measured = size if size is not None else max(0, self._rss() - before)
         now = self._clock()
         with self._lock:
@@ -473,8 +491,9 @@ class LoadedModelCache(Generic[M]):
         is recomputed after every eviction. When nothing more can be evicted and loads under way hold the
         room, it waits for them to end (and evicts again): loads that started together were all built at
         once (three models of 4 MiB under a 6 MiB budget), then all but one evicted. Never for one that
-        waits for room itself, and never by a thread that leads a load under way (a loader that loads another
-        model): it would hold its room while it waits, and two such threads waited for each other for good."""
+        waits for room itself, never by code that leads a load under way (a loader that loads another model, on
+        its thread or one its context went to: ``_LEADING``): it would hold its room while it waits, and two
+        such loads waited for each other for good; nor for a load such code waits for (``needed``)."""
         evicted: list[tuple[Hashable, M]] = []
         while True:
             while not self._slot_free_locked(key) and self._evict_lru_locked(evicted):
@@ -484,7 +503,7 @@ class LoadedModelCache(Generic[M]):
                     pass
             room = self._slot_free_locked(key) and (incoming is None or self._fits_locked(key, incoming))
             loading = self._loading_locked(key)
-            if room or not loading or any(f.thread == threading.get_ident() for f in loading):
+            if room or not loading or self._flights[key].needed or any(f in _LEADING.get() for f in loading):
                 break  # (room, none to wait for, or a nested load: the limit gives way, as for what is pinned)
             self._flight_ended.wait()
         self._flights[key].admitted = True
