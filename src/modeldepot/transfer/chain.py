@@ -90,6 +90,8 @@ _MANIFESTS: dict[tuple[str, str | None], tuple[str, list[dict[str, Any]]]] = {}
 # Hub endpoints that answered a scan in this process (any answer): one out of reach later is an outage
 _HUB_ANSWERED: set[str] = set()
 MANIFESTS_KEPT = 16
+# ... and files listed in them all (parsed, ~1 KiB a file: a 100,000-file listing took 102 MiB, a review)
+MANIFEST_FILES_KEPT = 50_000
 
 
 def check_upstream_urls(config: DepotConfig) -> None:
@@ -490,12 +492,14 @@ async def _node_manifest(server: HttpSource, repo_id: str, commit_id: str) -> li
     files = body.get("files") if isinstance(body, dict) else None
     listed = [f for f in files if isinstance(f, dict)] if isinstance(files, list) else []
     etag = reply.headers.get("ETag")
-    if etag:
+    if etag and len(listed) <= MANIFEST_FILES_KEPT:
         _MANIFESTS[(url, headers.get("Authorization"))] = (etag, listed)
-        with contextlib.suppress(
-            RuntimeError, KeyError, StopIteration
-        ):  # (another thread's at once: one more)
-            while len(_MANIFESTS) > MANIFESTS_KEPT:
+        # (another thread's at once: one more)
+        with contextlib.suppress(RuntimeError, KeyError, StopIteration):
+            while (
+                len(_MANIFESTS) > MANIFESTS_KEPT
+                or sum(len(kept[1]) for kept in _MANIFESTS.values()) > MANIFEST_FILES_KEPT
+            ):
                 del _MANIFESTS[next(iter(_MANIFESTS))]
     return listed
 
