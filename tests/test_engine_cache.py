@@ -381,6 +381,92 @@ def test_a_coroutine_loader_that_loads_a_companion_does_not_wait_for_its_own_roo
     assert asyncio.run(main()) == "Ab"
 
 
+def _concurrent_loads(
+    cache: LoadedModelCache[str], keys_to_wait: list[str], asker: Callable[[str], Any]
+) -> int:
+    """One slot. L loads slowly (holds the slot); other threads lead K1..Kn, each waiting for room.
+    `asker(key)` then asks for each Ki as a waiter. Returns the most loads seen running at once."""
+    running, peak, lock = 0, 0, threading.Lock()
+    release = threading.Event()
+
+    def loader(name: str) -> Callable[[], str]:
+        def load() -> str:
+            nonlocal running, peak
+            with lock:
+                running += 1
+                peak = max(peak, running)
+            release.wait(5)
+            with lock:
+                running -= 1
+            return name
+
+        return load
+
+    threads = [threading.Thread(target=cache.get_or_load, args=("L", loader("L")), daemon=True)]
+    threads[0].start()
+    wait_until(lambda: cache.loading() == ["L"], timeout=5)
+    for k in keys_to_wait:
+        t = threading.Thread(target=cache.get_or_load, args=(k, loader(k)), daemon=True)
+        t.start()
+        threads.append(t)
+    wait_until(lambda: len(cache.loading()) == 1 + len(keys_to_wait), timeout=5)
+    time.sleep(0.1)  # (their leaders wait for room)
+    for k in keys_to_wait:
+        asker(k)
+    time.sleep(0.5)
+    seen = peak
+    release.set()
+    for t in threads:
+        t.join(5)
+    return seen
+
+
+def test_a_task_a_coroutine_loader_started_is_not_nested_in_its_load_once_it_ended() -> None:
+    """(A task a loader started carries the loader's context on: it freed loads from the slot limit, without
+    bound, long after the load ended: a review.)"""
+    cache: LoadedModelCache[str] = LoadedModelCache(max_models=1)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    requests: asyncio.Queue[str] = asyncio.Queue()
+    started: set[asyncio.Future[str]] = set()
+
+    async def background() -> None:  # e.g. an engine's serving loop, started by its loader
+        while True:
+            key = await requests.get()
+            started.add(asyncio.ensure_future(cache.get_or_load_async(key, lambda: "never")))
+
+    async def load_engine() -> str:
+        asyncio.get_running_loop().create_task(background())
+        return "engine"
+
+    assert (
+        asyncio.run_coroutine_threadsafe(cache.get_or_load_async("E", load_engine), loop).result(5)
+        == "engine"
+    )
+    assert cache.loading() == []  # E's load is long over
+    keys = [f"K{i}" for i in range(4)]
+    peak = _concurrent_loads(cache, keys, lambda k: loop.call_soon_threadsafe(requests.put_nowait, k))
+    assert peak == 1, f"{peak} loads ran at once under max_models=1 (nothing was nested)"
+
+
+def test_a_load_in_another_cache_does_not_free_this_caches_limit() -> None:
+    """(A loader of another cache asking for this one's models freed them from its limit: a review.)"""
+    cache: LoadedModelCache[str] = LoadedModelCache(max_models=1)
+    other: LoadedModelCache[str] = LoadedModelCache(max_models=4)
+    keys = [f"K{i}" for i in range(3)]
+
+    def ask(k: str) -> None:
+        # a loader of another cache (admitted there) that needs this cache's K: no cycle is possible here
+        threading.Thread(
+            target=other.get_or_load,
+            args=(f"x{k}", lambda: cache.get_or_load(k, lambda: "never")),
+            daemon=True,
+        ).start()
+
+    peak = _concurrent_loads(cache, keys, ask)
+    assert peak == 1, f"{peak} loads ran at once under max_models=1"
+
+
 def test_a_size_not_given_is_measured_as_rss_growth() -> None:
     rss = iter([1000, 1700])
     cache: LoadedModelCache[str] = LoadedModelCache(rss=lambda: next(rss))

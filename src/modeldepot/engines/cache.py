@@ -411,7 +411,7 @@ class LoadedModelCache(Generic[M]):
         assert flight is not None
         if not leader:
             with self._lock:
-                if not flight.admitted and any(f.admitted for f in _LEADING.get()):
+                if not flight.admitted and any(f.admitted for f in self._led_here_locked()):
                     # (this thread holds room for a load of its own: were that load's companion to wait for
                     # room, each would wait for the other, a review)
                     flight.needed = True
@@ -503,13 +503,20 @@ class LoadedModelCache(Generic[M]):
                     pass
             room = self._slot_free_locked(key) and (incoming is None or self._fits_locked(key, incoming))
             loading = self._loading_locked(key)
-            if room or not loading or self._flights[key].needed or any(f in _LEADING.get() for f in loading):
+            led = self._led_here_locked()
+            if room or not loading or self._flights[key].needed or any(f in led for f in loading):
                 break  # (room, none to wait for, or a nested load: the limit gives way, as for what is pinned)
             self._flight_ended.wait()
         self._flights[key].admitted = True
         if self.evict_on_memory_pressure and self._entries and self._available() < LOW_MEMORY_FRACTION:
             self._evict_lru_locked(evicted)
         return evicted
+
+    def _led_here_locked(self) -> list[_Flight]:
+        """The loads of this cache under way that the running code is nested in (not another cache's, nor one
+        that ended: a task a coroutine loader started carries its context on, a review)."""
+        live = {id(f) for f in self._flights.values()}
+        return [f for f in _LEADING.get() if id(f) in live]
 
     def _loading_locked(self, key: Hashable) -> list[_Flight]:
         """The loads under way (given their room) but the one of ``key``."""
