@@ -484,6 +484,32 @@ def test_a_branch_pin_keeps_no_commit_the_branch_never_named(
             node.stop()
 
 
+def test_a_branch_pinned_while_held_in_part_keeps_its_quant_through_an_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """main pulled with one quant and pinned whole, then a quant of the update pulled (main moves): the quant
+    main named when pinned stays, though its commit was never held whole (a review)."""
+    with Depot(tmp_path / "upstream") as hub:
+        hub.import_dir(quants(tmp_path, "up/q"), "up/q")
+        node = LiveNode(hub)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+                local.pull("up/q", "Q8_0")
+                old = local.resolve("up/q")
+                local.pin("up/q")
+                update = quants(tmp_path, "up/q")
+                (update / "model-Q4_K_M.gguf").write_bytes(np.random.default_rng(9).bytes(MB))
+                hub.import_dir(update, "up/q")
+                time.sleep(0.01)
+                local.pull("up/q", "Q4_K_M")
+                assert local.resolve("up/q") != old
+                assert ("up/q", old) not in {(e.repo_id, e.commit_id) for e in local.plan_shrink(1)}
+        finally:
+            node.stop()
+
+
 def test_in_a_repo_no_ref_names_its_reads_keep_its_newest_revision(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -328,12 +328,12 @@ class DiskBudget:
                 continue  # the pin names a branch or repo no longer in the store: nothing to keep
             pinned.setdefault(key, set()).add((pin.quant or "").lower())
             if pin.quant is None and pin.revision != key[1]:
-                earlier = self._held_before(pin.repo_id, key[1])
+                earlier = self._held_before(pin.repo_id, key[1], pin.created_at)
                 if earlier is not None:
                     pinned.setdefault((pin.repo_id, earlier), set()).add("")
         return pinned
 
-    def _held_before(self, repo_id: str, commit_id: str) -> str | None:
+    def _held_before(self, repo_id: str, commit_id: str, pinned_at: float) -> str | None:
         """The newest revision older than ``commit_id`` that holds a variant (a file, without the variants'
         hook) it lacks: the commit a pinned branch named before a pull of some variants of an update moved it.
         A pin of the whole model keeps that one too, until the update holds all it held (a `pull --quant fp16`
@@ -352,13 +352,17 @@ class DiskBudget:
         if newer is None:
             return None
         now = held(commit_id)
+        # The revisions the branch may have named since the pin: from the newest made before it (the one the
+        # branch named then, the store keeping no history of its refs) on. Not a commit pulled in part by its
+        # id before, which the branch never named, kept for as long as the branch lacked its quant (a review),
+        # unless held whole; nor only those held whole: a branch pulled a quant at a time lost its pinned one
+        # (a review).
+        since = max((when for _, when in revisions if when <= pinned_at), default=0.0)
         for commit, when in revisions:
             if commit == commit_id or when > newer:
                 continue
-            # (held whole, as the model pinned was: not a commit pulled in part by its id, which the branch
-            # never named, kept for as long as the branch lacked its quant, a review)
-            whole = self._holds_whole is None or self._holds_whole(repo_id, commit)
-            if whole and held(commit) - now:
+            named = when >= since or self._holds_whole is None or self._holds_whole(repo_id, commit)
+            if named and held(commit) - now:
                 return commit
         return None
 
