@@ -405,3 +405,20 @@ def test_a_scan_no_upstream_answered_is_answered_at_once_for_a_while(
     finally:
         mirror.stop()
         silent.close()
+
+
+def test_an_offline_mirror_says_so_at_every_ask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(A remembered failure was answered as another kind: an offline mirror said 503 "Offline", then 502 for
+    the asks that followed, a review. Offline is not an outage: not remembered, said as it is.)"""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mirror = LiveNode(Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK), mirror=True, owns_depot=True)
+    try:
+        codes = [
+            requests.get(f"{mirror.url}/acme/x/resolve/main/config.json", timeout=30).headers.get(
+                "X-Error-Code"
+            )
+            for _ in range(2)
+        ]
+        assert codes == ["Offline", "Offline"], codes
+    finally:
+        mirror.stop()

@@ -44,6 +44,7 @@ from modeldepot.errors import (
     DepotError,
     EntryNotFoundError,
     IntegrityError,
+    OfflineError,
     RepoNotFoundError,
     UpstreamError,
     UpstreamTimeoutError,
@@ -241,7 +242,8 @@ class Mirror:
                 )
                 raise
             except UpstreamError as error:
-                if error.status is None:  # (no answer at all)
+                # (no answer at all: an outage, not this node's offline mode, answered at once as it is)
+                if error.status is None and not isinstance(error, OfflineError):
                     self._scan_failed[key] = (time.monotonic(), error)
                     if len(self._scan_failed) > 1000:
                         self._scan_failed.pop(next(iter(self._scan_failed)))
