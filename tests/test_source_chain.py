@@ -596,7 +596,7 @@ def test_download_file_and_get_file_with_download_fetch_exactly_one_file(
 
 
 def test_pulls_of_one_commit_file_by_file_read_its_manifest_once(
-    background: Background, make_node: NodeFactory, make_local: LocalFactory
+    background: Background, make_node: NodeFactory, make_local: LocalFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # (A mirror pulls each file a client asks for on its own: each pull asked the node for the commit's
     # whole manifest, built and parsed again every time.)
@@ -614,6 +614,16 @@ def test_pulls_of_one_commit_file_by_file_read_its_manifest_once(
         "config.json",
         WEIGHTS,
     }
+    # A listing of more files than are kept is not kept (a 100,000-file one took 102 MiB: a review)
+    import modeldepot.transfer.chain as chain_module
+
+    chain_module._MANIFESTS.clear()
+    monkeypatch.setattr(chain_module, "MANIFEST_FILES_KEPT", len(FILES) - 1)
+    local.remove(REPO)
+    for path in ("tokenizer.json", "config.json"):
+        local.download_file(REPO, path)
+    manifests = [s.status for s in proxy.seen if s.path.endswith("/manifest") and "/revisions/" in s.path]
+    assert manifests[3:] == [200, 200] and chain_module._MANIFESTS == {}, manifests
 
 
 def test_a_bad_path_is_refused_before_any_connection(
