@@ -36,6 +36,19 @@ def model(tmp_path: Path, name: str, size: int = MB, seed: int = 0) -> Path:
     })  # fmt: skip
 
 
+@contextlib.contextmanager
+def hub_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Depot]:
+    """A node that plays the Hub (HF_ENDPOINT) for the test's pulls: its depot, to import into."""
+    with Depot(tmp_path / "upstream") as hub:
+        node = LiveNode(hub)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)
+            yield hub
+        finally:
+            node.stop()
+
+
 def budgeted(home: Path, max_size: str, monkeypatch: pytest.MonkeyPatch) -> Depot:
     monkeypatch.setenv("MODELDEPOT_MAX_SIZE", max_size)
     return Depot(home, chunk_size=SMALL_CHUNK)
@@ -284,33 +297,27 @@ def test_a_pinned_model_updated_a_variant_at_a_time_keeps_what_it_held_until_the
     """A pin of the whole model followed its branch to an update pulled a quant at a time: the commit that held
     the pinned model whole was left to no ref, and the next write evicted the pinned Q8 (a trial). It is kept
     while the update lacks a variant it held; once the update is whole it may go."""
-    with Depot(tmp_path / "upstream") as hub:
+    with hub_node(tmp_path, monkeypatch) as hub:
         hub.import_dir(quants(tmp_path, "up/q"), "up/q")
-        node = LiveNode(hub)
-        try:
-            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.setenv("HF_ENDPOINT", node.url)
-            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
-                local.pull("up/q")
-                old = local.resolve("up/q")
-                local.pin("up/q")
-                local.set_max_size("3.5MiB")
-                update = quants(tmp_path, "up/q")
-                (update / "model-Q4_K_M.gguf").write_bytes(np.random.default_rng(9).bytes(MB))
-                hub.import_dir(update, "up/q")
-                local.pull("up/q", "Q4_K_M")
-                new = local.resolve("up/q")
-                assert new != old and not local.has_file("up/q", "model-Q8_0.gguf", new)
-                with pytest.raises(BudgetExceededError):  # (3 MiB held, all of it pinned: 1 MiB more is over)
-                    local.import_dir(model(tmp_path, "acme/other", size=MB), "acme/other")
-                assert local.has_file("up/q", "model-Q8_0.gguf", old), "the pinned Q8 stays"
-                local.set_max_size(None)
-                local.pull("up/q")  # the update, whole: the pin needs no more of the old commit
-                assert local.has_file("up/q", "model-Q8_0.gguf", new)
-                assert {(e.repo_id, e.commit_id) for e in local.shrink("2.5MiB")} == {("up/q", old)}
-                assert [c for c, _ in local.store.revisions("up/q")] == [new]
-        finally:
-            node.stop()
+        with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+            local.pull("up/q")
+            old = local.resolve("up/q")
+            local.pin("up/q")
+            local.set_max_size("3.5MiB")
+            update = quants(tmp_path, "up/q")
+            (update / "model-Q4_K_M.gguf").write_bytes(np.random.default_rng(9).bytes(MB))
+            hub.import_dir(update, "up/q")
+            local.pull("up/q", "Q4_K_M")
+            new = local.resolve("up/q")
+            assert new != old and not local.has_file("up/q", "model-Q8_0.gguf", new)
+            with pytest.raises(BudgetExceededError):  # (3 MiB held, all of it pinned: 1 MiB more is over)
+                local.import_dir(model(tmp_path, "acme/other", size=MB), "acme/other")
+            assert local.has_file("up/q", "model-Q8_0.gguf", old), "the pinned Q8 stays"
+            local.set_max_size(None)
+            local.pull("up/q")  # the update, whole: the pin needs no more of the old commit
+            assert local.has_file("up/q", "model-Q8_0.gguf", new)
+            assert {(e.repo_id, e.commit_id) for e in local.shrink("2.5MiB")} == {("up/q", old)}
+            assert [c for c, _ in local.store.revisions("up/q")] == [new]
 
 
 def test_a_pull_evicts_before_it_downloads_and_fails_before_it_writes(
@@ -437,25 +444,19 @@ def test_a_repo_pulled_by_commit_id_counts_its_reads(tmp_path: Path, monkeypatch
     """A repo pulled by commit id (a pinned deployment's, a mirror's clients asking by commit) has no ref: its
     reads counted for nothing, and the budget evicted it, read three times, before a repo never read (a
     trial). Its reads count now; among its revisions, the oldest still goes first."""
-    with Depot(tmp_path / "upstream") as hub:
+    with hub_node(tmp_path, monkeypatch) as hub:
         hub.import_dir(model(tmp_path, "up/hot"), "up/hot")
-        node = LiveNode(hub)
-        try:
-            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.setenv("HF_ENDPOINT", node.url)
-            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
-                commit = hub.resolve("up/hot")
-                local.pull("up/hot", revision=commit)
-                assert local.store.index.read("SELECT 1 FROM refs WHERE repo_id = 'up/hot'") == []
-                time.sleep(0.01)
-                local.import_dir(model(tmp_path, "acme/never-read"), "acme/never-read")
-                time.sleep(0.01)
-                for _ in range(3):
-                    local.get_file("up/hot", "config.json", revision=commit)
-                local.store.access.flush()
-                assert [e.repo_id for e in local.plan_shrink(int(1.5 * MB))] == ["acme/never-read"]
-        finally:
-            node.stop()
+        with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+            commit = hub.resolve("up/hot")
+            local.pull("up/hot", revision=commit)
+            assert local.store.index.read("SELECT 1 FROM refs WHERE repo_id = 'up/hot'") == []
+            time.sleep(0.01)
+            local.import_dir(model(tmp_path, "acme/never-read"), "acme/never-read")
+            time.sleep(0.01)
+            for _ in range(3):
+                local.get_file("up/hot", "config.json", revision=commit)
+            local.store.access.flush()
+            assert [e.repo_id for e in local.plan_shrink(int(1.5 * MB))] == ["acme/never-read"]
 
 
 def test_a_branch_pin_keeps_no_commit_the_branch_never_named(
@@ -464,24 +465,18 @@ def test_a_branch_pin_keeps_no_commit_the_branch_never_named(
     """A commit pulled in part by its id (an experiment), then main pulled a quant at a later commit, then main
     pinned: the pin kept the experiment, which main never named, for as long as main lacked its quant (a
     review). What a whole-model pin keeps besides its branch's commit is a commit held whole."""
-    with Depot(tmp_path / "upstream") as hub:
+    with hub_node(tmp_path, monkeypatch) as hub:
         hub.import_dir(quants(tmp_path, "up/q"), "up/q")
         first = hub.resolve("up/q")
         update = quants(tmp_path, "up/q")
         (update / "model-Q4_K_M.gguf").write_bytes(np.random.default_rng(9).bytes(MB))
         hub.import_dir(update, "up/q")
-        node = LiveNode(hub)
-        try:
-            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.setenv("HF_ENDPOINT", node.url)
-            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
-                local.pull("up/q", "Q8_0", revision=first)  # (by commit id, one quant: no ref)
-                time.sleep(0.01)
-                local.pull("up/q", "Q4_K_M")  # main: the newer commit, one quant
-                local.pin("up/q")
-                assert ("up/q", first) in {(e.repo_id, e.commit_id) for e in local.plan_shrink(1)}
-        finally:
-            node.stop()
+        with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+            local.pull("up/q", "Q8_0", revision=first)  # (by commit id, one quant: no ref)
+            time.sleep(0.01)
+            local.pull("up/q", "Q4_K_M")  # main: the newer commit, one quant
+            local.pin("up/q")
+            assert ("up/q", first) in {(e.repo_id, e.commit_id) for e in local.plan_shrink(1)}
 
 
 def test_a_branch_pinned_while_held_in_part_keeps_its_quant_through_an_update(
@@ -489,25 +484,19 @@ def test_a_branch_pinned_while_held_in_part_keeps_its_quant_through_an_update(
 ) -> None:
     """main pulled with one quant and pinned whole, then a quant of the update pulled (main moves): the quant
     main named when pinned stays, though its commit was never held whole (a review)."""
-    with Depot(tmp_path / "upstream") as hub:
+    with hub_node(tmp_path, monkeypatch) as hub:
         hub.import_dir(quants(tmp_path, "up/q"), "up/q")
-        node = LiveNode(hub)
-        try:
-            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.setenv("HF_ENDPOINT", node.url)
-            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
-                local.pull("up/q", "Q8_0")
-                old = local.resolve("up/q")
-                local.pin("up/q")
-                update = quants(tmp_path, "up/q")
-                (update / "model-Q4_K_M.gguf").write_bytes(np.random.default_rng(9).bytes(MB))
-                hub.import_dir(update, "up/q")
-                time.sleep(0.01)
-                local.pull("up/q", "Q4_K_M")
-                assert local.resolve("up/q") != old
-                assert ("up/q", old) not in {(e.repo_id, e.commit_id) for e in local.plan_shrink(1)}
-        finally:
-            node.stop()
+        with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+            local.pull("up/q", "Q8_0")
+            old = local.resolve("up/q")
+            local.pin("up/q")
+            update = quants(tmp_path, "up/q")
+            (update / "model-Q4_K_M.gguf").write_bytes(np.random.default_rng(9).bytes(MB))
+            hub.import_dir(update, "up/q")
+            time.sleep(0.01)
+            local.pull("up/q", "Q4_K_M")
+            assert local.resolve("up/q") != old
+            assert ("up/q", old) not in {(e.repo_id, e.commit_id) for e in local.plan_shrink(1)}
 
 
 def test_in_a_repo_no_ref_names_its_reads_keep_its_newest_revision(
@@ -515,30 +504,24 @@ def test_in_a_repo_no_ref_names_its_reads_keep_its_newest_revision(
 ) -> None:
     """A repo pulled by commit id twice: its reads counted for every revision, and the old commit never read
     since outlived a repo read after it (a review). They count for its newest; the old goes first."""
-    with Depot(tmp_path / "upstream") as hub:
+    with hub_node(tmp_path, monkeypatch) as hub:
         hub.import_dir(model(tmp_path, "up/hot", seed=1), "up/hot")
         old = hub.resolve("up/hot")
         hub.import_dir(model(tmp_path, "up/hot", seed=2), "up/hot")
         new = hub.resolve("up/hot")
-        node = LiveNode(hub)
-        try:
-            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.setenv("HF_ENDPOINT", node.url)
-            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
-                local.pull("up/hot", revision=old)
-                time.sleep(0.01)
-                local.import_dir(model(tmp_path, "acme/warm"), "acme/warm")
-                time.sleep(0.01)
-                local.pull("up/hot", revision=new)
-                time.sleep(0.01)
-                local.get_file("acme/warm", "config.json")
-                time.sleep(0.01)
-                local.get_file("up/hot", "config.json", revision=new)
-                local.store.access.flush()
-                order = [(e.repo_id, e.commit_id) for e in local.plan_shrink(1)]
-                assert order == [("up/hot", old), ("acme/warm", order[1][1]), ("up/hot", new)], order
-        finally:
-            node.stop()
+        with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+            local.pull("up/hot", revision=old)
+            time.sleep(0.01)
+            local.import_dir(model(tmp_path, "acme/warm"), "acme/warm")
+            time.sleep(0.01)
+            local.pull("up/hot", revision=new)
+            time.sleep(0.01)
+            local.get_file("acme/warm", "config.json")
+            time.sleep(0.01)
+            local.get_file("up/hot", "config.json", revision=new)
+            local.store.access.flush()
+            order = [(e.repo_id, e.commit_id) for e in local.plan_shrink(1)]
+            assert order == [("up/hot", old), ("acme/warm", order[1][1]), ("up/hot", new)], order
 
 
 def test_writers_in_one_process_reserve_the_room_they_made(store: Depot, tmp_path: Path) -> None:
@@ -1034,16 +1017,10 @@ def test_a_write_that_cannot_fit_leaves_the_ram_tier_alone(store: Depot, tmp_pat
 def upstream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Depot]:
     """A node serving ``up/one`` (a 2 MB model and a config) and ``up/q`` (two quants and a config), named by
     HF_ENDPOINT: its store (a test moves a repo's main on by importing into it)."""
-    with Depot(tmp_path / "upstream") as hub:
+    with hub_node(tmp_path, monkeypatch) as hub:
         hub.import_dir(model(tmp_path, "up/one", size=2 * MB), "up/one")
         hub.import_dir(quants(tmp_path, "up/q"), "up/q")
-        node = LiveNode(hub)
-        try:
-            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.setenv("HF_ENDPOINT", node.url)
-            yield hub
-        finally:
-            node.stop()
+        yield hub
 
 
 def test_a_quant_pulled_into_an_older_revision_is_not_the_first_to_go(

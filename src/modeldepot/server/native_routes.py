@@ -136,7 +136,11 @@ async def list_repos(request: web.Request) -> web.Response:
         return cache.body(("repos", authorized), version, make)
 
     body, digest = await asyncio.to_thread(read)
-    etag = f"repos-{digest}-{'all' if authorized else 'public'}"
+    return _tagged_json(request, body, f"repos-{digest}-{'all' if authorized else 'public'}")
+
+
+def _tagged_json(request: web.Request, body: bytes, etag: str) -> web.Response:
+    """A JSON body with its tag; a 304 to a client that holds it."""
     headers = {"ETag": f'"{etag}"', "Cache-Control": "no-cache"}
     if matches_none(request.headers.get("If-None-Match"), etag):
         return web.Response(status=304, headers=headers)
@@ -173,11 +177,7 @@ async def manifest(request: web.Request) -> web.Response:
         return cache.body(("manifest", repo_id, commit_id), cache.version(), make)
 
     body, digest = await asyncio.to_thread(read)
-    etag = f"manifest-{digest}"
-    headers = {"ETag": f'"{etag}"', "Cache-Control": "no-cache"}
-    if matches_none(request.headers.get("If-None-Match"), etag):
-        return web.Response(status=304, headers=headers)
-    return web.Response(body=body, content_type="application/json", headers=headers)
+    return _tagged_json(request, body, f"manifest-{digest}")
 
 
 async def pull_manifest(request: web.Request) -> web.Response:
