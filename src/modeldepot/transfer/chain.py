@@ -222,8 +222,13 @@ class SourceChain:
                 # it is (a 502: huggingface_hub falls back to its cache). (A Hub never reached, a network
                 # without one, leaves the nodes' word: a typo is "not found" there, not a 502 retried.)
                 raise UpstreamError(said, repo_id=repo_id) from error
-            # (which sources said so: a mirror hides a repo only when the one it was pulled from does)
-            denied_by = tuple(str(p.source) for p in answered if p.source)
+            # (which sources said it is not there, or refused it: a mirror hides a repo only when the one it was
+            # pulled from does; a refusal too, or a mirror with depot nodes beside the Hub served a repo gated
+            # since to anyone, a review)
+            denied_by = tuple(
+                str(p.source) for p in answered
+                if p.source and isinstance(p, (RepoNotFoundError, RevisionNotFoundError, AccessDeniedError))
+            )  # fmt: skip
             if answered and all(isinstance(p, RepoNotFoundError) for p in answered):
                 missing: NotFoundError = RepoNotFoundError(repo_id, said)
                 missing.denied_by = denied_by
@@ -235,13 +240,7 @@ class SourceChain:
             kind = next((k for k in (AccessDeniedError, NotFoundError) if any(isinstance(p, k) for p in problems)),
                         UpstreamError)  # fmt: skip
             failure = kind(said, repo_id=repo_id)
-            # (a refusal too: a mirror with depot nodes beside the Hub served a repo gated since to anyone, a
-            # review)
-            failure.denied_by = tuple(
-                str(p.source)
-                for p in answered
-                if p.source and isinstance(p, (RepoNotFoundError, AccessDeniedError))
-            )
+            failure.denied_by = denied_by
             raise failure from error
 
     def _scan_peers(self, peers: list[HttpSource], repo_id: str, revision: str, problems: list[DepotError],
@@ -498,7 +497,7 @@ async def _node_manifest(server: HttpSource, repo_id: str, commit_id: str) -> li
         with contextlib.suppress(RuntimeError, KeyError, StopIteration):
             while (
                 len(_MANIFESTS) > MANIFESTS_KEPT
-                or sum(len(kept[1]) for kept in _MANIFESTS.values()) > MANIFEST_FILES_KEPT
+                or sum(len(listing) for _, listing in _MANIFESTS.values()) > MANIFEST_FILES_KEPT
             ):
                 del _MANIFESTS[next(iter(_MANIFESTS))]
     return listed
