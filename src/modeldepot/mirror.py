@@ -20,8 +20,8 @@ asked: a client takes a 200 for the range it asked for. The node remembers these
 
 The upstream is untrusted in time as well as in content: requests share one scan per (repo, revision), run
 on threads of their own; a request the store could answer waits for it a few seconds (HELD_PATIENCE), and
-a pull that failed before a chunk landed answers its failure for FAILED_TTL instead of being tried again
-by every retry of every client.
+a pull that failed before a chunk landed, or a scan no upstream answered, answers its failure for FAILED_TTL
+instead of being tried again by every retry of every client.
 """
 
 from __future__ import annotations
