@@ -27,7 +27,7 @@ from faultproxy import FaultProxy, a_slow_node_before_the_hub, proxied_node, pul
 from modeldepot import Depot, IntegrityError
 from modeldepot.errors import NotFoundError, PullRunningError, UpstreamError
 from modeldepot.hashing import chunk_span
-from modeldepot.hub.manifest import INTERRUPTED
+from modeldepot.hub.manifest import INTERRUPTED, INTERRUPTED_NOTHING_KEPT
 from modeldepot.transfer.progress import PullUpdate
 from modeldepot.transfer.pull import PullResult
 from modeldepot.transfer.threads import to_thread_to_the_end
@@ -279,6 +279,24 @@ def test_a_killed_pull_resumes_fetching_only_the_missing_chunks(
         assert depot.get_manifest(REPO).variants[0].status == "downloaded"
         assert store_files_consistent(depot) == []
     assert not list((home / "partials").glob("*.part"))
+
+
+def test_a_killed_pull_whose_download_gc_threw_away_is_not_called_resumable(
+    big_upstream: FaultProxy, tmp_path: Path
+) -> None:
+    """After `gc --partials` a killed pull's status still said "pull again to resume", of bytes gone."""
+    home = tmp_path / "local"
+    _killed_a_third_through(big_upstream, home)
+    with Depot(home) as depot:
+        assert depot.get_manifest(REPO).variants[0].resumable
+        assert depot.gc(partials=True).partials_removed > 0
+        variant = depot.get_manifest(REPO).variants[0]
+    assert (variant.status, variant.resumable, variant.bytes_done) == ("failed", False, 0)
+    assert variant.error == INTERRUPTED_NOTHING_KEPT
+    shown = subprocess.run([sys.executable, "-m", "modeldepot", "status", REPO, "--home", str(home)],
+                           capture_output=True, text=True, timeout=60, check=True,
+                           env={**os.environ, "COLUMNS": "300"}).stdout  # fmt: skip
+    assert "nothing of it kept" in " ".join(shown.split()) and "resum" not in shown, shown
 
 
 def test_two_processes_pulling_the_same_repo_make_one_transfer(

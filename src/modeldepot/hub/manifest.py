@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INTERRUPTED",
+    "INTERRUPTED_NOTHING_KEPT",
     "Manifest",
     "RemoteFile",
     "Variant",
@@ -117,6 +118,8 @@ def manifest_body(
 
 
 INTERRUPTED = "interrupted before it finished: pull again to resume"
+# (once `gc --partials` threw its download away, "resume" promised bytes that were gone)
+INTERRUPTED_NOTHING_KEPT = "interrupted before it finished, nothing of it kept: a pull starts it again"
 IMPORTED_ENDPOINT = "this store (imported)"  # the endpoint of a repo's manifest made of what the store holds
 
 
@@ -370,7 +373,8 @@ def lost_since(store: Store, manifest: Manifest) -> Manifest:
     corrupt and quarantined, or removed by another way than `rm`), shown as to be pulled again: its status
     row still said downloaded. And one whose pull was killed after it published (its row still said
     downloading) but whose every file the store holds at the commit, shown as downloaded: it said
-    "interrupted: pull again to resume" of a revision whole in the store (a crash trial)."""
+    "interrupted: pull again to resume" of a revision whole in the store (a crash trial). And one interrupted
+    whose download is gone (`gc --partials`), said so: nothing is left to resume."""
     downloaded = [v for v in manifest.variants if v.status == "downloaded"]
     interrupted = [v for v in manifest.variants if v.status == "failed" and v.error == INTERRUPTED]
     if not downloaded and not interrupted:
@@ -389,6 +393,8 @@ def lost_since(store: Store, manifest: Manifest) -> Manifest:
         elif variant in interrupted and all(p in held for p in (*variant.files, *manifest.shared)):
             variant = dataclasses.replace(variant, status="downloaded", bytes_done=variant.total_bytes,
                                           resumable=False, error=None)  # fmt: skip
+        elif variant in interrupted and not variant.resumable:
+            variant = dataclasses.replace(variant, bytes_done=0, error=INTERRUPTED_NOTHING_KEPT)
         variants.append(variant)
     return dataclasses.replace(manifest, variants=tuple(variants))
 
