@@ -524,6 +524,51 @@ def test_in_a_repo_no_ref_names_its_reads_keep_its_newest_revision(
             assert order == [("up/hot", old), ("acme/warm", order[1][1]), ("up/hot", new)], order
 
 
+def test_an_old_commit_read_by_its_id_outlives_the_one_its_branch_moved_to_and_never_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployment pinned to a commit reads it by its id every day; main moved to a newer commit, pulled once
+    and never read. The repo's reads kept main's commit alive and the pinned one went first (a review): each
+    revision counts its own reads now."""
+    with hub_node(tmp_path, monkeypatch) as hub:
+        hub.import_dir(model(tmp_path, "up/hot", seed=1), "up/hot")
+        deployed = hub.resolve("up/hot")
+        hub.import_dir(model(tmp_path, "up/hot", seed=2), "up/hot")
+        with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+            local.pull("up/hot", revision=deployed)
+            local.pull("up/hot")  # main: the newer commit
+            newer = local.resolve("up/hot")
+            time.sleep(0.01)
+            local.import_dir(model(tmp_path, "acme/warm"), "acme/warm")
+            time.sleep(0.01)
+            with local.open_file("up/hot", "model.safetensors", revision=deployed) as stream:
+                stream.read(16)
+            local.store.access.flush()
+            order = [(e.repo_id, e.commit_id) for e in local.plan_shrink(1)]
+            assert order[:2] == [("up/hot", newer), ("acme/warm", order[1][1])], order
+            assert order[2] == ("up/hot", deployed), order
+
+
+def test_the_uses_of_a_store_before_revisions_counted_their_own_count_for_its_refs(tmp_path: Path) -> None:
+    """A store whose uses were counted per repo (schema 10): they count, as they did, for the revisions the
+    repo's refs name, and for none of its others."""
+    import sqlite3
+
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(model(tmp_path, "acme/a", seed=1), "acme/a")
+        old = depot.resolve("acme/a")
+        depot.import_dir(model(tmp_path, "acme/a", seed=2), "acme/a")
+        new = depot.resolve("acme/a")
+    with contextlib.closing(sqlite3.connect(tmp_path / "store" / "index.db")) as con:
+        con.execute("DROP TABLE revision_access")
+        con.execute("INSERT OR REPLACE INTO access VALUES ('acme/a', '', 5, 4e9)")  # (a use in 2096)
+        con.execute("PRAGMA user_version = 10")
+        con.commit()
+    with Depot(tmp_path / "store") as depot:
+        assert depot.store.access.revision_uses() == {("acme/a", new): 4e9}
+        assert [(e.repo_id, e.commit_id) for e in depot.plan_shrink(1)] == [("acme/a", old), ("acme/a", new)]
+
+
 def test_writers_in_one_process_reserve_the_room_they_made(store: Depot, tmp_path: Path) -> None:
     store.import_dir(model(tmp_path, "acme/a"), "acme/a")
     time.sleep(0.01)

@@ -34,22 +34,22 @@ class UseCounter:
         owners = self.owners(entry.repo_id, entry.commit_id, entry.path)
         variant = owners.get(entry.path)
         if variant is not None:
-            self.store.access.record(entry.repo_id, variant)
+            self.store.access.record(entry.repo_id, variant, commit_id=entry.commit_id)
         else:  # (a shared file, a config, comes with any variant: it marks the repo used now, counts no use)
             has_variants = any(name is not None for name in owners.values())
-            self.store.access.record(entry.repo_id, count=0 if has_variants else 1)
+            self.store.access.record(entry.repo_id, count=0 if has_variants else 1, commit_id=entry.commit_id)
 
     def sent(self, entry: FileEntry) -> None:
         """A file a node sends to a client: a use of its variant (a client that fetched one quant made the
         whole repo popular, and the RAM tier preloaded every quant of it), or only of the repo, now."""
         variant = self.variant_of(entry.repo_id, entry.commit_id, entry.path)
-        self.store.access.record(entry.repo_id, variant, count=1 if variant else 0)
+        self.store.access.record(entry.repo_id, variant, count=1 if variant else 0, commit_id=entry.commit_id)
 
     def folder(self, repo_id: str, commit_id: str) -> None:
         """A revision's folder handed to a loader (``from_pretrained(path, variant="fp16")``): a use of the
         repo and of each of its variants, as what it reads is not seen and the budget must not take any of
         them for unused."""
-        self.store.access.record(repo_id)
+        self.store.access.record(repo_id, commit_id=commit_id)
         for variant in {name for name in self.owners(repo_id, commit_id).values() if name is not None}:
             self.store.access.record(repo_id, variant, count=0)
 

@@ -162,7 +162,7 @@ def load_variant(
     # quant under the variant of the file chosen: a use of the whole repo made --preload-top preload every
     # quant of a GGUF repo when one of them was used.
     named = grouping.find(quant) if quant else next((v for v in grouping.variants if chosen in v.files), None)
-    store.access.record(repo_id, named.name if named is not None else quant)
+    store.access.record(repo_id, named.name if named is not None else quant, commit_id=commit_id)
     # What it takes in memory, about: the model file and what is loaded with it (its external data, its
     # shards), for the cache's memory budget to make room before the load (the process's growth measured
     # over a load said 190 MiB of a 22 MiB model whose engine was imported then, 0.8 MiB of a mapped one).

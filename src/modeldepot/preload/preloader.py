@@ -308,7 +308,7 @@ class Preloader:
         # A use for the disk budget's recency, not one for popularity (auto_preload's own picks would count);
         # a shared store's model is not the own store's to count
         if all(holders.get(e.path, self.store) is self.store for e in entries):
-            self.store.access.record(key[0], key[2], count=0)
+            self.store.access.record(key[0], key[2], count=0, commit_id=key[1])
         while True:
             with self._lock:
                 if self._closed.is_set():

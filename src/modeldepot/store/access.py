@@ -1,4 +1,5 @@
-"""How often each model is used, persisted in the index, for preloading the hot ones at start.
+"""How often each model is used, persisted in the index, for preloading the hot ones at start, and when each
+revision was last used, for the disk budget's order.
 
 A use is counted in memory (a read path must not wait for an fsync) and written in one transaction at
 most every few seconds (and at the latest a few seconds after it: a node's last downloads of a burst were
@@ -56,6 +57,7 @@ class AccessLog:
         self.flush_interval = flush_interval
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, str], tuple[int, float]] = {}
+        self._pending_revisions: dict[tuple[str, str], float] = {}  # (repo, commit) -> last use
         self._last_flush = time.monotonic()
         self._flushing = False
         self._timer: threading.Timer | None = None  # writes what a burst left, once it is over
@@ -69,13 +71,16 @@ class AccessLog:
         only when it ended)."""
         self._lock = threading.Lock()
         self._pending = {}
+        self._pending_revisions = {}
         self._last_flush = time.monotonic()
         self._flushing = False
         self._timer = None
 
-    def record(self, repo_id: str, variant: str | None = None, count: int = 1) -> None:
+    def record(self, repo_id: str, variant: str | None = None, count: int = 1, commit_id: str | None = None
+               ) -> None:  # fmt: skip
         """Count one use of ``repo_id`` (or of one variant of it); ``count=0`` only marks it as used now
-        (an import or a pull: the disk budget's recency, not the preloader's popularity)."""
+        (an import or a pull: the disk budget's recency, not the preloader's popularity). ``commit_id``: the
+        revision used, marked as used now too."""
         if not self.enabled:
             return
         key = (repo_id, variant or "")
@@ -83,6 +88,8 @@ class AccessLog:
         with self._lock:
             pending, _ = self._pending.get(key, (0, now))
             self._pending[key] = (pending + count, now)
+            if commit_id is not None:
+                self._pending_revisions[(repo_id, commit_id)] = now
             waited = time.monotonic() - self._last_flush
             due = not self._flushing and waited >= self.flush_interval
             if due:
@@ -134,8 +141,9 @@ class AccessLog:
     def flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
+            revisions, self._pending_revisions = self._pending_revisions, {}
             self._last_flush = time.monotonic()
-        if not pending:
+        if not pending and not revisions:
             return
         with self.index.write("recording model accesses") as con:
             con.executemany(
@@ -144,12 +152,26 @@ class AccessLog:
                 "last_access = MAX(last_access, excluded.last_access)",
                 [(repo, variant, count, last) for (repo, variant), (count, last) in pending.items()],
             )
+            con.executemany(
+                "INSERT INTO revision_access (repo_id, commit_id, last_access) VALUES (?, ?, ?) "
+                "ON CONFLICT (repo_id, commit_id) DO UPDATE SET "
+                "last_access = MAX(last_access, excluded.last_access)",
+                [(repo, commit, last) for (repo, commit), last in revisions.items()],
+            )
 
     def last_uses(self) -> dict[str, float]:
         """Each repo's last use, as the disk budget evicts by it (an import or a pull marks one, uncounted)."""
         self.flush()
         rows = self.index.read("SELECT repo_id, MAX(last_access) AS last FROM access GROUP BY repo_id")
         return {r["repo_id"]: r["last"] for r in rows}
+
+    def revision_uses(self) -> dict[tuple[str, str], float]:
+        """Each revision's last use, by (repo id, commit id), as written (a store read where it cannot be
+        upgraded may predate them: none then)."""
+        if self.index.schema < 11:
+            return {}
+        rows = self.index.read("SELECT repo_id, commit_id, last_access FROM revision_access")
+        return {(r["repo_id"], r["commit_id"]): r["last_access"] for r in rows}
 
     def top(self, limit: int = 10, public_only: bool = False, in_store: bool = False) -> list[ModelAccess]:
         """The most used models first (ties: the most recent first), counts not yet written included.

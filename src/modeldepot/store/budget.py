@@ -12,9 +12,8 @@ removed. The room a writer made stays reserved until it ends.
 
 The unit of eviction is a revision (a commit of a repo), or one variant of a revision that holds several
 (a GGUF repo's quants, an ONNX repo's precisions: the variants :meth:`evict_by_variant` is told of; the
-store knows none itself). The last use of a revision a ref names is the later of its creation and the
-repo's last use (reads, loads, preloads, imports and pulls count: store/access.py); of one no ref names,
-its creation. The last use of a variant is the later of its revision's creation and the variant's own last
+store knows none itself). The last use of a revision is the later of its creation and its own last use
+(reads, loads, preloads, imports and pulls count, through a branch or by commit id: store/access.py). The last use of a variant is the later of its revision's creation and the variant's own last
 use (a load of it, a preload, a read or a download of one of its files, a pull of it): a config read with
 every load keeps no quant alive. A variant goes with its own files only (those no other variant lists);
 the revision's last variant, and its shared files (config, tokenizer), go with the revision. What is never

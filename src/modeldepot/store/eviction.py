@@ -2,9 +2,8 @@
 the bytes that stay once it has gone.
 
 The units are revisions, and the variants of a revision that holds several (told apart by the
-:data:`Variants` the depot gives: the store knows none itself). The last use of a revision a ref names is
-the later of its creation and the repo's last use; of one no ref names, its creation (unless no ref names
-any revision of the repo: a repo pulled by commit id counts its uses for its newest); of a variant, the
+:data:`Variants` the depot gives: the store knows none itself). The last use of a revision is the later of its
+creation and its own last use (a read through a branch is a use of the commit the branch names); of a variant, the
 later of its revision's creation and the variant's own last use, by any of its names. A revision that is
 kept (pinned, in use) but whose every variant may go keeps one, its most recently used, so that the bytes
 that stay are counted right and what cannot fit is refused before anything is removed.
@@ -73,19 +72,19 @@ class EvictionOrder:
         write)."""
         if flush:
             self.store.access.flush()
-        last_access: dict[str, float] = {}
         variant_access: dict[tuple[str, str], float] = {}
-        for row in self.store.index.read("SELECT repo_id, variant, last_access FROM access"):
+        for row in self.store.index.read(
+            "SELECT repo_id, variant, last_access FROM access WHERE variant != ''"
+        ):
             repo_id, at = row["repo_id"], row["last_access"]
-            last_access[repo_id] = max(last_access.get(repo_id, 0.0), at)
             if row["variant"]:
                 key = (repo_id, row["variant"].lower())
                 variant_access[key] = max(variant_access.get(key, 0.0), at)
+        revision_access = self.store.access.revision_uses()
         named = {
             (r["repo_id"], r["commit_id"])
             for r in self.store.index.read("SELECT repo_id, commit_id FROM refs")
         }
-        named_repos = {repo_id for repo_id, _ in named}
         paths: dict[tuple[str, str], list[str]] = {}  # (one read for every revision's files)
         if self.variants is not None:
             for row in self.store.index.read("SELECT repo_id, commit_id, path FROM files"):
@@ -94,24 +93,16 @@ class EvictionOrder:
         # replace is still there (they go when nothing else can, or once the pull published: keep_within).
         written = {key[0] for key in kept.written}
         found: list[tuple[bool, float, bool, float, bool, Unit]] = []
-        revisions = self.store.index.read("SELECT repo_id, commit_id, created_at FROM revisions")
-        newest: dict[str, tuple[float, str]] = {}  # repo -> its newest revision (created_at, commit)
-        for row in revisions:
-            newest[row["repo_id"]] = max(
-                newest.get(row["repo_id"], (0.0, "")), (row["created_at"], row["commit_id"])
-            )
-        for row in revisions:
+        for row in self.store.index.read("SELECT repo_id, commit_id, created_at FROM revisions"):
             key = (row["repo_id"], row["commit_id"])
             if key in kept.commits or row["repo_id"] in kept.repos:
                 continue
-            # The repo's uses count for the revisions its refs name; an old revision no ref names was last
-            # used when it was made (a repo read daily keeps its newest alive). A repo no ref names at all
-            # (pulled by commit id: a pinned deployment's, a mirror's clients asking by commit) is read by
-            # commit id: its uses count for its newest revision (it went before repos never read, a trial;
-            # not for every one: an old commit never read since outlived repos read after it, a review).
+            # Each revision counts its own uses, whatever names it: a read through a branch is one of the commit
+            # the branch names, and a read by commit id one of that commit (a deployment pinned to an old commit
+            # read it daily, and the repo's uses kept alive the commit its branch had moved to, pulled once and
+            # never read, while the old one went: a review).
             created = row["created_at"]
-            counts = key in named or (row["repo_id"] not in named_repos and newest[key[0]][1] == key[1])
-            last_used = max(created, last_access.get(row["repo_id"], 0.0)) if counts else created
+            last_used = max(created, revision_access.get(key, 0.0))
             replaced = key[0] in written and key not in kept.written
             if key not in kept.parts and key not in kept.pinned_variants:
                 found.append((replaced, last_used, key in named, created, True, Unit(*key, last_used)))

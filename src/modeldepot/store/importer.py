@@ -424,9 +424,8 @@ def import_dir(
         new = publish(store, spec, staged, partials, writer.published, recorded)
         commit_id = recorded[0].commit_id
         writer.keep_within()
-    store.access.record(
-        repo_id, count=0
-    )  # an import is a use (the disk budget evicts the least recently used)
+    # An import is a use (the disk budget evicts the least recently used), of the commit it made or found
+    store.access.record(repo_id, count=0, commit_id=commit_id)
     new_blobs = {sha256: p.size for sha256, p in partials.items() if sha256 in new}
     return ImportResult(
         repo_id=repo_id,

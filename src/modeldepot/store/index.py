@@ -176,11 +176,31 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (repo_id, commit_id)
     ) WITHOUT ROWID
     """,
+    # 11: each revision's last use (store/access.py): an old commit a deployment reads by its id every day
+    # was judged by the day it was pulled, and the disk budget evicted it before one pulled once and never read.
+    # The repos' uses so far count, as they did, for the revisions their refs name (for the newest, when no
+    # ref names any).
+    """
+    CREATE TABLE revision_access (
+        repo_id     TEXT NOT NULL,
+        commit_id   TEXT NOT NULL,
+        last_access REAL NOT NULL,
+        PRIMARY KEY (repo_id, commit_id)
+    ) WITHOUT ROWID;
+    INSERT INTO revision_access (repo_id, commit_id, last_access)
+        SELECT r.repo_id, r.commit_id, MAX(a.last_access) FROM refs r JOIN access a USING (repo_id)
+        GROUP BY r.repo_id, r.commit_id;
+    INSERT OR IGNORE INTO revision_access (repo_id, commit_id, last_access)
+        SELECT v.repo_id, v.commit_id, MAX(a.last_access) FROM revisions v JOIN access a USING (repo_id)
+        WHERE NOT EXISTS (SELECT 1 FROM refs r WHERE r.repo_id = v.repo_id)
+        AND v.created_at = (SELECT MAX(created_at) FROM revisions w WHERE w.repo_id = v.repo_id)
+        GROUP BY v.repo_id, v.commit_id
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 # A store that cannot be upgraded here (a read-only mount, another user's) is read as it is from this
 # version on: the migrations after it add what only writes use (linked_sources), or what a read does
-# without (commit_listings: Index.schema says which it may ask).
+# without (commit_listings, revision_access: Index.schema says which it may ask).
 READABLE_FROM = 8
 # Result codes (sqlite3.SQLITE_FULL and friends exist only from Python 3.11). Python reports extended codes.
 _SQLITE_IOERR = 10

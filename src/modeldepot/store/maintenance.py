@@ -203,9 +203,10 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
             candidates = [r[0] for r in con.execute(
                 f"SELECT DISTINCT sha256 FROM files WHERE repo_id = ? AND commit_id IN ({marks})",
                 (repo_id, *commits))]  # fmt: skip
-            con.execute(
-                f"DELETE FROM revisions WHERE repo_id = ? AND commit_id IN ({marks})", (repo_id, *commits)
-            )
+            for table in ("revisions", "revision_access"):
+                con.execute(
+                    f"DELETE FROM {table} WHERE repo_id = ? AND commit_id IN ({marks})", (repo_id, *commits)
+                )
             if not con.execute("SELECT 1 FROM revisions WHERE repo_id = ? LIMIT 1", (repo_id,)).fetchone():
                 con.execute("DELETE FROM repos WHERE repo_id = ?", (repo_id,))
             return _delete_unreferenced_rows(con, [c for c in candidates if c not in keep_blobs])
