@@ -30,6 +30,7 @@ from modeldepot import (
     RepoNotFoundError,
     RevisionNotFoundError,
     SourceDirectoryError,
+    StoreClosedError,
     StoreSchemaError,
 )
 from modeldepot.errors import StoreError
@@ -63,6 +64,25 @@ def test_import_then_read_every_file_every_way(depot: Depot, model_dir: Path) ->
         assert depot.file_path(REPO, path).as_posix().endswith(f"/{result.commit_id}/{path}")
         assert depot.file_info(REPO, path).sha256 == hashlib.sha256(data).hexdigest()
     assert not depot.has_file(REPO, "nope.bin")
+
+
+def test_a_closed_depot_reads_and_writes_nothing_and_says_so(tmp_path: Path, model_dir: Path) -> None:
+    """A closed depot went on reading, importing and pulling (each thread opened a connection no close would end,
+    and an import's blobs had no flusher to make them durable): it refuses, saying why."""
+    depot = Depot(tmp_path / "store", chunk_size=SMALL_CHUNK)
+    depot.import_dir(model_dir, REPO)
+    depot.close()
+    for call in (
+        lambda: depot.get_file(REPO, "config.json"),
+        lambda: depot.list_repos(),
+        lambda: depot.import_dir(model_dir, "acme/other"),
+        lambda: depot.snapshot_path(REPO),
+    ):
+        with pytest.raises(StoreClosedError, match="was closed"):
+            call()
+    depot.close()  # (twice: nothing more to do)
+    with Depot(tmp_path / "store") as again:
+        assert [r.repo_id for r in again.list_repos()] == [REPO]
 
 
 def test_map_file_releases_the_mapping_and_refuses_while_a_slice_is_held(

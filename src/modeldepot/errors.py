@@ -58,6 +58,7 @@ __all__ = [
     "RevisionNotFoundError",
     "SharedBlobsRemovedError",
     "SourceDirectoryError",
+    "StoreClosedError",
     "StoreError",
     "StoreFullError",
     "StoreSchemaError",
@@ -294,6 +295,11 @@ class IndexDamagedError(StoreError):
 class ReadOnlyStoreError(StoreError):
     """The store is read-only here (a read-only mount, or another user's files): it is read and served, never
     written."""
+
+
+class StoreClosedError(StoreError):
+    """The store (its :class:`~modeldepot.Depot`) was closed: a closed depot reads and writes nothing (it went on
+    opening connections no close would end, and writing blobs no flusher made durable)."""
 
 
 class ConfigError(DepotError):

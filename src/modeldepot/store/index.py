@@ -26,7 +26,13 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
-from modeldepot.errors import ReadOnlyStoreError, StoreError, StoreFullError, StoreSchemaError
+from modeldepot.errors import (
+    ReadOnlyStoreError,
+    StoreClosedError,
+    StoreError,
+    StoreFullError,
+    StoreSchemaError,
+)
 from modeldepot.store.forking import INDEX_GATE
 from modeldepot.store.layout import FULL_DISK_ADVICE
 from modeldepot.store.locks import unlock_and_close
@@ -425,6 +431,7 @@ class Index:
         self._wrote = False  # a transaction of this process committed (its close then merges the log)
         self.reserve = SpaceReserve(path.parent / "reserve", path)
         self._local = threading.local()
+        self.closed = False
         if read_only:
             self._check_read_only()
             return
@@ -440,6 +447,11 @@ class Index:
         self.reserve.refill()
 
     def connection(self) -> sqlite3.Connection:
+        if self.closed:
+            raise StoreClosedError(
+                f"the store at {self.path.parent} was closed (Depot.close(), or the end of its `with` block): "
+                "open it again to use it (Depot(home))"
+            )
         pid = os.getpid()
         con: sqlite3.Connection | None = getattr(self._local, "con", None)
         immutable = getattr(self._local, "immutable", None)
@@ -555,6 +567,7 @@ class Index:
             with INDEX_GATE:
                 con.close()
         self._local.con = None
+        self.closed = True
         if self.reserve.released:  # closing the last connection removed the -wal and -shm files
             self.reserve.refill()
 
