@@ -66,19 +66,22 @@ def test_page_cache_preload_makes_every_page_resident(depot: Depot, tmp_path: Pa
     preloader.close()
 
 
-@pytest.mark.parametrize("tier", ["the depot's", "its own"])
+@pytest.mark.parametrize("tier", ["the depot's", "its own", "its own, of the depot's store"])
 def test_a_tier_used_without_load_lets_go_of_what_another_process_removed(
     depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tier: str
 ) -> None:
     """A worker that preloads and reads its models (no load()) kept a model another process removed: mapped,
     its disk space taken though `rm` said it was freed, its budget spent, and evict() refused it as "not in
     the store" (an explorer's trial). A tier of its own (Preloader(depot, ...)) did so even after the same
-    process's remove()."""
+    process's remove(). And one of the depot's store (Preloader(depot.store, ...)) was not even kept from the
+    disk budget's eviction."""
     import modeldepot.held
 
     add_repo(depot, tmp_path, "gone", 1)
     add_repo(depot, tmp_path, "kept", 2)
-    preloader = depot.preloader if tier == "the depot's" else Preloader(depot, budget="1GiB")
+    tiers = {"the depot's": lambda: depot.preloader, "its own": lambda: Preloader(depot, budget="1GiB"),
+             "its own, of the depot's store": lambda: Preloader(depot.store, budget="1GiB")}  # fmt: skip
+    preloader = tiers[tier]()
     preloader.preload("acme/gone")
     preloader.preload("acme/kept")
     blob = depot.store.blobs.path(depot.file_info("acme/gone", "model.safetensors").sha256)
@@ -94,7 +97,7 @@ def test_a_tier_used_without_load_lets_go_of_what_another_process_removed(
     assert str(blob) not in mapped and not any(str(blob) in path for path in opened), (
         "the removed blob's disk space is given back"
     )
-    if tier == "its own":  # (kept from the disk budget's eviction, as the depot's own held models are)
+    if tier != "the depot's":  # (kept from the disk budget's eviction, as the depot's own held models are)
         assert ("acme/kept", depot.resolve("acme/kept")) in depot._held.in_use()
         preloader.close()
 
