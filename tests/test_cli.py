@@ -153,6 +153,12 @@ def test_gc_and_du_report(home: Path, model_dir: Path) -> None:
     )
     code, out, _ = run("du", home=home)
     assert code == 0 and "deduplication saves" in out
+    # The room kept beside the index is on the disk: the total said 118 KiB of a store that took 1.2 MiB
+    usage = json.loads(run("du", "--json", home=home)[1])
+    reserve = (home / "reserve" / "space").stat().st_size
+    assert usage["reserve_bytes"] == reserve >= 1 << 20 and "reserve" in out
+    shown = usage["blob_bytes"] + usage["index_bytes"] + reserve
+    assert f"total       {format_bytes(shown)}" in out, out
 
 
 def test_console_script_and_module_entry_points(tmp_path: Path) -> None:

@@ -611,6 +611,9 @@ def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
                   "writing: no resume takes it, `modeldepot gc` frees it)")  # fmt: skip
     out.print(f"  quarantine  {format_bytes(usage.quarantine_bytes)}")
     out.print(f"  index       {format_bytes(usage.index_bytes)}")
+    if usage.reserve_bytes:
+        out.print(f"  reserve     {format_bytes(usage.reserve_bytes)} (kept free beside the index, so that rm and gc "
+                  "work on a full disk)")  # fmt: skip
     out.print(f"  total       {format_bytes(usage.total_bytes)}")
     if budget is not None:
         out.print(f"  budget      {_budget_line(budget)}{_outside_the_budget(usage, budget)}")

@@ -569,6 +569,7 @@ def disk_usage(store: Store) -> DiskUsage:
         linked_bytes=_linked_bytes(store),
         quarantine_bytes=_tree_bytes(store.layout.quarantine),
         index_bytes=index_bytes,
+        reserve_bytes=store.index.reserve.held(),
         repos=tuple(repos),
         read_only=store.read_only,
     )
