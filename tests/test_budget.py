@@ -977,6 +977,38 @@ def held_paths(depot: Depot, repo_id: str) -> set[str]:
     return {f.path for f in depot.list_files(repo_id)}
 
 
+@pytest.mark.parametrize("how", ["preview", "gc --max-size", "a write"])
+def test_no_unit_goes_that_the_bytes_freed_do_not_need(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Two repos of the same files (a copy under another name): the least recently used went whole for 0 B, then
+    one quant of the other freed the bytes needed, with the first one's copy of that quant (an explorer's trial:
+    a repo lost for nothing). Only the two copies of that quant go now."""
+    with budgeted(tmp_path / "store", "1GiB", monkeypatch) as store:
+        folder = quants(tmp_path, "acme/one")
+        store.import_dir(folder, "acme/one")
+        time.sleep(0.01)
+        store.import_dir(folder, "acme/two")
+        time.sleep(0.01)
+        store.get_file("acme/two", "model-Q4_K_M.gguf").release()  # (Q8_0 is the least used quant of both)
+        store.store.access.flush()
+        limit = store.du().blob_bytes - MB // 2
+        if how == "preview":
+            evicted = store.plan_shrink(limit)
+        elif how == "gc --max-size":
+            evicted = store.store.budget.shrink(limit)
+        else:
+            store.set_max_size(limit + MB // 2)
+            with store.store.budget.writing("acme/new") as writer:
+                evicted = writer.make_room(MB // 2, "importing acme/new")
+        assert [(e.repo_id, e.variant, e.bytes_freed) for e in evicted] == [
+            ("acme/one", "Q8_0", 0), ("acme/two", "Q8_0", MB)]  # fmt: skip
+        if how != "preview":
+            for repo in ("acme/one", "acme/two"):
+                assert held_paths(store, repo) == {"config.json", "model-Q4_K_M.gguf"}, repo
+        assert store_files_consistent(store) == []
+
+
 def test_a_quant_read_lately_stays_and_the_one_never_read_goes_alone(store: Depot, tmp_path: Path) -> None:
     """The budget evicts a revision's variants apart: the quant read every day keeps its place, the one
     pulled once and never read goes, and the repo's other files and other repos stay. (By revision, the

@@ -651,15 +651,18 @@ class DiskBudget:
         # (a copy of a pinned repo freed nothing, and went all the same: a repo lost for no byte; so did a
         # model adopted from a Hugging Face cache, whose files the cache keeps on the disk: a trial)
         staying = self.order.staying_blobs(units, self._kept_blobs()) | shared.keys()
-        for unit in units:
+        # Used (or written) since this writer began: another process's pull that just said it was done went at
+        # once to make room for this one (a trial); it stays above the budget, warned of, and the next write
+        # evicts again
+        units = [u for u in units if writer is None or u.last_used < writer.started]
+        # What the plan needs (no unit that frees nothing the others need: EvictionOrder.choose), then, should
+        # it fall short as it goes (a removal elsewhere meanwhile), the units it did not go through
+        written = {key: kept.parts.get(key, set()) for key in kept.written}
+        planned, after = self.order.choose(units, staying, used, limit, written)
+        for unit in [*(u for u, _ in planned), *after]:
             if used <= limit:
                 break
             if self.order.frees_nothing(unit, staying):
-                continue
-            if writer is not None and unit.last_used >= writer.started:
-                # Used (or written) since this writer began: another process's pull that just said it
-                # was done went at once to make room for this one (a trial); it stays above the budget,
-                # warned of, and the next write evicts again
                 continue
             eviction = self._evict(unit)
             if eviction is None:

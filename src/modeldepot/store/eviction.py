@@ -190,25 +190,78 @@ class EvictionOrder:
         """What evicting ``units`` in order until ``used`` bytes are down to ``limit`` would remove, and the
         bytes each would free (a blob goes with the last file that uses it; ``staying`` ones never go), as
         the evictions themselves go: a unit that frees nothing is passed over, and a revision's last variant
-        goes with its revision. Nothing is removed."""
-        files: dict[tuple[str, str], dict[str, str]] = {}  # revision -> path -> SHA-256, as the plan goes
+        goes with its revision. Nothing is removed. (:meth:`choose` is the same, with what the plan went past.)"""
+        return self.choose(units, staying, used, limit)[0]
+
+    def choose(self, units: list[Unit], staying: set[str], used: int, limit: int,
+               written: Mapping[tuple[str, str], Iterable[str]] | None = None
+               ) -> tuple[list[tuple[Unit, int]], list[Unit]]:  # fmt: skip
+        """:meth:`plan`, and the units after those it went through (what may go next, should the plan fall short
+        of ``limit`` as it is carried out: a removal meanwhile elsewhere).
+
+        Least recently used first, but no removal that the bytes freed do not need: where units share blobs (two
+        repos of the same files, a quant in two revisions), the first freed nothing and went all the same, a
+        whole repo lost for the 8 MiB the next unit freed (an explorer's trial). Once the plan reaches ``limit``
+        (or frees all it can), each unit that freed nothing as it went is taken out again, the most recently used
+        first, when what the others free is still enough: the one whose blob the next freed stays in.
+        ``written``: the files writers write into revisions (grouped with them, as the units were)."""
+        files: dict[tuple[str, str], dict[str, str]] = {(u.repo_id, u.commit_id): {} for u in units}
+        for row in self.store.index.read("SELECT repo_id, commit_id, path, sha256 FROM files"):  # (one read)
+            held = files.get((row["repo_id"], row["commit_id"]))
+            if held is not None:
+                held[row["path"]] = row["sha256"]
+        sizes = ok_sizes(self.store, {sha256 for held in files.values() for sha256 in held.values()})
+        writing = written or {}
+        planned, went_through = self._carry_out(units, files, sizes, staying, used, limit, writing)
+        goal = min(used - limit, sum(freed for _, freed in planned))
+
+        def enough(trial: list[Unit]) -> bool:
+            return (
+                sum(f for _, f in self._carry_out(trial, files, sizes, staying, used, None, writing)[0])
+                >= goal
+            )
+
+        chosen = [unit for unit, _ in planned]
+        for unit, freed in reversed(planned):
+            if freed == 0 and len(chosen) > 1 and enough(without := [u for u in chosen if u is not unit]):
+                chosen = without
+        # A revision that went whole for nothing, where one variant of it is what the bytes freed need (its
+        # copy of the quant the next unit frees: its other variant went before it, and made that one its last)
+        for unit, freed in self._carry_out(chosen, files, sizes, staying, used, None, writing)[0]:
+            if freed == 0 and unit.variant is None:
+                for variant in (v for v in units if (v.repo_id, v.commit_id) == (unit.repo_id, unit.commit_id)
+                                and v.variant is not None and v not in chosen):  # fmt: skip
+                    trial = [variant if u is unit else u for u in chosen]
+                    if enough(trial):
+                        chosen = trial
+                        break
+        if chosen != [unit for unit, _ in planned]:
+            planned = self._carry_out(chosen, files, sizes, staying, used, None, writing)[0]
+        return planned, units[went_through:]
+
+    def _carry_out(self, units: list[Unit], files: dict[tuple[str, str], dict[str, str]], sizes: dict[str, int],
+                   staying: set[str], used: int, limit: int | None,
+                   written: Mapping[tuple[str, str], Iterable[str]]) -> tuple[list[tuple[Unit, int]], int]:  # fmt: skip
+        """The units evicting ``units`` in order would remove (until ``used`` is down to ``limit``; None: all of
+        them), with the bytes each frees, and how many of ``units`` it went through."""
+        held_now = {key: dict(held) for key, held in files.items()}  # (as the plan goes)
         users: dict[str, int] = {}  # blob -> files of the units' revisions that use it
-        for key in dict.fromkeys((u.repo_id, u.commit_id) for u in units):
-            files[key] = {e.path: e.sha256 for e in self.store.files(*key)}
-            for sha256 in files[key].values():
+        for held in held_now.values():
+            for sha256 in held.values():
                 users[sha256] = users.get(sha256, 0) + 1
-        sizes = ok_sizes(self.store, users)
         planned: list[tuple[Unit, int]] = []
+        went_through = 0
         for unit in units:
-            if used <= limit:
+            if limit is not None and used <= limit:
                 break
+            went_through += 1
             key = (unit.repo_id, unit.commit_id)
-            held = files[key]
+            held = held_now[key]
             if unit.variant is None:
                 going = dict(held)
             else:  # (as DiskBudget._evict judges: among the files left, a last variant goes with its revision,
                 # config and tokenizer too: the preview said they stayed, a trial)
-                now = self.grouped(key, held) if self.variants is not None else []
+                now = self.grouped(key, held, written.get(key, ())) if self.variants is not None else []
                 own = next((mine for _, mine, aliases in now if unit.variant.lower() in aliases), None)
                 if len(now) < 2 or not own:
                     continue
@@ -225,7 +278,7 @@ class EvictionOrder:
                     freed += sizes.get(sha256, 0)
             planned.append((unit, freed))
             used -= freed
-        return planned
+        return planned, went_through
 
     def frees_nothing(self, unit: Unit, staying: set[str]) -> bool:
         """Whether removing ``unit`` would free no byte: each of its blobs stays (:meth:`staying_blobs`)."""
