@@ -251,6 +251,39 @@ def test_after_ctrl_c_what_was_kept_is_said_alike_everywhere(
     assert abs(resumed - variant.bytes_done) <= small, (resumed, variant.bytes_done)
 
 
+def test_ctrl_c_pressed_again_and_again_keeps_what_the_chunks_in_flight_received(
+    big_upstream: FaultProxy, tmp_path: Path
+) -> None:
+    """Ctrl-C pressed three times: the second raised KeyboardInterrupt in the middle of the pull's
+    unwinding, and the parts of the chunks in flight were not written down, a resume fetching them again (an
+    explorer's trial). Those pressed while it unwinds let it finish."""
+    proxy, home = big_upstream, tmp_path / "local"
+    chunk = 1 << 20
+    Depot(home, chunk_size=chunk).close()
+    plan = proxy.set("pass")
+    env = {
+        **_subprocess_env(proxy),
+        "MODELDEPOT_MAX_DOWNLOAD_RATE": "2MiB/s",
+    }  # (cancelled, it unwinds a while)
+    process = _pull_process(home, env, interruptible=True)
+    try:
+        wait_until(lambda: plan.body_bytes > 5 * chunk // 2)
+        for _ in range(3):  # (a user pressing Ctrl-C again and again)
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, err
+    with Depot(home) as depot:
+        [big] = [f for f in depot.get_manifest(REPO).files if f.path == BIG]
+        log = depot.store.partials.read_log(big.sha256 or "")
+        assert log is not None and log.parts, "(the chunks in flight kept their parts)"
+    assert "every finished chunk is kept" not in err and " kept" in err, err
+
+
 def test_a_killed_pull_resumes_fetching_only_the_missing_chunks(
     big_upstream: FaultProxy, tmp_path: Path
 ) -> None:

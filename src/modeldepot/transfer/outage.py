@@ -26,6 +26,8 @@ import contextvars
 import dataclasses
 import itertools
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -160,9 +162,62 @@ def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
+        if threading.current_thread() is threading.main_thread() and (
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
+            return _run_through_ctrl_c(coroutine)
         return asyncio.run(coroutine)
     with ThreadPoolExecutor(1, thread_name_prefix="modeldepot-blocking") as helper:
         return helper.submit(contextvars.copy_context().run, asyncio.run, coroutine).result()
+
+
+INTERRUPT_GRACE = 5.0  # seconds after a Ctrl-C during which another one lets the first finish
+
+
+def _run_through_ctrl_c(coroutine: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(coroutine)``, whose Ctrl-C cancels the coroutine (a pull then keeps what it received) and
+    raises KeyboardInterrupt once it has unwound, as ``asyncio.run`` does; but another Ctrl-C within
+    :data:`INTERRUPT_GRACE` seconds of the first lets that unwinding finish. ``asyncio.run`` raised
+    KeyboardInterrupt at once wherever the loop was, and a user pressing Ctrl-C three times lost every part
+    of a chunk in flight its pull was writing down (an explorer's trial). Later ones interrupt at once."""
+    first: list[float] = []  # when the first Ctrl-C came
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        task = loop.create_task(coroutine)
+
+        def on_ctrl_c(signum: int, frame: object) -> None:
+            if not first:
+                first.append(time.monotonic())
+                loop.call_soon_threadsafe(task.cancel)  # (wakes the loop, too)
+                return
+            if time.monotonic() - first[0] >= INTERRUPT_GRACE:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_ctrl_c)
+        try:
+            return loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if first:
+                raise KeyboardInterrupt from None
+            raise
+        finally:
+            if (
+                not first
+            ):  # (interrupted, those that follow within the grace are let be: the caller says what was kept)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+    finally:
+        try:  # (as asyncio.run ends: what is left is cancelled and awaited, the default executor shut down)
+            left = asyncio.all_tasks(loop)
+            for other in left:
+                other.cancel()
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
 
 
 def run_through_outages(
