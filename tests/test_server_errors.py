@@ -48,6 +48,7 @@ EXPECTED = {
     "IndexDamagedError": (500, "NodeError"),  # (gc refused on a damaged index: its log says more)
     "SharedBlobsRemovedError": (500, "NodeError"),  # (a pull's files removed under it three times running)
     "ReadOnlyStoreError": (503, "ReadOnlyStore"),
+    "StoreClosedError": (503, "ShuttingDown"),  # (a request that came as the node stopped)
     "ConfigError": (500, "NodeError"),
 }
 

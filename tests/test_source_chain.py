@@ -600,6 +600,9 @@ def test_pulls_of_one_commit_file_by_file_read_its_manifest_once(
 ) -> None:
     # (A mirror pulls each file a client asks for on its own: each pull asked the node for the commit's
     # whole manifest, built and parsed again every time.)
+    import modeldepot.transfer.chain as chain_module
+
+    chain_module._MANIFESTS.clear()  # (an earlier test's node at the same port and of the same files: a 304)
     node = make_node("n", {REPO: FILES})
     proxy = RecordingProxy(background, node.url)
     local = make_local("by-file", [proxy.url], CountingListener(background).url)
@@ -615,8 +618,6 @@ def test_pulls_of_one_commit_file_by_file_read_its_manifest_once(
         WEIGHTS,
     }
     # A listing of more files than are kept is not kept (a 100,000-file one took 102 MiB: a review)
-    import modeldepot.transfer.chain as chain_module
-
     chain_module._MANIFESTS.clear()
     monkeypatch.setattr(chain_module, "MANIFEST_FILES_KEPT", len(FILES) - 1)
     local.remove(REPO)

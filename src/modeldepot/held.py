@@ -68,11 +68,8 @@ class HeldModels:
         # RAM tiers of the caller's own (``Preloader(depot, ...)``) beside the depot's: kept from eviction
         # and let go of once removed as its own is (they kept a removed model's disk space for good)
         self._own_preloaders: weakref.WeakSet[Preloader] = weakref.WeakSet()
-        from modeldepot.preload.preloader import hold_for
-
-        hold_for(
-            store, self
-        )  # (a tier built on the depot's store is the depot's too: Preloader(depot.store))
+        # (a tier built on the depot's store is the depot's too: Preloader(depot.store))
+        store.held_models = self
 
     def add_preloader(self, preloader: Preloader) -> None:
         """A RAM tier built on this depot: its models count as in use, and go once removed."""

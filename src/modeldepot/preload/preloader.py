@@ -25,11 +25,10 @@ import operator
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from modeldepot.config import parse_share, parse_size
 from modeldepot.errors import ConfigError, CorruptBlobError, DepotError, InvalidInputError, NotFoundError
@@ -182,23 +181,6 @@ class PreloadHandle:
         self.release()
 
 
-class DepotHolds(Protocol):
-    """What a depot keeps of the models its process holds (held.py): told of every tier built on it."""
-
-    def add_preloader(self, preloader: Preloader) -> None: ...
-
-    def look_now_and_then(self) -> None: ...
-
-
-# A depot's own store -> its held models: a tier built on the store (Preloader(depot.store)) is the depot's too
-_DEPOT_HOLDS: weakref.WeakKeyDictionary[Store, DepotHolds] = weakref.WeakKeyDictionary()
-
-
-def hold_for(store: Store, holds: DepotHolds) -> None:
-    """Tell the tiers built on ``store`` from now on of the depot it is the own store of."""
-    _DEPOT_HOLDS[store] = holds
-
-
 class Preloader:
     """Models in RAM under ``budget`` (bytes, ``"8GiB"`` or ``"50%"`` of RAM). Thread-safe.
 
@@ -238,7 +220,7 @@ class Preloader:
         # use after a few seconds (a worker that only preloads and reads kept a removed model mapped, its disk
         # space taken and its budget spent, for good: a trial). (So does one built on a depot's store; one on a
         # store opened alone has no depot to tell.)
-        held = _DEPOT_HOLDS.get(source) if isinstance(source, Store) else getattr(source, "_held", None)
+        held = source.held_models if isinstance(source, Store) else getattr(source, "_held", None)
         self._look_for_removed: Callable[[], None] = held.look_now_and_then if held is not None else _nothing
         if held is not None:
             held.add_preloader(self)

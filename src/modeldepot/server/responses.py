@@ -26,6 +26,7 @@ from modeldepot.errors import (
     ReadOnlyStoreError,
     RepoNotFoundError,
     RevisionNotFoundError,
+    StoreClosedError,
     StoreFullError,
     UpstreamError,
     UpstreamTimeoutError,
@@ -386,4 +387,8 @@ def response_for_error(error: DepotError) -> web.Response:
         return error_response(507, "StoreFull", "the node's disk is full")
     if isinstance(error, ReadOnlyStoreError):  # (a miss, or a write: such a node serves what it holds)
         return error_response(503, "ReadOnlyStore", f"the node's store is read-only: {error}")
+    if isinstance(error, StoreClosedError):  # (a request that came as the node stopped)
+        return error_response(
+            503, "ShuttingDown", "the node is stopping: ask again, here once it is back or elsewhere"
+        )
     return error_response(500, "NodeError", "the node could not complete the request")

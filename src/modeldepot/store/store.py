@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from modeldepot.config import DEFAULT_CHUNK_SIZE, DepotConfig
 from modeldepot.errors import (
@@ -161,6 +161,9 @@ class Store:
         self.lock = StoreLock(self.layout.lock_path, read_only=self.read_only)
         self.manifests = ManifestStore(self.index)
         self.access = AccessLog(self.index, enabled=not self.read_only)
+        # What the process holds of this store in memory (a depot's held.HeldModels, set by the depot whose own
+        # store it is): a RAM tier built on the store alone tells it of what it maps
+        self.held_models: Any = None
         self.chunk_size = self._settle_chunk_size(config.chunk_size, config.chunk_size_required)
         self.partials = PartialFiles(self.layout, self.chunk_size, writeback=config.durability == "sync")
         self.store_id = self._setting_or_default("store_id", uuid.uuid4().hex)
