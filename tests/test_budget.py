@@ -479,24 +479,32 @@ def test_a_branch_pin_keeps_no_commit_the_branch_never_named(
             assert ("up/q", first) in {(e.repo_id, e.commit_id) for e in local.plan_shrink(1)}
 
 
+@pytest.mark.parametrize("pinned", [None, "Q8_0"])
 def test_a_branch_pinned_while_held_in_part_keeps_its_quant_through_an_update(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pinned: str | None
 ) -> None:
     """main pulled with one quant and pinned whole, then a quant of the update pulled (main moves): the quant
-    main named when pinned stays, though its commit was never held whole (a review)."""
+    main named when pinned stays, though its commit was never held whole (a review). So does a quant pinned
+    alone (`pin --quant`), which went at the next write, the pin still listed (an explorer's trial), until the
+    update holds it."""
     with hub_node(tmp_path, monkeypatch) as hub:
         hub.import_dir(quants(tmp_path, "up/q"), "up/q")
         with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
             local.pull("up/q", "Q8_0")
             old = local.resolve("up/q")
-            local.pin("up/q")
+            local.pin("up/q", pinned)
             update = quants(tmp_path, "up/q")
             (update / "model-Q4_K_M.gguf").write_bytes(np.random.default_rng(9).bytes(MB))
+            (update / "model-Q8_0.gguf").write_bytes(np.random.default_rng(10).bytes(MB))
             hub.import_dir(update, "up/q")
             time.sleep(0.01)
             local.pull("up/q", "Q4_K_M")
             assert local.resolve("up/q") != old
             assert ("up/q", old) not in {(e.repo_id, e.commit_id) for e in local.plan_shrink(1)}
+            local.store.budget.shrink(1)
+            assert local.file_path("up/q", "model-Q8_0.gguf", revision=old).exists()
+            local.pull("up/q", "Q8_0")  # the update is whole now: the pin follows it alone
+            assert ("up/q", old) in {(e.repo_id, e.commit_id) for e in local.plan_shrink(1)}
 
 
 def test_in_a_repo_no_ref_names_its_reads_keep_its_newest_revision(

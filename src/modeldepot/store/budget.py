@@ -326,24 +326,33 @@ class DiskBudget:
             except NotFoundError:
                 continue  # the pin names a branch or repo no longer in the store: nothing to keep
             pinned.setdefault(key, set()).add((pin.quant or "").lower())
-            if pin.quant is None and pin.revision != key[1]:
-                earlier = self._held_before(pin.repo_id, key[1], pin.created_at)
+            if pin.revision != key[1]:
+                earlier = self._held_before(pin.repo_id, key[1], pin.created_at, pin.quant)
                 if earlier is not None:
-                    pinned.setdefault((pin.repo_id, earlier), set()).add("")
+                    pinned.setdefault((pin.repo_id, earlier), set()).add((pin.quant or "").lower())
         return pinned
 
-    def _held_before(self, repo_id: str, commit_id: str, pinned_at: float) -> str | None:
+    def _held_before(
+        self, repo_id: str, commit_id: str, pinned_at: float, quant: str | None = None
+    ) -> str | None:
         """The newest revision older than ``commit_id`` that holds a variant (a file, without the variants'
         hook) it lacks: the commit a pinned branch named before a pull of some variants of an update moved it.
         A pin of the whole model keeps that one too, until the update holds all it held (a `pull --quant fp16`
-        of an update left the pin on fp16 alone, and the next write evicted the pinned fp32 and q4: a trial)."""
+        of an update left the pin on fp16 alone, and the next write evicted the pinned fp32 and q4: a trial).
+        ``quant``: a pin of that variant alone, which keeps the newest such revision that holds it, until the
+        update does (a pull of another quant of the update moved the branch, and the pinned quant went at the
+        next write, the pin still listed: an explorer's trial)."""
 
         def held(commit: str) -> set[str]:
             paths = list(self.store.file_sizes(repo_id, commit))
             if self.order.variants is None:
                 return set(paths)
-            return {name.lower() for name, _, _ in self.order.variants(paths)}
+            return {
+                alias for name, _, aliases in self.order.variants(paths) for alias in (name.lower(), *aliases)
+            }
 
+        if quant is not None and self.order.variants is None:
+            return None  # (no variants told apart here: the pin keeps its commit whole)
         if self._holds_whole is not None and self._holds_whole(repo_id, commit_id):
             return None  # (an update that dropped a variant upstream is the model now)
         revisions = self.store.revisions(repo_id)
@@ -351,6 +360,9 @@ class DiskBudget:
         if newer is None:
             return None
         now = held(commit_id)
+        wanted = quant.lower() if quant is not None else None
+        if wanted is not None and wanted in now:
+            return None
         # The revisions the branch may have named since the pin: from the newest made before it (the one the
         # branch named then, the store keeping no history of its refs) on. Not a commit pulled in part by its
         # id before, which the branch never named, kept for as long as the branch lacked its quant (a review),
@@ -361,7 +373,7 @@ class DiskBudget:
             if commit == commit_id or when > newer:
                 continue
             named = when >= since or self._holds_whole is None or self._holds_whole(repo_id, commit)
-            if named and held(commit) - now:
+            if named and (wanted in held(commit) if wanted is not None else held(commit) - now):
                 return commit
         return None
 
