@@ -31,7 +31,7 @@ from conftest import (
     store_files_consistent,
     write_model_dir,
 )
-from modeldepot import Depot, InvalidInputError, SourceDirectoryError, StoreError
+from modeldepot import Depot, EntryNotFoundError, InvalidInputError, SourceDirectoryError, StoreError
 from modeldepot.cli import cli
 
 SAMPLE = "acme/sample"
@@ -269,6 +269,24 @@ def test_a_commit_adopted_without_its_listing_is_not_taken_for_the_whole_of_it(
     assert not (cache / FOLDER / "trees").exists()
     with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
         assert depot.hf_cache_import(cache_dir=cache).ok
+        # A node that does not mirror answered a file of it with the commit's id, and the client recorded the
+        # file as absent from the commit for good (an explorer's trial); the CLI said it was "not in" it
+        plain = LiveNode(Depot(tmp_path / "store"), owns_depot=True)
+        try:
+            from huggingface_hub import _CACHED_NO_EXIST, try_to_load_from_cache
+            from huggingface_hub.errors import EntryNotFoundError as HubEntryNotFound
+
+            with pytest.raises(HubEntryNotFound):
+                hf_hub_download(SAMPLE, "model.safetensors", revision=commit, endpoint=plain.url,
+                                cache_dir=tmp_path / "client2")  # fmt: skip
+            cached = try_to_load_from_cache(
+                SAMPLE, "model.safetensors", revision=commit, cache_dir=tmp_path / "client2"
+            )
+            assert cached is not _CACHED_NO_EXIST
+        finally:
+            plain.stop()
+        with pytest.raises(EntryNotFoundError, match="its commit may have it"):
+            depot.file_path(SAMPLE, "model.safetensors", revision=commit)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", node.url)
     with Depot(tmp_path / "store") as depot:

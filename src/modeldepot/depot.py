@@ -450,10 +450,11 @@ class Depot:
             return held
         return self._listings.whole(repo_id, commit_id, held)
 
-    def commit_lists(self, repo_id: str, commit_id: str, path: str) -> bool:
-        """Whether the commit has ``path`` by the repo's saved listing of it (:meth:`commit_files` lists it,
-        held or not), for a repo as the store spells it."""
-        return self._listings.lists(repo_id, commit_id, path)
+    def commit_may_have(self, repo_id: str, commit_id: str, path: str) -> bool | None:
+        """Whether the commit has ``path`` by the repo's saved listing of it (True, False), or may (None: a commit
+        adopted from a Hugging Face cache without its listing is known as the files the cache held; a miss of
+        another was answered as a file the commit lacks, and huggingface_hub kept it so for good)."""
+        return self._listings.may_have(repo_id, commit_id, path)
 
     @_any_case
     def file_info(self, repo_id: str, path: str, revision: str = "main") -> FileEntry:
@@ -467,9 +468,14 @@ class Depot:
             return self.tiers.entry(repo_id, path, revision)
         except EntryNotFoundError as missing:
             commit_id = missing.commit_id
-            if missing.in_commit or not commit_id or not self.commit_lists(repo_id, commit_id, path):
+            if missing.in_commit or not commit_id:
                 raise
-            advice = f" (its commit has it: `modeldepot pull {repo_id} -r {commit_id}` fetches it)"
+            has = self.commit_may_have(repo_id, commit_id, path)
+            if has is False:
+                raise
+            advice = (f" (its commit has it: `modeldepot pull {repo_id} -r {commit_id}` fetches it)" if has else
+                      " (its commit may have it: the store holds what a Hugging Face cache held of it, without the "
+                      f"commit's listing; `modeldepot pull {repo_id} -r {commit_id}` fetches the rest)")  # fmt: skip
             raise EntryNotFoundError(
                 repo_id, revision, path, commit_id, in_commit=True, advice=advice
             ) from None

@@ -286,6 +286,18 @@ class CommitListings:
         listing = self._listing(repo_id, commit_id)
         return listing is not None and path in listing[1]
 
+    def may_have(self, repo_id: str, commit_id: str, path: str) -> bool | None:
+        """Whether the commit has ``path``: True when its listing names it, None when the commit is not known
+        whole (adopted from a Hugging Face cache without its listing: only the files the cache held are
+        known), False when it does not have it."""
+        listing = self._listing(repo_id, commit_id)
+        if listing is not None:
+            return path in listing[1]
+        rows = self.store.index.read(
+            "SELECT tree_oid FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)
+        )
+        return None if rows and not rows[0]["tree_oid"] else False
+
     def _listing(self, repo_id: str, commit_id: str) -> tuple[tuple[RemoteFile, ...], frozenset[str]] | None:
         """The commit's files and paths, parsed once: the repo's saved scan's when it is of this commit,
         else the listing kept of the commit when it was scanned (the repo's one scan had moved to another

@@ -535,12 +535,13 @@ async def _local_resolve(request: web.Request, repo_id: str, revision: str, path
 
 
 def _held_entry(depot: Depot, repo_id: str, path: str, revision: str) -> FileEntry:
-    """The file as the depot holds it; one its commit has that is not held here (a pull of one variant)
-    is an EntryNotFoundError that says so (``in_commit``: answered without the commit's id)."""
+    """The file as the depot holds it; one its commit has (a pull of one variant), or may have (an adopted
+    cache's commit, not known whole), that is not held here is an EntryNotFoundError that says so
+    (``in_commit``: answered without the commit's id)."""
     try:
         return depot.file_info(repo_id, path, revision)
     except EntryNotFoundError as missing:
-        if missing.commit_id and depot.commit_lists(repo_id, missing.commit_id, path):
+        if missing.commit_id and depot.commit_may_have(repo_id, missing.commit_id, path) is not False:
             raise EntryNotFoundError(repo_id, revision, path, missing.commit_id, in_commit=True) from None
         raise
 
