@@ -350,23 +350,19 @@ def test_a_peer_whose_chunks_wait_in_this_pulls_queue_is_not_taken_for_silent(
             peer.stop()
 
 
-def test_a_mirror_peer_answers_a_branch_while_the_hub_is_silent(
+def test_a_mirror_peer_answers_a_scan_from_its_store_while_the_hub_is_silent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A peer that is a mirror asks its own upstream for a branch first, and answers from its store after
-    mirror.HELD_PATIENCE when that upstream is silent: the very case in which a branch is asked of the peers.
-    Given up on at 5 s, such a peer never answered in time and was left out of the next scans (a review). And
-    for a repo it does not hold it waits on its upstream past any scan's patience: left out for that, the
-    repos it alone holds could not be scanned for a minute (a review): a peer that answers its health is
-    alive, only slow, and stays in."""
-    from modeldepot.errors import UpstreamError
-    from modeldepot.mirror import HELD_PATIENCE
+    """A peer that is a mirror answers a fleet's scan from what it holds, at once: it asked its own upstream
+    first (the Hub, which the scanning node had asked already for a branch), and the scan waited on that
+    silent upstream past its patience for a repo the peer does not hold (reviews: it was then taken for
+    silent itself, and the repos it alone holds could not be scanned)."""
+    from modeldepot.errors import RepoNotFoundError
     from modeldepot.transfer import chain
 
-    assert chain.PEER_SCAN_TIMEOUT > HELD_PATIENCE
     monkeypatch.setattr(chain, "BRANCH_LOOKUP_TIMEOUT", 1.0)  # (the scanner's wait for the Hub: not tested)
-    monkeypatch.setattr(chain, "PEER_SCAN_TIMEOUT", HELD_PATIENCE + 1.5)  # (above it, as ever; shorter)
     monkeypatch.setattr(chain, "_UNANSWERING", {})
+    monkeypatch.setattr(chain, "_TIMED_OUT", {})
     silent = SilentAddress()  # the Hub, behind a firewall that lets connections in and drops the rest
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", silent.url)
@@ -380,12 +376,50 @@ def test_a_mirror_peer_answers_a_branch_while_the_hub_is_silent(
         try:
             with Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b:
                 wait_until(lambda: len(b.peers()) == 1, 10, "the mirror in the view")
-                with pytest.raises(UpstreamError, match="did not answer in time"):
+                with pytest.raises(RepoNotFoundError, match="not on the depot node"):
                     b.scan_repo("acme/not-held")
                 assert b.scan_repo("acme/model").endpoint == a.url
+                assert chain._TIMED_OUT == {} and chain._UNANSWERING == {}
         finally:
             a.stop()
             silent.close()
+
+
+def test_mirrors_in_a_fleet_ask_each_other_no_further_while_their_upstream_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two mirrors of one fleet, their upstream out of reach: a repo neither holds was asked of the other
+    mirror, which asked its upstream and then its peers, the first among them, and so round, until the scan's
+    10 s ran out; three such asks (typos) left every peer, alive, out of scans for a minute, and the repos only
+    a peer held were 502s (an explorer's trial). A peer's scan is answered from what it holds."""
+    import urllib.error
+    import urllib.request
+
+    from modeldepot.transfer import chain
+
+    monkeypatch.setattr(chain, "_UNANSWERING", {})
+    monkeypatch.setattr(chain, "_TIMED_OUT", {})
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # (nothing listens: refused)
+    monkeypatch.setenv("MODELDEPOT_OUTAGE_PATIENCE", "0")
+    cluster = f"mem://fleet-{uuid.uuid4().hex[:12]}"
+    files = {".gitattributes": GITATTRIBUTES, "config.json": b"{}", "model.safetensors": weights(4, 2)}
+    with Depot(tmp_path / "a", chunk_size=SMALL_CHUNK, cluster=cluster) as a_depot, \
+            Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b_depot:  # fmt: skip
+        b_depot.import_dir(write_model_dir(tmp_path / "src", files), "acme/on-b")
+        a, b = InProcessNode(a_depot, cluster, mirror=True), InProcessNode(b_depot, cluster, mirror=True)
+        try:
+            wait_until(lambda: len(a_depot.peers()) == 2 == len(b_depot.peers()), 10, "both in each view")
+            for typo in ("acme/nowhere-1", "acme/nowhere-2", "acme/nowhere-3"):
+                with pytest.raises(urllib.error.HTTPError) as answered:
+                    urllib.request.urlopen(f"{a.url}/api/models/{typo}", timeout=60)
+                assert answered.value.code in (404, 502), answered.value.code
+            assert chain._TIMED_OUT == {} and chain._UNANSWERING == {}, "no peer was taken for silent"
+            with urllib.request.urlopen(f"{a.url}/api/models/acme/on-b", timeout=60) as reply:
+                assert json.loads(reply.read())["id"] == "acme/on-b"
+        finally:
+            a.stop()
+            b.stop()
 
 
 def test_a_peer_that_refuses_this_nodes_token_is_said_once_as_a_warning(

@@ -69,6 +69,12 @@ def hub_token(configured: str | None) -> str | None:
     return get_token()
 
 
+HELD_ONLY_HEADER = "X-Depot-Held-Only"
+"""A scan a fleet's node asks of another: answered from what that node holds, never through its own upstream
+nor its peers (mirrors asked each other round a circle while their upstream was out of reach, each scan
+ending after 10 s, and every peer, alive, was left out of scans for it: an explorer's trial)."""
+
+
 def fetch_repo(
     repo_id: str,
     revision: str,
@@ -76,18 +82,22 @@ def fetch_repo(
     token: str | None,
     token_name: str = "HF_TOKEN",
     timeout: float | None = None,
+    held_only: bool = False,
 ) -> tuple[str, str, dict[str, Any], list[RemoteFile]]:
     """(the upstream's spelling of the repo id, commit id, repo metadata, files with sizes and digests) of
     ``repo_id`` at ``revision``. The Hub matches repo ids whatever their case and answers with its own
     spelling: that one is returned when it differs from ``repo_id`` only in case, else ``repo_id``.
 
     ``token`` (none when None) goes to ``endpoint`` only. ``timeout``: seconds to wait without a byte
-    (UpstreamTimeoutError after; the whole answer within WHOLE_ANSWER_TIMEOUT).
+    (UpstreamTimeoutError after; the whole answer within WHOLE_ANSWER_TIMEOUT). ``held_only``: a depot node
+    answers from what it holds (:data:`HELD_ONLY_HEADER`).
     """
     url = f"{endpoint.rstrip('/')}/api/models/{repo_id}/revision/{quote(revision, safe='')}?blobs=true"
     headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
+    if held_only:
+        headers[HELD_ONLY_HEADER] = "1"
     try:
         reply = request("GET", url, headers, timeout or DEFAULT_TIMEOUT, MAX_ANSWER, Attempt(), MAX_REDIRECTS,
                         total=WHOLE_ANSWER_TIMEOUT)  # fmt: skip

@@ -31,6 +31,7 @@ from modeldepot.errors import (
 )
 from modeldepot.gitobjects import TreeEntry, lfs_pointer, tree_oids
 from modeldepot.hfcache.cache import ORIGIN as HF_CACHE_ORIGIN
+from modeldepot.hub.scan import HELD_ONLY_HEADER
 from modeldepot.server.commit_cache import COMMITS, CommitCache
 from modeldepot.server.context import DEPOT, is_authorized, path_matches, path_repo, request_url
 from modeldepot.server.listing import (
@@ -94,7 +95,7 @@ def _revision(request: web.Request) -> str:
         # No revision of that name can be here: the Hub's answer for a revision it cannot resolve, which
         # huggingface_hub's revision_exists and file_exists take for False (a 400 made them raise). Not on
         # a mirror: its upstream may have such a revision (a tag with a "+"), which it cannot serve.
-        if MIRROR in request.app:
+        if _mirrors(request):
             raise
         repo_id = f"{request.match_info.get('org', '')}/{request.match_info.get('name', '')}"
         raise RevisionNotFoundError(repo_id, revision, str(refused)) from None
@@ -124,6 +125,12 @@ async def _visible_repo(request: web.Request, repo_id: str) -> RepoSummary:
     return summary
 
 
+def _mirrors(request: web.Request) -> bool:
+    """Whether this request may be answered through the node's upstream: the node mirrors, and the request is
+    no fleet peer's scan (answered from the store: HELD_ONLY_HEADER)."""
+    return MIRROR in request.app and HELD_ONLY_HEADER not in request.headers
+
+
 async def _local_origin(request: web.Request, repo_id: str) -> tuple[str, bool] | None:
     """Where the store's repo came from and whether it is private; None when it does not hold it."""
     return await asyncio.to_thread(request.app[DEPOT].store.origin, repo_id)
@@ -133,7 +140,7 @@ async def _mirrorable(request: web.Request, repo_id: str) -> bool:
     """Whether a local miss may be answered from upstream: the node mirrors, and the repo is not one the
     node imported (its own: the upstream's repo of that name is another, and pulling it would mix it in and
     move the repo's branch) nor a private local one this request may not see (a miss must not reveal it)."""
-    if MIRROR not in request.app:
+    if not _mirrors(request):
         return False
     held = await _local_origin(request, repo_id)
     return held is None or (held[0] != "import" and (not held[1] or is_authorized(request)))
@@ -146,7 +153,7 @@ async def _upstream_first(request: web.Request, repo_id: str, revision: str) -> 
     An imported repo is the node's own, a private one this request may not see is never looked up upstream
     (that would reveal it), and a commit the store holds is answered from the store (it cannot move).
     Returns (whether to ask the upstream first, whether the store holds the repo: it may answer instead)."""
-    if MIRROR not in request.app:
+    if not _mirrors(request):
         return False, False
     held = await _local_origin(request, repo_id)
     if held is None:
@@ -270,7 +277,7 @@ async def list_commits(request: web.Request) -> web.Response:
     repo_id = await path_repo(request)
     query = CommitQuery.parse(request.query)
     depot: Depot = request.app[DEPOT]
-    if MIRROR in request.app:
+    if _mirrors(request):
         # The revision as the mirror's other routes describe it (the upstream's branch; a repo or branch not
         # pulled yet): model_info answered it, and its commits were "not found", a repo's or a branch's
         # (an explorer's trial). One the store does not hold is listed as that one commit.
@@ -454,13 +461,13 @@ FileAnswer = Callable[[web.Request, str, str, str], Awaitable[web.StreamResponse
 async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswer) -> web.StreamResponse:
     """A file of a revision: ``local`` answers from the store, ``remote`` from a mirror's upstream (each
     called with the repo, the revision and the path), whichever knows the file, in the mirror's order."""
-    if MIRROR in request.app:
+    if _mirrors(request):
         repo_id = await path_repo(request)
     else:  # spelled as the store spells it by the file's lookup, in its one trip to a worker thread
         repo_id = validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
     revision = _revision(request)
     path = validate_path(request.match_info["path"])
-    if _resumes(request) and MIRROR in request.app and request.app[MIRROR].broke(repo_id, path):
+    if _resumes(request) and _mirrors(request) and request.app[MIRROR].broke(repo_id, path):
         # A client resuming a response that broke would join good bytes to refuted ones: send it whole. (Not
         # a read of a closed range, HfFileSystem's: it takes a 200 for the range it asked, wrong bytes.)
         request = request.clone(headers={k: v for k, v in request.headers.items() if k.lower() != "range"})

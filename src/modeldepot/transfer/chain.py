@@ -260,7 +260,7 @@ class SourceChain:
             answer: Scan | DepotError
             try:
                 answer = self._scan_at(
-                    peer, repo_id, revision, min(peer.retry.read_timeout, PEER_SCAN_TIMEOUT)
+                    peer, repo_id, revision, min(peer.retry.read_timeout, PEER_SCAN_TIMEOUT), held_only=True
                 )
             except DepotError as error:
                 answer = error
@@ -294,7 +294,10 @@ class SourceChain:
                                               "ago)", repo_id=repo_id, source=peer.base_url))  # fmt: skip
         return None
 
-    def _scan_at(self, node: HttpSource, repo_id: str, revision: str, timeout: float | None = None) -> Scan:
+    def _scan_at(self, node: HttpSource, repo_id: str, revision: str, timeout: float | None = None,
+                 held_only: bool = False) -> Scan:  # fmt: skip
+        """``held_only``: a fleet's peer, which answers from what it holds (hub/scan.py's HELD_ONLY_HEADER); a
+        node the user names (MODELDEPOT_SERVERS) may mirror for it."""
         spelled, commit_id, info, files = fetch_repo(
             repo_id,
             revision,
@@ -302,6 +305,7 @@ class SourceChain:
             node.token,
             "MODELDEPOT_TOKEN",
             timeout or node.retry.read_timeout,
+            held_only,
         )
         return Scan(spelled, commit_id, info, files, node.base_url)
 
