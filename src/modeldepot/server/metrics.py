@@ -15,7 +15,7 @@ and :class:`NodeCollector`, which builds every modeldepot figure when it is scra
   :class:`BlobResponse` sends by sendfile (around the writer), each counted as it goes;
 - **counted by the library in this process** (:data:`modeldepot.counters.PULLS`):
   ``modeldepot_pull_bytes_total{source}`` (``node``, ``peer``, ``hub``: as a pull's ``bytes_by_source``,
-  what was fetched), ``modeldepot_pull_reused_bytes_total`` (a pull's ``local`` bytes: found in place), ``modeldepot_chunks_rejected_total`` (chunks that failed their BLAKE3 check on
+  what was fetched, counted as it crossed the wire), ``modeldepot_pull_reused_bytes_total`` (a pull's ``local`` bytes: found in place), ``modeldepot_chunks_rejected_total`` (chunks that failed their BLAKE3 check on
   receipt), ``modeldepot_files_rejected_total`` (downloaded files that failed their SHA-256 or git oid);
 - **read from the store** (its index, on a worker thread): ``modeldepot_repos``, ``modeldepot_store_blobs``,
   ``modeldepot_store_bytes`` (blob bytes, each content once), and from ``Depot.budget_status()``

@@ -588,7 +588,7 @@ class _FileJob(ChunkChooser):
                     )
                 data = await source.source.fetch(
                     source.url, offset, offset + length - 1, self.remote.size,
-                    buffer if mapping is None else mapping, request.receiving,
+                    buffer if mapping is None else mapping, request.receiving, source.kind,
                 )  # fmt: skip
             except BaseException:
                 buffers.release()
@@ -825,7 +825,7 @@ class _FileJob(ChunkChooser):
             async with self.limits.source_slot(source.source), self.limits.buffer_slot():
                 buffer = bytearray(chunk_size)  # allocated under the buffer slot, like a fetched chunk's
                 session = await self.http.get()
-                await source.source.stream_whole(session, source.url, self.remote.size, sink)
+                await source.source.stream_whole(session, source.url, self.remote.size, sink, source.kind)
         except StoreError:
             raise
         except DepotError as error:

@@ -109,7 +109,8 @@ class PullTracker:
         self.done[path] = self.done.get(path, 0) + amount
         if amount:
             self.by_source[origin] = self.by_source.get(origin, 0) + amount
-            PULLS.add_bytes(origin, amount)  # the process's counters (the node's /metrics)
+            if origin == "local":  # (the process's counters, the node's /metrics: fetched bytes as they came)
+                PULLS.add_bytes(origin, amount)
             kinds = self.path_sources.setdefault(path, {})
             kinds[origin] = kinds.get(origin, 0) + amount
         receiving = self.receiving.get(path)

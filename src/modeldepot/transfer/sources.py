@@ -27,6 +27,7 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import quote
 
+from modeldepot.counters import PULLS
 from modeldepot.errors import (
     AccessDeniedError,
     NotFoundError,
@@ -186,12 +187,13 @@ class HttpSource:
 
     async def fetch(
         self, url: str, start: int, end: int, size: int, into: bytearray | mmap.mmap | None = None,
-        receiving: Receiving | None = None,
+        receiving: Receiving | None = None, counted_as: str | None = None,
     ) -> memoryview:  # fmt: skip
         """Bytes ``start..end`` (inclusive) of a ``size``-byte file; retried on transient failures. Read
         into ``into`` when it is large enough: a reused buffer (no allocation, no zeroing per chunk), or
         the file's own pages, mapped (no copy between the socket and the file). ``receiving`` counts the
-        bytes in as they arrive (a progress display's).
+        bytes in as they arrive (a progress display's). The process's counters (:data:`PULLS`) take them as
+        they cross the wire, as from a source of kind ``counted_as`` (default: this source's kind).
 
         A connection cut (or stalled) in the middle of the body is retried for the rest of the range alone,
         and an attempt that brought bytes is not counted against the attempts (up to
@@ -205,24 +207,26 @@ class HttpSource:
         buffer = into if into is not None and len(into) >= want else bytearray(want)
         view = memoryview(buffer)[:want]
         try:
-            await self._read(url, start, size, view, Receiving() if receiving is None else receiving)
+            await self._read(url, start, size, view, Receiving() if receiving is None else receiving,
+                             counted_as or self.kind)  # fmt: skip
             return view
         except BaseException:
             view.release()  # no reader holds it now: the caller may reuse, resize or unmap what it viewed
             raise
 
-    async def _read(self, url: str, start: int, size: int, view: memoryview, receiving: Receiving) -> None:
+    async def _read(self, url: str, start: int, size: int, view: memoryview, receiving: Receiving,
+                    counted_as: str) -> None:  # fmt: skip
         clock = OUTAGE.get()  # (a pull's, when it waits out outages)
         if clock is None:
-            return await self._read_attempts(url, start, size, view, receiving, None, 0)
+            return await self._read_attempts(url, start, size, view, receiving, None, 0, counted_as)
         token = clock.asking_begins()
         try:
-            return await self._read_attempts(url, start, size, view, receiving, clock, token)
+            return await self._read_attempts(url, start, size, view, receiving, clock, token, counted_as)
         finally:
             clock.asking_ends(token)
 
     async def _read_attempts(self, url: str, start: int, size: int, view: memoryview, receiving: Receiving,
-                             clock: OutageClock | None, token: int) -> None:  # fmt: skip
+                             clock: OutageClock | None, token: int, counted_as: str) -> None:  # fmt: skip
         want = len(view)
         headers = self.headers()
         problem = ""
@@ -240,10 +244,16 @@ class HttpSource:
             if clock is not None:
                 clock.attempt(token, attempt)
             try:
-                with view[kept:] as rest:  # (released on the way out: an unmapped file must hold no view)
-                    answer = await self._attempt(
-                        url, start + kept, start + want - 1, size, rest, headers, attempt
-                    )
+                try:
+                    with view[kept:] as rest:  # (released on the way out: an unmapped file must hold no view)
+                        answer = await self._attempt(
+                            url, start + kept, start + want - 1, size, rest, headers, attempt
+                        )
+                finally:
+                    # Counted as they crossed the wire, whether the chunk lands or not (counted as chunks landed,
+                    # a pull's parts kept when its source died were never counted, and its resume said them
+                    # "found in place": an explorer's trial)
+                    PULLS.add_bytes(counted_as, attempt.received)
                 if clock is not None and self.kind == "hub":
                     clock.hub_heard = True  # (an answer, whatever it says: the address is right)
                 status = answer.status
@@ -352,7 +362,12 @@ class HttpSource:
         return _parse_chunk_map(url, body, size, chunk_size)
 
     async def stream_whole(
-        self, session: aiohttp.ClientSession, url: str, size: int, sink: PieceSink
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        size: int,
+        sink: PieceSink,
+        counted_as: str | None = None,
     ) -> None:
         """The whole file in one GET without Range, handed to ``sink`` piece by piece (for servers that
         do not do ranges). One attempt: a caller that needs more tries again."""
@@ -373,6 +388,9 @@ class HttpSource:
                         raise UpstreamError(
                             f"{url}: the server sent more than the file's {size} bytes", source=url
                         )
+                    PULLS.add_bytes(
+                        counted_as or self.kind, len(piece)
+                    )  # (as they cross the wire: see fetch)
                     if self.limit is not None:
                         await self.limit.take_async(len(piece))
                     await sink(memoryview(piece))
