@@ -13,7 +13,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from conftest import LiveNode, flip_byte, sample_files, write_model_dir
+from conftest import LiveNode, flip_byte, free_port, sample_files, write_model_dir
 from modeldepot import Depot, InvalidInputError
 from modeldepot.cli import cli, render
 from modeldepot.cli.render import format_bytes
@@ -159,6 +159,27 @@ def test_gc_and_du_report(home: Path, model_dir: Path) -> None:
     assert usage["reserve_bytes"] == reserve >= 1 << 20 and "reserve" in out
     shown = usage["blob_bytes"] + usage["index_bytes"] + reserve
     assert f"total       {format_bytes(shown)}" in out, out
+
+
+def test_a_command_that_fails_leaves_no_store_it_made_and_kept_nothing_in(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull of a mistyped repo, or an `hf-cache import` of a folder that is no cache, made an empty store where
+    --home named, and a mistyped --home went unnoticed by the reads after (an explorer's trial)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # (nothing listens)
+    for args in (["pull", "acme/nowhere"], ["scan", "acme/nowhere"],
+                 ["hf-cache", "import", "--cache-dir", str(tmp_path / "no-cache")]):  # fmt: skip
+        home = tmp_path / "fresh"
+        code, _, err = run(*args, home=home)
+        assert code == 1 and "error:" in err, (args, err)
+        assert not home.exists(), args
+    held = tmp_path / "held"
+    run("import", str(model_dir), "--repo", REPO, home=held)
+    code, _, _ = run("pull", "acme/nowhere", home=held)
+    assert code == 1
+    with Depot(held) as depot:
+        assert [r.repo_id for r in depot.list_repos()] == [REPO], "a store of the user's stays"
 
 
 def test_console_script_and_module_entry_points(tmp_path: Path) -> None:

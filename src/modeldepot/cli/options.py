@@ -4,6 +4,7 @@ settings the options replace."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -16,7 +17,7 @@ import click
 from rich.markup import escape
 
 from modeldepot.cli import render
-from modeldepot.config import DepotConfig, validate_cluster, validate_cluster_prefix
+from modeldepot.config import DepotConfig, default_home, validate_cluster, validate_cluster_prefix
 from modeldepot.depot import Depot
 from modeldepot.errors import ConfigError, DepotError, InvalidInputError, SourceDirectoryError
 from modeldepot.validation import validate_repo_id, validate_revision
@@ -57,6 +58,28 @@ def home_option_after(check: Callable[[dict[str, Any]], None], *, shared: bool =
     return lambda function: _with_home(function, creates=True, check=check, shared=shared)
 
 
+def _remove_if_untouched(folder: Path) -> None:
+    """Remove the store a failed command made at ``folder`` when nothing was kept in it (no repo, scan, blob nor
+    download) and no other process has it open (its index's log files are gone with the last connection): a
+    pull of a mistyped repo, or an `hf-cache import` of a folder that is not a cache, left an empty store where
+    a mistyped --home named, and the next read there took it for the user's."""
+    import shutil
+    import sqlite3
+
+    index = folder / "index.db"
+    if any((folder / name).exists() for name in ("index.db-wal", "index.db-shm")):
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{index.as_uri()}?mode=ro", uri=True)) as con:
+            kept = sum(con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                       for table in ("repos", "manifests", "blobs"))  # fmt: skip
+    except sqlite3.Error:
+        return
+    if kept or any(p.is_file() for p in (folder / "partials").glob("*")):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
                check: Callable[[dict[str, Any]], None] | None = None, shared: bool = True) -> F:  # fmt: skip
     @click.option(
@@ -78,6 +101,10 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
                 making = True
                 render.err.print(f"[yellow]note:[/yellow] no store at {escape(str(folder))} yet: made one, your own, to read "
                                  "the MODELDEPOT_SHARED stores through (check its name if you meant another)")  # fmt: skip
+        folder = Path(home).expanduser() if home is not None else default_home()
+        fresh = (
+            not folder.exists()
+        )  # (a store this command makes: gone again if it fails having kept nothing)
         try:
             if check is not None:
                 check({**kwargs, "home": home})
@@ -88,6 +115,8 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
             with Depot(home, create=making or not named, shared=None if shared else ()) as depot:
                 return function(depot, *args, **kwargs)
         except DepotError as error:
+            if fresh:
+                _remove_if_untouched(folder)
             render.err.print(f"[red]error:[/red] {escape(str(error))}")
             sys.exit(exit_code_for(error))
         except KeyboardInterrupt:  # (a pull says more: it keeps its chunks)
