@@ -332,6 +332,8 @@ def test_removing_an_adopted_repo_says_what_stays_linked_from_the_cache(depot: D
     assert depot.hf_cache_import(cache_dir=hf_cache).ok
     code, out, _ = run("rm", SAMPLE, "--yes", home=depot.home)
     assert code == 0 and "0 B freed" in out and "linked from elsewhere" in out, out
+    # (and an export's links are named too: "a cache the store adopted" sent one looking for no adoption)
+    assert "hf-cache export" in " ".join(out.split()), out
 
 
 def test_a_second_import_changes_nothing(depot: Depot, hf_cache: Path) -> None:

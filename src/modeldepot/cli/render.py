@@ -453,7 +453,8 @@ def render_remove(result: RemoveResult) -> None:
         f"{format_bytes(result.bytes_freed)} freed"
         + (
             f"; {format_bytes(result.bytes_still_linked)} more stay on disk, linked from elsewhere too (a Hugging "
-            "Face cache the store adopted, a folder imported with --link: deleting them there frees them)"
+            "Face cache the store adopted or `hf-cache export` fed, a folder imported with --link: deleting them "
+            "there frees them)"
             if result.bytes_still_linked
             else ""
         )

@@ -257,7 +257,8 @@ def remove_files(store: Store, repo_id: str, commit_id: str, paths: Iterable[str
 
 def _delete_blob_files(store: Store, digests: list[str]) -> tuple[int, int]:
     """Unlink the files of blobs whose rows are gone (under the exclusive lock): (bytes freed, bytes still
-    on the disk because another name links them: a Hugging Face cache the store adopted, a folder imported with --link)."""
+    on the disk because another name links them: a Hugging Face cache the store adopted or exported to, a folder
+    imported with --link)."""
     freed = still_linked = 0
     sources = linked_sources(store, digests)
     unrecorded = store.index.setting("links_unrecorded") == "1"  # (a store that linked files before schema 9)
