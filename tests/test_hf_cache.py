@@ -643,6 +643,9 @@ def test_two_spellings_of_one_repo_are_adopted_as_one_the_newest_refs_kept(
     assert result.ok, result.problems
     spelling = "Acme/Sample" if newest == other.name else SAMPLE
     assert [r.repo_id for r in depot.list_repos()] == [spelling]
+    # (the same contents in both folders are one blob each: "6 blobs" of 3, an explorer's trial)
+    blobs = {link.resolve() for link in (hf_cache / FOLDER / "blobs").iterdir()}
+    assert [(r.blobs, r.new_blobs) for r in result.repos] == [(len(blobs), len(blobs))], result.repos
     # (the newest folder's main is dev's commit, of which it holds config.json alone and no listing: main
     # stays at the commit held whole, said in a note, rather than move to a few files of another)
     assert depot.resolve(SAMPLE) == main

@@ -393,12 +393,15 @@ def import_hf_cache(
     return HfCacheImportResult(str(cache), tuple(_one_per_repo(store, adopted)), tuple(scan.problems))
 
 
-def _one_per_repo(store: Store, adopted: list[HfCacheRepo]) -> list[HfCacheRepo]:
+def _one_per_repo(store: Store, adopted: list[tuple[HfCacheRepo, frozenset[str]]]) -> list[HfCacheRepo]:
     """The folders of one repo (its id's spellings) said as one: they were "adopted" twice (a trial); a
-    commit both held counts the files the store holds of it now."""
+    commit both held counts the files the store holds of it now, and a content both held is one blob (two
+    folders of the same 3 blobs said "6 blobs": an explorer's trial)."""
     merged: dict[str, HfCacheRepo] = {}
-    for repo in adopted:
+    contents: dict[str, frozenset[str]] = {}
+    for repo, verified in adopted:
         held = merged.get(repo.repo_id)
+        contents[repo.repo_id] = contents.get(repo.repo_id, frozenset()) | verified
         if held is None:
             merged[repo.repo_id] = repo
             continue
@@ -414,7 +417,7 @@ def _one_per_repo(store: Store, adopted: list[HfCacheRepo]) -> list[HfCacheRepo]
                 sum(f.size for f in files),
             )  # fmt: skip
         merged[repo.repo_id] = dataclasses.replace(
-            held, revisions=tuple(revisions.values()), blobs=held.blobs + repo.blobs,
+            held, revisions=tuple(revisions.values()), blobs=len(contents[repo.repo_id]),
             new_blobs=held.new_blobs + repo.new_blobs, new_bytes=held.new_bytes + repo.new_bytes,
             linked_blobs=held.linked_blobs + repo.linked_blobs, copied_blobs=held.copied_blobs + repo.copied_blobs,
         )  # fmt: skip
@@ -441,7 +444,8 @@ def _linkable(store: Store, source: Path) -> bool:
 
 
 def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bool,
-           report: Callable[[str, int], None], done: list[int]) -> HfCacheRepo | None:  # fmt: skip
+           report: Callable[[str, int], None], done: list[int]) -> tuple[HfCacheRepo, frozenset[str]] | None:  # fmt: skip
+    """The repo adopted from one folder, and the contents (SHA-256s) it verified."""
     sources = _blob_sources(repo)
     if not sources:
         for name, commit in repo.refs.items():
@@ -516,9 +520,10 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
     if link:
         _say_why_copied(store, scan, repo, {sha256: (sources_of[sha256], partials[sha256].size)
                                             for sha256 in new - linked_ones})  # fmt: skip
-    return HfCacheRepo(
+    adopted = HfCacheRepo(
         repo.repo_id, tuple(revisions), len(partials), len(new), new_bytes, linked, len(new) - linked
     )
+    return adopted, frozenset(partials)
 
 
 def _say_why_copied(
