@@ -55,6 +55,17 @@ def local(upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         yield depot
 
 
+def test_a_variant_a_scan_finds_held_is_downloaded_whole(local: Depot) -> None:
+    """A scan that found a variant held (its status row gone: another commit scanned between, a peer's scan)
+    wrote "downloaded" with 0 bytes done, which the events and the manifest API said (an explorer's trial)."""
+    local.pull(REPO, ["q4f16"])
+    with local.store.index.write() as db:
+        db.execute("DELETE FROM variant_status")
+    local.scan_repo(REPO)
+    variant = local.get_manifest(REPO).variant("q4f16")
+    assert (variant.status, variant.bytes_done) == ("downloaded", variant.total_bytes)
+
+
 def test_pull_one_variant_takes_exactly_its_files_and_the_shared_ones(
     local: Depot, upstream: LiveNode
 ) -> None:

@@ -188,12 +188,17 @@ def manifest_from_record(
         bytes_done = state.bytes_done if state else 0
         if resumable and status == "failed":
             bytes_done = max(bytes_done, sum(k or 0 for k in kept.values()))
+        total_bytes = sum(sizes[p] for p in item["files"]) + shared_bytes
+        if (
+            status == "downloaded"
+        ):  # (a scan that found it held wrote its row: "downloaded", 0 B done, a trial)
+            bytes_done = total_bytes
         variants.append(
             Variant(
                 name=item["name"],
                 kind=item["kind"],
                 files=tuple(item["files"]),
-                total_bytes=sum(sizes[p] for p in item["files"]) + shared_bytes,
+                total_bytes=total_bytes,
                 status=status,
                 bytes_done=bytes_done,
                 error=error,
