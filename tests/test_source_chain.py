@@ -763,3 +763,26 @@ def test_a_revision_nowhere_is_said_by_the_hub_first_and_is_a_revision_not_found
         finally:
             for node in (hub, empty, guarded):
                 node.stop()
+
+
+def test_a_hub_that_answered_before_and_is_silent_now_is_a_timeout_not_a_node_miss(
+    make_local: LocalFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With a Hub that answered this process before gone silent, the nodes' "not here" is no answer: an outage,
+    said as the timeout it is (a 504 from a mirror), not as a 502 (a fleet's mirror said 504 once, then 502 for
+    the same scan asked again: an explorer's trial)."""
+    from conftest import SilentAddress
+    from modeldepot.errors import UpstreamTimeoutError
+    from modeldepot.transfer import chain
+
+    monkeypatch.setenv("MODELDEPOT_READ_TIMEOUT", "1")
+    with Depot(tmp_path / "empty") as empty_depot:
+        empty, silent = LiveNode(empty_depot), SilentAddress()
+        try:
+            monkeypatch.setattr(chain, "_HUB_ANSWERED", {silent.url})  # (it answered this process before)
+            local = make_local("silent-hub", [empty.url], silent.url)
+            with pytest.raises(UpstreamTimeoutError, match="not on the depot node"):
+                local.scan_repo(REPO)
+        finally:
+            empty.stop()
+            silent.close()

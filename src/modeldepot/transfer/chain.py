@@ -221,7 +221,12 @@ class SourceChain:
                 # client's RevisionNotFound kept it from its own cache (an explorer's trial). Said as the outage
                 # it is (a 502: huggingface_hub falls back to its cache). (A Hub never reached, a network
                 # without one, leaves the nodes' word: a typo is "not found" there, not a 502 retried.)
-                raise UpstreamError(said, repo_id=repo_id) from error
+                # (a Hub that did not answer in time is that: a 504, as a mirror alone says it; after a 504, the
+                # same scan asked again of a fleet's mirror said 502: an explorer's trial)
+                outage: type[UpstreamError] = (
+                    UpstreamTimeoutError if isinstance(error, UpstreamTimeoutError) else UpstreamError
+                )
+                raise outage(said, repo_id=repo_id) from error
             # (which sources said it is not there, or refused it: a mirror hides a repo only when the one it was
             # pulled from does; a refusal too, or a mirror with depot nodes beside the Hub served a repo gated
             # since to anyone, a review)
