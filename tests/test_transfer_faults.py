@@ -1179,3 +1179,25 @@ def _run_with_a_part_not_to_trust(
 
         assert result.bytes_by_source.get("node", 0) > 0 and "hub" not in result.bytes_by_source
         assert not [name for name in BANNED_NODES if proxy.url in name], "the node was blamed for our part"
+
+
+def test_ctrl_c_is_pythons_own_again_once_an_interrupted_pull_has_unwound() -> None:
+    """A script that caught the KeyboardInterrupt of an interrupted pull and went on lost its Ctrl-Cs for 5 s,
+    and its next pull could not be interrupted at all (a review): the handler of the pull's loop stayed."""
+    import asyncio
+
+    from modeldepot.transfer.outage import run_blocking
+
+    unwound: list[bool] = []
+
+    async def interrupted() -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # (the user's Ctrl-C)
+        try:
+            await asyncio.sleep(30)
+        finally:
+            unwound.append(True)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_blocking(interrupted())
+    assert unwound == [True], "cancelled, and unwound, before the KeyboardInterrupt"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -347,6 +348,8 @@ def pull_command(
         with view.running():
             result = depot.pull(repo_id, chosen, revision=revision, progress=view.update)
     except KeyboardInterrupt:
+        # (a Ctrl-C pressed again while this is said would end it with a traceback in its place)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         render.err.print(f"interrupted: {_kept_for_a_resume(depot, repo_id)}; run the same command to resume")
         sys.exit(EXIT_INTERRUPTED)
     if as_json:

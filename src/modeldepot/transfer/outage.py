@@ -192,7 +192,6 @@ def _run_through_ctrl_c(coroutine: Coroutine[Any, Any, T]) -> T:
                 loop.call_soon_threadsafe(task.cancel)  # (wakes the loop, too)
                 return
             if time.monotonic() - first[0] >= INTERRUPT_GRACE:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt
 
         signal.signal(signal.SIGINT, on_ctrl_c)
@@ -202,11 +201,6 @@ def _run_through_ctrl_c(coroutine: Coroutine[Any, Any, T]) -> T:
             if first:
                 raise KeyboardInterrupt from None
             raise
-        finally:
-            if (
-                not first
-            ):  # (interrupted, those that follow within the grace are let be: the caller says what was kept)
-                signal.signal(signal.SIGINT, signal.default_int_handler)
     finally:
         try:  # (as asyncio.run ends: what is left is cancelled and awaited, the default executor shut down)
             left = asyncio.all_tasks(loop)
@@ -218,6 +212,10 @@ def _run_through_ctrl_c(coroutine: Coroutine[Any, Any, T]) -> T:
         finally:
             asyncio.set_event_loop(None)
             loop.close()
+            # Ctrl-C is Python's own again (left to this handler, a script that went on after an interruption
+            # lost its Ctrl-Cs for 5 s, and its next pull could not be interrupted at all: a review; the CLI
+            # says what was kept with Ctrl-C ignored)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_through_outages(
