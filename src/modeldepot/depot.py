@@ -474,8 +474,8 @@ class Depot:
             if has is False:
                 raise
             advice = (f" (its commit has it: `modeldepot pull {repo_id} -r {commit_id}` fetches it)" if has else
-                      " (its commit may have it: the store holds what a Hugging Face cache held of it, without the "
-                      f"commit's listing; `modeldepot pull {repo_id} -r {commit_id}` fetches the rest)")  # fmt: skip
+                      " (its commit may have it: the store holds part of the commit, without its whole listing, as "
+                      f"a Hugging Face cache held it; `modeldepot pull {repo_id} -r {commit_id}` fetches the rest)")  # fmt: skip
             raise EntryNotFoundError(
                 repo_id, revision, path, commit_id, in_commit=True, advice=advice
             ) from None
