@@ -577,6 +577,39 @@ def test_the_uses_of_a_store_before_revisions_counted_their_own_count_for_its_re
         assert [(e.repo_id, e.commit_id) for e in depot.plan_shrink(1)] == [("acme/a", old), ("acme/a", new)]
 
 
+def test_a_model_read_during_a_write_keeps_its_blobs_and_the_least_recently_used_goes(tmp_path: Path) -> None:
+    """A model read after a write began is not evicted for it, and its blobs stay: counted as neither staying
+    nor in use, they made a plan evict a repo for 0 B and one used more recently than the least (a review). And
+    the preview, with a pull writing a quant, says what the shrink then removes (a review)."""
+    rng = np.random.default_rng(1)
+    shared, extra, other = rng.bytes(MB), rng.bytes(MB), rng.bytes(MB)
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        for name, files in (("acme/one", {"model.safetensors": shared}),
+                            ("acme/two", {"model.safetensors": shared, "extra.bin": extra}),
+                            ("acme/c", {"model.safetensors": other}),
+                            ("acme/three", {"extra.bin": extra, "config.json": b"{}"})):  # fmt: skip
+            depot.import_dir(write_model_dir(tmp_path / name, files), name)
+            time.sleep(0.02)
+        depot.set_max_size(depot.du().blob_bytes + MB // 2)  # (a 1 MiB write needs 0.5 MiB freed)
+        with depot.store.budget.writing("acme/new") as writer:
+            time.sleep(0.02)
+            depot.get_file("acme/three", "extra.bin").release()  # (a client reads acme/three meanwhile)
+            depot.store.access.flush()
+            evicted = writer.make_room(MB, "importing acme/new")
+        assert [(e.repo_id, e.bytes_freed) for e in evicted] == [("acme/one", 0), ("acme/two", MB)]
+        assert repos(depot) == {"acme/c", "acme/three"}
+    with Depot(tmp_path / "preview", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "q", {"config.json": b"{}", "model-Q4_K_M.gguf": rng.bytes(MB)}),
+                         "acme/q")  # fmt: skip
+        commit = depot.resolve("acme/q")
+        time.sleep(0.02)
+        depot.import_dir(write_model_dir(tmp_path / "b", {"model.safetensors": rng.bytes(MB)}), "acme/b")
+        with depot.store.budget.writing("acme/q", commit, paths=["model-Q8_0.gguf"]):
+            planned = [(e.repo_id, e.variant, e.bytes_freed) for e in depot.plan_shrink(MB + MB // 2)]
+            shrunk = [(e.repo_id, e.variant, e.bytes_freed) for e in depot.shrink(MB + MB // 2)]
+        assert planned == shrunk
+
+
 def test_writers_in_one_process_reserve_the_room_they_made(store: Depot, tmp_path: Path) -> None:
     store.import_dir(model(tmp_path, "acme/a"), "acme/a")
     time.sleep(0.01)

@@ -556,10 +556,12 @@ class DiskBudget:
         used = self.used_bytes(shared) + self._others_reserved(None)
         if used <= limit:
             return []
-        units = self.order.units(self._kept())
+        kept = self._kept()
+        units = self.order.units(kept)
         staying = self.order.staying_blobs(units, self._kept_blobs()) | shared.keys()
+        written = {key: kept.parts.get(key, set()) for key in kept.written}  # (as the evictions group them)
         return [Eviction(u.repo_id, u.commit_id, freed, u.last_used, u.variant)
-                for u, freed in self.order.plan(units, staying, used, limit)]  # fmt: skip
+                for u, freed in self.order.choose(units, staying, used, limit, written)[0]]  # fmt: skip
 
     def _refuse_if_too_big(self, needed: int, budget: int, kept_bytes: int, doing: str,
                            writer: BudgetWriter | None) -> None:  # fmt: skip
@@ -662,11 +664,11 @@ class DiskBudget:
         evicted: list[Eviction] = []
         # (a copy of a pinned repo freed nothing, and went all the same: a repo lost for no byte; so did a
         # model adopted from a Hugging Face cache, whose files the cache keeps on the disk: a trial)
-        staying = self.order.staying_blobs(units, self._kept_blobs()) | shared.keys()
         # Used (or written) since this writer began: another process's pull that just said it was done went at
         # once to make room for this one (a trial); it stays above the budget, warned of, and the next write
-        # evicts again
+        # evicts again. (Left out before what stays is worked out: their blobs stay, a review.)
         units = [u for u in units if writer is None or u.last_used < writer.started]
+        staying = self.order.staying_blobs(units, self._kept_blobs()) | shared.keys()
         # What the plan needs (no unit that frees nothing the others need: EvictionOrder.choose), then, should
         # it fall short as it goes (a removal elsewhere meanwhile), the units it did not go through
         written = {key: kept.parts.get(key, set()) for key in kept.written}

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["EvictionOrder", "Kept", "Unit", "Variants", "ok_bytes", "shared_blobs"]
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+PRUNE_TRIALS = 32  # walks of a plan again, at most, to take out what the bytes freed do not need
 
 Variants = Callable[[list[str]], list[tuple[str, frozenset[str], frozenset[str]]]]
 """The variants among a revision's files: (name, its own files (those no other variant lists), the names in
@@ -210,45 +211,57 @@ class EvictionOrder:
             held = files.get((row["repo_id"], row["commit_id"]))
             if held is not None:
                 held[row["path"]] = row["sha256"]
-        sizes = ok_sizes(self.store, {sha256 for held in files.values() for sha256 in held.values()})
+        counted: dict[str, int] = {}  # blob -> the files of the units' revisions that use it
+        for held in files.values():
+            for sha256 in held.values():
+                counted[sha256] = counted.get(sha256, 0) + 1
+        sizes = ok_sizes(self.store, counted)
         writing = written or {}
-        planned, went_through = self._carry_out(units, files, sizes, staying, used, limit, writing)
+        planned, went_through = self._carry_out(units, files, sizes, staying, used, limit, writing, counted)
         goal = min(used - limit, sum(freed for _, freed in planned))
 
         def enough(trial: list[Unit]) -> bool:
             return (
-                sum(f for _, f in self._carry_out(trial, files, sizes, staying, used, None, writing)[0])
+                sum(
+                    f
+                    for _, f in self._carry_out(trial, files, sizes, staying, used, None, writing, counted)[0]
+                )
                 >= goal
             )
 
         chosen = [unit for unit, _ in planned]
+        # (each trial walks the plan again: a bounded number of them, the most recently used first, or a store of
+        # 3000 copies of one model took 13 s under the budget's lock to plan, a review)
+        trials = PRUNE_TRIALS
         for unit, freed in reversed(planned):
-            if freed == 0 and len(chosen) > 1 and enough(without := [u for u in chosen if u is not unit]):
-                chosen = without
+            if freed == 0 and len(chosen) > 1 and trials > 0:
+                trials -= 1
+                if enough(without := [u for u in chosen if u is not unit]):
+                    chosen = without
         # A revision that went whole for nothing, where one variant of it is what the bytes freed need (its
         # copy of the quant the next unit frees: its other variant went before it, and made that one its last)
-        for unit, freed in self._carry_out(chosen, files, sizes, staying, used, None, writing)[0]:
+        for unit, freed in self._carry_out(chosen, files, sizes, staying, used, None, writing, counted)[0]:
             if freed == 0 and unit.variant is None:
                 for variant in (v for v in units if (v.repo_id, v.commit_id) == (unit.repo_id, unit.commit_id)
                                 and v.variant is not None and v not in chosen):  # fmt: skip
+                    if trials <= 0:
+                        break
+                    trials -= 1
                     trial = [variant if u is unit else u for u in chosen]
                     if enough(trial):
                         chosen = trial
                         break
         if chosen != [unit for unit, _ in planned]:
-            planned = self._carry_out(chosen, files, sizes, staying, used, None, writing)[0]
+            planned = self._carry_out(chosen, files, sizes, staying, used, None, writing, counted)[0]
         return planned, units[went_through:]
 
     def _carry_out(self, units: list[Unit], files: dict[tuple[str, str], dict[str, str]], sizes: dict[str, int],
-                   staying: set[str], used: int, limit: int | None,
-                   written: Mapping[tuple[str, str], Iterable[str]]) -> tuple[list[tuple[Unit, int]], int]:  # fmt: skip
+                   staying: set[str], used: int, limit: int | None, written: Mapping[tuple[str, str], Iterable[str]],
+                   counted: Mapping[str, int]) -> tuple[list[tuple[Unit, int]], int]:  # fmt: skip
         """The units evicting ``units`` in order would remove (until ``used`` is down to ``limit``; None: all of
         them), with the bytes each frees, and how many of ``units`` it went through."""
-        held_now = {key: dict(held) for key, held in files.items()}  # (as the plan goes)
-        users: dict[str, int] = {}  # blob -> files of the units' revisions that use it
-        for held in held_now.values():
-            for sha256 in held.values():
-                users[sha256] = users.get(sha256, 0) + 1
+        held_now: dict[tuple[str, str], dict[str, str]] = {}  # (as the plan goes: copied when touched)
+        users = dict(counted)  # blob -> files of the units' revisions that use it, as the plan goes
         planned: list[tuple[Unit, int]] = []
         went_through = 0
         for unit in units:
@@ -256,7 +269,9 @@ class EvictionOrder:
                 break
             went_through += 1
             key = (unit.repo_id, unit.commit_id)
-            held = held_now[key]
+            held = held_now.get(key)
+            if held is None:
+                held = held_now[key] = dict(files[key])
             if unit.variant is None:
                 going = dict(held)
             else:  # (as DiskBudget._evict judges: among the files left, a last variant goes with its revision,
