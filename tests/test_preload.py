@@ -848,3 +848,35 @@ def test_a_mappings_resident_pages_are_counted_from_its_page_table(tmp_path: Pat
         mapping.close()
     finally:
         os.close(fd)
+
+
+def test_a_forked_worker_reads_its_memfd_copy_by_its_path_whatever_the_parent_does_after(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """A worker forked after a memfd preload read the model's path as /proc/<parent>/fd/N: once the parent let the
+    model go and preloaded another into the same fd number, the worker read the other model's bytes (a trial)."""
+    first = add_repo(depot, tmp_path, "first", 1, MiB)
+    add_repo(depot, tmp_path, "second", 2, MiB)
+    preloader = Preloader(depot, budget="1GiB", strategy="memfd")
+    try:
+        with preloader.get("acme/first") as handle:
+            path = handle.paths["model.safetensors"]
+        reader, writer = os.pipe()
+        child = os.fork()
+        if child == 0:  # (the worker: reads once the parent has moved on)
+            try:
+                os.close(writer)
+                os.read(reader, 1)
+                same = Path(path).read_bytes() == first["model.safetensors"]
+                os._exit(0 if same else 3)
+            except BaseException:
+                os._exit(4)
+        os.close(reader)
+        preloader.evict("acme/first")
+        preloader.preload("acme/second")
+        os.write(writer, b"x")
+        os.close(writer)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the worker read another model's bytes"
+    finally:
+        preloader.close()

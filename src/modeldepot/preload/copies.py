@@ -73,7 +73,9 @@ class FileCopy:
                     raise OSError(f"{self.entry.path}: the blob ended at {done} of {self.size} bytes")
                 done += sent
             self.mapping = mmap.mmap(self.memfd, self.size, prot=mmap.PROT_READ)
-            self.path = Path(f"/proc/{os.getpid()}/fd/{self.memfd}")
+            # (of the process that reads it: a forked worker read the parent's fd of that number, another model once
+            # the parent had let this one go, a trial)
+            self.path = Path(f"/proc/self/fd/{self.memfd}")
 
     def view(self) -> memoryview:
         if self.mapping is not None:
