@@ -23,7 +23,14 @@ from typing import Any
 import pytest
 
 from conftest import SMALL_CHUNK, LiveNode, serving_repo, store_files_consistent, write_model_dir
-from faultproxy import FaultProxy, a_slow_node_before_the_hub, proxied_node, pull_in_a_thread, wait_until
+from faultproxy import (
+    FaultPlan,
+    FaultProxy,
+    a_slow_node_before_the_hub,
+    proxied_node,
+    pull_in_a_thread,
+    wait_until,
+)
 from modeldepot import Depot, IntegrityError
 from modeldepot.errors import NotFoundError, PullRunningError, UpstreamError
 from modeldepot.hashing import chunk_span
@@ -205,6 +212,22 @@ def _killed_a_third_through(proxy: FaultProxy, home: Path) -> int:
     return first.body_bytes
 
 
+def _interrupted(process: subprocess.Popen[str], plan: FaultPlan, after: int, presses: int) -> str:
+    """Ctrl-C ``presses`` times (50 ms apart) once ``after`` body bytes crossed; the pull's stderr (it exited 130)."""
+    try:
+        wait_until(lambda: plan.body_bytes > after)
+        for _ in range(presses):
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, err
+    return err
+
+
 def test_after_ctrl_c_what_was_kept_is_said_alike_everywhere(
     big_upstream: FaultProxy, tmp_path: Path
 ) -> None:
@@ -218,16 +241,9 @@ def test_after_ctrl_c_what_was_kept_is_said_alike_everywhere(
     chunk = 1 << 20
     Depot(home, chunk_size=chunk).close()
     plan = proxy.set("slow", times=-1, slow_delay=0.03)
-    process = _pull_process(home, _subprocess_env(proxy), interruptible=True)
-    try:
-        wait_until(lambda: plan.body_bytes > 5 * chunk // 2)
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 130, err
+    err = _interrupted(
+        _pull_process(home, _subprocess_env(proxy), interruptible=True), plan, 5 * chunk // 2, 1
+    )
     small = sum(len(data) for path, data in BIG_FILES.items() if path != BIG)
     with Depot(home) as depot:
         manifest = depot.get_manifest(REPO)
@@ -265,18 +281,9 @@ def test_ctrl_c_pressed_again_and_again_keeps_what_the_chunks_in_flight_received
         **_subprocess_env(proxy),
         "MODELDEPOT_MAX_DOWNLOAD_RATE": "2MiB/s",
     }  # (cancelled, it unwinds a while)
-    process = _pull_process(home, env, interruptible=True)
-    try:
-        wait_until(lambda: plan.body_bytes > 5 * chunk // 2)
-        for _ in range(3):  # (a user pressing Ctrl-C again and again)
-            process.send_signal(signal.SIGINT)
-            time.sleep(0.05)
-        _, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 130, err
+    err = _interrupted(
+        _pull_process(home, env, interruptible=True), plan, 5 * chunk // 2, 3
+    )  # (again and again)
     with Depot(home) as depot:
         [big] = [f for f in depot.get_manifest(REPO).files if f.path == BIG]
         log = depot.store.partials.read_log(big.sha256 or "")
