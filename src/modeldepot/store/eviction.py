@@ -77,10 +77,8 @@ class EvictionOrder:
         for row in self.store.index.read(
             "SELECT repo_id, variant, last_access FROM access WHERE variant != ''"
         ):
-            repo_id, at = row["repo_id"], row["last_access"]
-            if row["variant"]:
-                key = (repo_id, row["variant"].lower())
-                variant_access[key] = max(variant_access.get(key, 0.0), at)
+            key = (row["repo_id"], row["variant"].lower())
+            variant_access[key] = max(variant_access.get(key, 0.0), row["last_access"])
         revision_access = self.store.access.revision_uses()
         named = {
             (r["repo_id"], r["commit_id"])
@@ -221,13 +219,8 @@ class EvictionOrder:
         goal = min(used - limit, sum(freed for _, freed in planned))
 
         def enough(trial: list[Unit]) -> bool:
-            return (
-                sum(
-                    f
-                    for _, f in self._carry_out(trial, files, sizes, staying, used, None, writing, counted)[0]
-                )
-                >= goal
-            )
+            carried = self._carry_out(trial, files, sizes, staying, used, None, writing, counted)[0]
+            return sum(freed for _, freed in carried) >= goal
 
         chosen = [unit for unit, _ in planned]
         # (each trial walks the plan again: a bounded number of them, the most recently used first, or a store of
