@@ -102,9 +102,8 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
                 render.err.print(f"[yellow]note:[/yellow] no store at {escape(str(folder))} yet: made one, your own, to read "
                                  "the MODELDEPOT_SHARED stores through (check its name if you meant another)")  # fmt: skip
         folder = Path(home).expanduser() if home is not None else default_home()
-        fresh = (
-            not folder.exists()
-        )  # (a store this command makes: gone again if it fails having kept nothing)
+        # (a store this command makes: gone again if the command fails having kept nothing in it)
+        fresh = not folder.exists()
         try:
             if check is not None:
                 check({**kwargs, "home": home})
