@@ -493,3 +493,37 @@ def test_a_file_just_pulled_is_not_hashed_again_when_read(
     )
     assert bytes(local.get_file(REPO, "onnx/model.onnx")) == FILES["onnx/model.onnx"]
     assert checked == []
+
+
+def test_offline_a_pull_whose_shared_files_went_meanwhile_opens_nothing(
+    local: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline, a pull (a load's) of a repo the store holds, whose files shared with another repo were removed
+    before it published, fetched them again from the Hub: offline mode opened connections (an explorer's
+    trial). It says what went, and opens nothing."""
+    import dataclasses
+
+    from modeldepot.errors import SharedBlobsRemovedError
+    from modeldepot.transfer import pull as pull_module
+
+    local.pull(REPO, ["q4f16"])
+    config = local.file_info(REPO, "config.json").sha256
+
+    def removed_meanwhile(*_: object) -> None:
+        gone = SharedBlobsRemovedError("removed meanwhile", repo_id=REPO)
+        gone.gone = (config,)
+        raise gone
+
+    monkeypatch.setattr(pull_module._PullRun, "publish", removed_meanwhile)
+    fetched: list[object] = []
+    real_fetch = pull_module._PullRun.fetch
+
+    async def fetch(run: object, missing: list[object]) -> object:
+        fetched.extend(missing)
+        return await real_fetch(run, missing)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pull_module._PullRun, "fetch", fetch)
+    local.config = dataclasses.replace(local.config, offline=True)
+    with pytest.raises(OfflineError, match="were removed"):
+        local.pull(REPO, ["q4f16"])
+    assert fetched == [], "nothing fetched offline"

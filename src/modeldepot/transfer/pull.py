@@ -250,6 +250,12 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
                     # (an `rm` of another repo, the disk budget): fetched now, in this pull (it failed at its
                     # end, a 250 MiB pull for a 3-byte config, "run it again": a trial)
                     again = [f for f in files if f.path in have and have[f.path].sha256 in removed.gone]
+                    if offline:  # (nothing is opened offline: they went, and are not fetched again, an explorer's trial)
+                        raise OfflineError(
+                            f"offline mode: {len(again)} file(s) of {manifest.repo_id} the store held (shared with "
+                            "other repos) were removed while it was being made ready: pull it once online",
+                            repo_id=manifest.repo_id,
+                        ) from removed
                     log.info("%s: %d file(s) it shares with other repos were removed from the store meanwhile (by "
                              "`rm` or the disk budget): fetching them again", manifest.repo_id, len(again))  # fmt: skip
                     for remote in again:
