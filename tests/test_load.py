@@ -278,6 +278,25 @@ def test_a_file_rotten_in_place_that_an_engine_refuses_is_found_corrupt_not_bad_
     assert not blob.exists() and not depot.has_file("acme/rot", model.path)
 
 
+def test_a_rotten_shard_of_a_sharded_checkpoint_is_found_corrupt_not_bad_input(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """A sharded safetensors checkpoint whose second shard rotted: its load said "invalid input", and the shard
+    stayed in the store, served (an explorer's trial); only a split GGUF's shards were checked."""
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    save_file({"w": WEIGHT}, str(folder / "model-00001-of-00002.safetensors"))
+    save_file({"b": BIAS}, str(folder / "model-00002-of-00002.safetensors"))
+    depot.import_dir(folder, "acme/sharded")
+    second = depot.file_info("acme/sharded", "model-00002-of-00002.safetensors")
+    blob = depot.store.blobs.path(second.sha256)
+    for offset in range(8):
+        flip_byte(blob, offset)  # (the header's length: safetensors cannot read it)
+    with pytest.raises(CorruptBlobError, match="the engine refused it") as found:
+        depot.load("acme/sharded", engine="safetensors")
+    assert found.value.sha256 == second.sha256 and not depot.has_file("acme/sharded", second.path)
+
+
 def test_bf16_and_fp8_safetensors_load_as_arrays_mapping_the_file(depot: Depot, tmp_path: Path) -> None:
     """A BF16 checkpoint (most of the Hub's LLM weights) failed to load with engine="safetensors": "data
     type 'bfloat16' not understood", as bad input (a trial). Its tensors are ml_dtypes arrays now, mapping

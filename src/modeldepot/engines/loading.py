@@ -184,7 +184,7 @@ def _refuse_if_corrupt(store: Store, repo_id: str, commit_id: str, chosen: str, 
     a blob that fails is quarantined and raised as corrupt. The engines read files from the disk, unchecked
     (at storage speed); a file written in place with its mtime put back (through an adopted cache's link)
     passed every look, and its load said "invalid input" of a model the store held corrupt (a trial)."""
-    loaded = set(gguf_shard_names(chosen) or ()) | {chosen}
+    loaded = set(gguf_shard_names(chosen) or safetensors_shard_names(chosen) or ()) | {chosen}
     for entry in store.files(repo_id, commit_id):
         if entry.path not in loaded and not _is_external_data_of(entry.path, chosen):
             continue
