@@ -205,7 +205,9 @@ class Preloader:
         self._loading_paths: dict[ModelKey, frozenset[str]] = {}  # the files each load in progress reads
         self._loading_bytes: dict[ModelKey, int] = {}  # the room each load in progress made for itself
         self._hits = self._misses = self._evictions = 0
-        self._load_times: dict[bool, list[float]] = {True: [], False: []}
+        # (loads, their seconds in all) by whether the model was preloaded: a list of every load's time grew for
+        # the life of a serving process, an explorer's trial
+        self._load_times: dict[bool, tuple[int, float]] = {True: (0, 0.0), False: (0, 0.0)}
         self._pool = ForkSafeExecutor(max_workers=1, thread_name_prefix="preload")
         # Whether the budget gave way to a holder or a pin (everything left held): a release then measures
         # again. Every release of every load measured the whole tier (0.1 s a GiB) under the lock.
@@ -464,7 +466,8 @@ class Preloader:
     def record_load(self, seconds: float, preloaded: bool) -> None:
         """Tell the stats how long an engine took to load, and whether its model was preloaded."""
         with self._lock:
-            self._load_times[preloaded].append(seconds)
+            loads, total = self._load_times[preloaded]
+            self._load_times[preloaded] = (loads + 1, total + seconds)
 
     def _touch(self, model: _Model) -> None:
         model.last_used = time.monotonic()
@@ -695,7 +698,7 @@ class Preloader:
                 for m in reversed(self._models.values())
             )
             gets = self._hits + self._misses
-            warm, cold = self._load_times[True], self._load_times[False]
+            (warm, warm_seconds), (cold, cold_seconds) = self._load_times[True], self._load_times[False]
             return PreloadStats(
                 strategy=self.strategy,
                 budget_bytes=self.budget,
@@ -705,8 +708,8 @@ class Preloader:
                 misses=self._misses,
                 hit_rate=self._hits / gets if gets else None,
                 evictions=self._evictions,
-                avg_load_seconds_preloaded=sum(warm) / len(warm) if warm else None,
-                avg_load_seconds_cold=sum(cold) / len(cold) if cold else None,
+                avg_load_seconds_preloaded=warm_seconds / warm if warm else None,
+                avg_load_seconds_cold=cold_seconds / cold if cold else None,
                 preloaded=infos,
                 most_accessed=tuple(self.store.access.top(5, in_store=True)),
             )
