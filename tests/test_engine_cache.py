@@ -364,6 +364,77 @@ def test_a_companion_another_thread_waits_room_for_is_not_waited_for_by_the_load
     assert cache.get_or_load("A", lambda: "never") == "Ab"
 
 
+@pytest.mark.parametrize("limit", ["slots", "memory"])
+def test_a_loader_that_loads_its_companion_on_a_pool_thread_is_not_left_waiting_for_its_own_room(
+    limit: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A loader that loads a companion model on a ThreadPoolExecutor's thread (which carries no context) of a
+    full cache: the companion waited for the room its own loader held, the loader for the companion, both
+    for good (an explorer's trial). The wait is bounded while no load ends, and says why; a companion loaded
+    in the loader's context is nested and never waits."""
+    from concurrent.futures import ThreadPoolExecutor
+    from contextvars import copy_context
+
+    def cache() -> LoadedModelCache[str]:
+        if limit == "slots":
+            return LoadedModelCache(max_models=1, room_wait=0.5)
+        return LoadedModelCache(memory_budget=6, room_wait=0.5)
+
+    def outer(into: LoadedModelCache[str], carry_context: bool) -> str:
+        def companion() -> str:
+            return into.get_or_load("companion", lambda: "+c", size=4)
+
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(copy_context().run, companion) if carry_context else pool.submit(companion)
+            return "o" + future.result(timeout=20)
+
+    def run(into: LoadedModelCache[str], carry_context: bool, result: list[str]) -> None:
+        result.append(into.get_or_load("outer", lambda: outer(into, carry_context), size=4))
+
+    for carry_context in (False, True):
+        target = cache()
+        caplog.clear()
+        result: list[str] = []
+        thread = threading.Thread(target=run, args=(target, carry_context, result), daemon=True)
+        started = time.monotonic()
+        thread.start()
+        thread.join(20)
+        assert not thread.is_alive(), "the loader and its companion waited for each other for good"
+        assert result == ["o+c"] and target.loading() == []
+        warned = [r for r in caplog.records if "waited" in r.getMessage() and "'companion'" in r.getMessage()]
+        if carry_context:
+            assert not warned and time.monotonic() - started < 0.5, (
+                "a companion in the loader's context waited"
+            )
+        else:
+            assert warned and "'outer'" in warned[0].getMessage() and "copy_context" in warned[0].getMessage()
+
+
+def test_a_load_that_waits_for_room_waits_again_from_each_load_that_ends() -> None:
+    """The bound is on a wait in which no load ends: one that waits for loads ending one after another under
+    a slot limit waits for them all, never goes over."""
+    cache: LoadedModelCache[str] = LoadedModelCache(max_models=1, room_wait=1.0)
+    peak, running, lock = [0], [0], threading.Lock()
+
+    def load(key: str) -> str:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.5)  # (the last of four waits 1.5 s in all, never 1 s with no load ending)
+        with lock:
+            running[0] -= 1
+        return key
+
+    threads = [threading.Thread(target=cache.get_or_load, args=(k, lambda k=k: load(k))) for k in "abcd"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert peak[0] == 1, f"{peak[0]} loads ran at once under one slot (a wait gave way while loads ended)"
+    with pytest.raises(ValueError, match="room_wait"):
+        LoadedModelCache(room_wait=0)
+
+
 def test_a_coroutine_loader_that_loads_a_companion_does_not_wait_for_its_own_room() -> None:
     """A coroutine loader's companion is loaded on another worker thread: it waited for the room of the load
     it was part of, for good (a review). The load it is nested in goes by the context, not the thread."""

@@ -66,6 +66,7 @@ M = TypeVar("M")
 Loader = Callable[[], M]
 EvictHook = Callable[[Hashable, Any], None]
 LOW_MEMORY_FRACTION = 0.10  # below this share of RAM available, evict before loading (memory pressure)
+ROOM_WAIT_SECONDS = 120.0  # a load waits this long for room while no load under way ends, then goes over
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -305,7 +306,11 @@ class LoadedModelCache(Generic[M]):
     ``memory_budget`` bytes (or a size like ``"8GiB"``) for all entries together (None: no budget);
     ``evict_on_memory_pressure``
     evicts idle entries before a load when the machine is short of memory; ``on_evict(key, model)`` runs
-    after an entry leaves (default: :func:`default_on_evict`). ``clock`` and ``rss`` are injectable for
+    after an entry leaves (default: :func:`default_on_evict`). ``room_wait`` seconds: how long a load that
+    finds no room waits while no load under way ends, before it goes over the limits with a warning (a
+    loader that loads a companion model on a thread it started without its context, as a
+    ``ThreadPoolExecutor`` does, would otherwise wait for its own room for good: run the companion's load
+    with ``contextvars.copy_context().run`` to have it nested). ``clock`` and ``rss`` are injectable for
     tests.
     """
 
@@ -320,6 +325,7 @@ class LoadedModelCache(Generic[M]):
         clock: Callable[[], float] = time.monotonic,
         rss: Callable[[], int] = process_rss_bytes,
         available_fraction: Callable[[], float] = _available_fraction,
+        room_wait: float = ROOM_WAIT_SECONDS,
     ) -> None:
         try:
             slots = -1 if isinstance(max_models, bool) else operator.index(max_models)  # (a numpy int too)
@@ -343,6 +349,9 @@ class LoadedModelCache(Generic[M]):
             budget = int(number)
         if budget is not None and budget < 1:
             raise ValueError(f"memory_budget must be a positive size, not {memory_budget!r}")
+        if not (_real(room_wait) or 0) > 0:
+            raise ValueError(f"room_wait must be a positive number of seconds, not {room_wait!r}")
+        self.room_wait = float(room_wait)
         self.max_models = slots
         self.ttl = ttl
         self.memory_budget = budget
@@ -356,6 +365,7 @@ class LoadedModelCache(Generic[M]):
         self._next_sweep = 0.0  # when expired entries are next looked for (at most once a second)
         self._flights: dict[Hashable, _Flight] = {}
         self._flight_ended = threading.Condition(self._lock)  # (a load waiting for room waits on it)
+        self._flights_ended = 0  # (a load waiting for room sees whether any ended while it waited)
         self._hits = self._misses = self._evictions = self._failures = 0
         start_over_after_fork(self)
 
@@ -442,6 +452,7 @@ class LoadedModelCache(Generic[M]):
             with self._lock:
                 self._failures += 1
                 del self._flights[key]
+                self._flights_ended += 1
                 self._flight_ended.notify_all()
             flight.error = error
             flight.done.set()
@@ -451,6 +462,7 @@ class LoadedModelCache(Generic[M]):
         now = self._clock()
         with self._lock:
             del self._flights[key]
+            self._flights_ended += 1
             self._flight_ended.notify_all()
             if flight.dropped:  # (what it was loaded from went meanwhile: its callers have it, the cache not)
                 evicted = []
@@ -493,8 +505,12 @@ class LoadedModelCache(Generic[M]):
         once (three models of 4 MiB under a 6 MiB budget), then all but one evicted. Never for one that
         waits for room itself, never by code that leads a load under way (a loader that loads another model, on
         its thread or one its context went to: ``_LEADING``): it would hold its room while it waits, and two
-        such loads waited for each other for good; nor for a load such code waits for (``needed``)."""
+        such loads waited for each other for good; nor for a load such code waits for (``needed``). Nor for
+        longer than ``room_wait`` while none of them ends: a loader that loads its companion on a thread
+        it started (a ``ThreadPoolExecutor``'s, which carries no context) waits on that companion, and the
+        companion for its room, for good (an explorer's trial)."""
         evicted: list[tuple[Hashable, M]] = []
+        ended, deadline = self._flights_ended, time.monotonic() + self.room_wait
         while True:
             while not self._slot_free_locked(key) and self._evict_lru_locked(evicted):
                 pass
@@ -506,7 +522,16 @@ class LoadedModelCache(Generic[M]):
             led = self._led_here_locked()
             if room or not loading or self._flights[key].needed or any(f in led for f in loading):
                 break  # (room, none to wait for, or a nested load: the limit gives way, as for what is pinned)
-            self._flight_ended.wait()
+            if self._flights_ended != ended:  # (a load ended: the wait starts again from now)
+                ended, deadline = self._flights_ended, time.monotonic() + self.room_wait
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("the load of %r waited %.0f s for room held by loads under way (%s) and none ended: "
+                            "it goes over the cache's limits (a loader that loads it on a thread of its own "
+                            "should run that load in its context: contextvars.copy_context().run)", key,
+                            self.room_wait, ", ".join(repr(k) for k, f in self._flights.items() if f in loading))  # fmt: skip
+                break
+            self._flight_ended.wait(left)
         self._flights[key].admitted = True
         if self.evict_on_memory_pressure and self._entries and self._available() < LOW_MEMORY_FRACTION:
             self._evict_lru_locked(evicted)
