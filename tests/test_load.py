@@ -385,7 +385,8 @@ def test_bad_input_is_refused_before_anything_loads(loaded: Depot) -> None:
         loaded.load("not a repo")
     # (each was a raw TypeError or AttributeError, or came after the whole load: warmup=-1)
     for kwargs, error in (({"warmup": -1}, InvalidInputError), ({"warmup": "x"}, InvalidInputError),
-                          ({"engine": None}, ConfigError), ({"quant": 5}, InvalidInputError)):  # fmt: skip
+                          ({"engine": None}, ConfigError), ({"quant": 5}, InvalidInputError),
+                          ({"inputs": [1, 2]}, InvalidInputError)):  # fmt: skip
         with pytest.raises(error):
             loaded.load(REPO, **kwargs)  # type: ignore[arg-type]
     assert loaded.engines.stats().total_misses == 0

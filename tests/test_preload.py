@@ -482,6 +482,28 @@ def test_variants_and_bad_names(depot: Depot, tmp_path: Path) -> None:
     preloader.close()
 
 
+def test_a_preloader_of_something_else_or_a_bad_count_is_a_clear_error(depot: Depot) -> None:
+    """Preloader(None) was an AttributeError from inside, auto_preload("3") a TypeError, and
+    auto_preload(-1) preloaded nothing, silently (an explorer's trial)."""
+    for source in (None, "/tmp/models", 5):
+        with pytest.raises(TypeError, match="Depot or its Store"):
+            Preloader(source)
+    with pytest.raises(ConfigError, match="mlock"):
+        Preloader(depot, mlock="yes")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="strategy"):
+        Preloader(depot, strategy=None)  # type: ignore[arg-type]
+    preloader = Preloader(depot.store, budget="1GiB")
+    try:
+        for count in (-1, "3", 1.5, True):
+            with pytest.raises(InvalidInputError, match="number of models"):
+                preloader.auto_preload(count)  # type: ignore[arg-type]
+            with pytest.raises(InvalidInputError, match="number of models"):
+                preloader.auto_preload_in_background(count)  # type: ignore[arg-type]
+        assert preloader.auto_preload(0) == []
+    finally:
+        preloader.close()
+
+
 def test_a_budget_of_another_type_is_a_clear_error() -> None:
     for bad in (1.5, None, True):
         with pytest.raises(ConfigError, match="preload budget"):

@@ -94,6 +94,8 @@ def load_variant(
         validate_quant(quant)
     if isinstance(warmups, bool) or not isinstance(warmups, int) or warmups < 0:
         raise InvalidInputError(f"warmup must be a number of passes, 0 or more, not {warmups!r}")
+    if inputs is not None and not isinstance(inputs, Mapping):  # (a list was only a warm-up's logged failure)
+        raise InvalidInputError(f"inputs maps each input's name to its array, not {type(inputs).__name__}")
     loader, suffixes = _engine(engine)
     commit_id, chosen = _locate(store, pull, offline, repo_id, quant, revision, suffixes or DEFAULT_SUFFIXES)
     # The callable itself, not its name: two lambdas (or two factories' inner functions) share a

@@ -59,6 +59,11 @@ RESIDENCY_FRESH = 1.0  # seconds a measure of what is in RAM answers stats (the 
 RECHECK_SECONDS = 10.0  # a holder's release measures the tier against its budget at least this often
 
 
+def _check_model_count(top_n: object) -> None:
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:  # (-1 preloaded nothing, silently)
+        raise InvalidInputError(f"auto_preload takes a number of models, 0 or more, not {top_n!r}")
+
+
 def parse_budget(budget: int | str) -> int:
     """Bytes from ``"50%"`` (of the machine's RAM), ``"8GiB"`` or a number."""
     if isinstance(budget, bool) or not isinstance(budget, (int, str)):
@@ -190,9 +195,15 @@ class Preloader:
     def __init__(
         self, source: Any, budget: int | str = "50%", strategy: str = "page-cache", mlock: bool = False
     ) -> None:
-        if strategy not in STRATEGIES:
+        if not isinstance(strategy, str) or strategy not in STRATEGIES:
             raise ConfigError(f"unknown preload strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
-        self.store: Store = source if isinstance(source, Store) else source.store
+        if not isinstance(mlock, bool):
+            raise ConfigError(f"mlock is True or False, not {mlock!r}")
+        store = source if isinstance(source, Store) else getattr(source, "store", None)
+        if not isinstance(store, Store):  # (None, a path: an AttributeError from deep inside, a trial)
+            raise TypeError(f"a Preloader reads a Depot or its Store, not {source!r}: open one with "
+                            "modeldepot.Depot(home)")  # fmt: skip
+        self.store: Store = store
         # A depot's shared stores (tiers.py) are read too: their models are preloaded from where they are
         self._tiers: Tiers | None = None if isinstance(source, Store) else getattr(source, "tiers", None)
         self.budget = parse_budget(budget)
@@ -402,6 +413,7 @@ class Preloader:
 
     def auto_preload_in_background(self, top_n: int) -> Future[list[PreloadInfo]]:
         """Start :meth:`auto_preload` on the preloader's own thread; returns at once."""
+        _check_model_count(top_n)  # (said here, not in the future)
         return self._pool.submit(self.auto_preload, top_n)
 
     def auto_preload(self, top_n: int) -> list[PreloadInfo]:
@@ -409,6 +421,7 @@ class Preloader:
         most used first; models no longer in the store, and those that do not fit beside the more used ones,
         are skipped. (Preloaded in turn, most used first, each evicted the least recently preloaded: with
         room for two of three, the most used went, a trial.) Returns them, most used first."""
+        _check_model_count(top_n)
         chosen: list[tuple[str, str | None]] = []
         room = self.budget
         for access in self.store.access.top(top_n * 4 + 20, in_store=True):
