@@ -677,6 +677,24 @@ def test_a_model_removed_while_it_loads_is_a_clear_error(loaded: Depot) -> None:
         loaded.load(REPO, "fp16", engine=engine_that_meets_an_rm, warmup=0)
 
 
+def test_a_model_removed_as_its_load_resolves_it_is_said_removed(
+    loaded: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An `rm` between the load's resolve of the revision and its look at the files: the load said the repo
+    had no .onnx file (a trial), as if it held some other model."""
+    resolve = loaded.store.resolve
+
+    def resolve_then_meet_an_rm(repo_id: str, revision: str = "main") -> str:
+        commit_id = resolve(repo_id, revision)
+        loaded.remove(REPO)
+        return commit_id
+
+    monkeypatch.setattr(loaded.store, "resolve", resolve_then_meet_an_rm)
+    with pytest.raises(NotFoundError, match="was removed from the store while it was being loaded") as raised:
+        loaded.load(REPO, "fp16", warmup=0)
+    assert "no .onnx" not in str(raised.value)
+
+
 def test_an_engine_held_past_its_depot_is_not_closed_with_it(tmp_path: Path) -> None:
     """A closed depot lets go of the engines it loaded (they map its files) without closing one a caller
     still holds (a llama-cpp `Llama` has a close())."""

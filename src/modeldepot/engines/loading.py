@@ -318,7 +318,7 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
         commit_id = None
     if commit_id is not None:
         try:
-            held = [f.path for f in store.files(repo_id, commit_id)]
+            held = _held_paths(store, repo_id, commit_id)
             found = model_file(held, quant, suffixes)
             absent = _lacking(store, repo_id, commit_id, quant)
             if not absent:
@@ -348,4 +348,18 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
         if str(error) == str(here):  # (the scan says what the store said: once is enough)
             raise here from None
         raise NotFoundError(f"{here}; pulling it failed too: {error}", repo_id=repo_id) from error
-    return commit_id, model_file([f.path for f in store.files(repo_id, commit_id)], quant, suffixes)
+    return commit_id, model_file(_held_paths(store, repo_id, commit_id), quant, suffixes)
+
+
+def _held_paths(store: Store, repo_id: str, commit_id: str) -> list[str]:
+    """The paths of a commit the store holds; none is a removal under the load (an ``rm`` as it resolved or
+    pulled), said so, not as a repo with no model file in it (a trial)."""
+    held = [f.path for f in store.files(repo_id, commit_id)]
+    try:
+        there = bool(held) or any(commit == commit_id for commit, _ in store.revisions(repo_id))
+    except NotFoundError:
+        there = False
+    if not there:
+        raise NotFoundError(f"{repo_id}@{commit_id[:12]} was removed from the store while it was being loaded",
+                            repo_id=repo_id)  # fmt: skip
+    return held
