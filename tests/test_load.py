@@ -634,6 +634,72 @@ def test_a_graph_of_an_encoder_decoder_export_is_charged_for_itself_not_its_sibl
     assert depot.engines.stats().total_memory_bytes == own
 
 
+def test_a_graph_of_an_encoder_decoder_export_is_loaded_by_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An encoder-decoder export (T5, Whisper, Florence: several graphs in one variant): load() could only
+    give the variant's first graph, the decoder; the encoder could not be had (an explorer's note). A file
+    named is loaded, pulled with its own variant alone; one that is not there, or not of the engine's
+    format or of the variant named, is a clear error before any pull or load."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    folder = tmp_path / "encdec"
+    (folder / "onnx").mkdir(parents=True)
+    widths = {"encoder_model": 48, "decoder_model": 24}
+    for name, width in widths.items():
+        weight = rng.standard_normal((4, width)).astype(np.float32)
+        bias = np.zeros(width, np.float32)
+        onnx.save_model(linear_model(TensorProto.FLOAT, weight, bias), str(folder / "onnx" / f"{name}.onnx"),
+                        save_as_external_data=True, all_tensors_to_one_file=True, location=f"{name}.onnx_data",
+                        size_threshold=0)  # fmt: skip
+        onnx.save_model(linear_model(TensorProto.FLOAT16, weight.astype(np.float16), bias.astype(np.float16)),
+                        str(folder / "onnx" / f"{name}_fp16.onnx"))  # fmt: skip
+    (folder / "config.json").write_text('{"model_type": "encdec"}')
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as node_depot:
+        node_depot.import_dir(folder, "acme/encdec")
+        node = LiveNode(node_depot)
+        try:
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[node.url]) as local:
+                encoder = local.load("acme/encdec", file="onnx/encoder_model_fp16.onnx", warmup=0)
+                assert encoder.get_outputs()[0].shape == ["batch", widths["encoder_model"]]
+                assert encoder.get_inputs()[0].type == "tensor(float16)"
+                assert local.has_file("acme/encdec", "onnx/decoder_model_fp16.onnx")
+                assert not local.has_file("acme/encdec", "onnx/encoder_model.onnx_data"), "its variant alone"
+                decoder = local.load("acme/encdec", "fp16", file="onnx/decoder_model_fp16.onnx", warmup=0)
+                assert decoder.get_outputs()[0].shape == ["batch", widths["decoder_model"]]
+                assert local.load("acme/encdec", file="onnx/encoder_model_fp16.onnx") is encoder
+                fp32 = local.load("acme/encdec", file="onnx/encoder_model.onnx", warmup=0)  # (pulled now)
+                assert (
+                    fp32.get_inputs()[0].type == "tensor(float)" and local.engines.stats().cached_models == 3
+                )
+                misses = local.engines.stats().total_misses
+                for kwargs, error, said in (
+                    (
+                        {"file": "onnx/encoder.onnx"},
+                        NotFoundError,
+                        "no file 'onnx/encoder.onnx' here .*encoder_model",
+                    ),
+                    ({"file": "config.json"}, InvalidInputError, "not a .onnx file"),
+                    (
+                        {"file": "onnx/encoder_model.onnx", "engine": "safetensors"},
+                        InvalidInputError,
+                        "safetensors",
+                    ),
+                    (
+                        {"file": "onnx/encoder_model.onnx", "quant": "fp16"},
+                        NotFoundError,
+                        "not a file of the variant",
+                    ),
+                    ({"file": "../onnx/encoder_model.onnx"}, ValueError, "leave the repo"),
+                    ({"file": 5}, ValueError, "must be a string"),
+                ):
+                    with pytest.raises(error, match=said):
+                        local.load("acme/encdec", **kwargs)  # type: ignore[arg-type]
+                assert local.engines.stats().total_misses == misses, "nothing loaded for a bad file"
+        finally:
+            node.stop()
+
+
 def test_a_variant_held_in_part_is_pulled_whole_or_named_as_lacking(
     upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

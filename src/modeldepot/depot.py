@@ -856,6 +856,7 @@ class Depot:
         engine: str | EngineLoader = "onnxruntime",
         warmup: int = 1,
         inputs: Mapping[str, Any] | None = None,
+        file: str | None = None,
     ) -> Any:
         """A loaded, warmed-up engine for a variant of ``repo_id``, kept in :attr:`engines` (an LRU of
         loaded engines): the second call for the same variant and engine is a cache hit.
@@ -868,7 +869,9 @@ class Depot:
         and read-only tensors mapping the file, a split model's shards merged), or any callable taking the
         model file's path (keyed by the callable itself: pass the same object to hit the cache). ``warmup``
         dummy inference passes run after the load (shaped from the model's inputs unless ``inputs`` is
-        given); their failure is logged, not raised. The steps are in :mod:`modeldepot.engines.loading`.
+        given); their failure is logged, not raised. ``file`` names the model file to load (a path in the
+        repo, as ``"onnx/encoder_model.onnx"``: one graph of an encoder-decoder export), pulled with its
+        variant; by default the variant's plainest. The steps are in :mod:`modeldepot.engines.loading`.
         """
 
         def pull_variant(
@@ -907,11 +910,11 @@ class Depot:
                 try:
                     return load_variant(store, self.preloader, self.engines, _not_here, True,
                                         store.spelled(repo_id), quant, commit_id, engine, warmup, inputs,
-                                        owner=self.store)  # fmt: skip
+                                        owner=self.store, file=file)  # fmt: skip
                 except (NotFoundError, CorruptBlobError):
                     continue
         return load_variant(self.store, self.preloader, self.engines, pull_variant, self.config.offline,
-                            repo_id, quant, revision, engine, warmup, inputs)  # fmt: skip
+                            repo_id, quant, revision, engine, warmup, inputs, file=file)  # fmt: skip
 
     def _check_completes_import(self, repo_id: str, revision: str, manifest: Manifest) -> set[str] | None:
         """A repo imported here is completed from the upstream's repo of its name only when that one holds

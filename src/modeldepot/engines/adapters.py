@@ -324,18 +324,36 @@ def warmup(engine: Any, passes: int = 1, inputs: Mapping[str, Any] | None = None
     return WarmupReport(len(seconds), tuple(seconds), tuple(errors))
 
 
-def model_file(paths: list[str], quant: str | None, suffixes: tuple[str, ...]) -> str:
-    """The file an engine should load from a revision's ``paths``: the variant ``quant``'s (named as
+def model_file(
+    paths: list[str], quant: str | None, suffixes: tuple[str, ...], file: str | None = None
+) -> str:
+    """The file an engine should load from a revision's ``paths``: ``file`` when it is given (one graph of
+    several: an encoder-decoder export's encoder), else the variant ``quant``'s (named as
     :mod:`modeldepot.hub.variants` names them), or without one the plainest (fp32 first, then the
     shallowest path). A GGUF variant's model, not its ``mmproj`` projector; for a split GGUF its first
     shard, and a :class:`NotFoundError` when ``paths`` lack one of its shards (a pull then fetches them)."""
     grouping = group_files(paths)
+    variant = None
     if quant is not None:
         variant = grouping.find(quant)
         if variant is None:
             raise NotFoundError(f"no variant {quant!r} here (there is: {grouping.names()})")
         candidates = list(variant.files)
-    else:
+    if file is not None:
+        if suffixes and not file.endswith(suffixes):
+            raise InvalidInputError(f"{file} is not a {' or '.join(suffixes)} file, which this engine loads")
+        if file not in paths:
+            named = sorted(p for p in paths if p.endswith(suffixes or (".onnx", ".safetensors", ".gguf")))
+            raise NotFoundError(f"no file {file!r} here" + (f" (its model files: {', '.join(named[:8])})" if named else ""))  # fmt: skip
+        if variant is not None and file not in variant.files:
+            raise NotFoundError(f"{file} is not a file of the variant {quant!r} (give the one or the other)")
+        shards = (gguf_shard_names if file.endswith(".gguf") else safetensors_shard_names)(file) or []
+        if missing := sorted(set(shards) - set(paths)):
+            raise NotFoundError(
+                f"{file} is one of {len(shards)} shards and the store lacks {', '.join(missing)}"
+            )
+        return file
+    if quant is None:
         plain = next((v for v in grouping.variants if v.name == "fp32"), None)
         candidates = list(plain.files) if plain is not None else list(paths)
         if plain is not None and not any(p.endswith(suffixes) for p in candidates):

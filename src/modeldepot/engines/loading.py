@@ -45,7 +45,13 @@ from modeldepot.hub.manifest import Manifest, listed_files
 from modeldepot.hub.variants import files_of_other_variants, group_files
 from modeldepot.preload import Preloader
 from modeldepot.store import Store
-from modeldepot.validation import is_commit_id, validate_quant, validate_repo_id, validate_revision
+from modeldepot.validation import (
+    is_commit_id,
+    validate_path,
+    validate_quant,
+    validate_repo_id,
+    validate_revision,
+)
 
 __all__ = ["PullVariant", "load_variant"]
 
@@ -58,13 +64,13 @@ PullVariant = Callable[[str, str | None, str, Callable[[Manifest], str | None]],
 ``default(manifest)`` names (the whole repo when it names none). Returns the commit it published."""
 
 
-def default_variant(suffixes: tuple[str, ...]) -> Callable[[Manifest], str | None]:
+def default_variant(suffixes: tuple[str, ...], file: str | None = None) -> Callable[[Manifest], str | None]:
     """The variant to pull when a load names none: the one holding the file :func:`model_file` would load
-    (fp32 first), not every variant (a GGUF repo's every quant is gigabytes nobody asked for). None
-    when that file is in no variant (a repo of one model: it is pulled whole)."""
+    (``file``, or fp32 first), not every variant (a GGUF repo's every quant is gigabytes nobody asked for).
+    None when that file is in no variant (a repo of one model: it is pulled whole)."""
 
     def choose(manifest: Manifest) -> str | None:
-        chosen = model_file([f.path for f in manifest.files], None, suffixes)
+        chosen = model_file([f.path for f in manifest.files], None, suffixes, file)
         return next((v.name for v in manifest.variants if chosen in v.files), None)
 
     return choose
@@ -83,21 +89,27 @@ def load_variant(
     warmups: int,
     inputs: Mapping[str, Any] | None,
     owner: Store | None = None,
+    file: str | None = None,
 ) -> Any:
     """A loaded, warmed-up engine for a variant, from ``cache`` or built now (see the module's docstring).
     ``owner``: the store of the depot that loads it, when ``store`` is a shared one it reads through (the
     cache key names the owner's: its depot lets go of the engine when the shared store removes the model).
-    ``offline``: a variant missing from a revision the store holds is an error listing the ones it has."""
+    ``offline``: a variant missing from a revision the store holds is an error listing the ones it has.
+    ``file``: the model file to load (a path in the repo), not the variant's plainest."""
     validate_repo_id(repo_id)
     validate_revision(revision)
     if quant is not None:
         validate_quant(quant)
+    if file is not None:
+        validate_path(file)
     if isinstance(warmups, bool) or not isinstance(warmups, int) or warmups < 0:
         raise InvalidInputError(f"warmup must be a number of passes, 0 or more, not {warmups!r}")
     if inputs is not None and not isinstance(inputs, Mapping):  # (a list was only a warm-up's logged failure)
         raise InvalidInputError(f"inputs maps each input's name to its array, not {type(inputs).__name__}")
     loader, suffixes = _engine(engine)
-    commit_id, chosen = _locate(store, pull, offline, repo_id, quant, revision, suffixes or DEFAULT_SUFFIXES)
+    # (a caller's engine loads the file it is given, whatever its suffix; without one, a model file is looked for)
+    looked_for = suffixes if file is not None else suffixes or DEFAULT_SUFFIXES
+    commit_id, chosen = _locate(store, pull, offline, repo_id, quant, revision, looked_for, file)
     # The callable itself, not its name: two lambdas (or two factories' inner functions) share a
     # __qualname__ but build different engines. The same callable object hits the cache.
     key: Hashable = engine_key(owner or store, repo_id, commit_id, chosen, engine)
@@ -286,7 +298,7 @@ def _lacking(store: Store, repo_id: str, commit_id: str, quant: str | None) -> l
 
 
 def _listing_lacks_it_too(store: Store, repo_id: str, commit_id: str, quant: str | None,
-                          suffixes: tuple[str, ...]) -> bool:  # fmt: skip
+                          suffixes: tuple[str, ...], file: str | None = None) -> bool:  # fmt: skip
     """Whether the commit's whole listing (the repo's saved scan, of that commit) has no file the engine
     would load either: a wrong engine or variant, which no pull of that commit mends (it would only ask the
     network). Only for a commit id: a pull of a branch scans it again, and it may have moved on."""
@@ -297,14 +309,14 @@ def _listing_lacks_it_too(store: Store, repo_id: str, commit_id: str, quant: str
     if record.commit_id != commit_id:
         return False
     try:
-        model_file([f.path for f in listed_files(record)], quant, suffixes)
+        model_file([f.path for f in listed_files(record)], quant, suffixes, file)
     except NotFoundError:
         return True
     return False
 
 
 def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant: str | None, revision: str,
-            suffixes: tuple[str, ...]) -> tuple[str, str]:  # fmt: skip
+            suffixes: tuple[str, ...], file: str | None = None) -> tuple[str, str]:  # fmt: skip
     """(commit, model file) of the variant, pulling it first when the store lacks it (an imported repo
     too, when the upstream's repo of its name holds its files: see ``Depot.load``). When the pull fails,
     the error says first what the store lacks (the variants it has, the engine its files need), then why
@@ -319,8 +331,12 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
     if commit_id is not None:
         try:
             held = _held_paths(store, repo_id, commit_id)
-            found = model_file(held, quant, suffixes)
-            absent = _lacking(store, repo_id, commit_id, quant)
+            found = model_file(held, quant, suffixes, file)
+            # (a file named: its own variant's files, not fp32's, which a load of it does not need)
+            of_file = (
+                next((v.name for v in group_files(held).variants if found in v.files), None) if file else None
+            )
+            absent = _lacking(store, repo_id, commit_id, quant or of_file)
             if not absent:
                 return commit_id, found
             # (without a variant named: the ones held, which a load can take; an offline worker baked with one
@@ -334,21 +350,22 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
                                 + (f"; it holds the variants {others}: name one (quant=...)" if others else ""))  # fmt: skip
         except NotFoundError as missing:
             if offline or (
-                is_commit_id(revision) and _listing_lacks_it_too(store, repo_id, commit_id, quant, suffixes)
+                is_commit_id(revision)
+                and _listing_lacks_it_too(store, repo_id, commit_id, quant, suffixes, file)
             ):
                 raise  # nothing to pull from, or nothing a pull would bring: the error says what there is
             here = missing
     elif offline and here is not None:
         raise here
     try:
-        commit_id = pull(repo_id, quant, revision, default_variant(suffixes))
+        commit_id = pull(repo_id, quant, revision, default_variant(suffixes, file))
     except DepotError as error:
         if here is None:
             raise
         if str(error) == str(here):  # (the scan says what the store said: once is enough)
             raise here from None
         raise NotFoundError(f"{here}; pulling it failed too: {error}", repo_id=repo_id) from error
-    return commit_id, model_file(_held_paths(store, repo_id, commit_id), quant, suffixes)
+    return commit_id, model_file(_held_paths(store, repo_id, commit_id), quant, suffixes, file)
 
 
 def _held_paths(store: Store, repo_id: str, commit_id: str) -> list[str]:
