@@ -186,6 +186,16 @@ def test_a_file_found_rotten_in_the_shared_store_is_pulled_into_the_users_own(
         assert pulled.bytes_by_source.get("shared", 0) < len(good) <= pulled.bytes_downloaded, pulled
         assert bytes(user.get_file("acme/common", "model.safetensors")) == good
         assert user.file_path("acme/common", "model.safetensors").is_relative_to(user.home)
+        # The note stays while the admin's copy is the rotten one; once it is gone there, gc removes it (the
+        # notes only grew, for the life of the store)
+        notes = tmp_path / "user" / "shared-refused"
+        user.gc()
+        assert len(list(notes.iterdir())) == 1
+        with Depot(admin) as depot:
+            depot.remove("acme/common")
+            depot.gc()
+        user.gc()
+        assert list(notes.iterdir()) == []
 
 
 def test_a_branch_is_read_where_it_moved_last(tmp_path: Path, admin: Path, upstream: Upstream) -> None:

@@ -1017,8 +1017,17 @@ class Depot:
     def gc(self, *, partials: bool = False) -> GcReport:
         """Delete unreferenced and orphan blobs, abandoned partial files, stale snapshots, quarantine.
 
-        Interrupted downloads are kept for a resume (a week), unless ``partials`` is True."""
-        return gc(self.store, partials)
+        Interrupted downloads are kept for a resume (a week), unless ``partials`` is True. The notes of shared
+        stores' blobs found corrupt go once those are repaired."""
+        report = gc(self.store, partials)
+        # (every shared store opened: one left out, unmounted for a while, still holds what was noted of it)
+        if (
+            self.tiers.shared
+            and len(self.tiers.shared) == len(self.config.shared)
+            and not self.store.read_only
+        ):
+            self.tiers.forget_repaired()
+        return report
 
     def drop_dead_writes(self) -> int:
         """Remove what writers that ended midway (an import killed) left in ``tmp/``, when no other writer

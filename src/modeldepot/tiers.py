@@ -115,6 +115,18 @@ class Tiers:
             log.warning("could not note in %s that a shared store's blob %s… is corrupt: %s", folder,
                         sha256[:16], error)  # fmt: skip
 
+    def forget_repaired(self) -> int:
+        """Remove the notes of blobs no shared store holds at the placement found corrupt any more (repaired,
+        or removed there): they only grew, one a blob, for the life of the store. The number removed."""
+        removed = 0
+        for sha256, noted in self._notes().items():
+            if any(store.placement(sha256) == noted for store in self.shared):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                (self.own.home / REFUSED_FOLDER / sha256).unlink()
+                removed += 1
+        return removed
+
     def found_corrupt(self, store: Store, sha256: str) -> bool:
         """Whether a process of this depot found ``store``'s blob corrupt, and it is still that placement (a
         repair of the shared store places it anew)."""
