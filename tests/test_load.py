@@ -761,6 +761,27 @@ def test_a_model_removed_as_its_load_resolves_it_is_said_removed(
     assert "no .onnx" not in str(raised.value)
 
 
+def test_a_model_removed_and_imported_again_as_its_files_are_linked_is_said_removed(
+    loaded: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An `rm` as the load linked the model's files, and the same files imported again before the engine
+    opened them: a raw FileNotFoundError naming a private tmp/…/view/ path (an explorer's stress run)."""
+    import contextlib
+
+    linked_folder = loaded.store.linked_folder
+
+    @contextlib.contextmanager
+    def meeting_an_rm_and_an_import(*args: Any, **kwargs: Any) -> Iterator[Path]:
+        loaded.remove(REPO)
+        with linked_folder(*args, **kwargs) as view:
+            loaded.import_dir(write_repo(tmp_path / "again"), REPO)
+            yield view
+
+    monkeypatch.setattr(loaded.store, "linked_folder", meeting_an_rm_and_an_import)
+    with pytest.raises(NotFoundError, match="removed from the store meanwhile"):
+        loaded.load(REPO, "fp16", warmup=0)
+
+
 def test_an_engine_held_past_its_depot_is_not_closed_with_it(tmp_path: Path) -> None:
     """A closed depot lets go of the engines it loaded (they map its files) without closing one a caller
     still holds (a llama-cpp `Llama` has a close())."""

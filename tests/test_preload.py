@@ -504,6 +504,35 @@ def test_a_preloader_of_something_else_or_a_bad_count_is_a_clear_error(depot: De
         preloader.close()
 
 
+def test_a_preload_that_meets_an_rm_as_it_resolves_keeps_no_model_of_no_file(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An `rm` between the preload's resolve of the revision and its look at the files: the preload said it
+    succeeded with 0 files and kept that model, and once the same files were imported again (the same
+    commit), every get() handed out a handle with no file, for good (an explorer's stress run)."""
+    folder = write_model_dir(tmp_path / "m", {"model.safetensors": b"w" * 5000, "config.json": b"{}"})
+    depot.import_dir(folder, "acme/raced")
+    resolve = depot.store.resolve
+
+    def resolve_then_meet_an_rm(repo_id: str, revision: str = "main") -> str:
+        monkeypatch.setattr(depot.store, "resolve", resolve)
+        commit_id = resolve(repo_id, revision)
+        depot.remove("acme/raced")
+        return commit_id
+
+    monkeypatch.setattr(depot.store, "resolve", resolve_then_meet_an_rm)
+    preloader = Preloader(depot, budget="1GiB")
+    try:
+        with pytest.raises(NotFoundError, match="removed from the store meanwhile"):
+            preloader.preload("acme/raced")
+        assert not preloader.stats().preloaded
+        depot.import_dir(folder, "acme/raced")
+        with preloader.get("acme/raced") as held:
+            assert bytes(held.views["model.safetensors"]) == b"w" * 5000
+    finally:
+        preloader.close()
+
+
 def test_a_budget_of_another_type_is_a_clear_error() -> None:
     for bad in (1.5, None, True):
         with pytest.raises(ConfigError, match="preload budget"):

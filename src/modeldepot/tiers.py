@@ -199,11 +199,11 @@ class Tiers:
         store's own first: a commit split across stores is listed as it is read, file by file)."""
         store, spelled, commit_id = self.holder(repo_id, revision)
         if not self.shared:  # (every Hub listing of a node asks: as the store answers it)
-            return store, commit_id, store.files(spelled, commit_id)
+            return store, commit_id, store.revision_files(spelled, commit_id)
         return store, commit_id, self._commit_files(repo_id, commit_id, first=store)
 
     def _commit_files(self, repo_id: str, commit_id: str, first: Store) -> list[FileEntry]:
-        found = {e.path: e for e in first.files(first.spelled(repo_id), commit_id)}
+        found = {e.path: e for e in first.revision_files(first.spelled(repo_id), commit_id)}
         for other in self.all:
             if other is not first:
                 for entry in other.files(other.spelled(repo_id), commit_id):

@@ -371,12 +371,8 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
 def _held_paths(store: Store, repo_id: str, commit_id: str) -> list[str]:
     """The paths of a commit the store holds; none is a removal under the load (an ``rm`` as it resolved or
     pulled), said so, not as a repo with no model file in it (a trial)."""
-    held = [f.path for f in store.files(repo_id, commit_id)]
     try:
-        there = bool(held) or any(commit == commit_id for commit, _ in store.revisions(repo_id))
-    except NotFoundError:
-        there = False
-    if not there:
+        return [f.path for f in store.revision_files(repo_id, commit_id)]
+    except RevisionNotFoundError:
         raise NotFoundError(f"{repo_id}@{commit_id[:12]} was removed from the store while it was being loaded",
-                            repo_id=repo_id)  # fmt: skip
-    return held
+                            repo_id=repo_id) from None  # fmt: skip

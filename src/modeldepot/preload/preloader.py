@@ -263,7 +263,7 @@ class Preloader:
             store = self.store
             repo_id = self.store.spelled(repo_id)  # (any case: the Hub's repo ids ignore it)
             commit_id = self.store.resolve(repo_id, revision)
-            entries = self.store.files(repo_id, commit_id)
+            entries = self.store.revision_files(repo_id, commit_id)
         entries, key = self._variant(repo_id, commit_id, entries, quant)
         return key, entries, store
 

@@ -311,6 +311,18 @@ class Store:
         )
         return [_entry(row) for row in rows]
 
+    def revision_files(self, repo_id: str, commit_id: str) -> list[FileEntry]:
+        """:meth:`files` of a commit the caller resolved, which an ``rm`` may have removed since: that is a
+        :class:`RevisionNotFoundError`, not an empty list (a preload of it kept a model of no file, for good,
+        and a load linked an empty folder: a trial)."""
+        entries = self.files(repo_id, commit_id)
+        if not entries and not self.index.read(
+            "SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)
+        ):
+            raise RevisionNotFoundError(repo_id, commit_id, f"{repo_id}@{commit_id[:12]} was removed from the "
+                                        "store meanwhile (an rm as it was read)")  # fmt: skip
+        return entries
+
     def file_sizes(self, repo_id: str, commit_id: str) -> dict[str, int]:
         """The paths of a commit's files the store holds, and their sizes (what a mirror's pull of one file
         asks: a pull per file of a 300-file repo spent 7 ms on :meth:`files` each, a profile)."""
@@ -690,7 +702,7 @@ class Store:
             prefix = f"{folder}/" if folder else ""
             try:
                 self.layout.inside(view).mkdir(parents=True)
-                for entry in self.files(repo_id, commit_id):
+                for entry in self.revision_files(repo_id, commit_id):
                     if not entry.path.startswith(prefix):
                         continue
                     name = entry.path[len(prefix) :]
@@ -715,7 +727,7 @@ class Store:
         a view made of links would be, and nothing need be made (a read-only container's /tmp may be
         read-only too)."""
         prefix = f"{folder}/" if folder else ""
-        entries = self.files(repo_id, commit_id)
+        entries = self.revision_files(repo_id, commit_id)
         for entry in entries:
             if not entry.path.startswith(prefix):
                 continue
