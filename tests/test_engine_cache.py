@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import os
+import signal
 import threading
 import time
 import traceback
@@ -1002,3 +1003,122 @@ def test_a_key_evicted_while_it_loads_is_handed_over_but_not_cached() -> None:
     go.set()
     caller.join(10)
     assert [e.name for e in got] == ["a"] and cache.keys() == [] and cache.loading() == []
+
+
+def _in_a_thread(run: Callable[[], Any], timeout: float = 30) -> Any:
+    """``run()`` on a daemon thread, its result; a hang fails the test rather than the session."""
+    outcome: list[Any] = []
+    thread = threading.Thread(target=lambda: outcome.append(run()), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"still running after {timeout} s: a hang"
+    return outcome[0]
+
+
+def test_async_loads_that_run_their_blocking_part_on_the_default_executor_never_wait_for_good() -> None:
+    """A coroutine loader that builds its engine with asyncio.to_thread, the natural way: with as many calls at
+    once as the loop's default executor has threads (six on two cores), each call held one of them while it
+    waited, the loader's to_thread could never start, and every call waited for good (an explorer's trial)."""
+    cache: LoadedModelCache[str] = LoadedModelCache(max_models=16)
+    calls = (os.cpu_count() or 1) + 8  # (more than the default executor's min(32, cpus + 4) threads)
+
+    def build(key: str) -> str:
+        time.sleep(0.05)
+        return key.upper()
+
+    async def many() -> list[str]:
+        def loader_of(key: str) -> Callable[[], Any]:
+            async def load() -> str:
+                return await asyncio.to_thread(build, key)
+
+            return load
+
+        one_model = [cache.get_or_load_async("same", loader_of("same")) for _ in range(calls)]
+        models = [cache.get_or_load_async(f"m{n}", loader_of(f"m{n}")) for n in range(calls)]
+        return list(await asyncio.gather(*one_model, *models))
+
+    served = _in_a_thread(lambda: asyncio.run(many()))
+    assert served == ["SAME"] * calls + [f"M{n}" for n in range(calls)]
+    assert cache.stats().total_misses == calls + 1
+
+
+def test_a_coroutine_given_as_an_engine_is_refused_or_awaited_never_cached() -> None:
+    """get_or_load(key, async_fn) cached the unawaited coroutine as the engine; get_or_load_async did so of a
+    lambda that gives one (an explorer's trial)."""
+    cache: LoadedModelCache[str] = LoadedModelCache()
+
+    async def build() -> str:
+        return "engine"
+
+    with pytest.raises(TypeError, match="get_or_load_async"):
+        cache.get_or_load("k", build)  # type: ignore[arg-type]
+    assert not cache.contains("k") and cache.loading() == []
+    assert cache.get_or_load("k", lambda: "plain") == "plain"
+
+    async def both() -> tuple[str, str]:
+        return (await cache.get_or_load_async("k2", lambda: build()),
+                await cache.get_or_load_async("k3", build))  # fmt: skip
+
+    assert _in_a_thread(lambda: asyncio.run(both())) == ("engine", "engine")
+
+
+def test_a_load_whose_wait_for_room_fails_leaves_no_flight_behind(caplog: pytest.LogCaptureFixture) -> None:
+    """A failure while a load made room (Ctrl-C in its wait for room, here the memory-pressure probe failing)
+    left its load under way for good: every later load of that key waited on it for ever (an explorer's
+    trial). The caller gets the error; a waiter that joined it and later callers load the key themselves."""
+    failing = threading.Event()
+
+    def available() -> float:
+        if failing.is_set():
+            failing.clear()
+            raise RuntimeError("interrupted while it made room")
+        return 1.0
+
+    cache: LoadedModelCache[str] = LoadedModelCache(max_models=4, available_fraction=available)
+    cache.get_or_load("a", lambda: "A")
+    failing.set()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        cache.get_or_load("b", lambda: "B")
+    assert cache.loading() == []
+    assert _in_a_thread(lambda: cache.get_or_load("b", lambda: "B"), timeout=10) == "B"
+    # A caller interrupted in its wait for room (a slot held by a load under way), with a waiter behind it
+    slots: LoadedModelCache[str] = LoadedModelCache(max_models=1)
+    release = threading.Event()
+    threading.Thread(
+        target=lambda: slots.get_or_load("slow", lambda: (release.wait(10), "S")[1]), daemon=True
+    ).start()
+    wait_until(lambda: slots.loading() == ["slow"], timeout=10)
+
+    def interrupted() -> None:
+        with pytest.raises(KeyboardInterrupt):
+            slots.get_or_load("next", lambda: "N")
+
+    def interrupt_once_waiting() -> None:
+        wait_until(lambda: "next" in slots.loading(), timeout=10)
+        time.sleep(0.2)
+        signal.pthread_kill(
+            threading.main_thread().ident or 0, signal.SIGINT
+        )  # (its wait wakes, as at Ctrl-C)
+
+    first = threading.Thread(target=interrupt_once_waiting, daemon=True)
+    first.start()
+    interrupted()  # (the main thread: where Python delivers SIGINT)
+    first.join(10)
+    assert slots.loading() == ["slow"]
+    waiter = threading.Thread(target=lambda: slots.get_or_load("next", lambda: "N"), daemon=True)
+    waiter.start()
+    release.set()
+    waiter.join(10)
+    assert not waiter.is_alive() and slots.keys() == ["next"]
+
+
+def test_a_size_is_bytes_or_a_size_like_the_budget_and_nothing_else() -> None:
+    """size="500MiB" (as memory_budget is written) was a TypeError from inside, and that key loaded never
+    again; a negative size cancelled real entries out (-850 bytes in all under a budget of 100)."""
+    cache: LoadedModelCache[str] = LoadedModelCache(memory_budget="1GiB")
+    assert cache.get_or_load("m", lambda: "M", size="500MiB") == "M"
+    assert cache.stats().total_memory_bytes == 500 << 20
+    for bad in (-1, "lots", True, float("nan"), "-5MiB"):
+        with pytest.raises(ValueError, match="size"):
+            cache.get_or_load(f"bad-{bad}", lambda: "X", size=bad)  # type: ignore[arg-type]
+    assert cache.loading() == [] and cache.keys() == ["m"]

@@ -36,6 +36,7 @@ Design notes (where the seed was thin or wrong):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import copy
 import heapq
@@ -284,11 +285,66 @@ class _Flight:
         self.thread = threading.get_ident()  # its leader (a load it makes itself never waits for it)
         self.admitted = False  # given its room (a slot, its bytes) and loading: not waiting for room
         self.needed = False  # a thread that leads a load waits for it: it waits for room no more
+        self.abandoned = False  # its leader failed before the load began (interrupted in its wait for room)
 
 
 # The loads the running code leads (inside their loaders): a load it asks for is nested in them, and never
 # waits for room they hold
 _LEADING: contextvars.ContextVar[tuple[_Flight, ...]] = contextvars.ContextVar("leading_loads", default=())
+
+
+_MISS = object()  # (the hit path found nothing it may answer)
+
+
+def _size(size: object) -> int | None:
+    """A load's size in bytes from what a caller gives: None (measured), bytes, or a size like ``"500MiB"``
+    (as the memory budget is written: it was a TypeError from inside, and the key loaded never again)."""
+    if size is None:
+        return None
+    if isinstance(size, str):
+        try:
+            return parse_size(size)
+        except ConfigError as error:
+            raise ValueError(f"size: {error}") from None
+    number = _real(size)
+    if number is None or number < 0:  # (a negative one cancelled the real entries out: -850 bytes in all)
+        raise ValueError(
+            f"size must be the bytes the model takes (0 or more, or like '500MiB'), not {size!r}"
+        )
+    return int(number)
+
+
+async def _awaited(awaitable: Awaitable[M]) -> M:
+    return await awaitable
+
+
+async def _on_a_thread_of_its_own(function: Callable[..., M], *args: object) -> M:
+    """``function(*args)`` on a new thread, in this context (the loads it is nested in go with it, as with
+    ``asyncio.to_thread``), awaited here. A cancelled caller leaves it running, as ``to_thread`` does."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[M] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(result: M | None, error: BaseException | None) -> None:
+        if future.cancelled():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result = context.run(function, *args)
+        except BaseException as error:
+            outcome: tuple[M | None, BaseException | None] = (None, error)
+        else:
+            outcome = (result, None)
+        with contextlib.suppress(RuntimeError):  # (the loop closed meanwhile: nobody waits)
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="engine-load", daemon=True).start()
+    return await future
 
 
 def _real(value: object) -> float | None:
@@ -384,10 +440,20 @@ class LoadedModelCache(Generic[M]):
 
     # -- loading ----------------------------------------------------------------------------------------
 
-    def get_or_load(self, key: Hashable, loader: Loader[M], size: int | None = None) -> M:
-        """The cached engine for ``key``, or ``loader()``'s result, loaded once however many ask."""
+    def get_or_load(self, key: Hashable, loader: Loader[M], size: int | str | None = None) -> M:
+        """The cached engine for ``key``, or ``loader()``'s result, loaded once however many ask. ``size``: the
+        bytes it takes (or a size like ``"500MiB"``), counted in the memory budget; measured when not given."""
+        bytes_taken = _size(size)
         now = self._clock()
-        with self._lock:  # the hit path: one lookup, one stamp
+        model = self._hit(key, now)
+        if model is not _MISS:
+            return model  # type: ignore[return-value]
+        return self._get_slow(key, loader, bytes_taken, now)
+
+    def _hit(self, key: Hashable, now: float) -> object:
+        """The hit path: one lookup, one stamp; ``_MISS`` when the slow path must look (no entry, or one that
+        may have expired)."""
+        with self._lock:
             entry = self._entries.get(key)
             if (
                 entry is not None
@@ -397,10 +463,13 @@ class LoadedModelCache(Generic[M]):
                 self._hits += 1
                 entry.last_used = now
                 return entry.model
-            entry = None  # (the slow path may expire it: its hook must find no reference of the cache's)
-        return self._get_slow(key, loader, size, now)
+        return (
+            _MISS  # (no reference of the cache's kept here: the slow path may expire the entry, and its hook
+        )
+        # must find none)
 
     def _get_slow(self, key: Hashable, loader: Loader[M], size: int | None, now: float) -> M:
+        failed: BaseException | None = None
         with self._lock:
             evicted = self._expire_locked(now)
             self._next_sweep = now + min(self.ttl or 1.0, 1.0)
@@ -413,9 +482,19 @@ class LoadedModelCache(Generic[M]):
             elif flight is None:
                 self._misses += 1
                 flight = self._flights[key] = _Flight(size)
-                evicted += self._make_room_locked(key, size)
+                try:
+                    self._make_room_locked(key, size, evicted)
+                except BaseException as error:  # (Ctrl-C in its wait for room: the key loaded never again)
+                    del self._flights[key]
+                    self._flights_ended += 1
+                    self._flight_ended.notify_all()
+                    flight.abandoned, failed = True, error
         if evicted:
             self._run_hooks(evicted)
+        if failed is not None:
+            assert flight is not None
+            flight.done.set()  # (its waiters load it themselves: the error was this caller's)
+            raise failed
         if entry is not None:
             return entry.model
         assert flight is not None
@@ -427,6 +506,9 @@ class LoadedModelCache(Generic[M]):
                     flight.needed = True
                     self._flight_ended.notify_all()
             flight.done.wait()
+            if flight.abandoned or (flight.error is not None and not isinstance(flight.error, Exception)):
+                # (its leader was interrupted, Ctrl-C or a task cancelled: not this caller's to raise; it loads)
+                return self._get_slow(key, loader, size, self._clock())
             with self._lock:  # (a hit once the load under way served it: a failed one served nobody)
                 if flight.error is None:
                     self._hits += 1
@@ -447,6 +529,13 @@ class LoadedModelCache(Generic[M]):
         leading = _LEADING.set((*_LEADING.get(), flight))
         try:
             model = loader()
+            if inspect.isawaitable(
+                model
+            ):  # (a coroutine function's: it was cached, unawaited, as the engine)
+                if inspect.iscoroutine(model):
+                    model.close()
+                raise TypeError(f"the loader of {key!r} gave {type(model).__name__}, not an engine: a coroutine "
+                                "loader goes to get_or_load_async")  # fmt: skip
         except BaseException as error:
             _LEADING.reset(leading)
             with self._lock:
@@ -480,24 +569,36 @@ class LoadedModelCache(Generic[M]):
         return model
 
     async def get_or_load_async(
-        self, key: Hashable, loader: Callable[[], M] | Callable[[], Awaitable[M]], size: int | None = None
+        self,
+        key: Hashable,
+        loader: Callable[[], M] | Callable[[], Awaitable[M]],
+        size: int | str | None = None,
     ) -> M:
-        """:meth:`get_or_load` without blocking the event loop; ``loader`` may be a coroutine function
-        (it then runs on this loop) or a plain callable (it then runs on a worker thread)."""
-        if inspect.iscoroutinefunction(loader):
-            loop = asyncio.get_running_loop()
-            coroutine_loader = loader
+        """:meth:`get_or_load` without blocking the event loop; ``loader`` may be a coroutine function (or give
+        an awaitable: it is then awaited on this loop) or a plain callable (it then runs on a thread). A hit is
+        answered on the loop; a miss waits on a thread of its own, not one of the loop's default executor: a
+        coroutine loader that ran its blocking part with ``asyncio.to_thread`` found every thread of it taken by
+        the calls waiting for it (six at once, on two cores), and waited for good (an explorer's trial)."""
+        bytes_taken = _size(size)
+        model = self._hit(key, self._clock())
+        if model is not _MISS:
+            return model  # type: ignore[return-value]
+        loop = asyncio.get_running_loop()
 
-            def blocking() -> M:
-                result: M = asyncio.run_coroutine_threadsafe(coroutine_loader(), loop).result()
+        def blocking() -> M:
+            made = loader()
+            if inspect.isawaitable(made):
+                result: M = asyncio.run_coroutine_threadsafe(_awaited(made), loop).result()
                 return result
+            return made
 
-            return await asyncio.to_thread(self.get_or_load, key, blocking, size)
-        return await asyncio.to_thread(self.get_or_load, key, loader, size)  # type: ignore[arg-type]
+        return await _on_a_thread_of_its_own(self.get_or_load, key, blocking, bytes_taken)
 
     # -- eviction ---------------------------------------------------------------------------------------
 
-    def _make_room_locked(self, key: Hashable, incoming: int | None) -> list[tuple[Hashable, M]]:
+    def _make_room_locked(
+        self, key: Hashable, incoming: int | None, evicted: list[tuple[Hashable, M]]
+    ) -> None:
         """Before the load of ``key``: a free slot, room in the budget for ``incoming`` bytes beside the
         entries and the loads under way, and (under memory pressure) one idle entry less. The projection
         is recomputed after every eviction. When nothing more can be evicted and loads under way hold the
@@ -508,8 +609,8 @@ class LoadedModelCache(Generic[M]):
         such loads waited for each other for good; nor for a load such code waits for (``needed``). Nor for
         longer than ``room_wait`` while none of them ends: a loader that loads its companion on a thread
         it started (a ``ThreadPoolExecutor``'s, which carries no context) waits on that companion, and the
-        companion for its room, for good (an explorer's trial)."""
-        evicted: list[tuple[Hashable, M]] = []
+        companion for its room, for good (an explorer's trial). What it evicts goes into ``evicted`` (theirs to
+        let go of, even when the wait is interrupted)."""
         ended, deadline = self._flights_ended, time.monotonic() + self.room_wait
         while True:
             while not self._slot_free_locked(key) and self._evict_lru_locked(evicted):
@@ -535,7 +636,6 @@ class LoadedModelCache(Generic[M]):
         self._flights[key].admitted = True
         if self.evict_on_memory_pressure and self._entries and self._available() < LOW_MEMORY_FRACTION:
             self._evict_lru_locked(evicted)
-        return evicted
 
     def _led_here_locked(self) -> list[_Flight]:
         """The loads of this cache under way that the running code is nested in (not another cache's, nor one

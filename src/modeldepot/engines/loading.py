@@ -14,6 +14,7 @@ handed over mapped.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
 from pathlib import Path
@@ -230,6 +231,9 @@ def _engine(engine: str | EngineLoader) -> tuple[EngineLoader, tuple[str, ...]]:
         raise ConfigError(
             f"engine must be one of {', '.join(ENGINES)} or a callable, not {type(engine).__name__}"
         )
+    if inspect.iscoroutinefunction(engine):  # (its coroutine was cached, unawaited, as the engine)
+        raise ConfigError("engine must be a plain callable that builds the engine, not a coroutine function: "
+                          "load() runs it on the calling thread (wrap an async builder with asyncio.run)")  # fmt: skip
     return engine, ()
 
 
