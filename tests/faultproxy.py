@@ -61,10 +61,12 @@ class FaultPlan:
 
 
 class FaultProxy:
-    """Forwards everything to ``upstream``; file downloads (``/resolve/``) go through the plan."""
+    """Forwards everything to ``upstream`` (settable after: a node that advertises the proxy's URL); file
+    downloads (``/resolve/``, or the ``file_routes`` given) go through the plan."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, file_routes: tuple[str, ...] = ("/resolve/",)) -> None:
         self.upstream = upstream.rstrip("/")
+        self.file_routes = file_routes  # (a node's blob route too, for a peer's bytes: "/blobs/")
         self.plan = FaultPlan()
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -96,7 +98,7 @@ class FaultProxy:
             request.transport.close()
             raise web.HTTPException()  # (nothing is sent on the closed connection)
         await _wait_out_silence(plan)
-        is_file = "/resolve/" in request.path
+        is_file = any(route in request.path for route in self.file_routes)
         headers = {
             k: v
             for k, v in request.headers.items()

@@ -172,6 +172,54 @@ def test_holders_found_by_content_get_the_scan_nodes_chunk_digests(
         assert {r.node_id for r in b.peers()} == {a_depot.node_id, c_depot.node_id}
 
 
+def test_a_peer_found_by_content_gives_its_own_digests_and_its_bad_chunks_are_caught_one_by_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer found only in the fleet's view (the scan was the Hub's: no manifest gave digests), behind a link
+    that flips a byte of every blob answer: its chunks were taken unchecked, the file failed its SHA-256 and
+    came again whole from the Hub, pull after pull, and the peer was never banned (an explorer's trial). It
+    now gives its own chunk digests (its chunk map): each bad chunk is caught as it lands, fetched from the
+    Hub, and the peer is banned; the file is fetched once."""
+    from faultproxy import FaultProxy
+
+    cluster = f"mem://fleet-{uuid.uuid4().hex[:12]}"
+    big = weights(7, 12)
+    files = {".gitattributes": GITATTRIBUTES, "config.json": b"{}", "model.safetensors": big}
+    with (
+        Depot(tmp_path / "hub", chunk_size=SMALL_CHUNK) as hub_depot,
+        Depot(tmp_path / "c", chunk_size=SMALL_CHUNK) as c_depot,
+    ):
+        hub_depot.import_dir(write_model_dir(tmp_path / "src", files), "acme/model")
+        c_depot.import_dir(write_model_dir(tmp_path / "src-c", {"w.safetensors": big}), "other/base")
+        hub = LiveNode(hub_depot)
+        link = FaultProxy("http://127.0.0.1:1", file_routes=("/blobs/",))
+        c = InProcessNode(c_depot, cluster, advertise=link.url)
+        link.upstream = c.url
+        plan = link.set("flip", times=-1, path_suffix=sha(big))  # (the blob's bytes; not its chunk map)
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", hub.url)
+            with Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b:
+                wait_until(
+                    lambda: [r.blobs for r in b.peers()] == [1], 10, "the peer and its holding in the view"
+                )
+                manifest = b.scan_repo("acme/model")
+                found = asyncio.run(b.chain.holders(manifest, SMALL_CHUNK, list(manifest.files)))
+                (peer,) = found["model.safetensors"]
+                assert peer.source.base_url == link.url and peer.chunk_blake3 is not None
+                assert len(peer.chunk_blake3) == 12
+                result = b.pull("acme/model")
+                assert plan.injected >= 1, "the peer was asked, and its bytes flipped"
+                assert bytes(b.get_file("acme/model", "model.safetensors")) == big
+                assert result.bytes_downloaded < len(big) + len(big) // 2, (
+                    f"{result.bytes_downloaded} bytes for a {len(big)}-byte file: fetched again whole"
+                )
+        finally:
+            c.stop()
+            link.stop()
+            hub.stop()
+
+
 def test_a_branch_is_the_hubs_to_say_when_a_peer_holds_an_older_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

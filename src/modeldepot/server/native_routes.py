@@ -426,10 +426,13 @@ async def chunk_map(request: web.Request) -> web.Response:
     if blob is None and log is None:
         blob = await _held_blob(request)  # the download finished between the two looks
     held: Iterable[int]
+    digests: list[str] | None = None
     if blob is not None:
         size, chunk_size, complete = blob.size, blob.chunk_size, True
         count = chunk_count(size, chunk_size)
         held = range(count)
+        # (a peer found by content has no manifest to give it them: each chunk it takes is checked on arrival)
+        digests = await asyncio.to_thread(_depot(request).store.chunk_digests, sha256)
     elif log is not None:
         size, chunk_size, count, complete = log.size, log.chunk_size, log.chunks, False
         held = log.logged
@@ -442,6 +445,7 @@ async def chunk_map(request: web.Request) -> web.Response:
             "chunk_size": chunk_size,
             "complete": complete,
             "chunks": bitfield(held, count),
+            **({"blake3": digests} if digests else {}),
         }
     )
 

@@ -430,7 +430,9 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "description": "Which chunks the node has: every one of a complete blob; of a file it is "
                     "still downloading (to requests with the token only), those its download log names. "
                     "`chunks` is a bitfield in base64: chunk i is bit i % 8 of byte i // 8, most significant "
-                    "bit first, ceil(n / 8) bytes for n chunks.",
+                    "bit first, ceil(n / 8) bytes for n chunks. A complete blob's `blake3` lists the "
+                    "BLAKE3 of each chunk, in order (a peer that found the blob by content checks each "
+                    "chunk it takes against them).",
                     "parameters": [blob_param],
                     "responses": {
                         "200": _json(
@@ -441,7 +443,12 @@ def openapi_document(version: str) -> dict[str, Any]:
                                     "chunk_size": {"type": "integer", "minimum": 1},
                                     "complete": {"type": "boolean"},
                                     "chunks": {"type": "string", "contentEncoding": "base64"},
-                                }
+                                    "blake3": {
+                                        "type": "array",
+                                        "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                                    },
+                                },
+                                required=("sha256", "size", "chunk_size", "complete", "chunks"),
                             )
                         ),
                         **errors(400, 401, 404, 503),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import http.client
 import json
 import logging
@@ -77,6 +78,9 @@ PEER_SCAN_TIMEOUT = 10.0
 # Peers asked at once (the first that describes the repo wins; the others are not awaited)
 PEER_SCAN_WIDTH = 8
 UNANSWERING_FOR = 60.0  # seconds a peer that let a scan time out is left out of this process's next scans
+PEER_DIGESTS_WAIT = (
+    2.0  # seconds a pull waits at most for whole holders found by content to give their digests
+)
 HEALTH_PROBE_TIMEOUT = 2.0  # ... unless it answers its health within so long (it is alive, only slow)
 SLOW_SCANS_TOLERATED = 3  # ... and then until so many scans in a row timed out
 # peer base URL -> time.monotonic() until which scans leave it out; peer base URL -> its scans that timed out
@@ -381,7 +385,7 @@ class SourceChain:
                     FileSource(server, url, digests, origin, vouches=vouches)
                 )
         if self.fleet is not None:
-            await self._fleet_holders(files, found, known)
+            await self._fleet_holders(files, found, known, chunk_size)
         by_content = [f for f in files if f.path not in found and f.sha256]
         if by_content and self.servers:
             probes = [(server, f) for server in self.servers for f in by_content]
@@ -392,7 +396,7 @@ class SourceChain:
         return found
 
     async def _fleet_holders(self, files: list[RemoteFile], found: dict[str, list[FileSource]],
-                             known: dict[str, tuple[tuple[str, ...], bool]]) -> None:  # fmt: skip
+                             known: dict[str, tuple[tuple[str, ...], bool]], chunk_size: int) -> None:  # fmt: skip
         """Adds to ``found`` the live nodes whose holdings name a file's content (one read of the view):
         whole, or in part (a download in progress or kept for a resume, with at least one chunk done:
         the transfer reads which chunks from the node's chunk map, and asks it for those alone)."""
@@ -401,6 +405,7 @@ class SourceChain:
         if not lfs:
             return
         holders = await self.fleet.holders(f.sha256 for f in lfs if f.sha256)
+        unchecked: list[tuple[RemoteFile, int]] = []
         for remote in lfs:
             sha256 = remote.sha256 or ""
             have = {s.source.base_url.rstrip("/") for s in found.get(remote.path, [])}
@@ -410,6 +415,36 @@ class SourceChain:
                 if source is not None and source.source.base_url not in have:
                     have.add(source.source.base_url)
                     found.setdefault(remote.path, []).append(source)
+                    if source.chunk_blake3 is None and source.chunks_url is None:
+                        unchecked.append((remote, len(found[remote.path]) - 1))
+        if unchecked:
+            await self._ask_peers_for_digests(unchecked, found, chunk_size)
+
+    async def _ask_peers_for_digests(self, unchecked: list[tuple[RemoteFile, int]],
+                                     found: dict[str, list[FileSource]], chunk_size: int) -> None:  # fmt: skip
+        """Whole holders found by content that no manifest gave chunk digests for: each is asked for its own
+        (its chunk map), so that a chunk it sends is checked on arrival, a bad one fetched again elsewhere and
+        the peer banned. Unchecked, a peer behind a link that flipped a byte had its chunks taken, the file
+        failed its SHA-256 and was fetched again whole from the Hub, pull after pull (an explorer's trial).
+        Those that do not answer within PEER_DIGESTS_WAIT stay as they were (the SHA-256 still guards)."""
+        limit = asyncio.Semaphore(8)
+
+        async def ask(remote: RemoteFile, slot: int) -> None:
+            source = found[remote.path][slot]
+            async with limit:
+                with contextlib.suppress(DepotError):
+                    digests = await source.source.chunk_digests(
+                        f"{source.url}/chunks", remote.size, chunk_size
+                    )
+                    if digests is not None:
+                        found[remote.path][slot] = dataclasses.replace(source, chunk_blake3=digests)
+
+        tasks = [asyncio.ensure_future(ask(remote, slot)) for remote, slot in unchecked]
+        _, late = await asyncio.wait(tasks, timeout=PEER_DIGESTS_WAIT)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
 
     def fleet_source(self, remote: RemoteFile, node: NodeRecord, holding: Holding | None,
                      digests: tuple[str, ...] | None = None, vouches: bool = False) -> FileSource | None:  # fmt: skip

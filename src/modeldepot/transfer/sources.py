@@ -63,6 +63,7 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 MAX_SMALL_ANSWER = 256 << 20  # bytes of a manifest or chunk map taken from a node (200,000 files fit)
 # ASCII digits only: str.isdigit() also takes "²", which float() refuses.
 _DELAY_SECONDS = re.compile(r"[0-9]+")
+_BLAKE3 = re.compile("[0-9a-f]{64}")
 
 SourceKind = str  # "hub" | "node"
 PieceSink = Callable[[memoryview], Awaitable[None]]
@@ -360,6 +361,31 @@ class HttpSource:
             kind = UpstreamTimeoutError if isinstance(error, TimeoutError) else UpstreamError
             raise kind(f"{url}: {type(error).__name__}: {error}", source=url) from error
         return _parse_chunk_map(url, body, size, chunk_size)
+
+    async def chunk_digests(self, url: str, size: int, chunk_size: int) -> tuple[str, ...] | None:
+        """The BLAKE3 of each of our ``chunk_size`` chunks of a complete blob a node holds, from its chunk map
+        (``…/chunks``); None when it gives none at our chunk size (a download in progress, another chunk size,
+        an older node). One attempt."""
+        try:
+            reply = await small_request("GET", url, self.headers(), min(self.retry.read_timeout, SILENT_PEER))
+            if reply.status != 200:
+                raise _final_error(reply.status, url, reply.headers.get("X-Error-Message"))
+            body = json.loads(reply.body)
+        except (OSError, http.client.HTTPException, ValueError, RecursionError) as error:
+            kind = UpstreamTimeoutError if isinstance(error, TimeoutError) else UpstreamError
+            raise kind(f"{url}: {type(error).__name__}: {error}", source=url) from error
+        if _parse_chunk_map(url, body, size, chunk_size) is not None or body.get("chunk_size") != chunk_size:
+            return None
+        digests = body.get("blake3")
+        if digests is None:
+            return None
+        if (
+            not isinstance(digests, list)
+            or len(digests) != chunk_count(size, chunk_size)
+            or not all(isinstance(d, str) and _BLAKE3.fullmatch(d) for d in digests)
+        ):
+            raise UpstreamDataError(url, "chunk map", "its blake3 is not one digest a chunk")
+        return tuple(digests)
 
     async def stream_whole(
         self,
