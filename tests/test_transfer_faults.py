@@ -687,6 +687,34 @@ def test_a_pull_killed_right_after_it_resumed_shows_what_it_kept(
         assert variant.bytes_done >= kept, (variant.bytes_done, kept)
 
 
+def test_a_file_download_killed_midway_shows_what_it_kept_though_it_made_no_status_row(
+    big_upstream: FaultProxy, tmp_path: Path
+) -> None:
+    """A download of one file (``download_file``, a mirror's pull for a reader) writes no status row: killed
+    midway, `status` said "available resumable: 0 B kept" while du said 64 MiB were received and the next
+    pull resumed them (an explorer's trial). The variant shows what its downloads' logs kept."""
+    proxy, home = big_upstream, tmp_path / "local"
+    Depot(home, chunk_size=SMALL_CHUNK).close()
+    plan = proxy.set("slow", times=-1, slow_delay=0.03)
+    script = f"from modeldepot import Depot; Depot({str(home)!r}).download_file({REPO!r}, {BIG!r})"
+    process = subprocess.Popen([sys.executable, "-c", script], env=_subprocess_env(proxy),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_until(lambda: plan.body_bytes > len(BIG_FILES[BIG]) // 3)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+    with Depot(home) as depot:
+        manifest = depot.get_manifest(REPO)
+        [big] = [f for f in manifest.files if f.path == BIG]
+        log = depot.store.partials.read_log(big.sha256 or "")
+        assert log is not None and log.logged
+        kept = sum(chunk_span(index, log.size, log.chunk_size)[1] for index in log.logged)
+        [variant] = [v for v in manifest.variants if BIG in v.files or BIG in manifest.shared]
+        assert (variant.status, variant.resumable) == ("available", True)
+        assert variant.bytes_done >= kept > 0, (variant.bytes_done, kept)
+
+
 def test_a_node_where_nothing_listens_is_dropped_at_once_the_hub_retried(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

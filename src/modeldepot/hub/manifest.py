@@ -186,8 +186,10 @@ def manifest_from_record(
         theirs = item["files"] if status == "available" else own
         resumable = any(kept.get(path) is not None for path in theirs)
         bytes_done = state.bytes_done if state else 0
-        if resumable and status == "failed":
-            bytes_done = max(bytes_done, sum(k or 0 for k in kept.values()))
+        if resumable and status in ("failed", "available"):
+            # (available: a download that made no status row, a file's own or a mirror's, killed: "0 B kept"
+            # while du said 64 MiB and the next pull resumed them, an explorer's trial)
+            bytes_done = max(bytes_done, sum(kept.get(path) or 0 for path in theirs))
         total_bytes = sum(sizes[p] for p in item["files"]) + shared_bytes
         if (
             status == "downloaded"
