@@ -410,6 +410,11 @@ def test_a_new_users_store_reads_the_shared_one_at_once(tmp_path: Path, admin: P
     env = {"MODELDEPOT_SHARED": str(admin), "MODELDEPOT_HOME": str(tmp_path / "fresh")}
     listed = CliRunner().invoke(cli, ["ls"], env=env)
     assert listed.exit_code == 0 and "acme/common" in listed.output, listed.output
+    # status covers the own store: the shared stores' repos are said to be theirs, not "held here, none with a
+    # main branch" (an explorer's trial)
+    status = CliRunner().invoke(cli, ["status"], env=env)
+    assert status.exit_code == 0 and "held here" not in status.output, status.output
+    assert "in the shared stores" in status.output, status.output
     (tmp_path / "link").symlink_to(admin)
     with pytest.raises(ConfigError, match="this depot's own store"):
         Depot(admin, shared=[tmp_path / "link"])

@@ -376,13 +376,18 @@ def status_command(depot: Depot, repo_id: str | None, as_json: bool) -> None:
         render.print_json([m.to_dict() for m in manifests])
         return
     if not manifests:
-        held = depot.list_repos()
+        held = depot.store.list_repos()
+        # (the shared stores' repos are theirs: counted here, they were "held here, none with a main branch")
+        shared = len(depot.list_repos()) - len(held) if depot.tiers.shared else 0
         render.out.print(
             f"No download status: {render.count(len(held), 'repo')} held here, none with a main branch "
             "(`modeldepot info REPO` shows its branches and commits)."
             if held
             else "No repo has been scanned yet: `modeldepot scan ORG/NAME`."
         )
+        if shared > 0:
+            render.out.print(f"{render.count(shared, 'repo')} in the shared stores (MODELDEPOT_SHARED) beside: "
+                             "status shows this store's downloads (`modeldepot ls` lists them all).")  # fmt: skip
     for manifest in manifests:
         render.render_manifest(manifest)
 
