@@ -564,7 +564,11 @@ def test_a_private_file_is_copied_not_linked_into_a_store_others_may_enter() -> 
         os.chmod(folder / "config.json", 0o644)
         with Depot(open_root / "store", chunk_size=SMALL_CHUNK) as depot:
             os.chmod(depot.home, 0o755)
-            depot.import_dir(folder, REPO, link=True)
+            result = depot.import_dir(folder, REPO, link=True)
+            # (said so: `import --link` said "another file system or another user's files", an explorer's trial)
+            assert result.copied_because == (
+                "fewer may read them than the store's blobs, in a store others may enter",
+            )
 
             def blob(path: str) -> os.stat_result:
                 return os.stat(depot.store.blobs.path(depot.file_info(REPO, path).sha256))
@@ -716,6 +720,7 @@ def test_an_import_with_link_makes_no_second_copy(depot: Depot, tmp_path: Path) 
             other = write_model_dir(Path(shm), {"other.bin": os.urandom(SMALL_CHUNK)})
             copied = depot.import_dir(other, "acme/other", link=True)
             assert copied.new_bytes == SMALL_CHUNK and copied.linked_bytes == 0
+            assert copied.copied_because == ("on another file system than the store",)
 
     # A file whose content the store held already is not linked: it is given its mode back
     again = write_model_dir(tmp_path / "again", {"config.json": b'{"a": 1}'})

@@ -130,9 +130,9 @@ def import_command(
     )
     if link:
         copied = result.new_bytes - result.linked_bytes
+        because = "; ".join(result.copied_because) or "the file system refused a hard link"
         render.out.print(f"linked {render.format_bytes(result.linked_bytes)}"
-                         + (f"; copied {render.format_bytes(copied)} (another file system or another user's "
-                            "files)" if copied else ""))  # fmt: skip
+                         + (f"; copied {render.format_bytes(copied)} ({because})" if copied else ""))  # fmt: skip
     render.out.print(f"snapshot: {escape(str(result.snapshot_path))}")
 
 

@@ -427,6 +427,16 @@ def import_dir(
     # An import is a use (the disk budget evicts the least recently used), of the commit it made or found
     store.access.record(repo_id, count=0, commit_id=commit_id)
     new_blobs = {sha256: p.size for sha256, p in partials.items() if sha256 in new}
+    copied = {
+        s.digest.sha256 for s in staged if s.digest.sha256 in new_blobs and s.digest.sha256 not in linked
+    }
+    # (said of each file, not guessed: the CLI said "another file system or another user's files" of a private
+    # file of the user's own, copied lest it narrow who reads the store's blobs, an explorer's trial)
+    reasons = dict.fromkeys(
+        why_copied(store.layout, Path(os.path.realpath(f.absolute)))
+        for f, s in zip(files, staged, strict=True)
+        if link and s.digest.sha256 in copied
+    )
     return ImportResult(
         repo_id=repo_id,
         revision=revision,
@@ -437,6 +447,7 @@ def import_dir(
         new_bytes=sum(new_blobs.values()),
         snapshot_path=str(store.snapshots.path(repo_id, commit_id)),
         linked_bytes=sum(size for sha256, size in new_blobs.items() if sha256 in linked),
+        copied_because=tuple(reasons),
     )
 
 

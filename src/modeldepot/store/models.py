@@ -113,6 +113,9 @@ class ImportResult(_Record):
     new_bytes: int  # disk the import added (the rest was deduplicated)
     snapshot_path: str
     linked_bytes: int = 0  # of new_bytes, those hard-linked to the folder's files (``link``): no second copy
+    copied_because: tuple[
+        str, ...
+    ] = ()  # (``link``) why the new files not linked were copied, each reason once
 
 
 @dataclass(frozen=True)
