@@ -404,6 +404,27 @@ def test_load_uses_the_preloaded_copy_and_times_both_ways(loaded: Depot) -> None
     assert top[(REPO, "fp16")] == 1 and top[(REPO, "fp32")] == 1  # (a load without one: the variant loaded)
 
 
+def test_a_load_holds_the_preload_of_its_variant_or_of_its_whole_revision_however_either_was_named(
+    loaded: Depot,
+) -> None:
+    """A preload of "fp32" and a load without a quant (fp32: the same files), or a preload of the whole revision
+    and a load of "fp16": the load held nothing and counted as cold (an explorer's trial)."""
+    loaded.preloader.preload(REPO, "fp32")
+    loaded.load(REPO, warmup=0)
+    assert loaded.preloader.stats().avg_load_seconds_cold is None, "the fp32 preload was held"
+    loaded.preloader.evict(REPO, "fp32")
+    loaded.preloader.preload(REPO)  # the whole revision
+    loaded.load(REPO, "fp16", warmup=0)
+    stats = loaded.preloader.stats()
+    assert stats.avg_load_seconds_cold is None and stats.avg_load_seconds_preloaded is not None
+
+    async def builder(path: Path) -> None:
+        return None
+
+    with pytest.raises(ConfigError, match="coroutine function"):
+        loaded.load(REPO, engine=builder)  # type: ignore[arg-type]
+
+
 def test_callables_with_one_name_get_their_own_engines(depot: Depot, tmp_path: Path) -> None:
     folder = tmp_path / "st"
     folder.mkdir()

@@ -533,6 +533,40 @@ def test_a_preload_that_meets_an_rm_as_it_resolves_keeps_no_model_of_no_file(
         preloader.close()
 
 
+def test_a_handle_dropped_unreleased_lets_go_of_its_model_with_a_warning(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """A request that failed between get() and release(): the handle's hold stayed for the life of the process,
+    the model over the RAM budget and its revision kept from the disk budget (an explorer's trial)."""
+    import gc
+
+    depot.import_dir(write_model_dir(tmp_path / "m", {"model.safetensors": b"w" * 5000}), "acme/dropped")
+    preloader = Preloader(depot, budget="1GiB")
+    try:
+
+        def failing_request() -> None:
+            handle = preloader.get("acme/dropped")
+            assert handle.views
+            raise RuntimeError("the request failed before release()")
+
+        with pytest.warns(ResourceWarning, match="dropped without release"):  # noqa: PT031
+            with pytest.raises(RuntimeError):
+                failing_request()
+            gc.collect()
+        assert preloader.revisions(gives_way=False) == set()
+        with preloader.get(
+            "acme/dropped"
+        ) as held:  # (a handle released is not released twice when collected)
+            assert bytes(held.views["model.safetensors"]) == b"w" * 5000
+        del held
+        gc.collect()
+        assert preloader.revisions(gives_way=True) == {("acme/dropped", depot.resolve("acme/dropped"))}
+    finally:
+        preloader.close()
+    with pytest.raises(DepotError, match="closed"):
+        preloader.auto_preload_in_background(1)
+
+
 def test_a_budget_of_another_type_is_a_clear_error() -> None:
     for bad in (1.5, None, True):
         with pytest.raises(ConfigError, match="preload budget"):

@@ -149,8 +149,16 @@ def load_variant(
 
     def load_and_warm() -> Any:
         started = time.perf_counter()
-        held = (
-            preloader.get(repo_id, quant, commit_id) if preloader.holds(repo_id, quant, commit_id) else None
+        # The preload that holds the file loaded: of the quant named, of the variant the file is in (a load
+        # without a quant after a preload of "fp32" counted as cold, holding nothing), or of the whole revision
+        preloads = dict.fromkeys([quant, named.name if named is not None else None, None])
+        held = next(
+            (
+                preloader.get(repo_id, q, commit_id)
+                for q in preloads
+                if preloader.holds(repo_id, q, commit_id)
+            ),
+            None,
         )
         try:
             built = build()  # while the handle holds the preloaded copy, eviction cannot take it

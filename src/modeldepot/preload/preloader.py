@@ -25,6 +25,8 @@ import operator
 import os
 import threading
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
@@ -157,6 +159,14 @@ class PreloadStats:
         return asdict(self)
 
 
+def _release_dropped(preloader: Preloader, model: _Model) -> None:
+    try:
+        preloader._release(model)
+    finally:  # (after: a warning made an error, as under pytest, must not keep the hold)
+        warnings.warn(f"a preload handle of {model.key[0]}@{model.key[1][:12]} was dropped without release(): "
+                      "use it in a with block", ResourceWarning, stacklevel=1)  # fmt: skip
+
+
 class PreloadHandle:
     """A preloaded model, held: ``views`` (memoryview per path) stay valid until :meth:`release` (or the end
     of a ``with`` block), whatever happens to the store meanwhile. ``paths`` (a real path per file, for
@@ -169,10 +179,16 @@ class PreloadHandle:
         self.repo_id, self.commit_id, self.variant = model.key
         self.views = {path: copy.view() for path, copy in model.files.items()}
         self.paths = {path: copy.path for path, copy in model.files.items()}
+        # A handle dropped unreleased (a request that failed between get() and release()) let go of its hold
+        # never: its model stayed over the RAM budget and kept its revision from the disk budget, for good
+        # (an explorer's trial). The collector lets go of it, with a warning, as of an unclosed file.
+        self._finalizer = weakref.finalize(self, _release_dropped, preloader, model)
+        self._finalizer.atexit = False
 
     def release(self) -> None:
         if self._model is None:
             return
+        self._finalizer.detach()
         for view in self.views.values():
             view.release()
         self.views = {}
@@ -414,7 +430,14 @@ class Preloader:
     def auto_preload_in_background(self, top_n: int) -> Future[list[PreloadInfo]]:
         """Start :meth:`auto_preload` on the preloader's own thread; returns at once."""
         _check_model_count(top_n)  # (said here, not in the future)
-        return self._pool.submit(self.auto_preload, top_n)
+        try:
+            if self._closed.is_set():
+                raise RuntimeError("closed")
+            return self._pool.submit(self.auto_preload, top_n)
+        except (
+            RuntimeError
+        ):  # (the executor's own, raw, where every other call of a closed preloader says this)
+            raise DepotError("the preloader is closed (its depot was closed): open the depot again") from None
 
     def auto_preload(self, top_n: int) -> list[PreloadInfo]:
         """Preload the ``top_n`` most used models (by recorded accesses) that fit the budget together, the
