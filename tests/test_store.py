@@ -33,7 +33,7 @@ from modeldepot import (
     StoreClosedError,
     StoreSchemaError,
 )
-from modeldepot.errors import StoreError
+from modeldepot.errors import NotFoundError, StoreError
 from modeldepot.gitobjects import git_blob_oid
 from modeldepot.store import FileEntry
 from modeldepot.store.blobs import WriteSession
@@ -1325,6 +1325,34 @@ def test_the_listing_kept_of_an_import_goes_with_the_import(depot: Depot, tmp_pa
         assert depot.list_manifests() == [] and depot.list_repos() == []
         with pytest.raises(LookupError, match="not been scanned"):
             depot.get_manifest("acme/imp")
+
+
+def test_a_variant_is_named_as_status_names_it_whatever_else_the_store_holds(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """A repo of fp16 in two kinds: status names them onnx-fp16 and safetensors-fp16 (the commit's listing), but
+    once the store held one of them, pin, rm --quant and preload refused that name ("it has: fp16") and took
+    "fp16", a name status never shows (an explorer's trial). Either name is taken while it names one variant;
+    a pin keeps the kind's name typed; a name of two variants is refused, naming both."""
+    from modeldepot.preload import Preloader
+
+    files = {"onnx/model.onnx": os.urandom(SMALL_CHUNK), "onnx/model_fp16.onnx": os.urandom(SMALL_CHUNK),
+             "model.safetensors": os.urandom(SMALL_CHUNK), "model.fp16.safetensors": os.urandom(SMALL_CHUNK),
+             "config.json": b"{}"}  # fmt: skip
+    depot.import_dir(write_model_dir(tmp_path / "m", files), "acme/two-kinds")
+    with pytest.raises(NotFoundError, match=r"onnx-fp16, .*safetensors-fp16|safetensors-fp16, .*onnx-fp16"):
+        depot.pin("acme/two-kinds", quant="fp16")
+    depot.remove("acme/two-kinds", quant="onnx-fp16")
+    pin = depot.pin("acme/two-kinds", quant="safetensors-fp16")
+    assert pin.quant == "safetensors-fp16"
+    preloader = Preloader(depot, budget="1GiB")
+    try:
+        assert preloader.preload("acme/two-kinds", "safetensors-fp16").files == 2  # (its file and the config)
+    finally:
+        preloader.close()
+    depot.remove("acme/two-kinds", quant="safetensors-fp16")
+    assert not depot.has_file("acme/two-kinds", "model.fp16.safetensors")
+    assert depot.pins("acme/two-kinds") == [], "the pin of what was removed went with it"
 
 
 def test_rm_quant_removes_one_variants_own_files_and_keeps_the_rest(depot: Depot, tmp_path: Path) -> None:

@@ -1055,8 +1055,9 @@ class Depot:
                 if variant is None:
                     raise NotFoundError(f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: "
                                         f"{grouping.names()})", repo_id=repo_id)  # fmt: skip
-                # (kept under the variant's own name: unpin finds it however it is typed)
-                quant = variant.name
+                # (kept under the variant's own name, unpin finding it however it is typed; or under the kind's
+                # name typed, onnx-fp16, which stays that one variant's when the other kind's fp16 comes back)
+                quant = variant.name if quant.lower() == variant.name.lower() else quant
             return self.store.budget.pin(repo_id, quant, revision)
         except NotFoundError as missing:
             if not self.store.partials.is_pulling(repo_id):

@@ -9,7 +9,7 @@ import logging
 
 from modeldepot.errors import NotFoundError, StoreError
 from modeldepot.hub.manifest import current_manifest, keep_listing, of_this_store
-from modeldepot.hub.variants import group_files
+from modeldepot.hub.variants import group_files, variant_aliases
 from modeldepot.store import RemoveResult, Store, remove
 from modeldepot.store.maintenance import remove_files
 from modeldepot.validation import validate_quant
@@ -55,7 +55,7 @@ def remove_variant(store: Store, repo_id: str, revision: str, quant: str) -> tup
     keep_listing(store, repo_id, commit_id)
     result = remove_files(store, repo_id, commit_id, grouping.own_files(variant))
     for pin in store.budget.pins(repo_id):  # (a pin of what is gone would keep nothing, unseen)
-        if pin.quant is not None and pin.quant.lower() == variant.name.lower():
+        if pin.quant is not None and pin.quant.lower() in variant_aliases(variant):
             with contextlib.suppress(NotFoundError):
                 if store.resolve(repo_id, pin.revision) == commit_id:
                     store.budget.unpin(repo_id, pin.quant, pin.revision)

@@ -108,8 +108,16 @@ class Grouping:
     other: tuple[str, ...]
 
     def find(self, name: str) -> DetectedVariant | None:
-        """The variant called ``name`` (case-insensitive: q4_k_m finds Q4_K_M)."""
-        return next((v for v in self.variants if v.name.lower() == name.lower()), None)
+        """The variant called ``name`` (case-insensitive: q4_k_m finds Q4_K_M), or the one variant it is an
+        alias of (:func:`variant_aliases`): the names `status` shows of a commit's whole listing
+        (safetensors-fp16 beside onnx-fp16) were refused by pin, rm --quant and preload once the store held
+        one of the two (there, "fp16"; an explorer's trial). None when it names none, or several."""
+        lowered = name.lower()
+        exact = next((v for v in self.variants if v.name.lower() == lowered), None)
+        if exact is not None:
+            return exact
+        aliased = [v for v in self.variants if lowered in variant_aliases(v)]
+        return aliased[0] if len(aliased) == 1 else None
 
     def names(self) -> str:
         return ", ".join(v.name for v in self.variants) or "none"
