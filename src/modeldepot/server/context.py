@@ -15,8 +15,8 @@ from modeldepot.validation import validate_repo_id
 if TYPE_CHECKING:
     from yarl import URL  # (aiohttp's URL type)
 
-__all__ = ["ARRIVED", "CONTROL_TOKEN", "DEPOT", "TOKEN", "carries_token", "is_authorized", "path_matches",
-           "path_repo", "request_url"]  # fmt: skip
+__all__ = ["ARRIVED", "CONTROL_TOKEN", "DEPOT", "TOKEN", "carries_token", "checked_query", "is_authorized",
+           "path_matches", "path_repo", "request_url"]  # fmt: skip
 
 DEPOT = web.AppKey("depot", Depot)
 TOKEN = web.AppKey("token", str)  # "" when the node has no token
@@ -51,6 +51,26 @@ async def path_repo(request: web.Request) -> str:
     their case, as on the Hub."""
     named = validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
     return await asyncio.to_thread(request.app[DEPOT].store.spelled, named)
+
+
+def checked_query(request: web.Request, takes: tuple[str, ...] = (), hint: str = "") -> dict[str, str]:
+    """The query parameters of a route of ``/api/depot/v1`` that takes those named in ``takes`` (most take
+    none), each once. A parameter the route does not take is a 400 naming it (:class:`InvalidInputError`),
+    never ignored (``?quant=fp16`` on a preload would preload the whole repo; ``?revision=x`` on a repo's
+    saved scan answered main's); so is one of its own given twice (which would count?). ``hint`` ends the
+    message about an unknown one (where what it asks for is). A bad value of one it takes is the route's
+    to refuse, its message naming the parameter first (``after: ...``)."""
+    query = request.query
+    unknown = sorted(set(query) - set(takes))
+    if unknown:
+        takes_what = ", ".join(takes) or "no query parameter"
+        raise InvalidInputError(
+            f"unknown query parameter {unknown[0][:40]!r}: this route takes {takes_what}{hint}"
+        )
+    for name in takes:
+        if len(query.getall(name, [])) > 1:
+            raise InvalidInputError(f"{name}: give this query parameter once")
+    return {name: query[name] for name in takes if name in query}
 
 
 def path_matches(resource: web.AbstractResource, path: str) -> bool:

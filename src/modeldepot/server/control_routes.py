@@ -48,7 +48,15 @@ from modeldepot.errors import (
     RevisionNotFoundError,
 )
 from modeldepot.hub.manifest import Manifest
-from modeldepot.server.context import CONTROL_TOKEN, DEPOT, TOKEN, carries_token, is_authorized, path_repo
+from modeldepot.server.context import (
+    CONTROL_TOKEN,
+    DEPOT,
+    TOKEN,
+    carries_token,
+    checked_query,
+    is_authorized,
+    path_repo,
+)
 from modeldepot.server.native_routes import API
 from modeldepot.server.responses import error_response, json_response
 from modeldepot.validation import validate_repo_id, validate_revision
@@ -107,8 +115,8 @@ def control_refusal(request: web.Request) -> str | None:
 
 def control(*query: str) -> Callable[[Handler], Handler]:
     """A control route taking the query parameters ``query`` (most take none): the caller is checked first
-    (:func:`control_refusal`: a 401 when it may not), then the query (:func:`_query_refusal`: a 400), and
-    a :class:`Refused` becomes its JSON error."""
+    (:func:`control_refusal`: a 401 when it may not), then the query (:func:`checked_query`: a 400, as on
+    every route of the node's API), and a :class:`Refused` becomes its JSON error."""
 
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)
@@ -117,7 +125,7 @@ def control(*query: str) -> Callable[[Handler], Handler]:
             if refusal is not None:
                 return error_response(401, None, refusal)
             try:
-                _query_refusal(request, query)
+                checked_query(request, query)
                 return await handler(request)
             except Refused as refused:
                 return error_response(refused.status, refused.code, refused.message)
@@ -161,20 +169,6 @@ async def json_body(request: web.Request, keys: tuple[str, ...]) -> dict[str, An
         shown = ", ".join(repr(k[:40]) for k in unknown[:5])
         raise Refused(400, "BadRequest", f"unknown key {shown}: this route takes {', '.join(keys)}")
     return value
-
-
-def _query_refusal(request: web.Request, takes: tuple[str, ...]) -> None:
-    """A 400 for a query parameter the route does not take (it would be ignored: ``?quant=fp16`` on a
-    preload would preload the whole repo), or one given twice."""
-    unknown = sorted(set(request.query) - set(takes))
-    if unknown:
-        takes_what = ", ".join(takes) or "no query parameter"
-        raise Refused(
-            400, "BadRequest", f"unknown query parameter {unknown[0][:40]!r}: this route takes {takes_what}"
-        )
-    for name in takes:
-        if len(request.query.getall(name, [])) > 1:
-            raise Refused(400, "BadRequest", f"{name}: give this query parameter once")
 
 
 def _json_type(value: object) -> str:
