@@ -234,6 +234,11 @@ def test_every_route_answers_as_the_document_says(nodes: tuple[LiveNode, LiveNod
         call(open_node, route, 400, sha256="g" * 64)
     call(open_node, f"{API}/blobs/{{sha256}}/chunks/{{index}}", 400, index=str(10**6))
     call(open_node, f"{API}/inventory", 400, query={"limit": "0"})
+    call(open_node, f"{API}/inventory", 400, query={"after": "z" * 200})
+    for path in checker.document["paths"]:  # a query parameter a route does not take: a 400 naming it
+        if path not in CONTROL_PATHS and path.startswith(API):
+            refused = json.loads(call(open_node, path, 400, query={"x": "1"}).body)["error"]
+            assert refused.startswith("unknown query parameter 'x'"), (path, refused)
     flip_byte(depot.store.blobs.path(BIG_SHA), 3)  # last: the blob is quarantined from now on
     call(open_node, f"{API}/blobs/{{sha256}}", 503)
     call(open_node, f"{API}/blobs/{{sha256}}/chunks/{{index}}", 503, index="0")

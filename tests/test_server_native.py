@@ -302,6 +302,76 @@ def test_inventory_pages_list_every_blob_exactly_once(node: LiveNode) -> None:
         assert fetch(node, f"{API}/inventory?limit={limit}").status == 400
 
 
+def status_of(node: LiveNode, target: str, headers: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """GET ``target``: its status, X-Error-Code and JSON error (a stream's body is never read: an event
+    stream answered 200 does not end)."""
+    connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
+    try:
+        connection.request("GET", target, headers=headers or {})
+        response = connection.getresponse()
+        code = response.getheader("X-Error-Code", "")
+        if response.getheader("Content-Type", "").startswith("text/event-stream"):
+            return response.status, code, ""
+        body = response.read()
+        return response.status, code, json.loads(body).get("error", "") if response.status >= 400 else ""
+    finally:
+        connection.close()
+
+
+def test_every_route_refuses_a_query_parameter_it_does_not_take(node: LiveNode) -> None:
+    """Every route of /api/depot/v1 answered 200 to `?x=1` (only the control routes and a repo's saved scan
+    refused it), as if the parameter meant nothing: `inventory?afer=…` listed from the start. Each GET the
+    document lists (the control ones with the control token) refuses one, and names it."""
+    document = openapi_document(modeldepot.__version__)
+    sha = hashlib.sha256(REPOS["acme/tiny"]["model.safetensors"]).hexdigest()
+    values = {"org": "acme", "name": "tiny", "rev": "main", "sha256": sha, "index": "0", "id": "nope"}
+    routes = [path for path, item in document["paths"].items() if "get" in item and path.startswith(API)]
+    assert len(routes) >= 15, routes
+    for path in routes:
+        target = re.sub(r"\{(\w+)\}", lambda m: values[m[1]], path)
+        takes = [
+            p["name"] for p in document["paths"][path]["get"].get("parameters", []) if p["in"] == "query"
+        ]
+        unknown = [("x=1", "x"), ("revision=main", "revision"), ("Flag", "Flag")]
+        if takes:  # (beside one it takes)
+            unknown.append((f"{takes[-1]}=1&zz=1", "zz"))
+        for query, named in unknown:
+            if named in takes:
+                continue
+            status, code, error = status_of(node, f"{target}?{query}", CONTROL_HEADERS)
+            assert (status, code) == (400, "BadRequest"), (target, query, status, error)
+            assert error.startswith(f"unknown query parameter {named!r}: this route takes "), (target, error)
+            assert all(name in error for name in takes), (target, error)
+        status, _, error = status_of(node, target, CONTROL_HEADERS)  # (and without one, as before)
+        assert status in (200, 404), (target, status, error)  # (404: the pull id no pull has)
+
+
+def test_inventory_refuses_a_bad_after_and_a_parameter_given_twice(node: LiveNode) -> None:
+    """`after` of 200 characters that are not hex was taken (the document says at most 64), one in capitals
+    paged silently wrong (digests compare as lowercase text), and `limit=5&limit=abc` took the first."""
+    for after in ("z" * 200, "0" * 65, "A" * 64, "abcg", "%2E%2E", "%00", "%20ab", "0x1f"):
+        status, code, error = status_of(node, f"{API}/inventory?after={after}")
+        assert (status, code) == (400, "BadRequest") and error.startswith("after: "), (after, status, error)
+    for limit in ("+5", "%205", "5_0", "%D9%A5", "9" * 30):
+        status, _, error = status_of(node, f"{API}/inventory?limit={limit}")
+        assert status == 400 and error.startswith("limit: "), (limit, status, error)
+    for query in (
+        "limit=5&limit=abc",
+        "limit=5&limit=5",
+        f"after={'0' * 64}&after=",
+        "after=&after=&limit=2",
+    ):
+        status, _, error = status_of(node, f"{API}/inventory?{query}")
+        name = query.split("=")[0]
+        assert (status, error) == (400, f"{name}: give this query parameter once"), (query, status, error)
+    shas = sorted(BLOBS)
+    for after, expected in (("", shas), ("0", shas), (shas[0], shas[1:]), (shas[0][:10], shas),
+                            ("f" * 64, [])):  # fmt: skip
+        page = fetch(node, f"{API}/inventory?after={after}&limit=1000").json()
+        assert [b["sha256"] for b in page["blobs"]] == expected, after
+    assert fetch(node, f"{API}/inventory?limit=0001").json()["next"].endswith(f"after={shas[0]}")
+
+
 def test_openapi_document_is_valid_and_covers_every_native_route(node: LiveNode, depot: Depot) -> None:
     document = fetch(node, f"{API}/openapi.json").json()
     assert document["openapi"].startswith("3.1.") and document["info"]["version"] == modeldepot.__version__

@@ -524,6 +524,7 @@ async def remove_repo(request: web.Request) -> web.Response:
 async def list_pins(request: web.Request) -> web.Response:
     """The pins (kept from eviction by the disk budget). A read, like the repo listing: without the token,
     only those of public repos in the store."""
+    checked_query(request)
     depot, authorized = request.app[DEPOT], is_authorized(request)
 
     # One lookup a pin: listing every repo cost 0.1 s at 5,000 repos, at every poll of every dashboard,

@@ -38,7 +38,7 @@ from modeldepot.hashing import chunk_count
 from modeldepot.hub.manifest import Manifest
 from modeldepot.preload.preloader import PreloadInfo
 from modeldepot.server.commit_cache import COMMITS
-from modeldepot.server.context import DEPOT, is_authorized, path_repo, request_url
+from modeldepot.server.context import DEPOT, checked_query, is_authorized, path_repo, request_url
 from modeldepot.server.fleet import FLEET
 from modeldepot.server.openapi import WITHHELD_PRELOAD, openapi_document
 from modeldepot.server.ranges import RangeNotSatisfiable
@@ -58,6 +58,7 @@ HEALTH_PATH = f"{API}/health"
 STARTED = web.AppKey("started", float)
 STOPPING = web.AppKey("stopping", asyncio.Event)  # set when the server begins to shut down
 _INDEX = re.compile(r"[0-9]{1,19}", re.ASCII)
+_AFTER = re.compile(r"[0-9a-f]{0,64}", re.ASCII)  # a blob's SHA-256, or its start: the inventory's cursor
 CAPABILITIES = ("hub-api", "blobs", "chunks", "ranges", "inventory")
 INVENTORY_PAGE = 1000
 EVENTS_POLL = 0.5  # seconds between looks at the statuses (pulls write theirs about as often)
@@ -74,6 +75,7 @@ async def health(request: web.Request) -> web.Response:
     that serves files): ``status`` is ``degraded``, with a ``detail``, while its registry cannot be reached
     or its record is not in it (its peers and what they hold are then the last known); ``cluster`` (a node
     served with one) says how its view of the fleet stands."""
+    checked_query(request)
     fleet = request.app.get(FLEET)
     status = fleet.status() if fleet is not None else None
     if status is None:
@@ -98,12 +100,14 @@ async def health(request: web.Request) -> web.Response:
 
 async def peers(request: web.Request) -> web.Response:
     """The fleet's live nodes as this node sees them, with what each holds (``[]`` without a cluster)."""
+    checked_query(request)
     fleet = request.app.get(FLEET)
     rows = fleet.rows() if fleet is not None else []
     return json_response([row.to_dict() for row in rows])
 
 
 async def node_info(request: web.Request) -> web.Response:
+    checked_query(request)
     depot = _depot(request)
     return json_response(
         {
@@ -121,6 +125,7 @@ async def list_repos(request: web.Request) -> web.Response:
     """The repos, with an ETag of their bytes: a client that sends it back gets a 304 while the list stands
     (the dashboard asks every 2 s; 0.8 MB and 0.25 s of CPU at 3,000 repos). Read again only when the
     index changed."""
+    checked_query(request)
     depot, authorized = _depot(request), is_authorized(request)
     if depot.tiers.shared:  # (the shared stores' changes move no version of this store's index)
         repos = await asyncio.to_thread(depot.list_repos)
@@ -148,6 +153,7 @@ def _tagged_json(request: web.Request, body: bytes, etag: str) -> web.Response:
 
 
 async def manifest(request: web.Request) -> web.Response:
+    checked_query(request)
     depot = _depot(request)
     repo_id = await path_repo(request)
     revision = validate_revision(request.match_info["rev"])
@@ -183,11 +189,10 @@ async def manifest(request: web.Request) -> web.Response:
 async def pull_manifest(request: web.Request) -> web.Response:
     """The saved scan of an upstream repo: its variants, their statuses and live progress (of a repo held but
     never scanned, what the store holds: Depot.get_manifest)."""
+    # (`?revision=x` answered main's manifest, the parameter ignored: a trial)
+    checked_query(request, hint=" (a revision's files and chunks: /repos/{repo}/revisions/{rev}/manifest)")
     depot = _depot(request)
     repo_id = await path_repo(request)
-    if request.query:  # (`?revision=x` answered main's manifest, the parameter ignored: a trial)
-        raise InvalidInputError(f"unknown query parameter {next(iter(request.query))[:40]!r}: this route takes none "
-                                "(a revision's files and chunks: /repos/{repo}/revisions/{rev}/manifest)")  # fmt: skip
     try:
         manifest = await asyncio.to_thread(depot.get_manifest, repo_id)
     except NotFoundError:
@@ -319,6 +324,7 @@ class EventStream(CountedResponse):
 
 
 async def events(request: web.Request) -> web.StreamResponse:
+    checked_query(request)
     return EventStream(_depot(request), is_authorized(request), request.app[STOPPING], request.app[LOOKS])
 
 
@@ -356,6 +362,7 @@ async def _blob_or_download(request: web.Request) -> BlobRecord | PartialChunkRe
 
 
 async def read_blob(request: web.Request) -> web.StreamResponse:
+    checked_query(request)
     depot = _depot(request)
     blob = await _blob_or_download(request)
     if isinstance(blob, PartialChunkReader):
@@ -390,6 +397,7 @@ async def _read_partial(request: web.Request, reader: PartialChunkReader) -> web
 async def read_chunk(request: web.Request) -> web.StreamResponse:
     """One chunk, verified against its BLAKE3 before a byte leaves: a corrupt chunk is a 503, never data;
     a chunk of a download in progress that is not there (or fails its check) a 404 ``ChunkNotAvailable``."""
+    checked_query(request)
     depot = _depot(request)
     raw = request.match_info["index"]
     if not _INDEX.fullmatch(raw):
@@ -418,6 +426,7 @@ def bitfield(held: Iterable[int], count: int) -> str:
 async def chunk_map(request: web.Request) -> web.Response:
     """Which chunks the node has of a blob: all of a complete one; of a download in progress (to requests
     with the token), those its log names, each checked again when it is read."""
+    checked_query(request)
     sha256 = request.match_info["sha256"]
     blob = await _held_blob(request)
     log = (
@@ -451,13 +460,22 @@ async def chunk_map(request: web.Request) -> web.Response:
 
 
 async def inventory(request: web.Request) -> web.Response:
-    after = request.query.get("after", "")
-    try:
-        limit = int(request.query.get("limit", str(INVENTORY_PAGE)))
-    except ValueError:
-        raise InvalidInputError("limit must be an integer") from None
-    if not 1 <= limit <= INVENTORY_PAGE:
-        raise InvalidInputError(f"limit must be between 1 and {INVENTORY_PAGE}")
+    """The servable blobs by digest, a page at a time: ``after`` a digest (or its start; the last of the page
+    before, as ``next`` names it), ``limit`` blobs at most. An ``after`` in capitals would have paged
+    silently wrong (the index compares digests as text, in lowercase); a repeated ``limit`` took the first."""
+    query = checked_query(request, ("after", "limit"))
+    after = query.get("after", "")
+    if not _AFTER.fullmatch(after):
+        raise InvalidInputError(
+            f"after: must be a blob's SHA-256 or its start (lowercase hex, at most 64 characters), "
+            f"got {after[:40]!r}"
+        )
+    raw_limit = query.get("limit", str(INVENTORY_PAGE))
+    if not _INDEX.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= INVENTORY_PAGE:
+        raise InvalidInputError(
+            f"limit: must be a whole number from 1 to {INVENTORY_PAGE}, got {raw_limit[:40]!r}"
+        )
+    limit = int(raw_limit)
     blobs = await asyncio.to_thread(_depot(request).store.inventory, after, limit, not is_authorized(request))
     body: dict[str, Any] = {"blobs": [b.to_dict() for b in blobs]}
     if len(blobs) == limit:
@@ -466,6 +484,7 @@ async def inventory(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
+    checked_query(request)
     body = await asyncio.to_thread(_stats, _depot(request), is_authorized(request))
     return json_response({"uptime_seconds": round(time.monotonic() - request.app[STARTED], 3), **body})
 
@@ -520,6 +539,7 @@ def _listed(model: PreloadInfo) -> dict[str, Any]:
 
 
 async def openapi(request: web.Request) -> web.Response:
+    checked_query(request)
     return json_response(openapi_document(__version__))
 
 

@@ -340,17 +340,22 @@ def openapi_document(version: str) -> dict[str, Any]:
     }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "modeldepot node API", "version": version},
+        "info": {
+            "title": "modeldepot node API",
+            "version": version,
+            "description": "Every route under /api/depot/v1 takes only the query parameters it lists, each once: "
+            "any other, one given twice, or a bad value of one it lists is a 400 whose message names it.",
+        },
         "paths": {
             "/api/depot/v1/health": {
                 "get": {
                     "operationId": "health",
                     "description": "Needs no token, even on a node that has one.",
-                    "responses": {"200": ok("Health")},
+                    "responses": {"200": ok("Health"), **errors(400)},
                 }
             },
             "/api/depot/v1/info": {
-                "get": {"operationId": "nodeInfo", "responses": {"200": ok("NodeInfo"), **errors(401)}}
+                "get": {"operationId": "nodeInfo", "responses": {"200": ok("NodeInfo"), **errors(400, 401)}}
             },
             "/api/depot/v1/repos": {
                 "get": {
@@ -361,7 +366,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "responses": {
                         "200": _json({"type": "array", "items": {"$ref": REF + "RepoSummary"}}),
                         "304": {"description": "The list the ETag names still stands"},
-                        **errors(401),
+                        **errors(400, 401),
                     },
                 }
             },
@@ -401,7 +406,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                                 }
                             },
                         },
-                        **errors(401),
+                        **errors(400, 401),
                     },
                 }
             },
@@ -473,7 +478,9 @@ def openapi_document(version: str) -> dict[str, Any]:
                             "name": "after",
                             "in": "query",
                             "required": False,
-                            "schema": {"type": "string", "maxLength": 64},
+                            "schema": {"type": "string", "pattern": "^[0-9a-f]{0,64}$", "maxLength": 64},
+                            "description": "a blob's SHA-256, or its start, in lowercase: the page lists the blobs "
+                            "whose digests come after it (`next` names the last one of this page)",
                         },
                         {
                             "name": "limit",
@@ -499,7 +506,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                                 }
                             )
                         ),
-                        **errors(401),
+                        **errors(400, 401),
                     },
                 }
             },
@@ -512,7 +519,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "registry, else when it lost it. Empty on a node served without a cluster.",
                     "responses": {
                         "200": _json({"type": "array", "items": {"$ref": REF + "PeerRow"}}),
-                        **errors(401),
+                        **errors(400, 401),
                     },
                 }
             },
@@ -521,7 +528,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "operationId": "stats",
                     "description": "Without the token, figures count public repos alone, and the node-wide "
                     "counters that cannot be split per repo are null.",
-                    "responses": {"200": ok("Stats"), **errors(401)},
+                    "responses": {"200": ok("Stats"), **errors(400, 401)},
                 }
             },
             "/metrics": {
@@ -706,7 +713,10 @@ def _control_paths(
                 "operationId": "listPins",
                 "description": "What the disk budget never evicts. Without the token, the pins of public "
                 "repos alone.",
-                "responses": {"200": _json({"type": "array", "items": {"$ref": REF + "Pin"}}), **errors(401)},
+                "responses": {
+                    "200": _json({"type": "array", "items": {"$ref": REF + "Pin"}}),
+                    **errors(400, 401),
+                },
             }
         },
         "/api/depot/v1/repos/{org}/{name}/preload": {
