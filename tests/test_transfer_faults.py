@@ -584,6 +584,41 @@ def test_ctrl_c_stops_a_pull_cleanly_and_keeps_its_chunks(
         assert store_files_consistent(depot) == []
 
 
+@pytest.mark.parametrize("ctrl_c", ["heeded", "ignored"])
+def test_sigterm_stops_a_pull_as_ctrl_c_does_unless_ctrl_c_is_ignored(
+    ctrl_c: str, big_upstream: FaultProxy, tmp_path: Path
+) -> None:
+    """`docker stop`, `kill`, a scheduler's timeout: SIGTERM killed a pull at once (exit 143, nothing said, the
+    parts of its chunks in flight lost: an explorer's trial). It stops as Ctrl-C stops it; a pull run where
+    Ctrl-C is ignored (nohup, a shell's background job) is terminated by it as ever."""
+    proxy, home = big_upstream, tmp_path / "local"
+    Depot(home, chunk_size=SMALL_CHUNK).close()
+    plan = proxy.set("slow", times=-1, slow_delay=0.03)
+    if ctrl_c == "heeded":
+        process = _pull_process(home, _subprocess_env(proxy), interruptible=True)
+    else:  # (started with SIGINT ignored, as a shell's background job is)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "modeldepot", "pull", REPO, "--home", str(home)], env=_subprocess_env(proxy),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )  # fmt: skip
+    try:
+        wait_until(lambda: plan.body_bytes > len(BIG_FILES[BIG]) // 4)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()  # (a no-op once it has ended)
+        process.communicate()
+    if ctrl_c == "ignored":
+        assert process.returncode == -signal.SIGTERM, stderr
+        return
+    assert process.returncode == 130, stderr
+    assert "interrupted:" in stderr and " kept" in stderr and "resume" in stderr, stderr
+    with Depot(home) as depot:
+        variant = depot.get_manifest(REPO).variants[0]
+        assert variant.status == "failed" and variant.resumable and variant.bytes_done > 0
+
+
 def test_content_a_node_holds_under_another_repo_comes_from_that_node(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -66,6 +66,20 @@ def cli() -> None:
             raise click.UsageError(f"MODELDEPOT_LOG_LEVEL={level!r}: use debug, info, warning or error")
         logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_open_file_limit()  # (a command holds a file per linked file, or per connection, a while)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated_as_interrupted)
+
+
+def _terminated_as_interrupted(signum: int, frame: object) -> None:
+    """SIGTERM (`docker stop`, `kill`, a job scheduler's timeout) as Ctrl-C: a pull keeps the parts of its
+    chunks in flight and says what it kept, every command unwinds (killed at once, a pull lost what it was
+    writing down and said nothing: an explorer's trial). `serve` has its own. Where Ctrl-C is ignored (a
+    command run in the background by a shell, nohup), SIGTERM terminates as ever."""
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
+        return
+    signal.raise_signal(signal.SIGINT)
 
 
 @cli.command("import")
