@@ -58,6 +58,11 @@ def test_rates_are_read_and_bad_ones_refused() -> None:
             parse(text, *(("/",) if parse is parse_max_size else ()))
     with pytest.raises(ConfigError, match="more than 4096 PiB"):
         parse_max_size("18446744073709551617000000000000", "/")
+    # A fraction of a byte: `budget 1.5` was a budget of 1 byte, said nowhere (an explorer's trial)
+    for fraction in ("1.5", "0.5B", "2.25 b"):
+        with pytest.raises(ConfigError, match="fraction of a byte"):
+            parse_max_size(fraction, "/")
+    assert parse_size("1.5KiB") == 1536 and parse_size("1.5 k") == 1536 and parse_size("7") == 7
     with pytest.raises(ConfigError, match=r"MODELDEPOT_CONNECTIONS -1 must be from 1 to 256 \(connections"):
         DepotConfig.from_env({"MODELDEPOT_CONNECTIONS": "-1"}, home="/tmp/x")
     with pytest.raises(ConfigError, match="MODELDEPOT_MAX_DOWNLOAD_RATE"):

@@ -58,6 +58,13 @@ def truthy(value: str | None) -> bool:
 MAX_SIZE = 1 << 62  # bytes: 4 EiB, more than any disk or link (a size past it is a typo, or an overflow)
 
 
+def _fraction_of_a_byte(text: str) -> bool:
+    """Whether ``text`` is a size with a fraction and no unit ("1.5" was a budget of 1 byte, said nowhere: an
+    explorer's trial)."""
+    match = _SIZE.fullmatch(text)
+    return match is not None and not match.group(2) and "." in match.group(1)
+
+
 def parse_size(text: str) -> int:
     """Parse ``"16MiB"``, ``"1.5GiB"``, ``"16M"``, ``"65536"`` into bytes (binary units: MB is MiB), at most
     MAX_SIZE."""
@@ -69,6 +76,10 @@ def parse_size(text: str) -> int:
             )
         raise ConfigError(f"cannot read size {text!r}: write it like 16MiB, 1.5GiB, 64KiB or 1048576")
     number, unit = match.group(1), _UNITS[match.group(2).upper()]
+    if _fraction_of_a_byte(text):
+        raise ConfigError(
+            f"size {text.strip()[:40]!r} is a fraction of a byte: give a unit (1.5GiB) or whole bytes"
+        )
     # (exact for whole numbers: a float of 400 digits is infinity, and int() of it raised OverflowError)
     size = int(number) * unit if "." not in number else float(number) * unit
     if size > MAX_SIZE:
@@ -313,6 +324,10 @@ def parse_max_size(text: str | int, path: os.PathLike[str] | str) -> int:
     try:
         size = parse_size(text)  # (1.5TiB too)
     except ConfigError:
+        if _fraction_of_a_byte(text):
+            raise ConfigError(
+                f"disk budget {text[:40]!r} is a fraction of a byte: write it like 200GiB or 80%"
+            ) from None
         if _SIZE.fullmatch(text):  # (read, and more than any disk)
             raise ConfigError(
                 f"disk budget {text[:40]!r} is more than 4096 PiB: write it like 200GiB or 80%"
