@@ -708,6 +708,15 @@ def test_long_work_reports_progress_in_a_log_too(
     resumed.update(PullUpdate("w.bin", total, total, total, total, found=total))
     resumed._flush()
     assert lines[-1] == "resuming: 1.0 GiB of 1.0 GiB (100%)", lines
+    quick = render.PullView(
+        "pulling"
+    )  # a pull of a quarter second: its rate, not "0 B/s" (an explorer's trial)
+    clock[0] = 2000.0
+    quick._started = clock[0]
+    clock[0] += 0.25
+    quick.update(PullUpdate("w.bin", 64 * mib, 64 * mib, 64 * mib, 64 * mib, found=0))
+    quick._flush()
+    assert lines[-1] == "pulling: 64.0 MiB of 64.0 MiB (100%), 256.0 MiB/s", lines
 
 
 def test_du_and_budget_say_what_the_budget_does_not_count(home: Path, model_dir: Path) -> None:

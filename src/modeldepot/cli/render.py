@@ -323,6 +323,8 @@ class PullView:
         if now - self._last_line >= self.LINE_INTERVAL or update.done >= update.total:
             self._last_line = now
             fetched_none = update.done >= update.total and update.shown <= update.found
+            if update.done >= update.total:  # (the whole pull's: one under half a second ended "0 B/s")
+                rate = max(0, update.shown - update.found) / max(now - self._started, 1e-3)
             self._lines.append(_progress_line(self._description, shown, update.total, None if fetched_none else rate)
                                + (", waiting for another process" if update.waiting else ""))  # fmt: skip
         if self._lines and (now - self._last_flush >= self.FLUSH_INTERVAL or update.done >= update.total):
