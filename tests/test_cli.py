@@ -667,12 +667,21 @@ def test_git_names_that_are_no_branch_are_refused_as_branch_names(home: Path, mo
 
 
 def test_info_names_the_revision_whose_rest_a_pull_takes(depot: Depot, model_dir: Path) -> None:
-    """A revision held in part said `modeldepot pull REPO` takes the rest: that pulls main, not it."""
+    """A revision held in part said `modeldepot pull REPO` takes the rest: that pulls main, not it. Of an
+    imported repo, a pull would ask the Hub for another repo of its name: it is imported again (as status
+    says; info said a pull, an explorer's trial)."""
+    import dataclasses
+
     commit = depot.import_dir(model_dir, REPO, "dev").commit_id
     info = depot.repo_info(REPO)
     with render.out.capture() as captured:
-        render.render_info(info, {commit: len(sample_files()) + 3})
+        render.render_info(
+            dataclasses.replace(info, origin="https://huggingface.co"), {commit: len(sample_files()) + 3}
+        )
     assert f"`modeldepot pull {REPO} -r dev` takes the rest" in captured.get()
+    with render.out.capture() as captured:
+        render.render_info(info, {commit: len(sample_files()) + 3})
+    assert "(import it again to have the rest)" in captured.get() and "modeldepot pull" not in captured.get()
 
 
 def test_long_work_reports_progress_in_a_log_too(

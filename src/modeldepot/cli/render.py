@@ -385,8 +385,12 @@ def render_info(info: RepoInfo, upstream: dict[str, int] | None = None) -> None:
                 if "main" in revision.refs
                 else f" -r {revision.refs[0] if revision.refs else revision.commit_id}"
             )
-            held = (f"{len(revision.files)} of the commit's {total} files (`modeldepot pull {info.repo_id}{which}` "
-                    "takes the rest)")  # fmt: skip
+            rest = (
+                "import it again to have the rest"  # (a pull would ask the Hub for another repo of that name)
+                if info.origin == "import"
+                else f"`modeldepot pull {info.repo_id}{which}` takes the rest"
+            )
+            held = f"{len(revision.files)} of the commit's {total} files ({rest})"
         out.print(
             f"\ncommit {revision.commit_id} ({names}), {held}, "
             f"{format_bytes(revision.size)}, added {_when(revision.created_at)}"
