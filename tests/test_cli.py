@@ -748,3 +748,15 @@ def test_status_of_a_store_whose_repos_have_no_main_says_so(home: Path, model_di
     assert run("import", str(model_dir), "--repo", REPO, "-r", "dev", home=home)[0] == 0
     code, out, _ = run("status", home=home)
     assert code == 0 and "1 repo held here, none with a main branch" in " ".join(out.split()), out
+
+
+def test_a_budget_kept_over_by_a_write_under_way_names_it() -> None:
+    """A budget set below a pull under way: the warning said what is pinned or in use (0 B) keeps it over, not
+    the room the pull holds (an explorer's trial)."""
+    from modeldepot.store.budget import BudgetStatus
+
+    status = BudgetStatus(max_bytes=300 << 20, used_bytes=100 << 20, pinned_bytes=0, in_use_bytes=0, evictions=3,
+                          evicted_bytes=50 << 20, reserved_bytes=458 << 20)  # fmt: skip
+    with render.err.capture() as said:
+        render.render_budget(status, [], 258 << 20)
+    assert "the room held for the downloads and writes under way (458.0 MiB)" in said.get(), said.get()

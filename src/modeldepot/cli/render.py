@@ -593,9 +593,13 @@ def render_budget(
         f"evicted {format_bytes(budget.evicted_bytes)} so far, in {count(budget.evictions, 'eviction')}"
     )
     if over:
+        # (the room writes under way hold is named too: a budget set below a pull's own size said "in use (0 B)"
+        # of what kept it over, an explorer's trial)
+        writing = (f", nor the room held for the downloads and writes under way ({format_bytes(budget.reserved_bytes)})"
+                   if budget.reserved_bytes else "")  # fmt: skip
         err.print(f"[yellow]warning:[/yellow] the store is {format_bytes(over)} over its budget: what is pinned or in "
-                  f"use ({format_bytes(budget.in_use_bytes)}) is never evicted, and the next import or pull evicts "
-                  "the least recently used of the rest (`modeldepot gc --max-size SIZE` does it now)")  # fmt: skip
+                  f"use ({format_bytes(budget.in_use_bytes)}) is never evicted{writing}, and the next import or pull "
+                  "evicts the least recently used of the rest (`modeldepot gc --max-size SIZE` does it now)")  # fmt: skip
 
 
 def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
