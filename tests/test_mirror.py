@@ -4,6 +4,7 @@ real huggingface_hub as the client; live status in the manifest route and the ev
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import signal
@@ -817,3 +818,83 @@ def test_a_repo_the_upstream_no_longer_shows_is_served_behind_the_token_alone(
         finally:
             mirror.stop()
             node.stop()
+
+
+@pytest.mark.parametrize("fetched", ["main", "dev"])
+def test_a_branch_a_client_fetched_by_commit_id_is_answered_by_the_store_in_an_outage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: Path, fetched: str
+) -> None:
+    """huggingface_hub describes a branch (model_info) and fetches its files by the commit id it was given.
+    The mirror pulled them by that id, and recorded the branch only when the repo's saved scan (its last
+    one) was of it: with another branch described in between, the commit was held whole with no branch
+    naming it, and once the upstream was down and the scans had expired, resolve/<branch>/... was a 502
+    and hf_hub_download failed, the same by commit id a 200 (an explorer's trial). Every branch a kept scan
+    saw at the commit is recorded (main and stable: two branches, one commit)."""
+    from huggingface_hub import HfApi
+
+    dev_files = {"config.json": b'{"model_type": "bert", "hidden_size": 16}', "tokenizer.json": b"{}"}
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        upstream_depot.import_dir(tmp_path / "src", REPO, "stable")
+        upstream_depot.import_dir(write_model_dir(tmp_path / "dev", dev_files), REPO, "dev")
+        commits = {branch: upstream_depot.resolve(REPO, branch) for branch in ("main", "stable", "dev")}
+        assert commits["main"] == commits["stable"] != commits["dev"]
+        node = LiveNode(upstream_depot)
+        mirror = mirror_node(tmp_path, node.url, monkeypatch)
+        try:
+            api = HfApi(endpoint=mirror.url)
+            # The branch fetched is described first, the others after it (the repo's saved scan is another's)
+            for branch in sorted(commits, key=lambda name: name != fetched):
+                assert api.model_info(REPO, revision=branch).sha == commits[branch]
+            snapshot_download(REPO, revision=fetched, cache_dir=client_env, endpoint=mirror.url)
+            recorded = {name: commits[fetched] for name in commits if commits[name] == commits[fetched]}
+            assert mirror.depot.repo_info(REPO).refs == recorded
+            node.stop()  # the upstream is down, and the mirror's scans expire
+            mirror.depot.config = dataclasses.replace(mirror.depot.config, mirror_ttl=0.0)
+            expected = dev_files if fetched == "dev" else FILES
+            for branch in recorded:
+                answer = requests.get(f"{mirror.url}/{REPO}/resolve/{branch}/config.json", timeout=30)
+                assert (answer.status_code, answer.content) == (200, expected["config.json"]), branch
+                path = hf_hub_download(REPO, "config.json", revision=branch, cache_dir=tmp_path / f"hf-{branch}",
+                                       endpoint=mirror.url)  # fmt: skip
+                assert Path(path).read_bytes() == expected["config.json"]
+        finally:
+            mirror.stop()
+            node.stop()
+            mirror.depot.close()
+
+
+def test_a_mirror_never_moves_a_branch_back_to_the_commit_a_scan_it_kept_saw(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: Path
+) -> None:
+    """The mirror keeps a branch's scan a while (MODELDEPOT_MIRROR_TTL), and its pulls point the branch at
+    the commit that scan saw: the store may have learned of a newer commit for the branch since (a
+    `modeldepot pull` beside the node), and a pull of the older commit's file by the branch moved the branch
+    back to it (one by that commit's id points the branches kept scans saw there: it would have too). The
+    branch stays at the newer commit."""
+    from huggingface_hub import HfApi
+
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        old = upstream_depot.resolve(REPO)
+        node = LiveNode(upstream_depot)
+        mirror = mirror_node(tmp_path, node.url, monkeypatch)
+        try:
+            assert HfApi(endpoint=mirror.url).model_info(REPO).sha == old  # (kept for 30 s)
+            newer = {**FILES, "config.json": b'{"model_type": "bert", "hidden_size": 16}'}
+            upstream_depot.import_dir(write_model_dir(tmp_path / "new", newer), REPO)
+            new = upstream_depot.resolve(REPO)
+            mirror.depot.pull(REPO)  # (as a `modeldepot pull` beside the node: it learns of the new commit)
+            assert mirror.depot.repo_info(REPO).refs == {"main": new}
+            path = hf_hub_download(
+                REPO, "config.json", revision=old, cache_dir=client_env, endpoint=mirror.url
+            )
+            assert Path(path).read_bytes() == FILES["config.json"]
+            assert mirror.depot.repo_info(REPO).refs == {"main": new}, "not moved back by a pull by commit id"
+            answer = requests.get(f"{mirror.url}/{REPO}/resolve/main/tokenizer.json", timeout=30)
+            assert answer.status_code == 200 and mirror.depot.has_file(REPO, "tokenizer.json", old)
+            assert mirror.depot.repo_info(REPO).refs == {"main": new}, "nor by a pull by the branch"
+        finally:
+            mirror.stop()
+            node.stop()
+            mirror.depot.close()

@@ -53,8 +53,9 @@ from modeldepot.hashing import chunk_span
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.store.forking import ForkSafeExecutor
 from modeldepot.store.partials import ResumablePartial
+from modeldepot.store.publish import publish_branch
 from modeldepot.transfer.outage import QUICK_REFUSALS
-from modeldepot.transfer.pull import PullResult, PullUpdate
+from modeldepot.transfer.pull import PullResult, PullUpdate, revision_spec
 from modeldepot.validation import is_commit_id, validate_path
 
 __all__ = ["Mirror"]
@@ -339,6 +340,7 @@ class Mirror:
                 result = await self.depot.pull_async(manifest.repo_id, None, revision=manifest.revision, progress=progress,
                                                      paths=[remote.path], watch=watch, manifest=manifest)  # fmt: skip
                 self._refuted.pop(key, None)
+                await self._point_branches(manifest)
                 return result
             except Exception as error:
                 # (a client that left before may resume: the bytes it was given were refuted, or unproven)
@@ -353,6 +355,33 @@ class Mirror:
         job.task = loop.create_task(run())
         job.task.add_done_callback(_said)
         return job
+
+    def _branches_at(self, manifest: Manifest) -> list[Manifest]:
+        """The scans of branches of ``manifest``'s repo kept now (within ``MODELDEPOT_MIRROR_TTL``) that saw
+        them at ``manifest``'s commit, but ``manifest`` itself (a pull by a branch points that one)."""
+        ttl, now = self.depot.config.mirror_ttl, time.monotonic()
+        repo, found = manifest.repo_id.lower(), {}
+        for (_, revision), (when, scan) in self._manifests.items():
+            if (now - when < ttl and scan is not manifest and Depot._branch(revision) is not None
+                    and scan.revision == revision and scan.commit_id == manifest.commit_id
+                    and scan.repo_id.lower() == repo):  # fmt: skip
+                found[revision] = scan
+        return [found[name] for name in sorted(found)]
+
+    async def _point_branches(self, manifest: Manifest) -> None:
+        """Point at the commit ``manifest``'s pull published every branch a scan kept now saw there. A client
+        describes a branch (huggingface_hub's model_info, a HEAD by the branch) and then fetches its files by
+        the commit id it was given: pulled by that id, the commit was held whole with no branch naming it
+        when another branch of the repo was scanned in between (the repo's saved scan is its last one), and
+        in an upstream outage a request by the branch was a 502 (an explorer's trial). Several branches at
+        one commit are each pointed; none moves back over a commit the store learned of after the scan
+        that saw it (:func:`publish_branch`)."""
+        for scan in self._branches_at(manifest):
+            try:
+                await asyncio.to_thread(publish_branch, self.depot.store, revision_spec(scan, scan.revision))
+            except (DepotError, OSError) as error:  # (the file is pulled: only the branch is not recorded)
+                log.warning("%s: %s is at %s upstream, and could not be recorded so: %s", manifest.repo_id,
+                            scan.revision, manifest.commit_id[:12], error)  # fmt: skip
 
     def check_not_failed(self, manifest: Manifest, remote: RemoteFile) -> None:
         """Raise the failure of the file's last pull if it failed upstream within FAILED_TTL (UpstreamError:

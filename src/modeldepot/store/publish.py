@@ -33,7 +33,7 @@ from modeldepot.store.blobs import LinkedSource, PartialBlob
 from modeldepot.store.index import Index
 from modeldepot.store.store import Store
 
-__all__ = ["RevisionSpec", "StagedFile", "blob_states", "publish", "refuse_nested_branch"]
+__all__ = ["RevisionSpec", "StagedFile", "blob_states", "publish", "publish_branch", "refuse_nested_branch"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,11 @@ class RevisionSpec:
     # False when the README may be missing from what was published only (an adopted cache holds what its
     # user downloaded): the card's README part is then kept
     card_known: bool = True
+    # When the upstream was seen with ``branch`` at ``commit_id`` (a pull's: its scan's time): the ref then
+    # moves only if the store did not learn of another commit for it later (``refs.updated_at``), and
+    # records this time. A pull that ran on a scan kept a while (a mirror's) moved a branch back to the
+    # commit that scan saw, over a newer one. None: now, and the ref moves whatever it names (an import)
+    branch_seen_at: float | None = None
 
 
 def commit_on_head(con: sqlite3.Connection, repo_id: str, branch: str, tree_oid: str) -> str:
@@ -233,6 +238,75 @@ def refuse_nested_branch(con: sqlite3.Connection | Index, repo_id: str, branch: 
         )
 
 
+def publish_branch(store: Store, spec: RevisionSpec) -> bool:
+    """Point ``spec.branch`` at ``spec.commit_id``, a revision the store holds already, as :func:`publish`
+    would with its files (the repo's card follows main; a ``branch_seen_at`` older than the ref's last
+    move leaves the ref): a mirror's pull of a commit publishes one branch, and the others its upstream
+    showed at that commit are pointed so. Whether the ref names the commit now (False: the store holds no
+    such revision, removed meanwhile, or the ref was kept). InvalidRevisionError for a branch that cannot
+    sit beside the repo's others."""
+    branch = spec.branch
+    if branch is None:
+        raise ValueError("publish_branch needs a branch")
+    now = time.time()
+    with store.index.write(f"pointing {spec.repo_id}@{branch} at {spec.commit_id[:12]}") as con:
+        held = con.execute(
+            "SELECT repo_id FROM repos WHERE repo_id = ?1 COLLATE NOCASE ORDER BY repo_id = ?1 DESC LIMIT 1",
+            (spec.repo_id,),
+        ).fetchone()
+        if held is None:
+            return False
+        spec = dataclasses.replace(spec, repo_id=held[0])
+        if not con.execute(
+            "SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (spec.repo_id, spec.commit_id)
+        ).fetchone():
+            return False
+        refuse_nested_branch(con, spec.repo_id, branch)
+        if _keeps_ref(con, spec):
+            return False
+        _record_repo(con, spec, now)
+        if _point_ref(con, spec, now):
+            con.execute("UPDATE repos SET updated_at = ? WHERE repo_id = ?", (now, spec.repo_id))
+        return True
+
+
+def _keeps_ref(con: sqlite3.Connection, spec: RevisionSpec) -> bool:
+    """Whether the ref ``spec.branch`` stays where it is rather than move to ``spec.commit_id``: it names
+    another commit, which the store learned of after ``spec.branch_seen_at`` (a pull whose scan is older
+    than the ref's last move, a mirror's on a scan it kept: that scan's commit may be the branch's older one)."""
+    if spec.branch_seen_at is None:
+        return False
+    row = con.execute(
+        "SELECT commit_id, updated_at FROM refs WHERE repo_id = ? AND name = ?", (spec.repo_id, spec.branch)
+    ).fetchone()
+    if row is None or row[0] == spec.commit_id or float(row[1]) <= spec.branch_seen_at:
+        return False
+    log.info("%s: %s stays at %s, where the store learned it was %.0f s after the scan that saw it at %s "
+             "(the revision is published all the same)", spec.repo_id, spec.branch, row[0][:12],
+             float(row[1]) - spec.branch_seen_at, spec.commit_id[:12])  # fmt: skip
+    return True
+
+
+def _point_ref(con: sqlite3.Connection, spec: RevisionSpec, now: float) -> bool:
+    """Point ``spec.branch`` at ``spec.commit_id``; whether it moved (or is new). The ref's time is when the
+    store last learned where the branch is (a shared store's reader takes the branch of the store that
+    learned last: a pull that found it unmoved is that store): ``spec.branch_seen_at`` when given (never
+    set back, nor ahead of now), else now."""
+    assert spec.branch is not None
+    was = con.execute(
+        "SELECT commit_id FROM refs WHERE repo_id = ? AND name = ?", (spec.repo_id, spec.branch)
+    ).fetchone()
+    learned = now if spec.branch_seen_at is None else min(spec.branch_seen_at, now)
+    moved = was is None or was[0] != spec.commit_id
+    con.execute(
+        "INSERT INTO refs (repo_id, name, commit_id, updated_at) VALUES (?1, ?2, ?3, ?4) ON CONFLICT "
+        "(repo_id, name) DO UPDATE SET commit_id = excluded.commit_id, updated_at = CASE WHEN ?5 "
+        "THEN excluded.updated_at ELSE MAX(refs.updated_at, excluded.updated_at) END",
+        (spec.repo_id, spec.branch, spec.commit_id, learned, moved),
+    )
+    return moved
+
+
 def _record_repo(con: sqlite3.Connection, spec: RevisionSpec, now: float) -> None:
     """The repo's row: its visibility as :attr:`RevisionSpec.private` says; its origin and card those of the
     revision its listings describe (main, or the newest where it has no main): a branch published beside
@@ -283,7 +357,9 @@ def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushe
                 raise ValueError("a commit made on a branch's head needs the branch and the tree")
             commit = commit_on_head(con, spec.repo_id, spec.branch, spec.tree_oid)
             spec = dataclasses.replace(spec, commit_id=commit, on_head=False)
-        _record_repo(con, spec, now)
+        # (a ref kept where it is: the revision is published beside it, as one by commit id is)
+        kept = spec.branch is not None and _keeps_ref(con, spec)
+        _record_repo(con, dataclasses.replace(spec, branch=None) if kept else spec, now)
         con.execute(
             "INSERT OR IGNORE INTO revisions (repo_id, commit_id, tree_oid, created_at) VALUES (?, ?, ?, ?)",
             (spec.repo_id, spec.commit_id, spec.tree_oid, now),
@@ -338,17 +414,8 @@ def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushe
             )
         if spec.branch is not None:
             refuse_nested_branch(con, spec.repo_id, spec.branch)
-            was = con.execute(
-                "SELECT commit_id FROM refs WHERE repo_id = ? AND name = ?", (spec.repo_id, spec.branch)
-            ).fetchone()
-            # The ref's time is when the store last learned where the branch is (a shared store's reader takes
-            # the branch of the store that learned last: a pull that found it unmoved is that store)
-            con.execute(
-                "INSERT INTO refs (repo_id, name, commit_id, updated_at) VALUES (?, ?, ?, ?) ON CONFLICT "
-                "(repo_id, name) DO UPDATE SET commit_id = excluded.commit_id, updated_at = excluded.updated_at",
-                (spec.repo_id, spec.branch, spec.commit_id, now),
-            )
-            changed = changed or was is None or was[0] != spec.commit_id
+            if not kept:
+                changed = _point_ref(con, spec, now) or changed
         # (the same files published again change nothing the repo shows: a re-import is no update)
         if changed:
             con.execute("UPDATE repos SET updated_at = ? WHERE repo_id = ?", (now, spec.repo_id))

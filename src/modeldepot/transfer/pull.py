@@ -55,6 +55,7 @@ __all__ = [
     "PullResult",
     "PullUpdate",
     "pull_async",
+    "revision_spec",
     "run_blocking",
     "run_through_outages",
     "select",
@@ -227,12 +228,7 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
         run = _PullRun(store, manifest, chain, tracker, limits or Limits(), watch)
         try:
             fetched = await run.fetch(missing)
-            card = upstream_card(manifest.pipeline_tag, manifest.library_name, manifest.tags, manifest.gated)
-            # What was private or gated upstream stays behind this node's token; a repo private here stays so.
-            private = True if manifest.private or manifest.gated else None
-            spec = RevisionSpec(
-                manifest.repo_id, manifest.commit_id, branch, private, manifest.endpoint, card
-            )
+            spec = revision_spec(manifest, branch)
             # (Both end before a cancelled pull unwinds: its release must not run beside them.)
             partials = await to_thread_to_the_end(run.finish_partials)
             for tried in range(1, SHARED_REMOVED_TRIES + 1):
@@ -312,6 +308,18 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
         bytes_by_source=dict(sorted(tracker.by_source.items())),
         swarm=_swarm_counts(run.swarms),
     )
+
+
+def revision_spec(manifest: Manifest, branch: str | None) -> RevisionSpec:
+    """How a pull of ``manifest`` publishes its revision, pointing ``branch`` at it. A branch the scan was
+    of moves only if the store learned of no other commit for it after the scan (its ``scanned_at``): a
+    pull that ran on a scan kept a while (a mirror's) must not move the branch back over a newer one."""
+    card = upstream_card(manifest.pipeline_tag, manifest.library_name, manifest.tags, manifest.gated)
+    # What was private or gated upstream stays behind this node's token; a repo private here stays so.
+    private = True if manifest.private or manifest.gated else None
+    seen_at = manifest.scanned_at if branch is not None and branch == manifest.revision else None
+    return RevisionSpec(manifest.repo_id, manifest.commit_id, branch, private, manifest.endpoint, card,
+                        branch_seen_at=seen_at)  # fmt: skip
 
 
 def _swarm_counts(swarms: list[SwarmFile]) -> dict[str, int]:
