@@ -760,3 +760,28 @@ def test_a_budget_kept_over_by_a_write_under_way_names_it() -> None:
     with render.err.capture() as said:
         render.render_budget(status, [], 258 << 20)
     assert "the room held for the downloads and writes under way (458.0 MiB)" in said.get(), said.get()
+
+
+def test_the_cli_runs_on_another_thread_and_leaves_sigterm_as_it_found_it(tmp_path: Path) -> None:
+    """The SIGTERM handler (a pull stops as at Ctrl-C) was installed from any thread: signal.signal is a
+    ValueError off the main thread, and every command failed there; and it stayed installed in a program that
+    ran the CLI in its own process (a review)."""
+    import signal
+    import threading
+
+    from click.testing import CliRunner
+
+    from modeldepot.cli import cli
+
+    codes: list[int] = []
+    thread = threading.Thread(
+        target=lambda: codes.append(
+            CliRunner().invoke(cli, ["du", "--home", str(tmp_path / "none")]).exit_code
+        )
+    )
+    thread.start()
+    thread.join(60)
+    assert codes == [2], codes  # ("no store at": the command's own answer, not a ValueError)
+    before = signal.getsignal(signal.SIGTERM)
+    assert CliRunner().invoke(cli, ["du", "--home", str(tmp_path / "none")]).exit_code == 2
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -527,3 +527,19 @@ def test_offline_a_pull_whose_shared_files_went_meanwhile_opens_nothing(
     with pytest.raises(OfflineError, match="were removed"):
         local.pull(REPO, ["q4f16"])
     assert fetched == [], "nothing fetched offline"
+
+
+def test_a_branch_whose_time_is_ahead_of_the_clock_still_moves(
+    upstream: LiveNode, local: Depot, tmp_path: Path
+) -> None:
+    """A pull keeps a branch where the store learned of it after the pull's scan; a ref written by a clock that
+    ran fast and was set back since seemed learned later than any scan, and every pull left the branch at the
+    old commit while it said it had the new one (a review). A time ahead of now is no news."""
+    local.pull(REPO)
+    with local.store.index.write() as con:  # (the clock was an hour fast when main was written)
+        con.execute("UPDATE refs SET updated_at = ?", (time.time() + 3600,))
+    upstream.depot.import_dir(
+        write_model_dir(tmp_path / "newer", {**FILES, "config.json": b'{"v": 2}'}), REPO
+    )
+    result = local.pull(REPO)
+    assert local.resolve(REPO) == result.commit_id == upstream.depot.resolve(REPO)

@@ -1353,6 +1353,15 @@ def test_a_variant_is_named_as_status_names_it_whatever_else_the_store_holds(
     depot.remove("acme/two-kinds", quant="safetensors-fp16")
     assert not depot.has_file("acme/two-kinds", "model.fp16.safetensors")
     assert depot.pins("acme/two-kinds") == [], "the pin of what was removed went with it"
+    # A pin of "fp16" made while one kind was held keeps both kinds once main holds both: removing one kind
+    # leaves the pin, which still names the other (it went with it: a review)
+    onnx = {"onnx/model_fp16.onnx": os.urandom(SMALL_CHUNK), "config.json": b"{}"}
+    depot.import_dir(write_model_dir(tmp_path / "one", onnx), "acme/pinned")
+    depot.pin("acme/pinned", quant="fp16")
+    both = {**onnx, "model.fp16.safetensors": os.urandom(SMALL_CHUNK)}
+    depot.import_dir(write_model_dir(tmp_path / "both", both), "acme/pinned")
+    depot.remove("acme/pinned", quant="safetensors-fp16")
+    assert [p.quant for p in depot.pins("acme/pinned")] == ["fp16"]
 
 
 def test_rm_quant_removes_one_variants_own_files_and_keeps_the_rest(depot: Depot, tmp_path: Path) -> None:

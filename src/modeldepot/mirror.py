@@ -44,6 +44,7 @@ from modeldepot.errors import (
     DepotError,
     EntryNotFoundError,
     IntegrityError,
+    NotFoundError,
     OfflineError,
     RepoNotFoundError,
     UpstreamError,
@@ -376,9 +377,18 @@ class Mirror:
         in an upstream outage a request by the branch was a 502 (an explorer's trial). Several branches at
         one commit are each pointed; none moves back over a commit the store learned of after the scan
         that saw it (:func:`publish_branch`)."""
-        for scan in self._branches_at(manifest):
+        scans = self._branches_at(manifest)
+        if scans:
+            await asyncio.to_thread(self._point, manifest, scans)
+
+    def _point(self, manifest: Manifest, scans: list[Manifest]) -> None:
+        store = self.depot.store
+        for scan in scans:
             try:
-                await asyncio.to_thread(publish_branch, self.depot.store, revision_spec(scan, scan.revision))
+                with contextlib.suppress(NotFoundError):
+                    if store.resolve(manifest.repo_id, scan.revision) == manifest.commit_id:
+                        continue  # (a read, not a write each file: a snapshot_download of 300 made 300)
+                publish_branch(store, revision_spec(scan, scan.revision))
             except (DepotError, OSError) as error:  # (the file is pulled: only the branch is not recorded)
                 log.warning("%s: %s is at %s upstream, and could not be recorded so: %s", manifest.repo_id,
                             scan.revision, manifest.commit_id[:12], error)  # fmt: skip

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,8 +67,14 @@ def cli() -> None:
             raise click.UsageError(f"MODELDEPOT_LOG_LEVEL={level!r}: use debug, info, warning or error")
         logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_open_file_limit()  # (a command holds a file per linked file, or per connection, a while)
-    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    # (the main thread's alone: signal.signal elsewhere is a ValueError, and every command failed when the CLI
+    # ran on another thread; put back when the command ends, for a program that runs it in its own process)
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    ):
         signal.signal(signal.SIGTERM, _terminated_as_interrupted)
+        click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
 
 
 def _terminated_as_interrupted(signum: int, frame: object) -> None:

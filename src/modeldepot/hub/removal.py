@@ -54,8 +54,15 @@ def remove_variant(store: Store, repo_id: str, revision: str, quant: str) -> tup
         )
     keep_listing(store, repo_id, commit_id)
     result = remove_files(store, repo_id, commit_id, grouping.own_files(variant))
-    for pin in store.budget.pins(repo_id):  # (a pin of what is gone would keep nothing, unseen)
-        if pin.quant is not None and pin.quant.lower() in variant_aliases(variant):
+    # (a pin of what is gone would keep nothing, unseen; one that names a variant left, "fp16" of the other
+    # kind's fp16 too, stays: a review)
+    left = group_files(e.path for e in store.files(repo_id, commit_id))
+    for pin in store.budget.pins(repo_id):
+        if (
+            pin.quant is not None
+            and pin.quant.lower() in variant_aliases(variant)
+            and left.find(pin.quant) is None
+        ):
             with contextlib.suppress(NotFoundError):
                 if store.resolve(repo_id, pin.revision) == commit_id:
                     store.budget.unpin(repo_id, pin.quant, pin.revision)

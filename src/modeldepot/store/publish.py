@@ -279,7 +279,8 @@ def _keeps_ref(con: sqlite3.Connection, spec: RevisionSpec) -> bool:
     row = con.execute(
         "SELECT commit_id, updated_at FROM refs WHERE repo_id = ? AND name = ?", (spec.repo_id, spec.branch)
     ).fetchone()
-    if row is None or row[0] == spec.commit_id or float(row[1]) <= spec.branch_seen_at:
+    # (a time ahead of now is no news: written by a clock set back since, it kept the branch for good, a review)
+    if row is None or row[0] == spec.commit_id or not spec.branch_seen_at < float(row[1]) <= time.time():
         return False
     log.info("%s: %s stays at %s, where the store learned it was %.0f s after the scan that saw it at %s "
              "(the revision is published all the same)", spec.repo_id, spec.branch, row[0][:12],
