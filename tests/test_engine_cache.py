@@ -1122,3 +1122,100 @@ def test_a_size_is_bytes_or_a_size_like_the_budget_and_nothing_else() -> None:
         with pytest.raises(ValueError, match="size"):
             cache.get_or_load(f"bad-{bad}", lambda: "X", size=bad)  # type: ignore[arg-type]
     assert cache.loading() == [] and cache.keys() == ["m"]
+
+
+def test_a_load_that_still_grows_the_process_is_waited_for_past_the_bound() -> None:
+    """The bound on a wait for room could not tell a stuck loader from a big model read slowly (40 GB from a
+    network disk for minutes): the next big model loaded beside it, the out-of-memory the budget exists to
+    prevent (a review). A load under way that grows the process is waited for; one that neither ends nor grows
+    it (the pool-thread companion above) is not."""
+    growing = threading.Event()
+    started = time.monotonic()
+
+    def rss() -> int:  # (the process grows 1 GB a second while the big load reads its weights)
+        return int((time.monotonic() - started) * 1e9) if growing.is_set() else 0
+
+    cache: LoadedModelCache[str] = LoadedModelCache(max_models=1, room_wait=0.3, rss=rss)
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def load(key: str, seconds: float) -> str:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        growing.set()
+        time.sleep(seconds)
+        with lock:
+            running[0] -= 1
+        return key
+
+    big = threading.Thread(target=cache.get_or_load, args=("big", lambda: load("big", 1.5)))
+    big.start()
+    wait_until(lambda: cache.loading() == ["big"], timeout=10)
+    assert cache.get_or_load("next", lambda: load("next", 0.0)) == "next"
+    big.join(10)
+    assert peak[0] == 1, "the next model loaded beside one still being read"
+    with pytest.raises(ValueError, match="room_wait"):
+        LoadedModelCache(room_wait=-1)
+    assert LoadedModelCache(room_wait=None).room_wait is None
+
+
+def test_the_waiters_of_a_coroutine_load_cancelled_at_its_loops_end_load_the_key_themselves() -> None:
+    """A coroutine loader's task cancelled (its caller timed out and asyncio.run ended) surfaced as
+    concurrent.futures.CancelledError, an Exception: a caller waiting on another thread raised it rather
+    than load the key (a review)."""
+    cache: LoadedModelCache[str] = LoadedModelCache(max_models=2)
+    began = threading.Event()
+
+    async def slow() -> str:
+        began.set()
+        await asyncio.sleep(5)
+        return "model"
+
+    async def leader() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(cache.get_or_load_async("k", slow), 0.3)
+
+    got: list[object] = []
+
+    def waiter() -> None:
+        began.wait(10)
+        try:
+            got.append(cache.get_or_load("k", lambda: "from-waiter"))
+        except BaseException as error:  # (what it raised is what the test looks at)
+            got.append(error)
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    asyncio.run(leader())
+    thread.join(20)
+    assert got == ["from-waiter"], got
+
+
+def test_an_interruption_as_the_engines_a_load_evicted_close_leaves_no_load_behind() -> None:
+    """Ctrl-C after the load was given its room and before its loader ran (as the engines it evicted closed):
+    its load stayed under way for good, the key never loaded again and its room stayed taken (a review)."""
+
+    def closing(key: Hashable, model: object) -> None:
+        raise KeyboardInterrupt  # (as a signal delivered while the hook runs would)
+
+    cache: LoadedModelCache[str] = LoadedModelCache(max_models=1, on_evict=closing, room_wait=5)
+    cache.get_or_load("a", lambda: "A")
+    with pytest.raises(KeyboardInterrupt):
+        cache.get_or_load("b", lambda: "B")
+    assert cache.loading() == []
+    assert _in_a_thread(lambda: cache.get_or_load("b", lambda: "B"), timeout=10) == "B"
+
+
+def test_an_async_loader_that_raises_stopiteration_is_an_error_not_a_wait_for_ever() -> None:
+    cache: LoadedModelCache[str] = LoadedModelCache()
+
+    def empty() -> str:
+        return next(iter([]))
+
+    async def load() -> str:
+        try:
+            return await cache.get_or_load_async("k", empty)
+        except RuntimeError as error:
+            return str(error)
+
+    assert "StopIteration" in _in_a_thread(lambda: asyncio.run(load()), timeout=10)

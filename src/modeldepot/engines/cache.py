@@ -8,8 +8,9 @@ Design notes (where the seed was thin or wrong):
 - A load happens outside the lock, once per key however many callers ask (they wait for its result, or
   all receive its exception; a failure is not cached). Different keys load in parallel.
 - Room is made before a load (a free slot, the budget's bytes for the size given, beside the loads
-  under way: a load waits for those when nothing more can be evicted), so that two big models are never
-  in memory at once (Ollama, too, unloads a runner before it starts the next): a load that then fails
+  under way: a load waits for those when nothing more can be evicted, for as long as they end or grow the
+  process, see ``room_wait``), so that two big models are never in memory at once (Ollama, too, unloads a
+  runner before it starts the next): a load that then fails
   does not bring back what it evicted. ``Depot.load`` checks what it can before it asks
   (the engine's package, the files there and whole). A model bigger than the whole budget is loaded and
   kept alone, with a warning: refusing it would fail a worker's one model.
@@ -52,6 +53,7 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Hashable
+from concurrent import futures
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
 
@@ -67,7 +69,12 @@ M = TypeVar("M")
 Loader = Callable[[], M]
 EvictHook = Callable[[Hashable, Any], None]
 LOW_MEMORY_FRACTION = 0.10  # below this share of RAM available, evict before loading (memory pressure)
-ROOM_WAIT_SECONDS = 120.0  # a load waits this long for room while no load under way ends, then goes over
+ROOM_WAIT_SECONDS = (
+    120.0  # a load waits this long for room while no load under way ends nor grows, then goes over
+)
+PROGRESS_BYTES = (
+    64 << 20
+)  # what the process must grow by in such a wait for the loads under way to be progressing
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -328,6 +335,8 @@ async def _on_a_thread_of_its_own(function: Callable[..., M], *args: object) -> 
     def settle(result: M | None, error: BaseException | None) -> None:
         if future.cancelled():
             return
+        if isinstance(error, StopIteration):  # (a future refuses it: its awaiter waited for good)
+            error = RuntimeError(f"the loader raised StopIteration: {error}")
         if error is not None:
             future.set_exception(error)
         else:
@@ -363,7 +372,8 @@ class LoadedModelCache(Generic[M]):
     ``evict_on_memory_pressure``
     evicts idle entries before a load when the machine is short of memory; ``on_evict(key, model)`` runs
     after an entry leaves (default: :func:`default_on_evict`). ``room_wait`` seconds: how long a load that
-    finds no room waits while no load under way ends, before it goes over the limits with a warning (a
+    finds no room waits while no load under way ends nor grows the process's memory by 64 MiB, before it goes
+    over the limits with a warning (None: for ever; a
     loader that loads a companion model on a thread it started without its context, as a
     ``ThreadPoolExecutor`` does, would otherwise wait for its own room for good: run the companion's load
     with ``contextvars.copy_context().run`` to have it nested). ``clock`` and ``rss`` are injectable for
@@ -381,7 +391,7 @@ class LoadedModelCache(Generic[M]):
         clock: Callable[[], float] = time.monotonic,
         rss: Callable[[], int] = process_rss_bytes,
         available_fraction: Callable[[], float] = _available_fraction,
-        room_wait: float = ROOM_WAIT_SECONDS,
+        room_wait: float | None = ROOM_WAIT_SECONDS,
     ) -> None:
         try:
             slots = -1 if isinstance(max_models, bool) else operator.index(max_models)  # (a numpy int too)
@@ -405,9 +415,11 @@ class LoadedModelCache(Generic[M]):
             budget = int(number)
         if budget is not None and budget < 1:
             raise ValueError(f"memory_budget must be a positive size, not {memory_budget!r}")
-        if not (_real(room_wait) or 0) > 0:
-            raise ValueError(f"room_wait must be a positive number of seconds, not {room_wait!r}")
-        self.room_wait = float(room_wait)
+        if room_wait is not None and not (_real(room_wait) or 0) > 0:
+            raise ValueError(
+                f"room_wait must be a positive number of seconds (or None: no bound), not {room_wait!r}"
+            )
+        self.room_wait = None if room_wait is None else float(room_wait)
         self.max_models = slots
         self.ttl = ttl
         self.memory_budget = budget
@@ -485,15 +497,16 @@ class LoadedModelCache(Generic[M]):
                 try:
                     self._make_room_locked(key, size, evicted)
                 except BaseException as error:  # (Ctrl-C in its wait for room: the key loaded never again)
-                    del self._flights[key]
-                    self._flights_ended += 1
-                    self._flight_ended.notify_all()
-                    flight.abandoned, failed = True, error
-        if evicted:
-            self._run_hooks(evicted)
+                    failed = error
+        try:
+            if evicted:
+                self._run_hooks(evicted)
+        except BaseException as error:  # (Ctrl-C as the engines it evicted close: the same, a review)
+            failed = failed or error
         if failed is not None:
-            assert flight is not None
-            flight.done.set()  # (its waiters load it themselves: the error was this caller's)
+            if leader:
+                assert flight is not None
+                self._abandon(key, flight)
             raise failed
         if entry is not None:
             return entry.model
@@ -506,7 +519,13 @@ class LoadedModelCache(Generic[M]):
                     flight.needed = True
                     self._flight_ended.notify_all()
             flight.done.wait()
-            if flight.abandoned or (flight.error is not None and not isinstance(flight.error, Exception)):
+            if flight.abandoned or (
+                flight.error is not None
+                and (
+                    not isinstance(flight.error, Exception)
+                    or isinstance(flight.error, futures.CancelledError)
+                )
+            ):
                 # (its leader was interrupted, Ctrl-C or a task cancelled: not this caller's to raise; it loads)
                 return self._get_slow(key, loader, size, self._clock())
             with self._lock:  # (a hit once the load under way served it: a failed one served nobody)
@@ -522,12 +541,24 @@ class LoadedModelCache(Generic[M]):
             return flight.model  # type: ignore[no-any-return]
         return self._lead(key, flight, loader, size)
 
+    def _abandon(self, key: Hashable, flight: _Flight) -> None:
+        """A load given up before its loader ran (its caller interrupted): no longer under way, its room free,
+        its waiters woken to load the key themselves."""
+        with self._lock:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+            self._flights_ended += 1
+            self._flight_ended.notify_all()
+        flight.abandoned = True
+        flight.done.set()
+
     def _lead(self, key: Hashable, flight: _Flight, loader: Loader[M], size: int | None) -> M:
-        before = self._rss() if size is None else 0
-        # (what the loader loads itself is nested in this load, on this thread or, through the context that
-        # asyncio.to_thread copies, on another: a nested coroutine loader's companion waited for this room)
-        leading = _LEADING.set((*_LEADING.get(), flight))
-        try:
+        leading: contextvars.Token[tuple[_Flight, ...]] | None = None
+        try:  # (from its first step: a Ctrl-C before the loader ran left the load under way for good, a review)
+            before = self._rss() if size is None else 0
+            # (what the loader loads itself is nested in this load, on this thread or, through the context that
+            # asyncio.to_thread copies, on another: a nested coroutine loader's companion waited for this room)
+            leading = _LEADING.set((*_LEADING.get(), flight))
             model = loader()
             if inspect.isawaitable(
                 model
@@ -537,7 +568,8 @@ class LoadedModelCache(Generic[M]):
                 raise TypeError(f"the loader of {key!r} gave {type(model).__name__}, not an engine: a coroutine "
                                 "loader goes to get_or_load_async")  # fmt: skip
         except BaseException as error:
-            _LEADING.reset(leading)
+            if leading is not None:
+                _LEADING.reset(leading)
             with self._lock:
                 self._failures += 1
                 del self._flights[key]
@@ -588,7 +620,10 @@ class LoadedModelCache(Generic[M]):
         def blocking() -> M:
             made = loader()
             if inspect.isawaitable(made):
-                result: M = asyncio.run_coroutine_threadsafe(_awaited(made), loop).result()
+                try:
+                    result: M = asyncio.run_coroutine_threadsafe(_awaited(made), loop).result()
+                except futures.CancelledError:  # (an Exception: the waiters of a load cancelled raised it)
+                    raise asyncio.CancelledError from None
                 return result
             return made
 
@@ -611,7 +646,9 @@ class LoadedModelCache(Generic[M]):
         it started (a ``ThreadPoolExecutor``'s, which carries no context) waits on that companion, and the
         companion for its room, for good (an explorer's trial). What it evicts goes into ``evicted`` (theirs to
         let go of, even when the wait is interrupted)."""
-        ended, deadline = self._flights_ended, time.monotonic() + self.room_wait
+        bound = math.inf if self.room_wait is None else self.room_wait
+        ended, deadline = self._flights_ended, time.monotonic() + bound
+        grown_to = -1  # the process's RSS when the wait last saw the loads under way make progress
         while True:
             while not self._slot_free_locked(key) and self._evict_lru_locked(evicted):
                 pass
@@ -624,15 +661,24 @@ class LoadedModelCache(Generic[M]):
             if room or not loading or self._flights[key].needed or any(f in led for f in loading):
                 break  # (room, none to wait for, or a nested load: the limit gives way, as for what is pinned)
             if self._flights_ended != ended:  # (a load ended: the wait starts again from now)
-                ended, deadline = self._flights_ended, time.monotonic() + self.room_wait
+                ended, deadline = self._flights_ended, time.monotonic() + bound
             left = deadline - time.monotonic()
             if left <= 0:
-                log.warning("the load of %r waited %.0f s for room held by loads under way (%s) and none ended: "
-                            "it goes over the cache's limits (a loader that loads it on a thread of its own "
-                            "should run that load in its context: contextvars.copy_context().run)", key,
-                            self.room_wait, ", ".join(repr(k) for k, f in self._flights.items() if f in loading))  # fmt: skip
+                # Loads under way that still grow the process (a 40 GB model read from a network disk) are slow,
+                # not stuck: the wait goes on (two big models in memory at once is what the budget prevents)
+                rss = self._rss()
+                if rss >= grown_to + PROGRESS_BYTES:
+                    grown_to, deadline = rss, time.monotonic() + bound
+                    continue
+                log.warning("the load of %r waited %.1f s for room held by loads under way (%s), which neither "
+                            "ended nor grew the process: it goes over the cache's limits (a loader that loads it "
+                            "on a thread of its own should run that load in its context: "
+                            "contextvars.copy_context().run)", key, bound,
+                            ", ".join(repr(k) for k, f in self._flights.items() if f in loading))  # fmt: skip
                 break
-            self._flight_ended.wait(left)
+            if grown_to < 0:  # (measured once it waits: most loads find room at once)
+                grown_to = self._rss()
+            self._flight_ended.wait(None if left == math.inf else left)
         self._flights[key].admitted = True
         if self.evict_on_memory_pressure and self._entries and self._available() < LOW_MEMORY_FRACTION:
             self._evict_lru_locked(evicted)
