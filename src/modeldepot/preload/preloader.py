@@ -20,6 +20,7 @@ LRU under the budget; pinned models stay. Evicting in the page-cache modes also 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import operator
 import os
@@ -160,11 +161,12 @@ class PreloadStats:
 
 
 def _release_dropped(preloader: Preloader, model: _Model) -> None:
-    try:
-        preloader._release(model)
-    finally:  # (after: a warning made an error, as under pytest, must not keep the hold)
-        warnings.warn(f"a preload handle of {model.key[0]}@{model.key[1][:12]} was dropped without release(): "
-                      "use it in a with block", ResourceWarning, stacklevel=1)  # fmt: skip
+    # Only noted: the collector runs this in whatever code allocates, the preloader's own loops over its models
+    # under its (re-entrant) lock among them; a release there changed the models under them (a review). The
+    # preloader's next call lets go of it, outside its lock.
+    preloader._dropped.append(model)
+    warnings.warn(f"a preload handle of {model.key[0]}@{model.key[1][:12]} was dropped without release(): use "
+                  "it in a with block", ResourceWarning, stacklevel=1)  # fmt: skip
 
 
 class PreloadHandle:
@@ -245,6 +247,9 @@ class Preloader:
         # Closed: what it loads is freed, not kept (a Depot closed while a preload ran held its memfd copy,
         # 100 MiB of RAM, for the life of the process: a trial)
         self._closed = threading.Event()
+        self._dropped: collections.deque[_Model] = (
+            collections.deque()
+        )  # (held by handles collected unreleased)
         # A depot's: what it holds counts as in use there, and what another process removed goes at the next
         # use after a few seconds (a worker that only preloads and reads kept a removed model mapped, its disk
         # space taken and its budget spent, for good: a trial). (So does one built on a depot's store; one on a
@@ -317,6 +322,7 @@ class Preloader:
         """Bring a model (a variant and the shared files, or the whole revision) into RAM, evicting the
         least recently used models as the budget needs. Concurrent calls for one model load it once."""
         self._look_for_removed()
+        self._let_go_of_dropped()
         # Held while it is measured: an eviction by another thread closed its files under the measure
         # (a raw EBADF from a preload that had succeeded: a trial)
         model, already = self._obtain(repo_id, quant, revision, hold=True)
@@ -479,6 +485,7 @@ class Preloader:
     def get(self, repo_id: str, quant: str | None = None, revision: str = "main") -> PreloadHandle:
         """A held handle on a model, preloading it first when it is not in RAM (a miss)."""
         self._look_for_removed()
+        self._let_go_of_dropped()
         key, *_ = self._resolve(repo_id, quant, revision)
         with self._lock:
             model = self._models.get(key)
@@ -492,12 +499,22 @@ class Preloader:
         return PreloadHandle(self, model)
 
     def holds(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
+        self._let_go_of_dropped()
         try:
             key, *_ = self._resolve(repo_id, quant, revision)
         except NotFoundError:
             return False
         with self._lock:
             return key in self._models
+
+    def _let_go_of_dropped(self) -> None:
+        """Release the models of handles collected unreleased (:func:`_release_dropped`)."""
+        while True:
+            try:
+                model = self._dropped.popleft()
+            except IndexError:
+                return
+            self._release(model)
 
     def record_load(self, seconds: float, preloaded: bool) -> None:
         """Tell the stats how long an engine took to load, and whether its model was preloaded."""
@@ -588,6 +605,7 @@ class Preloader:
     def evict(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
         """Take a model out of RAM (at once, or when its last holder lets go); True if it was there."""
         self._look_for_removed()
+        self._let_go_of_dropped()
         key, *_ = self._resolve(repo_id, quant, revision)
         with self._lock:
             model = self._models.get(key)
@@ -599,6 +617,7 @@ class Preloader:
     def give_way(self) -> bool:
         """Drop the least recently used model that nothing holds and that is not pinned, for the disk budget
         (its revision may be evicted then: the RAM tier is a cache of the disk, not a pin); whether one went."""
+        self._let_go_of_dropped()
         with self._lock:
             victim = next((m for m in self._models.values() if m.holders == 0 and not m.pinned), None)
             if victim is None:
@@ -727,6 +746,7 @@ class Preloader:
 
     def stats(self) -> PreloadStats:
         self._look_for_removed()
+        self._let_go_of_dropped()
         with self._lock:
             per_model, total = self._measured_locked()
             infos = tuple(
