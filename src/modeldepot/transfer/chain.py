@@ -437,7 +437,9 @@ class SourceChain:
                         f"{source.url}/chunks", remote.size, chunk_size
                     )
                     if digests is not None:
-                        found[remote.path][slot] = dataclasses.replace(source, chunk_blake3=digests)
+                        found[remote.path][slot] = dataclasses.replace(
+                            source, chunk_blake3=digests, own_word=True
+                        )
 
         tasks = [asyncio.ensure_future(ask(remote, slot)) for remote, slot in unchecked]
         _, late = await asyncio.wait(tasks, timeout=PEER_DIGESTS_WAIT)

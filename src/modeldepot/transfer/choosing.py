@@ -65,6 +65,9 @@ class FileSource:
     # Its chunk digests are the word of the node that answered the scan, whose SHA-256 the file is checked
     # against: a chunk that matches one may be handed to a reader before that check (mirror.py)
     vouches: bool = False
+    # Its chunk digests are its own word of itself (a peer found by content, asked for them): in a swarm, the
+    # digest a claimer settled from the Hub comes first (a liar's own digests match its bad bytes)
+    own_word: bool = False
 
     @property
     def kind(self) -> str:

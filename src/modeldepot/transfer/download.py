@@ -644,10 +644,13 @@ class _FileJob(ChunkChooser):
     def _expected(self, source: FileSource, index: int) -> str | None:
         """The BLAKE3 chunk ``index`` from ``source`` must have: the source's own, or (a node without
         digests, in a swarm) the one its claimer settled from the Hub; None for the Hub's bytes."""
-        if source.chunk_blake3:
+        if source.chunk_blake3 and not (source.own_word and self.swarm is not None):
             return source.chunk_blake3[index]
         if self.swarm is not None and source.kind != "hub":
-            return self.swarm.digest(index)
+            settled = self.swarm.digest(index)
+            if settled is not None or not source.chunk_blake3:
+                return settled
+            return source.chunk_blake3[index]  # (its own word, when no claimer settled the chunk yet)
         return None
 
     def _map_in_place(self, index: int, request: ChunkRequest) -> mmap.mmap | None:
