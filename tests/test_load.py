@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -717,6 +718,30 @@ def test_a_graph_of_an_encoder_decoder_export_is_loaded_by_its_file(
                     with pytest.raises(error, match=said):
                         local.load("acme/encdec", **kwargs)  # type: ignore[arg-type]
                 assert local.engines.stats().total_misses == misses, "nothing loaded for a bad file"
+        finally:
+            node.stop()
+
+
+def test_a_file_of_no_variant_is_pulled_with_the_shared_files_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load(file=...) of a file in no variant (a custom engine's weights.pt) pulled the whole repo, every
+    quant (a review)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    files = {"onnx/model.onnx": os.urandom(SMALL_CHUNK), "onnx/model_q4.onnx": os.urandom(SMALL_CHUNK),
+             "onnx/model_fp16.onnx": os.urandom(SMALL_CHUNK), "weights.pt": b"w" * 100, "config.json": b"{}"}  # fmt: skip
+
+    def engine(path: Path) -> bytes:
+        return Path(path).read_bytes()
+
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as node_depot:
+        node_depot.import_dir(write_model_dir(tmp_path / "m", files), "acme/m")
+        node = LiveNode(node_depot)
+        try:
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[node.url]) as local:
+                assert local.load("acme/m", file="weights.pt", engine=engine, warmup=0) == b"w" * 100
+                assert sorted(f.path for f in local.list_files("acme/m")) == ["config.json", "weights.pt"]
         finally:
             node.stop()
 

@@ -78,6 +78,7 @@ if TYPE_CHECKING:  # the transfer machinery (aiohttp, huggingface_hub) loads on 
     # Loading engines and preloading likewise load on first use: `modeldepot import` starts without them.
     from modeldepot.engines.adapters import EngineLoader
     from modeldepot.engines.cache import LoadedModelCache
+    from modeldepot.engines.loading import Pulled
     from modeldepot.hfcache import HfCacheExportResult, HfCacheImportResult
     from modeldepot.preload import Preloader
     from modeldepot.ratelimit import RateLimit
@@ -177,9 +178,7 @@ def _repo_list(repo_ids: Sequence[str] | None) -> list[str] | None:
     return None if repo_ids is None else list(repo_ids)
 
 
-def _not_here(
-    repo_id: str, quant: str | None, revision: str, default: Callable[[Manifest], str | None]
-) -> str:
+def _not_here(repo_id: str, quant: str | None, revision: str, default: Callable[[Manifest], Pulled]) -> str:
     """(A load trying the depot's stores in turn.) Not in this store: the next one is tried."""
     raise NotFoundError(f"{repo_id}@{revision}: not held here", repo_id=repo_id)
 
@@ -875,7 +874,7 @@ class Depot:
         """
 
         def pull_variant(
-            repo: str, variant: str | None, rev: str, default: Callable[[Manifest], str | None]
+            repo: str, variant: str | None, rev: str, default: Callable[[Manifest], Pulled]
         ) -> str:
             from modeldepot.transfer.pull import run_blocking
 
@@ -884,7 +883,11 @@ class Depot:
                                          "nothing (pull it where the store is writable)")  # fmt: skip
             manifest = self.manifest_for(repo, rev)
             imported = self._check_completes_import(repo, rev, manifest)
-            variant = variant or default(manifest)
+            chosen = variant or default(manifest)
+            if isinstance(chosen, tuple):  # (a file of no variant: it, and the shared files)
+                pulling = self.pull_async(repo, None, revision=rev, manifest=manifest, paths=list(chosen))
+                return run_blocking(pulling).commit_id
+            variant = chosen
             quants = [variant] if variant else None
             if variant and quants and imported:
                 # The variants the user imported come along (from the store: nothing is fetched), so that the
@@ -1026,7 +1029,13 @@ class Depot:
             and len(self.tiers.shared) == len(self.config.shared)
             and not self.store.read_only
         ):
-            self.tiers.forget_repaired()
+            try:
+                self.tiers.forget_repaired()
+            except (
+                DepotError,
+                OSError,
+            ) as error:  # (gc did its work: a shared store that cannot say is told)
+                log.warning("could not look which notes of shared stores' corrupt blobs may go: %s", error)
         return report
 
     def drop_dead_writes(self) -> int:

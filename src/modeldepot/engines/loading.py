@@ -54,25 +54,37 @@ from modeldepot.validation import (
     validate_revision,
 )
 
-__all__ = ["PullVariant", "load_variant"]
+__all__ = ["PullVariant", "Pulled", "load_variant"]
 
 DEFAULT_SUFFIXES = (".onnx", ".safetensors", ".gguf", ".bin")
 SNAPSHOT_ENGINES = frozenset({"gguf"})  # ours that get the lasting snapshot paths (the docstring says why)
 ONNX_ENGINES = {"onnxruntime": False, "onnxruntime-prepacked": True}  # name -> prepack
 
-PullVariant = Callable[[str, str | None, str, Callable[[Manifest], str | None]], str]
-"""Pulls ``(repo_id, quant, revision, default)`` into the store; without a quant, the variant
-``default(manifest)`` names (the whole repo when it names none). Returns the commit it published."""
+Pulled = str | tuple[str, ...] | None
+"""What a load pulls without a quant: a variant's name, just these paths, or (None) the whole repo."""
+
+PullVariant = Callable[[str, str | None, str, Callable[[Manifest], Pulled]], str]
+"""Pulls ``(repo_id, quant, revision, default)`` into the store; without a quant, what ``default(manifest)``
+names (:data:`Pulled`). Returns the commit it published."""
 
 
-def default_variant(suffixes: tuple[str, ...], file: str | None = None) -> Callable[[Manifest], str | None]:
-    """The variant to pull when a load names none: the one holding the file :func:`model_file` would load
+def default_variant(suffixes: tuple[str, ...], file: str | None = None) -> Callable[[Manifest], Pulled]:
+    """What to pull when a load names no variant: the variant holding the file :func:`model_file` would load
     (``file``, or fp32 first), not every variant (a GGUF repo's every quant is gigabytes nobody asked for).
-    None when that file is in no variant (a repo of one model: it is pulled whole)."""
+    None when that file is in no variant (a repo of one model: it is pulled whole); but a ``file`` named that
+    is in no variant is pulled with its own (its shards, its external data) and the shared files alone (every
+    variant came with a custom engine's weights.pt: a review)."""
 
-    def choose(manifest: Manifest) -> str | None:
-        chosen = model_file([f.path for f in manifest.files], None, suffixes, file)
-        return next((v.name for v in manifest.variants if chosen in v.files), None)
+    def choose(manifest: Manifest) -> Pulled:
+        paths = [f.path for f in manifest.files]
+        chosen = model_file(paths, None, suffixes, file)
+        named = next((v.name for v in manifest.variants if chosen in v.files), None)
+        if named is not None or file is None:
+            return named
+        own = set(gguf_shard_names(chosen) or safetensors_shard_names(chosen) or ()) | {chosen}
+        return tuple(
+            sorted({p for p in paths if p in own or _is_external_data_of(p, chosen)} | set(manifest.shared))
+        )
 
     return choose
 
