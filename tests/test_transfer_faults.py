@@ -34,7 +34,7 @@ from faultproxy import (
 from modeldepot import Depot, IntegrityError
 from modeldepot.errors import NotFoundError, PullRunningError, UpstreamError
 from modeldepot.hashing import chunk_span
-from modeldepot.hub.manifest import INTERRUPTED, INTERRUPTED_NOTHING_KEPT
+from modeldepot.hub.manifest import INTERRUPTED, INTERRUPTED_NOTHING_KEPT, Manifest
 from modeldepot.transfer.progress import PullUpdate
 from modeldepot.transfer.pull import PullResult
 from modeldepot.transfer.threads import to_thread_to_the_end
@@ -694,6 +694,15 @@ def test_a_cancelled_caller_unwinds_only_once_its_worker_thread_has_ended() -> N
     assert asyncio.run(main()) == (True, True)
 
 
+def _kept_of_the_big_file(depot: Depot) -> tuple[Manifest, int]:
+    """The repo's manifest, and the bytes its big file's download log says were kept."""
+    manifest = depot.get_manifest(REPO)
+    [big] = [f for f in manifest.files if f.path == BIG]
+    log = depot.store.partials.read_log(big.sha256 or "")
+    assert log is not None
+    return manifest, sum(chunk_span(index, log.size, log.chunk_size)[1] for index in log.logged)
+
+
 def test_a_pull_killed_right_after_it_resumed_shows_what_it_kept(
     big_upstream: FaultProxy, tmp_path: Path
 ) -> None:
@@ -711,11 +720,7 @@ def test_a_pull_killed_right_after_it_resumed_shows_what_it_kept(
         process.send_signal(signal.SIGKILL)
         process.communicate()
     with Depot(home) as depot:
-        manifest = depot.get_manifest(REPO)
-        [big] = [f for f in manifest.files if f.path == BIG]
-        log = depot.store.partials.read_log(big.sha256 or "")
-        assert log is not None
-        kept = sum(chunk_span(index, log.size, log.chunk_size)[1] for index in log.logged)
+        manifest, kept = _kept_of_the_big_file(depot)
         assert kept >= size // 4
         variant = manifest.variants[0]
         assert (variant.status, variant.resumable) == ("failed", True)
@@ -740,11 +745,7 @@ def test_a_file_download_killed_midway_shows_what_it_kept_though_it_made_no_stat
         process.send_signal(signal.SIGKILL)
         process.communicate()
     with Depot(home) as depot:
-        manifest = depot.get_manifest(REPO)
-        [big] = [f for f in manifest.files if f.path == BIG]
-        log = depot.store.partials.read_log(big.sha256 or "")
-        assert log is not None and log.logged
-        kept = sum(chunk_span(index, log.size, log.chunk_size)[1] for index in log.logged)
+        manifest, kept = _kept_of_the_big_file(depot)
         [variant] = [v for v in manifest.variants if BIG in v.files or BIG in manifest.shared]
         assert (variant.status, variant.resumable) == ("available", True)
         assert variant.bytes_done >= kept > 0, (variant.bytes_done, kept)
