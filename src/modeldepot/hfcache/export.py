@@ -148,9 +148,13 @@ def branch_ref(store: Store, repo_id: str, revision: str, commit_id: str, cache:
         return []
     writer = _CacheWriter(cache, repo_folder_name(repo_id))
     if lacking:
+        origin = store.origin(held)
+        # (of an imported repo, a pull would ask the Hub for another repo of its name: an explorer's trial)
+        again = ("import it again" if origin is not None and origin[0] == "import"
+                 else f"`modeldepot pull {held} -r {commit_id}` fetches them again")  # fmt: skip
         return [HfCacheProblem(repo_id, f"{writer.name}/refs/{revision}", "ref-not-set",
                                f"not set to {commit_id[:12]}: its snapshot lacks the {lacking} file(s) skipped "
-                               f"(`modeldepot pull {held} -r {commit_id}` fetches them again; then export again)")]  # fmt: skip
+                               f"({again}; then export again)")]  # fmt: skip
 
     def known(commit: str) -> bool:
         return bool(
