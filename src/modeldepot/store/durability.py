@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from modeldepot.errors import CorruptBlobError, DepotError, StoreError
+from modeldepot.errors import CorruptBlobError, DepotError, StoreClosedError, StoreError
 from modeldepot.store.forking import start_over_after_fork
 from modeldepot.store.index import Index
 
@@ -320,6 +320,8 @@ class Durability:
                 if self._stop.is_set() or (woken and self._stop.wait(FLUSH_DELAY)):
                     return  # (the delay lets writes close together share one flush)
                 self.sync()
+            except StoreClosedError:
+                return  # (closed under it, as a command ends while it checks: nothing to say, a trial)
             except (DepotError, OSError) as error:  # a full disk, a removed store: retried later
                 log.warning("flushing the store in the background: %s", error)
                 if self._stop.wait(5.0):
