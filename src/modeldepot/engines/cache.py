@@ -69,12 +69,10 @@ M = TypeVar("M")
 Loader = Callable[[], M]
 EvictHook = Callable[[Hashable, Any], None]
 LOW_MEMORY_FRACTION = 0.10  # below this share of RAM available, evict before loading (memory pressure)
-ROOM_WAIT_SECONDS = (
-    120.0  # a load waits this long for room while no load under way ends nor grows, then goes over
-)
-PROGRESS_BYTES = (
-    64 << 20
-)  # what the process must grow by in such a wait for the loads under way to be progressing
+# A load waits this long for room while no load under way ends nor grows the process, then goes over
+ROOM_WAIT_SECONDS = 120.0
+# What the process must grow by in such a wait for the loads under way to count as progressing
+PROGRESS_BYTES = 64 << 20
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -475,10 +473,8 @@ class LoadedModelCache(Generic[M]):
                 self._hits += 1
                 entry.last_used = now
                 return entry.model
-        return (
-            _MISS  # (no reference of the cache's kept here: the slow path may expire the entry, and its hook
-        )
-        # must find none)
+        # (no reference of the cache's kept here: the slow path may expire the entry, and its hook must find none)
+        return _MISS
 
     def _get_slow(self, key: Hashable, loader: Loader[M], size: int | None, now: float) -> M:
         failed: BaseException | None = None
@@ -560,9 +556,8 @@ class LoadedModelCache(Generic[M]):
             # asyncio.to_thread copies, on another: a nested coroutine loader's companion waited for this room)
             leading = _LEADING.set((*_LEADING.get(), flight))
             model = loader()
-            if inspect.isawaitable(
-                model
-            ):  # (a coroutine function's: it was cached, unawaited, as the engine)
+            # (a coroutine function's: it was cached, unawaited, as the engine)
+            if inspect.isawaitable(model):
                 if inspect.iscoroutine(model):
                     model.close()
                 raise TypeError(f"the loader of {key!r} gave {type(model).__name__}, not an engine: a coroutine "
@@ -642,7 +637,7 @@ class LoadedModelCache(Generic[M]):
         waits for room itself, never by code that leads a load under way (a loader that loads another model, on
         its thread or one its context went to: ``_LEADING``): it would hold its room while it waits, and two
         such loads waited for each other for good; nor for a load such code waits for (``needed``). Nor for
-        longer than ``room_wait`` while none of them ends: a loader that loads its companion on a thread
+        longer than ``room_wait`` while none of them ends nor grows the process by ``PROGRESS_BYTES``: a loader that loads its companion on a thread
         it started (a ``ThreadPoolExecutor``'s, which carries no context) waits on that companion, and the
         companion for its room, for good (an explorer's trial). What it evicts goes into ``evicted`` (theirs to
         let go of, even when the wait is interrupted)."""

@@ -62,6 +62,9 @@ RESIDENCY_FRESH = 1.0  # seconds a measure of what is in RAM answers stats (the 
 RECHECK_SECONDS = 10.0  # a holder's release measures the tier against its budget at least this often
 
 
+CLOSED = "the preloader is closed (its depot was closed): open the depot again"
+
+
 def _check_model_count(top_n: object) -> None:
     if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:  # (-1 preloaded nothing, silently)
         raise InvalidInputError(f"auto_preload takes a number of models, 0 or more, not {top_n!r}")
@@ -247,9 +250,8 @@ class Preloader:
         # Closed: what it loads is freed, not kept (a Depot closed while a preload ran held its memfd copy,
         # 100 MiB of RAM, for the life of the process: a trial)
         self._closed = threading.Event()
-        self._dropped: collections.deque[_Model] = (
-            collections.deque()
-        )  # (held by handles collected unreleased)
+        # (the models of handles collected unreleased, let go of at the next call: _release_dropped)
+        self._dropped: collections.deque[_Model] = collections.deque()
         # A depot's: what it holds counts as in use there, and what another process removed goes at the next
         # use after a few seconds (a worker that only preloads and reads kept a removed model mapped, its disk
         # space taken and its budget spent, for good: a trial). (So does one built on a depot's store; one on a
@@ -348,7 +350,7 @@ class Preloader:
         while True:
             with self._lock:
                 if self._closed.is_set():
-                    raise DepotError("the preloader is closed (its depot was closed): open the depot again")
+                    raise DepotError(CLOSED)
                 model = self._models.get(key)
                 if model is not None:
                     self._touch(model)
@@ -436,14 +438,12 @@ class Preloader:
     def auto_preload_in_background(self, top_n: int) -> Future[list[PreloadInfo]]:
         """Start :meth:`auto_preload` on the preloader's own thread; returns at once."""
         _check_model_count(top_n)  # (said here, not in the future)
+        if self._closed.is_set():
+            raise DepotError(CLOSED)
         try:
-            if self._closed.is_set():
-                raise RuntimeError("closed")
             return self._pool.submit(self.auto_preload, top_n)
-        except (
-            RuntimeError
-        ):  # (the executor's own, raw, where every other call of a closed preloader says this)
-            raise DepotError("the preloader is closed (its depot was closed): open the depot again") from None
+        except RuntimeError:  # (the executor's own, raw, when closed meanwhile: every other call says this)
+            raise DepotError(CLOSED) from None
 
     def auto_preload(self, top_n: int) -> list[PreloadInfo]:
         """Preload the ``top_n`` most used models (by recorded accesses) that fit the budget together, the

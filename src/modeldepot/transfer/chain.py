@@ -78,9 +78,8 @@ PEER_SCAN_TIMEOUT = 10.0
 # Peers asked at once (the first that describes the repo wins; the others are not awaited)
 PEER_SCAN_WIDTH = 8
 UNANSWERING_FOR = 60.0  # seconds a peer that let a scan time out is left out of this process's next scans
-PEER_DIGESTS_WAIT = (
-    2.0  # seconds a pull waits at most for whole holders found by content to give their digests
-)
+# Seconds a pull waits at most for whole holders found by content to give their digests
+PEER_DIGESTS_WAIT = 2.0
 HEALTH_PROBE_TIMEOUT = 2.0  # ... unless it answers its health within so long (it is alive, only slow)
 SLOW_SCANS_TOLERATED = 3  # ... and then until so many scans in a row timed out
 # peer base URL -> time.monotonic() until which scans leave it out; peer base URL -> its scans that timed out

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timezone
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 from modeldepot.counters import PULLS
@@ -39,6 +39,7 @@ from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.transfer.outage import OUTAGE, QUICK_REFUSALS, OutageClock, wait_in_outage
 from modeldepot.transfer.ranged import READERS, Answer, Attempt, Reply, proxy_of, read_range, request
 from modeldepot.transfer.threads import until_done
+from modeldepot.validation import from_upstream, validate_blake3
 
 if TYPE_CHECKING:
     import aiohttp  # imported where used: a pull from the Hub alone never needs it (transfer/session.py)
@@ -63,7 +64,6 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 MAX_SMALL_ANSWER = 256 << 20  # bytes of a manifest or chunk map taken from a node (200,000 files fit)
 # ASCII digits only: str.isdigit() also takes "²", which float() refuses.
 _DELAY_SECONDS = re.compile(r"[0-9]+")
-_BLAKE3 = re.compile("[0-9a-f]{64}")
 
 SourceKind = str  # "hub" | "node"
 PieceSink = Callable[[memoryview], Awaitable[None]]
@@ -352,40 +352,31 @@ class HttpSource:
         """Which of our ``chunk_size`` chunks of a ``size``-byte file a node can serve, from its bitfield
         (``GET /api/depot/v1/blobs/{sha256}/chunks``): None when it holds the whole file. A node that chunks
         otherwise serves our chunk when it holds every one of its chunks that the span touches. One attempt."""
-        try:
-            reply = await small_request("GET", url, self.headers(), min(self.retry.read_timeout, SILENT_PEER))
-            if reply.status != 200:
-                raise _final_error(reply.status, url, reply.headers.get("X-Error-Message"))
-            body = json.loads(reply.body)
-        except (OSError, http.client.HTTPException, ValueError, RecursionError) as error:  # (too deep: a lie)
-            kind = UpstreamTimeoutError if isinstance(error, TimeoutError) else UpstreamError
-            raise kind(f"{url}: {type(error).__name__}: {error}", source=url) from error
-        return _parse_chunk_map(url, body, size, chunk_size)
+        return _parse_chunk_map(url, await self._chunk_map_body(url), size, chunk_size)
 
     async def chunk_digests(self, url: str, size: int, chunk_size: int) -> tuple[str, ...] | None:
         """The BLAKE3 of each of our ``chunk_size`` chunks of a complete blob a node holds, from its chunk map
         (``…/chunks``); None when it gives none at our chunk size (a download in progress, another chunk size,
-        an older node). One attempt."""
-        try:
-            reply = await small_request("GET", url, self.headers(), min(self.retry.read_timeout, SILENT_PEER))
-            if reply.status != 200:
-                raise _final_error(reply.status, url, reply.headers.get("X-Error-Message"))
-            body = json.loads(reply.body)
-        except (OSError, http.client.HTTPException, ValueError, RecursionError) as error:
-            kind = UpstreamTimeoutError if isinstance(error, TimeoutError) else UpstreamError
-            raise kind(f"{url}: {type(error).__name__}: {error}", source=url) from error
+        an older node). Each digest validated: it is a peer's word. One attempt."""
+        body = await self._chunk_map_body(url)
         if _parse_chunk_map(url, body, size, chunk_size) is not None or body.get("chunk_size") != chunk_size:
             return None
         digests = body.get("blake3")
         if digests is None:
             return None
-        if (
-            not isinstance(digests, list)
-            or len(digests) != chunk_count(size, chunk_size)
-            or not all(isinstance(d, str) and _BLAKE3.fullmatch(d) for d in digests)
-        ):
+        if not isinstance(digests, list) or len(digests) != chunk_count(size, chunk_size):
             raise UpstreamDataError(url, "chunk map", "its blake3 is not one digest a chunk")
-        return tuple(digests)
+        return tuple(from_upstream(url, "chunk digest", validate_blake3, digest) for digest in digests)
+
+    async def _chunk_map_body(self, url: str) -> Any:
+        try:
+            reply = await small_request("GET", url, self.headers(), min(self.retry.read_timeout, SILENT_PEER))
+            if reply.status != 200:
+                raise _final_error(reply.status, url, reply.headers.get("X-Error-Message"))
+            return json.loads(reply.body)
+        except (OSError, http.client.HTTPException, ValueError, RecursionError) as error:  # (too deep: a lie)
+            kind = UpstreamTimeoutError if isinstance(error, TimeoutError) else UpstreamError
+            raise kind(f"{url}: {type(error).__name__}: {error}", source=url) from error
 
     async def stream_whole(
         self,
