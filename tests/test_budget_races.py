@@ -9,10 +9,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from conftest import SMALL_CHUNK, LiveNode
+from conftest import SMALL_CHUNK, LiveNode, store_files_consistent, write_model_dir
 from modeldepot import Depot
+from modeldepot.errors import StoreFullError
 from test_budget import MB, model, repos
 
 
@@ -62,6 +64,78 @@ def test_a_published_write_still_holds_its_room_and_another_process_evicts_it(
         # 4 MiB and a little in a 5 MiB budget: nothing had to go
         assert repos(first) == {"acme/x", "acme/y"}, "x, just published, was evicted for y"
         assert first.budget_status().evictions == 0
+
+
+def test_an_import_of_contents_the_store_holds_keeps_them_from_another_processs_eviction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An import of a folder whose contents the store holds (here the repo acme/twin, imported again under
+    another name) relies on those blobs, and asks no room for them. Only its own process knew: another
+    process's import evicted acme/twin for its room, and the first import, which had the bytes staged,
+    placed them again with no room asked: the store ended over its budget, with nothing left to evict (an
+    explorer's trial: 330 MiB of 300 MiB). Both cannot fit: the second import is refused, naming nothing
+    it could evict, and the store stays within its budget."""
+    from modeldepot.store import importer
+
+    monkeypatch.delenv("MODELDEPOT_MAX_SIZE", raising=False)
+    home = tmp_path / "store"
+    with Depot(home, chunk_size=SMALL_CHUNK) as first, Depot(home, chunk_size=SMALL_CHUNK) as second:
+        first.set_max_size("3.5MiB")
+        twin = model(tmp_path, "acme/twin", size=2 * MB)
+        first.import_dir(twin, "acme/twin")
+        publishing = importer.publish
+        refused: list[StoreFullError] = []
+
+        def publish_after_the_other_tried(*args: object, **kwargs: object) -> object:
+            if not refused:
+                with pytest.raises(StoreFullError) as caught:
+                    second.import_dir(model(tmp_path, "acme/y", size=2 * MB), "acme/y")
+                refused.append(caught.value)
+            return publishing(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(importer, "publish", publish_after_the_other_tried)
+        result = first.import_dir(twin, "acme/copy")
+        assert refused, "the second import was never tried"
+        assert result.new_blobs == 0, "the contents it found in the store were placed again"
+        assert repos(first) == {"acme/twin", "acme/copy"}
+        assert first.budget_status().used_bytes <= int(3.5 * MB)
+        assert not list((home / "locks" / "reservations").iterdir()), (
+            "the reservations went with their writers"
+        )
+        assert first.verify().ok and store_files_consistent(first) == []
+
+
+def test_gc_in_another_process_leaves_the_blobs_an_import_relies_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A budget lowered in another process evicts acme/twin, but leaves the blob an import under way found
+    there (nothing else of the store names it then); a gc beside took it all the same, and the import
+    copied it in again. gc keeps what a write under way relies on, in any process."""
+    from modeldepot.store import importer
+
+    monkeypatch.delenv("MODELDEPOT_MAX_SIZE", raising=False)
+    home = tmp_path / "store"
+    weights = np.random.default_rng(7).bytes(2 * MB)
+    twin = write_model_dir(tmp_path / "twin", {"model.safetensors": weights, "extra.bin": b"x" * MB})
+    copy = write_model_dir(tmp_path / "copy", {"model.safetensors": weights})
+    with Depot(home, chunk_size=SMALL_CHUNK) as first, Depot(home, chunk_size=SMALL_CHUNK) as second:
+        first.import_dir(twin, "acme/twin")
+        publishing = importer.publish
+        collected: list[int] = []
+
+        def publish_after_the_other_collected(*args: object, **kwargs: object) -> object:
+            if not collected:
+                evicted = second.set_max_size("2.5MiB")
+                assert [e.repo_id for e in evicted] == ["acme/twin"]
+                collected.append(second.gc().blobs_removed)
+            return publishing(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(importer, "publish", publish_after_the_other_collected)
+        result = first.import_dir(copy, "acme/copy")
+        assert collected == [0], "gc removed a blob"
+        assert result.new_blobs == 0, "the blob it relied on was collected and copied in again"
+        assert repos(first) == {"acme/copy"}
+        assert first.verify().ok and store_files_consistent(first) == []
 
 
 def test_a_pull_cancelled_while_it_makes_room_leaks_its_reservation(
@@ -161,3 +235,21 @@ def test_a_reservation_being_made_is_read_as_no_room_yet(tmp_path: Path) -> None
             assert depot.budget_status().reserved_bytes == 0
         finally:
             os.close(fd)
+
+
+def test_a_reservation_names_the_contents_a_pull_learns_of_after_the_blobs_it_relies_on(
+    tmp_path: Path,
+) -> None:
+    """A pull relies on the blobs it found before it knows what it fetches: its reservation, made then (of 0
+    bytes), must name the contents it makes room for later, or another pull of them counts that room twice."""
+    with Depot(tmp_path / "store") as first, Depot(tmp_path / "store") as second:
+        with first.store.budget.writing("acme/x", "0" * 40, ["a"]) as writer:
+            writer.reuse(["1" * 64])
+            writer.contents = {"2" * 64: 5 * MB}
+            writer.budget._reserve(writer, 5 * MB)
+            (held,) = second.store.budget.reservations.elsewhere(contents=True)
+            assert (held.repo_id, held.amount, dict(held.contents), held.reused) == (
+                "acme/x", 5 * MB, {"2" * 64: 5 * MB}, frozenset({"1" * 64}),
+            )  # fmt: skip
+            assert second.store.budget.kept_blobs() == {"1" * 64}
+        assert second.store.budget.reservations.elsewhere() == []

@@ -45,9 +45,9 @@ from modeldepot.hub.manifest import RemoteFile, holds_whole, keep_known_listing,
 from modeldepot.modelcard import MAX_CARD_BYTES, repo_card
 from modeldepot.store.blobs import PartialBlob, WriteSession
 from modeldepot.store.budget import BudgetExceededError, size_text
-from modeldepot.store.importer import likely_new_bytes, stage_blob, why_copied
+from modeldepot.store.importer import likely_new_bytes, room_for_new, stage_blob, why_copied
 from modeldepot.store.maintenance import sweep_dead_sessions
-from modeldepot.store.publish import RevisionSpec, StagedFile, blob_states, publish
+from modeldepot.store.publish import RevisionSpec, StagedFile, publish
 from modeldepot.store.store import Store
 from modeldepot.validation import (
     from_upstream,
@@ -506,12 +506,7 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
                 sources_of[digest.sha256] = source.source
                 if was_linked:
                     linked_ones.add(digest.sha256)
-        known = blob_states(store.index, list(partials))
-        writer.reuse(sha256 for sha256 in partials if known.get(sha256) == "ok")
-        writer.make_room(
-            sum(p.size for sha, p in partials.items() if known.get(sha) != "ok" and sha not in linked_ones),
-            doing,
-        )
+        room_for_new(store, writer, partials, doing, free=linked_ones)
         revisions, new = _publish_revisions(store, scan, repo, verified, partials, private)
         writer.keep_within()
     new_bytes = sum(p.size for sha256, p in partials.items() if sha256 in new)

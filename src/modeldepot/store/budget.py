@@ -216,7 +216,7 @@ class DiskBudget:
         if not self._give_way or budget is None:
             return False
         shared = shared_blobs(self.store)
-        firm = self.order.kept_bytes(self._kept(writer, soft=False), blobs=self._kept_blobs(), shared=shared)
+        firm = self.order.kept_bytes(self._kept(writer, soft=False), blobs=self.kept_blobs(), shared=shared)
         if firm + self._others_reserved(writer) + needed > budget:
             return False
         return any(let_go() for _, let_go in self._give_way)
@@ -457,10 +457,13 @@ class DiskBudget:
             self._shared = (now, shared)
         return shared
 
-    def _kept_blobs(self) -> frozenset[str]:
-        """The blobs writers of this process found in the store and rely on: an eviction keeps them."""
+    def kept_blobs(self) -> frozenset[str]:
+        """The blobs writers found in the store and rely on, in this process and in others (their
+        reservations name them): an eviction, and gc, keep them."""
         with self._lock:
-            return frozenset(self._reused)
+            own = frozenset(self._reused)
+        elsewhere = [held.reused for held in self.reservations.elsewhere(contents=True) if held.reused]
+        return own.union(*elsewhere) if elsewhere else own
 
     def status(self, fresh: bool = True) -> BudgetStatus:
         """The figures (a node's stats and metrics ask often: read only, the uses as written so far;
@@ -474,7 +477,7 @@ class DiskBudget:
             process_max_bytes=self.process_max_bytes,
             used_bytes=self.used_bytes(shared),
             pinned_bytes=self.order.kept_bytes(pinned, flush=False, shared=shared),
-            in_use_bytes=self.order.kept_bytes(kept, blobs=self._kept_blobs(), flush=False, shared=shared),
+            in_use_bytes=self.order.kept_bytes(kept, blobs=self.kept_blobs(), flush=False, shared=shared),
             evictions=int(self.store.index.setting("evictions") or 0),
             evicted_bytes=int(self.store.index.setting("evicted_bytes") or 0),
             read_only=self.store.read_only,
@@ -505,7 +508,7 @@ class DiskBudget:
         if self.used_bytes(shared) + others + needed <= budget:
             return
         kept = self._kept(writer)
-        kept_bytes = self.order.kept_bytes(kept, blobs=self._kept_blobs(), shared=shared) + others
+        kept_bytes = self.order.kept_bytes(kept, blobs=self.kept_blobs(), shared=shared) + others
         self._refuse_if_too_big(needed, budget, kept_bytes, doing, writer)
 
     def make_room(self, needed: int, doing: str, writer: BudgetWriter | None = None) -> list[Eviction]:
@@ -558,7 +561,7 @@ class DiskBudget:
             return []
         kept = self._kept()
         units = self.order.units(kept)
-        staying = self.order.staying_blobs(units, self._kept_blobs()) | shared.keys()
+        staying = self.order.staying_blobs(units, self.kept_blobs()) | shared.keys()
         written = {key: kept.parts.get(key, set()) for key in kept.written}  # (as the evictions group them)
         return [Eviction(u.repo_id, u.commit_id, freed, u.last_used, u.variant)
                 for u, freed in self.order.choose(units, staying, used, limit, written)[0]]  # fmt: skip
@@ -618,7 +621,7 @@ class DiskBudget:
 
     def _writes_under_way(self) -> str:
         """What other processes' writes under way hold, for a refusal ("" when none)."""
-        held = self.reservations.elsewhere()
+        held = [h for h in self.reservations.elsewhere() if h.amount]  # (not those that only keep blobs)
         if not held:
             return ""
         named = ", ".join(f"{h.repo_id} {size_text(h.amount)}" + (f" by process {h.pid}" if h.pid else "")
@@ -659,7 +662,7 @@ class DiskBudget:
         kept = self._kept(writer)
         units = self.order.units(kept)
         if not partial:  # (others' writes in use)
-            kept_bytes = self.order.kept_bytes(kept, units, blobs=self._kept_blobs(), shared=shared) + others
+            kept_bytes = self.order.kept_bytes(kept, units, blobs=self.kept_blobs(), shared=shared) + others
             self._refuse_if_too_big(needed, limit + needed, kept_bytes, doing, writer)
         evicted: list[Eviction] = []
         # (a copy of a pinned repo freed nothing, and went all the same: a repo lost for no byte; so did a
@@ -668,7 +671,7 @@ class DiskBudget:
         # once to make room for this one (a trial); it stays above the budget, warned of, and the next write
         # evicts again. (Left out before what stays is worked out: their blobs stay, a review.)
         units = [u for u in units if writer is None or u.last_used < writer.started]
-        staying = self.order.staying_blobs(units, self._kept_blobs()) | shared.keys()
+        staying = self.order.staying_blobs(units, self.kept_blobs()) | shared.keys()
         # What the plan needs (no unit that frees nothing the others need: EvictionOrder.choose), then, should
         # it fall short as it goes (a removal elsewhere meanwhile), the units it did not go through
         written = {key: kept.parts.get(key, set()) for key in kept.written}
@@ -701,7 +704,7 @@ class DiskBudget:
         """Remove what ``unit`` names (None: it went meanwhile, or a variant is its revision's last now)."""
         from modeldepot.store.maintenance import remove, remove_files  # maintenance builds on the store
 
-        keep = self._kept_blobs()
+        keep = self.kept_blobs  # (read under the store's lock: see remove)
         try:
             if unit.variant is None:
                 result = remove(self.store, unit.repo_id, unit.commit_id, keep_blobs=keep)
@@ -763,14 +766,23 @@ class BudgetWriter:
         self.branch: str | None = None  # a pull's: the branch it moves to ``commit_id``
         self.started = time.time()  # (what was used since is not evicted for it)
         self._reservation: Reservation | None = None  # its room, as other processes see it
+        self._listed: set[str] = set()  # the contents its reservation names
 
     def reserve(self, amount: int) -> None:
-        """Show other processes the room this writer holds (``amount`` bytes in all; 0: none)."""
+        """Show other processes the room this writer holds (``amount`` bytes in all; 0: none) and the blobs
+        it relies on."""
         if self._reservation is None:
-            if amount:
-                self._reservation = self.budget.reservations.hold(self.repo_id, amount, self.contents)
-        elif amount:
+            if amount or self.reused:
+                self._reservation = self.budget.reservations.hold(
+                    self.repo_id, amount, self.contents, sorted(self.reused)
+                )
+                self._listed = set(self.contents)
+        elif amount or self.reused:
             self._reservation.set(amount)
+            # (contents known since it was made: a pull relies on blobs before it knows what it fetches)
+            unlisted = {key: size for key, size in self.contents.items() if key not in self._listed}
+            self._reservation.add_contents(unlisted)
+            self._listed.update(unlisted)
         else:
             self.release()
 
@@ -788,11 +800,18 @@ class BudgetWriter:
             self.release()
 
     def reuse(self, sha256s: Iterable[str]) -> None:
-        """Keep these blobs of the store while it writes: an eviction of a revision using them leaves them."""
+        """Keep these blobs of the store while it writes: an eviction of a revision using them, in any process,
+        leaves them (blocking: a reservation file is written)."""
         with self.budget._lock:
             new = set(sha256s) - self.reused
+            if not new:
+                return
             self.reused |= new
             self.budget._reused.update(new)
+            if self._reservation is None:
+                self.reserve(self.reserved)
+            else:
+                self._reservation.add_reused(sorted(new))
 
     def check_fits(self, needed: int, doing: str) -> None:
         """:meth:`DiskBudget.check_fits` for this writer: refuse early, evict nothing."""

@@ -18,7 +18,7 @@ import logging
 import os
 import pwd
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from modeldepot.hashing import GIT_OID_LIMIT, BlobDigest, digest_stream
 from modeldepot.modelcard import MAX_CARD_BYTES, repo_card
 from modeldepot.openfiles import open_file_limit
 from modeldepot.store.blobs import PartialBlob, WriteSession
+from modeldepot.store.budget import BudgetWriter
 from modeldepot.store.layout import StoreLayout
 from modeldepot.store.maintenance import sweep_dead_sessions
 from modeldepot.store.models import ImportResult
@@ -44,7 +45,7 @@ from modeldepot.store.publish import RevisionSpec, StagedFile, blob_states, publ
 from modeldepot.store.store import Store
 from modeldepot.validation import validate_new_branch, validate_path, validate_repo_id
 
-__all__ = ["ImportProgress", "import_dir", "likely_new_bytes", "scan_source", "stage_blob"]
+__all__ = ["ImportProgress", "import_dir", "likely_new_bytes", "room_for_new", "scan_source", "stage_blob"]
 
 log = logging.getLogger(__name__)
 
@@ -415,9 +416,7 @@ def import_dir(
         writer.check_fits(likely_new_bytes(store, [f.size for f in files]), doing)
         staged, partials, linked = _stage_all(session, files, store.chunk_size, progress,
                                               not store.durability.deferred, link)  # fmt: skip
-        known = blob_states(store.index, list(partials))
-        writer.reuse(sha256 for sha256 in partials if known.get(sha256) == "ok")
-        writer.make_room(sum(p.size for sha256, p in partials.items() if known.get(sha256) != "ok"), doing)
+        room_for_new(store, writer, partials, doing)
         trees = tree_oids(TreeEntry(s.path, s.git_oid) for s in staged)
         spec = RevisionSpec(repo_id, "", revision, private, "import", _card(files), trees[""], on_head=True)
         recorded: list[RevisionSpec] = []
@@ -448,6 +447,29 @@ def import_dir(
         snapshot_path=str(store.snapshots.path(repo_id, commit_id)),
         linked_bytes=sum(size for sha256, size in new_blobs.items() if sha256 in linked),
         copied_because=tuple(reasons),
+    )
+
+
+def room_for_new(
+    store: Store,
+    writer: BudgetWriter,
+    partials: dict[str, PartialBlob],
+    doing: str,
+    free: Set[str] = frozenset(),
+) -> None:
+    """Make room for the staged ``partials`` whose contents the store lacks (but those in ``free``: linked
+    from files the budget does not count), and keep the blobs it holds of the others from eviction (in every
+    process) until they are published."""
+    known = blob_states(store.index, list(partials))
+    writer.reuse(sha256 for sha256 in partials if known.get(sha256) == "ok")
+    # Read again once every process keeps them (under the lock removals take, which read what writers rely
+    # on under it): one evicted before is new again, and room is made for it. (Placed at publish with no
+    # room asked, two imports beside each other ended over the budget: a trial.)
+    with store.lock.shared():
+        known = blob_states(store.index, list(partials))
+    writer.make_room(
+        sum(p.size for sha256, p in partials.items() if known.get(sha256) != "ok" and sha256 not in free),
+        doing,
     )
 
 

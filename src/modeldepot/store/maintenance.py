@@ -172,15 +172,25 @@ def _repair_snapshots(store: Store, repo_id: str | None) -> int:
     return sum(store.ensure_snapshot(rev["repo_id"], rev["commit_id"]) for rev in revisions)
 
 
+KeptBlobs = frozenset[str] | Callable[[], frozenset[str]]
+"""Blobs a removal leaves though nothing names them: a set, or a function read under the store's lock."""
+
+
+def _kept(keep_blobs: KeptBlobs) -> frozenset[str]:
+    return keep_blobs() if callable(keep_blobs) else keep_blobs
+
+
 def remove(store: Store, repo_id: str, revision: str | None = None,
-           keep_blobs: frozenset[str] = frozenset()) -> RemoveResult:  # fmt: skip
+           keep_blobs: KeptBlobs = frozenset()) -> RemoveResult:  # fmt: skip
     """Remove a repo, or one revision of it (by commit id or branch), and free the blobs no one else uses.
 
     Removing by branch removes the commit the branch points to, with the branch; when other refs point at
     that commit too, only the branch goes (as deleting a git tag leaves the branch at the same commit).
     Removing by commit id removes the commit with every ref to it. ``keep_blobs`` (SHA-256s) stay even
     when nothing references them any more: blobs a writer found in the store and is about to publish again
-    (the disk budget's evictions; gc frees them if it never does).
+    (the disk budget's evictions; gc frees them if it never does). A function is read under the store's
+    lock: a writer that names a blob it relies on, then reads under the shared lock that it is there, never
+    misses a removal that did not keep it.
     """
     validate_repo_id(repo_id)
     if revision is not None:
@@ -198,6 +208,7 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
                     return RemoveResult(repo_id, (), 0, 0, revision, others)
         marks = ",".join("?" * len(commits))
         _refuse_a_damaged_index(store, f"removing {repo_id}")
+        kept = _kept(keep_blobs)
 
         def delete_rows(con: sqlite3.Connection) -> list[str]:
             candidates = [r[0] for r in con.execute(
@@ -209,7 +220,7 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
                 )
             if not con.execute("SELECT 1 FROM revisions WHERE repo_id = ? LIMIT 1", (repo_id,)).fetchone():
                 con.execute("DELETE FROM repos WHERE repo_id = ?", (repo_id,))
-            return _delete_unreferenced_rows(con, [c for c in candidates if c not in keep_blobs])
+            return _delete_unreferenced_rows(con, [c for c in candidates if c not in kept])
 
         # On a full disk the index takes the room its transaction needs from the store's reserve.
         freed = store.index.write_freeing(f"removing {repo_id}", delete_rows)
@@ -221,7 +232,7 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
 
 
 def remove_files(store: Store, repo_id: str, commit_id: str, paths: Iterable[str],
-                 keep_blobs: frozenset[str] = frozenset()) -> RemoveResult:  # fmt: skip
+                 keep_blobs: KeptBlobs = frozenset()) -> RemoveResult:  # fmt: skip
     """Remove some files from a revision that stays (one variant's own files), and free the blobs no one
     else uses (but ``keep_blobs``, as :func:`remove` keeps them); the revision's snapshot loses their
     links. Removing every file removes the revision."""
@@ -235,6 +246,7 @@ def remove_files(store: Store, repo_id: str, commit_id: str, paths: Iterable[str
             return RemoveResult(repo_id, (), 0, 0)
         if held > wanted & held:  # (else nothing would be left of it: the revision goes, below)
             _refuse_a_damaged_index(store, f"removing files of {repo_id}")
+            kept = _kept(keep_blobs)
 
             def delete_rows(con: sqlite3.Connection) -> list[str]:
                 candidates = {row[0] for row in con.execute(
@@ -244,7 +256,7 @@ def remove_files(store: Store, repo_id: str, commit_id: str, paths: Iterable[str
                     f"DELETE FROM files WHERE repo_id = ? AND commit_id = ? AND path IN ({','.join('?' * len(gone))})",
                     (repo_id, commit_id, *gone),
                 )
-                return _delete_unreferenced_rows(con, sorted(candidates - keep_blobs))
+                return _delete_unreferenced_rows(con, sorted(candidates - kept))
 
             freed = store.index.write_freeing(f"removing files of {repo_id}@{commit_id[:12]}", delete_rows)
             bytes_freed, still_linked = _delete_blob_files(store, freed)
@@ -367,7 +379,8 @@ def gc(store: Store, partials: bool = False) -> GcReport:
     def delete_rows(con: sqlite3.Connection) -> None:
         unreferenced = [r[0] for r in con.execute(
             "SELECT sha256 FROM blobs WHERE sha256 NOT IN (SELECT sha256 FROM files)")]  # fmt: skip
-        _delete_unreferenced_rows(con, unreferenced)
+        # (not those a write under way relies on: an eviction left them for it, a revision is about to name them)
+        _delete_unreferenced_rows(con, [sha256 for sha256 in unreferenced if sha256 not in relied_on])
         # The listings kept of commits the store no longer holds, nor is the repo's scan of (a repo removed and
         # never scanned again: a save prunes only the repo it saves)
         con.execute(
@@ -378,6 +391,7 @@ def gc(store: Store, partials: bool = False) -> GcReport:
 
     with store.lock.exclusive():
         _refuse_a_damaged_index(store, "gc", fresh=True)
+        relied_on = store.budget.kept_blobs()
         # On a full disk the index takes the room its transaction needs from the store's reserve.
         store.index.write_freeing("collecting garbage", delete_rows)
         known = {r["sha256"] for r in store.index.read("SELECT sha256 FROM blobs WHERE state = 'ok'")}

@@ -7,6 +7,11 @@ of several processes). So each process's reservations are files in ``locks/reser
 with ``flock`` by its process for as long as it holds the room: the kernel lets go of a killed process's
 lock, and a reservation nobody holds is no reservation (it is removed when found). Room is made under
 ``locks/budget.lock`` (:meth:`Reservations.admitting`), so two processes do not both take the last of it.
+
+A reservation also names the blobs its writer found in the store and relies on (``reuse <sha256>`` lines,
+an amount of 0 when that is all it holds): every process's evictions keep them. Known to the writer's own
+process alone, another's eviction removed them, and an import that had them staged placed them again with
+no room asked (two imports beside each other ended 330 MiB into a 300 MiB budget, an explorer's trial).
 """
 
 from __future__ import annotations
@@ -16,14 +21,15 @@ import fcntl
 import itertools
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from modeldepot.store.locks import StoreLock, unlock_and_close
 
 _FIELD = 20  # digits of a reservation's byte count (fixed: the file is rewritten in place)
-_MAX_BYTES = 1 << 22  # read of a reservation: its contents' lines (~90 bytes each) of a repo of 40,000 files
+_MAX_BYTES = 1 << 23  # read of a reservation: its lines (~90 bytes each) of a repo of 40,000 files, twice
+_REUSE = "reuse"  # (a line's first word: a blob the writer relies on; not a content key, whose size follows)
 
 
 class Reservation:
@@ -33,9 +39,24 @@ class Reservation:
 
     def __init__(self, fd: int, path: Path, repo_id: str) -> None:
         self._fd, self.path, self.repo_id = fd, path, repo_id
+        self._end = 0  # where the next line goes
 
     def set(self, amount: int) -> None:
-        os.pwrite(self._fd, f"{amount:{_FIELD}d} {self.repo_id}\n".encode(), 0)
+        first = f"{amount:{_FIELD}d} {self.repo_id}\n".encode()
+        os.pwrite(self._fd, first, 0)
+        self._end = max(self._end, len(first))
+
+    def _add_lines(self, lines: str) -> None:
+        if lines and self._fd >= 0:
+            self._end += os.pwrite(self._fd, lines.encode(), self._end)
+
+    def add_contents(self, contents: Mapping[str, int]) -> None:
+        """Name more contents the room is for (content key -> size)."""
+        self._add_lines("".join(f"{key} {size}\n" for key, size in contents.items()))
+
+    def add_reused(self, sha256s: Iterable[str]) -> None:
+        """Name more blobs the writer relies on (kept by every process's evictions from here on)."""
+        self._add_lines("".join(f"{_REUSE} {sha256}\n" for sha256 in sha256s))
 
     def release(self) -> None:
         if self._fd < 0:
@@ -61,9 +82,10 @@ class Reservations:
         """Held while a writer makes room and reserves it: one process at a time."""
         return self._admission.exclusive()
 
-    def hold(self, repo_id: str, amount: int, contents: Mapping[str, int] | None = None) -> Reservation:
+    def hold(self, repo_id: str, amount: int, contents: Mapping[str, int] | None = None,
+             reused: Iterable[str] = ()) -> Reservation:  # fmt: skip
         """Reserve ``amount`` bytes for a write of ``repo_id`` (from any thread): for ``contents`` (content key
-        -> size), when the write is a pull's."""
+        -> size), when the write is a pull's; ``reused``: the blobs it relies on (:meth:`Reservation.add_reused`)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"{self._prefix()}{next(self._names)}"
         staging = self.directory / f".{name}"
@@ -72,9 +94,8 @@ class Reservations:
             fcntl.flock(fd, fcntl.LOCK_EX)  # (held before it has its name: never seen unheld)
             reservation = Reservation(fd, self.directory / name, repo_id)
             reservation.set(amount)
-            if contents:
-                listed = "".join(f"{key} {size}\n" for key, size in contents.items()).encode()
-                os.pwrite(fd, listed, len(f"{amount:{_FIELD}d} {repo_id}\n".encode()))
+            reservation.add_contents(contents or {})
+            reservation.add_reused(reused)
             staging.rename(reservation.path)
         except BaseException:
             unlock_and_close(fd)
@@ -85,7 +106,8 @@ class Reservations:
 
     def elsewhere(self, contents: bool = False) -> list[Held]:
         """The room other processes' live writes hold (this process counts its own); what a killed one
-        left is removed. ``contents``: with the contents each holds room for (read only when asked)."""
+        left is removed. ``contents``: with the contents each holds room for and the blobs it relies on (read
+        only when asked)."""
         if self.read_only:
             return []
         try:
@@ -121,6 +143,7 @@ class Held:
     amount: int
     pid: int | None
     contents: Mapping[str, int] = field(default_factory=dict)  # (a pull's: content key -> size)
+    reused: frozenset[str] = frozenset()  # the blobs (SHA-256) it found in the store and relies on
 
 
 def _held(path: Path, name: str, with_contents: bool = False) -> Held | None:
@@ -134,19 +157,22 @@ def _held(path: Path, name: str, with_contents: bool = False) -> Held | None:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             # (a file being made is empty a moment: held, with nothing in it yet)
-            lines = (
-                os.pread(fd, _MAX_BYTES if with_contents else 4096, 0).decode(errors="replace").splitlines()
-            )
+            length = min(os.fstat(fd).st_size, _MAX_BYTES) if with_contents else 4096
+            lines = os.pread(fd, length, 0).decode(errors="replace").splitlines()
             amount, _, repo_id = (lines[0] if lines else "").strip().partition(" ")
             listed = lines[1:] if with_contents else []
             pid = name.lstrip(".").split("-", 1)[0]
-            contents = {}
+            contents: dict[str, int] = {}
+            reused: set[str] = set()
             for line in listed:
-                key, _, size = line.partition(" ")
-                if size.isascii() and size.isdigit():
-                    contents[key] = int(size)
+                key, _, value = line.partition(" ")
+                if key == _REUSE:
+                    reused.add(value)
+                elif value.isascii() and value.isdigit():
+                    contents[key] = int(value)
             return Held(repo_id, int(amount) if amount.isascii() and amount.isdigit() else 0,
-                        int(pid) if pid.isascii() and pid.isdigit() else None, contents)  # fmt: skip
+                        int(pid) if pid.isascii() and pid.isdigit() else None, contents,
+                        frozenset(reused))  # fmt: skip
         return None
     finally:
         unlock_and_close(fd)

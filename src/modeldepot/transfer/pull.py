@@ -199,7 +199,8 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
     for remote, found in found_here:
         if found is not None:
             have[remote.path] = found
-            writer.reuse([found.sha256])  # kept from eviction from here on (publish checks they stayed)
+    # Kept from eviction, in every process, from here on (publish checks that they stayed)
+    await asyncio.to_thread(writer.reuse, [found.sha256 for found in have.values()])
     missing = [f for f in files if f.path not in have]
     if missing and offline:
         named = ", ".join(f.path for f in missing[:5]) + (
