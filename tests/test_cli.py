@@ -174,6 +174,11 @@ def test_a_command_that_fails_leaves_no_store_it_made_and_kept_nothing_in(
         code, _, err = run(*args, home=home)
         assert code == 1 and "error:" in err, (args, err)
         assert not home.exists(), args
+    # (a relative --home: the look at the store it made raised "relative path can't be expressed as a file URI")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run("pull", "acme/nowhere", home=Path("relative"))
+    assert code == 1 and "error:" in err and "Traceback" not in err, err
+    assert not (tmp_path / "relative").exists()
     held = tmp_path / "held"
     run("import", str(model_dir), "--repo", REPO, home=held)
     code, _, _ = run("pull", "acme/nowhere", home=held)

@@ -70,7 +70,7 @@ def _remove_if_untouched(folder: Path) -> None:
     if any((folder / name).exists() for name in ("index.db-wal", "index.db-shm")):
         return
     try:
-        with contextlib.closing(sqlite3.connect(f"{index.as_uri()}?mode=ro", uri=True)) as con:
+        with contextlib.closing(sqlite3.connect(f"{index.absolute().as_uri()}?mode=ro", uri=True)) as con:
             kept = sum(con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
                        for table in ("repos", "manifests", "blobs"))  # fmt: skip
     except sqlite3.Error:
