@@ -86,11 +86,12 @@ def hub_source(server: RangeServer) -> FileSource:
 def fetch(
     claim: ResumablePartial, sources: list[FileSource], fallback: list[FileSource],
     on_bytes: Callable[[int, str, str], None] | None = None,
+    on_start: Callable[[Callable[[], int], Callable[[], int]], None] | None = None,
 ) -> str:  # fmt: skip
     async def run() -> str:
         async with aiohttp.ClientSession() as http:
             digest = await download_file(LazySession(http), REMOTE, claim, sources, Limits(per_source=2, total=8),
-                                         lambda: fallback, on_bytes)  # fmt: skip
+                                         lambda: fallback, on_bytes, on_start=on_start)  # fmt: skip
             return digest.sha256
 
     return asyncio.run(run())
@@ -165,3 +166,37 @@ def test_bytes_a_node_sent_in_this_pull_are_its_not_resumed(tmp_path: Path, serv
             claim.release(completed=False)
     sent = len(cutter.cut) * CUT_AT
     assert sent and counted == {"peer": sent, "hub": len(DATA) - sent}, counted
+
+
+def test_the_parts_an_earlier_pull_left_are_shown_from_the_start_as_found(
+    tmp_path: Path, servers: Callable
+) -> None:
+    """A pull stopped with parts of its chunks in the file: the next one showed them only as their chunks
+    landed (a resume of a pull stopped at 39 of 64 MiB began at "0 B", its time left reckoned for the whole
+    file, then jumped to the end). They are shown from the start, as found on disk (no part of the rate)."""
+    cutter, hub = servers(cutting=True), servers()
+    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+        claim = local.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, False)
+        assert claim is not None
+        with pytest.raises(UpstreamError):
+            fetch(claim, [node_source(cutter)], [])
+        claim.release(completed=False)
+        again = local.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, False)
+        assert again is not None
+        kept = sum(part.received for part in again.parts.values())
+        assert kept == len(cutter.cut) * CUT_AT > 0 and not again.done
+        seen: list[tuple[int, int]] = []
+        counted: dict[str, int] = {}
+
+        def on_start(receiving: Callable[[], int], kept_earlier: Callable[[], int]) -> None:
+            seen.append((receiving(), kept_earlier()))
+
+        def on_bytes(amount: int, kind: str, base_url: str) -> None:
+            counted[kind] = counted.get(kind, 0) + amount
+
+        try:
+            assert fetch(again, [hub_source(hub)], [], on_bytes, on_start) == SHA
+        finally:
+            again.release(completed=False)
+    assert seen == [(kept, kept)], "shown and found at the start"
+    assert counted == {"local": kept, "hub": len(DATA) - kept}, "credited as found when their chunks landed"

@@ -288,7 +288,9 @@ class PullView:
         self._files: dict[str, TaskID] = {}
         self._finished: set[str] = set()
         self._started = time.monotonic()
-        self._last_line = 0.0
+        # (the first line after LINE_INTERVAL too: said at the first file's update, a resume's began "0 B of
+        # 64.0 MiB (0%), 0 B/s" before its files' kept bytes were told)
+        self._last_line = self._started
         self._lines: list[str] = []
         self._last_flush = 0.0
         self._rate = _Rate()  # of the bytes fetched (not those found on disk)

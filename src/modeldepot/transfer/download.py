@@ -139,7 +139,7 @@ async def download_file(
     fallback: Callable[[], list[FileSource]] | None = None,
     on_bytes: BytesDone | None = None,
     swarm: SwarmFile | None = None,
-    on_start: Callable[[BytesReceiving], None] | None = None,
+    on_start: Callable[[BytesReceiving, BytesReceiving], None] | None = None,
 ) -> BlobDigest:
     """Complete ``partial`` with ``remote``'s bytes and return their digests, checked against upstream.
 
@@ -147,7 +147,8 @@ async def download_file(
     resort, the Hub). ``on_bytes`` is called with the size of each chunk as it is written, its source's kind and base URL.
     ``swarm``: the file's claims in the fleet (the Hub is then among ``sources``, asked only for what no
     other node holds or claims). ``on_start`` is given, before the first request, what tells the bytes
-    received of the chunks that have not landed (a chunk over a slow link takes seconds to be whole).
+    received of the chunks that have not landed (a chunk over a slow link takes seconds to be whole), and
+    what tells how many of those an earlier pull left.
     """
     if remote.size == 0:
         digest = digest_bytes(b"", partial.chunk_size)
@@ -155,7 +156,7 @@ async def download_file(
         return digest
     job = _FileJob(http, remote, partial, limits, fallback, on_bytes, swarm)
     if on_start is not None:
-        on_start(job.receiving)
+        on_start(job.receiving, job.kept_earlier)
     return await job.run(sources)
 
 
@@ -203,29 +204,31 @@ class _FileJob(ChunkChooser):
         return set(self.requests)
 
     def receiving(self) -> int:
-        """Bytes received of the chunks in flight (the most of any one chunk's requests: the endgame's two
-        copies are one chunk), not counting those that landed (as the loop saw them land: the partial's own
-        set is written on a worker thread, before the chunk's bytes are counted done), nor a part of a chunk
-        an earlier pull left (shown, and counted resumed, as its chunk lands; one this pull received, from
-        a source it left since, stays shown)."""
+        """Bytes received of the chunks that have not landed (the most of any one chunk's requests: the
+        endgame's two copies are one chunk), as the loop saw them land (the partial's own set is written on a
+        worker thread, before the chunk's bytes are counted done): the parts of chunks an earlier pull left
+        included, from the start (:meth:`kept_earlier`: shown only as their chunks landed, a resume of a
+        pull stopped at 39 of 64 MiB began at "0 B" and jumped to the end)."""
         in_flight = sum(
-            max(request.receiving.count - self._found_in_place(index, request) for request in requests)
+            max(request.receiving.count for request in requests)
             for index, requests in self.requests.items()
             if requests and index not in self.counted
         )
-        # Parts this pull received from a source it left, no request on them yet: still shown (they went,
+        # Parts no request is on yet: an earlier pull's, or this one's from a source it left since (they went,
         # then came back as the next request began from them: the progress fell back by them, a review)
-        parts = self.partial.parts
         waiting = sum(
-            parts[index].received for index in tuple(self.part_origins)
-            if index in parts and not self.requests.get(index) and index not in self.counted
+            part.received for index, part in tuple(self.partial.parts.items())
+            if not self.requests.get(index) and index not in self.counted
         )  # fmt: skip
         return in_flight + waiting + sum(self.crediting.values())
 
-    def _found_in_place(self, index: int, request: ChunkRequest) -> int:
-        """The bytes of chunk ``index`` ``request`` began from that an earlier pull left (0 for a part this
-        pull received from a source it left since: shown as it came)."""
-        return 0 if index in self.part_origins else request.receiving.in_place
+    def kept_earlier(self) -> int:
+        """Of :meth:`receiving`, the bytes of parts an earlier pull left: found, not fetched (no part of the
+        rate: a resume's parts made one above --max-rate)."""
+        return sum(
+            part.received for index, part in tuple(self.partial.parts.items())
+            if index not in self.part_origins and index not in self.counted
+        )  # fmt: skip
 
     async def run(self, sources: list[FileSource]) -> BlobDigest:
         crashed = self.crashed = asyncio.get_running_loop().create_future()

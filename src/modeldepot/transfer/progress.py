@@ -69,14 +69,26 @@ class PullTracker:
         # Files in transfer: what tells the bytes received of their chunks not landed yet, and what it told
         self.receiving: dict[str, Callable[[], int]] = {}
         self.shown_receiving: dict[str, int] = {}
+        self.kept_earlier: dict[str, Callable[[], int]] = {}  # of those bytes, parts an earlier pull left
 
-    def receiving_from(self, path: str, receiving: Callable[[], int]) -> None:
+    def receiving_from(
+        self, path: str, receiving: Callable[[], int], kept_earlier: Callable[[], int]
+    ) -> None:
+        """``path``'s transfer begins: shown at once (with the parts an earlier pull left)."""
         self.receiving[path] = receiving
+        self.kept_earlier[path] = kept_earlier
+        if now := receiving():
+            self._tell(path, now)
 
     def received_all(self, path: str) -> None:
         """``path``'s transfer ended (its bytes are checked, or it failed)."""
         self.receiving.pop(path, None)
         self.shown_receiving.pop(path, None)
+        self.kept_earlier.pop(path, None)
+
+    def _found(self) -> int:
+        """The pull's bytes found on disk: resumed, and kept in parts of chunks not landed yet."""
+        return self.resumed + sum(kept() for kept in self.kept_earlier.values())
 
     def tick(self) -> None:
         """Show the bytes received since the last chunk landed (called every ``STATUS_INTERVAL`` during a
@@ -94,7 +106,7 @@ class PullTracker:
             mine = self.done.get(path, 0)
             self.progress(PullUpdate(path, elsewhere, self.sizes.get(path, 0),
                                      sum(self.done.values()) - mine + elsewhere, self.total, True,
-                                     0, sum(self.shown_receiving.values()), self.resumed))  # fmt: skip
+                                     0, sum(self.shown_receiving.values()), self._found()))  # fmt: skip
 
     def forget_found(self, path: str, size: int) -> None:
         """``path``, found in the store as the pull began, went before it published: it is fetched (its bytes
@@ -122,7 +134,7 @@ class PullTracker:
         if self.progress is not None:
             self.progress(PullUpdate(path, self.done.get(path, 0), self.sizes.get(path, 0),
                                      sum(self.done.values()), self.total, waiting, receiving,
-                                     sum(self.shown_receiving.values()), self.resumed))  # fmt: skip
+                                     sum(self.shown_receiving.values()), self._found()))  # fmt: skip
 
     def _write_now_and_then(self) -> None:
         if time.monotonic() - self.last_write >= STATUS_INTERVAL and (

@@ -481,8 +481,8 @@ class _PullRun:
                 base_url
             )  # (what sent bytes: the swarm's claimers too, never a source that refused)
 
-        def on_start(receiving: BytesReceiving) -> None:
-            self.tracker.receiving_from(remote.path, receiving)
+        def on_start(receiving: BytesReceiving, kept_earlier: BytesReceiving) -> None:
+            self.tracker.receiving_from(remote.path, receiving, kept_earlier)
 
         try:
             digest = await download_file(
