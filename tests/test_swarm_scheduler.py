@@ -475,9 +475,12 @@ def test_a_file_that_fails_its_sha256_after_chunks_from_other_nodes_is_fetched_a
     """A fleet node holds half of the file as a download in progress, but its bytes are wrong, logged
     with their own BLAKE3s (a node that lies, or a disk that rotted under its log). Outside a swarm its
     chunks can only be checked by the whole file's SHA-256, which fails: the pull does not give up, it
-    fetches the file again from the Hub alone, keeps the right bytes and counts none of the liar's."""
+    fetches the file again from the Hub alone, keeps the right bytes and counts none of the liar's. The
+    upstream's bytes then say which node sent chunks that are not the file's: it is named and banned for
+    long (never named nor banned, every pull that asked it fetched the file twice: an explorer's trial)."""
     cluster = f"mem://liar-{uuid.uuid4().hex[:12]}"
     half = CHUNKS // 2
+    banned: list[str] = []
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("MODELDEPOT_TOKEN", TOKEN)
     monkeypatch.delenv("MODELDEPOT_SERVERS", raising=False)
@@ -509,10 +512,25 @@ def test_a_file_that_fails_its_sha256_after_chunks_from_other_nodes_is_fetched_a
                 assert result.bytes_by_source == {"hub": len(DATA)}
                 with open(puller.file_path("acme/w", "w.safetensors"), "rb") as stored:
                     assert hashlib.sha256(stored.read()).hexdigest() == SHA
+                named = re.search(rf"(\S+ {re.escape(liar.url)}/?) \({half} chunks\) sent chunks that are not the "
+                                  r"file's", caplog.text)  # fmt: skip
+                assert named is not None, caplog.text
+                banned.append(named.group(1))
+                assert choosing.BANNED_NODES[banned[0]] > time.monotonic() + 500
+            caplog.clear()
+            with (
+                Depot(tmp_path / "puller-2", chunk_size=SMALL_CHUNK, cluster=cluster) as second,
+                caplog.at_level("WARNING", logger="modeldepot.transfer.pull"),
+            ):
+                wait_until(lambda: [r.partial for r in second.peers()] == [1], 10, "the liar in the view")
+                assert second.pull("acme/w").bytes_by_source == {"hub": len(DATA)}
+            assert "fetching it again" not in caplog.text, "the banned liar was asked again"
         finally:
             hub.stop()
             if liar is not None:
                 liar.stop()
+            for name in banned:
+                choosing.BANNED_NODES.pop(name, None)
 
 
 def test_a_settled_chunk_its_claimer_no_longer_has_comes_from_the_hub(

@@ -34,7 +34,7 @@ from modeldepot.transfer.sources import SILENT_PEER, HttpSource, Receiving
 if TYPE_CHECKING:
     from modeldepot.transfer.swarm import SwarmFile
 
-__all__ = ["BANNED_NODES", "ChunkChooser", "ChunkRequest", "FileSource", "is_silent"]
+__all__ = ["BANNED_NODES", "ChunkChooser", "ChunkRequest", "FileSource", "banned", "is_silent"]
 
 # Source name (its kind and URL) -> until when (monotonic) it gets no chunk, in every download of this
 # process: a liar was banned file by file, and asked again for the next file of the same pull (and the
@@ -277,6 +277,11 @@ class ChunkChooser:
             and self._origin_blocked(index, now, endgame=False, following=hub_left)
             for index in range(self.low, self.partial.chunks)
         )
+
+
+def banned(source: FileSource) -> bool:
+    """Whether ``source`` is banned now (BANNED_NODES)."""
+    return BANNED_NODES.get(source.source.name, 0.0) > time.monotonic()
 
 
 def is_silent(request: ChunkRequest, now: float) -> bool:

@@ -37,7 +37,7 @@ import logging
 import mmap
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from modeldepot.transfer.session import LazySession
     from modeldepot.transfer.swarm import SwarmFile
 
-__all__ = ["LEFT_IN_PLACE", "FileSource", "Limits", "download_file"]
+__all__ = ["LEFT_IN_PLACE", "FileMismatch", "FileSource", "Limits", "ban_liars", "download_file"]
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +173,12 @@ class _FileJob(ChunkChooser):
         self.crediting: dict[int, int] = {}  # a chunk being told to on_bytes: its bytes not told yet
         # Chunks a request receives straight into the file's own pages: its request and the mapping.
         self.in_place: dict[int, tuple[ChunkRequest, mmap.mmap]] = {}
-        # Who sent the bytes of the parts this transfer left in the file (chunk -> (kind, base URL, bytes)
-        # in order): credited to them when the chunk lands, not counted as found on disk.
-        self.part_origins: dict[int, list[tuple[str, str, int]]] = {}
+        # Who sent the bytes of the parts this transfer left in the file (chunk -> (kind, base URL, bytes,
+        # source's name) in order): credited to them when the chunk lands, not counted as found on disk.
+        self.part_origins: dict[int, list[tuple[str, str, int, str]]] = {}
+        # The other nodes (not the Hub) that sent each landed chunk's bytes, by their names: when the whole
+        # file fails its SHA-256, the chunks that were not the file's name who lied (FileMismatch)
+        self.senders: dict[int, frozenset[str]] = {}
         self.workers: list[asyncio.Task[None]] = []
         self.refreshed: dict[FileSource, float] = {}  # when a partial holder's chunk map was last read
         self.refreshing: set[FileSource] = set()
@@ -262,10 +265,12 @@ class _FileJob(ChunkChooser):
                 crashed.exception()  # retrieved: raised above, or a second failure while cancelling
         try:
             _check(self.remote, digest)
-        except IntegrityError:
+        except IntegrityError as error:
             PULLS.reject_file()
+            landed = {index: (self.senders.get(index, frozenset()), blake3_hex)
+                      for index, blake3_hex in self.partial.done.items()}  # fmt: skip
             await to_thread_to_the_end(self.partial.reset)
-            raise
+            raise FileMismatch(str(error), landed) from None
         return digest
 
     async def _start(self, sources: list[FileSource]) -> None:
@@ -641,7 +646,9 @@ class _FileJob(ChunkChooser):
         earlier = request.part_blake3 if receiving.in_place else None
         if not receiving.in_place:
             self.part_origins.pop(index, None)  # (a part before it, if any, was fetched over)
-        self.part_origins.setdefault(index, []).append((source.kind, source.source.base_url, new))
+        self.part_origins.setdefault(index, []).append(
+            (source.kind, source.source.base_url, new, source.source.name)
+        )
         self.partial.log_part(index, receiving.count, self._expected(source, index) or earlier)
 
     def _expected(self, source: FileSource, index: int) -> str | None:
@@ -750,6 +757,10 @@ class _FileJob(ChunkChooser):
         sources that sent them in this transfer, the rest as found in place (a pull before this one's)."""
         self.counted.add(index)
         origins = self.part_origins.pop(index, [])
+        self.senders[index] = frozenset(
+            [name for kind, _, _, name in origins if kind != "hub"]
+            + ([source.source.name] if source.kind != "hub" else [])
+        )
         if source.kind != "hub":
             self.peer_landed.append((time.monotonic(), length - part))
         if (on_bytes := self.on_bytes) is not None:
@@ -763,7 +774,7 @@ class _FileJob(ChunkChooser):
 
             try:
                 left = part
-                for kind, base_url, amount in origins:
+                for kind, base_url, amount, _ in origins:
                     if (taken := min(amount, left)) > 0:
                         credit(taken, kind, base_url)
                         left -= taken
@@ -911,6 +922,33 @@ def _hash_chunk(hasher: BlobHasher, source: mmap.mmap | int, offset: int, length
     with memoryview(source) as whole, whole[offset : offset + length] as data:
         hasher.update_sha256(data, cold=True)  # landed a while ago, by another thread: out of the caches
         hasher.update_chunk(data, digest)
+
+
+class FileMismatch(IntegrityError):
+    """The file's bytes failed the upstream's digest (the download was reset). Keeps what each chunk landed
+    as and which other nodes sent it: once the true bytes are known, :meth:`liars` says who sent others."""
+
+    def __init__(self, message: str, landed: Mapping[int, tuple[frozenset[str], str]]) -> None:
+        super().__init__(message)
+        self.landed = landed
+
+    def liars(self, true: BlobDigest) -> dict[str, int]:
+        """The nodes that sent chunks other than the file's (``true``: its digests, fetched again), with how
+        many each. A node whose chunk digests matched its own wrong bytes passed every chunk check, and the
+        file was fetched twice from every pull that asked it, never banned nor named (an explorer's trial)."""
+        found: dict[str, int] = {}
+        for index, (senders, landed_as) in self.landed.items():
+            if index < len(true.chunk_blake3) and landed_as != true.chunk_blake3[index]:
+                for name in senders:
+                    found[name] = found.get(name, 0) + 1
+        return found
+
+
+def ban_liars(names: Iterable[str], seconds: float) -> None:
+    """No chunk is asked of these nodes for ``seconds``, in any download of this process."""
+    until = time.monotonic() + seconds
+    for name in names:
+        BANNED_NODES[name] = max(until, BANNED_NODES.get(name, 0.0))
 
 
 def _check(remote: RemoteFile, digest: BlobDigest) -> None:

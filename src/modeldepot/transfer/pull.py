@@ -39,7 +39,16 @@ from modeldepot.store.partials import ResumablePartial, partial_key
 from modeldepot.store.publish import RevisionSpec, StagedFile, publish, refuse_nested_branch
 from modeldepot.store.store import Store
 from modeldepot.transfer.chain import SourceChain
-from modeldepot.transfer.download import LEFT_IN_PLACE, BytesReceiving, FileSource, Limits, download_file
+from modeldepot.transfer.choosing import banned
+from modeldepot.transfer.download import (
+    LEFT_IN_PLACE,
+    BytesReceiving,
+    FileMismatch,
+    FileSource,
+    Limits,
+    ban_liars,
+    download_file,
+)
 from modeldepot.transfer.outage import run_blocking, run_through_outages
 from modeldepot.transfer.progress import STATUS_INTERVAL, PullProgress, PullTracker, PullUpdate
 from modeldepot.transfer.ranged import close_idle
@@ -70,6 +79,9 @@ STANDSTILL_LOOK = 5.0  # seconds a file waits for another process before who hol
 SAID_AGAIN = 600.0  # seconds before the same holder's standstill is said again (once for all files)
 FILES_AT_ONCE = 32  # files transferring at once (each holds two descriptors; connections are limited apart)
 CLAIM_BATCH = 16  # claims taken in one trip to a worker thread
+# A node found to have sent chunks other than a file's, by the upstream's own bytes (not a blip: its digests
+# vouched for its wrong bytes), gets no chunk from this process for so long (a chunk failing its check: 30 s)
+LIAR_BAN_SECONDS = 600.0
 
 
 class _Busy:
@@ -413,7 +425,10 @@ class _PullRun:
 
         async def transfer(key: str, remote: RemoteFile, claim: ResumablePartial) -> None:
             try:
-                await self._transfer(http, key, remote, claim, holders.get(remote.path, []))
+                # (not a node banned for lying: alone in the list, it was asked again all the same)
+                await self._transfer(
+                    http, key, remote, claim, [n for n in holders.get(remote.path, []) if not banned(n)]
+                )
             finally:
                 self.file_slots.release()
 
@@ -507,6 +522,12 @@ class _PullRun:
                 if not claim.done:
                     self.tracker.forget(remote.path)
                 raise mismatch from again
+            if isinstance(mismatch, FileMismatch) and (liars := mismatch.liars(digest)):
+                ban_liars(liars, LIAR_BAN_SECONDS)
+                log.warning("%s: %s sent chunks that are not the file's (checked against the upstream's bytes): "
+                            "no chunk is asked of %s for %.0f minutes", remote.path,
+                            ", ".join(f"{name} ({count} chunk{'s' if count > 1 else ''})" for name, count in liars.items()),
+                            "it" if len(liars) == 1 else "them", LIAR_BAN_SECONDS / 60)  # fmt: skip
         finally:
             self.tracker.received_all(remote.path)
         claim.close_data()
