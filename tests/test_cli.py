@@ -319,6 +319,7 @@ READING_COMMANDS = [
     ["preload", REPO],
     ["stats"],
     ["hf-cache", "export", REPO],
+    ["peers", "--cluster", "etcd://127.0.0.1:9"],  # (nothing listens: the store is looked for first)
 ]
 
 
@@ -790,3 +791,21 @@ def test_the_cli_runs_on_another_thread_and_leaves_sigterm_as_it_found_it(tmp_pa
     before = signal.getsignal(signal.SIGTERM)
     assert CliRunner().invoke(cli, ["du", "--home", str(tmp_path / "none")]).exit_code == 2
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_pin_says_the_repo_as_the_store_spells_it(home: Path, model_dir: Path) -> None:
+    """`pin ACME/Tiny` said "pinned ACME/Tiny@main" where `pins` then listed acme/tiny (an explorer's trial)."""
+    run("import", str(model_dir), "--repo", REPO, home=home)
+    code, out, _ = run("pin", REPO.upper(), home=home)
+    assert code == 0 and out.strip() == f"pinned {REPO}@main", out
+
+
+def test_a_commits_first_characters_too_few_to_name_it_are_said_so(home: Path, model_dir: Path) -> None:
+    """`-r 8e6e2` said only "not in the store", though the commit was: 7 characters at least name one."""
+    run("import", str(model_dir), "--repo", REPO, home=home)
+    with Depot(home) as depot:
+        commit = depot.resolve(REPO)
+    code, _, err = run("path", REPO, "-r", commit[:5], home=home)
+    assert code == 1 and "a commit is named by 7 or more of its characters" in err, err
+    code, out, _ = run("path", REPO, "-r", commit[:7], home=home)
+    assert code == 0 and commit in out

@@ -70,6 +70,28 @@ def test_a_leftover_that_is_the_whole_content_is_resumed_and_a_wrong_one_starts_
     again.release(completed=True)
 
 
+def test_a_leftover_that_came_whole_is_counted_kept_and_a_part_of_one_is_not(depot: Depot) -> None:
+    """A one-chunk download whose file came whole before its pull stopped counted 0 kept: a Ctrl-C said "30 B
+    of 1.5 MiB kept" of a variant whose file had come, `status` said the same, and the resume "3.1 MiB
+    resumed" (an explorer's trial). Its size counts, as the resume takes it; a part of one does not (it
+    starts over); `du` says the same bytes."""
+    partials = depot.store.partials
+    partial = claim(partials)
+    assert partial is not None
+    land(partial)
+    partial.release(completed=False)
+    assert partials.kept_bytes(SHA) == len(DATA)
+    assert depot.du().partial_kept_bytes == len(DATA)
+    other = os.urandom(SMALL_CHUNK // 4)
+    key = hashlib.sha256(other).hexdigest()
+    cut = claim(partials, key, other)
+    assert cut is not None
+    os.pwrite(cut.data_fd, other[:1000], 0)  # a transfer stopped 1,000 bytes in
+    cut.release(completed=False)
+    assert partials.kept_bytes(key) == 0
+    assert depot.du().partial_kept_bytes == len(DATA)
+
+
 def test_a_plain_git_file_leftover_is_checked_against_its_git_blob_id(depot: Depot) -> None:
     data = b'{"model_type": "bert"}'
     key = f"git-{git_blob_oid(data)}"

@@ -66,6 +66,20 @@ def test_a_variant_a_scan_finds_held_is_downloaded_whole(local: Depot) -> None:
     assert (variant.status, variant.bytes_done) == ("downloaded", variant.total_bytes)
 
 
+def test_a_variant_being_pulled_is_not_called_resumable(local: Depot) -> None:
+    """`status` during a pull said "downloading 0% resumable: 0 B kept" for seconds (the running pull's own
+    downloads on disk): read as a pull that had stopped (an explorer's trial)."""
+    seen: list[tuple[str, bool]] = []
+
+    def look(update: PullUpdate) -> None:
+        if update.path == "onnx/model_q4f16.onnx" and not seen:
+            variant = local.get_manifest(REPO).variant("q4f16")
+            seen.append((variant.status, variant.resumable))
+
+    local.pull(REPO, ["q4f16"], progress=look)
+    assert seen == [("downloading", False)]
+
+
 def test_pull_one_variant_takes_exactly_its_files_and_the_shared_ones(
     local: Depot, upstream: LiveNode
 ) -> None:
@@ -257,6 +271,42 @@ def test_unknown_variants_and_offline_pulls(
             OfflineError, match=r"1 file of .* is not in the store \(.+\): pull it once online"
         ):
             offline.pull(REPO, ["fp32"])
+
+
+def test_offline_a_pull_of_a_branch_takes_that_branch_not_the_last_one_scanned(
+    local: Depot, upstream: LiveNode, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Offline, a pull (and a scan) took the saved scan whatever revision it was asked for: after a pull of
+    dev, an offline pull of main answered with dev's commit and moved main to it (from_pretrained read
+    dev's weights from then on); a commit id given was ignored too (an explorer's trial)."""
+    changed = {**FILES, "config.json": b'{"model_type": "llama", "dev": true}'}
+    upstream.depot.import_dir(write_model_dir(tmp_path / "dev", changed), REPO, revision="dev")
+    main = local.pull(REPO, ["q4f16"]).commit_id
+    dev = local.pull(REPO, ["q4f16"], revision="dev").commit_id
+    assert main != dev
+    monkeypatch.setenv("MODELDEPOT_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: offline must not try
+    with Depot(local.home) as offline:
+        assert offline.pull(REPO, ["q4f16"]).commit_id == main
+        assert offline.pull(REPO, ["q4f16"], revision=main).commit_id == main
+        assert offline.scan_repo(REPO, "main").commit_id == main
+        assert (offline.resolve(REPO, "main"), offline.resolve(REPO, "dev")) == (main, dev), "no branch moved"
+        with pytest.raises(OfflineError, match=r"does not hold onnx-community/tiny@v2"):
+            offline.pull(REPO, ["q4f16"], revision="v2")
+
+
+def test_info_says_of_each_revision_held_in_part_how_many_files_its_commit_has(
+    local: Depot, upstream: LiveNode, tmp_path: Path
+) -> None:
+    """`info` said it of the revision of the last scan alone: once dev was pulled, main's "4 of the commit's 8
+    files" note was gone, though main still lacked them (an explorer's trial)."""
+    changed = {**FILES, "config.json": b'{"model_type": "llama", "dev": true}'}
+    upstream.depot.import_dir(write_model_dir(tmp_path / "dev", changed), REPO, revision="dev")
+    local.pull(REPO, ["q4f16"])
+    local.pull(REPO, ["q4f16"], revision="dev")
+    info = CliRunner().invoke(cli, ["info", REPO, "--home", str(local.home)])
+    assert info.exit_code == 0, info.output
+    assert info.stdout.replace("\n", " ").count(f"4 of the commit's {len(FILES)} files") == 2, info.stdout
 
 
 def test_cli_pull(local: Depot) -> None:

@@ -45,6 +45,7 @@ from modeldepot.hub.manifest import (
     current_manifest,
     holds_whole,
     keep_listing,
+    listed_counts,
     save_scan,
 )
 from modeldepot.hub.removal import forget_removed_variants, remove_repo, remove_variant
@@ -585,19 +586,13 @@ class Depot:
         """Read ``repo_id`` through the source chain (depot servers from ``MODELDEPOT_SERVERS``, then the
         Hub at ``HF_ENDPOINT``): commit, files, variants; saved as its manifest.
 
-        Offline (``HF_HUB_OFFLINE=1`` or ``MODELDEPOT_OFFLINE=1``) no connection is opened: the saved
-        manifest is returned, or OfflineError when there is none.
+        Offline (``HF_HUB_OFFLINE=1`` or ``MODELDEPOT_OFFLINE=1``) no connection is opened: the manifest of
+        what the store holds for ``revision`` is returned (:meth:`_offline_manifest`), or OfflineError.
         """
         validate_repo_id(repo_id)
         validate_revision(revision)
         if self.config.offline:
-            try:
-                return self.get_manifest(repo_id)
-            except NotFoundError:
-                raise OfflineError(
-                    f"offline mode: the store does not hold {repo_id} (or no longer does), and finding it "
-                    "upstream needs the network"
-                ) from None
+            return self._offline_manifest(repo_id, revision)
         scan = self.chain.scan(repo_id, revision)
         repo_id = self.store.spelled(scan.repo_id)  # the store's spelling, or for a new repo the upstream's
         save_scan(self.store, repo_id, revision, scan.commit_id, scan.endpoint, scan.info, scan.files)
@@ -770,18 +765,14 @@ class Depot:
         scanned at, or, offline, the branch it was scanned at); else a fresh scan."""
         validate_repo_id(repo_id)
         validate_revision(revision)
-        if self.config.offline and self.tiers.shared:  # (the commit reads find, whichever store's)
-            answered = self.tiers.manifest(repo_id, revision)
-            if answered is not None:
-                return answered
+        if self.config.offline:
+            return self._offline_manifest(repo_id, revision)
         try:
             saved = self.get_manifest(repo_id)
         except NotFoundError:
             saved = None
-        if saved is not None and (
-            saved.commit_id == revision or (self.config.offline and saved.revision == revision)
-        ):
-            if self.config.offline or not self._held_in_part(saved):
+        if saved is not None and saved.commit_id == revision:
+            if not self._held_in_part(saved):
                 return saved
             try:
                 return self.scan_repo(repo_id, revision)
@@ -791,6 +782,26 @@ class Depot:
                             error)  # fmt: skip
                 return saved
         return self.scan_repo(repo_id, revision)
+
+    def _offline_manifest(self, repo_id: str, revision: str) -> Manifest:
+        """(Offline.) The manifest of the commit the stores hold for ``revision`` (a saved scan of it, else the
+        files held of it), else the saved scan of ``revision`` itself (a branch scanned, nothing of it held
+        yet); OfflineError otherwise. The saved scan of another branch was taken whatever was asked: an
+        offline pull of main answered with the commit of dev scanned last, and moved main to it."""
+        answered = self.tiers.manifest(repo_id, revision)
+        if answered is not None:
+            return answered
+        try:
+            saved = self.get_manifest(repo_id)
+        except NotFoundError:
+            saved = None
+        if saved is not None and revision in (saved.revision, saved.commit_id):
+            return saved
+        held = "" if saved is None else f" (it holds {repo_id}@{saved.revision or saved.commit_id[:12]})"
+        raise OfflineError(
+            f"offline mode: the store does not hold {repo_id}@{revision}{held}, and finding it upstream needs "
+            "the network", repo_id=repo_id,
+        )  # fmt: skip
 
     def _through_hub(self, manifest: Manifest) -> bool:
         """Whether ``manifest`` was looked up at the Hub (``HF_ENDPOINT``): its address is known to answer."""
@@ -825,6 +836,14 @@ class Depot:
         slow = slow if cap is None or cap >= 2 * slow else 0
         return Limits(per_source=self.config.connections_per_source, total=self.config.connections,
                       slow_peer_rate=slow)  # fmt: skip
+
+    @_any_case
+    def upstream_file_counts(self, repo_id: str) -> dict[str, int]:
+        """How many files the commit of each revision the store holds of ``repo_id`` has upstream, where its
+        listing is kept (a revision holding some of them: a pull of one variant, a mirror's)."""
+        commits = [r["commit_id"] for r in self.store.index.read(
+            "SELECT commit_id FROM revisions WHERE repo_id = ?", (repo_id,))]  # fmt: skip
+        return listed_counts(self.store, repo_id, commits)
 
     @_any_case
     def get_manifest(self, repo_id: str) -> Manifest:

@@ -134,9 +134,15 @@ class RevisionNotFoundError(NotFoundError):
     """The repo has no such revision in the store, or (``message`` given, with ``source``) upstream."""
 
     def __init__(self, repo_id: str, revision: str, message: str | None = None, **context: Any) -> None:
+        # (a commit's first characters, too few to be taken for its id: "8e6e2" said only "not in the store")
+        short = (
+            "; a commit is named by 7 or more of its characters"
+            if 0 < len(revision) < 7 and all(c in "0123456789abcdefABCDEF" for c in revision)
+            else ""
+        )
         super().__init__(
             message
-            or f"revision {revision!r} of {repo_id!r} is not in the store (see `modeldepot info {repo_id}`)",
+            or f"revision {revision!r} of {repo_id!r} is not in the store (see `modeldepot info {repo_id}`){short}",
             **context,
         )
         self.repo_id = repo_id

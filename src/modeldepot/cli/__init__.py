@@ -31,6 +31,7 @@ from modeldepot.cli.options import (
     json_option,
     rate_value,
     reading_home_option,
+    reading_home_option_after,
     repo_argument,
     revision_option,
     server_option,
@@ -181,6 +182,7 @@ def info_command(depot: Depot, repo_id: str, as_json: bool) -> None:
         pass  # imported, or never scanned: the store knows of no other files
     else:
         upstream[manifest.commit_id] = len(manifest.files)
+    upstream.update(depot.upstream_file_counts(info.repo_id))  # (each revision's, not the last scan's alone)
     body = {**info.to_dict(), "upstream_files": upstream}
     render.emit(as_json, body, lambda: render.render_info(info, upstream))
 
@@ -499,7 +501,7 @@ def _a_cluster_given(kwargs: dict[str, Any]) -> None:
 @cli.command("peers")
 @cluster_options
 @json_option
-@home_option_after(_a_cluster_given)
+@reading_home_option_after(_a_cluster_given)  # (a read: a mistyped --home made a store, an explorer's trial)
 def peers_command(depot: Depot, cluster: str | None, cluster_prefix: str | None, as_json: bool) -> None:
     """List the fleet's live nodes (from its registry, --cluster or $MODELDEPOT_CLUSTER) and what each holds.
 

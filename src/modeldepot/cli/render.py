@@ -405,8 +405,9 @@ def render_info(info: RepoInfo, upstream: dict[str, int] | None = None) -> None:
             )
             again = (f"import its folder again (or `modeldepot pull {info.repo_id}{which}` where an upstream holds it)"
                      if info.origin == "import" else f"`modeldepot pull {info.repo_id}{which}` fetches them again")  # fmt: skip
-            err.print(f"[yellow]warning:[/yellow] {count(len(revision.quarantined), 'file')} failed verification and are not "
-                      f"served (marked below): {again}")  # fmt: skip
+            bad = len(revision.quarantined)
+            err.print(f"[yellow]warning:[/yellow] {count(bad, 'file')} failed verification and {'is' if bad == 1 else 'are'} "
+                      f"not served (marked below): {again}")  # fmt: skip
         _print_rows(("path", "size", "sha256", "etag", "lfs"), [
             (
                 entry.path + (" (failed verification: not served)" if entry.path in revision.quarantined else ""),

@@ -172,7 +172,7 @@ def pin_command(depot: Depot, repo_id: str, quant: str | None, revision: str, as
     """Never evict this model to keep within the disk budget (`modeldepot budget`)."""
     pin = depot.pin(repo_id, quant, revision)
     render.emit(as_json, pin.to_dict(), lambda: render.out.print(
-        f"pinned {repo_id}{f' ({quant})' if quant else ''}@{revision}"))  # fmt: skip
+        f"pinned {pin.repo_id}{f' ({pin.quant})' if pin.quant else ''}@{pin.revision}"))  # fmt: skip
 
 
 @cli.command("unpin")

@@ -388,7 +388,7 @@ def import_hf_cache(
         missing = [f.path for f in listing if f.path not in held]
         if missing:
             scan.problem(repo_id, tree, "partial",
-                         f"commit {commit[:12]} has {len(listing)} files and {len(missing)} were not imported "
+                         f"commit {commit[:12]} has {len(listing)} files and {len(missing)} {'was' if len(missing) == 1 else 'were'} not imported "
                          f"(e.g. {missing[0]!r}): `modeldepot pull {repo_id} -r {commit}` takes the rest")  # fmt: skip
     return HfCacheImportResult(str(cache), tuple(_one_per_repo(store, adopted)), tuple(scan.problems))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -151,6 +151,18 @@ def keep_known_listing(store: Store, repo_id: str, commit_id: str, files: list[R
     store.manifests.keep_listing(repo_id, commit_id, _listing_json(files))
 
 
+def listed_counts(store: Store, repo_id: str, commits: Iterable[str]) -> dict[str, int]:
+    """How many files each of ``commits`` has upstream, by the listings kept of them (those with none left
+    out): `info` says of each revision holding only some of them how many (by the one saved scan alone,
+    the note left main once dev was scanned, an explorer's trial)."""
+    counts = {}
+    for commit_id in commits:
+        listing = store.manifests.listing(repo_id, commit_id)
+        if listing is not None:
+            counts[commit_id] = len(json.loads(listing))
+    return counts
+
+
 def listed_files(record: ManifestRecord) -> tuple[RemoteFile, ...]:
     """The files a saved scan lists (its commit's whole tree), without building the whole manifest."""
     return tuple(RemoteFile(**f) for f in json.loads(record.body)["files"])
@@ -184,7 +196,8 @@ def manifest_from_record(
         # A variant never pulled is resumable by its own files only: a shared config another variant's pull
         # left waiting made every variant "resumable: 0 B kept"
         theirs = item["files"] if status == "available" else own
-        resumable = any(kept.get(path) is not None for path in theirs)
+        # (not a pull under way: "downloading 0% resumable: 0 B kept" read as a pull that had stopped)
+        resumable = status != "downloading" and any(kept.get(path) is not None for path in theirs)
         bytes_done = state.bytes_done if state else 0
         if resumable and status in ("failed", "available"):
             # (available: a download that made no status row, a file's own or a mirror's, killed: "0 B kept"

@@ -128,7 +128,8 @@ def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | 
         problems.append(VerifyProblem(sha256, found[0], found[1], moved or None, _users(store, sha256)))
     repaired = _repair_snapshots(store, repo_id)
     return VerifyReport(
-        blobs_checked=len(rows),
+        # (those rehashed, as the bytes: one quarantined before is a problem, not checked again)
+        blobs_checked=sum(1 for row in rows if row["state"] == "ok"),
         bytes_checked=checked_bytes,
         problems=tuple(problems),
         index_ok=index_ok,
@@ -597,11 +598,12 @@ def _linked_bytes(store: Store) -> int:
 
 
 def _kept_for_resumes(store: Store) -> int:
-    """The bytes interrupted downloads received and keep for a resume (by their logs)."""
+    """The bytes interrupted downloads received and keep for a resume (by their logs; a download of one chunk
+    when it came whole: what the Ctrl-C's line and `status` count)."""
     kept = 0
-    for log in store.layout.partials.glob("*.log"):
+    for key in store.partials.keys_on_disk():
         with contextlib.suppress(DepotError, OSError):  # (a file of another name there: none of ours)
-            kept += store.partials.kept_bytes(log.stem) or 0
+            kept += store.partials.kept_bytes(key) or 0
     return kept
 
 

@@ -386,16 +386,28 @@ class PartialFiles:
     def kept_bytes(self, key: str) -> int | None:
         """The bytes a partial download of ``key`` holds by its log (what a resume would not fetch again,
         if each logged chunk checks out), or None when there is no download of it on disk. A download of
-        one chunk (no log: proving it means hashing it) counts 0."""
+        one chunk (no log) counts its size once the whole file is the content (hashed once while it stands:
+        counted 0, a Ctrl-C said "30 B of 1.5 MiB kept" of a variant whose file had come whole, and its
+        resume "3.1 MiB resumed", an explorer's trial); a part of it is not kept (it starts over)."""
         try:
             info = self._paths(key).log.stat()
         except FileNotFoundError:
-            self._kept.pop(key, None)
-            return 0 if self.holds(key) else None
+            try:
+                info = self._paths(key, one_piece=True).data.stat()
+            except FileNotFoundError:
+                self._kept.pop(key, None)
+                return 0 if self.holds(key) else None
+            one_piece = True
+        else:
+            one_piece = False
         stamp = (info.st_size, info.st_mtime_ns)
         cached = self._kept.get(key)
         if cached is not None and cached[0] == stamp:
             return cached[1]
+        if one_piece:
+            whole = self._one_piece_log(key) if info.st_size <= self.chunk_size else None
+            self._kept[key] = (stamp, info.st_size if whole is not None else 0)
+            return self._kept[key][1]
         log = self.read_log(key)
         kept = (
             0
