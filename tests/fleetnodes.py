@@ -103,8 +103,17 @@ class Fleet:
         self.nodes.append(node)
         return node
 
+    def cli_home(self) -> Path:
+        """A store for the CLI's own commands (`peers` reads: it makes none in the folder --home names)."""
+        home = self.root / "cli"
+        if not (home / "index.db").exists():
+            from modeldepot import Depot
+
+            Depot(home).close()
+        return home
+
     def peers_cli(self, *extra: str) -> list[dict[str, Any]]:
-        done = modeldepot("peers", "--cluster", self.etcd.cluster, "--json", "--home", str(self.root / "cli"),
+        done = modeldepot("peers", "--cluster", self.etcd.cluster, "--json", "--home", str(self.cli_home()),
                           *extra, env=base_env())  # fmt: skip
         rows: list[dict[str, Any]] = json.loads(done.stdout)
         return rows

@@ -373,11 +373,13 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
                                 f"{', '.join(absent[:3])}{' and more' if len(absent) > 3 else ''}"
                                 + (f"; it holds the variants {others}: name one (quant=...)" if others else ""))  # fmt: skip
         except NotFoundError as missing:
-            if offline or (
-                is_commit_id(revision)
-                and _listing_lacks_it_too(store, repo_id, commit_id, quant, suffixes, file)
+            if offline:  # (said: "no variant 'Q8_0' here" read as a repo without it, not a pull not tried)
+                raise NotFoundError(f"{missing}; offline (HF_HUB_OFFLINE or MODELDEPOT_OFFLINE): nothing was pulled",
+                                    repo_id=repo_id) from None  # fmt: skip
+            if is_commit_id(revision) and _listing_lacks_it_too(
+                store, repo_id, commit_id, quant, suffixes, file
             ):
-                raise  # nothing to pull from, or nothing a pull would bring: the error says what there is
+                raise  # nothing a pull would bring: the error says what there is
             here = missing
     elif offline and here is not None:
         raise here
