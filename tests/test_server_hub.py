@@ -186,6 +186,16 @@ def test_listing_files_trees_and_paths(node: LiveNode) -> None:
     assert api.revision_exists(SAMPLE, "dev") and api.revision_exists(SAMPLE, "refs/heads/dev")
     infos = api.get_paths_info(SAMPLE, ["config.json", "onnx", "missing.bin"])
     assert sorted(i.path for i in infos) == ["config.json", "onnx"]
+    # Paths no file can have (an empty segment): not there, as from the Hub (a 400 made file_exists raise,
+    # hf_hub_download say "check your connection", and one such path fail a whole paths-info batch)
+    for odd in ("onnx/", "nope/", "onnx//model_q4.onnx", "config.json/"):
+        assert not api.file_exists(SAMPLE, odd), odd
+    with pytest.raises(EntryNotFoundError):
+        hf_hub_download(
+            SAMPLE, "config.json/", endpoint=node.url, cache_dir=node.depot.home.parent / "odd-cache"
+        )
+    infos = api.get_paths_info(SAMPLE, ["config.json", "onnx//model_q4.onnx"])
+    assert [i.path for i in infos] == ["config.json"]
     refs = api.list_repo_refs(SAMPLE, include_pull_requests=True)
     assert {b.name for b in refs.branches} == {"main", "dev"}
     assert [p.ref for p in refs.pull_requests or []] == ["refs/pr/1"]

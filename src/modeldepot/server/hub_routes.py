@@ -101,6 +101,26 @@ def _revision(request: web.Request) -> str:
         raise RevisionNotFoundError(repo_id, revision, str(refused)) from None
 
 
+def _entry_path(request: web.Request, path: str, repo_id: str, revision: str) -> str:
+    """``path`` validated: one that no file of a repo can have ("sub/", "a//b") is not there, as the Hub
+    answers (a 400 made huggingface_hub's file_exists raise, and hf_hub_download say "check your
+    connection": a trial). Not on a mirror, as for revisions (:func:`_revision`)."""
+    try:
+        return validate_path(path)
+    except InvalidInputError:
+        if _mirrors(request):
+            raise
+        raise EntryNotFoundError(repo_id, revision, path) from None
+
+
+def _valid_path(path: str) -> bool:
+    try:
+        validate_path(path)
+    except InvalidInputError:
+        return False
+    return True
+
+
 def _next_link(request: web.Request, **params: str) -> str:
     """A ``Link`` header to the same listing with ``params`` replaced (an absolute URL: huggingface.js
     follows only those)."""
@@ -355,7 +375,7 @@ async def list_tree(request: web.Request) -> web.Response:
     revision = _revision(request)
     folder = request.match_info.get("path", "").strip("/")
     if folder:
-        validate_path(folder)
+        _entry_path(request, folder, repo_id, revision)
     tree, updated_at = await _tree_of(request, repo_id, revision)
     if folder and folder not in tree.folder_oids:
         raise EntryNotFoundError(repo_id, revision, folder, tree.commit_id)
@@ -408,7 +428,9 @@ async def _paths_info_request(request: web.Request) -> tuple[list[str], bool]:
             raise InvalidInputError(f"the paths-info form could not be read: {error}") from None
         paths = [str(p) for p in form.getall("paths", [])]
         expand = truthy(str(form.get("expand", "")))
-    wanted = list(dict.fromkeys(validate_path(p.strip("/")) for p in paths))  # (each once, in order)
+    # (each once, in order; one no file can have is not there, as a missing one: the Hub's batch leaves those
+    # out, and one such path failed the whole batch with a 400)
+    wanted = list(dict.fromkeys(p.strip("/") for p in paths if _valid_path(p.strip("/"))))
     if len(wanted) > MAX_PATHS_INFO:
         raise web.HTTPRequestEntityTooLarge(MAX_PATHS_INFO, len(wanted), text=f"at most {MAX_PATHS_INFO} paths per "
                                             f"paths-info request, as on the Hub; {len(wanted)} were sent")  # fmt: skip
@@ -466,7 +488,7 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
     else:  # spelled as the store spells it by the file's lookup, in its one trip to a worker thread
         repo_id = validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
     revision = _revision(request)
-    path = validate_path(request.match_info["path"])
+    path = _entry_path(request, request.match_info["path"], repo_id, revision)
     if _resumes(request) and _mirrors(request) and request.app[MIRROR].broke(repo_id, path):
         # A client resuming a response that broke would join good bytes to refuted ones: send it whole. (Not
         # a read of a closed range, HfFileSystem's: it takes a 200 for the range it asked, wrong bytes.)
