@@ -199,7 +199,7 @@ def test_an_adopted_commit_the_cache_holds_in_part_is_known_as_partial(
         ("partial", f"{commit}.json")
     ]
     assert (
-        "1 were not imported" in result.problems[0].detail and "tokenizer.json" in result.problems[0].detail
+        "1 was not imported" in result.problems[0].detail and "tokenizer.json" in result.problems[0].detail
     )
     assert result.ok, "a note: nothing was skipped (every snapshot_download with allow_patterns exited 1)"
     assert {e.path for e in depot.list_files(SAMPLE)} == set(sample_files()) - {"tokenizer.json"}

@@ -35,6 +35,7 @@ Messages say what happened and what to do about it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
@@ -189,7 +190,10 @@ class SourceDirectoryError(NotFoundError, FileNotFoundError):
 
 
 class IntegrityError(DepotError):
-    """Bytes do not match the digests recorded for them."""
+    """Bytes do not match the digests recorded for them. ``chunks_landed``, of a downloaded file that failed
+    the upstream's digest: each chunk's BLAKE3 as it landed and the other nodes that sent it (by name)."""
+
+    chunks_landed: Mapping[int, tuple[frozenset[str], str]] | None = None
 
 
 class CorruptBlobError(IntegrityError):

@@ -37,7 +37,7 @@ import logging
 import mmap
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from modeldepot.transfer.session import LazySession
     from modeldepot.transfer.swarm import SwarmFile
 
-__all__ = ["LEFT_IN_PLACE", "FileMismatch", "FileSource", "Limits", "ban_liars", "download_file"]
+__all__ = ["LEFT_IN_PLACE", "FileSource", "Limits", "ban_liars", "download_file", "liars"]
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class _FileJob(ChunkChooser):
         # source's name) in order): credited to them when the chunk lands, not counted as found on disk.
         self.part_origins: dict[int, list[tuple[str, str, int, str]]] = {}
         # The other nodes (not the Hub) that sent each landed chunk's bytes, by their names: when the whole
-        # file fails its SHA-256, the chunks that were not the file's name who lied (FileMismatch)
+        # file fails its SHA-256, the chunks that were not the file's name who lied (liars)
         self.senders: dict[int, frozenset[str]] = {}
         self.workers: list[asyncio.Task[None]] = []
         self.refreshed: dict[FileSource, float] = {}  # when a partial holder's chunk map was last read
@@ -267,10 +267,10 @@ class _FileJob(ChunkChooser):
             _check(self.remote, digest)
         except IntegrityError as error:
             PULLS.reject_file()
-            landed = {index: (self.senders.get(index, frozenset()), blake3_hex)
-                      for index, blake3_hex in self.partial.done.items()}  # fmt: skip
+            error.chunks_landed = {index: (self.senders.get(index, frozenset()), blake3_hex)
+                                   for index, blake3_hex in self.partial.done.items()}  # fmt: skip
             await to_thread_to_the_end(self.partial.reset)
-            raise FileMismatch(str(error), landed) from None
+            raise
         return digest
 
     async def _start(self, sources: list[FileSource]) -> None:
@@ -924,24 +924,17 @@ def _hash_chunk(hasher: BlobHasher, source: mmap.mmap | int, offset: int, length
         hasher.update_chunk(data, digest)
 
 
-class FileMismatch(IntegrityError):
-    """The file's bytes failed the upstream's digest (the download was reset). Keeps what each chunk landed
-    as and which other nodes sent it: once the true bytes are known, :meth:`liars` says who sent others."""
-
-    def __init__(self, message: str, landed: Mapping[int, tuple[frozenset[str], str]]) -> None:
-        super().__init__(message)
-        self.landed = landed
-
-    def liars(self, true: BlobDigest) -> dict[str, int]:
-        """The nodes that sent chunks other than the file's (``true``: its digests, fetched again), with how
-        many each. A node whose chunk digests matched its own wrong bytes passed every chunk check, and the
-        file was fetched twice from every pull that asked it, never banned nor named (an explorer's trial)."""
-        found: dict[str, int] = {}
-        for index, (senders, landed_as) in self.landed.items():
-            if index < len(true.chunk_blake3) and landed_as != true.chunk_blake3[index]:
-                for name in senders:
-                    found[name] = found.get(name, 0) + 1
-        return found
+def liars(mismatch: IntegrityError, true: BlobDigest) -> dict[str, int]:
+    """The nodes that sent chunks other than the file's, with how many each: by what ``mismatch`` (a file
+    that failed the upstream's digest) says landed, against ``true``, its digests fetched again. A node whose
+    chunk digests matched its own wrong bytes passed every chunk check, and the file was fetched twice by
+    every pull that asked it, never banned nor named (an explorer's trial)."""
+    found: dict[str, int] = {}
+    for index, (senders, landed_as) in (mismatch.chunks_landed or {}).items():
+        if index < len(true.chunk_blake3) and landed_as != true.chunk_blake3[index]:
+            for name in senders:
+                found[name] = found.get(name, 0) + 1
+    return found
 
 
 def ban_liars(names: Iterable[str], seconds: float) -> None:

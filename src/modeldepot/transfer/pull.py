@@ -43,11 +43,11 @@ from modeldepot.transfer.choosing import banned
 from modeldepot.transfer.download import (
     LEFT_IN_PLACE,
     BytesReceiving,
-    FileMismatch,
     FileSource,
     Limits,
     ban_liars,
     download_file,
+    liars,
 )
 from modeldepot.transfer.outage import run_blocking, run_through_outages
 from modeldepot.transfer.progress import STATUS_INTERVAL, PullProgress, PullTracker, PullUpdate
@@ -522,12 +522,12 @@ class _PullRun:
                 if not claim.done:
                     self.tracker.forget(remote.path)
                 raise mismatch from again
-            if isinstance(mismatch, FileMismatch) and (liars := mismatch.liars(digest)):
-                ban_liars(liars, LIAR_BAN_SECONDS)
+            if found := liars(mismatch, digest):
+                ban_liars(found, LIAR_BAN_SECONDS)
                 log.warning("%s: %s sent chunks that are not the file's (checked against the upstream's bytes): "
                             "no chunk is asked of %s for %.0f minutes", remote.path,
-                            ", ".join(f"{name} ({count} chunk{'s' if count > 1 else ''})" for name, count in liars.items()),
-                            "it" if len(liars) == 1 else "them", LIAR_BAN_SECONDS / 60)  # fmt: skip
+                            ", ".join(f"{name} ({count} chunk{'s' if count > 1 else ''})" for name, count in found.items()),
+                            "it" if len(found) == 1 else "them", LIAR_BAN_SECONDS / 60)  # fmt: skip
         finally:
             self.tracker.received_all(remote.path)
         claim.close_data()
