@@ -14,7 +14,7 @@ import pytest
 
 from conftest import SMALL_CHUNK, LiveNode, store_files_consistent, write_model_dir
 from modeldepot import Depot
-from modeldepot.errors import StoreFullError
+from modeldepot.errors import StoreError, StoreFullError
 from test_budget import MB, model, repos
 
 
@@ -253,3 +253,34 @@ def test_a_reservation_names_the_contents_a_pull_learns_of_after_the_blobs_it_re
             )  # fmt: skip
             assert second.store.budget.kept_blobs() == {"1" * 64}
         assert second.store.budget.reservations.elsewhere() == []
+
+
+def test_a_writer_that_ended_names_no_blob_and_a_full_disk_fails_no_write_without_a_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_dir: Path
+) -> None:
+    """A cancelled pull's thread named the blobs it found after the pull had left: a reservation nobody
+    let go of kept them from every eviction and gc for the process's life (a review). And naming them
+    writes a file: on a full disk, an import of contents the store held failed with a raw OSError, with no
+    budget set (a review)."""
+    import errno
+
+    from modeldepot.store.reservations import Reservations
+
+    monkeypatch.delenv("MODELDEPOT_MAX_SIZE", raising=False)
+    home = tmp_path / "store"
+    with Depot(home) as first, Depot(home) as second:
+        with first.store.budget.writing("acme/x", "0" * 40, ["a"]) as writer:
+            pass
+        writer.reuse(["1" * 64])  # (the thread of a pull cancelled meanwhile runs now)
+        assert second.store.budget.kept_blobs() == frozenset()
+        assert first.store.budget.kept_blobs() == frozenset()
+        first.import_dir(model_dir, "acme/a")
+
+        def full(*args: object, **kwargs: object) -> object:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(Reservations, "hold", full)
+        assert first.import_dir(model_dir, "acme/b").new_blobs == 0
+        first.set_max_size("1GiB")
+        with pytest.raises(StoreError, match="holding room in the disk budget"):
+            first.import_dir(model_dir, "acme/c")

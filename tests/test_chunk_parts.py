@@ -200,3 +200,59 @@ def test_the_parts_an_earlier_pull_left_are_shown_from_the_start_as_found(
             again.release(completed=False)
     assert seen == [(kept, kept)], "shown and found at the start"
     assert counted == {"local": kept, "hub": len(DATA) - kept}, "credited as found when their chunks landed"
+
+
+class WholeLiar:
+    """A node that ignores ranges and sends the whole file with one byte of every chunk flipped, its chunk
+    digests those of its own bytes (every chunk passes its check; the file fails its SHA-256)."""
+
+    def __init__(self) -> None:
+        wrong = bytearray(DATA)
+        for index in range(CHUNKS):
+            wrong[index * SMALL_CHUNK + 100] ^= 0x01
+        self.data = bytes(wrong)
+        self.digests = tuple(
+            blake3.blake3(self.data[o : o + n]).hexdigest()
+            for o, n in (chunk_span(i, len(DATA), SMALL_CHUNK) for i in range(CHUNKS))
+        )
+        app = web.Application()
+        app.router.add_route("GET", "/{tail:.*}", self._handle)
+        self._server = BackgroundServer(web.AppRunner(app), "parts-whole-liar")
+        self.url = self._server.url
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(status=200, body=self.data)
+
+    def source(self) -> FileSource:
+        return FileSource(HttpSource(self.url, "node", None, RetryPolicy(attempts=3, base_delay=0.01)),
+                          f"{self.url}/blob", self.digests, "peer")  # fmt: skip
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+def test_only_the_nodes_whose_bytes_are_in_the_wrong_chunks_are_named_liars(
+    tmp_path: Path, servers: Callable
+) -> None:
+    """An honest node sent the start of two chunks and hung up; a liar ignoring ranges then sent the whole
+    file, every chunk landing from its buffer (the honest parts fetched over). The honest node was named a
+    liar with it, and would have been banned for 10 minutes (a review): only the liar is named."""
+    from modeldepot.errors import IntegrityError
+    from modeldepot.hashing import digest_bytes
+    from modeldepot.transfer.download import liars
+
+    cutter, liar = servers(cutting=True), WholeLiar()
+    try:
+        with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+            claim = local.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, False)
+            assert claim is not None
+            try:
+                with pytest.raises(IntegrityError) as failed:
+                    fetch(claim, [node_source(cutter)], [liar.source()])
+            finally:
+                claim.release(completed=False)
+        assert cutter.cut, "the honest node sent parts first"
+        named = liars(failed.value, digest_bytes(DATA, SMALL_CHUNK))
+        assert named == {liar.source().source.name: CHUNKS}, named
+    finally:
+        liar.stop()

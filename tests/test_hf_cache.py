@@ -198,9 +198,7 @@ def test_an_adopted_commit_the_cache_holds_in_part_is_known_as_partial(
     assert [(p.problem, p.path.rsplit("/", 1)[-1]) for p in result.problems] == [
         ("partial", f"{commit}.json")
     ]
-    assert (
-        "1 was not imported" in result.problems[0].detail and "tokenizer.json" in result.problems[0].detail
-    )
+    assert "1 was not imported" in result.problems[0].detail and "tokenizer.json" in result.problems[0].detail
     assert result.ok, "a note: nothing was skipped (every snapshot_download with allow_patterns exited 1)"
     assert {e.path for e in depot.list_files(SAMPLE)} == set(sample_files()) - {"tokenizer.json"}
     listed = depot.commit_files(SAMPLE)

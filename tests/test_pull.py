@@ -293,6 +293,13 @@ def test_offline_a_pull_of_a_branch_takes_that_branch_not_the_last_one_scanned(
         assert (offline.resolve(REPO, "main"), offline.resolve(REPO, "dev")) == (main, dev), "no branch moved"
         with pytest.raises(OfflineError, match=r"does not hold onnx-community/tiny@v2"):
             offline.pull(REPO, ["q4f16"], revision="v2")
+        # main's commit is held in part, and the saved scan is dev's: main's whole listing, kept, says what
+        # it lacks (a manifest of the files held said "no variant 'fp32'", and a whole pull "done", a review)
+        with pytest.raises(OfflineError, match=r"not in the store"):
+            offline.pull(REPO, ["fp32"])
+        with pytest.raises(OfflineError, match=r"not in the store"):
+            offline.pull(REPO)
+        assert offline.scan_repo(REPO, "main").variant("fp32").status == "available"
 
 
 def test_info_says_of_each_revision_held_in_part_how_many_files_its_commit_has(

@@ -531,6 +531,7 @@ def test_a_file_that_fails_its_sha256_after_chunks_from_other_nodes_is_fetched_a
                 liar.stop()
             for name in banned:
                 choosing.BANNED_NODES.pop(name, None)
+                choosing.LIARS.pop(name, None)
 
 
 def test_a_settled_chunk_its_claimer_no_longer_has_comes_from_the_hub(

@@ -281,12 +281,16 @@ class Tiers:
             answering, spelled, commit_id = self.holder(repo_id, revision)
         except NotFoundError:
             return None
+        endpoint = ""
         for store in self.all:
             with contextlib.suppress(NotFoundError):
                 found = current_manifest(store, store.spelled(repo_id))
                 if found.commit_id == commit_id:
                     return found
-        return held_manifest(answering, spelled, answering.repo_private(spelled), commit_id)
+                endpoint = endpoint or found.endpoint
+        return held_manifest(
+            answering, spelled, answering.repo_private(spelled), commit_id, revision, endpoint
+        )
 
     def pulled(self, manifest: Manifest, files: Sequence[RemoteFile], variants: Sequence[str],
                branch: str | None) -> PullResult | None:  # fmt: skip

@@ -243,11 +243,15 @@ def manifest_from_record(
     )
 
 
-def held_manifest(store: Store, repo_id: str, private: bool, commit_id: str | None = None) -> Manifest | None:
+def held_manifest(store: Store, repo_id: str, private: bool, commit_id: str | None = None,
+                  revision: str | None = None, endpoint: str = "") -> Manifest | None:  # fmt: skip
     """A repo the store holds but never scanned (imported, adopted from a Hugging Face cache): its main
     revision's files (or ``commit_id``'s) as a manifest, each variant downloaded unless a blob of it is
     quarantined, so that ``status``, the event stream and the dashboard show its variants as they show a
-    pulled repo's. None when the store holds no such revision."""
+    pulled repo's. None when the store holds no such revision. With ``revision`` (offline, a pull of a
+    commit held that the saved scan is not of): the commit's whole listing when one is kept, each variant
+    downloaded when the store holds all of it (as held only, a pull said "no variant 'fp32'" of the files
+    it lacked, and a pull of the whole repo said done with half of it, a review), from ``endpoint``."""
     if commit_id is None:
         try:
             commit_id = store.resolve(repo_id, "main")
@@ -266,6 +270,11 @@ def held_manifest(store: Store, repo_id: str, private: bool, commit_id: str | No
     rows = [r for r in found if r["path"] is not None and r["state"] is not None]
     files = [RemoteFile(r["path"], r["size"], r["git_oid"], r["sha256"] if r["lfs"] else None) for r in rows]
     bad = {r["path"] for r in rows if r["state"] != "ok"}
+    listing = None if revision is None else store.manifests.listing(repo_id, commit_id)
+    if listing is not None:  # (the commit's whole listing, kept as it was scanned: what it lacks is known)
+        held = {f.path for f in files} - bad
+        files = [RemoteFile(**f) for f in json.loads(listing)]
+        bad = {f.path for f in files} - held
     sizes = {f.path: f.size for f in files}
     grouping = group_files(sizes)
     statuses = {}
@@ -275,8 +284,10 @@ def held_manifest(store: Store, repo_id: str, private: bool, commit_id: str | No
         statuses[variant.name] = VariantStatusRecord(
             variant.name, done, sum(sizes[p] for p in own if p not in bad), None, None, created, created
         )
-    body = manifest_body(repo_id, "main", commit_id, IMPORTED_ENDPOINT, {"private": private}, files)
-    manifest = manifest_from_record(ManifestRecord(repo_id, "main", commit_id, body, created, statuses))
+    named = revision or "main"
+    endpoint = IMPORTED_ENDPOINT if listing is None else endpoint
+    body = manifest_body(repo_id, named, commit_id, endpoint, {"private": private}, files)
+    manifest = manifest_from_record(ManifestRecord(repo_id, named, commit_id, body, created, statuses))
     return dataclasses.replace(manifest, other_held=tuple(p for p in manifest.other if p not in bad))
 
 

@@ -462,8 +462,7 @@ class DiskBudget:
         reservations name them): an eviction, and gc, keep them."""
         with self._lock:
             own = frozenset(self._reused)
-        elsewhere = [held.reused for held in self.reservations.elsewhere(contents=True) if held.reused]
-        return own.union(*elsewhere) if elsewhere else own
+        return own | self.reservations.relied_on()
 
     def status(self, fresh: bool = True) -> BudgetStatus:
         """The figures (a node's stats and metrics ask often: read only, the uses as written so far;
@@ -804,14 +803,23 @@ class BudgetWriter:
         leaves them (blocking: a reservation file is written)."""
         with self.budget._lock:
             new = set(sha256s) - self.reused
-            if not new:
+            # (nothing for a writer that ended: a cancelled pull's thread ran this after it left, and its
+            # reservation, never let go of, kept the blobs from every eviction and gc for the process's life)
+            if not new or self not in self.budget._writers:
                 return
             self.reused |= new
             self.budget._reused.update(new)
-            if self._reservation is None:
-                self.reserve(self.reserved)
-            else:
-                self._reservation.add_reused(sorted(new))
+            try:
+                if self._reservation is None:
+                    self.reserve(self.reserved)
+                else:
+                    self._reservation.add_reused(sorted(new))
+            except OSError as error:
+                # (kept in this process all the same; a full disk failed an import of contents the store
+                # held with a traceback, as make_room's bookkeeping never does without a budget)
+                if self.budget.max_bytes is not None:
+                    raise os_error(error, f"holding room in the disk budget for {self.repo_id}") from error
+                log.debug("the blobs %s relies on are not named to other processes: %s", self.repo_id, error)
 
     def check_fits(self, needed: int, doing: str) -> None:
         """:meth:`DiskBudget.check_fits` for this writer: refuse early, evict nothing."""

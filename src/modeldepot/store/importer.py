@@ -460,11 +460,11 @@ def room_for_new(
     """Make room for the staged ``partials`` whose contents the store lacks (but those in ``free``: linked
     from files the budget does not count), and keep the blobs it holds of the others from eviction (in every
     process) until they are published."""
-    known = blob_states(store.index, list(partials))
-    writer.reuse(sha256 for sha256 in partials if known.get(sha256) == "ok")
-    # Read again once every process keeps them (under the lock removals take, which read what writers rely
-    # on under it): one evicted before is new again, and room is made for it. (Placed at publish with no
-    # room asked, two imports beside each other ended over the budget: a trial.)
+    # Every staged content is named first (naming one the store lacks keeps nothing), then read once under
+    # the lock removals take, which read what writers rely on under it: a blob there then stays, one gone is
+    # new, and room is made for it. (Placed at publish with no room asked, two imports beside each other
+    # ended over the budget: a trial; so did one placed by another process between two reads, a review.)
+    writer.reuse(partials)
     with store.lock.shared():
         known = blob_states(store.index, list(partials))
     writer.make_room(

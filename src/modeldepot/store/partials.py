@@ -405,7 +405,9 @@ class PartialFiles:
         if cached is not None and cached[0] == stamp:
             return cached[1]
         if one_piece:
-            whole = self._one_piece_log(key) if info.st_size <= self.chunk_size else None
+            # (a blob's other name, its pull ended before letting go: the store holds it, no resume keeps it)
+            placed = info.st_nlink > 1
+            whole = self._one_piece_log(key) if not placed and info.st_size <= self.chunk_size else None
             self._kept[key] = (stamp, info.st_size if whole is not None else 0)
             return self._kept[key][1]
         log = self.read_log(key)

@@ -34,13 +34,16 @@ from modeldepot.transfer.sources import SILENT_PEER, HttpSource, Receiving
 if TYPE_CHECKING:
     from modeldepot.transfer.swarm import SwarmFile
 
-__all__ = ["BANNED_NODES", "ChunkChooser", "ChunkRequest", "FileSource", "banned", "is_silent"]
+__all__ = ["BANNED_NODES", "LIARS", "ChunkChooser", "ChunkRequest", "FileSource", "banned", "is_silent"]
 
 # Source name (its kind and URL) -> until when (monotonic) it gets no chunk, in every download of this
 # process: a liar was banned file by file, and asked again for the next file of the same pull (and the
 # files downloading beside). (A claimer that lies about a chunk's digest gets an honest holder banned so:
 # it costs a detour by the Hub, never a wrong byte.)
 BANNED_NODES: dict[str, float] = {}
+# Nodes whose chunks, vouched for by their own digests, were found not to be a file's by the upstream's bytes:
+# name -> until when (monotonic) no new file asks them (download.ban_liars)
+LIARS: dict[str, float] = {}
 MAX_CHUNK_ATTEMPTS = 3  # tries of one chunk that failed its digest before the file is given up
 ENDGAME_COPIES = 2  # requests for one chunk at most, in the endgame
 ENDGAME_WAIT = 1.0  # seconds a chunk is outstanding, at least, before the endgame asks another source too
@@ -280,8 +283,9 @@ class ChunkChooser:
 
 
 def banned(source: FileSource) -> bool:
-    """Whether ``source`` is banned now (BANNED_NODES)."""
-    return BANNED_NODES.get(source.source.name, 0.0) > time.monotonic()
+    """Whether ``source`` is banned now as a liar (LIARS): not asked for new files. (A ban for one chunk that
+    failed its check, a blip maybe, leaves it a source of last resort: air-gapped, it may be the only one.)"""
+    return LIARS.get(source.source.name, 0.0) > time.monotonic()
 
 
 def is_silent(request: ChunkRequest, now: float) -> bool:

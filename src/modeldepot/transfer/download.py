@@ -57,7 +57,14 @@ from modeldepot.hashing import BlobDigest, BlobHasher, chunk_span, digest_bytes
 from modeldepot.hub.manifest import RemoteFile
 from modeldepot.store.forking import ForkSafeExecutor
 from modeldepot.store.partials import ResumablePartial
-from modeldepot.transfer.choosing import BANNED_NODES, ChunkChooser, ChunkRequest, FileSource, is_silent
+from modeldepot.transfer.choosing import (
+    BANNED_NODES,
+    LIARS,
+    ChunkChooser,
+    ChunkRequest,
+    FileSource,
+    is_silent,
+)
 from modeldepot.transfer.sources import SILENT_PEER, ChunkUnavailableError, HttpSource, RangeIgnoredError
 from modeldepot.transfer.threads import to_thread_to_the_end
 
@@ -179,6 +186,9 @@ class _FileJob(ChunkChooser):
         # The other nodes (not the Hub) that sent each landed chunk's bytes, by their names: when the whole
         # file fails its SHA-256, the chunks that were not the file's name who lied (liars)
         self.senders: dict[int, frozenset[str]] = {}
+        # The parts an earlier pull left (chunk -> bytes), found on disk until their chunks land (or they are
+        # fetched over): read as this job began, the partial's own parts change as this one adds to them
+        self.earlier: dict[int, int] = {index: part.received for index, part in partial.parts.items()}
         self.workers: list[asyncio.Task[None]] = []
         self.refreshed: dict[FileSource, float] = {}  # when a partial holder's chunk map was last read
         self.refreshing: set[FileSource] = set()
@@ -228,10 +238,13 @@ class _FileJob(ChunkChooser):
     def kept_earlier(self) -> int:
         """Of :meth:`receiving`, the bytes of parts an earlier pull left: found, not fetched (no part of the
         rate: a resume's parts made one above --max-rate)."""
-        return sum(
-            part.received for index, part in tuple(self.partial.parts.items())
-            if index not in self.part_origins and index not in self.counted
-        )  # fmt: skip
+        kept = 0
+        for index, received in tuple(self.earlier.items()):
+            mapped = self.in_place.get(index)
+            if index in self.counted or (mapped is not None and not mapped[0].receiving.in_place):
+                continue  # (landed: counted resumed; or its range started over, the part fetched over)
+            kept += received
+        return kept
 
     async def run(self, sources: list[FileSource]) -> BlobDigest:
         crashed = self.crashed = asyncio.get_running_loop().create_future()
@@ -641,11 +654,13 @@ class _FileJob(ChunkChooser):
             return  # the part it began from stands as logged
         if self._is_banned(source, time.monotonic()):
             self.part_origins.pop(index, None)
+            self.earlier.pop(index, None)
             self.partial.forget_part(index)
             return
         earlier = request.part_blake3 if receiving.in_place else None
         if not receiving.in_place:
             self.part_origins.pop(index, None)  # (a part before it, if any, was fetched over)
+            self.earlier.pop(index, None)
         self.part_origins.setdefault(index, []).append(
             (source.kind, source.source.base_url, new, source.source.name)
         )
@@ -725,6 +740,7 @@ class _FileJob(ChunkChooser):
             log.info("%s: chunk %d, completed from a part kept in the file, failed its check: fetching it "
                      "whole", self.remote.path, index)  # fmt: skip
             self.part_origins.pop(index, None)
+            self.earlier.pop(index, None)
             self.partial.forget_part(index)
             return
         if expected is not None and digest != expected:
@@ -757,10 +773,19 @@ class _FileJob(ChunkChooser):
         sources that sent them in this transfer, the rest as found in place (a pull before this one's)."""
         self.counted.add(index)
         origins = self.part_origins.pop(index, [])
-        self.senders[index] = frozenset(
-            [name for kind, _, _, name in origins if kind != "hub"]
-            + ([source.source.name] if source.kind != "hub" else [])
-        )
+        # The other nodes whose bytes are in the chunk: those of the part it landed on, as far as the part
+        # goes (a part fetched over, the chunk landing from a buffer or a range started again, is none of
+        # it: an honest node that sent a cut prefix was banned with the liar that sent the rest, a review)
+        senders, left = set(), part
+        for kind, _, amount, name in origins:
+            if left <= 0:
+                break
+            if kind != "hub" and amount > 0:
+                senders.add(name)
+            left -= amount
+        if source.kind != "hub":
+            senders.add(source.source.name)
+        self.senders[index] = frozenset(senders)
         if source.kind != "hub":
             self.peer_landed.append((time.monotonic(), length - part))
         if (on_bytes := self.on_bytes) is not None:
@@ -773,13 +798,15 @@ class _FileJob(ChunkChooser):
                 on_bytes(amount, kind, base_url)
 
             try:
-                left = part
+                pieces, left = [], part
                 for kind, base_url, amount, _ in origins:
                     if (taken := min(amount, left)) > 0:
-                        credit(taken, kind, base_url)
+                        pieces.append((taken, kind, base_url))
                         left -= taken
-                if left:
+                if left:  # (first: told after the senders', the found bytes were out of `found` a moment)
                     credit(left, LEFT_IN_PLACE, "")
+                for taken, kind, base_url in pieces:
+                    credit(taken, kind, base_url)
                 credit(length - part, source.kind, source.source.base_url)
             finally:
                 del self.crediting[index]
@@ -942,6 +969,10 @@ def ban_liars(names: Iterable[str], seconds: float) -> None:
     until = time.monotonic() + seconds
     for name in names:
         BANNED_NODES[name] = max(until, BANNED_NODES.get(name, 0.0))
+        LIARS[name] = until
+    for name, left in list(LIARS.items()):  # (bounded: the bans over are dropped)
+        if left <= time.monotonic():
+            LIARS.pop(name, None)
 
 
 def _check(remote: RemoteFile, digest: BlobDigest) -> None:
