@@ -21,14 +21,16 @@ import fcntl
 import itertools
 import os
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from modeldepot.store.locks import StoreLock, unlock_and_close
 
 _FIELD = 20  # digits of a reservation's byte count (fixed: the file is rewritten in place)
 _MAX_BYTES = 1 << 23  # read of a reservation: its lines (~90 bytes each) of a repo of 40,000 files, twice
+T = TypeVar("T")
 _REUSE = "reuse"  # (a line's first word: a blob the writer relies on; not a content key, whose size follows)
 
 
@@ -174,11 +176,9 @@ class Held:
     reused: frozenset[str] = frozenset()  # the blobs (SHA-256) it found in the store and relies on
 
 
-def _reused(
-    path: Path, parsed: tuple[tuple[int, int], frozenset[str]] | None
-) -> tuple[tuple[int, int], frozenset[str]] | None:
-    """(stamp, the blobs) a reservation file names in ``reuse`` lines while a process holds its lock (the
-    whole file: they come last); ``parsed`` when it stands as it was then. None when no process holds it."""
+def _if_held(path: Path, read: Callable[[int], T]) -> T | None:
+    """``read(fd)`` of a reservation file while a process holds its lock; None when none does (or it is
+    gone): a killed process's lock went with it."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -187,50 +187,50 @@ def _reused(
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            info = os.fstat(fd)
-            stamp = (info.st_size, info.st_mtime_ns)
-            if parsed is not None and parsed[0] == stamp:
-                return parsed
-            data = os.pread(fd, info.st_size, 0)
-            marker = _REUSE.encode() + b" "
-            reused = frozenset(
-                line[len(marker) :].decode(errors="replace")
-                for line in data.split(b"\n")
-                if line.startswith(marker)
-            )
-            return stamp, reused
+            return read(fd)
         return None
     finally:
         unlock_and_close(fd)
+
+
+def _reused(
+    path: Path, parsed: tuple[tuple[int, int], frozenset[str]] | None
+) -> tuple[tuple[int, int], frozenset[str]] | None:
+    """(stamp, the blobs) a held reservation file names in ``reuse`` lines (the whole file: they come last);
+    ``parsed`` when it stands as it was then."""
+
+    def read(fd: int) -> tuple[tuple[int, int], frozenset[str]]:
+        info = os.fstat(fd)
+        stamp = (info.st_size, info.st_mtime_ns)
+        if parsed is not None and parsed[0] == stamp:
+            return parsed
+        marker = _REUSE.encode() + b" "
+        lines = os.pread(fd, info.st_size, 0).split(b"\n")
+        return stamp, frozenset(
+            line[len(marker) :].decode(errors="replace") for line in lines if line.startswith(marker)
+        )
+
+    return _if_held(path, read)
 
 
 def _held(path: Path, name: str, with_contents: bool = False) -> Held | None:
     """What a reservation file holds while a process holds its lock; None when none does."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            # (a file being made is empty a moment: held, with nothing in it yet)
-            length = min(os.fstat(fd).st_size, _MAX_BYTES) if with_contents else 4096
-            lines = os.pread(fd, length, 0).decode(errors="replace").splitlines()
-            amount, _, repo_id = (lines[0] if lines else "").strip().partition(" ")
-            listed = lines[1:] if with_contents else []
-            pid = name.lstrip(".").split("-", 1)[0]
-            contents: dict[str, int] = {}
-            reused: set[str] = set()
-            for line in listed:
-                key, _, value = line.partition(" ")
-                if key == _REUSE:
-                    reused.add(value)
-                elif value.isascii() and value.isdigit():
-                    contents[key] = int(value)
-            return Held(repo_id, int(amount) if amount.isascii() and amount.isdigit() else 0,
-                        int(pid) if pid.isascii() and pid.isdigit() else None, contents,
-                        frozenset(reused))  # fmt: skip
-        return None
-    finally:
-        unlock_and_close(fd)
+
+    def read(fd: int) -> Held:
+        # (a file being made is empty a moment: held, with nothing in it yet)
+        length = min(os.fstat(fd).st_size, _MAX_BYTES) if with_contents else 4096
+        lines = os.pread(fd, length, 0).decode(errors="replace").splitlines()
+        amount, _, repo_id = (lines[0] if lines else "").strip().partition(" ")
+        pid = name.lstrip(".").split("-", 1)[0]
+        contents: dict[str, int] = {}
+        reused: set[str] = set()
+        for line in lines[1:] if with_contents else []:
+            key, _, value = line.partition(" ")
+            if key == _REUSE:
+                reused.add(value)
+            elif value.isascii() and value.isdigit():
+                contents[key] = int(value)
+        return Held(repo_id, int(amount) if amount.isascii() and amount.isdigit() else 0,
+                    int(pid) if pid.isascii() and pid.isdigit() else None, contents, frozenset(reused))  # fmt: skip
+
+    return _if_held(path, read)
