@@ -151,16 +151,18 @@ def keep_known_listing(store: Store, repo_id: str, commit_id: str, files: list[R
     store.manifests.keep_listing(repo_id, commit_id, _listing_json(files))
 
 
+def kept_listing(store: Store, repo_id: str, commit_id: str) -> tuple[RemoteFile, ...] | None:
+    """The files of a commit as its scan listed them (kept per commit), or None when none is kept."""
+    kept = store.manifests.listing(repo_id, commit_id)
+    return None if kept is None else tuple(RemoteFile(**f) for f in json.loads(kept))
+
+
 def listed_counts(store: Store, repo_id: str, commits: Iterable[str]) -> dict[str, int]:
     """How many files each of ``commits`` has upstream, by the listings kept of them (those with none left
     out): `info` says of each revision holding only some of them how many (by the one saved scan alone,
     the note left main once dev was scanned, an explorer's trial)."""
-    counts = {}
-    for commit_id in commits:
-        listing = store.manifests.listing(repo_id, commit_id)
-        if listing is not None:
-            counts[commit_id] = len(json.loads(listing))
-    return counts
+    listings = {commit_id: kept_listing(store, repo_id, commit_id) for commit_id in commits}
+    return {commit_id: len(files) for commit_id, files in listings.items() if files is not None}
 
 
 def listed_files(record: ManifestRecord) -> tuple[RemoteFile, ...]:
@@ -270,10 +272,10 @@ def held_manifest(store: Store, repo_id: str, private: bool, commit_id: str | No
     rows = [r for r in found if r["path"] is not None and r["state"] is not None]
     files = [RemoteFile(r["path"], r["size"], r["git_oid"], r["sha256"] if r["lfs"] else None) for r in rows]
     bad = {r["path"] for r in rows if r["state"] != "ok"}
-    listing = None if revision is None else store.manifests.listing(repo_id, commit_id)
+    listing = None if revision is None else kept_listing(store, repo_id, commit_id)
     if listing is not None:  # (the commit's whole listing, kept as it was scanned: what it lacks is known)
         held = {f.path for f in files} - bad
-        files = [RemoteFile(**f) for f in json.loads(listing)]
+        files = list(listing)
         bad = {f.path for f in files} - held
     sizes = {f.path: f.size for f in files}
     grouping = group_files(sizes)
@@ -345,10 +347,10 @@ class CommitListings:
                 except NotFoundError:
                     return None  # (dropped meanwhile)
             else:
-                kept = self.store.manifests.listing(repo_id, commit_id)
+                kept = kept_listing(self.store, repo_id, commit_id)
                 if kept is None:
                     return None
-                files = tuple(RemoteFile(**f) for f in json.loads(kept))
+                files = kept
             if len(self._parsed) >= 64:
                 self._parsed.clear()
             listing = self._parsed[key] = (files, frozenset(f.path for f in files))

@@ -773,19 +773,19 @@ class _FileJob(ChunkChooser):
         sources that sent them in this transfer, the rest as found in place (a pull before this one's)."""
         self.counted.add(index)
         origins = self.part_origins.pop(index, [])
-        # The other nodes whose bytes are in the chunk: those of the part it landed on, as far as the part
-        # goes (a part fetched over, the chunk landing from a buffer or a range started again, is none of
-        # it: an honest node that sent a cut prefix was banned with the liar that sent the rest, a review)
-        senders, left = set(), part
-        for kind, _, amount, name in origins:
-            if left <= 0:
-                break
-            if kind != "hub" and amount > 0:
-                senders.add(name)
-            left -= amount
-        if source.kind != "hub":
-            senders.add(source.source.name)
-        self.senders[index] = frozenset(senders)
+        # The part's bytes by who sent them, as far as the part goes (one fetched over, the chunk landing from
+        # a buffer or a range started again, is none of it); the rest was found in place (an earlier pull's)
+        pieces, found = [], part
+        for kind, base_url, amount, name in origins:
+            if (taken := min(amount, found)) > 0:
+                pieces.append((taken, kind, base_url, name))
+                found -= taken
+        # The other nodes whose bytes are in the chunk (an honest node that sent a cut prefix fetched over was
+        # named with the liar that sent the rest, a review)
+        self.senders[index] = frozenset(
+            [name for _, kind, _, name in pieces if kind != "hub"]
+            + ([source.source.name] if source.kind != "hub" else [])
+        )
         if source.kind != "hub":
             self.peer_landed.append((time.monotonic(), length - part))
         if (on_bytes := self.on_bytes) is not None:
@@ -798,14 +798,9 @@ class _FileJob(ChunkChooser):
                 on_bytes(amount, kind, base_url)
 
             try:
-                pieces, left = [], part
-                for kind, base_url, amount, _ in origins:
-                    if (taken := min(amount, left)) > 0:
-                        pieces.append((taken, kind, base_url))
-                        left -= taken
-                if left:  # (first: told after the senders', the found bytes were out of `found` a moment)
-                    credit(left, LEFT_IN_PLACE, "")
-                for taken, kind, base_url in pieces:
+                if found:  # (first: told after the senders', the found bytes were out of `found` a moment)
+                    credit(found, LEFT_IN_PLACE, "")
+                for taken, kind, base_url, _ in pieces:
                     credit(taken, kind, base_url)
                 credit(length - part, source.kind, source.source.base_url)
             finally:
@@ -970,8 +965,9 @@ def ban_liars(names: Iterable[str], seconds: float) -> None:
     for name in names:
         BANNED_NODES[name] = max(until, BANNED_NODES.get(name, 0.0))
         LIARS[name] = until
+    now = time.monotonic()
     for name, left in list(LIARS.items()):  # (bounded: the bans over are dropped)
-        if left <= time.monotonic():
+        if left <= now:
             LIARS.pop(name, None)
 
 
