@@ -31,22 +31,18 @@ from modeldepot.errors import (
     EntryNotFoundError,
     InvalidInputError,
     NotFoundError,
-    OfflineError,
     PullRunningError,
     ReadOnlyStoreError,
     RepoNotFoundError,
-    UpstreamError,
 )
 from modeldepot.held import HeldModels
 from modeldepot.hub.manifest import (
-    IMPORTED_ENDPOINT,
     CommitListings,
     Manifest,
     current_manifest,
     holds_whole,
     keep_listing,
     listed_counts,
-    save_scan,
 )
 from modeldepot.hub.removal import forget_removed_variants, remove_repo, remove_variant
 from modeldepot.hub.variants import group_files, variants_own_files
@@ -72,6 +68,7 @@ from modeldepot.store.maintenance import VerifyProgress, sweep_dead_sessions
 from modeldepot.store.scrub import DEFAULT_SCRUB_RATE, Scrubber
 from modeldepot.store.verified import VerifiedBlob
 from modeldepot.tiers import Tiers
+from modeldepot.upstream import Upstream, branch_set_by
 from modeldepot.uses import UseCounter
 
 if TYPE_CHECKING:  # the transfer machinery (aiohttp, huggingface_hub) loads on the first pull, not at
@@ -84,12 +81,10 @@ if TYPE_CHECKING:  # the transfer machinery (aiohttp, huggingface_hub) loads on 
     from modeldepot.preload import Preloader
     from modeldepot.ratelimit import RateLimit
     from modeldepot.transfer.chain import SourceChain
-    from modeldepot.transfer.download import Limits
-    from modeldepot.transfer.fleet import BackgroundFleet, FleetView, PeerRow
+    from modeldepot.transfer.fleet import FleetView, PeerRow
     from modeldepot.transfer.pull import PartialWatch, PullProgress, PullResult
 from modeldepot.validation import (
     SHORT_COMMIT,
-    is_commit_id,
     validate_path,
     validate_quant,
     validate_quants,
@@ -273,14 +268,9 @@ class Depot:
         self._own_engines = engine_cache is None  # (a cache given to it may serve other depots too)
         self._made_lock = threading.Lock()
         self._preloader: Preloader | None = None
-        self._fleet: FleetView | None = None  # a server's view (use_fleet), or the one this depot opened
-        self._background: BackgroundFleet | None = None  # the one this depot opened (closed with it)
-        self._fleet_failed = False
-        self._fleet_managed = False  # a server manages the view: never open one here, even after it closes
-        self._fleet_lock = threading.Lock()
+        self._upstream = Upstream(self.store, self.tiers, lambda: self.config)
         self._listings = CommitListings(self.store)
         self._uses = UseCounter(self.store)
-        self._download_limit: RateLimit | None = None  # (download_limit: one for all this depot's pulls)
         # What this process holds in memory of the store: kept from eviction, let go of once removed.
         self._held = HeldModels(self.store, lambda: self._preloader, lambda: self._engines, self.tiers.shared)
         self.store.budget.add_in_use(self._held.loaded)
@@ -346,7 +336,7 @@ class Depot:
             # space comes back, its mount may be unmounted). Dropped, not closed: a caller still holding one
             # goes on using it (clear() would run each engine's close)
             self._engines = None
-        self._close_fleet()
+        self._upstream.close()
         self.tiers.close()
         self.store.close()
 
@@ -587,39 +577,22 @@ class Depot:
         Hub at ``HF_ENDPOINT``): commit, files, variants; saved as its manifest.
 
         Offline (``HF_HUB_OFFLINE=1`` or ``MODELDEPOT_OFFLINE=1``) no connection is opened: the manifest of
-        what the store holds for ``revision`` is returned (:meth:`_offline_manifest`), or OfflineError.
+        what the store holds for ``revision`` is returned, or OfflineError (:mod:`modeldepot.upstream`).
         """
         validate_repo_id(repo_id)
         validate_revision(revision)
-        if self.config.offline:
-            return self._offline_manifest(repo_id, revision)
-        scan = self.chain.scan(repo_id, revision)
-        repo_id = self.store.spelled(scan.repo_id)  # the store's spelling, or for a new repo the upstream's
-        save_scan(self.store, repo_id, revision, scan.commit_id, scan.endpoint, scan.info, scan.files)
-        return self.get_manifest(repo_id)
+        return self._upstream.scan(repo_id, revision)
 
     @property
     def chain(self) -> SourceChain:
         """Where pulls look, in order: the depot servers, the fleet's live nodes, then the Hub."""
-        from modeldepot.transfer.chain import SourceChain
-
-        fleet = None if self.config.offline else self.fleet
-        return SourceChain.from_config(self.config, fleet=fleet, node_id=self.node_id,
-                                       download_limit=self.download_limit)  # fmt: skip
+        return self._upstream.chain
 
     @property
     def download_limit(self) -> RateLimit | None:
         """The cap on what all this depot's pulls download together (``config.max_download_rate``,
         ``MODELDEPOT_MAX_DOWNLOAD_RATE``); None without one."""
-        rate = self.config.max_download_rate
-        if rate is None:
-            return None
-        with self._fleet_lock:
-            if self._download_limit is None or self._download_limit.rate != rate:
-                from modeldepot.ratelimit import RateLimit
-
-                self._download_limit = RateLimit(rate)
-            return self._download_limit
+        return self._upstream.download_limit
 
     # -- the fleet ------------------------------------------------------------------------------------
 
@@ -631,40 +604,12 @@ class Depot:
         process opens a read-only one on first use (``config.cluster``), on a thread of its own, and closes
         it with the depot: a process that only pulls never registers. A registry that cannot be reached
         leaves the view empty (pulls go on to the Hub)."""
-        if (
-            self._fleet is not None
-            or self.config.cluster is None
-            or self._fleet_failed
-            or self._fleet_managed
-        ):
-            return self._fleet
-        from modeldepot.transfer.fleet import BackgroundFleet
-
-        with self._fleet_lock:
-            if self._fleet is None and not self._fleet_failed and not self._fleet_managed:
-                try:
-                    self._fleet = self._background = BackgroundFleet.open(
-                        self.config.cluster, self.config.cluster_prefix
-                    )
-                except DepotError:
-                    raise
-                except Exception as error:  # a registry that hangs: pull without the fleet
-                    self._fleet_failed = True
-                    log.warning("cannot read the fleet at %s (%s: %s): going on without it",
-                                self.config.cluster, type(error).__name__, error)  # fmt: skip
-        return self._fleet
+        return self._upstream.fleet
 
     def use_fleet(self, fleet: FleetView | None) -> None:
         """Read the fleet through ``fleet`` (a server's view of its discovery) rather than opening one; from
         then on the caller manages it (None: no fleet, as while a server shuts down)."""
-        with self._fleet_lock:
-            self._close_fleet()
-            self._fleet, self._fleet_managed = fleet, True
-
-    def _close_fleet(self) -> None:
-        background, self._background, self._fleet = self._background, None, None
-        if background is not None:
-            background.close()
+        self._upstream.use_fleet(fleet)
 
     def peers(self) -> list[PeerRow]:
         """The fleet's live nodes, sorted by node id, each with what it holds (``modeldepot peers``)."""
@@ -696,7 +641,7 @@ class Depot:
         manifest = self.manifest_for(repo_id, revision)
         return run_through_outages(
             lambda watch: self.pull_async(repo_id, quants, revision=revision, progress=watch, manifest=manifest),
-            progress, self.config.outage_patience, repo_id, self._through_hub(manifest),
+            progress, self.config.outage_patience, repo_id, self._upstream.through_hub(manifest),
         )  # fmt: skip
 
     @_writes
@@ -725,12 +670,12 @@ class Depot:
             from modeldepot.transfer.pull import select
 
             files, names = select(manifest, quants, paths)
-            held = await asyncio.to_thread(self.tiers.pulled, manifest, files, names, self._branch(revision))
+            held = await asyncio.to_thread(self.tiers.pulled, manifest, files, names, branch_set_by(revision))
             if held is not None:
                 return held
         chain = await asyncio.to_thread(lambda: self.chain)  # the first use may open the fleet's view
-        return await pull_async(self.store, manifest, quants, self._branch(revision), chain,
-                                self.config.offline, progress, self._limits(), paths, watch)  # fmt: skip
+        return await pull_async(self.store, manifest, quants, branch_set_by(revision), chain,
+                                self.config.offline, progress, self._upstream.limits(), paths, watch)  # fmt: skip
 
     @_any_case
     @_writes
@@ -755,7 +700,7 @@ class Depot:
         run_through_outages(
             lambda watch: self.pull_async(repo_id, revision=revision, progress=watch, paths=[path],
                                           manifest=manifest),
-            progress, self.config.outage_patience, f"{repo_id}/{path}", self._through_hub(manifest),
+            progress, self.config.outage_patience, f"{repo_id}/{path}", self._upstream.through_hub(manifest),
         )  # fmt: skip
         return self.store.entry(repo_id, path, manifest.commit_id)
 
@@ -765,77 +710,7 @@ class Depot:
         scanned at, or, offline, the branch it was scanned at); else a fresh scan."""
         validate_repo_id(repo_id)
         validate_revision(revision)
-        if self.config.offline:
-            return self._offline_manifest(repo_id, revision)
-        try:
-            saved = self.get_manifest(repo_id)
-        except NotFoundError:
-            saved = None
-        if saved is not None and saved.commit_id == revision:
-            if not self._held_in_part(saved):
-                return saved
-            try:
-                return self.scan_repo(repo_id, revision)
-            except UpstreamError as error:  # (what the store holds of it is all it can go by)
-                log.warning("%s@%s was adopted from a Hugging Face cache without its listing, and the upstream "
-                            "could not tell the rest of it (%s): going by the files held", repo_id, revision[:12],
-                            error)  # fmt: skip
-                return saved
-        return self.scan_repo(repo_id, revision)
-
-    def _offline_manifest(self, repo_id: str, revision: str) -> Manifest:
-        """(Offline.) The manifest of the commit the stores hold for ``revision`` (a saved scan of it, else the
-        files held of it), else the saved scan of ``revision`` itself (a branch scanned, nothing of it held
-        yet); OfflineError otherwise. The saved scan of another branch was taken whatever was asked: an
-        offline pull of main answered with the commit of dev scanned last, and moved main to it."""
-        answered = self.tiers.manifest(repo_id, revision)
-        if answered is not None:
-            return answered
-        try:
-            saved = self.get_manifest(repo_id)
-        except NotFoundError:
-            saved = None
-        if saved is not None and revision in (saved.revision, saved.commit_id):
-            return saved
-        held = "" if saved is None else f" (it holds {repo_id}@{saved.revision or saved.commit_id[:12]})"
-        raise OfflineError(
-            f"offline mode: the store does not hold {repo_id}@{revision}{held}, and finding it upstream needs "
-            "the network", repo_id=repo_id,
-        )  # fmt: skip
-
-    def _through_hub(self, manifest: Manifest) -> bool:
-        """Whether ``manifest`` was looked up at the Hub (``HF_ENDPOINT``): its address is known to answer."""
-        return manifest.endpoint.rstrip("/") == self.config.hub_endpoint.rstrip("/")
-
-    def _held_in_part(self, manifest: Manifest) -> bool:
-        """Whether ``manifest`` is what the store holds of an upstream's commit, not known to be the whole of
-        it: a commit adopted from a Hugging Face cache without its listing (a cache filled by hf_hub_download,
-        transformers' way, holds the files that were asked for). A pull of that commit by its id fetched
-        nothing, and said a file of it was not in it."""
-        if manifest.endpoint != IMPORTED_ENDPOINT:
-            return False
-        if self.store.manifests.listing(manifest.repo_id, manifest.commit_id) is not None:
-            return False  # (its whole listing is known: huggingface_hub's, kept as it was adopted)
-        from modeldepot.hfcache.cache import ORIGIN as HF_CACHE_ORIGIN
-
-        rows = self.store.index.read("SELECT origin FROM repos WHERE repo_id = ?", (manifest.repo_id,))
-        return bool(rows) and rows[0]["origin"] == HF_CACHE_ORIGIN
-
-    @staticmethod
-    def _branch(revision: str) -> str | None:
-        """The branch a pull of ``revision`` sets: none for a commit id, whole or its start, in any case (a
-        pull of ``-r CFEDE1F`` made a branch of that name)."""
-        lowered = revision.lower()
-        return None if is_commit_id(lowered) or SHORT_COMMIT.fullmatch(lowered) else revision
-
-    def _limits(self) -> Limits:
-        from modeldepot.transfer.download import Limits
-
-        slow, cap = self.config.slow_peer_rate, self.config.max_download_rate
-        # (under a download cap near that pace, the cap is what is slow: the upstream would not help)
-        slow = slow if cap is None or cap >= 2 * slow else 0
-        return Limits(per_source=self.config.connections_per_source, total=self.config.connections,
-                      slow_peer_rate=slow)  # fmt: skip
+        return self._upstream.manifest_for(repo_id, revision)
 
     @_any_case
     def upstream_file_counts(self, repo_id: str) -> dict[str, int]:

@@ -57,6 +57,7 @@ from modeldepot.store.partials import ResumablePartial
 from modeldepot.store.publish import publish_branch
 from modeldepot.transfer.outage import QUICK_REFUSALS
 from modeldepot.transfer.pull import PullResult, PullUpdate, revision_spec
+from modeldepot.upstream import branch_set_by
 from modeldepot.validation import is_commit_id, validate_path
 
 __all__ = ["Mirror"]
@@ -363,7 +364,7 @@ class Mirror:
         ttl, now = self.depot.config.mirror_ttl, time.monotonic()
         repo, found = manifest.repo_id.lower(), {}
         for (_, revision), (when, scan) in self._manifests.items():
-            if (now - when < ttl and scan is not manifest and Depot._branch(revision) is not None
+            if (now - when < ttl and scan is not manifest and branch_set_by(revision) is not None
                     and scan.revision == revision and scan.commit_id == manifest.commit_id
                     and scan.repo_id.lower() == repo):  # fmt: skip
                 found[revision] = scan
