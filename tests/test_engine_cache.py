@@ -1219,3 +1219,40 @@ def test_an_async_loader_that_raises_stopiteration_is_an_error_not_a_wait_for_ev
             return str(error)
 
     assert "StopIteration" in _in_a_thread(lambda: asyncio.run(load()), timeout=10)
+
+
+def test_a_loader_that_asks_for_its_own_key_fails_rather_than_waiting_for_good() -> None:
+    """A loader that asked the cache for the key it was loading waited for its own end, for good (an
+    explorer's trial: a server worker silent, no error to find). It is a RuntimeError now, sync and async,
+    and the key loads afterwards."""
+    cache: LoadedModelCache[str] = LoadedModelCache()
+
+    def recursive() -> str:
+        return cache.get_or_load("self", recursive)
+
+    result: list[BaseException] = []
+    worker = threading.Thread(
+        target=lambda: _record_error(result, lambda: cache.get_or_load("self", recursive)), daemon=True
+    )
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "the load waited for its own end"
+    assert isinstance(result[0], RuntimeError) and "asked the cache for 'self' itself" in str(result[0])
+
+    async def recursive_async() -> str:
+        return await cache.get_or_load_async("other", recursive_async)
+
+    async def main() -> str:
+        return await asyncio.wait_for(cache.get_or_load_async("other", recursive_async), 10)
+
+    with pytest.raises(RuntimeError, match="asked the cache for 'other' itself"):
+        asyncio.run(main())
+    assert cache.get_or_load("self", lambda: "engine") == "engine"
+    assert cache.stats().cached_models == 1
+
+
+def _record_error(errors: list[BaseException], call: Callable[[], Any]) -> None:
+    try:
+        call()
+    except BaseException as error:
+        errors.append(error)

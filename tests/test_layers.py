@@ -90,7 +90,7 @@ def test_public_api_is_pinned() -> None:
         "StoreSchemaError",
         "VerifyProblem", "VerifyReport", "__version__", "UpstreamError", "UpstreamDataError", "UpstreamTimeoutError", "AccessDeniedError",
         "OfflineError", "PullRunningError", "ChunkNotAvailableError", "ReadOnlyStoreError", "CommitConflictError",
-        "BlobRemovedError", "IndexDamagedError",
+        "BlobRemovedError", "IndexDamagedError", "BudgetExceededError",
     }  # fmt: skip
     for name in modeldepot.__all__:
         assert hasattr(modeldepot, name)

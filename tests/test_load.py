@@ -880,3 +880,36 @@ def test_a_wrong_engine_is_said_once_and_without_the_network_for_a_commit(
             depot.load("acme/st", revision=commit)
         assert str(at_commit.value) == said
         assert depot.load("acme/st", engine="safetensors")["w"].shape == (4, 4)
+
+
+def test_a_load_links_no_other_variants_files_and_one_killed_midway_holds_no_space_from_rm(
+    loaded: Depot,
+) -> None:
+    """A load's view of the model's folder linked every variant's files, and a load killed midway left those
+    links in tmp/: `rm` of the repo then said "0 B freed; … more stay on disk, linked from elsewhere too (a
+    Hugging Face cache …)", of a store that had none (an explorer's 1.5 GiB model). Now the view holds the
+    loaded variant's files alone, and a removal sweeps what dead loads left first."""
+    import signal
+    import subprocess
+    import sys
+
+    child = (
+        "import os, signal, sys\n"
+        "from modeldepot import Depot\n"
+        "from modeldepot.hub.variants import files_of_other_variants\n"
+        f"depot = Depot({str(loaded.home)!r})\n"
+        f"commit = depot.resolve({REPO!r})\n"
+        "paths = [e.path for e in depot.list_files(" + repr(REPO) + ")]\n"
+        "others = files_of_other_variants('onnx/model_fp16.onnx', paths)\n"
+        f"with depot.store.linked_folder({REPO!r}, commit, 'onnx', others) as view:\n"
+        "    print(sorted(p.name for p in view.iterdir()), flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert done.stdout.strip() == "['model_fp16.onnx']"
+    assert any(loaded.store.layout.tmp.iterdir())  # (what the killed load left)
+    total = sum(e.size for e in loaded.list_files(REPO))
+    result = loaded.remove(REPO)
+    assert (result.bytes_freed, result.bytes_still_linked) == (total, 0)
+    assert not any(loaded.store.layout.tmp.iterdir())

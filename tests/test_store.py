@@ -102,11 +102,49 @@ def test_map_file_releases_the_mapping_and_refuses_while_a_slice_is_held(
     mapped.close()
 
 
+def test_map_file_read_through_numpy_ends_its_block_without_an_error(depot: Depot, model_dir: Path) -> None:
+    """``np.frombuffer(view)`` in the block, the usual way to read the bytes: the array, a local, still lived
+    as the block ended, and its exit raised BufferError, in place of the block's own exception too (an
+    explorer's trial). The mapping now stays while the array lives, with a ResourceWarning."""
+    import gc
+    import weakref
+
+    import numpy as np
+
+    depot.import_dir(model_dir, REPO)
+    data = sample_files()["model.safetensors"]
+    with (
+        pytest.warns(ResourceWarning, match="stays mapped"),
+        depot.map_file(REPO, "model.safetensors") as view,
+    ):
+        array = np.frombuffer(view, dtype=np.uint8)
+    assert array[:16].tobytes() == data[:16]  # (still mapped: read after the block)
+    arrays = []
+
+    def read_then_fail() -> None:
+        with depot.map_file(REPO, "model.safetensors") as view:
+            arrays.append(np.frombuffer(view, dtype=np.uint8))
+            raise KeyError("the block's own")
+
+    with pytest.warns(ResourceWarning), pytest.raises(KeyError, match="the block's own"):
+        read_then_fail()
+    assert arrays[0][-1] == data[-1]
+    mapped = depot.map_file(REPO, "model.safetensors")
+    gone = weakref.finalize(mapped.view.obj, lambda: None)  # (the mmap the view exports)
+    with pytest.warns(ResourceWarning), mapped as view:
+        last = np.frombuffer(view, dtype=np.uint8)
+    assert gone.alive
+    del last, view
+    gc.collect()
+    assert not gone.alive  # unmapped with the last array
+
+
 def test_open_file_is_seekable_and_streams(depot: Depot, model_dir: Path) -> None:
     depot.import_dir(model_dir, REPO)
     data = sample_files()["model.safetensors"]
     with depot.open_file(REPO, "model.safetensors") as stream:
         assert stream.seekable()
+        assert stream.name == str(depot.file_path(REPO, "model.safetensors"))  # (was the descriptor's number)
         stream.seek(1000)
         assert stream.read(10) == data[1000:1010]
         assert stream.tell() == 1010
@@ -1172,6 +1210,15 @@ def test_chunk_size_is_fixed_per_store(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("MODELDEPOT_CHUNK_SIZE", "lots")
     with pytest.raises(ConfigError, match="cannot read size"):
         Depot(tmp_path / "v")
+    monkeypatch.delenv("MODELDEPOT_CHUNK_SIZE")
+    # Written as every size of modeldepot's is (a TypeError from deep inside, in an explorer's trial)
+    with Depot(tmp_path / "w", chunk_size="128KiB") as texted:
+        assert texted.chunk_size == 128 << 10
+    with pytest.raises(ConfigError, match="chunk_size: cannot read size 'lots'"):
+        Depot(tmp_path / "x", chunk_size="lots")
+    with pytest.raises(ConfigError, match="chunk_size is a number of bytes"):
+        Depot(tmp_path / "y", chunk_size=65536.0)  # type: ignore[arg-type]
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_default_home_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ from modeldepot._version import __version__
 from modeldepot.errors import (
     AccessDeniedError,
     BlobRemovedError,
+    BudgetExceededError,
     ChunkNotAvailableError,
     CommitConflictError,
     ConfigError,
@@ -81,6 +82,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AccessDeniedError",
     "BlobRemovedError",
+    "BudgetExceededError",
     "ChunkNotAvailableError",
     "CommitConflictError",
     "ConfigError",

@@ -17,13 +17,14 @@ import inspect
 import logging
 import mmap
 import threading
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from functools import wraps
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
-from modeldepot.config import DepotConfig, shared_homes
+from modeldepot.config import DepotConfig, parse_size, shared_homes
 from modeldepot.errors import (
     ConfigError,
     CorruptBlobError,
@@ -174,13 +175,27 @@ def _repo_list(repo_ids: Sequence[str] | None) -> list[str] | None:
     return None if repo_ids is None else list(repo_ids)
 
 
+def _chunk_size(size: int | str | None) -> int | None:
+    """A chunk size given to :class:`Depot` as bytes or as text (``"16MiB"``, as every size of modeldepot's)."""
+    if isinstance(size, str):
+        try:
+            return parse_size(size)
+        except ConfigError as error:
+            raise ConfigError(f"chunk_size: {error}") from None
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int)):
+        raise ConfigError(f"chunk_size is a number of bytes or a size like '16MiB', not {size!r}")
+    return size
+
+
 def _not_here(repo_id: str, quant: str | None, revision: str, default: Callable[[Manifest], Pulled]) -> str:
     """(A load trying the depot's stores in turn.) Not in this store: the next one is tried."""
     raise NotFoundError(f"{repo_id}@{revision}: not held here", repo_id=repo_id)
 
 
 class MappedFile:
-    """A file's bytes mapped read-only; ``with`` yields a memoryview and unmaps on exit."""
+    """A file's bytes mapped read-only; ``with`` yields a memoryview and unmaps on exit (an array or slice
+    made from it that outlives the block keeps the mapping until it goes, with a ResourceWarning).
+    :meth:`close` raises BufferError while one lives."""
 
     def __init__(self, entry: FileEntry, mapping: mmap.mmap | None) -> None:
         self.entry = entry
@@ -204,13 +219,22 @@ class MappedFile:
     def __exit__(
         self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        try:
+            self.close()
+        except BufferError:
+            # An array made from the view (np.frombuffer), a local, still lives as the block ends: the mapping
+            # goes with the last of them. A BufferError here failed the usual way of reading the bytes, and
+            # hid the block's own exception.
+            self._mapping = None
+            warnings.warn(f"{self.entry.path!r} stays mapped while an array or a slice made from it lives",
+                          ResourceWarning, stacklevel=2)  # fmt: skip
 
 
 class Depot:
     """A model depot rooted at ``home`` (default: ``MODELDEPOT_HOME``, else ``~/.cache/modeldepot``).
 
-    ``chunk_size`` only matters when the store is created; with ``create=False`` a ``home`` that holds no
+    ``chunk_size`` (bytes, or a size like ``"16MiB"``) is the new store's; an existing store of another chunk
+    size is a :class:`~modeldepot.errors.ConfigError`. With ``create=False`` a ``home`` that holds no
     store is a :class:`~modeldepot.errors.ConfigError` instead of a new, empty store. ``servers`` (default
     ``MODELDEPOT_SERVERS``) are the depot nodes pulls ask before the Hub; ``cluster`` (default
     ``MODELDEPOT_CLUSTER``, like ``etcd://HOST:PORT``) is the fleet's registry, whose live nodes pulls ask
@@ -242,7 +266,7 @@ class Depot:
         self,
         home: str | Path | None = None,
         *,
-        chunk_size: int | None = None,
+        chunk_size: int | str | None = None,
         servers: Sequence[str] | None = None,
         cluster: str | None = None,
         engine_cache: LoadedModelCache[Any] | None = None,
@@ -250,6 +274,7 @@ class Depot:
         shared: Sequence[str | Path] | None = None,
     ) -> None:
         base = DepotConfig.from_env(home=home)
+        chunk_size = _chunk_size(chunk_size)
         self.config = dataclasses.replace(
             base,
             chunk_size=chunk_size if chunk_size is not None else base.chunk_size,

@@ -26,6 +26,7 @@ HTTP status in one place each::
     ├── PullRunningError                         a pull of the repo runs: removing it waits → exit 1 / 409
     ├── StoreError (OSError)                     the store itself cannot do its job        → exit 1
     │   ├── StoreFullError                       ENOSPC / SQLITE_FULL: nothing partial is left behind
+    │   │   └── BudgetExceededError              the disk budget cannot hold it, even evicting what may go
     │   ├── SharedBlobsRemovedError              files it shares removed before it published: fetched again
     │   └── StoreSchemaError                     an index written by a newer modeldepot
     └── ConfigError                              bad settings (env vars, chunk size)       → exit 2
@@ -41,6 +42,7 @@ from typing import Any
 __all__ = [
     "AccessDeniedError",
     "BlobRemovedError",
+    "BudgetExceededError",
     "ConfigError",
     "CorruptBlobError",
     "DepotError",
@@ -283,6 +285,20 @@ class StoreError(DepotError, OSError):
 
 class StoreFullError(StoreError):
     """No space left: the operation was rolled back and nothing partial is visible."""
+
+
+class BudgetExceededError(StoreFullError):
+    """The new content does not fit in the disk budget even after evicting everything that may go (nothing
+    was removed for it). ``budget_bytes``, ``protected_bytes`` (pinned, in use), ``needed_bytes``."""
+
+    def __init__(self, message: str, *, budget_bytes: int, protected_bytes: int, needed_bytes: int,
+                 repo_id: str | None = None) -> None:  # fmt: skip
+        super().__init__(message, repo_id=repo_id)
+        self.budget_bytes, self.protected_bytes, self.needed_bytes = (
+            budget_bytes,
+            protected_bytes,
+            needed_bytes,
+        )
 
 
 class SharedBlobsRemovedError(StoreError):

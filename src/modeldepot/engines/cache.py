@@ -509,6 +509,9 @@ class LoadedModelCache(Generic[M]):
         assert flight is not None
         if not leader:
             with self._lock:
+                if flight in self._led_here_locked():  # (it would wait for its own end: for good, in a trial)
+                    raise RuntimeError(f"the loader of {key!r} asked the cache for {key!r} itself: a load cannot "
+                                       "wait for its own end")  # fmt: skip
                 if not flight.admitted and any(f.admitted for f in self._led_here_locked()):
                     # (this thread holds room for a load of its own: were that load's companion to wait for
                     # room, each would wait for the other, a review)

@@ -278,14 +278,17 @@ def _onnx_from_mappings(
         beside: dict[str, memoryview] = {}
         for entry in store.files(repo_id, commit_id):
             name = entry.path[len(prefix) :]
-            if not entry.path.startswith(prefix) or entry.path == chosen or name.endswith(".onnx"):
+            skipped = (
+                entry.path == chosen or name.endswith(".onnx") or entry.path in others
+            )  # (another variant's)
+            if not entry.path.startswith(prefix) or skipped:
                 continue
             try:
                 mapping = store.map(entry)
             except (CorruptBlobError, NotFoundError):
-                if "/" not in name and entry.path not in others:
+                if "/" not in name:
                     raise  # the folder's own files: the model's external data among them
-                continue  # (another variant's, or a subfolder's: linked_folder's rule)
+                continue  # (a subfolder's: linked_folder's rule)
             if mapping is not None:
                 held.callback(mapping.close)
                 view = memoryview(mapping)

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from modeldepot.config import budget_text, parse_max_size
-from modeldepot.errors import ConfigError, NotFoundError, StoreFullError
+from modeldepot.errors import BudgetExceededError, ConfigError, NotFoundError
 from modeldepot.store.eviction import EvictionOrder, Kept, Unit, Variants, ok_bytes, shared_blobs
 from modeldepot.store.layout import os_error
 from modeldepot.store.models import _Record
@@ -79,19 +79,6 @@ InUse = Callable[[], Iterable[tuple[str, str | None]]]
 """Names what is in use: (repo id, commit id), or (repo id, None) for every revision of the repo."""
 PathsInUse = Callable[[], Mapping[tuple[str, str], set[str]]]
 """(repo id, commit id) -> the files of it in use (what the :data:`InUse` hooks name, file by file)."""
-
-
-class BudgetExceededError(StoreFullError):
-    """The new content does not fit in the disk budget even after evicting everything that may go."""
-
-    def __init__(self, message: str, *, budget_bytes: int, protected_bytes: int, needed_bytes: int,
-                 repo_id: str | None = None) -> None:  # fmt: skip
-        super().__init__(message, repo_id=repo_id)
-        self.budget_bytes, self.protected_bytes, self.needed_bytes = (
-            budget_bytes,
-            protected_bytes,
-            needed_bytes,
-        )
 
 
 @dataclass(frozen=True)

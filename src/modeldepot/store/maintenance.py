@@ -272,6 +272,11 @@ def _delete_blob_files(store: Store, digests: list[str]) -> tuple[int, int]:
     """Unlink the files of blobs whose rows are gone (under the exclusive lock): (bytes freed, bytes still
     on the disk because another name links them: a Hugging Face cache the store adopted or exported to, a folder
     imported with --link)."""
+    if digests:  # (a load killed midway left links to its model's blobs in tmp/: they are not "elsewhere")
+        try:
+            _collect_sessions(store)
+        except OSError as error:
+            log.debug("tmp/ left as it is for now: %s", error)
     freed = still_linked = 0
     sources = linked_sources(store, digests)
     unrecorded = store.index.setting("links_unrecorded") == "1"  # (a store that linked files before schema 9)

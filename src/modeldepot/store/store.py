@@ -447,8 +447,12 @@ class Store:
             os.close(fd)
 
     def open(self, entry: FileEntry) -> BinaryIO:
-        """A seekable binary stream over the blob; reads go straight to the file, nothing is held."""
-        return io.BufferedReader(io.FileIO(self.open_fd(entry), "rb", closefd=True), buffer_size=1 << 20)
+        """A seekable binary stream over the blob; reads go straight to the file, nothing is held. Its
+        ``name`` is the file's path in the revision's snapshot (a descriptor's number said nothing to code that
+        logs it, or that tells a format by its suffix)."""
+        raw = io.FileIO(self.open_fd(entry), "rb", closefd=True)
+        raw.name = str(self.layout.snapshot_file(self.snapshots.path(entry.repo_id, entry.commit_id), entry.path))
+        return io.BufferedReader(raw, buffer_size=1 << 20)
 
     def chunk(self, entry: FileEntry, index: int) -> memoryview:
         """Chunk ``index`` of a file as a zero-copy view, checked against its BLAKE3 digest first."""
@@ -690,9 +694,10 @@ class Store:
         folder in the revision's snapshot (symbolic links to the blobs).
 
         A file of the folder itself that is missing or corrupt fails the view (it may be the model's, or
-        its external data), unless it is one of ``others`` (another variant's, which the loader does
-        without: one quant's rotted weights must not stop every quant beside it); a subfolder's is left
-        out."""
+        its external data); a subfolder's is left out. ``others`` (another variant's files, which the loader
+        does without) are not linked: one quant's rotted weights must not stop every quant beside it, and a
+        load killed midway left links to every variant's weights in tmp/ (until the next writer swept them,
+        their bytes stayed when the repo was removed)."""
         if self.read_only:
             with self._snapshot_folder(repo_id, commit_id, folder, others) as view:
                 yield view
@@ -703,15 +708,15 @@ class Store:
             try:
                 self.layout.inside(view).mkdir(parents=True)
                 for entry in self.revision_files(repo_id, commit_id):
-                    if not entry.path.startswith(prefix):
-                        continue
+                    if not entry.path.startswith(prefix) or entry.path in others:
+                        continue  # (another model's, not the loader's business)
                     name = entry.path[len(prefix) :]
                     try:
                         os.close(self.open_fd(entry))  # there, with the right size
                     except (CorruptBlobError, NotFoundError) as error:
-                        if "/" not in name and entry.path not in others:
+                        if "/" not in name:
                             raise _naming(error, entry) from None  # the model's, or its external data
-                        continue  # another model's, not the loader's business
+                        continue
                     link = self.layout.inside(self.layout.snapshot_file(view, name))
                     link.parent.mkdir(parents=True, exist_ok=True)
                     os.link(self.blobs.path(entry.sha256), link)
