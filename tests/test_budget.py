@@ -1162,6 +1162,25 @@ def test_a_quant_pulled_into_an_older_revision_is_not_the_first_to_go(
         assert store_files_consistent(local) == []
 
 
+def test_a_repo_pulled_whole_gives_up_one_quant_before_its_revision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream: Depot
+) -> None:
+    """The pull marked the revision used a moment before its variants: the revision, older by microseconds,
+    went whole where one quant was enough (an explorer's 18 MiB GGUF repo evicted for 1 MiB of room)."""
+    with budgeted(tmp_path / "local", "3.5MiB", monkeypatch) as local:
+        local.pull("up/q")
+        assert held_paths(local, "up/q") == {"config.json", "model-Q4_K_M.gguf", "model-Q8_0.gguf"}
+        evicted = local.store.budget.make_room(int(2 * MB), "test")
+        assert [(e.repo_id, e.variant) for e in evicted] == [("up/q", "Q4_K_M")]
+        assert held_paths(local, "up/q") == {"config.json", "model-Q8_0.gguf"}
+    with budgeted(tmp_path / "other", "3.5MiB", monkeypatch) as other:
+        other.pull("up/q")
+        other.snapshot_path("up/q")  # (a folder handed to a loader: a use of every variant, the same way)
+        other.store.access.flush()
+        (planned,) = other.store.budget.plan_shrink(int(1.5 * MB))
+        assert planned.variant in ("Q4_K_M", "Q8_0")  # (one of them, not the revision)
+
+
 def test_a_kept_revision_keeps_one_variant_and_what_cannot_fit_is_refused_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

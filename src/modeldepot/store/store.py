@@ -451,7 +451,9 @@ class Store:
         ``name`` is the file's path in the revision's snapshot (a descriptor's number said nothing to code that
         logs it, or that tells a format by its suffix)."""
         raw = io.FileIO(self.open_fd(entry), "rb", closefd=True)
-        raw.name = str(self.layout.snapshot_file(self.snapshots.path(entry.repo_id, entry.commit_id), entry.path))
+        raw.name = str(
+            self.layout.snapshot_file(self.snapshots.path(entry.repo_id, entry.commit_id), entry.path)
+        )
         return io.BufferedReader(raw, buffer_size=1 << 20)
 
     def chunk(self, entry: FileEntry, index: int) -> memoryview:

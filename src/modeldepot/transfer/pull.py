@@ -296,9 +296,11 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
         # A pull is a use of the repo and of each variant it pulled (the disk budget evicts the least
         # recently used: a quant pulled into a months-old revision must not be the first to go), written
         # before its status says it ended, which ends the protection of a pull in progress for the others
+        # (each variant with its revision, at one moment: the revision marked before them was older by
+        # microseconds, and went whole where one quant was enough, an explorer's trial)
         store.access.record(manifest.repo_id, count=0, commit_id=manifest.commit_id)
         for name in names:
-            store.access.record(manifest.repo_id, name, count=0)
+            store.access.record(manifest.repo_id, name, count=0, commit_id=manifest.commit_id)
         try:
             await asyncio.to_thread(store.access.flush)
         except DepotError as error:  # (the pull is done: only the budget's order would miss it)
