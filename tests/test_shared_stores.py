@@ -18,7 +18,13 @@ from conftest import SMALL_CHUNK, LiveNode, flip_byte, store_files_consistent, w
 from fleetnodes import base_env, modeldepot
 from modeldepot import Depot
 from modeldepot.cli import cli
-from modeldepot.errors import ConfigError, NotFoundError, ReadOnlyStoreError, RevisionNotFoundError
+from modeldepot.errors import (
+    ConfigError,
+    CorruptBlobError,
+    NotFoundError,
+    ReadOnlyStoreError,
+    RevisionNotFoundError,
+)
 from modeldepot.server.app import create_app
 
 MB = 1 << 20
@@ -168,7 +174,6 @@ def test_a_file_found_rotten_in_the_shared_store_is_pulled_into_the_users_own(
     it in place (the store is not theirs to repair), but every pull after, in any process, took that copy
     for held ("0 B downloaded from shared") and the file was never readable again (an explorer's trial). The
     refusal is kept in the user's own store: the next pull fetches the file there."""
-    from modeldepot.errors import CorruptBlobError
 
     with Depot(admin) as depot:
         flip_byte(depot.store.blobs.path(depot.file_info("acme/common", "model.safetensors").sha256), 200)
@@ -402,6 +407,23 @@ def test_the_hf_cache_gets_what_reads_find_and_own_store_commands_say_where_a_re
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = hf_hub_download("acme/q", "model-Q4_K_M.gguf", cache_dir=cache, local_files_only=True)
     assert Path(path).read_bytes() == (tmp_path / "src" / "q" / "model-Q4_K_M.gguf").read_bytes()
+
+
+def test_a_new_users_first_read_that_finds_a_shared_blob_corrupt_keeps_its_note(
+    tmp_path: Path, admin: Path
+) -> None:
+    """A new user's first command (its store made for it) found a shared blob corrupt: the failed command
+    removed the store it had just made, "untouched", with the note of the refusal in it, and the next pull
+    took the rotten copy for held ("0 B downloaded from shared", an explorer's trial)."""
+    with Depot(admin) as depot:
+        sha256 = depot.file_info("acme/common", "model.safetensors").sha256
+        flip_byte(depot.store.blobs.path(sha256), 200)
+    env = {"MODELDEPOT_SHARED": str(admin), "MODELDEPOT_HOME": str(tmp_path / "fresh")}
+    done = CliRunner().invoke(cli, ["cat", "acme/common", "model.safetensors"], env=env)
+    assert done.exit_code == 1 and "corrupt" in done.stderr, done.stderr
+    assert (tmp_path / "fresh" / "shared-refused" / sha256).is_file()
+    with Depot(tmp_path / "fresh", shared=[admin]) as user, pytest.raises(CorruptBlobError):
+        user.file_path("acme/common", "model.safetensors")  # (refused from the note, in a new process)
 
 
 def test_a_new_users_store_reads_the_shared_one_at_once(tmp_path: Path, admin: Path) -> None:

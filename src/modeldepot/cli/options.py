@@ -65,10 +65,12 @@ def home_option_after(check: Callable[[dict[str, Any]], None], *, shared: bool =
 
 
 def _remove_if_untouched(folder: Path) -> None:
-    """Remove the store a failed command made at ``folder`` when nothing was kept in it (no repo, scan, blob nor
-    download) and no other process has it open (its index's log files are gone with the last connection): a
-    pull of a mistyped repo, or an `hf-cache import` of a folder that is not a cache, left an empty store where
-    a mistyped --home named, and the next read there took it for the user's."""
+    """Remove the store a failed command made at ``folder`` when nothing was kept in it (no repo, scan, blob,
+    download, nor note of a shared store's blob found corrupt) and no other process has it open (its index's log
+    files are gone with the last connection): a pull of a mistyped repo, or an `hf-cache import` of a folder
+    that is not a cache, left an empty store where a mistyped --home named, and the next read there took it
+    for the user's. (A new user's first `cat` that found a shared blob corrupt lost the note with the store,
+    and the next pull took the rotten copy for held.)"""
     import shutil
     import sqlite3
 
@@ -81,7 +83,9 @@ def _remove_if_untouched(folder: Path) -> None:
                        for table in ("repos", "manifests", "blobs"))  # fmt: skip
     except sqlite3.Error:
         return
-    if kept or any(p.is_file() for p in (folder / "partials").glob("*")):
+    from modeldepot.tiers import REFUSED_FOLDER
+
+    if kept or any(p.is_file() for name in ("partials", REFUSED_FOLDER) for p in (folder / name).glob("*")):
         return
     shutil.rmtree(folder, ignore_errors=True)
 
