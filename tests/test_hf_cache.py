@@ -501,6 +501,38 @@ def test_a_repo_that_cannot_be_adopted_is_skipped_and_the_others_are_adopted(
     assert code == 1 and json.loads(out)["problems"], out  # (--json printed nothing when a repo failed)
 
 
+def test_a_repo_that_cannot_fit_beside_those_adopted_before_it_in_the_run_is_refused_not_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a disk budget, the second repo of a run evicted the first to make its room, and the run said
+    both adopted (exit 0; an explorer's trial: the summary listed a repo `ls` no longer showed)."""
+    import hashlib
+    import random
+
+    cache = tmp_path / "hf"
+    for name, seed in (("aaa", 1), ("bbb", 2)):
+        data = random.Random(seed).randbytes(700 << 10)
+        sha = hashlib.sha256(data).hexdigest()
+        folder = cache / f"models--acme--{name}"
+        (folder / "blobs").mkdir(parents=True)
+        (folder / "blobs" / sha).write_bytes(data)
+        (folder / "snapshots" / (str(seed) * 40)).mkdir(parents=True)
+        (folder / "snapshots" / (str(seed) * 40) / "w.bin").symlink_to(f"../../blobs/{sha}")
+        (folder / "refs").mkdir()
+        (folder / "refs" / "main").write_text(str(seed) * 40)
+    monkeypatch.setenv("MODELDEPOT_MAX_SIZE", "1MiB")  # room for one of them
+    with Depot(tmp_path / "store") as store:
+        result = store.hf_cache_import(cache_dir=cache, copy=True)
+        assert [r.repo_id for r in result.repos] == ["acme/aaa"]
+        assert [(p.repo_id, p.problem) for p in result.problems] == [("acme/bbb", "failed")]
+        assert "disk budget" in result.problems[0].detail
+        assert [r.repo_id for r in store.list_repos()] == ["acme/aaa"]
+        assert store.budget_status().evictions == 0
+        # A run of its own later may evict it, as any write evicts what was used least lately
+        assert store.hf_cache_import(["acme/bbb"], cache_dir=cache, copy=True).ok
+        assert [r.repo_id for r in store.list_repos()] == ["acme/bbb"]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="gives a file to another user: as root")
 def test_another_users_files_are_copied_never_linked_even_by_root(depot: Depot, hf_cache: Path) -> None:
     weights = snapshot_of(hf_cache) / "model.safetensors"

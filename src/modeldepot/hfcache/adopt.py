@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -359,11 +360,19 @@ def import_hf_cache(
         if progress is not None:
             progress(what, done[0] + count, total)
 
+    with contextlib.ExitStack() as run:
+        return _adopt_each(store, scan, cache, repos, private, copy, report, done, run)
+
+
+def _adopt_each(store: Store, scan: _Scan, cache: Path, repos: list[_CachedRepo], private: bool, copy: bool,
+                report: Callable[[str, int], None], done: list[int], run: contextlib.ExitStack) -> HfCacheImportResult:  # fmt: skip
+    """Adopt each repo in turn (those adopted kept from evictions until ``run`` ends); what each could not be
+    adopted for is a problem of the result."""
     adopted = []
     for repo in repos:
         start = done[0]
         try:
-            result = _adopt(store, scan, repo, private, not copy, report, done)
+            result = _adopt(store, scan, repo, private, not copy, report, done, run)
         except (
             BudgetExceededError,
             StoreFullError,
@@ -444,8 +453,11 @@ def _linkable(store: Store, source: Path) -> bool:
 
 
 def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bool,
-           report: Callable[[str, int], None], done: list[int]) -> tuple[HfCacheRepo, frozenset[str]] | None:  # fmt: skip
-    """The repo adopted from one folder, and the contents (SHA-256s) it verified."""
+           report: Callable[[str, int], None], done: list[int],
+           run: contextlib.ExitStack) -> tuple[HfCacheRepo, frozenset[str]] | None:  # fmt: skip
+    """The repo adopted from one folder, and the contents (SHA-256s) it verified. Once adopted, it is kept
+    from the disk budget's evictions until ``run`` ends: a repo that could not fit beside the ones adopted
+    before it evicted them, and the run said all of them adopted (an explorer's trial)."""
     sources = _blob_sources(repo)
     if not sources:
         for name, commit in repo.refs.items():
@@ -455,7 +467,8 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
     durable = not store.durability.deferred
     doing = f"adopting {repo.repo_id} from the Hugging Face cache"
     sweep_dead_sessions(store)
-    with store.budget.writing(repo.repo_id) as writer, WriteSession(store.layout) as session:
+    with contextlib.ExitStack() as this_repo, WriteSession(store.layout) as session:
+        writer = this_repo.enter_context(store.budget.writing(repo.repo_id))
         # The disk budget: what surely cannot fit is refused before anything is staged; room is made for
         # what turned out new once hashed, the blobs it shares kept from eviction meanwhile.
         # (counted by the cache's sizes: a blob the check would find corrupt, and skip, is counted here too)
@@ -509,6 +522,7 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
         room_for_new(store, writer, partials, doing, free=linked_ones)
         revisions, new = _publish_revisions(store, scan, repo, verified, partials, private)
         writer.keep_within()
+        run.enter_context(this_repo.pop_all())  # (the writer, which reserves no more, keeps the repo)
     new_bytes = sum(p.size for sha256, p in partials.items() if sha256 in new)
     # (what came into the store, and how: a run again linked nothing, and said "7 hard-linked" of blobs it held)
     linked = len(new & linked_ones)
