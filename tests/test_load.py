@@ -913,3 +913,28 @@ def test_a_load_links_no_other_variants_files_and_one_killed_midway_holds_no_spa
     result = loaded.remove(REPO)
     assert (result.bytes_freed, result.bytes_still_linked) == (total, 0)
     assert not any(loaded.store.layout.tmp.iterdir())
+
+
+def test_a_session_starting_in_another_pid_namespace_is_not_swept_by_a_removal(loaded: Depot) -> None:
+    """A removal sweeps what dead writers left in tmp/ (above); a session still under its dot-name whose pid
+    no kill here can see (a writer in another container sharing the store, between its mkdir and its rename)
+    was taken for dead and removed, and that writer's start failed. Young or locked, it stays; old and
+    unlocked, with no such process, it goes."""
+    import fcntl
+
+    tmp = loaded.store.layout.tmp
+    tmp.mkdir(exist_ok=True)
+    starting = tmp / ".999999999-0123456789abcdef"  # (no such pid here)
+    starting.mkdir()
+    locked = tmp / ".999999998-0123456789abcdef"
+    locked.mkdir()
+    lock_fd = os.open(locked / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    old = os.stat(starting).st_mtime - 3600
+    os.utime(locked, (old, old))
+    loaded.remove(REPO, quant="fp16")
+    assert starting.is_dir() and locked.is_dir()
+    os.utime(starting, (old, old))
+    loaded.remove(REPO)
+    assert not starting.exists() and locked.is_dir()
+    os.close(lock_fd)

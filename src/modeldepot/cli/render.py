@@ -463,7 +463,7 @@ def render_remove(result: RemoveResult) -> None:
         + (
             f"; {format_bytes(result.bytes_still_linked)} more stay on disk, linked from elsewhere too (a Hugging "
             "Face cache the store adopted or `hf-cache export` fed, a folder imported with --link: deleting them "
-            "there frees them; a model another process is loading now: freed once its load ends)"
+            "there frees them; a model being loaded now: freed once its load ends)"
             if result.bytes_still_linked
             else ""
         )

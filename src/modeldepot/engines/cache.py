@@ -509,7 +509,9 @@ class LoadedModelCache(Generic[M]):
         assert flight is not None
         if not leader:
             with self._lock:
-                if flight in self._led_here_locked():  # (it would wait for its own end: for good, in a trial)
+                if flight.thread == threading.get_ident():
+                    # (its own loader, on its thread, would wait for its own end: for good, in a trial; one on a
+                    # thread the loader started, or a task, may be a companion the loader does not wait for)
                     raise RuntimeError(f"the loader of {key!r} asked the cache for {key!r} itself: a load cannot "
                                        "wait for its own end")  # fmt: skip
                 if not flight.admitted and any(f.admitted for f in self._led_here_locked()):

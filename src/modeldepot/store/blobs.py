@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 _SYNC_FILE_RANGE_WRITE = 2
+STARTING_SESSION_FRESH = 60.0  # seconds an unlocked session under its dot-name is taken to be starting
 STARTING_SESSION_GRACE = 3600.0  # seconds a session may sit under its dot-name while its pid is alive
 
 
@@ -294,9 +295,20 @@ class WriteSession:
             layout.rmtree(starting)
             raise os_error(error, "starting a write in the store's tmp/") from error
 
-    @staticmethod
-    def _starting_is_abandoned(session_dir: Path) -> bool:
-        """A session still under its dot-name: its writer is between mkdir and rename, or died there."""
+    @classmethod
+    def _starting_is_abandoned(cls, session_dir: Path) -> bool:
+        """A session still under its dot-name: its writer is between mkdir and rename, or died there. Its lock
+        held, or its folder a few seconds old, it lives whatever the pid says: a writer in another pid
+        namespace (a container sharing the store) is one no kill sees, and its start failed when a removal's
+        sweep of tmp/ came between."""
+        if lock_is_held(session_dir / cls.LOCK_NAME) is True:
+            return False
+        try:
+            age = time.time() - session_dir.lstat().st_mtime
+        except FileNotFoundError:
+            return False  # (renamed meanwhile: started)
+        if age < STARTING_SESSION_FRESH:
+            return False
         pid_text = session_dir.name[1:].split("-", 1)[0]
         try:
             os.kill(int(pid_text), 0)
@@ -305,7 +317,7 @@ class WriteSession:
         except PermissionError:
             pass  # alive, as another user
         # Alive, or the pid was reused: only a session stuck far longer than any start takes is dead.
-        return time.time() - session_dir.lstat().st_mtime > STARTING_SESSION_GRACE
+        return age > STARTING_SESSION_GRACE
 
     def new_partial(self, size: int) -> PartialBlob:
         """A new partial file, preallocated to ``size`` so a full disk fails before any work is done."""
