@@ -46,7 +46,7 @@ from modeldepot.hub.manifest import RemoteFile, holds_whole, keep_known_listing,
 from modeldepot.modelcard import MAX_CARD_BYTES, repo_card
 from modeldepot.store.blobs import PartialBlob, WriteSession
 from modeldepot.store.budget import BudgetExceededError, size_text
-from modeldepot.store.importer import likely_new_bytes, room_for_new, stage_blob, why_copied
+from modeldepot.store.importer import HeldContents, likely_new_bytes, room_for_new, stage_blob, why_copied
 from modeldepot.store.maintenance import sweep_dead_sessions
 from modeldepot.store.publish import RevisionSpec, StagedFile, publish
 from modeldepot.store.store import Store
@@ -482,8 +482,29 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
         partials: dict[str, PartialBlob] = {}  # by SHA-256
         linked_ones: set[str] = set()  # (SHA-256s) the partials that are hard links to the cache's files
         sources_of: dict[str, Path] = {}  # SHA-256 -> the cache's file it was staged from
+        held = HeldContents(store, writer, store.chunk_size)
         for etag, source in sorted(sources.items()):
             what = f"{repo.repo_id}/{source.path}"
+            if len(etag) == 64 and held.may_hold(source.size, etag):  # (held: hashed where it is, not copied)
+                try:
+                    digest = held.hashed(source.source, source.size, functools.partial(report, what))
+                except SourceDirectoryError as error:
+                    scan.problem(repo.repo_id, repo.folder / "blobs" / etag, "unreadable", str(error))
+                    continue
+                except IntegrityError as error:
+                    scan.problem(repo.repo_id, repo.folder / "blobs" / etag, "corrupt", str(error))
+                    continue
+                finally:
+                    done[0] += source.size
+                if digest.sha256 != etag:
+                    _corrupt(scan, repo, etag, digest.sha256, True)
+                    continue
+                if held.relied_on(digest):
+                    verified[etag] = _Verified(
+                        digest, True, git_blob_oid(lfs_pointer(digest.sha256, digest.size))
+                    )
+                    continue
+                done[0] -= source.size  # (gone meanwhile: staged below, as any other)
             try:
                 digest, partial, was_linked = stage_blob(
                     session,
@@ -505,10 +526,7 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
             actual = digest.sha256 if lfs else (digest.git_sha1 or _git_oid_of(partial.path, digest.size))
             if actual != etag:
                 partial.discard()
-                users = sum(1 for links in repo.snapshots.values() for f in links if f.etag == etag)
-                scan.problem(repo.repo_id, repo.folder / "blobs" / etag, "corrupt",
-                             f"its {'SHA-256' if lfs else 'git blob id'} is {actual}, not the name it has: "
-                             f"skipped, with the {users} file(s) that link to it")  # fmt: skip
+                _corrupt(scan, repo, etag, actual, lfs)
                 continue
             git_oid = git_blob_oid(lfs_pointer(digest.sha256, digest.size)) if lfs else etag
             verified[etag] = _Verified(digest, lfs, git_oid)
@@ -529,10 +547,18 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
     if link:
         _say_why_copied(store, scan, repo, {sha256: (sources_of[sha256], partials[sha256].size)
                                             for sha256 in new - linked_ones})  # fmt: skip
+    contents = frozenset(v.digest.sha256 for v in verified.values())  # (those held too: hashed in place)
     adopted = HfCacheRepo(
-        repo.repo_id, tuple(revisions), len(partials), len(new), new_bytes, linked, len(new) - linked
+        repo.repo_id, tuple(revisions), len(contents), len(new), new_bytes, linked, len(new) - linked
     )
-    return adopted, frozenset(partials)
+    return adopted, contents
+
+
+def _corrupt(scan: _Scan, repo: _CachedRepo, etag: str, actual: str, lfs: bool) -> None:
+    users = sum(1 for links in repo.snapshots.values() for f in links if f.etag == etag)
+    scan.problem(repo.repo_id, repo.folder / "blobs" / etag, "corrupt",
+                 f"its {'SHA-256' if lfs else 'git blob id'} is {actual}, not the name it has: "
+                 f"skipped, with the {users} file(s) that link to it")  # fmt: skip
 
 
 def _say_why_copied(
@@ -581,7 +607,9 @@ def _publish_revisions(store: Store, scan: _Scan, repo: _CachedRepo, verified: d
                             _card(links), card_known=any(link.path == "README.md" for link in links))  # fmt: skip
         used = {s.digest.sha256 for s in staged}
         try:
-            new |= publish(store, spec, staged, {sha256: partials[sha256] for sha256 in used})
+            new |= publish(
+                store, spec, staged, {sha256: partials[sha256] for sha256 in used if sha256 in partials}
+            )
         except CommitConflictError as conflict:
             # (another writer published the commit since it was looked at)
             scan.problem(repo.repo_id, repo.folder / "snapshots" / commit, "conflict", f"{conflict}: skipped")

@@ -41,11 +41,26 @@ from modeldepot.store.budget import BudgetWriter
 from modeldepot.store.layout import StoreLayout
 from modeldepot.store.maintenance import sweep_dead_sessions
 from modeldepot.store.models import ImportResult
-from modeldepot.store.publish import RevisionSpec, StagedFile, blob_states, publish, refuse_nested_branch
+from modeldepot.store.publish import (
+    RevisionSpec,
+    StagedFile,
+    blob_states,
+    held_good,
+    publish,
+    refuse_nested_branch,
+)
 from modeldepot.store.store import Store
 from modeldepot.validation import validate_new_branch, validate_path, validate_repo_id
 
-__all__ = ["ImportProgress", "import_dir", "likely_new_bytes", "room_for_new", "scan_source", "stage_blob"]
+__all__ = [
+    "HeldContents",
+    "ImportProgress",
+    "import_dir",
+    "likely_new_bytes",
+    "room_for_new",
+    "scan_source",
+    "stage_blob",
+]
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +179,43 @@ def _stage(
     return digest, partial
 
 
+class HeldContents:
+    """What an import finds the store holds already, by hashing a file where it is, before it copies it: a
+    folder imported again, or again with one file changed, needed free room for a second copy of all of it (a
+    disk mostly of models refused it: an explorer's trial), and wrote every byte again. Tried for a file of a
+    size some good blob has (an exact digest, when the caller knows one): a file new to the store is then
+    read twice, a held one never copied."""
+
+    def __init__(self, store: Store, writer: BudgetWriter, chunk_size: int) -> None:
+        self.store, self.writer, self.chunk_size = store, writer, chunk_size
+        self._sizes: set[int] | None = None
+
+    def may_hold(self, size: int, sha256: str | None = None) -> bool:
+        """Whether a good blob of ``size`` (or that very ``sha256``) may be there: worth a hash in place."""
+        if sha256 is not None:
+            return bool(held_good(self.store, [sha256]))
+        if self._sizes is None:
+            rows = self.store.index.read("SELECT DISTINCT size FROM blobs WHERE state = 'ok' AND size > 0")
+            self._sizes = {row["size"] for row in rows}
+        return size in self._sizes
+
+    def hashed(self, source: Path, size: int, report: Callable[[int], None]) -> BlobDigest:
+        """The digests of ``source``, read where it is (nothing written)."""
+        try:
+            handle = open(source, "rb", buffering=0)  # noqa: SIM115  (closed below)
+        except OSError as error:
+            raise SourceDirectoryError(f"cannot read {source}: {error.strerror}") from None
+        with handle:
+            return digest_stream(handle.readinto, size, self.chunk_size, progress=report)
+
+    def relied_on(self, digest: BlobDigest) -> bool:
+        """Whether the store holds ``digest``'s blob good, named first as one this write relies on (kept from
+        every process's evictions until it publishes: :meth:`BudgetWriter.reuse`)."""
+        self.writer.reuse([digest.sha256])
+        with self.store.lock.shared():
+            return bool(held_good(self.store, [digest.sha256]))
+
+
 def _stage_all(
     session: WriteSession,
     files: list[SourceFile],
@@ -171,9 +223,11 @@ def _stage_all(
     progress: ImportProgress | None,
     durable: bool = True,
     link: bool = False,
+    held: HeldContents | None = None,
 ) -> tuple[list[StagedFile], dict[str, PartialBlob], set[str]]:
     """Copy and hash every file into the session (with ``link``, hard-link those that can be: see
-    :func:`stage_blob`); one synced partial per distinct content, and the contents that were linked."""
+    :func:`stage_blob`); one synced partial per distinct content, and the contents that were linked. A file
+    ``held`` finds the store holds is hashed where it is and staged by no partial (publish reuses its blob)."""
     patterns = _lfs_patterns(files)
     total = sum(f.size for f in files)
     staged: list[StagedFile] = []
@@ -186,6 +240,13 @@ def _stage_all(
             if progress is not None:
                 progress(path, base + done, total)
 
+        if held is not None and held.may_hold(source.size):
+            digest = held.hashed(source.absolute, source.size, report)
+            if held.relied_on(digest):
+                lfs = is_lfs_path(source.path, digest.size, patterns, GIT_OID_LIMIT)
+                staged.append(StagedFile(source.path, digest, _git_oid(digest, lfs), lfs))
+                done_before += source.size
+                continue
         if link:  # (the file a link in the folder names: linking the link itself would copy; synced)
             real = Path(os.path.realpath(source.absolute))
             digest, partial, was_linked = stage_blob(session, real, chunk_size, report, durable, link=True)
@@ -414,8 +475,9 @@ def import_dir(
         # Before a byte is written, refuse what surely cannot fit (the files no blob of the same size may
         # hold); once hashed, make room for the blobs really new, keeping those it shares from eviction.
         writer.check_fits(likely_new_bytes(store, [f.size for f in files]), doing)
+        held = HeldContents(store, writer, store.chunk_size)
         staged, partials, linked = _stage_all(session, files, store.chunk_size, progress,
-                                              not store.durability.deferred, link)  # fmt: skip
+                                              not store.durability.deferred, link, held)  # fmt: skip
         room_for_new(store, writer, partials, doing)
         trees = tree_oids(TreeEntry(s.path, s.git_oid) for s in staged)
         spec = RevisionSpec(repo_id, "", revision, private, "import", _card(files), trees[""], on_head=True)

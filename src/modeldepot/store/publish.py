@@ -130,6 +130,13 @@ def _with_files(store: Store, states: dict[str, str]) -> dict[str, str]:
     return states
 
 
+def held_good(store: Store, digests: list[str]) -> set[str]:
+    """Those of ``digests`` the store holds good now: in the index, not unchecked since a restart, their files
+    there (what :func:`publish` takes as held)."""
+    states = _with_files(store, blob_states(store.index, digests, store.durability.boot))
+    return {sha256 for sha256, state in states.items() if state == "ok"}
+
+
 def publish(
     store: Store, spec: RevisionSpec, staged: list[StagedFile], partials: dict[str, PartialBlob],
     committed: Callable[[], None] | None = None, recorded: list[RevisionSpec] | None = None,
