@@ -43,6 +43,7 @@ EXPECTED = {
     "OfflineError": (503, "Offline"),
     "PullRunningError": (409, "PullRunning"),
     "StoreFullError": (507, "StoreFull"),
+    "BudgetExceededError": (507, "StoreFull"),
     "StoreError": (500, "NodeError"),
     "StoreSchemaError": (500, "NodeError"),
     "IndexDamagedError": (500, "NodeError"),  # (gc refused on a damaged index: its log says more)
@@ -63,6 +64,8 @@ def _instance(cls: type[errors.DepotError]) -> errors.DepotError:
         "ChunkNotAvailableError": ("0" * 64, 3, "not downloaded yet"),
         "UpstreamDataError": ("http://up", "commit id", "bad"),
     }
+    if cls is errors.BudgetExceededError:
+        return cls("why", budget_bytes=1, protected_bytes=0, needed_bytes=2)
     return cls(*arguments.get(cls.__name__, ("why",)))
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from modeldepot.errors import (
+    BudgetExceededError,
     CommitConflictError,
     IntegrityError,
     InvalidInputError,
@@ -45,7 +46,7 @@ from modeldepot.hfcache.cache import (
 from modeldepot.hub.manifest import RemoteFile, holds_whole, keep_known_listing, save_scan
 from modeldepot.modelcard import MAX_CARD_BYTES, repo_card
 from modeldepot.store.blobs import PartialBlob, WriteSession
-from modeldepot.store.budget import BudgetExceededError, size_text
+from modeldepot.store.budget import size_text
 from modeldepot.store.importer import HeldContents, likely_new_bytes, room_for_new, stage_blob, why_copied
 from modeldepot.store.maintenance import sweep_dead_sessions
 from modeldepot.store.publish import RevisionSpec, StagedFile, publish

@@ -14,6 +14,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
 from modeldepot.errors import (
+    BudgetExceededError,
     ChunkNotAvailableError,
     CorruptBlobError,
     DepotError,
@@ -34,7 +35,6 @@ from modeldepot.errors import (
 from modeldepot.ratelimit import RateLimit
 from modeldepot.server.ranges import RangeNotSatisfiable
 from modeldepot.server.views import wanted_range, whole_headers
-from modeldepot.store.budget import BudgetExceededError
 from modeldepot.store.verified import VerifiedBlob
 
 __all__ = [
