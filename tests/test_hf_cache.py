@@ -1241,3 +1241,15 @@ def test_a_branch_stays_at_a_whole_commit_rather_than_move_to_a_few_files_of_ano
             (p.problem, p.detail) for p in whole.problems
         }, whole.problems
         assert depot.resolve(SAMPLE) == commit
+
+
+def test_a_folder_that_is_no_cache_is_said_so_and_leaves_no_store(tmp_path: Path) -> None:
+    """`--cache-dir` naming a folder of models that is no Hugging Face cache (~/models, a mistyped path): the
+    run "adopted nothing" with exit 0, and left an empty store where --home named (an explorer's trial)."""
+    folder = write_model_dir(tmp_path / "models", {"model.safetensors": b"weights", "config.json": b"{}"})
+    code, out, err = run("hf-cache", "import", "--cache-dir", str(folder), home=tmp_path / "store")
+    assert code == 1 and "is not a Hugging Face cache" in err, (out, err)
+    assert not (tmp_path / "store").exists()
+    (tmp_path / "empty").mkdir()  # (an empty cache named: the same)
+    code, _, err = run("hf-cache", "import", "--cache-dir", str(tmp_path / "empty"), home=tmp_path / "store")
+    assert code == 1 and "is not a Hugging Face cache" in err, err

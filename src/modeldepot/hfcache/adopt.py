@@ -110,6 +110,16 @@ def _listdir(folder: Path) -> list[str]:
         return []
 
 
+def _looks_like_a_cache(folder: Path) -> bool:
+    """Whether ``folder`` holds what a Hugging Face cache holds (a repo's folder, its locks, its tag)."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(e.name.startswith(("models--", "datasets--", "spaces--")) or e.name in (".locks", "CACHEDIR.TAG")
+                       for e in entries)  # fmt: skip
+    except OSError:
+        return True  # (unreadable: said as the scan reads it)
+
+
 def _repo_folders(scan: _Scan, wanted: list[str] | None) -> list[tuple[str, Path]]:
     """The cache's folders of model repos (of the ones ``wanted``, under any case), by repo id as each folder
     spells it."""
@@ -348,6 +358,10 @@ def import_hf_cache(
     if not cache.is_dir():
         raise SourceDirectoryError(f"there is no Hugging Face cache at {cache}: give --cache-dir, or download "
                                    "something with huggingface_hub first")  # fmt: skip
+    if cache_dir is not None and not _looks_like_a_cache(cache):  # (a mistyped one "adopted nothing", exit 0)
+        raise SourceDirectoryError(f"{cache} is not a Hugging Face cache: it holds no models--ORG--NAME folder (nor "
+                                   "datasets--, .locks, CACHEDIR.TAG): give the cache's own folder (HF_HUB_CACHE, "
+                                   "by default ~/.cache/huggingface/hub)")  # fmt: skip
     scan = _Scan(cache)
     # (a repo the store holds under another case is that repo: its spelling, and its private flag, are kept)
     repos = [
