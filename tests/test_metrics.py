@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -311,7 +312,21 @@ def test_the_budget_and_its_evictions(tmp_path: Path, monkeypatch: pytest.Monkey
             assert after.value("modeldepot_evictions_total") == status.evictions
             assert after.value("modeldepot_evicted_bytes_total") == status.evicted_bytes > 0
             assert after.value("modeldepot_store_bytes") == status.used_bytes <= 700 * 1024
+            assert after.value("modeldepot_store_budget_used_bytes") == status.used_bytes
             assert after.value("modeldepot_repos") == len(budgeted.list_repos()) < 3
+            # A file imported by a hard link takes no room of the store's, and the budget does not count it:
+            # the store's bytes over the budget read as "over" on a store within it (an explorer's alert)
+            import modeldepot.store.budget
+
+            monkeypatch.setattr(
+                modeldepot.store.budget, "SHARED_FRESH", 0.0
+            )  # (a scrape looks again at once)
+            linked = write_model_dir(tmp_path / "linked", {"big.gguf": os.urandom(900 * 1024)})
+            budgeted.import_dir(linked, "acme/linked", link=True)
+            status = budgeted.budget_status()
+            last = scrape(served)
+            assert last.value("modeldepot_store_budget_used_bytes") == status.used_bytes <= 700 * 1024
+            assert last.value("modeldepot_store_bytes") > 700 * 1024
         finally:
             served.stop()
 

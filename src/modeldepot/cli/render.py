@@ -576,15 +576,22 @@ def render_planned_evictions(
 
 def _outside_the_budget(usage: DiskUsage | None, budget: BudgetStatus) -> str:
     """What the budget does not count: downloads kept for a resume, what killed writes left (a node said "60%
-    of 100 MiB used" taking 462 MiB: a trial). Writes under way are counted by the room they hold (their
-    files were said "not counted", and freed by `gc --partials`, which leaves them alone: a trial)."""
-    if usage is None or not usage.partial_bytes + usage.unfinished_write_bytes:
+    of 100 MiB used" taking 462 MiB: a trial), each with what frees it (what killed writes left was sent to
+    `gc --partials`, which also throws away the downloads a resume takes, where a plain gc frees it: an
+    explorer's trial). Writes under way are counted by the room they hold (their files were said "not
+    counted", and freed by `gc --partials`, which leaves them alone: a trial)."""
+    if usage is None:
         return ""
-    unfinished = format_bytes(usage.partial_bytes + usage.unfinished_write_bytes)
-    if budget.reserved_bytes:
-        return (f"; beside it, {unfinished} of downloads and writes: those under way fill the room held for "
-                "them, the rest is not counted (`modeldepot gc --partials` frees it)")  # fmt: skip
-    return f"; beside it, {unfinished} of unfinished downloads and writes, not counted (`modeldepot gc --partials` frees them)"
+    parts = []
+    if usage.partial_bytes:
+        under_way = ", those under way in the room held for them" if budget.reserved_bytes else ""
+        parts.append(f"{format_bytes(usage.partial_bytes)} of downloads{under_way} (kept for a resume once "
+                     "stopped: `modeldepot gc --partials` frees them)")  # fmt: skip
+    if usage.unfinished_write_bytes:
+        parts.append(
+            f"{format_bytes(usage.unfinished_write_bytes)} left by killed writes (`modeldepot gc` frees it)"
+        )
+    return f"; beside it, not counted: {', '.join(parts)}" if parts else ""
 
 
 def render_budget(

@@ -47,7 +47,14 @@ from modeldepot.hub.manifest import RemoteFile, holds_whole, keep_known_listing,
 from modeldepot.modelcard import MAX_CARD_BYTES, repo_card
 from modeldepot.store.blobs import PartialBlob, WriteSession
 from modeldepot.store.budget import size_text
-from modeldepot.store.importer import HeldContents, likely_new_bytes, room_for_new, stage_blob, why_copied
+from modeldepot.store.importer import (
+    HeldContents,
+    likely_linked,
+    likely_new_bytes,
+    room_for_new,
+    stage_blob,
+    why_copied,
+)
 from modeldepot.store.maintenance import sweep_dead_sessions
 from modeldepot.store.publish import RevisionSpec, StagedFile, publish
 from modeldepot.store.store import Store
@@ -457,16 +464,6 @@ def _blob_sources(repo: _CachedRepo) -> dict[str, _Link]:
     return sources
 
 
-def _linkable(store: Store, source: Path) -> bool:
-    """Whether the cache's file may become a blob by a hard link (on the store's file system, and the user's
-    own: another's is copied, as stage_blob does)."""
-    try:
-        info = os.stat(source)
-        return info.st_dev == os.stat(store.layout.blobs).st_dev and info.st_uid == os.geteuid()
-    except OSError:
-        return False
-
-
 def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bool,
            report: Callable[[str, int], None], done: list[int],
            run: contextlib.ExitStack) -> tuple[HfCacheRepo, frozenset[str]] | None:  # fmt: skip
@@ -490,7 +487,7 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
         # (a blob that will be a hard link to the cache's file takes no room, and is not counted once adopted:
         # a cache bigger than the budget was refused by its sizes, adopted when the budget was set after, a
         # trial)
-        copied = [s.size for s in sources.values() if not (link and _linkable(store, s.source))]
+        copied = [s.size for s in sources.values() if not (link and likely_linked(store, s.source))]
         writer.check_fits(likely_new_bytes(store, copied),
                           f"{doing} (by the sizes of its blobs, before they are checked)")  # fmt: skip
         verified: dict[str, _Verified] = {}

@@ -117,8 +117,11 @@ class NodeCollector(Collector):
         figures: list[tuple[Callable[..., Metric], str, str, float]] = [
             (gauge, "modeldepot_repos", "Repos in the store.", len(totals.repo_ids)),
             (gauge, "modeldepot_store_blobs", "Blobs in the store (distinct contents).", totals.blobs),
-            (gauge, "modeldepot_store_bytes", "Bytes of the store's blobs (each content once).",
-             totals.blob_bytes),
+            (gauge, "modeldepot_store_bytes", "Bytes of the store's blobs (each content once), those that are hard "
+             "links of files outside the store too.", totals.blob_bytes),
+            (gauge, "modeldepot_store_budget_used_bytes", "Bytes the disk budget counts against "
+             "modeldepot_store_budget_bytes: the store's blobs but those shared with files outside it (an adopted "
+             "Hugging Face cache, import --link), which free nothing when evicted.", budget.used_bytes),
             (gauge, "modeldepot_store_quarantined_blobs", "Blobs found corrupt and taken out of service (a "
              "pull or import of their files restores them).", totals.quarantined_blobs),
             (gauge, "modeldepot_store_budget_bytes", "The store's disk budget in bytes; 0 means no budget.",
@@ -144,7 +147,8 @@ class NodeCollector(Collector):
              "their BLAKE3 check (dropped, fetched again elsewhere).", pulls.chunks_rejected),
             (counter, "modeldepot_files_rejected", "Files the pulls of this process downloaded that failed "
              "their SHA-256 or git oid check (nothing of them kept).", pulls.files_rejected),
-            (counter, "modeldepot_http_sent_bytes", "Response body bytes this node sent, streams included.",
+            (counter, "modeldepot_http_sent_bytes", "Response body bytes this node sent (handed to the kernel: a "
+             "client that leaves may not have read the last of them), streams included.",
              sent),
         ]  # fmt: skip
         cluster = fleet.status() if fleet is not None else None

@@ -56,6 +56,7 @@ __all__ = [
     "HeldContents",
     "ImportProgress",
     "import_dir",
+    "likely_linked",
     "likely_new_bytes",
     "room_for_new",
     "scan_source",
@@ -474,11 +475,14 @@ def import_dir(
     with store.budget.writing(repo_id) as writer, WriteSession(store.layout) as session:
         # Before a byte is written, refuse what surely cannot fit (the files no blob of the same size may
         # hold); once hashed, make room for the blobs really new, keeping those it shares from eviction.
-        writer.check_fits(likely_new_bytes(store, [f.size for f in files]), doing)
+        # (a file to be hard-linked takes no room: an `import --link` of a folder bigger than the budget was
+        # refused, a trial, which the adoption of a cache by links never was)
+        to_copy = [f.size for f in files if not (link and likely_linked(store, f.absolute))]
+        writer.check_fits(likely_new_bytes(store, to_copy), doing)
         held = HeldContents(store, writer, store.chunk_size)
         staged, partials, linked = _stage_all(session, files, store.chunk_size, progress,
                                               not store.durability.deferred, link, held)  # fmt: skip
-        room_for_new(store, writer, partials, doing)
+        room_for_new(store, writer, partials, doing, free=linked)
         trees = tree_oids(TreeEntry(s.path, s.git_oid) for s in staged)
         spec = RevisionSpec(repo_id, "", revision, private, "import", _card(files), trees[""], on_head=True)
         recorded: list[RevisionSpec] = []
@@ -533,6 +537,16 @@ def room_for_new(
         sum(p.size for sha256, p in partials.items() if known.get(sha256) != "ok" and sha256 not in free),
         doing,
     )
+
+
+def likely_linked(store: Store, source: Path) -> bool:
+    """Whether ``source`` may become a blob by a hard link (on the store's file system, and the user's own:
+    another's is copied, as :func:`stage_blob` does), taking no room the disk budget counts."""
+    try:
+        info = os.stat(source)
+        return info.st_dev == os.stat(store.layout.blobs).st_dev and info.st_uid == os.geteuid()
+    except OSError:
+        return False
 
 
 def likely_new_bytes(store: Store, sizes: list[int]) -> int:
