@@ -310,6 +310,13 @@ def test_a_pinned_model_updated_a_variant_at_a_time_keeps_what_it_held_until_the
             local.pull("up/q", "Q4_K_M")
             new = local.resolve("up/q")
             assert new != old and not local.has_file("up/q", "model-Q8_0.gguf", new)
+            # status says where the pin keeps it whole (it said "available", of 18 MiB the pin kept: a trial)
+            variants = {v.name: v for v in local.get_manifest("up/q").variants}
+            assert (variants["Q8_0"].status, variants["Q8_0"].held_commit) == ("available", old)
+            shown = " ".join(
+                CliRunner().invoke(cli, ["status", "up/q", "--home", str(local.home)]).output.split()
+            )
+            assert f"held whole at {old[:12]} here" in shown, shown
             with pytest.raises(BudgetExceededError):  # (3 MiB held, all of it pinned: 1 MiB more is over)
                 local.import_dir(model(tmp_path, "acme/other", size=MB), "acme/other")
             assert local.has_file("up/q", "model-Q8_0.gguf", old), "the pinned Q8 stays"

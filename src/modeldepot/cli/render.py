@@ -710,8 +710,7 @@ def render_manifest(manifest: Manifest) -> None:
             elif variant.status == "available" and variant.bytes_done:
                 status += f" ({format_bytes(variant.bytes_done)} of it here: a pull takes the rest)"
             elif variant.held_commit:
-                status += (f" (held whole at {variant.held_commit[:12]}, which {manifest.revision} names here: "
-                           "a pull updates it)")  # fmt: skip
+                status += f" (held whole at {variant.held_commit[:12]} here: a pull updates it)"
             if variant.resumable:
                 status += f" [cyan]resumable: {format_bytes(variant.bytes_done)} kept[/cyan]"
             table.add_row(variant.name, variant.kind, str(len(variant.files) + len(manifest.shared)),

@@ -541,19 +541,28 @@ def _held_in_part(store: Store, manifest: Manifest) -> Manifest:
 
 
 def _older_commit_held(store: Store, manifest: Manifest) -> dict[str, str]:
-    """Variant (lower case) -> the commit its branch names in the store, when that is not the scanned one and
-    holds the variant whole: after an update was scanned and not pulled (refused by the budget, a pin's old
-    commit kept: a review), `status` said "available" of a model the store holds and serves."""
+    """Variant (lower case) -> another commit that holds it whole: the one its branch names in the store, when
+    that is not the scanned one (an update scanned and not pulled: refused by the budget, a review), else the
+    newest a pin keeps (an update pulled a variant at a time, the pin keeping the commit before it: an
+    explorer's trial). `status` said "available" of a model the store holds and serves."""
     try:
         commit_id = store.resolve(manifest.repo_id, manifest.revision)
     except NotFoundError:
         return {}
-    if commit_id == manifest.commit_id:
-        return {}
-    rows = store.index.read(
-        "SELECT f.path, b.state FROM files f LEFT JOIN blobs b USING (sha256) WHERE f.repo_id = ? AND f.commit_id = ?",
-        (manifest.repo_id, commit_id),
-    )
-    held = {row["path"] for row in rows if row["state"] == "ok"}
-    grouping = group_files(row["path"] for row in rows)
-    return {v.name.lower(): commit_id for v in grouping.variants if {*v.files, *grouping.shared} <= held}
+    if commit_id != manifest.commit_id:
+        candidates = [commit_id]
+    else:
+        pinned = store.budget.pinned_commits(manifest.repo_id) - {commit_id}
+        candidates = [commit for commit, _ in store.revisions(manifest.repo_id) if commit in pinned]
+    held_at: dict[str, str] = {}
+    for commit in candidates:  # (newest first)
+        rows = store.index.read(
+            "SELECT f.path, b.state FROM files f LEFT JOIN blobs b USING (sha256) WHERE f.repo_id = ? AND f.commit_id = ?",
+            (manifest.repo_id, commit),
+        )
+        held = {row["path"] for row in rows if row["state"] == "ok"}
+        grouping = group_files(row["path"] for row in rows)
+        for variant in grouping.variants:
+            if {*variant.files, *grouping.shared} <= held:
+                held_at.setdefault(variant.name.lower(), commit)
+    return held_at

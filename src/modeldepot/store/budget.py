@@ -304,10 +304,16 @@ class DiskBudget:
         )
         return [Pin(r["repo_id"], r["variant"] or None, r["revision"], r["created_at"]) for r in rows]
 
-    def _pins_by_revision(self) -> dict[tuple[str, str], set[str]]:
-        """(repo, commit) -> what is pinned in it: variants' names in lower case, '' for the whole repo."""
+    def pinned_commits(self, repo_id: str) -> set[str]:
+        """The commits of ``repo_id`` its pins keep (a pinned branch's, and the one before it while an update
+        pulled a variant at a time lacks a variant that one held)."""
+        return {commit for _, commit in self._pins_by_revision(repo_id)}
+
+    def _pins_by_revision(self, repo_id: str | None = None) -> dict[tuple[str, str], set[str]]:
+        """(repo, commit) -> what is pinned in it: variants' names in lower case, '' for the whole repo (of
+        ``repo_id``'s pins alone, given one)."""
         pinned: dict[tuple[str, str], set[str]] = {}
-        for pin in self.pins():
+        for pin in self.pins(repo_id):
             try:
                 key = (pin.repo_id, self.store.resolve(pin.repo_id, pin.revision))
             except NotFoundError:
