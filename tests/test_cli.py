@@ -626,8 +626,10 @@ def test_variant_names_sizes_and_cache_folders_are_checked_as_input(home: Path, 
         assert code == 2 and "cannot be negative" in err, (size, err)
     code, _, err = run("budget", "--bogus", home=home)
     assert code == 2 and "No such option" in err, err
-    code, _, err = run("budget", "1", home=home)  # ("over 1": a size without its unit)
-    assert code == 2 and "over 1 B:" in err, err
+    code, _, err = run("budget", "1", home=home)  # (a size without its unit)
+    assert code == 2 and "give a unit (like 1GiB)" in err, err
+    code, _, err = run("serve", "--max-size", "5", home=home)  # (it emptied the store at the node's start)
+    assert code == 2 and "give a unit (like 5GiB)" in err, err
     code, _, err = run("budget", "2048PiB", home=home)  # (PiB was refused; a budget past the disk, silent)
     assert code == 0 and "more than the disk the store is on holds" in err and "never binds" in err, err
     run("budget", "none", home=home)

@@ -306,7 +306,7 @@ def shared_homes(text: str | Iterable[str | os.PathLike[str]]) -> tuple[Path, ..
 def parse_max_size(text: str | int, path: os.PathLike[str] | str) -> int:
     """Bytes from ``"200GiB"`` (or a plain number, or an int of bytes) or ``"80%"`` of the file system that
     holds ``path``."""
-    text = budget_text(text)
+    max_size_given, text = text, budget_text(text)
     if text.startswith("-"):
         raise ConfigError(f"disk budget {text!r} cannot be negative: give a size like 200GiB or 80%")
     if text.endswith("%"):
@@ -335,6 +335,10 @@ def parse_max_size(text: str | int, path: os.PathLike[str] | str) -> int:
         raise ConfigError(f"cannot read disk budget {text!r}: write it like 200GiB or 80%") from None
     if size <= 0:
         raise ConfigError(f"disk budget {text!r} must be more than 0 bytes")
+    if text.strip().isdigit() and size < 1 << 20 and not isinstance(max_size_given, int):
+        # (`serve --max-size 5`, meant as 5GiB, emptied a store of every model at the node's start: a trial)
+        raise ConfigError(f"disk budget {text!r} is {size} bytes, which holds no model: give a unit (like "
+                          f"{text.strip()}GiB)")  # fmt: skip
     return size
 
 
