@@ -646,3 +646,51 @@ def test_a_node_on_a_read_only_store_says_so_and_refuses_its_controls(
         finally:
             node.stop()
     assert script_errors(browser) == []
+
+
+def test_what_a_stream_no_longer_lists_leaves_the_page(browser: WebDriver, tmp_path: Path) -> None:
+    """The page kept the variant rows of every earlier event stream: a repo removed while it reconnected stayed
+    as a ghost ("DOWNLOADED" under "not in the store yet"), and a private repo, and the pulls read with the
+    control token, stayed shown once the token was forgotten (an explorer's trials). Each stream's first
+    listing closes with a snapshot event: what it did not list goes."""
+    import urllib.request
+
+    with Depot(tmp_path / "open", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "files", FILES), REPO)
+        depot.import_dir(write_model_dir(tmp_path / "secret", sample_files(4)), "acme/secret", private=True)
+        depot.import_dir(write_model_dir(tmp_path / "ghost", sample_files(5)), "acme/ghost")
+        node = OpenNode(depot)
+        try:
+            request = urllib.request.Request(  # (a pull of what it holds, offline: a row of the table)
+                f"{node.url}/api/depot/v1/pulls", data=json.dumps({"repo": "acme/ghost"}).encode(),
+                headers={"Authorization": f"Bearer {node.control_token}", "Content-Type": "application/json"},
+            )  # fmt: skip
+            assert urllib.request.urlopen(request, timeout=30).status == 202
+            browser.get(f"{node.url}/#token={node.control_token}")
+            wait_for(
+                browser, "the private repo", lambda d: "acme/secret" in (visible_text(d, "#repos") or "")
+            )
+            wait_for(browser, "the pull's row", lambda d: "acme/ghost" in (visible_text(d, "#pulls") or ""))
+            wait_for(browser, "the live event stream", lambda d: visible_text(d, "#stream-state") == "live")
+            click(browser, "#forget-token")
+            wait_for(browser, "the private repo gone",
+                     lambda d: "acme/secret" not in (visible_text(d, "#repos") or ""))  # fmt: skip
+            wait_for(
+                browser, "the pulls gone", lambda d: "acme/nowhere" not in (visible_text(d, "#pulls") or "")
+            )
+            assert REPO in (visible_text(browser, "#repos") or "")
+            wait_for(browser, "the live event stream", lambda d: visible_text(d, "#stream-state") == "live")
+        finally:
+            node.stop()
+        wait_for(browser, "that the node is not answering", lambda d: visible_text(d, "#node-lost"))
+        depot.remove("acme/ghost")  # (while the page cannot hear of it)
+        again = open_node_on(depot, node.port)
+        try:
+            wait_for(browser, "the node answering again", lambda d: visible_text(d, "#node-lost") is None)
+            wait_for(browser, "the live event stream", lambda d: visible_text(d, "#stream-state") == "live")
+            wait_for(browser, "the removed repo gone",
+                     lambda d: "acme/ghost" not in (visible_text(d, "#repos") or ""))  # fmt: skip
+            assert REPO in (visible_text(browser, "#repos") or "")
+        finally:
+            again.stop()
+    assert script_errors(browser) == []

@@ -275,9 +275,10 @@ LOOKS = web.AppKey("looks", SharedLooks)
 
 
 class EventStream(CountedResponse):
-    """Server-sent events: one ``variant`` event per variant at connect, then one per change (any
-    process's pulls: statuses live in the index), a ``gone`` event for a variant no longer listed (its repo
-    removed), and a comment as heartbeat. Streamed after the handler returns, so the request deadline does
+    """Server-sent events: one ``variant`` event per variant at connect, closed by a ``snapshot`` event (what
+    a client showed from an earlier stream and this one did not list is gone: removed meanwhile, or no
+    longer for its credentials), then one per change (any process's pulls: statuses live in the index), a
+    ``gone`` event for a variant no longer listed (its repo removed), and a comment as heartbeat. Streamed after the handler returns, so the request deadline does
     not cut it; counts what it sent in ``body_sent``."""
 
     def __init__(self, depot: Depot, authorized: bool, stopping: asyncio.Event, looks: SharedLooks) -> None:
@@ -294,6 +295,7 @@ class EventStream(CountedResponse):
             return writer
         seen: dict[str, dict[str, Any]] = {}
         quiet_since = time.monotonic()
+        first = True
         while writer is not None and not self._stopping.is_set():
             states = _variant_states(await self._looks.manifests(self._depot), self._authorized)
             changed = [state for key, state in states.items() if seen.get(key) != state]
@@ -301,11 +303,18 @@ class EventStream(CountedResponse):
                 {"repo_id": s["repo_id"], "variant": s["variant"]} for k, s in seen.items() if k not in states
             ]
             seen = states
-            if changed or gone:
+            # (a page kept the rows of an earlier stream: a repo removed while it reconnected, a private one
+            # after its token was forgotten, stayed shown for good: an explorer's trial)
+            snapshot = (
+                [f"event: snapshot\ndata: {json.dumps({'variants': len(states)})}\n\n"] if first else []
+            )
+            first = False
+            if changed or gone or snapshot:
                 await self._send(
                     "".join(
                         [f"event: variant\ndata: {json.dumps(s, sort_keys=True)}\n\n" for s in changed]
                         + [f"event: gone\ndata: {json.dumps(g, sort_keys=True)}\n\n" for g in gone]
+                        + snapshot
                     ).encode()
                 )
                 quiet_since = time.monotonic()

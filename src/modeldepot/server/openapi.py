@@ -391,8 +391,9 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "get": {
                     "operationId": "events",
                     "description": "Server-sent events, endless: a `variant` event (JSON data, `x-event-data`) "
-                    "per variant on connect and per change of status or progress; a `gone` event for a "
-                    "variant no longer listed (its repo removed); a comment line as heartbeat.",
+                    "per variant on connect, closed by one `snapshot` event (a client drops what it showed from "
+                    "an earlier stream that this one did not list), then per change of status or progress; a "
+                    "`gone` event for a variant no longer listed (its repo removed); a comment line as heartbeat.",
                     "responses": {
                         "200": {
                             "description": "OK",
@@ -402,6 +403,12 @@ def openapi_document(version: str) -> dict[str, Any]:
                                     "x-event-data": {
                                         "variant": {"$ref": REF + "VariantEvent"},
                                         "gone": {"$ref": REF + "GoneEvent"},
+                                        "snapshot": {
+                                            "type": "object",
+                                            "properties": {"variants": {"type": "integer", "minimum": 0}},
+                                            "required": ["variants"],
+                                            "additionalProperties": False,
+                                        },
                                     },
                                 }
                             },

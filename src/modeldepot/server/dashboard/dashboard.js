@@ -55,6 +55,7 @@
     unknown: { stats: "not read yet", repos: "not read yet", peers: "not read yet", pins: "not read yet" },
     lost: null, // {since, error} while the node does not answer: what is shown is from then, marked stale
     variants: new Map(), // "repo:variant" -> the last variant event
+    streamed: null, // the keys the event stream connected last listed, until its snapshot event
     manifests: new Map(), // repo -> {revision, endpoint} from its saved scan (or null while asked)
   };
 
@@ -244,7 +245,9 @@
       state.pulls = pulls.data;
       state.controlRefusal = null;
     } else if (controlRefused) {
-      // Shown when the rest is readable (a node without a token): the buttons would be refused.
+      // Shown when the rest is readable (a node without a token): the buttons would be refused. The pulls read
+      // with the token go (they stayed on the page once it was forgotten: an explorer's trial)
+      state.pulls = [];
       state.controlRefusal = readsRefused ? null : HOW_TO_CONTROL;
     }
     const refused = readsRefused || controlRefused;
@@ -334,6 +337,7 @@
       }
       if (!response.ok || !response.body) throw new Error(`HTTP ${response.status}`);
       streamState("live", "live");
+      state.streamed = new Set(); // (the variants this stream lists, until its snapshot is whole)
       listen();
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
@@ -371,6 +375,16 @@
       if (field === "event") name = value;
       else if (field === "data") data.push(value);
     }
+    if (name === "snapshot") {
+      // What an earlier stream showed and this one does not list is gone: removed while the page reconnected,
+      // or not for the credentials it has now (a forgotten token kept a private repo on the page)
+      if (state.streamed) {
+        for (const key of [...state.variants.keys()]) if (!state.streamed.has(key)) state.variants.delete(key);
+        state.streamed = null;
+        scheduleRender();
+      }
+      return;
+    }
     if ((name !== "variant" && name !== "gone") || !data.length) return;
     let variant;
     try {
@@ -387,6 +401,7 @@
     }
     const before = state.variants.get(key);
     state.variants.set(key, variant);
+    if (state.streamed) state.streamed.add(key);
     if (variant.status !== "downloading" && (!before || before.status !== variant.status)) refreshSoon();
     scheduleRender();
   }
