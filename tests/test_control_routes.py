@@ -235,6 +235,33 @@ def test_the_node_stopping_cancels_its_pulls(local: Depot, monkeypatch: pytest.M
     assert stopped is not None and stopped.state == "failed" and "stopped" in (stopped.error or "")
 
 
+def test_a_running_pull_is_cancelled_and_what_it_received_is_kept(
+    guarded: LiveNode, local: Depot, proxy: HoldingProxy
+) -> None:
+    """A pull asked by mistake (a 100 GB variant) could not be stopped: DELETE /pulls/{id} was a 405, a removal
+    of its repo a 409, and it ran until it filled the disk or the node stopped, with every other pull (an
+    explorer's trial). It is cancelled now, as the node stopping would, and a pull again resumes."""
+    proxy.hold(60_000)
+    job = call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH).json()
+    wait_until(lambda: proxy.sent >= 60_000, 30, "the pull to receive its first bytes")
+    cancelled = call(guarded.port, "DELETE", f"{API}/pulls/{job['id']}", headers=AUTH)
+    assert cancelled.status == 200, cancelled.body
+    assert cancelled.json()["state"] == "cancelled" and "resume" in cancelled.json()["error"]
+    assert pull_state(guarded, job["id"], AUTH)["state"] == "cancelled"
+    again = call(guarded.port, "DELETE", f"{API}/pulls/{job['id']}", headers=AUTH)
+    assert again.status == 409 and again.json()["error"].endswith("nothing to cancel"), again.body
+    assert call(guarded.port, "DELETE", f"{API}/pulls/{'0' * 16}", headers=AUTH).status == 404
+    assert call(guarded.port, "DELETE", f"{API}/pulls/{job['id']}").status == 401
+    removed = call(guarded.port, "DELETE", f"{API}/repos/{REPO}", headers=AUTH)  # (no longer "being pulled")
+    assert removed.status == 404, removed.body  # (nothing of it was published)
+    proxy.release()
+    resumed = call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH)
+    assert resumed.status == 202
+    done = finished(guarded, resumed.json()["id"], AUTH)
+    assert done["state"] == "done" and done["result"]["bytes_downloaded"] < done["bytes_total"], done
+    assert local.verify().ok
+
+
 def test_pulls_name_a_repo_never_a_place(open_node: LiveNode, proxy: HoldingProxy, local: Depot) -> None:
     """A request names a repo; where it is pulled from is the node's own configuration (its servers, its
     fleet, its Hub endpoint). So fuzzing POST /pulls reaches no machine but those."""
@@ -590,6 +617,7 @@ def control_requests() -> list[tuple[str, str, Any]]:
         ("POST", f"{API}/pulls", {"repo": REPO, "quants": ["nope"]}),
         ("GET", f"{API}/pulls", None),
         ("GET", f"{API}/pulls/0123456789abcdef", None),
+        ("DELETE", f"{API}/pulls/0123456789abcdef", None),
         ("POST", f"{API}/repos/{REPO}/preload", {}),
         ("PUT", f"{API}/repos/{REPO}/pin", {}),
         ("DELETE", f"{API}/repos/{REPO}/pin", {}),
@@ -876,13 +904,18 @@ def test_every_control_answer_is_as_the_document_says(
     check(guarded, "GET", pulls, 200)
     check(guarded, "GET", one, 200, id=started["id"])
     check(guarded, "DELETE", repo, 409)  # (a pull of it runs)
+    other = check(guarded, "POST", pulls, 202, {"repo": REPO, "quants": ["fp16"]}).json()
+    check(guarded, "DELETE", one, 200, id=other["id"])  # (cancelled)
+    check(guarded, "DELETE", one, 409, id=other["id"])  # (no longer running)
+    check(guarded, "DELETE", one, 404)
     held.release()
     finished(guarded, started["id"], AUTH)
     check(guarded, "GET", one, 200, id=started["id"])  # done, with its result
     check(open_node, "GET", pulls, 200)
     check(guarded, "GET", one, 404)
     for method, route, body in (("POST", pulls, {"repo": REPO}), ("GET", pulls, None), ("GET", one, None),
-                                ("POST", preload, {}), ("PUT", pin, {}), ("DELETE", pin, {}), ("DELETE", repo, None)):  # fmt: skip
+                                ("DELETE", one, None), ("POST", preload, {}), ("PUT", pin, {}), ("DELETE", pin, {}),
+                                ("DELETE", repo, None)):  # fmt: skip
         check(guarded, method, route, 401, body, no_token)
         check(open_node, method, route, 401, body, no_token)
     for method, route in (
@@ -901,7 +934,8 @@ def test_every_control_answer_is_as_the_document_says(
     for method, route in (("POST", preload), ("PUT", pin), ("DELETE", pin), ("DELETE", repo)):
         check(open_node, method, route, 404, None if route == repo else {}, org="acme", name="nowhere")
     for method, route, body in (("POST", pulls, {"repo": REPO}), ("GET", pulls, None), ("GET", one, None),
-                                ("POST", preload, {}), ("PUT", pin, {}), ("DELETE", pin, {}), ("DELETE", repo, None)):  # fmt: skip
+                                ("DELETE", one, None), ("POST", preload, {}), ("PUT", pin, {}), ("DELETE", pin, {}),
+                                ("DELETE", repo, None)):  # fmt: skip
         check(open_node, method, route, 400, body, query="?quant=fp16")  # no route takes it
     for method, route in (("POST", preload), ("PUT", pin), ("DELETE", pin), ("DELETE", repo)):
         check(open_node, method, route, 405, {} if route != repo else None, org="")  # no route: /repos//tiny

@@ -288,6 +288,22 @@ def run_guarded_node(browser: WebDriver, node: LiveNode, local: Depot, proxy: Ho
     local.remove("acme/own")
     wait_for(browser, "the removed import's row gone", lambda d: not d.find_elements(By.CSS_SELECTOR, own))
 
+    # A pull asked by mistake is cancelled from its row (nothing stopped it but the node stopping: a trial)
+    proxy.hold(64 * 1024)
+    type_into(browser, "#pull-quants", "fp16")
+    click(browser, "#pull-submit")
+    message(browser, f"Pull of {REPO}: started", "ok")
+    cancel = "#pulls tbody tr:first-child button.cancel"
+    click(browser, cancel)
+    message(browser, f"Cancel of the pull of {REPO}: cancelled", "ok")
+    wait_for(browser, "the pull cancelled",
+             lambda d: visible_text(d, "#pulls tbody tr:first-child .status") == "cancelled")  # fmt: skip
+    assert (
+        visible_text(browser, cancel) is None
+        and visible_text(browser, "#pulls tbody tr:nth-child(2) .status") == "done"
+    )
+    proxy.release()
+
 
 def test_a_node_without_a_token_is_controlled_from_the_address_serve_prints(
     browser: WebDriver, tmp_path: Path

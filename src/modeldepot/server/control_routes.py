@@ -245,7 +245,7 @@ class PullJob:
     revision: str
     quants: list[str] | str | None  # the variants' names as the repo has them; "all"; None: the whole repo
     commit_id: str
-    state: str  # running | done | failed
+    state: str  # running | done | failed | cancelled
     bytes_done: int
     bytes_total: int
     started_at: float
@@ -253,6 +253,7 @@ class PullJob:
     result: dict[str, Any] | None = None  # the PullResult, once done
     error: str | None = None  # why it failed
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    cancelling: bool = field(default=False, repr=False)  # DELETE /pulls/{id} asked it to stop
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -364,6 +365,10 @@ class PullJobs:
                 job.repo, job.quants, revision=job.revision, progress=progress, manifest=manifest
             )
         except asyncio.CancelledError:
+            if job.cancelling:
+                job.error = "cancelled: what it received is kept, pull again to resume"
+                job.state = "cancelled"
+                return  # (its task ends: the request that cancelled it answers)
             job.error = "the node stopped before the pull finished: pull again to resume"
             job.state = "failed"
             raise
@@ -384,6 +389,18 @@ class PullJobs:
             job.finished_at = time.time()
             if self._running.get(key) is job:
                 del self._running[key]
+
+    async def cancel(self, job_id: str) -> tuple[PullJob | None, bool]:
+        """Stop the running pull ``job_id`` (what it received is kept for a resume, as when the node stops)
+        and wait until it has: the job (None when there is no such job), and whether this stopped it (an
+        ended one is left as it is)."""
+        job = self._jobs.get(job_id)
+        if job is None or job.state != "running" or job.task is None or job.cancelling:
+            return job, False
+        job.cancelling = True
+        job.task.cancel()
+        await asyncio.wait({job.task})  # (not cancelled itself if this request is: the job ends all the same)
+        return job, job.state == "cancelled"
 
     def _forget_finished(self) -> None:
         finished = [job_id for job_id, job in self._jobs.items() if job.state != "running"]
@@ -436,6 +453,20 @@ async def get_pull(request: web.Request) -> web.Response:
         raise Refused(
             404, "NotFound", "no pull with this id (the node forgets finished pulls when it restarts)"
         )
+    return json_response(job.to_dict())
+
+
+@control()
+async def cancel_pull(request: web.Request) -> web.Response:
+    """Stop a running pull (a variant asked by mistake: it ran until it filled the disk or the node stopped,
+    an explorer's trial); what it received is kept for a resume. 409 for a pull that already ended."""
+    job, stopped = await request.app[PULLS].cancel(request.match_info["id"])
+    if job is None:
+        raise Refused(
+            404, "NotFound", "no pull with this id (the node forgets finished pulls when it restarts)"
+        )
+    if not stopped:
+        raise Refused(409, "PullNotRunning", f"pull {job.id} is {job.state}: there is nothing to cancel")
     return json_response(job.to_dict())
 
 
@@ -560,6 +591,7 @@ def add_control_routes(app: web.Application) -> None:
     router.add_post(f"{API}/pulls", start_pull, name="control-pulls")
     router.add_get(f"{API}/pulls", list_pulls, name="control-pulls")
     router.add_get(API + "/pulls/{id}", get_pull, name="control-pull")
+    router.add_delete(API + "/pulls/{id}", cancel_pull, name="control-pull")
     router.add_post(API + "/repos/{org}/{name}/preload", preload, name="control-preload")
     router.add_put(API + "/repos/{org}/{name}/pin", pin, name="control-pin")
     router.add_delete(API + "/repos/{org}/{name}/pin", unpin, name="control-pin")

@@ -640,7 +640,7 @@ def _control_components(c: ComponentSchemas) -> None:
                     "description": "the variants by the repo's own names; null: the whole repo",
                 },
                 "commit_id": {"type": "string", "pattern": "^[0-9a-f]{40}$"},
-                "state": {"enum": ["running", "done", "failed"]},
+                "state": {"enum": ["running", "done", "failed", "cancelled"]},
                 "bytes_done": {"type": "integer", "minimum": 0},
                 "bytes_total": {"type": "integer", "minimum": 0},
                 "started_at": {"type": "number"},
@@ -710,10 +710,19 @@ def _control_paths(
         "/api/depot/v1/pulls/{id}": {
             "get": {
                 "operationId": "getPull",
-                "description": f"One pull: running, done (with its result) or failed (with the error). {_CONTROL}",
+                "description": "One pull: running, done (with its result), failed (with the error) or cancelled. "
+                + _CONTROL,
                 "parameters": [_path_param("id", {"type": "string", "maxLength": 64})],
                 "responses": {"200": ok("PullJob"), **errors(400, 401, 404)},
-            }
+            },
+            "delete": {
+                "operationId": "cancelPull",
+                "description": "Stop a running pull and wait until it has: 200 and the pull, cancelled (what it "
+                "received is kept: a pull of the same again resumes). A pull that already ended is a 409. "
+                + _CONTROL,
+                "parameters": [_path_param("id", {"type": "string", "maxLength": 64})],
+                "responses": {"200": ok("PullJob"), **errors(400, 401, 404, 409)},
+            },
         },
         "/api/depot/v1/pins": {
             "get": {

@@ -445,7 +445,8 @@
   function storedRevision(repo) {
     const summary = state.repos.find((r) => r.repo_id === repo);
     if (!summary) return "main";
-    return summary.refs.main ? "main" : Object.keys(summary.refs)[0] || "main";
+    // (a repo held at a commit alone, no ref naming it: its saved scan's revision, the commit; "main" was refused)
+    return summary.refs.main ? "main" : Object.keys(summary.refs)[0] || variantRevision(repo);
   }
 
   function variantRevision(repo) {
@@ -458,7 +459,9 @@
     const quant = button.dataset.quant || null;
     const what = quant ? `${repo} (${quant})` : repo;
     const path = `repos/${repoPath(repo)}`;
-    if (action === "pull") {
+    if (action === "cancel") {
+      await act(button, `Cancel of the pull of ${repo}`, "DELETE", `pulls/${encodeURIComponent(button.dataset.job)}`);
+    } else if (action === "pull") {
       await act(button, `Pull of ${what}`, "POST", "pulls", { repo, revision: variantRevision(repo), quants: [quant] });
     } else if (action === "preload") {
       const revision = quant ? variantRevision(repo) : storedRevision(repo);
@@ -672,7 +675,8 @@
       jobs,
       (job) => job.id,
       () => el("tr", { class: "pull" }, el("td", { class: "name" }), el("td", { class: "quants" }),
-        el("td", {}, el("span", { class: "status" })), el("td", {}, progressCell()), el("td", { class: "note" })),
+        el("td", {}, el("span", { class: "status" })), el("td", {}, progressCell()), el("td", { class: "note" }),
+        el("td", {}, el("button", { type: "button", class: "cancel", data: { action: "cancel" }, text: "Cancel" }))),
       (row, job) => {
         setText(row.querySelector(".name"), `${job.repo}@${job.revision}`);
         setText(row.querySelector(".quants"), quantsText(job.quants));
@@ -683,6 +687,10 @@
         const note = row.querySelector(".note");
         note.className = job.error ? "note error-text" : "note muted";
         setText(note, job.error || (job.result ? `${bytes(job.result.bytes_downloaded)} downloaded` : ago(job.started_at)));
+        const cancel = row.querySelector("button.cancel"); // (a pull asked by mistake ran until the node stopped)
+        cancel.hidden = job.state !== "running";
+        cancel.dataset.job = job.id;
+        cancel.dataset.repo = job.repo;
       },
     );
   }
