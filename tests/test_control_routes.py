@@ -253,13 +253,36 @@ def test_a_running_pull_is_cancelled_and_what_it_received_is_kept(
     assert call(guarded.port, "DELETE", f"{API}/pulls/{'0' * 16}", headers=AUTH).status == 404
     assert call(guarded.port, "DELETE", f"{API}/pulls/{job['id']}").status == 401
     removed = call(guarded.port, "DELETE", f"{API}/repos/{REPO}", headers=AUTH)  # (no longer "being pulled")
-    assert removed.status == 404, removed.body  # (nothing of it was published)
+    assert removed.status == 200 and removed.json()["scan_forgotten"], removed.body  # (nothing was published)
     proxy.release()
     resumed = call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH)
     assert resumed.status == 202
     done = finished(guarded, resumed.json()["id"], AUTH)
     assert done["state"] == "done" and done["result"]["bytes_downloaded"] < done["bytes_total"], done
     assert local.verify().ok
+
+
+def test_a_repo_scanned_alone_is_forgotten_by_a_removal(guarded: LiveNode, local: Depot) -> None:
+    """A repo scanned and never held (a pull that failed after its scan, one removed, a typo naming a real
+    repo) stayed listed by `status` and on the dashboard for good: `rm` and DELETE said "not in the store",
+    gc kept it (an explorer's trial). A removal forgets its saved scan."""
+    from click.testing import CliRunner
+
+    from modeldepot.cli import cli
+
+    local.pull(REPO, ["q4f16"])
+    assert call(guarded.port, "DELETE", f"{API}/repos/{REPO}", headers=AUTH).status == 200
+    assert REPO in {m.repo_id for m in local.list_manifests()}  # (what a Pull button offers again)
+    forgot = call(guarded.port, "DELETE", f"{API}/repos/{REPO.upper()}", headers=AUTH)
+    assert forgot.status == 200 and forgot.json()["scan_forgotten"] is True, forgot.body
+    assert local.list_manifests() == []
+    assert call(guarded.port, "DELETE", f"{API}/repos/{REPO}", headers=AUTH).status == 404
+    local.scan_repo(REPO)
+    refused = CliRunner().invoke(cli, ["rm", REPO, "--home", str(local.home)], input="n\n")
+    assert "the saved scan of" in refused.output and local.list_manifests() != [], refused.output
+    done = CliRunner().invoke(cli, ["rm", REPO, "--yes", "--home", str(local.home)])
+    assert done.exit_code == 0 and f"forgot the saved scan of {REPO}" in done.output, done.output
+    assert local.list_manifests() == []
 
 
 def test_pulls_name_a_repo_never_a_place(open_node: LiveNode, proxy: HoldingProxy, local: Depot) -> None:
@@ -521,7 +544,7 @@ def test_preload_pin_unpin_and_remove(guarded: LiveNode, local: Depot) -> None:
     # The scan stays, its variant 'available' again (it said 'downloaded'): the event stream shows it so.
     variants = call(guarded.port, "GET", f"{API}/repos/{REPO}/manifest", headers=AUTH).json()["variants"]
     assert {v["name"]: v["status"] for v in variants} == dict.fromkeys(("fp16", "fp32", "q4f16"), "available")
-    assert call(guarded.port, "DELETE", f"{API}/repos/{REPO}", headers=AUTH).status == 404
+    assert call(guarded.port, "DELETE", f"{API}/repos/{REPO}", {"revision": "main"}, AUTH).status == 404
     pull(guarded, ["q4f16"], AUTH)  # and it can be pulled again
     assert {f.path for f in local.list_files(REPO)} == set(Q4F16)
 

@@ -275,6 +275,12 @@ def run_guarded_node(browser: WebDriver, node: LiveNode, local: Depot, proxy: Ho
     wait_for(browser, "the repo gone from the store",
              lambda d: js(d, f"return document.querySelector('.repo[data-repo=\"{REPO}\"]').dataset.stored") == "no")  # fmt: skip
     assert local.list_repos() == []
+    # Removed again, a repo the node holds nothing of: its saved scan goes, and its row (it stayed for good)
+    click(browser, f'.repo[data-repo="{REPO}"] .repo-actions button[data-action="remove"]')
+    click(browser, confirm)
+    message(browser, f"Removal of {REPO}: its saved scan forgotten", "ok")
+    wait_for(browser, "the scanned repo's row gone",
+             lambda d: not d.find_elements(By.CSS_SELECTOR, f'.repo[data-repo="{REPO}"]'))  # fmt: skip
 
     # An imported repo (no scan upstream: its variants are the store's alone) goes from the page with its
     # removal, here or by another process (its row stayed, every variant "downloaded", until a reload)
@@ -656,9 +662,19 @@ def test_a_node_on_a_read_only_store_says_so_and_refuses_its_controls(
             note = wait_for(browser, "the read-only note", lambda d: visible_text(d, "#control-note"))
             assert note.startswith("Read-only: the store is read-only here"), note
             assert visible_text(browser, "#token-state") == "token set"  # (the token is not what refuses)
-            click(browser, f'.repo[data-repo="{REPO}"] .repo-actions button[data-action="pin"]')
-            shown = message(browser, "read-only", "error")
-            assert shown.startswith(f"Pin of {REPO} failed:"), shown
+            # What it would refuse is not offered (each such button failed when clicked: an explorer's trial);
+            # a preload, which reads, is
+            actions = f'.repo[data-repo="{REPO}"] .repo-actions'
+            wait_for(
+                browser,
+                "the repo's preload",
+                lambda d: visible_text(d, f'{actions} button[data-action="preload"]'),
+            )
+            for action in ("pin", "remove"):
+                assert visible_text(browser, f'{actions} button[data-action="{action}"]') is None, action
+            assert visible_text(browser, "#pull-form") is None
+            assert not [b for b in browser.find_elements(By.CSS_SELECTOR, "tr.variant button") if b.is_displayed()
+                        and b.get_attribute("data-action") != "preload"]  # fmt: skip
         finally:
             node.stop()
     assert script_errors(browser) == []

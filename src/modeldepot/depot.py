@@ -917,7 +917,8 @@ class Depot:
         """Remove a repo or one revision; blobs nothing else uses are deleted at once. With ``quant``, only
         that variant's own files go from the revision (``main`` unless given): its shared files (config,
         tokenizer) and the other variants stay. Refused (:class:`PullRunningError`) while a pull of the repo
-        runs, here or in another process."""
+        runs, here or in another process. A repo the store holds nothing of but its saved scan: the scan goes
+        (``scan_forgotten``)."""
         validate_repo_id(repo_id)  # (before it names a file)
         if self.store.partials.is_pulling(repo_id):
             holder = self.store.partials.pull_holder(repo_id)
@@ -928,7 +929,14 @@ class Depot:
             commit_id, result = remove_variant(self.store, repo_id, revision or "main", quant)
             self._held.let_go_of(repo_id, [commit_id], result.files_removed)
             return result
-        result = remove_repo(self.store, repo_id, revision)
+        try:
+            result = remove_repo(self.store, repo_id, revision)
+        except RepoNotFoundError:
+            # A repo scanned and never held (a pull that failed, a typo naming a real repo): its saved scan goes,
+            # which `status` and the dashboard listed for good, with no removal that could take it
+            if revision is not None or not self.store.manifests.forget_repo(repo_id):
+                raise
+            return RemoveResult(repo_id, (), 0, 0, scan_forgotten=True)
         self._held.let_go_of(repo_id, result.commits)
         return result
 

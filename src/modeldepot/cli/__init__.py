@@ -41,7 +41,7 @@ from modeldepot.cli.options import (
     use_servers,
 )
 from modeldepot.depot import Depot
-from modeldepot.errors import ConfigError, DepotError
+from modeldepot.errors import ConfigError, DepotError, NotFoundError, RepoNotFoundError
 from modeldepot.openfiles import raise_open_file_limit
 from modeldepot.validation import (
     validate_branch,
@@ -300,13 +300,29 @@ def rm_command(depot: Depot, repo_id: str, revision: str | None, quant: str | No
         what = f"the {quant} files of {repo_id}@{revision or 'main'}"
     depot.check_writable("a removal")  # (before asking what could not be done)
     if not yes:
-        depot.own_repo_info(repo_id)  # fail on a repo not in the store (or only a shared one's) before asking
+        try:
+            depot.own_repo_info(
+                repo_id
+            )  # fail on a repo not in the store (or only a shared one's) before asking
+        except RepoNotFoundError:
+            if revision is not None or quant is not None or not _scanned_alone(depot, repo_id):
+                raise
+            what = f"the saved scan of {repo_id} (the store holds nothing of it)"
         if not sys.stdin.isatty():
             render.err.print(f"[red]error:[/red] refusing to remove {what} without confirmation: pass --yes")
             sys.exit(EXIT_BAD_INPUT)
         click.confirm(f"Remove {what}?", abort=True, err=True)
     result = depot.remove(repo_id, revision, quant)
     render.emit(as_json, result.to_dict(), lambda: render.render_remove(result))
+
+
+def _scanned_alone(depot: Depot, repo_id: str) -> bool:
+    """(A repo the store holds nothing of.) Whether it keeps a scan of it, which `rm` then forgets."""
+    try:
+        depot.get_manifest(repo_id)
+    except NotFoundError:
+        return False
+    return True
 
 
 @cli.command("scan")

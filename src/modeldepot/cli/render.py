@@ -448,6 +448,9 @@ def render_verify(report: VerifyReport) -> None:
 
 
 def render_remove(result: RemoveResult) -> None:
+    if result.scan_forgotten:
+        out.print(f"forgot the saved scan of {result.repo_id}: the store held nothing of it")
+        return
     if result.ref_removed is not None:
         out.print(f"removed the ref {result.ref_removed} of {result.repo_id}; its commit stays, as "
                   f"{', '.join(result.commit_kept_for)} still point(s) at it: nothing freed")  # fmt: skip

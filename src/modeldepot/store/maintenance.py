@@ -56,13 +56,15 @@ class RemoveResult:
     bytes_still_linked: int = 0
     # Files removed from a revision that stays (a variant's own files: ``rm --quant``)
     files_removed: tuple[str, ...] = ()
+    # A repo the store held nothing of: its saved scan went (status and the dashboard listed it for good)
+    scan_forgotten: bool = False
 
     def to_dict(self) -> dict[str, object]:
         return {"repo_id": self.repo_id, "commits": list(self.commits),
                 "blobs_removed": self.blobs_removed, "bytes_freed": self.bytes_freed,
                 "ref_removed": self.ref_removed, "commit_kept_for": list(self.commit_kept_for),
                 "bytes_still_linked": self.bytes_still_linked,
-                "files_removed": list(self.files_removed)}  # fmt: skip
+                "files_removed": list(self.files_removed), "scan_forgotten": self.scan_forgotten}  # fmt: skip
 
 
 def _users(store: Store, sha256: str) -> tuple[str, ...]:

@@ -122,6 +122,13 @@ class ManifestStore:
             ).rowcount:
                 con.execute("DELETE FROM variant_status WHERE repo_id = ?", (repo_id,))
 
+    def forget_repo(self, repo_id: str) -> bool:
+        """Drop the repo's saved scan and its variants' rows, whatever commit it is of; whether there was one."""
+        with self.index.write(f"forgetting the scan of {repo_id}") as con:
+            gone = con.execute("DELETE FROM manifests WHERE repo_id = ?", (repo_id,)).rowcount
+            con.execute("DELETE FROM variant_status WHERE repo_id = ?", (repo_id,))
+        return bool(gone)
+
     def keep_listing(self, repo_id: str, commit_id: str, listing: str) -> None:
         """Keep the files of a commit (the hub layer's JSON), for :meth:`listing`."""
         validate_repo_id(repo_id)

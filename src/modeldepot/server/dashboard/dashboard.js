@@ -431,6 +431,7 @@
     if (data.state === "running") return answer.status === 202 ? "started" : "already running";
     if (data.state) return data.state;
     if (data.resident_bytes !== undefined) return `${bytes(data.resident_bytes)} in RAM`;
+    if (data.scan_forgotten) return "its saved scan forgotten (the node held nothing of it)";
     if (data.bytes_freed !== undefined) return `removed, ${bytes(data.bytes_freed)} freed`;
     if (data.unpinned !== undefined) return data.unpinned ? "unpinned" : "was not pinned";
     if (data.created_at !== undefined) return "pinned";
@@ -600,6 +601,7 @@
       setText($("node-version"), `v${state.info.version}`);
     }
     const refusals = [];
+    $("pull-form").hidden = Boolean(state.info && state.info.read_only); // (a form every use of which failed)
     if (state.info && state.info.read_only) {
       refusals.push("the store is read-only here (a read-only mount, or another user's files): this node serves what it holds, and refuses pulls, pins and removals");
     }
@@ -745,9 +747,12 @@
     if (manifest && manifest.endpoint) facts.push(`from ${manifest.endpoint}`);
     setText(node.querySelector(".repo-facts"), facts.filter(Boolean).join(" · "));
     const actions = node.querySelector(".repo-actions");
+    const readOnly = Boolean(state.info && state.info.read_only); // (it refuses pins and removals: buttons that always failed)
     for (const b of actions.children) {
       const action = b.dataset.action;
-      b.hidden = !summary || (action === "pin" && pinned) || (action === "unpin" && !pinned);
+      // (a repo scanned alone, never held: Remove forgets its scan, which stayed on the page for good)
+      b.hidden = (action === "remove" ? readOnly : !summary || (readOnly && action !== "preload"))
+        || (action === "pin" && pinned) || (action === "unpin" && !pinned);
     }
     const table = node.querySelector("table.variants");
     table.hidden = item.variants.length === 0;
@@ -785,10 +790,11 @@
     const pinned = Boolean(pinOf(item.id, variant.variant));
     for (const b of row.querySelector(".actions").children) {
       const action = b.dataset.action;
-      if (action === "pull") b.hidden = variant.status === "downloaded" || variant.status === "downloading";
+      const readOnly = Boolean(state.info && state.info.read_only);
+      if (action === "pull") b.hidden = readOnly || variant.status === "downloaded" || variant.status === "downloading";
       else if (action === "preload") b.hidden = !downloaded;
-      else if (action === "pin") b.hidden = !downloaded || pinned;
-      else if (action === "unpin") b.hidden = !pinned;
+      else if (action === "pin") b.hidden = readOnly || !downloaded || pinned;
+      else if (action === "unpin") b.hidden = readOnly || !pinned;
     }
   }
 
