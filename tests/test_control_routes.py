@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 
 import modeldepot
-from conftest import BackgroundServer, LiveNode, flip_byte, free_port, wait_until, write_model_dir
+from conftest import BackgroundServer, LiveNode, Mounts, flip_byte, free_port, wait_until, write_model_dir
 from controlnodes import (
     API,
     AUTH,
@@ -887,7 +887,12 @@ def test_serve_with_a_token_prints_the_dashboard_address_and_never_the_token(tmp
 
 
 def test_every_control_answer_is_as_the_document_says(
-    guarded: LiveNode, open_node: LiveNode, local: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    guarded: LiveNode,
+    open_node: LiveNode,
+    local: Depot,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mounts: Mounts,
 ) -> None:
     """Every method and every status the document lists for the control routes, produced the way it
     happens, and its body checked against the schema the document gives for it."""
@@ -1000,6 +1005,16 @@ def test_every_control_answer_is_as_the_document_says(
                 check(node, "POST", pulls, 504, {"repo": "acme/tiny"})
             finally:
                 node.stop()
+    # 503: a store on a read-only mount refuses what would write it (the node's start says so; undocumented)
+    with Depot(tmp_path / "frozen") as frozen:
+        frozen.import_dir(write_model_dir(tmp_path / "frozen-files", {"w.bin": b"w" * 100}), "acme/tiny")
+    with Depot(mounts.read_only(tmp_path / "frozen")) as frozen:
+        node = OpenNode(frozen)
+        try:
+            for method, route in (("PUT", pin), ("DELETE", pin), ("DELETE", repo)):
+                check(node, method, route, 503, {} if route == pin else None, org="acme")
+        finally:
+            node.stop()
     monkeypatch.setenv("MODELDEPOT_OFFLINE", "1")
     with Depot(tmp_path / "offline") as offline:
         node = OpenNode(offline)

@@ -753,7 +753,7 @@ def _control_paths(
                 f"pinned changes nothing (`created_at` stays when it was first pinned). {_CONTROL}",
                 "parameters": repo_params,
                 "requestBody": variant_target,
-                "responses": {"200": ok("Pin"), **errors(401, 404, 405, 507, *shape)},
+                "responses": {"200": ok("Pin"), **errors(401, 404, 405, 503, 507, *shape)},
             },
             "delete": {
                 "operationId": "unpin",
@@ -762,14 +762,16 @@ def _control_paths(
                 f"when it does not hold the repo (and had no such pin). {_CONTROL}",
                 "parameters": repo_params,
                 "requestBody": variant_target,
-                "responses": {"200": ok("Unpinned"), **errors(401, 404, 405, 507, *shape)},
+                "responses": {"200": ok("Unpinned"), **errors(401, 404, 405, 503, 507, *shape)},
             },
         },
         "/api/depot/v1/repos/{org}/{name}": {
             "delete": {
                 "operationId": "removeRepo",
                 "description": "Remove the repo, or one revision of it; blobs nothing else uses are deleted at "
-                f"once. 409 while a pull of the repo runs on the node (it would publish the repo again). {_CONTROL}",
+                "once. A repo the node holds nothing of but its saved scan: the scan goes (`scan_forgotten`). 409 "
+                "while a pull of the repo runs on the node (it would publish the repo again); 503 on a read-only "
+                f"store. {_CONTROL}",
                 "parameters": [
                     *repo_params,
                     {
@@ -788,7 +790,7 @@ def _control_paths(
                         "application/json": {"schema": _closed({"revision": _REVISION}, required=[])}
                     },
                 },
-                "responses": {"200": ok("RemoveResult"), **errors(401, 404, 405, 409, 507, *shape)},
+                "responses": {"200": ok("RemoveResult"), **errors(401, 404, 405, 409, 503, 507, *shape)},
             }
         },
     }
