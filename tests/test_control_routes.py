@@ -304,6 +304,7 @@ def test_pulls_name_a_repo_never_a_place(open_node: LiveNode, proxy: HoldingProx
 
 BAD_PULLS: list[tuple[Any, int, str]] = [
     (b"{not json", 400, "not valid JSON"),
+    (b'{"repo": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "nests too deep"),  # (valid, said invalid)
     (b"[1, 2]", 400, "must be a JSON object"),
     (b'"org/name"', 400, "must be a JSON object"),
     ({"repo": REPO, "quant": "q4f16"}, 400, "unknown key 'quant': this route takes repo, revision, quants"),
@@ -521,6 +522,10 @@ def test_preload_pin_unpin_and_remove(guarded: LiveNode, local: Depot) -> None:
     assert pinned.status == 200 and (pinned.json()["repo_id"], pinned.json()["quant"]) == (REPO, "q4f16")
     assert call(guarded.port, "PUT", f"{API}/repos/{REPO}/pin", headers=AUTH).json()["quant"] is None
     assert [(p.quant, p.revision) for p in local.pins()] == [(None, "main"), ("q4f16", "main")]
+    # A variant its scan lists and the node does not hold: said so (it said the repo "has no variant" fp16)
+    unheld = call(guarded.port, "PUT", f"{API}/repos/{REPO}/pin", {"quant": "fp16"}, AUTH)
+    assert unheld.status == 422 and "holds no file of 'fp16'" in unheld.json()["error"], unheld.body
+    assert unheld.json()["error"].endswith("pull it first"), unheld.body
     listed = call(guarded.port, "GET", f"{API}/pins", headers=AUTH).json()
     assert [(p["repo_id"], p["quant"]) for p in listed] == [(REPO, None), (REPO, "q4f16")]
     unpinned = call(guarded.port, "DELETE", f"{API}/repos/{REPO}/pin", {"quant": "q4f16"}, AUTH)

@@ -993,6 +993,9 @@ class Depot:
                 grouping = group_files(e.path for e in self.store.files(repo_id, commit_id))
                 variant = grouping.find(validate_quant(quant))
                 if variant is None:
+                    if self._scan_lists(repo_id, quant):  # (said "has no variant" of one its scan lists)
+                        raise NotFoundError(f"{repo_id}@{commit_id[:12]} holds no file of {quant!r} (it holds: "
+                                            f"{grouping.names()}): pull it first", repo_id=repo_id)  # fmt: skip
                     raise NotFoundError(f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: "
                                         f"{grouping.names()})", repo_id=repo_id)  # fmt: skip
                 # (kept under the variant's own name, unpin finding it however it is typed; or under the kind's
@@ -1008,6 +1011,14 @@ class Depot:
             raise PullRunningError(f"a pull of {repo_id} is running{who} and has not published "
                                    f"{repo_id if quant is None else quant} yet ({missing}): pin it once the pull is "
                                    "done", repo_id=repo_id) from None  # fmt: skip
+
+    def _scan_lists(self, repo_id: str, quant: str) -> bool:
+        """Whether the repo's saved scan lists the variant ``quant``."""
+        try:
+            self.get_manifest(repo_id).variant(quant)
+        except NotFoundError:
+            return False
+        return True
 
     @_any_case
     @_writes

@@ -160,8 +160,12 @@ async def json_body(request: web.Request, keys: tuple[str, ...]) -> dict[str, An
         raise Refused(415, "UnsupportedMediaType", "send the body as JSON (Content-Type: application/json)")
     try:
         value = json.loads(raw)
-    except (ValueError, RecursionError):
+    except ValueError:
         raise Refused(400, "BadRequest", "the body is not valid JSON") from None
+    except RecursionError:  # (valid JSON, said invalid: an explorer's trial)
+        raise Refused(
+            400, "BadRequest", "the body nests too deep: a control body is one flat object"
+        ) from None
     if not isinstance(value, dict):
         raise Refused(400, "BadRequest", "the body must be a JSON object")
     unknown = sorted(set(value) - set(keys))
