@@ -306,7 +306,7 @@ def shared_homes(text: str | Iterable[str | os.PathLike[str]]) -> tuple[Path, ..
 def parse_max_size(text: str | int, path: os.PathLike[str] | str) -> int:
     """Bytes from ``"200GiB"`` (or a plain number, or an int of bytes) or ``"80%"`` of the file system that
     holds ``path``."""
-    max_size_given, text = text, budget_text(text)
+    text = budget_text(text)
     if text.startswith("-"):
         raise ConfigError(f"disk budget {text!r} cannot be negative: give a size like 200GiB or 80%")
     if text.endswith("%"):
@@ -335,9 +335,16 @@ def parse_max_size(text: str | int, path: os.PathLike[str] | str) -> int:
         raise ConfigError(f"cannot read disk budget {text!r}: write it like 200GiB or 80%") from None
     if size <= 0:
         raise ConfigError(f"disk budget {text!r} must be more than 0 bytes")
-    if text.strip().isdigit() and size < 1 << 20 and not isinstance(max_size_given, int):
-        # (`serve --max-size 5`, meant as 5GiB, emptied a store of every model at the node's start: a trial)
-        raise ConfigError(f"disk budget {text!r} is {size} bytes, which holds no model: give a unit (like "
+    return size
+
+
+def typed_max_size(text: str, path: os.PathLike[str] | str) -> int:
+    """:func:`parse_max_size` of a budget a user typed (an option, ``budget SIZE``): a bare number under 1 MiB
+    is a unit left out (`serve --max-size 5`, meant as 5GiB, emptied a store of every model at the node's
+    start: a trial). Not of one the store saved: an API's ``set_max_size(524288)`` is saved as its bytes."""
+    size = parse_max_size(text, path)
+    if text.strip().isdigit() and size < 1 << 20:
+        raise ConfigError(f"disk budget {text.strip()!r} is {size} bytes, which holds no model: give a unit (like "
                           f"{text.strip()}GiB)")  # fmt: skip
     return size
 

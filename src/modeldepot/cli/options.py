@@ -280,9 +280,9 @@ def max_size_value(value: str | None) -> str | None:
     """A click callback's check of a disk budget (200GiB, 80%): ConfigError, a usage error, when unreadable."""
     if value is None:
         return None
-    from modeldepot.store.budget import parse_max_size
+    from modeldepot.config import typed_max_size
 
-    setting(lambda v: parse_max_size(v, "/"), value)
+    setting(lambda v: typed_max_size(v, "/"), value)
     return value
 
 
