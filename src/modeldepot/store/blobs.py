@@ -296,18 +296,18 @@ class WriteSession:
             raise os_error(error, "starting a write in the store's tmp/") from error
 
     @classmethod
-    def _starting_is_abandoned(cls, session_dir: Path) -> bool:
+    def _starting_is_abandoned(cls, session_dir: Path, fresh: float = 0.0) -> bool:
         """A session still under its dot-name: its writer is between mkdir and rename, or died there. Its lock
-        held, or its folder a few seconds old, it lives whatever the pid says: a writer in another pid
-        namespace (a container sharing the store) is one no kill sees, and its start failed when a removal's
-        sweep of tmp/ came between."""
+        held, it lives whatever the pid says; so does one younger than ``fresh`` seconds (a removal's sweep,
+        which runs often: a writer in another pid namespace, a container sharing the store, is one no kill
+        sees, and its start would fail)."""
         if lock_is_held(session_dir / cls.LOCK_NAME) is True:
             return False
         try:
             age = time.time() - session_dir.lstat().st_mtime
         except FileNotFoundError:
             return False  # (renamed meanwhile: started)
-        if age < STARTING_SESSION_FRESH:
+        if age < fresh:
             return False
         pid_text = session_dir.name[1:].split("-", 1)[0]
         try:
@@ -349,10 +349,11 @@ class WriteSession:
         self.close()
 
     @classmethod
-    def is_abandoned(cls, session_dir: Path) -> bool:
-        """True if no live process holds the session's lock (or it never got one)."""
+    def is_abandoned(cls, session_dir: Path, fresh: float = 0.0) -> bool:
+        """True if no live process holds the session's lock (or it never got one); ``fresh``: a session still
+        starting and younger than that is not (:meth:`_starting_is_abandoned`)."""
         if session_dir.name.startswith("."):
-            return cls._starting_is_abandoned(session_dir)
+            return cls._starting_is_abandoned(session_dir, fresh)
         return lock_is_held(session_dir / cls.LOCK_NAME) is not True
 
 

@@ -23,7 +23,13 @@ from modeldepot.errors import (
     RevisionNotFoundError,
     StoreError,
 )
-from modeldepot.store.blobs import LinkedSource, WriteSession, give_back_mode, give_back_modes
+from modeldepot.store.blobs import (
+    STARTING_SESSION_FRESH,
+    LinkedSource,
+    WriteSession,
+    give_back_mode,
+    give_back_modes,
+)
 from modeldepot.store.eviction import shared_blobs
 from modeldepot.store.models import (
     DiskUsage,
@@ -276,7 +282,7 @@ def _delete_blob_files(store: Store, digests: list[str]) -> tuple[int, int]:
     imported with --link)."""
     if digests:  # (a load killed midway left links to its model's blobs in tmp/: they are not "elsewhere")
         try:
-            _collect_sessions(store)
+            _collect_sessions(store, fresh=STARTING_SESSION_FRESH)
         except OSError as error:
             log.debug("tmp/ left as it is for now: %s", error)
     freed = still_linked = 0
@@ -465,16 +471,16 @@ def sweep_dead_sessions(store: Store) -> int:
     return freed
 
 
-def _collect_sessions(store: Store) -> tuple[int, int, int]:
-    """Remove the write sessions (tmp/) whose writer is gone: (partial files removed, sessions kept, bytes
-    freed, as allocated on disk)."""
+def _collect_sessions(store: Store, fresh: float = 0.0) -> tuple[int, int, int]:
+    """Remove the write sessions (tmp/) whose writer is gone (one still starting, not if younger than
+    ``fresh`` seconds): (partial files removed, sessions kept, bytes freed, as allocated on disk)."""
     removed = kept = freed = 0
     try:
         entries = list(store.layout.tmp.iterdir())
     except FileNotFoundError:
         return 0, 0, 0
     for entry in entries:
-        abandoned = WriteSession.is_abandoned(entry) if entry.is_dir() else True
+        abandoned = WriteSession.is_abandoned(entry, fresh) if entry.is_dir() else True
         if not abandoned:
             kept += 1
             continue
