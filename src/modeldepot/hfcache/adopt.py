@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from modeldepot.errors import (
     BudgetExceededError,
@@ -68,6 +68,8 @@ from modeldepot.validation import (
     validate_sha256,
     validate_size,
 )
+
+T = TypeVar("T")
 
 MAX_TREE_LISTING = 64 * 1024 * 1024  # bytes of a trees/<commit>.json read (the Hub's 100k files fit)
 # huggingface_hub writes a ref as refs/<name>.<8 hex>.tmp, then renames it
@@ -498,16 +500,13 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
         for etag, source in sorted(sources.items()):
             what = f"{repo.repo_id}/{source.path}"
             if len(etag) == 64 and held.may_hold(source.size, etag):  # (held: hashed where it is, not copied)
-                try:
-                    digest = held.hashed(source.source, source.size, functools.partial(report, what))
-                except SourceDirectoryError as error:
-                    scan.problem(repo.repo_id, repo.folder / "blobs" / etag, "unreadable", str(error))
+                hashing = functools.partial(
+                    held.hashed, source.source, source.size, functools.partial(report, what)
+                )
+                in_place = _noted(scan, repo, etag, done, source.size, hashing)
+                if in_place is None:
                     continue
-                except IntegrityError as error:
-                    scan.problem(repo.repo_id, repo.folder / "blobs" / etag, "corrupt", str(error))
-                    continue
-                finally:
-                    done[0] += source.size
+                digest = in_place
                 if digest.sha256 != etag:
                     _corrupt(scan, repo, etag, digest.sha256, True)
                     continue
@@ -517,23 +516,12 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
                     )
                     continue
                 done[0] -= source.size  # (gone meanwhile: staged below, as any other)
-            try:
-                digest, partial, was_linked = stage_blob(
-                    session,
-                    source.source,
-                    store.chunk_size,
-                    functools.partial(report, what),
-                    durable,
-                    link=link,
-                )
-            except SourceDirectoryError as error:
-                scan.problem(repo.repo_id, repo.folder / "blobs" / etag, "unreadable", str(error))
+            staging = functools.partial(stage_blob, session, source.source, store.chunk_size,
+                                        functools.partial(report, what), durable, link=link)  # fmt: skip
+            staged = _noted(scan, repo, etag, done, source.size, staging)
+            if staged is None:
                 continue
-            except IntegrityError as error:
-                scan.problem(repo.repo_id, repo.folder / "blobs" / etag, "corrupt", str(error))
-                continue
-            finally:
-                done[0] += source.size
+            digest, partial, was_linked = staged
             lfs = len(etag) == 64
             actual = digest.sha256 if lfs else (digest.git_sha1 or _git_oid_of(partial.path, digest.size))
             if actual != etag:
@@ -564,6 +552,22 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
         repo.repo_id, tuple(revisions), len(contents), len(new), new_bytes, linked, len(new) - linked
     )
     return adopted, contents
+
+
+def _noted(
+    scan: _Scan, repo: _CachedRepo, etag: str, done: list[int], size: int, read: Callable[[], T]
+) -> T | None:
+    """``read()`` of the cache's blob ``etag`` (counted done, ``size`` bytes, whatever comes of it); None when it
+    cannot be read, or changed as it was read: noted as a problem of the repo."""
+    try:
+        return read()
+    except SourceDirectoryError as error:
+        scan.problem(repo.repo_id, repo.folder / "blobs" / etag, "unreadable", str(error))
+    except IntegrityError as error:
+        scan.problem(repo.repo_id, repo.folder / "blobs" / etag, "corrupt", str(error))
+    finally:
+        done[0] += size
+    return None
 
 
 def _corrupt(scan: _Scan, repo: _CachedRepo, etag: str, actual: str, lfs: bool) -> None:
