@@ -262,6 +262,19 @@ def test_a_running_pull_is_cancelled_and_what_it_received_is_kept(
     assert local.verify().ok
 
 
+def test_a_pull_the_disk_budget_cannot_hold_is_refused_as_it_is_asked(
+    guarded: LiveNode, local: Depot
+) -> None:
+    """It was a 202, for a pull that failed within a second, the variant's row saying nothing (an explorer's
+    trial): a 507 now, as for a full disk, and no pull."""
+    local.set_max_size(64 * 1024)  # (less than the fp16 model alone)
+    refused = call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH)
+    assert refused.status == 507 and "disk budget" in refused.json()["error"], refused.body
+    assert call(guarded.port, "GET", f"{API}/pulls", headers=AUTH).json() == []
+    local.set_max_size(None)
+    assert call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH).status == 202
+
+
 def test_a_repo_scanned_alone_is_forgotten_by_a_removal(guarded: LiveNode, local: Depot) -> None:
     """A repo scanned and never held (a pull that failed after its scan, one removed, a typo naming a real
     repo) stayed listed by `status` and on the dashboard for good: `rm` and DELETE said "not in the store",

@@ -328,6 +328,7 @@ class PullJobs:
         try:
             manifest = await asyncio.to_thread(depot.manifest_for, repo_id, revision)
             wanted = _variants(manifest, quants)
+            await asyncio.to_thread(_check_fits, depot, manifest, wanted)
             # (the same commit asked by branch and by commit id: one job, as for the same words twice)
             same = next((job for (repo, _, asked), job in self._running.items() if repo == key[0]
                          and job.commit_id == manifest.commit_id and asked == _key(repo, "", wanted)[2]), None)  # fmt: skip
@@ -417,6 +418,21 @@ class PullJobs:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _check_fits(depot: Depot, manifest: Manifest, quants: Quants) -> None:
+    """Refuse (BudgetExceededError: 507) a pull the disk budget cannot hold, as the request asks for it: it
+    was a 202 for a pull that failed within a second, its variant's row saying nothing (an explorer's trial)."""
+    from modeldepot.transfer.pull import select
+
+    store = depot.store
+    files, _ = select(manifest, quants)
+    # (content the store holds, under any file, is found in place: the pull writes nothing for it)
+    needed = sum(
+        f.size for f in files if store.local_digest(f.sha256, None if f.sha256 else f.git_oid) is None
+    )
+    with store.budget.writing(manifest.repo_id, manifest.commit_id, [f.path for f in files]) as writer:
+        writer.check_fits(needed, f"pulling {manifest.repo_id}")
 
 
 def _variants(manifest: Manifest, quants: Quants) -> Quants:

@@ -698,7 +698,8 @@ def _control_paths(
                 "202 and the new pull; 200 and the running one when the same repo, revision and variants are "
                 "already being pulled. Progress: this pull's route and the event stream. An unknown repo is a "
                 "404, a variant the repo lacks a 422, an upstream that fails a 502 (that does not answer in "
-                "time a 504), an offline node a 503, a full disk (the scan is saved) a 507. " + _CONTROL,
+                "time a 504), an offline node a 503, a full disk or a disk budget that cannot hold it (the scan is saved) a "
+                "507. " + _CONTROL,
                 "requestBody": body("PullRequest", True),
                 "responses": {
                     "200": ok("PullJob", "The same pull, already running"),
