@@ -89,10 +89,12 @@ def test_sizes_and_shares_of_the_disk_are_read_and_bad_ones_refused(tmp_path: Pa
     assert parse_max_size(MB, tmp_path) == MB  # (Depot.set_max_size(1 << 30): an AttributeError)
     # Typed, a bare number of bytes that holds no model is a unit left out (`serve --max-size 5` emptied a
     # store); saved by the store (set_max_size(524288) keeps "524288"), it is read as it is
-    from modeldepot.config import typed_max_size
+    from modeldepot.config import DepotConfig, typed_max_size
 
     with pytest.raises(ConfigError, match=r"give a unit \(like 5GiB\)"):
         typed_max_size("5", tmp_path)
+    with pytest.raises(ConfigError, match=r"MODELDEPOT_MAX_SIZE: .*give a unit"):  # (it emptied a store too)
+        DepotConfig.from_env({"MODELDEPOT_MAX_SIZE": "5"}, home=tmp_path)
     assert typed_max_size("5KiB", tmp_path) == 5 << 10 and parse_max_size("5", tmp_path) == 5
     # (a budget that rounds to 0 bytes evicted everything; 400 digits overflowed a float: a traceback)
     huge = ("9" * 400 + "GiB", "99999999999999999999999999999999TiB", "1" + "0" * 19)

@@ -236,7 +236,7 @@ def test_the_node_stopping_cancels_its_pulls(local: Depot, monkeypatch: pytest.M
 
 
 def test_a_running_pull_is_cancelled_and_what_it_received_is_kept(
-    guarded: LiveNode, local: Depot, proxy: HoldingProxy
+    guarded: LiveNode, local: Depot, proxy: HoldingProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A pull asked by mistake (a 100 GB variant) could not be stopped: DELETE /pulls/{id} was a 405, a removal
     of its repo a 409, and it ran until it filled the disk or the node stopped, with every other pull (an
@@ -252,6 +252,9 @@ def test_a_running_pull_is_cancelled_and_what_it_received_is_kept(
     assert again.status == 409 and again.json()["error"].endswith("nothing to cancel"), again.body
     assert call(guarded.port, "DELETE", f"{API}/pulls/{'0' * 16}", headers=AUTH).status == 404
     assert call(guarded.port, "DELETE", f"{API}/pulls/{job['id']}").status == 401
+    import modeldepot.depot
+
+    monkeypatch.setattr(modeldepot.depot, "SCAN_SETTLE", 0.0)  # (the scan of a moment ago, forgotten)
     removed = call(guarded.port, "DELETE", f"{API}/repos/{REPO}", headers=AUTH)  # (no longer "being pulled")
     assert removed.status == 200 and removed.json()["scan_forgotten"], removed.body  # (nothing was published)
     proxy.release()
@@ -275,13 +278,22 @@ def test_a_pull_the_disk_budget_cannot_hold_is_refused_as_it_is_asked(
     assert call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH).status == 202
 
 
-def test_a_repo_scanned_alone_is_forgotten_by_a_removal(guarded: LiveNode, local: Depot) -> None:
+def test_a_repo_scanned_alone_is_forgotten_by_a_removal(
+    guarded: LiveNode, local: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A repo scanned and never held (a pull that failed after its scan, one removed, a typo naming a real
     repo) stayed listed by `status` and on the dashboard for good: `rm` and DELETE said "not in the store",
-    gc kept it (an explorer's trial). A removal forgets its saved scan."""
+    gc kept it (an explorer's trial). A removal forgets its saved scan (of more than a few seconds ago)."""
     from click.testing import CliRunner
 
+    import modeldepot.depot
     from modeldepot.cli import cli
+
+    fresh = call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["nope"]}, AUTH)
+    assert fresh.status == 422  # (scanned, no pull: a scan of a moment ago may be a pull's that starts)
+    young = call(guarded.port, "DELETE", f"{API}/repos/{REPO}", headers=AUTH)
+    assert young.status == 409 and "may be starting" in young.json()["error"], young.body
+    monkeypatch.setattr(modeldepot.depot, "SCAN_SETTLE", 0.0)
 
     local.pull(REPO, ["q4f16"])
     assert call(guarded.port, "DELETE", f"{API}/repos/{REPO}", headers=AUTH).status == 200

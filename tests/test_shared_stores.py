@@ -22,7 +22,9 @@ from modeldepot.errors import (
     ConfigError,
     CorruptBlobError,
     NotFoundError,
+    PullRunningError,
     ReadOnlyStoreError,
+    RepoNotFoundError,
     RevisionNotFoundError,
 )
 from modeldepot.server.app import create_app
@@ -440,6 +442,28 @@ def test_a_new_users_store_reads_the_shared_one_at_once(tmp_path: Path, admin: P
     (tmp_path / "link").symlink_to(admin)
     with pytest.raises(ConfigError, match="this depot's own store"):
         Depot(admin, shared=[tmp_path / "link"])
+
+
+def test_a_removal_of_a_shared_stores_repo_forgets_no_scan_of_it(
+    tmp_path: Path, admin: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rm` of a repo the own store holds nothing of forgets its saved scan; of one a shared store holds, it
+    forgot the user's scan and said "the store held nothing of it", while `ls` listed the repo (a review)."""
+    import modeldepot.depot
+
+    monkeypatch.setattr(modeldepot.depot, "SCAN_SETTLE", 0.0)
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        user.scan_repo("acme/common")
+        with pytest.raises(RepoNotFoundError, match="is in the shared store"):
+            user.remove("acme/common")
+        assert user.get_manifest("acme/common").repo_id == "acme/common"
+        upstream.depot.import_dir(write_model_dir(tmp_path / "src" / "up", {"w.bin": b"w" * 99}), "acme/up")
+        user.scan_repo("acme/up")  # (which the admin's store does not hold)
+        assert user.remove("acme/up").scan_forgotten
+        monkeypatch.setattr(modeldepot.depot, "SCAN_SETTLE", 10.0)
+        user.scan_repo("acme/up")  # (a scan of a moment ago: a pull of it may be starting)
+        with pytest.raises(PullRunningError, match="a pull of it may be starting"):
+            user.remove("acme/up")
 
 
 def test_what_reads_find_is_exported_and_own_store_checks_say_where_a_repo_is(

@@ -923,6 +923,47 @@ def test_a_removal_beside_an_import_with_link_is_no_writer(
     assert imported(depot, REPO) == {"model.gguf": (folder / "model.gguf").read_bytes()}
 
 
+def test_an_import_that_finds_a_content_held_survives_the_removal_of_its_only_other_repo(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A content the store holds is hashed in place and reused, not copied: an `rm` of the one repo holding it,
+    between the look and the publish, removed the blob the import relied on (evictions left it, a removal did
+    not), and the import failed "run it again" (a review). And a file written since the folder was walked
+    is taken as it is then, as a copy takes it (it was refused for its size)."""
+
+    from modeldepot.hashing import BlobDigest
+    from modeldepot.store import importer
+
+    folder = write_model_dir(tmp_path / "folder", {"w.bin": os.urandom(3 * SMALL_CHUNK), "c.json": b"{}"})
+    depot.import_dir(folder, "acme/first")
+    relied_on = importer.HeldContents.relied_on
+
+    def then_removed(self: importer.HeldContents, digest: BlobDigest) -> bool:
+        held = relied_on(self, digest)
+        if depot.store.index.read("SELECT 1 FROM repos WHERE repo_id = 'acme/first'"):
+            depot.remove("acme/first")  # (another process's `rm`, between the look and the publish)
+        return held
+
+    monkeypatch.setattr(importer.HeldContents, "relied_on", then_removed)
+    result = depot.import_dir(folder, REPO)
+    assert imported(depot, REPO) == {"w.bin": (folder / "w.bin").read_bytes(), "c.json": b"{}"}
+    assert result.new_blobs <= 1 and depot.verify().ok  # (the file not looked at yet when it went: copied)
+    monkeypatch.undo()
+    hashed = importer.HeldContents.hashed
+
+    def written_meanwhile(
+        self: importer.HeldContents, source: Path, size: int, report: Callable[[int], None]
+    ) -> BlobDigest:
+        with open(source, "ab") as grown:
+            grown.write(b"more")
+        return hashed(self, source, size, report)
+
+    monkeypatch.setattr(importer.HeldContents, "hashed", written_meanwhile)
+    depot.import_dir(folder, REPO)
+    assert imported(depot, REPO)["w.bin"] == (folder / "w.bin").read_bytes()
+    assert (folder / "w.bin").stat().st_size == 3 * SMALL_CHUNK + 4
+
+
 def kill_import_with_link(depot: Depot, folder: Path, at: str = "importer.digest_stream") -> None:
     """`import --link` of ``folder`` in a process killed at ``at`` (a function of the store's package): by
     default once its first file is linked and made read-only, before it is hashed."""

@@ -361,7 +361,7 @@ def _max_size_setting(env: Mapping[str, str]) -> str | None:
     text = env.get("MODELDEPOT_MAX_SIZE", "").strip() or None
     if text is not None:
         try:
-            parse_max_size(text, "/")  # (its syntax: a share is taken of the store's disk when it opens)
+            typed_max_size(text, "/")  # (its syntax: a share is taken of the store's disk when it opens)
         except ConfigError as error:
             raise ConfigError(f"MODELDEPOT_MAX_SIZE: {error}") from None
     return text

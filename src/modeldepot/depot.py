@@ -17,6 +17,7 @@ import inspect
 import logging
 import mmap
 import threading
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from functools import wraps
@@ -98,6 +99,10 @@ __all__ = ["Depot", "MappedFile"]
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Seconds a saved scan is taken for a pull's that may be starting (it saves its scan before it takes the repo's
+# pull mark): `rm` of a repo the store holds nothing of leaves so young a scan
+SCAN_SETTLE = 10.0
 
 
 def _any_case(method: F) -> F:
@@ -932,13 +937,28 @@ class Depot:
         try:
             result = remove_repo(self.store, repo_id, revision)
         except RepoNotFoundError:
-            # A repo scanned and never held (a pull that failed, a typo naming a real repo): its saved scan goes,
-            # which `status` and the dashboard listed for good, with no removal that could take it
-            if revision is not None or not self.store.manifests.forget_repo(repo_id):
-                raise
-            return RemoveResult(repo_id, (), 0, 0, scan_forgotten=True)
+            shared = any(store.index.read("SELECT 1 FROM repos WHERE repo_id = ?", (store.spelled(repo_id),))
+                         for store in self.tiers.shared)  # fmt: skip
+            forgotten = None if revision is not None or shared else self._forget_scan(repo_id)
+            if forgotten is None:
+                raise  # (a shared store's repo is said so, and the scan made of it here stays)
+            return forgotten
         self._held.let_go_of(repo_id, result.commits)
         return result
+
+    def _forget_scan(self, repo_id: str) -> RemoveResult | None:
+        """(A repo the store holds nothing of.) Its saved scan goes, which `status` and the dashboard listed for
+        good, with no removal that could take it (a pull that failed, a typo naming a real repo); None without
+        one. A scan of the last seconds may be a pull's that starts: PullRunningError."""
+        now = time.time()
+        scanned = self.store.manifests.forget_repo(repo_id, now - SCAN_SETTLE)
+        if scanned is None:
+            return None
+        if scanned >= now - SCAN_SETTLE:
+            raise PullRunningError(f"{repo_id} was scanned {max(0.0, now - scanned):.0f} s ago, and a pull of it may "
+                                   "be starting: nothing was removed; remove it again in a few seconds",
+                                   repo_id=repo_id)  # fmt: skip
+        return RemoveResult(repo_id, (), 0, 0, scan_forgotten=True)
 
     def let_go_of_removed(self) -> int:
         """Drop this process's preloads and engines of what is no longer whole in the store (removed, a blob

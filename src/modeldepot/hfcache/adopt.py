@@ -23,6 +23,7 @@ from modeldepot.errors import (
     InvalidInputError,
     NotFoundError,
     RepoNotFoundError,
+    SharedBlobsRemovedError,
     SourceDirectoryError,
     StoreFullError,
     UpstreamDataError,
@@ -399,6 +400,7 @@ def _adopt_each(store: Store, scan: _Scan, cache: Path, repos: list[_CachedRepo]
             result = _adopt(store, scan, repo, private, not copy, report, done, run)
         except (
             BudgetExceededError,
+            SharedBlobsRemovedError,
             StoreFullError,
             IntegrityError,
             NotFoundError,

@@ -20,9 +20,10 @@ log = logging.getLogger(__name__)
 
 
 def remove_repo(store: Store, repo_id: str, revision: str | None) -> RemoveResult:
-    """Remove a repo or one revision (blobs nothing else uses are deleted at once), and the pins of what
-    is gone (the repo, the commit, the branch): they would apply again, unseen, to a later pull."""
-    result = remove(store, repo_id, revision)
+    """Remove a repo or one revision (blobs nothing else uses are deleted at once, but those writes under way
+    rely on, as an eviction leaves them: an import that found them held failed), and the pins of what is gone
+    (the repo, the commit, the branch): they would apply again, unseen, to a later pull."""
+    result = remove(store, repo_id, revision, keep_blobs=store.budget.kept_blobs)
     forget_removed_variants(store, repo_id)
     _drop_pins_of_what_went(store, repo_id)
     return result
@@ -53,7 +54,9 @@ def remove_variant(store: Store, repo_id: str, revision: str, quant: str) -> tup
             f"{repo_id}@{commit_id[:12]} holds no variant {quant!r} (it holds: {grouping.names() or 'none'})"
         )
     keep_listing(store, repo_id, commit_id)
-    result = remove_files(store, repo_id, commit_id, grouping.own_files(variant))
+    result = remove_files(
+        store, repo_id, commit_id, grouping.own_files(variant), keep_blobs=store.budget.kept_blobs
+    )
     # (a pin of what is gone would keep nothing, unseen; one that names a variant left, "fp16" of the other
     # kind's fp16 too, stays: a review)
     left = group_files(e.path for e in store.files(repo_id, commit_id))

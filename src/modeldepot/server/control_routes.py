@@ -400,10 +400,11 @@ class PullJobs:
         and wait until it has: the job (None when there is no such job), and whether this stopped it (an
         ended one is left as it is)."""
         job = self._jobs.get(job_id)
-        if job is None or job.state != "running" or job.task is None or job.cancelling:
+        if job is None or job.task is None or job.task.done():
             return job, False
-        job.cancelling = True
-        job.task.cancel()
+        if not job.cancelling:  # (a second request while it stops waits for it too: it said "running")
+            job.cancelling = True
+            job.task.cancel()
         await asyncio.wait({job.task})  # (not cancelled itself if this request is: the job ends all the same)
         return job, job.state == "cancelled"
 

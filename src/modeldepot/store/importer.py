@@ -207,6 +207,8 @@ class HeldContents:
         except OSError as error:
             raise SourceDirectoryError(f"cannot read {source}: {error.strerror}") from None
         with handle:
+            # (its size now, as a copy takes it: one written since the folder was walked was refused, a review)
+            size = os.fstat(handle.fileno()).st_size
             return digest_stream(handle.readinto, size, self.chunk_size, progress=report)
 
     def relied_on(self, digest: BlobDigest) -> bool:
@@ -544,9 +546,11 @@ def likely_linked(store: Store, source: Path) -> bool:
     another's is copied, as :func:`stage_blob` does), taking no room the disk budget counts."""
     try:
         info = os.stat(source)
-        return info.st_dev == os.stat(store.layout.blobs).st_dev and info.st_uid == os.geteuid()
+        same = info.st_dev == os.stat(store.layout.blobs).st_dev and info.st_uid == os.geteuid()
     except OSError:
         return False
+    # (a file fewer may read than the store's blobs, in a store others may enter, is copied: a review)
+    return same and not _narrows_readers(store.layout, stat.S_IMODE(info.st_mode))
 
 
 def likely_new_bytes(store: Store, sizes: list[int]) -> int:

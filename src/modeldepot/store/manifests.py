@@ -122,12 +122,17 @@ class ManifestStore:
             ).rowcount:
                 con.execute("DELETE FROM variant_status WHERE repo_id = ?", (repo_id,))
 
-    def forget_repo(self, repo_id: str) -> bool:
-        """Drop the repo's saved scan and its variants' rows, whatever commit it is of; whether there was one."""
+    def forget_repo(self, repo_id: str, scanned_before: float) -> float | None:
+        """Drop the repo's saved scan and its variants' rows, whatever commit it is of, when it was made before
+        ``scanned_before`` (a later one may be a pull's that starts: it saves its scan before it takes the
+        repo's pull mark). When the scan was made, or None when there was none."""
         with self.index.write(f"forgetting the scan of {repo_id}") as con:
-            gone = con.execute("DELETE FROM manifests WHERE repo_id = ?", (repo_id,)).rowcount
+            row = con.execute("SELECT scanned_at FROM manifests WHERE repo_id = ?", (repo_id,)).fetchone()
+            if row is None or float(row[0]) >= scanned_before:
+                return None if row is None else float(row[0])
+            con.execute("DELETE FROM manifests WHERE repo_id = ?", (repo_id,))
             con.execute("DELETE FROM variant_status WHERE repo_id = ?", (repo_id,))
-        return bool(gone)
+            return float(row[0])
 
     def keep_listing(self, repo_id: str, commit_id: str, listing: str) -> None:
         """Keep the files of a commit (the hub layer's JSON), for :meth:`listing`."""
