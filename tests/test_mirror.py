@@ -424,10 +424,14 @@ def test_manifest_route_and_event_stream_show_pull_progress(
                 url = f"{node.url}/api/depot/v1/events"
                 async with aiohttp.ClientSession() as session, session.get(url) as response:
                     assert response.headers["Content-Type"].startswith("text/event-stream")
+                    name = ""
                     async for line in response.content:
-                        if line.startswith(b"data: "):
-                            events.append(json.loads(line[6:]))
+                        if line.startswith(b"event: "):
+                            name = line[7:].decode().strip()
+                        elif line.startswith(b"data: ") and name == "snapshot":
                             subscribed.set()  # the state at connect has arrived: changes come next
+                        elif line.startswith(b"data: ") and name == "variant":
+                            events.append(json.loads(line[6:]))
                             if events[-1]["status"] == "downloaded":
                                 return
 
