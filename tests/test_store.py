@@ -952,11 +952,11 @@ def test_an_import_that_finds_a_content_held_survives_the_removal_of_its_only_ot
     hashed = importer.HeldContents.hashed
 
     def written_meanwhile(
-        self: importer.HeldContents, source: Path, size: int, report: Callable[[int], None]
+        self: importer.HeldContents, source: Path, report: Callable[[int], None]
     ) -> BlobDigest:
         with open(source, "ab") as grown:
             grown.write(b"more")
-        return hashed(self, source, size, report)
+        return hashed(self, source, report)
 
     monkeypatch.setattr(importer.HeldContents, "hashed", written_meanwhile)
     depot.import_dir(folder, REPO)

@@ -502,9 +502,7 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
         for etag, source in sorted(sources.items()):
             what = f"{repo.repo_id}/{source.path}"
             if len(etag) == 64 and held.may_hold(source.size, etag):  # (held: hashed where it is, not copied)
-                hashing = functools.partial(
-                    held.hashed, source.source, source.size, functools.partial(report, what)
-                )
+                hashing = functools.partial(held.hashed, source.source, functools.partial(report, what))
                 in_place = _noted(scan, repo, etag, done, source.size, hashing)
                 if in_place is None:
                     continue

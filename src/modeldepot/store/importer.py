@@ -192,7 +192,11 @@ class HeldContents:
         self._sizes: set[int] | None = None
 
     def may_hold(self, size: int, sha256: str | None = None) -> bool:
-        """Whether a good blob of ``size`` (or that very ``sha256``) may be there: worth a hash in place."""
+        """Whether a good blob of ``size`` (or that very ``sha256``) may be there: worth a hash in place. Not
+        for a file under one chunk: its copy costs little room, and a folder of 30,000 configs would name each
+        in the write's reservation, one write apiece."""
+        if size < self.chunk_size:
+            return False
         if sha256 is not None:
             return bool(held_good(self.store, [sha256]))
         if self._sizes is None:
@@ -200,8 +204,8 @@ class HeldContents:
             self._sizes = {row["size"] for row in rows}
         return size in self._sizes
 
-    def hashed(self, source: Path, size: int, report: Callable[[int], None]) -> BlobDigest:
-        """The digests of ``source``, read where it is (nothing written)."""
+    def hashed(self, source: Path, report: Callable[[int], None]) -> BlobDigest:
+        """The digests of ``source``, read where it is (nothing written), at its size now."""
         try:
             handle = open(source, "rb", buffering=0)  # noqa: SIM115  (closed below)
         except OSError as error:
@@ -244,7 +248,7 @@ def _stage_all(
                 progress(path, base + done, total)
 
         if held is not None and held.may_hold(source.size):
-            digest = held.hashed(source.absolute, source.size, report)
+            digest = held.hashed(source.absolute, report)
             if held.relied_on(digest):
                 lfs = is_lfs_path(source.path, digest.size, patterns, GIT_OID_LIMIT)
                 staged.append(StagedFile(source.path, digest, _git_oid(digest, lfs), lfs))
