@@ -160,14 +160,12 @@ def _own_store(method: F) -> F:
             return method(self, *args, **kwargs)
         except RepoNotFoundError as missing:
             repo_id = missing.repo_id or ""
-            for store in self.tiers.shared:
-                if repo_id and store.index.read(
-                    "SELECT 1 FROM repos WHERE repo_id = ?", (store.spelled(repo_id),)
-                ):
-                    raise RepoNotFoundError(
-                        repo_id, f"{repo_id} is in the shared store {store.home}, read only from here: change it "
-                        "there (its owner may), or pull it into your own store"
-                    ) from None  # fmt: skip
+            store = self._shared_holder(repo_id) if repo_id else None
+            if store is not None:
+                raise RepoNotFoundError(
+                    repo_id, f"{repo_id} is in the shared store {store.home}, read only from here: change it "
+                    "there (its owner may), or pull it into your own store"
+                ) from None  # fmt: skip
             raise
 
     return wrapper  # type: ignore[return-value]
@@ -937,14 +935,20 @@ class Depot:
         try:
             result = remove_repo(self.store, repo_id, revision)
         except RepoNotFoundError:
-            shared = any(store.index.read("SELECT 1 FROM repos WHERE repo_id = ?", (store.spelled(repo_id),))
-                         for store in self.tiers.shared)  # fmt: skip
+            shared = self._shared_holder(repo_id) is not None
             forgotten = None if revision is not None or shared else self._forget_scan(repo_id)
             if forgotten is None:
                 raise  # (a shared store's repo is said so, and the scan made of it here stays)
             return forgotten
         self._held.let_go_of(repo_id, result.commits)
         return result
+
+    def _shared_holder(self, repo_id: str) -> Store | None:
+        """The first shared store that holds ``repo_id``, if any."""
+        for store in self.tiers.shared:
+            if store.index.read("SELECT 1 FROM repos WHERE repo_id = ?", (store.spelled(repo_id),)):
+                return store
+        return None
 
     def _forget_scan(self, repo_id: str) -> RemoveResult | None:
         """(A repo the store holds nothing of.) Its saved scan goes, which `status` and the dashboard listed for

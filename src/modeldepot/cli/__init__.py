@@ -300,10 +300,8 @@ def rm_command(depot: Depot, repo_id: str, revision: str | None, quant: str | No
         what = f"the {quant} files of {repo_id}@{revision or 'main'}"
     depot.check_writable("a removal")  # (before asking what could not be done)
     if not yes:
-        try:
-            depot.own_repo_info(
-                repo_id
-            )  # fail on a repo not in the store (or only a shared one's) before asking
+        try:  # (fail on a repo not in the store, or only a shared one's, before asking)
+            depot.own_repo_info(repo_id)
         except RepoNotFoundError:
             if revision is not None or quant is not None or not _scanned_alone(depot, repo_id):
                 raise
