@@ -51,9 +51,8 @@ class UseCounter:
         them for unused."""
         self.store.access.record(repo_id, commit_id=commit_id)
         for variant in {name for name in self.owners(repo_id, commit_id).values() if name is not None}:
-            self.store.access.record(
-                repo_id, variant, count=0, commit_id=commit_id
-            )  # (with its revision's time)
+            # (marked with its revision at one moment: the revision, older by microseconds, went first)
+            self.store.access.record(repo_id, variant, count=0, commit_id=commit_id)
 
     def variant_of(self, repo_id: str, commit_id: str, path: str) -> str | None:
         """The variant ``path`` is one of in that commit (None: a shared file, or one of no variant)."""

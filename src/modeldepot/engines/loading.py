@@ -278,9 +278,8 @@ def _onnx_from_mappings(
         beside: dict[str, memoryview] = {}
         for entry in store.files(repo_id, commit_id):
             name = entry.path[len(prefix) :]
-            skipped = (
-                entry.path == chosen or name.endswith(".onnx") or entry.path in others
-            )  # (another variant's)
+            # (the model itself, another graph, or another variant's file)
+            skipped = entry.path == chosen or name.endswith(".onnx") or entry.path in others
             if not entry.path.startswith(prefix) or skipped:
                 continue
             try:
