@@ -951,7 +951,9 @@ def test_a_file_another_repo_shared_removed_under_a_pull_is_fetched_again(
 ) -> None:
     """`rm` of another repo (or the disk budget evicting it) that held a file the pull found in the store (a
     config of two bytes) made the pull fail at its end, everything fetched: "run it again" (a trial, a
-    250 MiB pull). The pull fetches that file too, in the same run, and says what it fetched."""
+    250 MiB pull). The pull fetches that file too, in the same run, and says what it fetched. (A removal
+    leaves the blobs a pull relies on now, as an eviction does; this one takes it as a removal that does not
+    know of them would: an older modeldepot's beside this one.)"""
     home = tmp_path / "local"
     with Depot(home, chunk_size=SMALL_CHUNK) as depot:
         depot.import_dir(
@@ -964,6 +966,37 @@ def test_a_file_another_repo_shared_removed_under_a_pull_is_fetched_again(
             _pull_past_a_removal(depot, home)
 
 
+def test_an_rm_under_a_pull_leaves_the_blob_the_pull_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rm` of another repo that held a file a pull found in the store: the blob stays until the pull publishes
+    (as an eviction leaves it), and the pull fetches nothing of it."""
+    import dataclasses
+
+    home = tmp_path / "local"
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(
+            write_model_dir(tmp_path / "other", {"config.json": SLOW_PULLED["config.json"]}), "acme/other"
+        )
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with serving(tmp_path / "upstream", SLOW_PULLED) as node:
+        monkeypatch.setenv("HF_ENDPOINT", node.url)
+        with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+            depot.config = dataclasses.replace(depot.config, max_download_rate=2 << 20)
+            outcome: list[object] = []
+            updates: list[PullUpdate] = []
+            pulling = pull_in_a_thread(depot, REPO, outcome, updates)
+            wait_until(lambda: outcome or any(u.path == BIG and u.file_done for u in updates))
+            with Depot(home) as other:
+                assert other.remove("acme/other").commits
+            pulling.join(60)
+            result = outcome[0]
+            assert isinstance(result, PullResult), result
+            assert result.bytes_by_source.get("local") == len(SLOW_PULLED["config.json"]), result
+            assert bytes(depot.get_file(REPO, "config.json")) == SLOW_PULLED["config.json"]
+            assert store_files_consistent(depot) == [] and depot.verify().ok
+
+
 def _pull_past_a_removal(depot: Depot, home: Path) -> None:
     """A pull at 2 MiB/s; the other repo removed (by another Depot) once its weights are under way."""
     import dataclasses
@@ -974,8 +1007,10 @@ def _pull_past_a_removal(depot: Depot, home: Path) -> None:
     pulling = pull_in_a_thread(depot, REPO, outcome, updates)
     wait_until(lambda: outcome or any(u.path == BIG and u.file_done for u in updates))
     assert not outcome, outcome
-    with Depot(home) as other:
-        assert other.remove("acme/other").commits  # the blob the pull found for its config.json goes
+    from modeldepot.store.maintenance import remove
+
+    with Depot(home) as other:  # the blob the pull found for its config.json goes
+        assert remove(other.store, "acme/other", keep_blobs=frozenset()).commits
     pulling.join(60)
     result = outcome[0]
     assert isinstance(result, PullResult), result
