@@ -946,14 +946,15 @@ def test_a_repo_being_pulled_is_pinned_once_published(tmp_path: Path) -> None:
             depot.pin("acme/never-pulled")
 
 
-def test_a_file_another_repo_shared_removed_under_a_pull_is_fetched_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("removal", ["rm", "unaware"])
+def test_a_file_another_repo_shared_removed_under_a_pull(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, removal: str
 ) -> None:
     """`rm` of another repo (or the disk budget evicting it) that held a file the pull found in the store (a
     config of two bytes) made the pull fail at its end, everything fetched: "run it again" (a trial, a
-    250 MiB pull). The pull fetches that file too, in the same run, and says what it fetched. (A removal
-    leaves the blobs a pull relies on now, as an eviction does; this one takes it as a removal that does not
-    know of them would: an older modeldepot's beside this one.)"""
+    250 MiB pull). A removal leaves the blobs a pull relies on now, as an eviction does: the pull finds it in
+    place. One that does not know of them (an older modeldepot's beside this one) takes it: the pull fetches
+    that file too, in the same run, and says what it fetched."""
     home = tmp_path / "local"
     with Depot(home, chunk_size=SMALL_CHUNK) as depot:
         depot.import_dir(
@@ -963,43 +964,14 @@ def test_a_file_another_repo_shared_removed_under_a_pull_is_fetched_again(
     with serving(tmp_path / "upstream", SLOW_PULLED) as node:
         monkeypatch.setenv("HF_ENDPOINT", node.url)
         with Depot(home, chunk_size=SMALL_CHUNK) as depot:
-            _pull_past_a_removal(depot, home)
+            _pull_past_a_removal(depot, home, removal)
 
 
-def test_an_rm_under_a_pull_leaves_the_blob_the_pull_found(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`rm` of another repo that held a file a pull found in the store: the blob stays until the pull publishes
-    (as an eviction leaves it), and the pull fetches nothing of it."""
-    import dataclasses
-
-    home = tmp_path / "local"
-    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
-        depot.import_dir(
-            write_model_dir(tmp_path / "other", {"config.json": SLOW_PULLED["config.json"]}), "acme/other"
-        )
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    with serving(tmp_path / "upstream", SLOW_PULLED) as node:
-        monkeypatch.setenv("HF_ENDPOINT", node.url)
-        with Depot(home, chunk_size=SMALL_CHUNK) as depot:
-            depot.config = dataclasses.replace(depot.config, max_download_rate=2 << 20)
-            outcome: list[object] = []
-            updates: list[PullUpdate] = []
-            pulling = pull_in_a_thread(depot, REPO, outcome, updates)
-            wait_until(lambda: outcome or any(u.path == BIG and u.file_done for u in updates))
-            with Depot(home) as other:
-                assert other.remove("acme/other").commits
-            pulling.join(60)
-            result = outcome[0]
-            assert isinstance(result, PullResult), result
-            assert result.bytes_by_source.get("local") == len(SLOW_PULLED["config.json"]), result
-            assert bytes(depot.get_file(REPO, "config.json")) == SLOW_PULLED["config.json"]
-            assert store_files_consistent(depot) == [] and depot.verify().ok
-
-
-def _pull_past_a_removal(depot: Depot, home: Path) -> None:
+def _pull_past_a_removal(depot: Depot, home: Path, removal: str) -> None:
     """A pull at 2 MiB/s; the other repo removed (by another Depot) once its weights are under way."""
     import dataclasses
+
+    from modeldepot.store.maintenance import remove
 
     depot.config = dataclasses.replace(depot.config, max_download_rate=2 << 20)  # (2 s for the weights)
     outcome: list[object] = []
@@ -1007,15 +979,22 @@ def _pull_past_a_removal(depot: Depot, home: Path) -> None:
     pulling = pull_in_a_thread(depot, REPO, outcome, updates)
     wait_until(lambda: outcome or any(u.path == BIG and u.file_done for u in updates))
     assert not outcome, outcome
-    from modeldepot.store.maintenance import remove
-
-    with Depot(home) as other:  # the blob the pull found for its config.json goes
-        assert remove(other.store, "acme/other", keep_blobs=frozenset()).commits
+    with Depot(home) as other:
+        if removal == "rm":
+            assert other.remove("acme/other").commits
+        else:  # (the blob the pull found for its config.json goes)
+            assert remove(other.store, "acme/other", keep_blobs=frozenset()).commits
     pulling.join(60)
     result = outcome[0]
     assert isinstance(result, PullResult), result
-    assert result.bytes_downloaded == sum(map(len, SLOW_PULLED.values())) and result.bytes_resumed == 0
-    assert "local" not in result.bytes_by_source and result.sources, result
+    total, config = sum(map(len, SLOW_PULLED.values())), len(SLOW_PULLED["config.json"])
+    if removal == "rm":
+        assert result.bytes_by_source.get("local") == config and result.bytes_downloaded == total - config, (
+            result
+        )
+    else:
+        assert result.bytes_downloaded == total and result.bytes_resumed == 0
+        assert "local" not in result.bytes_by_source and result.sources, result
     statuses = {v.name: v.status for v in depot.get_manifest(REPO).variants}
     assert set(statuses.values()) == {"downloaded"}, statuses
     for path, data in SLOW_PULLED.items():
