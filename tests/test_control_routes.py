@@ -235,6 +235,41 @@ def test_the_node_stopping_cancels_its_pulls(local: Depot, monkeypatch: pytest.M
     assert stopped is not None and stopped.state == "failed" and "stopped" in (stopped.error or "")
 
 
+def test_a_pull_cancelled_as_it_publishes_is_done(
+    guarded: LiveNode, local: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel that lands while the pull publishes waits for the publish (it is not cut) and the job says done:
+    it said "cancelled, pull again to resume" for a repo the node then held whole (a reviewer's trial)."""
+    import modeldepot.transfer.pull
+
+    publishing, release = threading.Event(), threading.Event()
+    real_publish = modeldepot.transfer.pull.publish
+
+    def held_publish(*args: Any, **kwargs: Any) -> None:
+        publishing.set()
+        release.wait(30)
+        real_publish(*args, **kwargs)
+
+    monkeypatch.setattr(modeldepot.transfer.pull, "publish", held_publish)
+    job = call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH).json()
+    assert publishing.wait(30), "the pull did not reach its publish"
+    with ThreadPoolExecutor(1) as pool:
+        cancelling = pool.submit(call, guarded.port, "DELETE", f"{API}/pulls/{job['id']}", headers=AUTH)
+        wait_until(lambda: guarded_job(guarded, job["id"]).cancelling, 10, "the cancel to reach the job")
+        release.set()
+        cancelled = cancelling.result(30)
+    assert cancelled.status == 200, cancelled.body
+    assert cancelled.json()["state"] == "done" and cancelled.json()["error"] is None, cancelled.body
+    assert cancelled.json()["bytes_done"] == cancelled.json()["bytes_total"] > 0
+    assert local.has_file(REPO, "onnx/model_fp16.onnx")
+
+
+def guarded_job(node: LiveNode, job_id: str) -> Any:
+    job = node.runner.app[PULLS].get(job_id)
+    assert job is not None
+    return job
+
+
 def test_a_running_pull_is_cancelled_and_what_it_received_is_kept(
     guarded: LiveNode, local: Depot, proxy: HoldingProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -370,6 +370,11 @@ class PullJobs:
                 job.repo, job.quants, revision=job.revision, progress=progress, manifest=manifest
             )
         except asyncio.CancelledError:
+            if job.cancelling and await asyncio.to_thread(_published, depot, manifest, job.quants):
+                # Asked to stop as it published: a publish is not cut (a cancellation waits for it), and it
+                # completed. It said "cancelled" for a repo the node held whole (a reviewer's trial).
+                job.state, job.bytes_done = "done", job.bytes_total
+                return
             if job.cancelling:
                 job.error = "cancelled: what it received is kept, pull again to resume"
                 job.state = "cancelled"
@@ -397,8 +402,8 @@ class PullJobs:
 
     async def cancel(self, job_id: str) -> tuple[PullJob | None, bool]:
         """Stop the running pull ``job_id`` (what it received is kept for a resume, as when the node stops)
-        and wait until it has: the job (None when there is no such job), and whether this stopped it (an
-        ended one is left as it is)."""
+        and wait until it has: the job (None when there is no such job), and whether it was running (an
+        ended one is left as it is). It ends cancelled, or done when it was publishing."""
         job = self._jobs.get(job_id)
         if job is None or job.task is None or job.task.done():
             return job, False
@@ -406,7 +411,7 @@ class PullJobs:
             job.cancelling = True
             job.task.cancel()
         await asyncio.wait({job.task})  # (not cancelled itself if this request is: the job ends all the same)
-        return job, job.state == "cancelled"
+        return job, True
 
     def _forget_finished(self) -> None:
         finished = [job_id for job_id, job in self._jobs.items() if job.state != "running"]
@@ -419,6 +424,15 @@ class PullJobs:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _published(depot: Depot, manifest: Manifest, quants: Quants) -> bool:
+    """Whether every file a pull of ``quants`` takes is in the store at the manifest's commit."""
+    from modeldepot.transfer.pull import select
+
+    files, _ = select(manifest, quants)
+    held = depot.store.file_sizes(manifest.repo_id, manifest.commit_id)
+    return all(held.get(f.path) == f.size for f in files)
 
 
 def _check_fits(depot: Depot, manifest: Manifest, quants: Quants) -> None:
@@ -483,12 +497,12 @@ async def get_pull(request: web.Request) -> web.Response:
 async def cancel_pull(request: web.Request) -> web.Response:
     """Stop a running pull (a variant asked by mistake: it ran until it filled the disk or the node stopped,
     an explorer's trial); what it received is kept for a resume. 409 for a pull that already ended."""
-    job, stopped = await request.app[PULLS].cancel(request.match_info["id"])
+    job, was_running = await request.app[PULLS].cancel(request.match_info["id"])
     if job is None:
         raise Refused(
             404, "NotFound", "no pull with this id (the node forgets finished pulls when it restarts)"
         )
-    if not stopped:
+    if not was_running:
         raise Refused(409, "PullNotRunning", f"pull {job.id} is {job.state}: there is nothing to cancel")
     return json_response(job.to_dict())
 

@@ -719,7 +719,8 @@ def _control_paths(
             "delete": {
                 "operationId": "cancelPull",
                 "description": "Stop a running pull and wait until it has: 200 and the pull, cancelled (what it "
-                "received is kept: a pull of the same again resumes). A pull that already ended is a 409. "
+                "received is kept: a pull of the same again resumes), or done without a result when it was asked as "
+                "the pull published its files, which is not cut. A pull that already ended is a 409. "
                 + _CONTROL,
                 "parameters": [_path_param("id", {"type": "string", "maxLength": 64})],
                 "responses": {"200": ok("PullJob"), **errors(400, 401, 404, 409)},
