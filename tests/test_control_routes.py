@@ -287,9 +287,9 @@ def test_a_running_pull_is_cancelled_and_what_it_received_is_kept(
     assert again.status == 409 and again.json()["error"].endswith("nothing to cancel"), again.body
     assert call(guarded.port, "DELETE", f"{API}/pulls/{'0' * 16}", headers=AUTH).status == 404
     assert call(guarded.port, "DELETE", f"{API}/pulls/{job['id']}").status == 401
-    import modeldepot.depot
+    import modeldepot.upkeep
 
-    monkeypatch.setattr(modeldepot.depot, "SCAN_SETTLE", 0.0)  # (the scan of a moment ago, forgotten)
+    monkeypatch.setattr(modeldepot.upkeep, "SCAN_SETTLE", 0.0)  # (the scan of a moment ago, forgotten)
     removed = call(guarded.port, "DELETE", f"{API}/repos/{REPO}", headers=AUTH)  # (no longer "being pulled")
     assert removed.status == 200 and removed.json()["scan_forgotten"], removed.body  # (nothing was published)
     proxy.release()
@@ -321,14 +321,14 @@ def test_a_repo_scanned_alone_is_forgotten_by_a_removal(
     gc kept it (an explorer's trial). A removal forgets its saved scan (of more than a few seconds ago)."""
     from click.testing import CliRunner
 
-    import modeldepot.depot
+    import modeldepot.upkeep
     from modeldepot.cli import cli
 
     fresh = call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["nope"]}, AUTH)
     assert fresh.status == 422  # (scanned, no pull: a scan of a moment ago may be a pull's that starts)
     young = call(guarded.port, "DELETE", f"{API}/repos/{REPO}", headers=AUTH)
     assert young.status == 409 and "may be starting" in young.json()["error"], young.body
-    monkeypatch.setattr(modeldepot.depot, "SCAN_SETTLE", 0.0)
+    monkeypatch.setattr(modeldepot.upkeep, "SCAN_SETTLE", 0.0)
 
     local.pull(REPO, ["q4f16"])
     assert call(guarded.port, "DELETE", f"{API}/repos/{REPO}", headers=AUTH).status == 200

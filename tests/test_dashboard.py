@@ -183,10 +183,10 @@ def screenshot(driver: WebDriver, path: Path) -> None:
 def test_pull_with_progress_and_removal_from_the_page(
     browser: WebDriver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import modeldepot.depot
+    import modeldepot.upkeep
 
     monkeypatch.setattr(
-        modeldepot.depot, "SCAN_SETTLE", 0.0
+        modeldepot.upkeep, "SCAN_SETTLE", 0.0
     )  # (its scan forgotten seconds after it was made)
     with source_node(tmp_path) as source:
         proxy = HoldingProxy(source.url)

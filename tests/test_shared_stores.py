@@ -449,9 +449,9 @@ def test_a_removal_of_a_shared_stores_repo_forgets_no_scan_of_it(
 ) -> None:
     """`rm` of a repo the own store holds nothing of forgets its saved scan; of one a shared store holds, it
     forgot the user's scan and said "the store held nothing of it", while `ls` listed the repo (a review)."""
-    import modeldepot.depot
+    import modeldepot.upkeep
 
-    monkeypatch.setattr(modeldepot.depot, "SCAN_SETTLE", 0.0)
+    monkeypatch.setattr(modeldepot.upkeep, "SCAN_SETTLE", 0.0)
     with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
         user.scan_repo("acme/common")
         with pytest.raises(RepoNotFoundError, match="is in the shared store"):
@@ -460,7 +460,7 @@ def test_a_removal_of_a_shared_stores_repo_forgets_no_scan_of_it(
         upstream.depot.import_dir(write_model_dir(tmp_path / "src" / "up", {"w.bin": b"w" * 99}), "acme/up")
         user.scan_repo("acme/up")  # (which the admin's store does not hold)
         assert user.remove("acme/up").scan_forgotten
-        monkeypatch.setattr(modeldepot.depot, "SCAN_SETTLE", 10.0)
+        monkeypatch.setattr(modeldepot.upkeep, "SCAN_SETTLE", 10.0)
         user.scan_repo("acme/up")  # (a scan of a moment ago: a pull of it may be starting)
         with pytest.raises(PullRunningError, match="a pull of it may be starting"):
             user.remove("acme/up")

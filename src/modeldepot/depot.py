@@ -13,30 +13,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import logging
 import mmap
 import threading
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from functools import wraps
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from modeldepot.config import DepotConfig, parse_size, shared_homes
 from modeldepot.errors import (
     ConfigError,
     CorruptBlobError,
-    DepotError,
     EntryNotFoundError,
     InvalidInputError,
     NotFoundError,
-    PullRunningError,
     ReadOnlyStoreError,
-    RepoNotFoundError,
 )
+from modeldepot.guards import any_case, own_store, writes
 from modeldepot.held import HeldModels
 from modeldepot.hub.manifest import (
     CommitListings,
@@ -46,30 +41,21 @@ from modeldepot.hub.manifest import (
     keep_listing,
     listed_counts,
 )
-from modeldepot.hub.removal import forget_removed_variants, remove_repo, remove_variant
-from modeldepot.hub.variants import group_files, variants_own_files
+from modeldepot.hub.removal import forget_removed_variants
+from modeldepot.hub.variants import variants_own_files
 from modeldepot.store import (
     BlobRecord,
-    DiskUsage,
     FileEntry,
-    GcReport,
     ImportProgress,
     ImportResult,
-    RemoveResult,
     RepoInfo,
     RepoSummary,
     Store,
-    VerifyReport,
-    disk_usage,
-    gc,
     import_dir,
-    verify,
 )
-from modeldepot.store.budget import BudgetStatus, Eviction, Pin
-from modeldepot.store.maintenance import VerifyProgress, sweep_dead_sessions
-from modeldepot.store.scrub import DEFAULT_SCRUB_RATE, Scrubber
 from modeldepot.store.verified import VerifiedBlob
 from modeldepot.tiers import Tiers
+from modeldepot.upkeep import Upkeep
 from modeldepot.upstream import Upstream, branch_set_by
 from modeldepot.uses import UseCounter
 
@@ -86,9 +72,7 @@ if TYPE_CHECKING:  # the transfer machinery (aiohttp, huggingface_hub) loads on 
     from modeldepot.transfer.fleet import FleetView, PeerRow
     from modeldepot.transfer.pull import PartialWatch, PullProgress, PullResult
 from modeldepot.validation import (
-    SHORT_COMMIT,
     validate_path,
-    validate_quant,
     validate_quants,
     validate_repo_id,
     validate_revision,
@@ -97,78 +81,6 @@ from modeldepot.validation import (
 __all__ = ["Depot", "MappedFile"]
 
 log = logging.getLogger(__name__)
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-# Seconds a saved scan is taken for a pull's that may be starting (it saves its scan before it takes the repo's
-# pull mark): `rm` of a repo the store holds nothing of leaves so young a scan
-SCAN_SETTLE = 10.0
-
-
-def _any_case(method: F) -> F:
-    """Repo ids match whatever their case, as on the Hub: ``method`` gets its ``repo_id`` (the first
-    argument, or the keyword) as the store spells it (:meth:`Store.spelled`), validated."""
-
-    @wraps(method)
-    def wrapper(self: Depot, *args: Any, **kwargs: Any) -> Any:
-        if "repo_id" in kwargs:
-            if kwargs["repo_id"] is not None:
-                kwargs["repo_id"] = self.store.spelled(kwargs["repo_id"])
-        elif args and args[0] is not None:
-            args = (self.store.spelled(args[0]), *args[1:])
-        return method(self, *args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
-# What a writing method is called in a read-only store's refusal: the user's word, not the method's name
-_WRITES = {"import_dir": "an import", "hf_cache_import": "an import", "pull": "a pull", "pull_async": "a pull",
-           "download_quant": "a pull", "download_file": "a pull", "remove": "a removal",
-           "gc": "gc", "pin": "a pin", "unpin": "an unpin", "set_max_size": "a disk budget",
-           "shrink": "a shrink to the disk budget"}  # fmt: skip
-
-
-def _writes(method: F) -> F:
-    """``method`` writes the store: on a read-only one it is a ReadOnlyStoreError before anything is done
-    (not a failure halfway, naming a folder the user never heard of)."""
-
-    doing = _WRITES.get(method.__name__, method.__name__.replace("_", " "))
-    if inspect.iscoroutinefunction(method):  # (still one, refusing when awaited, as the method would)
-
-        @wraps(method)
-        async def awaited(self: Depot, *args: Any, **kwargs: Any) -> Any:
-            self.check_writable(doing)
-            return await method(self, *args, **kwargs)
-
-        return awaited  # type: ignore[return-value]
-
-    @wraps(method)
-    def wrapper(self: Depot, *args: Any, **kwargs: Any) -> Any:
-        self.check_writable(doing)
-        return method(self, *args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _own_store(method: F) -> F:
-    """``method`` works on the depot's own store only (a removal, a pin): a repo only a shared store holds
-    is said to be there, read only from here, not "not in the store" (which ``ls``, listing it, belies)."""
-
-    @wraps(method)
-    def wrapper(self: Depot, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        except RepoNotFoundError as missing:
-            repo_id = missing.repo_id or ""
-            store = self._shared_holder(repo_id) if repo_id else None
-            if store is not None:
-                raise RepoNotFoundError(
-                    repo_id, f"{repo_id} is in the shared store {store.home}, read only from here: change it "
-                    "there (its owner may), or pull it into your own store"
-                ) from None  # fmt: skip
-            raise
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _repo_list(repo_ids: Sequence[str] | None) -> list[str] | None:
@@ -237,7 +149,7 @@ class MappedFile:
                 log.debug("%s", said)
 
 
-class Depot:
+class Depot(Upkeep):
     """A model depot rooted at ``home`` (default: ``MODELDEPOT_HOME``, else ``~/.cache/modeldepot``).
 
     ``chunk_size`` (bytes, or a size like ``"16MiB"``) is the new store's; an existing store of another chunk
@@ -261,9 +173,9 @@ class Depot:
       :attr:`fleet`, :meth:`peers`;
     - **hot models**: :meth:`load` with :attr:`engines` (the loaded-model cache) and :attr:`preloader`
       (the RAM tier);
-    - **upkeep**: :meth:`verify`, :meth:`scrubber`, :meth:`remove`, :meth:`gc`, :meth:`du`; the disk
-      budget (:meth:`set_max_size`): :meth:`pin`, :meth:`unpin`, :meth:`pins`, :meth:`budget_status`,
-      :meth:`shrink`.
+    - **upkeep** (:class:`~modeldepot.upkeep.Upkeep`): :meth:`verify`, :meth:`scrubber`, :meth:`remove`,
+      :meth:`gc`, :meth:`du`; the disk budget (:meth:`set_max_size`): :meth:`pin`, :meth:`unpin`,
+      :meth:`pins`, :meth:`budget_status`, :meth:`shrink`.
 
     :attr:`store` is the store itself (blobs by digest, chunk digests, inventory: what peers and the
     server read), and :attr:`config` the settings it was opened with.
@@ -380,7 +292,7 @@ class Depot:
 
     # -- writing --------------------------------------------------------------------------------------
 
-    @_writes
+    @writes
     def import_dir(
         self,
         path: str | Path,
@@ -404,7 +316,7 @@ class Depot:
         return import_dir(self.store, path, self.store.spelled(repo_id), revision, private=private,
                           progress=progress, link=link)  # fmt: skip
 
-    @_writes
+    @writes
     def hf_cache_import(
         self,
         repo_ids: Sequence[str] | None = None,
@@ -449,18 +361,18 @@ class Depot:
 
     # -- reading --------------------------------------------------------------------------------------
 
-    @_any_case
+    @any_case
     def resolve(self, repo_id: str, revision: str = "main") -> str:
         """The commit id a branch name (or commit id) stands for (in the store that answers it: the own
         store or a shared one, tiers.py)."""
         return self.tiers.holder(repo_id, revision)[2]
 
-    @_any_case
+    @any_case
     def list_files(self, repo_id: str, revision: str = "main") -> list[FileEntry]:
         """Every file of a revision, sorted by path (as the store that answers it holds them)."""
         return self.tiers.files(repo_id, revision)[2]
 
-    @_any_case
+    @any_case
     def commit_files(self, repo_id: str, revision: str = "main") -> list[FileEntry]:
         """Every file of the revision's commit, sorted by path, as the Hub lists them: the ones the store
         holds and, when the repo's saved scan is of this commit (a pull of one variant, an adopted cache
@@ -478,7 +390,7 @@ class Depot:
         another was answered as a file the commit lacks, and huggingface_hub kept it so for good)."""
         return self._listings.may_have(repo_id, commit_id, path)
 
-    @_any_case
+    @any_case
     def file_info(self, repo_id: str, path: str, revision: str = "main") -> FileEntry:
         return self._entry(repo_id, path, revision)[1]
 
@@ -502,7 +414,7 @@ class Depot:
                 repo_id, revision, path, commit_id, in_commit=True, advice=advice
             ) from None
 
-    @_any_case
+    @any_case
     def has_file(self, repo_id: str, path: str, revision: str = "main") -> bool:
         """Whether a store of the depot can serve the file now (present and not quarantined)."""
         if not self.tiers.shared:
@@ -513,7 +425,7 @@ class Depot:
             return False
         return True
 
-    @_any_case
+    @any_case
     def get_file(
         self, repo_id: str, path: str, revision: str = "main", *, download: bool = False
     ) -> memoryview:
@@ -528,7 +440,7 @@ class Depot:
         self._record_read(store, entry)
         return memoryview(mapping) if mapping is not None else memoryview(b"")
 
-    @_any_case
+    @any_case
     def map_file(self, repo_id: str, path: str, revision: str = "main") -> MappedFile:
         """Like :meth:`get_file`, as a context manager that unmaps the file on exit."""
         store, entry = self._entry(repo_id, path, revision)
@@ -536,7 +448,7 @@ class Depot:
         self._record_read(store, entry)
         return mapped
 
-    @_any_case
+    @any_case
     def open_file(self, repo_id: str, path: str, revision: str = "main") -> BinaryIO:
         """A seekable binary stream; it reads from disk as asked and never holds the whole file."""
         store, entry = self._entry(repo_id, path, revision)
@@ -544,7 +456,7 @@ class Depot:
         self._record_read(store, entry)
         return stream
 
-    @_any_case
+    @any_case
     def get_chunk(self, repo_id: str, path: str, index: int, revision: str = "main") -> memoryview:
         """Chunk ``index`` of a file as a zero-copy view, verified against its BLAKE3 digest."""
         store, entry = self._entry(repo_id, path, revision)
@@ -552,7 +464,7 @@ class Depot:
         self._record_read(store, entry)
         return chunk
 
-    @_any_case
+    @any_case
     def file_path(self, repo_id: str, path: str, revision: str = "main") -> Path:
         """A real path (in the snapshot tree) for engines that open or mmap files themselves."""
         store, entry = self._entry(repo_id, path, revision)
@@ -560,7 +472,7 @@ class Depot:
         self._record_read(store, entry)
         return found
 
-    @_any_case
+    @any_case
     def snapshot_path(self, repo_id: str, revision: str = "main") -> Path:
         """The revision's folder, for ``from_pretrained(...)`` and other path-based loaders (the folder of the
         store that answers the revision: tiers.py)."""
@@ -591,19 +503,19 @@ class Depot:
         """The repos of the own store and of the shared ones, each once, sorted by repo id."""
         return self.tiers.list_repos() if self.tiers.shared else self.store.list_repos()
 
-    @_any_case
-    @_own_store
+    @any_case
+    @own_store
     def own_repo_info(self, repo_id: str) -> RepoInfo:
         """The repo as the depot's own store holds it (what `rm`, `pin` and the budget work on)."""
         return self.store.repo_info(repo_id)
 
-    @_any_case
+    @any_case
     def repo_info(self, repo_id: str) -> RepoInfo:
         return self.tiers.repo_info(repo_id) if self.tiers.shared else self.store.repo_info(repo_id)
 
     # -- upstream repos -------------------------------------------------------------------------------
 
-    @_any_case
+    @any_case
     def scan_repo(self, repo_id: str, revision: str = "main") -> Manifest:
         """Read ``repo_id`` through the source chain (depot servers from ``MODELDEPOT_SERVERS``, then the
         Hub at ``HF_ENDPOINT``): commit, files, variants; saved as its manifest.
@@ -650,8 +562,8 @@ class Depot:
             raise ConfigError("no cluster to list: give --cluster etcd://HOST:PORT or set MODELDEPOT_CLUSTER")
         return fleet.rows()
 
-    @_any_case
-    @_writes
+    @any_case
+    @writes
     def pull(
         self,
         repo_id: str,
@@ -676,7 +588,7 @@ class Depot:
             progress, self.config.outage_patience, repo_id, self._upstream.through_hub(manifest),
         )  # fmt: skip
 
-    @_writes
+    @writes
     async def pull_async(
         self,
         repo_id: str,
@@ -709,14 +621,14 @@ class Depot:
         return await pull_async(self.store, manifest, quants, branch_set_by(revision), chain,
                                 self.config.offline, progress, self._upstream.limits(), paths, watch)  # fmt: skip
 
-    @_any_case
-    @_writes
+    @any_case
+    @writes
     def download_quant(self, repo_id: str, quant: str, *, progress: PullProgress | None = None) -> PullResult:
         """Download one variant (and the shared files) of ``repo_id`` at ``main``."""
         return self.pull(repo_id, [quant], progress=progress)
 
-    @_any_case
-    @_writes
+    @any_case
+    @writes
     def download_file(
         self, repo_id: str, path: str, revision: str = "main", *, progress: PullProgress | None = None
     ) -> FileEntry:
@@ -736,7 +648,7 @@ class Depot:
         )  # fmt: skip
         return self.store.entry(repo_id, path, manifest.commit_id)
 
-    @_any_case
+    @any_case
     def manifest_for(self, repo_id: str, revision: str) -> Manifest:
         """The manifest to pull ``revision`` by: the saved one when it answers it (a commit id it was
         scanned at, or, offline, the branch it was scanned at); else a fresh scan."""
@@ -744,7 +656,7 @@ class Depot:
         validate_revision(revision)
         return self._upstream.manifest_for(repo_id, revision)
 
-    @_any_case
+    @any_case
     def upstream_file_counts(self, repo_id: str) -> dict[str, int]:
         """How many files the commit of each revision the store holds of ``repo_id`` has upstream, where its
         listing is kept (a revision holding some of them: a pull of one variant, a mirror's)."""
@@ -752,7 +664,7 @@ class Depot:
             "SELECT commit_id FROM revisions WHERE repo_id = ?", (repo_id,))]  # fmt: skip
         return listed_counts(self.store, repo_id, commits)
 
-    @_any_case
+    @any_case
     def get_manifest(self, repo_id: str) -> Manifest:
         """The saved manifest of a scanned repo, with each variant's current status (a pull that was
         killed shows as failed and resumable, not as downloading forever)."""
@@ -771,7 +683,7 @@ class Depot:
 
     # -- engines ----------------------------------------------------------------------------------------
 
-    @_any_case
+    @any_case
     def load(
         self,
         repo_id: str,
@@ -892,206 +804,3 @@ class Depot:
             replaced, self._preloader = self._preloader, preloader
         if replaced is not None and replaced is not preloader:
             replaced.close()
-
-    # -- upkeep ---------------------------------------------------------------------------------------
-
-    def scrubber(self, rate: float = DEFAULT_SCRUB_RATE) -> Scrubber:
-        """The background check of local blobs (``serve --scrub-interval``): rehashes what is due at
-        ``rate`` bytes a second and quarantines what fails. :meth:`verify` checks everything at once."""
-        return Scrubber(self.store, rate)
-
-    def sync(self, *, check: bool = True) -> int:
-        """Wait until everything the store holds is durable on disk (imports and pulls publish once their
-        bytes are verified, and flush in the background: ``MODELDEPOT_DURABILITY``); returns how many blobs
-        had to be flushed. Blobs written before the machine restarted are checked first (unless not
-        ``check``: a server stopping leaves them to the next start). On a read-only store what its writer
-        left unflushed is flushed (by the kernel's flush of every file system) and not recorded."""
-        return self.store.sync(check)
-
-    @_any_case
-    def verify(self, repo_id: str | None = None, *, progress: VerifyProgress | None = None) -> VerifyReport:
-        """Rehash blobs and chunks; a corrupt blob is quarantined, reported and never served again."""
-        return verify(self.store, repo_id, progress)
-
-    @_any_case
-    @_writes
-    @_own_store
-    def remove(self, repo_id: str, revision: str | None = None, quant: str | None = None) -> RemoveResult:
-        """Remove a repo or one revision; blobs nothing else uses are deleted at once. With ``quant``, only
-        that variant's own files go from the revision (``main`` unless given): its shared files (config,
-        tokenizer) and the other variants stay. Refused (:class:`PullRunningError`) while a pull of the repo
-        runs, here or in another process. A repo the store holds nothing of but its saved scan: the scan goes
-        (``scan_forgotten``)."""
-        validate_repo_id(repo_id)  # (before it names a file)
-        if self.store.partials.is_pulling(repo_id):
-            holder = self.store.partials.pull_holder(repo_id)
-            who = "" if holder is None else f" (process {holder})"
-            raise PullRunningError(f"a pull of {repo_id} is running{who}: nothing was removed; remove it once the "
-                                   "pull ends, or stop the pull first", repo_id=repo_id)  # fmt: skip
-        if quant is not None:
-            commit_id, result = remove_variant(self.store, repo_id, revision or "main", quant)
-            self._held.let_go_of(repo_id, [commit_id], result.files_removed)
-            return result
-        try:
-            result = remove_repo(self.store, repo_id, revision)
-        except RepoNotFoundError:
-            shared = self._shared_holder(repo_id) is not None
-            forgotten = None if revision is not None or shared else self._forget_scan(repo_id)
-            if forgotten is None:
-                raise  # (a shared store's repo is said so, and the scan made of it here stays)
-            return forgotten
-        self._held.let_go_of(repo_id, result.commits)
-        return result
-
-    def _shared_holder(self, repo_id: str) -> Store | None:
-        """The first shared store that holds ``repo_id``, if any."""
-        for store in self.tiers.shared:
-            if store.index.read("SELECT 1 FROM repos WHERE repo_id = ?", (store.spelled(repo_id),)):
-                return store
-        return None
-
-    def _forget_scan(self, repo_id: str) -> RemoveResult | None:
-        """(A repo the store holds nothing of.) Its saved scan goes, which `status` and the dashboard listed for
-        good, with no removal that could take it (a pull that failed, a typo naming a real repo); None without
-        one. A scan of the last seconds may be a pull's that starts: PullRunningError."""
-        now = time.time()
-        scanned = self.store.manifests.forget_repo(repo_id, now - SCAN_SETTLE)
-        if scanned is None:
-            return None
-        if scanned >= now - SCAN_SETTLE:
-            raise PullRunningError(f"{repo_id} was scanned {max(0.0, now - scanned):.0f} s ago, and a pull of it may "
-                                   "be starting: nothing was removed; remove it again in a few seconds",
-                                   repo_id=repo_id)  # fmt: skip
-        return RemoveResult(repo_id, (), 0, 0, scan_forgotten=True)
-
-    def let_go_of_removed(self) -> int:
-        """Drop this process's preloads and engines of what is no longer whole in the store (removed, a blob
-        of it quarantined, or files taken out of it, by another process: a `modeldepot rm` beside a node); a
-        server calls this every few seconds, and :meth:`load` every 2 s at most. Returns how many preloads and
-        loaded engines went."""
-        return self._held.let_go_of_removed()
-
-    @_writes
-    def gc(self, *, partials: bool = False) -> GcReport:
-        """Delete unreferenced and orphan blobs, abandoned partial files, stale snapshots, quarantine.
-
-        Interrupted downloads are kept for a resume (a week), unless ``partials`` is True. The notes of shared
-        stores' blobs found corrupt go once those are repaired."""
-        report = gc(self.store, partials)
-        # (every shared store opened: one left out, unmounted for a while, still holds what was noted of it)
-        if (
-            self.tiers.shared
-            and len(self.tiers.shared) == len(self.config.shared)
-            and not self.store.read_only
-        ):
-            try:
-                self.tiers.forget_repaired()
-            except (
-                DepotError,
-                OSError,
-            ) as error:  # (gc did its work: a shared store that cannot say is told)
-                log.warning("could not look which notes of shared stores' corrupt blobs may go: %s", error)
-        return report
-
-    def drop_dead_writes(self) -> int:
-        """Remove what writers that ended midway (an import killed) left in ``tmp/``, when no other writer
-        holds the store lock now (imports do it too; ``gc`` does it always); the bytes freed. Nothing on
-        a read-only store."""
-        return 0 if self.store.read_only else sweep_dead_sessions(self.store)
-
-    def du(self) -> DiskUsage:
-        return disk_usage(self.store)
-
-    # -- the disk budget ----------------------------------------------------------------------------------------
-
-    @_any_case
-    @_writes
-    @_own_store
-    def pin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> Pin:
-        """Never evict the revision ``revision`` names (a branch is followed) to keep within the disk budget;
-        ``quant``: one variant of it (that variant and the revision's shared files stay; its other
-        variants may be evicted)."""
-        try:
-            if quant is not None:
-                commit_id = self.store.resolve(validate_repo_id(repo_id), validate_revision(revision))
-                grouping = group_files(e.path for e in self.store.files(repo_id, commit_id))
-                variant = grouping.find(validate_quant(quant))
-                if variant is None:
-                    if self._scan_lists(repo_id, quant):  # (said "has no variant" of one its scan lists)
-                        raise NotFoundError(f"{repo_id}@{commit_id[:12]} holds no file of {quant!r} (it holds: "
-                                            f"{grouping.names()}): pull it first", repo_id=repo_id)  # fmt: skip
-                    raise NotFoundError(f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: "
-                                        f"{grouping.names()})", repo_id=repo_id)  # fmt: skip
-                # (kept under the variant's own name, unpin finding it however it is typed; or under the kind's
-                # name typed, onnx-fp16, which stays that one variant's when the other kind's fp16 comes back)
-                quant = variant.name if quant.lower() == variant.name.lower() else quant
-            return self.store.budget.pin(repo_id, quant, revision)
-        except NotFoundError as missing:
-            if not self.store.partials.is_pulling(repo_id):
-                raise
-            # (while `status` showed it downloading, the pin said "not in the store", and the node 404)
-            holder = self.store.partials.pull_holder(repo_id)
-            who = "" if holder is None else f" (process {holder})"
-            raise PullRunningError(f"a pull of {repo_id} is running{who} and has not published "
-                                   f"{repo_id if quant is None else quant} yet ({missing}): pin it once the pull is "
-                                   "done", repo_id=repo_id) from None  # fmt: skip
-
-    def _scan_lists(self, repo_id: str, quant: str) -> bool:
-        """Whether the repo's saved scan lists the variant ``quant``."""
-        try:
-            self.get_manifest(repo_id).variant(quant)
-        except NotFoundError:
-            return False
-        return True
-
-    @_any_case
-    @_writes
-    def unpin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
-        """Remove a pin, named as :meth:`pin` took it (a variant in any case, a commit by its start); False
-        when there was none."""
-        validate_revision(revision)
-        if quant is not None:
-            validate_quant(quant)  # ("" matched the whole repo's pin, and took it)
-        for pin in self.store.budget.pins(repo_id):
-            same_variant = (pin.quant or "").lower() == (quant or "").lower()
-            if same_variant and (pin.revision == revision or (
-                    SHORT_COMMIT.fullmatch(revision) and pin.revision.startswith(revision))):  # fmt: skip
-                return self.store.budget.unpin(repo_id, pin.quant, pin.revision)
-        return False
-
-    @_any_case
-    def pins(self, repo_id: str | None = None) -> list[Pin]:
-        if repo_id is not None:
-            validate_repo_id(repo_id)
-        return self.store.budget.pins(repo_id)
-
-    def budget_status(self, fresh: bool = True) -> BudgetStatus:
-        """The disk budget (the store's, :meth:`set_max_size`, capped by ``MODELDEPOT_MAX_SIZE``), what the
-        blobs use, what pins and uses keep, and the evictions so far (``fresh`` False: which blobs files
-        outside the store share, as looked at in the last seconds: for what asks often)."""
-        return self.store.budget.status(fresh)
-
-    @_writes
-    def set_max_size(self, max_size: str | int | None) -> list[Eviction]:
-        """Save ``max_size`` (``"200GiB"``, ``"80%"``, bytes; None: none) as the store's disk budget, which every
-        process on the store keeps to from its next write, and evict the least recently used revisions until
-        the store is within it. ``MODELDEPOT_MAX_SIZE`` caps one process further."""
-        self.store.budget.save_max_size(max_size)
-        return self.shrink() if max_size is not None else []
-
-    def plan_shrink(self, max_size: str | int | None = None) -> list[Eviction]:
-        """What :meth:`shrink` (or :meth:`set_max_size`) to ``max_size`` would evict now, in order, with the
-        bytes each would free: nothing is removed."""
-        from modeldepot.store.budget import parse_max_size
-
-        limit = None if max_size is None else parse_max_size(max_size, self.home)
-        return self.store.budget.plan_shrink(limit)
-
-    @_writes
-    def shrink(self, max_size: str | int | None = None) -> list[Eviction]:
-        """Evict the least recently used revisions until the store is within ``max_size`` (``"200GiB"``,
-        ``"80%"``; default: the budget), never what is pinned or in use."""
-        from modeldepot.store.budget import parse_max_size
-
-        limit = None if max_size is None else parse_max_size(max_size, self.home)
-        return self.store.budget.shrink(limit)

@@ -1,0 +1,251 @@
+"""The upkeep half of :class:`~modeldepot.depot.Depot`: checking, removing, collecting garbage, and the disk
+budget with its pins. A mixin: it works on the depot's own store, tiers and what its process holds."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from modeldepot.errors import DepotError, NotFoundError, PullRunningError, RepoNotFoundError
+from modeldepot.guards import any_case, own_store, writes
+from modeldepot.hub.removal import remove_repo, remove_variant
+from modeldepot.hub.variants import group_files
+from modeldepot.store import DiskUsage, GcReport, RemoveResult, Store, VerifyReport, disk_usage, gc, verify
+from modeldepot.store.budget import BudgetStatus, Eviction, Pin
+from modeldepot.store.maintenance import VerifyProgress, sweep_dead_sessions
+from modeldepot.store.scrub import DEFAULT_SCRUB_RATE, Scrubber
+from modeldepot.validation import SHORT_COMMIT, validate_quant, validate_repo_id, validate_revision
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from modeldepot.config import DepotConfig
+    from modeldepot.held import HeldModels
+    from modeldepot.hub.manifest import Manifest
+    from modeldepot.tiers import Tiers
+
+__all__ = ["SCAN_SETTLE", "Upkeep"]
+
+log = logging.getLogger(__name__)
+
+# Seconds a saved scan is taken for a pull's that may be starting (it saves its scan before it takes the repo's
+# pull mark): `rm` of a repo the store holds nothing of leaves so young a scan
+SCAN_SETTLE = 10.0
+
+
+class Upkeep:
+    """Upkeep of a depot's own store; :class:`~modeldepot.depot.Depot` is the one class made of it."""
+
+    store: Store
+    tiers: Tiers
+    config: DepotConfig
+    _held: HeldModels
+
+    if TYPE_CHECKING:
+
+        @property
+        def home(self) -> Path: ...
+
+        def get_manifest(self, repo_id: str) -> Manifest: ...
+
+    def scrubber(self, rate: float = DEFAULT_SCRUB_RATE) -> Scrubber:
+        """The background check of local blobs (``serve --scrub-interval``): rehashes what is due at
+        ``rate`` bytes a second and quarantines what fails. :meth:`verify` checks everything at once."""
+        return Scrubber(self.store, rate)
+
+    def sync(self, *, check: bool = True) -> int:
+        """Wait until everything the store holds is durable on disk (imports and pulls publish once their
+        bytes are verified, and flush in the background: ``MODELDEPOT_DURABILITY``); returns how many blobs
+        had to be flushed. Blobs written before the machine restarted are checked first (unless not
+        ``check``: a server stopping leaves them to the next start). On a read-only store what its writer
+        left unflushed is flushed (by the kernel's flush of every file system) and not recorded."""
+        return self.store.sync(check)
+
+    @any_case
+    def verify(self, repo_id: str | None = None, *, progress: VerifyProgress | None = None) -> VerifyReport:
+        """Rehash blobs and chunks; a corrupt blob is quarantined, reported and never served again."""
+        return verify(self.store, repo_id, progress)
+
+    @any_case
+    @writes
+    @own_store
+    def remove(self, repo_id: str, revision: str | None = None, quant: str | None = None) -> RemoveResult:
+        """Remove a repo or one revision; blobs nothing else uses are deleted at once. With ``quant``, only
+        that variant's own files go from the revision (``main`` unless given): its shared files (config,
+        tokenizer) and the other variants stay. Refused (:class:`PullRunningError`) while a pull of the repo
+        runs, here or in another process. A repo the store holds nothing of but its saved scan: the scan goes
+        (``scan_forgotten``)."""
+        validate_repo_id(repo_id)  # (before it names a file)
+        if self.store.partials.is_pulling(repo_id):
+            holder = self.store.partials.pull_holder(repo_id)
+            who = "" if holder is None else f" (process {holder})"
+            raise PullRunningError(f"a pull of {repo_id} is running{who}: nothing was removed; remove it once the "
+                                   "pull ends, or stop the pull first", repo_id=repo_id)  # fmt: skip
+        if quant is not None:
+            commit_id, result = remove_variant(self.store, repo_id, revision or "main", quant)
+            self._held.let_go_of(repo_id, [commit_id], result.files_removed)
+            return result
+        try:
+            result = remove_repo(self.store, repo_id, revision)
+        except RepoNotFoundError:
+            shared = self._shared_holder(repo_id) is not None
+            forgotten = None if revision is not None or shared else self._forget_scan(repo_id)
+            if forgotten is None:
+                raise  # (a shared store's repo is said so, and the scan made of it here stays)
+            return forgotten
+        self._held.let_go_of(repo_id, result.commits)
+        return result
+
+    def _shared_holder(self, repo_id: str) -> Store | None:
+        """The first shared store that holds ``repo_id``, if any."""
+        for store in self.tiers.shared:
+            if store.index.read("SELECT 1 FROM repos WHERE repo_id = ?", (store.spelled(repo_id),)):
+                return store
+        return None
+
+    def _forget_scan(self, repo_id: str) -> RemoveResult | None:
+        """(A repo the store holds nothing of.) Its saved scan goes, which `status` and the dashboard listed for
+        good, with no removal that could take it (a pull that failed, a typo naming a real repo); None without
+        one. A scan of the last seconds may be a pull's that starts: PullRunningError."""
+        now = time.time()
+        scanned = self.store.manifests.forget_repo(repo_id, now - SCAN_SETTLE)
+        if scanned is None:
+            return None
+        if scanned >= now - SCAN_SETTLE:
+            raise PullRunningError(f"{repo_id} was scanned {max(0.0, now - scanned):.0f} s ago, and a pull of it may "
+                                   "be starting: nothing was removed; remove it again in a few seconds",
+                                   repo_id=repo_id)  # fmt: skip
+        return RemoveResult(repo_id, (), 0, 0, scan_forgotten=True)
+
+    def let_go_of_removed(self) -> int:
+        """Drop this process's preloads and engines of what is no longer whole in the store (removed, a blob
+        of it quarantined, or files taken out of it, by another process: a `modeldepot rm` beside a node); a
+        server calls this every few seconds, and :meth:`load` every 2 s at most. Returns how many preloads and
+        loaded engines went."""
+        return self._held.let_go_of_removed()
+
+    @writes
+    def gc(self, *, partials: bool = False) -> GcReport:
+        """Delete unreferenced and orphan blobs, abandoned partial files, stale snapshots, quarantine.
+
+        Interrupted downloads are kept for a resume (a week), unless ``partials`` is True. The notes of shared
+        stores' blobs found corrupt go once those are repaired."""
+        report = gc(self.store, partials)
+        # (every shared store opened: one left out, unmounted for a while, still holds what was noted of it)
+        if (
+            self.tiers.shared
+            and len(self.tiers.shared) == len(self.config.shared)
+            and not self.store.read_only
+        ):
+            try:
+                self.tiers.forget_repaired()
+            except (
+                DepotError,
+                OSError,
+            ) as error:  # (gc did its work: a shared store that cannot say is told)
+                log.warning("could not look which notes of shared stores' corrupt blobs may go: %s", error)
+        return report
+
+    def drop_dead_writes(self) -> int:
+        """Remove what writers that ended midway (an import killed) left in ``tmp/``, when no other writer
+        holds the store lock now (imports do it too; ``gc`` does it always); the bytes freed. Nothing on
+        a read-only store."""
+        return 0 if self.store.read_only else sweep_dead_sessions(self.store)
+
+    def du(self) -> DiskUsage:
+        return disk_usage(self.store)
+
+    # -- the disk budget ----------------------------------------------------------------------------------------
+
+    @any_case
+    @writes
+    @own_store
+    def pin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> Pin:
+        """Never evict the revision ``revision`` names (a branch is followed) to keep within the disk budget;
+        ``quant``: one variant of it (that variant and the revision's shared files stay; its other
+        variants may be evicted)."""
+        try:
+            if quant is not None:
+                commit_id = self.store.resolve(validate_repo_id(repo_id), validate_revision(revision))
+                grouping = group_files(e.path for e in self.store.files(repo_id, commit_id))
+                variant = grouping.find(validate_quant(quant))
+                if variant is None:
+                    if self._scan_lists(repo_id, quant):  # (said "has no variant" of one its scan lists)
+                        raise NotFoundError(f"{repo_id}@{commit_id[:12]} holds no file of {quant!r} (it holds: "
+                                            f"{grouping.names()}): pull it first", repo_id=repo_id)  # fmt: skip
+                    raise NotFoundError(f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: "
+                                        f"{grouping.names()})", repo_id=repo_id)  # fmt: skip
+                # (kept under the variant's own name, unpin finding it however it is typed; or under the kind's
+                # name typed, onnx-fp16, which stays that one variant's when the other kind's fp16 comes back)
+                quant = variant.name if quant.lower() == variant.name.lower() else quant
+            return self.store.budget.pin(repo_id, quant, revision)
+        except NotFoundError as missing:
+            if not self.store.partials.is_pulling(repo_id):
+                raise
+            # (while `status` showed it downloading, the pin said "not in the store", and the node 404)
+            holder = self.store.partials.pull_holder(repo_id)
+            who = "" if holder is None else f" (process {holder})"
+            raise PullRunningError(f"a pull of {repo_id} is running{who} and has not published "
+                                   f"{repo_id if quant is None else quant} yet ({missing}): pin it once the pull is "
+                                   "done", repo_id=repo_id) from None  # fmt: skip
+
+    def _scan_lists(self, repo_id: str, quant: str) -> bool:
+        """Whether the repo's saved scan lists the variant ``quant``."""
+        try:
+            self.get_manifest(repo_id).variant(quant)
+        except NotFoundError:
+            return False
+        return True
+
+    @any_case
+    @writes
+    def unpin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
+        """Remove a pin, named as :meth:`pin` took it (a variant in any case, a commit by its start); False
+        when there was none."""
+        validate_revision(revision)
+        if quant is not None:
+            validate_quant(quant)  # ("" matched the whole repo's pin, and took it)
+        for pin in self.store.budget.pins(repo_id):
+            same_variant = (pin.quant or "").lower() == (quant or "").lower()
+            if same_variant and (pin.revision == revision or (
+                    SHORT_COMMIT.fullmatch(revision) and pin.revision.startswith(revision))):  # fmt: skip
+                return self.store.budget.unpin(repo_id, pin.quant, pin.revision)
+        return False
+
+    @any_case
+    def pins(self, repo_id: str | None = None) -> list[Pin]:
+        if repo_id is not None:
+            validate_repo_id(repo_id)
+        return self.store.budget.pins(repo_id)
+
+    def budget_status(self, fresh: bool = True) -> BudgetStatus:
+        """The disk budget (the store's, :meth:`set_max_size`, capped by ``MODELDEPOT_MAX_SIZE``), what the
+        blobs use, what pins and uses keep, and the evictions so far (``fresh`` False: which blobs files
+        outside the store share, as looked at in the last seconds: for what asks often)."""
+        return self.store.budget.status(fresh)
+
+    @writes
+    def set_max_size(self, max_size: str | int | None) -> list[Eviction]:
+        """Save ``max_size`` (``"200GiB"``, ``"80%"``, bytes; None: none) as the store's disk budget, which every
+        process on the store keeps to from its next write, and evict the least recently used revisions until
+        the store is within it. ``MODELDEPOT_MAX_SIZE`` caps one process further."""
+        self.store.budget.save_max_size(max_size)
+        return self.shrink() if max_size is not None else []
+
+    def plan_shrink(self, max_size: str | int | None = None) -> list[Eviction]:
+        """What :meth:`shrink` (or :meth:`set_max_size`) to ``max_size`` would evict now, in order, with the
+        bytes each would free: nothing is removed."""
+        from modeldepot.store.budget import parse_max_size
+
+        limit = None if max_size is None else parse_max_size(max_size, self.home)
+        return self.store.budget.plan_shrink(limit)
+
+    @writes
+    def shrink(self, max_size: str | int | None = None) -> list[Eviction]:
+        """Evict the least recently used revisions until the store is within ``max_size`` (``"200GiB"``,
+        ``"80%"``; default: the budget), never what is pinned or in use."""
+        from modeldepot.store.budget import parse_max_size
+
+        limit = None if max_size is None else parse_max_size(max_size, self.home)
+        return self.store.budget.shrink(limit)
