@@ -757,7 +757,7 @@ def test_a_node_says_what_it_evicted_as_it_started(tmp_path: Path) -> None:
     port, log = free_port(), tmp_path / "serve.log"
     with log.open("wb") as log_file:
         node = subprocess.Popen([sys.executable, "-m", "modeldepot", "serve", "--home", str(home), "--port",
-                                 str(port), "--max-size", "1.5MiB", "--scrub-interval", "off"], env=env,
+                                 str(port), "--max-size", "1.5MiB", "--yes", "--scrub-interval", "off"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=log_file)  # fmt: skip
     try:
         wait_for_port(port, 60, process=node)
@@ -766,6 +766,27 @@ def test_a_node_says_what_it_evicted_as_it_started(tmp_path: Path) -> None:
         node.wait(30)
     said = log.read_text()
     assert "over its disk budget of 1.5 MiB: 1 eviction freed" in said and "evicted acme/a@" in said, said
+
+
+def test_a_node_asked_for_a_budget_below_the_store_asks_before_it_evicts(tmp_path: Path) -> None:
+    """`serve --max-size` below what the store held evicted models at the node's start without a word of
+    warning, where `modeldepot budget` asks (a mistyped 10GiB for 100GiB: a trial). Without a terminal the
+    node now refuses to start, nothing evicted and the budget unchanged, unless --yes."""
+    from click.testing import CliRunner
+
+    from modeldepot.cli import cli
+
+    home = tmp_path / "store"
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        for name in ("acme/a", "acme/b"):
+            depot.import_dir(model(tmp_path, name), name)
+    refused = CliRunner().invoke(cli, ["serve", "--home", str(home), "--port", "0", "--max-size", "1.5MiB"])
+    assert refused.exit_code == 2, refused.output
+    assert "setting this budget removes the least recently used models" in refused.output, refused.output
+    assert "pass --yes" in refused.output, refused.output
+    with Depot(home) as depot:
+        assert {r.repo_id for r in depot.list_repos()} == {"acme/a", "acme/b"}
+        assert depot.store.budget.max_bytes is None
 
 
 def test_the_budget_is_the_stores_and_every_process_on_it_keeps_to_it(tmp_path: Path) -> None:

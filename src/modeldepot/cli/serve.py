@@ -22,6 +22,7 @@ from modeldepot.cli.options import (
     use_rates,
     use_servers,
 )
+from modeldepot.cli.space import confirm_evictions
 from modeldepot.config import DepotConfig, parse_duration, parse_size
 from modeldepot.depot import Depot
 from modeldepot.errors import ConfigError, InvalidInputError
@@ -100,7 +101,7 @@ def _listenable(host: str, port: int) -> None:
 @click.option("--max-size", default=None, metavar="SIZE|N%", callback=lambda c, p, v: max_size_value(v),
               help="Set the store's disk budget (200GiB, or 80% of the disk), as `modeldepot budget` does: kept "
                    "with the store, so a pull beside the node keeps to it too; the least recently used revisions and variants "
-                   "are evicted to make room (default: the budget the store has; $MODELDEPOT_MAX_SIZE caps this "
+                   "are evicted to make room, asked first (--yes) when the store holds more (default: the budget the store has; $MODELDEPOT_MAX_SIZE caps this "
                    "process further).")  # fmt: skip
 @click.option("--max-download-rate", default=None, metavar="RATE", callback=lambda c, p, v: rate_value(v, "--max-download-rate"),
               help="What the node's pulls (a mirror's, a swarm's) may download together, at most (50MiB/s, or off; "
@@ -143,6 +144,9 @@ def _listenable(host: str, port: int) -> None:
                    "what fails; local reads are guarded by this.")  # fmt: skip
 @click.option("--scrub-rate", envvar="MODELDEPOT_SCRUB_RATE", default="64MiB", show_default=True, metavar="SIZE",
               callback=lambda c, p, v: setting(_positive_size, v), help="Bytes a second the scrub may read.")  # fmt: skip
+@click.option("--yes", "-y", is_flag=True,
+              help="With --max-size below what the store holds: evict without asking (else a node asks on a "
+                   "terminal, and without one refuses to start: a mistyped size removed models).")  # fmt: skip
 @cluster_options
 @click.option("--advertise", default=None, metavar="URL", callback=lambda c, p, v: _advertise_url(v),
               help="With --cluster: the URL peers reach this node at (default: http://HOST:PORT; for 0.0.0.0, this machine's name, said when it leads to itself alone).")  # fmt: skip
@@ -167,6 +171,7 @@ def serve_command(
     cluster: str | None,
     cluster_prefix: str | None,
     advertise: str | None,
+    yes: bool,
 ) -> None:
     """Serve the store over HTTP: the Hub's API (HF_ENDPOINT=http://HOST:PORT) and /api/depot/v1.
 
@@ -181,6 +186,8 @@ def serve_command(
     if preload_budget is not None:
         depot.config = dataclasses.replace(depot.config, preload_budget=preload_budget)
     if max_size is not None:
+        if not yes and not depot.store.read_only:
+            confirm_evictions(depot, max_size)
         evicted = depot.set_max_size(
             max_size
         )  # (the store's from now on; a store over it is brought within it)

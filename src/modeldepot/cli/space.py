@@ -89,7 +89,7 @@ def budget_command(depot: Depot, size: str | None, yes: bool, dry_run: bool, as_
         chosen = None if size.strip().lower() == "none" else size
         depot.check_writable("a disk budget")  # (before asking what could not be done)
         if chosen is not None and not yes:
-            _confirm_evictions(depot, chosen)
+            confirm_evictions(depot, chosen)
         evicted = depot.set_max_size(chosen)
         _warn_if_beyond_the_disk(depot)
     status, usage = depot.budget_status(), depot.du()
@@ -133,7 +133,7 @@ def _warn_if_beyond_the_disk(depot: Depot) -> None:
                          f"disk the store is on holds ({render.format_bytes(size)}): it never binds")  # fmt: skip
 
 
-def _confirm_evictions(depot: Depot, size: str) -> None:
+def confirm_evictions(depot: Depot, size: str) -> None:
     """Ask before a budget below what the store holds removes models (as `rm` asks); without a terminal,
     refuse (exit 2) unless --yes was given."""
     from modeldepot.store.budget import parse_max_size
