@@ -119,3 +119,40 @@ def test_the_hf_cache_export_is_named_as_asked(depot: Depot, tmp_path: Path) -> 
     got = hf_hub_download("org-x/tiny-model", "config.json", cache_dir=cache)
     assert Path(got).read_bytes() == FILES["config.json"]
     assert (cache / "models--org-x--tiny-model").is_dir()
+
+
+def test_an_import_racing_one_typed_in_another_case_names_the_repo_as_stored(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Two imports of a new repo at once, typed in two cases: the one that published second said the repo was
+    stored under the case it was typed in, and its snapshot path named a folder that does not exist (an
+    explorer's trial: `from_pretrained(result.snapshot_path)` failed). It names the store's spelling now."""
+    import threading
+
+    import modeldepot.store.importer as importer
+
+    source = write_model_dir(tmp_path / "src", FILES)
+    staged, go_on = threading.Event(), threading.Event()
+    real_publish = importer.publish
+
+    def held_publish(*args: object, **kwargs: object) -> object:
+        if threading.current_thread().name == "lower-case import":
+            staged.set()
+            go_on.wait(30)
+        return real_publish(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(importer, "publish", held_publish)
+    results = {}
+    with Depot(tmp_path / "store") as first, Depot(tmp_path / "store") as second:
+
+        def lower() -> None:
+            results["lower"] = first.import_dir(source, REPO.lower())
+
+        racing = threading.Thread(target=lower, name="lower-case import")
+        racing.start()
+        assert staged.wait(30), "the first import did not reach its publish"
+        upper = second.import_dir(source, REPO)
+        go_on.set()
+        racing.join(30)
+    assert upper.repo_id == REPO and results["lower"].repo_id == REPO
+    assert Path(results["lower"].snapshot_path) == Path(upper.snapshot_path)
+    assert (Path(upper.snapshot_path) / "config.json").is_file()

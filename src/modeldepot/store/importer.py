@@ -493,7 +493,8 @@ def import_dir(
         spec = RevisionSpec(repo_id, "", revision, private, "import", _card(files), trees[""], on_head=True)
         recorded: list[RevisionSpec] = []
         new = publish(store, spec, staged, partials, writer.published, recorded)
-        commit_id = recorded[0].commit_id
+        # (as the store spells the repo: an import of it typed in another case, at once, may have made it)
+        repo_id, commit_id = recorded[0].repo_id, recorded[0].commit_id
         writer.keep_within()
     # An import is a use (the disk budget evicts the least recently used), of the commit it made or found
     store.access.record(repo_id, count=0, commit_id=commit_id)
