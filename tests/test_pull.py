@@ -600,3 +600,35 @@ def test_a_branch_whose_time_is_ahead_of_the_clock_still_moves(
     )
     result = local.pull(REPO)
     assert local.resolve(REPO) == result.commit_id == upstream.depot.resolve(REPO)
+
+
+def test_a_progress_write_that_fails_is_not_left_for_asyncio_to_print(
+    local: Depot, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A status write during a pull that failed (a full disk) and was followed by another was never awaited:
+    asyncio printed "Future exception was never retrieved" and its traceback over the pull's one-line error (an
+    explorer's trial). Each write's failure is taken now."""
+    import gc
+
+    import modeldepot.transfer.progress as progress
+    from modeldepot.errors import StoreFullError
+
+    monkeypatch.setattr(progress, "STATUS_INTERVAL", 0.0)
+    manifests = local.store.manifests
+    real_set_statuses = manifests.set_statuses
+    failed: list[str] = []
+
+    def disk_full_while_downloading(repo_id: str, rows: object, status: str, *args: object) -> None:
+        if status == "downloading" and threading.current_thread().name.startswith(
+            "asyncio_"
+        ):  # (the periodic ones)
+            failed.append(status)
+            raise StoreFullError("no space left while recording the status (a test)")
+        real_set_statuses(repo_id, rows, status, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(manifests, "set_statuses", disk_full_while_downloading)
+    with caplog.at_level("ERROR", logger="asyncio"):
+        local.pull(REPO)
+        gc.collect()
+    assert len(failed) >= 2, failed  # (a failed write followed by another)
+    assert "never retrieved" not in caplog.text, caplog.text

@@ -4,6 +4,7 @@ written, throttled, as the variants' status rows (what ``modeldepot status`` and
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from modeldepot.counters import PULLS
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.store.store import Store
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PullProgress", "PullTracker", "PullUpdate"]
 
@@ -155,6 +158,13 @@ class PullTracker:
                 None,
                 sources,
             )
+            # (a write that failed, a full disk, and was followed by another was never awaited: asyncio
+            # printed its traceback over the pull's one-line error, an explorer's trial)
+            self.pending.add_done_callback(self._progress_not_recorded)
+
+    def _progress_not_recorded(self, write: asyncio.Future[None]) -> None:
+        if not write.cancelled() and (error := write.exception()) is not None:
+            log.debug("%s: the pull's progress was not recorded: %s", self.manifest.repo_id, error)
 
     def forget(self, path: str) -> None:
         """The bytes of ``path`` so far were thrown away (they failed the file's SHA-256): not counted."""
