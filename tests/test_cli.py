@@ -817,3 +817,42 @@ def test_a_commits_first_characters_too_few_to_name_it_are_said_so(home: Path, m
     assert code == 1 and "a commit is named by 7 or more of its characters" in err, err
     code, out, _ = run("path", REPO, "-r", commit[:7], home=home)
     assert code == 0 and commit in out
+
+
+def test_a_node_on_an_ipv6_address_prints_urls_a_client_reads(home: Path, tmp_path: Path) -> None:
+    """`serve --host ::1` printed `HF_ENDPOINT=http://::1:PORT`, which modeldepot itself refused ("not a valid
+    URL"), as every client would (an explorer's trial). The address is in brackets, and the URL answers."""
+    import socket
+    import time
+    import urllib.request
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as error:
+        pytest.skip(f"this machine has no IPv6 loopback: {error}")
+    with Depot(home):
+        pass
+    env = {k: v for k, v in os.environ.items() if k not in ("MODELDEPOT_TOKEN", "MODELDEPOT_MAX_SIZE")}
+    log = tmp_path / "serve.log"
+    with log.open("wb") as log_file:
+        node = subprocess.Popen([sys.executable, "-m", "modeldepot", "serve", "--host", "::1", "--port", "0",
+                                 "--home", str(home), "--scrub-interval", "off"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=log_file)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "dashboard: " not in log.read_text() and node.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        said = log.read_text()
+        endpoint = re.search(r"HF_ENDPOINT=(\S+)", said)
+        dashboard = re.search(r"dashboard: (\S+)", said)
+        assert endpoint is not None and dashboard is not None, said
+        assert (
+            endpoint.group(1).startswith("http://[::1]:") and "serving" in said and "on http://[::1]:" in said
+        )
+        with urllib.request.urlopen(endpoint.group(1) + "/api/models", timeout=10) as answer:
+            assert answer.status == 200
+        assert dashboard.group(1).startswith(endpoint.group(1))
+    finally:
+        node.terminate()
+        node.wait(30)

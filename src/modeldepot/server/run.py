@@ -125,10 +125,8 @@ def run_server(
                      preloader.budget)  # fmt: skip
             preloader.auto_preload_in_background(preload_top)
         bound = int(runner.addresses[0][1])
-        # (a wildcard address is no URL to give a client: this machine's loopback is, here)
-        near = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, host)
-        log.info("serving %s on http://%s:%d (%s); HF_ENDPOINT=http://%s:%d", depot.home, host, bound, mode,
-                 near, bound)  # fmt: skip
+        log.info("serving %s on http://%s:%d (%s); HF_ENDPOINT=http://%s:%d", depot.home, _in_url(host), bound,
+                 mode, _in_url(_client_host(host)), bound)  # fmt: skip
         if depot.store.read_only:
             log.info("the store is %s: it serves what it holds as it is, and pulls, pins and removals are "
                      "refused (503 ReadOnlyStore)", depot.store.read_only_reason)  # fmt: skip
@@ -169,17 +167,23 @@ def run_server(
         log.info("flushed %d blob(s) to disk before stopping", flushed)
 
 
+def _client_host(host: str) -> str:
+    """The address a client on this machine reaches a node listening on ``host`` at: a wildcard address is
+    none, this machine's loopback is."""
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def _in_url(host: str) -> str:
+    """``host`` as a URL names it: an IPv6 address in brackets (`HF_ENDPOINT=http://::1:8980` was printed
+    for `serve --host ::1`, which no client reads, an explorer's trial)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def dashboard_line(host: str, port: int, control_token: str | None) -> str:
     """Where the dashboard is and how to control the node: with ``control_token`` (a node without a
     token), in the address's fragment, which the page takes and browsers never send; else (a node with a
     token) the address alone, never the token."""
-    if host in ("", "0.0.0.0"):
-        host = "127.0.0.1"  # a wildcard address: this machine's loopback reaches it
-    elif host == "::":
-        host = "::1"
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # an IPv6 address
-    url = f"http://{host}:{port}/"
+    url = f"http://{_in_url(_client_host(host))}:{port}/"
     if control_token is None:
         return f"dashboard: {url} (its controls need the node's token: --token / MODELDEPOT_TOKEN)"
     return (
