@@ -28,6 +28,7 @@ from conftest import (
     SMALL_CHUNK,
     LiveNode,
     cancel_other_tasks,
+    free_port,
     store_files_consistent,
     write_model_dir,
 )
@@ -786,3 +787,26 @@ def test_a_hub_that_answered_before_and_is_silent_now_is_a_timeout_not_a_node_mi
         finally:
             empty.stop()
             silent.close()
+
+
+def test_a_configured_server_that_cannot_be_reached_is_said(
+    make_node: NodeFactory,
+    make_local: LocalFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A depot server the user named (a mistyped port) that cannot be reached was passed over without a word,
+    the whole model coming through the Hub (an explorer's trial). It is said, once in a while, and the pull
+    goes on from the next source."""
+    import modeldepot.transfer.chain as chain
+
+    monkeypatch.setattr(chain, "_unreachable_said", {})
+    hub = make_node("hub", {REPO: FILES})
+    dead = f"http://127.0.0.1:{free_port()}"
+    local = make_local("typo", [dead], hub.url)
+    with caplog.at_level("WARNING", logger="modeldepot.transfer.chain"):
+        result = local.pull(REPO)
+        local.scan_repo(REPO)  # (said once in a while, not at every scan)
+    assert result.sources == (hub.url,)
+    said = [r.getMessage() for r in caplog.records if "cannot be reached" in r.getMessage()]
+    assert len(said) == 1 and dead in said[0], caplog.text

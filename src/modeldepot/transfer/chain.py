@@ -68,6 +68,22 @@ NODE_API = "/api/depot/v1"
 # every packet, behind a firewall, must not wait a whole read timeout per scan; huggingface_hub's own
 # metadata calls wait 10 s)
 BRANCH_LOOKUP_TIMEOUT = 10.0
+UNREACHABLE_SAID_EVERY = 300.0  # seconds between two warnings that one configured server cannot be reached
+_unreachable_said: dict[str, float] = {}
+_unreachable_lock = threading.Lock()
+
+
+def _say_unreachable(url: str, error: UpstreamError) -> None:
+    """Warn that a depot server the user configured cannot be reached (a port mistyped sent a whole model
+    through the Hub without a word, an explorer's trial); a mirror scanning often says it every few minutes."""
+    now = time.monotonic()
+    with _unreachable_lock:
+        if now - _unreachable_said.get(url, -UNREACHABLE_SAID_EVERY) < UNREACHABLE_SAID_EVERY:
+            return
+        _unreachable_said[url] = now
+    log.warning("the depot server %s cannot be reached (%s): the next source is asked", url, error)
+
+
 # Seconds a fleet peer may take to describe a repo: a node answers from its index in milliseconds, and one
 # frozen (SIGSTOP, a hung host whose lease still runs) or advertised at a wrong address that accepts and never
 # answers cost every pull of the fleet a whole read timeout, 30 s of silence (an explorer's trial). A mirror
@@ -180,6 +196,8 @@ class SourceChain:
                 return self._scan_at(server, repo_id, revision)
             except DepotError as error:
                 problems.append(error)
+                if isinstance(error, UpstreamError) and error.status is None:
+                    _say_unreachable(server.base_url, error)
         if peers and not _names_a_commit(revision):
             # A branch is the Hub's to say: a peer answers with the commit it holds, and once any node held
             # the repo, every pull in the fleet took that commit for main after the Hub's had moved on (an
