@@ -759,6 +759,13 @@ def test_export_is_found_offline_by_huggingface_hub(filled: Depot, tmp_path: Pat
     assert result.ok and dev.ok and result.files == len(sample_files()) and result.linked == result.files
     # (a typo in --cache-dir made a cache nothing reads without a word: a trial)
     assert [p.problem for p in result.problems] == ["new-cache"] and dev.problems == ()
+    # A folder of other things (`--cache-dir .`) is said too: an import refuses it (an explorer's trial)
+    sources = tmp_path / "sources"
+    (sources / "my-model").mkdir(parents=True)
+    into_sources = filled.hf_cache_export(SAMPLE, cache_dir=sources)
+    assert [p.problem for p in into_sources.problems] == ["new-cache"], into_sources.problems
+    assert "held no Hugging Face cache" in into_sources.problems[0].detail
+    assert filled.hf_cache_export(SAMPLE, cache_dir=sources).problems == ()  # (a cache now)
     with pytest.raises(InvalidInputError, match="inside the store"):
         filled.hf_cache_export(SAMPLE, cache_dir=filled.home / "hub")
     for path, data in sample_files().items():

@@ -41,6 +41,7 @@ from modeldepot.hfcache.cache import (
     HfCacheRevision,
     Progress,
     cache_dir_given,
+    looks_like_a_cache,
     repo_folder_name,
     within,
 )
@@ -118,16 +119,6 @@ def _listdir(folder: Path) -> list[str]:
         return sorted(os.listdir(folder))
     except (FileNotFoundError, NotADirectoryError):
         return []
-
-
-def _looks_like_a_cache(folder: Path) -> bool:
-    """Whether ``folder`` holds what a Hugging Face cache holds (a repo's folder, its locks, its tag)."""
-    try:
-        with os.scandir(folder) as entries:
-            return any(e.name.startswith(("models--", "datasets--", "spaces--")) or e.name in (".locks", "CACHEDIR.TAG")
-                       for e in entries)  # fmt: skip
-    except OSError:
-        return True  # (unreadable: said as the scan reads it)
 
 
 def _repo_folders(scan: _Scan, wanted: list[str] | None) -> list[tuple[str, Path]]:
@@ -368,7 +359,7 @@ def import_hf_cache(
     if not cache.is_dir():
         raise SourceDirectoryError(f"there is no Hugging Face cache at {cache}: give --cache-dir, or download "
                                    "something with huggingface_hub first")  # fmt: skip
-    if cache_dir is not None and not _looks_like_a_cache(cache):  # (a mistyped one "adopted nothing", exit 0)
+    if cache_dir is not None and not looks_like_a_cache(cache):  # (a mistyped one "adopted nothing", exit 0)
         raise SourceDirectoryError(f"{cache} is not a Hugging Face cache: it holds no models--ORG--NAME folder (nor "
                                    "datasets--, .locks, CACHEDIR.TAG): give the cache's own folder (HF_HUB_CACHE, "
                                    "by default ~/.cache/huggingface/hub)")  # fmt: skip

@@ -175,3 +175,13 @@ def etag_of_file(path: Path, size: int, lfs: bool) -> str | None:
     except OSError:
         return None
     return digest.hexdigest()
+
+
+def looks_like_a_cache(folder: Path) -> bool:
+    """Whether ``folder`` holds what a Hugging Face cache holds (a repo's folder, its locks, its tag)."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(e.name.startswith(("models--", "datasets--", "spaces--")) or e.name in (".locks", "CACHEDIR.TAG")
+                       for e in entries)  # fmt: skip
+    except OSError:
+        return True  # (unreadable: said as the scan reads it)

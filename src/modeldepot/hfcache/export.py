@@ -24,6 +24,7 @@ from modeldepot.hfcache.cache import (
     Progress,
     cache_dir_given,
     etag_of_file,
+    looks_like_a_cache,
     repo_folder_name,
     unlink_quietly,
     within,
@@ -79,6 +80,12 @@ def export_to_hf_cache(
         # (a typo in --cache-dir made a cache nothing reads, without a word: a trial)
         problems.append(HfCacheProblem(repo_id, str(cache), "new-cache", f"no Hugging Face cache was at {cache}: "
                                        "one was made (is it the one your tools read? HF_HUB_CACHE, HF_HOME)"))  # fmt: skip
+    elif not looks_like_a_cache(cache) and any(cache.iterdir()):
+        # (a folder of other things, `--cache-dir .`, took a models--* folder without a word, where an import
+        # refuses it: an explorer's trial)
+        problems.append(HfCacheProblem(repo_id, str(cache), "new-cache", f"{cache} held no Hugging Face cache (no "
+                                       "models--* folder, .locks or CACHEDIR.TAG): one was made in it (is it the one "
+                                       "your tools read? HF_HUB_CACHE, HF_HOME)"))  # fmt: skip
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as error:
