@@ -22,6 +22,7 @@ import pytest
 
 from conftest import SMALL_CHUNK, LiveNode, Mounts, sample_files, store_files_consistent, write_model_dir
 from modeldepot import Depot, StoreFullError
+from modeldepot.store.layout import size_text
 
 Mount = Callable[[str], Path]
 
@@ -105,7 +106,9 @@ def test_import_bigger_than_the_free_space(mount_tmpfs: Mount, tmp_path: Path, s
         before, done = state(depot), [0]
         with pytest.raises(StoreFullError, match="no space left") as caught:
             depot.import_dir(folder, "org/big", progress=lambda path, n, total: done.append(n))
-        assert f"reserving {sizes[-1]} bytes" in str(caught.value)
+        assert f"reserving {size_text(sizes[-1])} in the store" in str(
+            caught.value
+        )  # (in MiB: it said bytes)
         assert max(done) == sum(sizes[:-1]), "the import did not fail at the last file"
         assert free_bytes(root) == free, "the failed import did not give back all the space it took"
         assert_unchanged(depot, before, small)

@@ -478,6 +478,10 @@ def count(number: int, thing: str) -> str:
     return f"{number} {thing}{'' if number == 1 else 's'}"
 
 
+def _writes_and_downloads(number: int) -> str:
+    return "1 write or download" if number == 1 else f"{number} writes and downloads"
+
+
 def render_gc(report: GcReport, evicted: list[Eviction] | None = None, over: int = 0) -> None:
     _render_evictions(evicted or [])
     freed = report.bytes_freed + sum(e.bytes_freed for e in evicted or [])  # (evictions free theirs first)
@@ -488,7 +492,7 @@ def render_gc(report: GcReport, evicted: list[Eviction] | None = None, over: int
         f"{count(report.snapshots_removed, 'stale snapshot')}"
         + (f", {count(report.quarantined_removed, 'quarantined file')}" if report.quarantined_removed else "")
         + (
-            f" ({report.kept_partials} writes and downloads in progress left alone)"
+            f" ({_writes_and_downloads(report.kept_partials)} in progress left alone)"
             if report.kept_partials
             else ""
         )
@@ -744,4 +748,4 @@ def render_peers(rows: list[PeerRow], status: str) -> None:
         table.add_row(row.node_id, row.url, row.version or "-", _when(row.started_at) if row.started_at else "-",
                       _when(row.last_seen), str(row.blobs), format_bytes(row.bytes), str(row.partial))  # fmt: skip
     out.print(table)
-    out.print(f"{len(rows)} live nodes ({status})")
+    out.print(f"{count(len(rows), 'live node')} ({status})")

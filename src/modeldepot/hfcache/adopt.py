@@ -48,7 +48,6 @@ from modeldepot.hfcache.cache import (
 from modeldepot.hub.manifest import RemoteFile, holds_whole, keep_known_listing, save_scan
 from modeldepot.modelcard import MAX_CARD_BYTES, repo_card
 from modeldepot.store.blobs import PartialBlob, WriteSession
-from modeldepot.store.budget import size_text
 from modeldepot.store.importer import (
     HeldContents,
     likely_linked,
@@ -57,6 +56,7 @@ from modeldepot.store.importer import (
     stage_blob,
     why_copied,
 )
+from modeldepot.store.layout import size_text
 from modeldepot.store.maintenance import sweep_dead_sessions
 from modeldepot.store.publish import RevisionSpec, StagedFile, publish
 from modeldepot.store.store import Store

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modeldepot.errors import CorruptBlobError
-from modeldepot.store.layout import StoreLayout, fsync_dir, fsync_file, os_error
+from modeldepot.store.layout import StoreLayout, fsync_dir, fsync_file, os_error, size_text
 from modeldepot.store.locks import lock_is_held, unlock_and_close
 
 __all__ = [
@@ -333,7 +333,7 @@ class WriteSession:
                 os.posix_fallocate(fd, 0, size)
             except OSError as error:
                 partial.discard()
-                raise os_error(error, f"reserving {size} bytes in the store") from error
+                raise os_error(error, f"reserving {size_text(size)} in the store") from error
         return partial
 
     def close(self) -> None:

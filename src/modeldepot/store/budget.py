@@ -43,12 +43,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from modeldepot.config import budget_text, parse_max_size
 from modeldepot.errors import BudgetExceededError, ConfigError, NotFoundError
 from modeldepot.store.eviction import EvictionOrder, Kept, Unit, Variants, ok_bytes, shared_blobs
-from modeldepot.store.layout import os_error
+from modeldepot.store.layout import os_error, size_text
 from modeldepot.store.models import _Record
 from modeldepot.store.reservations import Reservation, Reservations
 from modeldepot.validation import validate_quant, validate_repo_id, validate_revision
@@ -725,15 +725,6 @@ class DiskBudget:
                     "value = CAST(CAST(value AS INTEGER) + CAST(excluded.value AS INTEGER) AS TEXT)",
                     (key, str(amount)),
                 )
-
-
-def size_text(count: int) -> str:
-    value: Any = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} B"
 
 
 def _beyond(amount: int, contents: Mapping[str, int], mine: Mapping[str, int]) -> int:

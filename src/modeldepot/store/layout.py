@@ -31,7 +31,7 @@ from pathlib import Path
 from modeldepot.errors import InvalidInputError, StoreError, StoreFullError
 from modeldepot.validation import validate_commit_id, validate_path, validate_repo_id, validate_sha256
 
-__all__ = ["FULL_DISK_ADVICE", "StoreLayout", "fsync_dir", "os_error", "unlink_counting"]
+__all__ = ["FULL_DISK_ADVICE", "StoreLayout", "fsync_dir", "os_error", "size_text", "unlink_counting"]
 
 FULL_DISK_ADVICE = (  # what to do about a full disk, in every error that reports one
     "free space with `modeldepot rm REPO` or `modeldepot gc`: both work on a full disk (the store keeps "
@@ -42,12 +42,20 @@ _PARTIAL_KEY = re.compile(r"[0-9a-f]{64}|git-[0-9a-f]{40}")
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
+def size_text(count: int) -> str:
+    """``count`` bytes as a person reads them (``76.3 MiB``), binary as every size of modeldepot's."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
 def os_error(error: OSError, doing: str) -> StoreError:
     """Translate an OSError from the store's own files into the exception tree."""
     if error.errno in _FULL:
-        return StoreFullError(
-            f"no space left on the store's disk while {doing}: nothing partial was kept; {FULL_DISK_ADVICE}"
-        )
+        return StoreFullError(f"no space left on the store's disk while {doing}; {FULL_DISK_ADVICE}")
     return StoreError(f"{doing} failed: {error.strerror or error} ({error.filename or ''}){_foreign(error)}")
 
 

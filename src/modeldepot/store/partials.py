@@ -62,7 +62,7 @@ import blake3
 from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.store.blobs import PartialBlob, start_writeback
 from modeldepot.store.durability import UNKNOWN_BOOT, current_boot_id
-from modeldepot.store.layout import StoreLayout, os_error
+from modeldepot.store.layout import StoreLayout, os_error, size_text
 from modeldepot.store.locks import flock_holder, lock_is_held, unlock_and_close
 from modeldepot.store.models import BlobRecord
 from modeldepot.store.verified import PartialChunkReader
@@ -589,7 +589,7 @@ class PartialFiles:
             done = _verified_chunks(data_fd, size, chunk_size, logged)
         except OSError as error:
             os.close(data_fd)
-            raise os_error(error, f"reserving {size} bytes for a download") from error
+            raise os_error(error, f"reserving {size_text(size)} for a download") from error
         resumed = sum(chunk_span(i, size, chunk_size)[1] for i in done)
         boot = current_boot_id()
         count = chunk_count(size, chunk_size)
