@@ -156,6 +156,10 @@ def test_model_info_with_files_metadata(node: LiveNode) -> None:
     api = HfApi(endpoint=node.url)
     info = api.model_info(MINILM, files_metadata=True)
     assert info.id == MINILM and info.sha == node.depot.resolve(MINILM) and info.private is False
+    assert info.security_repo_status is None  # (not asked)
+    # Asked, the node says in the Hub's shape that it scans nothing (None raised on ["scansDone"])
+    scanned = api.model_info(MINILM, securityStatus=True).security_repo_status
+    assert scanned == {"scansDone": False, "filesWithIssues": []}
     siblings = {s.rfilename: s for s in info.siblings or []}
     for entry in node.depot.list_files(MINILM):
         sibling = siblings[entry.path]
@@ -495,6 +499,8 @@ def test_what_a_node_does_not_serve_is_refused_clearly(node: LiveNode, tmp_path:
     for call in (lambda: api.dataset_info("acme/data"), lambda: api.space_info("acme/app")):
         with pytest.raises(RepositoryNotFoundError, match="model repos only"):
             call()
+    # Their listings are empty ones: code listing every kind of repo crashed on a RepositoryNotFoundError
+    assert list(api.list_datasets(limit=5)) == [] and list(api.list_spaces(author="acme")) == []
     for write in (
         lambda: api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=SAMPLE, token="t"),
         lambda: api.create_repo("acme/new", token="t"),

@@ -246,6 +246,10 @@ async def model_info(request: web.Request) -> web.Response:
     if not expand or "gguf" in expand:
         derived["gguf"] = await asyncio.to_thread(gguf_info, store, view.repo_id, view.commit_id)
     derived = {name: value for name, value in derived.items() if value}
+    if truthy(request.query.get("securityStatus")):
+        # (the node scans nothing, and says so in the Hub's shape: code reading `scansDone` raised a TypeError
+        # on None, an explorer's trial)
+        derived["securityRepoStatus"] = {"scansDone": False, "filesWithIssues": []}
     if not expand:
         return json_response({**model_info_body(view, truthy(request.query.get("blobs"))), **derived})
     config = None  # read from the store: a revision a mirror has not pulled has none
@@ -683,8 +687,11 @@ async def whoami(request: web.Request) -> web.Response:
 
 
 async def not_models(request: web.Request) -> web.Response:
-    """Datasets and Spaces: a node holds model repos only."""
+    """Datasets and Spaces: a node holds model repos only. Their listing (``list_datasets``) is an empty one,
+    as of any author's none: it was a RepoNotFound that huggingface_hub raised (an explorer's trial)."""
     kind = request.match_info["kind"]
+    if request.match_info["tail"] in ("", "/") and request.method in ("GET", "HEAD"):
+        return json_response([])
     return error_response(404, "RepoNotFound", f"this node serves model repos only, not {kind}")
 
 
