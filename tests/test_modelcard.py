@@ -22,6 +22,24 @@ def test_front_matter_fields() -> None:
     assert card_metadata("---\npipeline_tag: {nested: 1}\n---\n") == {}
 
 
+def test_the_whole_front_matter_is_the_card_data_in_json() -> None:
+    """Only five keys were kept: `card_data.language`, `datasets` and `model-index` were None on a node (an
+    explorer's trial). The whole front matter is kept now, its values as JSON has them; never `gated`."""
+    card = (
+        "---\nlanguage: [en, fr]\ndatasets:\n- ms_marco\nlicense: mit\nreleased: 2024-05-01\ngated: true\n"
+        "file_tags: [gguf]\nratio: .nan\nmodel-index:\n- name: m\n  results:\n  - metrics:\n    - {type: acc, value: 0.9}\n"
+        "1: numbered\n---\n# Model\n"
+    )
+    assert card_metadata(card) == {
+        "language": ["en", "fr"], "datasets": ["ms_marco"], "license": "mit", "released": "2024-05-01",
+        "ratio": "nan", "model-index": [{"name": "m", "results": [{"metrics": [{"type": "acc", "value": 0.9}]}]}],
+    }  # fmt: skip
+    json.dumps(card_metadata(card), allow_nan=False)  # (what a node sends)
+    deep = "---\nwidget: " + "[" * 40 + "1" + "]" * 40 + "\nlicense: mit\n---\n"
+    kept = card_metadata(deep)  # (nested past what is kept: that part dropped)
+    assert kept["license"] == "mit" and "1" not in json.dumps(kept["widget"])
+
+
 def test_a_card_nested_too_deep_for_the_parser_says_nothing_and_the_import_goes_on(
     depot: Depot, tmp_path: Path
 ) -> None:

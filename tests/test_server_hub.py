@@ -438,6 +438,16 @@ def test_model_card_metadata_reaches_model_info(node: LiveNode) -> None:
     info = HfApi(endpoint=node.url).model_info(MINILM)
     assert info.pipeline_tag == "sentence-similarity" and info.library_name == "sentence-transformers"
     assert "feature-extraction" in (info.tags or [])
+    # The whole front matter, and the tags the Hub derives from it (list_models(filter="en") found nothing)
+    assert (
+        info.card_data is not None
+        and info.card_data.language == "en"
+        and "ms_marco" in info.card_data.datasets
+    )
+    assert {"en", "dataset:ms_marco"} <= set(info.tags or [])
+    api = HfApi(endpoint=node.url)
+    for found in (api.list_models(filter="en"), api.list_models(trained_dataset="ms_marco")):
+        assert [m.id for m in found] == [MINILM]
     bare = HfApi(endpoint=node.url).model_info(SAMPLE)  # no README: nothing claimed but its files' formats
     assert bare.pipeline_tag is None and bare.library_name is None and bare.tags == ["safetensors", "onnx"]
     assert bare.card_data is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -58,7 +60,10 @@ def repo_card(readme: str | None, paths: Iterable[str]) -> dict[str, Any]:
 
 
 def card_metadata(text: str) -> dict[str, Any]:
-    """``pipeline_tag``, ``library_name``, ``license``, ``base_model`` and ``tags`` from the front matter.
+    """The front matter, as the Hub's ``cardData`` gives it (``language``, ``datasets``, ``model-index``...:
+    only five keys were kept, and ``card_data.language`` was None, an explorer's trial), its values made
+    JSON's; ``pipeline_tag``, ``library_name``, ``license`` and ``base_model`` kept only as a name or a list,
+    ``tags`` as a list of names. Never ``gated``, a repo's setting and not its README's to make.
 
     A card without front matter, or with front matter that is not valid YAML, says nothing.
     """
@@ -75,8 +80,43 @@ def card_metadata(text: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         return {}
-    found: dict[str, Any] = {k: data[k] for k in _FIELDS if isinstance(data.get(k), (str, list))}
+    found: dict[str, Any] = {}
+    for key, value in data.items():
+        if (
+            not isinstance(key, str)
+            or key in _NOT_THE_CARDS
+            or (key in _FIELDS and not isinstance(value, (str, list)))
+        ):
+            continue
+        made = _json_value(value, _CARD_DEPTH)
+        if made is not _DROPPED:
+            found[key] = made
+    found.pop("tags", None)
     tags = data.get("tags")
     if isinstance(tags, list):
         found["tags"] = [str(t) for t in tags if isinstance(t, (str, int, float))]
     return found
+
+
+_NOT_THE_CARDS = ("gated", FILE_TAGS)  # a repo's setting; the files' tags, the node's own key
+_CARD_DEPTH = 32  # levels of nesting kept of a front matter value (model-index is five deep)
+_DROPPED = object()
+
+
+def _json_value(value: Any, depth: int) -> Any:
+    """``value`` as JSON has it (YAML dates as ISO text, keys as text); what cannot be, or nests deeper than
+    ``depth``, is dropped."""
+    if isinstance(value, (str, bool, int)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return value.isoformat()
+    if depth <= 0:
+        return _DROPPED
+    if isinstance(value, dict):
+        items = ((str(k), _json_value(v, depth - 1)) for k, v in value.items())
+        return {k: v for k, v in items if v is not _DROPPED}
+    if isinstance(value, (list, tuple)):
+        return [v for v in (_json_value(item, depth - 1) for item in value) if v is not _DROPPED]
+    return _DROPPED

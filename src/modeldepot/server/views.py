@@ -97,8 +97,8 @@ def _names(value: Any) -> list[str]:
 
 def hub_tags(card: dict[str, Any]) -> list[str]:
     """A repo's tags as the Hub lists them: the card's own, then its library, its files' formats
-    (``safetensors``, ``gguf``, ``onnx``), pipeline tag, ``license:X`` and ``base_model:X`` (what ``filter``
-    matches on the Hub), each once."""
+    (``safetensors``, ``gguf``, ``onnx``), pipeline tag, ``license:X``, ``base_model:X``, its languages and
+    ``dataset:X`` (what ``filter`` matches on the Hub: ``filter="en"``, ``trained_dataset=``), each once."""
     tags = [
         *_names(card.get("tags", [])),
         *_names(card.get("library_name")),
@@ -106,6 +106,8 @@ def hub_tags(card: dict[str, Any]) -> list[str]:
         *_names(card.get("pipeline_tag")),
         *(f"license:{name}" for name in _names(card.get("license"))),
         *(f"base_model:{name}" for name in _names(card.get("base_model"))),
+        *_names(card.get("language")),
+        *(f"dataset:{name}" for name in _names(card.get("datasets"))),
     ]
     return list(dict.fromkeys(tags))
 
