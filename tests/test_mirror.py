@@ -902,3 +902,33 @@ def test_a_mirror_never_moves_a_branch_back_to_the_commit_a_scan_it_kept_saw(
             mirror.stop()
             node.stop()
             mirror.depot.close()
+
+
+def test_a_branch_served_from_a_commit_the_mirror_held_is_listed_in_its_refs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: Path
+) -> None:
+    """A branch at a commit the mirror already held was served from its store and never recorded:
+    `revision_exists` said True and downloads by it worked, but `list_repo_refs` did not name it (an
+    explorer's trial). It is recorded as a pull records the branches it finds."""
+    from huggingface_hub import HfApi
+
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        upstream_depot.import_dir(tmp_path / "src", REPO, "feature/x")
+        commit = upstream_depot.resolve(REPO)
+        assert upstream_depot.resolve(REPO, "feature/x") == commit
+        node = LiveNode(upstream_depot)
+        mirror = mirror_node(tmp_path, node.url, monkeypatch)
+        try:
+            hf_hub_download(REPO, "config.json", cache_dir=client_env, endpoint=mirror.url)
+            assert mirror.depot.repo_info(REPO).refs == {"main": commit}
+            got = hf_hub_download(REPO, "config.json", revision="feature/x", cache_dir=tmp_path / "hf-x",
+                                  endpoint=mirror.url)  # fmt: skip
+            assert Path(got).read_bytes() == FILES["config.json"]
+            assert mirror.depot.repo_info(REPO).refs == {"main": commit, "feature/x": commit}
+            refs = HfApi(endpoint=mirror.url).list_repo_refs(REPO)
+            assert {b.name: b.target_commit for b in refs.branches} == {"main": commit, "feature/x": commit}
+        finally:
+            mirror.stop()
+            node.stop()
+            mirror.depot.close()

@@ -342,7 +342,7 @@ class Mirror:
                 result = await self.depot.pull_async(manifest.repo_id, None, revision=manifest.revision, progress=progress,
                                                      paths=[remote.path], watch=watch, manifest=manifest)  # fmt: skip
                 self._refuted.pop(key, None)
-                await self._point_branches(manifest)
+                await self.point_branches(manifest)
                 return result
             except Exception as error:
                 # (a client that left before may resume: the bytes it was given were refuted, or unproven)
@@ -370,15 +370,18 @@ class Mirror:
                 found[revision] = scan
         return [found[name] for name in sorted(found)]
 
-    async def _point_branches(self, manifest: Manifest) -> None:
+    async def point_branches(self, manifest: Manifest, its_own: bool = False) -> None:
         """Point at the commit ``manifest``'s pull published every branch a scan kept now saw there. A client
         describes a branch (huggingface_hub's model_info, a HEAD by the branch) and then fetches its files by
         the commit id it was given: pulled by that id, the commit was held whole with no branch naming it
         when another branch of the repo was scanned in between (the repo's saved scan is its last one), and
         in an upstream outage a request by the branch was a 502 (an explorer's trial). Several branches at
         one commit are each pointed; none moves back over a commit the store learned of after the scan
-        that saw it (:func:`publish_branch`)."""
+        that saw it (:func:`publish_branch`). ``its_own``: ``manifest``'s own branch too (a file of it served
+        from the store, which held its commit: no pull points it)."""
         scans = self._branches_at(manifest)
+        if its_own and branch_set_by(manifest.revision) is not None:
+            scans.append(manifest)
         if scans:
             await asyncio.to_thread(self._point, manifest, scans)
 

@@ -512,10 +512,15 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
             upstream_error = error  # the store may still hold it
         else:  # the upstream's commit: from the store when it holds the file, else pulled while served
             try:
-                return await local(request, repo_id, manifest.commit_id, path)
+                answer = await local(request, repo_id, manifest.commit_id, path)
             except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError, CorruptBlobError,
                     BlobRemovedError):  # fmt: skip
                 return await remote(request, repo_id, revision, path)  # (a quarantined file is pulled again)
+            if not is_commit_id(revision):
+                # (a branch whose commit the store held already: served, and not listed by list_repo_refs, as
+                # the branches a pull found are, an explorer's trial)
+                await request.app[MIRROR].point_branches(manifest, its_own=True)
+            return answer
     try:
         return await local(request, repo_id, revision, path)  # (a use, counted as the blob is opened)
     except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError, CorruptBlobError, BlobRemovedError):
