@@ -22,7 +22,21 @@ from modeldepot.transfer.progress import PullUpdate
 
 # "hang": every request, metadata too, is accepted and never answered (a hung Hub or proxy)
 # "cut": each answer's connection is closed after ``cut_after`` body bytes (a flaky link)
-MODES = ("pass", "drop", "500", "429", "stall", "flip", "ignore-range", "slow", "404", "hang", "cut")
+# "flip-slow": "flip", then the body sent slowly (``slow_piece`` bytes every ``slow_delay`` seconds)
+MODES = (
+    "pass",
+    "drop",
+    "500",
+    "429",
+    "stall",
+    "flip",
+    "ignore-range",
+    "slow",
+    "404",
+    "hang",
+    "cut",
+    "flip-slow",
+)
 
 
 @dataclass
@@ -33,6 +47,7 @@ class FaultPlan:
     times: int = 1
     path_suffix: str = ""  # only requests for files ending so are touched ("" = every file)
     slow_delay: float = 0.02  # seconds per 64 KiB piece in "slow" mode
+    slow_piece: int = 65536  # "slow" and "flip-slow" modes: bytes sent after each delay
     retry_after_date: float = 0.0  # "429" mode: Retry-After as an HTTP date this far ahead (0: "1" second)
     cut_after: int = 0  # "cut" mode: body bytes sent before the connection is closed
     # Until this time.monotonic(), whatever the mode, every connection is closed unanswered and the ones
@@ -175,11 +190,14 @@ class FaultProxy:
                     assert request.transport is not None
                     request.transport.close()
                     return response
-                if fault == "flip" and sent == 0 and len(piece) > 100:
+                if fault in ("flip", "flip-slow") and sent == 0 and len(piece) > 100:
                     piece = piece[:100] + bytes([piece[100] ^ 0x01]) + piece[101:]
-                if fault == "slow":
-                    await asyncio.sleep(plan.slow_delay)
-                await response.write(piece)
+                if fault in ("slow", "flip-slow"):
+                    for at in range(0, len(piece), plan.slow_piece):
+                        await asyncio.sleep(plan.slow_delay)
+                        await response.write(piece[at : at + plan.slow_piece])
+                else:
+                    await response.write(piece)
                 sent += len(piece)
                 if count:
                     plan.body_bytes += len(piece)

@@ -35,6 +35,7 @@ from mirrornodes import (
 )
 from modeldepot import Depot
 from modeldepot import mirror as mirroring
+from modeldepot.server.mirror_routes import MIRROR
 
 
 @pytest.fixture
@@ -932,3 +933,59 @@ def test_a_branch_served_from_a_commit_the_mirror_held_is_listed_in_its_refs(
             mirror.stop()
             node.stop()
             mirror.depot.close()
+
+
+def slow_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mirror's reader follows a chunk slow to land after 0.2 s, and its pulls read bodies 4 KiB at a time
+    (as a 16 MiB chunk over a slow link lands a 256 KiB piece at a time), one connection to a source."""
+    from modeldepot.transfer import ranged
+
+    monkeypatch.setattr(mirroring, "AHEAD_PATIENCE", 0.2)
+    monkeypatch.setattr(mirroring, "AHEAD_LOOK", 0.05)
+    monkeypatch.setattr(ranged, "READ_PIECE", 4096)
+    monkeypatch.setenv("MODELDEPOT_CONNECTIONS_PER_SOURCE", "1")
+
+
+def test_a_chunk_slow_to_land_is_followed_as_it_comes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream_proxy: FaultProxy
+) -> None:
+    """On a slow upstream a reader waited for each whole chunk (16 MiB: 16 s at 1 MiB/s, four at once each a
+    quarter of the link), and huggingface_hub's 10 s read timeout broke the download again and again, below
+    1 MiB/s for good (an explorer's trial). A chunk slow to land is now followed as its bytes come."""
+    slow_chunks(monkeypatch)
+    # Each chunk of 64 KiB takes 16 pieces of 4 KiB, 0.1 s apart: 1.6 s
+    upstream_proxy.set("slow", times=-1, path_suffix=BIG, slow_delay=0.1, slow_piece=4096)
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
+    try:
+        with requests.get(f"{mirror.url}/{REPO}/resolve/main/{BIG}", stream=True, timeout=30) as answer:
+            assert answer.status_code == 200
+            first = answer.raw.read(16384)
+            # (bytes of the first chunk came before it landed: less than one chunk crossed the proxy)
+            assert first == FILES[BIG][:16384] and upstream_proxy.plan.body_bytes < SMALL_CHUNK
+            upstream_proxy.set("pass")  # (the rest at full speed)
+            rest = answer.raw.read()
+        assert first + rest == FILES[BIG]
+        assert not mirror.runner.app[MIRROR].broke(REPO, BIG)
+    finally:
+        mirror.stop()
+
+
+def test_bytes_followed_ahead_that_the_landed_chunk_refutes_break_the_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream_proxy: FaultProxy
+) -> None:
+    """What went out of a chunk before it landed is compared with the chunk once checked: a source that sent
+    a wrong byte (then the chunk, fetched again, landed right) breaks the answer, and a resume of it is
+    answered whole, never joined to the bytes sent."""
+    slow_chunks(monkeypatch)
+    plan = upstream_proxy.set("flip-slow", times=1, path_suffix=BIG, slow_delay=0.1, slow_piece=4096)
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
+    try:
+        url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
+        received = asyncio.run(read_until_it_breaks(url))
+        assert plan.injected == 1 and 100 < len(received) < len(FILES[BIG])
+        assert received[100] != FILES[BIG][100]  # (the flipped byte went out, ahead of the chunk's check)
+        assert mirror.runner.app[MIRROR].broke(REPO, BIG)
+        resumed = requests.get(url, headers={"Range": f"bytes={len(received)}-"}, timeout=60)
+        assert resumed.status_code == 200 and resumed.content == FILES[BIG]  # (whole: not joined)
+    finally:
+        mirror.stop()

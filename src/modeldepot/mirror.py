@@ -10,6 +10,12 @@ if the check fails, the stream breaks instead. (A range inside the file whose ev
 for goes as its chunks land: a header read of a big file must not wait for all of it.) The pull runs to its
 end even if every reader leaves, so the next reader finds the file in the store.
 
+A chunk slow to land (a slow upstream: 16 MiB take 16 s at 1 MiB/s, and four chunks at once share the link) is
+followed as its bytes come, after AHEAD_PATIENCE, so that a client's read timeout never waits for a whole
+chunk; those bytes are unproven, as a Hub source's, and once the chunk lands what went out is compared with
+it (checked against its digest, or, the Hub's, by the whole file's check): a difference (a source that lied
+and was replaced, a transfer that started over) breaks the answer.
+
 A broken response may have handed out bytes the check then refuted, and a client resumes: huggingface_hub
 asks for ``Range: bytes=N-`` and joins the answer to what it holds. So a file whose response broke after
 sending unvouched bytes, or whose pull failed after any reader had such bytes of it (a client that left
@@ -35,6 +41,8 @@ import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
+
+import blake3
 
 from modeldepot.depot import Depot
 from modeldepot.errors import (
@@ -81,6 +89,10 @@ HELD_PATIENCE = 5.0
 # Seconds an answer's headers wait for the first bytes of a pull (so that a pull failing from its start is a
 # 502): under a client's 10 s timeouts
 FIRST_BYTES_PATIENCE = 5.0
+# Seconds a reader waits for the chunk it reads to land before it follows that chunk's bytes as they come, and
+# between two looks at them then (under a client's 10 s read timeout: a slow upstream's chunk takes longer)
+AHEAD_PATIENCE = 2.0
+AHEAD_LOOK = 0.5
 # Seconds a reader following another process's download of its file waits for that download to land a
 # chunk (a suspended `modeldepot pull`): then the answer breaks, and its client tries again later
 STILL_ELSEWHERE = 60.0
@@ -452,16 +464,18 @@ class Mirror:
         assert job.task is not None
         source = await self._writing(job)
         assert source.task is not None
-        deadline = (time.monotonic() if since is None else since) + FIRST_BYTES_PATIENCE
+        began = time.monotonic() if since is None else since
+        deadline = began + FIRST_BYTES_PATIENCE
         while (
             not job.task.done()
             and source.partial is not None
             and not source.task.done()
             and offset // source.partial.chunk_size not in source.partial.done
+            and not _coming(source.partial, offset, time.monotonic() - began)
             and (left := deadline - time.monotonic()) > 0
         ):
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(source.wait(), left)
+                await asyncio.wait_for(source.wait(), min(left, AHEAD_LOOK))
         if job.task.done():
             job.task.result()
         return job
@@ -569,15 +583,19 @@ class Mirror:
         vouched = partial.vouched if own else frozenset()
         chunk_size = partial.chunk_size
         last = end // chunk_size  # the final chunk of this response, whole file or range
-        resets, sent = partial.resets, False
+        resets = partial.resets
         for index in range(start // chunk_size, last + 1):
+            offset, length = chunk_span(index, partial.size, chunk_size)
+            lo, hi = max(start, offset), min(end, offset + length - 1)
+            position, waiting_since = lo, time.monotonic()
+            ahead: blake3.blake3 | None = None  # what went out of the chunk before it landed
             # The final chunk of a response waits for the whole-file check, the others for their own landing:
             # so no response, a range included, ever completes with bytes the upstream's digests have not
             # vouched for. A range that ends inside the file and whose every chunk the scan's node vouched
             # for goes at once (a header read of a big file waited for all of it: clients timed out).
             while True:
                 if partial.resets != resets:  # the whole file failed its check: every chunk was dropped
-                    if sent:  # (the pull may fetch it again and succeed: what was sent stays refuted)
+                    if reading.sent:  # (the pull may fetch it again and succeed: what was sent stays refuted)
                         reading.unproven = True
                         raise IntegrityError(f"{reading.path}: the file failed its check after part of it "
                                              "was sent; the answer breaks")  # fmt: skip
@@ -589,24 +607,46 @@ class Mirror:
                     job.task.result()
                     if index not in partial.done:
                         raise RuntimeError("the pull ended without this chunk")  # pragma: no cover
-                await job.wait()
+                waited = time.monotonic() - waiting_since
+                if waited >= AHEAD_PATIENCE and index not in partial.done:
+                    # A chunk slow to land (a slow upstream: 16 MiB at 1 MiB/s, a quarter of it each for four
+                    # at once): its bytes go as they come, unproven, so that a client's read timeout (10 s)
+                    # never waits for a whole chunk (huggingface_hub timed out again and again, and below
+                    # 1 MiB/s failed: an explorer's trial). Never the response's last byte before the check.
+                    received = partial.receiving.get(index)
+                    upto = min(hi, end - 1, offset + (received() if received is not None else 0) - 1)
+                    if upto >= position:
+                        if ahead is None:
+                            ahead = blake3.blake3()
+                            reading.unproven = True
+                            job.handed_out.add((reading.repo_id, reading.path))
+                        async for block in _pread_blocks(fd, position, upto):
+                            ahead.update(block)
+                            reading.sent = True
+                            yield block
+                        position = upto + 1
+                        continue
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(job.wait(), max(AHEAD_PATIENCE - waited, 0.0) + AHEAD_LOOK)
+            if ahead is not None:
+                # What went ahead must be the chunk as it landed (checked against its digest, or the Hub's
+                # bytes, which the file's SHA-256 checks): a transfer that started over, or a source found
+                # lying, rewrote them. Else the answer breaks, and a resume of it is sent whole.
+                landed = blake3.blake3()
+                async for block in _pread_blocks(fd, lo, position - 1):
+                    landed.update(block)
+                if landed.digest() != ahead.digest():
+                    raise IntegrityError(f"{reading.path}: bytes sent as they came are not the chunk that "
+                                         "landed; the answer breaks")  # fmt: skip
             if index == last and not early:
                 job.task.result()  # (the whole file matched)
                 _check_sent_elsewhere(reading.path, reading.elsewhere, partial.done.get)
             elif index not in vouched:
                 reading.unproven = True
                 job.handed_out.add((reading.repo_id, reading.path))
-            offset, length = chunk_span(index, partial.size, chunk_size)
-            lo, hi = max(start, offset), min(end, offset + length - 1)
-            position = lo
-            while position <= hi:
-                want = min(READ_BLOCK, hi - position + 1)
-                data = await asyncio.to_thread(os.pread, fd, want, position)
-                if not data:
-                    raise OSError(f"the partial file ended at {position}")
-                position += len(data)
-                sent = reading.sent = True
-                yield memoryview(data)
+            async for block in _pread_blocks(fd, position, hi):
+                reading.sent = True
+                yield block
 
     async def _follow_elsewhere(
         self, job: _Job, start: int, end: int, reading: _Reading
@@ -713,6 +753,27 @@ class _Reading:
     sent: bool = False  # bytes went out
     # Chunks sent from another process's download of the file: index -> the BLAKE3 it logged for them
     elsewhere: dict[int, str] = field(default_factory=dict)
+
+
+def _coming(partial: ResumablePartial, offset: int, waited: float) -> bool:
+    """Whether byte ``offset`` of ``partial`` came in (unchecked, its chunk not landed) and a reader that has
+    waited ``waited`` seconds follows it (:data:`AHEAD_PATIENCE`): the upstream answers, headers may go."""
+    if waited < AHEAD_PATIENCE:
+        return False
+    index = offset // partial.chunk_size
+    received = partial.receiving.get(index)
+    return received is not None and index * partial.chunk_size + received() > offset
+
+
+async def _pread_blocks(fd: int, first: int, last: int) -> AsyncIterator[memoryview]:
+    """Bytes ``first..last`` of the file ``fd``, in blocks of :data:`READ_BLOCK` read on worker threads."""
+    position = first
+    while position <= last:
+        data = await asyncio.to_thread(os.pread, fd, min(READ_BLOCK, last - position + 1), position)
+        if not data:
+            raise OSError(f"the partial file ended at {position}")
+        position += len(data)
+        yield memoryview(data)
 
 
 def _check_sent_elsewhere(path: str, sent: dict[int, str], checked: Callable[[int], str | None]) -> None:

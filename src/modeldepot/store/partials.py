@@ -52,7 +52,7 @@ import mmap
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -170,6 +170,10 @@ class ResumablePartial:
         # (its word, as the SHA-256 the whole file is checked against): a reader may have them before that
         self.vouched: set[int] = set()
         self.resets = 0  # times the whole file failed its check and every chunk was dropped (reset)
+        # Chunk index -> the bytes from its start a transfer has received into the file's own pages so far (a
+        # download in this process tells; nothing checked them: a mirror's reader may follow them, and
+        # compares what it sent with the chunk once it lands)
+        self.receiving: dict[int, Callable[[], int]] = {}
         self.resumed_bytes = resumed_bytes  # bytes found already on disk, verified, when claimed
         self._lock_fd = lock_fd  # the log's; a one-chunk content's own data file (read-only)
         self._data_fd = data_fd

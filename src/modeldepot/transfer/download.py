@@ -688,12 +688,14 @@ class _FileJob(ChunkChooser):
         mapping = self.partial.map_chunk(index)
         if mapping is not None:
             self.in_place[index] = (request, mapping)
+            self.partial.receiving[index] = lambda: request.receiving.count
         return mapping
 
     def _done_in_place(self, index: int, request: ChunkRequest) -> None:
         """``request`` no longer receives into chunk ``index``'s pages (its mapping is closed apart)."""
         if self.in_place.get(index, (None,))[0] is request:
             del self.in_place[index]
+            self.partial.receiving.pop(index, None)
 
     async def _stop_in_place_writer(self, index: int, request: ChunkRequest | None) -> None:
         """Before a copy from a buffer goes into the file: the request receiving into the chunk's own pages
