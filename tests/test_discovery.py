@@ -491,6 +491,24 @@ def test_the_next_endpoint_is_tried_when_one_fails(etcd_server: EtcdServer) -> N
     run(main())
 
 
+def test_a_view_started_with_its_first_endpoint_down_is_the_fleet_at_once(etcd_server: EtcdServer) -> None:
+    """With the first of `etcd://A,B` down, `start()` returned after A's failure with an empty view: `peers`
+    failed, and every CLI pull (a view read once, at once) went to the Hub, B up all along (an explorer's
+    trial). The first view waits for an attempt at every endpoint."""
+    a = node("a")
+
+    async def main() -> None:
+        registering = etcd(etcd_server)
+        async with started(registering):
+            await registering.register(a)
+            await registering.wait_for(lambda: registering.status().registered, WAIT)
+            reader = EtcdDiscovery([("127.0.0.1", free_port()), ("127.0.0.1", etcd_server.client_port)])
+            async with started(reader):
+                assert reader.peers() == [a] and reader.status().connected
+
+    run(main())
+
+
 def test_a_compacted_history_reloads_the_view(
     etcd_server: EtcdServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -71,7 +71,8 @@ class EtcdDiscovery(EtcdClaims):
         # The view's position in etcd's history.
         self._rev: int | None = None  # the last revision applied to the view; None: load a snapshot
         self._probe = False
-        self._loaded = asyncio.Event()  # the first snapshot is in (or the first attempt failed)
+        self._loaded = asyncio.Event()  # the first snapshot is in (or an attempt at every endpoint failed)
+        self._failed_in_a_row = 0  # attempts of the view that failed since its last success
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- the interface ------------------------------------------------------------------------------------
@@ -203,6 +204,7 @@ class EtcdDiscovery(EtcdClaims):
                 # losing a delete; R's events, applied again, change nothing.
                 watch = await self._call(client.watch_prefix(self._keys.root, start_revision=self._rev))
                 self._ok()
+                self._failed_in_a_row = 0
                 self._loaded.set()
                 backoff = MIN_BACKOFF
                 async for event in watch:
@@ -220,8 +222,15 @@ class EtcdDiscovery(EtcdClaims):
                 self._rev = None
             except Exception as error:
                 self._failed(error, client)
-                self._loaded.set()
+                self._failed_in_a_row += 1
+                # The first view waits for every endpoint: with the first of `etcd://A,B` down, a command's
+                # view was empty after A's failure, and `peers` failed and every CLI pull went to the Hub (B
+                # up: an explorer's trial). The next endpoint is tried at once (_failed moved to it).
+                if self._failed_in_a_row >= len(self.endpoints):
+                    self._loaded.set()
                 self._probe = True
+                if self._failed_in_a_row % len(self.endpoints):
+                    continue
                 await asyncio.sleep(backoff)
                 backoff = min(2 * backoff, MAX_BACKOFF)
 
