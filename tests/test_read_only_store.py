@@ -236,7 +236,12 @@ def test_a_corrupt_blob_is_refused_and_left_in_place(
         con.execute("UPDATE blobs SET unflushed_boot = 'a-boot-gone' WHERE sha256 = ?", (unchecked,))
     con.close()
     before = tree(home)
+    from modeldepot.server.fleet import HoldingsReader
+
     with Depot(read_only(home)) as depot:
+        holdings = HoldingsReader(depot.store)  # (what a node tells its fleet it holds)
+        first = holdings.poll()
+        assert first is not None and changed in first
         for sha256, repo, path in (
             (changed, "acme/q", "model-Q8_0.gguf"),
             (unchecked, "acme/st", "model.safetensors"),
@@ -252,6 +257,16 @@ def test_a_corrupt_blob_is_refused_and_left_in_place(
                 urllib.request.urlopen(f"{node.url}/acme/q/resolve/main/model-Q8_0.gguf", timeout=30)
             refused.value.close()
             assert refused.value.code == 503 and refused.value.headers["X-Error-Code"] == "CorruptFile"
+            # Nor named to the fleet any more, nor its chunks said held: every peer asked it, and got 503s
+            # (an explorer's trial)
+            held = holdings.poll()
+            holdings.close()
+            assert held is not None and changed not in held and unchecked not in held
+            assert depot.file_info("acme/q", "config.json").sha256 in held
+            with pytest.raises(urllib.error.HTTPError) as unheld:
+                urllib.request.urlopen(f"{node.url}/api/depot/v1/blobs/{changed}/chunks", timeout=30)
+            unheld.value.close()
+            assert unheld.value.code == 404
         finally:
             node.stop()
         with pytest.raises(CorruptBlobError):  # (a loader's folder: its links lead to the bad bytes)

@@ -85,7 +85,7 @@ class HoldingsReader:
         self.public_only = public_only
         self._lock = threading.Lock()
         self._counter = store.index.change_counter()
-        self._version: int | None = None
+        self._version: tuple[int, int] | None = None
         self._signature: tuple[tuple[str, int, int], ...] | None = None
         self._blobs: dict[str, Holding] = {}
         self._partials: dict[
@@ -100,7 +100,10 @@ class HoldingsReader:
             return self._poll()
 
     def _poll(self) -> dict[str, Holding] | None:
-        version = self._counter.value()
+        version = (
+            self._counter.value(),
+            self.store.refusals,
+        )  # (a read-only store's refusals change no index)
         signature = self.store.partials.signature()
         if version == self._version and signature == self._signature:
             return None

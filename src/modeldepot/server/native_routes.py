@@ -445,6 +445,10 @@ async def chunk_map(request: web.Request) -> web.Response:
         blob = await _held_blob(request)  # the download finished between the two looks
     held: Iterable[int]
     digests: list[str] | None = None
+    if blob is not None and await asyncio.to_thread(_depot(request).store.refused, sha256):
+        # (a read-only store's blob this process found corrupt: its chunks were said "complete", and every
+        # peer asked for them got 503s)
+        raise NotFoundError(f"blob {sha256} is corrupt here (a read-only store: kept in place, never served)")
     if blob is not None:
         size, chunk_size, complete = blob.size, blob.chunk_size, True
         count = chunk_count(size, chunk_size)

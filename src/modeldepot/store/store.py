@@ -171,6 +171,7 @@ class Store:
         # (read-only) blobs found corrupt, by the placement found so: never served, left in place; a repair
         # where the store is writable (verify, then an import or a pull) is a new placement, served again
         self._refused: dict[str, float] = {}
+        self.refusals = 0  # blobs this process came to refuse (what it tells its fleet it holds changed)
         self._checked: dict[str, float] = {}  # (read-only) blob -> when this process found it good
         self.durability = Durability(self.index, self.blobs.path, self.check_blob, self.quarantine,
                                      deferred=config.durability == "deferred", read_only=self.read_only)  # fmt: skip
@@ -372,6 +373,7 @@ class Store:
         found corrupt: another process of the same depot found it so (tiers.py keeps such notes)."""
         if self.read_only and self.placement(sha256) == placement:
             self._refused[sha256] = placement
+            self.refusals += 1
 
     def refused(self, sha256: str) -> bool:
         """(A read-only store.) Whether this process refuses the blob (found corrupt, kept in place)."""
@@ -520,7 +522,11 @@ class Store:
             "SELECT sha256, size, chunk_size FROM blobs b WHERE state = 'ok'"
             + (_PUBLIC if public_only else "")
         )
-        return [BlobRecord(r["sha256"], r["size"], r["chunk_size"]) for r in rows]
+        # (not those this process refuses, on a read-only store: the fleet asked a node for them, and got 503s)
+        refused = {sha256 for sha256 in tuple(self._refused) if self.refused(sha256)}
+        return [
+            BlobRecord(r["sha256"], r["size"], r["chunk_size"]) for r in rows if r["sha256"] not in refused
+        ]
 
     def local_digest(self, sha256: str | None = None, git_sha1: str | None = None) -> BlobDigest | None:
         """The digests of a servable blob found by SHA-256 or by git blob SHA-1; None if the store lacks it."""
@@ -627,6 +633,7 @@ class Store:
             placement = float(rows[0]["created_at"])
             if self._refused.get(sha256, -1.0) != placement:
                 self._refused[sha256] = placement
+                self.refusals += 1
                 log.error("blob %s… is corrupt: the store is read-only, so it stays in place, and this process "
                           "does not serve it (repair the store where it is writable: modeldepot verify)", sha256[:16])  # fmt: skip
                 for hook in self._quarantine_hooks:
