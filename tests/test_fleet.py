@@ -96,7 +96,19 @@ def test_cluster_settings_are_checked_at_the_edge(tmp_path: Path) -> None:
     assert DepotConfig.from_env(env).cluster is None
     for bad in ("http://h:2379", "etcd://h", "etcd://h:99999", "etcd://", "etcd://h:1/x", "h:2379"):
         with pytest.raises(ConfigError, match="cluster"):
-            DepotConfig.from_env({**env, "MODELDEPOT_CLUSTER": bad})
+            Depot(tmp_path / "given", cluster=bad)
+    # A mistyped MODELDEPOT_CLUSTER (a fleet-wide profile) is said where the fleet is opened, a pull's: every
+    # local read (`ls`, `Depot().file_path()` in an inference worker) failed on it (an explorer's trial)
+    with Depot(tmp_path / "reads") as depot:
+        depot.import_dir(write_model_dir(tmp_path / "model", {"config.json": b"{}"}), "acme/x")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MODELDEPOT_CLUSTER", "etcd://h")
+        patch.delenv("HF_HUB_OFFLINE", raising=False)
+        patch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+        with Depot(tmp_path / "reads") as depot:
+            assert depot.file_path("acme/x", "config.json").read_bytes() == b"{}"
+            with pytest.raises(ConfigError, match="cluster 'etcd://h'"):
+                depot.pull("acme/other")
     for bad_prefix in ("modeldepot", "/a b", "/../x", "/"):
         with pytest.raises(ConfigError, match="prefix"):
             DepotConfig.from_env({**env, "MODELDEPOT_CLUSTER_PREFIX": bad_prefix})

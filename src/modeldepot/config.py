@@ -237,8 +237,8 @@ class DepotConfig:
         for server in self.servers:
             if not server.startswith(("http://", "https://")):
                 raise ConfigError(f"depot server {server!r} must be an http:// or https:// URL")
-        if self.cluster is not None:
-            validate_cluster(self.cluster)
+        # (the cluster is checked where the fleet is opened, a pull's, `serve`'s: a mistyped MODELDEPOT_CLUSTER in
+        # a fleet-wide profile made every local read, `ls`, `Depot().file_path()`, a ConfigError, an explorer's trial)
         object.__setattr__(self, "cluster_prefix", validate_cluster_prefix(self.cluster_prefix))
         for rate in (self.max_download_rate, self.max_upload_rate):
             if rate is not None and rate < MIN_RATE:

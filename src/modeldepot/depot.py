@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from modeldepot.config import DepotConfig, parse_size, shared_homes
+from modeldepot.config import DepotConfig, parse_size, shared_homes, validate_cluster
 from modeldepot.errors import (
     ConfigError,
     CorruptBlobError,
@@ -199,7 +199,7 @@ class Depot(Upkeep):
             chunk_size=chunk_size if chunk_size is not None else base.chunk_size,
             chunk_size_required=chunk_size is not None,
             servers=tuple(s.rstrip("/") for s in servers) if servers is not None else base.servers,
-            cluster=cluster if cluster is not None else base.cluster,
+            cluster=validate_cluster(cluster) if cluster is not None else base.cluster,
             shared=shared_homes(shared) if shared is not None else base.shared,
         )
         self.store = Store(self.config, create=create)
