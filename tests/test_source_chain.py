@@ -798,9 +798,9 @@ def test_a_configured_server_that_cannot_be_reached_is_said(
     """A depot server the user named (a mistyped port) that cannot be reached was passed over without a word,
     the whole model coming through the Hub (an explorer's trial). It is said, once in a while, and the pull
     goes on from the next source."""
-    import modeldepot.transfer.chain as chain
+    import modeldepot.transfer.notices as notices
 
-    monkeypatch.setattr(chain, "_unreachable_said", {})
+    monkeypatch.setattr(notices, "_said", {})
     hub = make_node("hub", {REPO: FILES})
     dead = f"http://127.0.0.1:{free_port()}"
     local = make_local("typo", [dead], hub.url)
@@ -810,3 +810,30 @@ def test_a_configured_server_that_cannot_be_reached_is_said(
     assert result.sources == (hub.url,)
     said = [r.getMessage() for r in caplog.records if "cannot be reached" in r.getMessage()]
     assert len(said) == 1 and dead in said[0], caplog.text
+
+
+def test_a_node_that_fails_its_transfers_is_said_to_the_operator(
+    make_node: NodeFactory,
+    make_local: LocalFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A node of the chain that answers its scan and fails every transfer (a sick host) cost each pull of what
+    it holds time, and only the info log named it (an explorer's trial): a warning does, now and then."""
+    import modeldepot.transfer.notices as notices
+    from faultproxy import FaultProxy
+
+    monkeypatch.setattr(notices, "_said", {})
+    sick = FaultProxy(make_node("sick", {REPO: FILES}).url)
+    try:
+        sick.set("500", times=-1)
+        hub = make_node("hub", {REPO: FILES})
+        local = make_local("warned", [sick.url], hub.url)
+        with caplog.at_level("WARNING", logger="modeldepot.transfer.download"):
+            result = local.pull(REPO)
+        assert_holds(local, REPO, FILES)
+        assert result.bytes_by_source.get("hub") == sum(map(len, FILES.values()))
+        said = [r.getMessage() for r in caplog.records if "pulls go on without it" in r.getMessage()]
+        assert len(said) == 1 and sick.url in said[0], caplog.text
+    finally:
+        sick.stop()

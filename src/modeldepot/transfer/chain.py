@@ -53,6 +53,7 @@ from modeldepot.ratelimit import RateLimit
 from modeldepot.transfer import ranged
 from modeldepot.transfer.download import FileSource
 from modeldepot.transfer.fleet import FleetView
+from modeldepot.transfer.notices import say_now_and_then
 from modeldepot.transfer.sources import HttpSource, RetryPolicy, small_request
 from modeldepot.transfer.swarm import SwarmFile
 from modeldepot.validation import SHORT_COMMIT, from_upstream, is_commit_id, validate_blake3
@@ -68,20 +69,13 @@ NODE_API = "/api/depot/v1"
 # every packet, behind a firewall, must not wait a whole read timeout per scan; huggingface_hub's own
 # metadata calls wait 10 s)
 BRANCH_LOOKUP_TIMEOUT = 10.0
-UNREACHABLE_SAID_EVERY = 300.0  # seconds between two warnings that one configured server cannot be reached
-_unreachable_said: dict[str, float] = {}
-_unreachable_lock = threading.Lock()
 
 
 def _say_unreachable(url: str, error: UpstreamError) -> None:
     """Warn that a depot server the user configured cannot be reached (a port mistyped sent a whole model
     through the Hub without a word, an explorer's trial); a mirror scanning often says it every few minutes."""
-    now = time.monotonic()
-    with _unreachable_lock:
-        if now - _unreachable_said.get(url, -UNREACHABLE_SAID_EVERY) < UNREACHABLE_SAID_EVERY:
-            return
-        _unreachable_said[url] = now
-    log.warning("the depot server %s cannot be reached (%s): the next source is asked", url, error)
+    say_now_and_then(f"unreachable {url}", log, "the depot server %s cannot be reached (%s): the next source "
+                     "is asked", url, error)  # fmt: skip
 
 
 # Seconds a fleet peer may take to describe a repo: a node answers from its index in milliseconds, and one

@@ -65,6 +65,7 @@ from modeldepot.transfer.choosing import (
     FileSource,
     is_silent,
 )
+from modeldepot.transfer.notices import say_now_and_then
 from modeldepot.transfer.sources import SILENT_PEER, ChunkUnavailableError, HttpSource, RangeIgnoredError
 from modeldepot.transfer.threads import to_thread_to_the_end
 
@@ -879,6 +880,11 @@ class _FileJob(ChunkChooser):
             self.live.remove(source)
             self.errors[source.source.name] = error
             log.info("%s: no longer asking %s for it (%s)", self.remote.path, source.source.name, error)
+            if source.kind != "hub" and not isinstance(error, (AccessDeniedError, ChunkUnavailableError)):
+                # (a node of the fleet that hangs or fails cost every pull of what it holds seconds, and only
+                # the info log said which: an explorer's trial)
+                say_now_and_then(f"dropped {source.source.name}", log, "%s fails (%s): pulls go on without it; "
+                                 "is it well?", source.source.name, error)  # fmt: skip
             if isinstance(error, AccessDeniedError) and source.kind != "hub":
                 _say_refused_once(source.source.name, error)
             if source.kind == "hub" and self.swarm is not None:
