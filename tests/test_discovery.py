@@ -509,6 +509,27 @@ def test_a_view_started_with_its_first_endpoint_down_is_the_fleet_at_once(etcd_s
     run(main())
 
 
+def test_an_etcd_120_ms_away_is_reached(etcd_server: EtcdServer) -> None:
+    """gRPC's connection attempts had 100 ms to finish their handshake (`min_reconnect_backoff_ms` is its
+    least connect timeout too): an etcd across regions, or a busy one, was never reached by a command (an
+    explorer's trial)."""
+    a = node("a")
+
+    async def main() -> None:
+        far = await TcpGate(etcd_server.client_port).open()
+        far.delay = 0.06
+        registering = etcd(etcd_server)
+        async with started(registering):
+            await registering.register(a)
+            await registering.wait_for(lambda: registering.status().registered, WAIT)
+            reader = EtcdDiscovery([("127.0.0.1", far.port)])
+            async with started(reader):
+                assert reader.status().connected and reader.peers() == [a]
+        await far.close()
+
+    run(main())
+
+
 def test_a_compacted_history_reloads_the_view(
     etcd_server: EtcdServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -18,12 +18,14 @@ MAX_TXN_OPS = 128  # etcd's --max-txn-ops default
 MAX_TXN_BYTES = 1 << 20  # under etcd's 1.5 MiB request limit
 MAX_VALUE_BYTES = 4096  # a record or a holding is ~100 bytes: a far larger value is not ours
 
-# gRPC channel options: reconnect quickly (backoff 0.1-1 s, not gRPC's default of up to 120 s); find a
-# dead or hung etcd by keepalive pings (every 5 s, also without calls: etcd answers GOAWAY to pings more
+# gRPC channel options: reconnect quickly (backoff 0.1-1 s, not gRPC's default of up to 120 s), giving each
+# connection attempt 5 s (gRPC takes the least reconnect backoff as the least connect timeout too: at 100 ms,
+# an etcd 120 ms away, or a busy one, was never reached, an explorer's trial); find a dead or hung etcd by
+# keepalive pings (every 5 s, also without calls: etcd answers GOAWAY to pings more
 # often than every 5 s); no limit on the size of an answer (a snapshot of a large fleet).
 CHANNEL_OPTIONS: dict[str, int] = {
     "grpc.initial_reconnect_backoff_ms": 100,
-    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 5000,
     "grpc.max_reconnect_backoff_ms": 1000,
     "grpc.keepalive_time_ms": 5000,
     "grpc.keepalive_timeout_ms": 1000,
