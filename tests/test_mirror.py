@@ -989,3 +989,54 @@ def test_bytes_followed_ahead_that_the_landed_chunk_refutes_break_the_answer(
         assert resumed.status_code == 200 and resumed.content == FILES[BIG]  # (whole: not joined)
     finally:
         mirror.stop()
+
+
+def test_a_vouched_range_slow_to_land_still_goes_with_its_own_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream_proxy: FaultProxy
+) -> None:
+    """Bytes followed ahead of a chunk a node vouches for are proven once it lands: a range inside the file (a
+    safetensors header read) still goes with its own chunks, not waiting for the whole file's pull and check
+    (it did, on a slow link, and timed out: a review's trial)."""
+    slow_chunks(monkeypatch)
+    plan = upstream_proxy.set("slow", times=-1, path_suffix=BIG, slow_delay=0.03, slow_piece=4096)
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
+    try:
+        answer = requests.get(f"{mirror.url}/{REPO}/resolve/main/{BIG}", headers={"Range": "bytes=0-999"},
+                              timeout=60)  # fmt: skip
+        assert (answer.status_code, answer.content) == (206, FILES[BIG][:1000])
+        assert plan.body_bytes < len(FILES[BIG]) / 2, "the range waited for the whole file"
+        assert not mirror.runner.app[MIRROR].broke(REPO, BIG)
+    finally:
+        wait_until(lambda: mirror.depot.has_file(REPO, BIG), 120, "the pull to end")
+        mirror.stop()
+
+
+def test_a_client_that_left_with_bytes_sent_ahead_is_not_resumed_onto_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream_proxy: FaultProxy
+) -> None:
+    """Bytes followed ahead, then the client leaves (Ctrl-C, its own timeout) before the chunk lands; the chunk
+    fails its check (a flipped byte), is fetched again and lands right, and the pull succeeds. The resume was
+    a 206 joined to the wrong byte (a review's trial): it is answered whole."""
+    slow_chunks(monkeypatch)
+    plan = upstream_proxy.set("flip-slow", times=1, path_suffix=BIG, slow_delay=0.1, slow_piece=4096)
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
+    url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
+
+    async def read_some() -> bytes:
+        got = bytearray()
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            assert response.status == 200
+            async for piece in response.content.iter_any():
+                got += piece
+                if len(got) >= 8192:
+                    break  # (the client leaves: the connection is closed)
+        return bytes(got)
+
+    try:
+        received = asyncio.run(read_some())
+        assert plan.injected == 1 and received[100] != FILES[BIG][100], "the flipped byte went out ahead"
+        wait_until(lambda: mirror.depot.has_file(REPO, BIG), 120, "the pull to end")
+        resumed = requests.get(url, headers={"Range": f"bytes={len(received)}-"}, timeout=60)
+        assert (resumed.status_code, resumed.content) == (200, FILES[BIG])  # (whole: never joined to them)
+    finally:
+        mirror.stop()

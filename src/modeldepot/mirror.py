@@ -354,6 +354,11 @@ class Mirror:
                 result = await self.depot.pull_async(manifest.repo_id, None, revision=manifest.revision, progress=progress,
                                                      paths=[remote.path], watch=watch, manifest=manifest)  # fmt: skip
                 self._refuted.pop(key, None)
+                if job.partial is not None and job.partial.resets:
+                    # The file failed its check once, and was fetched again: a client that left before with
+                    # bytes of the first fetch resumes onto them (a review's trial)
+                    for repo_id, path in sorted(job.handed_out):
+                        self._note_broken(repo_id, path)
                 await self.point_branches(manifest)
                 return result
             except Exception as error:
@@ -593,41 +598,52 @@ class Mirror:
             # so no response, a range included, ever completes with bytes the upstream's digests have not
             # vouched for. A range that ends inside the file and whose every chunk the scan's node vouched
             # for goes at once (a header read of a big file waited for all of it: clients timed out).
-            while True:
-                if partial.resets != resets:  # the whole file failed its check: every chunk was dropped
-                    if reading.sent:  # (the pull may fetch it again and succeed: what was sent stays refuted)
-                        reading.unproven = True
-                        raise IntegrityError(f"{reading.path}: the file failed its check after part of it "
-                                             "was sent; the answer breaks")  # fmt: skip
-                    resets = partial.resets
-                early = index in vouched and not reading.unproven and end < partial.size - 1
-                if index in partial.done and (index != last or early or job.task.done()):
-                    break
-                if job.task.done():
-                    job.task.result()
-                    if index not in partial.done:
-                        raise RuntimeError("the pull ended without this chunk")  # pragma: no cover
-                waited = time.monotonic() - waiting_since
-                if waited >= AHEAD_PATIENCE and index not in partial.done:
-                    # A chunk slow to land (a slow upstream: 16 MiB at 1 MiB/s, a quarter of it each for four
-                    # at once): its bytes go as they come, unproven, so that a client's read timeout (10 s)
-                    # never waits for a whole chunk (huggingface_hub timed out again and again, and below
-                    # 1 MiB/s failed: an explorer's trial). Never the response's last byte before the check.
-                    received = partial.receiving.get(index)
-                    upto = min(hi, end - 1, offset + (received() if received is not None else 0) - 1)
-                    if upto >= position:
-                        if ahead is None:
-                            ahead = blake3.blake3()
+            was_unproven = reading.unproven
+            try:
+                while True:
+                    if partial.resets != resets:  # the whole file failed its check: every chunk was dropped
+                        if (
+                            reading.sent
+                        ):  # (the pull may fetch it again and succeed: what was sent stays refuted)
                             reading.unproven = True
-                            job.handed_out.add((reading.repo_id, reading.path))
-                        async for block in _pread_blocks(fd, position, upto):
-                            ahead.update(block)
-                            reading.sent = True
-                            yield block
-                        position = upto + 1
-                        continue
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(job.wait(), max(AHEAD_PATIENCE - waited, 0.0) + AHEAD_LOOK)
+                            raise IntegrityError(f"{reading.path}: the file failed its check after part of it "
+                                                 "was sent; the answer breaks")  # fmt: skip
+                        resets = partial.resets
+                    # (bytes of this chunk sent ahead are compared with it once it lands, below)
+                    early = index in vouched and not was_unproven and end < partial.size - 1
+                    if index in partial.done and (index != last or early or job.task.done()):
+                        break
+                    if job.task.done():
+                        job.task.result()
+                        if index not in partial.done:
+                            raise RuntimeError("the pull ended without this chunk")  # pragma: no cover
+                    waited = time.monotonic() - waiting_since
+                    if waited >= AHEAD_PATIENCE and index not in partial.done:
+                        # A chunk slow to land (a slow upstream: 16 MiB at 1 MiB/s, a quarter of it each for four
+                        # at once): its bytes go as they come, unproven, so that a client's read timeout (10 s)
+                        # never waits for a whole chunk (huggingface_hub timed out again and again, and below
+                        # 1 MiB/s failed: an explorer's trial). Never the response's last byte before the check.
+                        received = partial.receiving.get(index)
+                        upto = min(hi, end - 1, offset + (received() if received is not None else 0) - 1)
+                        if upto >= position:
+                            if ahead is None:
+                                ahead = blake3.blake3()
+                                reading.unproven = True
+                                job.handed_out.add((reading.repo_id, reading.path))
+                            async for block in _pread_blocks(fd, position, upto):
+                                ahead.update(block)
+                                reading.sent = True
+                                yield block
+                            position = upto + 1
+                            continue
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(job.wait(), max(AHEAD_PATIENCE - waited, 0.0) + AHEAD_LOOK)
+            except (GeneratorExit, asyncio.CancelledError):
+                if ahead is not None:
+                    # The client left with bytes of a chunk not checked yet: its resume is answered whole, never
+                    # joined to them (they may be refuted once the chunk lands: a review's trial)
+                    self._note_broken(reading.repo_id, reading.path)
+                raise
             if ahead is not None:
                 # What went ahead must be the chunk as it landed (checked against its digest, or the Hub's
                 # bytes, which the file's SHA-256 checks): a transfer that started over, or a source found
@@ -638,6 +654,10 @@ class Mirror:
                 if landed.digest() != ahead.digest():
                     raise IntegrityError(f"{reading.path}: bytes sent as they came are not the chunk that "
                                          "landed; the answer breaks")  # fmt: skip
+                # Proven now, as if sent once the chunk landed: a range inside the file still goes with its own
+                # chunks, not waiting for the whole file's check (a review's trial)
+                if index in vouched:
+                    reading.unproven = was_unproven
             if index == last and not early:
                 job.task.result()  # (the whole file matched)
                 _check_sent_elsewhere(reading.path, reading.elsewhere, partial.done.get)
