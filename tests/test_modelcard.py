@@ -76,3 +76,14 @@ def test_an_index_from_schema_1_is_migrated_to_the_latest_and_keeps_its_data(tmp
         assert json.loads(depot.store.index.read("SELECT card FROM repos")[0]["card"]) == {
             "pipeline_tag": "fill-mask"
         }
+
+
+def test_aliases_that_repeat_a_value_without_end_are_cut_short() -> None:
+    """YAML aliases repeat one value as often as they like: a README of 280 bytes made a card of 53 MB, in
+    memory, in the index and in every listing (a review's trial). What a front matter keeps is bounded."""
+    levels = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for previous, name in zip("abcdef", "bcdefg", strict=True):
+        levels.append(f"{name}: &{name} [" + ",".join([f"*{previous}"] * 9) + "]")
+    bomb = "---\nlicense: mit\n" + "\n".join(levels) + "\ndatasets: *g\n---\n# Model\n"
+    card = card_metadata(bomb)
+    assert card["license"] == "mit" and len(json.dumps(card)) < 2 << 20

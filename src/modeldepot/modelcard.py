@@ -81,6 +81,9 @@ def card_metadata(text: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         return {}
     found: dict[str, Any] = {}
+    budget = [
+        _CARD_VALUES
+    ]  # (YAML aliases repeat one value as often as they like: 280 bytes made 53 MB, a review)
     for key, value in data.items():
         if (
             not isinstance(key, str)
@@ -88,7 +91,7 @@ def card_metadata(text: str) -> dict[str, Any]:
             or (key in _FIELDS and not isinstance(value, (str, list)))
         ):
             continue
-        made = _json_value(value, _CARD_DEPTH)
+        made = _json_value(value, _CARD_DEPTH, budget)
         if made is not _DROPPED:
             found[key] = made
     found.pop("tags", None)
@@ -100,12 +103,18 @@ def card_metadata(text: str) -> dict[str, Any]:
 
 _NOT_THE_CARDS = ("gated", FILE_TAGS)  # a repo's setting; the files' tags, the node's own key
 _CARD_DEPTH = 32  # levels of nesting kept of a front matter value (model-index is five deep)
+# Values (and characters of text, by the thousand) kept of a front matter, at most: a README's own, 1 MiB at
+# most, holds fewer; past it (aliases repeating a value) the rest is dropped
+_CARD_VALUES = 100_000
 _DROPPED = object()
 
 
-def _json_value(value: Any, depth: int) -> Any:
-    """``value`` as JSON has it (YAML dates as ISO text, keys as text); what cannot be, or nests deeper than
-    ``depth``, is dropped."""
+def _json_value(value: Any, depth: int, budget: list[int]) -> Any:
+    """``value`` as JSON has it (YAML dates as ISO text, keys as text); what cannot be, nests deeper than
+    ``depth``, or comes once ``budget[0]`` values were taken, is dropped."""
+    budget[0] -= 1 + (len(value) >> 10 if isinstance(value, str) else 0)
+    if budget[0] < 0:
+        return _DROPPED
     if isinstance(value, (str, bool, int)) or value is None:
         return value
     if isinstance(value, float):
@@ -115,8 +124,8 @@ def _json_value(value: Any, depth: int) -> Any:
     if depth <= 0:
         return _DROPPED
     if isinstance(value, dict):
-        items = ((str(k), _json_value(v, depth - 1)) for k, v in value.items())
+        items = ((str(k), _json_value(v, depth - 1, budget)) for k, v in value.items())
         return {k: v for k, v in items if v is not _DROPPED}
     if isinstance(value, (list, tuple)):
-        return [v for v in (_json_value(item, depth - 1) for item in value) if v is not _DROPPED]
+        return [v for v in (_json_value(item, depth - 1, budget) for item in value) if v is not _DROPPED]
     return _DROPPED
