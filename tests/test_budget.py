@@ -787,6 +787,14 @@ def test_a_node_asked_for_a_budget_below_the_store_asks_before_it_evicts(tmp_pat
     with Depot(home) as depot:
         assert {r.repo_id for r in depot.list_repos()} == {"acme/a", "acme/b"}
         assert depot.store.budget.max_bytes is None
+        # Over it by what is pinned alone, nothing would go: no question (a node under systemd did not start
+        # after a restart, a review's trial)
+        from modeldepot.cli.space import confirm_evictions
+
+        for name in ("acme/a", "acme/b"):
+            depot.pin(name)
+        assert depot.plan_shrink("1.5MiB") == []
+        confirm_evictions(depot, "1.5MiB")  # (no SystemExit)
 
 
 def test_the_budget_is_the_stores_and_every_process_on_it_keeps_to_it(tmp_path: Path) -> None:

@@ -186,7 +186,8 @@ def serve_command(
     if preload_budget is not None:
         depot.config = dataclasses.replace(depot.config, preload_budget=preload_budget)
     if max_size is not None:
-        if not yes and not depot.store.read_only:
+        # (not for the budget the store has: over it, a node's start brings the store within it, as ever)
+        if not yes and not depot.store.read_only and max_size != depot.store.budget.store_max_size:
             confirm_evictions(depot, max_size)
         evicted = depot.set_max_size(
             max_size

@@ -143,7 +143,7 @@ def confirm_evictions(depot: Depot, size: str) -> None:
     # alone fitted evicted a model without asking, a trial)
     used, reserved = status.used_bytes, status.reserved_bytes
     planned = depot.plan_shrink(limit)
-    if used + reserved <= limit and not planned:
+    if not planned:  # (over it by what is pinned or in use alone: nothing goes, nothing to ask, a review)
         return
     writes = f" and writes under way hold {render.format_bytes(reserved)} more" if reserved else ""
     what = (f"the store holds {render.format_bytes(used)}{writes}, over {render.format_bytes(limit)}: setting this budget "
