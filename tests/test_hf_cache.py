@@ -766,6 +766,10 @@ def test_export_is_found_offline_by_huggingface_hub(filled: Depot, tmp_path: Pat
     assert [p.problem for p in into_sources.problems] == ["new-cache"], into_sources.problems
     assert "held no Hugging Face cache" in into_sources.problems[0].detail
     assert filled.hf_cache_export(SAMPLE, cache_dir=sources).problems == ()  # (a cache now)
+    fresh = tmp_path / "fresh-cache"  # (transformers' version.txt alone: a cache all the same, a review)
+    fresh.mkdir()
+    (fresh / "version.txt").write_text("1")
+    assert filled.hf_cache_export(SAMPLE, cache_dir=fresh).problems == ()
     with pytest.raises(InvalidInputError, match="inside the store"):
         filled.hf_cache_export(SAMPLE, cache_dir=filled.home / "hub")
     for path, data in sample_files().items():

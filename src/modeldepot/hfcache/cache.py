@@ -177,11 +177,15 @@ def etag_of_file(path: Path, size: int, lfs: bool) -> str | None:
     return digest.hexdigest()
 
 
+# What else a Hugging Face cache holds: its locks, its tag, transformers' version.txt (a fresh cache's only file)
+_CACHE_FILES = (".locks", "CACHEDIR.TAG", "version.txt")
+
+
 def looks_like_a_cache(folder: Path) -> bool:
     """Whether ``folder`` holds what a Hugging Face cache holds (a repo's folder, its locks, its tag)."""
     try:
         with os.scandir(folder) as entries:
-            return any(e.name.startswith(("models--", "datasets--", "spaces--")) or e.name in (".locks", "CACHEDIR.TAG")
+            return any(e.name.startswith(("models--", "datasets--", "spaces--")) or e.name in _CACHE_FILES
                        for e in entries)  # fmt: skip
     except OSError:
         return True  # (unreadable: said as the scan reads it)

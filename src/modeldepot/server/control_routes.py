@@ -370,7 +370,9 @@ class PullJobs:
                 job.repo, job.quants, revision=job.revision, progress=progress, manifest=manifest
             )
         except asyncio.CancelledError:
-            if job.cancelling and await asyncio.to_thread(_published, depot, manifest, job.quants):
+            if job.cancelling and await asyncio.to_thread(
+                _published, depot, manifest, job.quants, job.revision
+            ):
                 # Asked to stop as it published: a publish is not cut (a cancellation waits for it), and it
                 # completed. It said "cancelled" for a repo the node held whole (a reviewer's trial).
                 job.state, job.bytes_done = "done", job.bytes_total
@@ -426,12 +428,20 @@ class PullJobs:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _published(depot: Depot, manifest: Manifest, quants: Quants) -> bool:
-    """Whether every file a pull of ``quants`` takes is in the store at the manifest's commit."""
+def _published(depot: Depot, manifest: Manifest, quants: Quants, revision: str) -> bool:
+    """Whether every file a pull of ``quants`` takes is in the store at the manifest's commit, and the branch
+    ``revision`` names points there (never raises: a store that cannot say is not published)."""
     from modeldepot.transfer.pull import select
+    from modeldepot.upstream import branch_set_by
 
-    files, _ = select(manifest, quants)
-    held = depot.store.file_sizes(manifest.repo_id, manifest.commit_id)
+    try:
+        files, _ = select(manifest, quants)
+        held = depot.store.file_sizes(manifest.repo_id, manifest.commit_id)
+        branch = branch_set_by(revision)
+        if branch is not None and depot.store.resolve(manifest.repo_id, branch) != manifest.commit_id:
+            return False
+    except Exception:  # (a job left "running" for good was worse than a cancel said so)
+        return False
     return all(held.get(f.path) == f.size for f in files)
 
 

@@ -43,6 +43,7 @@ from modeldepot.errors import (
     OfflineError,
     RepoNotFoundError,
     RevisionNotFoundError,
+    UpstreamDataError,
     UpstreamError,
     UpstreamTimeoutError,
 )
@@ -190,7 +191,11 @@ class SourceChain:
                 return self._scan_at(server, repo_id, revision)
             except DepotError as error:
                 problems.append(error)
-                if isinstance(error, UpstreamError) and error.status is None:
+                if (
+                    isinstance(error, UpstreamError)
+                    and error.status is None
+                    and not isinstance(error, UpstreamDataError)
+                ):
                     _say_unreachable(server.base_url, error)
         if peers and not _names_a_commit(revision):
             # A branch is the Hub's to say: a peer answers with the commit it holds, and once any node held
