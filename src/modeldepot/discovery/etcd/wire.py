@@ -42,7 +42,10 @@ def describe(error: BaseException) -> str:
     text = str(error).strip().rstrip(":").rstrip()
     text = text or ("no answer in time" if isinstance(error, asyncio.TimeoutError) else "")
     text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "…"
+    text = text if len(text) <= 300 else text[:297] + "…"
+    if "database space exceeded" in text:  # (said "cannot be reached": the operator looked at the network)
+        text += " (etcd is up and refuses writes, its database full: compact and defragment it, then `etcdctl alarm disarm`)"
+    return text
 
 
 def is_lease_not_found(error: BaseException) -> bool:
