@@ -1040,3 +1040,101 @@ def test_a_client_that_left_with_bytes_sent_ahead_is_not_resumed_onto_them(
         assert (resumed.status_code, resumed.content) == (200, FILES[BIG])  # (whole: never joined to them)
     finally:
         mirror.stop()
+
+
+def test_resume_while_the_old_reader_waits_on_a_stalled_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream_proxy: FaultProxy
+) -> None:
+    """A client that timed out on a stalled chunk whose bytes went ahead resumes at once, while its old
+    response still waits (it learns the client left at its next write): that resume was a 206, joined to a
+    byte the chunk's check then refuted (a review's trial). It is answered whole."""
+    slow_chunks(monkeypatch)
+    # the first chunk's bytes come 4 KiB every 1.5 s (a stalling link), a byte flipped
+    plan = upstream_proxy.set("flip-slow", times=1, path_suffix=BIG, slow_delay=1.5, slow_piece=4096)
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
+    url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
+
+    async def leave_and_resume() -> tuple[bytes, int, bytes, bool]:
+        got = bytearray()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url) as response:
+                assert response.status == 200
+                async for piece in response.content.iter_any():
+                    got += piece
+                    if len(got) >= 4096:
+                        break  # its read timeout: it leaves
+            # huggingface_hub: sleep(1) then resume
+            await asyncio.sleep(0.3)
+            broke_at_resume = mirror.runner.app[MIRROR].broke(REPO, BIG)
+            async with session.get(url, headers={"Range": f"bytes={len(got)}-"}) as resumed:
+                plan.slow_delay = 0.001  # the link is fast again
+                try:  # (whole: its first bytes come again, and the chunk's check refutes them again)
+                    body = await resumed.read()
+                except aiohttp.ClientPayloadError:
+                    body = b""
+                return bytes(got), resumed.status, body, broke_at_resume
+
+    try:
+        got, status, body, broke_at_resume = asyncio.run(leave_and_resume())
+        assert got[100] != FILES[BIG][100], "the flipped byte went out ahead"
+        assert broke_at_resume and status == 200 and body in (b"", FILES[BIG]), (broke_at_resume, status)
+        wait_until(lambda: mirror.depot.has_file(REPO, BIG), 60, "the mirror's pull to end")
+        again = requests.get(
+            url, headers={"Range": f"bytes={len(got)}-"}, timeout=60
+        )  # (the client's next try)
+        assert (again.status_code, again.content) == (200, FILES[BIG])
+    finally:
+        mirror.stop()
+
+
+def test_a_client_that_left_a_follow_elsewhere_whose_download_was_refuted_is_not_resumed_onto_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream_proxy: FaultProxy
+) -> None:
+    """The same for a response that followed another process's download (a `modeldepot pull` beside the
+    node): that download's file failed its check, the mirror's pull took over and succeeded, and the resume of
+    a client that had left was a 206 onto the refuted byte (a review's trial)."""
+
+    # the other process pulls from a Hub-like upstream (no chunk digests): chunk 0 with a flipped byte, once
+    plan = upstream_proxy.set("flip", times=-1, path_suffix=BIG)
+    plan.times = 1
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, as_node=False)
+    home = tmp_path / "mirror"
+    env = base_env(
+        HF_ENDPOINT=upstream_proxy.url,
+        MODELDEPOT_CHUNK_SIZE=str(SMALL_CHUNK),
+        MODELDEPOT_CONNECTIONS_PER_SOURCE="1",
+    )  # (in order: the flipped byte is in chunk 0)
+    env.pop("MODELDEPOT_SERVERS", None)
+    pulling = subprocess.Popen(
+        [sys.executable, "-m", "modeldepot", "pull", REPO, "--home", str(home), "--max-rate", "256KiB/s"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(
+        lambda: (home / "partials").exists() and any((home / "partials").glob("*.log")), 30, "a download"
+    )
+    url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
+
+    async def read_some() -> bytes:
+        got = bytearray()
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            assert response.status == 200
+            async for piece in response.content.iter_any():
+                got += piece
+                if len(got) >= SMALL_CHUNK:
+                    break
+        return bytes(got)
+
+    try:
+        got = asyncio.run(read_some())
+        assert got != FILES[BIG][: len(got)], "the flipped byte went out (from the other process's download)"
+        pulling.communicate(timeout=120)
+        wait_until(lambda: mirror.depot.has_file(REPO, BIG), 60, "the mirror's pull to end")
+        resumed = requests.get(url, headers={"Range": f"bytes={len(got)}-"}, timeout=60)
+        assert (resumed.status_code, resumed.content) == (200, FILES[BIG])
+    finally:
+        pulling.kill()
+        pulling.communicate()
+        mirror.stop()

@@ -151,9 +151,15 @@ class Mirror:
         self._refuted: dict[tuple[str, str, str], float] = {}  # -> when its pull's file last failed its check
         self._broken_file = depot.home / BROKEN_FILE
         self._broken = self._load_broken()  # (repo id in lower case, path) -> when (seconds since the epoch)
+        # The responses under way of each file (repo id in lower case, path): one holding bytes a check may
+        # still refute makes a resume of the file answered whole (its client may have timed out while the
+        # response waits, and resume before that response notices it left: a review's trial)
+        self._readings: dict[tuple[str, str], set[_Reading]] = {}
 
     def broke(self, repo_id: str, path: str) -> bool:
         """Whether a response of this file broke lately after handing out bytes (see the module's doc)."""
+        if any(reading.unchecked for reading in self._readings.get((repo_id.lower(), path), ())):
+            return True
         when = self._broken.get((repo_id.lower(), path))
         return when is not None and abs(time.time() - when) <= BROKEN_TTL  # (a clock set back: not forever)
 
@@ -526,17 +532,32 @@ class Mirror:
         """Bytes ``start..end`` (inclusive) of the file, as its pull ``job`` (:meth:`started`'s) lands and
         checks them."""
         reading = _Reading(manifest.repo_id, remote.path)
+        key = (manifest.repo_id.lower(), remote.path)
+        self._readings.setdefault(key, set()).add(reading)
+        noted = completed = False
         try:
             async for block in self._read(manifest, remote, start, end, job, reading):
                 yield block
+            completed = True
         except Exception as error:
             if reading.unproven:
                 self._note_broken(manifest.repo_id, remote.path)
+                noted = True
                 log.info("%s/%s: the transfer failed after unproven bytes were sent (%s: %s): the response "
                          "breaks, and for an hour a resume of the file is answered whole, never a range a "
                          "client could join to them", manifest.repo_id, remote.path, type(error).__name__,
                          error)  # fmt: skip
             raise
+        finally:
+            readings = self._readings.get(key)
+            if readings is not None:
+                readings.discard(reading)
+                if not readings:
+                    del self._readings[key]
+            if reading.unchecked and not noted and not completed:
+                # The client left (or the answer broke) with bytes a check may still refute: its resume is
+                # answered whole, never joined to them (a review's trial)
+                self._note_broken(manifest.repo_id, remote.path)
 
     async def _read(
         self, manifest: Manifest, remote: RemoteFile, start: int, end: int, job: _Job, reading: _Reading
@@ -562,7 +583,7 @@ class Mirror:
                 # Raises what the pull raised. Shielded: a reader that leaves must not cancel the shared pull,
                 # which may still be finishing (its partial moved into the store, its task not yet done).
                 await asyncio.shield(job.task)
-                async for block in self._from_store(manifest, remote, start, end, reading.elsewhere, first):
+                async for block in self._from_store(manifest, remote, start, end, reading, first):
                     yield block
                 return
             try:
@@ -599,51 +620,42 @@ class Mirror:
             # vouched for. A range that ends inside the file and whose every chunk the scan's node vouched
             # for goes at once (a header read of a big file waited for all of it: clients timed out).
             was_unproven = reading.unproven
-            try:
-                while True:
-                    if partial.resets != resets:  # the whole file failed its check: every chunk was dropped
-                        if (
-                            reading.sent
-                        ):  # (the pull may fetch it again and succeed: what was sent stays refuted)
-                            reading.unproven = True
-                            raise IntegrityError(f"{reading.path}: the file failed its check after part of it "
-                                                 "was sent; the answer breaks")  # fmt: skip
-                        resets = partial.resets
-                    # (bytes of this chunk sent ahead are compared with it once it lands, below)
-                    early = index in vouched and not was_unproven and end < partial.size - 1
-                    if index in partial.done and (index != last or early or job.task.done()):
-                        break
-                    if job.task.done():
-                        job.task.result()
-                        if index not in partial.done:
-                            raise RuntimeError("the pull ended without this chunk")  # pragma: no cover
-                    waited = time.monotonic() - waiting_since
-                    if waited >= AHEAD_PATIENCE and index not in partial.done:
-                        # A chunk slow to land (a slow upstream: 16 MiB at 1 MiB/s, a quarter of it each for four
-                        # at once): its bytes go as they come, unproven, so that a client's read timeout (10 s)
-                        # never waits for a whole chunk (huggingface_hub timed out again and again, and below
-                        # 1 MiB/s failed: an explorer's trial). Never the response's last byte before the check.
-                        received = partial.receiving.get(index)
-                        upto = min(hi, end - 1, offset + (received() if received is not None else 0) - 1)
-                        if upto >= position:
-                            if ahead is None:
-                                ahead = blake3.blake3()
-                                reading.unproven = True
-                                job.handed_out.add((reading.repo_id, reading.path))
-                            async for block in _pread_blocks(fd, position, upto):
-                                ahead.update(block)
-                                reading.sent = True
-                                yield block
-                            position = upto + 1
-                            continue
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(job.wait(), max(AHEAD_PATIENCE - waited, 0.0) + AHEAD_LOOK)
-            except (GeneratorExit, asyncio.CancelledError):
-                if ahead is not None:
-                    # The client left with bytes of a chunk not checked yet: its resume is answered whole, never
-                    # joined to them (they may be refuted once the chunk lands: a review's trial)
-                    self._note_broken(reading.repo_id, reading.path)
-                raise
+            while True:
+                if partial.resets != resets:  # the whole file failed its check: every chunk was dropped
+                    if reading.sent:  # (the pull may fetch it again and succeed: what was sent stays refuted)
+                        reading.unproven = True
+                        raise IntegrityError(f"{reading.path}: the file failed its check after part of it "
+                                             "was sent; the answer breaks")  # fmt: skip
+                    resets = partial.resets
+                # (bytes of this chunk sent ahead are compared with it once it lands, below)
+                early = index in vouched and not was_unproven and end < partial.size - 1
+                if index in partial.done and (index != last or early or job.task.done()):
+                    break
+                if job.task.done():
+                    job.task.result()
+                    if index not in partial.done:
+                        raise RuntimeError("the pull ended without this chunk")  # pragma: no cover
+                waited = time.monotonic() - waiting_since
+                if waited >= AHEAD_PATIENCE and index not in partial.done:
+                    # A chunk slow to land (a slow upstream: 16 MiB at 1 MiB/s, a quarter of it each for four
+                    # at once): its bytes go as they come, unproven, so that a client's read timeout (10 s)
+                    # never waits for a whole chunk (huggingface_hub timed out again and again, and below
+                    # 1 MiB/s failed: an explorer's trial). Never the response's last byte before the check.
+                    received = partial.receiving.get(index)
+                    upto = min(hi, end - 1, offset + (received() if received is not None else 0) - 1)
+                    if upto >= position:
+                        if ahead is None:
+                            ahead = blake3.blake3()
+                            reading.unproven = reading.ahead_unchecked = True
+                            job.handed_out.add((reading.repo_id, reading.path))
+                        async for block in _pread_blocks(fd, position, upto):
+                            ahead.update(block)
+                            reading.sent = True
+                            yield block
+                        position = upto + 1
+                        continue
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(job.wait(), max(AHEAD_PATIENCE - waited, 0.0) + AHEAD_LOOK)
             if ahead is not None:
                 # What went ahead must be the chunk as it landed (checked against its digest, or the Hub's
                 # bytes, which the file's SHA-256 checks): a transfer that started over, or a source found
@@ -654,6 +666,7 @@ class Mirror:
                 if landed.digest() != ahead.digest():
                     raise IntegrityError(f"{reading.path}: bytes sent as they came are not the chunk that "
                                          "landed; the answer breaks")  # fmt: skip
+                reading.ahead_unchecked = False
                 # Proven now, as if sent once the chunk landed: a range inside the file still goes with its own
                 # chunks, not waiting for the whole file's check (a review's trial)
                 if index in vouched:
@@ -661,6 +674,7 @@ class Mirror:
             if index == last and not early:
                 job.task.result()  # (the whole file matched)
                 _check_sent_elsewhere(reading.path, reading.elsewhere, partial.done.get)
+                reading.elsewhere_checked = True
             elif index not in vouched:
                 reading.unproven = True
                 job.handed_out.add((reading.repo_id, reading.path))
@@ -715,12 +729,12 @@ class Mirror:
         remote: RemoteFile,
         start: int,
         end: int,
-        sent: dict[int, str] | None = None,
+        reading: _Reading | None = None,
         counts_as_use: bool = True,
     ) -> AsyncIterator[memoryview]:
-        """The stored file's bytes, each chunk checked against its BLAKE3 before it is yielded. ``sent``:
-        chunks already sent from another process's download (index -> the BLAKE3 it logged), which must be
-        the stored blob's, or the answer breaks (that download may have started over after they went)."""
+        """The stored file's bytes, each chunk checked against its BLAKE3 before it is yielded. ``reading``:
+        its chunks already sent from another process's download (index -> the BLAKE3 it logged) must be the
+        stored blob's, or the answer breaks (that download may have started over after they went)."""
         entry = await asyncio.to_thread(
             self.depot.file_info, manifest.repo_id, remote.path, manifest.commit_id
         )
@@ -728,7 +742,9 @@ class Mirror:
             functools.partial(self.depot.open_verified, entry, counts_as_use=counts_as_use)
         )
         try:
-            _check_sent_elsewhere(remote.path, sent or {}, reader.digest)
+            if reading is not None:
+                _check_sent_elsewhere(remote.path, reading.elsewhere, reader.digest)
+                reading.elsewhere_checked = True
             for index in reader.chunks_of(start, end):
                 view = await asyncio.to_thread(reader.checked_view, index)
                 offset, length = reader.span(index)
@@ -763,7 +779,7 @@ def _landed(job: _Job) -> bool:
     return job.partial is not None and len(job.partial.done) > job.found_chunks
 
 
-@dataclass
+@dataclass(eq=False)
 class _Reading:
     """One response's reading of a file: whether it was handed bytes of a chunk no digest vouched for."""
 
@@ -773,6 +789,13 @@ class _Reading:
     sent: bool = False  # bytes went out
     # Chunks sent from another process's download of the file: index -> the BLAKE3 it logged for them
     elsewhere: dict[int, str] = field(default_factory=dict)
+    ahead_unchecked: bool = False  # bytes of a chunk went out before it landed, not compared with it yet
+    elsewhere_checked: bool = False  # the chunks sent from another process's download matched the file
+
+    @property
+    def unchecked(self) -> bool:
+        """Bytes went out that a check may still refute: a resume must not be joined to them."""
+        return self.ahead_unchecked or (bool(self.elsewhere) and not self.elsewhere_checked)
 
 
 def _coming(partial: ResumablePartial, offset: int, waited: float) -> bool:

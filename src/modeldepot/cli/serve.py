@@ -28,6 +28,14 @@ from modeldepot.depot import Depot
 from modeldepot.errors import ConfigError, InvalidInputError
 
 
+def _the_stores_budget(depot: Depot, max_size: str) -> bool:
+    """Whether ``max_size`` is the budget the store has (typed as it was, or otherwise: 200G, 200GiB)."""
+    from modeldepot.store.budget import parse_max_size
+
+    saved = depot.store.budget.store_max_size
+    return saved is not None and parse_max_size(saved, depot.home) == parse_max_size(max_size, depot.home)
+
+
 def _ready_to_serve(kwargs: dict[str, Any]) -> None:
     """What ``serve`` checks before its store is opened, or made in a mistyped --home (a ConfigError, exit
     2): --advertise has a cluster, the upstreams (``HF_ENDPOINT``, ``MODELDEPOT_SERVERS``) are URLs (a bad
@@ -187,7 +195,7 @@ def serve_command(
         depot.config = dataclasses.replace(depot.config, preload_budget=preload_budget)
     if max_size is not None:
         # (not for the budget the store has: over it, a node's start brings the store within it, as ever)
-        if not yes and not depot.store.read_only and max_size != depot.store.budget.store_max_size:
+        if not yes and not depot.store.read_only and not _the_stores_budget(depot, max_size):
             confirm_evictions(depot, max_size)
         evicted = depot.set_max_size(
             max_size

@@ -90,7 +90,8 @@ class EtcdDiscovery(EtcdClaims):
         # The first view, or the first failure (an unreachable etcd is not an error here).
         loaded = asyncio.ensure_future(self._loaded.wait())
         try:
-            await asyncio.wait({loaded}, timeout=2 * self.timeout + 2)
+            # (an attempt at each endpoint: three hung before a live one took longer than a fixed bound)
+            await asyncio.wait({loaded}, timeout=(len(self.endpoints) + 1) * self.timeout + 2)
         finally:
             loaded.cancel()
         if self._record is not None:
