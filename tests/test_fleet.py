@@ -109,7 +109,8 @@ def test_cluster_settings_are_checked_at_the_edge(tmp_path: Path) -> None:
             assert depot.file_path("acme/x", "config.json").read_bytes() == b"{}"
             with pytest.raises(ConfigError, match="cluster 'etcd://h'"):
                 depot.pull("acme/other")
-    for bad_prefix in ("modeldepot", "/a b", "/../x", "/"):
+    # (the last: where the /modeldepot fleet keeps its nodes, whose processes warned of its keys)
+    for bad_prefix in ("modeldepot", "/a b", "/../x", "/", "/modeldepot/nodes"):
         with pytest.raises(ConfigError, match="prefix"):
             DepotConfig.from_env({**env, "MODELDEPOT_CLUSTER_PREFIX": bad_prefix})
     home = ["--home", str(tmp_path / "store")]

@@ -312,7 +312,15 @@ def validate_cluster_prefix(prefix: object) -> str:
         raise InvalidInputError(
             f"registry prefix {prefix!r} must look like /modeldepot (/NAME, up to 8 levels)"
         )
+    if prefix.rsplit("/", 1)[-1] in _FLEET_LAYOUT:
+        # (`/modeldepot/nodes` lays its keys where the `/modeldepot` fleet keeps its own: each of that fleet's
+        # processes warned of them as bad entries, an explorer's trial)
+        raise InvalidInputError(f"registry prefix {prefix!r} must not end in a name a fleet keeps its entries "
+                                f"under ({', '.join(_FLEET_LAYOUT)}): name it otherwise, like /modeldepot-nodes")  # fmt: skip
     return prefix
+
+
+_FLEET_LAYOUT = ("nodes", "holdings", "claims")  # the folders of a fleet's keys (discovery/etcd/wire.py)
 
 
 def validate_endpoint(host: object, port: object) -> tuple[str, int]:
