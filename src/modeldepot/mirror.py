@@ -14,7 +14,9 @@ A chunk slow to land (a slow upstream: 16 MiB take 16 s at 1 MiB/s, and four chu
 followed as its bytes come, after AHEAD_PATIENCE, so that a client's read timeout never waits for a whole
 chunk; those bytes are unproven, as a Hub source's, and once the chunk lands what went out is compared with
 it (checked against its digest, or, the Hub's, by the whole file's check): a difference (a source that lied
-and was replaced, a transfer that started over) breaks the answer.
+and was replaced, a transfer that started over) breaks the answer. A client that left before that check has
+its bytes checked later, and the file noted broken only if they are refuted; until then a resume of the file
+waits, then is asked to retry (a 429).
 
 A broken response may have handed out bytes the check then refuted, and a client resumes: huggingface_hub
 asks for ``Range: bytes=N-`` and joins the answer to what it holds. So a file whose response broke after
@@ -151,17 +153,29 @@ class Mirror:
         self._refuted: dict[tuple[str, str, str], float] = {}  # -> when its pull's file last failed its check
         self._broken_file = depot.home / BROKEN_FILE
         self._broken = self._load_broken()  # (repo id in lower case, path) -> when (seconds since the epoch)
-        # The responses under way of each file (repo id in lower case, path): one holding bytes a check may
-        # still refute makes a resume of the file answered whole (its client may have timed out while the
-        # response waits, and resume before that response notices it left: a review's trial)
+        # The responses of each file (repo id in lower case, path) under way, or ended with bytes a check may
+        # still refute and checked later: a resume of the file waits for them (its client may have timed out
+        # while its response waited, and resume before that response noticed it left: a review's trial)
         self._readings: dict[tuple[str, str], set[_Reading]] = {}
+        self._checks: set[asyncio.Task[None]] = set()
 
     def broke(self, repo_id: str, path: str) -> bool:
         """Whether a response of this file broke lately after handing out bytes (see the module's doc)."""
-        if any(reading.unchecked for reading in self._readings.get((repo_id.lower(), path), ())):
-            return True
         when = self._broken.get((repo_id.lower(), path))
         return when is not None and abs(time.time() - when) <= BROKEN_TTL  # (a clock set back: not forever)
+
+    async def settled(self, repo_id: str, path: str, patience: float) -> bool:
+        """Wait up to ``patience`` seconds until no response of the file holds bytes a check may still refute
+        (sent ahead of a chunk's check, or from another process's download); whether none does. A resume
+        waits for this: joined to bytes a check then refutes, a client's file would be wrong, and answered
+        whole (a 200 to a ``Range``), a streaming reader (HfFileSystem's) appended the whole file to what it
+        had (an explorer's trial)."""
+        key, deadline = (repo_id.lower(), path), time.monotonic() + patience
+        while any(reading.unchecked for reading in self._readings.get(key, ())):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(AHEAD_LOOK)
+        return True
 
     def _note_broken(self, repo_id: str, path: str) -> None:
         now = time.time()
@@ -549,15 +563,74 @@ class Mirror:
                          error)  # fmt: skip
             raise
         finally:
-            readings = self._readings.get(key)
-            if readings is not None:
-                readings.discard(reading)
-                if not readings:
-                    del self._readings[key]
             if reading.unchecked and not noted and not completed:
-                # The client left (or the answer broke) with bytes a check may still refute: its resume is
-                # answered whole, never joined to them (a review's trial)
-                self._note_broken(manifest.repo_id, remote.path)
+                # The client left (or the answer broke) with bytes a check may still refute: they are checked
+                # once their chunk lands (or the pull ends), the file noted broken only if they are refuted
+                # (every client that left on a slow link had its next resume answered whole, an explorer's trial)
+                task = asyncio.get_running_loop().create_task(self._check_later(job, reading, key))
+                self._checks.add(task)
+                task.add_done_callback(self._checks.discard)
+            else:
+                self._forget_reading(key, reading)
+
+    def _forget_reading(self, key: tuple[str, str], reading: _Reading) -> None:
+        readings = self._readings.get(key)
+        if readings is not None:
+            readings.discard(reading)
+            if not readings:
+                del self._readings[key]
+
+    async def _check_later(self, job: _Job, reading: _Reading, key: tuple[str, str]) -> None:
+        """Check the bytes ``reading`` sent that a check may still refute (its client left): noted broken when
+        they are refuted, or cannot be checked."""
+        try:
+            refuted = await self._sent_refuted(job, reading)
+        except Exception as error:  # (cannot say: taken as refuted)
+            log.info(
+                "%s: bytes sent before a check could not be checked (%s): taken as refuted",
+                reading.path,
+                error,
+            )
+            refuted = True
+        finally:
+            self._forget_reading(key, reading)
+        if refuted:
+            self._note_broken(reading.repo_id, reading.path)
+
+    async def _sent_refuted(self, job: _Job, reading: _Reading) -> bool:
+        source = reading.ahead_from
+        if reading.ahead_unchecked and source is not None and source.partial is not None:
+            partial, index = source.partial, reading.ahead_index
+            assert source.task is not None and reading.ahead_hash is not None
+            while index not in partial.done and not source.task.done():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(source.wait(), AHEAD_LOOK)
+            if source.task.done() and (source.task.cancelled() or source.task.exception() is not None):
+                return True
+            first, end = reading.ahead_span
+            fd = _open(partial) if not source.task.done() else None
+            if fd is None:  # (placed in the store: read there)
+                if source.remote.sha256 is None:
+                    return True  # (a git file: never sent ahead, one small chunk)
+                fd = os.open(self.depot.store.blobs.path(source.remote.sha256), os.O_RDONLY | os.O_CLOEXEC)
+            landed = blake3.blake3()
+            try:
+                async for block in _pread_blocks(fd, first, end - 1):
+                    landed.update(block)
+            finally:
+                os.close(fd)
+            if landed.digest() != reading.ahead_hash.digest():
+                return True
+        if reading.elsewhere and not reading.elsewhere_checked:
+            assert job.task is not None
+            await asyncio.wait({job.task})
+            if job.task.cancelled() or job.task.exception() is not None:
+                return True
+            digests = await asyncio.to_thread(self.depot.store.chunk_digests, job.remote.sha256 or "")
+            return any(
+                index >= len(digests) or digests[index] != sent for index, sent in reading.elsewhere.items()
+            )
+        return False
 
     async def _read(
         self, manifest: Manifest, remote: RemoteFile, start: int, end: int, job: _Job, reading: _Reading
@@ -647,12 +720,14 @@ class Mirror:
                         if ahead is None:
                             ahead = blake3.blake3()
                             reading.unproven = reading.ahead_unchecked = True
+                            reading.ahead_from, reading.ahead_index, reading.ahead_hash = job, index, ahead
                             job.handed_out.add((reading.repo_id, reading.path))
                         async for block in _pread_blocks(fd, position, upto):
                             ahead.update(block)
-                            reading.sent = True
+                            position += len(block)
+                            # (before the yield: a client that leaves there has had it)
+                            reading.ahead_span, reading.sent = (lo, position), True
                             yield block
-                        position = upto + 1
                         continue
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(job.wait(), max(AHEAD_PATIENCE - waited, 0.0) + AHEAD_LOOK)
@@ -791,6 +866,12 @@ class _Reading:
     elsewhere: dict[int, str] = field(default_factory=dict)
     ahead_unchecked: bool = False  # bytes of a chunk went out before it landed, not compared with it yet
     elsewhere_checked: bool = False  # the chunks sent from another process's download matched the file
+    # What went out ahead of a chunk's landing, not compared yet: the pull whose partial it was, the chunk,
+    # the bytes' span (first, end exclusive) and their BLAKE3
+    ahead_from: _Job | None = None
+    ahead_index: int = -1
+    ahead_span: tuple[int, int] = (0, 0)
+    ahead_hash: blake3.blake3 | None = None
 
     @property
     def unchecked(self) -> bool:

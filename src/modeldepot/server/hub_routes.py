@@ -493,6 +493,16 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
         repo_id = validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
     revision = _revision(request)
     path = _entry_path(request, request.match_info["path"], repo_id, revision)
+    if (
+        _resumes(request)
+        and _mirrors(request)
+        and not await request.app[MIRROR].settled(repo_id, path, RESUME_PATIENCE)
+    ):
+        # Bytes an answer of the file sent are still to be checked (its client may be this one, resuming after
+        # a timeout): neither a range (joined to them) nor the whole file (which HfFileSystem's streaming reader
+        # appends to what it has) may go yet. 429 and Retry-After: huggingface_hub's readers wait and retry.
+        return error_response(429, None, f"{path}: bytes an earlier answer sent are being checked; retry in a few "
+                              "seconds", {"Retry-After": "2"})  # fmt: skip
     if _resumes(request) and _mirrors(request) and request.app[MIRROR].broke(repo_id, path):
         # A client resuming a response that broke would join good bytes to refuted ones: send it whole. (Not
         # a read of a closed range, HfFileSystem's: it takes a 200 for the range it asked, wrong bytes.)
@@ -530,6 +540,8 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
             raise
         return await remote(request, repo_id, revision, path)
 
+
+RESUME_PATIENCE = 5.0  # seconds a resume waits for the check of bytes an earlier answer of its file sent
 
 _RESUME = re.compile(r"\s*bytes\s*=\s*\d+\s*-\s*", re.ASCII | re.IGNORECASE)
 
