@@ -935,6 +935,18 @@ def test_a_branch_served_from_a_commit_the_mirror_held_is_listed_in_its_refs(
             mirror.depot.close()
 
 
+async def read_then_leave(url: str, at_least: int) -> bytes:
+    """What a GET of ``url`` (a 200) received once it had ``at_least`` bytes, when its client left."""
+    got = bytearray()
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.status == 200
+        async for piece in response.content.iter_any():
+            got += piece
+            if len(got) >= at_least:
+                break  # (the client leaves: the connection is closed)
+    return bytes(got)
+
+
 def slow_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """A mirror's reader follows a chunk slow to land after 0.2 s, and its pulls read bodies 4 KiB at a time
     (as a 16 MiB chunk over a slow link lands a 256 KiB piece at a time), one connection to a source."""
@@ -1022,18 +1034,8 @@ def test_a_client_that_left_with_bytes_sent_ahead_is_not_resumed_onto_them(
     mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
     url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
 
-    async def read_some() -> bytes:
-        got = bytearray()
-        async with aiohttp.ClientSession() as session, session.get(url) as response:
-            assert response.status == 200
-            async for piece in response.content.iter_any():
-                got += piece
-                if len(got) >= 8192:
-                    break  # (the client leaves: the connection is closed)
-        return bytes(got)
-
     try:
-        received = asyncio.run(read_some())
+        received = asyncio.run(read_then_leave(url, 8192))
         assert plan.injected == 1 and received[100] != FILES[BIG][100], "the flipped byte went out ahead"
         wait_until(lambda: mirror.depot.has_file(REPO, BIG), 120, "the pull to end")
         resumed = requests.get(url, headers={"Range": f"bytes={len(received)}-"}, timeout=60)
@@ -1095,17 +1097,8 @@ def test_a_client_that_left_with_bytes_sent_ahead_that_were_right_resumes_as_a_r
     mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
     url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
 
-    async def read_some() -> bytes:
-        got = bytearray()
-        async with aiohttp.ClientSession() as session, session.get(url) as response:
-            async for piece in response.content.iter_any():
-                got += piece
-                if len(got) >= 8192:
-                    break  # (the client leaves, bytes of chunk 0 sent ahead of its check)
-        return bytes(got)
-
     try:
-        got = asyncio.run(read_some())
+        got = asyncio.run(read_then_leave(url, 8192))
         assert 8192 <= len(got) < SMALL_CHUNK and got == FILES[BIG][: len(got)]
         upstream_proxy.set("pass")
         wait_until(lambda: mirror.depot.has_file(REPO, BIG), 60, "the mirror's pull to end")
@@ -1146,18 +1139,8 @@ def test_a_client_that_left_a_follow_elsewhere_whose_download_was_refuted_is_not
     )
     url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
 
-    async def read_some() -> bytes:
-        got = bytearray()
-        async with aiohttp.ClientSession() as session, session.get(url) as response:
-            assert response.status == 200
-            async for piece in response.content.iter_any():
-                got += piece
-                if len(got) >= SMALL_CHUNK:
-                    break
-        return bytes(got)
-
     try:
-        got = asyncio.run(read_some())
+        got = asyncio.run(read_then_leave(url, SMALL_CHUNK))
         assert got != FILES[BIG][: len(got)], "the flipped byte went out (from the other process's download)"
         pulling.communicate(timeout=120)
         wait_until(lambda: mirror.depot.has_file(REPO, BIG), 60, "the mirror's pull to end")
