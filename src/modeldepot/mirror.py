@@ -846,6 +846,8 @@ class Mirror:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # (the later checks of bytes sent ahead end with their pulls: unchecked, their files are noted broken)
+        await asyncio.gather(*self._checks, return_exceptions=True)
         self._scan_threads.shutdown(wait=False, cancel_futures=True)
 
 
