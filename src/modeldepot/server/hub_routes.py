@@ -156,6 +156,12 @@ async def _local_origin(request: web.Request, repo_id: str) -> tuple[str, bool] 
     return await asyncio.to_thread(request.app[DEPOT].store.origin, repo_id)
 
 
+async def _may_see(request: web.Request, repo_id: str) -> bool:
+    """Whether the request may see the store's repo (not held, public, or the request carries the token)."""
+    held = await _local_origin(request, repo_id)
+    return held is None or not held[1] or is_authorized(request)
+
+
 async def _mirrorable(request: web.Request, repo_id: str) -> bool:
     """Whether a local miss may be answered from upstream: the node mirrors, and the repo is not one the
     node imported (its own: the upstream's repo of that name is another, and pulling it would mix it in and
@@ -496,6 +502,7 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
     if (
         _resumes(request)
         and _mirrors(request)
+        and await _may_see(request, repo_id)  # (a private repo it may not see is a 404, below, not a 429)
         and not await request.app[MIRROR].settled(repo_id, path, RESUME_PATIENCE)
     ):
         # Bytes an answer of the file sent are still to be checked (its client may be this one, resuming after
