@@ -466,3 +466,27 @@ def test_a_wait_for_the_store_lock_says_who_holds_it_and_that_it_is_suspended(
     finally:
         holder.kill()
         holder.communicate()
+
+
+def test_a_write_starts_while_a_sweep_probes_its_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep of tmp/ (another import's start) probes a starting session's lock, holding it for an instant:
+    a write that took its own lock in that instant failed, "resource temporarily unavailable" (a CI run's
+    trial, threads importing at once). The start tries again."""
+    import fcntl
+
+    import modeldepot.store.blobs as blobs
+
+    real_flock, probed = fcntl.flock, []
+
+    def probed_flock(fd: int, operation: int) -> None:
+        if operation == fcntl.LOCK_EX | fcntl.LOCK_NB and len(probed) < 3:
+            probed.append(fd)
+            raise BlockingIOError(11, "Resource temporarily unavailable")  # (the probe holds it)
+        real_flock(fd, operation)
+
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        monkeypatch.setattr(blobs.fcntl, "flock", probed_flock)
+        with blobs.WriteSession(depot.store.layout) as session:
+            assert len(probed) == 3 and session.path.is_dir()

@@ -268,6 +268,19 @@ def give_back_modes(session: Path) -> None:
                             None if inode is None else (int(inode[0]), int(inode[1])))  # fmt: skip
 
 
+def _lock_new_session(fd: int) -> None:
+    """Lock a new session's lock file. A sweep of tmp/ (another writer's start) may hold it for an instant,
+    probing whether its writer lives (``lock_is_held``): a start failed on that instant, "resource temporarily
+    unavailable" (a CI run's trial). Tried again for a while; no other holder keeps it."""
+    for _ in range(200):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.005)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 class WriteSession:
     """A private folder in tmp/ for one writer's partial files, alive while its lock file is flock()ed.
 
@@ -289,7 +302,7 @@ class WriteSession:
         try:
             starting.mkdir()
             self._lock_fd = os.open(starting / self.LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_new_session(self._lock_fd)
             os.rename(starting, self.path)
         except OSError as error:
             layout.rmtree(starting)
