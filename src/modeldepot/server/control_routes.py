@@ -440,7 +440,10 @@ def _published(depot: Depot, manifest: Manifest, quants: Quants, revision: str) 
         branch = branch_set_by(revision)
         if branch is not None and depot.store.resolve(manifest.repo_id, branch) != manifest.commit_id:
             return False
-    except Exception:  # (a job left "running" for good was worse than a cancel said so)
+    except DepotError:  # (its branch not here, a store that cannot say: not published)
+        return False
+    except Exception:  # (a job left "running" for good was worse than a cancel said so; said, not hidden)
+        log.exception("could not tell whether the cancelled pull of %s had published", manifest.repo_id)
         return False
     return all(held.get(f.path) == f.size for f in files)
 
