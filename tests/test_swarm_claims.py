@@ -363,3 +363,31 @@ def test_a_withdrawal_cut_short_by_the_pulls_end_leaves_no_claim_behind(etcd_ser
             await db.wait_for(lambda: not db.claims(SHA, CHUNK), 10)
 
     run(main())
+
+
+def test_nodes_claiming_in_another_chunk_size_are_named_in_a_warning(
+    clock: Clock, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stores made with different chunk sizes claim one content under different keys: they cannot share
+    its chunks, and the Hub sends it once per size. The pulls succeeded, so only a warning can tell the
+    operator, who had nothing to go on (an explorer's trial)."""
+    import modeldepot.transfer.notices as notices
+
+    monkeypatch.setattr(notices, "_said", {})
+    registry = MemRegistry("sizes")
+    a, b = node("a"), node("b")
+
+    async def main() -> None:
+        async with members(registry, a, b) as (da, db):
+            swarm = swarm_of(da, a)
+            swarm.refresh()
+            assert await db.claim_chunk(SHA, CHUNK * 2, 0, b.node_id) is not None  # b's store: 8 MiB chunks
+            caplog.set_level(logging.WARNING, logger="modeldepot.transfer.swarm")
+            swarm.refresh()
+            swarm.refresh()
+            assert swarm.claims == {}, "a claim of another size is no claim of this file's chunks"
+
+    run(main())
+    said = [r.getMessage() for r in caplog.records if "another size" in r.getMessage()]
+    assert len(said) == 1, said
+    assert f"{node('b').node_id} in 8.0 MiB chunks" in said[0] and "this store's 4.0 MiB" in said[0]

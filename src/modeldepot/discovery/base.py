@@ -268,6 +268,11 @@ class Discovery(abc.ABC):
         """The claims on the chunks (of ``chunk_size`` bytes) of ``sha256``, by chunk index, from the view."""
         return {}
 
+    def claimed_sizes(self, sha256: str) -> set[int]:
+        """The chunk sizes in which nodes claim ``sha256`` (a node whose store has another chunk size claims
+        the same content under another key: the two cannot share its chunks)."""
+        return set()
+
     def settlements(self, sha256: str, chunk_size: int) -> dict[int, tuple[str, str]]:
         """Every settled claim the view has seen on the content's chunks, as (node id, BLAKE3) by chunk, kept
         after the claim is released (its claimer holds the chunk: it finished, or soon will) while the node
@@ -393,6 +398,10 @@ class ViewDiscovery(Discovery):
     def claims(self, sha256: str, chunk_size: int) -> dict[int, ChunkClaim]:
         with self._lock:
             return dict(self._claims.get((sha256, chunk_size), {}))
+
+    def claimed_sizes(self, sha256: str) -> set[int]:
+        with self._lock:
+            return {size for (sha, size), by_index in self._claims.items() if sha == sha256 and by_index}
 
     def settlements(self, sha256: str, chunk_size: int) -> dict[int, tuple[str, str]]:
         with self._lock:

@@ -43,10 +43,12 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from modeldepot.discovery.base import ChunkClaim, Holding, NodeRecord
+from modeldepot.discovery.base import ChunkClaim, Discovery, Holding, NodeRecord
 from modeldepot.hashing import chunk_count
+from modeldepot.store.layout import size_text
 from modeldepot.transfer.download import FileSource
 from modeldepot.transfer.fleet import FleetView
+from modeldepot.transfer.notices import say_now_and_then
 
 __all__ = ["LATE_SHARE", "SourceFactory", "SwarmFile"]
 
@@ -75,6 +77,7 @@ class _Seen:
     nodes: dict[str, NodeRecord]  # live nodes by id
     holders: list[tuple[NodeRecord, Holding]]
     connected: bool = True  # the registry answers the view (False: it shows the fleet as it last was)
+    other_sizes: tuple[tuple[int, tuple[str, ...]], ...] = ()  # (chunk size, its claimers) of other sizes
 
 
 class SwarmFile:
@@ -127,9 +130,12 @@ class SwarmFile:
         unread = _Seen({}, {}, {}, [])
         seen = self.fleet.read(
             lambda d: _Seen(d.claims(sha, size), d.settlements(sha, size), {n.node_id: n for n in d.peers()},
-                            [(h.node, h.holding) for h in d.holders(sha)], d.status().connected),
+                            [(h.node, h.holding) for h in d.holders(sha)], d.status().connected,
+                            _claimed_otherwise(d, sha, size)),
             unread,
         )  # fmt: skip
+        if seen.other_sizes:
+            _say_sizes_differ(sha, size, seen.other_sizes)
         changed = seen.claims != self.claims or seen.nodes.keys() != self.nodes.keys()
         now = time.monotonic()
         if _others(seen.claims, self.node_id) != _others(self.claims, self.node_id):
@@ -430,6 +436,30 @@ class SwarmFile:
             self.withdrawn.clear()
             sha, size = self.sha256, self.chunk_size
             await self.fleet.call(lambda d: d.release_claims(sha, size), None)
+
+
+def _claimed_otherwise(
+    discovery: Discovery, sha256: str, chunk_size: int
+) -> tuple[tuple[int, tuple[str, ...]], ...]:
+    """The other chunk sizes in which nodes claim ``sha256``, each with its claimers."""
+    return tuple(
+        (other, tuple(sorted({claim.node_id for claim in discovery.claims(sha256, other).values()})))
+        for other in sorted(discovery.claimed_sizes(sha256) - {chunk_size})
+    )
+
+
+def _say_sizes_differ(sha256: str, chunk_size: int, others: tuple[tuple[int, tuple[str, ...]], ...]) -> None:
+    """A fleet whose stores were made with different chunk sizes claims one content under as many keys: its
+    nodes cannot share the chunks, and each size fetches the whole file from the Hub. Said now and then, as an
+    operator must learn it from the log (the pulls succeed)."""
+    claimers = ", ".join(f"{', '.join(nodes)} in {size_text(size)} chunks" for size, nodes in others)
+    say_now_and_then(
+        f"chunk sizes of {sha256}", log,
+        "%s: other nodes of the fleet pull this content in chunks of another size (%s) than this store's %s: "
+        "they cannot share its chunks, and the Hub sends it once per size. The stores of one fleet need one "
+        "chunk size (MODELDEPOT_CHUNK_SIZE, when a store is created)",
+        sha256[:12], claimers, size_text(chunk_size),
+    )  # fmt: skip
 
 
 def _others(claims: dict[int, ChunkClaim], node_id: str) -> dict[int, ChunkClaim]:
