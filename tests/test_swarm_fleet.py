@@ -421,3 +421,34 @@ def test_a_swarm_whose_hub_dies_for_good_fails_at_the_outage_patience(fleet: Fle
         )  # an outage, said so
         # (the Hub's answers in flight end within 5 s of its stop; then the patience and a try's attempts)
         assert waited < 5 + patience + 8, f"{pull.node.home.name} failed {waited:.1f} s after the Hub went"
+
+
+def test_pulls_that_start_while_etcd_is_down_share_the_rest_once_it_is_back(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """Two nodes start pulling one file while etcd is down: each fetches from the Hub on its own. Once etcd is
+    back (and their servers registered again), each file joins the swarm: the chunks each holds or fetches
+    are claimed, and the rest comes from the Hub once. Before, the swarm was decided once per file, at its
+    start: the Hub sent the whole file to every node (2.0× here)."""
+    size = 64 * MiB
+    data = random_bytes(size, seed=31)
+    hub = Hub(tmp_path, {".gitattributes": GITATTRIBUTES, "config.json": b"{}", BIG: data})
+    try:
+        nodes = start_nodes(fleet, ["a", "b"])
+        fleet.etcd.kill()
+        hub.proxy.seconds_per_mib = 1.0  # 4 connections: 16 s for the file alone
+        pulls = [Pull(node, hub, MODELDEPOT_LOG_LEVEL="info") for node in nodes]
+        wait_until(lambda: len(hub.proxy.requests) >= 4, 60, "both pulls fetch from the Hub")
+        fleet.etcd.start()  # same data, same ports
+        results = [pull.result() for pull in pulls]
+    finally:
+        hub.stop()
+    expected = hashlib.sha256(data).hexdigest()
+    assert [stored_sha256(node) for node in nodes] == [expected, expected]
+    joined = [pull.stderr.count("the fleet's swarm is in reach") for pull in pulls]
+    print(f"hub sent {hub.proxy.total() / size:.3f}x; swarm {[r.get('swarm') for r in results]}; "
+          f"by source {[r['bytes_by_source'] for r in results]}; joined {joined}")  # fmt: skip
+    assert joined == [1, 1]
+    assert sum(r["bytes_by_source"].get("peer", 0) for r in results) > 0, "chunks went from node to node"
+    assert hub.proxy.total() <= 1.6 * size, dict(hub.proxy.sent)
+    assert fleet.dump_claims() == {}  # released when the pulls ended

@@ -37,7 +37,7 @@ import logging
 import mmap
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +82,7 @@ MAX_BANNED = 256  # nodes the ban list holds before the expired bans are dropped
 REFRESH_SECONDS = 2.0  # at most so often a partial holder's chunk map is read again
 SWARM_TICK = 0.1  # seconds between reads of the fleet's view of the file's claims and holders
 SWARM_IDLE = 0.5  # seconds an idle worker of a swarm waits at most before it looks again
+SWARM_JOIN_EVERY = 2.0  # seconds between two looks for the swarm of a file that began outside it
 PACE_TICK = 0.5  # seconds between looks at the pace of the other nodes a file comes from
 PACE_MIN = 3.0  # seconds a peer request is outstanding, at least, before its pace is judged slow
 SLOW_LEFT = 5.0  # ... and only while more is left than the slow pace would bring in these seconds
@@ -148,6 +149,7 @@ async def download_file(
     on_bytes: BytesDone | None = None,
     swarm: SwarmFile | None = None,
     on_start: Callable[[BytesReceiving, BytesReceiving], None] | None = None,
+    swarm_later: Callable[[], Awaitable[SwarmFile | None]] | None = None,
 ) -> BlobDigest:
     """Complete ``partial`` with ``remote``'s bytes and return their digests, checked against upstream.
 
@@ -156,13 +158,15 @@ async def download_file(
     ``swarm``: the file's claims in the fleet (the Hub is then among ``sources``, asked only for what no
     other node holds or claims). ``on_start`` is given, before the first request, what tells the bytes
     received of the chunks that have not landed (a chunk over a slow link takes seconds to be whole), and
-    what tells how many of those an earlier pull left.
+    what tells how many of those an earlier pull left. ``swarm_later``, for a file that starts outside the
+    fleet's swarm, is asked now and then for its swarm until it joins one (etcd came back, say).
     """
     if remote.size == 0:
         digest = digest_bytes(b"", partial.chunk_size)
         _check(remote, digest)
         return digest
     job = _FileJob(http, remote, partial, limits, fallback, on_bytes, swarm)
+    job.swarm_later = swarm_later
     if on_start is not None:
         on_start(job.receiving, job.kept_earlier)
     return await job.run(sources)
@@ -207,6 +211,7 @@ class _FileJob(ChunkChooser):
         self.peer_landed: collections.deque[tuple[float, int]] = (
             collections.deque()
         )  # (when, bytes) from them
+        self.swarm_later: Callable[[], Awaitable[SwarmFile | None]] | None = None
 
     @property
     def small(self) -> bool:
@@ -250,7 +255,12 @@ class _FileJob(ChunkChooser):
     async def run(self, sources: list[FileSource]) -> BlobDigest:
         crashed = self.crashed = asyncio.get_running_loop().create_future()
         hasher = asyncio.create_task(self._hash_in_order())
-        follower = self._watch(asyncio.create_task(self._follow_swarm())) if self.swarm is not None else None
+        follower = None
+        if self.swarm is not None:
+            follower = self._watch(asyncio.create_task(self._follow_swarm()))
+            self._share_held()  # (an earlier pull's chunks, resumed)
+        elif self.swarm_later is not None:
+            follower = self._watch(asyncio.create_task(self._join_swarm_later(self.swarm_later)))
         pace = None
         if self.limits.slow_peer_rate and (self.fallback is not None or self.swarm is not None):
             pace = self._watch(asyncio.create_task(self._watch_pace()))
@@ -408,6 +418,40 @@ class _FileJob(ChunkChooser):
             if changed:
                 self._pulse()
             await asyncio.sleep(SWARM_TICK)
+
+    async def _join_swarm_later(self, find: Callable[[], Awaitable[SwarmFile | None]]) -> None:
+        """A file that began outside the fleet's swarm (etcd was out of reach as the pull started, or this
+        store's server was not in the fleet yet) joins it as soon as it can: what is left comes from the Hub
+        once for the fleet, not once per node (an outage at the start of a fleet's pull cost the Hub a copy
+        per node for the whole pull). The chunks this node holds or fetches already are claimed at once, so
+        that the others take them from it."""
+        while self._work_left():
+            await asyncio.sleep(SWARM_JOIN_EVERY)
+            swarm = await find()
+            if swarm is None:
+                continue
+            log.info("%s: the fleet's swarm is in reach: its chunks are shared from now on", self.remote.path)
+            self.swarm = swarm
+            swarm.refresh()
+            if self.fallback is not None:  # (in a swarm, the Hub is a source from the start)
+                extra, self.fallback = self.fallback(), None
+                await self._start(extra)
+            self._share_held()
+            self._pulse()
+            await self._follow_swarm()
+            return
+
+    def _share_held(self) -> None:
+        """Claim, in the background, the chunks this pull holds already (and settle them) or is fetching:
+        the swarm takes them from this node rather than from the Hub."""
+        assert self.swarm is not None
+        held, fetching = dict(self.partial.done), set(self.requests) - set(self.partial.done)
+        if held or fetching:
+            task = self._watch(
+                asyncio.create_task(self.swarm.claim_held(held, fetching, lambda: self.partial.done))
+            )
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
     async def _watch_pace(self) -> None:
         """Other nodes that send the file slower than ``slow_peer_rate`` all together (one capped with

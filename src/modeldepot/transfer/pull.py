@@ -481,11 +481,19 @@ class _PullRun:
         self.tracker.resumed += claim.resumed_bytes
         hub = [self.chain.hub_source(self.manifest, remote)]
         swarm = await self.chain.swarm_file(remote, claim.chunk_size)
+        swarm_later = None
         if swarm is not None:  # the Hub from the start, for what no other node holds or claims
             self.swarms.append(swarm)
             sources, fallback = [*nodes, *hub], None
         else:
             sources, fallback = (nodes, lambda: hub) if nodes else (hub, None)
+            if self.chain.fleet is not None:
+
+                async def swarm_later() -> SwarmFile | None:
+                    joined = await self.chain.swarm_file(remote, claim.chunk_size)
+                    if joined is not None:
+                        self.swarms.append(joined)
+                    return joined
 
         def on_bytes(amount: int, origin: str, base_url: str) -> None:
             if origin == LEFT_IN_PLACE:  # a chunk's part an earlier transfer left: resumed, not fetched
@@ -503,7 +511,7 @@ class _PullRun:
 
         try:
             digest = await download_file(
-                http, remote, claim, sources, self.limits, fallback, on_bytes, swarm, on_start
+                http, remote, claim, sources, self.limits, fallback, on_bytes, swarm, on_start, swarm_later
             )
         except IntegrityError as mismatch:
             if claim.done or set(self.tracker.path_sources.get(remote.path, {})) <= {"hub"}:

@@ -39,7 +39,7 @@ import socket
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -414,6 +414,28 @@ class SwarmFile:
             sha, size = self.sha256, self.chunk_size
             await self.fleet.call(lambda d: d.settle_claim(sha, size, index, digest), None)
 
+    async def claim_held(self, held: Mapping[int, str], fetching: Collection[int],
+                         landed: Callable[[], Mapping[int, str]]) -> None:  # fmt: skip
+        """Claim the chunks this node holds (``held``: their BLAKE3s) or is fetching, where no other node
+        claims them, and settle those it holds: the others take them from this node rather than from the
+        Hub. For a pull that began outside the swarm, or resumes chunks an earlier one left. ``landed`` tells
+        the chunks landed since (settled here: their own settlement may have come before this claim)."""
+        sha, size, node_id = self.sha256, self.chunk_size, self.node_id
+        for index in sorted({*held, *fetching}):
+            current = self.claims.get(index)
+            if index in self.mine or (current is not None and current.node_id != node_id):
+                continue
+            result = await self.fleet.call(_claiming(sha, size, index, node_id), None)
+            if result is None:  # the registry does not answer: these chunks stay unshared
+                return
+            self.claims[index] = result
+            if result.node_id != node_id:
+                continue
+            self.mine.add(index)
+            digest = held.get(index) or landed().get(index)
+            if digest is not None:
+                await self.settle(index, digest)
+
     async def withdraw_unlanded(self, landing: Collection[int] = ()) -> None:
         """Withdraw this node's claims on the chunks it has not landed (nor is ``landing``: their bytes are
         in): its Hub failed, and it will not fetch them. (Kept, they held the other nodes until they went
@@ -436,6 +458,12 @@ class SwarmFile:
             self.withdrawn.clear()
             sha, size = self.sha256, self.chunk_size
             await self.fleet.call(lambda d: d.release_claims(sha, size), None)
+
+
+def _claiming(
+    sha256: str, chunk_size: int, index: int, node_id: str
+) -> Callable[[Discovery], Awaitable[ChunkClaim | None]]:
+    return lambda discovery: discovery.claim_chunk(sha256, chunk_size, index, node_id)
 
 
 def _claimed_otherwise(
