@@ -391,3 +391,27 @@ def test_nodes_claiming_in_another_chunk_size_are_named_in_a_warning(
     said = [r.getMessage() for r in caplog.records if "another size" in r.getMessage()]
     assert len(said) == 1, said
     assert f"{node('b').node_id} in 8.0 MiB chunks" in said[0] and "this store's 4.0 MiB" in said[0]
+
+
+def test_chunks_a_pull_holds_as_it_joins_are_claimed_and_settled_for_the_others(clock: Clock) -> None:
+    """A pull that joins the swarm on the way (it began while etcd was down) or resumes an earlier pull's
+    chunks claims what it holds and settles it, and claims what it is fetching: the others take those from
+    it. A chunk another node claims already is left to that node."""
+    registry = MemRegistry("held")
+    a, b = node("a"), node("b")
+
+    async def main() -> None:
+        async with members(registry, a, b) as (da, db):
+            assert await db.claim_chunk(SHA, CHUNK, 3, b.node_id) is not None
+            joining, other = swarm_of(da, a), swarm_of(db, b)
+            joining.refresh()
+            landed_meanwhile = {2: "cd" * 32}  # chunk 2 lands while the claims are made
+            await joining.claim_held({0: BLAKE, 3: BLAKE}, {1, 2}, lambda: landed_meanwhile)
+            assert joining.mine == {0, 1, 2}
+            other.refresh()
+            assert other.digest(0) == BLAKE and other.digest(2) == "cd" * 32
+            assert other.claims[1].node_id == a.node_id and other.claims[1].blake3 is None
+            assert other.claims[3].node_id == b.node_id, "b's claim stands"
+            assert set(other.sources()) == {a.node_id}
+
+    run(main())
