@@ -407,6 +407,48 @@ def test_damaged_entries_are_reported_and_skipped_the_rest_imported(
     assert list(depot.store.layout.tmp.iterdir()) == []
 
 
+_KILLED_DOWNLOAD = """
+import os, sys
+import huggingface_hub.file_download as fd
+
+def killed(url, temp_file, **kwargs):
+    temp_file.write(b"x" * 100)
+    temp_file.flush()
+    os._exit(9)  # (as a kill -9 mid-file)
+
+fd.http_get = killed
+fd.hf_hub_download(sys.argv[1], sys.argv[2], endpoint=sys.argv[3], cache_dir=sys.argv[4])
+"""
+
+
+def test_a_first_download_huggingface_hub_never_finished_is_a_note(
+    source: tuple[Depot, LiveNode], tmp_path: Path
+) -> None:
+    """huggingface_hub writes the ref and makes the snapshot's folder before it downloads: a first download
+    killed mid-file leaves a ref to an empty snapshot. The import said that ref was "missing", exit 1, at
+    every run, for a state no run can adopt; it is now a note, like the `.incomplete` blob beside it (an
+    explorer's trial)."""
+    _, node = source
+    cache = tmp_path / "hub"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_DOWNLOAD, SAMPLE, "model.safetensors", node.url,
+                             str(cache)], capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"})  # fmt: skip
+    assert killed.returncode == 9, killed.stderr
+    [commit] = os.listdir(cache / FOLDER / "snapshots")
+    assert os.listdir(cache / FOLDER / "snapshots" / commit) == []
+    code, out, err = run("hf-cache", "import", "--cache-dir", str(cache), "--json", home=tmp_path / "store")
+    assert code == 0, (out, err)
+    found = sorted((p["problem"], p["path"].split("/")[1]) for p in json.loads(out)["problems"])
+    assert found == [("incomplete", "blobs"), ("incomplete", "refs")], found
+    # Once the download is finished, the next run adopts it.
+    hf_hub_download(SAMPLE, "model.safetensors", endpoint=node.url, cache_dir=cache)
+    code, out, err = run("hf-cache", "import", "--cache-dir", str(cache), home=tmp_path / "store")
+    assert code == 0, (out, err)
+    with Depot(tmp_path / "store") as depot:
+        assert depot.resolve(SAMPLE) == commit
+        assert bytes(depot.get_file(SAMPLE, "model.safetensors")) == sample_files()["model.safetensors"]
+
+
 def _relink(snapshot: Path, path: str, data: bytes) -> None:
     """Point a snapshot's (plain, git-named) file at another valid blob of ``data``."""
     from modeldepot.gitobjects import git_blob_oid

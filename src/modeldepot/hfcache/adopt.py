@@ -450,6 +450,20 @@ def _one_per_repo(store: Store, adopted: list[tuple[HfCacheRepo, frozenset[str]]
     return list(merged.values())
 
 
+def _nothing_adopted_for(scan: _Scan, repo: _CachedRepo, ref: str, commit: str) -> None:
+    """Say why the ref ``ref`` to ``commit`` was not set: none of the commit's files could be adopted."""
+    if not _listdir(repo.folder / "snapshots" / commit):
+        # huggingface_hub writes the ref and makes the snapshot's folder, then downloads: a first download
+        # that never finished left them (no run could adopt anything of it; as a problem, every scheduled
+        # import failed on it for good: an explorer's trial)
+        scan.problem(repo.repo_id, repo.folder / "refs" / ref, "incomplete",
+                     f"points at commit {commit}, of which huggingface_hub has downloaded no file yet (an "
+                     "unfinished download): skipped")  # fmt: skip
+        return
+    scan.problem(repo.repo_id, repo.folder / "refs" / ref, "missing",
+                 f"points at commit {commit}, none of whose files could be imported")  # fmt: skip
+
+
 def _blob_sources(repo: _CachedRepo) -> dict[str, _Link]:
     """One file per blob name (every link to a name resolves to the same file)."""
     sources: dict[str, _Link] = {}
@@ -468,8 +482,7 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
     sources = _blob_sources(repo)
     if not sources:
         for name, commit in repo.refs.items():
-            scan.problem(repo.repo_id, repo.folder / "refs" / name, "missing",
-                         f"points at commit {commit}, none of whose files could be imported")  # fmt: skip
+            _nothing_adopted_for(scan, repo, name, commit)
         return None
     durable = not store.durability.deferred
     doing = f"adopting {repo.repo_id} from the Hugging Face cache"
@@ -598,8 +611,7 @@ def _publish_revisions(store: Store, scan: _Scan, repo: _CachedRepo, verified: d
         links = [f for f in repo.snapshots[commit] if f.etag in verified]
         if not links:
             for name in refs.get(commit, ()):
-                scan.problem(repo.repo_id, repo.folder / "refs" / name, "missing",
-                             f"points at commit {commit}, none of whose files could be imported")  # fmt: skip
+                _nothing_adopted_for(scan, repo, name, commit)
             continue
         listing = _read_tree_listing(scan, repo.repo_id, repo.folder / "trees" / f"{commit}.json")
         staged = _files_of_the_commit(store, scan, repo, commit, links, verified, listing)
