@@ -986,6 +986,48 @@ def test_an_export_sweeps_what_a_killed_one_left_and_a_failed_one_leaves_no_empt
     assert result.ok and read_tree(Path(result.snapshot_path)) == sample_files()
 
 
+def test_an_export_that_fails_midway_takes_back_what_it_added(
+    filled: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that filled mid-export left the snapshot with the configs and no weights, which an offline
+    `snapshot_download(revision=<commit>)` returned as the commit (an explorer's trial). What the failed run
+    added is taken back; what an earlier export put there stays."""
+    import modeldepot.hfcache.export
+
+    real_blob = modeldepot.hfcache.export._CacheWriter.blob
+    calls = {"n": 0, "fail_at": 3}
+
+    def fills_up(self: object, *args: object, **kwargs: object) -> str:
+        calls["n"] += 1
+        if calls["n"] == calls["fail_at"]:
+            raise StoreError("cannot write x in the Hugging Face cache: No space left on device (simulated)")
+        return real_blob(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    cache = tmp_path / "hub"
+    commit_id = filled.resolve(SAMPLE)
+    snapshot = cache / FOLDER / "snapshots" / commit_id
+    with monkeypatch.context() as patch:
+        patch.setattr(modeldepot.hfcache.export._CacheWriter, "blob", fills_up)
+        with pytest.raises(StoreError, match="nothing of this export was kept"):
+            filled.hf_cache_export(SAMPLE, cache_dir=cache)
+    assert not snapshot.exists()
+    assert [p.name for p in (cache / FOLDER / "blobs").iterdir()] == []
+    offline = subprocess.run([sys.executable, "-c", "import sys; from huggingface_hub import snapshot_download; "
+                              "snapshot_download(sys.argv[1], revision=sys.argv[2], cache_dir=sys.argv[3], "
+                              "local_files_only=True)", SAMPLE, commit_id, str(cache)],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert offline.returncode != 0, "no partial snapshot for huggingface_hub to hand out"
+
+    assert filled.hf_cache_export(SAMPLE, cache_dir=cache).ok  # then an export that worked...
+    (snapshot / "config.json").unlink()  # ... and one file gone since
+    calls.update(n=0, fail_at=len(sample_files()))
+    with monkeypatch.context() as patch:
+        patch.setattr(modeldepot.hfcache.export._CacheWriter, "blob", fills_up)
+        with pytest.raises(StoreError):
+            filled.hf_cache_export(SAMPLE, cache_dir=cache)
+    assert read_tree(snapshot) == {p: d for p, d in sample_files().items() if p != "config.json"}
+
+
 def _ended_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()

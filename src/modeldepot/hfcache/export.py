@@ -120,6 +120,14 @@ def export_to_hf_cache(
             done += listed.size
             if progress is not None:
                 progress(f"{repo_id}/{listed.path}", done, total)
+    except BaseException as failed:
+        # What this run added is taken back: a snapshot left with part of the commit's files is what
+        # huggingface_hub hands an offline `snapshot_download(revision=<commit>)` (a disk that filled
+        # mid-export left the configs without the weights: an explorer's trial)
+        writer.take_back(snapshot)
+        if isinstance(failed, StoreError):
+            failed.args = (f"{failed}; nothing of this export was kept",)
+        raise
     finally:
         writer.drop_if_empty(snapshot)
     if set_ref and exported:
@@ -204,6 +212,17 @@ class _CacheWriter:
         self.real = os.path.realpath(cache)
         self.name = name
         self.root = self.folder("")
+        self.made: list[Path] = []  # the names this writer added (blobs, snapshot links), for take_back
+
+    def take_back(self, snapshot: Path) -> None:
+        """Remove what this writer added (a failed export), and the snapshot's folders left empty."""
+        for name in reversed(self.made):
+            unlink_quietly(name)
+        self.made.clear()
+        for current, _, _ in sorted(os.walk(snapshot), key=lambda found: -len(found[0])):
+            if current != str(snapshot):
+                with contextlib.suppress(OSError):
+                    os.rmdir(current)
 
     def folder(self, relative: str) -> Path:
         """``<cache>/<repo folder>/<relative>``, created a level at a time, each level checked first."""
@@ -259,10 +278,13 @@ class _CacheWriter:
             how = "linked" if link and _link_blob(store, record, temporary) else "copied"
             if how == "copied":
                 _copy_blob(store, record, temporary)
+            there = os.path.lexists(target)
             os.replace(temporary, target)
             # (a rename over another link to the same file does nothing, its name left behind: an export
             # beside this one linked the store's blob there a moment ago)
             unlink_quietly(temporary)
+            if not there:
+                self.made.append(target)
         except OSError as error:
             unlink_quietly(temporary)
             raise StoreError(f"cannot write {target} in the Hugging Face cache: {error.strerror}") from None
@@ -310,8 +332,11 @@ class _CacheWriter:
             raise InvalidInputError(f"{final} is a folder; the repo has a file there: remove the folder")
         temporary = self._temporary(self.root)  # not in the snapshot: scan_cache_dir would list it
         try:
+            there = os.path.lexists(final)
             os.symlink(target, temporary)
             os.replace(temporary, final)
+            if not there:
+                self.made.append(final)
         except OSError as error:
             unlink_quietly(temporary)
             raise StoreError(f"cannot write {final} in the Hugging Face cache: {error.strerror}") from None
