@@ -82,11 +82,11 @@ def _terminated_as_interrupted(signum: int, frame: object) -> None:
     """SIGTERM (`docker stop`, `kill`, a job scheduler's timeout) as Ctrl-C: a pull keeps the parts of its
     chunks in flight and says what it kept, every command unwinds (killed at once, a pull lost what it was
     writing down and said nothing: an explorer's trial). `serve` has its own. Where Ctrl-C is ignored (a
-    command run in the background by a shell, nohup), SIGTERM terminates as ever."""
+    command a script starts with `&`: a non-interactive shell ignores SIGINT for it), the interruption is
+    raised here: `pull … & kill $!` had lost the pull's parts in flight as a SIGKILL does (an explorer's
+    trial)."""
     if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.raise_signal(signal.SIGTERM)
-        return
+        raise KeyboardInterrupt
     signal.raise_signal(signal.SIGINT)
 
 
