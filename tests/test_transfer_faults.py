@@ -212,6 +212,39 @@ def _killed_a_third_through(proxy: FaultProxy, home: Path) -> int:
     return first.body_bytes
 
 
+def test_a_pull_killed_outright_keeps_most_of_its_chunks_in_flight(
+    big_upstream: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGKILL (the OOM killer, a preempted machine) lost every byte of the chunks in flight, which only a
+    stop wrote down: five pulls killed after 2 s each kept 2 of the 150 MiB they received (an explorer's
+    trial). The pull writes their parts down now and then; the resume asks for the rest alone."""
+    proxy, home = big_upstream, tmp_path / "local"
+    Depot(home, chunk_size=4 << 20).close()  # (3 chunks of the 10 MiB file: none lands before the kill)
+    plan = proxy.set("slow", times=-1, slow_delay=0.1)  # ~640 KiB/s a connection
+    process = _pull_process(home, _subprocess_env(proxy))
+    try:
+        wait_until(lambda: plan.body_bytes > 9 * (1 << 20) // 2, 60)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+    big = BIG_FILES[BIG]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("MODELDEPOT_SERVERS", "HF_ENDPOINT", "MODELDEPOT_CONNECTIONS"):
+        monkeypatch.setenv(name, _subprocess_env(proxy)[name])
+    with Depot(home) as depot:
+        [entry] = [f for f in depot.get_manifest(REPO).files if f.path == BIG]
+        log = depot.store.partials.read_log(entry.sha256 or "")
+        assert log is not None and not log.logged, "(no chunk had landed)"
+        kept = sum(log.parts.values())
+        assert kept >= 3 << 20, log.parts  # (at least 1 MiB of each of three chunks, written down at 2 s)
+        again = proxy.set("pass", times=-1)
+        result = depot.pull(REPO)
+        assert result.bytes_resumed >= kept
+        assert bytes(depot.get_file(REPO, BIG)) == big
+        assert 0 < again.body_bytes <= len(big) - kept + 4096, "only the rest was asked for"
+        assert store_files_consistent(depot) == []
+
+
 def _interrupted(process: subprocess.Popen[str], plan: FaultPlan, after: int, presses: int) -> str:
     """Ctrl-C ``presses`` times (50 ms apart) once ``after`` body bytes crossed; the pull's stderr (it exited 130)."""
     try:
