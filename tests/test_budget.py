@@ -967,6 +967,33 @@ def test_a_write_in_another_process_counts_the_room_a_write_under_way_holds(
         assert first.verify().ok and store_files_consistent(first) == []
 
 
+def test_a_refusal_names_the_room_another_write_of_this_process_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node runs every pull in its own process: a pull refused for the room another one held was told that
+    room was "pinned, in use (loaded by this process)", with nothing pinned or loaded (an explorer's trial).
+    It names the write under way."""
+    from modeldepot.store import importer
+
+    monkeypatch.delenv("MODELDEPOT_MAX_SIZE", raising=False)
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        depot.set_max_size("3.5MiB")
+        publishing = importer.publish
+        refused: list[StoreFullError] = []
+
+        def publish_after_the_other_tried(*args: object, **kwargs: object) -> object:
+            if not refused:
+                with pytest.raises(StoreFullError) as caught:
+                    depot.import_dir(model(tmp_path, "acme/y", size=2 * MB), "acme/y")
+                refused.append(caught.value)
+            return publishing(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(importer, "publish", publish_after_the_other_tried)
+        depot.import_dir(model(tmp_path, "acme/x", size=2 * MB), "acme/x")
+        assert "held by writes under way (acme/x 2.0 MiB in this process)" in str(refused[0]), refused[0]
+        assert repos(depot) == {"acme/x"}
+
+
 def test_a_write_does_not_evict_what_was_published_or_used_since_it_began(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -565,7 +565,7 @@ class DiskBudget:
                 f"{doing}: {size_text(needed)} more does not fit in the disk budget of {size_text(budget)}, even after "
                 f"evicting every model that may go: {size_text(kept_bytes)} are pinned, in use (loaded by this process) or files this write reuses"
                 + (f" or of {writer.repo_id} itself" if writer is not None and writer.commit_id is None else "")
-                + self._writes_under_way()
+                + self._writes_under_way(writer)
                 + f" (pinned: {size_text(self.status().pinned_bytes)}); nothing was removed. Raise the budget "
                 f"({self._setting_that_binds(budget)}), unpin or remove models" + self._pinned_update(writer),
                 budget_bytes=budget, protected_bytes=kept_bytes, needed_bytes=needed,
@@ -611,14 +611,19 @@ class DiskBudget:
         elsewhere = self.reservations.elsewhere(contents=bool(mine))
         return here + sum(_beyond(held.amount, held.contents, mine) for held in elsewhere)
 
-    def _writes_under_way(self) -> str:
-        """What other processes' writes under way hold, for a refusal ("" when none)."""
-        held = [h for h in self.reservations.elsewhere() if h.amount]  # (not those that only keep blobs)
-        if not held:
+    def _writes_under_way(self, writer: BudgetWriter | None) -> str:
+        """What the other writes under way hold, this process's and other processes', for a refusal ("" when
+        none). (A node's pulls all run in its process: a refusal there blamed "pinned, in use (loaded by this
+        process)", with nothing pinned or loaded, for the room another pull held: an explorer's trial.)"""
+        with self._lock:
+            here = [(other.repo_id, other.reserved) for other in self._writers
+                    if other is not writer and other.reserved]  # fmt: skip
+        named = [f"{repo_id} {size_text(amount)} in this process" for repo_id, amount in here]
+        named += [f"{h.repo_id} {size_text(h.amount)}" + (f" by process {h.pid}" if h.pid else "")
+                  for h in self.reservations.elsewhere() if h.amount]  # (not those that only keep blobs)  # fmt: skip
+        if not named:
             return ""
-        named = ", ".join(f"{h.repo_id} {size_text(h.amount)}" + (f" by process {h.pid}" if h.pid else "")
-                          for h in held[:3])  # fmt: skip
-        return f", or held by writes under way ({named}{', ...' if len(held) > 3 else ''})"
+        return f", or held by writes under way ({', '.join(named[:3])}{', ...' if len(named) > 3 else ''})"
 
     def _evict_to(self, limit: int, needed: int, doing: str, writer: BudgetWriter | None,
                   partial: bool = False) -> list[Eviction]:  # fmt: skip
