@@ -137,10 +137,11 @@ class NodeCollector(Collector):
             (gauge, "modeldepot_preload_resident_bytes", "Bytes of preloaded models resident in RAM now.",
              preload.ram_bytes),
             (gauge, "modeldepot_preload_budget_bytes", "The RAM tier's budget in bytes.", preload.budget_bytes),
-            (counter, "modeldepot_engine_cache_hits", "Loads answered by the loaded-model cache (this "
-             "process).", engines.total_hits),
-            (counter, "modeldepot_engine_cache_misses", "Loads the loaded-model cache had to make (this "
-             "process).", engines.total_misses),
+            (counter, "modeldepot_engine_cache_hits", "Loads answered by the loaded-model cache: Depot.load "
+             "calls in the process that serves (an inference app that embeds the node; 0 on a plain "
+             "`modeldepot serve`).", engines.total_hits),
+            (counter, "modeldepot_engine_cache_misses", "Loads the loaded-model cache had to make: Depot.load "
+             "calls in the process that serves (0 on a plain `modeldepot serve`).", engines.total_misses),
             (gauge, "modeldepot_peers", "Live nodes in this node's view of its fleet, itself included; 0 "
              "without a cluster.", peers),
             (counter, "modeldepot_chunks_rejected", "Chunks the pulls of this process received that failed "
