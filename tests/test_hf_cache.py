@@ -306,6 +306,41 @@ def test_a_commit_adopted_without_its_listing_is_not_taken_for_the_whole_of_it(
         assert bytes(depot.get_file(SAMPLE, entry.path, commit)) == sample_files()["model.safetensors"]
 
 
+def test_a_depot_pulling_from_a_node_that_holds_part_of_a_commit_asks_the_hub_for_the_rest(
+    tmp_path: Path,
+    source: tuple[Depot, LiveNode],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A node whose store adopted a few files of a commit without its listing (transformers' way of filling a
+    cache) answered a depot's scan with those files as the commit: a pull from it (`--server`) said "all
+    files" without the weights, never asked the Hub, and its store then held the weights as "not in" the
+    commit (an explorer's trial). The node says it lists part of the commit; the pull takes the commit's
+    listing from the Hub, the node's files still by content; with no other source, the part, said so."""
+    origin, hub = source
+    commit = origin.resolve(SAMPLE)
+    cache = tmp_path / "hf" / "hub"
+    hf_hub_download(SAMPLE, "config.json", endpoint=hub.url, cache_dir=cache)
+    with Depot(tmp_path / "partial", chunk_size=SMALL_CHUNK) as adopted:
+        assert adopted.hf_cache_import(cache_dir=cache).ok
+    node = LiveNode(Depot(tmp_path / "partial"), owns_depot=True)
+    try:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        with Depot(tmp_path / "puller", chunk_size=SMALL_CHUNK, servers=[node.url]) as puller:
+            result = puller.pull(SAMPLE)
+            assert result.commit_id == commit
+            assert read_tree(puller.snapshot_path(SAMPLE)) == sample_files()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # (no Hub now)
+        caplog.set_level("WARNING", logger="modeldepot.transfer.chain")
+        with Depot(tmp_path / "alone", chunk_size=SMALL_CHUNK, servers=[node.url]) as alone:
+            assert alone.pull(SAMPLE).commit_id == commit
+            assert alone.has_file(SAMPLE, "config.json") and not alone.has_file(SAMPLE, "model.safetensors")
+        assert any("without the commit's listing" in r.getMessage() for r in caplog.records), caplog.text
+    finally:
+        node.stop()
+
+
 def test_a_commit_adopted_whole_with_its_listing_is_pulled_without_the_upstream(
     tmp_path: Path, hf_cache: Path, source: tuple[Depot, LiveNode], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -384,6 +384,11 @@ class Depot(Upkeep):
             return held
         return self._listings.whole(repo_id, commit_id, held)
 
+    def commit_known_whole(self, repo_id: str, commit_id: str) -> bool:
+        """Whether the store knows every file of the commit: False for one adopted from a Hugging Face cache
+        without its listing, whose other files may exist."""
+        return self._listings.known_whole(repo_id, commit_id)
+
     def commit_may_have(self, repo_id: str, commit_id: str, path: str) -> bool | None:
         """Whether the commit has ``path`` by the repo's saved listing of it (True, False), or may (None: a commit
         adopted from a Hugging Face cache without its listing is known as the files the cache held; a miss of

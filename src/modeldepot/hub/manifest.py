@@ -331,6 +331,16 @@ class CommitListings:
         )
         return None if rows and not rows[0]["tree_oid"] else False
 
+    def known_whole(self, repo_id: str, commit_id: str) -> bool:
+        """Whether the store knows every file of the commit (held or listed); False for a commit adopted from
+        a Hugging Face cache without its listing (and True for a commit it does not hold at all)."""
+        if self._listing(repo_id, commit_id) is not None:
+            return True
+        rows = self.store.index.read(
+            "SELECT tree_oid FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)
+        )
+        return not rows or bool(rows[0]["tree_oid"])
+
     def _listing(self, repo_id: str, commit_id: str) -> tuple[tuple[RemoteFile, ...], frozenset[str]] | None:
         """The commit's files and paths, parsed once: the repo's saved scan's when it is of this commit,
         else the listing kept of the commit when it was scanned (the repo's one scan had moved to another

@@ -70,6 +70,9 @@ def hub_token(configured: str | None) -> str | None:
 
 
 HELD_ONLY_HEADER = "X-Depot-Held-Only"
+# A depot node's answer for a commit it holds in part without its whole listing (adopted from a Hugging Face
+# cache): the files it lists are what it holds, not the commit; a pull asks the other sources for the listing
+PART_OF_COMMIT_HEADER = "X-Depot-Part-Of-Commit"
 """A scan a fleet's node asks of another: answered from what that node holds, never through its own upstream
 nor its peers (mirrors asked each other round a circle while their upstream was out of reach, each scan
 ending after 10 s, and every peer, alive, was left out of scans for it: an explorer's trial)."""
@@ -83,14 +86,15 @@ def fetch_repo(
     token_name: str = "HF_TOKEN",
     timeout: float | None = None,
     held_only: bool = False,
-) -> tuple[str, str, dict[str, Any], list[RemoteFile]]:
+) -> tuple[str, str, dict[str, Any], list[RemoteFile], bool]:
     """(the upstream's spelling of the repo id, commit id, repo metadata, files with sizes and digests) of
     ``repo_id`` at ``revision``. The Hub matches repo ids whatever their case and answers with its own
     spelling: that one is returned when it differs from ``repo_id`` only in case, else ``repo_id``.
 
     ``token`` (none when None) goes to ``endpoint`` only. ``timeout``: seconds to wait without a byte
     (UpstreamTimeoutError after; the whole answer within WHOLE_ANSWER_TIMEOUT). ``held_only``: a depot node
-    answers from what it holds (:data:`HELD_ONLY_HEADER`).
+    answers from what it holds (:data:`HELD_ONLY_HEADER`). The last item is False when a depot node says
+    it lists part of the commit (:data:`PART_OF_COMMIT_HEADER`).
     """
     url = f"{endpoint.rstrip('/')}/api/models/{repo_id}/revision/{quote(revision, safe='')}?blobs=true"
     headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
@@ -113,7 +117,7 @@ def fetch_repo(
     if reply.status != 200:
         raise _refusal(reply, repo_id, revision, endpoint, token_name)
     info = _parsed(reply.body, f"{endpoint} (describing {repo_id})")
-    return _checked(endpoint, repo_id, info)
+    return (*_checked(endpoint, repo_id, info), reply.headers.get(PART_OF_COMMIT_HEADER) != "1")
 
 
 def _parsed(body: bytes, source: str) -> object:

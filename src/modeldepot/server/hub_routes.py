@@ -31,7 +31,7 @@ from modeldepot.errors import (
 )
 from modeldepot.gitobjects import TreeEntry, lfs_pointer, tree_oids
 from modeldepot.hfcache.cache import ORIGIN as HF_CACHE_ORIGIN
-from modeldepot.hub.scan import HELD_ONLY_HEADER
+from modeldepot.hub.scan import HELD_ONLY_HEADER, PART_OF_COMMIT_HEADER
 from modeldepot.server.commit_cache import COMMITS, CommitCache
 from modeldepot.server.context import DEPOT, is_authorized, path_matches, path_repo, request_url
 from modeldepot.server.listing import (
@@ -252,16 +252,24 @@ async def model_info(request: web.Request) -> web.Response:
     if not expand or "gguf" in expand:
         derived["gguf"] = await asyncio.to_thread(gguf_info, store, view.repo_id, view.commit_id)
     derived = {name: value for name, value in derived.items() if value}
+    # A commit held in part without its listing (adopted from a Hugging Face cache) is listed as the files
+    # held, all a node can give; a depot pulling from it is told, and asks its other sources for the commit
+    whole = await asyncio.to_thread(request.app[DEPOT].commit_known_whole, view.repo_id, view.commit_id)
+    headers = None if whole else {PART_OF_COMMIT_HEADER: "1"}
     if truthy(request.query.get("securityStatus")):
         # (the node scans nothing, and says so in the Hub's shape: code reading `scansDone` raised a TypeError
         # on None, an explorer's trial)
         derived["securityRepoStatus"] = {"scansDone": False, "filesWithIssues": []}
     if not expand:
-        return json_response({**model_info_body(view, truthy(request.query.get("blobs"))), **derived})
+        return json_response(
+            {**model_info_body(view, truthy(request.query.get("blobs"))), **derived}, headers=headers
+        )
     config = None  # read from the store: a revision a mirror has not pulled has none
     if "config" in expand:
         config = await asyncio.to_thread(model_config, store, view.repo_id, view.commit_id)
-    return json_response(select_properties({**model_properties(view, config), **derived}, expand))
+    return json_response(
+        select_properties({**model_properties(view, config), **derived}, expand), headers=headers
+    )
 
 
 async def auth_check(request: web.Request) -> web.Response:

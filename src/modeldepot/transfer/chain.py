@@ -135,6 +135,7 @@ class Scan:
     info: dict[str, Any]
     files: list[RemoteFile]
     endpoint: str
+    whole: bool = True  # False: a node's files of a commit it holds in part, without the commit's listing
 
 
 @dataclass(frozen=True)
@@ -186,9 +187,16 @@ class SourceChain:
         problems: list[DepotError] = []
         peers = self.peers()
         hub_said: DepotError | None = None
+        # Nodes' files of a commit they hold in part, without its listing (adopted from a Hugging Face cache):
+        # the commit's listing is asked of the other sources, these taken only when none gives it (a node's
+        # few files were taken for the commit, and the pull said "all files" without the weights: a trial)
+        parts: list[Scan] = []
         for server in self.servers:
             try:
-                return self._scan_at(server, repo_id, revision)
+                answer = self._scan_at(server, repo_id, revision)
+                if answer.whole:
+                    return answer
+                parts.append(answer)
             except DepotError as error:
                 problems.append(error)
                 if (
@@ -209,7 +217,7 @@ class SourceChain:
             except DepotError as error:
                 hub_said = error
         cannot_tell: list[DepotError] = []  # peers that refused this node's token: they say nothing of it
-        found = self._scan_peers(peers, repo_id, revision, problems, cannot_tell)
+        found = self._scan_peers(peers, repo_id, revision, problems, cannot_tell, parts)
         if found is not None:
             return found
         try:
@@ -217,6 +225,12 @@ class SourceChain:
                 raise hub_said
             return self._hub_scan(repo_id, revision)
         except DepotError as error:
+            if parts:
+                part = parts[0]
+                log.warning("%s: %s holds %d files of commit %s without the commit's listing, and no other "
+                            "source gave it (%s): pulling those files alone", repo_id, part.endpoint,
+                            len(part.files), part.commit_id, error)  # fmt: skip
+                return part
             if not problems:
                 raise
             said = _what_each_said(error, problems)
@@ -269,10 +283,10 @@ class SourceChain:
             raise failure from error
 
     def _scan_peers(self, peers: list[HttpSource], repo_id: str, revision: str, problems: list[DepotError],
-                    cannot_tell: list[DepotError]) -> Scan | None:  # fmt: skip
+                    cannot_tell: list[DepotError], parts: list[Scan]) -> Scan | None:  # fmt: skip
         """The first of the fleet's ``peers`` to describe the repo, asked PEER_SCAN_WIDTH at a time, each for
         PEER_SCAN_TIMEOUT at most (None when none does; what each said goes to ``problems``, a refusal of
-        this node's token to ``cannot_tell`` too). A peer that let a scan time out is left out of this
+        this node's token to ``cannot_tell`` too; a peer's part of the commit to ``parts``). A peer that let a scan time out is left out of this
         process's scans for UNANSWERING_FOR seconds.
 
         Each is asked on a daemon thread of its own: a peer that does not answer is not waited for once
@@ -309,7 +323,10 @@ class SourceChain:
             peer, answer = answers.get()
             in_flight -= 1
             if isinstance(answer, Scan):
-                return answer
+                if answer.whole:
+                    return answer
+                parts.append(answer)
+                continue
             problems.append(answer)
             if isinstance(answer, AccessDeniedError):
                 cannot_tell.append(answer)
@@ -323,7 +340,7 @@ class SourceChain:
                  held_only: bool = False) -> Scan:  # fmt: skip
         """``held_only``: a fleet's peer, which answers from what it holds (hub/scan.py's HELD_ONLY_HEADER); a
         node the user names (MODELDEPOT_SERVERS) may mirror for it."""
-        spelled, commit_id, info, files = fetch_repo(
+        spelled, commit_id, info, files, whole = fetch_repo(
             repo_id,
             revision,
             node.base_url,
@@ -332,11 +349,11 @@ class SourceChain:
             timeout or node.retry.read_timeout,
             held_only,
         )
-        return Scan(spelled, commit_id, info, files, node.base_url)
+        return Scan(spelled, commit_id, info, files, node.base_url, whole)
 
     def _hub_scan(self, repo_id: str, revision: str, timeout: float | None = None) -> Scan:
         try:
-            spelled, commit_id, info, files = fetch_repo(
+            spelled, commit_id, info, files, _ = fetch_repo(
                 repo_id,
                 revision,
                 self.hub.base_url,
