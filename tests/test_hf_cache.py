@@ -1156,6 +1156,21 @@ def test_the_real_model_both_ways_and_transformers_offline(
     }
 
 
+def test_a_relative_cache_dir_is_answered_as_an_absolute_path(
+    home: Path, hf_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--cache-dir c3` came back as "c3" in --json and the snapshot path printed: a script passing it on
+    from another folder named nothing (an explorer's trial)."""
+    assert run("hf-cache", "import", "--cache-dir", str(hf_cache), home=home)[0] == 0
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run("hf-cache", "export", SAMPLE, "--cache-dir", "relative", "--json", home=home)
+    body = json.loads(out)
+    assert code == 0 and body["cache_dir"] == str(tmp_path / "relative"), body
+    assert Path(body["snapshot_path"]).is_absolute() and Path(body["snapshot_path"]).is_dir()
+    code, out, _ = run("hf-cache", "import", "--cache-dir", "relative", "--json", home=home)
+    assert code == 0 and json.loads(out)["cache_dir"] == str(tmp_path / "relative")
+
+
 def test_the_command(home: Path, hf_cache: Path, tmp_path: Path) -> None:
     code, out, _ = run("hf-cache", "import", "--cache-dir", str(hf_cache), "--json", home=home)
     body = json.loads(out)

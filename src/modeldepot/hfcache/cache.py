@@ -131,7 +131,9 @@ def cache_dir_given(cache_dir: Path | str | None) -> Path:
     if not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir).strip():
         raise InvalidInputError(f"the Hugging Face cache folder is {cache_dir!r}: give a folder, or none for "
                                 "huggingface_hub's own")  # fmt: skip
-    folder = Path(cache_dir)
+    # (absolute: a relative --cache-dir came back relative in --json and the snapshot path printed, which a
+    # script passes on from another folder: an explorer's trial)
+    folder = Path(os.path.abspath(os.path.expanduser(cache_dir)))
     with contextlib.suppress(OSError):
         # HF_HOME given for HF_HUB_CACHE (they differ by /hub): an import adopted "nothing" and said so with
         # success, an export wrote where huggingface_hub never looks (a trial)
