@@ -174,7 +174,8 @@ def _one_folder_per_repo(
             scan.problem(spelling, group[-1][1], "merged",
                          f"{names} are one repo on the Hub (the Hugging Face cache keeps a folder per spelling of "
                          f"its id): adopted together as {spelling}; where their refs differ, this folder's, the "
-                         "newest, are kept")  # fmt: skip
+                         "newest download's, are taken, unless a branch would move to a commit of which only part "
+                         "is held (then a branch-kept note follows)")  # fmt: skip
         ordered += [(spelling, folder) for _, folder in group]
     return ordered
 
