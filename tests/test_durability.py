@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -528,3 +529,41 @@ def test_sync_makes_the_snapshot_folders_durable_too(
         snapshot = depot.snapshot_path("acme/m")
         for made in (snapshot, snapshot.parent, snapshot.parent.parent):
             assert made.stat().st_ino in fsynced.inodes, made
+
+
+def test_a_store_closed_while_its_background_check_quarantines_waits_for_the_row(
+    tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short command that ended while its background check quarantined a blob left the file moved and the
+    row saying good: the next read said "its file is missing" of a truncated blob (an explorer's trial).
+    Closing the store waits for a quarantine under way."""
+    import threading
+
+    from modeldepot.store.blobs import BlobFiles
+
+    home, _ = after_a_power_loss(tmp_path, folder, monkeypatch)
+    moved = threading.Event()
+    real_quarantine = BlobFiles.quarantine
+
+    def slow_quarantine(self: BlobFiles, sha256: str) -> Path | None:
+        found = real_quarantine(self, sha256)
+        moved.set()
+        time.sleep(0.5)  # (the file is moved; the row is written after this)
+        return found
+
+    monkeypatch.setattr(BlobFiles, "quarantine", slow_quarantine)
+    depot = Depot(home)  # (its background check starts at once)
+    try:
+        wait_until(moved.is_set, 30, "the background check to quarantine a blob")
+    finally:
+        depot.close()
+    monkeypatch.setattr(BlobFiles, "quarantine", real_quarantine)
+    rows = Depot(home)
+    try:
+        quarantined = {
+            r["sha256"] for r in rows.store.index.read("SELECT sha256 FROM blobs WHERE state = 'quarantined'")
+        }
+        in_quarantine = {p.name[:64] for p in (home / "quarantine").iterdir()}
+        assert in_quarantine and in_quarantine <= quarantined, (in_quarantine, quarantined)
+    finally:
+        rows.close()

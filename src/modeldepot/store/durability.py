@@ -83,6 +83,10 @@ class Durability:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Held while a blob is quarantined (its file moved, then its row): close waits for it, so that a short
+        # command that ends while its background check quarantines does not leave the file moved and the row
+        # saying good (the next read said "its file is missing" of a truncated blob: an explorer's trial)
+        self._quarantining = threading.Lock()
         if self._unchecked and read_only:  # (each process would rehash the whole store at each start)
             log.warning(
                 "%d blob(s) were written under another boot (or machine) and not known to have reached the disk: "
@@ -107,6 +111,7 @@ class Durability:
         self._lock = threading.Lock()
         self._checking = {}
         self._flush_lock = threading.Lock()
+        self._quarantining = threading.Lock()
         self._wake = threading.Event()
         stopped, self._stop = self._stop.is_set(), threading.Event()
         if stopped:
@@ -150,7 +155,9 @@ class Durability:
         if found is None and self.read_only:
             return None
         if found is not None:
-            if self.quarantine(sha256, rows[0]["created_at"]) is None:
+            with self._quarantining:
+                quarantined = self.quarantine(sha256, rows[0]["created_at"])
+            if quarantined is None:
                 return None  # removed, or removed and published again, while it was checked: not this one
             if not self.read_only:  # (the store said so: it stays in place)
                 log.warning("blob %s… written before the restart is corrupt (%s): quarantined; pull it again",
@@ -234,7 +241,8 @@ class Durability:
                 if sha256 in bad_files:
                     log.warning("blob %s… could not be written back to the disk: quarantined; pull it again",
                                 sha256[:16])  # fmt: skip
-                    self.quarantine(sha256, created_at)
+                    with self._quarantining:
+                        self.quarantine(sha256, created_at)
             self._mark_durable([p for p in placements if p[0] not in bad_files | bad_folders], boot)
         return [sha256 for sha256, _ in placements if sha256 in bad_files | bad_folders]
 
@@ -329,6 +337,8 @@ class Durability:
 
     def close(self) -> None:
         """Stop the background thread (not waiting for what it has left: the kernel writes it back, and the
-        next process that opens the store flushes it)."""
+        next process that opens the store flushes it), once a quarantine under way is done."""
         self._stop.set()
         self._wake.set()
+        with self._quarantining:
+            pass
