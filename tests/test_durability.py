@@ -547,8 +547,9 @@ def test_a_store_closed_while_its_background_check_quarantines_waits_for_the_row
 
     def slow_quarantine(self: BlobFiles, sha256: str) -> Path | None:
         found = real_quarantine(self, sha256)
-        moved.set()
-        time.sleep(0.5)  # (the file is moved; the row is written after this)
+        if found is not None:  # (a missing blob's file has nothing to move)
+            moved.set()
+            time.sleep(0.5)  # (the file is moved; the row is written after this)
         return found
 
     monkeypatch.setattr(BlobFiles, "quarantine", slow_quarantine)

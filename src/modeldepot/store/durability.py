@@ -156,6 +156,9 @@ class Durability:
             return None
         if found is not None:
             with self._quarantining:
+                if self._stop.is_set() and threading.current_thread() is self._thread:
+                    # (the background check, as the store closes: the index may go before the row is written)
+                    raise StoreClosedError(f"the store was closed while blob {sha256[:16]}… was checked")
                 quarantined = self.quarantine(sha256, rows[0]["created_at"])
             if quarantined is None:
                 return None  # removed, or removed and published again, while it was checked: not this one
