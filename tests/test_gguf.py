@@ -197,6 +197,9 @@ def test_a_split_model_loads_whole_from_its_shards(depot: Depot, split_folder: P
     for name, array in model.tensors.items():
         assert_maps_the_file(array, held_by[name])
     assert depot.load(REPO, "Q8_0", engine="gguf") is model
+    # Named by its second shard, it is the same model: loaded and counted once (an explorer's trial)
+    assert depot.load(REPO, file="tiny-Q8_0-00002-of-00002.gguf", engine="gguf") is model
+    assert len(depot.engines.keys()) == 1
 
 
 @pytest.mark.parametrize("where", ["here", "another process"])

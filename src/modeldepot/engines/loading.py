@@ -125,7 +125,12 @@ def load_variant(
     commit_id, chosen = _locate(store, pull, offline, repo_id, quant, revision, looked_for, file)
     # The callable itself, not its name: two lambdas (or two factories' inner functions) share a
     # __qualname__ but build different engines. The same callable object hits the cache.
-    key: Hashable = engine_key(owner or store, repo_id, commit_id, chosen, engine)
+    # Ours load a split GGUF or a sharded checkpoint whole, whichever shard is named: one entry for it (named
+    # by another shard, the model was loaded and counted twice: an explorer's trial)
+    shards = (
+        (gguf_shard_names(chosen) or safetensors_shard_names(chosen)) if isinstance(engine, str) else None
+    )
+    key: Hashable = engine_key(owner or store, repo_id, commit_id, shards[0] if shards else chosen, engine)
 
     def build() -> Any:
         if isinstance(engine, str) and engine in SNAPSHOT_ENGINES:
