@@ -55,6 +55,10 @@ def test_preload_and_stats_commands(home: Path, tmp_path: Path) -> None:
     )
     bad = runner.invoke(cli, ["preload", "../x", "--home", str(home)])
     assert bad.exit_code == 2
+    # A removed repo, however used, is not among the most used: it took the top rows as "0 B" (a trial)
+    assert runner.invoke(cli, ["rm", "acme/hot", "--yes", "--home", str(home)]).exit_code == 0
+    first = runner.invoke(cli, ["stats", "--top", "1", "--home", str(home), "--json"])
+    assert [m["repo_id"] for m in json.loads(first.output)["models"]] == ["acme/cold"], first.output
 
 
 def test_serve_preload_top_brings_the_hot_model_back_into_ram(home: Path, tmp_path: Path) -> None:

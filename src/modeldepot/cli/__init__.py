@@ -475,7 +475,9 @@ def stats_command(depot: Depot, top: int, as_json: bool) -> None:
     from modeldepot.preload import resident_in_ram
 
     rows = []
-    accesses = depot.store.access.top(1 << 30)  # every use row: the top ones, and who was ever used
+    # every use row of the repos held: the top ones, and who was ever used (a removed repo, used the most,
+    # took the top rows as "0 B": an explorer's trial)
+    accesses = depot.store.access.top(1 << 30, in_store=True)
     for access in accesses[:top]:
         try:
             in_ram, size = resident_in_ram(
