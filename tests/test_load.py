@@ -324,6 +324,13 @@ def test_bf16_and_fp8_safetensors_load_as_arrays_mapping_the_file(depot: Depot, 
                                                       + shifted + b"\0" * 4}), "acme/short")  # fmt: skip
     with pytest.raises(InvalidInputError, match="does not fit the file"):  # (4 BF16 values are 8 bytes)
         depot.load("acme/short", engine="safetensors")
+    # Two tensors on the same bytes, which the safetensors library refuses: refused, not aliased arrays
+    overlapping = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                              "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}).encode()  # fmt: skip
+    depot.import_dir(write_model_dir(tmp_path / "o", {"model.safetensors": len(overlapping).to_bytes(8, "little")
+                                                      + overlapping + b"\0" * 12}), "acme/overlap")  # fmt: skip
+    with pytest.raises(InvalidInputError, match="'a' and 'b' overlap"):
+        depot.load("acme/overlap", engine="safetensors")
 
 
 def test_warmup_survives_errors_and_shapes_inputs(loaded: Depot) -> None:

@@ -9,6 +9,7 @@ when missing.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import logging
 import mmap
@@ -247,6 +248,12 @@ def _safetensors_header(mapping: mmap.mmap | None, size: int, path: Path) -> tup
             )
         ):
             raise InvalidInputError(f"{path.name}: tensor {name!r} does not fit the file")
+    # Two tensors on the same bytes: a malformed file the safetensors library refuses ("invalid offset"),
+    # loaded here as aliased arrays (an explorer's trial)
+    spans = sorted((info["data_offsets"][0], info["data_offsets"][1], name) for name, info in table.items())
+    for (_, end, before), (start, _, after) in itertools.pairwise(spans):
+        if start < end:
+            raise InvalidInputError(f"{path.name}: tensors {before!r} and {after!r} overlap in the file")
     return table, base
 
 
