@@ -15,6 +15,7 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable, Hashable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -25,7 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from faultproxy import wait_until
 from modeldepot.engines import LoadedModelCache, close_on_evict
 from modeldepot.engines import cache as cache_module
-from modeldepot.errors import CorruptBlobError, RepoNotFoundError, RevisionNotFoundError
+from modeldepot.errors import CorruptBlobError, InvalidInputError, RepoNotFoundError, RevisionNotFoundError
 
 
 class Clock:
@@ -911,7 +912,8 @@ def test_bad_settings_are_refused() -> None:
     # (a size in words, or a count as a string, raised a raw TypeError from a comparison: a trial)
     for kwargs in ({"max_models": 0}, {"ttl": 0}, {"memory_budget": -1}, {"max_models": "4"},
                    {"memory_budget": "lots"}, {"memory_budget": float("nan")}, {"ttl": "1h"}):  # fmt: skip
-        with pytest.raises(ValueError, match=r"must be|memory_budget: cannot read"):
+        # (a DepotError, as every bad input's: they were bare ValueErrors, an explorer's trial)
+        with pytest.raises(InvalidInputError, match=r"must be|memory_budget: cannot read"):
             LoadedModelCache(**kwargs)  # type: ignore[arg-type]
     assert LoadedModelCache(memory_budget="8GiB").memory_budget == 8 << 30
     assert LoadedModelCache(memory_budget=0.5 * (16 << 30)).memory_budget == 8 << 30  # (a float: bytes)
@@ -1270,3 +1272,16 @@ def _record_error(errors: list[BaseException], call: Callable[[], Any]) -> None:
         call()
     except BaseException as error:
         errors.append(error)
+
+
+def test_a_depot_refuses_what_is_no_engine_cache_or_home_when_made(tmp_path: Path) -> None:
+    """`Depot(engine_cache={})` failed with an AttributeError at the first load, `Depot(5)` with a TypeError
+    from pathlib (an explorer's trial): a ConfigError when the depot is made."""
+    from modeldepot import Depot
+    from modeldepot.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="engine_cache must be a LoadedModelCache"):
+        Depot(tmp_path / "store", engine_cache={})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="home must be a folder's path"):
+        Depot(5)  # type: ignore[arg-type]
+    assert not (tmp_path / "store").exists()

@@ -392,7 +392,9 @@ def test_bad_input_is_refused_before_anything_loads(loaded: Depot) -> None:
     with pytest.raises(ValueError, match="repo"):
         loaded.load("not a repo")
     # (each was a raw TypeError or AttributeError, or came after the whole load: warmup=-1)
+    # (10**9 warm-up passes hung the load: an explorer's trial)
     for kwargs, error in (({"warmup": -1}, InvalidInputError), ({"warmup": "x"}, InvalidInputError),
+                          ({"warmup": 10**9}, InvalidInputError),
                           ({"engine": None}, ConfigError), ({"quant": 5}, InvalidInputError),
                           ({"inputs": [1, 2]}, InvalidInputError)):  # fmt: skip
         with pytest.raises(error):

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import mmap
+import os
 import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -192,6 +193,12 @@ class Depot(Upkeep):
         create: bool = True,
         shared: Sequence[str | Path] | None = None,
     ) -> None:
+        # (checked here: `Depot(5)` was a TypeError from pathlib, `engine_cache={}` an AttributeError at the
+        # first load: an explorer's trial)
+        if home is not None and (not isinstance(home, (str, os.PathLike)) or not str(home).strip()):
+            raise ConfigError(f"home must be a folder's path, not {home!r}")
+        if engine_cache is not None and not callable(getattr(engine_cache, "get_or_load", None)):
+            raise ConfigError(f"engine_cache must be a LoadedModelCache, not {type(engine_cache).__name__}")
         base = DepotConfig.from_env(home=home)
         chunk_size = _chunk_size(chunk_size)
         self.config = dataclasses.replace(

@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
 
 from modeldepot.config import parse_size
-from modeldepot.errors import ConfigError
+from modeldepot.errors import ConfigError, InvalidInputError
 from modeldepot.store.forking import start_over_after_fork
 
 __all__ = ["CacheStats", "LoadedModelCache", "close_on_evict", "default_on_evict", "process_rss_bytes"]
@@ -310,10 +310,10 @@ def _size(size: object) -> int | None:
         try:
             return parse_size(size)
         except ConfigError as error:
-            raise ValueError(f"size: {error}") from None
+            raise InvalidInputError(f"size: {error}") from None
     number = _real(size)
     if number is None or number < 0:  # (a negative one cancelled the real entries out: -850 bytes in all)
-        raise ValueError(
+        raise InvalidInputError(
             f"size must be the bytes the model takes (0 or more, or like '500MiB'), not {size!r}"
         )
     return int(number)
@@ -396,25 +396,27 @@ class LoadedModelCache(Generic[M]):
         except TypeError:
             slots = -1
         if slots < 1:
-            raise ValueError(f"max_models must be a number of models, at least 1, not {max_models!r}")
+            raise InvalidInputError(f"max_models must be a number of models, at least 1, not {max_models!r}")
         if ttl is not None and not (_real(ttl) or 0) > 0:
-            raise ValueError(f"ttl must be a positive number of seconds (or None for no expiry), not {ttl!r}")
+            raise InvalidInputError(
+                f"ttl must be a positive number of seconds (or None for no expiry), not {ttl!r}"
+            )
         budget: int | None = None
         if isinstance(memory_budget, str):  # ("8GiB", as every size of modeldepot's is written)
             try:
                 budget = parse_size(memory_budget)
             except ConfigError as error:
-                raise ValueError(f"memory_budget: {error}") from None
+                raise InvalidInputError(f"memory_budget: {error}") from None
         elif memory_budget is not None:  # (bytes, a float among them: 0.5 * the machine's RAM)
             number = _real(memory_budget)
             if number is None or number < 1:
-                raise ValueError(f"memory_budget must be a positive size (bytes, or like '8GiB'), or None for no "
+                raise InvalidInputError(f"memory_budget must be a positive size (bytes, or like '8GiB'), or None for no "
                                  f"budget, not {memory_budget!r}")  # fmt: skip
             budget = int(number)
         if budget is not None and budget < 1:
-            raise ValueError(f"memory_budget must be a positive size, not {memory_budget!r}")
+            raise InvalidInputError(f"memory_budget must be a positive size, not {memory_budget!r}")
         if room_wait is not None and not (_real(room_wait) or 0) > 0:
-            raise ValueError(
+            raise InvalidInputError(
                 f"room_wait must be a positive number of seconds (or None: no bound), not {room_wait!r}"
             )
         self.room_wait = None if room_wait is None else float(room_wait)
@@ -794,7 +796,7 @@ class LoadedModelCache(Generic[M]):
         with self._lock:
             entry = self._require(key)
             if entry.pins == 0:
-                raise ValueError(f"{key!r} is not pinned")
+                raise InvalidInputError(f"{key!r} is not pinned")
             entry.pins -= 1
             del entry  # (it may be the one evicted: its hook must find no reference of the cache's)
             evicted = self._enforce_locked(keep=None)

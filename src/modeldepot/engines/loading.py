@@ -67,6 +67,8 @@ PullVariant = Callable[[str, str | None, str, Callable[[Manifest], Pulled]], str
 """Pulls ``(repo_id, quant, revision, default)`` into the store; without a quant, what ``default(manifest)``
 names (:data:`Pulled`). Returns the commit it published."""
 
+MAX_WARMUPS = 1000  # warm-up passes a load may ask for: a few make an engine warm; a billion is a typo
+
 
 def default_variant(suffixes: tuple[str, ...], file: str | None = None) -> Callable[[Manifest], Pulled]:
     """What to pull when a load names no variant: the variant holding the file :func:`model_file` would load
@@ -115,8 +117,9 @@ def load_variant(
         validate_quant(quant)
     if file is not None:
         validate_path(file)
-    if isinstance(warmups, bool) or not isinstance(warmups, int) or warmups < 0:
-        raise InvalidInputError(f"warmup must be a number of passes, 0 or more, not {warmups!r}")
+    if isinstance(warmups, bool) or not isinstance(warmups, int) or not 0 <= warmups <= MAX_WARMUPS:
+        # (10**9 passes hung the load, unsaid: an explorer's trial)
+        raise InvalidInputError(f"warmup must be a number of passes, 0 to {MAX_WARMUPS}, not {warmups!r}")
     if inputs is not None and not isinstance(inputs, Mapping):  # (a list was only a warm-up's logged failure)
         raise InvalidInputError(f"inputs maps each input's name to its array, not {type(inputs).__name__}")
     loader, suffixes = _engine(engine)
