@@ -444,8 +444,8 @@ def test_a_query_parameter_a_route_does_not_take_is_refused_and_nothing_is_done(
     assert whole.status == 200, whole.body
     for method, target, body in control_requests():
         for query in ("?quant=q4f16", "?revision=main", "?repo=acme/other", "?a=1&quant=q4f16"):
-            if target == f"{API}/repos/{REPO}" and query == "?revision=main":
-                continue  # (the one parameter a route takes)
+            if target == f"{API}/repos/{REPO}" and query in ("?revision=main", "?quant=q4f16"):
+                continue  # (the parameters a route takes)
             reply = call(open_node.port, method, target + query, body, CONTROL)
             assert reply.status == 400, (method, target + query, reply.body)
             error = reply.json()["error"]
@@ -1029,7 +1029,7 @@ def test_every_control_answer_is_as_the_document_says(
     for method, route, body in (("POST", pulls, {"repo": REPO}), ("GET", pulls, None), ("GET", one, None),
                                 ("DELETE", one, None), ("POST", preload, {}), ("PUT", pin, {}), ("DELETE", pin, {}),
                                 ("DELETE", repo, None)):  # fmt: skip
-        check(open_node, method, route, 400, body, query="?quant=fp16")  # no route takes it
+        check(open_node, method, route, 400, body, query="?variant=fp16")  # no route takes it
     for method, route in (("POST", preload), ("PUT", pin), ("DELETE", pin), ("DELETE", repo)):
         check(open_node, method, route, 405, {} if route != repo else None, org="")  # no route: /repos//tiny
     check(open_node, "DELETE", repo, 400, query="?revision=a..b")
@@ -1134,3 +1134,22 @@ def test_the_dashboard_files_are_package_data() -> None:
     assert files == sorted(name for name, _, _ in ASSETS.values())
     for name in files:
         assert any(fnmatch(f"server/dashboard/{name}", glob) for glob in globs), name
+
+
+def test_one_variant_is_removed_as_rm_quant_removes_it(guarded: LiveNode, local: Depot) -> None:
+    """The control API removed a repo or a revision, never one variant (`rm --quant` can: an explorer's
+    trial). `?quant=` (or the body's `quant`) removes that variant's own files; the shared ones stay."""
+    pull(guarded, ["q4f16", "fp16"], AUTH)
+    held = {f.path for f in local.list_files(REPO)}
+    unknown = call(guarded.port, "DELETE", f"{API}/repos/{REPO}?quant=Q8_0", headers=AUTH)
+    assert unknown.status == 404 and "holds no variant 'Q8_0'" in unknown.json()["error"], unknown.body
+    bad = call(guarded.port, "DELETE", f"{API}/repos/{REPO}?quant=../x", headers=AUTH)
+    assert bad.status == 422, bad.body
+    differs = call(guarded.port, "DELETE", f"{API}/repos/{REPO}?quant=fp16", {"quant": "q4f16"}, AUTH)
+    assert differs.status == 400 and "the URL names 'fp16'" in differs.json()["error"], differs.body
+    assert {f.path for f in local.list_files(REPO)} == held, "nothing removed"
+    removed = call(guarded.port, "DELETE", f"{API}/repos/{REPO}?quant=fp16", headers=AUTH)
+    assert removed.status == 200 and removed.json()["bytes_freed"] > 0, removed.body
+    assert {f.path for f in local.list_files(REPO)} == set(Q4F16)
+    again = call(guarded.port, "DELETE", f"{API}/repos/{REPO}", {"quant": "q4f16"}, AUTH)
+    assert again.status == 200, again.body

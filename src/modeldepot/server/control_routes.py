@@ -577,20 +577,27 @@ async def unpin(request: web.Request) -> web.Response:
     return json_response({"repo_id": repo_id, "quant": quant, "revision": revision, "unpinned": removed})
 
 
-@control("revision")
+@control("revision", "quant")
 async def remove_repo(request: web.Request) -> web.Response:
     repo_id = await path_repo(request)
     revision = request.query.get("revision")
     if revision is not None:  # (in the URL: a 400, naming the parameter)
         _checked("revision", validate_revision, revision, REVISION, in_url=True)
+    quant = request.query.get("quant")
+    if quant is not None:  # (one variant, as `rm --quant`: the control API could not, an explorer's trial)
+        quant = _quant_name(quant)
     # The pins' routes take the revision in the body: a body naming one here is read too (a removal of the
     # whole repo for a body that asked for one revision would lose what was never asked for)
-    body = await json_body(request, ("revision",))
+    body = await json_body(request, ("revision", "quant"))
     if body.get("revision") is not None:
         named = _checked("revision", validate_revision, body["revision"], REVISION)
         if revision is not None and named != revision:
             raise Refused(400, "BadRequest", f"revision: the URL names {revision!r}, the body {named!r}")
         revision = named
+    if (named_quant := _quant_field(body)) is not None:
+        if quant is not None and named_quant != quant:
+            raise Refused(400, "BadRequest", f"quant: the URL names {quant!r}, the body {named_quant!r}")
+        quant = named_quant
     # (A pull running, or scanning before it runs, would publish when it ends: the repo would come back
     # after "removed")
     pulling = request.app[PULLS].pulling(repo_id)
@@ -598,7 +605,11 @@ async def remove_repo(request: web.Request) -> web.Response:
         raise Refused(409, "PullRunning", f"a pull of {repo_id} is running ({pulling}): remove it once the "
                                           "pull ends")  # fmt: skip
     depot = request.app[DEPOT]
-    result = await asyncio.to_thread(depot.remove, repo_id, revision)
+    try:
+        result = await asyncio.to_thread(depot.remove, repo_id, revision, quant)
+    except NotFoundError as error:
+        _unknown_variant_is_invalid(error)
+        raise
     return json_response(result.to_dict())
 
 

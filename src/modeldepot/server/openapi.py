@@ -770,8 +770,9 @@ def _control_paths(
         "/api/depot/v1/repos/{org}/{name}": {
             "delete": {
                 "operationId": "removeRepo",
-                "description": "Remove the repo, or one revision of it; blobs nothing else uses are deleted at "
-                "once. A repo the node holds nothing of but its saved scan: the scan goes (`scan_forgotten`). 409 "
+                "description": "Remove the repo, or one revision of it, or one variant of a revision (`quant`: "
+                "its own files; the shared ones and the other variants stay, as `modeldepot rm --quant`); blobs "
+                "nothing else uses are deleted at once. 404 for a variant the revision lacks, 422 for a name no variant has. A repo the node holds nothing of but its saved scan: the scan goes (`scan_forgotten`). 409 "
                 "while a pull of the repo runs on the node (it would publish the repo again); 503 on a read-only "
                 f"store. {_CONTROL}",
                 "parameters": [
@@ -783,16 +784,27 @@ def _control_paths(
                         "schema": {"type": "string", "maxLength": 200},
                         "description": "one revision (a branch, tag or commit id) to remove; absent: the repo",
                     },
+                    {
+                        "name": "quant",
+                        "in": "query",
+                        "required": False,
+                        "schema": _QUANT,
+                        "description": "one variant of the revision (main unless named) to remove",
+                    },
                 ],
                 "requestBody": {
                     "required": False,
-                    "description": "the revision may be named here instead, as the pins' routes take it (both: "
-                    "they must agree)",
+                    "description": "the revision and the variant may be named here instead, as the pins' routes "
+                    "take them (both: they must agree)",
                     "content": {
-                        "application/json": {"schema": _closed({"revision": _REVISION}, required=[])}
+                        "application/json": {
+                            "schema": _closed(
+                                {"revision": _REVISION, "quant": _nullable(_QUANT)}, required=[]
+                            )
+                        }
                     },
                 },
-                "responses": {"200": ok("RemoveResult"), **errors(401, 404, 405, 409, 503, 507, *shape)},
+                "responses": {"200": ok("RemoveResult"), **errors(401, 404, 405, 409, 422, 503, 507, *shape)},
             }
         },
     }
