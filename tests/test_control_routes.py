@@ -1153,3 +1153,11 @@ def test_one_variant_is_removed_as_rm_quant_removes_it(guarded: LiveNode, local:
     assert {f.path for f in local.list_files(REPO)} == set(Q4F16)
     again = call(guarded.port, "DELETE", f"{API}/repos/{REPO}", {"quant": "q4f16"}, AUTH)
     assert again.status == 200, again.body
+
+
+def test_a_body_naming_a_key_twice_is_refused(open_node: LiveNode, local: Depot) -> None:
+    """`{"repo": "a/b", "repo": "c/d"}` pulled c/d, the last one, without a word (an explorer's trial)."""
+    raw = b'{"repo": "acme/one", "repo": "acme/two"}'
+    reply = call(open_node.port, "POST", f"{API}/pulls", raw, {**CONTROL, "Content-Type": "application/json"})
+    assert reply.status == 400 and "names 'repo' twice" in reply.json()["error"], reply.body
+    assert call(open_node.port, "GET", f"{API}/pulls", headers=CONTROL).json() == []

@@ -159,7 +159,11 @@ async def json_body(request: web.Request, keys: tuple[str, ...]) -> dict[str, An
     if request.content_type != "application/json":
         raise Refused(415, "UnsupportedMediaType", "send the body as JSON (Content-Type: application/json)")
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, object_pairs_hook=_no_key_twice)
+    except (
+        _KeyTwice
+    ) as twice:  # ({"repo": "a/b", "repo": "c/d"} pulled c/d without a word: an explorer's trial)
+        raise Refused(400, "BadRequest", f"the body names {str(twice)[:40]!r} twice") from None
     except ValueError:
         raise Refused(400, "BadRequest", "the body is not valid JSON") from None
     except RecursionError:  # (valid JSON, said invalid: an explorer's trial)
@@ -173,6 +177,19 @@ async def json_body(request: web.Request, keys: tuple[str, ...]) -> dict[str, An
         shown = ", ".join(repr(k[:40]) for k in unknown[:5])
         raise Refused(400, "BadRequest", f"unknown key {shown}: this route takes {', '.join(keys)}")
     return value
+
+
+class _KeyTwice(Exception):
+    """A JSON object of the body names a key twice (the key is the message)."""
+
+
+def _no_key_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise _KeyTwice(key)
+        found[key] = value
+    return found
 
 
 def _json_type(value: object) -> str:
