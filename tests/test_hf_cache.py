@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -336,6 +337,20 @@ def test_a_depot_pulling_from_a_node_that_holds_part_of_a_commit_asks_the_hub_fo
         with Depot(tmp_path / "alone", chunk_size=SMALL_CHUNK, servers=[node.url]) as alone:
             assert alone.pull(SAMPLE).commit_id == commit
             assert alone.has_file(SAMPLE, "config.json") and not alone.has_file(SAMPLE, "model.safetensors")
+            # The part stays a part here too: this node says so in turn, and asks again once the Hub is back
+            # (saved as the commit's listing, it was served as the whole commit one hop on: a review)
+            assert not alone.commit_known_whole(SAMPLE, commit)
+            relay = LiveNode(alone)
+            try:
+                with urllib.request.urlopen(f"{relay.url}/api/models/{SAMPLE}/revision/{commit}") as answer:
+                    assert answer.headers["X-Depot-Part-Of-Commit"] == "1"
+            finally:
+                relay.stop()
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        with Depot(tmp_path / "alone", servers=[node.url]) as alone:
+            alone.pull(SAMPLE, revision=commit)
+            assert read_tree(alone.snapshot_path(SAMPLE, commit)) == sample_files()
+            assert alone.commit_known_whole(SAMPLE, commit)
         assert any("without the commit's listing" in r.getMessage() for r in caplog.records), caplog.text
     finally:
         node.stop()

@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING
 
 from modeldepot.config import DepotConfig
 from modeldepot.errors import DepotError, NotFoundError, OfflineError, UpstreamError
-from modeldepot.hub.manifest import IMPORTED_ENDPOINT, Manifest, current_manifest, save_scan
+from modeldepot.hub.manifest import (
+    IMPORTED_ENDPOINT,
+    Manifest,
+    current_manifest,
+    is_part_of_commit,
+    save_scan,
+)
 from modeldepot.store import Store
 from modeldepot.tiers import Tiers
 from modeldepot.validation import SHORT_COMMIT, is_commit_id
@@ -131,7 +137,8 @@ class Upstream:
             return self._offline_manifest(repo_id, revision)
         scan = self.chain.scan(repo_id, revision)
         repo_id = self.store.spelled(scan.repo_id)  # the store's spelling, or for a new repo the upstream's
-        save_scan(self.store, repo_id, revision, scan.commit_id, scan.endpoint, scan.info, scan.files)
+        save_scan(self.store, repo_id, revision, scan.commit_id, scan.endpoint, scan.info, scan.files,
+                  part=not scan.whole)  # fmt: skip
         return current_manifest(self.store, repo_id)
 
     def manifest_for(self, repo_id: str, revision: str) -> Manifest:
@@ -183,9 +190,13 @@ class Upstream:
         """Whether ``manifest`` is what the store holds of an upstream's commit, not known to be the whole of
         it: a commit adopted from a Hugging Face cache without its listing (a cache filled by hf_hub_download,
         transformers' way, holds the files that were asked for). A pull of that commit by its id fetched
-        nothing, and said a file of it was not in it."""
+        nothing, and said a file of it was not in it. Or a node's part of the commit, which no source gave
+        whole when it was scanned (asked again: the Hub may be back)."""
         if manifest.endpoint != IMPORTED_ENDPOINT:
-            return False
+            try:
+                return is_part_of_commit(self.store.manifests.load(manifest.repo_id))
+            except NotFoundError:
+                return False
         if self.store.manifests.listing(manifest.repo_id, manifest.commit_id) is not None:
             return False  # (its whole listing is known: huggingface_hub's, kept as it was adopted)
         from modeldepot.hfcache.cache import ORIGIN as HF_CACHE_ORIGIN

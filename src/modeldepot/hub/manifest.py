@@ -98,12 +98,20 @@ class Manifest:
 
 
 def manifest_body(
-    repo_id: str, revision: str, commit_id: str, endpoint: str, info: dict[str, Any], files: list[RemoteFile]
+    repo_id: str,
+    revision: str,
+    commit_id: str,
+    endpoint: str,
+    info: dict[str, Any],
+    files: list[RemoteFile],
+    part: bool = False,
 ) -> str:
-    """The JSON the store keeps for a scan (statuses live apart, in their own rows)."""
+    """The JSON the store keeps for a scan (statuses live apart, in their own rows); ``part``: see
+    :func:`save_scan`."""
     grouping = group_files(f.path for f in files)
     return json.dumps(
         {
+            **({PART_OF_COMMIT: True} if part else {}),
             "repo_id": repo_id,
             "revision": revision,
             "commit_id": commit_id,
@@ -124,9 +132,11 @@ IMPORTED_ENDPOINT = "this store (imported)"  # the endpoint of a repo's manifest
 
 
 def save_scan(store: Store, repo_id: str, revision: str, commit_id: str, endpoint: str, info: dict[str, Any],
-              files: list[RemoteFile]) -> None:  # fmt: skip
+              files: list[RemoteFile], part: bool = False) -> None:  # fmt: skip
     """Record a commit's listing as the repo's manifest; each variant "downloaded" when the store holds
-    its files and the shared ones at that commit, else "available"."""
+    its files and the shared ones at that commit, else "available". ``part``: the listing is a node's files
+    of a commit it holds in part (no source gave the whole): kept as the manifest, marked so, never as the
+    commit's listing (kept so, it made this node serve the part as the whole commit: a review)."""
     grouping = group_files(f.path for f in files)
     statuses = {
         v.name: "downloaded"
@@ -134,9 +144,9 @@ def save_scan(store: Store, repo_id: str, revision: str, commit_id: str, endpoin
         else "available"
         for v in grouping.variants
     }
-    body = manifest_body(repo_id, revision, commit_id, endpoint, info, files)
+    body = manifest_body(repo_id, revision, commit_id, endpoint, info, files, part)
     # (an upstream's listing of the commit is its whole tree: it replaces one kept of what the store held)
-    store.manifests.save(repo_id, revision, commit_id, body, statuses, _listing_json(files),
+    store.manifests.save(repo_id, revision, commit_id, body, statuses, None if part else _listing_json(files),
                          replace=endpoint != IMPORTED_ENDPOINT)  # fmt: skip
 
 
@@ -163,6 +173,14 @@ def listed_counts(store: Store, repo_id: str, commits: Iterable[str]) -> dict[st
     the note left main once dev was scanned, an explorer's trial)."""
     listings = {commit_id: kept_listing(store, repo_id, commit_id) for commit_id in commits}
     return {commit_id: len(files) for commit_id, files in listings.items() if files is not None}
+
+
+PART_OF_COMMIT = "part_of_commit"  # a saved scan's mark: the files a node held of the commit, not its listing
+
+
+def is_part_of_commit(record: ManifestRecord) -> bool:
+    """Whether a saved scan lists a node's part of its commit (:func:`save_scan`), not the commit."""
+    return PART_OF_COMMIT in record.body[:40] and bool(json.loads(record.body).get(PART_OF_COMMIT))
 
 
 def listed_files(record: ManifestRecord) -> tuple[RemoteFile, ...]:
@@ -353,9 +371,12 @@ class CommitListings:
         if listing is None:
             if key[1] != commit_id:
                 try:
-                    files = listed_files(self.store.manifests.load(repo_id))
+                    record = self.store.manifests.load(repo_id)
                 except NotFoundError:
                     return None  # (dropped meanwhile)
+                if is_part_of_commit(record):
+                    return None  # (a node's part of the commit: not known whole)
+                files = listed_files(record)
             else:
                 kept = kept_listing(self.store, repo_id, commit_id)
                 if kept is None:
