@@ -719,15 +719,22 @@ class _FileJob(ChunkChooser):
         (:meth:`_keep_part`): a SIGKILL (the OOM killer, a preempted machine) then loses the last seconds
         of each, not all of it (five pulls killed after 2 s each kept 2 of the 150 MiB they received: an
         explorer's trial). The pages outlive the process; a power loss voids the parts (their boot id)."""
-        logged: dict[int, int] = {}
+        logged: dict[int, tuple[ChunkRequest, int]] = {}  # chunk -> (the request, the bytes logged of it)
         while self._work_left():
             await asyncio.sleep(PART_LOG_EVERY)
+            now = time.monotonic()
             for index, (request, _) in tuple(self.in_place.items()):
                 received = request.receiving.count
+                before = logged.get(index)
+                # (another request, or this one's range started over: counted from its own start)
+                since = (
+                    before[1] if before is not None and before[0] is request and before[1] <= received else 0
+                )
                 if (request.landing or index in self.landing or index in self.partial.done
-                        or received - logged.get(index, 0) < PART_LOG_MIN_BYTES):  # fmt: skip
-                    continue
-                logged[index] = received
+                        or received - since < PART_LOG_MIN_BYTES
+                        or self._is_banned(request.source, now)):  # fmt: skip
+                    continue  # (a banned source's bytes are not kept: it lied, see _keep_part)
+                logged[index] = (request, received)
                 part = request.part_blake3 if request.receiving.in_place else None
                 self.partial.log_part(index, received, self._expected(request.source, index) or part)
 
@@ -819,6 +826,10 @@ class _FileJob(ChunkChooser):
             PULLS.reject_chunk()
             self.attempts[index] = self.attempts.get(index, 0) + 1
             self._ban(source)
+            if in_place:  # the chunk's pages hold the bytes that failed: no part of them is kept (a review)
+                self.part_origins.pop(index, None)
+                self.earlier.pop(index, None)
+                self.partial.forget_part(index)
             if self.fallback is not None and all(self._is_banned(s, time.monotonic()) for s in self.live):
                 await self._fall_back()  # (rather than ask the liar again: it was the one source)
             return
