@@ -214,6 +214,10 @@ class _FileJob(ChunkChooser):
             collections.deque()
         )  # (when, bytes) from them
         self.swarm_later: Callable[[], Awaitable[SwarmFile | None]] | None = None
+        # Chunks this transfer landed with the Hub's bytes alone: what it may vouch for in a swarm it joins
+        # (a chunk from a partial holder outside a swarm was never checked alone; one an earlier pull left
+        # is of unknown origin: settled, the fleet would trust a liar's bytes, a review)
+        self.from_hub: set[int] = set()
 
     @property
     def small(self) -> bool:
@@ -260,7 +264,6 @@ class _FileJob(ChunkChooser):
         follower = None
         if self.swarm is not None:
             follower = self._watch(asyncio.create_task(self._follow_swarm()))
-            self._share_held()  # (an earlier pull's chunks, resumed)
         elif self.swarm_later is not None:
             follower = self._watch(asyncio.create_task(self._join_swarm_later(self.swarm_later)))
         pace = None
@@ -445,16 +448,25 @@ class _FileJob(ChunkChooser):
             return
 
     def _share_held(self) -> None:
-        """Claim, in the background, the chunks this pull holds already (and settle them) or is fetching:
-        the swarm takes them from this node rather than from the Hub."""
+        """Claim, in the background, the chunks this pull landed from the Hub (and settle them) or is fetching
+        from it: the swarm takes them from this node rather than from the Hub. Only the Hub's: see
+        ``from_hub``."""
         assert self.swarm is not None
-        held, fetching = dict(self.partial.done), set(self.requests) - set(self.partial.done)
+        held = {index: digest for index, digest in self.partial.done.items() if index in self.from_hub}
+        fetching = {
+            index for index, requests in self.requests.items()
+            if index not in self.partial.done
+            and any(r.source.kind == "hub" and not r.receiving.in_place for r in requests)
+        }  # fmt: skip
         if held or fetching:
             task = self._watch(
-                asyncio.create_task(self.swarm.claim_held(held, fetching, lambda: self.partial.done))
+                asyncio.create_task(self.swarm.claim_held(held, fetching, self._landed_from_hub))
             )
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+
+    def _landed_from_hub(self) -> dict[int, str]:
+        return {index: digest for index, digest in self.partial.done.items() if index in self.from_hub}
 
     async def _watch_pace(self) -> None:
         """Other nodes that send the file slower than ``slow_peer_rate`` all together (one capped with
@@ -850,6 +862,8 @@ class _FileJob(ChunkChooser):
         """``part``: bytes at the chunk's start a transfer that stopped left in the file: credited to the
         sources that sent them in this transfer, the rest as found in place (a pull before this one's)."""
         self.counted.add(index)
+        if source.kind == "hub" and not part:
+            self.from_hub.add(index)
         origins = self.part_origins.pop(index, [])
         # The part's bytes by who sent them, as far as the part goes (one fetched over, the chunk landing from
         # a buffer or a range started again, is none of it); the rest was found in place (an earlier pull's)

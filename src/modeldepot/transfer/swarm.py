@@ -120,6 +120,7 @@ class SwarmFile:
         self.events: dict[str, int] = {}  # why chunks were fetched from the Hub, and other counts
         self.registry_answers = True  # (refresh) False: claims settled meanwhile cannot be seen to land
         self._unreachable_since: float | None = None  # since when the registry does not answer the view
+        self._held_claimed = False  # (claim_held asked the registry)
 
     # -- reading the view -----------------------------------------------------------------------------------
 
@@ -421,6 +422,11 @@ class SwarmFile:
         Hub. For a pull that began outside the swarm, or resumes chunks an earlier one left. ``landed`` tells
         the chunks landed since (settled here: their own settlement may have come before this claim)."""
         sha, size, node_id = self.sha256, self.chunk_size, self.node_id
+        if not self.serving:  # (as claim: the others may not wait on a node none of them can reach)
+            return
+        self._held_claimed = (
+            True  # (a claim cut short by the pull's end may stand: release asks the registry)
+        )
         for index in sorted({*held, *fetching}):
             current = self.claims.get(index)
             if index in self.mine or (current is not None and current.node_id != node_id):
@@ -453,7 +459,7 @@ class SwarmFile:
     async def release(self) -> None:
         """Withdraw this node's claims on the file (its pull is over: it holds the file, or gave up): every
         claim the registry still holds for this process, a withdrawal cut short by the pull's end too."""
-        if self.mine or self.withdrawn:
+        if self.mine or self.withdrawn or self._held_claimed:
             self.mine.clear()
             self.withdrawn.clear()
             sha, size = self.sha256, self.chunk_size
