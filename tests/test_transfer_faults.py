@@ -639,6 +639,10 @@ def test_sigterm_stops_a_pull_as_ctrl_c_does_even_where_ctrl_c_is_ignored(
     try:
         wait_until(lambda: plan.body_bytes > len(BIG_FILES[BIG]) // 4)
         process.send_signal(signal.SIGTERM)
+        for _ in range(4):  # (a supervisor that insists: each within the unwinding's grace, as Ctrl-Cs are)
+            time.sleep(0.003)
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     finally:
         process.kill()  # (a no-op once it has ended)

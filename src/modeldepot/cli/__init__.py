@@ -86,7 +86,12 @@ def _terminated_as_interrupted(signum: int, frame: object) -> None:
     raised here: `pull … & kill $!` had lost the pull's parts in flight as a SIGKILL does (an explorer's
     trial)."""
     if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
-        raise KeyboardInterrupt
+        # (a blocking run of a pull is cancelled as by a Ctrl-C, its unwinding given the same grace: raised
+        # here at once, a second SIGTERM broke it, and the pull's message, a review)
+        outage = sys.modules.get("modeldepot.transfer.outage")
+        if outage is None or not outage.interrupt():
+            raise KeyboardInterrupt
+        return
     signal.raise_signal(signal.SIGINT)
 
 
@@ -385,8 +390,10 @@ def pull_command(
         with view.running():
             result = depot.pull(repo_id, chosen, revision=revision, progress=view.update)
     except KeyboardInterrupt:
-        # (a Ctrl-C pressed again while this is said would end it with a traceback in its place)
+        # (a Ctrl-C pressed again while this is said would end it with a traceback in its place; a SIGTERM,
+        # taken for one, too)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         render.err.print(f"interrupted: {_kept_for_a_resume(depot, repo_id)}; run the same command to resume")
         sys.exit(EXIT_INTERRUPTED)
     if as_json:

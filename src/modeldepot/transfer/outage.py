@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import functools
 import itertools
 import logging
 import signal
@@ -163,7 +164,7 @@ def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
         asyncio.get_running_loop()
     except RuntimeError:
         if threading.current_thread() is threading.main_thread() and (
-            signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            signal.getsignal(signal.SIGINT) in (signal.default_int_handler, signal.SIG_IGN)
         ):
             return _run_through_ctrl_c(coroutine)
         return asyncio.run(coroutine)
@@ -173,6 +174,19 @@ def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
 
 INTERRUPT_GRACE = 5.0  # seconds after a Ctrl-C during which another one lets the first finish
 
+_interrupters: list[Callable[[], None]] = []  # the runs of _run_through_ctrl_c under way, innermost last
+
+
+def interrupt() -> bool:
+    """Interrupt the blocking run under way as a Ctrl-C does (its coroutine cancelled, unwinding with
+    :data:`INTERRUPT_GRACE`); False when none runs. For a SIGTERM where Ctrl-C is ignored (a command a
+    script started with ``&``): raised as a KeyboardInterrupt wherever the loop was, it broke the pull's
+    unwinding and its message when it came twice (a review)."""
+    if not _interrupters:
+        return False
+    _interrupters[-1]()
+    return True
+
 
 def _run_through_ctrl_c(coroutine: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run(coroutine)``, whose Ctrl-C cancels the coroutine (a pull then keeps what it received) and
@@ -181,6 +195,7 @@ def _run_through_ctrl_c(coroutine: Coroutine[Any, Any, T]) -> T:
     KeyboardInterrupt at once wherever the loop was, and a user pressing Ctrl-C three times lost every part
     of a chunk in flight its pull was writing down (an explorer's trial). Later ones interrupt at once."""
     first: list[float] = []  # when the first Ctrl-C came
+    interrupter: Callable[[], None] | None = None
     loop = asyncio.new_event_loop()
     try:
         asyncio.set_event_loop(loop)
@@ -194,7 +209,11 @@ def _run_through_ctrl_c(coroutine: Coroutine[Any, Any, T]) -> T:
             if time.monotonic() - first[0] >= INTERRUPT_GRACE:
                 raise KeyboardInterrupt
 
-        signal.signal(signal.SIGINT, on_ctrl_c)
+        heeded = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # (else ignored: left so)
+        if heeded:
+            signal.signal(signal.SIGINT, on_ctrl_c)
+        interrupter = functools.partial(on_ctrl_c, signal.SIGINT, None)
+        _interrupters.append(interrupter)
         try:
             return loop.run_until_complete(task)
         except asyncio.CancelledError:
@@ -212,10 +231,13 @@ def _run_through_ctrl_c(coroutine: Coroutine[Any, Any, T]) -> T:
         finally:
             asyncio.set_event_loop(None)
             loop.close()
+            if interrupter is not None:
+                _interrupters.remove(interrupter)
             # Ctrl-C is Python's own again (left to this handler, a script that went on after an interruption
             # lost its Ctrl-Cs for 5 s, and its next pull could not be interrupted at all: a review; the CLI
-            # says what was kept with Ctrl-C ignored)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            # says what was kept with Ctrl-C ignored); ignored, it stays so
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_through_outages(
