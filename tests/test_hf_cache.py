@@ -956,6 +956,9 @@ def test_export_copies_when_asked_and_repairs_a_damaged_blob(filled: Depot, tmp_
     flip_byte(weights, 5)
     again = filled.hf_cache_export(SAMPLE, cache_dir=cache, copy=True)
     assert (again.kept, again.copied) == (result.files - 1, 1)
+    # Said, as a note (it was replaced without a word: an explorer's trial)
+    assert [(p.problem, p.path.rsplit("/", 1)[-1]) for p in again.problems] == [("repaired", weights.name)]
+    assert again.ok
     assert (
         read_tree(Path(snapshot_download(SAMPLE, cache_dir=cache, local_files_only=True))) == sample_files()
     )

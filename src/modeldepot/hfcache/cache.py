@@ -47,6 +47,7 @@ NOTES = frozenset(
         "listing-unreadable",
         "new-cache",
         "copied",
+        "repaired",
     }
 )
 

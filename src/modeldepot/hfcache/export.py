@@ -130,6 +130,10 @@ def export_to_hf_cache(
         raise
     finally:
         writer.drop_if_empty(snapshot)
+    for repaired in writer.repaired:
+        problems.append(HfCacheProblem(repo_id, f"{writer.name}/blobs/{repaired.name}", "repaired", "the cache's "
+                                       "file held other bytes than its name's (corrupt): replaced by the store's "
+                                       "verified ones"))  # fmt: skip
     if set_ref and exported:
         lacking = len(entries) - exported - sum(p.problem == "own-file" for p in problems)
         problems.extend(branch_ref(store, repo_id, revision, commit_id, cache, move_ref, lacking))
@@ -213,6 +217,7 @@ class _CacheWriter:
         self.name = name
         self.root = self.folder("")
         self.made: list[Path] = []  # the names this writer added (blobs, snapshot links), for take_back
+        self.repaired: list[Path] = []  # blobs of the cache whose bytes were not their name's, replaced
 
     def take_back(self, snapshot: Path) -> None:
         """Remove what this writer added (a failed export), and the snapshot's folders left empty."""
@@ -273,6 +278,8 @@ class _CacheWriter:
         store.check_if_changed(record)
         if self._holds(store, entry, target):
             return "kept"
+        if os.path.lexists(target):  # (replaced without a word: the user may have copies of those bytes)
+            self.repaired.append(target)
         temporary = self._temporary(target.parent)
         try:
             how = "linked" if link and _link_blob(store, record, temporary) else "copied"
