@@ -1232,6 +1232,9 @@ def test_the_command(home: Path, hf_cache: Path, tmp_path: Path) -> None:
     code, _, err = run("hf-cache", "import", "acme/absent", "--cache-dir", str(hf_cache), home=home)
     assert code == 1 and "acme/absent" in err
     assert run("hf-cache", "export", "acme/absent", "--cache-dir", str(exported), home=home)[0] == 1
+    (tmp_path / "a-file").write_bytes(b"")
+    code, _, err = run("hf-cache", "export", SAMPLE, "--cache-dir", str(tmp_path / "a-file"), home=home)
+    assert code == 2 and "is a file, not a folder" in err, err
 
 
 def test_the_default_cache_is_huggingface_hubs(pristine: Path, tmp_path: Path) -> None:

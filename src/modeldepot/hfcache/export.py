@@ -76,6 +76,8 @@ def export_to_hf_cache(
         raise InvalidInputError(f"{cache} is inside the store ({store.home}): give the Hugging Face cache "
                                 "(HF_HUB_CACHE, e.g. ~/.cache/huggingface/hub)")  # fmt: skip
     problems: list[HfCacheProblem] = []
+    if os.path.lexists(cache) and not cache.is_dir():  # ("cannot create …: File exists" named no cause)
+        raise InvalidInputError(f"{cache} is a file, not a folder: give the Hugging Face cache's folder")
     if not cache.is_dir():
         # (a typo in --cache-dir made a cache nothing reads, without a word: a trial)
         problems.append(HfCacheProblem(repo_id, str(cache), "new-cache", f"no Hugging Face cache was at {cache}: "
