@@ -933,6 +933,28 @@ def test_a_mirrors_head_says_what_its_get_would_for_a_second_file_of_a_revision(
         assert codes == [507, 507]
 
 
+def refused_while_publishing(
+    monkeypatch: pytest.MonkeyPatch, other: Depot, tmp_path: Path
+) -> list[StoreFullError]:
+    """Make the next publish of the store first try to import a 2 MiB acme/y through ``other`` (another Depot
+    on the store, as another process would be, or the same one), which must be refused: the refusal is in
+    the list returned once that publish has run."""
+    from modeldepot.store import importer
+
+    publishing = importer.publish
+    refused: list[StoreFullError] = []
+
+    def publish_after_the_other_tried(*args: object, **kwargs: object) -> object:
+        if not refused:
+            with pytest.raises(StoreFullError) as caught:
+                other.import_dir(model(tmp_path, "acme/y", size=2 * MB), "acme/y")
+            refused.append(caught.value)
+        return publishing(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(importer, "publish", publish_after_the_other_tried)
+    return refused
+
+
 def test_a_write_in_another_process_counts_the_room_a_write_under_way_holds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -941,24 +963,13 @@ def test_a_write_in_another_process_counts_the_room_a_write_under_way_holds(
     finish was evicted by another at once: a trial). The room a write under way holds is seen by every
     process on the store: the second write, from another Depot on the store (as another process would be),
     made while the first is under way, is refused before it writes, naming what holds the room."""
-    from modeldepot.store import importer
 
     monkeypatch.delenv("MODELDEPOT_MAX_SIZE", raising=False)
     home = tmp_path / "store"
     with Depot(home, chunk_size=SMALL_CHUNK) as first, Depot(home, chunk_size=SMALL_CHUNK) as second:
         first.set_max_size("3.5MiB")
         first.import_dir(model(tmp_path, "acme/old"), "acme/old")  # 1 MiB, the least recently used
-        publishing = importer.publish
-        refused: list[StoreFullError] = []
-
-        def publish_after_the_other_tried(*args: object, **kwargs: object) -> object:
-            if not refused:
-                with pytest.raises(StoreFullError) as caught:
-                    second.import_dir(model(tmp_path, "acme/y", size=2 * MB), "acme/y")
-                refused.append(caught.value)
-            return publishing(*args, **kwargs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(importer, "publish", publish_after_the_other_tried)
+        refused = refused_while_publishing(monkeypatch, second, tmp_path)
         first.import_dir(model(tmp_path, "acme/x", size=2 * MB), "acme/x")
         assert "held by writes under way (acme/x 2.0 MiB by process" in str(refused[0])
         assert repos(first) == {"acme/old", "acme/x"}, "y was never written"
@@ -973,22 +984,11 @@ def test_a_refusal_names_the_room_another_write_of_this_process_holds(
     """A node runs every pull in its own process: a pull refused for the room another one held was told that
     room was "pinned, in use (loaded by this process)", with nothing pinned or loaded (an explorer's trial).
     It names the write under way."""
-    from modeldepot.store import importer
 
     monkeypatch.delenv("MODELDEPOT_MAX_SIZE", raising=False)
     with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
         depot.set_max_size("3.5MiB")
-        publishing = importer.publish
-        refused: list[StoreFullError] = []
-
-        def publish_after_the_other_tried(*args: object, **kwargs: object) -> object:
-            if not refused:
-                with pytest.raises(StoreFullError) as caught:
-                    depot.import_dir(model(tmp_path, "acme/y", size=2 * MB), "acme/y")
-                refused.append(caught.value)
-            return publishing(*args, **kwargs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(importer, "publish", publish_after_the_other_tried)
+        refused = refused_while_publishing(monkeypatch, depot, tmp_path)
         depot.import_dir(model(tmp_path, "acme/x", size=2 * MB), "acme/x")
         assert "held by writes under way (acme/x 2.0 MiB in this process)" in str(refused[0]), refused[0]
         assert repos(depot) == {"acme/x"}

@@ -14,8 +14,8 @@ import pytest
 
 from conftest import SMALL_CHUNK, LiveNode, store_files_consistent, write_model_dir
 from modeldepot import Depot
-from modeldepot.errors import StoreError, StoreFullError
-from test_budget import MB, model, repos
+from modeldepot.errors import StoreError
+from test_budget import MB, model, refused_while_publishing, repos
 
 
 @contextlib.contextmanager
@@ -75,7 +75,6 @@ def test_an_import_of_contents_the_store_holds_keeps_them_from_another_processs_
     placed them again with no room asked: the store ended over its budget, with nothing left to evict (an
     explorer's trial: 330 MiB of 300 MiB). Both cannot fit: the second import is refused, naming nothing
     it could evict, and the store stays within its budget."""
-    from modeldepot.store import importer
 
     monkeypatch.delenv("MODELDEPOT_MAX_SIZE", raising=False)
     home = tmp_path / "store"
@@ -83,17 +82,7 @@ def test_an_import_of_contents_the_store_holds_keeps_them_from_another_processs_
         first.set_max_size("3.5MiB")
         twin = model(tmp_path, "acme/twin", size=2 * MB)
         first.import_dir(twin, "acme/twin")
-        publishing = importer.publish
-        refused: list[StoreFullError] = []
-
-        def publish_after_the_other_tried(*args: object, **kwargs: object) -> object:
-            if not refused:
-                with pytest.raises(StoreFullError) as caught:
-                    second.import_dir(model(tmp_path, "acme/y", size=2 * MB), "acme/y")
-                refused.append(caught.value)
-            return publishing(*args, **kwargs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(importer, "publish", publish_after_the_other_tried)
+        refused = refused_while_publishing(monkeypatch, second, tmp_path)
         result = first.import_dir(twin, "acme/copy")
         assert refused, "the second import was never tried"
         assert result.new_blobs == 0, "the contents it found in the store were placed again"

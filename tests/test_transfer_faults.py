@@ -236,7 +236,9 @@ def test_a_pull_killed_outright_keeps_most_of_its_chunks_in_flight(
         log = depot.store.partials.read_log(entry.sha256 or "")
         assert log is not None and not log.logged, "(no chunk had landed)"
         kept = sum(log.parts.values())
-        assert kept >= 3 << 20, log.parts  # (at least 1 MiB of each of three chunks, written down every second)
+        assert kept >= 3 << 20, (
+            log.parts
+        )  # (at least 1 MiB of each of three chunks, written down every second)
         again = proxy.set("pass", times=-1)
         result = depot.pull(REPO)
         assert result.bytes_resumed >= kept
