@@ -167,8 +167,7 @@ async def download_file(
         digest = digest_bytes(b"", partial.chunk_size)
         _check(remote, digest)
         return digest
-    job = _FileJob(http, remote, partial, limits, fallback, on_bytes, swarm)
-    job.swarm_later = swarm_later
+    job = _FileJob(http, remote, partial, limits, fallback, on_bytes, swarm, swarm_later)
     if on_start is not None:
         on_start(job.receiving, job.kept_earlier)
     return await job.run(sources)
@@ -177,7 +176,8 @@ async def download_file(
 class _FileJob(ChunkChooser):
     def __init__(self, http: LazySession, remote: RemoteFile, partial: ResumablePartial,
                  limits: Limits, fallback: Callable[[], list[FileSource]] | None,
-                 on_bytes: BytesDone | None, swarm: SwarmFile | None = None) -> None:  # fmt: skip
+                 on_bytes: BytesDone | None, swarm: SwarmFile | None = None,
+                 swarm_later: Callable[[], Awaitable[SwarmFile | None]] | None = None) -> None:  # fmt: skip
         super().__init__(partial, swarm)
         self.http, self.remote, self.limits = http, remote, limits
         self.fallback, self.on_bytes = fallback, on_bytes
@@ -213,7 +213,7 @@ class _FileJob(ChunkChooser):
         self.peer_landed: collections.deque[tuple[float, int]] = (
             collections.deque()
         )  # (when, bytes) from them
-        self.swarm_later: Callable[[], Awaitable[SwarmFile | None]] | None = None
+        self.swarm_later = swarm_later
         # Chunks this transfer landed with the Hub's bytes alone: what it may vouch for in a swarm it joins
         # (a chunk from a partial holder outside a swarm was never checked alone; one an earlier pull left
         # is of unknown origin: settled, the fleet would trust a liar's bytes, a review)
@@ -429,8 +429,8 @@ class _FileJob(ChunkChooser):
         """A file that began outside the fleet's swarm (etcd was out of reach as the pull started, or this
         store's server was not in the fleet yet) joins it as soon as it can: what is left comes from the Hub
         once for the fleet, not once per node (an outage at the start of a fleet's pull cost the Hub a copy
-        per node for the whole pull). The chunks this node holds or fetches already are claimed at once, so
-        that the others take them from it."""
+        per node for the whole pull). The chunks this node landed from the Hub, or fetches from it, are
+        claimed at once, so that the others take them from it (:meth:`_share_held`)."""
         while self._work_left():
             await asyncio.sleep(SWARM_JOIN_EVERY)
             swarm = await find()
@@ -452,7 +452,7 @@ class _FileJob(ChunkChooser):
         from it: the swarm takes them from this node rather than from the Hub. Only the Hub's: see
         ``from_hub``."""
         assert self.swarm is not None
-        held = {index: digest for index, digest in self.partial.done.items() if index in self.from_hub}
+        held = self._landed_from_hub()
         fetching = {
             index for index, requests in self.requests.items()
             if index not in self.partial.done
