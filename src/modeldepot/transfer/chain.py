@@ -286,8 +286,8 @@ class SourceChain:
                     cannot_tell: list[DepotError], parts: list[Scan]) -> Scan | None:  # fmt: skip
         """The first of the fleet's ``peers`` to describe the repo, asked PEER_SCAN_WIDTH at a time, each for
         PEER_SCAN_TIMEOUT at most (None when none does; what each said goes to ``problems``, a refusal of
-        this node's token to ``cannot_tell`` too; a peer's part of the commit to ``parts``). A peer that let a scan time out is left out of this
-        process's scans for UNANSWERING_FOR seconds.
+        this node's token to ``cannot_tell`` too; a peer's part of the commit to ``parts``). A peer that
+        let a scan time out is left out of this process's scans for UNANSWERING_FOR seconds.
 
         Each is asked on a daemon thread of its own: a peer that does not answer is not waited for once
         another has, nor does it hold a finished command's process open."""

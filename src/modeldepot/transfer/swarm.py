@@ -419,14 +419,14 @@ class SwarmFile:
                          landed: Callable[[], Mapping[int, str]]) -> None:  # fmt: skip
         """Claim the chunks this node holds (``held``: their BLAKE3s) or is fetching, where no other node
         claims them, and settle those it holds: the others take them from this node rather than from the
-        Hub. For a pull that began outside the swarm, or resumes chunks an earlier one left. ``landed`` tells
-        the chunks landed since (settled here: their own settlement may have come before this claim)."""
+        Hub. For a pull that began outside the swarm; the caller gives only chunks it may vouch for (the
+        Hub's). ``landed`` tells such chunks landed since (settled here: their own settlement may have come
+        before this claim)."""
         sha, size, node_id = self.sha256, self.chunk_size, self.node_id
         if not self.serving:  # (as claim: the others may not wait on a node none of them can reach)
             return
-        self._held_claimed = (
-            True  # (a claim cut short by the pull's end may stand: release asks the registry)
-        )
+        # (a claim cut short by the pull's end may stand: release asks the registry)
+        self._held_claimed = True
         for index in sorted({*held, *fetching}):
             current = self.claims.get(index)
             if index in self.mine or (current is not None and current.node_id != node_id):
