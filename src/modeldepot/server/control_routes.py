@@ -160,9 +160,8 @@ async def json_body(request: web.Request, keys: tuple[str, ...]) -> dict[str, An
         raise Refused(415, "UnsupportedMediaType", "send the body as JSON (Content-Type: application/json)")
     try:
         value = json.loads(raw, object_pairs_hook=_no_key_twice)
-    except (
-        _KeyTwice
-    ) as twice:  # ({"repo": "a/b", "repo": "c/d"} pulled c/d without a word: an explorer's trial)
+    except _KeyTwice as twice:
+        # ({"repo": "a/b", "repo": "c/d"} pulled c/d without a word: an explorer's trial)
         raise Refused(400, "BadRequest", f"the body names {str(twice)[:40]!r} twice") from None
     except ValueError:
         raise Refused(400, "BadRequest", "the body is not valid JSON") from None
