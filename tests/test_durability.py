@@ -568,3 +568,22 @@ def test_a_store_closed_while_its_background_check_quarantines_waits_for_the_row
         assert in_quarantine and in_quarantine <= quarantined, (in_quarantine, quarantined)
     finally:
         rows.close()
+
+
+def test_closing_the_store_waits_for_a_quarantine_under_way_only_so_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quarantine waits for the store's lock, which another process stopped with Ctrl-Z may hold for good:
+    a close that waited for it hung with it (a review)."""
+    from modeldepot.store import durability
+
+    monkeypatch.setattr(durability, "QUARANTINE_WAIT", 0.3)
+    depot = Depot(tmp_path / "store")
+    stuck = depot.store.durability._quarantining
+    stuck.acquire()  # (a quarantine under way, waiting on that lock)
+    try:
+        began = time.monotonic()
+        depot.close()
+        assert time.monotonic() - began < 5
+    finally:
+        stuck.release()

@@ -480,23 +480,23 @@ def test_a_first_download_huggingface_hub_never_finished_is_a_note(
     explorer's trial)."""
     _, node = source
     cache = tmp_path / "hub"
-    killed = subprocess.run([sys.executable, "-c", _KILLED_DOWNLOAD, SAMPLE, "model.safetensors", node.url,
+    killed = subprocess.run([sys.executable, "-c", _KILLED_DOWNLOAD, SAMPLE, "onnx/model_q4.onnx", node.url,
                              str(cache)], capture_output=True, text=True, timeout=120,
                             env={k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"})  # fmt: skip
     assert killed.returncode == 9, killed.stderr
     [commit] = os.listdir(cache / FOLDER / "snapshots")
-    assert os.listdir(cache / FOLDER / "snapshots" / commit) == []
+    assert os.listdir(cache / FOLDER / "snapshots" / commit) in ([], ["onnx"])  # (a folder, no file)
     code, out, err = run("hf-cache", "import", "--cache-dir", str(cache), "--json", home=tmp_path / "store")
     assert code == 0, (out, err)
     found = sorted((p["problem"], p["path"].split("/")[1]) for p in json.loads(out)["problems"])
     assert found == [("incomplete", "blobs"), ("incomplete", "refs")], found
     # Once the download is finished, the next run adopts it.
-    hf_hub_download(SAMPLE, "model.safetensors", endpoint=node.url, cache_dir=cache)
+    hf_hub_download(SAMPLE, "onnx/model_q4.onnx", endpoint=node.url, cache_dir=cache)
     code, out, err = run("hf-cache", "import", "--cache-dir", str(cache), home=tmp_path / "store")
     assert code == 0, (out, err)
     with Depot(tmp_path / "store") as depot:
         assert depot.resolve(SAMPLE) == commit
-        assert bytes(depot.get_file(SAMPLE, "model.safetensors")) == sample_files()["model.safetensors"]
+        assert bytes(depot.get_file(SAMPLE, "onnx/model_q4.onnx")) == sample_files()["onnx/model_q4.onnx"]
 
 
 def _relink(snapshot: Path, path: str, data: bytes) -> None:
@@ -959,6 +959,11 @@ def test_export_copies_when_asked_and_repairs_a_damaged_blob(filled: Depot, tmp_
     # Said, as a note (it was replaced without a word: an explorer's trial)
     assert [(p.problem, p.path.rsplit("/", 1)[-1]) for p in again.problems] == [("repaired", weights.name)]
     assert again.ok
+    # A dangling link in its place is no corrupt file of the cache: replaced, without that note (a review)
+    weights.unlink()
+    weights.symlink_to(tmp_path / "gone")
+    third = filled.hf_cache_export(SAMPLE, cache_dir=cache, copy=True)
+    assert third.ok and not third.problems and third.copied == 1
     assert (
         read_tree(Path(snapshot_download(SAMPLE, cache_dir=cache, local_files_only=True))) == sample_files()
     )
@@ -1419,3 +1424,91 @@ def test_a_folder_that_is_no_cache_is_said_so_and_leaves_no_store(tmp_path: Path
     (tmp_path / "empty").mkdir()  # (an empty cache named: the same)
     code, _, err = run("hf-cache", "import", "--cache-dir", str(tmp_path / "empty"), home=tmp_path / "store")
     assert code == 1 and "is not a Hugging Face cache" in err, err
+
+
+def _node_holding_part_of_sample(tmp_path: Path, hub: LiveNode) -> LiveNode:
+    """A node whose store adopted config.json and the q4 ONNX of acme/sample, without the commit's listing."""
+    cache = tmp_path / "hf" / "hub"
+    for name in ("config.json", "onnx/model_q4.onnx", "onnx/model_q4.onnx_data"):
+        hf_hub_download(SAMPLE, name, endpoint=hub.url, cache_dir=cache)
+    with Depot(tmp_path / "partial", chunk_size=SMALL_CHUNK) as adopted:
+        assert adopted.hf_cache_import(cache_dir=cache).ok
+    return LiveNode(Depot(tmp_path / "partial"), owns_depot=True)
+
+
+def test_a_part_of_a_commit_stays_a_part_when_a_variant_of_it_is_removed(
+    tmp_path: Path, source: tuple[Depot, LiveNode], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rm --quant` (or the budget evicting a variant) keeps the commit's listing before it removes files:
+    it kept a node's part as that listing, and once the repo's scan moved on, the part was the whole commit
+    (a review)."""
+    origin, hub = source
+    commit = origin.resolve(SAMPLE)
+    node = _node_holding_part_of_sample(tmp_path, hub)
+    try:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # (no Hub now)
+        with Depot(tmp_path / "alone", chunk_size=SMALL_CHUNK, servers=[node.url]) as alone:
+            assert alone.pull(SAMPLE).commit_id == commit
+            alone.remove(SAMPLE, quant="q4")
+            assert alone.store.manifests.listing(SAMPLE, commit) is None
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        with Depot(tmp_path / "alone", servers=[node.url]) as alone:
+            alone.pull(SAMPLE, revision="dev")  # (the repo's scan moves to dev's commit)
+            assert not alone.commit_known_whole(SAMPLE, commit)
+    finally:
+        node.stop()
+
+
+def test_a_part_scanned_while_the_hub_is_down_hides_no_listing_the_store_kept(
+    tmp_path: Path, source: tuple[Depot, LiveNode], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit whose whole listing the store kept (pulled once with the Hub up), scanned again while the Hub
+    is down from a node holding part of it: the part hid the listing, and the commit was listed as 3 of its 6
+    files (a review)."""
+    origin, hub = source
+    commit = origin.resolve(SAMPLE)
+    node = _node_holding_part_of_sample(tmp_path, hub)
+    try:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        with Depot(tmp_path / "alone", chunk_size=SMALL_CHUNK, servers=[node.url]) as alone:
+            alone.pull(SAMPLE, ["q4"])
+            before = [f.path for f in alone.commit_files(SAMPLE, commit)]
+        assert len(before) == len(sample_files())
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # (no Hub now)
+        with Depot(tmp_path / "alone", servers=[node.url]) as alone:
+            alone.pull(SAMPLE, ["q4"])
+            assert [f.path for f in alone.commit_files(SAMPLE, commit)] == before
+            assert alone.commit_known_whole(SAMPLE, commit)
+    finally:
+        node.stop()
+
+
+def test_a_failed_export_leaves_a_blob_another_snapshot_linked_meanwhile(
+    filled: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed export took back the blobs it had added, one that another export (or huggingface_hub) had
+    linked meanwhile among them: that snapshot was left a broken link (a review)."""
+    import modeldepot.hfcache.export
+
+    real_blob = modeldepot.hfcache.export._CacheWriter.blob
+    cache = tmp_path / "hub"
+    other = cache / FOLDER / "snapshots" / ("f" * 40)
+    calls = {"n": 0}
+
+    def links_then_fills_up(self: object, store: object, entry: object, target: Path, link: bool) -> str:
+        calls["n"] += 1
+        if calls["n"] == 3:  # another snapshot links the first blob this export added, then the disk fills
+            first = sorted((cache / FOLDER / "blobs").iterdir())[0]
+            other.mkdir(parents=True)
+            (other / "config.json").symlink_to(os.path.relpath(first, other))
+            raise StoreError("cannot write x in the Hugging Face cache: No space left on device (simulated)")
+        return real_blob(self, store, entry, target, link)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(modeldepot.hfcache.export._CacheWriter, "blob", links_then_fills_up)
+    with pytest.raises(StoreError, match="nothing of this export was kept"):
+        filled.hf_cache_export(SAMPLE, cache_dir=cache)
+    assert (other / "config.json").exists(), "the other snapshot's link still leads to its blob"
+    assert not (cache / FOLDER / "snapshots" / filled.resolve(SAMPLE)).exists()
+    assert len(list((cache / FOLDER / "blobs").iterdir())) == 1, "the blob nobody links is taken back"

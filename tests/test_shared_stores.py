@@ -502,3 +502,30 @@ def test_a_typed_home_is_made_only_with_a_note(tmp_path: Path, admin: Path) -> N
     assert done.exit_code == 0 and f"no store at {tmp_path / 'typo'} yet: made one" in done.stderr, (
         done.stderr
     )
+
+
+def test_a_failed_export_of_a_commit_split_across_stores_takes_back_every_stores_part(
+    tmp_path: Path, admin: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit split between the user's store and a shared one is exported from each; the disk filling
+    during the shared store's part left the user's store's files in the snapshot, and said "nothing of this
+    export was kept" (a review)."""
+    import modeldepot.hfcache.export as export
+    from modeldepot.errors import StoreError
+    from modeldepot.store.models import FileEntry
+
+    real_blob = export._CacheWriter.blob
+
+    def fills_up(self: object, store: object, entry: FileEntry, target: Path, link: bool) -> str:
+        if entry.path == "model-Q4_K_M.gguf":  # (the shared store's part)
+            raise StoreError("cannot write x in the Hugging Face cache: No space left on device (simulated)")
+        return real_blob(self, store, entry, target, link)  # type: ignore[arg-type]
+
+    cache = tmp_path / "hf-cache"
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        user.pull("acme/q", quants=["Q8_0"])
+        commit = user.resolve("acme/q")
+        monkeypatch.setattr(export._CacheWriter, "blob", fills_up)
+        with pytest.raises(StoreError, match="nothing of this export was kept"):
+            user.hf_cache_export("acme/q", cache_dir=cache)
+    assert not (cache / "models--acme--q" / "snapshots" / commit).exists()

@@ -453,8 +453,9 @@ def _one_per_repo(store: Store, adopted: list[tuple[HfCacheRepo, frozenset[str]]
 
 def _nothing_adopted_for(scan: _Scan, repo: _CachedRepo, ref: str, commit: str) -> None:
     """Say why the ref ``ref`` to ``commit`` was not set: none of the commit's files could be adopted."""
-    if not _listdir(repo.folder / "snapshots" / commit):
-        # huggingface_hub writes the ref and makes the snapshot's folder, then downloads: a first download
+    if not any(names for _, _, names in os.walk(repo.folder / "snapshots" / commit)):
+        # huggingface_hub writes the ref and makes the snapshot's folder (and the file's folder in it: a
+        # review found `onnx/`), then downloads: a first download
         # that never finished left them (no run could adopt anything of it; as a problem, every scheduled
         # import failed on it for good: an explorer's trial)
         scan.problem(repo.repo_id, repo.folder / "refs" / ref, "incomplete",

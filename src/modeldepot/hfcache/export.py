@@ -50,6 +50,7 @@ def export_to_hf_cache(
     skip: frozenset[str] = frozenset(),
     move_ref: bool = False,
     set_ref: bool = True,
+    added: list[Path] | None = None,
 ) -> HfCacheExportResult:
     """Make ``repo_id`` at ``revision`` appear in a Hugging Face cache (default: huggingface_hub's), as a
     download of it from the Hub would have left it; ``refs/<revision>`` too when it is a branch.
@@ -65,7 +66,8 @@ def export_to_hf_cache(
     ``move_ref``: move ``refs/<revision>`` even when it names another commit the cache holds (a newer
     download, maybe: moved back, offline code loaded older weights without a word, a trial); without it
     such a ref stays, and the result says so (not ``ok``). ``set_ref`` False: the ref is left to the caller
-    (:func:`branch_ref`).
+    (:func:`branch_ref`). ``added``: the names exports of this commit from other stores added before (a
+    commit split across stores), taken back with this one's when it fails; this one's are added to it.
     """
     held = store.spelled(repo_id)
     validate_revision(revision)
@@ -92,7 +94,7 @@ def export_to_hf_cache(
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise StoreError(f"cannot create the Hugging Face cache folder {cache}: {error.strerror}") from None
-    writer = _CacheWriter(cache, repo_folder_name(repo_id))
+    writer = _CacheWriter(cache, repo_folder_name(repo_id), added)
     blobs = writer.folder("blobs")
     writer.sweep(blobs)
     writer.sweep(writer.root)  # (the links' and refs' temporaries are made in the repo's folder)
@@ -213,18 +215,27 @@ class _CacheWriter:
     """Writes one repo's folder of a cache; every folder it writes into is checked to lie inside the cache
     (its real path) before anything is created in it, and every name appears by an atomic rename."""
 
-    def __init__(self, cache: Path, name: str) -> None:
+    def __init__(self, cache: Path, name: str, made: list[Path] | None = None) -> None:
         self.cache = cache
         self.real = os.path.realpath(cache)
         self.name = name
         self.root = self.folder("")
-        self.made: list[Path] = []  # the names this writer added (blobs, snapshot links), for take_back
+        # the names this writer (and those of the same export before it) added, blobs and snapshot links
+        self.made: list[Path] = made if made is not None else []
         self.repaired: list[Path] = []  # blobs of the cache whose bytes were not their name's, replaced
 
     def take_back(self, snapshot: Path) -> None:
-        """Remove what this writer added (a failed export), and the snapshot's folders left empty."""
+        """Remove what this writer added (a failed export), and the snapshot's folders left empty. A blob it
+        added that a link of the repo's snapshots leads to now stays (another export, or huggingface_hub,
+        linked it meanwhile: removed, their snapshot was left a broken link, a review)."""
+        blobs = self.root / "blobs"
         for name in reversed(self.made):
-            unlink_quietly(name)
+            if name.parent != blobs:
+                unlink_quietly(name)
+        linked = self._blobs_linked()
+        for name in self.made:
+            if name.parent == blobs and name.name not in linked:
+                unlink_quietly(name)
         self.made.clear()
         for current, _, _ in sorted(os.walk(snapshot), key=lambda found: -len(found[0])):
             if current != str(snapshot):
@@ -266,6 +277,17 @@ class _CacheWriter:
             if found is not None and not _alive(int(found[1])):
                 unlink_quietly(folder / name)
 
+    def _blobs_linked(self) -> set[str]:
+        """The names in blobs/ that a link of the repo's snapshots leads to."""
+        linked: set[str] = set()
+        for current, _, names in os.walk(self.root / "snapshots"):
+            for name in names:
+                with contextlib.suppress(OSError):
+                    target = os.readlink(os.path.join(current, name))
+                    if os.path.basename(os.path.dirname(target)) == "blobs":
+                        linked.add(os.path.basename(target))
+        return linked
+
     def drop_if_empty(self, folder: Path) -> None:
         """Remove ``folder`` when nothing was written in it: huggingface_hub takes an empty snapshot folder
         for a snapshot with no files (``snapshot_download`` offline returns it)."""
@@ -280,7 +302,9 @@ class _CacheWriter:
         store.check_if_changed(record)
         if self._holds(store, entry, target):
             return "kept"
-        if os.path.lexists(target):  # (replaced without a word: the user may have copies of those bytes)
+        if os.path.isfile(target) and within(self.real, os.path.realpath(target)):
+            # a file of the cache with other bytes than its name's: replaced, and said (it was without a word:
+            # the user may have copies of those bytes); not a dangling link, nor one out of the cache (a review)
             self.repaired.append(target)
         temporary = self._temporary(target.parent)
         try:
@@ -442,8 +466,9 @@ def export_through_tiers(
     answering store found corrupt is taken from another that holds it good."""
     # (the id as the own store spells it; the cache's folder keeps the caller's)
     answering, spelled, commit_id = tiers.holder(tiers.own.spelled(repo_id), revision)
+    added: list[Path] = []  # (taken back together when a later store's part fails: a review)
     result = export_to_hf_cache(answering, repo_id, revision, cache_dir, copy=copy, progress=progress,
-                                set_ref=False)  # fmt: skip
+                                set_ref=False, added=added)  # fmt: skip
     done = frozenset(
         e.path for e in answering.files(spelled, commit_id) if answering.has_file(spelled, e.path, commit_id)
     )
@@ -455,7 +480,7 @@ def export_through_tiers(
         )
         if held - done:
             more = export_to_hf_cache(other, repo_id, commit_id, cache_dir, copy=copy, progress=progress,
-                                      skip=done)  # fmt: skip
+                                      skip=done, added=added)  # fmt: skip
             mended = held - done - {p.path.rsplit(f"/{commit_id}/", 1)[-1] for p in more.problems}
             done |= held
             result = dataclasses.replace(

@@ -375,7 +375,12 @@ class CommitListings:
                 except NotFoundError:
                     return None  # (dropped meanwhile)
                 if is_part_of_commit(record):
-                    return None  # (a node's part of the commit: not known whole)
+                    # (a node's part of the commit: the listing kept of it, when one is, says the whole;
+                    # a part scanned while the Hub was down hid it, a review)
+                    kept = kept_listing(self.store, repo_id, commit_id)
+                    if kept is None:
+                        return None
+                    return (kept, frozenset(f.path for f in kept))
                 files = listed_files(record)
             else:
                 kept = kept_listing(self.store, repo_id, commit_id)
@@ -400,11 +405,10 @@ def keep_listing(store: Store, repo_id: str, commit_id: str) -> None:
     scanned = store.manifests.scanned_commit(repo_id)
     # The commit's listing, whatever else: the repo's scan's when it is of this commit (a commit pulled in
     # part before listings were kept: what the store holds is a part, a review), else what the store holds
-    whole = (
-        listed_files(store.manifests.load(repo_id))
-        if scanned is not None and scanned[0] == commit_id
-        else files
-    )
+    record = store.manifests.load(repo_id) if scanned is not None and scanned[0] == commit_id else None
+    if record is not None and is_part_of_commit(record):
+        return  # a node's part of the commit: no listing of it is known, and none is made up (a review)
+    whole = listed_files(record) if record is not None else files
     store.manifests.keep_listing(repo_id, commit_id, _listing_json(list(whole)))
     if scanned is not None and (
         scanned[0] == commit_id

@@ -601,7 +601,10 @@ async def remove_repo(request: web.Request) -> web.Response:
         _checked("revision", validate_revision, revision, REVISION, in_url=True)
     quant = request.query.get("quant")
     if quant is not None:  # (one variant, as `rm --quant`: the control API could not, an explorer's trial)
-        quant = _quant_name(quant)
+        try:
+            quant = _quant_name(quant)
+        except Refused as refused:  # (in the URL: a 400, as a bad revision there)
+            raise Refused(400, "BadRequest", refused.message) from None
     # The pins' routes take the revision in the body: a body naming one here is read too (a removal of the
     # whole repo for a body that asked for one revision would lose what was never asked for)
     body = await json_body(request, ("revision", "quant"))

@@ -772,7 +772,7 @@ def _control_paths(
                 "operationId": "removeRepo",
                 "description": "Remove the repo, or one revision of it, or one variant of a revision (`quant`: "
                 "its own files; the shared ones and the other variants stay, as `modeldepot rm --quant`); blobs "
-                "nothing else uses are deleted at once. 404 for a variant the revision lacks, 422 for a name no variant has. A repo the node holds nothing of but its saved scan: the scan goes (`scan_forgotten`). 409 "
+                "nothing else uses are deleted at once. 404 for a variant the revision lacks. A repo the node holds nothing of but its saved scan: the scan goes (`scan_forgotten`). 409 "
                 "while a pull of the repo runs on the node (it would publish the repo again); 503 on a read-only "
                 f"store. {_CONTROL}",
                 "parameters": [

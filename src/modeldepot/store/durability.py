@@ -58,6 +58,9 @@ def current_boot_id() -> str:
         return UNKNOWN_BOOT
 
 
+QUARANTINE_WAIT = 5.0  # seconds a close waits for a quarantine under way (it may wait on another process)
+
+
 class Durability:
     """The store's unflushed and unchecked blobs (see the module's docstring). Thread-safe."""
 
@@ -245,6 +248,10 @@ class Durability:
                     log.warning("blob %s… could not be written back to the disk: quarantined; pull it again",
                                 sha256[:16])  # fmt: skip
                     with self._quarantining:
+                        if self._stop.is_set() and threading.current_thread() is self._thread:
+                            raise StoreClosedError(
+                                f"the store was closed while blob {sha256[:16]}… was flushed"
+                            )
                         self.quarantine(sha256, created_at)
             self._mark_durable([p for p in placements if p[0] not in bad_files | bad_folders], boot)
         return [sha256 for sha256, _ in placements if sha256 in bad_files | bad_folders]
@@ -343,5 +350,7 @@ class Durability:
         next process that opens the store flushes it), once a quarantine under way is done."""
         self._stop.set()
         self._wake.set()
-        with self._quarantining:
-            pass
+        # (bounded: a quarantine waits for the store's lock, which a process stopped with Ctrl-Z may hold for
+        # good; closing hung with it, a review)
+        if self._quarantining.acquire(timeout=QUARANTINE_WAIT):
+            self._quarantining.release()

@@ -220,6 +220,10 @@ def _run_through_ctrl_c(coroutine: Coroutine[Any, Any, T]) -> T:
             if first:
                 raise KeyboardInterrupt from None
             raise
+        finally:
+            # (the task is done: a SIGTERM from now on is the caller's, not a cancel of nothing, a review)
+            _interrupters.remove(interrupter)
+            interrupter = None
     finally:
         try:  # (as asyncio.run ends: what is left is cancelled and awaited, the default executor shut down)
             left = asyncio.all_tasks(loop)
