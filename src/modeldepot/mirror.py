@@ -84,6 +84,7 @@ SCAN_THREADS = 16
 # Seconds a file whose pull failed upstream before a chunk landed (or failed its check twice) answers that
 # failure: a client's immediate retries each pulled the whole file again, and each got a 200 cut short
 FAILED_TTL = 20.0
+UNREACHABLE_TTL = 2.0  # ... and one the upstream could not be reached for, this long
 REFUTED_MEMORY = 300.0  # seconds a file that failed its check is remembered: a second failure is kept
 # Seconds a request for something the store holds waits for the upstream's scan before the store answers (an
 # upstream that accepts and never answers: huggingface_hub gives up on a HEAD after 10 s)
@@ -113,6 +114,7 @@ class _Job:
     # own, or another name of the same content: Mirror._writing)
     handed_out: set[tuple[str, str]] = field(default_factory=set)
     found_chunks: int = 0  # chunks its partial held when it began (a resume's)
+    found_part_bytes: int = 0  # bytes of parts of chunks its partial held when it began
     _event: asyncio.Event = field(default_factory=asyncio.Event)
 
     def pulse(self) -> None:
@@ -362,7 +364,11 @@ class Mirror:
         loop = asyncio.get_running_loop()
 
         def watch(path: str, partial: ResumablePartial) -> None:
-            job.partial, job.found_chunks = partial, len(partial.done)
+            job.partial, job.found_chunks, job.found_part_bytes = (
+                partial,
+                len(partial.done),
+                partial.part_bytes(),
+            )
             job.pulse()
 
         def progress(update: PullUpdate) -> None:
@@ -458,19 +464,20 @@ class Mirror:
 
     def _check_not_failed(self, key: tuple[str, str, str]) -> None:
         now = time.monotonic()
-        for old in [k for k, (when, _) in self._failed.items() if now - when > FAILED_TTL]:
+        for old in [k for k, (when, error) in self._failed.items() if now - when > _remembered_for(error)]:
             del self._failed[old]
         for old in [k for k, when in self._refuted.items() if now - when > REFUTED_MEMORY]:
             del self._refuted[old]
         if key not in self._failed:
             return
         when, error = self._failed[key]
+        ttl = _remembered_for(error)
         kind: type[DepotError] = type(error) if isinstance(error, UpstreamTimeoutError) else UpstreamError
         if isinstance(error, IntegrityError):
             kind = IntegrityError
         raise kind(
             f"the pull of {key[2]} failed {now - when:.0f} s ago ({error}); it is tried again "
-            f"{FAILED_TTL - (now - when):.0f} s from now",
+            f"{ttl - (now - when):.0f} s from now",
             repo_id=key[0],
             path=key[2],
         )
@@ -851,9 +858,19 @@ class Mirror:
         self._scan_threads.shutdown(wait=False, cancel_futures=True)
 
 
+def _remembered_for(error: Exception) -> float:
+    """Seconds a file's failed pull is the answer for it: an upstream out of reach (restarting, say) is asked
+    again sooner (remembered for FAILED_TTL, its 3 s restart made 25 s of errors: an explorer's trial)."""
+    return UNREACHABLE_TTL if isinstance(error, UpstreamError) and error.network else FAILED_TTL
+
+
 def _landed(job: _Job) -> bool:
-    """Whether ``job``'s pull landed a chunk."""
-    return job.partial is not None and len(job.partial.done) > job.found_chunks
+    """Whether ``job``'s pull landed a chunk, or kept part of one (a link capped or slow lands no 16 MiB
+    chunk for seconds: an outage then was remembered as a pull that gave nothing, and every request for the
+    file failed for FAILED_TTL after the upstream was back, an explorer's trial)."""
+    return job.partial is not None and (
+        len(job.partial.done) > job.found_chunks or job.partial.part_bytes() > job.found_part_bytes
+    )
 
 
 @dataclass(eq=False)
