@@ -795,11 +795,44 @@ def test_a_linked_file_written_while_it_is_hashed_is_refused(
 
     monkeypatch.setattr(importer, "digest_stream", written_meanwhile)
     try:
-        with pytest.raises(SourceDirectoryError, match="changed while it was being hashed"):
+        with pytest.raises(SourceDirectoryError, match="changed while it was being read"):
             depot.import_dir(folder, REPO, link=True)
     finally:
         os.close(writer)
     assert depot.list_repos() == [] and stat.S_IMODE(os.stat(folder / "model.gguf").st_mode) != 0o444
+
+
+@pytest.mark.parametrize("held_before", [False, True], ids=["new-content", "content-held-before"])
+def test_a_file_written_while_it_is_copied_is_refused(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held_before: bool
+) -> None:
+    """A file written in place while `import` copies it was stored as a mix of its two versions (its old
+    start, its new end), hashed as copied so every check passed, and said imported (an explorer's trial).
+    Also when the store held the file's bytes before (hashed where it is, then not copied)."""
+    from modeldepot.store import importer
+
+    old = os.urandom(3 * SMALL_CHUNK)
+    folder = write_model_dir(tmp_path / "folder", {"model.gguf": old})
+    os.utime(
+        folder / "model.gguf", (1e9, 1e9)
+    )  # (written long ago: a write within one clock tick moves no mtime)
+    if held_before:
+        depot.import_dir(folder, "org/before")
+    hashing = importer.digest_stream
+
+    def written_meanwhile(*args: object, **kwargs: object) -> object:
+        digest = hashing(*args, **kwargs)  # type: ignore[arg-type]
+        with open(folder / "model.gguf", "r+b") as handle:  # (after the bytes were read)
+            handle.write(b"NEW!")
+        return digest
+
+    monkeypatch.setattr(importer, "digest_stream", written_meanwhile)
+    with pytest.raises(SourceDirectoryError, match="changed while it was being read"):
+        depot.import_dir(folder, REPO)
+    assert REPO not in [repo.repo_id for repo in depot.list_repos()]
+    monkeypatch.setattr(importer, "digest_stream", hashing)
+    depot.import_dir(folder, REPO)  # (once written, it imports: the version it holds now)
+    assert bytes(depot.get_file(REPO, "model.gguf")) == b"NEW!" + old[4:]
 
 
 def _second_import_during(

@@ -36,7 +36,7 @@ from modeldepot.gitobjects import (
 from modeldepot.hashing import GIT_OID_LIMIT, BlobDigest, digest_stream
 from modeldepot.modelcard import MAX_CARD_BYTES, repo_card
 from modeldepot.openfiles import open_file_limit
-from modeldepot.store.blobs import PartialBlob, WriteSession
+from modeldepot.store.blobs import PartialBlob, WriteSession, file_stamp, written_since
 from modeldepot.store.budget import BudgetWriter
 from modeldepot.store.layout import StoreLayout
 from modeldepot.store.maintenance import sweep_dead_sessions
@@ -173,11 +173,25 @@ def _stage(
     except OSError as error:
         raise SourceDirectoryError(f"cannot read {source.absolute}: {error.strerror}") from None
     with handle:
-        size = os.fstat(handle.fileno()).st_size
+        before = file_stamp(os.fstat(handle.fileno()))
+        size = before[0]
         partial = session.new_partial(size)
         partial.writeback = durable  # deferred: the disk is not raced while the hashing runs
-        digest = digest_stream(handle.readinto, size, chunk_size, sink=partial.write, progress=report)
+        try:
+            digest = digest_stream(handle.readinto, size, chunk_size, sink=partial.write, progress=report)
+            # (a file written in place meanwhile was stored as a mix of its two versions, its old start and
+            # its new end, and said imported: an explorer's trial)
+            if written_since(before, file_stamp(os.fstat(handle.fileno()))):
+                raise _changed_meanwhile(source.absolute)
+        except BaseException:
+            partial.discard()
+            raise
     return digest, partial
+
+
+def _changed_meanwhile(source: Path) -> SourceDirectoryError:
+    return SourceDirectoryError(f"{source} changed while it was being read (something still writes it): "
+                                "import it again once it is written")  # fmt: skip
 
 
 class HeldContents:
@@ -212,8 +226,11 @@ class HeldContents:
             raise SourceDirectoryError(f"cannot read {source}: {error.strerror}") from None
         with handle:
             # (its size now, as a copy takes it: one written since the folder was walked was refused, a review)
-            size = os.fstat(handle.fileno()).st_size
-            return digest_stream(handle.readinto, size, self.chunk_size, progress=report)
+            before = file_stamp(os.fstat(handle.fileno()))
+            digest = digest_stream(handle.readinto, before[0], self.chunk_size, progress=report)
+            if written_since(before, file_stamp(os.fstat(handle.fileno()))):
+                raise _changed_meanwhile(source)
+            return digest
 
     def relied_on(self, digest: BlobDigest) -> bool:
         """Whether the store holds ``digest``'s blob good, named first as one this write relies on (kept from
@@ -454,8 +471,7 @@ def _stage_link(
         raise
     if changed:
         partial.discard()
-        raise SourceDirectoryError(f"{source} changed while it was being hashed (something still writes it): "
-                                   "import it again once it is written")  # fmt: skip
+        raise _changed_meanwhile(source)
     return digest, partial
 
 
