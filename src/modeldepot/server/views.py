@@ -194,8 +194,8 @@ def to_its_commit(request: web.Request, commit_id: str, headers: dict[str, str])
         return None
     org, name, path = (request.match_info[k] for k in ("org", "name", "path"))
     location = f"/{quote(org)}/{quote(name)}/resolve/{commit_id}/{quote(path)}"
-    if request.query_string:
-        location += f"?{request.query_string}"
+    if request.rel_url.raw_query_string:  # (as sent: decoded, "%0d%0a" broke the header and "%23" cut it)
+        location += f"?{request.rel_url.raw_query_string}"
     return web.Response(status=302, headers={**headers, "Location": location})
 
 
