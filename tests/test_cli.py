@@ -470,6 +470,38 @@ def render_bytes(size: int) -> str:
     return format_bytes(size)
 
 
+def test_a_mirror_that_names_itself_as_its_upstream_is_refused(home: Path) -> None:
+    """A mirror whose --upstream, or whose HF_ENDPOINT (exported for the clients in the shell it started
+    from, as the README does), is its own address asked itself for what it lacked: 30 s for a 404, a 504
+    for a new repo's first file (an explorer's trial)."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    for own in (f"http://127.0.0.1:{port}", f"http://localhost:{port}/"):
+        code, _, err = run("serve", "--port", str(port), "--upstream", own, home=home)
+        assert code == 2 and "--upstream" in err and "this node's own address" in err, err
+    inherited = CliRunner().invoke(
+        cli,
+        [
+            "serve",
+            "--home",
+            str(home),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(port),
+            "--upstream",
+            "http://127.0.0.1:9",
+        ],
+        env={"HF_ENDPOINT": f"http://127.0.0.1:{port}"},
+    )
+    assert inherited.exit_code == 2, inherited.stderr
+    assert "HF_ENDPOINT" in inherited.stderr and "unset it for `serve`" in inherited.stderr, inherited.stderr
+    assert "Traceback" not in inherited.stderr
+
+
 def test_serve_says_in_one_line_why_it_cannot_start(home: Path) -> None:
     """A port in use, an address that cannot be listened on, a RAM budget out of range: one line and exit 2,
     before anything is served (a port in use was a 40-line traceback, after "serving ... on" was logged)."""

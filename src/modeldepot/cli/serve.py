@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import urllib.parse
 from typing import Any
 
 import click
@@ -52,6 +53,58 @@ def _ready_to_serve(kwargs: dict[str, Any]) -> None:
         raise ConfigError("--advertise needs a cluster to advertise in: give --cluster too")
     upstream_urls_checked()
     _listenable(kwargs["host"], kwargs["port"])
+    if kwargs["upstreams"]:
+        _not_its_own_upstream(kwargs["upstreams"], kwargs["host"], kwargs["port"])
+
+
+def _not_its_own_upstream(upstreams: tuple[str, ...], host: str, port: int) -> None:
+    """A mirror that names itself as an upstream (ConfigError) asks itself for what it lacks: a repo nobody
+    has took 30 s to answer 404, a new repo's first file a 504 (an explorer's trial). Easy to do: the README
+    exports ``HF_ENDPOINT`` for the clients, and a ``serve`` started from that shell inherits it."""
+    hub = DepotConfig.from_env().hub_endpoint
+    for url, given_as in [*((u, "--upstream") for u in upstreams), (hub, "HF_ENDPOINT")]:
+        if _is_this_node(url, host, port):
+            hint = ("unset it for `serve` (its clients keep it) or set it to the Hub the mirror pulls from"
+                    if given_as == "HF_ENDPOINT" else "give the node or Hub it should pull from")  # fmt: skip
+            raise ConfigError(f"{given_as} {url} is this node's own address ({host}:{port}): a mirror would ask "
+                              f"itself for what it lacks; {hint}")  # fmt: skip
+
+
+def _is_this_node(url: str, host: str, port: int) -> bool:
+    """Whether ``url`` reaches the node about to listen on host:port (a name resolved only when the port is
+    the node's: the Hub's own name is never looked up on a machine without DNS)."""
+    parsed = urllib.parse.urlsplit(url)
+    try:
+        url_port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError:
+        return False
+    if port == 0 or url_port != port or not parsed.hostname:
+        return False
+    reached, listened = _addresses(parsed.hostname, port), _addresses(host, port, passive=True)
+    if reached & listened:
+        return True
+    wildcard = {"0.0.0.0", "::"} & listened  # (all of this machine's addresses: any one it can bind)
+    return bool(wildcard) and any(_is_local(address) for address in reached)
+
+
+def _addresses(host: str, port: int, passive: bool = False) -> set[str]:
+    try:
+        found = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE if passive else 0
+        )
+    except (OSError, UnicodeError):
+        return set()
+    return {str(address[4][0]) for address in found}
+
+
+def _is_local(address: str) -> bool:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))
+    except OSError:
+        return False
+    return True
 
 
 def _listenable(host: str, port: int) -> None:
