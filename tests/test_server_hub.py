@@ -531,6 +531,12 @@ def test_what_a_node_does_not_serve_is_refused_clearly(node: LiveNode, tmp_path:
             call()
     with pytest.raises(RepositoryNotFoundError, match="org/name"):
         api.model_info("gpt2", revision="main")
+    # An id whose '/' came encoded ("org%2Fname") was said not found, as an id without an org: a repo the
+    # node holds (an explorer's trial)
+    org, name = SAMPLE.split("/")
+    for encoded in (f"api/models/{org}%2F{name}", f"{org}%2f{name}/resolve/main/config.json"):
+        answer = requests.get(f"{node.url}/{encoded}", timeout=30)
+        assert answer.status_code == 404 and "sent encoded (%2F)" in answer.json()["error"], answer.text
     unknown = requests.get(f"{node.url}/api/models/acme/x/unknown", timeout=30)  # (no repo route at all)
     assert unknown.status_code == 404 and "X-Error-Code" not in unknown.headers
 

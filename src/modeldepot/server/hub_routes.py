@@ -700,6 +700,9 @@ async def no_org(request: web.Request) -> web.Response:
     """A repo id of one part: a RepoNotFound (a bare 404 was taken by huggingface_hub for a broken
     connection, "check your connection"), saying what the node holds."""
     name = request.match_info["name"]
+    if "/" in name:  # (sent as %2F: "not found" of a repo the node holds misled, an explorer's trial)
+        return error_response(404, "RepoNotFound", f"Repository not found: {name!r} arrived as one name, its "
+                              "'/' sent encoded (%2F): send the repo id's '/' as it is")  # fmt: skip
     return error_response(404, "RepoNotFound", f"Repository not found: {name} (a node holds repos as org/name: "
                           f"give the repo's full id, as the Hub names it now)")  # fmt: skip
 
