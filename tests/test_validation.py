@@ -323,8 +323,11 @@ def test_import_of_folder_with_a_bad_file_name_writes_nothing(
         write_model_dir(folder, {name: b"x"})
     before = store_state(populated)
     for repo in (REPO, "org/other"):
-        with pytest.raises(InvalidPathError, match="cannot import"):
+        with pytest.raises(InvalidPathError, match="cannot import") as refused:
             populated.import_dir(folder, repo)
+        assert "\n" not in str(refused.value)  # (one line: the name was printed raw once)
+        if isinstance(name, bytes):  # (was "contains a control character", the name shown as '\udcff.bin')
+            assert "'\\xff.bin' is not UTF-8 text (its byte 0xff)" in str(refused.value), str(refused.value)
     assert store_state(populated) == before
 
 

@@ -135,6 +135,10 @@ def validate_path(path: object) -> str:
     if "\\" in path:
         raise InvalidPathError(f"file path {shown} contains a backslash; use '/' between folders")
     for char in path:
+        if "\udc80" <= char <= "\udcff":  # a byte that is not UTF-8, as Python reads such a name from a disk
+            readable = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise InvalidPathError(f"file path '{readable}' is not UTF-8 text (its byte {ord(char) - 0xDC00:#04x}): "
+                                   "rename it (the Hub's paths are UTF-8)")  # fmt: skip
         if unicodedata.category(char) in ("Cc", "Cs"):
             raise InvalidPathError(f"file path {shown} contains a control character")
     for segment in path.split("/"):

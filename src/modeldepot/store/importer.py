@@ -120,7 +120,8 @@ def scan_source(directory: Path, store_home: Path | None = None) -> list[SourceF
             try:
                 validate_path(relative)
             except InvalidPathError as error:
-                raise InvalidPathError(f"cannot import {absolute}: {error}") from None
+                # (the folder, not the file's name: that one is the error's, shown escaped)
+                raise InvalidPathError(f"cannot import a file of {directory}: {error}") from None
             try:
                 info = absolute.stat()
             except OSError as error:
