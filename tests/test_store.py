@@ -659,6 +659,35 @@ def test_a_removed_or_evicted_link_import_gives_its_files_their_write_bit_back(
     assert store_files_consistent(depot) == []
 
 
+def test_gc_after_an_rm_killed_past_its_commit_gives_the_link_imports_files_their_mode_back(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An `rm` (or an eviction) killed after its commit, before it deleted the blobs' files, left them to gc
+    as orphans, and gc deleted them without giving the user's files their mode back: read-only for good (a
+    crash fuzzer's trial)."""
+    from modeldepot.store import maintenance
+
+    folder = write_model_dir(tmp_path / "folder", {"model.gguf": os.urandom(2 * SMALL_CHUNK)})
+    (folder / "config.json").write_bytes(b"{}")
+    os.chmod(folder / "model.gguf", 0o640)
+    depot.import_dir(folder, REPO, link=True)
+
+    def killed(*args: object, **kwargs: object) -> tuple[int, int]:
+        raise KeyboardInterrupt  # (the process dies here: the rows went, the files stay)
+
+    monkeypatch.setattr(maintenance, "_delete_blob_files", killed)
+    with pytest.raises(KeyboardInterrupt):
+        depot.remove(REPO)
+    monkeypatch.undo()
+    assert stat.S_IMODE(os.stat(folder / "model.gguf").st_mode) == 0o440
+    report = depot.gc()
+    assert report.blobs_removed == 2 and report.bytes_freed == 0  # (the files are the user's still)
+    assert stat.S_IMODE(os.stat(folder / "model.gguf").st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(folder / "config.json").st_mode) == 0o644
+    assert depot.store.index.read("SELECT COUNT(*) AS n FROM linked_sources")[0]["n"] == 0
+    assert store_files_consistent(depot) == []
+
+
 def test_gc_frees_nothing_of_a_quarantined_file_the_user_still_links(depot: Depot, tmp_path: Path) -> None:
     """A blob of an `import --link` changed in the user's folder is quarantined; gc removes the store's name
     of it, but the file stays the user's: gc said it freed its size."""

@@ -409,15 +409,13 @@ def gc(store: Store, partials: bool = False) -> GcReport:
         # On a full disk the index takes the room its transaction needs from the store's reserve.
         store.index.write_freeing("collecting garbage", delete_rows)
         known = {r["sha256"] for r in store.index.read("SELECT sha256 FROM blobs WHERE state = 'ok'")}
-        blobs_removed, bytes_freed = 0, 0
         # A file this user may not delete (another user's, a `sudo` pull's) is passed over, and said at the end:
         # gc stopped at the first, every time, and never reached the rest (a trial)
         refused: list[StoreError] = []
-        for path in _files_under(store.layout.blobs):
-            if path.name not in known:
-                with _passed_over(refused):
-                    bytes_freed += _unlink_freeing(store, path)
-                    blobs_removed += 1
+        # (a file of the user's one is a link of gets its mode back: an `rm` killed after its commit left
+        # them read-only for good, an explorer's trial)
+        orphans = {path: path.name for path in _files_under(store.layout.blobs) if path.name not in known}
+        bytes_freed, blobs_removed = _delete_let_go(store, orphans, known, refused)
         partials_removed = kept = resumable = stale = 0
         with _passed_over(refused):
             partials_removed, kept, session_bytes = _collect_sessions(store)
@@ -430,7 +428,7 @@ def gc(store: Store, partials: bool = False) -> GcReport:
             kept += running
             bytes_freed += download_bytes
         quarantined = _files_under(store.layout.quarantine)
-        bytes_freed += _delete_quarantined(store, quarantined, known, refused)
+        bytes_freed += _delete_quarantined(store, quarantined, known, refused)[0]
         live = {
             (r["repo_id"], r["commit_id"])
             for r in store.index.read("SELECT repo_id, commit_id FROM revisions")
@@ -507,27 +505,36 @@ def _allocated(entry: Path) -> int:
 
 def _delete_quarantined(
     store: Store, quarantined: list[Path], good: set[str], refused: list[StoreError] | None = None
-) -> int:
-    """Delete the quarantined files; the bytes freed. One that is a hard link of a file of the user's
-    (``import --link``, an adopted cache) goes as :func:`_delete_blob_files` deletes a blob: the file gets
-    the mode it had back, and its record goes (a corrupt one stayed read-only for good). Not for a blob
-    placed again since (``good``): the record is that placement's now."""
-    names = {path: path.name.split(".", 1)[0] for path in quarantined}
-    sources = linked_sources(store, sorted({sha256 for sha256 in names.values() if sha256 not in good}))
-    freed = 0
-    for path, sha256 in names.items():
+) -> tuple[int, int]:
+    """Delete the quarantined files, as :func:`_delete_let_go` does (a corrupt one of the user's stayed
+    read-only for good); (the bytes freed, the files deleted)."""
+    return _delete_let_go(store, {path: path.name.split(".", 1)[0] for path in quarantined}, good, refused)
+
+
+def _delete_let_go(
+    store: Store, files: dict[Path, str], good: set[str], refused: list[StoreError] | None = None
+) -> tuple[int, int]:
+    """Delete the store's ``files`` no row holds (quarantined, or orphans: a blob whose row went), each of
+    the SHA-256 it maps to; (the bytes freed, the files deleted). One that is a hard link of a file of the
+    user's (``import --link``, an adopted cache) goes as :func:`_delete_blob_files` deletes a blob: the file
+    gets the mode it had back, and its record goes. Not for a blob placed again since (``good``): the record
+    is that placement's now."""
+    sources = linked_sources(store, sorted({sha256 for sha256 in files.values() if sha256 not in good}))
+    freed = deleted = 0
+    for path, sha256 in files.items():
         with _passed_over(refused):
             freed += _unlink_freeing(store, path)
+            deleted += 1
             source = sources.get(sha256)
             if source is not None:
                 give_back_mode(path, source.path, source.mode, source.inode)
     if sources:
         with (
             contextlib.suppress(DepotError),
-            store.index.write("forgetting the quarantined linked files") as con,
+            store.index.write("forgetting the linked files let go of") as con,
         ):
             con.executemany("DELETE FROM linked_sources WHERE sha256 = ?", [(sha256,) for sha256 in sources])
-    return freed
+    return freed, deleted
 
 
 def _unlink_freeing(store: Store, path: Path) -> int:
