@@ -359,6 +359,35 @@ def test_the_bytes_a_stopped_pull_received_count_as_fetched_from_their_source(
     assert 0 < kept <= fetched <= plan.body_bytes, (kept, fetched, plan.body_bytes)
 
 
+def test_a_pulls_bytes_are_counted_while_its_chunk_still_downloads(
+    big_upstream: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The counters (a node's `modeldepot_pull_bytes_total`) took an attempt's bytes when it ended: a 16 MiB
+    chunk's stayed out of /metrics until it landed, so a slow pull showed 0 B/s, then a step (an explorer's
+    trial). Counted as each piece is read."""
+    from modeldepot.counters import PULLS
+
+    proxy, home = big_upstream, tmp_path / "local"
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("MODELDEPOT_SERVERS", "HF_ENDPOINT", "MODELDEPOT_CONNECTIONS"):
+        monkeypatch.setenv(name, _subprocess_env(proxy)[name])
+    monkeypatch.setenv("MODELDEPOT_CONNECTIONS", "1")  # (one chunk in flight: the big file's alone)
+    plan = proxy.set("slow", times=-1, slow_delay=0.03, path_suffix=BIG)
+    before = PULLS.snapshot().bytes_by_source.get("node", 0)
+    outcome: list[object] = []
+    with Depot(home, chunk_size=len(BIG_FILES[BIG])) as depot:  # (the big file is one chunk)
+        pulling = pull_in_a_thread(depot, REPO, outcome)
+        try:
+            wait_until(lambda: plan.body_bytes > 1 << 20 or bool(outcome), 30)
+            counted = PULLS.snapshot().bytes_by_source.get("node", 0) - before
+            unlanded = len(BIG_FILES[BIG]) - plan.body_bytes
+        finally:
+            proxy.set("pass")
+            pulling.join(60)
+    assert unlanded > 0 and counted >= 1 << 19, (counted, unlanded, outcome)  # (some pieces may be in flight still)
+    assert len(outcome) == 1 and not isinstance(outcome[0], Exception), outcome
+
+
 def test_a_killed_pull_resumes_fetching_only_the_missing_chunks(
     big_upstream: FaultProxy, tmp_path: Path
 ) -> None:

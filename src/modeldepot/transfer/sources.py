@@ -240,21 +240,18 @@ class HttpSource:
             retry_after = None
             timed_out = no_answer = refused = False  # (what the last attempt met is what the error says)
             kept = receiving.kept
-            attempt = receiving.attempt = Attempt()
+            # (its bytes counted as they cross the wire, whether the chunk lands or not: counted as chunks
+            # landed, a pull's parts kept when its source died were never counted, and its resume said them
+            # "found in place", an explorer's trial)
+            attempt = receiving.attempt = Attempt(counted_as=counted_as)
             tried += 1
             if clock is not None:
                 clock.attempt(token, attempt)
             try:
-                try:
-                    with view[kept:] as rest:  # (released on the way out: an unmapped file must hold no view)
-                        answer = await self._attempt(
-                            url, start + kept, start + want - 1, size, rest, headers, attempt
-                        )
-                finally:
-                    # Counted as they crossed the wire, whether the chunk lands or not (counted as chunks landed,
-                    # a pull's parts kept when its source died were never counted, and its resume said them
-                    # "found in place": an explorer's trial)
-                    PULLS.add_bytes(counted_as, attempt.received)
+                with view[kept:] as rest:  # (released on the way out: an unmapped file must hold no view)
+                    answer = await self._attempt(
+                        url, start + kept, start + want - 1, size, rest, headers, attempt
+                    )
                 if clock is not None and self.kind == "hub":
                     clock.hub_heard = True  # (an answer, whatever it says: the address is right)
                 status = answer.status
