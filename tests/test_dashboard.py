@@ -230,7 +230,8 @@ def run_guarded_node(browser: WebDriver, node: LiveNode, local: Depot, proxy: Ho
     )
 
     # The pull, held a quarter of the way by the proxy: its progress shows, from the pull's route and from
-    # the event stream (the variant's status row).
+    # the event stream (the variant's status row), and the room it holds in the disk budget.
+    local.set_max_size("1GiB")
     proxy.hold(256 * 1024)
     click(browser, "#pull-submit")
     message(browser, f"Pull of {REPO}: started", "ok")
@@ -252,6 +253,8 @@ def run_guarded_node(browser: WebDriver, node: LiveNode, local: Depot, proxy: Ho
     assert visible_text(browser, f"{variant_row('q4f16')} .status") == "downloading"
     assert variant_status(browser, "fp16") == "available"  # the scan's other variants
     assert local.list_repos() == []  # nothing is published before every byte is verified
+    wait_for(browser, "the room the pull holds",
+             lambda d: re.search(r"\d \w+ held for pulls and imports under way", visible_text(d, "#disk-detail") or ""))  # fmt: skip
 
     proxy.release()
     wait_for(browser, "the variant downloaded", lambda d: variant_status(d, "q4f16") == "downloaded")

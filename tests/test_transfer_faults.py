@@ -384,7 +384,8 @@ def test_a_pulls_bytes_are_counted_while_its_chunk_still_downloads(
         finally:
             proxy.set("pass")
             pulling.join(60)
-    assert unlanded > 0 and counted >= 1 << 19, (counted, unlanded, outcome)  # (some pieces may be in flight still)
+    # (a piece or two may be on the way still between the proxy and the counter)
+    assert unlanded > 0 and counted >= 1 << 19, (counted, unlanded, outcome)
     assert len(outcome) == 1 and not isinstance(outcome[0], Exception), outcome
 
 

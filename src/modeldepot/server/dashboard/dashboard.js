@@ -621,10 +621,14 @@
     const max = budget ? budget.max_bytes : null;
     setText($("disk-used"), withheld ? `${bytes(used)} in public repos` : bytes(used));
     setText($("disk-budget"), !stats ? "–" : max === null || max === undefined ? "no budget" : bytes(max));
-    setBar($("disk-bar"), max && !withheld ? used || 0 : 0, max || 1); // (no budget, or withheld: nothing to fill)
-    $("disk-bar").classList.toggle("full", Boolean(max) && !withheld && used / max > 0.9);
+    // The room pulls and imports under way hold counts against the budget too: left out, the card read 43%
+    // used while a pull was refused for a full budget (an operator's trial)
+    const held = budget && !withheld && budget.reserved_bytes ? budget.reserved_bytes : 0;
+    setBar($("disk-bar"), max && !withheld ? (used || 0) + held : 0, max || 1); // (no budget, or withheld: nothing to fill)
+    $("disk-bar").classList.toggle("full", Boolean(max) && !withheld && ((used || 0) + held) / max > 0.9);
     const disk = [];
     if (withheld) disk.push("the store's whole use needs the node's token");
+    if (held) disk.push(`${bytes(held)} held for pulls and imports under way`);
     if (budget && budget.pinned_bytes !== null) disk.push(`${bytes(budget.pinned_bytes)} pinned`);
     if (budget && budget.evictions !== null) disk.push(`${budget.evictions} evicted (${bytes(budget.evicted_bytes)})`);
     if (stats && stats.logical_bytes > stats.blob_bytes) {
