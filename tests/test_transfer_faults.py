@@ -437,6 +437,22 @@ def test_a_killed_pull_whose_download_gc_threw_away_is_not_called_resumable(
     assert "nothing of it kept" in " ".join(shown.split()) and "resum" not in shown, shown
 
 
+def test_gc_drops_a_killed_pulls_download_whose_content_came_in_another_way(
+    big_upstream: FaultProxy, tmp_path: Path
+) -> None:
+    """A killed pull's download whose file was then imported (or adopted from a Hugging Face cache) was kept
+    a week "for a resume" no pull would ever make: disk outside the budget (an operator's trial)."""
+    home = tmp_path / "local"
+    _killed_a_third_through(big_upstream, home)
+    with Depot(home) as depot:
+        assert depot.gc().resumable_downloads >= 1  # (young, and its content not held: kept)
+        depot.import_dir(write_model_dir(tmp_path / "same", BIG_FILES), REPO)
+        report = depot.gc()
+        assert report.partials_removed >= 1 and report.resumable_downloads == 0, report
+        assert depot.du().partial_bytes == 0
+    assert not list((home / "partials").glob("*.part"))
+
+
 def test_two_processes_pulling_the_same_repo_make_one_transfer(
     big_upstream: FaultProxy, tmp_path: Path
 ) -> None:

@@ -38,6 +38,7 @@ from modeldepot.store.models import (
     VerifyProblem,
     VerifyReport,
 )
+from modeldepot.store.partials import partial_key
 from modeldepot.store.store import Store
 from modeldepot.validation import validate_repo_id, validate_revision
 
@@ -422,7 +423,7 @@ def gc(store: Store, partials: bool = False) -> GcReport:
             bytes_freed += session_bytes
         with _passed_over(refused):
             downloads_removed, resumable, running, download_bytes = store.partials.collect(
-                remove_all=partials
+                remove_all=partials, held=_held_download_keys(store, known)
             )
             partials_removed += downloads_removed
             kept += running
@@ -438,6 +439,15 @@ def gc(store: Store, partials: bool = False) -> GcReport:
     store.index.reserve.refill()  # from the space just freed (if it was released, else when there is room)
     return GcReport(blobs_removed, bytes_freed, partials_removed, stale, kept, resumable,
                     len(quarantined), tuple(str(error) for error in refused))  # fmt: skip
+
+
+def _held_download_keys(store: Store, known: set[str]) -> set[str]:
+    """The keys a download of a content the store holds whole goes by (:func:`partial_key`): its SHA-256,
+    or for a small file fetched from the Hub (named by its git oid alone), ``git-<oid>``."""
+    oids = store.index.read(
+        "SELECT DISTINCT f.git_oid FROM files f JOIN blobs b USING (sha256) WHERE b.state = 'ok'"
+    )
+    return known | {partial_key(None, row["git_oid"]) for row in oids}
 
 
 @contextlib.contextmanager

@@ -52,7 +52,7 @@ import mmap
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -606,10 +606,14 @@ class PartialFiles:
         return ResumablePartial(self.layout, paths, lock_fd, data_fd, size, chunk_size, done, resumed,
                                 self.writeback, taken)  # fmt: skip
 
-    def collect(self, remove_all: bool, max_age: float = PARTIAL_MAX_AGE) -> tuple[int, int, int, int]:
-        """gc: delete unlocked partials older than ``max_age`` (every unlocked one with ``remove_all``);
-        returns (removed, kept for a resume, left to the transfers running now, bytes freed: the disk space
-        given back)."""
+    def collect(
+        self, remove_all: bool, max_age: float = PARTIAL_MAX_AGE, held: Set[str] = frozenset()
+    ) -> tuple[int, int, int, int]:
+        """gc: delete unlocked partials older than ``max_age`` (every unlocked one with ``remove_all``), and
+        those of a content the store holds whole (``held``, SHA-256s: it came in another way, an import, an
+        adoption, and no resume will ever need the download: kept a week outside the budget, an operator's
+        trial); returns (removed, kept for a resume, left to the transfers running now, bytes freed: the disk
+        space given back)."""
         removed = kept = running = freed = 0
         try:
             logs = sorted(self.root.glob("*.log"))
@@ -617,7 +621,8 @@ class PartialFiles:
             return 0, 0, 0, 0
         now = time.time()
         for log in logs:
-            paths = self._paths(log.name[: -len(".log")])
+            key = log.name[: -len(".log")]
+            paths = self._paths(key)
             try:
                 fd = os.open(log, os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -630,7 +635,9 @@ class PartialFiles:
                 continue
             try:
                 newest = max(_mtime(paths.data), _mtime(paths.log))
-                if remove_all or now - newest > max_age or _links(paths.data) > 1:  # (> 1: a blob's too)
+                if (
+                    remove_all or key in held or now - newest > max_age or _links(paths.data) > 1
+                ):  # (> 1: a blob's too)
                     freed += _given_back(paths.data) + _given_back(paths.log)
                     self.layout.unlink(paths.data)
                     self.layout.unlink(paths.log)
@@ -654,7 +661,9 @@ class PartialFiles:
         ]
         for data in logless:  # a one-chunk download, or (rarely) a data file whose log went
             size = _given_back(data)
-            outcome = self._collect_logless(data, remove_all, now - max_age)
+            outcome = self._collect_logless(
+                data, remove_all or data.name.split(".", 1)[0] in held, now - max_age
+            )
             if outcome == "removed":
                 removed, freed = removed + 1, freed + size
             elif outcome == "kept":
