@@ -249,7 +249,7 @@ def serve_command(
     if max_size is not None:
         # (not for the budget the store has: over it, a node's start brings the store within it, as ever)
         if not yes and not depot.store.read_only and not _the_stores_budget(depot, max_size):
-            confirm_evictions(depot, max_size)
+            confirm_evictions(depot, max_size, preview=f"`modeldepot budget {max_size} --dry-run`")
         evicted = depot.set_max_size(
             max_size
         )  # (the store's from now on; a store over it is brought within it)

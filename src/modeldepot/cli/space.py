@@ -133,9 +133,10 @@ def _warn_if_beyond_the_disk(depot: Depot) -> None:
                          f"disk the store is on holds ({render.format_bytes(size)}): it never binds")  # fmt: skip
 
 
-def confirm_evictions(depot: Depot, size: str) -> None:
+def confirm_evictions(depot: Depot, size: str, preview: str = "--dry-run") -> None:
     """Ask before a budget below what the store holds removes models (as `rm` asks); without a terminal,
-    refuse (exit 2) unless --yes was given."""
+    refuse (exit 2) unless --yes was given. ``preview``: how the user sees what would go (`serve` has no
+    --dry-run of its own)."""
     from modeldepot.store.budget import parse_max_size
 
     limit, status = parse_max_size(size, depot.home), depot.budget_status()
@@ -150,7 +151,7 @@ def confirm_evictions(depot: Depot, size: str) -> None:
             "removes the least recently used models (not the pinned ones, nor those in use) until it fits")  # fmt: skip
     if not sys.stdin.isatty():
         render.err.print(
-            f"[red]error:[/red] {escape(what)}; pass --yes to do so (--dry-run shows what would go)"
+            f"[red]error:[/red] {escape(what)}; pass --yes to do so ({escape(preview)} shows what would go)"
         )
         sys.exit(EXIT_BAD_INPUT)
     render.render_planned_evictions(planned, limit, used, most=20, reserved=reserved)
