@@ -147,6 +147,38 @@ def test_a_part_a_node_sent_is_checked_by_its_digest_after_a_restart(
             again.release(completed=False)
 
 
+def test_a_kept_chunk_gone_bad_is_fetched_again_whole_not_resumed_from_its_old_part(
+    tmp_path: Path, servers: Callable
+) -> None:
+    """A chunk whose part was logged while it downloaded, then logged done, then rotted on disk (a write lost
+    in a power loss, bit rot) failed its BLAKE3 at the resume, as it should; but its old part came back from
+    the log, and its bad bytes were kept and completed: the file failed its SHA-256 and was fetched whole again
+    (an SRE's trial: 400 MiB from the Hub for a 200 MiB file)."""
+    hub = servers()
+    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as local:
+        claim = local.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, False)
+        assert claim is not None
+        offset, length = chunk_span(1, len(DATA), SMALL_CHUNK)
+        with claim.map_chunk(1) as pages:  # (received into its pages, as a transfer does)
+            pages[: length // 2] = DATA[offset : offset + length // 2]
+        claim.log_part(1, length // 2)
+        claim.write_chunk(1, memoryview(DATA[offset : offset + length]), DIGESTS[1])
+        claim.release(completed=False)
+        data_file = next((local.home / "partials").glob("*.part"))
+        with open(data_file, "r+b") as rotten:  # (in the part the log once named)
+            rotten.seek(offset + 100)
+            rotten.write(b"\0" * 16)
+        again = local.store.partials.claim(SHA, len(DATA), SMALL_CHUNK, False)
+        assert again is not None
+        try:
+            assert 1 not in again.done and 1 not in again.parts, (again.done, again.parts)
+            asked: list[int] = []
+            assert fetch(again, [hub_source(hub)], [], on_bytes=lambda n, origin, url: asked.append(n)) == SHA
+            assert sum(asked) == len(DATA)  # (every chunk fetched, none failed: the file was right at once)
+        finally:
+            again.release(completed=False)
+
+
 def test_bytes_a_node_sent_in_this_pull_are_its_not_resumed(tmp_path: Path, servers: Callable) -> None:
     """An honest node cut after 20,000 bytes of each chunk, the Hub sends the rest: those bytes came over
     the network from the node in this pull. They were counted as found on disk ("local": bytes_resumed,

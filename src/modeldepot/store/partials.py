@@ -822,6 +822,9 @@ def _read_log_and_parts(
             continue
         if len(rest) == 64:
             logged[int(index)] = rest
+            # (its parts before were completed: one that fails its check must start over, never resume a
+            # stale part whose bytes went bad with it, a kept chunk's rot refetched the whole file, a trial)
+            parts.pop(int(index), None)
         elif (part := _PART.fullmatch(rest)) is not None:
             digest = part.group(3)
             parts[int(index)] = (

@@ -521,8 +521,11 @@ class _PullRun:
             # Each chunk from another node matched the digest a node gave for it (its manifest, its chunk's
             # settlement), or came from a partial holder outside a swarm, unchecked: the upstream's SHA-256
             # says one of them lied. The bytes are gone (the download was reset); the upstream alone now.
-            log.warning("%s: with chunks from other nodes it failed the upstream's SHA-256 (thrown away); "
-                        "fetching it again from the upstream alone", remote.path)  # fmt: skip
+            others = set(self.tracker.path_sources.get(remote.path, {})) - {"hub", "local"}
+            # (no other node took part: the bytes an earlier pull left were wrong, not a node, an SRE's trial)
+            whose = "chunks from other nodes" if others else "the bytes an earlier pull of it left on disk"
+            log.warning("%s: with %s it failed the upstream's SHA-256 (thrown away); fetching it again from the "
+                        "upstream alone", remote.path, whose)  # fmt: skip
             self.tracker.forget(remote.path)
             try:
                 digest = await download_file(
