@@ -34,8 +34,9 @@ from modeldepot.validation import validate_commit_id, validate_path, validate_re
 __all__ = ["FULL_DISK_ADVICE", "StoreLayout", "fsync_dir", "os_error", "size_text", "unlink_counting"]
 
 FULL_DISK_ADVICE = (  # what to do about a full disk, in every error that reports one
-    "free space with `modeldepot rm REPO` or `modeldepot gc`: both work on a full disk (the store keeps "
-    "a reserve for them); or free space elsewhere on the disk, or move MODELDEPOT_HOME"
+    "free space with `modeldepot rm REPO` or `modeldepot gc` (`gc --partials` also drops the interrupted "
+    "downloads kept for a resume, which take room for their whole files): they work on a full disk (the store "
+    "keeps a reserve for them); or free space elsewhere on the disk, or move MODELDEPOT_HOME"
 )
 _PARTIAL_KEY = re.compile(r"[0-9a-f]{64}|git-[0-9a-f]{40}")
 
@@ -52,9 +53,23 @@ def size_text(count: int) -> str:
     return f"{count} B"
 
 
+def _out_of_inodes(error: OSError) -> bool:
+    """Whether an ENOSPC came of a file system without a free inode (its file's folder tells)."""
+    if error.errno != errno.ENOSPC or not isinstance(error.filename, (str, os.PathLike)):
+        return False
+    try:
+        found = os.statvfs(os.path.dirname(os.fspath(error.filename)) or ".")
+    except (OSError, TypeError):
+        return False
+    return found.f_files > 0 and found.f_favail == 0 and found.f_bavail > 0
+
+
 def os_error(error: OSError, doing: str) -> StoreError:
     """Translate an OSError from the store's own files into the exception tree."""
     if error.errno in _FULL:
+        if _out_of_inodes(error):  # (said as bytes, the user looked for room `df -h` showed free: a trial)
+            return StoreFullError(f"no file can be made on the store's file system while {doing}: every inode "
+                                  f"is taken (`df -i`), though bytes are free; {FULL_DISK_ADVICE}")  # fmt: skip
         return StoreFullError(f"no space left on the store's disk while {doing}; {FULL_DISK_ADVICE}")
     return StoreError(f"{doing} failed: {error.strerror or error} ({error.filename or ''}){_foreign(error)}")
 
