@@ -457,7 +457,7 @@ async def chunk_map(request: web.Request) -> web.Response:
         digests = await asyncio.to_thread(_depot(request).store.chunk_digests, sha256)
     elif log is not None:
         size, chunk_size, count, complete = log.size, log.chunk_size, log.chunks, False
-        held = log.logged
+        held = await asyncio.to_thread(_depot(request).store.partials.offered, log)
     else:
         raise NotFoundError(f"blob {sha256} is not in the store")
     return json_response(

@@ -48,9 +48,11 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import logging
 import mmap
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Set
 from dataclasses import dataclass, field
@@ -59,6 +61,7 @@ from typing import Literal
 
 import blake3
 
+from modeldepot.errors import ChunkNotAvailableError, InvalidRangeError
 from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.store.blobs import PartialBlob, start_writeback
 from modeldepot.store.durability import UNKNOWN_BOOT, current_boot_id
@@ -66,6 +69,8 @@ from modeldepot.store.layout import StoreLayout, os_error, size_text
 from modeldepot.store.locks import flock_holder, lock_is_held, unlock_and_close
 from modeldepot.store.models import BlobRecord
 from modeldepot.store.verified import PartialChunkReader
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PARTIAL_MAX_AGE",
@@ -339,6 +344,10 @@ class PartialFiles:
         # kept_bytes' answers by key, with the (size, mtime) of the log they were read from: status is
         # polled (every half second by each dashboard), the logs rarely change between two looks.
         self._kept: dict[str, tuple[tuple[int, int], int]] = {}
+        # Logged chunks of downloads whose bytes on disk were found not to match (rot, a power loss): not
+        # offered to peers while they stay so (each node asked for one got a 404 and counted a failure)
+        self._refuted: dict[str, set[int]] = {}
+        self._refuted_lock = threading.Lock()
 
     def _pull_mark(self, repo_id: str) -> Path:
         return self.root / f"pull-{hashlib.sha256(repo_id.encode()).hexdigest()[:24]}.lock"
@@ -528,10 +537,43 @@ class PartialFiles:
         except OSError as error:
             raise os_error(error, "opening a download's partial file") from error
         try:
-            return PartialChunkReader(BlobRecord(sha256, log.size, log.chunk_size), fd, log.logged)
+            return PartialChunkReader(BlobRecord(sha256, log.size, log.chunk_size), fd, log.logged,
+                                      on_refuted=lambda index: self._refute(sha256, index))  # fmt: skip
         except BaseException:
             os.close(fd)
             raise
+
+    def _refute(self, sha256: str, index: int) -> None:
+        with self._refuted_lock:
+            known = index in self._refuted.get(sha256, set())
+            self._refuted.setdefault(sha256, set()).add(index)
+        if not known:  # (said once: an SRE saw only the access log's 404s of a disk going bad)
+            log.warning("chunk %d of the download of %s… does not match the BLAKE3 its download logged (the disk "
+                        "may be failing, or the bytes were lost in a power loss): not offered to peers; the "
+                        "next pull of it fetches it again", index, sha256[:16])  # fmt: skip
+
+    def offered(self, partial_log: PartialLog) -> set[int]:
+        """The logged chunks of a download peers may be offered: those found not to match (:meth:`_refute`)
+        left out while they still do not (read and hashed again: a resume fetched them anew)."""
+        with self._refuted_lock:
+            doubtful = self._refuted.get(partial_log.sha256, set()) & set(partial_log.logged)
+        if not doubtful:
+            return set(partial_log.logged)
+        reader = self.open_chunks(partial_log.sha256)
+        still_bad = set(doubtful)
+        if reader is not None:
+            with reader:
+                for index in doubtful:
+                    with contextlib.suppress(ChunkNotAvailableError, InvalidRangeError):
+                        reader.check(index)
+                        reader.view(index).release()
+                        still_bad.discard(index)
+        with self._refuted_lock:
+            if still_bad:
+                self._refuted[partial_log.sha256] = still_bad
+            else:
+                self._refuted.pop(partial_log.sha256, None)
+        return set(partial_log.logged) - still_bad
 
     def _paths(self, key: str, one_piece: bool = False) -> _Paths:
         stem = self.layout.partial_stem(key)

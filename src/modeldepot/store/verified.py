@@ -197,10 +197,17 @@ class PartialChunkReader(VerifiedBlob):
 
     by_sendfile = False
 
-    def __init__(self, blob: BlobRecord, fd: int, logged: dict[int, str]) -> None:
+    def __init__(
+        self,
+        blob: BlobRecord,
+        fd: int,
+        logged: dict[int, str],
+        on_refuted: Callable[[int], None] | None = None,
+    ) -> None:
         self.blob = blob
         self.file = io.FileIO(fd, "rb", closefd=True)
         self._logged = dict(logged)
+        self._on_refuted = on_refuted  # told of a logged chunk whose bytes on disk do not match
         self._mapping = None
         self._checked = {}  # checked chunks not yet handed out (at most two in flight)
         self._checked_lock = threading.Lock()  # check() of the next chunk runs on a worker thread
@@ -227,6 +234,8 @@ class PartialChunkReader(VerifiedBlob):
         except OSError:
             data = b""
         if len(data) != length or blake3.blake3(data).hexdigest() != expected:
+            if self._on_refuted is not None:
+                self._on_refuted(index)
             raise ChunkNotAvailableError(
                 self.blob.sha256, index, "its bytes on disk do not match the BLAKE3 its download logged"
             )
