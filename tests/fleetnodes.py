@@ -103,18 +103,13 @@ class Fleet:
         self.nodes.append(node)
         return node
 
-    def cli_home(self) -> Path:
-        """A store for the CLI's own commands (`peers` reads: it makes none in the folder --home names)."""
-        home = self.root / "cli"
-        if not (home / "index.db").exists():
-            from modeldepot import Depot
-
-            Depot(home).close()
-        return home
-
     def peers_cli(self, *extra: str) -> list[dict[str, Any]]:
-        done = modeldepot("peers", "--cluster", self.etcd.cluster, "--json", "--home", str(self.cli_home()),
-                          *extra, env=base_env())  # fmt: skip
+        """`modeldepot peers` on a host without a store (a jump host): it reads the registry alone, and makes no
+        store in the default folder (it did, an SRE's trial)."""
+        default = self.root / "jump-host-cache"
+        done = modeldepot("peers", "--cluster", self.etcd.cluster, "--json", *extra,
+                          env=base_env(XDG_CACHE_HOME=str(default), MODELDEPOT_HOME=""))  # fmt: skip
+        assert not default.exists(), "peers made a store"
         rows: list[dict[str, Any]] = json.loads(done.stdout)
         return rows
 

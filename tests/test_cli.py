@@ -319,7 +319,6 @@ READING_COMMANDS = [
     ["preload", REPO],
     ["stats"],
     ["hf-cache", "export", REPO],
-    ["peers", "--cluster", "etcd://127.0.0.1:9"],  # (nothing listens: the store is looked for first)
 ]
 
 

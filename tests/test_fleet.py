@@ -539,7 +539,7 @@ def test_nodes_join_see_each_other_leave_and_ride_out_an_etcd_outage(fleet: Flee
     cluster = a.health()
     assert cluster["last_error"] and not cluster["registered"] and cluster["since"] <= time.time()
     assert a.peer_ids() == {a.id, b.id}, "the last known view stays"
-    unreachable = modeldepot("peers", "--cluster", fleet.etcd.cluster, "--home", str(fleet.cli_home()),
+    unreachable = modeldepot("peers", "--cluster", fleet.etcd.cluster, "--home", str(tmp_path / "no-store-here"),
                              env=base_env(), check=False)  # fmt: skip
     assert unreachable.returncode == 1 and "cannot be reached" in unreachable.stderr
     # (not a node's warning, "answering from the last view … and retrying": the command does neither)

@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 from rich.markup import escape
@@ -27,11 +27,11 @@ from modeldepot.cli.options import (
     a_folder,
     checked,
     cluster_options,
+    exit_code_for,
     home_option_after,
     json_option,
     rate_value,
     reading_home_option,
-    reading_home_option_after,
     repo_argument,
     revision_option,
     server_option,
@@ -514,38 +514,45 @@ def stats_command(depot: Depot, top: int, as_json: bool) -> None:
     render.render_stats(rows, depot.preloader.budget)
 
 
-def _a_cluster_given(kwargs: dict[str, Any]) -> None:
-    """A cluster to list, from --cluster or MODELDEPOT_CLUSTER, before a store is made for it (`peers`
-    without one made an empty store in the default folder, and then failed: a README walk)."""
-    if not kwargs.get("cluster") and not os.environ.get("MODELDEPOT_CLUSTER", "").strip():
-        raise ConfigError("no cluster to list: give --cluster etcd://HOST:PORT or set MODELDEPOT_CLUSTER")
-
-
 @cli.command("peers")
 @cluster_options
 @json_option
-@reading_home_option_after(_a_cluster_given)  # (a read: a mistyped --home made a store, an explorer's trial)
-def peers_command(depot: Depot, cluster: str | None, cluster_prefix: str | None, as_json: bool) -> None:
+# (accepted as by every command, and not read: the fleet's registry is; `peers` on a jump host made an
+# empty store in the default folder, and refused a --home without one, an SRE's trial)
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=None, hidden=True)
+def peers_command(home: Path | None, cluster: str | None, cluster_prefix: str | None, as_json: bool) -> None:
     """List the fleet's live nodes (from its registry, --cluster or $MODELDEPOT_CLUSTER) and what each holds.
 
     last_seen is the last moment this command's view of the registry knew the node alive (now). Exit 1
-    when the registry cannot be reached."""
-    use_cluster(depot, cluster, cluster_prefix)
-    if not os.environ.get("MODELDEPOT_LOG_LEVEL"):
-        # The registry's outage warning speaks for a node ("answering from the last view … retrying"): this
-        # command does neither, and says what failed itself
-        logging.getLogger("modeldepot.discovery").setLevel(logging.ERROR)
-    rows = depot.peers()
-    fleet = depot.fleet
-    status = fleet.status() if fleet is not None else None
+    when the registry cannot be reached. No store is read or made."""
+    from modeldepot.config import DepotConfig
+    from modeldepot.transfer.fleet import BackgroundFleet
+
+    try:
+        config = DepotConfig.from_env()
+        registry, prefix = cluster or config.cluster, cluster_prefix or config.cluster_prefix
+        if not registry:
+            raise ConfigError("no cluster to list: give --cluster etcd://HOST:PORT or set MODELDEPOT_CLUSTER")
+        if not os.environ.get("MODELDEPOT_LOG_LEVEL"):
+            # The registry's outage warning speaks for a node ("answering from the last view … retrying"):
+            # this command does neither, and says what failed itself
+            logging.getLogger("modeldepot.discovery").setLevel(logging.ERROR)
+        fleet = BackgroundFleet.open(registry, prefix)
+        try:
+            rows, status = fleet.rows(), fleet.status()
+        finally:
+            fleet.close()
+    except DepotError as error:
+        render.err.print(f"[red]error:[/red] {escape(str(error))}")
+        sys.exit(exit_code_for(error))
     if status is not None and not status.connected:  # a fresh view of an unreachable registry is empty
-        render.err.print(f"[red]error:[/red] the registry {escape(str(depot.config.cluster))} cannot be reached: "
+        render.err.print(f"[red]error:[/red] the registry {escape(registry)} cannot be reached: "
                          f"{escape(status.last_error or 'no answer')}")  # fmt: skip
         sys.exit(EXIT_FAILURE)
     if as_json:
         render.print_json([row.to_dict() for row in rows])
         return
-    render.render_peers(rows, f"registry {depot.config.cluster}")
+    render.render_peers(rows, f"registry {registry}")
 
 
 # The `hf-cache` group lives in cli/hfcache.py, which uses the options above: imported here, last (not

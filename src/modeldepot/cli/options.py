@@ -45,12 +45,6 @@ def reading_home_option(function: F) -> F:
     return _with_home(function, creates=False)
 
 
-def reading_home_option_after(check: Callable[[dict[str, Any]], None]) -> Callable[[F], F]:
-    """:func:`reading_home_option` for a command that first checks its arguments (``check``: a DepotError
-    says what is wrong, nothing is opened)."""
-    return lambda function: _with_home(function, creates=False, check=check)
-
-
 def home_option_creating_when(creates: Callable[[dict[str, Any]], bool]) -> Callable[[F], F]:
     """--home for a command that makes a store only when ``creates(its arguments)`` (`budget SIZE` does,
     `budget` alone only reads)."""
