@@ -389,6 +389,37 @@ def test_a_pulls_bytes_are_counted_while_its_chunk_still_downloads(
     assert len(outcome) == 1 and not isinstance(outcome[0], Exception), outcome
 
 
+def test_a_pulls_status_row_moves_while_its_chunk_still_downloads(
+    big_upstream: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A variant's status row (the dashboard's row, `status`) held checked chunks alone: a 30 MiB pull of
+    16 MiB chunks read "downloading 0%" to its end, beside its pull's own 49% (an operator's trial). The
+    parts written down for a resume count: kept, as a stop would say."""
+    proxy, home = big_upstream, tmp_path / "local"
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("MODELDEPOT_SERVERS", "HF_ENDPOINT", "MODELDEPOT_CONNECTIONS"):
+        monkeypatch.setenv(name, _subprocess_env(proxy)[name])
+    monkeypatch.setenv("MODELDEPOT_CONNECTIONS", "1")
+    plan = proxy.set("slow", times=-1, slow_delay=0.1, path_suffix=BIG)  # ~640 KiB/s: 6 s a chunk
+    outcome: list[object] = []
+    with Depot(home, chunk_size=4 << 20) as depot:  # (3 chunks of the 10 MiB file)
+        pulling = pull_in_a_thread(depot, REPO, outcome)
+        try:
+            wait_until(lambda: plan.body_bytes > 1 << 20 or bool(outcome), 30)
+            deadline = time.monotonic() + 20
+            row = 0
+            while not row and time.monotonic() < deadline and plan.body_bytes < (4 << 20) - (256 << 10):
+                variant = depot.get_manifest(REPO).variants[0]
+                row = variant.bytes_done if variant.status == "downloading" else 0
+                time.sleep(0.1)
+            unlanded = plan.body_bytes < 4 << 20  # (the first chunk not whole yet)
+        finally:
+            proxy.set("pass")
+            pulling.join(60)
+    assert row > 0 and unlanded, (row, plan.body_bytes, outcome)
+    assert len(outcome) == 1 and not isinstance(outcome[0], Exception), outcome
+
+
 def test_a_killed_pull_resumes_fetching_only_the_missing_chunks(
     big_upstream: FaultProxy, tmp_path: Path
 ) -> None:

@@ -239,6 +239,7 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
         await to_thread_to_the_end(writer.make_room, sum(new_bytes.values()), f"pulling {manifest.repo_id}")
         tracker.write("downloading")
         run = _PullRun(store, manifest, chain, tracker, limits or Limits(), watch)
+        tracker.parts_kept = run.parts_kept
         try:
             fetched = await run.fetch(missing)
             spec = revision_spec(manifest, branch)
