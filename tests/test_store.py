@@ -688,6 +688,41 @@ def test_gc_after_an_rm_killed_past_its_commit_gives_the_link_imports_files_thei
     assert store_files_consistent(depot) == []
 
 
+def test_a_link_import_killed_before_its_commit_gives_the_files_their_mode_back_whatever_runs_first(
+    tmp_path: Path,
+) -> None:
+    """An `import --link` killed between placing its blobs and its commit left its notes of the files' modes
+    in its session; the next write's sweep of dead sessions could not give the modes back (the placed blob
+    is another name of each file) and deleted the notes: gc then deleted the orphan blobs, and the user's
+    files stayed read-only for good (a crash fuzzer's trial). The notes wait for gc."""
+    import subprocess
+    import sys
+
+    home = tmp_path / "store"
+    folder = write_model_dir(tmp_path / "folder", {"model.gguf": os.urandom(2 * SMALL_CHUNK)})
+    (folder / "config.json").write_bytes(b"{}")
+    os.chmod(folder / "model.gguf", 0o640)
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, sys\n"
+         "from modeldepot import Depot\nfrom modeldepot.store import publish\n"
+         "publish._commit = lambda *a, **k: os._exit(9)  # (dies here: placed, not committed)\n"
+         f"Depot({str(home)!r}, chunk_size={SMALL_CHUNK}).import_dir({str(folder)!r}, 'acme/linked', link=True)"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert killed.returncode == 9, killed.stderr
+    assert stat.S_IMODE(os.stat(folder / "model.gguf").st_mode) == 0o440
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        # another write first: its sweep of dead sessions
+        depot.import_dir(
+            write_model_dir(tmp_path / "other", {"w.bin": os.urandom(SMALL_CHUNK)}), "acme/other"
+        )
+        depot.gc()
+        assert stat.S_IMODE(os.stat(folder / "model.gguf").st_mode) == 0o640
+        assert stat.S_IMODE(os.stat(folder / "config.json").st_mode) == 0o644
+        assert not list(depot.store.layout.tmp.iterdir()), "the session went with gc"
+        assert store_files_consistent(depot) == []
+
+
 def test_gc_frees_nothing_of_a_quarantined_file_the_user_still_links(depot: Depot, tmp_path: Path) -> None:
     """A blob of an `import --link` changed in the user's folder is quarantined; gc removes the store's name
     of it, but the file stays the user's: gc said it freed its size."""

@@ -257,15 +257,24 @@ def give_back_mode(partial: Path, source: Path, mode: int, inode: tuple[int, int
             os.close(fd)
 
 
-def give_back_modes(session: Path) -> None:
+def give_back_modes(session: Path) -> list[tuple[int, int]]:
     """Before a dead writer's session is deleted (gc): the files of the user's it linked and made read-only
-    get their modes back (an `import --link` killed midway left them 0444 for good)."""
+    get their modes back (an `import --link` killed midway left them 0444 for good). Returns the (device,
+    inode) of those kept read-only because they have another name still: a blob placed, committed or not."""
+    waiting: list[tuple[int, int]] = []
     for kept in session.glob("*.mode"):
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             noted = json.loads(kept.read_text())
             inode = noted.get("inode")
-            give_back_mode(kept.with_name(kept.name[: -len(".mode")]), Path(noted["source"]), int(noted["mode"]),
-                            None if inode is None else (int(inode[0]), int(inode[1])))  # fmt: skip
+            linked = None if inode is None else (int(inode[0]), int(inode[1]))
+            partial = kept.with_name(kept.name[: -len(".mode")])
+            give_back_mode(partial, Path(noted["source"]), int(noted["mode"]), linked)
+            theirs = os.stat(noted["source"], follow_symlinks=False)
+            # (the session's own link of it goes with the session: not a name that keeps it read-only)
+            ours = 1 if partial.exists() and os.stat(partial).st_ino == theirs.st_ino else 0
+            if linked is not None and (theirs.st_dev, theirs.st_ino) == linked and theirs.st_nlink - ours > 1:
+                waiting.append(linked)
+    return waiting
 
 
 def _lock_new_session(fd: int) -> None:

@@ -419,7 +419,7 @@ def gc(store: Store, partials: bool = False) -> GcReport:
         bytes_freed, blobs_removed = _delete_let_go(store, orphans, known, refused)
         partials_removed = kept = resumable = stale = 0
         with _passed_over(refused):
-            partials_removed, kept, session_bytes = _collect_sessions(store)
+            partials_removed, kept, session_bytes = _collect_sessions(store, orphans_gone=True)
             bytes_freed += session_bytes
         with _passed_over(refused):
             downloads_removed, resumable, running, download_bytes = store.partials.collect(
@@ -479,9 +479,11 @@ def sweep_dead_sessions(store: Store) -> int:
     return freed
 
 
-def _collect_sessions(store: Store, fresh: float = 0.0) -> tuple[int, int, int]:
+def _collect_sessions(store: Store, fresh: float = 0.0, orphans_gone: bool = False) -> tuple[int, int, int]:
     """Remove the write sessions (tmp/) whose writer is gone (one still starting, not if younger than
-    ``fresh`` seconds): (partial files removed, sessions kept, bytes freed, as allocated on disk)."""
+    ``fresh`` seconds): (partial files removed, sessions kept, bytes freed, as allocated on disk).
+    ``orphans_gone``: gc deleted the blobs no row holds just before: a linked file still read-only is
+    another's now (a committed blob, another store's), and its session waits no more."""
     removed = kept = freed = 0
     try:
         entries = list(store.layout.tmp.iterdir())
@@ -492,14 +494,34 @@ def _collect_sessions(store: Store, fresh: float = 0.0) -> tuple[int, int, int]:
         if not abandoned:
             kept += 1
             continue
-        freed += _allocated(entry)  # (a partial linked from elsewhere too, as an adoption's, frees nothing)
         if entry.is_dir():
-            give_back_modes(entry)
+            waiting = give_back_modes(entry)
+            if waiting and not orphans_gone and not _recorded_links(store, waiting):
+                # A linked file whose blob the writer placed and never committed (killed between the two):
+                # its note of the mode stays until gc deleted that orphan blob, then gives the mode back
+                # (swept first by the next write, the note went, and the user's files stayed 0444 for good:
+                # a crash fuzzer's trial)
+                kept += 1
+                continue
+            freed += _allocated(
+                entry
+            )  # (a partial linked from elsewhere too, as an adoption's, frees nothing)
             removed += sum(1 for p in entry.iterdir() if p.name.endswith(".partial"))
             store.layout.rmtree(entry)
         else:
+            freed += _allocated(entry)
             store.layout.unlink(entry)
     return removed, kept, freed
+
+
+def _recorded_links(store: Store, inodes: list[tuple[int, int]]) -> bool:
+    """Whether every one of these linked files is a committed blob's (a ``linked_sources`` row names it)."""
+    for device, inode in inodes:
+        if not store.index.read(
+            "SELECT 1 FROM linked_sources WHERE device = ? AND inode = ? LIMIT 1", (device, inode)
+        ):
+            return False
+    return True
 
 
 def _allocated(entry: Path) -> int:
