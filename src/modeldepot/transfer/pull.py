@@ -49,6 +49,7 @@ from modeldepot.transfer.download import (
     download_file,
     liars,
 )
+from modeldepot.transfer.liars import recall_liars, remember_liars
 from modeldepot.transfer.outage import run_blocking, run_through_outages
 from modeldepot.transfer.progress import STATUS_INTERVAL, PullProgress, PullTracker, PullUpdate
 from modeldepot.transfer.ranged import close_idle
@@ -151,6 +152,7 @@ async def pull_async(
     watch: PartialWatch | None = None,
 ) -> PullResult:
     files, names = select(manifest, quants, paths)
+    await asyncio.to_thread(recall_liars, store.layout.home)  # (found by the store's other pulls)
     held: dict[str, int] = {}
     if paths is not None:  # (a mirror's pull of one file: the variants it completes show it)
         names, held = await asyncio.to_thread(_variants_completed, store, manifest, {f.path for f in files})
@@ -538,6 +540,7 @@ class _PullRun:
                 raise mismatch from again
             if found := liars(mismatch, digest):
                 ban_liars(found, LIAR_BAN_SECONDS)
+                await asyncio.to_thread(remember_liars, self.store.layout.home, found, LIAR_BAN_SECONDS)
                 log.warning("%s: %s sent chunks that are not the file's (checked against the upstream's bytes): "
                             "no chunk is asked of %s for %.0f minutes", remote.path,
                             ", ".join(f"{name} ({count} chunk{'s' if count > 1 else ''})" for name, count in found.items()),
