@@ -752,6 +752,12 @@ def test_long_work_reports_progress_in_a_log_too(
     view.update(PullUpdate("w.bin", 520 * mib, total, 520 * mib, total, found=524 * mib))
     view._flush()
     assert lines[-1].startswith("pulling: 532.0 MiB of 1.0 GiB"), lines
+    # ... but for bytes thrown away: a file that failed its SHA-256, fetched again, is shown again from where
+    # it goes on (its 200 MiB refetch read "100%" to its end, an SRE's trial)
+    clock[0] = 1020.0
+    view.update(PullUpdate("w.bin", 0, total, 300 * mib, total, found=0, thrown_away=232 * mib))
+    view._flush()
+    assert lines[-1].startswith("pulling: 300.0 MiB of 1.0 GiB"), lines
     resumed = render.PullView("resuming")  # all of it on disk: no rate ("0 B/s" read as a stall, a trial)
     resumed.update(PullUpdate("w.bin", total, total, total, total, found=total))
     resumed._flush()

@@ -295,6 +295,7 @@ class PullView:
         self._last_flush = 0.0
         self._rate = _Rate()  # of the bytes fetched (not those found on disk)
         self._most = 0  # the most bytes shown: never less is shown (a Ctrl-C's last frame fell back 36 MiB)
+        self._thrown = 0  # ... but for the bytes thrown away (a file that failed its SHA-256, fetched again)
         self.last: PullUpdate | None = None
 
     @contextmanager
@@ -313,6 +314,9 @@ class PullView:
     def update(self, update: PullUpdate) -> None:
         self.last = update
         now = time.monotonic()
+        if update.thrown_away > self._thrown:
+            self._most -= update.thrown_away - self._thrown
+            self._thrown = update.thrown_away
         shown = self._most = max(self._most, update.shown)
         rate = self._rate.add(now, max(0, update.shown - update.found))
         if self._progress is not None and self._total is not None:

@@ -39,6 +39,9 @@ class PullUpdate:
     # once their chunks land): shown, and no part of its rate (a resume's parts, shown as their chunks
     # started, made a rate above --max-rate)
     found: int = 0
+    # Bytes of the pull thrown away so far (a file that failed its SHA-256, fetched again): shown once, then
+    # taken back (a refetch of 200 MiB showed "200.0/200.0 MiB" all along, an SRE's trial)
+    thrown_away: int = 0
 
     @property
     def file_shown(self) -> int:
@@ -74,6 +77,7 @@ class PullTracker:
         self.receiving: dict[str, Callable[[], int]] = {}
         self.shown_receiving: dict[str, int] = {}
         self.kept_earlier: dict[str, Callable[[], int]] = {}  # of those bytes, parts an earlier pull left
+        self.thrown_away = 0  # bytes shown done, then thrown away (see PullUpdate.thrown_away)
         # The parts of chunks in flight written down for a resume, by path (the pull's claims): counted in the
         # rows, as kept, so that they move while a chunk downloads (a 30 MiB pull of two 16 MiB chunks read
         # "downloading 0%" to its end on the dashboard, beside its pull's 49%: an operator's trial)
@@ -145,7 +149,8 @@ class PullTracker:
         if self.progress is not None:
             self.progress(PullUpdate(path, self.done.get(path, 0), self.sizes.get(path, 0),
                                      sum(self.done.values()), self.total, waiting, receiving,
-                                     sum(self.shown_receiving.values()), self._found()))  # fmt: skip
+                                     sum(self.shown_receiving.values()), self._found(),
+                                     self.thrown_away))  # fmt: skip
 
     def _write_now_and_then(self, every: float | None = None) -> None:
         every = STATUS_INTERVAL if every is None else every
@@ -179,6 +184,7 @@ class PullTracker:
     def forget(self, path: str) -> None:
         """The bytes of ``path`` so far were thrown away (they failed the file's SHA-256): not counted."""
         sources = self.path_sources.pop(path, {})
+        self.thrown_away += self.done.get(path, 0)
         self.resumed -= sources.get("local", 0)  # (a resumed download's chunks count as "local")
         for origin, amount in sources.items():
             self.by_source[origin] -= amount
