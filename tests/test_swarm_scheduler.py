@@ -509,6 +509,8 @@ def test_a_file_that_fails_its_sha256_after_chunks_from_other_nodes_is_fetched_a
                 with caplog.at_level("WARNING", logger="modeldepot.transfer.pull"):
                     result = puller.pull("acme/w")
                 assert "fetching it again from the upstream alone" in caplog.text
+                # (a store no `serve` makes a live node joins no swarm: said, not skipped without a word)
+                assert "this store is no live node of the fleet" in caplog.text, caplog.text
                 assert result.bytes_by_source == {"hub": len(DATA)}
                 with open(puller.file_path("acme/w", "w.safetensors"), "rb") as stored:
                     assert hashlib.sha256(stored.read()).hexdigest() == SHA

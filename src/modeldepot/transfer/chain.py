@@ -506,9 +506,17 @@ class SourceChain:
         fleet, node_id = self.fleet, self.node_id
         if fleet is None or node_id is None or remote.sha256 is None:
             return None
-        if not await fleet.read_async(
-            lambda d: d.claims_supported and any(n.node_id == node_id for n in d.peers()), False
-        ):
+        claims, live = await fleet.read_async(
+            lambda d: (d.claims_supported, any(n.node_id == node_id for n in d.peers())), (False, False)
+        )
+        if not claims:
+            return None
+        if not live:
+            # (its serve down: the swarm was skipped without a word, and the Hub sent the model once more,
+            # an SRE's trial)
+            say_now_and_then(f"not live {node_id}", log, "this store is no live node of the fleet (is its `serve "
+                             "--cluster` running?): its pulls join no swarm, and what the fleet has not got whole "
+                             "comes from the Hub")  # fmt: skip
             return None
         return SwarmFile(fleet, node_id, remote.sha256, remote.size, chunk_size,
                          lambda node, holding: self.fleet_source(remote, node, holding),
