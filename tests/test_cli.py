@@ -237,6 +237,9 @@ def test_ctrl_c_in_any_command_is_one_line_and_the_shells_code(
     monkeypatch.setattr(Depot, "import_dir", interrupted)
     result = CliRunner().invoke(cli, ["import", str(model_dir), "--repo", REPO, "--home", str(home)])
     assert result.exit_code == 130 and "interrupted:" in result.output and "Aborted" not in result.output
+    # (it may come after the change was made: "run the command again to finish" sent a script's second `rm`
+    # to "not in the store", a crash fuzzer's trial)
+    assert "check with `modeldepot ls`" in " ".join(result.output.split()), result.output
 
 
 CTRL_C_WHILE_LOADING = """

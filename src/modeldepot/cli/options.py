@@ -124,7 +124,10 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
             sys.exit(exit_code_for(error))
         except KeyboardInterrupt:  # (a pull says more: it keeps its chunks)
             # (the store, or a Hugging Face cache an export writes: each name appears whole, or not at all)
-            render.err.print("interrupted: nothing was left half-written; run the command again to finish")
+            # (it may have come after the change was made: "run it again" sent a script's `rm` to "not in the
+            # store", exit 1, a crash fuzzer's trial)
+            render.err.print("interrupted: nothing was left half-written (what it changed is made whole, or not at "
+                             "all); check with `modeldepot ls`, and run the command again if it is not done")  # fmt: skip
             sys.exit(EXIT_INTERRUPTED)
 
     return wrapper  # type: ignore[return-value]
