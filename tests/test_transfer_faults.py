@@ -484,6 +484,23 @@ def test_gc_drops_a_killed_pulls_download_whose_content_came_in_another_way(
     assert not list((home / "partials").glob("*.part"))
 
 
+def test_a_download_whose_data_went_keeps_nothing_and_gc_drops_its_log(
+    big_upstream: FaultProxy, tmp_path: Path
+) -> None:
+    """A publish that failed (no inode left) took out a blob placed by a rename: the download's data file
+    went, its log stayed, and `du` said its bytes were kept for a resume that then fetched them all (a crash
+    fuzzer's trial)."""
+    home = tmp_path / "local"
+    _killed_a_third_through(big_upstream, home)
+    data = next((home / "partials").glob("*.part"))
+    with Depot(home) as depot:
+        assert depot.du().partial_kept_bytes > 0
+        data.unlink()
+        assert depot.du().partial_kept_bytes < 1 << 10  # (the small files' downloads of one chunk alone)
+        depot.gc()
+    assert not data.with_suffix(".log").exists()
+
+
 def test_two_processes_pulling_the_same_repo_make_one_transfer(
     big_upstream: FaultProxy, tmp_path: Path
 ) -> None:

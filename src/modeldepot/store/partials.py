@@ -413,6 +413,11 @@ class PartialFiles:
             one_piece = True
         else:
             one_piece = False
+        if not one_piece and not self._paths(key).data.exists():
+            # (a log whose data went: a blob placed by a rename, then taken out as its publish failed; its
+            # bytes were counted kept, and the resume fetched them all, a crash fuzzer's trial)
+            self._kept.pop(key, None)
+            return 0
         stamp = (info.st_size, info.st_mtime_ns)
         cached = self._kept.get(key)
         if cached is not None and cached[0] == stamp:
@@ -678,8 +683,12 @@ class PartialFiles:
             try:
                 newest = max(_mtime(paths.data), _mtime(paths.log))
                 if (
-                    remove_all or key in held or now - newest > max_age or _links(paths.data) > 1
-                ):  # (> 1: a blob's too)
+                    remove_all
+                    or key in held
+                    or now - newest > max_age
+                    or _links(paths.data) > 1  # (> 1: a blob's too)
+                    or not paths.data.exists()  # (its data went: nothing to resume)
+                ):
                     freed += _given_back(paths.data) + _given_back(paths.log)
                     self.layout.unlink(paths.data)
                     self.layout.unlink(paths.log)
