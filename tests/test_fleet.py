@@ -525,6 +525,12 @@ def test_nodes_join_see_each_other_leave_and_ride_out_an_etcd_outage(fleet: Flee
     assert a.get("/health", token=False)["node_id"] == a.id
     assert_documented("/health", a.get("/health"))
     assert_documented("/peers", a.get("/peers"))
+    # Each store notes it is a fleet node's: a pull of it while its serve is down says it joins no swarm
+    from modeldepot.transfer.chain import FLEET_NODE_SETTING
+
+    for node in nodes:
+        with Depot(node.home, create=False) as store:
+            assert store.store.index.setting(FLEET_NODE_SETTING) == "/modeldepot", node.home
 
     c.kill()  # SIGKILL: no goodbye; its lease runs out
     killed = time.monotonic()

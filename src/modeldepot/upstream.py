@@ -68,8 +68,11 @@ class Upstream:
 
         config = self._config()
         fleet = None if config.offline else self.fleet
+        from modeldepot.transfer.chain import FLEET_NODE_SETTING
+
+        served = fleet is not None and self.store.index.setting(FLEET_NODE_SETTING) is not None
         return SourceChain.from_config(config, fleet=fleet, node_id=self.store.node_id,
-                                       download_limit=self.download_limit)  # fmt: skip
+                                       download_limit=self.download_limit, served_in_fleet=served)  # fmt: skip
 
     @property
     def download_limit(self) -> RateLimit | None:

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
@@ -28,10 +29,11 @@ from aiohttp import web
 from modeldepot._version import __version__
 from modeldepot.depot import Depot
 from modeldepot.discovery.base import ClusterStatus, Discovery, Holding, NodeRecord
+from modeldepot.errors import DepotError
 from modeldepot.hashing import chunk_count
 from modeldepot.store.partials import PartialState
 from modeldepot.store.store import Store
-from modeldepot.transfer.chain import NODE_API
+from modeldepot.transfer.chain import FLEET_NODE_SETTING, NODE_API
 from modeldepot.transfer.fleet import FleetView, PeerRow
 
 __all__ = ["FLEET", "PUBLISH_INTERVAL", "HoldingsReader", "NodeFleet", "advertised_url"]
@@ -180,11 +182,22 @@ class NodeFleet:
         await self.discovery.register(self.record)
         log.info("cluster %s (prefix %s): this node is %s at %s", self.cluster, self.prefix,
                  self.record.node_id, url)  # fmt: skip
+        await asyncio.to_thread(self._note_fleet_node)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="holdings-publisher")
         self._check = asyncio.get_running_loop().create_task(
             self._check_advertised(url), name="advertised-url"
         )
         return self.record
+
+    def _note_fleet_node(self) -> None:
+        """Note in the store that it is a fleet node's (a pull of it while this serve is down says it joins
+        no swarm); a store this node may not write (read-only) goes without."""
+        index = self.depot.store.index
+        if index.read_only or index.setting(FLEET_NODE_SETTING) == self.prefix:
+            return
+        with contextlib.suppress(DepotError), index.write("noting the fleet this store serves in") as con:
+            con.execute("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                        "value = excluded.value", (FLEET_NODE_SETTING, self.prefix))  # fmt: skip
 
     async def _check_advertised(self, url: str) -> None:
         """Whether this node answers at the URL its peers are given: a node advertised at an address nobody

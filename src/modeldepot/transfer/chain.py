@@ -63,6 +63,10 @@ __all__ = ["Scan", "SourceChain"]
 
 log = logging.getLogger(__name__)
 
+# The store setting a `serve --cluster` writes as it registers: the store is a fleet node's (a pull of it
+# while its serve is down is told it joins no swarm)
+FLEET_NODE_SETTING = "served_in_fleet"
+
 T = TypeVar("T")
 
 NODE_API = "/api/depot/v1"
@@ -145,10 +149,12 @@ class SourceChain:
     fleet: FleetView | None = None  # the fleet's live nodes, asked after the servers
     node_token: str | None = field(default=None, repr=False)  # MODELDEPOT_TOKEN, for discovered nodes
     node_id: str | None = None  # this store's id: never its own source
+    served_in_fleet: bool = False  # a `serve --cluster` registered this store once (FLEET_NODE_SETTING)
 
     @classmethod
     def from_config(cls, config: DepotConfig, retry: RetryPolicy | None = None, fleet: FleetView | None = None,
-                    node_id: str | None = None, download_limit: RateLimit | None = None) -> SourceChain:  # fmt: skip
+                    node_id: str | None = None, download_limit: RateLimit | None = None,
+                    served_in_fleet: bool = False) -> SourceChain:  # fmt: skip
         retry = retry or RetryPolicy(read_timeout=config.read_timeout)
         hub_token_ = hub_token(config.hub_token)
         check_upstream_urls(config)
@@ -160,6 +166,7 @@ class SourceChain:
             fleet=fleet,
             node_token=config.node_token,
             node_id=node_id,
+            served_in_fleet=served_in_fleet,
         )
 
     def _node(self, url: str) -> HttpSource:
@@ -512,8 +519,10 @@ class SourceChain:
         if not claims:
             return None
         if not live:
-            # (its serve down: the swarm was skipped without a word, and the Hub sent the model once more,
-            # an SRE's trial)
+            if not self.served_in_fleet:
+                return None  # (a store that only pulls from the fleet, a laptop's: as it should be)
+            # (a node's store, its serve down: the swarm was skipped without a word, and the Hub sent the
+            # model once more, an SRE's trial)
             say_now_and_then(f"not live {node_id}", log, "this store is no live node of the fleet (is its `serve "
                              "--cluster` running?): its pulls join no swarm, and what the fleet has not got whole "
                              "comes from the Hub")  # fmt: skip
