@@ -481,7 +481,7 @@ def test_a_mirror_that_names_itself_as_its_upstream_is_refused(home: Path) -> No
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    for own in (f"http://127.0.0.1:{port}", f"http://localhost:{port}/"):
+    for own in (f"http://127.0.0.1:{port}", f"http://localhost:{port}/", f"http://0.0.0.0:{port}"):
         code, _, err = run("serve", "--port", str(port), "--upstream", own, home=home)
         assert code == 2 and "--upstream" in err and "this node's own address" in err, err
     inherited = CliRunner().invoke(

@@ -134,11 +134,14 @@ def validate_path(path: object) -> str:
         raise InvalidPathError(f"file path {shown} is absolute; give it relative to the repo root")
     if "\\" in path:
         raise InvalidPathError(f"file path {shown} contains a backslash; use '/' between folders")
+    # A byte that is not UTF-8, as Python reads such a name from a disk: said so first, shown escaped (its
+    # control characters too: a newline split the message, an escape sequence reached the terminal, a review)
+    escaped = next((char for char in path if "\udc80" <= char <= "\udcff"), None)
+    if escaped is not None:
+        readable = _describe(path.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        raise InvalidPathError(f"file path {readable} is not UTF-8 text (its byte {ord(escaped) - 0xDC00:#04x}, "
+                               "shown as \ufffd): rename it (the Hub's paths are UTF-8)")  # fmt: skip
     for char in path:
-        if "\udc80" <= char <= "\udcff":  # a byte that is not UTF-8, as Python reads such a name from a disk
-            readable = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            raise InvalidPathError(f"file path '{readable}' is not UTF-8 text (its byte {ord(char) - 0xDC00:#04x}): "
-                                   "rename it (the Hub's paths are UTF-8)")  # fmt: skip
         if unicodedata.category(char) in ("Cc", "Cs"):
             raise InvalidPathError(f"file path {shown} contains a control character")
     for segment in path.split("/"):

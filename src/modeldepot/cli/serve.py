@@ -80,11 +80,16 @@ def _is_this_node(url: str, host: str, port: int) -> bool:
         return False
     if port == 0 or url_port != port or not parsed.hostname:
         return False
-    reached, listened = _addresses(parsed.hostname, port), _addresses(host, port, passive=True)
+    reached = {_as_connected(address) for address in _addresses(parsed.hostname, port)}
+    listened = _addresses(host, port, passive=True)
     if reached & listened:
         return True
-    wildcard = {"0.0.0.0", "::"} & listened  # (all of this machine's addresses: any one it can bind)
-    return bool(wildcard) and any(_is_local(address) for address in reached)
+    # A wildcard listens on every address of its family this machine has (IPv6 apart: V6ONLY, as it binds)
+    return any(
+        _is_local(address)
+        for address in reached
+        if ("0.0.0.0" in listened and ":" not in address) or ("::" in listened and ":" in address)
+    )
 
 
 def _addresses(host: str, port: int, passive: bool = False) -> set[str]:
@@ -95,6 +100,18 @@ def _addresses(host: str, port: int, passive: bool = False) -> set[str]:
     except (OSError, UnicodeError):
         return set()
     return {str(address[4][0]) for address in found}
+
+
+def _as_connected(address: str) -> str:
+    """The address a connection to ``address`` reaches: 0.0.0.0 and :: are this host, an IPv4-mapped
+    address its IPv4 one."""
+    if address == "0.0.0.0":
+        return "127.0.0.1"
+    if address == "::":
+        return "::1"
+    if address.lower().startswith("::ffff:") and "." in address:
+        return address[len("::ffff:") :]
+    return address
 
 
 def _is_local(address: str) -> bool:

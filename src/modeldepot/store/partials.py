@@ -346,7 +346,7 @@ class PartialFiles:
         self._kept: dict[str, tuple[tuple[int, int], int]] = {}
         # Logged chunks of downloads whose bytes on disk were found not to match (rot, a power loss): not
         # offered to peers while they stay so (each node asked for one got a 404 and counted a failure)
-        self._refuted: dict[str, set[int]] = {}
+        self._refuted: dict[str, dict[int, tuple[int, int] | None]] = {}  # -> chunk -> its data file's stamp
         self._refuted_lock = threading.Lock()
 
     def _pull_mark(self, repo_id: str) -> Path:
@@ -548,10 +548,18 @@ class PartialFiles:
             os.close(fd)
             raise
 
+    def _data_stamp(self, sha256: str) -> tuple[int, int] | None:
+        for one_piece in (False, True):
+            with contextlib.suppress(OSError):
+                info = self._paths(sha256, one_piece).data.stat()
+                return info.st_size, info.st_mtime_ns
+        return None
+
     def _refute(self, sha256: str, index: int) -> None:
+        stamp = self._data_stamp(sha256)
         with self._refuted_lock:
-            known = index in self._refuted.get(sha256, set())
-            self._refuted.setdefault(sha256, set()).add(index)
+            known = index in self._refuted.get(sha256, {})
+            self._refuted.setdefault(sha256, {})[index] = stamp
         if not known:  # (said once: an SRE saw only the access log's 404s of a disk going bad)
             log.warning("chunk %d of the download of %s… does not match the BLAKE3 its download logged (the disk "
                         "may be failing, or the bytes were lost in a power loss): not offered to peers; the "
@@ -559,24 +567,35 @@ class PartialFiles:
 
     def offered(self, partial_log: PartialLog) -> set[int]:
         """The logged chunks of a download peers may be offered: those found not to match (:meth:`_refute`)
-        left out while they still do not (read and hashed again: a resume fetched them anew)."""
+        left out, until the data file was written since (read and hashed again then: a resume fetched them
+        anew; not before, every peer's refresh of the map read 16 MiB of a failing disk, a review)."""
         with self._refuted_lock:
-            doubtful = self._refuted.get(partial_log.sha256, set()) & set(partial_log.logged)
+            doubtful = {
+                index: stamp
+                for index, stamp in self._refuted.get(partial_log.sha256, {}).items()
+                if index in partial_log.logged
+            }
         if not doubtful:
             return set(partial_log.logged)
-        reader = self.open_chunks(partial_log.sha256)
-        still_bad = set(doubtful)
+        now = self._data_stamp(partial_log.sha256)
+        still_bad = {index for index, stamp in doubtful.items() if stamp == now}
+        written = set(doubtful) - still_bad
+        reader = self.open_chunks(partial_log.sha256) if written else None
         if reader is not None:
             with reader:
-                for index in doubtful:
-                    with contextlib.suppress(ChunkNotAvailableError, InvalidRangeError):
+                for index in written:
+                    try:
                         reader.check(index)
                         reader.view(index).release()
-                        still_bad.discard(index)
+                    except (ChunkNotAvailableError, InvalidRangeError):
+                        still_bad.add(index)
+        else:
+            still_bad |= written
         with self._refuted_lock:
-            if still_bad:
-                self._refuted[partial_log.sha256] = still_bad
-            else:
+            kept = self._refuted.get(partial_log.sha256, {})
+            for index in set(doubtful) - still_bad:
+                kept.pop(index, None)
+            if not kept:
                 self._refuted.pop(partial_log.sha256, None)
         return set(partial_log.logged) - still_bad
 
