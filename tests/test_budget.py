@@ -785,7 +785,9 @@ def test_a_node_asked_for_a_budget_below_the_store_asks_before_it_evicts(tmp_pat
     assert "setting this budget removes the least recently used models" in refused.output, refused.output
     assert "pass --yes" in refused.output, refused.output
     # (serve has no --dry-run: "--dry-run shows what would go" sent the user to "No such option")
-    assert "`modeldepot budget 1.5MiB --dry-run` shows" in " ".join(refused.output.split()), refused.output
+    assert f"`modeldepot budget 1.5MiB --dry-run --home {home}` shows" in " ".join(refused.output.split()), (
+        refused.output
+    )
     with Depot(home) as depot:
         assert {r.repo_id for r in depot.list_repos()} == {"acme/a", "acme/b"}
         assert depot.store.budget.max_bytes is None

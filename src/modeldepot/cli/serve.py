@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import socket
 import urllib.parse
 from typing import Any
@@ -266,7 +267,9 @@ def serve_command(
     if max_size is not None:
         # (not for the budget the store has: over it, a node's start brings the store within it, as ever)
         if not yes and not depot.store.read_only and not _the_stores_budget(depot, max_size):
-            confirm_evictions(depot, max_size, preview=f"`modeldepot budget {max_size} --dry-run`")
+            # (with its store: without --home the hint previewed, and made, the default one, a review)
+            confirm_evictions(depot, max_size, preview=f"`modeldepot budget {shlex.quote(max_size)} --dry-run "
+                                                       f"--home {shlex.quote(str(depot.home))}`")  # fmt: skip
         evicted = depot.set_max_size(
             max_size
         )  # (the store's from now on; a store over it is brought within it)

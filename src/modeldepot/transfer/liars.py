@@ -10,9 +10,11 @@ starts; a store others only read keeps them in its process alone.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,6 +28,7 @@ MAX_REMEMBERED = 256  # liars the file holds (the longest bans kept)
 MAX_BAN = 24 * 3600.0  # seconds a remembered ban lasts at most (a clock set back: not forever)
 
 log = logging.getLogger(__name__)
+_REMEMBERING = threading.Lock()
 
 
 def _read(home: Path) -> dict[str, float]:
@@ -56,15 +59,19 @@ def recall_liars(home: Path) -> None:
 def remember_liars(home: Path, names: Iterable[str], seconds: float) -> None:
     """Keep the bans of ``names`` (``seconds`` from now) for the store's next pulls (written whole, by a
     rename; a store this process may not write keeps them in its process alone)."""
-    bans = _read(home)
     until = time.time() + seconds
-    for name in names:
-        bans[name] = max(bans.get(name, 0.0), until)
-    kept = dict(sorted(bans.items(), key=lambda item: item[1], reverse=True)[:MAX_REMEMBERED])
-    temporary = home / f".{LIARS_FILE}.{os.getpid()}.tmp"
+    temporary = home / f".{LIARS_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
-        temporary.write_text(json.dumps(kept))
-        os.replace(temporary, home / LIARS_FILE)
+        # (one writer at a time, across processes and threads: two pulls banning at once lost a ban, and two
+        # threads of one process wrote one temporary file, a review)
+        with _REMEMBERING, open(home / f".{LIARS_FILE}.lock", "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            bans = _read(home)
+            for name in names:
+                bans[name] = max(bans.get(name, 0.0), until)
+            kept = dict(sorted(bans.items(), key=lambda item: item[1], reverse=True)[:MAX_REMEMBERED])
+            temporary.write_text(json.dumps(kept))
+            os.replace(temporary, home / LIARS_FILE)
     except OSError as error:
         log.debug("the lying nodes are not remembered beside the store: %s", error)
         with contextlib.suppress(OSError):
