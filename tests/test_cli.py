@@ -239,7 +239,7 @@ def test_ctrl_c_in_any_command_is_one_line_and_the_shells_code(
     assert result.exit_code == 130 and "interrupted:" in result.output and "Aborted" not in result.output
     # (it may come after the change was made: "run the command again to finish" sent a script's second `rm`
     # to "not in the store", a crash fuzzer's trial)
-    assert "check with `modeldepot ls`" in " ".join(result.output.split()), result.output
+    assert "look before you run it again" in " ".join(result.output.split()), result.output
 
 
 CTRL_C_WHILE_LOADING = """
@@ -774,6 +774,25 @@ def test_long_work_reports_progress_in_a_log_too(
     quick.update(PullUpdate("w.bin", 64 * mib, 64 * mib, 64 * mib, 64 * mib, found=0))
     quick._flush()
     assert lines[-1] == "pulling: 64.0 MiB of 64.0 MiB (100%), 256.0 MiB/s", lines
+
+
+def test_bytes_thrown_away_stay_off_the_bar_across_the_tries_of_a_pull() -> None:
+    """A file that failed its SHA-256 is fetched again: its bytes are taken off the bar, and stay off when an
+    outage makes the pull try again (each try counts from 0; the next try's bar read 100% again, a review)."""
+    from modeldepot.transfer.outage import _ShownSoFar
+
+    mib, total = 1 << 20, 200 << 20
+    view = render.PullView("pulling")
+    shown = _ShownSoFar(view.update)
+    shown.new_try()
+    shown.watch(PullUpdate("w.bin", total, total, total, total))  # all in: it fails its SHA-256
+    shown.watch(PullUpdate("w.bin", 10 * mib, total, 10 * mib, total, thrown_away=total))
+    assert view._most == 10 * mib
+    shown.new_try()  # an outage: the pull's next try, its own tracker
+    shown.watch(PullUpdate("w.bin", 20 * mib, total, 20 * mib, total))
+    assert view._most == 20 * mib
+    shown.watch(PullUpdate("w.bin", 5 * mib, total, 5 * mib, total, thrown_away=15 * mib))  # thrown again
+    assert view._most == 5 * mib
 
 
 def test_du_and_budget_say_what_the_budget_does_not_count(home: Path, model_dir: Path) -> None:

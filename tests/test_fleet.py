@@ -526,11 +526,12 @@ def test_nodes_join_see_each_other_leave_and_ride_out_an_etcd_outage(fleet: Flee
     assert_documented("/health", a.get("/health"))
     assert_documented("/peers", a.get("/peers"))
     # Each store notes it is a fleet node's: a pull of it while its serve is down says it joins no swarm
-    from modeldepot.transfer.chain import FLEET_NODE_SETTING
+    from modeldepot.transfer.chain import served_in_fleet
 
     for node in nodes:
         with Depot(node.home, create=False) as store:
-            assert store.store.index.setting(FLEET_NODE_SETTING) == "/modeldepot", node.home
+            wait_until(lambda d=store: served_in_fleet(d.store, "/modeldepot"), 10, "the note in the store")
+            assert not served_in_fleet(store.store, "/another-fleet")
 
     c.kill()  # SIGKILL: no goodbye; its lease runs out
     killed = time.monotonic()

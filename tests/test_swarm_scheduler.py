@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import random
 import re
@@ -537,8 +538,9 @@ def test_a_file_that_fails_its_sha256_after_chunks_from_other_nodes_is_fetched_a
                 # (the swarm was skipped without a word, and the Hub sent the model once more: an SRE's trial)
                 from modeldepot.transfer.chain import FLEET_NODE_SETTING
 
+                noted = json.dumps({"prefix": second.config.cluster_prefix, "at": time.time()})
                 with second.store.index.write("a test") as con:
-                    con.execute("INSERT INTO settings VALUES (?, ?)", (FLEET_NODE_SETTING, "/modeldepot"))
+                    con.execute("INSERT INTO settings VALUES (?, ?)", (FLEET_NODE_SETTING, noted))
                 assert second.pull("acme/w").bytes_by_source == {"hub": len(DATA)}
             assert "fetching it again" not in caplog.text, "the banned liar was asked again"
             assert (

@@ -68,9 +68,14 @@ class Upstream:
 
         config = self._config()
         fleet = None if config.offline else self.fleet
-        from modeldepot.transfer.chain import FLEET_NODE_SETTING
+        from modeldepot.transfer.chain import served_in_fleet
 
-        served = fleet is not None and self.store.index.setting(FLEET_NODE_SETTING) is not None
+        # (not in the serving process itself: its view may miss it before it registers, or in an outage)
+        served = (
+            fleet is not None
+            and not self._fleet_managed
+            and served_in_fleet(self.store, config.cluster_prefix)
+        )
         return SourceChain.from_config(config, fleet=fleet, node_id=self.store.node_id,
                                        download_limit=self.download_limit, served_in_fleet=served)  # fmt: skip
 

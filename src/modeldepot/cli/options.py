@@ -126,8 +126,8 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
             # (the store, or a Hugging Face cache an export writes: each name appears whole, or not at all)
             # (it may have come after the change was made: "run it again" sent a script's `rm` to "not in the
             # store", exit 1, a crash fuzzer's trial)
-            render.err.print("interrupted: nothing was left half-written (what it changed is made whole, or not at "
-                             "all); check with `modeldepot ls`, and run the command again if it is not done")  # fmt: skip
+            render.err.print("interrupted: nothing was left half-written (each change it made is whole; what it had "
+                             "not reached is untouched): look before you run it again")  # fmt: skip
             sys.exit(EXIT_INTERRUPTED)
 
     return wrapper  # type: ignore[return-value]

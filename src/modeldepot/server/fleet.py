@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import json
 import logging
 import socket
 import threading
@@ -182,7 +182,8 @@ class NodeFleet:
         await self.discovery.register(self.record)
         log.info("cluster %s (prefix %s): this node is %s at %s", self.cluster, self.prefix,
                  self.record.node_id, url)  # fmt: skip
-        await asyncio.to_thread(self._note_fleet_node)
+        # (off the way: the write may wait for another process's transaction, the holdings publisher not)
+        self._noting = asyncio.get_running_loop().run_in_executor(None, self._note_fleet_node)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="holdings-publisher")
         self._check = asyncio.get_running_loop().create_task(
             self._check_advertised(url), name="advertised-url"
@@ -190,14 +191,18 @@ class NodeFleet:
         return self.record
 
     def _note_fleet_node(self) -> None:
-        """Note in the store that it is a fleet node's (a pull of it while this serve is down says it joins
-        no swarm); a store this node may not write (read-only) goes without."""
+        """Note in the store that it is a fleet node's, and since when (a pull of it while this serve is down
+        says it joins no swarm); a store this node may not write (read-only) goes without. Never raises."""
         index = self.depot.store.index
-        if index.read_only or index.setting(FLEET_NODE_SETTING) == self.prefix:
+        if index.read_only:
             return
-        with contextlib.suppress(DepotError), index.write("noting the fleet this store serves in") as con:
-            con.execute("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
-                        "value = excluded.value", (FLEET_NODE_SETTING, self.prefix))  # fmt: skip
+        noted = json.dumps({"prefix": self.prefix, "at": time.time()})
+        try:
+            with index.write("noting the fleet this store serves in") as con:
+                con.execute("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                            "value = excluded.value", (FLEET_NODE_SETTING, noted))  # fmt: skip
+        except (DepotError, OSError) as error:
+            log.debug("the store is not noted as this fleet's node: %s", error)
 
     async def _check_advertised(self, url: str) -> None:
         """Whether this node answers at the URL its peers are given: a node advertised at an address nobody

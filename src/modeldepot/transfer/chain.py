@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 from modeldepot.config import DepotConfig
@@ -59,13 +59,35 @@ from modeldepot.transfer.sources import HttpSource, RetryPolicy, small_request
 from modeldepot.transfer.swarm import SwarmFile
 from modeldepot.validation import SHORT_COMMIT, from_upstream, is_commit_id, validate_blake3
 
+if TYPE_CHECKING:
+    from modeldepot.store.store import Store
+
 __all__ = ["Scan", "SourceChain"]
 
 log = logging.getLogger(__name__)
 
 # The store setting a `serve --cluster` writes as it registers: the store is a fleet node's (a pull of it
-# while its serve is down is told it joins no swarm)
+# while its serve is down is told it joins no swarm), as {"prefix": ..., "at": seconds since the epoch}
 FLEET_NODE_SETTING = "served_in_fleet"
+FLEET_NODE_RECENT = (
+    7 * 24 * 3600.0
+)  # seconds a store counts as a fleet node's after its serve last registered
+
+
+def served_in_fleet(store: Store, prefix: str) -> bool:
+    """Whether a `serve --cluster` registered the store in the fleet of ``prefix`` lately (a retired node's
+    store, or a copy of one, is no node's after a week: its pulls were told so, every one)."""
+    try:
+        noted = json.loads(store.index.setting(FLEET_NODE_SETTING) or "null")
+    except (DepotError, ValueError):
+        return False
+    return (
+        isinstance(noted, dict)
+        and noted.get("prefix") == prefix
+        and isinstance(noted.get("at"), (int, float))
+        and 0 <= time.time() - noted["at"] < FLEET_NODE_RECENT
+    )
+
 
 T = TypeVar("T")
 
@@ -513,14 +535,21 @@ class SourceChain:
         fleet, node_id = self.fleet, self.node_id
         if fleet is None or node_id is None or remote.sha256 is None:
             return None
-        claims, live = await fleet.read_async(
-            lambda d: (d.claims_supported, any(n.node_id == node_id for n in d.peers())), (False, False)
+        claims, live, connected = await fleet.read_async(
+            lambda d: (
+                d.claims_supported,
+                any(n.node_id == node_id for n in d.peers()),
+                d.status().connected,
+            ),
+            (False, False, False),
         )
         if not claims:
             return None
         if not live:
-            if not self.served_in_fleet:
-                return None  # (a store that only pulls from the fleet, a laptop's: as it should be)
+            if not self.served_in_fleet or not connected:
+                # (a store that only pulls from the fleet, a laptop's: as it should be; a registry out of reach
+                # is said where it is met)
+                return None
             # (a node's store, its serve down: the swarm was skipped without a word, and the Hub sent the
             # model once more, an SRE's trial)
             say_now_and_then(f"not live {node_id}", log, "this store is no live node of the fleet (is its `serve "

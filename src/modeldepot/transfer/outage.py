@@ -292,10 +292,15 @@ class _ShownSoFar:
         self.floor = 0  # what the tries before showed, in all and by file
         self.file_floor: dict[str, int] = {}
         self.files: dict[str, int] = {}
+        # Bytes thrown away (PullUpdate.thrown_away) by the tries before, and by this one: taken off what
+        # was shown, and told on in all (each try counts its own from 0; a refetch after a retry read 100%
+        # again, a review)
+        self.thrown_before = self.thrown_now = 0
 
     def new_try(self) -> None:
         self.floor, self.file_floor = max(self.floor, self.most), dict(self.files)
         self.most_before = self.most
+        self.thrown_before, self.thrown_now = self.thrown_before + self.thrown_now, 0
 
     @property
     def moved(self) -> bool:
@@ -303,6 +308,10 @@ class _ShownSoFar:
         return self.most > self.most_before
 
     def watch(self, update: PullUpdate) -> None:
+        if update.thrown_away > self.thrown_now:
+            dropped, self.thrown_now = update.thrown_away - self.thrown_now, update.thrown_away
+            self.floor, self.most = max(0, self.floor - dropped), max(-1, self.most - dropped)
+        update = dataclasses.replace(update, thrown_away=self.thrown_before + update.thrown_away)
         self.most = max(self.most, update.shown)
         self.files[update.path] = max(self.files.get(update.path, 0), update.file_shown)
         if self.progress is None:
