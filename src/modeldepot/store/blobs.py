@@ -257,11 +257,12 @@ def give_back_mode(partial: Path, source: Path, mode: int, inode: tuple[int, int
             os.close(fd)
 
 
-def give_back_modes(session: Path) -> list[tuple[int, int]]:
+def give_back_modes(session: Path) -> dict[Path, tuple[int, int]]:
     """Before a dead writer's session is deleted (gc): the files of the user's it linked and made read-only
-    get their modes back (an `import --link` killed midway left them 0444 for good). Returns the (device,
-    inode) of those kept read-only because they have another name still: a blob placed, committed or not."""
-    waiting: list[tuple[int, int]] = []
+    get their modes back (an `import --link` killed midway left them 0444 for good). Returns the notes of
+    those kept read-only because they have another name still (a blob placed, committed or not), with the
+    (device, inode) of each."""
+    waiting: dict[Path, tuple[int, int]] = {}
     for kept in session.glob("*.mode"):
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             noted = json.loads(kept.read_text())
@@ -273,7 +274,7 @@ def give_back_modes(session: Path) -> list[tuple[int, int]]:
             # (the session's own link of it goes with the session: not a name that keeps it read-only)
             ours = 1 if partial.exists() and os.stat(partial).st_ino == theirs.st_ino else 0
             if linked is not None and (theirs.st_dev, theirs.st_ino) == linked and theirs.st_nlink - ours > 1:
-                waiting.append(linked)
+                waiting[kept] = linked
     return waiting
 
 

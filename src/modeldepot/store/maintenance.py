@@ -496,17 +496,19 @@ def _collect_sessions(store: Store, fresh: float = 0.0, orphans_gone: bool = Fal
             continue
         if entry.is_dir():
             waiting = give_back_modes(entry)
-            if waiting and not orphans_gone and not _recorded_links(store, waiting):
+            # (a partial linked from elsewhere too, as an adoption's, frees nothing)
+            freed += _allocated(entry)
+            removed += sum(1 for p in entry.iterdir() if p.name.endswith(".partial"))
+            if waiting and not orphans_gone and not _recorded_links(store, list(waiting.values())):
                 # A linked file whose blob the writer placed and never committed (killed between the two):
-                # its note of the mode stays until gc deleted that orphan blob, then gives the mode back
-                # (swept first by the next write, the note went, and the user's files stayed 0444 for good:
-                # a crash fuzzer's trial)
+                # its note of the mode stays, alone, until gc deleted that orphan blob, then gives the mode
+                # back (swept first by the next write, the note went, and the user's files stayed 0444 for
+                # good: a crash fuzzer's trial)
+                for path in entry.iterdir():
+                    if path not in waiting:
+                        store.layout.unlink(path)
                 kept += 1
                 continue
-            freed += _allocated(
-                entry
-            )  # (a partial linked from elsewhere too, as an adoption's, frees nothing)
-            removed += sum(1 for p in entry.iterdir() if p.name.endswith(".partial"))
             store.layout.rmtree(entry)
         else:
             freed += _allocated(entry)

@@ -69,9 +69,8 @@ log = logging.getLogger(__name__)
 # The store setting a `serve --cluster` writes as it registers: the store is a fleet node's (a pull of it
 # while its serve is down is told it joins no swarm), as {"prefix": ..., "at": seconds since the epoch}
 FLEET_NODE_SETTING = "served_in_fleet"
-FLEET_NODE_RECENT = (
-    7 * 24 * 3600.0
-)  # seconds a store counts as a fleet node's after its serve last registered
+# Seconds a store counts as a fleet node's after its serve last registered
+FLEET_NODE_RECENT = 7 * 24 * 3600.0
 
 
 def served_in_fleet(store: Store, prefix: str) -> bool:
@@ -171,7 +170,7 @@ class SourceChain:
     fleet: FleetView | None = None  # the fleet's live nodes, asked after the servers
     node_token: str | None = field(default=None, repr=False)  # MODELDEPOT_TOKEN, for discovered nodes
     node_id: str | None = None  # this store's id: never its own source
-    served_in_fleet: bool = False  # a `serve --cluster` registered this store once (FLEET_NODE_SETTING)
+    served_in_fleet: bool = False  # a `serve --cluster` registered this store lately (FLEET_NODE_SETTING)
 
     @classmethod
     def from_config(cls, config: DepotConfig, retry: RetryPolicy | None = None, fleet: FleetView | None = None,
