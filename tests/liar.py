@@ -7,6 +7,7 @@ outside its home, and that a lie fails the pull with an error naming the upstrea
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -54,6 +55,9 @@ class Liar:
         self.authorizations: list[str | None] = []  # the Authorization header of each model info request
         self.refusal: tuple[int, dict[str, str], bytes] | None = None  # the model info's answer instead
         self.moved_to: str | None = None  # a 307 to this URL, for a model info request of another path
+        # A file whose resolve answers first a 302 (to itself, marked) with a body of so many bytes
+        self.redirect_with_body: tuple[str, int] | None = None
+        self.redirect_sent = 0  # bytes of those bodies written before the client let go
         app = web.Application()
         app.router.add_get("/api/models/{org}/{name}", self._model_info)
         app.router.add_get("/api/models/{org}/{name}/revision/{rev}", self._model_info)
@@ -90,6 +94,12 @@ class Liar:
 
     async def _resolve(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(request.path)
+        if (
+            self.redirect_with_body is not None
+            and request.match_info["path"] == self.redirect_with_body[0]
+            and "moved" not in request.query
+        ):
+            return await self._redirect_with_body(request, self.redirect_with_body[1])
         data = self.files.get(request.match_info["path"])
         if data is None:
             return web.json_response({"error": "Entry not found"}, status=404)
@@ -102,6 +112,20 @@ class Liar:
             start, end, status = int(first), min(int(last or end), end), 206
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
         return web.Response(body=data[start : end + 1], status=status, headers=headers)
+
+    async def _redirect_with_body(self, request: web.Request, size: int) -> web.StreamResponse:
+        response = web.StreamResponse(status=302, headers={"Location": f"{request.path}?moved=1"})
+        response.content_length = size
+        await response.prepare(request)
+        piece = b"x" * (1 << 16)
+        with contextlib.suppress(ConnectionError):
+            while self.redirect_sent < size * 100:  # (bounded: a test's, not an endless one)
+                await response.write(piece)
+                self.redirect_sent += len(piece)
+                size -= len(piece)
+                if size <= 0:
+                    break
+        return response
 
     async def _manifest(self, request: web.Request) -> web.Response:
         self.requests.append(request.path)

@@ -347,6 +347,23 @@ def assert_consistent(home: Path, small: dict[str, bytes], reserve: int) -> None
         assert depot.store.index.reserve.held() == reserve, "the reserve was not taken back"
 
 
+def test_a_download_the_upstream_says_is_bigger_than_the_disk_reserves_nothing(
+    mount_tmpfs: Mount, tmp_path: Path
+) -> None:
+    """An upstream that says a file is terabytes had its pull reserve the whole disk, and the failed
+    reservation left it full (a security trial: a mirror of such an upstream, filled by one request). A
+    download bigger than the free room is refused before anything is reserved, naming the size it was told."""
+    root = mount_tmpfs("size=8m")
+    depot, _ = small_store(root)
+    with depot:
+        free = free_bytes(root)
+        sha = "ab" * 32
+        with pytest.raises(StoreFullError, match=r"the upstream says abababababababab… is 4\.0 TiB"):
+            depot.store.partials.claim(sha, 4 << 40, SMALL_CHUNK, wait=False)
+        assert free_bytes(root) >= free - (64 << 10)  # (a log and an empty file at most)
+        assert_import_works(depot, random_folder(tmp_path / "fits", [100_000], seed=8))
+
+
 def test_rm_gc_and_verify_work_on_a_full_disk(mount_tmpfs: Mount, tmp_path: Path) -> None:
     root = mount_tmpfs("size=8m")
     home = root / "home"

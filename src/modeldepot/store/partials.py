@@ -61,11 +61,11 @@ from typing import Literal
 
 import blake3
 
-from modeldepot.errors import ChunkNotAvailableError, InvalidRangeError
+from modeldepot.errors import ChunkNotAvailableError, InvalidRangeError, StoreFullError
 from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.store.blobs import PartialBlob, start_writeback
 from modeldepot.store.durability import UNKNOWN_BOOT, current_boot_id
-from modeldepot.store.layout import StoreLayout, os_error, size_text
+from modeldepot.store.layout import FULL_DISK_ADVICE, StoreLayout, os_error, size_text
 from modeldepot.store.locks import flock_holder, lock_is_held, unlock_and_close
 from modeldepot.store.models import BlobRecord
 from modeldepot.store.verified import PartialChunkReader
@@ -655,8 +655,20 @@ class PartialFiles:
                     os.write(lock_fd, header.encode())
                 _empty(data_fd)
             if size:
-                os.posix_fallocate(data_fd, 0, size)  # a full disk fails here, before any transfer
+                _room_for(data_fd, size, key)
+                try:
+                    os.posix_fallocate(data_fd, 0, size)  # a full disk fails here, before any transfer
+                except OSError:
+                    if (
+                        not logged
+                    ):  # (a failed reservation keeps what it took on ext4: a new file gives it back)
+                        with contextlib.suppress(OSError):
+                            os.ftruncate(data_fd, 0)
+                    raise
             done = _verified_chunks(data_fd, size, chunk_size, logged)
+        except StoreFullError:
+            os.close(data_fd)
+            raise
         except OSError as error:
             os.close(data_fd)
             raise os_error(error, f"reserving {size_text(size)} for a download") from error
@@ -816,6 +828,20 @@ def _whole_content(fd: int, key: str, size: int) -> dict[int, str] | None:
     else:
         matches = hashlib.sha256(data).hexdigest() == key
     return {0: blake3.blake3(data).hexdigest()} if matches else None
+
+
+def _room_for(fd: int, size: int, key: str) -> None:
+    """A download of ``size`` bytes (the upstream's word) fits in the free room of the file system, beside
+    what its file holds already (StoreFullError, nothing reserved): a size of terabytes filled the disk,
+    and the failed reservation left it full (a security trial)."""
+    try:
+        disk, held = os.fstatvfs(fd), os.fstat(fd).st_blocks * 512
+    except OSError:
+        return  # (the reservation itself says)
+    free = disk.f_bavail * disk.f_frsize
+    if size - held > free:
+        raise StoreFullError(f"the upstream says {key[:16]}… is {size_text(size)}: more than the "
+                             f"{size_text(free)} free on the store's disk; {FULL_DISK_ADVICE}")  # fmt: skip
 
 
 def _links(path: Path) -> int:

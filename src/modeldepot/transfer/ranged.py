@@ -411,8 +411,10 @@ def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size:
             response = use.connection.getresponse()
             answer = Answer(response.status, response.headers, url)
             if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
-                response.read()
-                use.reusable = not response.will_close
+                # (a redirect's body is short: read whole, a hostile upstream's endless one took a mirror to
+                # 2 GB in a second, a security trial; one longer is left, and its connection with it)
+                response.read(1 << 16)
+                use.reusable = not response.will_close and response.length == 0
                 location = urljoin(url, response.getheader("Location", ""))
                 if _origin(location)[0] != origin:  # another origin never sees the token
                     sent = {k: v for k, v in sent.items() if k.lower() != "authorization"}
