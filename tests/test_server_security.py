@@ -300,6 +300,15 @@ def test_private_repos_are_invisible_without_a_token(node: LiveNode, hidden: dic
             assert reply.status == absent.status == 404, target
             assert reply.headers["X-Error-Code"] == absent.headers["X-Error-Code"] == "RepoNotFound"
             assert hidden["weights.bin"][:32] not in reply.body
+            # A case variant is answered as an absent repo is, named as typed: the store's spelling told that
+            # it was there, and how it is spelled (a security trial)
+            variant = HIDDEN.swapcase()
+            guessed = send(node, method, target.replace(HIDDEN, variant), {})
+            assert guessed.status == 404 and guessed.headers["X-Error-Code"] == "RepoNotFound", target
+            assert (
+                HIDDEN not in guessed.headers.get("X-Error-Message", "")
+                and HIDDEN.encode() not in guessed.body
+            )
     for target in (f"/api/depot/v1/blobs/{private_sha}", f"/api/depot/v1/blobs/{private_sha}/chunks/0"):
         assert call(node, "GET", target).status == 404
         assert call(node, "HEAD", target).status == 404

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from modeldepot.depot import Depot
-from modeldepot.errors import InvalidInputError
+from modeldepot.errors import InvalidInputError, RepoNotFoundError
 from modeldepot.validation import validate_repo_id
 
 if TYPE_CHECKING:
     from yarl import URL  # (aiohttp's URL type)
 
-__all__ = ["ARRIVED", "CONTROL_TOKEN", "DEPOT", "TOKEN", "carries_token", "checked_query", "is_authorized",
-           "path_matches", "path_repo", "request_url"]  # fmt: skip
+__all__ = ["ARRIVED", "CONTROL_TOKEN", "DEPOT", "TOKEN", "carries_token", "checked_query", "hidden_repo",
+           "is_authorized", "path_matches", "path_repo", "request_url"]  # fmt: skip
 
 DEPOT = web.AppKey("depot", Depot)
 TOKEN = web.AppKey("token", str)  # "" when the node has no token
@@ -51,6 +51,14 @@ async def path_repo(request: web.Request) -> str:
     their case, as on the Hub."""
     named = validate_repo_id(f"{request.match_info['org']}/{request.match_info['name']}")
     return await asyncio.to_thread(request.app[DEPOT].store.spelled, named)
+
+
+def hidden_repo(request: web.Request, repo_id: str) -> RepoNotFoundError:
+    """RepoNotFound for a repo this request may not see, named as the request typed it, as an absent one
+    is: the store's spelling of a private repo told any case variant of a guess that it was there, and how
+    it is spelled (a security trial)."""
+    org, name = request.match_info.get("org"), request.match_info.get("name")
+    return RepoNotFoundError(f"{org}/{name}" if org and name and len(org) + len(name) < 200 else repo_id)
 
 
 def checked_query(request: web.Request, takes: tuple[str, ...] = (), hint: str = "") -> dict[str, str]:

@@ -33,7 +33,7 @@ from modeldepot.gitobjects import TreeEntry, lfs_pointer, tree_oids
 from modeldepot.hfcache.cache import ORIGIN as HF_CACHE_ORIGIN
 from modeldepot.hub.scan import HELD_ONLY_HEADER, PART_OF_COMMIT_HEADER
 from modeldepot.server.commit_cache import COMMITS, CommitCache
-from modeldepot.server.context import DEPOT, is_authorized, path_matches, path_repo, request_url
+from modeldepot.server.context import DEPOT, hidden_repo, is_authorized, path_matches, path_repo, request_url
 from modeldepot.server.listing import (
     CommitQuery,
     ModelQuery,
@@ -131,7 +131,7 @@ def _next_link(request: web.Request, **params: str) -> str:
 async def _check_visible(request: web.Request, repo_id: str) -> None:
     """RepoNotFound when the repo is absent, or private and the request carries no valid token."""
     if await asyncio.to_thread(request.app[DEPOT].store.repo_private, repo_id) and not is_authorized(request):
-        raise RepoNotFoundError(repo_id)
+        raise hidden_repo(request, repo_id)
 
 
 async def _visible_repo(request: web.Request, repo_id: str) -> RepoSummary:
@@ -141,7 +141,7 @@ async def _visible_repo(request: web.Request, repo_id: str) -> RepoSummary:
         request.app[COMMITS].summary, repo_id, lambda: store.repo_summary(repo_id)
     )
     if summary.private and not is_authorized(request):
-        raise RepoNotFoundError(repo_id)
+        raise hidden_repo(request, repo_id)
     return summary
 
 
@@ -628,7 +628,7 @@ async def _open_held(
     def open_held() -> tuple[FileEntry, VerifiedBlob | None, int | None]:
         spelled = depot.store.spelled(repo_id)
         if not authorized and depot.store.repo_private(spelled):
-            raise RepoNotFoundError(repo_id)
+            raise hidden_repo(request, repo_id)
         entry = _held_entry(depot, spelled, path, revision)
         if entry.lfs and not opens_lfs:
             return entry, None, None

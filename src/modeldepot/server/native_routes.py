@@ -38,7 +38,7 @@ from modeldepot.hashing import chunk_count
 from modeldepot.hub.manifest import Manifest
 from modeldepot.preload.preloader import PreloadInfo
 from modeldepot.server.commit_cache import COMMITS
-from modeldepot.server.context import DEPOT, checked_query, is_authorized, path_repo, request_url
+from modeldepot.server.context import DEPOT, checked_query, hidden_repo, is_authorized, path_repo, request_url
 from modeldepot.server.fleet import FLEET
 from modeldepot.server.openapi import WITHHELD_PRELOAD, openapi_document
 from modeldepot.server.ranges import RangeNotSatisfiable
@@ -159,7 +159,7 @@ async def manifest(request: web.Request) -> web.Response:
     revision = validate_revision(request.match_info["rev"])
     summary = await asyncio.to_thread(depot.store.repo_summary, repo_id)
     if summary.private and not is_authorized(request):
-        raise RepoNotFoundError(repo_id)
+        raise hidden_repo(request, repo_id)
     commit_id = await asyncio.to_thread(depot.resolve, repo_id, revision)
 
     def make() -> bytes:
@@ -198,7 +198,7 @@ async def pull_manifest(request: web.Request) -> web.Response:
     except NotFoundError:
         raise RepoNotFoundError(repo_id) from None  # never scanned: no manifest, as for an absent repo
     if (manifest.private or manifest.gated) and not is_authorized(request):
-        raise RepoNotFoundError(repo_id)
+        raise hidden_repo(request, repo_id)
     return json_response(manifest.to_dict())
 
 
