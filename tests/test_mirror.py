@@ -685,6 +685,28 @@ def test_a_mirror_lists_the_refs_of_a_repo_it_has_not_pulled_in_the_upstreams_sp
             mirror.depot.close()
 
 
+def test_a_private_upstream_repo_asked_by_a_case_variant_is_named_as_typed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A private upstream repo asked of a mirror by a case variant of its id was answered with the upstream's
+    own spelling: a guess learned that it was there, and how it is spelled (a security trial)."""
+    monkeypatch.setenv("MODELDEPOT_TOKEN", "upstream-token")  # (what the mirror sends its upstream)
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), "Acme/Secret-Model", private=True)
+        node = LiveNode(upstream_depot, token="upstream-token")
+        mirror = mirror_node(tmp_path, node.url, monkeypatch)
+        try:
+            for path in ("/api/models/acme/secret-model", "/acme/secret-model/resolve/main/config.json"):
+                answer = requests.get(mirror.url + path, timeout=30)
+                assert answer.status_code == 404, (path, answer.content)
+                assert b"Secret-Model" not in answer.content and b"acme/secret-model" in answer.content, (
+                    answer.content
+                )
+        finally:
+            mirror.stop()
+            node.stop()
+
+
 def test_a_repo_the_upstream_made_private_is_no_longer_served_to_anyone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

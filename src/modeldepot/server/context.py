@@ -15,8 +15,8 @@ from modeldepot.validation import validate_repo_id
 if TYPE_CHECKING:
     from yarl import URL  # (aiohttp's URL type)
 
-__all__ = ["ARRIVED", "CONTROL_TOKEN", "DEPOT", "TOKEN", "carries_token", "checked_query", "hidden_repo",
-           "is_authorized", "path_matches", "path_repo", "request_url"]  # fmt: skip
+__all__ = ["ARRIVED", "CONTROL_TOKEN", "DEPOT", "TOKEN", "as_typed", "carries_token", "checked_query",
+           "hidden_repo", "is_authorized", "path_matches", "path_repo", "request_url"]  # fmt: skip
 
 DEPOT = web.AppKey("depot", Depot)
 TOKEN = web.AppKey("token", str)  # "" when the node has no token
@@ -57,8 +57,13 @@ def hidden_repo(request: web.Request, repo_id: str) -> RepoNotFoundError:
     """RepoNotFound for a repo this request may not see, named as the request typed it, as an absent one
     is: the store's spelling of a private repo told any case variant of a guess that it was there, and how
     it is spelled (a security trial)."""
+    return RepoNotFoundError(as_typed(request, repo_id))
+
+
+def as_typed(request: web.Request, repo_id: str) -> str:
+    """The repo id as the URL typed it (its case), else ``repo_id``."""
     org, name = request.match_info.get("org"), request.match_info.get("name")
-    return RepoNotFoundError(f"{org}/{name}" if org and name and len(org) + len(name) < 200 else repo_id)
+    return f"{org}/{name}" if org and name and len(org) + len(name) < 200 else repo_id
 
 
 def checked_query(request: web.Request, takes: tuple[str, ...] = (), hint: str = "") -> dict[str, str]:

@@ -23,7 +23,7 @@ from modeldepot.errors import RepoNotFoundError
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.mirror import Mirror
 from modeldepot.modelcard import upstream_card
-from modeldepot.server.context import ARRIVED, is_authorized
+from modeldepot.server.context import ARRIVED, as_typed, is_authorized
 from modeldepot.server.ranges import RangeNotSatisfiable
 from modeldepot.server.responses import CountedResponse, matches_none
 from modeldepot.server.views import RevisionView, file_headers, to_its_commit, wanted_range, whole_headers
@@ -44,7 +44,8 @@ class PrivateUpstream(RepoNotFoundError):
 def check_public(request: web.Request, manifest: Manifest) -> None:
     """PrivateUpstream (a 404, as for a repo not there) when the upstream's repo is hidden to ``request``."""
     if (manifest.private or manifest.gated) and not is_authorized(request):
-        raise PrivateUpstream(manifest.repo_id)
+        # (named as typed: the upstream's spelling told a guess that it was there, a security trial)
+        raise PrivateUpstream(as_typed(request, manifest.repo_id))
 
 
 def _entry(manifest: Manifest, remote: RemoteFile) -> FileEntry:
