@@ -659,9 +659,8 @@ class PartialFiles:
                 try:
                     os.posix_fallocate(data_fd, 0, size)  # a full disk fails here, before any transfer
                 except OSError:
-                    if (
-                        not logged
-                    ):  # (a failed reservation keeps what it took on ext4: a new file gives it back)
+                    # (a failed reservation keeps what it took on ext4: a new file gives it back)
+                    if not logged:
                         with contextlib.suppress(OSError):
                             os.ftruncate(data_fd, 0)
                     raise
@@ -688,7 +687,7 @@ class PartialFiles:
         self, remove_all: bool, max_age: float = PARTIAL_MAX_AGE, held: Set[str] = frozenset()
     ) -> tuple[int, int, int, int]:
         """gc: delete unlocked partials older than ``max_age`` (every unlocked one with ``remove_all``), and
-        those of a content the store holds whole (``held``, SHA-256s: it came in another way, an import, an
+        those of a content the store holds whole (``held``, download keys: a SHA-256 or ``git-<oid>``; it came in another way, an import, an
         adoption, and no resume will ever need the download: kept a week outside the budget, an operator's
         trial); returns (removed, kept for a resume, left to the transfers running now, bytes freed: the disk
         space given back)."""
