@@ -707,6 +707,41 @@ def test_a_private_upstream_repo_asked_by_a_case_variant_is_named_as_typed(
             node.stop()
 
 
+def test_a_mirror_answers_an_absent_upstream_repo_as_a_private_one_to_a_client_without_its_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirror whose Hub (HF_TOKEN) and depot server (MODELDEPOT_TOKEN, not set) are one tokened node
+    answered an absent repo with a 502 naming the upstream and the mirror's credentials, a private one with
+    a 404: anyone could tell which of their guesses were private repos (a security trial). A client with
+    the mirror's token still hears why."""
+    monkeypatch.delenv("MODELDEPOT_TOKEN", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), "acme/secret", private=True)
+        node = LiveNode(upstream_depot, token="upstream-token")
+        monkeypatch.setenv("HF_ENDPOINT", node.url)
+        monkeypatch.setenv("HF_TOKEN", "upstream-token")
+        mirror_depot = Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK, servers=[node.url])
+        mirror = LiveNode(mirror_depot, mirror=True, owns_depot=True, control_token="mirror-control")
+        try:
+            for suffix in ("", "/resolve/main/config.json"):
+                answers = {}
+                for repo in ("acme/secret", "acme/nothing"):
+                    path = f"/api/models/{repo}" if not suffix else f"/{repo}{suffix}"
+                    answer = requests.get(mirror.url + path, timeout=30)
+                    answers[repo] = (answer.status_code, answer.headers.get("X-Error-Code"),
+                                     answer.content.replace(repo.encode(), b"REPO"))  # fmt: skip
+                assert answers["acme/secret"] == answers["acme/nothing"], answers
+                assert answers["acme/nothing"][:2] == (404, "RepoNotFound"), answers
+                assert node.url.encode() not in answers["acme/nothing"][2]
+            told = requests.get(mirror.url + "/api/models/acme/nothing", timeout=30,
+                                headers={"Authorization": "Bearer mirror-control"})  # fmt: skip
+            assert told.status_code == 502 and b"MODELDEPOT_TOKEN" in told.content, told.content
+        finally:
+            mirror.stop()
+            node.stop()
+
+
 def test_a_repo_the_upstream_made_private_is_no_longer_served_to_anyone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -321,15 +321,14 @@ class Mirror:
             log.warning("%s is %s: this node serves it behind its token from now on (without one, to no one)",
                         repo_id, why)  # fmt: skip
 
-    async def remote_file(
-        self, repo_id: str, revision: str, path: str, held: bool = False
-    ) -> tuple[Manifest, RemoteFile]:
+    @staticmethod
+    def remote_file(manifest: Manifest, revision: str, path: str) -> RemoteFile:
+        """The file ``path`` of the upstream's scan (EntryNotFoundError when its commit lacks it)."""
         validate_path(path)
-        manifest = await self.manifest(repo_id, revision, held)
         for remote in manifest.files:
             if remote.path == path:
-                return manifest, remote
-        raise EntryNotFoundError(repo_id, revision, path, manifest.commit_id)
+                return remote
+        raise EntryNotFoundError(manifest.repo_id, revision, path, manifest.commit_id)
 
     def pulling(self, manifest: Manifest, remote: RemoteFile) -> bool:
         """Whether a pull of the file runs now."""

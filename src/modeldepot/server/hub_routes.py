@@ -52,6 +52,7 @@ from modeldepot.server.mirror_routes import (
     check_public,
     mirror_resolve,
     mirror_revision,
+    upstream_manifest,
 )
 from modeldepot.server.ranges import RangeNotSatisfiable
 from modeldepot.server.responses import error_response, json_response, send_blob
@@ -526,7 +527,8 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
     first, held = await _upstream_first(request, repo_id, revision)
     if first:
         try:
-            manifest, _ = await request.app[MIRROR].remote_file(repo_id, revision, path, held)
+            manifest = await upstream_manifest(request, repo_id, revision, held)
+            request.app[MIRROR].remote_file(manifest, revision, path)
             # (the store may hold it: it must not answer what the upstream hides)
             check_public(request, manifest)
         except (EntryNotFoundError, PrivateUpstream):

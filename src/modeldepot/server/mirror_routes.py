@@ -19,17 +19,24 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
-from modeldepot.errors import RepoNotFoundError
+from modeldepot.errors import AccessDeniedError, RepoNotFoundError
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.mirror import Mirror
 from modeldepot.modelcard import upstream_card
-from modeldepot.server.context import ARRIVED, as_typed, is_authorized
+from modeldepot.server.context import ARRIVED, as_typed, hidden_repo, is_authorized
 from modeldepot.server.ranges import RangeNotSatisfiable
 from modeldepot.server.responses import CountedResponse, matches_none
 from modeldepot.server.views import RevisionView, file_headers, to_its_commit, wanted_range, whole_headers
 from modeldepot.store import FileEntry
 
-__all__ = ["MIRROR", "PrivateUpstream", "check_public", "mirror_resolve", "mirror_revision"]
+__all__ = [
+    "MIRROR",
+    "PrivateUpstream",
+    "check_public",
+    "mirror_resolve",
+    "mirror_revision",
+    "upstream_manifest",
+]
 
 MIRROR = web.AppKey("mirror", Mirror)
 
@@ -46,6 +53,25 @@ def check_public(request: web.Request, manifest: Manifest) -> None:
     if (manifest.private or manifest.gated) and not is_authorized(request):
         # (named as typed: the upstream's spelling told a guess that it was there, a security trial)
         raise PrivateUpstream(as_typed(request, manifest.repo_id))
+
+
+async def upstream_manifest(
+    request: web.Request, repo_id: str, revision: str, held: bool = False
+) -> Manifest:
+    """The upstream's scan of the repo (:meth:`Mirror.manifest`), for a request that may see it.
+
+    An upstream's refusal is said, with its reasons, only to a client with this node's token: to anyone
+    else it is the 404 of a repo not there. The reasons name the upstream and the node's credentials, and a
+    refusal of one source beside another's "not found" told an absent repo (a 502) from a private one (a
+    404): every guess of a name was answered (a security trial). The node's log says it."""
+    try:
+        return await request.app[MIRROR].manifest(repo_id, revision, held)
+    except AccessDeniedError as error:
+        if is_authorized(request):
+            raise
+        log.warning("%s %s: answered as a repo not found to a client without this node's token: %s",
+                    request.method, request.path, error)  # fmt: skip
+        raise hidden_repo(request, repo_id) from error
 
 
 def _entry(manifest: Manifest, remote: RemoteFile) -> FileEntry:
@@ -97,7 +123,8 @@ async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path
     """A resolve answer for a file the mirror is pulling: the headers of a stored file's, once the pull has
     its first bytes (or a few seconds passed). A HEAD, or a range past the end, pulls nothing."""
     mirror, since = request.app[MIRROR], request.get(ARRIVED, time.monotonic())
-    manifest, remote = await mirror.remote_file(repo_id, revision, path)
+    manifest = await upstream_manifest(request, repo_id, revision)
+    remote = mirror.remote_file(manifest, revision, path)
     check_public(request, manifest)
     entry = _entry(manifest, remote)
     headers = file_headers(entry)
@@ -134,7 +161,7 @@ async def mirror_revision(
 ) -> RevisionView:
     """An upstream revision (its scan), described as a stored one is. ``held``: the store can answer instead
     (the scan is waited for briefly: see :meth:`Mirror.manifest`)."""
-    manifest = await request.app[MIRROR].manifest(repo_id, revision, held)
+    manifest = await upstream_manifest(request, repo_id, revision, held)
     check_public(request, manifest)
     card = upstream_card(manifest.pipeline_tag, manifest.library_name, manifest.tags)
     return RevisionView(
