@@ -76,6 +76,28 @@ def test_huggingface_hub_downloads_a_miss_through_the_mirror(
         mirror.depot.close()
 
 
+def test_a_range_read_far_into_a_file_the_mirror_pulls_is_fetched_before_the_chunks_ahead_of_it(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A range read near the end of a big file on a slow upstream link waited for every chunk before it (in
+    order, rarest first): a tensor read through a mirror waited for the whole file, longer than a client's
+    read timeout. The chunk a reader waits for is fetched next."""
+    plan = upstream_proxy.set("slow", times=-1, slow_delay=0.2)  # 320 KiB/s a connection, four at once
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
+    try:
+        start = 40 * SMALL_CHUNK + 5
+        answer = requests.get(f"{mirror.url}/{REPO}/resolve/main/{BIG}", timeout=60,
+                              headers={"Range": f"bytes={start}-{start + 999}"})  # fmt: skip
+        assert answer.status_code == 206 and answer.content == FILES[BIG][start : start + 1000]
+        # (the chunks in flight when the read came, and its own: not the forty before it)
+        assert plan.body_bytes < 16 * SMALL_CHUNK, plan.body_bytes / SMALL_CHUNK
+        whole = requests.get(f"{mirror.url}/{REPO}/resolve/main/{BIG}", timeout=60)
+        assert whole.status_code == 200 and whole.content == FILES[BIG]
+        assert store_files_consistent(mirror.depot) == []
+    finally:
+        mirror.stop()
+
+
 def test_a_client_revalidating_a_file_the_mirror_does_not_hold_gets_a_304_and_nothing_is_pulled(
     upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

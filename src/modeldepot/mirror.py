@@ -41,7 +41,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import blake3
@@ -497,16 +497,22 @@ class Mirror:
         assert source.task is not None
         began = time.monotonic() if since is None else since
         deadline = began + FIRST_BYTES_PATIENCE
-        while (
-            not job.task.done()
-            and source.partial is not None
-            and not source.task.done()
-            and offset // source.partial.chunk_size not in source.partial.done
-            and not _coming(source.partial, offset, time.monotonic() - began)
-            and (left := deadline - time.monotonic()) > 0
+        partial = source.partial
+        with (
+            _wanted(partial, offset // partial.chunk_size)
+            if partial is not None
+            else contextlib.nullcontext()
         ):
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(source.wait(), min(left, AHEAD_LOOK))
+            while (
+                not job.task.done()
+                and partial is not None
+                and not source.task.done()
+                and offset // partial.chunk_size not in partial.done
+                and not _coming(partial, offset, time.monotonic() - began)
+                and (left := deadline - time.monotonic()) > 0
+            ):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(source.wait(), min(left, AHEAD_LOOK))
         if job.task.done():
             job.task.result()
         return job
@@ -699,44 +705,51 @@ class Mirror:
             # vouched for. A range that ends inside the file and whose every chunk the scan's node vouched
             # for goes at once (a header read of a big file waited for all of it: clients timed out).
             was_unproven = reading.unproven
-            while True:
-                if partial.resets != resets:  # the whole file failed its check: every chunk was dropped
-                    if reading.sent:  # (the pull may fetch it again and succeed: what was sent stays refuted)
-                        reading.unproven = True
-                        raise IntegrityError(f"{reading.path}: the file failed its check after part of it "
-                                             "was sent; the answer breaks")  # fmt: skip
-                    resets = partial.resets
-                # (bytes of this chunk sent ahead are compared with it once it lands, below)
-                early = index in vouched and not was_unproven and end < partial.size - 1
-                if index in partial.done and (index != last or early or job.task.done()):
-                    break
-                if job.task.done():
-                    job.task.result()
-                    if index not in partial.done:
-                        raise RuntimeError("the pull ended without this chunk")  # pragma: no cover
-                waited = time.monotonic() - waiting_since
-                if waited >= AHEAD_PATIENCE and index not in partial.done:
-                    # A chunk slow to land (a slow upstream: 16 MiB at 1 MiB/s, a quarter of it each for four
-                    # at once): its bytes go as they come, unproven, so that a client's read timeout (10 s)
-                    # never waits for a whole chunk (huggingface_hub timed out again and again, and below
-                    # 1 MiB/s failed: an explorer's trial). Never the response's last byte before the check.
-                    received = partial.receiving.get(index)
-                    upto = min(hi, end - 1, offset + (received() if received is not None else 0) - 1)
-                    if upto >= position:
-                        if ahead is None:
-                            ahead = blake3.blake3()
-                            reading.unproven = reading.ahead_unchecked = True
-                            reading.ahead_from, reading.ahead_index, reading.ahead_hash = job, index, ahead
-                            job.handed_out.add((reading.repo_id, reading.path))
-                        async for block in _pread_blocks(fd, position, upto):
-                            ahead.update(block)
-                            position += len(block)
-                            # (before the yield: a client that leaves there has had it)
-                            reading.ahead_span, reading.sent = (lo, position), True
-                            yield block
-                        continue
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(job.wait(), max(AHEAD_PATIENCE - waited, 0.0) + AHEAD_LOOK)
+            with _wanted(partial, index):  # (fetched next: see ChunkChooser._pick)
+                while True:
+                    if partial.resets != resets:  # the whole file failed its check: every chunk was dropped
+                        # (the pull may fetch it again and succeed: what was sent stays refuted)
+                        if reading.sent:
+                            reading.unproven = True
+                            raise IntegrityError(f"{reading.path}: the file failed its check after part of "
+                                                 "it was sent; the answer breaks")  # fmt: skip
+                        resets = partial.resets
+                    # (bytes of this chunk sent ahead are compared with it once it lands, below)
+                    early = index in vouched and not was_unproven and end < partial.size - 1
+                    if index in partial.done and (index != last or early or job.task.done()):
+                        break
+                    if job.task.done():
+                        job.task.result()
+                        if index not in partial.done:
+                            raise RuntimeError("the pull ended without this chunk")  # pragma: no cover
+                    waited = time.monotonic() - waiting_since
+                    if waited >= AHEAD_PATIENCE and index not in partial.done:
+                        # A chunk slow to land (a slow upstream: 16 MiB at 1 MiB/s, a quarter of it each for
+                        # four at once): its bytes go as they come, unproven, so that a client's read timeout
+                        # (10 s) never waits for a whole chunk (huggingface_hub timed out again and again, and
+                        # below 1 MiB/s failed: an explorer's trial). Never the response's last byte before
+                        # the check.
+                        received = partial.receiving.get(index)
+                        upto = min(hi, end - 1, offset + (received() if received is not None else 0) - 1)
+                        if upto >= position:
+                            if ahead is None:
+                                ahead = blake3.blake3()
+                                reading.unproven = reading.ahead_unchecked = True
+                                reading.ahead_from, reading.ahead_index, reading.ahead_hash = (
+                                    job,
+                                    index,
+                                    ahead,
+                                )
+                                job.handed_out.add((reading.repo_id, reading.path))
+                            async for block in _pread_blocks(fd, position, upto):
+                                ahead.update(block)
+                                position += len(block)
+                                # (before the yield: a client that leaves there has had it)
+                                reading.ahead_span, reading.sent = (lo, position), True
+                                yield block
+                            continue
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(job.wait(), max(AHEAD_PATIENCE - waited, 0.0) + AHEAD_LOOK)
             if ahead is not None:
                 # What went ahead must be the chunk as it landed (checked against its digest, or the Hub's
                 # bytes, which the file's SHA-256 checks): a transfer that started over, or a source found
@@ -895,6 +908,20 @@ class _Reading:
     def unchecked(self) -> bool:
         """Bytes went out that a check may still refute: a resume must not be joined to them."""
         return self.ahead_unchecked or (bool(self.elsewhere) and not self.elsewhere_checked)
+
+
+@contextlib.contextmanager
+def _wanted(partial: ResumablePartial, index: int) -> Iterator[None]:
+    """Chunk ``index`` of ``partial`` is waited for by a reader, while in this block: its download fetches it
+    next (a range read far into a big file waited for every chunk before it, longer on a slow upstream than a
+    client's read timeout)."""
+    partial.wanted[index] += 1
+    try:
+        yield
+    finally:
+        partial.wanted[index] -= 1
+        if partial.wanted[index] <= 0:
+            del partial.wanted[index]
 
 
 def _coming(partial: ResumablePartial, offset: int, waited: float) -> bool:

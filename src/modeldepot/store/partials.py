@@ -44,6 +44,7 @@ to the whole file's SHA-256, which throws every chunk away.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -179,6 +180,8 @@ class ResumablePartial:
         # download in this process tells; nothing checked them: a mirror's reader may follow them, and
         # compares what it sent with the chunk once it lands)
         self.receiving: dict[int, Callable[[], int]] = {}
+        # Chunk index -> readers waiting for it (a mirror's): the download fetches these first
+        self.wanted: collections.Counter[int] = collections.Counter()
         self.resumed_bytes = resumed_bytes  # bytes found already on disk, verified, when claimed
         self._lock_fd = lock_fd  # the log's; a one-chunk content's own data file (read-only)
         self._data_fd = data_fd

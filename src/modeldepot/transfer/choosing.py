@@ -1,7 +1,7 @@
 """Which chunk each source of a download asks for next: the scheduler's choices, apart from the fetching.
 
-Among the chunks nobody has or fetches, a source takes the one the fewest live sources hold (rarest first,
-ties to the lowest). A source may hold the file in part (a fleet node still downloading it): it is asked only
+Among the chunks nobody has or fetches, a source takes one a reader waits for (a mirror's client reading a
+range far into the file), else the one the fewest live sources hold (rarest first, ties to the lowest). A source may hold the file in part (a fleet node still downloading it): it is asked only
 for the chunks it holds (its chunk map, its settled claims); in a swarm, only for those whose BLAKE3 is known,
 so that each is checked before it is written. Endgame: once a source may take none of those
 (every chunk left is in flight, or it holds only chunks in flight), it also asks for the one outstanding
@@ -223,6 +223,9 @@ class ChunkChooser:
         done, chunks, now = self.partial.done, self.partial.chunks, time.monotonic()
         while self.low in done:  # below it every chunk is done: no scan from 0 per pick
             self.low += 1
+        for index in sorted(self.partial.wanted):  # a reader waits for it (a range far into the file)
+            if index not in done and index not in self.requests and self._may_take(source, index, now):
+                return index, None
         partial_maps = [m for s in self.live if (m := self.have.get(s)) is not None]
         complete = len(self.live) - len(partial_maps)
         best, best_count = None, 0
