@@ -472,6 +472,17 @@ def render_bytes(size: int) -> str:
     return format_bytes(size)
 
 
+def test_a_mirror_in_offline_mode_is_refused(home: Path) -> None:
+    """`serve --upstream` under HF_HUB_OFFLINE=1 (exported for every process on many cluster images) said it
+    was mirroring and answered every miss 503, retried by huggingface_hub for 23 s (an explorer's trial)."""
+    for name in ("HF_HUB_OFFLINE", "MODELDEPOT_OFFLINE"):
+        refused = CliRunner().invoke(cli, ["serve", "--home", str(home), "--port", "0", "--upstream",
+                                           "http://127.0.0.1:9"], env={name: "1"})  # fmt: skip
+        assert refused.exit_code == 2, refused.stderr
+        assert f"{name} makes this node fetch nothing" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+
+
 def test_a_mirror_that_names_itself_as_its_upstream_is_refused(home: Path) -> None:
     """A mirror whose --upstream, or whose HF_ENDPOINT (exported for the clients in the shell it started
     from, as the README does), is its own address asked itself for what it lacked: 30 s for a 404, a 504

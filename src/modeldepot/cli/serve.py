@@ -25,7 +25,7 @@ from modeldepot.cli.options import (
     use_servers,
 )
 from modeldepot.cli.space import confirm_evictions
-from modeldepot.config import DepotConfig, parse_duration, parse_size
+from modeldepot.config import DepotConfig, parse_duration, parse_size, truthy
 from modeldepot.depot import Depot
 from modeldepot.errors import ConfigError, InvalidInputError
 
@@ -56,6 +56,18 @@ def _ready_to_serve(kwargs: dict[str, Any]) -> None:
     _listenable(kwargs["host"], kwargs["port"])
     if kwargs["upstreams"]:
         _not_its_own_upstream(kwargs["upstreams"], kwargs["host"], kwargs["port"])
+        _not_offline()
+
+
+def _not_offline() -> None:
+    """A mirror in offline mode (ConfigError) fetches nothing: it said "mirroring" at start and answered every
+    miss 503, which huggingface_hub retried for 23 s before it said to check the connection (an explorer's
+    trial). Easy to do: cluster images export ``HF_HUB_OFFLINE=1`` for every process."""
+    if DepotConfig.from_env().offline:
+        set_by = [name for name in ("HF_HUB_OFFLINE", "MODELDEPOT_OFFLINE") if truthy(os.environ.get(name))]
+        raise ConfigError(f"--upstream given, but {' and '.join(set_by) or 'offline mode'} makes this node fetch "
+                          "nothing: a mirror would answer every miss 503. Unset it for `serve` (its clients may "
+                          "keep it), or drop --upstream to serve what the store holds")  # fmt: skip
 
 
 def _not_its_own_upstream(upstreams: tuple[str, ...], host: str, port: int) -> None:
