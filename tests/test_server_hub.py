@@ -714,3 +714,31 @@ def test_auth_check_says_whether_the_request_may_read_the_repo(depot: Depot, tmp
         assert refused.value.response.status_code == 403 and "read-only" in str(refused.value)
     finally:
         node.stop()
+
+
+def test_a_cache_holding_the_hubs_xet_listing_is_told_how_to_download_from_a_node(
+    node: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface_hub with hf_xet asks for a Xet token, without a HEAD, for a file its cache's listing of the
+    commit (trees/<commit>.json, written from the Hub) gives a Xet hash: a user who pointed HF_ENDPOINT at a
+    node with the cache they had failed with "this node has no route" (an explorer's trial). The answer
+    says why, and the way out works."""
+    from huggingface_hub import _tree_cache, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    pytest.importorskip("hf_xet")  # (huggingface_hub's own dependency: the client that asks)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    cache = tmp_path / "hf"
+    snapshot_download(SAMPLE, endpoint=node.url, cache_dir=cache, allow_patterns=["*.json"])
+    (listing,) = cache.glob("models--*/trees/*.json")
+    written = json.loads(listing.read_text())
+    written["files"]["model.safetensors"]["xet_hash"] = "a" * 64  # (what the Hub's listing gives)
+    listing.write_text(json.dumps(written))
+    monkeypatch.setattr(_tree_cache, "_IN_MEMORY_TREE_CACHE", {})  # (as in a new client process)
+    with pytest.raises(HfHubHTTPError) as refused:
+        snapshot_download(SAMPLE, endpoint=node.url, cache_dir=cache)
+    said = str(refused.value)
+    assert "not Xet" in said and "HF_HUB_DISABLE_XET=1" in said and f"trees/{listing.stem}.json" in said, said
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    folder = snapshot_download(SAMPLE, endpoint=node.url, cache_dir=cache)
+    assert read_tree(Path(folder)) == sample_files()

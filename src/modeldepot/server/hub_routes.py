@@ -709,6 +709,20 @@ async def no_org(request: web.Request) -> web.Response:
                           f"give the repo's full id, as the Hub names it now)")  # fmt: skip
 
 
+async def no_xet(request: web.Request) -> web.Response:
+    """A node serves files over plain HTTP and never advertises Xet, but huggingface_hub (with hf_xet) asks
+    for a Xet token without a HEAD when its cache holds the Hub's listing of the commit with Xet hashes
+    (``trees/<commit>.json``): a cache filled from the Hub failed there with "no route" (an explorer's
+    trial). Said with the way out."""
+    commit = request.match_info["rev"][:64]
+    return error_response(
+        501, None, "this node serves files over plain HTTP, not Xet: huggingface_hub asked for Xet because its "
+        f"cache holds the Hub's listing of commit {commit} (models--ORG--NAME/trees/{commit}.json under "
+        "HF_HUB_CACHE), with Xet hashes. Set HF_HUB_DISABLE_XET=1 where you download from a node, or delete "
+        "that trees/ file (it is listed again, through the node)",
+    )  # fmt: skip
+
+
 async def whoami(request: web.Request) -> web.Response:
     """``/api/whoami-v2``: `hf auth login --token T` and `whoami` check a token with it (without, a node's
     token could be given as HF_TOKEN alone: a trial). The node's token (on a node without one, its control
@@ -785,6 +799,7 @@ def add_hub_routes(app: web.Application) -> None:
     app.router.add_get(repo + "/auth-check", auth_check)
     app.router.add_get(repo + "/auth-check/write", auth_check, name="refused-auth-check-write")  # (a 403)
     app.router.add_get(repo + "/commits/{rev:.+}", list_commits)  # huggingface.js does not encode the rev
+    app.router.add_route("*", repo + "/xet-{kind:read|write}-token/{rev:.+}", no_xet, name="refused-xet")
     app.router.add_get("/api/models", list_models)
     app.router.add_get("/api/agent-harnesses", agent_harnesses)
     app.router.add_get("/api/whoami-v2", whoami)
