@@ -397,6 +397,22 @@ def test_a_second_import_changes_nothing(depot: Depot, hf_cache: Path) -> None:
     assert list(depot.store.layout.tmp.iterdir()) == []  # the write sessions went
 
 
+def test_a_ref_huggingface_hub_wrote_for_a_short_commit_id_is_no_branch(
+    depot: Depot, hf_cache: Path, source: tuple[Depot, LiveNode]
+) -> None:
+    """A download by a short commit id makes huggingface_hub write refs/<that id>: adopted as a branch, the
+    store listed branches named "543139c" that no upstream has, and they never moved (an explorer's trial)."""
+    _, node = source
+    commit = node.depot.resolve(SAMPLE, "dev")
+    hf_hub_download(SAMPLE, "config.json", revision=commit[:7], endpoint=node.url, cache_dir=hf_cache)
+    assert (hf_cache / FOLDER / "refs" / commit[:7]).read_text() == commit  # (what huggingface_hub wrote)
+    report = depot.hf_cache_import(cache_dir=hf_cache)
+    assert report.ok, report
+    refs = {name for _, name, _ in index_rows(depot)["refs"]}
+    assert commit[:7] not in refs and {"main", "dev", "refs/pr/1"} <= refs, refs
+    assert depot.resolve(SAMPLE, commit[:7]) == commit  # (the commit itself is there)
+
+
 def test_damaged_entries_are_reported_and_skipped_the_rest_imported(
     depot: Depot, hf_cache: Path, tmp_path: Path
 ) -> None:

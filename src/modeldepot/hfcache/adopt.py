@@ -61,6 +61,7 @@ from modeldepot.store.maintenance import sweep_dead_sessions
 from modeldepot.store.publish import RevisionSpec, StagedFile, publish
 from modeldepot.store.store import Store
 from modeldepot.validation import (
+    SHORT_COMMIT,
     from_upstream,
     is_commit_id,
     validate_branch,
@@ -317,6 +318,10 @@ def _scan_refs(scan: _Scan, repo_id: str, folder: Path, snapshots: dict[str, lis
                 scan.problem(
                     repo_id, path, "missing", f"points at commit {commit}, which has no snapshot here"
                 )
+            elif commit.startswith(ref.lower()) and SHORT_COMMIT.fullmatch(ref.lower()):
+                # huggingface_hub's note of a download by a short commit id, no branch: adopted as one, the
+                # store listed branches named "543139c" that never moved (an explorer's trial)
+                continue
             else:
                 refs[ref] = commit
     return refs
