@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import email.message
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -742,3 +744,41 @@ def test_a_cache_holding_the_hubs_xet_listing_is_told_how_to_download_from_a_nod
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     folder = snapshot_download(SAMPLE, endpoint=node.url, cache_dir=cache)
     assert read_tree(Path(folder)) == sample_files()
+
+
+def test_a_file_is_named_in_its_answer_as_the_hub_names_it(
+    node: LiveNode, depot: Depot, tmp_path: Path
+) -> None:
+    """A resolve answer had no Content-Disposition: `wget --content-disposition` and `curl -OJ` of a
+    `?download=true` link (the Hub's pages give those) saved "model.safetensors?download=true", and a name
+    with a space as "file%20with%20space.txt" (an explorer's trial)."""
+    depot.import_dir(
+        write_model_dir(tmp_path / "names", {"sub dir/a b.txt": b"hi", "é.txt": b"e"}), "acme/names"
+    )
+    base = f"{node.url}/{SAMPLE}/resolve/main/onnx/model_q4.onnx"
+    for query, kind in (("", "inline"), ("?download=true", "attachment")):
+        for method in ("HEAD", "GET"):
+            answer = requests.request(method, base + query, timeout=30, allow_redirects=False)
+            assert answer.headers["Content-Disposition"] == (
+                f"{kind}; filename*=UTF-8''model_q4.onnx; filename=\"model_q4.onnx\""
+            ), (method, answer.status_code)
+    unicode = requests.head(f"{node.url}/acme/names/resolve/main/%C3%A9.txt", timeout=30)
+    # (RFC 6266: the UTF-8 name, and an ASCII one for clients that read no other, curl among them)
+    assert unicode.headers["Content-Disposition"] == "inline; filename*=UTF-8''%C3%A9.txt; filename=\"_.txt\""
+    assert disposed_name(unicode.headers["Content-Disposition"]) == "é.txt"
+    spaced = f"{node.url}/acme/names/resolve/main/sub%20dir/a%20b.txt?download=true"
+    assert disposed_name(requests.head(spaced, timeout=30).headers["Content-Disposition"]) == "a b.txt"
+    if shutil.which("curl"):  # (what users save such links with; not on every machine)
+        saved = tmp_path / "saved"
+        saved.mkdir()
+        for url in (f"{base}?download=true", spaced):
+            subprocess.run(["curl", "-sSfLOJ", url], cwd=saved, check=True, timeout=60)
+        assert sorted(p.name for p in saved.iterdir()) == ["a b.txt", "model_q4.onnx"]
+        assert (saved / "model_q4.onnx").read_bytes() == sample_files()["onnx/model_q4.onnx"]
+
+
+def disposed_name(header: str) -> str | None:
+    """The file name a client that reads RFC 2231/6266 takes from ``header`` (the stdlib's MIME parser)."""
+    message = email.message.EmailMessage()
+    message["Content-Disposition"] = header
+    return message.get_filename()

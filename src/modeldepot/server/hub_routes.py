@@ -595,10 +595,10 @@ async def _local_resolve(request: web.Request, repo_id: str, revision: str, path
     redirects = not is_commit_id(request.match_info.get("rev", ""))
     entry, reader, checked = await _open_held(request, repo_id, revision, path, opens_lfs=not redirects)
     if reader is None:
-        pinned = to_its_commit(request, entry.commit_id, file_headers(entry))
+        pinned = to_its_commit(request, entry.commit_id, file_headers(entry, request))
         assert pinned is not None
         return pinned
-    return await send_blob(request, reader, entry.etag, file_headers(entry), checked=checked)
+    return await send_blob(request, reader, entry.etag, file_headers(entry, request), checked=checked)
 
 
 def _held_entry(depot: Depot, repo_id: str, path: str, revision: str) -> FileEntry:

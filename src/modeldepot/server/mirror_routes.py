@@ -127,7 +127,7 @@ async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path
     remote = mirror.remote_file(manifest, revision, path)
     check_public(request, manifest)
     entry = _entry(manifest, remote)
-    headers = file_headers(entry)
+    headers = file_headers(entry, request)
     if entry.lfs and (pinned := to_its_commit(request, entry.commit_id, headers)) is not None:
         return pinned
     if matches_none(request.headers.get("If-None-Match"), entry.etag):

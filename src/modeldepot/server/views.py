@@ -171,7 +171,7 @@ def select_properties(body: dict[str, Any], names: Iterable[str]) -> dict[str, A
     return {key: value for key, value in body.items() if key in keep}
 
 
-def file_headers(entry: FileEntry) -> dict[str, str]:
+def file_headers(entry: FileEntry, request: web.Request) -> dict[str, str]:
     """The headers of a resolve answer that describe the file (the body's headers come apart)."""
     return {
         "X-Repo-Commit": entry.commit_id,
@@ -180,7 +180,20 @@ def file_headers(entry: FileEntry) -> dict[str, str]:
         "ETag": f'"{entry.etag}"',
         "Accept-Ranges": "bytes",
         "Content-Type": "application/octet-stream",
+        "Content-Disposition": disposition(entry.path, request.query.get("download", "").lower() == "true"),
     }
+
+
+def disposition(path: str, download: bool) -> str:
+    """``Content-Disposition`` as the Hub sends it: the file's own name (RFC 6266, UTF-8 and an ASCII
+    fallback), ``attachment`` for a ``?download=true`` link. Without it ``wget --content-disposition`` and
+    ``curl -OJ`` saved "model.safetensors?download=true" (an explorer's trial)."""
+    name = path.rsplit("/", 1)[-1]
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in name)
+    kind = "attachment" if download else "inline"
+    # (the Hub's order: a parser that takes the first, Python's, takes the UTF-8 one; curl reads filename=)
+    encoded = quote(name, safe="")
+    return f"{kind}; filename*=UTF-8''{encoded}; filename=\"{fallback}\""
 
 
 def to_its_commit(request: web.Request, commit_id: str, headers: dict[str, str]) -> web.Response | None:
