@@ -244,6 +244,27 @@ def test_a_reservation_names_the_contents_a_pull_learns_of_after_the_blobs_it_re
         assert second.store.budget.reservations.elsewhere() == []
 
 
+def test_the_room_two_pulls_of_one_content_hold_counts_once_against_a_third_write(tmp_path: Path) -> None:
+    """Two processes pulling one repo share its download, and neither counts the other's room: a third
+    write, of anything, counted that room twice, and was refused though it fit ("384 MiB held by writes
+    under way" for one 192 MiB download: an explorer's trial)."""
+    home, big, small = tmp_path / "store", {"2" * 64: 192 * MB}, {"3" * 64: 40 * MB}
+    with Depot(home) as first, Depot(home) as second, Depot(home) as third:
+        third.set_max_size(f"{250 * MB}B")
+        with contextlib.ExitStack() as pulls:
+            for depot in (first, second, third):  # (the third process pulls it too, in a thread of its own)
+                writer = pulls.enter_context(depot.store.budget.writing("acme/big", "0" * 40, ["big"]))
+                writer.contents = dict(big)
+                writer.make_room(192 * MB, "pulling acme/big")
+            assert third.budget_status().reserved_bytes == 192 * MB
+            with third.store.budget.writing("acme/gg", "1" * 40, ["gg"]) as writer:
+                writer.contents = dict(small)
+                writer.check_fits(40 * MB, "pulling acme/gg")  # (232 of 250 MB)
+                with pytest.raises(StoreError) as refused:
+                    writer.check_fits(60 * MB, "pulling acme/gg")  # (252: over)
+                assert "192.0 MiB are pinned, in use" in str(refused.value), refused.value
+
+
 def test_a_writer_that_ended_names_no_blob_and_a_full_disk_fails_no_write_without_a_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_dir: Path
 ) -> None:

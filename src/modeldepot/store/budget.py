@@ -595,21 +595,26 @@ class DiskBudget:
                 "pull, then pin it again)")  # fmt: skip
 
     def _others_reserved(self, writer: BudgetWriter | None) -> int:
-        """The room other writers hold, in this process and in others, and have not filled yet; not the
-        room they hold for contents ``writer`` pulls too (pulls of the same contents share their downloads:
-        a second pull of a revision under a budget for 1.5 of it was refused, the room counted twice)."""
+        """The room other writers hold, in this process and in others, and have not filled yet; the room of
+        one content counted once, however many hold it, and not at all when ``writer`` pulls it too (pulls of
+        the same contents share their downloads: a second pull of a revision under a budget for 1.5 of it
+        was refused, the room counted twice; a third write, of anything, beside two pulls of one repo was
+        refused for that repo's room counted twice, an explorer's trial)."""
         mine = writer.contents if writer is not None else {}
         with self._lock:
-            if not mine:
-                here = self._reserved - (writer.reserved if writer else 0)
-            else:
-                here = sum(
-                    _beyond(other.reserved, other.contents, mine)
-                    for other in self._writers
-                    if other is not writer
-                )
-        elsewhere = self.reservations.elsewhere(contents=bool(mine))
-        return here + sum(_beyond(held.amount, held.contents, mine) for held in elsewhere)
+            held: list[tuple[int, Mapping[str, int]]] = [
+                (other.reserved, other.contents) for other in self._writers if other is not writer
+            ]
+        elsewhere = self.reservations.elsewhere()
+        if mine or len(held) + len(elsewhere) > 1:  # (what each holds room for, read when it may overlap)
+            elsewhere = self.reservations.elsewhere(contents=True)
+        held += [(other.amount, other.contents) for other in elsewhere]
+        counted, total = dict(mine), 0
+        # (the largest first: a shared content counts with the holder that holds most room for it)
+        for amount, contents in sorted(held, key=lambda item: -item[0]):
+            total += _beyond(amount, contents, counted)
+            counted.update(contents)
+        return total
 
     def _writes_under_way(self, writer: BudgetWriter | None) -> str:
         """What the other writes under way hold, this process's and other processes', for a refusal ("" when
