@@ -926,3 +926,33 @@ def test_a_node_on_an_ipv6_address_prints_urls_a_client_reads(home: Path, tmp_pa
     finally:
         node.terminate()
         node.wait(30)
+
+
+def test_an_interruption_while_the_options_are_read_is_an_interruption(home: Path) -> None:
+    """A SIGTERM (or Ctrl-C) while click read the options (a callback importing the fleet's modules, slow on a
+    loaded machine) ended the command with click's "Aborted!" and exit 1, a failure's code (an explorer's
+    trial). It is said as an interruption, exit 130; the rest of click's endings stay as they were."""
+    interrupted_in_a_callback = (
+        "import sys, modeldepot.discovery.base as base\n"
+        "def interrupted(*args, **kwargs):\n"
+        "    raise KeyboardInterrupt\n"
+        "base.validate_node_url = interrupted\n"
+        f"sys.argv = ['modeldepot', 'pull', 'acme/x', '--server', 'http://127.0.0.1:9', '--home', {str(home)!r}]\n"
+        "from modeldepot.launch import main\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", interrupted_in_a_callback], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 130 and "interrupted before it began: nothing was changed" in done.stderr, done
+    assert "Aborted!" not in done.stderr and "Traceback" not in done.stderr
+    assert run("import", str(write_model_dir(home.parent / "m", {"a.json": b"{}"})), "--repo", "acme/x",
+               home=home)[0] == 0  # fmt: skip
+    for args, stdin, code, said in (
+        (["pull"], "", 2, "Missing argument"),  # (a usage error: click's message and code)
+        (["--help"], "", 0, ""),
+        (["pull", "acme/x", "--server", "nope"], "", 2, "--server"),  # (an option's own refusal: ctx.exit(2))
+    ):
+        answered = subprocess.run([sys.executable, "-m", "modeldepot", *args, *(["--home", str(home)] if args !=
+                                   ["--help"] else [])], input=stdin, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert answered.returncode == code and said in answered.stderr, (args, answered)
+        assert "Traceback" not in answered.stderr

@@ -586,10 +586,23 @@ def main() -> None:
     index and its locks, before it does) and its output is flushed, the process ends at once: the
     interpreter's teardown, unloading some 600 modules one by one, took 0.1 s, a tenth of a pull of 300
     configs. An error escaping a command still ends the normal way, with its traceback."""
+    code: int | str | None = 0
     try:
-        cli(prog_name="modeldepot")
-        code: int | str | None = 0
-    except SystemExit as done:  # how click's standalone mode ends every command
+        returned = cli.main(prog_name="modeldepot", standalone_mode=False)
+        code = returned if isinstance(returned, int) else 0  # (``ctx.exit(code)``'s, returned so)
+    except click.Abort as aborted:
+        if isinstance(aborted.__cause__, KeyboardInterrupt):
+            # A Ctrl-C or SIGTERM while click read the options, before the command's own handling began:
+            # click said "Aborted!" and exit 1, a failure's code (an explorer's trial)
+            render.err.print("interrupted before it began: nothing was changed")
+            code = EXIT_INTERRUPTED
+        else:  # (a confirmation answered no)
+            render.err.print("Aborted!")
+            code = 1
+    except click.ClickException as error:  # (what standalone mode does with a usage error)
+        error.show()
+        code = error.exit_code
+    except SystemExit as done:  # how a command ends with a code of its own
         code = done.code
     if isinstance(code, str):
         print(code, file=sys.stderr)
