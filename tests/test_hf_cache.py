@@ -32,7 +32,14 @@ from conftest import (
     store_files_consistent,
     write_model_dir,
 )
-from modeldepot import Depot, EntryNotFoundError, InvalidInputError, SourceDirectoryError, StoreError
+from modeldepot import (
+    Depot,
+    EntryNotFoundError,
+    InvalidInputError,
+    NotFoundError,
+    SourceDirectoryError,
+    StoreError,
+)
 from modeldepot.cli import cli
 
 SAMPLE = "acme/sample"
@@ -905,6 +912,29 @@ def test_export_is_found_offline_by_huggingface_hub(filled: Depot, tmp_path: Pat
     again = filled.hf_cache_export(SAMPLE, cache_dir=cache)
     assert (again.kept, again.linked, again.copied) == (len(sample_files()), 0, 0)
     assert list((cache / FOLDER).glob(".modeldepot-*")) == []  # no temporary file left
+
+
+def test_an_export_beside_an_rm_of_its_repo_keeps_what_it_exported_and_says_the_ref_is_not_set(
+    filled: Depot, tmp_path: Path
+) -> None:
+    """An `rm` of the repo while an export wrote its files: the export went on (its blobs were open), then
+    failed "not in the store" at the ref, exit 1, and left every file it had written (an explorer's trial).
+    The files went out whole: they stay, and the ref is said not set."""
+    cache, files = tmp_path / "hf" / "hub", sample_files()
+
+    def removed_at_the_last_file(name: str, done: int, total: int) -> None:
+        if done == total:
+            with Depot(filled.home) as other:  # (another process's `rm`)
+                other.remove(SAMPLE)
+
+    result = filled.hf_cache_export(SAMPLE, cache_dir=cache, progress=removed_at_the_last_file)
+    with pytest.raises(NotFoundError):
+        filled.resolve(SAMPLE)
+    (unset,) = [p for p in result.problems if p.problem != "new-cache"]
+    assert result.files == len(files) and unset.problem == "ref-not-set", result
+    assert "removed from the store while it was exported" in unset.detail
+    snapshot = cache / FOLDER / "snapshots" / result.commit_id
+    assert read_tree(snapshot) == files and not (cache / FOLDER / "refs" / "main").exists()
 
 
 def test_export_leaves_a_file_of_the_users_in_a_snapshot_alone(filled: Depot, tmp_path: Path) -> None:

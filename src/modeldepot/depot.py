@@ -362,8 +362,13 @@ class Depot(Upkeep):
 
         result = export_through_tiers(self.tiers, repo_id, revision, cache_dir, copy=copy, progress=progress,
                                       move_ref=move_ref)  # fmt: skip
-        held = {entry.path for entry in self.list_files(repo_id, result.commit_id)}
-        lacking = tuple(e.path for e in self.commit_files(repo_id, result.commit_id) if e.path not in held)
+        try:
+            held = {entry.path for entry in self.list_files(repo_id, result.commit_id)}
+            lacking = tuple(
+                e.path for e in self.commit_files(repo_id, result.commit_id) if e.path not in held
+            )
+        except NotFoundError:  # (removed since by another process: the export says so, as a problem)
+            return result
         return dataclasses.replace(result, not_in_store=lacking) if lacking else result
 
     # -- reading --------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from modeldepot.store.models import BlobRecord, FileEntry
 from modeldepot.store.store import Store
 from modeldepot.tiers import Tiers
 from modeldepot.validation import (
+    SHORT_COMMIT,
     is_commit_id,
     validate_path,
     validate_revision,
@@ -165,10 +166,18 @@ def branch_ref(store: Store, repo_id: str, revision: str, commit_id: str, cache:
     """``refs/<revision>`` of an exported commit, when ``revision`` is a branch (not a commit id, whole or its
     start), and what became of it. Not when its snapshot lacks ``lacking`` files (skipped: corrupt, removed):
     offline loaders found such a snapshot, and failed for the file with "couldn't connect" (a trial); the
-    ref is left as it was, said as a problem."""
+    ref is left as it was, said as a problem. So it is when the repo was removed from the store meanwhile
+    (an `rm` beside the export: its files went out whole, and the export failed "not in the store" after
+    them, leaving them all, an explorer's trial)."""
+    if is_commit_id(revision.lower()) or SHORT_COMMIT.fullmatch(revision.lower()):
+        return []
     held = store.spelled(repo_id)
     if not store.index.read("SELECT 1 FROM refs WHERE repo_id = ? AND name = ?", (held, revision)):
-        return []
+        if store.index.read("SELECT 1 FROM repos WHERE repo_id = ?", (held,)):
+            return []  # (the branch alone was removed meanwhile: there is nothing to point it at)
+        return [HfCacheProblem(repo_id, f"{repo_folder_name(repo_id)}/refs/{revision}", "ref-not-set",
+                               f"not set to {commit_id[:12]}: {repo_id} was removed from the store while it was "
+                               "exported (its files were exported whole)")]  # fmt: skip
     writer = _CacheWriter(cache, repo_folder_name(repo_id))
     if lacking:
         origin = store.origin(held)
