@@ -947,3 +947,46 @@ def test_a_session_starting_in_another_pid_namespace_is_not_swept_by_a_removal(l
     loaded.remove(REPO)
     assert not starting.exists() and locked.is_dir()
     os.close(lock_fd)
+
+
+def test_rm_says_what_another_process_still_maps_stays_on_disk(depot: Depot, tmp_path: Path) -> None:
+    """An idle worker that loaded a model keeps its files' disk space after an `rm` until it lets go: `rm`
+    said "192.0 MiB freed" while `df` got nothing back (an explorer's trial). It says which processes hold
+    what, and counts only the rest as freed."""
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from modeldepot.cli import cli
+
+    folder = tmp_path / "st"
+    folder.mkdir()
+    save_file({"w": np.arange(65536, dtype=np.float32)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text("{}")
+    depot.import_dir(folder, "acme/st")
+    (folder / "config.json").write_text('{"other": 1}')
+    depot.import_dir(folder, "acme/st2", "dev")  # (its config loaded by nobody)
+    weights = depot.file_info("acme/st", "model.safetensors").size
+    worker = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom modeldepot import Depot\n"
+         f"model = Depot({str(depot.home)!r}).load('acme/st', engine='safetensors')\n"
+         "print('loaded', flush=True)\nsys.stdin.read()\n"],  # (idle until told)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().strip() == "loaded"
+        result = depot.remove("acme/st2")  # (its own config alone goes: nobody holds it)
+        assert (result.bytes_freed, result.bytes_still_held, result.held_by) == (12, 0, ()), result
+        removed = CliRunner().invoke(cli, ["rm", "acme/st", "--yes", "--home", str(depot.home)])
+        assert removed.exit_code == 0, removed.output
+        said = " ".join(removed.stdout.split())
+        assert f"2 B freed; {format_size(weights)} more stay on disk while process {worker.pid} still map" in said
+    finally:
+        worker.communicate("", timeout=60)
+
+
+def format_size(size: int) -> str:
+    from modeldepot.cli.render import format_bytes
+
+    return format_bytes(size)

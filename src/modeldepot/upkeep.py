@@ -85,7 +85,7 @@ class Upkeep:
         if quant is not None:
             commit_id, result = remove_variant(self.store, repo_id, revision or "main", quant)
             self._held.let_go_of(repo_id, [commit_id], result.files_removed)
-            return result
+            return result.seen_held()
         try:
             result = remove_repo(self.store, repo_id, revision)
         except RepoNotFoundError:
@@ -95,7 +95,7 @@ class Upkeep:
                 raise  # (a shared store's repo is said so, and the scan made of it here stays)
             return forgotten
         self._held.let_go_of(repo_id, result.commits)
-        return result
+        return result.seen_held()
 
     def _shared_holder(self, repo_id: str) -> Store | None:
         """The first shared store that holds ``repo_id``, if any."""

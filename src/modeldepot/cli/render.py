@@ -474,6 +474,14 @@ def render_remove(result: RemoveResult) -> None:
             if result.bytes_still_linked
             else ""
         )
+        + (
+            f"; {format_bytes(result.bytes_still_held)} more stay on disk while "
+            f"{'process' if len(result.held_by) == 1 else 'processes'} {', '.join(map(str, result.held_by[:5]))}"
+            f"{', ...' if len(result.held_by) > 5 else ''} still map or hold them open (a worker's loaded model: "
+            "freed once it lets go, at its next load, or ends)"
+            if result.bytes_still_held
+            else ""
+        )
     )
 
 

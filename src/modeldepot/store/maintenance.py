@@ -8,12 +8,13 @@ no row names (invisible, and the next gc removes them); a kill before COMMIT cha
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from modeldepot.errors import (
@@ -31,6 +32,7 @@ from modeldepot.store.blobs import (
     give_back_modes,
 )
 from modeldepot.store.eviction import shared_blobs
+from modeldepot.store.holders import holding_processes
 from modeldepot.store.models import (
     DiskUsage,
     GcReport,
@@ -65,13 +67,30 @@ class RemoveResult:
     files_removed: tuple[str, ...] = ()
     # A repo the store held nothing of: its saved scan went (status and the dashboard listed it for good)
     scan_forgotten: bool = False
+    # Bytes of deleted blobs other processes still map or hold open (not freed until they let go), and those
+    bytes_still_held: int = 0
+    held_by: tuple[int, ...] = ()
+    # The blob files deleted: (device, inode, size), to look for who still holds them
+    deleted: tuple[tuple[int, int, int], ...] = field(default=(), repr=False, compare=False)
 
     def to_dict(self) -> dict[str, object]:
         return {"repo_id": self.repo_id, "commits": list(self.commits),
                 "blobs_removed": self.blobs_removed, "bytes_freed": self.bytes_freed,
                 "ref_removed": self.ref_removed, "commit_kept_for": list(self.commit_kept_for),
                 "bytes_still_linked": self.bytes_still_linked,
-                "files_removed": list(self.files_removed), "scan_forgotten": self.scan_forgotten}  # fmt: skip
+                "files_removed": list(self.files_removed), "scan_forgotten": self.scan_forgotten,
+                "bytes_still_held": self.bytes_still_held, "held_by": list(self.held_by)}  # fmt: skip
+
+    def seen_held(self) -> RemoveResult:
+        """This result with the bytes other processes still map or hold open (an idle worker's loaded model)
+        taken out of ``bytes_freed``: look once this process let go of its own."""
+        sizes = {(dev, ino): size for dev, ino, size in self.deleted}
+        held = holding_processes(sizes)
+        if not held:
+            return self
+        still = sum(sizes[key] for key in held)
+        return dataclasses.replace(self, bytes_freed=self.bytes_freed - still, bytes_still_held=still,
+                                   held_by=tuple(sorted(set().union(*held.values()))))  # fmt: skip
 
 
 def _users(store: Store, sha256: str) -> tuple[str, ...]:
@@ -234,11 +253,12 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
 
         # On a full disk the index takes the room its transaction needs from the store's reserve.
         freed = store.index.write_freeing(f"removing {repo_id}", delete_rows)
-        bytes_freed, still_linked = _delete_blob_files(store, freed)
+        bytes_freed, still_linked, deleted = _delete_blob_files(store, freed)
         for commit_id in commits:
             store.snapshots.remove(repo_id, commit_id)
     store.index.reserve.refill()  # from the space just freed (if it was released, else when there is room)
-    return RemoveResult(repo_id, tuple(commits), len(freed), bytes_freed, bytes_still_linked=still_linked)
+    return RemoveResult(repo_id, tuple(commits), len(freed), bytes_freed, bytes_still_linked=still_linked,
+                        deleted=deleted)  # fmt: skip
 
 
 def remove_files(store: Store, repo_id: str, commit_id: str, paths: Iterable[str],
@@ -269,33 +289,39 @@ def remove_files(store: Store, repo_id: str, commit_id: str, paths: Iterable[str
                 return _delete_unreferenced_rows(con, sorted(candidates - kept))
 
             freed = store.index.write_freeing(f"removing files of {repo_id}@{commit_id[:12]}", delete_rows)
-            bytes_freed, still_linked = _delete_blob_files(store, freed)
+            bytes_freed, still_linked, deleted = _delete_blob_files(store, freed)
             store.snapshots.unlink(repo_id, commit_id, gone)
             store.index.reserve.refill()
             return RemoveResult(repo_id, (), len(freed), bytes_freed, bytes_still_linked=still_linked,
-                                files_removed=tuple(gone))  # fmt: skip
+                                files_removed=tuple(gone), deleted=deleted)  # fmt: skip
     return remove(store, repo_id, commit_id, keep_blobs=keep_blobs)
 
 
-def _delete_blob_files(store: Store, digests: list[str]) -> tuple[int, int]:
+def _delete_blob_files(store: Store, digests: list[str]) -> tuple[int, int, tuple[tuple[int, int, int], ...]]:
     """Unlink the files of blobs whose rows are gone (under the exclusive lock): (bytes freed, bytes still
     on the disk because another name links them: a Hugging Face cache the store adopted or exported to, a folder
-    imported with --link)."""
+    imported with --link; the device, inode and size of each file deleted that nothing else names)."""
     if digests:  # (a load killed midway left links to its model's blobs in tmp/: they are not "elsewhere")
         try:
             _collect_sessions(store, fresh=STARTING_SESSION_FRESH)
         except OSError as error:
             log.debug("tmp/ left as it is for now: %s", error)
     freed = still_linked = 0
+    deleted: list[tuple[int, int, int]] = []
     sources = linked_sources(store, digests)
     unrecorded = store.index.setting("links_unrecorded") == "1"  # (a store that linked files before schema 9)
     for sha256 in digests:
-        linked = _has_other_names(store.blobs.path(sha256))
+        try:
+            info = store.blobs.path(sha256).lstat()
+        except OSError:
+            info = None
         size = store.blobs.delete(sha256, sources.get(sha256), unrecorded)
-        if linked:
+        if info is not None and info.st_nlink > 1:
             still_linked += size
         else:
             freed += size
+            if info is not None and size:
+                deleted.append((info.st_dev, info.st_ino, size))
     # (a row left by a crash or a full disk here is harmless: a file's mode comes back only while it is
     # the one recorded, as the store left it, with no other name; the blob's next placement replaces it)
     if sources:
@@ -304,7 +330,7 @@ def _delete_blob_files(store: Store, digests: list[str]) -> tuple[int, int]:
             store.index.write("forgetting the linked files let go of") as con,
         ):
             con.executemany("DELETE FROM linked_sources WHERE sha256 = ?", [(sha256,) for sha256 in sources])
-    return freed, still_linked
+    return freed, still_linked, tuple(deleted)
 
 
 def linked_sources(store: Store, digests: list[str]) -> dict[str, LinkedSource]:

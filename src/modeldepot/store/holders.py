@@ -1,0 +1,68 @@
+"""Which other processes still hold files the store deleted, mapped or open: a deleted file's disk space comes
+back only when the last of them lets go (an idle inference worker's loaded model kept a removed 192 MiB on
+disk while `rm` said it was freed: an explorer's trial).
+
+Read from ``/proc`` (Linux), for the processes this user may look into; elsewhere, or for another user's
+processes, nothing is found. A file is known by its device and inode (a loaded model maps it through another
+name, a load's own link, deleted since): a mapping's as ``/proc/PID/maps`` gives them, an open file's by the
+``stat`` of its descriptor, looked at only when the kernel calls it deleted.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+
+__all__ = ["FileKey", "holding_processes"]
+
+FileKey = tuple[int, int]  # (st_dev, st_ino)
+
+
+def holding_processes(files: Collection[FileKey]) -> dict[FileKey, set[int]]:
+    """The processes other than this one that map or hold open each of ``files`` (deleted just now: their
+    device and inode); those nobody holds are left out."""
+    found: dict[FileKey, set[int]] = {}
+    files = set(files)
+    if not files:
+        return found
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit() and int(name) != os.getpid()]
+    except OSError:
+        return found
+    for pid in pids:
+        for key in _held_by(pid, files):
+            found.setdefault(key, set()).add(int(pid))
+    return found
+
+
+def _held_by(pid: str, files: Collection[FileKey]) -> set[FileKey]:
+    held: set[FileKey] = set()
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as maps:
+            for line in maps:
+                if not line.endswith(b" (deleted)\n"):
+                    continue
+                fields = line.split(maxsplit=5)  # address perms offset major:minor inode path
+                try:
+                    major, minor = (int(part, 16) for part in fields[3].split(b":"))
+                    key = (os.makedev(major, minor), int(fields[4]))
+                except (IndexError, ValueError):
+                    continue
+                if key in files:
+                    held.add(key)
+    except OSError:  # (gone meanwhile, or not this user's)
+        return held
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return held
+    for fd in descriptors:
+        try:
+            if not os.readlink(f"/proc/{pid}/fd/{fd}").endswith(" (deleted)"):
+                continue
+            info = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) in files:
+            held.add((info.st_dev, info.st_ino))
+    return held
