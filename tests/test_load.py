@@ -981,7 +981,10 @@ def test_rm_says_what_another_process_still_maps_stays_on_disk(depot: Depot, tmp
         removed = CliRunner().invoke(cli, ["rm", "acme/st", "--yes", "--home", str(depot.home)])
         assert removed.exit_code == 0, removed.output
         said = " ".join(removed.stdout.split())
-        assert f"2 B freed; {format_size(weights)} more stay on disk while process {worker.pid} still map" in said
+        assert (
+            f"2 B freed; {format_size(weights)} more stay on disk while process {worker.pid} still map"
+            in said
+        )
     finally:
         worker.communicate("", timeout=60)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import hashlib
 import os
@@ -797,6 +798,33 @@ def test_a_link_import_from_before_the_modes_were_recorded_gets_its_write_bit_ba
         assert stat.S_IMODE(os.stat(folder / "w.bin").st_mode) == 0o444
         depot.remove(REPO)
     assert stat.S_IMODE(os.stat(folder / "w.bin").st_mode) == 0o644
+
+
+def test_an_upgraded_store_counts_its_own_blobs_exported_since(tmp_path: Path) -> None:
+    """A store upgraded to schema 9 was flagged, for good, as one that linked files in before it recorded
+    them: every blob another name linked counted as shared, so the blobs it exported to a Hugging Face cache
+    after the upgrade left the disk budget (113 MiB used became 6 MiB: an explorer's trial). On the
+    upgrade, the blobs linked then are noted as linked in; the rest stay the store's own."""
+    folder = write_model_dir(tmp_path / "folder", {"w.bin": os.urandom(SMALL_CHUNK)})
+    home = tmp_path / "store"
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(folder, "acme/linked", link=True)
+        depot.import_dir(
+            write_model_dir(tmp_path / "own", {"o.bin": os.urandom(3 * SMALL_CHUNK)}), "acme/own"
+        )
+    with contextlib.closing(sqlite3.connect(home / "index.db")) as con:  # (as an upgrade left it)
+        con.execute("DELETE FROM linked_sources")
+        con.execute("INSERT INTO settings (key, value) VALUES ('links_unrecorded', '1')")
+        con.commit()
+    with Depot(home) as depot:
+        assert depot.store.index.setting("links_unrecorded") is None
+        used = depot.budget_status().used_bytes
+        assert used == 3 * SMALL_CHUNK  # (the linked-in blob is shared: not counted)
+        depot.hf_cache_export("acme/own", cache_dir=tmp_path / "hf" / "hub")  # (hard links: a second name)
+        assert depot.budget_status().used_bytes == used, "the store's own blob, exported, still counts"
+        depot.remove("acme/linked")
+        assert depot.store.index.read("SELECT COUNT(*) FROM linked_sources")[0][0] == 0
+    assert stat.S_IMODE(os.stat(folder / "w.bin").st_mode) & stat.S_IWUSR  # (its write bit back, as before)
 
 
 def test_an_import_with_link_makes_no_second_copy(depot: Depot, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from modeldepot.store.layout import StoreLayout, fsync_dir, fsync_file, os_error
 from modeldepot.store.locks import lock_is_held, unlock_and_close
 
 __all__ = [
+    "UNRECORDED_MODE",
     "BlobFiles",
     "LinkedSource",
     "PartialBlob",
@@ -64,6 +65,11 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     """Ask the kernel to start writing a range to disk now (Linux), so the final fsync waits less."""
     if _sync_file_range is not None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+# The mode a ``linked_sources`` row holds for a blob linked in before the store recorded such files (schema
+# 9): its file of the user's, and that file's mode, are unknown (store.py notes them on the upgrade)
+UNRECORDED_MODE = -1
 
 
 @dataclass(frozen=True)

@@ -321,12 +321,15 @@ def shared_blobs(store: Store) -> dict[str, int]:
 
     Only a blob that came in by a link (``linked_sources``) is so: one the store wrote, and then exported to a
     Hugging Face cache by a hard link, is the store's, counted and evicted (the cache keeps its link); taken
-    for shared, exports took a store past its budget with `budget` saying 0% used (a trial). (A store that
-    linked files in before it recorded them, schema 9, cannot tell: every blob linked elsewhere is shared.)"""
+    for shared, exports took a store past its budget with `budget` saying 0% used (a trial). (The blobs an
+    upgraded store had linked in before it recorded such links are noted as linked in, their files unknown;
+    a store read where it cannot be upgraded, of a schema before 9 or not noted yet, cannot tell: every blob
+    linked elsewhere is shared. Asked for its records, a read-only store of schema 8 failed every `du`,
+    `budget` and scrape of its node's metrics: an explorer's trial.)"""
     shared: dict[str, int] = {}
     folder = str(store.layout.blobs)
     linked_in = (
-        None if store.index.setting("links_unrecorded") == "1"
+        None if store.index.schema < 9 or store.index.setting("links_unrecorded") == "1"
         else {row["sha256"] for row in store.index.read("SELECT sha256 FROM linked_sources")}
     )  # fmt: skip
     for sha256, size in store.index.read("SELECT sha256, size FROM blobs WHERE state = 'ok'"):

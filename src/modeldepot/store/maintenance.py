@@ -26,6 +26,7 @@ from modeldepot.errors import (
 )
 from modeldepot.store.blobs import (
     STARTING_SESSION_FRESH,
+    UNRECORDED_MODE,
     LinkedSource,
     WriteSession,
     give_back_mode,
@@ -308,14 +309,14 @@ def _delete_blob_files(store: Store, digests: list[str]) -> tuple[int, int, tupl
             log.debug("tmp/ left as it is for now: %s", error)
     freed = still_linked = 0
     deleted: list[tuple[int, int, int]] = []
-    sources = linked_sources(store, digests)
-    unrecorded = store.index.setting("links_unrecorded") == "1"  # (a store that linked files before schema 9)
+    sources, unrecorded = linked_sources(store, digests), unrecorded_links(store, digests)
+    everything_unrecorded = store.index.setting("links_unrecorded") == "1"  # (not noted yet: store.py)
     for sha256 in digests:
         try:
             info = store.blobs.path(sha256).lstat()
         except OSError:
             info = None
-        size = store.blobs.delete(sha256, sources.get(sha256), unrecorded)
+        size = store.blobs.delete(sha256, sources.get(sha256), everything_unrecorded or sha256 in unrecorded)
         if info is not None and info.st_nlink > 1:
             still_linked += size
         else:
@@ -324,28 +325,46 @@ def _delete_blob_files(store: Store, digests: list[str]) -> tuple[int, int, tupl
                 deleted.append((info.st_dev, info.st_ino, size))
     # (a row left by a crash or a full disk here is harmless: a file's mode comes back only while it is
     # the one recorded, as the store left it, with no other name; the blob's next placement replaces it)
-    if sources:
+    _forget_links(store, [*sources, *unrecorded])
+    return freed, still_linked, tuple(deleted)
+
+
+def _forget_links(store: Store, digests: list[str]) -> None:
+    """Drop the records of the linked files of blobs let go of."""
+    if digests:
         with (
             contextlib.suppress(DepotError),
             store.index.write("forgetting the linked files let go of") as con,
         ):
-            con.executemany("DELETE FROM linked_sources WHERE sha256 = ?", [(sha256,) for sha256 in sources])
-    return freed, still_linked, tuple(deleted)
+            con.executemany("DELETE FROM linked_sources WHERE sha256 = ?", [(sha256,) for sha256 in digests])
 
 
 def linked_sources(store: Store, digests: list[str]) -> dict[str, LinkedSource]:
     """The files of the user's these blobs are hard links of (import --link, an adopted Hugging Face cache),
-    by SHA-256, with the modes they had before the store took them."""
+    by SHA-256, with the modes they had before the store took them (not those linked in before such files
+    were recorded: :func:`unrecorded_links`)."""
     found: dict[str, LinkedSource] = {}
-    for start in range(0, len(digests), 500):  # (SQLite's bound on parameters)
-        part = digests[start : start + 500]
-        for row in store.index.read(
-            f"SELECT sha256, source, device, inode, mode FROM linked_sources WHERE sha256 IN "
-            f"({','.join('?' * len(part))})", tuple(part)):  # fmt: skip
+    for row in _link_rows(store, digests):
+        if row["mode"] != UNRECORDED_MODE:
             found[row["sha256"]] = LinkedSource(
                 Path(row["source"]), (row["device"], row["inode"]), row["mode"]
             )
     return found
+
+
+def unrecorded_links(store: Store, digests: list[str]) -> set[str]:
+    """Those of these blobs linked in before the store recorded the files it links (store.py notes them)."""
+    return {row["sha256"] for row in _link_rows(store, digests) if row["mode"] == UNRECORDED_MODE}
+
+
+def _link_rows(store: Store, digests: list[str]) -> list[sqlite3.Row]:
+    rows: list[sqlite3.Row] = []
+    for start in range(0, len(digests), 500):  # (SQLite's bound on parameters)
+        part = digests[start : start + 500]
+        rows += store.index.read(
+            f"SELECT sha256, source, device, inode, mode FROM linked_sources WHERE sha256 IN "
+            f"({','.join('?' * len(part))})", tuple(part))  # fmt: skip
+    return rows
 
 
 def _has_other_names(path: Path) -> bool:
@@ -579,7 +598,8 @@ def _delete_let_go(
     user's (``import --link``, an adopted cache) goes as :func:`_delete_blob_files` deletes a blob: the file
     gets the mode it had back, and its record goes. Not for a blob placed again since (``good``): the record
     is that placement's now."""
-    sources = linked_sources(store, sorted({sha256 for sha256 in files.values() if sha256 not in good}))
+    let_go = sorted({sha256 for sha256 in files.values() if sha256 not in good})
+    sources = linked_sources(store, let_go)
     freed = deleted = 0
     for path, sha256 in files.items():
         with _passed_over(refused):
@@ -588,12 +608,7 @@ def _delete_let_go(
             source = sources.get(sha256)
             if source is not None:
                 give_back_mode(path, source.path, source.mode, source.inode)
-    if sources:
-        with (
-            contextlib.suppress(DepotError),
-            store.index.write("forgetting the linked files let go of") as con,
-        ):
-            con.executemany("DELETE FROM linked_sources WHERE sha256 = ?", [(sha256,) for sha256 in sources])
+    _forget_links(store, [*sources, *unrecorded_links(store, let_go)])
     return freed, deleted
 
 

@@ -40,7 +40,7 @@ from modeldepot.errors import (
 )
 from modeldepot.hashing import BlobDigest, chunk_count, digest_stream
 from modeldepot.store.access import AccessLog
-from modeldepot.store.blobs import BlobFiles, WriteSession
+from modeldepot.store.blobs import UNRECORDED_MODE, BlobFiles, WriteSession
 from modeldepot.store.budget import DiskBudget
 from modeldepot.store.durability import Durability
 from modeldepot.store.filesystem import shared_filesystem
@@ -168,6 +168,8 @@ class Store:
         self.partials = PartialFiles(self.layout, self.chunk_size, writeback=config.durability == "sync")
         self.store_id = self._setting_or_default("store_id", uuid.uuid4().hex)
         self.node_id = node_id_of(self.store_id, self.home)
+        if not self.read_only and self.index.setting("links_unrecorded") == "1":
+            self._note_links_made_before_records()
         # (read-only) blobs found corrupt, by the placement found so: never served, left in place; a repair
         # where the store is writable (verify, then an import or a pull) is a new placement, served again
         self._refused: dict[str, float] = {}
@@ -190,6 +192,25 @@ class Store:
             log.warning("could not record model accesses on close: %s", error)
         finally:
             self.index.close()
+
+    def _note_links_made_before_records(self) -> None:
+        """(Once, on a store upgraded from before schema 9, which linked files in without recording them.)
+        The blobs another name links now are noted as linked in, their files unknown (a ``linked_sources``
+        row without a source); the rest are the store's own. A flag for the whole store, kept for good, made
+        every blob exported to a Hugging Face cache after the upgrade go uncounted by the disk budget (a
+        store past its budget said 3% used: an explorer's trial)."""
+        folder, linked = str(self.layout.blobs), []
+        for row in self.index.read("SELECT sha256 FROM blobs"):
+            sha256 = str(row["sha256"])
+            if re.fullmatch(r"[0-9a-f]{64}", sha256) is None:
+                continue  # (a row no write makes: no path built from it)
+            with contextlib.suppress(OSError):
+                if os.stat(f"{folder}/{sha256[:2]}/{sha256}", follow_symlinks=False).st_nlink > 1:
+                    linked.append((sha256,))
+        with self.index.write("noting the files linked in before they were recorded") as con:
+            con.executemany("INSERT OR IGNORE INTO linked_sources (sha256, source, device, inode, mode) "
+                            f"VALUES (?, '', 0, 0, {UNRECORDED_MODE})", linked)  # fmt: skip
+            con.execute("DELETE FROM settings WHERE key = 'links_unrecorded'")
 
     def _setting_or_default(self, key: str, default: str) -> str:
         """The stored setting; the first process to ask records ``default`` (later ones read the winner's)."""
