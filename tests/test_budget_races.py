@@ -241,6 +241,14 @@ def test_a_reservation_names_the_contents_a_pull_learns_of_after_the_blobs_it_re
                 "acme/x", 5 * MB, {"2" * 64: 5 * MB}, frozenset({"1" * 64}),
             )  # fmt: skip
             assert second.store.budget.kept_blobs() == {"1" * 64}
+            # (each file's lines are parsed once, and what is appended after: a status read them all each time)
+            writer.reuse(["3" * 64])
+            writer.contents = {"4" * 64: MB}
+            writer.budget._reserve(writer, MB)
+            (held,) = second.store.budget.reservations.elsewhere(contents=True)
+            assert (held.amount, dict(held.contents), held.reused) == (
+                6 * MB, {"2" * 64: 5 * MB, "4" * 64: MB}, frozenset({"1" * 64, "3" * 64}),
+            ), held  # fmt: skip
         assert second.store.budget.reservations.elsewhere() == []
 
 

@@ -937,6 +937,30 @@ def test_an_export_beside_an_rm_of_its_repo_keeps_what_it_exported_and_says_the_
     assert read_tree(snapshot) == files and not (cache / FOLDER / "refs" / "main").exists()
 
 
+def test_an_export_beside_an_rm_of_its_branch_says_the_ref_is_not_set_and_a_hex_branch_gets_its_ref(
+    filled: Depot, tmp_path: Path
+) -> None:
+    """(A review.) The branch alone removed while its commit was exported left no ref and said nothing; and
+    a branch whose name looks like a commit's start (a date: 20241105) got no ref."""
+    cache = tmp_path / "hf" / "hub"
+
+    def removed_at_the_last_file(name: str, done: int, total: int) -> None:
+        if done == total:
+            with Depot(filled.home) as other:
+                other.remove(SAMPLE, "dev")
+
+    result = filled.hf_cache_export(SAMPLE, "dev", cache_dir=cache, progress=removed_at_the_last_file)
+    (unset,) = [p for p in result.problems if p.problem != "new-cache"]
+    assert unset.problem == "ref-not-set" and "the branch was removed from the store" in unset.detail, result
+    # (no write makes such a branch now; one adopted from a Hugging Face cache's refs may be there)
+    main = filled.resolve(SAMPLE)
+    with filled.store.index.write("a branch adopted from a cache") as con:
+        con.execute("INSERT INTO refs VALUES (?, '20241105', ?, 0)", (SAMPLE, main))
+    dated = filled.hf_cache_export(SAMPLE, "20241105", cache_dir=cache)
+    assert dated.ok, dated
+    assert (cache / FOLDER / "refs" / "20241105").read_text() == main
+
+
 def test_export_leaves_a_file_of_the_users_in_a_snapshot_alone(filled: Depot, tmp_path: Path) -> None:
     """A config patched in the cache (its link replaced by a file, a common fix) was replaced by the link again
     without a word by the next export, counted "already there" (a trial). It stays, said in a note."""

@@ -24,6 +24,7 @@ from modeldepot.cli.options import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    INTERRUPTED,
     a_folder,
     checked,
     cluster_options,
@@ -592,9 +593,9 @@ def main() -> None:
         code = returned if isinstance(returned, int) else 0  # (``ctx.exit(code)``'s, returned so)
     except click.Abort as aborted:
         if isinstance(aborted.__cause__, KeyboardInterrupt):
-            # A Ctrl-C or SIGTERM while click read the options, before the command's own handling began:
-            # click said "Aborted!" and exit 1, a failure's code (an explorer's trial)
-            render.err.print("interrupted before it began: nothing was changed")
+            # A Ctrl-C or SIGTERM a command's own handling did not take (it came while click read the options,
+            # or in `peers`): click said "Aborted!" and exit 1, a failure's code (an explorer's trial)
+            render.err.print(INTERRUPTED)
             code = EXIT_INTERRUPTED
         else:  # (a confirmation answered no)
             render.err.print("Aborted!")

@@ -29,6 +29,14 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
 
+# What an interrupted command says (Ctrl-C, SIGTERM), whenever it came: it may have come after a change was
+# made ("run it again" sent a script's second `rm` to "not in the store", exit 1: a crash fuzzer's trial)
+INTERRUPTED = (
+    "interrupted: nothing was left half-written (each change it made is whole; what it had not reached is "
+    "untouched): look before you run it again"
+)
+
+
 def exit_code_for(error: DepotError) -> int:
     return EXIT_BAD_INPUT if isinstance(error, (InvalidInputError, ConfigError)) else EXIT_FAILURE
 
@@ -126,8 +134,7 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
             # (the store, or a Hugging Face cache an export writes: each name appears whole, or not at all)
             # (it may have come after the change was made: "run it again" sent a script's `rm` to "not in the
             # store", exit 1, a crash fuzzer's trial)
-            render.err.print("interrupted: nothing was left half-written (each change it made is whole; what it had "
-                             "not reached is untouched): look before you run it again")  # fmt: skip
+            render.err.print(INTERRUPTED)
             sys.exit(EXIT_INTERRUPTED)
 
     return wrapper  # type: ignore[return-value]

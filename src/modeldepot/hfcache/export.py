@@ -168,15 +168,14 @@ def branch_ref(store: Store, repo_id: str, revision: str, commit_id: str, cache:
     offline loaders found such a snapshot, and failed for the file with "couldn't connect" (a trial); the
     ref is left as it was, said as a problem. So it is when the repo was removed from the store meanwhile
     (an `rm` beside the export: its files went out whole, and the export failed "not in the store" after
-    them, leaving them all, an explorer's trial)."""
-    if is_commit_id(revision.lower()) or SHORT_COMMIT.fullmatch(revision.lower()):
-        return []
+    them, leaving them all, an explorer's trial), or the branch alone."""
     held = store.spelled(repo_id)
     if not store.index.read("SELECT 1 FROM refs WHERE repo_id = ? AND name = ?", (held, revision)):
-        if store.index.read("SELECT 1 FROM repos WHERE repo_id = ?", (held,)):
-            return []  # (the branch alone was removed meanwhile: there is nothing to point it at)
+        if is_commit_id(revision.lower()) or SHORT_COMMIT.fullmatch(revision.lower()):
+            return []  # (exported by its commit: no ref names it)
+        gone = "the branch" if store.index.read("SELECT 1 FROM repos WHERE repo_id = ?", (held,)) else repo_id
         return [HfCacheProblem(repo_id, f"{repo_folder_name(repo_id)}/refs/{revision}", "ref-not-set",
-                               f"not set to {commit_id[:12]}: {repo_id} was removed from the store while it was "
+                               f"not set to {commit_id[:12]}: {gone} was removed from the store while it was "
                                "exported (its files were exported whole)")]  # fmt: skip
     writer = _CacheWriter(cache, repo_folder_name(repo_id))
     if lacking:

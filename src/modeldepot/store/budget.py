@@ -605,10 +605,7 @@ class DiskBudget:
             held: list[tuple[int, Mapping[str, int]]] = [
                 (other.reserved, other.contents) for other in self._writers if other is not writer
             ]
-        elsewhere = self.reservations.elsewhere()
-        if mine or len(held) + len(elsewhere) > 1:  # (what each holds room for, read when it may overlap)
-            elsewhere = self.reservations.elsewhere(contents=True)
-        held += [(other.amount, other.contents) for other in elsewhere]
+        held += [(other.amount, other.contents) for other in self.reservations.elsewhere(contents=True)]
         counted, total = dict(mine), 0
         # (the largest first: a shared content counts with the holder that holds most room for it)
         for amount, contents in sorted(held, key=lambda item: -item[0]):
