@@ -612,3 +612,37 @@ def test_a_store_this_user_may_not_read_is_said_so(tmp_path: Path, mode: int) ->
         "path", "acme/st", "config.json", "--home", str(tmp_path / "user"), MODELDEPOT_SHARED=str(home)
     )
     assert path.returncode == 1 and "error: repo 'acme/st' is not in the store" in path.stderr, path.stderr
+
+
+def test_an_upgrade_under_a_running_process_of_the_old_version_is_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any command of a new version upgrades the store's index as it opens it: a node of the old version left
+    running went on by its old rules without a word (its uses recorded where the new disk budget does not
+    read them, which then evicted the model it served: an explorer's trial). The upgrade says which
+    processes hold the index open."""
+    from modeldepot.store.index import SCHEMA_VERSION
+
+    home = made_store(tmp_path)
+    with closing(sqlite3.connect(home / "index.db")) as con:  # (as the schema before left it)
+        con.execute("DROP TABLE revision_access")
+        con.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+        con.commit()
+    old_node = subprocess.Popen(
+        [sys.executable, "-c", f"import sys\nindex = open({str(home / 'index.db')!r}, 'rb')\nprint('open', "
+         "flush=True)\nsys.stdin.read()\n"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert old_node.stdout is not None and old_node.stdout.readline().strip() == "open"
+        with caplog.at_level(logging.WARNING, logger="modeldepot.store.index"), Depot(home) as depot:
+            assert depot.store.index.schema == SCHEMA_VERSION
+        said = " ".join(r.getMessage() for r in caplog.records)
+        assert (
+            f"process(es) {old_node.pid} hold it open" in said and "restart it with this version" in said
+        ), said
+    finally:
+        old_node.communicate("", timeout=60)
+    caplog.clear()
+    with Depot(home) as depot:  # (upgraded: said once)
+        assert depot.list_repos()
+    assert not [r for r in caplog.records if "upgraded" in r.getMessage()]

@@ -10,10 +10,11 @@ name, a load's own link, deleted since): a mapping's as ``/proc/PID/maps`` gives
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Collection
 
-__all__ = ["FileKey", "holding_processes"]
+__all__ = ["FileKey", "holding_processes", "processes_with_open"]
 
 FileKey = tuple[int, int]  # (st_dev, st_ino)
 
@@ -66,3 +67,23 @@ def _held_by(pid: str, files: Collection[FileKey]) -> set[FileKey]:
         if (info.st_dev, info.st_ino) in files:
             held.add((info.st_dev, info.st_ino))
     return held
+
+
+def processes_with_open(path: str) -> set[int]:
+    """The processes other than this one that hold the file ``path`` open (its real path)."""
+    wanted, found = os.path.realpath(path), set[int]()
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit() and int(name) != os.getpid()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            descriptors = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in descriptors:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == wanted:
+                    found.add(int(pid))
+                    break
+    return found

@@ -34,6 +34,7 @@ from modeldepot.errors import (
     StoreSchemaError,
 )
 from modeldepot.store.forking import INDEX_GATE
+from modeldepot.store.holders import processes_with_open
 from modeldepot.store.layout import FULL_DISK_ADVICE
 from modeldepot.store.locks import unlock_and_close
 
@@ -637,6 +638,18 @@ class Index:
         with INDEX_GATE:
             self._migrate_now()
 
+    def _say_upgraded_under(self, version: int) -> None:
+        """Warn when another process has the index open as it is upgraded: it is of an older modeldepot (this
+        one upgrades an index as it opens it), and goes on by its old rules until it is restarted (a node left
+        running while the store was upgraded recorded its uses where the new disk budget does not read them,
+        which then evicted the model it served: an explorer's trial)."""
+        others = processes_with_open(str(self.path))
+        if others:
+            log.warning("the store's index %s is upgraded from schema %d to %d while process(es) %s hold it open: "
+                        "a modeldepot older than this one goes on by its old rules until it is restarted; "
+                        "restart it with this version", self.path, version, SCHEMA_VERSION,
+                        ", ".join(map(str, sorted(others))))  # fmt: skip
+
     def _migrate_now(self) -> None:
         con = self.connection()
         try:
@@ -650,6 +663,8 @@ class Index:
                         f"the index {self.path} has schema version {version}, newer than this modeldepot "
                         f"understands ({SCHEMA_VERSION}); upgrade modeldepot"
                     )
+                if 0 < version < SCHEMA_VERSION:
+                    self._say_upgraded_under(version)
                 for number in range(version, SCHEMA_VERSION):
                     for statement in _MIGRATIONS[number].split(";"):
                         if statement.strip():
