@@ -98,6 +98,43 @@ def test_a_range_read_far_into_a_file_the_mirror_pulls_is_fetched_before_the_chu
         mirror.stop()
 
 
+def test_a_range_reader_takes_a_connection_from_a_chunk_in_flight_whose_part_is_kept(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every connection busy, the read's chunk waited for one of the chunks in flight to land (on a
+    capped link, 3.9 s of the 8 the whole file took, where its own chunk alone took 2): the chunk in flight
+    that received least gives its connection, and what it received is kept, asked for again from there."""
+    plan = upstream_proxy.set("slow", times=-1, slow_delay=0.1, slow_piece=8192)  # 80 KiB/s a connection
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
+    try:
+        # (a reader of the file's start: the pull runs, four chunks at once)
+        first: list[requests.Response] = []
+        reader = threading.Thread(target=lambda: first.append(requests.get(
+            f"{mirror.url}/{REPO}/resolve/main/{BIG}", headers={"Range": "bytes=0-999"}, timeout=60)))  # fmt: skip
+        reader.start()
+        wait_until(lambda: len(plan.requests) >= 4, 30, "the pull's first four chunks in flight")
+        time.sleep(0.35)  # (each has received some of its chunk: a quarter of it at most)
+        start = 40 * SMALL_CHUNK + 5
+        answer = requests.get(f"{mirror.url}/{REPO}/resolve/main/{BIG}", timeout=60,
+                              headers={"Range": f"bytes={start}-{start + 999}"})  # fmt: skip
+        assert answer.status_code == 206 and answer.content == FILES[BIG][start : start + 1000]
+        plan.slow_delay = 0.0  # (the rest at once)
+        reader.join(60)
+        assert first[0].status_code == 206 and first[0].content == FILES[BIG][:1000]
+        whole = requests.get(f"{mirror.url}/{REPO}/resolve/main/{BIG}", timeout=60)
+        assert whole.status_code == 200 and whole.content == FILES[BIG]
+        starts = [int(r.split("bytes=", 1)[1].split("-")[0]) for r in plan.requests if "bytes=" in r]
+        # (a chunk in flight gave its connection to the read's: asked for again from where its part ended)
+        assert any(offset % SMALL_CHUNK for offset in starts), [
+            (o // SMALL_CHUNK, o % SMALL_CHUNK) for o in starts
+        ]
+        # (nothing fetched twice: the proxy counts a stopped request's bytes, cut in a piece, not at all)
+        assert plan.body_bytes <= len(FILES[BIG])
+        assert store_files_consistent(mirror.depot) == []
+    finally:
+        mirror.stop()
+
+
 def test_a_client_revalidating_a_file_the_mirror_does_not_hold_gets_a_304_and_nothing_is_pulled(
     upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

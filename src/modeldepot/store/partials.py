@@ -180,8 +180,10 @@ class ResumablePartial:
         # download in this process tells; nothing checked them: a mirror's reader may follow them, and
         # compares what it sent with the chunk once it lands)
         self.receiving: dict[int, Callable[[], int]] = {}
-        # Chunk index -> readers waiting for it (a mirror's): the download fetches these first
+        # Chunk index -> readers waiting for it (a mirror's): the download fetches these first, told of each
+        # as a reader comes to wait for it (``on_wanted``, set by the download in this process)
         self.wanted: collections.Counter[int] = collections.Counter()
+        self.on_wanted: Callable[[int], None] | None = None
         self.resumed_bytes = resumed_bytes  # bytes found already on disk, verified, when claimed
         self._lock_fd = lock_fd  # the log's; a one-chunk content's own data file (read-only)
         self._data_fd = data_fd
