@@ -1417,3 +1417,40 @@ def test_ctrl_c_is_pythons_own_again_once_an_interrupted_pull_has_unwound() -> N
         run_blocking(interrupted())
     assert unwound == [True], "cancelled, and unwound, before the KeyboardInterrupt"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("cancelled", [False, True], ids=["failed", "cancelled"])
+def test_a_reads_error_holds_no_view_of_what_it_read_into(cancelled: bool) -> None:
+    """A reader thread's frames hold views of what it reads into (a chunk's mapping of the download's file):
+    kept by the read's error (a cancelled pull's, a source's last one), the mapping could not be closed, and
+    the file stayed open after a resumed pull had finished and deleted it, its whole size taken on the disk
+    (an explorer's trial: one cancelled pull in eight). The error keeps its traceback, not those views."""
+    import mmap
+
+    from modeldepot.transfer.ranged import Attempt
+    from modeldepot.transfer.sources import _on_a_reader
+
+    pages, attempt, reading = mmap.mmap(-1, 4096), Attempt(), threading.Event()
+
+    def read() -> None:
+        into = memoryview(pages)[1024:]  # (as read_range holds the buffer it reads into)
+        reading.set()
+        while cancelled and not attempt.aborted:
+            time.sleep(0.01)
+        raise OSError(f"the read of {len(into)} bytes broke")
+
+    async def run() -> BaseException:
+        task = asyncio.create_task(_on_a_reader(attempt, read))
+        if cancelled:
+            await asyncio.to_thread(reading.wait, 10)
+            task.cancel()
+        try:
+            await task
+        except BaseException as error:
+            return error
+        raise AssertionError("the read did not fail")
+
+    error = asyncio.run(run())
+    assert isinstance(error, asyncio.CancelledError if cancelled else OSError)
+    assert error.__traceback__ is not None
+    pages.close()  # (BufferError while a frame the error keeps holds a view)

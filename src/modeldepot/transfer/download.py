@@ -37,6 +37,7 @@ import logging
 import mmap
 import os
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -706,13 +707,14 @@ class _FileJob(ChunkChooser):
                     source.url, offset, offset + length - 1, self.remote.size,
                     buffer if mapping is None else mapping, request.receiving, source.kind,
                 )  # fmt: skip
-            except BaseException:
+            except BaseException as error:
                 buffers.release()
                 self._done_in_place(index, request)
                 if mapping is not None:
                     if index not in self.landing and index not in self.partial.done:
                         # (a Ctrl-C, a source that failed: what came is in the file's pages, for the next one)
                         self._keep_part(source, index, request)
+                    _let_go_of(error)
                     _close_mapping(mapping)
                 raise
             finally:
@@ -732,6 +734,12 @@ class _FileJob(ChunkChooser):
             else:
                 if buffer is not None and len(buffer) >= self.partial.chunk_size:
                     self.limits.give_back(buffer)  # landed: no thread reads it any more
+        except BaseException as error:
+            if mapping is not None:
+                _let_go_of(error)
+                with contextlib.suppress(BufferError):
+                    data.release()
+            raise
         finally:
             buffers.release()
             if mapping is not None:
@@ -1058,6 +1066,14 @@ def _mib(rate: int) -> str:
 def _close_mapping(mapping: mmap.mmap) -> None:
     with contextlib.suppress(BufferError):  # a view still held (a traceback's frame): freed with it
         mapping.close()
+
+
+def _let_go_of(error: BaseException) -> None:
+    """Clear the locals of the frames ``error`` came through (the views of a chunk's mapping they held), so
+    that the mapping can be closed now: kept by the traceback of a cancelled pull (its task's, kept as long
+    as the depot), a mapping held the partial's data file open, deleted, its whole size taken on the disk,
+    after a resumed pull had finished it (an explorer's trial)."""
+    traceback.clear_frames(error.__traceback__)
 
 
 def _blake3(data: memoryview) -> str:

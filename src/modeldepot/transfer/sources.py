@@ -20,6 +20,7 @@ import re
 import socket
 import ssl
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timezone
@@ -434,6 +435,14 @@ async def _on_a_reader(attempt: Attempt, call: Callable[[], T]) -> T:
     except asyncio.CancelledError:
         attempt.abort()
         await until_done(future)
+        if not future.cancelled() and (failed := future.exception()) is not None:
+            traceback.clear_frames(failed.__traceback__)  # (as below: its frames hold views of the buffer)
+        raise
+    except BaseException as error:
+        # The thread's frames hold views of what it read into (a chunk's mapping of the partial file): kept by
+        # the error (a source's last one, a cancelled task's), the mapping could not be closed, and the file
+        # stayed open after a resumed pull had finished and deleted it (an explorer's trial)
+        traceback.clear_frames(error.__traceback__)
         raise
 
 
