@@ -528,3 +528,34 @@ def test_no_xet_anywhere(node: LiveNode) -> None:
         assert reply.status == 200
         assert not [name for name in reply.headers if name.lower().startswith("x-xet")]
         assert not [v for v in reply.headers.get_all("Link") or [] if "xet" in v.lower()]
+
+
+def test_a_cards_control_characters_and_overlong_tags_are_not_served_and_the_repo_pulls_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A README's front matter went to every Hub client as the repo's tags, pipeline tag and library with
+    its terminal escapes, and a 300-character tag too; every other modeldepot refused the repo as "invalid"
+    from that node, so it could be pulled through none (a security trial). A card's names are labels, as
+    an upstream's must be; the rest of it stays."""
+    import requests
+
+    front = ('---\nlicense: "mit\\e]0;PWNED\\a"\ntags:\n- "a\\e[2Jb"\n- ok-tag\n- "' + "x" * 300 + '"\n'
+             'pipeline_tag: "text\\e[5mblink"\nlibrary_name: transformers\nlanguage: [en, "f\\er"]\n'
+             'model-index: [{name: "any \\e text"}]\n---\nhello\n')  # fmt: skip
+    files = {"README.md": front.encode(), "config.json": b"{}"}
+    with Depot(tmp_path / "store") as depot:
+        depot.import_dir(write_model_dir(tmp_path / "m", files), "acme/esc")
+        node = LiveNode(depot)
+        try:
+            info = requests.get(f"{node.url}/api/models/acme/esc", timeout=30).json()
+            assert info["tags"] == ["ok-tag", "transformers", "en"], info["tags"]
+            assert "pipeline_tag" not in info and info["library_name"] == "transformers"
+            assert info["cardData"]["model-index"] == [
+                {"name": "any \x1b text"}
+            ]  # (JSON, escaped on the wire)
+            monkeypatch.setenv("HF_ENDPOINT", node.url)
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            with Depot(tmp_path / "other") as other:
+                assert other.pull("acme/esc").files == len(files)
+        finally:
+            node.stop()

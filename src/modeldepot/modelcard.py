@@ -7,7 +7,17 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["FILE_TAGS", "MAX_CARD_BYTES", "card_metadata", "file_tags", "repo_card", "upstream_card"]
+from modeldepot.validation import MAX_TAGS, is_label
+
+__all__ = [
+    "FILE_TAGS",
+    "MAX_CARD_BYTES",
+    "card_metadata",
+    "file_tags",
+    "labels",
+    "repo_card",
+    "upstream_card",
+]
 
 MAX_CARD_BYTES = 1 << 20
 _FIELDS = ("pipeline_tag", "library_name", "license", "base_model")
@@ -98,7 +108,26 @@ def card_metadata(text: str) -> dict[str, Any]:
     tags = data.get("tags")
     if isinstance(tags, list):
         found["tags"] = [str(t) for t in tags if isinstance(t, (str, int, float))]
+    # What a node lists as the repo's tags (views.hub_tags) passes the rules an upstream's tags do (labels:
+    # printable, one line, 200 characters at most): a card's terminal escapes went to every Hub client, and
+    # every other modeldepot refused the repo, its tags invalid (a security trial)
+    for key in (*_FIELDS, "tags", "language", "datasets"):
+        if key in found:
+            value = found[key]
+            kept = labels(value)[: MAX_TAGS // 2]
+            if isinstance(value, list) and kept:
+                found[key] = kept
+            elif isinstance(value, str) and kept:
+                found[key] = kept[0]
+            else:
+                del found[key]
     return found
+
+
+def labels(value: Any) -> list[str]:
+    """The valid labels (:func:`~modeldepot.validation.validate_label`) ``value`` gives, a name or a list."""
+    return [item for item in (value if isinstance(value, list) else [value]) if isinstance(item, str)
+            and item and is_label(item)]  # fmt: skip
 
 
 _NOT_THE_CARDS = ("gated", FILE_TAGS)  # a repo's setting; the files' tags, the node's own key

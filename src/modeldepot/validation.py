@@ -265,6 +265,18 @@ def validate_label(value: object) -> str:
     return value
 
 
+def is_label(value: object) -> bool:
+    """Whether ``value`` passes :func:`validate_label`."""
+    try:
+        validate_label(value)
+    except InvalidInputError:
+        return False
+    return True
+
+
+MAX_TAGS = 1000  # tags a repo is described with, at most (an upstream's more are refused)
+
+
 def validate_quants(quants: object) -> list[str] | str | None:
     """What a pull takes: None (the whole repo), ``"all"`` (every variant), or variants' names; one name
     alone is a list of one (``pull(repo, "fp16")`` went through it letter by letter)."""

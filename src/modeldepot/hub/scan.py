@@ -29,6 +29,7 @@ from modeldepot.errors import (
 from modeldepot.hub.manifest import RemoteFile
 from modeldepot.transfer.ranged import MAX_REDIRECTS, Attempt, Reply, request
 from modeldepot.validation import (
+    MAX_TAGS,
     from_upstream,
     validate_commit_id,
     validate_git_oid,
@@ -214,8 +215,8 @@ def _checked(endpoint: str, repo_id: str, info: object) -> tuple[str, str, dict[
         files.append(RemoteFile(path=path, size=size, git_oid=git_oid, sha256=sha256))
     _check_tree_shape(source, [f.path for f in files])
     tags = info.get("tags") or []
-    if not isinstance(tags, list) or len(tags) > 1000:
-        raise UpstreamDataError(source, "tags", "not a list of at most 1000 labels")
+    if not isinstance(tags, list) or len(tags) > MAX_TAGS:
+        raise UpstreamDataError(source, "tags", f"not a list of at most {MAX_TAGS} labels")
     gated = info.get("gated")
     gated = False if gated is None else gated
     if isinstance(gated, (list, dict)) or gated not in (False, True, "auto", "manual"):

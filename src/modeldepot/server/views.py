@@ -17,10 +17,10 @@ from urllib.parse import quote
 from aiohttp import web
 
 from modeldepot.gitobjects import lfs_pointer
-from modeldepot.modelcard import FILE_TAGS
+from modeldepot.modelcard import FILE_TAGS, labels
 from modeldepot.server.ranges import ByteRange, parse_range
 from modeldepot.store import FileEntry, RepoSummary
-from modeldepot.validation import is_commit_id
+from modeldepot.validation import MAX_TAGS, is_commit_id, is_label
 
 __all__ = [
     "COMMIT_AUTHOR",
@@ -109,7 +109,9 @@ def hub_tags(card: dict[str, Any]) -> list[str]:
         *_names(card.get("language")),
         *(f"dataset:{name}" for name in _names(card.get("datasets"))),
     ]
-    return list(dict.fromkeys(tags))
+    # (as an upstream's must be: a card stored before its values were checked went out with terminal escapes,
+    # which every other modeldepot refused)
+    return labels(list(dict.fromkeys(tags)))[:MAX_TAGS]
 
 
 def lfs_info(entry: FileEntry) -> dict[str, Any]:
@@ -144,7 +146,7 @@ def model_info_body(view: RevisionView, blobs: bool) -> dict[str, Any]:
         "siblings": [_sibling(f, blobs) for f in view.files],
     }
     for key in ("pipeline_tag", "library_name"):
-        if view.card.get(key):
+        if view.card.get(key) and is_label(view.card[key]):
             body[key] = view.card[key]
     card_data = {k: v for k, v in view.card.items() if k != FILE_TAGS}  # (the README's alone)
     if card_data:
