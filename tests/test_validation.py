@@ -38,6 +38,7 @@ BAD_PATHS: list[object] = [
     "/etc/passwd", "/", "//a",
     "a\\b", "..\\x", "\\",
     "a\x00b", "a\nb", "a\tb", "\x7f", "\x1b[31m", "a\x85b", "a\ud800b",
+    "r\u202etxt.exe", "a\u2066b\u2069",  # (bidi controls: a name shown as another, a security trial)
     "", "a//b", "a/", "a/b/",
     "a" * 256, "é" * 128, "/".join(["é" * 100] * 6),
     "%2e%2e", "%2E%2E/x", "..%2f", "..%2fetc/passwd", "%252e%252e", "%25252e%25252e/x", "%2e",

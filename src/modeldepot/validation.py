@@ -144,6 +144,10 @@ def validate_path(path: object) -> str:
     for char in path:
         if unicodedata.category(char) in ("Cc", "Cs"):
             raise InvalidPathError(f"file path {shown} contains a control character")
+        if char in _BIDI_CONTROLS:
+            # (a name that reads as another's: "r\u202etxt.exe" shows as "rexe.txt", a security trial)
+            raise InvalidPathError(f"file path {shown} contains a bidirectional control character "
+                                   f"(U+{ord(char):04X}): it would show as another name")  # fmt: skip
     for segment in path.split("/"):
         if not segment:
             raise InvalidPathError(f"file path {shown} has an empty segment ('//' or a trailing '/')")
@@ -154,6 +158,10 @@ def validate_path(path: object) -> str:
         if _decodes_to_traversal(segment):
             raise InvalidPathError(f"file path {shown} contains a percent-encoded traversal")
     return path
+
+
+# Embeddings, overrides and isolates: they reorder how the text around them shows
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def is_commit_id(revision: str) -> bool:
