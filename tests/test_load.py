@@ -375,6 +375,26 @@ def test_load_pulls_a_missing_variant_first(
         )
 
 
+def test_load_pulls_again_a_file_found_corrupt(
+    upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file found corrupt (a read, a scrub) is quarantined: `load` failed on it, again and again, while it
+    pulls a missing one and `get_file(download=True)` pulled it again (an explorer's trial)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[upstream.url]) as local:
+        local.pull(REPO, "fp16")
+        path = local.file_path(REPO, "onnx/model_fp16.onnx")
+        flip_byte(local.store.blobs.path(local.file_info(REPO, "onnx/model_fp16.onnx").sha256), 100)
+        assert not local.verify().ok  # (found, quarantined: as a scrub does)
+        with pytest.raises(CorruptBlobError):
+            local.get_file(REPO, "onnx/model_fp16.onnx")
+        session = local.load(REPO, "fp16")
+        assert session.get_inputs()[0].type == "tensor(float16)"
+        assert bytes(local.get_file(REPO, "onnx/model_fp16.onnx")) == path.read_bytes()
+        assert local.verify().ok
+
+
 def test_load_without_a_variant_pulls_the_one_it_loads(
     upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

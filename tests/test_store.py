@@ -1641,3 +1641,20 @@ def test_uses_in_a_process_that_never_closes_its_depot_are_recorded(depot: Depot
     subprocess.run([sys.executable, "-c", script, str(depot.home)], check=True, timeout=60)
     counts = {(a.repo_id, a.variant): a.count for a in depot.store.access.top()}
     assert counts.get((REPO, "q4")) == 3, counts
+
+
+def test_a_depot_sent_to_another_process_says_what_to_do(tmp_path: Path) -> None:
+    """Handing a Depot to a spawned worker (a ProcessPoolExecutor's, the default on macOS) failed with
+    pickle's "cannot pickle '_thread._local' object", which named an internal and not what to do (an
+    explorer's trial)."""
+    import multiprocessing
+    import pickle
+
+    with Depot(tmp_path / "store") as depot:
+        with pytest.raises(TypeError, match=r"open Depot\(home\) there"):
+            pickle.dumps(depot)
+        with (
+            multiprocessing.get_context("spawn").Pool(1) as pool,
+            pytest.raises(TypeError, match="pass its home"),
+        ):
+            pool.apply(len, (depot,))

@@ -294,6 +294,12 @@ class Depot(Upkeep):
     def __enter__(self) -> Depot:
         return self
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # (sent to a spawned worker, it failed with pickle's "cannot pickle '_thread._local' object", which
+        # named an internal of the index and not what to do: an explorer's trial)
+        raise TypeError(f"a Depot cannot be sent to another process (pickled): pass its home ({self.home}) and "
+                        "open Depot(home) there; a forked child may go on using the parent's")  # fmt: skip
+
     def __exit__(self, *exc: object) -> None:
         self.close()
 

@@ -327,7 +327,7 @@ def _lacking(store: Store, repo_id: str, commit_id: str, quant: str | None) -> l
     )
     if variant is None:
         return []
-    held = {f.path for f in store.files(repo_id, commit_id)}
+    held = set(_held_paths(store, repo_id, commit_id))
     return sorted(set(variant.files) - held)
 
 
@@ -405,10 +405,25 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
 
 
 def _held_paths(store: Store, repo_id: str, commit_id: str) -> list[str]:
-    """The paths of a commit the store holds; none is a removal under the load (an ``rm`` as it resolved or
-    pulled), said so, not as a repo with no model file in it (a trial)."""
+    """The paths of a commit the store holds, but those whose blob was found corrupt (quarantined): a load
+    pulls them again, as a missing one (a scrub's find kept failing an inference worker's every load until
+    someone pulled by hand, an explorer's trial). None is a removal under the load (an ``rm`` as it resolved
+    or pulled), said so, not as a repo with no model file in it (a trial)."""
     try:
-        return [f.path for f in store.revision_files(repo_id, commit_id)]
+        entries = store.revision_files(repo_id, commit_id)
     except RevisionNotFoundError:
         raise NotFoundError(f"{repo_id}@{commit_id[:12]} was removed from the store while it was being loaded",
                             repo_id=repo_id) from None  # fmt: skip
+    quarantined = _quarantined(store, {f.sha256 for f in entries})
+    return [f.path for f in entries if f.sha256 not in quarantined]
+
+
+def _quarantined(store: Store, blobs: set[str]) -> set[str]:
+    """Those of ``blobs`` the store holds quarantined (found corrupt)."""
+    wanted, found = sorted(blobs), set[str]()
+    for start in range(0, len(wanted), 500):  # (SQLite's bound on parameters)
+        part = wanted[start : start + 500]
+        found.update(row["sha256"] for row in store.index.read(
+            f"SELECT sha256 FROM blobs WHERE state != 'ok' AND sha256 IN ({','.join('?' * len(part))})",
+            tuple(part)))  # fmt: skip
+    return found
