@@ -1454,3 +1454,37 @@ def test_a_reads_error_holds_no_view_of_what_it_read_into(cancelled: bool) -> No
     assert isinstance(error, asyncio.CancelledError if cancelled else OSError)
     assert error.__traceback__ is not None
     pages.close()  # (BufferError while a frame the error keeps holds a view)
+
+
+def test_a_depot_closed_while_another_thread_pulls_stops_the_pull_which_keeps_what_it_received(
+    proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`close()` returned at once while another thread's pull downloaded the rest of the model, which then
+    failed at publishing it (a service's shutdown downloading gigabytes for minutes: an explorer's trial).
+    The pull stops, keeps what it received, and raises StoreClosedError; the next depot resumes it."""
+    from modeldepot.errors import StoreClosedError
+
+    plan = proxy.set("slow", times=-1, slow_delay=0.05, slow_piece=8192)  # (the whole file: ~10 s)
+    depot = local_depot(tmp_path / "local", proxy, as_node=False, monkeypatch=monkeypatch)
+    outcome: list[BaseException | PullResult] = []
+
+    def pull() -> None:
+        try:
+            outcome.append(depot.pull(REPO))
+        except BaseException as error:
+            outcome.append(error)
+
+    puller = threading.Thread(target=pull)
+    puller.start()
+    wait_until(lambda: plan.body_bytes >= 4 * SMALL_CHUNK, 30)  # (a few chunks in)
+    depot.close()  # (waits for the pull to unwind)
+    puller.join(15)
+    assert not puller.is_alive()
+    assert isinstance(outcome[0], StoreClosedError), outcome
+    sent = plan.body_bytes
+    assert sent < len(FILES[BIG]), "stopped, not downloaded to the end"
+    plan.slow_delay = 0.0
+    with local_depot(tmp_path / "local", proxy, as_node=False, monkeypatch=monkeypatch) as again:
+        result = again.pull(REPO)
+        assert result.bytes_resumed >= 4 * SMALL_CHUNK, result  # (what the stopped pull received)
+        assert_committed(again)

@@ -44,6 +44,7 @@ from modeldepot.hub.manifest import (
 )
 from modeldepot.hub.removal import forget_removed_variants
 from modeldepot.hub.variants import variants_own_files
+from modeldepot.running import RunningPulls
 from modeldepot.store import (
     BlobRecord,
     FileEntry,
@@ -218,6 +219,7 @@ class Depot(Upkeep):
         self._engines = engine_cache
         self._own_engines = engine_cache is None  # (a cache given to it may serve other depots too)
         self._made_lock = threading.Lock()
+        self._pulls = RunningPulls(self.home)
         self._preloader: Preloader | None = None
         self._upstream = Upstream(self.store, self.tiers, lambda: self.config)
         self._listings = CommitListings(self.store)
@@ -280,6 +282,7 @@ class Depot(Upkeep):
         return self.store.node_id
 
     def close(self) -> None:
+        self._pulls.stop()  # (the pulls of other threads: they keep what they received)
         if self._preloader is not None:
             self._preloader.close()
         if self._own_engines:
@@ -626,6 +629,13 @@ class Depot(Upkeep):
         """:meth:`pull` for asyncio programs (scanning runs on a worker thread; :meth:`pull` runs this). ``paths`` pulls just
         those files; ``watch`` is told of each file's partial as its download starts; ``manifest`` skips
         the scan."""
+        return await self._pulls.run(
+            self._pull_async(repo_id, quants, revision, progress, paths, watch, manifest)
+        )
+
+    async def _pull_async(self, repo_id: str, quants: list[str] | str | None, revision: str,
+                          progress: PullProgress | None, paths: list[str] | None, watch: PartialWatch | None,
+                          manifest: Manifest | None) -> PullResult:  # fmt: skip
         import asyncio
 
         from modeldepot.transfer.pull import pull_async

@@ -1,0 +1,80 @@
+"""The pulls of one depot under way, on whichever thread's event loop: :meth:`Depot.close` stops them.
+
+A depot closed while another thread pulled (a service shutting down, a ``with`` block ending) went on
+downloading the rest of the model, gigabytes for minutes, and only then failed at publishing it (an
+explorer's trial). Each pull runs as a task of its own, which ``stop`` cancels on its loop: the pull
+unwinds as on Ctrl-C (what it received is kept for the next pull) and raises StoreClosedError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from modeldepot.errors import StoreClosedError
+
+__all__ = ["RunningPulls"]
+
+T = TypeVar("T")
+CLOSE_PATIENCE = 10.0  # seconds a close waits at most for the pulls it stopped to unwind
+
+
+class RunningPulls:
+    """The pulls of one depot under way (see the module)."""
+
+    def __init__(self, home: object) -> None:
+        self._home = home
+        self._lock = threading.Lock()
+        self._running: dict[asyncio.Task[Any], asyncio.AbstractEventLoop] = {}
+        self._closed = False
+
+    async def run(self, pull: Coroutine[Any, Any, T]) -> T:
+        """Await ``pull`` as a task :meth:`stop` can cancel (the caller's own cancellation reaches it too)."""
+        task = asyncio.ensure_future(pull)
+        with self._lock:
+            if self._closed:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise self._closed_error()
+            self._running[task] = asyncio.get_running_loop()
+        try:
+            return await task
+        except asyncio.CancelledError:
+            # (the caller's own cancellation stays one; Task.cancelling is Python 3.11's)
+            cancelling = getattr(asyncio.current_task(), "cancelling", None)
+            if self.closed() and task.cancelled() and not (cancelling is not None and cancelling()):
+                raise self._closed_error() from None
+            raise
+        finally:
+            with self._lock:
+                self._running.pop(task, None)
+
+    def closed(self) -> bool:
+        return self._closed
+
+    def stop(self) -> None:
+        """Cancel the pulls under way and wait (CLOSE_PATIENCE at most) until those of other threads' loops
+        have unwound; no pull starts from now on."""
+        with self._lock:
+            self._closed = True
+            running = list(self._running.items())
+        for task, loop in running:
+            with contextlib.suppress(RuntimeError):  # (a loop closed meanwhile: its pull ended)
+                loop.call_soon_threadsafe(task.cancel)
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        deadline = time.monotonic() + CLOSE_PATIENCE
+        for task, loop in running:
+            while loop is not here and not task.done() and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+    def _closed_error(self) -> StoreClosedError:
+        return StoreClosedError(f"the depot of {self._home} was closed while it pulled: what the pull received "
+                                "is kept for the next one (open Depot(home) again to pull)")  # fmt: skip
