@@ -29,7 +29,8 @@ class RunningPulls:
     def __init__(self, home: object) -> None:
         self._home = home
         self._lock = threading.Lock()
-        self._running: dict[asyncio.Task[Any], asyncio.AbstractEventLoop] = {}
+        # each pull's task -> its loop, and an event set once it has ended (waited on from other threads)
+        self._running: dict[asyncio.Task[Any], tuple[asyncio.AbstractEventLoop, threading.Event]] = {}
         self._closed = False
 
     async def run(self, pull: Coroutine[Any, Any, T]) -> T:
@@ -41,7 +42,9 @@ class RunningPulls:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
                 raise self._closed_error()
-            self._running[task] = asyncio.get_running_loop()
+            ended = threading.Event()
+            task.add_done_callback(lambda _: ended.set())
+            self._running[task] = (asyncio.get_running_loop(), ended)
         try:
             return await task
         except asyncio.CancelledError:
@@ -63,7 +66,7 @@ class RunningPulls:
         with self._lock:
             self._closed = True
             running = list(self._running.items())
-        for task, loop in running:
+        for task, (loop, _) in running:
             with contextlib.suppress(RuntimeError):  # (a loop closed meanwhile: its pull ended)
                 loop.call_soon_threadsafe(task.cancel)
         try:
@@ -71,9 +74,9 @@ class RunningPulls:
         except RuntimeError:
             here = None
         deadline = time.monotonic() + CLOSE_PATIENCE
-        for task, loop in running:
-            while loop is not here and not task.done() and time.monotonic() < deadline:
-                time.sleep(0.02)
+        for _, (loop, ended) in running:
+            if loop is not here:  # (a pull of this thread's own loop cannot end while this waits)
+                ended.wait(max(0.0, deadline - time.monotonic()))
 
     def _closed_error(self) -> StoreClosedError:
         return StoreClosedError(f"the depot of {self._home} was closed while it pulled: what the pull received "
