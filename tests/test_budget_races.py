@@ -302,3 +302,17 @@ def test_a_writer_that_ended_names_no_blob_and_a_full_disk_fails_no_write_withou
         first.set_max_size("1GiB")
         with pytest.raises(StoreError, match="holding room in the disk budget"):
             first.import_dir(model_dir, "acme/c")
+
+
+def test_a_pull_of_very_many_files_still_keeps_the_blobs_it_relies_on(tmp_path: Path) -> None:
+    """(A review.) A reservation's lines were read up to 8 MiB: a pull of 130,000 files named its contents
+    past that, and the blobs it relied on (its ``reuse`` lines, after them) were kept from no eviction."""
+    with (
+        Depot(tmp_path / "store") as first,
+        Depot(tmp_path / "store") as second,
+        first.store.budget.writing("acme/huge", "0" * 40, ["a"]) as writer,
+    ):
+        writer.contents = {f"{i:064x}": 1 for i in range(130_000)}
+        writer.budget._reserve(writer, MB)
+        writer.reuse(["f" * 64])
+        assert second.store.budget.kept_blobs() == {"f" * 64}

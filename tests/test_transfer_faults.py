@@ -1488,3 +1488,26 @@ def test_a_depot_closed_while_another_thread_pulls_stops_the_pull_which_keeps_wh
         result = again.pull(REPO)
         assert result.bytes_resumed >= 4 * SMALL_CHUNK, result  # (what the stopped pull received)
         assert_committed(again)
+
+
+def test_pulls_of_a_closed_depot_on_one_loop_are_refused_at_once(tmp_path: Path) -> None:
+    """(A review.) A pull of a closed depot waited for its cancelled task while holding a thread lock: a
+    second pull on the same event loop then blocked that loop for good."""
+    from modeldepot.errors import StoreClosedError
+
+    depot = Depot(tmp_path / "store")
+    depot.close()
+    outcome: list[object] = []
+
+    def run() -> None:
+        async def both() -> list[BaseException | PullResult]:
+            return await asyncio.gather(depot.pull_async("acme/a"), depot.pull_async("acme/b"),
+                                        return_exceptions=True)  # fmt: skip
+
+        outcome.extend(asyncio.run(both()))
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(30)
+    assert not runner.is_alive(), "the loop hangs"
+    assert [type(o) for o in outcome] == [StoreClosedError, StoreClosedError], outcome

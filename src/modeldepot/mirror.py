@@ -916,10 +916,10 @@ def _wanted(partial: ResumablePartial, index: int) -> Iterator[None]:
     next (a range read far into a big file waited for every chunk before it, longer on a slow upstream than a
     client's read timeout)."""
     partial.wanted[index] += 1
-    told = partial.on_wanted
-    if told is not None and partial.wanted[index] == 1:
-        told(index)
     try:
+        told = partial.on_wanted
+        if told is not None and partial.wanted[index] == 1:
+            told(index)
         yield
     finally:
         partial.wanted[index] -= 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Coroutine
@@ -20,6 +21,7 @@ from modeldepot.errors import StoreClosedError
 __all__ = ["RunningPulls"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 CLOSE_PATIENCE = 10.0  # seconds a close waits at most for the pulls it stopped to unwind
 
 
@@ -35,16 +37,16 @@ class RunningPulls:
 
     async def run(self, pull: Coroutine[Any, Any, T]) -> T:
         """Await ``pull`` as a task :meth:`stop` can cancel (the caller's own cancellation reaches it too)."""
-        task = asyncio.ensure_future(pull)
-        with self._lock:
-            if self._closed:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                raise self._closed_error()
-            ended = threading.Event()
-            task.add_done_callback(lambda _: ended.set())
-            self._running[task] = (asyncio.get_running_loop(), ended)
+        with self._lock:  # (never held across an await: a second pull on the loop would block it for good)
+            closed = self._closed
+            if not closed:
+                task = asyncio.ensure_future(pull)
+                ended = threading.Event()
+                task.add_done_callback(lambda _: ended.set())
+                self._running[task] = (asyncio.get_running_loop(), ended)
+        if closed:
+            pull.close()  # (never started)
+            raise self._closed_error()
         try:
             return await task
         except asyncio.CancelledError:
@@ -75,7 +77,11 @@ class RunningPulls:
             here = None
         deadline = time.monotonic() + CLOSE_PATIENCE
         for _, (loop, ended) in running:
-            if loop is not here:  # (a pull of this thread's own loop cannot end while this waits)
+            if loop is here:  # (it cannot end while this thread waits: it unwinds after the store closed)
+                log.warning("the depot of %s was closed from the event loop of a pull of its own: the pull was "
+                            "cancelled, not waited for (await it before close() to keep all it received)",
+                            self._home)  # fmt: skip
+            else:
                 ended.wait(max(0.0, deadline - time.monotonic()))
 
     def _closed_error(self) -> StoreClosedError:

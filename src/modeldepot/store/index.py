@@ -638,16 +638,16 @@ class Index:
         with INDEX_GATE:
             self._migrate_now()
 
-    def _say_upgraded_under(self, version: int) -> None:
+    def _say_upgraded_under(self) -> None:
         """Warn when another process has the index open as it is upgraded: it is of an older modeldepot (this
         one upgrades an index as it opens it), and goes on by its old rules until it is restarted (a node left
         running while the store was upgraded recorded its uses where the new disk budget does not read them,
         which then evicted the model it served: an explorer's trial)."""
         others = processes_with_open(str(self.path))
         if others:
-            log.warning("the store's index %s is upgraded from schema %d to %d while process(es) %s hold it open: "
-                        "a modeldepot older than this one goes on by its old rules until it is restarted; "
-                        "restart it with this version", self.path, version, SCHEMA_VERSION,
+            log.warning("the store's index %s is upgraded to schema %d while process(es) %s hold it open: a "
+                        "modeldepot older than this one goes on by its old rules until it is restarted; "
+                        "restart it with this version", self.path, SCHEMA_VERSION,
                         ", ".join(map(str, sorted(others))))  # fmt: skip
 
     def _migrate_now(self) -> None:
@@ -655,6 +655,8 @@ class Index:
         try:
             if con.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 con.execute("PRAGMA journal_mode=WAL")
+            if 0 < con.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                self._say_upgraded_under()  # (before the lock: the look at every process takes a while)
             con.execute("BEGIN EXCLUSIVE")
             try:
                 version = con.execute("PRAGMA user_version").fetchone()[0]
@@ -663,8 +665,6 @@ class Index:
                         f"the index {self.path} has schema version {version}, newer than this modeldepot "
                         f"understands ({SCHEMA_VERSION}); upgrade modeldepot"
                     )
-                if 0 < version < SCHEMA_VERSION:
-                    self._say_upgraded_under(version)
                 for number in range(version, SCHEMA_VERSION):
                     for statement in _MIGRATIONS[number].split(";"):
                         if statement.strip():

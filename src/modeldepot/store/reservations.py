@@ -29,7 +29,6 @@ from typing import TypeVar
 from modeldepot.store.locks import StoreLock, unlock_and_close
 
 _FIELD = 20  # digits of a reservation's byte count (fixed: the file is rewritten in place)
-_MAX_BYTES = 1 << 23  # read of a reservation: its lines (~90 bytes each) of a repo of 40,000 files, twice
 T = TypeVar("T")
 _REUSE = "reuse"  # (a line's first word: a blob the writer relies on; not a content key, whose size follows)
 
@@ -211,9 +210,11 @@ def _held(
 
 def _lines_after(fd: int, start: int, parsed: _Lines | None) -> _Lines:
     """The file's lines from byte ``start`` (after the first line), the ones ``parsed`` read taken from it
-    and only the whole lines appended since parsed (at most _MAX_BYTES in all)."""
+    and only the whole lines appended since parsed."""
     begin = parsed.end if parsed is not None and parsed.end >= start else start
-    size = min(os.fstat(fd).st_size, _MAX_BYTES)
+    # (all of it: the ``reuse`` lines come after the contents, and a cap left a pull of 130,000 files
+    # relying on no blob, which other processes' evictions then took: a review)
+    size = os.fstat(fd).st_size
     if parsed is not None and begin >= size:
         return parsed
     more = os.pread(fd, max(0, size - begin), begin)

@@ -364,8 +364,9 @@ class _FileJob(ChunkChooser):
 
     def _wanted_soon(self, index: int) -> None:
         """(From any thread.) A reader came to wait for chunk ``index``: :meth:`_give_way_to` on the loop."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._give_way_to, index)
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # (its loop closed: the download ended)
+                self._loop.call_soon_threadsafe(self._give_way_to, index)
 
     def _give_way_to(self, index: int) -> None:
         """A reader waits for chunk ``index`` (a mirror's client reading a range far into the file): a free
