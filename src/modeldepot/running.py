@@ -8,15 +8,17 @@ unwinds as on Ctrl-C (what it received is kept for the next pull) and raises Sto
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import threading
 import time
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from modeldepot.errors import StoreClosedError
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["RunningPulls"]
 
@@ -37,6 +39,8 @@ class RunningPulls:
 
     async def run(self, pull: Coroutine[Any, Any, T]) -> T:
         """Await ``pull`` as a task :meth:`stop` can cancel (the caller's own cancellation reaches it too)."""
+        import asyncio  # (here: `import modeldepot.cli` loads no asyncio, a start-up cost)
+
         with self._lock:  # (never held across an await: a second pull on the loop would block it for good)
             closed = self._closed
             if not closed:
@@ -68,6 +72,10 @@ class RunningPulls:
         with self._lock:
             self._closed = True
             running = list(self._running.items())
+        if not running:
+            return  # (a depot that never pulled: no asyncio loaded for its close, a start-up cost)
+        import asyncio
+
         for task, (loop, _) in running:
             with contextlib.suppress(RuntimeError):  # (a loop closed meanwhile: its pull ended)
                 loop.call_soon_threadsafe(task.cancel)

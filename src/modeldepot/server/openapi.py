@@ -652,7 +652,9 @@ def _control_components(c: ComponentSchemas) -> None:
     )
     c.ref(PreloadInfo)
     c.ref(Pin)
-    c.ref(RemoveResult)
+    c.add(
+        "RemoveResult", c.record(RemoveResult, omit=["deleted"])
+    )  # (what it deleted: read by the depot alone)
     c.add(
         "Unpinned",
         _closed(
