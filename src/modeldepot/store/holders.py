@@ -26,11 +26,7 @@ def holding_processes(files: Collection[FileKey]) -> dict[FileKey, set[int]]:
     files = set(files)
     if not files:
         return found
-    try:
-        pids = [name for name in os.listdir("/proc") if name.isdigit() and int(name) != os.getpid()]
-    except OSError:
-        return found
-    for pid in pids:
+    for pid in _other_processes():
         for key in _held_by(pid, files):
             found.setdefault(key, set()).add(int(pid))
     return found
@@ -72,11 +68,7 @@ def _held_by(pid: str, files: Collection[FileKey]) -> set[FileKey]:
 def processes_with_open(path: str) -> set[int]:
     """The processes other than this one that hold the file ``path`` open (its real path)."""
     wanted, found = os.path.realpath(path), set[int]()
-    try:
-        pids = [name for name in os.listdir("/proc") if name.isdigit() and int(name) != os.getpid()]
-    except OSError:
-        return found
-    for pid in pids:
+    for pid in _other_processes():
         try:
             descriptors = os.listdir(f"/proc/{pid}/fd")
         except OSError:
@@ -87,3 +79,11 @@ def processes_with_open(path: str) -> set[int]:
                     found.add(int(pid))
                     break
     return found
+
+
+def _other_processes() -> list[str]:
+    """The process ids in ``/proc`` but this process's (none where there is no ``/proc``)."""
+    try:
+        return [name for name in os.listdir("/proc") if name.isdigit() and int(name) != os.getpid()]
+    except OSError:
+        return []
