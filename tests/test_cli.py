@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ import click
 import pytest
 from click.testing import CliRunner
 
+import modeldepot
 from conftest import LiveNode, flip_byte, free_port, sample_files, write_model_dir
 from modeldepot import Depot, InvalidInputError
+from modeldepot._version import build_id, node_version
 from modeldepot.cli import cli, render
 from modeldepot.cli.render import format_bytes
 from modeldepot.errors import SourceDirectoryError
@@ -196,7 +199,30 @@ def test_console_script_and_module_entry_points(tmp_path: Path) -> None:
         assert done.returncode == 0 and "empty" in done.stdout
         assert str(tmp_path / "h") in done.stdout.replace("\n", ""), "the folder named: a mistyped one shows"
         version = subprocess.run([*command, "--version"], capture_output=True, text=True, check=True)
-        assert "modeldepot" in version.stdout
+        assert version.stdout == f"modeldepot, version {modeldepot.__version__} (build {build_id()})\n"
+
+
+def test_the_build_tells_two_codes_under_one_version_apart(tmp_path: Path) -> None:
+    """Every build announced 0.1.0: an operator could not tell the upgraded nodes of a fleet from the old
+    ones. The build is a digest of the installed code: a copy of it has the same, a changed copy another."""
+    package = Path(modeldepot.__file__).parent
+    announced = {}
+    for name in ("same", "changed"):
+        shutil.copytree(package, tmp_path / name / "modeldepot", ignore=shutil.ignore_patterns("__pycache__"))
+        if name == "changed":
+            with open(tmp_path / name / "modeldepot" / "server" / "dashboard" / "dashboard.css", "a") as css:
+                css.write("/* a fix */\n")
+        printed = subprocess.run(
+            [sys.executable, "-c", "import modeldepot._version as v; print(v.node_version())"],
+            capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(tmp_path / name)},
+            cwd=tmp_path,
+        )  # fmt: skip
+        announced[name] = printed.stdout.strip()
+    assert announced["same"] == node_version() == f"{modeldepot.__version__}+{build_id()}"
+    assert (
+        announced["changed"].startswith(f"{modeldepot.__version__}+")
+        and announced["changed"] != node_version()
+    )
 
 
 def test_rm_of_a_branch_sharing_its_commit_says_only_the_ref_went(home: Path, model_dir: Path) -> None:

@@ -53,6 +53,7 @@ from conftest import (
 )
 from fleetnodes import Fleet, base_env, modeldepot
 from modeldepot import Depot, __version__
+from modeldepot._version import node_version
 from modeldepot.cli import cli
 from modeldepot.config import DepotConfig
 from modeldepot.errors import ConfigError
@@ -516,7 +517,7 @@ def test_nodes_join_see_each_other_leave_and_ride_out_an_etcd_outage(fleet: Flee
     assert [row["node_id"] for row in rows] == sorted(ids)
     assert {row["node_id"]: row["url"] for row in rows} == {n.id: n.url for n in nodes}
     for row in rows:
-        assert row["version"] == __version__ and row["blobs"] == row["bytes"] == row["partial"] == 0
+        assert row["version"] == node_version() and row["blobs"] == row["bytes"] == row["partial"] == 0
         assert row["started_at"] <= row["last_seen"] <= time.time() + 1
     health = a.health()
     assert (

@@ -27,6 +27,7 @@ from schemathesis.checks import (
 import modeldepot
 from conftest import SMALL_CHUNK, LiveNode, flip_byte, sample_files, write_model_dir
 from modeldepot import Depot
+from modeldepot._version import build_id, node_version
 from modeldepot.errors import StoreError
 from modeldepot.server import create_app
 from modeldepot.server.openapi import openapi_document
@@ -95,7 +96,7 @@ def node(depot: Depot, tmp_path: Path) -> Iterator[LiveNode]:
 def test_info_health_and_stats(node: LiveNode, depot: Depot) -> None:
     info = fetch(node, f"{API}/info").json()
     assert info["id"] == depot.node_id == fetch(node, f"{API}/info").json()["id"]  # the node's, stable
-    assert info["version"] == modeldepot.__version__
+    assert info["version"] == node_version() == f"{modeldepot.__version__}+{build_id()}"
     assert info["chunk_size"] == depot.chunk_size == SMALL_CHUNK
     assert set(info["capabilities"]) >= CAPABILITIES
     assert fetch(node, f"{API}/health").json() == {"status": "ok"}

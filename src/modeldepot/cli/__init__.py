@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import click
 from rich.markup import escape
 
-from modeldepot._version import __version__
+from modeldepot._version import __version__, build_id
 from modeldepot.cli import render
 from modeldepot.cli.options import (
     EXIT_BAD_INPUT,
@@ -55,8 +55,22 @@ from modeldepot.validation import (
 __all__ = ["cli", "main"]
 
 
+def _show_version(ctx: click.Context, _param: click.Parameter, wanted: bool) -> None:
+    if not wanted or ctx.resilient_parsing:
+        return
+    click.echo(f"modeldepot, version {__version__} (build {build_id()})")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="modeldepot")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_show_version,
+    help="Show the version and the build (a digest of the installed code) and exit.",
+)
 def cli() -> None:
     """modeldepot: a verified, deduplicated store for model repos (ONNX, GGUF, safetensors).
 

@@ -26,7 +26,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from modeldepot._version import __version__
+from modeldepot._version import node_version
 from modeldepot.depot import Depot
 from modeldepot.discovery.base import ClusterStatus, Discovery, Holding, NodeRecord
 from modeldepot.errors import DepotError
@@ -178,7 +178,7 @@ class NodeFleet:
     async def register(self, url: str) -> NodeRecord:
         """Announce this node at ``url``, and start publishing what its store holds."""
         assert self.discovery is not None, "start() first"
-        self.record = NodeRecord(self.depot.node_id, url, __version__, time.time())
+        self.record = NodeRecord(self.depot.node_id, url, node_version(), time.time())
         await self.discovery.register(self.record)
         log.info("cluster %s (prefix %s): this node is %s at %s", self.cluster, self.prefix,
                  self.record.node_id, url)  # fmt: skip

@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
-from modeldepot._version import __version__
+from modeldepot._version import __version__, node_version
 from modeldepot.depot import Depot
 from modeldepot.enginekeys import engine_revision
 from modeldepot.errors import (
@@ -112,7 +112,7 @@ async def node_info(request: web.Request) -> web.Response:
     return json_response(
         {
             "id": depot.node_id,
-            "version": __version__,
+            "version": node_version(),
             "chunk_size": depot.chunk_size,
             "capabilities": list(CAPABILITIES),
             "hub_api": True,
