@@ -271,6 +271,67 @@ def test_a_store_missing_a_shard_pulls_the_variant_first(
         assert local.has_file(REPO, "tiny-Q8_0-00002-of-00002.gguf")
 
 
+def write_imatrix(path: Path) -> None:
+    """An importance matrix as llama-imatrix writes it: a GGUF of general.type imatrix."""
+    writer = gguf.GGUFWriter(path, arch="")
+    writer.add_type("imatrix")
+    writer.add_tensor("blk.0.ffn_up.weight.in_sum2", np.ones((1, 256), np.float32))
+    writer.add_tensor("blk.0.ffn_up.weight.counts", np.ones((1, 1), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_load_without_a_quant_takes_what_llama_cpp_takes_never_an_importance_matrix(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """An explorer's trial: a load naming no quant returned the repo's imatrix.gguf as the model (no error),
+    and otherwise the shortest name: Q2_K, the worst quant, or F16, the largest."""
+    folder = tmp_path / "quants"
+    folder.mkdir()
+    for quant in ("Q2_K", "Q4_K_M", "Q8_0", "F16"):
+        write_gguf(folder / f"tiny-{quant}.gguf")
+    write_imatrix(folder / "imatrix.gguf")
+    depot.import_dir(folder, REPO)
+    assert {v.name for v in depot.scan_repo(REPO).variants} == {"Q2_K", "Q4_K_M", "Q8_0", "F16"}
+    assert [p.name for p in depot.load(REPO, engine="gguf").files] == ["tiny-Q4_K_M.gguf"]
+    (folder / "tiny-Q4_K_M.gguf").unlink()
+    depot.import_dir(folder, "acme/no-q4")
+    assert [p.name for p in depot.load("acme/no-q4", engine="gguf").files] == ["tiny-Q8_0.gguf"]
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    write_imatrix(alone / "imatrix.gguf")
+    depot.import_dir(alone, "acme/imatrix")
+    with pytest.raises(NotFoundError, match=r"imatrix\.gguf is no model .*name it with file="):
+        depot.load("acme/imatrix", engine="gguf")
+    matrix = depot.load("acme/imatrix", engine="gguf", file="imatrix.gguf")  # named: loaded as asked
+    assert matrix.metadata["general.type"] == "imatrix"
+
+
+def test_a_split_model_its_commit_lacks_a_shard_of_is_said_at_the_pull_and_the_load(
+    tmp_path: Path, split_folder: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An explorer's trial: a repo whose upload lacked a shard pulled as "downloaded" without a word, and the
+    load then said the store lacked it (no pull brings it)."""
+    (split_folder / "tiny-Q8_0-00002-of-00002.gguf").unlink()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as node_depot:
+        node_depot.import_dir(split_folder, REPO)
+        node = LiveNode(node_depot)
+        try:
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[node.url]) as local:
+                local.pull(REPO, "Q8_0")
+                said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+                assert any("tiny-Q8_0-00001-of-00002.gguf is one of 2 shards and the commit lacks "
+                           "tiny-Q8_0-00002-of-00002.gguf" in message for message in said), said  # fmt: skip
+                with pytest.raises(NotFoundError, match=r"its commit [0-9a-f]{12} lacks tiny-Q8_0-00002"):
+                    local.load(REPO, "Q8_0", engine="gguf")
+        finally:
+            node.stop()
+
+
 def test_a_file_that_is_not_gguf_is_a_clear_error_and_not_cached(depot: Depot, tmp_path: Path) -> None:
     folder = tmp_path / "bad"
     folder.mkdir()

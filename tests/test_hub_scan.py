@@ -26,6 +26,8 @@ from modeldepot.errors import (
     UpstreamError,
 )
 from modeldepot.hub.variants import gguf_quant, group_files
+from modeldepot.server.control_routes import QUANT
+from modeldepot.validation import validate_quant
 
 ONNX_COMMUNITY = [  # onnx-community/Phi-3.5-mini-instruct-onnx-web style, with external data
     ".gitattributes", "README.md", "config.json", "generation_config.json", "tokenizer.json",
@@ -97,6 +99,34 @@ def test_gguf_quants_splits_and_projectors() -> None:
 )  # fmt: skip
 def test_gguf_labels_follow_huggingface_js(name: str, label: str | None) -> None:
     assert gguf_quant(name) == label
+
+
+def test_every_gguf_model_is_a_variant_of_its_own() -> None:
+    """An explorer's trial: ARM repacks (Q4_0_4_4 beside Q4_0), split models named by their folder alone,
+    a base and an -Instruct model of one quant were each one variant (a pull took them all, a load either),
+    and an importance matrix was a variant, the model a load without a quant took."""
+    grouping = group_files([
+        "L-Q4_0.gguf", "L-Q4_0_4_4.gguf", "L-Q4_0_8_8.gguf", "L-IQ4_NL_4_4.gguf",
+        "Q4_K_M/model-00001-of-00002.gguf", "Q4_K_M/model-00002-of-00002.gguf",
+        "Q8_0/model-00001-of-00002.gguf", "Q8_0/model-00002-of-00002.gguf",
+        "X-Q5_K_M.gguf", "X-Instruct-Q5_K_M.gguf", "a/Y-Q6_K.gguf", "b/Y-Q6_K.gguf",
+        "imatrix.gguf", "X.imatrix.gguf", "mmproj-F16.gguf",
+    ])  # fmt: skip
+    variants = {v.name: set(v.files) - {"mmproj-F16.gguf"} for v in grouping.variants}
+    assert variants == {
+        "Q4_0": {"L-Q4_0.gguf"}, "Q4_0_4_4": {"L-Q4_0_4_4.gguf"}, "Q4_0_8_8": {"L-Q4_0_8_8.gguf"},
+        "IQ4_NL_4_4": {"L-IQ4_NL_4_4.gguf"},
+        "Q4_K_M": {"Q4_K_M/model-00001-of-00002.gguf", "Q4_K_M/model-00002-of-00002.gguf"},
+        "Q8_0": {"Q8_0/model-00001-of-00002.gguf", "Q8_0/model-00002-of-00002.gguf"},
+        "X-Q5_K_M": {"X-Q5_K_M.gguf"}, "X-Instruct-Q5_K_M": {"X-Instruct-Q5_K_M.gguf"},
+        "a-Y-Q6_K": {"a/Y-Q6_K.gguf"}, "b-Y-Q6_K": {"b/Y-Q6_K.gguf"},
+    }  # fmt: skip
+    assert set(grouping.other) == {"imatrix.gguf", "X.imatrix.gguf"}  # pulled with the whole repo alone
+    # Names a user can type after -q and the control API takes, whatever the files are called
+    odd = group_files(["My Model v2.gguf", "A" * 120 + "-Q4_K_M.gguf", "B" * 120 + "-Q4_K_M.gguf"]).variants
+    assert len(odd) == 3 and "My-Model-v2" in {v.name for v in odd}
+    for name in [*variants, *(v.name for v in odd)]:
+        assert validate_quant(name) == name and QUANT.fullmatch(name), name
 
 
 def test_safetensors_shards_index_and_dtype_variants() -> None:

@@ -36,8 +36,7 @@ def _maps_one_of(model_file: object, paths: Collection[str], revision_paths: Col
     it read is unknown) maps them all."""
     if not isinstance(model_file, str):
         return True
-    from modeldepot.engines.gguf_model import gguf_shard_names
-    from modeldepot.hub.variants import files_of_other_variants, group_files
+    from modeldepot.hub.variants import files_of_other_variants, gguf_shard_names, group_files
 
     variants = group_files({*revision_paths, *paths, model_file}).variants
     own = next((set(v.files) for v in variants if model_file in v.files), {model_file})

@@ -14,7 +14,6 @@ import json
 import logging
 import mmap
 import os
-import re
 import struct
 import sys
 import time
@@ -23,9 +22,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modeldepot.engines.gguf_model import gguf_shard_names, load_gguf
+from modeldepot.engines.gguf_model import load_gguf
 from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
-from modeldepot.hub.variants import group_files
+from modeldepot.hub.variants import (
+    gguf_quant,
+    gguf_shard_names,
+    group_files,
+    is_gguf_model,
+    safetensors_shard_names,
+)
 
 __all__ = [
     "ENGINES",
@@ -37,7 +42,6 @@ __all__ = [
     "load_onnxruntime",
     "load_safetensors",
     "model_file",
-    "safetensors_shard_names",
     "warmup",
 ]
 
@@ -129,23 +133,6 @@ _SAFETENSORS_ML_DTYPES = {
     "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
 }  # fmt: skip
 _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
-
-
-# A sharded checkpoint's file, as huggingface_hub's serialization names it (``model-00001-of-00004``)
-_SAFETENSORS_SHARD = re.compile(r"^(?P<prefix>.*?)-(?P<shard>\d{5})-of-(?P<total>\d{5})\.safetensors$")
-
-
-def safetensors_shard_names(path: str) -> list[str] | None:
-    """Every shard of the sharded checkpoint that ``path`` (a repo path or a file name) is one of, in
-    order, in the same folder; None when its name is not a shard's."""
-    folder, slash, name = path.rpartition("/")
-    match = _SAFETENSORS_SHARD.match(name)
-    if match is None or not 1 <= int(match["shard"]) <= int(match["total"]):
-        return None
-    total = int(match["total"])
-    return [
-        f"{folder}{slash}{match['prefix']}-{n:05d}-of-{total:05d}.safetensors" for n in range(1, total + 1)
-    ]
 
 
 def load_safetensors(path: Path, framework: str = "numpy") -> dict[str, Any]:
@@ -331,14 +318,26 @@ def warmup(engine: Any, passes: int = 1, inputs: Mapping[str, Any] | None = None
     return WarmupReport(len(seconds), tuple(seconds), tuple(errors))
 
 
+# The GGUF quants a load without one takes first, in order, as llama.cpp's `-hf repo` does
+_GGUF_PREFERRED = ("Q4_K_M", "Q8_0")
+
+
+def _gguf_preference(path: str) -> int:
+    label = gguf_quant(path)
+    return _GGUF_PREFERRED.index(label) if label in _GGUF_PREFERRED else len(_GGUF_PREFERRED)
+
+
 def model_file(
-    paths: list[str], quant: str | None, suffixes: tuple[str, ...], file: str | None = None
-) -> str:
+    paths: list[str], quant: str | None, suffixes: tuple[str, ...], file: str | None = None,
+    holder: str = "the store",
+) -> str:  # fmt: skip
     """The file an engine should load from a revision's ``paths``: ``file`` when it is given (one graph of
     several: an encoder-decoder export's encoder), else the variant ``quant``'s (named as
     :mod:`modeldepot.hub.variants` names them), or without one the plainest (fp32 first, then the
-    shallowest path). A GGUF variant's model, not its ``mmproj`` projector; for a split GGUF its first
-    shard, and a :class:`NotFoundError` when ``paths`` lack one of its shards (a pull then fetches them)."""
+    shallowest path; of GGUF models Q4_K_M, then Q8_0, as llama.cpp picks). A GGUF variant's model, not its
+    ``mmproj`` projector nor an ``imatrix``; for a split GGUF its first
+    shard, and a :class:`NotFoundError` when ``paths`` lack one of its shards (a pull then fetches them;
+    ``holder`` is what the error says lacks it: the store, or a commit whose listing ``paths`` are)."""
     grouping = group_files(paths)
     variant = None
     if quant is not None:
@@ -357,7 +356,7 @@ def model_file(
         shards = (gguf_shard_names if file.endswith(".gguf") else safetensors_shard_names)(file) or []
         if missing := sorted(set(shards) - set(paths)):
             raise NotFoundError(
-                f"{file} is one of {len(shards)} shards and the store lacks {', '.join(missing)}"
+                f"{file} is one of {len(shards)} shards and {holder} lacks {', '.join(missing)}"
             )
         return file
     if quant is None:
@@ -371,14 +370,23 @@ def model_file(
         matching = sorted(
             (p for p in candidates if p.endswith(suffix)), key=lambda p: (p.count("/"), len(p), p)
         )
-        if suffix == ".gguf":  # projectors are companions of every GGUF variant, not its model
-            matching = [p for p in matching if "mmproj" not in p.rsplit("/", 1)[-1].lower()] or matching
+        if suffix == ".gguf":
+            # projectors and importance matrices are no model; without a quant, llama.cpp's choice first (the
+            # shortest name was Q2_K, the worst, or F16, the largest: an explorer's trial)
+            not_models = [p for p in matching if not is_gguf_model(p)]
+            matching = [p for p in matching if is_gguf_model(p)]
+            if quant is None:
+                matching.sort(key=_gguf_preference)
+            if not matching and not_models:
+                raise NotFoundError(f"no GGUF model{' in variant ' + repr(quant) if quant else ''}: "
+                                    f"{', '.join(not_models[:4])} {'is' if len(not_models) == 1 else 'are'} no "
+                                    "model (a projector or an importance matrix): name it with file= to load it")  # fmt: skip
         if matching:
             split = gguf_shard_names if suffix == ".gguf" else safetensors_shard_names
             shards = split(matching[0]) or []
             missing = sorted(set(shards) - set(paths))
             if missing:
-                raise NotFoundError(f"{matching[0]} is one of {len(shards)} shards and the store lacks "
+                raise NotFoundError(f"{matching[0]} is one of {len(shards)} shards and {holder} lacks "
                                     f"{', '.join(missing)}")  # fmt: skip
             return matching[0]
     others = [f"{suffix} (engine={name!r})" for suffix, name in ((".safetensors", "safetensors"), (".gguf", "gguf"),

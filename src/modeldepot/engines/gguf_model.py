@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import mmap
 import os
-import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,14 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
+from modeldepot.hub.variants import gguf_shard_names
 
 if TYPE_CHECKING:
     import numpy
 
-__all__ = ["GgufModel", "GgufTensorInfo", "gguf_shard_names", "load_gguf"]
+__all__ = ["GgufModel", "GgufTensorInfo", "load_gguf"]
 
-_SPLIT = re.compile(r"^(?P<prefix>.*?)-(?P<shard>\d{5})-of-(?P<total>\d{5})\.gguf$")
-_SHARD_NAME = "{}-{:05d}-of-{:05d}.gguf"  # gguf-py's SHARD_NAME_FORMAT, llama.cpp's split path
 
 _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)  # what GGUFReader reads (version 1 had 32-bit lengths)
@@ -38,19 +36,6 @@ _MAX_NESTING = 8  # arrays of arrays: deeper than any writer goes
 _DEFAULT_ALIGNMENT = 32
 _MIN_KV = 13  # the fewest bytes a key-value takes (an empty key, a 1-byte value)
 _MIN_TENSOR_INFO = 24  # and a tensor's info (an empty name, no dimensions)
-
-
-def gguf_shard_names(path: str) -> list[str] | None:
-    """Every shard of the split GGUF that ``path`` (a repo path or a file name) is one of, in order, in
-    the same folder; None when its name is not a split shard's (``…-00002-of-00003.gguf``)."""
-    folder, slash, name = path.rpartition("/")
-    match = _SPLIT.match(name)
-    if match is None:
-        return None
-    shard, total = int(match["shard"]), int(match["total"])
-    if not 1 <= shard <= total:
-        return None
-    return [f"{folder}{slash}{_SHARD_NAME.format(match['prefix'], n, total)}" for n in range(1, total + 1)]
 
 
 @dataclass(frozen=True)

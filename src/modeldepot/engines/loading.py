@@ -28,11 +28,9 @@ from modeldepot.engines.adapters import (
     load_onnxruntime,
     model_file,
     onnxruntime_version_lacking_data_in_memory,
-    safetensors_shard_names,
     warmup,
 )
 from modeldepot.engines.cache import LoadedModelCache
-from modeldepot.engines.gguf_model import gguf_shard_names
 from modeldepot.errors import (
     ConfigError,
     CorruptBlobError,
@@ -43,7 +41,12 @@ from modeldepot.errors import (
     RevisionNotFoundError,
 )
 from modeldepot.hub.manifest import Manifest, listed_files
-from modeldepot.hub.variants import files_of_other_variants, group_files
+from modeldepot.hub.variants import (
+    files_of_other_variants,
+    gguf_shard_names,
+    group_files,
+    safetensors_shard_names,
+)
 from modeldepot.preload import Preloader
 from modeldepot.store import Store
 from modeldepot.validation import (
@@ -79,7 +82,7 @@ def default_variant(suffixes: tuple[str, ...], file: str | None = None) -> Calla
 
     def choose(manifest: Manifest) -> Pulled:
         paths = [f.path for f in manifest.files]
-        chosen = model_file(paths, None, suffixes, file)
+        chosen = model_file(paths, None, suffixes, file, holder=f"its commit {manifest.commit_id[:12]}")
         named = next((v.name for v in manifest.variants if chosen in v.files), None)
         if named is not None or file is None:
             return named
@@ -332,21 +335,27 @@ def _lacking(store: Store, repo_id: str, commit_id: str, quant: str | None) -> l
 
 
 def _listing_lacks_it_too(store: Store, repo_id: str, commit_id: str, quant: str | None,
-                          suffixes: tuple[str, ...], file: str | None = None) -> bool:  # fmt: skip
-    """Whether the commit's whole listing (the repo's saved scan, of that commit) has no file the engine
-    would load either: a wrong engine or variant, which no pull of that commit mends (it would only ask the
-    network). Only for a commit id: a pull of a branch scans it again, and it may have moved on."""
+                          suffixes: tuple[str, ...], file: str | None = None) -> NotFoundError | None:  # fmt: skip
+    """What the commit's whole listing (the repo's saved scan, of that commit) lacks of the file the engine
+    would load (a wrong engine or variant, a shard the repo never had), which no pull of that commit mends;
+    None when it has it, or the store has no listing of that commit."""
     try:
         record = store.manifests.load(repo_id)
     except NotFoundError:
-        return False
+        return None
     if record.commit_id != commit_id:
-        return False
+        return None
     try:
-        model_file([f.path for f in listed_files(record)], quant, suffixes, file)
-    except NotFoundError:
-        return True
-    return False
+        model_file(
+            [f.path for f in listed_files(record)],
+            quant,
+            suffixes,
+            file,
+            holder=f"its commit {commit_id[:12]}",
+        )
+    except NotFoundError as lacking:
+        return lacking
+    return None
 
 
 def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant: str | None, revision: str,
@@ -386,10 +395,11 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
             if offline:  # (said: "no variant 'Q8_0' here" read as a repo without it, not a pull not tried)
                 raise NotFoundError(f"{missing}; offline (HF_HUB_OFFLINE or MODELDEPOT_OFFLINE): nothing was pulled",
                                     repo_id=repo_id) from None  # fmt: skip
-            if is_commit_id(revision) and _listing_lacks_it_too(
-                store, repo_id, commit_id, quant, suffixes, file
+            # (only for a commit id: a pull of a branch scans it again, and it may have moved on)
+            if is_commit_id(revision) and (
+                absent_there := _listing_lacks_it_too(store, repo_id, commit_id, quant, suffixes, file)
             ):
-                raise  # nothing a pull would bring: the error says what there is
+                raise absent_there from None  # nothing a pull would bring: the error says what there is
             here = missing
     elif offline and here is not None:
         raise here
@@ -401,6 +411,8 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
         if str(error) == str(here):  # (the scan says what the store said: once is enough)
             raise here from None
         raise NotFoundError(f"{here}; pulling it failed too: {error}", repo_id=repo_id) from error
+    if absent_there := _listing_lacks_it_too(store, repo_id, commit_id, quant, suffixes, file):
+        raise absent_there  # (the store has what the commit has: "the store lacks" sent users to pull again)
     return commit_id, model_file(_held_paths(store, repo_id, commit_id), quant, suffixes, file)
 
 

@@ -6,9 +6,11 @@ Naming follows the ecosystem (docs/background.md, "Variant names"):
   ``_q4f16``, ``_quantized`` = q8, none = fp32), external data ``{stem}.onnx_data[_N]`` or
   ``{stem}.onnx.data``, or, in a folder (not the root) of one ONNX model, any other file there or below but
   documents, pictures and other models (a file per tensor, as torch.onnx.export writes a model over 2 GB).
-- GGUF: the quant label in the file name (``Q4_K_M``, ``IQ2_XS``, ``BF16``, ``UD-Q4_K_XL``…; the last match
-  wins, as huggingface.js does), split files ``-00001-of-00003.gguf`` grouped, ``mmproj`` projectors as
-  companions of every GGUF variant.
+- GGUF: the quant label in the file name (``Q4_K_M``, ``IQ2_XS``, ``BF16``, ``UD-Q4_K_XL``, ``Q4_0_4_4``…; the
+  last match wins, as huggingface.js does), else in its folder (``Q4_K_M/model-00001-of-00002.gguf``); split
+  files ``-00001-of-00003.gguf`` grouped; two models of one label (a base and an ``-Instruct`` file) two
+  variants, named by their files; ``mmproj`` projectors as companions of every GGUF variant; importance
+  matrices (``imatrix``) no model: other files.
 - safetensors: single files and shards with their ``.safetensors.index.json``; a dtype infix
   (``model.fp16.safetensors``, diffusers' ``.fp16.``) names the variant, otherwise it is ``safetensors``.
 - Shared: configs, tokenizers, vocabularies, chat templates — every variant needs them.
@@ -17,6 +19,7 @@ Naming follows the ecosystem (docs/background.md, "Variant names"):
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,7 +28,11 @@ __all__ = [
     "DetectedVariant",
     "Grouping",
     "files_of_other_variants",
+    "gguf_quant",
+    "gguf_shard_names",
     "group_files",
+    "is_gguf_model",
+    "safetensors_shard_names",
     "variant_aliases",
     "variants_own_files",
 ]
@@ -71,6 +78,13 @@ _GGUF_NAMES = [
     "Q8_0",
     "Q8_1",
     "Q8_K",
+    # ARM repacks of Q4_0 and IQ4_NL (Q4_0_4_4.gguf beside Q4_0.gguf: another file, another variant)
+    "Q4_0_4_4",
+    "Q4_0_4_8",
+    "Q4_0_8_8",
+    "IQ4_NL_4_4",
+    "IQ4_NL_4_8",
+    "IQ4_NL_8_8",
     "BF16",
     "F16",
     "F32",
@@ -81,7 +95,12 @@ _GGUF_QUANT = re.compile(
     + "|".join(sorted(_GGUF_NAMES, key=len, reverse=True))
     + r")(?:_(?P<size>XXS|XS|XL|S|M|L))?(?![A-Z0-9])"
 )
+MAX_VARIANT_NAME = 64
+_NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9._+-]+")
 _GGUF_SPLIT = re.compile(r"^(?P<prefix>.*?)-(?P<shard>\d{5})-of-(?P<total>\d{5})\.gguf$")
+_GGUF_SHARD_NAME = "{}-{:05d}-of-{:05d}.gguf"  # gguf-py's SHARD_NAME_FORMAT, llama.cpp's split path
+# A sharded checkpoint's file, as huggingface_hub's serialization names it (``model-00001-of-00004``)
+_SAFETENSORS_SHARD = re.compile(r"^(?P<prefix>.*?)-(?P<shard>\d{5})-of-(?P<total>\d{5})\.safetensors$")
 
 _SAFETENSORS_DTYPE = re.compile(r"\.(?P<dtype>fp16|bf16|fp32|fp8|int8)\.safetensors(?:\.index\.json)?$")
 
@@ -156,6 +175,34 @@ def files_of_other_variants(model_file: str, paths: Iterable[str]) -> frozenset[
     )
 
 
+def gguf_shard_names(path: str) -> list[str] | None:
+    """Every shard of the split GGUF that ``path`` (a repo path or a file name) is one of, in order, in
+    the same folder; None when its name is not a split shard's (``…-00002-of-00003.gguf``)."""
+    folder, slash, name = path.rpartition("/")
+    match = _GGUF_SPLIT.match(name)
+    if match is None:
+        return None
+    shard, total = int(match["shard"]), int(match["total"])
+    if not 1 <= shard <= total:
+        return None
+    return [
+        f"{folder}{slash}{_GGUF_SHARD_NAME.format(match['prefix'], n, total)}" for n in range(1, total + 1)
+    ]
+
+
+def safetensors_shard_names(path: str) -> list[str] | None:
+    """Every shard of the sharded checkpoint that ``path`` (a repo path or a file name) is one of, in
+    order, in the same folder; None when its name is not a shard's."""
+    folder, slash, name = path.rpartition("/")
+    match = _SAFETENSORS_SHARD.match(name)
+    if match is None or not 1 <= int(match["shard"]) <= int(match["total"]):
+        return None
+    total = int(match["total"])
+    return [
+        f"{folder}{slash}{match['prefix']}-{n:05d}-of-{total:05d}.safetensors" for n in range(1, total + 1)
+    ]
+
+
 def _onnx_dtype(stem: str) -> str:
     for suffix, dtype in _ONNX_SUFFIXES:
         if stem.endswith(suffix):
@@ -163,16 +210,71 @@ def _onnx_dtype(stem: str) -> str:
     return "fp32"
 
 
-def gguf_quant(path: str) -> str | None:
-    """The quant label of a GGUF file name, as huggingface.js parses it (last match wins)."""
-    name = path.rsplit("/", 1)[-1].upper()
+def _quant_label(name: str) -> str | None:
     found = None
-    for match in _GGUF_QUANT.finditer(name):
+    for match in _GGUF_QUANT.finditer(name.upper()):
         found = match
     if found is None:
         return None
-    label = (found["prefix"] or "") + found["quant"] + (f"_{found['size']}" if found["size"] else "")
-    return label
+    return (found["prefix"] or "") + found["quant"] + (f"_{found['size']}" if found["size"] else "")
+
+
+def gguf_quant(path: str) -> str | None:
+    """The quant label of a GGUF file's name, as huggingface.js parses it (last match wins), or else of the
+    nearest folder that has one (``Q8_0/model-00001-of-00002.gguf``: the split models of several quants, each
+    in its folder, were one variant, pulled and loaded together, an explorer's trial)."""
+    for part in reversed(path.split("/")):
+        label = _quant_label(part)
+        if label is not None:
+            return label
+    return None
+
+
+def is_gguf_model(path: str) -> bool:
+    """Whether a ``.gguf`` file is a model: not a multimodal projector (``mmproj``, a companion of every
+    variant) nor an importance matrix (``imatrix.gguf``, which llama-imatrix writes and repos publish beside
+    their quants: it was a variant, and the model a load without a quant returned, an explorer's trial)."""
+    name = path.rsplit("/", 1)[-1].lower()
+    return name.endswith(".gguf") and "mmproj" not in name and "imatrix" not in name
+
+
+def _gguf_model_name(path: str) -> str:
+    """A GGUF model's own name: its file's (a split one's prefix), without ``.gguf``."""
+    name = path.rsplit("/", 1)[-1]
+    split = _GGUF_SPLIT.match(name)
+    return split["prefix"] if split else name[: -len(".gguf")]
+
+
+def _as_variant_name(name: str) -> str:
+    """``name`` as a variant's name a user can type and the control API takes (a letter or digit, then
+    letters, digits and ``. _ + -``, at most 64): a file's name may hold spaces, or be 120 characters long."""
+    name = _NOT_IN_NAMES.sub("-", name).lstrip("._+-") or "model"
+    if len(name) <= MAX_VARIANT_NAME:
+        return name
+    return f"{name[: MAX_VARIANT_NAME - 9]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def _gguf_groups(paths: list[str]) -> dict[str, list[str]]:
+    """GGUF models by variant name: their quant label, or their own name when they have none or share it
+    with another model (``X-Q4_K_M.gguf`` and ``X-Instruct-Q4_K_M.gguf`` were one variant, whose pull took both
+    and whose load took either, an explorer's trial). A split model is one model."""
+    models: dict[str, dict[str, list[str]]] = {}  # label -> the model's folder and name -> its files
+    for path in paths:
+        own = f"{path.rpartition('/')[0]}/{_gguf_model_name(path)}"
+        label = gguf_quant(path) or _as_variant_name(_gguf_model_name(path))
+        models.setdefault(label, {}).setdefault(own, []).append(path)
+    groups: dict[str, list[str]] = {}
+    for label, of_label in models.items():
+        if len(of_label) == 1:
+            groups.setdefault(label, []).extend(*of_label.values())
+            continue
+        names = [own.rpartition("/")[2] for own in of_label]
+        for own, files in of_label.items():
+            folder, _, name = own.rpartition("/")
+            if names.count(name) > 1 and folder:  # (and its folder's: two folders hold models of one name)
+                name = f"{folder.rpartition('/')[2]}-{name}"
+            groups.setdefault(_as_variant_name(name), []).extend(files)
+    return groups
 
 
 def group_files(paths: Iterable[str]) -> Grouping:
@@ -197,13 +299,9 @@ def group_files(paths: Iterable[str]) -> Grouping:
 
     gguf = [p for p in all_paths if p.lower().endswith(".gguf")]
     projectors = [p for p in gguf if "mmproj" in p.rsplit("/", 1)[-1].lower()]
-    for path in gguf:
-        if path in projectors:
-            continue
-        split = _GGUF_SPLIT.match(path.rsplit("/", 1)[-1])
-        label = gguf_quant(path) or (split["prefix"] if split else path.rsplit("/", 1)[-1][: -len(".gguf")])
-        groups.setdefault(("gguf", label), []).append(path)
-        claimed.add(path)
+    for label, files in _gguf_groups([p for p in gguf if is_gguf_model(p)]).items():
+        groups.setdefault(("gguf", label), []).extend(files)
+        claimed.update(files)
     if any(kind == "gguf" for kind, _ in groups):
         for key in [k for k in groups if k[0] == "gguf"]:
             groups[key].extend(projectors)

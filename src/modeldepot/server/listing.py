@@ -20,8 +20,8 @@ from multidict import MultiMapping
 
 from modeldepot.config import truthy
 from modeldepot.depot import Depot
-from modeldepot.engines.adapters import safetensors_shard_names
 from modeldepot.errors import CorruptBlobError, DepotError, InvalidInputError, NotFoundError
+from modeldepot.hub.variants import gguf_shard_names, is_gguf_model, safetensors_shard_names
 from modeldepot.server.views import (
     COMMIT_AUTHOR,
     COMMIT_TITLE,
@@ -332,14 +332,14 @@ def gguf_info(store: Store, repo_id: str, commit_id: str) -> dict[str, Any] | No
     (a split one's every shard): its parameters (``total``), ``architecture``, ``context_length``,
     ``chat_template``, ``bos_token`` and ``eos_token``, as its metadata has them. None when it has none,
     one is unreadable, or the ``gguf`` package is not installed. Read once per commit."""
-    from modeldepot.engines.gguf_model import gguf_shard_names, load_gguf
+    from modeldepot.engines.gguf_model import load_gguf
 
     held = {e.path: e.sha256 for e in store.files(repo_id, commit_id) if e.path.endswith(".gguf")}
     key = (str(store.home), repo_id, commit_id, tuple(held.values()))
     if key in _GGUF:
         return _GGUF[key]
     found: dict[str, Any] | None = None
-    models = sorted(path for path in held if "mmproj" not in path.rsplit("/", 1)[-1].lower())
+    models = sorted(path for path in held if is_gguf_model(path))
     first = (gguf_shard_names(models[0]) or models)[0] if models else None
     try:
         if first is not None:

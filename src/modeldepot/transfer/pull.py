@@ -30,6 +30,7 @@ from modeldepot.errors import (
 )
 from modeldepot.hashing import BlobDigest
 from modeldepot.hub.manifest import INTERRUPTED, Manifest, RemoteFile
+from modeldepot.hub.variants import gguf_shard_names, safetensors_shard_names
 from modeldepot.modelcard import upstream_card
 from modeldepot.openfiles import open_file_limit, raise_open_file_limit
 from modeldepot.store.blobs import PartialBlob
@@ -152,6 +153,7 @@ async def pull_async(
     watch: PartialWatch | None = None,
 ) -> PullResult:
     files, names = select(manifest, quants, paths)
+    _say_shards_lacking(manifest, files)
     await asyncio.to_thread(recall_liars, store.layout.home)  # (found by the store's other pulls)
     held: dict[str, int] = {}
     if paths is not None:  # (a mirror's pull of one file: the variants it completes show it)
@@ -160,6 +162,21 @@ async def pull_async(
         writer.branch = branch
         return await _pull_writing(store, manifest, files, names, branch, chain, offline, progress, limits,
                                    watch, writer, held)  # fmt: skip
+
+
+def _say_shards_lacking(manifest: Manifest, files: list[RemoteFile]) -> None:
+    """Warn of a split model whose commit lacks shards (an upload in progress, a shard deleted): its pull
+    succeeded and its load failed, saying the store lacked a shard no pull would bring (an explorer's trial)."""
+    listed = {f.path for f in manifest.files}
+    said: set[str] = set()
+    for path in sorted(f.path for f in files):
+        shards = gguf_shard_names(path) or safetensors_shard_names(path) or []
+        lacking = [shard for shard in shards if shard not in listed]
+        if lacking and shards[0] not in said:
+            said.add(shards[0])
+            log.warning("%s@%s: %s is one of %d shards and the commit lacks %s: no engine loads it until "
+                        "the repo has them all", manifest.repo_id, manifest.commit_id[:12], path, len(shards),
+                        ", ".join(lacking[:3]) + (" and more" if len(lacking) > 3 else ""))  # fmt: skip
 
 
 SHARED_REMOVED_TRIES = 3  # publishes a pull tries while files it shares are removed under it
