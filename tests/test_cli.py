@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -20,7 +22,8 @@ from modeldepot import Depot, InvalidInputError
 from modeldepot._version import build_id, node_version
 from modeldepot.cli import cli, render
 from modeldepot.cli.render import format_bytes
-from modeldepot.errors import SourceDirectoryError
+from modeldepot.config import DepotConfig
+from modeldepot.errors import ConfigError, SourceDirectoryError
 from modeldepot.transfer.progress import PullUpdate
 
 REPO = "acme/tiny"
@@ -104,6 +107,13 @@ def test_verify_exit_codes_and_report(home: Path, model_dir: Path) -> None:
     assert code == 1 and "quarantined" in err
     code, _, err = run("cat", REPO, "model.safetensors", home=home)
     assert code == 1 and "corrupt" in err and "again" in err
+    # The folder's path is given, with a word of the file missing from it (an explorer's trial: a dangling
+    # link, and from_pretrained's bare FileNotFoundError)
+    code, out, err = run("path", REPO, home=home)
+    folder = Path(out.strip())
+    assert code == 0 and folder.is_dir() and not (folder / "model.safetensors").exists()
+    assert "model.safetensors failed verification and is missing from the folder" in " ".join(err.split())
+    assert f"modeldepot pull {REPO} -r {folder.name}" in " ".join(err.split())
 
 
 def test_bad_input_exits_2_and_missing_things_exit_1(home: Path, model_dir: Path) -> None:
@@ -202,6 +212,50 @@ def test_console_script_and_module_entry_points(tmp_path: Path) -> None:
         assert version.stdout == f"modeldepot, version {modeldepot.__version__} (build {build_id()})\n"
 
 
+def test_a_closed_stderr_or_stdout_is_no_traceback_and_no_failure_of_its_own(tmp_path: Path) -> None:
+    """An explorer's trial: started with stderr closed (``2>&-``), every command that worked exited 1; with
+    stdout closed, every command, ``--version`` too, ended in an AttributeError's traceback."""
+    script = Path(sys.executable).parent / "modeldepot"
+    env = {**os.environ, "MODELDEPOT_HOME": str(tmp_path / "h")}
+    Depot(tmp_path / "h").close()
+
+    def shell(line: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=env, timeout=60)
+
+    for command in ("ls", "--version"):
+        quiet = shell(f"{script} {command} 2>&-")
+        assert quiet.returncode == 0 and quiet.stdout, quiet
+        blind = shell(f"{script} {command} >&-")
+        assert (blind.returncode, blind.stderr) == (1, "error: writing to standard output: it is closed\n"), (
+            blind
+        )
+    full = shell(f"{script} --version > /dev/full")
+    assert (full.returncode, full.stderr) == (
+        1,
+        "error: writing to standard output: No space left on device\n",
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "option"),
+    [("MODELDEPOT_SCRUB_RATE", "bad", "--scrub-rate"), ("MODELDEPOT_SCRUB_INTERVAL", "x", "--scrub-interval"),
+     ("MODELDEPOT_SEND_TIMEOUT", "-5", "--send-timeout"), ("MODELDEPOT_HEADER_TIMEOUT", "0", "--header-timeout")],
+)  # fmt: skip
+def test_a_bad_value_a_variable_gave_names_the_variable(
+    home: Path, variable: str, value: str, option: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An explorer's trial: a stray export was said as "Invalid value for '--scrub-rate'", an option the user
+    never typed; the same value typed as the option is still said as the option."""
+    monkeypatch.setenv(variable, value)
+    result = CliRunner().invoke(cli, ["serve", "--home", str(home), "--port", str(free_port())])
+    assert result.exit_code == 2 and f"Invalid value for {variable} (which sets '{option}'):" in result.stderr
+    monkeypatch.delenv(variable)
+    result = CliRunner().invoke(
+        cli, ["serve", "--home", str(home), "--port", str(free_port()), option, value]
+    )
+    assert result.exit_code == 2 and f"Invalid value for '{option}':" in result.stderr, result.stderr
+
+
 def test_the_build_tells_two_codes_under_one_version_apart(tmp_path: Path) -> None:
     """Every build announced 0.1.0: an operator could not tell the upgraded nodes of a fleet from the old
     ones. The build is a digest of the installed code: a copy of it has the same, a changed copy another."""
@@ -223,6 +277,34 @@ def test_the_build_tells_two_codes_under_one_version_apart(tmp_path: Path) -> No
         announced["changed"].startswith(f"{modeldepot.__version__}+")
         and announced["changed"] != node_version()
     )
+
+
+def test_a_ctrl_c_at_a_question_is_an_interruption(home: Path, model_dir: Path) -> None:
+    """An explorer's trial: a Ctrl-C at `rm`'s question ended with exit 1, a failure's code, where every other
+    Ctrl-C ends with 130. Asked on a real terminal (a pseudo-terminal), interrupted as a terminal does."""
+    import pty
+    import select
+
+    run("import", str(model_dir), "--repo", REPO, home=home)
+    script = str(Path(sys.executable).parent / "modeldepot")
+    pid, terminal = pty.fork()
+    if pid == 0:  # (the child: a new session whose terminal is the pseudo-terminal)
+        os.execv(script, [script, "rm", REPO, "--home", str(home)])
+    said = b""
+    deadline = time.monotonic() + 30
+    while b"Remove" not in said and time.monotonic() < deadline:
+        if select.select([terminal], [], [], 1)[0]:
+            said += os.read(terminal, 4096)
+    assert b"Remove" in said, said
+    os.write(terminal, b"\x03")  # Ctrl-C, which the terminal turns into a SIGINT of the foreground process
+    _, status = os.waitpid(pid, 0)
+    with contextlib.suppress(OSError):
+        while select.select([terminal], [], [], 0.5)[0] and (piece := os.read(terminal, 4096)):
+            said += piece
+    os.close(terminal)
+    assert os.waitstatus_to_exitcode(status) == 130 and b"interrupted" in said, said
+    with Depot(home) as depot:
+        assert [r.repo_id for r in depot.list_repos()] == [REPO], "nothing removed"
 
 
 def test_rm_of_a_branch_sharing_its_commit_says_only_the_ref_went(home: Path, model_dir: Path) -> None:
@@ -468,6 +550,30 @@ def test_a_bad_chunk_size_in_the_environment_is_named(
     monkeypatch.setenv("MODELDEPOT_CHUNK_SIZE", "12XB")
     code, _, err = run("ls", home=tmp_path / "s")
     assert code == 2 and "MODELDEPOT_CHUNK_SIZE: cannot read size '12XB'" in err, err
+
+
+def test_modeldepot_offline_is_a_yes_a_no_or_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """MODELDEPOT_OFFLINE=maybe was a no, without a word (an explorer's trial): the pull went to the network."""
+    for value, offline in (
+        ("1", True),
+        ("On", True),
+        ("", False),
+        ("0", False),
+        ("false", False),
+        ("off", False),
+    ):
+        assert DepotConfig.from_env({"MODELDEPOT_OFFLINE": value}, tmp_path).offline is offline, value
+    with pytest.raises(ConfigError, match=r"MODELDEPOT_OFFLINE='maybe': use 1, true, yes or on"):
+        DepotConfig.from_env({"MODELDEPOT_OFFLINE": "maybe"}, tmp_path)
+    assert (
+        DepotConfig.from_env({"HF_HUB_OFFLINE": "maybe"}, tmp_path).offline is False
+    )  # (huggingface_hub's reading)
+    Depot(tmp_path / "s").close()
+    monkeypatch.setenv("MODELDEPOT_OFFLINE", "maybe")
+    code, _, err = run("pull", REPO, home=tmp_path / "s")
+    assert code == 2 and "MODELDEPOT_OFFLINE='maybe'" in err, err
 
 
 def test_gc_counts_the_space_of_the_downloads_and_revisions_it_drops(home: Path, model_dir: Path) -> None:

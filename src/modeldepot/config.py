@@ -267,7 +267,7 @@ class DepotConfig:
             chunk_size_required=False,
             hub_endpoint=(env.get("HF_ENDPOINT") or DEFAULT_HUB_ENDPOINT).rstrip("/"),
             hub_token=env.get("HF_TOKEN") or None,
-            offline=any(truthy(env.get(name)) for name in ("HF_HUB_OFFLINE", "MODELDEPOT_OFFLINE")),
+            offline=_flag_setting(env, "MODELDEPOT_OFFLINE") or truthy(env.get("HF_HUB_OFFLINE")),
             servers=servers,
             node_token=env.get("MODELDEPOT_TOKEN") or None,
             connections=connections,
@@ -377,6 +377,21 @@ def _slow_peer_rate(env: Mapping[str, str]) -> int:
 def _rate_setting(env: Mapping[str, str], name: str) -> int | None:
     text = env.get(name, "").strip()
     return None if not text or text.lower() == NO_CAP else parse_rate(text, name)
+
+
+_FALSE = ("0", "OFF", "NO", "FALSE")
+
+
+def _flag_setting(env: Mapping[str, str], name: str) -> bool:
+    """Yes or no from ``env[name]`` (unset or empty: no). A value that is neither was taken for no, without a
+    word (``MODELDEPOT_OFFLINE=maybe`` pulled from the network, an explorer's trial). (huggingface_hub's own
+    HF_HUB_OFFLINE is read as it reads it: anything but a yes is a no.)"""
+    text = env.get(name, "")
+    if not text.strip() or text.strip().upper() in _FALSE:
+        return False
+    if truthy(text):
+        return True
+    raise ConfigError(f"{name}={text!r}: use 1, true, yes or on (or 0, false, no or off)")
 
 
 def _float_setting(env: Mapping[str, str], name: str, default: float, zero: bool = False) -> float:

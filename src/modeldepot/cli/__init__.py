@@ -58,7 +58,12 @@ __all__ = ["cli", "main"]
 def _show_version(ctx: click.Context, _param: click.Parameter, wanted: bool) -> None:
     if not wanted or ctx.resilient_parsing:
         return
-    click.echo(f"modeldepot, version {__version__} (build {build_id()})")
+    try:
+        render.stdout.write(f"modeldepot, version {__version__} (build {build_id()})\n")
+        render.stdout.flush()
+    except render.OutputError as error:
+        render.err.print(f"error: {error}")
+        ctx.exit(1)
     ctx.exit()
 
 
@@ -218,6 +223,17 @@ def path_command(depot: Depot, repo_id: str, path: str | None, revision: str) ->
     found = depot.file_path(repo_id, path, revision) if path else depot.snapshot_path(repo_id, revision)
     render.stdout.write(f"{found}\n")  # (a write that fails is one line: OutputError)
     render.stdout.flush()
+    if path is None:
+        # (a file of the folder that failed verification is a dangling link there: from_pretrained then
+        # said FileNotFoundError, and nothing of why, an explorer's trial; the one file's path is refused)
+        info = depot.repo_info(repo_id)
+        lost = next((r.quarantined for r in info.revisions if r.commit_id == found.name), ())
+        if lost:
+            render.err.print(
+                f"[yellow]warning:[/yellow] {escape(', '.join(lost[:4]))}{' and more' if len(lost) > 4 else ''} "
+                f"failed verification and {'is' if len(lost) == 1 else 'are'} missing from the folder: "
+                f"`modeldepot pull {info.repo_id} -r {found.name}` fetches {'it' if len(lost) == 1 else 'them'} again"
+            )
 
 
 @cli.command("cat")
@@ -606,7 +622,9 @@ def main() -> None:
         returned = cli.main(prog_name="modeldepot", standalone_mode=False)
         code = returned if isinstance(returned, int) else 0  # (``ctx.exit(code)``'s, returned so)
     except click.Abort as aborted:
-        if isinstance(aborted.__cause__, KeyboardInterrupt):
+        # (click's prompts raise Abort "from None" on a Ctrl-C: the interruption is its context, not its cause;
+        # a Ctrl-C at `rm`'s question ended with exit 1, an explorer's trial)
+        if isinstance(aborted.__cause__ or aborted.__context__, KeyboardInterrupt):
             # A Ctrl-C or SIGTERM a command's own handling did not take (it came while click read the options,
             # or in `peers`): click said "Aborted!" and exit 1, a failure's code (an explorer's trial)
             render.err.print(INTERRUPTED)
@@ -624,7 +642,8 @@ def main() -> None:
         code = 1
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # (None: started with it closed; a closed stderr failed every command)
+                stream.flush()
         except (OSError, ValueError):  # a reader that went away (`| head`), a closed stream
             code = code or 1
     os._exit(code or 0)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 from rich.markup import escape
 
 from modeldepot.cli import render
@@ -288,6 +289,21 @@ def max_size_value(value: str | None) -> str | None:
 
     setting(lambda v: typed_max_size(v, "/"), value)
     return value
+
+
+class FromEnvironment(click.Option):
+    """An option a variable sets too (``envvar``): a bad value the variable gave is named as the variable
+    ("Invalid value for '--scrub-rate'" sent a user who typed no option looking for one, an explorer's trial)."""
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        if (
+            ctx
+            and self.name
+            and self.envvar
+            and ctx.get_parameter_source(self.name) is ParameterSource.ENVIRONMENT
+        ):
+            return f"{self.envvar} (which sets {super().get_error_hint(ctx)})"
+        return super().get_error_hint(ctx)
 
 
 def setting(parse: Callable[[str], T], text: str) -> T:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rich.console import Console
 from rich.markup import escape
@@ -70,20 +71,28 @@ def _writing() -> Iterator[None]:
         raise OutputError(f"writing to standard output: {error.strerror or error}") from error
 
 
+def _open_stdout() -> TextIO:
+    """``sys.stdout``, or an EBADF when the command was started with it closed (``>&-``: Python makes it
+    None, and every command ended in an AttributeError's traceback, an explorer's trial)."""
+    if sys.stdout is None:
+        raise OSError(errno.EBADF, "it is closed")
+    return sys.stdout
+
+
 class _Stdout:
     """Standard output for the renderers: a write that fails is an :class:`OutputError`, said in one line as
     every error is (``ls > /dev/full`` ended in a traceback). A reader gone (``| head``) is left to ``main``."""
 
     def write(self, text: str) -> int:
         with _writing():
-            return sys.stdout.write(text)
+            return _open_stdout().write(text)
 
     def flush(self) -> None:
         with _writing():
-            sys.stdout.flush()
+            _open_stdout().flush()
 
     def isatty(self) -> bool:
-        return sys.stdout.isatty()
+        return sys.stdout is not None and sys.stdout.isatty()
 
     def fileno(self) -> int:
         return sys.stdout.fileno()
@@ -95,7 +104,7 @@ class _Stdout:
 
 stdout = _Stdout()
 # Piped output has no width to respect: rich's default of 80 columns would cut repo ids and paths.
-out = Console(file=stdout, highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # type: ignore[arg-type]  # (what Console uses of IO)
+out = Console(file=stdout, highlight=False, soft_wrap=True, width=None if stdout.isatty() else 200)  # type: ignore[arg-type]  # (what Console uses of IO)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 

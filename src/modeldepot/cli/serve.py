@@ -13,6 +13,7 @@ import click
 
 from modeldepot.cli import cli, render
 from modeldepot.cli.options import (
+    FromEnvironment,
     cluster_options,
     home_option_after,
     max_size_value,
@@ -165,6 +166,7 @@ def _listenable(host: str, port: int) -> None:
 )
 @click.option(
     "--token",
+    cls=FromEnvironment,
     envvar="MODELDEPOT_TOKEN",
     default=None,
     callback=lambda c, p, v: _token(v),
@@ -204,6 +206,7 @@ def _listenable(host: str, port: int) -> None:
               help="Preload the N most used models in the background at start.")  # fmt: skip
 @click.option(
     "--header-timeout",
+    cls=FromEnvironment,
     envvar="MODELDEPOT_HEADER_TIMEOUT",
     default=None,
     type=click.FloatRange(0, 86400, min_open=True),
@@ -213,6 +216,7 @@ def _listenable(host: str, port: int) -> None:
 )
 @click.option(
     "--send-timeout",
+    cls=FromEnvironment,
     envvar="MODELDEPOT_SEND_TIMEOUT",
     default=None,
     type=click.FloatRange(0.001, 86400),
@@ -222,6 +226,7 @@ def _listenable(host: str, port: int) -> None:
 )
 @click.option(
     "--max-connections-per-client",
+    cls=FromEnvironment,
     envvar="MODELDEPOT_MAX_CONNECTIONS_PER_CLIENT",
     default=None,
     type=click.IntRange(0),
@@ -229,12 +234,12 @@ def _listenable(host: str, port: int) -> None:
     help="Concurrent connections one client address may hold; more are answered 503 and closed, 0 for no "
     "cap (default: $MODELDEPOT_MAX_CONNECTIONS_PER_CLIENT, else 256).",
 )
-@click.option("--scrub-interval", envvar="MODELDEPOT_SCRUB_INTERVAL", default="1d", show_default=True,
+@click.option("--scrub-interval", cls=FromEnvironment, envvar="MODELDEPOT_SCRUB_INTERVAL", default="1d", show_default=True,
               metavar="DURATION", callback=lambda c, p, v: setting(parse_duration, v),
               help="Rehash every blob this often in the background (1d, 12h, 30m; 0 or off: never), quarantining "
-                   "what fails; local reads are guarded by this.")  # fmt: skip
-@click.option("--scrub-rate", envvar="MODELDEPOT_SCRUB_RATE", default="64MiB", show_default=True, metavar="SIZE",
-              callback=lambda c, p, v: setting(_positive_size, v), help="Bytes a second the scrub may read.")  # fmt: skip
+                   "what fails; local reads are guarded by this ($MODELDEPOT_SCRUB_INTERVAL sets it too).")  # fmt: skip
+@click.option("--scrub-rate", cls=FromEnvironment, envvar="MODELDEPOT_SCRUB_RATE", default="64MiB", show_default=True, metavar="SIZE",
+              callback=lambda c, p, v: setting(_positive_size, v), help="Bytes a second the scrub may read ($MODELDEPOT_SCRUB_RATE sets it too).")  # fmt: skip
 @click.option("--yes", "-y", is_flag=True,
               help="With --max-size below what the store holds: evict without asking (else a node asks on a "
                    "terminal, and without one refuses to start: a mistyped size removed models).")  # fmt: skip
