@@ -1090,6 +1090,28 @@ def quants(tmp_path: Path, name: str, size: int = MB) -> Path:
     })  # fmt: skip
 
 
+def test_a_big_unit_that_has_to_go_makes_the_small_ones_before_it_needless(tmp_path: Path) -> None:
+    """An explorer's trial: a GGUF repo's Q4_K_M, Q8_0 and F16, used in that order, and a budget below what
+    the three take: Q4_K_M went, then Q8_0, then F16 (which did not fit with them anyway), and the budget left
+    the store empty. F16 alone was enough: it alone goes now, the preview said so, and the eviction names it."""
+    rng = np.random.default_rng(7)
+    folder = write_model_dir(tmp_path / "src" / "gguf", {
+        "config.json": b"{}", "m-Q4_K_M.gguf": rng.bytes(MB), "m-Q8_0.gguf": rng.bytes(3 * MB // 2),
+        "m-F16.gguf": rng.bytes(3 * MB),
+    })  # fmt: skip
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(folder, "acme/gguf")
+        for path in ("m-Q4_K_M.gguf", "m-Q8_0.gguf", "m-F16.gguf"):
+            time.sleep(0.01)
+            depot.get_file("acme/gguf", path)
+        depot.store.access.flush()
+        planned = depot.plan_shrink(3 * MB)
+        assert [e.variant for e in planned] == ["F16"]
+        evicted = depot.shrink(3 * MB)
+        assert [(e.variant, e.bytes_freed) for e in evicted] == [("F16", 3 * MB)]
+        assert held_paths(depot, "acme/gguf") == {"config.json", "m-Q4_K_M.gguf", "m-Q8_0.gguf"}
+
+
 def held_paths(depot: Depot, repo_id: str) -> set[str]:
     return {f.path for f in depot.list_files(repo_id)}
 
@@ -1521,10 +1543,8 @@ def test_the_preview_takes_a_revisions_last_variant_with_its_shared_files_as_the
         (folder / "tokenizer.json").write_bytes(json.dumps({"vocab": ["x" * 64] * 8000}).encode())
         depot.import_dir(folder, "acme/q")
         planned = depot.plan_shrink(1024)
-        assert [e.variant for e in planned] == ["Q4_K_M", None] or [e.variant for e in planned] == [
-            "Q8_0",
-            None,
-        ]
+        # (the revision whole, in one step: a quant before it freed nothing the revision's going did not)
+        assert [e.variant for e in planned] == [None]
         evicted = depot.shrink(1024)
         assert [(e.repo_id, e.commit_id, e.variant, e.bytes_freed) for e in evicted] == [
             (e.repo_id, e.commit_id, e.variant, e.bytes_freed) for e in planned

@@ -201,8 +201,10 @@ class EvictionOrder:
         Least recently used first, but no removal that the bytes freed do not need: where units share blobs (two
         repos of the same files, a quant in two revisions), the first freed nothing and went all the same, a
         whole repo lost for the 8 MiB the next unit freed (an explorer's trial). Once the plan reaches ``limit``
-        (or frees all it can), each unit that freed nothing as it went is taken out again, the most recently used
-        first, when what the others free is still enough: the one whose blob the next freed stays in.
+        (or frees all it can), each unit is taken out again, the most recently used first, when what the others
+        free is still enough: the one whose blob the next freed stays in, and the small ones a big one that had to
+        go anyway made needless (a GGUF repo's Q4_K_M and Q8_0 went before its F16, which alone was enough: the
+        budget left the store empty, an explorer's trial).
         ``written``: the files writers write into revisions (grouped with them, as the units were)."""
         files: dict[tuple[str, str], dict[str, str]] = {(u.repo_id, u.commit_id): {} for u in units}
         for row in self.store.index.read("SELECT repo_id, commit_id, path, sha256 FROM files"):  # (one read)
@@ -218,32 +220,41 @@ class EvictionOrder:
         planned, went_through = self._carry_out(units, files, sizes, staying, used, limit, writing, counted)
         goal = min(used - limit, sum(freed for _, freed in planned))
 
-        def enough(trial: list[Unit]) -> bool:
-            carried = self._carry_out(trial, files, sizes, staying, used, None, writing, counted)[0]
-            return sum(freed for _, freed in carried) >= goal
+        def carried(trial: list[Unit]) -> list[tuple[Unit, int]]:
+            return self._carry_out(trial, files, sizes, staying, used, None, writing, counted)[0]
 
-        chosen = [unit for unit, _ in planned]
+        def freeing(trial: list[Unit]) -> int:
+            return sum(freed for _, freed in carried(trial))
+
         # (each trial walks the plan again: a bounded number of them, the most recently used first, or a store of
         # 3000 copies of one model took 13 s under the budget's lock to plan, a review)
         trials = PRUNE_TRIALS
-        for unit, freed in reversed(planned):
-            if freed == 0 and len(chosen) > 1 and trials > 0:
-                trials -= 1
-                if enough(without := [u for u in chosen if u is not unit]):
-                    chosen = without
-        # A revision that went whole for nothing, where one variant of it is what the bytes freed need (its
-        # copy of the quant the next unit frees: its other variant went before it, and made that one its last)
-        for unit, freed in self._carry_out(chosen, files, sizes, staying, used, None, writing, counted)[0]:
-            if freed == 0 and unit.variant is None:
-                for variant in (v for v in units if (v.repo_id, v.commit_id) == (unit.repo_id, unit.commit_id)
-                                and v.variant is not None and v not in chosen):  # fmt: skip
-                    if trials <= 0:
-                        break
+
+        def pruned(trial: list[Unit]) -> list[Unit]:
+            """``trial`` without the units the others make needless (those that free nothing first)."""
+            nonlocal trials
+            for unit, _ in sorted(reversed(carried(trial)), key=lambda unit_freed: unit_freed[1] != 0):
+                if len(trial) > 1 and trials > 0:
                     trials -= 1
-                    trial = [variant if u is unit else u for u in chosen]
-                    if enough(trial):
-                        chosen = trial
-                        break
+                    if freeing(without := [u for u in trial if u is not unit]) >= goal:
+                        trial = without
+            return trial
+
+        chosen = pruned([unit for unit, _ in planned])
+        # A revision that went whole where some of its variants are what the bytes freed need: its F16, which
+        # went as the revision's last once its other quants had gone before it, alone; or its copy of the quant
+        # the next unit frees (its other variant went before it, and made that one its last)
+        for revision in [u for u in chosen if u.variant is None]:
+            its = [v for v in units if (v.repo_id, v.commit_id) == (revision.repo_id, revision.commit_id)
+                   and v.variant is not None and v not in chosen]  # fmt: skip
+            if not its or trials <= 0:
+                continue
+            trial = pruned([part for u in chosen for part in (its if u is revision else [u])])
+            # (less given back; or as much, where the revision whole freed nothing itself: a variant's files go,
+            # not a repo lost for no byte)
+            whole_freed = next(freed for unit, freed in carried(chosen) if unit is revision)
+            if freeing(trial) >= goal and (freeing(trial), whole_freed != 0) < (freeing(chosen), True):
+                chosen = trial
         if chosen != [unit for unit, _ in planned]:
             planned = self._carry_out(chosen, files, sizes, staying, used, None, writing, counted)[0]
         return planned, units[went_through:]
