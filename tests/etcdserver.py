@@ -27,8 +27,9 @@ def etcd_binary() -> str:
 
 
 class EtcdServer:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *extra: str) -> None:
         self.data_dir = data_dir
+        self.extra = extra  # more of etcd's flags
         self.client_port, self.peer_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.client_port}"
         self.cluster = f"etcd://127.0.0.1:{self.client_port}"  # what --cluster takes
@@ -42,7 +43,7 @@ class EtcdServer:
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"test={peer}", "--initial-cluster-state", "new",
             "--heartbeat-interval", "10", "--election-timeout", "100",
-            "--logger", "zap", "--log-level", "error", "--log-outputs", "stderr",
+            "--logger", "zap", "--log-level", "error", "--log-outputs", "stderr", *self.extra,
         ]  # fmt: skip
 
     def start(self) -> EtcdServer:

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aetcd  # type: ignore[import-untyped]
 import pytest
 from aiohttp import ClientSession, web
 from click.testing import CliRunner
@@ -51,11 +52,12 @@ from conftest import (
     wait_until,
     write_model_dir,
 )
+from etcdserver import EtcdServer
 from fleetnodes import Fleet, base_env, modeldepot
 from modeldepot import Depot, __version__
 from modeldepot._version import node_version
 from modeldepot.cli import cli
-from modeldepot.config import DepotConfig
+from modeldepot.config import DepotConfig, cluster_credentials
 from modeldepot.errors import ConfigError
 from modeldepot.server.openapi import openapi_document
 
@@ -575,6 +577,108 @@ def test_nodes_join_see_each_other_leave_and_ride_out_an_etcd_outage(fleet: Flee
     keys = fleet.dump()
     assert not [k for k in keys if b.id.encode() in k], "a stopped node's keys are withdrawn"
     assert any(a.id.encode() in k for k in keys)
+
+
+def test_etcd_credentials_are_checked_before_anything_connects(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"pa ss\r\n")
+    assert cluster_credentials({}) is None
+    assert cluster_credentials({"MODELDEPOT_CLUSTER_USER": "u", "MODELDEPOT_CLUSTER_PASSWORD": "p"}) == (
+        "u",
+        "p",
+    )
+    assert cluster_credentials({"MODELDEPOT_CLUSTER_USER": "u", "MODELDEPOT_CLUSTER_PASSWORD_FILE": str(secret)}) == (
+        "u", "pa ss")  # fmt: skip
+    for env, said in [
+        ({"MODELDEPOT_CLUSTER_USER": "u"}, "without a password"),
+        ({"MODELDEPOT_CLUSTER_PASSWORD": "p"}, "without MODELDEPOT_CLUSTER_USER"),
+        ({"MODELDEPOT_CLUSTER_USER": "u", "MODELDEPOT_CLUSTER_PASSWORD": "p",
+          "MODELDEPOT_CLUSTER_PASSWORD_FILE": str(secret)}, "both set"),
+        ({"MODELDEPOT_CLUSTER_USER": "u", "MODELDEPOT_CLUSTER_PASSWORD_FILE": str(tmp_path / "nope")},
+         "No such file"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError, match=said):
+            cluster_credentials(env)
+
+
+def enable_etcd_auth(etcd: EtcdServer, password: str) -> None:
+    """etcd's authentication on, as `etcdctl user add root; user grant-role root root; auth enable` does."""
+
+    async def enable() -> None:
+        client = aetcd.Client("127.0.0.1", etcd.client_port, timeout=5)
+        await client.connect()
+        try:
+            auth = aetcd.rpc.AuthStub(client.channel)
+            await auth.UserAdd(aetcd.rpc.AuthUserAddRequest(name="root", password=password), timeout=5)
+            await auth.UserGrantRole(aetcd.rpc.AuthUserGrantRoleRequest(user="root", role="root"), timeout=5)
+            await auth.AuthEnable(aetcd.rpc.AuthEnableRequest(), timeout=5)
+        finally:
+            await client.close()
+
+    asyncio.run(enable())
+
+
+def test_a_fleet_on_an_etcd_with_authentication_keeps_out_who_has_no_password(tmp_path: Path) -> None:
+    """An explorer's trial: etcd could not be locked down (no setting gave it credentials), and anything that
+    reached its port registered a node of its own there and was sent the fleet's MODELDEPOT_TOKEN. Nodes give
+    etcd a user and a password now, hold on when etcd drops their token (its TTL: 2 s here), and a client
+    without them reads and writes nothing; a wrong password is said in the node's health."""
+    etcd = EtcdServer(tmp_path / "etcd", "--auth-token-ttl", "2").start()
+    try:
+        enable_etcd_auth(etcd, "s3cret-etcd")
+        (tmp_path / "password").write_text("s3cret-etcd\n")  # (a mounted secret, its line end dropped)
+        fleet = Fleet(tmp_path, etcd)
+        a = fleet.node("a", env={"MODELDEPOT_CLUSTER_USER": "root",
+                                 "MODELDEPOT_CLUSTER_PASSWORD_FILE": str(tmp_path / "password")})  # fmt: skip
+        b = fleet.node(
+            "b", env={"MODELDEPOT_CLUSTER_USER": "root", "MODELDEPOT_CLUSTER_PASSWORD": "s3cret-etcd"}
+        )
+        wrong = fleet.node(
+            "wrong", env={"MODELDEPOT_CLUSTER_USER": "root", "MODELDEPOT_CLUSTER_PASSWORD": "guess"}
+        )
+        none = fleet.node("none")
+        try:
+            a.ready(), b.ready(), wrong.ready(), none.ready()
+            wait_until(lambda: a.peer_ids() == b.peer_ids() == {a.id, b.id}, 15, "a and b to see each other")
+            time.sleep(6)  # (their tokens run out between two calls: each client authenticates again)
+            # a's next write (what it holds after an import) needs a token etcd takes
+            model = write_model_dir(tmp_path / "model", {"config.json": b"{}", "w.bin": weights(1, 2)})
+            modeldepot("import", str(model), "--repo", "acme/auth", "--home", str(a.home), env=base_env())
+            wait_until(lambda: (b.row(a.id) or {}).get("blobs", 0) == 2, 20, "b to see what a holds now")
+            c = fleet.node(
+                "c", env={"MODELDEPOT_CLUSTER_USER": "root", "MODELDEPOT_CLUSTER_PASSWORD": "s3cret-etcd"}
+            )
+            c.ready()
+            wait_until(
+                lambda: a.peer_ids() == {a.id, b.id, c.id}, 15, "a to see c join after its token ran out"
+            )
+            assert a.health()["connected"] and a.health()["registered"]
+            for outsider in (wrong, none):
+                health = outsider.health()
+                assert not health["registered"] and not health["connected"], health
+                assert outsider.id not in a.peer_ids()
+            assert "authentication failed" in wrong.health()["last_error"]
+            assert (
+                "set MODELDEPOT_CLUSTER_USER and MODELDEPOT_CLUSTER_PASSWORD" in none.health()["last_error"]
+            )
+
+            async def read_without_a_password() -> None:
+                client = aetcd.Client("127.0.0.1", etcd.client_port, timeout=5)
+                try:
+                    await client.get_all()
+                finally:
+                    await client.close()
+
+            with pytest.raises(aetcd.ClientError, match=r"user name is empty|permission denied"):
+                asyncio.run(read_without_a_password())
+            rows = modeldepot("peers", "--cluster", etcd.cluster, "--json", env=base_env(
+                MODELDEPOT_HOME="", XDG_CACHE_HOME=str(tmp_path / "jump"), MODELDEPOT_CLUSTER_USER="root",
+                MODELDEPOT_CLUSTER_PASSWORD="s3cret-etcd"))  # fmt: skip
+            assert {row["node_id"] for row in json.loads(rows.stdout)} == {a.id, b.id, c.id}
+        finally:
+            fleet.close()
+    finally:
+        etcd.kill()
 
 
 def test_a_node_that_cannot_be_reached_at_its_advertised_url_says_so(fleet: Fleet) -> None:

@@ -19,6 +19,7 @@ __all__ = [
     "MAX_CHUNK_SIZE",
     "MIN_CHUNK_SIZE",
     "DepotConfig",
+    "cluster_credentials",
     "default_home",
     "parse_duration",
     "parse_size",
@@ -144,6 +145,49 @@ def validate_cluster(url: str) -> str:
     except InvalidInputError as error:
         raise ConfigError(str(error)) from None
     return url
+
+
+MAX_PASSWORD_FILE = 64 * 1024
+
+
+def cluster_credentials(env: Mapping[str, str]) -> tuple[str, str] | None:
+    """The user and password a node gives the fleet's etcd when etcd's authentication is on
+    (``MODELDEPOT_CLUSTER_USER`` with ``MODELDEPOT_CLUSTER_PASSWORD``, or ``MODELDEPOT_CLUSTER_PASSWORD_FILE``:
+    a mounted secret, its last line end dropped); None without a user. Without them anything that reached
+    etcd's port could register as a node and be sent the fleet's MODELDEPOT_TOKEN (an explorer's trial)."""
+    user = env.get("MODELDEPOT_CLUSTER_USER", "")
+    password = env.get("MODELDEPOT_CLUSTER_PASSWORD", "")
+    password_file = env.get("MODELDEPOT_CLUSTER_PASSWORD_FILE", "")
+    if password and password_file:
+        raise ConfigError(
+            "MODELDEPOT_CLUSTER_PASSWORD and MODELDEPOT_CLUSTER_PASSWORD_FILE are both set: give one"
+        )
+    if password_file:
+        try:
+            with open(password_file, "rb") as secret:
+                read = secret.read(MAX_PASSWORD_FILE + 1)
+        except OSError as error:
+            raise ConfigError(
+                f"MODELDEPOT_CLUSTER_PASSWORD_FILE {password_file!r}: {error.strerror or error}"
+            ) from None
+        if len(read) > MAX_PASSWORD_FILE:
+            raise ConfigError(
+                f"MODELDEPOT_CLUSTER_PASSWORD_FILE {password_file!r} is no password (over 64 KiB)"
+            )
+        try:
+            password = read.decode().removesuffix("\n").removesuffix("\r")
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"MODELDEPOT_CLUSTER_PASSWORD_FILE {password_file!r} is not UTF-8 text"
+            ) from None
+    if not user:
+        if password or password_file:
+            raise ConfigError("an etcd password is set without MODELDEPOT_CLUSTER_USER: set the user too")
+        return None
+    if not password:
+        raise ConfigError("MODELDEPOT_CLUSTER_USER is set without a password: set MODELDEPOT_CLUSTER_PASSWORD "
+                          "or MODELDEPOT_CLUSTER_PASSWORD_FILE")  # fmt: skip
+    return user, password
 
 
 def validate_cluster_prefix(prefix: str) -> str:

@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
+from modeldepot.config import cluster_credentials
 from modeldepot.discovery.base import (
     ClusterStatus,
     Discovery,
@@ -62,6 +64,6 @@ def open_discovery(
 
     assert isinstance(where, list)
     try:
-        return EtcdDiscovery(where, prefix=prefix, ttl=ttl)
+        return EtcdDiscovery(where, prefix=prefix, ttl=ttl, credentials=cluster_credentials(os.environ))
     except InvalidInputError as error:
         raise ConfigError(f"cluster {url!r}: {error}") from None

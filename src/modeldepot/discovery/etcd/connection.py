@@ -14,7 +14,15 @@ from typing import Any, TypeVar
 import aetcd  # type: ignore[import-untyped]
 
 from modeldepot.discovery.base import ChunkClaim, Holding, NodeRecord, ViewDiscovery
-from modeldepot.discovery.etcd.wire import CHANNEL_OPTIONS, FleetKey, FleetKeys, decode, describe, retrieve
+from modeldepot.discovery.etcd.wire import (
+    CHANNEL_OPTIONS,
+    FleetKey,
+    FleetKeys,
+    decode,
+    describe,
+    is_auth_lost,
+    retrieve,
+)
 from modeldepot.errors import InvalidInputError
 from modeldepot.validation import validate_cluster_prefix, validate_endpoint
 
@@ -35,8 +43,12 @@ class EtcdConnection(ViewDiscovery):
         ttl: float = 10.0,
         *,
         timeout: float = 3.0,
+        credentials: tuple[str, str] | None = None,
     ) -> None:
         super().__init__()
+        # (user, password) of etcd's own authentication (``cluster_credentials``): each client authenticates
+        # as it connects, and a token etcd dropped (its TTL ran out, etcd restarted) is had again by a new one
+        self._credentials = credentials
         if not endpoints:
             raise InvalidInputError("an etcd registry needs at least one endpoint (host, port)")
         self.endpoints = [validate_endpoint(host, port) for host, port in endpoints]
@@ -105,7 +117,8 @@ class EtcdConnection(ViewDiscovery):
 
     def _new_client(self) -> Any:
         host, port = self.endpoints[self._endpoint]
-        return aetcd.Client(host, port, timeout=self.timeout, options=dict(CHANNEL_OPTIONS))
+        user, password = self._credentials or (None, None)
+        return aetcd.Client(host, port, user, password, timeout=self.timeout, options=dict(CHANNEL_OPTIONS))
 
     def _endpoint_name(self) -> str:
         host, port = self.endpoints[self._endpoint]
@@ -168,7 +181,7 @@ class EtcdConnection(ViewDiscovery):
         self._last_error = text
         self._wake.set()
         self._changed()
-        if len(self.endpoints) > 1 and client is self._client and not self._closed:
+        if client is self._client and not self._closed and (len(self.endpoints) > 1 or is_auth_lost(error)):
             self._endpoint = (self._endpoint + 1) % len(self.endpoints)
             self._client = self._new_client()
             task = asyncio.create_task(self._close_quietly(client))

@@ -54,8 +54,9 @@ class EtcdDiscovery(EtcdClaims):
         ttl: float = 10.0,
         *,
         timeout: float = 3.0,
+        credentials: tuple[str, str] | None = None,
     ) -> None:
-        super().__init__(endpoints, prefix, ttl, timeout=timeout)
+        super().__init__(endpoints, prefix, ttl, timeout=timeout, credentials=credentials)
         # What this node wants in etcd, and what it knows it wrote there (under its lease).
         self._record: NodeRecord | None = None
         self._desired: dict[str, Holding] = {}

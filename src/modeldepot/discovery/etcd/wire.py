@@ -43,9 +43,19 @@ def describe(error: BaseException) -> str:
     text = text or ("no answer in time" if isinstance(error, asyncio.TimeoutError) else "")
     text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     text = text if len(text) <= 300 else text[:297] + "…"
+    if "user name is empty" in text:  # (etcd's words for a client that gave no credentials)
+        text += " (etcd's authentication is on: set MODELDEPOT_CLUSTER_USER and MODELDEPOT_CLUSTER_PASSWORD)"
+    elif "authentication failed" in text:
+        text += " (check MODELDEPOT_CLUSTER_USER and MODELDEPOT_CLUSTER_PASSWORD or its file)"
     if "database space exceeded" in text:  # (said "cannot be reached": the operator looked at the network)
         text += " (etcd is up and refuses writes, its database full: compact and defragment it, then `etcdctl alarm disarm`)"
     return text
+
+
+def is_auth_lost(error: BaseException) -> bool:
+    """Whether etcd no longer takes the client's authentication token (its TTL ran out unused, or etcd
+    restarted): a client made again authenticates again."""
+    return isinstance(error, aetcd.ClientError) and "invalid auth token" in str(error)
 
 
 def is_lease_not_found(error: BaseException) -> bool:
