@@ -164,10 +164,10 @@ class Pull:
         list[Pull]
     ] = []  # killed after each test, so that a failed one leaves no process behind
 
-    def __init__(self, node: Node, hub: Hub, **extra: str) -> None:
+    def __init__(self, node: Node, hub: Hub, token: str = TOKEN, **extra: str) -> None:
         self.node = node
         Pull.running.append(self)
-        env = base_env(MODELDEPOT_TOKEN=TOKEN, HF_ENDPOINT=hub.proxy.url, MODELDEPOT_CHUNK_SIZE=str(CHUNK),
+        env = base_env(MODELDEPOT_TOKEN=token, HF_ENDPOINT=hub.proxy.url, MODELDEPOT_CHUNK_SIZE=str(CHUNK),
                        MODELDEPOT_READ_TIMEOUT="5", **extra)  # fmt: skip
         self.started = time.monotonic()
         self.process = subprocess.Popen(
@@ -278,6 +278,37 @@ def test_a_node_joining_late_takes_nothing_from_the_hub(fleet: Fleet, hub: Hub, 
     assert result["bytes_by_source"].get("hub", 0) <= small
     assert result["bytes_by_source"]["peer"] == len(big_file)
     assert hub.proxy.total() <= 1.1 * len(big_file)
+
+
+def test_a_node_with_another_token_costs_the_hub_its_own_copy_alone_and_says_so_in_its_health(
+    fleet: Fleet, hub: Hub, big_file: bytes
+) -> None:
+    """An explorer's trial: a node started with another MODELDEPOT_TOKEN pulled with two good ones; each side
+    took the other's claims over as void (neither could read the other), and the good nodes fetched 1.4 times
+    the file from the Hub between them (2.4 in all), while every health said "ok". The odd node claims nothing
+    once the fleet refuses it now (its copy, 1x, is the whole cost), and its health says why."""
+    good = start_nodes(fleet, ["a", "b"])
+    odd = fleet.node("odd", "another-token", env=node_env()).ready()
+    everyone = {node.id for node in fleet.nodes}
+    wait_until(
+        lambda: odd.peer_ids() >= everyone and good[0].peer_ids() >= everyone, 20, "one fleet of three"
+    )
+    hub.proxy.seconds_per_mib = 0.02
+    first = Pull(odd, hub, token="another-token")
+    wait_until(lambda: hub.proxy.total() >= 24 * MiB, 60, "the odd node to have started")
+    pulls = [Pull(node, hub) for node in good]
+    results = [pull.result() for pull in pulls]
+    first.result()
+    expected = hashlib.sha256(big_file).hexdigest()
+    assert [stored_sha256(node) for node in [*good, odd]] == [expected] * 3
+    from_hub = [r["bytes_by_source"].get("hub", 0) for r in results]
+    print(f"hub sent {hub.proxy.total() / len(big_file):.3f}x; the good nodes took {from_hub} from it")
+    assert sum(from_hub) <= 1.15 * len(big_file), from_hub  # (1.4 times before)
+    assert hub.proxy.total() <= 2.2 * len(big_file)
+    wait_until(lambda: odd.get("/health", token=False)["status"] == "degraded", 15, "the odd node's health")
+    said = odd.get("/health", token=False)
+    assert "refuse this node's requests" in said["detail"] and "MODELDEPOT_TOKEN" in said["detail"], said
+    assert all(node.get("/health", token=False)["status"] == "ok" for node in good)
 
 
 class PeerProxy(ForwardingProxy):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import socket
 import threading
 import time
@@ -45,6 +46,9 @@ PUBLISH_INTERVAL = 1.0  # seconds between looks at the store for changes to publ
 ADVERTISED_TRIES, ADVERTISED_TIMEOUT, ADVERTISED_PAUSE = 3, 5.0, 2.0
 # Seconds between looks once it failed (it may answer later: a Service routes to a node once it is ready)
 ADVERTISED_RECHECK = 30.0
+# Whether the fleet takes this node's MODELDEPOT_TOKEN: a few peers asked for their info with it, soon after
+# the node registers, then every so often
+TOKEN_CHECK_PEERS, TOKEN_CHECK_FIRST, TOKEN_CHECK_EVERY, TOKEN_CHECK_TIMEOUT = 3, 3.0, 60.0, 5.0
 
 
 def advertised_url(host: str, port: int) -> str:
@@ -162,7 +166,10 @@ class NodeFleet:
         self._problem: str | None = None  # the publisher's last error, logged once
         # Why this node could not reach itself at the URL its peers are given (None: it did, or not looked yet)
         self.unreachable: str | None = None
+        # Why the fleet's nodes refuse this one's requests (None: they take its token, or none was asked)
+        self.refused: str | None = None
         self._check: asyncio.Task[None] | None = None
+        self._token_check: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Connect and load the view (an unreachable registry is no error: the view starts empty), and let
@@ -188,6 +195,7 @@ class NodeFleet:
         self._check = asyncio.get_running_loop().create_task(
             self._check_advertised(url), name="advertised-url"
         )
+        self._token_check = asyncio.get_running_loop().create_task(self._check_token(), name="fleet-token")
         return self.record
 
     def _note_fleet_node(self) -> None:
@@ -227,6 +235,48 @@ class NodeFleet:
                 log.warning("cluster %s: %s", self.cluster, self.unreachable)
             await asyncio.sleep(ADVERTISED_PAUSE if failures < ADVERTISED_TRIES else ADVERTISED_RECHECK)
 
+    async def _check_token(self) -> None:
+        """Whether the fleet's nodes take this node's MODELDEPOT_TOKEN: a node started with another token (or
+        none, in a fleet with one) said "ok" in its health, and in every peer's, while each refused the other's
+        requests, its pulls took every byte from the Hub and its claims in a swarm held the others up (an
+        explorer's trial). A few live peers are asked for their info with the token; refused by every one
+        asked, this node's health is degraded, naming them (said once in the log too)."""
+        await asyncio.sleep(TOKEN_CHECK_FIRST)
+        while True:
+            peers = [row for row in self.rows() if row.node_id != self.depot.node_id]
+            if peers:
+                asked = random.sample(peers, min(TOKEN_CHECK_PEERS, len(peers)))
+                answers = await asyncio.gather(*(self._takes_token(row.url) for row in asked))
+                refusing = [row.node_id for row, takes in zip(asked, answers, strict=True) if takes is False]
+                refused = None
+                if refusing and not any(answers):
+                    refused = (f"the fleet's nodes refuse this node's requests ({', '.join(refusing)} answer 401): "
+                               "its MODELDEPOT_TOKEN is not theirs, so it shares nothing with them: give it the "
+                               "fleet's token")  # fmt: skip
+                if refused and not self.refused:
+                    log.warning("cluster %s: %s", self.cluster, refused)
+                elif self.refused and not refused and any(answers):
+                    log.info("cluster %s: the fleet's nodes take this node's token now", self.cluster)
+                if refused or any(answers):
+                    self.refused = refused
+            await asyncio.sleep(TOKEN_CHECK_EVERY)
+
+    async def _takes_token(self, url: str) -> bool | None:
+        """Whether the node at ``url`` answers this node's token (True), refuses it (False), or could not
+        say (None: out of reach, another answer)."""
+        token = self.depot.config.node_token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TOKEN_CHECK_TIMEOUT)) as session,
+                session.get(
+                    f"{url.rstrip('/')}{NODE_API}/info", headers=headers, allow_redirects=False
+                ) as answer,
+            ):
+                return True if answer.status == 200 else False if answer.status in (401, 403) else None
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return None
+
     async def _ask_self(self, url: str) -> str | None:
         """None when this node answers its health at ``url``; else what went wrong."""
         assert self.record is not None
@@ -249,10 +299,11 @@ class NodeFleet:
 
     async def close(self) -> None:
         """Stop publishing, withdraw the record and holdings, disconnect. Idempotent."""
-        check, self._check = self._check, None
-        if check is not None:
-            check.cancel()
-            await asyncio.gather(check, return_exceptions=True)
+        for check in (self._check, self._token_check):
+            if check is not None:
+                check.cancel()
+                await asyncio.gather(check, return_exceptions=True)
+        self._check = self._token_check = None
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

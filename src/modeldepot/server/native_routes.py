@@ -95,6 +95,8 @@ async def health(request: web.Request) -> web.Response:
                       "know of it; files are served")  # fmt: skip
     elif fleet is not None and fleet.unreachable:
         answer.update(status="degraded", detail=f"{fleet.unreachable}; files are served")
+    elif fleet is not None and fleet.refused:
+        answer.update(status="degraded", detail=f"{fleet.refused}; files are served")
     return json_response(answer)
 
 

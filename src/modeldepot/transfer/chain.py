@@ -26,6 +26,7 @@ import http.client
 import json
 import logging
 import queue
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,7 +53,8 @@ from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.hub.scan import fetch_repo, hub_token
 from modeldepot.ratelimit import RateLimit
 from modeldepot.transfer import ranged
-from modeldepot.transfer.download import FileSource
+from modeldepot.transfer.choosing import REFUSED_BY, SERVED_BY, refused_by_the_fleet
+from modeldepot.transfer.download import FileSource, say_refused_once
 from modeldepot.transfer.fleet import FleetView
 from modeldepot.transfer.notices import say_now_and_then
 from modeldepot.transfer.sources import HttpSource, RetryPolicy, small_request
@@ -126,6 +128,9 @@ _TIMED_OUT: dict[str, int] = {}
 # changed answers 304 (a mirror's misses of one commit, one pull per file, each read and parsed the commit's
 # whole manifest: 3 ms of the mirror's CPU per file of a 300-file repo, a profile). (url, token) -> (ETag, files)
 _MANIFESTS: dict[tuple[str, str | None], tuple[str, list[dict[str, Any]]]] = {}
+# When this process last asked peers whether they take its token (chain._refused_by), and how many it asks
+_TOKEN_VERDICT: list[float] = []
+TOKEN_VERDICT_FOR, TOKEN_CHECK_PEERS = 60.0, 3
 # Hub endpoints that answered a scan in this process (any answer): one out of reach later is an outage
 _HUB_ANSWERED: set[str] = set()
 MANIFESTS_KEPT = 16
@@ -534,13 +539,14 @@ class SourceChain:
         fleet, node_id = self.fleet, self.node_id
         if fleet is None or node_id is None or remote.sha256 is None:
             return None
-        claims, live, connected = await fleet.read_async(
+        claims, live, connected, peers = await fleet.read_async(
             lambda d: (
                 d.claims_supported,
                 any(n.node_id == node_id for n in d.peers()),
                 d.status().connected,
+                [n for n in d.peers() if n.node_id != node_id],
             ),
-            (False, False, False),
+            (False, False, False, list[NodeRecord]()),
         )
         if not claims:
             return None
@@ -555,9 +561,34 @@ class SourceChain:
                              "--cluster` running?): its pulls join no swarm, and what the fleet has not got whole "
                              "comes from the Hub")  # fmt: skip
             return None
+        if await self._refused_by(peers):
+            return None  # (the others could not take a chunk from it, nor it theirs: no claims either way)
         return SwarmFile(fleet, node_id, remote.sha256, remote.size, chunk_size,
                          lambda node, holding: self.fleet_source(remote, node, holding),
                          slow=self.hub.limit is not None)  # fmt: skip
+
+    async def _refused_by(self, peers: list[NodeRecord]) -> bool:
+        """Whether the fleet's nodes refuse this node's requests (its MODELDEPOT_TOKEN is not theirs): a few
+        live peers asked for their info once a while in this process. Such a node's claims in a swarm held
+        the others up for chunks they could not take from it, and it took theirs over as void, as it could not
+        read them either: two good nodes fetched 1.4 times a file from the Hub between them (an explorer's
+        trial). It pulls on its own then (:func:`~modeldepot.transfer.choosing.refused_by_the_fleet`)."""
+        now = time.monotonic()
+        if _TOKEN_VERDICT and now - _TOKEN_VERDICT[0] < TOKEN_VERDICT_FOR:
+            return refused_by_the_fleet()
+        hub = self.hub.base_url.rstrip("/")
+        urls = sorted({url for p in peers if (url := _node_url(p.url)) is not None and url != hub})
+        asked = [self._node(url) for url in random.sample(urls, min(TOKEN_CHECK_PEERS, len(urls)))]
+        if not asked:
+            return False
+        answers = await asyncio.gather(*(asyncio.to_thread(_takes_token, peer) for peer in asked))
+        _TOKEN_VERDICT[:] = [now]
+        if any(answers):
+            SERVED_BY.update(peer.name for peer, takes in zip(asked, answers, strict=True) if takes)
+        for peer, takes in zip(asked, answers, strict=True):
+            if takes is False and peer.name not in REFUSED_BY:
+                say_refused_once(peer.name, "HTTP 401 to its info")
+        return refused_by_the_fleet()
 
     def hub_source(self, manifest: Manifest, remote: RemoteFile) -> FileSource:
         return FileSource(self.hub, self.hub.file_url(manifest.repo_id, manifest.commit_id, remote.path))
@@ -648,6 +679,17 @@ def _judge_unanswering(peer: HttpSource, repo_id: str) -> None:
     log.warning("%s did not answer a scan of %s within %g s (%s): left out of scans for %g s", peer.base_url,
                 repo_id, PEER_SCAN_TIMEOUT, "nor its health" if timed_out < SLOW_SCANS_TOLERATED
                 else f"{timed_out} in a row", UNANSWERING_FOR)  # fmt: skip
+
+
+def _takes_token(peer: HttpSource) -> bool | None:
+    """Whether ``peer`` answers its info to this node's token (True), refuses it (False: 401 or 403), or could
+    not say (None)."""
+    try:
+        reply = ranged.request("GET", f"{peer.base_url}{NODE_API}/info", peer.headers(), HEALTH_PROBE_TIMEOUT,
+                               1 << 16, ranged.Attempt())  # fmt: skip
+    except (OSError, http.client.HTTPException):
+        return None
+    return True if reply.status == 200 else False if reply.status in (401, 403) else None
 
 
 def _answers_at_all(peer: HttpSource) -> bool:

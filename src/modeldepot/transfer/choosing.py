@@ -34,7 +34,18 @@ from modeldepot.transfer.sources import SILENT_PEER, HttpSource, Receiving
 if TYPE_CHECKING:
     from modeldepot.transfer.swarm import SwarmFile
 
-__all__ = ["BANNED_NODES", "LIARS", "ChunkChooser", "ChunkRequest", "FileSource", "banned", "is_silent"]
+__all__ = [
+    "BANNED_NODES",
+    "LIARS",
+    "REFUSED_BY",
+    "SERVED_BY",
+    "ChunkChooser",
+    "ChunkRequest",
+    "FileSource",
+    "banned",
+    "is_silent",
+    "refused_by_the_fleet",
+]
 
 # Source name (its kind and URL) -> until when (monotonic) it gets no chunk, in every download of this
 # process: a liar was banned file by file, and asked again for the next file of the same pull (and the
@@ -44,6 +55,10 @@ BANNED_NODES: dict[str, float] = {}
 # Nodes whose chunks, vouched for by their own digests, were found not to be a file's by the upstream's bytes:
 # name -> until when (monotonic) no new file asks them (download.ban_liars)
 LIARS: dict[str, float] = {}
+# The fleet's nodes that refused this process's requests (another MODELDEPOT_TOKEN), and those that sent it
+# chunks: refused by some and served by none, this node's token is the odd one (download._say_refused_once)
+REFUSED_BY: set[str] = set()
+SERVED_BY: set[str] = set()
 MAX_CHUNK_ATTEMPTS = 3  # tries of one chunk that failed its digest before the file is given up
 ENDGAME_COPIES = 2  # requests for one chunk at most, in the endgame
 ENDGAME_WAIT = 1.0  # seconds a chunk is outstanding, at least, before the endgame asks another source too
@@ -303,3 +318,11 @@ def is_silent(request: ChunkRequest, now: float) -> bool:
         and attempt.activity < attempt.began
         and now - attempt.began >= SILENT_PEER
     )
+
+
+def refused_by_the_fleet() -> bool:
+    """Whether the fleet's nodes refuse this process (its MODELDEPOT_TOKEN is not theirs): refused by one and
+    served by none so far. Its claims in a swarm would then hold the others for chunks they cannot take from
+    it, and it would take theirs over as void, since it cannot read them either: a node with a wrong token
+    made two good ones fetch 1.4 times a file from the Hub between them (an explorer's trial)."""
+    return bool(REFUSED_BY) and not SERVED_BY

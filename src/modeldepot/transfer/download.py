@@ -61,6 +61,8 @@ from modeldepot.store.partials import ResumablePartial
 from modeldepot.transfer.choosing import (
     BANNED_NODES,
     LIARS,
+    REFUSED_BY,
+    SERVED_BY,
     ChunkChooser,
     ChunkRequest,
     FileSource,
@@ -74,7 +76,7 @@ if TYPE_CHECKING:
     from modeldepot.transfer.session import LazySession
     from modeldepot.transfer.swarm import SwarmFile
 
-__all__ = ["LEFT_IN_PLACE", "FileSource", "Limits", "ban_liars", "download_file", "liars"]
+__all__ = ["LEFT_IN_PLACE", "FileSource", "Limits", "ban_liars", "download_file", "liars", "say_refused_once"]
 
 log = logging.getLogger(__name__)
 
@@ -924,6 +926,7 @@ class _FileJob(ChunkChooser):
         )
         if source.kind != "hub":
             self.peer_landed.append((time.monotonic(), length - part))
+            SERVED_BY.add(source.source.name)
         if (on_bytes := self.on_bytes) is not None:
             # A chunk is told done in pieces (its part's senders, then the rest's): what is not told yet stays
             # in receiving(), so that progress shown between two pieces does not fall back by the rest
@@ -1019,7 +1022,7 @@ class _FileJob(ChunkChooser):
                 say_now_and_then(f"dropped {source.source.name}", log, "%s fails (%s): pulls go on without it; "
                                  "is it well?", source.source.name, error)  # fmt: skip
             if isinstance(error, AccessDeniedError) and source.kind != "hub":
-                _say_refused_once(source.source.name, error)
+                say_refused_once(source.source.name, error)
             if source.kind == "hub" and self.swarm is not None:
                 withdrawing = self._watch(
                     asyncio.create_task(self.swarm.withdraw_unlanded(set(self.landing)))
@@ -1131,16 +1134,13 @@ def _check(remote: RemoteFile, digest: BlobDigest) -> None:
         )
 
 
-_REFUSED_BY: set[str] = set()  # the nodes that refused this process's requests, said once each
-
-
-def _say_refused_once(node: str, error: AccessDeniedError) -> None:
+def say_refused_once(node: str, error: object) -> None:
     """A node of the fleet that refuses this one's requests (another MODELDEPOT_TOKEN) is said once, as a
     warning: what it claimed in a swarm, or holds, is then fetched elsewhere, the Hub's chunks again (a
     fleet with one node's token changed fetched 1.8 times the repo from the Hub, with an info line alone)."""
-    if node in _REFUSED_BY:
+    if node in REFUSED_BY:
         return
-    _REFUSED_BY.add(node)
+    REFUSED_BY.add(node)
     log.warning(
         "%s refuses this node's requests (%s): its MODELDEPOT_TOKEN differs from this one's, so what it "
         "holds or has claimed is fetched elsewhere (from the Hub again)",

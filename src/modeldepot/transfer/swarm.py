@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 from modeldepot.discovery.base import ChunkClaim, Discovery, Holding, NodeRecord
 from modeldepot.hashing import chunk_count
 from modeldepot.store.layout import size_text
+from modeldepot.transfer.choosing import refused_by_the_fleet
 from modeldepot.transfer.download import FileSource
 from modeldepot.transfer.fleet import FleetView
 from modeldepot.transfer.notices import say_now_and_then
@@ -374,9 +375,10 @@ class SwarmFile:
             if standing is not None:
                 return False
             replaces = current.revision
-        if not self.serving or not await self._still_listening():
-            # No claim: the others may not wait on this node for a chunk they cannot take from it. The Hub
-            # gives it here (a chunk another live node claims still comes from that node: see above).
+        if not self.serving or refused_by_the_fleet() or not await self._still_listening():
+            # No claim: the others may not wait on this node for a chunk they cannot take from it (nor be
+            # taken over by it). The Hub gives it here (a chunk another live node claims still comes from that
+            # node: see above).
             self.count("unshared")
             return True
         sha, size, node_id = self.sha256, self.chunk_size, self.node_id
