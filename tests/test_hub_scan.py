@@ -102,15 +102,16 @@ def test_gguf_labels_follow_huggingface_js(name: str, label: str | None) -> None
 
 
 def test_every_gguf_model_is_a_variant_of_its_own() -> None:
-    """An explorer's trial: ARM repacks (Q4_0_4_4 beside Q4_0), split models named by their folder alone,
-    a base and an -Instruct model of one quant were each one variant (a pull took them all, a load either),
-    and an importance matrix was a variant, the model a load without a quant took."""
+    """An explorer's trial: ARM repacks (Q4_0_4_4 beside Q4_0) and split models named by their folder alone
+    were each one variant (a pull took them all, a load either), and an importance matrix was a variant, the
+    model a load without a quant took. A name is the file's own (a review: one named after the others beside
+    it was another name in a store holding it alone), so two models of one label stay one variant."""
     grouping = group_files([
         "L-Q4_0.gguf", "L-Q4_0_4_4.gguf", "L-Q4_0_8_8.gguf", "L-IQ4_NL_4_4.gguf",
         "Q4_K_M/model-00001-of-00002.gguf", "Q4_K_M/model-00002-of-00002.gguf",
         "Q8_0/model-00001-of-00002.gguf", "Q8_0/model-00002-of-00002.gguf",
         "X-Q5_K_M.gguf", "X-Instruct-Q5_K_M.gguf", "a/Y-Q6_K.gguf", "b/Y-Q6_K.gguf",
-        "imatrix.gguf", "X.imatrix.gguf", "mmproj-F16.gguf",
+        "imatrix.gguf", "X.imatrix.gguf", "m-Q3_K_M-imatrix.gguf", "mmproj-F16.gguf",
     ])  # fmt: skip
     variants = {v.name: set(v.files) - {"mmproj-F16.gguf"} for v in grouping.variants}
     assert variants == {
@@ -118,12 +119,16 @@ def test_every_gguf_model_is_a_variant_of_its_own() -> None:
         "IQ4_NL_4_4": {"L-IQ4_NL_4_4.gguf"},
         "Q4_K_M": {"Q4_K_M/model-00001-of-00002.gguf", "Q4_K_M/model-00002-of-00002.gguf"},
         "Q8_0": {"Q8_0/model-00001-of-00002.gguf", "Q8_0/model-00002-of-00002.gguf"},
-        "X-Q5_K_M": {"X-Q5_K_M.gguf"}, "X-Instruct-Q5_K_M": {"X-Instruct-Q5_K_M.gguf"},
-        "a-Y-Q6_K": {"a/Y-Q6_K.gguf"}, "b-Y-Q6_K": {"b/Y-Q6_K.gguf"},
+        "Q5_K_M": {"X-Q5_K_M.gguf", "X-Instruct-Q5_K_M.gguf"}, "Q6_K": {"a/Y-Q6_K.gguf", "b/Y-Q6_K.gguf"},
+        "Q3_K_M": {"m-Q3_K_M-imatrix.gguf"},  # (a quant made with an importance matrix is a model)
     }  # fmt: skip
     assert set(grouping.other) == {"imatrix.gguf", "X.imatrix.gguf"}  # pulled with the whole repo alone
+    for paths in (["X-Q5_K_M.gguf"], ["X-Instruct-Q5_K_M.gguf"], ["Q8_0/model-00002-of-00002.gguf"]):
+        # the name a variant has in the whole listing, it has in a store holding it alone
+        whole = next(v.name for v in grouping.variants if paths[0] in v.files)
+        assert [v.name for v in group_files(paths).variants] == [whole]
     # Names a user can type after -q and the control API takes, whatever the files are called
-    odd = group_files(["My Model v2.gguf", "A" * 120 + "-Q4_K_M.gguf", "B" * 120 + "-Q4_K_M.gguf"]).variants
+    odd = group_files(["My Model v2.gguf", "A" * 120 + ".gguf", "B" * 120 + ".gguf"]).variants
     assert len(odd) == 3 and "My-Model-v2" in {v.name for v in odd}
     for name in [*variants, *(v.name for v in odd)]:
         assert validate_quant(name) == name and QUANT.fullmatch(name), name

@@ -7,10 +7,11 @@ Naming follows the ecosystem (docs/background.md, "Variant names"):
   ``{stem}.onnx.data``, or, in a folder (not the root) of one ONNX model, any other file there or below but
   documents, pictures and other models (a file per tensor, as torch.onnx.export writes a model over 2 GB).
 - GGUF: the quant label in the file name (``Q4_K_M``, ``IQ2_XS``, ``BF16``, ``UD-Q4_K_XL``, ``Q4_0_4_4``…; the
-  last match wins, as huggingface.js does), else in its folder (``Q4_K_M/model-00001-of-00002.gguf``); split
-  files ``-00001-of-00003.gguf`` grouped; two models of one label (a base and an ``-Instruct`` file) two
-  variants, named by their files; ``mmproj`` projectors as companions of every GGUF variant; importance
-  matrices (``imatrix``) no model: other files.
+  last match wins, as huggingface.js does), else in its folder (``Q4_K_M/model-00001-of-00002.gguf``), else
+  the file's own name; split files ``-00001-of-00003.gguf`` grouped; ``mmproj`` projectors as companions of
+  every GGUF variant; importance matrices (``imatrix.gguf``: "imatrix" in a name without a quant label) no
+  model: other files. A name is the file's alone, whatever is beside it (two models of one label are one
+  variant, as the store names a variant from the files it holds of it).
 - safetensors: single files and shards with their ``.safetensors.index.json``; a dtype infix
   (``model.fp16.safetensors``, diffusers' ``.fp16.``) names the variant, otherwise it is ``safetensors``.
 - Shared: configs, tokenizers, vocabularies, chat templates — every variant needs them.
@@ -78,23 +79,26 @@ _GGUF_NAMES = [
     "Q8_0",
     "Q8_1",
     "Q8_K",
-    # ARM repacks of Q4_0 and IQ4_NL (Q4_0_4_4.gguf beside Q4_0.gguf: another file, another variant)
-    "Q4_0_4_4",
-    "Q4_0_4_8",
-    "Q4_0_8_8",
-    "IQ4_NL_4_4",
-    "IQ4_NL_4_8",
-    "IQ4_NL_8_8",
     "BF16",
     "F16",
     "F32",
     "F64",
 ]
-_GGUF_QUANT = re.compile(
-    r"(?<![A-Z0-9])(?P<prefix>UD-)?(?P<quant>"
-    + "|".join(sorted(_GGUF_NAMES, key=len, reverse=True))
-    + r")(?:_(?P<size>XXS|XS|XL|S|M|L))?(?![A-Z0-9])"
-)
+# ARM repacks of Q4_0 and IQ4_NL (Q4_0_4_4.gguf beside Q4_0.gguf: another file, another variant)
+_ARM_REPACKS = ["Q4_0_4_4", "Q4_0_4_8", "Q4_0_8_8", "IQ4_NL_4_4", "IQ4_NL_4_8", "IQ4_NL_8_8"]
+
+
+def _quant_pattern(names: list[str]) -> re.Pattern[str]:
+    return re.compile(
+        r"(?<![A-Z0-9])(?P<prefix>UD-)?(?P<quant>"
+        + "|".join(sorted(names, key=len, reverse=True))
+        + r")(?:_(?P<size>XXS|XS|XL|S|M|L))?(?![A-Z0-9])"
+    )
+
+
+_GGUF_QUANT = _quant_pattern(_GGUF_NAMES + _ARM_REPACKS)
+# The labels before the repacks and the folders were told apart (0.1): the names pins and uses were recorded under
+_LEGACY_GGUF_QUANT = _quant_pattern(_GGUF_NAMES)
 MAX_VARIANT_NAME = 64
 _NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9._+-]+")
 _GGUF_SPLIT = re.compile(r"^(?P<prefix>.*?)-(?P<shard>\d{5})-of-(?P<total>\d{5})\.gguf$")
@@ -155,7 +159,19 @@ def variant_aliases(variant: DetectedVariant) -> frozenset[str]:
     prefix = f"{variant.kind}-".lower()
     name = variant.name.lower()
     base = name[len(prefix) :] if name.startswith(prefix) else name
+    if variant.kind == "gguf":  # (and the names 0.1 gave its models: what a pin or a use was recorded under)
+        legacy = {_legacy_gguf_name(path).lower() for path in variant.files if is_gguf_model(path)}
+        return frozenset({name, base, prefix + base, *legacy})
     return frozenset({name, base, prefix + base})
+
+
+def _legacy_gguf_name(path: str) -> str:
+    """The variant 0.1 made of a GGUF model: the label of its file's name, without the ARM repacks (Q4_0_4_4
+    was Q4_0) nor its folder's (``Q8_0/model-00001-of-00002.gguf`` was ``model``), else its own name as it
+    is. A pin of such a variant, or its uses, keep it still (a pin of ``model`` left both quants unpinned
+    once they were named Q4_K_M and Q8_0, a review)."""
+    name = path.rsplit("/", 1)[-1]
+    return _quant_label(name, _LEGACY_GGUF_QUANT) or _gguf_model_name(path)
 
 
 def variants_own_files(paths: Iterable[str]) -> list[tuple[str, frozenset[str], frozenset[str]]]:
@@ -210,9 +226,9 @@ def _onnx_dtype(stem: str) -> str:
     return "fp32"
 
 
-def _quant_label(name: str) -> str | None:
+def _quant_label(name: str, pattern: re.Pattern[str] = _GGUF_QUANT) -> str | None:
     found = None
-    for match in _GGUF_QUANT.finditer(name.upper()):
+    for match in pattern.finditer(name.upper()):
         found = match
     if found is None:
         return None
@@ -233,9 +249,12 @@ def gguf_quant(path: str) -> str | None:
 def is_gguf_model(path: str) -> bool:
     """Whether a ``.gguf`` file is a model: not a multimodal projector (``mmproj``, a companion of every
     variant) nor an importance matrix (``imatrix.gguf``, which llama-imatrix writes and repos publish beside
-    their quants: it was a variant, and the model a load without a quant returned, an explorer's trial)."""
-    name = path.rsplit("/", 1)[-1].lower()
-    return name.endswith(".gguf") and "mmproj" not in name and "imatrix" not in name
+    their quants: it was a variant, and the model a load without a quant returned, an explorer's trial). A
+    quant made with one is a model (``model-Q4_K_M-imatrix.gguf``: its name has a quant label)."""
+    name = path.rsplit("/", 1)[-1]
+    if not name.lower().endswith(".gguf") or "mmproj" in name.lower():
+        return False
+    return "imatrix" not in name.lower() or _quant_label(name) is not None
 
 
 def _gguf_model_name(path: str) -> str:
@@ -254,27 +273,11 @@ def _as_variant_name(name: str) -> str:
     return f"{name[: MAX_VARIANT_NAME - 9]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
-def _gguf_groups(paths: list[str]) -> dict[str, list[str]]:
-    """GGUF models by variant name: their quant label, or their own name when they have none or share it
-    with another model (``X-Q4_K_M.gguf`` and ``X-Instruct-Q4_K_M.gguf`` were one variant, whose pull took both
-    and whose load took either, an explorer's trial). A split model is one model."""
-    models: dict[str, dict[str, list[str]]] = {}  # label -> the model's folder and name -> its files
-    for path in paths:
-        own = f"{path.rpartition('/')[0]}/{_gguf_model_name(path)}"
-        label = gguf_quant(path) or _as_variant_name(_gguf_model_name(path))
-        models.setdefault(label, {}).setdefault(own, []).append(path)
-    groups: dict[str, list[str]] = {}
-    for label, of_label in models.items():
-        if len(of_label) == 1:
-            groups.setdefault(label, []).extend(*of_label.values())
-            continue
-        names = [own.rpartition("/")[2] for own in of_label]
-        for own, files in of_label.items():
-            folder, _, name = own.rpartition("/")
-            if names.count(name) > 1 and folder:  # (and its folder's: two folders hold models of one name)
-                name = f"{folder.rpartition('/')[2]}-{name}"
-            groups.setdefault(_as_variant_name(name), []).extend(files)
-    return groups
+def _gguf_label(path: str) -> str:
+    """A GGUF model's variant: its quant label, else its own name. Of the file alone, never of the others
+    beside it: a name that told two models of one label apart (``X-Q4_K_M``, ``X-Instruct-Q4_K_M``) became
+    ``Q4_K_M`` in a store holding one of them, where load, pin and rm then knew it no more (a review)."""
+    return gguf_quant(path) or _as_variant_name(_gguf_model_name(path))
 
 
 def group_files(paths: Iterable[str]) -> Grouping:
@@ -299,9 +302,10 @@ def group_files(paths: Iterable[str]) -> Grouping:
 
     gguf = [p for p in all_paths if p.lower().endswith(".gguf")]
     projectors = [p for p in gguf if "mmproj" in p.rsplit("/", 1)[-1].lower()]
-    for label, files in _gguf_groups([p for p in gguf if is_gguf_model(p)]).items():
-        groups.setdefault(("gguf", label), []).extend(files)
-        claimed.update(files)
+    for path in gguf:
+        if is_gguf_model(path):
+            groups.setdefault(("gguf", _gguf_label(path)), []).append(path)
+            claimed.add(path)
     if any(kind == "gguf" for kind, _ in groups):
         for key in [k for k in groups if k[0] == "gguf"]:
             groups[key].extend(projectors)
