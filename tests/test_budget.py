@@ -1114,8 +1114,10 @@ def test_a_big_unit_that_has_to_go_makes_the_small_ones_before_it_needless(tmp_p
 
 def test_a_pin_recorded_under_a_variants_former_name_still_keeps_it(tmp_path: Path) -> None:
     """A review: 0.2 names a split model's quant by its folder (``Q8_0/model-00001-of-00002.gguf`` was the
-    variant ``model``) and the ARM repacks apart from Q4_0; a pin recorded under the former name named no
-    variant then, and the pinned quants could go. The former names are aliases of the variants."""
+    variant ``model``); a pin recorded under the former name named no variant then, and the pinned quants
+    could go. A pin under a name no variant has keeps those it named in 0.1; a pin of a name a variant has is
+    that variant's alone (a second review: a pin of Q4_0 kept its ARM repack Q4_0_4_4 too, and the budget
+    evicted another quant in its place)."""
     rng = np.random.default_rng(3)
     folder = write_model_dir(tmp_path / "src" / "split", {
         "config.json": b"{}",
@@ -1126,12 +1128,28 @@ def test_a_pin_recorded_under_a_variants_former_name_still_keeps_it(tmp_path: Pa
         depot.import_dir(folder, "acme/split")
         assert {v.name for v in depot.scan_repo("acme/split").variants} == {
             "Q4_K_M", "Q8_0", "Q4_0", "Q4_0_4_4", "Q6_K"}  # fmt: skip
-        for former in ("model", "Q4_0"):  # (as 0.1 recorded them: the store's own pin, unchecked)
-            depot.store.budget.pin("acme/split", former)
-        evicted = depot.shrink(int(4.5 * MB))
-        assert [e.variant for e in evicted] == ["Q6_K"]
+        for name in ("model", "Q4_0"):  # (as 0.1 recorded them: the store's own pin, unchecked)
+            depot.store.budget.pin("acme/split", name)
+        evicted = depot.shrink(int(3.5 * MB))
+        assert sorted(e.variant or "" for e in evicted) == ["Q4_0_4_4", "Q6_K"]
         assert held_paths(depot, "acme/split") == {p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                                                   if p.is_file() and p.name != "L-Q6_K.gguf"}  # fmt: skip
+                                                   if p.is_file() and p.name not in ("L-Q6_K.gguf", "L-Q4_0_4_4.gguf")}  # fmt: skip
+
+
+def test_an_evicted_variant_is_the_one_of_its_name_not_one_it_was_an_alias_of(tmp_path: Path) -> None:
+    """A second review: a root ``model.gguf`` (the variant ``model``) beside ``Q4_K_M/model.gguf``, whose 0.1 name
+    was ``model`` too: evicting ``model`` removed Q4_K_M's file, and the most recently used quant went next."""
+    rng = np.random.default_rng(5)
+    order = ["model.gguf", "Q4_K_M/model.gguf", "Q8_0/model.gguf"]  # least recently used first
+    folder = write_model_dir(tmp_path / "src" / "m", {path: rng.bytes(MB) for path in order})
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(folder, "acme/m")
+        for path in order:
+            time.sleep(0.01)
+            depot.get_file("acme/m", path)
+        depot.store.access.flush()
+        assert [(e.variant, e.bytes_freed) for e in depot.shrink(MB)] == [("model", MB), ("Q4_K_M", MB)]
+        assert held_paths(depot, "acme/m") == {"Q8_0/model.gguf"}
 
 
 def held_paths(depot: Depot, repo_id: str) -> set[str]:

@@ -681,6 +681,43 @@ def test_a_fleet_on_an_etcd_with_authentication_keeps_out_who_has_no_password(tm
         etcd.kill()
 
 
+def test_nodes_on_an_etcd_with_authentication_register_again_after_it_restarts(tmp_path: Path) -> None:
+    """A second review: etcd restarted forgets its tokens; the client made again in place of one whose token
+    was refused closed the old one under the writer's call, whose cancellation ended the writer's task without
+    a word: the node stayed "connected, not registered" for good, in about half the runs."""
+    from modeldepot.discovery.base import NodeRecord
+    from modeldepot.discovery.etcd.discovery import EtcdDiscovery
+
+    etcd = EtcdServer(tmp_path / "etcd").start()
+    try:
+        enable_etcd_auth(etcd, "pw")
+
+        async def restarts() -> None:
+            where = [("127.0.0.1", etcd.client_port)]
+            a = EtcdDiscovery(where, ttl=3, credentials=("root", "pw"))
+            b = EtcdDiscovery(where, ttl=3, credentials=("root", "pw"))
+            await a.start()
+            await b.start()
+            try:
+                await a.register(NodeRecord("a" * 32, "http://127.0.0.1:9", "0.2.0", time.time()))
+                for restart in range(4):
+                    if restart:
+                        etcd.kill()
+                        await asyncio.sleep(0.5)
+                        await asyncio.to_thread(etcd.start)
+                    deadline = time.monotonic() + 20
+                    while not (a.status().registered and [n.node_id for n in b.peers()] == ["a" * 32]):
+                        assert time.monotonic() < deadline, f"after restart {restart}: {a.status()}"
+                        await asyncio.sleep(0.2)
+            finally:
+                await a.close()
+                await b.close()
+
+        asyncio.run(restarts())
+    finally:
+        etcd.kill()
+
+
 def test_a_node_that_cannot_be_reached_at_its_advertised_url_says_so(fleet: Fleet) -> None:
     """`--advertise` of an address nobody reaches: health said "ok" and the log nothing, while every peer
     failed to reach the node (a trial). The node looks at itself through that URL as it registers."""

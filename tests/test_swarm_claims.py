@@ -415,3 +415,20 @@ def test_chunks_a_pull_holds_as_it_joins_are_claimed_and_settled_for_the_others(
             assert set(other.sources()) == {a.node_id}
 
     run(main())
+
+
+def test_a_node_is_refused_by_the_fleet_when_refused_since_a_peer_last_answered() -> None:
+    """A review: once any peer had answered, a node was never judged refused again (its token rotated while it
+    ran: every peer answered 401, and it kept claiming in swarms). Judged by time now; a tie (one probe's
+    answers, some served and some refused) is no refusal."""
+    from modeldepot.transfer.choosing import REFUSED_BY, SERVED_BY, refused_by_the_fleet
+
+    assert not refused_by_the_fleet()
+    REFUSED_BY["peer http://a"] = 10.0
+    assert refused_by_the_fleet()
+    SERVED_BY["peer http://b"] = 10.0  # (the same probe: one refused, one served)
+    assert not refused_by_the_fleet()
+    REFUSED_BY["peer http://b"] = 20.0  # (a token rotated: every peer refuses since)
+    assert refused_by_the_fleet()
+    SERVED_BY["peer http://b"] = 30.0
+    assert not refused_by_the_fleet()

@@ -29,6 +29,7 @@ __all__ = [
     "DetectedVariant",
     "Grouping",
     "files_of_other_variants",
+    "former_names",
     "gguf_quant",
     "gguf_shard_names",
     "group_files",
@@ -159,26 +160,29 @@ def variant_aliases(variant: DetectedVariant) -> frozenset[str]:
     prefix = f"{variant.kind}-".lower()
     name = variant.name.lower()
     base = name[len(prefix) :] if name.startswith(prefix) else name
-    if variant.kind == "gguf":  # (and the names 0.1 gave its models: what a pin or a use was recorded under)
-        legacy = {_legacy_gguf_name(path).lower() for path in variant.files if is_gguf_model(path)}
-        return frozenset({name, base, prefix + base, *legacy})
     return frozenset({name, base, prefix + base})
 
 
-def _legacy_gguf_name(path: str) -> str:
-    """The variant 0.1 made of a GGUF model: the label of its file's name, without the ARM repacks (Q4_0_4_4
-    was Q4_0) nor its folder's (``Q8_0/model-00001-of-00002.gguf`` was ``model``), else its own name as it
-    is. A pin of such a variant, or its uses, keep it still (a pin of ``model`` left both quants unpinned
-    once they were named Q4_K_M and Q8_0, a review)."""
-    name = path.rsplit("/", 1)[-1]
-    return _quant_label(name, _LEGACY_GGUF_QUANT) or _gguf_model_name(path)
+def former_names(files: Iterable[str]) -> frozenset[str]:
+    """The names, in lower case, 0.1 gave the variants of these GGUF files: the label of a file's name,
+    without the ARM repacks (Q4_0_4_4 was Q4_0) nor its folder's (``Q8_0/model-00001-of-00002.gguf`` was
+    ``model``), else its own name as it was. A pin recorded then under a name no variant has now keeps the
+    variants it named (a pin of ``model`` left both quants unpinned once they were Q4_K_M and Q8_0, a review);
+    never a lookup of a name (``Q4_0`` is Q4_0, not its repack)."""
+    return frozenset(
+        (_quant_label(path.rsplit("/", 1)[-1], _LEGACY_GGUF_QUANT) or _gguf_model_name(path)).lower()
+        for path in files
+        if is_gguf_model(path)
+    )
 
 
 def variants_own_files(paths: Iterable[str]) -> list[tuple[str, frozenset[str], frozenset[str]]]:
     """Each variant among ``paths``: its name, its own files (what the disk budget may evict of it) and
-    the names it answers to (:func:`variant_aliases`)."""
+    the names it answers to (:func:`variant_aliases`), with its :func:`former_names` marked ``0.1:`` (what an
+    old pin may name: ``store.eviction.FORMER``)."""
     grouping = group_files(paths)
-    return [(v.name, grouping.own_files(v), variant_aliases(v)) for v in grouping.variants]
+    return [(v.name, own := grouping.own_files(v), variant_aliases(v) | {f"0.1:{name}" for name in former_names(own)})
+            for v in grouping.variants]  # fmt: skip
 
 
 def files_of_other_variants(model_file: str, paths: Iterable[str]) -> frozenset[str]:

@@ -53,7 +53,7 @@ from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.hub.scan import fetch_repo, hub_token
 from modeldepot.ratelimit import RateLimit
 from modeldepot.transfer import ranged
-from modeldepot.transfer.choosing import REFUSED_BY, SERVED_BY, refused_by_the_fleet
+from modeldepot.transfer.choosing import SERVED_BY, refused_by_the_fleet
 from modeldepot.transfer.download import FileSource, say_refused_once
 from modeldepot.transfer.fleet import FleetView
 from modeldepot.transfer.notices import say_now_and_then
@@ -584,10 +584,10 @@ class SourceChain:
         answers = await asyncio.gather(*(asyncio.to_thread(_takes_token, peer) for peer in asked))
         _TOKEN_VERDICT[:] = [now]
         if any(answers):
-            SERVED_BY.update(peer.name for peer, takes in zip(asked, answers, strict=True) if takes)
+            SERVED_BY.update((peer.name, now) for peer, takes in zip(asked, answers, strict=True) if takes)
         for peer, takes in zip(asked, answers, strict=True):
-            if takes is False and peer.name not in REFUSED_BY:
-                say_refused_once(peer.name, "HTTP 401 to its info")
+            if takes is False:
+                say_refused_once(peer.name, "HTTP 401 to its info", now)  # (as of the answers that served)
         return refused_by_the_fleet()
 
     def hub_source(self, manifest: Manifest, remote: RemoteFile) -> FileSource:

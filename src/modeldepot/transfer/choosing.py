@@ -55,10 +55,11 @@ BANNED_NODES: dict[str, float] = {}
 # Nodes whose chunks, vouched for by their own digests, were found not to be a file's by the upstream's bytes:
 # name -> until when (monotonic) no new file asks them (download.ban_liars)
 LIARS: dict[str, float] = {}
-# The fleet's nodes that refused this process's requests (another MODELDEPOT_TOKEN), and those that sent it
-# chunks: refused by some and served by none, this node's token is the odd one (download._say_refused_once)
-REFUSED_BY: set[str] = set()
-SERVED_BY: set[str] = set()
+# The fleet's nodes that refused this process's requests (another MODELDEPOT_TOKEN), and those that answered
+# them (sent chunks, or their info): name -> when last (monotonic). Refused since the last answer, this node's
+# token is the odd one (download.say_refused_once, chain.SourceChain._refused_by)
+REFUSED_BY: dict[str, float] = {}
+SERVED_BY: dict[str, float] = {}
 MAX_CHUNK_ATTEMPTS = 3  # tries of one chunk that failed its digest before the file is given up
 ENDGAME_COPIES = 2  # requests for one chunk at most, in the endgame
 ENDGAME_WAIT = 1.0  # seconds a chunk is outstanding, at least, before the endgame asks another source too
@@ -324,5 +325,8 @@ def refused_by_the_fleet() -> bool:
     """Whether the fleet's nodes refuse this process (its MODELDEPOT_TOKEN is not theirs): refused by one and
     served by none so far. Its claims in a swarm would then hold the others for chunks they cannot take from
     it, and it would take theirs over as void, since it cannot read them either: a node with a wrong token
-    made two good ones fetch 1.4 times a file from the Hub between them (an explorer's trial)."""
-    return bool(REFUSED_BY) and not SERVED_BY
+    made two good ones fetch 1.4 times a file from the Hub between them (an explorer's trial). Refused by one
+    since any answered, that is."""
+    # (by time, not by who ever did: a node once served kept claiming when every peer refused it after, a
+    # token rotated while it ran, a review)
+    return bool(REFUSED_BY) and max(REFUSED_BY.values()) > max(SERVED_BY.values(), default=float("-inf"))

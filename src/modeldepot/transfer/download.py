@@ -926,7 +926,8 @@ class _FileJob(ChunkChooser):
         )
         if source.kind != "hub":
             self.peer_landed.append((time.monotonic(), length - part))
-            SERVED_BY.add(source.source.name)
+            if source.kind == "peer":  # (a configured server is no judge of the fleet's token)
+                SERVED_BY[source.source.name] = time.monotonic()
         if (on_bytes := self.on_bytes) is not None:
             # A chunk is told done in pieces (its part's senders, then the rest's): what is not told yet stays
             # in receiving(), so that progress shown between two pieces does not fall back by the rest
@@ -1134,13 +1135,17 @@ def _check(remote: RemoteFile, digest: BlobDigest) -> None:
         )
 
 
-def say_refused_once(node: str, error: object) -> None:
+_SAID_REFUSED: set[str] = set()  # the nodes whose refusal was said (once each, in this process)
+
+
+def say_refused_once(node: str, error: object, when: float | None = None) -> None:
     """A node of the fleet that refuses this one's requests (another MODELDEPOT_TOKEN) is said once, as a
     warning: what it claimed in a swarm, or holds, is then fetched elsewhere, the Hub's chunks again (a
     fleet with one node's token changed fetched 1.8 times the repo from the Hub, with an info line alone)."""
-    if node in REFUSED_BY:
+    REFUSED_BY[node] = time.monotonic() if when is None else when
+    if node in _SAID_REFUSED:
         return
-    REFUSED_BY.add(node)
+    _SAID_REFUSED.add(node)
     log.warning(
         "%s refuses this node's requests (%s): its MODELDEPOT_TOKEN differs from this one's, so what it "
         "holds or has claimed is fetched elsewhere (from the Hub again)",

@@ -31,6 +31,7 @@ log = logging.getLogger("modeldepot.discovery.etcd")
 T = TypeVar("T")
 
 _MAX_WARNED_KEYS = 1000
+CANCEL_GRACE = 1.0  # seconds a call that timed out is given to end once cancelled
 
 
 class EtcdConnection(ViewDiscovery):
@@ -129,22 +130,24 @@ class EtcdConnection(ViewDiscovery):
         it (not asyncio.wait_for, which can swallow the caller's cancellation on Python 3.10 and 3.11)."""
         task = asyncio.ensure_future(awaitable)
         task.add_done_callback(retrieve)
-        expired = False
-
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            task.cancel()
-
-        timer = asyncio.get_running_loop().call_later(self.timeout + 1.0, expire)
         try:
-            return await task
+            done, _ = await asyncio.wait({task}, timeout=self.timeout + 1.0)
+            if not done:
+                task.cancel()
+                # A call that swallows its cancellation (aetcd's connect waits with asyncio.wait_for, which may, on
+                # Python 3.10 and 3.11) is left to end on its own: awaited, it held the writer, and its lock, for
+                # good (a node that never registered again after an etcd restart, a review)
+                await asyncio.wait({task}, timeout=CANCEL_GRACE)
+                raise asyncio.TimeoutError(f"etcd did not answer in {self.timeout + 1:g} s")
         except asyncio.CancelledError:
-            if expired:
-                raise asyncio.TimeoutError(f"etcd did not answer in {self.timeout + 1:g} s") from None
+            task.cancel()  # (the caller's own cancellation: the call goes with it)
             raise
-        finally:
-            timer.cancel()
+        if task.cancelled():
+            # The call's own cancellation, not the caller's: its client was closed under it (another took its
+            # place). Raised as it came, it ended the writer's task without a word, and the node never registered
+            # again after an etcd restart with authentication on (a review).
+            raise ConnectionError("the etcd call was cancelled: its client was closed")
+        return task.result()
 
     def _ok(self) -> None:
         if self._connected:
