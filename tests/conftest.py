@@ -75,11 +75,10 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MODELDEPOT_HOME", str(tmp_path / "default-home"))
     monkeypatch.delenv("MODELDEPOT_CHUNK_SIZE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from modeldepot.transfer.choosing import BANNED_NODES, REFUSED_BY, SERVED_BY
+    from modeldepot.transfer.choosing import BANNED_NODES, FLEET_REFUSES
 
     BANNED_NODES.clear()  # (a liar's port may be another test's honest node)
-    REFUSED_BY.clear()
-    SERVED_BY.clear()
+    FLEET_REFUSES[0] = False
 
 
 @pytest.fixture

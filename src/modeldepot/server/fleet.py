@@ -35,6 +35,7 @@ from modeldepot.hashing import chunk_count
 from modeldepot.store.partials import PartialState
 from modeldepot.store.store import Store
 from modeldepot.transfer.chain import FLEET_NODE_SETTING, NODE_API
+from modeldepot.transfer.choosing import token_refused
 from modeldepot.transfer.fleet import FleetView, PeerRow
 
 __all__ = ["FLEET", "PUBLISH_INTERVAL", "HoldingsReader", "NodeFleet", "advertised_url"]
@@ -239,8 +240,9 @@ class NodeFleet:
         """Whether the fleet's nodes take this node's MODELDEPOT_TOKEN: a node started with another token (or
         none, in a fleet with one) said "ok" in its health, and in every peer's, while each refused the other's
         requests, its pulls took every byte from the Hub and its claims in a swarm held the others up (an
-        explorer's trial). A few live peers are asked for their info with the token; refused by every one
-        asked, this node's health is degraded, naming them (said once in the log too)."""
+        explorer's trial). A few live peers are asked for their info with the token; refused
+        (:func:`~modeldepot.transfer.choosing.token_refused`), this node's health is degraded, naming them (said
+        once in the log too)."""
         await asyncio.sleep(TOKEN_CHECK_FIRST)
         while True:
             peers = [row for row in self.rows() if row.node_id != self.depot.node_id]
@@ -248,8 +250,9 @@ class NodeFleet:
                 asked = random.sample(peers, min(TOKEN_CHECK_PEERS, len(peers)))
                 answers = await asyncio.gather(*(self._takes_token(row.url) for row in asked))
                 refusing = [row.node_id for row, takes in zip(asked, answers, strict=True) if takes is False]
+                verdict = token_refused(answers)
                 refused = None
-                if refusing and not any(answers):
+                if verdict:
                     refused = (f"the fleet's nodes refuse this node's requests ({', '.join(refusing)} answer 401): "
                                "its MODELDEPOT_TOKEN is not theirs, so it shares nothing with them: give it the "
                                "fleet's token")  # fmt: skip
@@ -257,7 +260,7 @@ class NodeFleet:
                     log.warning("cluster %s: %s", self.cluster, refused)
                 elif self.refused and not refused and any(answers):
                     log.info("cluster %s: the fleet's nodes take this node's token now", self.cluster)
-                if refused or any(answers):
+                if verdict is not None:
                     self.refused = refused
             await asyncio.sleep(TOKEN_CHECK_EVERY)
 

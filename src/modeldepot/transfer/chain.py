@@ -53,7 +53,7 @@ from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.hub.scan import fetch_repo, hub_token
 from modeldepot.ratelimit import RateLimit
 from modeldepot.transfer import ranged
-from modeldepot.transfer.choosing import SERVED_BY, refused_by_the_fleet
+from modeldepot.transfer.choosing import judge_token, refused_by_the_fleet
 from modeldepot.transfer.download import FileSource, say_refused_once
 from modeldepot.transfer.fleet import FleetView
 from modeldepot.transfer.notices import say_now_and_then
@@ -130,6 +130,7 @@ _TIMED_OUT: dict[str, int] = {}
 _MANIFESTS: dict[tuple[str, str | None], tuple[str, list[dict[str, Any]]]] = {}
 # When this process last asked peers whether they take its token (chain._refused_by), and how many it asks
 _TOKEN_VERDICT: list[float] = []
+_TOKEN_PROBES: dict[asyncio.AbstractEventLoop, asyncio.Task[bool]] = {}  # the probe under way, by loop
 TOKEN_VERDICT_FOR, TOKEN_CHECK_PEERS = 60.0, 3
 # Hub endpoints that answered a scan in this process (any answer): one out of reach later is an outage
 _HUB_ANSWERED: set[str] = set()
@@ -573,9 +574,19 @@ class SourceChain:
         the others up for chunks they could not take from it, and it took theirs over as void, as it could not
         read them either: two good nodes fetched 1.4 times a file from the Hub between them (an explorer's
         trial). It pulls on its own then (:func:`~modeldepot.transfer.choosing.refused_by_the_fleet`)."""
-        now = time.monotonic()
-        if _TOKEN_VERDICT and now - _TOKEN_VERDICT[0] < TOKEN_VERDICT_FOR:
+        if _TOKEN_VERDICT and time.monotonic() - _TOKEN_VERDICT[0] < TOKEN_VERDICT_FOR:
             return refused_by_the_fleet()
+        # One probe at a time in a loop: the files of a pull start together, and each asked again
+        loop = asyncio.get_running_loop()
+        probe = _TOKEN_PROBES.get(loop)
+        if probe is None or probe.done():
+            for done in [other for other, task in _TOKEN_PROBES.items() if task.done()]:
+                del _TOKEN_PROBES[done]
+            probe = _TOKEN_PROBES[loop] = loop.create_task(self._ask_for_token(peers))
+        return await asyncio.shield(probe)
+
+    async def _ask_for_token(self, peers: list[NodeRecord]) -> bool:
+        now = time.monotonic()
         hub = self.hub.base_url.rstrip("/")
         urls = sorted({url for p in peers if (url := _node_url(p.url)) is not None and url != hub})
         asked = [self._node(url) for url in random.sample(urls, min(TOKEN_CHECK_PEERS, len(urls)))]
@@ -583,11 +594,10 @@ class SourceChain:
             return False
         answers = await asyncio.gather(*(asyncio.to_thread(_takes_token, peer) for peer in asked))
         _TOKEN_VERDICT[:] = [now]
-        if any(answers):
-            SERVED_BY.update((peer.name, now) for peer, takes in zip(asked, answers, strict=True) if takes)
+        judge_token(answers)
         for peer, takes in zip(asked, answers, strict=True):
             if takes is False:
-                say_refused_once(peer.name, "HTTP 401 to its info", now)  # (as of the answers that served)
+                say_refused_once(peer.name, "HTTP 401 to its info")
         return refused_by_the_fleet()
 
     def hub_source(self, manifest: Manifest, remote: RemoteFile) -> FileSource:

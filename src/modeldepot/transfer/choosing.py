@@ -24,7 +24,7 @@ import random
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,15 +36,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BANNED_NODES",
+    "FLEET_REFUSES",
     "LIARS",
-    "REFUSED_BY",
-    "SERVED_BY",
     "ChunkChooser",
     "ChunkRequest",
     "FileSource",
     "banned",
     "is_silent",
+    "judge_token",
     "refused_by_the_fleet",
+    "token_refused",
 ]
 
 # Source name (its kind and URL) -> until when (monotonic) it gets no chunk, in every download of this
@@ -55,11 +56,9 @@ BANNED_NODES: dict[str, float] = {}
 # Nodes whose chunks, vouched for by their own digests, were found not to be a file's by the upstream's bytes:
 # name -> until when (monotonic) no new file asks them (download.ban_liars)
 LIARS: dict[str, float] = {}
-# The fleet's nodes that refused this process's requests (another MODELDEPOT_TOKEN), and those that answered
-# them (sent chunks, or their info): name -> when last (monotonic). Refused since the last answer, this node's
-# token is the odd one (download.say_refused_once, chain.SourceChain._refused_by)
-REFUSED_BY: dict[str, float] = {}
-SERVED_BY: dict[str, float] = {}
+# Whether the fleet's nodes refuse this process's MODELDEPOT_TOKEN, as the last look at a few of them found
+# (judge_token, from chain.SourceChain._refused_by): one verdict for the process
+FLEET_REFUSES: list[bool] = [False]
 MAX_CHUNK_ATTEMPTS = 3  # tries of one chunk that failed its digest before the file is given up
 ENDGAME_COPIES = 2  # requests for one chunk at most, in the endgame
 ENDGAME_WAIT = 1.0  # seconds a chunk is outstanding, at least, before the endgame asks another source too
@@ -322,11 +321,26 @@ def is_silent(request: ChunkRequest, now: float) -> bool:
 
 
 def refused_by_the_fleet() -> bool:
-    """Whether the fleet's nodes refuse this process (its MODELDEPOT_TOKEN is not theirs): refused by one and
-    served by none so far. Its claims in a swarm would then hold the others for chunks they cannot take from
-    it, and it would take theirs over as void, since it cannot read them either: a node with a wrong token
-    made two good ones fetch 1.4 times a file from the Hub between them (an explorer's trial). Refused by one
-    since any answered, that is."""
-    # (by time, not by who ever did: a node once served kept claiming when every peer refused it after, a
-    # token rotated while it ran, a review)
-    return bool(REFUSED_BY) and max(REFUSED_BY.values()) > max(SERVED_BY.values(), default=float("-inf"))
+    """Whether the fleet's nodes refuse this process (its MODELDEPOT_TOKEN is not theirs). Its claims in a
+    swarm would then hold the others up for chunks they cannot take from it, and it would take theirs over as
+    void, since it cannot read them either: a node with a wrong token made two good ones fetch 1.4 times a
+    file from the Hub between them (an explorer's trial)."""
+    return FLEET_REFUSES[0]
+
+
+def token_refused(answers: Sequence[bool | None]) -> bool | None:
+    """What a look at a few peers says of this node's token (each answer True: the peer took it, False: it
+    refused it, None: it could not say): taken by one, not refused (False); refused by every one asked, or by
+    two, and taken by none, refused (True: a good node that asked the odd one and a busy one was taken for the
+    odd one, and pulled alone, a CI run); else nothing (None)."""
+    if any(answers):
+        return False
+    refusals = list(answers).count(False)
+    return True if refusals and refusals >= min(2, len(answers)) else None
+
+
+def judge_token(answers: Sequence[bool | None]) -> None:
+    """Take a look at a few peers into the process's verdict (:func:`token_refused`; one that says nothing
+    leaves it)."""
+    if (verdict := token_refused(answers)) is not None:
+        FLEET_REFUSES[0] = verdict

@@ -61,8 +61,6 @@ from modeldepot.store.partials import ResumablePartial
 from modeldepot.transfer.choosing import (
     BANNED_NODES,
     LIARS,
-    REFUSED_BY,
-    SERVED_BY,
     ChunkChooser,
     ChunkRequest,
     FileSource,
@@ -926,8 +924,6 @@ class _FileJob(ChunkChooser):
         )
         if source.kind != "hub":
             self.peer_landed.append((time.monotonic(), length - part))
-            if source.kind == "peer":  # (a configured server is no judge of the fleet's token)
-                SERVED_BY[source.source.name] = time.monotonic()
         if (on_bytes := self.on_bytes) is not None:
             # A chunk is told done in pieces (its part's senders, then the rest's): what is not told yet stays
             # in receiving(), so that progress shown between two pieces does not fall back by the rest
@@ -1138,11 +1134,10 @@ def _check(remote: RemoteFile, digest: BlobDigest) -> None:
 _SAID_REFUSED: set[str] = set()  # the nodes whose refusal was said (once each, in this process)
 
 
-def say_refused_once(node: str, error: object, when: float | None = None) -> None:
+def say_refused_once(node: str, error: object) -> None:
     """A node of the fleet that refuses this one's requests (another MODELDEPOT_TOKEN) is said once, as a
     warning: what it claimed in a swarm, or holds, is then fetched elsewhere, the Hub's chunks again (a
     fleet with one node's token changed fetched 1.8 times the repo from the Hub, with an info line alone)."""
-    REFUSED_BY[node] = time.monotonic() if when is None else when
     if node in _SAID_REFUSED:
         return
     _SAID_REFUSED.add(node)
