@@ -1479,7 +1479,7 @@ def test_a_depot_closed_while_another_thread_pulls_stops_the_pull_which_keeps_wh
 
     puller = threading.Thread(target=pull)
     puller.start()
-    wait_until(lambda: plan.body_bytes >= 4 * SMALL_CHUNK, 30)  # (a few chunks in)
+    wait_until(lambda: plan.body_bytes >= 8 * SMALL_CHUNK, 30)  # (a few chunks in)
     depot.close()  # (waits for the pull to unwind)
     puller.join(15)
     assert not puller.is_alive()
@@ -1489,7 +1489,9 @@ def test_a_depot_closed_while_another_thread_pulls_stops_the_pull_which_keeps_wh
     plan.slow_delay = 0.0
     with local_depot(tmp_path / "local", proxy, as_node=False, monkeypatch=monkeypatch) as again:
         result = again.pull(REPO)
-        assert result.bytes_resumed >= 4 * SMALL_CHUNK, result  # (what the stopped pull received)
+        # (what the stopped pull received: most of what the proxy sent, less what was still on its way, a piece
+        # on each connection, which a CI run found short of the whole by one)
+        assert result.bytes_resumed >= 4 * SMALL_CHUNK, result
         assert_committed(again)
 
 
