@@ -25,6 +25,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from modeldepot.store.eviction import FORMER
+
 __all__ = [
     "DetectedVariant",
     "Grouping",
@@ -178,10 +180,10 @@ def former_names(files: Iterable[str]) -> frozenset[str]:
 
 def variants_own_files(paths: Iterable[str]) -> list[tuple[str, frozenset[str], frozenset[str]]]:
     """Each variant among ``paths``: its name, its own files (what the disk budget may evict of it) and
-    the names it answers to (:func:`variant_aliases`), with its :func:`former_names` marked ``0.1:`` (what an
-    old pin may name: ``store.eviction.FORMER``)."""
+    the names it answers to (:func:`variant_aliases`), with its :func:`former_names` marked
+    :data:`~modeldepot.store.eviction.FORMER` (what an old pin may name)."""
     grouping = group_files(paths)
-    return [(v.name, own := grouping.own_files(v), variant_aliases(v) | {f"0.1:{name}" for name in former_names(own)})
+    return [(v.name, own := grouping.own_files(v), variant_aliases(v) | {FORMER + name for name in former_names(own)})
             for v in grouping.variants]  # fmt: skip
 
 

@@ -34,9 +34,10 @@ from modeldepot.errors import DepotError
 from modeldepot.hashing import chunk_count
 from modeldepot.store.partials import PartialState
 from modeldepot.store.store import Store
-from modeldepot.transfer.chain import FLEET_NODE_SETTING, NODE_API
+from modeldepot.transfer.chain import FLEET_NODE_SETTING, NODE_API, takes_token
 from modeldepot.transfer.choosing import token_refused
 from modeldepot.transfer.fleet import FleetView, PeerRow
+from modeldepot.transfer.sources import HttpSource
 
 __all__ = ["FLEET", "PUBLISH_INTERVAL", "HoldingsReader", "NodeFleet", "advertised_url"]
 
@@ -248,7 +249,11 @@ class NodeFleet:
             peers = [row for row in self.rows() if row.node_id != self.depot.node_id]
             if peers:
                 asked = random.sample(peers, min(TOKEN_CHECK_PEERS, len(peers)))
-                answers = await asyncio.gather(*(self._takes_token(row.url) for row in asked))
+                token = self.depot.config.node_token
+                answers = await asyncio.gather(
+                    *(asyncio.to_thread(takes_token, HttpSource(url, "node", token), TOKEN_CHECK_TIMEOUT)
+                      for url in (row.url.rstrip("/") for row in asked))
+                )  # fmt: skip
                 refusing = [row.node_id for row, takes in zip(asked, answers, strict=True) if takes is False]
                 verdict = token_refused(answers)
                 refused = None
@@ -263,22 +268,6 @@ class NodeFleet:
                 if verdict is not None:
                     self.refused = refused
             await asyncio.sleep(TOKEN_CHECK_EVERY)
-
-    async def _takes_token(self, url: str) -> bool | None:
-        """Whether the node at ``url`` answers this node's token (True), refuses it (False), or could not
-        say (None: out of reach, another answer)."""
-        token = self.depot.config.node_token
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        try:
-            async with (
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TOKEN_CHECK_TIMEOUT)) as session,
-                session.get(
-                    f"{url.rstrip('/')}{NODE_API}/info", headers=headers, allow_redirects=False
-                ) as answer,
-            ):
-                return True if answer.status == 200 else False if answer.status in (401, 403) else None
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            return None
 
     async def _ask_self(self, url: str) -> str | None:
         """None when this node answers its health at ``url``; else what went wrong."""

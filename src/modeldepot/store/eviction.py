@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["EvictionOrder", "Kept", "Unit", "Variants", "ok_bytes", "shared_blobs"]
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-FORMER = "0.1:"  # what marks a variant's former name among its aliases (hub.variants.variants_own_files)
+FORMER = "0.1:"  # marks a variant's former name among its aliases (hub.variants.variants_own_files writes it)
 PRUNE_TRIALS = 32  # walks of a plan again, at most, to take out what the bytes freed do not need
 
 Variants = Callable[[list[str]], list[tuple[str, frozenset[str], frozenset[str]]]]

@@ -592,7 +592,7 @@ class SourceChain:
         asked = [self._node(url) for url in random.sample(urls, min(TOKEN_CHECK_PEERS, len(urls)))]
         if not asked:
             return False
-        answers = await asyncio.gather(*(asyncio.to_thread(_takes_token, peer) for peer in asked))
+        answers = await asyncio.gather(*(asyncio.to_thread(takes_token, peer) for peer in asked))
         _TOKEN_VERDICT[:] = [now]
         judge_token(answers)
         for peer, takes in zip(asked, answers, strict=True):
@@ -691,13 +691,14 @@ def _judge_unanswering(peer: HttpSource, repo_id: str) -> None:
                 else f"{timed_out} in a row", UNANSWERING_FOR)  # fmt: skip
 
 
-def _takes_token(peer: HttpSource) -> bool | None:
-    """Whether ``peer`` answers its info to this node's token (True), refuses it (False: 401 or 403), or could
-    not say (None)."""
+def takes_token(peer: HttpSource, timeout: float = HEALTH_PROBE_TIMEOUT) -> bool | None:
+    """Whether ``peer`` answers its info to its source's token (True), refuses it (False: 401 or 403), or
+    could not say (None: out of reach, another answer). What a pull (:meth:`SourceChain._refused_by`) and a
+    serving node's health (``server.fleet``) both ask."""
     try:
-        reply = ranged.request("GET", f"{peer.base_url}{NODE_API}/info", peer.headers(), HEALTH_PROBE_TIMEOUT,
-                               1 << 16, ranged.Attempt())  # fmt: skip
-    except (OSError, http.client.HTTPException):
+        reply = ranged.request("GET", f"{peer.base_url}{NODE_API}/info", peer.headers(), timeout, 1 << 16,
+                               ranged.Attempt())  # fmt: skip
+    except (OSError, http.client.HTTPException, ValueError):  # ValueError: a URL the registry gave, unparsable
         return None
     return True if reply.status == 200 else False if reply.status in (401, 403) else None
 
