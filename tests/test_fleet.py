@@ -579,6 +579,42 @@ def test_nodes_join_see_each_other_leave_and_ride_out_an_etcd_outage(fleet: Flee
     assert any(a.id.encode() in k for k in keys)
 
 
+def test_a_node_alone_under_its_prefix_names_the_fleets_etcd_holds_under_others(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """A mistyped --cluster-prefix made a fleet of one without a word (an explorer's trial): the node, and
+    `peers`, name the prefixes etcd holds nodes under. The walk of etcd's keys steps over other programs'
+    keys and over a fleet's holdings (which sort before its nodes)."""
+    a, b = fleet.node("a").ready(), fleet.node("b").ready()
+    model = {"model.safetensors": weights(3, 2), "config.json": b"{}"}
+    modeldepot("import", str(write_model_dir(tmp_path / "m", model)), "--repo", "acme/m", "--home", str(a.home),
+               env=base_env())  # fmt: skip
+    wait_until(lambda: len(fleet.holdings(a.id)) == 2, 15, "a's holdings in etcd")
+
+    async def other_programs_keys() -> None:
+        client = aetcd.Client("127.0.0.1", fleet.etcd.client_port, timeout=5)
+        try:
+            for key in (b"/app/config", b"/modeldepot-notes", b"\x00first", b"zz/last"):
+                await client.put(key, b"not ours")
+        finally:
+            await client.close()
+
+    asyncio.run(other_programs_keys())
+    alone = fleet.node("c", None, "--cluster-prefix", "/modeldepto").ready()
+    wait_until(lambda: "no other node is registered under prefix /modeldepto" in alone.log_text(), 30,
+               "the lone node's warning")  # fmt: skip
+    assert "etcd holds nodes under /modeldepot (2 nodes)" in alone.log_text()
+    # a node with peers says nothing of the kind
+    assert "no other node is registered" not in a.log_text() + b.log_text()
+
+    listed = modeldepot("peers", "--cluster", fleet.etcd.cluster, "--cluster-prefix", "/nope", "--json",
+                        env=base_env())  # fmt: skip
+    assert json.loads(listed.stdout) == []
+    assert "no node is registered under prefix /nope" in listed.stderr
+    assert "/modeldepot (2 nodes), /modeldepto (1 node)" in listed.stderr, listed.stderr
+    assert "warning" not in modeldepot("peers", "--cluster", fleet.etcd.cluster, env=base_env()).stderr
+
+
 def test_etcd_credentials_are_checked_before_anything_connects(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_bytes(b"pa ss\r\n")

@@ -557,7 +557,7 @@ def peers_command(home: Path | None, cluster: str | None, cluster_prefix: str | 
     last_seen is the last moment this command's view of the registry knew the node alive (now). Exit 1
     when the registry cannot be reached. No store is read or made."""
     from modeldepot.config import DepotConfig
-    from modeldepot.transfer.fleet import BackgroundFleet
+    from modeldepot.transfer.fleet import BackgroundFleet, other_fleets
 
     try:
         config = DepotConfig.from_env()
@@ -571,6 +571,9 @@ def peers_command(home: Path | None, cluster: str | None, cluster_prefix: str | 
         fleet = BackgroundFleet.open(registry, prefix)
         try:
             rows, status = fleet.rows(), fleet.status()
+            elsewhere = (
+                fleet.fleets_elsewhere() if not rows and status is not None and status.connected else {}
+            )
         finally:
             fleet.close()
     except DepotError as error:
@@ -580,6 +583,10 @@ def peers_command(home: Path | None, cluster: str | None, cluster_prefix: str | 
         render.err.print(f"[red]error:[/red] the registry {escape(registry)} cannot be reached: "
                          f"{escape(status.last_error or 'no answer')}")  # fmt: skip
         sys.exit(EXIT_FAILURE)
+    if elsewhere:  # (a mistyped prefix listed no node, without a word: an explorer's trial)
+        render.err.print(f"[yellow]warning:[/yellow] no node is registered under prefix {escape(prefix)}, but "
+                         f"{escape(registry)} holds nodes under {escape(other_fleets(elsewhere))}: give "
+                         "--cluster-prefix (or MODELDEPOT_CLUSTER_PREFIX) to list them")  # fmt: skip
     if as_json:
         render.print_json([row.to_dict() for row in rows])
         return

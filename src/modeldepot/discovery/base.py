@@ -245,6 +245,11 @@ class Discovery(abc.ABC):
         """Make ``holdings`` (by SHA-256) this node's whole set: what is new or changed is written, what is
         gone is withdrawn, in batches."""
 
+    async def fleets_elsewhere(self) -> dict[str, int]:
+        """Other fleets the registry holds nodes of (their prefix: how many), for a node that finds itself
+        alone (a mistyped --cluster-prefix); none where the registry has no prefixes."""
+        return {}
+
     @abc.abstractmethod
     def peers(self) -> list[NodeRecord]:
         """The live nodes, this one included when registered, sorted by node id."""

@@ -36,7 +36,7 @@ from modeldepot.store.partials import PartialState
 from modeldepot.store.store import Store
 from modeldepot.transfer.chain import FLEET_NODE_SETTING, NODE_API, takes_token
 from modeldepot.transfer.choosing import token_refused
-from modeldepot.transfer.fleet import FleetView, PeerRow
+from modeldepot.transfer.fleet import FleetView, PeerRow, other_fleets
 from modeldepot.transfer.sources import HttpSource
 
 __all__ = ["FLEET", "PUBLISH_INTERVAL", "HoldingsReader", "NodeFleet", "advertised_url"]
@@ -51,6 +51,9 @@ ADVERTISED_RECHECK = 30.0
 # Whether the fleet takes this node's MODELDEPOT_TOKEN: a few peers asked for their info with it, soon after
 # the node registers, then every so often
 TOKEN_CHECK_PEERS, TOKEN_CHECK_FIRST, TOKEN_CHECK_EVERY, TOKEN_CHECK_TIMEOUT = 3, 3.0, 60.0, 5.0
+ALONE_CHECK_AFTER = (
+    10.0  # seconds after registering: a node still alone looks for fleets under other prefixes
+)
 
 
 def advertised_url(host: str, port: int) -> str:
@@ -172,6 +175,7 @@ class NodeFleet:
         self.refused: str | None = None
         self._check: asyncio.Task[None] | None = None
         self._token_check: asyncio.Task[None] | None = None
+        self._alone_check: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Connect and load the view (an unreachable registry is no error: the view starts empty), and let
@@ -198,6 +202,7 @@ class NodeFleet:
             self._check_advertised(url), name="advertised-url"
         )
         self._token_check = asyncio.get_running_loop().create_task(self._check_token(), name="fleet-token")
+        self._alone_check = asyncio.get_running_loop().create_task(self._check_alone(), name="fleet-alone")
         return self.record
 
     def _note_fleet_node(self) -> None:
@@ -269,6 +274,18 @@ class NodeFleet:
                     self.refused = refused
             await asyncio.sleep(TOKEN_CHECK_EVERY)
 
+    async def _check_alone(self) -> None:
+        """A node alone under its prefix while etcd holds nodes under others says so, once: a mistyped
+        ``--cluster-prefix`` made a fleet of one without a word (an explorer's trial)."""
+        await asyncio.sleep(ALONE_CHECK_AFTER)
+        if self.discovery is None or any(row.node_id != self.depot.node_id for row in self.rows()):
+            return
+        elsewhere = await self.discovery.fleets_elsewhere()
+        if elsewhere:
+            log.warning("cluster %s: no other node is registered under prefix %s, but etcd holds nodes under %s: "
+                        "is --cluster-prefix (MODELDEPOT_CLUSTER_PREFIX) the fleet's?", self.cluster, self.prefix,
+                        other_fleets(elsewhere))  # fmt: skip
+
     async def _ask_self(self, url: str) -> str | None:
         """None when this node answers its health at ``url``; else what went wrong."""
         assert self.record is not None
@@ -291,11 +308,11 @@ class NodeFleet:
 
     async def close(self) -> None:
         """Stop publishing, withdraw the record and holdings, disconnect. Idempotent."""
-        for check in (self._check, self._token_check):
+        for check in (self._check, self._token_check, self._alone_check):
             if check is not None:
                 check.cancel()
                 await asyncio.gather(check, return_exceptions=True)
-        self._check = self._token_check = None
+        self._check = self._token_check = self._alone_check = None
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

@@ -698,7 +698,7 @@ def takes_token(peer: HttpSource, timeout: float = HEALTH_PROBE_TIMEOUT) -> bool
     try:
         reply = ranged.request("GET", f"{peer.base_url}{NODE_API}/info", peer.headers(), timeout, 1 << 16,
                                ranged.Attempt())  # fmt: skip
-    except (OSError, http.client.HTTPException, ValueError):  # ValueError: a URL the registry gave, unparsable
+    except (OSError, http.client.HTTPException, ValueError):  # (ValueError: a registry's URL, unparsable)
         return None
     return True if reply.status == 200 else False if reply.status in (401, 403) else None
 

@@ -201,6 +201,15 @@ class BackgroundFleet(FleetView):
             raise
         return cls(discovery, loop, thread)
 
+    def fleets_elsewhere(self) -> dict[str, int]:
+        """:meth:`Discovery.fleets_elsewhere`, waited for ({} when it does not answer in time)."""
+        try:
+            future = asyncio.run_coroutine_threadsafe(self.discovery.fleets_elsewhere(), self.loop)
+            return future.result(FLEET_READ_TIMEOUT)
+        except Exception as error:  # (a hint, never a failure)
+            log.debug("looking for other fleets: %s", error)
+            return {}
+
     def close(self) -> None:
         """Disconnect (it registered nothing, so nothing is withdrawn) and stop the thread."""
         if self._detached:
@@ -212,6 +221,13 @@ class BackgroundFleet(FleetView):
             log.debug("closing the fleet's view: %s", error)
         finally:
             _stop_loop(self.loop, self._thread)
+
+
+def other_fleets(elsewhere: dict[str, int]) -> str:
+    """Fleets under other prefixes (:meth:`Discovery.fleets_elsewhere`), said in a few words."""
+    return ", ".join(
+        f"{prefix} ({count} node{'s' if count != 1 else ''})" for prefix, count in elsewhere.items()
+    )
 
 
 def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:

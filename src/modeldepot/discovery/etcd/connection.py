@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
@@ -32,6 +33,8 @@ T = TypeVar("T")
 
 _MAX_WARNED_KEYS = 1000
 CANCEL_GRACE = 1.0  # seconds a call that timed out is given to end once cancelled
+FLEETS_ELSEWHERE_STEPS = 64  # keys read, at most, looking for other fleets' prefixes
+_FLEET_KEY = re.compile(rb"(.+)/(?:nodes|holdings|claims)/", re.DOTALL)  # a fleet's key, its prefix first
 
 
 class EtcdConnection(ViewDiscovery):
@@ -148,6 +151,38 @@ class EtcdConnection(ViewDiscovery):
             # again after an etcd restart with authentication on (a review).
             raise ConnectionError("the etcd call was cancelled: its client was closed")
         return task.result()
+
+    async def fleets_elsewhere(self) -> dict[str, int]:
+        """The prefixes (but this node's) under which etcd holds node records, and how many: where the fleet
+        a node finds itself alone may be (a mistyped ``--cluster-prefix`` made a fleet of one without a word,
+        an explorer's trial). etcd's keys are walked a prefix at a time, FLEETS_ELSEWHERE_STEPS reads at most;
+        {} when etcd does not answer or lets this node read its own prefix alone (its authentication)."""
+        client, found = self._client, dict[str, int]()
+        start = b"\0"
+        try:
+            await self._call(client.connect())
+            for _ in range(FLEETS_ELSEWHERE_STEPS):
+                # aetcd takes no limit: its request, built as its own calls build it, is given one
+                request = client._build_get_range_request(key=start, range_end=b"\0", keys_only=True)
+                request.limit = 1
+                answer = await self._call(client.kvstub.Range(request, timeout=self.timeout,
+                                                              metadata=client.metadata))  # fmt: skip
+                if not answer.kvs:
+                    break
+                key = bytes(answer.kvs[0].key)
+                fleet = _FLEET_KEY.match(key)
+                if fleet is None:
+                    start = key + b"\0"
+                    continue
+                root = fleet.group(1) + b"/"
+                if root != self._keys.root:
+                    nodes = await self._call(client.get_prefix(root + b"nodes/", keys_only=True))
+                    if len(nodes):
+                        found[root[:-1].decode(errors="replace")] = len(nodes)
+                start = aetcd.utils.prefix_range_end(root)
+        except Exception as error:  # (best effort: a hint, never a failure)
+            log.debug("looking for other fleets in etcd: %s", describe(error))
+        return found
 
     def _ok(self) -> None:
         if self._connected:
