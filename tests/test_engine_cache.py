@@ -698,6 +698,49 @@ def test_eviction_closes_and_frees_the_engine() -> None:
     assert cache.evict("b") and closed == ["b"] and not cache.evict("b")
 
 
+def test_an_engine_evicted_while_held_is_taken_back_not_built_twice() -> None:
+    """A request thread held engine A while another's load evicted it: the next load of A built a second copy
+    beside the live one (8 threads on more models than fit: the process grew 25 MiB under a 6 MiB budget, an
+    explorer's trial). It is taken back; while held out it counts in the budget; what nobody holds, what was
+    closed, and what was evicted by name are built anew."""
+    built: list[str] = []
+
+    def loader(name: str) -> Callable[[], ClosingEngine]:
+        return lambda: built.append(name) or ClosingEngine(name)
+
+    ClosingEngine.closed = []
+    cache: LoadedModelCache[ClosingEngine] = LoadedModelCache(max_models=4, ttl=10, memory_budget=6,
+                                                              clock=(clock := Clock()))  # fmt: skip
+    held = cache.get_or_load("a", loader("a"), size=4)
+    cache.get_or_load("b", loader("b"), size=4)  # a goes out of the cache, still held by its caller
+    assert cache.keys() == ["b"] and ClosingEngine.closed == []
+    assert cache.get_or_load("a", loader("a2"), size=4) is held  # taken back, not built again
+    assert built == ["a", "b"] and cache.keys() == ["a"] and ClosingEngine.closed == ["b"]
+    # Held out, its bytes count: a small model loaded beside it evicts the idle one to make room for them
+    cache.get_or_load("c", loader("c"), size=1)  # a (4) + c (1) fit
+    cache.get_or_load("d", loader("d"), size=4)  # evicts a (held: 4 bytes still taken), then c (nobody's)
+    assert cache.keys() == ["d"] and "c" in ClosingEngine.closed and "a" not in ClosingEngine.closed
+    held.run()
+    # Let go of, it is freed and forgotten: the next load builds it
+    del held
+    assert cache.get_or_load("a", loader("a3"), size=4).name == "a3"
+    # Its own TTL running out as it is asked for again: built anew (an engine nobody holds, closed)
+    clock.now += 11
+    assert cache.get_or_load("a", loader("a4"), size=4).name == "a4" and "a3" in ClosingEngine.closed
+    # Evicted by name (a removed model's), it is not taken back, held or not
+    kept = cache.get_or_load("a", loader("a5"), size=4)
+    assert kept.name == "a4"
+    assert cache.evict("a") and cache.get_or_load("a", loader("a5"), size=4).name == "a5"
+    # Another hook (which may close what is held) is never taken back from
+    closed: list[str] = []
+    other: LoadedModelCache[ClosingEngine] = LoadedModelCache(
+        max_models=1, on_evict=lambda k, m: closed.append(k)
+    )
+    first = other.get_or_load("x", lambda: ClosingEngine("x"))
+    other.get_or_load("y", lambda: ClosingEngine("y"))
+    assert closed == ["x"] and other.get_or_load("x", lambda: ClosingEngine("x2")) is not first
+
+
 def test_default_hook_calls_close_of_an_engine_nobody_holds() -> None:
     ClosingEngine.closed = []
     cache: LoadedModelCache[ClosingEngine] = LoadedModelCache(max_models=1, ttl=10, clock=(clock := Clock()))

@@ -4,6 +4,7 @@ pulled through the chain when missing."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -123,6 +124,27 @@ def test_a_quant_loads_when_another_quant_beside_it_is_corrupt(loaded: Depot) ->
         loaded.load(REPO, "fp32", warmup=0)
 
 
+def test_a_session_a_request_still_runs_on_is_taken_back_not_built_twice(tmp_path: Path) -> None:
+    """One slot: a request held fp32's session while another loaded fp16; fp32's next load built a second
+    session beside the live one (an explorer's trial: the process past the budget). The live one is taken back."""
+    from modeldepot.engines import LoadedModelCache
+
+    cache: LoadedModelCache[object] = LoadedModelCache(max_models=1)
+    with Depot(tmp_path / "d", engine_cache=cache) as depot:
+        depot.import_dir(write_repo(tmp_path / "repo"), REPO)
+        running = depot.load(REPO, "fp32", warmup=0)
+        other = depot.load(REPO, "fp16", warmup=0)
+        assert len(cache.keys()) == 1
+        assert depot.load(REPO, "fp32", warmup=0) is running
+        assert depot.load(REPO, "fp16", warmup=0) is other  # (its turn to be held out: taken back too)
+        del running, other
+        gc.collect()
+        fresh = depot.load(REPO, "fp32", warmup=0)  # (nobody held it: built anew, and it works)
+        x = rng.standard_normal((2, 4)).astype(np.float32)
+        np.testing.assert_allclose(fresh.run(None, {"x": x})[0], x @ WEIGHT + BIAS, rtol=1e-5)
+        assert cache.stats().total_misses == 3
+
+
 def test_depots_sharing_an_engine_cache_let_go_of_their_own_engines_only(tmp_path: Path) -> None:
     """A cache given to two depots: each one's look for removed models took the other store's engines for
     removed ones and evicted them (every 2 s, a cold load each time); a remove in one dropped the other's."""
@@ -151,14 +173,16 @@ def test_load_picks_the_variant(loaded: Depot) -> None:
 def test_safetensors_and_callable_engines(depot: Depot, tmp_path: Path) -> None:
     folder = tmp_path / "st"
     folder.mkdir()
-    tensors = {"w": WEIGHT, "b": BIAS}
+    tensors = {"w": WEIGHT, "b": BIAS, "empty": np.zeros((0, 4), np.float32)}
     save_file(tensors, str(folder / "model.safetensors"))
     depot.import_dir(folder, "acme/st")
     loaded = depot.load("acme/st", engine="safetensors")
-    assert set(loaded) == {"w", "b"}
+    assert set(loaded) == {"w", "b", "empty"}
     np.testing.assert_array_equal(loaded["w"], WEIGHT)
     np.testing.assert_array_equal(loaded["b"], BIAS)
-    assert not loaded["w"].flags.writeable, "the tensors map the shared file: read-only"
+    # (an empty tensor too: it was a writable array, an explorer's find)
+    assert not any(t.flags.writeable for t in loaded.values()), "the tensors map the shared file: read-only"
+    assert loaded["empty"].shape == (0, 4)
     paths: list[Path] = []
 
     def engine(path: Path) -> str:

@@ -409,15 +409,16 @@ def test_a_fleet_without_a_token_shares_what_it_pulls(fleet: Fleet, tmp_path: Pa
         pulls = [subprocess.Popen([sys.executable, "-m", "modeldepot", "pull", REPO, "--home", str(node.home),
                                    "--cluster", node.cluster, "--json"], env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for node in nodes]  # fmt: skip
-        results = []
+        results, logs = [], []
         for pull in pulls:
             out, err = pull.communicate(timeout=240)
             assert pull.returncode == 0, err
             results.append(json.loads(out))
+            logs.append(err)
     finally:
         hub.stop()
     from_hub = sum(r["bytes_by_source"].get("hub", 0) for r in results)
-    assert from_hub <= 1.2 * size, [r["bytes_by_source"] for r in results]
+    assert from_hub <= 1.2 * size, ([r["bytes_by_source"] for r in results], logs)
     assert sum(r["bytes_by_source"].get("peer", 0) for r in results) >= 1.5 * size
 
 

@@ -135,6 +135,11 @@ _SAFETENSORS_ML_DTYPES = {
 _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 
 
+class Tensors(dict[str, Any]):
+    """A safetensors engine: its tensors by name (a dict, which the loaded-model cache may hold weakly: one
+    evicted while a caller holds it is taken back, not loaded twice)."""
+
+
 def load_safetensors(path: Path, framework: str = "numpy") -> dict[str, Any]:
     """Every tensor of a safetensors file: read-only numpy arrays that *map* the file (no copy: one copy
     in the page cache, shared by every worker and kept warm by the preloader), or ``pt`` tensors (copied,
@@ -145,8 +150,8 @@ def load_safetensors(path: Path, framework: str = "numpy") -> dict[str, Any]:
     """
     shards = safetensors_shard_names(path.name)
     if shards is None:
-        return _load_safetensors_file(path, framework)
-    tensors: dict[str, Any] = {}
+        return Tensors(_load_safetensors_file(path, framework))
+    tensors = Tensors()
     for shard in shards:
         if not (path.parent / shard).is_file():
             raise NotFoundError(f"{path.name} is one of {len(shards)} shards, and {shard} is not beside it")
@@ -175,11 +180,11 @@ def _load_safetensors_file(path: Path, framework: str) -> dict[str, Any]:
         dtype = numpy.dtype(types[name])
         start, end = info["data_offsets"]
         count = (end - start) // dtype.itemsize
-        array = (
-            numpy.frombuffer(mapping, dtype=dtype, count=count, offset=base + start)
-            if count
-            else numpy.empty(0, dtype)
-        )
+        if count:
+            array = numpy.frombuffer(mapping, dtype=dtype, count=count, offset=base + start)
+        else:  # (no bytes to map; read-only as every other tensor: it was writable, an explorer's find)
+            array = numpy.empty(0, dtype)
+            array.flags.writeable = False
         tensors[name] = array.reshape(info["shape"])
     return tensors
 

@@ -30,6 +30,12 @@ Design notes (where the seed was thin or wrong):
   applied only when the next load came, an engine a worker stopped asking for stayed loaded, and counted,
   for good (a trial: two engines, 38 MB, kept a minute past a TTL of 1 s). A cache given its own ``clock``
   has no real time to wait on: its TTL applies as it is used (and :meth:`LoadedModelCache.evict_stale`).
+- An engine evicted by the limits (LRU, budget, TTL, memory pressure) while a caller still holds it is
+  remembered by a weak reference: the next load of its key takes it back into the cache rather than build a
+  second copy beside it (8 request threads on more models than fit built copy after copy: the process grew
+  25 MiB under a 6 MiB budget, an explorer's trial), and until its holders let go its bytes count in the
+  budget's projection (what is loaded next evicts idle engines for them). An explicit :meth:`evict` or
+  :meth:`clear` forgets it: the next load builds anew.
 - A size that is not given is measured as the process's RSS growth during the load (a rough figure when
   loads overlap, and 0 if memory was freed meanwhile).
 """
@@ -430,6 +436,8 @@ class LoadedModelCache(Generic[M]):
         # Recency is each entry's last_used: a hit only stamps it (no reordering on the hot path);
         # eviction, rare, looks for the oldest among the few entries.
         self._entries: dict[Hashable, _Entry[M]] = {}
+        # Engines the limits evicted, by key, while they may still be held: (weak reference, size)
+        self._held_out: dict[Hashable, tuple[weakref.ref[Any], int]] = {}
         self._next_sweep = 0.0  # when expired entries are next looked for (at most once a second)
         self._flights: dict[Hashable, _Flight] = {}
         self._flight_ended = threading.Condition(self._lock)  # (a load waiting for room waits on it)
@@ -485,6 +493,8 @@ class LoadedModelCache(Generic[M]):
             self._next_sweep = now + min(self.ttl or 1.0, 1.0)
             entry = self._entries.get(key)
             flight = self._flights.get(key)
+            if entry is None and flight is None and all(k != key for k, _ in evicted):  # (not if it just expired)
+                entry = self._take_back_locked(key, now, evicted)
             leader = entry is None and flight is None
             if entry is not None:
                 self._hits += 1
@@ -543,6 +553,20 @@ class LoadedModelCache(Generic[M]):
                 raise own from flight.error
             return flight.model  # type: ignore[no-any-return]
         return self._lead(key, flight, loader, size)
+
+    def _take_back_locked(
+        self, key: Hashable, now: float, evicted: list[tuple[Hashable, M]]
+    ) -> _Entry[M] | None:
+        """The engine of ``key`` the limits evicted while a caller held it, back in the cache when it is still
+        alive (what it pushes out goes into ``evicted``); None when it is gone."""
+        held = self._held_out.pop(key, None)
+        model = held[0]() if held is not None else None
+        if held is None or model is None:
+            return None
+        entry = self._entries[key] = _Entry(model, held[1], now, now)
+        evicted.extend(self._enforce_locked(keep=key))
+        log.debug("%r, evicted while still held, is taken back into the cache", key)
+        return entry
 
     def _abandon(self, key: Hashable, flight: _Flight) -> None:
         """A load given up before its loader ran (its caller interrupted): no longer under way, its room free,
@@ -703,7 +727,21 @@ class LoadedModelCache(Generic[M]):
         if self.memory_budget is None:
             return True
         loading = sum(f.size or 0 for f in self._loading_locked(key))
-        return self._total_locked() + loading + incoming <= self.memory_budget
+        return self._total_locked() + self._held_out_locked() + loading + incoming <= self.memory_budget
+
+    def _held_out_locked(self) -> int:
+        """The bytes of the engines the limits evicted that their callers still hold (the dead forgotten)."""
+        for key in [k for k, (ref, _) in self._held_out.items() if ref() is None]:
+            del self._held_out[key]
+        return sum(size for _, size in self._held_out.values())
+
+    def _remember_locked(self, key: Hashable, entry: _Entry[M]) -> None:
+        """An entry the limits evict: its engine is taken back if a caller still holds it when next asked
+        (forgotten by :meth:`_run_hooks` when it is closed, or when it cannot be weakly referenced)."""
+        try:
+            self._held_out[key] = (weakref.ref(entry.model), entry.size)
+        except TypeError:  # (a plain dict, a tuple: no weak reference to them)
+            self._held_out.pop(key, None)
 
     def _enforce_locked(self, keep: Hashable) -> list[tuple[Hashable, M]]:
         """After a load: the limits again, with what the new entry really took beside the loads under way;
@@ -723,7 +761,9 @@ class LoadedModelCache(Generic[M]):
         if not candidates:
             return False  # everything left is pinned (or the one kept): the limit gives way
         _, key = min(candidates, key=lambda pair: pair[0])
-        evicted.append((key, self._entries.pop(key).model))
+        entry = self._entries.pop(key)
+        self._remember_locked(key, entry)
+        evicted.append((key, entry.model))
         self._evictions += 1
         return True
 
@@ -732,6 +772,8 @@ class LoadedModelCache(Generic[M]):
             return []
         deadline = (self._clock() if now is None else now) - self.ttl
         stale = [k for k, e in self._entries.items() if e.pins == 0 and e.last_used <= deadline]
+        for key in stale:
+            self._remember_locked(key, self._entries[key])
         evicted = [(k, self._entries.pop(k).model) for k in stale]
         self._evictions += len(evicted)
         return evicted
@@ -741,7 +783,12 @@ class LoadedModelCache(Generic[M]):
         while evicted:
             key, model = evicted.pop()
             try:
-                if self.on_evict is default_on_evict and _references_to(model) > _OWN_REFERENCES:
+                # (judged and forgotten at once: a load that took it back meanwhile holds it)
+                with self._lock:
+                    held = self.on_evict is default_on_evict and _references_to(model) > _OWN_REFERENCES
+                    if not held and (out := self._held_out.get(key)) is not None and out[0]() is model:
+                        del self._held_out[key]  # (closed, or given to another hook: never taken back)
+                if held:
                     log.debug("%r left the cache while still held: it goes when its holders let go", key)
                 else:
                     self.on_evict(key, model)
@@ -754,6 +801,7 @@ class LoadedModelCache(Generic[M]):
         it ends (its callers still get it)."""
         with self._lock:
             entry = self._entries.pop(key, None)
+            self._held_out.pop(key, None)
             if entry is not None:
                 self._evictions += 1
             if key in self._flights:
@@ -782,6 +830,7 @@ class LoadedModelCache(Generic[M]):
             evicted = list((k, e.model) for k, e in self._entries.items())
             self._evictions += len(evicted)
             self._entries.clear()
+            self._held_out.clear()
         self._run_hooks(evicted)
 
     # -- pins and queries -------------------------------------------------------------------------------
