@@ -510,6 +510,9 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
         linked_ones: set[str] = set()  # (SHA-256s) the partials that are hard links to the cache's files
         sources_of: dict[str, Path] = {}  # SHA-256 -> the cache's file it was staged from
         held = HeldContents(store, writer, store.chunk_size)
+        twice: list[
+            int
+        ] = []  # the sizes of the blobs the store holds in a file of its own beside the cache's
         for etag, source in sorted(sources.items()):
             what = f"{repo.repo_id}/{source.path}"
             if len(etag) == 64 and held.may_hold(source.size, etag):  # (held: hashed where it is, not copied)
@@ -525,6 +528,8 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
                     verified[etag] = _Verified(
                         digest, True, git_blob_oid(lfs_pointer(digest.sha256, digest.size))
                     )
+                    if link and _twice(source.source, store.blobs.path(digest.sha256)):
+                        twice.append(source.size)
                     continue
                 done[0] -= source.size  # (gone meanwhile: staged below, as any other)
             staging = functools.partial(stage_blob, session, source.source, store.chunk_size,
@@ -550,6 +555,8 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
                     linked_ones.add(digest.sha256)
         room_for_new(store, writer, partials, doing, free=linked_ones)
         revisions, new = _publish_revisions(store, scan, repo, verified, partials, private)
+        twice.extend(partials[sha256].size for sha256, source in sources_of.items()
+                     if link and sha256 not in new and _twice(source, store.blobs.path(sha256)))  # fmt: skip
         writer.keep_within()
         run.enter_context(this_repo.pop_all())  # (the writer, which reserves no more, keeps the repo)
     new_bytes = sum(p.size for sha256, p in partials.items() if sha256 in new)
@@ -558,11 +565,28 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
     if link:
         _say_why_copied(store, scan, repo, {sha256: (sources_of[sha256], partials[sha256].size)
                                             for sha256 in new - linked_ones})  # fmt: skip
+    if (
+        twice
+    ):  # (pulled before the cache was adopted, or two imports at once: on the disk twice, without a word)
+        scan.problem(repo.repo_id, repo.folder / "blobs", "held-twice",
+                     f"{len(twice)} blob(s) ({size_text(sum(twice))}) are on the disk twice, the store's file "
+                     f"beside the cache's: `modeldepot hf-cache export {repo.repo_id}` (-r for each commit) makes "
+                     "the cache's a hard link to the store's")  # fmt: skip
     contents = frozenset(v.digest.sha256 for v in verified.values())  # (those held too: hashed in place)
     adopted = HfCacheRepo(
         repo.repo_id, tuple(revisions), len(contents), len(new), new_bytes, linked, len(new) - linked
     )
     return adopted, contents
+
+
+def _twice(cached: Path, blob: Path) -> bool:
+    """Whether the cache's file and the store's blob are two files of one file system (which a hard link
+    could make one: not across file systems, where a copy is all there can be)."""
+    try:
+        first, second = os.stat(cached), os.stat(blob)
+    except OSError:
+        return False
+    return first.st_dev == second.st_dev and first.st_ino != second.st_ino
 
 
 def _noted(

@@ -48,6 +48,7 @@ NOTES = frozenset(
         "new-cache",
         "copied",
         "repaired",
+        "held-twice",
     }
 )
 

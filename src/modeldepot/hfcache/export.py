@@ -308,8 +308,11 @@ class _CacheWriter:
         is CorruptBlobError, never linked or taken as already there."""
         record = BlobRecord(entry.sha256, entry.size, entry.chunk_size)
         store.check_if_changed(record)
-        if self._holds(store, entry, target):
+        held = self._holds(store, entry, target)
+        if held == "ours" or (held == "same" and not (link and self._share(store, record, target))):
             return "kept"
+        if held == "same":
+            return "linked"
         if os.path.isfile(target) and within(self.real, os.path.realpath(target)):
             # a file of the cache with other bytes than its name's: replaced, and said (it was without a word:
             # the user may have copies of those bytes); not a dangling link, nor one out of the cache (a review)
@@ -334,23 +337,43 @@ class _CacheWriter:
             raise
         return how
 
-    def _holds(self, store: Store, entry: FileEntry, target: Path) -> bool:
-        """Whether ``target`` is already the file's bytes: the store's own inode, or a file of the cache
-        (maybe a link into huggingface_hub's shared blobs, inside the cache) whose bytes match its name."""
+    def _holds(self, store: Store, entry: FileEntry, target: Path) -> str | None:
+        """Whether ``target`` is already the file's bytes: "ours" (the store's own inode), "same" (a file of
+        the cache, maybe a link into huggingface_hub's shared blobs inside it, whose bytes match its name) or
+        None."""
         real = os.path.realpath(target)
         try:
             info = os.stat(real)
         except OSError:
-            return False
+            return None
         if not within(self.real, real) or not stat.S_ISREG(info.st_mode) or info.st_size != entry.size:
-            return False
+            return None
         try:
             ours = os.stat(store.blobs.path(entry.sha256))
             if (ours.st_dev, ours.st_ino) == (info.st_dev, info.st_ino):
-                return True
+                return "ours"
         except OSError:
             pass
-        return etag_of_file(Path(real), entry.size, entry.lfs) == entry.etag
+        return "same" if etag_of_file(Path(real), entry.size, entry.lfs) == entry.etag else None
+
+    def _share(self, store: Store, blob: BlobRecord, target: Path) -> bool:
+        """Make the cache's own copy of the blob's bytes (checked: :meth:`_holds`) a hard link to the store's
+        blob; False, nothing changed, when it is a link or the file systems do not allow it. A model pulled
+        before its cache was adopted, or adopted by two imports at once, stayed on disk twice for good (an
+        export called it "already there", an explorer's trial); huggingface_hub replaces blobs by a rename too.
+        """
+        if os.path.islink(target):
+            return False
+        temporary = self._temporary(target.parent)
+        try:
+            if not _link_blob(store, blob, temporary):
+                return False
+            os.replace(temporary, target)
+        except OSError:  # (read-only cache folder: the copy stays, as before)
+            return False
+        finally:
+            unlink_quietly(temporary)
+        return True
 
     def link(self, snapshot: Path, path: str, blob: Path) -> bool:
         """``snapshots/<commit>/<path>`` -> the relative way to ``blob``, as huggingface_hub links it. False,
