@@ -260,7 +260,10 @@ def test_an_adopted_commit_the_cache_holds_in_part_is_known_as_partial(
 
 
 def test_a_commit_adopted_without_its_listing_is_not_taken_for_the_whole_of_it(
-    tmp_path: Path, source: tuple[Depot, LiveNode], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    source: tuple[Depot, LiveNode],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A cache filled file by file (hf_hub_download, transformers' way) has no trees/<commit>.json: what it
     holds of a commit was taken for the whole commit. A pull of that commit by its id fetched nothing and
@@ -293,6 +296,17 @@ def test_a_commit_adopted_without_its_listing_is_not_taken_for_the_whole_of_it(
             plain.stop()
         with pytest.raises(EntryNotFoundError, match="its commit may have it"):
             depot.file_path(SAMPLE, "model.safetensors", revision=commit)
+    # Offline, a pull of it cannot know the rest: it said "(all files)" without a word (an explorer's trial)
+    offline = CliRunner().invoke(cli, ["pull", SAMPLE, "-r", commit, "--home", str(tmp_path / "store")],
+                                 env={"MODELDEPOT_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert offline.exit_code == 0, offline.output
+    assert "holds 1 files of acme/sample" in caplog.text and "pull it online" in caplog.text
+    caplog.clear()
+    by_branch = CliRunner().invoke(cli, ["pull", SAMPLE, "--home", str(tmp_path / "store")],
+                                   env={"MODELDEPOT_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert by_branch.exit_code == 0 and "pull it online" in caplog.text, by_branch.output
+    with Depot(tmp_path / "store") as depot:  # (the pull made it "imported", and the next pull took it whole)
+        assert depot.store.origin(SAMPLE) == ("hf-cache", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", node.url)
     with Depot(tmp_path / "store") as depot:

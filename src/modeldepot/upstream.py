@@ -153,7 +153,15 @@ class Upstream:
         """The manifest to pull ``revision`` by: the saved one when it answers it (a commit id it was
         scanned at, or, offline, the branch it was scanned at); else a fresh scan."""
         if self._config().offline:
-            return self._offline_manifest(repo_id, revision)
+            held = self._offline_manifest(repo_id, revision)
+            if self._held_in_part(held):
+                # (an offline pull of it said "(all files)", and `path` of a file it lacked said to pull it:
+                # an explorer's trial)
+                log.warning("offline mode: the store holds %d files of %s@%s, and not the commit's listing (adopted "
+                            "from a Hugging Face cache without it, or scanned from a node that held part of it): "
+                            "whether the commit has other files only its upstream can tell (pull it online)",
+                            len(held.files), held.repo_id, held.commit_id[:12])  # fmt: skip
+            return held
         try:
             saved = current_manifest(self.store, repo_id)
         except NotFoundError:

@@ -58,7 +58,9 @@ class RevisionSpec:
     # The repo's visibility: None keeps what the store has (a new repo is public). It is the whole repo's, as
     # on the Hub: an import of a branch without --private made a private repo's main public (a trial).
     private: bool | None = None
-    origin: str = "import"
+    # Where the repo came from: "import", "hf-cache", an upstream's URL; None keeps the repo's (a pull of what
+    # the store holds, offline: it made an adopted repo "imported", and lost what it knew of it, a trial)
+    origin: str | None = "import"
     # The revision's model card. The repo's (its listings, its model info) is main's, or the newest
     # revision's where it has no main: see _record_repo.
     card: dict[str, Any] = field(default_factory=dict)
@@ -324,7 +326,7 @@ def _record_repo(con: sqlite3.Connection, spec: RevisionSpec, now: float) -> Non
     if row is None:
         con.execute(
             "INSERT INTO repos (repo_id, private, origin, card, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (spec.repo_id, int(bool(spec.private)), spec.origin, json.dumps(spec.card), now, now),
+            (spec.repo_id, int(bool(spec.private)), spec.origin or "import", json.dumps(spec.card), now, now),
         )
         return
     private = bool(row[0]) if spec.private is None else spec.private
@@ -333,7 +335,7 @@ def _record_repo(con: sqlite3.Connection, spec: RevisionSpec, now: float) -> Non
         "SELECT 1 FROM refs WHERE repo_id = ? AND name = ?", (spec.repo_id, DEFAULT_BRANCH)
     ).fetchone()
     if spec.branch == DEFAULT_BRANCH or has_main is None:
-        origin = spec.origin
+        origin = spec.origin or origin
         if spec.card_known:
             card = spec.card
         else:

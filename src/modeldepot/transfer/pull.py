@@ -29,7 +29,7 @@ from modeldepot.errors import (
     UpstreamError,
 )
 from modeldepot.hashing import BlobDigest
-from modeldepot.hub.manifest import INTERRUPTED, Manifest, RemoteFile
+from modeldepot.hub.manifest import IMPORTED_ENDPOINT, INTERRUPTED, Manifest, RemoteFile
 from modeldepot.hub.variants import gguf_shard_names, safetensors_shard_names
 from modeldepot.modelcard import upstream_card
 from modeldepot.openfiles import open_file_limit, raise_open_file_limit
@@ -353,7 +353,9 @@ def revision_spec(manifest: Manifest, branch: str | None) -> RevisionSpec:
     # What was private or gated upstream stays behind this node's token; a repo private here stays so.
     private = True if manifest.private or manifest.gated else None
     seen_at = manifest.scanned_at if branch is not None and branch == manifest.revision else None
-    return RevisionSpec(manifest.repo_id, manifest.commit_id, branch, private, manifest.endpoint, card,
+    # (offline, the manifest is what the store holds: the repo's origin stays)
+    origin = None if manifest.endpoint == IMPORTED_ENDPOINT else manifest.endpoint
+    return RevisionSpec(manifest.repo_id, manifest.commit_id, branch, private, origin, card,
                         branch_seen_at=seen_at)  # fmt: skip
 
 
