@@ -13,7 +13,7 @@ PACKAGE = Path(modeldepot.__file__).parent
 LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (0, ("modeldepot._version", "modeldepot.errors", "modeldepot.validation", "modeldepot.config",
          "modeldepot.hashing", "modeldepot.gitobjects", "modeldepot.modelcard", "modeldepot.counters",
-         "modeldepot.ratelimit", "modeldepot.openfiles")),
+         "modeldepot.ratelimit", "modeldepot.openfiles", "modeldepot.memory")),
     (1, ("modeldepot.store",)),
     (2, ("modeldepot.hub", "modeldepot.transfer", "modeldepot.preload", "modeldepot.engines",
          "modeldepot.discovery", "modeldepot.hfcache", "modeldepot.tiers", "modeldepot.uses",

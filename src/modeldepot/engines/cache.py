@@ -65,6 +65,7 @@ from typing import Any, Generic, TypeVar
 
 from modeldepot.config import parse_size
 from modeldepot.errors import ConfigError, InvalidInputError
+from modeldepot.memory import available_fraction
 from modeldepot.store.forking import start_over_after_fork
 
 __all__ = ["CacheStats", "LoadedModelCache", "close_on_evict", "default_on_evict", "process_rss_bytes"]
@@ -93,13 +94,8 @@ def process_rss_bytes() -> int:
 
 
 def _available_fraction() -> float:
-    """MemAvailable / MemTotal from ``/proc/meminfo``; 1.0 where unknown."""
-    try:
-        with open("/proc/meminfo") as handle:
-            fields = {line.split(":")[0]: int(line.split()[1]) for line in handle if line.count(" ") >= 1}
-        return fields["MemAvailable"] / fields["MemTotal"]
-    except (OSError, ValueError, KeyError, ZeroDivisionError, IndexError):
-        return 1.0
+    """The share of memory still available to this process: the machine's, or its container's when lower."""
+    return available_fraction()
 
 
 def close_on_evict(key: Hashable, model: Any) -> None:

@@ -36,6 +36,7 @@ from typing import Any
 from modeldepot.config import parse_share, parse_size
 from modeldepot.errors import ConfigError, CorruptBlobError, DepotError, InvalidInputError, NotFoundError
 from modeldepot.hub.variants import group_files
+from modeldepot.memory import ram_bytes
 from modeldepot.preload.copies import STRATEGIES, FileCopy
 from modeldepot.preload.residency import MlockError, lock, resident_bytes, unlock
 from modeldepot.store.access import ModelAccess
@@ -71,7 +72,8 @@ def _check_model_count(top_n: object) -> None:
 
 
 def parse_budget(budget: int | str) -> int:
-    """Bytes from ``"50%"`` (of the machine's RAM), ``"8GiB"`` or a number."""
+    """Bytes from ``"50%"`` (of the RAM this process may use: the machine's, or its container's limit when
+    lower), ``"8GiB"`` or a number."""
     if isinstance(budget, bool) or not isinstance(budget, (int, str)):
         raise ConfigError(f"a preload budget is a number of bytes or a text like 8GiB or 50%, not {budget!r}")
     if isinstance(budget, int):
@@ -98,7 +100,8 @@ def parse_budget(budget: int | str) -> int:
                           "more than 0 bytes")  # fmt: skip
     if value > (ram := _ram()):  # ("150%" was refused, 2**80 bytes taken: a budget that never evicts)
         raise ConfigError(f"the preload budget {budget!r} (--preload-budget, MODELDEPOT_PRELOAD_BUDGET) is more "
-                          f"than this machine's RAM ({ram / (1 << 30):.1f} GiB): give 100% at most")  # fmt: skip
+                          f"than the RAM this process may use ({ram / (1 << 30):.1f} GiB: the machine's, or its "
+                          "container's limit): give 100% at most")  # fmt: skip
     return value
 
 
@@ -107,8 +110,8 @@ def _nothing() -> None:
 
 
 def _ram() -> int:
-    """Bytes of RAM the machine has."""
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """Bytes of RAM this process may use: the machine's, or its container's (control group's) limit."""
+    return ram_bytes()
 
 
 @dataclass
