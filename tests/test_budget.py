@@ -241,7 +241,9 @@ def test_preloaded_and_loaded_models_and_pulls_in_progress_are_in_use(store: Dep
     held = store.preloader.get("acme/preloaded")  # (a preload a caller holds does not give way)
     with pytest.raises(BudgetExceededError) as refused:
         store.import_dir(model(tmp_path, "acme/new"), "acme/new")
-    assert "pinned, in use (loaded by this process) or files this write reuses" in str(refused.value)
+    assert "pinned, in use (loaded, or mapped or open, in this process) or files this write reuses" in str(
+        refused.value
+    )
     assert repos(store) == {"acme/loaded", "acme/preloaded", "acme/pulling"}
     held.release()
 
@@ -259,6 +261,35 @@ def test_preloaded_and_loaded_models_and_pulls_in_progress_are_in_use(store: Dep
     budget = store.store.budget
     with budget.writing("acme/other") as writer:
         assert "acme/pulling" not in budget._kept(writer).repos
+
+
+def test_a_file_this_process_maps_or_holds_open_is_in_use(store: Depot, tmp_path: Path) -> None:
+    """An inference server read a model through get_file while an import needed room: its revision was
+    evicted, its disk space stayed taken by the mapping, and the budget said it was free (an explorer's
+    trial). A live view, mapping or stream keeps it; once let go of, it may go."""
+    for name in ("acme/mapped", "acme/streamed", "acme/idle"):
+        store.import_dir(model(tmp_path, name), name)
+    view = store.get_file("acme/mapped", "model.safetensors")
+    with store.open_file("acme/streamed", "model.safetensors") as stream:
+        assert store.budget_status().in_use_bytes >= 2 * MB
+        for name in ("acme/new", "acme/newer"):  # (room for each: the one not in use goes)
+            store.import_dir(model(tmp_path, name), name)
+            assert {"acme/mapped", "acme/streamed", name} == repos(store)
+        assert stream.read(8) == (tmp_path / "src" / "acme/streamed" / "model.safetensors").read_bytes()[:8]
+    # Closed, the stream keeps nothing: its revision, the least recently used, goes next
+    store.import_dir(model(tmp_path, "acme/newest"), "acme/newest")
+    assert repos(store) == {"acme/mapped", "acme/newer", "acme/newest"}
+    with store.map_file("acme/newer", "model.safetensors") as mapped:
+        assert len(mapped) == MB
+        with pytest.raises(
+            BudgetExceededError, match=r"in use \(loaded, or mapped or open, in this process\)"
+        ):
+            store.import_dir(model(tmp_path, "acme/big", size=2 * MB), "acme/big")
+    assert bytes(view[:8]) == (tmp_path / "src" / "acme/mapped" / "model.safetensors").read_bytes()[:8]
+    del view  # (unmapped: it may go too)
+    store.import_dir(model(tmp_path, "acme/big", size=2 * MB), "acme/big")
+    assert repos(store) == {"acme/big"} | (repos(store) & {"acme/newer", "acme/newest"})
+    assert "acme/mapped" not in repos(store)
 
 
 def test_an_update_of_a_pinned_model_that_cannot_fit_beside_it_says_why(

@@ -464,14 +464,17 @@ class Depot(Upkeep):
         store, entry = self._entry(repo_id, path, revision)
         mapping = store.map(entry)
         self._record_read(store, entry)
+        self._held_by_caller(store, entry, mapping)
         return memoryview(mapping) if mapping is not None else memoryview(b"")
 
     @any_case
     def map_file(self, repo_id: str, path: str, revision: str = "main") -> MappedFile:
         """Like :meth:`get_file`, as a context manager that unmaps the file on exit."""
         store, entry = self._entry(repo_id, path, revision)
-        mapped = MappedFile(entry, store.map(entry))
+        mapping = store.map(entry)
+        mapped = MappedFile(entry, mapping)
         self._record_read(store, entry)
+        self._held_by_caller(store, entry, mapping)
         return mapped
 
     @any_case
@@ -480,7 +483,14 @@ class Depot(Upkeep):
         store, entry = self._entry(repo_id, path, revision)
         stream = store.open(entry)
         self._record_read(store, entry)
+        self._held_by_caller(store, entry, stream)
         return stream
+
+    def _held_by_caller(self, store: Store, entry: FileEntry, handle: object) -> None:
+        """A file of this depot's store handed out mapped or open: the disk budget keeps its revision while the
+        handle lives (evicted, its disk space stayed taken, the budget saying it was free: an explorer's trial)."""
+        if store is self.store and handle is not None:
+            self._held.add_view(handle, entry.repo_id, entry.commit_id, entry.path)
 
     @any_case
     def get_chunk(self, repo_id: str, path: str, index: int, revision: str = "main") -> memoryview:

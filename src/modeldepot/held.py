@@ -1,4 +1,5 @@
-"""What one process holds in memory of the store: its preloads (the RAM tier) and its loaded engines.
+"""What one process holds in memory of the store: its preloads (the RAM tier), its loaded engines, and the
+files it maps or holds open through the depot (``get_file``, ``map_file``, ``open_file``).
 
 The disk budget never evicts them (:meth:`HeldModels.in_use`), and once what they map leaves the store (an
 `rm`, here or in another process, a quarantined blob, a variant's files taken out of a revision) they are
@@ -9,6 +10,8 @@ process removed (:meth:`HeldModels.let_go_of_removed`).
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 import weakref
 from collections.abc import Callable, Collection, Sequence
@@ -51,6 +54,11 @@ def _maps_one_of(model_file: object, paths: Collection[str], revision_paths: Col
     )
 
 
+def _open(handle: object) -> bool:
+    """Whether a handle followed is alive and not closed (a closed mmap, a closed stream)."""
+    return handle is not None and not getattr(handle, "closed", False)
+
+
 class HeldModels:
     """This process's preloads and engines of ``store`` (made on first use elsewhere: asked through
     ``preloader()`` and ``engines()``, which return None until they exist)."""
@@ -69,6 +77,40 @@ class HeldModels:
         self._own_preloaders: weakref.WeakSet[Preloader] = weakref.WeakSet()
         # (a tier built on the depot's store is the depot's too: Preloader(depot.store))
         store.held_models = self
+        # Files handed out mapped or open, by a number of their own: (weak reference, repo, commit, path). An
+        # import evicted a revision an inference server read through get_file: its disk space stayed taken
+        # while the budget said it was free (an explorer's trial); evicting it frees nothing while it is held.
+        self._views: dict[int, tuple[weakref.ref[Any], str, str, str]] = {}
+        self._view_numbers = itertools.count()
+        self._views_lock = threading.Lock()
+        self._views_pruned_at = 0  # how many there were at the last prune (the next is at twice as many)
+
+    def add_view(self, handle: object, repo_id: str, commit_id: str, path: str) -> None:
+        """A file of the store this process maps or holds open (``handle``: the mapping or the stream): in use
+        while it lives and is not closed."""
+        try:
+            reference = weakref.ref(handle)
+        except TypeError:  # (no weak reference to it: nothing to follow)
+            return
+        with self._views_lock:
+            self._views[next(self._view_numbers)] = (reference, repo_id, commit_id, path)
+            if len(self._views) > 2 * self._views_pruned_at + 64:
+                self._prune_views_locked()
+
+    def _prune_views_locked(self) -> None:
+        for number in [n for n, (reference, *_) in self._views.items() if not _open(reference())]:
+            del self._views[number]
+        self._views_pruned_at = len(self._views)
+
+    def viewed(self) -> dict[tuple[str, str], set[str]]:
+        """(repo, commit) -> the files this process maps or holds open through the depot now."""
+        with self._views_lock:
+            self._prune_views_locked()
+            views = list(self._views.values())
+        found: dict[tuple[str, str], set[str]] = {}
+        for _, repo_id, commit_id, path in views:
+            found.setdefault((repo_id, commit_id), set()).add(path)
+        return found
 
     def add_preloader(self, preloader: Preloader) -> None:
         """A RAM tier built on this depot: its models count as in use, and go once removed."""
@@ -93,7 +135,8 @@ class HeldModels:
         return list(preloader.revisions(gives_way=True)) if preloader is not None else []
 
     def loaded(self) -> list[tuple[str, str | None]]:
-        """The revisions of this process's loaded engines, and of its preloads held or pinned (never evicted)."""
+        """The revisions of this process's loaded engines, of its preloads held or pinned, and of the files it
+        maps or holds open (never evicted)."""
         preloader, engines = self._preloader(), self._engines()
         used: list[tuple[str, str | None]] = (
             list(preloader.revisions(gives_way=False)) if preloader is not None else []
@@ -105,12 +148,14 @@ class HeldModels:
             revision = engine_revision(key, self.store)
             if revision is not None:
                 used.append((revision[0], revision[1]))
+        used.extend(self.viewed())
         return used
 
     def paths_in_use(self) -> dict[tuple[str, str], set[str]]:
-        """(repo, commit) -> the files this process's preloads map and its engines were loaded from."""
+        """(repo, commit) -> the files this process's preloads map, its engines were loaded from, and it maps
+        or holds open through the depot."""
         engines = self._engines()
-        found: dict[tuple[str, str], set[str]] = {}
+        found: dict[tuple[str, str], set[str]] = self.viewed()
         for preloader in self._preloaders():
             for held, mapped in preloader.paths().items():
                 found.setdefault(held, set()).update(mapped)

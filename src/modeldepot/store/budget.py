@@ -563,7 +563,7 @@ class DiskBudget:
         if kept_bytes + needed > budget:
             raise BudgetExceededError(
                 f"{doing}: {size_text(needed)} more does not fit in the disk budget of {size_text(budget)}, even after "
-                f"evicting every model that may go: {size_text(kept_bytes)} are pinned, in use (loaded by this process) or files this write reuses"
+                f"evicting every model that may go: {size_text(kept_bytes)} are pinned, in use (loaded, or mapped or open, in this process) or files this write reuses"
                 + (f" or of {writer.repo_id} itself" if writer is not None and writer.commit_id is None else "")
                 + self._writes_under_way(writer)
                 + f" (pinned: {size_text(self.status().pinned_bytes)}); nothing was removed. Raise the budget "
