@@ -458,6 +458,22 @@ def test_load_uses_the_preloaded_copy_and_times_both_ways(loaded: Depot) -> None
     assert top[(REPO, "fp16")] == 1 and top[(REPO, "fp32")] == 1  # (a load without one: the variant loaded)
 
 
+def test_a_load_beside_a_private_copy_counts_as_cold(loaded: Depot) -> None:
+    """With the `read` or `memfd` strategy the engine reads the store's files, not the tier's private copy:
+    such loads were counted as preloaded (an explorer's trial: the file read from the disk again)."""
+    from modeldepot.preload import Preloader
+
+    for strategy in ("read", "memfd"):
+        loaded.engines.clear()
+        tier = Preloader(loaded, budget="64MiB", strategy=strategy)
+        loaded.use_preloader(tier)
+        tier.preload(REPO)
+        assert not tier.serves_loads and tier.holds(REPO)
+        loaded.load(REPO, warmup=0)
+        stats = tier.stats()
+        assert stats.avg_load_seconds_preloaded is None and stats.avg_load_seconds_cold is not None, strategy
+
+
 def test_a_load_holds_the_preload_of_its_variant_or_of_its_whole_revision_however_either_was_named(
     loaded: Depot,
 ) -> None:

@@ -197,7 +197,8 @@ def load_variant(
         finally:
             if held is not None:
                 held.release()
-        preloader.record_load(time.perf_counter() - started, held is not None)
+        # (a private copy, `read` or `memfd`, is not what the engine read: counted cold, as it was, a trial)
+        preloader.record_load(time.perf_counter() - started, held is not None and preloader.serves_loads)
         if warmups:
             warmup(built, warmups, inputs)
         return built

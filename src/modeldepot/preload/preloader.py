@@ -519,6 +519,13 @@ class Preloader:
                 return
             self._release(model)
 
+    @property
+    def serves_loads(self) -> bool:
+        """Whether an engine's load reads what this tier holds: the page cache's pages of the store's files
+        (``page-cache``, ``mmap``), not a private copy (``read``, ``memfd``: only :meth:`get`'s readers read
+        those; an engine reads the store's files, from the disk once their pages went)."""
+        return self.strategy in ("page-cache", "mmap")
+
     def record_load(self, seconds: float, preloaded: bool) -> None:
         """Tell the stats how long an engine took to load, and whether its model was preloaded."""
         with self._lock:
@@ -547,7 +554,7 @@ class Preloader:
     def _footprint(self, entries: list[FileEntry], held: frozenset[str] = frozenset()) -> int:
         """The RAM ``entries`` take in the tier, but for the blobs in ``held``: in the page cache each content
         once (two paths of one blob are the same pages), as private copies each file its own."""
-        if self.strategy not in ("page-cache", "mmap"):
+        if not self.serves_loads:
             return sum(e.size for e in entries)
         return sum(e.size for e in {e.sha256: e for e in entries}.values() if e.sha256 not in held)
 
