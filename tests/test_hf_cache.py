@@ -1241,6 +1241,36 @@ def test_a_model_both_downloaded_and_pulled_is_on_the_disk_once_after_an_export(
     assert read_tree(Path(folder)) == sample_files()
 
 
+def test_a_repo_folder_moved_to_another_disk_and_linked_back_is_adopted_and_fed(
+    depot: Depot, hf_cache: Path, tmp_path: Path
+) -> None:
+    """`mv models--org--big /data/ && ln -s /data/models--org--big` (to free the home disk; huggingface_hub reads
+    it): the import refused every file as "outside the cache", the export said to remove the link (an
+    explorer's trial). A link to a folder of the same name is the repo's folder; one under another name is not."""
+    moved = tmp_path / "bigdisk" / FOLDER
+    moved.parent.mkdir()
+    shutil.move(hf_cache / FOLDER, moved)
+    (hf_cache / FOLDER).symlink_to(moved)
+    adopted = depot.hf_cache_import(cache_dir=hf_cache)
+    assert adopted.ok, adopted.problems
+    assert read_tree(depot.snapshot_path(SAMPLE)) == sample_files()
+    exported = depot.hf_cache_export(SAMPLE, "dev", cache_dir=hf_cache)
+    assert exported.ok and (moved / "refs" / "dev").read_text() == depot.resolve(SAMPLE, "dev")
+    assert read_tree(Path(snapshot_download(SAMPLE, revision="dev", cache_dir=hf_cache, local_files_only=True))) \
+        == read_tree(depot.snapshot_path(SAMPLE, "dev"))  # fmt: skip
+    # Under another name, what it leads to stays outside the cache
+    other = tmp_path / "elsewhere" / "not-a-repo-folder"
+    other.parent.mkdir()
+    (hf_cache / FOLDER).unlink()
+    shutil.move(moved, other)
+    (hf_cache / FOLDER).symlink_to(other)
+    with Depot(tmp_path / "other") as fresh:
+        refused = fresh.hf_cache_import(cache_dir=hf_cache)
+        assert not refused.repos and {p.problem for p in refused.problems} >= {"outside"}
+        with pytest.raises(InvalidInputError, match="remove that link"):
+            depot.hf_cache_export(SAMPLE, cache_dir=hf_cache)
+
+
 def test_export_refuses_to_write_through_a_link_out_of_the_cache(filled: Depot, tmp_path: Path) -> None:
     cache, elsewhere = tmp_path / "hub", tmp_path / "elsewhere"
     cache.mkdir()

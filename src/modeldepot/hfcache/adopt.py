@@ -42,6 +42,7 @@ from modeldepot.hfcache.cache import (
     Progress,
     cache_dir_given,
     looks_like_a_cache,
+    moved_repo_folder,
     repo_folder_name,
     within,
 )
@@ -268,7 +269,8 @@ def _read_link(scan: _Scan, repo_id: str, blobs: str, root: Path, link: Path,
         )
         return None
     real = os.path.realpath(link)
-    if not within(scan.real, real):
+    moved = moved_repo_folder(Path(blobs).parent)  # (the repo's folder moved to another disk, linked back)
+    if not within(scan.real, real) and not (moved is not None and within(moved, real)):
         scan.problem(repo_id, link, "outside", f"resolves to {real}, outside the cache: refused")
         return None
     try:

@@ -153,6 +153,17 @@ def default_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
+def moved_repo_folder(folder: Path) -> str | None:
+    """The real path of a repo's folder of a cache that is a link to a folder of the same name elsewhere (moved
+    to another disk and linked back: ``mv models--org--big /data/ && ln -s /data/models--org--big``, which
+    huggingface_hub reads as it reads any); None for any other (a link under another name is no repo folder
+    moved, and what it leads to stays outside the cache)."""
+    if not folder.is_symlink():
+        return None
+    real = os.path.realpath(folder)
+    return real if os.path.basename(real) == folder.name and os.path.isdir(real) else None
+
+
 def repo_folder_name(repo_id: str) -> str:
     """``models--org--name``: the cache's folder of a model repo."""
     validate_repo_id(repo_id)

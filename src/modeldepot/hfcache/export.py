@@ -25,6 +25,7 @@ from modeldepot.hfcache.cache import (
     cache_dir_given,
     etag_of_file,
     looks_like_a_cache,
+    moved_repo_folder,
     repo_folder_name,
     unlink_quietly,
     within,
@@ -227,6 +228,9 @@ class _CacheWriter:
         self.cache = cache
         self.real = os.path.realpath(cache)
         self.name = name
+        # The repo's folder moved to another disk and linked back under its own name (to free the home disk:
+        # huggingface_hub reads it so): what lies inside its real path is inside the cache too
+        self.repo_real = moved_repo_folder(cache / name)
         self.root = self.folder("")
         # the names this writer (and those of the same export before it) added, blobs and snapshot links
         self.made: list[Path] = made if made is not None else []
@@ -264,12 +268,16 @@ class _CacheWriter:
                     f"cannot create {current} in the Hugging Face cache: {error.strerror}"
                 ) from None
             real = os.path.realpath(current)
-            if not within(self.real, real) or not os.path.isdir(real):
+            if not self.inside(real) or not os.path.isdir(real):
                 raise InvalidInputError(
                     f"{current} leads to {real}, not a folder inside the cache at {self.cache}: refusing to "
                     "write there (remove that link)"
                 )
         return current
+
+    def inside(self, real: str) -> bool:
+        """Whether a real path lies inside the cache (or inside the repo's folder moved out of it)."""
+        return within(self.real, real) or (self.repo_real is not None and within(self.repo_real, real))
 
     def _temporary(self, folder: Path) -> Path:
         return folder / f".modeldepot-{os.getpid()}-{secrets.token_hex(6)}.tmp"
@@ -313,7 +321,7 @@ class _CacheWriter:
             return "kept"
         if held == "same":
             return "linked"
-        if os.path.isfile(target) and within(self.real, os.path.realpath(target)):
+        if os.path.isfile(target) and self.inside(os.path.realpath(target)):
             # a file of the cache with other bytes than its name's: replaced, and said (it was without a word:
             # the user may have copies of those bytes); not a dangling link, nor one out of the cache (a review)
             self.repaired.append(target)
@@ -346,7 +354,7 @@ class _CacheWriter:
             info = os.stat(real)
         except OSError:
             return None
-        if not within(self.real, real) or not stat.S_ISREG(info.st_mode) or info.st_size != entry.size:
+        if not self.inside(real) or not stat.S_ISREG(info.st_mode) or info.st_size != entry.size:
             return None
         try:
             ours = os.stat(store.blobs.path(entry.sha256))
