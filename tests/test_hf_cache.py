@@ -1185,17 +1185,21 @@ def test_an_export_of_nothing_writes_no_ref(filled: Depot, tmp_path: Path) -> No
     assert result.files == 0 and not (tmp_path / "hub" / FOLDER / "refs" / "main").exists()
 
 
-def test_an_export_by_commit_writes_no_ref_and_the_cli_prints_what_it_adopted(
+def test_an_export_by_a_short_commit_writes_its_ref_as_a_download_does_and_the_cli_prints_it(
     filled: Depot, tmp_path: Path
 ) -> None:
-    """An export by the start of a commit id wrote refs/<those digits>, which scan_cache_dir listed as a
-    branch; and `hf-cache import` printed "1 revision(s) , 6 blobs" when a commit id began with a-f (rich
-    read "[e00f… (main)]" as markup)."""
+    """An export by its whole commit id writes no ref; by the start of one, refs/<those digits>, as
+    huggingface_hub writes for a download by them (without it, offline code asking for the revision the export
+    was given failed, an explorer's trial), which an import takes for no branch. `hf-cache import` printed
+    "1 revision(s) , 6 blobs" when a commit id began with a-f (rich read "[e00f… (main)]" as markup)."""
     commit = filled.resolve(SAMPLE)
     hub = tmp_path / "hub"
-    assert filled.hf_cache_export(SAMPLE, commit[:7], cache_dir=hub).files == len(sample_files())
+    assert filled.hf_cache_export(SAMPLE, commit, cache_dir=hub).files == len(sample_files())
     assert not (hub / FOLDER / "refs").exists() or list((hub / FOLDER / "refs").iterdir()) == []
-    assert [sorted(r.refs) for r in next(iter(scan_cache_dir(hub).repos)).revisions] == [[]]
+    assert filled.hf_cache_export(SAMPLE, commit[:7], cache_dir=hub).ok
+    assert (hub / FOLDER / "refs" / commit[:7]).read_text() == commit
+    found = hf_hub_download(SAMPLE, "config.json", revision=commit[:7], cache_dir=hub, local_files_only=True)
+    assert Path(found).read_bytes() == sample_files()["config.json"]
     filled.hf_cache_export(SAMPLE, cache_dir=hub)  # by its branch: refs/main
     adopted = CliRunner().invoke(cli, ["hf-cache", "import", "--cache-dir", str(hub), "--home",
                                        str(tmp_path / "again")])  # fmt: skip

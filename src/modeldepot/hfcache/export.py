@@ -164,16 +164,18 @@ def export_to_hf_cache(
 
 def branch_ref(store: Store, repo_id: str, revision: str, commit_id: str, cache: Path, move: bool,
                lacking: int) -> list[HfCacheProblem]:  # fmt: skip
-    """``refs/<revision>`` of an exported commit, when ``revision`` is a branch (not a commit id, whole or its
-    start), and what became of it. Not when its snapshot lacks ``lacking`` files (skipped: corrupt, removed):
+    """``refs/<revision>`` of an exported commit, when ``revision`` is a branch or the start of a commit id (as
+    huggingface_hub writes one for a download by it; not a whole commit id), and what became of it. Not when its snapshot lacks ``lacking`` files (skipped: corrupt, removed):
     offline loaders found such a snapshot, and failed for the file with "couldn't connect" (a trial); the
     ref is left as it was, said as a problem. So it is when the repo was removed from the store meanwhile
     (an `rm` beside the export: its files went out whole, and the export failed "not in the store" after
     them, leaving them all, an explorer's trial), or the branch alone."""
     held = store.spelled(repo_id)
-    if not store.index.read("SELECT 1 FROM refs WHERE repo_id = ? AND name = ?", (held, revision)):
-        if is_commit_id(revision.lower()) or SHORT_COMMIT.fullmatch(revision.lower()):
-            return []  # (exported by its commit: no ref names it)
+    branch = bool(store.index.read("SELECT 1 FROM refs WHERE repo_id = ? AND name = ?", (held, revision)))
+    if not branch and is_commit_id(revision.lower()):
+        return []  # (exported by its commit: no ref names it)
+    short = not branch and SHORT_COMMIT.fullmatch(revision.lower()) is not None  # (by the start of its id)
+    if not branch and not short:
         gone = "the branch" if store.index.read("SELECT 1 FROM repos WHERE repo_id = ?", (held,)) else repo_id
         return [HfCacheProblem(repo_id, f"{repo_folder_name(repo_id)}/refs/{revision}", "ref-not-set",
                                f"not set to {commit_id[:12]}: {gone} was removed from the store while it was "
@@ -187,6 +189,12 @@ def branch_ref(store: Store, repo_id: str, revision: str, commit_id: str, cache:
         return [HfCacheProblem(repo_id, f"{writer.name}/refs/{revision}", "ref-not-set",
                                f"not set to {commit_id[:12]}: its snapshot lacks the {lacking} file(s) skipped "
                                f"({again}; then export again)")]  # fmt: skip
+
+    if short:
+        # refs/<those digits>, as huggingface_hub writes one for a download by them: offline code asking for the
+        # revision the export was given finds it (without, hf_hub_download(revision=<them>) failed, a trial)
+        writer.ref(revision, commit_id)
+        return []
 
     def known(commit: str) -> bool:
         return bool(
