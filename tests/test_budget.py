@@ -822,6 +822,16 @@ def test_a_node_asked_for_a_budget_below_the_store_asks_before_it_evicts(tmp_pat
     with Depot(home) as depot:
         assert {r.repo_id for r in depot.list_repos()} == {"acme/a", "acme/b"}
         assert depot.store.budget.max_bytes is None
+    # The same cap given as MODELDEPOT_MAX_SIZE (a unit file's, a manifest's) evicted at start without asking,
+    # and `budget` then said "none" (an explorer's trial): asked the same way
+    env_capped = CliRunner().invoke(cli, ["serve", "--home", str(home), "--port", "0"],
+                                    env={"MODELDEPOT_MAX_SIZE": "1.5MiB"})  # fmt: skip
+    assert env_capped.exit_code == 2, env_capped.output
+    assert "pass --yes" in env_capped.output and "(MODELDEPOT_MAX_SIZE)" in env_capped.output, (
+        env_capped.output
+    )
+    with Depot(home) as depot:
+        assert {r.repo_id for r in depot.list_repos()} == {"acme/a", "acme/b"}
         # Over it by what is pinned alone, nothing would go: no question (a node under systemd did not start
         # after a restart, a review's trial)
         from modeldepot.cli.space import confirm_evictions

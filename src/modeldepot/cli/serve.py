@@ -291,6 +291,12 @@ def serve_command(
             max_size
         )  # (the store's from now on; a store over it is brought within it)
     elif depot.store.budget.max_bytes is not None and not depot.store.read_only:
+        cap, budget = depot.config.max_size, depot.store.budget
+        if cap is not None and not yes and budget.process_max_bytes == budget.max_bytes:
+            # MODELDEPOT_MAX_SIZE binds: asked as --max-size is (a typo in a unit file emptied the store at start,
+            # imported models gone for good, and `budget` said "none": an explorer's trial)
+            confirm_evictions(depot, cap, preview=f"`modeldepot budget {shlex.quote(cap)} --dry-run --home "
+                                                  f"{shlex.quote(str(depot.home))}` (MODELDEPOT_MAX_SIZE)")  # fmt: skip
         evicted = depot.shrink()  # a store already over its budget is brought within it
     else:
         evicted = []
