@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -409,9 +410,11 @@ def served(home: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes]
         process.stdout.close()
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
 def test_serve_command_serves_and_finishes_in_flight_downloads_on_sigterm(
-    served: tuple[subprocess.Popen[bytes], str, bytes],
+    served: tuple[subprocess.Popen[bytes], str, bytes], stop: signal.Signals
 ) -> None:
+    """SIGHUP (the session that started the node closed) killed it on the spot: a graceful stop too."""
     process, url, payload = served
     port = int(url.rsplit(":", 1)[1])
     # (a branch's LFS file redirects to its commit's URL, as the Hub's to its CDN: the download goes there)
@@ -425,7 +428,7 @@ def test_serve_command_serves_and_finishes_in_flight_downloads_on_sigterm(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         sock.sendall(f"GET {location} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         received = bytearray(sock.recv(65536))
-        process.terminate()  # SIGTERM while most of the body is still to be sent
+        process.send_signal(stop)  # while most of the body is still to be sent
         while chunk := sock.recv(1 << 20):
             received += chunk
     header, _, body = bytes(received).partition(b"\r\n\r\n")
@@ -433,7 +436,7 @@ def test_serve_command_serves_and_finishes_in_flight_downloads_on_sigterm(
     assert process.wait(60) == 0
     assert process.stdout is not None
     log = process.stdout.read().decode()
-    assert "serving" in log and f"GET {location}" in log
+    assert "serving" in log and f"GET {location}" in log and f"stopping ({stop.name})" in log
 
 
 def test_model_card_metadata_reaches_model_info(node: LiveNode) -> None:

@@ -1,4 +1,4 @@
-"""Running the node until SIGINT or SIGTERM; in-flight responses get time to finish.
+"""Running the node until SIGINT, SIGTERM or SIGHUP; in-flight responses get time to finish.
 
 The app is served through :class:`~modeldepot.server.connections.NodeRunner` (a header-read timeout, caps on
 concurrent connections, one log line per malformed request), which ``web.run_app`` cannot take, so the
@@ -34,7 +34,7 @@ from modeldepot.store.scrub import DEFAULT_SCRUB_RATE
 
 __all__ = ["SHUTDOWN_GRACE", "dashboard_line", "run_server"]
 
-SHUTDOWN_GRACE = 30.0  # seconds in-flight responses get after SIGINT/SIGTERM
+SHUTDOWN_GRACE = 30.0  # seconds in-flight responses get after SIGINT/SIGTERM/SIGHUP
 
 
 def run_server(
@@ -50,7 +50,7 @@ def run_server(
     scrub_rate: float = DEFAULT_SCRUB_RATE,
     advertise: str | None = None,
 ) -> None:
-    """Serve ``depot`` until SIGINT or SIGTERM. With ``depot.config.cluster`` the node joins its fleet: it
+    """Serve ``depot`` until SIGINT, SIGTERM or SIGHUP. With ``depot.config.cluster`` the node joins its fleet: it
     registers at ``advertise`` (default: the listening address) once it listens, publishes what it holds,
     and leaves the registry first at shutdown."""
     logging.basicConfig(
@@ -82,18 +82,21 @@ def run_server(
     async def serve() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        signals = (signal.SIGINT, signal.SIGTERM)
+        # SIGHUP too (the terminal or SSH session that started it closed, a supervisor's reload): by default it
+        # killed the node on the spot, downloads cut, nothing logged, the fleet's record left for its lease (an
+        # explorer's trial)
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-        def on_signal() -> None:
+        def on_signal(number: signal.Signals) -> None:
             stop.set()
-            for number in signals:  # a second signal gets the default behaviour: no more waiting
-                loop.remove_signal_handler(number)
-            log.info("stopping: answers under way get up to %g s to end (a second Ctrl-C stops at once)",
-                     SHUTDOWN_GRACE)  # fmt: skip
+            for each in signals:  # a second signal gets the default behaviour: no more waiting
+                loop.remove_signal_handler(each)
+            log.info("stopping (%s): answers under way get up to %g s to end (a second Ctrl-C stops at once)",
+                     number.name, SHUTDOWN_GRACE)  # fmt: skip
 
         with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C raises KeyboardInterrupt instead
             for number in signals:
-                loop.add_signal_handler(number, on_signal)
+                loop.add_signal_handler(number, on_signal, number)
         if fleet is not None:
             await fleet.start()  # the view first: pulls (a mirror's) read it from the first request on
         try:
