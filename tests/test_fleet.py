@@ -126,6 +126,12 @@ def test_cluster_settings_are_checked_at_the_edge(tmp_path: Path) -> None:
     assert no_cluster.exit_code == 2 and "--advertise needs a cluster" in no_cluster.stderr
     refused = CliRunner().invoke(cli, ["peers", *home], env={"MODELDEPOT_CLUSTER": ""})
     assert refused.exit_code == 2 and "no cluster" in refused.stderr
+    # A password in the cluster's URL was echoed whole, into the node's log (an explorer's trial)
+    for argv, env in ((["peers", "--cluster", "etcd://root:S3CRET@h:2379"], {}),
+                      (["serve"], {"MODELDEPOT_CLUSTER": "etcd://root:S3CRET@h:2379"})):  # fmt: skip
+        secret = CliRunner().invoke(cli, [*argv, *home], env=env)
+        assert secret.exit_code == 2 and "S3CRET" not in secret.output, secret.output
+        assert "etcd://***@h:2379" in secret.output and "MODELDEPOT_CLUSTER_PASSWORD" in secret.output
     assert not (tmp_path / "store").exists(), "no store is made for a command refused (a README walk)"
 
 

@@ -78,6 +78,15 @@ def _describe(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "…"
 
 
+_CREDENTIALS = re.compile(r"//[^/?#@]*@")
+
+
+def redact_credentials(url: str) -> str:
+    """``url`` with the user and password of its authority (``//user:pass@``) said as ``//***@``: a password in
+    a URL is never echoed."""
+    return _CREDENTIALS.sub("//***@", url)
+
+
 def validate_repo_id(repo_id: object) -> str:
     """Return ``repo_id`` if it is a valid ``org/name`` id, else raise InvalidRepoIdError."""
     if not isinstance(repo_id, str):
@@ -374,27 +383,29 @@ def parse_cluster_url(url: object) -> tuple[str, list[tuple[str, int]] | str]:
     (a registry inside one process, for tests)."""
     if not isinstance(url, str):
         raise InvalidInputError(f"cluster URL must be a string, not {type(url).__name__}")
+    shown = _describe(redact_credentials(url))  # (the whole URL, password and all, went to the log: a trial)
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in ("etcd", "mem"):
-        raise InvalidInputError(f"cluster {_describe(url)} is not supported: use {_CLUSTER_USAGE}")
+        raise InvalidInputError(f"cluster {shown} is not supported: use {_CLUSTER_USAGE}")
     if scheme == "mem":
         if not _MEM_NAME.fullmatch(rest):
-            raise InvalidInputError(
-                f"cluster {_describe(url)}: a mem registry's name is 1-64 of [A-Za-z0-9._-]"
-            )
+            raise InvalidInputError(f"cluster {shown}: a mem registry's name is 1-64 of [A-Za-z0-9._-]")
         return "mem", rest
     rest = rest.removesuffix("/")
+    if "@" in rest:
+        raise InvalidInputError(
+            f"cluster {shown}: etcd's user and password are not given in its URL: set "
+            "MODELDEPOT_CLUSTER_USER and MODELDEPOT_CLUSTER_PASSWORD (or _PASSWORD_FILE)"
+        )
     if not rest or any(c in rest for c in "/?#@ "):
-        raise InvalidInputError(f"cluster {_describe(url)} must be {_CLUSTER_USAGE}: hosts and ports only")
+        raise InvalidInputError(f"cluster {shown} must be {_CLUSTER_USAGE}: hosts and ports only")
     endpoints = []
     for member in rest.split(","):
         host, colon, port = member.rpartition(":")
         if not colon or not port.isascii() or not port.isdigit() or len(port) > 5:
-            raise InvalidInputError(
-                f"cluster {_describe(url)}: {member!r} is not HOST:PORT ({_CLUSTER_USAGE})"
-            )
+            raise InvalidInputError(f"cluster {shown}: {member!r} is not HOST:PORT ({_CLUSTER_USAGE})")
         try:
             endpoints.append(validate_endpoint(host, int(port)))
         except InvalidInputError as error:
-            raise InvalidInputError(f"cluster {_describe(url)}: {error}") from None
+            raise InvalidInputError(f"cluster {shown}: {error}") from None
     return "etcd", endpoints

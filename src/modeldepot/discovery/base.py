@@ -30,7 +30,13 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from modeldepot.errors import InvalidInputError
-from modeldepot.validation import validate_blake3, validate_label, validate_sha256, validate_size
+from modeldepot.validation import (
+    redact_credentials,
+    validate_blake3,
+    validate_label,
+    validate_sha256,
+    validate_size,
+)
 
 __all__ = [
     "ChunkClaim",
@@ -139,15 +145,12 @@ def validate_node_id(value: object) -> str:
     return value
 
 
-_CREDENTIALS = re.compile(r"//[^/?#@]*@")
-
-
 def validate_node_url(value: object) -> str:
     """Where a node is reached: an ``http://`` or ``https://`` URL with a host, no user or password, no
     query or fragment, no whitespace or control character, at most 2048 characters."""
     if not isinstance(value, str):
         raise InvalidInputError(f"node URL must be a string, not {type(value).__name__}")
-    redacted = _CREDENTIALS.sub("//***@", value)  # (a password in a URL is never echoed)
+    redacted = redact_credentials(value)
     shown = repr(redacted) if len(repr(redacted)) <= 80 else repr(redacted)[:77] + "…"
     if len(value) > MAX_URL_LENGTH or not value.isprintable() or any(c.isspace() for c in value):
         raise InvalidInputError(f"node URL {shown} is too long or holds a space or a control character")
