@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import queue
 import re
@@ -184,8 +185,16 @@ def test_a_pull_runs_in_the_background_once_and_reports_its_result(
     ],
 )
 def test_a_failed_pull_says_why(
-    guarded: LiveNode, local: Depot, monkeypatch: pytest.MonkeyPatch, error: Exception, shown: str
+    guarded: LiveNode,
+    local: Depot,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    error: Exception,
+    shown: str,
 ) -> None:
+    """In its job, and in the node's log (a failure was said only by GET /pulls, which a restart forgets: an
+    explorer's trial)."""
+
     async def failing(*args: Any, **kwargs: Any) -> Any:
         raise error
 
@@ -194,6 +203,8 @@ def test_a_failed_pull_says_why(
     failed = finished(guarded, job["id"], AUTH)
     assert failed["state"] == "failed" and failed["result"] is None and failed["finished_at"] is not None
     assert failed["error"].startswith(shown) and "/secret" not in failed["error"], failed["error"]
+    said = [r for r in caplog.records if job["id"] in r.getMessage() and r.levelno >= logging.WARNING]
+    assert said and REPO in said[0].getMessage(), caplog.text
 
 
 def test_requests_during_the_scan_share_it_and_its_pull(
@@ -224,7 +235,10 @@ def test_requests_during_the_scan_share_it_and_its_pull(
     assert len(call(guarded.port, "GET", f"{API}/pulls", headers=AUTH).json()) == 1
 
 
-def test_the_node_stopping_cancels_its_pulls(local: Depot, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_node_stopping_cancels_its_pulls(
+    local: Depot, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="modeldepot.server")
     held = HeldPulls(local, monkeypatch)
     node = LiveNode(local, token=TOKEN)
     job = call(node.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH).json()
@@ -233,6 +247,7 @@ def test_the_node_stopping_cancels_its_pulls(local: Depot, monkeypatch: pytest.M
     held.release()
     stopped = jobs.get(job["id"])
     assert stopped is not None and stopped.state == "failed" and "stopped" in (stopped.error or "")
+    assert f"pull {job['id']} of {REPO} stopped with the node" in caplog.text
 
 
 def test_a_pull_cancelled_as_it_publishes_is_done(
@@ -271,17 +286,23 @@ def guarded_job(node: LiveNode, job_id: str) -> Any:
 
 
 def test_a_running_pull_is_cancelled_and_what_it_received_is_kept(
-    guarded: LiveNode, local: Depot, proxy: HoldingProxy, monkeypatch: pytest.MonkeyPatch
+    guarded: LiveNode,
+    local: Depot,
+    proxy: HoldingProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A pull asked by mistake (a 100 GB variant) could not be stopped: DELETE /pulls/{id} was a 405, a removal
     of its repo a 409, and it ran until it filled the disk or the node stopped, with every other pull (an
     explorer's trial). It is cancelled now, as the node stopping would, and a pull again resumes."""
+    caplog.set_level(logging.INFO, logger="modeldepot.server")
     proxy.hold(100_000)  # (past the first 64 KiB chunk of the 120 kB model: a finished chunk, kept)
     job = call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH).json()
     wait_until(lambda: proxy.sent >= 100_000, 30, "the pull to receive its first bytes")
     cancelled = call(guarded.port, "DELETE", f"{API}/pulls/{job['id']}", headers=AUTH)
     assert cancelled.status == 200, cancelled.body
     assert cancelled.json()["state"] == "cancelled" and "resume" in cancelled.json()["error"]
+    assert f"pull {job['id']} of {REPO} cancelled" in caplog.text
     assert pull_state(guarded, job["id"], AUTH)["state"] == "cancelled"
     again = call(guarded.port, "DELETE", f"{API}/pulls/{job['id']}", headers=AUTH)
     assert again.status == 409 and again.json()["error"].endswith("nothing to cancel"), again.body

@@ -393,15 +393,22 @@ class PullJobs:
                 # completed. It said "cancelled" for a repo the node held whole (a reviewer's trial).
                 job.state, job.bytes_done = "done", job.bytes_total
                 return
+            # (failures, cancellations and stops were said nowhere but GET /pulls, which a restart forgets: only
+            # a pull done had its line in the log, an explorer's trial)
             if job.cancelling:
                 job.error = "cancelled: what it received is kept, pull again to resume"
                 job.state = "cancelled"
+                log.info("pull %s of %s cancelled: %d of %d bytes received, kept for a resume", job.id, job.repo,
+                         job.bytes_done, job.bytes_total)  # fmt: skip
                 return  # (its task ends: the request that cancelled it answers)
             job.error = "the node stopped before the pull finished: pull again to resume"
             job.state = "failed"
+            log.info("pull %s of %s stopped with the node: %d of %d bytes received, kept for a resume", job.id,
+                     job.repo, job.bytes_done, job.bytes_total)  # fmt: skip
             raise
         except DepotError as error:
             job.error, job.state = f"{type(error).__name__}: {error}"[:1000], "failed"
+            log.warning("pull %s of %s failed: %s", job.id, job.repo, job.error)
         except Exception:
             log.exception("the pull %s of %s failed unexpectedly", job.id, job.repo)
             job.error, job.state = (

@@ -31,6 +31,7 @@ from modeldepot.server.connections import (
 from modeldepot.server.context import CONTROL_TOKEN
 from modeldepot.server.fleet import NodeFleet, advertised_url
 from modeldepot.store.scrub import DEFAULT_SCRUB_RATE
+from modeldepot.validation import redact_credentials
 
 __all__ = ["SHUTDOWN_GRACE", "dashboard_line", "run_server"]
 
@@ -128,8 +129,10 @@ def run_server(
                      preloader.budget)  # fmt: skip
             preloader.auto_preload_in_background(preload_top)
         bound = int(runner.addresses[0][1])
-        log.info("serving %s on http://%s:%d (%s); HF_ENDPOINT=http://%s:%d", depot.home, _in_url(host), bound,
-                 mode, _in_url(_client_host(host)), bound)  # fmt: skip
+        log.info("serving %s on http://%s:%d (%s); HF_ENDPOINT=http://%s:%d for clients (it pulls from %s%s)",
+                 depot.home, _in_url(host), bound, mode, _in_url(_client_host(host)), bound,
+                 redact_credentials(depot.config.hub_endpoint),
+                 " (offline: no pulls)" if depot.config.offline else "")  # fmt: skip
         if depot.store.read_only:
             log.info("the store is %s: it serves what it holds as it is, and pulls, pins and removals are "
                      "refused (503 ReadOnlyStore)", depot.store.read_only_reason)  # fmt: skip
