@@ -28,6 +28,7 @@ from conftest import (
 )
 from faultproxy import FaultProxy
 from modeldepot import Depot, IntegrityError
+from modeldepot._version import node_version
 from modeldepot.counters import SOURCE_KINDS
 
 API = "/api/depot/v1"
@@ -155,6 +156,7 @@ def test_every_family_is_there_with_its_type(node: LiveNode) -> None:
         "modeldepot_chunks_rejected": "counter",
         "modeldepot_evictions": "counter", "modeldepot_preload_resident_bytes": "gauge",
         "modeldepot_engine_cache_hits": "counter", "modeldepot_peers": "gauge",
+        "modeldepot_store_partial_bytes": "gauge", "modeldepot_build": "gauge",
         "process_resident_memory_bytes": "gauge",
     }  # fmt: skip
     assert {name: s.types.get(name) for name in expected} == expected
@@ -162,6 +164,14 @@ def test_every_family_is_there_with_its_type(node: LiveNode) -> None:
     assert s.value("modeldepot_store_budget_bytes") == 0  # no budget
     assert s.value("modeldepot_peers") == 0  # no cluster
     assert s.labels_of("modeldepot_pull_bytes_total", "source") == set(SOURCE_KINDS) - {"local"}
+    # A fleet's mix of builds can be graphed, and the disk partial downloads take beside the budget alerted on
+    # (interrupted pulls took twice a budget's disk while every figure said 0: an explorer's trial)
+    assert s.value("modeldepot_build", version=node_version()) == 1
+    assert s.value("modeldepot_store_partial_bytes") == 0
+    kept = node.depot.store.layout.partials / "kept-for-a-resume.part"  # (as an interrupted pull leaves one)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_bytes(b"\0" * 5000)
+    assert scrape(node).value("modeldepot_store_partial_bytes") == 5000
     openmetrics = get(node, "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"})
     assert openmetrics.status == 200 and openmetrics.content_type.startswith("application/openmetrics-text")
     assert openmetrics.body.endswith(b"# EOF\n")

@@ -21,10 +21,12 @@ and :class:`NodeCollector`, which builds every modeldepot figure when it is scra
   ``modeldepot_store_bytes`` (blob bytes, each content once), and from ``Depot.budget_status()``
   ``modeldepot_store_budget_bytes`` (0: no budget), ``modeldepot_store_pinned_bytes``,
   ``modeldepot_store_reserved_bytes`` (room writes under way hold until they publish),
+  ``modeldepot_store_partial_bytes`` (downloads in progress or kept for a resume: beside the budget),
   ``modeldepot_evictions_total`` and ``modeldepot_evicted_bytes_total`` (since the store was created);
 - **read from the depot's tiers**: ``modeldepot_preload_resident_bytes`` and
   ``modeldepot_preload_budget_bytes`` (``depot.preloader.stats()``),
   ``modeldepot_engine_cache_hits_total`` and ``..._misses_total`` (``depot.engines.stats()``);
+- ``modeldepot_build{version}`` (1: the node's version and build, to graph a fleet's mix);
 - **read from the fleet**: ``modeldepot_peers``, the live nodes in this node's view of its registry, itself
   included (as ``/api/depot/v1/peers`` lists them; 0 on a node served without a cluster).
 
@@ -46,10 +48,12 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from modeldepot._version import node_version
 from modeldepot.counters import PULLS, SOURCE_KINDS
 from modeldepot.server.context import DEPOT, path_matches
 from modeldepot.server.fleet import FLEET
 from modeldepot.server.responses import BlobResponse, CountedResponse
+from modeldepot.store.maintenance import partial_bytes
 from modeldepot.store.maintenance import totals as store_totals
 
 __all__ = ["METRICS", "METRICS_PATH", "UNMATCHED", "HttpCounters", "NodeCollector", "NodeMetrics",
@@ -130,6 +134,11 @@ class NodeCollector(Collector):
              budget.pinned_bytes),
             (gauge, "modeldepot_store_reserved_bytes", "Room that writes under way (pulls, imports) hold in the "
              "disk budget until they publish.", budget.reserved_bytes),
+            # (beside the budget: interrupted pulls took twice a budget's disk while used_bytes said 0, an
+            # explorer's trial)
+            (gauge, "modeldepot_store_partial_bytes", "Disk that downloads in progress or kept for a resume take, "
+             "beside the disk budget (each has room for its whole file as it starts; `modeldepot gc --partials` "
+             "frees those kept).", partial_bytes(depot.store)),
             (counter, "modeldepot_evictions", "Revisions and variants evicted to keep within the disk budget, since the "
              "store was created.", budget.evictions),
             (counter, "modeldepot_evicted_bytes", "Bytes freed by evictions, since the store was created.",
@@ -159,6 +168,10 @@ class NodeCollector(Collector):
                             float(cluster.connected and cluster.registered)))  # fmt: skip
         for family, name, doc, value in figures:
             yield family(name, doc, value=value)
+        build = GaugeMetricFamily("modeldepot_build", "This node's version and build (as `peers` and /info say "
+                                  "it): always 1.", labels=["version"])  # fmt: skip
+        build.add_metric([node_version()], 1)
+        yield build
 
         # Bytes over the wire apart from bytes found in place: counted together, a pull asked again of what
         # the store holds (any token holder's) moved the "traffic" by the repo's size, and sum(rate()) was no

@@ -45,7 +45,7 @@ from modeldepot.store.partials import partial_key
 from modeldepot.store.store import Store
 from modeldepot.validation import validate_repo_id, validate_revision
 
-__all__ = ["RemoveResult", "StoreTotals", "disk_usage", "gc", "remove", "totals", "verify"]
+__all__ = ["RemoveResult", "StoreTotals", "disk_usage", "gc", "partial_bytes", "remove", "totals", "verify"]
 
 log = logging.getLogger(__name__)
 
@@ -642,6 +642,12 @@ def _tree_bytes(root: Path, only_names: bool = False) -> int:
     return sizes
 
 
+def partial_bytes(store: Store) -> int:
+    """Disk the store's downloads in progress or kept for a resume take (each has room for its whole file as
+    it starts), beside the disk budget."""
+    return _tree_bytes(store.layout.partials, True)
+
+
 def disk_usage(store: Store) -> DiskUsage:
     blob_row = store.index.read(
         "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes FROM blobs WHERE state = 'ok'"
@@ -674,7 +680,7 @@ def disk_usage(store: Store) -> DiskUsage:
         blobs=blob_row["n"],
         blob_bytes=blob_row["bytes"],
         logical_bytes=logical,
-        partial_bytes=_tree_bytes(store.layout.partials, True),
+        partial_bytes=partial_bytes(store),
         unfinished_write_bytes=_tree_bytes(store.layout.tmp, True),
         partial_kept_bytes=_kept_for_resumes(store),
         linked_bytes=_linked_bytes(store),
