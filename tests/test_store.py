@@ -289,6 +289,53 @@ def test_rm_deletes_nothing_on_a_damaged_index(home: Path, model_dir: Path) -> N
     assert sorted(p for p in (home / "blobs").rglob("*") if p.is_file()) == blobs
 
 
+def test_a_key_flipped_in_the_index_by_blob_makes_gc_delete_no_file_a_revision_names(
+    home: Path, model_dir: Path
+) -> None:
+    """One bit of a blob's key in the index ``files_by_blob``, which SQLite's quick check does not see: gc
+    took the weights for garbage and deleted the store's only copy (an explorer's trial). Whether a file names
+    a blob is read from the table itself."""
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(model_dir, REPO)
+        weights = depot.file_info(REPO, "model.safetensors").sha256
+    con = sqlite3.connect(home / "index.db")
+    root, page_size = (con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'files_by_blob'").fetchone()[0],
+                       con.execute("PRAGMA page_size").fetchone()[0])  # fmt: skip
+    con.close()
+    with (home / "index.db").open("r+b") as index:
+        index.seek((root - 1) * page_size)
+        page = index.read(page_size)
+        index.seek((root - 1) * page_size + page.index(weights.encode()) + 5)
+        index.write(bytes([page[page.index(weights.encode()) + 5] ^ 0x01]))  # (one bit of one hex digit)
+    with Depot(home) as depot:
+        assert depot.store.index.read("PRAGMA quick_check")[0][0] == "ok"  # (blind to it)
+        depot.gc()
+        assert bytes(depot.get_file(REPO, "model.safetensors")) == sample_files()["model.safetensors"]
+        # verify's whole check sees it, and rebuilds the index's indexes from its tables (REINDEX)
+        assert depot.store.index.read("PRAGMA integrity_check")[0][0] != "ok"
+        assert depot.verify().ok
+        assert depot.store.index.read("PRAGMA integrity_check")[0][0] == "ok"
+        assert depot.store.index.read("SELECT path FROM files WHERE sha256 = ?", (weights,))
+
+
+def test_wrong_chunk_digests_in_the_index_are_rewritten_not_taken_for_bad_bytes(
+    depot: Depot, model_dir: Path
+) -> None:
+    """A chunk digest of the index damaged (its bytes intact: they match their SHA-256, the blob's name): verify
+    quarantined the blob and gc deleted the only copy (an explorer's trial). The digests are rewritten."""
+    depot.import_dir(model_dir, REPO)
+    entry = depot.file_info(REPO, "model.safetensors")
+    with depot.store.index.write("test") as con:
+        con.execute("UPDATE chunks SET blake3 = ? WHERE sha256 = ? AND idx = 0", ("0" * 64, entry.sha256))
+    assert depot.verify().ok
+    assert depot.store.chunk_digests(entry.sha256)[0] != "0" * 64
+    depot.gc()
+    assert (
+        bytes(depot.get_chunk(REPO, "model.safetensors", 0))
+        == sample_files()["model.safetensors"][: entry.chunk_size]
+    )
+
+
 def test_files_another_user_wrote_into_the_store_are_named_and_gc_goes_past_them(
     home: Path, model_dir: Path
 ) -> None:
