@@ -1097,6 +1097,27 @@ def test_export_rehashes_a_blob_changed_in_place_through_an_adopted_cache(
     assert result.linked == len(sample_files()) - 1
 
 
+def test_an_export_again_takes_out_of_the_cache_a_blob_damaged_with_the_stores(
+    filled: Depot, tmp_path: Path
+) -> None:
+    """Exported by hard links, the cache's name and the store's were one file; damaged (a power loss before its
+    flush), an export again said it "repaired" the cache's, which stayed the damaged file under refs/main, and
+    offline loads read the corrupt weights (an explorer's trial). It goes from the cache; the ref says so."""
+    cache = tmp_path / "hub"
+    assert filled.hf_cache_export(SAMPLE, cache_dir=cache).ok
+    entry = filled.file_info(SAMPLE, "model.safetensors")
+    blob = cache / FOLDER / "blobs" / entry.etag
+    assert inode(blob) == inode(filled.store.blobs.path(entry.sha256))
+    flip_byte(blob, 1000, keep_mtime=False)
+    again = filled.hf_cache_export(SAMPLE, cache_dir=cache)
+    said = {p.problem: p.detail for p in again.problems}
+    assert set(said) == {"corrupt", "removed", "ref-not-set"}, again.problems
+    assert "an export before" in said["ref-not-set"] and "repaired" not in said
+    assert not blob.exists()
+    with pytest.raises(Exception, match=r"(?i)offline|cannot find|local"):
+        hf_hub_download(SAMPLE, "model.safetensors", cache_dir=cache, local_files_only=True)
+
+
 def test_an_export_sweeps_what_a_killed_one_left_and_a_failed_one_leaves_no_empty_snapshot(
     filled: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -114,6 +114,7 @@ def export_to_hf_cache(
                 counts[writer.blob(store, entry, blobs / etag, link=not copy)] += 1
             except CorruptBlobError as error:
                 problems.append(HfCacheProblem(repo_id, path, "corrupt", f"skipped: {error}"))
+                writer.drop_if_damaged(listed, blobs / listed.etag)
             except BlobRemovedError as error:  # (an `rm` or the budget beside the export)
                 problems.append(HfCacheProblem(repo_id, path, "missing", f"skipped: {error}"))
             else:
@@ -136,6 +137,11 @@ def export_to_hf_cache(
         raise
     finally:
         writer.drop_if_empty(snapshot)
+    for removed in writer.removed:
+        problems.append(HfCacheProblem(repo_id, f"{writer.name}/blobs/{removed.name}", "removed", "the cache's file "
+                                       "held other bytes than its name's, and the store's are corrupt too: taken out "
+                                       "of the cache (offline loads fail for it, rather than read them); pull or "
+                                       "import it again, then export"))  # fmt: skip
     for repaired in writer.repaired:
         problems.append(HfCacheProblem(repo_id, f"{writer.name}/blobs/{repaired.name}", "repaired", "the cache's "
                                        "file held other bytes than its name's (corrupt): replaced by the store's "
@@ -186,9 +192,15 @@ def branch_ref(store: Store, repo_id: str, revision: str, commit_id: str, cache:
         # (of an imported repo, a pull would ask the Hub for another repo of its name: an explorer's trial)
         again = ("import it again" if origin is not None and origin[0] == "import"
                  else f"`modeldepot pull {held} -r {commit_id}` fetches them again")  # fmt: skip
+        if (
+            writer.ref_target(revision) == commit_id
+        ):  # (an export before set it: "not set" was untrue, a trial)
+            said = (f"it names {commit_id[:12]} (an export before), whose snapshot lacks the {lacking} file(s) "
+                    "skipped now: offline loads of them fail")  # fmt: skip
+        else:
+            said = f"not set to {commit_id[:12]}: its snapshot lacks the {lacking} file(s) skipped"
         return [HfCacheProblem(repo_id, f"{writer.name}/refs/{revision}", "ref-not-set",
-                               f"not set to {commit_id[:12]}: its snapshot lacks the {lacking} file(s) skipped "
-                               f"({again}; then export again)")]  # fmt: skip
+                               f"{said} ({again}; then export again)")]  # fmt: skip
 
     if short:
         # refs/<those digits>, as huggingface_hub writes one for a download by them: offline code asking for the
@@ -243,6 +255,9 @@ class _CacheWriter:
         # the names this writer (and those of the same export before it) added, blobs and snapshot links
         self.made: list[Path] = made if made is not None else []
         self.repaired: list[Path] = []  # blobs of the cache whose bytes were not their name's, replaced
+        self.removed: list[
+            Path
+        ] = []  # blobs of the cache whose bytes were not their name's, the store's corrupt
 
     def take_back(self, snapshot: Path) -> None:
         """Remove what this writer added (a failed export), and the snapshot's folders left empty. A blob it
@@ -329,10 +344,9 @@ class _CacheWriter:
             return "kept"
         if held == "same":
             return "linked"
-        if os.path.isfile(target) and self.inside(os.path.realpath(target)):
-            # a file of the cache with other bytes than its name's: replaced, and said (it was without a word:
-            # the user may have copies of those bytes); not a dangling link, nor one out of the cache (a review)
-            self.repaired.append(target)
+        # a file of the cache with other bytes than its name's: replaced, and said (it was without a word: the user
+        # may have copies of those bytes); not a dangling link, nor one out of the cache (a review)
+        damaged = os.path.isfile(target) and self.inside(os.path.realpath(target))
         temporary = self._temporary(target.parent)
         try:
             how = "linked" if link and _link_blob(store, record, temporary) else "copied"
@@ -345,6 +359,8 @@ class _CacheWriter:
             unlink_quietly(temporary)
             if not there:
                 self.made.append(target)
+            if damaged:
+                self.repaired.append(target)
         except OSError as error:
             unlink_quietly(temporary)
             raise StoreError(f"cannot write {target} in the Hugging Face cache: {error.strerror}") from None
@@ -371,6 +387,23 @@ class _CacheWriter:
         except OSError:
             pass
         return "same" if etag_of_file(Path(real), entry.size, entry.lfs) == entry.etag else None
+
+    def drop_if_damaged(self, entry: FileEntry, target: Path) -> None:
+        """The store's copy of a file is corrupt: the cache's blob of it, when its bytes are not its name's
+        either, goes too. After a power loss the cache's name was a link of the very file the store quarantined:
+        an export said it "repaired" it, and offline loads read the corrupt weights (an explorer's trial); now
+        they fail for it."""
+        real = os.path.realpath(target)
+        if not os.path.isfile(target) or not self.inside(real):
+            return
+        with contextlib.suppress(OSError):
+            if (
+                os.stat(real).st_size == entry.size
+                and etag_of_file(Path(real), entry.size, entry.lfs) == entry.etag
+            ):
+                return
+            unlink_quietly(target)
+            self.removed.append(target)
 
     def _share(self, store: Store, blob: BlobRecord, target: Path) -> bool:
         """Make the cache's own copy of the blob's bytes (checked: :meth:`_holds`) a hard link to the store's
