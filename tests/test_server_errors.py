@@ -46,7 +46,7 @@ EXPECTED = {
     "BudgetExceededError": (507, "StoreFull"),
     "StoreError": (500, "NodeError"),
     "StoreSchemaError": (500, "NodeError"),
-    "IndexDamagedError": (500, "NodeError"),  # (gc refused on a damaged index: its log says more)
+    "IndexDamagedError": (503, "IndexDamaged"),  # (a damaged index: the node says so, its operator recovers it)
     "SharedBlobsRemovedError": (500, "NodeError"),  # (a pull's files removed under it three times running)
     "ReadOnlyStoreError": (503, "ReadOnlyStore"),
     "StoreClosedError": (503, "ShuttingDown"),  # (a request that came as the node stopped)

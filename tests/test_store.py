@@ -17,8 +17,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import requests
 
-from conftest import SMALL_CHUNK, flip_byte, sample_files, store_files_consistent, writable, write_model_dir
+from conftest import (
+    SMALL_CHUNK,
+    LiveNode,
+    flip_byte,
+    sample_files,
+    store_files_consistent,
+    writable,
+    write_model_dir,
+)
 from modeldepot import (
     ConfigError,
     CorruptBlobError,
@@ -334,6 +343,28 @@ def test_wrong_chunk_digests_in_the_index_are_rewritten_not_taken_for_bad_bytes(
         bytes(depot.get_chunk(REPO, "model.safetensors", 0))
         == sample_files()["model.safetensors"][: entry.chunk_size]
     )
+
+
+def test_a_value_of_the_index_that_is_no_utf8_says_the_index_is_damaged_and_how_to_get_out(
+    home: Path, model_dir: Path
+) -> None:
+    """One flipped bit of a text value (no check of SQLite's sees it): every read of the repo, and verify, ended
+    in a bare "index error ... Could not decode to UTF-8", and the node answered 500 (an explorer's trial)."""
+    from modeldepot.errors import IndexDamagedError
+
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(model_dir, REPO)
+        with depot.store.index.write("test") as con:  # (SQLite keeps the bytes as they are: no UTF-8)
+            con.execute("UPDATE files SET git_oid = CAST(X'6461ff35' AS TEXT) WHERE path = 'config.json'")
+    with Depot(home) as depot:
+        with pytest.raises(IndexDamagedError, match=r"the index is damaged .*\.recover.*modeldepot import"):
+            depot.verify()
+        node = LiveNode(depot)
+        try:
+            answer = requests.get(f"{node.url}/api/models/{REPO}", timeout=30)
+            assert answer.status_code == 503 and "damaged" in answer.json()["error"], answer.text
+        finally:
+            node.stop()
 
 
 def test_files_another_user_wrote_into_the_store_are_named_and_gc_goes_past_them(

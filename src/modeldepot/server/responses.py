@@ -19,6 +19,7 @@ from modeldepot.errors import (
     CorruptBlobError,
     DepotError,
     EntryNotFoundError,
+    IndexDamagedError,
     IntegrityError,
     InvalidInputError,
     NotFoundError,
@@ -387,6 +388,9 @@ def response_for_error(error: DepotError) -> web.Response:
         return error_response(507, "StoreFull", "the node's disk is full")
     if isinstance(error, ReadOnlyStoreError):  # (a miss, or a write: such a node serves what it holds)
         return error_response(503, "ReadOnlyStore", f"the node's store is read-only: {error}")
+    if isinstance(error, IndexDamagedError):  # (it was a bare 500: an explorer's trial)
+        return error_response(503, "IndexDamaged", "the node's store index is damaged: its operator is told how "
+                              "to recover it (`modeldepot verify` on the node)")  # fmt: skip
     if isinstance(error, StoreClosedError):  # (a request that came as the node stopped)
         return error_response(
             503, "ShuttingDown", "the node is stopping: ask again, here once it is back or elsewhere"

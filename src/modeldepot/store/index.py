@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from modeldepot.errors import (
+    IndexDamagedError,
     ReadOnlyStoreError,
     StoreClosedError,
     StoreError,
@@ -245,10 +246,37 @@ def is_full_error(error: sqlite3.Error, directory: Path | None = None) -> bool:
     return _disk_full(directory)
 
 
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+def is_damage(error: sqlite3.Error) -> bool:
+    """Whether SQLite found the index damaged: a malformed page, or a text value that is no UTF-8 (a flipped
+    bit of it, which no check of SQLite's sees)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return (
+        code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    ) or "decode to UTF-8" in str(error)
+
+
+def index_damage_advice(home: Path) -> str:
+    """How to get out of a damaged index: the blobs and snapshots are intact beside it."""
+    index = home / "index.db"
+    return (f"the files themselves are intact under {home}/blobs and snapshots: recover the index with "
+            f"SQLite (`sqlite3 {index} .recover | sqlite3 recovered.db`, then put recovered.db in its place and run "
+            f"`modeldepot verify`), or import each folder under {home}/snapshots/ORG/NAME/COMMIT into a new "
+            "store (`modeldepot import FOLDER --repo ORG/NAME --home NEW`)")  # fmt: skip
+
+
 def translate_sqlite_error(error: sqlite3.Error, doing: str, directory: Path | None = None) -> StoreError:
-    """Map an sqlite3 error to the exception tree, keeping the cause."""
+    """Map an sqlite3 error to the exception tree, keeping the cause. A damaged index says how to get out of
+    it (the bare "database disk image is malformed", or "Could not decode to UTF-8", said nothing more: an
+    explorer's trial)."""
     if is_full_error(error, directory):
         return StoreFullError(f"no space left while {doing}: nothing was changed; {FULL_DISK_ADVICE}")
+    if directory is not None and is_damage(error):
+        return IndexDamagedError(
+            f"the index is damaged ({error}) while {doing}: {index_damage_advice(directory)}"
+        )
     return StoreError(f"index error while {doing}: {error}")
 
 

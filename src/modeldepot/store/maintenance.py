@@ -35,6 +35,7 @@ from modeldepot.store.blobs import (
 )
 from modeldepot.store.eviction import shared_blobs
 from modeldepot.store.holders import holding_processes
+from modeldepot.store.index import index_damage_advice as _advice
 from modeldepot.store.models import (
     DiskUsage,
     GcReport,
@@ -179,7 +180,10 @@ def _check_the_index(store: Store) -> bool:
     """SQLite's whole integrity check of the index (the quick one does not compare an index's entries with its
     table's rows: a flipped bit of ``files_by_blob`` passed it, an explorer's trial). When only the entries of
     indexes are wrong, the tables are whole: the indexes are rebuilt from them (REINDEX), and said."""
-    found = [row[0] for row in store.index.read("PRAGMA integrity_check(20)")]
+    try:
+        found = [row[0] for row in store.index.read("PRAGMA integrity_check(20)")]
+    except IndexDamagedError:  # (a page SQLite cannot read at all: said in the report, with the way out)
+        return False
     if found == ["ok"]:
         return True
     if store.read_only or not all(_INDEX_ENTRY.match(line) for line in found):
@@ -430,11 +434,7 @@ def _delete_unreferenced_rows(con: sqlite3.Connection, candidates: Iterable[str]
 
 def index_damage_advice(store: Store) -> str:
     """How to get out of a damaged index: the blobs and snapshots are intact beside it."""
-    index = store.index.path
-    return (f"the files themselves are intact under {store.home}/blobs and snapshots: recover the index with "
-            f"SQLite (`sqlite3 {index} .recover | sqlite3 recovered.db`, then put recovered.db in its place and run "
-            f"`modeldepot verify`), or import each folder under {store.home}/snapshots/ORG/NAME/COMMIT into a new "
-            "store (`modeldepot import FOLDER --repo ORG/NAME --home NEW`)")  # fmt: skip
+    return _advice(store.home)
 
 
 # Seconds a passed quick check of the index stands for the removals that follow (the budget evicts unit by
