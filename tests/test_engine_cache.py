@@ -741,6 +741,34 @@ def test_an_engine_evicted_while_held_is_taken_back_not_built_twice() -> None:
     assert closed == ["x"] and other.get_or_load("x", lambda: ClosingEngine("x2")) is not first
 
 
+def test_an_engine_another_hook_closes_is_never_taken_back_between_its_eviction_and_its_hook() -> None:
+    """A load of the key in the moment between an eviction and its hook (on the evicting thread, outside the
+    lock) took the engine back; then the hook, another than the default, closed it in that caller's hands
+    (a review)."""
+    closed: list[str] = []
+    cache: LoadedModelCache[Engine] = LoadedModelCache(
+        max_models=1, ttl=None, on_evict=lambda key, model: (model.close(), closed.append(model.name))
+    )
+    between, go = threading.Event(), threading.Event()
+    real = cache._run_hooks
+
+    def held_hooks(evicted: list[tuple[Any, Engine]]) -> None:
+        if evicted and threading.current_thread().name == "evicting":
+            between.set()
+            go.wait(10)
+        real(evicted)
+
+    cache._run_hooks = held_hooks  # type: ignore[method-assign]
+    cache.get_or_load("a", lambda: Engine("a"))
+    evicting = threading.Thread(target=lambda: cache.get_or_load("b", lambda: Engine("b")), name="evicting")
+    evicting.start()
+    assert between.wait(10)
+    got = cache.get_or_load("a", lambda: Engine("a2"))
+    go.set()
+    evicting.join(10)
+    assert got.name == "a2" and not got.closed and closed[0] == "a"
+
+
 def test_default_hook_calls_close_of_an_engine_nobody_holds() -> None:
     ClosingEngine.closed = []
     cache: LoadedModelCache[ClosingEngine] = LoadedModelCache(max_models=1, ttl=10, clock=(clock := Clock()))

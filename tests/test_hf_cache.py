@@ -1283,6 +1283,16 @@ def test_a_repo_folder_moved_to_another_disk_and_linked_back_is_adopted_and_fed(
     assert exported.ok and (moved / "refs" / "dev").read_text() == depot.resolve(SAMPLE, "dev")
     assert read_tree(Path(snapshot_download(SAMPLE, revision="dev", cache_dir=hf_cache, local_files_only=True))) \
         == read_tree(depot.snapshot_path(SAMPLE, "dev"))  # fmt: skip
+    # A link another user made (in a cache others may write: one to someone else's cache, whose folders have the
+    # very same names) leads nowhere the store adopts from (a review: its repo was adopted and served)
+    if os.geteuid() == 0:
+        os.lchown(hf_cache / FOLDER, 65534, 65534)
+        with Depot(tmp_path / "planted") as fresh:
+            planted = fresh.hf_cache_import(cache_dir=hf_cache)
+            assert not planted.repos and {p.problem for p in planted.problems} >= {"outside"}, (
+                planted.problems
+            )
+        os.lchown(hf_cache / FOLDER, 0, 0)
     # Under another name, what it leads to stays outside the cache
     other = tmp_path / "elsewhere" / "not-a-repo-folder"
     other.parent.mkdir()

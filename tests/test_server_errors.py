@@ -46,7 +46,10 @@ EXPECTED = {
     "BudgetExceededError": (507, "StoreFull"),
     "StoreError": (500, "NodeError"),
     "StoreSchemaError": (500, "NodeError"),
-    "IndexDamagedError": (503, "IndexDamaged"),  # (a damaged index: the node says so, its operator recovers it)
+    "IndexDamagedError": (
+        503,
+        "IndexDamaged",
+    ),  # (a damaged index: the node says so, its operator recovers it)
     "SharedBlobsRemovedError": (500, "NodeError"),  # (a pull's files removed under it three times running)
     "ReadOnlyStoreError": (503, "ReadOnlyStore"),
     "StoreClosedError": (503, "ShuttingDown"),  # (a request that came as the node stopped)

@@ -558,7 +558,7 @@ class LoadedModelCache(Generic[M]):
         """The engine of ``key`` the limits evicted while a caller held it, back in the cache when it is still
         alive (what it pushes out goes into ``evicted``); None when it is gone."""
         held = self._held_out.pop(key, None)
-        model = held[0]() if held is not None else None
+        model = held[0]() if held is not None and self.on_evict is default_on_evict else None
         if held is None or model is None:
             return None
         entry = self._entries[key] = _Entry(model, held[1], now, now)
@@ -735,7 +735,11 @@ class LoadedModelCache(Generic[M]):
 
     def _remember_locked(self, key: Hashable, entry: _Entry[M]) -> None:
         """An entry the limits evict: its engine is taken back if a caller still holds it when next asked
-        (forgotten by :meth:`_run_hooks` when it is closed, or when it cannot be weakly referenced)."""
+        (forgotten by :meth:`_run_hooks` when it is closed, or when it cannot be weakly referenced). Only under
+        the default hook, which judges under the lock whether it is held: another hook may close it whoever
+        holds it, and one taken back before its hook ran was closed in the caller's hands (a review)."""
+        if self.on_evict is not default_on_evict:
+            return
         try:
             self._held_out[key] = (weakref.ref(entry.model), entry.size)
         except TypeError:  # (a plain dict, a tuple: no weak reference to them)

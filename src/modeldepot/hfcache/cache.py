@@ -156,12 +156,19 @@ def default_cache_dir() -> Path:
 def moved_repo_folder(folder: Path) -> str | None:
     """The real path of a repo's folder of a cache that is a link to a folder of the same name elsewhere (moved
     to another disk and linked back: ``mv models--org--big /data/ && ln -s /data/models--org--big``, which
-    huggingface_hub reads as it reads any); None for any other (a link under another name is no repo folder
-    moved, and what it leads to stays outside the cache)."""
+    huggingface_hub reads as it reads any), both the link and its folder this user's; None for any other (a
+    link under another name, or another user's, is no repo folder moved: what it leads to stays outside)."""
     if not folder.is_symlink():
         return None
     real = os.path.realpath(folder)
-    return real if os.path.basename(real) == folder.name and os.path.isdir(real) else None
+    try:
+        # The link, and what it leads to, this user's own: in a cache others may write, a link one of them
+        # planted to another user's cache (whose folders have the very same names) had its repo adopted, and
+        # served (a review)
+        owned = os.lstat(folder).st_uid == os.geteuid() == os.stat(real).st_uid
+    except OSError:
+        return None
+    return real if owned and os.path.basename(real) == folder.name and os.path.isdir(real) else None
 
 
 def repo_folder_name(repo_id: str) -> str:

@@ -222,7 +222,9 @@ def manifest_from_record(
         if resumable and status in ("failed", "available"):
             # (available: a download that made no status row, a file's own or a mirror's, killed: "0 B kept"
             # while du said 64 MiB and the next pull resumed them, an explorer's trial)
-            bytes_done = max(bytes_done, sum(kept.get(path) or 0 for path in theirs))
+            # What is kept, not the progress the stopped pull last wrote: after a power loss its parts are void,
+            # and status said "resumable: 29.8 MiB kept" of 954 B (an explorer's trial)
+            bytes_done = sum(kept.get(path) or 0 for path in theirs)
         total_bytes = sum(sizes[p] for p in item["files"]) + shared_bytes
         if (
             status == "downloaded"
