@@ -205,6 +205,10 @@ def test_a_failed_pull_says_why(
     assert failed["error"].startswith(shown) and "/secret" not in failed["error"], failed["error"]
     said = [r for r in caplog.records if job["id"] in r.getMessage() and r.levelno >= logging.WARNING]
     assert said and REPO in said[0].getMessage(), caplog.text
+    # ... and in /metrics, where a node whose pulls all failed showed nothing
+    scraped = call(guarded.port, "GET", "/metrics", headers=AUTH).body.decode()
+    assert 'modeldepot_node_pulls_total{result="failed"} 1.0' in scraped, scraped[-2000:]
+    assert "modeldepot_node_pulls_running 0.0" in scraped
 
 
 def test_requests_during_the_scan_share_it_and_its_pull(

@@ -311,6 +311,12 @@ class PullJobs:
         self._jobs: dict[str, PullJob] = {}  # by id, oldest first
         self._running: dict[PullKey, PullJob] = {}
         self._starting: dict[PullKey, asyncio.Future[PullJob]] = {}
+        # How the pulls ended, since the node started ("done", "failed", "cancelled"): /metrics, where a node
+        # whose pulls all failed showed nothing (an explorer's trial)
+        self.ended: dict[str, int] = {}
+
+    def running(self) -> int:
+        return len(self._running)
 
     def get(self, job_id: str) -> PullJob | None:
         return self._jobs.get(job_id)
@@ -422,6 +428,7 @@ class PullJobs:
                      result.bytes_downloaded)  # fmt: skip
         finally:
             job.finished_at = time.time()
+            self.ended[job.state] = self.ended.get(job.state, 0) + 1
             if self._running.get(key) is job:
                 del self._running[key]
 

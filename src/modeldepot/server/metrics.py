@@ -27,6 +27,8 @@ and :class:`NodeCollector`, which builds every modeldepot figure when it is scra
   ``modeldepot_preload_budget_bytes`` (``depot.preloader.stats()``),
   ``modeldepot_engine_cache_hits_total`` and ``..._misses_total`` (``depot.engines.stats()``);
 - ``modeldepot_build{version}`` (1: the node's version and build, to graph a fleet's mix);
+- **read from the node's pull jobs** (those asked of it: its control API, its dashboard):
+  ``modeldepot_node_pulls_running`` and ``modeldepot_node_pulls_total{result}`` (done, failed, cancelled);
 - **read from the fleet**: ``modeldepot_peers``, the live nodes in this node's view of its registry, itself
   included (as ``/api/depot/v1/peers`` lists them; 0 on a node served without a cluster).
 
@@ -51,6 +53,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from modeldepot._version import node_version
 from modeldepot.counters import PULLS, SOURCE_KINDS
 from modeldepot.server.context import DEPOT, path_matches
+from modeldepot.server.control_routes import PULLS as PULL_JOBS
 from modeldepot.server.fleet import FLEET
 from modeldepot.server.responses import BlobResponse, CountedResponse
 from modeldepot.store.maintenance import partial_bytes
@@ -168,6 +171,15 @@ class NodeCollector(Collector):
                             float(cluster.connected and cluster.registered)))  # fmt: skip
         for family, name, doc, value in figures:
             yield family(name, doc, value=value)
+        jobs = self._app.get(PULL_JOBS)
+        if jobs is not None:  # (the pulls asked of this node: POST /api/depot/v1/pulls, the dashboard's)
+            yield GaugeMetricFamily("modeldepot_node_pulls_running", "Pulls asked of this node (its control API, "
+                                    "its dashboard) running now.", value=jobs.running())  # fmt: skip
+            ended = CounterMetricFamily("modeldepot_node_pulls", "Pulls asked of this node that ended, since it "
+                                        "started, by result: done, failed, cancelled.", labels=["result"])  # fmt: skip
+            for result in ("done", "failed", "cancelled"):
+                ended.add_metric([result], jobs.ended.get(result, 0))
+            yield ended
         build = GaugeMetricFamily("modeldepot_build", "This node's version and build (as `peers` and /info say "
                                   "it): always 1.", labels=["version"])  # fmt: skip
         build.add_metric([node_version()], 1)
