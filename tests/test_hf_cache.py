@@ -1266,6 +1266,22 @@ def test_a_model_both_downloaded_and_pulled_is_on_the_disk_once_after_an_export(
     assert read_tree(Path(folder)) == sample_files()
 
 
+def test_an_import_says_which_blobs_have_names_outside_the_cache_it_makes_read_only(
+    depot: Depot, hf_cache: Path, tmp_path: Path
+) -> None:
+    """A `cp -al` backup of a cache blob is one file with it: the import made both names read-only without a
+    word, and they stay so after the store lets go (an explorer's trial). It says so, once."""
+    blob = next(p for p in (hf_cache / FOLDER / "blobs").iterdir() if len(p.name) == 64)
+    os.link(blob, tmp_path / "backup.safetensors")
+    adopted = depot.hf_cache_import(cache_dir=hf_cache)
+    assert adopted.ok
+    [note] = [p for p in adopted.problems if p.problem == "named-elsewhere"]
+    assert note.detail.startswith("1 blob(s)") and "read-only" in note.detail
+    assert not os.stat(tmp_path / "backup.safetensors").st_mode & 0o222
+    again = depot.hf_cache_import(cache_dir=hf_cache)
+    assert "named-elsewhere" not in {p.problem for p in again.problems}
+
+
 def test_a_repo_folder_moved_to_another_disk_and_linked_back_is_adopted_and_fed(
     depot: Depot, hf_cache: Path, tmp_path: Path
 ) -> None:

@@ -512,9 +512,9 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
         linked_ones: set[str] = set()  # (SHA-256s) the partials that are hard links to the cache's files
         sources_of: dict[str, Path] = {}  # SHA-256 -> the cache's file it was staged from
         held = HeldContents(store, writer, store.chunk_size)
-        twice: list[
-            int
-        ] = []  # the sizes of the blobs the store holds in a file of its own beside the cache's
+        # The sizes of the blobs the store holds in a file of its own beside the cache's, and of those linked that
+        # have names outside the cache too
+        twice, elsewhere = list[int](), dict[str, int]()
         for etag, source in sorted(sources.items()):
             what = f"{repo.repo_id}/{source.path}"
             if len(etag) == 64 and held.may_hold(source.size, etag):  # (held: hashed where it is, not copied)
@@ -534,6 +534,7 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
                         twice.append(source.size)
                     continue
                 done[0] -= source.size  # (gone meanwhile: staged below, as any other)
+            named_elsewhere = link and _names(source.source) > 1  # (before the store's link adds its own)
             staging = functools.partial(stage_blob, session, source.source, store.chunk_size,
                                         functools.partial(report, what), durable, link=link)  # fmt: skip
             staged = _noted(scan, repo, etag, done, source.size, staging)
@@ -555,6 +556,8 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
                 sources_of[digest.sha256] = source.source
                 if was_linked:
                     linked_ones.add(digest.sha256)
+                    if named_elsewhere:
+                        elsewhere[digest.sha256] = source.size
         room_for_new(store, writer, partials, doing, free=linked_ones)
         revisions, new = _publish_revisions(store, scan, repo, verified, partials, private)
         twice.extend(partials[sha256].size for sha256, source in sources_of.items()
@@ -567,9 +570,15 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
     if link:
         _say_why_copied(store, scan, repo, {sha256: (sources_of[sha256], partials[sha256].size)
                                             for sha256 in new - linked_ones})  # fmt: skip
-    if (
-        twice
-    ):  # (pulled before the cache was adopted, or two imports at once: on the disk twice, without a word)
+    # (a `cp -al` backup made read-only without a word, and left so: an explorer's trial; of the blobs new to the
+    # store: one it held already, linked by an import before, is a name of the store's)
+    if named := [size for sha256, size in elsewhere.items() if sha256 in new]:
+        scan.problem(repo.repo_id, repo.folder / "blobs", "named-elsewhere",
+                     f"{len(named)} blob(s) ({size_text(sum(named))}) have other names besides the cache's "
+                     "(hard links: a backup, another store): those names are made read-only too, as one file, and "
+                     "keep that mode after the store lets go of them (chmod them back then; --copy adopts copies)")  # fmt: skip
+    # (pulled before the cache was adopted, or two imports at once: on the disk twice, without a word)
+    if twice:
         scan.problem(repo.repo_id, repo.folder / "blobs", "held-twice",
                      f"{len(twice)} blob(s) ({size_text(sum(twice))}) are on the disk twice, the store's file "
                      f"beside the cache's: `modeldepot hf-cache export {repo.repo_id}` (-r for each commit) makes "
@@ -579,6 +588,14 @@ def _adopt(store: Store, scan: _Scan, repo: _CachedRepo, private: bool, link: bo
         repo.repo_id, tuple(revisions), len(contents), len(new), new_bytes, linked, len(new) - linked
     )
     return adopted, contents
+
+
+def _names(path: Path) -> int:
+    """How many names (hard links) the file at ``path`` has (1 when it cannot be read)."""
+    try:
+        return os.stat(path).st_nlink
+    except OSError:
+        return 1
 
 
 def _twice(cached: Path, blob: Path) -> bool:

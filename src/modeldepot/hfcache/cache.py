@@ -49,6 +49,7 @@ NOTES = frozenset(
         "copied",
         "repaired",
         "held-twice",
+        "named-elsewhere",
     }
 )
 
