@@ -747,26 +747,27 @@ def test_an_engine_another_hook_closes_is_never_taken_back_between_its_eviction_
     (a review)."""
     closed: list[str] = []
     cache: LoadedModelCache[Engine] = LoadedModelCache(
-        max_models=1, ttl=None, on_evict=lambda key, model: (model.close(), closed.append(model.name))
-    )
+        max_models=2, ttl=5, clock=(clock := Clock()), on_evict=lambda key, model: (model.close(), closed.append(model.name))
+    )  # fmt: skip
     between, go = threading.Event(), threading.Event()
     real = cache._run_hooks
 
     def held_hooks(evicted: list[tuple[Any, Engine]]) -> None:
         if evicted and threading.current_thread().name == "evicting":
             between.set()
-            go.wait(10)
+            assert go.wait(30)
         real(evicted)
 
     cache._run_hooks = held_hooks  # type: ignore[method-assign]
     cache.get_or_load("a", lambda: Engine("a"))
-    evicting = threading.Thread(target=lambda: cache.get_or_load("b", lambda: Engine("b")), name="evicting")
+    clock.now += 6  # (its TTL is up: the evicting thread takes it out)
+    evicting = threading.Thread(target=cache.evict_stale, name="evicting")
     evicting.start()
-    assert between.wait(10)
+    assert between.wait(30)
     got = cache.get_or_load("a", lambda: Engine("a2"))
     go.set()
-    evicting.join(10)
-    assert got.name == "a2" and not got.closed and closed[0] == "a"
+    evicting.join(30)
+    assert got.name == "a2" and not got.closed and closed == ["a"]
 
 
 def test_default_hook_calls_close_of_an_engine_nobody_holds() -> None:
