@@ -78,6 +78,26 @@ def test_onnx_dtypes_with_their_external_data() -> None:
     assert export.other == ("onnx/README.md", "weights.bin")
 
 
+def test_each_gguf_model_takes_one_projector_and_the_others_are_variants_of_their_own() -> None:
+    """Every projector went with every quant: a vision repo's Q4_K_M pull (unsloth/gemma-3-4b-it-GGUF: F16, BF16
+    and F32 projectors) moved 5.9 GB for 3.3 (an explorer's trial). Each model takes the projector of its
+    quant, else F16, BF16, F32, of its own folder first; one no model takes is pulled by its own name."""
+    grouping = group_files([
+        "gemma-3-4b-it-Q4_K_M.gguf", "gemma-3-4b-it-Q8_0.gguf", "gemma-3-4b-it-BF16.gguf",
+        "mmproj-F16.gguf", "mmproj-BF16.gguf", "mmproj-F32.gguf", "config.json",
+        "other/m-Q4_0.gguf", "other/mmproj-m-Q8_0.gguf",
+    ])  # fmt: skip
+    variants = {v.name: set(v.files) for v in grouping.variants}
+    assert variants == {
+        "Q4_K_M": {"gemma-3-4b-it-Q4_K_M.gguf", "mmproj-F16.gguf"},
+        "Q8_0": {"gemma-3-4b-it-Q8_0.gguf", "mmproj-F16.gguf"},
+        "BF16": {"gemma-3-4b-it-BF16.gguf", "mmproj-BF16.gguf"},
+        "Q4_0": {"other/m-Q4_0.gguf", "other/mmproj-m-Q8_0.gguf"},
+        "mmproj-F32": {"mmproj-F32.gguf"},
+    }
+    assert grouping.shared == ("config.json",)
+
+
 def test_gguf_quants_splits_and_projectors() -> None:
     grouping = group_files(GGUF_REPO)
     variants = {v.name: v.files for v in grouping.variants}

@@ -8,8 +8,9 @@ Naming follows the ecosystem (docs/background.md, "Variant names"):
   documents, pictures and other models (a file per tensor, as torch.onnx.export writes a model over 2 GB).
 - GGUF: the quant label in the file name (``Q4_K_M``, ``IQ2_XS``, ``BF16``, ``UD-Q4_K_XL``, ``Q4_0_4_4``…; the
   last match wins, as huggingface.js does), else in its folder (``Q4_K_M/model-00001-of-00002.gguf``), else
-  the file's own name; split files ``-00001-of-00003.gguf`` grouped; ``mmproj`` projectors as companions of
-  every GGUF variant; importance matrices (``imatrix.gguf``: "imatrix" in a name without a quant label) no
+  the file's own name; split files ``-00001-of-00003.gguf`` grouped; an ``mmproj`` projector as the companion
+  of each GGUF variant (its quant's, else F16, BF16, F32; one no variant takes is a variant of its own);
+  importance matrices (``imatrix.gguf``: "imatrix" in a name without a quant label) no
   model: other files. A name is the file's alone, whatever is beside it (two models of one label are one
   variant, as the store names a variant from the files it holds of it).
 - safetensors: single files and shards with their ``.safetensors.index.json``; a dtype infix
@@ -253,7 +254,7 @@ def gguf_quant(path: str) -> str | None:
 
 
 def is_gguf_model(path: str) -> bool:
-    """Whether a ``.gguf`` file is a model: not a multimodal projector (``mmproj``, a companion of every
+    """Whether a ``.gguf`` file is a model: not a multimodal projector (``mmproj``, a companion of a
     variant) nor an importance matrix (``imatrix.gguf``, which llama-imatrix writes and repos publish beside
     their quants: it was a variant, and the model a load without a quant returned, an explorer's trial). A
     quant made with one is a model (``model-Q4_K_M-imatrix.gguf``: its name has a quant label)."""
@@ -286,6 +287,21 @@ def _gguf_label(path: str) -> str:
     return gguf_quant(path) or _as_variant_name(_gguf_model_name(path))
 
 
+def _projector_for(label: str, files: list[str], projectors: list[str]) -> str | None:
+    """The multimodal projector that goes with the GGUF model ``files`` of quant ``label``: of those in its
+    folder (else of all), the one of its quant, else F16, BF16, F32, else the first by name."""
+    folder = files[0].rpartition("/")[0] if files else ""
+    near = sorted(p for p in projectors if p.rpartition("/")[0] == folder) or sorted(projectors)
+    if not near:
+        return None
+    by_label: dict[str, str] = {}
+    for path in near:
+        by_label.setdefault((_quant_label(path.rsplit("/", 1)[-1]) or "").upper(), path)
+    return next(
+        (by_label[want] for want in (label.upper(), "F16", "BF16", "F32") if want in by_label), near[0]
+    )
+
+
 def group_files(paths: Iterable[str]) -> Grouping:
     """Group repo paths into variants, shared files and the rest."""
     all_paths = sorted(set(paths))
@@ -313,8 +329,18 @@ def group_files(paths: Iterable[str]) -> Grouping:
             groups.setdefault(("gguf", _gguf_label(path)), []).append(path)
             claimed.add(path)
     if any(kind == "gguf" for kind, _ in groups):
+        # One projector with each model: of its quant, else F16, BF16, F32 (each with every quant, a vision
+        # repo's Q4_K_M pull moved 5.9 GB for 3.3, an explorer's trial); those no model takes, variants of their
+        # own (`pull -q mmproj-F32`)
+        chosen = set()
         for key in [k for k in groups if k[0] == "gguf"]:
-            groups[key].extend(projectors)
+            pick = _projector_for(key[1], groups[key], projectors)
+            if pick is not None:
+                groups[key].append(pick)
+                chosen.add(pick)
+        for path in projectors:
+            if path not in chosen:
+                groups.setdefault(("gguf", _as_variant_name(_gguf_model_name(path))), []).append(path)
         claimed.update(projectors)
 
     for path in all_paths:
