@@ -98,6 +98,14 @@ def test_each_gguf_model_takes_one_projector_and_the_others_are_variants_of_thei
     assert grouping.shared == ("config.json",)
 
 
+def test_qwens_fp16_spelling_is_a_quant_label() -> None:
+    """Qwen/Qwen2.5-*-Instruct-GGUF name their half-precision file `…-fp16.gguf`: its variant was named after the
+    whole file, and neither -q fp16 nor -q F16 found it (an explorer's trial)."""
+    grouping = group_files(["qwen2.5-0.5b-instruct-fp16.gguf", "qwen2.5-0.5b-instruct-q4_k_m.gguf"])
+    assert [v.name for v in grouping.variants] == ["FP16", "Q4_K_M"]
+    assert grouping.find("fp16") is not None
+
+
 def test_gguf_quants_splits_and_projectors() -> None:
     grouping = group_files(GGUF_REPO)
     variants = {v.name: v.files for v in grouping.variants}

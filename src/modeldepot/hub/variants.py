@@ -88,6 +88,9 @@ _GGUF_NAMES = [
     "F32",
     "F64",
 ]
+# Qwen's own spelling (Qwen2.5-*-Instruct-GGUF: `qwen2.5-0.5b-instruct-fp16.gguf`): a variant named after the
+# whole file, which neither -q fp16 nor -q F16 found (an explorer's trial)
+_FP_NAMES = ["FP16", "FP32"]
 # ARM repacks of Q4_0 and IQ4_NL (Q4_0_4_4.gguf beside Q4_0.gguf: another file, another variant)
 _ARM_REPACKS = ["Q4_0_4_4", "Q4_0_4_8", "Q4_0_8_8", "IQ4_NL_4_4", "IQ4_NL_4_8", "IQ4_NL_8_8"]
 
@@ -100,7 +103,7 @@ def _quant_pattern(names: list[str]) -> re.Pattern[str]:
     )
 
 
-_GGUF_QUANT = _quant_pattern(_GGUF_NAMES + _ARM_REPACKS)
+_GGUF_QUANT = _quant_pattern(_GGUF_NAMES + _ARM_REPACKS + _FP_NAMES)
 # The labels before the repacks and the folders were told apart (0.1): the names pins and uses were recorded under
 _LEGACY_GGUF_QUANT = _quant_pattern(_GGUF_NAMES)
 MAX_VARIANT_NAME = 64
