@@ -611,6 +611,11 @@ def test_preload_pin_unpin_and_remove(guarded: LiveNode, local: Depot) -> None:
     unheld = call(guarded.port, "PUT", f"{API}/repos/{REPO}/pin", {"quant": "fp16"}, AUTH)
     assert unheld.status == 404 and "holds no file of 'fp16'" in unheld.json()["error"], unheld.body
     assert unheld.json()["error"].endswith("pull it first"), unheld.body
+    # ... and by a preload of it (it said the repo "has no variant" fp16, an explorer's trial)
+    unloaded = call(guarded.port, "POST", f"{API}/repos/{REPO}/preload", {"quant": "fp16"}, AUTH)
+    assert unloaded.status == 404 and unloaded.json()["error"].endswith("pull it first"), unloaded.body
+    assert "has no variant" in call(guarded.port, "POST", f"{API}/repos/{REPO}/preload", {"quant": "q9"},
+                                    AUTH).json()["error"]  # fmt: skip
     listed = call(guarded.port, "GET", f"{API}/pins", headers=AUTH).json()
     assert [(p["repo_id"], p["quant"]) for p in listed] == [(REPO, None), (REPO, "q4f16")]
     unpinned = call(guarded.port, "DELETE", f"{API}/repos/{REPO}/pin", {"quant": "q4f16"}, AUTH)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from modeldepot.errors import DepotError, NotFoundError, PullRunningError, RepoNotFoundError
 from modeldepot.guards import any_case, own_store, writes
+from modeldepot.hub.manifest import scan_lists
 from modeldepot.hub.removal import remove_repo, remove_variant
 from modeldepot.hub.variants import group_files
 from modeldepot.store import DiskUsage, GcReport, RemoveResult, Store, VerifyReport, disk_usage, gc, verify
@@ -171,7 +172,9 @@ class Upkeep:
                 grouping = group_files(e.path for e in self.store.files(repo_id, commit_id))
                 variant = grouping.find(validate_quant(quant))
                 if variant is None:
-                    if self._scan_lists(repo_id, quant):  # (said "has no variant" of one its scan lists)
+                    if scan_lists(
+                        self.store, repo_id, quant
+                    ):  # (said "has no variant" of one its scan lists)
                         raise NotFoundError(f"{repo_id}@{commit_id[:12]} holds no file of {quant!r} (it holds: "
                                             f"{grouping.names()}): pull it first", repo_id=repo_id)  # fmt: skip
                     raise NotFoundError(f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: "
@@ -189,14 +192,6 @@ class Upkeep:
             raise PullRunningError(f"a pull of {repo_id} is running{who} and has not published "
                                    f"{repo_id if quant is None else quant} yet ({missing}): pin it once the pull is "
                                    "done", repo_id=repo_id) from None  # fmt: skip
-
-    def _scan_lists(self, repo_id: str, quant: str) -> bool:
-        """Whether the repo's saved scan lists the variant ``quant``."""
-        try:
-            self.get_manifest(repo_id).variant(quant)
-        except NotFoundError:
-            return False
-        return True
 
     @any_case
     @writes

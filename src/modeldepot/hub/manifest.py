@@ -495,6 +495,16 @@ def _main_moved_from(store: Store, repo_id: str, commit_id: str) -> bool:
         return False
 
 
+def scan_lists(store: Store, repo_id: str, quant: str) -> bool:
+    """Whether the repo's saved scan (what a pull would fetch) lists the variant ``quant``: a variant the store
+    holds no file of is then one to pull, not one the repo lacks."""
+    try:
+        current_manifest(store, repo_id).variant(quant)
+    except NotFoundError:
+        return False
+    return True
+
+
 def current_manifest(store: Store, repo_id: str) -> Manifest:
     """The saved manifest of a scanned repo, with each variant's current status (a pull that was killed
     shows as failed and resumable, not as downloading forever; one whose file was found corrupt since, as

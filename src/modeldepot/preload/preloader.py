@@ -35,6 +35,7 @@ from typing import Any
 
 from modeldepot.config import parse_share, parse_size
 from modeldepot.errors import ConfigError, CorruptBlobError, DepotError, InvalidInputError, NotFoundError
+from modeldepot.hub.manifest import scan_lists
 from modeldepot.hub.variants import group_files
 from modeldepot.memory import ram_bytes
 from modeldepot.preload.copies import STRATEGIES, FileCopy
@@ -290,7 +291,7 @@ class Preloader:
             repo_id = self.store.spelled(repo_id)  # (any case: the Hub's repo ids ignore it)
             commit_id = self.store.resolve(repo_id, revision)
             entries = self.store.revision_files(repo_id, commit_id)
-        entries, key = self._variant(repo_id, commit_id, entries, quant)
+        entries, key = self._variant(store, repo_id, commit_id, entries, quant)
         return key, entries, store
 
     def _holders(self, key: ModelKey, entries: list[FileEntry], answering: Store) -> dict[str, Store]:
@@ -308,13 +309,18 @@ class Preloader:
 
     @staticmethod
     def _variant(
-        repo_id: str, commit_id: str, entries: list[FileEntry], quant: str | None
+        store: Store, repo_id: str, commit_id: str, entries: list[FileEntry], quant: str | None
     ) -> tuple[list[FileEntry], ModelKey]:
         if quant is None:
             return entries, (repo_id, commit_id, "")
         grouping = group_files(e.path for e in entries)
         variant = grouping.find(quant)
         if variant is None:
+            if scan_lists(
+                store, repo_id, quant
+            ):  # (it said "has no variant" of one the scan lists; pin did not)
+                raise NotFoundError(f"{repo_id}@{commit_id[:12]} holds no file of {quant!r} (it holds: "
+                                    f"{grouping.names()}): pull it first", repo_id=repo_id)  # fmt: skip
             raise NotFoundError(
                 f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: {grouping.names()})"
             )
