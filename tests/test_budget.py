@@ -1707,7 +1707,9 @@ def test_blobs_shared_with_files_outside_the_store_are_neither_counted_nor_evict
         assert [(e.repo_id, e.bytes_freed >= 2 * MB) for e in depot.shrink()] == [("acme/linked", True)]
 
 
-def test_blobs_exported_to_a_hugging_face_cache_are_still_the_stores(tmp_path: Path) -> None:
+def test_blobs_exported_to_a_hugging_face_cache_are_still_the_stores(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """An export links the store's blobs into a Hugging Face cache: they were taken for blobs linked in from
     outside, neither counted nor evicted, and pulls and exports took the store past its budget with `budget`
     saying 0% used (a trial). They are the store's: counted, and evicted in turn; the cache keeps its copy."""
@@ -1720,8 +1722,12 @@ def test_blobs_exported_to_a_hugging_face_cache_are_still_the_stores(tmp_path: P
         depot.import_dir(model(tmp_path, "acme/new", size=MB), "acme/new")
         status = depot.budget_status()
         assert status.used_bytes >= 2 * MB and status.shared_bytes == 0, status
-        evicted = depot.set_max_size(3 * MB // 2)
+        with caplog.at_level(logging.INFO, logger="modeldepot.store.budget"):
+            evicted = depot.set_max_size(3 * MB // 2)
         assert [e.repo_id for e in evicted] == ["acme/old"]  # (its bytes stay on the disk, the cache's now)
+        # Said so: "evicted acme/old (0 B, ...)" read as an eviction for nothing (an explorer's trial)
+        assert evicted[0].bytes_freed == 0 and evicted[0].bytes_still_linked >= MB
+        assert "more stay on disk, linked by files outside the store" in caplog.text, caplog.text
         assert repos(depot) == {"acme/new"} and depot.budget_status().used_bytes <= 3 * MB // 2
         kept = cache / "models--acme--old" / "snapshots" / exported.commit_id
         assert all(path.read_bytes() for path in kept.iterdir()), "the cache's copy stays whole"

@@ -564,8 +564,10 @@ def _render_evictions(
         what = f"{eviction.repo_id}@{eviction.commit_id[:12]}" + (
             f" {eviction.variant}" if eviction.variant else ""
         )
+        linked = (f"; {format_bytes(eviction.bytes_still_linked)} more stay on disk, linked outside the store"
+                  if eviction.bytes_still_linked else "")  # fmt: skip
         console.print(f"{verb} {escape(what)} ({format_bytes(eviction.bytes_freed)}, last used "
-                      f"{_when(eviction.last_used)})")  # fmt: skip
+                      f"{_when(eviction.last_used)}{linked})")  # fmt: skip
     if most is not None and len(evicted) > most:
         console.print(f"... and {count(len(evicted) - most, 'eviction')} more")
 

@@ -96,6 +96,8 @@ class Eviction(_Record):
     bytes_freed: int
     last_used: float  # seconds since the epoch
     variant: str | None = None  # one variant's own files went; None: the whole revision
+    # Bytes of its blobs that stay on disk, linked outside the store (an exported Hugging Face cache's)
+    bytes_still_linked: int = 0
 
 
 @dataclass(frozen=True)
@@ -689,10 +691,13 @@ class DiskBudget:
             # (a pull's or an import's evictions are warned of: their commands print no list of them)
             # (room is made before a write: said, as a pull that then failed had freed the space for nothing
             # and the operator read the warning as the pull's doing after it: a trial)
+            # (an exported model's eviction said "0 B", read as an eviction for nothing: an explorer's trial)
+            linked = (f"; {size_text(eviction.bytes_still_linked)} more stay on disk, linked by files outside the "
+                      "store (a Hugging Face cache it was exported to)" if eviction.bytes_still_linked else "")  # fmt: skip
             log.log(logging.WARNING if writer is not None else logging.INFO,
-                    "evicted %s (%s, last used %s) to stay within the disk budget (%s)%s", what,
+                    "evicted %s (%s freed, last used %s) to stay within the disk budget (%s)%s%s", what,
                     size_text(eviction.bytes_freed), time.strftime("%Y-%m-%d %H:%M", time.localtime(unit.last_used)),
-                    doing, "; room made before the write, gone even if the write fails" if writer is not None
+                    doing, linked, "; room made before the write, gone even if the write fails" if writer is not None
                     else "")  # fmt: skip
             for hook in self._evicted_hooks:
                 hook(unit.repo_id)
@@ -722,7 +727,8 @@ class DiskBudget:
         except NotFoundError:
             return None  # removed meanwhile (another process)
         # The bytes given back to the disk (a file another name links too stays, and the budget never counted it)
-        return Eviction(unit.repo_id, unit.commit_id, result.bytes_freed, unit.last_used, unit.variant)
+        return Eviction(unit.repo_id, unit.commit_id, result.bytes_freed, unit.last_used, unit.variant,
+                        result.bytes_still_linked)  # fmt: skip
 
     def _count(self, eviction: Eviction) -> None:
         with self.store.index.write("counting an eviction") as con:
