@@ -193,6 +193,17 @@ def test_a_proxy_of_another_kind_is_a_clear_error(hub: LiveNode, tmp_path: Path)
     assert "only http:// proxies are supported" in done.stderr, done.stderr
 
 
+def test_a_proxy_that_cannot_be_reached_is_named(hub: LiveNode, tmp_path: Path) -> None:
+    """A dead proxy was reported as the Hub out of reach (it was up): a user behind a proxy debugged the wrong
+    machine (an explorer's trial)."""
+    dead = f"127.0.0.1:{free_port()}"
+    env = without_proxies(HF_ENDPOINT=hub.url, HTTP_PROXY=f"http://{dead}", MODELDEPOT_READ_TIMEOUT="5",
+                          MODELDEPOT_OUTAGE_PATIENCE="0")  # fmt: skip
+    done = modeldepot("pull", REPO, "--home", str(tmp_path / "store"), env=env, check=False)
+    assert done.returncode != 0
+    assert f"the proxy {dead} (from the environment's http_proxy) for {hub.url}" in done.stderr, done.stderr
+
+
 def test_a_server_that_ignores_ranges_is_streamed_through_the_proxy_too(
     hub: LiveNode, proxy: ForwardProxy, tmp_path: Path
 ) -> None:

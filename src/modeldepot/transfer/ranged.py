@@ -326,7 +326,7 @@ def _connection(origin: _Origin, timeout: float, attempt: Attempt) -> Iterator[_
     use = _InUse(connection, route)
     try:
         if connection.sock is None:  # connect first: an abort that came while the socket was being
-            connection.connect()  # made had none to shut down, and is seen here instead
+            _connect(connection, route)  # made had none to shut down, and is seen here instead
             with attempt.lock:
                 if attempt.aborted:
                     raise ConnectionAbortedError("the request was abandoned")
@@ -338,6 +338,24 @@ def _connection(origin: _Origin, timeout: float, attempt: Attempt) -> Iterator[_
             _POOL.give(route, connection)
         else:
             connection.close()
+
+
+def _connect(connection: http.client.HTTPConnection, route: _Route) -> None:
+    """Connect; through a proxy, a failure names the proxy (it named the origin alone, which was up: a user
+    behind a proxy debugged the wrong machine, an explorer's trial)."""
+    try:
+        connection.connect()
+    except OSError as error:
+        (scheme, host, port), proxy = route
+        if proxy is None:
+            raise
+        said = (f"the proxy {_netloc(proxy.host, proxy.port)} (from the environment's {scheme}_proxy) for "
+                f"{scheme}://{_netloc(host, port)}: {error.strerror or error or type(error).__name__}")  # fmt: skip
+        try:
+            named = type(error)(error.errno, said) if error.errno is not None else type(error)(said)
+        except Exception:  # (an error its type builds otherwise: raised as it came)
+            raise error from None
+        raise named from error
 
 
 def request(method: str, url: str, headers: Mapping[str, str], timeout: float, limit: int, attempt: Attempt,
