@@ -783,10 +783,14 @@ def test_a_mirror_answers_an_absent_upstream_repo_as_a_private_one_to_a_client_w
         mirror_depot = Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK, servers=[node.url])
         mirror = LiveNode(mirror_depot, mirror=True, owns_depot=True, control_token="mirror-control")
         try:
-            for suffix in ("", "/resolve/main/config.json"):
+            # (a file or a branch the private repo lacks was said so, where its own files were "not found":
+            # guesses of names told the repo was there, and which files and branches it has, an explorer's trial)
+            for suffix in ("", "/resolve/main/config.json", "/resolve/main/nope.json",
+                           "/resolve/no-such-branch/config.json", "/revision/no-such-branch"):  # fmt: skip
                 answers = {}
                 for repo in ("acme/secret", "acme/nothing"):
-                    path = f"/api/models/{repo}" if not suffix else f"/{repo}{suffix}"
+                    api = not suffix or suffix.startswith("/revision/")
+                    path = f"/api/models/{repo}{suffix}" if api else f"/{repo}{suffix}"
                     answer = requests.get(mirror.url + path, timeout=30)
                     answers[repo] = (answer.status_code, answer.headers.get("X-Error-Code"),
                                      answer.content.replace(repo.encode(), b"REPO"))  # fmt: skip

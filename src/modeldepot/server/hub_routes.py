@@ -528,9 +528,10 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
     if first:
         try:
             manifest = await upstream_manifest(request, repo_id, revision, held)
-            request.app[MIRROR].remote_file(manifest, revision, path)
-            # (the store may hold it: it must not answer what the upstream hides)
+            # (the store may hold it: it must not answer what the upstream hides; and first: a file a private
+            # repo lacks was said so to anyone, a trial)
             check_public(request, manifest)
+            request.app[MIRROR].remote_file(manifest, revision, path)
         except (EntryNotFoundError, PrivateUpstream):
             # The upstream answered: its commit for the revision has no such file (removed there). The store's
             # older commit must not answer: a client would mix two commits (its refs/main moved back).

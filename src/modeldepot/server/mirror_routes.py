@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
-from modeldepot.errors import AccessDeniedError, RepoNotFoundError
+from modeldepot.errors import AccessDeniedError, DepotError, RepoNotFoundError, RevisionNotFoundError
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.mirror import Mirror
 from modeldepot.modelcard import upstream_card
@@ -72,6 +72,22 @@ async def upstream_manifest(
         log.warning("%s %s: answered as a repo not found to a client without this node's token: %s",
                     request.method, request.path, error)  # fmt: skip
         raise hidden_repo(request, repo_id) from error
+    except RevisionNotFoundError as error:
+        # A revision a private repo lacks was said so to anyone, where the repo's files answered "not found":
+        # every guess of a branch told that the repo was there (an explorer's trial). Said to who may see it.
+        if is_authorized(request) or await _public(request, repo_id, held):
+            raise
+        raise hidden_repo(request, repo_id) from error
+
+
+async def _public(request: web.Request, repo_id: str, held: bool) -> bool:
+    """Whether the upstream's repo is one anyone may see (its main branch's scan says so); False when that
+    cannot be told."""
+    try:
+        manifest = await request.app[MIRROR].manifest(repo_id, "main", held)
+    except DepotError:
+        return False
+    return not (manifest.private or manifest.gated)
 
 
 def _entry(manifest: Manifest, remote: RemoteFile) -> FileEntry:
@@ -124,8 +140,8 @@ async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path
     its first bytes (or a few seconds passed). A HEAD, or a range past the end, pulls nothing."""
     mirror, since = request.app[MIRROR], request.get(ARRIVED, time.monotonic())
     manifest = await upstream_manifest(request, repo_id, revision)
+    check_public(request, manifest)  # (first: a file a private repo lacks was said so to anyone, a trial)
     remote = mirror.remote_file(manifest, revision, path)
-    check_public(request, manifest)
     entry = _entry(manifest, remote)
     headers = file_headers(entry, request)
     if entry.lfs and (pinned := to_its_commit(request, entry.commit_id, headers)) is not None:
@@ -134,13 +150,14 @@ async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path
         # The client holds these very bytes (the upstream's scan names them): nothing to pull. A mirror sent
         # the whole file, pulling it first, to a cache that revalidated what it held.
         return web.Response(status=304, headers={k: v for k, v in headers.items() if k != "Content-Type"})
-    await mirror.check_fits(manifest, remote)
     if request.method == "HEAD":  # (file_exists, a size probe: answered from the upstream's metadata)
         if not remote.size:  # (no GET follows: huggingface_hub makes an empty file itself)
             await mirror.started(manifest, remote)
-        # (A pull that failed lately is the GET's 502: huggingface_hub retries a HEAD's for half a minute,
-        # then says it could not locate the file; a GET's error it shows at once, with its reason.)
+        # (A pull that failed lately is the GET's 502, and a file the disk budget cannot take the GET's 507:
+        # huggingface_hub retries a HEAD's 5xx for half a minute, then says only "check your connection"; a
+        # GET's error it shows at once, with its reason: an explorer's trial.)
         return MirrorResponse(None, 200, headers, remote.size)
+    await mirror.check_fits(manifest, remote)
     try:
         wanted = wanted_range(request, remote.size, entry.etag)
     except RangeNotSatisfiable:
