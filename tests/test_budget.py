@@ -1733,6 +1733,8 @@ def test_blobs_exported_to_a_hugging_face_cache_are_still_the_stores(
         depot.import_dir(model(tmp_path, "acme/new", size=MB), "acme/new")
         status = depot.budget_status()
         assert status.used_bytes >= 2 * MB and status.shared_bytes == 0, status
+        [planned] = depot.plan_shrink(3 * MB // 2)  # (the preview says it as the eviction does)
+        assert planned.bytes_freed == 0 and planned.bytes_still_linked >= MB, planned
         with caplog.at_level(logging.INFO, logger="modeldepot.store.budget"):
             evicted = depot.set_max_size(3 * MB // 2)
         assert [e.repo_id for e in evicted] == ["acme/old"]  # (its bytes stay on the disk, the cache's now)

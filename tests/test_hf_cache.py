@@ -1273,10 +1273,13 @@ def test_an_import_says_which_blobs_have_names_outside_the_cache_it_makes_read_o
     word, and they stay so after the store lets go (an explorer's trial). It says so, once."""
     blob = next(p for p in (hf_cache / FOLDER / "blobs").iterdir() if len(p.name) == 64)
     os.link(blob, tmp_path / "backup.safetensors")
+    # (a git-named one too: staged again by every import, it is the store's own name the second time)
+    small = next(p for p in (hf_cache / FOLDER / "blobs").iterdir() if len(p.name) == 40)
+    os.link(small, tmp_path / "backup.json")
     adopted = depot.hf_cache_import(cache_dir=hf_cache)
     assert adopted.ok
     [note] = [p for p in adopted.problems if p.problem == "named-elsewhere"]
-    assert note.detail.startswith("1 blob(s)") and "read-only" in note.detail
+    assert note.detail.startswith("2 blob(s)") and "read-only" in note.detail
     assert not os.stat(tmp_path / "backup.safetensors").st_mode & 0o222
     again = depot.hf_cache_import(cache_dir=hf_cache)
     assert "named-elsewhere" not in {p.problem for p in again.problems}

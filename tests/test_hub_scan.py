@@ -96,6 +96,11 @@ def test_each_gguf_model_takes_one_projector_and_the_others_are_variants_of_thei
         "mmproj-F32": {"mmproj-F32.gguf"},
     }
     assert grouping.shared == ("config.json",)
+    qwen = group_files(
+        ["q-q4_k_m.gguf", "mmproj-q-bf16.gguf", "mmproj-q-fp16.gguf"]
+    )  # (FP16 is F16: a review)
+    assert {v.name: set(v.files) for v in qwen.variants} == {
+        "Q4_K_M": {"q-q4_k_m.gguf", "mmproj-q-fp16.gguf"}, "mmproj-q-bf16": {"mmproj-q-bf16.gguf"}}  # fmt: skip
 
 
 def test_qwens_fp16_spelling_is_a_quant_label() -> None:

@@ -335,8 +335,8 @@ class Mirror:
         return (manifest.repo_id, manifest.commit_id, remote.path) in self._jobs
 
     async def check_fits(self, manifest: Manifest, remote: RemoteFile) -> None:
-        """Refuse (BudgetExceededError: 507) a file the disk budget cannot hold before its pull starts, so
-        that a HEAD says what the GET would (a running pull made its room already)."""
+        """Refuse (BudgetExceededError: 507) a file the disk budget cannot hold before its pull starts (a
+        running pull made its room already). A GET's: its HEAD is answered from the upstream's metadata."""
         if self.pulling(manifest, remote):
             return
         store, doing = self.depot.store, f"mirroring {remote.path} of {manifest.repo_id}"

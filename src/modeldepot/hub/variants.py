@@ -292,7 +292,7 @@ def _gguf_label(path: str) -> str:
 
 def _projector_for(label: str, files: list[str], projectors: list[str]) -> str | None:
     """The multimodal projector that goes with the GGUF model ``files`` of quant ``label``: of those in its
-    folder (else of all), the one of its quant, else F16, BF16, F32, else the first by name."""
+    folder (else of all), the one of its quant, else F16 (FP16), BF16, F32 (FP32), else the first by name."""
     folder = files[0].rpartition("/")[0] if files else ""
     near = sorted(p for p in projectors if p.rpartition("/")[0] == folder) or sorted(projectors)
     if not near:
@@ -300,9 +300,8 @@ def _projector_for(label: str, files: list[str], projectors: list[str]) -> str |
     by_label: dict[str, str] = {}
     for path in near:
         by_label.setdefault((_quant_label(path.rsplit("/", 1)[-1]) or "").upper(), path)
-    return next(
-        (by_label[want] for want in (label.upper(), "F16", "BF16", "F32") if want in by_label), near[0]
-    )
+    preferred = (label.upper(), "F16", "FP16", "BF16", "F32", "FP32")  # (Qwen's spelling too, a review)
+    return next((by_label[want] for want in preferred if want in by_label), near[0])
 
 
 def group_files(paths: Iterable[str]) -> Grouping:

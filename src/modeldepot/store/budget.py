@@ -38,10 +38,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -557,8 +558,30 @@ class DiskBudget:
         units = self.order.units(kept)
         staying = self.order.staying_blobs(units, self.kept_blobs()) | shared.keys()
         written = {key: kept.parts.get(key, set()) for key in kept.written}  # (as the evictions group them)
-        return [Eviction(u.repo_id, u.commit_id, freed, u.last_used, u.variant)
-                for u, freed in self.order.choose(units, staying, used, limit, written)[0]]  # fmt: skip
+        # (what stays on disk, linked outside the store, said apart as the eviction says it: the preview said an
+        # exported model would free its size, the eviction then 0 B, a review)
+        planned = []
+        for unit, freed in self.order.choose(units, staying, used, limit, written)[0]:
+            linked = min(freed, self._linked_out(unit, staying))
+            planned.append(Eviction(unit.repo_id, unit.commit_id, freed - linked, unit.last_used, unit.variant,
+                                    linked))  # fmt: skip
+        return planned
+
+    def _linked_out(self, unit: Unit, staying: Collection[str]) -> int:
+        """Bytes of the blobs ``unit`` would remove whose files have names outside the store too (an export's:
+        they stay on disk)."""
+        rows = self.store.index.read("SELECT path, sha256, size FROM files WHERE repo_id = ? AND commit_id = ?",
+                                     (unit.repo_id, unit.commit_id))  # fmt: skip
+        blobs = {row["sha256"]: int(row["size"]) for row in rows
+                 if (unit.variant is None or row["path"] in unit.files) and row["sha256"] not in staying}  # fmt: skip
+        folder, linked = str(self.store.layout.blobs), 0
+        for sha256, size in blobs.items():
+            try:
+                if os.stat(f"{folder}/{sha256[:2]}/{sha256}", follow_symlinks=False).st_nlink > 1:
+                    linked += size
+            except OSError:
+                continue
+        return linked
 
     def _refuse_if_too_big(self, needed: int, budget: int, kept_bytes: int, doing: str,
                            writer: BudgetWriter | None) -> None:  # fmt: skip

@@ -72,6 +72,9 @@ class Proxy:
     host: str
     port: int
     authorization: str | None = field(default=None, repr=False)
+    source: str = field(
+        default="", repr=False, compare=False
+    )  # the variable that named it (HTTPS_PROXY, ...)
 
     @property
     def url(self) -> str:
@@ -91,6 +94,7 @@ def proxy_for(scheme: str, host: str, port: int) -> Proxy | None:
 
     proxies = urllib.request.getproxies_environment()
     url = proxies.get(scheme) or proxies.get("all")
+    source = f"{scheme.upper()}_PROXY" if proxies.get(scheme) else "ALL_PROXY"
     if not url or _bypassed(host, proxies.get("no", "")) or urllib.request.proxy_bypass(f"{host}:{port}"):
         return None
     parts = urlsplit(url if "://" in url else f"http://{url}")  # (a bare host:port, as requests takes)
@@ -107,7 +111,7 @@ def proxy_for(scheme: str, host: str, port: int) -> Proxy | None:
     if parts.username is not None:
         pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         authorization = "Basic " + base64.b64encode(pair).decode()
-    return Proxy(parts.hostname, proxy_port, authorization)
+    return Proxy(parts.hostname, proxy_port, authorization, source)
 
 
 def proxy_of(url: str) -> Proxy | None:
@@ -349,7 +353,7 @@ def _connect(connection: http.client.HTTPConnection, route: _Route) -> None:
         (scheme, host, port), proxy = route
         if proxy is None:
             raise
-        said = (f"the proxy {_netloc(proxy.host, proxy.port)} (from the environment's {scheme}_proxy) for "
+        said = (f"the proxy {_netloc(proxy.host, proxy.port)} (from {proxy.source or 'the environment'}) for "
                 f"{scheme}://{_netloc(host, port)}: {error.strerror or error or type(error).__name__}")  # fmt: skip
         try:
             named = type(error)(error.errno, said) if error.errno is not None else type(error)(said)
