@@ -72,9 +72,8 @@ class Proxy:
     host: str
     port: int
     authorization: str | None = field(default=None, repr=False)
-    source: str = field(
-        default="", repr=False, compare=False
-    )  # the variable that named it (HTTPS_PROXY, ...)
+    # The variable that named it (HTTPS_PROXY, ALL_PROXY...), for its errors
+    source: str = field(default="", repr=False, compare=False)
 
     @property
     def url(self) -> str:
