@@ -744,6 +744,42 @@ def test_a_mirror_lists_the_refs_of_a_repo_it_has_not_pulled_in_the_upstreams_sp
             mirror.depot.close()
 
 
+def test_a_mirror_whose_upstream_is_its_hub_asks_it_as_the_hub(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve --upstream $HF_ENDPOINT` (a mirror of the Hub alone) took the Hub for a depot node: every file
+    cost it requests of /api/depot/v1 routes, each a 404 (an explorer's trial)."""
+    from conftest import free_port
+
+    proxied = upstream_proxy
+    plan = proxied.set("pass", times=0)
+    port = free_port()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    env = base_env(HF_ENDPOINT=proxied.url)
+    env.pop("MODELDEPOT_SERVERS", None)
+    node = subprocess.Popen([sys.executable, "-m", "modeldepot", "serve", "--home", str(tmp_path / "mirror"),
+                             "--port", str(port), "--upstream", proxied.url, "--scrub-interval", "off"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def answers() -> bool:
+            try:
+                return requests.get(f"{url}/api/depot/v1/health", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(answers, 60, "the mirror to answer")
+        fetched = hf_hub_download(REPO, "config.json", endpoint=url, cache_dir=tmp_path / "client")
+        assert Path(fetched).read_bytes() == FILES["config.json"]
+        assert plan.api_requests and not [p for p in plan.api_requests if p.startswith("/api/depot/")], (
+            plan.api_requests
+        )
+    finally:
+        node.terminate()
+        node.wait(60)
+
+
 def test_a_private_upstream_repo_asked_by_a_case_variant_is_named_as_typed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -23,7 +23,6 @@ from modeldepot.cli.options import (
     upstream_urls_checked,
     use_cluster,
     use_rates,
-    use_servers,
 )
 from modeldepot.cli.space import confirm_evictions
 from modeldepot.config import DepotConfig, parse_duration, parse_size, truthy
@@ -276,7 +275,13 @@ def serve_command(
     from modeldepot.server.connections import ConnectionLimits
     from modeldepot.server.run import run_server
 
-    use_servers(depot, upstreams)
+    if upstreams:
+        # `--upstream $HF_ENDPOINT` mirrors the Hub alone, asked as the Hub: taken for a depot node, it was asked
+        # its /api/depot/v1 routes for every file, each a 404 (an explorer's trial)
+        hub = depot.config.hub_endpoint.rstrip("/")
+        depot.config = dataclasses.replace(
+            depot.config, servers=tuple(u for u in upstreams if u.rstrip("/") != hub)
+        )
     use_cluster(depot, cluster, cluster_prefix)
     use_rates(depot, max_download_rate, max_upload_rate)
     if preload_budget is not None:
