@@ -172,9 +172,8 @@ class Upkeep:
                 grouping = group_files(e.path for e in self.store.files(repo_id, commit_id))
                 variant = grouping.find(validate_quant(quant))
                 if variant is None:
-                    if scan_lists(
-                        self.store, repo_id, quant
-                    ):  # (said "has no variant" of one its scan lists)
+                    # (said "has no variant" of one its scan lists)
+                    if scan_lists(self.store, repo_id, quant):
                         raise NotFoundError(f"{repo_id}@{commit_id[:12]} holds no file of {quant!r} (it holds: "
                                             f"{grouping.names()}): pull it first", repo_id=repo_id)  # fmt: skip
                     raise NotFoundError(f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: "

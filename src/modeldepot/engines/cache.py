@@ -489,9 +489,8 @@ class LoadedModelCache(Generic[M]):
             self._next_sweep = now + min(self.ttl or 1.0, 1.0)
             entry = self._entries.get(key)
             flight = self._flights.get(key)
-            if (
-                entry is None and flight is None and all(k != key for k, _ in evicted)
-            ):  # (not if it just expired)
+            # (not one that just expired here)
+            if entry is None and flight is None and all(k != key for k, _ in evicted):
                 entry = self._take_back_locked(key, now, evicted)
             leader = entry is None and flight is None
             if entry is not None:

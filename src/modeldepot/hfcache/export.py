@@ -114,7 +114,8 @@ def export_to_hf_cache(
                 counts[writer.blob(store, entry, blobs / etag, link=not copy)] += 1
             except CorruptBlobError as error:
                 problems.append(HfCacheProblem(repo_id, path, "corrupt", f"skipped: {error}"))
-                writer.drop_if_damaged(listed, blobs / listed.etag)
+                if ETAG.fullmatch(listed.etag):  # (a name of the index's, checked before it makes a path)
+                    writer.drop_if_damaged(listed, blobs / listed.etag)
             except BlobRemovedError as error:  # (an `rm` or the budget beside the export)
                 problems.append(HfCacheProblem(repo_id, path, "missing", f"skipped: {error}"))
             else:
@@ -192,9 +193,8 @@ def branch_ref(store: Store, repo_id: str, revision: str, commit_id: str, cache:
         # (of an imported repo, a pull would ask the Hub for another repo of its name: an explorer's trial)
         again = ("import it again" if origin is not None and origin[0] == "import"
                  else f"`modeldepot pull {held} -r {commit_id}` fetches them again")  # fmt: skip
-        if (
-            writer.ref_target(revision) == commit_id
-        ):  # (an export before set it: "not set" was untrue, a trial)
+        # (an export before set it: "not set" was untrue, a trial)
+        if writer.ref_target(revision) == commit_id:
             said = (f"it names {commit_id[:12]} (an export before), whose snapshot lacks the {lacking} file(s) "
                     "skipped now: offline loads of them fail")  # fmt: skip
         else:
@@ -255,9 +255,8 @@ class _CacheWriter:
         # the names this writer (and those of the same export before it) added, blobs and snapshot links
         self.made: list[Path] = made if made is not None else []
         self.repaired: list[Path] = []  # blobs of the cache whose bytes were not their name's, replaced
-        self.removed: list[
-            Path
-        ] = []  # blobs of the cache whose bytes were not their name's, the store's corrupt
+        # blobs of the cache whose bytes were not their name's, the store's corrupt too: taken out
+        self.removed: list[Path] = []
 
     def take_back(self, snapshot: Path) -> None:
         """Remove what this writer added (a failed export), and the snapshot's folders left empty. A blob it

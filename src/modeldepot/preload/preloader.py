@@ -316,9 +316,8 @@ class Preloader:
         grouping = group_files(e.path for e in entries)
         variant = grouping.find(quant)
         if variant is None:
-            if scan_lists(
-                store, repo_id, quant
-            ):  # (it said "has no variant" of one the scan lists; pin did not)
+            # (it said "has no variant" of one the scan lists; pin did not)
+            if scan_lists(store, repo_id, quant):
                 raise NotFoundError(f"{repo_id}@{commit_id[:12]} holds no file of {quant!r} (it holds: "
                                     f"{grouping.names()}): pull it first", repo_id=repo_id)  # fmt: skip
             raise NotFoundError(

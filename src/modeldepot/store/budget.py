@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from modeldepot.config import budget_text, parse_max_size
-from modeldepot.errors import BudgetExceededError, ConfigError, NotFoundError
+from modeldepot.errors import BudgetExceededError, ConfigError, NotFoundError, StoreError
 from modeldepot.store.eviction import EvictionOrder, Kept, Unit, Variants, ok_bytes, shared_blobs
 from modeldepot.store.layout import os_error, size_text
 from modeldepot.store.models import _Record
@@ -574,12 +574,12 @@ class DiskBudget:
                                      (unit.repo_id, unit.commit_id))  # fmt: skip
         blobs = {row["sha256"]: int(row["size"]) for row in rows
                  if (unit.variant is None or row["path"] in unit.files) and row["sha256"] not in staying}  # fmt: skip
-        folder, linked = str(self.store.layout.blobs), 0
-        for sha256, size in blobs.items():
+        linked = 0
+        for sha256, size in blobs.items():  # (a preview's few units: the layout's checked path of each)
             try:
-                if os.stat(f"{folder}/{sha256[:2]}/{sha256}", follow_symlinks=False).st_nlink > 1:
+                if os.stat(self.store.blobs.path(sha256), follow_symlinks=False).st_nlink > 1:
                     linked += size
-            except OSError:
+            except (OSError, StoreError):
                 continue
         return linked
 
