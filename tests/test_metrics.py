@@ -492,3 +492,66 @@ def test_a_node_with_a_token_wants_it_for_metrics(depot: Depot, tmp_path: Path) 
         sent_reaches(guarded, before.value(SENT) + before.size + 1000, AUTH)
     finally:
         guarded.stop()
+
+
+WAIT = "modeldepot_http_response_wait_seconds"
+
+
+def waits_of(s: Scrape, route: str) -> dict[str, float]:
+    """The answer-wait histogram of one route: its cumulative buckets by upper bound, its count and sum."""
+    buckets = {dict(labels)["le"]: value for (name, labels), value in s.samples.items()
+               if name == f"{WAIT}_bucket" and dict(labels)["route"] == route}  # fmt: skip
+    return {
+        **buckets,
+        "count": s.count(f"{WAIT}_count", route=route),
+        "sum": s.count(f"{WAIT}_sum", route=route),
+    }
+
+
+def test_the_wait_for_an_answer_is_a_histogram_by_route_without_the_body(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/metrics said how many answers and bytes, never how long a client waited: an upstream that took
+    seconds to answer a mirror was seen nowhere. The wait to an answer's headers is a histogram by route; a
+    body's transfer is not in it (a file's size over the wire is no latency of the node's)."""
+    from mirrornodes import BIG as MIRRORED_BIG
+    from mirrornodes import FILES as MIRRORED
+    from mirrornodes import REPO as MIRRORED_REPO
+    from mirrornodes import mirror_node, proxied_upstream
+
+    info_route, file_route = "/api/models/{org}/{name}", "/{org}/{name}/resolve/{rev}/{path}"
+    upstream = proxied_upstream(tmp_path)
+    proxy = next(upstream)
+    mirror = mirror_node(tmp_path, proxy.url, monkeypatch, as_node=False)  # (files by /resolve/: slowed)
+    try:
+        before = scrape(mirror)
+        assert before.types[WAIT] == "histogram"
+        assert waits_of(before, info_route)["count"] == 0
+        # An upstream silent for 1.2 s before it answers the mirror's scan: the client waits that long
+        proxy.set("pass").silent_until = time.monotonic() + 1.2
+        info_answer = get(mirror, f"/api/models/{MIRRORED_REPO}")
+        assert info_answer.status == 200
+        commit = json.loads(info_answer.body)["sha"]  # (by branch, an LFS file is a redirect to it)
+        # Then a file whose body comes slowly (its ranges in parallel: 2 s or more), its headers at once
+        proxy.set("slow", times=-1, path_suffix=MIRRORED_BIG, slow_delay=0.25)
+        started = time.monotonic()
+        big = get(mirror, f"/{MIRRORED_REPO}/resolve/{commit}/{MIRRORED_BIG}")
+        assert big.status == 200 and big.body == MIRRORED[MIRRORED_BIG]
+        assert time.monotonic() - started >= 2.0, "the body was not slow"
+
+        after = scrape(mirror)
+        info = waits_of(after, info_route)
+        assert info["count"] == 1 and info["+Inf"] == 1
+        assert info["1.0"] == 0 and info["sum"] >= 1.2  # the silence was waited for
+        served = waits_of(after, file_route)
+        assert served["count"] == 1 and served["+Inf"] == 1
+        assert served["2.5"] == 1 and served["sum"] < 2.0  # the slow body is not in the wait
+        for route in after.labels_of(f"{WAIT}_count", "route"):  # cumulative, up to the count
+            counts = [
+                value for bound, value in waits_of(after, route).items() if bound not in ("count", "sum")
+            ]
+            assert counts == sorted(counts) and counts[-1] == waits_of(after, route)["count"], route
+        assert waits_of(after, "/metrics")["count"] >= 1  # the first scrape's own answer
+    finally:
+        mirror.stop()
+        upstream.close()

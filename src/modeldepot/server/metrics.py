@@ -13,6 +13,9 @@ and :class:`NodeCollector`, which builds every modeldepot figure when it is scra
   transfer: their status said 200 or 206); ``modeldepot_http_sent_bytes_total`` — response body bytes handed to
   the connection, streams included: whatever goes through the response's writer, and the pieces a
   :class:`BlobResponse` sends by sendfile (around the writer), each counted as it goes;
+  ``modeldepot_http_response_wait_seconds{route}`` — a histogram of the time from the request's arrival to its
+  answer's headers (time to first byte: a file's download time is its size over the wire, not the node's
+  latency, so the body is left out; the route label only, not the status, to keep the series few);
 - **counted by the library in this process** (:data:`modeldepot.counters.PULLS`):
   ``modeldepot_pull_bytes_total{source}`` (``node``, ``peer``, ``hub``: as a pull's ``bytes_by_source``,
   what was fetched, counted as it crossed the wire), ``modeldepot_pull_reused_bytes_total`` (a pull's ``local`` bytes: found in place), ``modeldepot_chunks_rejected_total`` (chunks that failed their BLAKE3 check on
@@ -39,7 +42,9 @@ them, and no label ever names a repo.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -47,12 +52,17 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import PlatformCollector, ProcessCollector
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from modeldepot._version import node_version
 from modeldepot.counters import PULLS, SOURCE_KINDS
-from modeldepot.server.context import DEPOT, path_matches
+from modeldepot.server.context import ARRIVED, DEPOT, path_matches
 from modeldepot.server.control_routes import PULLS as PULL_JOBS
 from modeldepot.server.fleet import FLEET
 from modeldepot.server.responses import BlobResponse, CountedResponse
@@ -64,6 +74,9 @@ __all__ = ["METRICS", "METRICS_PATH", "UNMATCHED", "HttpCounters", "NodeCollecto
 
 METRICS_PATH = "/metrics"
 UNMATCHED = "unmatched"  # the route label of a request no route matched (any path: one label value)
+# Upper bounds (seconds) of the answer-wait histogram: a file answered from the page cache in a millisecond
+# to a mirror's upstream header wait (5 s) and a cold commit listing
+WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -77,6 +90,18 @@ class HttpCounters:
         self._requests: dict[tuple[str, int], int] = {}
         self._cut: dict[str, int] = {}
         self._sent = 0
+        # route -> (count in each bucket of WAIT_BUCKETS and one past the last, sum of seconds)
+        self._waits: dict[str, tuple[list[int], float]] = {}
+
+    def observe_wait(self, route: str, seconds: float) -> None:
+        with self._lock:
+            counts, total = self._waits.get(route) or ([0] * (len(WAIT_BUCKETS) + 1), 0.0)
+            counts[bisect.bisect_left(WAIT_BUCKETS, seconds)] += 1
+            self._waits[route] = counts, total + seconds
+
+    def waits(self) -> dict[str, tuple[list[int], float]]:
+        with self._lock:
+            return {route: (list(counts), total) for route, (counts, total) in self._waits.items()}
 
     def count_request(self, route: str, status: int) -> None:
         with self._lock:
@@ -224,6 +249,20 @@ class NodeCollector(Collector):
             cut.add_metric([route], count)
         yield cut
 
+        waits = HistogramMetricFamily(
+            "modeldepot_http_response_wait_seconds",
+            "Time from a request's arrival to its answer's headers (time to first byte; a body's transfer "
+            "is not in it), by route pattern.",
+            labels=["route"],
+        )
+        for route, (counts, total) in sorted(self._http.waits().items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*(str(b) for b in WAIT_BUCKETS), "+Inf"), counts, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            waits.add_metric([route], buckets, total)
+        yield waits
+
 
 class NodeMetrics:
     """An app's metrics: its registry and its HTTP counters."""
@@ -290,6 +329,9 @@ async def _meter_body(request: web.Request, response: web.StreamResponse) -> Non
     metrics = request.app.get(METRICS)
     if metrics is None:
         return
+    arrived = request.get(ARRIVED)  # (set by app.request_id_middleware)
+    if arrived is not None:  # (None: an answer given before the middlewares ran)
+        metrics.http.observe_wait(route_label(request), time.monotonic() - arrived)
     _count_body(request.writer, metrics.http.add_sent)
     if isinstance(response, BlobResponse):
         response.on_sendfile = metrics.http.add_sent
