@@ -66,6 +66,30 @@ def test_page_cache_preload_makes_every_page_resident(depot: Depot, tmp_path: Pa
     preloader.close()
 
 
+@pytest.mark.parametrize("strategy", ["read", "memfd"])
+def test_a_private_copy_leaves_no_second_copy_in_the_page_cache(
+    depot: Depot, tmp_path: Path, strategy: str
+) -> None:
+    """A `read` or `memfd` copy was read through the page cache, which kept the blob too: twice the RAM the
+    tier counted, and never dropped (an explorer's trial). A blob that was in the cache before stays."""
+    files = add_repo(depot, tmp_path, "a", 1)
+    add_repo(depot, tmp_path, "b", 2)
+    drop_page_cache(depot, "acme/a")
+    drop_page_cache(depot, "acme/b")
+    assert resident(depot, "acme/a") == resident(depot, "acme/b") == 0
+    assert depot.file_path("acme/b", "model.safetensors").read_bytes()  # another reader warms b
+    preloader = Preloader(depot, budget="1GiB", strategy=strategy)
+    try:
+        for name in ("a", "b"):
+            assert preloader.preload(f"acme/{name}").resident_bytes == 4 * MiB + len(b'{"seed": 1}')
+        assert resident(depot, "acme/a") == 0, "the copy is the model's one copy in RAM"
+        assert resident(depot, "acme/b") == 4 * MiB, "the other reader's pages stay"
+        with preloader.get("acme/a") as handle:
+            assert bytes(handle.views["model.safetensors"]) == files["model.safetensors"]
+    finally:
+        preloader.close()
+
+
 @pytest.mark.parametrize("tier", ["the depot's", "its own", "its own, of the depot's store"])
 def test_a_tier_used_without_load_lets_go_of_what_another_process_removed(
     depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tier: str
@@ -345,6 +369,46 @@ def test_mlock_pins_or_says_why_not(depot: Depot, tmp_path: Path, strategy: str)
         assert _locked_bytes() - before >= MiB, "locked, as it says"
     preloader.close()
     assert _locked_bytes() <= before, "and let go of when the tier closes"
+
+
+LOCK_SOME = """
+import re, sys
+from pathlib import Path
+from modeldepot import Depot
+from modeldepot.preload import Preloader
+
+def locked():
+    return int(re.search(r"^VmLck:\\s+(\\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+with Depot(sys.argv[1]) as depot:
+    preloader = Preloader(depot, budget="1GiB", strategy=sys.argv[2], mlock=True)
+    before = locked()
+    info = preloader.preload("acme/five")
+    print(info.locked, locked() - before, info.lock_error)
+    preloader.close()
+"""
+
+
+@pytest.mark.skipif(
+    shutil.which("capsh") is None or os.geteuid() != 0, reason="drops CAP_IPC_LOCK with capsh"
+)
+@pytest.mark.parametrize("strategy", ["page-cache", "read"])
+def test_mlock_refused_part_way_locks_nothing(home: Path, tmp_path: Path, strategy: str) -> None:
+    """Five 1 MiB files under a 3 MiB memlock limit: the fourth is refused. The three locked before it stayed
+    locked, the model said unlocked, and its pages taken from the limit for as long as it stayed (an
+    explorer's trial): all or nothing."""
+    files = {f"part-{i}.bin": random.Random(i).randbytes(MiB) for i in range(5)}
+    with Depot(home) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "five", files), "acme/five")
+    run = subprocess.run(
+        ["capsh", "--drop=cap_ipc_lock", "--", "-c",
+         f"ulimit -l 3072 && exec {sys.executable} -c '{LOCK_SOME}' {home} {strategy}"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    locked, more_locked, error = run.stdout.split(" ", 2)
+    assert locked == "False" and "RLIMIT_MEMLOCK" in error
+    assert int(more_locked) == 0, f"{more_locked} kB left locked by a model said unlocked"
 
 
 def test_concurrent_preloads_of_one_model_load_it_once(

@@ -7,6 +7,7 @@ tests' network namespaces do)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -41,6 +42,7 @@ from fleetnodes import base_env, modeldepot
 from modeldepot import Depot, ReadOnlyStoreError
 from modeldepot.cli import cli
 from modeldepot.errors import CorruptBlobError, NotFoundError, RepoNotFoundError
+from modeldepot.preload import Preloader
 from test_load import BIAS as ONNX_BIAS
 from test_load import REPO as ONNX_REPO
 from test_load import WEIGHT as ONNX_WEIGHT
@@ -186,6 +188,45 @@ def test_a_store_on_a_read_only_mount_is_read_loaded_and_served(tmp_path: Path, 
             node.stop()
     assert tree(home) == before, "nothing in the store changed"
     assert set(Path(tempfile.gettempdir()).glob("modeldepot-view-*")) == views_before, "no view left behind"
+
+
+def open_blob_fds(home: Path) -> list[str]:
+    """This process's open files under ``home``'s blobs."""
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if (target := os.readlink(fd)).startswith(str(home / "blobs")):
+                found.append(target)
+    return found
+
+
+@pytest.mark.parametrize("strategy", ["page-cache", "memfd"])
+def test_a_store_in_a_squashfs_image_is_read_preloaded_and_evicted(
+    tmp_path: Path, mounts: Mounts, strategy: str
+) -> None:
+    """A store baked into a read-only image (squashfs: Apptainer, snaps, container layers), whose files have
+    no flush (fdatasync is EINVAL): every eviction of the RAM tier raised, the model left its books with its
+    file and pages still held, the node answered 500, and no preload that needed room could succeed again
+    (an explorer's trial)."""
+    home = mounts.squashfs(made_store(tmp_path))
+    with Depot(home) as depot:
+        assert depot.store.read_only
+        q4 = depot.resolve("acme/q", "main")
+        preloader = Preloader(depot, budget=600_000, strategy=strategy)
+        try:
+            preloader.preload("acme/q", quant="Q4_K_M")  # 300,000 bytes
+            preloader.preload("acme/q", quant="Q8_0")  # 500,000 more: Q4_K_M makes way
+            assert [(m.repo_id, m.variant) for m in preloader.stats().preloaded] == [("acme/q", "Q8_0")]
+            assert not any("Q4" in target or q4 in target for target in open_blob_fds(home))
+            assert preloader.evict("acme/q", quant="Q8_0") is True
+            assert preloader.stats().models == 0 and open_blob_fds(home) == []
+            assert preloader.preload("acme/q", quant="Q4_K_M").bytes >= 300_000  # and again, as ever
+        finally:
+            preloader.close()
+        assert depot.verify().problems == ()
+        assert depot.sync() == depot.du().blobs  # (a flush that has nothing to do is no failure)
+        weights = (tmp_path / "src" / "q" / "model-Q8_0.gguf").read_bytes()
+        assert bytes(depot.get_file("acme/q", "model-Q8_0.gguf")) == weights
 
 
 def test_every_write_is_refused_first_and_clearly(tmp_path: Path, read_only: Mount) -> None:

@@ -24,6 +24,7 @@ HTTP status in one place each::
     │   ├── AccessDeniedError                    gated or private upstream repo: needs a token
     │   └── OfflineError                         offline mode forbids the connection
     ├── PullRunningError                         a pull of the repo runs: removing it waits → exit 1 / 409
+    ├── MemoryShortError                         a preload would leave the process too little RAM → exit 1 / 503
     ├── StoreError (OSError)                     the store itself cannot do its job        → exit 1
     │   ├── StoreFullError                       ENOSPC / SQLITE_FULL: nothing partial is left behind
     │   │   └── BudgetExceededError              the disk budget cannot hold it, even evicting what may go
@@ -53,6 +54,7 @@ __all__ = [
     "InvalidRangeError",
     "InvalidRepoIdError",
     "InvalidRevisionError",
+    "MemoryShortError",
     "NotFoundError",
     "OfflineError",
     "PullRunningError",
@@ -274,6 +276,12 @@ class OfflineError(UpstreamError):
 class PullRunningError(DepotError):
     """A pull of the repo is running (in this process or another): removing it now would come undone when
     the pull publishes, or fail the pull at its end. Nothing was removed."""
+
+
+class MemoryShortError(DepotError):
+    """A preload into private memory (the ``read`` or ``memfd`` strategy, or pages locked) would leave the
+    process, or its container, less room than it needs: the kernel would kill it before the tier reached its
+    budget. Nothing was loaded."""
 
 
 class StoreError(DepotError, OSError):

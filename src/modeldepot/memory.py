@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["available_fraction", "memory_limit", "ram_bytes"]
+__all__ = ["available_bytes", "available_fraction", "memory_limit", "ram_bytes"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
@@ -49,6 +49,25 @@ def available_fraction(cgroups: Path = CGROUP_ROOT, own: Path = PROC_CGROUP,
         if used is not None and limit > 0:
             shares.append(max(0.0, (limit - used) / limit))
     return min(shares, default=1.0)
+
+
+def available_bytes(cgroups: Path = CGROUP_ROOT, own: Path = PROC_CGROUP,
+                    meminfo: Path = Path("/proc/meminfo")) -> int | None:  # fmt: skip
+    """Bytes of memory this process may still take before the kernel must kill something: the machine's
+    MemAvailable, or the tightest control group's limit less its working set when lower; None where
+    nothing can be read."""
+    found = []
+    try:
+        with open(meminfo) as handle:
+            fields = {line.split(":")[0]: int(line.split()[1]) for line in handle if line.count(" ") >= 1}
+        found.append(fields["MemAvailable"] * 1024)
+    except (OSError, ValueError, KeyError, IndexError):
+        pass
+    for limit, folder in _limits(cgroups, own):
+        used = _working_set(folder)
+        if used is not None:
+            found.append(max(0, limit - used))
+    return min(found, default=None)
 
 
 def _limits(cgroups: Path, own: Path) -> list[tuple[int, Path]]:

@@ -48,13 +48,26 @@ class FileCopy:
     def _fill(self) -> None:
         if self.size == 0:
             return
+        if self.strategy in ("read", "memfd"):
+            # A private copy is read through the page cache, which kept the blob's pages too: twice the RAM
+            # the tier counted, for good (an explorer's trial). The pages this copy brought in are let go of;
+            # a blob that was in the cache before (another reader's, a fresh download's) stays there.
+            cold = resident_bytes(self.blob_fd, self.size) == 0
+            self._copy()
+            if cold:
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(self.blob_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            return
         if self.strategy == "page-cache":
             self.mapping = mmap.mmap(self.blob_fd, self.size, prot=mmap.PROT_READ)
             populate(self.mapping, self.size)
         elif self.strategy == "mmap":
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
             self.mapping = mmap.mmap(self.blob_fd, self.size, flags=flags, prot=mmap.PROT_READ)
-        elif self.strategy == "read":
+
+    def _copy(self) -> None:
+        """The blob into this process's own memory (``read``) or a RAM-only file (``memfd``)."""
+        if self.strategy == "read":
             self.buffer = bytearray(self.size)
             view, done = memoryview(self.buffer), 0
             while done < self.size:
@@ -114,10 +127,22 @@ class FileCopy:
             os.close(self.memfd)
             self.memfd = -1
         if self.blob_fd >= 0:
-            if drop_cache and self.strategy in ("page-cache", "mmap"):
-                # The kernel drops only clean pages: a blob published before its flush (deferred
-                # durability) is written out first, or its pages would stay in RAM.
-                os.fdatasync(self.blob_fd)
-                os.posix_fadvise(self.blob_fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(self.blob_fd)
-            self.blob_fd = -1
+            try:
+                if drop_cache and self.strategy in ("page-cache", "mmap"):
+                    _drop_pages(self.blob_fd)
+            finally:
+                os.close(self.blob_fd)
+                self.blob_fd = -1
+
+
+def _drop_pages(fd: int) -> None:
+    """Ask the kernel to drop a blob's pages from its cache (a hint: what fails leaves them to its reclaim).
+
+    The kernel drops only clean pages: a blob published before its flush (deferred durability) is written
+    out first, or its pages would stay in RAM. A file system with nothing to flush refuses the flush
+    (squashfs, erofs: EINVAL; a read-only mount: EROFS): every eviction of a tier on a store in a read-only
+    image raised, the model out of the tier's books and its pages and file left held, an explorer's trial."""
+    with contextlib.suppress(OSError):
+        os.fdatasync(fd)
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import mmap
 import operator
 import os
 import threading
@@ -34,14 +35,22 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from modeldepot.config import parse_share, parse_size
-from modeldepot.errors import ConfigError, CorruptBlobError, DepotError, InvalidInputError, NotFoundError
+from modeldepot.errors import (
+    ConfigError,
+    CorruptBlobError,
+    DepotError,
+    InvalidInputError,
+    MemoryShortError,
+    NotFoundError,
+)
 from modeldepot.hub.manifest import scan_lists
 from modeldepot.hub.variants import group_files
-from modeldepot.memory import ram_bytes
+from modeldepot.memory import available_bytes, ram_bytes
 from modeldepot.preload.copies import STRATEGIES, FileCopy
 from modeldepot.preload.residency import MlockError, lock, resident_bytes, unlock
 from modeldepot.store.access import ModelAccess
 from modeldepot.store.forking import ForkSafeExecutor, start_over_after_fork
+from modeldepot.store.layout import size_text
 from modeldepot.store.models import FileEntry
 from modeldepot.store.store import Store
 from modeldepot.tiers import Tiers
@@ -104,6 +113,12 @@ def parse_budget(budget: int | str) -> int:
                           f"than the RAM this process may use ({ram / (1 << 30):.1f} GiB: the machine's, or its "
                           "container's limit): give 100% at most")  # fmt: skip
     return value
+
+
+def headroom() -> int:
+    """Memory a tier of private copies leaves free for the rest of its process (its engines, its requests):
+    a twentieth of what the process may use, at least 64 MiB."""
+    return max(64 << 20, ram_bytes() // 20)
 
 
 def _nothing() -> None:
@@ -373,6 +388,7 @@ class Preloader:
                     # made every preload wait for the others then: a review).
                     incoming = self._new_bytes(entries)
                     self._make_room(incoming)
+                    self._make_headroom(repo_id, incoming)
                     if self._gave_way and self._loading and self._resident_total() + incoming <= self.budget:
                         waiting = next(iter(self._loading.values()))
                     else:
@@ -427,13 +443,19 @@ class Preloader:
         return model
 
     def _lock_pages(self, model: _Model) -> None:
+        locked: list[tuple[mmap.mmap | bytearray, int]] = []
         try:
             for copy in model.files.values():
                 held = copy.mapping if copy.mapping is not None else copy.buffer  # (`read`'s is a buffer:
                 if held is not None:  # left unlocked, it was said locked, a trial)
                     lock(held, copy.size)
+                    locked.append((held, copy.size))
             model.locked = True
         except MlockError as error:
+            # All or nothing: the files locked before the one refused stayed locked, the model said unlocked
+            # and its pages taken from the memlock limit until it left (an explorer's trial)
+            for held, size in locked:
+                unlock(held, size)
             model.lock_error = str(error)
             log.warning("%s stays preloaded but unpinned: %s", model.key[0], error)
 
@@ -600,6 +622,30 @@ class Preloader:
             if victim is None:
                 self._gave_way = True
                 return  # everything left is held or pinned: the budget gives way
+            self._drop(victim)
+
+    def _make_headroom(self, repo_id: str, incoming: int) -> None:
+        """For a copy the kernel cannot take back (private memory, or locked pages): evict least recently used
+        models until the process, or its container, keeps :func:`headroom` free beside ``incoming``; a
+        :class:`MemoryShortError` when evicting cannot make it. A `memfd` tier under a budget of 95% of its
+        container was killed by the kernel at 234 of 243 MiB: the budget counts the tier, not the process
+        (an explorer's trial). Page-cache copies are left to the kernel's reclaim."""
+        if self.strategy not in ("read", "memfd") and not self.mlock:
+            return
+        incoming += sum(self._loading_bytes.values())
+        while (free := available_bytes()) is not None and free - incoming < (room := headroom()):
+            victim = next((m for m in self._models.values() if m.holders == 0 and not m.pinned), None)
+            if victim is None:
+                raise MemoryShortError(
+                    f"preloading {repo_id} ({size_text(incoming)}) would leave this process "
+                    f"{size_text(max(0, free - incoming))} of memory, less than the {size_text(room)} it keeps "
+                    f"free (its limit: {size_text(ram_bytes())}, the machine's or its container's), and "
+                    f"nothing preloaded may make way: lower the preload budget, or use the page-cache "
+                    "strategy, whose pages the kernel takes back rather than kill the process",
+                    repo_id=repo_id,
+                )
+            log.info("letting go of the preload of %s (%s) for memory: %s free", victim.key[0],
+                     victim.key[2] or "all files", size_text(free))  # fmt: skip
             self._drop(victim)
 
     def _drop(self, model: _Model, evicted: bool = True) -> None:

@@ -22,6 +22,7 @@ from modeldepot.errors import (
     IndexDamagedError,
     IntegrityError,
     InvalidInputError,
+    MemoryShortError,
     NotFoundError,
     OfflineError,
     PullRunningError,
@@ -382,6 +383,8 @@ def response_for_error(error: DepotError) -> web.Response:
         )
     if isinstance(error, PullRunningError):
         return error_response(409, "PullRunning", str(error))
+    if isinstance(error, MemoryShortError):  # (its message names sizes and the fix, nothing private)
+        return error_response(503, "InsufficientMemory", str(error))
     if isinstance(error, BudgetExceededError):  # (its message names sizes and the fix, nothing private)
         return error_response(507, "StoreFull", f"the node's disk budget is full: {error}")
     if isinstance(error, StoreFullError):
