@@ -129,7 +129,9 @@ def test_a_tier_of_private_copies_keeps_its_container_alive(tmp_path: Path) -> N
                 depot.import_dir(folder, f"acme/{name}")
         done = subprocess.run([sys.executable, "-c", PRELOAD_IN_A_GROUP, str(group), str(home)],
                               capture_output=True, text=True, timeout=300)  # fmt: skip
-        kills = [line for line in (group / "memory.oom_control").read_text().splitlines() if "oom_kill " in line]
+        kills = [
+            line for line in (group / "memory.oom_control").read_text().splitlines() if "oom_kill " in line
+        ]
         assert done.returncode == 0, f"{done.returncode} ({kills}): {done.stderr[-2000:]}"
         *steps, refused = done.stdout.splitlines()
         held = [step.split()[1:] for step in steps]
