@@ -5,6 +5,7 @@ Linux only, as root (CI runs so): each test mounts its own tmpfs and unmounts it
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -455,3 +456,55 @@ def test_the_mount_that_holds_a_store_is_found(mount_tmpfs: Mount) -> None:
     root = mount_tmpfs("size=1m")
     assert mount_of(root / "store" / "blobs") == (str(root), "tmpfs")
     assert shared_filesystem(root / "store") is None
+
+
+def test_a_mirror_whose_disk_fills_while_it_pulls_says_507_to_the_next_clients(
+    mount_tmpfs: Mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Something else fills the disk while a mirror pulls a file: its bytes all land (their room was taken
+    as the pull began), its record cannot be written. Each later GET resumed the pull at once, answered 200,
+    and was cut at the held-back last chunk: huggingface_hub retried for ever, 4 GiB sent for a 60 MiB file,
+    and never saw the 507 (an explorer's trial). The next GETs are a 507 before any header."""
+    import threading
+
+    from faultproxy import FaultProxy
+
+    big = random.Random(5).randbytes(3 * 1024 * 1024)
+    root = mount_tmpfs("size=12m")
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", {"big.bin": big}), "acme/big")
+        upstream = LiveNode(upstream_depot)
+        proxy = FaultProxy(upstream.url)  # (the Hub's way: files by /resolve/, slowed)
+        proxy.set("slow", times=-1, path_suffix="big.bin", slow_delay=0.1)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", proxy.url)
+        mirror = LiveNode(Depot(root / "mirror", chunk_size=SMALL_CHUNK), mirror=True, owns_depot=True)
+        stop = threading.Event()
+
+        def fill() -> None:  # (as a `dd` beside: whatever room comes free is taken)
+            with open(root / "filler", "ab") as filler:
+                while not stop.wait(0.005):
+                    with contextlib.suppress(OSError):
+                        filler.write(b"\0" * 65536)
+                        filler.flush()
+
+        filling = threading.Thread(target=fill)
+        try:
+            commit = json.loads(urllib.request.urlopen(f"{mirror.url}/api/models/acme/big").read())["sha"]
+            url = f"{mirror.url}/acme/big/resolve/{commit}/big.bin"
+            with urllib.request.urlopen(url) as first:
+                assert first.status == 200
+                filling.start()  # (the pull's room is taken: the disk fills around it)
+                with contextlib.suppress(Exception):  # (cut short: its record could not be written)
+                    first.read()
+            for _ in range(3):
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    urllib.request.urlopen(url).close()
+                assert refused.value.code == 507 and b"disk is full" in refused.value.read()
+        finally:
+            stop.set()
+            if filling.is_alive():
+                filling.join()
+            mirror.stop()
+            proxy.stop()
+            upstream.stop()

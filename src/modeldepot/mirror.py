@@ -57,6 +57,7 @@ from modeldepot.errors import (
     NotFoundError,
     OfflineError,
     RepoNotFoundError,
+    StoreFullError,
     UpstreamError,
     UpstreamTimeoutError,
 )
@@ -151,7 +152,9 @@ class Mirror:
         self._stopping = False
         self._jobs: dict[tuple[str, str, str], _Job] = {}
         # (repo id, commit, path) -> (when (monotonic), the failure) of a pull that failed upstream lately
-        self._failed: dict[tuple[str, str, str], tuple[float, UpstreamError | IntegrityError]] = {}
+        self._failed: dict[
+            tuple[str, str, str], tuple[float, UpstreamError | IntegrityError | StoreFullError]
+        ] = {}
         self._refuted: dict[tuple[str, str, str], float] = {}  # -> when its pull's file last failed its check
         self._broken_file = depot.home / BROKEN_FILE
         self._broken = self._load_broken()  # (repo id in lower case, path) -> when (seconds since the epoch)
@@ -441,7 +444,8 @@ class Mirror:
 
     def check_not_failed(self, manifest: Manifest, remote: RemoteFile) -> None:
         """Raise the failure of the file's last pull if it failed upstream within FAILED_TTL (UpstreamError:
-        a 502, or a 504), rather than pull it again at once."""
+        a 502, or a 504), or could not be recorded for a full disk (StoreFullError: a 507), rather than pull
+        it again at once."""
         if not self.pulling(manifest, remote):
             self._check_not_failed((manifest.repo_id, manifest.commit_id, remote.path))
 
@@ -460,6 +464,13 @@ class Mirror:
             self._failed[key] = (now, error)
         elif isinstance(error, UpstreamError) and not _landed(job):
             self._failed[key] = (now, error)
+        elif isinstance(error, StoreFullError):
+            # A full disk: the pull of a file whose bytes all landed and matched failed only to record them,
+            # and each GET after it began again, answered 200 and cut at the held-back last chunk (a client's
+            # retries moved 4 GiB in two minutes for a 60 MiB file, and never saw the 507: an explorer's
+            # trial). The next ones are told, before any header, until the disk may have room again. (Kept
+            # without its traceback, whose frames held the store's index connections after it closed.)
+            self._failed[key] = (now, StoreFullError(str(error), repo_id=key[0], path=key[2]))
 
     def _check_not_failed(self, key: tuple[str, str, str]) -> None:
         now = time.monotonic()
@@ -474,6 +485,8 @@ class Mirror:
         kind: type[DepotError] = type(error) if isinstance(error, UpstreamTimeoutError) else UpstreamError
         if isinstance(error, IntegrityError):
             kind = IntegrityError
+        elif isinstance(error, StoreFullError):  # (507: the node's disk, not its upstream)
+            kind = StoreFullError
         raise kind(
             f"the pull of {key[2]} failed {now - when:.0f} s ago ({error}); it is tried again "
             f"{ttl - (now - when):.0f} s from now",
