@@ -896,9 +896,10 @@ class Serving:
     """``modeldepot serve`` in a process of its own on a free loopback port, its stderr read line by line
     (on a thread, so the pipe never fills)."""
 
-    def __init__(self, home: Path, *args: str) -> None:
+    def __init__(self, home: Path, *args: str, env_extra: dict[str, str] | None = None) -> None:
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if k not in ("MODELDEPOT_TOKEN", "HF_TOKEN")}
+        env.update(env_extra or {})
         env["PYTHONUNBUFFERED"] = "1"
         argv = [sys.executable, "-m", "modeldepot", "serve", "--home", str(home), "--port", str(self.port),
                 "--scrub-interval", "off", *args]  # fmt: skip
@@ -976,6 +977,26 @@ def test_serve_with_a_token_prints_the_dashboard_address_and_never_the_token(tmp
     finally:
         log = node.stop()
     assert secret not in log, log
+
+
+@pytest.mark.parametrize(("variable", "flag", "info_lines"), [
+    ("warning", "debug", True),  # the flag beats the variable
+    ("warning", None, False),  # the variable, without the flag
+    (None, None, True),  # neither: info
+])  # fmt: skip
+def test_serve_log_level_flag_beats_the_variable(
+    tmp_path: Path, variable: str | None, flag: str | None, info_lines: bool
+) -> None:
+    """`serve --log-level debug` gave nothing more under MODELDEPOT_LOG_LEVEL=warning: the variable had set the
+    process's logging first, and the flag was dropped without a word (an explorer's trial)."""
+    node = Serving(tmp_path / "home", *(["--log-level", flag] if flag else []),
+                   env_extra={"MODELDEPOT_LOG_LEVEL": variable or ""})  # fmt: skip
+    try:
+        node.line_with("dashboard: ")
+        assert call(node.port, "GET", f"{API}/repos").status == 200
+    finally:
+        log = node.stop()
+    assert (" INFO modeldepot.server: serving " in log) == info_lines, log
 
 
 # -- against the OpenAPI document ----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import save_file
 
-from conftest import SMALL_CHUNK, LiveNode, flip_byte, free_port, write_model_dir
+from conftest import SMALL_CHUNK, LiveNode, SilentAddress, flip_byte, free_port, write_model_dir
 from modeldepot import Depot
 from modeldepot.engines.adapters import dummy_inputs, load_safetensors, warmup
 from modeldepot.errors import ConfigError, CorruptBlobError, InvalidInputError, NotFoundError, OfflineError
@@ -621,6 +621,25 @@ def test_what_an_imported_repo_lacks_is_said_not_a_hub_error(
     with pytest.raises(NotFoundError, match=r"no \.safetensors file") as raised:
         loaded.load(REPO, engine="safetensors")
     assert "engine='onnxruntime'" in str(raised.value)
+
+
+def test_the_wrong_engine_for_a_variant_held_whole_is_said_at_once(
+    loaded: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load(engine="gguf") of an ONNX variant the store holds whole asked an upstream that never answered for
+    30 s, then blamed the network: no pull changes what engine its files need."""
+    silent = SilentAddress()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", silent.url)
+    try:
+        with Depot(loaded.home) as online, pytest.raises(NotFoundError) as raised:
+            online.load(REPO, "fp16", engine="gguf")
+        assert str(raised.value).startswith(
+            "no .gguf file in variant 'fp16'; it has .onnx (engine='onnxruntime')"
+        )
+        assert "pulling" not in str(raised.value) and silent.asked == [], silent.asked
+    finally:
+        silent.close()
 
 
 def test_an_import_is_completed_only_by_an_upstream_repo_holding_its_files(

@@ -368,8 +368,8 @@ def _scanned_alone(depot: Depot, repo_id: str) -> bool:
 @home_option_after(lambda kwargs: upstream_urls_checked())
 def scan_command(depot: Depot, repo_id: str, revision: str, servers: tuple[str, ...], cluster: str | None,
                  cluster_prefix: str | None, as_json: bool) -> None:  # fmt: skip
-    """Read REPO (depot servers first, then the fleet's live nodes, then the Hub at HF_ENDPOINT): files,
-    variants, shared files."""
+    """Read REPO (depot servers first, then the fleet's live nodes, then the Hub at HF_ENDPOINT; a branch
+    on the Hub before the live nodes, which may hold an older commit of it): files, variants, shared files."""
     use_servers(depot, servers)
     use_cluster(depot, cluster, cluster_prefix)
     manifest = depot.scan_repo(repo_id, revision)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shlex
 import socket
@@ -176,8 +177,8 @@ def _listenable(host: str, port: int) -> None:
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
+    default=None,
+    help="What the node logs to stderr [default: $MODELDEPOT_LOG_LEVEL, else info].",
 )
 @click.option(
     "--upstream",
@@ -186,7 +187,8 @@ def _listenable(host: str, port: int) -> None:
     metavar="URL[,URL...]",
     callback=server_urls,
     help="Mirror: pull what the store lacks from these depot nodes (then the Hub at HF_ENDPOINT) while "
-    "serving it. Repeatable or comma-separated; replaces MODELDEPOT_SERVERS.",
+    "serving it; --upstream $HF_ENDPOINT mirrors the Hub alone (asked as the Hub). Repeatable or "
+    "comma-separated; replaces MODELDEPOT_SERVERS.",
 )
 @click.option("--preload-budget", default=None, metavar="SIZE|N%",
               help="RAM for preloaded models (default: $MODELDEPOT_PRELOAD_BUDGET, else 50%).")  # fmt: skip
@@ -251,7 +253,7 @@ def serve_command(
     host: str,
     port: int,
     token: str | None,
-    log_level: str,
+    log_level: str | None,
     upstreams: tuple[str, ...],
     preload_budget: str | None,
     max_size: str | None,
@@ -275,6 +277,11 @@ def serve_command(
     from modeldepot.server.connections import ConnectionLimits
     from modeldepot.server.run import run_server
 
+    # The flag, else the variable (checked by the group), else info: the group's logging set from the variable
+    # took the flag's place unseen, `--log-level debug` gave nothing under MODELDEPOT_LOG_LEVEL=warning (an
+    # explorer's trial)
+    log_level = log_level or os.environ.get("MODELDEPOT_LOG_LEVEL", "").strip().lower() or "info"
+    logging.getLogger().setLevel(log_level.upper())
     if upstreams:
         # `--upstream $HF_ENDPOINT` mirrors the Hub alone, asked as the Hub: taken for a depot node, it was asked
         # its /api/depot/v1 routes for every file, each a 404 (an explorer's trial)

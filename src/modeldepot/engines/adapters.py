@@ -332,6 +332,10 @@ def _gguf_preference(path: str) -> int:
     return _GGUF_PREFERRED.index(label) if label in _GGUF_PREFERRED else len(_GGUF_PREFERRED)
 
 
+class EngineMismatchError(NotFoundError):
+    """The files are there, for another engine than the one asked for (``engine=`` names the wrong one)."""
+
+
 def model_file(
     paths: list[str], quant: str | None, suffixes: tuple[str, ...], file: str | None = None,
     holder: str = "the store",
@@ -396,5 +400,6 @@ def model_file(
             return matching[0]
     others = [f"{suffix} (engine={name!r})" for suffix, name in ((".safetensors", "safetensors"), (".gguf", "gguf"),
               (".onnx", "onnxruntime")) if suffix not in suffixes and any(p.endswith(suffix) for p in candidates)]  # fmt: skip
-    raise NotFoundError(f"no {' or '.join(suffixes)} file{' in variant ' + repr(quant) if quant else ''}"
-                        + (f"; it has {', '.join(others)}" if others else ""))  # fmt: skip
+    kind = EngineMismatchError if others else NotFoundError
+    raise kind(f"no {' or '.join(suffixes)} file{' in variant ' + repr(quant) if quant else ''}"
+               + (f"; it has {', '.join(others)}" if others else ""))  # fmt: skip

@@ -24,6 +24,7 @@ from modeldepot.enginekeys import engine_key
 from modeldepot.engines.adapters import (
     ENGINES,
     EngineLoader,
+    EngineMismatchError,
     check_engine_installed,
     load_onnxruntime,
     model_file,
@@ -393,6 +394,11 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
                                 f"{', '.join(absent[:3])}{' and more' if len(absent) > 3 else ''}"
                                 + (f"; it holds the variants {others}: name one (quant=...)" if others else ""))  # fmt: skip
         except NotFoundError as missing:
+            if isinstance(missing, EngineMismatchError) and not _lacking(store, repo_id, commit_id, quant):
+                # The variant is here whole, its files another engine's: no pull changes that (a load with the
+                # wrong engine= waited 30 s on an upstream that did not answer, then blamed the network: an
+                # explorer's trial)
+                raise
             if offline:  # (said: "no variant 'Q8_0' here" read as a repo without it, not a pull not tried)
                 raise NotFoundError(f"{missing}; offline (HF_HUB_OFFLINE or MODELDEPOT_OFFLINE): nothing was pulled",
                                     repo_id=repo_id) from None  # fmt: skip
