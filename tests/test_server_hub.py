@@ -105,6 +105,20 @@ def test_hf_hub_download_and_file_metadata(node: LiveNode, tmp_path: Path) -> No
     assert Path(pr).read_bytes() == b'{"pr": 1}'
 
 
+def test_an_id_of_a_short_org_and_a_long_name_is_served(
+    depot: Depot, live_node: LiveNode, tmp_path: Path
+) -> None:
+    """The Hub's 96 characters are of the org and of the name each: a real `org/` and 90-character name was
+    refused everywhere, and a node answered repo_exists() of it with a 400 (an explorer's trial)."""
+    long_id = "some-org/" + "a-very-long-model-name-" * 3 + "x" * 21  # a 90-character name
+    assert len(long_id.split("/")[1]) == 90
+    depot.import_dir(write_model_dir(tmp_path / "long", {"config.json": b'{"long": 1}'}), long_id)
+    api = HfApi(endpoint=live_node.url)
+    assert api.repo_exists(long_id) and not api.repo_exists("some-org/" + "y" * 96)
+    path = hf_hub_download(long_id, "config.json", endpoint=live_node.url, cache_dir=tmp_path / "hf")
+    assert Path(path).read_bytes() == b'{"long": 1}'
+
+
 def test_a_download_counts_one_use_of_its_variant(node: LiveNode) -> None:
     """One GET of a file counted two uses of its repo (the route and the blob's opening each did), so
     `most used` and `--preload-top` favoured repos clients fetch over HTTP over those loaded in process;

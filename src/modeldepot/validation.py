@@ -30,7 +30,7 @@ __all__ = [
     "MAX_FILE_SIZE",
     "MAX_LABEL_LENGTH",
     "MAX_PATH_BYTES",
-    "MAX_REPO_ID_LENGTH",
+    "MAX_REPO_PART_LENGTH",
     "MAX_REVISION_LENGTH",
     "MAX_SEGMENT_BYTES",
     "from_upstream",
@@ -52,7 +52,9 @@ __all__ = [
     "validate_size",
 ]
 
-MAX_REPO_ID_LENGTH = 96  # the Hub's limit
+# The Hub's limit, of the org and of the name each (huggingface_hub's REPO_ID_REGEX): of the whole id, a real
+# `org/` and 90-character name could not be pulled, served or mirrored (an explorer's trial)
+MAX_REPO_PART_LENGTH = 96
 MAX_PATH_BYTES = 1024
 MAX_SEGMENT_BYTES = 255  # NAME_MAX on every filesystem we care about
 MAX_REVISION_LENGTH = 200
@@ -92,14 +94,17 @@ def validate_repo_id(repo_id: object) -> str:
     if not isinstance(repo_id, str):
         raise InvalidRepoIdError(f"repo id must be a string like 'org/name', got {type(repo_id).__name__}")
     shown = _describe(repo_id)
-    if len(repo_id) > MAX_REPO_ID_LENGTH:
-        raise InvalidRepoIdError(f"repo id {shown} is longer than {MAX_REPO_ID_LENGTH} characters")
+    if len(repo_id) > 2 * MAX_REPO_PART_LENGTH + 1:
+        raise InvalidRepoIdError(f"repo id {shown} is longer than {2 * MAX_REPO_PART_LENGTH + 1} characters")
     parts = repo_id.split("/")
     if len(parts) != 2:
         raise InvalidRepoIdError(f"repo id {shown} must have the form 'org/name' (exactly one '/')")
     for part in parts:
         if not part:
             raise InvalidRepoIdError(f"repo id {shown} has an empty org or name")
+        if len(part) > MAX_REPO_PART_LENGTH:
+            raise InvalidRepoIdError(f"repo id {shown}: its org and its name may each be {MAX_REPO_PART_LENGTH} "
+                                     f"characters at most ({part[:12]}… is {len(part)})")  # fmt: skip
         if not _REPO_PART.fullmatch(part):
             raise InvalidRepoIdError(
                 f"repo id {shown}: org and name may use only letters, digits, '-', '_' and '.', "
