@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -687,3 +688,50 @@ def test_an_upgrade_under_a_running_process_of_the_old_version_is_said(
     with Depot(home) as depot:  # (upgraded: said once)
         assert depot.list_repos()
     assert not [r for r in caplog.records if "upgraded" in r.getMessage()]
+
+
+def test_a_store_a_group_shares_is_written_by_each_member(tmp_path: Path) -> None:
+    """A team's store in a setgid folder, its members' umask 002 (as a shared Hugging Face cache is kept):
+    SQLite made index.db 0o644 whatever the umask, and the store was read-only to every member but the one
+    who made it (an explorer's trial). Another member is played by uid 0 without its powers over files, once
+    the files are given to another owner of the group."""
+    team, group, owner = tmp_path / "team", 4242, 12345
+    team.mkdir()
+    os.chown(team, -1, group)
+    team.chmod(0o2775)
+    folder = write_model_dir(tmp_path / "src", {"config.json": b'{"a": 1}', "x.txt": b"hi"})
+    env = base_env(PYTHONDONTWRITEBYTECODE="1")
+    home = team / "store"
+
+    def as_member(*args: str) -> subprocess.CompletedProcess[str]:
+        command = " ".join(
+            shlex.quote(a) for a in [sys.executable, "-m", "modeldepot", *args, "--home", str(home)]
+        )
+        return subprocess.run([*WITHOUT_OVERRIDE, f"--regid={group}", f"--groups={group}", "sh", "-c",
+                               f"umask 002 && exec {command}"], env=env, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+
+    made = as_member("import", str(folder), "--repo", "team/a")
+    assert made.returncode == 0, made.stderr
+    for name in ("index.db", "index.db-wal", "index.db-shm"):
+        if (home / name).exists():
+            assert (home / name).stat().st_mode & 0o777 == 0o664, name
+    for path in [home, *home.rglob("*")]:  # (the first member's, now)
+        os.chown(path, owner, -1, follow_symlinks=False)
+    second = as_member("import", str(folder), "--repo", "team/b")
+    assert second.returncode == 0, second.stderr
+    listed = as_member("ls", "--json")
+    assert sorted(r["repo_id"] for r in json.loads(listed.stdout)) == ["team/a", "team/b"]
+
+
+def test_the_mode_files_are_given_back_follows_the_umask() -> None:
+    """A download file made read-only for its flush and then not placed is given back the mode the umask says
+    (it was 0o644 whatever the umask: another member of a group could not resume it)."""
+    from modeldepot.store.layout import writable_mode
+
+    before = os.umask(0o002)
+    try:
+        assert writable_mode() == 0o664
+    finally:
+        os.umask(before)
+    assert writable_mode() == 0o666 & ~before

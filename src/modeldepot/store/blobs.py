@@ -317,7 +317,7 @@ class WriteSession:
         starting = layout.tmp / f".{name}"
         try:
             starting.mkdir()
-            self._lock_fd = os.open(starting / self.LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._lock_fd = os.open(starting / self.LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
             _lock_new_session(self._lock_fd)
             os.rename(starting, self.path)
         except OSError as error:
@@ -352,7 +352,7 @@ class WriteSession:
         """A new partial file, preallocated to ``size`` so a full disk fails before any work is done."""
         path = self.path / f"{len(self._partials)}.partial"
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         except OSError as error:
             raise os_error(error, "creating a file in the store's tmp/") from error
         partial = PartialBlob(path, fd, size)

@@ -477,6 +477,11 @@ class Index:
         fd = os.open(setup_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o664)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            # Made here, as the umask says (SQLite makes it 0o644 whatever the umask; its -wal and -shm take
+            # its mode): a store a group shares (a setgid folder, umask 002) was read-only to every member but
+            # the one who made it (an explorer's trial)
+            with suppress(FileExistsError):
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
             self._migrate()
         finally:
             unlock_and_close(fd)

@@ -31,7 +31,15 @@ from pathlib import Path
 from modeldepot.errors import InvalidInputError, StoreError, StoreFullError
 from modeldepot.validation import validate_commit_id, validate_path, validate_repo_id, validate_sha256
 
-__all__ = ["FULL_DISK_ADVICE", "StoreLayout", "fsync_dir", "os_error", "size_text", "unlink_counting"]
+__all__ = [
+    "FULL_DISK_ADVICE",
+    "StoreLayout",
+    "fsync_dir",
+    "os_error",
+    "size_text",
+    "unlink_counting",
+    "writable_mode",
+]
 
 FULL_DISK_ADVICE = (  # what to do about a full disk, in every error that reports one
     "free space with `modeldepot rm REPO` or `modeldepot gc` (`gc --partials` also drops the interrupted "
@@ -51,6 +59,20 @@ def size_text(count: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{count} B"
+
+
+def writable_mode() -> int:
+    """The mode a file this process makes gets when it asks for 0o666: the umask's say (0o664 under 002, a
+    group's shared store; 0o644 under 022). Read from /proc, never by setting the umask (which would race
+    with every other thread's files)."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o644
 
 
 def _out_of_inodes(error: OSError) -> bool:

@@ -66,7 +66,7 @@ from modeldepot.errors import ChunkNotAvailableError, InvalidRangeError, StoreFu
 from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.store.blobs import PartialBlob, start_writeback
 from modeldepot.store.durability import UNKNOWN_BOOT, current_boot_id
-from modeldepot.store.layout import FULL_DISK_ADVICE, StoreLayout, os_error, size_text
+from modeldepot.store.layout import FULL_DISK_ADVICE, StoreLayout, os_error, size_text, writable_mode
 from modeldepot.store.locks import flock_holder, lock_is_held, unlock_and_close
 from modeldepot.store.models import BlobRecord
 from modeldepot.store.verified import PartialChunkReader
@@ -364,7 +364,7 @@ class PartialFiles:
         mark = self._pull_mark(repo_id)
         while True:
             try:
-                fd = os.open(mark, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = os.open(mark, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
             except OSError as error:
                 raise os_error(error, "marking a pull as running") from error
             fcntl.flock(fd, fcntl.LOCK_SH)
@@ -618,7 +618,7 @@ class PartialFiles:
         flags = os.O_RDONLY if paths.one_piece else os.O_RDWR | os.O_APPEND
         while True:
             try:
-                lock_fd = os.open(paths.lock, flags | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                lock_fd = os.open(paths.lock, flags | os.O_CREAT | os.O_CLOEXEC, 0o666)
             except OSError as error:
                 raise os_error(error, "opening a download's lock") from error
             try:
@@ -643,11 +643,11 @@ class PartialFiles:
         logged, parts = (None, {}) if read is None else read
         try:
             if paths.one_piece and not os.fstat(lock_fd).st_mode & 0o200:
-                os.fchmod(lock_fd, 0o644)  # flushed for placing (read-only), then not placed
+                os.fchmod(lock_fd, writable_mode())  # flushed for placing (read-only), then not placed
             elif not paths.one_piece and _leftover_of_placing(paths.data):
                 self.layout.unlink(paths.data)  # a blob's other name (its pull ended before letting go)
                 logged = None
-            data_fd = os.open(paths.data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            data_fd = os.open(paths.data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         except OSError as error:
             raise os_error(error, "opening a download's partial file") from error
         try:
@@ -803,10 +803,10 @@ def _make_mark(shared: Path, path: Path) -> None:
         except FileExistsError:
             return  # (marked already: a leftover a resume keeps, or the same content's other pull)
         except FileNotFoundError:
-            os.close(os.open(shared, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+            os.close(os.open(shared, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
         except OSError:
             break
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
 
 
 def _given_back(path: Path) -> int:
@@ -866,7 +866,7 @@ def _leftover_of_placing(data: Path) -> bool:
     if info.st_nlink > 1:
         return True
     if not info.st_mode & 0o200:
-        os.chmod(data, 0o644)
+        os.chmod(data, writable_mode())
     return False
 
 
