@@ -508,3 +508,29 @@ def test_a_mirror_whose_disk_fills_while_it_pulls_says_507_to_the_next_clients(
             mirror.stop()
             proxy.stop()
             upstream.stop()
+
+
+def test_an_import_by_link_on_a_full_disk_names_the_disk_not_the_source(mount_tmpfs: Mount) -> None:
+    """`import --link` (and `hf-cache import`) of files on the store's own full disk: each was "cannot read
+    <file>: No space left on device", the source blamed (a cache's blobs said "unreadable") for what the
+    store could not write."""
+    root = mount_tmpfs("size=8m")
+    depot, small = small_store(root)
+    with depot:
+        folder = random_folder(root / "to-link", [200_000, 300_000], seed=9)
+        filler = os.open(root / "filler", os.O_CREAT | os.O_WRONLY, 0o644)
+        try:
+            with contextlib.suppress(OSError):
+                os.posix_fallocate(filler, 0, free_bytes(root))
+            while True:  # (the last pages, and inodes' worth of room)
+                try:
+                    os.write(filler, b"\0" * 4096)
+                except OSError:
+                    break
+        finally:
+            os.close(filler)
+        before = state(depot)
+        with pytest.raises(StoreFullError, match="no space left on the store's disk") as raised:
+            depot.import_dir(folder, "org/linked", link=True)
+        assert "cannot read" not in str(raised.value)
+        assert_unchanged(depot, before, small)

@@ -38,7 +38,7 @@ from modeldepot.modelcard import MAX_CARD_BYTES, repo_card
 from modeldepot.openfiles import open_file_limit
 from modeldepot.store.blobs import PartialBlob, WriteSession, file_stamp, written_since
 from modeldepot.store.budget import BudgetWriter
-from modeldepot.store.layout import StoreLayout
+from modeldepot.store.layout import StoreLayout, os_error
 from modeldepot.store.maintenance import sweep_dead_sessions
 from modeldepot.store.models import ImportResult
 from modeldepot.store.publish import (
@@ -466,6 +466,11 @@ def _stage_link(
             partial.hashed()  # (sync made it read-only once more: that moved its change time)
     except OSError as error:
         partial.discard()
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            # The store's side (the note of the file's mode, its flush): a full disk was said to be the source's
+            # fault, each adopted cache blob "unreadable: cannot read <blob>: No space left on device" (an
+            # explorer's trial)
+            raise os_error(error, f"linking {source} into the store") from error
         raise SourceDirectoryError(f"cannot read {source}: {error.strerror}") from None
     except BaseException:
         partial.discard()
