@@ -24,6 +24,7 @@ import pytest
 from conftest import SMALL_CHUNK, LiveNode, Mounts, sample_files, store_files_consistent, write_model_dir
 from modeldepot import Depot, StoreFullError
 from modeldepot.store.layout import size_text
+from modeldepot.store.models import ImportResult
 
 Mount = Callable[[str], Path]
 
@@ -237,7 +238,8 @@ def test_out_of_inodes_during_an_import(mount_tmpfs: Mount, tmp_path: Path, stag
             (root / "filler" / str(n)).touch()
         assert free_inodes(root) == budget
         before = state(depot)
-        error = failure(lambda: depot.import_dir(folder, "org/big"))
+        results: list[ImportResult] = []
+        error = failure(lambda: results.append(depot.import_dir(folder, "org/big")))
         if error is not None:
             # (said as inodes: as bytes, the user looked for room `df -h` showed free, a crash fuzzer's trial)
             assert stage in str(error) and "every inode is taken (`df -i`)" in str(error), str(error)
@@ -245,6 +247,9 @@ def test_out_of_inodes_during_an_import(mount_tmpfs: Mount, tmp_path: Path, stag
         else:  # only a snapshot, which can be rebuilt later, may be left out of a successful import
             assert stage == "building the snapshot", "the import succeeded without the inodes it needs"
             assert [r.repo_id for r in depot.list_repos()] == ["org/big", "org/small"]
+            # (it said a snapshot path that was not there, for a script's from_pretrained: an explorer's trial)
+            made = depot.store.snapshots.path("org/big", results[0].commit_id).is_dir()
+            assert results[0].snapshot_built is made and results[0].to_dict()["snapshot_built"] is made
         for path in (root / "filler").iterdir():
             path.unlink()
         assert_import_works(depot, random_folder(tmp_path / "fits", [10_000, 20_000], seed=7))
@@ -534,3 +539,35 @@ def test_an_import_by_link_on_a_full_disk_names_the_disk_not_the_source(mount_tm
             depot.import_dir(folder, "org/linked", link=True)
         assert "cannot read" not in str(raised.value)
         assert_unchanged(depot, before, small)
+
+
+def test_verify_out_of_inodes_reports_what_it_found_and_the_snapshot_it_could_not_make(
+    mount_tmpfs: Mount, tmp_path: Path
+) -> None:
+    """With no inode left and a snapshot folder to rebuild, verify ended in the snapshot's error: no report,
+    and the corrupt blob it had just quarantined unsaid; the error said no byte was left, where `df -h` showed
+    room (inodes were what lacked)."""
+    root = mount_tmpfs("size=16m,nr_inodes=160")
+    depot, _small = small_store(root)
+    with depot:
+        folder = write_model_dir(tmp_path / "many", {f"f{n}.json": b'{"n": %d}' % n for n in range(40)})
+        depot.import_dir(folder, "org/many")
+        commit = depot.resolve("org/many")
+        shutil.rmtree(depot.store.snapshots.path("org/many", commit))  # (derived: verify rebuilds it)
+        rotten = depot.file_info("org/small", "config.json").sha256
+        blob = depot.store.blobs.path(rotten)
+        blob.chmod(0o644)
+        with open(blob, "r+b") as file:
+            file.write(b"X")
+        (root / "filler").mkdir()
+        for n in range(free_inodes(root) - 5):  # (room for the staging folder and a few of its 40 links)
+            (root / "filler" / str(n)).touch()
+        report = depot.verify()
+        assert [p.sha256 for p in report.problems] == [rotten]  # (found, quarantined and said)
+        assert len(report.snapshots_not_repaired) == 1, report.snapshots_not_repaired
+        said = report.snapshots_not_repaired[0]
+        assert said.startswith(f"org/many@{commit[:12]}: ") and "every inode is taken (`df -i`)" in said, said
+        shutil.rmtree(root / "filler")
+        again = depot.verify()
+        assert again.snapshots_repaired == 1 and again.snapshots_not_repaired == ()
+        assert (depot.snapshot_path("org/many") / "f7.json").read_bytes() == b'{"n": 7}'

@@ -180,7 +180,7 @@ def import_command(
         because = "; ".join(result.copied_because) or "the file system refused a hard link"
         render.out.print(f"linked {render.format_bytes(result.linked_bytes)}"
                          + (f"; copied {render.format_bytes(copied)} ({because})" if copied else ""))  # fmt: skip
-    render.out.print(f"snapshot: {escape(str(result.snapshot_path))}")
+    render.render_snapshot(result.repo_id, result.snapshot_path, result.snapshot_built)
 
 
 @cli.command("ls")
@@ -437,7 +437,7 @@ def pull_command(
         + (f", {render.format_bytes(result.bytes_resumed)} resumed" if result.bytes_resumed else "")
         + (f" from {', '.join(result.sources)}" if result.sources else "")
     )
-    render.out.print(f"snapshot: {escape(str(result.snapshot_path))}")
+    render.render_snapshot(result.repo_id, result.snapshot_path, result.snapshot_built)
 
 
 @cli.command("status")

@@ -433,6 +433,16 @@ def render_info(info: RepoInfo, upstream: dict[str, int] | None = None) -> None:
         ])  # fmt: skip
 
 
+def render_snapshot(repo_id: str, path: str, built: bool) -> None:
+    """The snapshot line of an import or a pull: its folder, or that it could not be made yet (a path that
+    did not exist was printed, and exit 0, for a script's from_pretrained: an explorer's trial)."""
+    if built:
+        out.print(f"snapshot: {escape(path)}")
+    else:
+        out.print(f"[yellow]snapshot: not made yet[/yellow] (the store's disk had no room for its links): "
+                  f"`modeldepot path {escape(repo_id)}` makes it once there is room ({escape(path)})")  # fmt: skip
+
+
 def render_verify(report: VerifyReport) -> None:
     for problem in report.problems:
         where = f"; moved to {problem.quarantined_to}" if problem.quarantined_to else ""
@@ -443,6 +453,8 @@ def render_verify(report: VerifyReport) -> None:
             err.print(f"    used by {user}")
     if not report.index_ok:
         err.print(f"[red]the index failed SQLite's integrity check[/red]: {escape(report.index_advice)}")
+    for failed in report.snapshots_not_repaired:
+        err.print(f"[yellow]snapshot not rebuilt[/yellow] {escape(failed)}")
     summary = f"checked {report.blobs_checked} blobs ({format_bytes(report.bytes_checked)}) in {report.seconds:.1f}s"
     if report.snapshots_repaired:
         summary += f", repaired {report.snapshots_repaired} snapshots"

@@ -76,11 +76,13 @@ def writable_mode() -> int:
 
 
 def _out_of_inodes(error: OSError) -> bool:
-    """Whether an ENOSPC came of a file system without a free inode (its file's folder tells)."""
-    if error.errno != errno.ENOSPC or not isinstance(error.filename, (str, os.PathLike)):
+    """Whether an ENOSPC came of a file system without a free inode (its file's folder tells: of a link
+    made, the link's, not its target's, which is relative to it)."""
+    made = error.filename2 if error.filename2 is not None else error.filename
+    if error.errno != errno.ENOSPC or not isinstance(made, (str, os.PathLike)):
         return False
     try:
-        found = os.statvfs(os.path.dirname(os.fspath(error.filename)) or ".")
+        found = os.statvfs(os.path.dirname(os.fspath(made)) or ".")
     except (OSError, TypeError):
         return False
     return found.f_files > 0 and found.f_favail == 0 and found.f_bavail > 0

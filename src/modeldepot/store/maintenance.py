@@ -157,7 +157,7 @@ def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | 
         if moved is None:
             continue  # (the same, noticed under the lock)
         problems.append(VerifyProblem(sha256, found[0], found[1], moved or None, _users(store, sha256)))
-    repaired = _repair_snapshots(store, repo_id)
+    repaired, not_repaired = _repair_snapshots(store, repo_id)
     return VerifyReport(
         # (those rehashed, as the bytes: one quarantined before is a problem, not checked again)
         blobs_checked=sum(1 for row in rows if row["state"] == "ok"),
@@ -166,6 +166,7 @@ def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | 
         index_ok=index_ok,
         index_advice="" if index_ok else index_damage_advice(store),
         snapshots_repaired=repaired,
+        snapshots_not_repaired=not_repaired,
         seconds=time.monotonic() - started,
         read_only=store.read_only,
     )
@@ -223,14 +224,24 @@ def _record_verified(store: Store, sha256: str) -> bool:
     return True
 
 
-def _repair_snapshots(store: Store, repo_id: str | None) -> int:
+def _repair_snapshots(store: Store, repo_id: str | None) -> tuple[int, tuple[str, ...]]:
+    """(snapshots rebuilt, "org/name@commit: why" of those that could not be). A snapshot is made of the
+    store's own data again at any time: one that cannot be made now (a full disk, no inode left) is said,
+    and the others are rebuilt all the same (the first such failure ended verify with no report, the corrupt
+    blob it had just quarantined unsaid: an explorer's trial)."""
     if store.read_only:
-        return 0  # (nothing can be repaired there: a read of a broken link says so)
+        return 0, ()  # (nothing can be repaired there: a read of a broken link says so)
     if repo_id is None:
         revisions = store.index.read("SELECT repo_id, commit_id FROM revisions")
     else:
         revisions = store.index.read("SELECT repo_id, commit_id FROM revisions WHERE repo_id = ?", (repo_id,))
-    return sum(store.ensure_snapshot(rev["repo_id"], rev["commit_id"]) for rev in revisions)
+    repaired, failed = 0, []
+    for rev in revisions:
+        try:
+            repaired += store.ensure_snapshot(rev["repo_id"], rev["commit_id"])
+        except StoreError as error:
+            failed.append(f"{rev['repo_id']}@{rev['commit_id'][:12]}: {error}")
+    return repaired, tuple(failed)
 
 
 KeptBlobs = frozenset[str] | Callable[[], frozenset[str]]

@@ -116,6 +116,9 @@ class ImportResult(_Record):
     copied_because: tuple[
         str, ...
     ] = ()  # (``link``) why the new files not linked were copied, each reason once
+    # False when the snapshot folder could not be made (a full disk, no inode left): the files are published,
+    # snapshot_path not made yet (`modeldepot path`, a load or verify makes it once there is room)
+    snapshot_built: bool = True
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,9 @@ class VerifyReport(_Record):
     seconds: float
     read_only: bool = False  # the store is: a corrupt blob stays in place, refused by each process
     index_advice: str = ""  # how to get out of a damaged index (when not index_ok)
+    # "org/name@commit: why" of each snapshot folder that could not be rebuilt (a full disk): its files are
+    # whole in the store, their paths not made yet (the next verify, path or load makes them)
+    snapshots_not_repaired: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:

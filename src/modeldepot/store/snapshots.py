@@ -64,8 +64,11 @@ class Snapshots:
                 self.layout.symlink_to_blob(link, self.layout.snapshot_file(final, path), sha256)
             self._swap_in(staging, final, lambda: self.is_complete(repo_id, commit_id, files))
         except OSError as error:
+            # Said before the staging folder goes: after, the inodes it took are free again, and its folders
+            # gone, and no inode left was said to be no byte left, which `df -h` denied (an explorer's trial)
+            failure = os_error(error, f"building the snapshot of {repo_id}@{commit_id[:12]}")
             self.layout.rmtree(staging)
-            raise os_error(error, f"building the snapshot of {repo_id}@{commit_id[:12]}") from error
+            raise failure from error
         return final
 
     def add(self, repo_id: str, commit_id: str, files: Iterable[tuple[str, str]]) -> bool:

@@ -116,6 +116,9 @@ class PullResult:
     # In a fleet pulling the same files at once: the claims this pull won and lost, the chunks it fetched
     # from the Hub, and why it fetched one another node had claimed (transfer/swarm.py).
     swarm: dict[str, int] = field(default_factory=dict)
+    # False when the snapshot folder could not be made (a full disk, no inode left): the files are published,
+    # snapshot_path not made yet (`modeldepot path`, a load or verify makes it once there is room)
+    snapshot_built: bool = True
 
     def to_dict(self) -> dict[str, object]:
         return {**self.__dict__, "variants": list(self.variants), "sources": list(self.sources),
@@ -342,6 +345,7 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
         sources=tuple(sorted(run.used)),
         bytes_by_source=dict(sorted(tracker.by_source.items())),
         swarm=_swarm_counts(run.swarms),
+        snapshot_built=store.snapshots.path(manifest.repo_id, manifest.commit_id).is_dir(),
     )
 
 
