@@ -953,6 +953,7 @@ def test_the_ram_of_another_users_blobs_is_unknown_not_whole(home: Path, tmp_pat
     with Depot(home) as depot:
         add_repo(depot, tmp_path, "a", 7)
         depot.get_file("acme/a", "model.safetensors")  # (a use: listed by stats)
+        add_repo(depot, tmp_path, "b", 8)  # (never used: an admin's preload, say)
         depot.sync()
         size = sum(entry.size for entry in depot.list_files("acme/a"))
         drop_page_cache(depot, "acme/a")
@@ -974,6 +975,7 @@ def test_the_ram_of_another_users_blobs_is_unknown_not_whole(home: Path, tmp_pat
     assert "acme/a" in table.stdout and "unknown" in table.stdout and "(100%)" not in table.stdout, (
         table.stdout
     )
+    assert "acme/b" in table.stdout and "none is in RAM" not in table.stdout, table.stdout
 
 
 def test_a_mappings_resident_pages_are_counted_from_its_page_table(tmp_path: Path) -> None:

@@ -535,7 +535,9 @@ def stats_command(depot: Depot, top: int, as_json: bool) -> None:
             in_ram, size = resident_in_ram(depot.store, repo.repo_id, None, check=False)
         except DepotError:
             continue
-        if in_ram:  # (None, not known: nothing says it is in RAM)
+        # (None, not known: listed as unknown, as README says; left out, an admin's preloaded model read as "none
+        # is in RAM" by the users of its store, an explorer's trial)
+        if in_ram or in_ram is None:
             rows.append({"repo_id": repo.repo_id, "variant": "", "count": 0,
                          "last_access": last_uses.get(repo.repo_id), "bytes": size, "resident_bytes": in_ram})  # fmt: skip
     if as_json:
