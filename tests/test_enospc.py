@@ -571,3 +571,39 @@ def test_verify_out_of_inodes_reports_what_it_found_and_the_snapshot_it_could_no
         again = depot.verify()
         assert again.snapshots_repaired == 1 and again.snapshots_not_repaired == ()
         assert (depot.snapshot_path("org/many") / "f7.json").read_bytes() == b'{"n": 7}'
+
+
+def test_a_pull_larger_than_the_free_disk_is_refused_before_a_byte_is_fetched(
+    mount_tmpfs: Mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two 3 MiB files, 5 MiB free: the pull fetched the first whole, failed on the second, and left the first
+    taking the room of a download that could never end there, its error naming one file against what was
+    left. Refused at once, the whole pull's need against the free disk."""
+    files = {"a.bin": random.Random(1).randbytes(3 << 20), "b.bin": random.Random(2).randbytes(3 << 20)}
+    root = mount_tmpfs("size=8m")
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", files), "acme/two")
+        upstream = LiveNode(upstream_depot)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", upstream.url)
+        try:
+            with Depot(root / "home", chunk_size=SMALL_CHUNK) as depot:
+                filler = os.open(root / "filler", os.O_CREAT | os.O_WRONLY, 0o644)
+                try:
+                    os.posix_fallocate(filler, 0, free_bytes(root) - (5 << 20))
+                finally:
+                    os.close(filler)
+                with pytest.raises(StoreFullError) as refused:
+                    depot.pull("acme/two")
+                said = str(refused.value)
+                assert said.startswith("pulling acme/two needs 6.0 MiB more on the store's disk (2 files)"), (
+                    said
+                )
+                assert "nothing was fetched" in said
+                assert (
+                    depot.du().partial_bytes == 0 and list(depot.store.layout.partials.glob("*.part")) == []
+                )
+                os.unlink(root / "filler")
+                assert depot.pull("acme/two").files == 2  # and once there is room
+        finally:
+            upstream.stop()

@@ -55,7 +55,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Set
+from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -444,6 +444,32 @@ class PartialFiles:
         )
         self._kept[key] = (stamp, kept)
         return kept
+
+    def check_room(self, sizes: Mapping[str, int], doing: str) -> None:
+        """Refuse (StoreFullError, nothing written) downloads of these sizes (by partial key) that the store's
+        file system has no room for together, beside what their partial files hold already: a pull of a repo
+        larger than the free disk fetched a whole file, failed on the next, and left the first taking the
+        room for a download that could never end there (an explorer's trial). Each file's own check stays
+        (:func:`_room_for`): others write beside it."""
+        try:
+            disk = os.statvfs(self.root if self.root.exists() else self.layout.home)
+        except OSError:
+            return  # (the downloads' own checks say)
+        needed = 0
+        for key, size in sizes.items():
+            held = 0
+            for suffix in ("part", "one"):
+                with contextlib.suppress(OSError):
+                    held = max(
+                        held,
+                        os.stat(self.layout.partial_stem(key).with_name(f"{key}.{suffix}")).st_blocks * 512,
+                    )
+            needed += max(0, size - held)
+        free = disk.f_bavail * disk.f_frsize
+        if needed > free:
+            raise StoreFullError(f"{doing} needs {size_text(needed)} more on the store's disk ({len(sizes)} "
+                                 f"file{'s' if len(sizes) != 1 else ''}), which has {size_text(free)} free: "
+                                 f"nothing was fetched; {FULL_DISK_ADVICE}")  # fmt: skip
 
     def keys_on_disk(self) -> frozenset[str]:
         """The keys any download has a file of in the folder now (its data or its log; the marks aside)."""

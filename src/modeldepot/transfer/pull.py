@@ -259,6 +259,9 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
         # Room for the new blobs before a byte is fetched (or a BudgetExceededError, nothing written).
         # (to its end: cancelled, the pull leaves its writer only once the room is made and so released)
         await to_thread_to_the_end(writer.make_room, sum(new_bytes.values()), f"pulling {manifest.repo_id}")
+        # ... and on the disk, all of them together, beside what interrupted downloads of them hold already
+        await asyncio.to_thread(store.partials.check_room, {partial_key(f.sha256, f.git_oid): f.size for f in missing},
+                                f"pulling {manifest.repo_id}")  # fmt: skip
         tracker.write("downloading")
         run = _PullRun(store, manifest, chain, tracker, limits or Limits(), watch)
         tracker.parts_kept = run.parts_kept
