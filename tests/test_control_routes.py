@@ -602,6 +602,12 @@ def test_preload_pin_unpin_and_remove(guarded: LiveNode, local: Depot) -> None:
     assert local.preloader.holds(REPO, "q4f16")
     whole = call(guarded.port, "POST", f"{API}/repos/{REPO}/preload", headers=AUTH)  # no body: every file
     assert whole.status == 200 and whole.json()["variant"] == ""
+    # ... and out of RAM again, without a restart (a node's RAM went from one model to another by none else)
+    unloaded = call(guarded.port, "DELETE", f"{API}/repos/{REPO}/preload", {"quant": "q4f16"}, AUTH)
+    assert unloaded.json() == {"repo_id": REPO, "quant": "q4f16", "revision": "main", "unloaded": True}
+    assert not local.preloader.holds(REPO, "q4f16") and local.preloader.holds(REPO)
+    again = call(guarded.port, "DELETE", f"{API}/repos/{REPO}/preload", {"quant": "q4f16"}, AUTH)
+    assert again.status == 200 and again.json()["unloaded"] is False
 
     pinned = call(guarded.port, "PUT", f"{API}/repos/{REPO}/pin", {"quant": "q4f16"}, AUTH)
     assert pinned.status == 200 and (pinned.json()["repo_id"], pinned.json()["quant"]) == (REPO, "q4f16")
@@ -662,7 +668,7 @@ def test_a_repo_being_pulled_is_not_removed_and_a_wrong_method_says_which_are_ri
     assert call(guarded.port, "DELETE", f"{API}/repos/{REPO}", headers=AUTH).status == 200
     for method, route, allow in (("PUT", f"{API}/pulls", "GET, HEAD, POST"),
                                  ("GET", f"{API}/repos/{REPO}/pin", "DELETE, PUT"),
-                                 ("GET", f"{API}/repos/{REPO}/preload", "POST")):  # fmt: skip
+                                 ("GET", f"{API}/repos/{REPO}/preload", "DELETE, POST")):  # fmt: skip
         wrong = call(guarded.port, method, route, None, AUTH)
         assert (wrong.status, wrong.headers.get("Allow")) == (405, allow), (method, route, wrong.body)
         assert "read-only" not in wrong.body.decode()
@@ -737,6 +743,7 @@ def control_requests() -> list[tuple[str, str, Any]]:
         ("GET", f"{API}/pulls/0123456789abcdef", None),
         ("DELETE", f"{API}/pulls/0123456789abcdef", None),
         ("POST", f"{API}/repos/{REPO}/preload", {}),
+        ("DELETE", f"{API}/repos/{REPO}/preload", {}),
         ("PUT", f"{API}/repos/{REPO}/pin", {}),
         ("DELETE", f"{API}/repos/{REPO}/pin", {}),
         ("DELETE", f"{API}/repos/{REPO}", None),
@@ -1058,13 +1065,14 @@ def test_every_control_answer_is_as_the_document_says(
     check(open_node, "GET", pulls, 200)
     check(guarded, "GET", one, 404)
     for method, route, body in (("POST", pulls, {"repo": REPO}), ("GET", pulls, None), ("GET", one, None),
-                                ("DELETE", one, None), ("POST", preload, {}), ("PUT", pin, {}), ("DELETE", pin, {}),
-                                ("DELETE", repo, None)):  # fmt: skip
+                                ("DELETE", one, None), ("POST", preload, {}), ("DELETE", preload, {}), ("PUT", pin, {}),
+                                ("DELETE", pin, {}), ("DELETE", repo, None)):  # fmt: skip
         check(guarded, method, route, 401, body, no_token)
         check(open_node, method, route, 401, body, no_token)
     for method, route in (
         ("POST", pulls),
         ("POST", preload),
+        ("DELETE", preload),
         ("PUT", pin),
         ("DELETE", pin),
         ("DELETE", repo),
@@ -1075,16 +1083,29 @@ def test_every_control_answer_is_as_the_document_says(
         check(open_node, method, route, 422, {"repo": "a--b/c"} if route == pulls else
               {"revision": "a..b"} if route == repo else {"quant": "a b"})  # fmt: skip
     check(open_node, "POST", pulls, 404, {"repo": "acme/nowhere"})
-    for method, route in (("POST", preload), ("PUT", pin), ("DELETE", pin), ("DELETE", repo)):
+    for method, route in (
+        ("POST", preload),
+        ("DELETE", preload),
+        ("PUT", pin),
+        ("DELETE", pin),
+        ("DELETE", repo),
+    ):
         check(open_node, method, route, 404, None if route == repo else {}, org="acme", name="nowhere")
     for method, route, body in (("POST", pulls, {"repo": REPO}), ("GET", pulls, None), ("GET", one, None),
-                                ("DELETE", one, None), ("POST", preload, {}), ("PUT", pin, {}), ("DELETE", pin, {}),
-                                ("DELETE", repo, None)):  # fmt: skip
+                                ("DELETE", one, None), ("POST", preload, {}), ("DELETE", preload, {}), ("PUT", pin, {}),
+                                ("DELETE", pin, {}), ("DELETE", repo, None)):  # fmt: skip
         check(open_node, method, route, 400, body, query="?variant=fp16")  # no route takes it
-    for method, route in (("POST", preload), ("PUT", pin), ("DELETE", pin), ("DELETE", repo)):
+    for method, route in (
+        ("POST", preload),
+        ("DELETE", preload),
+        ("PUT", pin),
+        ("DELETE", pin),
+        ("DELETE", repo),
+    ):
         check(open_node, method, route, 405, {} if route != repo else None, org="")  # no route: /repos//tiny
     check(open_node, "DELETE", repo, 400, query="?revision=a..b")
     check(open_node, "POST", preload, 200, {"quant": "q4f16"})
+    check(open_node, "DELETE", preload, 200, {"quant": "q4f16"})
     check(open_node, "PUT", pin, 200, {"quant": "q4f16"})
     # 507: a disk so full that the index takes no write (its space reserve used up too).
     with monkeypatch.context() as full:

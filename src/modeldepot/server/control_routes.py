@@ -578,6 +578,23 @@ async def preload(request: web.Request) -> web.Response:
 
 
 @control()
+async def unload(request: web.Request) -> web.Response:
+    """Take a model out of the RAM tier (at once, or when the last request reading it ends): a node's RAM
+    could be given from one model to another only by a restart (an explorer's trial). ``unloaded`` false:
+    the node holds the repo, and that model was not in RAM."""
+    repo_id = await path_repo(request)
+    body = await json_body(request, ("quant", "revision"))
+    quant, revision = _quant_field(body), _revision_field(body)
+    depot = request.app[DEPOT]
+    try:
+        unloaded = await asyncio.to_thread(depot.preloader.evict, repo_id, quant, revision)
+    except NotFoundError as error:
+        _unknown_variant_is_invalid(error)
+        raise
+    return json_response({"repo_id": repo_id, "quant": quant, "revision": revision, "unloaded": unloaded})
+
+
+@control()
 async def pin(request: web.Request) -> web.Response:
     repo_id = await path_repo(request)
     body = await json_body(request, ("quant", "revision"))
@@ -687,6 +704,7 @@ def add_control_routes(app: web.Application) -> None:
     router.add_get(API + "/pulls/{id}", get_pull, name="control-pull")
     router.add_delete(API + "/pulls/{id}", cancel_pull, name="control-pull")
     router.add_post(API + "/repos/{org}/{name}/preload", preload, name="control-preload")
+    router.add_delete(API + "/repos/{org}/{name}/preload", unload, name="control-preload")
     router.add_put(API + "/repos/{org}/{name}/pin", pin, name="control-pin")
     router.add_delete(API + "/repos/{org}/{name}/pin", unpin, name="control-pin")
     router.add_delete(API + "/repos/{org}/{name}", remove_repo, name="control-remove")

@@ -656,6 +656,20 @@ def _control_components(c: ComponentSchemas) -> None:
         "RemoveResult", c.record(RemoveResult, omit=["deleted"])
     )  # (what it deleted: read by the depot alone)
     c.add(
+        "Unloaded",
+        _closed(
+            {
+                "repo_id": {"type": "string"},
+                "quant": {"type": ["string", "null"]},
+                "revision": {"type": "string"},
+                "unloaded": {
+                    "type": "boolean",
+                    "description": "false: the node holds the repo, and that model was not in RAM",
+                },
+            }
+        ),
+    )
+    c.add(
         "Unpinned",
         _closed(
             {
@@ -744,11 +758,22 @@ def _control_paths(
                 "operationId": "preload",
                 "description": "Bring a stored model (a variant with the shared files, or every file) into the "
                 "RAM tier. A model larger than the RAM tier's budget is a 400; one with a file that failed "
-                f"verification (quarantined) a 503, X-Error-Code CorruptFile. {_CONTROL}",
+                "verification (quarantined) a 503, X-Error-Code CorruptFile; one a tier of private copies (`read`, "
+                "`memfd`) cannot hold and leave its process the memory it keeps free a 503, InsufficientMemory. "
+                f"{_CONTROL}",
                 "parameters": repo_params,
                 "requestBody": variant_target,
                 "responses": {"200": ok("PreloadInfo"), **errors(401, 404, 405, 503, *shape)},
-            }
+            },
+            "delete": {
+                "operationId": "unload",
+                "description": "Take a model out of the RAM tier: at once, or when the last request reading it "
+                "ends. 200 with `unloaded` false when the node holds the repo but that model was not in RAM. "
+                + _CONTROL,
+                "parameters": repo_params,
+                "requestBody": variant_target,
+                "responses": {"200": ok("Unloaded"), **errors(401, 404, 405, *shape)},
+            },
         },
         "/api/depot/v1/repos/{org}/{name}/pin": {
             "put": {
