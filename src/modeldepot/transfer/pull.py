@@ -550,15 +550,39 @@ class _PullRun:
             # Each chunk from another node matched the digest a node gave for it (its manifest, its chunk's
             # settlement), or came from a partial holder outside a swarm, unchecked: the upstream's SHA-256
             # says one of them lied. The bytes are gone (the download was reset); the upstream alone now.
-            others = set(self.tracker.path_sources.get(remote.path, {})) - {"hub", "local"}
-            # (no other node took part: the bytes an earlier pull left were wrong, not a node, an SRE's trial)
-            whose = "chunks from other nodes" if others else "the bytes an earlier pull of it left on disk"
-            log.warning("%s: with %s it failed the upstream's SHA-256 (thrown away); fetching it again from the "
-                        "upstream alone", remote.path, whose)  # fmt: skip
+            kinds = set(self.tracker.path_sources.get(remote.path, {}))
+            others = kinds - {"hub", "local"}
+            suspects = {name for senders, _ in (mismatch.chunks_landed or {}).values() for name in senders}
             self.tracker.forget(remote.path)
+            if len(suspects) == 1 and "local" not in kinds:
+                # One node sent every chunk the Hub did not: the liar is known before any byte more. Banned now,
+                # the file is fetched again as the first time, the swarm's way, without it: from the upstream
+                # alone, each node of a fleet a liar fooled fetched the whole file, and the Hub sent it once per
+                # node (4.7x with four: an explorer's trial)
+                ban_liars(suspects, LIAR_BAN_SECONDS)
+                await asyncio.to_thread(remember_liars, self.store.layout.home, suspects, LIAR_BAN_SECONDS)
+                liar = next(iter(suspects))
+                log.warning("%s: with chunks from %s alone it failed the upstream's SHA-256 (thrown away): no chunk "
+                            "is asked of it for %.0f minutes; fetching the file again without it", remote.path,
+                            liar, LIAR_BAN_SECONDS / 60)  # fmt: skip
+                honest = [node for node in nodes if node.source.name != liar]
+                again_swarm = await self.chain.swarm_file(remote, claim.chunk_size)
+                if again_swarm is not None:
+                    self.swarms.append(again_swarm)
+                    again, again_fallback = [*honest, *hub], None
+                else:
+                    again, again_fallback = (honest, lambda: hub) if honest else (hub, None)
+            else:
+                # (no other node took part: the bytes an earlier pull left were wrong, not a node, an SRE's trial)
+                whose = (
+                    "chunks from other nodes" if others else "the bytes an earlier pull of it left on disk"
+                )
+                log.warning("%s: with %s it failed the upstream's SHA-256 (thrown away); fetching it again from the "
+                            "upstream alone", remote.path, whose)  # fmt: skip
+                again, again_fallback, again_swarm = hub, None, None
             try:
                 digest = await download_file(
-                    http, remote, claim, hub, self.limits, None, on_bytes, None, on_start
+                    http, remote, claim, again, self.limits, again_fallback, on_bytes, again_swarm, on_start
                 )
             except DepotError as again:
                 if not claim.done:
