@@ -1031,3 +1031,27 @@ def test_etcd_settlements_are_pruned_once_a_content_has_no_claim_left(
             assert a.settlements(content, size) == {}
 
     run(main())
+
+
+def test_a_node_that_did_not_run_past_its_ttl_says_so_not_that_etcd_was_away(
+    etcd_server: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node whose own process stood still (SIGSTOP, a paused container: here its event loop blocked) past
+    its lease's TTL found its lease gone as it went on: it said etcd was out of reach ("requested lease not
+    found" taken for a connection failure) though etcd had answered all along (an explorer's trial). Said as
+    the lease running out, this process perhaps not running; registered again."""
+    a = node("a")
+
+    async def main() -> None:
+        da = etcd(etcd_server, ttl=2)
+        async with started(da):
+            await da.register(a)
+            await da.publish({sha(1): WHOLE})
+            old_lease = da._lease_id
+            time.sleep(4.5)  # (the process stands still: nothing of it runs, etcd lets the lease expire)
+            await da.wait_for(lambda: da._lease_id not in (None, old_lease) and da.status().registered, WAIT)
+
+    with caplog.at_level("WARNING", logger="modeldepot.discovery"):
+        run(main())
+    assert "this process not running" in caplog.text, caplog.text
+    assert "out of reach (" not in caplog.text, caplog.text

@@ -380,13 +380,21 @@ class EtcdDiscovery(EtcdClaims):
         loop = asyncio.get_running_loop()
         verify, self._verify = self._verify, False  # a failure from here on sets it again
         if self._lease_id is not None and (verify or loop.time() >= self._refresh_due):
-            reply = await self._call(client.refresh_lease(self._lease_id))
-            if reply is None:
-                raise aetcd.ClientError("etcd did not answer the lease refresh")
-            if reply.TTL <= 0:
+            try:
+                reply = await self._call(client.refresh_lease(self._lease_id))
+            except aetcd.ClientError as error:
+                if "lease not found" not in str(error):
+                    raise
+                expired = True
+            else:
+                if reply is None:
+                    raise aetcd.ClientError("etcd did not answer the lease refresh")
+                expired = reply.TTL <= 0
+            if expired:
+                # (a node that was itself stopped, SIGSTOP or a paused container, blamed etcd: an explorer's trial)
                 log.warning(
-                    "this node's etcd lease ran out (etcd was out of reach for more than its %g s?): "
-                    "registering again",
+                    "this node's etcd lease ran out (etcd out of reach, or this process not running, for more "
+                    "than its %g s: a SIGSTOP, a paused container, a stalled machine?): registering again",
                     self._lease_ttl,
                 )
                 self._drop_lease()
