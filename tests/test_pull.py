@@ -27,7 +27,7 @@ from conftest import (
 )
 from modeldepot import Depot, IntegrityError, NotFoundError
 from modeldepot.cli import cli
-from modeldepot.errors import ConfigError, OfflineError
+from modeldepot.errors import ConfigError, InvalidInputError, OfflineError
 from modeldepot.store.partials import PUBLIC_MARK, partial_key
 from modeldepot.transfer.progress import PullUpdate
 
@@ -79,6 +79,31 @@ def test_a_variant_being_pulled_is_not_called_resumable(local: Depot) -> None:
 
     local.pull(REPO, ["q4f16"], progress=look)
     assert seen == [("downloading", False)]
+
+
+def test_pull_of_files_by_pattern_as_hf_download_takes_them(local: Depot, tmp_path: Path) -> None:
+    """`modeldepot pull` selected by variant alone: a repo without variants (or a folder of it) was pulled
+    whole, where `hf download --include/--exclude` takes what its patterns match (an explorer's trial)."""
+    result = local.pull(REPO, include=["*.json", "onnx/"], exclude=["*_data", "*16*"])
+    assert {f.path for f in local.list_files(REPO)} == {"config.json", "tokenizer.json", "onnx/model.onnx"}
+    assert result.files == 3 and result.bytes_total == sum(
+        len(FILES[p]) for p in ("config.json", "tokenizer.json", "onnx/model.onnx")
+    )
+    # Within a variant: its files and the shared ones, narrowed
+    local.pull(REPO, ["q4f16"], exclude=["*.json"])
+    assert "onnx/model_q4f16.onnx_data" in {f.path for f in local.list_files(REPO)}
+    with pytest.raises(
+        InvalidInputError, match=r"no file of onnx-community/tiny@\w+ matches --include \*\.bin"
+    ):
+        local.pull(REPO, include=["*.bin"])
+    with pytest.raises(InvalidInputError, match="a list of glob patterns"):
+        local.pull(REPO, include="*.json")  # type: ignore[arg-type]
+    home = str(local.home)
+    done = CliRunner().invoke(cli, ["pull", REPO, "--include", "README.md", "--home", home, "--json"])
+    assert done.exit_code == 0, done.output
+    assert "README.md" in {f.path for f in local.list_files(REPO)}
+    refused = CliRunner().invoke(cli, ["pull", REPO, "--exclude", "*", "--home", home])
+    assert refused.exit_code == 2 and "matches --exclude *" in refused.output, refused.output
 
 
 def test_pull_one_variant_takes_exactly_its_files_and_the_shared_ones(

@@ -151,6 +151,16 @@ class MappedFile:
                 log.debug("%s", said)
 
 
+def _patterns(patterns: object, name: str) -> list[str]:
+    """Glob patterns of paths (``include``, ``exclude``), checked: a list of non-empty texts."""
+    if patterns is None:
+        return []
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) and p.strip() for p in patterns):
+        raise InvalidInputError(f"{name} is a list of glob patterns of paths (like ['*.json', 'onnx/']), "
+                                f"not {patterns!r}")  # fmt: skip
+    return list(patterns)
+
+
 class Depot(Upkeep):
     """A model depot rooted at ``home`` (default: ``MODELDEPOT_HOME``, else ``~/.cache/modeldepot``).
 
@@ -607,20 +617,42 @@ class Depot(Upkeep):
         *,
         revision: str = "main",
         progress: PullProgress | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
     ) -> PullResult:
         """Download variants of ``repo_id`` into the store through the source chain, verified and resumable.
 
         ``quants``: None for the whole repo, ``"all"`` for every variant, or names like ``["q4f16"]``;
-        the shared files (configs, tokenizers) come with any variant. Content the store already holds is
+        the shared files (configs, tokenizers) come with any variant. ``include`` and ``exclude``: glob
+        patterns of paths (as huggingface_hub's ``allow_patterns`` and ``ignore_patterns``, ``hf download
+        --include/--exclude``), narrowing what the variants take. Content the store already holds is
         not downloaded again; an interrupted pull continues where it stopped. Through an outage (no source
         answers at all) it tries again, resuming, for ``MODELDEPOT_OUTAGE_PATIENCE`` seconds (120).
         """
         from modeldepot.transfer.pull import run_through_outages
 
         quants = validate_quants(quants)  # (before the scan)
+        include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
         manifest = self.manifest_for(repo_id, revision)
+        paths = None
+        if include or exclude:
+            from huggingface_hub.utils import filter_repo_objects  # type: ignore[attr-defined]
+
+            from modeldepot.transfer.pull import select
+
+            files, _ = select(manifest, quants)
+            paths = list(filter_repo_objects([f.path for f in files], allow_patterns=include or None,
+                                             ignore_patterns=exclude or None))  # fmt: skip
+            if not paths:
+                raise InvalidInputError(
+                    f"no file of {manifest.repo_id}@{manifest.commit_id[:12]}"
+                    + (f" ({', '.join(quants) if isinstance(quants, list) else quants})" if quants else "")
+                    + f" matches {'--include ' + ' '.join(include) if include else ''}"
+                    + f"{' ' if include and exclude else ''}{'--exclude ' + ' '.join(exclude) if exclude else ''}"
+                )
         return run_through_outages(
-            lambda watch: self.pull_async(repo_id, quants, revision=revision, progress=watch, manifest=manifest),
+            lambda watch: self.pull_async(repo_id, quants, revision=revision, progress=watch, manifest=manifest,
+                                          paths=paths),
             progress, self.config.outage_patience, repo_id, self._upstream.through_hub(manifest),
         )  # fmt: skip
 

@@ -382,6 +382,16 @@ def scan_command(depot: Depot, repo_id: str, revision: str, servers: tuple[str, 
     "--quant", "-q", "quants", multiple=True, help="Variant to pull (repeatable), e.g. q4f16 or Q4_K_M."
 )
 @click.option("--all", "all_variants", is_flag=True, help="Every variant (without the repo's other files).")
+@click.option("--include", "include", multiple=True, metavar="PATTERN",
+              help="Only the files whose path matches this glob (repeatable), as `hf download --include`: "
+                   "'*.json', 'onnx/'.")  # fmt: skip
+@click.option(
+    "--exclude",
+    "exclude",
+    multiple=True,
+    metavar="PATTERN",
+    help="Not the files whose path matches this glob (repeatable), as `hf download --exclude`.",
+)
 @revision_option
 @server_option
 @cluster_options
@@ -396,6 +406,8 @@ def pull_command(
     repo_id: str,
     quants: tuple[str, ...],
     all_variants: bool,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
     revision: str,
     servers: tuple[str, ...],
     cluster: str | None,
@@ -403,7 +415,8 @@ def pull_command(
     max_download_rate: int | None,
     as_json: bool,
 ) -> None:
-    """Download REPO (or some of its variants) into the store, verified and resumable.
+    """Download REPO (or some of its variants, or files: --include, --exclude) into the store, verified and
+    resumable.
 
     Sources, in order: the depot nodes in MODELDEPOT_SERVERS (comma-separated URLs; MODELDEPOT_TOKEN is
     sent to them), the live nodes of the fleet at MODELDEPOT_CLUSTER that hold each file (the token too),
@@ -419,7 +432,8 @@ def pull_command(
     view = render.PullView(f"pulling {repo_id}")
     try:
         with view.running():
-            result = depot.pull(repo_id, chosen, revision=revision, progress=view.update)
+            result = depot.pull(repo_id, chosen, revision=revision, progress=view.update,
+                                include=list(include) or None, exclude=list(exclude) or None)  # fmt: skip
     except KeyboardInterrupt:
         # (a Ctrl-C pressed again while this is said would end it with a traceback in its place; a SIGTERM,
         # taken for one, too)
