@@ -420,8 +420,10 @@ def run_fleet_node(browser: WebDriver, node: InProcessNode, depot: Depot, peer_i
 
     click(browser, f'{variant_row("q4f16")} button[data-action="preload"]')
     message(browser, f"Preload of {REPO} (q4f16):", "ok")
-    wait_for(browser, "the preloaded model", lambda d: REPO in (visible_text(d, "#preloaded") or ""))
+    shown = wait_for(browser, "the preloaded model", lambda d: REPO in (visible_text(d, "#preloaded") or "") and
+                     visible_text(d, "#preloaded"))  # fmt: skip
     assert depot.preloader.holds(REPO, "q4f16")
+    assert depot.resolve(REPO)[:12] in shown, shown  # (which commit is in RAM: a branch moves on)
     click(browser, f'{variant_row("q4f16")} button[data-action="pin"]')
     message(browser, f"Pin of {REPO} (q4f16): pinned", "ok")
     wait_for(

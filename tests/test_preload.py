@@ -24,7 +24,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from conftest import drop_page_cache, write_model_dir
+from conftest import drop_page_cache, wait_until, write_model_dir
 from modeldepot import Depot
 from modeldepot.errors import ConfigError, DepotError, InvalidInputError, NotFoundError
 from modeldepot.preload import STRATEGIES, Preloader, PreloadHandle, PreloadInfo, parse_budget
@@ -86,6 +86,35 @@ def test_a_private_copy_leaves_no_second_copy_in_the_page_cache(
         assert resident(depot, "acme/b") == 4 * MiB, "the other reader's pages stay"
         with preloader.get("acme/a") as handle:
             assert bytes(handle.views["model.safetensors"]) == files["model.safetensors"]
+    finally:
+        preloader.close()
+
+
+def test_a_model_preloaded_by_a_branch_follows_it_to_a_new_commit(depot: Depot, tmp_path: Path) -> None:
+    """A pull moved main: the tier kept the commit it first found for good, counted in its budget, while loads
+    of main read the new commit from disk (an explorer's trial). The new commit is preloaded, the old let
+    go; a model asked by its commit id stays where it is."""
+    add_repo(depot, tmp_path, "a", 1)
+    add_repo(depot, tmp_path, "b", 3)
+    first, pinned_b = depot.resolve("acme/a"), depot.resolve("acme/b")
+    preloader = Preloader(depot, budget="1GiB")
+    try:
+        preloader.preload("acme/a")  # by main
+        preloader.preload("acme/b", revision=pinned_b)  # by its commit id
+        add_repo(depot, tmp_path / "again", "a", 2)  # main moves (as a pull of a new commit would)
+        add_repo(depot, tmp_path / "again", "b", 4)
+        second = depot.resolve("acme/a")
+        assert second != first and depot.resolve("acme/b") != pinned_b
+
+        def moved() -> bool:
+            return {m.repo_id: m.commit_id for m in preloader.stats().preloaded} == {
+                "acme/a": second,
+                "acme/b": pinned_b,
+            }
+
+        wait_until(moved, 20, "the preload of main to follow it")
+        assert resident(depot, "acme/a") == 4 * MiB
+        assert preloader.holds("acme/a") and not preloader.holds("acme/a", revision=first)
     finally:
         preloader.close()
 

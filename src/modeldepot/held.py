@@ -203,6 +203,7 @@ class HeldModels:
         for preloader in self._preloaders():
             for (repo_id, commit_id), paths in preloader.replaced().items():
                 dropped += preloader.forget(repo_id, [commit_id], paths)
+            preloader.follow_branches()  # (and a branch that moved: its new commit preloaded, in the background)
         return dropped
 
     def let_go_of_blob(self, sha256: str) -> None:

@@ -54,7 +54,7 @@ from modeldepot.store.layout import size_text
 from modeldepot.store.models import FileEntry
 from modeldepot.store.store import Store
 from modeldepot.tiers import Tiers
-from modeldepot.validation import validate_quant
+from modeldepot.validation import is_commit_id, validate_quant
 
 __all__ = [
     "STRATEGIES",
@@ -253,6 +253,9 @@ class Preloader:
         self._models: dict[ModelKey, _Model] = {}  # insertion order = least recently used first
         self._loading: dict[ModelKey, threading.Event] = {}
         self._forgotten: set[ModelKey] = set()  # loading when :meth:`forget` named their revision
+        # The branch each model was asked by (a commit id asked: none), and those being moved to its new commit
+        self._branches: dict[ModelKey, str] = {}
+        self._following: set[ModelKey] = set()
         self._loading_paths: dict[ModelKey, frozenset[str]] = {}  # the files each load in progress reads
         self._loading_bytes: dict[ModelKey, int] = {}  # the room each load in progress made for itself
         self._hits = self._misses = self._evictions = 0
@@ -374,6 +377,8 @@ class Preloader:
             with self._lock:
                 if self._closed.is_set():
                     raise DepotError(CLOSED)
+                if not is_commit_id(revision):
+                    self._branches[key] = revision
                 model = self._models.get(key)
                 if model is not None:
                     self._touch(model)
@@ -648,9 +653,59 @@ class Preloader:
                      victim.key[2] or "all files", size_text(free))  # fmt: skip
             self._drop(victim)
 
+    def follow_branches(self) -> int:
+        """Models preloaded by a branch that moved since (a pull of a new commit, here or in another process)
+        follow it, on the tier's own thread: the new commit is preloaded, then the old one let go (when its
+        last holder does; a pinned one stays). A tier kept the commit it first found for good, counted in its
+        budget, while loads of the branch read the new commit from disk (an explorer's trial). Returns how
+        many moves were started."""
+        if self._tiers is not None and self._tiers.shared:
+            return 0  # (a commit split across stores: followed by asking again)
+        with self._lock:
+            asked = [(key, branch) for key, branch in self._branches.items()
+                     if key in self._models and key not in self._following]  # fmt: skip
+        started = 0
+        for key, branch in asked:
+            try:
+                now = self.store.resolve(key[0], branch)
+            except DepotError:
+                continue  # (the branch went: a removal lets the model go)
+            if now == key[1]:
+                continue
+            with self._lock:
+                if key in self._following or self._closed.is_set():
+                    continue
+                self._following.add(key)
+            started += 1
+            try:
+                self._pool.submit(self._follow, key, branch, now)
+            except RuntimeError:  # (the tier is closing)
+                with self._lock:
+                    self._following.discard(key)
+        return started
+
+    def _follow(self, old: ModelKey, branch: str, commit_id: str) -> None:
+        repo_id, _, variant = old
+        try:
+            self.preload(repo_id, variant or None, branch)
+            with self._lock:
+                model = self._models.get(old)
+                if model is not None and not model.pinned:
+                    self._drop(model, evicted=False)
+                self._branches.pop(old, None)
+            log.info("%s (%s): %s moved to %s: preloaded, %s let go", repo_id, variant or "all files", branch,
+                     commit_id[:12], old[1][:12])  # fmt: skip
+        except Exception as error:  # (the next look tries again)
+            log.warning("%s (%s): %s moved to %s, and its preload failed: %s", repo_id, variant or "all files",
+                        branch, commit_id[:12], error)  # fmt: skip
+        finally:
+            with self._lock:
+                self._following.discard(old)
+
     def _drop(self, model: _Model, evicted: bool = True) -> None:
         """Take ``model`` out of the tier; ``evicted``: for room (counted), else because it left the store."""
         del self._models[model.key]
+        self._branches.pop(model.key, None)
         self._evictions += evicted
         model.evicted = True
         if model.holders == 0:

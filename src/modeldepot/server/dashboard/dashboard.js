@@ -820,15 +820,17 @@
       $("preloaded").tBodies[0],
       models,
       (m) => `${m.repo_id}:${m.commit_id}:${m.variant}`,
-      () => el("tr", {}, ...Array.from({ length: 6 }, () => el("td"))),
+      () => el("tr", {}, ...Array.from({ length: 7 }, () => el("td"))),
       (row, m) => {
         const cells = row.children;
         setText(cells[0], m.repo_id);
-        setText(cells[1], m.variant || "all files");
-        setText(cells[2], String(m.files));
-        setText(cells[3], bytes(m.bytes));
-        setText(cells[4], bytes(m.resident_bytes));
-        setText(cells[5], m.strategy + (m.locked ? ", locked" : ""));
+        // (which commit is in RAM: a branch moved on, a commit another; said "preloaded" of the repo alone)
+        setText(cells[1], m.commit_id.slice(0, 12));
+        setText(cells[2], m.variant || "all files");
+        setText(cells[3], String(m.files));
+        setText(cells[4], bytes(m.bytes));
+        setText(cells[5], bytes(m.resident_bytes));
+        setText(cells[6], m.strategy + (m.locked ? ", locked" : ""));
       },
     );
   }
