@@ -1083,25 +1083,14 @@ def test_every_control_answer_is_as_the_document_says(
         check(open_node, method, route, 422, {"repo": "a--b/c"} if route == pulls else
               {"revision": "a..b"} if route == repo else {"quant": "a b"})  # fmt: skip
     check(open_node, "POST", pulls, 404, {"repo": "acme/nowhere"})
-    for method, route in (
-        ("POST", preload),
-        ("DELETE", preload),
-        ("PUT", pin),
-        ("DELETE", pin),
-        ("DELETE", repo),
-    ):
+    repo_routes = (("POST", preload), ("DELETE", preload), ("PUT", pin), ("DELETE", pin), ("DELETE", repo))
+    for method, route in repo_routes:
         check(open_node, method, route, 404, None if route == repo else {}, org="acme", name="nowhere")
     for method, route, body in (("POST", pulls, {"repo": REPO}), ("GET", pulls, None), ("GET", one, None),
                                 ("DELETE", one, None), ("POST", preload, {}), ("DELETE", preload, {}), ("PUT", pin, {}),
                                 ("DELETE", pin, {}), ("DELETE", repo, None)):  # fmt: skip
         check(open_node, method, route, 400, body, query="?variant=fp16")  # no route takes it
-    for method, route in (
-        ("POST", preload),
-        ("DELETE", preload),
-        ("PUT", pin),
-        ("DELETE", pin),
-        ("DELETE", repo),
-    ):
+    for method, route in repo_routes:
         check(open_node, method, route, 405, {} if route != repo else None, org="")  # no route: /repos//tiny
     check(open_node, "DELETE", repo, 400, query="?revision=a..b")
     check(open_node, "POST", preload, 200, {"quant": "q4f16"})
