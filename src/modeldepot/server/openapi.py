@@ -655,34 +655,17 @@ def _control_components(c: ComponentSchemas) -> None:
     c.add(
         "RemoveResult", c.record(RemoveResult, omit=["deleted"])
     )  # (what it deleted: read by the depot alone)
-    c.add(
-        "Unloaded",
-        _closed(
-            {
-                "repo_id": {"type": "string"},
-                "quant": {"type": ["string", "null"]},
-                "revision": {"type": "string"},
-                "unloaded": {
-                    "type": "boolean",
-                    "description": "false: the node holds the repo, and that model was not in RAM",
-                },
-            }
-        ),
-    )
-    c.add(
-        "Unpinned",
-        _closed(
-            {
-                "repo_id": {"type": "string"},
-                "quant": {"type": ["string", "null"]},
-                "revision": {"type": "string"},
-                "unpinned": {
-                    "type": "boolean",
-                    "description": "false: the node holds the repo, but there was no such pin",
-                },
-            }
-        ),
-    )
+    # What an unload and an unpin answer: the model they were asked of, and whether there was one to undo
+    for name, done, description in (
+        ("Unloaded", "unloaded", "false: the node holds the repo, and that model was not in RAM"),
+        ("Unpinned", "unpinned", "false: the node holds the repo, but there was no such pin"),
+    ):
+        c.add(name, _closed({
+            "repo_id": {"type": "string"},
+            "quant": {"type": ["string", "null"]},
+            "revision": {"type": "string"},
+            done: {"type": "boolean", "description": description},
+        }))  # fmt: skip
 
 
 def _control_paths(
