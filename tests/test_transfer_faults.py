@@ -135,6 +135,40 @@ def test_a_flipped_byte_from_a_node_is_refetched_and_never_committed(
         assert_committed(depot)
 
 
+@pytest.mark.parametrize("hub_reachable", [True, False], ids=["hub", "no-hub"])
+def test_a_node_banned_for_a_bad_chunk_is_not_asked_for_the_next_file(
+    proxy: FaultProxy,
+    upstream: LiveNode,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    hub_reachable: bool,
+) -> None:
+    """A node whose chunk failed its BLAKE3 is banned for 30 s, as the log says: the next file's download
+    began with it as its one source and asked it again, a liar's bytes sent for every file of a pull (an
+    explorer's trial). The Hub is asked instead; with no Hub to reach, the node remains the last resort."""
+    from modeldepot.transfer import choosing
+
+    plan = proxy.set("flip", times=1, path_suffix=BIG)
+    local_depot(tmp_path / "local", proxy, True, monkeypatch, read_timeout=30).close()  # (its settings)
+    if hub_reachable:
+        monkeypatch.setenv("HF_ENDPOINT", upstream.url)
+    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as depot:
+        try:
+            depot.download_file(REPO, BIG)
+            assert plan.injected == 1 and choosing.BANNED_NODES, "the node was banned for its bad chunk"
+            asked = len(plan.requests)
+            assert depot.download_file(REPO, "tokenizer.json").size == len(FILES["tokenizer.json"])
+            assert (len(plan.requests) == asked) is hub_reachable, plan.requests[asked:]
+            assert_committed_file(depot, "tokenizer.json")
+        finally:
+            choosing.BANNED_NODES.clear()
+
+
+def assert_committed_file(depot: Depot, path: str) -> None:
+    assert bytes(depot.get_file(REPO, path)) == FILES[path]
+    assert store_files_consistent(depot) == []
+
+
 def test_a_flipped_byte_from_the_hub_fails_the_file_and_commits_nothing(
     proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

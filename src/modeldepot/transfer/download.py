@@ -277,7 +277,12 @@ class _FileJob(ChunkChooser):
         self.tasks.add(self._watch(asyncio.create_task(self._write_down_parts())))
         try:
             await self._start(sources)
-            if not self.live:
+            # Every source banned (a chunk of another file failed its check from it moments ago): the fallback
+            # now, rather than the banned one as a last resort (a liar was asked again 4 s after its ban, for
+            # every other file of the pull, an explorer's trial)
+            if not self.live or (
+                self.fallback is not None and all(self._is_banned(s, time.monotonic()) for s in self.live)
+            ):
                 await self._fall_back()
             while not hasher.done():
                 await asyncio.wait([hasher, crashed, *self.workers], return_when=asyncio.FIRST_COMPLETED)
