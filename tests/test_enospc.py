@@ -21,7 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_CHUNK, LiveNode, Mounts, sample_files, store_files_consistent, write_model_dir
+from conftest import (
+    SMALL_CHUNK,
+    LiveNode,
+    Mounts,
+    free_port,
+    sample_files,
+    store_files_consistent,
+    wait_for_port,
+    write_model_dir,
+)
 from modeldepot import Depot, StoreFullError
 from modeldepot.store.layout import size_text
 from modeldepot.store.models import ImportResult
@@ -481,9 +490,17 @@ def test_a_mirror_whose_disk_fills_while_it_pulls_says_507_to_the_next_clients(
         upstream = LiveNode(upstream_depot)
         proxy = FaultProxy(upstream.url)  # (the Hub's way: files by /resolve/, slowed)
         proxy.set("slow", times=-1, path_suffix="big.bin", slow_delay=0.1)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setenv("HF_ENDPOINT", proxy.url)
-        mirror = LiveNode(Depot(root / "mirror", chunk_size=SMALL_CHUNK), mirror=True, owns_depot=True)
+        # The mirror as `serve --upstream $HF_ENDPOINT` runs it: a process of its own
+        port = free_port()
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "MODELDEPOT_TOKEN", "HF_TOKEN")
+        }
+        env.update(HF_ENDPOINT=proxy.url, MODELDEPOT_CHUNK_SIZE=str(SMALL_CHUNK))
+        mirror = subprocess.Popen(
+            [sys.executable, "-m", "modeldepot", "serve", "--home", str(root / "mirror"), "--port", str(port),
+             "--upstream", proxy.url, "--scrub-interval", "off"], env=env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)  # fmt: skip
+        mirror_url = f"http://127.0.0.1:{port}"
         stop = threading.Event()
 
         def fill() -> None:  # (as a `dd` beside: whatever room comes free is taken)
@@ -495,8 +512,9 @@ def test_a_mirror_whose_disk_fills_while_it_pulls_says_507_to_the_next_clients(
 
         filling = threading.Thread(target=fill)
         try:
-            commit = json.loads(urllib.request.urlopen(f"{mirror.url}/api/models/acme/big").read())["sha"]
-            url = f"{mirror.url}/acme/big/resolve/{commit}/big.bin"
+            wait_for_port(port, 60, process=mirror)
+            commit = json.loads(urllib.request.urlopen(f"{mirror_url}/api/models/acme/big").read())["sha"]
+            url = f"{mirror_url}/acme/big/resolve/{commit}/big.bin"
             with urllib.request.urlopen(url) as first:
                 assert first.status == 200
                 filling.start()  # (the pull's room is taken: the disk fills around it)
@@ -510,7 +528,8 @@ def test_a_mirror_whose_disk_fills_while_it_pulls_says_507_to_the_next_clients(
             stop.set()
             if filling.is_alive():
                 filling.join()
-            mirror.stop()
+            mirror.kill()
+            mirror.wait(30)
             proxy.stop()
             upstream.stop()
 

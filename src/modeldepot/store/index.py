@@ -21,7 +21,6 @@ import os
 import sqlite3
 import threading
 import urllib.parse
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -461,12 +460,6 @@ class Index:
         self._wrote = False  # a transaction of this process committed (its close then merges the log)
         self.reserve = SpaceReserve(path.parent / "reserve", path)
         self._local = threading.local()
-        # Every thread's connection, to close them all: a thread that outlives the store (the range readers'
-        # shared pool) kept its connection, and the index's files open, for the life of the process (a mount
-        # that could not be unmounted after Depot.close(), an explorer's trial)
-        # (by connection id: the connection, its process and its thread, whose end lets it go)
-        self._connections: dict[int, tuple[sqlite3.Connection, int, weakref.ref[threading.Thread]]] = {}
-        self._connections_lock = threading.Lock()
         self.closed = False
         if read_only:
             self._check_read_only()
@@ -507,21 +500,7 @@ class Index:
             self._local.con = con
             self._local.pid = pid
             self._local.immutable = key
-            self._track(con, pid)
         return con
-
-    def _track(self, con: sqlite3.Connection, pid: int) -> None:
-        """Remember ``con`` for :meth:`close`, and let go of those of threads that ended (closed: a thread's
-        end left them to the collector, which a list of them would stop)."""
-        with self._connections_lock:
-            ended = [key for key, (_, owner, thread) in self._connections.items()
-                     if owner != pid or (alive := thread()) is None or not alive.is_alive()]  # fmt: skip
-            gone = [self._connections.pop(key) for key in ended]
-            self._connections[id(con)] = (con, pid, weakref.ref(threading.current_thread()))
-        for old, owner, _ in gone:
-            if owner == pid:  # (a connection inherited across fork() is never used, not even to close it)
-                with suppress(sqlite3.Error):
-                    old.close()
 
     def _connect(self, key: tuple[int, int, int] | None = None) -> sqlite3.Connection:
         """A new connection (on a read-only store, immutable when ``key``, an :func:`immutable_key`, is
@@ -592,11 +571,10 @@ class Index:
     def _open_connection(self, key: tuple[int, int, int] | None = None) -> sqlite3.Connection:
         if self.read_only:  # (immutable exactly when ``key`` says so: the connection is kept by it)
             con = sqlite3.connect(read_only_uri(self.path, key is None), uri=True,
-                                  isolation_level=None, check_same_thread=False)  # fmt: skip
+                                  isolation_level=None, check_same_thread=True)  # fmt: skip
             con.row_factory = sqlite3.Row
             return con
-        # (not checked for its thread: close() closes every thread's; each is used by its own thread only)
-        con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
+        con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=True)
         try:
             con.row_factory = sqlite3.Row
             con.execute("PRAGMA synchronous=FULL")  # the first statement: it maps the -shm file
@@ -624,18 +602,6 @@ class Index:
                 con.close()
         self._local.con = None
         self.closed = True
-        with (
-            self._connections_lock
-        ):  # (those of other threads: not in a transaction once the store is closed)
-            others = [
-                other
-                for other, pid, _ in self._connections.values()
-                if pid == os.getpid() and other is not con
-            ]
-            self._connections.clear()
-        for other in others:
-            with suppress(sqlite3.Error):
-                other.close()
         if self.reserve.released:  # closing the last connection removed the -wal and -shm files
             self.reserve.refill()
 
