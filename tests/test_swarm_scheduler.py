@@ -511,9 +511,8 @@ def test_a_file_that_fails_its_sha256_after_chunks_from_other_nodes_is_fetched_a
                     result = puller.pull("acme/w")
                 # (one node sent every chunk not the Hub's: known at once, banned, and the file fetched again the
                 # fleet's way without it; from the upstream alone, each node a liar fooled fetched it whole)
-                assert re.search(r"with chunks from \S+ \S+ alone it failed the upstream's SHA-256 \(thrown away\): "
-                                 r"no chunk is asked of it for 10 minutes; fetching the file again without it",
-                                 caplog.text), caplog.text  # fmt: skip
+                assert re.search(r"with chunks from \S+ \S+ alone it failed the upstream's SHA-256 \(thrown away\); "
+                                 r"fetching the file again without it", caplog.text), caplog.text  # fmt: skip
                 # (a store that only pulls from the fleet, never served in it, joins no swarm without a word)
                 assert "no live node of the fleet" not in caplog.text, caplog.text
                 assert result.bytes_by_source == {"hub": len(DATA)}
@@ -640,3 +639,69 @@ def test_a_byte_callback_that_raises_fails_the_swarm_download_at_once(
             swarm_download(tmp_path, low.url, hub.url, True, Limits(per_source=1, total=4), broken)
     finally:
         low.stop(), hub.stop()
+
+
+class FlipOnce(Proxy):
+    """The Hub: one byte of the first ranged answer of the file's last chunk altered, once (a transient
+    corruption, or an upstream that lied once); every other answer forwarded as it is."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream)
+        self.flipped = False
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        wanted = _RANGE.fullmatch(request.headers.get("Range", ""))
+        self.flip = bool(
+            wanted is not None and not self.flipped and int(wanted.group(1)) // SMALL_CHUNK == CHUNKS - 1
+        )
+        if self.flip:
+            self.flipped = True
+        return await super().handle(request)
+
+
+def test_an_honest_partial_holder_is_not_banned_when_the_hubs_chunk_was_bad(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One node sent every chunk the Hub did not, and the file failed its SHA-256: the Hub's chunk was the bad
+    one. Banned for ten minutes as the liar at once (and in the store's other pulls), the honest node was
+    named in the log for the Hub's fault (a review): it is left out of the retry alone, and banned only when
+    the upstream's bytes say its chunks were not the file's."""
+    cluster = f"mem://honest-{uuid.uuid4().hex[:12]}"
+    half = CHUNKS // 2
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("MODELDEPOT_TOKEN", TOKEN)
+    monkeypatch.delenv("MODELDEPOT_SERVERS", raising=False)
+    with (
+        Depot(tmp_path / "hub", chunk_size=SMALL_CHUNK) as hub_depot,
+        Depot(tmp_path / "honest", chunk_size=SMALL_CHUNK) as honest_depot,
+    ):
+        hub_depot.import_dir(write_model_dir(tmp_path / "src", {"w.safetensors": DATA}), "acme/w")
+        assert write_partial(honest_depot, DATA, list(range(half))) == SHA  # right bytes
+        hub = LiveNode(hub_depot)
+        proxy = FlipOnce(hub.url)
+        honest = None
+        banned_names: list[str] = []
+        try:
+            monkeypatch.setenv("HF_ENDPOINT", proxy.url)
+            honest = InProcessNode(honest_depot, cluster, TOKEN)
+            with Depot(tmp_path / "puller", chunk_size=SMALL_CHUNK, cluster=cluster) as puller:
+                wait_until(lambda: [(r.blobs, r.partial) for r in puller.peers()] == [(0, 1)], 10,
+                           "the honest partial holding in the view")  # fmt: skip
+                with caplog.at_level("WARNING", logger="modeldepot.transfer.pull"):
+                    result = puller.pull("acme/w")
+                assert result.files == 1
+                assert proxy.flipped, "the Hub's bad chunk was sent"
+                with open(puller.file_path("acme/w", "w.safetensors"), "rb") as stored:
+                    assert hashlib.sha256(stored.read()).hexdigest() == SHA
+                now = time.monotonic()
+                banned_names = [n for n, until in choosing.LIARS.items() if until > now]
+                assert banned_names == [], (
+                    f"an honest node, whose every chunk was the file's, banned as a liar: {banned_names}"
+                )
+        finally:
+            proxy.stop(), hub.stop()
+            if honest is not None:
+                honest.stop()
+            for name in list(choosing.LIARS):
+                choosing.BANNED_NODES.pop(name, None)
+                choosing.LIARS.pop(name, None)

@@ -74,7 +74,8 @@ if TYPE_CHECKING:
     from modeldepot.transfer.session import LazySession
     from modeldepot.transfer.swarm import SwarmFile
 
-__all__ = ["LEFT_IN_PLACE", "FileSource", "Limits", "ban_liars", "download_file", "liars", "say_refused_once"]
+__all__ = ["BAN_SECONDS", "LEFT_IN_PLACE", "FileSource", "Limits", "ban_liars", "download_file", "left_out", "liars",
+           "say_refused_once"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -1111,6 +1112,12 @@ def liars(mismatch: IntegrityError, true: BlobDigest) -> dict[str, int]:
             for name in senders:
                 found[name] = found.get(name, 0) + 1
     return found
+
+
+def left_out(name: str, seconds: float) -> None:
+    """No chunk is asked of ``name`` for ``seconds`` (in any download of this process), as of a chunk that
+    failed its digest: not named a liar."""
+    BANNED_NODES[name] = max(time.monotonic() + seconds, BANNED_NODES.get(name, 0.0))
 
 
 def ban_liars(names: Iterable[str], seconds: float) -> None:

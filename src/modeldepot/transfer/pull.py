@@ -42,12 +42,14 @@ from modeldepot.store.store import Store
 from modeldepot.transfer.chain import SourceChain
 from modeldepot.transfer.choosing import banned
 from modeldepot.transfer.download import (
+    BAN_SECONDS,
     LEFT_IN_PLACE,
     BytesReceiving,
     FileSource,
     Limits,
     ban_liars,
     download_file,
+    left_out,
     liars,
 )
 from modeldepot.transfer.liars import recall_liars, remember_liars
@@ -555,16 +557,15 @@ class _PullRun:
             suspects = {name for senders, _ in (mismatch.chunks_landed or {}).values() for name in senders}
             self.tracker.forget(remote.path)
             if len(suspects) == 1 and "local" not in kinds:
-                # One node sent every chunk the Hub did not: the liar is known before any byte more. Banned now,
-                # the file is fetched again as the first time, the swarm's way, without it: from the upstream
-                # alone, each node of a fleet a liar fooled fetched the whole file, and the Hub sent it once per
-                # node (4.7x with four: an explorer's trial)
-                ban_liars(suspects, LIAR_BAN_SECONDS)
-                await asyncio.to_thread(remember_liars, self.store.layout.home, suspects, LIAR_BAN_SECONDS)
+                # One node sent every chunk the Hub did not: it, or the Hub, sent a wrong one. Left out while the
+                # file is fetched again as the first time, the swarm's way (from the upstream alone, each node of
+                # a fleet a lying holder fooled fetched the whole file, and the Hub sent it once per node: 4.7x
+                # with four, an explorer's trial); banned for long only once the upstream's bytes say it lied
+                # (banned at once, an honest node was named the liar of a chunk the Hub had garbled: a review).
                 liar = next(iter(suspects))
-                log.warning("%s: with chunks from %s alone it failed the upstream's SHA-256 (thrown away): no chunk "
-                            "is asked of it for %.0f minutes; fetching the file again without it", remote.path,
-                            liar, LIAR_BAN_SECONDS / 60)  # fmt: skip
+                left_out(liar, BAN_SECONDS)
+                log.warning("%s: with chunks from %s alone it failed the upstream's SHA-256 (thrown away); "
+                            "fetching the file again without it", remote.path, liar)  # fmt: skip
                 honest = [node for node in nodes if node.source.name != liar]
                 again_swarm = await self.chain.swarm_file(remote, claim.chunk_size)
                 if again_swarm is not None:
