@@ -378,3 +378,19 @@ def test_dataclass_schemas_follow_the_fields_and_their_types() -> None:
 
     with pytest.raises(TypeError, match="no JSON schema"):
         ComponentSchemas().ref(Odd)
+
+
+def test_the_documents_repo_ids_take_what_the_node_takes() -> None:
+    """The document said a pull's repo is 96 characters at most, where the Hub's limit (and the node's) is of
+    the org and of the name each: clients made from it refused the ids the node takes (a review)."""
+    from modeldepot.validation import validate_repo_id
+
+    schema = openapi_document(modeldepot.__version__)["components"]["schemas"]["PullRequest"]["properties"][
+        "repo"
+    ]
+    validator = Draft202012Validator(schema)
+    for good in ("some-org/" + "n" * 90, "x" * 96 + "/" + "y" * 96, "a/b"):
+        validate_repo_id(good)
+        assert validator.is_valid(good), good
+    for bad in ("x" * 97 + "/y", "o/" + "m" * 97, "a/b/c"):
+        assert not validator.is_valid(bad), bad

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import random
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -677,3 +678,24 @@ def test_a_tally_keeps_its_sum_as_files_change() -> None:
         elif path in plain:
             del tally[path], plain[path]
         assert tally.total == sum(plain.values()) and tally == plain
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts the snapshot folder read-only: root")
+def test_a_pull_into_a_standing_snapshot_that_takes_no_link_is_not_called_built(local: Depot) -> None:
+    """A pull into a revision whose snapshot folder stood (an earlier variant's) said its snapshot built when
+    the folder had refused its links (a full disk, here a read-only mount over the folder: a review): its
+    result says what the folder holds, and the snapshot is made whole once it can be."""
+    first = local.pull(REPO, ["q4f16"])
+    assert first.snapshot_built
+    folder = Path(first.snapshot_path)
+    subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+        second = local.pull(REPO, ["fp16"])
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+    assert not (folder / "onnx" / "model_fp16.onnx").exists()
+    assert second.snapshot_built is False and second.to_dict()["snapshot_built"] is False
+    assert (local.snapshot_path(REPO) / "onnx" / "model_fp16.onnx").read_bytes() == FILES[
+        "onnx/model_fp16.onnx"
+    ]

@@ -29,13 +29,14 @@ from modeldepot.store.manifests import STATUSES
 from modeldepot.store.models import BlobRecord, FileEntry, RepoSummary
 from modeldepot.transfer.fleet import PeerRow
 from modeldepot.transfer.pull import PullResult
+from modeldepot.validation import MAX_REPO_PART_LENGTH
 
 __all__ = ["ComponentSchemas", "openapi_document"]
 
 REF = "#/components/schemas/"
 _HEX64 = {"pattern": "^[0-9a-f]{64}$"}
 _SHA256 = {"type": "string", **_HEX64}
-_SEGMENT = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$", "maxLength": 96}
+_SEGMENT = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$", "maxLength": MAX_REPO_PART_LENGTH}
 
 # Component names that are not the dataclass's own (the hub's Manifest is a pull manifest here: "Manifest"
 # names the revision manifest the node builds from its store).
@@ -593,8 +594,8 @@ def _control_components(c: ComponentSchemas) -> None:
             {
                 "repo": {
                     "type": "string",
-                    "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$",
-                    "maxLength": 96,
+                    "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$",
+                    "maxLength": 2 * MAX_REPO_PART_LENGTH + 1,  # (the Hub's limit is of each part)
                     "description": "the repo id, as the node's upstreams know it",
                 },
                 "revision": _REVISION,

@@ -542,7 +542,7 @@ def import_dir(
         snapshot_path=str(store.snapshots.path(repo_id, commit_id)),
         linked_bytes=sum(size for sha256, size in new_blobs.items() if sha256 in linked),
         copied_because=tuple(reasons),
-        snapshot_built=store.snapshots.path(repo_id, commit_id).is_dir(),
+        snapshot_built=store.snapshot_complete(repo_id, commit_id),
     )
 
 

@@ -95,7 +95,9 @@ def os_error(error: OSError, doing: str) -> StoreError:
             return StoreFullError(f"no file can be made on the store's file system while {doing}: every inode "
                                   f"is taken (`df -i`), though bytes are free; {FULL_DISK_ADVICE}")  # fmt: skip
         return StoreFullError(f"no space left on the store's disk while {doing}; {FULL_DISK_ADVICE}")
-    return StoreError(f"{doing} failed: {error.strerror or error} ({error.filename or ''}){_foreign(error)}")
+    # (of a link made, the link: its target, relative to it, was named)
+    named = error.filename2 if error.filename2 is not None else error.filename
+    return StoreError(f"{doing} failed: {error.strerror or error} ({named or ''}){_foreign(error)}")
 
 
 def _foreign(error: OSError) -> str:

@@ -715,6 +715,13 @@ class Store:
         self.ensure_snapshot(repo_id, commit_id)
         return self.snapshots.path(repo_id, commit_id)
 
+    def snapshot_complete(self, repo_id: str, commit_id: str) -> bool:
+        """Whether a revision's snapshot holds a right link for each of its files (a folder that stood
+        before a pull whose links a full disk refused was said built: a review)."""
+        return self.snapshots.is_complete(
+            repo_id, commit_id, [(f.path, f.sha256) for f in self.files(repo_id, commit_id)]
+        )
+
     def ensure_snapshot(self, repo_id: str, commit_id: str) -> bool:
         """Rebuild a revision's snapshot if any link is missing or wrong; True if it had to."""
         pairs = [(f.path, f.sha256) for f in self.files(repo_id, commit_id)]

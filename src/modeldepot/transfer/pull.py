@@ -350,7 +350,7 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
         sources=tuple(sorted(run.used)),
         bytes_by_source=dict(sorted(tracker.by_source.items())),
         swarm=_swarm_counts(run.swarms),
-        snapshot_built=store.snapshots.path(manifest.repo_id, manifest.commit_id).is_dir(),
+        snapshot_built=store.snapshot_complete(manifest.repo_id, manifest.commit_id),
     )
 
 
