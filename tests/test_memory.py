@@ -98,8 +98,14 @@ with Depot(sys.argv[2]) as depot:
     for name in "abcde":
         tier.preload(f"acme/{name}")
         print(name, *sorted(m.repo_id[-1] for m in tier.stats().preloaded), flush=True)
-    for model in tier.stats().preloaded:
+    held = tier.stats().preloaded  # (the most recently used first)
+    for model in held[:-1]:
         tier.pin(model.repo_id)
+    try:  # (what the one model that may go gives back is not enough: none goes)
+        tier.preload("acme/g")
+    except MemoryShortError as error:
+        print("refused", len(tier.stats().preloaded) == len(held), error)
+    tier.pin(held[-1].repo_id)
     try:
         tier.preload("acme/f")
     except MemoryShortError as error:
@@ -122,18 +128,21 @@ def test_a_tier_of_private_copies_keeps_its_container_alive(tmp_path: Path) -> N
     try:
         home = tmp_path / "store"
         with Depot(home) as depot:
-            for index, name in enumerate("abcdef"):
+            for index, name in enumerate("abcdefg"):
                 folder = tmp_path / name
                 folder.mkdir()
-                (folder / "model.bin").write_bytes(random.Random(index).randbytes(32 << 20))
+                (folder / "model.bin").write_bytes(
+                    random.Random(index).randbytes((60 if name == "g" else 32) << 20)
+                )
                 depot.import_dir(folder, f"acme/{name}")
         done = subprocess.run([sys.executable, "-c", PRELOAD_IN_A_GROUP, str(group), str(home)],
                               capture_output=True, text=True, timeout=300)  # fmt: skip
         kills = [
             line for line in (group / "memory.oom_control").read_text().splitlines() if "oom_kill " in line
         ]
-        assert done.returncode == 0, f"{done.returncode} ({kills}): {done.stderr[-2000:]}"
-        *steps, refused = done.stdout.splitlines()
+        assert done.returncode == 0, f"{done.returncode} ({kills}): {done.stdout} {done.stderr[-2000:]}"
+        *steps, kept, refused = done.stdout.splitlines()
+        assert kept.startswith("refused True preloading acme/g (60.0 MiB)"), kept
         held = [step.split()[1:] for step in steps]
         assert [step.split()[0] for step in steps] == list("abcde")
         assert held[0] == ["a"] and all(step[-1] == name for step, name in zip(held, "abcde", strict=True))

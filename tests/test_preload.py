@@ -1066,3 +1066,82 @@ def test_a_forked_worker_reads_its_memfd_copy_by_its_path_whatever_the_parent_do
         assert os.waitstatus_to_exitcode(status) == 0, "the worker read another model's bytes"
     finally:
         preloader.close()
+
+
+def test_a_model_asked_by_its_commit_id_too_stays_when_its_branch_moves(depot: Depot, tmp_path: Path) -> None:
+    """Asked by its commit id (an operator keeps that exact commit in RAM) and by main while main named it:
+    main moved, and the commit-id model went with the follow (a review). Both are in RAM."""
+    add_repo(depot, tmp_path, "a", 1)
+    first = depot.resolve("acme/a")
+    preloader = Preloader(depot, budget="1GiB")
+    try:
+        preloader.preload("acme/a", revision=first)  # kept by its commit id
+        preloader.preload("acme/a")  # main (the same commit, the same model): a load of main asks it so
+        add_repo(depot, tmp_path / "again", "a", 2)  # main moves
+        second = depot.resolve("acme/a")
+        preloader.store.held_models.let_go_of_removed()  # (the depot's look, every 2 s of use)
+        wait_until(lambda: preloader.holds("acme/a", revision=second), 20, "main's new commit preloaded")
+        commits = sorted(m.commit_id[:8] for m in preloader.stats().preloaded)
+        assert preloader.holds("acme/a", revision=first), f"the commit-id preload went: in RAM {commits}"
+    finally:
+        preloader.close()
+
+
+def test_a_follow_that_cannot_succeed_is_not_tried_again_for_that_commit(
+    depot: Depot, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """main moved to a commit larger than the budget: each look (every 2 s of a serving node's life) started
+    the follow again, and logged a warning, for ever (a review). Once for that commit."""
+    add_repo(depot, tmp_path, "a", 1)
+    preloader = Preloader(depot, budget=6 * MiB)
+    try:
+        preloader.preload("acme/a")
+        add_repo(depot, tmp_path / "again", "a", 2, size=8 * MiB)  # main moves to a commit over the budget
+        caplog.set_level(logging.WARNING, logger="modeldepot.preload.preloader")
+        started = 0
+        for _ in range(5):
+            started += preloader.follow_branches()
+            wait_until(lambda: not preloader._following, 20, "the follow to end")
+        warnings = [r for r in caplog.records if "its preload failed" in r.getMessage()]
+        assert started <= 1 and len(warnings) <= 1, (started, len(warnings), warnings[0].getMessage())
+    finally:
+        preloader.close()
+
+
+def test_a_follow_lets_the_old_commit_go_before_it_makes_room(depot: Depot, tmp_path: Path) -> None:
+    """Room for two models: a (used lately) and b. main of a moved: the follow loaded a's new commit beside
+    its old one, which evicted b, then let the old a go: b was lost for nothing (a review)."""
+    add_repo(depot, tmp_path, "a", 1)
+    add_repo(depot, tmp_path, "b", 3)
+    preloader = Preloader(depot, budget=9 * MiB)
+    try:
+        preloader.preload("acme/a")
+        preloader.preload("acme/b")
+        with preloader.get("acme/a"):  # a is used: b is now the least recently used
+            pass
+        add_repo(depot, tmp_path / "again", "a", 2)
+        second = depot.resolve("acme/a")
+        assert preloader.follow_branches() == 1
+        wait_until(lambda: not preloader._following, 20, "the follow to end")
+        held = sorted((m.repo_id, m.commit_id[:8]) for m in preloader.stats().preloaded)
+        assert preloader.holds("acme/a", revision=second)
+        assert preloader.holds("acme/b"), (
+            f"b was evicted for the follow: in RAM {held}, evictions {preloader.stats().evictions}"
+        )
+    finally:
+        preloader.close()
+
+
+def test_unloading_by_a_branch_that_moved_takes_out_what_it_preloaded(depot: Depot, tmp_path: Path) -> None:
+    """A model preloaded by main, main moved since: an unload by main (DELETE .../preload) answered "unloaded":
+    false and left the old commit in RAM, where the next look moved it on (a review)."""
+    add_repo(depot, tmp_path, "a", 1)
+    preloader = Preloader(depot, budget="1GiB")
+    try:
+        preloader.preload("acme/a")
+        add_repo(depot, tmp_path / "again", "a", 2)
+        assert preloader.evict("acme/a") is True
+        wait_until(lambda: not preloader._following, 20, "no follow")
+        assert preloader.stats().models == 0 and preloader.stats().evictions == 0
+    finally:
+        preloader.close()

@@ -51,8 +51,10 @@ class FileCopy:
         if self.strategy in ("read", "memfd"):
             # A private copy is read through the page cache, which kept the blob's pages too: twice the RAM
             # the tier counted, for good (an explorer's trial). The pages this copy brought in are let go of;
-            # a blob that was in the cache before (another reader's, a fresh download's) stays there.
-            cold = resident_bytes(self.blob_fd, self.size) == 0
+            # a blob mostly in the cache before (another reader's, a fresh download's) stays there. (Mostly:
+            # a header read's few pages kept the whole blob there beside its copy, a review.)
+            before = resident_bytes(self.blob_fd, self.size)
+            cold = before is not None and before < self.size // 2
             self._copy()
             if cold:
                 with contextlib.suppress(OSError):

@@ -117,8 +117,9 @@ def parse_budget(budget: int | str) -> int:
 
 def headroom() -> int:
     """Memory a tier of private copies leaves free for the rest of its process (its engines, its requests):
-    a twentieth of what the process may use, at least 64 MiB."""
-    return max(64 << 20, ram_bytes() // 20)
+    a twentieth of what the process may use, between 64 MiB and 1 GiB (a twentieth of a large host's RAM
+    refused preloads on a busy one, a review)."""
+    return max(64 << 20, min(1 << 30, ram_bytes() // 20))
 
 
 def _nothing() -> None:
@@ -255,7 +256,11 @@ class Preloader:
         self._forgotten: set[ModelKey] = set()  # loading when :meth:`forget` named their revision
         # The branch each model was asked by (a commit id asked: none), and those being moved to its new commit
         self._branches: dict[ModelKey, str] = {}
+        self._by_commit: set[ModelKey] = set()  # asked by a commit id too: such a model stays where it is
         self._following: set[ModelKey] = set()
+        self._follow_failed: dict[
+            ModelKey, str
+        ] = {}  # the commit a follow failed to bring in: not tried again
         self._loading_paths: dict[ModelKey, frozenset[str]] = {}  # the files each load in progress reads
         self._loading_bytes: dict[ModelKey, int] = {}  # the room each load in progress made for itself
         self._hits = self._misses = self._evictions = 0
@@ -377,7 +382,9 @@ class Preloader:
             with self._lock:
                 if self._closed.is_set():
                     raise DepotError(CLOSED)
-                if not is_commit_id(revision):
+                if is_commit_id(revision):
+                    self._by_commit.add(key)
+                else:
                     self._branches[key] = revision
                 model = self._models.get(key)
                 if model is not None:
@@ -410,6 +417,9 @@ class Preloader:
                 self._loading_paths.pop(key, None)
                 self._loading_bytes.pop(key, None)
                 self._forgotten.discard(key)
+                if key not in self._models:  # (asked, never loaded: nothing to follow)
+                    self._branches.pop(key, None)
+                    self._by_commit.discard(key)
             raise
         with self._lock:
             self._loading.pop(key).set()
@@ -638,20 +648,28 @@ class Preloader:
         if self.strategy not in ("read", "memfd") and not self.mlock:
             return
         incoming += sum(self._loading_bytes.values())
-        while (free := available_bytes()) is not None and free - incoming < (room := headroom()):
-            victim = next((m for m in self._models.values() if m.holders == 0 and not m.pinned), None)
-            if victim is None:
-                raise MemoryShortError(
-                    f"preloading {repo_id} ({size_text(incoming)}) would leave this process "
-                    f"{size_text(max(0, free - incoming))} of memory, less than the {size_text(room)} it keeps "
-                    f"free (its limit: {size_text(ram_bytes())}, the machine's or its container's), and "
-                    f"nothing preloaded may make way: lower the preload budget, or use the page-cache "
-                    "strategy, whose pages the kernel takes back rather than kill the process",
-                    repo_id=repo_id,
-                )
+        free, room = available_bytes(), headroom()
+        if free is None or free - incoming >= room:
+            return
+        # What letting go of every model nothing needs would give back: not enough, and none goes (the whole
+        # tier went, and the preload was refused all the same: a review)
+        victims = [m for m in self._models.values() if m.holders == 0 and not m.pinned]
+        if free + sum(m.size for m in victims) - incoming < room:
+            raise MemoryShortError(
+                f"preloading {repo_id} ({size_text(incoming)}) would leave this process {max(0, free - incoming)} "
+                f"bytes of memory, where it keeps {room} free (a twentieth of its limit, {size_text(ram_bytes())}: "
+                f"the machine's or its container's), and the models preloaded that may make way give back too "
+                "little: lower the preload budget, or use the page-cache strategy, whose pages the kernel takes "
+                "back rather than kill the process",
+                repo_id=repo_id,
+            )
+        for victim in victims:
             log.info("letting go of the preload of %s (%s) for memory: %s free", victim.key[0],
                      victim.key[2] or "all files", size_text(free))  # fmt: skip
             self._drop(victim)
+            free = available_bytes()
+            if free is None or free - incoming >= room:
+                return
 
     def follow_branches(self) -> int:
         """Models preloaded by a branch that moved since (a pull of a new commit, here or in another process)
@@ -673,7 +691,8 @@ class Preloader:
             if now == key[1]:
                 continue
             with self._lock:
-                if key in self._following or self._closed.is_set():
+                # (a follow that failed, for want of room say, is not tried again every 2 s for the same commit)
+                if key in self._following or self._closed.is_set() or self._follow_failed.get(key) == now:
                     continue
                 self._following.add(key)
             started += 1
@@ -686,18 +705,34 @@ class Preloader:
 
     def _follow(self, old: ModelKey, branch: str, commit_id: str) -> None:
         repo_id, _, variant = old
+        with self._lock:
+            model = self._models.get(old)
+            if model is None:
+                self._following.discard(old)
+                return  # (unloaded meanwhile)
+            self._branches.pop(old, None)
+            # The old commit goes first when nothing needs it (not held, not pinned, not asked by its commit id):
+            # counted beside the new one, it made another model go for room (a review)
+            keep = model.holders > 0 or model.pinned or old in self._by_commit
+            if not keep:
+                self._drop(model, evicted=False)
         try:
             self.preload(repo_id, variant or None, branch)
             with self._lock:
-                model = self._models.get(old)
-                if model is not None and not model.pinned:
-                    self._drop(model, evicted=False)
-                self._branches.pop(old, None)
-            log.info("%s (%s): %s moved to %s: preloaded, %s let go", repo_id, variant or "all files", branch,
-                     commit_id[:12], old[1][:12])  # fmt: skip
-        except Exception as error:  # (the next look tries again)
-            log.warning("%s (%s): %s moved to %s, and its preload failed: %s", repo_id, variant or "all files",
-                        branch, commit_id[:12], error)  # fmt: skip
+                self._follow_failed.pop(old, None)
+            log.info("%s (%s): %s moved to %s: preloaded%s", repo_id, variant or "all files", branch, commit_id[:12],
+                     f", {old[1][:12]} kept (held, pinned or asked by its commit id)" if keep else
+                     f", {old[1][:12]} let go")  # fmt: skip
+        except NotFoundError as error:
+            log.info("%s (%s): %s moved to %s, not preloaded: %s", repo_id, variant or "all files", branch,
+                     commit_id[:12], error)  # fmt: skip
+        except Exception as error:
+            with self._lock:
+                self._follow_failed[old] = commit_id
+                if keep and old in self._models:
+                    self._branches[old] = branch  # (still followed: the next commit may fit)
+            log.warning("%s (%s): %s moved to %s, and its preload failed (not tried again for that commit): %s",
+                        repo_id, variant or "all files", branch, commit_id[:12], error)  # fmt: skip
         finally:
             with self._lock:
                 self._following.discard(old)
@@ -706,6 +741,8 @@ class Preloader:
         """Take ``model`` out of the tier; ``evicted``: for room (counted), else because it left the store."""
         del self._models[model.key]
         self._branches.pop(model.key, None)
+        self._by_commit.discard(model.key)
+        self._follow_failed.pop(model.key, None)
         self._evictions += evicted
         model.evicted = True
         if model.holders == 0:
@@ -719,16 +756,22 @@ class Preloader:
             copy.close(drop_cache)
 
     def evict(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
-        """Take a model out of RAM (at once, or when its last holder lets go); True if it was there."""
-        self._look_for_removed()
+        """Take a model out of RAM (at once, or when its last holder lets go), pinned or not: by a branch, the
+        model preloaded by that branch too, though it moved since; True if it was there. Not counted as an
+        eviction (those make room)."""
         self._let_go_of_dropped()
         key, *_ = self._resolve(repo_id, quant, revision)
         with self._lock:
-            model = self._models.get(key)
-            if model is None:
-                return False
-            self._drop(model)
-            return True
+            found = [self._models[key]] if key in self._models else []
+            if not is_commit_id(revision):
+                # (the model preloaded by this branch, though the branch moved since: unloaded by the name it
+                # was preloaded by, not left in RAM with "false", a review)
+                found += [m for k, m in self._models.items() if k != key and k[0] == key[0] and k[2] == key[2]
+                          and self._branches.get(k) == revision]  # fmt: skip
+            for model in found:
+                self._drop(model, evicted=False)
+        self._look_for_removed()  # (after: a look would have started a follow of what is being unloaded)
+        return bool(found)
 
     def give_way(self) -> bool:
         """Drop the least recently used model that nothing holds and that is not pinned, for the disk budget
