@@ -470,6 +470,13 @@ def test_in_a_swarm_a_partial_holders_chunk_is_taken_only_once_its_digest_is_kno
         flipper.stop(), hub.stop()
 
 
+def fleet_pull_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pull of a fleet's node: online, with the fleet's token, no configured servers."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("MODELDEPOT_TOKEN", TOKEN)
+    monkeypatch.delenv("MODELDEPOT_SERVERS", raising=False)
+
+
 def test_a_file_that_fails_its_sha256_after_chunks_from_other_nodes_is_fetched_again_from_the_hub_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -482,9 +489,7 @@ def test_a_file_that_fails_its_sha256_after_chunks_from_other_nodes_is_fetched_a
     cluster = f"mem://liar-{uuid.uuid4().hex[:12]}"
     half = CHUNKS // 2
     banned: list[str] = []
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("MODELDEPOT_TOKEN", TOKEN)
-    monkeypatch.delenv("MODELDEPOT_SERVERS", raising=False)
+    fleet_pull_env(monkeypatch)
     with (
         Depot(tmp_path / "hub", chunk_size=SMALL_CHUNK) as hub_depot,
         Depot(tmp_path / "liar", chunk_size=SMALL_CHUNK) as liar_depot,
@@ -668,9 +673,7 @@ def test_an_honest_partial_holder_is_not_banned_when_the_hubs_chunk_was_bad(
     the upstream's bytes say its chunks were not the file's."""
     cluster = f"mem://honest-{uuid.uuid4().hex[:12]}"
     half = CHUNKS // 2
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("MODELDEPOT_TOKEN", TOKEN)
-    monkeypatch.delenv("MODELDEPOT_SERVERS", raising=False)
+    fleet_pull_env(monkeypatch)
     with (
         Depot(tmp_path / "hub", chunk_size=SMALL_CHUNK) as hub_depot,
         Depot(tmp_path / "honest", chunk_size=SMALL_CHUNK) as honest_depot,
