@@ -514,8 +514,8 @@ def test_a_file_that_fails_its_sha256_after_chunks_from_other_nodes_is_fetched_a
                            "the liar's partial holding in the view")  # fmt: skip
                 with caplog.at_level("WARNING", logger="modeldepot.transfer.pull"):
                     result = puller.pull("acme/w")
-                # (one node sent every chunk not the Hub's: known at once, banned, and the file fetched again the
-                # fleet's way without it; from the upstream alone, each node a liar fooled fetched it whole)
+                # (one node sent every chunk not the Hub's: left out, and the file fetched again the fleet's way
+                # without it; from the upstream alone, each node a liar fooled fetched it whole)
                 assert re.search(r"with chunks from \S+ \S+ alone it failed the upstream's SHA-256 \(thrown away\); "
                                  r"fetching the file again without it", caplog.text), caplog.text  # fmt: skip
                 # (a store that only pulls from the fleet, never served in it, joins no swarm without a word)
