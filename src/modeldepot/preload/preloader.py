@@ -258,9 +258,8 @@ class Preloader:
         self._branches: dict[ModelKey, str] = {}
         self._by_commit: set[ModelKey] = set()  # asked by a commit id too: such a model stays where it is
         self._following: set[ModelKey] = set()
-        self._follow_failed: dict[
-            ModelKey, str
-        ] = {}  # the commit a follow failed to bring in: not tried again
+        # The commit a follow failed to bring in: not tried again
+        self._follow_failed: dict[ModelKey, str] = {}
         self._loading_paths: dict[ModelKey, frozenset[str]] = {}  # the files each load in progress reads
         self._loading_bytes: dict[ModelKey, int] = {}  # the room each load in progress made for itself
         self._hits = self._misses = self._evictions = 0
