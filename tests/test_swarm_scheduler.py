@@ -42,6 +42,7 @@ from modeldepot.transfer import choosing
 from modeldepot.transfer import swarm as swarm_module
 from modeldepot.transfer.download import BytesDone, FileSource, Limits, download_file
 from modeldepot.transfer.fleet import FleetView
+from modeldepot.transfer.progress import PullUpdate
 from modeldepot.transfer.session import LazySession
 from modeldepot.transfer.sources import HttpSource, RetryPolicy
 from modeldepot.transfer.swarm import SwarmFile
@@ -708,3 +709,49 @@ def test_an_honest_partial_holder_is_not_banned_when_the_hubs_chunk_was_bad(
             for name in list(choosing.LIARS):
                 choosing.BANNED_NODES.pop(name, None)
                 choosing.LIARS.pop(name, None)
+
+
+def test_a_pull_whose_process_stood_still_does_not_blame_its_peers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """This process stands still for 7 s in the middle of a pull from a node that holds the file (here its
+    event loop is blocked; a SIGSTOP, a paused container): when it went on, the pace it measured over its own
+    stop judged the node slow, and the Hub was brought in for what the node holds (an explorer's trial). The
+    peers are judged again from the moment it goes on."""
+    big = random.Random(17).randbytes(48 << 20)
+    sha = hashlib.sha256(big).hexdigest()
+    cluster = f"mem://stood-{uuid.uuid4().hex[:12]}"
+    fleet_pull_env(monkeypatch)
+    with (
+        Depot(tmp_path / "hub", chunk_size=SMALL_CHUNK) as hub_depot,
+        Depot(tmp_path / "holder", chunk_size=SMALL_CHUNK) as holder_depot,
+    ):
+        for depot in (hub_depot, holder_depot):
+            depot.import_dir(write_model_dir(tmp_path / "src", {"w.safetensors": big}), "acme/w")
+        hub = LiveNode(hub_depot)
+        holder = None
+        try:
+            monkeypatch.setenv("HF_ENDPOINT", hub.url)
+            holder = InProcessNode(holder_depot, cluster, TOKEN)
+            stood: list[float] = []
+
+            def stand_still(update: PullUpdate) -> None:
+                if not stood and update.done > 0 and update.path == "w.safetensors":
+                    stood.append(time.monotonic())
+                    time.sleep(7)  # (the pull's loop runs nothing meanwhile)
+
+            with Depot(tmp_path / "puller", chunk_size=SMALL_CHUNK, cluster=cluster) as puller:
+                wait_until(lambda: [r.blobs for r in puller.peers()] == [1], 10, "the holder in the view")
+                with caplog.at_level("INFO", logger="modeldepot.transfer"):
+                    result = puller.pull("acme/w", progress=stand_still)
+                assert stood and result.files == 1
+                with open(puller.file_path("acme/w", "w.safetensors"), "rb") as stored:
+                    assert hashlib.sha256(stored.read()).hexdigest() == sha
+            assert "the upstream joins" not in caplog.text and "did not answer in" not in caplog.text, (
+                caplog.text
+            )
+            assert result.bytes_by_source.get("hub", 0) == 0, result.bytes_by_source
+        finally:
+            hub.stop()
+            if holder is not None:
+                holder.stop()

@@ -89,6 +89,9 @@ PART_LOG_MIN_BYTES = 1 << 20  # ... each once it has received this much more (th
 SWARM_JOIN_EVERY = 2.0  # seconds between two looks for the swarm of a file that began outside it
 PACE_TICK = 0.5  # seconds between looks at the pace of the other nodes a file comes from
 PACE_MIN = 3.0  # seconds a peer request is outstanding, at least, before its pace is judged slow
+# Seconds a look at the peers may come late before this process is taken to have stood still (SIGSTOP, a
+# paused container, a stalled VM): what it measured meanwhile is its own silence, not its peers'
+STOOD_STILL = 2.0
 SLOW_LEFT = 5.0  # ... and only while more is left than the slow pace would bring in these seconds
 # A file of one chunk below this size is received into a buffer and hashed from a read, not through
 # mappings: mapping and unmapping (a TLB shootdown on every core) cost more than copying a small file.
@@ -212,6 +215,11 @@ class _FileJob(ChunkChooser):
         self.whole_body = False
         self.small_digest: BlobDigest | None = None  # a small file's digests, computed as it landed
         self.peer_started: float | None = None  # when its first request to another node went on the wire
+        # When each look at the peers (pace, silence) last ran, and until when none judges them: this process
+        # stood still between two (a node resumed after a SIGSTOP judged every peer slow or silent at once, and
+        # had the Hub send what they held, an explorer's trial)
+        self.looked: dict[str, float] = {}
+        self.judge_from = 0.0
         self.peer_landed: collections.deque[tuple[float, int]] = (
             collections.deque()
         )  # (when, bytes) from them
@@ -516,9 +524,10 @@ class _FileJob(ChunkChooser):
         --max-upload-rate, one behind a slow link) do not hold the pull to their pace: the upstream joins
         for the rest (outside a swarm, the fallback is asked now; in one, the Hub may take the chunks they
         hold). The endgame then takes their chunks in flight from it too, if they stay slow."""
+        self.looked["pace"] = time.monotonic()
         while self._work_left() and not self.peers_slow:
             await asyncio.sleep(PACE_TICK)
-            if not self._slow_peers(time.monotonic()):
+            if self._stood_still("pace", time.monotonic()) or not self._slow_peers(time.monotonic()):
                 continue
             self.peers_slow = True
             # (whole holders only: a swarm's claimers sent little yet because they hold little, not slowly)
@@ -537,9 +546,12 @@ class _FileJob(ChunkChooser):
         advertised at an address that accepts and never answers) is dropped for this file and its requests
         are cancelled: its claims no longer keep the Hub from their chunks, and no worker goes back to it for
         the next chunk (each waited as long: a swarm paid SILENT_PEER per chunk the node had claimed)."""
+        self.looked["silence"] = time.monotonic()
         while self._work_left():
             await asyncio.sleep(PACE_TICK)
             now = time.monotonic()
+            if self._stood_still("silence", now):
+                continue
             silent = {r.source for reqs in self.requests.values() for r in reqs
                       if r.source.kind == "peer" and not r.landing and is_silent(r, now)}  # fmt: skip
             for source in silent:
@@ -551,6 +563,20 @@ class _FileJob(ChunkChooser):
                         request.task.cancel()
             if silent:
                 self._pulse()
+
+    def _stood_still(self, look: str, now: float) -> bool:
+        """Whether ``look`` must not judge the peers now: this process stood still since its last run (it came
+        STOOD_STILL late), or did lately. The pace is then measured afresh, and the requests in flight get
+        SILENT_PEER to answer from now."""
+        last, self.looked[look] = self.looked.get(look, now), now
+        if now - last > PACE_TICK + STOOD_STILL:
+            if now >= self.judge_from:  # (said once, though both looks see it)
+                log.info("%s: this process stood still for %.0f s (stopped, paused?): the other nodes are "
+                         "judged again from now", self.remote.path, now - last)  # fmt: skip
+            self.judge_from = now + SILENT_PEER
+            self.peer_started = now if self.peer_started is not None else None
+            self.peer_landed.clear()
+        return now < self.judge_from
 
     def _slow_peers(self, now: float) -> bool:
         """Whether the other nodes send this file slower than ``slow_peer_rate`` allows its share of it (its
