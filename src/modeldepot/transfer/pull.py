@@ -201,7 +201,9 @@ def _check_open_file_limit(repo_id: str, fetching: int) -> None:
     raise ConfigError(
         f"{repo_id}: a pull holds each of the {fetching} files it fetches open until it publishes them together, "
         f"and this process may hold {open_file_limit()} files (its open-file limit, `ulimit -n`): raise it to "
-        f"{needed} or more (the hard limit too, or LimitNOFILE= for a service), or pull a variant at a time (--quant)",
+        f"{needed} or more (the hard limit too, or LimitNOFILE= for a service), or pull part of it at a time (a "
+        "variant: --quant; folders or patterns: --include, --exclude; the files pulled stay, and each pull "
+        "fetches only what the store lacks)",
         repo_id=repo_id,
     )
 
