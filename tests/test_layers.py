@@ -91,7 +91,7 @@ def test_public_api_is_pinned() -> None:
         "StoreSchemaError",
         "VerifyProblem", "VerifyReport", "__version__", "UpstreamError", "UpstreamDataError", "UpstreamTimeoutError", "AccessDeniedError",
         "OfflineError", "PullRunningError", "ChunkNotAvailableError", "ReadOnlyStoreError", "CommitConflictError",
-        "BlobRemovedError", "IndexDamagedError", "BudgetExceededError",
+        "BlobRemovedError", "IndexDamagedError", "BudgetExceededError", "MemoryShortError",
     }  # fmt: skip
     for name in modeldepot.__all__:
         assert hasattr(modeldepot, name)

@@ -42,6 +42,10 @@ EXPECTED = {
     "AccessDeniedError": (502, "UpstreamError"),
     "OfflineError": (503, "Offline"),
     "PullRunningError": (409, "PullRunning"),
+    "MemoryShortError": (
+        503,
+        "InsufficientMemory",
+    ),  # (a RAM tier of private copies that cannot take a model)
     "StoreFullError": (507, "StoreFull"),
     "BudgetExceededError": (507, "StoreFull"),
     "StoreError": (500, "NodeError"),

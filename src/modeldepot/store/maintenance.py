@@ -239,6 +239,8 @@ def _repair_snapshots(store: Store, repo_id: str | None) -> tuple[int, tuple[str
     for rev in revisions:
         try:
             repaired += store.ensure_snapshot(rev["repo_id"], rev["commit_id"])
+        except IndexDamagedError:
+            raise  # (the index itself: verify says so, with the way out)
         except StoreError as error:
             failed.append(f"{rev['repo_id']}@{rev['commit_id'][:12]}: {error}")
     return repaired, tuple(failed)
