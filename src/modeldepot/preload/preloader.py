@@ -122,6 +122,17 @@ def headroom() -> int:
     return max(64 << 20, min(1 << 30, ram_bytes() // 20))
 
 
+def _memory_short(repo_id: str, incoming: int, free: int, room: int) -> MemoryShortError:
+    return MemoryShortError(
+        f"preloading {repo_id} ({size_text(incoming)}) would leave this process {max(0, free - incoming)} bytes "
+        f"of memory, where it keeps {room} free (a twentieth of its limit, {size_text(ram_bytes())}: the "
+        "machine's or its container's), and the models preloaded that may make way give back too little: lower "
+        "the preload budget, or use the page-cache strategy, whose pages the kernel takes back rather than kill "
+        "the process",
+        repo_id=repo_id,
+    )
+
+
 def _nothing() -> None:
     pass
 
@@ -654,14 +665,7 @@ class Preloader:
         # tier went, and the preload was refused all the same: a review)
         victims = [m for m in self._models.values() if m.holders == 0 and not m.pinned]
         if free + sum(m.size for m in victims) - incoming < room:
-            raise MemoryShortError(
-                f"preloading {repo_id} ({size_text(incoming)}) would leave this process {max(0, free - incoming)} "
-                f"bytes of memory, where it keeps {room} free (a twentieth of its limit, {size_text(ram_bytes())}: "
-                f"the machine's or its container's), and the models preloaded that may make way give back too "
-                "little: lower the preload budget, or use the page-cache strategy, whose pages the kernel takes "
-                "back rather than kill the process",
-                repo_id=repo_id,
-            )
+            raise _memory_short(repo_id, incoming, free, room)
         for victim in victims:
             log.info("letting go of the preload of %s (%s) for memory: %s free", victim.key[0],
                      victim.key[2] or "all files", size_text(free))  # fmt: skip
@@ -669,6 +673,9 @@ class Preloader:
             free = available_bytes()
             if free is None or free - incoming >= room:
                 return
+        # (what they gave back was less than they held: a view of one a caller keeps holds its memory) Refused,
+        # not loaded regardless: the kernel would kill the process
+        raise _memory_short(repo_id, incoming, free, room)
 
     def follow_branches(self) -> int:
         """Models preloaded by a branch that moved since (a pull of a new commit, here or in another process)
