@@ -93,6 +93,10 @@ PACE_MIN = 3.0  # seconds a peer request is outstanding, at least, before its pa
 # paused container, a stalled VM): what it measured meanwhile is its own silence, not its peers'
 STOOD_STILL = 2.0
 SLOW_LEFT = 5.0  # ... and only while more is left than the slow pace would bring in these seconds
+# ... and only while the Hub's requests of the file bring at least this many times the peers' each (when the
+# Hub sent any of it lately): below, the node's own link binds, and the Hub would bring no more
+HUB_FASTER = 2.0
+PACES_KEPT = 256  # chunks received whose pace is kept, at most (a window's worth, and more)
 # A file of one chunk below this size is received into a buffer and hashed from a read, not through
 # mappings: mapping and unmapping (a TLB shootdown on every core) cost more than copying a small file.
 MAP_MIN_BYTES = 1024 * 1024
@@ -223,6 +227,8 @@ class _FileJob(ChunkChooser):
         self.peer_landed: collections.deque[tuple[float, int]] = (
             collections.deque()
         )  # (when, bytes) from them
+        # Each chunk received whole: (when it came in, from the Hub, bytes received, seconds on the wire)
+        self.paces: collections.deque[tuple[float, bool, int, float]] = collections.deque(maxlen=PACES_KEPT)
         self.swarm_later = swarm_later
         # Chunks this transfer landed with the Hub's bytes alone: what it may vouch for in a swarm it joins
         # (a chunk from a partial holder outside a swarm was never checked alone; one an earlier pull left
@@ -608,7 +614,33 @@ class _FileJob(ChunkChooser):
             return False
         while self.peer_landed and self.peer_landed[0][0] < now - window:
             self.peer_landed.popleft()
-        return sum(n for _, n in self.peer_landed) < rate * window * mine / sharing
+        if sum(n for _, n in self.peer_landed) >= rate * window * mine / sharing:
+            return False
+        return not self._hub_no_faster(now, now - window)
+
+    def _hub_no_faster(self, now: float, since: float) -> bool:
+        """Whether this file's requests to the Hub, since ``since``, brought less than HUB_FASTER times what
+        its requests to the other nodes brought, each. Then what binds is this node's own link (or its
+        cores), which the Hub's requests share: bringing the Hub in for the peers' chunks would only have it
+        send more (on 200 Mbit links, four nodes pulling together had the Hub send 1.0-1.6 times the model
+        with healthy peers judged slow against the fixed rate, 1.00-1.05 without: an explorer's trial).
+        False when the Hub sent nothing of the file in that time (a whole holder keeps it from every chunk):
+        the fixed rate alone judges then."""
+        hub, peers = [0, 0.0], [0, 0.0]  # bytes, seconds
+        for when, from_hub, received, took in self.paces:
+            if when >= since:
+                pace = hub if from_hub else peers
+                pace[0] += received
+                pace[1] += took
+        if not hub[1]:
+            return False
+        # (and the requests on the wire, so far: a peer that trickles lands nothing in the window)
+        for request in (r for reqs in self.requests.values() for r in reqs if not r.landing):
+            if (attempt := request.receiving.attempt) is not None and attempt.began > 0:
+                pace = hub if request.source.kind == "hub" else peers
+                pace[0] += max(0, request.receiving.count - request.receiving.in_place)
+                pace[1] += max(0.0, now - request.started)
+        return bool(peers[1]) and hub[0] / hub[1] < HUB_FASTER * peers[0] / peers[1]
 
     async def _rescue(self) -> bool:
         """Nothing is in flight and no live source may be asked for any chunk left: the fallback joins
@@ -758,6 +790,8 @@ class _FileJob(ChunkChooser):
         self.timing[source] = (spent + took, landed + 1)
         if source.kind != "hub":
             self.peer_times.append(took)
+        received = length - request.receiving.in_place
+        self.paces.append((request.started + took, source.kind == "hub", received, took))
         try:
             await self._land(source, index, data, request, in_place=mapping is not None)
             try:
