@@ -1033,6 +1033,48 @@ def test_etcd_settlements_are_pruned_once_a_content_has_no_claim_left(
     run(main())
 
 
+async def _settlements_go_with_the_whole_copy(
+    a: EtcdDiscovery | MemDiscovery, c: EtcdDiscovery | MemDiscovery
+) -> None:
+    """Node a settles a chunk of two contents, holds both whole, then removes one: its settlements of that
+    one go (a pull of it again asked a for every chunk it had settled, had 404s and voided a's fresh claims,
+    and the Hub sent 1.46 times the model: an explorer's trial); the other's stay, and a download's holding
+    that goes (its end) keeps what it settled."""
+    me = node("a")
+    await a.register(me)
+    removed, kept, downloading, size = sha("removed"), sha("kept"), sha("downloading"), 1 << 20
+    for content in (removed, kept, downloading):
+        assert await a.claim_chunk(content, size, 0, me.node_id) is not None
+        await a.settle_claim(content, size, 0, "ab" * 32)
+        await a.release_claims(content, size)
+    await a.publish({removed: WHOLE, kept: WHOLE, downloading: HALF})
+    await c.wait_for(lambda: len(c.holders(removed)) == 1 and len(c.holders(downloading)) == 1, WAIT)
+    assert c.settlements(removed, size) == {0: (me.node_id, "ab" * 32)}
+    await a.publish({kept: WHOLE})
+    await c.wait_for(lambda: not c.holders(removed) and not c.holders(downloading), WAIT)
+    assert c.settlements(removed, size) == {}
+    assert c.settlements(kept, size) == c.settlements(downloading, size) == {0: (me.node_id, "ab" * 32)}
+
+
+def test_a_nodes_settlements_go_when_its_whole_copy_does() -> None:
+    async def main() -> None:
+        registry = MemRegistry("gone")
+        a, c = MemDiscovery(registry), MemDiscovery(registry)
+        async with started(a, c):
+            await _settlements_go_with_the_whole_copy(a, c)
+
+    run(main())
+
+
+def test_etcd_a_nodes_settlements_go_when_its_whole_copy_does(etcd_server: EtcdServer) -> None:
+    async def main() -> None:
+        a, c = etcd(etcd_server), etcd(etcd_server)
+        async with started(a, c):
+            await _settlements_go_with_the_whole_copy(a, c)
+
+    run(main())
+
+
 def test_a_node_that_did_not_run_past_its_ttl_says_so_not_that_etcd_was_away(
     etcd_server: EtcdServer, caplog: pytest.LogCaptureFixture
 ) -> None:

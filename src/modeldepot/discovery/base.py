@@ -284,7 +284,7 @@ class Discovery(abc.ABC):
     def settlements(self, sha256: str, chunk_size: int) -> dict[int, tuple[str, str]]:
         """Every settled claim the view has seen on the content's chunks, as (node id, BLAKE3) by chunk, kept
         after the claim is released (its claimer holds the chunk: it finished, or soon will) while the node
-        lives. A reader polling :meth:`claims` would miss a claim settled and released between two looks."""
+        lives and its whole copy, once it had one, stays. A reader polling :meth:`claims` would miss a claim settled and released between two looks."""
         return {}
 
     async def claim_chunk(
@@ -366,9 +366,14 @@ def _wake(waiter: asyncio.Future[None]) -> None:
             pass
 
 
-def forget_settlements_of(settled: dict[tuple[str, int], dict[int, tuple[str, str]]], node_id: str) -> None:
-    """Drop what a node that left had settled (its chunks are gone with it), contents left empty too."""
+def forget_settlements_of(
+    settled: dict[tuple[str, int], dict[int, tuple[str, str]]], node_id: str, sha256: str | None = None
+) -> None:
+    """Drop what a node that left had settled (its chunks are gone with it), contents left empty too; of
+    ``sha256`` only, when given (the node's whole copy of it went: removed, evicted)."""
     for content, by_index in list(settled.items()):
+        if sha256 is not None and content[0] != sha256:
+            continue
         for index in [i for i, (holder, _) in by_index.items() if holder == node_id]:
             del by_index[index]
         if not by_index:
@@ -437,12 +442,18 @@ class ViewDiscovery(Discovery):
             self._holdings.setdefault(sha256, {})[node_id] = holding
 
     def _drop_holding(self, sha256: str, node_id: str) -> None:
+        """Its whole copy gone (removed, evicted), what the node settled of the content goes too: a pull of it
+        again within SETTLEMENT_TTL asked the node for every chunk it settled the last time, had 404s and
+        voided its fresh claims, and the Hub sent 1.46 times the model (an explorer's trial). (A download's
+        holding that goes is its end: the whole copy's comes, and its settlements stay true.)"""
         with self._lock:
             by_node = self._holdings.get(sha256)
             if by_node is not None:
-                by_node.pop(node_id, None)
+                gone = by_node.pop(node_id, None)
                 if not by_node:
                     del self._holdings[sha256]
+                if gone is not None and gone.complete:
+                    forget_settlements_of(self._settled, node_id, sha256)
 
     def _set_claim(self, sha256: str, chunk_size: int, index: int, claim: ChunkClaim) -> None:
         with self._lock:

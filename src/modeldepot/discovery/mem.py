@@ -138,9 +138,11 @@ class MemRegistry:
 
     def _drop_holding(self, sha256: str, node_id: str) -> None:
         by_node = self._holdings[sha256]
-        by_node.pop(node_id, None)
+        gone = by_node.pop(node_id, None)
         if not by_node:
             del self._holdings[sha256]
+        if gone is not None and gone.complete:  # (as the views of etcd do: see ViewDiscovery._drop_holding)
+            forget_settlements_of(self._settled, node_id, sha256)
 
     def _notify(self) -> None:
         with self._lock:
