@@ -367,3 +367,39 @@ def test_peers_much_slower_than_the_hub_are_judged_slow_while_the_hub_sends(
     data = random.Random(22).randbytes(16 * MiB)
     sent = _two_nodes_pull_at_once(tmp_path, monkeypatch, caplog, "2MiB/s", "256KiB/s", data)
     assert "the upstream joins for the rest" in caplog.text, f"the Hub sent {sent / len(data):.2f}x"
+
+
+def test_a_pull_outside_the_swarm_takes_what_no_node_holds_from_the_hub_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store that is no node of the fleet (a laptop's) pulls a file that one node holds half of, as a
+    download in progress, sending at 1 MiB/s: the Hub was asked for the other half only once that node had
+    sent all of its own (4 s, then the Hub's part). The Hub sends the chunks no node holds meanwhile, and
+    none that the node holds."""
+    data = random.Random(23).randbytes(8 * MiB)
+    cluster = f"mem://gaps-{uuid.uuid4().hex[:12]}"
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("MODELDEPOT_TOKEN", "gaps-secret")
+    monkeypatch.delenv("MODELDEPOT_SERVERS", raising=False)
+    with serving_repo(tmp_path, {"w.safetensors": data}, REPO, chunk_size=SMALL_CHUNK) as hub:
+        monkeypatch.setenv("MODELDEPOT_MAX_UPLOAD_RATE", "1MiB/s")
+        with Depot(tmp_path / "holder", chunk_size=SMALL_CHUNK) as holder_depot:
+            monkeypatch.delenv("MODELDEPOT_MAX_UPLOAD_RATE")
+            sha256 = write_partial(holder_depot, data, list(range(4 * MiB // SMALL_CHUNK)))
+            monkeypatch.setenv("MODELDEPOT_SLOW_PEER_RATE", "off")  # (the node is not slow: it is the test)
+            monkeypatch.setenv("HF_ENDPOINT", hub.url)
+            holder = InProcessNode(holder_depot, cluster, "gaps-secret")
+            try:
+                with Depot(tmp_path / "laptop", chunk_size=SMALL_CHUNK, cluster=cluster) as laptop:
+                    wait_until(lambda: [(r.blobs, r.partial) for r in laptop.peers()] == [(0, 1)], 10,
+                               "the partial holding in the view")  # fmt: skip
+                    with caplog.at_level("INFO", logger="modeldepot.access"):
+                        result = laptop.pull(REPO)
+                    assert bytes(laptop.get_file(REPO, "w.safetensors")) == data
+            finally:
+                holder.stop()
+    answered = [r.getMessage() for r in caplog.records if r.name == "modeldepot.access"]
+    by_hub = [i for i, line in enumerate(answered) if "/resolve/" in line and "w.safetensors" in line]
+    by_holder = [i for i, line in enumerate(answered) if f"/blobs/{sha256} " in line]
+    assert by_hub and by_holder and by_hub[0] < by_holder[-1], "the Hub was asked only after the node's part"
+    assert result.bytes_by_source == {"peer": 4 * MiB, "hub": 4 * MiB}, result.bytes_by_source

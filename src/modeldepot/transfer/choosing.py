@@ -124,6 +124,9 @@ class ChunkChooser:
         self.left_without: set[str] = set()  # sources dropped once nobody was left to give what they lack
         self.low = 0  # the lowest chunk that may not be done yet
         self.peers_slow = False  # the other nodes send it too slowly: the upstream may take what they hold
+        # Outside a swarm, the upstream joined for the chunks no other node holds (they hold parts of it):
+        # it takes none they hold, unless they are slow or it is the endgame
+        self.gaps_only = False
         self.rotation = random.randrange(1 << 30)  # where the Hub's scan starts: claims collide less
 
     def _holds(self, source: FileSource, index: int) -> bool:
@@ -226,6 +229,10 @@ class ChunkChooser:
             )
         if self.swarm is not None and source.kind == "hub":
             return not self._origin_blocked(index, now, endgame)
+        if self.gaps_only and source.kind == "hub" and not endgame and not self.peers_slow:
+            return not any(
+                s.kind != "hub" and self._holds(s, index) and not self._is_banned(s, now) for s in self.live
+            )
         return True
 
     def _pick(self, source: FileSource) -> tuple[int | None, float | None]:

@@ -335,6 +335,31 @@ class _FileJob(ChunkChooser):
         self.live.extend(sources)
         await asyncio.gather(*(self._refresh(s) for s in sources if s.chunks_url is not None))
         self._spawn(sources)
+        await self._fill_gaps()
+
+    async def _fill_gaps(self) -> None:
+        """Outside a swarm, when the other nodes hold parts of the file and some chunk left is held by none,
+        the upstream joins now for those (it takes none they hold: :attr:`gaps_only`). It joined only once
+        they had sent every chunk they held: a laptop pulling from a fleet whose node was half-way through the
+        file took its half, then the Hub's, one after the other."""
+        if self.fallback is None or self.swarm is not None or not self.live:
+            return
+        maps = [self.have.get(s) for s in self.live]
+        held: set[int] = set()
+        for chunks in maps:
+            if chunks is None:
+                return  # (a whole holder: it holds them all)
+            held.update(chunks)
+        done = self.partial.done
+        if all(i in done or i in held for i in range(self.low, self.partial.chunks)):
+            return
+        extra, self.fallback = self.fallback(), None
+        self.gaps_only = True
+        log.info(
+            "%s: the other nodes hold part of it: the upstream sends the rest meanwhile", self.remote.path
+        )
+        await self._start(extra)
+        self._pulse()
 
     def _spawn(self, sources: list[FileSource]) -> None:
         # No more workers per source than chunks left: a source is never asked twice for one chunk (the
@@ -422,6 +447,9 @@ class _FileJob(ChunkChooser):
         while self._work_left() and source in self.live:
             changed = self._changed
             index, wake = self._pick(source)
+            if index is None and self.fallback is not None and self.swarm is None:
+                await self._fill_gaps()  # (a holder dropped: the chunks only it held are nobody's now)
+                index, wake = self._pick(source)
             if index is None:
                 if not self.requests and not any(self._pick(s)[0] is not None for s in self.live):
                     if self._claimed_elsewhere():
