@@ -724,6 +724,39 @@ def test_a_store_a_group_shares_is_written_by_each_member(tmp_path: Path) -> Non
     assert sorted(r["repo_id"] for r in json.loads(listed.stdout)) == ["team/a", "team/b"]
 
 
+def test_a_group_store_made_before_gets_the_groups_write_when_its_maker_opens_it(tmp_path: Path) -> None:
+    """A store a group shares, made before its index took the umask (index.db 0o644): the README's advice
+    was a `chmod g+w index.db*` by hand. Opened by the member who made it, the index files get the group's
+    write, and another member writes the store."""
+    team, group, owner = tmp_path / "team", 4243, 12346
+    team.mkdir()
+    os.chown(team, -1, group)
+    team.chmod(0o2775)
+    folder = write_model_dir(tmp_path / "src", {"config.json": b'{"a": 1}'})
+    env = base_env(PYTHONDONTWRITEBYTECODE="1")
+    home = team / "store"
+
+    def as_member(*args: str) -> subprocess.CompletedProcess[str]:
+        command = " ".join(
+            shlex.quote(a) for a in [sys.executable, "-m", "modeldepot", *args, "--home", str(home)]
+        )
+        return subprocess.run([*WITHOUT_OVERRIDE, f"--regid={group}", f"--groups={group}", "sh", "-c",
+                               f"umask 002 && exec {command}"], env=env, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+
+    assert as_member("import", str(folder), "--repo", "team/a").returncode == 0
+    old = [home / n for n in ("index.db", "index.db-wal", "index.db-shm") if (home / n).exists()]
+    for path in old:
+        path.chmod(0o644)  # (as SQLite made them)
+    opened = as_member("import", str(folder), "--repo", "team/a")  # (its maker, again: nothing new)
+    assert opened.returncode == 0, opened.stderr
+    assert {p.name: p.stat().st_mode & 0o777 for p in old} == {p.name: 0o664 for p in old}
+    for path in [home, *home.rglob("*")]:
+        os.chown(path, owner, -1, follow_symlinks=False)
+    second = as_member("import", str(folder), "--repo", "team/b")
+    assert second.returncode == 0, second.stderr
+
+
 def test_the_mode_files_are_given_back_follows_the_umask() -> None:
     """A download file made read-only for its flush and then not placed is given back the mode the umask says
     (it was 0o644 whatever the umask: another member of a group could not resume it)."""

@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -36,7 +37,7 @@ from modeldepot.errors import (
 )
 from modeldepot.store.forking import INDEX_GATE
 from modeldepot.store.holders import processes_with_open
-from modeldepot.store.layout import FULL_DISK_ADVICE
+from modeldepot.store.layout import FULL_DISK_ADVICE, writable_mode
 from modeldepot.store.locks import unlock_and_close
 
 __all__ = ["SCHEMA_VERSION", "ChangeCounter", "Index", "SpaceReserve", "translate_sqlite_error"]
@@ -475,6 +476,7 @@ class Index:
             # the one who made it (an explorer's trial)
             with suppress(FileExistsError):
                 os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+            _share_with_the_group(path)
             self._migrate()
         finally:
             unlock_and_close(fd)
@@ -709,3 +711,21 @@ class Index:
                 raise
         except sqlite3.Error as error:
             raise self._failure(error, f"preparing the index {self.path}") from error
+
+
+def _share_with_the_group(path: Path) -> None:
+    """In a store a group shares (its folder setgid, this process's umask granting the group write), the
+    index files this user made before the store made them as the umask says (SQLite's 0o644) get the
+    group's write: every other member of the group found the store read-only, and a `chmod g+w index.db*`
+    was the README's advice. Another user's files are theirs to change; nothing else is touched."""
+    try:
+        if not os.stat(path.parent).st_mode & stat.S_ISGID or not writable_mode() & 0o020:
+            return
+        for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+            with suppress(FileNotFoundError):
+                found = os.stat(path.parent / name)
+                wanted = found.st_mode | (writable_mode() & 0o060)
+                if found.st_uid == os.geteuid() and stat.S_IMODE(found.st_mode) != stat.S_IMODE(wanted):
+                    os.chmod(path.parent / name, stat.S_IMODE(wanted))
+    except OSError as error:  # (a store on a file system without modes: the group keeps what it had)
+        log.debug("cannot give the group write on %s: %s", path, error)
