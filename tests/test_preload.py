@@ -1145,3 +1145,36 @@ def test_unloading_by_a_branch_that_moved_takes_out_what_it_preloaded(depot: Dep
         assert preloader.stats().models == 0 and preloader.stats().evictions == 0
     finally:
         preloader.close()
+
+
+def test_an_unload_while_a_follow_loads_lets_the_new_commit_go(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """main moved and the tier loads its new commit: an unload by main then found nothing in RAM (the old
+    commit let go, the new one not landed), answered false, and the new commit landed after it (a review).
+    The unload says it unloaded, and the new commit goes as it lands."""
+    add_repo(depot, tmp_path, "a", 1)
+    preloader = Preloader(depot, budget="1GiB")
+    try:
+        preloader.preload("acme/a")
+        add_repo(depot, tmp_path / "again", "a", 2)
+        second = depot.resolve("acme/a")
+        loading, go_on = threading.Event(), threading.Event()
+        load = Preloader._load
+
+        def held_back(self: Preloader, key: Any, *args: Any) -> Any:
+            if key[1] == second:  # (the follow's load, held until the unload has answered)
+                loading.set()
+                go_on.wait(20)
+            return load(self, key, *args)
+
+        monkeypatch.setattr(Preloader, "_load", held_back)
+        assert preloader.follow_branches() == 1
+        assert loading.wait(20), "the follow did not load the new commit"
+        assert preloader.evict("acme/a") is True
+        go_on.set()
+        wait_until(lambda: not preloader._following, 20, "the follow to end")
+        assert preloader.stats().models == 0, [m.commit_id[:8] for m in preloader.stats().preloaded]
+    finally:
+        go_on.set()
+        preloader.close()

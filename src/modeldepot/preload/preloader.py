@@ -268,7 +268,8 @@ class Preloader:
         # The branch each model was asked by (a commit id asked: none), and those being moved to its new commit
         self._branches: dict[ModelKey, str] = {}
         self._by_commit: set[ModelKey] = set()  # asked by a commit id too: such a model stays where it is
-        self._following: set[ModelKey] = set()
+        self._following: dict[ModelKey, str] = {}  # a model moving to its branch's new commit -> the branch
+        self._unfollowed: set[ModelKey] = set()  # ... unloaded by :meth:`evict` meanwhile: the new one goes
         # The commit a follow failed to bring in: not tried again
         self._follow_failed: dict[ModelKey, str] = {}
         self._loading_paths: dict[ModelKey, frozenset[str]] = {}  # the files each load in progress reads
@@ -700,21 +701,22 @@ class Preloader:
                 # (a follow that failed, for want of room say, is not tried again every 2 s for the same commit)
                 if key in self._following or self._closed.is_set() or self._follow_failed.get(key) == now:
                     continue
-                self._following.add(key)
+                self._following[key] = branch
             started += 1
             try:
                 self._pool.submit(self._follow, key, branch, now)
             except RuntimeError:  # (the tier is closing)
                 with self._lock:
-                    self._following.discard(key)
+                    self._following.pop(key, None)
         return started
 
     def _follow(self, old: ModelKey, branch: str, commit_id: str) -> None:
         repo_id, _, variant = old
         with self._lock:
             model = self._models.get(old)
-            if model is None:
-                self._following.discard(old)
+            if model is None or old in self._unfollowed:
+                self._following.pop(old, None)
+                self._unfollowed.discard(old)
                 return  # (unloaded meanwhile)
             self._branches.pop(old, None)
             # The old commit goes first when nothing needs it (not held, not pinned, not asked by its commit id):
@@ -726,6 +728,12 @@ class Preloader:
             self.preload(repo_id, variant or None, branch)
             with self._lock:
                 self._follow_failed.pop(old, None)
+                unloaded = old in self._unfollowed
+            if unloaded:  # (an unload by the branch while this loaded: it landed after the unload answered)
+                self.evict(repo_id, variant or None, commit_id)
+                log.info("%s (%s): %s moved to %s, unloaded meanwhile: let go", repo_id, variant or "all files",
+                         branch, commit_id[:12])  # fmt: skip
+                return
             log.info("%s (%s): %s moved to %s: preloaded%s", repo_id, variant or "all files", branch, commit_id[:12],
                      f", {old[1][:12]} kept (held, pinned or asked by its commit id)" if keep else
                      f", {old[1][:12]} let go")  # fmt: skip
@@ -741,7 +749,8 @@ class Preloader:
                         repo_id, variant or "all files", branch, commit_id[:12], error)  # fmt: skip
         finally:
             with self._lock:
-                self._following.discard(old)
+                self._following.pop(old, None)
+                self._unfollowed.discard(old)
 
     def _drop(self, model: _Model, evicted: bool = True) -> None:
         """Take ``model`` out of the tier; ``evicted``: for room (counted), else because it left the store."""
@@ -776,8 +785,13 @@ class Preloader:
                           and self._branches.get(k) == revision]  # fmt: skip
             for model in found:
                 self._drop(model, evicted=False)
+            # A model on its way to its branch's new commit: the new one goes as it lands (it landed after the
+            # unload had answered, a review)
+            moving = [old for old, branch in self._following.items() if old[0] == key[0] and old[2] == key[2]
+                      and (old == key or (not is_commit_id(revision) and branch == revision))]  # fmt: skip
+            self._unfollowed.update(moving)
         self._look_for_removed()  # (after: a look would have started a follow of what is being unloaded)
-        return bool(found)
+        return bool(found or moving)
 
     def give_way(self) -> bool:
         """Drop the least recently used model that nothing holds and that is not pinned, for the disk budget
