@@ -1222,3 +1222,33 @@ def test_a_body_naming_a_key_twice_is_refused(open_node: LiveNode, local: Depot)
     reply = call(open_node.port, "POST", f"{API}/pulls", raw, {**CONTROL, "Content-Type": "application/json"})
     assert reply.status == 400 and "names 'repo' twice" in reply.json()["error"], reply.body
     assert call(open_node.port, "GET", f"{API}/pulls", headers=CONTROL).json() == []
+
+
+def test_a_removal_says_what_the_node_itself_still_sends_stays_on_disk(tmp_path: Path) -> None:
+    """A repo removed over the control API while the node sends one of its files to a slow client: the answer
+    said all of it freed (`bytes_still_held` 0, `held_by` empty), as did `du`, and the disk got nothing back
+    until the client was done (an explorer's trial). The node names itself as a holder."""
+    import http.client
+    import random
+
+    big = random.Random(31).randbytes(64 << 20)
+    with Depot(tmp_path / "store") as depot:
+        depot.import_dir(
+            write_model_dir(tmp_path / "src", {"big.bin": big, "config.json": b"{}"}), "acme/held"
+        )
+        node = LiveNode(depot, token=TOKEN)
+        reader = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
+        try:
+            reader.request("GET", f"/acme/held/resolve/{depot.resolve('acme/held')}/big.bin", headers=AUTH)
+            answer = reader.getresponse()
+            assert (
+                answer.status == 200 and answer.read(1 << 20) == big[: 1 << 20]
+            )  # (and then it reads no more)
+            removed = call(node.port, "DELETE", f"{API}/repos/acme/held", headers=AUTH)
+            assert removed.status == 200, removed.body
+            said = removed.json()
+            assert said["held_by"] == [os.getpid()], said  # (the node runs in this process)
+            assert said["bytes_still_held"] == len(big) and said["bytes_freed"] == 2, said
+        finally:
+            reader.close()
+            node.stop()

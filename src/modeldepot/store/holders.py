@@ -20,13 +20,15 @@ FileKey = tuple[int, int]  # (st_dev, st_ino)
 
 
 def holding_processes(files: Collection[FileKey]) -> dict[FileKey, set[int]]:
-    """The processes other than this one that map or hold open each of ``files`` (deleted just now: their
-    device and inode); those nobody holds are left out."""
+    """The processes that map or hold open each of ``files`` (deleted just now: their device and inode);
+    those nobody holds are left out. This one too, once it let go of what it could: a node removing a repo
+    while it sends one of its files to a slow client said the whole freed, `du` agreeing, and the disk got
+    nothing back until the client was done (an explorer's trial)."""
     found: dict[FileKey, set[int]] = {}
     files = set(files)
     if not files:
         return found
-    for pid in _other_processes():
+    for pid in [str(os.getpid()), *_other_processes()]:
         for key in _held_by(pid, files):
             found.setdefault(key, set()).add(int(pid))
     return found

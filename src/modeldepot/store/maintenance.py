@@ -70,7 +70,7 @@ class RemoveResult:
     files_removed: tuple[str, ...] = ()
     # A repo the store held nothing of: its saved scan went (status and the dashboard listed it for good)
     scan_forgotten: bool = False
-    # Bytes of deleted blobs other processes still map or hold open (not freed until they let go), and those
+    # Bytes of deleted blobs processes still map or hold open (not freed until they let go), and those
     bytes_still_held: int = 0
     held_by: tuple[int, ...] = ()
     # The blob files deleted: (device, inode, size), to look for who still holds them
@@ -85,8 +85,8 @@ class RemoveResult:
                 "bytes_still_held": self.bytes_still_held, "held_by": list(self.held_by)}  # fmt: skip
 
     def seen_held(self) -> RemoveResult:
-        """This result with the bytes other processes still map or hold open (an idle worker's loaded model)
-        taken out of ``bytes_freed``: look once this process let go of its own."""
+        """This result with the bytes processes still map or hold open (an idle worker's loaded model, a node's
+        answer to a slow client) taken out of ``bytes_freed``: look once this process let go of its own."""
         sizes = {(dev, ino): size for dev, ino, size in self.deleted}
         held = holding_processes(sizes)
         if not held:
