@@ -608,6 +608,11 @@ def test_preload_pin_unpin_and_remove(guarded: LiveNode, local: Depot) -> None:
     assert not local.preloader.holds(REPO, "q4f16") and local.preloader.holds(REPO)
     again = call(guarded.port, "DELETE", f"{API}/repos/{REPO}/preload", {"quant": "q4f16"}, AUTH)
     assert again.status == 200 and again.json()["unloaded"] is False
+    # No variant named: every model of the revision goes (it answered false, and left a variant in RAM)
+    assert call(guarded.port, "POST", f"{API}/repos/{REPO}/preload", {"quant": "q4f16"}, AUTH).status == 200
+    everything = call(guarded.port, "DELETE", f"{API}/repos/{REPO}/preload", headers=AUTH)
+    assert everything.status == 200 and everything.json()["unloaded"] is True, everything.body
+    assert not local.preloader.holds(REPO, "q4f16") and not local.preloader.holds(REPO)
 
     pinned = call(guarded.port, "PUT", f"{API}/repos/{REPO}/pin", {"quant": "q4f16"}, AUTH)
     assert pinned.status == 200 and (pinned.json()["repo_id"], pinned.json()["quant"]) == (REPO, "q4f16")

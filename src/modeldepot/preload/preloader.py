@@ -771,24 +771,27 @@ class Preloader:
             copy.close(drop_cache)
 
     def evict(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
-        """Take a model out of RAM (at once, or when its last holder lets go), pinned or not: by a branch, the
-        model preloaded by that branch too, though it moved since; True if it was there. Not counted as an
-        eviction (those make room)."""
+        """Take a model out of RAM (at once, or when its last holder lets go), pinned or not; without ``quant``,
+        every model of the revision (its files all, or any variant: an unload with no variant named answered
+        false and left the preloaded fp16 in RAM, an explorer's trial). By a branch, the models preloaded by
+        that branch too, though it moved since. True if one was there. Not counted as an eviction (those make
+        room)."""
         self._let_go_of_dropped()
         key, *_ = self._resolve(repo_id, quant, revision)
+
+        def named(model_key: ModelKey, branch: str | None) -> bool:
+            # (by the branch it was preloaded by, though the branch moved since: not left in RAM with "false",
+            # a review)
+            return (model_key[0] == key[0] and (quant is None or model_key[2] == key[2])
+                    and (model_key[1] == key[1] or (not is_commit_id(revision) and branch == revision)))  # fmt: skip
+
         with self._lock:
-            found = [self._models[key]] if key in self._models else []
-            if not is_commit_id(revision):
-                # (the model preloaded by this branch, though the branch moved since: unloaded by the name it
-                # was preloaded by, not left in RAM with "false", a review)
-                found += [m for k, m in self._models.items() if k != key and k[0] == key[0] and k[2] == key[2]
-                          and self._branches.get(k) == revision]  # fmt: skip
+            found = [m for k, m in self._models.items() if named(k, self._branches.get(k))]
             for model in found:
                 self._drop(model, evicted=False)
             # A model on its way to its branch's new commit: the new one goes as it lands (it landed after the
             # unload had answered, a review)
-            moving = [old for old, branch in self._following.items() if old[0] == key[0] and old[2] == key[2]
-                      and (old == key or (not is_commit_id(revision) and branch == revision))]  # fmt: skip
+            moving = [old for old, branch in self._following.items() if named(old, branch)]
             self._unfollowed.update(moving)
         self._look_for_removed()  # (after: a look would have started a follow of what is being unloaded)
         return bool(found or moving)

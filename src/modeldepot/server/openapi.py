@@ -752,8 +752,8 @@ def _control_paths(
             "delete": {
                 "operationId": "unload",
                 "description": "Take a model out of the RAM tier: at once, or when the last request reading it "
-                "ends. 200 with `unloaded` false when the node holds the repo but that model was not in RAM. "
-                + _CONTROL,
+                "ends; with no `quant`, every model of the revision (all its files, or any variant). 200 with "
+                "`unloaded` false when the node holds the repo but that model was not in RAM. " + _CONTROL,
                 "parameters": repo_params,
                 "requestBody": variant_target,
                 "responses": {"200": ok("Unloaded"), **errors(401, 404, 405, *shape)},
