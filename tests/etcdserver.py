@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
+import ssl
 import subprocess
 import urllib.request
 from pathlib import Path
 
 from conftest import free_port, wait_until
 
-__all__ = ["EtcdServer", "TcpGate", "etcd_binary"]
+__all__ = ["EtcdServer", "TcpGate", "TlsFiles", "etcd_binary"]
 
 
 def etcd_binary() -> str:
@@ -26,23 +27,64 @@ def etcd_binary() -> str:
     return found
 
 
+class TlsFiles:
+    """A CA of its own (made with openssl), and the certificates it signed: etcd's (for 127.0.0.1) and a
+    client's (etcd's --client-cert-auth asks for one). ``other_ca``: a CA that signed none of them."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.ca, self.ca_key = self._made("ca", None, "")
+        self.server, self.server_key = self._made("server", "ca", "subjectAltName=IP:127.0.0.1\n"
+                                                  "extendedKeyUsage=serverAuth")  # fmt: skip
+        self.client, self.client_key = self._made("client", "ca", "extendedKeyUsage=clientAuth")
+        self.other_ca, _ = self._made("other-ca", None, "")
+
+    def _made(self, name: str, signer: str | None, extensions: str) -> tuple[Path, Path]:
+        key, cert = self.folder / f"{name}.key", self.folder / f"{name}.pem"
+        new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key)]
+        if signer is None:
+            subprocess.run(["openssl", "req", "-x509", *new_key, "-out", str(cert), "-days", "2",
+                            "-subj", f"/CN=test {name}"], check=True, capture_output=True)  # fmt: skip
+            return cert, key
+        request, ext = self.folder / f"{name}.csr", self.folder / f"{name}.ext"
+        ext.write_text(extensions + "\n")
+        subprocess.run(["openssl", "req", *new_key, "-out", str(request), "-subj", f"/CN=test {name}"],
+                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(["openssl", "x509", "-req", "-in", str(request), "-CA", str(self.folder / f"{signer}.pem"),
+                        "-CAkey", str(self.folder / f"{signer}.key"), "-CAcreateserial", "-out", str(cert),
+                        "-days", "2", "-extfile", str(ext)], check=True, capture_output=True)  # fmt: skip
+        return cert, key
+
+    def env(self) -> dict[str, str]:
+        """What a node of the fleet is given: the CA, and its client certificate and key."""
+        return {"MODELDEPOT_CLUSTER_CA": str(self.ca), "MODELDEPOT_CLUSTER_CERT": str(self.client),
+                "MODELDEPOT_CLUSTER_KEY": str(self.client_key)}  # fmt: skip
+
+
 class EtcdServer:
-    def __init__(self, data_dir: Path, *extra: str) -> None:
+    def __init__(self, data_dir: Path, *extra: str, tls: TlsFiles | None = None) -> None:
         self.data_dir = data_dir
         self.extra = extra  # more of etcd's flags
+        self.tls = tls  # its clients reach it over TLS, with a client certificate
         self.client_port, self.peer_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.client_port}"
-        self.cluster = f"etcd://127.0.0.1:{self.client_port}"  # what --cluster takes
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.client_port}"
+        self.cluster = f"{'etcds' if tls else 'etcd'}://127.0.0.1:{self.client_port}"  # what --cluster takes
         self.process: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
         peer = f"http://127.0.0.1:{self.peer_port}"
+        tls = self.tls
+        secured = [] if tls is None else [
+            "--cert-file", str(tls.server), "--key-file", str(tls.server_key),
+            "--trusted-ca-file", str(tls.ca), "--client-cert-auth",
+        ]  # fmt: skip
         return [
             etcd_binary(), "--name", "test", "--data-dir", str(self.data_dir),
             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"test={peer}", "--initial-cluster-state", "new",
-            "--heartbeat-interval", "10", "--election-timeout", "100",
+            "--heartbeat-interval", "10", "--election-timeout", "100", *secured,
             "--logger", "zap", "--log-level", "error", "--log-outputs", "stderr", *self.extra,
         ]  # fmt: skip
 
@@ -54,8 +96,12 @@ class EtcdServer:
         return self
 
     def healthy(self) -> bool:
+        context = None
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=str(self.tls.ca))
+            context.load_cert_chain(str(self.tls.client), str(self.tls.client_key))
         try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as answer:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=1, context=context) as answer:
                 return b'"true"' in answer.read()
         except OSError:
             return False

@@ -18,8 +18,10 @@ __all__ = [
     "DEFAULT_HUB_ENDPOINT",
     "MAX_CHUNK_SIZE",
     "MIN_CHUNK_SIZE",
+    "ClusterTls",
     "DepotConfig",
     "cluster_credentials",
+    "cluster_tls",
     "default_home",
     "parse_duration",
     "parse_size",
@@ -188,6 +190,52 @@ def cluster_credentials(env: Mapping[str, str]) -> tuple[str, str] | None:
         raise ConfigError("MODELDEPOT_CLUSTER_USER is set without a password: set MODELDEPOT_CLUSTER_PASSWORD "
                           "or MODELDEPOT_CLUSTER_PASSWORD_FILE")  # fmt: skip
     return user, password
+
+
+MAX_PEM_FILE = 1024 * 1024  # bytes of a CA bundle, a certificate chain or a key, at most
+_TLS_FILES = ("MODELDEPOT_CLUSTER_CA", "MODELDEPOT_CLUSTER_CERT", "MODELDEPOT_CLUSTER_KEY")
+
+
+@dataclass(frozen=True)
+class ClusterTls:
+    """What a node gives gRPC to reach an ``etcds://`` fleet: the CA bundle that signed etcd's certificate
+    (None: the system's), and its own certificate chain and key when etcd asks clients for one
+    (``--client-cert-auth``). PEM bytes, read once at start."""
+
+    ca: bytes | None = None
+    cert: bytes | None = field(default=None, repr=False)
+    key: bytes | None = field(default=None, repr=False)
+
+
+def cluster_tls(env: Mapping[str, str], secure: bool) -> ClusterTls | None:
+    """The TLS files of an ``etcds://`` fleet (``secure``): ``MODELDEPOT_CLUSTER_CA``, and
+    ``MODELDEPOT_CLUSTER_CERT`` with ``MODELDEPOT_CLUSTER_KEY`` (as etcdctl's --cacert, --cert, --key);
+    None for a plain ``etcd://`` one, which refuses them (a CA given to a plain URL would have sent the
+    fleet's keys in clear while its operator thought them encrypted)."""
+    given = {name: env.get(name, "").strip() for name in _TLS_FILES}
+    if not secure:
+        named = [name for name, path in given.items() if path]
+        if named:
+            raise ConfigError(f"{' and '.join(named)} set, but the cluster is a plain etcd:// URL: give it as "
+                              "etcds://HOST:PORT to reach etcd over TLS")  # fmt: skip
+        return None
+    ca, cert, key = (_read_pem(name, path) if path else None for name, path in given.items())
+    if (cert is None) != (key is None):
+        have, lack = ("CERT", "KEY") if key is None else ("KEY", "CERT")
+        raise ConfigError(f"MODELDEPOT_CLUSTER_{have} is set without MODELDEPOT_CLUSTER_{lack}: a client "
+                          "certificate needs its key, and the key its certificate")  # fmt: skip
+    return ClusterTls(ca, cert, key)
+
+
+def _read_pem(name: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as pem:
+            read = pem.read(MAX_PEM_FILE + 1)
+    except OSError as error:
+        raise ConfigError(f"{name} {path!r}: {error.strerror or error}") from None
+    if len(read) > MAX_PEM_FILE or b"-----BEGIN " not in read:
+        raise ConfigError(f"{name} {path!r} is not a PEM file (-----BEGIN ...-----)")
+    return read
 
 
 def validate_cluster_prefix(prefix: str) -> str:

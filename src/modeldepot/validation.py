@@ -72,7 +72,7 @@ T = TypeVar("T")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _CLUSTER_PREFIX = re.compile(r"(/[A-Za-z0-9._-]{1,64}){1,8}")
 _MEM_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_CLUSTER_USAGE = "etcd://HOST:PORT[,HOST:PORT...] (or mem://NAME in tests)"
+_CLUSTER_USAGE = "etcd://HOST:PORT[,HOST:PORT...], etcds:// for TLS (or mem://NAME in tests)"
 
 
 def _describe(value: object) -> str:
@@ -383,14 +383,14 @@ def validate_endpoint(host: object, port: object) -> tuple[str, int]:
 
 
 def parse_cluster_url(url: object) -> tuple[str, list[tuple[str, int]] | str]:
-    """``("etcd", [(host, port), ...])`` or ``("mem", name)`` for a fleet registry's URL:
-    ``etcd://HOST:PORT[,HOST:PORT...]`` (IPv6 hosts in brackets; the port is required) or ``mem://NAME``
-    (a registry inside one process, for tests)."""
+    """``("etcd", [(host, port), ...])``, ``("etcds", ...)`` or ``("mem", name)`` for a fleet registry's URL:
+    ``etcd://HOST:PORT[,HOST:PORT...]`` (IPv6 hosts in brackets; the port is required), ``etcds://`` the same
+    over TLS, or ``mem://NAME`` (a registry inside one process, for tests)."""
     if not isinstance(url, str):
         raise InvalidInputError(f"cluster URL must be a string, not {type(url).__name__}")
     shown = _describe(redact_credentials(url))  # (the whole URL, password and all, went to the log: a trial)
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("etcd", "mem"):
+    if not sep or scheme not in ("etcd", "etcds", "mem"):
         raise InvalidInputError(f"cluster {shown} is not supported: use {_CLUSTER_USAGE}")
     if scheme == "mem":
         if not _MEM_NAME.fullmatch(rest):
@@ -413,4 +413,4 @@ def parse_cluster_url(url: object) -> tuple[str, list[tuple[str, int]] | str]:
             endpoints.append(validate_endpoint(host, int(port)))
         except InvalidInputError as error:
             raise InvalidInputError(f"cluster {shown}: {error}") from None
-    return "etcd", endpoints
+    return scheme, endpoints

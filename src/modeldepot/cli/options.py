@@ -233,9 +233,10 @@ def cluster_options(function: F) -> F:
         help="The registry's key prefix (default: $MODELDEPOT_CLUSTER_PREFIX, else /modeldepot).",
     )(function)  # fmt: skip
     return click.option(
-        "--cluster", default=None, metavar="etcd://HOST:PORT[,HOST:PORT...]",
+        "--cluster", default=None, metavar="etcd[s]://HOST:PORT[,HOST:PORT...]",
         callback=lambda c, p, v: None if v is None else setting(validate_cluster, v.strip()),
-        help="The fleet's registry (default: $MODELDEPOT_CLUSTER): its live nodes are sources too.",
+        help="The fleet's registry (default: $MODELDEPOT_CLUSTER): its live nodes are sources too. etcds://: "
+        "over TLS ($MODELDEPOT_CLUSTER_CA, _CERT, _KEY).",
     )(function)  # fmt: skip
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from modeldepot.config import cluster_credentials
+from modeldepot.config import cluster_credentials, cluster_tls
 from modeldepot.discovery.base import (
     ClusterStatus,
     Discovery,
@@ -39,7 +39,7 @@ def open_discovery(
     prefix: str = "/modeldepot",
     ttl: float = 10.0,
 ) -> Discovery:
-    """The backend a cluster URL names: ``etcd://HOST:PORT[,HOST:PORT...]`` (the fleet's etcd),
+    """The backend a cluster URL names: ``etcd://HOST:PORT[,HOST:PORT...]`` (the fleet's etcd; ``etcds://``: over TLS),
     ``mem://NAME`` (a registry shared inside this process, for tests), or None: the configured
     ``servers`` alone (:class:`~modeldepot.discovery.static.StaticDiscovery`). Bad settings raise
     ConfigError. Call :meth:`Discovery.start` (on the loop that will use it), then :meth:`Discovery.close`."""
@@ -63,7 +63,10 @@ def open_discovery(
     from modeldepot.discovery.etcd import EtcdDiscovery  # imports aetcd and gRPC: only now
 
     assert isinstance(where, list)
+    tls = cluster_tls(os.environ, secure=kind == "etcds")
     try:
-        return EtcdDiscovery(where, prefix=prefix, ttl=ttl, credentials=cluster_credentials(os.environ))
+        return EtcdDiscovery(
+            where, prefix=prefix, ttl=ttl, credentials=cluster_credentials(os.environ), tls=tls
+        )
     except InvalidInputError as error:
         raise ConfigError(f"cluster {url!r}: {error}") from None

@@ -1,4 +1,5 @@
-"""The fleet in etcd, through aetcd (imported only by this package, and this package only for ``etcd://``).
+"""The fleet in etcd, through aetcd (imported only by this package, and this package only for ``etcd://`` and
+``etcds://``: the same over TLS, :mod:`.tls`).
 
 Keys, all under ``{prefix}/`` (``/modeldepot`` by default), values compact JSON::
 
@@ -39,6 +40,12 @@ The package, by responsibility: :mod:`.wire` (keys and values), :mod:`.connectio
 under a deadline, the lease, health), :mod:`.claims` (chunk claims) and :mod:`.discovery` (the view and
 this node's record and holdings).
 """
+
+import os
+
+# gRPC's core logs its own lines to stderr (a failed TLS handshake: four "E1205 ... Corruption detected" a
+# second), set before it is first imported; the node says each outage once, with gRPC's reason, itself
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 from modeldepot.discovery.etcd.discovery import EtcdDiscovery
 from modeldepot.discovery.etcd.wire import CHANNEL_OPTIONS, MAX_TXN_OPS

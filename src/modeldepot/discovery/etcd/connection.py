@@ -14,7 +14,9 @@ from typing import Any, TypeVar
 
 import aetcd  # type: ignore[import-untyped]
 
+from modeldepot.config import ClusterTls
 from modeldepot.discovery.base import ChunkClaim, Holding, NodeRecord, ViewDiscovery
+from modeldepot.discovery.etcd.tls import TlsClient
 from modeldepot.discovery.etcd.wire import (
     CHANNEL_OPTIONS,
     FleetKey,
@@ -48,11 +50,13 @@ class EtcdConnection(ViewDiscovery):
         *,
         timeout: float = 3.0,
         credentials: tuple[str, str] | None = None,
+        tls: ClusterTls | None = None,
     ) -> None:
         super().__init__()
         # (user, password) of etcd's own authentication (``cluster_credentials``): each client authenticates
         # as it connects, and a token etcd dropped (its TTL ran out, etcd restarted) is had again by a new one
         self._credentials = credentials
+        self._tls = tls  # (an etcds:// fleet: every client's channel is TLS)
         if not endpoints:
             raise InvalidInputError("an etcd registry needs at least one endpoint (host, port)")
         self.endpoints = [validate_endpoint(host, port) for host, port in endpoints]
@@ -122,6 +126,9 @@ class EtcdConnection(ViewDiscovery):
     def _new_client(self) -> Any:
         host, port = self.endpoints[self._endpoint]
         user, password = self._credentials or (None, None)
+        if self._tls is not None:
+            return TlsClient(self._tls, host, port, user, password, timeout=self.timeout,
+                             options=dict(CHANNEL_OPTIONS))  # fmt: skip
         return aetcd.Client(host, port, user, password, timeout=self.timeout, options=dict(CHANNEL_OPTIONS))
 
     def _endpoint_name(self) -> str:
@@ -201,6 +208,10 @@ class EtcdConnection(ViewDiscovery):
 
     def _failed(self, error: BaseException, client: Any) -> None:
         text = describe(error)
+        if self._tls is not None and ("handshake" in text.lower() or "TSI_" in text):
+            text += (" (TLS: is MODELDEPOT_CLUSTER_CA the CA that signed etcd's certificate, for this host name or"
+                     " address? etcd run with --client-cert-auth wants MODELDEPOT_CLUSTER_CERT and _KEY too, "
+                     "signed by its --trusted-ca-file)")  # fmt: skip
         self._verify = True
         if not self._outage_logged:
             log.warning(

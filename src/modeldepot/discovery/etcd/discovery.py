@@ -10,6 +10,7 @@ from typing import Any
 
 import aetcd  # type: ignore[import-untyped]
 
+from modeldepot.config import ClusterTls
 from modeldepot.discovery.base import (
     ChunkClaim,
     ClusterStatus,
@@ -55,8 +56,9 @@ class EtcdDiscovery(EtcdClaims):
         *,
         timeout: float = 3.0,
         credentials: tuple[str, str] | None = None,
+        tls: ClusterTls | None = None,
     ) -> None:
-        super().__init__(endpoints, prefix, ttl, timeout=timeout, credentials=credentials)
+        super().__init__(endpoints, prefix, ttl, timeout=timeout, credentials=credentials, tls=tls)
         # What this node wants in etcd, and what it knows it wrote there (under its lease).
         self._record: NodeRecord | None = None
         self._desired: dict[str, Holding] = {}
