@@ -672,6 +672,10 @@ def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
     if usage.unfinished_write_bytes:
         out.print(f"  unfinished  {format_bytes(usage.unfinished_write_bytes)} (what killed imports or pulls were "
                   "writing: no resume takes it, `modeldepot gc` frees it)")  # fmt: skip
+    if usage.writing_bytes:
+        out.print(
+            f"  writing     {format_bytes(usage.writing_bytes)} (imports under way: blobs once they end)"
+        )
     out.print(f"  quarantine  {format_bytes(usage.quarantine_bytes)}")
     out.print(f"  index       {format_bytes(usage.index_bytes)}")
     if usage.reserve_bytes:
