@@ -438,6 +438,8 @@ def test_model_info_gives_the_gguf_properties(single: Depot, depot: Depot, split
         expected = {"total": total, "architecture": "llama", "context_length": 2048}
         assert api.model_info(REPO).gguf == expected
         assert api.model_info(REPO, expand=["gguf"]).gguf == expected
+        # ... and a listing asked for it (it answered bare ids: an explorer's trial)
+        assert [(m.id, m.gguf) for m in api.list_models(expand=["gguf"])] == [(REPO, expected)]
         depot.import_dir(split_folder, "acme/split-gguf")
         assert api.model_info("acme/split-gguf").gguf == expected  # (its tensors spread over two shards)
         (split_folder.parent / "plain").mkdir()

@@ -681,6 +681,9 @@ def test_model_info_gives_the_safetensors_parameters(node: LiveNode, depot: Depo
         and info.total == sum(real.parameter_count.values())
     )
     assert api.model_info(MINILM, expand=["safetensors"]).safetensors == info
+    # ... and a listing asked for it (it answered bare ids: an explorer's trial)
+    [listed] = [m for m in api.list_models(expand=["safetensors"]) if m.id == MINILM]
+    assert listed.safetensors == info
     folder = tmp_path / "sharded"
     folder.mkdir()
     save_file(

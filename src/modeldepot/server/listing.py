@@ -400,10 +400,19 @@ def _safetensors_parameters(store: Store, entry: FileEntry) -> dict[str, int]:
 def _item(store: Store, summary: RepoSummary, properties: Iterable[str]) -> dict[str, Any]:
     wanted = set(properties)
     commit_id, committed_at = head(store, summary)
-    files = store.files(summary.repo_id, commit_id) if wanted & {"siblings", "usedStorage"} else []
+    files = (
+        store.files(summary.repo_id, commit_id) if wanted & {"siblings", "usedStorage", "safetensors"} else []
+    )
     view: RevisionView = stored_view(summary, commit_id, files, committed_at)
     config = model_config(store, summary.repo_id, commit_id) if "config" in wanted else None
-    return select_properties(model_properties(view, config), wanted)
+    # (as model info derives them: a listing asked for them answered bare ids, an explorer's trial)
+    derived: dict[str, Any] = {}
+    if "safetensors" in wanted:
+        derived["safetensors"] = safetensors_info(store, summary.repo_id, commit_id, [f.path for f in files])
+    if "gguf" in wanted:
+        derived["gguf"] = gguf_info(store, summary.repo_id, commit_id)
+    found = {name: value for name, value in derived.items() if value}
+    return select_properties({**model_properties(view, config), **found}, wanted)
 
 
 def models_page(
