@@ -736,3 +736,35 @@ def test_what_a_stream_no_longer_lists_leaves_the_page(browser: WebDriver, tmp_p
         finally:
             again.stop()
     assert script_errors(browser) == []
+
+
+def test_a_store_of_many_repos_shows_a_page_of_them_and_finds_the_others(
+    browser: WebDriver, tmp_path: Path
+) -> None:
+    """A store of 14,600 repos made a page of 511,000 elements that asked every repo's manifest and froze for
+    16 s at each poll (an explorer's trial). The page shows 100 repos (Show more adds 100), asks only the
+    shown ones' manifests, and a filter finds any repo."""
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        for number in range(130):
+            folder = write_model_dir(tmp_path / "src" / str(number), {"config.json": b'{"n": %d}' % number})
+            depot.import_dir(folder, f"acme/model-{number:03d}")
+        node = LiveNode(depot)
+        try:
+            browser.get(node.url + "/")
+            shown = "return document.querySelectorAll('#repos .repo').length"
+            wait_for(browser, "a page of repos", lambda d: js(d, shown) == 100)
+            assert visible_text(browser, "#repos-count") == "100 of 130 shown"
+            assert "acme/model-129" not in (visible_text(browser, "#repos") or "")
+            time.sleep(2.5)  # (a poll and its render: the manifests asked meanwhile)
+            asked = len(answers_to(browser, "/manifest"))
+            assert asked <= 100, f"{asked} manifests asked for 100 repos shown"
+            click(browser, "#repos-more")
+            wait_for(browser, "every repo", lambda d: js(d, shown) == 130)
+            assert visible_text(browser, "#repos-more") is None
+            type_into(browser, "#repos-filter", "MODEL-12")
+            wait_for(browser, "the repos found", lambda d: js(d, shown) == 10)
+            assert visible_text(browser, "#repos-count") == "10 of 10 matching (of 130) shown"
+            assert "acme/model-129" in (visible_text(browser, "#repos") or "")
+        finally:
+            node.stop()
+    assert script_errors(browser) == []

@@ -12,6 +12,9 @@
   const API = "api/depot/v1"; // relative: the page works behind a proxy that mounts the node under a prefix
   const TOKEN_KEY = "modeldepot-token";
   const POLL_MS = 2000;
+  // Repos shown at once (more on a click, or found by the filter): a store of 14,600 repos made a page of
+  // 511,000 elements, asked each one's manifest, and froze for 16 s at every poll (an explorer's trial)
+  const REPOS_SHOWN = 100;
   const RECONNECT_MS = 2000;
   const STREAM_SILENCE_MS = 25000; // no byte of the event stream for this long (its heartbeat is every 15 s)
   const READ_TIMEOUT_MS = 10000; // a read still unanswered then: the node is not answering (a machine gone silent)
@@ -57,6 +60,7 @@
     variants: new Map(), // "repo:variant" -> the last variant event
     streamed: null, // the keys the event stream connected last listed, until its snapshot event
     manifests: new Map(), // repo -> {revision, endpoint} from its saved scan (or null while asked)
+    reposShown: REPOS_SHOWN, // repos shown at most (Show more adds as many)
   };
 
   const $ = (id) => document.getElementById(id);
@@ -709,10 +713,7 @@
       byRepo.get(variant.repo_id).variants.push(variant);
     }
     const items = Array.from(byRepo.values()).sort((a, b) => a.id.localeCompare(b.id));
-    for (const item of items) {
-      item.variants.sort((a, b) => a.variant.localeCompare(b.variant));
-      if (item.variants.length) manifestOf(item.id);
-    }
+    for (const item of items) item.variants.sort((a, b) => a.variant.localeCompare(b.variant));
     return items;
   }
 
@@ -807,7 +808,15 @@
     const why = items.length > 0 ? null : state.unknown.repos;
     $("repos-empty").hidden = items.length > 0 || Boolean(why);
     unknownNote("repos-unknown", why);
-    sync($("repos"), items, (item) => item.id, makeRepo, updateRepo);
+    const wanted = $("repos-filter").value.trim().toLowerCase();
+    const found = wanted ? items.filter((item) => item.id.toLowerCase().includes(wanted)) : items;
+    const shown = found.slice(0, state.reposShown);
+    for (const item of shown) if (item.variants.length) manifestOf(item.id); // (the shown ones' alone)
+    $("repos-find-row").hidden = items.length <= REPOS_SHOWN && !wanted;
+    setText($("repos-count"), wanted || found.length > shown.length
+      ? `${shown.length} of ${found.length}${wanted ? ` matching (of ${items.length})` : ""} shown` : "");
+    $("repos-more").hidden = found.length <= shown.length;
+    sync($("repos"), shown, (item) => item.id, makeRepo, updateRepo);
   }
 
   function renderPreloaded() {
@@ -884,6 +893,14 @@
     $("token-button").addEventListener("click", askToken);
     $("forget-token").addEventListener("click", () => setToken(""));
     $("pull-form").addEventListener("submit", onPullForm);
+    $("repos-filter").addEventListener("input", () => {
+      state.reposShown = REPOS_SHOWN;
+      scheduleRender();
+    });
+    $("repos-more").addEventListener("click", () => {
+      state.reposShown += REPOS_SHOWN;
+      scheduleRender();
+    });
     document.addEventListener("click", (event) => {
       const target = event.target.closest("button[data-action]");
       if (target && !target.disabled) onAction(target);
