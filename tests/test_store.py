@@ -220,6 +220,34 @@ def test_a_corrupt_chunk_is_refused_and_quarantined(depot: Depot, model_dir: Pat
     assert bytes(depot.get_file(REPO, "model.safetensors")) == sample_files()["model.safetensors"]
 
 
+def test_verify_records_when_each_blob_passed_in_batches(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify recorded each blob that passed in a transaction of its own: 69 s of the index's flushes for
+    61,500 small blobs (an explorer's trial). In batches, the last one too; a corrupt blob is not recorded."""
+    from modeldepot.store import maintenance
+
+    monkeypatch.setattr(maintenance, "RECORD_EVERY", 2)
+    files = {f"f{i}.txt": f"file {i}".encode() for i in range(5)}
+    depot.import_dir(write_model_dir(tmp_path / "five", files), REPO)
+    bad = depot.file_info(REPO, "f4.txt").sha256
+    good = {depot.file_info(REPO, p).sha256 for p in files} - {bad}
+    flip_byte(depot.store.blobs.path(bad), 0)
+    before = time.time()
+    flushes: list[int] = []
+    record = depot.store.record_all_verified
+    monkeypatch.setattr(
+        depot.store, "record_all_verified", lambda found: flushes.append(len(found)) or record(found)
+    )
+    report = depot.verify(REPO)
+    assert [p.sha256 for p in report.problems] == [bad]
+    rows = {
+        r["sha256"]: r["verified_at"] for r in depot.store.index.read("SELECT sha256, verified_at FROM blobs")
+    }
+    assert all((rows[sha] or 0) >= before for sha in good), rows
+    assert sorted(flushes) == [2, 2], flushes  # (four good blobs, two batches; not one transaction each)
+
+
 def test_verify_finds_flipped_truncated_and_missing_blobs(depot: Depot, model_dir: Path) -> None:
     depot.import_dir(model_dir, REPO)
     flipped, truncated, missing = (

@@ -120,6 +120,8 @@ def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | 
     checked_bytes = 0
     problems: list[VerifyProblem] = []
     recording = True
+    passed: list[tuple[str, float]] = []  # (recorded in batches: RECORD_EVERY blobs or seconds)
+    recorded = time.monotonic()
     for row in rows:
         sha256 = row["sha256"]
         if row["state"] != "ok":
@@ -146,7 +148,11 @@ def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | 
         if progress is not None:
             progress(checked_bytes, total)
         if found is None:
-            recording = recording and _record_verified(store, sha256)
+            passed.append((sha256, time.time()))
+            if recording and (
+                len(passed) >= RECORD_EVERY or time.monotonic() - recorded >= RECORD_EVERY_SECONDS
+            ):
+                recording, passed, recorded = _record_verified(store, passed), [], time.monotonic()
             continue
         now = _state_now(store, sha256, row["created_at"])
         if now is None:
@@ -158,6 +164,8 @@ def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | 
         if moved is None:
             continue  # (the same, noticed under the lock)
         problems.append(VerifyProblem(sha256, found[0], found[1], moved or None, _users(store, sha256)))
+    if recording and passed:
+        _record_verified(store, passed)
     repaired, not_repaired = _repair_snapshots(store, repo_id)
     return VerifyReport(
         # (those rehashed, as the bytes: one quarantined before is a problem, not checked again)
@@ -216,10 +224,14 @@ def _state_now(store: Store, sha256: str, seen: float) -> str | None:
     return str(rows[0]["state"])
 
 
-def _record_verified(store: Store, sha256: str) -> bool:
-    """Note when a blob last passed; False once the disk is too full to (the check itself goes on: the
+RECORD_EVERY = 256  # blobs verify found good, recorded together (at most, or ...)
+RECORD_EVERY_SECONDS = 2.0  # ... as often: a verify killed midway loses no more than this of its record
+
+
+def _record_verified(store: Store, passed: list[tuple[str, float]]) -> bool:
+    """Note when these blobs last passed; False once the disk is too full to (the check itself goes on: the
     times only tell when a blob was last checked)."""
-    if not store.record_verified(sha256, time.time()):
+    if not store.record_all_verified(passed):
         log.warning("the store's disk is full: verify goes on without recording when each blob passed")
         return False
     return True

@@ -447,12 +447,19 @@ class Store:
         """The blob was found good at ``checked`` (its ``verified_at``). A read-only store keeps it in this
         process's memory. False when the disk is too full to record it (it is checked again next time: the
         check itself went through)."""
+        return self.record_all_verified([(sha256, checked)])
+
+    def record_all_verified(self, found: list[tuple[str, float]]) -> bool:
+        """:meth:`record_verified` for many blobs, in one transaction (verify's: one each took 69 s of the
+        index's flushes for 61,500 small blobs, an explorer's trial)."""
         if self.read_only:
-            self._checked[sha256] = checked
+            self._checked.update(found)
             return True
         try:
             with self.index.write("recording a verification") as con:
-                con.execute("UPDATE blobs SET verified_at = ? WHERE sha256 = ?", (checked, sha256))
+                con.executemany(
+                    "UPDATE blobs SET verified_at = ? WHERE sha256 = ?", [(t, s) for s, t in found]
+                )
         except StoreFullError:
             return False
         return True
