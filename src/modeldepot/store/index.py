@@ -205,11 +205,17 @@ _MIGRATIONS: tuple[str, ...] = (
         AND v.created_at = (SELECT MAX(created_at) FROM revisions w WHERE w.repo_id = v.repo_id)
         GROUP BY v.repo_id, v.commit_id
     """,
+    # 12: blobs by size: every import asks which of its files' sizes the store holds (the disk budget's check
+    # before it writes), a scan of every blob without it (17.6 ms at 61,500 blobs, growing with the store: an
+    # explorer's trial). Reads do without it.
+    """
+    CREATE INDEX blobs_by_size ON blobs (size)
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 # A store that cannot be upgraded here (a read-only mount, another user's) is read as it is from this
 # version on: the migrations after it add what only writes use (linked_sources), or what a read does
-# without (commit_listings, revision_access: Index.schema says which it may ask).
+# without (commit_listings, revision_access: Index.schema says which it may ask; blobs_by_size).
 READABLE_FROM = 8
 # Result codes (sqlite3.SQLITE_FULL and friends exist only from Python 3.11). Python reports extended codes.
 _SQLITE_IOERR = 10
