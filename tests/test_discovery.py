@@ -1043,17 +1043,36 @@ async def _settlements_go_with_the_whole_copy(
     me = node("a")
     await a.register(me)
     removed, kept, downloading, size = sha("removed"), sha("kept"), sha("downloading"), 1 << 20
-    for content in (removed, kept, downloading):
+    pulled_again = sha("pulled again")
+    for content in (removed, kept, downloading, pulled_again):
         assert await a.claim_chunk(content, size, 0, me.node_id) is not None
         await a.settle_claim(content, size, 0, "ab" * 32)
         await a.release_claims(content, size)
-    await a.publish({removed: WHOLE, kept: WHOLE, downloading: HALF})
+    await a.publish({removed: WHOLE, kept: WHOLE, downloading: HALF, pulled_again: WHOLE})
     await c.wait_for(lambda: len(c.holders(removed)) == 1 and len(c.holders(downloading)) == 1, WAIT)
     assert c.settlements(removed, size) == {0: (me.node_id, "ab" * 32)}
-    await a.publish({kept: WHOLE})
+    # (removed and pulled again within one publish: the whole copy became a download, a review)
+    await a.publish({kept: WHOLE, pulled_again: HALF})
     await c.wait_for(lambda: not c.holders(removed) and not c.holders(downloading), WAIT)
-    assert c.settlements(removed, size) == {}
+    assert c.settlements(removed, size) == c.settlements(pulled_again, size) == {}
     assert c.settlements(kept, size) == c.settlements(downloading, size) == {0: (me.node_id, "ab" * 32)}
+
+
+def test_a_view_reloaded_forgets_the_settlements_of_copies_that_went_meanwhile() -> None:
+    """A view away while a node removed its copy, etcd's history compacted since: reloaded from a snapshot,
+    it kept the node's settlements of that copy (a review); and those of a node that left meanwhile."""
+    from modeldepot.discovery.base import ChunkClaim
+
+    view, me, other = MemDiscovery(MemRegistry("reloaded")), node("a"), node("b")  # (its view's part alone)
+    removed, kept, size = sha("removed"), sha("kept"), 1 << 20
+    for record in (me, other):
+        view._set_node(record)
+    for content, who in ((removed, me), (kept, me), (kept, other)):
+        view._set_holding(content, who.node_id, WHOLE)
+        view._set_claim(content, size, 0 if who is me else 1, ChunkClaim(who.node_id, "ab" * 32, 1))
+    view._replace_view({me.node_id: me}, {kept: {me.node_id: WHOLE}})
+    assert view.settlements(removed, size) == {}
+    assert view.settlements(kept, size) == {0: (me.node_id, "ab" * 32)}  # (b left: its chunk 1 went)
 
 
 def test_a_nodes_settlements_go_when_its_whole_copy_does() -> None:

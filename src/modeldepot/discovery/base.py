@@ -366,6 +366,13 @@ def _wake(waiter: asyncio.Future[None]) -> None:
             pass
 
 
+def copy_went(before: Holding | None, after: Holding | None) -> bool:
+    """Whether a node's whole copy of a content went (removed, evicted): its holding was complete, and is no
+    more or is a download again (a removal and a new pull within one publish: a review). Then what it settled
+    of the content is no longer there. (A download's holding that goes is its end: the whole copy's comes.)"""
+    return before is not None and before.complete and (after is None or not after.complete)
+
+
 def forget_settlements_of(
     settled: dict[tuple[str, int], dict[int, tuple[str, str]]], node_id: str, sha256: str | None = None
 ) -> None:
@@ -439,7 +446,10 @@ class ViewDiscovery(Discovery):
 
     def _set_holding(self, sha256: str, node_id: str, holding: Holding) -> None:
         with self._lock:
-            self._holdings.setdefault(sha256, {})[node_id] = holding
+            by_node = self._holdings.setdefault(sha256, {})
+            if copy_went(by_node.get(node_id), holding):
+                forget_settlements_of(self._settled, node_id, sha256)
+            by_node[node_id] = holding
 
     def _drop_holding(self, sha256: str, node_id: str) -> None:
         """Its whole copy gone (removed, evicted), what the node settled of the content goes too: a pull of it
@@ -452,7 +462,7 @@ class ViewDiscovery(Discovery):
                 gone = by_node.pop(node_id, None)
                 if not by_node:
                     del self._holdings[sha256]
-                if gone is not None and gone.complete:
+                if copy_went(gone, None):
                     forget_settlements_of(self._settled, node_id, sha256)
 
     def _set_claim(self, sha256: str, chunk_size: int, index: int, claim: ChunkClaim) -> None:
@@ -504,8 +514,17 @@ class ViewDiscovery(Discovery):
         holdings: Mapping[str, Mapping[str, Holding]],
         claims: Mapping[tuple[str, int], Mapping[int, ChunkClaim]] | None = None,
     ) -> None:
-        """Swap the whole view at once (a reader sees the old view or the new one, never a mix)."""
+        """Swap the whole view at once (a reader sees the old view or the new one, never a mix). What a node
+        settled of a copy that went meanwhile goes too (a view away while its node removed the file, etcd's
+        history compacted since: reloaded, it kept the settlements, a review), as do the settlements of nodes
+        that left."""
         with self._lock:
+            for sha256, by_node in self._holdings.items():
+                for node_id, before in by_node.items():
+                    if copy_went(before, holdings.get(sha256, {}).get(node_id)):
+                        forget_settlements_of(self._settled, node_id, sha256)
+            for node_id in set(self._nodes) - set(nodes):
+                forget_settlements_of(self._settled, node_id)
             self._nodes.clear()
             self._nodes.update(nodes)
             self._holdings.clear()

@@ -23,6 +23,7 @@ from modeldepot.discovery.base import (
     ViewDiscovery,
     check_holdings,
     check_node_record,
+    copy_went,
     forget_settlements_of,
 )
 from modeldepot.errors import InvalidInputError
@@ -106,7 +107,10 @@ class MemRegistry:
             if sha256 not in member._desired:
                 self._drop_holding(sha256, node_id)
         for sha256, holding in member._desired.items():
-            self._holdings.setdefault(sha256, {})[node_id] = holding
+            by_node = self._holdings.setdefault(sha256, {})
+            if copy_went(by_node.get(node_id), holding):  # (as the views of etcd do: see copy_went)
+                forget_settlements_of(self._settled, node_id, sha256)
+            by_node[node_id] = holding
 
     def _remove(self, node_id: str) -> None:
         self._nodes.pop(node_id, None)
@@ -141,7 +145,7 @@ class MemRegistry:
         gone = by_node.pop(node_id, None)
         if not by_node:
             del self._holdings[sha256]
-        if gone is not None and gone.complete:  # (as the views of etcd do: see ViewDiscovery._drop_holding)
+        if copy_went(gone, None):  # (as the views of etcd do: see ViewDiscovery._drop_holding)
             forget_settlements_of(self._settled, node_id, sha256)
 
     def _notify(self) -> None:
