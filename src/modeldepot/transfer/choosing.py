@@ -265,9 +265,16 @@ class ChunkChooser:
                     break  # every source holds every chunk: the lowest is the rarest
         if best is not None:
             return best, None
-        origin_in_swarm = self.swarm is not None and source.kind == "hub"
-        if origin_in_swarm and any(i not in done and i not in self.requests for i in range(self.low, chunks)):
-            return None, None  # the Hub duplicates a peer's request only in the true endgame (all in flight)
+        # The Hub held back for the peers' chunks (a swarm's, or the gaps' outside one): it duplicates a peer's
+        # request only in the true endgame (all in flight), and then only for one stuck long (a gap filler
+        # duplicated a slow holder's every request after 1 s and sent 31 of its 32 chunks: a review)
+        origin_held_back = source.kind == "hub" and (
+            self.swarm is not None or (self.gaps_only and not self.peers_slow)
+        )
+        if origin_held_back and any(
+            i not in done and i not in self.requests for i in range(self.low, chunks)
+        ):
+            return None, None
         outstanding = [
             (reqs[0].started, index)
             for index, reqs in self.requests.items()
@@ -280,7 +287,7 @@ class ChunkChooser:
         started, index = min(outstanding)
         spent, landed = self.timing.get(source, (0.0, 0))
         patience = max(ENDGAME_WAIT, ENDGAME_FACTOR * spent / landed) if landed else ENDGAME_WAIT
-        if origin_in_swarm and not self.peers_slow:
+        if origin_held_back and not self.peers_slow:
             # a chunk from the Hub again is what the swarm saves: only for a peer stuck that long (unless
             # the peers are slow as a whole: then their chunks in flight are the Hub's as any endgame's)
             patience = max(patience, STUCK_FACTOR * self._patience())
