@@ -774,7 +774,16 @@ def test_etcd_tls_files_are_checked_before_anything_connects(tmp_path: Path) -> 
     found = cluster_tls(tls.env(), secure=True)
     assert found is not None and found.ca == tls.ca.read_bytes() and found.key == tls.client_key.read_bytes()
     (tmp_path / "not-pem").write_text("hello")
+    locked = tmp_path / "locked.key"  # (the client's key under a passphrase)
+    subprocess.run(["openssl", "pkey", "-in", str(tls.client_key), "-out", str(locked), "-aes256", "-passout",
+                    "pass:s3cret"], check=True, capture_output=True)  # fmt: skip
+    pair = {"MODELDEPOT_CLUSTER_CA": str(tls.ca)}
     for env, secure, said in [
+        ({**pair, "MODELDEPOT_CLUSTER_CERT": str(tls.client), "MODELDEPOT_CLUSTER_KEY": str(locked)}, True,
+         "without a passphrase"),
+        ({**pair, "MODELDEPOT_CLUSTER_CERT": str(tls.client_key), "MODELDEPOT_CLUSTER_KEY": str(tls.client)}, True,
+         "are not a certificate and its key"),
+        ({"MODELDEPOT_CLUSTER_CA": str(tls.client_key)}, True, "holds no CA certificate"),
         ({"MODELDEPOT_CLUSTER_CA": str(tls.ca)}, False, "plain etcd:// URL"),
         ({"MODELDEPOT_CLUSTER_CERT": str(tls.client)}, True, "CERT is set without MODELDEPOT_CLUSTER_KEY"),
         ({"MODELDEPOT_CLUSTER_KEY": str(tls.client_key)}, True, "KEY is set without MODELDEPOT_CLUSTER_CERT"),

@@ -224,7 +224,32 @@ def cluster_tls(env: Mapping[str, str], secure: bool) -> ClusterTls | None:
         have, lack = ("CERT", "KEY") if key is None else ("KEY", "CERT")
         raise ConfigError(f"MODELDEPOT_CLUSTER_{have} is set without MODELDEPOT_CLUSTER_{lack}: a client "
                           "certificate needs its key, and the key its certificate")  # fmt: skip
+    _check_tls(given, ca, cert is not None)
     return ClusterTls(ca, cert, key)
+
+
+def _check_tls(given: Mapping[str, str], ca: bytes | None, with_cert: bool) -> None:
+    """The CA bundle and the certificate with its key, as a TLS client takes them, at start: a key with a
+    passphrase, or the certificate and key swapped, passed the PEM check and failed every connection later
+    with a hint that blamed the CA (a review)."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca is not None:
+        try:
+            context.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as error:
+            raise ConfigError(f"MODELDEPOT_CLUSTER_CA {given['MODELDEPOT_CLUSTER_CA']!r} holds no CA certificate "
+                              f"({error})") from None  # fmt: skip
+    if with_cert:
+        try:  # (a key with a passphrase asks for it: an empty one fails it, rather than a prompt)
+            context.load_cert_chain(given["MODELDEPOT_CLUSTER_CERT"], given["MODELDEPOT_CLUSTER_KEY"],
+                                    password=lambda: b"")  # fmt: skip
+        except (ssl.SSLError, OSError) as error:
+            raise ConfigError(
+                "MODELDEPOT_CLUSTER_CERT and MODELDEPOT_CLUSTER_KEY are not a certificate and its key, without a "
+                f"passphrase ({error}); a key with one: `openssl pkey -in KEY -out PLAIN` makes one without"
+            ) from None
 
 
 def _read_pem(name: str, path: str) -> bytes:

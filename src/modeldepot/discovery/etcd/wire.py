@@ -47,6 +47,9 @@ def describe(error: BaseException) -> str:
         text += " (etcd's authentication is on: set MODELDEPOT_CLUSTER_USER and MODELDEPOT_CLUSTER_PASSWORD)"
     elif "authentication failed" in text:
         text += " (check MODELDEPOT_CLUSTER_USER and MODELDEPOT_CLUSTER_PASSWORD or its file)"
+    elif "permission denied" in text:  # (a user etcd knows, its role short: the CN of a client certificate's)
+        text += (" (etcd's authentication is on: this client's user, MODELDEPOT_CLUSTER_USER or its certificate's"
+                 " common name, needs a role that reads and writes the fleet's prefix)")  # fmt: skip
     if "database space exceeded" in text:  # (said "cannot be reached": the operator looked at the network)
         text += " (etcd is up and refuses writes, its database full: compact and defragment it, then `etcdctl alarm disarm`)"
     return text
