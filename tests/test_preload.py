@@ -1178,3 +1178,93 @@ def test_an_unload_while_a_follow_loads_lets_the_new_commit_go(
     finally:
         go_on.set()
         preloader.close()
+
+
+def _held_back_loads(monkeypatch: pytest.MonkeyPatch, commit: str) -> tuple[threading.Event, threading.Event]:
+    """Loads of all of ``commit``'s files wait, once begun, until the second event is set."""
+    loading, go_on = threading.Event(), threading.Event()
+    load = Preloader._load
+
+    def held_back(self: Preloader, key: Any, *args: Any) -> Any:
+        if key[1] == commit and key[2] == "":
+            loading.set()
+            go_on.wait(20)
+        return load(self, key, *args)
+
+    monkeypatch.setattr(Preloader, "_load", held_back)
+    return loading, go_on
+
+
+def test_an_unload_during_a_follow_lets_only_the_followed_model_go(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The follow of an unloaded model let its new commit go by evicting every model of that commit: a variant
+    someone preloaded by the commit id and pinned went with it (a review)."""
+    rng = random.Random(11)
+
+    def commit(seed: int) -> str:
+        files = {name: rng.randbytes(MiB) for name in ("m-Q4_K_M.gguf", "m-Q8_0.gguf")}
+        depot.import_dir(write_model_dir(tmp_path / f"g{seed}", files), "acme/m-GGUF")
+        return depot.resolve("acme/m-GGUF")
+
+    first = commit(1)
+    preloader = Preloader(depot, budget="1GiB")
+    try:
+        preloader.preload("acme/m-GGUF")  # every file, by main
+        second = commit(2)  # main moves
+        preloader.preload("acme/m-GGUF", "Q8_0", second)  # by its commit id, and pinned
+        preloader.pin("acme/m-GGUF", "Q8_0", second)
+        loading, go_on = _held_back_loads(monkeypatch, second)
+        assert preloader.follow_branches() == 1
+        assert loading.wait(20), "the follow did not load the new commit"
+        assert preloader.evict("acme/m-GGUF", revision=first) is True  # (the followed model, by its commit)
+        go_on.set()
+        wait_until(lambda: not preloader._following, 20, "the follow to end")
+        left = {(m.variant, m.commit_id) for m in preloader.stats().preloaded}
+        assert left == {("Q8_0", second)}, left
+    finally:
+        go_on.set()
+        preloader.close()
+
+
+def test_a_preload_asked_after_an_unload_during_a_follow_keeps_what_lands(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unloaded while the follow loaded, then preloaded again by its branch (it waited for the load in flight
+    and answered preloaded): the follow let the model go as it landed (a review). A new ask keeps it."""
+    add_repo(depot, tmp_path, "a", 1)
+    preloader = Preloader(depot, budget="1GiB")
+    try:
+        preloader.preload("acme/a")
+        add_repo(depot, tmp_path / "again", "a", 2)
+        second = depot.resolve("acme/a")
+        loading, go_on = _held_back_loads(monkeypatch, second)
+        answered = threading.Event()
+        release = Preloader._release
+
+        def after_the_ask(self: Preloader, *args: Any, **kwargs: Any) -> None:
+            if threading.current_thread().name not in ("ask", "MainThread"):
+                answered.wait(20)  # (the follow's thread goes on once the new ask was answered)
+            release(self, *args, **kwargs)
+
+        monkeypatch.setattr(Preloader, "_release", after_the_ask)
+        assert preloader.follow_branches() == 1
+        assert loading.wait(20)
+        assert preloader.evict("acme/a") is True
+        answers: list[PreloadInfo] = []
+
+        def ask() -> None:
+            answers.append(preloader.preload("acme/a"))
+            answered.set()
+
+        again = threading.Thread(target=ask, name="ask")
+        again.start()  # (it waits for the load in flight)
+        wait_until(lambda: not preloader._unfollowed, 20, "the new ask to be seen")
+        go_on.set()
+        again.join(30)
+        wait_until(lambda: not preloader._following, 20, "the follow to end")
+        assert answers and answers[0].commit_id == second
+        assert preloader.holds("acme/a"), "preload() answered preloaded, and the follow let the model go"
+    finally:
+        go_on.set(), answered.set()
+        preloader.close()

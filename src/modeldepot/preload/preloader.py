@@ -268,8 +268,10 @@ class Preloader:
         # The branch each model was asked by (a commit id asked: none), and those being moved to its new commit
         self._branches: dict[ModelKey, str] = {}
         self._by_commit: set[ModelKey] = set()  # asked by a commit id too: such a model stays where it is
-        self._following: dict[ModelKey, str] = {}  # a model moving to its branch's new commit -> the branch
-        self._unfollowed: set[ModelKey] = set()  # ... unloaded by :meth:`evict` meanwhile: the new one goes
+        # A model moving to its branch's new commit -> (the branch, that commit)
+        self._following: dict[ModelKey, tuple[str, str]] = {}
+        # ... unloaded by :meth:`evict` meanwhile (the new one goes as it lands, unless asked for again since)
+        self._unfollowed: set[ModelKey] = set()
         # The commit a follow failed to bring in: not tried again
         self._follow_failed: dict[ModelKey, str] = {}
         self._loading_paths: dict[ModelKey, frozenset[str]] = {}  # the files each load in progress reads
@@ -365,20 +367,33 @@ class Preloader:
     def preload(self, repo_id: str, quant: str | None = None, revision: str = "main") -> PreloadInfo:
         """Bring a model (a variant and the shared files, or the whole revision) into RAM, evicting the
         least recently used models as the budget needs. Concurrent calls for one model load it once."""
+        return self._preload(repo_id, quant, revision, asked=True)
+
+    def _preload(self, repo_id: str, quant: str | None, revision: str, asked: bool) -> PreloadInfo:
         self._look_for_removed()
         self._let_go_of_dropped()
         # Held while it is measured: an eviction by another thread closed its files under the measure
         # (a raw EBADF from a preload that had succeeded: a trial)
-        model, already = self._obtain(repo_id, quant, revision, hold=True)
+        model, already = self._obtain(repo_id, quant, revision, hold=True, asked=asked)
         try:
             return self._info(model, already)
         finally:
             self._release(model, budget_again=False)  # (not to evict the model it just loaded)
 
-    def _obtain(self, repo_id: str, quant: str | None, revision: str, hold: bool) -> tuple[_Model, bool]:
+    def _obtain(
+        self, repo_id: str, quant: str | None, revision: str, hold: bool, asked: bool = True
+    ) -> tuple[_Model, bool]:
         """The model in RAM (loaded now if needed) and whether it was there; with ``hold``, a holder is
-        counted before the lock is let go, so no eviction can come between."""
+        counted before the lock is let go, so no eviction can come between. ``asked``: by a caller, not a
+        follow: a follow unloaded meanwhile keeps what it lands for this ask (it took a model a preload after
+        the unload had said was in RAM: a review)."""
         key, entries, answering = self._resolve(repo_id, quant, revision)
+        if asked:
+            with self._lock:
+                self._unfollowed.difference_update(
+                    old for old, (branch, commit_id) in self._following.items()
+                    if old[0] == key[0] and old[2] == key[2] and key[1] == commit_id
+                )  # fmt: skip
         holders = self._holders(key, entries, answering)
         size = self._footprint(entries)
         if size > self.budget:
@@ -701,7 +716,7 @@ class Preloader:
                 # (a follow that failed, for want of room say, is not tried again every 2 s for the same commit)
                 if key in self._following or self._closed.is_set() or self._follow_failed.get(key) == now:
                     continue
-                self._following[key] = branch
+                self._following[key] = (branch, now)
             started += 1
             try:
                 self._pool.submit(self._follow, key, branch, now)
@@ -725,12 +740,16 @@ class Preloader:
             if not keep:
                 self._drop(model, evicted=False)
         try:
-            self.preload(repo_id, variant or None, branch)
+            landed = self._preload(repo_id, variant or None, branch, asked=False)
             with self._lock:
                 self._follow_failed.pop(old, None)
-                unloaded = old in self._unfollowed
-            if unloaded:  # (an unload by the branch while this loaded: it landed after the unload answered)
-                self.evict(repo_id, variant or None, commit_id)
+                # (an unload by the branch while this loaded: it landed after the unload answered; only the
+                # model this follow loaded goes, not another variant, nor one that was in RAM already)
+                new = self._models.get((repo_id, landed.commit_id, variant))
+                unloaded = old in self._unfollowed and new is not None and not landed.already
+                if unloaded and new is not None:
+                    self._drop(new, evicted=False)
+            if unloaded:
                 log.info("%s (%s): %s moved to %s, unloaded meanwhile: let go", repo_id, variant or "all files",
                          branch, commit_id[:12])  # fmt: skip
                 return
@@ -791,7 +810,7 @@ class Preloader:
                 self._drop(model, evicted=False)
             # A model on its way to its branch's new commit: the new one goes as it lands (it landed after the
             # unload had answered, a review)
-            moving = [old for old, branch in self._following.items() if named(old, branch)]
+            moving = [old for old, (branch, _) in self._following.items() if named(old, branch)]
             self._unfollowed.update(moving)
         self._look_for_removed()  # (after: a look would have started a follow of what is being unloaded)
         return bool(found or moving)
