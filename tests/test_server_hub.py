@@ -802,3 +802,32 @@ def disposed_name(header: str) -> str | None:
     message = email.message.EmailMessage()
     message["Content-Disposition"] = header
     return message.get_filename()
+
+
+def test_a_listing_gives_no_parameters_of_a_revision_held_in_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Model info says no `safetensors` for a revision held in part (a sum of part would be wrong); the
+    listing asked for it summed the one shard held (it read the held files as the commit's: a review)."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    from conftest import hub_path_depot, serving_repo
+
+    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    files = {"config.json": b"{}", "model.safetensors.index.json": json.dumps({"weight_map": weight_map}).encode(),
+             "model-00001-of-00002.safetensors": save({"a": np.zeros((3, 4), np.float32)}),
+             "model-00002-of-00002.safetensors": save({"b": np.zeros(1000, np.float32)})}  # fmt: skip
+    with (
+        serving_repo(tmp_path, files, "acme/sharded") as upstream,
+        hub_path_depot(tmp_path / "local", upstream.url, monkeypatch) as local,
+    ):
+        local.pull("acme/sharded", include=["*.json", "model-00001-*"])
+        node = LiveNode(local)
+        try:
+            api = HfApi(endpoint=node.url)
+            assert api.model_info("acme/sharded", expand=["safetensors"]).safetensors is None
+            [listed] = [m for m in api.list_models(expand=["safetensors"]) if m.id == "acme/sharded"]
+            assert listed.safetensors is None, listed.safetensors
+        finally:
+            node.stop()

@@ -249,6 +249,10 @@ SAFETENSORS_HEADER_MAX = 100 << 20  # bytes of a safetensors header read at most
 # (home, repo, commit, the weights' paths listed, those held with their digests) -> what was read: the files
 # held make the key (a shard pulled since is another sum), and a failure is not kept (a file quarantined,
 # then pulled again: a review)
+# Commits whose derived properties are kept, at most (then all are read again): a listing of every model with
+# expand=safetensors reads one header per commit, 15-30 ms each, and a cache of 1,024 read a store of more
+# again at every page (a review)
+CACHED_COMMITS = 1 << 16
 _PARAMETERS: dict[tuple[Any, ...], dict[str, Any] | None] = {}
 
 
@@ -318,7 +322,7 @@ def safetensors_info(
     except (ValueError, RecursionError, KeyError, TypeError):
         parameters = {}  # (a file that is no safetensors: so it stays)
     found = {"parameters": parameters, "total": sum(parameters.values())} if parameters else None
-    if len(_PARAMETERS) >= 1024:
+    if len(_PARAMETERS) >= CACHED_COMMITS:
         _PARAMETERS.clear()
     _PARAMETERS[key] = found
     return found
@@ -350,7 +354,7 @@ def gguf_info(store: Store, repo_id: str, commit_id: str) -> dict[str, Any] | No
         return None  # (not kept: a shard gone or corrupt now may be pulled again)
     except (DepotError, ValueError, TypeError):
         found = None  # (no GGUF, or no gguf package: so it stays)
-    if len(_GGUF) >= 256:
+    if len(_GGUF) >= CACHED_COMMITS:
         _GGUF.clear()
     _GGUF[key] = found
     return found
@@ -397,18 +401,17 @@ def _safetensors_parameters(store: Store, entry: FileEntry) -> dict[str, int]:
     return counts
 
 
-def _item(store: Store, summary: RepoSummary, properties: Iterable[str]) -> dict[str, Any]:
-    wanted = set(properties)
+def _item(depot: Depot, summary: RepoSummary, properties: Iterable[str]) -> dict[str, Any]:
+    wanted, store = set(properties), depot.store
     commit_id, committed_at = head(store, summary)
-    files = (
-        store.files(summary.repo_id, commit_id) if wanted & {"siblings", "usedStorage", "safetensors"} else []
-    )
+    files = store.files(summary.repo_id, commit_id) if wanted & {"siblings", "usedStorage"} else []
     view: RevisionView = stored_view(summary, commit_id, files, committed_at)
     config = model_config(store, summary.repo_id, commit_id) if "config" in wanted else None
     # (as model info derives them: a listing asked for them answered bare ids, an explorer's trial)
     derived: dict[str, Any] = {}
-    if "safetensors" in wanted:
-        derived["safetensors"] = safetensors_info(store, summary.repo_id, commit_id, [f.path for f in files])
+    if "safetensors" in wanted:  # (of the commit's every file, as model info: a commit held in part has none)
+        listed = [f.path for f in depot.commit_files(summary.repo_id, commit_id)]
+        derived["safetensors"] = safetensors_info(store, summary.repo_id, commit_id, listed)
     if "gguf" in wanted:
         derived["gguf"] = gguf_info(store, summary.repo_id, commit_id)
     found = {name: value for name, value in derived.items() if value}
@@ -433,7 +436,7 @@ def models_page(
     items = []
     for summary in page:
         try:
-            items.append(_item(depot.store, summary, query.properties))
+            items.append(_item(depot, summary, query.properties))
         except NotFoundError:  # removed since it was read: not listed
             continue
     return items, following
