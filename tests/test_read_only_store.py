@@ -758,6 +758,29 @@ def test_a_group_store_made_before_gets_the_groups_write_when_its_maker_opens_it
     assert second.returncode == 0, second.stderr
 
 
+def test_the_groups_write_is_not_given_through_a_link_a_member_put_in_the_store(tmp_path: Path) -> None:
+    """Any member may put a link in the group's folder, named as an index file: the maker's next command
+    gave the group write on whatever file of the maker's it named (a review). Links are not followed."""
+    from modeldepot.store.index import _share_with_the_group
+
+    store = tmp_path / "team"
+    store.mkdir()
+    store.chmod(0o2775)
+    victim = tmp_path / "victim"
+    victim.write_text("the maker's own file")
+    victim.chmod(0o644)
+    (store / "index.db").write_bytes(b"")
+    (store / "index.db").chmod(0o644)
+    (store / "index.db-wal").symlink_to(victim)
+    before = os.umask(0o002)
+    try:
+        _share_with_the_group(store / "index.db")
+    finally:
+        os.umask(before)
+    assert victim.stat().st_mode & 0o777 == 0o644
+    assert (store / "index.db").stat().st_mode & 0o777 == 0o664  # (the index itself, as before)
+
+
 def test_the_mode_files_are_given_back_follows_the_umask() -> None:
     """A download file made read-only for its flush and then not placed is given back the mode the umask says
     (it was 0o644 whatever the umask: another member of a group could not resume it)."""

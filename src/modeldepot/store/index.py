@@ -728,10 +728,23 @@ def _share_with_the_group(path: Path) -> None:
         if not os.stat(path.parent).st_mode & stat.S_ISGID or not writable_mode() & 0o020:
             return
         for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
-            with suppress(FileNotFoundError):
-                found = os.stat(path.parent / name)
-                wanted = found.st_mode | (writable_mode() & 0o060)
-                if found.st_uid == os.geteuid() and stat.S_IMODE(found.st_mode) != stat.S_IMODE(wanted):
-                    os.chmod(path.parent / name, stat.S_IMODE(wanted))
+            # A link is not followed (any member may put one in the group's folder: the maker's next command
+            # gave the group write on whatever file of the maker's it named, a review): the file itself is
+            # opened, and changed only when it is a regular file of this user's
+            try:
+                fd = os.open(path.parent / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except (FileNotFoundError, OSError):
+                continue
+            try:
+                found = os.fstat(fd)
+                wanted = stat.S_IMODE(found.st_mode | (writable_mode() & 0o060))
+                if (
+                    stat.S_ISREG(found.st_mode)
+                    and found.st_uid == os.geteuid()
+                    and stat.S_IMODE(found.st_mode) != wanted
+                ):
+                    os.fchmod(fd, wanted)
+            finally:
+                os.close(fd)
     except OSError as error:  # (a store on a file system without modes: the group keeps what it had)
         log.debug("cannot give the group write on %s: %s", path, error)
