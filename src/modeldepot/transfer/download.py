@@ -610,6 +610,7 @@ class _FileJob(ChunkChooser):
             self.judge_from = now + SILENT_PEER
             self.peer_started = now if self.peer_started is not None else None
             self.peer_landed.clear()
+            self.paces.clear()  # (the requests' times spanned the stop too)
         return now < self.judge_from
 
     def _slow_peers(self, now: float) -> bool:
