@@ -95,7 +95,18 @@ def cli() -> None:
         and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     ):
         signal.signal(signal.SIGTERM, _terminated_as_interrupted)
-        click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+        click.get_current_context().call_on_close(_put_back_sigterm)
+
+
+# Set by main(): the process ends with the command. Its SIGTERM handling then stays as the command left it: put
+# back to the default as the command's context closed, a supervisor's SIGTERM sent again after the pull had
+# said what it kept killed it (exit 143, not 130: a CI run)
+_ENDS_THE_PROCESS = False
+
+
+def _put_back_sigterm() -> None:
+    if not _ENDS_THE_PROCESS:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _terminated_as_interrupted(signum: int, frame: object) -> None:
@@ -640,6 +651,8 @@ def main() -> None:
     index and its locks, before it does) and its output is flushed, the process ends at once: the
     interpreter's teardown, unloading some 600 modules one by one, took 0.1 s, a tenth of a pull of 300
     configs. An error escaping a command still ends the normal way, with its traceback."""
+    global _ENDS_THE_PROCESS
+    _ENDS_THE_PROCESS = True
     code: int | str | None = 0
     try:
         returned = cli.main(prog_name="modeldepot", standalone_mode=False)
@@ -660,6 +673,8 @@ def main() -> None:
         code = error.exit_code
     except SystemExit as done:  # how a command ends with a code of its own
         code = done.code
+    if signal.getsignal(signal.SIGTERM) is _terminated_as_interrupted:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (done: a SIGTERM now would only break the ending)
     if isinstance(code, str):
         print(code, file=sys.stderr)
         code = 1
