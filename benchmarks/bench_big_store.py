@@ -3,7 +3,8 @@ with this code and with the code before (a worktree given as ``--before``), meas
 
     .venv/bin/python benchmarks/bench_big_store.py --before /tmp/old-worktree [--repos 4000] [--repeat 3]
 
-A store of ``--repos`` repos of four small files each (made once, with this code) is copied afresh for each
+A store of ``--repos`` repos of four small files each (made once, with the code before: this code upgrades
+an older store's index as it opens it, the other way round it is refused) is copied afresh for each
 run; a run removes 40 of its repos one after the other (``Depot.remove``), then verifies the whole store
 (``Depot.verify``), in a process of its own on the code under test. Each removal reads the whole ``files``
 table (it does not trust the index by blob: see ``store/maintenance.py``), so its cost grows with the store;
@@ -55,7 +56,9 @@ print(json.dumps({"remove": removed / removals, "verify": verified, "blobs": rep
 
 def run(src: Path, home: Path, *args: str) -> dict[str, float]:
     done = subprocess.run([sys.executable, "-c", RUN, str(home), *args], env={**os.environ, "PYTHONPATH": str(src)},
-                          check=True, capture_output=True, text=True)  # fmt: skip
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"the run on {src} failed:\n{done.stderr}")
     found: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
     return found
 
@@ -76,7 +79,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
         made.parent.mkdir(parents=True)
         subprocess.run([sys.executable, "-c", BUILD, str(made), str(args.repos)],
-                       env={**os.environ, "PYTHONPATH": str(ours)}, check=True)  # fmt: skip
+                       env={**os.environ, "PYTHONPATH": str(args.before.resolve() / "src")}, check=True)  # fmt: skip
     samples: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
     for _ in range(args.repeat):  # (alternated: the machine's drift falls on both)
         for name, src in (("before", args.before.resolve() / "src"), ("after", ours)):
