@@ -407,3 +407,59 @@ def test_a_pull_outside_the_swarm_takes_what_no_node_holds_from_the_hub_meanwhil
     by_holder = [i for i, line in enumerate(answered) if f"/blobs/{sha256} " in line]
     assert by_hub and by_holder and by_hub[0] < by_holder[-1], "the Hub was asked only after the node's part"
     assert result.bytes_by_source == {"peer": size // 2, "hub": size // 2}, result.bytes_by_source
+
+
+def test_a_pull_outside_the_swarm_leaves_to_the_fleet_the_chunks_its_nodes_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A laptop pulls while the fleet's nodes pull the same file (a rollout): the Hub filled at once every
+    chunk no node held yet, those the nodes were fetching too (2.0 times the model in all: an explorer's
+    trial). A chunk a live node claims is coming to that node: the laptop takes it from there. Here the node
+    holds the first quarter, claims the second (written into its download a moment later), and the Hub
+    gives the rest."""
+    import asyncio
+
+    from modeldepot.discovery.mem import MemDiscovery, mem_registry
+
+    data, quarter = random.Random(24).randbytes(4 * MiB), MiB // SMALL_CHUNK
+    name = f"claims-{uuid.uuid4().hex[:12]}"
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("MODELDEPOT_TOKEN", "claims-secret")
+    monkeypatch.delenv("MODELDEPOT_SERVERS", raising=False)
+    with (
+        serving_repo(tmp_path, {"w.safetensors": data}, REPO, chunk_size=SMALL_CHUNK) as hub,
+        Depot(tmp_path / "holder", chunk_size=SMALL_CHUNK) as holder_depot,
+    ):
+        sha256 = write_partial(holder_depot, data, list(range(quarter)))
+        monkeypatch.setenv("MODELDEPOT_SLOW_PEER_RATE", "off")
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        holder = InProcessNode(holder_depot, f"mem://{name}", "claims-secret")
+        claims = MemDiscovery(mem_registry(name))  # (the node's pull, claiming the chunks it fetches)
+
+        async def claim_the_second_quarter() -> None:
+            await claims.start()
+            for index in range(quarter, 2 * quarter):
+                assert await claims.claim_chunk(sha256, SMALL_CHUNK, index, holder_depot.node_id) is not None
+
+        async def release() -> None:
+            await claims.release_claims(sha256, SMALL_CHUNK)
+            await claims.close()
+
+        asyncio.run(claim_the_second_quarter())
+        try:
+            with Depot(tmp_path / "laptop", chunk_size=SMALL_CHUNK, cluster=f"mem://{name}") as laptop:
+                wait_until(lambda: [(r.blobs, r.partial) for r in laptop.peers()] == [(0, 1)], 10,
+                           "the partial holding in the view")  # fmt: skip
+                pulled: list[object] = []
+                pulling = threading.Thread(target=lambda: pulled.append(laptop.pull(REPO)))
+                pulling.start()
+                time.sleep(1.0)  # (the node's own fetch of its claimed chunks, meanwhile)
+                write_partial(holder_depot, data, list(range(quarter, 2 * quarter)))
+                asyncio.run(release())
+                pulling.join(60)
+                assert pulled, "the pull did not end"
+                assert bytes(laptop.get_file(REPO, "w.safetensors")) == data
+        finally:
+            holder.stop()
+    sources = pulled[0].bytes_by_source  # type: ignore[attr-defined]
+    assert sources == {"peer": 2 * MiB, "hub": 2 * MiB}, sources

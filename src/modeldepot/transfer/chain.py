@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 from modeldepot.config import DepotConfig
-from modeldepot.discovery.base import Holding, NodeRecord, validate_node_url
+from modeldepot.discovery.base import Discovery, Holding, NodeRecord, validate_node_url
 from modeldepot.errors import (
     AccessDeniedError,
     ConfigError,
@@ -533,6 +533,20 @@ class SourceChain:
         blob = f"{url}{NODE_API}/blobs/{remote.sha256}"
         chunks_url = None if holding is not None and holding.complete else f"{blob}/chunks"
         return FileSource(source, blob, digests, "node" if configured else "peer", chunks_url, vouches)
+
+    def claimed_chunks(self, remote: RemoteFile, chunk_size: int) -> frozenset[int]:
+        """The chunks of ``remote`` live nodes of the fleet claim now (each fetches its own from the Hub):
+        for a store that is no node, they are coming to those nodes, not gaps for the Hub to fill."""
+        fleet, sha256 = self.fleet, remote.sha256
+        if fleet is None or sha256 is None:
+            return frozenset()
+
+        def read(discovery: Discovery) -> frozenset[int]:
+            live = {node.node_id for node in discovery.peers()}
+            claims = discovery.claims(sha256, chunk_size)
+            return frozenset(index for index, claim in claims.items() if claim.node_id in live)
+
+        return fleet.read(read, frozenset())
 
     async def swarm_file(self, remote: RemoteFile, chunk_size: int) -> SwarmFile | None:
         """The file's claims in the fleet, when this node takes part: a registry that keeps claims, this

@@ -20,11 +20,12 @@ three times the swarm's typical time from claim to landing: transfer/swarm.py).
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -68,6 +69,10 @@ PEER_TIMES_KEPT = 64  # peer chunk times kept for the typical one
 # chunk asked of the Hub again): a chunk from the Hub again is what the swarm saves, so only a peer well
 # behind the others' pace counts as stuck, not one of a fleet that is slow as a whole.
 STUCK_FACTOR = 2.0
+COMING_READ_EVERY = 0.5  # seconds between two reads of the fleet's claims, outside a swarm
+# ... and a claim gone counts as its chunk landed at its node so long, for its chunk map here to be read again
+# (download.REFRESH_SECONDS, with a read of the claims to spare)
+CLAIM_GONE_GRACE = 3.0
 SWARM_PATIENCE = 10.0  # seconds, at least, another node's claim may stay unlanded before it is taken over
 
 
@@ -127,6 +132,14 @@ class ChunkChooser:
         # Outside a swarm, the upstream joined for the chunks no other node holds (they hold parts of it):
         # it takes none they hold, unless they are slow or it is the endgame
         self.gaps_only = False
+        # Outside a swarm (a store that is no node): the chunks live nodes of the fleet claim now, which they
+        # fetch from the Hub (a rollout): theirs to give soon, not gaps (the Hub sent a laptop's pull during a
+        # rollout the chunks the fleet was fetching: 2.0 times the model in all, an explorer's trial)
+        self.claimed_by_fleet: Callable[[], Collection[int]] | None = None
+        self._coming: frozenset[int] = frozenset()
+        self._coming_read = -math.inf
+        self._coming_since: dict[int, float] = {}
+        self._claim_gone: dict[int, float] = {}  # a chunk's claim seen go -> when
         self.rotation = random.randrange(1 << 30)  # where the Hub's scan starts: claims collide less
 
     def _holds(self, source: FileSource, index: int) -> bool:
@@ -230,10 +243,30 @@ class ChunkChooser:
         if self.swarm is not None and source.kind == "hub":
             return not self._origin_blocked(index, now, endgame)
         if self.gaps_only and source.kind == "hub" and not endgame and not self.peers_slow:
-            return not any(
+            return not self._coming_to_holders(index, now) and not any(
                 s.kind != "hub" and self._holds(s, index) and not self._is_banned(s, now) for s in self.live
             )
         return True
+
+    def _coming_to_holders(self, index: int, now: float) -> bool:
+        """Outside a swarm: whether a live node of the fleet claims chunk ``index`` (it fetches it from the
+        Hub now), and has not held it longer than a stuck claim would (a claimer that stalls is not waited
+        for the whole pull)."""
+        if self.claimed_by_fleet is None:
+            return False
+        if now - self._coming_read >= COMING_READ_EVERY:
+            self._coming, self._coming_read = frozenset(self.claimed_by_fleet()), now
+            for chunk in [
+                i for i in self._coming_since if i not in self._coming and i not in self._claim_gone
+            ]:
+                self._claim_gone[chunk] = now
+        if index not in self._coming:
+            # A claim released as its chunk landed at its node, whose chunk map here is older: still coming
+            # until that map is read again (the Hub was asked for it in the meantime)
+            went = self._claim_gone.get(index)
+            return went is not None and now - went < CLAIM_GONE_GRACE
+        since = self._coming_since.setdefault(index, now)
+        return now - since < STUCK_FACTOR * self._patience()
 
     def _pick(self, source: FileSource) -> tuple[int | None, float | None]:
         """The chunk ``source`` fetches next: among those nobody has or fetches, the one the fewest live
@@ -301,8 +334,10 @@ class ChunkChooser:
     def _claimed_elsewhere(self) -> bool:
         """In a swarm, whether a chunk left is kept from the Hub by the swarm (claimed by another live node,
         or left to the nodes this one follows): it will come from them, or be free once they stop."""
-        if self.swarm is None:
-            return False
+        if self.swarm is None:  # (a store that is no node: the chunks the fleet's nodes fetch now)
+            now = time.monotonic()
+            return any(index not in self.partial.done and self._coming_to_holders(index, now)
+                       for index in range(self.low, self.partial.chunks))  # fmt: skip
         now = time.monotonic()
         # With no Hub left to this node, a chunk nobody claims comes from nowhere: only a claim that stands
         # (its claimer may land it) or a holder is worth waiting for, not the others' stopping

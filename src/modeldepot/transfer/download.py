@@ -38,7 +38,7 @@ import mmap
 import os
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -161,6 +161,7 @@ async def download_file(
     swarm: SwarmFile | None = None,
     on_start: Callable[[BytesReceiving, BytesReceiving], None] | None = None,
     swarm_later: Callable[[], Awaitable[SwarmFile | None]] | None = None,
+    claimed: Callable[[], Collection[int]] | None = None,
 ) -> BlobDigest:
     """Complete ``partial`` with ``remote``'s bytes and return their digests, checked against upstream.
 
@@ -170,13 +171,15 @@ async def download_file(
     other node holds or claims). ``on_start`` is given, before the first request, what tells the bytes
     received of the chunks that have not landed (a chunk over a slow link takes seconds to be whole), and
     what tells how many of those an earlier pull left. ``swarm_later``, for a file that starts outside the
-    fleet's swarm, is asked now and then for its swarm until it joins one (etcd came back, say).
+    fleet's swarm, is asked now and then for its swarm until it joins one (etcd came back, say); ``claimed``,
+    for one outside it, tells the chunks the fleet's live nodes claim now (coming to them: not gaps).
     """
     if remote.size == 0:
         digest = digest_bytes(b"", partial.chunk_size)
         _check(remote, digest)
         return digest
     job = _FileJob(http, remote, partial, limits, fallback, on_bytes, swarm, swarm_later)
+    job.claimed_by_fleet = claimed if swarm is None else None
     if on_start is not None:
         on_start(job.receiving, job.kept_earlier)
     return await job.run(sources)
@@ -350,8 +353,11 @@ class _FileJob(ChunkChooser):
             if chunks is None:
                 return  # (a whole holder: it holds them all)
             held.update(chunks)
-        done = self.partial.done
-        if all(i in done or i in held for i in range(self.low, self.partial.chunks)):
+        done, now = self.partial.done, time.monotonic()
+        if all(
+            i in done or i in held or self._coming_to_holders(i, now)
+            for i in range(self.low, self.partial.chunks)
+        ):
             return
         extra, self.fallback = self.fallback(), None
         self.gaps_only = True

@@ -514,13 +514,16 @@ class _PullRun:
         self.tracker.resumed += claim.resumed_bytes
         hub = [self.chain.hub_source(self.manifest, remote)]
         swarm = await self.chain.swarm_file(remote, claim.chunk_size)
-        swarm_later = None
+        swarm_later, claimed = None, None
         if swarm is not None:  # the Hub from the start, for what no other node holds or claims
             self.swarms.append(swarm)
             sources, fallback = [*nodes, *hub], None
         else:
             sources, fallback = (nodes, lambda: hub) if nodes else (hub, None)
             if self.chain.fleet is not None:
+
+                def claimed() -> frozenset[int]:
+                    return self.chain.claimed_chunks(remote, claim.chunk_size)
 
                 async def swarm_later() -> SwarmFile | None:
                     joined = await self.chain.swarm_file(remote, claim.chunk_size)
@@ -544,7 +547,17 @@ class _PullRun:
 
         try:
             digest = await download_file(
-                http, remote, claim, sources, self.limits, fallback, on_bytes, swarm, on_start, swarm_later
+                http,
+                remote,
+                claim,
+                sources,
+                self.limits,
+                fallback,
+                on_bytes,
+                swarm,
+                on_start,
+                swarm_later,
+                claimed,
             )
         except IntegrityError as mismatch:
             if claim.done or set(self.tracker.path_sources.get(remote.path, {})) <= {"hub"}:
