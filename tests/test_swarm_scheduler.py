@@ -64,8 +64,11 @@ class Proxy(ForwardingProxy):
     ``flip`` corrupts one byte of every body; ``trickle`` sends 512 bytes per 0.1 s; ``hang`` never answers
     a ranged request (a node frozen after it answered its chunk map)."""
 
-    def __init__(self, upstream: str, flip: bool = False, trickle: bool = False, hang: bool = False) -> None:
+    def __init__(
+        self, upstream: str, flip: bool = False, trickle: bool = False, hang: bool = False, gone: frozenset[int] = frozenset()
+    ) -> None:  # fmt: skip
         self.upstream, self.flip, self.trickle, self.hang = upstream, flip, trickle, hang
+        self.gone = gone  # chunks answered a plain 404, as by a node that holds no copy of the file
         self.chunks: list[int] = []  # chunk of each ranged request, in order
         self.body_bytes = 0
         super().__init__("swarm-proxy")
@@ -76,6 +79,8 @@ class Proxy(ForwardingProxy):
             self.chunks.append(int(wanted.group(1)) // SMALL_CHUNK)
             if self.hang:
                 await asyncio.Event().wait()  # (until the client goes)
+            if self.chunks[-1] in self.gone:
+                return web.json_response({"error": "not found"}, status=404)
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("range", "authorization")}
         async with self.session.get(self.upstream + request.path_qs, headers=headers) as upstream:
             body = await upstream.read()
@@ -582,6 +587,25 @@ def test_a_settled_chunk_its_claimer_no_longer_has_comes_from_the_hub(
         assert 0 in hub.chunks and set(hub.chunks) <= {0, *range(CHUNKS // 2, CHUNKS)}, hub.chunks
         from_low = (CHUNKS // 2 - 1) * SMALL_CHUNK
         assert counted == {"peer": from_low, "hub": len(DATA) - from_low}
+    finally:
+        low.stop(), hub.stop()
+
+
+def test_a_claimer_with_no_copy_for_a_chunk_it_settled_stays_a_source_for_the_rest(
+    tmp_path: Path, nodes: dict[str, LiveNode], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node that removed the file and pulls it again at once: what it settled of the copy that went is in
+    the view a moment longer, and a chunk asked of it by that is a plain 404. It was dropped for the whole
+    file, its fresh claims taken for void and fetched from the Hub again (1.26-1.52 times the model with four
+    nodes: an explorer's trial). That chunk comes from the Hub; the node stays a source for the rest."""
+    monkeypatch.setattr(choosing, "SWARM_PATIENCE", 0.5)
+    low, hub = Proxy(nodes["low"].url, gone=frozenset({0})), Proxy(nodes["full"].url)
+    try:
+        sha, counted = swarm_download(tmp_path, low.url, hub.url, True, Limits(per_source=1, total=4))
+        assert sha == SHA
+        assert low.chunks.count(0) == 1, low.chunks
+        from_low = (CHUNKS // 2 - 1) * SMALL_CHUNK
+        assert counted == {"peer": from_low, "hub": len(DATA) - from_low}, counted
     finally:
         low.stop(), hub.stop()
 
