@@ -39,8 +39,14 @@ class TlsFiles:
                                                   "extendedKeyUsage=serverAuth")  # fmt: skip
         self.client, self.client_key = self._made("client", "ca", "extendedKeyUsage=clientAuth")
         self.other_ca, _ = self._made("other-ca", None, "")
+        # a client's certificate another CA signed (etcd refuses it)
+        self.stranger, self.stranger_key = self._made("stranger", "other-ca", "extendedKeyUsage=clientAuth")
 
-    def _made(self, name: str, signer: str | None, extensions: str) -> tuple[Path, Path]:
+    def expired(self) -> tuple[Path, Path]:
+        """A client certificate of this CA whose dates ended yesterday, and its key."""
+        return self._made("expired", "ca", "extendedKeyUsage=clientAuth", days="-1")
+
+    def _made(self, name: str, signer: str | None, extensions: str, days: str = "2") -> tuple[Path, Path]:
         key, cert = self.folder / f"{name}.key", self.folder / f"{name}.pem"
         new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key)]
         if signer is None:
@@ -53,7 +59,7 @@ class TlsFiles:
                        check=True, capture_output=True)  # fmt: skip
         subprocess.run(["openssl", "x509", "-req", "-in", str(request), "-CA", str(self.folder / f"{signer}.pem"),
                         "-CAkey", str(self.folder / f"{signer}.key"), "-CAcreateserial", "-out", str(cert),
-                        "-days", "2", "-extfile", str(ext)], check=True, capture_output=True)  # fmt: skip
+                        "-days", days, "-extfile", str(ext)], check=True, capture_output=True)  # fmt: skip
         return cert, key
 
     def env(self) -> dict[str, str]:

@@ -765,6 +765,67 @@ def test_a_fleet_on_an_etcd_over_tls_with_client_certificates(tmp_path: Path) ->
         etcd.kill()
 
 
+def test_a_node_takes_its_renewed_client_certificate_and_password_without_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TLS files and the password file were read once, at start: a node whose certificate expired, or
+    whose password was changed, stayed out of the fleet for good, though the new ones were on disk (an
+    explorer's trial). A client made again after a refused handshake or password reads them again."""
+    import shutil
+
+    from modeldepot.discovery import open_discovery
+    from modeldepot.discovery.base import NodeRecord
+
+    tls = TlsFiles(tmp_path / "tls")
+    etcd = EtcdServer(tmp_path / "etcd", tls=tls).start()
+    cert, key = tmp_path / "node.pem", tmp_path / "node.key"
+    shutil.copy(tls.stranger, cert), shutil.copy(tls.stranger_key, key)  # (one etcd does not take)
+    monkeypatch.setenv("MODELDEPOT_CLUSTER_CA", str(tls.ca))
+    monkeypatch.setenv("MODELDEPOT_CLUSTER_CERT", str(cert))
+    monkeypatch.setenv("MODELDEPOT_CLUSTER_KEY", str(key))
+
+    async def main() -> None:
+        node = open_discovery(etcd.cluster)
+        await node.start()
+        try:
+            await node.register(NodeRecord("c" * 32, "http://c.test:8980", "1", 1.0))
+            await node.wait_for(lambda: "(TLS:" in (node.status().last_error or ""), 15)
+            shutil.copy(tls.client, cert), shutil.copy(tls.client_key, key)  # renewed on disk
+            await node.wait_for(lambda: node.status().registered, 20)
+        finally:
+            await node.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        etcd.kill()
+    # The same for a password file a secret manager rewrote (etcd's authentication on, no TLS)
+    etcd = EtcdServer(tmp_path / "etcd-auth").start()
+    try:
+        enable_etcd_auth(etcd, "new-password")
+        secret = tmp_path / "password"
+        secret.write_text("old-password\n")
+        for name in ("MODELDEPOT_CLUSTER_CA", "MODELDEPOT_CLUSTER_CERT", "MODELDEPOT_CLUSTER_KEY"):
+            monkeypatch.delenv(name)
+        monkeypatch.setenv("MODELDEPOT_CLUSTER_USER", "root")
+        monkeypatch.setenv("MODELDEPOT_CLUSTER_PASSWORD_FILE", str(secret))
+
+        async def with_a_password() -> None:
+            node = open_discovery(etcd.cluster)
+            await node.start()
+            try:
+                await node.register(NodeRecord("d" * 32, "http://d.test:8980", "1", 1.0))
+                await node.wait_for(lambda: "authentication failed" in (node.status().last_error or ""), 15)
+                secret.write_text("new-password\n")  # rotated
+                await node.wait_for(lambda: node.status().registered, 20)
+            finally:
+                await node.close()
+
+        asyncio.run(asyncio.wait_for(with_a_password(), 60))
+    finally:
+        etcd.kill()
+
+
 def test_etcd_tls_files_are_checked_before_anything_connects(tmp_path: Path) -> None:
     from modeldepot.config import ClusterTls, cluster_tls
 
@@ -784,6 +845,8 @@ def test_etcd_tls_files_are_checked_before_anything_connects(tmp_path: Path) -> 
         ({**pair, "MODELDEPOT_CLUSTER_CERT": str(tls.client_key), "MODELDEPOT_CLUSTER_KEY": str(tls.client)}, True,
          "are not a certificate and its key"),
         ({"MODELDEPOT_CLUSTER_CA": str(tls.client_key)}, True, "holds no CA certificate"),
+        ({**pair, "MODELDEPOT_CLUSTER_CERT": str(tls.expired()[0]), "MODELDEPOT_CLUSTER_KEY": str(tls.expired()[1])},
+         True, "expired on .*: renew it"),
         ({"MODELDEPOT_CLUSTER_CA": str(tls.ca)}, False, "plain etcd:// URL"),
         ({"MODELDEPOT_CLUSTER_CERT": str(tls.client)}, True, "CERT is set without MODELDEPOT_CLUSTER_KEY"),
         ({"MODELDEPOT_CLUSTER_KEY": str(tls.client_key)}, True, "KEY is set without MODELDEPOT_CLUSTER_CERT"),

@@ -242,6 +242,7 @@ def _check_tls(given: Mapping[str, str], ca: bytes | None, with_cert: bool) -> N
             raise ConfigError(f"MODELDEPOT_CLUSTER_CA {given['MODELDEPOT_CLUSTER_CA']!r} holds no CA certificate "
                               f"({error})") from None  # fmt: skip
     if with_cert:
+        _check_dates(given["MODELDEPOT_CLUSTER_CERT"])
         try:  # (a key with a passphrase asks for it: an empty one fails it, rather than a prompt)
             context.load_cert_chain(given["MODELDEPOT_CLUSTER_CERT"], given["MODELDEPOT_CLUSTER_KEY"],
                                     password=lambda: b"")  # fmt: skip
@@ -250,6 +251,25 @@ def _check_tls(given: Mapping[str, str], ca: bytes | None, with_cert: bool) -> N
                 "MODELDEPOT_CLUSTER_CERT and MODELDEPOT_CLUSTER_KEY are not a certificate and its key, without a "
                 f"passphrase ({error}); a key with one: `openssl pkey -in KEY -out PLAIN` makes one without"
             ) from None
+
+
+def _check_dates(path: str) -> None:
+    """A client certificate out of its dates is said at start (it passed, and every connection failed later
+    with a hint that blamed the CA, the words "expired" and "certificate" said nowhere: an explorer's
+    trial)."""
+    import ssl
+    import time
+
+    try:  # (CPython's decoder of a certificate file; where it is missing, etcd says it)
+        decoded = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]
+        not_before, not_after = (ssl.cert_time_to_seconds(decoded[k]) for k in ("notBefore", "notAfter"))
+    except (AttributeError, KeyError, ValueError, ssl.SSLError, OSError):
+        return
+    now = time.time()
+    if now > not_after:
+        raise ConfigError(f"MODELDEPOT_CLUSTER_CERT {path!r} expired on {decoded['notAfter']}: renew it")
+    if now < not_before:
+        raise ConfigError(f"MODELDEPOT_CLUSTER_CERT {path!r} is not valid before {decoded['notBefore']}")
 
 
 def _read_pem(name: str, path: str) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from modeldepot.config import cluster_credentials, cluster_tls
+from modeldepot.config import ClusterTls, cluster_credentials, cluster_tls
 from modeldepot.discovery.base import (
     ClusterStatus,
     Discovery,
@@ -64,9 +64,12 @@ def open_discovery(
 
     assert isinstance(where, list)
     tls = cluster_tls(os.environ, secure=kind == "etcds")
+
+    def reread() -> tuple[tuple[str, str] | None, ClusterTls | None]:
+        return cluster_credentials(os.environ), cluster_tls(os.environ, secure=kind == "etcds")
+
     try:
-        return EtcdDiscovery(
-            where, prefix=prefix, ttl=ttl, credentials=cluster_credentials(os.environ), tls=tls
-        )
+        return EtcdDiscovery(where, prefix=prefix, ttl=ttl, credentials=cluster_credentials(os.environ), tls=tls,
+                             reread=reread)  # fmt: skip
     except InvalidInputError as error:
         raise ConfigError(f"cluster {url!r}: {error}") from None

@@ -9,7 +9,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aetcd  # type: ignore[import-untyped]
@@ -26,7 +26,7 @@ from modeldepot.discovery.etcd.wire import (
     is_auth_lost,
     retrieve,
 )
-from modeldepot.errors import InvalidInputError
+from modeldepot.errors import ConfigError, InvalidInputError
 from modeldepot.validation import validate_cluster_prefix, validate_endpoint
 
 log = logging.getLogger("modeldepot.discovery.etcd")
@@ -51,8 +51,13 @@ class EtcdConnection(ViewDiscovery):
         timeout: float = 3.0,
         credentials: tuple[str, str] | None = None,
         tls: ClusterTls | None = None,
+        reread: Callable[[], tuple[tuple[str, str] | None, ClusterTls | None]] | None = None,
     ) -> None:
         super().__init__()
+        # Reads the credentials and the TLS files again (a mounted secret rotated, a certificate renewed on
+        # disk): each new client takes them as they are now (read once, a node stayed out of the fleet for
+        # good once its certificate expired or its password changed, though the new ones were there)
+        self._reread = reread
         # (user, password) of etcd's own authentication (``cluster_credentials``): each client authenticates
         # as it connects, and a token etcd dropped (its TTL ran out, etcd restarted) is had again by a new one
         self._credentials = credentials
@@ -124,6 +129,12 @@ class EtcdConnection(ViewDiscovery):
         log.warning("etcd: skipping %r, which is not a valid fleet entry: %s", key[:200], error)
 
     def _new_client(self) -> Any:
+        if self._reread is not None and self._client is not None:
+            try:
+                self._credentials, self._tls = self._reread()
+            except ConfigError as error:  # (a file being replaced, say: the last ones, and said)
+                log.warning("etcd: the credentials or TLS files could not be read again (%s): the last ones "
+                            "are used", error)  # fmt: skip
         host, port = self.endpoints[self._endpoint]
         user, password = self._credentials or (None, None)
         if self._tls is not None:
@@ -230,7 +241,13 @@ class EtcdConnection(ViewDiscovery):
         self._last_error = text
         self._wake.set()
         self._changed()
-        if client is self._client and not self._closed and (len(self.endpoints) > 1 or is_auth_lost(error)):
+        # (another client: the next endpoint; or the same one again, made anew, where what it was given may have
+        # changed since: its token lost, its password or its TLS files refused)
+        again = is_auth_lost(error) or (
+            self._reread is not None
+            and ("authentication failed" in text or "handshake" in text.lower() or "TSI_" in text)
+        )
+        if client is self._client and not self._closed and (len(self.endpoints) > 1 or again):
             self._endpoint = (self._endpoint + 1) % len(self.endpoints)
             self._client = self._new_client()
             task = asyncio.create_task(self._close_quietly(client))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import aetcd  # type: ignore[import-untyped]
@@ -57,8 +57,11 @@ class EtcdDiscovery(EtcdClaims):
         timeout: float = 3.0,
         credentials: tuple[str, str] | None = None,
         tls: ClusterTls | None = None,
+        reread: Callable[[], tuple[tuple[str, str] | None, ClusterTls | None]] | None = None,
     ) -> None:
-        super().__init__(endpoints, prefix, ttl, timeout=timeout, credentials=credentials, tls=tls)
+        super().__init__(
+            endpoints, prefix, ttl, timeout=timeout, credentials=credentials, tls=tls, reread=reread
+        )
         # What this node wants in etcd, and what it knows it wrote there (under its lease).
         self._record: NodeRecord | None = None
         self._desired: dict[str, Holding] = {}
