@@ -1159,16 +1159,7 @@ def test_an_unload_while_a_follow_loads_lets_the_new_commit_go(
         preloader.preload("acme/a")
         add_repo(depot, tmp_path / "again", "a", 2)
         second = depot.resolve("acme/a")
-        loading, go_on = threading.Event(), threading.Event()
-        load = Preloader._load
-
-        def held_back(self: Preloader, key: Any, *args: Any) -> Any:
-            if key[1] == second:  # (the follow's load, held until the unload has answered)
-                loading.set()
-                go_on.wait(20)
-            return load(self, key, *args)
-
-        monkeypatch.setattr(Preloader, "_load", held_back)
+        loading, go_on = _held_back_loads(monkeypatch, second)  # (the follow's, until the unload answered)
         assert preloader.follow_branches() == 1
         assert loading.wait(20), "the follow did not load the new commit"
         assert preloader.evict("acme/a") is True

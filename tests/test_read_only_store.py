@@ -691,16 +691,15 @@ def test_an_upgrade_under_a_running_process_of_the_old_version_is_said(
     assert not [r for r in caplog.records if "upgraded" in r.getMessage()]
 
 
-def test_a_store_a_group_shares_is_written_by_each_member(tmp_path: Path) -> None:
-    """A team's store in a setgid folder, its members' umask 002 (as a shared Hugging Face cache is kept):
-    SQLite made index.db 0o644 whatever the umask, and the store was read-only to every member but the one
-    who made it (an explorer's trial). Another member is played by uid 0 without its powers over files, once
-    the files are given to another owner of the group."""
-    team, group, owner = tmp_path / "team", 4242, 12345
+def team_store(
+    tmp_path: Path, group: int
+) -> tuple[Path, Callable[..., subprocess.CompletedProcess[str]]]:  # fmt: skip
+    """A store's home in a folder of ``group`` with its setgid bit, and a runner of `modeldepot ARGS --home
+    HOME` as a member of it (umask 002), played by uid 0 without its powers over files."""
+    team = tmp_path / "team"
     team.mkdir()
     os.chown(team, -1, group)
     team.chmod(0o2775)
-    folder = write_model_dir(tmp_path / "src", {"config.json": b'{"a": 1}', "x.txt": b"hi"})
     env = base_env(PYTHONDONTWRITEBYTECODE="1")
     home = team / "store"
 
@@ -711,6 +710,18 @@ def test_a_store_a_group_shares_is_written_by_each_member(tmp_path: Path) -> Non
         return subprocess.run([*WITHOUT_OVERRIDE, f"--regid={group}", f"--groups={group}", "sh", "-c",
                                f"umask 002 && exec {command}"], env=env, capture_output=True, text=True,
                               timeout=120)  # fmt: skip
+
+    return home, as_member
+
+
+def test_a_store_a_group_shares_is_written_by_each_member(tmp_path: Path) -> None:
+    """A team's store in a setgid folder, its members' umask 002 (as a shared Hugging Face cache is kept):
+    SQLite made index.db 0o644 whatever the umask, and the store was read-only to every member but the one
+    who made it (an explorer's trial). Another member is played by uid 0 without its powers over files, once
+    the files are given to another owner of the group."""
+    group, owner = 4242, 12345
+    home, as_member = team_store(tmp_path, group)
+    folder = write_model_dir(tmp_path / "src", {"config.json": b'{"a": 1}', "x.txt": b"hi"})
 
     made = as_member("import", str(folder), "--repo", "team/a")
     assert made.returncode == 0, made.stderr
@@ -729,21 +740,9 @@ def test_a_group_store_made_before_gets_the_groups_write_when_its_maker_opens_it
     """A store a group shares, made before its index took the umask (index.db 0o644): the README's advice
     was a `chmod g+w index.db*` by hand. Opened by the member who made it, the index files get the group's
     write, and another member writes the store."""
-    team, group, owner = tmp_path / "team", 4243, 12346
-    team.mkdir()
-    os.chown(team, -1, group)
-    team.chmod(0o2775)
+    group, owner = 4243, 12346
+    home, as_member = team_store(tmp_path, group)
     folder = write_model_dir(tmp_path / "src", {"config.json": b'{"a": 1}'})
-    env = base_env(PYTHONDONTWRITEBYTECODE="1")
-    home = team / "store"
-
-    def as_member(*args: str) -> subprocess.CompletedProcess[str]:
-        command = " ".join(
-            shlex.quote(a) for a in [sys.executable, "-m", "modeldepot", *args, "--home", str(home)]
-        )
-        return subprocess.run([*WITHOUT_OVERRIDE, f"--regid={group}", f"--groups={group}", "sh", "-c",
-                               f"umask 002 && exec {command}"], env=env, capture_output=True, text=True,
-                              timeout=120)  # fmt: skip
 
     assert as_member("import", str(folder), "--repo", "team/a").returncode == 0
     old = [home / n for n in ("index.db", "index.db-wal", "index.db-shm") if (home / n).exists()]
