@@ -643,6 +643,23 @@ def test_etcd_credentials_are_checked_before_anything_connects(tmp_path: Path) -
             cluster_credentials(env)
 
 
+def test_an_etcd_password_sent_in_clear_over_a_network_is_said(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CA given with a plain etcd:// URL is refused (the keys would go in clear); a password went in clear
+    to an etcd on another machine without a word (an explorer's trial). Nothing connects here."""
+    from modeldepot.discovery import open_discovery
+
+    monkeypatch.setenv("MODELDEPOT_CLUSTER_USER", "root")
+    monkeypatch.setenv("MODELDEPOT_CLUSTER_PASSWORD", "s3cret")
+    for url, said in (("etcd://etcd.example:2379", True), ("etcd://127.0.0.1:2379,localhost:2380", False),
+                      ("etcd://[::1]:2379", False), ("etcd://10.1.2.3:2379", True)):  # fmt: skip
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="modeldepot.discovery"):
+            open_discovery(url)
+        assert ("goes over the network in clear" in caplog.text) is said, (url, caplog.text)
+
+
 def enable_etcd_auth(etcd: EtcdServer, password: str) -> None:
     """etcd's authentication on, as `etcdctl user add root; user grant-role root root; auth enable` does."""
 

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
 from collections.abc import Sequence
 
@@ -64,12 +66,28 @@ def open_discovery(
 
     assert isinstance(where, list)
     tls = cluster_tls(os.environ, secure=kind == "etcds")
+    credentials = cluster_credentials(os.environ)
+    if credentials is not None and tls is None and not all(_loopback(host) for host, _ in where):
+        # (a CA given with etcd:// is refused for this; a password went in clear without a word: an explorer)
+        logging.getLogger("modeldepot.discovery").warning(
+            "the etcd password goes over the network in clear (etcd://): give an etcd that serves TLS as etcds://"
+        )
 
     def reread() -> tuple[tuple[str, str] | None, ClusterTls | None]:
         return cluster_credentials(os.environ), cluster_tls(os.environ, secure=kind == "etcds")
 
     try:
-        return EtcdDiscovery(where, prefix=prefix, ttl=ttl, credentials=cluster_credentials(os.environ), tls=tls,
+        return EtcdDiscovery(where, prefix=prefix, ttl=ttl, credentials=credentials, tls=tls,
                              reread=reread)  # fmt: skip
     except InvalidInputError as error:
         raise ConfigError(f"cluster {url!r}: {error}") from None
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is this machine (a name, or an address of the loopback)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
