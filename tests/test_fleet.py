@@ -778,7 +778,9 @@ def test_a_fleet_on_an_etcd_over_tls_with_client_certificates(tmp_path: Path) ->
             )
             # (a plain client of etcd's TLS port was told "Socket closed", no more)
             plain_client = modeldepot("peers", "--cluster", plain, env=base_env(), check=False)
-            assert "given as etcds://HOST:PORT" in plain_client.stderr, plain_client.stderr
+            assert "if that etcd serves TLS, give it as etcds://HOST:PORT" in plain_client.stderr, (
+                plain_client.stderr
+            )
         finally:
             fleet.close()
     finally:

@@ -219,8 +219,9 @@ class EtcdConnection(ViewDiscovery):
 
     def _failed(self, error: BaseException, client: Any) -> None:
         text = describe(error)
-        if self._tls is None and "Socket closed" in text:  # (what a plain client of a TLS port is told)
-            text += " (an etcd that serves TLS is given as etcds://HOST:PORT)"
+        if self._tls is None and "Socket closed" in text:
+            # (what a plain client of a TLS port is told; an etcd stopped mid-call closes its sockets too)
+            text += " (if that etcd serves TLS, give it as etcds://HOST:PORT)"
         elif self._tls is not None and ("handshake" in text.lower() or "TSI_" in text):
             text += (" (TLS: is MODELDEPOT_CLUSTER_CA the CA that signed etcd's certificate, for this host name or"
                      " address? etcd run with --client-cert-auth wants MODELDEPOT_CLUSTER_CERT and _KEY too, "
