@@ -39,6 +39,7 @@ __all__ = [
     "BANNED_NODES",
     "FLEET_REFUSES",
     "LIARS",
+    "SWARM_PATIENCE",
     "ChunkChooser",
     "ChunkRequest",
     "FileSource",
@@ -129,6 +130,11 @@ class ChunkChooser:
         self.left_without: set[str] = set()  # sources dropped once nobody was left to give what they lack
         self.low = 0  # the lowest chunk that may not be done yet
         self.peers_slow = False  # the other nodes send it too slowly: the upstream may take what they hold
+        # The other nodes looked slow, with no pace of the upstream's to compare: it is tried for one chunk
+        # (the next its workers pick), held back otherwise. A node's own narrow link makes every source look
+        # slow; bringing the upstream in then only splits that link further (see download._judge_peers).
+        self.trial_wanted = False
+        self.trial: tuple[int, ChunkRequest] | None = None  # the upstream's trial request, and its chunk
         # Outside a swarm, the upstream joined for the chunks no other node holds (they hold parts of it):
         # it takes none they hold, unless they are slow or it is the endgame
         self.gaps_only = False
@@ -180,9 +186,11 @@ class ChunkChooser:
                     patience = max(patience, 2 * (now - request.started))
                 elif not request.landing:
                     peer_ages.append(now - request.started)
-        if self.peer_times:
+        if self.peer_times or peer_ages:
             # The typical peer chunk, the requests in flight counted at their age so far: when every peer
-            # is slow (a busy fleet), none is "stuck"; one that stalls while the others answer is.
+            # is slow (a busy fleet, or this node's own narrow link), none is "stuck"; one that stalls while
+            # the others answer is. (Before any peer chunk had landed, the floor alone judged: on a 20 Mbit
+            # link each request took ~100 s, every one was stuck at 20 s, and the Hub sent them again.)
             patience = max(patience, ENDGAME_FACTOR * statistics.median([*self.peer_times, *peer_ages]))
         return patience
 
@@ -240,6 +248,8 @@ class ChunkChooser:
                 s is not source and not self._is_banned(s, now) and self._can_give(s, index)
                 for s in self.live
             )
+        if source.kind == "hub" and self.trial_wanted and not endgame and self._may_try(index, now):
+            return True
         if self.swarm is not None and source.kind == "hub":
             return not self._origin_blocked(index, now, endgame)
         if self.gaps_only and source.kind == "hub" and not endgame and not self.peers_slow:
@@ -247,6 +257,21 @@ class ChunkChooser:
                 s.kind != "hub" and self._holds(s, index) and not self._is_banned(s, now) for s in self.live
             )
         return True
+
+    def _may_try(self, index: int, now: float, beside: bool = False) -> bool:
+        """Whether the upstream's trial may take chunk ``index``: nobody fetches it (``beside``: one request
+        to another node does, not landing yet), no request to the upstream is in flight for the file (one
+        trial at a time), and (in a swarm) no other live node's claim on it stands: that node fetches it
+        from the Hub for the fleet."""
+        requests = self.requests.get(index, [])
+        if requests and not (beside and len(requests) == 1 and not requests[0].landing):
+            return False
+        if any(r.source.kind == "hub" for reqs in self.requests.values() for r in reqs):
+            return False
+        if self.swarm is None:
+            return True
+        patience = self._patience()
+        return self.swarm.standing_claim(index, self._failed_for(index, now, patience), patience) is None
 
     def _coming_to_holders(self, index: int, now: float) -> bool:
         """Outside a swarm: whether a live node of the fleet claims chunk ``index`` (it fetches it from the
@@ -298,6 +323,13 @@ class ChunkChooser:
                     break  # every source holds every chunk: the lowest is the rarest
         if best is not None:
             return best, None
+        if source.kind == "hub" and self.trial_wanted:
+            # Every chunk left is in flight: the trial runs beside the request that received least (a second
+            # copy, stopped once judged, unless the other nodes are slow: then it is the endgame's)
+            beside = [(reqs[0].receiving.count, index) for index, reqs in self.requests.items()
+                      if index not in done and self._may_try(index, now, beside=True)]  # fmt: skip
+            if beside:
+                return min(beside)[1], None
         # The Hub held back for the peers' chunks (a swarm's, or the gaps' outside one): it duplicates a peer's
         # request only in the true endgame (all in flight), and then only for one stuck long (a gap filler
         # duplicated a slow holder's every request after 1 s and sent 31 of its 32 chunks: a review)
@@ -319,7 +351,8 @@ class ChunkChooser:
             return None, None
         started, index = min(outstanding)
         spent, landed = self.timing.get(source, (0.0, 0))
-        patience = max(ENDGAME_WAIT, ENDGAME_FACTOR * spent / landed) if landed else ENDGAME_WAIT
+        per_chunk = spent / landed if landed else self._typical_chunk_time(now, besides=index)
+        patience = max(ENDGAME_WAIT, ENDGAME_FACTOR * per_chunk)
         if origin_held_back and not self.peers_slow:
             # a chunk from the Hub again is what the swarm saves: only for a peer stuck that long (unless
             # the peers are slow as a whole: then their chunks in flight are the Hub's as any endgame's)
@@ -327,6 +360,24 @@ class ChunkChooser:
         if now - started >= patience:
             return index, None
         return None, started + patience - now
+
+    def _typical_chunk_time(self, now: float, besides: int) -> float:
+        """The file's typical seconds per chunk, for a source that landed none of it yet: its sources' own
+        times per chunk landed, or before any landed, the ages of the requests in flight for chunks other than
+        ``besides`` (0 with none). A source with no time of its own duplicated any request outstanding 1 s:
+        on a narrow link, where every request takes a minute, the endgame sent each chunk twice over the link
+        at the start of a pull (an explorer's node on 20 Mbit received 1.27 times the model)."""
+        landed = [spent / count for spent, count in self.timing.values() if count]
+        if landed:
+            return statistics.median(landed)
+        ages = [
+            now - r.started
+            for i, reqs in self.requests.items()
+            if i != besides
+            for r in reqs
+            if not r.landing
+        ]
+        return statistics.median(ages) if ages else 0.0
 
     def _work_left(self) -> bool:
         return len(self.partial.done) < self.partial.chunks
