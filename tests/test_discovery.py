@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -1116,3 +1117,87 @@ def test_a_node_that_did_not_run_past_its_ttl_says_so_not_that_etcd_was_away(
         run(main())
     assert "this process not running" in caplog.text, caplog.text
     assert "out of reach (" not in caplog.text, caplog.text
+
+
+def test_a_hung_first_endpoint_costs_nothing_and_is_no_outage(
+    etcd_server: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the first of three members hung (it accepts and never answers: SIGSTOP), every command waited out
+    the call's deadline on it before it tried the next (~3 s each), and warned that etcd was out of reach,
+    "0 nodes", with a quorum answering (an explorer's trial). Every endpoint is asked at once as the view
+    starts: the one that answers is used, and a member's failure while another answers is no warning. (Here
+    the deadline is 20 s: a view that waited it out would not be loaded within it.)"""
+    a = node("a")
+    with contextlib.ExitStack() as stack:
+        hung = stack.enter_context(socket.socket())
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)  # (the kernel accepts; nothing ever answers)
+        dead = free_port()
+
+        async def main() -> float:
+            writer = etcd(etcd_server)
+            async with started(writer):
+                await writer.register(a)
+                endpoints = [("127.0.0.1", hung.getsockname()[1]), ("127.0.0.1", dead),
+                             ("127.0.0.1", etcd_server.client_port)]  # fmt: skip
+                view = EtcdDiscovery(endpoints, timeout=20.0)
+                began = time.monotonic()
+                async with started(view):
+                    took = time.monotonic() - began
+                    assert view.peers() == [a] and view._endpoint == 2
+                return took
+
+        with caplog.at_level(logging.INFO, logger="modeldepot.discovery"):
+            took = run(main())
+    assert took < 20.0, f"the view waited {took:.1f} s: the hung member's deadline"
+    assert "out of reach" not in caplog.text
+
+
+def test_a_node_whose_role_is_revoked_says_so_once_and_keeps_the_reason(
+    etcd_server: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """etcd with authentication; the node's user has a role that reads and writes the fleet's prefix. Its role
+    revoked while it runs (a decommission), each refused write logged a warning and, as the lease's refresh
+    went through, "answers again", every 2 s for ever, and its status lost the reason (an explorer's trial).
+    The refusal is said once and kept as the status's last error until a write goes through again."""
+    a = node("a")
+
+    async def auth(call: Any) -> None:
+        async with aetcd.Client("127.0.0.1", etcd_server.client_port, "root", "rootpw", timeout=5) as client:
+            await call(aetcd.rpc.AuthStub(client.channel), client.metadata)
+
+    async def main() -> None:
+        async with aetcd.Client("127.0.0.1", etcd_server.client_port, timeout=5) as client:
+            stub, rpc = aetcd.rpc.AuthStub(client.channel), aetcd.rpc
+            await stub.UserAdd(rpc.AuthUserAddRequest(name="root", password="rootpw"), timeout=5)
+            await stub.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="root", role="root"), timeout=5)
+            await stub.RoleAdd(rpc.AuthRoleAddRequest(name="fleet"), timeout=5)
+            permission = rpc.Permission(permType=rpc.Permission.READWRITE, key=b"/modeldepot/",
+                                        range_end=aetcd.utils.prefix_range_end(b"/modeldepot/"))  # fmt: skip
+            await stub.RoleGrantPermission(rpc.AuthRoleGrantPermissionRequest(name="fleet", perm=permission),
+                                           timeout=5)  # fmt: skip
+            await stub.UserAdd(rpc.AuthUserAddRequest(name="node", password="nodepw"), timeout=5)
+            await stub.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="node", role="fleet"), timeout=5)
+            await stub.AuthEnable(rpc.AuthEnableRequest(), timeout=5)
+        da = EtcdDiscovery([("127.0.0.1", etcd_server.client_port)], credentials=("node", "nodepw"))
+        async with started(da):
+            await da.register(a)
+            await da.wait_for(lambda: da.status().registered, WAIT)
+            await auth(lambda stub, meta: stub.UserRevokeRole(
+                aetcd.rpc.AuthUserRevokeRoleRequest(name="node", role="fleet"), timeout=5, metadata=meta))  # fmt: skip
+            await da.publish({sha(1): WHOLE})
+            await da.wait_for(lambda: "permission denied" in (da.status().last_error or ""), WAIT)
+            await asyncio.sleep(6)  # (the writer tries again meanwhile, 0.5 s, 1 s, 2 s... apart)
+            status = da.status()
+            assert status.connected and not status.registered
+            assert "permission denied" in (status.last_error or ""), status
+            await auth(lambda stub, meta: stub.UserGrantRole(
+                aetcd.rpc.AuthUserGrantRoleRequest(user="node", role="fleet"), timeout=5, metadata=meta))  # fmt: skip
+            await da.wait_for(lambda: da.status().registered and da.status().last_error is None, 3 * WAIT)
+
+    with caplog.at_level(logging.INFO, logger="modeldepot.discovery"):
+        run(main())
+    refusals = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(refusals) == 1 and "refuses this node" in refusals[0].getMessage(), caplog.text
+    assert "answers again" not in caplog.text
+    assert "takes this node's writes again" in caplog.text

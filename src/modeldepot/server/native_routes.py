@@ -90,6 +90,9 @@ async def health(request: web.Request) -> web.Response:
                       "peers and what they hold are as last seen; files are served")  # fmt: skip
     elif status.conflict:
         answer.update(status="degraded", detail=f"{status.conflict}; files are served")
+    elif not status.registered and status.last_error:
+        answer.update(status="degraded", detail=f"the fleet's registry refuses this node ({status.last_error}): "
+                      "peers may not see what it holds now; files are served")  # fmt: skip
     elif not status.registered:
         answer.update(status="degraded", detail="this node is not registered in its fleet yet: peers do not "
                       "know of it; files are served")  # fmt: skip

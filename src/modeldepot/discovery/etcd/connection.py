@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aetcd  # type: ignore[import-untyped]
+from aetcd import rpc
 
 from modeldepot.config import ClusterTls
 from modeldepot.discovery.base import ChunkClaim, Holding, NodeRecord, ViewDiscovery
@@ -86,6 +87,10 @@ class EtcdConnection(ViewDiscovery):
         self._since: float | None = None
         self._last_error: str | None = None
         self._outage_logged = False
+        self._failed_endpoints: set[int] = set()  # endpoints that failed since etcd last answered
+        # etcd's refusal of this node's reads or writes (its role revoked or short), until a write goes through:
+        # not an outage (it answers, the same on every member), said once, kept in the status
+        self._refused: str | None = None
         self._warned: set[bytes] = set()
         self._started = False
         self._closed = False
@@ -142,9 +147,54 @@ class EtcdConnection(ViewDiscovery):
                              options=dict(CHANNEL_OPTIONS))  # fmt: skip
         return aetcd.Client(host, port, user, password, timeout=self.timeout, options=dict(CHANNEL_OPTIONS))
 
-    def _endpoint_name(self) -> str:
-        host, port = self.endpoints[self._endpoint]
+    def _endpoint_name(self, index: int | None = None) -> str:
+        host, port = self.endpoints[self._endpoint if index is None else index]
         return f"{host}:{port}"
+
+    async def _first_to_answer(self) -> Any:
+        """A client of the endpoint that answers first, every endpoint asked at once (etcd's status, which
+        needs no permission): one down or hung costs nothing. Tried in turn, a hung first member held every
+        command for the call's timeout, ~3 s, and every process of the fleet started on it (an explorer's
+        trial). With one endpoint, or none answering in time, a client of the first: its failure is then
+        the outage the view reports."""
+        if len(self.endpoints) == 1:
+            return self._new_client()
+        clients = []
+        for index in range(len(self.endpoints)):
+            self._endpoint = index
+            clients.append(self._new_client())
+
+        async def answer(client: Any) -> None:
+            await client.connect()
+            await client.maintenancestub.Status(
+                rpc.StatusRequest(), timeout=self.timeout, metadata=client.metadata
+            )
+
+        asking = {asyncio.ensure_future(answer(client)): index for index, client in enumerate(clients)}
+        for task in asking:
+            task.add_done_callback(retrieve)
+        loop, chosen = asyncio.get_running_loop(), 0
+        deadline = loop.time() + self.timeout + 1.0
+        pending = set(asking)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(
+                    pending, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED
+                )
+                answered = [asking[t] for t in done if not t.cancelled() and t.exception() is None]
+                if answered or not done:
+                    chosen = min(answered) if answered else 0
+                    break
+        finally:
+            for task in pending:
+                task.cancel()
+        self._endpoint = chosen
+        for index, client in enumerate(clients):
+            if index != chosen:
+                closing = asyncio.create_task(self._close_quietly(client))
+                self._old_clients.add(closing)
+                closing.add_done_callback(self._old_clients.discard)
+        return clients[chosen]
 
     async def _call(self, awaitable: Awaitable[T]) -> T:
         """One call to etcd, under a deadline of our own too (gRPC's is ``timeout``): a timer that cancels
@@ -212,10 +262,19 @@ class EtcdConnection(ViewDiscovery):
                 time.time() - (self._since or time.time()),
             )
         self._outage_logged = False
+        self._failed_endpoints.clear()
         self._connected = True
         self._since = time.time()
-        self._last_error = None
+        self._last_error = self._refused
         self._changed()
+
+    def _wrote(self) -> None:
+        """What this node had to write went through: a refusal of its writes, if any, is over."""
+        if self._refused is not None:
+            log.info("etcd takes this node's writes again")
+            self._refused = None
+            self._last_error = None
+            self._changed()
 
     def _failed(self, error: BaseException, client: Any) -> None:
         text = describe(error)
@@ -227,7 +286,30 @@ class EtcdConnection(ViewDiscovery):
                      " address? etcd run with --client-cert-auth wants MODELDEPOT_CLUSTER_CERT and _KEY too, "
                      "signed by its --trusted-ca-file)")  # fmt: skip
         self._verify = True
-        if not self._outage_logged:
+        if "permission denied" in text:
+            # etcd answers, and refuses (this node's role revoked or short): every member would say the same,
+            # and the next call that needs no permission (the lease's refresh) is no recovery. Said once, kept
+            # in the status (a warning and an "answers again" every 2 s, for ever, and a health without the
+            # reason: an explorer's trial).
+            if text != self._refused:
+                log.warning("etcd %s refuses this node (%s): its peers do not see what it adds or removes until "
+                            "its role allows it; retrying", self._endpoint_name(), text)  # fmt: skip
+            else:
+                log.debug("etcd %s: still refused: %s", self._endpoint_name(), text)
+            self._refused = self._last_error = text
+            self._wake.set()
+            self._changed()
+            return
+        failing = self._endpoint if client is self._client else None
+        if failing is not None:
+            self._failed_endpoints.add(failing)
+        others = len(self.endpoints) > 1 and len(self._failed_endpoints) < len(self.endpoints)
+        if others and not self._outage_logged and failing is not None:
+            # (one member of several down or hung is no outage: the next is tried, and only when every one
+            # failed is it one; a CLI command warned "out of reach ... (0 nodes)" with a quorum answering)
+            log.info("etcd %s does not answer (%s): trying %s", self._endpoint_name(), text,
+                     self._endpoint_name((failing + 1) % len(self.endpoints)))  # fmt: skip
+        elif not self._outage_logged:
             log.warning(
                 "etcd %s is out of reach (%s): answering from the last view of the fleet (%d nodes) and "
                 "retrying",

@@ -88,7 +88,7 @@ class EtcdDiscovery(EtcdClaims):
             return
         self._started = True
         self._since = time.time()
-        self._client = self._new_client()
+        self._client = await self._first_to_answer()
         self._tasks = [
             asyncio.create_task(self._follow(), name="etcd-discovery-follow"),
             asyncio.create_task(self._keep(), name="etcd-discovery-keep"),
@@ -337,6 +337,7 @@ class EtcdDiscovery(EtcdClaims):
             async with self._write_lock:
                 if not self._closed:
                     await self._sync(client)
+                    self._wrote()
         except Exception as error:
             self._failed(error, client)
 
@@ -350,6 +351,7 @@ class EtcdDiscovery(EtcdClaims):
                 async with self._write_lock:
                     await self._sync(client)
                 backoff = MIN_BACKOFF
+                self._wrote()
             except Exception as error:
                 self._failed(error, client)
                 await asyncio.sleep(backoff)
