@@ -1201,3 +1201,52 @@ def test_a_node_whose_role_is_revoked_says_so_once_and_keeps_the_reason(
     assert len(refusals) == 1 and "refuses this node" in refusals[0].getMessage(), caplog.text
     assert "answers again" not in caplog.text
     assert "takes this node's writes again" in caplog.text
+
+
+@pytest.mark.parametrize("how", ["close", "cancel"])
+def test_a_discovery_closed_while_its_endpoints_race_leaves_no_client_open(how: str) -> None:
+    """Two endpoints that accept and never answer; the discovery is closed (or its start cancelled) while
+    every endpoint is being asked at once: every client it made is closed, and start() ends (it kept the
+    winner open, and ran its tasks on a closed discovery: a review)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(2):
+            hung = stack.enter_context(socket.socket())
+            hung.bind(("127.0.0.1", 0))
+            hung.listen(8)
+            ports.append(hung.getsockname()[1])
+
+        async def main() -> tuple[int, int]:
+            da = EtcdDiscovery([("127.0.0.1", port) for port in ports], timeout=1.0)
+            made, closed = [], []
+            make = da._new_client
+
+            def counted_client() -> Any:
+                client = make()
+                made.append(client)
+                close = client.close
+
+                async def counted_close() -> None:
+                    closed.append(client)
+                    await close()
+
+                client.close = counted_close
+                return client
+
+            da._new_client = counted_client  # type: ignore[method-assign]
+            start = asyncio.create_task(da.start())
+            await asyncio.sleep(0.3)
+            if how == "cancel":
+                start.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await start
+                await da.close()
+            else:
+                await da.close()
+                await asyncio.wait_for(start, 10)
+            await asyncio.sleep(0.5)
+            assert da._client is None and not da._tasks
+            return len(made), len(closed)
+
+        made, closed = run(main())
+    assert made == 2 and closed == 2, (made, closed)

@@ -108,6 +108,8 @@ class ChunkRequest:
     landing: bool = False  # its bytes are in (or it streams the whole file): never cancelled then
     receiving: Receiving = field(default_factory=Receiving)  # its bytes in so far (shown, not yet checked)
     part_blake3: str | None = None  # the BLAKE3 the sender of the part it began from gave (see _land)
+    counted: bool = False  # its bytes received are in its download's ``received`` (it ended)
+    under: int = 0  # (in a swarm) the revision of the chunk's claim when it was asked for
 
 
 class ChunkChooser:
@@ -121,6 +123,9 @@ class ChunkChooser:
         self.have: dict[FileSource, frozenset[int] | None] = {}  # chunks a source can serve (None: all)
         self.announced: dict[FileSource, frozenset[int]] = {}  # chunks a claimer settled (swarm)
         self.refused: dict[FileSource, set[int]] = {}  # chunks a partial holder said it lacks (404)
+        # (in a swarm) the revision of the chunk's claim when a node said it lacks it: its refusal is of that
+        # claim's settlement (a copy it removed since), not of a claim it makes afresh
+        self.refused_under: dict[tuple[FileSource, int], int] = {}
         self.requests: dict[int, list[ChunkRequest]] = {}  # chunk -> its requests in flight (two: endgame)
         self.bad: dict[int, set[str]] = {}  # chunk -> sources whose bytes failed its digest
         self.attempts: dict[int, int] = {}
@@ -154,7 +159,19 @@ class ChunkChooser:
         have = self.have.get(source)
         if have is None or index in have:
             return True
-        return index in self.announced.get(source, ()) and index not in self.refused.get(source, ())
+        return index in self.announced.get(source, ()) and not self._refusal_stands(source, index)
+
+    def _refusal_stands(self, source: FileSource, index: int) -> bool:
+        """Whether ``source`` said it lacks chunk ``index``, and (in a swarm) the chunk's claim is still the one
+        it was under then. A node that removed a model and pulls it again at once answers 404 for what it had
+        settled of the copy that went; its fresh claims were taken for failed and fetched from the Hub again
+        (1.26-1.97 times the model with four nodes: explorers' and this session's trials)."""
+        if index not in self.refused.get(source, ()):
+            return False
+        if self.swarm is None:
+            return True
+        claim = self.swarm.claims.get(index)
+        return (0 if claim is None else claim.revision) == self.refused_under.get((source, index), 0)
 
     def _checkable(self, source: FileSource, index: int) -> bool:
         """Whether a copy of chunk ``index`` from ``source`` can be checked before it is written, where it
@@ -179,18 +196,20 @@ class ChunkChooser:
         for source, (spent, landed) in self.timing.items():
             if source.kind == "hub" and landed:
                 patience = max(patience, ENDGAME_FACTOR * spent / landed)
-        peer_ages = []
+        peer_ages, aged = [], set()
         for requests in self.requests.values():
             for request in requests:
                 if request.source.kind == "hub":
                     patience = max(patience, 2 * (now - request.started))
                 elif not request.landing:
                     peer_ages.append(now - request.started)
-        if self.peer_times or peer_ages:
+                    aged.add(request.source)
+        if self.peer_times or len(aged) > 1:
             # The typical peer chunk, the requests in flight counted at their age so far: when every peer
             # is slow (a busy fleet, or this node's own narrow link), none is "stuck"; one that stalls while
-            # the others answer is. (Before any peer chunk had landed, the floor alone judged: on a 20 Mbit
-            # link each request took ~100 s, every one was stuck at 20 s, and the Hub sent them again.)
+            # the others answer is. Before any peer chunk landed, only when several peers' requests are in
+            # flight: one peer's alone would be its own yardstick, and never stuck (a review); with several,
+            # the floor alone had every request on a 20 Mbit link stuck at 20 s, and sent again by the Hub.
             patience = max(patience, ENDGAME_FACTOR * statistics.median([*self.peer_times, *peer_ages]))
         return patience
 
@@ -217,7 +236,7 @@ class ChunkChooser:
         from them failed its digest, or they said they lack it; they were dropped or are banned; or they are stuck (a request to
         them has been outstanding STUCK_FACTOR times the patience: a peer that stalls or trickles)."""
         failed = self.bad.get(index, set()) | set(self.errors)
-        failed.update(s.source.name for s, chunks in self.refused.items() if index in chunks)  # lack it now
+        failed.update(s.source.name for s in self.refused if self._refusal_stands(s, index))  # lack it now
         failed.update(s.source.name for s in self.live if self._is_banned(s, now))
         for requests in self.requests.values():
             failed.update(r.source.source.name for r in requests if r.source.kind != "hub" and not r.landing
@@ -363,20 +382,18 @@ class ChunkChooser:
 
     def _typical_chunk_time(self, now: float, besides: int) -> float:
         """The file's typical seconds per chunk, for a source that landed none of it yet: its sources' own
-        times per chunk landed, or before any landed, the ages of the requests in flight for chunks other than
-        ``besides`` (0 with none). A source with no time of its own duplicated any request outstanding 1 s:
+        times per chunk landed, or before any landed, the ages of the requests in flight to sources other than
+        those chunk ``besides`` waits for (0 with none). A source with no time of its own duplicated any request outstanding 1 s:
         on a narrow link, where every request takes a minute, the endgame sent each chunk twice over the link
         at the start of a pull (an explorer's node on 20 Mbit received 1.27 times the model)."""
         landed = [spent / count for spent, count in self.timing.values() if count]
         if landed:
             return statistics.median(landed)
-        ages = [
-            now - r.started
-            for i, reqs in self.requests.items()
-            if i != besides
-            for r in reqs
-            if not r.landing
-        ]
+        # (the requests of the sources the chunk waits for are no yardstick: a stalled source holding every
+        # request would be judged against its own stalls, and never duplicated, a review)
+        judged = {r.source for r in self.requests.get(besides, [])}
+        ages = [now - r.started for reqs in self.requests.values() for r in reqs
+                if not r.landing and r.source not in judged]  # fmt: skip
         return statistics.median(ages) if ages else 0.0
 
     def _work_left(self) -> bool:

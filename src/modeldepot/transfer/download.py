@@ -37,6 +37,7 @@ import mmap
 import os
 import time
 import traceback
+import weakref
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -113,6 +114,8 @@ class Limits:
     slow_peers: set[str] = field(default_factory=set, init=False, repr=False)
     # Until when (monotonic) no file of the transfer tries the upstream: a trial found this node's link binding
     link_bound_until: float = field(default=0.0, init=False, repr=False)
+    # The transfer's files downloading: what they received together is what a trial of the upstream changes
+    files: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet, init=False, repr=False)
     _buffers: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
     _spare: list[bytearray] = field(default_factory=list, init=False, repr=False)  # buffers to reuse
     _sources: dict[str, asyncio.Semaphore] = field(default_factory=dict, init=False, repr=False)
@@ -182,6 +185,7 @@ class _FileJob(PaceWatch):
                  swarm_later: Callable[[], Awaitable[SwarmFile | None]] | None = None) -> None:  # fmt: skip
         super().__init__(partial, swarm)
         self.http, self.remote, self.limits = http, remote, limits
+        limits.files.add(self)
         self.fallback, self.on_bytes = fallback, on_bytes
         self.tasks: set[asyncio.Task[Any]] = set()
         self.landing: set[int] = set()  # chunks being written
@@ -452,6 +456,8 @@ class _FileJob(PaceWatch):
                 await self._idle(source, changed, wake)
                 continue
             request = ChunkRequest(source, time.monotonic())
+            if self.swarm is not None and (claim := self.swarm.claims.get(index)) is not None:
+                request.under = claim.revision
             self.requests.setdefault(index, []).append(request)
             if source.kind == "hub" and self.trial_wanted:
                 self.trial_wanted, self.trial = False, (index, request)
@@ -656,7 +662,7 @@ class _FileJob(PaceWatch):
             request.landing = True
             await self._stream_whole(source, index)
         except ChunkUnavailableError:  # a partial holder lacks it: others may have it, it keeps the rest
-            self._lacks(source, index)
+            self._lacks(source, index, request)
         except StoreError as error:  # our disk, not the source: the file cannot go on
             self._fail(error)
             return False
@@ -670,14 +676,16 @@ class _FileJob(PaceWatch):
                 # the Hub again: 1.26-1.52 times the model with four nodes, an explorer's trial)
                 log.info("%s: %s holds no copy of it now (404): chunk %d is asked elsewhere",
                          self.remote.path, source.source.name, index)  # fmt: skip
-                self._lacks(source, index)
+                self._lacks(source, index, request)
         except DepotError as error:
             self._drop(source, error)
         return True
 
-    def _lacks(self, source: FileSource, index: int) -> None:
-        """``source`` said it does not hold chunk ``index``: others may, it keeps the rest."""
+    def _lacks(self, source: FileSource, index: int, request: ChunkRequest) -> None:
+        """``source`` said it does not hold chunk ``index`` (asked by ``request``): others may, it keeps the
+        rest."""
         self.refused.setdefault(source, set()).add(index)
+        self.refused_under[(source, index)] = request.under
         have = self.have.get(source)
         self.have[source] = frozenset(range(self.partial.chunks) if have is None else have) - {index}
 
@@ -716,6 +724,7 @@ class _FileJob(PaceWatch):
                     buffer if mapping is None else mapping, request.receiving, source.kind,
                 )  # fmt: skip
             except BaseException as error:
+                self._count_in(request)
                 buffers.release()
                 self._done_in_place(index, request)
                 if mapping is not None:
@@ -728,6 +737,7 @@ class _FileJob(PaceWatch):
             finally:
                 self.limits.peer_requests -= to_peer
         request.landing = True
+        self._count_in(request)
         spent, landed = self.timing.get(source, (0.0, 0))
         took = time.monotonic() - request.started
         self.timing[source] = (spent + took, landed + 1)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from typing import TYPE_CHECKING
 
 from modeldepot.errors import UpstreamTimeoutError
 from modeldepot.hashing import chunk_span
 from modeldepot.store.partials import ResumablePartial
-from modeldepot.transfer.choosing import ChunkChooser, FileSource, is_silent
+from modeldepot.transfer.choosing import ChunkChooser, ChunkRequest, FileSource, is_silent
 from modeldepot.transfer.sources import SILENT_PEER
 
 if TYPE_CHECKING:
@@ -40,10 +41,15 @@ SLOW_LEFT = 5.0  # ... and only while more is left than the slow pace would brin
 # ... and only while the Hub's requests of the file bring at least this many times the peers' each (when the
 # Hub sent any of it lately): below, the node's own link binds, and the Hub would bring no more
 HUB_FASTER = 2.0
-TRIAL_SECONDS = 3.0  # a trial request to the upstream runs so long on the wire, at least, before it is judged
+TRIAL_SECONDS = 4.0  # a trial request to the upstream runs so long on the wire, at least, before it is judged
 RETRY_TRIAL = (
     60.0  # seconds after a trial found this node's own link binding before the upstream is tried again
 )
+# The trial brings the upstream in when the transfer receives at least this many times as much with it as
+# before it: a new connection takes its share of a narrow link from the others (a 20 Mbit node's trial
+# brought 0.95 MiB/s where each peer's request brought 0.14: judged per request, the peers were "slow")
+TRIAL_GAIN = 1.5
+LINK_SAMPLES = 64  # samples of what the transfer received, one a PACE_TICK (32 s)
 PACES_KEPT = 256  # chunks received whose pace is kept, at most (a window's worth, and more)
 
 
@@ -61,6 +67,12 @@ class PaceWatch(ChunkChooser):
         # stood still between two (a node resumed after a SIGSTOP judged every peer slow or silent at once, and
         # had the Hub send what they held, an explorer's trial)
         self.looked: dict[str, float] = {}
+        self.compared = ""  # the paces the last verdict compared, for its log line
+        self.received = 0  # bytes its requests that ended received (landed or not)
+        # (when, bytes the transfer's files received so far), every PACE_TICK: the trial's yardstick
+        self.link: collections.deque[tuple[float, int]] = collections.deque(maxlen=LINK_SAMPLES)
+        self.trial_asked = 0.0  # when the upstream was last tried
+        self.trial_ended: float | None = None  # when the trial's request ended (landed, or cut)
         self.judge_from = 0.0
         self.peer_landed: collections.deque[tuple[float, int]] = (
             collections.deque()
@@ -87,6 +99,7 @@ class PaceWatch(ChunkChooser):
         while self._work_left() and not self.peers_slow:
             await asyncio.sleep(PACE_TICK)
             now = time.monotonic()
+            self.link.append((now, sum(job.bytes_in() for job in list(self.limits.files))))
             if self._stood_still("pace", now):
                 continue
             verdict = self._judge_peers(now)
@@ -100,8 +113,9 @@ class PaceWatch(ChunkChooser):
                 self.limits.slow_peers.update(
                     s.source.name for s in self.live if s.kind != "hub" and self.have.get(s) is None
                 )
-                log.info("%s: the other nodes send it at less than %s/s: the upstream joins for the rest",
-                         self.remote.path, mib(self.limits.slow_peer_rate))  # fmt: skip
+                log.info("%s: the other nodes send it at less than %s/s%s: the upstream joins for the rest",
+                         self.remote.path, mib(self.limits.slow_peer_rate),
+                         f" ({self.compared})" if self.compared else "")  # fmt: skip
                 if self.fallback is not None:
                     extra, self.fallback = self.fallback(), None
                     await self._start(extra)
@@ -112,7 +126,7 @@ class PaceWatch(ChunkChooser):
         swarm's own rules in one), for its pace to be compared with the other nodes'."""
         log.debug("%s: the other nodes send it at less than %s/s: the upstream is tried for a chunk",
                   self.remote.path, mib(self.limits.slow_peer_rate))  # fmt: skip
-        self.trial_wanted = True
+        self.trial_wanted, self.trial_asked, self.trial_ended = True, time.monotonic(), None
         if self.fallback is not None and self.swarm is None:
             extra, self.fallback = self.fallback(), None
             self.gaps_only = True
@@ -126,8 +140,8 @@ class PaceWatch(ChunkChooser):
         if say:
             self.limits.link_bound_until = now + RETRY_TRIAL
             log.info("%s: the other nodes send it at less than %s/s, but a request to the upstream brings "
-                     "no more than one to them: this node's own link binds (the upstream is not brought in)",
-                     self.remote.path, mib(self.limits.slow_peer_rate))  # fmt: skip
+                     "no more than one to them (%s): this node's own link binds (the upstream is not brought in)",
+                     self.remote.path, mib(self.limits.slow_peer_rate), self.compared)  # fmt: skip
         trial, self.trial, self.trial_wanted = self.trial, None, False
         if trial is None:
             return
@@ -218,13 +232,56 @@ class PaceWatch(ChunkChooser):
             return "fine"
         if self.trial_wanted or self._trial_runs(now):
             return "fine"  # (judged once the trial has run long enough)
+        gain = self._trial_gain(now)
+        if gain is not None:
+            return "slow" if gain >= TRIAL_GAIN else "bound"
         paces = self._paces(now, now - window)
         if paces is None:
             return "try"
         hub, peers_pace = paces
+        self.compared = (
+            f"each request to the upstream brought {mib(int(hub))}/s, each to them {mib(int(peers_pace))}/s"
+        )
         if not peers_pace or hub >= HUB_FASTER * peers_pace:
             return "slow"
         return "bound" if self.trial is not None else "fine"
+
+    def bytes_in(self) -> int:
+        """The bytes this file's requests received so far, those in flight included (landed or not: what came
+        over the link)."""
+        return self.received + sum(
+            max(0, r.receiving.count - r.receiving.in_place)
+            for reqs in self.requests.values() for r in reqs if not r.counted
+        )  # fmt: skip
+
+    def _count_in(self, request: ChunkRequest) -> None:
+        """``request`` ended (landed, failed or stopped): its bytes go to :attr:`received`."""
+        if not request.counted:
+            request.counted = True
+            self.received += max(0, request.receiving.count - request.receiving.in_place)
+
+    def _link_rate(self, start: float, end: float) -> float | None:
+        """Bytes a second the transfer received between ``start`` and ``end``, by its samples (None: they
+        span less than a second)."""
+        inside = [(when, count) for when, count in self.link if start <= when <= end]
+        if len(inside) < 2 or inside[-1][0] - inside[0][0] < 1.0:
+            return None
+        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+
+    def _trial_gain(self, now: float) -> float | None:
+        """How many times as much the transfer received a second while the upstream's trial ran (from its
+        second second on the wire: a new connection's first is its slow start) as in the TRIAL_SECONDS before
+        it was asked for; None without a trial, or with too few samples (one that landed within a second:
+        the paces per request judge then)."""
+        if self.trial is None:
+            return None
+        _, request = self.trial
+        before = self._link_rate(self.trial_asked - TRIAL_SECONDS, self.trial_asked)
+        during = self._link_rate(request.started + 1.0, self.trial_ended or now)
+        if before is None or during is None:
+            return None
+        self.compared = f"the transfer received {mib(int(before))}/s before it, {mib(int(during))}/s with it"
+        return during / before if before else math.inf
 
     def _trial_runs(self, now: float) -> bool:
         """Whether the upstream's trial request is on its way and has not run TRIAL_SECONDS on the wire yet.
@@ -232,10 +289,13 @@ class PaceWatch(ChunkChooser):
         if self.trial is None:
             return False
         index, request = self.trial
+        if request.landing or request.counted:
+            self.trial_ended = self.trial_ended or now
         if request.landing:
             return False
         if request not in self.requests.get(index, ()):
-            self.trial = None
+            if now - request.started < 1.0 + 1.0:  # (it never got going: refused, another node's claim)
+                self.trial = None
             return False
         attempt = request.receiving.attempt
         return attempt is None or attempt.began <= 0 or now - request.started < TRIAL_SECONDS

@@ -81,6 +81,7 @@ class EtcdClaims(EtcdConnection):
         except Exception as error:
             self._failed(error, client)
             return None
+        self._answered("write")
         if won:
             revision = txn_revision(responses)
             claim = ChunkClaim(node_id, None, revision)

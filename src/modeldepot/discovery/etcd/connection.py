@@ -88,9 +88,11 @@ class EtcdConnection(ViewDiscovery):
         self._last_error: str | None = None
         self._outage_logged = False
         self._failed_endpoints: set[int] = set()  # endpoints that failed since etcd last answered
-        # etcd's refusal of this node's reads or writes (its role revoked or short), until a write goes through:
-        # not an outage (it answers, the same on every member), said once, kept in the status
+        # etcd's refusal of this node (its role revoked or short), and of what ("read": the view; "write": the
+        # writer or a claim), until that goes through again: not an outage (it answers, the same on every
+        # member), said once, kept in the status
         self._refused: str | None = None
+        self._refused_during = ""
         self._warned: set[bytes] = set()
         self._started = False
         self._closed = False
@@ -151,12 +153,12 @@ class EtcdConnection(ViewDiscovery):
         host, port = self.endpoints[self._endpoint if index is None else index]
         return f"{host}:{port}"
 
-    async def _first_to_answer(self) -> Any:
+    async def _first_to_answer(self) -> Any | None:
         """A client of the endpoint that answers first, every endpoint asked at once (etcd's status, which
         needs no permission): one down or hung costs nothing. Tried in turn, a hung first member held every
         command for the call's timeout, ~3 s, and every process of the fleet started on it (an explorer's
         trial). With one endpoint, or none answering in time, a client of the first: its failure is then
-        the outage the view reports."""
+        the outage the view reports. None when the discovery was closed meanwhile."""
         if len(self.endpoints) == 1:
             return self._new_client()
         clients = []
@@ -173,11 +175,11 @@ class EtcdConnection(ViewDiscovery):
         asking = {asyncio.ensure_future(answer(client)): index for index, client in enumerate(clients)}
         for task in asking:
             task.add_done_callback(retrieve)
-        loop, chosen = asyncio.get_running_loop(), 0
+        loop, chosen = asyncio.get_running_loop(), None
         deadline = loop.time() + self.timeout + 1.0
         pending = set(asking)
         try:
-            while pending:
+            while pending and not self._closed:
                 done, pending = await asyncio.wait(
                     pending, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED
                 )
@@ -185,15 +187,21 @@ class EtcdConnection(ViewDiscovery):
                 if answered or not done:
                     chosen = min(answered) if answered else 0
                     break
+            else:
+                chosen = None if self._closed else 0
         finally:
             for task in pending:
                 task.cancel()
+            # (every client but the one kept is closed, however this ends: a close() or a cancellation during
+            # the race left them all open, a review)
+            for index, client in enumerate(clients):
+                if index != chosen:
+                    closing = asyncio.ensure_future(self._close_quietly(client))
+                    self._old_clients.add(closing)
+                    closing.add_done_callback(self._old_clients.discard)
+        if chosen is None:
+            return None
         self._endpoint = chosen
-        for index, client in enumerate(clients):
-            if index != chosen:
-                closing = asyncio.create_task(self._close_quietly(client))
-                self._old_clients.add(closing)
-                closing.add_done_callback(self._old_clients.discard)
         return clients[chosen]
 
     async def _call(self, awaitable: Awaitable[T]) -> T:
@@ -268,15 +276,15 @@ class EtcdConnection(ViewDiscovery):
         self._last_error = self._refused
         self._changed()
 
-    def _wrote(self) -> None:
-        """What this node had to write went through: a refusal of its writes, if any, is over."""
-        if self._refused is not None:
-            log.info("etcd takes this node's writes again")
+    def _answered(self, during: str) -> None:
+        """A call of the kind etcd refused (``during``: "read" or "write") went through: the refusal is over."""
+        if self._refused is not None and self._refused_during == during:
+            log.info("etcd takes this node's %ss again", during)
             self._refused = None
             self._last_error = None
             self._changed()
 
-    def _failed(self, error: BaseException, client: Any) -> None:
+    def _failed(self, error: BaseException, client: Any, during: str = "write") -> None:
         text = describe(error)
         if self._tls is None and "Socket closed" in text:
             # (what a plain client of a TLS port is told; an etcd stopped mid-call closes its sockets too)
@@ -297,6 +305,7 @@ class EtcdConnection(ViewDiscovery):
             else:
                 log.debug("etcd %s: still refused: %s", self._endpoint_name(), text)
             self._refused = self._last_error = text
+            self._refused_during = during
             self._wake.set()
             self._changed()
             return

@@ -88,7 +88,13 @@ class EtcdDiscovery(EtcdClaims):
             return
         self._started = True
         self._since = time.time()
-        self._client = await self._first_to_answer()
+        client = await self._first_to_answer()
+        if client is None or self._closed:  # (closed during the race: nothing to start)
+            if client is not None:
+                await self._close_quietly(client)
+            await asyncio.gather(*self._old_clients, return_exceptions=True)
+            return
+        self._client = client
         self._tasks = [
             asyncio.create_task(self._follow(), name="etcd-discovery-follow"),
             asyncio.create_task(self._keep(), name="etcd-discovery-keep"),
@@ -211,6 +217,7 @@ class EtcdDiscovery(EtcdClaims):
                 # losing a delete; R's events, applied again, change nothing.
                 watch = await self._call(client.watch_prefix(self._keys.root, start_revision=self._rev))
                 self._ok()
+                self._answered("read")
                 self._failed_in_a_row = 0
                 self._loaded.set()
                 backoff = MIN_BACKOFF
@@ -228,7 +235,7 @@ class EtcdDiscovery(EtcdClaims):
                 )
                 self._rev = None
             except Exception as error:
-                self._failed(error, client)
+                self._failed(error, client, during="read")
                 self._failed_in_a_row += 1
                 # The first view waits for every endpoint: with the first of `etcd://A,B` down, a command's
                 # view was empty after A's failure, and `peers` failed and every CLI pull went to the Hub (B
@@ -337,7 +344,8 @@ class EtcdDiscovery(EtcdClaims):
             async with self._write_lock:
                 if not self._closed:
                     await self._sync(client)
-                    self._wrote()
+                    if self._record is not None:
+                        self._answered("write")
         except Exception as error:
             self._failed(error, client)
 
@@ -351,7 +359,10 @@ class EtcdDiscovery(EtcdClaims):
                 async with self._write_lock:
                     await self._sync(client)
                 backoff = MIN_BACKOFF
-                self._wrote()
+                if (
+                    self._record is not None
+                ):  # (a sync that read this node's keys again, and wrote what lacked)
+                    self._answered("write")
             except Exception as error:
                 self._failed(error, client)
                 await asyncio.sleep(backoff)
