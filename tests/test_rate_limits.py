@@ -33,7 +33,6 @@ from modeldepot.cli import cli
 from modeldepot.config import DepotConfig, parse_rate
 from modeldepot.errors import ConfigError
 from modeldepot.ratelimit import RateLimit
-from modeldepot.server import app as server_app
 
 MiB = 1 << 20
 REPO = "acme/capped"
@@ -293,54 +292,6 @@ def test_in_a_swarm_a_slow_holder_does_not_keep_the_hub_from_its_chunks(
     assert result.swarm.get("hub_chunks", 0) > 0, result.swarm  # (claimed: a member of the swarm)
     sources = result.bytes_by_source
     assert sources.get("peer", 0) > 0 and sources.get("hub", 0) > 8 * MiB, sources
-
-
-@pytest.mark.parametrize("swarm", [False, True], ids=["servers", "swarm"])
-def test_a_node_whose_own_link_binds_does_not_bring_in_the_hub(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, swarm: bool
-) -> None:
-    """A node on a narrow link sees every other node send below MODELDEPOT_SLOW_PEER_RATE, however fast
-    they are: the Hub was brought in for the rest, and sent 0.2 times the model to a 20 Mbit node among
-    200 Mbit whole holders, for nothing (an explorer's trial). Here the holder and the Hub send through one
-    1 MiB/s limit, as through the puller's one narrow link (a --max-rate of its own would be known, and
-    turns the rule off). The Hub is tried for one chunk; its request brings no more than one to the
-    holder, so the holder stays the only source: the Hub sends that trial's bytes and nothing else."""
-    data = random.Random(31).randbytes(16 * MiB)
-    files = {"config.json": b'{"model_type": "bert"}', "model.safetensors": data}
-    cluster = f"mem://narrow-{uuid.uuid4().hex[:12]}"
-    link = RateLimit(MiB)
-    monkeypatch.setattr(server_app, "RateLimit", lambda rate: link)  # (one link for both senders)
-    monkeypatch.setenv("MODELDEPOT_MAX_UPLOAD_RATE", "1MiB/s")
-    with Depot(tmp_path / "peer", chunk_size=SMALL_CHUNK) as peer_depot:
-        peer_depot.import_dir(write_model_dir(tmp_path / "peer-src", files), REPO)
-        peer = InProcessNode(peer_depot, cluster) if swarm else LiveNode(peer_depot)
-        try:
-            with serving_repo(tmp_path, files, REPO, chunk_size=SMALL_CHUNK) as hub:
-                monkeypatch.delenv("MODELDEPOT_MAX_UPLOAD_RATE")
-                monkeypatch.setenv("MODELDEPOT_SLOW_PEER_RATE", "2MiB/s")
-                if not swarm:
-                    monkeypatch.setenv("MODELDEPOT_SERVERS", peer.url)
-                with (
-                    hub_path_depot(tmp_path / "puller", hub.url, monkeypatch) as puller_depot,
-                    caplog.at_level("INFO", logger="modeldepot.transfer.download"),
-                ):
-                    puller = InProcessNode(puller_depot, cluster) if swarm else None
-                    try:
-                        if puller is not None:
-                            wait_until(lambda: sum(p.blobs for p in puller_depot.peers()) >= 2, 10,
-                                       "the peer's holdings in the view")  # fmt: skip
-                        result = puller_depot.pull(REPO)
-                        got = bytes(puller_depot.get_file(REPO, "model.safetensors"))
-                    finally:
-                        if puller is not None:
-                            puller.stop()
-        finally:
-            peer.stop()
-    assert got == data
-    assert "this node's own link binds" in caplog.text
-    assert "the upstream joins for the rest" not in caplog.text
-    sources = result.bytes_by_source
-    assert sources.get("hub", 0) <= 2 * SMALL_CHUNK, sources  # the trial's chunk, at most
 
 
 def _two_nodes_pull_at_once(

@@ -39,7 +39,6 @@ __all__ = [
     "BANNED_NODES",
     "FLEET_REFUSES",
     "LIARS",
-    "SWARM_PATIENCE",
     "ChunkChooser",
     "ChunkRequest",
     "FileSource",
@@ -108,8 +107,6 @@ class ChunkRequest:
     landing: bool = False  # its bytes are in (or it streams the whole file): never cancelled then
     receiving: Receiving = field(default_factory=Receiving)  # its bytes in so far (shown, not yet checked)
     part_blake3: str | None = None  # the BLAKE3 the sender of the part it began from gave (see _land)
-    counted: bool = False  # its bytes received are in its download's ``received`` (it ended)
-    under: int = 0  # (in a swarm) the revision of the chunk's claim when it was asked for
 
 
 class ChunkChooser:
@@ -123,9 +120,6 @@ class ChunkChooser:
         self.have: dict[FileSource, frozenset[int] | None] = {}  # chunks a source can serve (None: all)
         self.announced: dict[FileSource, frozenset[int]] = {}  # chunks a claimer settled (swarm)
         self.refused: dict[FileSource, set[int]] = {}  # chunks a partial holder said it lacks (404)
-        # (in a swarm) the revision of the chunk's claim when a node said it lacks it: its refusal is of that
-        # claim's settlement (a copy it removed since), not of a claim it makes afresh
-        self.refused_under: dict[tuple[FileSource, int], int] = {}
         self.requests: dict[int, list[ChunkRequest]] = {}  # chunk -> its requests in flight (two: endgame)
         self.bad: dict[int, set[str]] = {}  # chunk -> sources whose bytes failed its digest
         self.attempts: dict[int, int] = {}
@@ -135,11 +129,6 @@ class ChunkChooser:
         self.left_without: set[str] = set()  # sources dropped once nobody was left to give what they lack
         self.low = 0  # the lowest chunk that may not be done yet
         self.peers_slow = False  # the other nodes send it too slowly: the upstream may take what they hold
-        # The other nodes looked slow, with no pace of the upstream's to compare: it is tried for one chunk
-        # (the next its workers pick), held back otherwise. A node's own narrow link makes every source look
-        # slow; bringing the upstream in then only splits that link further (see download._judge_peers).
-        self.trial_wanted = False
-        self.trial: tuple[int, ChunkRequest] | None = None  # the upstream's trial request, and its chunk
         # Outside a swarm, the upstream joined for the chunks no other node holds (they hold parts of it):
         # it takes none they hold, unless they are slow or it is the endgame
         self.gaps_only = False
@@ -159,19 +148,7 @@ class ChunkChooser:
         have = self.have.get(source)
         if have is None or index in have:
             return True
-        return index in self.announced.get(source, ()) and not self._refusal_stands(source, index)
-
-    def _refusal_stands(self, source: FileSource, index: int) -> bool:
-        """Whether ``source`` said it lacks chunk ``index``, and (in a swarm) the chunk's claim is still the one
-        it was under then. A node that removed a model and pulls it again at once answers 404 for what it had
-        settled of the copy that went; its fresh claims were taken for failed and fetched from the Hub again
-        (1.26-1.97 times the model with four nodes: explorers' and this session's trials)."""
-        if index not in self.refused.get(source, ()):
-            return False
-        if self.swarm is None:
-            return True
-        claim = self.swarm.claims.get(index)
-        return (0 if claim is None else claim.revision) == self.refused_under.get((source, index), 0)
+        return index in self.announced.get(source, ()) and index not in self.refused.get(source, ())
 
     def _checkable(self, source: FileSource, index: int) -> bool:
         """Whether a copy of chunk ``index`` from ``source`` can be checked before it is written, where it
@@ -196,20 +173,16 @@ class ChunkChooser:
         for source, (spent, landed) in self.timing.items():
             if source.kind == "hub" and landed:
                 patience = max(patience, ENDGAME_FACTOR * spent / landed)
-        peer_ages, aged = [], set()
+        peer_ages = []
         for requests in self.requests.values():
             for request in requests:
                 if request.source.kind == "hub":
                     patience = max(patience, 2 * (now - request.started))
                 elif not request.landing:
                     peer_ages.append(now - request.started)
-                    aged.add(request.source)
-        if self.peer_times or len(aged) > 1:
+        if self.peer_times:
             # The typical peer chunk, the requests in flight counted at their age so far: when every peer
-            # is slow (a busy fleet, or this node's own narrow link), none is "stuck"; one that stalls while
-            # the others answer is. Before any peer chunk landed, only when several peers' requests are in
-            # flight: one peer's alone would be its own yardstick, and never stuck (a review); with several,
-            # the floor alone had every request on a 20 Mbit link stuck at 20 s, and sent again by the Hub.
+            # is slow (a busy fleet), none is "stuck"; one that stalls while the others answer is.
             patience = max(patience, ENDGAME_FACTOR * statistics.median([*self.peer_times, *peer_ages]))
         return patience
 
@@ -236,7 +209,7 @@ class ChunkChooser:
         from them failed its digest, or they said they lack it; they were dropped or are banned; or they are stuck (a request to
         them has been outstanding STUCK_FACTOR times the patience: a peer that stalls or trickles)."""
         failed = self.bad.get(index, set()) | set(self.errors)
-        failed.update(s.source.name for s in self.refused if self._refusal_stands(s, index))  # lack it now
+        failed.update(s.source.name for s, chunks in self.refused.items() if index in chunks)  # lack it now
         failed.update(s.source.name for s in self.live if self._is_banned(s, now))
         for requests in self.requests.values():
             failed.update(r.source.source.name for r in requests if r.source.kind != "hub" and not r.landing
@@ -267,8 +240,6 @@ class ChunkChooser:
                 s is not source and not self._is_banned(s, now) and self._can_give(s, index)
                 for s in self.live
             )
-        if source.kind == "hub" and self.trial_wanted and not endgame and self._may_try(index, now):
-            return True
         if self.swarm is not None and source.kind == "hub":
             return not self._origin_blocked(index, now, endgame)
         if self.gaps_only and source.kind == "hub" and not endgame and not self.peers_slow:
@@ -276,21 +247,6 @@ class ChunkChooser:
                 s.kind != "hub" and self._holds(s, index) and not self._is_banned(s, now) for s in self.live
             )
         return True
-
-    def _may_try(self, index: int, now: float, beside: bool = False) -> bool:
-        """Whether the upstream's trial may take chunk ``index``: nobody fetches it (``beside``: one request
-        to another node does, not landing yet), no request to the upstream is in flight for the file (one
-        trial at a time), and (in a swarm) no other live node's claim on it stands: that node fetches it
-        from the Hub for the fleet."""
-        requests = self.requests.get(index, [])
-        if requests and not (beside and len(requests) == 1 and not requests[0].landing):
-            return False
-        if any(r.source.kind == "hub" for reqs in self.requests.values() for r in reqs):
-            return False
-        if self.swarm is None:
-            return True
-        patience = self._patience()
-        return self.swarm.standing_claim(index, self._failed_for(index, now, patience), patience) is None
 
     def _coming_to_holders(self, index: int, now: float) -> bool:
         """Outside a swarm: whether a live node of the fleet claims chunk ``index`` (it fetches it from the
@@ -342,13 +298,6 @@ class ChunkChooser:
                     break  # every source holds every chunk: the lowest is the rarest
         if best is not None:
             return best, None
-        if source.kind == "hub" and self.trial_wanted:
-            # Every chunk left is in flight: the trial runs beside the request that received least (a second
-            # copy, stopped once judged, unless the other nodes are slow: then it is the endgame's)
-            beside = [(reqs[0].receiving.count, index) for index, reqs in self.requests.items()
-                      if index not in done and self._may_try(index, now, beside=True)]  # fmt: skip
-            if beside:
-                return min(beside)[1], None
         # The Hub held back for the peers' chunks (a swarm's, or the gaps' outside one): it duplicates a peer's
         # request only in the true endgame (all in flight), and then only for one stuck long (a gap filler
         # duplicated a slow holder's every request after 1 s and sent 31 of its 32 chunks: a review)
@@ -370,8 +319,7 @@ class ChunkChooser:
             return None, None
         started, index = min(outstanding)
         spent, landed = self.timing.get(source, (0.0, 0))
-        per_chunk = spent / landed if landed else self._typical_chunk_time(now, besides=index)
-        patience = max(ENDGAME_WAIT, ENDGAME_FACTOR * per_chunk)
+        patience = max(ENDGAME_WAIT, ENDGAME_FACTOR * spent / landed) if landed else ENDGAME_WAIT
         if origin_held_back and not self.peers_slow:
             # a chunk from the Hub again is what the swarm saves: only for a peer stuck that long (unless
             # the peers are slow as a whole: then their chunks in flight are the Hub's as any endgame's)
@@ -379,22 +327,6 @@ class ChunkChooser:
         if now - started >= patience:
             return index, None
         return None, started + patience - now
-
-    def _typical_chunk_time(self, now: float, besides: int) -> float:
-        """The file's typical seconds per chunk, for a source that landed none of it yet: its sources' own
-        times per chunk landed, or before any landed, the ages of the requests in flight to sources other than
-        those chunk ``besides`` waits for (0 with none). A source with no time of its own duplicated any request outstanding 1 s:
-        on a narrow link, where every request takes a minute, the endgame sent each chunk twice over the link
-        at the start of a pull (an explorer's node on 20 Mbit received 1.27 times the model)."""
-        landed = [spent / count for spent, count in self.timing.values() if count]
-        if landed:
-            return statistics.median(landed)
-        # (the requests of the sources the chunk waits for are no yardstick: a stalled source holding every
-        # request would be judged against its own stalls, and never duplicated, a review)
-        judged = {r.source for r in self.requests.get(besides, [])}
-        ages = [now - r.started for reqs in self.requests.values() for r in reqs
-                if not r.landing and r.source not in judged]  # fmt: skip
-        return statistics.median(ages) if ages else 0.0
 
     def _work_left(self) -> bool:
         return len(self.partial.done) < self.partial.chunks

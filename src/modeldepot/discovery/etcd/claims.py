@@ -79,9 +79,9 @@ class EtcdClaims(EtcdConnection):
                 )
             )
         except Exception as error:
-            self._failed(error, client)
+            self._failed(error, client, during="claim")
             return None
-        self._answered("write")
+        self._answered("claim")
         if won:
             revision = txn_revision(responses)
             claim = ChunkClaim(node_id, None, revision)
@@ -124,7 +124,7 @@ class EtcdClaims(EtcdConnection):
             await self._settle(client, content, index, blake3)
         except Exception as error:
             self._unsettled.setdefault(content, {})[index] = blake3
-            self._failed(error, client)
+            self._failed(error, client, during="claim")
 
     async def _settle(self, client: Any, content: tuple[str, int], index: int, blake3: str) -> None:
         """Settle one claim of this process, if it still is ours: a compare on its ``mod_revision`` (a claim
@@ -207,5 +207,5 @@ class EtcdClaims(EtcdConnection):
         )
         errors = [r for r in results if isinstance(r, Exception)]
         if errors:  # left to the lease: they go when this process ends
-            self._failed(errors[0], client)
+            self._failed(errors[0], client, during="claim")
         self._changed()

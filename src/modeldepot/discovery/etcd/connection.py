@@ -277,9 +277,10 @@ class EtcdConnection(ViewDiscovery):
         self._changed()
 
     def _answered(self, during: str) -> None:
-        """A call of the kind etcd refused (``during``: "read" or "write") went through: the refusal is over."""
+        """A call of the kind etcd refused (``during``: "read", the view's; "write", the writer's; "claim") went
+        through: the refusal is over."""
         if self._refused is not None and self._refused_during == during:
-            log.info("etcd takes this node's %ss again", during)
+            log.info("etcd takes this node's %ss again", during)  # (reads, writes, claims)
             self._refused = None
             self._last_error = None
             self._changed()
