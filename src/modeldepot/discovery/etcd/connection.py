@@ -88,9 +88,9 @@ class EtcdConnection(ViewDiscovery):
         self._last_error: str | None = None
         self._outage_logged = False
         self._failed_endpoints: set[int] = set()  # endpoints that failed since etcd last answered
-        # etcd's refusal of this node (its role revoked or short), and of what ("read": the view; "write": the
-        # writer or a claim), until that goes through again: not an outage (it answers, the same on every
-        # member), said once, kept in the status
+        # etcd's refusal of this node (its role revoked or short), and of what ("read": the view's; "write": the
+        # writer's; "claim"), until a call of that kind goes through again: not an outage (it answers, the same
+        # on every member), said once, kept in the status
         self._refused: str | None = None
         self._refused_during = ""
         self._warned: set[bytes] = set()

@@ -359,9 +359,8 @@ class EtcdDiscovery(EtcdClaims):
                 async with self._write_lock:
                     await self._sync(client)
                 backoff = MIN_BACKOFF
-                if (
-                    self._record is not None
-                ):  # (a sync that read this node's keys again, and wrote what lacked)
+                # (a registered node's pass checked its keys against its lease's, and wrote what lacked)
+                if self._record is not None:
                     self._answered("write")
             except Exception as error:
                 self._failed(error, client)
