@@ -473,6 +473,8 @@ class _FileJob(ChunkChooser):
                 await self._idle(source, changed, wake)
                 continue
             request = ChunkRequest(source, time.monotonic())
+            if self.swarm is not None and (claim := self.swarm.claims.get(index)) is not None:
+                request.under = claim.revision
             self.requests.setdefault(index, []).append(request)
             task = request.task = asyncio.create_task(self._request(source, index, request))
             self.tasks.add(task)
@@ -763,7 +765,7 @@ class _FileJob(ChunkChooser):
             request.landing = True
             await self._stream_whole(source, index)
         except ChunkUnavailableError:  # a partial holder lacks it: others may have it, it keeps the rest
-            self._lacks(source, index)
+            self._lacks(source, index, request)
         except StoreError as error:  # our disk, not the source: the file cannot go on
             self._fail(error)
             return False
@@ -777,14 +779,16 @@ class _FileJob(ChunkChooser):
                 # the Hub again: 1.26-1.52 times the model with four nodes, an explorer's trial)
                 log.info("%s: %s holds no copy of it now (404): chunk %d is asked elsewhere",
                          self.remote.path, source.source.name, index)  # fmt: skip
-                self._lacks(source, index)
+                self._lacks(source, index, request)
         except DepotError as error:
             self._drop(source, error)
         return True
 
-    def _lacks(self, source: FileSource, index: int) -> None:
-        """``source`` said it does not hold chunk ``index``: others may, it keeps the rest."""
+    def _lacks(self, source: FileSource, index: int, request: ChunkRequest) -> None:
+        """``source`` said it does not hold chunk ``index`` (asked by ``request``): others may, it keeps the
+        rest."""
         self.refused.setdefault(source, set()).add(index)
+        self.refused_under[(source, index)] = request.under
         have = self.have.get(source)
         self.have[source] = frozenset(range(self.partial.chunks) if have is None else have) - {index}
 

@@ -342,9 +342,13 @@ class SwarmFile:
     def announced(self) -> dict[str, frozenset[int]]:
         """The chunks each live claimer has settled (landed and checked there), by node id: kept after its
         claims are released (its pull is over: it holds them whole, as its holdings soon say)."""
+        # (a chunk the node claims again, unsettled, is one it lost: it removed the copy and pulls it again, and
+        # its old settlement had it asked, answer 404, and its fresh claim taken for failed: a review)
+        again = {(claim.node_id, index) for index, claim in self.claims.items() if claim.blake3 is None}
         return {
-            node_id: frozenset(chunks) for node_id, chunks in self.settled.items() if self._live_node(node_id)
-        }
+            node_id: frozenset(i for i in chunks if (node_id, i) not in again)
+            for node_id, chunks in self.settled.items() if self._live_node(node_id)
+        }  # fmt: skip
 
     def sources(self) -> dict[str, FileSource]:
         """The fleet's nodes that are sources of the file now, by node id: the content's holders (whole or
