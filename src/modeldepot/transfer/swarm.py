@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 from modeldepot.discovery.base import ChunkClaim, Discovery, Holding, NodeRecord
 from modeldepot.hashing import chunk_count
 from modeldepot.store.layout import size_text
-from modeldepot.transfer.choosing import refused_by_the_fleet
+from modeldepot.transfer.choosing import SWARM_PATIENCE, refused_by_the_fleet
 from modeldepot.transfer.download import FileSource
 from modeldepot.transfer.fleet import FleetView
 from modeldepot.transfer.notices import say_now_and_then
@@ -62,6 +62,9 @@ OVERDUE_FACTOR = (
 )
 FIRST_LANDING_PATIENCE = 60.0  # ... or this many seconds while no claim of the file was seen landing
 SERVING_PROBE_EVERY = 1.0  # seconds between two looks at whether this store's own node still listens
+# A node whose own claims reach this share of the time after which the others take them over gives them up
+# (and follows): the others fetch them from the Hub at once, where they would have fetched them again later
+YIELD_SHARE = 0.75
 LANDINGS_KEPT = 32  # the swarm's latest claim-to-settlement times kept, for its typical time per chunk
 
 SourceFactory = Callable[[NodeRecord, Holding | None], FileSource | None]
@@ -403,6 +406,7 @@ class SwarmFile:
             self._first_seen.setdefault((index, result.revision), time.monotonic())
             return False
         self.mine.add(index)
+        self._first_seen.setdefault((index, result.revision), now)
         self.count("claims_won")
         if replaces:
             self.count(f"taken_over_{why}")
@@ -447,6 +451,36 @@ class SwarmFile:
             digest = held.get(index) or landed().get(index)
             if digest is not None:
                 await self.settle(index, digest)
+
+    def own_claims_late(self) -> set[int]:
+        """This node's unlanded claims that the others are about to judge late (YIELD_SHARE of the time after
+        which they take a claim over, at the swarm's typical landing): this node lands its chunks slower than
+        the swarm (its own narrow link), and they would fetch them from the Hub again while it goes on."""
+        typical = self.typical_landing()
+        if typical is None:
+            return set()
+        late_after = YIELD_SHARE * max(SWARM_PATIENCE, OVERDUE_FACTOR * typical)
+        now = time.monotonic()
+        late = set()
+        for index in self.mine - self.landed:
+            claim = self.claims.get(index)
+            if (claim is not None and claim.node_id == self.node_id and claim.blake3 is None
+                    and now - self._first_seen.get((index, claim.revision), now) >= late_after):  # fmt: skip
+                late.add(index)
+        return late
+
+    async def withdraw(self, chunks: Collection[int]) -> None:
+        """Withdraw this node's claims on ``chunks``, which it stopped fetching (they come from the other
+        nodes): the others need not wait for them to go late, and this node does not claim them again while
+        it follows."""
+        mine = self.mine & set(chunks) - self.landed
+        if mine:
+            self.mine -= mine
+            self.withdrawn |= mine
+            for index in mine:
+                self.claims.pop(index, None)
+            sha, size = self.sha256, self.chunk_size
+            await self.fleet.call(lambda d: d.release_claims(sha, size, mine), None)
 
     async def withdraw_unlanded(self, landing: Collection[int] = ()) -> None:
         """Withdraw this node's claims on the chunks it has not landed (nor is ``landing``: their bytes are
