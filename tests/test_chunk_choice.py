@@ -64,14 +64,14 @@ def test_a_nodes_404_voids_the_claim_it_was_asked_under_not_a_fresh_one() -> Non
     (1.26-1.97 times the model with four nodes). A refusal is of the claim it was asked under."""
     node = source(1, "peer")
     choice = chooser(2, node)
-    claims = {0: types.SimpleNamespace(revision=5)}
-    choice.swarm = types.SimpleNamespace(claims=claims)  # type: ignore[assignment]
+    revisions = {0: 5}
+    choice.swarm = types.SimpleNamespace(claim_revision=revisions.get)  # type: ignore[assignment]
     choice.have = {node: frozenset()}
     choice.announced = {node: frozenset({0})}
     now = time.monotonic()
     choice.refused, choice.refused_under = {node: {0}}, {(node, 0): 5}
     assert not choice._holds(node, 0) and node.source.name in choice._failed_for(0, now, 10.0)
-    claims[0] = types.SimpleNamespace(revision=9)  # its claim afresh, then settled
+    revisions[0] = 9  # its claim afresh, then settled
     assert node.source.name not in choice._failed_for(0, now, 10.0) and choice._holds(node, 0)
 
 

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import types
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
@@ -21,9 +22,12 @@ from fleetnodes import Fleet
 from modeldepot.discovery.base import NodeRecord
 from modeldepot.discovery.etcd import EtcdDiscovery
 from modeldepot.discovery.mem import MemDiscovery, MemRegistry
+from modeldepot.transfer import download as download_module
 from modeldepot.transfer import swarm as swarm_module
-from modeldepot.transfer.download import FileSource
+from modeldepot.transfer.choosing import ChunkChooser, ChunkRequest
+from modeldepot.transfer.download import FileSource, _FileJob
 from modeldepot.transfer.fleet import FleetView
+from modeldepot.transfer.ranged import Attempt
 from modeldepot.transfer.sources import HttpSource
 from modeldepot.transfer.swarm import SwarmFile
 
@@ -434,3 +438,207 @@ def test_a_node_is_refused_by_the_fleet_when_no_peer_takes_its_token_and_enough_
     assert not refused_by_the_fleet()
     judge_token([False])  # (a fleet of one peer, which refuses)
     assert refused_by_the_fleet()
+
+
+def test_a_nodes_404_stands_until_the_chunk_is_claimed_afresh_and_not_after_that_claim_goes(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node b removed the model and pulls it again: asked for chunk 0 on its old copy's settlement while
+    nobody claims the chunk, it answers 404, and is not asked for it again. It then claims the chunk,
+    settles it, and its pull ends (its claims released): it holds the chunk, and is asked for it again.
+    Keyed on the claim standing now, the refusal "under no claim" stood again once b's claim went (0 == 0),
+    and b's chunk map lost the chunk for good: the Hub sent it again (a review)."""
+    registry = MemRegistry("refused")
+    a, b = node("a"), node("b")
+
+    async def whole(self: HttpSource, url: str, size: int, chunk_size: int) -> None:
+        return None  # (b's chunk map: it holds the file whole)
+
+    monkeypatch.setattr(HttpSource, "chunk_map", whole)
+
+    async def main() -> None:
+        async with members(registry, a, b) as (da, db):
+            swarm = swarm_of(da, a)
+            swarm.settled = {b.node_id: {0, 1}}  # its old copy's settlements, still in the view
+            swarm.refresh()
+            holder, hub = (
+                as_source(b, None),
+                FileSource(HttpSource("http://hub.test", "hub"), "http://hub.test/f"),
+            )
+            partial = types.SimpleNamespace(
+                done={}, chunks=SIZE // CHUNK, wanted={}, chunk_size=CHUNK, size=SIZE
+            )
+            job = _FileJob.__new__(_FileJob)
+            ChunkChooser.__init__(job, partial, swarm)  # type: ignore[arg-type]
+            job.remote = types.SimpleNamespace(size=SIZE, path="f")  # type: ignore[assignment]
+            job.refreshing, job.refreshed, job._pulse = set(), {}, lambda: None  # type: ignore[method-assign]
+            job.live, job.have = [holder, hub], {holder: None, hub: None}
+
+            def announce() -> None:
+                swarm.refresh()
+                job.announced = {holder: swarm.announced().get(b.node_id, frozenset())}
+
+            asked = ChunkRequest(holder, clock.now, under=swarm.claim_revision(0))
+            job._lacks(holder, 0, asked)  # its 404
+            announce()
+            assert not job._holds(holder, 0) and not job._may_take(holder, 0, clock.now)
+            await job._refresh(holder)  # (its map says whole: the refusal stands over it)
+            assert job.have[holder] == frozenset(range(1, SIZE // CHUNK))
+
+            assert await db.claim_chunk(SHA, CHUNK, 0, b.node_id) is not None  # it claims the chunk afresh
+            announce()
+            await db.settle_claim(SHA, CHUNK, 0, BLAKE)
+            announce()
+            await db.release_claims(SHA, CHUNK)  # its pull is over
+            announce()
+            assert 0 not in swarm.claims
+            assert job._holds(holder, 0) and job._may_take(holder, 0, clock.now)
+            assert holder.source.name not in job._failed_for(0, clock.now, 10.0)
+            await job._refresh(holder)
+            assert job.have[holder] is None
+
+    run(main())
+
+
+def _landed(
+    swarm: SwarmFile, claimer: MemDiscovery, record: NodeRecord, index: int
+) -> Coroutine[Any, Any, None]:
+    async def land() -> None:
+        assert await claimer.claim_chunk(SHA, CHUNK, index, record.node_id) is not None
+        swarm.refresh()
+        await claimer.settle_claim(SHA, CHUNK, index, BLAKE)
+        swarm.refresh()
+
+    return land()
+
+
+def test_a_node_far_behind_the_swarm_gives_its_claims_up_but_not_alone_nor_when_every_node_is_slow(
+    clock: Clock,
+) -> None:
+    """A node's claims unlanded 3/4 of the time after which the others take them over are given up, once
+    the others' newer claims landed first (its own link binds). Alone, or with the Hub slow for every node
+    (nothing newer lands), none is: every node gave its claims up then, and one was left claiming for the
+    fleet; a node alone gave them up to nobody (a review)."""
+    registry = MemRegistry("yield")
+    a, b, c = node("a"), node("b"), node("c")
+
+    async def main() -> None:
+        async with members(registry, a, b, c) as (da, db, dc):
+            swarm = swarm_of(da, a)
+            swarm.refresh()
+            assert await swarm.claim(0, set(), 10.0) and await swarm.claim(1, set(), 10.0)
+            assert await db.claim_chunk(SHA, CHUNK, 7, b.node_id) is not None  # made with a's
+            swarm.refresh()
+            clock.now += 1
+            await swarm.settle(0, BLAKE)  # its own first landing: 1 s
+            await db.settle_claim(SHA, CHUNK, 7, BLAKE)  # (landed: no sign of a's pace, made with it)
+            swarm.refresh()
+            clock.now += 20
+            swarm.refresh()
+            assert swarm.typical_landing() == pytest.approx(1)
+            assert swarm.own_claims_late() == {}  # 21 s unlanded, but nothing newer landed: the Hub's pace
+            await _landed(swarm, db, b, 6)
+            assert swarm.own_claims_late() == {}  # one witness is not enough
+            await _landed(swarm, dc, c, 5)
+            late = swarm.own_claims_late()
+            assert list(late) == [1] and late[1] == pytest.approx(1000 + 10)  # taken over at 10 s (patience)
+            await swarm.withdraw(late)
+            swarm.refresh()
+            assert 1 not in da.claims(SHA, CHUNK) and 1 not in swarm.claims and 1 in swarm.given_up
+
+    run(main())
+
+
+def test_a_given_up_claim_whose_release_was_lost_is_not_fetched_again(clock: Clock) -> None:
+    """The release of a claim given up does not reach the registry (a call that timed out): read back, it
+    was this node's own again, and the follower fetched the chunk it gave up over its narrow link while the
+    others took it over (a review). Now it is no claim of this node's while it follows; it claims it again
+    only as it claims afresh."""
+    registry = MemRegistry("lost-release")
+    a, b = node("a"), node("b")
+
+    async def main() -> None:
+        async with members(registry, a, b) as (da, db):
+            swarm = swarm_of(da, a)
+            swarm.refresh()
+            assert await swarm.claim(3, set(), 10.0)
+
+            async def lost(sha256: str, chunk_size: int, indexes: object = None) -> None:
+                return None  # (the write never happened)
+
+            da.release_claims = lost  # type: ignore[method-assign,assignment]
+            swarm.follower = True
+            await swarm.withdraw({3})
+            assert await db.claim_chunk(SHA, CHUNK, 6, b.node_id) is not None  # the others move on
+            swarm.refresh()
+            assert da.claims(SHA, CHUNK)[3].node_id == a.node_id and 3 not in swarm.claims
+            hub = FileSource(HttpSource("http://hub.test", "hub"), "http://hub.test/f")
+            partial = types.SimpleNamespace(
+                done={}, chunks=SIZE // CHUNK, wanted={}, chunk_size=CHUNK, size=SIZE
+            )
+            choice = ChunkChooser(partial, swarm)  # type: ignore[arg-type]
+            choice.live, choice.have = [hub], {hub: None}
+            assert not choice._may_take(hub, 3, clock.now)  # a follower: the chunk is the others' to fetch
+            swarm.follower = False  # the others stopped: it claims afresh, that chunk too
+            assert await swarm.claim(3, set(), 10.0) and 3 in swarm.mine and 3 not in swarm.given_up
+            swarm.refresh()
+            assert swarm.claims[3].node_id == a.node_id
+
+    run(main())
+
+
+def test_a_late_claim_is_given_up_by_its_pace_on_the_wire_and_not_while_a_copy_lands(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Of this node's late claims, the Hub request is stopped (its claim withdrawn, the node follows) when at
+    its pace so far it would land after the others take it over; not when it would land in time, nor when
+    it has been on the wire too short to tell, nor when another copy of the chunk is being written (given
+    up, that copy would settle nothing and the fleet would fetch the chunk again: a review)."""
+    registry = MemRegistry("pace")
+    a, b, c = node("a"), node("b"), node("c")
+    monkeypatch.setattr(download_module, "time", clock)
+
+    def on_the_wire(seconds: float, received: int) -> ChunkRequest:
+        request = ChunkRequest(
+            FileSource(HttpSource("http://hub.test", "hub"), "http://hub.test/f"), clock.now
+        )
+        request.receiving.attempt = Attempt(received=received, began=clock.now - seconds)
+        request.task = asyncio.get_running_loop().create_future()  # type: ignore[assignment]
+        return request
+
+    async def main() -> None:
+        async with members(registry, a, b, c) as (da, db, dc):
+            swarm = swarm_of(da, a)
+            swarm.refresh()
+            for index in range(4):
+                assert await swarm.claim(index, set(), 10.0)
+            swarm.refresh()
+            clock.now += 1
+            await swarm.settle(0, BLAKE)
+            clock.now += 1.5
+            await _landed(swarm, db, b, 7)
+            await _landed(swarm, dc, c, 6)
+            clock.now += 6  # 8.5 s unlanded; taken over at 10 s
+            swarm.refresh()
+            assert set(swarm.own_claims_late()) == {1, 2, 3}
+            job = _FileJob.__new__(_FileJob)
+            job.swarm, job.landing = swarm, {3}
+            job.remote = types.SimpleNamespace(size=SIZE, path="f")  # type: ignore[assignment]
+            job.partial = types.SimpleNamespace(chunk_size=CHUNK)  # type: ignore[assignment]
+            slow, in_time, landing = (
+                on_the_wire(5, CHUNK // 8),
+                on_the_wire(5, CHUNK - 1024),
+                on_the_wire(5, 0),
+            )
+            job.requests = {1: [slow], 2: [in_time], 3: [landing]}
+            assert await job._yield_late_claims()
+            assert slow.task.cancelled() and not in_time.task.done() and not landing.task.done()
+            assert swarm.follower and swarm.given_up == {1} and swarm.events["claims_given_up"] == 1
+            assert set(da.claims(SHA, CHUNK)) >= {2, 3} and 1 not in da.claims(SHA, CHUNK)
+            # (just on the wire: its pace is not known yet)
+            clock.now += 1
+            fresh = on_the_wire(0.5, 0)
+            job.requests = {2: [fresh]}
+            assert not await job._yield_late_claims() and not fresh.task.done()
+
+    run(main())

@@ -163,8 +163,9 @@ class ChunkChooser:
             return False
         if self.swarm is None:
             return True
-        claim = self.swarm.claims.get(index)
-        return (0 if claim is None else claim.revision) == self.refused_under.get((source, index), 0)
+        # (any claim of the chunk since, the refuser's own included, voids it: the latest revision seen, not the
+        # claim standing now: one claimed, settled and released since had "no claim" again, a review)
+        return self.swarm.claim_revision(index) == self.refused_under.get((source, index), 0)
 
     def _checkable(self, source: FileSource, index: int) -> bool:
         """Whether a copy of chunk ``index`` from ``source`` can be checked before it is written, where it

@@ -87,6 +87,7 @@ SWARM_IDLE = 0.5  # seconds an idle worker of a swarm waits at most before it lo
 PART_LOG_EVERY = 1.0  # seconds between two notes of how much of each chunk in flight is in the file
 PART_LOG_MIN_BYTES = 1 << 20  # ... each once it has received this much more (the log stays small)
 SWARM_JOIN_EVERY = 2.0  # seconds between two looks for the swarm of a file that began outside it
+YIELD_PACE_AFTER = 1.0  # seconds a late claim's request is on the wire, at least, before its pace judges it
 PACE_TICK = 0.5  # seconds between looks at the pace of the other nodes a file comes from
 PACE_MIN = 3.0  # seconds a peer request is outstanding, at least, before its pace is judged slow
 # Seconds a look at the peers may come late before this process is taken to have stood still (SIGSTOP, a
@@ -473,8 +474,8 @@ class _FileJob(ChunkChooser):
                 await self._idle(source, changed, wake)
                 continue
             request = ChunkRequest(source, time.monotonic())
-            if self.swarm is not None and (claim := self.swarm.claims.get(index)) is not None:
-                request.under = claim.revision
+            if self.swarm is not None:
+                request.under = self.swarm.claim_revision(index)
             self.requests.setdefault(index, []).append(request)
             task = request.task = asyncio.create_task(self._request(source, index, request))
             self.tasks.add(task)
@@ -521,22 +522,28 @@ class _FileJob(ChunkChooser):
 
     async def _yield_late_claims(self) -> bool:
         """This node's claims that the others are about to take over (it lands chunks far slower than the
-        swarm: its own narrow link) are given up while less than half of their chunk is in, their parts kept,
-        and this node follows from then on: the others fetch them from the Hub at once and it takes them from
-        them. Else it went on receiving each from the Hub while a taker fetched it again (a node on 20 Mbit
-        among 200 Mbit ones had the Hub send 1.11-1.21 times the model in a rollout, an explorer's trial).
-        True when some were given up."""
+        swarm: its own narrow link) are given up when their request, on the wire, would not land before the
+        others take them over at its pace so far: stopped, its part kept, and this node follows from then
+        on: the others fetch them from the Hub at once and it takes them from them. Else it went on
+        receiving each from the Hub while a taker fetched it again (a node on 20 Mbit among 200 Mbit ones
+        had the Hub send 1.11-1.21 times the model in a rollout, an explorer's trial). True when some were
+        given up."""
         assert self.swarm is not None
-        late = self.swarm.own_claims_late()
-        given_up = set()
-        for index in late:
+        now, given_up = time.monotonic(), set()
+        for index, overdue_at in self.swarm.own_claims_late().items():
+            requests = self.requests.get(index, [])
+            if index in self.landing or any(r.landing for r in requests):
+                continue  # (a copy is being written: it settles the claim)
             length = chunk_span(index, self.remote.size, self.partial.chunk_size)[1]
-            for request in self.requests.get(index, []):
-                task, attempt = request.task, request.receiving.attempt
-                # (on the wire: a claim whose request waits for this node's own slots is not a slow link)
-                if (request.source.kind == "hub" and not request.landing and task is not None and not task.done()
-                        and attempt is not None and attempt.began > 0
-                        and request.receiving.count < length / 2):  # fmt: skip
+            for request in requests:
+                task, attempt, count = request.task, request.receiving.attempt, request.receiving.count
+                # (on the wire for a while: a request that waited for this node's own slots is no slow link,
+                # and its pace is not known at once)
+                if (request.source.kind != "hub" or task is None or task.done() or attempt is None
+                        or attempt.began <= 0 or now - attempt.began < YIELD_PACE_AFTER):  # fmt: skip
+                    continue
+                rate = count / (now - attempt.began)
+                if not rate or now + (length - count) / rate > overdue_at:
                     task.cancel()
                     given_up.add(index)
         if not given_up:
@@ -766,7 +773,7 @@ class _FileJob(ChunkChooser):
         except DepotError as error:
             self._drop(source, error)
         else:
-            refused = self.refused.get(source, set())
+            refused = {i for i in self.refused.get(source, ()) if self._refusal_stands(source, i)}
             if held is None and refused:
                 held = frozenset(range(self.partial.chunks))
             self.have[source] = None if held is None else held - refused

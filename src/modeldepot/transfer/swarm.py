@@ -65,6 +65,7 @@ SERVING_PROBE_EVERY = 1.0  # seconds between two looks at whether this store's o
 # A node whose own claims reach this share of the time after which the others take them over gives them up
 # (and follows): the others fetch them from the Hub at once, where they would have fetched them again later
 YIELD_SHARE = 0.75
+YIELD_WITNESSES = 2  # ... once this many of the others' claims, newer than its own, landed before it
 LANDINGS_KEPT = 32  # the swarm's latest claim-to-settlement times kept, for its typical time per chunk
 
 SourceFactory = Callable[[NodeRecord, Holding | None], FileSource | None]
@@ -106,9 +107,16 @@ class SwarmFile:
         self.withdrawn: set[int] = (
             set()
         )  # claims withdrawn as the Hub failed (the release takes what is left)
+        self.given_up: set[int] = (
+            set()
+        )  # claims this node gave up (``withdraw``): not its own while it follows
         self._first_seen: dict[tuple[int, int], float] = {}  # (chunk, claim revision) -> when first seen
+        self._revisions: dict[int, int] = {}  # chunk -> the latest revision of a claim on it seen here
         self._pending: dict[int, tuple[str, float]] = {}  # chunk -> (claimer, when first seen unlanded)
         self._landings: deque[float] = deque(maxlen=LANDINGS_KEPT)  # seconds from claim seen to settled
+        # When the other nodes' latest landed claims were first seen: newer ones than this node's landing
+        # first tell its own link from a Hub slow for everyone
+        self._others_landed: deque[float] = deque(maxlen=LANDINGS_KEPT)
         self._known: dict[str, NodeRecord] = {}  # every node seen live, as last seen
         self._missing_since: dict[str, float] = {}  # node id -> since when it is missing from the view
         self.follower: bool | None = None  # decided at the first read: others had landed chunks already
@@ -141,18 +149,26 @@ class SwarmFile:
         )  # fmt: skip
         if seen.other_sizes:
             _say_sizes_differ(sha, size, seen.other_sizes)
-        changed = seen.claims != self.claims or seen.nodes.keys() != self.nodes.keys()
+        claims = seen.claims
+        if self.given_up:
+            # (a claim this node gave up whose release did not reach the registry is read back: it is no
+            # claim of this node's to fetch while it follows; the others take it over when late, a review)
+            claims = {i: c for i, c in claims.items()
+                      if not (i in self.given_up and c.node_id == self.node_id and c.blake3 is None)}  # fmt: skip
+        for index, claim in claims.items():
+            self._revisions[index] = max(self._revisions.get(index, 0), claim.revision)
+        changed = claims != self.claims or seen.nodes.keys() != self.nodes.keys()
         now = time.monotonic()
-        if _others(seen.claims, self.node_id) != _others(self.claims, self.node_id):
+        if _others(claims, self.node_id) != _others(self.claims, self.node_id):
             self.last_activity = now  # (this node's own claims say nothing of the others' progress)
         if self.follower is None:
-            landed = sum(c.blake3 is not None and c.node_id != self.node_id for c in seen.claims.values())
+            landed = sum(c.blake3 is not None and c.node_id != self.node_id for c in claims.values())
             # A pull under a download cap (``pull --max-rate``) follows whenever other nodes are live: its
             # claims would land at its pace, far behind the swarm's, and stand until taken over (the trial:
             # one capped node held three others back to its 39 s, and the Hub sent 1.46× the file).
             crowd = self.slow and any(node_id != self.node_id for node_id in seen.nodes)
             self.follower = crowd or landed >= max(1, LATE_SHARE * self.chunks)
-        self.claims, self.nodes, self.holders = seen.claims, seen.nodes, seen.holders
+        self.claims, self.nodes, self.holders = claims, seen.nodes, seen.holders
         if seen is not unread:  # (a view that did not answer in time says nothing of the registry either)
             self.registry_answers = seen.connected
             if seen.connected:
@@ -171,7 +187,7 @@ class SwarmFile:
             self.digests.setdefault(index, digest)
             if node_id != self.node_id:
                 self.settled.setdefault(node_id, set()).add(index)
-        for index, claim in seen.claims.items():
+        for index, claim in claims.items():
             if claim.blake3 is None:
                 self._first_seen.setdefault((index, claim.revision), now)
                 if self._pending.get(index, ("", 0.0))[0] != claim.node_id:
@@ -180,6 +196,8 @@ class SwarmFile:
                 claimer, since = self._pending.pop(index)
                 if claimer == claim.node_id:
                     self._landings.append(now - since)
+                    if claimer != self.node_id:
+                        self._others_landed.append(since)
         return changed
 
     def _check_serving(self) -> None:
@@ -406,6 +424,8 @@ class SwarmFile:
             self._first_seen.setdefault((index, result.revision), time.monotonic())
             return False
         self.mine.add(index)
+        self.given_up.discard(index)
+        self._revisions[index] = max(self._revisions.get(index, 0), result.revision)
         self._first_seen.setdefault((index, result.revision), now)
         self.count("claims_won")
         if replaces:
@@ -452,21 +472,34 @@ class SwarmFile:
             if digest is not None:
                 await self.settle(index, digest)
 
-    def own_claims_late(self) -> set[int]:
+    def claim_revision(self, index: int) -> int:
+        """The latest revision of a claim on chunk ``index`` seen here (0: none yet). It changes whenever a
+        node claims the chunk afresh, and stays when the claim is released."""
+        return self._revisions.get(index, 0)
+
+    def own_claims_late(self) -> dict[int, float]:
         """This node's unlanded claims that the others are about to judge late (YIELD_SHARE of the time after
-        which they take a claim over, at the swarm's typical landing): this node lands its chunks slower than
-        the swarm (its own narrow link), and they would fetch them from the Hub again while it goes on."""
+        which they take a claim over, at the swarm's typical landing), with when they would take each over:
+        this node lands its chunks slower than the swarm (its own narrow link), and they would fetch them
+        from the Hub again while it goes on. Only once other nodes' claims newer than it (by a typical
+        landing) landed first, YIELD_WITNESSES of them: a Hub slow for everyone, or a node pulling alone,
+        makes no claim late (each node gave its claims up then, and one was left claiming for the fleet: a
+        review)."""
         typical = self.typical_landing()
         if typical is None:
-            return set()
-        late_after = YIELD_SHARE * max(SWARM_PATIENCE, OVERDUE_FACTOR * typical)
+            return {}
+        overdue_after = max(SWARM_PATIENCE, OVERDUE_FACTOR * typical)
         now = time.monotonic()
-        late = set()
+        late = {}
         for index in self.mine - self.landed:
             claim = self.claims.get(index)
-            if (claim is not None and claim.node_id == self.node_id and claim.blake3 is None
-                    and now - self._first_seen.get((index, claim.revision), now) >= late_after):  # fmt: skip
-                late.add(index)
+            if claim is None or claim.node_id != self.node_id or claim.blake3 is not None:
+                continue
+            since = self._first_seen.get((index, claim.revision), now)
+            # (newer by a typical landing: claims made with it that landed are no sign of its link's pace)
+            if (now - since >= YIELD_SHARE * overdue_after
+                    and sum(seen >= since + typical for seen in self._others_landed) >= YIELD_WITNESSES):  # fmt: skip
+                late[index] = since + overdue_after
         return late
 
     async def withdraw(self, chunks: Collection[int]) -> None:
@@ -477,6 +510,7 @@ class SwarmFile:
         if mine:
             self.mine -= mine
             self.withdrawn |= mine
+            self.given_up |= mine
             for index in mine:
                 self.claims.pop(index, None)
             sha, size = self.sha256, self.chunk_size
