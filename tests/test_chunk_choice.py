@@ -90,3 +90,22 @@ def test_a_chunk_a_node_claims_again_is_not_taken_for_one_it_settled_before() ->
     assert swarm.announced() == {"x": frozenset({1})}
     swarm.claims = {0: ChunkClaim("x", "b" * 64, 9)}  # settled again
     assert swarm.announced() == {"x": frozenset({0, 1})}
+
+
+def test_a_trickling_peer_is_stuck_by_the_others_pace_not_its_own() -> None:
+    """Peer x holds four requests, 25 s on the wire with nothing in; one chunk landed from peer b in half
+    a second. Counted with the landings, x's own requests set the patience at three times their age, and
+    x was never stuck: every node of a swarm following it waited for ever (the trickling-peer fleet test,
+    with the Hub tried early). Judged by the others' pace, x is stuck; four peers all as slow are not."""
+    x, b, hub = source(1, "peer"), source(3, "peer"), source(2, "hub")
+    choice = chooser(8, x, b, hub)
+    choice.peer_times.append(0.5)
+    choice.requests = {i: [request(x, 25.0)] for i in range(4)}
+    now = time.monotonic()
+    assert x.source.name in choice._failed_for(0, now, choice._patience())
+    assert b.source.name not in choice._failed_for(0, now, choice._patience())
+    peers = [source(port, "peer") for port in (4, 5, 6, 7)]
+    busy = chooser(8, *peers, hub)
+    busy.peer_times.append(0.5)
+    busy.requests = {i: [request(peer, 25.0)] for i, peer in enumerate(peers)}
+    assert not busy._failed_for(0, now, busy._patience())

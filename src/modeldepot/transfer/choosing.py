@@ -181,11 +181,14 @@ class ChunkChooser:
     def _can_give(self, source: FileSource, index: int) -> bool:
         return self._holds(source, index) and self._checkable(source, index)
 
-    def _patience(self) -> float:
+    def _patience(self, without: Collection[str] = ()) -> float:
         """Seconds another node's claim may stay unlanded, or a peer's request outstanding, before it is
         given up on: SWARM_PATIENCE, or more on a slow Hub or a busy fleet (three times this node's own time
         per Hub chunk, and its typical time per peer chunk; twice the age of its oldest Hub request in
-        flight)."""
+        flight). The requests in flight to the sources ``without`` do not count: a source is judged by the
+        others' pace, not its own (a trickling node's four requests outnumbered the one peer chunk landed,
+        their own age set the patience at three times it, and they were never stuck: every node of a swarm
+        waited on it for ever)."""
         now, patience = time.monotonic(), SWARM_PATIENCE
         for source, (spent, landed) in self.timing.items():
             if source.kind == "hub" and landed:
@@ -195,7 +198,7 @@ class ChunkChooser:
             for request in requests:
                 if request.source.kind == "hub":
                     patience = max(patience, 2 * (now - request.started))
-                elif not request.landing:
+                elif not request.landing and request.source.source.name not in without:
                     peer_ages.append(now - request.started)
         if self.peer_times:
             # The typical peer chunk, the requests in flight counted at their age so far: when every peer
@@ -209,10 +212,10 @@ class ChunkChooser:
         others and nobody claims it yet). In the endgame the peers its requests wait for count as failed
         (it duplicates them only when no other peer can)."""
         assert self.swarm is not None
-        patience = self._patience()
-        failed = self._failed_for(index, now, patience)
+        failed = self._failed_for(index, now, self._patience())
         if endgame:
             failed.update(r.source.source.name for r in self.requests.get(index, []))
+        patience = self._patience(without=failed)
         if not self.peers_slow and any(
             s.kind != "hub" and s.source.name not in failed and self._can_give(s, index) for s in self.live
         ):
@@ -228,9 +231,17 @@ class ChunkChooser:
         failed = self.bad.get(index, set()) | set(self.errors)
         failed.update(s.source.name for s in self.refused if self._refusal_stands(s, index))  # lack it now
         failed.update(s.source.name for s in self.live if self._is_banned(s, now))
+        # (each judged by the others' pace: ``patience`` is what the caller waits for, its own requests' ages
+        # in it; a source's own stuck requests are not its yardstick)
+        oldest: dict[str, float] = {}
         for requests in self.requests.values():
-            failed.update(r.source.source.name for r in requests if r.source.kind != "hub" and not r.landing
-                          and now - r.started >= STUCK_FACTOR * patience)  # fmt: skip
+            for r in requests:
+                if r.source.kind != "hub" and not r.landing:
+                    name = r.source.source.name
+                    oldest[name] = min(oldest.get(name, r.started), r.started)
+        for name, started in oldest.items():
+            if now - started >= STUCK_FACTOR * min(patience, self._patience(without=(name,))):
+                failed.add(name)
         return failed
 
     @staticmethod
