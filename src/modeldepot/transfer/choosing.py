@@ -133,6 +133,7 @@ class ChunkChooser:
         self.left_without: set[str] = set()  # sources dropped once nobody was left to give what they lack
         self.low = 0  # the lowest chunk that may not be done yet
         self.peers_slow = False  # the other nodes send it too slowly: the upstream may take what they hold
+        self._stuck_seen: tuple[float, float, set[str]] | None = None  # (now, patience, stuck): see _stuck
         # Outside a swarm, the upstream joined for the chunks no other node holds (they hold parts of it):
         # it takes none they hold, unless they are slow or it is the endgame
         self.gaps_only = False
@@ -231,18 +232,26 @@ class ChunkChooser:
         failed = self.bad.get(index, set()) | set(self.errors)
         failed.update(s.source.name for s in self.refused if self._refusal_stands(s, index))  # lack it now
         failed.update(s.source.name for s in self.live if self._is_banned(s, now))
-        # (each judged by the others' pace: ``patience`` is what the caller waits for, its own requests' ages
-        # in it; a source's own stuck requests are not its yardstick)
+        failed.update(self._stuck(now, patience))
+        return failed
+
+    def _stuck(self, now: float, patience: float) -> set[str]:
+        """The peers with a request outstanding STUCK_FACTOR times the patience, each judged by the others'
+        pace (``patience`` is what the caller waits for, its own requests' ages in it; a source's own stuck
+        requests are no yardstick for it). The same for every chunk: kept for the ``now`` of a pick, which
+        asks it of each chunk (a pick over 640 chunks took 3 times as long, judged afresh per chunk)."""
+        if self._stuck_seen is not None and self._stuck_seen[:2] == (now, patience):
+            return self._stuck_seen[2]
         oldest: dict[str, float] = {}
         for requests in self.requests.values():
             for r in requests:
                 if r.source.kind != "hub" and not r.landing:
                     name = r.source.source.name
                     oldest[name] = min(oldest.get(name, r.started), r.started)
-        for name, started in oldest.items():
-            if now - started >= STUCK_FACTOR * min(patience, self._patience(without=(name,))):
-                failed.add(name)
-        return failed
+        stuck = {name for name, started in oldest.items()
+                 if now - started >= STUCK_FACTOR * min(patience, self._patience(without=(name,)))}  # fmt: skip
+        self._stuck_seen = (now, patience, stuck)
+        return stuck
 
     @staticmethod
     def _banned_until(source: FileSource) -> float:
