@@ -79,6 +79,11 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
     BANNED_NODES.clear()  # (a liar's port may be another test's honest node)
     FLEET_REFUSES[0] = False
+    from modeldepot.transfer.chain import _HUB_ANSWERED
+
+    # (a Hub's port that answered an earlier test may be this test's port nothing listens on: its refusal
+    # was taken for an outage of a Hub that answered before, a 502, where the test expects "not found")
+    _HUB_ANSWERED.clear()
 
 
 @pytest.fixture
