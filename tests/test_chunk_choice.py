@@ -109,3 +109,62 @@ def test_a_trickling_peer_is_stuck_by_the_others_pace_not_its_own() -> None:
     busy.peer_times.append(0.5)
     busy.requests = {i: [request(peer, 25.0)] for i, peer in enumerate(peers)}
     assert not busy._failed_for(0, now, busy._patience())
+
+
+def following(chooser_: ChunkChooser, stood_still: float) -> None:
+    """``chooser_`` pulls in a swarm as a follower; the claims on the file last moved ``stood_still`` s ago."""
+    from modeldepot.transfer.swarm import SwarmFile
+
+    swarm = SwarmFile(
+        None, "self", "a" * 64, chooser_.partial.chunks * CHUNK, CHUNK, lambda node, holding: None
+    )  # type: ignore[arg-type]
+    swarm.follower, swarm.last_activity = True, time.monotonic() - stood_still
+    chooser_.swarm = swarm
+
+
+def test_a_follower_times_the_swarm_standing_still_by_what_lands_not_by_its_requests_in_flight() -> None:
+    """A follower claims no fresh chunk from the Hub until the others' claims stood still for the patience
+    (10 s here). Peer x, holding chunks 0-3, has this node's four requests 8 s on the wire (not stuck yet);
+    one chunk landed from another peer in half a second. Counted at their age, x's requests set that
+    patience at three times it, and a follower of a trickling holder waited until x was judged stuck (20 s)
+    for chunks nobody claimed nor held."""
+    x, b, hub = source(1, "peer"), source(3, "peer"), source(2, "hub")
+    choice = chooser(8, x, b, hub)
+    choice.have = {x: frozenset(range(4)), b: frozenset(), hub: None}
+    choice.peer_times.append(0.5)
+    choice.requests = {i: [request(x, 8.0)] for i in range(4)}
+    following(choice, stood_still=12.0)
+    assert not choice._origin_blocked(5, time.monotonic(), endgame=False)
+    following(choice, stood_still=5.0)  # the claims moved lately: this node still follows
+    assert choice._origin_blocked(5, time.monotonic(), endgame=False)
+
+
+@pytest.mark.parametrize("peers_slow", [False, True])
+def test_a_follower_takes_from_the_hub_what_slow_holders_hold(peers_slow: bool) -> None:
+    """Peer x holds the whole file and sends it too slowly (the node judged its peers slow: the Hub joins for
+    the rest). A follower waited for a claim of x's chunks, which nobody makes (x holds them), until the
+    claims had stood still for the patience. With x not slow, its chunks are its to give."""
+    x, hub = source(1, "peer"), source(2, "hub")
+    choice = chooser(8, x, hub)
+    following(choice, stood_still=0.0)
+    choice.peers_slow = peers_slow
+    assert choice._origin_blocked(0, time.monotonic(), endgame=False) is not peers_slow
+    assert (choice._pick(hub)[0] == 0) is peers_slow
+
+
+def test_in_the_endgame_a_follower_takes_a_stuck_peers_chunk_from_the_hub() -> None:
+    """Every chunk left is in flight to peer x, which trickles (25 s, nothing in; another peer landed one in
+    half a second). Each follower had asked x for them and waited for another node's claim of them, which
+    nobody made (they all followed): 10 s more, in the trickling-peer fleet test. In the endgame the Hub
+    takes them once x is stuck, judged by the others' pace (its own requests' ages are no yardstick)."""
+    x, b, hub = source(1, "peer"), source(3, "peer"), source(2, "hub")
+    choice = chooser(4, x, b, hub)
+    choice.have = {x: None, b: frozenset(), hub: None}
+    choice.peer_times.append(0.5)
+    choice.requests = {i: [request(x, 25.0)] for i in range(4)}
+    following(choice, stood_still=0.0)
+    assert not choice._origin_blocked(0, time.monotonic(), endgame=True)
+    assert choice._pick(hub) == (0, None)
+    choice.requests = {i: [request(x, 15.0)] for i in range(4)}  # not stuck yet (20 s): the Hub waits
+    index, wake = choice._pick(hub)
+    assert index is None and wake is not None and 4.0 < wake <= 5.0

@@ -182,7 +182,7 @@ class ChunkChooser:
     def _can_give(self, source: FileSource, index: int) -> bool:
         return self._holds(source, index) and self._checkable(source, index)
 
-    def _patience(self, without: Collection[str] = ()) -> float:
+    def _patience(self, without: Collection[str] = (), peers_in_flight: bool = True) -> float:
         """Seconds another node's claim may stay unlanded, or a peer's request outstanding, before it is
         given up on: SWARM_PATIENCE, or more on a slow Hub or a busy fleet (three times this node's own time
         per Hub chunk, and its typical time per peer chunk; twice the age of its oldest Hub request in
@@ -199,7 +199,7 @@ class ChunkChooser:
             for request in requests:
                 if request.source.kind == "hub":
                     patience = max(patience, 2 * (now - request.started))
-                elif not request.landing and request.source.source.name not in without:
+                elif peers_in_flight and not request.landing and request.source.source.name not in without:
                     peer_ages.append(now - request.started)
         if self.peer_times:
             # The typical peer chunk, the requests in flight counted at their age so far: when every peer
@@ -217,13 +217,22 @@ class ChunkChooser:
         if endgame:
             failed.update(r.source.source.name for r in self.requests.get(index, []))
         patience = self._patience(without=failed)
-        if not self.peers_slow and any(
+        held = any(
             s.kind != "hub" and s.source.name not in failed and self._can_give(s, index) for s in self.live
-        ):
+        )
+        if held and not self.peers_slow:
             return True
         if self.swarm.standing_claim(index, failed, patience) is not None:
             return True
-        return following and index not in self.swarm.claims and not self.swarm.may_claim_fresh(patience)
+        # Following waits for another node to claim the chunk; nobody will claim one the slow holders hold,
+        # nor, in the endgame, one this node asked a failed peer for (its followers each asked it: a trickling
+        # holder's four chunks waited the swarm's patience after the claimers stopped, 10 s, in a test)
+        if not following or endgame or held or index in self.swarm.claims:
+            return False
+        # Whether the others' claims stood still long enough is judged by the pace of what lands, not by this
+        # node's requests to them in flight: a trickling holder's four, at their age, set the patience at
+        # three times it, and its followers waited 20 s for the Hub, until it was judged stuck (a fleet test)
+        return not self.swarm.may_claim_fresh(self._patience(without=failed, peers_in_flight=False))
 
     def _failed_for(self, index: int, now: float, patience: float) -> set[str]:
         """The sources that cannot give chunk ``index`` now (a claim of theirs no longer counts): its copy
@@ -359,8 +368,10 @@ class ChunkChooser:
         patience = max(ENDGAME_WAIT, ENDGAME_FACTOR * spent / landed) if landed else ENDGAME_WAIT
         if origin_held_back and not self.peers_slow:
             # a chunk from the Hub again is what the swarm saves: only for a peer stuck that long (unless
-            # the peers are slow as a whole: then their chunks in flight are the Hub's as any endgame's)
-            patience = max(patience, STUCK_FACTOR * self._patience())
+            # the peers are slow as a whole: then their chunks in flight are the Hub's as any endgame's),
+            # judged by the others' pace (see _stuck)
+            asked = {r.source.source.name for r in self.requests[index]}
+            patience = max(patience, STUCK_FACTOR * self._patience(without=asked))
         if now - started >= patience:
             return index, None
         return None, started + patience - now
