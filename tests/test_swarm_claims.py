@@ -642,3 +642,61 @@ def test_a_late_claim_is_given_up_by_its_pace_on_the_wire_and_not_while_a_copy_l
             assert not await job._yield_late_claims() and not fresh.task.done()
 
     run(main())
+
+
+def test_a_follower_waits_for_the_swarms_typical_landing_before_it_claims_fresh_chunks(clock: Clock) -> None:
+    """A Hub slow for every node lands each claim in 30 s: the others' claims may stand still for more than
+    the patience (10 s) while every claimer is busy. A follower that took that for the others having
+    stopped claimed chunks of its own, for good; it waits for a typical landing as well."""
+    registry = MemRegistry("typical")
+    a, b = node("a"), node("b")
+
+    async def main() -> None:
+        async with members(registry, a, b) as (da, db):
+            await _landed(swarm_of(db, b), db, b, 0)  # (b claims and settles chunk 0 before a looks)
+            follower = swarm_of(da, a)
+            follower.refresh()
+            assert follower.follower
+            assert await db.claim_chunk(SHA, CHUNK, 1, b.node_id) is not None
+            follower.refresh()
+            clock.now += 30
+            await db.settle_claim(SHA, CHUNK, 1, BLAKE)  # landed 30 s after its claim was seen
+            follower.refresh()
+            assert follower.typical_landing() == pytest.approx(30.0)
+            clock.now += 12  # still for longer than the patience, not for a typical landing
+            follower.refresh()
+            assert not follower.may_claim_fresh(patience=10)
+            clock.now += 19
+            follower.refresh()
+            assert follower.may_claim_fresh(patience=10)
+
+    run(main())
+
+
+def test_a_node_that_gave_its_claims_up_does_not_judge_its_peers_slow(clock: Clock) -> None:
+    """A node that gave its claims up (its own Hub requests landed far behind the fleet's) fetches nothing
+    from the Hub since: with no Hub pace to compare, its narrow link made every peer look slower than
+    MODELDEPOT_SLOW_PEER_RATE, and the Hub was let in for what they hold (a review)."""
+    registry = MemRegistry("narrow")
+    a = node("a")
+
+    async def main() -> None:
+        async with members(registry, a) as (da,):
+            swarm = swarm_of(da, a)
+            swarm.refresh()
+            holder = as_source(node("x"), None)
+            hub = FileSource(HttpSource("http://hub.test", "hub"), "http://hub.test/f")
+            partial = types.SimpleNamespace(
+                done={}, chunks=SIZE // CHUNK, chunk_size=CHUNK, parts={}, wanted={}
+            )
+            job = _FileJob(None, types.SimpleNamespace(size=SIZE, path="f"), partial,  # type: ignore[arg-type]
+                           download_module.Limits(slow_peer_rate=1 << 20), None, None, swarm)  # fmt: skip
+            job.live, job.have = [holder, hub], {holder: None, hub: None}
+            now = clock.now
+            job.requests = {0: [ChunkRequest(holder, now - 20.0)]}
+            job.peer_started = now - 20.0
+            assert job._slow_peers(now)  # nothing landed from it in 20 s: slow, by the fixed rate
+            swarm.count("claims_given_up")
+            assert not job._slow_peers(now)
+
+    run(main())

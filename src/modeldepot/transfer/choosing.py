@@ -11,8 +11,8 @@ A source whose copy of a chunk failed its digest is not asked for it again (unle
 it, up to ``MAX_CHUNK_ATTEMPTS`` tries), and a banned source only when no other source holds the chunk.
 
 In a swarm (transfer/swarm.py) the Hub is asked for a chunk only when no live peer that can give it holds
-it and no other live node's claim on it stands (nor, for a late node, while the others' claims move); in the
-endgame the peers its requests wait for count as failed. A claim stands until its claimer leaves, fails
+it and no other live node's claim on it stands (nor, for a late node, a chunk nobody claims or holds while
+the others' claims move); in the endgame the peers its requests wait for count as failed. A claim stands until its claimer leaves, fails
 here, is stuck, or stays unlanded past the patience (``SWARM_PATIENCE`` at least, more on a slow Hub; and
 three times the swarm's typical time from claim to landing: transfer/swarm.py).
 """
@@ -209,9 +209,10 @@ class ChunkChooser:
 
     def _origin_blocked(self, index: int, now: float, endgame: bool, following: bool = True) -> bool:
         """In a swarm, whether the Hub must not be asked for chunk ``index`` now: a live peer that can give
-        it holds it, or another live node's claim on it stands (or, ``following``, this node follows the
-        others and nobody claims it yet). In the endgame the peers its requests wait for count as failed
-        (it duplicates them only when no other peer can)."""
+        it holds it (unless they are judged slow), or another live node's claim on it stands (or,
+        ``following``, this node follows the others, and nobody claims or holds the chunk, and it is not
+        the endgame). In the endgame the peers its requests wait for count as failed (it duplicates them
+        only when no other peer can)."""
         assert self.swarm is not None
         failed = self._failed_for(index, now, self._patience())
         if endgame:
@@ -225,14 +226,15 @@ class ChunkChooser:
         if self.swarm.standing_claim(index, failed, patience) is not None:
             return True
         # Following waits for another node to claim the chunk; nobody will claim one the slow holders hold,
-        # nor, in the endgame, one this node asked a failed peer for (its followers each asked it: a trickling
-        # holder's four chunks waited the swarm's patience after the claimers stopped, 10 s, in a test)
+        # nor, in the endgame, one in flight here (every follower had asked a trickling holder for its four
+        # last chunks, and each waited the swarm's patience after the claimers stopped, 10 s, in a test; the
+        # Hub still takes such a chunk only after _pick's wait: twice the patience, unless peers are slow)
         if not following or endgame or held or index in self.swarm.claims:
             return False
         # Whether the others' claims stood still long enough is judged by the pace of what lands, not by this
         # node's requests to them in flight: a trickling holder's four, at their age, set the patience at
         # three times it, and its followers waited 20 s for the Hub, until it was judged stuck (a fleet test)
-        return not self.swarm.may_claim_fresh(self._patience(without=failed, peers_in_flight=False))
+        return not self.swarm.may_claim_fresh(self._patience(peers_in_flight=False))
 
     def _failed_for(self, index: int, now: float, patience: float) -> set[str]:
         """The sources that cannot give chunk ``index`` now (a claim of theirs no longer counts): its copy

@@ -669,6 +669,11 @@ class _FileJob(ChunkChooser):
         rate = self.limits.slow_peer_rate
         if self.fallback is None and not any(s.kind == "hub" for s in self.live):
             return False  # (no upstream to bring in: offline, or the upstream is the one being waited for)
+        if self.swarm is not None and self.swarm.events.get("claims_given_up"):
+            # Its own Hub requests landed far behind the fleet's: the Hub is no faster here. Without Hub
+            # requests of its own since, nothing would tell its narrow link from slow peers, and it would have
+            # the Hub send what they hold (a review)
+            return False
         size, chunk = self.remote.size, self.partial.chunk_size
         left = sum(chunk_span(i, size, chunk)[1] for i in range(self.low, self.partial.chunks)
                    if i not in self.partial.done)  # fmt: skip

@@ -9,8 +9,9 @@ do the fleet's other holders of the content (a node that joined late, or relays 
 
 A node that starts on the file when other nodes have already landed a tenth of its chunks (it joined late) is
 a *follower*: it claims no fresh chunk from the Hub while the others' claims keep moving, and takes what
-they fetch; only when their claims stand still for the patience (they died, or stopped) does it claim
-chunks itself. A late node thus adds no Hub traffic; the nodes that start together share the Hub's.
+they fetch; only when their claims stand still for the patience and for their typical time to land (they
+died, or stopped) does it claim chunks itself (or, before that, chunks the holders hold once they are
+judged slow, and in the endgame a chunk in flight to a peer that failed). A late node thus adds no Hub traffic; the nodes that start together share the Hub's.
 
 A claim stops counting, and the chunk may be claimed over it (a take-over: another compare-and-swap, so one
 node only takes it over), when its claimer has been gone from the fleet for REGISTRATION_GRACE (it died: its
@@ -355,8 +356,11 @@ class SwarmFile:
 
     def may_claim_fresh(self, patience: float) -> bool:
         """Whether this node may claim a chunk nobody claims: it started with the others, or it follows
-        a swarm whose claims have stood still for ``patience`` seconds."""
-        if self.follower and time.monotonic() - self.last_activity >= patience:
+        a swarm whose claims have stood still for ``patience`` seconds, and for the swarm's typical time from
+        claim to landing (a Hub slow for every node lands each claim late: no change for the patience alone
+        is no sign that the others stopped)."""
+        still = time.monotonic() - self.last_activity
+        if self.follower and still >= patience and still >= (self.typical_landing() or 0.0):
             self.follower = False  # the others stopped: this node fetches from the Hub like them from now on
         return not self.follower
 
