@@ -169,3 +169,19 @@ def test_in_the_endgame_a_follower_takes_a_stuck_peers_chunk_from_the_hub() -> N
     choice.requests = {i: [request(x, 15.0)] for i in range(4)}  # not stuck yet (20 s): the Hub waits
     index, wake = choice._pick(hub)
     assert index is None and wake is not None and 4.0 < wake <= 5.0
+
+
+def test_a_follower_takes_from_the_hub_a_chunk_only_a_failed_node_settled() -> None:
+    """Node x claimed and settled chunks, then finished (its claims went); its copy failed here (a liar,
+    banned). Nobody claims those chunks again: a follower waited for a claim of them until the others'
+    claims had stood still for the patience (10 s, in half the runs of the flipping-peer fleet test). A
+    chunk nobody settled yet is still left to the others' claims."""
+    x, hub = source(1, "peer"), source(2, "hub")
+    choice = chooser(8, x, hub)
+    following(choice, stood_still=0.0)
+    assert choice.swarm is not None
+    choice.swarm.digests[5] = "ab" * 32
+    choice.errors = {x.source.name: ValueError("its copy failed its BLAKE3 check")}
+    now = time.monotonic()
+    assert not choice._origin_blocked(5, now, endgame=False)
+    assert choice._origin_blocked(6, now, endgame=False)

@@ -210,8 +210,8 @@ class ChunkChooser:
     def _origin_blocked(self, index: int, now: float, endgame: bool, following: bool = True) -> bool:
         """In a swarm, whether the Hub must not be asked for chunk ``index`` now: a live peer that can give
         it holds it (unless they are judged slow), or another live node's claim on it stands (or,
-        ``following``, this node follows the others, and nobody claims or holds the chunk, and it is not
-        the endgame). In the endgame the peers its requests wait for count as failed (it duplicates them
+        ``following``, this node follows the others, and nobody claims, holds or settled the chunk, and it
+        is not the endgame). In the endgame the peers its requests wait for count as failed (it duplicates them
         only when no other peer can)."""
         assert self.swarm is not None
         failed = self._failed_for(index, now, self._patience())
@@ -228,8 +228,16 @@ class ChunkChooser:
         # Following waits for another node to claim the chunk; nobody will claim one the slow holders hold,
         # nor, in the endgame, one in flight here (every follower had asked a trickling holder for its four
         # last chunks, and each waited the swarm's patience after the claimers stopped, 10 s, in a test; the
-        # Hub still takes such a chunk only after _pick's wait: twice the patience, unless peers are slow)
-        if not following or endgame or held or index in self.swarm.claims:
+        # Hub still takes such a chunk only after _pick's wait: twice the patience, unless peers are slow),
+        # nor one settled already: its settler, failed here (a liar, banned) or gone, was its one claimer (a
+        # liar's chunks waited 10 s in half the runs of a fleet test)
+        if (
+            not following
+            or endgame
+            or held
+            or index in self.swarm.claims
+            or self.swarm.digest(index) is not None
+        ):
             return False
         # Whether the others' claims stood still long enough is judged by the pace of what lands, not by this
         # node's requests to them in flight: a trickling holder's four, at their age, set the patience at
