@@ -11,8 +11,8 @@ A source whose copy of a chunk failed its digest is not asked for it again (unle
 it, up to ``MAX_CHUNK_ATTEMPTS`` tries), and a banned source only when no other source holds the chunk.
 
 In a swarm (transfer/swarm.py) the Hub is asked for a chunk only when no live peer that can give it holds
-it and no other live node's claim on it stands (nor, for a late node, a chunk nobody claims or holds while
-the others' claims move); in the endgame the peers its requests wait for count as failed. A claim stands until its claimer leaves, fails
+it and no other live node's claim on it stands (nor, for a late node, a chunk nobody claims, holds or
+settled while the others' claims move); in the endgame the peers its requests wait for count as failed. A claim stands until its claimer leaves, fails
 here, is stuck, or stays unlanded past the patience (``SWARM_PATIENCE`` at least, more on a slow Hub; and
 three times the swarm's typical time from claim to landing: transfer/swarm.py).
 """

@@ -88,6 +88,9 @@ PART_LOG_EVERY = 1.0  # seconds between two notes of how much of each chunk in f
 PART_LOG_MIN_BYTES = 1 << 20  # ... each once it has received this much more (the log stays small)
 SWARM_JOIN_EVERY = 2.0  # seconds between two looks for the swarm of a file that began outside it
 YIELD_PACE_AFTER = 1.0  # seconds a late claim's request is on the wire, at least, before its pace judges it
+OWN_LINK_MEMORY = (
+    60.0  # seconds after it gave claims up for its own slow link that a node judges no peer slow
+)
 PACE_TICK = 0.5  # seconds between looks at the pace of the other nodes a file comes from
 PACE_MIN = 3.0  # seconds a peer request is outstanding, at least, before its pace is judged slow
 # Seconds a look at the peers may come late before this process is taken to have stood still (SIGSTOP, a
@@ -551,7 +554,7 @@ class _FileJob(ChunkChooser):
         if not self.swarm.follower:
             log.info("%s: this node lands its chunks from the Hub far slower than the fleet (its own link?): it "
                      "leaves them to the others and takes them from them", self.remote.path)  # fmt: skip
-        self.swarm.follower = True
+        self.swarm.follower, self.swarm.gave_up_at = True, time.monotonic()
         for _ in given_up:
             self.swarm.count("claims_given_up")
         await self.swarm.withdraw(given_up)
@@ -669,10 +672,12 @@ class _FileJob(ChunkChooser):
         rate = self.limits.slow_peer_rate
         if self.fallback is None and not any(s.kind == "hub" for s in self.live):
             return False  # (no upstream to bring in: offline, or the upstream is the one being waited for)
-        if self.swarm is not None and self.swarm.events.get("claims_given_up"):
-            # Its own Hub requests landed far behind the fleet's: the Hub is no faster here. Without Hub
+        gave_up_at = None if self.swarm is None else self.swarm.gave_up_at
+        if gave_up_at is not None and now - gave_up_at < OWN_LINK_MEMORY:
+            # Its own Hub requests landed far behind the fleet's lately: the Hub is no faster here. Without Hub
             # requests of its own since, nothing would tell its narrow link from slow peers, and it would have
-            # the Hub send what they hold (a review)
+            # the Hub send what they hold (a review). (Not for ever: a Hub hiccup must not leave it to a holder
+            # that is throttled later.)
             return False
         size, chunk = self.remote.size, self.partial.chunk_size
         left = sum(chunk_span(i, size, chunk)[1] for i in range(self.low, self.partial.chunks)

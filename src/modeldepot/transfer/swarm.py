@@ -11,7 +11,9 @@ A node that starts on the file when other nodes have already landed a tenth of i
 a *follower*: it claims no fresh chunk from the Hub while the others' claims keep moving, and takes what
 they fetch; only when their claims stand still for the patience and for their typical time to land (they
 died, or stopped) does it claim chunks itself (or, before that, chunks the holders hold once they are
-judged slow, and in the endgame a chunk in flight to a peer that failed). A late node thus adds no Hub traffic; the nodes that start together share the Hub's.
+judged slow, in the endgame a chunk in flight to a peer that failed, and a chunk settled already by a
+node that failed here or left: nobody will claim those). A late node thus adds no Hub traffic while the
+fleet is healthy; the nodes that start together share the Hub's.
 
 A claim stops counting, and the chunk may be claimed over it (a take-over: another compare-and-swap, so one
 node only takes it over), when its claimer has been gone from the fleet for REGISTRATION_GRACE (it died: its
@@ -111,6 +113,9 @@ class SwarmFile:
         self.given_up: set[int] = (
             set()
         )  # claims this node gave up (``withdraw``): not its own while it follows
+        self.gave_up_at: float | None = (
+            None  # when it last gave claims up for its own slow link (download.py)
+        )
         self._first_seen: dict[tuple[int, int], float] = {}  # (chunk, claim revision) -> when first seen
         self._revisions: dict[int, int] = {}  # chunk -> the latest revision of a claim on it seen here
         self._pending: dict[int, tuple[str, float]] = {}  # chunk -> (claimer, when first seen unlanded)
@@ -199,6 +204,12 @@ class SwarmFile:
                     self._landings.append(now - since)
                     if claimer != self.node_id:
                         self._others_landed.append(since)
+        if seen is not unread:
+            # A claim gone unlanded (its claimer died, withdrew it, gave it up) lands never: kept, it counted in
+            # the typical landing for ever, at three times the landings' median (a review: a follower of a
+            # swarm that died waited 90 s where its claims landed in 30)
+            for index in [i for i in self._pending if i not in claims]:
+                del self._pending[index]
         return changed
 
     def _check_serving(self) -> None:
@@ -357,10 +368,14 @@ class SwarmFile:
     def may_claim_fresh(self, patience: float) -> bool:
         """Whether this node may claim a chunk nobody claims: it started with the others, or it follows
         a swarm whose claims have stood still for ``patience`` seconds, and for the swarm's typical time from
-        claim to landing (a Hub slow for every node lands each claim late: no change for the patience alone
-        is no sign that the others stopped)."""
+        claim to landing, a minute at most (a Hub slow for every node lands each claim late: no change for
+        the patience alone is no sign that the others stopped)."""
         still = time.monotonic() - self.last_activity
-        if self.follower and still >= patience and still >= (self.typical_landing() or 0.0):
+        if (
+            self.follower
+            and still >= patience
+            and still >= min(self.typical_landing() or 0.0, FIRST_LANDING_PATIENCE)
+        ):
             self.follower = False  # the others stopped: this node fetches from the Hub like them from now on
         return not self.follower
 
