@@ -229,15 +229,11 @@ class ChunkChooser:
         # nor, in the endgame, one in flight here (every follower had asked a trickling holder for its four
         # last chunks, and each waited the swarm's patience after the claimers stopped, 10 s, in a test; the
         # Hub still takes such a chunk only after _pick's wait: twice the patience, unless peers are slow),
-        # nor one settled already: its settler, failed here (a liar, banned) or gone, was its one claimer (a
-        # liar's chunks waited 10 s in half the runs of a fleet test)
-        if (
-            not following
-            or endgame
-            or held
-            or index in self.swarm.claims
-            or self.swarm.digest(index) is not None
-        ):
+        # nor one settled already by nodes that failed here (a liar, banned) or left: each was its one claimer
+        # (a liar's chunks waited 10 s in half the runs of a fleet test). A live settler's, not: its
+        # holdings are published a moment after its claims go, and the Hub sent it again meanwhile (a CI run)
+        if (not following or endgame or held or index in self.swarm.claims
+                or self.swarm.settlers_lost(index, failed)):  # fmt: skip
             return False
         # Whether the others' claims stood still long enough is judged by the pace of what lands, not by this
         # node's requests to them in flight: a trickling holder's four, at their age, set the patience at

@@ -359,6 +359,18 @@ class SwarmFile:
                 return None, "overdue"
         return claim, "standing"
 
+    def settlers_lost(self, index: int, failed: Collection[str]) -> bool:
+        """Whether chunk ``index`` was settled by other nodes, each of which left the fleet or failed here
+        (``failed``: the names of sources whose copies failed, or who are banned or stuck). Nobody claims it
+        again then; a live settler, by contrast, holds it, or will once its holdings are published."""
+        settlers = [node_id for node_id, chunks in self.settled.items() if index in chunks]
+        for node_id in settlers:
+            node = self._live_node(node_id)
+            source = None if node is None else self._claimer_source(node)
+            if source is not None and source.source.name not in failed:
+                return False
+        return bool(settlers)
+
     def _claimer_source(self, node: NodeRecord) -> FileSource | None:
         key = (node.node_id, node.url)
         if key not in self._sources:
