@@ -644,6 +644,39 @@ def test_a_late_claim_is_given_up_by_its_pace_on_the_wire_and_not_while_a_copy_l
     run(main())
 
 
+async def _following_landings_of_30_s(
+    clock: Clock,
+    me: tuple[MemDiscovery, NodeRecord],
+    other: tuple[MemDiscovery, NodeRecord],
+    claimed: list[int],
+) -> SwarmFile:
+    """A follower of the other node, which settled chunk 0 before it looked, then claimed ``claimed`` and
+    landed the first of them 30 s after it was seen claimed."""
+    (mine, record), (theirs, claimer) = me, other
+    await _landed(swarm_of(theirs, claimer), theirs, claimer, 0)
+    follower = swarm_of(mine, record)
+    follower.refresh()
+    assert follower.follower
+    for index in claimed:
+        assert await theirs.claim_chunk(SHA, CHUNK, index, claimer.node_id) is not None
+    follower.refresh()
+    clock.now += 30
+    await theirs.settle_claim(SHA, CHUNK, claimed[0], BLAKE)
+    follower.refresh()
+    return follower
+
+
+def _claims_fresh_after(clock: Clock, follower: SwarmFile, seconds: float) -> None:
+    """The follower claims no fresh chunk until the claims have stood still ``seconds`` (with a patience of
+    10 s), and does after."""
+    clock.now += seconds - 1
+    follower.refresh()
+    assert not follower.may_claim_fresh(patience=10)
+    clock.now += 2
+    follower.refresh()
+    assert follower.may_claim_fresh(patience=10)
+
+
 def test_a_follower_waits_for_the_swarms_typical_landing_before_it_claims_fresh_chunks(clock: Clock) -> None:
     """A Hub slow for every node lands each claim in 30 s: the others' claims may stand still for more than
     the patience (10 s) while every claimer is busy. A follower that took that for the others having
@@ -653,22 +686,9 @@ def test_a_follower_waits_for_the_swarms_typical_landing_before_it_claims_fresh_
 
     async def main() -> None:
         async with members(registry, a, b) as (da, db):
-            await _landed(swarm_of(db, b), db, b, 0)  # (b claims and settles chunk 0 before a looks)
-            follower = swarm_of(da, a)
-            follower.refresh()
-            assert follower.follower
-            assert await db.claim_chunk(SHA, CHUNK, 1, b.node_id) is not None
-            follower.refresh()
-            clock.now += 30
-            await db.settle_claim(SHA, CHUNK, 1, BLAKE)  # landed 30 s after its claim was seen
-            follower.refresh()
+            follower = await _following_landings_of_30_s(clock, (da, a), (db, b), claimed=[1])
             assert follower.typical_landing() == pytest.approx(30.0)
-            clock.now += 12  # still for longer than the patience, not for a typical landing
-            follower.refresh()
-            assert not follower.may_claim_fresh(patience=10)
-            clock.now += 19
-            follower.refresh()
-            assert follower.may_claim_fresh(patience=10)
+            _claims_fresh_after(clock, follower, 30.0)  # (not after the patience, 10 s)
 
     run(main())
 
@@ -682,26 +702,12 @@ def test_claims_gone_unlanded_leave_the_swarms_typical_landing(clock: Clock) -> 
 
     async def main() -> None:
         async with members(registry, a, b) as (da, db):
-            await _landed(swarm_of(db, b), db, b, 0)
-            follower = swarm_of(da, a)
-            follower.refresh()
-            assert follower.follower
-            for index in (1, 2, 3, 4, 5, 6):
-                assert await db.claim_chunk(SHA, CHUNK, index, b.node_id) is not None
-            follower.refresh()
-            clock.now += 30
-            await db.settle_claim(SHA, CHUNK, 1, BLAKE)
-            follower.refresh()
+            follower = await _following_landings_of_30_s(clock, (da, a), (db, b), claimed=[1, 2, 3, 4, 5, 6])
             clock.now += 50
             await db.release_claims(SHA, CHUNK, {2, 3, 4, 5, 6})  # b dies: its claims go unlanded
             follower.refresh()
             assert follower.typical_landing() == pytest.approx(30.0)
-            clock.now += 29
-            follower.refresh()
-            assert not follower.may_claim_fresh(patience=10)
-            clock.now += 2
-            follower.refresh()
-            assert follower.may_claim_fresh(patience=10)
+            _claims_fresh_after(clock, follower, 30.0)
 
     run(main())
 

@@ -88,9 +88,7 @@ PART_LOG_EVERY = 1.0  # seconds between two notes of how much of each chunk in f
 PART_LOG_MIN_BYTES = 1 << 20  # ... each once it has received this much more (the log stays small)
 SWARM_JOIN_EVERY = 2.0  # seconds between two looks for the swarm of a file that began outside it
 YIELD_PACE_AFTER = 1.0  # seconds a late claim's request is on the wire, at least, before its pace judges it
-OWN_LINK_MEMORY = (
-    60.0  # seconds after it gave claims up for its own slow link that a node judges no peer slow
-)
+OWN_LINK_MEMORY = 60.0  # seconds after it gave claims up (its own link slow) that a node judges no peer slow
 PACE_TICK = 0.5  # seconds between looks at the pace of the other nodes a file comes from
 PACE_MIN = 3.0  # seconds a peer request is outstanding, at least, before its pace is judged slow
 # Seconds a look at the peers may come late before this process is taken to have stood still (SIGSTOP, a
