@@ -11,10 +11,11 @@ A source whose copy of a chunk failed its digest is not asked for it again (unle
 it, up to ``MAX_CHUNK_ATTEMPTS`` tries), and a banned source only when no other source holds the chunk.
 
 In a swarm (transfer/swarm.py) the Hub is asked for a chunk only when no live peer that can give it holds
-it and no other live node's claim on it stands (nor, for a late node, a chunk nobody claims, holds or
-settled while the others' claims move); in the endgame the peers its requests wait for count as failed. A claim stands until its claimer leaves, fails
-here, is stuck, or stays unlanded past the patience (``SWARM_PATIENCE`` at least, more on a slow Hub; and
-three times the swarm's typical time from claim to landing: transfer/swarm.py).
+it and no other live node's claim on it stands (nor, for a late node, a chunk nobody claims or holds and
+no live node settled, while the others' claims move); in the endgame the peers its requests wait for count
+as failed. A claim stands until its claimer leaves, fails here, is stuck, or stays unlanded past the
+patience (``SWARM_PATIENCE`` at least, more on a slow Hub; and three times the swarm's typical time from
+claim to landing: transfer/swarm.py).
 """
 
 from __future__ import annotations
@@ -210,8 +211,8 @@ class ChunkChooser:
     def _origin_blocked(self, index: int, now: float, endgame: bool, following: bool = True) -> bool:
         """In a swarm, whether the Hub must not be asked for chunk ``index`` now: a live peer that can give
         it holds it (unless they are judged slow), or another live node's claim on it stands (or,
-        ``following``, this node follows the others, and nobody claims, holds or settled the chunk, and it
-        is not the endgame). In the endgame the peers its requests wait for count as failed (it duplicates them
+        ``following``, this node follows the others, nobody claims or holds the chunk, no live node that
+        has not failed here settled it, and it is not the endgame). In the endgame the peers its requests wait for count as failed (it duplicates them
         only when no other peer can)."""
         assert self.swarm is not None
         failed = self._failed_for(index, now, self._patience())

@@ -113,9 +113,7 @@ class SwarmFile:
         self.given_up: set[int] = (
             set()
         )  # claims this node gave up (``withdraw``): not its own while it follows
-        self.gave_up_at: float | None = (
-            None  # when it last gave claims up for its own slow link (download.py)
-        )
+        self.gave_up_at: float | None = None  # when it gave claims up for its own slow link (download.py)
         self._first_seen: dict[tuple[int, int], float] = {}  # (chunk, claim revision) -> when first seen
         self._revisions: dict[int, int] = {}  # chunk -> the latest revision of a claim on it seen here
         self._pending: dict[int, tuple[str, float]] = {}  # chunk -> (claimer, when first seen unlanded)
