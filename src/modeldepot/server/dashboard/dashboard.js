@@ -185,7 +185,7 @@
         data = await response.json();
       } catch (error) {
         // An answer cut short (the node stopped, or the read timed out, while it was sent): no data, not none.
-        if (response.ok) return { ok: false, status: 0, data: null, error: `the node's answer was cut short (${error.message})` };
+        if (response.ok) return { ok: false, status: 0, data: null, error: `the node's answer was cut short (${error.message})`, asked };
         data = null;
       }
     }
@@ -240,9 +240,14 @@
     take("repos", repos, []);
     take("peers", peers, []);
     take("pins", pins, []);
-    const silent = [info, stats, repos, peers, pins, pulls].find((answer) => answer.status === 0);
-    if (!silent) state.lost = null;
-    else state.lost = { since: state.lost ? state.lost.since : silent.asked || new Date(), error: silent.error };
+    // Every read counts, the health read too: one asked just before the node froze may be the only one left
+    // unanswered (the others answered in time), and the silence dates from it, not from the next round's reads
+    const silent = [info, stats, repos, peers, pins, pulls, health].filter((answer) => answer.status === 0);
+    if (!silent.length) state.lost = null;
+    else {
+      const asked = silent.map((answer) => answer.asked).sort((a, b) => a - b)[0];
+      state.lost = { since: state.lost ? state.lost.since : asked, error: silent[0].error };
+    }
     const readsRefused = [info, stats, repos, peers, pins].some((answer) => answer.status === 401);
     const controlRefused = pulls.status === 401 || pulls.status === 403;
     if (pulls.ok) {
