@@ -294,6 +294,56 @@ def test_in_a_swarm_a_slow_holder_does_not_keep_the_hub_from_its_chunks(
     assert sources.get("peer", 0) > 0 and sources.get("hub", 0) > 8 * MiB, sources
 
 
+@pytest.mark.parametrize("in_swarm", [False, True], ids=["outside-a-swarm", "in-a-swarm"])
+def test_peers_slow_by_the_fixed_rate_alone_keep_the_hub_out_once_it_is_tried_no_faster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, in_swarm: bool
+) -> None:
+    """A node's own narrow link makes its peers look slower than MODELDEPOT_SLOW_PEER_RATE, and with no pace
+    of the Hub's to compare (a whole holder keeps it from every chunk), the Hub was let in for what they hold,
+    only to share that link (a 20 Mbit node among three whole holders had it send 0.21-0.23 times the model
+    for nothing: a session's trial). It is tried first, one request at a time for 3 s on the wire, and here
+    brings no more than a request to the holder does (each ~256 KiB/s): it keeps out."""
+    files = {
+        "config.json": b'{"model_type": "bert"}',
+        "model.safetensors": random.Random(8).randbytes(12 * MiB),
+    }
+    cluster = f"mem://trial-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("MODELDEPOT_MAX_UPLOAD_RATE", "1MiB/s")  # (four requests at once: 256 KiB/s each)
+    with Depot(tmp_path / "peer", chunk_size=SMALL_CHUNK) as peer_depot:
+        peer_depot.import_dir(write_model_dir(tmp_path / "peer-src", files), REPO)
+        peer = InProcessNode(peer_depot, cluster) if in_swarm else LiveNode(peer_depot)
+        try:
+            monkeypatch.setenv("MODELDEPOT_MAX_UPLOAD_RATE", "256KiB/s")
+            with serving_repo(tmp_path, files, REPO, chunk_size=SMALL_CHUNK) as hub:
+                monkeypatch.delenv("MODELDEPOT_MAX_UPLOAD_RATE")
+                monkeypatch.setenv("MODELDEPOT_SLOW_PEER_RATE", "1536KiB/s")
+                if not in_swarm:
+                    monkeypatch.setenv("MODELDEPOT_SERVERS", peer.url)
+                with (
+                    hub_path_depot(tmp_path / "puller", hub.url, monkeypatch) as puller_depot,
+                    caplog.at_level("INFO", logger="modeldepot.transfer.download"),
+                ):
+                    puller = InProcessNode(puller_depot, cluster) if in_swarm else None
+                    try:
+                        if puller is not None:
+                            wait_until(lambda: sum(p.blobs for p in puller_depot.peers()) >= 2, 10,
+                                       "the peer's holdings in the view")  # fmt: skip
+                        result = puller_depot.pull(REPO)
+                        got = bytes(puller_depot.get_file(REPO, "model.safetensors"))
+                    finally:
+                        if puller is not None:
+                            puller.stop()
+        finally:
+            peer.stop()
+    assert got == files["model.safetensors"]
+    print(f"hub sent {result.bytes_by_source.get('hub', 0) / MiB:.2f} MiB: {result.bytes_by_source}")
+    assert "the upstream is tried" in caplog.text, caplog.text[-2000:]
+    assert "no faster than the other nodes here" in caplog.text, caplog.text[-2000:]
+    assert "the upstream joins for the rest" not in caplog.text
+    # (its trial: 3 s at 256 KiB/s, where the Hub let in sent 1.8 MiB of the rest at its 256 KiB/s)
+    assert result.bytes_by_source.get("hub", 0) <= 1.25 * MiB, result.bytes_by_source
+
+
 def _two_nodes_pull_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, hub_rate: str,
     node_rate: str, data: bytes,

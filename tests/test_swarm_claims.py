@@ -23,6 +23,7 @@ from modeldepot.discovery.base import NodeRecord
 from modeldepot.discovery.etcd import EtcdDiscovery
 from modeldepot.discovery.mem import MemDiscovery, MemRegistry
 from modeldepot.transfer import download as download_module
+from modeldepot.transfer import pace as pace_module
 from modeldepot.transfer import swarm as swarm_module
 from modeldepot.transfer.choosing import ChunkChooser, ChunkRequest
 from modeldepot.transfer.download import FileSource, _FileJob
@@ -734,11 +735,12 @@ def test_a_node_that_gave_its_claims_up_does_not_judge_its_peers_slow(clock: Clo
             now = clock.now
             job.requests = {0: [ChunkRequest(holder, now - 20.0)]}
             job.peer_started = now - 20.0
-            assert job._slow_peers(now)  # nothing landed from it in 20 s: slow, by the fixed rate
+            # Nothing landed from it in 20 s: slow by the fixed rate, and the Hub is tried (it sends nothing)
+            assert job._judge_peers(now) == "try"
             swarm.gave_up_at = now - 5.0
-            assert not job._slow_peers(now)
+            assert job._judge_peers(now) == "fine"
             # (for a while: a Hub hiccup long ago must not leave it to a holder throttled since)
-            swarm.gave_up_at = now - download_module.OWN_LINK_MEMORY - 1
-            assert job._slow_peers(now)
+            swarm.gave_up_at = now - pace_module.OWN_LINK_MEMORY - 1
+            assert job._judge_peers(now) == "try"
 
     run(main())

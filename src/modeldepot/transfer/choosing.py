@@ -134,6 +134,9 @@ class ChunkChooser:
         self.left_without: set[str] = set()  # sources dropped once nobody was left to give what they lack
         self.low = 0  # the lowest chunk that may not be done yet
         self.peers_slow = False  # the other nodes send it too slowly: the upstream may take what they hold
+        # The upstream may take chunks they hold, one at a time, to be judged by its pace against theirs
+        # (transfer/pace.py)
+        self.hub_on_trial = False
         self._stuck_seen: tuple[float, float, set[str]] | None = None  # (now, patience, stuck): see _stuck
         # Outside a swarm, the upstream joined for the chunks no other node holds (they hold parts of it):
         # it takes none they hold, unless they are slow or it is the endgame
@@ -222,7 +225,7 @@ class ChunkChooser:
         held = any(
             s.kind != "hub" and s.source.name not in failed and self._can_give(s, index) for s in self.live
         )
-        if held and not self.peers_slow:
+        if held and not self.peers_slow and not self._trial_open():
             return True
         if self.swarm.standing_claim(index, failed, patience) is not None:
             return True
@@ -240,6 +243,13 @@ class ChunkChooser:
         # node's requests to them in flight: a trickling holder's four, at their age, set the patience at
         # three times it, and its followers waited 20 s for the Hub, until it was judged stuck (a fleet test)
         return not self.swarm.may_claim_fresh(self._patience(peers_in_flight=False))
+
+    def _trial_open(self) -> bool:
+        """Whether the Hub, on trial, may take a chunk the peers hold now: none of its requests is in flight
+        (its trial is one request at a time: it measures the Hub's pace, it does not race the peers)."""
+        return self.hub_on_trial and not any(
+            r.source.kind == "hub" for requests in self.requests.values() for r in requests
+        )
 
     def _failed_for(self, index: int, now: float, patience: float) -> set[str]:
         """The sources that cannot give chunk ``index`` now (a claim of theirs no longer counts): its copy
@@ -295,7 +305,13 @@ class ChunkChooser:
             )
         if self.swarm is not None and source.kind == "hub":
             return not self._origin_blocked(index, now, endgame)
-        if self.gaps_only and source.kind == "hub" and not endgame and not self.peers_slow:
+        if (
+            self.gaps_only
+            and source.kind == "hub"
+            and not endgame
+            and not self.peers_slow
+            and not self._trial_open()
+        ):
             return not self._coming_to_holders(index, now) and not any(
                 s.kind != "hub" and self._holds(s, index) and not self._is_banned(s, now) for s in self.live
             )

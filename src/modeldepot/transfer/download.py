@@ -31,7 +31,6 @@ SHA-256, or git oid); if not, the partial is reset and nothing is committed.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import mmap
@@ -61,13 +60,12 @@ from modeldepot.store.partials import ResumablePartial
 from modeldepot.transfer.choosing import (
     BANNED_NODES,
     LIARS,
-    ChunkChooser,
     ChunkRequest,
     FileSource,
-    is_silent,
 )
 from modeldepot.transfer.notices import say_now_and_then
-from modeldepot.transfer.sources import SILENT_PEER, ChunkUnavailableError, HttpSource, RangeIgnoredError
+from modeldepot.transfer.pace import PaceWatch
+from modeldepot.transfer.sources import ChunkUnavailableError, HttpSource, RangeIgnoredError
 from modeldepot.transfer.threads import to_thread_to_the_end
 
 if TYPE_CHECKING:
@@ -88,17 +86,6 @@ PART_LOG_EVERY = 1.0  # seconds between two notes of how much of each chunk in f
 PART_LOG_MIN_BYTES = 1 << 20  # ... each once it has received this much more (the log stays small)
 SWARM_JOIN_EVERY = 2.0  # seconds between two looks for the swarm of a file that began outside it
 YIELD_PACE_AFTER = 1.0  # seconds a late claim's request is on the wire, at least, before its pace judges it
-OWN_LINK_MEMORY = 60.0  # seconds after it gave claims up (its own link slow) that a node judges no peer slow
-PACE_TICK = 0.5  # seconds between looks at the pace of the other nodes a file comes from
-PACE_MIN = 3.0  # seconds a peer request is outstanding, at least, before its pace is judged slow
-# Seconds a look at the peers may come late before this process is taken to have stood still (SIGSTOP, a
-# paused container, a stalled VM): what it measured meanwhile is its own silence, not its peers'
-STOOD_STILL = 2.0
-SLOW_LEFT = 5.0  # ... and only while more is left than the slow pace would bring in these seconds
-# ... and only while the Hub's requests of the file bring at least this many times the peers' each (when the
-# Hub sent any of it lately): below, the node's own link binds, and the Hub would bring no more
-HUB_FASTER = 2.0
-PACES_KEPT = 256  # chunks received whose pace is kept, at most (a window's worth, and more)
 # A file of one chunk below this size is received into a buffer and hashed from a read, not through
 # mappings: mapping and unmapping (a TLB shootdown on every core) cost more than copying a small file.
 MAP_MIN_BYTES = 1024 * 1024
@@ -125,6 +112,9 @@ class Limits:
     peer_requests: int = field(default=0, init=False, repr=False)  # on the wire to other nodes, every file
     # Other nodes a file of this transfer found slow: its other files need not measure them again
     slow_peers: set[str] = field(default_factory=set, init=False, repr=False)
+    # When a file of this transfer found the Hub no faster than the other nodes: this node's own link binds,
+    # and its other files need not try the Hub again for a while (transfer/pace.py)
+    link_bound_at: float | None = field(default=None, init=False, repr=False)
     _buffers: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
     _spare: list[bytearray] = field(default_factory=list, init=False, repr=False)  # buffers to reuse
     _sources: dict[str, asyncio.Semaphore] = field(default_factory=dict, init=False, repr=False)
@@ -187,7 +177,7 @@ async def download_file(
     return await job.run(sources)
 
 
-class _FileJob(ChunkChooser):
+class _FileJob(PaceWatch):
     def __init__(self, http: LazySession, remote: RemoteFile, partial: ResumablePartial,
                  limits: Limits, fallback: Callable[[], list[FileSource]] | None,
                  on_bytes: BytesDone | None, swarm: SwarmFile | None = None,
@@ -223,17 +213,6 @@ class _FileJob(ChunkChooser):
         self.crashed: asyncio.Future[None] | None = None
         self.whole_body = False
         self.small_digest: BlobDigest | None = None  # a small file's digests, computed as it landed
-        self.peer_started: float | None = None  # when its first request to another node went on the wire
-        # When each look at the peers (pace, silence) last ran, and until when none judges them: this process
-        # stood still between two (a node resumed after a SIGSTOP judged every peer slow or silent at once, and
-        # had the Hub send what they held, an explorer's trial)
-        self.looked: dict[str, float] = {}
-        self.judge_from = 0.0
-        self.peer_landed: collections.deque[tuple[float, int]] = (
-            collections.deque()
-        )  # (when, bytes) from them
-        # Each chunk received whole: (when it came in, from the Hub, bytes received, seconds on the wire)
-        self.paces: collections.deque[tuple[float, bool, int, float]] = collections.deque(maxlen=PACES_KEPT)
         self.swarm_later = swarm_later
         # Chunks this transfer landed with the Hub's bytes alone: what it may vouch for in a swarm it joins
         # (a chunk from a partial holder outside a swarm was never checked alone; one an earlier pull left
@@ -600,131 +579,6 @@ class _FileJob(ChunkChooser):
 
     def _landed_from_hub(self) -> dict[int, str]:
         return {index: digest for index, digest in self.partial.done.items() if index in self.from_hub}
-
-    async def _watch_pace(self) -> None:
-        """Other nodes that send the file slower than ``slow_peer_rate`` all together (one capped with
-        --max-upload-rate, one behind a slow link) do not hold the pull to their pace: the upstream joins
-        for the rest (outside a swarm, the fallback is asked now; in one, the Hub may take the chunks they
-        hold). The endgame then takes their chunks in flight from it too, if they stay slow."""
-        self.looked["pace"] = time.monotonic()
-        while self._work_left() and not self.peers_slow:
-            await asyncio.sleep(PACE_TICK)
-            if self._stood_still("pace", time.monotonic()) or not self._slow_peers(time.monotonic()):
-                continue
-            self.peers_slow = True
-            # (whole holders only: a swarm's claimers sent little yet because they hold little, not slowly)
-            self.limits.slow_peers.update(
-                s.source.name for s in self.live if s.kind != "hub" and self.have.get(s) is None
-            )
-            log.info("%s: the other nodes send it at less than %s/s: the upstream joins for the rest",
-                     self.remote.path, _mib(self.limits.slow_peer_rate))  # fmt: skip
-            if self.fallback is not None:
-                extra, self.fallback = self.fallback(), None
-                await self._start(extra)
-            self._pulse()
-
-    async def _drop_silent_peers(self) -> None:
-        """A fleet peer that has not answered a request SILENT_PEER seconds after it was asked (frozen, or
-        advertised at an address that accepts and never answers) is dropped for this file and its requests
-        are cancelled: its claims no longer keep the Hub from their chunks, and no worker goes back to it for
-        the next chunk (each waited as long: a swarm paid SILENT_PEER per chunk the node had claimed)."""
-        self.looked["silence"] = time.monotonic()
-        while self._work_left():
-            await asyncio.sleep(PACE_TICK)
-            now = time.monotonic()
-            if self._stood_still("silence", now):
-                continue
-            silent = {r.source for reqs in self.requests.values() for r in reqs
-                      if r.source.kind == "peer" and not r.landing and is_silent(r, now)}  # fmt: skip
-            for source in silent:
-                self._drop(source, UpstreamTimeoutError(
-                    f"did not answer in {SILENT_PEER:g} s (frozen, or not reachable at the address it gave?)",
-                    source=source.source.base_url))  # fmt: skip
-                for request in [r for reqs in self.requests.values() for r in reqs if r.source is source]:
-                    if request.task is not None and not request.landing:
-                        request.task.cancel()
-            if silent:
-                self._pulse()
-
-    def _stood_still(self, look: str, now: float) -> bool:
-        """Whether ``look`` must not judge the peers now: this process stood still since its last run (it came
-        STOOD_STILL late), or did lately. The pace is then measured afresh, and the requests in flight get
-        SILENT_PEER to answer from now."""
-        last, self.looked[look] = self.looked.get(look, now), now
-        if now - last > PACE_TICK + STOOD_STILL:
-            if now >= self.judge_from:  # (said once, though both looks see it)
-                log.info("%s: this process stood still for %.0f s (stopped, paused?): the other nodes are "
-                         "judged again from now", self.remote.path, now - last)  # fmt: skip
-            self.judge_from = now + SILENT_PEER
-            self.peer_started = now if self.peer_started is not None else None
-            self.peer_landed.clear()
-            self.paces.clear()  # (the requests' times spanned the stop too)
-        return now < self.judge_from
-
-    def _slow_peers(self, now: float) -> bool:
-        """Whether the other nodes send this file slower than ``slow_peer_rate`` allows its share of it (its
-        requests to them among every request on the wire to them, this transfer's files together): over
-        the last window, at least PACE_MIN and long enough for two chunks to land at that rate, while enough
-        is left to matter and an upstream may be brought in; or at once, when another file of the transfer
-        found every node it has slow."""
-        rate = self.limits.slow_peer_rate
-        if self.fallback is None and not any(s.kind == "hub" for s in self.live):
-            return False  # (no upstream to bring in: offline, or the upstream is the one being waited for)
-        gave_up_at = None if self.swarm is None else self.swarm.gave_up_at
-        if gave_up_at is not None and now - gave_up_at < OWN_LINK_MEMORY:
-            # Its own Hub requests landed far behind the fleet's lately: the Hub is no faster here. Without Hub
-            # requests of its own since, nothing would tell its narrow link from slow peers, and it would have
-            # the Hub send what they hold (a review). (Not for ever: a Hub hiccup must not leave it to a holder
-            # that is throttled later.)
-            return False
-        size, chunk = self.remote.size, self.partial.chunk_size
-        left = sum(chunk_span(i, size, chunk)[1] for i in range(self.low, self.partial.chunks)
-                   if i not in self.partial.done)  # fmt: skip
-        if left < rate * SLOW_LEFT:
-            return False  # (a little left: the endgame's business)
-        peers = {s.source.name for s in self.live if s.kind != "hub"}
-        if peers and peers <= self.limits.slow_peers:
-            return True  # (another file of the transfer measured them: its verdict holds for this one)
-        mine = sum(
-            1 for reqs in self.requests.values() for r in reqs if r.source.kind != "hub" and not r.landing
-        )
-        if not mine or self.peer_started is None:
-            return False
-        sharing = max(self.limits.peer_requests, mine)
-        # Two chunks' time at that rate, at least: bytes count when a whole chunk lands, and with one chunk
-        # per window a peer at 1-2x the rate could land none in one (a trial saw it judged slow at 1.25x)
-        window = max(PACE_MIN, 2 * min(chunk, size) * sharing / rate)
-        if now - self.peer_started < window:
-            return False
-        while self.peer_landed and self.peer_landed[0][0] < now - window:
-            self.peer_landed.popleft()
-        if sum(n for _, n in self.peer_landed) >= rate * window * mine / sharing:
-            return False
-        return not self._hub_no_faster(now, now - window)
-
-    def _hub_no_faster(self, now: float, since: float) -> bool:
-        """Whether this file's requests to the Hub, since ``since``, brought less than HUB_FASTER times what
-        its requests to the other nodes brought, each. Then what binds is this node's own link (or its
-        cores), which the Hub's requests share: bringing the Hub in for the peers' chunks would only have it
-        send more (on 200 Mbit links, four nodes pulling together had the Hub send 1.0-1.6 times the model
-        with healthy peers judged slow against the fixed rate, 1.00-1.05 without: an explorer's trial).
-        False when the Hub sent nothing of the file in that time (a whole holder keeps it from every chunk):
-        the fixed rate alone judges then."""
-        hub, peers = [0, 0.0], [0, 0.0]  # bytes, seconds
-        for when, from_hub, received, took in self.paces:
-            if when >= since:
-                pace = hub if from_hub else peers
-                pace[0] += received
-                pace[1] += took
-        if not hub[1]:
-            return False
-        # (and the requests on the wire, so far: a peer that trickles lands nothing in the window)
-        for request in (r for reqs in self.requests.values() for r in reqs if not r.landing):
-            if (attempt := request.receiving.attempt) is not None and attempt.began > 0:
-                pace = hub if request.source.kind == "hub" else peers
-                pace[0] += max(0, request.receiving.count - request.receiving.in_place)
-                pace[1] += max(0.0, now - request.started)
-        return bool(peers[1]) and hub[0] / hub[1] < HUB_FASTER * peers[0] / peers[1]
 
     async def _rescue(self) -> bool:
         """Nothing is in flight and no live source may be asked for any chunk left: the fallback joins
@@ -1225,10 +1079,6 @@ class _FileJob(ChunkChooser):
 
 
 UNMAPPER = ForkSafeExecutor(max_workers=1, thread_name_prefix="modeldepot-unmap")
-
-
-def _mib(rate: int) -> str:
-    return f"{rate / 2**20:g} MiB"
 
 
 def _close_mapping(mapping: mmap.mmap) -> None:

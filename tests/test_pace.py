@@ -1,0 +1,147 @@
+"""How a download judges its peers' pace (transfer/pace.py): slow by the fixed rate, then the Hub as the
+yardstick, tried for one chunk when it sends none of the file. The rules, on a job built by hand with a
+clock the test moves; the fleet tests (test_rate_limits.py) run them over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+
+import pytest
+
+from modeldepot.transfer import pace as pace_module
+from modeldepot.transfer.choosing import ChunkRequest
+from modeldepot.transfer.download import FileSource, Limits, _FileJob
+from modeldepot.transfer.ranged import Attempt
+from modeldepot.transfer.sources import HttpSource
+
+CHUNK = 4 << 20
+SIZE = 8 * CHUNK
+RATE = 1 << 20  # the fixed rate: peers below 1 MiB/s all together are slow
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(pace_module, "time", clock)
+    return clock
+
+
+def holder(name: str = "x") -> FileSource:
+    return FileSource(HttpSource(f"http://{name}.test", "peer"), f"http://{name}.test/f")
+
+
+HUB = FileSource(HttpSource("http://hub.test", "hub"), "http://hub.test/f")
+
+
+def job_with_a_slow_holder(clock: Clock, limits: Limits | None = None) -> tuple[_FileJob, FileSource]:
+    """A job outside a swarm whose one whole holder has sent 1 MiB in 20 s over its one request (slow by the
+    fixed rate), and the Hub a live source that sent nothing of the file (the holder kept it from every
+    chunk)."""
+    partial = types.SimpleNamespace(done={}, chunks=SIZE // CHUNK, chunk_size=CHUNK, parts={}, wanted={})
+    job = _FileJob(None, types.SimpleNamespace(size=SIZE, path="f"), partial,  # type: ignore[arg-type]
+                   limits or Limits(slow_peer_rate=RATE), None, None)  # fmt: skip
+    peer = holder()
+    job.live, job.have = [peer, HUB], {peer: None, HUB: None}
+    job.requests = {0: [on_the_wire(peer, clock.now - 20.0, 1 << 20)]}
+    job.peer_started = clock.now - 20.0
+    return job, peer
+
+
+def on_the_wire(source: FileSource, began: float, received: int) -> ChunkRequest:
+    request = ChunkRequest(source, began)
+    request.receiving.attempt = Attempt(received=received, began=began)
+    return request
+
+
+def test_peers_slow_by_the_fixed_rate_have_the_hub_tried_before_it_is_let_in(clock: Clock) -> None:
+    """With no pace of the Hub's to compare, a node's own narrow link made healthy peers look slow, and the
+    Hub was let in for what they hold (a 20 Mbit node among three whole holders had the Hub send 0.21-0.23
+    times the model for nothing: a session's trial). The Hub is tried first, one request at a time."""
+    job, _ = job_with_a_slow_holder(clock)
+    assert job._judge_peers(clock.now) == "try"
+    asyncio.run(job._try_hub(clock.now))
+    assert job.hub_on_trial and job.trial_at == clock.now and job._trial_open()
+    assert job._judge_peers(clock.now + 1.0) == "fine"  # (no request of the Hub's yet: it may come)
+    job.requests[1] = [on_the_wire(HUB, clock.now, 0)]
+    assert not job._trial_open()  # (one at a time)
+    # On the wire for less than PACE_MIN, and having brought nothing: no verdict
+    clock.now += pace_module.PACE_MIN - 0.5
+    assert job._judge_peers(clock.now) == "fine" and job.trial_at is not None
+
+
+def test_a_hub_no_faster_than_the_peers_keeps_out_for_a_while_for_every_file(clock: Clock) -> None:
+    job, _ = job_with_a_slow_holder(clock)
+    job.trial_at = clock.now
+    # The Hub's request brings what the holder's does, each: 50 KiB/s
+    job.requests[1] = [on_the_wire(HUB, clock.now, int(pace_module.PACE_MIN * (50 << 10)))]
+    job.requests[0] = [on_the_wire(job.live[0], clock.now - 20.0, 20 * (50 << 10))]
+    clock.now += pace_module.PACE_MIN
+    assert job._judge_peers(clock.now) == "fine"
+    assert job.trial_at is None and job.limits.link_bound_at == clock.now
+    # Another file of the transfer does not try the Hub again: not within OWN_LINK_MEMORY
+    other, _ = job_with_a_slow_holder(clock, job.limits)
+    assert other._judge_peers(clock.now + pace_module.OWN_LINK_MEMORY - 1) == "fine"
+    assert other._judge_peers(clock.now + pace_module.OWN_LINK_MEMORY + 1) == "try"
+
+
+def test_a_hub_that_lands_its_trial_far_faster_lets_it_in(clock: Clock) -> None:
+    job, _ = job_with_a_slow_holder(clock)
+    job.trial_at = clock.now
+    clock.now += 0.5
+    job.paces.append((clock.now, True, CHUNK, 0.4))  # 4 MiB in 0.4 s: no need to wait PACE_MIN
+    assert job._judge_peers(clock.now) == "slow"
+    assert job.trial_at is None and job.limits.link_bound_at is None
+
+
+def test_a_trial_the_hub_can_take_no_chunk_for_leaves_the_verdict_to_the_fixed_rate(clock: Clock) -> None:
+    """Every chunk left in flight to the peers: the Hub on trial takes none. Its trial waits a window for it
+    (a request that ended unlanded leaves it open), then the fixed rate judges alone, as before trials."""
+    job, _ = job_with_a_slow_holder(clock)
+    asyncio.run(job._try_hub(clock.now))
+    clock.now += 1.0
+    assert job._judge_peers(clock.now) == "fine"
+    job.requests[1] = [on_the_wire(HUB, clock.now, 0)]
+    clock.now += 1.0
+    assert job._judge_peers(clock.now) == "fine"
+    del job.requests[1]  # (cancelled: a reset, or the endgame)
+    clock.now += 7.0  # (the window is 8 s: two chunks at the fixed rate)
+    assert job._judge_peers(clock.now) == "fine" and job._trial_open()
+    clock.now += 1.5
+    assert job._judge_peers(clock.now) == "slow"
+
+
+def test_a_hub_sending_already_is_the_yardstick_without_a_trial(clock: Clock) -> None:
+    job, peer = job_with_a_slow_holder(clock)
+    job.requests[0] = [on_the_wire(peer, clock.now - 20.0, 20 * (50 << 10))]
+    job.requests[1] = [on_the_wire(HUB, clock.now - 10.0, 10 * (60 << 10))]  # no faster
+    assert job._judge_peers(clock.now) == "fine" and job.trial_at is None
+    assert job.limits.link_bound_at is None  # (measured afresh each look: the Hub sends anyway)
+    job.requests[1] = [on_the_wire(HUB, clock.now - 10.0, 10 * (500 << 10))]  # ten times the peer's
+    assert job._judge_peers(clock.now) == "slow"
+
+
+def test_in_a_swarm_the_hub_on_trial_may_take_one_chunk_a_holder_holds(clock: Clock) -> None:
+    """A holder's chunk is the Hub's only while it is on trial, one request at a time."""
+    job, peer = job_with_a_slow_holder(clock)
+    job.swarm = types.SimpleNamespace(  # type: ignore[assignment]
+        claims={}, gave_up_at=None, standing_claim=lambda *_: None, settlers_lost=lambda *_: False,
+        may_claim_fresh=lambda *_: True, digest=lambda _: None,
+    )  # fmt: skip
+    job.requests = {
+        0: [on_the_wire(peer, clock.now - 1.0, 1 << 20)]
+    }  # (not stuck: a holder the Hub waits for)
+    assert job._may_take(peer, 3, clock.now)
+    assert not job._may_take(HUB, 3, clock.now)
+    job.hub_on_trial = True
+    assert job._may_take(HUB, 3, clock.now)
+    job.requests[2] = [on_the_wire(HUB, clock.now, 0)]
+    assert not job._may_take(HUB, 3, clock.now)  # (one request of the Hub's at a time)
