@@ -220,7 +220,8 @@ def wait_for(what: str, check: Any, processes: list[subprocess.Popen[Any]], time
 # -- the network ------------------------------------------------------------------------------------------
 
 
-def build_network(nodes: int, uplink: str, link: str) -> None:
+def build_network(nodes: int, uplink: str, link: str, late_link: str | None = None) -> None:
+    """The bridge, the Hub and ``nodes`` nodes on ``link``; with ``late_link``, one more node on that."""
     add_namespace(CORE)
     bridge(CORE, "br0", f"{BRIDGE_IP}/24")
     add_namespace(HUB)
@@ -229,14 +230,15 @@ def build_network(nodes: int, uplink: str, link: str) -> None:
     up(HUB, HUB_DEV, f"{HUB_IP}/24")
     shape(HUB, HUB_DEV, uplink)  # what the Hub sends
     shape(CORE, "hub", uplink)  # what it receives
-    for i in range(1, nodes + 1):
+    for i in range(1, nodes + 1 + bool(late_link)):
         ns = node_ns(i)
         add_namespace(ns)
         veth(ns, NODE_DEV, CORE, f"n{i}")
         attach(CORE, f"n{i}", "br0")
         up(ns, NODE_DEV, f"{node_ip(i)}/24")
-        shape(ns, NODE_DEV, link)
-        shape(CORE, f"n{i}", link)
+        rate = late_link if late_link and i > nodes else link
+        shape(ns, NODE_DEV, rate)
+        shape(CORE, f"n{i}", rate)
 
 
 def tc_rate(text: str) -> float:
@@ -472,7 +474,7 @@ def start_etcd(procs: Processes, data: Path, log: Path) -> subprocess.Popen[Any]
     return process
 
 
-def cluster(work: Path, args: argparse.Namespace, procs: Processes, total: int) -> Outcome:
+def cluster(work: Path, args: argparse.Namespace, procs: Processes, total: int) -> dict[str, Outcome]:
     shm = Path("/dev/shm")
     data = Path(tempfile.mkdtemp(prefix=f"{PREFIX}etcd-", dir=shm if shm.is_dir() else None))
     registry = f"etcd://{BRIDGE_IP}:{ETCD_PORT}"
@@ -511,12 +513,46 @@ def cluster(work: Path, args: argparse.Namespace, procs: Processes, total: int) 
         for i, server in enumerate(servers, 1):
             if server.poll() is not None:
                 raise RuntimeError(f"node {i}'s serve process exited ({server.returncode}) during the pull")
-        return outcome
+        outcomes = {"cluster": outcome}
+        if args.late_link:
+            outcomes["late"] = late(work, args, procs, total, env, registry, servers)
+        return outcomes
     finally:
         procs.stop(servers)
         if etcd is not None:
             procs.stop([etcd])
         shutil.rmtree(data, ignore_errors=True)
+
+
+def late(work: Path, args: argparse.Namespace, procs: Processes, total: int, env: dict[str, str],
+         registry: str, servers: list[subprocess.Popen[Any]]) -> Outcome:  # fmt: skip
+    """One more node, on ``--late-link``, joins the fleet that holds the repo and pulls it: every chunk is
+    held by the others, so the Hub should send nothing. (Its narrow link made its peers look slower than
+    MODELDEPOT_SLOW_PEER_RATE, and the Hub was let in for what they hold: 0.21-0.23 times the repo for
+    nothing at 20mbit, a session's trial.)"""
+    i = args.nodes + 1
+    home = work / "nodes" / f"n{i}"
+    command = [*in_ns(node_ns(i)), *modeldepot(
+        "serve", "--home", str(home), "--host", "0.0.0.0", "--port", str(PORT), "--cluster", registry,
+        "--advertise", f"http://{node_ip(i)}:{PORT}", "--log-level", "warning")]  # fmt: skip
+    servers.append(procs.start(command, env, work / "logs" / f"serve-n{i}.log", "node serves"))
+    auth = [] if args.no_token else [f"Authorization: Bearer {TOKEN}"]
+
+    def sees_all() -> bool:
+        body = curl_ok(in_ns(node_ns(i)), f"http://127.0.0.1:{PORT}{PEERS}", *auth)
+        return body is not None and len(json.loads(body)) == i
+
+    wait_for(f"the late node n{i} registered, seeing the fleet", sees_all, servers, 120)
+    pull = [
+        *in_ns(node_ns(i)),
+        *modeldepot("pull", REPO, "--home", str(home), "--cluster", registry, "--json"),
+    ]
+    outcome, outputs = wave("late", [pull], [{**env, "MODELDEPOT_LOG_LEVEL": "info"}], procs, i, args.timeout,
+                            work / "logs")  # fmt: skip
+    check_pulls("late", outputs, total, outcome)
+    outcome.note = (f"one node on {args.late_link} pulled it from the {args.nodes} that hold it; its link "
+                    f"alone takes {total / tc_rate(args.late_link):.1f} s for one copy (nominal)")  # fmt: skip
+    return outcome
 
 
 # -- floors -----------------------------------------------------------------------------------------------
@@ -630,8 +666,11 @@ def report(outcomes: dict[str, Outcome], total: int, args: argparse.Namespace, f
 
     for o in outcomes.values():
         if o.by_source:
-            parts = ", ".join(f"{k} {gib(v)} ({v / (n * total):.0%})" for k, v in sorted(o.by_source.items()))
-            print(f"{o.name}: bytes_by_source summed over the {n} nodes: {parts}")
+            pulled = len(o.times)
+            parts = ", ".join(
+                f"{k} {gib(v)} ({v / (pulled * total):.0%})" for k, v in sorted(o.by_source.items())
+            )
+            print(f"{o.name}: bytes_by_source summed over the {pulled} nodes: {parts}")
         if any(o.swarm):
             events = sorted({e for counts in o.swarm for e in counts})
             print(f"{o.name}: swarm counts per node (why the Hub was asked): " + "; ".join(
@@ -674,6 +713,7 @@ def report(outcomes: dict[str, Outcome], total: int, args: argparse.Namespace, f
         "anchor": {f"uplink x{n}": n * uplink_s, "node link": link_s},
         "solo": {f"uplink x{n}": n * uplink_s, "node link": link_s, **disk},
         "cluster": {"uplink x1": uplink_s, "node link": link_s, **disk},
+        "late": {"late node link": total / tc_rate(args.late_link)} if args.late_link else {},
     }
     cores = os.cpu_count() or 1
     print(f"CPU below: the CPU time the scenario used on the whole machine ÷ {cores} cores (its work, had "
@@ -709,6 +749,10 @@ def main() -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="any of anchor,solo,cluster")
     parser.add_argument("--uplink", default="500mbit", help="tbf rate of the Hub's link, both ways")
     parser.add_argument("--link", default="1gbit", help="tbf rate of each node's link, both ways")
+    parser.add_argument("--late-link", default="", metavar="RATE",
+                        help="after the cluster's pull, one more node on a link this narrow (20mbit, say) "
+                             "joins and pulls the repo from the nodes that hold it: the Hub should send "
+                             "nothing")  # fmt: skip
     parser.add_argument("--dir", type=Path, default=Path("bench-data"))
     parser.add_argument("--timeout", type=float, default=1800, help="seconds a scenario may take")
     parser.add_argument("--quick", action="store_true", help="256MiB, 4 nodes: a smoke test")
@@ -729,6 +773,8 @@ def main() -> None:
         os.environ.setdefault("COLUMNS", "200")  # rich's tables whole in a log, not folded into 80 columns
     if os.geteuid() != 0:
         sys.exit("bench_fleet.py needs root: network namespaces and tc")
+    if args.late_link and "cluster" not in chosen:
+        parser.error("--late-link joins a node to the cluster scenario's fleet: include cluster")
     if args.nodes == 1 and "cluster" in chosen:
         print("note: one node has no peers", file=sys.stderr)
 
@@ -760,7 +806,7 @@ def main() -> None:
         floors["disk"] = disk_rate(work, min(size, 1 << 30))
         floors["sha256"], floors["blake3"] = hash_rates()
 
-        build_network(args.nodes, args.uplink, args.link)
+        build_network(args.nodes, args.uplink, args.link, args.late_link or None)
         hub = procs.start([*in_ns(HUB), *modeldepot("serve", "--home", str(hub_home), "--host", "0.0.0.0",
                            "--port", str(PORT), "--log-level", "warning")], base_env(), work / "logs" / "hub.log", "Hub")  # fmt: skip
         for i in range(1, args.nodes + 1):
@@ -772,12 +818,15 @@ def main() -> None:
         notes.append(f"curl floor: the Hub sent {(counter(HUB, HUB_DEV) - before) / got:.3f}x the payload "
                      f"({got} bytes) on the wire: the headers' share in every Hub figure above")  # fmt: skip
 
-        runs = {"anchor": anchor, "solo": solo, "cluster": cluster}
+        runs = {"anchor": anchor, "solo": solo}
         for name in SCENARIOS:
             if name in chosen:
                 clear_nodes(work)
                 began_scenario = time.perf_counter()
-                outcomes[name] = runs[name](work, args, procs, total)
+                if name == "cluster":
+                    outcomes.update(cluster(work, args, procs, total))
+                else:
+                    outcomes[name] = runs[name](work, args, procs, total)
                 o = outcomes[name]
                 print(f"{name}: all {args.nodes} done in {o.all_done:.1f} s, Hub sent {o.hub_bytes / total:.2f}x "
                       f"the repo ({time.perf_counter() - began_scenario:.0f} s with set-up)", file=sys.stderr)  # fmt: skip

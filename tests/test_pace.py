@@ -5,6 +5,7 @@ clock the test moves; the fleet tests (test_rate_limits.py) run them over real s
 from __future__ import annotations
 
 import asyncio
+import time
 import types
 
 import pytest
@@ -102,9 +103,10 @@ def test_a_hub_that_lands_its_trial_far_faster_lets_it_in(clock: Clock) -> None:
     assert job.trial_at is None and job.limits.link_bound_at is None
 
 
-def test_a_trial_the_hub_can_take_no_chunk_for_leaves_the_verdict_to_the_fixed_rate(clock: Clock) -> None:
-    """Every chunk left in flight to the peers: the Hub on trial takes none. Its trial waits a window for it
-    (a request that ended unlanded leaves it open), then the fixed rate judges alone, as before trials."""
+def test_a_trial_the_hub_can_take_no_chunk_for_ends_without_a_verdict(clock: Clock) -> None:
+    """Each chunk left has its two copies in flight: the Hub on trial takes none. Its trial waits a window
+    for it (a request that ended unlanded leaves it open), then ends without a verdict: the fixed rate alone
+    judged healthy peers slow on a narrow link, and every file of the transfer followed (a review)."""
     job, _ = job_with_a_slow_holder(clock)
     asyncio.run(job._try_hub(clock.now))
     clock.now += 1.0
@@ -116,7 +118,79 @@ def test_a_trial_the_hub_can_take_no_chunk_for_leaves_the_verdict_to_the_fixed_r
     clock.now += 7.0  # (the window is 8 s: two chunks at the fixed rate)
     assert job._judge_peers(clock.now) == "fine" and job._trial_open()
     clock.now += 1.5
-    assert job._judge_peers(clock.now) == "slow"
+    assert job._judge_peers(clock.now) == "fine"
+    assert job.trial_at is None and not job.hub_on_trial and job.limits.trial_by is None
+    assert job._judge_peers(clock.now + 7.0) == "fine"  # (not tried again for a window)
+    assert job._judge_peers(clock.now + 8.5) == "try"
+
+
+def test_the_hub_on_trial_takes_an_endgame_copy_when_every_chunk_is_in_flight(clock: Clock) -> None:
+    """A file whose chunks are all asked of the peers (48-192 MiB from three holders, or a tail): the Hub on
+    trial duplicates the one outstanding longest at once, where it waited for a peer stuck (minutes on a
+    narrow link), its trial ran out, and the fixed rate judged alone (a review)."""
+    job, peer = job_with_a_slow_holder(clock)
+    job.gaps_only = True  # (outside a swarm, the Hub joined as a gap filler)
+    began = time.monotonic() - 5.0  # (the choices read the real clock)
+    job.requests = {index: [on_the_wire(peer, began + index / 10, 1 << 20)] for index in range(SIZE // CHUNK)}
+    assert job._pick(HUB) == (None, pytest.approx(15.0, abs=0.5))  # (a peer stuck 20 s: twice the patience)
+    job.hub_on_trial = True
+    assert job._pick(HUB) == (0, None)
+
+
+def test_one_file_of_a_transfer_tries_the_hub_at_a_time(clock: Clock) -> None:
+    job, _ = job_with_a_slow_holder(clock)
+    other, _ = job_with_a_slow_holder(clock, job.limits)
+    asyncio.run(job._try_hub(clock.now))
+    assert other._judge_peers(clock.now) == "fine"
+    job._end_trial()
+    assert other._judge_peers(clock.now) == "try"
+
+
+def test_a_hub_found_no_faster_has_its_trial_stopped(clock: Clock) -> None:
+    """Its request would land a whole chunk more from the Hub (16 MiB, 80 s at a share of a 20 Mbit link): it
+    is stopped, its part kept for the peer that sends the rest (a review)."""
+
+    async def main() -> None:
+        job, peer = job_with_a_slow_holder(clock)
+        await job._try_hub(clock.now)
+        trial = on_the_wire(HUB, clock.now, int(pace_module.PACE_MIN * (50 << 10)))
+        trial.trial = True
+        trial.task = asyncio.get_running_loop().create_future()  # type: ignore[assignment]
+        job.requests[1] = [trial]
+        job.requests[0] = [on_the_wire(peer, clock.now - 20.0, 20 * (50 << 10))]
+        clock.now += pace_module.PACE_MIN
+        assert job._judge_peers(clock.now) == "fine"
+        assert trial.task is not None and trial.task.cancelled()
+        assert not job.requests[0][0].trial
+
+    asyncio.run(main())
+
+
+def test_a_trial_waits_for_a_pace_of_the_peers(clock: Clock) -> None:
+    """Its peer requests all wait for slots the transfer's other files hold: no pace to compare, and any
+    Hub byte said "slow" (a review)."""
+    job, peer = job_with_a_slow_holder(clock)
+    job.trial_at = clock.now
+    job.requests[0] = [ChunkRequest(peer, clock.now)]  # (not on the wire)
+    job.requests[1] = [on_the_wire(HUB, clock.now, 4 * pace_module.PACE_MIN * (50 << 10))]
+    clock.now += pace_module.PACE_MIN
+    assert job._judge_peers(clock.now) == "fine" and job.trial_at is not None
+
+
+def test_a_trial_ends_when_the_link_is_found_to_bind_otherwise_or_the_process_stood_still(
+    clock: Clock,
+) -> None:
+    job, _ = job_with_a_slow_holder(clock)
+    asyncio.run(job._try_hub(clock.now))
+    job.limits.link_bound_at = clock.now  # (its claims given up, say)
+    assert job._judge_peers(clock.now + 1) == "fine"
+    assert job.trial_at is None and not job.hub_on_trial and job.limits.trial_by is None
+    job.limits.link_bound_at = None
+    asyncio.run(job._try_hub(clock.now))
+    job.looked["pace"] = clock.now
+    clock.now += 10.0  # (SIGSTOP: what the trial measured spans the stop)
+    assert job._stood_still("pace", clock.now)
+    assert job.trial_at is None and job.limits.trial_by is None
 
 
 def test_a_hub_sending_already_is_the_yardstick_without_a_trial(clock: Clock) -> None:

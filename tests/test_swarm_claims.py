@@ -734,6 +734,9 @@ def test_a_node_that_gave_its_claims_up_does_not_judge_its_peers_slow(clock: Clo
             job.live, job.have = [holder, hub], {holder: None, hub: None}
             now = clock.now
             job.requests = {0: [ChunkRequest(holder, now - 20.0)]}
+            job.requests[0][0].receiving.attempt = Attempt(
+                received=1 << 16, began=now - 20.0
+            )  # (on the wire)
             job.peer_started = now - 20.0
             # Nothing landed from it in 20 s: slow by the fixed rate, and the Hub is tried (it sends nothing)
             assert job._judge_peers(now) == "try"

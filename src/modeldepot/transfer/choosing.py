@@ -109,6 +109,7 @@ class ChunkRequest:
     receiving: Receiving = field(default_factory=Receiving)  # its bytes in so far (shown, not yet checked)
     part_blake3: str | None = None  # the BLAKE3 the sender of the part it began from gave (see _land)
     under: int = 0  # (in a swarm) the revision of the chunk's claim when it was asked for
+    trial: bool = False  # the Hub's, on trial (transfer/pace.py): stopped when it is found no faster
 
 
 class ChunkChooser:
@@ -389,7 +390,7 @@ class ChunkChooser:
         started, index = min(outstanding)
         spent, landed = self.timing.get(source, (0.0, 0))
         patience = max(ENDGAME_WAIT, ENDGAME_FACTOR * spent / landed) if landed else ENDGAME_WAIT
-        if origin_held_back and not self.peers_slow:
+        if origin_held_back and not self.peers_slow and not self._trial_open():
             # a chunk from the Hub again is what the swarm saves: only for a peer stuck that long (unless
             # the peers are slow as a whole: then their chunks in flight are the Hub's as any endgame's),
             # judged by the others' pace (see _stuck)

@@ -115,6 +115,9 @@ class Limits:
     # When a file of this transfer found the Hub no faster than the other nodes: this node's own link binds,
     # and its other files need not try the Hub again for a while (transfer/pace.py)
     link_bound_at: float | None = field(default=None, init=False, repr=False)
+    trial_by: object | None = field(
+        default=None, init=False, repr=False
+    )  # the file trying the Hub now, if any
     _buffers: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
     _spare: list[bytearray] = field(default_factory=list, init=False, repr=False)  # buffers to reuse
     _sources: dict[str, asyncio.Semaphore] = field(default_factory=dict, init=False, repr=False)
@@ -453,7 +456,9 @@ class _FileJob(PaceWatch):
                     wake = SWARM_IDLE if wake is None else min(wake, SWARM_IDLE)
                 await self._idle(source, changed, wake)
                 continue
-            request = ChunkRequest(source, time.monotonic())
+            request = ChunkRequest(
+                source, time.monotonic(), trial=source.kind == "hub" and self.trial_at is not None
+            )
             if self.swarm is not None:
                 request.under = self.swarm.claim_revision(index)
             self.requests.setdefault(index, []).append(request)
@@ -576,6 +581,19 @@ class _FileJob(PaceWatch):
             )
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+
+    def _stop_requests(self, requests: list[tuple[int, ChunkRequest]]) -> None:
+        stopped = set()
+        for index, request in requests:
+            if request.task is not None and not request.task.done() and not request.landing:
+                request.task.cancel()  # (its part is kept: _fetch_chunk)
+                stopped.add(index)
+        if stopped and self.swarm is not None:
+            withdrawing = self._watch(asyncio.create_task(self.swarm.withdraw(stopped)))
+            self.tasks.add(withdrawing)
+            withdrawing.add_done_callback(self.tasks.discard)
+        if stopped:
+            self._pulse()
 
     def _landed_from_hub(self) -> dict[int, str]:
         return {index: digest for index, digest in self.partial.done.items() if index in self.from_hub}

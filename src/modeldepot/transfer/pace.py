@@ -7,8 +7,10 @@ Peers that send a file slower than ``Limits.slow_peer_rate`` all together (one c
 rest. But a node's own narrow link makes every peer look slow too, and then the Hub would only share that
 link: so the Hub's pace is the yardstick. While the Hub sends some of the file, its requests must bring
 ``HUB_FASTER`` times the peers' each; when it sends none (whole holders keep it from every chunk), it is
-*tried*: let in for one chunk the peers hold, it is judged by that chunk's pace. A Hub no faster here keeps
-out (for ``OWN_LINK_MEMORY``, for every file of the transfer); a faster one joins.
+*tried*: let in for the chunks they hold, one request at a time (one file of a transfer at a time), until
+its requests were on the wire ``PACE_MIN``. A Hub no faster here keeps out (its trial's request stopped,
+its bytes kept for the peer that sends the rest), and for ``OWN_LINK_MEMORY`` no file of the transfer
+judges its peers slow; a faster one joins.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 from modeldepot.errors import UpstreamTimeoutError
 from modeldepot.hashing import chunk_span
 from modeldepot.store.partials import ResumablePartial
-from modeldepot.transfer.choosing import ChunkChooser, FileSource, is_silent
+from modeldepot.transfer.choosing import ChunkChooser, ChunkRequest, FileSource, is_silent
 from modeldepot.transfer.sources import SILENT_PEER
 
 if TYPE_CHECKING:
@@ -73,10 +75,9 @@ class PaceWatch(ChunkChooser):
         )  # (when, bytes) from them
         # Each chunk received whole: (when it came in, from the Hub, bytes received, seconds on the wire)
         self.paces: collections.deque[tuple[float, bool, int, float]] = collections.deque(maxlen=PACES_KEPT)
-        self.trial_at: float | None = (
-            None  # when the Hub was let in for the peers' chunks, to be judged by its pace
-        )
+        self.trial_at: float | None = None  # when the Hub was let in for the peers' chunks, to be judged
         self.trial_moved = 0.0  # when a request of the Hub's on trial was last seen in flight
+        self.no_trial_until = 0.0  # (a trial that could take no chunk: not again before then)
 
     async def _start(self, sources: list[FileSource]) -> None:
         raise NotImplementedError
@@ -87,41 +88,51 @@ class PaceWatch(ChunkChooser):
     def _drop(self, source: FileSource, error: Exception) -> None:
         raise NotImplementedError
 
+    def _stop_requests(self, requests: list[tuple[int, ChunkRequest]]) -> None:
+        """Stop ``requests`` in flight (chunk, request), their parts kept (in a swarm, their claims
+        withdrawn)."""
+        raise NotImplementedError
+
     async def _watch_pace(self) -> None:
         """Other nodes that send the file slower than ``slow_peer_rate`` all together do not hold the pull to
         their pace: the upstream joins for the rest (outside a swarm, the fallback is asked now; in one, the
         Hub may take the chunks they hold), once a trial of it showed it faster (see the module). The
         endgame then takes their chunks in flight from it too, if they stay slow."""
         self.looked["pace"] = time.monotonic()
-        while self._work_left() and not self.peers_slow:
-            await asyncio.sleep(PACE_TICK)
-            now = time.monotonic()
-            if self._stood_still("pace", now):
-                continue
-            verdict = self._judge_peers(now)
-            if verdict == "try":
-                await self._try_hub(now)
-                continue
-            if verdict == "fine":
-                continue
-            self.peers_slow, self.trial_at, self.hub_on_trial = True, None, False
-            # (whole holders only: a swarm's claimers sent little yet because they hold little, not slowly)
-            self.limits.slow_peers.update(
-                s.source.name for s in self.live if s.kind != "hub" and self.have.get(s) is None
-            )
-            log.info("%s: the other nodes send it at less than %s/s: the upstream joins for the rest",
-                     self.remote.path, mib(self.limits.slow_peer_rate))  # fmt: skip
-            if self.fallback is not None:
-                extra, self.fallback = self.fallback(), None
-                await self._start(extra)
-            self._pulse()
+        try:
+            while self._work_left() and not self.peers_slow:
+                await asyncio.sleep(PACE_TICK)
+                now = time.monotonic()
+                if self._stood_still("pace", now):
+                    continue
+                verdict = self._judge_peers(now)
+                if verdict == "try":
+                    await self._try_hub(now)
+                    continue
+                if verdict == "fine":
+                    continue
+                self.peers_slow = True
+                # (whole holders only: a swarm's claimers sent little yet because they hold little, not slowly)
+                self.limits.slow_peers.update(
+                    s.source.name for s in self.live if s.kind != "hub" and self.have.get(s) is None
+                )
+                log.info("%s: the other nodes send it at less than %s/s: the upstream joins for the rest",
+                         self.remote.path, mib(self.limits.slow_peer_rate))  # fmt: skip
+                if self.fallback is not None:
+                    extra, self.fallback = self.fallback(), None
+                    await self._start(extra)
+                self._pulse()
+        finally:
+            self._end_trial()  # (the file is done, or failed: another file of the transfer may try)
 
     async def _try_hub(self, now: float) -> None:
-        """Let the Hub in for chunks the peers hold, one request at a time (:attr:`hub_on_trial`), until its
-        requests have been on the wire PACE_MIN: its pace judges theirs. Outside a swarm the upstream joins
-        for that as a gap filler (it takes none they hold but its trial's)."""
+        """Let the Hub in for chunks the peers hold, one request at a time (:attr:`hub_on_trial`; with none
+        free, an endgame copy of one in flight), until its requests have been on the wire PACE_MIN: its pace
+        judges theirs. Outside a swarm the upstream joins for that as a gap filler (it takes none they hold
+        but its trial's)."""
         self.trial_at = self.trial_moved = now
         self.hub_on_trial = True
+        self.limits.trial_by = self
         log.info("%s: the other nodes send it at less than %s/s: the upstream is tried (is it faster here?)",
                  self.remote.path, mib(self.limits.slow_peer_rate))  # fmt: skip
         if self.fallback is not None:
@@ -129,6 +140,20 @@ class PaceWatch(ChunkChooser):
             self.gaps_only = True
             await self._start(extra)
         self._pulse()
+
+    def _end_trial(self, stop: bool = False) -> None:
+        """The trial is over (judged, or given up): the Hub takes no more of the peers' chunks for it. ``stop``:
+        its requests in flight are stopped too, their parts kept (the Hub was no faster, or what it measured
+        spanned a stop of this process)."""
+        if self.trial_at is None:
+            return
+        self.trial_at, self.hub_on_trial = None, False
+        if self.limits.trial_by is self:
+            self.limits.trial_by = None
+        if stop:
+            self._stop_requests(
+                [(i, r) for i, reqs in self.requests.items() for r in reqs if r.trial and not r.landing]
+            )
 
     async def _drop_silent_peers(self) -> None:
         """A fleet peer that has not answered a request SILENT_PEER seconds after it was asked (frozen, or
@@ -155,8 +180,8 @@ class PaceWatch(ChunkChooser):
 
     def _stood_still(self, look: str, now: float) -> bool:
         """Whether ``look`` must not judge the peers now: this process stood still since its last run (it came
-        STOOD_STILL late), or did lately. The pace is then measured afresh, and the requests in flight get
-        SILENT_PEER to answer from now."""
+        STOOD_STILL late), or did lately. The pace is then measured afresh (a trial under way is stopped: its
+        request's time spans the stop), and the requests in flight get SILENT_PEER to answer from now."""
         last, self.looked[look] = self.looked.get(look, now), now
         if now - last > PACE_TICK + STOOD_STILL:
             if now >= self.judge_from:  # (said once, though both looks see it)
@@ -166,6 +191,7 @@ class PaceWatch(ChunkChooser):
             self.peer_started = now if self.peer_started is not None else None
             self.peer_landed.clear()
             self.paces.clear()  # (the requests' times spanned the stop too)
+            self._end_trial(stop=True)
         return now < self.judge_from
 
     def _own_link_binds(self, now: float) -> bool:
@@ -184,14 +210,19 @@ class PaceWatch(ChunkChooser):
         and an upstream may be brought in; and the Hub faster here (:meth:`_hub_faster`). Or at once, when
         another file of the transfer found every node it has slow."""
         rate = self.limits.slow_peer_rate
-        if self.fallback is None and not any(s.kind == "hub" for s in self.live):
-            return "fine"  # (no upstream to bring in: offline, or the upstream is the one being waited for)
-        if self._own_link_binds(now):
+        upstream = self.fallback is not None or any(s.kind == "hub" for s in self.live)
+        if not upstream or self._own_link_binds(now):
+            # (no upstream to bring in: offline, or the upstream is the one being waited for; or this node's own
+            # link binds, found by another file's trial, or by its claims given up)
+            self._end_trial(stop=upstream)
             return "fine"
         size, chunk = self.remote.size, self.partial.chunk_size
+        # Its requests on the wire to them (not those waiting for this pull's slots: their share of the rate
+        # is among the requests on the wire, and they have no pace yet, a review)
         mine = sum(
-            1 for reqs in self.requests.values() for r in reqs if r.source.kind != "hub" and not r.landing
-        )
+            1 for reqs in self.requests.values() for r in reqs
+            if r.source.kind != "hub" and not r.landing and on_the_wire(r)
+        )  # fmt: skip
         sharing = max(self.limits.peer_requests, mine, 1)
         # Two chunks' time at that rate, at least: bytes count when a whole chunk lands, and with one chunk
         # per window a peer at 1-2x the rate could land none in one (a trial saw it judged slow at 1.25x)
@@ -230,24 +261,32 @@ class PaceWatch(ChunkChooser):
         peer_rate = peers[0] / peers[1] if peers[1] else 0.0
         if self.trial_at is None:
             if not hub[1]:
+                if self._hub_in_flight() or now < self.no_trial_until or self.limits.trial_by is not None:
+                    return "fine"  # (its request waits for a slot; or it could take none lately; or another
+                    # file of the transfer is trying it)
                 return "try"
         # The trial goes on until the Hub's requests were on the wire PACE_MIN (a chunk that lands at once, a
-        # burst, tells little), or brought what they would bring in it at twice the peers' pace
-        elif hub[1] < PACE_MIN and (not hub[0] or hub[0] < HUB_FASTER * peer_rate * PACE_MIN):
+        # burst, tells little), or brought what they would bring in it at twice the peers' pace; and until
+        # the peers have a pace to compare (their requests may all wait for slots other files hold)
+        elif not peers[1] or (
+            hub[1] < PACE_MIN and (not hub[0] or hub[0] < HUB_FASTER * peer_rate * PACE_MIN)
+        ):
             if self._hub_in_flight():
                 self.trial_moved = now
             elif now - self.trial_moved >= window:
-                # (the Hub could take no chunk in a window, all in flight: the fixed rate judges alone)
-                return "slow"
+                # The Hub could take no chunk in a window (each has its two copies in flight, or is landing):
+                # no verdict, and no trial for a window (the fixed rate alone judged healthy peers slow here)
+                self._end_trial()
+                self.no_trial_until = now + window
             return "fine"
-        faster = hub_rate >= HUB_FASTER * peer_rate if peers[1] else bool(hub_rate)
+        faster = hub_rate >= HUB_FASTER * peer_rate if peers[1] else True
         if self.trial_at is not None:
             if not faster:
                 self.limits.link_bound_at = now
-                log.info("%s: the upstream sends no faster than the other nodes here (%s/s a request, theirs %s/s): "
-                         "this node's own link binds, they are not slow", self.remote.path, mib(int(hub_rate)),
-                         mib(int(peer_rate)))  # fmt: skip
-            self.trial_at, self.hub_on_trial = None, False
+                log.info("%s: the upstream sends no faster than the other nodes here (%s/s a request, theirs "
+                         "%s/s): this node's own link binds, they are not slow", self.remote.path,
+                         mib(int(hub_rate)), mib(int(peer_rate)))  # fmt: skip
+            self._end_trial(stop=not faster)
         return "slow" if faster else "fine"
 
     def _hub_in_flight(self) -> bool:
@@ -264,11 +303,17 @@ class PaceWatch(ChunkChooser):
                 pace[0] += received
                 pace[1] += took
         for request in (r for reqs in self.requests.values() for r in reqs if not r.landing):
-            if (attempt := request.receiving.attempt) is not None and attempt.began > 0:
+            if on_the_wire(request):
                 pace = hub if request.source.kind == "hub" else peers
                 pace[0] += max(0, request.receiving.count - request.receiving.in_place)
                 pace[1] += max(0.0, now - request.started)
         return (int(hub[0]), hub[1]), (int(peers[0]), peers[1])
+
+
+def on_the_wire(request: ChunkRequest) -> bool:
+    """Whether ``request`` is asking its server (not waiting for a slot or a thread of this pull's)."""
+    attempt = request.receiving.attempt
+    return attempt is not None and attempt.began > 0
 
 
 def mib(rate: int) -> str:
