@@ -111,6 +111,21 @@ def test_a_trickling_peer_is_stuck_by_the_others_pace_not_its_own() -> None:
     assert not busy._failed_for(0, now, busy._patience())
 
 
+def test_holders_all_as_slow_are_not_stuck_before_a_chunk_of_theirs_lands() -> None:
+    """A node on 20 Mbit asks three whole holders for twelve 16 MiB chunks at once: each takes 80 s. With no
+    peer chunk landed yet, the patience was its floor (10 s), every holder was stuck at 20 s, and the Hub
+    was let in for four chunks, a quarter of the model (the fleet benchmark's late node). Judged by the
+    others' requests in flight, none is stuck; one that stalls alone is, at twice the floor."""
+    holders, hub = [source(port, "peer") for port in (1, 3, 4)], source(2, "hub")
+    choice = chooser(16, *holders, hub)
+    choice.requests = {i: [request(holders[i % 3], 25.0)] for i in range(12)}
+    now = time.monotonic()
+    assert not choice._failed_for(12, now, choice._patience())
+    alone = chooser(16, holders[0], hub)
+    alone.requests = {i: [request(holders[0], 25.0)] for i in range(4)}
+    assert holders[0].source.name in alone._failed_for(12, now, alone._patience())
+
+
 def following(chooser_: ChunkChooser, stood_still: float) -> None:
     """``chooser_`` pulls in a swarm as a follower; the claims on the file last moved ``stood_still`` s ago."""
     from modeldepot.transfer.swarm import SwarmFile

@@ -94,13 +94,37 @@ def test_a_hub_no_faster_than_the_peers_keeps_out_for_a_while_for_every_file(clo
     assert other._judge_peers(clock.now + pace_module.OWN_LINK_MEMORY + 1) == "try"
 
 
+def received_at(job: _FileJob, start: float, rates: list[float]) -> None:
+    """``job``'s looks at what the process received: one a second from ``start``, at each second's rate."""
+    total = 0
+    job.received.append((start, total))
+    for second, rate in enumerate(rates, 1):
+        total += int(rate)
+        job.received.append((start + second, total))
+
+
 def test_a_hub_that_lands_its_trial_far_faster_lets_it_in(clock: Clock) -> None:
     job, _ = job_with_a_slow_holder(clock)
+    received_at(job, clock.now - 4, [1 << 20] * 4 + [5 << 20])  # (1 MiB/s before the trial, 5 during)
     job.trial_at = clock.now
-    clock.now += 0.5
-    job.paces.append((clock.now, True, CHUNK, 0.4))  # 4 MiB in 0.4 s: no need to wait PACE_MIN
+    clock.now += 1.0
+    job.paces.append((clock.now, True, CHUNK, 0.9))  # 4 MiB in 0.9 s: no need to wait PACE_MIN
     assert job._judge_peers(clock.now) == "slow"
     assert job.trial_at is None and job.limits.link_bound_at is None
+
+
+def test_a_hub_that_takes_a_share_of_a_full_link_adds_nothing(clock: Clock) -> None:
+    """On a shaped link the peers fill, a new request's first seconds took twice its share: the Hub's pace
+    per request was twice a holder's, and healthy holders were judged slow (the fleet benchmark's late node,
+    20 Mbit among three holders: the Hub sent 0.57 times the model). The process receives no more than it
+    did before the trial: the Hub is no faster here."""
+    job, _ = job_with_a_slow_holder(clock)
+    received_at(job, clock.now - 4, [1 << 20] * 8)  # (1 MiB/s before and during)
+    job.trial_at = clock.now
+    clock.now += 4.0
+    job.paces.append((clock.now, True, CHUNK, 3.5))  # 4 MiB in 3.5 s: twenty times the holder's pace
+    assert job._judge_peers(clock.now) == "fine"
+    assert job.trial_at is None and job.limits.link_bound_at == clock.now
 
 
 def test_a_trial_the_hub_can_take_no_chunk_for_ends_without_a_verdict(clock: Clock) -> None:

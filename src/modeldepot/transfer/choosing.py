@@ -206,9 +206,12 @@ class ChunkChooser:
                     patience = max(patience, 2 * (now - request.started))
                 elif peers_in_flight and not request.landing and request.source.source.name not in without:
                     peer_ages.append(now - request.started)
-        if self.peer_times:
+        if self.peer_times or peer_ages:
             # The typical peer chunk, the requests in flight counted at their age so far: when every peer
-            # is slow (a busy fleet), none is "stuck"; one that stalls while the others answer is.
+            # is slow (a busy fleet, or this node's own narrow link), none is "stuck"; one that stalls while
+            # the others answer is. Before any peer chunk lands too: a node on 20 Mbit, asking three holders
+            # for twelve 16 MiB chunks at once (80 s each), judged them all stuck at 20 s and had the Hub
+            # send a quarter of the model (the fleet benchmark's late node)
             patience = max(patience, ENDGAME_FACTOR * statistics.median([*self.peer_times, *peer_ages]))
         return patience
 

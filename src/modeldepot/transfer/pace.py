@@ -21,6 +21,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Literal
 
+from modeldepot.counters import PULLS
 from modeldepot.errors import UpstreamTimeoutError
 from modeldepot.hashing import chunk_span
 from modeldepot.store.partials import ResumablePartial
@@ -46,6 +47,11 @@ SLOW_LEFT = 5.0  # ... and only while more is left than the slow pace would brin
 # Hub sent any of it lately): below, the node's own link binds, and the Hub would bring no more
 HUB_FASTER = 2.0
 PACES_KEPT = 256  # chunks received whose pace is kept, at most (a window's worth, and more)
+# ... and, for a Hub on trial, only when this process receives at least this many times what it did before the
+# trial: a Hub that only takes a share of a narrow link brings nothing (a new request's first seconds on a
+# shaped link took twice its share, and healthy holders were judged slow: the fleet benchmark's late node)
+TRIAL_GAIN = 1.25
+RECEIVED_KEPT = 240  # looks at what this process received, at most (two minutes' worth)
 # Seconds after its own link was found to bind (its claims given up, or the Hub tried and found no faster)
 # that a node judges no peer slow
 OWN_LINK_MEMORY = 60.0
@@ -78,6 +84,8 @@ class PaceWatch(ChunkChooser):
         self.trial_at: float | None = None  # when the Hub was let in for the peers' chunks, to be judged
         self.trial_moved = 0.0  # when a request of the Hub's on trial was last seen in flight
         self.no_trial_until = 0.0  # (a trial that could take no chunk: not again before then)
+        # What this process had received from every source of every pull at each look: (when, bytes)
+        self.received: collections.deque[tuple[float, int]] = collections.deque(maxlen=RECEIVED_KEPT)
 
     async def _start(self, sources: list[FileSource]) -> None:
         raise NotImplementedError
@@ -105,6 +113,7 @@ class PaceWatch(ChunkChooser):
                 now = time.monotonic()
                 if self._stood_still("pace", now):
                     continue
+                self.received.append((now, received_so_far()))
                 verdict = self._judge_peers(now)
                 if verdict == "try":
                     await self._try_hub(now)
@@ -191,6 +200,7 @@ class PaceWatch(ChunkChooser):
             self.peer_started = now if self.peer_started is not None else None
             self.peer_landed.clear()
             self.paces.clear()  # (the requests' times spanned the stop too)
+            self.received.clear()
             self._end_trial(stop=True)
         return now < self.judge_from
 
@@ -281,13 +291,29 @@ class PaceWatch(ChunkChooser):
             return "fine"
         faster = hub_rate >= HUB_FASTER * peer_rate if peers[1] else True
         if self.trial_at is not None:
+            gain = self._gain(now, self.trial_at)
+            faster = faster and gain >= TRIAL_GAIN
             if not faster:
                 self.limits.link_bound_at = now
-                log.info("%s: the upstream sends no faster than the other nodes here (%s/s a request, theirs "
-                         "%s/s): this node's own link binds, they are not slow", self.remote.path,
-                         mib(int(hub_rate)), mib(int(peer_rate)))  # fmt: skip
+                log.info("%s: the upstream sends no faster than the other nodes here (%s/s a request, theirs %s/s; "
+                         "this process receives %.2f times what it did before): this node's own link binds, they "
+                         "are not slow", self.remote.path, mib(int(hub_rate)), mib(int(peer_rate)), gain)  # fmt: skip
             self._end_trial(stop=not faster)
         return "slow" if faster else "fine"
+
+    def _gain(self, now: float, since: float) -> float:
+        """How many times what this process received before ``since`` (over as long as since, PACE_MIN at
+        least) it receives since: bytes a second from every source, every pull. A Hub that adds to what the
+        peers send raises it; one that takes a share of a link the peers fill does not. (inf: nothing came
+        before; 0: too few looks to say.)"""
+        span = max(PACE_MIN, now - since)
+        before = [(t, n) for t, n in self.received if since - span - PACE_TICK <= t <= since]
+        during = [(t, n) for t, n in self.received if t >= since]
+        if len(before) < 2 or len(during) < 2:
+            return 0.0
+        rate_before = (before[-1][1] - before[0][1]) / max(before[-1][0] - before[0][0], 1e-6)
+        rate_during = (during[-1][1] - during[0][1]) / max(during[-1][0] - during[0][0], 1e-6)
+        return rate_during / rate_before if rate_before > 0 else float("inf")
 
     def _hub_in_flight(self) -> bool:
         return any(r.source.kind == "hub" for reqs in self.requests.values() for r in reqs)
@@ -308,6 +334,12 @@ class PaceWatch(ChunkChooser):
                 pace[0] += max(0, request.receiving.count - request.receiving.in_place)
                 pace[1] += max(0.0, now - request.started)
         return (int(hub[0]), hub[1]), (int(peers[0]), peers[1])
+
+
+def received_so_far() -> int:
+    """The bytes this process's pulls have received over the network so far, from every source."""
+    counts = PULLS.snapshot().bytes_by_source
+    return sum(n for kind, n in counts.items() if kind != "local")
 
 
 def on_the_wire(request: ChunkRequest) -> bool:
