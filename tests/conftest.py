@@ -33,6 +33,17 @@ if TYPE_CHECKING:
 SMALL_CHUNK = 64 * 1024  # the smallest chunk size a store accepts: tests get many chunks from small files
 
 
+class MovedClock:
+    """A module's monotonic clock (``monkeypatch.setattr(module, "time", clock)``), moved by the test: the
+    rules it drives are about seconds of silence or pace."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
 def _load_netutil() -> ModuleType:
     """benchmarks/netutil.py, loaded by path: the one copy of the port and waiting helpers. The benchmarks
     run as scripts and cannot import this conftest (pytest, fixtures); loading their stdlib-only module

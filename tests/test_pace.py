@@ -10,6 +10,7 @@ import types
 
 import pytest
 
+from conftest import MovedClock as Clock
 from modeldepot.transfer import pace as pace_module
 from modeldepot.transfer.choosing import ChunkRequest
 from modeldepot.transfer.download import FileSource, Limits, _FileJob
@@ -19,14 +20,6 @@ from modeldepot.transfer.sources import HttpSource
 CHUNK = 4 << 20
 SIZE = 8 * CHUNK
 RATE = 1 << 20  # the fixed rate: peers below 1 MiB/s all together are slow
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -54,7 +47,19 @@ def job_with_a_slow_holder(clock: Clock, limits: Limits | None = None) -> tuple[
     job.live, job.have = [peer, HUB], {peer: None, HUB: None}
     job.requests = {0: [on_the_wire(peer, clock.now - 20.0, 1 << 20)]}
     job.peer_started = clock.now - 20.0
+    looks(job, clock.now - 20.0, clock.now, 50 << 10)  # (what the process received meanwhile: the holder's)
     return job, peer
+
+
+def looks(job: _FileJob, start: float, end: float, rate: float) -> None:
+    """``job``'s looks at what the process received, one a second from ``start`` to ``end``, at ``rate``
+    bytes a second from then (after what earlier looks saw)."""
+    when, total = (start, 0) if not job.received else job.received[-1]
+    if not job.received:
+        job.received.append((when, total))
+    while when + 1 <= end:
+        when, total = when + 1, total + int(rate)
+        job.received.append((when, total))
 
 
 def on_the_wire(source: FileSource, began: float, received: int) -> ChunkRequest:
@@ -86,6 +91,7 @@ def test_a_hub_no_faster_than_the_peers_keeps_out_for_a_while_for_every_file(clo
     job.requests[1] = [on_the_wire(HUB, clock.now, int(pace_module.PACE_MIN * (50 << 10)))]
     job.requests[0] = [on_the_wire(job.live[0], clock.now - 20.0, 20 * (50 << 10))]
     clock.now += pace_module.PACE_MIN
+    looks(job, 0, clock.now, 50 << 10)  # (as much as before the trial)
     assert job._judge_peers(clock.now) == "fine"
     assert job.trial_at is None and job.limits.link_bound_at == clock.now
     # Another file of the transfer does not try the Hub again: not within OWN_LINK_MEMORY
@@ -94,20 +100,11 @@ def test_a_hub_no_faster_than_the_peers_keeps_out_for_a_while_for_every_file(clo
     assert other._judge_peers(clock.now + pace_module.OWN_LINK_MEMORY + 1) == "try"
 
 
-def received_at(job: _FileJob, start: float, rates: list[float]) -> None:
-    """``job``'s looks at what the process received: one a second from ``start``, at each second's rate."""
-    total = 0
-    job.received.append((start, total))
-    for second, rate in enumerate(rates, 1):
-        total += int(rate)
-        job.received.append((start + second, total))
-
-
 def test_a_hub_that_lands_its_trial_far_faster_lets_it_in(clock: Clock) -> None:
     job, _ = job_with_a_slow_holder(clock)
-    received_at(job, clock.now - 4, [1 << 20] * 4 + [5 << 20])  # (1 MiB/s before the trial, 5 during)
     job.trial_at = clock.now
     clock.now += 1.0
+    looks(job, 0, clock.now, 5 << 20)  # (a hundred times what came before the trial)
     job.paces.append((clock.now, True, CHUNK, 0.9))  # 4 MiB in 0.9 s: no need to wait PACE_MIN
     assert job._judge_peers(clock.now) == "slow"
     assert job.trial_at is None and job.limits.link_bound_at is None
@@ -119,9 +116,9 @@ def test_a_hub_that_takes_a_share_of_a_full_link_adds_nothing(clock: Clock) -> N
     20 Mbit among three holders: the Hub sent 0.57 times the model). The process receives no more than it
     did before the trial: the Hub is no faster here."""
     job, _ = job_with_a_slow_holder(clock)
-    received_at(job, clock.now - 4, [1 << 20] * 8)  # (1 MiB/s before and during)
     job.trial_at = clock.now
     clock.now += 4.0
+    looks(job, 0, clock.now, 50 << 10)  # (as much as before the trial)
     job.paces.append((clock.now, True, CHUNK, 3.5))  # 4 MiB in 3.5 s: twenty times the holder's pace
     assert job._judge_peers(clock.now) == "fine"
     assert job.trial_at is None and job.limits.link_bound_at == clock.now
@@ -183,6 +180,7 @@ def test_a_hub_found_no_faster_has_its_trial_stopped(clock: Clock) -> None:
         job.requests[1] = [trial]
         job.requests[0] = [on_the_wire(peer, clock.now - 20.0, 20 * (50 << 10))]
         clock.now += pace_module.PACE_MIN
+        looks(job, 0, clock.now, 50 << 10)  # (as much as before the trial)
         assert job._judge_peers(clock.now) == "fine"
         assert trial.task is not None and trial.task.cancelled()
         assert not job.requests[0][0].trial
@@ -243,3 +241,73 @@ def test_in_a_swarm_the_hub_on_trial_may_take_one_chunk_a_holder_holds(clock: Cl
     assert job._may_take(HUB, 3, clock.now)
     job.requests[2] = [on_the_wire(HUB, clock.now, 0)]
     assert not job._may_take(HUB, 3, clock.now)  # (one request of the Hub's at a time)
+
+
+def test_after_a_stop_the_hub_is_tried_only_once_what_came_before_is_known(clock: Clock) -> None:
+    """The process stood still: what it received is looked at afresh. A trial begun with no look before it
+    had no gain to measure, and a Hub ten times faster was judged "no faster" (a review): none begins until
+    the looks span PACE_MIN, and a trial whose gain cannot be measured goes on."""
+    job, _ = job_with_a_slow_holder(clock)
+    job.received.clear()
+    looks(job, clock.now, clock.now, 50 << 10)  # (one look)
+    assert job._judge_peers(clock.now) == "fine"
+    looks(job, 0, clock.now + pace_module.PACE_MIN + 1, 50 << 10)
+    clock.now += pace_module.PACE_MIN + 1
+    assert job._judge_peers(clock.now) == "try"
+    job.received.clear()
+    job.trial_at = clock.now
+    job.requests[1] = [on_the_wire(HUB, clock.now, 0)]
+    clock.now += pace_module.PACE_MIN
+    job.requests[1] = [on_the_wire(HUB, clock.now - pace_module.PACE_MIN, 10 << 20)]
+    assert job._gain(clock.now, job.trial_at) is None
+    assert job._judge_peers(clock.now) == "fine" and job.trial_at is not None  # (no verdict: it goes on)
+
+
+def test_a_file_that_ends_on_trial_lets_the_others_try(clock: Clock) -> None:
+    job, _ = job_with_a_slow_holder(clock)
+    asyncio.run(job._try_hub(clock.now))
+    job.partial.done = dict.fromkeys(range(job.partial.chunks), "x")  # (its last chunk landed)
+    asyncio.run(job._watch_pace())
+    assert job.limits.trial_by is None and job.trial_at is None
+
+
+def test_outside_a_swarm_the_gap_filler_on_trial_takes_one_held_chunk_at_a_time(clock: Clock) -> None:
+    job, _ = job_with_a_slow_holder(clock)
+    job.gaps_only = True
+    assert not job._may_take(HUB, 3, clock.now)
+    job.hub_on_trial = True
+    assert job._may_take(HUB, 3, clock.now)
+    job.requests[2] = [on_the_wire(HUB, clock.now, 0)]
+    assert not job._may_take(HUB, 3, clock.now)
+
+
+def test_in_a_swarm_a_trial_stops_only_its_requests_on_the_wire_whose_chunk_is_not_being_written(
+    clock: Clock,
+) -> None:
+    """A request still claiming, stopped, left its claim standing in the registry; one whose chunk's other
+    copy is being written had its claim withdrawn, and the chunk was never settled (a review)."""
+
+    async def main() -> None:
+        job, peer = job_with_a_slow_holder(clock)
+        withdrawn: list[set[int]] = []
+
+        async def withdraw(chunks: set[int]) -> None:
+            withdrawn.append(set(chunks))
+
+        job.swarm = types.SimpleNamespace(withdraw=withdraw, gave_up_at=None)  # type: ignore[assignment]
+        loop = asyncio.get_running_loop()
+        requests = {}
+        for index, wire in ((1, True), (2, True), (3, False)):
+            request = on_the_wire(HUB, clock.now, 1 << 10) if wire else ChunkRequest(HUB, clock.now)
+            request.trial, request.task = True, loop.create_future()  # type: ignore[assignment]
+            requests[index] = request
+        landing = on_the_wire(peer, clock.now - 5, CHUNK)
+        landing.landing = True
+        job.requests.update({1: [requests[1], landing], 2: [requests[2]], 3: [requests[3]]})
+        job.trial_at = clock.now
+        job._end_trial(stop=True)
+        await asyncio.sleep(0)
+        assert [index for index, r in requests.items() if r.task is not None and r.task.cancelled()] == [2]
+        assert withdrawn == [{2}]
+
+    asyncio.run(main())

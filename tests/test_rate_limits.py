@@ -513,3 +513,18 @@ def test_a_pull_outside_the_swarm_leaves_to_the_fleet_the_chunks_its_nodes_claim
             holder.stop()
     sources = pulled[0].bytes_by_source  # type: ignore[attr-defined]
     assert sources == {"peer": 2 * MiB, "hub": 2 * MiB}, sources
+
+
+def test_under_a_download_cap_peers_below_half_of_it_are_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a cap within twice MODELDEPOT_SLOW_PEER_RATE no peer was ever slow (the cap is what is slow):
+    holders that trickled held such a pull for ever (a review). Peers below half the cap are; a trial of the
+    Hub then tells whether it adds to what they send or only shares the cap (transfer/pace.py)."""
+    from modeldepot.upstream import Upstream
+
+    for cap, slow in (("10MiB/s", 5 * MiB), ("1GiB/s", 8 * MiB), ("off", 8 * MiB)):
+        monkeypatch.setenv("MODELDEPOT_MAX_DOWNLOAD_RATE", cap)
+        with Depot(tmp_path / "store") as depot:
+            upstream: Upstream = depot._upstream
+            assert upstream.limits().slow_peer_rate == slow, cap

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from conftest import MovedClock as Clock
 from etcdserver import EtcdServer
 from fleetnodes import Fleet
 from modeldepot.discovery.base import NodeRecord
@@ -52,16 +53,6 @@ def node(name: str) -> NodeRecord:
 def as_source(record: NodeRecord, holding: object) -> FileSource:
     source = HttpSource(record.url, "peer")
     return FileSource(source, f"{record.url}/api/depot/v1/blobs/{SHA}", origin="peer", chunks_url="x")
-
-
-class Clock:
-    """swarm.py's monotonic clock, moved by the test (the rules are about seconds of silence)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -738,6 +729,7 @@ def test_a_node_that_gave_its_claims_up_does_not_judge_its_peers_slow(clock: Clo
                 received=1 << 16, began=now - 20.0
             )  # (on the wire)
             job.peer_started = now - 20.0
+            job.received.extend([(now - 20.0, 0), (now, 1 << 20)])  # (what the process received meanwhile)
             # Nothing landed from it in 20 s: slow by the fixed rate, and the Hub is tried (it sends nothing)
             assert job._judge_peers(now) == "try"
             swarm.gave_up_at = now - 5.0

@@ -97,8 +97,9 @@ class Upstream:
 
         config = self._config()
         slow, cap = config.slow_peer_rate, config.max_download_rate
-        # (under a download cap near that pace, the cap is what is slow: the upstream would not help)
-        slow = slow if cap is None or cap >= 2 * slow else 0
+        # (under a download cap near that pace, the cap is what is slow: only peers below half of it are; a
+        # trial of the Hub tells whether it adds to what they send, or only shares the cap: transfer/pace.py)
+        slow = slow if cap is None else min(slow, cap // 2)
         return Limits(per_source=config.connections_per_source, total=config.connections, slow_peer_rate=slow)
 
     # -- the fleet ----------------------------------------------------------------------------------------

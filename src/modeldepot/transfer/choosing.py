@@ -248,6 +248,9 @@ class ChunkChooser:
         # three times it, and its followers waited 20 s for the Hub, until it was judged stuck (a fleet test)
         return not self.swarm.may_claim_fresh(self._patience(peers_in_flight=False))
 
+    def _held_by_peers(self, index: int) -> bool:
+        return any(s.kind != "hub" and self._holds(s, index) for s in self.live)
+
     def _trial_open(self) -> bool:
         """Whether the Hub, on trial, may take a chunk the peers hold now: none of its requests is in flight
         (its trial is one request at a time: it measures the Hub's pace, it does not race the peers)."""

@@ -64,7 +64,7 @@ from modeldepot.transfer.choosing import (
     FileSource,
 )
 from modeldepot.transfer.notices import say_now_and_then
-from modeldepot.transfer.pace import PaceWatch
+from modeldepot.transfer.pace import PaceWatch, on_the_wire
 from modeldepot.transfer.sources import ChunkUnavailableError, HttpSource, RangeIgnoredError
 from modeldepot.transfer.threads import to_thread_to_the_end
 
@@ -456,9 +456,9 @@ class _FileJob(PaceWatch):
                     wake = SWARM_IDLE if wake is None else min(wake, SWARM_IDLE)
                 await self._idle(source, changed, wake)
                 continue
-            request = ChunkRequest(
-                source, time.monotonic(), trial=source.kind == "hub" and self.trial_at is not None
-            )
+            # (the Hub's, of a chunk a peer holds, while it is on trial: stopped if it is found no faster)
+            trial = source.kind == "hub" and self.trial_at is not None and self._held_by_peers(index)
+            request = ChunkRequest(source, time.monotonic(), trial=trial)
             if self.swarm is not None:
                 request.under = self.swarm.claim_revision(index)
             self.requests.setdefault(index, []).append(request)
@@ -585,9 +585,18 @@ class _FileJob(PaceWatch):
     def _stop_requests(self, requests: list[tuple[int, ChunkRequest]]) -> None:
         stopped = set()
         for index, request in requests:
-            if request.task is not None and not request.task.done() and not request.landing:
-                request.task.cancel()  # (its part is kept: _fetch_chunk)
-                stopped.add(index)
+            if request.task is None or request.task.done() or request.landing:
+                continue
+            # In a swarm, only a request on the wire (claimed: stopped while it claims, its claim would be
+            # made and stand), and not while another copy of its chunk is being written (it settles the claim)
+            if self.swarm is not None and (
+                not on_the_wire(request)
+                or index in self.landing
+                or any(r.landing for r in self.requests.get(index, []))
+            ):
+                continue
+            request.task.cancel()  # (its part is kept, when it was the chunk's one request: _fetch_chunk)
+            stopped.add(index)
         if stopped and self.swarm is not None:
             withdrawing = self._watch(asyncio.create_task(self.swarm.withdraw(stopped)))
             self.tasks.add(withdrawing)

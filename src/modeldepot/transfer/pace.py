@@ -271,9 +271,11 @@ class PaceWatch(ChunkChooser):
         peer_rate = peers[0] / peers[1] if peers[1] else 0.0
         if self.trial_at is None:
             if not hub[1]:
-                if self._hub_in_flight() or now < self.no_trial_until or self.limits.trial_by is not None:
-                    return "fine"  # (its request waits for a slot; or it could take none lately; or another
-                    # file of the transfer is trying it)
+                if (self._hub_in_flight() or now < self.no_trial_until or self.limits.trial_by is not None
+                        or not self.received or now - self.received[0][0] < PACE_MIN + PACE_TICK):  # fmt: skip
+                    # (its request waits for a slot; or it could take none lately; or another file of the
+                    # transfer is trying it; or what the process received before is not known yet: a stop)
+                    return "fine"
                 return "try"
         # The trial goes on until the Hub's requests were on the wire PACE_MIN (a chunk that lands at once, a
         # burst, tells little), or brought what they would bring in it at twice the peers' pace; and until
@@ -289,9 +291,11 @@ class PaceWatch(ChunkChooser):
                 self._end_trial()
                 self.no_trial_until = now + window
             return "fine"
-        faster = hub_rate >= HUB_FASTER * peer_rate if peers[1] else True
+        faster = hub_rate >= HUB_FASTER * peer_rate  # (peers with no pace: faster, but never in a trial)
         if self.trial_at is not None:
             gain = self._gain(now, self.trial_at)
+            if gain is None:
+                return "fine"  # (too few looks before or since: the trial goes on)
             faster = faster and gain >= TRIAL_GAIN
             if not faster:
                 self.limits.link_bound_at = now
@@ -301,16 +305,16 @@ class PaceWatch(ChunkChooser):
             self._end_trial(stop=not faster)
         return "slow" if faster else "fine"
 
-    def _gain(self, now: float, since: float) -> float:
+    def _gain(self, now: float, since: float) -> float | None:
         """How many times what this process received before ``since`` (over as long as since, PACE_MIN at
         least) it receives since: bytes a second from every source, every pull. A Hub that adds to what the
         peers send raises it; one that takes a share of a link the peers fill does not. (inf: nothing came
-        before; 0: too few looks to say.)"""
+        before; None: too few looks to say.)"""
         span = max(PACE_MIN, now - since)
         before = [(t, n) for t, n in self.received if since - span - PACE_TICK <= t <= since]
         during = [(t, n) for t, n in self.received if t >= since]
         if len(before) < 2 or len(during) < 2:
-            return 0.0
+            return None
         rate_before = (before[-1][1] - before[0][1]) / max(before[-1][0] - before[0][0], 1e-6)
         rate_during = (during[-1][1] - during[0][1]) / max(during[-1][0] - during[0][0], 1e-6)
         return rate_during / rate_before if rate_before > 0 else float("inf")
