@@ -8,13 +8,14 @@ rest. But a node's own narrow link makes every peer look slow too, and then the 
 link: so the Hub's pace is the yardstick. While the Hub sends some of the file, its requests must bring
 ``HUB_FASTER`` times the peers' each; when it sends none (whole holders keep it from every chunk), it is
 *tried*: let in for the chunks they hold, one request at a time (one file of a transfer at a time), until
-its requests were on the wire ``PACE_MIN``. A Hub no faster here keeps out (its trial's request stopped,
-its bytes kept for the peer that sends the rest), and for ``OWN_LINK_MEMORY`` no file of the transfer
+its requests were on the wire ``PACE_MIN``. A Hub no faster here keeps out (its trial's request stopped:
+a chunk's only request keeps its bytes for the peer that sends the rest), and for ``OWN_LINK_MEMORY`` no file of the transfer
 judges its peers slow; a faster one joins.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import logging
@@ -59,7 +60,7 @@ OWN_LINK_MEMORY = 60.0
 Verdict = Literal["fine", "slow", "try"]
 
 
-class PaceWatch(ChunkChooser):
+class PaceWatch(ChunkChooser, abc.ABC):
     """A download's watch over its peers' pace and silence. :class:`~modeldepot.transfer.download` 's job
     extends it with the fetching; it sets what is measured here (``paces``, ``peer_landed``,
     ``peer_started``) as chunks come in."""
@@ -87,19 +88,22 @@ class PaceWatch(ChunkChooser):
         # What this process had received from every source of every pull at each look: (when, bytes)
         self.received: collections.deque[tuple[float, int]] = collections.deque(maxlen=RECEIVED_KEPT)
 
+    @abc.abstractmethod
     async def _start(self, sources: list[FileSource]) -> None:
-        raise NotImplementedError
+        """Sources join the download."""
 
+    @abc.abstractmethod
     def _pulse(self) -> None:
-        raise NotImplementedError
+        """Wake the workers: something changed."""
 
+    @abc.abstractmethod
     def _drop(self, source: FileSource, error: Exception) -> None:
-        raise NotImplementedError
+        """No longer ask ``source`` for this file."""
 
+    @abc.abstractmethod
     def _stop_requests(self, requests: list[tuple[int, ChunkRequest]]) -> None:
-        """Stop ``requests`` in flight (chunk, request), their parts kept (in a swarm, their claims
-        withdrawn)."""
-        raise NotImplementedError
+        """Stop ``requests`` in flight (chunk, request), their parts kept where they can be (in a swarm,
+        their claims withdrawn)."""
 
     async def _watch_pace(self) -> None:
         """Other nodes that send the file slower than ``slow_peer_rate`` all together do not hold the pull to
@@ -152,8 +156,8 @@ class PaceWatch(ChunkChooser):
 
     def _end_trial(self, stop: bool = False) -> None:
         """The trial is over (judged, or given up): the Hub takes no more of the peers' chunks for it. ``stop``:
-        its requests in flight are stopped too, their parts kept (the Hub was no faster, or what it measured
-        spanned a stop of this process)."""
+        its requests in flight are stopped too, their parts kept where they can be (the Hub was no faster, or
+        what it measured spanned a stop of this process)."""
         if self.trial_at is None:
             return
         self.trial_at, self.hub_on_trial = None, False
