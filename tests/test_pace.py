@@ -311,3 +311,18 @@ def test_in_a_swarm_a_trial_stops_only_its_requests_on_the_wire_whose_chunk_is_n
         assert withdrawn == [{2}]
 
     asyncio.run(main())
+
+
+def test_a_trial_is_judged_by_what_its_transfer_receives(clock: Clock) -> None:
+    """Every file's requests, in flight and ended, and the files that ended: not the process's counters, which
+    a serve process's other pulls shift (a review)."""
+    job, _ = job_with_a_slow_holder(clock)
+    other, _ = job_with_a_slow_holder(clock, job.limits)
+    job.limits.files.update({job, other})
+    assert job.limits.received() == 2 * (1 << 20)  # (each one's request in flight: 1 MiB in)
+    job.ended_bytes += CHUNK  # (a chunk of it landed)
+    job.limits.files.discard(other)
+    job.limits.files_ended_bytes += other.bytes_received()
+    assert job.limits.received() == CHUNK + 2 * (1 << 20)
+    job.requests[0][0].receiving.in_place = 1 << 19  # (half of it an earlier pull's part: not received)
+    assert job.limits.received() == CHUNK + (1 << 20) + (1 << 19)

@@ -115,12 +115,18 @@ class Limits:
     # When a file of this transfer found the Hub no faster than the other nodes: this node's own link binds,
     # and its other files need not try the Hub again for a while (transfer/pace.py)
     link_bound_at: float | None = field(default=None, init=False, repr=False)
-    trial_by: object | None = field(
-        default=None, init=False, repr=False
-    )  # the file trying the Hub now, if any
+    trial_by: object | None = field(default=None, init=False, repr=False)  # the file trying the Hub now
+    # The transfer's files downloading now, and what those that ended received: what it receives over the
+    # network, every file from every source (a trial of the Hub is judged by it: transfer/pace.py)
+    files: set[PaceWatch] = field(default_factory=set, init=False, repr=False)
+    files_ended_bytes: int = field(default=0, init=False, repr=False)
     _buffers: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
     _spare: list[bytearray] = field(default_factory=list, init=False, repr=False)  # buffers to reuse
     _sources: dict[str, asyncio.Semaphore] = field(default_factory=dict, init=False, repr=False)
+
+    def received(self) -> int:
+        """What the transfer received over the network so far, every file from every source."""
+        return self.files_ended_bytes + sum(job.bytes_received() for job in self.files)
 
     def buffer_slot(self) -> asyncio.Semaphore:
         if self._buffers is None:
@@ -264,6 +270,7 @@ class _FileJob(PaceWatch):
 
     async def run(self, sources: list[FileSource]) -> BlobDigest:
         self._loop = asyncio.get_running_loop()
+        self.limits.files.add(self)
         crashed = self.crashed = self._loop.create_future()
         self.partial.on_wanted = self._wanted_soon
         hasher = asyncio.create_task(self._hash_in_order())
@@ -303,6 +310,8 @@ class _FileJob(PaceWatch):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.limits.files.discard(self)
+            self.limits.files_ended_bytes += self.bytes_received()
             if crashed.done():
                 crashed.exception()  # retrieved: raised above, or a second failure while cancelling
         try:
@@ -472,6 +481,7 @@ class _FileJob(PaceWatch):
                 requests = self.requests.get(index, [])
                 if request in requests:
                     requests.remove(request)
+                    self.ended_bytes += max(0, request.receiving.count - request.receiving.in_place)
                 if not requests:
                     self.requests.pop(index, None)
                 self._pulse()

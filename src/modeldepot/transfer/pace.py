@@ -22,7 +22,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Literal
 
-from modeldepot.counters import PULLS
 from modeldepot.errors import UpstreamTimeoutError
 from modeldepot.hashing import chunk_span
 from modeldepot.store.partials import ResumablePartial
@@ -48,11 +47,11 @@ SLOW_LEFT = 5.0  # ... and only while more is left than the slow pace would brin
 # Hub sent any of it lately): below, the node's own link binds, and the Hub would bring no more
 HUB_FASTER = 2.0
 PACES_KEPT = 256  # chunks received whose pace is kept, at most (a window's worth, and more)
-# ... and, for a Hub on trial, only when this process receives at least this many times what it did before the
+# ... and, for a Hub on trial, only when the transfer receives at least this many times what it did before the
 # trial: a Hub that only takes a share of a narrow link brings nothing (a new request's first seconds on a
 # shaped link took twice its share, and healthy holders were judged slow: the fleet benchmark's late node)
 TRIAL_GAIN = 1.25
-RECEIVED_KEPT = 240  # looks at what this process received, at most (two minutes' worth)
+RECEIVED_KEPT = 240  # looks at what the transfer received, at most (two minutes' worth)
 # Seconds after its own link was found to bind (its claims given up, or the Hub tried and found no faster)
 # that a node judges no peer slow
 OWN_LINK_MEMORY = 60.0
@@ -85,8 +84,14 @@ class PaceWatch(ChunkChooser, abc.ABC):
         self.trial_at: float | None = None  # when the Hub was let in for the peers' chunks, to be judged
         self.trial_moved = 0.0  # when a request of the Hub's on trial was last seen in flight
         self.no_trial_until = 0.0  # (a trial that could take no chunk: not again before then)
-        # What this process had received from every source of every pull at each look: (when, bytes)
+        self.ended_bytes = 0  # what its requests that ended (landed or not) received over the network
+        # What the transfer had received, every file from every source, at each look: (when, bytes)
         self.received: collections.deque[tuple[float, int]] = collections.deque(maxlen=RECEIVED_KEPT)
+
+    def bytes_received(self) -> int:
+        """What this file's requests received over the network so far, from every source."""
+        in_flight = (r.receiving for requests in self.requests.values() for r in requests)
+        return self.ended_bytes + sum(max(0, got.count - got.in_place) for got in in_flight)
 
     @abc.abstractmethod
     async def _start(self, sources: list[FileSource]) -> None:
@@ -117,7 +122,7 @@ class PaceWatch(ChunkChooser, abc.ABC):
                 now = time.monotonic()
                 if self._stood_still("pace", now):
                     continue
-                self.received.append((now, received_so_far()))
+                self.received.append((now, self.limits.received()))
                 verdict = self._judge_peers(now)
                 if verdict == "try":
                     await self._try_hub(now)
@@ -278,7 +283,7 @@ class PaceWatch(ChunkChooser, abc.ABC):
                 if (self._hub_in_flight() or now < self.no_trial_until or self.limits.trial_by is not None
                         or not self.received or now - self.received[0][0] < PACE_MIN + PACE_TICK):  # fmt: skip
                     # (its request waits for a slot; or it could take none lately; or another file of the
-                    # transfer is trying it; or what the process received before is not known yet: a stop)
+                    # transfer is trying it; or what the transfer received before is not known yet: a stop)
                     return "fine"
                 return "try"
         # The trial goes on until the Hub's requests were on the wire PACE_MIN (a chunk that lands at once, a
@@ -304,14 +309,14 @@ class PaceWatch(ChunkChooser, abc.ABC):
             if not faster:
                 self.limits.link_bound_at = now
                 log.info("%s: the upstream sends no faster than the other nodes here (%s/s a request, theirs %s/s; "
-                         "this process receives %.2f times what it did before): this node's own link binds, they "
+                         "the transfer receives %.2f times what it did before): this node's own link binds, they "
                          "are not slow", self.remote.path, mib(int(hub_rate)), mib(int(peer_rate)), gain)  # fmt: skip
             self._end_trial(stop=not faster)
         return "slow" if faster else "fine"
 
     def _gain(self, now: float, since: float) -> float | None:
-        """How many times what this process received before ``since`` (over as long as since, PACE_MIN at
-        least) it receives since: bytes a second from every source, every pull. A Hub that adds to what the
+        """How many times what the transfer received before ``since`` (over as long as since, PACE_MIN at
+        least) it receives since: bytes a second from every source, every file. A Hub that adds to what the
         peers send raises it; one that takes a share of a link the peers fill does not. (inf: nothing came
         before; None: too few looks to say.)"""
         span = max(PACE_MIN, now - since)
@@ -342,12 +347,6 @@ class PaceWatch(ChunkChooser, abc.ABC):
                 pace[0] += max(0, request.receiving.count - request.receiving.in_place)
                 pace[1] += max(0.0, now - request.started)
         return (int(hub[0]), hub[1]), (int(peers[0]), peers[1])
-
-
-def received_so_far() -> int:
-    """The bytes this process's pulls have received over the network so far, from every source."""
-    counts = PULLS.snapshot().bytes_by_source
-    return sum(n for kind, n in counts.items() if kind != "local")
 
 
 def on_the_wire(request: ChunkRequest) -> bool:
