@@ -326,3 +326,28 @@ def test_a_trial_is_judged_by_what_its_transfer_receives(clock: Clock) -> None:
     assert job.limits.received() == CHUNK + 2 * (1 << 20)
     job.requests[0][0].receiving.in_place = 1 << 19  # (half of it an earlier pull's part: not received)
     assert job.limits.received() == CHUNK + (1 << 20) + (1 << 19)
+
+
+def test_a_hub_copy_cancelled_before_it_lands_counts_in_its_trial(clock: Clock) -> None:
+    """The Hub's endgame copy lost to the peer's (cancelled, unlanded): its time on the wire still counts, so
+    the trial ends with a verdict at PACE_MIN on the wire, where it ran on past it (a review)."""
+    job, _ = job_with_a_slow_holder(clock)
+    job.trial_at = clock.now
+    cancelled = on_the_wire(HUB, clock.now, 2 * (50 << 10))  # 2 s at the holder's pace
+    clock.now += 2.0
+    job._request_ended(cancelled)
+    assert job.ended_bytes == 2 * (50 << 10)
+    job.requests[1] = [on_the_wire(HUB, clock.now, 50 << 10)]
+    clock.now += 1.0
+    looks(job, 0, clock.now, 50 << 10)  # (as much as before the trial)
+    assert job._judge_peers(clock.now) == "fine"
+    assert job.trial_at is None and job.limits.link_bound_at == clock.now
+
+
+def test_a_hub_request_that_never_went_on_the_wire_adds_no_time_to_its_trial(clock: Clock) -> None:
+    job, _ = job_with_a_slow_holder(clock)
+    job.trial_at = clock.now
+    waited = ChunkRequest(HUB, clock.now)  # (it waited for a slot, then was cancelled)
+    clock.now += 2.0
+    job._request_ended(waited)
+    assert job._paces(clock.now, job.trial_at)[0] == (0, 0.0)

@@ -481,7 +481,7 @@ class _FileJob(PaceWatch):
                 requests = self.requests.get(index, [])
                 if request in requests:
                     requests.remove(request)
-                    self.ended_bytes += max(0, request.receiving.count - request.receiving.in_place)
+                    self._request_ended(request)
                 if not requests:
                     self.requests.pop(index, None)
                 self._pulse()

@@ -93,6 +93,17 @@ class PaceWatch(ChunkChooser, abc.ABC):
         in_flight = (r.receiving for requests in self.requests.values() for r in requests)
         return self.ended_bytes + sum(max(0, got.count - got.in_place) for got in in_flight)
 
+    def _request_ended(self, request: ChunkRequest) -> None:
+        """``request`` is no longer in flight: what it received counts in :meth:`bytes_received`, and a Hub
+        request's time on the wire that ended without landing (an endgame copy the peer's beat, one stopped)
+        in its pace. Landed, it counted when it landed; left out, a trial whose copies were cancelled saw
+        its Hub's requests on the wire for less than they were, and ran past PACE_MIN (a review)."""
+        received = max(0, request.receiving.count - request.receiving.in_place)
+        self.ended_bytes += received
+        if request.source.kind == "hub" and not request.landing and on_the_wire(request):
+            now = time.monotonic()
+            self.paces.append((now, True, received, max(0.0, now - request.started)))
+
     @abc.abstractmethod
     async def _start(self, sources: list[FileSource]) -> None:
         """Sources join the download."""
