@@ -95,6 +95,58 @@ def test_a_closed_depot_reads_and_writes_nothing_and_says_so(tmp_path: Path, mod
         assert [r.repo_id for r in again.list_repos()] == [REPO]
 
 
+def test_a_closed_depot_leaves_no_thread_with_the_index_open(tmp_path: Path, model_dir: Path) -> None:
+    """Each thread that read the store kept its connection (the index and its -wal and -shm: ten descriptors
+    for a pool of four) as long as the Depot lived, closed or not. Close ends them all, a thread inside a
+    transaction waited for; one that ended before gives its connection back the next time one is made."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    def index_files_open() -> int:
+        index = str(depot.store.index.path)
+        names = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # (the listing's own descriptor, gone)
+                names.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return sum(1 for name in names if name.startswith(index))
+
+    depot = Depot(tmp_path / "store", chunk_size=SMALL_CHUNK)
+    depot.import_dir(model_dir, REPO)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: depot.list_repos(), range(16)))
+        # A thread that ended: its connection goes when the next one is made
+        alone = threading.Thread(target=depot.list_repos)
+        alone.start()
+        alone.join()
+        before = index_files_open()
+        threading.Thread(target=depot.list_repos).run()  # (this thread's own: made now)
+        assert index_files_open() <= before
+        # A transaction under way in another thread is waited for, not cut
+        inside, go_on = threading.Event(), threading.Event()
+
+        def write_slowly() -> None:
+            with depot.store.index.write("a slow write") as con:
+                inside.set()
+                go_on.wait(10)
+                con.execute("INSERT OR REPLACE INTO settings (key, value) VALUES ('slow', 'written')")
+
+        writing = pool.submit(write_slowly)
+        assert inside.wait(10)
+        closing = threading.Thread(target=depot.close)
+        closing.start()
+        closing.join(0.5)
+        assert closing.is_alive()  # (it waits for the transaction)
+        go_on.set()
+        closing.join(10)
+        writing.result(10)
+        assert not closing.is_alive()
+        assert index_files_open() == 0
+        with pytest.raises(StoreClosedError):
+            pool.submit(depot.list_repos).result(10)
+    with Depot(tmp_path / "store") as again:
+        assert again.store.index.setting("slow") == "written"
+
+
 def test_map_file_releases_the_mapping_and_refuses_while_a_slice_is_held(
     depot: Depot, model_dir: Path
 ) -> None:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import ParamSpec, Protocol, TypeVar
 
 P = ParamSpec("P")
@@ -77,7 +78,8 @@ class ForkSafeExecutor(Executor):
 
 class ForkGate:
     """Counts the threads inside index transactions; a fork waits until there are none (those of the
-    forking thread itself aside: it cannot wait for itself) and holds new ones back until it is done."""
+    forking thread itself aside: it cannot wait for itself) and holds new ones back until it is done. So does
+    an index's close (:meth:`alone`), which closes the other threads' connections."""
 
     def __init__(self) -> None:
         self._reset()
@@ -120,6 +122,16 @@ class ForkGate:
             self._forking -= 1
             if not self._forking:
                 self._changed.notify_all()
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        """No other thread inside an index transaction while in the block (they are waited for, and held
+        back until it ends)."""
+        self.before_fork()
+        try:
+            yield
+        finally:
+            self.after_fork_in_parent()
 
     def after_fork_in_child(self) -> None:
         depth = getattr(self._mine, "depth", 0)  # (the forking thread's: the only one the child has)

@@ -467,6 +467,12 @@ class Index:
         self._wrote = False  # a transaction of this process committed (its close then merges the log)
         self.reserve = SpaceReserve(path.parent / "reserve", path)
         self._local = threading.local()
+        # Every thread's connection, by thread (with the process that made it), so that close() closes them
+        # all: a pool's threads kept theirs open, with the index's three files, as long as the Index lived (a
+        # closed Depot still referenced held ten descriptors). Made with check_same_thread=False for that:
+        # each is still used by its own thread alone (``_local``), and closed by another only when its
+        # thread ended or is outside the index (INDEX_GATE held exclusively)
+        self._opened: dict[threading.Thread, tuple[int, sqlite3.Connection]] = {}
         self.closed = False
         if read_only:
             self._check_read_only()
@@ -505,10 +511,23 @@ class Index:
             # A connection inherited across fork() is never used, not even to close it.
             key = immutable_key(self.path) if self.read_only else None  # (before: a change after is seen)
             con = self._connect(key)
+            self._remember(con)
             self._local.con = con
             self._local.pid = pid
             self._local.immutable = key
         return con
+
+    def _remember(self, con: sqlite3.Connection) -> None:
+        """Record ``con`` as this thread's connection, and close those of threads that ended (their
+        thread-locals went, but a connection lives on while anything refers to it)."""
+        pid, me = os.getpid(), threading.current_thread()
+        for thread, (made_in, old) in self._opened.copy().items():
+            if made_in != pid:
+                self._opened.pop(thread, None)  # (the parent's, across fork(): never used, not even closed)
+            elif (thread is me or not thread.is_alive()) and self._opened.pop(thread, None) is not None:
+                with suppress(sqlite3.Error):
+                    old.close()
+        self._opened[me] = (pid, con)
 
     def _connect(self, key: tuple[int, int, int] | None = None) -> sqlite3.Connection:
         """A new connection (on a read-only store, immutable when ``key``, an :func:`immutable_key`, is
@@ -579,10 +598,10 @@ class Index:
     def _open_connection(self, key: tuple[int, int, int] | None = None) -> sqlite3.Connection:
         if self.read_only:  # (immutable exactly when ``key`` says so: the connection is kept by it)
             con = sqlite3.connect(read_only_uri(self.path, key is None), uri=True,
-                                  isolation_level=None, check_same_thread=True)  # fmt: skip
+                                  isolation_level=None, check_same_thread=False)  # fmt: skip
             con.row_factory = sqlite3.Row
             return con
-        con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=True)
+        con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
         try:
             con.row_factory = sqlite3.Row
             con.execute("PRAGMA synchronous=FULL")  # the first statement: it maps the -shm file
@@ -593,8 +612,19 @@ class Index:
         return con
 
     def close(self) -> None:
+        """Close every thread's connection to the index (this thread's last, merging the write-ahead log
+        when this process wrote). A thread inside the index is waited for; any use after is refused
+        (StoreClosedError)."""
+        self.closed = True  # (first: no thread opens a connection from now on)
+        pid, me = os.getpid(), threading.current_thread()
+        with INDEX_GATE.alone():
+            for thread, (made_in, other) in self._opened.copy().items():
+                if thread is not me and self._opened.pop(thread, None) is not None and made_in == pid:
+                    with suppress(sqlite3.Error):
+                        other.close()
+        self._opened.pop(me, None)
         con: sqlite3.Connection | None = getattr(self._local, "con", None)
-        if con is not None and getattr(self._local, "pid", None) == os.getpid():
+        if con is not None and getattr(self._local, "pid", None) == pid:
             if self._wrote:
                 # The write-ahead log merged into the index now: other threads' connections (a pull's) may
                 # stay open until the process ends without one more word (the CLI ends at once), and a store
@@ -609,7 +639,6 @@ class Index:
             with INDEX_GATE:
                 con.close()
         self._local.con = None
-        self.closed = True
         if self.reserve.released:  # closing the last connection removed the -wal and -shm files
             self.reserve.refill()
 
