@@ -17,6 +17,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import logging
 import random
@@ -44,6 +46,7 @@ __all__ = ["FLEET", "PUBLISH_INTERVAL", "HoldingsReader", "NodeFleet", "advertis
 log = logging.getLogger("modeldepot.server")
 
 PUBLISH_INTERVAL = 1.0  # seconds between looks at the store for changes to publish
+STATE_SETTLES = 0.5  # seconds a node's registration may be unsure (its keys checked) before it is said lost
 # A node's look at itself through the URL its peers are given: tries, the time each may take, the pause between
 ADVERTISED_TRIES, ADVERTISED_TIMEOUT, ADVERTISED_PAUSE = 3, 5.0, 2.0
 # Seconds between looks once it failed (it may answer later: a Service routes to a node once it is ready)
@@ -176,6 +179,7 @@ class NodeFleet:
         self._check: asyncio.Task[None] | None = None
         self._token_check: asyncio.Task[None] | None = None
         self._alone_check: asyncio.Task[None] | None = None
+        self._state_teller: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Connect and load the view (an unreachable registry is no error: the view starts empty), and let
@@ -203,6 +207,7 @@ class NodeFleet:
         )
         self._token_check = asyncio.get_running_loop().create_task(self._check_token(), name="fleet-token")
         self._alone_check = asyncio.get_running_loop().create_task(self._check_alone(), name="fleet-alone")
+        self._state_teller = asyncio.get_running_loop().create_task(self._tell_state(), name="fleet-state")
         return self.record
 
     def _note_fleet_node(self) -> None:
@@ -308,11 +313,11 @@ class NodeFleet:
 
     async def close(self) -> None:
         """Stop publishing, withdraw the record and holdings, disconnect. Idempotent."""
-        for check in (self._check, self._token_check, self._alone_check):
+        for check in (self._check, self._token_check, self._alone_check, self._state_teller):
             if check is not None:
                 check.cancel()
                 await asyncio.gather(check, return_exceptions=True)
-        self._check = self._token_check = self._alone_check = None
+        self._check = self._token_check = self._alone_check = self._state_teller = None
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -358,15 +363,30 @@ class NodeFleet:
                         log.warning("cluster %s: publishing this node's holdings failed (%s); retrying",
                                     self.cluster, problem)  # fmt: skip
                     self._problem = problem
-                self._log_state(discovery.status())
                 await asyncio.sleep(self.interval)
         finally:
             if reader is not None:
                 await asyncio.to_thread(reader.close)
 
+    async def _tell_state(self) -> None:
+        """One log line per change of the registry's state, as it changes (woken by the discovery's changes:
+        the publisher's looks, a second apart and held up by a publish or a read of the store, missed an
+        outage now and then, and the log said nothing of it)."""
+        assert self.discovery is not None
+        discovery = self.discovery
+        while True:
+            status = discovery.status()
+            if status.connected and not status.registered and self._state == (True, True):
+                # (a check of this node's keys, after events were lost, has it unregistered for a moment, not gone)
+                await asyncio.sleep(STATE_SETTLES)
+                status = discovery.status()
+            self._log_state(status)
+            with contextlib.suppress(TimeoutError):
+                await discovery.wait_for(functools.partial(changed_from, discovery, self._state), 5.0)
+
     def _log_state(self, status: ClusterStatus) -> None:
-        """One log line per change of the registry's state, not per look."""
-        state = (status.connected, status.registered)
+        """One log line per change of the registry's state."""
+        state = state_of(status)
         previous, self._state = self._state, state
         if state == previous:
             return
@@ -385,6 +405,14 @@ class NodeFleet:
             )
         elif status.registered and previous is not None:
             log.info("cluster %s: registered again", self.cluster)
+
+
+def state_of(status: ClusterStatus) -> tuple[bool, bool]:
+    return status.connected, status.registered
+
+
+def changed_from(discovery: Discovery, state: tuple[bool, bool] | None) -> bool:
+    return state_of(discovery.status()) != state
 
 
 FLEET = web.AppKey("fleet", NodeFleet)  # in an app served with a cluster only
