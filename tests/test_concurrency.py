@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -291,6 +292,82 @@ def test_two_forks_at_once_keep_transactions_out_until_both_are_done() -> None:
     gate.after_fork_in_parent()
     assert entered.wait(5)
     inside.join(5)
+
+
+def test_a_gate_held_alone_is_waited_for_and_reopens_after_an_interruption() -> None:
+    """An index's close holds its gate alone while it closes the other threads' connections: a fork, another
+    close, a transaction wait for it (it did not count itself inside: a fork went ahead of its closes, a
+    review); and a Ctrl-C while it waits for those inside leaves the gate open (it stayed shut to every
+    thread of the process: a review)."""
+    import ctypes
+
+    from modeldepot.store.forking import ForkGate
+
+    gate, order = ForkGate(), []
+
+    def alone_then(name: str) -> None:
+        with gate.alone():
+            order.append(f"{name} in")
+            time.sleep(0.2)
+            order.append(f"{name} out")
+
+    first = threading.Thread(target=alone_then, args=("first",))
+    first.start()
+    while not order:
+        time.sleep(0.01)
+    second = threading.Thread(target=alone_then, args=("second",))
+    second.start()
+    forked = threading.Event()
+
+    def fork() -> None:
+        gate.before_fork()
+        forked.set()
+        gate.after_fork_in_parent()
+
+    forking = threading.Thread(target=fork)
+    forking.start()
+    for thread in (first, second, forking):
+        thread.join(5)
+    assert forked.is_set() and order[:2] == ["first in", "first out"], order
+    assert order[2:] == ["second in", "second out"], order
+
+    # Interrupted as it waits for a thread inside: the gate opens again
+    inside, leave = threading.Event(), threading.Event()
+
+    def transaction() -> None:
+        with gate:
+            inside.set()
+            leave.wait(5)
+
+    holder = threading.Thread(target=transaction)
+    holder.start()
+    assert inside.wait(5)
+    interrupted = []
+
+    def close() -> None:
+        try:
+            with gate.alone():
+                pass
+        except KeyboardInterrupt:
+            interrupted.append(True)
+
+    closer = threading.Thread(target=close)
+    closer.start()
+    time.sleep(0.2)
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(closer.ident), ctypes.py_object(KeyboardInterrupt)
+    )
+    with gate._changed:
+        gate._changed.notify_all()  # (the interruption is raised once the waiting thread runs again)
+    closer.join(5)
+    assert interrupted and not closer.is_alive()
+    leave.set()
+    holder.join(5)
+    entered = threading.Event()
+    later = threading.Thread(target=lambda: (gate.__enter__(), entered.set(), gate.__exit__()))
+    later.start()
+    assert entered.wait(5), "the gate stayed shut after the interrupted wait"
+    later.join(5)
 
 
 def unflushed(depot: Depot) -> list[str]:

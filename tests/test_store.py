@@ -118,9 +118,14 @@ def test_a_closed_depot_leaves_no_thread_with_the_index_open(tmp_path: Path, mod
         alone = threading.Thread(target=depot.list_repos)
         alone.start()
         alone.join()
-        before = index_files_open()
-        threading.Thread(target=depot.list_repos).run()  # (this thread's own: made now)
-        assert index_files_open() <= before
+        index = depot.store.index
+        _, left = index._opened[alone]  # (SQLite keeps descriptors for reuse: the connection is looked at)
+        another = threading.Thread(target=depot.list_repos)  # (a connection of its own, made now)
+        another.start()
+        another.join()
+        assert alone not in index._opened
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            left.execute("SELECT 1")
         # A transaction under way in another thread is waited for, not cut
         inside, go_on = threading.Event(), threading.Event()
 
@@ -132,7 +137,7 @@ def test_a_closed_depot_leaves_no_thread_with_the_index_open(tmp_path: Path, mod
 
         writing = pool.submit(write_slowly)
         assert inside.wait(10)
-        closing = threading.Thread(target=depot.close)
+        closing = threading.Thread(target=depot.store.index.close)  # (the index's own: nothing else waits)
         closing.start()
         closing.join(0.5)
         assert closing.is_alive()  # (it waits for the transaction)
@@ -143,6 +148,7 @@ def test_a_closed_depot_leaves_no_thread_with_the_index_open(tmp_path: Path, mod
         assert index_files_open() == 0
         with pytest.raises(StoreClosedError):
             pool.submit(depot.list_repos).result(10)
+    depot.close()
     with Depot(tmp_path / "store") as again:
         assert again.store.index.setting("slow") == "written"
 

@@ -78,8 +78,9 @@ class ForkSafeExecutor(Executor):
 
 class ForkGate:
     """Counts the threads inside index transactions; a fork waits until there are none (those of the
-    forking thread itself aside: it cannot wait for itself) and holds new ones back until it is done. So does
-    an index's close (:meth:`alone`), which closes the other threads' connections."""
+    forking thread itself aside: it cannot wait for itself) and holds new ones back until it is done. Each
+    index has one of its own too, which its close waits on (:meth:`alone`) before it closes the other
+    threads' connections."""
 
     def __init__(self) -> None:
         self._reset()
@@ -125,13 +126,32 @@ class ForkGate:
 
     @contextmanager
     def alone(self) -> Iterator[None]:
-        """No other thread inside an index transaction while in the block (they are waited for, and held
-        back until it ends)."""
-        self.before_fork()
+        """No other thread inside while in the block: those inside are waited for, and new ones held back until
+        it ends. It counts as inside itself, so a fork or another ``alone`` waits for it in turn (a fork that
+        went ahead while it closed connections could leave the child one of SQLite's mutexes held)."""
+        mine = self._mine
+        depth = getattr(mine, "depth", 0)
+        with self._changed:
+            self._forking += 1
+            try:
+                while self._inside > (1 if depth else 0):
+                    self._changed.wait()
+            except BaseException:  # (a Ctrl-C as it waits: the gate must not stay shut to every thread)
+                self._forking -= 1
+                self._changed.notify_all()
+                raise
+            if not depth:
+                self._inside += 1
+        mine.depth = depth + 1
         try:
             yield
         finally:
-            self.after_fork_in_parent()
+            mine.depth -= 1
+            with self._changed:
+                if mine.depth == 0:
+                    self._inside -= 1
+                self._forking -= 1
+                self._changed.notify_all()
 
     def after_fork_in_child(self) -> None:
         depth = getattr(self._mine, "depth", 0)  # (the forking thread's: the only one the child has)

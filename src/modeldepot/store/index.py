@@ -35,7 +35,7 @@ from modeldepot.errors import (
     StoreFullError,
     StoreSchemaError,
 )
-from modeldepot.store.forking import INDEX_GATE
+from modeldepot.store.forking import INDEX_GATE, ForkGate
 from modeldepot.store.holders import processes_with_open
 from modeldepot.store.layout import FULL_DISK_ADVICE, writable_mode
 from modeldepot.store.locks import unlock_and_close
@@ -471,8 +471,11 @@ class Index:
         # all: a pool's threads kept theirs open, with the index's three files, as long as the Index lived (a
         # closed Depot still referenced held ten descriptors). Made with check_same_thread=False for that:
         # each is still used by its own thread alone (``_local``), and closed by another only when its
-        # thread ended or is outside the index (INDEX_GATE held exclusively)
+        # thread ended or is outside the index (``_users``, held alone)
         self._opened: dict[threading.Thread, tuple[int, sqlite3.Connection]] = {}
+        # The threads inside this index (always within INDEX_GATE): its close waits for these alone, not for
+        # every index of the process (a shared store's close waited out another store's busy write)
+        self._users = ForkGate()
         self.closed = False
         if read_only:
             self._check_read_only()
@@ -523,7 +526,7 @@ class Index:
         pid, me = os.getpid(), threading.current_thread()
         for thread, (made_in, old) in self._opened.copy().items():
             if made_in != pid:
-                self._opened.pop(thread, None)  # (the parent's, across fork(): never used, not even closed)
+                self._opened.pop(thread, None)  # (the parent's, across fork(): never used; let go, as before)
             elif (thread is me or not thread.is_alive()) and self._opened.pop(thread, None) is not None:
                 with suppress(sqlite3.Error):
                     old.close()
@@ -617,7 +620,7 @@ class Index:
         (StoreClosedError)."""
         self.closed = True  # (first: no thread opens a connection from now on)
         pid, me = os.getpid(), threading.current_thread()
-        with INDEX_GATE.alone():
+        with INDEX_GATE, self._users.alone():  # (a fork waits for the closes, as for a transaction)
             for thread, (made_in, other) in self._opened.copy().items():
                 if thread is not me and self._opened.pop(thread, None) is not None and made_in == pid:
                     with suppress(sqlite3.Error):
@@ -650,7 +653,7 @@ class Index:
                 f"{doing}: the store at {self.path.parent} is {self.why}: it is read and served as it is, never "
                 "written (import, pull, remove and pin where it is writable)"
             )
-        with INDEX_GATE:
+        with INDEX_GATE, self._users:
             con = self.connection()
             try:
                 con.execute("BEGIN IMMEDIATE")
@@ -691,7 +694,7 @@ class Index:
 
     def read(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         try:
-            with INDEX_GATE:
+            with INDEX_GATE, self._users:
                 return self.connection().execute(sql, params).fetchall()
         except sqlite3.Error as error:
             raise self._failure(error, "reading the index") from error
@@ -705,7 +708,7 @@ class Index:
         return str(rows[0]["value"]) if rows else None
 
     def _migrate(self) -> None:
-        with INDEX_GATE:
+        with INDEX_GATE, self._users:
             self._migrate_now()
 
     def _say_upgraded_under(self) -> None:
