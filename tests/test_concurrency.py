@@ -294,80 +294,71 @@ def test_two_forks_at_once_keep_transactions_out_until_both_are_done() -> None:
     inside.join(5)
 
 
-def test_a_gate_held_alone_is_waited_for_and_reopens_after_an_interruption() -> None:
+def test_a_gate_held_alone_holds_back_forks_and_others_and_is_taken_only_when_empty() -> None:
     """An index's close holds its gate alone while it closes the other threads' connections: a fork, another
     close, a transaction wait for it (it did not count itself inside: a fork went ahead of its closes, a
-    review); and a Ctrl-C while it waits for those inside leaves the gate open (it stayed shut to every
-    thread of the process: a review)."""
-    import ctypes
-
+    review). It never waits holding anything: it takes the gate only when nobody is inside, and waits for
+    them with nothing held back (a Ctrl-C in that wait left the gate shut; waiting inside the process's gate
+    deadlocked against a thread forking inside a transaction: reviews)."""
     from modeldepot.store.forking import ForkGate
 
     gate, order = ForkGate(), []
-
-    def alone_then(name: str) -> None:
-        with gate.alone():
-            order.append(f"{name} in")
-            time.sleep(0.2)
-            order.append(f"{name} out")
-
-    first = threading.Thread(target=alone_then, args=("first",))
-    first.start()
-    while not order:
-        time.sleep(0.01)
-    second = threading.Thread(target=alone_then, args=("second",))
-    second.start()
-    forked = threading.Event()
+    assert gate.try_alone()
+    assert gate.try_alone()  # (the same thread again: nested, it may)
+    gate.end_alone()
+    gate.end_alone()
 
     def fork() -> None:
         gate.before_fork()
-        forked.set()
+        order.append("fork")
         gate.after_fork_in_parent()
 
-    forking = threading.Thread(target=fork)
-    forking.start()
-    for thread in (first, second, forking):
-        thread.join(5)
-    assert forked.is_set() and order[:2] == ["first in", "first out"], order
-    assert order[2:] == ["second in", "second out"], order
-
-    # Interrupted as it waits for a thread inside: the gate opens again
-    inside, leave = threading.Event(), threading.Event()
+    def other() -> None:
+        while not gate.try_alone():
+            gate.wait_for_others()
+        order.append("other")
+        gate.end_alone()
 
     def transaction() -> None:
+        with gate:
+            order.append("transaction")
+
+    threads = [threading.Thread(target=target) for target in (fork, other, transaction)]
+    assert gate.try_alone()
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    assert order == [], "a fork, another close or a transaction went ahead of the gate held alone"
+    gate.end_alone()
+    for thread in threads:
+        thread.join(5)
+    assert sorted(order) == ["fork", "other", "transaction"]
+
+    # Someone inside: it is not taken, nothing is held back, and the wait ends when they leave
+    inside, leave = threading.Event(), threading.Event()
+
+    def stay() -> None:
         with gate:
             inside.set()
             leave.wait(5)
 
-    holder = threading.Thread(target=transaction)
-    holder.start()
+    staying = threading.Thread(target=stay)
+    staying.start()
     assert inside.wait(5)
-    interrupted = []
-
-    def close() -> None:
-        try:
-            with gate.alone():
-                pass
-        except KeyboardInterrupt:
-            interrupted.append(True)
-
-    closer = threading.Thread(target=close)
-    closer.start()
-    time.sleep(0.2)
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(closer.ident), ctypes.py_object(KeyboardInterrupt)
-    )
-    with gate._changed:
-        gate._changed.notify_all()  # (the interruption is raised once the waiting thread runs again)
-    closer.join(5)
-    assert interrupted and not closer.is_alive()
-    leave.set()
-    holder.join(5)
+    assert not gate.try_alone()
     entered = threading.Event()
     later = threading.Thread(target=lambda: (gate.__enter__(), entered.set(), gate.__exit__()))
     later.start()
-    assert entered.wait(5), "the gate stayed shut after the interrupted wait"
+    assert entered.wait(5), "a failed try held the gate shut"
     later.join(5)
+    waited = threading.Thread(target=gate.wait_for_others)
+    waited.start()
+    waited.join(0.3)
+    assert waited.is_alive()
+    leave.set()
+    waited.join(5)
+    assert not waited.is_alive() and gate.try_alone()
+    gate.end_alone()
 
 
 def unflushed(depot: Depot) -> list[str]:

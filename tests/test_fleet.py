@@ -1202,3 +1202,38 @@ def test_a_node_on_every_address_is_advertised_by_its_machines_name_not_localhos
     monkeypatch.setattr(node_fleet, "loopback_only", lambda name: True)
     node_fleet.advertised_url("::", 8980)
     assert "peers on other machines cannot reach it at http://worker-a:8980; give --advertise" in caplog.text
+
+
+def test_the_registrys_state_is_logged_as_it_changes_and_a_blip_is_not(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node's log tells of an outage as it happens (it was told at the publisher's looks, which a publish
+    or a store read held up: an outage went unsaid), and not of a blip shorter than CONNECTION_SETTLES (a member
+    failing over: a warning and "answers again" 30 ms later, a review)."""
+    from modeldepot.discovery.mem import mem_registry
+    from modeldepot.server import fleet as fleet_module
+
+    name = f"fleet-{uuid.uuid4().hex[:12]}"
+    registry = mem_registry(name)
+    caplog.set_level(logging.INFO, logger="modeldepot")
+
+    def said(text: str) -> int:
+        return sum(text in r.getMessage() for r in caplog.records)
+
+    with Depot(tmp_path / "a", chunk_size=SMALL_CHUNK) as depot:
+        node = InProcessNode(depot, f"mem://{name}")
+        try:
+            wait_until(lambda: node.fleet.status() is not None and node.fleet.status().registered, 10,
+                       "the node to register")  # fmt: skip
+            registry.set_available(False)  # a blip
+            time.sleep(0.1)
+            registry.set_available(True)
+            time.sleep(fleet_module.CONNECTION_SETTLES + 0.5)
+            assert said("the registry cannot be reached") == 0
+            registry.set_available(False)  # an outage
+            wait_until(lambda: said("the registry cannot be reached") == 1,
+                       fleet_module.CONNECTION_SETTLES + 5, "the outage to be told")  # fmt: skip
+            registry.set_available(True)
+            wait_until(lambda: said("the registry answers again") == 1, 5, "its end to be told")
+        finally:
+            node.stop()

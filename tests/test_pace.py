@@ -351,3 +351,15 @@ def test_a_hub_request_that_never_went_on_the_wire_adds_no_time_to_its_trial(clo
     clock.now += 2.0
     job._request_ended(waited)
     assert job._paces(clock.now, job.trial_at)[0] == (0, 0.0)
+
+
+def test_outside_a_trial_a_hub_copy_that_ended_unlanded_is_no_yardstick(clock: Clock) -> None:
+    """A cancelled endgame copy's first second (a burst on a shaped link) judged healthy peers slow for a
+    window, with no trial (a review): outside a trial, it leaves no pace."""
+    job, _ = job_with_a_slow_holder(clock)
+    copy = on_the_wire(HUB, clock.now, 128 << 10)
+    clock.now += 1.0
+    job._request_ended(copy)
+    clock.now += 5.0
+    looks(job, 0, clock.now, 50 << 10)
+    assert job._judge_peers(clock.now) == "try"

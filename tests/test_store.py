@@ -153,6 +153,37 @@ def test_a_closed_depot_leaves_no_thread_with_the_index_open(tmp_path: Path, mod
         assert again.store.index.setting("slow") == "written"
 
 
+def test_a_close_and_a_fork_from_inside_a_transaction_do_not_wait_on_each_other(tmp_path: Path) -> None:
+    """A close that waited for the index's users while holding the process's gate, and a thread that forked
+    inside its transaction (the fork waits for every thread inside that gate but its own), waited on each
+    other for ever (a review)."""
+    import threading
+
+    depot = Depot(tmp_path / "store", chunk_size=SMALL_CHUNK)
+    depot.list_repos()
+    inside, forked = threading.Event(), []
+
+    def fork_inside_a_write() -> None:
+        with depot.store.index.write("a write that forks"):
+            inside.set()
+            time.sleep(0.3)  # (the close is under way)
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            forked.append(os.waitpid(pid, 0)[1])
+
+    forking = threading.Thread(target=fork_inside_a_write)
+    forking.start()
+    assert inside.wait(10)
+    closing = threading.Thread(target=depot.store.index.close)
+    closing.start()
+    forking.join(10)
+    closing.join(10)
+    assert not forking.is_alive() and not closing.is_alive(), "the close and the fork waited on each other"
+    assert forked == [0]
+    depot.close()
+
+
 def test_map_file_releases_the_mapping_and_refuses_while_a_slice_is_held(
     depot: Depot, model_dir: Path
 ) -> None:

@@ -337,6 +337,9 @@ class Discovery(abc.ABC):
                 await waiter
             finally:
                 timer.cancel()
+                with _WAITERS_LOCK:  # (one timed out stayed listed until the next change: a quiet fleet's
+                    if self._waiters is not None and waiter in self._waiters:  # logger piled them up)
+                        self._waiters.remove(waiter)
 
     def _changed(self) -> None:
         """For backends, on their loop: the view or the status changed; wake :meth:`wait_for`."""

@@ -46,7 +46,10 @@ __all__ = ["FLEET", "PUBLISH_INTERVAL", "HoldingsReader", "NodeFleet", "advertis
 log = logging.getLogger("modeldepot.server")
 
 PUBLISH_INTERVAL = 1.0  # seconds between looks at the store for changes to publish
-STATE_SETTLES = 0.5  # seconds a node's registration may be unsure (its keys checked) before it is said lost
+# Seconds the registry may be unsure before it is said out of reach (an etcd member failing over to the next
+# takes milliseconds; an etcd restarted, a second or two: said), or this node's record lost (its keys checked:
+# two calls, behind a write)
+CONNECTION_SETTLES, REGISTRATION_SETTLES = 0.5, 3.0
 # A node's look at itself through the URL its peers are given: tries, the time each may take, the pause between
 ADVERTISED_TRIES, ADVERTISED_TIMEOUT, ADVERTISED_PAUSE = 3, 5.0, 2.0
 # Seconds between looks once it failed (it may answer later: a Service routes to a node once it is ready)
@@ -375,10 +378,13 @@ class NodeFleet:
         assert self.discovery is not None
         discovery = self.discovery
         while True:
-            status = discovery.status()
-            if status.connected and not status.registered and self._state == (True, True):
-                # (a check of this node's keys, after events were lost, has it unregistered for a moment, not gone)
-                await asyncio.sleep(STATE_SETTLES)
+            status, before = discovery.status(), self._state
+            if before is not None and worse(state_of(status), before):
+                # (one etcd member of several failing over, a check of this node's keys after events were
+                # lost: unsure for a moment, not out of reach or gone; said only if it lasts)
+                settles = CONNECTION_SETTLES if before[0] and not status.connected else REGISTRATION_SETTLES
+                with contextlib.suppress(TimeoutError):
+                    await discovery.wait_for(functools.partial(back_to, discovery, before), settles)
                 status = discovery.status()
             self._log_state(status)
             with contextlib.suppress(TimeoutError):
@@ -413,6 +419,15 @@ def state_of(status: ClusterStatus) -> tuple[bool, bool]:
 
 def changed_from(discovery: Discovery, state: tuple[bool, bool] | None) -> bool:
     return state_of(discovery.status()) != state
+
+
+def back_to(discovery: Discovery, state: tuple[bool, bool]) -> bool:
+    return state_of(discovery.status()) == state
+
+
+def worse(state: tuple[bool, bool], than: tuple[bool, bool]) -> bool:
+    """Whether ``state`` lost what ``than`` had: the connection, or the registration."""
+    return any(had and not now for now, had in zip(state, than, strict=True))
 
 
 FLEET = web.AppKey("fleet", NodeFleet)  # in an app served with a cluster only

@@ -16,9 +16,8 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import ParamSpec, Protocol, TypeVar
 
 P = ParamSpec("P")
@@ -79,7 +78,7 @@ class ForkSafeExecutor(Executor):
 class ForkGate:
     """Counts the threads inside index transactions; a fork waits until there are none (those of the
     forking thread itself aside: it cannot wait for itself) and holds new ones back until it is done. Each
-    index has one of its own too, which its close waits on (:meth:`alone`) before it closes the other
+    index has one of its own too, which its close holds alone (:meth:`try_alone`) as it closes the other
     threads' connections."""
 
     def __init__(self) -> None:
@@ -108,7 +107,7 @@ class ForkGate:
         if mine.depth == 0:
             with self._changed:
                 self._inside -= 1
-                if self._inside == 0 and self._forking:
+                if self._inside <= 1:  # (a fork, or whoever waits for the others, may go on: it looks)
                     self._changed.notify_all()
 
     def before_fork(self) -> None:
@@ -124,34 +123,37 @@ class ForkGate:
             if not self._forking:
                 self._changed.notify_all()
 
-    @contextmanager
-    def alone(self) -> Iterator[None]:
-        """No other thread inside while in the block: those inside are waited for, and new ones held back until
-        it ends. It counts as inside itself, so a fork or another ``alone`` waits for it in turn (a fork that
-        went ahead while it closed connections could leave the child one of SQLite's mutexes held)."""
+    def try_alone(self) -> bool:
+        """If no other thread is inside now, hold new ones back (forks too) until :meth:`end_alone`, this one
+        counted inside, and say True; else False, holding nothing. It does not wait: a thread that waited for
+        the others, holding the process's gate, deadlocked against one that forked inside a transaction (a
+        review), and a Ctrl-C in the wait left the gate shut (a review). See :meth:`wait_for_others`."""
         mine = self._mine
         depth = getattr(mine, "depth", 0)
         with self._changed:
+            if self._inside > (1 if depth else 0):
+                return False
             self._forking += 1
-            try:
-                while self._inside > (1 if depth else 0):
-                    self._changed.wait()
-            except BaseException:  # (a Ctrl-C as it waits: the gate must not stay shut to every thread)
-                self._forking -= 1
-                self._changed.notify_all()
-                raise
             if not depth:
                 self._inside += 1
         mine.depth = depth + 1
-        try:
-            yield
-        finally:
-            mine.depth -= 1
-            with self._changed:
-                if mine.depth == 0:
-                    self._inside -= 1
-                self._forking -= 1
-                self._changed.notify_all()
+        return True
+
+    def end_alone(self) -> None:
+        mine = self._mine
+        mine.depth -= 1
+        with self._changed:
+            if mine.depth == 0:
+                self._inside -= 1
+            self._forking -= 1
+            self._changed.notify_all()
+
+    def wait_for_others(self) -> None:
+        """Wait until no other thread is inside (holding nobody back meanwhile)."""
+        depth = getattr(self._mine, "depth", 0)
+        with self._changed:
+            while self._inside > (1 if depth else 0):
+                self._changed.wait()
 
     def after_fork_in_child(self) -> None:
         depth = getattr(self._mine, "depth", 0)  # (the forking thread's: the only one the child has)

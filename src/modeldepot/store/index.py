@@ -471,7 +471,7 @@ class Index:
         # all: a pool's threads kept theirs open, with the index's three files, as long as the Index lived (a
         # closed Depot still referenced held ten descriptors). Made with check_same_thread=False for that:
         # each is still used by its own thread alone (``_local``), and closed by another only when its
-        # thread ended or is outside the index (``_users``, held alone)
+        # thread ended or is outside the index (``_users`` held alone)
         self._opened: dict[threading.Thread, tuple[int, sqlite3.Connection]] = {}
         # The threads inside this index (always within INDEX_GATE): its close waits for these alone, not for
         # every index of the process (a shared store's close waited out another store's busy write)
@@ -620,11 +620,22 @@ class Index:
         (StoreClosedError)."""
         self.closed = True  # (first: no thread opens a connection from now on)
         pid, me = os.getpid(), threading.current_thread()
-        with INDEX_GATE, self._users.alone():  # (a fork waits for the closes, as for a transaction)
-            for thread, (made_in, other) in self._opened.copy().items():
-                if thread is not me and self._opened.pop(thread, None) is not None and made_in == pid:
-                    with suppress(sqlite3.Error):
-                        other.close()
+        while True:
+            with INDEX_GATE:  # (a fork waits for the closes, as for a transaction)
+                if self._users.try_alone():
+                    try:
+                        for thread, (made_in, other) in self._opened.copy().items():
+                            if (
+                                thread is not me
+                                and self._opened.pop(thread, None) is not None
+                                and made_in == pid
+                            ):
+                                with suppress(sqlite3.Error):
+                                    other.close()
+                    finally:
+                        self._users.end_alone()
+                    break
+            self._users.wait_for_others()  # (outside the process's gate: one of them may fork meanwhile)
         self._opened.pop(me, None)
         con: sqlite3.Connection | None = getattr(self._local, "con", None)
         if con is not None and getattr(self._local, "pid", None) == pid:

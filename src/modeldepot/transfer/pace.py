@@ -94,13 +94,20 @@ class PaceWatch(ChunkChooser, abc.ABC):
         return self.ended_bytes + sum(max(0, got.count - got.in_place) for got in in_flight)
 
     def _request_ended(self, request: ChunkRequest) -> None:
-        """``request`` is no longer in flight: what it received counts in :meth:`bytes_received`, and a Hub
-        request's time on the wire that ended without landing (an endgame copy the peer's beat, one stopped)
-        in its pace. Landed, it counted when it landed; left out, a trial whose copies were cancelled saw
-        its Hub's requests on the wire for less than they were, and ran past PACE_MIN (a review)."""
+        """``request`` is no longer in flight: what it received counts in :meth:`bytes_received`, and, during
+        a trial, a Hub request's time on the wire that ended without landing (an endgame copy the peer's beat)
+        in its pace: left out, a trial whose copies were cancelled saw its Hub's requests on the wire for less
+        than they were, and ran past PACE_MIN (a review). Not outside a trial: there any Hub pace is the
+        yardstick at once, and a cancelled copy's first second, a burst on a shaped link, would judge healthy
+        peers slow for a window (a review)."""
         received = max(0, request.receiving.count - request.receiving.in_place)
         self.ended_bytes += received
-        if request.source.kind == "hub" and not request.landing and on_the_wire(request):
+        if (
+            self.trial_at is not None
+            and request.source.kind == "hub"
+            and not request.landing
+            and on_the_wire(request)
+        ):
             now = time.monotonic()
             self.paces.append((now, True, received, max(0.0, now - request.started)))
 

@@ -429,6 +429,7 @@ class EtcdDiscovery(EtcdClaims):
                 await self._reconcile(client, record.node_id)
             finally:
                 self._checking = False
+                self._changed()  # (registered again in the status, when nothing was missing: say so)
         if not self._record_rev:
             answer = await self._call(
                 client.put(self._keys.node(record.node_id), encode(record.to_dict()), lease=self._lease_id)
