@@ -758,6 +758,21 @@ def test_mem_nodes_see_each_other_across_threads_and_loops() -> None:
     run(main())
 
 
+def test_a_wait_that_times_out_leaves_no_waiter_behind() -> None:
+    """A timed-out waiter stayed listed until the next change: a node's state logger, waiting 5 s at a time
+    on a quiet fleet, piled up 17,000 a day (a review)."""
+
+    async def main() -> None:
+        da = MemDiscovery(MemRegistry("quiet"))
+        async with started(da):
+            for _ in range(3):
+                with pytest.raises(TimeoutError):
+                    await da.wait_for(lambda: False, 0.05)
+            assert not da._waiters
+
+    run(main())
+
+
 def test_mem_publish_withdraw_death_and_outage() -> None:
     registry = mem_registry("test-mem-basics")
     a, b = node("a"), node("b")
