@@ -91,7 +91,7 @@ class PaceWatch(ChunkChooser, abc.ABC):
     def bytes_received(self) -> int:
         """What this file's requests received over the network so far, from every source."""
         in_flight = (r.receiving for requests in self.requests.values() for r in requests)
-        return self.ended_bytes + sum(max(0, got.count - got.in_place) for got in in_flight)
+        return self.ended_bytes + sum(got.fetched for got in in_flight)
 
     def _request_ended(self, request: ChunkRequest) -> None:
         """``request`` is no longer in flight: what it received counts in :meth:`bytes_received`, and, during
@@ -100,7 +100,7 @@ class PaceWatch(ChunkChooser, abc.ABC):
         than they were, and ran past PACE_MIN (a review). Not outside a trial: there any Hub pace is the
         yardstick at once, and a cancelled copy's first second, a burst on a shaped link, would judge healthy
         peers slow for a window (a review)."""
-        received = max(0, request.receiving.count - request.receiving.in_place)
+        received = request.receiving.fetched
         self.ended_bytes += received
         if (
             self.trial_at is not None
@@ -362,7 +362,7 @@ class PaceWatch(ChunkChooser, abc.ABC):
         for request in (r for reqs in self.requests.values() for r in reqs if not r.landing):
             if on_the_wire(request):
                 pace = hub if request.source.kind == "hub" else peers
-                pace[0] += max(0, request.receiving.count - request.receiving.in_place)
+                pace[0] += request.receiving.fetched
                 pace[1] += max(0.0, now - request.started)
         return (int(hub[0]), hub[1]), (int(peers[0]), peers[1])
 

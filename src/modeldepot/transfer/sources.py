@@ -159,6 +159,11 @@ class Receiving:
         attempt = self.attempt
         return self.kept + (attempt.received if attempt is not None else 0)
 
+    @property
+    def fetched(self) -> int:
+        """What this fetch received over the network (the bytes in place before it aside)."""
+        return max(0, self.count - self.in_place)
+
 
 @dataclass(frozen=True)
 class HttpSource:
