@@ -1162,10 +1162,22 @@ def liars(mismatch: IntegrityError, true: BlobDigest) -> dict[str, int]:
     return found
 
 
-def left_out(name: str, seconds: float) -> None:
+def left_out(name: str, seconds: float) -> Callable[[], None]:
     """No chunk is asked of ``name`` for ``seconds`` (in any download of this process), as of a chunk that
-    failed its digest: not named a liar."""
-    BANNED_NODES[name] = max(time.monotonic() + seconds, BANNED_NODES.get(name, 0.0))
+    failed its digest: not named a liar. Returns what lets it back as it was before (a suspect cleared),
+    unless it was banned again meanwhile."""
+    before = BANNED_NODES.get(name)
+    until = BANNED_NODES[name] = max(time.monotonic() + seconds, before or 0.0)
+
+    def let_back() -> None:
+        if BANNED_NODES.get(name) != until:
+            return  # (banned again since, or the ban's list trimmed: that stands)
+        if before is None:
+            del BANNED_NODES[name]
+        else:
+            BANNED_NODES[name] = before
+
+    return let_back
 
 
 def ban_liars(names: Iterable[str], seconds: float) -> None:

@@ -41,6 +41,7 @@ from modeldepot.store.publish import RevisionSpec, StagedFile, publish, refuse_n
 from modeldepot.store.store import Store
 from modeldepot.transfer.chain import SourceChain
 from modeldepot.transfer.choosing import banned
+from modeldepot.transfer.disputes import caught_by_upstream, disputed_chunk
 from modeldepot.transfer.download import (
     BAN_SECONDS,
     LEFT_IN_PLACE,
@@ -320,7 +321,9 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
                     run.release()
             finally:
                 # Claims go once the files are published (or the pull failed): peers still downloading
-                # keep the digests they saw, and find this node's blobs by its holdings.
+                # keep the digests they saw, and find this node's blobs by its holdings, once they show.
+                if run.published:
+                    await asyncio.gather(*(swarm.hand_over() for swarm in run.swarms), return_exceptions=True)
                 await asyncio.gather(*(swarm.release() for swarm in run.swarms), return_exceptions=True)
         await tracker.settle()
         # A pull is a use of the repo and of each variant it pulled (the disk budget evicts the least
@@ -566,22 +569,39 @@ class _PullRun:
                 raise  # not the whole file's digest (the download was not reset), or the upstream's own bytes
             # Each chunk from another node matched the digest a node gave for it (its manifest, its chunk's
             # settlement), or came from a partial holder outside a swarm, unchecked: the upstream's SHA-256
-            # says one of them lied. The bytes are gone (the download was reset); the upstream alone now.
+            # says one of them lied. The bytes are gone (the download was reset): fetched again, without the
+            # nodes that may have lied.
             kinds = set(self.tracker.path_sources.get(remote.path, {}))
             others = kinds - {"hub", "local"}
             suspects = {name for senders, _ in (mismatch.chunks_landed or {}).values() for name in senders}
             self.tracker.forget(remote.path)
-            if len(suspects) == 1 and "local" not in kinds:
-                # One node sent every chunk the Hub did not: it, or the Hub, sent a wrong one. Left out while the
-                # file is fetched again as the first time, the swarm's way (from the upstream alone, each node of
-                # a fleet a lying holder fooled fetched the whole file, and the Hub sent it once per node: 4.7x
-                # with four, an explorer's trial); banned for long only once the upstream's bytes say it lied
-                # (banned at once, an honest node was named the liar of a chunk the Hub had garbled: a review).
-                liar = next(iter(suspects))
-                left_out(liar, BAN_SECONDS)
-                log.warning("%s: with chunks from %s alone it failed the upstream's SHA-256 (thrown away); "
-                            "fetching the file again without it", remote.path, liar)  # fmt: skip
-                honest = [node for node in nodes if node.source.name != liar]
+            cleared: dict[str, Callable[[], None]] = {}
+            out: set[str] = set()  # the nodes left out of the next try
+            kept: set[str] = set()  # suspects the upstream's chunk cleared, asked again
+            refuted = [mismatch]  # the tries that failed the upstream's SHA-256, by what landed in each
+            if suspects and "local" not in kinds:
+                # The nodes that sent every chunk the Hub did not: one of them, or the Hub, sent a wrong one. Left
+                # out while the file is fetched again as the first time, the swarm's way (from the upstream alone,
+                # each node of a fleet a lying holder fooled fetched the whole file, and the Hub sent it once per
+                # node: 4.7x with four, an explorer's trial); banned for long only once the upstream's bytes say
+                # it lied (banned at once, an honest node was named the liar of a chunk the Hub had garbled: a
+                # review). Several of them: one chunk of the upstream's, on which their words differ, says who
+                # lied there (transfer/disputes.py); the others are asked again.
+                out, settled = set(suspects), ""
+                if len(suspects) > 1 and (dispute := disputed_chunk(mismatch, suspects, nodes)) is not None:
+                    index, said = dispute
+                    caught = await caught_by_upstream(hub[0], remote.size, claim.chunk_size, index, said)
+                    if caught:
+                        out, kept = caught, suspects - caught
+                        settled = (
+                            f"; its chunk {index} from the upstream says {' and '.join(sorted(caught))} lied"
+                        )
+                cleared = {name: left_out(name, BAN_SECONDS) for name in sorted(out)}
+                log.warning("%s: with chunks from %s%s it failed the upstream's SHA-256 (thrown away)%s; fetching "
+                            "the file again without %s", remote.path, " and ".join(sorted(suspects)),
+                            " alone" if len(suspects) == 1 else "", settled,
+                            "it" if len(out) == 1 else "them")  # fmt: skip
+                honest = [node for node in nodes if node.source.name not in out]
                 again_swarm = await self.chain.swarm_file(remote, claim.chunk_size)
                 if again_swarm is not None:
                     self.swarms.append(again_swarm)
@@ -597,14 +617,42 @@ class _PullRun:
                             "upstream alone", remote.path, whose)  # fmt: skip
                 again, again_fallback, again_swarm = hub, None, None
             try:
-                digest = await download_file(
-                    http, remote, claim, again, self.limits, again_fallback, on_bytes, again_swarm, on_start
-                )
+                try:
+                    digest = await download_file(
+                        http,
+                        remote,
+                        claim,
+                        again,
+                        self.limits,
+                        again_fallback,
+                        on_bytes,
+                        again_swarm,
+                        on_start,
+                    )
+                except IntegrityError as still:
+                    if not kept or still.chunks_landed is None:
+                        raise
+                    # A node the upstream's chunk cleared lied elsewhere in the file (or another one joined in):
+                    # the upstream alone, as when no chunk settles who lied
+                    refuted.append(still)
+                    self.tracker.forget(remote.path)
+                    log.warning("%s: without %s it failed the upstream's SHA-256 again (thrown away); fetching it "
+                                "again from the upstream alone", remote.path, " and ".join(sorted(out)))  # fmt: skip
+                    digest = await download_file(
+                        http, remote, claim, hub, self.limits, None, on_bytes, None, on_start
+                    )
             except DepotError as again:
                 if not claim.done:
                     self.tracker.forget(remote.path)
                 raise mismatch from again
-            if found := liars(mismatch, digest):
+            found: dict[str, int] = {}
+            for failed in refuted:
+                for name, count in liars(failed, digest).items():
+                    found[name] = found.get(name, 0) + count
+            for name, let_back in cleared.items():
+                if name not in found:
+                    let_back()
+            if found:
                 ban_liars(found, LIAR_BAN_SECONDS)
                 await asyncio.to_thread(remember_liars, self.store.layout.home, found, LIAR_BAN_SECONDS)
                 log.warning("%s: %s sent chunks that are not the file's (checked against the upstream's bytes): "

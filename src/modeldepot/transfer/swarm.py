@@ -70,6 +70,10 @@ SERVING_PROBE_EVERY = 1.0  # seconds between two looks at whether this store's o
 YIELD_SHARE = 0.75
 YIELD_WITNESSES = 2  # ... once this many of the others' claims, newer than its own, landed before it
 LANDINGS_KEPT = 32  # the swarm's latest claim-to-settlement times kept, for its typical time per chunk
+# Seconds a pull that landed the file keeps its claims, at most, until this store's node is seen holding it:
+# its serve publishes what the store holds once a second (server/fleet.py), and the write takes a moment
+HANDOVER_PATIENCE = 2.5
+HANDOVER_LOOK = 0.05  # seconds between two looks at the view meanwhile (a local read, no request)
 
 SourceFactory = Callable[[NodeRecord, Holding | None], FileSource | None]
 """A fleet node as a source of the file (with its holding, or None for a claimer that publishes none yet),
@@ -558,6 +562,30 @@ class SwarmFile:
             log.info("%s: withdrawing this node's claims on %d chunk%s it will not fetch", sha[:12], len(unlanded),
                      "" if len(unlanded) == 1 else "s")  # fmt: skip
             await self.fleet.call(lambda d: d.release_claims(sha, size, unlanded), None)
+
+    async def hand_over(self, patience: float = HANDOVER_PATIENCE) -> bool:
+        """Keep this node's claims on the file, which its pull landed and published, until the view shows
+        this store's node holding it whole (at most ``patience`` seconds; True once it does). Released at
+        once, a node that asked in between, before the holdings this node's serve publishes once a second
+        showed the file, found it neither claimed nor held, and fetched it from the Hub again (1.25x the
+        model in CI). Nothing to wait for when this pull claimed nothing, or its node is not serving."""
+        if not self.mine or not (self.serving and self._listening and self.registry_answers):
+            return False
+        sha, node_id = self.sha256, self.node_id
+
+        def held(discovery: Discovery) -> bool:
+            return any(h.node.node_id == node_id and h.holding.complete for h in discovery.holders(sha))
+
+        deadline = time.monotonic() + patience
+        while not await self.fleet.read_async(
+            held, True
+        ):  # (True: no view to look at any more, a closing pull)
+            if time.monotonic() >= deadline:
+                log.debug("%s: this node's holding of it not seen in %.1f s: its claims go anyway", sha[:12],
+                          patience)  # fmt: skip
+                return False
+            await asyncio.sleep(HANDOVER_LOOK)
+        return True
 
     async def release(self) -> None:
         """Withdraw this node's claims on the file (its pull is over: it holds the file, or gave up): every
