@@ -86,9 +86,10 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MODELDEPOT_HOME", str(tmp_path / "default-home"))
     monkeypatch.delenv("MODELDEPOT_CHUNK_SIZE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from modeldepot.transfer.choosing import BANNED_NODES, FLEET_REFUSES
+    from modeldepot.transfer.choosing import BANNED_NODES, FLEET_REFUSES, LEFT_OUT
 
     BANNED_NODES.clear()  # (a liar's port may be another test's honest node)
+    LEFT_OUT.clear()
     FLEET_REFUSES[0] = False
     from modeldepot.transfer.chain import _HUB_ANSWERED
 

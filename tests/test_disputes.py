@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import time
 from collections.abc import Iterator
 
 import blake3
@@ -16,6 +17,7 @@ from conftest import BackgroundServer
 from modeldepot.errors import IntegrityError
 from modeldepot.transfer.choosing import FileSource
 from modeldepot.transfer.disputes import caught_by_upstream, disputed_chunk
+from modeldepot.transfer.download import Limits
 from modeldepot.transfer.sources import HttpSource, RetryPolicy
 
 CHUNK = 64 * 1024
@@ -48,17 +50,37 @@ def test_the_chunk_in_dispute_is_one_the_suspects_words_differ_on() -> None:
 
 
 def test_no_dispute_when_the_words_agree_or_a_chunk_had_two_senders() -> None:
-    one, other = holder("one", TRUE), holder("other", None)
-    names = {one.source.name, other.source.name}
-    # (a chunk whose part another node sent is no one suspect's word: an honest node that sent a cut prefix
-    # would be taken for the liar that sent the rest)
-    mismatch = landed({0: ({one.source.name, other.source.name}, LIE[0]), 1: ({other.source.name}, TRUE[1])})
-    assert disputed_chunk(mismatch, names, [one, other]) is None
+    honest, liar, other = holder("honest", TRUE), holder("liar", None), holder("other", TRUE)
+    names = {honest.source.name, liar.source.name, other.source.name}
+    # An honest node sent a cut prefix of chunk 0 and the liar the rest: it landed as the liar's. No one
+    # suspect's word: taken for the honest node's, it was in dispute with the others' lists, and the honest
+    # node would have been caught by the upstream's chunk
+    mismatch = landed(
+        {0: ({honest.source.name, liar.source.name}, LIE[0]), 1: ({other.source.name}, TRUE[1])}
+    )
+    assert disputed_chunk(mismatch, names, [honest, liar, other]) is None
     # (a node not suspected gives no word: its digests are not in the dispute)
     assert (
-        disputed_chunk(landed({0: ({one.source.name}, TRUE[0])}), {one.source.name}, [holder("x", LIE)])
+        disputed_chunk(landed({0: ({honest.source.name}, TRUE[0])}), {honest.source.name}, [holder("x", LIE)])
         is None
     )
+
+
+def test_a_leave_out_lifted_lifts_itself_alone() -> None:
+    """Two files of one pull left the same suspect out; one file's digests cleared it. It stays out while
+    the other file's leave-out lasts, and no longer (one value restored on a lift brought back a lifted one)."""
+    from modeldepot.transfer.choosing import LEFT_OUT, ChunkChooser, left_out
+
+    source = holder("suspect", None)
+    first = left_out(source.source.name, 30)
+    second = left_out(source.source.name, 60)
+    assert ChunkChooser._banned_until(source) > time.monotonic() + 50
+    second()
+    assert time.monotonic() + 20 < ChunkChooser._banned_until(source) <= time.monotonic() + 30
+    first()
+    assert ChunkChooser._banned_until(source) == 0.0 and source.source.name not in LEFT_OUT
+    second()  # (lifted twice: nothing more)
+    assert ChunkChooser._banned_until(source) == 0.0
 
 
 class Upstream:
@@ -94,8 +116,8 @@ def upstream() -> Iterator[Upstream]:
 
 def test_the_upstreams_chunk_names_whoever_differs_from_it(upstream: Upstream) -> None:
     said = {"liar": LIE[3], "honest": TRUE[3], "also honest": TRUE[3]}
-    caught = asyncio.run(caught_by_upstream(upstream.source, len(DATA), CHUNK, 3, said))
-    assert caught == {"liar"}
+    caught = asyncio.run(caught_by_upstream(upstream.source, len(DATA), CHUNK, 3, said, Limits()))
+    assert caught == ({"liar"}, len(DATA) - 3 * CHUNK)
     assert upstream.asked == [f"bytes={3 * CHUNK}-{len(DATA) - 1}"]  # (the last chunk, short: one range)
 
 
@@ -103,7 +125,10 @@ def test_an_upstream_chunk_that_matches_no_word_catches_nobody() -> None:
     garbled = Upstream(garbled=True)
     try:
         said = {"liar": LIE[1], "honest": TRUE[1]}
-        assert asyncio.run(caught_by_upstream(garbled.source, len(DATA), CHUNK, 1, said)) is None
+        assert asyncio.run(caught_by_upstream(garbled.source, len(DATA), CHUNK, 1, said, Limits())) == (
+            None,
+            CHUNK,
+        )
     finally:
         garbled.stop()
 
@@ -112,4 +137,4 @@ def test_an_upstream_that_cannot_be_asked_settles_nothing() -> None:
     gone = FileSource(HttpSource("http://127.0.0.1:9", "hub", None, RetryPolicy(attempts=1, base_delay=0.01)),
                       "http://127.0.0.1:9/blob")  # fmt: skip
     said = {"liar": LIE[0], "honest": TRUE[0]}
-    assert asyncio.run(caught_by_upstream(gone, len(DATA), CHUNK, 0, said)) is None
+    assert asyncio.run(caught_by_upstream(gone, len(DATA), CHUNK, 0, said, Limits())) == (None, 0)

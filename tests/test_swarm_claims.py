@@ -739,3 +739,42 @@ def test_a_node_that_gave_its_claims_up_does_not_judge_its_peers_slow(clock: Clo
             assert job._judge_peers(now) == "try"
 
     run(main())
+
+
+def test_a_pull_that_landed_the_file_keeps_its_claims_until_its_node_is_seen_holding_it() -> None:
+    """Released as its pull ended, a node's claims left the file neither claimed nor held until its serve
+    published its holdings (once a second): a node that asked in between took it from the Hub (1.25x in CI).
+    ``hand_over`` waits until the holding shows, at most its patience; a pull that claimed nothing does not."""
+    from modeldepot.discovery.base import Holding
+
+    registry = MemRegistry("hand-over")
+    a = node("a")
+
+    async def main() -> None:
+        async with members(registry, a, None) as (serve_a, pull_a):
+            swarm = swarm_of(pull_a, a)
+            swarm.refresh()
+            assert await swarm.hand_over(patience=5) is False, "nothing claimed: nothing to hand over"
+            assert await swarm.claim(0, set(), patience=10)
+            await swarm.settle(0, BLAKE)
+
+            async def publish_later() -> None:
+                await asyncio.sleep(0.3)
+                await serve_a.publish({SHA: Holding(SIZE, True)})
+
+            began = asyncio.get_running_loop().time()
+            publishing = asyncio.create_task(publish_later())
+            assert await swarm.hand_over(patience=5) is True
+            waited = asyncio.get_running_loop().time() - began
+            await publishing
+            assert 0.25 <= waited < 2, waited
+            await swarm.release()
+            assert pull_a.claims(SHA, CHUNK) == {}
+
+            await serve_a.publish({})  # (its holding gone: waits its patience, then lets go)
+            swarm.mine.add(1)
+            began = asyncio.get_running_loop().time()
+            assert await swarm.hand_over(patience=0.3) is False
+            assert asyncio.get_running_loop().time() - began >= 0.3
+
+    run(main())

@@ -576,10 +576,12 @@ def test_a_node_that_comes_late_to_a_lying_holder_takes_the_file_from_the_honest
         hub_sent = hub.proxy.total() - before
         logs = (tmp_path / "b-pull.log").read_text()
         print(f"hub sent {hub_sent / size:.2f}x to b; {results[0]['bytes_by_source']}")
+        # (names as the log gives them: a URL followed by a space, not a prefix of another port's)
         [settled] = [line for line in logs.splitlines() if "from the upstream says" in line]
-        assert liar_url in settled.split("says")[1] and early.url not in settled.split("says")[1], logs
+        said = settled.split(" says ")[1]
+        assert f"{liar_url} lied" in said and f"{early.url} " not in said, logs
         [named] = [line for line in logs.splitlines() if "sent chunks that are not the file's" in line]
-        assert liar_url in named and early.url not in named, logs
+        assert f"{liar_url} (" in named and f"{early.url} " not in named, logs
         assert hub_sent < size / 2, (hub_sent / size, results[0]["bytes_by_source"], logs)
     finally:
         hub.stop()

@@ -548,11 +548,16 @@ class SourceChain:
 
         return fleet.read(read, frozenset())
 
-    async def swarm_file(self, remote: RemoteFile, chunk_size: int) -> SwarmFile | None:
+    async def swarm_file(self, remote: RemoteFile, chunk_size: int, public: bool = True) -> SwarmFile | None:
         """The file's claims in the fleet, when this node takes part: a registry that keeps claims, this
-        store registered as a live node (its server serves what it fetches), and an LFS file (by SHA-256)."""
+        store registered as a live node (its server serves what it fetches), and an LFS file (by SHA-256).
+        ``public``: a public repo's file. A node without a token serves no other to its peers (nor says it
+        holds one): its claims on a private file's chunks held the others back for chunks they could not
+        take from it, and its pull waited at its end for a holding it never publishes (a review)."""
         fleet, node_id = self.fleet, self.node_id
         if fleet is None or node_id is None or remote.sha256 is None:
+            return None
+        if not public and self.node_token is None:
             return None
         claims, live, connected, peers = await fleet.read_async(
             lambda d: (

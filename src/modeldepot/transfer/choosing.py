@@ -21,9 +21,11 @@ claim to landing: transfer/swarm.py).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 import statistics
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BANNED_NODES",
     "FLEET_REFUSES",
+    "LEFT_OUT",
     "LIARS",
     "ChunkChooser",
     "ChunkRequest",
@@ -46,6 +49,7 @@ __all__ = [
     "banned",
     "is_silent",
     "judge_token",
+    "left_out",
     "refused_by_the_fleet",
     "token_refused",
 ]
@@ -55,6 +59,13 @@ __all__ = [
 # files downloading beside). (A claimer that lies about a chunk's digest gets an honest holder banned so:
 # it costs a detour by the Hub, never a wrong byte.)
 BANNED_NODES: dict[str, float] = {}
+# Nodes left out of a file's next try while one of them is suspected of its lie (pull.py): name -> each
+# leave-out's token -> until when (monotonic). Kept apart from BANNED_NODES so that each is lifted alone: a
+# suspect one file's digests cleared stays out while another file's leave-out of it lasts, and no longer (one
+# value restored on a lift brought back another file's lifted leave-out, a review)
+LEFT_OUT: dict[str, dict[int, float]] = {}
+_LEAVING_OUT = threading.Lock()  # (pulls of one process may run on several threads' loops)
+_LEAVE_OUT_TOKENS = itertools.count()
 # Nodes whose chunks, vouched for by their own digests, were found not to be a file's by the upstream's bytes:
 # name -> until when (monotonic) no new file asks them (download.ban_liars)
 LIARS: dict[str, float] = {}
@@ -288,8 +299,14 @@ class ChunkChooser:
 
     @staticmethod
     def _banned_until(source: FileSource) -> float:
-        """Until when (monotonic) ``source`` gets no chunk (BANNED_NODES: in every download of the process)."""
-        return BANNED_NODES.get(source.source.name, 0.0)
+        """Until when (monotonic) ``source`` gets no chunk (BANNED_NODES, LEFT_OUT: in every download of the
+        process)."""
+        name = source.source.name
+        until = BANNED_NODES.get(name, 0.0)
+        if LEFT_OUT:
+            with _LEAVING_OUT:
+                until = max(until, *LEFT_OUT.get(name, {}).values(), 0.0)
+        return until
 
     def _is_banned(self, source: FileSource, now: float) -> bool:
         return self._banned_until(source) > now
@@ -425,6 +442,29 @@ class ChunkChooser:
             and self._origin_blocked(index, now, endgame=False, following=hub_left)
             for index in range(self.low, self.partial.chunks)
         )
+
+
+def left_out(name: str, seconds: float) -> Callable[[], None]:
+    """No chunk is asked of ``name`` for ``seconds`` (in any download of this process), as of a node suspected
+    of a file's lie: not named a liar. Returns what lifts this leave-out (its suspect cleared), and it alone."""
+    token = next(_LEAVE_OUT_TOKENS)
+    now = time.monotonic()
+    with _LEAVING_OUT:
+        for other in list(LEFT_OUT):  # (ones never lifted, their pulls failed: gone once over)
+            LEFT_OUT[other] = {t: until for t, until in LEFT_OUT[other].items() if until > now}
+            if not LEFT_OUT[other]:
+                del LEFT_OUT[other]
+        LEFT_OUT.setdefault(name, {})[token] = now + seconds
+
+    def let_back() -> None:
+        with _LEAVING_OUT:
+            mine = LEFT_OUT.get(name)
+            if mine is not None:
+                mine.pop(token, None)
+                if not mine:
+                    del LEFT_OUT[name]
+
+    return let_back
 
 
 def banned(source: FileSource) -> bool:

@@ -15,7 +15,6 @@ names and bans a liar: :func:`~modeldepot.transfer.download.liars`).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Collection, Iterable, Mapping
 
@@ -23,6 +22,8 @@ import blake3
 
 from modeldepot.errors import DepotError, IntegrityError
 from modeldepot.transfer.choosing import FileSource
+from modeldepot.transfer.download import Limits
+from modeldepot.transfer.threads import to_thread_to_the_end
 
 __all__ = ["caught_by_upstream", "disputed_chunk"]
 
@@ -54,22 +55,36 @@ def disputed_chunk(
 
 
 async def caught_by_upstream(
-    upstream: FileSource, size: int, chunk_size: int, index: int, said: Mapping[str, str]
-) -> set[str] | None:
-    """The suspects whose word on chunk ``index`` differs from the upstream's bytes of it, fetched; None
+    upstream: FileSource, size: int, chunk_size: int, index: int, said: Mapping[str, str], limits: Limits
+) -> tuple[set[str] | None, int]:
+    """The suspects whose word on chunk ``index`` differs from the upstream's bytes of it, fetched (under a
+    buffer slot of ``limits``, as every chunk of the pull), with the bytes fetched; None for the suspects
     when the upstream's chunk matches no word (garbled on its way, or every suspect lied: nobody is caught
     on it) or cannot be fetched."""
     start = index * chunk_size
     end = min(size, start + chunk_size) - 1
-    try:
-        data = await upstream.source.fetch(upstream.url, start, end, size)
-    except (DepotError, OSError) as error:  # (a failed look settles nothing: every suspect stays out)
-        log.debug("chunk %d from the upstream, to settle which node lied: %s", index, error)
-        return None
-    try:
-        true = await asyncio.to_thread(lambda: blake3.blake3(data).hexdigest())
-    finally:
-        data.release()
+    length = end - start + 1
+    async with limits.buffer_slot():
+        buffer = limits.take_buffer(length)
+        try:
+            data = await upstream.source.fetch(upstream.url, start, end, size, buffer)
+        except (DepotError, OSError) as error:  # (a failed look settles nothing: every suspect stays out)
+            log.warning("chunk %d from the upstream, to settle which node lied, could not be fetched (%s): "
+                        "every node that sent chunks is left out", index, error)  # fmt: skip
+            limits.give_back(buffer)
+            return None, 0
+        try:
+            # (to its end: a cancelled pull's buffer is still read by the thread, a BufferError on release)
+            true = await to_thread_to_the_end(_blake3_hex, data)
+        finally:
+            data.release()
+        limits.give_back(buffer)
     if true not in said.values():
-        return None
-    return {name for name, digest in said.items() if digest != true}
+        log.warning("chunk %d from the upstream matches no node's digest of it (garbled on its way?): every "
+                    "node that sent chunks is left out", index)  # fmt: skip
+        return None, length
+    return {name for name, digest in said.items() if digest != true}, length
+
+
+def _blake3_hex(data: memoryview) -> str:
+    return blake3.blake3(data).hexdigest()

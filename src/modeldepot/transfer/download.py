@@ -72,7 +72,7 @@ if TYPE_CHECKING:
     from modeldepot.transfer.session import LazySession
     from modeldepot.transfer.swarm import SwarmFile
 
-__all__ = ["BAN_SECONDS", "LEFT_IN_PLACE", "FileSource", "Limits", "ban_liars", "download_file", "left_out", "liars",
+__all__ = ["BAN_SECONDS", "LEFT_IN_PLACE", "FileSource", "Limits", "ban_liars", "download_file", "liars",
            "say_refused_once"]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -1160,24 +1160,6 @@ def liars(mismatch: IntegrityError, true: BlobDigest) -> dict[str, int]:
             for name in senders:
                 found[name] = found.get(name, 0) + 1
     return found
-
-
-def left_out(name: str, seconds: float) -> Callable[[], None]:
-    """No chunk is asked of ``name`` for ``seconds`` (in any download of this process), as of a chunk that
-    failed its digest: not named a liar. Returns what lets it back as it was before (a suspect cleared),
-    unless it was banned again meanwhile."""
-    before = BANNED_NODES.get(name)
-    until = BANNED_NODES[name] = max(time.monotonic() + seconds, before or 0.0)
-
-    def let_back() -> None:
-        if BANNED_NODES.get(name) != until:
-            return  # (banned again since, or the ban's list trimmed: that stands)
-        if before is None:
-            del BANNED_NODES[name]
-        else:
-            BANNED_NODES[name] = before
-
-    return let_back
 
 
 def ban_liars(names: Iterable[str], seconds: float) -> None:

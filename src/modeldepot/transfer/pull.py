@@ -40,7 +40,7 @@ from modeldepot.store.partials import ResumablePartial, partial_key
 from modeldepot.store.publish import RevisionSpec, StagedFile, publish, refuse_nested_branch
 from modeldepot.store.store import Store
 from modeldepot.transfer.chain import SourceChain
-from modeldepot.transfer.choosing import banned
+from modeldepot.transfer.choosing import banned, left_out
 from modeldepot.transfer.disputes import caught_by_upstream, disputed_chunk
 from modeldepot.transfer.download import (
     BAN_SECONDS,
@@ -50,7 +50,6 @@ from modeldepot.transfer.download import (
     Limits,
     ban_liars,
     download_file,
-    left_out,
     liars,
 )
 from modeldepot.transfer.liars import recall_liars, remember_liars
@@ -322,9 +321,13 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
             finally:
                 # Claims go once the files are published (or the pull failed): peers still downloading
                 # keep the digests they saw, and find this node's blobs by its holdings, once they show.
-                if run.published:
-                    await asyncio.gather(*(swarm.hand_over() for swarm in run.swarms), return_exceptions=True)
-                await asyncio.gather(*(swarm.release() for swarm in run.swarms), return_exceptions=True)
+                try:
+                    if run.published:
+                        await asyncio.gather(
+                            *(swarm.hand_over() for swarm in run.swarms), return_exceptions=True
+                        )
+                finally:  # (a Ctrl-C in that wait: the claims still go)
+                    await asyncio.gather(*(swarm.release() for swarm in run.swarms), return_exceptions=True)
         await tracker.settle()
         # A pull is a use of the repo and of each variant it pulled (the disk budget evicts the least
         # recently used: a quant pulled into a months-old revision must not be the first to go), written
@@ -405,6 +408,8 @@ class _PullRun:
         self.swarms: list[SwarmFile] = []  # files whose chunks this pull claims in the fleet
         self.paths: dict[str, list[str]] = {}  # content key -> the paths of it this pull fetches
         self.finished: set[str] = set()  # content keys handed over for publishing
+        # A token-less fleet shares a public repo's downloads alone (what a node without a token serves)
+        self.public = not (manifest.private or manifest.gated)
 
     def parts_kept(self) -> dict[str, int]:
         """Bytes of parts of chunks this pull's claims keep for a resume, by path (read as it stopped)."""
@@ -516,7 +521,7 @@ class _PullRun:
         self.tracker.add(remote.path, claim.resumed_bytes)
         self.tracker.resumed += claim.resumed_bytes
         hub = [self.chain.hub_source(self.manifest, remote)]
-        swarm = await self.chain.swarm_file(remote, claim.chunk_size)
+        swarm = await self.chain.swarm_file(remote, claim.chunk_size, self.public)
         swarm_later, claimed = None, None
         if swarm is not None:  # the Hub from the start, for what no other node holds or claims
             self.swarms.append(swarm)
@@ -529,7 +534,7 @@ class _PullRun:
                     return self.chain.claimed_chunks(remote, claim.chunk_size)
 
                 async def swarm_later() -> SwarmFile | None:
-                    joined = await self.chain.swarm_file(remote, claim.chunk_size)
+                    joined = await self.chain.swarm_file(remote, claim.chunk_size, self.public)
                     if joined is not None:
                         self.swarms.append(joined)
                     return joined
@@ -577,7 +582,6 @@ class _PullRun:
             self.tracker.forget(remote.path)
             cleared: dict[str, Callable[[], None]] = {}
             out: set[str] = set()  # the nodes left out of the next try
-            kept: set[str] = set()  # suspects the upstream's chunk cleared, asked again
             refuted = [mismatch]  # the tries that failed the upstream's SHA-256, by what landed in each
             if suspects and "local" not in kinds:
                 # The nodes that sent every chunk the Hub did not: one of them, or the Hub, sent a wrong one. Left
@@ -590,9 +594,12 @@ class _PullRun:
                 out, settled = set(suspects), ""
                 if len(suspects) > 1 and (dispute := disputed_chunk(mismatch, suspects, nodes)) is not None:
                     index, said = dispute
-                    caught = await caught_by_upstream(hub[0], remote.size, claim.chunk_size, index, said)
+                    caught, fetched = await caught_by_upstream(
+                        hub[0], remote.size, claim.chunk_size, index, said, self.limits
+                    )
+                    self.tracker.fetched += fetched
                     if caught:
-                        out, kept = caught, suspects - caught
+                        out = caught  # (the others, cleared there, are asked again)
                         settled = (
                             f"; its chunk {index} from the upstream says {' and '.join(sorted(caught))} lied"
                         )
@@ -602,7 +609,7 @@ class _PullRun:
                             " alone" if len(suspects) == 1 else "", settled,
                             "it" if len(out) == 1 else "them")  # fmt: skip
                 honest = [node for node in nodes if node.source.name not in out]
-                again_swarm = await self.chain.swarm_file(remote, claim.chunk_size)
+                again_swarm = await self.chain.swarm_file(remote, claim.chunk_size, self.public)
                 if again_swarm is not None:
                     self.swarms.append(again_swarm)
                     again, again_fallback = [*honest, *hub], None
@@ -630,10 +637,13 @@ class _PullRun:
                         on_start,
                     )
                 except IntegrityError as still:
-                    if not kept or still.chunks_landed is None:
-                        raise
-                    # A node the upstream's chunk cleared lied elsewhere in the file (or another one joined in):
-                    # the upstream alone, as when no chunk settles who lied
+                    if still.chunks_landed is None or not any(
+                        senders for senders, _ in still.chunks_landed.values()
+                    ):
+                        raise  # (not the whole file's digest, or the upstream's own bytes: fetched again, as bad)
+                    # Other nodes sent chunks again: a node the upstream's chunk cleared lied elsewhere in the
+                    # file, or another one took part (a second liar; before the fleet's way was tried again,
+                    # several suspects meant the upstream alone, which the pull then never failed: a review)
                     refuted.append(still)
                     self.tracker.forget(remote.path)
                     log.warning("%s: without %s it failed the upstream's SHA-256 again (thrown away); fetching it "
@@ -759,9 +769,7 @@ class _PullRun:
                 claim.release(completed=False)
                 return _BUSY
             self.claims[key] = claim
-        claim.mark_public(
-            not (self.manifest.private or self.manifest.gated)
-        )  # (a token-less fleet shares it)
+        claim.mark_public(self.public)
         return claim
 
     def finish_partials(self) -> dict[str, PartialBlob]:
