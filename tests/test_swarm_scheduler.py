@@ -781,3 +781,39 @@ def test_a_pull_whose_process_stood_still_does_not_blame_its_peers(
             hub.stop()
             if holder is not None:
                 holder.stop()
+
+
+def test_a_node_without_a_token_claims_no_chunk_of_a_private_repos_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node without a token serves no private repo's download to its peers, nor names its blobs in the
+    registry: its claims on a private file's chunks held the others back for chunks they could not take from
+    it, and its pull waited at its end for a holding it never publishes (a review). It claims none; a public
+    repo's file, it claims as before."""
+    cluster = f"mem://private-{uuid.uuid4().hex[:12]}"
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("MODELDEPOT_TOKEN", raising=False)
+    monkeypatch.delenv("MODELDEPOT_SERVERS", raising=False)
+    other = random.Random(8).randbytes(len(DATA))
+    with Depot(tmp_path / "hub", chunk_size=SMALL_CHUNK) as hub_depot:
+        hub_depot.import_dir(
+            write_model_dir(tmp_path / "s", {"w.safetensors": DATA}), "acme/secret", private=True
+        )
+        hub_depot.import_dir(write_model_dir(tmp_path / "o", {"w.safetensors": other}), "acme/open")
+        hub = LiveNode(hub_depot, token="hub-secret")
+        node = None
+        try:
+            monkeypatch.setenv("HF_ENDPOINT", hub.url)
+            monkeypatch.setenv("HF_TOKEN", "hub-secret")
+            with Depot(tmp_path / "node", chunk_size=SMALL_CHUNK, cluster=cluster) as depot:
+                node = InProcessNode(depot, cluster)
+                wait_until(lambda: len(depot.peers()) == 1, 10, "the node in the view")
+                secret = depot.pull("acme/secret")
+                assert secret.bytes_by_source == {"hub": len(DATA)}
+                assert secret.swarm == {}, "no chunk of a private file claimed"
+                public = depot.pull("acme/open")
+                assert public.swarm.get("claims_won", 0) == CHUNKS, public.swarm
+        finally:
+            if node is not None:
+                node.stop()
+            hub.stop()
