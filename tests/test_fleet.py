@@ -51,6 +51,7 @@ from conftest import (
     serving_repo,
     wait_until,
     write_model_dir,
+    write_partial,
 )
 from etcdserver import EtcdServer, TlsFiles
 from fleetnodes import Fleet, base_env, modeldepot
@@ -1237,3 +1238,30 @@ def test_the_registrys_state_is_logged_as_it_changes_and_a_blip_is_not(
             wait_until(lambda: said("the registry answers again") == 1, 5, "its end to be told")
         finally:
             node.stop()
+
+
+def test_a_download_that_ended_is_told_at_once_its_progress_at_the_full_looks(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """A pull that landed a file keeps its claims until the fleet sees its node hold it: told at the next full
+    look, up to a second later, that held every pull's end (and a node that came between the two took the file
+    from the Hub). The end of a download (its log gone, its blob in the index) is seen by the quick looks in
+    between; a download's progress waits for a full look."""
+    from modeldepot.server.fleet import HoldingsReader
+
+    data = random.Random(41).randbytes(3 * depot.chunk_size - 5)
+    sha256 = write_partial(depot, data, [0])
+    reader = HoldingsReader(depot.store)
+    first = reader.poll()
+    assert first is not None and first[sha256].chunks_done == 1 and not first[sha256].complete
+    assert reader.poll(ended_only=True) is None and reader.poll() is None  # (nothing changed)
+    write_partial(depot, data, [1])
+    assert reader.poll(ended_only=True) is None, "progress waits for a full look"
+    progressed = reader.poll()
+    assert progressed is not None and progressed[sha256].chunks_done == 2
+    depot.import_dir(write_model_dir(tmp_path / "src", {"w.safetensors": data}), "acme/w")
+    partial = depot.store.partials.claim(sha256, len(data), depot.chunk_size, wait=False)
+    assert partial is not None
+    partial.release(completed=True)  # (as a pull lets its download go once the index has the blob)
+    ended = reader.poll(ended_only=True)
+    assert ended is not None and ended[sha256].complete, ended

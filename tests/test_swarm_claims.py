@@ -741,40 +741,51 @@ def test_a_node_that_gave_its_claims_up_does_not_judge_its_peers_slow(clock: Clo
     run(main())
 
 
-def test_a_pull_that_landed_the_file_keeps_its_claims_until_its_node_is_seen_holding_it() -> None:
+def test_a_pull_that_landed_the_file_hands_its_claims_over_once_its_node_is_seen_holding_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Released as its pull ended, a node's claims left the file neither claimed nor held until its serve
-    published its holdings (once a second): a node that asked in between took it from the Hub (1.25x in CI).
-    ``hand_over`` waits until the holding shows, at most its patience; a pull that claimed nothing does not."""
+    published its holdings: a node that asked in between took it from the Hub (1.25x in CI). A pull that
+    published the file returns at once (waited for, the hand-over held every mirrored response's end), and
+    its claims stand until its node is seen holding the file, or its patience ends; a failed pull's go at once."""
     from modeldepot.discovery.base import Holding
 
     registry = MemRegistry("hand-over")
     a = node("a")
+    monkeypatch.setattr(swarm_module, "HANDOVER_PATIENCE", 1.0)
+
+    async def claims_gone(discovery: MemDiscovery, within: float) -> float:
+        clock = asyncio.get_running_loop()
+        began = clock.time()
+        while discovery.claims(SHA, CHUNK):
+            assert clock.time() - began < within, discovery.claims(SHA, CHUNK)
+            await asyncio.sleep(0.01)
+        return clock.time() - began
 
     async def main() -> None:
+        clock = asyncio.get_running_loop()
         async with members(registry, a, None) as (serve_a, pull_a):
             swarm = swarm_of(pull_a, a)
             swarm.refresh()
-            assert await swarm.hand_over(patience=5) is False, "nothing claimed: nothing to hand over"
             assert await swarm.claim(0, set(), patience=10)
             await swarm.settle(0, BLAKE)
+            began = clock.time()
+            await swarm.release(hand_over=True)
+            assert clock.time() - began < 0.1, "the pull returns at once"
+            await asyncio.sleep(0.3)
+            assert set(pull_a.claims(SHA, CHUNK)) == {0}, "its claim stands until its node holds the file"
+            await serve_a.publish({SHA: Holding(SIZE, True)})
+            assert await claims_gone(pull_a, 0.5) < 0.5
 
-            async def publish_later() -> None:
-                await asyncio.sleep(0.3)
-                await serve_a.publish({SHA: Holding(SIZE, True)})
+            swarm.refresh()
+            assert await swarm.claim(1, set(), patience=10)
+            await swarm.release()  # (a pull that failed)
+            assert not pull_a.claims(SHA, CHUNK)
 
-            began = asyncio.get_running_loop().time()
-            publishing = asyncio.create_task(publish_later())
-            assert await swarm.hand_over(patience=5) is True
-            waited = asyncio.get_running_loop().time() - began
-            await publishing
-            assert 0.25 <= waited < 2, waited
-            await swarm.release()
-            assert pull_a.claims(SHA, CHUNK) == {}
-
-            await serve_a.publish({})  # (its holding gone: waits its patience, then lets go)
-            swarm.mine.add(1)
-            began = asyncio.get_running_loop().time()
-            assert await swarm.hand_over(patience=0.3) is False
-            assert asyncio.get_running_loop().time() - began >= 0.3
+            await serve_a.publish({})  # (its holding not seen: the claims go at the patience's end)
+            swarm.refresh()
+            assert await swarm.claim(2, set(), patience=10)
+            await swarm.release(hand_over=True)
+            assert await claims_gone(pull_a, 2.0) > 0.8
 
     run(main())

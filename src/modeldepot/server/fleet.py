@@ -5,7 +5,11 @@
   shutdown; a node that is killed disappears when its lease runs out.
 - **Holdings.** Every :data:`PUBLISH_INTERVAL` seconds a cheap look tells whether the store changed, by this
   process or any other (a CLI import, pull, ``rm`` or ``gc`` on the same store, a quarantine): the index's
-  ``PRAGMA data_version`` on a connection of its own, and the listing of ``partials/``. Only then are the
+  ``PRAGMA data_version`` on a connection of its own, and the listing of ``partials/``. In between, every
+  :data:`ENDED_LOOK` seconds, the listing alone says whether a download ended (its log gone, once its blob
+  is in the index): a pull that landed a file keeps its claims until the fleet sees the file held (its
+  peers, else, found it neither claimed nor held, and took it from the Hub), so that moment is not left to
+  the next look, up to a second later. Only then are the
   holdings computed again (every blob with state ``ok``, whole; every download in ``partials/`` with the
   chunks its log names, in progress; on a node without a token, public repos' contents alone) and handed to the discovery, which writes the difference in batches.
   An idle node does nothing more than those two looks. Holdings name contents by SHA-256 alone: no repo
@@ -38,7 +42,7 @@ from modeldepot.store.partials import PartialState
 from modeldepot.store.store import Store
 from modeldepot.transfer.chain import FLEET_NODE_SETTING, NODE_API, takes_token
 from modeldepot.transfer.choosing import token_refused
-from modeldepot.transfer.fleet import FleetView, PeerRow, other_fleets
+from modeldepot.transfer.fleet import FLEET_READ_TIMEOUT, FleetView, PeerRow, other_fleets
 from modeldepot.transfer.sources import HttpSource
 
 __all__ = ["FLEET", "PUBLISH_INTERVAL", "HoldingsReader", "NodeFleet", "advertised_url"]
@@ -46,6 +50,7 @@ __all__ = ["FLEET", "PUBLISH_INTERVAL", "HoldingsReader", "NodeFleet", "advertis
 log = logging.getLogger("modeldepot.server")
 
 PUBLISH_INTERVAL = 1.0  # seconds between looks at the store for changes to publish
+ENDED_LOOK = 0.2  # seconds between looks, in between, for a download that ended (published at once)
 # Seconds the registry may be unsure before it is said out of reach (an etcd member failing over to the next
 # takes milliseconds; an etcd restarted, a second or two: said), or this node's record lost (its keys checked:
 # two calls, behind a write)
@@ -109,11 +114,17 @@ class HoldingsReader:
             str, tuple[int, int, PartialState | None]
         ] = {}  # log name -> (size, mtime, state)
 
-    def poll(self) -> dict[str, Holding] | None:
+    def poll(self, ended_only: bool = False) -> dict[str, Holding] | None:
         """The holdings if anything changed since the last call (the first call always answers), else None.
+        ``ended_only``: only when a download ended since (its log gone from ``partials/``; a pull unlinks it
+        once the index has the blob), else None: a look at the listing alone.
 
         The looks come before the reads they guard: a change that lands during a read is seen next time."""
         with self._lock:
+            if ended_only and self._signature is not None:
+                now = self.store.partials.log_names()
+                if all(name in now for name, _, _ in self._signature):
+                    return None
             return self._poll()
 
     def _poll(self) -> dict[str, Holding] | None:
@@ -326,6 +337,8 @@ class NodeFleet:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         if self.view is not None:
+            if running := self.view.background():  # (claims handed over after pulls: released first)
+                await asyncio.wait([asyncio.wrap_future(f) for f in running], timeout=FLEET_READ_TIMEOUT)
             self.view.detach()
             self.depot.use_fleet(None)
         discovery, self.discovery = self.discovery, None
@@ -348,15 +361,23 @@ class NodeFleet:
         reader: HoldingsReader | None = None
         published: dict[str, Holding] | None = None
         pending: dict[str, Holding] | None = None
+        look = min(ENDED_LOOK, self.interval)
+        full_look_at = 0.0
         try:
             while True:
                 try:
                     if reader is None:
                         reader = await asyncio.to_thread(HoldingsReader, self.depot.store, not self.token)
-                    found = await asyncio.to_thread(reader.poll)
+                    now = time.monotonic()
+                    ended_only = now - full_look_at < self.interval - look / 2
+                    if not ended_only:
+                        full_look_at = now
+                    found = await asyncio.to_thread(reader.poll, ended_only)
                     if found is not None and found != published:
                         pending = found
-                    if pending is not None:
+                    # (one that failed is tried again at the full looks: a registry in trouble is not asked
+                    # five times a second)
+                    if pending is not None and (found is not None or not ended_only):
                         await discovery.publish(pending)
                         published, pending = pending, None
                     self._problem = None
@@ -366,7 +387,7 @@ class NodeFleet:
                         log.warning("cluster %s: publishing this node's holdings failed (%s); retrying",
                                     self.cluster, problem)  # fmt: skip
                     self._problem = problem
-                await asyncio.sleep(self.interval)
+                await asyncio.sleep(look)
         finally:
             if reader is not None:
                 await asyncio.to_thread(reader.close)

@@ -4,8 +4,8 @@ A file that failed the upstream's SHA-256 with chunks from one node besides the 
 without that node. With chunks from several (a node that came late took them from a lying complete holder
 and from honest nodes that held the file by then), it was fetched again from the upstream alone: one more
 copy per late node (2.2x for three nodes in CI, where 1.0x is the aim). The nodes' own words usually say
-where they differ: the digest each chunk landed with (its sender's), and each complete holder's list of
-digests. One chunk on which they differ, fetched from the upstream, says who lied there; the file is then
+where they differ: the digest each chunk landed with (its sender's), and a complete holder's list of
+digests as this pull knows it (its own, or the scan node's, which its chunks were checked against). One chunk on which they differ, fetched from the upstream, says who lied there; the file is then
 fetched again, the swarm's way, without them.
 
 The upstream's chunk decides only when it matches one of the words: a chunk the upstream garbled matches
@@ -35,7 +35,7 @@ def disputed_chunk(
 ) -> tuple[int, dict[str, str]] | None:
     """A chunk on which the suspects' words differ, with each one's digest of it (name -> BLAKE3), or None
     when they never do. A suspect's word is the digest a chunk it alone sent landed with, and its list of
-    digests, when it gave one (a complete holder). Of the chunks in dispute, the one most suspects spoke of
+    digests as this pull knows it, when it has one (a complete holder: its own, or the scan node's). Of the chunks in dispute, the one most suspects spoke of
     (the lowest such index: a choice that does not change from one look to the next)."""
     words: dict[int, dict[str, str]] = {}
     for index, (senders, landed_as) in (mismatch.chunks_landed or {}).items():

@@ -57,6 +57,8 @@ class FleetView:
         self.loop = loop
         self.node_id = node_id  # this node's id when it registered itself (shown like any other peer)
         self._detached = False
+        self._background: set[concurrent.futures.Future[None]] = set()  # (in_background)
+        self._background_lock = threading.Lock()
 
     def detach(self) -> None:
         self._detached = True
@@ -113,6 +115,44 @@ class FleetView:
         except (RuntimeError, asyncio.TimeoutError) as error:
             log.warning("the fleet did not answer (%s): going on without it", error or type(error).__name__)
             return default
+
+    def in_background(self, what: Callable[[Discovery], Awaitable[None]]) -> bool:
+        """Run ``what(discovery)`` on the discovery's loop without waiting for it (a pull's claims handed
+        over after it returned); :meth:`finish_background` waits for what runs. False when the view is
+        detached or its loop is gone: nothing runs."""
+        if self._detached:
+            return False
+
+        async def run() -> None:
+            await what(self.discovery)
+
+        coroutine = run()
+        try:
+            future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        except RuntimeError:  # its loop is closed
+            coroutine.close()
+            return False
+        with self._background_lock:
+            self._background.add(future)
+        future.add_done_callback(self._ran)
+        return True
+
+    def _ran(self, future: concurrent.futures.Future[None]) -> None:
+        with self._background_lock:
+            self._background.discard(future)
+        if not future.cancelled() and (error := future.exception()) is not None:
+            log.debug("a task of the fleet's failed: %s", error)
+
+    def background(self) -> list[concurrent.futures.Future[None]]:
+        """What :meth:`in_background` runs now."""
+        with self._background_lock:
+            return list(self._background)
+
+    def finish_background(self, timeout: float = FLEET_READ_TIMEOUT) -> None:
+        """Wait (from another thread than the discovery's loop, at most ``timeout``) for what
+        :meth:`in_background` runs."""
+        if running := self.background():
+            concurrent.futures.wait(running, timeout)
 
     def _submit(self, what: Callable[[Discovery], T]) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -214,6 +254,7 @@ class BackgroundFleet(FleetView):
         """Disconnect (it registered nothing, so nothing is withdrawn) and stop the thread."""
         if self._detached:
             return
+        self.finish_background()  # (claims handed over after pulls: released before the lease goes)
         self.detach()
         try:
             asyncio.run_coroutine_threadsafe(self.discovery.close(), self.loop).result(FLEET_READ_TIMEOUT)

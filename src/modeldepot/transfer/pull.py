@@ -320,14 +320,10 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
                     run.release()
             finally:
                 # Claims go once the files are published (or the pull failed): peers still downloading
-                # keep the digests they saw, and find this node's blobs by its holdings, once they show.
-                try:
-                    if run.published:
-                        await asyncio.gather(
-                            *(swarm.hand_over() for swarm in run.swarms), return_exceptions=True
-                        )
-                finally:  # (a Ctrl-C in that wait: the claims still go)
-                    await asyncio.gather(*(swarm.release() for swarm in run.swarms), return_exceptions=True)
+                # keep the digests they saw, and find this node's blobs by its holdings, once they show
+                # (a published file's claims stand until then, in the background: SwarmFile.release)
+                await asyncio.gather(*(swarm.release(hand_over=run.published) for swarm in run.swarms),
+                                     return_exceptions=True)  # fmt: skip
         await tracker.settle()
         # A pull is a use of the repo and of each variant it pulled (the disk budget evicts the least
         # recently used: a quant pulled into a months-old revision must not be the first to go), written

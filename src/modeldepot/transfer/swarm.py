@@ -563,38 +563,41 @@ class SwarmFile:
                      "" if len(unlanded) == 1 else "s")  # fmt: skip
             await self.fleet.call(lambda d: d.release_claims(sha, size, unlanded), None)
 
-    async def hand_over(self, patience: float = HANDOVER_PATIENCE) -> bool:
-        """Keep this node's claims on the file, which its pull landed and published, until the view shows
-        this store's node holding it whole (at most ``patience`` seconds; True once it does). Released at
-        once, a node that asked in between, before the holdings this node's serve publishes once a second
-        showed the file, found it neither claimed nor held, and fetched it from the Hub again (1.25x the
-        model in CI). Nothing to wait for when this pull claimed nothing, or its node is not serving."""
-        if not self.mine or not (self.serving and self._listening and self.registry_answers):
-            return False
-        sha, node_id = self.sha256, self.node_id
-
-        def held(discovery: Discovery) -> bool:
-            return any(h.node.node_id == node_id and h.holding.complete for h in discovery.holders(sha))
-
-        deadline = time.monotonic() + patience
-        while not await self.fleet.read_async(
-            held, True
-        ):  # (True: no view to look at any more, a closing pull)
-            if time.monotonic() >= deadline:
-                log.debug("%s: this node's holding of it not seen in %.1f s: its claims go anyway", sha[:12],
-                          patience)  # fmt: skip
-                return False
-            await asyncio.sleep(HANDOVER_LOOK)
-        return True
-
-    async def release(self) -> None:
+    async def release(self, hand_over: bool = False) -> None:
         """Withdraw this node's claims on the file (its pull is over: it holds the file, or gave up): every
-        claim the registry still holds for this process, a withdrawal cut short by the pull's end too."""
-        if self.mine or self.withdrawn or self._held_claimed:
-            self.mine.clear()
-            self.withdrawn.clear()
-            sha, size = self.sha256, self.chunk_size
-            await self.fleet.call(lambda d: d.release_claims(sha, size), None)
+        claim the registry still holds for this process, a withdrawal cut short by the pull's end too.
+
+        ``hand_over``: the pull landed and published the file. Its claims then stand until the view shows
+        this store's node holding it whole (at most ``HANDOVER_PATIENCE``), on the fleet's loop, while the
+        pull returns: released at once, a node that asked before the holdings this node's serve publishes
+        showed the file found it neither claimed nor held, and fetched it from the Hub again (1.25x the model
+        in CI). Waited for in the pull, it held every mirrored response's end (a review)."""
+        if not (self.mine or self.withdrawn or self._held_claimed):
+            return
+        handing = hand_over and bool(self.mine) and self.serving and self._listening and self.registry_answers
+        self.mine.clear()
+        self.withdrawn.clear()
+        sha, size, node_id = self.sha256, self.chunk_size, self.node_id
+        if handing and self.fleet.in_background(lambda d: _hand_over(d, sha, size, node_id)):
+            return
+        await self.fleet.call(lambda d: d.release_claims(sha, size), None)
+
+
+async def _hand_over(discovery: Discovery, sha256: str, chunk_size: int, node_id: str) -> None:
+    """(On the fleet's loop.) Release this process's claims on ``sha256`` once ``node_id`` is seen holding it
+    whole, or after ``HANDOVER_PATIENCE`` (its serve's publishing failed, or it holds what it does not
+    publish): released in any case, a cancellation included."""
+    clock = asyncio.get_running_loop()
+    deadline = clock.time() + HANDOVER_PATIENCE
+    try:
+        while not any(h.node.node_id == node_id and h.holding.complete for h in discovery.holders(sha256)):
+            if clock.time() >= deadline:
+                log.debug("%s: this node's holding of it not seen in %.1f s: its claims go anyway", sha256[:12],
+                          HANDOVER_PATIENCE)  # fmt: skip
+                return
+            await asyncio.sleep(HANDOVER_LOOK)
+    finally:
+        await discovery.release_claims(sha256, chunk_size)
 
 
 def _claiming(
