@@ -22,7 +22,7 @@ from modeldepot.cli import cli
 from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError, StoreError, StoreFullError
 from modeldepot.preload import Preloader
 from modeldepot.store.budget import BudgetExceededError, parse_max_size
-from modeldepot.store.partials import PUBLIC_MARK
+from modeldepot.store.partials import ENDED_MARK, PUBLIC_MARK
 
 MB = 1 << 20
 
@@ -390,7 +390,7 @@ def test_a_pull_evicts_before_it_downloads_and_fails_before_it_writes(
                 assert repos(local) == {"acme/kept", "up/one"}
                 partials = local.home / "partials"
                 fetched = [p for p in partials.rglob("*")
-                           if p.is_file() and p.suffix != ".lock" and p.name != PUBLIC_MARK]  # fmt: skip
+                           if p.is_file() and p.suffix != ".lock" and p.name not in (PUBLIC_MARK, ENDED_MARK)]  # fmt: skip
                 assert fetched == [], "nothing fetched"
                 assert local.budget_status().evictions == 1
                 assert {v.status for v in local.get_manifest("up/one").variants} == {"downloaded"}

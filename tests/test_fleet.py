@@ -1244,9 +1244,9 @@ def test_a_download_that_ended_is_told_at_once_its_progress_at_the_full_looks(
     depot: Depot, tmp_path: Path
 ) -> None:
     """A pull that landed a file keeps its claims until the fleet sees its node hold it: told at the next full
-    look, up to a second later, that held every pull's end (and a node that came between the two took the file
-    from the Hub). The end of a download (its log gone, its blob in the index) is seen by the quick looks in
-    between; a download's progress waits for a full look."""
+    look, up to a second later, that kept them half a second on average. The end of a download (its blob in
+    the index, the partials' ended-mark set) is seen by the quick looks in between; a download's progress
+    waits for a full look."""
     from modeldepot.server.fleet import HoldingsReader
 
     data = random.Random(41).randbytes(3 * depot.chunk_size - 5)
@@ -1265,3 +1265,15 @@ def test_a_download_that_ended_is_told_at_once_its_progress_at_the_full_looks(
     partial.release(completed=True)  # (as a pull lets its download go once the index has the blob)
     ended = reader.poll(ended_only=True)
     assert ended is not None and ended[sha256].complete, ended
+    # A download that began after the last full look, and ended before the next one: told as it ended
+    # (watching the logs' names, a quick look missed a download shorter than the time between two looks)
+    other = random.Random(42).randbytes(2 * depot.chunk_size)
+    other_sha256 = write_partial(depot, other, [0])
+    assert reader.poll(ended_only=True) is None, "a download that began waits for a full look"
+    depot.import_dir(write_model_dir(tmp_path / "other", {"w.safetensors": other}), "acme/other")
+    partial = depot.store.partials.claim(other_sha256, len(other), depot.chunk_size, wait=False)
+    assert partial is not None
+    partial.release(completed=True)
+    ended = reader.poll(ended_only=True)
+    assert ended is not None and ended[other_sha256].complete, ended
+    assert reader.poll(ended_only=True) is None and reader.poll() is None

@@ -29,7 +29,7 @@ from conftest import (
 from modeldepot import Depot, IntegrityError, NotFoundError
 from modeldepot.cli import cli
 from modeldepot.errors import ConfigError, InvalidInputError, OfflineError
-from modeldepot.store.partials import PUBLIC_MARK, partial_key
+from modeldepot.store.partials import ENDED_MARK, PUBLIC_MARK, partial_key
 from modeldepot.transfer.progress import PullUpdate
 
 REPO = "onnx-community/tiny"
@@ -488,7 +488,7 @@ def test_a_pull_cancelled_while_it_publishes_waits_for_the_publish_and_counts_it
     statuses = {v.name: v.status for v in local.get_manifest(REPO).variants}
     assert statuses["q4f16"] == "downloaded", statuses
     left = [p.name for p in local.store.layout.partials.iterdir()
-            if not p.name.startswith("pull-") and p.name != PUBLIC_MARK]  # fmt: skip
+            if not p.name.startswith("pull-") and p.name not in (PUBLIC_MARK, ENDED_MARK)]  # fmt: skip
     assert left == [], left
     assert store_files_consistent(local) == []
 

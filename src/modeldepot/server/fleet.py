@@ -6,10 +6,10 @@
 - **Holdings.** Every :data:`PUBLISH_INTERVAL` seconds a cheap look tells whether the store changed, by this
   process or any other (a CLI import, pull, ``rm`` or ``gc`` on the same store, a quarantine): the index's
   ``PRAGMA data_version`` on a connection of its own, and the listing of ``partials/``. In between, every
-  :data:`ENDED_LOOK` seconds, the listing alone says whether a download ended (its log gone, once its blob
-  is in the index): a pull that landed a file keeps its claims until the fleet sees the file held (its
-  peers, else, found it neither claimed nor held, and took it from the Hub), so that moment is not left to
-  the next look, up to a second later. Only then are the
+  :data:`ENDED_LOOK` seconds, one stat says whether a download completed (the mtime of the partials'
+  ``ENDED_MARK``, set as it lets go, once its blob is in the index): a pull that landed a file keeps its
+  claims until the fleet sees the file held (its peers, else, found it neither claimed nor held, and took
+  it from the Hub), so that moment is not left to the next look, up to a second later. Only then are the
   holdings computed again (every blob with state ``ok``, whole; every download in ``partials/`` with the
   chunks its log names, in progress; on a node without a token, public repos' contents alone) and handed to the discovery, which writes the difference in batches.
   An idle node does nothing more than those two looks. Holdings name contents by SHA-256 alone: no repo
@@ -109,6 +109,7 @@ class HoldingsReader:
         self._counter = store.index.change_counter()
         self._version: tuple[int, int] | None = None
         self._signature: tuple[tuple[str, int, int], ...] | None = None
+        self._ended = 0  # the partials' ENDED_MARK as the last full look found it (ended_only)
         self._blobs: dict[str, Holding] = {}
         self._partials: dict[
             str, tuple[int, int, PartialState | None]
@@ -116,15 +117,13 @@ class HoldingsReader:
 
     def poll(self, ended_only: bool = False) -> dict[str, Holding] | None:
         """The holdings if anything changed since the last call (the first call always answers), else None.
-        ``ended_only``: only when a download ended since (its log gone from ``partials/``; a pull unlinks it
-        once the index has the blob), else None: a look at the listing alone.
+        ``ended_only``: only when a download completed since (the partials' ``ENDED_MARK``, which it sets as
+        it lets go, once the index has the blob, changed), else None: one stat.
 
         The looks come before the reads they guard: a change that lands during a read is seen next time."""
         with self._lock:
-            if ended_only and self._signature is not None:
-                now = self.store.partials.log_names()
-                if all(name in now for name, _, _ in self._signature):
-                    return None
+            if ended_only and self._signature is not None and self.store.partials.ended_mark() == self._ended:
+                return None
             return self._poll()
 
     def _poll(self) -> dict[str, Holding] | None:
@@ -132,6 +131,7 @@ class HoldingsReader:
             self._counter.value(),
             self.store.refusals,
         )  # (a read-only store's refusals change no index)
+        self._ended = self.store.partials.ended_mark()
         signature = self.store.partials.signature()
         if version == self._version and signature == self._signature:
             return None
