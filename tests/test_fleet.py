@@ -1259,12 +1259,20 @@ def test_a_download_that_ended_is_told_at_once_its_progress_at_the_full_looks(
     assert reader.poll(ended_only=True) is None, "progress waits for a full look"
     progressed = reader.poll()
     assert progressed is not None and progressed[sha256].chunks_done == 2
+    busy = random.Random(43).randbytes(4 * depot.chunk_size)  # (a download beside it, in progress)
+    busy_sha256 = write_partial(depot, busy, [0])
+    assert reader.poll()[busy_sha256].chunks_done == 1  # type: ignore[index]
+    write_partial(depot, busy, [1])
     depot.import_dir(write_model_dir(tmp_path / "src", {"w.safetensors": data}), "acme/w")
     partial = depot.store.partials.claim(sha256, len(data), depot.chunk_size, wait=False)
     assert partial is not None
     partial.release(completed=True)  # (as a pull lets its download go once the index has the blob)
     ended = reader.poll(ended_only=True)
     assert ended is not None and ended[sha256].complete, ended
+    # (the download beside it as the last full look found it: its progress rewritten at every file that
+    # completed, five times a second, a review)
+    assert ended[busy_sha256].chunks_done == 1, ended
+    assert reader.poll()[busy_sha256].chunks_done == 2  # type: ignore[index]
     # A download that began after the last full look, and ended before the next one: told as it ended
     # (watching the logs' names, a quick look missed a download shorter than the time between two looks)
     other = random.Random(42).randbytes(2 * depot.chunk_size)
@@ -1277,3 +1285,31 @@ def test_a_download_that_ended_is_told_at_once_its_progress_at_the_full_looks(
     ended = reader.poll(ended_only=True)
     assert ended is not None and ended[other_sha256].complete, ended
     assert reader.poll(ended_only=True) is None and reader.poll() is None
+
+
+def test_a_node_that_leaves_releases_the_claims_it_hands_over_at_once(depot: Depot, tmp_path: Path) -> None:
+    """A serve shutting down waited for each hand-over of a pull that had just ended, with its publisher
+    stopped: each ran out its patience (2.5 s) for a holding nobody would publish. It cancels them: each
+    releases its claims at once."""
+    from modeldepot.server.fleet import NodeFleet
+    from modeldepot.transfer.swarm import HANDOVER_PATIENCE, _hand_over
+
+    async def main() -> None:
+        fleet = NodeFleet(depot, f"mem://leaving-{uuid.uuid4().hex[:8]}", "/modeldepot")
+        await fleet.start()
+        await fleet.register("http://127.0.0.1:9")
+        assert fleet.discovery is not None and fleet.view is not None
+        discovery = fleet.discovery
+        sha256 = hashlib.sha256(b"never published").hexdigest()
+        assert await discovery.claim_chunk(sha256, SMALL_CHUNK, 0, depot.node_id) is not None
+        assert fleet.view.in_background(
+            lambda d: _hand_over(d, sha256, SMALL_CHUNK, frozenset({0}), depot.node_id)
+        )
+        await asyncio.sleep(0.1)
+        assert discovery.claims(sha256, SMALL_CHUNK), "the claim stands while it is handed over"
+        began = time.monotonic()
+        await fleet.close()
+        assert time.monotonic() - began < HANDOVER_PATIENCE / 2
+        assert not fleet.view.background()
+
+    asyncio.run(main())

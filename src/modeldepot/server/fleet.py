@@ -12,7 +12,7 @@
   it from the Hub), so that moment is not left to the next look, up to a second later. Only then are the
   holdings computed again (every blob with state ``ok``, whole; every download in ``partials/`` with the
   chunks its log names, in progress; on a node without a token, public repos' contents alone) and handed to the discovery, which writes the difference in batches.
-  An idle node does nothing more than those two looks. Holdings name contents by SHA-256 alone: no repo
+  An idle node does nothing more than those two looks, and the stat. Holdings name contents by SHA-256 alone: no repo
   or file name (a private repo's least of all) ever reaches the registry.
 - **Outages.** The discovery keeps its last view and retries; this module logs each change of its state
   (registry lost, back, registered), and health shows it.
@@ -109,7 +109,8 @@ class HoldingsReader:
         self._counter = store.index.change_counter()
         self._version: tuple[int, int] | None = None
         self._signature: tuple[tuple[str, int, int], ...] | None = None
-        self._ended = 0  # the partials' ENDED_MARK as the last full look found it (ended_only)
+        self._ended = 0  # the partials' ENDED_MARK as the last look found it (ended_only)
+        self._last: dict[str, Holding] | None = None  # the holdings the last look that answered returned
         self._blobs: dict[str, Holding] = {}
         self._partials: dict[
             str, tuple[int, int, PartialState | None]
@@ -122,24 +123,47 @@ class HoldingsReader:
 
         The looks come before the reads they guard: a change that lands during a read is seen next time."""
         with self._lock:
-            if ended_only and self._signature is not None and self.store.partials.ended_mark() == self._ended:
-                return None
+            if ended_only and self._signature is not None:
+                return self._poll_ended()
             return self._poll()
 
+    def _poll_ended(self) -> dict[str, Holding] | None:
+        """What :meth:`poll` says to a quick look: the contents held whole now, with the downloads as the last
+        full look found them (their progress is told at the next: five times a second, every download's
+        progress rewritten at each file that completed, a review). None when no download completed."""
+        ended = self.store.partials.ended_mark()
+        if ended == self._ended or self._last is None:
+            return None
+        version = (self._counter.value(), self.store.refusals)
+        if version != self._version:
+            self._blobs = self._held_blobs()
+        self._ended, self._version = ended, version  # (once read: a look that failed is made again)
+        holdings = {sha: held for sha, held in self._last.items() if not held.complete}
+        holdings.update(self._blobs)
+        if holdings == self._last:
+            return None
+        self._last = holdings
+        return holdings
+
+    def _held_blobs(self) -> dict[str, Holding]:
+        blobs = {}
+        for blob in self.store.held_blobs(public_only=self.public_only):
+            chunks = chunk_count(blob.size, blob.chunk_size)
+            blobs[blob.sha256] = Holding(blob.size, True, chunks, chunks)
+        return blobs
+
     def _poll(self) -> dict[str, Holding] | None:
+        ended = self.store.partials.ended_mark()  # (first: a download that completes meanwhile is seen next)
         version = (
             self._counter.value(),
             self.store.refusals,
         )  # (a read-only store's refusals change no index)
-        self._ended = self.store.partials.ended_mark()
         signature = self.store.partials.signature()
         if version == self._version and signature == self._signature:
+            self._ended = ended
             return None
         if version != self._version:
-            self._blobs = {}
-            for blob in self.store.held_blobs(public_only=self.public_only):
-                chunks = chunk_count(blob.size, blob.chunk_size)
-                self._blobs[blob.sha256] = Holding(blob.size, True, chunks, chunks)
+            self._blobs = self._held_blobs()
         if signature != self._signature:
             known, self._partials = self._partials, {}
             for name, size, mtime in signature:
@@ -154,6 +178,7 @@ class HoldingsReader:
                 chunks = state.chunks
                 holdings[state.sha256] = Holding(state.size, False, min(state.chunks_logged, chunks), chunks)
         holdings.update(self._blobs)  # a content both whole and downloading (a race) is whole
+        self._ended, self._last = ended, holdings
         return holdings
 
     def close(self) -> None:
@@ -337,9 +362,13 @@ class NodeFleet:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         if self.view is not None:
-            if running := self.view.background():  # (claims handed over after pulls: released first)
+            self.view.detach()  # (no hand-over starts from here on)
+            # Claims handed over after pulls: the node leaves, so no holding of theirs will show; cancelled,
+            # each releases its claims at once (waited for, the publisher stopped, each ran out its patience)
+            if running := self.view.background():
+                for future in running:
+                    future.cancel()
                 await asyncio.wait([asyncio.wrap_future(f) for f in running], timeout=FLEET_READ_TIMEOUT)
-            self.view.detach()
             self.depot.use_fleet(None)
         discovery, self.discovery = self.discovery, None
         if discovery is not None:

@@ -345,9 +345,9 @@ class ResumablePartial:
 def _mark_ended(mark: Path) -> None:
     """Set the mtime of the store's :data:`ENDED_MARK` to now (made if missing; a store that cannot be
     written, or a full disk, leaves it: the publisher's full looks see the change a moment later)."""
-    now = time.time_ns()
     try:
-        os.utime(mark, ns=(now, now))
+        os.utime(mark)  # (now, as the kernel says: a group member of a shared store may, where setting given
+        # times needs the file's owner)
     except FileNotFoundError:
         with contextlib.suppress(OSError):
             mark.touch()

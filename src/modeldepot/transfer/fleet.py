@@ -254,8 +254,10 @@ class BackgroundFleet(FleetView):
         """Disconnect (it registered nothing, so nothing is withdrawn) and stop the thread."""
         if self._detached:
             return
-        self.finish_background()  # (claims handed over after pulls: released before the lease goes)
-        self.detach()
+        try:
+            self.finish_background()  # (claims handed over after pulls: released before the lease goes)
+        finally:  # (a Ctrl-C in that wait: the discovery is closed all the same)
+            self.detach()
         try:
             asyncio.run_coroutine_threadsafe(self.discovery.close(), self.loop).result(FLEET_READ_TIMEOUT)
         except Exception as error:  # closing a connection that broke: nothing is left to undo

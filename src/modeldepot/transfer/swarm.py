@@ -140,7 +140,10 @@ class SwarmFile:
         self.events: dict[str, int] = {}  # why chunks were fetched from the Hub, and other counts
         self.registry_answers = True  # (refresh) False: claims settled meanwhile cannot be seen to land
         self._unreachable_since: float | None = None  # since when the registry does not answer the view
-        self._held_claimed = False  # (claim_held asked the registry)
+        # Every chunk this file's claims were asked for: what its release withdraws, and nothing else (a
+        # release of all the process's claims on the content dropped another pull's, or a retry's being
+        # handed over, a review)
+        self.asked: set[int] = set()
 
     # -- reading the view -----------------------------------------------------------------------------------
 
@@ -440,6 +443,7 @@ class SwarmFile:
             self.count("unshared")
             return True
         sha, size, node_id = self.sha256, self.chunk_size, self.node_id
+        self.asked.add(index)
         result = await self.fleet.call(lambda d: d.claim_chunk(sha, size, index, node_id, replaces), None)
         now = time.monotonic()
         if result is None:  # the registry did not answer (down, or too busy to answer in time)
@@ -488,12 +492,12 @@ class SwarmFile:
         sha, size, node_id = self.sha256, self.chunk_size, self.node_id
         if not self.serving:  # (as claim: the others may not wait on a node none of them can reach)
             return
-        # (a claim cut short by the pull's end may stand: release asks the registry)
-        self._held_claimed = True
+        # (a claim cut short by the pull's end may stand: release asks the registry, by `asked`)
         for index in sorted({*held, *fetching}):
             current = self.claims.get(index)
             if index in self.mine or (current is not None and current.node_id != node_id):
                 continue
+            self.asked.add(index)
             result = await self.fleet.call(_claiming(sha, size, index, node_id), None)
             if result is None:  # the registry does not answer: these chunks stay unshared
                 return
@@ -572,21 +576,24 @@ class SwarmFile:
         pull returns: released at once, a node that asked before the holdings this node's serve publishes
         showed the file found it neither claimed nor held, and fetched it from the Hub again (1.25x the model
         in CI). Waited for in the pull, it held every mirrored response's end (a review)."""
-        if not (self.mine or self.withdrawn or self._held_claimed):
+        if not self.asked:
             return
         handing = hand_over and bool(self.mine) and self.serving and self._listening and self.registry_answers
+        chunks = frozenset(self.asked)
         self.mine.clear()
         self.withdrawn.clear()
+        self.asked.clear()
         sha, size, node_id = self.sha256, self.chunk_size, self.node_id
-        if handing and self.fleet.in_background(lambda d: _hand_over(d, sha, size, node_id)):
+        if handing and self.fleet.in_background(lambda d: _hand_over(d, sha, size, chunks, node_id)):
             return
-        await self.fleet.call(lambda d: d.release_claims(sha, size), None)
+        await self.fleet.call(lambda d: d.release_claims(sha, size, chunks), None)
 
 
-async def _hand_over(discovery: Discovery, sha256: str, chunk_size: int, node_id: str) -> None:
-    """(On the fleet's loop.) Release this process's claims on ``sha256`` once ``node_id`` is seen holding it
-    whole, or after ``HANDOVER_PATIENCE`` (its serve's publishing failed, or it holds what it does not
-    publish): released in any case, a cancellation included."""
+async def _hand_over(discovery: Discovery, sha256: str, chunk_size: int, chunks: frozenset[int],
+                     node_id: str) -> None:  # fmt: skip
+    """(On the fleet's loop.) Release this process's claims on ``chunks`` of ``sha256`` once ``node_id`` is
+    seen holding it whole, or after ``HANDOVER_PATIENCE`` (its serve's publishing failed, or it holds what it
+    does not publish): released in any case, a cancellation included (a node leaving: at once)."""
     clock = asyncio.get_running_loop()
     deadline = clock.time() + HANDOVER_PATIENCE
     try:
@@ -597,7 +604,7 @@ async def _hand_over(discovery: Discovery, sha256: str, chunk_size: int, node_id
                 return
             await asyncio.sleep(HANDOVER_LOOK)
     finally:
-        await discovery.release_claims(sha256, chunk_size)
+        await discovery.release_claims(sha256, chunk_size, chunks)
 
 
 def _claiming(
