@@ -555,12 +555,8 @@ def test_a_node_that_comes_late_to_a_lying_holder_takes_the_file_from_the_honest
     both: the file failed its SHA-256 with two nodes to suspect, and was fetched again from the Hub alone (one
     more copy per node that comes late: 2.2x for three nodes in CI, where 1.0x is the aim). One chunk from the
     Hub, on which their digests differ, says which lied: the file is taken from the honest one again."""
-    size = 40 * MiB - 4321
-    files = {
-        ".gitattributes": GITATTRIBUTES,
-        "config.json": b'{"model_type": "bert"}',
-        BIG: random_bytes(size, 37),
-    }
+    files = lying_holders_repo(37)
+    size = len(files[BIG])
     hub = Hub(tmp_path, files)
     try:
         lying_store(tmp_path / "liar", files, tmp_path)
@@ -585,6 +581,12 @@ def test_a_node_that_comes_late_to_a_lying_holder_takes_the_file_from_the_honest
         assert hub_sent < size / 2, (hub_sent / size, results[0]["bytes_by_source"], logs)
     finally:
         hub.stop()
+
+
+def lying_holders_repo(seed: int) -> dict[str, bytes]:
+    """The repo of the lying holder's tests: a config and a big file of ten chunks and a short one."""
+    return {".gitattributes": GITATTRIBUTES, "config.json": b'{"model_type": "bert"}',
+            BIG: random_bytes(40 * MiB - 4321, seed)}  # fmt: skip
 
 
 def lying_store(home: Path, files: dict[str, bytes], root: Path) -> None:
@@ -625,12 +627,8 @@ def test_a_complete_holder_that_lies_costs_the_hub_one_more_copy_not_one_per_nod
     SHA-256, and fetched it again from the Hub alone, the Hub sending one copy per node (4.7x with four: an
     explorer's trial). The one node that sent every chunk the Hub did not is known at once: banned, and the
     file fetched again the fleet's way, each chunk from the Hub about once more."""
-    size = 40 * MiB - 4321
-    files = {
-        ".gitattributes": GITATTRIBUTES,
-        "config.json": b'{"model_type": "bert"}',
-        BIG: random_bytes(size, 31),
-    }
+    files = lying_holders_repo(31)
+    size = len(files[BIG])
     hub = Hub(tmp_path, files)
     try:
         lying_store(tmp_path / "liar", files, tmp_path)
