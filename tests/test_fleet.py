@@ -1313,3 +1313,38 @@ def test_a_node_that_leaves_releases_the_claims_it_hands_over_at_once(depot: Dep
         assert not fleet.view.background()
 
     asyncio.run(main())
+
+
+def test_a_program_that_never_closes_its_depot_releases_the_claims_it_hands_over_at_exit(
+    etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    """A program that pulls with a Depot and ends without closing it (a script, a notebook's kernel that
+    exits) left the claims its pulls handed over in the registry until its lease ran out (10 s), each a
+    chunk the fleet waited on from it; the view closes at the interpreter's exit as Depot.close closes it:
+    the hand-over ends and the claims go at once."""
+    cluster = f"etcd://127.0.0.1:{etcd_server.client_port}"
+    sha256 = hashlib.sha256(b"handed over, never closed").hexdigest()
+    program = f"""
+import asyncio
+from modeldepot import Depot
+from modeldepot.transfer.swarm import _hand_over
+
+depot = Depot({str(tmp_path / "store")!r}, chunk_size={SMALL_CHUNK}, cluster={cluster!r})
+fleet = depot.fleet
+node_id = depot.node_id
+claim = lambda d: d.claim_chunk({sha256!r}, {SMALL_CHUNK}, 0, node_id)
+assert asyncio.run(fleet.call(claim, None)) is not None
+assert fleet.in_background(lambda d: _hand_over(d, {sha256!r}, {SMALL_CHUNK}, frozenset({{0}}), node_id))
+print("handed over", flush=True)
+"""  # (no depot.close(): the program just ends)
+
+    async def claims_left() -> list[bytes]:
+        async with aetcd.Client("127.0.0.1", etcd_server.client_port, timeout=5) as client:
+            return [kv.key for kv in await client.get_prefix(b"/modeldepot/") if sha256.encode() in kv.key]
+
+    began = time.monotonic()
+    ended = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - began
+    assert ended.returncode == 0 and "handed over" in ended.stdout, ended.stderr
+    assert asyncio.run(claims_left()) == [], "the claims outlived the program that handed them over"
+    assert took < 10, f"its exit waited {took:.1f} s"

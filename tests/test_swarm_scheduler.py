@@ -817,3 +817,38 @@ def test_a_node_without_a_token_claims_no_chunk_of_a_private_repos_file(
             if node is not None:
                 node.stop()
             hub.stop()
+
+
+def test_a_node_without_a_token_claims_no_chunk_of_a_repo_its_store_keeps_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repo the store keeps private stays so when a pull publishes a revision the Hub calls public (the
+    pull's manifest is private when the store or the Hub says so): its node without a token names none of
+    its blobs to its peers, so its pull claims none of the file's chunks, where the public repo's first pull
+    claimed them all (a review feared the Hub's word alone decided)."""
+    cluster = f"mem://kept-{uuid.uuid4().hex[:12]}"
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("MODELDEPOT_TOKEN", raising=False)
+    monkeypatch.delenv("MODELDEPOT_SERVERS", raising=False)
+    newer = random.Random(9).randbytes(len(DATA))
+    with Depot(tmp_path / "hub", chunk_size=SMALL_CHUNK) as hub_depot:
+        hub_depot.import_dir(write_model_dir(tmp_path / "s", {"w.safetensors": DATA}), "acme/kept")
+        hub = LiveNode(hub_depot)
+        node = None
+        try:
+            monkeypatch.setenv("HF_ENDPOINT", hub.url)
+            with Depot(tmp_path / "node", chunk_size=SMALL_CHUNK, cluster=cluster) as depot:
+                node = InProcessNode(depot, cluster)
+                wait_until(lambda: len(depot.peers()) == 1, 10, "the node in the view")
+                first = depot.pull("acme/kept")
+                assert first.swarm.get("claims_won", 0) == CHUNKS, first.swarm
+                assert depot.store.hide_repo("acme/kept")  # (as a mirror does when its upstream hid the repo)
+                hub_depot.import_dir(write_model_dir(tmp_path / "n", {"w.safetensors": newer}), "acme/kept")
+                kept = depot.pull("acme/kept")
+                assert kept.bytes_by_source == {"hub": len(newer)}
+                assert kept.swarm == {}, "no chunk of a file its store keeps private claimed"
+                assert depot.store.repo_private("acme/kept")
+        finally:
+            if node is not None:
+                node.stop()
+            hub.stop()

@@ -6,11 +6,13 @@ registers), and the rows ``modeldepot peers`` shows (:class:`PeerRow`).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
@@ -211,6 +213,18 @@ class BackgroundFleet(FleetView):
     ) -> None:
         super().__init__(discovery, loop)
         self._thread = thread
+        # A program that never closes its Depot (a script that just ends) left the claims its pulls handed
+        # over in the registry until its lease ran out, chunks the fleet waited on from it (a review): the
+        # view is closed at the interpreter's exit, while its daemon thread still runs (weakly: a view
+        # dropped unclosed is no reason to keep it alive)
+        view = weakref.ref(self)
+
+        def close_at_exit() -> None:
+            if (still := view()) is not None:
+                still.close()
+
+        self._close_at_exit = close_at_exit
+        atexit.register(close_at_exit)
 
     @classmethod
     def open(cls, url: str | None, prefix: str, servers: Iterable[str] = (),
@@ -252,6 +266,7 @@ class BackgroundFleet(FleetView):
 
     def close(self) -> None:
         """Disconnect (it registered nothing, so nothing is withdrawn) and stop the thread."""
+        atexit.unregister(self._close_at_exit)
         if self._detached:
             return
         try:
