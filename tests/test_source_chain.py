@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import logging
+import os
 import random
 import re
 import threading
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import blake3
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
@@ -562,6 +566,52 @@ def test_when_every_node_fails_a_chunk_the_hub_joins(
 
     assert_holds(local, REPO, FILES)
     assert chunk_range(3) in {r for r, _, _ in hub.cdn_seen}
+
+
+def _lying_about(node: LiveNode, chunks: set[int]) -> None:
+    """The node's copy of the weights with a byte of each of ``chunks`` altered, and its index's digests of
+    those chunks made to match (its mtime put back): it passes every chunk check, its own and its peers';
+    only the file's SHA-256 tells."""
+    sha = hashlib.sha256(BIG).hexdigest()
+    blob = node.depot.store.blobs.path(sha)
+    times = blob.stat()
+    data = bytearray(blob.read_bytes())
+    digests = {}
+    for index in chunks:
+        data[index * SMALL_CHUNK + 100] ^= 0x01
+        digests[index] = blake3.blake3(data[index * SMALL_CHUNK : (index + 1) * SMALL_CHUNK]).hexdigest()
+    blob.chmod(0o644)
+    blob.write_bytes(data)
+    blob.chmod(0o444)
+    os.utime(blob, ns=(times.st_atime_ns, times.st_mtime_ns))
+    with node.depot.store.index.write("a test") as con:
+        con.executemany("UPDATE chunks SET blake3 = ? WHERE sha256 = ? AND idx = ?",
+                        [(digest, sha, index) for index, digest in digests.items()])  # fmt: skip
+
+
+def test_a_node_that_lied_elsewhere_than_the_chunk_in_dispute_costs_one_try_from_the_hub_alone(
+    background: Background, make_node: NodeFactory, make_local: LocalFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two nodes lie about the weights, each with digests that match its own bytes: A about chunks 0 and 2,
+    B about chunk 2 alone (the same byte: the same lie). Whoever sent chunks, the first try fails; the chunk
+    in dispute (0: their lists differ there) clears B, or B alone is suspected; the try without A fails
+    again on B's chunk 2. Then the file comes from the upstream alone (before, several suspects meant the
+    upstream at once, and a retry that failed again failed the pull: a review), and B is named a liar."""
+    node_a, node_b = make_node("a", {REPO: FILES}), make_node("b", {REPO: FILES})
+    _lying_about(node_a, {0, 2})
+    _lying_about(node_b, {2})
+    hub = HubLike(background, make_node("hub-storage", {REPO: FILES}).url)
+    local = make_local("two-liars", [node_a.url, node_b.url], hub.url)
+
+    with caplog.at_level(logging.WARNING, logger="modeldepot.transfer.pull"):
+        local.pull(REPO)
+
+    assert_holds(local, REPO, FILES)
+    assert re.search(r"without .+ it failed the upstream's SHA-256 again \(thrown away\); fetching it again "
+                     r"from the upstream alone", caplog.text), caplog.text  # fmt: skip
+    named = [line for line in caplog.text.splitlines() if "sent chunks that are not the file's" in line]
+    assert len(named) == 1 and node_b.url in named[0], caplog.text
+    assert {r for r, _, _ in hub.cdn_seen} >= {chunk_range(i) for i in range(CHUNKS)}, "the file from the Hub"
 
 
 # -- 6. one file on demand ------------------------------------------------------------------------------
