@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -40,22 +41,19 @@ from modeldepot.store.partials import ResumablePartial, partial_key
 from modeldepot.store.publish import RevisionSpec, StagedFile, publish, refuse_nested_branch
 from modeldepot.store.store import Store
 from modeldepot.transfer.chain import SourceChain
-from modeldepot.transfer.choosing import banned, left_out
-from modeldepot.transfer.disputes import caught_by_upstream, disputed_chunk
+from modeldepot.transfer.choosing import banned
 from modeldepot.transfer.download import (
-    BAN_SECONDS,
     LEFT_IN_PLACE,
     BytesReceiving,
     FileSource,
     Limits,
-    ban_liars,
     download_file,
-    liars,
 )
-from modeldepot.transfer.liars import recall_liars, remember_liars
+from modeldepot.transfer.liars import recall_liars
 from modeldepot.transfer.outage import run_blocking, run_through_outages
 from modeldepot.transfer.progress import STATUS_INTERVAL, PullProgress, PullTracker, PullUpdate
 from modeldepot.transfer.ranged import close_idle
+from modeldepot.transfer.refetch import FileTry, fetch_again
 from modeldepot.transfer.session import LazySession
 from modeldepot.transfer.swarm import SwarmFile
 from modeldepot.transfer.threads import to_thread_to_the_end
@@ -83,9 +81,6 @@ STANDSTILL_LOOK = 5.0  # seconds a file waits for another process before who hol
 SAID_AGAIN = 600.0  # seconds before the same holder's standstill is said again (once for all files)
 FILES_AT_ONCE = 32  # files transferring at once (each holds two descriptors; connections are limited apart)
 CLAIM_BATCH = 16  # claims taken in one trip to a worker thread
-# A node found to have sent chunks other than a file's, by the upstream's own bytes (not a blip: its digests
-# vouched for its wrong bytes), gets no chunk from this process for so long (a chunk failing its check: 30 s)
-LIAR_BAN_SECONDS = 600.0
 
 
 class _Busy:
@@ -517,10 +512,10 @@ class _PullRun:
         self.tracker.add(remote.path, claim.resumed_bytes)
         self.tracker.resumed += claim.resumed_bytes
         hub = [self.chain.hub_source(self.manifest, remote)]
-        swarm = await self.chain.swarm_file(remote, claim.chunk_size, self.public)
+        join_swarm = functools.partial(self._join_swarm, remote, claim.chunk_size)
+        swarm = await join_swarm()
         swarm_later, claimed = None, None
         if swarm is not None:  # the Hub from the start, for what no other node holds or claims
-            self.swarms.append(swarm)
             sources, fallback = [*nodes, *hub], None
         else:
             sources, fallback = (nodes, lambda: hub) if nodes else (hub, None)
@@ -529,11 +524,7 @@ class _PullRun:
                 def claimed() -> frozenset[int]:
                     return self.chain.claimed_chunks(remote, claim.chunk_size)
 
-                async def swarm_later() -> SwarmFile | None:
-                    joined = await self.chain.swarm_file(remote, claim.chunk_size, self.public)
-                    if joined is not None:
-                        self.swarms.append(joined)
-                    return joined
+                swarm_later = join_swarm
 
         def on_bytes(amount: int, origin: str, base_url: str) -> None:
             if origin == LEFT_IN_PLACE:  # a chunk's part an earlier transfer left: resumed, not fetched
@@ -564,111 +555,20 @@ class _PullRun:
                 claimed,
             )
         except IntegrityError as mismatch:
-            if claim.done or set(self.tracker.path_sources.get(remote.path, {})) <= {"hub"}:
-                if not claim.done:  # (thrown away: not "kept" in the status a failed pull leaves)
-                    self.tracker.forget(remote.path)
-                raise  # not the whole file's digest (the download was not reset), or the upstream's own bytes
-            # Each chunk from another node matched the digest a node gave for it (its manifest, its chunk's
-            # settlement), or came from a partial holder outside a swarm, unchecked: the upstream's SHA-256
-            # says one of them lied. The bytes are gone (the download was reset): fetched again, without the
-            # nodes that may have lied.
-            kinds = set(self.tracker.path_sources.get(remote.path, {}))
-            others = kinds - {"hub", "local"}
-            suspects = {name for senders, _ in (mismatch.chunks_landed or {}).values() for name in senders}
-            self.tracker.forget(remote.path)
-            cleared: dict[str, Callable[[], None]] = {}
-            out: set[str] = set()  # the nodes left out of the next try
-            refuted = [mismatch]  # the tries that failed the upstream's SHA-256, by what landed in each
-            if suspects and "local" not in kinds:
-                # The nodes that sent every chunk the Hub did not: one of them, or the Hub, sent a wrong one. Left
-                # out while the file is fetched again as the first time, the swarm's way (from the upstream alone,
-                # each node of a fleet a lying holder fooled fetched the whole file, and the Hub sent it once per
-                # node: 4.7x with four, an explorer's trial); banned for long only once the upstream's bytes say
-                # it lied (banned at once, an honest node was named the liar of a chunk the Hub had garbled: a
-                # review). Several of them: one chunk of the upstream's, on which their words differ, says who
-                # lied there (transfer/disputes.py); the others are asked again.
-                out, settled = set(suspects), ""
-                if len(suspects) > 1 and (dispute := disputed_chunk(mismatch, suspects, nodes)) is not None:
-                    index, said = dispute
-                    caught, fetched = await caught_by_upstream(
-                        hub[0], remote.size, claim.chunk_size, index, said, self.limits
-                    )
-                    self.tracker.fetched += fetched
-                    if caught:
-                        out = caught  # (the others, cleared there, are asked again)
-                        settled = (
-                            f"; its chunk {index} from the upstream says {' and '.join(sorted(caught))} lied"
-                        )
-                cleared = {name: left_out(name, BAN_SECONDS) for name in sorted(out)}
-                log.warning("%s: with chunks from %s%s it failed the upstream's SHA-256 (thrown away)%s; fetching "
-                            "the file again without %s", remote.path, " and ".join(sorted(suspects)),
-                            " alone" if len(suspects) == 1 else "", settled,
-                            "it" if len(out) == 1 else "them")  # fmt: skip
-                honest = [node for node in nodes if node.source.name not in out]
-                again_swarm = await self.chain.swarm_file(remote, claim.chunk_size, self.public)
-                if again_swarm is not None:
-                    self.swarms.append(again_swarm)
-                    again, again_fallback = [*honest, *hub], None
-                else:
-                    again, again_fallback = (honest, lambda: hub) if honest else (hub, None)
-            else:
-                # (no other node took part: the bytes an earlier pull left were wrong, not a node, an SRE's trial)
-                whose = (
-                    "chunks from other nodes" if others else "the bytes an earlier pull of it left on disk"
-                )
-                log.warning("%s: with %s it failed the upstream's SHA-256 (thrown away); fetching it again from the "
-                            "upstream alone", remote.path, whose)  # fmt: skip
-                again, again_fallback, again_swarm = hub, None, None
-            try:
-                try:
-                    digest = await download_file(
-                        http,
-                        remote,
-                        claim,
-                        again,
-                        self.limits,
-                        again_fallback,
-                        on_bytes,
-                        again_swarm,
-                        on_start,
-                    )
-                except IntegrityError as still:
-                    if still.chunks_landed is None or not any(
-                        senders for senders, _ in still.chunks_landed.values()
-                    ):
-                        raise  # (not the whole file's digest, or the upstream's own bytes: fetched again, as bad)
-                    # Other nodes sent chunks again: a node the upstream's chunk cleared lied elsewhere in the
-                    # file, or another one took part (a second liar; before the fleet's way was tried again,
-                    # several suspects meant the upstream alone, which the pull then never failed: a review)
-                    refuted.append(still)
-                    self.tracker.forget(remote.path)
-                    log.warning("%s: without %s it failed the upstream's SHA-256 again (thrown away); fetching it "
-                                "again from the upstream alone", remote.path, " and ".join(sorted(out)))  # fmt: skip
-                    digest = await download_file(
-                        http, remote, claim, hub, self.limits, None, on_bytes, None, on_start
-                    )
-            except DepotError as again:
-                if not claim.done:
-                    self.tracker.forget(remote.path)
-                raise mismatch from again
-            found: dict[str, int] = {}
-            for failed in refuted:
-                for name, count in liars(failed, digest).items():
-                    found[name] = found.get(name, 0) + count
-            for name, let_back in cleared.items():
-                if name not in found:
-                    let_back()
-            if found:
-                ban_liars(found, LIAR_BAN_SECONDS)
-                await asyncio.to_thread(remember_liars, self.store.layout.home, found, LIAR_BAN_SECONDS)
-                log.warning("%s: %s sent chunks that are not the file's (checked against the upstream's bytes): "
-                            "no chunk is asked of %s for %.0f minutes", remote.path,
-                            ", ".join(f"{name} ({count} chunk{'s' if count > 1 else ''})" for name, count in found.items()),
-                            "it" if len(found) == 1 else "them", LIAR_BAN_SECONDS / 60)  # fmt: skip
+            again = FileTry(http, remote, claim, nodes, hub, self.limits, on_bytes, on_start, join_swarm,
+                            self.tracker, self.store.layout.home)  # fmt: skip
+            digest = await fetch_again(again, mismatch)
         finally:
             self.tracker.received_all(remote.path)
         claim.close_data()
         self.digests[key] = digest
+
+    async def _join_swarm(self, remote: RemoteFile, chunk_size: int) -> SwarmFile | None:
+        """The file's claims in the fleet, when this pull takes part (kept: released at its end)."""
+        joined = await self.chain.swarm_file(remote, chunk_size, self.public)
+        if joined is not None:
+            self.swarms.append(joined)
+        return joined
 
     async def _claim(self, key: str, remote: RemoteFile) -> ResumablePartial | None:
         """This process's claim on the content, after any other process transferring it lets go; None
