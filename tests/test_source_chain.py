@@ -592,13 +592,14 @@ def _lying_about(node: LiveNode, chunks: set[int]) -> None:
 def test_a_node_that_lied_elsewhere_than_the_chunk_in_dispute_costs_one_try_from_the_hub_alone(
     background: Background, make_node: NodeFactory, make_local: LocalFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Two nodes lie about the weights, each with digests that match its own bytes: A about chunks 0 and 2,
-    B about chunk 2 alone (the same byte: the same lie). Whoever sent chunks, the first try fails; the chunk
-    in dispute (0: their lists differ there) clears B, or B alone is suspected; the try without A fails
-    again on B's chunk 2. Then the file comes from the upstream alone (before, several suspects meant the
-    upstream at once, and a retry that failed again failed the pull: a review), and B is named a liar."""
+    """Two nodes lie about the weights, each with digests that match its own bytes: A about every chunk, B
+    about chunk 2 alone (the same byte: the same lie). Whoever sent chunks, the first try fails; the chunk in
+    dispute (0: their lists differ there) clears B, or B alone is suspected, or A alone; the try without the
+    one left out fails again (B's chunk 2, or A's every chunk). Then the file comes from the upstream alone
+    (before, several suspects meant the upstream at once, and a retry that failed again failed the pull: a
+    review), and both are named liars, each for chunks it sent in one of the tries."""
     node_a, node_b = make_node("a", {REPO: FILES}), make_node("b", {REPO: FILES})
-    _lying_about(node_a, {0, 2})
+    _lying_about(node_a, set(range(CHUNKS)))
     _lying_about(node_b, {2})
     hub = HubLike(background, make_node("hub-storage", {REPO: FILES}).url)
     local = make_local("two-liars", [node_a.url, node_b.url], hub.url)
@@ -610,8 +611,9 @@ def test_a_node_that_lied_elsewhere_than_the_chunk_in_dispute_costs_one_try_from
     assert re.search(r"without .+ it failed the upstream's SHA-256 again \(thrown away\); fetching it again "
                      r"from the upstream alone", caplog.text), caplog.text  # fmt: skip
     named = [line for line in caplog.text.splitlines() if "sent chunks that are not the file's" in line]
-    assert len(named) == 1 and node_b.url in named[0], caplog.text
+    assert len(named) == 1 and node_a.url in named[0] and node_b.url in named[0], caplog.text
     assert {r for r, _, _ in hub.cdn_seen} >= {chunk_range(i) for i in range(CHUNKS)}, "the file from the Hub"
+    assert hub.cdn_bytes() <= len(BIG) + SMALL_CHUNK, "once, and the chunk in dispute"
 
 
 # -- 6. one file on demand ------------------------------------------------------------------------------

@@ -106,6 +106,13 @@ class Upstream:
 
     @property
     def fleet(self) -> FleetView | None:
+        if (background := self._background) is not None and background.forked and not self._fleet_failed:
+            # (a forked child: the parent's view runs on a thread the child has not, and gRPC opens no new
+            # connection in a child (each read timed out after 4 s, a child crashed now and then): the
+            # inherited view answers at once, with nothing)
+            self._fleet_failed = True
+            log.warning("this process was forked from one that had opened the fleet's view: its pulls go on "
+                        "without the fleet (open the Depot in a process started afresh to pull from it)")  # fmt: skip
         if self._fleet is not None or self._fleet_failed or self._fleet_managed:
             return self._fleet
         config = self._config()

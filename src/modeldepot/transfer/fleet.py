@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from modeldepot.discovery.base import ClusterStatus, Discovery, Holder, NodeRecord, ViewDiscovery
+from modeldepot.store.forking import start_over_after_fork
 
 __all__ = ["FLEET_READ_TIMEOUT", "BackgroundFleet", "FleetView", "PeerRow"]
 
@@ -225,6 +226,20 @@ class BackgroundFleet(FleetView):
 
         self._close_at_exit = close_at_exit
         atexit.register(close_at_exit)
+        self._closing = threading.Lock()  # (one close at a time: a second one found the loop closed)
+        self.forked = False
+        start_over_after_fork(self)
+
+    def after_fork(self) -> None:
+        """In a forked child: the loop's thread is the parent's, not here, and so are the claims it hands
+        over (a child's exit waited 30 s on it at its atexit close, then raised; one forked while a thread
+        held the background's lock hung for good: a review). The view is left alone, detached: the child
+        opens its own (:class:`~modeldepot.upstream.Upstream`)."""
+        atexit.unregister(self._close_at_exit)
+        self._background, self._background_lock = set(), threading.Lock()
+        self._closing = threading.Lock()
+        self.forked = True
+        self.detach()
 
     @classmethod
     def open(cls, url: str | None, prefix: str, servers: Iterable[str] = (),
@@ -265,14 +280,19 @@ class BackgroundFleet(FleetView):
             return {}
 
     def close(self) -> None:
-        """Disconnect (it registered nothing, so nothing is withdrawn) and stop the thread."""
+        """Disconnect (it registered nothing, so nothing is withdrawn) and stop the thread; once (a close
+        while another runs waits for it: at the interpreter's exit, a thread's close and the exit's own)."""
         atexit.unregister(self._close_at_exit)
-        if self._detached:
-            return
-        try:
-            self.finish_background()  # (claims handed over after pulls: released before the lease goes)
-        finally:  # (a Ctrl-C in that wait: the discovery is closed all the same)
-            self.detach()
+        with self._closing:
+            if self._detached:
+                return
+            try:
+                self.finish_background()  # (claims handed over after pulls: released before the lease goes)
+            finally:  # (a Ctrl-C in that wait: the discovery is closed all the same)
+                self.detach()
+            self._disconnect()
+
+    def _disconnect(self) -> None:
         try:
             asyncio.run_coroutine_threadsafe(self.discovery.close(), self.loop).result(FLEET_READ_TIMEOUT)
         except Exception as error:  # closing a connection that broke: nothing is left to undo

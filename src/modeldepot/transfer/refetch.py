@@ -49,7 +49,7 @@ from modeldepot.transfer.swarm import SwarmFile
 
 __all__ = ["LIAR_BAN_SECONDS", "FileTry", "fetch_again"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("modeldepot.transfer.pull")  # (one logger for a pull's story)
 
 # A node found to have sent chunks other than a file's, by the upstream's own bytes (not a blip: its digests
 # vouched for its wrong bytes), gets no chunk from this process for so long (a chunk failing its check: 30 s)
