@@ -125,12 +125,10 @@ class EtcdDiscovery(EtcdClaims):
                 try:
                     await self._call(client.revoke_lease(self._lease_id))
                 except Exception as error:
-                    log.warning(
-                        "could not withdraw this node from etcd (%s): its keys go when its lease runs out, "
-                        "within %g s",
-                        describe(error),
-                        self._lease_ttl,
-                    )
+                    # (a process that registered no node, a pull's, wrote its chunk claims alone)
+                    whose = "this node" if self._record is not None else "this process's chunk claims"
+                    log.warning("could not withdraw %s from etcd (%s): its keys go when its lease runs out, "
+                                "within %g s", whose, describe(error), self._lease_ttl)  # fmt: skip
             self._lease_id = None
             self._record_rev = 0
             self._written.clear()
