@@ -233,8 +233,9 @@ class BackgroundFleet(FleetView):
     def after_fork(self) -> None:
         """In a forked child: the loop's thread is the parent's, not here, and so are the claims it hands
         over (a child's exit waited 30 s on it at its atexit close, then raised; one forked while a thread
-        held the background's lock hung for good: a review). The view is left alone, detached: the child
-        opens its own (:class:`~modeldepot.upstream.Upstream`)."""
+        held the background's lock hung for good: a review). The view is left alone, detached: it answers
+        at once, with nothing (gRPC opens no new connection in a forked child; the child's pulls go on
+        without the fleet, :attr:`~modeldepot.upstream.Upstream.fleet` says so)."""
         atexit.unregister(self._close_at_exit)
         self._background, self._background_lock = set(), threading.Lock()
         self._closing = threading.Lock()
