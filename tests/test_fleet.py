@@ -1360,7 +1360,8 @@ def test_a_forked_child_leaves_its_parents_fleet_view_alone_at_exit(
 ) -> None:
     """A child forked from a program with a fleet view open (a gunicorn worker) ended by waiting 30 s at its
     exit on the loop of a thread it does not have, closing the view it inherited, then raised; the parent's
-    hand-over in flight is the parent's. The child exits at once; the parent still releases its claims."""
+    hand-over in flight is the parent's. The child's view answers at once (with nothing: each read waited
+    10 s), it exits at once, and the parent still releases its claims."""
     from modeldepot.transfer.swarm import HANDOVER_PATIENCE
 
     cluster = f"etcd://127.0.0.1:{etcd_server.client_port}"
@@ -1379,6 +1380,8 @@ assert fleet.in_background(lambda d: _hand_over(d, {sha256!r}, {SMALL_CHUNK}, fr
 began = time.monotonic()
 child = os.fork()
 if child == 0:
+    asked = time.monotonic()
+    print(f"peers {{depot.peers()}} {{time.monotonic() - asked:.2f}}", flush=True)
     sys.exit(0)  # (a normal exit: the interpreter's atexit hooks run)
 _, status = os.waitpid(child, 0)
 print(f"child {{os.waitstatus_to_exitcode(status)}} {{time.monotonic() - began:.2f}}", flush=True)
@@ -1394,6 +1397,10 @@ print(f"child {{os.waitstatus_to_exitcode(status)}} {{time.monotonic() - began:.
     assert said is not None, ended.stdout
     assert int(said.group(1)) == 0 and float(said.group(2)) < HANDOVER_PATIENCE, ended.stdout
     assert "Traceback" not in ended.stderr and "Exception ignored" not in ended.stderr, ended.stderr
+    # (the child's view answers at once, with nothing, and says why: gRPC opens no connection there)
+    asked = re.search(r"peers \[\] ([\d.]+)", ended.stdout)
+    assert asked is not None and float(asked.group(1)) < 1, ended.stdout
+    assert "forked from one that had opened the fleet's view" in ended.stderr, ended.stderr
     assert asyncio.run(claims_left()) == [], "the parent's claims outlived it"
 
 

@@ -47,7 +47,7 @@ import os
 # second), set before it is first imported; the node says each outage once, with gRPC's reason, itself
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 # Its fork handlers crashed a child forked while a connection was open, now and then (SIGSEGV in os.fork: 4
-# of 15 forks, 0 of 30 without them, grpcio 1.85); a child uses none of the parent's connections anyway
+# of 15 forks, 0 of 50 without them, grpcio 1.85); a child uses none of the parent's connections anyway
 # (the fleet's view is detached there: transfer/fleet.py)
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
