@@ -399,6 +399,27 @@ def test_load_pulls_a_missing_variant_first(
         )
 
 
+def test_a_load_of_a_variant_with_the_wrong_engine_pulls_nothing_and_evicts_nothing(
+    upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load(repo, quant) with an engine the variant's files are not for (the default onnxruntime on a GGUF
+    repo's quant): the variant was pulled whole, under a budget after evicting the user's other models to
+    make room, and only then was it said to hold no such file (an explorer's trial). The scan says it:
+    nothing is pulled, nothing evicted."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[upstream.url]) as local:
+        local.import_dir(write_model_dir(tmp_path / "mine", {"w.gguf": os.urandom(3 << 20)}), "acme/mine")
+        held = local.du().blob_bytes
+        local.set_max_size(held)  # (no room for the variant beside the user's model)
+        with pytest.raises(NotFoundError) as raised:
+            local.load(REPO, "fp16", engine="gguf")
+        assert str(raised.value).startswith("no .gguf file in variant 'fp16'"), raised.value
+        assert "pulling" not in str(raised.value)
+        assert [r.repo_id for r in local.list_repos()] == ["acme/mine"], "the user's model stays"
+        assert local.du().blob_bytes == held and not local.has_file(REPO, "onnx/model_fp16.onnx")
+
+
 def test_load_pulls_again_a_file_found_corrupt(
     upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,7 +18,7 @@ import mmap
 import os
 import threading
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -66,7 +66,7 @@ if TYPE_CHECKING:  # the transfer machinery (aiohttp, huggingface_hub) loads on 
     # Loading engines and preloading likewise load on first use: `modeldepot import` starts without them.
     from modeldepot.engines.adapters import EngineLoader
     from modeldepot.engines.cache import LoadedModelCache
-    from modeldepot.engines.loading import Pulled
+    from modeldepot.engines.loading import ChooseVariant
     from modeldepot.hfcache import HfCacheExportResult, HfCacheImportResult
     from modeldepot.preload import Preloader
     from modeldepot.ratelimit import RateLimit
@@ -104,7 +104,7 @@ def _chunk_size(size: int | str | None) -> int | None:
     return size
 
 
-def _not_here(repo_id: str, quant: str | None, revision: str, default: Callable[[Manifest], Pulled]) -> str:
+def _not_here(repo_id: str, quant: str | None, revision: str, choose: ChooseVariant) -> str:
     """(A load trying the depot's stores in turn.) Not in this store: the next one is tried."""
     raise NotFoundError(f"{repo_id}@{revision}: not held here", repo_id=repo_id)
 
@@ -786,9 +786,7 @@ class Depot(Upkeep):
         variant; by default the variant's plainest. The steps are in :mod:`modeldepot.engines.loading`.
         """
 
-        def pull_variant(
-            repo: str, variant: str | None, rev: str, default: Callable[[Manifest], Pulled]
-        ) -> str:
+        def pull_variant(repo: str, variant: str | None, rev: str, choose: ChooseVariant) -> str:
             from modeldepot.transfer.pull import run_blocking
 
             if self.store.read_only:  # (before a scan: the network is not what refuses it)
@@ -796,7 +794,7 @@ class Depot(Upkeep):
                                          "nothing (pull it where the store is writable)")  # fmt: skip
             manifest = self.manifest_for(repo, rev)
             imported = self._check_completes_import(repo, rev, manifest)
-            chosen = variant or default(manifest)
+            chosen = choose(manifest, variant)
             if isinstance(chosen, tuple):  # (a file of no variant: it, and the shared files)
                 pulling = self.pull_async(repo, None, revision=rev, manifest=manifest, paths=list(chosen))
                 return run_blocking(pulling).commit_id

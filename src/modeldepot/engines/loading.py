@@ -58,32 +58,41 @@ from modeldepot.validation import (
     validate_revision,
 )
 
-__all__ = ["PullVariant", "Pulled", "load_variant"]
+__all__ = ["ChooseVariant", "PullVariant", "Pulled", "load_variant"]
 
 DEFAULT_SUFFIXES = (".onnx", ".safetensors", ".gguf", ".bin")
 SNAPSHOT_ENGINES = frozenset({"gguf"})  # ours that get the lasting snapshot paths (the docstring says why)
 ONNX_ENGINES = {"onnxruntime": False, "onnxruntime-prepacked": True}  # name -> prepack
 
 Pulled = str | tuple[str, ...] | None
-"""What a load pulls without a quant: a variant's name, just these paths, or (None) the whole repo."""
+"""What a load pulls: a variant's name, just these paths, or (None) the whole repo."""
 
-PullVariant = Callable[[str, str | None, str, Callable[[Manifest], Pulled]], str]
-"""Pulls ``(repo_id, quant, revision, default)`` into the store; without a quant, what ``default(manifest)``
-names (:data:`Pulled`). Returns the commit it published."""
+ChooseVariant = Callable[[Manifest, str | None], Pulled]
+"""What a load of ``quant`` (or none) pulls of the scanned ``manifest``; raises when the commit holds no file
+the engine loads there (:func:`default_variant`)."""
+
+PullVariant = Callable[[str, str | None, str, ChooseVariant], str]
+"""Pulls ``(repo_id, quant, revision, choose)`` into the store: what ``choose(manifest, quant)`` names
+(:data:`Pulled`), once the repo is scanned. Returns the commit it published."""
 
 MAX_WARMUPS = 1000  # warm-up passes a load may ask for: a few make an engine warm; a billion is a typo
 
 
-def default_variant(suffixes: tuple[str, ...], file: str | None = None) -> Callable[[Manifest], Pulled]:
-    """What to pull when a load names no variant: the variant holding the file :func:`model_file` would load
-    (``file``, or fp32 first), not every variant (a GGUF repo's every quant is gigabytes nobody asked for).
-    None when that file is in no variant (a repo of one model: it is pulled whole); but a ``file`` named that
-    is in no variant is pulled with its own (its shards, its external data) and the shared files alone (every
-    variant came with a custom engine's weights.pt: a review)."""
+def default_variant(suffixes: tuple[str, ...], file: str | None = None) -> ChooseVariant:
+    """What a load pulls: the variant named, once the commit is known to hold a file of it the engine loads
+    (a load of a GGUF repo's quant with the default engine pulled it whole, evicting other models to make
+    room under a budget, and only then said it holds no .onnx: an explorer's trial). Without one, the variant
+    holding the file :func:`model_file` would load (``file``, or fp32 first), not every variant (a GGUF repo's
+    every quant is gigabytes nobody asked for). None when that file is in no variant (a repo of one model: it
+    is pulled whole); but a ``file`` named that is in no variant is pulled with its own (its shards, its
+    external data) and the shared files alone (every variant came with a custom engine's weights.pt: a
+    review)."""
 
-    def choose(manifest: Manifest) -> Pulled:
+    def choose(manifest: Manifest, quant: str | None) -> Pulled:
         paths = [f.path for f in manifest.files]
-        chosen = model_file(paths, None, suffixes, file, holder=f"its commit {manifest.commit_id[:12]}")
+        chosen = model_file(paths, quant, suffixes, file, holder=f"its commit {manifest.commit_id[:12]}")
+        if quant is not None:
+            return quant
         named = next((v.name for v in manifest.variants if chosen in v.files), None)
         if named is not None or file is None:
             return named
@@ -413,7 +422,7 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
     try:
         commit_id = pull(repo_id, quant, revision, default_variant(suffixes, file))
     except DepotError as error:
-        if here is None:
+        if here is None or isinstance(error, EngineMismatchError):  # (the engine's mismatch: nothing to add)
             raise
         if str(error) == str(here):  # (the scan says what the store said: once is enough)
             raise here from None
