@@ -697,6 +697,28 @@ def test_the_budget_says_the_room_writes_under_way_hold(store: Depot, tmp_path: 
     assert store.budget_status().reserved_bytes == 0
 
 
+def test_a_budget_below_a_write_under_way_says_the_store_stays_over(store: Depot, tmp_path: Path) -> None:
+    """`budget SIZE --yes` below the room a pull under way holds evicted the other models, as it should (the
+    least recently used first), then said the store was within the budget (`over_budget_bytes` 0, no
+    warning), while the dry run said it would stay over; the pull landed 75% over it (an explorer's
+    trial). It says how far over, and why; so does `gc --max-size`."""
+    store.import_dir(model(tmp_path, "acme/a"), "acme/a")
+    home = str(store.home)
+    with store.store.budget.writing("acme/x") as writer:
+        writer.make_room(2 * MB, "a pull")
+        shown = CliRunner().invoke(cli, ["budget", "1MiB", "--yes", "--json", "--home", home])
+        assert shown.exit_code == 0, shown.output
+        body = json.loads(shown.stdout)
+        assert [e["repo_id"] for e in body["evicted"]] == ["acme/a"]
+        assert body["over_budget_bytes"] == MB, body  # (2 MiB held, 1 MiB the budget)
+        said = CliRunner().invoke(cli, ["budget", "--home", home])
+        assert "1.0 MiB over its budget" in said.stderr and "writes under way (2.0 MiB)" in said.stderr, (
+            said.stderr
+        )
+        gc = CliRunner().invoke(cli, ["gc", "--max-size", "1MiB", "--json", "--home", home])
+        assert json.loads(gc.stdout)["over_max_size_bytes"] == MB, gc.output
+
+
 def test_a_budget_set_while_a_write_runs_counts_the_room_it_takes(tmp_path: Path) -> None:
     """A pull begun with no budget held no room: a budget set meanwhile, its dry run and the imports beside
     it saw the store within it, and the pull's end left the store at 307% of it (a trial)."""

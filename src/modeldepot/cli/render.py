@@ -515,7 +515,9 @@ def _writes_and_downloads(number: int) -> str:
     return "1 write or download" if number == 1 else f"{number} writes and downloads"
 
 
-def render_gc(report: GcReport, evicted: list[Eviction] | None = None, over: int = 0) -> None:
+def render_gc(
+    report: GcReport, evicted: list[Eviction] | None = None, over: int = 0, reserved: int = 0
+) -> None:
     _render_evictions(evicted or [])
     freed = report.bytes_freed + sum(e.bytes_freed for e in evicted or [])  # (evictions free theirs first)
     out.print(
@@ -540,8 +542,10 @@ def render_gc(report: GcReport, evicted: list[Eviction] | None = None, over: int
     if len(report.not_deleted) > 5:
         err.print(f"[red]not deleted:[/red] {len(report.not_deleted) - 5} more files")
     if over:
+        writing = f", and the writes under way hold {format_bytes(reserved)}" if reserved else ""
         err.print(f"[yellow]warning:[/yellow] the store is still {format_bytes(over)} over the size asked for: the "
-                  "models pinned or in use keep it (`modeldepot pins`; unpin or remove models to go further)")  # fmt: skip
+                  f"models pinned or in use keep it{writing} (`modeldepot pins`; unpin or remove models to go "
+                  "further)")  # fmt: skip
 
 
 def _budget_line(budget: BudgetStatus) -> str:
