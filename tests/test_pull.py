@@ -105,6 +105,12 @@ def test_pull_of_files_by_pattern_as_hf_download_takes_them(local: Depot, tmp_pa
     assert "README.md" in {f.path for f in local.list_files(REPO)}
     refused = CliRunner().invoke(cli, ["pull", REPO, "--exclude", "*", "--home", home])
     assert refused.exit_code == 2 and "matches --exclude *" in refused.output, refused.output
+    # A subset was said to be "all files"; a variant whose own files the patterns all leave out took the
+    # shared files alone and exited 0 (an explorer's trial)
+    said = CliRunner().invoke(cli, ["pull", REPO, "--include", "tokenizer.json", "--home", home])
+    assert said.exit_code == 0 and "(files matching --include/--exclude)" in said.stdout, said.output
+    emptied = CliRunner().invoke(cli, ["pull", REPO, "-q", "q4f16", "--exclude", "*q4f16*", "--home", home])
+    assert emptied.exit_code == 2 and "leave none of the own files of q4f16" in emptied.output, emptied.output
 
 
 def test_pull_one_variant_takes_exactly_its_files_and_the_shared_ones(

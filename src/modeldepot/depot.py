@@ -650,6 +650,16 @@ class Depot(Upkeep):
                     + f" matches {'--include ' + ' '.join(include) if include else ''}"
                     + f"{' ' if include and exclude else ''}{'--exclude ' + ' '.join(exclude) if exclude else ''}"
                 )
+            # (a variant asked for whose own files the patterns all leave out: the pull took the shared files
+            # alone, said "pulled", and exited 0; an explorer's trial)
+            kept = set(paths)
+            emptied = [name for name in dict.fromkeys(manifest.variant(q).name for q in quants or ())
+                       if not set(manifest.variant(name).files) & kept] if isinstance(quants, list) else []  # fmt: skip
+            if emptied:
+                raise InvalidInputError(
+                    f"the patterns leave none of the own files of {', '.join(emptied)} (only the shared ones): drop "
+                    "the variant or the patterns that exclude its files"
+                )
         return run_through_outages(
             lambda watch: self.pull_async(repo_id, quants, revision=revision, progress=watch, manifest=manifest,
                                           paths=paths),

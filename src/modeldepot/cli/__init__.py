@@ -52,6 +52,9 @@ from modeldepot.validation import (
     validate_revision,
 )
 
+if TYPE_CHECKING:
+    from modeldepot.transfer.pull import PullResult
+
 __all__ = ["cli", "main"]
 
 
@@ -456,13 +459,21 @@ def pull_command(
         render.print_json(result.to_dict())
         return
     render.out.print(
-        f"pulled {result.repo_id}@{result.commit_id[:12]} ({', '.join(result.variants) or 'all files'}): "
+        f"pulled {result.repo_id}@{result.commit_id[:12]} ({_pulled_what(result, bool(include or exclude))}): "
         f"{render.count(result.files, 'file')}, {render.format_bytes(result.bytes_total)}, "
         f"{render.format_bytes(result.bytes_downloaded)} downloaded"
         + (f", {render.format_bytes(result.bytes_resumed)} resumed" if result.bytes_resumed else "")
         + (f" from {', '.join(result.sources)}" if result.sources else "")
     )
     render.render_snapshot(result.repo_id, result.snapshot_path, result.snapshot_built)
+
+
+def _pulled_what(result: PullResult, filtered: bool) -> str:
+    """What a pull took: the files its patterns chose (said to be "all files", or the variants the store
+    held whole already, of a pull of one file), or the variants it completed."""
+    if filtered:
+        return "files matching --include/--exclude"
+    return ", ".join(result.variants) or "all files"
 
 
 @cli.command("status")
