@@ -1049,6 +1049,22 @@ def test_an_import_with_link_makes_no_second_copy(depot: Depot, tmp_path: Path) 
             assert copied.new_bytes == SMALL_CHUNK and copied.linked_bytes == 0
             assert copied.copied_because == ("on another file system than the store",)
 
+    # A read-only bind mount of the store's own disk: the same device, no link across mounts; said why (it
+    # was "the file system refused a hard link, or another import ...": an explorer's trial)
+    if os.geteuid() == 0:
+        from conftest import Mounts
+
+        mounts = Mounts(tmp_path)
+        try:
+            mine = write_model_dir(tmp_path / "mine", {"mine.bin": os.urandom(SMALL_CHUNK)})
+            os.chmod(mine / "mine.bin", 0o444)
+            mounted = depot.import_dir(mounts.read_only(mine), "acme/mine", link=True)
+            assert mounted.linked_bytes == 0 and mounted.copied_because == (
+                "on a read-only mount (a hard link is made on the source's mount only)",
+            ), mounted.copied_because
+        finally:
+            mounts.unmount_all()
+
     # A file whose content the store held already is not linked: it is given its mode back
     again = write_model_dir(tmp_path / "again", {"config.json": b'{"a": 1}'})
     os.chmod(again / "config.json", 0o640)

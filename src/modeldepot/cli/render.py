@@ -670,8 +670,9 @@ def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
     if usage.linked_bytes:
         out.print(f"              {format_bytes(usage.linked_bytes)} of them hard-linked from elsewhere too (a Hugging "
                   "Face cache, an `import --link` folder): on the disk once, and not freed by rm or gc")  # fmt: skip
-    kept = (f" (room for whole files; {format_bytes(usage.partial_kept_bytes)} received, kept for a resume)"
-            if usage.partial_kept_bytes else "")  # fmt: skip
+    # (received: a pull under way was said "kept for a resume", as if it had stopped; an explorer's trial)
+    kept = (f" (room for whole files; {format_bytes(usage.partial_kept_bytes)} received, which a pull that stops "
+            "keeps for its resume)" if usage.partial_kept_bytes else "")  # fmt: skip
     out.print(f"  partial     {format_bytes(usage.partial_bytes)}{kept}")
     if usage.unfinished_write_bytes:
         out.print(f"  unfinished  {format_bytes(usage.unfinished_write_bytes)} (what killed imports or pulls were "

@@ -133,6 +133,8 @@ def export_to_hf_cache(
         # huggingface_hub hands an offline `snapshot_download(revision=<commit>)` (a disk that filled
         # mid-export left the configs without the weights: an explorer's trial)
         writer.take_back(snapshot)
+        writer.drop_if_empty(snapshot)
+        writer.drop_made_folders()
         if isinstance(failed, StoreError):
             failed.args = (f"{failed}; nothing of this export was kept",)
         raise
@@ -251,6 +253,7 @@ class _CacheWriter:
         # The repo's folder moved to another disk and linked back under its own name (to free the home disk:
         # huggingface_hub reads it so): what lies inside its real path is inside the cache too
         self.repo_real = moved_repo_folder(cache / name)
+        self.made_folders: list[Path] = []  # the folders this writer created, in order
         self.root = self.folder("")
         # the names this writer (and those of the same export before it) added, blobs and snapshot links
         self.made: list[Path] = made if made is not None else []
@@ -283,6 +286,7 @@ class _CacheWriter:
             current = current / part
             try:
                 current.mkdir()
+                self.made_folders.append(current)
             except FileExistsError:
                 pass
             except OSError as error:
@@ -325,6 +329,13 @@ class _CacheWriter:
                     if os.path.basename(os.path.dirname(target)) == "blobs":
                         linked.add(os.path.basename(target))
         return linked
+
+    def drop_made_folders(self) -> None:
+        """Remove the folders this writer created that are empty (a failed export of a repo new to the cache
+        left its ``models--*`` folder with empty ``blobs`` and ``snapshots``: an explorer's trial)."""
+        for folder in reversed(self.made_folders):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
     def drop_if_empty(self, folder: Path) -> None:
         """Remove ``folder`` when nothing was written in it: huggingface_hub takes an empty snapshot folder

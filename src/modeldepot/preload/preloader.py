@@ -398,7 +398,7 @@ class Preloader:
         size = self._footprint(entries)
         if size > self.budget:
             raise InvalidInputError(
-                f"{repo_id} ({size} bytes) is larger than the preload budget ({self.budget} bytes)"
+                f"{repo_id} ({size_text(size)}) is larger than the preload budget ({size_text(self.budget)})"
             )
         # A use for the disk budget's recency, not one for popularity (auto_preload's own picks would count);
         # a shared store's model is not the own store's to count

@@ -354,6 +354,11 @@ def why_copied(layout: StoreLayout, source: Path) -> str:
         return "another user's files (their owner could change the store's bytes through them)"
     if _narrows_readers(layout, stat.S_IMODE(info.st_mode)):
         return "fewer may read them than the store's blobs, in a store others may enter"
+    with contextlib.suppress(OSError):
+        # (a read-only bind mount of the store's disk: the same device, and no link across mounts; said "the
+        # file system refused a hard link, or another import ...", an explorer's trial)
+        if os.statvfs(source).f_flag & os.ST_RDONLY:
+            return "on a read-only mount (a hard link is made on the source's mount only)"
     return "the file system refused a hard link, or another import was linking the same file"
 
 
