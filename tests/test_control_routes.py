@@ -52,6 +52,7 @@ from modeldepot.server.context import CONTROL_TOKEN as APP_CONTROL_TOKEN
 from modeldepot.server.control_routes import CONTROL_PATHS, MAX_CONTROL_BODY, PULLS
 from modeldepot.server.dashboard import ASSETS
 from modeldepot.server.openapi import openapi_document
+from modeldepot.store.layout import size_text
 from test_openapi import Checker, escape
 
 
@@ -306,6 +307,12 @@ def test_a_running_pull_is_cancelled_and_what_it_received_is_kept(
     cancelled = call(guarded.port, "DELETE", f"{API}/pulls/{job['id']}", headers=AUTH)
     assert cancelled.status == 200, cancelled.body
     assert cancelled.json()["state"] == "cancelled" and "resume" in cancelled.json()["error"]
+    # (what the resume takes, as the status says it: "what it received is kept" was said of a part that is
+    # fetched again, an explorer's trial)
+    kept = local.get_manifest(REPO).variant("fp16").bytes_done
+    assert (
+        kept >= 64 * 1024 and f"cancelled: {size_text(kept)} kept for a resume" in cancelled.json()["error"]
+    )
     assert f"pull {job['id']} of {REPO} cancelled" in caplog.text
     assert pull_state(guarded, job["id"], AUTH)["state"] == "cancelled"
     again = call(guarded.port, "DELETE", f"{API}/pulls/{job['id']}", headers=AUTH)
@@ -677,6 +684,16 @@ def test_a_repo_being_pulled_is_not_removed_and_a_wrong_method_says_which_are_ri
         wrong = call(guarded.port, method, route, None, AUTH)
         assert (wrong.status, wrong.headers.get("Allow")) == (405, allow), (method, route, wrong.body)
         assert "read-only" not in wrong.body.decode()
+    # The repo id's '/' sent encoded: the router takes it as one name; the answer said "GET is not allowed",
+    # with GET in Allow (an explorer's trial)
+    encoded = REPO.replace("/", "%2F")
+    for method, route in (("GET", f"{API}/repos/{encoded}/manifest"), ("PUT", f"{API}/repos/{encoded}/pin")):
+        wrong = call(guarded.port, method, route, None, AUTH)
+        assert wrong.status == 404 and "sent encoded (%2F)" in wrong.body.decode(), (
+            method,
+            route,
+            wrong.body,
+        )
 
 
 def test_a_repo_whose_pull_is_still_scanning_is_not_removed_and_a_case_asks_for_the_same_job(

@@ -868,10 +868,44 @@ def test_a_repo_the_upstream_made_private_is_no_longer_served_to_anyone(
             ):
                 answer = requests.get(mirror.url + path, timeout=30)
                 assert answer.status_code == 404, (path, answer.status_code, answer.content[:200])
-            assert mirror.depot.repo_info(REPO).private  # (and stays so: kept behind a token from now on)
+            assert mirror.depot.repo_info(REPO).private  # (kept behind a token while the upstream hides it)
+            # The upstream shows it again (public, or back after a removal): so does the mirror (it hid it for
+            # good, a repo gone for a moment or a wrong token once, an explorer's trial); but not one its
+            # operator made private
+            upstream_depot.import_dir(write_model_dir(tmp_path / "public", FILES), REPO, private=False)
+            answer = requests.get(f"{mirror.url}/{REPO}/resolve/main/config.json", timeout=30)
+            assert answer.status_code == 200 and answer.content == FILES["config.json"], answer.content[:200]
+            assert not mirror.depot.repo_info(REPO).private
+            assert requests.get(f"{mirror.url}/api/models/{REPO}", timeout=30).json()["private"] is False
+            mirror.depot.import_dir(write_model_dir(tmp_path / "mine", FILES), REPO, private=True)
+            answer = requests.get(f"{mirror.url}/{REPO}/resolve/main/config.json", timeout=30)
+            assert answer.status_code == 404 and mirror.depot.repo_info(REPO).private, (
+                "the operator's word stays"
+            )
         finally:
             mirror.stop()
             node.stop()
+
+
+def test_a_store_from_before_hidden_at_takes_its_pulled_private_repos_as_hidden_by_their_upstream(
+    tmp_path: Path,
+) -> None:
+    """Migration 13: a repo pulled and private (a mirror hid it, or it was private upstream) is shown again
+    once its upstream shows it; one imported private here stays the operator's."""
+    with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "a", FILES), "acme/pulled", private=True)
+        depot.import_dir(write_model_dir(tmp_path / "b", FILES), "acme/mine", private=True)
+        with depot.store.index.write("a test") as con:
+            con.execute("UPDATE repos SET origin = 'http://127.0.0.1:9' WHERE repo_id = 'acme/pulled'")
+            con.execute("ALTER TABLE repos DROP COLUMN hidden_at")
+            con.execute("PRAGMA user_version = 12")
+    with Depot(tmp_path / "store") as depot:
+        assert depot.store.hidden_by_upstream("acme/pulled") and not depot.store.hidden_by_upstream(
+            "acme/mine"
+        )
+        assert not depot.store.show_repo_again("acme/pulled", "http://127.0.0.1:8"), "another source's word"
+        assert depot.store.show_repo_again("acme/pulled", "http://127.0.0.1:9/")
+        assert not depot.repo_info("acme/pulled").private and depot.repo_info("acme/mine").private
 
 
 def test_a_mirror_lists_the_commits_of_a_repo_and_branch_it_describes(

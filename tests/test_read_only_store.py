@@ -109,8 +109,8 @@ def test_a_read_only_copy_of_a_store_is_another_node(tmp_path: Path, read_only: 
 
 
 def test_a_read_only_store_of_the_schema_before_is_read_as_it_is(tmp_path: Path, read_only: Mount) -> None:
-    """Schemas 9 to 12 added what reads do without (the linked files' modes, commits' listings kept, revisions'
-    last uses, an index of blobs by size): a
+    """Schemas 9 to 13 added what reads do without (the linked files' modes, commits' listings kept, revisions'
+    last uses, an index of blobs by size, when a repo was hidden on its upstream's word): a
     store baked with schema 8 is read
     where it cannot be upgraded (before, every new schema made a baked store unreadable until re-baked); one
     older than that is refused, saying how to upgrade it; once writable, it is upgraded."""
@@ -122,6 +122,7 @@ def test_a_read_only_store_of_the_schema_before_is_read_as_it_is(tmp_path: Path,
         con.execute("DROP TABLE commit_listings")
         con.execute("DROP TABLE revision_access")
         con.execute("DROP INDEX blobs_by_size")
+        con.execute("ALTER TABLE repos DROP COLUMN hidden_at")
         con.execute(f"PRAGMA user_version = {READABLE_FROM}")
         con.commit()
     with Depot(read_only(home)) as depot:
@@ -668,7 +669,7 @@ def test_an_upgrade_under_a_running_process_of_the_old_version_is_said(
 
     home = made_store(tmp_path)
     with closing(sqlite3.connect(home / "index.db")) as con:  # (as the schema before left it)
-        con.execute("DROP INDEX blobs_by_size")
+        con.execute("ALTER TABLE repos DROP COLUMN hidden_at")
         con.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
         con.commit()
     old_node = subprocess.Popen(

@@ -65,7 +65,7 @@ from modeldepot.hashing import chunk_span
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.store.forking import ForkSafeExecutor
 from modeldepot.store.partials import ResumablePartial
-from modeldepot.store.publish import publish_branch
+from modeldepot.store.publish import DEFAULT_BRANCH, publish_branch
 from modeldepot.transfer.outage import QUICK_REFUSALS
 from modeldepot.transfer.pull import PullResult, PullUpdate, revision_spec
 from modeldepot.upstream import branch_set_by
@@ -163,6 +163,7 @@ class Mirror:
         # while its response waited, and resume before that response noticed it left: a review's trial)
         self._readings: dict[tuple[str, str], set[_Reading]] = {}
         self._checks: set[asyncio.Task[None]] = set()
+        self._hidden_checked: dict[str, float] = {}  # repo id in lower case -> when (monotonic) asked again
 
     def broke(self, repo_id: str, path: str) -> bool:
         """Whether a response of this file broke lately after handing out bytes (see the module's doc)."""
@@ -298,6 +299,24 @@ class Mirror:
             if self._scans.get(key) is asyncio.current_task():  # (not a newer scan of the key)
                 del self._scans[key]
                 self._scan_began.pop(key, None)
+
+    async def recheck_hidden(self, repo_id: str) -> bool:
+        """Whether ``repo_id``, hidden on its upstream's word (``repos.hidden_at``: a "not found" once, a
+        wrong token, a repo private for a while), is shown again: its upstream is asked again, once a TTL
+        at most, before a request that may not see it is refused (hidden for good, only `rm` brought it
+        back: an explorer's trial). Shown there, it is public here again (:meth:`Upstream.scan`)."""
+        store, key, now = self.depot.store, repo_id.lower(), time.monotonic()
+        last = self._hidden_checked.get(key)
+        if store.read_only or (last is not None and now - last < self.depot.config.mirror_ttl):
+            return False  # (a read-only store: as it is, its schema maybe one before hidden_at)
+        if not await asyncio.to_thread(store.hidden_by_upstream, repo_id):
+            return False
+        self._hidden_checked[key] = now
+        if len(self._hidden_checked) > 1000:
+            self._hidden_checked.pop(next(iter(self._hidden_checked)))
+        with contextlib.suppress(DepotError, TimeoutError):  # (still hidden, or no answer: as it was)
+            await asyncio.wait_for(asyncio.shield(self.manifest(repo_id, DEFAULT_BRANCH)), HELD_PATIENCE)
+        return not await asyncio.to_thread(store.repo_private, repo_id)
 
     async def _hide(
         self, repo_id: str, why: str, pulled_from_here: bool = False, said_by: tuple[str, ...] = ()

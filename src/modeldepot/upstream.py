@@ -155,6 +155,12 @@ class Upstream:
         repo_id = self.store.spelled(scan.repo_id)  # the store's spelling, or for a new repo the upstream's
         save_scan(self.store, repo_id, revision, scan.commit_id, scan.endpoint, scan.info, scan.files,
                   part=not scan.whole)  # fmt: skip
+        shown = not (scan.info.get("private") or scan.info.get("gated"))
+        if shown and not self.store.read_only and self.store.show_repo_again(repo_id, scan.endpoint):
+            # (hidden on its upstream's word, a mirror's "not found" or a pull of it while private: that
+            # upstream shows it to anyone now; hidden for good, a wrong token once hid every repo asked for)
+            log.warning("%s is shown by its upstream %s again: this node serves it to anyone again", repo_id,
+                        scan.endpoint)  # fmt: skip
         return current_manifest(self.store, repo_id)
 
     def manifest_for(self, repo_id: str, revision: str) -> Manifest:

@@ -47,7 +47,7 @@ from modeldepot.errors import (
     RepoNotFoundError,
     RevisionNotFoundError,
 )
-from modeldepot.hub.manifest import Manifest
+from modeldepot.hub.manifest import INTERRUPTED, Manifest
 from modeldepot.server.context import (
     CONTROL_TOKEN,
     DEPOT,
@@ -59,6 +59,7 @@ from modeldepot.server.context import (
 )
 from modeldepot.server.native_routes import API
 from modeldepot.server.responses import error_response, json_response
+from modeldepot.store.layout import size_text
 from modeldepot.validation import validate_repo_id, validate_revision
 
 if TYPE_CHECKING:
@@ -402,10 +403,16 @@ class PullJobs:
             # (failures, cancellations and stops were said nowhere but GET /pulls, which a restart forgets: only
             # a pull done had its line in the log, an explorer's trial)
             if job.cancelling:
-                job.error = "cancelled: what it received is kept, pull again to resume"
+                # (what the resume takes, as `status` says it: "what it received is kept" of a file of one
+                # chunk, whose part is fetched again, an explorer's trial)
+                kept = await asyncio.to_thread(_kept_for_a_resume, depot, job.repo)
+                said = (
+                    "nothing of it" if kept == 0 else "what it received" if kept is None else size_text(kept)
+                )
+                job.error = f"cancelled: {said} kept for a resume (pull again to go on)"
                 job.state = "cancelled"
-                log.info("pull %s of %s cancelled: %d of %d bytes received, kept for a resume", job.id, job.repo,
-                         job.bytes_done, job.bytes_total)  # fmt: skip
+                log.info("pull %s of %s cancelled: %d of %d bytes received, %s kept for a resume", job.id,
+                         job.repo, job.bytes_done, job.bytes_total, said)  # fmt: skip
                 return  # (its task ends: the request that cancelled it answers)
             job.error = "the node stopped before the pull finished: pull again to resume"
             job.state = "failed"
@@ -456,6 +463,18 @@ class PullJobs:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _kept_for_a_resume(depot: Depot, repo_id: str) -> int | None:
+    """The bytes a stopped pull of ``repo_id`` keeps for its resume (its status rows: finished chunks, parts
+    of chunks kept); None when they do not say."""
+    try:
+        stopped = [
+            v for v in depot.get_manifest(repo_id).variants if v.status == "failed" and v.error == INTERRUPTED
+        ]
+    except DepotError:
+        return None
+    return sum(v.bytes_done for v in stopped) if stopped else None
 
 
 def _published(depot: Depot, manifest: Manifest, quants: Quants, revision: str) -> bool:

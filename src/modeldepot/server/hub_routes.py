@@ -131,19 +131,30 @@ def _next_link(request: web.Request, **params: str) -> str:
 
 async def _check_visible(request: web.Request, repo_id: str) -> None:
     """RepoNotFound when the repo is absent, or private and the request carries no valid token."""
-    if await asyncio.to_thread(request.app[DEPOT].store.repo_private, repo_id) and not is_authorized(request):
+    private = await asyncio.to_thread(request.app[DEPOT].store.repo_private, repo_id)
+    if private and not is_authorized(request) and not await _shown_again(request, repo_id):
         raise hidden_repo(request, repo_id)
 
 
 async def _visible_repo(request: web.Request, repo_id: str) -> RepoSummary:
     """The repo's summary, or RepoNotFound when it is private and the request carries no valid token."""
     store = request.app[DEPOT].store
-    summary = await asyncio.to_thread(
-        request.app[COMMITS].summary, repo_id, lambda: store.repo_summary(repo_id)
-    )
-    if summary.private and not is_authorized(request):
-        raise hidden_repo(request, repo_id)
-    return summary
+
+    def summary() -> RepoSummary:
+        return request.app[COMMITS].summary(repo_id, lambda: store.repo_summary(repo_id))
+
+    found = await asyncio.to_thread(summary)
+    if found.private and not is_authorized(request):
+        if not await _shown_again(request, repo_id):
+            raise hidden_repo(request, repo_id)
+        found = await asyncio.to_thread(summary)
+    return found
+
+
+async def _shown_again(request: web.Request, repo_id: str) -> bool:
+    """Whether a private repo a request may not see is public again: on a mirror, one hidden on its
+    upstream's word that the upstream shows again (:meth:`Mirror.recheck_hidden`)."""
+    return _mirrors(request) and await request.app[MIRROR].recheck_hidden(repo_id)
 
 
 def _mirrors(request: web.Request) -> bool:
@@ -154,7 +165,10 @@ def _mirrors(request: web.Request) -> bool:
 
 async def _local_origin(request: web.Request, repo_id: str) -> tuple[str, bool] | None:
     """Where the store's repo came from and whether it is private; None when it does not hold it."""
-    return await asyncio.to_thread(request.app[DEPOT].store.origin, repo_id)
+    held = await asyncio.to_thread(request.app[DEPOT].store.origin, repo_id)
+    if held is not None and held[1] and not is_authorized(request) and await _shown_again(request, repo_id):
+        return held[0], False
+    return held
 
 
 async def _may_see(request: web.Request, repo_id: str) -> bool:
@@ -750,6 +764,11 @@ async def not_models(request: web.Request) -> web.Response:
 async def read_only(request: web.Request) -> web.Response:
     """Any other /api route: writes (uploads, commits, repo creation and settings) are refused, since a node
     is filled by `modeldepot import` and pulls; reads it does not know are a 404."""
+    if request.path.startswith("/api/depot/") and "%2f" in request.raw_path.split("?", 1)[0].lower():
+        # (a repo id's '/' sent as %2F: the router took it as one name, and the 405 below said the method
+        # asked for was not allowed, with it in Allow; an explorer's trial)
+        return error_response(404, "RepoNotFound", f"no route {request.path}: a repo id's '/' arrived sent "
+                              "encoded (%2F): send the repo id's '/' as it is")  # fmt: skip
     allowed = _methods_of_other_routes(request)
     if allowed:  # (a route of the node's own API, asked with another method: its 405, not the Hub's)
         return error_response(405, None, f"{request.method} is not allowed on {request.path}",

@@ -211,11 +211,21 @@ _MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX blobs_by_size ON blobs (size)
     """,
+    # 13: when a repo was made private on its upstream's word (a mirror told the repo is gone or private, a
+    # pull of a private or gated repo), NULL when the node's operator made it so or it is public: such a repo
+    # is shown again once its upstream does (a mirror that once heard "not found", from a wrong token or a
+    # repo briefly gone, hid a public repo for good: an explorer's trial). The private repos pulled so far are
+    # taken as made so by their upstream.
+    """
+    ALTER TABLE repos ADD COLUMN hidden_at REAL;
+    UPDATE repos SET hidden_at = updated_at WHERE private = 1 AND origin != 'import'
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 # A store that cannot be upgraded here (a read-only mount, another user's) is read as it is from this
 # version on: the migrations after it add what only writes use (linked_sources), or what a read does
-# without (commit_listings, revision_access: Index.schema says which it may ask; blobs_by_size).
+# without (commit_listings, revision_access: Index.schema says which it may ask; blobs_by_size;
+# repos.hidden_at, which a mirror's writes alone use).
 READABLE_FROM = 8
 # Result codes (sqlite3.SQLITE_FULL and friends exist only from Python 3.11). Python reports extended codes.
 _SQLITE_IOERR = 10

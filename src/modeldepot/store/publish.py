@@ -78,6 +78,10 @@ class RevisionSpec:
     # records this time. A pull that ran on a scan kept a while (a mirror's) moved a branch back to the
     # commit that scan saw, over a newer one. None: now, and the ref moves whatever it names (an import)
     branch_seen_at: float | None = None
+    # Whether ``private`` is the upstream's word (a pull of a private or gated repo), not the operator's (an
+    # import's --private): a repo private on its upstream's word is shown again once the upstream shows it
+    # (``repos.hidden_at``, :meth:`~modeldepot.store.store.Store.show_repo_again`); the operator's stays
+    private_by_upstream: bool = False
 
 
 def commit_on_head(con: sqlite3.Connection, repo_id: str, branch: str, tree_oid: str) -> str:
@@ -322,14 +326,23 @@ def _record_repo(con: sqlite3.Connection, spec: RevisionSpec, now: float) -> Non
     revision its listings describe (main, or the newest where it has no main): a branch published beside
     main leaves them (an import of a branch turned a pulled repo into the node's own, and its card erased
     main's), and a card not known (an adopted cache without the README) keeps the README's part."""
-    row = con.execute("SELECT private, origin, card FROM repos WHERE repo_id = ?", (spec.repo_id,)).fetchone()
+    row = con.execute(
+        "SELECT private, origin, card, hidden_at FROM repos WHERE repo_id = ?", (spec.repo_id,)
+    ).fetchone()
+    upstreams_word = bool(spec.private) and spec.private_by_upstream
     if row is None:
         con.execute(
-            "INSERT INTO repos (repo_id, private, origin, card, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (spec.repo_id, int(bool(spec.private)), spec.origin or "import", json.dumps(spec.card), now, now),
-        )
+            "INSERT INTO repos (repo_id, private, origin, card, created_at, updated_at, hidden_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (spec.repo_id, int(bool(spec.private)), spec.origin or "import", json.dumps(spec.card), now, now,
+             now if upstreams_word else None),
+        )  # fmt: skip
         return
-    private = bool(row[0]) if spec.private is None else spec.private
+    private, hidden_at = bool(row[0]), row[3]
+    if spec.private is not None and not upstreams_word:  # (the operator's word, or public)
+        private, hidden_at = spec.private, None
+    elif upstreams_word and not private:  # (public here until now: private on the upstream's word)
+        private, hidden_at = True, now
     origin, card = row[1], json.loads(row[2])
     has_main = con.execute(
         "SELECT 1 FROM refs WHERE repo_id = ? AND name = ?", (spec.repo_id, DEFAULT_BRANCH)
@@ -342,8 +355,8 @@ def _record_repo(con: sqlite3.Connection, spec: RevisionSpec, now: float) -> Non
             card = {k: v for k, v in card.items() if k != FILE_TAGS}
             card.update((k, v) for k, v in spec.card.items() if k == FILE_TAGS)
     con.execute(
-        "UPDATE repos SET private = ?, origin = ?, card = ? WHERE repo_id = ?",
-        (int(private), origin, json.dumps(card), spec.repo_id),
+        "UPDATE repos SET private = ?, origin = ?, card = ?, hidden_at = ? WHERE repo_id = ?",
+        (int(private), origin, json.dumps(card), hidden_at, spec.repo_id),
     )
 
 

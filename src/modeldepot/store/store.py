@@ -860,7 +860,31 @@ class Store:
             return False  # (private already, or not held: no write)
         with self.index.write(f"making {repo_id} private") as con:
             done = con.execute(
-                "UPDATE repos SET private = 1 WHERE repo_id = ? AND private = 0", (rows[0]["repo_id"],)
+                "UPDATE repos SET private = 1, hidden_at = ? WHERE repo_id = ? AND private = 0",
+                (time.time(), rows[0]["repo_id"]),
+            )
+            return done.rowcount > 0
+
+    def hidden_by_upstream(self, repo_id: str) -> bool:
+        """Whether the repo is private on its upstream's word (:meth:`show_repo_again` may undo it)."""
+        validate_repo_id(repo_id)
+        return bool(self.index.read("SELECT 1 FROM repos WHERE repo_id = ? COLLATE NOCASE AND private = 1 "
+                                    "AND hidden_at IS NOT NULL", (repo_id,)))  # fmt: skip
+
+    def show_repo_again(self, repo_id: str, said_by: str) -> bool:
+        """Make public again a repo made private on its upstream's word (:meth:`hide_repo`, a pull of a
+        private repo), now that ``said_by``, the upstream it came from, shows it to anyone; whether it was
+        hidden. Not one its operator made private (``import --private``), nor one another source says is
+        public (the upstream's word alone hid it)."""
+        validate_repo_id(repo_id)
+        rows = self.index.read("SELECT repo_id, origin FROM repos WHERE repo_id = ? COLLATE NOCASE AND private = 1 "
+                               "AND hidden_at IS NOT NULL", (repo_id,))  # fmt: skip
+        if not rows or rows[0]["origin"].rstrip("/") != said_by.rstrip("/"):
+            return False
+        with self.index.write(f"showing {repo_id} again") as con:
+            done = con.execute(
+                "UPDATE repos SET private = 0, hidden_at = NULL WHERE repo_id = ? AND hidden_at IS NOT NULL",
+                (rows[0]["repo_id"],),
             )
             return done.rowcount > 0
 
