@@ -498,7 +498,8 @@ def render_remove(result: RemoveResult) -> None:
         + (
             f"; {format_bytes(result.bytes_still_held)} more stay on disk while "
             f"{'process' if len(result.held_by) == 1 else 'processes'} {', '.join(map(str, result.held_by[:5]))}"
-            f"{', ...' if len(result.held_by) > 5 else ''} still map or hold them open (a worker's loaded model: "
+            f"{', ...' if len(result.held_by) > 5 else ''} still "
+            f"{'maps or holds' if len(result.held_by) == 1 else 'map or hold'} them open (a worker's loaded model: "
             "freed once it lets go, at its next load, or ends)"
             if result.bytes_still_held
             else ""
