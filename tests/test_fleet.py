@@ -1316,6 +1316,37 @@ def test_a_node_that_leaves_releases_the_claims_it_hands_over_at_once(depot: Dep
     asyncio.run(main())
 
 
+def handing_over(
+    etcd_server: EtcdServer, store: Path, sha256: str, then: str
+) -> subprocess.CompletedProcess[str]:
+    """A program that opens a Depot on ``store`` in the etcd fleet, claims chunk 0 of ``sha256``, hands the
+    claim over in the background (as a pull that published does), then runs ``then``; its run."""
+    cluster = f"etcd://127.0.0.1:{etcd_server.client_port}"
+    program = f"""
+import asyncio, os, sys, time
+from modeldepot import Depot
+from modeldepot.transfer.swarm import _hand_over
+
+depot = Depot({str(store)!r}, chunk_size={SMALL_CHUNK}, cluster={cluster!r})
+fleet = depot.fleet
+node_id = depot.node_id
+claim = lambda d: d.claim_chunk({sha256!r}, {SMALL_CHUNK}, 0, node_id)
+assert asyncio.run(fleet.call(claim, None)) is not None
+assert fleet.in_background(lambda d: _hand_over(d, {sha256!r}, {SMALL_CHUNK}, frozenset({{0}}), node_id))
+"""
+    return subprocess.run([sys.executable, "-c", program + then], capture_output=True, text=True, timeout=90)
+
+
+def claims_left(etcd_server: EtcdServer, sha256: str) -> list[bytes]:
+    """The keys of ``sha256``'s claims in etcd."""
+
+    async def read() -> list[bytes]:
+        async with aetcd.Client("127.0.0.1", etcd_server.client_port, timeout=5) as client:
+            return [kv.key for kv in await client.get_prefix(b"/modeldepot/") if sha256.encode() in kv.key]
+
+    return asyncio.run(read())
+
+
 def test_a_program_that_never_closes_its_depot_releases_the_claims_it_hands_over_at_exit(
     etcd_server: EtcdServer, tmp_path: Path
 ) -> None:
@@ -1325,31 +1356,13 @@ def test_a_program_that_never_closes_its_depot_releases_the_claims_it_hands_over
     the hand-over ends and the claims go at once."""
     from modeldepot.transfer.swarm import HANDOVER_PATIENCE
 
-    cluster = f"etcd://127.0.0.1:{etcd_server.client_port}"
     sha256 = hashlib.sha256(b"handed over, never closed").hexdigest()
-    program = f"""
-import asyncio
-from modeldepot import Depot
-from modeldepot.transfer.swarm import _hand_over
-
-depot = Depot({str(tmp_path / "store")!r}, chunk_size={SMALL_CHUNK}, cluster={cluster!r})
-fleet = depot.fleet
-node_id = depot.node_id
-claim = lambda d: d.claim_chunk({sha256!r}, {SMALL_CHUNK}, 0, node_id)
-assert asyncio.run(fleet.call(claim, None)) is not None
-assert fleet.in_background(lambda d: _hand_over(d, {sha256!r}, {SMALL_CHUNK}, frozenset({{0}}), node_id))
-print("handed over", flush=True)
-"""  # (no depot.close(): the program just ends)
-
-    async def claims_left() -> list[bytes]:
-        async with aetcd.Client("127.0.0.1", etcd_server.client_port, timeout=5) as client:
-            return [kv.key for kv in await client.get_prefix(b"/modeldepot/") if sha256.encode() in kv.key]
-
     began = time.monotonic()
-    ended = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    # (no depot.close(): the program just ends)
+    ended = handing_over(etcd_server, tmp_path / "store", sha256, 'print("handed over", flush=True)\n')
     took = time.monotonic() - began
     assert ended.returncode == 0 and "handed over" in ended.stdout, ended.stderr
-    assert asyncio.run(claims_left()) == [], "the claims outlived the program that handed them over"
+    assert claims_left(etcd_server, sha256) == [], "the claims outlived the program that handed them over"
     # (its exit waited for the hand-over, which no serve ends here: cut short, the claims went before a
     # holding could show, which the hand-over is for)
     assert HANDOVER_PATIENCE <= took < 10, f"its exit took {took:.1f} s"
@@ -1364,34 +1377,18 @@ def test_a_forked_child_leaves_its_parents_fleet_view_alone_at_exit(
     10 s), it exits at once, and the parent still releases its claims."""
     from modeldepot.transfer.swarm import HANDOVER_PATIENCE
 
-    cluster = f"etcd://127.0.0.1:{etcd_server.client_port}"
     sha256 = hashlib.sha256(b"handed over, then forked").hexdigest()
-    program = f"""
-import asyncio, os, sys, time
-from modeldepot import Depot
-from modeldepot.transfer.swarm import _hand_over
-
-depot = Depot({str(tmp_path / "store")!r}, chunk_size={SMALL_CHUNK}, cluster={cluster!r})
-fleet = depot.fleet
-node_id = depot.node_id
-claim = lambda d: d.claim_chunk({sha256!r}, {SMALL_CHUNK}, 0, node_id)
-assert asyncio.run(fleet.call(claim, None)) is not None
-assert fleet.in_background(lambda d: _hand_over(d, {sha256!r}, {SMALL_CHUNK}, frozenset({{0}}), node_id))
+    then = """
 began = time.monotonic()
 child = os.fork()
 if child == 0:
     asked = time.monotonic()
-    print(f"peers {{depot.peers()}} {{time.monotonic() - asked:.2f}}", flush=True)
+    print(f"peers {depot.peers()} {time.monotonic() - asked:.2f}", flush=True)
     sys.exit(0)  # (a normal exit: the interpreter's atexit hooks run)
 _, status = os.waitpid(child, 0)
-print(f"child {{os.waitstatus_to_exitcode(status)}} {{time.monotonic() - began:.2f}}", flush=True)
+print(f"child {os.waitstatus_to_exitcode(status)} {time.monotonic() - began:.2f}", flush=True)
 """
-
-    async def claims_left() -> list[bytes]:
-        async with aetcd.Client("127.0.0.1", etcd_server.client_port, timeout=5) as client:
-            return [kv.key for kv in await client.get_prefix(b"/modeldepot/") if sha256.encode() in kv.key]
-
-    ended = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=90)
+    ended = handing_over(etcd_server, tmp_path / "store", sha256, then)
     assert ended.returncode == 0, ended.stderr
     said = re.search(r"child (\d+) ([\d.]+)", ended.stdout)
     assert said is not None, ended.stdout
@@ -1401,7 +1398,7 @@ print(f"child {{os.waitstatus_to_exitcode(status)}} {{time.monotonic() - began:.
     asked = re.search(r"peers \[\] ([\d.]+)", ended.stdout)
     assert asked is not None and float(asked.group(1)) < 1, ended.stdout
     assert "forked from one that had opened the fleet's view" in ended.stderr, ended.stderr
-    assert asyncio.run(claims_left()) == [], "the parent's claims outlived it"
+    assert claims_left(etcd_server, sha256) == [], "the parent's claims outlived it"
 
 
 def test_two_closes_of_the_fleets_view_at_once_close_it_once() -> None:
