@@ -643,12 +643,8 @@ if not TYPE_CHECKING:
 def _kept_for_a_resume(depot: Depot, repo_id: str) -> str:
     """What an interrupted pull of ``repo_id`` kept, by its status rows (the chunks checked and the parts of
     chunks in flight: what the resume does not fetch again)."""
-    from modeldepot.hub.manifest import INTERRUPTED
-
     try:
-        stopped = [
-            v for v in depot.get_manifest(repo_id).variants if v.status == "failed" and v.error == INTERRUPTED
-        ]
+        stopped = depot.get_manifest(repo_id).interrupted()
     except DepotError:
         stopped = []
     if not stopped:

@@ -88,6 +88,11 @@ class Manifest:
         known = ", ".join(v.name for v in self.variants) or "none"
         raise NotFoundError(f"{self.repo_id} has no variant {name!r} (it has: {known})")
 
+    def interrupted(self) -> list[Variant]:
+        """The variants a pull stopped before it finished, whose bytes done (finished chunks, the parts of
+        chunks kept) are what a resume does not fetch again."""
+        return [v for v in self.variants if v.status == "failed" and v.error == INTERRUPTED]
+
     def files_of(self, name: str) -> list[RemoteFile]:
         """Everything a download of variant ``name`` needs: its files and the shared ones."""
         wanted = {*self.variant(name).files, *self.shared}
@@ -458,7 +463,7 @@ def lost_since(store: Store, manifest: Manifest) -> Manifest:
     "interrupted: pull again to resume" of a revision whole in the store (a crash trial). And one interrupted
     whose download is gone (`gc --partials`), said so: nothing is left to resume."""
     downloaded = [v for v in manifest.variants if v.status == "downloaded"]
-    interrupted = [v for v in manifest.variants if v.status == "failed" and v.error == INTERRUPTED]
+    interrupted = manifest.interrupted()
     if not downloaded and not interrupted:
         return manifest
     held = _held_paths(store, manifest.repo_id, manifest.commit_id)

@@ -47,7 +47,7 @@ from modeldepot.errors import (
     RepoNotFoundError,
     RevisionNotFoundError,
 )
-from modeldepot.hub.manifest import INTERRUPTED, Manifest
+from modeldepot.hub.manifest import Manifest
 from modeldepot.server.context import (
     CONTROL_TOKEN,
     DEPOT,
@@ -469,9 +469,7 @@ def _kept_for_a_resume(depot: Depot, repo_id: str) -> int | None:
     """The bytes a stopped pull of ``repo_id`` keeps for its resume (its status rows: finished chunks, parts
     of chunks kept); None when they do not say."""
     try:
-        stopped = [
-            v for v in depot.get_manifest(repo_id).variants if v.status == "failed" and v.error == INTERRUPTED
-        ]
+        stopped = depot.get_manifest(repo_id).interrupted()
     except DepotError:
         return None
     return sum(v.bytes_done for v in stopped) if stopped else None
