@@ -86,9 +86,10 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MODELDEPOT_HOME", str(tmp_path / "default-home"))
     monkeypatch.delenv("MODELDEPOT_CHUNK_SIZE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from modeldepot.transfer.choosing import BANNED_NODES, FLEET_REFUSES, LEFT_OUT
+    from modeldepot.transfer.choosing import BANNED_NODES, FLEET_REFUSES, LEFT_OUT, LIARS
 
     BANNED_NODES.clear()  # (a liar's port may be another test's honest node)
+    LIARS.clear()  # (so may a liar named by its file's digests: a resume asked the Hub alone, a CI run)
     LEFT_OUT.clear()
     FLEET_REFUSES[0] = False
     from modeldepot.transfer.chain import _HUB_ANSWERED
