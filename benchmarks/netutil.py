@@ -26,6 +26,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(probe.getsockname()[1])
 
 
+_HELD: list[socket.socket] = []
+
+
+def closed_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that refuses connections for the rest of this process, for an upstream
+    that is down. A socket stays bound there without listening: a connection is refused, and no server
+    (of this process or another) can be given the port, as one could a port ``free_port`` returned."""
+    held = socket.socket()
+    held.bind((host, 0))
+    _HELD.append(held)
+    return int(held.getsockname()[1])
+
+
 def wait_until(
     predicate: Callable[[], T],
     timeout: float = 30.0,

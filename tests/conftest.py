@@ -58,6 +58,7 @@ def _load_netutil() -> ModuleType:
 
 _netutil = _load_netutil()
 free_port: Callable[..., int] = _netutil.free_port  # free_port(host="127.0.0.1")
+closed_port: Callable[..., int] = _netutil.closed_port  # closed_port(host="127.0.0.1"): refuses, for good
 port_open: Callable[..., bool] = _netutil.port_open  # port_open(port, host="127.0.0.1")
 wait_for_port: Callable[..., None] = _netutil.wait_for_port  # wait_for_port(port, timeout=60, host, process)
 wait_until = _netutil.wait_until  # wait_until(predicate, timeout=30, what, process, interval) -> its value

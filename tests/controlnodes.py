@@ -18,7 +18,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import SMALL_CHUNK, BackgroundServer, ForwardingProxy, LiveNode, free_port, write_model_dir
+from conftest import (
+    SMALL_CHUNK,
+    BackgroundServer,
+    ForwardingProxy,
+    LiveNode,
+    closed_port,
+    write_model_dir,
+)
 from modeldepot import Depot
 from modeldepot.server import create_app
 from modeldepot.server.connections import NodeRunner
@@ -100,7 +107,7 @@ class OpenNode(LiveNode):
 def pulling_depot(home: Path, server: str, monkeypatch: pytest.MonkeyPatch) -> Depot:
     """A depot that pulls from ``server`` alone (the Hub is a port where nothing listens), online."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     return Depot(home, chunk_size=SMALL_CHUNK, servers=[server])
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import aetcd  # type: ignore[import-untyped]
 
-from conftest import SMALL_CHUNK, free_port, wait_for_port
+from conftest import SMALL_CHUNK, closed_port, free_port, wait_for_port
 from etcdserver import EtcdServer
 
 API = "/api/depot/v1"
@@ -25,7 +25,7 @@ def base_env(**extra: str) -> dict[str, str]:
     """The environment of every process a test starts: small chunks, a Hub where nothing listens (unless
     a test gives one), no token unless given."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "MODELDEPOT_TOKEN", "HF_TOKEN")}
-    env.update(MODELDEPOT_CHUNK_SIZE=str(SMALL_CHUNK), HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+    env.update(MODELDEPOT_CHUNK_SIZE=str(SMALL_CHUNK), HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}",
                PYTHONUNBUFFERED="1")  # fmt: skip
     env.update(extra)
     return env

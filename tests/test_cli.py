@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 import modeldepot
-from conftest import LiveNode, flip_byte, free_port, sample_files, write_model_dir
+from conftest import LiveNode, closed_port, flip_byte, free_port, sample_files, write_model_dir
 from modeldepot import Depot, InvalidInputError
 from modeldepot._version import build_id, node_version
 from modeldepot.cli import cli, render
@@ -180,7 +180,7 @@ def test_a_command_that_fails_leaves_no_store_it_made_and_kept_nothing_in(
     """A pull of a mistyped repo, or an `hf-cache import` of a folder that is no cache, made an empty store where
     --home named, and a mistyped --home went unnoticed by the reads after (an explorer's trial)."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # (nothing listens)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # (nothing listens)
     for args in (["pull", "acme/nowhere"], ["scan", "acme/nowhere"],
                  ["hf-cache", "import", "--cache-dir", str(tmp_path / "no-cache")]):  # fmt: skip
         home = tmp_path / "fresh"

@@ -26,7 +26,16 @@ import pytest
 from aiohttp import web
 
 import modeldepot
-from conftest import BackgroundServer, LiveNode, Mounts, flip_byte, free_port, wait_until, write_model_dir
+from conftest import (
+    BackgroundServer,
+    LiveNode,
+    Mounts,
+    closed_port,
+    flip_byte,
+    free_port,
+    wait_until,
+    write_model_dir,
+)
 from controlnodes import (
     API,
     AUTH,
@@ -1134,8 +1143,8 @@ def test_every_control_answer_is_as_the_document_says(
     check(open_node, "DELETE", repo, 200)
 
     # 502 and 503: an upstream that does not answer, a node that is offline.
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
-    with Depot(tmp_path / "lost", servers=[f"http://127.0.0.1:{free_port()}"]) as lost:
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    with Depot(tmp_path / "lost", servers=[f"http://127.0.0.1:{closed_port()}"]) as lost:
         node = OpenNode(lost)
         try:
             check(node, "POST", pulls, 502, {"repo": "acme/tiny"})

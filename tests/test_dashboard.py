@@ -47,6 +47,7 @@ from conftest import (
     InProcessNode,
     LiveNode,
     Mounts,
+    closed_port,
     free_port,
     sample_files,
     wait_for_port,
@@ -377,7 +378,7 @@ def test_a_fleet_node_lists_its_peers_pulls_preloads_and_pins(
     the first, found as a peer; preloads and pins. Its picture is the README's."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("MODELDEPOT_TOKEN", TOKEN)  # what a node sends its peers
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # no Hub: the peer alone
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # no Hub: the peer alone
     cluster = f"mem://dashboard-{uuid.uuid4().hex[:12]}"
     with Depot(tmp_path / "a", chunk_size=SMALL_CHUNK) as a_depot:
         a_depot.import_dir(write_model_dir(tmp_path / "src-a", FILES), REPO)

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import aetcd
 import pytest
 
-from conftest import free_port
+from conftest import closed_port, free_port
 from etcdserver import EtcdServer, TcpGate
 from modeldepot.discovery import ClusterStatus, Holding, NodeRecord, open_discovery
 from modeldepot.discovery.etcd import MAX_TXN_OPS, EtcdDiscovery
@@ -483,7 +483,7 @@ def test_the_next_endpoint_is_tried_when_one_fails(etcd_server: EtcdServer) -> N
     a = node("a")
 
     async def main() -> None:
-        da = EtcdDiscovery([("127.0.0.1", free_port()), ("127.0.0.1", etcd_server.client_port)])
+        da = EtcdDiscovery([("127.0.0.1", closed_port()), ("127.0.0.1", etcd_server.client_port)])
         async with started(da):
             await da.register(a)
             await da.wait_for(lambda: da.status().registered and da.peers() == [a], WAIT)
@@ -503,7 +503,7 @@ def test_a_view_started_with_its_first_endpoint_down_is_the_fleet_at_once(etcd_s
         async with started(registering):
             await registering.register(a)
             await registering.wait_for(lambda: registering.status().registered, WAIT)
-            reader = EtcdDiscovery([("127.0.0.1", free_port()), ("127.0.0.1", etcd_server.client_port)])
+            reader = EtcdDiscovery([("127.0.0.1", closed_port()), ("127.0.0.1", etcd_server.client_port)])
             async with started(reader):
                 assert reader.peers() == [a] and reader.status().connected
 
@@ -1147,7 +1147,7 @@ def test_a_hung_first_endpoint_costs_nothing_and_is_no_outage(
         hung = stack.enter_context(socket.socket())
         hung.bind(("127.0.0.1", 0))
         hung.listen(8)  # (the kernel accepts; nothing ever answers)
-        dead = free_port()
+        dead = closed_port()
 
         async def main() -> float:
             writer = etcd(etcd_server)

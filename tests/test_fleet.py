@@ -47,6 +47,7 @@ from conftest import (
     InProcessNode,
     LiveNode,
     SilentAddress,
+    closed_port,
     flip_byte,
     free_port,
     serving_repo,
@@ -158,7 +159,7 @@ def scan_node_and_holder(
         a, c = InProcessNode(a_depot, cluster), InProcessNode(c_depot, cluster, token=holder_token)
         try:
             monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # no Hub
+            monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # no Hub
             yield cluster, big, (a_depot, a), (c_depot, c)
         finally:
             c.stop()
@@ -401,7 +402,7 @@ def test_a_peer_whose_chunks_wait_in_this_pulls_queue_is_not_taken_for_silent(
     a request was made, the healthy peer was dropped as "sent no byte" and the pull failed (a review); a
     request is judged from when it asked the peer."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # no Hub
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # no Hub
     cluster = f"mem://fleet-{uuid.uuid4().hex[:12]}"
     mib = 1 << 20
     files = {".gitattributes": b"*.bin filter=lfs diff=lfs merge=lfs -text\n"}
@@ -472,7 +473,7 @@ def test_mirrors_in_a_fleet_ask_each_other_no_further_while_their_upstream_is_do
     monkeypatch.setattr(chain, "_UNANSWERING", {})
     monkeypatch.setattr(chain, "_TIMED_OUT", {})
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # (nothing listens: refused)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # (nothing listens: refused)
     monkeypatch.setenv("MODELDEPOT_OUTAGE_PATIENCE", "0")
     cluster = f"mem://fleet-{uuid.uuid4().hex[:12]}"
     files = {".gitattributes": GITATTRIBUTES, "config.json": b"{}", "model.safetensors": weights(4, 2)}
@@ -923,7 +924,7 @@ def test_a_node_that_cannot_be_reached_at_its_advertised_url_says_so(fleet: Flee
     failed to reach the node (a trial). The node looks at itself through that URL as it registers."""
     from modeldepot.server import fleet as node_fleet
 
-    lost = fleet.node("lost", None, "--advertise", f"http://127.0.0.1:{free_port()}").ready()
+    lost = fleet.node("lost", None, "--advertise", f"http://127.0.0.1:{closed_port()}").ready()
     # (not any detail: "not registered in its fleet yet" comes first, before the node looks at itself)
     wait_until(lambda: "check --advertise" in lost.get("/health", token=False).get("detail", ""),
                10 * node_fleet.ADVERTISED_TRIES,
@@ -1056,7 +1057,7 @@ def test_a_private_repo_comes_through_the_fleet_with_the_node_token_alone(
 
     # etcd goes down: a pulling process pulls from its last view of the fleet...
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.setenv("MODELDEPOT_TOKEN", TOKEN)
     with Depot(tmp_path / "e", chunk_size=SMALL_CHUNK, cluster=fleet.etcd.cluster) as e_depot:
         assert e_depot.fleet is not None and {r.node_id for r in e_depot.peers()} == {a.id, c.id}

@@ -25,8 +25,8 @@ from huggingface_hub import hf_hub_download, scan_cache_dir, snapshot_download
 from conftest import (
     SMALL_CHUNK,
     LiveNode,
+    closed_port,
     flip_byte,
-    free_port,
     minilm_model_dir,
     sample_files,
     store_files_consistent,
@@ -353,7 +353,7 @@ def test_a_depot_pulling_from_a_node_that_holds_part_of_a_commit_asks_the_hub_fo
             result = puller.pull(SAMPLE)
             assert result.commit_id == commit
             assert read_tree(puller.snapshot_path(SAMPLE)) == sample_files()
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # (no Hub now)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # (no Hub now)
         caplog.set_level("WARNING", logger="modeldepot.transfer.chain")
         with Depot(tmp_path / "alone", chunk_size=SMALL_CHUNK, servers=[node.url]) as alone:
             assert alone.pull(SAMPLE).commit_id == commit
@@ -387,7 +387,7 @@ def test_a_commit_adopted_whole_with_its_listing_is_pulled_without_the_upstream(
     with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
         assert depot.hf_cache_import(cache_dir=hf_cache).ok
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # (nothing answers there)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # (nothing answers there)
     with Depot(tmp_path / "store") as depot:
         assert depot.pull(SAMPLE, revision=commit).commit_id == commit
 
@@ -1656,7 +1656,7 @@ def test_a_part_of_a_commit_stays_a_part_when_a_variant_of_it_is_removed(
     node = _node_holding_part_of_sample(tmp_path, hub)
     try:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # (no Hub now)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # (no Hub now)
         with Depot(tmp_path / "alone", chunk_size=SMALL_CHUNK, servers=[node.url]) as alone:
             assert alone.pull(SAMPLE).commit_id == commit
             alone.remove(SAMPLE, quant="q4")
@@ -1685,7 +1685,7 @@ def test_a_part_scanned_while_the_hub_is_down_hides_no_listing_the_store_kept(
             alone.pull(SAMPLE, ["q4"])
             before = [f.path for f in alone.commit_files(SAMPLE, commit)]
         assert len(before) == len(sample_files())
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # (no Hub now)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # (no Hub now)
         with Depot(tmp_path / "alone", servers=[node.url]) as alone:
             alone.pull(SAMPLE, ["q4"])
             assert [f.path for f in alone.commit_files(SAMPLE, commit)] == before

@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import save_file
 
-from conftest import SMALL_CHUNK, LiveNode, SilentAddress, flip_byte, free_port, write_model_dir
+from conftest import SMALL_CHUNK, LiveNode, SilentAddress, closed_port, flip_byte, write_model_dir
 from modeldepot import Depot
 from modeldepot.engines.adapters import dummy_inputs, load_safetensors, warmup
 from modeldepot.errors import ConfigError, CorruptBlobError, InvalidInputError, NotFoundError, OfflineError
@@ -983,7 +983,7 @@ def test_a_wrong_engine_is_said_once_and_without_the_network_for_a_commit(
             with pytest.raises(NotFoundError) as once:
                 depot.load("acme/st")
             assert str(once.value) == said
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing answers from here on
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # nothing answers from here on
     with Depot(tmp_path / "local") as depot:
         with pytest.raises(NotFoundError) as at_commit:
             depot.load("acme/st", revision=commit)

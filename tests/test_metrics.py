@@ -19,8 +19,8 @@ from conftest import (
     SMALL_CHUNK,
     InProcessNode,
     LiveNode,
+    closed_port,
     flip_byte,
-    free_port,
     sample_files,
     wait_until,
     write_model_dir,
@@ -144,7 +144,7 @@ def online(monkeypatch: pytest.MonkeyPatch, hub: str) -> None:
 
 
 def nowhere() -> str:
-    return f"http://127.0.0.1:{free_port()}"  # nothing listens there: a Hub nobody reaches
+    return f"http://127.0.0.1:{closed_port()}"  # nothing listens there: a Hub nobody reaches
 
 
 def test_every_family_is_there_with_its_type(node: LiveNode) -> None:

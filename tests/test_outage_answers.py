@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from conftest import free_port
+from conftest import closed_port
 from modeldepot.errors import UpstreamError
 from modeldepot.transfer.progress import PullUpdate
 
@@ -21,7 +21,7 @@ from modeldepot.transfer.progress import PullUpdate
 def hub_redirecting_to_a_dead_cdn() -> Iterator[str]:
     """A "Hub" that answers every GET at once with a 302 to a CDN nothing listens at (a CDN outage, or a
     firewall that lets huggingface.co through and not its CDN's host)."""
-    dead = free_port()
+    dead = closed_port()
 
     class Redirect(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import free_port, serving_repo
+from conftest import closed_port, free_port, serving_repo
 from faultproxy import FaultProxy, a_slow_node_before_the_hub, pull_in_a_thread, wait_until
 from modeldepot import Depot
 from modeldepot.errors import UpstreamError
@@ -67,7 +67,7 @@ def test_the_silence_of_a_hub_that_never_answered_a_pull_looked_up_through_a_nod
     chunk = 1 << 20
     with serving_repo(tmp_path / "upstream", FILES, REPO, chunk_size=chunk) as node, \
             a_slow_node_before_the_hub(node, monkeypatch, BIG, patience=12) as plan:  # fmt: skip
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # (nothing listens there)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # (nothing listens there)
         outcome: list[object] = []
         with Depot(tmp_path / "local", chunk_size=chunk) as depot:
             pulling = pull_in_a_thread(depot, REPO, outcome)
@@ -245,14 +245,13 @@ def test_a_short_patience_never_gives_a_range_fewer_attempts_than_no_patience(
     """A range always has its five attempts: a patience shorter than the quiet that makes an outage (or one
     used up) gave the Hub's range one attempt, where no patience gives five."""
     import modeldepot.transfer.sources as sources
-    from conftest import free_port
     from modeldepot.transfer import outage
 
     async def no_wait(seconds: float) -> None:
         pass
 
     monkeypatch.setattr(sources.asyncio, "sleep", no_wait)
-    port = free_port()  # (nothing listens there: the Hub's refusal, a blip)
+    port = closed_port()  # (nothing listens there: the Hub's refusal, a blip)
     source = sources.HttpSource(f"http://127.0.0.1:{port}", "hub", None, sources.RetryPolicy(attempts=5))
     tries: dict[str, str] = {}
     for label, clock in (("no clock", None), ("patience 1 s", outage.OutageClock(1.0, REPO))):

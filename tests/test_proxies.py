@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LiveNode, free_port, write_model_dir
+from conftest import LiveNode, closed_port, free_port, write_model_dir
 from faultproxy import FaultProxy
 from fleetnodes import base_env, modeldepot
 from modeldepot import Depot
@@ -196,7 +196,7 @@ def test_a_proxy_of_another_kind_is_a_clear_error(hub: LiveNode, tmp_path: Path)
 def test_a_proxy_that_cannot_be_reached_is_named(hub: LiveNode, tmp_path: Path) -> None:
     """A dead proxy was reported as the Hub out of reach (it was up): a user behind a proxy debugged the wrong
     machine (an explorer's trial)."""
-    dead = f"127.0.0.1:{free_port()}"
+    dead = f"127.0.0.1:{closed_port()}"
     env = without_proxies(HF_ENDPOINT=hub.url, HTTP_PROXY=f"http://{dead}", MODELDEPOT_READ_TIMEOUT="5",
                           MODELDEPOT_OUTAGE_PATIENCE="0")  # fmt: skip
     done = modeldepot("pull", REPO, "--home", str(tmp_path / "store"), env=env, check=False)

@@ -32,7 +32,7 @@ from conftest import (
     SMALL_CHUNK,
     LiveNode,
     cancel_other_tasks,
-    free_port,
+    closed_port,
     store_files_consistent,
     write_model_dir,
 )
@@ -854,7 +854,7 @@ def test_a_configured_server_that_cannot_be_reached_is_said(
 
     monkeypatch.setattr(notices, "_said", {})
     hub = make_node("hub", {REPO: FILES})
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://127.0.0.1:{closed_port()}"
     local = make_local("typo", [dead], hub.url)
     with caplog.at_level("WARNING", logger="modeldepot.transfer.chain"):
         result = local.pull(REPO)

@@ -28,7 +28,7 @@ from conftest import (
     InProcessNode,
     LiveNode,
     SilentAddress,
-    free_port,
+    closed_port,
     wait_until,
     write_model_dir,
     write_partial,
@@ -297,7 +297,7 @@ def test_a_pull_reports_its_bytes_by_kind_of_source(
     tmp_path: Path, nodes: dict[str, LiveNode], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # no Hub
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # no Hub
     monkeypatch.setenv("MODELDEPOT_SERVERS", nodes["full"].url)
     monkeypatch.setenv("MODELDEPOT_TOKEN", TOKEN)
     with Depot(tmp_path / "puller", chunk_size=SMALL_CHUNK) as local:

@@ -923,7 +923,7 @@ def test_a_node_where_nothing_listens_is_dropped_at_once_the_hub_retried(
     claims stood that long (the other nodes stalled, and fetched more from the Hub). It is dropped at the
     first refusal now; the Hub, whose refusal is more likely a blip, is still retried."""
     import modeldepot.transfer.sources as sources
-    from conftest import free_port
+    from conftest import closed_port
 
     waits: list[float] = []
 
@@ -931,7 +931,7 @@ def test_a_node_where_nothing_listens_is_dropped_at_once_the_hub_retried(
         waits.append(seconds)
 
     monkeypatch.setattr(sources.asyncio, "sleep", no_wait)
-    port = free_port()  # (nothing listens there)
+    port = closed_port()  # (nothing listens there)
     for kind, retried in (("node", 0), ("hub", 4)):
         waits.clear()
         source = sources.HttpSource(f"http://127.0.0.1:{port}", kind, None, sources.RetryPolicy(attempts=5))
