@@ -105,6 +105,23 @@ def test_hf_hub_download_and_file_metadata(node: LiveNode, tmp_path: Path) -> No
     assert Path(pr).read_bytes() == b'{"pr": 1}'
 
 
+def test_a_pull_requests_ref_is_read_percent_encoded_or_not(node: LiveNode) -> None:
+    """`resolve/refs/pr/1/config.json` as a user types it (the Hub takes it) was refused: "refs" was taken
+    for the revision, "Invalid rev id: refs"; the listings of the PR's tree and info were 404s."""
+    for ref in ("refs/pr/1", "refs%2Fpr%2F1"):
+        assert (
+            requests.get(f"{node.url}/{SAMPLE}/resolve/{ref}/config.json", timeout=30).content == b'{"pr": 1}'
+        )
+        assert requests.get(f"{node.url}/{SAMPLE}/raw/{ref}/config.json", timeout=30).content == b'{"pr": 1}'
+        info = requests.get(f"{node.url}/api/models/{SAMPLE}/revision/{ref}", timeout=30).json()
+        assert info["sha"] == node.depot.resolve(SAMPLE, "refs/pr/1"), ref
+        tree = requests.get(f"{node.url}/api/models/{SAMPLE}/tree/{ref}", timeout=30).json()
+        assert [entry["path"] for entry in tree] == ["config.json"], ref
+    missing = requests.get(f"{node.url}/{SAMPLE}/resolve/refs/pr/2/config.json", timeout=30)
+    assert (missing.status_code, missing.headers["X-Error-Code"]) == (404, "RevisionNotFound")
+    assert "refs/pr/2" in missing.json()["error"]
+
+
 def test_an_id_of_a_short_org_and_a_long_name_is_served(
     depot: Depot, live_node: LiveNode, tmp_path: Path
 ) -> None:
@@ -374,6 +391,31 @@ def test_interrupted_download_resumes_with_range(node: LiveNode, tmp_path: Path)
     assert resumed, relay.requests
     offset = int(resumed[0].lower().split("range: bytes=")[1].split("-")[0])
     assert 10 << 20 <= offset < 25_000_000
+
+
+def test_a_request_with_two_range_headers_gets_the_file_whole(node: LiveNode) -> None:
+    """Two ``Range`` fields are not one range (a proxy that joined two requests, a client's bug): the first
+    was served as a 206, and a client that meant the second joined the wrong bytes. Ignored, as a header of
+    several ranges is: a 200 of the whole file says so."""
+    import http.client
+
+    data = sample_files()["tokenizer.json"]
+    commit = node.depot.resolve(SAMPLE)
+    sha = hashlib.sha256(data).hexdigest()
+    for path in (f"/{SAMPLE}/resolve/{commit}/tokenizer.json", f"/api/depot/v1/blobs/{sha}"):
+        for ranges in (["bytes=0-9", "bytes=10-19"], ["bytes=10-19"]):
+            connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
+            try:
+                connection.putrequest("GET", path)
+                for value in ranges:
+                    connection.putheader("Range", value)
+                connection.endheaders()
+                answer = connection.getresponse()
+                body = answer.read()
+            finally:
+                connection.close()
+            expected = (200, data) if len(ranges) == 2 else (206, data[10:20])
+            assert (answer.status, body) == expected, (path, ranges)
 
 
 def test_transformers_loads_a_tokenizer_through_hf_endpoint(node: LiveNode, tmp_path: Path) -> None:

@@ -64,6 +64,7 @@ from modeldepot.server.views import (
     lfs_info,
     model_info_body,
     model_properties,
+    range_header,
     select_properties,
     stored_view,
     to_its_commit,
@@ -585,14 +586,14 @@ def starts_a_download(request: web.Request) -> bool:
     """Whether the request is a download's first (a GET of the file, or of a range from its first byte): one
     use of the file, however many ranges a client asks for it in (a peer's pull of a 768 MiB file counted
     49 uses, and `--preload-top` preloaded the file a peer fetched once over the model loaded ten times)."""
-    header = request.headers.get("Range")
+    header = range_header(request)
     return request.method == "GET" and (header is None or bool(_FROM_THE_START.fullmatch(header)))
 
 
 def _resumes(request: web.Request) -> bool:
     """Whether the request asks for the rest of a file from an offset (``Range: bytes=N-``), as a client
     resuming a download does."""
-    return bool(_RESUME.fullmatch(request.headers.get("Range", "")))
+    return bool(_RESUME.fullmatch(range_header(request) or ""))
 
 
 async def resolve(request: web.Request) -> web.StreamResponse:
@@ -810,11 +811,15 @@ def add_hub_routes(app: web.Application) -> None:
 
     app.on_cleanup.append(close_commits)
     repo = "/api/models/{org}/{name}"
+    # A pull request's ref unencoded (`resolve/refs/pr/1/config.json`, as a user types it and the Hub takes
+    # it): matched before the routes below, where "refs" was taken for the revision and "pr/1/" for the path
+    pr_ref = r"{rev:refs/pr/\d+}"
     app.router.add_get(repo, model_info)
-    app.router.add_get(repo + "/revision/{rev}", model_info)
-    app.router.add_get(repo + "/tree/{rev}", list_tree)
-    app.router.add_get(repo + "/tree/{rev}/{path:.+}", list_tree)
-    app.router.add_post(repo + "/paths-info/{rev}", paths_info)
+    for rev in (pr_ref, "{rev}"):
+        app.router.add_get(f"{repo}/revision/{rev}", model_info)
+        app.router.add_get(f"{repo}/tree/{rev}", list_tree)
+        app.router.add_get(repo + f"/tree/{rev}/{{path:.+}}", list_tree)
+        app.router.add_post(f"{repo}/paths-info/{rev}", paths_info)
     app.router.add_get(repo + "/refs", list_refs)
     app.router.add_get(repo + "/auth-check", auth_check)
     app.router.add_get(repo + "/auth-check/write", auth_check, name="refused-auth-check-write")  # (a 403)
@@ -823,8 +828,11 @@ def add_hub_routes(app: web.Application) -> None:
     app.router.add_get("/api/models", list_models)
     app.router.add_get("/api/agent-harnesses", agent_harnesses)
     app.router.add_get("/api/whoami-v2", whoami)
-    app.router.add_get("/{org}/{name}/resolve/{rev}/{path:.+}", resolve)  # add_get answers HEAD too
-    app.router.add_get("/{org}/{name}/raw/{rev}/{path:.+}", raw)
+    for rev in (pr_ref, "{rev}"):
+        app.router.add_get(
+            f"/{{org}}/{{name}}/resolve/{rev}/{{path:.+}}", resolve
+        )  # add_get answers HEAD too
+        app.router.add_get(f"/{{org}}/{{name}}/raw/{rev}/{{path:.+}}", raw)
     # Repo ids without an org (the Hub's old ones: gpt2): after the routes above, which they cannot match
     one_part = "/api/models/{name:[^/]+}{tail:(/revision/.+|/tree/.+|/paths-info/.+|/refs|/commits/.+|/auth-check.*)?}"
     app.router.add_route("*", one_part, no_org, name="refused-no-org")

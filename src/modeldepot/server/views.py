@@ -214,6 +214,14 @@ def to_its_commit(request: web.Request, commit_id: str, headers: dict[str, str])
     return web.Response(status=302, headers={**headers, "Location": location})
 
 
+def range_header(request: web.Request) -> str | None:
+    """The request's ``Range``; None for none, or for two or more: not one range (a proxy joined two
+    requests, a client's bug), so ignored as a header of several ranges is, and the file goes whole (a 200
+    says so: serving the first, a client asking for the second joined the wrong bytes)."""
+    values = request.headers.getall("Range", [])
+    return values[0] if len(values) == 1 else None
+
+
 def wanted_range(request: web.Request, size: int, etag: str, *, hub: bool = True) -> ByteRange | None:
     """The range to send: ``None`` for the whole file (no ``Range``, one we ignore, or an ``If-Range``
     naming another version); raises RangeNotSatisfiable for a 416.
@@ -223,13 +231,12 @@ def wanted_range(request: web.Request, size: int, etag: str, *, hub: bool = True
     server ignore a Range, and huggingface.js asks every file for ``bytes=0-0`` and takes a 416 for a
     failure. The node's own routes answer such a request 416, as the RFC has it.
     """
-    range_header = request.headers.get("Range")
     if size == 0 and hub:
         return None
     if_range = request.headers.get("If-Range")
     if if_range is not None and if_range.strip() not in (f'"{etag}"', etag):
         return None  # the client's copy is of another version: send the whole file
-    return parse_range(range_header, size)
+    return parse_range(range_header(request), size)
 
 
 def whole_headers(request: web.Request, size: int) -> dict[str, str]:
