@@ -205,6 +205,31 @@ def test_a_paths_info_body_that_cannot_be_read_is_a_400(
     assert status == 200 and b'"path":"config.json"' in answer.replace(b" ", b"")
 
 
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [
+        ("/acme/w", "a file is at /acme/w/resolve/REVISION/PATH, the repo's info at /api/models/acme/w"),
+        ("/acme/w/blob/main/config.json", "serves no web pages of a repo; a file is at /acme/w/resolve/"),
+        ("/acme/w/resolve/main", "a file's URL names its path, /acme/w/resolve/main/PATH"),
+        ("/acme/w/raw/main/", "a file's URL names its path, /acme/w/raw/main/PATH"),
+        (
+            "/nothing/here/at/all",
+            "the node's own under /api/depot/v1 (described at /api/depot/v1/openapi.json)",
+        ),
+        ("/dashboard/nothing.js", "the dashboard at /"),
+    ],
+)
+def test_a_path_no_route_takes_is_a_404_that_says_where_to_look(
+    served: LiveNode, path: str, says: str
+) -> None:
+    """A bare "Not Found" left a user who typed a repo's Hub page, or a file's URL without its path, guessing."""
+    answer = requests.get(served.url + path, timeout=30)
+    assert answer.status_code == 404
+    assert (
+        answer.json()["error"].startswith(f"this node has no route {path}") and says in answer.json()["error"]
+    )
+
+
 def test_a_control_body_sent_compressed_is_refused_not_taken_for_empty(served: LiveNode) -> None:
     """aiohttp reads a truncated gzip body as an empty one: a pin would be set from no settings at all."""
     port = int(served.url.rsplit(":", 1)[1])

@@ -110,6 +110,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if error.status < 400:
             raise
         default = f"{error.status}: {error.reason}"  # (aiohttp's text when it was given none)
+        if error.status == 404 and (error.text is None or error.text == default):
+            return error_response(404, None, no_route(request.path))
         return error_response(
             error.status,
             None,
@@ -128,6 +130,28 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             "request %s: unexpected error on %s %s", request[REQUEST_ID], request.method, request.path
         )
         return error_response(500, "NodeError", "the node could not complete the request")
+
+
+_REPO_PAGE = re.compile(r"/([^/]+/[^/]+)(?:/(blob|tree|commit|discussions|settings)(?:/.*)?)?/?")
+_FILE_WITHOUT_PATH = re.compile(r"/([^/]+/[^/]+)/(resolve|raw)/([^/]+)/?")
+
+
+def no_route(path: str) -> str:
+    """What a 404 for a path no route takes says: where the nearest thing a client may have meant is (a bare
+    "Not Found" left a user who typed the Hub's page URL of a repo, or a file's without its path, guessing)."""
+    page, bare = _REPO_PAGE.fullmatch(path), _FILE_WITHOUT_PATH.fullmatch(path)
+    if bare is not None:
+        repo, kind, revision = bare.groups()
+        return (f"this node has no route {path}: a file's URL names its path, "
+                f"/{repo}/{kind}/{revision}/PATH")  # fmt: skip
+    if page is not None and not path.startswith(("/api/", "/dashboard/")):
+        repo = page.group(1)
+        return (f"this node has no route {path}: it serves no web pages of a repo; a file is at "
+                f"/{repo}/resolve/REVISION/PATH, the repo's info at /api/models/{repo}")  # fmt: skip
+    return (
+        f"this node has no route {path}: the Hub's API is under /api/models and /ORG/NAME/resolve, the "
+        "node's own under /api/depot/v1 (described at /api/depot/v1/openapi.json), the dashboard at /"
+    )
 
 
 @web.middleware
