@@ -67,6 +67,11 @@ def test_import_ls_info_path_cat(home: Path, model_dir: Path) -> None:
     assert code == 0 and Path(out.strip()).read_bytes() == sample_files()["config.json"]
     code, out, _ = run("path", REPO, home=home)
     assert Path(out.strip()).name == imported["commit_id"]
+    # A file as a shell completes it in the folder imported: the same file; leaving the repo is still refused
+    code, out, _ = run("path", REPO, "./onnx/model_q4.onnx", home=home)
+    assert code == 0 and Path(out.strip()).read_bytes() == sample_files()["onnx/model_q4.onnx"]
+    code, _, err = run("path", REPO, "./../config.json", home=home)
+    assert code == 2 and "'..'" in err
 
 
 def test_import_with_link_says_what_it_linked(home: Path, model_dir: Path) -> None:

@@ -226,9 +226,17 @@ def info_command(depot: Depot, repo_id: str, as_json: bool) -> None:
     render.emit(as_json, body, lambda: render.render_info(info, upstream))
 
 
+def _repo_file(value: str) -> str:
+    """A file's path in a repo, as a user types it at a shell: ``./config.json`` (the folder it imported,
+    tab-completed) is config.json; anything else a path may not be is refused, as everywhere."""
+    while value.startswith("./"):
+        value = value[2:].lstrip("/")
+    return validate_path(value)
+
+
 @cli.command("path")
 @repo_argument
-@click.argument("path", metavar="[FILE]", required=False, callback=checked(validate_path))
+@click.argument("path", metavar="[FILE]", required=False, callback=checked(_repo_file))
 @revision_option
 @reading_home_option
 def path_command(depot: Depot, repo_id: str, path: str | None, revision: str) -> None:
@@ -252,7 +260,7 @@ def path_command(depot: Depot, repo_id: str, path: str | None, revision: str) ->
 
 @cli.command("cat")
 @repo_argument
-@click.argument("path", metavar="FILE", callback=checked(validate_path))
+@click.argument("path", metavar="FILE", callback=checked(_repo_file))
 @revision_option
 @reading_home_option
 def cat_command(depot: Depot, repo_id: str, path: str, revision: str) -> None:
