@@ -109,7 +109,7 @@ def test_a_read_only_copy_of_a_store_is_another_node(tmp_path: Path, read_only: 
 
 
 def test_a_read_only_store_of_the_schema_before_is_read_as_it_is(tmp_path: Path, read_only: Mount) -> None:
-    """Schemas 9 to 13 added what reads do without (the linked files' modes, commits' listings kept, revisions'
+    """Schemas 9 to 14 added what reads do without (the linked files' modes, commits' listings kept, revisions'
     last uses, an index of blobs by size, when a repo was hidden on its upstream's word): a
     store baked with schema 8 is read
     where it cannot be upgraded (before, every new schema made a baked store unreadable until re-baked); one
@@ -668,9 +668,9 @@ def test_an_upgrade_under_a_running_process_of_the_old_version_is_said(
     from modeldepot.store.index import SCHEMA_VERSION
 
     home = made_store(tmp_path)
-    with closing(sqlite3.connect(home / "index.db")) as con:  # (as the schema before left it)
+    with closing(sqlite3.connect(home / "index.db")) as con:  # (as schema 12 left it)
         con.execute("ALTER TABLE repos DROP COLUMN hidden_at")
-        con.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+        con.execute("PRAGMA user_version = 12")
         con.commit()
     old_node = subprocess.Popen(
         [sys.executable, "-c", f"import sys\nindex = open({str(home / 'index.db')!r}, 'rb')\nprint('open', "

@@ -220,12 +220,21 @@ _MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE repos ADD COLUMN hidden_at REAL;
     UPDATE repos SET hidden_at = updated_at WHERE private = 1 AND origin != 'import'
     """,
+    # 14: ... but not one its operator may have made private: a pulled repo with a revision imported onto it
+    # (an import's revision has its tree, a pull's none), which an `import --private` of a branch makes
+    # private (its origin stays the upstream's), or an adopted cache's (`hf-cache import --private`). Taken
+    # so, a mirror that saw the upstream show the repo made the operator's private branch public. Left
+    # private, an upstream's hide among them stays until the operator shows it (the safe side).
+    """
+    UPDATE repos SET hidden_at = NULL WHERE hidden_at IS NOT NULL AND (origin = 'hf-cache' OR EXISTS (
+        SELECT 1 FROM revisions v WHERE v.repo_id = repos.repo_id AND v.tree_oid IS NOT NULL))
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 # A store that cannot be upgraded here (a read-only mount, another user's) is read as it is from this
 # version on: the migrations after it add what only writes use (linked_sources), or what a read does
 # without (commit_listings, revision_access: Index.schema says which it may ask; blobs_by_size;
-# repos.hidden_at, which a mirror's writes alone use).
+# repos.hidden_at, which a mirror's writes alone use, and 14's correction of it).
 READABLE_FROM = 8
 # Result codes (sqlite3.SQLITE_FULL and friends exist only from Python 3.11). Python reports extended codes.
 _SQLITE_IOERR = 10
