@@ -828,10 +828,8 @@ def add_hub_routes(app: web.Application) -> None:
     app.router.add_get("/api/models", list_models)
     app.router.add_get("/api/agent-harnesses", agent_harnesses)
     app.router.add_get("/api/whoami-v2", whoami)
-    for rev in (pr_ref, "{rev}"):
-        app.router.add_get(
-            f"/{{org}}/{{name}}/resolve/{rev}/{{path:.+}}", resolve
-        )  # add_get answers HEAD too
+    for rev in (pr_ref, "{rev}"):  # (add_get answers HEAD too)
+        app.router.add_get(f"/{{org}}/{{name}}/resolve/{rev}/{{path:.+}}", resolve)
         app.router.add_get(f"/{{org}}/{{name}}/raw/{rev}/{{path:.+}}", raw)
     # Repo ids without an org (the Hub's old ones: gpt2): after the routes above, which they cannot match
     one_part = "/api/models/{name:[^/]+}{tail:(/revision/.+|/tree/.+|/paths-info/.+|/refs|/commits/.+|/auth-check.*)?}"
