@@ -320,6 +320,11 @@ def test_a_client_resuming_a_broken_answer_gets_the_file_whole(
         assert mirror.depot.has_file(REPO, BIG)
         status, body = asyncio.run(_get(url, {"Range": f"bytes={len(received)}-"}))
         assert (status, body) == (200, FILES[BIG]), "still whole: the file is answered from the store now"
+        # By commit, what the broken answer sent is checked against the stored file: refuted, still whole
+        commit_url = f"{mirror.url}/{REPO}/resolve/{mirror.depot.resolve(REPO)}/{BIG}"
+        status, body = asyncio.run(_get(commit_url, {"Range": f"bytes={len(received)}-"}))
+        assert (status, body) == (200, FILES[BIG])
+        assert mirror.runner.app[MIRROR].broke(REPO, BIG)
         status, body = asyncio.run(
             _get(url, {"Range": "bytes=10-19"})
         )  # (HfFileSystem's reads: read as asked,

@@ -23,6 +23,7 @@ from faultproxy import FaultProxy
 from mirrornodes import BIG, FILES, REPO, mirror_node, proxied_upstream, read_until_it_breaks
 from modeldepot import Depot
 from modeldepot import mirror as mirroring
+from modeldepot.mirror_marks import BrokenMarks
 from modeldepot.server.mirror_routes import MIRROR
 
 
@@ -226,6 +227,79 @@ def test_a_head_or_a_range_past_the_end_pulls_nothing(
         assert not mirror.depot.has_file(REPO, BIG)
     finally:
         mirror.stop()
+
+
+def test_a_resume_of_a_broken_hub_answer_is_answered_as_asked_once_the_store_proves_what_it_sent(
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Hub-like upstream (no chunk digests) that went away mid-file: what the broken answer had sent was
+    unproven, and every resume of the file was answered whole for an hour, even once the file was verified in
+    the store (all a client had, sent again: an explorer's trial). The mark keeps what went out; once the
+    store holds the file, a resume by commit has that checked against it, and is answered as asked."""
+    plan = upstream_proxy.set("slow", times=-1, slow_delay=0.05)
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, as_node=False)
+    try:
+        commit = HfApi(endpoint=mirror.url).model_info(REPO).sha
+        url = f"{mirror.url}/{REPO}/resolve/{commit}/{BIG}"
+
+        def cut_when_half_crossed() -> None:
+            wait_until(lambda: plan.body_bytes > len(FILES[BIG]) // 2, 60, "half the file to cross")
+            upstream_proxy.set("500", times=-1, path_suffix=BIG)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            cutting = pool.submit(cut_when_half_crossed)
+            received = asyncio.run(read_until_it_breaks(url))
+            cutting.result()
+        assert 0 < len(received) < len(FILES[BIG]) and received == FILES[BIG][: len(received)]
+        pulls = mirror.runner.app[MIRROR]
+        wait_until(lambda: not pulls._jobs, 60, "the mirror's pull to end")
+        assert pulls.broke(REPO, BIG), "unproven bytes were sent"
+
+        upstream_proxy.set("pass")
+        resume = {"Range": f"bytes={len(received)}-"}
+        # Not in the store yet: whole, as ever (its pull goes on from what landed)
+        whole = requests.get(url, headers=resume, timeout=60)
+        assert (whole.status_code, whole.content) == (200, FILES[BIG])
+        assert mirror.depot.has_file(REPO, BIG) and pulls.broke(REPO, BIG)
+        # In the store: what went out is the file's, so the client's bytes are; as asked, and from now on
+        rest = requests.get(url, headers=resume, timeout=60)
+        assert (rest.status_code, rest.content) == (206, FILES[BIG][len(received) :])
+        assert not pulls.broke(REPO, BIG)
+        assert not BrokenMarks(mirror.depot.home).broke(REPO, BIG), "lifted in the home's record too"
+    finally:
+        mirror.stop()
+
+
+def test_the_marks_of_broken_files_keep_what_went_out_and_never_lift_what_is_not_known(
+    tmp_path: Path,
+) -> None:
+    """Two nodes on one store mark files; what either sent is kept whole; one whose sending is not known
+    (refuted, or written by a node before the spans were kept) is answered whole until it expires."""
+    import json
+
+    from modeldepot.mirror_marks import BROKEN_FILE, Sent
+
+    marks, other = BrokenMarks(tmp_path), BrokenMarks(tmp_path)
+    marks.note("Acme/M", "a.bin", Sent({(0, 4, "aa")}))
+    other.note("acme/m", "a.bin", Sent({(4, 8, "bb")}))
+    marks.note("acme/m", "b.bin", None)
+    again = BrokenMarks(tmp_path)
+    assert again.spans("acme/m", "a.bin") == {(0, 4, "aa"), (4, 8, "bb")}
+    assert again.broke("ACME/m", "b.bin") and again.spans("acme/m", "b.bin") is None
+    again.refute("acme/m", "a.bin")
+    assert (
+        BrokenMarks(tmp_path).broke("acme/m", "a.bin")
+        and BrokenMarks(tmp_path).spans("acme/m", "a.bin") is None
+    )
+    marks.note("acme/m", "a.bin", Sent({(8, 9, "cc")}))  # (its memory's spans must not undo the refutation)
+    assert BrokenMarks(tmp_path).spans("acme/m", "a.bin") is None
+    again.lift("acme/m", "b.bin")
+    assert not BrokenMarks(tmp_path).broke("acme/m", "b.bin")
+    (tmp_path / BROKEN_FILE).write_text(json.dumps([["acme/m", "c.bin", time.time()], ["x", "y", "z"]]))
+    older = BrokenMarks(tmp_path)
+    assert older.broke("acme/m", "c.bin") and older.spans("acme/m", "c.bin") is None
+    (tmp_path / BROKEN_FILE).write_text("{not json")
+    assert not BrokenMarks(tmp_path).broke("acme/m", "c.bin")
 
 
 def test_a_resume_after_an_honest_upstream_outage_is_answered_as_asked(

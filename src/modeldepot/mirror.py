@@ -24,7 +24,9 @@ sending unvouched bytes, or whose pull failed after any reader had such bytes of
 earlier resumes too), is :meth:`Mirror.broke` for a while: a resume (``bytes=N-``) is answered whole, and
 huggingface_hub starts the file over. A closed range (``bytes=a-b``, HfFileSystem's reads) is answered as
 asked: a client takes a 200 for the range it asked for. The node remembers these files in its home
-(``mirror-broken.json``), so that a client resuming after the node restarted is answered whole too.
+(:mod:`modeldepot.mirror_marks`), so that a client resuming after the node restarted is answered whole too,
+with what each broken answer sent: once the store holds the file, a resume by commit has that checked
+against it, and answered as asked when all of it is the file's (:meth:`Mirror.proven_by_store`).
 
 The upstream is untrusted in time as well as in content: requests share one scan per (repo, revision), run
 on threads of their own; a request the store could answer waits for it a few seconds (HELD_PATIENCE), and
@@ -37,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
 import time
@@ -63,6 +64,8 @@ from modeldepot.errors import (
 )
 from modeldepot.hashing import chunk_span
 from modeldepot.hub.manifest import Manifest, RemoteFile
+from modeldepot.mirror_marks import BrokenMarks, Sent, Span
+from modeldepot.store import FileEntry
 from modeldepot.store.forking import ForkSafeExecutor
 from modeldepot.store.partials import ResumablePartial
 from modeldepot.store.publish import DEFAULT_BRANCH, publish_branch
@@ -74,9 +77,6 @@ from modeldepot.validation import is_commit_id, validate_path
 __all__ = ["Mirror"]
 
 READ_BLOCK = 1024 * 1024
-# Seconds a file whose response broke is answered whole: longer than clients retry (huggingface_hub
-# resumes at once, a user re-running a download within the hour)
-BROKEN_TTL = 3600.0
 SIBLING_LOOK = 0.25  # seconds between looks for another pull writing the content a waiting pull waits for
 # Upstream scans at once, on threads of their own: a hung upstream holds them (each for its sources' timeouts,
 # a minute), never the loop's default pool that every read of the store uses. More wait their turn: an
@@ -100,8 +100,6 @@ AHEAD_LOOK = 0.5
 # Seconds a reader following another process's download of its file waits for that download to land a
 # chunk (a suspended `modeldepot pull`): then the answer breaks, and its client tries again later
 STILL_ELSEWHERE = 60.0
-# In the store's home: [[repo id in lower case, path, when (seconds since the epoch)], ...]
-BROKEN_FILE = "mirror-broken.json"
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +110,8 @@ class _Job:
     task: asyncio.Task[PullResult] | None = None
     partial: ResumablePartial | None = None
     # The files (repo id, path) whose readers were given bytes of this pull before its whole-file check (its
-    # own, or another name of the same content: Mirror._writing)
-    handed_out: set[tuple[str, str]] = field(default_factory=set)
+    # own, or another name of the same content: Mirror._writing), and those readings
+    handed_out: dict[tuple[str, str], list[_Reading]] = field(default_factory=dict)
     found_chunks: int = 0  # chunks its partial held when it began (a resume's)
     found_part_bytes: int = 0  # bytes of parts of chunks its partial held when it began
     _event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -156,8 +154,7 @@ class Mirror:
             tuple[str, str, str], tuple[float, UpstreamError | IntegrityError | StoreFullError]
         ] = {}
         self._refuted: dict[tuple[str, str, str], float] = {}  # -> when its pull's file last failed its check
-        self._broken_file = depot.home / BROKEN_FILE
-        self._broken = self._load_broken()  # (repo id in lower case, path) -> when (seconds since the epoch)
+        self._marks = BrokenMarks(depot.home)
         # The responses of each file (repo id in lower case, path) under way, or ended with bytes a check may
         # still refute and checked later: a resume of the file waits for them (its client may have timed out
         # while its response waited, and resume before that response noticed it left: a review's trial)
@@ -166,9 +163,9 @@ class Mirror:
         self._hidden_checked: dict[str, float] = {}  # repo id in lower case -> when (monotonic) asked again
 
     def broke(self, repo_id: str, path: str) -> bool:
-        """Whether a response of this file broke lately after handing out bytes (see the module's doc)."""
-        when = self._broken.get((repo_id.lower(), path))
-        return when is not None and abs(time.time() - when) <= BROKEN_TTL  # (a clock set back: not forever)
+        """Whether a response of this file broke lately after handing out bytes a check may refute (see the
+        module's doc): a resume of it is answered whole, unless :meth:`proven_by_store`."""
+        return self._marks.broke(repo_id, path)
 
     async def settled(self, repo_id: str, path: str, patience: float) -> bool:
         """Wait up to ``patience`` seconds until no response of the file holds bytes a check may still refute
@@ -183,41 +180,63 @@ class Mirror:
             await asyncio.sleep(AHEAD_LOOK)
         return True
 
-    def _note_broken(self, repo_id: str, path: str) -> None:
-        now = time.time()
-        known = {**self._load_broken(), **self._broken}  # (another node on this store may have written some)
-        self._broken = {key: when for key, when in known.items() if abs(now - when) <= BROKEN_TTL}
-        self._broken[(repo_id.lower(), path)] = now
-        rows = [[repo, file, when] for (repo, file), when in self._broken.items()]
-        temporary = self._broken_file.with_name(f".{BROKEN_FILE}.{os.getpid()}.tmp")
-        try:  # (rare, and small: written at once, on the loop)
-            temporary.write_text(json.dumps(rows))
-            os.replace(temporary, self._broken_file)
-        except OSError as error:
-            log.warning("could not record %s/%s as broken in %s (%s): a resume after a restart would not be "
-                        "answered whole", repo_id, path, self._broken_file, error)  # fmt: skip
-            with contextlib.suppress(OSError):
-                temporary.unlink()
+    def _note_broken(self, reading: _Reading) -> None:
+        self._marks.note(reading.repo_id, reading.path, reading.evidence())
 
-    def _load_broken(self) -> dict[tuple[str, str], float]:
+    def _note_handed_out(self, job: _Job) -> None:
+        """Mark each file whose readers were given bytes of ``job`` before its check, with all they sent."""
+        for (repo_id, path), readings in sorted(job.handed_out.items(), key=lambda item: item[0]):
+            sent = Sent()
+            for reading in readings:
+                sent.merge(reading.evidence())
+            self._marks.note(repo_id, path, sent)
+
+    async def proven_by_store(self, repo_id: str, commit_id: str, path: str) -> bool:
+        """Whether the store holds the file at ``commit_id`` and every byte its broken answers sent is that
+        file's: the mark is lifted then (a resume is answered as asked), and made for good when one is not
+        (:mod:`modeldepot.mirror_marks`)."""
+        spans = self._marks.spans(repo_id, path)
+        if spans is None or not is_commit_id(commit_id):  # (a branch's file may be another commit's by then)
+            return False
         try:
-            rows = json.loads(self._broken_file.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as error:
-            log.warning("ignoring %s: %s", self._broken_file, error)
-            return {}
-        broken: dict[tuple[str, str], float] = {}
-        for row in rows if isinstance(rows, list) else []:
-            if (
-                isinstance(row, list)
-                and len(row) == 3
-                and isinstance(row[0], str)
-                and isinstance(row[1], str)
-                and isinstance(row[2], (int, float))
-            ):
-                broken[(row[0], row[1])] = float(row[2])
-        return broken
+            entry = await asyncio.to_thread(self.depot.file_info, repo_id, path, commit_id)
+            matches = await asyncio.to_thread(self._matches, entry, spans)
+        except (DepotError, OSError) as error:  # (not held, or not readable now: answered whole, as it was)
+            log.info("%s/%s: what its broken answers sent was not checked against the store (%s)", repo_id,
+                     path, error)  # fmt: skip
+            return False
+        if matches:
+            self._marks.lift(repo_id, path)
+            log.info("%s/%s: every byte its broken answers sent is the stored file's: resumes of it are answered "
+                     "as asked again", repo_id, path)  # fmt: skip
+        else:
+            self._marks.refute(repo_id, path)
+            log.info("%s/%s: bytes its broken answers sent are not the stored file's: resumes of it are answered "
+                     "whole", repo_id, path)  # fmt: skip
+        return matches
+
+    def _matches(self, entry: FileEntry, spans: frozenset[Span]) -> bool:
+        """Whether each span is the stored file's (a whole chunk's by its recorded BLAKE3, others read)."""
+        with self.depot.open_verified(entry, counts_as_use=False) as reader:
+            for first, end, digest in sorted(spans):
+                if end > entry.size:
+                    return False
+                whole = (
+                    first % reader.chunk_size == 0
+                    and reader.span(first // reader.chunk_size)[1] == end - first
+                )
+                if whole:
+                    if reader.digest(first // reader.chunk_size) != digest:
+                        return False
+                    continue
+                hashed = blake3.blake3()
+                for index in reader.chunks_of(first, end - 1):
+                    offset, length = reader.span(index)
+                    view = reader.checked_view(index)
+                    hashed.update(view[max(first, offset) - offset : min(end, offset + length) - offset])
+                if hashed.hexdigest() != digest:
+                    return False
+        return True
 
     async def manifest(self, repo_id: str, revision: str, held: bool = False) -> Manifest:
         """The upstream's view of ``repo_id`` at ``revision`` (a branch's scan is reused briefly). Requests
@@ -404,14 +423,12 @@ class Mirror:
                 if job.partial is not None and job.partial.resets:
                     # The file failed its check once, and was fetched again: a client that left before with
                     # bytes of the first fetch resumes onto them (a review's trial)
-                    for repo_id, path in sorted(job.handed_out):
-                        self._note_broken(repo_id, path)
+                    self._note_handed_out(job)
                 await self.point_branches(manifest)
                 return result
             except Exception as error:
                 # (a client that left before may resume: the bytes it was given were refuted, or unproven)
-                for repo_id, path in sorted(job.handed_out):
-                    self._note_broken(repo_id, path)
+                self._note_handed_out(job)
                 self._remember_failure(key, job, error)
                 raise
             finally:
@@ -599,7 +616,7 @@ class Mirror:
             completed = True
         except Exception as error:
             if reading.unproven:
-                self._note_broken(manifest.repo_id, remote.path)
+                self._note_broken(reading)
                 noted = True
                 log.info("%s/%s: the transfer failed after unproven bytes were sent (%s: %s): the response "
                          "breaks, and for an hour a resume of the file is answered whole, never a range a "
@@ -639,7 +656,7 @@ class Mirror:
         finally:
             self._forget_reading(key, reading)
         if refuted:
-            self._note_broken(reading.repo_id, reading.path)
+            self._note_broken(reading)
 
     async def _sent_refuted(self, job: _Job, reading: _Reading) -> bool:
         source = reading.ahead_from
@@ -772,7 +789,7 @@ class Mirror:
                                     index,
                                     ahead,
                                 )
-                                job.handed_out.add((reading.repo_id, reading.path))
+                                _hand_out(job, reading)
                             async for block in _pread_blocks(fd, position, upto):
                                 ahead.update(block)
                                 position += len(block)
@@ -803,10 +820,21 @@ class Mirror:
                 reading.elsewhere_checked = True
             elif index not in vouched:
                 reading.unproven = True
-                job.handed_out.add((reading.repo_id, reading.path))
+                _hand_out(job, reading)
+            # What of the chunk goes out (or went ahead, and matched it) is the chunk as it landed: recorded
+            # before it goes, for a mark of the file should the answer break
+            landed_as, digest = partial.resets, partial.done.get(index)
+            if digest is None:  # pragma: no cover  (a chunk is done here)
+                reading.went_out.forget()
+            else:
+                reading.went_out.add((offset, offset + length, digest))
             async for block in _pread_blocks(fd, position, hi):
                 reading.sent = True
                 yield block
+            if (
+                partial.resets != landed_as
+            ):  # (the chunk was dropped while it went out: what went is not known)
+                reading.went_out.forget()
 
     async def _follow_elsewhere(
         self, job: _Job, start: int, end: int, reading: _Reading
@@ -835,7 +863,8 @@ class Mirror:
                         offset, length = reader.span(index)
                         reading.unproven = reading.sent = True  # (only the whole file's check proves them)
                         reading.elsewhere[index] = reader.digest(index)
-                        job.handed_out.add((reading.repo_id, reading.path))
+                        reading.went_out.add((offset, offset + length, reader.digest(index)))
+                        _hand_out(job, reading)
                         yield view[start - offset : min(end, offset + length - 1) - offset + 1]
                         start = offset + length
                 finally:
@@ -935,11 +964,28 @@ class _Reading:
     ahead_index: int = -1
     ahead_span: tuple[int, int] = (0, 0)
     ahead_hash: blake3.blake3 | None = None
+    # What it sent but from the store: each chunk as it landed, or as another process's download logged it
+    went_out: Sent = field(default_factory=Sent)
+
+    def evidence(self) -> Sent:
+        """All it sent but from the store, and what it sent ahead of a chunk's landing (mirror_marks)."""
+        sent = Sent()
+        sent.merge(self.went_out)
+        if self.ahead_hash is not None and self.ahead_span[1] > self.ahead_span[0]:
+            sent.add((*self.ahead_span, self.ahead_hash.hexdigest()))
+        return sent
 
     @property
     def unchecked(self) -> bool:
         """Bytes went out that a check may still refute: a resume must not be joined to them."""
         return self.ahead_unchecked or (bool(self.elsewhere) and not self.elsewhere_checked)
+
+
+def _hand_out(job: _Job, reading: _Reading) -> None:
+    """``reading`` was given bytes of ``job`` before its whole-file check (see :attr:`_Job.handed_out`)."""
+    readings = job.handed_out.setdefault((reading.repo_id, reading.path), [])
+    if not any(known is reading for known in readings):
+        readings.append(reading)
 
 
 @contextlib.contextmanager

@@ -534,7 +534,12 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
         # appends to what it has) may go yet. 429 and Retry-After: huggingface_hub's readers wait and retry.
         return error_response(429, None, f"{path}: bytes an earlier answer sent are being checked; retry in a few "
                               "seconds", {"Retry-After": "2"})  # fmt: skip
-    if _resumes(request) and _mirrors(request) and request.app[MIRROR].broke(repo_id, path):
+    if (
+        _resumes(request)
+        and _mirrors(request)
+        and request.app[MIRROR].broke(repo_id, path)
+        and not await request.app[MIRROR].proven_by_store(repo_id, revision, path)
+    ):
         # A client resuming a response that broke would join good bytes to refuted ones: send it whole. (Not
         # a read of a closed range, HfFileSystem's: it takes a 200 for the range it asked, wrong bytes.)
         request = request.clone(headers={k: v for k, v in request.headers.items() if k.lower() != "range"})
