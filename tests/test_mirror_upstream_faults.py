@@ -293,8 +293,16 @@ def test_the_marks_of_broken_files_keep_what_went_out_and_never_lift_what_is_not
     )
     marks.note("acme/m", "a.bin", Sent({(8, 9, "cc")}))  # (its memory's spans must not undo the refutation)
     assert BrokenMarks(tmp_path).spans("acme/m", "a.bin") is None
-    again.lift("acme/m", "b.bin")
-    assert not BrokenMarks(tmp_path).broke("acme/m", "b.bin")
+    again.lift("acme/m", "b.bin", frozenset())  # (not known: stays)
+    assert BrokenMarks(tmp_path).broke("acme/m", "b.bin")
+    marks.note("acme/m", "d.bin", Sent({(0, 4, "dd")}))
+    checked = BrokenMarks(tmp_path).spans("acme/m", "d.bin")
+    assert checked is not None
+    other.note("acme/m", "d.bin", Sent({(4, 8, "ee")}))  # (another answer broke while those were checked)
+    marks.lift("acme/m", "d.bin", checked)
+    assert BrokenMarks(tmp_path).spans("acme/m", "d.bin") == {(0, 4, "dd"), (4, 8, "ee")}
+    marks.lift("acme/m", "d.bin", frozenset({(0, 4, "dd"), (4, 8, "ee")}))
+    assert not BrokenMarks(tmp_path).broke("acme/m", "d.bin")
     (tmp_path / BROKEN_FILE).write_text(json.dumps([["acme/m", "c.bin", time.time()], ["x", "y", "z"]]))
     older = BrokenMarks(tmp_path)
     assert older.broke("acme/m", "c.bin") and older.spans("acme/m", "c.bin") is None

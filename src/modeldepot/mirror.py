@@ -206,7 +206,7 @@ class Mirror:
                      path, error)  # fmt: skip
             return False
         if matches:
-            self._marks.lift(repo_id, path)
+            self._marks.lift(repo_id, path, spans)
             log.info("%s/%s: every byte its broken answers sent is the stored file's: resumes of it are answered "
                      "as asked again", repo_id, path)  # fmt: skip
         else:

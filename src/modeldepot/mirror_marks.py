@@ -91,9 +91,16 @@ class BrokenMarks:
         now = time.time()
         self._write((repo_id.lower(), path), lambda mark: (now, _joined(mark, sent or Sent(None))))
 
-    def lift(self, repo_id: str, path: str) -> None:
-        """What the file's broken answers sent is the file's: a resume is answered as asked."""
-        self._write((repo_id.lower(), path), lambda mark: None)
+    def lift(self, repo_id: str, path: str, checked: frozenset[Span]) -> None:
+        """What the file's broken answers sent, ``checked``, is the file's: a resume is answered as asked.
+        (Unless another answer broke meanwhile, sending more: that is checked at the next resume.)"""
+
+        def lifted(mark: _Mark | None) -> _Mark | None:
+            if mark is None or (mark[1].spans is not None and mark[1].spans <= checked):
+                return None
+            return mark  # (not known what went out, or more went out since)
+
+        self._write((repo_id.lower(), path), lifted)
 
     def refute(self, repo_id: str, path: str) -> None:
         """What a broken answer sent is not the file's: the mark stands, never lifted."""
