@@ -494,6 +494,10 @@ class _FileJob(PaceWatch):
         assert self.swarm is not None
         while self._work_left():
             changed = self.swarm.refresh()
+            if (
+                self.swarm.shares_lost()
+            ):  # (claimed again, the chunks this node holds or fetches from the Hub)
+                self._share_held()
             joining: list[FileSource] = []
             by_url = {s.source.base_url: s for s in self.live}
             gone = set(self.errors)
@@ -585,6 +589,7 @@ class _FileJob(PaceWatch):
             if index not in self.partial.done
             and any(r.source.kind == "hub" and not r.receiving.in_place for r in requests)
         }  # fmt: skip
+        self.swarm.unclaimed &= {*held, *fetching}  # (the others: neither held nor fetched here any more)
         if held or fetching:
             task = self._watch(
                 asyncio.create_task(self.swarm.claim_held(held, fetching, self._landed_from_hub))

@@ -73,6 +73,9 @@ LANDINGS_KEPT = 32  # the swarm's latest claim-to-settlement times kept, for its
 # Seconds a pull that landed the file keeps its claims, at most, until this store's node is seen holding it:
 # its serve publishes what the store holds once a second (server/fleet.py), and the write takes a moment
 HANDOVER_PATIENCE = 2.5
+# Seconds between two claims again of what this pull holds or fetches unclaimed (its lease ran out, or the
+# registry did not answer its claims): while the registry answers and they stay unclaimed
+SHARE_AGAIN_EVERY = 2.0
 HANDOVER_LOOK = 0.05  # seconds between two looks at the view meanwhile (a local read, no request)
 
 SourceFactory = Callable[[NodeRecord, Holding | None], FileSource | None]
@@ -110,6 +113,10 @@ class SwarmFile:
         self.settled: dict[str, set[int]] = {}  # node id -> chunks it settled (kept after its claims go)
         self._sources: dict[tuple[str, str], FileSource | None] = {}  # (node id, url) -> as a source
         self.mine: set[int] = set()  # chunks this pull claimed
+        # Chunks fetched from the Hub with no claim of this node's (the registry did not answer, or this node
+        # was out of the fleet): claimed once it can be (shares_lost)
+        self.unclaimed: set[int] = set()
+        self._share_again_due = 0.0
         self.landed: set[int] = set()  # chunks this pull landed (and settled, when it claimed them)
         self.withdrawn: set[int] = (
             set()
@@ -441,6 +448,7 @@ class SwarmFile:
             # taken over by it). The Hub gives it here (a chunk another live node claims still comes from that
             # node: see above).
             self.count("unshared")
+            self.unclaimed.add(index)
             return True
         sha, size, node_id = self.sha256, self.chunk_size, self.node_id
         self.asked.add(index)
@@ -452,6 +460,7 @@ class SwarmFile:
             # stays silent for the patience is not (a pull never waits on the registry for long).
             if now - self._unanswered_since >= patience:
                 self.count("unanswered")
+                self.unclaimed.add(index)
                 return True
             return False
         self._unanswered_since = None
@@ -461,6 +470,7 @@ class SwarmFile:
             self._first_seen.setdefault((index, result.revision), time.monotonic())
             return False
         self.mine.add(index)
+        self.unclaimed.discard(index)
         self.given_up.discard(index)
         self._revisions[index] = max(self._revisions.get(index, 0), result.revision)
         self._first_seen.setdefault((index, result.revision), now)
@@ -502,12 +512,40 @@ class SwarmFile:
             if result is None:  # the registry does not answer: these chunks stay unshared
                 return
             self.claims[index] = result
+            self.unclaimed.discard(index)  # (claimed: by this node, or another that fetches it)
             if result.node_id != node_id:
                 continue
             self.mine.add(index)
             digest = held.get(index) or landed().get(index)
             if digest is not None:
                 await self.settle(index, digest)
+
+    def shares_lost(self) -> bool:
+        """Whether chunks this pull holds or fetches stand unclaimed by it while the registry answers: claims
+        it made that went from the registry (its lease ran out: etcd stalled, or out of this node's reach,
+        for longer than the lease, and every claim and settlement on it went with it), or chunks it fetched
+        with none (the registry did not answer). The others would claim them and fetch them from the Hub
+        again: an etcd stalled for 13 s mid-pull had the Hub send the model 1.75 times, an explorer's trial.
+        The lost claims are forgotten as this node's, for :meth:`claim_held` (the pull's ``_share_held``) to
+        claim them again; True at most once per SHARE_AGAIN_EVERY."""
+        if not (self.registry_answers and self.serving):
+            return False
+        now = time.monotonic()
+        if now < self._share_again_due:
+            return False
+        lost = {
+            i for i in self.mine if (claim := self.claims.get(i)) is None or claim.node_id != self.node_id
+        }
+        if not lost and not self.unclaimed:
+            return False
+        self._share_again_due = now + SHARE_AGAIN_EVERY
+        self.mine -= lost
+        gone = len(lost)
+        if gone:
+            self.count("claims_gone")
+            log.info("%s: %d of this node's claims went from the registry (its lease ran out?): claimed again, "
+                     "so that the fleet takes those chunks from this node", self.sha256[:12], gone)  # fmt: skip
+        return True
 
     def claim_revision(self, index: int) -> int:
         """The latest revision of a claim on chunk ``index`` seen here (0: none yet). It changes whenever a
