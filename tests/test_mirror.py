@@ -895,29 +895,36 @@ def test_a_repo_the_upstream_made_private_is_no_longer_served_to_anyone(
 def test_a_store_from_before_hidden_at_takes_its_pulled_private_repos_as_hidden_by_their_upstream(
     tmp_path: Path,
 ) -> None:
-    """Migrations 13 and 14: a repo pulled and private (a mirror hid it, or it was private upstream) is shown
-    again once its upstream shows it; one imported private here stays the operator's, and so does a pulled
-    one with a branch imported onto it (an `import --private` of the branch made it private: shown again,
-    the branch was public)."""
+    """Migrations 13 and 14: a repo pulled private (its upstream's scan said private or gated) is shown again
+    once its upstream shows it; one its operator made private stays so: imported private here, adopted
+    `--private` and pulled since, or pulled and given a branch imported `--private` (its upstream's scan
+    said public: shown again, it went public, a review's trial)."""
+    from modeldepot.hub.manifest import save_scan
+
+    origin = "http://127.0.0.1:9"
+    upstream_said = {"acme/pulled": {"private": True, "gated": False}, "acme/gated": {"private": False, "gated": "auto"},
+                     "acme/adopted": {"private": False, "gated": False},
+                     "acme/branched": {"private": False, "gated": False}}  # fmt: skip
     with Depot(tmp_path / "store", chunk_size=SMALL_CHUNK) as depot:
-        for repo in ("acme/pulled", "acme/mine", "acme/branched"):
+        for repo in (*upstream_said, "acme/mine"):
             depot.import_dir(write_model_dir(tmp_path / repo, FILES), repo, private=True)
         depot.import_dir(
             write_model_dir(tmp_path / "dev", {"x.txt": b"x"}), "acme/branched", "dev", private=True
         )
+        for repo, info in upstream_said.items():  # (each one's pull saved its upstream's scan)
+            save_scan(depot.store, repo, "main", depot.resolve(repo), origin, info, [])
         with depot.store.index.write("a test") as con:
-            con.execute("UPDATE repos SET origin = 'http://127.0.0.1:9' WHERE repo_id != 'acme/mine'")
-            # (as pulls leave them: a pulled revision has no tree recorded; acme/branched's main is pulled)
-            con.execute("UPDATE revisions SET tree_oid = NULL WHERE repo_id = 'acme/pulled'")
-            con.execute("UPDATE revisions SET tree_oid = NULL WHERE repo_id = 'acme/branched' AND commit_id = ?",
-                        (depot.resolve("acme/branched"),))  # fmt: skip
+            con.execute("UPDATE repos SET origin = ? WHERE repo_id != 'acme/mine'", (origin,))
+            # (as pulls and adoptions leave them: no tree recorded; acme/branched's main is pulled)
+            for repo in upstream_said:
+                con.execute("UPDATE revisions SET tree_oid = NULL WHERE repo_id = ? AND commit_id = ?",
+                            (repo, depot.resolve(repo)))  # fmt: skip
             con.execute("ALTER TABLE repos DROP COLUMN hidden_at")
             con.execute("PRAGMA user_version = 12")
     with Depot(tmp_path / "store") as depot:
-        assert depot.store.hidden_by_upstream("acme/pulled")
-        assert not depot.store.hidden_by_upstream("acme/mine")
-        assert not depot.store.hidden_by_upstream("acme/branched")
-        assert not depot.store.show_repo_again("acme/branched", "http://127.0.0.1:9/")
+        hidden = {repo for repo in (*upstream_said, "acme/mine") if depot.store.hidden_by_upstream(repo)}
+        assert hidden == {"acme/pulled", "acme/gated"}
+        assert not depot.store.show_repo_again("acme/adopted", "http://127.0.0.1:9/")
         assert not depot.store.show_repo_again("acme/pulled", "http://127.0.0.1:8"), "another source's word"
         assert depot.store.show_repo_again("acme/pulled", "http://127.0.0.1:9/")
         assert not depot.repo_info("acme/pulled").private and depot.repo_info("acme/mine").private

@@ -220,14 +220,18 @@ _MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE repos ADD COLUMN hidden_at REAL;
     UPDATE repos SET hidden_at = updated_at WHERE private = 1 AND origin != 'import'
     """,
-    # 14: ... but not one its operator may have made private: a pulled repo with a revision imported onto it
-    # (an import's revision has its tree, a pull's none), which an `import --private` of a branch makes
-    # private (its origin stays the upstream's), or an adopted cache's (`hf-cache import --private`). Taken
-    # so, a mirror that saw the upstream show the repo made the operator's private branch public. Left
-    # private, an upstream's hide among them stays until the operator shows it (the safe side).
+    # 14: ... only where the upstream said so: the repo's saved scan, from the upstream it came from, says it is
+    # private or gated. A repo its operator made private whose origin became an upstream's (adopted with
+    # `hf-cache import --private`, then pulled; a branch imported `--private` onto a pulled repo) was taken
+    # so, and a scan that found the upstream public made it public (a review's trial). Left private, a
+    # mirror's hide of a public repo stays until the operator shows it (the safe side).
     """
-    UPDATE repos SET hidden_at = NULL WHERE hidden_at IS NOT NULL AND (origin = 'hf-cache' OR EXISTS (
-        SELECT 1 FROM revisions v WHERE v.repo_id = repos.repo_id AND v.tree_oid IS NOT NULL))
+    UPDATE repos SET hidden_at = NULL WHERE hidden_at IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM manifests m WHERE m.repo_id = repos.repo_id AND CASE WHEN json_valid(m.body) THEN
+            json_extract(m.body, '$.endpoint') = repos.origin
+            AND (json_extract(m.body, '$.info.private') = 1
+                 OR json_extract(m.body, '$.info.gated') IN (1, 'auto', 'manual'))
+        ELSE 0 END)
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
