@@ -16,6 +16,10 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+_HANDED_OUT: set[int] = set()  # the ports free_port returned (their servers may not have bound them yet)
+_HELD: list[socket.socket] = []  # the sockets that keep closed_port's ports refusing
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` that nothing listens on now, for a server started in another process.
 
@@ -23,20 +27,24 @@ def free_port(host: str = "127.0.0.1") -> int:
     instead and reads the port it got."""
     with socket.socket() as probe:
         probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
-_HELD: list[socket.socket] = []
+        port = int(probe.getsockname()[1])
+    _HANDED_OUT.add(port)
+    return port
 
 
 def closed_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` that refuses connections for the rest of this process, for an upstream
     that is down. A socket stays bound there without listening: a connection is refused, and no server
-    (of this process or another) can be given the port, as one could a port ``free_port`` returned."""
-    held = socket.socket()
-    held.bind((host, 0))
-    _HELD.append(held)
-    return int(held.getsockname()[1])
+    (of this process or another) can be given the port, as one could a port ``free_port`` returned. Never
+    one ``free_port`` returned: its server may not have bound it yet."""
+    while True:
+        held = socket.socket()
+        held.bind((host, 0))
+        port = int(held.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HELD.append(held)
+            return port
+        held.close()
 
 
 def wait_until(

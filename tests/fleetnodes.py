@@ -4,6 +4,7 @@ an etcd with the nodes a test starts (:class:`Fleet`), and CLI commands as proce
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -21,11 +22,17 @@ from etcdserver import EtcdServer
 API = "/api/depot/v1"
 
 
+@functools.cache
+def _no_hub() -> int:
+    """The one port every process's Hub is when a test gives none: one held socket for the session."""
+    return closed_port()
+
+
 def base_env(**extra: str) -> dict[str, str]:
     """The environment of every process a test starts: small chunks, a Hub where nothing listens (unless
     a test gives one), no token unless given."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "MODELDEPOT_TOKEN", "HF_TOKEN")}
-    env.update(MODELDEPOT_CHUNK_SIZE=str(SMALL_CHUNK), HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}",
+    env.update(MODELDEPOT_CHUNK_SIZE=str(SMALL_CHUNK), HF_ENDPOINT=f"http://127.0.0.1:{_no_hub()}",
                PYTHONUNBUFFERED="1")  # fmt: skip
     env.update(extra)
     return env

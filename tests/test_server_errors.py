@@ -212,6 +212,7 @@ def test_a_paths_info_body_that_cannot_be_read_is_a_400(
         ("/acme/w/blob/main/config.json", "serves no web pages of a repo; a file is at /acme/w/resolve/"),
         ("/acme/w/resolve/main", "a file's URL names its path, /acme/w/resolve/main/PATH"),
         ("/acme/w/raw/main/", "a file's URL names its path, /acme/w/raw/main/PATH"),
+        ("/acme/w/resolve/main%2Fconfig.json", "names its path, /acme/w/resolve/main%2Fconfig.json/PATH"),
         (
             "/nothing/here/at/all",
             "the node's own under /api/depot/v1 (described at /api/depot/v1/openapi.json)",

@@ -42,7 +42,7 @@ from modeldepot.cli.options import (
     use_servers,
 )
 from modeldepot.depot import Depot
-from modeldepot.errors import ConfigError, DepotError, NotFoundError, RepoNotFoundError
+from modeldepot.errors import ConfigError, DepotError, InvalidInputError, NotFoundError, RepoNotFoundError
 from modeldepot.openfiles import raise_open_file_limit
 from modeldepot.validation import (
     validate_branch,
@@ -229,8 +229,11 @@ def info_command(depot: Depot, repo_id: str, as_json: bool) -> None:
 def _repo_file(value: str) -> str:
     """A file's path in a repo, as a user types it at a shell: ``./config.json`` (the folder it imported,
     tab-completed) is config.json; anything else a path may not be is refused, as everywhere."""
+    typed = value
     while value.startswith("./"):
         value = value[2:].lstrip("/")
+    if not value and typed:
+        raise InvalidInputError(f"file path {typed!r} names the repo's folder, not a file in it")
     return validate_path(value)
 
 

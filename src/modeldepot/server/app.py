@@ -111,7 +111,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         default = f"{error.status}: {error.reason}"  # (aiohttp's text when it was given none)
         if error.status == 404 and (error.text is None or error.text == default):
-            return error_response(404, None, no_route(request.path))
+            # (as sent: decoded, "main%2Fx" read as a file's URL that works)
+            return error_response(404, None, no_route(request.raw_path.split("?", 1)[0]))
         return error_response(
             error.status,
             None,
