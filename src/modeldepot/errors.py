@@ -152,6 +152,7 @@ class RevisionNotFoundError(NotFoundError):
         )
         self.repo_id = repo_id
         self.revision = revision
+        self.in_store = message is None  # the store's own answer, not an upstream's (nor the chain's)
 
 
 class EntryNotFoundError(NotFoundError, FileNotFoundError):

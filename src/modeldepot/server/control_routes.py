@@ -131,9 +131,7 @@ def control(*query: str) -> Callable[[Handler], Handler]:
             except Refused as refused:
                 return error_response(refused.status, refused.code, refused.message)
             except RevisionNotFoundError as error:  # (the Hub's wording, "Invalid rev id", names no field)
-                where = f"on {error.source}" if error.source else "on this node"
-                return error_response(404, "RevisionNotFound", f"revision: {error.revision!r} is not a "
-                                      f"revision of {error.repo_id} {where}")  # fmt: skip
+                return error_response(404, "RevisionNotFound", _no_such_revision(error))
 
         return guarded
 
@@ -570,12 +568,22 @@ async def cancel_pull(request: web.Request) -> web.Response:
 # -- the store --------------------------------------------------------------------------------------------
 
 
+def _no_such_revision(error: RevisionNotFoundError) -> str:
+    """The body's field, and where the revision was looked for: the store's, or the sources' the chain asked
+    (a node that does not hold the repo said "on this node" of what the Hub and the fleet said: an
+    explorer's trial)."""
+    if error.in_store:
+        return f"revision: {error.revision!r} is not a revision of {error.repo_id} on this node"
+    if error.source:
+        return f"revision: {error.revision!r} is not a revision of {error.repo_id} on {error.source}"
+    return f"revision: {error.revision!r} is not a revision of {error.repo_id} its sources know: {error}"
+
+
 def _unknown_variant_is_invalid(error: NotFoundError) -> None:
     """A variant the repo lacks is the request's mistake (422); a missing repo or revision stays a 404, the
     revision's named as the body's field (the Hub's wording, "Invalid rev id", names none)."""
     if isinstance(error, RevisionNotFoundError):
-        raise Refused(404, "RevisionNotFound", f"revision: {error.revision!r} is not a revision of "
-                                               f"{error.repo_id} on this node") from None  # fmt: skip
+        raise Refused(404, "RevisionNotFound", _no_such_revision(error)) from None
     if not isinstance(error, RepoNotFoundError) and "has no variant" in str(error):
         raise _invalid(f"quant: {error}") from None
 
