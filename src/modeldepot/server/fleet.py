@@ -456,6 +456,8 @@ class NodeFleet:
             log.info("cluster %s: the registry answers again (%s)", self.cluster,
                      "registered" if status.registered else "registering again")  # fmt: skip
         elif previous is not None and previous[1] and not status.registered:
+            if status.conflict:  # (another process registered this node's id: said by the discovery, and
+                return  # this node registers again only once that one leaves; "registering again" lied)
             log.warning(
                 "cluster %s: this node's record is gone from the registry; registering again", self.cluster
             )
