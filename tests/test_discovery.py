@@ -1110,6 +1110,30 @@ def test_etcd_a_nodes_settlements_go_when_its_whole_copy_does(etcd_server: EtcdS
     run(main())
 
 
+def test_a_claim_made_on_a_lease_that_ran_out_is_no_outage(
+    etcd_server: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After etcd stalled past a node's lease, a chunk claim made on the old lease met "requested lease not
+    found" and was logged as etcd out of reach, just after etcd had answered, and the node's view shrank (an
+    explorer's trial). etcd answered: the lease ran out, and the node registers again under a new one."""
+    a = node("a")
+
+    async def main() -> None:
+        da = etcd(etcd_server)
+        async with started(da), raw(etcd_server) as client:
+            await da.register(a)
+            old_lease = da._lease_id
+            await client.revoke_lease(old_lease)  # (as a lease that ran out while etcd stood still)
+            await da.claim_chunk(sha(1), 1024, 0, a.node_id)  # on the old lease, as it was when called
+            assert da.status().connected
+            await da.wait_for(lambda: da._lease_id not in (None, old_lease) and da.status().registered, WAIT)
+            assert await da.claim_chunk(sha(1), 1024, 0, a.node_id) is not None
+
+    with caplog.at_level("INFO", logger="modeldepot.discovery"):
+        run(main())
+    assert "is out of reach" not in caplog.text, caplog.text
+
+
 def test_a_node_that_did_not_run_past_its_ttl_says_so_not_that_etcd_was_away(
     etcd_server: EtcdServer, caplog: pytest.LogCaptureFixture
 ) -> None:

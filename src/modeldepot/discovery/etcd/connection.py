@@ -25,6 +25,7 @@ from modeldepot.discovery.etcd.wire import (
     decode,
     describe,
     is_auth_lost,
+    is_lease_not_found,
     retrieve,
 )
 from modeldepot.errors import ConfigError, InvalidInputError
@@ -295,6 +296,13 @@ class EtcdConnection(ViewDiscovery):
                      " address? etcd run with --client-cert-auth wants MODELDEPOT_CLUSTER_CERT and _KEY too, "
                      "signed by its --trusted-ca-file)")  # fmt: skip
         self._verify = True
+        if is_lease_not_found(error):
+            # etcd answered: the lease the call named ran out (etcd stalled, or out of reach, past it). No
+            # outage (it was logged as one, just after "answers again": an explorer's trial); the writer's
+            # check of the lease, woken now, registers this node again under a new one.
+            log.info("etcd: this node's lease ran out (%s during a %s): registering again", text, during)
+            self._wake.set()
+            return
         if "permission denied" in text:
             # etcd answers, and refuses (this node's role revoked or short): every member would say the same,
             # and the next call that needs no permission (the lease's refresh) is no recovery. Said once, kept
