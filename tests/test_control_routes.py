@@ -350,6 +350,9 @@ def test_a_pull_the_disk_budget_cannot_hold_is_refused_as_it_is_asked(
     refused = call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH)
     assert refused.status == 507 and "disk budget" in refused.json()["error"], refused.body
     assert call(guarded.port, "GET", f"{API}/pulls", headers=AUTH).json() == []
+    # (counted: an alert on the node's failed pulls never saw the commonest refusal, an explorer's trial)
+    scraped = call(guarded.port, "GET", "/metrics", headers=AUTH).body.decode()
+    assert 'modeldepot_node_pulls_total{result="refused"} 1.0' in scraped, scraped[-2000:]
     local.set_max_size(None)
     assert call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH).status == 202
 

@@ -58,7 +58,7 @@ from modeldepot.server.context import (
     path_repo,
 )
 from modeldepot.server.native_routes import API
-from modeldepot.server.responses import error_response, json_response
+from modeldepot.server.responses import error_response, json_response, response_for_error
 from modeldepot.store.layout import size_text
 from modeldepot.validation import validate_repo_id, validate_revision
 
@@ -361,6 +361,10 @@ class PullJobs:
             # Requests waiting for this scan get its error; when this request was cancelled (its deadline),
             # a timeout of their own (the error middleware answers 408), never a cancellation.
             cancelled = isinstance(error, asyncio.CancelledError)
+            if isinstance(error, DepotError) and response_for_error(error).status >= 500:
+                # (the node's own failure, no mistake of the request's: a full disk budget, an upstream that
+                # failed. Uncounted, an alert on failed pulls never saw the commonest: an explorer's trial)
+                self.ended["refused"] = self.ended.get("refused", 0) + 1
             future.set_exception(asyncio.TimeoutError("the scan did not complete") if cancelled else error)
             future.exception()  # retrieved: no "never retrieved" log when no other request waited
             raise

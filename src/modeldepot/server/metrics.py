@@ -31,7 +31,7 @@ and :class:`NodeCollector`, which builds every modeldepot figure when it is scra
   ``modeldepot_engine_cache_hits_total`` and ``..._misses_total`` (``depot.engines.stats()``);
 - ``modeldepot_build{version}`` (1: the node's version and build, to graph a fleet's mix);
 - **read from the node's pull jobs** (those asked of it: its control API, its dashboard):
-  ``modeldepot_node_pulls_running`` and ``modeldepot_node_pulls_total{result}`` (done, failed, cancelled);
+  ``modeldepot_node_pulls_running`` and ``modeldepot_node_pulls_total{result}`` (done, failed, cancelled, refused);
 - **read from the fleet**: ``modeldepot_peers``, the live nodes in this node's view of its registry, itself
   included (as ``/api/depot/v1/peers`` lists them; 0 on a node served without a cluster).
 
@@ -201,8 +201,10 @@ class NodeCollector(Collector):
             yield GaugeMetricFamily("modeldepot_node_pulls_running", "Pulls asked of this node (its control API, "
                                     "its dashboard) running now.", value=jobs.running())  # fmt: skip
             ended = CounterMetricFamily("modeldepot_node_pulls", "Pulls asked of this node that ended, since it "
-                                        "started, by result: done, failed, cancelled.", labels=["result"])  # fmt: skip
-            for result in ("done", "failed", "cancelled"):
+                                        "started, by result: done, failed, cancelled, or refused before they "
+                                        "started for a failure of the node's (a full disk budget, an upstream "
+                                        "that failed its scan).", labels=["result"])  # fmt: skip
+            for result in ("done", "failed", "cancelled", "refused"):
                 ended.add_metric([result], jobs.ended.get(result, 0))
             yield ended
         build = GaugeMetricFamily("modeldepot_build", "This node's version and build (as `peers` and /info say "
