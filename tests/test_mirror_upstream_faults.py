@@ -19,7 +19,7 @@ from aiohttp import web
 from huggingface_hub import HfApi, hf_hub_download
 
 from conftest import SMALL_CHUNK, LiveNode, SilentAddress, wait_until, write_model_dir
-from faultproxy import FaultProxy
+from faultproxy import FaultPlan, FaultProxy
 from mirrornodes import BIG, FILES, REPO, mirror_node, proxied_upstream, read_until_it_breaks
 from modeldepot import Depot
 from modeldepot import mirror as mirroring
@@ -229,6 +229,22 @@ def test_a_head_or_a_range_past_the_end_pulls_nothing(
         mirror.stop()
 
 
+def read_while_the_upstream_dies(upstream_proxy: FaultProxy, plan: FaultPlan, url: str) -> bytes:
+    """What a GET of the big file at ``url`` received before it broke: the upstream answers 500 to every
+    request of it once half the file crossed it (it went away mid-file). Checked: a true first part."""
+
+    def cut_when_half_crossed() -> None:
+        wait_until(lambda: plan.body_bytes > len(FILES[BIG]) // 2, 60, "half the file to cross")
+        upstream_proxy.set("500", times=-1, path_suffix=BIG)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        cutting = pool.submit(cut_when_half_crossed)
+        received = asyncio.run(read_until_it_breaks(url))
+        cutting.result()
+    assert 0 < len(received) < len(FILES[BIG]) and received == FILES[BIG][: len(received)]
+    return received
+
+
 def test_a_resume_of_a_broken_hub_answer_is_answered_as_asked_once_the_store_proves_what_it_sent(
     upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -242,15 +258,7 @@ def test_a_resume_of_a_broken_hub_answer_is_answered_as_asked_once_the_store_pro
         commit = HfApi(endpoint=mirror.url).model_info(REPO).sha
         url = f"{mirror.url}/{REPO}/resolve/{commit}/{BIG}"
 
-        def cut_when_half_crossed() -> None:
-            wait_until(lambda: plan.body_bytes > len(FILES[BIG]) // 2, 60, "half the file to cross")
-            upstream_proxy.set("500", times=-1, path_suffix=BIG)
-
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            cutting = pool.submit(cut_when_half_crossed)
-            received = asyncio.run(read_until_it_breaks(url))
-            cutting.result()
-        assert 0 < len(received) < len(FILES[BIG]) and received == FILES[BIG][: len(received)]
+        received = read_while_the_upstream_dies(upstream_proxy, plan, url)
         pulls = mirror.runner.app[MIRROR]
         wait_until(lambda: not pulls._jobs, 60, "the mirror's pull to end")
         assert pulls.broke(REPO, BIG), "unproven bytes were sent"
@@ -321,15 +329,7 @@ def test_a_resume_after_an_honest_upstream_outage_is_answered_as_asked(
     try:
         url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
 
-        def cut_when_half_crossed() -> None:
-            wait_until(lambda: plan.body_bytes > len(FILES[BIG]) // 2, 60, "half the file to cross")
-            upstream_proxy.set("500", times=-1, path_suffix=BIG)
-
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            cutting = pool.submit(cut_when_half_crossed)
-            received = asyncio.run(read_until_it_breaks(url))
-            cutting.result()
-        assert 0 < len(received) < len(FILES[BIG]) and received == FILES[BIG][: len(received)]
+        received = read_while_the_upstream_dies(upstream_proxy, plan, url)
         pulls = mirror.runner.app[MIRROR]
         wait_until(lambda: not pulls._jobs, 60, "the mirror's pull to end")
         assert not pulls.broke(REPO, BIG), "nothing unproven was sent"
