@@ -527,3 +527,179 @@ def test_an_offline_mirror_says_so_at_every_ask(tmp_path: Path, monkeypatch: pyt
         assert codes == ["Offline", "Offline"], codes
     finally:
         mirror.stop()
+
+
+# -- resumes around a pull that fetches the file again (review 23) ----------------------------------------
+
+
+def leave_a_wrong_partial(mirror: LiveNode, chunks: int) -> None:
+    """A partial of the big file as an earlier pull left it: its first ``chunks`` chunks, the first wrong in
+    byte 100 (consistent with the BLAKE3 logged for it: only the whole file's SHA-256 refutes it)."""
+    import hashlib
+
+    from modeldepot.hashing import chunk_span
+
+    data = FILES[BIG]
+    partial = mirror.depot.store.partials.claim(
+        hashlib.sha256(data).hexdigest(), len(data), SMALL_CHUNK, wait=False
+    )
+    assert partial is not None
+    try:
+        for index in range(chunks):
+            offset, length = chunk_span(index, len(data), SMALL_CHUNK)
+            piece = bytearray(data[offset : offset + length])
+            if index == 0:
+                piece[100] ^= 0xFF
+            partial.write_chunk(index, memoryview(bytes(piece)), blake3.blake3(bytes(piece)).hexdigest())
+    finally:
+        partial.release(completed=False)
+
+
+async def read_then_leave(url: str, at_least: int) -> bytes:
+    """The first ``at_least`` bytes (or a few more) of a GET of ``url``; then the client leaves."""
+    import aiohttp
+
+    got = bytearray()
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.status == 200
+        async for piece in response.content.iter_any():
+            got += piece
+            if len(got) >= at_least:
+                break
+    return bytes(got)
+
+
+def commit_url(mirror: LiveNode) -> str:
+    commit = requests.get(f"{mirror.url}/api/models/{REPO}", timeout=30).json()["sha"]
+    return f"{mirror.url}/{REPO}/resolve/{commit}/{BIG}"
+
+
+def test_a_resume_while_a_refuted_file_is_fetched_again_is_answered_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream_proxy: FaultProxy
+) -> None:
+    """A pull resumed a partial whose first chunk was wrong; a client had been sent it and left; the whole
+    file failed its SHA-256 and is fetched again. The file was marked only once the pull returned: a resume
+    meanwhile was a 206, joined to the wrong byte (a review's trial). A pull under way whose check refuted
+    what it handed out makes the file's resumes whole."""
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, as_node=False)
+    try:
+        leave_a_wrong_partial(mirror, 4)
+        upstream_proxy.set("slow", times=-1, path_suffix=BIG, slow_delay=0.05, slow_piece=65536)
+        url = commit_url(mirror)
+        got = asyncio.run(read_then_leave(url, 4 * SMALL_CHUNK))
+        assert got[100] != FILES[BIG][100], "the wrong byte went out"
+        pulls = mirror.runner.app[MIRROR]
+        wait_until(lambda: any(j.partial is not None and j.partial.resets for j in list(pulls._jobs.values())),
+                   60, "the file to fail its check")  # fmt: skip
+        assert not mirror.depot.has_file(REPO, BIG) and pulls.broke(REPO, BIG)
+        resumed = requests.get(url, headers={"Range": f"bytes={len(got)}-"}, timeout=60)
+        assert (resumed.status_code, resumed.content) == (200, FILES[BIG])
+        assert pulls.broke(REPO, BIG), "marked once the pull returned"
+    finally:
+        mirror.stop()
+
+
+def test_a_resume_that_waits_for_the_last_chunk_breaks_when_the_file_fails_its_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream_proxy: FaultProxy
+) -> None:
+    """A client was sent every chunk of a resumed partial but the last (held for the check), the first wrong,
+    and resumed at the last one. Its resume had sent nothing when the check failed, waited through the
+    fetch again, and completed as a 206 (a review's trial). It breaks; asked again, the file goes whole."""
+    import aiohttp
+
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, as_node=False)
+    try:
+        leave_a_wrong_partial(mirror, 48)
+        upstream_proxy.set("slow", times=-1, path_suffix=BIG, slow_delay=1.5, slow_piece=1 << 20)
+        url = commit_url(mirror)
+
+        async def leave_and_resume() -> tuple[bytes, int | None]:
+            got = bytearray()
+            async with aiohttp.ClientSession() as session:
+                async with session.get(url) as response:
+                    async for piece in response.content.iter_any():
+                        got += piece
+                        if len(got) >= 48 * SMALL_CHUNK:
+                            break
+                try:
+                    async with session.get(url, headers={"Range": f"bytes={len(got)}-"}) as resumed:
+                        body = await resumed.read()
+                        assert resumed.status == 200 and body == FILES[BIG], "a range joined to a wrong byte"
+                        return bytes(got), resumed.status
+                except aiohttp.ClientPayloadError:
+                    return bytes(got), None  # (broken: the client asks again)
+
+        got, status = asyncio.run(leave_and_resume())
+        assert got[100] != FILES[BIG][100] and status is None, status
+        again = requests.get(url, headers={"Range": f"bytes={len(got)}-"}, timeout=60)
+        assert (again.status_code, again.content) == (200, FILES[BIG])
+    finally:
+        mirror.stop()
+
+
+def test_a_resume_after_the_refuted_file_was_published_before_its_pull_returned_is_answered_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream_proxy: FaultProxy
+) -> None:
+    """After the file fetched again was published, the pull still had work before it returned (and marked
+    the readers of the refuted fetch): a resume then, of a file another answer had marked with right bytes,
+    had those checked, the mark lifted, and a 206 joined to the wrong byte (a review's trial)."""
+    from modeldepot.mirror_marks import Sent
+
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, as_node=False)
+    try:
+        leave_a_wrong_partial(mirror, 4)
+        access = type(mirror.depot.store.access)
+        real_flush = access.flush
+
+        def slow_flush(self: object) -> None:  # (after the publish, before the pull returns)
+            time.sleep(4.0)
+            real_flush(self)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(access, "flush", slow_flush)
+        upstream_proxy.set("slow", times=-1, path_suffix=BIG, slow_delay=0.02, slow_piece=65536)
+        url = commit_url(mirror)
+        got = asyncio.run(read_then_leave(url, 4 * SMALL_CHUNK))
+        assert got[100] != FILES[BIG][100]
+        pulls = mirror.runner.app[MIRROR]
+        right = FILES[BIG][:SMALL_CHUNK]  # (another answer broke having sent right bytes)
+        pulls._marks.note(REPO, BIG, Sent({(0, SMALL_CHUNK, blake3.blake3(right).hexdigest())}))
+        wait_until(lambda: mirror.depot.has_file(REPO, BIG), 60, "the file to be published")
+        assert pulls._jobs, "the pull has not returned yet"
+        resumed = requests.get(url, headers={"Range": f"bytes={len(got)}-"}, timeout=60)
+        assert (resumed.status_code, resumed.content) == (200, FILES[BIG])
+    finally:
+        mirror.stop()
+
+
+def test_a_mark_another_process_made_or_added_to_while_checked_answers_a_resume_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream_proxy: FaultProxy
+) -> None:
+    """Two nodes serving one store: a mark only the other made was never read here (a resume of its file was
+    a 206), and a mark another answer added to while its spans were checked was lifted here all the same (a
+    review's trial). Marks are read again when the file changes, and a lift that the file declines is none."""
+    from modeldepot.mirror_marks import Sent
+
+    wrong = blake3.blake3(b"XXXX").hexdigest()
+    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, as_node=False)
+    try:
+        url = commit_url(mirror)
+        assert requests.get(url, timeout=60).content == FILES[BIG]
+        pulls, other = mirror.runner.app[MIRROR], BrokenMarks(mirror.depot.home)
+        other.note(REPO, BIG, Sent({(0, 4, wrong)}))  # (its answer sent a wrong byte in 0..4)
+        answer = requests.get(url, headers={"Range": "bytes=4-"}, timeout=60)
+        assert (answer.status_code, answer.content) == (200, FILES[BIG]), "marked by the other process"
+
+        other.lift(REPO, BIG, frozenset({(0, 4, wrong)}))  # (a test's hand: the file starts over)
+        pulls._marks.note(REPO, BIG, Sent({(4, 8, blake3.blake3(FILES[BIG][4:8]).hexdigest())}))
+        real = type(pulls)._matches
+
+        def matches_while_another_breaks(self: mirroring.Mirror, *args: object) -> bool:
+            other.note(REPO, BIG, Sent({(0, 4, wrong)}))
+            return real(self, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(type(pulls), "_matches", matches_while_another_breaks)
+        answer = requests.get(url, headers={"Range": "bytes=4-"}, timeout=60)
+        assert (answer.status_code, answer.content) == (200, FILES[BIG]), "lifted though more went out"
+        assert BrokenMarks(mirror.depot.home).broke(REPO, BIG)
+    finally:
+        mirror.stop()

@@ -138,7 +138,14 @@ class RepoNotFoundError(NotFoundError):
 class RevisionNotFoundError(NotFoundError):
     """The repo has no such revision in the store, or (``message`` given, with ``source``) upstream."""
 
-    def __init__(self, repo_id: str, revision: str, message: str | None = None, **context: Any) -> None:
+    def __init__(
+        self,
+        repo_id: str,
+        revision: str,
+        message: str | None = None,
+        in_store: bool | None = None,
+        **context: Any,
+    ) -> None:
         # (a commit's first characters, too few to be taken for its id: "8e6e2" said only "not in the store")
         short = (
             "; a commit is named by 7 or more of its characters"
@@ -152,7 +159,8 @@ class RevisionNotFoundError(NotFoundError):
         )
         self.repo_id = repo_id
         self.revision = revision
-        self.in_store = message is None  # the store's own answer, not an upstream's (nor the chain's)
+        # The store's own answer, not an upstream's (nor the chain's): its default words, or said so
+        self.in_store = message is None if in_store is None else in_store
 
 
 class EntryNotFoundError(NotFoundError, FileNotFoundError):

@@ -164,8 +164,21 @@ class Mirror:
 
     def broke(self, repo_id: str, path: str) -> bool:
         """Whether a response of this file broke lately after handing out bytes a check may refute (see the
-        module's doc): a resume of it is answered whole, unless :meth:`proven_by_store`."""
-        return self._marks.broke(repo_id, path)
+        module's doc), or a pull under way handed out bytes of it that its check refuted: a resume of it is
+        answered whole, unless :meth:`proven_by_store`."""
+        return self._marks.broke(repo_id, path) or self._refuted_under_way(repo_id, path)
+
+    def _refuted_under_way(self, repo_id: str, path: str) -> bool:
+        """Whether a pull still running handed out bytes of the file and then failed its whole-file check
+        (it fetches the file again): its readers are marked once it returns, and a resume before that was
+        answered as asked, joined to the refuted bytes (a review's trial: while the file was fetched again,
+        and after it was published, before the pull returned)."""
+        key = (repo_id.lower(), path)
+        return any(
+            job.partial is not None and job.partial.resets
+            and any((repo.lower(), file) == key for repo, file in job.handed_out)
+            for job in self._jobs.values()
+        )  # fmt: skip
 
     async def settled(self, repo_id: str, path: str, patience: float) -> bool:
         """Wait up to ``patience`` seconds until no response of the file holds bytes a check may still refute
@@ -196,8 +209,8 @@ class Mirror:
         file's: the mark is lifted then (a resume is answered as asked), and made for good when one is not
         (:mod:`modeldepot.mirror_marks`)."""
         spans = self._marks.spans(repo_id, path)
-        if spans is None or not is_commit_id(commit_id):  # (a branch's file may be another commit's by then)
-            return False
+        if spans is None or not is_commit_id(commit_id) or self._refuted_under_way(repo_id, path):
+            return False  # (a branch's file may be another commit's by then)
         try:
             entry = await asyncio.to_thread(self.depot.file_info, repo_id, path, commit_id)
             matches = await asyncio.to_thread(self._matches, entry, spans)
@@ -205,8 +218,9 @@ class Mirror:
             log.info("%s/%s: what its broken answers sent was not checked against the store (%s)", repo_id,
                      path, error)  # fmt: skip
             return False
+        if matches and not self._marks.lift(repo_id, path, spans):
+            return False  # (another answer broke meanwhile, sending more: checked at the next resume)
         if matches:
-            self._marks.lift(repo_id, path, spans)
             log.info("%s/%s: every byte its broken answers sent is the stored file's: resumes of it are answered "
                      "as asked again", repo_id, path)  # fmt: skip
         else:
@@ -606,7 +620,7 @@ class Mirror:
     ) -> AsyncIterator[memoryview]:
         """Bytes ``start..end`` (inclusive) of the file, as its pull ``job`` (:meth:`started`'s) lands and
         checks them."""
-        reading = _Reading(manifest.repo_id, remote.path)
+        reading = _Reading(manifest.repo_id, remote.path, resumes=start > 0 and end == remote.size - 1)
         key = (manifest.repo_id.lower(), remote.path)
         self._readings.setdefault(key, set()).add(reading)
         noted = completed = False
@@ -757,8 +771,9 @@ class Mirror:
             with _wanted(partial, index):  # (fetched next: see ChunkChooser._pick)
                 while True:
                     if partial.resets != resets:  # the whole file failed its check: every chunk was dropped
-                        # (the pull may fetch it again and succeed: what was sent stays refuted)
-                        if reading.sent:
+                        # (the pull may fetch it again and succeed: what was sent stays refuted; and a resume's
+                        # client may hold bytes of the refuted fetch, which it would join the rest to)
+                        if reading.sent or (reading.resumes and job.handed_out):
                             reading.unproven = True
                             raise IntegrityError(f"{reading.path}: the file failed its check after part of "
                                                  "it was sent; the answer breaks")  # fmt: skip
@@ -828,13 +843,13 @@ class Mirror:
                 reading.went_out.forget()
             else:
                 reading.went_out.add((offset, offset + length, digest))
-            async for block in _pread_blocks(fd, position, hi):
-                reading.sent = True
-                yield block
-            if (
-                partial.resets != landed_as
-            ):  # (the chunk was dropped while it went out: what went is not known)
-                reading.went_out.forget()
+            try:
+                async for block in _pread_blocks(fd, position, hi):
+                    reading.sent = True
+                    yield block
+            finally:  # (a client that left mid-chunk too)
+                if partial.resets != landed_as:  # the chunk was dropped while it went: what went is not known
+                    reading.went_out.forget()
 
     async def _follow_elsewhere(
         self, job: _Job, start: int, end: int, reading: _Reading
@@ -952,6 +967,7 @@ class _Reading:
 
     repo_id: str
     path: str
+    resumes: bool = False  # it answers a resume (bytes=N- of the file): its client holds what went before
     unproven: bool = False
     sent: bool = False  # bytes went out
     # Chunks sent from another process's download of the file: index -> the BLAKE3 it logged for them

@@ -17,11 +17,12 @@ is answered whole too, and another node on the same store sees them.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,14 +67,20 @@ _Mark = tuple[float, "Sent"]  # when (seconds since the epoch), what went out
 
 
 class BrokenMarks:
-    """The marks of one store's home. Use from one event loop (writes are small and rare: on the loop)."""
+    """The marks of one store's home, as every process serving it wrote them. Use from one event loop
+    (writes are small and rare: on the loop)."""
 
     def __init__(self, home: Path) -> None:
         self._file = home / BROKEN_FILE
-        self._marks: dict[_Key, _Mark] = self._load()
+        self._lock_file = home / f".{BROKEN_FILE}.lock"
+        self._seen: tuple[int, int, int] | None = None  # the file's (mtime, size, inode) when last read
+        self._marks: dict[_Key, _Mark] = {}
+        self._unwritten: dict[_Key, _Mark] = {}  # what a write that failed kept here alone
+        self._refresh()
 
     def broke(self, repo_id: str, path: str) -> bool:
         """Whether a response of this file broke lately after handing out bytes a check may refute."""
+        self._refresh()
         mark = self._marks.get((repo_id.lower(), path))
         return (
             mark is not None and abs(time.time() - mark[0]) <= BROKEN_TTL
@@ -81,6 +88,7 @@ class BrokenMarks:
 
     def spans(self, repo_id: str, path: str) -> frozenset[Span] | None:
         """What the file's broken answers sent, if the file is marked and that is known."""
+        self._refresh()
         mark = self._marks.get((repo_id.lower(), path))
         if mark is None or mark[1].spans is None:
             return None
@@ -91,46 +99,77 @@ class BrokenMarks:
         now = time.time()
         self._write((repo_id.lower(), path), lambda mark: (now, _joined(mark, sent or Sent(None))))
 
-    def lift(self, repo_id: str, path: str, checked: frozenset[Span]) -> None:
+    def lift(self, repo_id: str, path: str, checked: frozenset[Span]) -> bool:
         """What the file's broken answers sent, ``checked``, is the file's: a resume is answered as asked.
-        (Unless another answer broke meanwhile, sending more: that is checked at the next resume.)"""
+        False when the mark stays: another answer broke meanwhile, sending more (checked at the next resume),
+        or what went out is not known."""
 
         def lifted(mark: _Mark | None) -> _Mark | None:
             if mark is None or (mark[1].spans is not None and mark[1].spans <= checked):
                 return None
-            return mark  # (not known what went out, or more went out since)
+            return mark
 
         self._write((repo_id.lower(), path), lifted)
+        return (repo_id.lower(), path) not in self._marks
 
     def refute(self, repo_id: str, path: str) -> None:
         """What a broken answer sent is not the file's: the mark stands, never lifted."""
         self._write((repo_id.lower(), path), lambda mark: None if mark is None else (mark[0], Sent(None)))
 
+    def _refresh(self) -> None:
+        """Read the file again if another process wrote it since (one stat when none did): a mark only it made
+        was never seen here, and a resume of its file answered as asked (a review's trial)."""
+        seen = self._stat()
+        if seen != self._seen:
+            self._seen = seen
+            self._marks = _merged(self._load(), self._unwritten)
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            info = self._file.stat()
+        except OSError:
+            return None
+        return info.st_mtime_ns, info.st_size, info.st_ino
+
     def _write(self, key: _Key, change: Callable[[_Mark | None], _Mark | None]) -> None:
+        """Apply ``change`` to the mark of ``key`` in the file, read, changed and replaced under a lock (two
+        processes writing at once lost one's mark)."""
         now = time.time()
-        marks = self._load()  # (another node on this store may have written some)
-        for known, mark in self._marks.items():
-            if known in marks:
-                marks[known] = (max(mark[0], marks[known][0]), _joined(marks[known], mark[1]))
+        with self._locked():
+            marks = _merged(self._load(), self._unwritten)
+            changed = change(marks.get(key))
+            if changed is None:
+                marks.pop(key, None)
             else:
-                marks[known] = mark
-        changed = change(marks.get(key))
-        if changed is None:
-            marks.pop(key, None)
-        else:
-            marks[key] = changed
-        self._marks = {known: mark for known, mark in marks.items() if abs(now - mark[0]) <= BROKEN_TTL}
-        rows = [[repo, file, when, None if sent.spans is None else sorted(sent.spans)]
-                for (repo, file), (when, sent) in self._marks.items()]  # fmt: skip
-        temporary = self._file.with_name(f".{BROKEN_FILE}.{os.getpid()}.tmp")
-        try:  # (rare, and small: written at once, on the loop)
-            temporary.write_text(json.dumps(rows))
-            os.replace(temporary, self._file)
-        except OSError as error:
-            log.warning("could not record the files a mirror answers whole in %s (%s): after a restart, a resume "
-                        "of one would be answered as asked", self._file, error)  # fmt: skip
-            with contextlib.suppress(OSError):
-                temporary.unlink()
+                marks[key] = changed
+            marks = {known: mark for known, mark in marks.items() if abs(now - mark[0]) <= BROKEN_TTL}
+            rows = [[repo, file, when, None if sent.spans is None else sorted(sent.spans)]
+                    for (repo, file), (when, sent) in marks.items()]  # fmt: skip
+            temporary = self._file.with_name(f".{BROKEN_FILE}.{os.getpid()}.tmp")
+            try:  # (rare, and small: written at once, on the loop)
+                temporary.write_text(json.dumps(rows))
+                os.replace(temporary, self._file)
+                self._unwritten = {}
+            except OSError as error:
+                log.warning("could not record the files a mirror answers whole in %s (%s): after a restart, a "
+                            "resume of one would be answered as asked", self._file, error)  # fmt: skip
+                with contextlib.suppress(OSError):
+                    temporary.unlink()
+                self._unwritten = marks
+            self._marks, self._seen = marks, self._stat()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:  # (the write then fails too, and says so)
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def _load(self) -> dict[_Key, _Mark]:
         try:
@@ -151,6 +190,13 @@ class BrokenMarks:
             ):
                 marks[(row[0], row[1])] = (float(row[2]), Sent(_spans(row[3] if len(row) == 4 else None)))
         return marks
+
+
+def _merged(first: dict[_Key, _Mark], second: dict[_Key, _Mark]) -> dict[_Key, _Mark]:
+    merged = dict(first)
+    for key, mark in second.items():
+        merged[key] = (max(mark[0], merged[key][0]), _joined(merged[key], mark[1])) if key in merged else mark
+    return merged
 
 
 def _joined(mark: _Mark | None, sent: Sent) -> Sent:

@@ -334,6 +334,7 @@ class PullJobs:
         """The pull of ``quants`` of ``repo_id`` at ``revision``, and whether it is new. The repo is scanned
         first (through the depot's source chain): an unknown repo or variant raises, and nothing starts."""
         if depot.store.read_only:  # (a 503 now, not a 202 for a job that fails at its first write)
+            self.ended["refused"] = self.ended.get("refused", 0) + 1
             raise ReadOnlyStoreError(
                 f"the store at {depot.home} is {depot.store.read_only_reason}: it pulls nothing"
             )

@@ -342,7 +342,7 @@ class Store:
             "SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)
         ):
             raise RevisionNotFoundError(repo_id, commit_id, f"{repo_id}@{commit_id[:12]} was removed from the "
-                                        "store meanwhile (an rm as it was read)")  # fmt: skip
+                                        "store meanwhile (an rm as it was read)", in_store=True)  # fmt: skip
         return entries
 
     def file_sizes(self, repo_id: str, commit_id: str) -> dict[str, int]:

@@ -533,13 +533,17 @@ class SwarmFile:
         now = time.monotonic()
         if now < self._share_again_due:
             return False
-        lost = {
-            i for i in self.mine if (claim := self.claims.get(i)) is None or claim.node_id != self.node_id
+        # (a claim another node took over, judging this one late, is no loss: it is that node's chunk now)
+        self.mine -= {
+            i for i, claim in self.claims.items() if i in self.mine and claim.node_id != self.node_id
         }
+        lost = {i for i in self.mine if i not in self.claims}
+        self.unclaimed -= self.claims.keys()  # (claimed since: by this node, or by another that fetches it)
         if not lost and not self.unclaimed:
             return False
         self._share_again_due = now + SHARE_AGAIN_EVERY
         self.mine -= lost
+        self.unclaimed |= lost  # (until claimed again: retried while the registry answers)
         gone = len(lost)
         if gone:
             self.count("claims_gone")
