@@ -22,6 +22,7 @@ __all__ = [
     "mirror_node",
     "mirror_of_a_node",
     "proxied_upstream",
+    "read_then_leave",
     "read_until_it_breaks",
 ]
 
@@ -67,6 +68,18 @@ def mirror_of_a_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
         finally:
             mirror.stop()
             node.stop()
+
+
+async def read_then_leave(url: str, at_least: int) -> bytes:
+    """What a GET of ``url`` (a 200) received once it had ``at_least`` bytes, when its client left."""
+    got = bytearray()
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.status == 200
+        async for piece in response.content.iter_any():
+            got += piece
+            if len(got) >= at_least:
+                break  # (the client leaves: the connection is closed)
+    return bytes(got)
 
 
 async def read_until_it_breaks(url: str) -> bytes:

@@ -31,6 +31,7 @@ from mirrornodes import (
     mirror_node,
     mirror_of_a_node,
     proxied_upstream,
+    read_then_leave,
     read_until_it_breaks,
 )
 from modeldepot import Depot
@@ -1145,18 +1146,6 @@ def test_a_branch_served_from_a_commit_the_mirror_held_is_listed_in_its_refs(
             mirror.stop()
             node.stop()
             mirror.depot.close()
-
-
-async def read_then_leave(url: str, at_least: int) -> bytes:
-    """What a GET of ``url`` (a 200) received once it had ``at_least`` bytes, when its client left."""
-    got = bytearray()
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        assert response.status == 200
-        async for piece in response.content.iter_any():
-            got += piece
-            if len(got) >= at_least:
-                break  # (the client leaves: the connection is closed)
-    return bytes(got)
 
 
 def slow_chunks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,7 @@ from huggingface_hub import HfApi, hf_hub_download
 
 from conftest import SMALL_CHUNK, LiveNode, SilentAddress, wait_until, write_model_dir
 from faultproxy import FaultPlan, FaultProxy
-from mirrornodes import BIG, FILES, REPO, mirror_node, proxied_upstream, read_until_it_breaks
+from mirrornodes import BIG, FILES, REPO, mirror_node, proxied_upstream, read_then_leave, read_until_it_breaks
 from modeldepot import Depot
 from modeldepot import mirror as mirroring
 from modeldepot.mirror_marks import BrokenMarks
@@ -553,20 +553,6 @@ def leave_a_wrong_partial(mirror: LiveNode, chunks: int) -> None:
             partial.write_chunk(index, memoryview(bytes(piece)), blake3.blake3(bytes(piece)).hexdigest())
     finally:
         partial.release(completed=False)
-
-
-async def read_then_leave(url: str, at_least: int) -> bytes:
-    """The first ``at_least`` bytes (or a few more) of a GET of ``url``; then the client leaves."""
-    import aiohttp
-
-    got = bytearray()
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        assert response.status == 200
-        async for piece in response.content.iter_any():
-            got += piece
-            if len(got) >= at_least:
-                break
-    return bytes(got)
 
 
 def commit_url(mirror: LiveNode) -> str:
