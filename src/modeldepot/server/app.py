@@ -274,6 +274,10 @@ def _letting_go_of_what_others_removed(depot: Depot) -> Callable[[web.Applicatio
                 await asyncio.sleep(LET_GO_EVERY)
                 try:
                     await asyncio.to_thread(depot.let_go_of_removed)
+                except RuntimeError as error:
+                    if "interpreter shutdown" in str(error):  # (a node left running as its program ends)
+                        return
+                    log.warning("could not look for removed revisions: %s: %s", type(error).__name__, error)
                 except Exception as error:  # (a busy or full index: next time)
                     log.warning("could not look for removed revisions: %s: %s", type(error).__name__, error)
 
