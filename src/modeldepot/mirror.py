@@ -775,6 +775,8 @@ class Mirror:
                         # client may hold bytes of the refuted fetch, which it would join the rest to)
                         if reading.sent or (reading.resumes and job.handed_out):
                             reading.unproven = True
+                            if reading.resumes:  # (what its client holds is not known here: never lifted)
+                                reading.went_out.forget()
                             raise IntegrityError(f"{reading.path}: the file failed its check after part of "
                                                  "it was sent; the answer breaks")  # fmt: skip
                         resets = partial.resets
