@@ -413,6 +413,37 @@ def test_chunks_a_pull_holds_as_it_joins_are_claimed_and_settled_for_the_others(
     run(main())
 
 
+def test_claims_are_taken_as_lost_only_on_the_registrys_word_not_as_the_process_closes(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Claims that went from the registry (a lease that ran out) are claimed again; but a view detached as
+    the process closes reads as an empty fleet, and its missing claims are no loss: nothing is claimed
+    again nor logged as gone (every shutdown mid-pull logged "N of this node's claims went", a review)."""
+    registry = MemRegistry("closing")
+    a = node("a")
+
+    async def main() -> None:
+        async with members(registry, a) as (da,):
+            joining = swarm_of(da, a)
+            joining.refresh()
+            await joining.claim_held({0: BLAKE}, {1}, dict)
+            assert joining.mine == {0, 1}
+            await da.release_claims(SHA, CHUNK)  # (the claims go, as with the lease)
+            joining.fleet.detach()
+            joining.refresh()
+            assert not joining.shares_lost()
+            assert joining.mine == {0, 1} and not joining.unclaimed
+            assert "claims went" not in caplog.text
+            joining.fleet = FleetView(da, asyncio.get_running_loop(), a.node_id)
+            joining.refresh()
+            assert joining.shares_lost()
+            assert not joining.mine and joining.unclaimed == {0, 1}
+            assert "2 of this node's claims went" in caplog.text
+
+    with caplog.at_level(logging.INFO, logger="modeldepot"):
+        run(main())
+
+
 def test_a_node_is_refused_by_the_fleet_when_no_peer_takes_its_token_and_enough_refuse_it() -> None:
     """A node whose token the fleet refuses claims nothing (test_swarm_fleet); a good node that asked the odd
     one and a busy one (no answer in time) was taken for the odd one, in a CI run, and pulled alone. A verdict

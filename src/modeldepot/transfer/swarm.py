@@ -146,6 +146,7 @@ class SwarmFile:
         self._addresses: tuple[tuple[str, int], list[tuple[str, int]]] | None = None  # (host, port) -> addrs
         self.events: dict[str, int] = {}  # why chunks were fetched from the Hub, and other counts
         self.registry_answers = True  # (refresh) False: claims settled meanwhile cannot be seen to land
+        self.view_answered = True  # (refresh) False: the last read of the view had no answer
         self._unreachable_since: float | None = None  # since when the registry does not answer the view
         # Every chunk this file's claims were asked for: what its release withdraws, and nothing else (a
         # release of all the process's claims on the content dropped another pull's, or a retry's being
@@ -187,7 +188,10 @@ class SwarmFile:
             crowd = self.slow and any(node_id != self.node_id for node_id in seen.nodes)
             self.follower = crowd or landed >= max(1, LATE_SHARE * self.chunks)
         self.claims, self.nodes, self.holders = claims, seen.nodes, seen.holders
-        if seen is not unread:  # (a view that did not answer in time says nothing of the registry either)
+        # (a view that did not answer in time, or one detached as the process closes, says nothing of the
+        # registry either, nor of claims lost: shares_lost)
+        self.view_answered = seen is not unread
+        if seen is not unread:
             self.registry_answers = seen.connected
             if seen.connected:
                 self._unreachable_since = None
@@ -528,7 +532,7 @@ class SwarmFile:
         again: an etcd stalled for 13 s mid-pull had the Hub send the model 1.75 times, an explorer's trial.
         The lost claims are forgotten as this node's, for :meth:`claim_held` (the pull's ``_share_held``) to
         claim them again; True at most once per SHARE_AGAIN_EVERY."""
-        if not (self.registry_answers and self.serving):
+        if not (self.registry_answers and self.view_answered and self.serving):
             return False
         now = time.monotonic()
         if now < self._share_again_due:
