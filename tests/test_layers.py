@@ -18,7 +18,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (2, ("modeldepot.hub", "modeldepot.transfer", "modeldepot.preload", "modeldepot.engines",
          "modeldepot.discovery", "modeldepot.hfcache", "modeldepot.tiers", "modeldepot.uses",
          "modeldepot.enginekeys", "modeldepot.upstream")),
-    (3, ("modeldepot.depot", "modeldepot.upkeep", "modeldepot.guards", "modeldepot.held", "modeldepot.mirror", "modeldepot.mirror_marks",
+    (3, ("modeldepot.depot", "modeldepot.upkeep", "modeldepot.guards", "modeldepot.held", "modeldepot.mirror",
          "modeldepot.running")),
     (4, ("modeldepot.cli", "modeldepot.server", "modeldepot.dashboard", "modeldepot.__main__", "modeldepot.launch",
          "modeldepot")),

@@ -35,7 +35,8 @@ from mirrornodes import (
     read_until_it_breaks,
 )
 from modeldepot import Depot
-from modeldepot import mirror as mirroring
+from modeldepot.mirror import following as mirror_following
+from modeldepot.mirror import pulls as mirror_pulls
 from modeldepot.server.mirror_routes import MIRROR
 
 
@@ -287,7 +288,7 @@ def test_a_corrupt_upstream_breaks_the_stream_and_nothing_is_kept(
         # Twice wrong: the next requests hear why for a while (FAILED_TTL) rather than pull it all again...
         refused = requests.get(url, timeout=60)
         assert (refused.status_code, refused.headers["X-Error-Code"]) == (502, "UpstreamIntegrity")
-        monkeypatch.setattr(mirroring, "FAILED_TTL", 0.0)
+        monkeypatch.setattr(mirror_pulls, "FAILED_TTL", 0.0)
         # ...then a request pulls again and now gets it right.
         assert asyncio.run(_read(url))[1] == FILES[BIG]
     finally:
@@ -666,7 +667,7 @@ def test_a_reader_of_a_file_a_suspended_process_downloads_is_broken_not_kept_for
 ) -> None:
     """The other process was suspended (Ctrl-Z): its download lands nothing, and a reader following it
     polled it for good after its client left (review). It breaks after STILL_ELSEWHERE."""
-    monkeypatch.setattr(mirroring, "STILL_ELSEWHERE", 2.0)
+    monkeypatch.setattr(mirror_following, "STILL_ELSEWHERE", 2.0)
     mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, request_deadline=4.0)
     pulling = pull_beside(tmp_path / "mirror", upstream_proxy.url)
     try:
@@ -1153,8 +1154,8 @@ def slow_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     (as a 16 MiB chunk over a slow link lands a 256 KiB piece at a time), one connection to a source."""
     from modeldepot.transfer import ranged
 
-    monkeypatch.setattr(mirroring, "AHEAD_PATIENCE", 0.2)
-    monkeypatch.setattr(mirroring, "AHEAD_LOOK", 0.05)
+    monkeypatch.setattr(mirror_following, "AHEAD_PATIENCE", 0.2)
+    monkeypatch.setattr(mirror_following, "AHEAD_LOOK", 0.05)
     monkeypatch.setattr(ranged, "READ_PIECE", 4096)
     monkeypatch.setenv("MODELDEPOT_CONNECTIONS_PER_SOURCE", "1")
 

@@ -22,8 +22,8 @@ from conftest import SMALL_CHUNK, LiveNode, SilentAddress, wait_until, write_mod
 from faultproxy import FaultPlan, FaultProxy
 from mirrornodes import BIG, FILES, REPO, mirror_node, proxied_upstream, read_then_leave, read_until_it_breaks
 from modeldepot import Depot
-from modeldepot import mirror as mirroring
-from modeldepot.mirror_marks import BrokenMarks
+from modeldepot.mirror import pulls as mirroring
+from modeldepot.mirror.marks import BrokenMarks
 from modeldepot.server.mirror_routes import MIRROR
 
 
@@ -285,7 +285,7 @@ def test_the_marks_of_broken_files_keep_what_went_out_and_never_lift_what_is_not
     (refuted, or written by a node before the spans were kept) is answered whole until it expires."""
     import json
 
-    from modeldepot.mirror_marks import BROKEN_FILE, Sent
+    from modeldepot.mirror.marks import BROKEN_FILE, Sent
 
     marks, other = BrokenMarks(tmp_path), BrokenMarks(tmp_path)
     marks.note("Acme/M", "a.bin", Sent({(0, 4, "aa")}))
@@ -629,7 +629,7 @@ def test_a_resume_after_the_refuted_file_was_published_before_its_pull_returned_
     """After the file fetched again was published, the pull still had work before it returned (and marked
     the readers of the refuted fetch): a resume then, of a file another answer had marked with right bytes,
     had those checked, the mark lifted, and a 206 joined to the wrong byte (a review's trial)."""
-    from modeldepot.mirror_marks import Sent
+    from modeldepot.mirror.marks import Sent
 
     mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, as_node=False)
     try:
@@ -663,7 +663,7 @@ def test_a_mark_another_process_made_or_added_to_while_checked_answers_a_resume_
     """Two nodes serving one store: a mark only the other made was never read here (a resume of its file was
     a 206), and a mark another answer added to while its spans were checked was lifted here all the same (a
     review's trial). Marks are read again when the file changes, and a lift that the file declines is none."""
-    from modeldepot.mirror_marks import Sent
+    from modeldepot.mirror.marks import Sent
 
     wrong = blake3.blake3(b"XXXX").hexdigest()
     mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch, as_node=False)

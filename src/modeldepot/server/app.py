@@ -224,7 +224,7 @@ def create_app(
         app[MIRROR] = Mirror(depot, request_deadline)
 
         async def stop_scans(app: web.Application) -> None:
-            app[MIRROR].stop_scans()  # (as the node begins to stop: the requests waiting for them end)
+            app[MIRROR].scans.stop()  # (as the node begins to stop: the requests waiting for them end)
 
         async def stop_pulls(app: web.Application) -> None:
             await app[MIRROR].close()

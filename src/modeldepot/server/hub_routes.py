@@ -154,8 +154,8 @@ async def _visible_repo(request: web.Request, repo_id: str) -> RepoSummary:
 
 async def _shown_again(request: web.Request, repo_id: str) -> bool:
     """Whether a private repo a request may not see is public again: on a mirror, one hidden on its
-    upstream's word that the upstream shows again (:meth:`Mirror.recheck_hidden`)."""
-    return _mirrors(request) and await request.app[MIRROR].recheck_hidden(repo_id)
+    upstream's word that the upstream shows again (:meth:`UpstreamScans.recheck_hidden`)."""
+    return _mirrors(request) and await request.app[MIRROR].scans.recheck_hidden(repo_id)
 
 
 def _mirrors(request: web.Request) -> bool:
@@ -567,7 +567,7 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
             if not is_commit_id(revision):
                 # (a branch whose commit the store held already: served, and not listed by list_repo_refs, as
                 # the branches a pull found are, an explorer's trial)
-                await request.app[MIRROR].point_branches(manifest, its_own=True)
+                await request.app[MIRROR].scans.point_branches(manifest, its_own=True)
             return answer
     try:
         return await local(request, repo_id, revision, path)  # (a use, counted as the blob is opened)

@@ -58,14 +58,14 @@ def check_public(request: web.Request, manifest: Manifest) -> None:
 async def upstream_manifest(
     request: web.Request, repo_id: str, revision: str, held: bool = False
 ) -> Manifest:
-    """The upstream's scan of the repo (:meth:`Mirror.manifest`), for a request that may see it.
+    """The upstream's scan of the repo (:meth:`UpstreamScans.manifest <modeldepot.mirror.scans.UpstreamScans.manifest>`), for a request that may see it.
 
     An upstream's refusal is said, with its reasons, only to a client with this node's token: to anyone
     else it is the 404 of a repo not there. The reasons name the upstream and the node's credentials, and a
     refusal of one source beside another's "not found" told an absent repo (a 502) from a private one (a
     404): every guess of a name was answered (a security trial). The node's log says it."""
     try:
-        return await request.app[MIRROR].manifest(repo_id, revision, held)
+        return await request.app[MIRROR].scans.manifest(repo_id, revision, held)
     except AccessDeniedError as error:
         if is_authorized(request):
             raise
@@ -84,7 +84,7 @@ async def _public(request: web.Request, repo_id: str, held: bool) -> bool:
     """Whether the upstream's repo is one anyone may see (its main branch's scan says so); False when that
     cannot be told."""
     try:
-        manifest = await request.app[MIRROR].manifest(repo_id, "main", held)
+        manifest = await request.app[MIRROR].scans.manifest(repo_id, "main", held)
     except DepotError:
         return False
     return not (manifest.private or manifest.gated)
@@ -177,7 +177,7 @@ async def mirror_revision(
     request: web.Request, repo_id: str, revision: str, held: bool = False
 ) -> RevisionView:
     """An upstream revision (its scan), described as a stored one is. ``held``: the store can answer instead
-    (the scan is waited for briefly: see :meth:`Mirror.manifest`)."""
+    (the scan is waited for briefly: see :meth:`UpstreamScans.manifest <modeldepot.mirror.scans.UpstreamScans.manifest>`)."""
     manifest = await upstream_manifest(request, repo_id, revision, held)
     check_public(request, manifest)
     card = upstream_card(manifest.pipeline_tag, manifest.library_name, manifest.tags)

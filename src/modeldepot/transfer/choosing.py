@@ -98,7 +98,7 @@ class FileSource:
     origin: str = ""  # "node" (configured), "peer" (found in the fleet), "hub"; default: the source's kind
     chunks_url: str | None = None  # a holder of part of the file: where its chunk map is read
     # Its chunk digests are the word of the node that answered the scan, whose SHA-256 the file is checked
-    # against: a chunk that matches one may be handed to a reader before that check (mirror.py)
+    # against: a chunk that matches one may be handed to a reader before that check (the mirror)
     vouches: bool = False
     # Its chunk digests are its own word of itself (a peer found by content, asked for them): in a swarm, the
     # digest a claimer settled from the Hub comes first (a liar's own digests match its bad bytes)

@@ -1,0 +1,303 @@
+"""Following a mirror's pull as it lands: one pull of a file (:class:`PullJob`) read by each of its
+responses (:class:`Reading`), chunk by chunk as they land and are checked, ahead of a slow chunk's landing
+(its bytes unproven, compared with it once it lands), or from another process's download of the same
+content. What each response sent unproven is recorded, for the marks of a broken answer
+(:mod:`modeldepot.mirror.marks`). See :mod:`modeldepot.mirror` for the rules."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import blake3
+
+from modeldepot.errors import ChunkNotAvailableError, IntegrityError, UpstreamTimeoutError
+from modeldepot.hashing import chunk_span
+from modeldepot.hub.manifest import RemoteFile
+from modeldepot.mirror.marks import Sent
+from modeldepot.store.partials import PartialFiles, ResumablePartial
+from modeldepot.transfer.pull import PullResult
+
+READ_BLOCK = 1024 * 1024
+SIBLING_LOOK = 0.25  # seconds between looks for another pull writing the content a waiting pull waits for
+# Seconds a reader waits for the chunk it reads to land before it follows that chunk's bytes as they come, and
+# between two looks at them then (under a client's 10 s read timeout: a slow upstream's chunk takes longer)
+AHEAD_PATIENCE = 2.0
+AHEAD_LOOK = 0.5
+# Seconds a reader following another process's download of its file waits for that download to land a
+# chunk (a suspended `modeldepot pull`): then the answer breaks, and its client tries again later
+STILL_ELSEWHERE = 60.0
+
+
+@dataclass
+class PullJob:
+    """The mirror's one pull of a file, which every response of the file follows."""
+
+    remote: RemoteFile
+    task: asyncio.Task[PullResult] | None = None
+    partial: ResumablePartial | None = None
+    # The files (repo id, path) whose readers were given bytes of this pull before its whole-file check (its
+    # own, or another name of the same content: Mirror's _writing), and those readings
+    handed_out: dict[tuple[str, str], list[Reading]] = field(default_factory=dict)
+    found_chunks: int = 0  # chunks its partial held when it began (a resume's)
+    found_part_bytes: int = 0  # bytes of parts of chunks its partial held when it began
+    _event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def pulse(self) -> None:
+        """Wake every reader (called on the loop: a check and a wait never miss a pulse between them)."""
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+@dataclass(eq=False)
+class Reading:
+    """One response's reading of a file: whether it was handed bytes of a chunk no digest vouched for."""
+
+    repo_id: str
+    path: str
+    resumes: bool = False  # it answers a resume (bytes=N- of the file): its client holds what went before
+    unproven: bool = False
+    sent: bool = False  # bytes went out
+    # Chunks sent from another process's download of the file: index -> the BLAKE3 it logged for them
+    elsewhere: dict[int, str] = field(default_factory=dict)
+    ahead_unchecked: bool = False  # bytes of a chunk went out before it landed, not compared with it yet
+    elsewhere_checked: bool = False  # the chunks sent from another process's download matched the file
+    # What went out ahead of a chunk's landing, not compared yet: the pull whose partial it was, the chunk,
+    # the bytes' span (first, end exclusive) and their BLAKE3
+    ahead_from: PullJob | None = None
+    ahead_index: int = -1
+    ahead_span: tuple[int, int] = (0, 0)
+    ahead_hash: blake3.blake3 | None = None
+    # What it sent but from the store: each chunk as it landed, or as another process's download logged it
+    went_out: Sent = field(default_factory=Sent)
+
+    def evidence(self) -> Sent:
+        """All it sent but from the store, and what it sent ahead of a chunk's landing (mirror.marks)."""
+        sent = Sent()
+        sent.merge(self.went_out)
+        if self.ahead_hash is not None and self.ahead_span[1] > self.ahead_span[0]:
+            sent.add((*self.ahead_span, self.ahead_hash.hexdigest()))
+        return sent
+
+    @property
+    def unchecked(self) -> bool:
+        """Bytes went out that a check may still refute: a resume must not be joined to them."""
+        return self.ahead_unchecked or (bool(self.elsewhere) and not self.elsewhere_checked)
+
+
+def hand_out(job: PullJob, reading: Reading) -> None:
+    """``reading`` was given bytes of ``job`` before its whole-file check (see :attr:`PullJob.handed_out`)."""
+    readings = job.handed_out.setdefault((reading.repo_id, reading.path), [])
+    if not any(known is reading for known in readings):
+        readings.append(reading)
+
+
+async def follow(
+    job: PullJob, fd: int, start: int, end: int, reading: Reading, own: bool
+) -> AsyncIterator[memoryview]:
+    """Bytes ``start..end`` of ``job``'s partial as its chunks land, for ``reading``. ``own``: ``job`` is
+    the pull of the file read (not another name's, whose vouched chunks vouch for nothing here)."""
+    partial = job.partial
+    assert partial is not None and job.task is not None
+    vouched = partial.vouched if own else frozenset()
+    chunk_size = partial.chunk_size
+    last = end // chunk_size  # the final chunk of this response, whole file or range
+    resets = partial.resets
+    for index in range(start // chunk_size, last + 1):
+        offset, length = chunk_span(index, partial.size, chunk_size)
+        lo, hi = max(start, offset), min(end, offset + length - 1)
+        position, waiting_since = lo, time.monotonic()
+        ahead: blake3.blake3 | None = None  # what went out of the chunk before it landed
+        # The final chunk of a response waits for the whole-file check, the others for their own landing:
+        # so no response, a range included, ever completes with bytes the upstream's digests have not
+        # vouched for. A range that ends inside the file and whose every chunk the scan's node vouched
+        # for goes at once (a header read of a big file waited for all of it: clients timed out).
+        was_unproven = reading.unproven
+        with wanted(partial, index):  # (fetched next: see ChunkChooser._pick)
+            while True:
+                if partial.resets != resets:  # the whole file failed its check: every chunk was dropped
+                    # (the pull may fetch it again and succeed: what was sent stays refuted; and a resume's
+                    # client may hold bytes of the refuted fetch, which it would join the rest to)
+                    if reading.sent or (reading.resumes and job.handed_out):
+                        reading.unproven = True
+                        if reading.resumes:  # (what its client holds is not known here: never lifted)
+                            reading.went_out.forget()
+                        raise IntegrityError(f"{reading.path}: the file failed its check after part of "
+                                             "it was sent; the answer breaks")  # fmt: skip
+                    resets = partial.resets
+                # (bytes of this chunk sent ahead are compared with it once it lands, below)
+                early = index in vouched and not was_unproven and end < partial.size - 1
+                if index in partial.done and (index != last or early or job.task.done()):
+                    break
+                if job.task.done():
+                    job.task.result()
+                    if index not in partial.done:
+                        raise RuntimeError("the pull ended without this chunk")  # pragma: no cover
+                waited = time.monotonic() - waiting_since
+                if waited >= AHEAD_PATIENCE and index not in partial.done:
+                    # A chunk slow to land (a slow upstream: 16 MiB at 1 MiB/s, a quarter of it each for
+                    # four at once): its bytes go as they come, unproven, so that a client's read timeout
+                    # (10 s) never waits for a whole chunk (huggingface_hub timed out again and again, and
+                    # below 1 MiB/s failed: an explorer's trial). Never the response's last byte before
+                    # the check.
+                    received = partial.receiving.get(index)
+                    upto = min(hi, end - 1, offset + (received() if received is not None else 0) - 1)
+                    if upto >= position:
+                        if ahead is None:
+                            ahead = blake3.blake3()
+                            reading.unproven = reading.ahead_unchecked = True
+                            reading.ahead_from, reading.ahead_index, reading.ahead_hash = (
+                                job,
+                                index,
+                                ahead,
+                            )
+                            hand_out(job, reading)
+                        async for block in pread_blocks(fd, position, upto):
+                            ahead.update(block)
+                            position += len(block)
+                            # (before the yield: a client that leaves there has had it)
+                            reading.ahead_span, reading.sent = (lo, position), True
+                            yield block
+                        continue
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(job.wait(), max(AHEAD_PATIENCE - waited, 0.0) + AHEAD_LOOK)
+        if ahead is not None:
+            # What went ahead must be the chunk as it landed (checked against its digest, or the Hub's
+            # bytes, which the file's SHA-256 checks): a transfer that started over, or a source found
+            # lying, rewrote them. Else the answer breaks, and a resume of it is sent whole.
+            landed = blake3.blake3()
+            async for block in pread_blocks(fd, lo, position - 1):
+                landed.update(block)
+            if landed.digest() != ahead.digest():
+                raise IntegrityError(f"{reading.path}: bytes sent as they came are not the chunk that "
+                                     "landed; the answer breaks")  # fmt: skip
+            reading.ahead_unchecked = False
+            # Proven now, as if sent once the chunk landed: a range inside the file still goes with its own
+            # chunks, not waiting for the whole file's check (a review's trial)
+            if index in vouched:
+                reading.unproven = was_unproven
+        if index == last and not early:
+            job.task.result()  # (the whole file matched)
+            check_sent_elsewhere(reading.path, reading.elsewhere, partial.done.get)
+            reading.elsewhere_checked = True
+        elif index not in vouched:
+            reading.unproven = True
+            hand_out(job, reading)
+        # What of the chunk goes out (or went ahead, and matched it) is the chunk as it landed: recorded
+        # before it goes, for a mark of the file should the answer break
+        landed_as, digest = partial.resets, partial.done.get(index)
+        if digest is None:  # pragma: no cover  (a chunk is done here)
+            reading.went_out.forget()
+        else:
+            reading.went_out.add((offset, offset + length, digest))
+        try:
+            async for block in pread_blocks(fd, position, hi):
+                reading.sent = True
+                yield block
+        finally:  # (a client that left mid-chunk too)
+            if partial.resets != landed_as:  # the chunk was dropped while it went: what went is not known
+                reading.went_out.forget()
+
+
+async def follow_elsewhere(
+    partials: PartialFiles, job: PullJob, start: int, end: int, reading: Reading
+) -> AsyncGenerator[memoryview, None]:
+    """Bytes from ``start`` of ``job``'s content as another process's download of it lands them, each
+    chunk checked against the BLAKE3 that download logged, until ``job``'s pull ends or takes the
+    download over. Never the chunk that ends the response: that one waits for the whole-file check
+    (read from the store then, where every chunk sent is compared with the stored blob's first)."""
+    assert job.task is not None and job.remote.sha256 is not None
+    sha256 = job.remote.sha256
+    landed, moved = -1, time.monotonic()
+    while job.partial is None and not job.task.done():
+        reader = await asyncio.to_thread(partials.open_chunks, sha256)
+        if reader is not None:
+            if reader.logged_count != landed:
+                landed, moved = reader.logged_count, time.monotonic()
+            try:
+                last = end // reader.chunk_size
+                for index in range(start // reader.chunk_size, last):
+                    if not reader.logged(index):
+                        break
+                    try:
+                        view = await asyncio.to_thread(reader.checked_view, index)
+                    except ChunkNotAvailableError:
+                        break  # (its bytes not on disk yet, or the download started over)
+                    offset, length = reader.span(index)
+                    reading.unproven = reading.sent = True  # (only the whole file's check proves them)
+                    reading.elsewhere[index] = reader.digest(index)
+                    reading.went_out.add((offset, offset + length, reader.digest(index)))
+                    hand_out(job, reading)
+                    yield view[start - offset : min(end, offset + length - 1) - offset + 1]
+                    start = offset + length
+            finally:
+                reader.close()
+        if time.monotonic() - moved > STILL_ELSEWHERE:
+            holder = await asyncio.to_thread(partials.holder, sha256)
+            raise UpstreamTimeoutError(f"{reading.path}: the download of it another process runs"
+                                       f"{'' if holder is None else f' (process {holder})'} has landed "
+                                       f"nothing for {STILL_ELSEWHERE:g} s; the answer breaks",
+                                       repo_id=reading.repo_id, path=reading.path)  # fmt: skip
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(job.wait(), SIBLING_LOOK)
+
+
+@contextlib.contextmanager
+def wanted(partial: ResumablePartial, index: int) -> Iterator[None]:
+    """Chunk ``index`` of ``partial`` is waited for by a reader, while in this block: its download fetches it
+    next (a range read far into a big file waited for every chunk before it, longer on a slow upstream than a
+    client's read timeout)."""
+    partial.wanted[index] += 1
+    try:
+        told = partial.on_wanted
+        if told is not None and partial.wanted[index] == 1:
+            told(index)
+        yield
+    finally:
+        partial.wanted[index] -= 1
+        if partial.wanted[index] <= 0:
+            del partial.wanted[index]
+
+
+def coming(partial: ResumablePartial, offset: int, waited: float) -> bool:
+    """Whether byte ``offset`` of ``partial`` came in (unchecked, its chunk not landed) and a reader that has
+    waited ``waited`` seconds follows it (:data:`AHEAD_PATIENCE`): the upstream answers, headers may go."""
+    if waited < AHEAD_PATIENCE:
+        return False
+    index = offset // partial.chunk_size
+    received = partial.receiving.get(index)
+    return received is not None and index * partial.chunk_size + received() > offset
+
+
+async def pread_blocks(fd: int, first: int, last: int) -> AsyncIterator[memoryview]:
+    """Bytes ``first..last`` of the file ``fd``, in blocks of :data:`READ_BLOCK` read on worker threads."""
+    position = first
+    while position <= last:
+        data = await asyncio.to_thread(os.pread, fd, min(READ_BLOCK, last - position + 1), position)
+        if not data:
+            raise OSError(f"the partial file ended at {position}")
+        position += len(data)
+        yield memoryview(data)
+
+
+def check_sent_elsewhere(path: str, sent: dict[int, str], checked: Callable[[int], str | None]) -> None:
+    """Every chunk sent from another process's download (index -> the BLAKE3 it logged) must be the file's
+    as checked whole (``checked``: a chunk's digest there): that download may have started over after they
+    went. Else the answer breaks."""
+    if any(checked(index) != digest for index, digest in sent.items()):
+        raise IntegrityError(f"{path}: a chunk sent from another process's download is not the file's as "
+                             "checked whole; the answer breaks")  # fmt: skip
+
+
+def open_partial(partial: ResumablePartial) -> int | None:
+    try:
+        return os.open(partial.paths.data, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None  # already placed in the store
