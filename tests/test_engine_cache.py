@@ -268,6 +268,42 @@ def test_the_memory_projection_is_recomputed_after_each_eviction() -> None:
     assert cache.stats().total_memory_bytes == 90
 
 
+def test_under_the_default_hook_one_load_evicts_only_what_it_needs_and_a_held_engine_still_counts() -> None:
+    """Engines as Depot.load makes them (weakly referable, the default hook): each engine evicted counted in
+    the budget until its hook ran, after the room-making loop, whose projection so never fell: one load that
+    needed room evicted every idle engine (a review: 3 of 3 where 1 was needed, the LRU kept only the last
+    one). An engine a caller holds as it is evicted still takes its memory: it counts, and more goes."""
+    ClosingEngine.closed = []
+    cache: LoadedModelCache[ClosingEngine] = LoadedModelCache(max_models=10, memory_budget=8)
+    cache.get_or_load("a", lambda: ClosingEngine("a"), size=2)
+    held = cache.get_or_load("b", lambda: ClosingEngine("b"), size=2)
+    cache.get_or_load("c", lambda: ClosingEngine("c"), size=2)
+    cache.get_or_load("d", lambda: ClosingEngine("d"), size=3)  # 6 + 3 > 8: a alone makes room
+    assert sorted(cache.keys()) == ["b", "c", "d"] and ClosingEngine.closed == ["a"]
+    assert cache.stats().evictions == 1
+    # 7 + 2 > 8: b goes, but its caller holds it (its 2 bytes still taken), so c goes too; b is not closed
+    cache.get_or_load("e", lambda: ClosingEngine("e"), size=2)
+    assert sorted(cache.keys()) == ["d", "e"] and ClosingEngine.closed == ["a", "c"]
+    assert held.run() == "b"
+    del held  # (let go of: freed, and no longer counted)
+    cache.get_or_load("f", lambda: ClosingEngine("f"), size=3)  # 5 + 3 fit
+    assert sorted(cache.keys()) == ["d", "e", "f"] and ClosingEngine.closed == ["a", "c"]
+
+
+def test_entries_the_ttl_let_go_of_make_room_for_a_load_that_needs_it() -> None:
+    """An idle entry past its TTL, taken out as a load began, was counted again by that load's room-making:
+    a live one went in its place (a review)."""
+    ClosingEngine.closed = []
+    cache: LoadedModelCache[ClosingEngine] = LoadedModelCache(max_models=10, memory_budget=4, ttl=10,
+                                                              clock=(clock := Clock()))  # fmt: skip
+    cache.get_or_load("a", lambda: ClosingEngine("a"), size=2)
+    clock.now += 6
+    cache.get_or_load("b", lambda: ClosingEngine("b"), size=2)
+    clock.now += 5  # a is past its TTL, b is not
+    cache.get_or_load("c", lambda: ClosingEngine("c"), size=2)
+    assert cache.keys() == ["b", "c"] and ClosingEngine.closed == ["a"]
+
+
 def test_a_model_over_the_whole_budget_is_kept_alone_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     """It flushed every other engine and stayed over the budget without a word (a trial)."""
     cache: LoadedModelCache[str] = LoadedModelCache(max_models=10, memory_budget=100)

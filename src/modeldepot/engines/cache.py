@@ -132,6 +132,13 @@ def _own_references() -> int:
 _OWN_REFERENCES = _own_references()
 
 
+def _entry_references() -> int:
+    """The references a cached engine has in :meth:`LoadedModelCache._remember_locked` when nothing outside the
+    cache holds it (its entry's), counted through the same steps (see :func:`_own_references`)."""
+    entry = _Entry(object(), 0, 0.0, 0.0)
+    return _references_to(entry.model)
+
+
 def _own_copy(error: BaseException) -> BaseException:
     """The failed load's error for one more of its waiters (raised from it): a copy of the same type, with a
     traceback of its own (one object raised in every waiting thread piled up all their frames), or the
@@ -278,6 +285,9 @@ class _Entry(Generic[M]):
     loaded_at: float
     last_used: float
     pins: int = 0
+
+
+_ENTRY_REFERENCES = _entry_references()
 
 
 class _Flight:
@@ -434,6 +444,9 @@ class LoadedModelCache(Generic[M]):
         self._entries: dict[Hashable, _Entry[M]] = {}
         # Engines the limits evicted, by key, while they may still be held: (weak reference, size)
         self._held_out: dict[Hashable, tuple[weakref.ref[Any], int]] = {}
+        # Of those, the ones whose hook found them held (counted in the budget); until then they are in the list
+        # of the evicted being let go of, and their bytes are not the cache's any more
+        self._held_counted: set[Hashable] = set()
         self._next_sweep = 0.0  # when expired entries are next looked for (at most once a second)
         self._flights: dict[Hashable, _Flight] = {}
         self._flight_ended = threading.Condition(self._lock)  # (a load waiting for room waits on it)
@@ -730,7 +743,8 @@ class LoadedModelCache(Generic[M]):
         """The bytes of the engines the limits evicted that their callers still hold (the dead forgotten)."""
         for key in [k for k, (ref, _) in self._held_out.items() if ref() is None]:
             del self._held_out[key]
-        return sum(size for _, size in self._held_out.values())
+        self._held_counted &= self._held_out.keys()
+        return sum(size for key, (_, size) in self._held_out.items() if key in self._held_counted)
 
     def _remember_locked(self, key: Hashable, entry: _Entry[M]) -> None:
         """An entry the limits evict: its engine is taken back if a caller still holds it when next asked
@@ -739,10 +753,17 @@ class LoadedModelCache(Generic[M]):
         holds it, and one taken back before its hook ran was closed in the caller's hands (a review)."""
         if self.on_evict is not default_on_evict:
             return
+        self._held_counted.discard(key)
         try:
             self._held_out[key] = (weakref.ref(entry.model), entry.size)
         except TypeError:  # (a plain dict, a tuple: no weak reference to them)
             self._held_out.pop(key, None)
+            return
+        # Its bytes count in the budget from now on only when a caller holds it now (or when its hook finds it
+        # held): counted at once, every engine an eviction let go of still counted until its hook ran, and the
+        # room-making loop, its projection never lower, evicted every idle engine for one load (a review)
+        if _references_to(entry.model) > _ENTRY_REFERENCES:
+            self._held_counted.add(key)
 
     def _enforce_locked(self, keep: Hashable) -> list[tuple[Hashable, M]]:
         """After a load: the limits again, with what the new entry really took beside the loads under way;
@@ -787,8 +808,11 @@ class LoadedModelCache(Generic[M]):
                 # (judged and forgotten at once: a load that took it back meanwhile holds it)
                 with self._lock:
                     held = self.on_evict is default_on_evict and _references_to(model) > _OWN_REFERENCES
-                    if not held and (out := self._held_out.get(key)) is not None and out[0]() is model:
+                    out = self._held_out.get(key)
+                    if not held and out is not None and out[0]() is model:
                         del self._held_out[key]  # (closed, or given to another hook: never taken back)
+                    elif held and out is not None and out[0]() is model:
+                        self._held_counted.add(key)  # (still held by a caller: its bytes count from now on)
                 if held:
                     log.debug("%r left the cache while still held: it goes when its holders let go", key)
                 else:
