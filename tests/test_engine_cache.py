@@ -1094,6 +1094,81 @@ TestCacheMachine = CacheMachine.TestCase
 TestCacheMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 
 
+class HeldModel:
+    """An engine as Depot.load makes them: weakly referable, closed by the default hook."""
+
+    def __init__(self, key: str, generation: int) -> None:
+        self.key, self.generation, self.closed = key, generation, False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class DefaultHookMachine(RuleBasedStateMachine):
+    """Loads under the default hook, with callers holding some engines for a while: an engine is never closed
+    while held, the limits hold with the held-out engines' bytes counted, and a load evicts no more than it
+    needs (the last entry it evicted, nobody's, would not have fitted beside what stayed: one load evicted
+    every idle engine, a review)."""
+
+    BUDGET, SLOTS = 100, 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache: LoadedModelCache[HeldModel] = LoadedModelCache(
+            max_models=self.SLOTS, memory_budget=self.BUDGET, available_fraction=lambda: 1.0
+        )
+        self.held: list[HeldModel] = []
+        self.generation = 0
+
+    @rule(key=st.sampled_from("abcdef"), size=st.integers(1, 60), hold=st.booleans())
+    def get(self, key: str, size: int, hold: bool) -> None:
+        before = {k: (e.size, e.last_used) for k, e in self.cache._entries.items()}
+        self.generation += 1
+        model = self.cache.get_or_load(key, lambda: HeldModel(key, self.generation), size)
+        assert model.key == key and not model.closed
+        if hold:
+            self.held.append(model)
+        entries = self.cache._entries
+        gone = [k for k in before if k not in entries and k != key]
+        held_keys = {m.key for m in self.held}
+        if not gone or size > self.BUDGET:
+            return
+        youngest = max(gone, key=lambda k: before[k][1])  # (evicted last: least recent first)
+        if youngest in held_keys:
+            return  # (held: its bytes are still taken, as if it stayed)
+        with self.cache._lock:
+            taken = self.cache._total_locked() + self.cache._held_out_locked()
+        assert len(entries) + 1 > self.SLOTS or taken + before[youngest][0] > self.BUDGET, (
+            f"{youngest} was evicted though it fitted beside {sorted(entries)}"
+        )
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        self.held.pop(data.draw(st.integers(0, len(self.held) - 1)))
+
+    @rule(key=st.sampled_from("abcdef"))
+    def evict(self, key: str) -> None:
+        self.cache.evict(key)
+
+    @invariant()
+    def nothing_held_is_closed(self) -> None:
+        assert not any(model.closed for model in self.held)
+
+    @invariant()
+    def limits_hold_with_the_held_out_counted(self) -> None:
+        with self.cache._lock:
+            entries = self.cache._entries
+            taken = self.cache._total_locked() + self.cache._held_out_locked()
+        movable = [k for k, e in entries.items() if e.pins == 0]
+        if len(movable) > 1:  # (one alone may be over the budget: kept with a warning)
+            assert len(entries) <= self.SLOTS and taken <= self.BUDGET
+
+
+TestDefaultHookMachine = DefaultHookMachine.TestCase
+TestDefaultHookMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
 def test_a_key_evicted_while_it_loads_is_handed_over_but_not_cached() -> None:
     """A repo removed while one of its engines was loading: the load finished into the cache, holding the
     removed files' mappings (and their disk space) until evicted by chance."""
