@@ -1759,6 +1759,15 @@ def test_blobs_exported_to_a_hugging_face_cache_are_still_the_stores(
         assert status.used_bytes >= 2 * MB and status.shared_bytes == 0, status
         [planned] = depot.plan_shrink(3 * MB // 2)  # (the preview says it as the eviction does)
         assert planned.bytes_freed == 0 and planned.bytes_still_linked >= MB, planned
+        # The dry run's outcome is the budget's after the eviction: it said "the store would take 2.0 MiB ...
+        # over it, as what is pinned or in use stays" with nothing pinned (an explorer's trial)
+        limit = str(3 * MB // 2)
+        said = CliRunner().invoke(cli, ["budget", limit, "--dry-run", "--home", str(depot.home)])
+        assert said.exit_code == 0 and "over it" not in said.output, said.output
+        assert "would leave the budget, staying on disk linked outside the store" in said.output, said.output
+        said = CliRunner().invoke(cli, ["budget", limit, "--dry-run", "--json", "--home", str(depot.home)])
+        body = json.loads(said.output)
+        assert body["would_free_bytes"] == 0 and body["would_take_bytes"] <= 3 * MB // 2, body
         with caplog.at_level(logging.INFO, logger="modeldepot.store.budget"):
             evicted = depot.set_max_size(3 * MB // 2)
         assert [e.repo_id for e in evicted] == ["acme/old"]  # (its bytes stay on the disk, the cache's now)

@@ -614,8 +614,14 @@ def render_planned_evictions(
         out.print(f"the store takes {format_bytes(used)}{writes}, over {format_bytes(limit)}")
     _render_evictions(planned, "would evict", most)
     freed = sum(e.bytes_freed for e in planned)
-    left = used + reserved - freed
-    out.print(f"{count(len(planned), 'eviction')} would free {format_bytes(freed)}: the store would take "
+    # (blobs an export links from a Hugging Face cache too leave the budget with their model, though not the
+    # disk: left out, the preview said the budget stayed over, "as what is pinned or in use stays", with
+    # nothing pinned, an explorer's trial)
+    unlinked = sum(e.bytes_still_linked for e in planned)
+    left = used + reserved - freed - unlinked
+    linked = (f" ({format_bytes(unlinked)} more would leave the budget, staying on disk linked outside the store)"
+              if unlinked else "")  # fmt: skip
+    out.print(f"{count(len(planned), 'eviction')} would free {format_bytes(freed)}{linked}: the store would take "
               f"{format_bytes(left)} of {format_bytes(limit)}"
               + (f", {format_bytes(left - limit)} over it, as what is pinned or in use stays" if left > limit
                  else ""))  # fmt: skip

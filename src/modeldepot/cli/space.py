@@ -125,7 +125,9 @@ def _plan_budget(depot: Depot, size: str | None, as_json: bool) -> None:
     planned = depot.plan_shrink(limit)
     body = {"dry_run": True, "max_bytes": limit, "used_bytes": status.used_bytes,
             "reserved_bytes": status.reserved_bytes, "would_evict": [e.to_dict() for e in planned],
-            "would_free_bytes": sum(e.bytes_freed for e in planned)}  # fmt: skip
+            "would_free_bytes": sum(e.bytes_freed for e in planned),
+            "would_take_bytes": status.used_bytes + status.reserved_bytes
+            - sum(e.bytes_freed + e.bytes_still_linked for e in planned)}  # fmt: skip
     render.emit(as_json, body, lambda: render.render_planned_evictions(planned, limit, status.used_bytes,
                                                                       reserved=status.reserved_bytes))  # fmt: skip
 
