@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import random
 import signal
 import subprocess
@@ -424,7 +425,10 @@ def test_a_second_name_of_content_being_pulled_follows_that_pull(
 
 
 def test_a_mirror_pulls_a_quarantined_file_again(
-    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    upstream_proxy: FaultProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A file the mirror found corrupt is one it lacks: it is fetched again, not refused (503) until someone
     runs `modeldepot pull` by hand."""
@@ -439,6 +443,13 @@ def test_a_mirror_pulls_a_quarantined_file_again(
         assert asyncio.run(_read(url))[1] == FILES[BIG]
         assert mirror.depot.has_file(REPO, BIG) and store_files_consistent(mirror.depot) == []
         assert asyncio.run(_read(url, {"Range": "bytes=5-9"}))[1] == FILES[BIG][5:10]
+        # Found corrupt as it is read: said so (a failing disk went unnoticed, the file fetched again without a
+        # word and the quarantine gauge back at 0, an explorer's trial)
+        flip_byte(mirror.depot.store.blobs.path(entry.sha256), 5)
+        with caplog.at_level(logging.WARNING, logger="modeldepot.server"):
+            assert asyncio.run(_read(url))[1] == FILES[BIG]
+        said = [r.getMessage() for r in caplog.records if "the store's copy is corrupt" in r.getMessage()]
+        assert said and said[-1].startswith(f"{REPO}/{BIG} at ") and "does not match" in said[-1], said
     finally:
         mirror.stop()
         mirror.depot.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -76,6 +77,8 @@ from modeldepot.store.verified import VerifiedBlob
 from modeldepot.validation import is_commit_id, validate_path, validate_repo_id, validate_revision
 
 __all__ = ["add_hub_routes"]
+
+log = logging.getLogger(__name__)
 
 TREE_PAGE = 1000  # the Hub's page sizes: 1000 entries, 50 when expanded
 TREE_PAGE_EXPANDED = 50
@@ -562,7 +565,8 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
             try:
                 answer = await local(request, repo_id, manifest.commit_id, path)
             except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError, CorruptBlobError,
-                    BlobRemovedError):  # fmt: skip
+                    BlobRemovedError) as error:  # fmt: skip
+                _say_fetched_again(error, repo_id, manifest.commit_id, path)
                 return await remote(request, repo_id, revision, path)  # (a quarantined file is pulled again)
             if not is_commit_id(revision):
                 # (a branch whose commit the store held already: served, and not listed by list_repo_refs, as
@@ -571,12 +575,23 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
             return answer
     try:
         return await local(request, repo_id, revision, path)  # (a use, counted as the blob is opened)
-    except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError, CorruptBlobError, BlobRemovedError):
+    except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError, CorruptBlobError,
+            BlobRemovedError) as error:  # fmt: skip
         if upstream_error is not None:
             raise upstream_error from None
         if not await _mirrorable(request, repo_id):
             raise
+        _say_fetched_again(error, repo_id, revision, path)
         return await remote(request, repo_id, revision, path)
+
+
+def _say_fetched_again(error: DepotError, repo_id: str, revision: str, path: str) -> None:
+    """A mirror that found its copy of a file corrupt fetches it again: said as a node that serves no
+    upstream says it (its 503), or a failing disk went unnoticed (the file answered right, the quarantine
+    gauge back at 0 once it was fetched again: an explorer's trial)."""
+    if isinstance(error, CorruptBlobError):
+        log.warning("%s/%s at %s: the store's copy is corrupt (%s): quarantined, and fetched again from the "
+                    "upstream", repo_id, path, revision[:12], error.detail)  # fmt: skip
 
 
 RESUME_PATIENCE = 5.0  # seconds a resume waits for the check of bytes an earlier answer of its file sent
