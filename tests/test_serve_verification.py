@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import logging
 import subprocess
 import sys
 import threading
@@ -121,7 +122,9 @@ def test_the_hub_client_never_keeps_a_corrupt_file(node: LiveNode, depot: Depot,
     assert kept == []
 
 
-def test_the_scrub_quarantines_rot_before_a_local_reader_meets_it(depot: Depot, tmp_path: Path) -> None:
+def test_the_scrub_quarantines_rot_before_a_local_reader_meets_it(
+    depot: Depot, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
     scrubber = Scrubber(depot.store)
     assert scrubber.due(older_than=3600) == []  # just written, so just verified
@@ -134,8 +137,11 @@ def test_the_scrub_quarantines_rot_before_a_local_reader_meets_it(depot: Depot, 
     assert bytes(depot.get_file(REPO, "model.safetensors")) == WEIGHTS
     _flip(depot, 1)
     assert bytes(depot.get_file(REPO, "model.safetensors")) != WEIGHTS  # local reads do not hash...
-    report = scrubber.scrub()
+    with caplog.at_level(logging.ERROR, logger="modeldepot.store.scrub"):
+        report = scrubber.scrub()
     assert report.corrupt == (SHA,)
+    # Said with the files it breaks and what restores them (the blob's id alone named no model: a trial)
+    assert f"Used by {REPO}@" in caplog.text and f"`modeldepot pull {REPO}` restores it" in caplog.text
     with pytest.raises(CorruptBlobError):  # ...the scrub found it, and now nothing serves it
         depot.get_file(REPO, "model.safetensors")
     assert not depot.verify().ok

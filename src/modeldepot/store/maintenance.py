@@ -97,8 +97,10 @@ class RemoveResult:
                                    held_by=tuple(sorted(set().union(*held.values()))))  # fmt: skip
 
 
-def _users(store: Store, sha256: str) -> tuple[str, ...]:
-    rows = store.index.read("SELECT repo_id, commit_id, path FROM files WHERE sha256 = ?", (sha256,))
+def files_using(store: Store, sha256: str) -> tuple[str, ...]:
+    """The files whose content is blob ``sha256``, as ``repo@commit:path``."""
+    rows = store.index.read("SELECT repo_id, commit_id, path FROM files WHERE sha256 = ? "
+                            "ORDER BY repo_id, commit_id, path", (sha256,))  # fmt: skip
     return tuple(f"{r['repo_id']}@{r['commit_id'][:12]}:{r['path']}" for r in rows)
 
 
@@ -126,7 +128,7 @@ def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | 
         sha256 = row["sha256"]
         if row["state"] != "ok":
             problems.append(VerifyProblem(sha256, "quarantined", "failed verification earlier; import or "
-                                          "pull it again", None, _users(store, sha256)))  # fmt: skip
+                                          "pull it again", None, files_using(store, sha256)))  # fmt: skip
             continue
         found: tuple[str, str] | None = None
         try:
@@ -158,12 +160,12 @@ def verify(store: Store, repo_id: str | None = None, progress: VerifyProgress | 
         if now is None:
             continue  # removed (and maybe published again) while it was checked: not lost, not this one
         if now == "quarantined":  # (by the store's check after a restart, beside this one)
-            problems.append(VerifyProblem(sha256, *_AFTER_RESTART, None, _users(store, sha256)))
+            problems.append(VerifyProblem(sha256, *_AFTER_RESTART, None, files_using(store, sha256)))
             continue
         moved = store.quarantine(sha256, row["created_at"])
         if moved is None:
             continue  # (the same, noticed under the lock)
-        problems.append(VerifyProblem(sha256, found[0], found[1], moved or None, _users(store, sha256)))
+        problems.append(VerifyProblem(sha256, found[0], found[1], moved or None, files_using(store, sha256)))
     if recording and passed:
         _record_verified(store, passed)
     repaired, not_repaired = _repair_snapshots(store, repo_id)

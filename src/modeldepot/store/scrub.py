@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from modeldepot.errors import BlobRemovedError, CorruptBlobError
+from modeldepot.store.maintenance import files_using
 from modeldepot.store.models import BlobRecord
 from modeldepot.store.store import Store
 
@@ -95,7 +96,13 @@ class Scrubber:
             except CorruptBlobError as error:
                 if error.found_before:  # (a check quarantined it since the pass listed it, and said why)
                     continue
-                log.error("scrub: %s", error)
+                # (naming the files and what restores them, as verify does: the blob's id alone sent the operator
+                # to the index to learn which model broke, an explorer's trial)
+                users = files_using(self.store, blob.sha256)
+                repos = sorted({user.split("@", 1)[0] for user in users})
+                restore = "; ".join(f"`modeldepot pull {repo}`" for repo in repos[:3])
+                log.error("scrub: %s%s", error, f" Used by {', '.join(users[:5])}{' …' if len(users) > 5 else ''}"
+                          f" ({restore} restores it)." if users else "")  # fmt: skip
                 corrupt.append(blob.sha256)
                 continue
             except BlobRemovedError:
