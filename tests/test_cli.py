@@ -670,6 +670,8 @@ def test_serve_says_in_one_line_why_it_cannot_start(home: Path) -> None:
     assert code == 2 and "cannot listen on 999.1.1.1:0" in err and "Traceback" not in err, err
     code, _, err = run("serve", "--preload-budget", "500%", home=home)
     assert code == 2 and "500%" in err and "Traceback" not in err, err
+    code, _, err = run("serve", "--preload-budget", "50", home=home)  # (50 bytes: every preload refused)
+    assert code == 2 and "give a unit (like 50GiB)" in err, err
     never_made = home.parent / "never-made"  # (a bad RAM budget made the store, then refused to serve it)
     code, _, err = run("serve", "--preload-budget", "-5GiB", home=never_made)
     assert code == 2 and "-5GiB" in err and not never_made.exists(), err

@@ -108,6 +108,12 @@ def parse_budget(budget: int | str) -> int:
     if value <= 0:
         raise ConfigError(f"the preload budget {budget!r} (--preload-budget, MODELDEPOT_PRELOAD_BUDGET) must be "
                           "more than 0 bytes")  # fmt: skip
+    if isinstance(budget, str) and budget.strip().isdigit() and value < 1 << 20:
+        # (a unit left out, as the disk budget refuses it: `--preload-budget 50` was 50 bytes, and every
+        # preload was refused, an explorer's trial; an int is the API's bytes)
+        raise ConfigError(f"the preload budget {budget.strip()!r} (--preload-budget, MODELDEPOT_PRELOAD_BUDGET) is "
+                          f"{value} bytes, which holds no model: give a unit (like {budget.strip()}GiB) or a "
+                          "share of RAM (like 50%)")  # fmt: skip
     if value > (ram := _ram()):  # ("150%" was refused, 2**80 bytes taken: a budget that never evicts)
         raise ConfigError(f"the preload budget {budget!r} (--preload-budget, MODELDEPOT_PRELOAD_BUDGET) is more "
                           f"than the RAM this process may use ({ram / (1 << 30):.1f} GiB: the machine's, or its "
