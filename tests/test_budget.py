@@ -1743,6 +1743,19 @@ def test_blobs_shared_with_files_outside_the_store_are_neither_counted_nor_evict
         assert [(e.repo_id, e.bytes_freed >= 2 * MB) for e in depot.shrink()] == [("acme/linked", True)]
 
 
+def test_a_refusal_by_a_few_bytes_says_the_bytes(tmp_path: Path) -> None:
+    """A file a few bytes over the budget was refused as "10.0 MiB more does not fit in the disk budget of 10.0
+    MiB" (an explorer's trial): sizes that read the same rounded are said in bytes."""
+    with Depot(tmp_path / "store") as depot:
+        depot.set_max_size(MB)
+        with pytest.raises(BudgetExceededError) as refused:
+            depot.import_dir(model(tmp_path, "acme/over", size=MB), "acme/over")  # (+ its config)
+    said = str(refused.value)
+    needed = refused.value.needed_bytes
+    assert MB < needed < MB + 1000, needed
+    assert f"{needed:,} B more does not fit in the disk budget of {MB:,} B" in said, said
+
+
 def test_blobs_exported_to_a_hugging_face_cache_are_still_the_stores(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

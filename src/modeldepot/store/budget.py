@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 from modeldepot.config import budget_text, parse_max_size
 from modeldepot.errors import BudgetExceededError, ConfigError, NotFoundError, StoreError
 from modeldepot.store.eviction import EvictionOrder, Kept, Unit, Variants, ok_bytes, shared_blobs
-from modeldepot.store.layout import os_error, size_text
+from modeldepot.store.layout import os_error, size_text, sizes_text
 from modeldepot.store.models import _Record
 from modeldepot.store.reservations import Reservation, Reservations
 from modeldepot.validation import validate_quant, validate_repo_id, validate_revision
@@ -586,8 +586,9 @@ class DiskBudget:
     def _refuse_if_too_big(self, needed: int, budget: int, kept_bytes: int, doing: str,
                            writer: BudgetWriter | None) -> None:  # fmt: skip
         if kept_bytes + needed > budget:
+            needed_said, budget_said = sizes_text(needed, budget)
             raise BudgetExceededError(
-                f"{doing}: {size_text(needed)} more does not fit in the disk budget of {size_text(budget)}, even after "
+                f"{doing}: {needed_said} more does not fit in the disk budget of {budget_said}, even after "
                 f"evicting every model that may go: {size_text(kept_bytes)} are pinned, in use (loaded, or mapped or open, in this process) or files this write reuses"
                 + (f" or of {writer.repo_id} itself" if writer is not None and writer.commit_id is None else "")
                 + self._writes_under_way(writer)

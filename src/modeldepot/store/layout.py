@@ -61,6 +61,15 @@ def size_text(count: int) -> str:
     return f"{count} B"
 
 
+def sizes_text(*counts: int) -> tuple[str, ...]:
+    """Sizes said side by side, in exact bytes when rounded they would read the same though they differ: "10.0
+    MiB more does not fit in 10.0 MiB" said nothing of why (a trial: 10,485,906 and 10,485,760 bytes)."""
+    texts = tuple(size_text(count) for count in counts)
+    if len(set(texts)) < len(set(counts)):
+        return tuple(f"{count:,} B" for count in counts)
+    return texts
+
+
 def writable_mode() -> int:
     """The mode a file this process makes gets when it asks for 0o666: the umask's say (0o664 under 002, a
     group's shared store; 0o644 under 022). Read from /proc, never by setting the umask (which would race
