@@ -155,6 +155,9 @@ def test_a_variant_never_pulled_is_resumable_by_its_own_files_only(local: Depot)
     assert not any(v.resumable for v in local.get_manifest(REPO).variants)
     leave_a_partial("onnx/model_fp16.onnx")
     assert {v.name for v in local.get_manifest(REPO).variants if v.resumable} == {"fp16"}
+    # Nothing landed of it: nothing said kept ("resumable: 0 B kept" of a mirror killed as its pulls began)
+    said = CliRunner().invoke(cli, ["status", REPO, "--home", str(local.home)])
+    assert said.exit_code == 0 and "fp16" in said.output and "resumable" not in said.output, said.output
 
 
 def test_a_node_holding_one_variant_lists_the_whole_commit_and_refuses_what_it_lacks(

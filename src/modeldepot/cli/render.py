@@ -769,7 +769,9 @@ def render_manifest(manifest: Manifest) -> None:
                 status += f" ({format_bytes(variant.bytes_done)} of it here: a pull takes the rest)"
             elif variant.held_commit:
                 status += f" (held whole at {variant.held_commit[:12]} here: a pull updates it)"
-            if variant.resumable:
+            # (a download stopped before a byte landed keeps nothing: "resumable: 0 B kept" of a mirror killed
+            # as its pulls began read as something to resume, an explorer's trial)
+            if variant.resumable and variant.bytes_done:
                 status += f" [cyan]resumable: {format_bytes(variant.bytes_done)} kept[/cyan]"
             table.add_row(variant.name, variant.kind, str(len(variant.files) + len(manifest.shared)),
                           format_bytes(variant.total_bytes), status)  # fmt: skip

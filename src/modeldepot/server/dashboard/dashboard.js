@@ -788,7 +788,7 @@
     row.dataset.status = variant.status;
     const status = row.querySelector(".status");
     status.dataset.status = variant.status;
-    setText(status, variant.status + (variant.status === "failed" && variant.resumable ? " (resumable)" : ""));
+    setText(status, variant.status + (variant.status === "failed" && variant.resumable && variant.bytes_done ? " (resumable)" : ""));
     const done = variant.status === "downloaded" ? variant.total_bytes : variant.bytes_done;
     updateProgress(row.querySelector(".progress"), done, variant.total_bytes);
     const note = row.querySelector(".note");
