@@ -661,8 +661,9 @@ def render_budget(
         writing = (f", nor the room held for the downloads and writes under way ({format_bytes(budget.reserved_bytes)})"
                    if budget.reserved_bytes else "")  # fmt: skip
         err.print(f"[yellow]warning:[/yellow] the store is {format_bytes(over)} over its budget: what is pinned or in "
-                  f"use ({format_bytes(budget.in_use_bytes)}) is never evicted{writing}, and the next import or pull "
-                  "evicts the least recently used of the rest (`modeldepot gc --max-size SIZE` does it now)")  # fmt: skip
+                  f"use ({format_bytes(budget.in_use_bytes)}) is never evicted{writing}, and the next import, pull or "
+                  "node start (`modeldepot serve`) evicts the least recently used of the rest (`modeldepot gc "
+                  "--max-size SIZE` does it now)")  # fmt: skip
 
 
 def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
