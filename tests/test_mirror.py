@@ -436,6 +436,16 @@ def test_a_mirror_pulls_a_quarantined_file_again(
     try:
         url = f"{mirror.url}/{REPO}/resolve/main/{BIG}"
         assert asyncio.run(_read(url))[1] == FILES[BIG]
+
+        # Sent as it was pulled: a use of it, as an answer from the store is (every model's first use on a
+        # mirror was lost to `stats` and `--preload-top`, an explorer's trial)
+        def uses() -> list[tuple[str, int]]:
+            mirror.depot.store.access.flush()
+            return [(a.repo_id, a.count) for a in mirror.depot.store.access.top(5)]
+
+        wait_until(
+            lambda: uses() == [(REPO, 1)], 10, "the answer's use to be counted"
+        )  # (as the answer ends)
         entry = mirror.depot.file_info(REPO, BIG)
         flip_byte(mirror.depot.store.blobs.path(entry.sha256), 5)
         assert mirror.depot.verify().problems, "quarantined"

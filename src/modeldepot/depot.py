@@ -540,6 +540,12 @@ class Depot(Upkeep):
             blob = BlobRecord(blob.sha256, blob.size, blob.chunk_size)
         return store.open_verified(blob)
 
+    def count_sent(self, entry: FileEntry) -> None:
+        """A file sent to a client other than through :meth:`open_verified` (a mirror's answer, which followed
+        the file's pull as it landed): a use of it, as that opening counts one."""
+        if self.tiers.store_of_blob(entry.sha256) is self.store:
+            self._uses.sent(entry)
+
     def _record_read(self, store: Store, entry: FileEntry) -> None:
         """A local read is a use (uses.py); a shared store's files are not this store's to count."""
         if store is self.store:

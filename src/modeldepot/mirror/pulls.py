@@ -498,6 +498,8 @@ class Mirror:
                 # (another repo's pull of the same content: its scan's node vouches for nothing of this one's)
                 async for block in follow(source, fd, start, end, reading, own=source is job):
                     yield block
+                if first:  # (a use, as a download's first answer from the store counts one as it opens)
+                    await asyncio.to_thread(self._count_sent, manifest, remote)
                 return
             except Exception:
                 if source is job or reading.sent:
@@ -506,6 +508,14 @@ class Mirror:
                 # (it waited for that one's claim), and is followed now.
             finally:
                 os.close(fd)
+
+    def _count_sent(self, manifest: Manifest, remote: RemoteFile) -> None:
+        """Count a use of the file a pull-through answer sent whole or from its start (each file's first answer
+        on a mirror is one: `stats` and `--preload-top` missed every model's first use, an explorer's trial)."""
+        try:
+            self.depot.count_sent(self.depot.file_info(manifest.repo_id, remote.path, manifest.commit_id))
+        except (DepotError, OSError) as error:  # (removed meanwhile, say: no use to count)
+            log.debug("%s: its use was not counted: %s", remote.path, error)
 
     async def _from_store(
         self,
