@@ -727,6 +727,21 @@ def test_listings_that_cannot_be_written_say_so_in_one_line(home: Path, model_di
         assert "Traceback" not in done.stderr, (args, done.stderr)
 
 
+def test_rm_names_what_the_processes_still_holding_its_files_run() -> None:
+    """A node sending a removed file to a slow client was called "a worker's loaded model" (an explorer's
+    trial): each holder is named with its command line."""
+    from modeldepot.store.holders import process_command
+    from modeldepot.store.maintenance import RemoveResult
+
+    result = RemoveResult(REPO, ("a" * 40,), 1, 0, bytes_still_held=5 << 20, held_by=(os.getpid(), 1 << 30))
+    with render.out.capture() as captured:
+        render.render_remove(result)
+    said = " ".join(captured.get().split())
+    me = process_command(os.getpid())
+    assert me and f"while processes {os.getpid()} ({' '.join(me.split())})" in said, said
+    assert f", {1 << 30} still map or hold them open" in said, said  # (no such process: its pid alone)
+
+
 def test_peers_says_a_time_it_cannot_show_as_unknown(capsys: pytest.CaptureFixture[str]) -> None:
     """One node record in the registry with `started_at: 1e308` (finite, so valid) crashed `peers`'s table."""
     from modeldepot.transfer.fleet import PeerRow

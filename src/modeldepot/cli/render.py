@@ -497,14 +497,24 @@ def render_remove(result: RemoveResult) -> None:
         )
         + (
             f"; {format_bytes(result.bytes_still_held)} more stay on disk while "
-            f"{'process' if len(result.held_by) == 1 else 'processes'} {', '.join(map(str, result.held_by[:5]))}"
-            f"{', ...' if len(result.held_by) > 5 else ''} still "
-            f"{'maps or holds' if len(result.held_by) == 1 else 'map or hold'} them open (a worker's loaded model: "
-            "freed once it lets go, at its next load, or ends)"
+            f"{'process' if len(result.held_by) == 1 else 'processes'} {_processes(result.held_by)} still "
+            f"{'maps or holds' if len(result.held_by) == 1 else 'map or hold'} them open (freed once it lets go: "
+            "a node as its answers of them end, a worker's loaded model at its next load, any process as it ends)"
             if result.bytes_still_held
             else ""
         )
     )
+
+
+def _processes(pids: tuple[int, ...]) -> str:
+    """``16447 (modeldepot serve --port 8980), 16502``: each with what it runs, where that can be read."""
+    from modeldepot.store.holders import process_command
+
+    named = []
+    for pid in pids[:5]:
+        command = process_command(pid)
+        named.append(f"{pid} ({escape(command)})" if command else str(pid))
+    return ", ".join(named) + (", ..." if len(pids) > 5 else "")
 
 
 def count(number: int, thing: str) -> str:

@@ -14,7 +14,7 @@ import contextlib
 import os
 from collections.abc import Collection
 
-__all__ = ["FileKey", "holding_processes", "processes_with_open"]
+__all__ = ["FileKey", "holding_processes", "process_command", "processes_with_open"]
 
 FileKey = tuple[int, int]  # (st_dev, st_ino)
 
@@ -89,3 +89,23 @@ def _other_processes() -> list[str]:
         return [name for name in os.listdir("/proc") if name.isdigit() and int(name) != os.getpid()]
     except OSError:
         return []
+
+
+def process_command(pid: int) -> str | None:
+    """What process ``pid`` runs, as its command line reads (shortened): a holder named by its pid alone was
+    guessed to be "a worker's loaded model" when it was the node sending the file to a slow client (an
+    explorer's trial). None when it cannot be read (gone, another user's)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            argv = [arg.decode(errors="replace") for arg in cmdline.read().split(b"\0") if arg]
+    except OSError:
+        return None
+    if not argv:
+        return None
+    words = [os.path.basename(argv[0]), *argv[1:]]
+    if len(words) > 1 and words[0].startswith("python") and words[1] == "-m":
+        words = words[2:]  # (python -m modeldepot serve: the module is the command)
+    elif len(words) > 1 and words[0].startswith("python"):
+        words = [os.path.basename(words[1]), *words[2:]]
+    said = " ".join(" ".join(words).split())  # (one line: a `python -c` program's newlines)
+    return said if len(said) <= 60 else f"{said[:57]}..."
