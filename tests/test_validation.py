@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -166,6 +167,22 @@ def test_accepted_path_stays_inside_base(path: str) -> None:
 
 
 repo_part = st.text(st.sampled_from("aZ09._-"), min_size=1, max_size=10) | segment
+
+
+@pytest.mark.parametrize(
+    ("given", "hint"),
+    [
+        ("https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2",
+         "give the id alone ('sentence-transformers/all-MiniLM-L6-v2')"),
+        ("huggingface.co/acme/m/tree/main", "give the id alone ('acme/m')"),
+        ("all-MiniLM-L6-v2", "give its org too (like 'ORG/all-MiniLM-L6-v2'"),
+    ],
+)  # fmt: skip
+def test_a_repo_given_as_its_page_or_without_its_org_is_told_what_to_type(given: str, hint: str) -> None:
+    """A URL pasted from a browser, or a name without its org, was refused with no word of the id meant (an
+    explorer's trial)."""
+    with pytest.raises(InvalidRepoIdError, match=re.escape(hint)):
+        validate_repo_id(given)
 
 
 @given(repo_id=st.one_of(st.tuples(repo_part, repo_part).map("/".join), tricky))

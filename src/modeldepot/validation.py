@@ -89,6 +89,19 @@ def redact_credentials(url: str) -> str:
     return _CREDENTIALS.sub("//***@", url)
 
 
+_REPO_URL = re.compile(r"(?:https?://)?[^/]+\.[a-z]+/(?:models/)?([^/]+/[^/]+?)(?:/(?:tree|blob|resolve)/.*)?/?",
+                       re.IGNORECASE)  # fmt: skip
+
+
+def _as_an_id(text: str) -> str:
+    """What to type for a repo given as its web page's URL (pasted from a browser), or with no org: said as the
+    error's hint (a URL read as an id with two '/' too many said nothing of what was meant: a trial)."""
+    if "/" not in text and text:
+        return f": give its org too (like 'ORG/{text}', as the Hub names it)"
+    found = _REPO_URL.fullmatch(text.strip())
+    return f": give the id alone ({found.group(1)!r})" if found else ""
+
+
 def validate_repo_id(repo_id: object) -> str:
     """Return ``repo_id`` if it is a valid ``org/name`` id, else raise InvalidRepoIdError."""
     if not isinstance(repo_id, str):
@@ -98,7 +111,8 @@ def validate_repo_id(repo_id: object) -> str:
         raise InvalidRepoIdError(f"repo id {shown} is longer than {2 * MAX_REPO_PART_LENGTH + 1} characters")
     parts = repo_id.split("/")
     if len(parts) != 2:
-        raise InvalidRepoIdError(f"repo id {shown} must have the form 'org/name' (exactly one '/')")
+        raise InvalidRepoIdError(f"repo id {shown} must have the form 'org/name' (exactly one '/')"
+                                 + _as_an_id(repo_id))  # fmt: skip
     for part in parts:
         if not part:
             raise InvalidRepoIdError(f"repo id {shown} has an empty org or name")
