@@ -72,6 +72,13 @@ def test_import_ls_info_path_cat(home: Path, model_dir: Path) -> None:
     assert code == 0 and Path(out.strip()).read_bytes() == sample_files()["onnx/model_q4.onnx"]
     code, _, err = run("path", REPO, "./../config.json", home=home)
     assert code == 2 and "'..'" in err
+    # A near miss is named (a typo, a folder left out: refused with no word of the file meant, a trial)
+    code, _, err = run("path", REPO, "model.safetensor", home=home)
+    assert code == 1 and "(did you mean 'model.safetensors'?)" in err, err
+    code, _, err = run("cat", REPO, "model_q4.onnx", home=home)
+    assert code == 1 and "did you mean 'onnx/model_q4.onnx'" in err, err
+    code, _, err = run("path", REPO, "weights.bin", home=home)
+    assert code == 1 and "is not in" in err and "did you mean" not in err, err
 
 
 def test_import_with_link_says_what_it_linked(home: Path, model_dir: Path) -> None:

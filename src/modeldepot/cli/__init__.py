@@ -5,9 +5,11 @@ Exit codes: 0 ok, 1 failure (including ``verify`` finding corruption), 2 bad inp
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import posixpath
 import signal
 import sys
 import threading
@@ -42,7 +44,14 @@ from modeldepot.cli.options import (
     use_servers,
 )
 from modeldepot.depot import Depot
-from modeldepot.errors import ConfigError, DepotError, InvalidInputError, NotFoundError, RepoNotFoundError
+from modeldepot.errors import (
+    ConfigError,
+    DepotError,
+    EntryNotFoundError,
+    InvalidInputError,
+    NotFoundError,
+    RepoNotFoundError,
+)
 from modeldepot.openfiles import raise_open_file_limit
 from modeldepot.validation import (
     validate_branch,
@@ -53,6 +62,8 @@ from modeldepot.validation import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from modeldepot.transfer.pull import PullResult
 
 __all__ = ["cli", "main"]
@@ -237,6 +248,30 @@ def _repo_file(value: str) -> str:
     return validate_path(value)
 
 
+@contextlib.contextmanager
+def _near_misses(depot: Depot, repo_id: str, revision: str) -> Iterator[None]:
+    """A file the revision lacks is refused with the paths it has that come closest (`pooling/config.json`
+    for `1_Pooling/config.json`, `model.safetensor`: refused with no word of the near miss, an explorer's
+    trial)."""
+    try:
+        yield
+    except EntryNotFoundError as error:
+        missing = error.path
+        if error.in_commit or error.commit_id is None or missing is None:
+            raise
+        import difflib  # (here: `import modeldepot.cli` stays light, every command's start pays for it)
+
+        paths = [entry.path for entry in depot.list_files(repo_id, error.commit_id)]
+        by_name = {posixpath.basename(p): p for p in paths}
+        close = difflib.get_close_matches(missing, paths, n=3, cutoff=0.6)
+        named = difflib.get_close_matches(posixpath.basename(missing), by_name, n=3, cutoff=0.75)
+        close += [by_name[name] for name in named if by_name[name] not in close]
+        if not close:
+            raise
+        raise EntryNotFoundError(repo_id, error.revision, missing, error.commit_id,
+                                 advice=f" (did you mean {', '.join(map(repr, close[:3]))}?)") from None  # fmt: skip
+
+
 @cli.command("path")
 @repo_argument
 @click.argument("path", metavar="[FILE]", required=False, callback=checked(_repo_file))
@@ -245,7 +280,8 @@ def _repo_file(value: str) -> str:
 def path_command(depot: Depot, repo_id: str, path: str | None, revision: str) -> None:
     """Print the path of FILE in the revision's snapshot folder (a link to its blob, under its repo name,
     so that model.onnx finds model.onnx_data beside it), or of the folder itself when FILE is omitted."""
-    found = depot.file_path(repo_id, path, revision) if path else depot.snapshot_path(repo_id, revision)
+    with _near_misses(depot, repo_id, revision):
+        found = depot.file_path(repo_id, path, revision) if path else depot.snapshot_path(repo_id, revision)
     render.stdout.write(f"{found}\n")  # (a write that fails is one line: OutputError)
     render.stdout.flush()
     if path is None:
@@ -269,7 +305,9 @@ def path_command(depot: Depot, repo_id: str, path: str | None, revision: str) ->
 def cat_command(depot: Depot, repo_id: str, path: str, revision: str) -> None:
     """Write FILE's bytes to standard output, each chunk checked against its BLAKE3 first (as a node checks
     what it sends: a corrupt blob is quarantined and the command fails, exit 1)."""
-    with depot.open_verified(depot.file_info(repo_id, path, revision)) as blob:
+    with _near_misses(depot, repo_id, revision):
+        entry = depot.file_info(repo_id, path, revision)
+    with depot.open_verified(entry) as blob:
         sys.stdout.flush()
         try:
             for index in range(blob.chunks):
