@@ -1377,6 +1377,10 @@ def test_a_quant_pulled_into_an_older_revision_is_not_the_first_to_go(
         }
         assert variants["Q8_0"].error is None  # (evicted: available again, not an error to report)
         assert store_files_consistent(local) == []
+        # ... and `status` says when it went (it read "available", as if never pulled: an explorer's trial)
+        said = CliRunner().invoke(cli, ["status", "up/q", "--home", str(local.home)])
+        rows = {line.split()[1]: line for line in said.output.splitlines() if line.startswith("│")}
+        assert "evicted" in " ".join(said.output.split()) and "evicted" not in rows["Q4_K_M"], said.output
 
 
 def test_a_repo_pulled_whole_gives_up_one_quant_before_its_revision(
@@ -1743,6 +1747,48 @@ def test_blobs_shared_with_files_outside_the_store_are_neither_counted_nor_evict
         status = depot.budget_status()
         assert status.used_bytes >= 2 * MB and status.shared_bytes == 0
         assert [(e.repo_id, e.bytes_freed >= 2 * MB) for e in depot.shrink()] == [("acme/linked", True)]
+
+
+def test_evictions_are_remembered_with_when_and_why_and_said_where_the_model_is_looked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model the budget evicted weeks ago was "not in the store" (`info`), and the totals alone were kept (an
+    explorer's trial): each eviction is kept with when it was and the write it made room for, listed by
+    `budget`, and said by `info` of a repo that went whole; the newest EVICTIONS_KEPT of them."""
+    from modeldepot.store import budget as budget_module
+
+    home = tmp_path / "store"
+    with Depot(home) as depot:
+        depot.set_max_size(int(2.5 * MB))
+        for name in ("acme/a", "acme/b", "acme/c"):
+            depot.import_dir(model(tmp_path, name), name)
+            time.sleep(0.01)
+        [went] = depot.evictions()
+        assert (went.repo_id, went.doing) == ("acme/a", "importing acme/c"), went
+        assert time.time() - 60 < went.at <= time.time() and went.bytes_freed >= MB
+        assert depot.evictions("ACME/A") == [went] and depot.evictions("acme/b") == []
+        with pytest.raises(InvalidInputError):
+            depot.evictions(limit=-1)
+    said = CliRunner().invoke(cli, ["info", "acme/a", "--home", str(home)])
+    assert said.exit_code == 1, said.output
+    assert "the disk budget last evicted it on" in said.stderr and "(importing acme/c)" in said.stderr, (
+        said.stderr
+    )
+    assert "`modeldepot pull acme/a` brings it back" in said.stderr, said.stderr
+    said = CliRunner().invoke(cli, ["info", "acme/never", "--home", str(home)])
+    assert "evicted" not in said.stderr, said.stderr
+    listed = CliRunner().invoke(cli, ["budget", "--home", str(home)])
+    assert "in 1 eviction, the latest:" in listed.output and "acme/a@" in listed.output, listed.output
+    assert "for importing acme/c" in listed.output, listed.output
+    body = json.loads(CliRunner().invoke(cli, ["budget", "--json", "--home", str(home)]).output)
+    assert [e["repo_id"] for e in body["recent_evictions"]] == ["acme/a"], body
+    monkeypatch.setattr(budget_module, "EVICTIONS_KEPT", 2)  # (the newest kept: the totals count them all)
+    with Depot(home) as depot:
+        for name in ("acme/d", "acme/e"):
+            depot.import_dir(model(tmp_path, name), name)
+            time.sleep(0.01)
+        assert [e.repo_id for e in depot.evictions()] == ["acme/c", "acme/b"]
+        assert depot.budget_status().evictions == 3
 
 
 def test_a_refusal_by_a_few_bytes_says_the_bytes(tmp_path: Path) -> None:

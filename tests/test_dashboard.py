@@ -274,6 +274,16 @@ def run_guarded_node(browser: WebDriver, node: LiveNode, local: Depot, proxy: Ho
     wait_for(browser, "the disk in use", lambda d: visible_text(d, "#disk-used") not in ("0 B", "–"))
     screenshot(browser, node.depot.home.parent / "guarded-dashboard.png")
 
+    # Evicted by the disk budget, it says so, and when (it read "scanned, not in the store yet", as if never
+    # pulled: an explorer's trial); pulled again, it is back
+    assert [e.repo_id for e in local.set_max_size(1024)] == [REPO]
+    went = wait_for(browser, "the repo said evicted",
+                    lambda d: "evicted" in (visible_text(d, ".repo .repo-facts") or "") and visible_text(d, ".repo .repo-facts"))  # fmt: skip
+    assert "for the disk budget (shrinking the store)" in went, went
+    local.set_max_size(None)
+    local.pull(REPO, ["q4f16"])
+    wait_for(browser, "the repo back", lambda d: "pulled" in (visible_text(d, ".repo .repo-facts") or ""))
+
     # Removal: the button asks for a second click, then the repo goes and its variant is available again.
     click(browser, f'.repo[data-repo="{REPO}"] .repo-actions button[data-action="remove"]')
     confirm = f'.repo[data-repo="{REPO}"] .repo-actions button.confirm'

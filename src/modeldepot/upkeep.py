@@ -7,7 +7,13 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from modeldepot.errors import DepotError, NotFoundError, PullRunningError, RepoNotFoundError
+from modeldepot.errors import (
+    DepotError,
+    InvalidInputError,
+    NotFoundError,
+    PullRunningError,
+    RepoNotFoundError,
+)
 from modeldepot.guards import any_case, own_store, writes
 from modeldepot.hub.manifest import scan_lists
 from modeldepot.hub.removal import remove_repo, remove_variant
@@ -218,6 +224,15 @@ class Upkeep:
         blobs use, what pins and uses keep, and the evictions so far (``fresh`` False: which blobs files
         outside the store share, as looked at in the last seconds: for what asks often)."""
         return self.store.budget.status(fresh)
+
+    def evictions(self, repo_id: str | None = None, limit: int = 20) -> list[Eviction]:
+        """The disk budget's latest evictions, newest first (of ``repo_id`` only, when given), each with when
+        it went (``at``) and the write or command it made room for (``doing``)."""
+        if repo_id is not None:
+            validate_repo_id(repo_id)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise InvalidInputError(f"limit must be a number of evictions, 0 or more, not {limit!r}")
+        return self.store.budget.history(repo_id, limit)
 
     @writes
     def set_max_size(self, max_size: str | int | None) -> list[Eviction]:

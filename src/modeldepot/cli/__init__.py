@@ -549,7 +549,7 @@ def status_command(depot: Depot, repo_id: str | None, as_json: bool) -> None:
             render.out.print(f"{render.count(shared, 'repo')} in the shared stores (MODELDEPOT_SHARED) beside: "
                              "status shows this store's downloads (`modeldepot ls` lists them all).")  # fmt: skip
     for manifest in manifests:
-        render.render_manifest(manifest)
+        render.render_manifest(manifest, depot.evictions(manifest.repo_id, limit=50))
 
 
 @cli.command("preload")

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -20,7 +21,13 @@ from rich.markup import escape
 from modeldepot.cli import render
 from modeldepot.config import DepotConfig, default_home, validate_cluster, validate_cluster_prefix
 from modeldepot.depot import Depot
-from modeldepot.errors import ConfigError, DepotError, InvalidInputError, SourceDirectoryError
+from modeldepot.errors import (
+    ConfigError,
+    DepotError,
+    InvalidInputError,
+    RepoNotFoundError,
+    SourceDirectoryError,
+)
 from modeldepot.validation import validate_repo_id, validate_revision
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -125,7 +132,10 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
                                  "store (serve the shared one from a node of its own, and name it in "
                                  "MODELDEPOT_SERVERS)")  # fmt: skip
             with Depot(home, create=making or not named, shared=None if shared else ()) as depot:
-                return function(depot, *args, **kwargs)
+                try:
+                    return function(depot, *args, **kwargs)
+                except RepoNotFoundError as error:
+                    raise _said_if_evicted(depot, error) from None
         except DepotError as error:
             if fresh:
                 _remove_if_untouched(folder)
@@ -139,6 +149,24 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
             sys.exit(EXIT_INTERRUPTED)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _said_if_evicted(depot: Depot, error: RepoNotFoundError) -> RepoNotFoundError:
+    """A repo the store lacks because the disk budget evicted it is said so, with when and for what, and what
+    brings it back: it was "not in the store", as if never pulled (an explorer's trial)."""
+    if error.source is not None:  # (an upstream's "not found": nothing the store knows of)
+        return error
+    try:
+        latest = depot.evictions(error.repo_id, limit=1)
+    except DepotError:
+        return error
+    if not latest:
+        return error
+    went = latest[0]
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(went.at))
+    why = f" ({went.doing})" if went.doing else ""
+    return RepoNotFoundError(went.repo_id, f"repo {went.repo_id!r} is not in the store: the disk budget last evicted it on "
+                                            f"{when}{why}; `modeldepot pull {went.repo_id}` brings it back")  # fmt: skip
 
 
 def upstream_urls_checked() -> None:

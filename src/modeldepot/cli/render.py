@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -599,6 +599,22 @@ def _render_evictions(
         console.print(f"... and {count(len(evicted) - most, 'eviction')} more")
 
 
+def eviction_line(eviction: Eviction) -> str:
+    """When an eviction was, what went and what it made room for: ``2026-12-06 16:30 acme/x@3f2a… (Q8_0),
+    20.0 MiB, last used 2026-11-02 09:12, for pulling acme/y``."""
+    what = f"{eviction.repo_id}@{eviction.commit_id[:12]}" + (
+        f" ({eviction.variant})" if eviction.variant else ""
+    )
+    linked = (
+        f" (+{format_bytes(eviction.bytes_still_linked)} linked outside)"
+        if eviction.bytes_still_linked
+        else ""
+    )
+    why = f", for {eviction.doing}" if eviction.doing else ""
+    return (f"{_when(eviction.at)} {what}, {format_bytes(eviction.bytes_freed)}{linked}, last used "
+            f"{_when(eviction.last_used)}{why}")  # fmt: skip
+
+
 def render_evictions_at_start(evicted: list[Eviction], limit: int | None) -> None:
     """What a node evicted as it started, the store being over its disk budget (on stderr, with its log:
     before the log is set up, the budget's own lines were lost, and models went without a word)."""
@@ -658,13 +674,17 @@ def _outside_the_budget(usage: DiskUsage | None, budget: BudgetStatus) -> str:
 
 
 def render_budget(
-    budget: BudgetStatus, evicted: list[Eviction], over: int, usage: DiskUsage | None = None
-) -> None:
+    budget: BudgetStatus, evicted: list[Eviction], over: int, usage: DiskUsage | None = None,
+    recent: list[Eviction] | None = None,
+) -> None:  # fmt: skip
     _render_evictions(evicted)
     out.print(f"budget  {_budget_line(budget)}{_outside_the_budget(usage, budget)}")
     out.print(
         f"evicted {format_bytes(budget.evicted_bytes)} so far, in {count(budget.evictions, 'eviction')}"
+        + (", the latest:" if recent else "")
     )
+    for eviction in recent or []:
+        out.print(f"  {escape(eviction_line(eviction))}")
     if over:
         # (the room writes under way hold is named too: a budget set below a pull's own size said "in use (0 B)"
         # of what kept it over, an explorer's trial)
@@ -757,7 +777,9 @@ def render_stats(rows: list[dict[str, Any]], budget: int) -> None:
     out.print(f"preload budget {format_bytes(budget)}")
 
 
-def render_manifest(manifest: Manifest) -> None:
+def render_manifest(manifest: Manifest, evicted: Sequence[Eviction] = ()) -> None:
+    """A scanned repo's variants and their status; ``evicted``: the repo's latest evictions (newest first), to
+    say of a variant that went for the budget when (it read "available", as if never pulled: a trial)."""
     out.print(
         f"[bold]{manifest.repo_id}[/bold]@{manifest.revision} → commit {manifest.commit_id[:12]} on {manifest.endpoint}"
         + (f"  ({manifest.pipeline_tag})" if manifest.pipeline_tag else "")
@@ -784,6 +806,10 @@ def render_manifest(manifest: Manifest) -> None:
             # as its pulls began read as something to resume, an explorer's trial)
             if variant.resumable and variant.bytes_done:
                 status += f" [cyan]resumable: {format_bytes(variant.bytes_done)} kept[/cyan]"
+            went = next((e for e in evicted if e.commit_id == manifest.commit_id
+                         and (e.variant is None or e.variant.lower() == variant.name.lower())), None)  # fmt: skip
+            if went is not None and variant.status == "available" and not variant.bytes_done:
+                status += f" [yellow](evicted {_when(went.at)} for the disk budget)[/yellow]"
             table.add_row(variant.name, variant.kind, str(len(variant.files) + len(manifest.shared)),
                           format_bytes(variant.total_bytes), status)  # fmt: skip
         out.print(table)

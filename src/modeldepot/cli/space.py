@@ -27,6 +27,8 @@ from modeldepot.depot import Depot
 if TYPE_CHECKING:
     from modeldepot.store.budget import BudgetStatus, Eviction
 
+RECENT_EVICTIONS = 5  # the latest evictions `budget` lists, with when and for what
+
 
 @cli.command("gc")
 @click.option("--partials", is_flag=True, help="Also drop interrupted downloads kept for a resume.")
@@ -97,9 +99,11 @@ def budget_command(depot: Depot, size: str | None, yes: bool, dry_run: bool, as_
         _warn_if_beyond_the_disk(depot)
     status, usage = depot.budget_status(), depot.du()
     over = _over(status, status.max_bytes) if status.max_bytes is not None else 0
+    recent = depot.evictions(limit=RECENT_EVICTIONS)  # (what went lately, and for what: an explorer's trial)
     body = {**status.to_dict(), "evicted": [e.to_dict() for e in evicted], "over_budget_bytes": over,
-            "uncounted_bytes": usage.partial_bytes + usage.unfinished_write_bytes}  # fmt: skip
-    render.emit(as_json, body, lambda: render.render_budget(status, evicted, over, usage))
+            "uncounted_bytes": usage.partial_bytes + usage.unfinished_write_bytes,
+            "recent_evictions": [e.to_dict() for e in recent]}  # fmt: skip
+    render.emit(as_json, body, lambda: render.render_budget(status, evicted, over, usage, recent))
 
 
 def _over(status: BudgetStatus, limit: int) -> int:

@@ -508,6 +508,7 @@ async def stats(request: web.Request) -> web.Response:
 
 
 MOST_ACCESSED = 5  # as many as the preloader's stats list
+RECENT_EVICTIONS = 50  # the disk budget's latest evictions the stats list
 
 
 def _stats(depot: Depot, authorized: bool) -> dict[str, Any]:
@@ -547,6 +548,11 @@ def _stats(depot: Depot, authorized: bool) -> dict[str, Any]:
         "engines": engines,
         # the disk budget; without the token only the budget itself (the rest counts private repos too)
         "budget": budget if authorized else {**dict.fromkeys(budget), "max_bytes": budget["max_bytes"]},
+        # what it evicted lately, newest first (a model evicted weeks ago read "not in the store yet" on the
+        # dashboard, an explorer's trial); without the token none (an evicted repo may have been private)
+        "recent_evictions": [e.to_dict() for e in depot.evictions(limit=RECENT_EVICTIONS)]
+        if authorized
+        else None,
     }
 
 

@@ -23,7 +23,7 @@ from modeldepot.hub.manifest import Manifest, RemoteFile, Variant
 from modeldepot.preload.copies import STRATEGIES
 from modeldepot.preload.preloader import PreloadInfo, PreloadStats
 from modeldepot.store.access import ModelAccess
-from modeldepot.store.budget import BudgetStatus, Pin
+from modeldepot.store.budget import BudgetStatus, Eviction, Pin
 from modeldepot.store.maintenance import RemoveResult, StoreTotals
 from modeldepot.store.manifests import STATUSES
 from modeldepot.store.models import BlobRecord, FileEntry, RepoSummary
@@ -314,6 +314,13 @@ def _components() -> ComponentSchemas:
                 "most_accessed": {"type": "array", "items": c.ref(ModelAccess)},
                 "engines": {"$ref": REF + "StatsEngines"},
                 "budget": {"$ref": REF + "StatsBudget"},
+                "recent_evictions": _nullable(
+                    {
+                        "type": "array",
+                        "items": c.ref(Eviction),
+                        "description": "the disk budget's latest evictions, newest first (null without the token)",
+                    }
+                ),
             }
         ),
     )

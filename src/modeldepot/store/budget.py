@@ -37,6 +37,7 @@ budget lowered meanwhile) evicts again (:meth:`BudgetWriter.keep_within`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -69,6 +70,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+EVICTIONS_KEPT = 1000  # the evictions remembered with what went and why (the counters keep them all)
 MAX_SIZE_SETTING = "max_size"  # the store's budget in its settings table, as written ("200GiB", "80%")
 
 SHARED_FRESH = 5.0  # seconds a look at which blobs are shared with files outside the store answers status()
@@ -99,6 +101,8 @@ class Eviction(_Record):
     variant: str | None = None  # one variant's own files went; None: the whole revision
     # Bytes of its blobs that stay on disk, linked outside the store (an exported Hugging Face cache's)
     bytes_still_linked: int = 0
+    at: float = 0.0  # when it went (seconds since the epoch)
+    doing: str = ""  # the write or command it made room for ("pulling acme/x", "shrinking the store")
 
 
 @dataclass(frozen=True)
@@ -709,6 +713,7 @@ class DiskBudget:
             eviction = self._evict(unit)
             if eviction is None:
                 continue
+            eviction = dataclasses.replace(eviction, at=time.time(), doing=doing)
             evicted.append(eviction)
             self._count(eviction)
             what = f"{unit.repo_id}@{unit.commit_id[:12]}" + (f" ({unit.variant})" if unit.variant else "")
@@ -762,6 +767,27 @@ class DiskBudget:
                     "value = CAST(CAST(value AS INTEGER) + CAST(excluded.value AS INTEGER) AS TEXT)",
                     (key, str(amount)),
                 )
+            con.execute(
+                "INSERT INTO evictions (at, repo_id, commit_id, variant, bytes_freed, bytes_still_linked, last_used, "
+                "doing, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (eviction.at, eviction.repo_id, eviction.commit_id, eviction.variant, eviction.bytes_freed,
+                 eviction.bytes_still_linked, eviction.last_used, eviction.doing[:300], os.getpid()),
+            )  # fmt: skip
+            con.execute("DELETE FROM evictions WHERE rowid <= (SELECT MAX(rowid) FROM evictions) - ?",
+                        (EVICTIONS_KEPT,))  # fmt: skip
+
+    def history(self, repo_id: str | None = None, limit: int = 20) -> list[Eviction]:
+        """The latest evictions, newest first (of ``repo_id``'s revisions and variants only, when given): what
+        went, when, and for what (the newest EVICTIONS_KEPT are kept)."""
+        if self.store.index.schema < 15:  # (a store read where it cannot be upgraded: no history there yet)
+            return []
+        where, params = ("WHERE repo_id = ? COLLATE NOCASE", (repo_id,)) if repo_id is not None else ("", ())
+        rows = self.store.index.read(
+            "SELECT at, repo_id, commit_id, variant, bytes_freed, bytes_still_linked, last_used, doing FROM evictions "
+            f"{where} ORDER BY at DESC, rowid DESC LIMIT ?", (*params, max(0, limit)),
+        )  # fmt: skip
+        return [Eviction(r["repo_id"], r["commit_id"], r["bytes_freed"], r["last_used"], r["variant"],
+                         r["bytes_still_linked"], r["at"], r["doing"]) for r in rows]  # fmt: skip
 
 
 def _beyond(amount: int, contents: Mapping[str, int], mine: Mapping[str, int]) -> int:

@@ -233,12 +233,29 @@ _MIGRATIONS: tuple[str, ...] = (
                  OR json_extract(m.body, '$.info.gated') IN (1, 'auto', 'manual'))
         ELSE 0 END)
     """,
+    # 15: the disk budget's evictions, each with when, what and the write or command that made it (the newest
+    # EVICTIONS_KEPT): a model evicted weeks ago was "not in the store" and "available" as if never pulled, the
+    # totals alone kept (an explorer's trial). Shown by `budget`, `info`, `status` and the dashboard.
+    """
+    CREATE TABLE evictions (
+        at REAL NOT NULL,
+        repo_id TEXT NOT NULL,
+        commit_id TEXT NOT NULL,
+        variant TEXT,
+        bytes_freed INTEGER NOT NULL,
+        bytes_still_linked INTEGER NOT NULL DEFAULT 0,
+        last_used REAL NOT NULL,
+        doing TEXT NOT NULL DEFAULT '',
+        pid INTEGER
+    );
+    CREATE INDEX evictions_by_repo ON evictions (repo_id COLLATE NOCASE, at)
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 # A store that cannot be upgraded here (a read-only mount, another user's) is read as it is from this
 # version on: the migrations after it add what only writes use (linked_sources), or what a read does
 # without (commit_listings, revision_access: Index.schema says which it may ask; blobs_by_size;
-# repos.hidden_at, which a mirror's writes alone use, and 14's correction of it).
+# repos.hidden_at, which a mirror's writes alone use, and 14's correction of it; evictions: no history read).
 READABLE_FROM = 8
 # Result codes (sqlite3.SQLITE_FULL and friends exist only from Python 3.11). Python reports extended codes.
 _SQLITE_IOERR = 10

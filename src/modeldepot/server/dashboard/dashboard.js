@@ -94,7 +94,8 @@
     if (delta < 5) return "now";
     if (delta < 90) return `${Math.round(delta)} s ago`;
     if (delta < 5400) return `${Math.round(delta / 60)} min ago`;
-    return `${Math.round(delta / 3600)} h ago`;
+    if (delta < 172800) return `${Math.round(delta / 3600)} h ago`;
+    return `${Math.round(delta / 86400)} days ago`;
   }
 
   function percent(done, total) {
@@ -751,7 +752,12 @@
       facts = [refs.join(", "), `${summary.files} file${summary.files === 1 ? "" : "s"}`, bytes(summary.size), summary.origin === "import" ? "imported" : "pulled"];
       if (summary.quarantined) facts.push(`${summary.quarantined} failed verification: not served, pull again`);
     } else {
-      facts = ["scanned, not in the store yet"];
+      // (evicted by the disk budget, it read "not in the store yet" as if never pulled: an explorer's trial)
+      const evictions = state.stats && state.stats.recent_evictions ? state.stats.recent_evictions : [];
+      const went = evictions.find((e) => e.repo_id.toLowerCase() === item.id.toLowerCase());
+      facts = went
+        ? [`evicted ${ago(went.at)} for the disk budget${went.doing ? ` (${went.doing})` : ""}: pull it again to have it`]
+        : ["scanned, not in the store yet"];
     }
     const manifest = state.manifests.get(item.id);
     if (manifest && manifest.endpoint) facts.push(`from ${manifest.endpoint}`);
