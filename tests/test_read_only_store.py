@@ -122,6 +122,7 @@ def test_a_read_only_store_of_the_schema_before_is_read_as_it_is(tmp_path: Path,
         con.execute("DROP TABLE commit_listings")
         con.execute("DROP TABLE revision_access")
         con.execute("DROP INDEX blobs_by_size")
+        con.execute("DROP TABLE evictions")
         con.execute("ALTER TABLE repos DROP COLUMN hidden_at")
         con.execute(f"PRAGMA user_version = {READABLE_FROM}")
         con.commit()
@@ -132,6 +133,7 @@ def test_a_read_only_store_of_the_schema_before_is_read_as_it_is(tmp_path: Path,
         # (what asked for the linked files' records failed: "no such table: linked_sources", an explorer's
         # trial; a node's /metrics and stats with them)
         assert depot.du().total_bytes > len(weights) and depot.budget_status().used_bytes > len(weights)
+        assert depot.evictions() == []  # (no history in a schema before 15: none, not "no such table")
     with closing(sqlite3.connect(home / "index.db")) as con:
         con.execute(f"PRAGMA user_version = {READABLE_FROM - 1}")
         con.commit()
@@ -669,6 +671,7 @@ def test_an_upgrade_under_a_running_process_of_the_old_version_is_said(
 
     home = made_store(tmp_path)
     with closing(sqlite3.connect(home / "index.db")) as con:  # (as schema 12 left it)
+        con.execute("DROP TABLE evictions")
         con.execute("ALTER TABLE repos DROP COLUMN hidden_at")
         con.execute("PRAGMA user_version = 12")
         con.commit()
