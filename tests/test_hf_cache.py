@@ -7,6 +7,7 @@ store's repo into an empty cache, which huggingface_hub then reads with ``local_
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -870,6 +872,95 @@ def test_a_blob_truncated_through_the_cache_is_refused_not_a_crash(depot: Depot,
                           capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert done.returncode == 0, (done.returncode, done.stderr)  # (-7: SIGBUS)
     assert "refused:" in done.stdout and "ends before chunk 1" in done.stdout and "quarantined" in done.stdout
+
+
+def _unreadable(monkeypatch: pytest.MonkeyPatch, *folders: Path) -> None:
+    """Listing ``folders`` (and what is inside them) fails with EACCES, as another user's 0700 folders do for
+    anyone but root (the tests run as root)."""
+    locked = [str(folder) for folder in folders]
+    real_listdir, real_scandir = os.listdir, os.scandir
+
+    def refuse(path: Any) -> None:
+        if isinstance(path, (str, os.PathLike)):  # (not a descriptor)
+            name = os.fspath(path)
+            if any(name == folder or name.startswith(folder + "/") for folder in locked):
+                raise PermissionError(errno.EACCES, "Permission denied", name)
+
+    def listdir(path: Any = ".") -> list[str]:
+        refuse(path)
+        return real_listdir(path)
+
+    def scandir(path: Any = ".") -> Any:
+        refuse(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    monkeypatch.setattr(os, "scandir", scandir)  # (what os.walk lists with)
+
+
+def test_an_unreadable_repo_folder_is_said_and_the_others_are_adopted(
+    filled: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a cache several users share, one repo's folder another user's (0700): the import raised
+    PermissionError while it listed the repos, adopted nothing, and the command printed a traceback (a
+    review). Now that repo is said `unreadable` and skipped, the others adopted; a refs/ that cannot be read
+    is said too, its repo adopted without branches, and so is a snapshot (its ref is no unfinished download)."""
+    cache = tmp_path / "hub"
+    others = ("acme/locked", "acme/norefs", "acme/nosnap")
+    for repo_id in others:
+        filled.import_dir(write_model_dir(tmp_path / repo_id, {"config.json": repo_id.encode()}), repo_id)
+    for repo_id in (SAMPLE, *others):
+        assert filled.hf_cache_export(repo_id, cache_dir=cache, copy=True).ok
+    nosnap = f"models--acme--nosnap/snapshots/{filled.resolve('acme/nosnap')}"
+    _unreadable(
+        monkeypatch, cache / "models--acme--locked", cache / "models--acme--norefs" / "refs", cache / nosnap
+    )
+    with Depot(tmp_path / "adopter", chunk_size=SMALL_CHUNK) as depot:
+        result = depot.hf_cache_import(cache_dir=cache)
+        assert not result.ok
+        assert {r.repo_id: [v.refs for v in r.revisions] for r in result.repos} == {
+            SAMPLE: [("main",)],
+            "acme/norefs": [()],
+        }
+        assert sorted((p.repo_id, p.path, p.problem) for p in result.problems) == [
+            ("acme/locked", "models--acme--locked/blobs", "unreadable"),
+            ("acme/norefs", "models--acme--norefs/refs", "unreadable"),
+            ("acme/nosnap", "models--acme--nosnap/refs/main", "missing"),
+            ("acme/nosnap", nosnap, "unreadable"),
+        ]
+        assert all("Permission denied" in p.detail for p in result.problems if p.problem == "unreadable")
+        assert depot.resolve(SAMPLE) == filled.resolve(SAMPLE)
+        assert [r.repo_id for r in depot.list_repos()].count("acme/locked") == 0
+    code, out, err = run("hf-cache", "import", "--cache-dir", str(cache), home=tmp_path / "cli")
+    assert code == 1 and f"adopted {SAMPLE}" in out, (out, err)
+    assert "models--acme--locked/blobs (unreadable): Permission denied" in " ".join(err.split())
+
+
+def test_an_unreadable_folder_inside_a_snapshot_makes_its_commit_partial(
+    depot: Depot, hf_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """os.walk skips a folder it cannot list without a word: a snapshot whose onnx/ was another user's was
+    adopted without its files, and nothing said so (a review). It is said `unreadable`, and the commit is
+    one the cache holds in part: the store's main, at a commit it holds whole, does not move to it."""
+    depot.import_dir(write_model_dir(tmp_path / "older", {"config.json": b"{}"}), SAMPLE)
+    older = depot.resolve(SAMPLE)
+    snapshot = snapshot_of(hf_cache)
+    now = time.time() + 5  # (the cache's main written after the store's: that alone keeps no branch)
+    os.utime(hf_cache / FOLDER / "refs" / "main", (now, now))
+    _unreadable(monkeypatch, snapshot / "onnx")
+    result = depot.hf_cache_import([SAMPLE], cache_dir=hf_cache)
+    assert not result.ok
+    unreadable = [p for p in result.problems if p.problem == "unreadable"]
+    assert [p.path for p in unreadable] == [f"{FOLDER}/snapshots/{snapshot.name}/onnx"], result.problems
+    assert "Permission denied" in unreadable[0].detail and "not adopted" in unreadable[0].detail
+    assert depot.resolve(SAMPLE) == older, "main stays at the commit the store holds whole"
+    said = {(p.problem, p.path) for p in result.problems}
+    assert ("branch-kept", f"{FOLDER}/refs/main") in said and (
+        "partial",
+        f"{FOLDER}/trees/{snapshot.name}.json",
+    ) in said
+    adopted = {e.path for e in depot.list_files(SAMPLE, snapshot.name)}
+    assert adopted == {p for p in sample_files() if not p.startswith("onnx/")}
 
 
 # -- export ------------------------------------------------------------------------------------------------

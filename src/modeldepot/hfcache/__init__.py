@@ -19,7 +19,8 @@ one commit path (:func:`modeldepot.store.publish.publish`: a kill or an error le
 in or wholly out). What cannot be verified is reported and skipped, the rest imported: a blob whose bytes
 do not match its name (and the files that use it), an ``.incomplete`` download, a link to a missing blob,
 a link that leads out of the repo's ``blobs/`` or out of the cache (refused: it is never read), a ref that
-names no snapshot, a name the store refuses.
+names no snapshot, a name the store refuses, a folder that cannot be read (another user's in a shared cache:
+its repo, or the files of a snapshot in it).
 
 A blob is **hard-linked** into the store when the cache is on the store's file system (and the file is the
 user's own): no byte is copied, and the store and the cache share one inode, which the import makes

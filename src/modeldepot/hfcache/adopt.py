@@ -95,6 +95,9 @@ class _CachedRepo:
     folder: Path
     snapshots: dict[str, list[_Link]]
     refs: dict[str, str]  # name -> commit
+    # commits a folder of whose snapshot could not be read (adopted without its files: not known whole, unless
+    # their listing names none in it)
+    unread: frozenset[str] = frozenset()
 
 
 class _Scan:
@@ -117,6 +120,8 @@ class _Scan:
 
 
 def _listdir(folder: Path) -> list[str]:
+    """The names in ``folder`` (none when it is not there); another OSError (EACCES: another user's 0700
+    folder in a cache they share) is raised, for the caller to say."""
     try:
         return sorted(os.listdir(folder))
     except (FileNotFoundError, NotADirectoryError):
@@ -128,7 +133,12 @@ def _repo_folders(scan: _Scan, wanted: list[str] | None) -> list[tuple[str, Path
     spells it."""
     wanted_lower = {w.lower() for w in wanted or ()}
     found = []
-    for name in _listdir(scan.cache):
+    try:
+        names = _listdir(scan.cache)
+    except OSError as error:
+        raise SourceDirectoryError(f"cannot read the Hugging Face cache at {scan.cache}: "
+                                   f"{error.strerror or error}") from None  # fmt: skip
+    for name in names:
         folder = scan.cache / name
         if not name.startswith(PREFIX) or not folder.is_dir():
             continue  # datasets, spaces, .locks, the shared blobs/ of newer huggingface_hub
@@ -194,13 +204,23 @@ def _refs_written(folder: Path) -> float:
     return newest
 
 
-def _scan_repo(scan: _Scan, repo_id: str, folder: Path) -> _CachedRepo:
-    for name in _listdir(folder / "blobs"):
+def _scan_repo(scan: _Scan, repo_id: str, folder: Path) -> _CachedRepo | None:
+    """The repo's folder as read; None when its blobs or snapshots cannot be listed (said: the others are
+    adopted; another user's 0700 folder in a shared cache stopped the whole import, a traceback, a review)."""
+    try:
+        blob_names, snapshot_names = _listdir(folder / "blobs"), _listdir(folder / "snapshots")
+    except OSError as error:
+        where = Path(error.filename) if error.filename else folder
+        scan.problem(repo_id, where, "unreadable", f"{error.strerror or error}: the repo is skipped (a folder "
+                     "of another user's? its owner may import it, or make it readable to you)")  # fmt: skip
+        return None
+    for name in blob_names:
         if name.endswith(".incomplete"):
             scan.problem(repo_id, folder / "blobs" / name, "incomplete",
                          "a download that did not finish: skipped (download it again to finish it)")  # fmt: skip
     snapshots: dict[str, list[_Link]] = {}
-    for name in _listdir(folder / "snapshots"):
+    unread: set[str] = set()
+    for name in snapshot_names:
         path = folder / "snapshots" / name
         if path.is_symlink() or not path.is_dir():
             scan.problem(repo_id, path, "invalid", "not a snapshot folder")
@@ -208,17 +228,24 @@ def _scan_repo(scan: _Scan, repo_id: str, folder: Path) -> _CachedRepo:
             scan.problem(repo_id, path, "invalid", "a snapshot folder must be named by a 40-hex commit id")
         else:
             listing = _read_tree_listing(scan, repo_id, folder / "trees" / f"{name}.json")
-            snapshots[name] = _scan_snapshot(scan, repo_id, folder, path, listing)
-    return _CachedRepo(repo_id, folder, snapshots, _scan_refs(scan, repo_id, folder, snapshots))
+            snapshots[name], whole = _scan_snapshot(scan, repo_id, folder, path, listing)
+            if not whole:
+                unread.add(name)
+    refs = _scan_refs(scan, repo_id, folder, snapshots)
+    return _CachedRepo(repo_id, folder, snapshots, refs, frozenset(unread))
 
 
 def _scan_snapshot(
     scan: _Scan, repo_id: str, folder: Path, root: Path, listing: list[RemoteFile] | None
-) -> list[_Link]:
+) -> tuple[list[_Link], bool]:
+    """The snapshot's links, and whether every folder of it could be read (else the files in those that could
+    not are said, and the commit is held in part)."""
     blobs = os.path.normpath(os.path.abspath(folder / "blobs"))
     links: list[_Link] = []
     listed = {f.path: f for f in listing or []}
-    for current, dirs, names in os.walk(root):  # links to folders are listed in dirs, never entered
+    unread: list[OSError] = []
+    # (os.walk skips a folder it cannot list without a word: the commit was adopted without its onnx/, unsaid)
+    for current, dirs, names in os.walk(root, onerror=unread.append):  # links to folders are never entered
         for name in [d for d in dirs if os.path.islink(os.path.join(current, d))]:
             scan.problem(repo_id, Path(current, name), "outside", "a link to a folder: refused")
         dirs[:] = sorted(d for d in dirs if not os.path.islink(os.path.join(current, d)))
@@ -227,7 +254,11 @@ def _scan_snapshot(
             found = _read_link(scan, repo_id, blobs, root, link, listed)
             if found is not None:
                 links.append(found)
-    return links
+    for error in unread:
+        scan.problem(repo_id, Path(error.filename or root), "unreadable",
+                     f"{error.strerror or error}: the files in it are not adopted (commit {root.name[:12]} is "
+                     "adopted without them, as a commit the cache holds in part)")  # fmt: skip
+    return links, not unread
 
 
 def _read_link(scan: _Scan, repo_id: str, blobs: str, root: Path, link: Path,
@@ -276,8 +307,10 @@ def _read_link(scan: _Scan, repo_id: str, blobs: str, root: Path, link: Path,
     try:
         info = os.stat(real)
     except OSError:
-        unfinished = any(name.startswith(etag + ".") and name.endswith(".incomplete")
-                         for name in _listdir(Path(blobs)))  # fmt: skip
+        unfinished = False
+        with contextlib.suppress(OSError):
+            unfinished = any(name.startswith(etag + ".") and name.endswith(".incomplete")
+                             for name in _listdir(Path(blobs)))  # fmt: skip
         scan.problem(repo_id, link, "missing", f"links to blobs/{etag}, which is missing"
                      + (" (its download did not finish)" if unfinished else ""))  # fmt: skip
         return None
@@ -290,7 +323,8 @@ def _read_link(scan: _Scan, repo_id: str, blobs: str, root: Path, link: Path,
 def _scan_refs(scan: _Scan, repo_id: str, folder: Path, snapshots: dict[str, list[_Link]]) -> dict[str, str]:
     refs: dict[str, str] = {}
     root = folder / "refs"
-    for current, dirs, names in os.walk(root):
+    unread: list[OSError] = []
+    for current, dirs, names in os.walk(root, onerror=unread.append):
         for name in [d for d in dirs if os.path.islink(os.path.join(current, d))]:
             scan.problem(repo_id, Path(current, name), "outside", "a link to a folder: refused")
         dirs[:] = sorted(d for d in dirs if not os.path.islink(os.path.join(current, d)))
@@ -326,6 +360,10 @@ def _scan_refs(scan: _Scan, repo_id: str, folder: Path, snapshots: dict[str, lis
                 continue
             else:
                 refs[ref] = commit
+    # (a refs/ that is not there holds no branch: nothing to say)
+    for failed in [e for e in unread if not isinstance(e, (FileNotFoundError, NotADirectoryError))]:
+        scan.problem(repo_id, Path(failed.filename or root), "unreadable",
+                     f"{failed.strerror or failed}: the refs in it are not adopted")  # fmt: skip
     return refs
 
 
@@ -373,10 +411,11 @@ def import_hf_cache(
                                    "by default ~/.cache/huggingface/hub)")  # fmt: skip
     scan = _Scan(cache)
     # (a repo the store holds under another case is that repo: its spelling, and its private flag, are kept)
-    repos = [
+    scanned = (
         _scan_repo(scan, repo_id, folder)
         for repo_id, folder in _one_folder_per_repo(scan, store, _repo_folders(scan, wanted))
-    ]
+    )
+    repos = [repo for repo in scanned if repo is not None]
     total = sum(link.size for repo in repos for link in _blob_sources(repo).values())
     done = [0]
 
@@ -460,7 +499,10 @@ def _one_per_repo(store: Store, adopted: list[tuple[HfCacheRepo, frozenset[str]]
 
 def _nothing_adopted_for(scan: _Scan, repo: _CachedRepo, ref: str, commit: str) -> None:
     """Say why the ref ``ref`` to ``commit`` was not set: none of the commit's files could be adopted."""
-    if not any(names for _, _, names in os.walk(repo.folder / "snapshots" / commit)):
+    # (a snapshot that could not be read, said so: no unfinished download)
+    if commit not in repo.unread and not any(
+        names for _, _, names in os.walk(repo.folder / "snapshots" / commit)
+    ):
         # huggingface_hub writes the ref and makes the snapshot's folder (and the file's folder in it: a
         # review found `onnx/`), then downloads: a first download
         # that never finished left them (no run could adopt anything of it; as a problem, every scheduled
