@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -1812,3 +1813,102 @@ def test_a_failed_export_leaves_a_blob_another_snapshot_linked_meanwhile(
     assert (other / "config.json").exists(), "the other snapshot's link still leads to its blob"
     assert not (cache / FOLDER / "snapshots" / filled.resolve(SAMPLE)).exists()
     assert len(list((cache / FOLDER / "blobs").iterdir())) == 1, "the blob nobody links is taken back"
+
+
+_KILLED_EXPORT = """
+import os, signal, sys
+from modeldepot import Depot
+home, cache, revision, after = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+done = []
+
+def progress(what, done_bytes, total):
+    done.append(what)
+    if len(done) == after:  # (a kill -9, the OOM killer, a container stopped: no clean-up runs)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+Depot(home).hf_cache_export("acme/sample", revision, cache_dir=cache, progress=progress)
+"""
+
+
+def _export_killed(depot: Depot, cache: Path, after: int, revision: str = "main") -> None:
+    """Run an export of acme/sample in a process of its own, killed once ``after`` files are in the cache."""
+    killed = subprocess.run([sys.executable, "-c", _KILLED_EXPORT, str(depot.home), str(cache), revision, str(after)],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+
+def _blobs_and_links(cache: Path) -> tuple[set[str], set[str]]:
+    """The names in the repo's blobs/, and those its snapshots' links lead to."""
+    linked = {
+        os.path.basename(os.readlink(Path(current, name)))
+        for current, _, names in os.walk(cache / FOLDER / "snapshots")
+        for name in names
+    }
+    return set(os.listdir(cache / FOLDER / "blobs")), linked
+
+
+def test_a_killed_export_leaves_no_part_of_the_commit_and_the_next_one_sweeps_what_it_left(
+    filled: Depot, tmp_path: Path
+) -> None:
+    """An export killed half-way (SIGKILL: nothing of the clean-up of a failed one runs) left
+    snapshots/<commit>/ with the files linked so far: offline, `snapshot_download(revision=<commit>)` returned
+    a config without weights, `scan_cache_dir` listed it, and nothing ever took it back (a review). The
+    snapshot is built aside and moved into place whole; the next export removes what the dead one left."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache, commit_id = tmp_path / "hub", filled.resolve(SAMPLE)
+    _export_killed(filled, cache, after=3)
+    assert len(os.listdir(cache / FOLDER / "blobs")) >= 3  # (the kill came half-way, as asked)
+    with pytest.raises(LocalEntryNotFoundError):
+        snapshot_download(SAMPLE, revision=commit_id, cache_dir=cache, local_files_only=True)
+    assert try_to_load_from_cache(SAMPLE, "config.json", cache_dir=cache, revision=commit_id) is None
+    scanned = scan_cache_dir(cache)
+    assert scanned.warnings == [] and [sorted(r.revisions) for r in scanned.repos] == [[]]
+
+    result = filled.hf_cache_export(SAMPLE, cache_dir=cache)
+    assert result.ok and read_tree(Path(result.snapshot_path)) == sample_files()
+    assert (
+        read_tree(Path(snapshot_download(SAMPLE, cache_dir=cache, local_files_only=True))) == sample_files()
+    )
+    assert [p.name for p in (cache / FOLDER).iterdir() if p.name.startswith(".")] == []
+    blobs, linked = _blobs_and_links(cache)
+    assert blobs == linked
+
+
+def test_a_killed_export_into_a_snapshot_the_cache_held_is_taken_back_by_the_next_export(
+    filled: Depot, tmp_path: Path
+) -> None:
+    """Added to a snapshot the cache holds, a killed export's links, and its blobs, stayed for good. What it
+    adds is written in a journal first: the next export (of any commit of the repo) takes back what the dead
+    one added, but for a blob another snapshot links to meanwhile."""
+    cache, commit_id = tmp_path / "hub", filled.resolve(SAMPLE)
+    assert filled.hf_cache_export(SAMPLE, cache_dir=cache).ok
+    snapshot = cache / FOLDER / "snapshots" / commit_id
+    (snapshot / "model.safetensors").unlink()  # (the user's `hf cache` clean-up, say)
+    shutil.rmtree(snapshot / "onnx")
+    for blob in set(os.listdir(cache / FOLDER / "blobs")) - _blobs_and_links(cache)[1]:
+        (cache / FOLDER / "blobs" / blob).unlink()
+    before = read_tree(snapshot)
+    blobs_before = set(os.listdir(cache / FOLDER / "blobs"))
+
+    _export_killed(filled, cache, after=4)
+    added = read_tree(snapshot).keys() - before.keys()
+    assert added and "model.safetensors" in added, added  # (the kill came half-way, as asked)
+    weights = os.path.basename(os.readlink(snapshot / "model.safetensors"))
+    other = cache / FOLDER / "snapshots" / ("f" * 40)  # (another snapshot links a blob the dead one added)
+    other.mkdir()
+    (other / "weights.bin").symlink_to(f"../../blobs/{weights}")
+
+    assert filled.hf_cache_export(SAMPLE, "dev", cache_dir=cache).ok  # (the next export, of another commit)
+    assert read_tree(snapshot) == before, "what the killed export added is taken back"
+    assert not (snapshot / "onnx").exists()
+    blobs, linked = _blobs_and_links(cache)
+    assert blobs - blobs_before <= linked, (
+        "a blob the killed export added, and no snapshot links, is taken back"
+    )
+    assert (other / "weights.bin").read_bytes() == sample_files()["model.safetensors"]
+    assert [p.name for p in (cache / FOLDER).iterdir() if p.name.startswith(".")] == []
+    shutil.rmtree(other)
+    result = filled.hf_cache_export(SAMPLE, cache_dir=cache)
+    assert result.ok and read_tree(snapshot) == sample_files()

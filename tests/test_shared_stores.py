@@ -6,12 +6,17 @@ the shared store is never written. Upstream is a real node on loopback, named by
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.numpy import save_file
 
 from conftest import SMALL_CHUNK, LiveNode, flip_byte, store_files_consistent, writable, write_model_dir
@@ -529,3 +534,37 @@ def test_a_failed_export_of_a_commit_split_across_stores_takes_back_every_stores
         with pytest.raises(StoreError, match="nothing of this export was kept"):
             user.hf_cache_export("acme/q", cache_dir=cache)
     assert not (cache / "models--acme--q" / "snapshots" / commit).exists()
+
+
+_KILLED_EXPORT = """
+import os, signal, sys
+from modeldepot import Depot
+
+def progress(what, done, total):
+    if what == "acme/q/model-Q4_K_M.gguf":  # (the shared store's part under way: a kill -9)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+Depot(sys.argv[1], shared=[sys.argv[2]]).hf_cache_export("acme/q", cache_dir=sys.argv[3], progress=progress)
+"""
+
+
+def test_an_export_of_a_commit_split_across_stores_killed_between_their_parts_leaves_no_part_of_it(
+    tmp_path: Path, admin: Path, upstream: Upstream
+) -> None:
+    """The user's store's part of a commit is built aside until the shared store's part is in too: killed in
+    between, the cache holds no snapshot of the commit, and the next export makes it whole."""
+    cache = tmp_path / "hf-cache"
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        user.pull("acme/q", quants=["Q8_0"])
+        commit = user.resolve("acme/q")
+        killed = subprocess.run([sys.executable, "-c", _KILLED_EXPORT, str(user.home), str(admin), str(cache)],
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert list((cache / "models--acme--q" / "blobs").iterdir())  # (the user's part was in)
+        with pytest.raises(LocalEntryNotFoundError):
+            snapshot_download("acme/q", revision=commit, cache_dir=cache, local_files_only=True)
+        result = user.hf_cache_export("acme/q", cache_dir=cache)
+        assert result.ok, result.problems
+    folder = Path(snapshot_download("acme/q", revision=commit, cache_dir=cache, local_files_only=True))
+    assert {"model-Q4_K_M.gguf", "model-Q8_0.gguf"} <= {p.name for p in folder.iterdir()}
+    assert [p.name for p in (cache / "models--acme--q").iterdir() if p.name.startswith(".")] == []

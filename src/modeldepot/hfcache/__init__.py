@@ -36,7 +36,11 @@ are copied. The import never writes to the cache otherwise.
 they share a file system (else a copy, each chunk checked against its BLAKE3 on the way), never a symlink
 into the store, whose blob files ``rm`` and ``gc`` delete; then ``snapshots/<commit>/<path>`` as relative
 links, exactly as huggingface_hub makes them, and ``refs/<branch>`` last. Each name appears by an atomic
-rename of a finished file, so a kill leaves nothing half-written that the cache would name. The tree
+rename of a finished file, and a snapshot the cache does not hold yet is built beside ``snapshots/`` (in
+``.modeldepot-<pid>-<hex>.snap/<commit>``, at the same depth) and renamed into place whole; what is added to a
+snapshot it holds, and every blob added, is written first in a journal (``.modeldepot-<pid>-<hex>.added``).
+So a kill leaves nothing the cache would name as the commit, and the next export takes back what a killed
+one (its process gone) left. The tree
 listing huggingface_hub caches (``trees/<commit>.json``) is not written: the store may hold only part of
 a revision (one variant), and that listing would tell later online downloads that the rest does not exist.
 """

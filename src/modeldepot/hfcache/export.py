@@ -7,6 +7,7 @@ import dataclasses
 import os
 import re
 import secrets
+import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +53,7 @@ def export_to_hf_cache(
     skip: frozenset[str] = frozenset(),
     move_ref: bool = False,
     set_ref: bool = True,
-    added: list[Path] | None = None,
+    added: Adding | None = None,
 ) -> HfCacheExportResult:
     """Make ``repo_id`` at ``revision`` appear in a Hugging Face cache (default: huggingface_hub's), as a
     download of it from the Hub would have left it; ``refs/<revision>`` too when it is a branch.
@@ -68,8 +69,9 @@ def export_to_hf_cache(
     ``move_ref``: move ``refs/<revision>`` even when it names another commit the cache holds (a newer
     download, maybe: moved back, offline code loaded older weights without a word, a trial); without it
     such a ref stays, and the result says so (not ``ok``). ``set_ref`` False: the ref is left to the caller
-    (:func:`branch_ref`). ``added``: the names exports of this commit from other stores added before (a
-    commit split across stores), taken back with this one's when it fails; this one's are added to it.
+    (:func:`branch_ref`). ``added``: what exports of this commit from other stores added before (a commit
+    split across stores), taken back with this one's when it fails; this one's are added to it, and the
+    caller ends it (:meth:`_CacheWriter.finish`) once every store gave its part.
     """
     held = store.spelled(repo_id)
     validate_revision(revision)
@@ -100,7 +102,8 @@ def export_to_hf_cache(
     blobs = writer.folder("blobs")
     writer.sweep(blobs)
     writer.sweep(writer.root)  # (the links' and refs' temporaries are made in the repo's folder)
-    snapshot = writer.folder(f"snapshots/{commit_id}")
+    snapshot = writer.root / "snapshots" / commit_id
+    building = writer.building(commit_id)
     counts = {"linked": 0, "copied": 0, "kept": 0}
     total, done, exported, exported_bytes = sum(e.size for e in entries), 0, 0, 0
     try:
@@ -119,7 +122,7 @@ def export_to_hf_cache(
             except BlobRemovedError as error:  # (an `rm` or the budget beside the export)
                 problems.append(HfCacheProblem(repo_id, path, "missing", f"skipped: {error}"))
             else:
-                if writer.link(snapshot, entry.path, blobs / etag):
+                if writer.link(building, entry.path, blobs / etag):
                     exported, exported_bytes = exported + 1, exported_bytes + entry.size
                 else:
                     problems.append(HfCacheProblem(repo_id, path, "own-file", "a file of its own is there, not a "
@@ -128,11 +131,13 @@ def export_to_hf_cache(
             done += listed.size
             if progress is not None:
                 progress(f"{repo_id}/{listed.path}", done, total)
+        if added is None:
+            writer.finish(commit_id)
     except BaseException as failed:
         # What this run added is taken back: a snapshot left with part of the commit's files is what
         # huggingface_hub hands an offline `snapshot_download(revision=<commit>)` (a disk that filled
         # mid-export left the configs without the weights: an explorer's trial)
-        writer.take_back(snapshot)
+        writer.take_back(commit_id)
         writer.drop_if_empty(snapshot)
         writer.drop_made_folders()
         if isinstance(failed, StoreError):
@@ -242,11 +247,26 @@ def _set_ref(writer: _CacheWriter, repo_id: str, branch: str, commit_id: str, mo
     return []
 
 
+@dataclasses.dataclass
+class Adding:
+    """What an export of one commit adds to a repo's folder of the cache (from one store, or from several in
+    turn: :func:`export_through_tiers`), until it ends: taken back whole when it fails, and by the next
+    export's sweep when it was killed (its process gone)."""
+
+    made: list[Path] = dataclasses.field(default_factory=list)  # the blobs and links added
+    # ``<repo>/.modeldepot-<pid>-<hex>.snap``: a snapshot the cache did not hold is built in it, under
+    # ``<commit>/``, and moved into ``snapshots/`` whole (at the same depth: its links read as they will there)
+    staging: Path | None = None
+    # ``<repo>/.modeldepot-<pid>-<hex>.added``: the names of ``made`` outside the staging folder, each written
+    # before the name is made
+    journal: Path | None = None
+
+
 class _CacheWriter:
     """Writes one repo's folder of a cache; every folder it writes into is checked to lie inside the cache
     (its real path) before anything is created in it, and every name appears by an atomic rename."""
 
-    def __init__(self, cache: Path, name: str, made: list[Path] | None = None) -> None:
+    def __init__(self, cache: Path, name: str, adding: Adding | None = None) -> None:
         self.cache = cache
         self.real = os.path.realpath(cache)
         self.name = name
@@ -255,29 +275,107 @@ class _CacheWriter:
         self.repo_real = moved_repo_folder(cache / name)
         self.made_folders: list[Path] = []  # the folders this writer created, in order
         self.root = self.folder("")
-        # the names this writer (and those of the same export before it) added, blobs and snapshot links
-        self.made: list[Path] = made if made is not None else []
+        # what this writer (and those of the same export before it) added, blobs and snapshot links
+        self.adding = adding if adding is not None else Adding()
         self.repaired: list[Path] = []  # blobs of the cache whose bytes were not their name's, replaced
         # blobs of the cache whose bytes were not their name's, the store's corrupt too: taken out
         self.removed: list[Path] = []
 
-    def take_back(self, snapshot: Path) -> None:
-        """Remove what this writer added (a failed export), and the snapshot's folders left empty. A blob it
-        added that a link of the repo's snapshots leads to now stays (another export, or huggingface_hub,
-        linked it meanwhile: removed, their snapshot was left a broken link, a review)."""
+    def take_back(self, commit_id: str) -> None:
+        """Remove what this export added (it failed): its staging folder, the links it added to the snapshot
+        the cache held, and the snapshot's folders left empty; the blobs it added. A blob it added that a link
+        of the repo's snapshots leads to now stays (another export, or huggingface_hub, linked it meanwhile:
+        removed, their snapshot was left a broken link, a review)."""
         blobs = self.root / "blobs"
-        for name in reversed(self.made):
+        for name in reversed(self.adding.made):
             if name.parent != blobs:
                 unlink_quietly(name)
+        if self.adding.staging is not None:
+            # (before the blobs are weighed: its links are no other snapshot's)
+            _remove_folder(self.adding.staging)
+            self.adding.staging = None
         linked = self._blobs_linked()
-        for name in self.made:
+        for name in self.adding.made:
             if name.parent == blobs and name.name not in linked:
                 unlink_quietly(name)
-        self.made.clear()
+        self.adding.made.clear()
+        snapshot = self.root / "snapshots" / commit_id
         for current, _, _ in sorted(os.walk(snapshot), key=lambda found: -len(found[0])):
             if current != str(snapshot):
                 with contextlib.suppress(OSError):
                     os.rmdir(current)
+        self._drop_journal()
+
+    def building(self, commit_id: str) -> Path:
+        """The folder this export links the commit's files in: ``snapshots/<commit>`` when the cache holds it
+        (each name added is journaled first), else a staging folder moved there whole by :meth:`finish`. A
+        snapshot grown a link at a time was, killed half-way, the commit to huggingface_hub: an offline
+        ``snapshot_download(revision=<commit>)`` returned a config without weights (a review)."""
+        if self.adding.staging is None and not os.path.lexists(self.root / "snapshots" / commit_id):
+            self.folder("snapshots")  # (a repo's folder without it is a corrupt one to scan_cache_dir)
+            self.adding.staging = self.folder(f".modeldepot-{os.getpid()}-{secrets.token_hex(6)}.snap")
+        if self.adding.staging is not None:
+            return self.folder(f"{self.adding.staging.name}/{commit_id}")
+        return self.folder(f"snapshots/{commit_id}")
+
+    def finish(self, commit_id: str) -> None:
+        """The export done: the snapshot built in the staging folder moved into ``snapshots/`` whole (unless
+        nothing was linked in it), and the journal dropped. Refs are written after this."""
+        staging = self.adding.staging
+        if staging is not None:
+            built = staging / commit_id
+            try:
+                with os.scandir(built) as entries:
+                    linked = any(entries)
+            except OSError:
+                linked = False
+            if linked:
+                try:
+                    os.rename(built, self.folder("snapshots") / commit_id)
+                except OSError:
+                    # (another export, or a download, made that snapshot meanwhile: this one's links join it)
+                    self._merge(built, commit_id)
+            _remove_folder(staging)
+            self.adding.staging = None
+        self._drop_journal()
+
+    def _merge(self, built: Path, commit_id: str) -> None:
+        """Move the links of ``built`` into the cache's snapshot of ``commit_id``, each journaled first; a
+        name the snapshot holds stays as it is (its file is the commit's too)."""
+        for current, _, names in os.walk(built):
+            relative = Path(current).relative_to(built).as_posix()
+            for name in names:
+                folder = self.folder(f"snapshots/{commit_id}" + ("" if relative == "." else f"/{relative}"))
+                final = folder / name
+                if os.path.lexists(final):
+                    continue
+                try:
+                    self.record(final)
+                    os.replace(Path(current, name), final)
+                except OSError as error:
+                    raise StoreError(
+                        f"cannot write {final} in the Hugging Face cache: {error.strerror}"
+                    ) from None
+
+    def record(self, name: Path) -> None:
+        """Note that ``name`` (a blob, or a link) is about to be made: in the journal too when it is not in the
+        staging folder, which the sweep removes whole. One line appended per name, by one write: a kill leaves
+        every line whole but maybe the last, and that one names nothing made yet."""
+        self.adding.made.append(name)
+        if self.adding.staging is not None and within(str(self.adding.staging), str(name)):
+            return
+        if self.adding.journal is None:
+            self.adding.journal = self.root / f".modeldepot-{os.getpid()}-{secrets.token_hex(6)}.added"
+        fd = os.open(self.adding.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, f"{name.relative_to(self.root).as_posix()}\n".encode())
+        finally:
+            os.close(fd)
+
+    def _drop_journal(self) -> None:
+        if self.adding.journal is not None:
+            unlink_quietly(self.adding.journal)
+            self.adding.journal = None
 
     def folder(self, relative: str) -> Path:
         """``<cache>/<repo folder>/<relative>``, created a level at a time, each level checked first."""
@@ -309,25 +407,115 @@ class _CacheWriter:
         return folder / f".modeldepot-{os.getpid()}-{secrets.token_hex(6)}.tmp"
 
     def sweep(self, folder: Path) -> None:
-        """Remove the temporary files an export killed in ``folder`` left (their writer is gone)."""
+        """Remove what an export killed left in ``folder`` (its process is gone): its temporary files, the
+        snapshot it was building, and what its journal says it added (the blobs no snapshot links to)."""
         try:
             names = os.listdir(folder)
         except OSError:
             return
-        for name in names:
-            found = _TEMPORARY.fullmatch(name)
-            if found is not None and not _alive(int(found[1])):
-                unlink_quietly(folder / name)
+        dead = [(found[2], name) for name in names
+                if (found := _LEFT.fullmatch(name)) is not None and not _alive(int(found[1]))
+                and (found[2] == "tmp" or folder == self.root)]  # fmt: skip
+        for kind in ("tmp", "snap", "added"):  # (the dead snapshots gone before the blobs are weighed)
+            for _, name in [d for d in dead if d[0] == kind]:
+                if kind == "snap":
+                    _remove_folder(folder / name)
+                elif kind == "added":
+                    self._take_back_journal(folder / name)
+                else:
+                    unlink_quietly(folder / name)
+
+    def _take_back_journal(self, journal: Path) -> None:
+        """Take back what a killed export's journal names, as :meth:`take_back` does; then the journal. Its
+        lines are checked as any name read from a cache (it may be another user's): a link of a snapshot, or a
+        blob, inside this repo's folder, each removed by a name opened level by level without following a link."""
+        try:
+            with open(journal, "rb") as handle:
+                lines = handle.read(_MAX_JOURNAL_BYTES).decode("utf-8", "replace").split("\n")[:-1]
+        except OSError:
+            lines = []
+        blobs = set()
+        for line in lines:
+            kind, _, rest = line.partition("/")
+            if kind == "blobs" and ETAG.fullmatch(rest):
+                blobs.add(rest)
+                continue
+            commit, _, path = rest.partition("/")
+            if kind != "snapshots" or not is_commit_id(commit):
+                continue
+            try:
+                parts = ["snapshots", commit, *validate_path(path).split("/")]
+            except InvalidInputError:
+                continue
+            if self._unlink(parts, links_only=True):
+                self._drop_empty(parts[:-1], keep=1)
+        linked = self._blobs_linked()
+        for etag in blobs - linked:
+            self._unlink(["blobs", etag], links_only=False)
+        unlink_quietly(journal)
+
+    def _unlink(self, parts: list[str], *, links_only: bool) -> bool:
+        """Remove ``<repo>/<parts...>``, a link (or, unless ``links_only``, a file): True when it was."""
+        fd = self._open_folder(parts[:-1])
+        if fd is None:
+            return False
+        try:
+            kind = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False).st_mode
+            if not stat.S_ISLNK(kind) and (links_only or not stat.S_ISREG(kind)):
+                return False
+            os.unlink(parts[-1], dir_fd=fd)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def _drop_empty(self, parts: list[str], keep: int) -> None:
+        """Remove the folder ``<repo>/<parts...>`` and those above it that are left empty, but the ``keep``
+        first levels."""
+        while len(parts) > keep:
+            fd = self._open_folder(parts[:-1])
+            if fd is None:
+                return
+            try:
+                os.rmdir(parts[-1], dir_fd=fd)
+            except OSError:
+                return
+            finally:
+                os.close(fd)
+            parts = parts[:-1]
+
+    def _open_folder(self, parts: list[str]) -> int | None:
+        """A descriptor of the folder ``<repo>/<parts...>``, each level opened without following a link (a
+        link in the way, planted to lead out of the cache, is no way in); None when it is not there."""
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return None
+        for part in parts:
+            try:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError:
+                os.close(fd)
+                return None
+            os.close(fd)
+            fd = inner
+        return fd
 
     def _blobs_linked(self) -> set[str]:
-        """The names in blobs/ that a link of the repo's snapshots leads to."""
+        """The names in blobs/ that a link of the repo's snapshots leads to, or of the snapshots other exports
+        are building (a blob this one added, one of theirs found there and linked)."""
         linked: set[str] = set()
-        for current, _, names in os.walk(self.root / "snapshots"):
-            for name in names:
-                with contextlib.suppress(OSError):
-                    target = os.readlink(os.path.join(current, name))
-                    if os.path.basename(os.path.dirname(target)) == "blobs":
-                        linked.add(os.path.basename(target))
+        folders = [self.root / "snapshots"]
+        with contextlib.suppress(OSError):
+            folders += [self.root / name for name in os.listdir(self.root) if _STAGING.fullmatch(name)]
+        for folder in folders:
+            for current, _, names in os.walk(folder):
+                for name in names:
+                    with contextlib.suppress(OSError):
+                        target = os.readlink(os.path.join(current, name))
+                        if os.path.basename(os.path.dirname(target)) == "blobs":
+                            linked.add(os.path.basename(target))
         return linked
 
     def drop_made_folders(self) -> None:
@@ -362,13 +550,12 @@ class _CacheWriter:
             how = "linked" if link and _link_blob(store, record, temporary) else "copied"
             if how == "copied":
                 _copy_blob(store, record, temporary)
-            there = os.path.lexists(target)
+            if not os.path.lexists(target):
+                self.record(target)
             os.replace(temporary, target)
             # (a rename over another link to the same file does nothing, its name left behind: an export
             # beside this one linked the store's blob there a moment ago)
             unlink_quietly(temporary)
-            if not there:
-                self.made.append(target)
             if damaged:
                 self.repaired.append(target)
         except OSError as error:
@@ -455,11 +642,10 @@ class _CacheWriter:
             raise InvalidInputError(f"{final} is a folder; the repo has a file there: remove the folder")
         temporary = self._temporary(self.root)  # not in the snapshot: scan_cache_dir would list it
         try:
-            there = os.path.lexists(final)
+            if not os.path.lexists(final):
+                self.record(final)
             os.symlink(target, temporary)
             os.replace(temporary, final)
-            if not there:
-                self.made.append(final)
         except OSError as error:
             unlink_quietly(temporary)
             raise StoreError(f"cannot write {final} in the Hugging Face cache: {error.strerror}") from None
@@ -498,7 +684,19 @@ class _CacheWriter:
             raise StoreError(f"cannot write {final} in the Hugging Face cache: {error.strerror}") from None
 
 
-_TEMPORARY = re.compile(r"\.modeldepot-(\d{1,9})-[0-9a-f]{12}\.tmp")
+# What an export leaves in the repo's folder (and blobs/) while it runs: temporary files, the snapshot it builds
+# (.snap), the journal of what it added to the cache's (.added); named by its process, swept once that is gone
+_LEFT = re.compile(r"\.modeldepot-(\d{1,9})-[0-9a-f]{12}\.(tmp|snap|added)")
+_STAGING = re.compile(r"\.modeldepot-\d{1,9}-[0-9a-f]{12}\.snap")
+_MAX_JOURNAL_BYTES = 64 << 20
+
+
+def _remove_folder(folder: Path) -> None:
+    """Remove a staging folder whole (its links, never what they lead to); a link in its place, only the link."""
+    if folder.is_symlink():
+        unlink_quietly(folder)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -556,29 +754,43 @@ def export_through_tiers(
     answering store found corrupt is taken from another that holds it good."""
     # (the id as the own store spells it; the cache's folder keeps the caller's)
     answering, spelled, commit_id = tiers.holder(tiers.own.spelled(repo_id), revision)
-    added: list[Path] = []  # (taken back together when a later store's part fails: a review)
+    # (taken back together when a later store's part fails, a review; the snapshot moved into place once all
+    # are in, so that a kill between two stores' parts leaves no part of the commit for the commit)
+    added = Adding()
     result = export_to_hf_cache(answering, repo_id, revision, cache_dir, copy=copy, progress=progress,
                                 set_ref=False, added=added)  # fmt: skip
-    done = frozenset(
-        e.path for e in answering.files(spelled, commit_id) if answering.has_file(spelled, e.path, commit_id)
-    )
-    for other in tiers.all if tiers.shared else ():
-        held = (
-            {e.path for e in other.files(other.spelled(repo_id), commit_id)}
-            if other is not answering
-            else set()
+    writer = _CacheWriter(Path(result.cache_dir), repo_folder_name(repo_id), added)
+    try:
+        done = frozenset(
+            e.path
+            for e in answering.files(spelled, commit_id)
+            if answering.has_file(spelled, e.path, commit_id)
         )
-        if held - done:
-            more = export_to_hf_cache(other, repo_id, commit_id, cache_dir, copy=copy, progress=progress,
-                                      skip=done, added=added)  # fmt: skip
-            mended = held - done - {p.path.rsplit(f"/{commit_id}/", 1)[-1] for p in more.problems}
-            done |= held
-            result = dataclasses.replace(
-                result, files=result.files + more.files, bytes=result.bytes + more.bytes,
-                linked=result.linked + more.linked, copied=result.copied + more.copied, kept=result.kept + more.kept,
-                problems=tuple(p for p in result.problems if p.path.rsplit(f"/{commit_id}/", 1)[-1] not in mended)
-                + more.problems,
-            )  # fmt: skip
+        for other in tiers.all if tiers.shared else ():
+            held = (
+                {e.path for e in other.files(other.spelled(repo_id), commit_id)}
+                if other is not answering
+                else set()
+            )
+            if held - done:
+                more = export_to_hf_cache(other, repo_id, commit_id, cache_dir, copy=copy, progress=progress,
+                                          skip=done, added=added)  # fmt: skip
+                mended = held - done - {p.path.rsplit(f"/{commit_id}/", 1)[-1] for p in more.problems}
+                done |= held
+                result = dataclasses.replace(
+                    result, files=result.files + more.files, bytes=result.bytes + more.bytes,
+                    linked=result.linked + more.linked, copied=result.copied + more.copied,
+                    kept=result.kept + more.kept,
+                    problems=tuple(p for p in result.problems
+                                   if p.path.rsplit(f"/{commit_id}/", 1)[-1] not in mended) + more.problems,
+                )  # fmt: skip
+        writer.finish(commit_id)
+    except BaseException:
+        writer.take_back(
+            commit_id
+        )  # (nothing left to take back when a store's part failed: it took back all)
+        writer.drop_if_empty(writer.root / "snapshots" / commit_id)
+        raise
     if result.files:  # (once every store gave what it holds: a file one found corrupt, another may mend)
         lacking = sum(p.problem in ("corrupt", "missing") for p in result.problems)
         problems = branch_ref(
