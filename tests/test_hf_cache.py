@@ -1912,3 +1912,33 @@ def test_a_killed_export_into_a_snapshot_the_cache_held_is_taken_back_by_the_nex
     shutil.rmtree(other)
     result = filled.hf_cache_export(SAMPLE, cache_dir=cache)
     assert result.ok and read_tree(snapshot) == sample_files()
+
+
+def test_an_export_clears_huggingface_hubs_note_that_the_commit_lacks_a_file_it_writes(
+    filled: Depot, tmp_path: Path
+) -> None:
+    """huggingface_hub notes a file a commit does not have as `.no_exist/<commit>/<path>`, and
+    `try_to_load_from_cache` reads that note before the snapshot: a file an export wrote stayed unseen (a
+    review). The note goes with the export (a new snapshot, or one the cache held); a note of a file the
+    commit lacks stays, and none is removed through a link out of the repo's folder."""
+    from huggingface_hub import _CACHED_NO_EXIST, try_to_load_from_cache
+
+    cache, commit_id, dev = tmp_path / "hub", filled.resolve(SAMPLE), filled.resolve(SAMPLE, "dev")
+    no_exist = cache / FOLDER / ".no_exist"
+    for path in ("config.json", "onnx/model_q4.onnx", "adapter_config.json"):
+        (no_exist / commit_id / path).parent.mkdir(parents=True, exist_ok=True)
+        (no_exist / commit_id / path).touch()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "config.json").write_text("not the cache's")
+    (no_exist / dev).symlink_to(outside)
+    assert filled.hf_cache_export(SAMPLE, cache_dir=cache).ok
+    assert filled.hf_cache_export(SAMPLE, "dev", cache_dir=cache).ok
+    for path in ("config.json", "onnx/model_q4.onnx"):
+        found = try_to_load_from_cache(SAMPLE, path, cache_dir=cache)
+        assert isinstance(found, str) and Path(found).read_bytes() == sample_files()[path]
+    assert try_to_load_from_cache(SAMPLE, "adapter_config.json", cache_dir=cache) is _CACHED_NO_EXIST
+    assert (outside / "config.json").read_text() == "not the cache's"
+    (no_exist / commit_id / "tokenizer.json").touch()  # (a note written after an export)
+    assert filled.hf_cache_export(SAMPLE, cache_dir=cache).ok
+    assert not (no_exist / commit_id / "tokenizer.json").exists()

@@ -40,7 +40,8 @@ rename of a finished file, and a snapshot the cache does not hold yet is built b
 ``.modeldepot-<pid>-<hex>.snap/<commit>``, at the same depth) and renamed into place whole; what is added to a
 snapshot it holds, and every blob added, is written first in a journal (``.modeldepot-<pid>-<hex>.added``).
 So a kill leaves nothing the cache would name as the commit, and the next export takes back what a killed
-one (its process gone) left. The tree
+one (its process gone) left. A ``.no_exist/<commit>/<path>`` note of huggingface_hub's for a file written
+is removed: ``try_to_load_from_cache`` reads it before the snapshot. The tree
 listing huggingface_hub caches (``trees/<commit>.json``) is not written: the store may hold only part of
 a revision (one variant), and that listing would tell later online downloads that the rest does not exist.
 """

@@ -502,6 +502,12 @@ class _CacheWriter:
             fd = inner
         return fd
 
+    def drop_no_exist(self, commit_id: str, path: str) -> None:
+        """Remove huggingface_hub's note that the commit has no such file (``.no_exist/<commit>/<path>``),
+        which ``try_to_load_from_cache`` reads before the snapshot: the file it has now stayed unseen (a
+        review). Its folders are opened without following a link, so no file outside the repo's folder goes."""
+        self._unlink([".no_exist", commit_id, *path.split("/")], links_only=False)
+
     def _blobs_linked(self) -> set[str]:
         """The names in blobs/ that a link of the repo's snapshots leads to, or of the snapshots other exports
         are building (a blob this one added, one of theirs found there and linked)."""
@@ -633,6 +639,7 @@ class _CacheWriter:
         target = os.path.relpath(blob, folder)
         try:
             if os.readlink(final) == target:
+                self.drop_no_exist(snapshot.name, path)
                 return True
         except OSError:
             pass
@@ -649,6 +656,7 @@ class _CacheWriter:
         except OSError as error:
             unlink_quietly(temporary)
             raise StoreError(f"cannot write {final} in the Hugging Face cache: {error.strerror}") from None
+        self.drop_no_exist(snapshot.name, path)
         return True
 
     def ref_target(self, branch: str) -> str | None:
