@@ -79,6 +79,9 @@ def test_a_flip_in_the_first_chunk_is_a_503_and_quarantines(node: LiveNode, depo
     with pytest.raises(CorruptBlobError):
         depot.get_file(REPO, "model.safetensors")  # quarantined: no read path serves it any more
     assert _raw_get(node.url + ROUTES[route])[0] in (404, 503)
+    # The node's health says so (it said "ok" while the model answered 503: an explorer's trial)
+    health = requests.get(f"{node.url}/api/depot/v1/health", timeout=10).json()
+    assert health["status"] == "degraded" and "1 file failed verification" in health["detail"], health
 
 
 @pytest.mark.parametrize("route", sorted(ROUTES))
