@@ -26,6 +26,7 @@ from aiohttp.web_request import BaseRequest
 
 from modeldepot._version import __version__, node_version
 from modeldepot.depot import Depot
+from modeldepot.discovery.base import ClusterStatus
 from modeldepot.enginekeys import engine_revision
 from modeldepot.errors import (
     ChunkNotAvailableError,
@@ -39,7 +40,7 @@ from modeldepot.hub.manifest import Manifest
 from modeldepot.preload.preloader import PreloadInfo
 from modeldepot.server.commit_cache import COMMITS
 from modeldepot.server.context import DEPOT, checked_query, hidden_repo, is_authorized, path_repo, request_url
-from modeldepot.server.fleet import FLEET
+from modeldepot.server.fleet import FLEET, NodeFleet
 from modeldepot.server.openapi import WITHHELD_PRELOAD, openapi_document
 from modeldepot.server.ranges import RangeNotSatisfiable
 from modeldepot.server.responses import CountedResponse, ViewResponse, json_response, matches_none, send_blob
@@ -73,42 +74,46 @@ def _depot(request: web.Request) -> Depot:
 async def health(request: web.Request) -> web.Response:
     """200 while the node serves, whatever its fleet's registry does (a load balancer must not drop a node
     that serves files): ``status`` is ``degraded``, with a ``detail``, while its registry cannot be reached
-    or its record is not in it (its peers and what they hold are then the last known); ``cluster`` (a node
-    served with one) says how its view of the fleet stands."""
+    or its record is not in it (its peers and what they hold are then the last known; said in
+    ``fleet_detail`` too), or while files of its store failed verification (``quarantined_files``);
+    ``cluster`` (a node served with one) says how its view of the fleet stands."""
     checked_query(request)
     fleet = request.app.get(FLEET)
     status = fleet.status() if fleet is not None else None
+    answer: dict[str, Any] = {"status": "ok"}
+    if status is not None:
+        answer.update(node_id=_depot(request).node_id, cluster=dataclasses.asdict(status))
+        degraded = _fleet_degraded(status, fleet)
+        if degraded:
+            answer.update(status="degraded", detail=degraded, fleet_detail=degraded)
     # (a model the scrub found corrupt answered 503 until pulled again by hand, the health "ok": an
     # explorer's trial)
     broken = await asyncio.to_thread(_quarantined_files, _depot(request))
-    lost = (f"{broken} file{'s' if broken != 1 else ''} failed verification and {'are' if broken != 1 else 'is'} "
-            "not served: `modeldepot verify` names them, and a pull of them fetches them again; the others are "
-            "served") if broken else None  # fmt: skip
-    if status is None:
-        return json_response({"status": "degraded", "detail": lost} if lost else {"status": "ok"})
-    answer: dict[str, Any] = {
-        "status": "ok",
-        "node_id": _depot(request).node_id,
-        "cluster": dataclasses.asdict(status),
-    }
-    if lost:
-        answer.update(status="degraded", detail=lost)
-    elif not status.connected:
-        answer.update(status="degraded", detail=f"the fleet's registry ({status.backend}) cannot be reached: "
-                      "peers and what they hold are as last seen; files are served")  # fmt: skip
-    elif status.conflict:
-        answer.update(status="degraded", detail=f"{status.conflict}; files are served")
-    elif not status.registered and status.last_error:
-        answer.update(status="degraded", detail=f"the fleet's registry refuses this node ({status.last_error}): "
-                      "peers may not see what it holds now; files are served")  # fmt: skip
-    elif not status.registered:
-        answer.update(status="degraded", detail="this node is not registered in its fleet yet: peers do not "
-                      "know of it; files are served")  # fmt: skip
-    elif fleet is not None and fleet.unreachable:
-        answer.update(status="degraded", detail=f"{fleet.unreachable}; files are served")
-    elif fleet is not None and fleet.refused:
-        answer.update(status="degraded", detail=f"{fleet.refused}; files are served")
+    if broken:
+        lost = (f"{broken} file{'s' if broken != 1 else ''} failed verification and {'are' if broken != 1 else 'is'} "
+                "not served: `modeldepot verify` names them, and a pull of them fetches them again")  # fmt: skip
+        said = answer.get("detail")
+        answer.update(status="degraded", quarantined_files=broken, detail=f"{said}; {lost}" if said else lost)
     return json_response(answer)
+
+
+def _fleet_degraded(status: ClusterStatus, fleet: NodeFleet | None) -> str | None:
+    """Why the node's place in its fleet is degraded, or None."""
+    if not status.connected:
+        return (f"the fleet's registry ({status.backend}) cannot be reached: peers and what they hold are as last "
+                "seen; files are served")  # fmt: skip
+    if status.conflict:
+        return f"{status.conflict}; files are served"
+    if not status.registered and status.last_error:
+        return (f"the fleet's registry refuses this node ({status.last_error}): peers may not see what it holds "
+                "now; files are served")  # fmt: skip
+    if not status.registered:
+        return "this node is not registered in its fleet yet: peers do not know of it; files are served"
+    if fleet is not None and fleet.unreachable:
+        return f"{fleet.unreachable}; files are served"
+    if fleet is not None and fleet.refused:
+        return f"{fleet.refused}; files are served"
+    return None
 
 
 def _quarantined_files(depot: Depot) -> int:

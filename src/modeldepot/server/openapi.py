@@ -190,7 +190,7 @@ def _components() -> ComponentSchemas:
                     "enum": ["ok", "degraded"],
                     "description": "degraded: the fleet's registry cannot be reached, this node is not "
                     "registered in it, or it could not reach itself at the URL its peers are given (files are "
-                    "still served)",
+                    "still served); or files of its store failed verification (the others are served)",
                 },
                 "node_id": {
                     "type": "string",
@@ -198,6 +198,11 @@ def _components() -> ComponentSchemas:
                     "cluster",
                 },
                 "detail": {"type": "string", "description": "why it is degraded"},
+                "fleet_detail": {"type": "string", "description": "why its place in the fleet is degraded"},
+                "quarantined_files": {
+                    "type": "integer",
+                    "description": "files of its store that failed verification: not served until pulled again",
+                },
                 "cluster": {
                     **c.ref(ClusterStatus),
                     "description": "how this node's view of its fleet stands; absent on a node served "

@@ -859,11 +859,12 @@
     const peers = state.peers;
     // The registry out of reach: the peers listed are the last known (health says so; it needs no token)
     const health = state.health;
-    const degraded = health && health.status === "degraded" ? health : null;
+    // (the fleet's own: files that failed verification are the store's, said with the disk)
+    const degraded = health && health.fleet_detail ? health : null;
     $("peers-degraded").hidden = !degraded;
     if (degraded) {
       const since = degraded.cluster && degraded.cluster.since ? `, since ${ago(degraded.cluster.since)}` : "";
-      setText($("peers-degraded"), `The fleet is degraded${since}: ${degraded.detail}.`);
+      setText($("peers-degraded"), `The fleet is degraded${since}: ${degraded.fleet_detail}.`);
     }
     const why = peers.length > 0 ? null : state.unknown.peers;
     $("peers").hidden = peers.length === 0;
