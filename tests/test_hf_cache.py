@@ -834,8 +834,11 @@ def test_only_the_repos_asked_for_and_private_stays_private(
     depot.import_dir(write_model_dir(tmp_path / "other", {"a.txt": b"a"}), SAMPLE, "other", private=True)
     assert depot.hf_cache_import([SAMPLE], cache_dir=hf_cache).ok
     assert depot.repo_info(SAMPLE).private  # adopting a cache never makes a private repo public
-    with pytest.raises(SourceDirectoryError, match="acme/absent"):
+    with pytest.raises(SourceDirectoryError, match="acme/absent") as refused:
         depot.hf_cache_import(["acme/absent"], cache_dir=hf_cache)
+    assert "it holds" not in str(refused.value)
+    with pytest.raises(SourceDirectoryError, match=f"; it holds {MINILM}"):  # (a near miss named: a trial)
+        depot.hf_cache_import([MINILM[:-3]], cache_dir=hf_cache)
     with pytest.raises(SourceDirectoryError):
         depot.hf_cache_import(cache_dir=tmp_path / "no-cache")
     with pytest.raises(InvalidInputError):

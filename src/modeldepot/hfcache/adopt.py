@@ -162,8 +162,16 @@ def _repo_folders(scan: _Scan, wanted: list[str] | None) -> list[tuple[str, Path
         found.append((repo_id, folder))
     for repo_id in wanted or ():
         if not any(found_id.lower() == repo_id.lower() for found_id, _ in found):
+            # (the near misses it holds: a name cut short, a version left out, refused with no word of the
+            # repo meant, an explorer's trial)
+            import difflib
+
+            held = {name[len(PREFIX) :].replace("--", "/").lower(): name[len(PREFIX) :].replace("--", "/")
+                    for name in names if name.startswith(PREFIX)}  # fmt: skip
+            close = [held[c] for c in difflib.get_close_matches(repo_id.lower(), held, n=3, cutoff=0.75)]
+            hint = f"; it holds {', '.join(close)}" if close else ""
             raise SourceDirectoryError(f"{repo_id} is not in the Hugging Face cache at {scan.cache} (no folder "
-                                       f"{repo_folder_name(repo_id)})")  # fmt: skip
+                                       f"{repo_folder_name(repo_id)}){hint}")  # fmt: skip
     return found
 
 
