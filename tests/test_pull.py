@@ -160,6 +160,23 @@ def test_a_variant_never_pulled_is_resumable_by_its_own_files_only(local: Depot)
     assert said.exit_code == 0 and "fp16" in said.output and "resumable" not in said.output, said.output
 
 
+def test_a_pull_drops_the_partial_its_file_left_under_its_other_name(local: Depot) -> None:
+    """A small file an older version downloaded in a data file and a log (killed mid-pull), pulled now in one
+    file of its own: the old ones sat in partials/ until a gc (an explorer's trial, after an upgrade)."""
+    from modeldepot.store.partials import partial_key
+
+    manifest = local.scan_repo(REPO)
+    [remote] = [f for f in manifest.files if f.path == "config.json"]
+    key = partial_key(remote.sha256, remote.git_oid)
+    # (as the older version named it: a chunk size under the file's size made it a data file and a log)
+    claim = local.store.partials.claim(key, remote.size, 8, False)
+    assert claim is not None and not claim.paths.one_piece
+    claim.release(completed=False)
+    assert key in local.store.partials.keys_on_disk()
+    local.pull(REPO, ["q4f16"])
+    assert key not in local.store.partials.keys_on_disk(), sorted(local.store.partials.keys_on_disk())
+
+
 def test_a_node_holding_one_variant_lists_the_whole_commit_and_refuses_what_it_lacks(
     local: Depot, upstream: LiveNode, tmp_path: Path
 ) -> None:

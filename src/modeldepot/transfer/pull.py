@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import threading
 import time
@@ -694,6 +695,18 @@ class _PullRun:
         with self.store.layout.same_folders():  # (partials/ resolved once, not twice per file)
             for claim in claims:
                 claim.release(completed=self.published)
+            if self.published:
+                self._drop_other_names()
+
+    def _drop_other_names(self) -> None:
+        """What is left in partials/ of the contents published, under another name than this pull's claims
+        used: a small file an older version downloaded in a data file and a log (now one file of its own), or
+        by its git id where this pull knew its SHA-256. No resume needs them now, and they sat in partials/
+        until a gc (an explorer's trial, after an upgrade)."""
+        others = {*self.digests, *(f"git-{d.git_sha1}" for d in self.digests.values() if d.git_sha1)}
+        left = others & self.store.partials.keys_on_disk()
+        if left:  # (as gc takes them, those alone: one another process holds stays)
+            self.store.partials.collect(False, max_age=math.inf, held=left)
 
 
 def _raise_first(errors: list[BaseException], files: int) -> None:
