@@ -740,13 +740,16 @@ class PartialFiles:
                                 self.writeback, taken)  # fmt: skip
 
     def collect(
-        self, remove_all: bool, max_age: float = PARTIAL_MAX_AGE, held: Set[str] = frozenset()
-    ) -> tuple[int, int, int, int]:
+        self, remove_all: bool, max_age: float = PARTIAL_MAX_AGE, held: Set[str] = frozenset(),
+        empty: bool = True,
+    ) -> tuple[int, int, int, int]:  # fmt: skip
         """gc: delete unlocked partials older than ``max_age`` (every unlocked one with ``remove_all``), and
         those of a content the store holds whole (``held``, download keys: a SHA-256 or ``git-<oid>``; it came in another way, an import, an
         adoption, and no resume will ever need the download: kept a week outside the budget, an operator's
-        trial); returns (removed, kept for a resume, left to the transfers running now, bytes freed: the disk
-        space given back)."""
+        trial), and (``empty``) those that keep nothing a resume would take (stopped before a chunk landed: a
+        node killed as its pulls began left the whole room of its files taken for a week, "resumable: 0 B
+        kept", an explorer's trial); returns (removed, kept for a resume, left to the transfers running now,
+        bytes freed: the disk space given back)."""
         removed = kept = running = freed = 0
         try:
             logs = sorted(self.root.glob("*.log"))
@@ -774,6 +777,7 @@ class PartialFiles:
                     or now - newest > max_age
                     or _links(paths.data) > 1  # (> 1: a blob's too)
                     or not paths.data.exists()  # (its data went: nothing to resume)
+                    or (empty and self.kept_bytes(key) == 0)
                 ):
                     freed += _given_back(paths.data) + _given_back(paths.log)
                     self.layout.unlink(paths.data)
@@ -797,10 +801,10 @@ class PartialFiles:
             *(p for p in self.root.glob("*.part") if not p.with_suffix(".log").exists()),
         ]
         for data in logless:  # a one-chunk download, or (rarely) a data file whose log went
-            size = _given_back(data)
-            outcome = self._collect_logless(
-                data, remove_all or data.name.split(".", 1)[0] in held, now - max_age
-            )
+            size, key = _given_back(data), data.name.split(".", 1)[0]
+            # (a one-chunk download is kept whole or not at all: a part of it starts over)
+            useless = empty and data.suffix == ".one" and self.kept_bytes(key) == 0
+            outcome = self._collect_logless(data, remove_all or key in held or useless, now - max_age)
             if outcome == "removed":
                 removed, freed = removed + 1, freed + size
             elif outcome == "kept":

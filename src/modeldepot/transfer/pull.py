@@ -706,7 +706,7 @@ class _PullRun:
         others = {*self.digests, *(f"git-{d.git_sha1}" for d in self.digests.values() if d.git_sha1)}
         left = others & self.store.partials.keys_on_disk()
         if left:  # (as gc takes them, those alone: one another process holds stays)
-            self.store.partials.collect(False, max_age=math.inf, held=left)
+            self.store.partials.collect(False, max_age=math.inf, held=left, empty=False)
 
 
 def _raise_first(errors: list[BaseException], files: int) -> None:
