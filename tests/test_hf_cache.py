@@ -1917,6 +1917,38 @@ def test_a_killed_export_into_a_snapshot_the_cache_held_is_taken_back_by_the_nex
     assert result.ok and read_tree(snapshot) == sample_files()
 
 
+def test_an_export_running_in_another_pid_namespace_is_never_taken_for_ended(
+    filled: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache shared between containers (each its own pid namespace) or hosts: an export there saw this one's
+    pid as ended, swept its staging folder and blobs, and this one published the rest as the commit and said
+    ok (a review). An export runs while its journal's lock is held, whatever its pid says elsewhere; a journal
+    that is a FIFO (a stray one, or another member's) is never waited on."""
+    import modeldepot.hfcache.export as export_module
+
+    cache, commit_id = tmp_path / "hub", filled.resolve(SAMPLE)
+    (cache / FOLDER).mkdir(parents=True)
+    fifo = cache / FOLDER / f".modeldepot-{_ended_pid()}-0123456789ab.added"
+    os.mkfifo(fifo)
+    calls = {"n": 0}
+
+    def elsewhere(name: str, done: int, total: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # (another namespace's export of another branch, half-way through this one)
+            with monkeypatch.context() as patch:
+                patch.setattr(export_module, "_alive", lambda pid: False)
+                assert filled.hf_cache_export(SAMPLE, "dev", cache_dir=cache).ok
+
+    result = filled.hf_cache_export(SAMPLE, cache_dir=cache, progress=elsewhere)
+    assert calls["n"] > 2 and result.ok, result
+    assert read_tree(cache / FOLDER / "snapshots" / commit_id) == sample_files()
+    assert (
+        read_tree(Path(snapshot_download(SAMPLE, cache_dir=cache, local_files_only=True))) == sample_files()
+    )
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)  # (not ours: left as it is)
+    assert sorted(p.name for p in (cache / FOLDER).iterdir() if p.name.startswith(".")) == [fifo.name]
+
+
 def test_an_export_clears_huggingface_hubs_note_that_the_commit_lacks_a_file_it_writes(
     filled: Depot, tmp_path: Path
 ) -> None:

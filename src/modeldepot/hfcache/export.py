@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import os
 import re
 import secrets
@@ -251,15 +252,20 @@ def _set_ref(writer: _CacheWriter, repo_id: str, branch: str, commit_id: str, mo
 class Adding:
     """What an export of one commit adds to a repo's folder of the cache (from one store, or from several in
     turn: :func:`export_through_tiers`), until it ends: taken back whole when it fails, and by the next
-    export's sweep when it was killed (its process gone)."""
+    export's sweep when it was killed (its journal's lock free)."""
 
     made: list[Path] = dataclasses.field(default_factory=list)  # the blobs and links added
-    # ``<repo>/.modeldepot-<pid>-<hex>.snap``: a snapshot the cache did not hold is built in it, under
-    # ``<commit>/``, and moved into ``snapshots/`` whole (at the same depth: its links read as they will there)
-    staging: Path | None = None
     # ``<repo>/.modeldepot-<pid>-<hex>.added``: the names of ``made`` outside the staging folder, each written
-    # before the name is made
+    # before the name is made; made first, and held locked (flock) for the whole export: the lock, not the
+    # pid, says it runs (a pid is another's in another container's namespace, or on another host of a shared
+    # cache: an export taken for dead there had its staging folder swept, and published the rest as the
+    # commit, a review)
     journal: Path | None = None
+    journal_fd: int | None = None
+    # ``<repo>/.modeldepot-<pid>-<hex>.snap`` (the journal's name but its suffix): a snapshot the cache did not
+    # hold is built in it, under ``<commit>/``, and moved into ``snapshots/`` whole (at the same depth: its
+    # links read as they will there)
+    staging: Path | None = None
 
 
 class _CacheWriter:
@@ -311,19 +317,61 @@ class _CacheWriter:
         (each name added is journaled first), else a staging folder moved there whole by :meth:`finish`. A
         snapshot grown a link at a time was, killed half-way, the commit to huggingface_hub: an offline
         ``snapshot_download(revision=<commit>)`` returned a config without weights (a review)."""
+        journal = self._begin()
         if self.adding.staging is None and not os.path.lexists(self.root / "snapshots" / commit_id):
             self.folder("snapshots")  # (a repo's folder without it is a corrupt one to scan_cache_dir)
-            self.adding.staging = self.folder(f".modeldepot-{os.getpid()}-{secrets.token_hex(6)}.snap")
+            self.adding.staging = self.folder(journal.name[: -len(".added")] + ".snap")
         if self.adding.staging is not None:
+            self._check_staging()
             return self.folder(f"{self.adding.staging.name}/{commit_id}")
         return self.folder(f"snapshots/{commit_id}")
+
+    def _begin(self) -> Path:
+        """This export's journal, made (empty) and locked for its whole run: see :class:`Adding`."""
+        if self.adding.journal is not None:
+            return self.adding.journal
+        temporary = self._temporary(self.root)
+        journal = temporary.with_suffix(".added")
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644)  # fmt: skip
+        except OSError as error:
+            raise StoreError(f"cannot write {journal} in the Hugging Face cache: {error.strerror}") from None
+        try:
+            # Locked before it is named a journal: a sweep never finds it free while this export runs
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(temporary, journal)
+        except OSError as error:
+            os.close(fd)
+            unlink_quietly(temporary)
+            raise StoreError(f"cannot write {journal} in the Hugging Face cache: {error.strerror}") from None
+        self.adding.journal, self.adding.journal_fd = journal, fd
+        return journal
+
+    def _check_staging(self) -> None:
+        """The staging folder is still this export's (never made again in silence: what it held would be missing
+        from the snapshot moved into place, the commit to huggingface_hub)."""
+        staging = self.adding.staging
+        if staging is not None and not (staging.is_dir() and not staging.is_symlink()):
+            raise StoreError(f"the folder this export built the snapshot in, {staging}, went while it ran (removed "
+                             "by hand, or by another export that took this one for ended): nothing of it is "
+                             "published; export again")  # fmt: skip
 
     def finish(self, commit_id: str) -> None:
         """The export done: the snapshot built in the staging folder moved into ``snapshots/`` whole (unless
         nothing was linked in it), and the journal dropped. Refs are written after this."""
         staging = self.adding.staging
         if staging is not None:
+            self._check_staging()
             built = staging / commit_id
+            missing = [
+                name
+                for name in self.adding.made
+                if within(str(staging), str(name)) and not os.path.lexists(name)
+            ]
+            if missing:
+                raise StoreError(f"{missing[0]} went from the folder this export built the snapshot in: nothing of it "
+                                 "is published; export again")  # fmt: skip
             try:
                 with os.scandir(built) as entries:
                     linked = any(entries)
@@ -364,18 +412,23 @@ class _CacheWriter:
         self.adding.made.append(name)
         if self.adding.staging is not None and within(str(self.adding.staging), str(name)):
             return
-        if self.adding.journal is None:
-            self.adding.journal = self.root / f".modeldepot-{os.getpid()}-{secrets.token_hex(6)}.added"
-        fd = os.open(self.adding.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+        self._begin()
+        assert self.adding.journal_fd is not None
         try:
-            os.write(fd, f"{name.relative_to(self.root).as_posix()}\n".encode())
-        finally:
-            os.close(fd)
+            os.write(self.adding.journal_fd, f"{name.relative_to(self.root).as_posix()}\n".encode())
+        except OSError as error:
+            raise StoreError(
+                f"cannot write {self.adding.journal} in the Hugging Face cache: {error.strerror}"
+            ) from None
 
     def _drop_journal(self) -> None:
+        """The export is over: its journal goes, then its lock (removed while held: no sweep takes it meanwhile)."""
         if self.adding.journal is not None:
             unlink_quietly(self.adding.journal)
             self.adding.journal = None
+        if self.adding.journal_fd is not None:
+            os.close(self.adding.journal_fd)
+            self.adding.journal_fd = None
 
     def folder(self, relative: str) -> Path:
         """``<cache>/<repo folder>/<relative>``, created a level at a time, each level checked first."""
@@ -407,33 +460,53 @@ class _CacheWriter:
         return folder / f".modeldepot-{os.getpid()}-{secrets.token_hex(6)}.tmp"
 
     def sweep(self, folder: Path) -> None:
-        """Remove what an export killed left in ``folder`` (its process is gone): its temporary files, the
-        snapshot it was building, and what its journal says it added (the blobs no snapshot links to)."""
+        """Remove what an export killed left in ``folder``: its temporary files (its process gone), and, its
+        journal's lock free, the snapshot it was building and what its journal says it added (the blobs no
+        snapshot links to)."""
         try:
             names = os.listdir(folder)
         except OSError:
             return
-        dead = [(found[2], name) for name in names
-                if (found := _LEFT.fullmatch(name)) is not None and not _alive(int(found[1]))
-                and (found[2] == "tmp" or folder == self.root)]  # fmt: skip
-        for kind in ("tmp", "snap", "added"):  # (the dead snapshots gone before the blobs are weighed)
-            for _, name in [d for d in dead if d[0] == kind]:
-                if kind == "snap":
-                    _remove_folder(folder / name)
-                elif kind == "added":
-                    self._take_back_journal(folder / name)
-                else:
-                    unlink_quietly(folder / name)
+        left = [(found, name) for name in names if (found := _LEFT.fullmatch(name)) is not None]
+        for found, name in left:
+            if found["kind"] == "tmp" and not _alive(int(found["pid"])):
+                unlink_quietly(folder / name)
+        if folder != self.root:
+            return
+        for found, name in left:
+            journal = folder / f".modeldepot-{found['pid']}-{found['token']}.added"
+            if found["kind"] == "snap" and not os.path.lexists(journal):
+                _remove_folder(folder / name)  # (its journal, made first and dropped last, is gone: it ended)
+            elif found["kind"] == "added":
+                self._take_back_dead(journal)
 
-    def _take_back_journal(self, journal: Path) -> None:
-        """Take back what a killed export's journal names, as :meth:`take_back` does; then the journal. Its
-        lines are checked as any name read from a cache (it may be another user's): a link of a snapshot, or a
-        blob, inside this repo's folder, each removed by a name opened level by level without following a link."""
-        try:
-            with open(journal, "rb") as handle:
-                lines = handle.read(_MAX_JOURNAL_BYTES).decode("utf-8", "replace").split("\n")[:-1]
+    def _take_back_dead(self, journal: Path) -> None:
+        """When no export holds ``journal``'s lock (it was killed): its staging folder removed whole, then what
+        its journal names taken back as :meth:`take_back` does, then the journal (while locked: a later sweep
+        finds nothing)."""
+        try:  # (not a FIFO, nor a link another member of a shared cache put there: never waited on, nor followed)
+            fd = os.open(journal, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            lines = []
+            return
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return  # (its export runs)
+            _remove_folder(journal.with_suffix(".snap"))
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                lines = handle.read(_MAX_JOURNAL_BYTES).decode("utf-8", "replace").split("\n")[:-1]
+            self._take_back_lines(lines)
+            unlink_quietly(journal)
+        finally:
+            os.close(fd)
+
+    def _take_back_lines(self, lines: list[str]) -> None:
+        """Take back what a killed export's journal names. Its lines are checked as any name read from a cache
+        (it may be another user's): a link of a snapshot, or a blob, inside this repo's folder, each removed by a
+        name opened level by level without following a link."""
         blobs = set()
         for line in lines:
             kind, _, rest = line.partition("/")
@@ -452,7 +525,6 @@ class _CacheWriter:
         linked = self._blobs_linked()
         for etag in blobs - linked:
             self._unlink(["blobs", etag], links_only=False)
-        unlink_quietly(journal)
 
     def _unlink(self, parts: list[str], *, links_only: bool) -> bool:
         """Remove ``<repo>/<parts...>``, a link (or, unless ``links_only``, a file): True when it was."""
@@ -692,9 +764,10 @@ class _CacheWriter:
             raise StoreError(f"cannot write {final} in the Hugging Face cache: {error.strerror}") from None
 
 
-# What an export leaves in the repo's folder (and blobs/) while it runs: temporary files, the snapshot it builds
-# (.snap), the journal of what it added to the cache's (.added); named by its process, swept once that is gone
-_LEFT = re.compile(r"\.modeldepot-(\d{1,9})-[0-9a-f]{12}\.(tmp|snap|added)")
+# What an export leaves in the repo's folder (and blobs/) while it runs: temporary files (swept once their
+# process is gone), the snapshot it builds (.snap) and the journal of what it added to the cache's (.added),
+# locked while it runs (swept once its lock is free)
+_LEFT = re.compile(r"\.modeldepot-(?P<pid>\d{1,9})-(?P<token>[0-9a-f]{12})\.(?P<kind>tmp|snap|added)")
 _STAGING = re.compile(r"\.modeldepot-\d{1,9}-[0-9a-f]{12}\.snap")
 _MAX_JOURNAL_BYTES = 64 << 20
 
