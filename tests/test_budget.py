@@ -1772,10 +1772,9 @@ def test_evictions_are_remembered_with_when_and_why_and_said_where_the_model_is_
             depot.evictions(limit=-1)
     said = CliRunner().invoke(cli, ["info", "acme/a", "--home", str(home)])
     assert said.exit_code == 1, said.output
-    assert "the disk budget last evicted it on" in said.stderr and "(importing acme/c)" in said.stderr, (
-        said.stderr
-    )
-    assert "`modeldepot pull acme/a` brings it back" in said.stderr, said.stderr
+    assert "the disk budget evicted it on" in said.stderr and "(importing acme/c)" in said.stderr, said.stderr
+    # (imported: the operator's own, which a pull would not bring back, a review)
+    assert "importing its folder again brings it back" in said.stderr, said.stderr
     said = CliRunner().invoke(cli, ["info", "acme/never", "--home", str(home)])
     assert "evicted" not in said.stderr, said.stderr
     listed = CliRunner().invoke(cli, ["budget", "--home", str(home)])
@@ -1790,6 +1789,13 @@ def test_evictions_are_remembered_with_when_and_why_and_said_where_the_model_is_
             time.sleep(0.01)
         assert [e.repo_id for e in depot.evictions()] == ["acme/c", "acme/b"]
         assert depot.budget_status().evictions == 3
+        # Removed by hand once imported again, it is no longer the budget's doing (a review)
+        depot.set_max_size(None)
+        depot.import_dir(model(tmp_path, "acme/c"), "acme/c")
+        depot.remove("acme/c")
+        assert [e.repo_id for e in depot.evictions()] == ["acme/b"]
+    said = CliRunner().invoke(cli, ["info", "acme/c", "--home", str(home)])
+    assert said.exit_code == 1 and "evicted" not in said.stderr, said.stderr
 
 
 def test_a_refusal_by_a_few_bytes_says_the_bytes(tmp_path: Path) -> None:

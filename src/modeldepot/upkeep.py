@@ -100,8 +100,14 @@ class Upkeep:
             forgotten = None if revision is not None or shared else self._forget_scan(repo_id)
             if forgotten is None:
                 raise  # (a shared store's repo is said so, and the scan made of it here stays)
+            self.store.budget.forget_history(repo_id)
             return forgotten
         self._held.let_go_of(repo_id, result.commits)
+        # (removed by hand: no longer the budget's doing, whatever it evicted of it before)
+        if revision is None:
+            self.store.budget.forget_history(repo_id)
+        for gone in result.commits if revision is not None else ():
+            self.store.budget.forget_history(repo_id, gone)
         return result.seen_held()
 
     def _shared_holder(self, repo_id: str) -> Store | None:

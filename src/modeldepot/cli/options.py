@@ -165,8 +165,11 @@ def _said_if_evicted(depot: Depot, error: RepoNotFoundError) -> RepoNotFoundErro
     went = latest[0]
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(went.at))
     why = f" ({went.doing})" if went.doing else ""
-    return RepoNotFoundError(went.repo_id, f"repo {went.repo_id!r} is not in the store: the disk budget last evicted it on "
-                                            f"{when}{why}; `modeldepot pull {went.repo_id}` brings it back")  # fmt: skip
+    # (an imported repo is the operator's own: a pull would ask the Hub for another repo of its name)
+    back = ("importing its folder again brings it back" if went.origin == "import"
+            else f"`modeldepot pull {went.repo_id}` brings it back")  # fmt: skip
+    return RepoNotFoundError(went.repo_id, f"repo {went.repo_id!r} is not in the store: the disk budget evicted it on "
+                                            f"{when}{why}; {back}")  # fmt: skip
 
 
 def upstream_urls_checked() -> None:

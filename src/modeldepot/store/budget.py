@@ -103,6 +103,7 @@ class Eviction(_Record):
     bytes_still_linked: int = 0
     at: float = 0.0  # when it went (seconds since the epoch)
     doing: str = ""  # the write or command it made room for ("pulling acme/x", "shrinking the store")
+    origin: str = ""  # where the repo came from: "import", or the URL of the upstream it was pulled from
 
 
 @dataclass(frozen=True)
@@ -710,10 +711,12 @@ class DiskBudget:
                 break
             if self.order.frees_nothing(unit, staying):
                 continue
+            came = self.store.index.read("SELECT origin FROM repos WHERE repo_id = ?", (unit.repo_id,))
             eviction = self._evict(unit)
             if eviction is None:
                 continue
-            eviction = dataclasses.replace(eviction, at=time.time(), doing=doing)
+            origin = str(came[0]["origin"]) if came else ""
+            eviction = dataclasses.replace(eviction, at=time.time(), doing=doing, origin=origin)
             evicted.append(eviction)
             self._count(eviction)
             what = f"{unit.repo_id}@{unit.commit_id[:12]}" + (f" ({unit.variant})" if unit.variant else "")
@@ -769,9 +772,9 @@ class DiskBudget:
                 )
             con.execute(
                 "INSERT INTO evictions (at, repo_id, commit_id, variant, bytes_freed, bytes_still_linked, last_used, "
-                "doing, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "doing, pid, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (eviction.at, eviction.repo_id, eviction.commit_id, eviction.variant, eviction.bytes_freed,
-                 eviction.bytes_still_linked, eviction.last_used, eviction.doing[:300], os.getpid()),
+                 eviction.bytes_still_linked, eviction.last_used, eviction.doing[:300], os.getpid(), eviction.origin),
             )  # fmt: skip
             con.execute("DELETE FROM evictions WHERE rowid <= (SELECT MAX(rowid) FROM evictions) - ?",
                         (EVICTIONS_KEPT,))  # fmt: skip
@@ -783,11 +786,22 @@ class DiskBudget:
             return []
         where, params = ("WHERE repo_id = ? COLLATE NOCASE", (repo_id,)) if repo_id is not None else ("", ())
         rows = self.store.index.read(
-            "SELECT at, repo_id, commit_id, variant, bytes_freed, bytes_still_linked, last_used, doing FROM evictions "
+            "SELECT at, repo_id, commit_id, variant, bytes_freed, bytes_still_linked, last_used, doing, origin "
+            "FROM evictions "
             f"{where} ORDER BY at DESC, rowid DESC LIMIT ?", (*params, max(0, limit)),
         )  # fmt: skip
         return [Eviction(r["repo_id"], r["commit_id"], r["bytes_freed"], r["last_used"], r["variant"],
-                         r["bytes_still_linked"], r["at"], r["doing"]) for r in rows]  # fmt: skip
+                         r["bytes_still_linked"], r["at"], r["doing"], r["origin"]) for r in rows]  # fmt: skip
+
+    def forget_history(self, repo_id: str, commit_id: str | None = None) -> None:
+        """Forget the evictions of ``repo_id`` (of one commit of it): it was removed by hand, and is not the
+        budget's doing any more (a repo evicted once, imported again and removed was "evicted by the disk
+        budget" for good: a review)."""
+        if self.store.index.schema < 15 or self.store.read_only:
+            return
+        where, params = ("AND commit_id = ?", (commit_id,)) if commit_id is not None else ("", ())
+        with self.store.index.write("forgetting evictions") as con:
+            con.execute(f"DELETE FROM evictions WHERE repo_id = ? COLLATE NOCASE {where}", (repo_id, *params))
 
 
 def _beyond(amount: int, contents: Mapping[str, int], mine: Mapping[str, int]) -> int:

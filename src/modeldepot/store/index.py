@@ -246,7 +246,8 @@ _MIGRATIONS: tuple[str, ...] = (
         bytes_still_linked INTEGER NOT NULL DEFAULT 0,
         last_used REAL NOT NULL,
         doing TEXT NOT NULL DEFAULT '',
-        pid INTEGER
+        pid INTEGER,
+        origin TEXT NOT NULL DEFAULT ''
     );
     CREATE INDEX evictions_by_repo ON evictions (repo_id COLLATE NOCASE, at)
     """,

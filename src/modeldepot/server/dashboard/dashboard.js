@@ -756,7 +756,7 @@
       const evictions = state.stats && state.stats.recent_evictions ? state.stats.recent_evictions : [];
       const went = evictions.find((e) => e.repo_id.toLowerCase() === item.id.toLowerCase());
       facts = went
-        ? [`evicted ${ago(went.at)} for the disk budget${went.doing ? ` (${went.doing})` : ""}: pull it again to have it`]
+        ? [`evicted ${ago(went.at)} for the disk budget${went.doing ? ` (${went.doing})` : ""}: ${went.origin === "import" ? "import it again" : "pull it again"} to have it`]
         : ["scanned, not in the store yet"];
     }
     const manifest = state.manifests.get(item.id);
