@@ -152,6 +152,23 @@ def test_gc_keeps_a_held_or_young_one_chunk_download_and_removes_an_old_one(depo
     assert not part.exists()
 
 
+def test_gc_keeps_a_download_by_git_id_that_landed_chunks(depot: Depot) -> None:
+    """A file without a SHA-256 (a git id's key) downloaded in several chunks: its log was read as naming
+    nothing, and gc took the chunks a resume would have reused (a review)."""
+    partials = depot.store.partials
+    data = os.urandom(3 * SMALL_CHUNK)
+    key = f"git-{git_blob_oid(data)}"
+    partial = partials.claim(key, len(data), SMALL_CHUNK, wait=False)
+    assert partial is not None
+    first = data[:SMALL_CHUNK]
+    partial.write_chunk(0, memoryview(first), blake3.blake3(first).hexdigest())
+    partial.release(completed=False)
+    assert partials.collect(remove_all=False)[:2] == (0, 1), "a chunk landed: kept for a resume"
+    resumed = partials.claim(key, len(data), SMALL_CHUNK, wait=False)
+    assert resumed is not None and set(resumed.done) == {0}
+    resumed.release(completed=True)
+
+
 def test_gc_partials_removes_an_unheld_leftover_and_a_new_claim_starts_a_fresh_file(depot: Depot) -> None:
     partials = depot.store.partials
     leftover = claim(partials)

@@ -777,7 +777,7 @@ class PartialFiles:
                     or now - newest > max_age
                     or _links(paths.data) > 1  # (> 1: a blob's too)
                     or not paths.data.exists()  # (its data went: nothing to resume)
-                    or (empty and self.kept_bytes(key) == 0)
+                    or (empty and _log_names_nothing(fd))
                 ):
                     freed += _given_back(paths.data) + _given_back(paths.log)
                     self.layout.unlink(paths.data)
@@ -802,9 +802,7 @@ class PartialFiles:
         ]
         for data in logless:  # a one-chunk download, or (rarely) a data file whose log went
             size, key = _given_back(data), data.name.split(".", 1)[0]
-            # (a one-chunk download is kept whole or not at all: a part of it starts over)
-            useless = empty and data.suffix == ".one" and self.kept_bytes(key) == 0
-            outcome = self._collect_logless(data, remove_all or key in held or useless, now - max_age)
+            outcome = self._collect_logless(data, remove_all or key in held, now - max_age, empty)
             if outcome == "removed":
                 removed, freed = removed + 1, freed + size
             elif outcome == "kept":
@@ -821,7 +819,7 @@ class PartialFiles:
         return removed, kept, running, freed
 
     def _collect_logless(
-        self, data: Path, remove_all: bool, older_than: float
+        self, data: Path, remove_all: bool, older_than: float, empty: bool = False
     ) -> Literal["removed", "kept", "running"] | None:
         """gc of a data file without a log: a one-chunk download (its own lock), or (rarely) data whose
         log went. Left alone while its lock is held ("running"), kept for a resume until ``older_than``
@@ -835,7 +833,11 @@ class PartialFiles:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if not _still_linked(fd, data):
                 return None
-            if not remove_all and not _placed(fd) and os.fstat(fd).st_mtime > older_than:
+            # (``empty``: a one-chunk download is kept whole or not at all, a part of it starts over; judged
+            # under its lock: one that came whole a moment before is kept, a review)
+            useless = (empty and data.suffix == ".one" and not _placed(fd)
+                       and _whole_content(fd, data.name.split(".", 1)[0], os.fstat(fd).st_size) is None)  # fmt: skip
+            if not remove_all and not useless and not _placed(fd) and os.fstat(fd).st_mtime > older_than:
                 return "kept"
             self.layout.unlink(data)
             return "removed"
@@ -872,6 +874,14 @@ def _given_back(path: Path) -> int:
     except FileNotFoundError:
         return 0
     return info.st_blocks * 512 if info.st_nlink == 1 else 0
+
+
+def _log_names_nothing(fd: int) -> bool:
+    """Whether a download's log (``fd``, locked) names no chunk and no part of one: stopped before anything
+    landed, nothing a resume would take (whatever its key: a ``git-<oid>`` download's log reads the same)."""
+    size = os.fstat(fd).st_size
+    text = os.pread(fd, min(size, 1 << 20), 0).decode("ascii", "replace") if size else ""
+    return not any(line[:1].isdigit() for line in text.split("\n")[1:])
 
 
 def _whole_content(fd: int, key: str, size: int) -> dict[int, str] | None:
