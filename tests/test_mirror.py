@@ -943,6 +943,7 @@ def test_a_store_from_before_hidden_at_takes_its_pulled_private_repos_as_hidden_
                 con.execute("UPDATE revisions SET tree_oid = NULL WHERE repo_id = ? AND commit_id = ?",
                             (repo, depot.resolve(repo)))  # fmt: skip
             con.execute("DROP TABLE evictions")
+            con.execute("DROP INDEX blobs_not_ok")
             con.execute("ALTER TABLE repos DROP COLUMN hidden_at")
             con.execute("PRAGMA user_version = 12")
     with Depot(tmp_path / "store") as depot:

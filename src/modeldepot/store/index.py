@@ -249,7 +249,8 @@ _MIGRATIONS: tuple[str, ...] = (
         pid INTEGER,
         origin TEXT NOT NULL DEFAULT ''
     );
-    CREATE INDEX evictions_by_repo ON evictions (repo_id COLLATE NOCASE, at)
+    CREATE INDEX evictions_by_repo ON evictions (repo_id COLLATE NOCASE, at);
+    CREATE INDEX blobs_not_ok ON blobs (sha256) WHERE state != 'ok'
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
