@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 import modeldepot
-from conftest import LiveNode, closed_port, flip_byte, free_port, sample_files, write_model_dir
+from conftest import LiveNode, closed_port, flip_byte, free_port, sample_files, wait_until, write_model_dir
 from modeldepot import Depot, InvalidInputError
 from modeldepot._version import build_id, node_version
 from modeldepot.cli import cli, render
@@ -737,7 +737,7 @@ def test_listings_that_cannot_be_written_say_so_in_one_line(home: Path, model_di
 def test_rm_names_what_the_processes_still_holding_its_files_run() -> None:
     """A node sending a removed file to a slow client was called "a worker's loaded model" (an explorer's
     trial): each holder is named with its command line."""
-    from modeldepot.store.holders import process_command
+    from modeldepot.store.holders import _redacted, process_command
     from modeldepot.store.maintenance import RemoveResult
 
     result = RemoveResult(REPO, ("a" * 40,), 1, 0, bytes_still_held=5 << 20, held_by=(os.getpid(), 1 << 30))
@@ -747,6 +747,17 @@ def test_rm_names_what_the_processes_still_holding_its_files_run() -> None:
     me = process_command(os.getpid())
     assert me and f"while processes {os.getpid()} ({' '.join(me.split())})" in said, said
     assert f", {1 << 30} still map or hold them open" in said, said  # (no such process: its pid alone)
+    # A node given its token on its command line: never printed (a review)
+    node = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "--token", "s3cr3t"],
+                            stdin=subprocess.PIPE)  # fmt: skip
+    try:
+        wait_until(lambda: "--token" in (process_command(node.pid) or ""), 10, "the node's command line")
+        command = process_command(node.pid) or ""
+        assert "--token ***" in command and "s3cr3t" not in command, command
+    finally:
+        node.communicate(b"", timeout=10)
+    said = _redacted(["serve", "--hf-token=abc", "--upstream", "http://me:pw@127.0.0.1:9", "--port", "1"])
+    assert said == ["serve", "--hf-token=***", "--upstream", "http://***@127.0.0.1:9", "--port", "1"], said
 
 
 def test_peers_says_a_time_it_cannot_show_as_unknown(capsys: pytest.CaptureFixture[str]) -> None:

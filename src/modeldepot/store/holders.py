@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Collection
+
+from modeldepot.validation import redact_credentials
 
 __all__ = ["FileKey", "holding_processes", "process_command", "processes_with_open"]
 
@@ -102,10 +105,32 @@ def process_command(pid: int) -> str | None:
         return None
     if not argv:
         return None
-    words = [os.path.basename(argv[0]), *argv[1:]]
+    words = [os.path.basename(argv[0]), *_redacted(argv[1:])]
     if len(words) > 1 and words[0].startswith("python") and words[1] == "-m":
         words = words[2:]  # (python -m modeldepot serve: the module is the command)
     elif len(words) > 1 and words[0].startswith("python"):
         words = [os.path.basename(words[1]), *words[2:]]
     said = " ".join(" ".join(words).split())  # (one line: a `python -c` program's newlines)
     return said if len(said) <= 60 else f"{said[:57]}..."
+
+
+_SECRET = re.compile(r"--?[\w-]*(token|password|passwd|secret|key|auth)[\w-]*", re.IGNORECASE)
+
+
+def _redacted(args: list[str]) -> list[str]:
+    """``args`` with the values of options that name a secret (``--token T``, ``--token=T``) and the
+    passwords of URLs said as ``***``: `modeldepot serve --token ...` is how a node is given its token, and a
+    holder's command line is printed (a review)."""
+    said, hide_next = [], False
+    for arg in args:
+        if hide_next:
+            said.append("***")
+            hide_next = False
+            continue
+        option, equals, _ = arg.partition("=")
+        if _SECRET.fullmatch(option):
+            said.append(f"{option}=***" if equals else arg)
+            hide_next = not equals
+            continue
+        said.append(redact_credentials(arg))
+    return said
