@@ -728,6 +728,11 @@ class _CacheWriter:
         except OSError as error:
             unlink_quietly(temporary)
             raise StoreError(f"cannot write {final} in the Hugging Face cache: {error.strerror}") from None
+        if not os.path.exists(
+            final
+        ):  # (its blob, found there a moment ago, taken back by another export since)
+            raise StoreError(f"{blob} went from the Hugging Face cache while this export linked it (another "
+                             "export took it back): export again")  # fmt: skip
         self.drop_no_exist(snapshot.name, path)
         return True
 
