@@ -175,6 +175,7 @@ repo_part = st.text(st.sampled_from("aZ09._-"), min_size=1, max_size=10) | segme
         ("https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2",
          "give the id alone ('sentence-transformers/all-MiniLM-L6-v2')"),
         ("huggingface.co/acme/m/tree/main", "give the id alone ('acme/m')"),
+        ("https://huggingface.co/acme/m?library=gguf#files", "give the id alone ('acme/m')"),
         ("all-MiniLM-L6-v2", "give its org too (like 'ORG/all-MiniLM-L6-v2'"),
     ],
 )  # fmt: skip

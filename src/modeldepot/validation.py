@@ -98,8 +98,15 @@ def _as_an_id(text: str) -> str:
     error's hint (a URL read as an id with two '/' too many said nothing of what was meant: a trial)."""
     if "/" not in text and text:
         return f": give its org too (like 'ORG/{text}', as the Hub names it)"
-    found = _REPO_URL.fullmatch(text.strip())
-    return f": give the id alone ({found.group(1)!r})" if found else ""
+    found = _REPO_URL.fullmatch(
+        re.split(r"[?#]", text.strip(), maxsplit=1)[0]
+    )  # (a page's query, its anchor)
+    if found is None:
+        return ""
+    try:
+        return f": give the id alone ({validate_repo_id(found.group(1))!r})"
+    except InvalidRepoIdError:
+        return ""
 
 
 def validate_repo_id(repo_id: object) -> str:
