@@ -418,6 +418,12 @@ def test_a_second_name_of_content_being_pulled_follows_that_pull(
             assert seen == 0, "the second answer's headers came while the first pull was still running"
             assert body == FILES[BIG]
             wait_until(lambda: mirror.depot.has_file(REPO, BIG, "dev"), 60, "dev's pull to take the content")
+
+            def uses() -> int:  # (each answer a use: the one that followed main's pull too, a review)
+                mirror.depot.store.access.flush()
+                return sum(a.count for a in mirror.depot.store.access.top(10) if a.repo_id == REPO)
+
+            wait_until(lambda: uses() == 2, 30, "both answers counted as uses")
         finally:
             mirror.stop()
             proxy.stop()

@@ -499,7 +499,7 @@ class Mirror:
                 async for block in follow(source, fd, start, end, reading, own=source is job):
                     yield block
                 if first:  # (a use, as a download's first answer from the store counts one as it opens)
-                    await asyncio.to_thread(self._count_sent, manifest, remote)
+                    self._count_when_pulled(job, manifest, remote)
                 return
             except Exception:
                 if source is job or reading.sent:
@@ -508,6 +508,22 @@ class Mirror:
                 # (it waited for that one's claim), and is followed now.
             finally:
                 os.close(fd)
+
+    def _count_when_pulled(self, job: PullJob, manifest: Manifest, remote: RemoteFile) -> None:
+        """Count the use once the file's own pull published it: an answer that followed another name's pull of
+        the same content ends before this one's pull recorded the file (its use went uncounted, a review)."""
+        assert job.task is not None
+
+        def pulled(task: asyncio.Task[PullResult]) -> None:
+            if task.cancelled() or task.exception() is not None:
+                return
+            counting = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self._count_sent, manifest, remote)
+            )
+            self._checks.add(counting)
+            counting.add_done_callback(self._checks.discard)
+
+        job.task.add_done_callback(pulled)
 
     def _count_sent(self, manifest: Manifest, remote: RemoteFile) -> None:
         """Count a use of the file a pull-through answer sent whole or from its start (each file's first answer
