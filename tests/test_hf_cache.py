@@ -1820,23 +1820,35 @@ def test_a_failed_export_leaves_a_blob_another_snapshot_linked_meanwhile(
 
 _KILLED_EXPORT = """
 import os, signal, sys
+import modeldepot.hfcache.export as export
 from modeldepot import Depot
-home, cache, revision, after = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-done = []
+home, cache, revision, after, merged = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+done, moved = [], []
 
 def progress(what, done_bytes, total):
     done.append(what)
     if len(done) == after:  # (a kill -9, the OOM killer, a container stopped: no clean-up runs)
         os.kill(os.getpid(), signal.SIGKILL)
 
+recorded = export._CacheWriter.record
+
+def record(self, name):
+    recorded(self, name)
+    if "/snapshots/" in str(name):  # (a link moved into a snapshot the cache held, journaled first)
+        moved.append(name)
+        if len(moved) > merged >= 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+export._CacheWriter.record = record
 Depot(home).hf_cache_export("acme/sample", revision, cache_dir=cache, progress=progress)
 """
 
 
-def _export_killed(depot: Depot, cache: Path, after: int, revision: str = "main") -> None:
-    """Run an export of acme/sample in a process of its own, killed once ``after`` files are in the cache."""
-    killed = subprocess.run([sys.executable, "-c", _KILLED_EXPORT, str(depot.home), str(cache), revision, str(after)],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+def _export_killed(depot: Depot, cache: Path, after: int, revision: str = "main", merged: int = -1) -> None:
+    """Run an export of acme/sample in a process of its own, killed once ``after`` files are in the cache, or
+    (``merged``) once that many links were moved into a snapshot the cache held."""
+    killed = subprocess.run([sys.executable, "-c", _KILLED_EXPORT, str(depot.home), str(cache), revision, str(after),
+                             str(merged)], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
 
 
@@ -1882,9 +1894,10 @@ def test_a_killed_export_leaves_no_part_of_the_commit_and_the_next_one_sweeps_wh
 def test_a_killed_export_into_a_snapshot_the_cache_held_is_taken_back_by_the_next_export(
     filled: Depot, tmp_path: Path
 ) -> None:
-    """Added to a snapshot the cache holds, a killed export's links, and its blobs, stayed for good. What it
-    adds is written in a journal first: the next export (of any commit of the repo) takes back what the dead
-    one added, but for a blob another snapshot links to meanwhile."""
+    """Added to a snapshot the cache holds, a killed export's links, and its blobs, stayed for good. Its links
+    wait in its staging folder until every blob is in (a kill before leaves the snapshot as it was), and each
+    one moved in is written in a journal first: the next export (of any commit of the repo) takes back what
+    the dead one added, but for a blob another snapshot links to meanwhile."""
     cache, commit_id = tmp_path / "hub", filled.resolve(SAMPLE)
     assert filled.hf_cache_export(SAMPLE, cache_dir=cache).ok
     snapshot = cache / FOLDER / "snapshots" / commit_id
@@ -1896,8 +1909,10 @@ def test_a_killed_export_into_a_snapshot_the_cache_held_is_taken_back_by_the_nex
     blobs_before = set(os.listdir(cache / FOLDER / "blobs"))
 
     _export_killed(filled, cache, after=4)
+    assert read_tree(snapshot) == before, "killed before its links were moved in: nothing added"
+    _export_killed(filled, cache, after=-1, merged=2)
     added = read_tree(snapshot).keys() - before.keys()
-    assert added and "model.safetensors" in added, added  # (the kill came half-way, as asked)
+    assert len(added) == 2 and "model.safetensors" in added, added  # (the kill came half-way, as asked)
     weights = os.path.basename(os.readlink(snapshot / "model.safetensors"))
     other = cache / FOLDER / "snapshots" / ("f" * 40)  # (another snapshot links a blob the dead one added)
     other.mkdir()

@@ -313,18 +313,17 @@ class _CacheWriter:
         self._drop_journal()
 
     def building(self, commit_id: str) -> Path:
-        """The folder this export links the commit's files in: ``snapshots/<commit>`` when the cache holds it
-        (each name added is journaled first), else a staging folder moved there whole by :meth:`finish`. A
-        snapshot grown a link at a time was, killed half-way, the commit to huggingface_hub: an offline
-        ``snapshot_download(revision=<commit>)`` returned a config without weights (a review)."""
+        """The folder this export links the commit's files in: a staging folder, moved into ``snapshots/`` whole
+        by :meth:`finish` (into a snapshot the cache holds, the links it lacks are moved in, each journaled
+        first). A snapshot grown a link at a time was, killed half-way, the commit to huggingface_hub: an
+        offline ``snapshot_download(revision=<commit>)`` returned a config without weights (a review); and one
+        the cache held grew its links over the whole export, its blobs copied between them (a review)."""
         journal = self._begin()
-        if self.adding.staging is None and not os.path.lexists(self.root / "snapshots" / commit_id):
+        if self.adding.staging is None:
             self.folder("snapshots")  # (a repo's folder without it is a corrupt one to scan_cache_dir)
             self.adding.staging = self.folder(journal.name[: -len(".added")] + ".snap")
-        if self.adding.staging is not None:
-            self._check_staging()
-            return self.folder(f"{self.adding.staging.name}/{commit_id}")
-        return self.folder(f"snapshots/{commit_id}")
+        self._check_staging()
+        return self.folder(f"{self.adding.staging.name}/{commit_id}")
 
     def _begin(self) -> Path:
         """This export's journal, made (empty) and locked for its whole run: see :class:`Adding`."""
@@ -388,17 +387,18 @@ class _CacheWriter:
         self._drop_journal()
 
     def _merge(self, built: Path, commit_id: str) -> None:
-        """Move the links of ``built`` into the cache's snapshot of ``commit_id``, each journaled first; a
-        name the snapshot holds stays as it is (its file is the commit's too)."""
+        """Move the links of ``built`` into the cache's snapshot of ``commit_id``: each one it lacks (journaled
+        first), or in place of a link there to another blob; a file of the user's there stays as it is."""
         for current, _, names in os.walk(built):
             relative = Path(current).relative_to(built).as_posix()
             for name in names:
                 folder = self.folder(f"snapshots/{commit_id}" + ("" if relative == "." else f"/{relative}"))
                 final = folder / name
-                if os.path.lexists(final):
-                    continue
+                if os.path.lexists(final) and not os.path.islink(final):
+                    continue  # (made meanwhile by the user: left alone, as link() leaves one)
                 try:
-                    self.record(final)
+                    if not os.path.lexists(final):
+                        self.record(final)
                     os.replace(Path(current, name), final)
                 except OSError as error:
                     raise StoreError(
@@ -709,16 +709,19 @@ class _CacheWriter:
                              snapshot.relative_to(self.root).as_posix())  # fmt: skip
         final = folder / Path(path).name
         target = os.path.relpath(blob, folder)
+        # What the cache's snapshot of the commit holds there (the staging folder is at its depth: the same
+        # relative link): the right link already, a file of the user's, or a folder
+        held = self.root / "snapshots" / snapshot.name / path
         try:
-            if os.readlink(final) == target:
+            if os.readlink(held) == target:
                 self.drop_no_exist(snapshot.name, path)
                 return True
         except OSError:
             pass
-        if final.is_file() and not final.is_symlink():
+        if held.is_file() and not held.is_symlink():
             return False
-        if final.is_dir() and not final.is_symlink():
-            raise InvalidInputError(f"{final} is a folder; the repo has a file there: remove the folder")
+        if held.is_dir() and not held.is_symlink():
+            raise InvalidInputError(f"{held} is a folder; the repo has a file there: remove the folder")
         temporary = self._temporary(self.root)  # not in the snapshot: scan_cache_dir would list it
         try:
             if not os.path.lexists(final):
