@@ -28,7 +28,7 @@ from conftest import (
 )
 from modeldepot import Depot, IntegrityError, NotFoundError
 from modeldepot.cli import cli
-from modeldepot.errors import ConfigError, InvalidInputError, OfflineError
+from modeldepot.errors import ConfigError, InvalidInputError, OfflineError, PullRunningError
 from modeldepot.store.partials import ENDED_MARK, PUBLIC_MARK, partial_key
 from modeldepot.transfer.progress import PullUpdate
 
@@ -481,6 +481,20 @@ def test_the_blocking_api_works_inside_an_event_loop(local: Depot) -> None:
     files, path, data = asyncio.run(cell())
     assert files == 4 and path == "onnx/model.onnx" and data == FILES["onnx/model_fp16.onnx"]
     assert local.verify().ok
+
+    # ... but not beside a pull_async on the same loop: the call would wait for what that pull holds (the
+    # claim of a content both need, a shared config), and the pull for the loop the call blocks: it hung for
+    # good (an explorer's trial). Refused at once, saying how; on a thread of its own it works.
+    async def beside_a_pull() -> None:
+        pulling = asyncio.create_task(local.pull_async(REPO, ["fp16"]))
+        await asyncio.sleep(0)  # (the pull under way)
+        with pytest.raises(PullRunningError, match=r"asyncio\.to_thread"):
+            local.get_file(REPO, "README.md", download=True)  # (not held yet: downloaded)
+        assert bytes(await asyncio.to_thread(local.get_file, REPO, "README.md", download=True))
+        await pulling
+        assert bytes(local.get_file(REPO, ".gitattributes", download=True))  # (no pull on the loop now)
+
+    asyncio.run(asyncio.wait_for(beside_a_pull(), 60))
 
 
 def test_a_pull_cancelled_while_it_publishes_waits_for_the_publish_and_counts_it(

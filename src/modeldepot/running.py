@@ -41,6 +41,8 @@ class RunningPulls:
         """Await ``pull`` as a task :meth:`stop` can cancel (the caller's own cancellation reaches it too)."""
         import asyncio  # (here: `import modeldepot.cli` loads no asyncio, a start-up cost)
 
+        from modeldepot.transfer.outage import pulling_here
+
         with self._lock:  # (never held across an await: a second pull on the loop would block it for good)
             closed = self._closed
             if not closed:
@@ -52,7 +54,8 @@ class RunningPulls:
             pull.close()  # (never started)
             raise self._closed_error()
         try:
-            return await task
+            with pulling_here():  # (a blocking call on this loop meanwhile is refused: run_blocking)
+                return await task
         except asyncio.CancelledError:
             # (the caller's own cancellation stays one; Task.cancelling is Python 3.11's)
             cancelling = getattr(asyncio.current_task(), "cancelling", None)

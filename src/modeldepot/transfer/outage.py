@@ -22,6 +22,7 @@ seconds of backoff: its headers went first, and its client got a 200 that ended 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -30,11 +31,11 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from modeldepot.errors import UpstreamError
+from modeldepot.errors import PullRunningError, UpstreamError
 from modeldepot.transfer.progress import PullProgress, PullUpdate
 from modeldepot.transfer.ranged import Attempt
 
@@ -155,19 +156,54 @@ def wait_in_outage(waits: int, clock: OutageClock) -> float:
     return min(OUTAGE_FIRST_WAIT * (1 << min(waits, 16)), OUTAGE_LONGEST_WAIT, clock.left())
 
 
+# The event loops pulls run on now, and how many on each (:func:`pulling_here`): a blocking call made on one of
+# them would wait for good for what those pulls hold (run_blocking)
+_PULLING: dict[asyncio.AbstractEventLoop, int] = {}
+_PULLING_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def pulling_here() -> Iterator[None]:
+    """A pull runs on this thread's loop while in this block (for :func:`run_blocking`'s refusal)."""
+    loop = asyncio.get_running_loop()
+    with _PULLING_LOCK:
+        _PULLING[loop] = _PULLING.get(loop, 0) + 1
+    try:
+        yield
+    finally:
+        with _PULLING_LOCK:
+            if _PULLING[loop] <= 1:
+                del _PULLING[loop]
+            else:
+                _PULLING[loop] -= 1
+
+
 def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run ``coroutine`` to its end and return its result. In a thread that runs an event loop already
     (``asyncio.run`` refuses to nest), the coroutine runs on a new loop in a helper thread while this one
     waits: the caller asked for a blocking call, and gets one (``Depot.pull`` is ``pull_async`` run so). The
-    caller's context variables (an outage clock) go with it."""
+    caller's context variables (an outage clock) go with it. Refused (PullRunningError) on a loop where a
+    pull runs: that pull cannot go on while its loop waits here, and what it holds (each file's claim until
+    it publishes) this call may wait for, for good (a `load` beside a `pull_async` sharing a 22-byte config
+    hung a notebook with no word: an explorer's trial)."""
     try:
-        asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
     except RuntimeError:
         if threading.current_thread() is threading.main_thread() and (
             signal.getsignal(signal.SIGINT) in (signal.default_int_handler, signal.SIG_IGN)
         ):
             return _run_through_ctrl_c(coroutine)
         return asyncio.run(coroutine)
+    with _PULLING_LOCK:
+        pulling = _PULLING.get(loop, 0)
+    if pulling:
+        coroutine.close()
+        raise PullRunningError(
+            f"a blocking call on an event loop where {pulling} pull{'s' if pulling > 1 else ''} (pull_async) "
+            f"run{'' if pulling > 1 else 's'} would wait for {'them' if pulling > 1 else 'it'}, and "
+            f"{'they' if pulling > 1 else 'it'} for this loop: await it on a thread of its own "
+            "(`await asyncio.to_thread(depot.load, ...)`), or await the pull first"
+        )
     with ThreadPoolExecutor(1, thread_name_prefix="modeldepot-blocking") as helper:
         return helper.submit(contextvars.copy_context().run, asyncio.run, coroutine).result()
 
