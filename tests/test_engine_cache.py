@@ -1024,6 +1024,13 @@ def test_bad_settings_are_refused() -> None:
         with pytest.raises(InvalidInputError, match=r"must be|memory_budget: cannot read"):
             LoadedModelCache(**kwargs)  # type: ignore[arg-type]
     assert LoadedModelCache(memory_budget="8GiB").memory_budget == 8 << 30
+    # A share of the RAM the process may use, as the preload budget's (refused here: an explorer's trial)
+    from modeldepot.memory import ram_bytes
+
+    assert LoadedModelCache(memory_budget="25%").memory_budget == ram_bytes() // 4
+    for share in ("0%", "150%", "-5%", "lots%"):
+        with pytest.raises(InvalidInputError, match="share of RAM"):
+            LoadedModelCache(memory_budget=share)
     assert LoadedModelCache(memory_budget=0.5 * (16 << 30)).memory_budget == 8 << 30  # (a float: bytes)
 
 

@@ -63,9 +63,9 @@ from concurrent import futures
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
 
-from modeldepot.config import parse_size
+from modeldepot.config import parse_share, parse_size
 from modeldepot.errors import ConfigError, InvalidInputError
-from modeldepot.memory import available_fraction
+from modeldepot.memory import available_fraction, ram_bytes
 from modeldepot.store.forking import start_over_after_fork
 
 __all__ = ["CacheStats", "LoadedModelCache", "close_on_evict", "default_on_evict", "process_rss_bytes"]
@@ -378,7 +378,7 @@ class LoadedModelCache(Generic[M]):
     """Loaded engines by key. Thread-safe; an async twin of every loading call.
 
     ``max_models`` slots; ``ttl`` seconds of idleness before an entry goes (reads extend it);
-    ``memory_budget`` bytes (or a size like ``"8GiB"``) for all entries together (None: no budget);
+    ``memory_budget`` bytes (or a size like ``"8GiB"``, or a share of RAM like ``"25%"``) for all entries together (None: no budget);
     ``evict_on_memory_pressure``
     evicts idle entries before a load when the machine is short of memory; ``on_evict(key, model)`` runs
     after an entry leaves (default: :func:`default_on_evict`). ``room_wait`` seconds: how long a load that
@@ -414,7 +414,18 @@ class LoadedModelCache(Generic[M]):
                 f"ttl must be a positive number of seconds (or None for no expiry), not {ttl!r}"
             )
         budget: int | None = None
-        if isinstance(memory_budget, str):  # ("8GiB", as every size of modeldepot's is written)
+        if isinstance(memory_budget, str) and memory_budget.strip().endswith("%"):
+            # (a share of the RAM this process may use, the container's limit when lower, as the preload
+            # budget's "50%": refused here, an explorer's trial)
+            try:
+                share = parse_share(memory_budget)
+            except ValueError:
+                share = -1.0
+            if not 0 < share <= 100:
+                raise InvalidInputError(f"memory_budget {memory_budget!r}: a share of RAM is more than 0% and at most "
+                                        "100%")  # fmt: skip
+            budget = max(1, int(ram_bytes() * share / 100))
+        elif isinstance(memory_budget, str):  # ("8GiB", as every size of modeldepot's is written)
             try:
                 budget = parse_size(memory_budget)
             except ConfigError as error:
