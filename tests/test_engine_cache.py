@@ -1464,6 +1464,18 @@ def _record_error(errors: list[BaseException], call: Callable[[], Any]) -> None:
         errors.append(error)
 
 
+def test_a_closed_depots_engines_are_refused_not_made_again_empty(tmp_path: Path) -> None:
+    """After close(), `depot.engines` made a new, empty cache: a use after close went unseen, where every other
+    method refuses (an explorer's trial)."""
+    from modeldepot import Depot, StoreClosedError
+
+    depot = Depot(tmp_path / "store")
+    assert depot.engines.keys() == []
+    depot.close()
+    with pytest.raises(StoreClosedError, match="was closed"):
+        depot.engines.stats()
+
+
 def test_a_depot_refuses_what_is_no_engine_cache_or_home_when_made(tmp_path: Path) -> None:
     """`Depot(engine_cache={})` failed with an AttributeError at the first load, `Depot(5)` with a TypeError
     from pathlib (an explorer's trial): a ConfigError when the depot is made."""

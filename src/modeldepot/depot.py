@@ -31,6 +31,7 @@ from modeldepot.errors import (
     InvalidInputError,
     NotFoundError,
     ReadOnlyStoreError,
+    StoreClosedError,
 )
 from modeldepot.guards import any_case, own_store, writes
 from modeldepot.held import HeldModels
@@ -258,6 +259,9 @@ class Depot(Upkeep):
         if self._engines is None:
             from modeldepot.engines.cache import LoadedModelCache
 
+            if self.store.index.closed:  # (a new, empty cache hid a use after close: an explorer's trial)
+                raise StoreClosedError(f"the depot of {self.home} was closed: its engines went with it (open "
+                                       "Depot(home) again)")  # fmt: skip
             with self._made_lock:
                 if self._engines is None:
                     self._engines = LoadedModelCache()
