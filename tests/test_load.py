@@ -453,6 +453,32 @@ def test_load_without_a_variant_pulls_the_one_it_loads(
         assert not local.has_file(REPO, "onnx/model_fp16.onnx"), "only the variant it loads"
 
 
+def test_a_load_by_engine_alone_pulls_that_engines_variant_whatever_the_store_holds_of_the_repo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repo with ONNX and safetensors weights: load(engine="safetensors") worked on a fresh store, and on
+    one that held the ONNX variant (an earlier load) said the repo had no .safetensors file (an explorer's
+    trial). Its variant is pulled, as on a fresh store; the other way round too."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    folder = write_repo(tmp_path / "mixed")
+    save_file({"weight": WEIGHT}, str(folder / "model.safetensors"))
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as node_depot:
+        node_depot.import_dir(folder, REPO)
+        node = LiveNode(node_depot)
+        try:
+            for first, then in (("onnxruntime", "safetensors"), ("safetensors", "onnxruntime")):
+                with Depot(tmp_path / f"local-{first}", chunk_size=SMALL_CHUNK, servers=[node.url]) as local:
+                    local.load(REPO, engine=first)
+                    loaded = local.load(REPO, engine=then)
+                    if then == "safetensors":
+                        assert np.array_equal(loaded["weight"], WEIGHT)
+                    else:
+                        assert loaded.get_inputs()[0].type == "tensor(float)"
+        finally:
+            node.stop()
+
+
 def test_bad_input_is_refused_before_anything_loads(loaded: Depot) -> None:
     with pytest.raises(ValueError, match="repo"):
         loaded.load("not a repo")

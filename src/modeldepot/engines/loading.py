@@ -369,6 +369,22 @@ def _listing_lacks_it_too(store: Store, repo_id: str, commit_id: str, quant: str
     return None
 
 
+def _listing_has_it(store: Store, repo_id: str, commit_id: str, suffixes: tuple[str, ...]) -> bool:
+    """Whether the commit's whole listing (the repo's saved scan, of that commit) has a model file in the
+    engine's format (``suffixes``), its default variant's."""
+    try:
+        record = store.manifests.load(repo_id)
+    except NotFoundError:
+        return False
+    if record.commit_id != commit_id:
+        return False
+    try:
+        model_file([f.path for f in listed_files(record)], None, suffixes, None, holder="its commit")
+    except NotFoundError:
+        return False
+    return True
+
+
 def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant: str | None, revision: str,
             suffixes: tuple[str, ...], file: str | None = None) -> tuple[str, str]:  # fmt: skip
     """(commit, model file) of the variant, pulling it first when the store lacks it (an imported repo
@@ -403,10 +419,14 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
                                 f"{', '.join(absent[:3])}{' and more' if len(absent) > 3 else ''}"
                                 + (f"; it holds the variants {others}: name one (quant=...)" if others else ""))  # fmt: skip
         except NotFoundError as missing:
-            if isinstance(missing, EngineMismatchError) and not _lacking(store, repo_id, commit_id, quant):
+            if (isinstance(missing, EngineMismatchError) and not _lacking(store, repo_id, commit_id, quant)
+                    and not (quant is None and file is None
+                             and _listing_has_it(store, repo_id, commit_id, suffixes))):  # fmt: skip
                 # The variant is here whole, its files another engine's: no pull changes that (a load with the
                 # wrong engine= waited 30 s on an upstream that did not answer, then blamed the network: an
-                # explorer's trial)
+                # explorer's trial). Unless no variant was named and the commit has one in the engine's format:
+                # it is pulled, as a store that held none would (the store held an ONNX variant, and
+                # load(engine="safetensors") said the repo had no .safetensors file: an explorer's trial)
                 raise
             if offline:  # (said: "no variant 'Q8_0' here" read as a repo without it, not a pull not tried)
                 raise NotFoundError(f"{missing}; offline (HF_HUB_OFFLINE or MODELDEPOT_OFFLINE): nothing was pulled",
