@@ -345,25 +345,25 @@ def _lacking(store: Store, repo_id: str, commit_id: str, quant: str | None) -> l
     return sorted(set(variant.files) - held)
 
 
+def _saved_listing(store: Store, repo_id: str, commit_id: str) -> list[str] | None:
+    """The commit's whole listing, as the repo's saved scan of that commit has it; None without one."""
+    try:
+        record = store.manifests.load(repo_id)
+    except NotFoundError:
+        return None
+    return [f.path for f in listed_files(record)] if record.commit_id == commit_id else None
+
+
 def _listing_lacks_it_too(store: Store, repo_id: str, commit_id: str, quant: str | None,
                           suffixes: tuple[str, ...], file: str | None = None) -> NotFoundError | None:  # fmt: skip
     """What the commit's whole listing (the repo's saved scan, of that commit) lacks of the file the engine
     would load (a wrong engine or variant, a shard the repo never had), which no pull of that commit mends;
     None when it has it, or the store has no listing of that commit."""
-    try:
-        record = store.manifests.load(repo_id)
-    except NotFoundError:
-        return None
-    if record.commit_id != commit_id:
+    listed = _saved_listing(store, repo_id, commit_id)
+    if listed is None:
         return None
     try:
-        model_file(
-            [f.path for f in listed_files(record)],
-            quant,
-            suffixes,
-            file,
-            holder=f"its commit {commit_id[:12]}",
-        )
+        model_file(listed, quant, suffixes, file, holder=f"its commit {commit_id[:12]}")
     except NotFoundError as lacking:
         return lacking
     return None
@@ -372,14 +372,11 @@ def _listing_lacks_it_too(store: Store, repo_id: str, commit_id: str, quant: str
 def _listing_has_it(store: Store, repo_id: str, commit_id: str, suffixes: tuple[str, ...]) -> bool:
     """Whether the commit's whole listing (the repo's saved scan, of that commit) has a model file in the
     engine's format (``suffixes``), its default variant's."""
-    try:
-        record = store.manifests.load(repo_id)
-    except NotFoundError:
-        return False
-    if record.commit_id != commit_id:
+    listed = _saved_listing(store, repo_id, commit_id)
+    if listed is None:
         return False
     try:
-        model_file([f.path for f in listed_files(record)], None, suffixes, None, holder="its commit")
+        model_file(listed, None, suffixes, None, holder="its commit")
     except NotFoundError:
         return False
     return True
