@@ -859,6 +859,22 @@ class BudgetWriter:
             self.reserved = 0
             self.release()
 
+    def written_early(self, size: int) -> None:
+        """``size`` bytes of its room are in the index now, ahead of its publish (a blob a pull handed over to
+        another that waited for it: transfer/pull.py, relied on first with :meth:`reuse`): held no more, or
+        every process counts them twice until it publishes."""
+        with self.budget._lock:
+            taken = min(size, self.reserved)
+            if not taken:
+                return
+            self.reserved -= taken
+            self.budget._reserved -= taken
+            if self._reservation is not None:
+                try:
+                    self._reservation.set(self.reserved)
+                except OSError as error:  # (other processes count the room a while longer: no harm)
+                    log.debug("the room %s holds is not lowered for other processes: %s", self.repo_id, error)
+
     def reuse(self, sha256s: Iterable[str]) -> None:
         """Keep these blobs of the store while it writes: an eviction of a revision using them, in any process,
         leaves them (blocking: a reservation file is written)."""

@@ -10,6 +10,7 @@
     ├── tmp/<pid>-<random>/          one write session: .lock (flock()ed while its writer lives), N.partial
     ├── partials/<key>.part, .log    resumable downloads: data, and the log of verified chunks (the lock)
     ├── partials/<key>.one           a download of one chunk: data and lock in one, no log
+    ├── partials/wanted/<key>        a pull waits for the content: its holder hands it over once verified
     ├── quarantine/<sha256>          blobs that failed verification, kept for inspection, never served
     ├── shared-refused/<sha256>      a shared store's blob found corrupt (tiers.py: pulled into this one)
     └── locks/store.lock             shared while blobs are placed, exclusive while blobs are deleted

@@ -8,6 +8,8 @@ the process that started it.
                           per chunk a transfer left part of: "<index> +<bytes> <boot id> <blake3 | ->"
                           (the BLAKE3 its sender gave for the whole chunk, "-" for none: the Hub's)
     partials/<key>.one    a content of one chunk: the file, and its own lock (no log)
+    partials/wanted/<key> an empty mark: a pull in another process (or another pull of this one) waits for
+                          the content, and its holder hands it over once it is verified (below)
 
 ``key`` is the content's expected SHA-256 (or ``git-<oid>`` for a plain git file), so two pulls of the same
 bytes, from any repo and any process, meet at the same pair of files. The log is also the lock: whoever
@@ -22,6 +24,13 @@ lock to wait on, and finds the blob. Its own name keeps it apart from a ``.log``
 ``.part`` that a version logging every content left or holds for the same content: the two never share a
 file, at worst the content is fetched twice. A reader (a peer asking for it before it is published) finds
 it once the whole file is the content its key names (not before), and reads it as it checked it.
+
+A claim is held until its pull publishes its revision, and a pull of a big model runs for minutes after
+its small files landed: a load of a small model that shares a tokenizer with it waited for all of it (15 s
+for a 1 MiB model, an explorer's trial). So a pull that waits for a content marks it wanted, and the holder
+of a wanted content that is whole and verified places its blob in the store at once and lets go of it
+(transfer/pull.py): the waiter finds the blob. The mark is the waiter's to make again while it waits; the
+content's completed release removes it, and gc removes marks of contents nobody downloads.
 
 Placing a finished download links the blob to its file (store/blobs.py); the download's own names go
 only after the index commits the blob, so a reader finds one or the other at every moment. A download
@@ -62,7 +71,7 @@ from typing import Literal
 
 import blake3
 
-from modeldepot.errors import ChunkNotAvailableError, InvalidRangeError, StoreFullError
+from modeldepot.errors import ChunkNotAvailableError, InvalidRangeError, StoreError, StoreFullError
 from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.store.blobs import PartialBlob, start_writeback
 from modeldepot.store.durability import UNKNOWN_BOOT, current_boot_id
@@ -88,6 +97,7 @@ PUBLIC_MARK = "public-mark"  # the empty file every download's ``.public`` mark 
 # An empty file whose mtime a download that completed sets as it lets go: what a serving node's publisher
 # looks at, five times a second, to tell its fleet at once that the store holds one more file
 ENDED_MARK = "ended-mark"
+WANTED = "wanted"  # the folder of partials/ whose marks name contents that pulls wait for
 _HEADER = "modeldepot-partial 1 size={size} chunk={chunk}\n"
 _HEADER_LINE = re.compile(r"modeldepot-partial 1 size=([0-9]{1,19}) chunk=([0-9]{1,12})")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -152,6 +162,11 @@ class _Paths:
     def public(self) -> Path:
         """There when the content is a public repo's: its chunks may be served without the node's token."""
         return self.log.with_suffix(".public")
+
+    @property
+    def wanted(self) -> Path:
+        """There while a pull waits for the content: its holder hands it over once it is verified."""
+        return self.log.parent / WANTED / self.log.name[: -len(".log")]
 
 
 @dataclass(frozen=True)
@@ -331,6 +346,7 @@ class ResumablePartial:
         if gone:
             self.layout.unlink(self.paths.public)
         if completed:
+            self.layout.unlink(self.paths.wanted)  # (in the store: nobody waits for the download now)
             _mark_ended(self.layout.partials / ENDED_MARK)
         # Else its files stay as they are: a finished file flushed for placing is read-only, and may be a
         # committed blob's other name (a publish that failed after its commit); the next claim sees to it.
@@ -418,6 +434,25 @@ class PartialFiles:
             if pid is not None:
                 return pid
         return None
+
+    def want(self, key: str) -> None:
+        """Mark the content ``key`` as waited for: the process that holds its download hands it over to the
+        store once it is verified, not when its whole pull publishes (made again by the waiter while it waits:
+        a completed release removes it). A mark that cannot be made is said in the debug log: the waiter then
+        waits for the holder's publish, as before marks."""
+        mark = self._paths(key).wanted
+        try:
+            mark.parent.mkdir(exist_ok=True)
+            os.close(os.open(self.layout.inside(mark), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
+        except OSError as error:
+            log.debug("could not mark %s as waited for: %s", key[:16], error)
+
+    def wanted_keys(self) -> frozenset[str]:
+        """The contents pulls wait for now (their marks: a look at one small folder, empty most of the time)."""
+        try:
+            return frozenset(os.listdir(self.root / WANTED))
+        except OSError:
+            return frozenset()
 
     def kept_bytes(self, key: str) -> int | None:
         """The bytes a partial download of ``key`` holds by its log (what a resume would not fetch again,
@@ -812,6 +847,11 @@ class PartialFiles:
         for mark in self.root.glob("*.public"):  # of downloads gone
             if not any(mark.with_suffix(suffix).exists() for suffix in (".log", ".part", ".one")):
                 self.layout.unlink(mark)
+        for key in self.wanted_keys():  # (a waiter killed as it waited: its mark outlived the download)
+            with contextlib.suppress(StoreError):
+                paths = self._paths(key)
+                if not any(path.exists() for path in (*paths.names, self._paths(key, True).data)):
+                    self.layout.unlink(paths.wanted)
         shared = self.root / PUBLIC_MARK
         with contextlib.suppress(FileNotFoundError):
             if shared.lstat().st_nlink == 1:  # (no mark links it: made again by the next public pull)

@@ -33,7 +33,15 @@ from modeldepot.store.blobs import LinkedSource, PartialBlob
 from modeldepot.store.index import Index
 from modeldepot.store.store import Store
 
-__all__ = ["RevisionSpec", "StagedFile", "blob_states", "publish", "publish_branch", "refuse_nested_branch"]
+__all__ = [
+    "RevisionSpec",
+    "StagedFile",
+    "blob_states",
+    "publish",
+    "publish_blobs",
+    "publish_branch",
+    "refuse_nested_branch",
+]
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +208,37 @@ def publish(
             _unplace(store, placed)
         raise
     return set(new)
+
+
+def publish_blobs(store: Store, blobs: dict[str, tuple[BlobDigest, PartialBlob]]) -> set[str]:
+    """Place verified blobs (by SHA-256: their digests and their bytes) and record them, no file naming them
+    yet; returns those it placed (the others the store held good already). A pull hands a content that
+    another pull waits for over this way, before its own revision publishes (transfer/pull.py): its writer
+    relies on them first (``BudgetWriter.reuse``), so that gc and evictions leave them until it publishes
+    them; a pull that fails then leaves them for the next pull, as gc's orphans."""
+    placed: list[str] = []
+    try:
+        with store.lock.shared(), store.layout.same_folders():
+            known = _with_files(store, blob_states(store.index, list(blobs), store.durability.boot))
+            for sha256, (_, partial) in blobs.items():
+                if known.get(sha256) != "ok":
+                    store.blobs.place(partial, sha256, durable=not store.durability.deferred)
+                    placed.append(sha256)
+            if not placed:
+                return set()
+            now = time.time()
+            with store.index.write(f"recording {len(placed)} blob(s) other pulls wait for") as con:
+                for sha256 in placed:
+                    _record_blob(con, blobs[sha256][0], now, store.durability.unflushed_boot, True)
+                _record_links(con, set(placed), {})
+            store.durability.forget_unchecked(placed)
+            new, placed = set(placed), []
+            store.durability.written()
+    except BaseException:
+        if placed:
+            _unplace(store, placed)
+        raise
+    return new
 
 
 def _build_snapshot(store: Store, repo_id: str, commit_id: str, published: list[tuple[str, str]]) -> None:
@@ -397,31 +436,8 @@ def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushe
                 raise CommitConflictError(
                     spec.repo_id, spec.commit_id, item.path, held[item.path], digest.sha256
                 )
-            boot = unflushed_boot if digest.sha256 in placed else None
-            con.execute(
-                "INSERT INTO blobs (sha256, size, chunk_size, git_sha1, created_at, unflushed_boot) "
-                "VALUES (?, ?, ?, ?, ?, ?) "
-                # A new placement over a quarantined blob, or over one not checked since a restart: a new
-                # created_at (Store.quarantine and the flusher tell placements apart by it).
-                "ON CONFLICT (sha256) DO UPDATE SET state = 'ok', chunk_size = excluded.chunk_size, "
-                "created_at = excluded.created_at, verified_at = excluded.created_at, "
-                "unflushed_boot = excluded.unflushed_boot WHERE state != 'ok' OR ?",
-                (
-                    digest.sha256,
-                    digest.size,
-                    digest.chunk_size,
-                    digest.git_sha1,
-                    now,
-                    boot,
-                    digest.sha256 in placed,
-                ),
-            )
-            if con.execute("SELECT changes()").fetchone()[0]:
-                con.execute("DELETE FROM chunks WHERE sha256 = ?", (digest.sha256,))
-                con.executemany(
-                    "INSERT INTO chunks (sha256, idx, blake3) VALUES (?, ?, ?)",
-                    [(digest.sha256, i, b3) for i, b3 in enumerate(digest.chunk_blake3)],
-                )
+            _record_blob(con, digest, now, unflushed_boot if digest.sha256 in placed else None,
+                         digest.sha256 in placed)  # fmt: skip
             con.execute(
                 "INSERT OR REPLACE INTO files (repo_id, commit_id, path, sha256, size, git_oid, lfs) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -442,11 +458,39 @@ def _commit(index: Index, spec: RevisionSpec, staged: list[StagedFile], unflushe
         # (the same files published again change nothing the repo shows: a re-import is no update)
         if changed:
             con.execute("UPDATE repos SET updated_at = ? WHERE repo_id = ?", (now, spec.repo_id))
-        for sha256 in placed:  # (a blob placed over a linked one is another file: its record goes)
-            source = linked.get(sha256)
-            if source is None:
-                con.execute("DELETE FROM linked_sources WHERE sha256 = ?", (sha256,))
-            else:
-                con.execute("INSERT OR REPLACE INTO linked_sources (sha256, source, device, inode, mode) "
-                            "VALUES (?, ?, ?, ?, ?)", (sha256, str(source.path), *source.inode, source.mode))  # fmt: skip
+        _record_links(con, placed, linked)
     return spec
+
+
+def _record_blob(con: sqlite3.Connection, digest: BlobDigest, now: float, unflushed_boot: str | None,
+                 placed: bool) -> None:  # fmt: skip
+    """A blob's row and its chunks' digests; a row there already changes only if ``placed`` (these bytes
+    were placed over it) or it was not 'ok'."""
+    con.execute(
+        "INSERT INTO blobs (sha256, size, chunk_size, git_sha1, created_at, unflushed_boot) "
+        "VALUES (?, ?, ?, ?, ?, ?) "
+        # A new placement over a quarantined blob, or over one not checked since a restart: a new
+        # created_at (Store.quarantine and the flusher tell placements apart by it).
+        "ON CONFLICT (sha256) DO UPDATE SET state = 'ok', chunk_size = excluded.chunk_size, "
+        "created_at = excluded.created_at, verified_at = excluded.created_at, "
+        "unflushed_boot = excluded.unflushed_boot WHERE state != 'ok' OR ?",
+        (digest.sha256, digest.size, digest.chunk_size, digest.git_sha1, now, unflushed_boot, placed),
+    )
+    if con.execute("SELECT changes()").fetchone()[0]:
+        con.execute("DELETE FROM chunks WHERE sha256 = ?", (digest.sha256,))
+        con.executemany(
+            "INSERT INTO chunks (sha256, idx, blake3) VALUES (?, ?, ?)",
+            [(digest.sha256, i, b3) for i, b3 in enumerate(digest.chunk_blake3)],
+        )
+
+
+def _record_links(con: sqlite3.Connection, placed: set[str], linked: dict[str, LinkedSource]) -> None:
+    """The file of the user's each placed blob is a hard link of; a blob placed over a linked one is
+    another file: its record goes."""
+    for sha256 in placed:
+        source = linked.get(sha256)
+        if source is None:
+            con.execute("DELETE FROM linked_sources WHERE sha256 = ?", (sha256,))
+        else:
+            con.execute("INSERT OR REPLACE INTO linked_sources (sha256, source, device, inode, mode) "
+                        "VALUES (?, ?, ?, ?, ?)", (sha256, str(source.path), *source.inode, source.mode))  # fmt: skip

@@ -39,7 +39,7 @@ from modeldepot.store.blobs import PartialBlob
 from modeldepot.store.budget import BudgetWriter
 from modeldepot.store.locks import process_state
 from modeldepot.store.partials import ResumablePartial, partial_key
-from modeldepot.store.publish import RevisionSpec, StagedFile, publish, refuse_nested_branch
+from modeldepot.store.publish import RevisionSpec, StagedFile, publish, publish_blobs, refuse_nested_branch
 from modeldepot.store.store import Store
 from modeldepot.transfer.chain import SourceChain
 from modeldepot.transfer.choosing import banned
@@ -80,6 +80,9 @@ WAIT_SHOWN = 1.0  # seconds between showings of how far that transfer is
 STILL_SAID = 120.0  # seconds another process's transfer may stand still before that is said
 STANDSTILL_LOOK = 5.0  # seconds a file waits for another process before who holds it is looked at
 SAID_AGAIN = 600.0  # seconds before the same holder's standstill is said again (once for all files)
+# Seconds between a pull's looks at the contents other pulls wait for (their marks: store/partials.py), once it
+# holds some whole and verified: it hands those over to the store rather than at its own publish
+HANDOVER_LOOK = 0.5
 FILES_AT_ONCE = 32  # files transferring at once (each holds two descriptors; connections are limited apart)
 CLAIM_BATCH = 16  # claims taken in one trip to a worker thread
 
@@ -263,7 +266,7 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
         await asyncio.to_thread(store.partials.check_room, {partial_key(f.sha256, f.git_oid): f.size for f in missing},
                                 f"pulling {manifest.repo_id}")  # fmt: skip
         tracker.write("downloading")
-        run = _PullRun(store, manifest, chain, tracker, limits or Limits(), watch)
+        run = _PullRun(store, manifest, chain, tracker, limits or Limits(), watch, writer)
         tracker.parts_kept = run.parts_kept
         try:
             fetched = await run.fetch(missing)
@@ -386,9 +389,9 @@ class _PullRun:
     """The transfers of one pull: claims, sources, and what to release at the end."""
 
     def __init__(self, store: Store, manifest: Manifest, chain: SourceChain, tracker: PullTracker,
-                 limits: Limits, watch: PartialWatch | None) -> None:  # fmt: skip
+                 limits: Limits, watch: PartialWatch | None, writer: BudgetWriter) -> None:  # fmt: skip
         self.store, self.manifest, self.chain = store, manifest, chain
-        self.tracker, self.limits, self.watch = tracker, limits, watch
+        self.tracker, self.limits, self.watch, self.writer = tracker, limits, watch, writer
         self.claims: dict[str, ResumablePartial] = {}
         self.claims_lock = threading.Lock()  # claims are taken on worker threads (_take)
         self.standstills_said: dict[int | None, float] = {}  # holder pid -> when its standstill was said
@@ -400,6 +403,10 @@ class _PullRun:
         self.swarms: list[SwarmFile] = []  # files whose chunks this pull claims in the fleet
         self.paths: dict[str, list[str]] = {}  # content key -> the paths of it this pull fetches
         self.finished: set[str] = set()  # content keys handed over for publishing
+        # Finished downloads flushed for placing (content key -> the blob to place): a handover to the store
+        # that failed leaves its blob here for the publish (flushed and read-only, it is not finished again)
+        self.flushed: dict[str, PartialBlob] = {}
+        self.not_handed: set[str] = set()  # contents whose handover failed: they wait for the publish
         # A token-less fleet shares a public repo's downloads alone (what a node without a token serves)
         self.public = not (manifest.private or manifest.gated)
 
@@ -420,6 +427,8 @@ class _PullRun:
             async with contextlib.AsyncExitStack() as stack:
                 stack.callback(close_idle)  # the ranged reads' kept-alive connections (transfer/ranged.py)
                 stack.callback(asyncio.create_task(self._show_receiving()).cancel)
+                # (to its end: a handover that runs finishes before the pull publishes or lets go)
+                stack.push_async_callback(_stop, asyncio.create_task(self._hand_over_wanted()))
                 http = LazySession()  # for servers that ignore ranges (whole bodies): rarely made
                 stack.push_async_callback(http.close)
                 holders = await self.chain.holders(
@@ -445,6 +454,61 @@ class _PullRun:
                 self.tracker.tick()
         except Exception:  # (a caller's progress callback that raised: the transfer goes on without it)
             log.exception("%s: the pull's progress display failed", self.manifest.repo_id)
+
+    async def _hand_over_wanted(self) -> None:
+        """Hand over to the store the contents this pull holds whole and verified that other pulls wait for
+        (their marks, looked at every HANDOVER_LOOK seconds), not at this pull's publish: a load of a small
+        model waited for the whole pull of a big one that shared its tokenizer (15 s for 1 MiB, an
+        explorer's trial). Claims are still taken in one order: handing one over early only ends a wait
+        sooner."""
+        while True:
+            await asyncio.sleep(HANDOVER_LOOK)
+            with self.claims_lock:
+                ready = {key for key in self.claims if key in self.digests} - self.not_handed
+            if not ready:
+                continue
+            for key in sorted(ready & await asyncio.to_thread(self.store.partials.wanted_keys)):
+                try:
+                    await to_thread_to_the_end(self.hand_over, key)
+                except DepotError as error:  # (it is published with the revision, as before marks)
+                    self.not_handed.add(key)
+                    log.warning("%s: could not hand %s over to the pulls waiting for it before this pull "
+                                "publishes: %s", self.manifest.repo_id, self.paths[key][0], error)  # fmt: skip
+
+    def hand_over(self, key: str) -> None:
+        """(On a worker thread.) Place the verified content ``key`` in the store and let go of its claim, for
+        the pulls that wait for it: they find its blob. Its row names no file until this pull publishes it
+        with its revision; this pull relies on it meanwhile (gc and evictions leave it). Nothing when this
+        pull let go of its claims already."""
+        with self.claims_lock:
+            if self.released or key not in self.claims:
+                return
+            claim = self.claims.pop(key)  # (this thread's now: a release meanwhile does not see it)
+        digest = self.digests[key]
+        try:
+            blob = self.flushed.get(key)
+            if blob is None:
+                blob = claim.finish()
+                blob.sync(durable=not self.store.durability.deferred)
+                self.flushed[key] = blob
+            self.writer.reuse([digest.sha256])
+            publish_blobs(self.store, {digest.sha256: (digest, blob)})
+            self.writer.written_early(digest.size)
+        except BaseException:
+            if not self._put_back(key, claim):
+                claim.release(completed=False)  # (the pull let go of the others meanwhile)
+            raise
+        del self.flushed[key]
+        claim.release(completed=True)
+        log.debug("%s: handed %s over to the pulls waiting for it", self.manifest.repo_id, self.paths[key][0])
+
+    def _put_back(self, key: str, claim: ResumablePartial) -> bool:
+        """Hold ``claim`` among the pull's claims again (a handover that failed), unless it let go of them."""
+        with self.claims_lock:
+            if self.released:
+                return False
+            self.claims[key] = claim
+            return True
 
     async def _claim_and_transfer(self, http: LazySession, unique: dict[str, RemoteFile],
                                   holders: dict[str, list[FileSource]]) -> list[BaseException | None]:  # fmt: skip
@@ -575,6 +639,9 @@ class _PullRun:
         """This process's claim on the content, after any other process transferring it lets go; None
         when the content turned up in the store meanwhile (its digests are then recorded)."""
         self.tracker.add(remote.path, 0, waiting=True)
+        # (its holder hands it over once it is verified, not at the end of its own pull: marked again while
+        # this waits, for a holder that takes the download over)
+        await asyncio.to_thread(self.store.partials.want, key)
         began = shown = moved = time.monotonic()
         kept: int | None = None
         while True:
@@ -584,13 +651,18 @@ class _PullRun:
             now = time.monotonic()
             if now - shown >= WAIT_SHOWN:  # (what the other's download holds: not silence)
                 shown = now
-                elsewhere = await asyncio.to_thread(self.store.partials.kept_bytes, key)
+                elsewhere = await asyncio.to_thread(self._waiting_on, key)
                 self.tracker.waiting_on(remote.path, elsewhere or 0)
                 if elsewhere != kept:
                     kept, moved = elsewhere, now
                 if now - began >= STANDSTILL_LOOK:
                     await asyncio.to_thread(self._say_standstill, key, remote, now - moved)
             await asyncio.sleep(CLAIM_POLL)
+
+    def _waiting_on(self, key: str) -> int | None:
+        """(On a worker thread.) What the download this pull waits for holds (its mark made again)."""
+        self.store.partials.want(key)
+        return self.store.partials.kept_bytes(key)
 
     def _say_standstill(self, key: str, remote: RemoteFile, still: float) -> None:
         """(On a worker thread.) Say who holds the download this pull waits for, when that process is
@@ -658,6 +730,8 @@ class _PullRun:
         if found is not None:
             if claim is not None:
                 claim.release(completed=True)  # the content is in the store: the partial is a leftover
+            # (relied on until it publishes: one another pull handed over names no file until that one's publish)
+            self.writer.reuse([found.sha256])
             return found
         if claim is None:
             return _BUSY
@@ -675,8 +749,10 @@ class _PullRun:
         for key, claim in self.claims.items():
             if key in self.finished:
                 continue
-            blob = claim.finish()
-            blob.sync(durable=not self.store.durability.deferred)
+            blob = self.flushed.pop(key, None)
+            if blob is None:
+                blob = claim.finish()
+                blob.sync(durable=not self.store.durability.deferred)
             self.finished.add(key)
             ready[self.digests[key].sha256] = blob
         return ready
@@ -707,6 +783,12 @@ class _PullRun:
         left = others & self.store.partials.keys_on_disk()
         if left:  # (as gc takes them, those alone: one another process holds stays)
             self.store.partials.collect(False, max_age=math.inf, held=left, empty=False)
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it to end (its own cancellation is not this caller's)."""
+    task.cancel()
+    await asyncio.wait([task])
 
 
 def _raise_first(errors: list[BaseException], files: int) -> None:
