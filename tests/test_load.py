@@ -479,6 +479,42 @@ def test_a_load_by_engine_alone_pulls_that_engines_variant_whatever_the_store_ho
             node.stop()
 
 
+def test_a_bare_precision_names_the_engines_variant_on_every_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repo with fp16 in ONNX and in safetensors (onnx-fp16, safetensors-fp16): load(repo, "fp16") failed on
+    a fresh store ("no variant 'fp16'") and loaded the ONNX file on one that held onnx-fp16, for the
+    safetensors engine too, whose error then said to switch engines (an explorer's trial). It is the
+    engine's fp16 everywhere, pulled when the store lacks it; a name no commit has is said once, with the
+    commit's list (the store's and the commit's were both said, each list different)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    folder = write_repo(tmp_path / "mixed")
+    half = WEIGHT.astype(np.float16)
+    save_file({"weight": WEIGHT}, str(folder / "model.safetensors"))
+    save_file({"weight": half}, str(folder / "model.fp16.safetensors"))
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as node_depot:
+        node_depot.import_dir(folder, REPO)
+        node = LiveNode(node_depot)
+        try:
+            for first in (None, "onnx-fp16", "safetensors-fp16"):
+                with Depot(tmp_path / f"local-{first}", chunk_size=SMALL_CHUNK, servers=[node.url]) as local:
+                    if first is not None:
+                        local.pull(REPO, [first])
+                    session = local.load(REPO, "fp16")
+                    assert session.get_inputs()[0].type == "tensor(float16)", first
+                    tensors = local.load(REPO, "fp16", engine="safetensors")
+                    assert tensors["weight"].dtype == np.float16 and np.array_equal(tensors["weight"], half)
+                    assert local.has_file(REPO, "model.fp16.safetensors")
+                    assert not local.has_file(REPO, "model.safetensors"), "only the variant it loads"
+                    with pytest.raises(NotFoundError) as lacking:
+                        local.load(REPO, "int4")
+                    said = str(lacking.value)
+                    assert said.count("no variant 'int4'") == 1 and "onnx-fp16" in said, said
+        finally:
+            node.stop()
+
+
 def test_bad_input_is_refused_before_anything_loads(loaded: Depot) -> None:
     with pytest.raises(ValueError, match="repo"):
         loaded.load("not a repo")

@@ -336,6 +336,19 @@ class EngineMismatchError(NotFoundError):
     """The files are there, for another engine than the one asked for (``engine=`` names the wrong one)."""
 
 
+class VariantNotFoundError(NotFoundError):
+    """No variant of the name asked for in the files looked at (the store's, or a commit's listing)."""
+
+
+# The variants' kinds (hub/variants.py) an engine loading files of these suffixes takes, in its order
+_KINDS = {".onnx": "onnx", ".safetensors": "safetensors", ".gguf": "gguf"}
+
+
+def engine_kinds(suffixes: tuple[str, ...]) -> list[str]:
+    """The kinds of variant (``onnx``, ``safetensors``, ``gguf``) files of ``suffixes`` are, in their order."""
+    return [_KINDS[suffix] for suffix in suffixes if suffix in _KINDS]
+
+
 def model_file(
     paths: list[str], quant: str | None, suffixes: tuple[str, ...], file: str | None = None,
     holder: str = "the store",
@@ -350,9 +363,10 @@ def model_file(
     grouping = group_files(paths)
     variant = None
     if quant is not None:
-        variant = grouping.find(quant)
+        variant = grouping.find_for(quant, engine_kinds(suffixes))
         if variant is None:
-            raise NotFoundError(f"no variant {quant!r} here (there is: {grouping.names()})")
+            where = "here" if holder == "the store" else f"in {holder}"
+            raise VariantNotFoundError(f"no variant {quant!r} {where} (there is: {grouping.names()})")
         candidates = list(variant.files)
     if file is not None:
         if suffixes and not file.endswith(suffixes):

@@ -25,7 +25,9 @@ from modeldepot.engines.adapters import (
     ENGINES,
     EngineLoader,
     EngineMismatchError,
+    VariantNotFoundError,
     check_engine_installed,
+    engine_kinds,
     load_onnxruntime,
     model_file,
     onnxruntime_version_lacking_data_in_memory,
@@ -91,9 +93,11 @@ def default_variant(suffixes: tuple[str, ...], file: str | None = None) -> Choos
     def choose(manifest: Manifest, quant: str | None) -> Pulled:
         paths = [f.path for f in manifest.files]
         chosen = model_file(paths, quant, suffixes, file, holder=f"its commit {manifest.commit_id[:12]}")
-        if quant is not None:
-            return quant
         named = next((v.name for v in manifest.variants if chosen in v.files), None)
+        if (
+            quant is not None
+        ):  # (by the commit's name of it: fp16 is the engine's onnx-fp16 or safetensors-fp16)
+            return named or quant
         if named is not None or file is None:
             return named
         own = set(gguf_shard_names(chosen) or safetensors_shard_names(chosen) or ()) | {chosen}
@@ -218,7 +222,10 @@ def load_variant(
     # Counted under the variant's own name ("Q4F16" and "q4f16" are one model to preload), and without a
     # quant under the variant of the file chosen: a use of the whole repo made --preload-top preload every
     # quant of a GGUF repo when one of them was used.
-    named = grouping.find(quant) if quant else next((v for v in grouping.variants if chosen in v.files), None)
+    # (the chosen file's variant: a bare "fp16" is onnx-fp16 or safetensors-fp16, by the engine)
+    named = next((v for v in grouping.variants if chosen in v.files), None) or (
+        grouping.find(quant) if quant else None
+    )
     store.access.record(repo_id, named.name if named is not None else quant, commit_id=commit_id)
     # What it takes in memory, about: the model file and what is loaded with it (its external data, its
     # shards), for the cache's memory budget to make room before the load (the process's growth measured
@@ -325,7 +332,9 @@ def _gone(store: Store, repo_id: str, commit_id: str, chosen: str) -> bool:
     )
 
 
-def _lacking(store: Store, repo_id: str, commit_id: str, quant: str | None) -> list[str]:
+def _lacking(
+    store: Store, repo_id: str, commit_id: str, quant: str | None, suffixes: tuple[str, ...]
+) -> list[str]:
     """The variant's own files that its commit's listing names and the store lacks (a cache adopted from
     an ``allow_patterns`` download, an interrupted pull): loaded without them, an ONNX model's external
     data is a raw onnxruntime error. Nothing when the commit's listing is not known."""
@@ -337,7 +346,9 @@ def _lacking(store: Store, repo_id: str, commit_id: str, quant: str | None) -> l
         return []
     grouping = group_files(f.path for f in listed_files(record))
     variant = (
-        grouping.find(quant) if quant else next((v for v in grouping.variants if v.name == "fp32"), None)
+        grouping.find_for(quant, engine_kinds(suffixes))
+        if quant
+        else next((v for v in grouping.variants if v.name == "fp32"), None)
     )
     if variant is None:
         return []
@@ -369,14 +380,15 @@ def _listing_lacks_it_too(store: Store, repo_id: str, commit_id: str, quant: str
     return None
 
 
-def _listing_has_it(store: Store, repo_id: str, commit_id: str, suffixes: tuple[str, ...]) -> bool:
+def _listing_has_it(store: Store, repo_id: str, commit_id: str, suffixes: tuple[str, ...],
+                    quant: str | None = None) -> bool:  # fmt: skip
     """Whether the commit's whole listing (the repo's saved scan, of that commit) has a model file in the
-    engine's format (``suffixes``), its default variant's."""
+    engine's format (``suffixes``): the variant ``quant``'s, or its default variant's."""
     listed = _saved_listing(store, repo_id, commit_id)
     if listed is None:
         return False
     try:
-        model_file(listed, None, suffixes, None, holder="its commit")
+        model_file(listed, quant, suffixes, None, holder="its commit")
     except NotFoundError:
         return False
     return True
@@ -403,7 +415,7 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
             of_file = (
                 next((v.name for v in group_files(held).variants if found in v.files), None) if file else None
             )
-            absent = _lacking(store, repo_id, commit_id, quant or of_file)
+            absent = _lacking(store, repo_id, commit_id, quant or of_file, suffixes)
             if not absent:
                 return commit_id, found
             # (without a variant named: the ones held, which a load can take; an offline worker baked with one
@@ -416,9 +428,8 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
                                 f"{', '.join(absent[:3])}{' and more' if len(absent) > 3 else ''}"
                                 + (f"; it holds the variants {others}: name one (quant=...)" if others else ""))  # fmt: skip
         except NotFoundError as missing:
-            if (isinstance(missing, EngineMismatchError) and not _lacking(store, repo_id, commit_id, quant)
-                    and not (quant is None and file is None
-                             and _listing_has_it(store, repo_id, commit_id, suffixes))):  # fmt: skip
+            if (isinstance(missing, EngineMismatchError) and not _lacking(store, repo_id, commit_id, quant, suffixes)
+                    and not (file is None and _listing_has_it(store, repo_id, commit_id, suffixes, quant))):  # fmt: skip
                 # The variant is here whole, its files another engine's: no pull changes that (a load with the
                 # wrong engine= waited 30 s on an upstream that did not answer, then blamed the network: an
                 # explorer's trial). Unless no variant was named and the commit has one in the engine's format:
@@ -443,6 +454,8 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
             raise
         if str(error) == str(here):  # (the scan says what the store said: once is enough)
             raise here from None
+        if isinstance(error, VariantNotFoundError) and isinstance(here, VariantNotFoundError):
+            raise error from None  # (the commit's variants, which hold the store's: the two lists said once)
         raise NotFoundError(f"{here}; pulling it failed too: {error}", repo_id=repo_id) from error
     if absent_there := _listing_lacks_it_too(store, repo_id, commit_id, quant, suffixes, file):
         raise absent_there  # (the store has what the commit has: "the store lacks" sent users to pull again)

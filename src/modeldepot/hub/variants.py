@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from modeldepot.store.eviction import FORMER
@@ -148,6 +148,21 @@ class Grouping:
             return exact
         aliased = [v for v in self.variants if lowered in variant_aliases(v)]
         return aliased[0] if len(aliased) == 1 else None
+
+    def find_for(self, name: str, kinds: Sequence[str]) -> DetectedVariant | None:
+        """:meth:`find`, for an engine that loads ``kinds`` (of "onnx", "safetensors", "gguf", in its order of
+        preference): a bare precision names that engine's variant of it, as ``<kind>-<name>`` does (``fp16``
+        is onnx-fp16 for onnxruntime, safetensors-fp16 for safetensors). It named what the files held called
+        fp16: the ONNX file on a store that held onnx-fp16, for the safetensors engine too, and nothing on a
+        fresh one, whose commit has both (an explorer's trial)."""
+        exact = self.find(name)
+        if exact is not None and (not kinds or exact.kind in kinds):
+            return exact
+        for kind in kinds:
+            qualified = self.find(f"{kind}-{name}")
+            if qualified is not None and qualified.kind == kind:
+                return qualified
+        return exact
 
     def names(self) -> str:
         return ", ".join(v.name for v in self.variants) or "none"
