@@ -3,6 +3,7 @@ pulled through the chain when missing."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gc
 import json
@@ -477,6 +478,29 @@ def test_a_load_by_engine_alone_pulls_that_engines_variant_whatever_the_store_ho
                         assert loaded.get_inputs()[0].type == "tensor(float)"
         finally:
             node.stop()
+
+
+def test_load_async_loads_beside_a_pull_on_the_same_loop(
+    upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An async app had no async load: the blocking one is refused on a loop where a pull_async runs (it
+    would wait for that pull's claim of a shared config, and the pull for the loop), and it had to guess
+    between asyncio.to_thread and the engine cache's own async call (which charged the model twice)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[upstream.url]) as local:
+
+        async def app() -> Any:
+            warming = asyncio.create_task(local.pull_async(REPO, ["fp16"]))  # (its config.json: shared)
+            await asyncio.sleep(0)
+            session = await local.load_async(REPO, warmup=0)
+            await warming
+            return session
+
+        session = asyncio.run(asyncio.wait_for(app(), 60))
+        assert session.get_inputs()[0].type == "tensor(float)"
+        assert asyncio.run(local.load_async(REPO, warmup=0)) is session, "one engine, cached"
+        assert len(local.engines.keys()) == 1
 
 
 def test_a_bare_precision_names_the_engines_variant_on_every_store(

@@ -779,6 +779,26 @@ class Depot(Upkeep):
     # -- engines ----------------------------------------------------------------------------------------
 
     @any_case
+    async def load_async(
+        self,
+        repo_id: str,
+        quant: str | None = None,
+        revision: str = "main",
+        *,
+        engine: str | EngineLoader = "onnxruntime",
+        warmup: int = 1,
+        inputs: Mapping[str, Any] | None = None,
+        file: str | None = None,
+    ) -> Any:
+        """:meth:`load` for asyncio programs: it runs on a worker thread, so the event loop (an inference
+        server's, a ``pull_async`` on it) goes on meanwhile. A cancelled caller stops waiting; the load runs to
+        its end all the same, and its engine stays in :attr:`engines` (the next call is a hit)."""
+        import asyncio
+
+        return await asyncio.to_thread(
+            self.load, repo_id, quant, revision, engine=engine, warmup=warmup, inputs=inputs, file=file
+        )
+
     def load(
         self,
         repo_id: str,

@@ -202,7 +202,7 @@ def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
             f"a blocking call on an event loop where {pulling} pull{'s' if pulling > 1 else ''} (pull_async) "
             f"run{'' if pulling > 1 else 's'} would wait for {'them' if pulling > 1 else 'it'}, and "
             f"{'they' if pulling > 1 else 'it'} for this loop: await it on a thread of its own "
-            "(`await asyncio.to_thread(depot.load, ...)`), or await the pull first"
+            "(`await depot.load_async(...)`, `await asyncio.to_thread(depot.pull, ...)`), or await the pull first"
         )
     with ThreadPoolExecutor(1, thread_name_prefix="modeldepot-blocking") as helper:
         return helper.submit(contextvars.copy_context().run, asyncio.run, coroutine).result()
