@@ -1,6 +1,7 @@
 """What the control-route and dashboard tests share: a source node holding a generated ONNX repo, a node
 that pulls from it (``servers=[...]``, no Hub), a node without a token whose control token is known
-(:class:`OpenNode`), a proxy that can hold a transfer midway, and plain HTTP calls to a node."""
+(:class:`OpenNode`), a proxy that can hold a transfer midway, plain HTTP calls to a node, and `modeldepot
+serve` in a process of its own (:class:`Serving`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import asyncio
 import contextlib
 import http.client
 import json
+import os
+import queue
 import random
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +31,7 @@ from conftest import (
     ForwardingProxy,
     LiveNode,
     closed_port,
+    free_port,
     write_model_dir,
 )
 from modeldepot import Depot
@@ -180,3 +188,55 @@ class HoldingProxy(ForwardingProxy):
                 await response.write(piece)
             await response.write_eof()
             return response
+
+
+class Serving:
+    """``modeldepot serve`` in a process of its own on a free loopback port, its stderr read line by line
+    (on a thread, so the pipe never fills)."""
+
+    def __init__(self, home: Path, *args: str, env_extra: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if k not in ("MODELDEPOT_TOKEN", "HF_TOKEN")}
+        env.update(env_extra or {})
+        env["PYTHONUNBUFFERED"] = "1"
+        argv = [sys.executable, "-m", "modeldepot", "serve", "--home", str(home), "--port", str(self.port),
+                "--scrub-interval", "off", *args]  # fmt: skip
+        self.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True)  # fmt: skip
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, name="serve-stderr", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.put(line)
+        self.lines.put("")  # the end
+
+    def line_with(self, fragment: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(
+                    f"no line with {fragment!r} in {timeout} s:\n{''.join(self.seen)}"
+                ) from None
+            if not line:
+                raise AssertionError(f"serve exited ({self.process.poll()}):\n{''.join(self.seen)}")
+            self.seen.append(line)
+            if fragment in line:
+                return line
+
+    def stop(self) -> str:
+        """Stop it (SIGTERM) and return all it wrote to stderr."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait(60)
+        self._reader.join(30)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return "".join(self.seen)

@@ -8,11 +8,8 @@ import asyncio
 import hashlib
 import logging
 import os
-import queue
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -49,6 +46,7 @@ from controlnodes import (
     HoldingProxy,
     OpenNode,
     Reply,
+    Serving,
     call,
     pulling_depot,
     source_node,
@@ -933,58 +931,6 @@ def test_a_node_without_a_token_on_all_interfaces_takes_control_with_its_token_a
         assert call(port, "GET", f"{API}/pulls").status == 401  # the same node, from 127.0.0.1
     finally:
         server.stop()
-
-
-class Serving:
-    """``modeldepot serve`` in a process of its own on a free loopback port, its stderr read line by line
-    (on a thread, so the pipe never fills)."""
-
-    def __init__(self, home: Path, *args: str, env_extra: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        env = {k: v for k, v in os.environ.items() if k not in ("MODELDEPOT_TOKEN", "HF_TOKEN")}
-        env.update(env_extra or {})
-        env["PYTHONUNBUFFERED"] = "1"
-        argv = [sys.executable, "-m", "modeldepot", "serve", "--home", str(home), "--port", str(self.port),
-                "--scrub-interval", "off", *args]  # fmt: skip
-        self.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True)  # fmt: skip
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        self._reader = threading.Thread(target=self._read, name="serve-stderr", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.put(line)
-        self.lines.put("")  # the end
-
-    def line_with(self, fragment: str, timeout: float = 60) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(
-                    f"no line with {fragment!r} in {timeout} s:\n{''.join(self.seen)}"
-                ) from None
-            if not line:
-                raise AssertionError(f"serve exited ({self.process.poll()}):\n{''.join(self.seen)}")
-            self.seen.append(line)
-            if fragment in line:
-                return line
-
-    def stop(self) -> str:
-        """Stop it (SIGTERM) and return all it wrote to stderr."""
-        if self.process.poll() is None:
-            self.process.terminate()
-        self.process.wait(60)
-        self._reader.join(30)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
-        while not self.lines.empty():
-            self.seen.append(self.lines.get())
-        return "".join(self.seen)
 
 
 def test_serve_prints_the_dashboard_address_with_a_working_control_token(tmp_path: Path) -> None:

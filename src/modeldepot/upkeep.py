@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from modeldepot.errors import (
@@ -31,14 +33,30 @@ if TYPE_CHECKING:
     from modeldepot.held import HeldModels
     from modeldepot.hub.manifest import Manifest
     from modeldepot.tiers import Tiers
+    from modeldepot.transfer.pull import PullResult
 
-__all__ = ["SCAN_SETTLE", "Upkeep"]
+__all__ = ["SCAN_SETTLE", "Repair", "Upkeep"]
 
 log = logging.getLogger(__name__)
 
 # Seconds a saved scan is taken for a pull's that may be starting (it saves its scan before it takes the repo's
 # pull mark): `rm` of a repo the store holds nothing of leaves so young a scan
 SCAN_SETTLE = 10.0
+
+
+# Origins of repos whose files no pull brings back: a folder imported here (an adopted Hugging Face cache's
+# files came from the Hub: they are pulled from there again)
+_NOT_PULLED = frozenset({"import"})
+
+
+@dataclass(frozen=True)
+class Repair:
+    """A revision's files that failed verification, fetched again (``error`` None) or not (why)."""
+
+    repo_id: str
+    commit_id: str
+    paths: tuple[str, ...]
+    error: str | None = None
 
 
 class Upkeep:
@@ -55,6 +73,11 @@ class Upkeep:
         def home(self) -> Path: ...
 
         def get_manifest(self, repo_id: str) -> Manifest: ...
+
+        async def pull_async(self, repo_id: str, quants: list[str] | str | None = None, *, revision: str = "main",
+                             paths: list[str] | None = None) -> PullResult: ...  # fmt: skip
+
+        def check_writable(self, doing: str) -> None: ...
 
     def scrubber(self, rate: float = DEFAULT_SCRUB_RATE) -> Scrubber:
         """The background check of local blobs (``serve --scrub-interval``): rehashes what is due at
@@ -73,6 +96,57 @@ class Upkeep:
     def verify(self, repo_id: str | None = None, *, progress: VerifyProgress | None = None) -> VerifyReport:
         """Rehash blobs and chunks; a corrupt blob is quarantined, reported and never served again."""
         return verify(self.store, repo_id, progress)
+
+    def broken_files(self) -> dict[tuple[str, str], tuple[str, ...]]:
+        """The files of the store whose blob failed verification (quarantined: listed, never served), by
+        (repo, commit): what :meth:`repair` fetches again."""
+        rows = self.store.index.read(
+            "SELECT repo_id, commit_id, path FROM files WHERE sha256 IN (SELECT sha256 FROM blobs WHERE state != "
+            "'ok') ORDER BY repo_id, commit_id, path"
+        )
+        broken: dict[tuple[str, str], list[str]] = {}
+        for row in rows:
+            broken.setdefault((row["repo_id"], row["commit_id"]), []).append(row["path"])
+        return {revision: tuple(paths) for revision, paths in broken.items()}
+
+    async def repair_async(self, only: Collection[tuple[str, str]] | None = None) -> list[Repair]:
+        """Fetch again, from the depot's sources (its servers, its fleet, the Hub), every file whose blob failed
+        verification (a scrub's find, a read's, `verify`'s), one pull of those files alone per revision: a
+        model found corrupt answered 503 until someone pulled it by hand (an explorer's trial; ``serve
+        --repair`` runs this in the background). A repo imported here is left: its bytes came from a folder
+        (its outcome says to import it again). One outcome per revision, in the order of
+        :meth:`broken_files` (``only``: of those revisions, as (repo, commit)); a failure is said in it, not
+        raised (the others are tried)."""
+        import asyncio
+
+        self.check_writable("repairing files")
+        broken = await asyncio.to_thread(self.broken_files)
+        if only is not None:
+            broken = {revision: paths for revision, paths in broken.items() if revision in only}
+        origins = await asyncio.to_thread(self._origins, {repo_id for repo_id, _ in broken})
+        outcomes = []
+        for (repo_id, commit_id), paths in broken.items():
+            if origins.get(repo_id) in _NOT_PULLED:
+                outcomes.append(Repair(repo_id, commit_id, paths, f"{repo_id} was imported here, from a folder: "
+                                       "import it again to restore its files"))  # fmt: skip
+                continue
+            try:
+                await self.pull_async(repo_id, None, revision=commit_id, paths=list(paths))
+            except DepotError as error:
+                outcomes.append(Repair(repo_id, commit_id, paths, f"{type(error).__name__}: {error}"))
+            else:
+                outcomes.append(Repair(repo_id, commit_id, paths))
+        return outcomes
+
+    def repair(self, only: Collection[tuple[str, str]] | None = None) -> list[Repair]:
+        """:meth:`repair_async`, blocking."""
+        from modeldepot.transfer.pull import run_blocking
+
+        return run_blocking(self.repair_async(only))
+
+    def _origins(self, repo_ids: set[str]) -> dict[str, str]:
+        rows = self.store.index.read("SELECT repo_id, origin FROM repos")
+        return {row["repo_id"]: row["origin"] for row in rows if row["repo_id"] in repo_ids}
 
     @any_case
     @writes

@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 failure (including ``verify`` finding corruption), 2 bad inp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -344,15 +345,32 @@ def _copy_to_stdout(fd: int, offset: int, length: int) -> None:
 
 @cli.command("verify")
 @click.argument("repo_id", metavar="[REPO]", required=False, callback=checked(validate_repo_id))
+@click.option("--repair", is_flag=True,
+              help="Then fetch again the files found corrupt (now or before) from the depot's sources: its "
+                   "servers, its fleet, the Hub. Exit 1 only if some stay broken.")  # fmt: skip
 @json_option
 @reading_home_option
-def verify_command(depot: Depot, repo_id: str | None, as_json: bool) -> None:
+def verify_command(depot: Depot, repo_id: str | None, repair: bool, as_json: bool) -> None:
     """Rehash every blob (of REPO, or all); quarantine corrupt ones. Exit 1 if any is corrupt."""
+    if repair:
+        depot.check_writable("repairing files")  # (before the hashing, not after it)
     bar = render.ByteProgress("verifying")
     with bar.running():
         report = depot.verify(repo_id, progress=bar.update)
-    render.emit(as_json, {**report.to_dict(), "ok": report.ok}, lambda: render.render_verify(report))
-    if not report.ok:
+    repairs = None
+    if repair:
+        broken = [revision for revision in depot.broken_files() if repo_id is None or revision[0] == repo_id]
+        if broken and not as_json:
+            render.err.print(
+                f"fetching again the files found corrupt in {render.count(len(broken), 'revision')}"
+            )
+        repairs = depot.repair(broken)
+    body = {**report.to_dict(), "ok": report.ok}
+    if repairs is not None:
+        body.update(repairs=[dataclasses.asdict(r) for r in repairs], ok=all(r.error is None for r in repairs)
+                    and report.index_ok and not report.snapshots_not_repaired)  # fmt: skip
+    render.emit(as_json, body, lambda: render.render_verify(report, repairs))
+    if not body["ok"]:
         sys.exit(EXIT_FAILURE)
 
 

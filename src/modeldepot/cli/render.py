@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # not imported at run time: `import` and the store commands s
     from modeldepot.store.budget import BudgetStatus, Eviction, Pin
     from modeldepot.transfer.fleet import PeerRow
     from modeldepot.transfer.pull import PullUpdate
+    from modeldepot.upkeep import Repair
 
 __all__ = [
     "ByteProgress",
@@ -443,7 +444,7 @@ def render_snapshot(repo_id: str, path: str, built: bool) -> None:
                   f"`modeldepot path {escape(repo_id)}` makes it once there is room ({escape(path)})")  # fmt: skip
 
 
-def render_verify(report: VerifyReport) -> None:
+def render_verify(report: VerifyReport, repairs: list[Repair] | None = None) -> None:
     for problem in report.problems:
         where = f"; moved to {problem.quarantined_to}" if problem.quarantined_to else ""
         err.print(
@@ -458,7 +459,19 @@ def render_verify(report: VerifyReport) -> None:
     summary = f"checked {report.blobs_checked} blobs ({format_bytes(report.bytes_checked)}) in {report.seconds:.1f}s"
     if report.snapshots_repaired:
         summary += f", repaired {report.snapshots_repaired} snapshots"
-    if report.ok:
+    for repair in repairs or ():
+        named = f"{repair.repo_id}@{repair.commit_id[:12]}: {', '.join(repair.paths[:3])}" + (
+            f" and {len(repair.paths) - 3} more" if len(repair.paths) > 3 else ""
+        )
+        if repair.error is None:
+            out.print(f"[green]repaired[/green] {escape(named)} (fetched again and verified)")
+        else:
+            err.print(f"[red]not repaired[/red] {escape(named)}: {escape(repair.error)}")
+    if repairs is not None and report.index_ok and not report.snapshots_not_repaired:
+        left = sum(repair.error is not None for repair in repairs)
+        out.print(f"[green]ok[/green]: {summary}" if not left else
+                  f"[red]{count(left, 'revision')} not repaired[/red]: {summary}")  # fmt: skip
+    elif report.ok:
         out.print(f"[green]ok[/green]: {summary}")
     else:
         fix = (

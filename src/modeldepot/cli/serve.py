@@ -241,6 +241,10 @@ def _listenable(host: str, port: int) -> None:
                    "what fails; local reads are guarded by this ($MODELDEPOT_SCRUB_INTERVAL sets it too).")  # fmt: skip
 @click.option("--scrub-rate", cls=FromEnvironment, envvar="MODELDEPOT_SCRUB_RATE", default="64MiB", show_default=True, metavar="SIZE",
               callback=lambda c, p, v: setting(_positive_size, v), help="Bytes a second the scrub may read ($MODELDEPOT_SCRUB_RATE sets it too).")  # fmt: skip
+@click.option("--repair/--no-repair", cls=FromEnvironment, envvar="MODELDEPOT_REPAIR", default=False,
+              help="Fetch again, in the background, the files found corrupt (by the scrub, a read, `verify`: "
+                   "quarantined, not served) from this node's sources: its servers, its fleet, the Hub "
+                   "($MODELDEPOT_REPAIR=1 sets it too; default: off, they wait for a pull).")  # fmt: skip
 @click.option("--yes", "-y", is_flag=True,
               help="With --max-size below what the store holds: evict without asking (else a node asks on a "
                    "terminal, and without one refuses to start: a mistyped size removed models).")  # fmt: skip
@@ -268,6 +272,7 @@ def serve_command(
     cluster: str | None,
     cluster_prefix: str | None,
     advertise: str | None,
+    repair: bool,
     yes: bool,
 ) -> None:
     """Serve the store over HTTP: the Hub's API (HF_ENDPOINT=http://HOST:PORT) and /api/depot/v1.
@@ -321,7 +326,7 @@ def serve_command(
     if max_connections_per_client is not None:
         limits = dataclasses.replace(limits, max_per_client=max_connections_per_client)
     run_server(depot, host, port, token, log_level, mirror=bool(upstreams), preload_top=preload_top, limits=limits,
-               scrub_interval=scrub_interval, scrub_rate=scrub_rate, advertise=advertise)  # fmt: skip
+               scrub_interval=scrub_interval, scrub_rate=scrub_rate, advertise=advertise, repair=repair)  # fmt: skip
 
 
 def _token(value: str | None) -> str | None:

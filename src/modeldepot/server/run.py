@@ -14,12 +14,13 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from modeldepot.depot import Depot
-from modeldepot.errors import ConfigError
+from modeldepot.errors import ConfigError, DepotError
 from modeldepot.server.app import create_app
 from modeldepot.server.connections import (
     BACKLOG,
@@ -50,6 +51,7 @@ def run_server(
     scrub_interval: float = 86400.0,
     scrub_rate: float = DEFAULT_SCRUB_RATE,
     advertise: str | None = None,
+    repair: bool = False,
 ) -> None:
     """Serve ``depot`` until SIGINT, SIGTERM or SIGHUP. With ``depot.config.cluster`` the node joins its fleet: it
     registers at ``advertise`` (default: the listening address) once it listens, publishes what it holds,
@@ -79,6 +81,11 @@ def run_server(
 
     if scrub_interval > 0:
         app.cleanup_ctx.append(_scrubbing(depot, scrub_interval, scrub_rate))
+    if repair and depot.store.read_only:
+        log.warning("not repairing: the store is %s, so files found corrupt stay out of service until pulled "
+                    "where it is writable", depot.store.read_only_reason)  # fmt: skip
+    elif repair:
+        app.cleanup_ctx.append(_repairing(depot))
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -217,3 +224,52 @@ def _scrubbing(
         await asyncio.to_thread(worker.join, 30)
 
     return scrub
+
+
+REPAIR_LOOK = 30.0  # seconds between a node's looks for files found corrupt (serve --repair)
+REPAIR_PATIENCE = 3600.0  # the longest a revision whose repair failed waits for the next try
+
+
+def _repairing(depot: Depot) -> Callable[[web.Application], AsyncIterator[None]]:
+    """``serve --repair``: the files found corrupt (a scrub's, a read's, `verify`'s) fetched again in the
+    background from the node's sources; a revision whose repair failed is tried again later and later."""
+
+    async def repair(_app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(_repair_now_and_then(depot))
+        logging.getLogger("modeldepot.server").info(
+            "repairing files found corrupt, from this node's sources (a look every %.0f s)", REPAIR_LOOK
+        )
+        yield
+        task.cancel()
+        await asyncio.wait([task])
+
+    return repair
+
+
+async def _repair_now_and_then(depot: Depot, look: float = REPAIR_LOOK) -> None:
+    log = logging.getLogger("modeldepot.server")
+    waits: dict[
+        tuple[str, str], tuple[float, float]
+    ] = {}  # a revision whose repair failed -> (next try, wait)
+    while True:
+        try:
+            broken = await asyncio.to_thread(depot.broken_files)
+            now = time.monotonic()
+            due = [revision for revision in broken if waits.get(revision, (0.0, 0.0))[0] <= now]
+            for outcome in await depot.repair_async(due) if due else ():
+                revision = (outcome.repo_id, outcome.commit_id)
+                named = f"{outcome.repo_id}@{outcome.commit_id[:12]}: {', '.join(outcome.paths[:3])}" + (
+                    f" and {len(outcome.paths) - 3} more" if len(outcome.paths) > 3 else ""
+                )
+                if outcome.error is None:
+                    waits.pop(revision, None)
+                    log.info("repaired %s (found corrupt, fetched again and verified)", named)
+                    continue
+                wait = min(REPAIR_PATIENCE, max(look, 2 * waits.get(revision, (0.0, look / 2))[1]))
+                waits[revision] = (time.monotonic() + wait, wait)
+                log.warning("could not repair %s: %s; tried again in %.0f s", named, outcome.error, wait)
+            for gone in set(waits) - set(broken):  # (pulled or removed meanwhile)
+                del waits[gone]
+        except DepotError as error:  # (a look that failed: the next one is made)
+            log.warning("could not look for files to repair: %s", error)
+        await asyncio.sleep(look)
