@@ -414,8 +414,18 @@ class LiveNode(BackgroundServer):
 def serving_repo(tmp_path: Path, files: dict[str, bytes], repo_id: str,
                  chunk_size: int | None = None) -> Iterator[LiveNode]:  # fmt: skip
     """A node on loopback whose store (under ``tmp_path``) holds ``files`` as ``repo_id``: an upstream."""
+    with serving_repos(tmp_path, {repo_id: files}, chunk_size) as node:
+        yield node
+
+
+@contextlib.contextmanager
+def serving_repos(tmp_path: Path, repos: dict[str, dict[str, bytes]],
+                  chunk_size: int | None = None) -> Iterator[LiveNode]:  # fmt: skip
+    """A node on loopback whose store (under ``tmp_path``) holds each repo's files (repo id -> files)."""
     with Depot(tmp_path / "upstream-store", chunk_size=chunk_size) as hub:
-        hub.import_dir(write_model_dir(tmp_path / "upstream-src", files), repo_id)
+        for number, (repo_id, files) in enumerate(repos.items()):
+            source = tmp_path / ("upstream-src" if number == 0 else f"upstream-src-{number}")
+            hub.import_dir(write_model_dir(source, files), repo_id)
         node = LiveNode(hub)
         try:
             yield node

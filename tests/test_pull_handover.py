@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LiveNode, hub_path_depot, store_files_consistent, wait_until, write_model_dir
+from conftest import LiveNode, hub_path_depot, serving_repos, store_files_consistent, wait_until
 from modeldepot import Depot
 
 MiB = 1 << 20
@@ -41,14 +41,8 @@ TOKENIZER_KEY = "git-" + hashlib.sha1(b"blob %d\0" % len(TOKENIZER) + TOKENIZER)
 
 @pytest.fixture
 def upstream(tmp_path: Path) -> Iterator[LiveNode]:
-    with Depot(tmp_path / "upstream-store") as hub:
-        hub.import_dir(write_model_dir(tmp_path / "big-src", BIG_FILES), BIG)
-        hub.import_dir(write_model_dir(tmp_path / "small-src", SMALL_FILES), SMALL)
-        node = LiveNode(hub)
-        try:
-            yield node
-        finally:
-            node.stop()
+    with serving_repos(tmp_path, {BIG: BIG_FILES, SMALL: SMALL_FILES}) as node:
+        yield node
 
 
 @pytest.fixture

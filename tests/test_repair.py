@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import LiveNode, flip_byte, hub_path_depot, wait_until, write_model_dir
+from conftest import LiveNode, flip_byte, hub_path_depot, serving_repo, wait_until, write_model_dir
 from controlnodes import API, Serving, call
 from modeldepot import Depot
 from modeldepot.cli import cli
@@ -28,13 +28,8 @@ OWN = {"model.safetensors": random.Random(9).randbytes(120_000)}
 
 @pytest.fixture
 def upstream(tmp_path: Path) -> Iterator[LiveNode]:
-    with Depot(tmp_path / "upstream-store") as hub:
-        hub.import_dir(write_model_dir(tmp_path / "src", FILES), PULLED)
-        node = LiveNode(hub)
-        try:
-            yield node
-        finally:
-            node.stop()
+    with serving_repo(tmp_path, FILES, PULLED) as node:
+        yield node
 
 
 @pytest.fixture
