@@ -7,6 +7,7 @@ checked is order (the small pull ended while the big one still ran), never a dur
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import random
@@ -15,18 +16,22 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from conftest import LiveNode, hub_path_depot, serving_repos, store_files_consistent, wait_until
+from conftest import LiveNode, http_request, hub_path_depot, serving_repos, store_files_consistent, wait_until
 from modeldepot import Depot
 
 MiB = 1 << 20
-BIG, SMALL = "acme/big", "acme/small"
+BIG, SMALL, OTHER = "acme/big", "acme/small", "acme/other"
 TOKENIZER = b'{"model": {"vocab": {' + b", ".join(b'"w%d": %d' % (i, i) for i in range(4000)) + b"}}}"
+SHARED = random.Random(3).randbytes(512 * 1024)  # an LFS file of 8 chunks (64 KiB) BIG and OTHER hold
+SHARED_SHA = hashlib.sha256(SHARED).hexdigest()
 BIG_FILES = {
     "config.json": b'{"model_type": "bert", "hidden_size": 384}',
     "tokenizer.json": TOKENIZER,
+    "shared.safetensors": SHARED,
     "model.safetensors": random.Random(7).randbytes(4 * MiB),
 }
 SMALL_FILES = {
@@ -34,6 +39,7 @@ SMALL_FILES = {
     "tokenizer.json": TOKENIZER,
     "model.safetensors": random.Random(8).randbytes(96 * 1024),
 }
+OTHER_FILES = {"config.json": b'{"model_type": "bert", "hidden_size": 16}', "shared.safetensors": SHARED}
 TOKENIZER_SHA = hashlib.sha256(TOKENIZER).hexdigest()
 # A plain git file (not LFS): its download's key is its git blob id
 TOKENIZER_KEY = "git-" + hashlib.sha1(b"blob %d\0" % len(TOKENIZER) + TOKENIZER).hexdigest()
@@ -41,7 +47,7 @@ TOKENIZER_KEY = "git-" + hashlib.sha1(b"blob %d\0" % len(TOKENIZER) + TOKENIZER)
 
 @pytest.fixture
 def upstream(tmp_path: Path) -> Iterator[LiveNode]:
-    with serving_repos(tmp_path, {BIG: BIG_FILES, SMALL: SMALL_FILES}) as node:
+    with serving_repos(tmp_path, {BIG: BIG_FILES, SMALL: SMALL_FILES, OTHER: OTHER_FILES}) as node:
         yield node
 
 
@@ -53,7 +59,7 @@ def local(upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 @pytest.fixture
 def slow_big_pull(local: Depot, upstream: LiveNode) -> Iterator[subprocess.Popen[str]]:
-    """`modeldepot pull acme/big` in another process, at 256 KiB/s (its 4 MiB file: ~16 s), once it holds
+    """`modeldepot pull acme/big` in another process, at 256 KiB/s (its 4.5 MiB: ~18 s), once it holds
     the tokenizer's download; terminated at the end if it still runs."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "MODELDEPOT_SERVERS")}
     env["HF_ENDPOINT"] = upstream.url
@@ -121,7 +127,7 @@ def test_a_handed_over_blob_is_kept_until_its_pull_publishes_and_survives_a_kill
     slow_big_pull.wait(60)
     assert store_files_consistent(local) == []
     result = local.pull(BIG)
-    assert result.bytes_downloaded <= len(BIG_FILES["model.safetensors"]) + len(BIG_FILES["config.json"])
+    assert result.bytes_downloaded <= sum(len(data) for data in BIG_FILES.values()) - len(TOKENIZER)
     assert result.bytes_by_source.get("local", 0) >= len(TOKENIZER)
     assert bytes(local.get_file(BIG, "tokenizer.json")) == TOKENIZER
     assert store_files_consistent(local) == []
@@ -132,3 +138,70 @@ def test_a_waiting_mark_nobody_needs_goes_with_gc(local: Depot) -> None:
     assert local.store.partials.wanted_keys() == {TOKENIZER_KEY}
     local.gc()  # (a mark of a content no download holds: a waiter's that was killed as it waited)
     assert local.store.partials.wanted_keys() == frozenset()
+
+
+def test_a_handed_over_public_content_is_still_served_to_peers_without_a_token(
+    local: Depot, slow_big_pull: subprocess.Popen[str]
+) -> None:
+    """A node without a token serves a public repo's download in progress to any peer (its public mark).
+    Handed over, the content was a blob no file named yet, so not a public repo's by the index: the node
+    answered 404 for it, and left it out of its holdings, until the big pull published (review 26)."""
+    node = LiveNode(local)  # (no token: a node of a token-less fleet over this store)
+    chunk = {"Range": "bytes=0-65535"}
+    try:
+        wait_until(
+            lambda: http_request(node, f"/api/depot/v1/blobs/{SHARED_SHA}", chunk)[0] == 206, timeout=30
+        )
+        local.store.partials.want(SHARED_SHA)  # (as a waiting pull marks it)
+        wait_until(lambda: local.store.local_digest(sha256=SHARED_SHA) is not None, timeout=30)
+        assert slow_big_pull.poll() is None, "the big pull still runs"
+        status, _, body = http_request(node, f"/api/depot/v1/blobs/{SHARED_SHA}", chunk)
+        assert status == 206 and body == SHARED[:65536], status
+        assert SHARED_SHA in {blob.sha256 for blob in local.store.held_blobs(public_only=True)}
+        slow_big_pull.send_signal(signal.SIGINT)
+        slow_big_pull.wait(60)
+        assert not local.store.partials.is_public(SHARED_SHA), "its mark goes with the pull"
+    finally:
+        node.stop()
+
+
+def test_a_retry_after_shared_blobs_went_hands_over_nothing_it_flushed_for_its_publish(
+    local: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull whose shared files went before it published fetches them again, its handover loop running
+    beside: the claims flushed for its publish were handed over again (a read-only file reopened for writing:
+    "Permission denied" for any user but root, review 26)."""
+    from modeldepot.errors import SharedBlobsRemovedError
+    from modeldepot.transfer import pull as pull_module
+
+    local.pull(OTHER)  # (BIG finds the shared file in the store)
+    monkeypatch.setattr(pull_module, "HANDOVER_LOOK", 0.05)
+    big_key = hashlib.sha256(BIG_FILES["model.safetensors"]).hexdigest()
+    real_publish, real_claiming = pull_module._PullRun.publish, pull_module._PullRun._claim_and_transfer
+    calls: list[int] = []
+
+    def publish(run: Any, *args: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            local.store.partials.want(big_key)  # (a pull elsewhere waits for the big file, flushed by now)
+            gone = SharedBlobsRemovedError("removed meanwhile", repo_id=BIG)
+            gone.gone = (SHARED_SHA,)
+            raise gone
+        real_publish(run, *args)
+
+    async def slow_retry(run: Any, *args: Any) -> Any:
+        if calls:
+            await asyncio.sleep(0.5)  # (a fetch that takes a moment: the handover loop looks meanwhile)
+        return await real_claiming(run, *args)
+
+    handed: list[str] = []
+    real_hand_over = pull_module._PullRun.hand_over
+    monkeypatch.setattr(pull_module._PullRun, "publish", publish)
+    monkeypatch.setattr(pull_module._PullRun, "_claim_and_transfer", slow_retry)
+    monkeypatch.setattr(
+        pull_module._PullRun, "hand_over", lambda run, key: handed.append(key) or real_hand_over(run, key)
+    )
+    local.pull(BIG)
+    assert handed == [], "a content flushed for the publish was handed over again"
+    assert bytes(local.get_file(BIG, "model.safetensors")) == BIG_FILES["model.safetensors"]
+    assert store_files_consistent(local) == []

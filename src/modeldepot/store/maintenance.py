@@ -534,7 +534,7 @@ def gc(store: Store, partials: bool = False) -> GcReport:
             bytes_freed += session_bytes
         with _passed_over(refused):
             downloads_removed, resumable, running, download_bytes = store.partials.collect(
-                remove_all=partials, held=_held_download_keys(store, known)
+                remove_all=partials, held=_held_download_keys(store, known), relied_on=relied_on
             )
             partials_removed += downloads_removed
             kept += running

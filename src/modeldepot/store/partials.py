@@ -330,11 +330,13 @@ class ResumablePartial:
         except OSError as error:
             raise os_error(error, "marking a download as public or not") from error
 
-    def release(self, completed: bool) -> None:
+    def release(self, completed: bool, keep_public: bool = False) -> None:
         """Let go of the lock. ``completed``: the content is in the store now, so the files go; else they
         stay for a resume (by this process later, another process, or a re-run), unless the whole file
         failed its check and nothing was fetched since (:meth:`reset`): its bytes are refuted, none would
-        be resumed, and they were shown as kept."""
+        be resumed, and they were shown as kept. ``keep_public``: its public mark stays (a content handed
+        over before its pull publishes it: a node without a token still serves it, the index names it in
+        no public repo yet; the pull takes the mark away at its end)."""
         gone = completed or (self.resets > 0 and not self.done)
         if self.paths.one_piece and gone:
             # Unless its name is gone already (placed by a version that renamed it): it may be another claim's.
@@ -343,10 +345,13 @@ class ResumablePartial:
         elif gone:
             for path in self.paths.names:  # unlinked while locked: waiters see it gone
                 self.layout.unlink(path)
-        if gone:
+        if gone and not keep_public:
             self.layout.unlink(self.paths.public)
         if completed:
-            self.layout.unlink(self.paths.wanted)  # (in the store: nobody waits for the download now)
+            # (in the store: nobody waits for the download now; a mark this user may not delete, another's in
+            # a shared store, stays for gc, and the lock is let go all the same)
+            with contextlib.suppress(StoreError):
+                self.layout.unlink(self.paths.wanted)
             _mark_ended(self.layout.partials / ENDED_MARK)
         # Else its files stay as they are: a finished file flushed for placing is read-only, and may be a
         # committed blob's other name (a publish that failed after its commit); the next claim sees to it.
@@ -446,6 +451,11 @@ class PartialFiles:
             os.close(os.open(self.layout.inside(mark), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
         except OSError as error:
             log.debug("could not mark %s as waited for: %s", key[:16], error)
+
+    def unwant(self, key: str) -> None:
+        """Take the mark of :meth:`want` away (a waiter whose wait ended)."""
+        with contextlib.suppress(StoreError):
+            self.layout.unlink(self._paths(key).wanted)
 
     def wanted_keys(self) -> frozenset[str]:
         """The contents pulls wait for now (their marks: a look at one small folder, empty most of the time)."""
@@ -617,8 +627,22 @@ class PartialFiles:
         return None if logged is None else PartialLog(sha256, size, self.chunk_size, logged, one_piece=True)
 
     def is_public(self, sha256: str) -> bool:
-        """Whether the download of ``sha256`` is a public repo's (:meth:`ResumablePartial.mark_public`)."""
+        """Whether the download of ``sha256`` is a public repo's (:meth:`ResumablePartial.mark_public`), or
+        the content was, handed over to the store before its pull publishes it."""
         return self._paths(sha256).public.exists()
+
+    def public_marks(self) -> frozenset[str]:
+        """The contents marked a public repo's (:meth:`is_public`) now."""
+        try:
+            with os.scandir(self.root) as entries:
+                return frozenset(e.name[: -len(".public")] for e in entries if e.name.endswith(".public"))
+        except FileNotFoundError:
+            return frozenset()
+
+    def unmark_public(self, key: str) -> None:
+        """Take the public mark of ``key`` away (a content handed over, once its pull ended)."""
+        with contextlib.suppress(StoreError):
+            self.layout.unlink(self._paths(key).public)
 
     def open_chunks(self, sha256: str) -> PartialChunkReader | None:
         """The download of ``sha256`` open for reading its logged chunks, each checked against its BLAKE3
@@ -776,7 +800,7 @@ class PartialFiles:
 
     def collect(
         self, remove_all: bool, max_age: float = PARTIAL_MAX_AGE, held: Set[str] = frozenset(),
-        empty: bool = True,
+        empty: bool = True, relied_on: Set[str] = frozenset(),
     ) -> tuple[int, int, int, int]:  # fmt: skip
         """gc: delete unlocked partials older than ``max_age`` (every unlocked one with ``remove_all``), and
         those of a content the store holds whole (``held``, download keys: a SHA-256 or ``git-<oid>``; it came in another way, an import, an
@@ -844,8 +868,12 @@ class PartialFiles:
                 kept += 1
             elif outcome == "running":  # (counted as kept for a resume, gc said `gc --partials` drops it)
                 running += 1
-        for mark in self.root.glob("*.public"):  # of downloads gone
-            if not any(mark.with_suffix(suffix).exists() for suffix in (".log", ".part", ".one")):
+        for mark in self.root.glob(
+            "*.public"
+        ):  # of downloads gone (a content handed over keeps its own: relied on)
+            if mark.stem not in relied_on and not any(
+                mark.with_suffix(suffix).exists() for suffix in (".log", ".part", ".one")
+            ):
                 self.layout.unlink(mark)
         for key in self.wanted_keys():  # (a waiter killed as it waited: its mark outlived the download)
             with contextlib.suppress(StoreError):

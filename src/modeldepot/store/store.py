@@ -519,7 +519,8 @@ class Store:
         rows = self.index.read(
             "SELECT sha256, size, chunk_size, state FROM blobs WHERE sha256 = ?", (sha256,)
         )
-        if not rows or (public_only and not self._is_public(sha256)):
+        # (marked public: a public repo's content a pull handed over to another before it publishes it)
+        if not rows or (public_only and not self._is_public(sha256) and not self.partials.is_public(sha256)):
             raise NotFoundError(f"blob {sha256} is not in the store")
         if rows[0]["state"] != "ok":
             raise CorruptBlobError.found_earlier(sha256)
@@ -550,6 +551,12 @@ class Store:
             "SELECT sha256, size, chunk_size FROM blobs b WHERE state = 'ok'"
             + (_PUBLIC if public_only else "")
         )
+        if public_only:  # (and those of a public repo's pull handed over before it publishes them)
+            marked = sorted(self.partials.public_marks() - {row["sha256"] for row in rows})
+            for start in range(0, len(marked), 500):
+                part = marked[start : start + 500]
+                rows += self.index.read("SELECT sha256, size, chunk_size FROM blobs WHERE state = 'ok' AND sha256 "
+                                        f"IN ({','.join('?' * len(part))})", tuple(part))  # fmt: skip
         # (not those this process refuses, on a read-only store: the fleet asked a node for them, and got 503s)
         refused = {sha256 for sha256 in tuple(self._refused) if self.refused(sha256)}
         return [

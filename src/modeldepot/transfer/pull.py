@@ -287,7 +287,9 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
                     # Files it found in the store (a config other repos have too) went before it published
                     # (an `rm` of another repo, the disk budget): fetched now, in this pull (it failed at its
                     # end, a 250 MiB pull for a 3-byte config, "run it again": a trial)
-                    again = [f for f in files if f.path in have and have[f.path].sha256 in removed.gone]
+                    # (found as the pull began, or while it claimed: handed over by another pull, whose blob
+                    # names no file until that one publishes)
+                    again = [f for f in files if (have.get(f.path) or fetched[f.path]).sha256 in removed.gone]
                     if offline:  # (nothing is opened offline: they went, and are not fetched again, an explorer's trial)
                         raise OfflineError(
                             f"offline mode: {len(again)} file(s) of {manifest.repo_id} the store held (shared with "
@@ -297,7 +299,9 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
                     log.info("%s: %d file(s) it shares with other repos were removed from the store meanwhile (by "
                              "`rm` or the disk budget): fetching them again", manifest.repo_id, len(again))  # fmt: skip
                     for remote in again:
-                        tracker.forget_found(remote.path, have.pop(remote.path).size)
+                        tracker.forget_found(
+                            remote.path, (have.pop(remote.path, None) or fetched.pop(remote.path)).size
+                        )
                     await to_thread_to_the_end(writer.make_room, sum(f.size for f in again),
                                                f"pulling {manifest.repo_id}")  # fmt: skip
                     fetched.update(await run.fetch(again))
@@ -407,6 +411,10 @@ class _PullRun:
         # that failed leaves its blob here for the publish (flushed and read-only, it is not finished again)
         self.flushed: dict[str, PartialBlob] = {}
         self.not_handed: set[str] = set()  # contents whose handover failed: they wait for the publish
+        self.handed: set[str] = set()  # contents handed over (their public marks stay until the pull ends)
+        # Contents this pull's claims hold whole and verified (a digest alone is not: a content found in the
+        # store, gone before the publish, is claimed and fetched again under the digest it had)
+        self.verified: set[str] = set()
         # A token-less fleet shares a public repo's downloads alone (what a node without a token serves)
         self.public = not (manifest.private or manifest.gated)
 
@@ -464,13 +472,14 @@ class _PullRun:
         while True:
             await asyncio.sleep(HANDOVER_LOOK)
             with self.claims_lock:
-                ready = {key for key in self.claims if key in self.digests} - self.not_handed
+                # (not those flushed for its publish: a retry's fetch runs after that, SharedBlobsRemovedError)
+                ready = (self.verified & self.claims.keys()) - self.not_handed - self.finished
             if not ready:
                 continue
             for key in sorted(ready & await asyncio.to_thread(self.store.partials.wanted_keys)):
                 try:
                     await to_thread_to_the_end(self.hand_over, key)
-                except DepotError as error:  # (it is published with the revision, as before marks)
+                except Exception as error:  # (it is published with the revision, as before marks)
                     self.not_handed.add(key)
                     log.warning("%s: could not hand %s over to the pulls waiting for it before this pull "
                                 "publishes: %s", self.manifest.repo_id, self.paths[key][0], error)  # fmt: skip
@@ -499,7 +508,9 @@ class _PullRun:
                 claim.release(completed=False)  # (the pull let go of the others meanwhile)
             raise
         del self.flushed[key]
-        claim.release(completed=True)
+        with self.claims_lock:
+            self.handed.add(key)
+        claim.release(completed=True, keep_public=self.public)
         log.debug("%s: handed %s over to the pulls waiting for it", self.manifest.repo_id, self.paths[key][0])
 
     def _put_back(self, key: str, claim: ResumablePartial) -> bool:
@@ -627,6 +638,8 @@ class _PullRun:
             self.tracker.received_all(remote.path)
         claim.close_data()
         self.digests[key] = digest
+        with self.claims_lock:
+            self.verified.add(key)
 
     async def _join_swarm(self, remote: RemoteFile, chunk_size: int) -> SwarmFile | None:
         """The file's claims in the fleet, when this pull takes part (kept: released at its end)."""
@@ -647,6 +660,9 @@ class _PullRun:
         while True:
             taken = await asyncio.to_thread(self._take, key, remote)
             if not isinstance(taken, _Busy):
+                # (its wait is over: a mark left would have the next holder hand it over for nobody; other
+                # waiters mark it again within a second)
+                await asyncio.to_thread(self.store.partials.unwant, key)
                 return self._taken(key, remote, taken)
             now = time.monotonic()
             if now - shown >= WAIT_SHOWN:  # (what the other's download holds: not silence)
@@ -740,6 +756,7 @@ class _PullRun:
                 claim.release(completed=False)
                 return _BUSY
             self.claims[key] = claim
+            self.verified.discard(key)  # (fetched again: not verified until its transfer ends)
         claim.mark_public(self.public)
         return claim
 
@@ -771,6 +788,8 @@ class _PullRun:
         with self.store.layout.same_folders():  # (partials/ resolved once, not twice per file)
             for claim in claims:
                 claim.release(completed=self.published)
+            for key in self.handed:  # (the index names them in the revision now, or the pull failed)
+                self.store.partials.unmark_public(key)
             if self.published:
                 self._drop_other_names()
 
@@ -786,9 +805,12 @@ class _PullRun:
 
 
 async def _stop(task: asyncio.Task[None]) -> None:
-    """Cancel ``task`` and wait for it to end (its own cancellation is not this caller's)."""
+    """Cancel ``task`` and wait for it to end (its own cancellation is not this caller's; its failure is
+    logged)."""
     task.cancel()
     await asyncio.wait([task])
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a pull's background task failed", exc_info=task.exception())
 
 
 def _raise_first(errors: list[BaseException], files: int) -> None:
