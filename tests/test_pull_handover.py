@@ -20,7 +20,15 @@ from typing import Any
 
 import pytest
 
-from conftest import LiveNode, http_request, hub_path_depot, serving_repos, store_files_consistent, wait_until
+from conftest import (
+    LiveNode,
+    http_request,
+    hub_path_depot,
+    serving_repos,
+    store_files_consistent,
+    wait_until,
+    write_model_dir,
+)
 from modeldepot import Depot
 
 MiB = 1 << 20
@@ -204,4 +212,22 @@ def test_a_retry_after_shared_blobs_went_hands_over_nothing_it_flushed_for_its_p
     local.pull(BIG)
     assert handed == [], "a content flushed for the publish was handed over again"
     assert bytes(local.get_file(BIG, "model.safetensors")) == BIG_FILES["model.safetensors"]
+    assert store_files_consistent(local) == []
+
+
+def test_a_handed_over_blob_whose_pull_failed_is_the_budgets_first_to_go(
+    local: Depot, slow_big_pull: subprocess.Popen[str], tmp_path: Path
+) -> None:
+    """A holder killed after a handover leaves a blob no file names: counted by the disk budget, and named by
+    no eviction, so a model went in its place (review 26). It is freed first."""
+    local.store.partials.want(TOKENIZER_KEY)
+    wait_until(lambda: local.store.local_digest(sha256=TOKENIZER_SHA) is not None, timeout=30)
+    slow_big_pull.send_signal(signal.SIGKILL)
+    slow_big_pull.wait(60)
+    own = {"model.safetensors": random.Random(11).randbytes(200_000)}
+    local.import_dir(write_model_dir(tmp_path / "own", own), "acme/own")
+    assert local.plan_shrink(200_000 + len(TOKENIZER) // 2) == [], "no model would be evicted"
+    assert local.set_max_size(200_000 + len(TOKENIZER) // 2) == [], "no model evicted"
+    assert local.store.local_digest(sha256=TOKENIZER_SHA) is None
+    assert bytes(local.get_file("acme/own", "model.safetensors")) == own["model.safetensors"]
     assert store_files_consistent(local) == []

@@ -556,7 +556,8 @@ class DiskBudget:
         if self._all_bytes() + self._others_reserved(None) <= limit:
             return []
         shared = shared_blobs(self.store)
-        used = self.used_bytes(shared) + self._others_reserved(None)
+        # (less what the shrink frees first: blobs no file names, nobody relies on)
+        used = self.used_bytes(shared) + self._others_reserved(None) - self._unreferenced_bytes(shared)
         if used <= limit:
             return []
         kept = self._kept()
@@ -689,6 +690,10 @@ class DiskBudget:
         used = self.used_bytes(shared) + others
         if used <= limit:
             return []
+        if self._drop_unreferenced():  # (garbage first: no model goes for it)
+            used = self.used_bytes(shared) + others
+            if used <= limit:
+                return []
         kept = self._kept(writer)
         units = self.order.units(kept)
         if not partial:  # (others' writes in use)
@@ -735,6 +740,25 @@ class DiskBudget:
                 hook(unit.repo_id)
             used = self.used_bytes(shared) + others
         return evicted
+
+    def _unreferenced_bytes(self, shared: Mapping[str, int]) -> int:
+        """The bytes :meth:`_drop_unreferenced` would free now (not those linked outside the store)."""
+        kept = self.kept_blobs()
+        rows = self.store.index.read(
+            "SELECT sha256, size FROM blobs WHERE state = 'ok' AND sha256 NOT IN (SELECT sha256 FROM files)"
+        )
+        return sum(row["size"] for row in rows if row["sha256"] not in kept and row["sha256"] not in shared)
+
+    def _drop_unreferenced(self) -> int:
+        """Delete the blobs no file names and no writer relies on (a content a pull handed over, whose pull then
+        failed); the bytes freed."""
+        from modeldepot.store.maintenance import drop_unreferenced
+
+        freed = drop_unreferenced(self.store, self.kept_blobs)
+        if freed:
+            log.info("freed %s of blobs no file names (handed over by a pull that then failed) to stay within the "
+                     "disk budget", size_text(freed))  # fmt: skip
+        return freed
 
     def _evict(self, unit: Unit) -> Eviction | None:
         """Remove what ``unit`` names (None: it went meanwhile, or a variant is its revision's last now)."""

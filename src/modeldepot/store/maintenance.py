@@ -321,6 +321,25 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
                         deleted=deleted)  # fmt: skip
 
 
+def drop_unreferenced(store: Store, keep_blobs: KeptBlobs) -> int:
+    """Delete the blobs no file names and no writer relies on (``keep_blobs``); the bytes freed. The disk
+    budget's first resort, before it evicts a model: a content a pull handed over to another before
+    publishing it (transfer/pull.py), whose pull then failed, is counted, and no eviction names it."""
+    with store.lock.exclusive():
+        kept = _kept(keep_blobs)
+
+        def delete_rows(con: sqlite3.Connection) -> list[str]:
+            candidates = [row[0] for row in con.execute(
+                "SELECT sha256 FROM blobs WHERE sha256 NOT IN (SELECT sha256 FROM files)")]  # fmt: skip
+            return _delete_unreferenced_rows(con, [c for c in candidates if c not in kept])
+
+        if not store.index.read("SELECT 1 FROM blobs WHERE sha256 NOT IN (SELECT sha256 FROM files) LIMIT 1"):
+            return 0  # (the common case: one look, no write)
+        _refuse_a_damaged_index(store, "freeing the blobs no file names")
+        freed = store.index.write_freeing("freeing the blobs no file names", delete_rows)
+        return _delete_blob_files(store, freed)[0]
+
+
 def remove_files(store: Store, repo_id: str, commit_id: str, paths: Iterable[str],
                  keep_blobs: KeptBlobs = frozenset()) -> RemoveResult:  # fmt: skip
     """Remove some files from a revision that stays (one variant's own files), and free the blobs no one
