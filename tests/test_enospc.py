@@ -626,3 +626,43 @@ def test_a_pull_larger_than_the_free_disk_is_refused_before_a_byte_is_fetched(
                 assert depot.pull("acme/two").files == 2  # and once there is room
         finally:
             upstream.stop()
+
+
+def test_a_mirror_on_a_full_disk_still_serves_what_it_holds_when_its_scan_is_due(
+    mount_tmpfs: Mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Something else filled a mirror's disk: each time its scan of a branch was due, the scan's record found
+    no room, and `resolve/main` of a model it held whole answered 507 (snapshot_download failed, health "ok":
+    an explorer's trial). A full disk stops writes, not reads: the scan is used unrecorded."""
+    import dataclasses
+
+    files = {
+        "config.json": b'{"model_type": "bert"}',
+        "model.safetensors": random.Random(8).randbytes(300_000),
+    }
+    root = mount_tmpfs("size=4m")
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", files), "acme/held")
+        upstream = LiveNode(upstream_depot)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", upstream.url)
+        depot = Depot(root / "mirror", chunk_size=SMALL_CHUNK)
+        depot.config = dataclasses.replace(depot.config, mirror_ttl=0.0)  # (a scan at every request)
+        mirror = LiveNode(depot, mirror=True, owns_depot=True)
+        url = f"{mirror.url}/acme/held/resolve/main/model.safetensors"
+        try:
+            assert urllib.request.urlopen(url).read() == files["model.safetensors"]
+            with open(root / "filler", "ab") as filler, contextlib.suppress(OSError):
+                while True:  # (as a `dd` beside it: every byte of the disk taken)
+                    filler.write(b"\0" * 65536)
+                    filler.flush()
+            assert free_bytes(root) < 65536
+            for _ in range(2):
+                assert urllib.request.urlopen(url).read() == files["model.safetensors"]
+                listing = json.loads(
+                    urllib.request.urlopen(f"{mirror.url}/api/models/acme/held/revision/main").read()
+                )
+                assert {s["rfilename"] for s in listing["siblings"]} >= set(files)
+        finally:
+            mirror.stop()
+            upstream.stop()

@@ -7,13 +7,16 @@ Statuses survive restarts; the transfer engine updates them live.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from dataclasses import dataclass, field
 
-from modeldepot.errors import NotFoundError
+from modeldepot.errors import NotFoundError, StoreFullError
 from modeldepot.store.index import Index
 from modeldepot.validation import validate_repo_id
+
+log = logging.getLogger(__name__)
 
 __all__ = ["STATUSES", "ManifestRecord", "ManifestStore", "VariantStatusRecord"]
 
@@ -74,7 +77,10 @@ class ManifestRecord:
 class ManifestStore:
     def __init__(self, index: Index) -> None:
         self.index = index
-        self._scanned: dict[str, ManifestRecord] = {}  # (read-only store) this process's scans, by repo
+        # This process's scans the index could not record, by repo: a read-only store's, or one whose disk is
+        # full (until a scan is recorded again: a mirror answered 507 for models it held, each time its scan
+        # of a branch was due, because the scan's record found no room: an explorer's trial)
+        self._scanned: dict[str, ManifestRecord] = {}
 
     def save(self, repo_id: str, revision: str, commit_id: str, body: str, statuses: dict[str, str],
              listing: str | None = None, replace: bool = False) -> None:  # fmt: skip
@@ -89,6 +95,18 @@ class ManifestStore:
                        for name, status in statuses.items()}  # fmt: skip
             self._scanned[repo_id] = ManifestRecord(repo_id, revision, commit_id, body, now, records)
             return
+        try:
+            self._record(repo_id, revision, commit_id, body, statuses, listing, replace, now)
+        except StoreFullError as full:
+            log.warning("%s: the scan of %s is used unrecorded (%s)", repo_id, commit_id[:12], full)
+            records = {name: VariantStatusRecord(name, status, 0, None, None, None, now)
+                       for name, status in statuses.items()}  # fmt: skip
+            self._scanned[repo_id] = ManifestRecord(repo_id, revision, commit_id, body, now, records)
+            return
+        self._scanned.pop(repo_id, None)
+
+    def _record(self, repo_id: str, revision: str, commit_id: str, body: str, statuses: dict[str, str],
+                listing: str | None, replace: bool, now: float) -> None:  # fmt: skip
         with self.index.write(f"recording the manifest of {repo_id}") as con:
             if listing is not None:
                 _keep_listing(con, repo_id, commit_id, listing, now, replace)
@@ -116,6 +134,8 @@ class ManifestStore:
 
     def forget(self, repo_id: str, commit_id: str) -> None:
         """Drop the repo's saved scan (and its variants' rows) if it is still of ``commit_id``."""
+        if repo_id in self._scanned and self._scanned[repo_id].commit_id == commit_id:
+            del self._scanned[repo_id]
         with self.index.write(f"forgetting the listing of {repo_id}") as con:
             if con.execute(
                 "DELETE FROM manifests WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)
@@ -126,6 +146,7 @@ class ManifestStore:
         """Drop the repo's saved scan and its variants' rows, whatever commit it is of, when it was made before
         ``scanned_before`` (a later one may be a pull's that starts: it saves its scan before it takes the
         repo's pull mark). When the scan was made, or None when there was none."""
+        self._scanned.pop(repo_id, None)
         with self.index.write(f"forgetting the scan of {repo_id}") as con:
             row = con.execute("SELECT scanned_at FROM manifests WHERE repo_id = ?", (repo_id,)).fetchone()
             if row is None or float(row[0]) >= scanned_before:
