@@ -15,6 +15,7 @@ import os
 import shlex
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -701,7 +702,8 @@ def team_store(
     tmp_path: Path, group: int
 ) -> tuple[Path, Callable[..., subprocess.CompletedProcess[str]]]:  # fmt: skip
     """A store's home in a folder of ``group`` with its setgid bit, and a runner of `modeldepot ARGS --home
-    HOME` as a member of it (umask 002), played by uid 0 without its powers over files."""
+    HOME` as a member of it (umask 002, unless given ``umask=``), played by uid 0 without its powers over
+    files."""
     team = tmp_path / "team"
     team.mkdir()
     os.chown(team, -1, group)
@@ -709,12 +711,12 @@ def team_store(
     env = base_env(PYTHONDONTWRITEBYTECODE="1")
     home = team / "store"
 
-    def as_member(*args: str) -> subprocess.CompletedProcess[str]:
+    def as_member(*args: str, umask: str = "002") -> subprocess.CompletedProcess[str]:
         command = " ".join(
             shlex.quote(a) for a in [sys.executable, "-m", "modeldepot", *args, "--home", str(home)]
         )
         return subprocess.run([*WITHOUT_OVERRIDE, f"--regid={group}", f"--groups={group}", "sh", "-c",
-                               f"umask 002 && exec {command}"], env=env, capture_output=True, text=True,
+                               f"umask {umask} && exec {command}"], env=env, capture_output=True, text=True,
                               timeout=120)  # fmt: skip
 
     return home, as_member
@@ -740,6 +742,30 @@ def test_a_store_a_group_shares_is_written_by_each_member(tmp_path: Path) -> Non
     assert second.returncode == 0, second.stderr
     listed = as_member("ls", "--json")
     assert sorted(r["repo_id"] for r in json.loads(listed.stdout)) == ["team/a", "team/b"]
+
+
+def test_a_member_whose_umask_keeps_the_group_out_still_makes_what_the_group_writes(tmp_path: Path) -> None:
+    """One member's umask 022 (most systems' default, systemd's UMask) in a store a group shares: the files
+    it made were the others' to read only, and their rm failed halfway, gc at the same file every time,
+    and the error said `sudo chown -R` the whole store to them (an explorer's trial). The command line
+    gives the group its write whatever the umask."""
+    group, owner = 4244, 12347
+    home, as_member = team_store(tmp_path, group)
+    folder = write_model_dir(tmp_path / "src", {"config.json": b'{"a": 1}', "w.bin": os.urandom(100_000)})
+    made = as_member("import", str(folder), "--repo", "team/a", umask="022")
+    assert made.returncode == 0, made.stderr
+    for path in [home, *home.rglob("*")]:
+        mode = path.lstat().st_mode
+        # (the disk reserve's own files are its maker's alone, whatever the umask)
+        if not stat.S_ISLNK(mode) and mode & stat.S_IWUSR and path.parent.name != "reserve":
+            assert mode & stat.S_IWGRP, f"{path}: {oct(mode)}"
+    for path in [home, *home.rglob("*")]:  # (that member's; another removes what it made)
+        os.chown(path, owner, -1, follow_symlinks=False)
+    removed = as_member("rm", "team/a", "--yes")
+    assert removed.returncode == 0, removed.stderr
+    collected = as_member("gc")
+    assert collected.returncode == 0, collected.stderr
+    assert not [p for p in (home / "blobs").rglob("*") if p.is_file()]
 
 
 def test_a_group_store_made_before_gets_the_groups_write_when_its_maker_opens_it(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from modeldepot.errors import (
     RepoNotFoundError,
     SourceDirectoryError,
 )
+from modeldepot.store.layout import current_umask, keeps_the_group_out
 from modeldepot.validation import validate_repo_id, validate_revision
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -124,6 +126,11 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
         folder = Path(home).expanduser() if home is not None else default_home()
         # (a store this command makes: gone again if the command fails having kept nothing in it)
         fresh = not folder.exists()
+        if keeps_the_group_out(folder):
+            # A store a group shares needs every member's umask 002: one member's 022 (most systems' default,
+            # systemd's) made files the others could not remove, and their rm, gc and pulls failed (an
+            # explorer's trial). Set before any thread starts: everything this command makes is the group's too.
+            os.umask(current_umask() & ~stat.S_IWGRP)
         try:
             if check is not None:
                 check({**kwargs, "home": home})

@@ -24,6 +24,7 @@ import functools
 import os
 import re
 import shutil
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -73,16 +74,43 @@ def sizes_text(*counts: int) -> tuple[str, ...]:
 
 def writable_mode() -> int:
     """The mode a file this process makes gets when it asks for 0o666: the umask's say (0o664 under 002, a
-    group's shared store; 0o644 under 022). Read from /proc, never by setting the umask (which would race
-    with every other thread's files)."""
+    group's shared store; 0o644 under 022)."""
+    return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """This process's umask, read from /proc, never by setting the umask (which would race with every other
+    thread's files); 022 when it cannot be read."""
     try:
         with open("/proc/self/status", "rb") as status:
             for line in status:
                 if line.startswith(b"Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
+                    return int(line.split()[1], 8) & 0o777
     except (OSError, ValueError, IndexError):
         pass
-    return 0o644
+    return 0o022
+
+
+def group_shared(home: Path) -> bool:
+    """Whether the store at ``home`` is one a group shares: its folder setgid and group-writable (the README's
+    `chmod 2775`), every member to make its files with the group's write (umask 002); for a store not made
+    yet, the folder it is made in."""
+    for place in (home, *home.parents):
+        try:
+            mode = os.stat(place).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+        return bool(mode & stat.S_ISGID and mode & stat.S_IWGRP)
+    return False
+
+
+def keeps_the_group_out(home: Path) -> bool:
+    """Whether this process makes files the group of a store it shares cannot write (its umask takes the
+    group's write away: 022, most systems' default and systemd's): every other member's `rm`, `gc` and pull
+    of them then fails."""
+    return group_shared(home) and not writable_mode() & stat.S_IWGRP
 
 
 def _out_of_inodes(error: OSError) -> bool:
@@ -126,6 +154,11 @@ def _foreign(error: OSError) -> str:
         if owner == me:
             continue  # (the user's own: refused for another reason, a read-only file system, an ACL)
         store = next((p for p in place.parents if (p / "index.db").exists()), None)
+        if store is not None and group_shared(store):  # (a member's: theirs, the group's to write)
+            return (f"; {place} belongs to {_user(owner)}, and the group of this shared store may not write it "
+                    f"(made under a umask that takes the group's write away, 022: each member needs umask 002, "
+                    f"a service UMask=0002): `chmod -R g+w {store}`, run as {_user(owner)} or root, gives it "
+                    "back")  # fmt: skip
         try:
             own_store = store is not None and (store / "index.db").stat().st_uid == me
         except OSError:

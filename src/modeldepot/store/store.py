@@ -45,7 +45,7 @@ from modeldepot.store.budget import DiskBudget
 from modeldepot.store.durability import Durability
 from modeldepot.store.filesystem import shared_filesystem
 from modeldepot.store.index import Index
-from modeldepot.store.layout import StoreLayout, os_error
+from modeldepot.store.layout import StoreLayout, keeps_the_group_out, os_error
 from modeldepot.store.locks import StoreLock
 from modeldepot.store.manifests import ManifestStore
 from modeldepot.store.models import BlobRecord, FileEntry, RepoInfo, RepoSummary, RevisionInfo
@@ -117,6 +117,7 @@ class _AnyPlacement:
 ANY_PLACEMENT = _AnyPlacement()
 
 _WARNED_SHARED: set[Path] = set()
+_WARNED_GROUP: set[Path] = set()
 
 
 def _warn_if_shared(home: Path) -> None:
@@ -131,6 +132,17 @@ def _warn_if_shared(home: Path) -> None:
                 "systems may not hold between machines). To share its models, serve it from here (modeldepot "
                 "serve) and point the other machines at it (MODELDEPOT_SERVERS, or HF_ENDPOINT), or give each "
                 "machine a MODELDEPOT_HOME on its own disk", home, shared[1], shared[0])  # fmt: skip
+
+
+def _warn_if_keeping_the_group_out(home: Path) -> None:
+    """A store a group shares, written under a umask that takes the group's write away: said once per process
+    (the command line sets the umask itself: cli/options.py)."""
+    if home in _WARNED_GROUP or not keeps_the_group_out(home):
+        return
+    _WARNED_GROUP.add(home)
+    log.warning("the store %s is shared by its folder's group, and this process's umask takes the group's write "
+                "away from what it makes: the other members' rm, gc and pulls of it will fail. Set umask 002 "
+                "(os.umask(0o002) before opening it; UMask=0002 for a service)", home)  # fmt: skip
 
 
 class Store:
@@ -154,6 +166,7 @@ class Store:
         if not self.read_only:
             self.layout.create()
             _warn_if_shared(self.layout.home)
+            _warn_if_keeping_the_group_out(self.layout.home)
         self.index = Index(self.layout.index_path, self.layout.lock_path.parent / "index-setup.lock",
                            read_only=self.read_only, why=self.read_only_reason)  # fmt: skip
         self.blobs = BlobFiles(self.layout)
