@@ -1142,3 +1142,27 @@ def test_an_interruption_while_the_options_are_read_is_an_interruption(home: Pat
                                    ["--help"] else [])], input=stdin, capture_output=True, text=True, timeout=60)  # fmt: skip
         assert answered.returncode == code and said in answered.stderr, (args, answered)
         assert "Traceback" not in answered.stderr
+
+
+def test_a_mistyped_setting_is_warned_of_and_every_setting_read_is_known(home: Path) -> None:
+    """MODELDEPOT_TOKNE started an open node, and MODELDEPOT_PORT was dropped, unsaid (an explorer's trial)."""
+    import re
+
+    from modeldepot.config import KNOWN_VARIABLES
+
+    result = CliRunner().invoke(
+        cli, ["ls", "--home", str(home)], env={"MODELDEPOT_TOKNE": "x", "MODELDEPOT_ZZZ": "1"}
+    )
+    assert (
+        "MODELDEPOT_TOKNE is not a setting modeldepot reads: did you mean MODELDEPOT_TOKEN?" in result.output
+    )
+    assert "MODELDEPOT_ZZZ is not a setting modeldepot reads (it is left alone)" in result.output
+    source = Path(__file__).parents[1] / "src" / "modeldepot"
+    read = {
+        name
+        for path in source.rglob("*.py")
+        for name in re.findall(r"MODELDEPOT_[A-Z0-9_]*[A-Z0-9]", path.read_text())
+    }
+    assert read - {"MODELDEPOT_CLUSTER"} <= KNOWN_VARIABLES | {"MODELDEPOT_CLUSTER"}, read - KNOWN_VARIABLES
+    clean = CliRunner().invoke(cli, ["ls", "--home", str(home)], env={"MODELDEPOT_PORT": "9999"})
+    assert "not a setting" not in clean.output

@@ -470,7 +470,9 @@ def served(home: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes]
 def test_serve_command_serves_and_finishes_in_flight_downloads_on_sigterm(
     served: tuple[subprocess.Popen[bytes], str, bytes], stop: signal.Signals
 ) -> None:
-    """SIGHUP (the session that started the node closed) killed it on the spot: a graceful stop too."""
+    """SIGHUP (the session that started the node closed, a supervisor's reload) killed it on the spot: a
+    graceful stop too, whose exit status says SIGHUP ended it (129: a unit's Restart=on-failure starts it
+    again; with 0 a reload stopped the node for good, an explorer's trial)."""
     process, url, payload = served
     port = int(url.rsplit(":", 1)[1])
     # (a branch's LFS file redirects to its commit's URL, as the Hub's to its CDN: the download goes there)
@@ -489,10 +491,11 @@ def test_serve_command_serves_and_finishes_in_flight_downloads_on_sigterm(
             received += chunk
     header, _, body = bytes(received).partition(b"\r\n\r\n")
     assert header.startswith(b"HTTP/1.1 200") and body == payload
-    assert process.wait(60) == 0
+    assert process.wait(60) == (129 if stop == signal.SIGHUP else 0)
     assert process.stdout is not None
     log = process.stdout.read().decode()
     assert "serving" in log and f"GET {location}" in log and f"stopping ({stop.name})" in log
+    assert log.rstrip().endswith(f"stopped ({stop.name})"), log[-300:]
 
 
 def test_model_card_metadata_reaches_model_info(node: LiveNode) -> None:

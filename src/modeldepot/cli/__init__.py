@@ -102,6 +102,11 @@ def cli() -> None:
         if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise click.UsageError(f"MODELDEPOT_LOG_LEVEL={level!r}: use debug, info, warning or error")
         logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from modeldepot.config import unknown_variables
+
+    for name, near in unknown_variables(os.environ):
+        render.err.print(f"[yellow]warning:[/yellow] {escape(name)} is not a setting modeldepot reads"
+                         + (f": did you mean {near}?" if near else " (it is left alone)"))  # fmt: skip
     raise_open_file_limit()  # (a command holds a file per linked file, or per connection, a while)
     # (the main thread's alone: signal.signal elsewhere is a ValueError, and every command failed when the CLI
     # ran on another thread; put back when the command ends, for a program that runs it in its own process)

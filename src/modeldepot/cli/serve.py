@@ -6,7 +6,9 @@ import dataclasses
 import logging
 import os
 import shlex
+import signal
 import socket
+import sys
 import urllib.parse
 from typing import Any
 
@@ -160,10 +162,10 @@ def _listenable(host: str, port: int) -> None:
 
 
 @cli.command("serve")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option(
-    "--port", default=8980, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on."
-)
+@click.option("--host", cls=FromEnvironment, envvar="MODELDEPOT_HOST", default="127.0.0.1", show_default=True,
+              help="Address to listen on ($MODELDEPOT_HOST sets it too).")  # fmt: skip
+@click.option("--port", cls=FromEnvironment, envvar="MODELDEPOT_PORT", default=8980, show_default=True,
+              type=click.IntRange(0, 65535), help="Port to listen on ($MODELDEPOT_PORT sets it too).")  # fmt: skip
 @click.option(
     "--token",
     cls=FromEnvironment,
@@ -325,8 +327,14 @@ def serve_command(
         limits = dataclasses.replace(limits, send_timeout=send_timeout)
     if max_connections_per_client is not None:
         limits = dataclasses.replace(limits, max_per_client=max_connections_per_client)
-    run_server(depot, host, port, token, log_level, mirror=bool(upstreams), preload_top=preload_top, limits=limits,
-               scrub_interval=scrub_interval, scrub_rate=scrub_rate, advertise=advertise, repair=repair)  # fmt: skip
+    stopped_by = run_server(depot, host, port, token, log_level, mirror=bool(upstreams), preload_top=preload_top,
+                            limits=limits, scrub_interval=scrub_interval, scrub_rate=scrub_rate,
+                            advertise=advertise, repair=repair)  # fmt: skip
+    if stopped_by == signal.SIGHUP:
+        # Stopped cleanly all the same, but as a process SIGHUP ends says (128 + 1): a supervisor's reload (a
+        # unit's `ExecReload=kill -HUP`) stopped the node with 0, and Restart=on-failure never brought it back
+        # (an explorer's trial)
+        sys.exit(128 + signal.SIGHUP)
 
 
 def _token(value: str | None) -> str | None:

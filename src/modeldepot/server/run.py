@@ -52,10 +52,11 @@ def run_server(
     scrub_rate: float = DEFAULT_SCRUB_RATE,
     advertise: str | None = None,
     repair: bool = False,
-) -> None:
-    """Serve ``depot`` until SIGINT, SIGTERM or SIGHUP. With ``depot.config.cluster`` the node joins its fleet: it
-    registers at ``advertise`` (default: the listening address) once it listens, publishes what it holds,
-    and leaves the registry first at shutdown."""
+) -> signal.Signals | None:
+    """Serve ``depot`` until SIGINT, SIGTERM or SIGHUP; returns the signal that stopped it (None: Ctrl-C where
+    signals are not handled). With ``depot.config.cluster`` the node joins its fleet: it registers at
+    ``advertise`` (default: the listening address) once it listens, publishes what it holds, and leaves the
+    registry first at shutdown."""
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -87,6 +88,8 @@ def run_server(
     elif repair:
         app.cleanup_ctx.append(_repairing(depot))
 
+    stopped_by: list[signal.Signals] = []
+
     async def serve() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -97,9 +100,10 @@ def run_server(
 
         def on_signal(number: signal.Signals) -> None:
             stop.set()
+            stopped_by.append(number)
             for each in signals:  # a second signal gets the default behaviour: no more waiting
                 loop.remove_signal_handler(each)
-            log.info("stopping (%s): answers under way get up to %g s to end (a second Ctrl-C stops at once)",
+            log.info("stopping (%s): answers under way get up to %g s to end (a second signal stops at once)",
                      number.name, SHUTDOWN_GRACE)  # fmt: skip
 
         with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C raises KeyboardInterrupt instead
@@ -178,6 +182,9 @@ def run_server(
     flushed = 0 if depot.store.read_only else depot.sync(check=False)
     if flushed:
         log.info("flushed %d blob(s) to disk before stopping", flushed)
+    # (the last line: a clean stop told from a hang a supervisor killed, an explorer's trial)
+    log.info("stopped%s", f" ({stopped_by[0].name})" if stopped_by else "")
+    return stopped_by[0] if stopped_by else None
 
 
 def _client_host(host: str) -> str:
