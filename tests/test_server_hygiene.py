@@ -485,6 +485,9 @@ def test_serve_applies_the_limits_and_logs_one_line_per_malformed_request(home: 
                 bad.sendall(b"GARBAGE\r\n\r\n")
                 assert status_of(read_until_closed(bad)) == 400
             assert health(port, "127.0.0.4") == 200
+            with connect(port, "127.0.0.4") as sock:
+                sock.sendall(b"GET /api/depot/v1/repos HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+                assert status_of(read_until_closed(sock)) == 200
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
     finally:
@@ -499,4 +502,6 @@ def test_serve_applies_the_limits_and_logs_one_line_per_malformed_request(home: 
     about_garbage = [line for line in log if "127.0.0.3" in line]  # one line, no access line besides it
     assert len(about_garbage) == 1 and "malformed request from 127.0.0.3: BadHttpMethod" in about_garbage[0]
     assert sum("127.0.0.1 holds 2 connections" in line for line in log) == 1, text
-    assert sum('127.0.0.4 "GET /api/depot/v1/health HTTP/1.1" 200' in line for line in log) == 1, text
+    assert sum('127.0.0.4 "GET /api/depot/v1/repos HTTP/1.1" 200' in line for line in log) == 1, text
+    # (a probe that went well is logged at DEBUG: one every 2 s filled a service's journal, an explorer's trial)
+    assert not any('"GET /api/depot/v1/health HTTP/1.1" 200' in line for line in log), text

@@ -193,6 +193,9 @@ def _short_reason(error: HttpProcessingError) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+_PROBES = frozenset({"/api/depot/v1/health", "/metrics"})  # (asked every few seconds by machines)
+
+
 class NodeAccessLogger(AbstractAccessLogger):
     """One line per answer: client, request line, status, body bytes sent, seconds, user agent and request
     id, e.g. ``127.0.0.1 "GET /acme/x/resolve/main/a.bin HTTP/1.1" 206 16777216 0.012345s "curl/8.5.0" 3f2a9c``.
@@ -205,7 +208,11 @@ class NodeAccessLogger(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
         try:
             version = request.version
-            self.logger.info('%s "%s %s HTTP/%d.%d" %d %d %fs "%s" %s', request.remote or "-", request.method,
+            # A load balancer's probe and a scrape that went well, at DEBUG: one every 2 s made 43,000 lines a
+            # day of a service's journal, and --log-level warning, the only way out, hid the start lines too
+            # (an explorer's trial)
+            level = logging.DEBUG if request.path in _PROBES and response.status < 400 else logging.INFO
+            self.logger.log(level, '%s "%s %s HTTP/%d.%d" %d %d %fs "%s" %s', request.remote or "-", request.method,
                              request.path_qs, version.major, version.minor, response.status,
                              body_bytes_sent(request, response), time, request.headers.get("User-Agent", "-"),
                              response.headers.get("X-Request-Id", "-"))  # fmt: skip
