@@ -933,13 +933,25 @@ def test_a_node_without_a_token_on_all_interfaces_takes_control_with_its_token_a
         server.stop()
 
 
-def test_serve_prints_the_dashboard_address_with_a_working_control_token(tmp_path: Path) -> None:
+def test_serve_prints_the_dashboard_address_in_a_terminal_with_the_control_token() -> None:
+    from modeldepot.server.run import dashboard_line
+
+    assert dashboard_line("0.0.0.0", 8980, "abc").startswith("dashboard: http://127.0.0.1:8980/#token=abc (")
+
+
+def test_a_service_keeps_its_control_token_out_of_its_log_in_a_file_of_its_user(tmp_path: Path) -> None:
+    """A node whose log is no terminal (a service: its journal's readers are more than its owner) logged the
+    control token, which removes models, at every start (an explorer's trial). It is in a file of the
+    node's user alone, named in the dashboard's line, and gone when the node stops."""
     node = Serving(tmp_path / "home")
+    kept = tmp_path / "home" / "locks" / f"control-token-{node.port}"
     try:
         line = node.line_with("dashboard: ")
-        found = re.search(r"dashboard: http://127\.0\.0\.1:(\d+)/#token=([A-Za-z0-9_-]{43}) ", line)
-        assert found and int(found[1]) == node.port, line
-        control = {"Authorization": f"Bearer {found[2]}"}
+        assert f"dashboard: http://127.0.0.1:{node.port}/#token=<the control token in {kept}, " in line, line
+        assert kept.stat().st_mode & 0o777 == 0o600
+        found = [kept.read_text().strip()]
+        assert re.fullmatch(r"[A-Za-z0-9_-]{43}", found[0])
+        control = {"Authorization": f"Bearer {found[0]}"}
         assert call(node.port, "GET", "/").status == 200
         assert call(node.port, "GET", f"{API}/repos").status == 200  # reads are open
         assert call(node.port, "GET", f"{API}/pulls").status == 401
@@ -948,7 +960,8 @@ def test_serve_prints_the_dashboard_address_with_a_working_control_token(tmp_pat
         assert removed.status == 404 and "acme/nowhere" in removed.json()["error"], removed.body  # reached
     finally:
         log = node.stop()
-    assert log.count(found[2]) == 1, log  # in the dashboard's address alone
+    assert found[0] not in log, log
+    assert not kept.exists(), "the file goes with the node"
 
 
 def test_serve_with_a_token_prints_the_dashboard_address_and_never_the_token(tmp_path: Path) -> None:
@@ -1234,3 +1247,26 @@ def test_a_removal_says_what_the_node_itself_still_sends_stays_on_disk(tmp_path:
         finally:
             reader.close()
             node.stop()
+
+
+def test_a_node_takes_its_token_from_a_file(tmp_path: Path) -> None:
+    """`serve --token T` showed T to every local user in `ps`; MODELDEPOT_TOKEN_FILE is a mounted secret's way
+    (an explorer's trial)."""
+    secret = tmp_path / "token"
+    secret.write_text("f1le-t0ken-" + "y" * 20 + "\n")
+    node = Serving(tmp_path / "home", env_extra={"MODELDEPOT_TOKEN_FILE": str(secret)})
+    try:
+        node.line_with("dashboard: ")
+        assert call(node.port, "GET", f"{API}/repos").status == 401
+        sent = {"Authorization": "Bearer f1le-t0ken-" + "y" * 20}
+        assert call(node.port, "GET", f"{API}/repos", headers=sent).status == 200
+    finally:
+        node.stop()
+    from modeldepot.config import node_token
+    from modeldepot.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="both set"):
+        node_token({"MODELDEPOT_TOKEN": "a", "MODELDEPOT_TOKEN_FILE": str(secret)})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        node_token({"MODELDEPOT_TOKEN_FILE": str(tmp_path / "empty")})

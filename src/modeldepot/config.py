@@ -152,6 +152,36 @@ def validate_cluster(url: str) -> str:
 MAX_PASSWORD_FILE = 64 * 1024
 
 
+def _read_secret(variable: str, path: str, what: str) -> str:
+    """The secret a file holds (a mounted secret: its last line end dropped)."""
+    try:
+        with open(path, "rb") as secret:
+            read = secret.read(MAX_PASSWORD_FILE + 1)
+    except OSError as error:
+        raise ConfigError(f"{variable} {path!r}: {error.strerror or error}") from None
+    if len(read) > MAX_PASSWORD_FILE:
+        raise ConfigError(f"{variable} {path!r} is no {what} (over 64 KiB)")
+    try:
+        return read.decode().removesuffix("\n").removesuffix("\r")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{variable} {path!r} is not UTF-8 text") from None
+
+
+def node_token(env: Mapping[str, str]) -> str | None:
+    """The depot nodes' token: ``MODELDEPOT_TOKEN``, or the file ``MODELDEPOT_TOKEN_FILE`` names (a mounted
+    secret, out of `ps` and the environment); None without either."""
+    token, token_file = env.get("MODELDEPOT_TOKEN", ""), env.get("MODELDEPOT_TOKEN_FILE", "")
+    if token and token_file:
+        raise ConfigError("MODELDEPOT_TOKEN and MODELDEPOT_TOKEN_FILE are both set: give one")
+    if token_file:
+        token = _read_secret("MODELDEPOT_TOKEN_FILE", token_file, "token")
+        if not token.strip():
+            raise ConfigError(
+                f"MODELDEPOT_TOKEN_FILE {token_file!r} is empty: that would serve every route openly"
+            )
+    return token or None
+
+
 def cluster_credentials(env: Mapping[str, str]) -> tuple[str, str] | None:
     """The user and password a node gives the fleet's etcd when etcd's authentication is on
     (``MODELDEPOT_CLUSTER_USER`` with ``MODELDEPOT_CLUSTER_PASSWORD``, or ``MODELDEPOT_CLUSTER_PASSWORD_FILE``:
@@ -165,23 +195,7 @@ def cluster_credentials(env: Mapping[str, str]) -> tuple[str, str] | None:
             "MODELDEPOT_CLUSTER_PASSWORD and MODELDEPOT_CLUSTER_PASSWORD_FILE are both set: give one"
         )
     if password_file:
-        try:
-            with open(password_file, "rb") as secret:
-                read = secret.read(MAX_PASSWORD_FILE + 1)
-        except OSError as error:
-            raise ConfigError(
-                f"MODELDEPOT_CLUSTER_PASSWORD_FILE {password_file!r}: {error.strerror or error}"
-            ) from None
-        if len(read) > MAX_PASSWORD_FILE:
-            raise ConfigError(
-                f"MODELDEPOT_CLUSTER_PASSWORD_FILE {password_file!r} is no password (over 64 KiB)"
-            )
-        try:
-            password = read.decode().removesuffix("\n").removesuffix("\r")
-        except UnicodeDecodeError:
-            raise ConfigError(
-                f"MODELDEPOT_CLUSTER_PASSWORD_FILE {password_file!r} is not UTF-8 text"
-            ) from None
+        password = _read_secret("MODELDEPOT_CLUSTER_PASSWORD_FILE", password_file, "password")
     if not user:
         if password or password_file:
             raise ConfigError("an etcd password is set without MODELDEPOT_CLUSTER_USER: set the user too")
@@ -406,7 +420,7 @@ class DepotConfig:
             hub_token=env.get("HF_TOKEN") or None,
             offline=_flag_setting(env, "MODELDEPOT_OFFLINE") or truthy(env.get("HF_HUB_OFFLINE")),
             servers=servers,
-            node_token=env.get("MODELDEPOT_TOKEN") or None,
+            node_token=node_token(env),
             connections=connections,
             connections_per_source=per_source,
             read_timeout=_float_setting(env, "MODELDEPOT_READ_TIMEOUT", 30.0),
@@ -571,6 +585,7 @@ KNOWN_VARIABLES = frozenset({
     "MODELDEPOT_PORT", "MODELDEPOT_PRELOAD_BUDGET", "MODELDEPOT_PRELOAD_STRATEGY", "MODELDEPOT_READ_TIMEOUT",
     "MODELDEPOT_REPAIR", "MODELDEPOT_SCRUB_INTERVAL", "MODELDEPOT_SCRUB_RATE", "MODELDEPOT_SEND_TIMEOUT",
     "MODELDEPOT_SERVERS", "MODELDEPOT_SHARED", "MODELDEPOT_SLOW_PEER_RATE", "MODELDEPOT_TOKEN",
+    "MODELDEPOT_TOKEN_FILE",
 })  # fmt: skip
 
 

@@ -744,12 +744,13 @@ class Depot(Upkeep):
         return self.store.entry(repo_id, path, manifest.commit_id)
 
     @any_case
-    def manifest_for(self, repo_id: str, revision: str) -> Manifest:
+    def manifest_for(self, repo_id: str, revision: str, *, unrecorded_ok: bool = False) -> Manifest:
         """The manifest to pull ``revision`` by: the saved one when it answers it (a commit id it was
-        scanned at, or, offline, the branch it was scanned at); else a fresh scan."""
+        scanned at, or, offline, the branch it was scanned at); else a fresh scan. ``unrecorded_ok``: a
+        scan the store's disk has no room to record is used all the same (a mirror's, answering reads)."""
         validate_repo_id(repo_id)
         validate_revision(revision)
-        return self._upstream.manifest_for(repo_id, revision)
+        return self._upstream.manifest_for(repo_id, revision, unrecorded_ok)
 
     @any_case
     def upstream_file_counts(self, repo_id: str) -> dict[str, int]:

@@ -147,14 +147,15 @@ class Upstream:
 
     # -- manifests ----------------------------------------------------------------------------------------
 
-    def scan(self, repo_id: str, revision: str) -> Manifest:
-        """A fresh scan of ``revision`` through the chain, saved; offline, what the store holds of it."""
+    def scan(self, repo_id: str, revision: str, unrecorded_ok: bool = False) -> Manifest:
+        """A fresh scan of ``revision`` through the chain, saved (``unrecorded_ok``: or kept in this process
+        when the index has no room for it); offline, what the store holds of it."""
         if self._config().offline:
             return self._offline_manifest(repo_id, revision)
         scan = self.chain.scan(repo_id, revision)
         repo_id = self.store.spelled(scan.repo_id)  # the store's spelling, or for a new repo the upstream's
         save_scan(self.store, repo_id, revision, scan.commit_id, scan.endpoint, scan.info, scan.files,
-                  part=not scan.whole)  # fmt: skip
+                  part=not scan.whole, unrecorded_ok=unrecorded_ok)  # fmt: skip
         shown = not (scan.info.get("private") or scan.info.get("gated"))
         if shown and not self.store.read_only and self.store.show_repo_again(repo_id, scan.endpoint):
             # (hidden on its upstream's word, a mirror's "not found" or a pull of it while private: that
@@ -163,9 +164,10 @@ class Upstream:
                         scan.endpoint)  # fmt: skip
         return current_manifest(self.store, repo_id)
 
-    def manifest_for(self, repo_id: str, revision: str) -> Manifest:
+    def manifest_for(self, repo_id: str, revision: str, unrecorded_ok: bool = False) -> Manifest:
         """The manifest to pull ``revision`` by: the saved one when it answers it (a commit id it was
-        scanned at, or, offline, the branch it was scanned at); else a fresh scan."""
+        scanned at, or, offline, the branch it was scanned at); else a fresh scan (``unrecorded_ok``: see
+        :meth:`scan`)."""
         if self._config().offline:
             held = self._offline_manifest(repo_id, revision)
             if self._held_in_part(held):
@@ -184,13 +186,13 @@ class Upstream:
             if not self._held_in_part(saved):
                 return saved
             try:
-                return self.scan(repo_id, revision)
+                return self.scan(repo_id, revision, unrecorded_ok)
             except UpstreamError as error:  # (what the store holds of it is all it can go by)
                 log.warning("%s@%s was adopted from a Hugging Face cache without its listing, and the upstream "
                             "could not tell the rest of it (%s): going by the files held", repo_id, revision[:12],
                             error)  # fmt: skip
                 return saved
-        return self.scan(repo_id, revision)
+        return self.scan(repo_id, revision, unrecorded_ok)
 
     def through_hub(self, manifest: Manifest) -> bool:
         """Whether ``manifest`` was looked up at the Hub (``HF_ENDPOINT``): its address is known to answer."""

@@ -28,7 +28,7 @@ from modeldepot.cli.options import (
     use_rates,
 )
 from modeldepot.cli.space import confirm_evictions
-from modeldepot.config import DepotConfig, parse_duration, parse_size, truthy
+from modeldepot.config import DepotConfig, node_token, parse_duration, parse_size, truthy
 from modeldepot.depot import Depot
 from modeldepot.errors import ConfigError, InvalidInputError
 
@@ -347,7 +347,12 @@ def _token(value: str | None) -> str | None:
         # (click takes an empty variable for an unset one: `-e MODELDEPOT_TOKEN="$TOKEN"`, TOKEN unset)
         raise click.BadParameter("MODELDEPOT_TOKEN is set but empty: that would serve every route openly. Set "
                                  "a token, or unset it for an open node")  # fmt: skip
-    given = value if value is not None else os.environ.get("MODELDEPOT_TOKEN")
+    if value is None:  # (from a file: a mounted secret, out of `ps` and the environment)
+        try:
+            value = node_token(os.environ)
+        except ConfigError as error:
+            raise click.BadParameter(str(error)) from None
+    given = value
     if given is not None and not all("!" <= c <= "~" for c in given):
         # (a newline, a space, a letter outside ASCII: no client can send it in an Authorization header,
         # so the node would refuse everyone, itself said nowhere)

@@ -137,7 +137,7 @@ IMPORTED_ENDPOINT = "this store (imported)"  # the endpoint of a repo's manifest
 
 
 def save_scan(store: Store, repo_id: str, revision: str, commit_id: str, endpoint: str, info: dict[str, Any],
-              files: list[RemoteFile], part: bool = False) -> None:  # fmt: skip
+              files: list[RemoteFile], part: bool = False, unrecorded_ok: bool = False) -> None:  # fmt: skip
     """Record a commit's listing as the repo's manifest; each variant "downloaded" when the store holds
     its files and the shared ones at that commit, else "available". ``part``: the listing is a node's files
     of a commit it holds in part (no source gave the whole): kept as the manifest, marked so, never as the
@@ -152,7 +152,7 @@ def save_scan(store: Store, repo_id: str, revision: str, commit_id: str, endpoin
     body = manifest_body(repo_id, revision, commit_id, endpoint, info, files, part)
     # (an upstream's listing of the commit is its whole tree: it replaces one kept of what the store held)
     store.manifests.save(repo_id, revision, commit_id, body, statuses, None if part else _listing_json(files),
-                         replace=endpoint != IMPORTED_ENDPOINT)  # fmt: skip
+                         replace=endpoint != IMPORTED_ENDPOINT, unrecorded_ok=unrecorded_ok)  # fmt: skip
 
 
 def _listing_json(files: list[RemoteFile]) -> str:

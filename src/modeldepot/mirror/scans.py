@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 
@@ -113,7 +114,11 @@ class UpstreamScans:
         try:
             loop = asyncio.get_running_loop()
             try:
-                manifest = await loop.run_in_executor(self._scan_threads, self.depot.manifest_for, *key)
+                # (a full disk stops writes, not reads: a mirror answered 507 for models it held each time a
+                # branch's scan was due, its record finding no room, an explorer's trial)
+                manifest = await loop.run_in_executor(
+                    self._scan_threads, functools.partial(self.depot.manifest_for, *key, unrecorded_ok=True)
+                )
             except (RepoNotFoundError, AccessDeniedError) as error:
                 # The upstream no longer shows the repo to this node (made private beyond its credentials, or
                 # deleted): what the store pulled of it is served behind the node's token alone from now on.

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -89,6 +90,7 @@ def run_server(
         app.cleanup_ctx.append(_repairing(depot))
 
     stopped_by: list[signal.Signals] = []
+    token_file: list[Path | None] = []  # where the control token is kept while the node runs (a service's)
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -170,7 +172,12 @@ def run_server(
             server.max_total,
             open_files,
         )
-        line = dashboard_line(host, int(runner.addresses[0][1]), None if token else app[CONTROL_TOKEN])
+        control = None if token else app[CONTROL_TOKEN]
+        if control is not None and not sys.stderr.isatty():
+            # A service's log is read by more than its owner (a journal's readers): the token that removes
+            # models goes to a file of the node's user alone, not into it (an explorer's trial)
+            token_file.append(_keep_control_token(depot, bound, control))
+        line = dashboard_line(host, bound, control, token_file[0] if token_file else None)
         if log.isEnabledFor(logging.INFO):
             log.info("%s", line)
         else:  # shown whatever the log level: without it, nobody can control a node without a token
@@ -179,6 +186,9 @@ def run_server(
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())
     # What was written without a flush (deferred) reaches the disk (a read-only store has nothing to flush)
+    if token_file and token_file[0] is not None:
+        with contextlib.suppress(OSError):
+            token_file[0].unlink()
     flushed = 0 if depot.store.read_only else depot.sync(check=False)
     if flushed:
         log.info("flushed %d blob(s) to disk before stopping", flushed)
@@ -199,17 +209,37 @@ def _in_url(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def dashboard_line(host: str, port: int, control_token: str | None) -> str:
+def dashboard_line(host: str, port: int, control_token: str | None, kept_in: Path | None = None) -> str:
     """Where the dashboard is and how to control the node: with ``control_token`` (a node without a
-    token), in the address's fragment, which the page takes and browsers never send; else (a node with a
-    token) the address alone, never the token."""
+    token), in the address's fragment, which the page takes and browsers never send, or where it is kept
+    (``kept_in``: a node whose log is no terminal); else (a node with a token) the address alone, never the
+    token."""
     url = f"http://{_in_url(_client_host(host))}:{port}/"
     if control_token is None:
         return f"dashboard: {url} (its controls need the node's token: --token / MODELDEPOT_TOKEN)"
+    if kept_in is not None:
+        return (f"dashboard: {url}#token=<the control token in {kept_in}, readable by this user alone> (it "
+                "unlocks the pulls, pins and removals of this node, until it stops: keep it private)")  # fmt: skip
     return (
         f"dashboard: {url}#token={control_token} (this control token unlocks the pulls, pins and removals "
         "of this node, until it stops: keep it private)"
     )
+
+
+def _keep_control_token(depot: Depot, port: int, control_token: str) -> Path | None:
+    """Write the node's control token to ``locks/control-token-<port>`` of its store, readable by this user
+    alone (removed when the node stops); None when it cannot be (a read-only store: the log says it)."""
+    path = depot.home / "locks" / f"control-token-{port}"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # (one left by a node killed before, made under another umask)
+            os.write(fd, f"{control_token}\n".encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    return path
 
 
 def _scrubbing(

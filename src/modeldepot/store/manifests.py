@@ -83,11 +83,12 @@ class ManifestStore:
         self._scanned: dict[str, ManifestRecord] = {}
 
     def save(self, repo_id: str, revision: str, commit_id: str, body: str, statuses: dict[str, str],
-             listing: str | None = None, replace: bool = False) -> None:  # fmt: skip
+             listing: str | None = None, replace: bool = False, unrecorded_ok: bool = False) -> None:  # fmt: skip
         """Record a fresh scan. Variants keep their status unless the scan says otherwise (a new commit
         resets them); variants that disappeared are dropped. ``listing``: the commit's files (the hub
         layer's JSON), kept for the commit after the repo's scan moves on (:meth:`listing`), over one kept
-        before when ``replace``."""
+        before when ``replace``. ``unrecorded_ok``: a scan the index has no room for is kept in this process
+        (a mirror's, to answer reads by: a full disk stops writes, not them), not a StoreFullError."""
         validate_repo_id(repo_id)
         now = time.time()
         if self.index.read_only:  # (kept by this process alone: nothing is written, nor pulled, there)
@@ -98,6 +99,8 @@ class ManifestStore:
         try:
             self._record(repo_id, revision, commit_id, body, statuses, listing, replace, now)
         except StoreFullError as full:
+            if not unrecorded_ok:
+                raise
             log.warning("%s: the scan of %s is used unrecorded (%s)", repo_id, commit_id[:12], full)
             records = {name: VariantStatusRecord(name, status, 0, None, None, None, now)
                        for name, status in statuses.items()}  # fmt: skip
