@@ -978,6 +978,10 @@ def test_settlements_etcd_missed_while_down_are_written_when_it_returns(
                     b"2": None,
                 }
                 assert {kv.lease for kv in stored.values()} == {claimer._lease_id}  # still the claims' lease
+            # (dropped once etcd answered the write, which the reader may see first: a CI run's race)
+            deadline = time.monotonic() + WAIT
+            while claimer._unsettled and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
             assert claimer._unsettled == {}
 
     run(main())
