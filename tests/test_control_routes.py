@@ -1256,12 +1256,17 @@ def test_a_node_takes_its_token_from_a_file(tmp_path: Path) -> None:
     secret.write_text("f1le-t0ken-" + "y" * 20 + "\n")
     node = Serving(tmp_path / "home", env_extra={"MODELDEPOT_TOKEN_FILE": str(secret)})
     try:
+        # (a new store is said: a mistyped --home served an empty one, healthy, an explorer's trial)
+        node.line_with(f"no store was at {tmp_path / 'home'}: this node made a new, empty one")
         node.line_with("dashboard: ")
         assert call(node.port, "GET", f"{API}/repos").status == 401
         sent = {"Authorization": "Bearer f1le-t0ken-" + "y" * 20}
         assert call(node.port, "GET", f"{API}/repos", headers=sent).status == 200
     finally:
         node.stop()
+    again = Serving(tmp_path / "home", env_extra={"MODELDEPOT_TOKEN_FILE": str(secret)})
+    again.line_with("dashboard: ")
+    assert "no store was at" not in again.stop()
     from modeldepot.config import node_token
     from modeldepot.errors import ConfigError
 

@@ -54,8 +54,10 @@ def client_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_huggingface_hub_downloads_a_miss_through_the_mirror(
-    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: Path
-) -> None:
+    upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    caplog.set_level(logging.INFO, logger="modeldepot.mirror")
     plan = upstream_proxy.set("slow", times=-1, slow_delay=0.05)  # a transfer takes a while
     mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
     try:
@@ -74,6 +76,9 @@ def test_huggingface_hub_downloads_a_miss_through_the_mirror(
         assert Path(again).read_bytes() == FILES[BIG]
         assert upstream_proxy.plan.body_bytes == crossed
         assert store_files_consistent(mirror.depot) == []
+        # Its log says what it pulled, once (an operator told a mirror's misses from its hits by nothing)
+        pulled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pulled ")]
+        assert len(pulled) == 1 and f"{REPO}@" in pulled[0] and f" {BIG} (" in pulled[0], pulled
     finally:
         mirror.stop()
         mirror.depot.close()

@@ -48,6 +48,9 @@ def _ready_to_serve(kwargs: dict[str, Any]) -> None:
     ``MODELDEPOT_PRELOAD_BUDGET``) can be read, and the port is free."""
     from modeldepot.preload.preloader import parse_budget
 
+    # The node's line shape from its first line on, before its store opens: one said as it opened (its disk
+    # full, its reserve released) went out bare, without time or level (an explorer's trial)
+    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parse_budget(kwargs["preload_budget"] or DepotConfig.from_env().preload_budget)
     if (
         kwargs["advertise"] is not None

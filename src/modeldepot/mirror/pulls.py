@@ -39,10 +39,11 @@ from modeldepot.mirror.following import (
 from modeldepot.mirror.marks import BrokenMarks, Sent, Span
 from modeldepot.mirror.scans import FAILED_TTL, UpstreamScans
 from modeldepot.store import FileEntry
+from modeldepot.store.layout import size_text
 from modeldepot.store.partials import ResumablePartial
 from modeldepot.transfer.outage import QUICK_REFUSALS
 from modeldepot.transfer.pull import PullResult, PullUpdate
-from modeldepot.validation import is_commit_id, validate_path
+from modeldepot.validation import is_commit_id, redact_credentials, validate_path
 
 __all__ = ["Mirror"]
 
@@ -233,6 +234,12 @@ class Mirror:
                 result = await self.depot.pull_async(manifest.repo_id, None, revision=manifest.revision, progress=progress,
                                                      paths=[remote.path], watch=watch, manifest=manifest)  # fmt: skip
                 self._refuted.pop(key, None)
+                # (a pull-through that went well said nothing, even at debug: an operator could not tell a
+                # mirror's misses from its hits, an explorer's trial)
+                if result.bytes_downloaded or result.bytes_resumed:
+                    log.info("pulled %s@%s %s (%s) for a client: %s from %s", manifest.repo_id, manifest.commit_id[:12],
+                             remote.path, size_text(remote.size), size_text(result.bytes_downloaded),
+                             ", ".join(map(redact_credentials, result.sources)) or "this store's downloads")  # fmt: skip
                 if job.partial is not None and job.partial.resets:
                     # The file failed its check once, and was fetched again: a client that left before with
                     # bytes of the first fetch resumes onto them (a review's trial)

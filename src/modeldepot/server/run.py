@@ -146,6 +146,9 @@ def run_server(
                  depot.home, _in_url(host), bound, mode, _in_url(_client_host(host)), bound,
                  redact_credentials(depot.config.hub_endpoint),
                  " (offline: no pulls)" if depot.config.offline else "")  # fmt: skip
+        if depot.store.made_now:  # (a mistyped --home served an empty store that said it was healthy)
+            log.warning("no store was at %s: this node made a new, empty one (check the folder's name if you "
+                        "meant another)", depot.home)  # fmt: skip
         if depot.store.read_only:
             log.info("the store is %s: it serves what it holds as it is, and pulls, pins and removals are "
                      "refused (503 ReadOnlyStore)", depot.store.read_only_reason)  # fmt: skip

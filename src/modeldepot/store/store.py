@@ -154,6 +154,7 @@ class Store:
         ..."; a store read through by another: tiers.py)."""
         self.layout = StoreLayout(config.home)
         held = self.layout.holds_a_store()
+        self.made_now = not held  # (no store was there: this one made it)
         if not create and not held:
             raise ConfigError(f"no store at {config.home}: nothing was imported, pulled or served there "
                               "(check the folder's name)")  # fmt: skip
