@@ -1275,3 +1275,13 @@ def test_a_node_takes_its_token_from_a_file(tmp_path: Path) -> None:
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ConfigError, match="is empty"):
         node_token({"MODELDEPOT_TOKEN_FILE": str(tmp_path / "empty")})
+
+
+def test_the_shutdown_grace_is_the_operators(tmp_path: Path) -> None:
+    """The 30 s given to answers under way could not be matched to a supervisor's stop timeout (an explorer's
+    trial)."""
+    node = Serving(tmp_path / "home", env_extra={"MODELDEPOT_SHUTDOWN_GRACE": "2s"})
+    node.line_with("dashboard: ")
+    log = node.stop()
+    assert "stopping (SIGTERM): answers under way get up to 2 s to end" in log, log
+    assert log.rstrip().endswith("stopped (SIGTERM)"), log

@@ -246,6 +246,11 @@ def _listenable(host: str, port: int) -> None:
                    "what fails; local reads are guarded by this ($MODELDEPOT_SCRUB_INTERVAL sets it too).")  # fmt: skip
 @click.option("--scrub-rate", cls=FromEnvironment, envvar="MODELDEPOT_SCRUB_RATE", default="64MiB", show_default=True, metavar="SIZE",
               callback=lambda c, p, v: setting(_positive_size, v), help="Bytes a second the scrub may read ($MODELDEPOT_SCRUB_RATE sets it too).")  # fmt: skip
+@click.option("--shutdown-grace", cls=FromEnvironment, envvar="MODELDEPOT_SHUTDOWN_GRACE", default="30s",
+              show_default=True, metavar="DURATION", callback=lambda c, p, v: setting(parse_duration, v),
+              help="How long answers under way get to end once the node is told to stop (match a supervisor's "
+                   "TimeoutStopSec or a pod's terminationGracePeriodSeconds; $MODELDEPOT_SHUTDOWN_GRACE sets it "
+                   "too).")  # fmt: skip
 @click.option("--repair/--no-repair", cls=FromEnvironment, envvar="MODELDEPOT_REPAIR", default=False,
               help="Fetch again, in the background, the files found corrupt (by the scrub, a read, `verify`: "
                    "quarantined, not served) from this node's sources: its servers, its fleet, the Hub "
@@ -278,6 +283,7 @@ def serve_command(
     cluster_prefix: str | None,
     advertise: str | None,
     repair: bool,
+    shutdown_grace: float,
     yes: bool,
 ) -> None:
     """Serve the store over HTTP: the Hub's API (HF_ENDPOINT=http://HOST:PORT) and /api/depot/v1.
@@ -332,7 +338,7 @@ def serve_command(
         limits = dataclasses.replace(limits, max_per_client=max_connections_per_client)
     stopped_by = run_server(depot, host, port, token, log_level, mirror=bool(upstreams), preload_top=preload_top,
                             limits=limits, scrub_interval=scrub_interval, scrub_rate=scrub_rate,
-                            advertise=advertise, repair=repair)  # fmt: skip
+                            advertise=advertise, repair=repair, shutdown_grace=shutdown_grace)  # fmt: skip
     if stopped_by == signal.SIGHUP:
         # Stopped cleanly all the same, but as a process SIGHUP ends says (128 + 1): a supervisor's reload (a
         # unit's `ExecReload=kill -HUP`) stopped the node with 0, and Restart=on-failure never brought it back

@@ -53,6 +53,7 @@ def run_server(
     scrub_rate: float = DEFAULT_SCRUB_RATE,
     advertise: str | None = None,
     repair: bool = False,
+    shutdown_grace: float = SHUTDOWN_GRACE,
 ) -> signal.Signals | None:
     """Serve ``depot`` until SIGINT, SIGTERM or SIGHUP; returns the signal that stopped it (None: Ctrl-C where
     signals are not handled). With ``depot.config.cluster`` the node joins its fleet: it registers at
@@ -79,7 +80,7 @@ def run_server(
     # (its access log: NodeAccessLogger on modeldepot.access, one line per request with its body bytes)
     # aiohttp waits its shutdown timeout twice for an answer under way (for it to end, then again after
     # cancelling its request): half of the grace each, or a slow download held a stopping node a minute
-    runner = NodeRunner(app, limits=limits, shutdown_timeout=SHUTDOWN_GRACE / 2)
+    runner = NodeRunner(app, limits=limits, shutdown_timeout=shutdown_grace / 2)
 
     if scrub_interval > 0:
         app.cleanup_ctx.append(_scrubbing(depot, scrub_interval, scrub_rate))
@@ -106,7 +107,7 @@ def run_server(
             for each in signals:  # a second signal gets the default behaviour: no more waiting
                 loop.remove_signal_handler(each)
             log.info("stopping (%s): answers under way get up to %g s to end (a second signal stops at once)",
-                     number.name, SHUTDOWN_GRACE)  # fmt: skip
+                     number.name, shutdown_grace)  # fmt: skip
 
         with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C raises KeyboardInterrupt instead
             for number in signals:
@@ -121,7 +122,7 @@ def run_server(
             finally:
                 if fleet is not None:
                     await fleet.close()  # out of the registry first, so peers stop choosing this node
-                await runner.cleanup()  # stops listening, gives in-flight responses SHUTDOWN_GRACE seconds
+                await runner.cleanup()  # stops listening, gives in-flight responses shutdown_grace seconds
         finally:
             if fleet is not None:
                 await fleet.close()  # (when setting up failed)
