@@ -324,7 +324,8 @@ def serve_command(
             # MODELDEPOT_MAX_SIZE binds: asked as --max-size is (a typo in a unit file emptied the store at start,
             # imported models gone for good, and `budget` said "none": an explorer's trial)
             confirm_evictions(depot, cap, preview=f"`modeldepot budget {shlex.quote(cap)} --dry-run --home "
-                                                  f"{shlex.quote(str(depot.home))}` (MODELDEPOT_MAX_SIZE)")  # fmt: skip
+                                                  f"{shlex.quote(str(depot.home))}`, of the size MODELDEPOT_MAX_SIZE "
+                                                  "gives,")  # fmt: skip
         evicted = depot.shrink()  # a store already over its budget is brought within it
     else:
         evicted = []
