@@ -592,10 +592,10 @@ KNOWN_VARIABLES = frozenset({
 def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
     """The MODELDEPOT_ names in ``env`` modeldepot does not read, each with the known one it is nearest to
     (None: none is near)."""
+    unknown = sorted(name for name in env if name.startswith("MODELDEPOT_") and name not in KNOWN_VARIABLES)
+    if not unknown:
+        return []  # (the common case: no import)
     import difflib
 
-    return [
-        (name, next(iter(difflib.get_close_matches(name, KNOWN_VARIABLES, n=1, cutoff=0.8)), None))
-        for name in sorted(env)
-        if name.startswith("MODELDEPOT_") and name not in KNOWN_VARIABLES
-    ]
+    return [(name, next(iter(difflib.get_close_matches(name, KNOWN_VARIABLES, n=1, cutoff=0.8)), None))
+            for name in unknown]  # fmt: skip
