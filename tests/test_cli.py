@@ -1163,6 +1163,33 @@ def test_a_mistyped_setting_is_warned_of_and_every_setting_read_is_known(home: P
         for path in source.rglob("*.py")
         for name in re.findall(r"MODELDEPOT_[A-Z0-9_]*[A-Z0-9]", path.read_text())
     }
-    assert read - {"MODELDEPOT_CLUSTER"} <= KNOWN_VARIABLES | {"MODELDEPOT_CLUSTER"}, read - KNOWN_VARIABLES
-    clean = CliRunner().invoke(cli, ["ls", "--home", str(home)], env={"MODELDEPOT_PORT": "9999"})
-    assert "not a setting" not in clean.output
+    # (MODELDEPOT_PORT is named only as the Kubernetes service link it is, never read)
+    assert read - {"MODELDEPOT_PORT"} <= KNOWN_VARIABLES, read - KNOWN_VARIABLES
+    # Kubernetes gives every pod of a namespace with a Service named modeldepot these: no warning, and a node
+    # starts (MODELDEPOT_PORT stopped it, exit 2: a review)
+    links = {"MODELDEPOT_PORT": "tcp://10.96.0.12:8980", "MODELDEPOT_SERVICE_HOST": "10.96.0.12",
+             "MODELDEPOT_SERVICE_PORT": "8980", "MODELDEPOT_PORT_8980_TCP": "tcp://10.96.0.12:8980",
+             "MODELDEPOT_PORT_8980_TCP_ADDR": "10.96.0.12", "MODELDEPOT_PORT_8980_TCP_PORT": "8980",
+             "MODELDEPOT_PORT_8980_TCP_PROTO": "tcp", "MODELDEPOT_LISTEN_PORT": "9999"}  # fmt: skip
+    clean = CliRunner().invoke(cli, ["ls", "--home", str(home)], env=links)
+    assert "not a setting" not in clean.output, clean.output
+    typo = CliRunner().invoke(cli, ["ls", "--home", str(home)], env={"MODELDEPOT_PORT": "9999"})
+    assert (
+        "MODELDEPOT_PORT is not a setting modeldepot reads: did you mean MODELDEPOT_LISTEN_PORT?"
+        in typo.output
+    )
+
+
+def test_a_kubernetes_service_named_modeldepot_does_not_stop_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Service named modeldepot puts MODELDEPOT_PORT=tcp://10.96.0.12:8980 into every pod of its namespace:
+    serve read it for its port and exited 2 (a review)."""
+    import modeldepot.server.run as run
+
+    served: list[int] = []
+    monkeypatch.setattr(run, "run_server", lambda depot, host, port, *rest, **kw: served.append(port))
+    links = {"MODELDEPOT_PORT": "tcp://10.96.0.12:8980", "MODELDEPOT_SERVICE_HOST": "10.96.0.12"}
+    result = CliRunner().invoke(cli, ["serve", "--home", str(tmp_path / "s")], env=links)
+    assert result.exit_code == 0 and served == [8980], result.output
+    assert "MODELDEPOT_SERVICE_HOST" not in result.output, result.output

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -944,11 +945,11 @@ def test_a_service_keeps_its_control_token_out_of_its_log_in_a_file_of_its_user(
     control token, which removes models, at every start (an explorer's trial). It is in a file of the
     node's user alone, named in the dashboard's line, and gone when the node stops."""
     node = Serving(tmp_path / "home")
-    kept = tmp_path / "home" / "locks" / f"control-token-{node.port}"
+    kept = tmp_path / "home" / "locks" / f"control-{os.geteuid()}" / f"token-{node.port}"
     try:
         line = node.line_with("dashboard: ")
         assert f"dashboard: http://127.0.0.1:{node.port}/#token=<the control token in {kept}, " in line, line
-        assert kept.stat().st_mode & 0o777 == 0o600
+        assert kept.stat().st_mode & 0o777 == 0o600 and kept.parent.stat().st_mode & 0o777 == 0o700
         found = [kept.read_text().strip()]
         assert re.fullmatch(r"[A-Za-z0-9_-]{43}", found[0])
         control = {"Authorization": f"Bearer {found[0]}"}
@@ -1285,3 +1286,24 @@ def test_the_shutdown_grace_is_the_operators(tmp_path: Path) -> None:
     log = node.stop()
     assert "stopping (SIGTERM): answers under way get up to 2 s to end" in log, log
     assert log.rstrip().endswith("stopped (SIGTERM)"), log
+
+
+def test_a_control_token_is_never_written_where_another_user_could_read_it(tmp_path: Path) -> None:
+    """In a store a group shares, another member could make the file (or a FIFO) at the token's path in
+    locks/: a root node wrote its token into that member's file, or hung opening the FIFO (a review). The
+    token goes into a folder of the node's user alone, made new; a folder of that name that is another's
+    is not used (nor is the token logged)."""
+    from modeldepot.server.run import _keep_control_token
+
+    with Depot(tmp_path / "store") as depot:
+        kept = _keep_control_token(depot, 18960, "SECRET")
+        assert kept is not None and kept.read_text() == "SECRET\n"
+        os.chmod(kept, 0o644)  # (a file left by a node killed before, whatever it became)
+        again = _keep_control_token(depot, 18960, "OTHER")
+        assert again == kept and kept.read_text() == "OTHER\n" and kept.stat().st_mode & 0o777 == 0o600
+        if os.geteuid() == 0:  # (another member's folder of that name: played with chown)
+            shutil.rmtree(kept.parent)
+            kept.parent.mkdir(mode=0o777)
+            os.chown(kept.parent, 4321, 4321)
+            assert _keep_control_token(depot, 18960, "SECRET") is None
+            assert not kept.exists()

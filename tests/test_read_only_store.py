@@ -768,6 +768,38 @@ def test_a_member_whose_umask_keeps_the_group_out_still_makes_what_the_group_wri
     assert not [p for p in (home / "blobs").rglob("*") if p.is_file()]
 
 
+def test_a_member_whose_umask_is_077_still_makes_what_the_group_enters(tmp_path: Path) -> None:
+    """With umask 077 the group's write alone made folders 0720: the others could neither list nor enter them
+    (a review). The group gets every bit the store asks for."""
+    group = 4245
+    home, as_member = team_store(tmp_path, group)
+    folder = write_model_dir(tmp_path / "src", {"config.json": b'{"a": 1}', "w.bin": os.urandom(10_000)})
+    made = as_member("import", str(folder), "--repo", "team/a", umask="077")
+    assert made.returncode == 0, made.stderr
+    for path in [home, *home.rglob("*")]:
+        mode = path.lstat().st_mode
+        if stat.S_ISDIR(mode) and path.parent.name != "reserve" and path.name != "reserve":
+            assert mode & 0o070 == 0o070, f"{path}: {oct(mode)}"
+
+
+def test_the_groups_umask_stays_in_the_store(tmp_path: Path) -> None:
+    """The umask is the process's: `hf-cache export` from a store a group shares made the user's own Hugging
+    Face cache group-writable (refs/main 0664, snapshots/ 0775: others of a shared primary group could
+    repoint a ref, a review). What the command writes outside the store takes the user's own umask."""
+    group = 4246
+    _, as_member = team_store(tmp_path, group)
+    folder = write_model_dir(tmp_path / "src", {"config.json": b'{"a": 1}'})
+    assert as_member("import", str(folder), "--repo", "team/a").returncode == 0
+    cache = tmp_path / "mine"
+    cache.mkdir()
+    cache.chmod(0o755)
+    exported = as_member("hf-cache", "export", "team/a", "--cache-dir", str(cache / "hub"), umask="022")
+    assert exported.returncode == 0, exported.stderr
+    loose = [f"{p}: {oct(p.lstat().st_mode)}" for p in cache.rglob("*")
+             if not stat.S_ISLNK(p.lstat().st_mode) and p.lstat().st_mode & stat.S_IWGRP]  # fmt: skip
+    assert not loose, loose
+
+
 def test_a_group_store_made_before_gets_the_groups_write_when_its_maker_opens_it(tmp_path: Path) -> None:
     """A store a group shares, made before its index took the umask (index.db 0o644): the README's advice
     was a `chmod g+w index.db*` by hand. Opened by the member who made it, the index files get the group's

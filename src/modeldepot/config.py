@@ -579,20 +579,34 @@ KNOWN_VARIABLES = frozenset({
     "MODELDEPOT_CLUSTER_CERT", "MODELDEPOT_CLUSTER_KEY", "MODELDEPOT_CLUSTER_PASSWORD",
     "MODELDEPOT_CLUSTER_PASSWORD_FILE", "MODELDEPOT_CLUSTER_PREFIX", "MODELDEPOT_CLUSTER_USER",
     "MODELDEPOT_CONNECTIONS", "MODELDEPOT_CONNECTIONS_PER_SOURCE", "MODELDEPOT_DURABILITY",
-    "MODELDEPOT_HEADER_TIMEOUT", "MODELDEPOT_HOME", "MODELDEPOT_HOST", "MODELDEPOT_LOG_LEVEL",
+    "MODELDEPOT_HEADER_TIMEOUT", "MODELDEPOT_HOME", "MODELDEPOT_LISTEN_HOST", "MODELDEPOT_LISTEN_PORT",
+    "MODELDEPOT_LOG_LEVEL",
     "MODELDEPOT_MAX_CONNECTIONS_PER_CLIENT", "MODELDEPOT_MAX_DOWNLOAD_RATE", "MODELDEPOT_MAX_SIZE",
     "MODELDEPOT_MAX_UPLOAD_RATE", "MODELDEPOT_MIRROR_TTL", "MODELDEPOT_OFFLINE", "MODELDEPOT_OUTAGE_PATIENCE",
-    "MODELDEPOT_PORT", "MODELDEPOT_PRELOAD_BUDGET", "MODELDEPOT_PRELOAD_STRATEGY", "MODELDEPOT_READ_TIMEOUT",
+    "MODELDEPOT_PRELOAD_BUDGET", "MODELDEPOT_PRELOAD_STRATEGY", "MODELDEPOT_READ_TIMEOUT",
     "MODELDEPOT_REPAIR", "MODELDEPOT_SCRUB_INTERVAL", "MODELDEPOT_SCRUB_RATE", "MODELDEPOT_SEND_TIMEOUT",
     "MODELDEPOT_SERVERS", "MODELDEPOT_SHARED", "MODELDEPOT_SHUTDOWN_GRACE", "MODELDEPOT_SLOW_PEER_RATE", "MODELDEPOT_TOKEN",
     "MODELDEPOT_TOKEN_FILE",
 })  # fmt: skip
 
 
+# What Kubernetes (and `docker --link`) puts in every pod of a namespace with a Service named modeldepot
+_SERVICE_LINK = re.compile(
+    r"MODELDEPOT_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)"
+)
+
+
+def _service_link(name: str, value: str) -> bool:
+    return bool(_SERVICE_LINK.fullmatch(name)) or (
+        name == "MODELDEPOT_PORT" and value.startswith(("tcp://", "udp://", "sctp://"))
+    )
+
+
 def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
     """The MODELDEPOT_ names in ``env`` modeldepot does not read, each with the known one it is nearest to
     (None: none is near)."""
-    unknown = sorted(name for name in env if name.startswith("MODELDEPOT_") and name not in KNOWN_VARIABLES)
+    unknown = sorted(name for name, value in env.items() if name.startswith("MODELDEPOT_")
+                     and name not in KNOWN_VARIABLES and not _service_link(name, value))  # fmt: skip
     if not unknown:
         return []  # (the common case: no import)
     import difflib

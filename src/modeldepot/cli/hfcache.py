@@ -19,6 +19,7 @@ from modeldepot.cli.options import (
     checked,
     home_option,
     json_option,
+    own_umask,
     reading_home_option,
     repo_argument,
     revision_option,
@@ -121,6 +122,7 @@ def export_command(
     Blobs are hard links to the store's when on the same file system (else copies, each chunk checked),
     snapshot files relative links to them, and refs/REVISION names the commit when REVISION is a branch:
     hf_hub_download, snapshot_download and from_pretrained then find it with HF_HUB_OFFLINE=1."""
+    own_umask()  # (the user's cache takes the user's umask, not the one a store a group shares wants)
     bar = render.ByteProgress("exporting")
     with bar.running():
         result = depot.hf_cache_export(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import stat
 import sys
 import time
 from collections.abc import Callable
@@ -102,6 +101,16 @@ def _remove_if_untouched(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+_UMASK_BEFORE: int | None = None  # the user's umask, when this command widened it for a store a group shares
+
+
+def own_umask() -> None:
+    """Put the user's own umask back (a command about to write outside the store: `hf-cache export` into the
+    user's Hugging Face cache made it group-writable, a review)."""
+    if _UMASK_BEFORE is not None:
+        os.umask(_UMASK_BEFORE)
+
+
 def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
                check: Callable[[dict[str, Any]], None] | None = None, shared: bool = True) -> F:  # fmt: skip
     @click.option(
@@ -129,8 +138,10 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
         if keeps_the_group_out(folder):
             # A store a group shares needs every member's umask 002: one member's 022 (most systems' default,
             # systemd's) made files the others could not remove, and their rm, gc and pulls failed (an
-            # explorer's trial). Set before any thread starts: everything this command makes is the group's too.
-            os.umask(current_umask() & ~stat.S_IWGRP)
+            # explorer's trial); 077, folders they could not enter. Set before any thread starts; a command
+            # that writes outside the store puts the user's own back for that (own_umask).
+            global _UMASK_BEFORE
+            _UMASK_BEFORE = os.umask(current_umask() & ~0o070)
         try:
             if check is not None:
                 check({**kwargs, "home": home})

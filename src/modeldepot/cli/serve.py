@@ -165,10 +165,12 @@ def _listenable(host: str, port: int) -> None:
 
 
 @cli.command("serve")
-@click.option("--host", cls=FromEnvironment, envvar="MODELDEPOT_HOST", default="127.0.0.1", show_default=True,
-              help="Address to listen on ($MODELDEPOT_HOST sets it too).")  # fmt: skip
-@click.option("--port", cls=FromEnvironment, envvar="MODELDEPOT_PORT", default=8980, show_default=True,
-              type=click.IntRange(0, 65535), help="Port to listen on ($MODELDEPOT_PORT sets it too).")  # fmt: skip
+# (not MODELDEPOT_PORT: Kubernetes gives every pod of a namespace with a Service named modeldepot that name, as
+# tcp://10.96.0.12:8980, and nodes there stopped starting, a review)
+@click.option("--host", cls=FromEnvironment, envvar="MODELDEPOT_LISTEN_HOST", default="127.0.0.1",
+              show_default=True, help="Address to listen on ($MODELDEPOT_LISTEN_HOST sets it too).")  # fmt: skip
+@click.option("--port", cls=FromEnvironment, envvar="MODELDEPOT_LISTEN_PORT", default=8980, show_default=True,
+              type=click.IntRange(0, 65535), help="Port to listen on ($MODELDEPOT_LISTEN_PORT sets it too).")  # fmt: skip
 @click.option(
     "--token",
     cls=FromEnvironment,
@@ -248,9 +250,9 @@ def _listenable(host: str, port: int) -> None:
               callback=lambda c, p, v: setting(_positive_size, v), help="Bytes a second the scrub may read ($MODELDEPOT_SCRUB_RATE sets it too).")  # fmt: skip
 @click.option("--shutdown-grace", cls=FromEnvironment, envvar="MODELDEPOT_SHUTDOWN_GRACE", default="30s",
               show_default=True, metavar="DURATION", callback=lambda c, p, v: setting(parse_duration, v),
-              help="How long answers under way get to end once the node is told to stop (match a supervisor's "
-                   "TimeoutStopSec or a pod's terminationGracePeriodSeconds; $MODELDEPOT_SHUTDOWN_GRACE sets it "
-                   "too).")  # fmt: skip
+              help="How long answers under way get to end once the node is told to stop (a few seconds under a "
+                   "supervisor's TimeoutStopSec or a pod's terminationGracePeriodSeconds, which must leave it time to "
+                   "flush; $MODELDEPOT_SHUTDOWN_GRACE sets it too).")  # fmt: skip
 @click.option("--repair/--no-repair", cls=FromEnvironment, envvar="MODELDEPOT_REPAIR", default=False,
               help="Fetch again, in the background, the files found corrupt (by the scrub, a read, `verify`: "
                    "quarantined, not served) from this node's sources: its servers, its fleet, the Hub "

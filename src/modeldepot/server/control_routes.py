@@ -78,7 +78,7 @@ NEEDS_NODE_TOKEN = "this node needs a token: send Authorization: Bearer <token>"
 NEEDS_CONTROL_TOKEN = (
     "this node has no token, so its control routes need the control token it made when it started: open "
     "the dashboard at the address `modeldepot serve` printed (it ends in #token=...; a node whose log is "
-    "no terminal keeps the token in its store's locks/control-token-<port>), or send "
+    "no terminal keeps the token in its store's locks/control-<uid>/token-<port>), or send "
     "Authorization: Bearer <control token>; or start the node with --token and use that"
 )
 WRONG_CONTROL_TOKEN = (

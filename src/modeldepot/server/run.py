@@ -180,19 +180,22 @@ def run_server(
         if control is not None and not sys.stderr.isatty():
             # A service's log is read by more than its owner (a journal's readers): the token that removes
             # models goes to a file of the node's user alone, not into it (an explorer's trial)
-            token_file.append(_keep_control_token(depot, bound, control))
-        line = dashboard_line(host, bound, control, token_file[0] if token_file else None)
+            token_file.append(await asyncio.to_thread(_keep_control_token, depot, bound, control))
+        kept = token_file[0] if token_file else None
+        line = dashboard_line(host, bound, control, kept, unkept=bool(token_file) and kept is None)
         if log.isEnabledFor(logging.INFO):
             log.info("%s", line)
         else:  # shown whatever the log level: without it, nobody can control a node without a token
             print(line, file=sys.stderr, flush=True)
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve())
+    finally:
+        if token_file and token_file[0] is not None:
+            with contextlib.suppress(OSError):
+                token_file[0].unlink()  # (in a folder of this user alone)
     # What was written without a flush (deferred) reaches the disk (a read-only store has nothing to flush)
-    if token_file and token_file[0] is not None:
-        with contextlib.suppress(OSError):
-            token_file[0].unlink()
     flushed = 0 if depot.store.read_only else depot.sync(check=False)
     if flushed:
         log.info("flushed %d blob(s) to disk before stopping", flushed)
@@ -213,12 +216,16 @@ def _in_url(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def dashboard_line(host: str, port: int, control_token: str | None, kept_in: Path | None = None) -> str:
+def dashboard_line(host: str, port: int, control_token: str | None, kept_in: Path | None = None,
+                   unkept: bool = False) -> str:  # fmt: skip
     """Where the dashboard is and how to control the node: with ``control_token`` (a node without a
     token), in the address's fragment, which the page takes and browsers never send, or where it is kept
-    (``kept_in``: a node whose log is no terminal); else (a node with a token) the address alone, never the
-    token."""
+    (``kept_in``: a node whose log is no terminal; ``unkept``: such a node could not keep it in a file, and
+    does not log it); else (a node with a token) the address alone, never the token."""
     url = f"http://{_in_url(_client_host(host))}:{port}/"
+    if unkept:
+        return (f"dashboard: {url} (its control token could not be kept in a file of this user, and is not "
+                "logged: start the node with a token, --token or MODELDEPOT_TOKEN_FILE, to use its controls)")  # fmt: skip
     if control_token is None:
         return f"dashboard: {url} (its controls need the node's token: --token / MODELDEPOT_TOKEN)"
     if kept_in is not None:
@@ -231,19 +238,39 @@ def dashboard_line(host: str, port: int, control_token: str | None, kept_in: Pat
 
 
 def _keep_control_token(depot: Depot, port: int, control_token: str) -> Path | None:
-    """Write the node's control token to ``locks/control-token-<port>`` of its store, readable by this user
-    alone (removed when the node stops); None when it cannot be (a read-only store: the log says it)."""
-    path = depot.home / "locks" / f"control-token-{port}"
+    """Write the node's control token to ``locks/control-<uid>/token-<port>`` of its store: a folder of this
+    user alone (0700), the file made new (removed when the node stops). In a store a group shares, another
+    member could put a file (or a FIFO) at a path in ``locks/`` itself, and read the token a root node wrote
+    into it, or hang the node opening it (a review). None when it cannot be (a read-only store, a folder of
+    that name that is not this user's)."""
+    me = os.geteuid()
+    folder = depot.home / "locks" / f"control-{me}"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, 0o700)
+        # (through the folder's descriptor: a name swapped meanwhile for a link leads nowhere)
+        held = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            os.fchmod(fd, 0o600)  # (one left by a node killed before, made under another umask)
-            os.write(fd, f"{control_token}\n".encode())
+            if os.fstat(held).st_uid != me:
+                logging.getLogger("modeldepot.server").warning(
+                    "%s is not a folder of this user: the control token is not kept there", folder
+                )
+                return None
+            os.fchmod(held, 0o700)
+            name = f"token-{port}"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=held)  # (a node's killed before it: in this user's own folder)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=held)  # fmt: skip
+            try:
+                os.write(fd, f"{control_token}\n".encode())
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
+            os.close(held)
     except OSError:
         return None
-    return path
+    return folder / name
 
 
 def _scrubbing(

@@ -107,10 +107,10 @@ def group_shared(home: Path) -> bool:
 
 
 def keeps_the_group_out(home: Path) -> bool:
-    """Whether this process makes files the group of a store it shares cannot write (its umask takes the
-    group's write away: 022, most systems' default and systemd's): every other member's `rm`, `gc` and pull
-    of them then fails."""
-    return group_shared(home) and not writable_mode() & stat.S_IWGRP
+    """Whether this process makes files the group of a store it shares cannot read, enter or write (its umask
+    takes group bits away: 022, most systems' default and systemd's; 077): every other member's `rm`, `gc`
+    and pull of them then fails."""
+    return group_shared(home) and bool(current_umask() & 0o070)
 
 
 def _out_of_inodes(error: OSError) -> bool:
