@@ -316,9 +316,8 @@ def _repairing(depot: Depot) -> Callable[[web.Application], AsyncIterator[None]]
 
 async def _repair_now_and_then(depot: Depot, look: float = REPAIR_LOOK) -> None:
     log = logging.getLogger("modeldepot.server")
-    waits: dict[
-        tuple[str, str], tuple[float, float]
-    ] = {}  # a revision whose repair failed -> (next try, wait)
+    # A revision whose repair failed -> (when it is tried next, the wait before that)
+    waits: dict[tuple[str, str], tuple[float, float]] = {}
     while True:
         try:
             broken = await asyncio.to_thread(depot.broken_files)
