@@ -657,6 +657,9 @@ def test_a_mirror_on_a_full_disk_still_serves_what_it_holds_when_its_scan_is_due
                     filler.write(b"\0" * 65536)
                     filler.flush()
             assert free_bytes(root) < 65536
+            health = json.loads(urllib.request.urlopen(f"{mirror.url}/api/depot/v1/health").read())
+            assert health["status"] == "degraded" and health["disk_free_bytes"] < 65536, health
+            assert "pulls and other writes fail" in health["detail"], health
             for _ in range(2):
                 assert urllib.request.urlopen(url).read() == files["model.safetensors"]
                 listing = json.loads(

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -45,6 +46,7 @@ from modeldepot.server.openapi import WITHHELD_PRELOAD, openapi_document
 from modeldepot.server.ranges import RangeNotSatisfiable
 from modeldepot.server.responses import CountedResponse, ViewResponse, json_response, matches_none, send_blob
 from modeldepot.server.views import wanted_range
+from modeldepot.store.layout import size_text
 from modeldepot.store.maintenance import totals as store_totals
 from modeldepot.store.models import BlobRecord
 from modeldepot.store.verified import PartialChunkReader
@@ -94,7 +96,25 @@ async def health(request: web.Request) -> web.Response:
                 "not served: `modeldepot verify` names them, and a pull of them fetches them again")  # fmt: skip
         said = answer.get("detail")
         answer.update(status="degraded", quarantined_files=broken, detail=f"{said}; {lost}" if said else lost)
+    # (a mirror on a full disk answered 507 to every pull, its health "ok": an explorer's trial)
+    free = await asyncio.to_thread(_free_bytes, _depot(request))
+    if free is not None and free < FULL_DISK_FREE and not _depot(request).store.read_only:
+        full = (f"the store's disk has {size_text(free)} free: pulls and other writes fail (507) until room is "
+                "made (`modeldepot gc`, `rm`, a disk budget); what it holds is served")  # fmt: skip
+        said = answer.get("detail")
+        answer.update(status="degraded", disk_free_bytes=free, detail=f"{said}; {full}" if said else full)
     return json_response(answer)
+
+
+FULL_DISK_FREE = 1 << 20  # bytes free on the store's disk under which /health says it is full
+
+
+def _free_bytes(depot: Depot) -> int | None:
+    try:
+        found = os.statvfs(depot.home)
+    except OSError:
+        return None
+    return found.f_bavail * found.f_frsize
 
 
 def _fleet_degraded(status: ClusterStatus, fleet: NodeFleet | None) -> str | None:

@@ -190,7 +190,8 @@ def _components() -> ComponentSchemas:
                     "enum": ["ok", "degraded"],
                     "description": "degraded: the fleet's registry cannot be reached, this node is not "
                     "registered in it, or it could not reach itself at the URL its peers are given (files are "
-                    "still served); or files of its store failed verification (the others are served)",
+                    "still served); or files of its store failed verification (the others are served); or its "
+                    "store's disk is full (what it holds is served)",
                 },
                 "node_id": {
                     "type": "string",
@@ -202,6 +203,11 @@ def _components() -> ComponentSchemas:
                 "quarantined_files": {
                     "type": "integer",
                     "description": "files of its store that failed verification: not served until pulled again",
+                },
+                "disk_free_bytes": {
+                    "type": "integer",
+                    "description": "the bytes free on its store's disk, when under 1 MiB: pulls and other "
+                    "writes fail until room is made (what it holds is served)",
                 },
                 "cluster": {
                     **c.ref(ClusterStatus),
