@@ -9,6 +9,7 @@ import gc
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -537,6 +538,31 @@ def test_a_bare_precision_names_the_engines_variant_on_every_store(
                     assert said.count("no variant 'int4'") == 1 and "onnx-fp16" in said, said
         finally:
             node.stop()
+
+
+def test_a_depot_dropped_without_close_lets_go_of_its_engines_and_threads(loaded: Depot) -> None:
+    """A notebook's cell run again (`d = Depot(); d.load(...)`) kept every depot dropped so, and the engines
+    each held: the store's flusher, a running thread, reached it through the store's hooks (40 MiB more a run
+    with a 40 MiB model, an explorer's trial). A dropped depot is collected, and closes its store."""
+    import threading
+    import weakref
+
+    def flushers() -> int:
+        return sum(t.name == "modeldepot-durability" and t.is_alive() for t in threading.enumerate())
+
+    before = flushers()
+    for _ in range(3):
+        other = Depot(loaded.home)
+        session = other.load(REPO, warmup=0)
+        dropped, engine = weakref.ref(other), weakref.ref(session)
+        del other, session
+        gc.collect()
+        assert dropped() is None and engine() is None, "a depot dropped lives on, with its engine"
+    deadline = time.monotonic() + 10
+    while flushers() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert flushers() == before
+    assert loaded.load(REPO, warmup=0) is not None  # (the depot held stays whole)
 
 
 def test_bad_input_is_refused_before_anything_loads(loaded: Depot) -> None:

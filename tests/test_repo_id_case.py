@@ -3,6 +3,7 @@ never pulled twice because a caller spelled it differently (huggingface_hub issu
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,19 @@ def test_a_stored_repo_is_found_under_any_case_and_stored_once(depot: Depot, tmp
         assert depot.file_info(asked, "model.safetensors").repo_id == REPO
         assert depot.snapshot_path(asked) == depot.snapshot_path(REPO)
         assert depot.has_file(asked, "model.safetensors")
+
+    # A load too, offline, one engine for every spelling (it lost its any-case guard: a load in another case
+    # pulled, moved the branch, and said the model "was removed while it was being loaded", explorer 28)
+    def engine(path: str) -> list[str]:  # (a caller's engine: the file's path, in a list of its own)
+        return [path]
+
+    loaded = {
+        id(depot.load(spelled, engine=engine, warmup=0))
+        for spelled in ("org-x/tiny-model", "ORG-X/TINY-MODEL")
+    }
+    assert len(loaded) == 1
+    again = asyncio.run(depot.load_async("Org-x/tiny-Model", engine=engine, warmup=0))
+    assert again is depot.load(REPO, engine=engine, warmup=0)
     changed = write_model_dir(tmp_path / "src2", {**FILES, "config.json": b'{"model_type": "roberta"}'})
     depot.import_dir(changed, "org-x/tiny-model")
     assert [r.repo_id for r in depot.list_repos()] == [REPO], "a second spelling is not a second repo"

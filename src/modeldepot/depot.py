@@ -18,6 +18,7 @@ import mmap
 import os
 import threading
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -162,6 +163,32 @@ def _patterns(patterns: object, name: str) -> list[str]:
     return list(patterns)
 
 
+def _depot_of(me: weakref.ref[Depot]) -> Depot:
+    depot = me()
+    if depot is None:  # (a hook of a depot collected: its store was closed with it)
+        raise StoreClosedError("the depot was dropped and closed")
+    return depot
+
+
+def _part_of(me: weakref.ref[Depot], name: str) -> Any:
+    """The depot's ``name`` attribute (its preloader, its engines), None once the depot is gone."""
+    depot = me()
+    return None if depot is None else getattr(depot, name)
+
+
+def _preloader_gives_way(me: weakref.ref[Depot]) -> bool:
+    preloader = _part_of(me, "_preloader")
+    return preloader is not None and bool(preloader.give_way())
+
+
+def _close_parts(pulls: RunningPulls, upstream: Upstream, tiers: Tiers, store: Store) -> None:
+    """Close what a depot opened, in order (its close, or its collection when dropped without one)."""
+    pulls.stop()  # (the pulls of other threads: they keep what they received)
+    upstream.close()
+    tiers.close()
+    store.close()
+
+
 class Depot(Upkeep):
     """A model depot rooted at ``home`` (default: ``MODELDEPOT_HOME``, else ``~/.cache/modeldepot``).
 
@@ -232,25 +259,30 @@ class Depot(Upkeep):
         self._made_lock = threading.Lock()
         self._pulls = RunningPulls(self.home)
         self._preloader: Preloader | None = None
-        self._upstream = Upstream(self.store, self.tiers, lambda: self.config)
-        self._listings = CommitListings(self.store)
-        self._uses = UseCounter(self.store)
+        # The store's hooks and its threads (its flusher, a running thread: a root of the collector) reach this
+        # depot weakly: a notebook's cell run again (`d = Depot(); d.load(...)`) kept every depot dropped so, and
+        # the engines each held, 40 MiB more a run with a 40 MiB model (an explorer's trial)
+        me = weakref.ref(self)
+        store = self.store
+        self._upstream = Upstream(store, self.tiers, lambda: _depot_of(me).config)
+        self._listings = CommitListings(store)
+        self._uses = UseCounter(store)
         # What this process holds in memory of the store: kept from eviction, let go of once removed.
-        self._held = HeldModels(self.store, lambda: self._preloader, lambda: self._engines, self.tiers.shared)
-        self.store.budget.add_in_use(self._held.loaded)
-        self.store.budget.add_gives_way(
-            self._held.preloaded, lambda: self._preloader is not None and self._preloader.give_way()
-        )
-        self.store.budget.evict_by_variant(
+        self._held = HeldModels(store, lambda: _part_of(me, "_preloader"), lambda: _part_of(me, "_engines"),
+                                self.tiers.shared)  # fmt: skip
+        store.budget.add_in_use(self._held.loaded)
+        store.budget.add_gives_way(self._held.preloaded, lambda: _preloader_gives_way(me))
+        store.budget.evict_by_variant(
             variants_own_files,
             self._held.paths_in_use,
-            lambda repo, commit: keep_listing(self.store, repo, commit),
+            lambda repo, commit: keep_listing(store, repo, commit),
         )
-        self.store.budget.judge_whole_by(
-            lambda repo_id, commit_id: holds_whole(self.store, repo_id, commit_id)
-        )
-        self.store.budget.add_evicted_hook(lambda repo_id: forget_removed_variants(self.store, repo_id))
-        self.store.add_quarantine_hook(self._held.let_go_of_blob)
+        store.budget.judge_whole_by(lambda repo_id, commit_id: holds_whole(store, repo_id, commit_id))
+        store.budget.add_evicted_hook(lambda repo_id: forget_removed_variants(store, repo_id))
+        store.add_quarantine_hook(self._held.let_go_of_blob)
+        # ... and a depot dropped without close() closes what it opened (its store's flusher, its pulls' threads)
+        self._finalizer = weakref.finalize(self, _close_parts, self._pulls, self._upstream, self.tiers, store)
+        self._finalizer.atexit = False  # (at exit, as before: what is unflushed is the next open's to check)
 
     @property
     def engines(self) -> LoadedModelCache[Any]:
@@ -296,7 +328,6 @@ class Depot(Upkeep):
         return self.store.node_id
 
     def close(self) -> None:
-        self._pulls.stop()  # (the pulls of other threads: they keep what they received)
         if self._preloader is not None:
             self._preloader.close()
         if self._own_engines:
@@ -304,9 +335,7 @@ class Depot(Upkeep):
             # space comes back, its mount may be unmounted). Dropped, not closed: a caller still holding one
             # goes on using it (clear() would run each engine's close)
             self._engines = None
-        self._upstream.close()
-        self.tiers.close()
-        self.store.close()
+        self._finalizer()  # (the pulls of other threads stop, keeping what they received; then the rest)
 
     def __enter__(self) -> Depot:
         return self
@@ -800,6 +829,7 @@ class Depot(Upkeep):
             self.load, repo_id, quant, revision, engine=engine, warmup=warmup, inputs=inputs, file=file
         )
 
+    @any_case
     def load(
         self,
         repo_id: str,
