@@ -346,6 +346,8 @@ def test_a_pinned_model_updated_a_variant_at_a_time_keeps_what_it_held_until_the
             local.set_max_size("3.5MiB")
             update = quants(tmp_path, "up/q")
             (update / "model-Q4_K_M.gguf").write_bytes(np.random.default_rng(9).bytes(MB))
+            # (Q8 changed too: one unchanged is kept at the new commit by the pull of another, from the store)
+            (update / "model-Q8_0.gguf").write_bytes(np.random.default_rng(10).bytes(MB))
             hub.import_dir(update, "up/q")
             local.pull("up/q", "Q4_K_M")
             new = local.resolve("up/q")
@@ -856,7 +858,7 @@ def test_a_node_asked_for_a_budget_below_the_store_asks_before_it_evicts(tmp_pat
     env_capped = CliRunner().invoke(cli, ["serve", "--home", str(home), "--port", "0"],
                                     env={"MODELDEPOT_MAX_SIZE": "1.5MiB"})  # fmt: skip
     assert env_capped.exit_code == 2, env_capped.output
-    assert "pass --yes" in env_capped.output and "(MODELDEPOT_MAX_SIZE)" in env_capped.output, (
+    assert "pass --yes" in env_capped.output and "the size MODELDEPOT_MAX_SIZE gives" in env_capped.output, (
         env_capped.output
     )
     with Depot(home) as depot:

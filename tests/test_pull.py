@@ -741,3 +741,23 @@ def test_a_pull_into_a_standing_snapshot_that_takes_no_link_is_not_called_built(
     assert (local.snapshot_path(REPO) / "onnx" / "model_fp16.onnx").read_bytes() == FILES[
         "onnx/model_fp16.onnx"
     ]
+
+
+def test_a_pull_of_one_quant_after_an_update_keeps_the_unchanged_quants_held(
+    upstream: LiveNode, local: Depot, tmp_path: Path
+) -> None:
+    """The upstream changed one variant; a pull of it moved the branch to the new commit without the other
+    variants the store held, unchanged: `path` of their files failed, `status` said "available", and an
+    offline load of one said the repo had no such variant, its bytes in the store (an explorer's trial).
+    They come along, fetched from nowhere."""
+    local.pull(REPO, ["q4f16", "fp16"])
+    before = local.resolve(REPO)
+    changed = {**FILES, "onnx/model_q4f16.onnx": b"q4f16-v2" * 30_000}
+    upstream.depot.import_dir(write_model_dir(tmp_path / "v2", changed), REPO)
+    result = local.pull(REPO, ["q4f16"])
+    assert local.resolve(REPO) != before
+    assert set(result.variants) == {"q4f16", "fp16"}
+    assert result.bytes_downloaded == len(changed["onnx/model_q4f16.onnx"])
+    assert local.has_file(REPO, "onnx/model_fp16.onnx")  # (at main: the new commit)
+    assert local.get_manifest(REPO).variant("fp16").status == "downloaded"
+    assert not local.has_file(REPO, "onnx/model.onnx"), "a variant not held before is not taken"

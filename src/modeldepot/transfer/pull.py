@@ -157,6 +157,8 @@ async def pull_async(
     watch: PartialWatch | None = None,
 ) -> PullResult:
     files, names = select(manifest, quants, paths)
+    if paths is None and quants is not None and branch is not None:
+        files, names = await asyncio.to_thread(_with_held_variants, store, manifest, branch, files, names)
     _say_shards_lacking(manifest, files)
     await asyncio.to_thread(recall_liars, store.layout.home)  # (found by the store's other pulls)
     held: dict[str, int] = {}
@@ -166,6 +168,36 @@ async def pull_async(
         writer.branch = branch
         return await _pull_writing(store, manifest, files, names, branch, chain, offline, progress, limits,
                                    watch, writer, held)  # fmt: skip
+
+
+def _with_held_variants(store: Store, manifest: Manifest, branch: str, files: list[RemoteFile],
+                        names: list[str]) -> tuple[list[RemoteFile], list[str]]:  # fmt: skip
+    """``files`` and ``names``, and the variants the branch's commit in the store held whole whose files the
+    store holds at ``manifest``'s commit too (unchanged upstream: nothing to fetch). A pull of one quant
+    moved the branch to the new commit without the others: `path` of a file of one failed, and an offline
+    load of it said the repo had no such variant, its bytes in the store (an explorer's trial)."""
+    try:
+        before = store.resolve(manifest.repo_id, branch)
+    except DepotError:
+        return files, names  # (a repo or a branch new here)
+    if before == manifest.commit_id:
+        return files, names
+    held_before = set(store.file_sizes(manifest.repo_id, before))
+    taking = {f.path for f in files}
+    more_files, more_names = [], []
+    for variant in manifest.variants:
+        if variant.name in names or not set(variant.files) <= held_before:
+            continue
+        needed = [f for f in manifest.files_of(variant.name) if f.path not in taking]
+        if all(_stored(store, remote) is not None for remote in needed):
+            more_files += needed
+            taking.update(f.path for f in needed)
+            more_names.append(variant.name)
+    if more_names:
+        log.info("%s@%s: %s held at %s and unchanged, kept at the new commit (nothing fetched for %s)",
+                 manifest.repo_id, manifest.commit_id[:12], ", ".join(more_names), before[:12],
+                 "it" if len(more_names) == 1 else "them")  # fmt: skip
+    return files + more_files, names + more_names
 
 
 def _say_shards_lacking(manifest: Manifest, files: list[RemoteFile]) -> None:
