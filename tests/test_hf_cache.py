@@ -252,6 +252,8 @@ def test_an_adopted_commit_the_cache_holds_in_part_is_known_as_partial(
         for command in ("path", "cat"):
             code, _, err = run(command, SAMPLE, "tokenizer.json", home=depot.home)
             assert code != 0 and "its commit has it" in err and f"modeldepot pull {SAMPLE}" in err, err
+            # (that file alone: the whole commit was every quant of a GGUF repo, an explorer's trial)
+            assert "--include tokenizer.json` fetches it" in " ".join(err.split()), err
         # Exported again, the snapshot lacks the file too, and the export says so (it said nothing)
         exported = depot.hf_cache_export(SAMPLE, cache_dir=hf_cache.parent / "again")
         assert exported.ok and exported.not_in_store == ("tokenizer.json",)

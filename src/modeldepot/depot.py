@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import mmap
 import os
+import shlex
 import threading
 import warnings
 import weakref
@@ -476,9 +477,12 @@ class Depot(Upkeep):
             has = self.commit_may_have(repo_id, commit_id, path)
             if has is False:
                 raise
-            advice = (f" (its commit has it: `modeldepot pull {repo_id} -r {commit_id}` fetches it)" if has else
+            # (that file alone: the commit whole was every quant of a GGUF repo, tens of GB for one file, an
+            # explorer's trial)
+            fetch = f"`modeldepot pull {repo_id} -r {commit_id} --include {shlex.quote(path)}`"
+            advice = (f" (its commit has it: {fetch} fetches it)" if has else
                       " (its commit may have it: the store holds part of the commit, without its whole listing, as "
-                      f"a Hugging Face cache held it; `modeldepot pull {repo_id} -r {commit_id}` fetches the rest)")  # fmt: skip
+                      f"a Hugging Face cache held it; {fetch} fetches it if it does)")  # fmt: skip
             raise EntryNotFoundError(
                 repo_id, revision, path, commit_id, in_commit=True, advice=advice
             ) from None

@@ -404,7 +404,7 @@ def render_info(info: RepoInfo, upstream: dict[str, int] | None = None) -> None:
             rest = (
                 "import it again to have the rest"  # (a pull would ask the Hub for another repo of that name)
                 if info.origin == "import"
-                else f"`modeldepot pull {info.repo_id}{which}` takes the rest"
+                else f"`modeldepot pull {info.repo_id}{which}` takes the rest, `-q QUANT` a variant of it"
             )
             held = f"{len(revision.files)} of the commit's {total} files ({rest})"
         out.print(
