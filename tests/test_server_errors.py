@@ -29,6 +29,8 @@ EXPECTED = {
     "EntryNotFoundError": (404, "EntryNotFound"),
     "ChunkNotAvailableError": (404, "ChunkNotAvailable"),
     "SourceDirectoryError": (404, "NotFound"),
+    "VariantNotFoundError": (404, "NotFound"),
+    "EngineMismatchError": (404, "NotFound"),
     "BlobRemovedError": (404, "NotFound"),
     "IntegrityError": (502, "UpstreamIntegrity"),
     "CorruptBlobError": (503, "CorruptFile"),

@@ -16,6 +16,7 @@ from modeldepot.errors import (
     ConfigError,
     CorruptBlobError,
     DepotError,
+    EngineMismatchError,
     EntryNotFoundError,
     IndexDamagedError,
     IntegrityError,
@@ -40,6 +41,7 @@ from modeldepot.errors import (
     UpstreamDataError,
     UpstreamError,
     UpstreamTimeoutError,
+    VariantNotFoundError,
 )
 
 if TYPE_CHECKING:
@@ -92,6 +94,7 @@ __all__ = [
     "DepotConfig",
     "DepotError",
     "DiskUsage",
+    "EngineMismatchError",
     "EntryNotFoundError",
     "FileEntry",
     "GcReport",
@@ -124,6 +127,7 @@ __all__ = [
     "UpstreamDataError",
     "UpstreamError",
     "UpstreamTimeoutError",
+    "VariantNotFoundError",
     "VerifyProblem",
     "VerifyReport",
     "__version__",

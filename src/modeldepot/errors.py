@@ -14,6 +14,8 @@ HTTP status in one place each::
     │   ├── RevisionNotFoundError
     │   ├── EntryNotFoundError (FileNotFoundError)
     │   ├── ChunkNotAvailableError               a chunk of a download in progress this node cannot serve yet
+    │   ├── VariantNotFoundError                 no variant of that name (a load's quant)
+    │   ├── EngineMismatchError                  the files are another engine's (a load's engine=)
     │   └── SourceDirectoryError (FileNotFoundError)
     ├── IntegrityError                           bytes that do not match their digests     → exit 1
     │   ├── CorruptBlobError                     a quarantined or damaged blob: never served
@@ -47,6 +49,7 @@ __all__ = [
     "ConfigError",
     "CorruptBlobError",
     "DepotError",
+    "EngineMismatchError",
     "EntryNotFoundError",
     "IntegrityError",
     "InvalidInputError",
@@ -70,6 +73,7 @@ __all__ = [
     "UpstreamDataError",
     "UpstreamError",
     "UpstreamTimeoutError",
+    "VariantNotFoundError",
 ]
 
 
@@ -125,6 +129,14 @@ class InvalidRangeError(InvalidInputError):
 
 class NotFoundError(DepotError, LookupError):
     """Well-formed input naming something the store does not hold."""
+
+
+class VariantNotFoundError(NotFoundError):
+    """No variant of the name asked for in the files looked at (the store's, or a commit's listing)."""
+
+
+class EngineMismatchError(NotFoundError):
+    """The files are there, for another engine than the one asked for (``engine=`` names the wrong one)."""
 
 
 class RepoNotFoundError(NotFoundError):

@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from modeldepot.engines.gguf_model import load_gguf
-from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
+from modeldepot.errors import (
+    ConfigError,
+    EngineMismatchError,
+    InvalidInputError,
+    NotFoundError,
+    VariantNotFoundError,
+)
 from modeldepot.hub.variants import (
     gguf_quant,
     gguf_shard_names,
@@ -330,14 +336,6 @@ _GGUF_PREFERRED = ("Q4_K_M", "Q8_0")
 def _gguf_preference(path: str) -> int:
     label = gguf_quant(path)
     return _GGUF_PREFERRED.index(label) if label in _GGUF_PREFERRED else len(_GGUF_PREFERRED)
-
-
-class EngineMismatchError(NotFoundError):
-    """The files are there, for another engine than the one asked for (``engine=`` names the wrong one)."""
-
-
-class VariantNotFoundError(NotFoundError):
-    """No variant of the name asked for in the files looked at (the store's, or a commit's listing)."""
 
 
 # The variants' kinds (hub/variants.py) an engine loading files of these suffixes takes, in its order

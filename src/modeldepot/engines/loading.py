@@ -24,8 +24,6 @@ from modeldepot.enginekeys import engine_key
 from modeldepot.engines.adapters import (
     ENGINES,
     EngineLoader,
-    EngineMismatchError,
-    VariantNotFoundError,
     check_engine_installed,
     engine_kinds,
     load_onnxruntime,
@@ -38,10 +36,12 @@ from modeldepot.errors import (
     ConfigError,
     CorruptBlobError,
     DepotError,
+    EngineMismatchError,
     InvalidInputError,
     NotFoundError,
     ReadOnlyStoreError,
     RevisionNotFoundError,
+    VariantNotFoundError,
 )
 from modeldepot.hub.manifest import Manifest, listed_files
 from modeldepot.hub.variants import (
