@@ -1994,3 +1994,27 @@ def test_an_export_clears_huggingface_hubs_note_that_the_commit_lacks_a_file_it_
     (no_exist / commit_id / "tokenizer.json").touch()  # (a note written after an export)
     assert filled.hf_cache_export(SAMPLE, cache_dir=cache).ok
     assert not (no_exist / commit_id / "tokenizer.json").exists()
+
+
+def test_an_export_keeps_a_ref_to_a_newer_download_the_store_adopted(tmp_path: Path) -> None:
+    """The cache held a download newer than the store's main; an `hf-cache import` adopted it (the store's
+    main kept), and the export then moved the cache's main back to the store's older commit, a commit the
+    store now knew: offline code loaded the old config (an explorer's trial). The store learned where its main
+    is before the cache's ref was written: the ref stays."""
+    cache = tmp_path / "hf" / "hub"
+    older, newer = (
+        {"config.json": b'{"v": 1}', "w.bin": b"1" * 100},
+        {"config.json": b'{"v": 2}', "w.bin": b"2" * 100},
+    )
+    with (
+        Depot(tmp_path / "old", chunk_size=SMALL_CHUNK) as old,
+        Depot(tmp_path / "new", chunk_size=SMALL_CHUNK) as new,
+    ):
+        a = old.import_dir(write_model_dir(tmp_path / "a", older), "acme/m").commit_id
+        b = new.import_dir(write_model_dir(tmp_path / "b", newer), "acme/m").commit_id
+        assert new.hf_cache_export("acme/m", cache_dir=cache).ok  # (the newer download, after old's main)
+        old.hf_cache_import(cache_dir=cache)
+        assert old.resolve("acme/m") == a and old.resolve("acme/m", b) == b, "adopted, its main kept"
+        ref = cache / "models--acme--m" / "refs" / "main"
+        kept = old.hf_cache_export("acme/m", cache_dir=cache)
+        assert ref.read_text() == b and [p.problem for p in kept.problems] == ["ref-kept"], kept.problems

@@ -217,9 +217,19 @@ def branch_ref(store: Store, repo_id: str, revision: str, commit_id: str, cache:
         return []
 
     def known(commit: str) -> bool:
-        return bool(
-            store.index.read("SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (held, commit))
+        """Whether the store knows ``commit`` and learned where its branch is after the cache's ref was
+        written: an export before, the branch moved since. A commit the store adopted from this cache (a
+        download newer than the store's branch) is not: the ref named it, and an export moved it back to
+        the store's older commit, offline code loading the old config (an explorer's trial)."""
+        if not store.index.read(
+            "SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (held, commit)
+        ):
+            return False
+        learned = store.index.read(
+            "SELECT updated_at FROM refs WHERE repo_id = ? AND name = ?", (held, revision)
         )
+        written = writer.ref_written(revision)
+        return not learned or written is None or float(learned[0]["updated_at"]) >= written
 
     return _set_ref(writer, repo_id, revision, commit_id, move, known)
 
@@ -227,8 +237,9 @@ def branch_ref(store: Store, repo_id: str, revision: str, commit_id: str, cache:
 def _set_ref(writer: _CacheWriter, repo_id: str, branch: str, commit_id: str, move: bool,
              known: Callable[[str], bool]) -> list[HfCacheProblem]:  # fmt: skip
     """``refs/<branch>`` set to ``commit_id``; what became of another commit it named, as a problem. A ref
-    to a snapshot the cache holds of a commit the store does not know (``known``: a newer download, maybe)
-    stays unless ``move``; one the store knows (an export before, the branch moved since) moves."""
+    to a snapshot the cache holds of a commit the store does not know, or written after the store learned
+    where the branch is (``known``: a newer download, maybe, the store may have adopted) stays unless
+    ``move``; one the store knows from before (an export before, the branch moved since) moves."""
     before = writer.ref_target(branch)
     path = f"{writer.name}/refs/{branch}"
     if (
@@ -239,7 +250,8 @@ def _set_ref(writer: _CacheWriter, repo_id: str, branch: str, commit_id: str, mo
         and not known(before)
     ):
         return [HfCacheProblem(repo_id, path, "ref-kept", f"it names {before[:12]}, a snapshot the cache holds of a "
-                               f"commit the store does not (a newer download, maybe): left as it is, so offline code "
+                               f"commit the store does not know, or downloaded after the store learned where "
+                               f"{branch} is (a newer download, maybe): left as it is, so offline code "
                                f"asking for {branch} still loads that one; the snapshot of {commit_id[:12]} is "
                                f"exported (--move-ref moves {branch} to it)")]  # fmt: skip
     writer.ref(branch, commit_id)
@@ -747,6 +759,13 @@ class _CacheWriter:
         except (OSError, UnicodeDecodeError):
             return None
         return named if is_commit_id(named) else None
+
+    def ref_written(self, branch: str) -> float | None:
+        """When ``refs/<branch>`` was last written (its mtime), None without one."""
+        try:
+            return (self.root / "refs" / branch).stat().st_mtime
+        except OSError:
+            return None
 
     def holds_snapshot(self, commit_id: str) -> bool:
         """Whether the cache holds a snapshot folder of ``commit_id`` for this repo."""
