@@ -200,6 +200,16 @@ def test_a_split_model_loads_whole_from_its_shards(depot: Depot, split_folder: P
     # Named by its second shard, it is the same model: loaded and counted once (an explorer's trial)
     assert depot.load(REPO, file="tiny-Q8_0-00002-of-00002.gguf", engine="gguf") is model
     assert len(depot.engines.keys()) == 1
+    # A script's `llama-server -m "$(modeldepot path REPO -q Q8_0)"`: the first shard, named by its quant (a
+    # script had to know the file's name, an explorer's trial)
+    from click.testing import CliRunner
+
+    from modeldepot.cli import cli
+
+    said = CliRunner().invoke(cli, ["path", REPO, "-q", "q8_0", "--home", str(depot.home)])
+    assert said.exit_code == 0 and said.stdout.strip() == str(first), said.output
+    lacking = CliRunner().invoke(cli, ["path", REPO, "-q", "Q4_K_M", "--home", str(depot.home)])
+    assert lacking.exit_code == 1 and f"`modeldepot pull {REPO} -q Q4_K_M` fetches it" in lacking.output
 
 
 @pytest.mark.parametrize("where", ["here", "another process"])

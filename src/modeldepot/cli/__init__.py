@@ -282,11 +282,18 @@ def _near_misses(depot: Depot, repo_id: str, revision: str) -> Iterator[None]:
 @repo_argument
 @click.argument("path", metavar="[FILE]", required=False, callback=checked(_repo_file))
 @revision_option
+@click.option("--quant", "-q", default=None, callback=checked(validate_quant),
+              help="Instead of FILE: the model file of this variant the store holds (a split GGUF's first "
+                   "shard), as a load picks it: `llama-server -m \"$(modeldepot path REPO -q Q4_K_M)\"`.")  # fmt: skip
 @reading_home_option
-def path_command(depot: Depot, repo_id: str, path: str | None, revision: str) -> None:
+def path_command(depot: Depot, repo_id: str, path: str | None, revision: str, quant: str | None) -> None:
     """Print the path of FILE in the revision's snapshot folder (a link to its blob, under its repo name,
     so that model.onnx finds model.onnx_data beside it), or of the folder itself when FILE is omitted."""
+    if quant is not None and path:
+        raise click.UsageError("give FILE or --quant, not both")
     with _near_misses(depot, repo_id, revision):
+        if quant is not None:  # (a script had to know a quant's file name: an explorer's trial)
+            path = _model_file_of(depot, repo_id, revision, quant)
         found = depot.file_path(repo_id, path, revision) if path else depot.snapshot_path(repo_id, revision)
     render.stdout.write(f"{found}\n")  # (a write that fails is one line: OutputError)
     render.stdout.flush()
@@ -301,6 +308,20 @@ def path_command(depot: Depot, repo_id: str, path: str | None, revision: str) ->
                 f"failed verification and {'is' if len(lost) == 1 else 'are'} missing from the folder: "
                 f"`modeldepot pull {info.repo_id} -r {found.name}` fetches {'it' if len(lost) == 1 else 'them'} again"
             )
+
+
+def _model_file_of(depot: Depot, repo_id: str, revision: str, quant: str) -> str:
+    """The model file of variant ``quant`` the store holds of the revision, as a load picks it."""
+    from modeldepot.engines.adapters import model_file
+    from modeldepot.engines.loading import DEFAULT_SUFFIXES
+
+    commit_id = depot.resolve(repo_id, revision)
+    held = [entry.path for entry in depot.list_files(repo_id, commit_id)]
+    try:
+        return model_file(held, quant, DEFAULT_SUFFIXES)
+    except NotFoundError as lacking:
+        raise NotFoundError(f"{repo_id}@{commit_id[:12]}: {lacking} (`modeldepot pull {repo_id} -q {quant}` fetches "
+                            "it)", repo_id=repo_id) from None  # fmt: skip
 
 
 @cli.command("cat")
