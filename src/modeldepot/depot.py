@@ -182,12 +182,13 @@ def _preloader_gives_way(me: weakref.ref[Depot]) -> bool:
     return preloader is not None and bool(preloader.give_way())
 
 
-def _close_parts(pulls: RunningPulls, upstream: Upstream, tiers: Tiers, store: Store) -> None:
-    """Close what a depot opened, in order (its close, or its collection when dropped without one)."""
-    pulls.stop()  # (the pulls of other threads: they keep what they received)
+def _close_parts(pulls: RunningPulls, upstream: Upstream) -> None:
+    """Stop what a depot runs, at its close or its collection when dropped without one: its pulls (each keeping
+    what it received), its upstream's connections. What it made that a caller may keep without it (its
+    store, its tiers, its RAM tier: `Depot(home).preloader`) closes with its close, or, dropped, once nothing
+    holds it any more (closed with the depot, a store kept alone was closed under its holder: a review)."""
+    pulls.stop()
     upstream.close()
-    tiers.close()
-    store.close()
 
 
 class Depot(Upkeep):
@@ -282,7 +283,7 @@ class Depot(Upkeep):
         store.budget.add_evicted_hook(lambda repo_id: forget_removed_variants(store, repo_id))
         store.add_quarantine_hook(self._held.let_go_of_blob)
         # ... and a depot dropped without close() closes what it opened (its store's flusher, its pulls' threads)
-        self._finalizer = weakref.finalize(self, _close_parts, self._pulls, self._upstream, self.tiers, store)
+        self._finalizer = weakref.finalize(self, _close_parts, self._pulls, self._upstream)
         self._finalizer.atexit = False  # (at exit, as before: what is unflushed is the next open's to check)
 
     @property
@@ -336,7 +337,9 @@ class Depot(Upkeep):
             # space comes back, its mount may be unmounted). Dropped, not closed: a caller still holding one
             # goes on using it (clear() would run each engine's close)
             self._engines = None
-        self._finalizer()  # (the pulls of other threads stop, keeping what they received; then the rest)
+        self._finalizer()  # (its pulls stop, keeping what they received; its upstream)
+        self.tiers.close()
+        self.store.close()
 
     def __enter__(self) -> Depot:
         return self

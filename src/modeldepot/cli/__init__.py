@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import posixpath
+import shlex
 import signal
 import sys
 import threading
@@ -313,15 +314,24 @@ def path_command(depot: Depot, repo_id: str, path: str | None, revision: str, qu
 def _model_file_of(depot: Depot, repo_id: str, revision: str, quant: str) -> str:
     """The model file of variant ``quant`` the store holds of the revision, as a load picks it."""
     from modeldepot.engines.adapters import model_file
-    from modeldepot.engines.loading import DEFAULT_SUFFIXES
+    from modeldepot.engines.loading import DEFAULT_SUFFIXES, saved_listing
 
     commit_id = depot.resolve(repo_id, revision)
     held = [entry.path for entry in depot.list_files(repo_id, commit_id)]
     try:
         return model_file(held, quant, DEFAULT_SUFFIXES)
     except NotFoundError as lacking:
-        raise NotFoundError(f"{repo_id}@{commit_id[:12]}: {lacking} (`modeldepot pull {repo_id} -q {quant}` fetches "
-                            "it)", repo_id=repo_id) from None  # fmt: skip
+        # A pull is said only of a variant the commit has, of a repo pulled here (of an imported one, a pull
+        # asks the Hub for another repo of its name; of a typo, the upstream has none either: a review)
+        listed = saved_listing(depot.store, repo_id, commit_id)
+        origin = depot.repo_info(repo_id).origin
+        advice = ""
+        if listed is not None and origin != "import":
+            with contextlib.suppress(NotFoundError):
+                model_file(listed, quant, DEFAULT_SUFFIXES)
+                advice = (f" (its commit has it: `modeldepot pull {shlex.quote(repo_id)} -r {commit_id} -q "
+                          f"{shlex.quote(quant)}` fetches it)")  # fmt: skip
+        raise NotFoundError(f"{repo_id}@{commit_id[:12]}: {lacking}{advice}", repo_id=repo_id) from None
 
 
 @cli.command("cat")

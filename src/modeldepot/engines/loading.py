@@ -356,7 +356,7 @@ def _lacking(
     return sorted(set(variant.files) - held)
 
 
-def _saved_listing(store: Store, repo_id: str, commit_id: str) -> list[str] | None:
+def saved_listing(store: Store, repo_id: str, commit_id: str) -> list[str] | None:
     """The commit's whole listing, as the repo's saved scan of that commit has it; None without one."""
     try:
         record = store.manifests.load(repo_id)
@@ -370,7 +370,7 @@ def _listing_lacks_it_too(store: Store, repo_id: str, commit_id: str, quant: str
     """What the commit's whole listing (the repo's saved scan, of that commit) lacks of the file the engine
     would load (a wrong engine or variant, a shard the repo never had), which no pull of that commit mends;
     None when it has it, or the store has no listing of that commit."""
-    listed = _saved_listing(store, repo_id, commit_id)
+    listed = saved_listing(store, repo_id, commit_id)
     if listed is None:
         return None
     try:
@@ -384,7 +384,7 @@ def _listing_has_it(store: Store, repo_id: str, commit_id: str, suffixes: tuple[
                     quant: str | None = None) -> bool:  # fmt: skip
     """Whether the commit's whole listing (the repo's saved scan, of that commit) has a model file in the
     engine's format (``suffixes``): the variant ``quant``'s, or its default variant's."""
-    listed = _saved_listing(store, repo_id, commit_id)
+    listed = saved_listing(store, repo_id, commit_id)
     if listed is None:
         return False
     try:

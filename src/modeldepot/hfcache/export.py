@@ -225,11 +225,15 @@ def branch_ref(store: Store, repo_id: str, revision: str, commit_id: str, cache:
             "SELECT 1 FROM revisions WHERE repo_id = ? AND commit_id = ?", (held, commit)
         ):
             return False
+        # (when the branch took its commit here, its publish, or the scan that saw it there last: a scan's
+        # time alone was older than an export made while the pull ran, and the next export kept the cache's
+        # ref at the old commit, a review)
         learned = store.index.read(
-            "SELECT updated_at FROM refs WHERE repo_id = ? AND name = ?", (held, revision)
-        )
+            "SELECT MAX(r.updated_at, v.created_at) AS at FROM refs r JOIN revisions v USING (repo_id, commit_id) "
+            "WHERE r.repo_id = ? AND r.name = ?", (held, revision),
+        )  # fmt: skip
         written = writer.ref_written(revision)
-        return not learned or written is None or float(learned[0]["updated_at"]) >= written
+        return not learned or written is None or float(learned[0]["at"]) >= written
 
     return _set_ref(writer, repo_id, revision, commit_id, move, known)
 

@@ -117,6 +117,14 @@ class FileCopy:
         # (no measure at all: counted whole, the side of the budget that never holds more than it says)
         return self.size if measured is None else measured
 
+    def __del__(self) -> None:
+        # (a RAM tier dropped without its close, with the depot that made it, a notebook's cell run again: its
+        # descriptors, and a memfd's private copy, went with the process alone, a review)
+        for fd in (getattr(self, "memfd", -1), getattr(self, "blob_fd", -1)):
+            if fd >= 0:
+                with contextlib.suppress(Exception):
+                    os.close(fd)
+
     def close(self, drop_cache: bool) -> None:
         """Let go of the copy. A view of it a caller still holds keeps its memory (the mapping is unmapped
         when the last view goes) and stays valid: what was read stays read."""

@@ -19,9 +19,10 @@ import socket
 import sqlite3
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from modeldepot.config import DEFAULT_CHUNK_SIZE, DepotConfig
 from modeldepot.errors import (
@@ -35,6 +36,7 @@ from modeldepot.errors import (
     NotFoundError,
     RepoNotFoundError,
     RevisionNotFoundError,
+    StoreClosedError,
     StoreError,
     StoreFullError,
 )
@@ -145,6 +147,33 @@ def _warn_if_keeping_the_group_out(home: Path) -> None:
                 "(os.umask(0o002) before opening it; UMask=0002 for a service)", home)  # fmt: skip
 
 
+T = TypeVar("T")
+
+
+def _weakly(method: Callable[..., T]) -> Callable[..., T]:
+    """``method``, called through a weak reference to its object (StoreClosedError once it is gone)."""
+    held = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> T:
+        bound = held()
+        if bound is None:
+            raise StoreClosedError("the store was dropped and closed")
+        return bound(*args)
+
+    return call
+
+
+def _close_store(durability: Durability, access: AccessLog, index: Index) -> None:
+    """Close a store's parts (its close, or its collection when nothing holds it)."""
+    durability.close()
+    try:
+        access.close()
+    except DepotError as error:  # counts only tune preloading: a store that cannot take them still closes
+        log.warning("could not record model accesses on close: %s", error)
+    finally:
+        index.close()
+
+
 class Store:
     """A store at ``config.home``, created on first use (unless ``create`` is false: then a folder that holds
     no store is a :class:`ConfigError`, so a mistyped home is not taken for a new, empty store)."""
@@ -189,8 +218,12 @@ class Store:
         self._refused: dict[str, float] = {}
         self.refusals = 0  # blobs this process came to refuse (what it tells its fleet it holds changed)
         self._checked: dict[str, float] = {}  # (read-only) blob -> when this process found it good
-        self.durability = Durability(self.index, self.blobs.path, self.check_blob, self.quarantine,
+        # (its flusher, a running thread, reaches the store weakly: a store nothing else holds is collected, and
+        # closes, its thread ended; a dropped depot's stayed open for good, a review)
+        self.durability = Durability(self.index, self.blobs.path, _weakly(self.check_blob), _weakly(self.quarantine),
                                      deferred=config.durability == "deferred", read_only=self.read_only)  # fmt: skip
+        self._closer = weakref.finalize(self, _close_store, self.durability, self.access, self.index)
+        self._closer.atexit = False  # (at exit, as before: what is unflushed is the next open's to check)
         self.budget = DiskBudget(self, config.max_size)
         self._quarantine_hooks: list[Callable[[str], None]] = []
 
@@ -199,13 +232,7 @@ class Store:
         return self.layout.home
 
     def close(self) -> None:
-        self.durability.close()
-        try:
-            self.access.close()
-        except DepotError as error:  # counts only tune preloading: a store that cannot take them still closes
-            log.warning("could not record model accesses on close: %s", error)
-        finally:
-            self.index.close()
+        self._closer()
 
     def _note_links_made_before_records(self) -> None:
         """(Once, on a store upgraded from before schema 9, which linked files in without recording them.)
