@@ -39,7 +39,7 @@ def _home(tmp_path: Path) -> Path:
 
 def test_the_readme_preloader_of_a_depot_not_kept_still_works(tmp_path: Path) -> None:
     """README: "`Depot().preloader`; `Preloader(depot, ...)` builds one of your own". The depot, not kept,
-    is collected at once (refcount) and its finalizer closes the store the preloader reads."""
+    is collected at once (refcount): its finalizer closed the store the preloader reads (a review)."""
     from modeldepot.preload import Preloader
 
     home = _home(tmp_path)
