@@ -761,3 +761,22 @@ def test_a_pull_of_one_quant_after_an_update_keeps_the_unchanged_quants_held(
     assert local.has_file(REPO, "onnx/model_fp16.onnx")  # (at main: the new commit)
     assert local.get_manifest(REPO).variant("fp16").status == "downloaded"
     assert not local.has_file(REPO, "onnx/model.onnx"), "a variant not held before is not taken"
+
+
+def test_gc_drops_a_download_of_a_file_no_commit_lists_any_more(
+    upstream: LiveNode, local: Depot, tmp_path: Path
+) -> None:
+    """A pull stopped midway, then the upstream replaced the file, and the new commit was pulled: the old
+    download kept its whole preallocated size, outside the budget, for a week, `gc` saying "kept for a resume"
+    of a content no commit wanted (an explorer's trial). gc keeps a download a commit the store knows of lists,
+    and drops one no commit lists any more."""
+    local.scan_repo(REPO)
+    stopped = write_partial(local, FILES["onnx/model.onnx"], [0])  # (a pull of fp32 stopped after a chunk)
+    kept = local.gc()
+    assert stopped in local.store.partials.keys_on_disk() and kept.resumable_downloads == 1
+    changed = {**FILES, "onnx/model.onnx": bytes(range(255, -1, -1)) * 900}
+    upstream.depot.import_dir(write_model_dir(tmp_path / "v2", changed), REPO)
+    local.pull(REPO, ["fp32"])
+    report = local.gc()
+    assert stopped not in local.store.partials.keys_on_disk() and report.partials_removed == 1, report
+    assert bytes(local.get_file(REPO, "onnx/model.onnx")) == changed["onnx/model.onnx"]

@@ -216,7 +216,8 @@ class Upkeep:
     def gc(self, *, partials: bool = False) -> GcReport:
         """Delete unreferenced and orphan blobs, abandoned partial files, stale snapshots, quarantine.
 
-        Interrupted downloads are kept for a resume (a week), unless ``partials`` is True. The notes of shared
+        Interrupted downloads are kept for a resume (a week), unless ``partials`` is True, or no commit the store
+        knows of (a saved scan, a kept listing) lists their content any more (a file the upstream replaced). The notes of shared
         stores' blobs found corrupt go once those are repaired."""
         report = gc(self.store, partials)
         # (every shared store opened: one left out, unmounted for a while, still holds what was noted of it)

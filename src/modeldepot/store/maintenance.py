@@ -552,8 +552,12 @@ def gc(store: Store, partials: bool = False) -> GcReport:
             partials_removed, kept, session_bytes = _collect_sessions(store, orphans_gone=True)
             bytes_freed += session_bytes
         with _passed_over(refused):
+            # (and those of a content no commit the store knows of lists any more: a Ctrl-C'd pull of a file
+            # the upstream replaced since kept its whole size, outside the budget, for a week, an explorer's
+            # trial)
+            gone_by = store.partials.keys_on_disk() - _listed_download_keys(store)
             downloads_removed, resumable, running, download_bytes = store.partials.collect(
-                remove_all=partials, held=_held_download_keys(store, known), relied_on=relied_on
+                remove_all=partials, held=_held_download_keys(store, known) | gone_by, relied_on=relied_on
             )
             partials_removed += downloads_removed
             kept += running
@@ -578,6 +582,22 @@ def _held_download_keys(store: Store, known: set[str]) -> set[str]:
         "SELECT DISTINCT f.git_oid FROM files f JOIN blobs b USING (sha256) WHERE b.state = 'ok'"
     )
     return known | {partial_key(None, row["git_oid"]) for row in oids}
+
+
+def _listed_download_keys(store: Store) -> set[str]:
+    """The download keys of every file the store's saved scans and kept commit listings name: what a pull of a
+    commit the store knows of may resume."""
+    keys: set[str] = set()
+    bodies = [row["body"] for row in store.index.read("SELECT body FROM manifests")]
+    if store.index.schema >= 10:
+        bodies += [
+            f'{{"files": {row["files"]}}}' for row in store.index.read("SELECT files FROM commit_listings")
+        ]
+    for body in bodies:
+        with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+            for listed in json.loads(body)["files"]:
+                keys.add(partial_key(listed.get("sha256"), str(listed.get("git_oid", ""))))
+    return keys
 
 
 @contextlib.contextmanager
