@@ -292,6 +292,56 @@ def test_a_file_this_process_maps_or_holds_open_is_in_use(store: Depot, tmp_path
     assert "acme/mapped" not in repos(store)
 
 
+WORKER = """
+import mmap, sys
+from modeldepot import Depot
+
+depot = Depot(sys.argv[1], create=False)
+engine = depot.load("acme/loaded", engine="safetensors")  # (maps its blob through a link of its own, gone since)
+with open(depot.file_path("acme/mapped", "model.safetensors"), "rb") as file:
+    mapped = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
+depot.close()
+print("holding", flush=True)
+sys.stdin.read()
+print(float(sum(t.sum() for t in engine.values())), mapped[:1].hex(), flush=True)
+"""
+
+
+def test_a_model_another_process_has_loaded_or_maps_is_in_use(store: Depot, tmp_path: Path) -> None:
+    """A CLI pull under a budget evicted a model a notebook had loaded: that freed nothing while the notebook
+    mapped it, and its next load pulled it back (an explorer's trial). What other processes map or hold open
+    is in use, as this process's own is, and a refusal names them."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "st"
+    folder.mkdir()
+    save_file({"w": np.ones((256, 1024), dtype=np.float32)}, str(folder / "model.safetensors"))  # 1 MiB
+    store.import_dir(folder, "acme/loaded")
+    for name in ("acme/mapped", "acme/idle"):
+        store.import_dir(model(tmp_path, name), name)
+    (tmp_path / "worker.py").write_text(WORKER)
+    worker = subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(store.home)], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert worker.stdout is not None and worker.stdout.readline() == "holding\n"
+        assert store.budget_status().in_use_bytes >= 2 * MB
+        for name in ("acme/new", "acme/newer"):  # (room for each: the one no process holds goes)
+            store.import_dir(model(tmp_path, name), name)
+            assert repos(store) == {"acme/loaded", "acme/mapped", name}
+        with pytest.raises(BudgetExceededError, match=rf"or by process {worker.pid} \(worker.py "):
+            store.import_dir(model(tmp_path, "acme/big", size=2 * MB), "acme/big")
+        assert repos(store) == {"acme/loaded", "acme/mapped", "acme/newer"}
+        said, _ = worker.communicate("", timeout=60)
+        first = (tmp_path / "src" / "acme/mapped" / "model.safetensors").read_bytes()[:1]
+        assert said.split() == [str(256.0 * 1024), first.hex()] and worker.returncode == 0, said
+    finally:
+        worker.kill()
+        worker.wait()
+    store.import_dir(model(tmp_path, "acme/big", size=2 * MB), "acme/big")  # (let go of: they may go)
+    assert "acme/big" in repos(store) and len(repos(store) & {"acme/loaded", "acme/mapped"}) < 2
+
+
 def test_an_update_of_a_pinned_model_that_cannot_fit_beside_it_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

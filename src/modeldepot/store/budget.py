@@ -24,7 +24,8 @@ revisions may go, the superseded revision a pull of a new one replaces among the
 repo an import in this process is writing (its commit is known once it is written) or that another
 process's pull marks as downloading (its variant status row, recently updated), and what the hooks given to :meth:`add_in_use`
 name (the preloader's and the loaded-model cache's models: depot.py; where the hook of
-:meth:`evict_by_variant` says which files they use, the revision's other variants may go). Evictions are
+:meth:`evict_by_variant` says which files they use, the revision's other variants may go), and the files
+other processes map or hold open (:func:`~modeldepot.store.eviction.blobs_held_elsewhere`). Evictions are
 logged and counted in the index (``settings``: ``evictions``, ``evicted_bytes``).
 
 Several processes may share a store: each decides from the index as it reads it, and each removal takes the
@@ -49,7 +50,16 @@ from typing import TYPE_CHECKING
 
 from modeldepot.config import budget_text, parse_max_size
 from modeldepot.errors import BudgetExceededError, ConfigError, NotFoundError, StoreError
-from modeldepot.store.eviction import EvictionOrder, Kept, Unit, Variants, ok_bytes, shared_blobs
+from modeldepot.store.eviction import (
+    EvictionOrder,
+    Kept,
+    Unit,
+    Variants,
+    blobs_held_elsewhere,
+    ok_bytes,
+    shared_blobs,
+)
+from modeldepot.store.holders import process_command
 from modeldepot.store.layout import os_error, size_text, sizes_text
 from modeldepot.store.models import _Record
 from modeldepot.store.reservations import Reservation, Reservations
@@ -143,7 +153,9 @@ class DiskBudget:
         self._reused: Counter[str] = Counter()  # blobs (SHA-256) writers found in the store and rely on
         self._reserved = 0  # bytes writers made room for and may not have written yet
         self._shared: tuple[float, dict[str, int]] | None = None  # (when, shared_blobs) for status
-        self._lock = threading.Lock()  # guards _writers, _reused, _reserved, _shared
+        # (when, blobs_held_elsewhere): the last look at what other processes map or hold open
+        self._elsewhere: tuple[float, dict[str, set[int]]] | None = None
+        self._lock = threading.Lock()  # guards _writers, _reused, _reserved, _shared, _elsewhere
         self._round = threading.Lock()  # one eviction round at a time in this process
         # What writers in other processes reserved (this process's own: _reserved)
         self.reservations = Reservations(store.layout.lock_path.parent / "reservations", store.read_only)
@@ -388,8 +400,10 @@ class DiskBudget:
                 kept.pinned_variants[key] = variants
         return kept
 
-    def _kept(self, writer: BudgetWriter | None = None, pins: Kept | None = None, soft: bool = True) -> Kept:
-        """What no eviction may remove now: pinned (``pins``, when read already), in use, or being written
+    def _kept(self, writer: BudgetWriter | None = None, pins: Kept | None = None, soft: bool = True,
+              fresh: bool = True) -> Kept:  # fmt: skip
+        """What no eviction may remove now: pinned (``pins``, when read already), in use (in this process, or
+        mapped or open in another: ``fresh`` False, as looked at in the last seconds), or being written
         (:meth:`writing`); ``soft``: and what gives way only when it must (:meth:`add_gives_way`)."""
         kept = self._pins_kept() if pins is None else Kept(
             set(pins.commits), set(pins.repos), {}, {k: set(v) for k, v in pins.pinned_variants.items()}
@@ -430,7 +444,46 @@ class DiskBudget:
                 kept.parts.setdefault((repo_id, commit_id), set()).update(in_use[(repo_id, commit_id)])
             else:
                 kept.commits.add((repo_id, commit_id))
+        for key, paths in self._files_held_elsewhere(fresh).items():
+            kept.parts.setdefault(key, set()).update(paths)  # (their revision stays, and their variant)
         return kept
+
+    def _files_held_elsewhere(self, fresh: bool = True) -> dict[tuple[str, str], set[str]]:
+        """(repo, commit) -> its files whose blobs other processes map or hold open (a model a notebook
+        loaded): what the hooks of :meth:`add_in_use` say of this process's, seen from ``/proc``."""
+        held = self.held_elsewhere(fresh)
+        found: dict[tuple[str, str], set[str]] = {}
+        wanted = sorted(held)
+        for start in range(0, len(wanted), 500):  # (SQLite's bound on parameters)
+            part = wanted[start : start + 500]
+            for row in self.store.index.read(
+                f"SELECT repo_id, commit_id, path FROM files WHERE sha256 IN ({','.join('?' * len(part))})",
+                tuple(part),
+            ):
+                found.setdefault((row["repo_id"], row["commit_id"]), set()).add(row["path"])
+        return found
+
+    def held_elsewhere(self, fresh: bool = True) -> dict[str, set[int]]:
+        """The store's blobs other processes map or hold open, with those processes (``fresh`` False: as looked
+        at in the last SHARED_FRESH seconds; a node's status is asked by every scrape of its metrics)."""
+        now = time.monotonic()
+        with self._lock:
+            if not fresh and self._elsewhere is not None and now - self._elsewhere[0] < SHARED_FRESH:
+                return self._elsewhere[1]
+        held = blobs_held_elsewhere(self.store)
+        with self._lock:
+            self._elsewhere = (now, held)
+        return held
+
+    def _held_elsewhere_text(self) -> str:
+        """The other processes the last look found holding the store's blobs, for a refusal ("" when none)."""
+        with self._lock:
+            held = self._elsewhere[1] if self._elsewhere is not None else {}
+        pids = sorted(set().union(*held.values())) if held else []
+        if not pids:
+            return ""
+        named = [f"{pid} ({command})" if (command := process_command(pid)) else str(pid) for pid in pids[:3]]
+        return f" or by process{'es' if len(pids) > 1 else ''} {', '.join(named)}{', ...' if len(pids) > 3 else ''}"
 
     # -- figures ----------------------------------------------------------------------------------------------
 
@@ -469,7 +522,7 @@ class DiskBudget:
         """The figures (a node's stats and metrics ask often: read only, the uses as written so far;
         ``fresh`` False: the blobs shared with files outside the store as looked at in the last seconds)."""
         pinned = self._pins_kept()
-        kept = self._kept(pins=pinned)
+        kept = self._kept(pins=pinned, fresh=fresh)
         shared = shared_blobs(self.store) if fresh else self._shared_lately()
         return BudgetStatus(
             max_bytes=self.max_bytes,
@@ -595,7 +648,7 @@ class DiskBudget:
             needed_said, budget_said = sizes_text(needed, budget)
             raise BudgetExceededError(
                 f"{doing}: {needed_said} more does not fit in the disk budget of {budget_said}, even after "
-                f"evicting every model that may go: {size_text(kept_bytes)} are pinned, in use (loaded, or mapped or open, in this process) or files this write reuses"
+                f"evicting every model that may go: {size_text(kept_bytes)} are pinned, in use (loaded, or mapped or open, in this process{self._held_elsewhere_text()}) or files this write reuses"
                 + (f" or of {writer.repo_id} itself" if writer is not None and writer.commit_id is None else "")
                 + self._writes_under_way(writer)
                 + f" (pinned: {size_text(self.status().pinned_bytes)}); nothing was removed. Raise the budget "

@@ -17,10 +17,12 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from modeldepot.store.holders import files_held_elsewhere
+
 if TYPE_CHECKING:
     from modeldepot.store.store import Store
 
-__all__ = ["EvictionOrder", "Kept", "Unit", "Variants", "ok_bytes", "shared_blobs"]
+__all__ = ["EvictionOrder", "Kept", "Unit", "Variants", "blobs_held_elsewhere", "ok_bytes", "shared_blobs"]
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 FORMER = "0.1:"  # marks a variant's former name among its aliases (hub.variants.variants_own_files writes it)
@@ -385,6 +387,42 @@ def shared_blobs(store: Store) -> dict[str, int]:
         except OSError:
             continue
     return shared
+
+
+def blobs_held_elsewhere(store: Store) -> dict[str, set[int]]:
+    """The store's blobs other processes map or hold open now (a model loaded by a notebook or a worker, a
+    file a node is sending), with those processes: evicting one frees nothing until they let go, and they
+    fetch it again once it is gone (a CLI pull under a budget evicted a model a notebook had loaded, whose
+    next load pulled it back, evicting the pull's: an explorer's trial). Only the processes this user may
+    look into are seen (store/holders.py). One read of each process's maps and descriptors; a stat of each
+    blob only when one of the store's own links (a load's, under tmp/) is held."""
+    blobs = f"{os.path.realpath(store.layout.blobs)}/"
+    held = files_held_elsewhere([blobs, f"{os.path.realpath(store.layout.tmp)}/"])
+    found: dict[str, set[int]] = {}
+    unresolved: dict[tuple[int, int], set[int]] = {}
+    for key, (path, pids) in held.items():
+        name = path.rpartition("/")[2]
+        if path.startswith(blobs) and _SHA256.fullmatch(name):
+            try:  # (the blob file there now: a mapping of one quarantined since holds nothing of the store's)
+                info = os.stat(path, follow_symlinks=False)
+            except OSError:
+                continue
+            if (info.st_dev, info.st_ino) == key:
+                found.setdefault(name, set()).update(pids)
+            continue
+        unresolved[key] = pids
+    if unresolved:
+        for (sha256,) in store.index.read("SELECT sha256 FROM blobs WHERE state = 'ok'"):
+            if _SHA256.fullmatch(sha256) is None:
+                continue
+            try:
+                info = os.stat(f"{blobs}{sha256[:2]}/{sha256}", follow_symlinks=False)
+            except OSError:
+                continue
+            holders = unresolved.get((info.st_dev, info.st_ino))
+            if holders:
+                found.setdefault(sha256, set()).update(holders)
+    return found
 
 
 def ok_sizes(store: Store, blobs: Iterable[str]) -> dict[str, int]:

@@ -17,7 +17,7 @@ from collections.abc import Collection
 
 from modeldepot.validation import redact_credentials
 
-__all__ = ["FileKey", "holding_processes", "process_command", "processes_with_open"]
+__all__ = ["FileKey", "files_held_elsewhere", "holding_processes", "process_command", "processes_with_open"]
 
 FileKey = tuple[int, int]  # (st_dev, st_ino)
 
@@ -35,6 +35,50 @@ def holding_processes(files: Collection[FileKey]) -> dict[FileKey, set[int]]:
         for key in _held_by(pid, files):
             found.setdefault(key, set()).add(int(pid))
     return found
+
+
+def files_held_elsewhere(folders: Collection[str]) -> dict[FileKey, tuple[str, set[int]]]:
+    """The files under ``folders`` (real paths, each ending in "/") other processes map or hold open now,
+    deleted since or not (a load's own links), by device and inode: the path they were seen by, and the
+    processes. A model another process had loaded maps its blob: evicting it freed nothing until that
+    process let go, and its next load fetched the model again (an explorer's trial)."""
+    found: dict[FileKey, tuple[str, set[int]]] = {}
+    under = tuple(folders)
+    for pid in _other_processes():
+        for key, path in _under(pid, under).items():
+            found.setdefault(key, (path, set()))[1].add(int(pid))
+    return found
+
+
+def _under(pid: str, folders: tuple[str, ...]) -> dict[FileKey, str]:
+    """:func:`files_held_elsewhere` of one process."""
+    held: dict[FileKey, str] = {}
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)  # address perms offset major:minor inode path
+                if len(fields) < 6:
+                    continue
+                path = fields[5].rstrip(b"\n").decode(errors="replace").removesuffix(" (deleted)")
+                if not path.startswith(folders):
+                    continue
+                try:
+                    major, minor = (int(part, 16) for part in fields[3].split(b":"))
+                    held[(os.makedev(major, minor), int(fields[4]))] = path
+                except ValueError:
+                    continue
+    except OSError:  # (gone meanwhile, or not this user's)
+        return held
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                path = os.readlink(f"/proc/{pid}/fd/{fd}").removesuffix(" (deleted)")
+                if path.startswith(folders):
+                    info = os.stat(f"/proc/{pid}/fd/{fd}")
+                    held[(info.st_dev, info.st_ino)] = path
+            except OSError:
+                continue
+    return held
 
 
 def _held_by(pid: str, files: Collection[FileKey]) -> set[FileKey]:
