@@ -336,6 +336,34 @@ def test_after_ctrl_c_what_was_kept_is_said_alike_everywhere(
     assert abs(resumed - variant.bytes_done) <= small, (resumed, variant.bytes_done)
 
 
+def test_a_ctrl_c_of_a_pull_another_process_waits_for_says_that_one_goes_on(
+    big_upstream: FaultProxy, tmp_path: Path
+) -> None:
+    """Two pulls of one repo, the second waiting for the first's downloads: a Ctrl-C of the first said
+    "interrupted: 0 B of 10 MiB kept", the rows then the second's, which took the downloads over with every
+    byte kept (an explorer's trial). It says the other process goes on."""
+    proxy, home = big_upstream, tmp_path / "local"
+    Depot(home, chunk_size=1 << 20).close()
+    plan = proxy.set("slow", times=-1, slow_delay=0.03)
+    first = _pull_process(home, _subprocess_env(proxy), interruptible=True)
+    wait_until(lambda: plan.body_bytes > 1 << 20)
+    second = _pull_process(home, _subprocess_env(proxy))
+    try:
+        with Depot(home) as depot:  # (the second waits for the first's claims)
+            wait_until(lambda: bool(depot.store.partials.wanted_keys()))
+        err = _interrupted(first, plan, 0, 1)
+        assert f"interrupted: process {second.pid} (modeldepot pull {REPO} --home " in err, err
+        assert "goes on with the downloads the two pulls share" in err and " kept" not in err, err
+        plan.slow_delay = 0.0
+        out, err = second.communicate(timeout=120)
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.communicate()
+    assert second.returncode == 0, err
+    assert json.loads(out)["bytes_resumed"] > 0, out
+
+
 def test_ctrl_c_pressed_again_and_again_keeps_what_the_chunks_in_flight_received(
     big_upstream: FaultProxy, tmp_path: Path
 ) -> None:

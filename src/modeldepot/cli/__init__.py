@@ -556,7 +556,7 @@ def pull_command(
         # taken for one, too)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        render.err.print(f"interrupted: {_kept_for_a_resume(depot, repo_id)}; run the same command to resume")
+        render.err.print(f"interrupted: {_kept_for_a_resume(depot, repo_id)}")
         sys.exit(EXIT_INTERRUPTED)
     if as_json:
         render.print_json(result.to_dict())
@@ -745,15 +745,26 @@ if not TYPE_CHECKING:
 
 def _kept_for_a_resume(depot: Depot, repo_id: str) -> str:
     """What an interrupted pull of ``repo_id`` kept, by its status rows (the chunks checked and the parts of
-    chunks in flight: what the resume does not fetch again)."""
+    chunks in flight: what the resume does not fetch again), and what to do."""
+    from modeldepot.store.holders import process_command
+
+    # Another process pulling the repo took the downloads over (it waited for them): the rows are its own
+    # now, and said "0 B of 87.4 MiB kept" of bytes kept and handed over (an explorer's trial)
+    other = depot.store.partials.pull_holder(repo_id) if depot.store.partials.is_pulling(repo_id) else None
+    if other is not None and other != os.getpid():
+        command = process_command(other)
+        return (f"process {other}{f' ({escape(command)})' if command else ''} pulls {repo_id} too, and goes on "
+                "with the downloads the two pulls share (nothing fetched is lost); run the same command to resume "
+                "or wait for it")  # fmt: skip
     try:
         stopped = depot.get_manifest(repo_id).interrupted()
     except DepotError:
         stopped = []
     if not stopped:
-        return "every finished chunk is kept"
+        return "every finished chunk is kept; run the same command to resume"
     return ", ".join(f"{render.format_bytes(v.bytes_done)} of {render.format_bytes(v.total_bytes)} kept"
-                     + (f" ({v.name})" if len(stopped) > 1 else "") for v in stopped)  # fmt: skip
+                     + (f" ({v.name})" if len(stopped) > 1 else "") for v in stopped) + (
+        "; run the same command to resume")  # fmt: skip
 
 
 def main() -> None:
