@@ -79,6 +79,17 @@ def test_import_ls_info_path_cat(home: Path, model_dir: Path) -> None:
     assert code == 1 and "did you mean 'onnx/model_q4.onnx'" in err, err
     code, _, err = run("path", REPO, "weights.bin", home=home)
     assert code == 1 and "is not in" in err and "did you mean" not in err, err
+    # And a near miss of a repo or a branch (a typo said only "not in the store": an explorer's trial)
+    typo = REPO[:-1] + REPO[-1] * 2
+    for command in (("path", typo), ("info", typo), ("rm", typo, "--yes")):
+        code, _, err = run(*command, home=home)
+        assert code == 1 and f"is not in the store (see `modeldepot ls`): did you mean {REPO!r}?" in err, err
+    code, _, err = run("path", "nobody/else", home=home)
+    assert code == 1 and "is not in the store" in err and "did you mean" not in err, err
+    code, _, err = run("cat", REPO, "config.json", "--revision", "mian", home=home)
+    assert code == 1 and "revision 'mian'" in err and "did you mean 'main'?" in err, err
+    code, _, err = run("path", REPO, "--revision", "v9", home=home)
+    assert code == 1 and "revision 'v9'" in err and "did you mean" not in err, err
 
 
 def test_import_with_link_says_what_it_linked(home: Path, model_dir: Path) -> None:

@@ -26,6 +26,7 @@ from modeldepot.errors import (
     DepotError,
     InvalidInputError,
     RepoNotFoundError,
+    RevisionNotFoundError,
     SourceDirectoryError,
 )
 from modeldepot.store.layout import current_umask, keeps_the_group_out
@@ -154,6 +155,8 @@ def _with_home(function: F, *, creates: bool | Callable[[dict[str, Any]], bool],
                     return function(depot, *args, **kwargs)
                 except RepoNotFoundError as error:
                     raise _said_if_evicted(depot, error) from None
+                except RevisionNotFoundError as error:
+                    raise _near_revisions(depot, error) from None
         except DepotError as error:
             if fresh:
                 _remove_if_untouched(folder)
@@ -179,7 +182,7 @@ def _said_if_evicted(depot: Depot, error: RepoNotFoundError) -> RepoNotFoundErro
     except DepotError:
         return error
     if not latest:
-        return error
+        return _near_repos(depot, error)
     went = latest[0]
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(went.at))
     why = f" ({went.doing})" if went.doing else ""
@@ -188,6 +191,41 @@ def _said_if_evicted(depot: Depot, error: RepoNotFoundError) -> RepoNotFoundErro
             else f"`modeldepot pull {went.repo_id}` brings it back")  # fmt: skip
     return RepoNotFoundError(went.repo_id, f"repo {went.repo_id!r} is not in the store: the disk budget evicted it on "
                                             f"{when}{why}; {back}")  # fmt: skip
+
+
+def _near_repos(depot: Depot, error: RepoNotFoundError) -> RepoNotFoundError:
+    """A repo the store lacks said with the repos it holds that come closest (`acme/tiny-stt` for
+    `acme/tiny-st`: "not in the store", with no word of the near miss, an explorer's trial)."""
+    import difflib  # (here: `import modeldepot.cli` stays light, every command's start pays for it)
+
+    try:
+        held = {repo.repo_id.lower(): repo.repo_id for repo in depot.list_repos()}
+    except DepotError:
+        return error
+    close = difflib.get_close_matches(error.repo_id.lower(), held, n=3, cutoff=0.75)
+    if not close:
+        return error
+    return RepoNotFoundError(
+        error.repo_id, f"{error}: did you mean {', '.join(repr(held[c]) for c in close)}?"
+    )
+
+
+def _near_revisions(depot: Depot, error: RevisionNotFoundError) -> RevisionNotFoundError:
+    """A branch or tag the store lacks said with the names of the repo's refs that come closest (`devv`,
+    `mian`: "not in the store", an explorer's trial)."""
+    import difflib
+
+    if not error.in_store:
+        return error
+    try:
+        refs = list(depot.repo_info(error.repo_id).refs)
+    except DepotError:
+        return error
+    close = difflib.get_close_matches(error.revision, refs, n=3, cutoff=0.6)
+    if not close:
+        return error
+    return RevisionNotFoundError(error.repo_id, error.revision,
+                                 f"{error}: did you mean {', '.join(map(repr, close))}?", in_store=True)  # fmt: skip
 
 
 def upstream_urls_checked() -> None:
