@@ -198,6 +198,8 @@ def _near_repos(depot: Depot, error: RepoNotFoundError) -> RepoNotFoundError:
     `acme/tiny-st`: "not in the store", with no word of the near miss, an explorer's trial)."""
     import difflib  # (here: `import modeldepot.cli` stays light, every command's start pays for it)
 
+    if error.repo_id is None:
+        return error
     try:
         held = {repo.repo_id.lower(): repo.repo_id for repo in depot.list_repos()}
     except DepotError:
@@ -215,7 +217,7 @@ def _near_revisions(depot: Depot, error: RevisionNotFoundError) -> RevisionNotFo
     `mian`: "not in the store", an explorer's trial)."""
     import difflib
 
-    if not error.in_store:
+    if not error.in_store or error.repo_id is None:
         return error
     try:
         refs = list(depot.repo_info(error.repo_id).refs)
