@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -320,7 +321,18 @@ def test_a_ctrl_c_at_a_question_is_an_interruption(home: Path, model_dir: Path) 
             said += os.read(terminal, 4096)
     assert b"Remove" in said, said
     os.write(terminal, b"\x03")  # Ctrl-C, which the terminal turns into a SIGINT of the foreground process
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + 30
+    while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        if select.select([terminal], [], [], 0.2)[
+            0
+        ]:  # (what it says, read as it goes: it may fill the buffer)
+            with contextlib.suppress(OSError):
+                said += os.read(terminal, 4096)
+    if ended[0] == 0:  # (a hang, said with what it printed, not a test timeout ten minutes later)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail(f"rm went on after a Ctrl-C at its question: {said!r}")
+    status = ended[1]
     with contextlib.suppress(OSError):
         while select.select([terminal], [], [], 0.5)[0] and (piece := os.read(terminal, 4096)):
             said += piece
