@@ -33,6 +33,7 @@ from conftest import (
     free_port,
     wait_until,
     write_model_dir,
+    write_partial,
 )
 from controlnodes import (
     API,
@@ -1193,10 +1194,21 @@ def test_the_dashboard_files_are_package_data() -> None:
         assert any(fnmatch(f"server/dashboard/{name}", glob) for glob in globs), name
 
 
-def test_one_variant_is_removed_as_rm_quant_removes_it(guarded: LiveNode, local: Depot) -> None:
+def test_one_variant_is_removed_as_rm_quant_removes_it(
+    guarded: LiveNode, local: Depot, caplog: pytest.LogCaptureFixture
+) -> None:
     """The control API removed a repo or a revision, never one variant (`rm --quant` can: an explorer's
-    trial). `?quant=` (or the body's `quant`) removes that variant's own files; the shared ones stay."""
-    pull(guarded, ["q4f16", "fp16"], AUTH)
+    trial). `?quant=` (or the body's `quant`) removes that variant's own files; the shared ones stay. The
+    node's log says each pull as it starts and ends, and what a removal freed (a node killed mid-pull left
+    no line of it; a removal was an access line alone: an explorer's trial)."""
+    caplog.set_level(logging.INFO, logger="modeldepot.server")
+    job = pull(guarded, ["q4f16", "fp16"], AUTH)
+    assert re.search(
+        rf"pull {job['id']} of {REPO}@main \(q4f16, fp16\) started: [\d.]+ \w+, commit ", caplog.text
+    )
+    assert re.search(
+        rf"pull {job['id']} of {REPO} done: \d+ bytes, \d+ downloaded \(node [\d.]+ \w+\)", caplog.text
+    )
     held = {f.path for f in local.list_files(REPO)}
     unknown = call(guarded.port, "DELETE", f"{API}/repos/{REPO}?quant=Q8_0", headers=AUTH)
     assert unknown.status == 404 and "holds no variant 'Q8_0'" in unknown.json()["error"], unknown.body
@@ -1207,6 +1219,9 @@ def test_one_variant_is_removed_as_rm_quant_removes_it(guarded: LiveNode, local:
     assert {f.path for f in local.list_files(REPO)} == held, "nothing removed"
     removed = call(guarded.port, "DELETE", f"{API}/repos/{REPO}?quant=fp16", headers=AUTH)
     assert removed.status == 200 and removed.json()["bytes_freed"] > 0, removed.body
+    assert re.search(rf"removed {REPO} \(fp16\) over the control API: [\d.]+ \w+ freed", caplog.text), (
+        caplog.text
+    )
     assert {f.path for f in local.list_files(REPO)} == set(Q4F16)
     again = call(guarded.port, "DELETE", f"{API}/repos/{REPO}", {"quant": "q4f16"}, AUTH)
     assert again.status == 200, again.body
@@ -1265,7 +1280,11 @@ def test_a_node_takes_its_token_from_a_file(tmp_path: Path) -> None:
         assert call(node.port, "GET", f"{API}/repos", headers=sent).status == 200
     finally:
         node.stop()
+    with Depot(tmp_path / "home", create=False) as depot:  # (a pull killed meanwhile kept its download)
+        write_partial(depot, os.urandom(3 * depot.chunk_size), [0])
     again = Serving(tmp_path / "home", env_extra={"MODELDEPOT_TOKEN_FILE": str(secret)})
+    # (said as it starts: a node killed mid-pull said nothing, once back, of what it kept)
+    again.line_with("1 interrupted download kept for a resume take ")
     again.line_with("dashboard: ")
     assert "no store was at" not in again.stop()
     from modeldepot.config import node_token

@@ -14,6 +14,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -652,6 +653,8 @@ def test_a_mirror_on_a_full_disk_still_serves_what_it_holds_when_its_scan_is_due
         url = f"{mirror.url}/acme/held/resolve/main/model.safetensors"
         try:
             assert urllib.request.urlopen(url).read() == files["model.safetensors"]
+            depot.store.access.flush()
+            full_since = time.time()
             with open(root / "filler", "ab") as filler, contextlib.suppress(OSError):
                 while True:  # (as a `dd` beside it: every byte of the disk taken)
                     filler.write(b"\0" * 65536)
@@ -660,12 +663,20 @@ def test_a_mirror_on_a_full_disk_still_serves_what_it_holds_when_its_scan_is_due
             health = json.loads(urllib.request.urlopen(f"{mirror.url}/api/depot/v1/health").read())
             assert health["status"] == "degraded" and health["disk_free_bytes"] < 65536, health
             assert "pulls and other writes fail" in health["detail"], health
+            # Its stats too, which write the uses they read first: they answered 507 (an explorer's trial)
+            stats = json.loads(urllib.request.urlopen(f"{mirror.url}/api/depot/v1/stats").read())
+            assert stats["disk"]["free_bytes"] < 65536, stats["disk"]  # (the dashboard's card says it)
             for _ in range(2):
                 assert urllib.request.urlopen(url).read() == files["model.safetensors"]
                 listing = json.loads(
                     urllib.request.urlopen(f"{mirror.url}/api/models/acme/held/revision/main").read()
                 )
                 assert {s["rfilename"] for s in listing["siblings"]} >= set(files)
+            with pytest.raises(StoreFullError):
+                depot.store.access.flush()
+            (root / "filler").unlink()  # (room again: the uses made on the full disk are written, none lost)
+            depot.store.access.flush()
+            assert depot.store.access.last_uses()["acme/held"] > full_since
         finally:
             mirror.stop()
             upstream.stop()

@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -172,6 +173,20 @@ def test_every_family_is_there_with_its_type(node: LiveNode) -> None:
     kept.parent.mkdir(parents=True, exist_ok=True)
     kept.write_bytes(b"\0" * 5000)
     assert scrape(node).value("modeldepot_store_partial_bytes") == 5000
+    # And what a failing disk's corrupt copies take until gc, and the room left (a repaired node's disk held
+    # twice what every figure said: an explorer's trial)
+    assert (
+        s.types.get("modeldepot_store_quarantine_bytes") == "gauge"
+        and s.value("modeldepot_store_quarantine_bytes") == 0
+    )
+    free = s.value("modeldepot_store_disk_free_bytes")
+    assert free is not None and abs(free - shutil.disk_usage(node.depot.home).free) < 1 << 30
+    [big] = [f for f in node.depot.list_files(REPO) if f.sha256 == BIG_SHA]
+    flip_byte(node.depot.store.blobs.path(BIG_SHA), 10)
+    assert not node.depot.verify().ok
+    assert scrape(node).value("modeldepot_store_quarantine_bytes") == big.size
+    node.depot.gc()
+    assert scrape(node).value("modeldepot_store_quarantine_bytes") == 0
     openmetrics = get(node, "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"})
     assert openmetrics.status == 200 and openmetrics.content_type.startswith("application/openmetrics-text")
     assert openmetrics.body.endswith(b"# EOF\n")

@@ -385,6 +385,11 @@ class PullJobs:
                       sum(f.size for f in files), time.time())  # fmt: skip
         self._jobs[job.id] = self._running[key] = job
         job.task = asyncio.get_running_loop().create_task(self._run(depot, key, job, manifest))
+        # (a node killed mid-pull left no line of what it was pulling: only pulls that ended were logged, an
+        # explorer's trial)
+        what = quants if isinstance(quants, str) else ", ".join(quants) if quants else "the whole commit"
+        log.info("pull %s of %s@%s (%s) started: %s, commit %s", job.id, job.repo, revision, what,
+                 size_text(job.bytes_total), manifest.commit_id[:12])  # fmt: skip
         self._forget_finished()
         return job
 
@@ -435,8 +440,13 @@ class PullJobs:
         else:
             job.result, job.state = result.to_dict(), "done"
             job.bytes_done = job.bytes_total = result.bytes_total
-            log.info("pull %s of %s done: %d bytes, %d downloaded", job.id, job.repo, result.bytes_total,
-                     result.bytes_downloaded)  # fmt: skip
+            # (where the bytes came from: the first thing asked after a fleet's pull, "did the Hub send it
+            # three times?")
+            sources = ", ".join(
+                f"{kind} {size_text(n)}" for kind, n in sorted(result.bytes_by_source.items()) if n
+            )
+            log.info("pull %s of %s done: %d bytes, %d downloaded (%s)", job.id, job.repo, result.bytes_total,
+                     result.bytes_downloaded, sources or "all held already")  # fmt: skip
         finally:
             job.finished_at = time.time()
             self.ended[job.state] = self.ended.get(job.state, 0) + 1
@@ -691,6 +701,9 @@ async def remove_repo(request: web.Request) -> web.Response:
     except NotFoundError as error:
         _unknown_variant_is_invalid(error)
         raise
+    # (a removal from the dashboard was an access line alone, without the repo or what it freed)
+    log.info("removed %s%s%s over the control API: %s freed", repo_id, f"@{revision}" if revision else "",
+             f" ({quant})" if quant else "", size_text(result.bytes_freed))  # fmt: skip
     return json_response(result.to_dict())
 
 

@@ -25,6 +25,8 @@ and :class:`NodeCollector`, which builds every modeldepot figure when it is scra
   ``modeldepot_store_budget_bytes`` (0: no budget), ``modeldepot_store_pinned_bytes``,
   ``modeldepot_store_reserved_bytes`` (room writes under way hold until they publish),
   ``modeldepot_store_partial_bytes`` (downloads in progress or kept for a resume: beside the budget),
+  ``modeldepot_store_quarantine_bytes`` (corrupt blobs moved aside, until `gc` or a restore: beside it too),
+  ``modeldepot_store_disk_free_bytes`` (free on the store's file system),
   ``modeldepot_evictions_total`` and ``modeldepot_evicted_bytes_total`` (since the store was created);
 - **read from the depot's tiers**: ``modeldepot_preload_resident_bytes`` and
   ``modeldepot_preload_budget_bytes`` (``depot.preloader.stats()``),
@@ -66,7 +68,7 @@ from modeldepot.server.context import ARRIVED, DEPOT, path_matches
 from modeldepot.server.control_routes import PULLS as PULL_JOBS
 from modeldepot.server.fleet import FLEET
 from modeldepot.server.responses import BlobResponse, CountedResponse
-from modeldepot.store.maintenance import partial_bytes
+from modeldepot.store.maintenance import partial_bytes, quarantine_bytes
 from modeldepot.store.maintenance import totals as store_totals
 
 __all__ = ["METRICS", "METRICS_PATH", "UNMATCHED", "HttpCounters", "NodeCollector", "NodeMetrics",
@@ -167,6 +169,11 @@ class NodeCollector(Collector):
             (gauge, "modeldepot_store_partial_bytes", "Disk that downloads in progress or kept for a resume take, "
              "beside the disk budget (each has room for its whole file as it starts; `modeldepot gc --partials` "
              "frees those kept).", partial_bytes(depot.store)),
+            # (a failing disk's corrupt copies took as much again as the store, every figure saying 0: an
+            # explorer's trial)
+            (gauge, "modeldepot_store_quarantine_bytes", "Disk that blobs found corrupt, moved aside, take until "
+             "`modeldepot gc` deletes them (or a pull or import restores them), beside the disk budget.",
+             quarantine_bytes(depot.store)),
             (counter, "modeldepot_evictions", "Revisions and variants evicted to keep within the disk budget, since the "
              "store was created.", budget.evictions),
             (counter, "modeldepot_evicted_bytes", "Bytes freed by evictions, since the store was created.",
@@ -189,6 +196,10 @@ class NodeCollector(Collector):
              "client that leaves may not have read the last of them), streams included.",
              sent),
         ]  # fmt: skip
+        free = depot.store.layout.free_bytes()
+        if free is not None:  # (unknown: none said, rather than a disk that looks full)
+            figures.append((gauge, "modeldepot_store_disk_free_bytes", "Bytes free on the store's file system "
+                            "(for its user); under 1 MiB, /health says degraded and writes fail (507).", free))  # fmt: skip
         cluster = fleet.status() if fleet is not None else None
         if cluster is not None:
             figures.append((gauge, "modeldepot_cluster_connected", "1 while the fleet's registry answers and "

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -47,6 +46,7 @@ from modeldepot.server.ranges import RangeNotSatisfiable
 from modeldepot.server.responses import CountedResponse, ViewResponse, json_response, matches_none, send_blob
 from modeldepot.server.views import wanted_range
 from modeldepot.store.layout import size_text
+from modeldepot.store.maintenance import partial_bytes, quarantine_bytes
 from modeldepot.store.maintenance import totals as store_totals
 from modeldepot.store.models import BlobRecord
 from modeldepot.store.verified import PartialChunkReader
@@ -97,7 +97,7 @@ async def health(request: web.Request) -> web.Response:
         said = answer.get("detail")
         answer.update(status="degraded", quarantined_files=broken, detail=f"{said}; {lost}" if said else lost)
     # (a mirror on a full disk answered 507 to every pull, its health "ok": an explorer's trial)
-    free = await asyncio.to_thread(_free_bytes, _depot(request))
+    free = await asyncio.to_thread(_depot(request).store.layout.free_bytes)
     if free is not None and free < FULL_DISK_FREE and not _depot(request).store.read_only:
         full = (f"the store's disk has {size_text(free)} free: pulls and other writes fail (507) until room is "
                 "made (`modeldepot gc`, `rm`, a disk budget); what it holds is served")  # fmt: skip
@@ -107,14 +107,6 @@ async def health(request: web.Request) -> web.Response:
 
 
 FULL_DISK_FREE = 1 << 20  # bytes free on the store's disk under which /health says it is full
-
-
-def _free_bytes(depot: Depot) -> int | None:
-    try:
-        found = os.statvfs(depot.home)
-    except OSError:
-        return None
-    return found.f_bavail * found.f_frsize
 
 
 def _fleet_degraded(status: ClusterStatus, fleet: NodeFleet | None) -> str | None:
@@ -591,6 +583,13 @@ def _stats(depot: Depot, authorized: bool) -> dict[str, Any]:
         "engines": engines,
         # the disk budget; without the token only the budget itself (the rest counts private repos too)
         "budget": budget if authorized else {**dict.fromkeys(budget), "max_bytes": budget["max_bytes"]},
+        # what the store takes beside its budget, and the room left (a full disk, interrupted downloads and a
+        # failing disk's corrupt copies were on no card of the dashboard: an explorer's trial)
+        "disk": {
+            "free_bytes": depot.store.layout.free_bytes(),
+            "partial_bytes": partial_bytes(depot.store) if authorized else None,
+            "quarantine_bytes": quarantine_bytes(depot.store) if authorized else None,
+        },
         # what it evicted lately, newest first (a model evicted weeks ago read "not in the store yet" on the
         # dashboard, an explorer's trial); without the token none (an evicted repo may have been private)
         "recent_evictions": [e.to_dict() for e in depot.evictions(limit=RECENT_EVICTIONS)]

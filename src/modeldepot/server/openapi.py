@@ -325,6 +325,7 @@ def _components() -> ComponentSchemas:
                 "most_accessed": {"type": "array", "items": c.ref(ModelAccess)},
                 "engines": {"$ref": REF + "StatsEngines"},
                 "budget": {"$ref": REF + "StatsBudget"},
+                "disk": {"$ref": REF + "StatsDisk"},
                 "recent_evictions": _nullable(
                     {
                         "type": "array",
@@ -336,6 +337,30 @@ def _components() -> ComponentSchemas:
         ),
     )
     c.add("StatsBudget", c.record(BudgetStatus, nullable=[f.name for f in dataclasses.fields(BudgetStatus)]))
+    c.add(
+        "StatsDisk",
+        _closed(
+            {
+                "free_bytes": _nullable(
+                    {"type": "integer", "description": "free on the store's file system (null: unknown)"}
+                ),
+                "partial_bytes": _nullable(
+                    {
+                        "type": "integer",
+                        "description": "downloads in progress or kept for a resume, beside the disk budget "
+                        "(null without the token)",
+                    }
+                ),
+                "quarantine_bytes": _nullable(
+                    {
+                        "type": "integer",
+                        "description": "blobs found corrupt, moved aside until `gc` or a restore, beside the "
+                        "disk budget (null without the token)",
+                    }
+                ),
+            }
+        ),
+    )
     _control_components(c)
     return c
 

@@ -157,6 +157,11 @@ def run_server(
         if budget.max_bytes is not None:
             log.info("disk budget: %d bytes (the store's: %s; MODELDEPOT_MAX_SIZE: %s)", budget.max_bytes,
                      budget.store_max_size or "none", budget.process_max_bytes or "none")  # fmt: skip
+        downloads = await asyncio.to_thread(_kept_downloads, depot)
+        if (
+            downloads
+        ):  # (a node killed mid-pull said nothing, once back, of the download it kept for a resume)
+            log.info("%s", downloads)
         for what, rate in (
             ("downloads", depot.config.max_download_rate),
             ("uploads", depot.config.max_upload_rate),
@@ -312,6 +317,19 @@ def _repairing(depot: Depot) -> Callable[[web.Application], AsyncIterator[None]]
         await asyncio.wait([task])
 
     return repair
+
+
+def _kept_downloads(depot: Depot) -> str | None:
+    """What the downloads an interrupted pull kept for a resume hold, said at start (None: none)."""
+    from modeldepot.store.layout import size_text
+    from modeldepot.store.maintenance import partial_bytes
+
+    keys = depot.store.partials.keys_on_disk()
+    if not keys:
+        return None
+    return (f"{len(keys)} interrupted download{'s' if len(keys) != 1 else ''} kept for a resume take "
+            f"{size_text(partial_bytes(depot.store))} (a pull of their files resumes them; `modeldepot gc "
+            "--partials` drops them)")  # fmt: skip
 
 
 async def _repair_now_and_then(depot: Depot, look: float = REPAIR_LOOK) -> None:

@@ -58,6 +58,7 @@ class AccessLog:
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, str], tuple[int, float]] = {}
         self._pending_revisions: dict[tuple[str, str], float] = {}  # (repo, commit) -> last use
+        self._failing = False  # the last write on the helper thread failed (said once)
         self._last_flush = time.monotonic()
         self._flushing = False
         self._timer: threading.Timer | None = None  # writes what a burst left, once it is over
@@ -128,8 +129,11 @@ class AccessLog:
     def _flush_in_background(self) -> None:
         try:
             self.flush()
+            self._failing = False
         except DepotError as error:
-            log.warning("could not record model accesses: %s", error)
+            # (once: the uses are kept and tried again every few seconds, a full disk's warning with them)
+            (log.debug if self._failing else log.warning)("could not record model accesses: %s", error)
+            self._failing = True
         finally:
             with self._lock:
                 self._flushing = False
@@ -145,6 +149,27 @@ class AccessLog:
             self._last_flush = time.monotonic()
         if not pending and not revisions:
             return
+        try:
+            self._write(pending, revisions)
+        except BaseException:
+            with self._lock:  # (kept for the next write: a full disk lost every use made meanwhile)
+                for key, (count, last) in pending.items():
+                    was = self._pending.get(key, (0, 0.0))
+                    self._pending[key] = (was[0] + count, max(was[1], last))
+                for key, last in revisions.items():
+                    self._pending_revisions[key] = max(self._pending_revisions.get(key, 0.0), last)
+            raise
+
+    def flush_for_a_read(self) -> None:
+        """:meth:`flush` before a read of the uses, which reads them as written when they cannot be (a full
+        disk: a node's stats answered 507 for the write of the uses they read, an explorer's trial)."""
+        try:
+            self.flush()
+        except DepotError as error:
+            log.debug("model accesses read as written, the latest kept for later: %s", error)
+
+    def _write(self, pending: dict[tuple[str, str], tuple[int, float]],
+               revisions: dict[tuple[str, str], float]) -> None:  # fmt: skip
         with self.index.write("recording model accesses") as con:
             con.executemany(
                 "INSERT INTO access (repo_id, variant, count, last_access) VALUES (?, ?, ?, ?) "
@@ -161,7 +186,7 @@ class AccessLog:
 
     def last_uses(self) -> dict[str, float]:
         """Each repo's last use, as the disk budget evicts by it (an import or a pull marks one, uncounted)."""
-        self.flush()
+        self.flush_for_a_read()
         rows = self.index.read("SELECT repo_id, MAX(last_access) AS last FROM access GROUP BY repo_id")
         return {r["repo_id"]: r["last"] for r in rows}
 
@@ -179,7 +204,7 @@ class AccessLog:
         ``public_only``: only repos in the store that are not private (not one since removed, which may
         have been private); ``in_store``: only repos in the store (uses outlive a repo: a removed one, used
         the most, named "the most used" and took the places of the models there)."""
-        self.flush()
+        self.flush_for_a_read()
         visible = (
             "AND repo_id IN (SELECT repo_id FROM repos WHERE private = 0)"
             if public_only

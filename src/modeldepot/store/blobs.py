@@ -22,11 +22,11 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from modeldepot.errors import CorruptBlobError
+from modeldepot.errors import CorruptBlobError, StoreError
 from modeldepot.store.layout import StoreLayout, fsync_dir, fsync_file, os_error, size_text
 from modeldepot.store.locks import lock_is_held, unlock_and_close
 
@@ -490,6 +490,29 @@ class BlobFiles:
         fsync_dir(source.parent)
         fsync_dir(target.parent)
         return target
+
+    def drop_quarantined(self, sha256s: Collection[str]) -> int:
+        """Delete the quarantined copies of blobs placed good again (a pull or an import restored them): a
+        failing disk's corrupt copies stayed until `gc`, a repaired node's disk holding twice what every
+        figure said (an explorer's trial). Returns the bytes freed (none of a copy another name links: an
+        `import --link` folder's file)."""
+        wanted = set(sha256s)
+        try:
+            names = os.listdir(self.layout.quarantine) if wanted else []
+        except OSError:
+            return 0
+        freed = 0
+        for name in names:
+            if name.split(".", 1)[0] not in wanted:
+                continue
+            path = self.layout.quarantine / name
+            try:
+                linked = os.lstat(path).st_nlink > 1
+                size = self.layout.unlink(path)
+            except (OSError, StoreError):
+                continue
+            freed += 0 if linked else size
+        return freed
 
     def delete(self, sha256: str, linked: LinkedSource | None = None, unrecorded: bool = False) -> int:
         """Unlink a blob file; returns the bytes freed. Hold the store lock exclusively.

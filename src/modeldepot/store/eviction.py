@@ -75,7 +75,7 @@ class EvictionOrder:
         variants of those that hold several. ``flush``: this process's uses not yet written count too (one
         write)."""
         if flush:
-            self.store.access.flush()
+            self.store.access.flush_for_a_read()
         variant_access: dict[tuple[str, str], float] = {}
         for row in self.store.index.read(
             "SELECT repo_id, variant, last_access FROM access WHERE variant != ''"

@@ -360,6 +360,14 @@ class StoreLayout:
         except OSError:
             return False
 
+    def free_bytes(self) -> int | None:
+        """Bytes free for this user on the store's file system (None when it cannot be asked)."""
+        try:
+            found = os.statvfs(self.home)
+        except OSError:
+            return None
+        return found.f_bavail * found.f_frsize
+
     def create(self) -> None:
         try:
             for directory in (self.home, self.blobs, self.snapshots, self.tmp, self.partials, self.quarantine,

@@ -48,7 +48,17 @@ from modeldepot.store.partials import partial_key
 from modeldepot.store.store import Store
 from modeldepot.validation import validate_repo_id, validate_revision
 
-__all__ = ["RemoveResult", "StoreTotals", "disk_usage", "gc", "partial_bytes", "remove", "totals", "verify"]
+__all__ = [
+    "RemoveResult",
+    "StoreTotals",
+    "disk_usage",
+    "gc",
+    "partial_bytes",
+    "quarantine_bytes",
+    "remove",
+    "totals",
+    "verify",
+]
 
 log = logging.getLogger(__name__)
 
@@ -778,6 +788,12 @@ def partial_bytes(store: Store) -> int:
     return _tree_bytes(store.layout.partials, True)
 
 
+def quarantine_bytes(store: Store) -> int:
+    """Disk the store's quarantined files (corrupt blobs moved aside) take until `gc` deletes them, beside the
+    disk budget (a pull or an import that restores a blob deletes its copies: store/blobs.py)."""
+    return _tree_bytes(store.layout.quarantine)
+
+
 def disk_usage(store: Store) -> DiskUsage:
     blob_row = store.index.read(
         "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes FROM blobs WHERE state = 'ok'"
@@ -816,7 +832,7 @@ def disk_usage(store: Store) -> DiskUsage:
         writing_bytes=writing,
         partial_kept_bytes=_kept_for_resumes(store),
         linked_bytes=_linked_bytes(store),
-        quarantine_bytes=_tree_bytes(store.layout.quarantine),
+        quarantine_bytes=quarantine_bytes(store),
         index_bytes=index_bytes,
         reserve_bytes=store.index.reserve.held(),
         repos=tuple(repos),

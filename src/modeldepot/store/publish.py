@@ -198,6 +198,7 @@ def publish(
             store.durability.forget_unchecked(placed)  # (placed over: these bytes were verified now)
             new = placed
             placed = []  # committed: the rows own these blobs now
+            store.blobs.drop_quarantined(new)  # (its row may have gone since: a removal, an eviction)
             if committed is not None:
                 committed()
             if new:
@@ -233,6 +234,7 @@ def publish_blobs(store: Store, blobs: dict[str, tuple[BlobDigest, PartialBlob]]
                 _record_links(con, set(placed), {})
             store.durability.forget_unchecked(placed)
             new, placed = set(placed), []
+            store.blobs.drop_quarantined(new)  # (its row may have gone since: a removal, an eviction)
             store.durability.written()
     except BaseException:
         if placed:

@@ -19,6 +19,7 @@
   const STREAM_SILENCE_MS = 25000; // no byte of the event stream for this long (its heartbeat is every 15 s)
   const READ_TIMEOUT_MS = 10000; // a read still unanswered then: the node is not answering (a machine gone silent)
   const PULLS_SHOWN = 10;
+  const FULL_DISK_FREE = 1 << 20; // bytes free under which the node's /health says its disk is full
   const HOW_TO_CONTROL =
     "To control this node, open the address `modeldepot serve` printed when it started (it ends in #token=…), " +
     "or set the token it was started with (--token).";
@@ -647,6 +648,24 @@
       disk.push(`${stats.blobs} blob${stats.blobs === 1 ? "" : "s"}`);
     }
     if (!stats) disk.push(`unknown: ${state.unknown.stats}`);
+    // What the store takes beside its budget, and the room left on the disk: a full disk read "40 MiB of no
+    // budget" under an empty bar while every pull failed 507, and interrupted downloads and a failing disk's
+    // corrupt copies were on no card (an explorer's trial)
+    const room = stats && stats.disk ? stats.disk : null;
+    const free = room ? room.free_bytes : null;
+    const full = free !== null && free !== undefined && free < FULL_DISK_FREE && !(state.info && state.info.read_only);
+    if (full) {
+      disk.unshift(`the disk is full (${bytes(free)} free): pulls and imports fail until room is made (gc, rm, a disk budget)`);
+      setBar($("disk-bar"), 1, 1);
+      $("disk-bar").classList.add("full");
+    } else if (free !== null && free !== undefined) {
+      disk.push(`${bytes(free)} free on the disk`);
+    }
+    if (room && room.partial_bytes) disk.push(`${bytes(room.partial_bytes)} of downloads under way or kept for a resume`);
+    if (stats && stats.quarantined_blobs) {
+      disk.push(`${stats.quarantined_blobs} blob${stats.quarantined_blobs === 1 ? "" : "s"} failed verification`);
+    }
+    if (room && room.quarantine_bytes) disk.push(`${bytes(room.quarantine_bytes)} of corrupt copies set aside (gc frees them)`);
     setText($("disk-detail"), disk.join(" · "));
 
     if (stats) {
