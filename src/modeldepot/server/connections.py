@@ -198,7 +198,8 @@ _PROBES = frozenset({"/api/depot/v1/health", "/metrics"})  # (asked every few se
 
 class NodeAccessLogger(AbstractAccessLogger):
     """One line per answer: client, request line, status, body bytes sent, seconds, user agent and request
-    id, e.g. ``127.0.0.1 "GET /acme/x/resolve/main/a.bin HTTP/1.1" 206 16777216 0.012345s "curl/8.5.0" 3f2a9c``.
+    id, e.g. ``127.0.0.1 "GET /acme/x/resolve/main/a.bin HTTP/1.1" 206 16777216 0.012345s "curl/8.5.0" 3f2a9c``;
+    an answer cut short says the bytes it was to send after those it sent (``200 15794176/83887608``).
 
     The bytes are the body's, as :func:`~modeldepot.server.responses.body_bytes_sent` counts them: what a
     blob response sent by sendfile and what a stream wrote, up to where a client that left stopped it
@@ -212,10 +213,14 @@ class NodeAccessLogger(AbstractAccessLogger):
             # day of a service's journal, and --log-level warning, the only way out, hid the start lines too
             # (an explorer's trial)
             level = logging.DEBUG if request.path in _PROBES and response.status < 400 else logging.INFO
-            self.logger.log(level, '%s "%s %s HTTP/%d.%d" %d %d %fs "%s" %s', request.remote or "-", request.method,
-                             request.path_qs, version.major, version.minor, response.status,
-                             body_bytes_sent(request, response), time, request.headers.get("User-Agent", "-"),
-                             response.headers.get("X-Request-Id", "-"))  # fmt: skip
+            sent = body_bytes_sent(request, response)
+            # An answer cut short (a client that left mid-download) says the bytes it was to send too: its line
+            # looked like a whole download's (an explorer's trial)
+            planned = response.content_length if request.method != "HEAD" else None
+            said = f"{sent}/{planned}" if planned is not None and sent < planned else str(sent)
+            self.logger.log(level, '%s "%s %s HTTP/%d.%d" %d %s %fs "%s" %s', request.remote or "-", request.method,
+                             request.path_qs, version.major, version.minor, response.status, said, time,
+                             request.headers.get("User-Agent", "-"), response.headers.get("X-Request-Id", "-"))  # fmt: skip
         except Exception:
             self.logger.exception("could not write the access line of %s %s", request.method, request.path)
 
