@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -353,7 +354,7 @@ def test_a_ctrl_c_of_a_pull_another_process_waits_for_says_that_one_goes_on(
             wait_until(lambda: bool(depot.store.partials.wanted_keys()))
         err = _interrupted(first, plan, 0, 1)
         assert f"interrupted: process {second.pid} (modeldepot pull {REPO} --home " in err, err
-        assert "goes on with the downloads the two pulls share" in err and " kept" not in err, err
+        assert f"goes on with the downloads of {REPO} this pull was making" in err and " kept" not in err, err
         plan.slow_delay = 0.0
         out, err = second.communicate(timeout=120)
     finally:
@@ -362,6 +363,37 @@ def test_a_ctrl_c_of_a_pull_another_process_waits_for_says_that_one_goes_on(
             second.communicate()
     assert second.returncode == 0, err
     assert json.loads(out)["bytes_resumed"] > 0, out
+
+
+def test_a_ctrl_c_beside_another_pull_of_the_repo_that_shares_nothing_still_says_what_was_kept(
+    big_upstream: FaultProxy, tmp_path: Path
+) -> None:
+    """Another process pulls the same repo but none of these downloads (another variant, other files, another
+    revision: here a process that holds the repo's pull mark alone): the Ctrl-C said it went on with them and
+    no longer said what this pull kept (a review)."""
+    proxy, home = big_upstream, tmp_path / "local"
+    Depot(home, chunk_size=1 << 20).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from modeldepot import Depot
+            depot = Depot({str(home)!r})
+            with depot.store.partials.pulling({REPO!r}):  # (as a pull of another variant of the repo does)
+                print("pulling", flush=True)
+                sys.stdin.read()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "pulling\n"
+        plan = proxy.set("slow", times=-1, slow_delay=0.03)
+        first = _pull_process(home, _subprocess_env(proxy), interruptible=True)
+        err = _interrupted(first, plan, 3 << 20, 1)
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert "goes on with" not in err, err
+    assert " kept" in err, err  # ("2.1 MiB of 10.0 MiB kept": what this pull's own resume will not fetch)
 
 
 def test_ctrl_c_pressed_again_and_again_keeps_what_the_chunks_in_flight_received(

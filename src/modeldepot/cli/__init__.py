@@ -747,19 +747,31 @@ def _kept_for_a_resume(depot: Depot, repo_id: str) -> str:
     """What an interrupted pull of ``repo_id`` kept, by its status rows (the chunks checked and the parts of
     chunks in flight: what the resume does not fetch again), and what to do."""
     from modeldepot.store.holders import process_command
+    from modeldepot.store.partials import partial_key
 
-    # Another process pulling the repo took the downloads over (it waited for them): the rows are its own
-    # now, and said "0 B of 87.4 MiB kept" of bytes kept and handed over (an explorer's trial)
-    other = depot.store.partials.pull_holder(repo_id) if depot.store.partials.is_pulling(repo_id) else None
-    if other is not None and other != os.getpid():
-        command = process_command(other)
-        return (f"process {other}{f' ({escape(command)})' if command else ''} pulls {repo_id} too, and goes on "
-                "with the downloads the two pulls share (nothing fetched is lost); run the same command to resume "
-                "or wait for it")  # fmt: skip
     try:
-        stopped = depot.get_manifest(repo_id).interrupted()
+        manifest = depot.get_manifest(repo_id)
     except DepotError:
-        stopped = []
+        return "every finished chunk is kept; run the same command to resume"
+    stopped = manifest.interrupted()
+    # Another pull that waited for this one's downloads takes them over: the rows are its own then, and said
+    # "0 B of 87.4 MiB kept" of bytes kept and handed over (an explorer's trial). Only then: another pull of
+    # the repo that shares none of them goes on with nothing of this one's (a review).
+    wanted = {path for v in stopped for path in v.files} | set(manifest.shared) if stopped else None
+    partials = depot.store.partials
+    waited_for = partials.wanted_keys()
+    mine = {partial_key(f.sha256, f.git_oid) for f in manifest.files if wanted is None or f.path in wanted}
+    takers = {
+        pid
+        for key in mine
+        if partials.holds(key) and (pid := partials.holder(key)) not in (None, os.getpid())
+    }
+    if takers or mine & waited_for:
+        other = min(takers) if takers else partials.pull_holder(manifest.repo_id)
+        command = process_command(other) if other is not None else None
+        who = f"process {other}" + (f" ({escape(command)})" if command else "") if other else "another pull"
+        return (f"{who} goes on with the downloads of {repo_id} this pull was making (nothing fetched is lost); "
+                "run the same command to resume or wait for it")  # fmt: skip
     if not stopped:
         return "every finished chunk is kept; run the same command to resume"
     return ", ".join(f"{render.format_bytes(v.bytes_done)} of {render.format_bytes(v.total_bytes)} kept"

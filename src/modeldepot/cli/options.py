@@ -200,16 +200,17 @@ def _near_repos(depot: Depot, error: RepoNotFoundError) -> RepoNotFoundError:
 
     if error.repo_id is None:
         return error
+    held: dict[str, list[str]] = {}
     try:
-        held = {repo.repo_id.lower(): repo.repo_id for repo in depot.list_repos()}
+        for repo in depot.list_repos():  # (two repos told apart by case alone: each named, a review)
+            held.setdefault(repo.repo_id.lower(), []).append(repo.repo_id)
     except DepotError:
         return error
     close = difflib.get_close_matches(error.repo_id.lower(), held, n=3, cutoff=0.75)
     if not close:
         return error
-    return RepoNotFoundError(
-        error.repo_id, f"{error}: did you mean {', '.join(repr(held[c]) for c in close)}?"
-    )
+    named = [repo_id for lower in close for repo_id in held[lower]][:3]
+    return RepoNotFoundError(error.repo_id, f"{error}: did you mean {', '.join(map(repr, named))}?")
 
 
 def _near_revisions(depot: Depot, error: RevisionNotFoundError) -> RevisionNotFoundError:

@@ -30,6 +30,8 @@ class FileCopy:
         self.buffer: bytearray | None = None
         self.memfd = -1
         self.blob_fd = store.open_fd(entry)
+        held = os.fstat(self.blob_fd)
+        self.blob_file = (held.st_dev, held.st_ino)  # (the blob's file copied or mapped: the store's still?)
         self.path = store.file_path(entry.repo_id, entry.path, entry.commit_id)
         self.stored_path = self.path  # (the store's name of it: a memfd copy's path is its own)
         try:
@@ -59,6 +61,10 @@ class FileCopy:
             if cold:
                 with contextlib.suppress(OSError):
                     os.posix_fadvise(self.blob_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            # (the copy is its own: the blob's descriptor kept open told another process's evictions that
+            # this one held the blob, a review)
+            os.close(self.blob_fd)
+            self.blob_fd = -1
             return
         if self.strategy == "page-cache":
             self.mapping = mmap.mmap(self.blob_fd, self.size, prot=mmap.PROT_READ)

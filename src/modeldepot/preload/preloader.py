@@ -862,9 +862,9 @@ class Preloader:
         found: dict[tuple[str, str], set[str]] = {}
         for key, path, copy in held:
             try:
-                mapped, now = os.fstat(copy.blob_fd), os.stat(copy.stored_path)
-                same = (now.st_dev, now.st_ino) == (mapped.st_dev, mapped.st_ino)
-            except (OSError, ValueError):  # (its file went, or the copy was closed meanwhile)
+                now = os.stat(copy.stored_path)
+                same = (now.st_dev, now.st_ino) == copy.blob_file
+            except (OSError, ValueError):  # (its file went)
                 same = False
             if not same:
                 found.setdefault((key[0], key[1]), set()).add(path)

@@ -34,6 +34,7 @@ from modeldepot.server.metrics import add_metrics, metrics_middleware
 from modeldepot.server.mirror_routes import MIRROR
 from modeldepot.server.native_routes import HEALTH_PATH, add_native_routes
 from modeldepot.server.responses import CountedResponse, error_response, response_for_error
+from modeldepot.store.holders import LETTING_GO, announce_letting_go, stop_letting_go
 
 __all__ = ["MAX_BODY", "MAX_HEADER", "create_app"]
 
@@ -282,9 +283,18 @@ def _letting_go_of_what_others_removed(depot: Depot) -> Callable[[web.Applicatio
                     log.warning("could not look for removed revisions: %s: %s", type(error).__name__, error)
 
         task = asyncio.get_running_loop().create_task(loop(), name="let-go-of-removed")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # (said in the store: another process's evictions need not keep what this node maps, its preloads)
+        announced = folder = None
+        if not depot.store.read_only:
+            folder = depot.store.layout.lock_path.parent / LETTING_GO
+            announced = await asyncio.to_thread(announce_letting_go, folder)
+        try:
+            yield
+        finally:
+            if announced is not None and folder is not None:
+                stop_letting_go(folder, announced)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     return watch

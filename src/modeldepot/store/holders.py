@@ -11,13 +11,27 @@ name, a load's own link, deleted since): a mapping's as ``/proc/PID/maps`` gives
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 from collections.abc import Collection
+from pathlib import Path
 
+from modeldepot.store.locks import flock_holder
 from modeldepot.validation import redact_credentials
 
-__all__ = ["FileKey", "files_held_elsewhere", "holding_processes", "process_command", "processes_with_open"]
+__all__ = [
+    "BLOB_FILE",
+    "LETTING_GO",
+    "FileKey",
+    "announce_letting_go",
+    "files_held_elsewhere",
+    "holding_processes",
+    "process_command",
+    "processes_letting_go",
+    "processes_with_open",
+    "stop_letting_go",
+]
 
 FileKey = tuple[int, int]  # (st_dev, st_ino)
 
@@ -37,64 +51,122 @@ def holding_processes(files: Collection[FileKey]) -> dict[FileKey, set[int]]:
     return found
 
 
-def files_held_elsewhere(folders: Collection[str]) -> dict[FileKey, tuple[str, set[int]]]:
-    """The files under ``folders`` (real paths, each ending in "/") other processes map or hold open now,
-    deleted since or not (a load's own links), by device and inode: the path they were seen by, and the
-    processes. A model another process had loaded maps its blob: evicting it freed nothing until that
-    process let go, and its next load fetched the model again (an explorer's trial)."""
-    found: dict[FileKey, tuple[str, set[int]]] = {}
+BLOB_FILE = re.compile(
+    r"/blobs/[0-9a-f]{2}/([0-9a-f]{64})\Z"
+)  # a store's blob, by whatever path it is reached
+_BLOBS_NEEDLE = b"/blobs/"
+
+
+def files_held_elsewhere(
+    folders: Collection[str], skip: Collection[int] = ()
+) -> dict[int, tuple[str, set[int]]]:
+    """The files other processes (but ``skip``) map or hold open now under ``folders`` (real paths, each
+    ending in "/"), deleted since or not (a load's own links), and the store's blobs by any path (a bind
+    mount, a container's volume): by inode (btrfs shows a subvolume's files under another device number in
+    ``maps`` than ``stat`` gives), with the path they were seen by and the processes. A model another process
+    had loaded maps its blob: evicting it freed nothing until that process let go, and its next load fetched
+    the model again (an explorer's trial). An open file under ``folders`` is one only when it is another name
+    of a file (a link to a blob) or deleted: a writer's own session files are not."""
+    found: dict[int, tuple[str, set[int]]] = {}
     under = tuple(folders)
+    needles = (_BLOBS_NEEDLE, *(os.fsencode(folder) for folder in under))
     for pid in _other_processes():
-        for key, path in _under(pid, under).items():
-            found.setdefault(key, (path, set()))[1].add(int(pid))
+        if int(pid) in skip:
+            continue
+        for inode, path in _under(pid, under, needles).items():
+            found.setdefault(inode, (path, set()))[1].add(int(pid))
     return found
 
 
-def _under(pid: str, folders: tuple[str, ...]) -> dict[FileKey, str]:
+def _under(pid: str, folders: tuple[str, ...], needles: tuple[bytes, ...]) -> dict[int, str]:
     """:func:`files_held_elsewhere` of one process."""
-    held: dict[FileKey, str] = {}
+    held: dict[int, str] = {}
     try:
         with open(f"/proc/{pid}/maps", "rb") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)  # address perms offset major:minor inode path
-                if len(fields) < 6:
-                    continue
-                path = fields[5].rstrip(b"\n").decode(errors="replace").removesuffix(" (deleted)")
-                if not path.startswith(folders):
-                    continue
-                try:
-                    major, minor = (int(part, 16) for part in fields[3].split(b":"))
-                    held[(os.makedev(major, minor), int(fields[4]))] = path
-                except ValueError:
-                    continue
+            data = maps.read()
     except OSError:  # (gone meanwhile, or not this user's)
         return held
+    if any(needle in data for needle in needles):  # (one look at the whole: most processes map none)
+        for line in data.splitlines():
+            fields = line.split(maxsplit=5)  # address perms offset major:minor inode path
+            if len(fields) < 6:
+                continue
+            # (the kernel writes a newline in a name as \012; a name is bytes, not always UTF-8)
+            path = os.fsdecode(fields[5].replace(b"\\012", b"\n")).removesuffix(" (deleted)")
+            if path.startswith(folders) or BLOB_FILE.search(path):
+                with contextlib.suppress(ValueError):
+                    held[int(fields[4])] = path
     with contextlib.suppress(OSError):
         for fd in os.listdir(f"/proc/{pid}/fd"):
             try:
-                path = os.readlink(f"/proc/{pid}/fd/{fd}").removesuffix(" (deleted)")
-                if path.startswith(folders):
-                    info = os.stat(f"/proc/{pid}/fd/{fd}")
-                    held[(info.st_dev, info.st_ino)] = path
+                named = os.readlink(f"/proc/{pid}/fd/{fd}")
+                path = named.removesuffix(" (deleted)")
+                blob = BLOB_FILE.search(path) is not None
+                if not blob and not path.startswith(folders):
+                    continue
+                info = os.stat(f"/proc/{pid}/fd/{fd}")
+                if blob or named != path or info.st_nlink > 1:
+                    held[info.st_ino] = path
             except OSError:
                 continue
     return held
 
 
+LETTING_GO = "letting-go"  # locks/letting-go/<pid>: the nodes that let go of what is removed on their own
+
+
+def announce_letting_go(folder: Path) -> int | None:
+    """Say, until :func:`stop_letting_go`, that this process lets go of what another process removes from the
+    store within seconds (a node: it looks every few): what it maps or holds open is no reason for another
+    process to keep a model from eviction (a node's preloads kept every CLI pull beside it from making room).
+    The descriptor held (its lock tells a live announcer from a killed one's file); None when it cannot be
+    said (a read-only store)."""
+    path = folder / str(os.getpid())
+    try:
+        folder.mkdir(exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def stop_letting_go(folder: Path, fd: int) -> None:
+    """The end of :func:`announce_letting_go`."""
+    with contextlib.suppress(OSError):
+        os.unlink(folder / str(os.getpid()))
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def processes_letting_go(folder: Path) -> set[int]:
+    """The live processes that announced they let go of what is removed (each holds the lock of the file of
+    its own pid: a killed node's file, its pid taken since by a notebook, is not one)."""
+    try:
+        names = [name for name in os.listdir(folder) if name.isdigit()]
+    except OSError:
+        return set()
+    return {int(name) for name in names if flock_holder(folder / name) == int(name)}
+
+
 def _held_by(pid: str, files: Collection[FileKey]) -> set[FileKey]:
     held: set[FileKey] = set()
+    by_inode = {inode: (device, inode) for device, inode in files}
     try:
         with open(f"/proc/{pid}/maps", "rb") as maps:
             for line in maps:
                 if not line.endswith(b" (deleted)\n"):
                     continue
                 fields = line.split(maxsplit=5)  # address perms offset major:minor inode path
-                try:
-                    major, minor = (int(part, 16) for part in fields[3].split(b":"))
-                    key = (os.makedev(major, minor), int(fields[4]))
+                try:  # (by the inode: btrfs shows a subvolume's files under another device number there)
+                    key = by_inode.get(int(fields[4]))
                 except (IndexError, ValueError):
                     continue
-                if key in files:
+                if key is not None:
                     held.add(key)
     except OSError:  # (gone meanwhile, or not this user's)
         return held
