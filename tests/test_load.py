@@ -1200,8 +1200,18 @@ def test_rm_says_what_another_process_still_maps_stays_on_disk(depot: Depot, tmp
         assert "still maps or holds them open" in said, (
             said
         )  # (named by what it runs: the worker's -c program)
+        # `du` just after says so too (it said nothing, and `df` disagreed: an explorer's trial)
+        usage = depot.du()
+        assert (usage.removed_held_bytes, usage.removed_held_by) == (weights, (worker.pid,)), usage
+        shown = CliRunner().invoke(cli, ["du", "--home", str(depot.home)])
+        said = " ".join(shown.stdout.split())
+        assert (
+            f"removed {format_size(weights)} more, of files removed from the store, stay on disk while process {worker.pid}"
+            in said
+        ), said
     finally:
         worker.communicate("", timeout=60)
+    assert depot.du().removed_held_bytes == 0  # (let go of: freed)
 
 
 def format_size(size: int) -> str:

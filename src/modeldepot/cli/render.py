@@ -738,6 +738,12 @@ def render_du(usage: DiskUsage, budget: BudgetStatus | None = None) -> None:
         out.print(f"  reserve     {format_bytes(usage.reserve_bytes)} (kept free beside the index, so that rm and gc "
                   "work on a full disk)")  # fmt: skip
     out.print(f"  total       {format_bytes(usage.total_bytes)}")
+    if usage.removed_held_bytes:
+        held_by = usage.removed_held_by
+        out.print(f"  removed     {format_bytes(usage.removed_held_bytes)} more, of files removed from the store, stay on "
+                  f"disk while {'process' if len(held_by) == 1 else 'processes'} {_processes(held_by)} still "
+                  f"{'maps or holds' if len(held_by) == 1 else 'map or hold'} them open (freed once "
+                  f"{'it lets' if len(held_by) == 1 else 'they let'} go)")  # fmt: skip
     if budget is not None:
         out.print(f"  budget      {_budget_line(budget)}{_outside_the_budget(usage, budget)}")
         out.print(

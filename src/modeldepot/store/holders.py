@@ -112,6 +112,62 @@ def _under(pid: str, folders: tuple[str, ...], needles: tuple[bytes, ...]) -> di
     return held
 
 
+def removed_files_held(folders: Collection[str]) -> dict[int, tuple[int, set[int]]]:
+    """The files deleted from ``folders`` (real paths, each ending in "/") or deleted blobs (by any path) that
+    processes, this one too, still map or hold open: by inode, their size and the processes. Their disk
+    comes back only once those let go: `rm` said so, and `du`, run just after, said nothing of it while `df`
+    disagreed (an explorer's trial). A mapping's size is its file's where ``/proc/PID/map_files`` may be
+    read, else the length mapped."""
+    found: dict[int, tuple[int, set[int]]] = {}
+    under = tuple(folders)
+    for pid in [str(os.getpid()), *_other_processes()]:
+        for inode, size in _removed_under(pid, under).items():
+            was = found.get(inode, (0, set()))
+            found[inode] = (max(was[0], size), was[1] | {int(pid)})
+    return found
+
+
+def _removed_under(pid: str, folders: tuple[str, ...]) -> dict[int, int]:
+    held: dict[int, int] = {}
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as maps:
+            data = maps.read()
+    except OSError:
+        return held
+    if b" (deleted)" in data:
+        for line in data.splitlines():
+            if not line.endswith(b" (deleted)"):
+                continue
+            fields = line.split(maxsplit=5)
+            if len(fields) < 6:
+                continue
+            path = os.fsdecode(fields[5].replace(b"\\012", b"\n")).removesuffix(" (deleted)")
+            if not path.startswith(folders) and not BLOB_FILE.search(path):
+                continue
+            try:
+                inode = int(fields[4])
+                start, end = (int(part, 16) for part in fields[0].split(b"-"))
+            except ValueError:
+                continue
+            try:
+                size = os.stat(f"/proc/{pid}/map_files/{fields[0].decode()}").st_size
+            except OSError:
+                size = end - start
+            held[inode] = max(held.get(inode, 0), size)
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                named = os.readlink(f"/proc/{pid}/fd/{fd}")
+                path = named.removesuffix(" (deleted)")
+                if named == path or not (path.startswith(folders) or BLOB_FILE.search(path)):
+                    continue
+                info = os.stat(f"/proc/{pid}/fd/{fd}")
+                held[info.st_ino] = max(held.get(info.st_ino, 0), info.st_size)
+            except OSError:
+                continue
+    return held
+
+
 LETTING_GO = "letting-go"  # locks/letting-go/<pid>: the nodes that let go of what is removed on their own
 
 

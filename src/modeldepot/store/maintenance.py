@@ -35,7 +35,7 @@ from modeldepot.store.blobs import (
     give_back_modes,
 )
 from modeldepot.store.eviction import shared_blobs
-from modeldepot.store.holders import holding_processes
+from modeldepot.store.holders import holding_processes, removed_files_held
 from modeldepot.store.index import index_damage_advice as _advice
 from modeldepot.store.models import (
     DiskUsage,
@@ -822,6 +822,8 @@ def disk_usage(store: Store) -> DiskUsage:
         )
     index_bytes = sum(p.stat().st_size for p in store.layout.home.glob("index.db*") if p.is_file())
     unfinished, writing = _write_session_bytes(store)
+    held = removed_files_held([f"{os.path.realpath(folder)}/" for folder in
+                               (store.layout.blobs, store.layout.tmp, store.layout.quarantine)])  # fmt: skip
     return DiskUsage(
         home=str(store.home),
         blobs=blob_row["n"],
@@ -835,6 +837,8 @@ def disk_usage(store: Store) -> DiskUsage:
         quarantine_bytes=quarantine_bytes(store),
         index_bytes=index_bytes,
         reserve_bytes=store.index.reserve.held(),
+        removed_held_bytes=sum(size for size, _ in held.values()),
+        removed_held_by=tuple(sorted(set().union(*(pids for _, pids in held.values())))),
         repos=tuple(repos),
         read_only=store.read_only,
     )

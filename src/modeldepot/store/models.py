@@ -199,6 +199,10 @@ class DiskUsage(_Record):
     # The room kept free beside the index so that `rm` and `gc` work on a full disk (twice the index, 1 MiB at
     # least): on the disk, and left out of the total, a store's 200 MiB that `du -sh` found and `du` did not
     reserve_bytes: int = 0
+    # Files deleted from the store (removed, evicted) that processes still map or hold open: on the disk until
+    # they let go, and in no other figure (`rm` said so; `du` just after said nothing while `df` disagreed)
+    removed_held_bytes: int = 0
+    removed_held_by: tuple[int, ...] = ()
 
     @property
     def total_bytes(self) -> int:
