@@ -408,6 +408,12 @@ def test_removing_an_adopted_repo_says_what_stays_linked_from_the_cache(depot: D
     assert code == 0 and "0 B freed" in out and "linked from elsewhere" in out, out
     # (and an export's links are named too: "a cache the store adopted" sent one looking for no adoption)
     assert "hf-cache export" in " ".join(out.split()), out
+    # The cache's files, its alone again, get the mode they had back (they stayed 0444 for good: an explorer's
+    # trial; huggingface_hub copes, a user's `rm` of them asked)
+    blobs = [path for path in (hf_cache / FOLDER / "blobs").iterdir() if path.is_file()]
+    assert blobs and all(os.stat(path).st_mode & stat.S_IWUSR for path in blobs), [
+        (path.name, oct(os.stat(path).st_mode)) for path in blobs
+    ]
 
 
 def test_a_second_import_changes_nothing(depot: Depot, hf_cache: Path) -> None:
