@@ -1300,11 +1300,27 @@ def test_a_node_takes_its_token_from_a_file(tmp_path: Path) -> None:
 def test_the_shutdown_grace_is_the_operators(tmp_path: Path) -> None:
     """The 30 s given to answers under way could not be matched to a supervisor's stop timeout (an explorer's
     trial)."""
+    import socket
+
+    with Depot(tmp_path / "home") as depot:
+        depot.import_dir(write_model_dir(tmp_path / "src", {"big.bin": os.urandom(64 << 20)}), "acme/big")
+        path = f"/acme/big/resolve/{depot.resolve('acme/big')}/big.bin"
     node = Serving(tmp_path / "home", env_extra={"MODELDEPOT_SHUTDOWN_GRACE": "2s"})
     node.line_with("dashboard: ")
-    log = node.stop()
-    assert "stopping (SIGTERM): answers under way get up to 2 s to end" in log, log
+    # A client that reads nothing more once it has the head: its answer is going when the node stops, and cut
+    # at the end of the grace, said so (a node cut downloads as it stopped, without a word: an explorer's trial)
+    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        slow.sendall(f"GET {path} HTTP/1.1\r\nHost: node\r\n\r\n".encode())
+        assert slow.recv(4096).startswith(b"HTTP/1.1 200 ")
+        log = node.stop()
+    assert "stopping (SIGTERM): 1 answer under way gets up to 2 s to end" in log, log
+    assert "1 answer still going after 2 s was cut as the node stopped" in log, log
     assert log.rstrip().endswith("stopped (SIGTERM)"), log
+    again = Serving(tmp_path / "home", env_extra={"MODELDEPOT_SHUTDOWN_GRACE": "2s"})
+    again.line_with("dashboard: ")
+    log = again.stop()
+    assert "stopping (SIGTERM): 0 answers under way get up to 2 s" in log and "cut" not in log, log
 
 
 def test_a_control_token_is_never_written_where_another_user_could_read_it(tmp_path: Path) -> None:

@@ -193,6 +193,8 @@ def _short_reason(error: HttpProcessingError) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+SHUTDOWN_LOOK = 0.05  # seconds between looks, as a node stops, at an answer still going
+
 _PROBES = frozenset({"/api/depot/v1/health", "/metrics"})  # (asked every few seconds by machines)
 
 
@@ -266,6 +268,22 @@ class NodeRequestHandler(RequestHandler):
         self._client = None
         self._stop_head_timer()
         super().connection_lost(exc)
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        # (counted when the grace ends with the answer still going: a node cut downloads at its stop, and said
+        # nothing of them, an explorer's trial)
+        manager = self._manager
+        if timeout is not None and timeout <= 0:  # (`--shutdown-grace 0`: aiohttp takes 0 for no bound)
+            timeout = SHUTDOWN_LOOK
+        if self._request_in_progress and timeout is not None and isinstance(manager, NodeServer):
+            deadline = self._timer_loop.time() + timeout
+            while self._request_in_progress and self._timer_loop.time() < deadline:
+                await asyncio.sleep(SHUTDOWN_LOOK)
+            if self._request_in_progress:
+                manager.cut_at_stop += 1
+            # (what is left of the grace; never 0, which aiohttp takes for no bound: the stop hung on the answer)
+            timeout = max(SHUTDOWN_LOOK, deadline - self._timer_loop.time())
+        await super().shutdown(timeout)
 
     # -- the header timeout ------------------------------------------------------------------------
 
@@ -359,6 +377,7 @@ class NodeServer(web.Server):
             **kwargs,
         )
         self.limits = limits
+        self.cut_at_stop = 0  # answers still going when a stop's grace ended (cut then)
         max_total = limits.max_total or total_connection_cap(open_file_limit())
         self.admission = _Admission(limits.max_per_client, max_total)
         self._handler_loop = loop or asyncio.get_running_loop()
@@ -382,6 +401,10 @@ class NodeServer(web.Server):
     @property
     def max_total(self) -> int:
         return self.admission.max_total
+
+    def answers_under_way(self) -> int:
+        """The connections whose answer (a file's body included) is being made or sent now."""
+        return sum(1 for connection in self.connections if getattr(connection, "_request_in_progress", False))
 
     def __call__(self) -> NodeRequestHandler:
         return NodeRequestHandler(self, loop=self._handler_loop, **self._handler_kwargs)

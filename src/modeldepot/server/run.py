@@ -106,8 +106,11 @@ def run_server(
             stopped_by.append(number)
             for each in signals:  # a second signal gets the default behaviour: no more waiting
                 loop.remove_signal_handler(each)
-            log.info("stopping (%s): answers under way get up to %g s to end (a second signal stops at once)",
-                     number.name, shutdown_grace)  # fmt: skip
+            server = runner.server
+            going = server.answers_under_way() if isinstance(server, NodeServer) else 0
+            log.info("stopping (%s): %s under way get%s up to %g s to end (a second signal stops at once)",
+                     number.name, f"{going} answer{'s' if going != 1 else ''}", "s" if going == 1 else "",
+                     shutdown_grace)  # fmt: skip
 
         with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C raises KeyboardInterrupt instead
             for number in signals:
@@ -122,7 +125,13 @@ def run_server(
             finally:
                 if fleet is not None:
                     await fleet.close()  # out of the registry first, so peers stop choosing this node
+                server = runner.server
                 await runner.cleanup()  # stops listening, gives in-flight responses shutdown_grace seconds
+                if isinstance(server, NodeServer) and server.cut_at_stop:
+                    log.warning("%d answer%s still going after %g s %s cut as the node stopped (their clients "
+                                "may resume: a Range request)", server.cut_at_stop,
+                                "s" if server.cut_at_stop != 1 else "", shutdown_grace,
+                                "were" if server.cut_at_stop != 1 else "was")  # fmt: skip
         finally:
             if fleet is not None:
                 await fleet.close()  # (when setting up failed)
