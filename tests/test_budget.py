@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -429,12 +430,22 @@ def test_a_pull_evicts_before_it_downloads_and_fails_before_it_writes(
         try:
             monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
             monkeypatch.setenv("HF_ENDPOINT", node.url)
+            # The room is made on threads of its own: a mirror's pulls waiting for the budget's lock took every
+            # thread of the default executor, and its /health waited seconds behind them (an explorer's trial)
+            from modeldepot.store.budget import DiskBudget
+
+            made_on: list[str] = []
+            make_room = DiskBudget.make_room
+            monkeypatch.setattr(DiskBudget, "make_room", lambda self, *args, **kwargs: (
+                made_on.append(threading.current_thread().name), make_room(self, *args, **kwargs))[1])  # fmt: skip
             with budgeted(tmp_path / "local", "3.5MiB", monkeypatch) as local:
                 local.import_dir(model(tmp_path, "acme/old"), "acme/old")
                 local.import_dir(model(tmp_path, "acme/kept"), "acme/kept")
                 local.pin("acme/kept")
+                made_on.clear()
                 result = local.pull("up/one")
                 assert repos(local) == {"acme/kept", "up/one"}
+                assert made_on and all(name.startswith("modeldepot-budget") for name in made_on), made_on
                 assert result.bytes_by_source.get("node", 0) + result.bytes_by_source.get("hub", 0) > 2 * MB
 
                 with pytest.raises(BudgetExceededError):

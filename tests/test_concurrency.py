@@ -501,6 +501,42 @@ def test_verify_that_lost_a_race_with_rm_and_an_import_leaves_the_new_blob_alone
     assert depot.verify().ok and store_files_consistent(depot) == []
 
 
+def test_a_wait_for_a_lock_another_thread_of_this_process_holds_is_said_so(
+    depot: Depot, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node's pulls waiting for one of them to make room in the disk budget warned, each, that the node's
+    own pid held the lock, "a gc, a removal or a write under way": an operator went looking for a gc (an
+    explorer's trial). It is said as this process's own work, at INFO."""
+    import logging
+
+    from modeldepot.store import locks
+
+    monkeypatch.setattr(locks, "WAIT_SAID", 0.2)
+    caplog.set_level(logging.INFO, "modeldepot.store.locks")
+    release = threading.Event()
+    held = threading.Event()
+
+    def hold() -> None:
+        with depot.store.lock.exclusive():
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        waiting = threading.Thread(target=depot.gc)
+        waiting.start()
+        wait_until(
+            lambda: "which another write of this process holds" in caplog.text, 10, "the wait to be said"
+        )
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    finally:
+        release.set()
+        holder.join(30)
+    waiting.join(30)
+
+
 def test_a_wait_for_the_store_lock_says_who_holds_it_and_that_it_is_suspended(
     depot: Depot, model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -43,6 +43,7 @@ from modeldepot.store.layout import size_text
 from modeldepot.store.partials import ResumablePartial
 from modeldepot.transfer.outage import QUICK_REFUSALS
 from modeldepot.transfer.pull import PullResult, PullUpdate
+from modeldepot.transfer.threads import in_budget_pool
 from modeldepot.validation import is_commit_id, redact_credentials, validate_path
 
 __all__ = ["Mirror"]
@@ -206,7 +207,7 @@ class Mirror:
                 writer.contents = {remote.sha256 or remote.git_oid: remote.size}
                 writer.check_fits(0 if held is not None else remote.size, doing)
 
-        await asyncio.to_thread(check)
+        await in_budget_pool(check, to_the_end=False)
 
     def _job(self, manifest: Manifest, remote: RemoteFile) -> PullJob:
         key = (manifest.repo_id, manifest.commit_id, remote.path)

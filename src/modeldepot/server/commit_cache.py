@@ -26,6 +26,7 @@ __all__ = ["COMMITS", "CommitCache"]
 KEPT = 8  # commits kept: a few clients paging a few big repos at once
 BODIES_KEPT = 64 * 1024 * 1024  # bytes of answers' bodies kept (a 100,000-file commit's manifest: ~40 MB)
 T = TypeVar("T")
+V = TypeVar("V")
 
 
 class CommitCache(Generic[T]):
@@ -38,6 +39,7 @@ class CommitCache(Generic[T]):
         self._summaries: OrderedDict[str, tuple[int, RepoSummary]] = OrderedDict()
         self._repos: tuple[int, tuple[RepoSummary, ...]] | None = None
         self._bodies: OrderedDict[Hashable, tuple[int, bytes, str]] = OrderedDict()
+        self._figures: dict[Hashable, tuple[int, object]] = {}  # (a few: the stats' totals, by who asks)
 
     def version(self) -> int:
         """The index's ``data_version`` now (the event streams' look asks it too: one counter for both)."""
@@ -84,6 +86,19 @@ class CommitCache(Generic[T]):
         found = (version, tuple(read()))  # (the version read before the rows: never newer than they are)
         with self._lock:
             self._repos = found
+        return found
+
+    def figures(self, key: Hashable, read: Callable[[], V]) -> V:
+        """``read()`` once per index version (call from a worker thread): the stats' totals scanned the whole
+        index at every call, and a dashboard asks every 2 s per tab (an explorer's trial)."""
+        with self._lock:
+            version = self._counter.value()
+            kept = self._figures.get(key)
+            if kept is not None and kept[0] == version:
+                return kept[1]  # type: ignore[return-value]
+        found = read()  # (the version read before: never newer than what was read)
+        with self._lock:
+            self._figures[key] = (version, found)
         return found
 
     def body(self, key: Hashable, version: int, make: Callable[[], bytes]) -> tuple[bytes, str]:

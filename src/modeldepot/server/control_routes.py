@@ -60,6 +60,7 @@ from modeldepot.server.context import (
 from modeldepot.server.native_routes import API
 from modeldepot.server.responses import error_response, json_response, response_for_error
 from modeldepot.store.layout import size_text
+from modeldepot.transfer.threads import in_budget_pool
 from modeldepot.validation import validate_repo_id, validate_revision
 
 if TYPE_CHECKING:
@@ -351,7 +352,7 @@ class PullJobs:
         try:
             manifest = await asyncio.to_thread(depot.manifest_for, repo_id, revision)
             wanted = _variants(manifest, quants)
-            await asyncio.to_thread(_check_fits, depot, manifest, wanted)
+            await in_budget_pool(_check_fits, depot, manifest, wanted, to_the_end=False)
             # (the same commit asked by branch and by commit id: one job, as for the same words twice)
             same = next((job for (repo, _, asked), job in self._running.items() if repo == key[0]
                          and job.commit_id == manifest.commit_id and asked == _key(repo, "", wanted)[2]), None)  # fmt: skip

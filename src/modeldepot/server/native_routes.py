@@ -38,7 +38,7 @@ from modeldepot.errors import (
 from modeldepot.hashing import chunk_count
 from modeldepot.hub.manifest import Manifest
 from modeldepot.preload.preloader import PreloadInfo
-from modeldepot.server.commit_cache import COMMITS
+from modeldepot.server.commit_cache import COMMITS, CommitCache
 from modeldepot.server.context import DEPOT, checked_query, hidden_repo, is_authorized, path_repo, request_url
 from modeldepot.server.fleet import FLEET, NodeFleet
 from modeldepot.server.openapi import WITHHELD_PRELOAD, openapi_document
@@ -538,7 +538,7 @@ async def inventory(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     checked_query(request)
-    body = await asyncio.to_thread(_stats, _depot(request), is_authorized(request))
+    body = await asyncio.to_thread(_stats, _depot(request), is_authorized(request), request.app[COMMITS])
     return json_response({"uptime_seconds": round(time.monotonic() - request.app[STARTED], 3), **body})
 
 
@@ -546,11 +546,13 @@ MOST_ACCESSED = 5  # as many as the preloader's stats list
 RECENT_EVICTIONS = 50  # the disk budget's latest evictions the stats list
 
 
-def _stats(depot: Depot, authorized: bool) -> dict[str, Any]:
+def _stats(depot: Depot, authorized: bool, cache: CommitCache[Any]) -> dict[str, Any]:
     """The stats body. Without the token every figure counts public repos alone (those in the store and not
     private; a removed repo, which may have been private, is never named), and what cannot be split per
     repo is null."""
-    totals = store_totals(depot.store, public_only=not authorized)
+    totals = cache.figures(
+        ("totals", authorized), lambda: store_totals(depot.store, public_only=not authorized)
+    )
     budget = depot.budget_status(fresh=False).to_dict()
     preload = depot.preloader.stats()
     engines = depot.engines.stats().to_dict()

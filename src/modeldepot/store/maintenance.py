@@ -890,7 +890,5 @@ def totals(store: Store, public_only: bool = False) -> StoreTotals:
         "SELECT COALESCE(SUM(f.size), 0) AS bytes FROM files f JOIN repos r USING (repo_id) "
         f"JOIN blobs b USING (sha256) WHERE {public} AND b.state = 'ok'"
     )[0]["bytes"]
-    quarantined = store.index.read(f"SELECT COUNT(*) AS n FROM blobs b WHERE state = 'quarantined' {used}")[
-        0
-    ]["n"]
+    quarantined = store.index.read(f"SELECT COUNT(*) AS n FROM blobs b WHERE state != 'ok' {used}")[0]["n"]
     return StoreTotals(repo_ids, blobs["n"], blobs["bytes"], logical, quarantined)

@@ -57,7 +57,7 @@ from modeldepot.transfer.ranged import close_idle
 from modeldepot.transfer.refetch import FileTry, fetch_again
 from modeldepot.transfer.session import LazySession
 from modeldepot.transfer.swarm import SwarmFile
-from modeldepot.transfer.threads import to_thread_to_the_end
+from modeldepot.transfer.threads import in_budget_pool, to_thread_to_the_end
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
     with store.partials.pulling(manifest.repo_id):
         # Room for the new blobs before a byte is fetched (or a BudgetExceededError, nothing written).
         # (to its end: cancelled, the pull leaves its writer only once the room is made and so released)
-        await to_thread_to_the_end(writer.make_room, sum(new_bytes.values()), f"pulling {manifest.repo_id}")
+        await in_budget_pool(writer.make_room, sum(new_bytes.values()), f"pulling {manifest.repo_id}")
         # ... and on the disk, all of them together, beside what interrupted downloads of them hold already
         await asyncio.to_thread(store.partials.check_room, {partial_key(f.sha256, f.git_oid): f.size for f in missing},
                                 f"pulling {manifest.repo_id}")  # fmt: skip
@@ -334,7 +334,7 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
                         tracker.forget_found(
                             remote.path, (have.pop(remote.path, None) or fetched.pop(remote.path)).size
                         )
-                    await to_thread_to_the_end(writer.make_room, sum(f.size for f in again),
+                    await in_budget_pool(writer.make_room, sum(f.size for f in again),
                                                f"pulling {manifest.repo_id}")  # fmt: skip
                     fetched.update(await run.fetch(again))
                     partials.update(await to_thread_to_the_end(run.finish_partials))
@@ -374,7 +374,7 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
             log.warning("%s: could not record the pull as a use: %s", manifest.repo_id, error)
         tracker.write("downloaded")
         try:
-            await asyncio.to_thread(writer.keep_within)
+            await in_budget_pool(writer.keep_within)
         except DepotError as error:  # (the pull is done: the next writer evicts)
             log.warning("%s: could not keep the store within its disk budget: %s", manifest.repo_id, error)
     return PullResult(

@@ -11,18 +11,33 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
-__all__ = ["to_thread_to_the_end", "until_done"]
+from modeldepot.store.forking import ForkSafeExecutor
+
+__all__ = ["BUDGET_WAITS", "in_budget_pool", "to_thread_to_the_end", "until_done"]
 
 T = TypeVar("T")
 
+# Calls that may wait for the disk budget's lock (room made, evictions, a check of what fits): a pool of their
+# own. On the default executor (6 threads on 2 cores), a mirror's pulls queued behind one eviction round took
+# every thread, and its /health and the files it held waited seconds behind them (an explorer's trial).
+BUDGET_WAITS = ForkSafeExecutor(max_workers=4, thread_name_prefix="modeldepot-budget")
 
-async def to_thread_to_the_end(func: Callable[..., T], /, *args: Any) -> T:
-    """``func(*args)`` on the default executor, as ``asyncio.to_thread``; a cancelled caller still waits
-    (through further cancellations) until the call has ended, then raises CancelledError."""
-    future = asyncio.get_running_loop().run_in_executor(None, functools.partial(func, *args))
+
+async def in_budget_pool(func: Callable[..., T], /, *args: Any, to_the_end: bool = True) -> T:
+    """:func:`to_thread_to_the_end` on :data:`BUDGET_WAITS` (``to_the_end`` False: a cancelled caller
+    returns at once, as from ``asyncio.to_thread``: a check that writes nothing)."""
+    if not to_the_end:
+        return await asyncio.get_running_loop().run_in_executor(BUDGET_WAITS, functools.partial(func, *args))
+    return await to_thread_to_the_end(func, *args, executor=BUDGET_WAITS)
+
+
+async def to_thread_to_the_end(func: Callable[..., T], /, *args: Any, executor: Executor | None = None) -> T:
+    """``func(*args)`` on ``executor`` (the default one: as ``asyncio.to_thread``); a cancelled caller still
+    waits (through further cancellations) until the call has ended, then raises CancelledError."""
+    future = asyncio.get_running_loop().run_in_executor(executor, functools.partial(func, *args))
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
