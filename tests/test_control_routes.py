@@ -1323,6 +1323,35 @@ def test_the_shutdown_grace_is_the_operators(tmp_path: Path) -> None:
     assert "stopping (SIGTERM): 0 answers under way get up to 2 s" in log and "cut" not in log, log
 
 
+def test_an_answer_ending_within_the_grace_is_not_cut(tmp_path: Path) -> None:
+    """The node said "up to 4 s" and cut answers at 2 s: aiohttp was handed half the grace, as it waits its
+    timeout twice (a review). A download that ends 2.5 s after the stop gets every byte."""
+    import signal
+    import socket
+
+    body = os.urandom(64 << 20)
+    with Depot(tmp_path / "home") as depot:
+        depot.import_dir(write_model_dir(tmp_path / "src", {"big.bin": body}), "acme/big")
+        path = f"/acme/big/resolve/{depot.resolve('acme/big')}/big.bin"
+    node = Serving(tmp_path / "home", env_extra={"MODELDEPOT_SHUTDOWN_GRACE": "4s"})
+    try:
+        node.line_with("dashboard: ")
+        with socket.create_connection(("127.0.0.1", node.port), timeout=30) as slow:
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            slow.sendall(f"GET {path} HTTP/1.1\r\nHost: node\r\n\r\n".encode())
+            got = bytearray(slow.recv(4096))
+            assert got.startswith(b"HTTP/1.1 200 ")
+            node.process.send_signal(signal.SIGTERM)
+            time.sleep(2.5)  # (well inside the 4 s said)
+            while part := slow.recv(1 << 20):
+                got += part
+    finally:
+        log = node.stop()
+    received = bytes(got).partition(b"\r\n\r\n")[2]
+    assert "1 answer under way gets up to 4 s to end" in log and "cut" not in log, log
+    assert len(received) == len(body), f"cut at {len(received)} of {len(body)} bytes:\n{log}"
+
+
 def test_a_control_token_is_never_written_where_another_user_could_read_it(tmp_path: Path) -> None:
     """In a store a group shares, another member could make the file (or a FIFO) at the token's path in
     locks/: a root node wrote its token into that member's file, or hung opening the FIFO (a review). The

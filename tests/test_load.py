@@ -1214,6 +1214,29 @@ def test_rm_says_what_another_process_still_maps_stays_on_disk(depot: Depot, tmp
     assert depot.du().removed_held_bytes == 0  # (let go of: freed)
 
 
+def test_du_counts_no_removed_link_whose_file_stays(tmp_path: Path) -> None:
+    """A blob of an `import --link` is the user's file too: removed from the store while a process maps it,
+    its bytes stay for good, and `du` said they came back once the process let go (a review). Only files no
+    name holds count."""
+    import mmap
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "w.bin").write_bytes(os.urandom(4 << 20))
+    with Depot(tmp_path / "home") as depot:
+        depot.import_dir(source, "acme/linked", link=True)
+        blob = depot.store.blobs.path(depot.list_files("acme/linked")[0].sha256)
+        assert os.stat(blob).st_ino == os.stat(source / "w.bin").st_ino  # (the user's file, linked)
+        with open(blob, "rb") as held:
+            mapping = mmap.mmap(held.fileno(), 0, prot=mmap.PROT_READ)
+        try:
+            depot.remove("acme/linked")
+            assert not blob.exists() and (source / "w.bin").exists()
+            assert depot.du().removed_held_bytes == 0
+        finally:
+            mapping.close()
+
+
 def format_size(size: int) -> str:
     from modeldepot.cli.render import format_bytes
 

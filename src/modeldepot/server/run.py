@@ -78,9 +78,10 @@ def run_server(
         upstreams = [*depot.config.servers, *(["the fleet"] if cluster else []), depot.config.hub_endpoint]
         mode += f"; mirroring {', '.join(dict.fromkeys(upstreams))}"  # (--upstream may be HF_ENDPOINT)
     # (its access log: NodeAccessLogger on modeldepot.access, one line per request with its body bytes)
-    # aiohttp waits its shutdown timeout twice for an answer under way (for it to end, then again after
-    # cancelling its request): half of the grace each, or a slow download held a stopping node a minute
-    runner = NodeRunner(app, limits=limits, shutdown_timeout=shutdown_grace / 2)
+    # (an answer under way gets the whole grace, then is cut: NodeRequestHandler.shutdown hands aiohttp, which
+    # would wait its timeout twice, only what is left of it; half the grace each cut answers at half the
+    # grace the node said, a review)
+    runner = NodeRunner(app, limits=limits, shutdown_timeout=shutdown_grace)
 
     if scrub_interval > 0:
         app.cleanup_ctx.append(_scrubbing(depot, scrub_interval, scrub_rate))
@@ -333,7 +334,9 @@ def _kept_downloads(depot: Depot) -> str | None:
     from modeldepot.store.layout import size_text
     from modeldepot.store.maintenance import partial_bytes
 
-    keys = depot.store.partials.keys_on_disk()
+    partials = depot.store.partials
+    # (not a pull under way beside the node as it starts: a CLI's download was said kept for a resume)
+    keys = [key for key in partials.keys_on_disk() if not partials.downloading(key)]
     if not keys:
         return None
     return (f"{len(keys)} interrupted download{'s' if len(keys) != 1 else ''} kept for a resume take "

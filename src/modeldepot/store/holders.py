@@ -14,10 +14,11 @@ import contextlib
 import fcntl
 import os
 import re
+import time
 from collections.abc import Collection
 from pathlib import Path
 
-from modeldepot.store.locks import flock_holder
+from modeldepot.store.locks import lock_is_held
 from modeldepot.validation import redact_credentials
 
 __all__ = [
@@ -150,9 +151,13 @@ def _removed_under(pid: str, folders: tuple[str, ...]) -> dict[int, int]:
             except ValueError:
                 continue
             try:
-                size = os.stat(f"/proc/{pid}/map_files/{fields[0].decode()}").st_size
+                mapped = os.stat(f"/proc/{pid}/map_files/{fields[0].decode()}")
             except OSError:
                 size = end - start
+            else:
+                if mapped.st_nlink:  # (another name keeps it: nothing comes back when it is let go)
+                    continue
+                size = mapped.st_size
             held[inode] = max(held.get(inode, 0), size)
     with contextlib.suppress(OSError):
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -162,6 +167,8 @@ def _removed_under(pid: str, folders: tuple[str, ...]) -> dict[int, int]:
                 if named == path or not (path.startswith(folders) or BLOB_FILE.search(path)):
                     continue
                 info = os.stat(f"/proc/{pid}/fd/{fd}")
+                if info.st_nlink:
+                    continue
                 held[info.st_ino] = max(held.get(info.st_ino, 0), info.st_size)
             except OSError:
                 continue
@@ -201,12 +208,47 @@ def stop_letting_go(folder: Path, fd: int) -> None:
 
 def processes_letting_go(folder: Path) -> set[int]:
     """The live processes that announced they let go of what is removed (each holds the lock of the file of
-    its own pid: a killed node's file, its pid taken since by a notebook, is not one)."""
+    its own pid: a killed node's file, its pid taken since by a notebook, is not one; such a file goes once
+    a minute old)."""
     try:
         names = [name for name in os.listdir(folder) if name.isdigit()]
     except OSError:
         return set()
-    return {int(name) for name in names if flock_holder(folder / name) == int(name)}
+    if not names:
+        return set()
+    held = _flock_holders()  # (one read of /proc/locks for them all)
+    found = set()
+    for name in names:
+        try:
+            info = os.stat(folder / name, follow_symlinks=False)
+        except OSError:
+            continue
+        if held.get(info.st_ino) == int(name):
+            found.add(int(name))
+        elif time.time() - info.st_mtime > STALE_ANNOUNCEMENT and lock_is_held(folder / name) is False:
+            with contextlib.suppress(OSError):
+                os.unlink(folder / name)  # (a killed node's: the kernel dropped its lock)
+    return found
+
+
+STALE_ANNOUNCEMENT = 60.0  # seconds after which an announcement no live process holds goes
+
+
+def _flock_holders() -> dict[int, int]:
+    """Inode -> the pid /proc/locks gives for a FLOCK of it (by inode alone, as flock_holder falls back to:
+    btrfs shows another device number there)."""
+    found: dict[int, int] = {}
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+            for line in locks:
+                fields = line.split()
+                if len(fields) < 6 or fields[1] != "FLOCK":
+                    continue
+                with contextlib.suppress(ValueError, IndexError):
+                    found[int(fields[5].split(":")[2])] = int(fields[4])
+    except OSError:
+        pass
+    return found
 
 
 def _held_by(pid: str, files: Collection[FileKey]) -> set[FileKey]:

@@ -66,11 +66,12 @@ class StoreLock:
             while not done.wait(WAIT_SAID if not said else WAIT_SAID_AGAIN):
                 pid = flock_holder(self.path)
                 who = "another process" if pid is None else f"process {pid}"
-                if (
-                    pid == os.getpid()
-                ):  # (another thread of this one: a node's pulls making room one at a time)
-                    log.info("waiting for the store's lock (%s), which another write of this process holds (room "
-                             "made in the disk budget, an eviction)", self.path.name)  # fmt: skip
+                if pid == os.getpid():
+                    # (another thread of this one: a node's pulls making room one at a time; said again, a
+                    # warning: a thread of this one waiting for its own lock would hang unsaid)
+                    (log.warning if said else log.info)(
+                        "waiting for the store's lock (%s), which another write of this process holds (room made "
+                        "in the disk budget, an eviction)", self.path.name)  # fmt: skip
                 elif pid is not None and process_state(pid) == "T":
                     log.warning("waiting for the store's lock (%s), which %s holds and is suspended (Ctrl-Z or "
                                 "SIGSTOP): `kill -CONT %d` lets it go on", self.path.name, who, pid)  # fmt: skip
