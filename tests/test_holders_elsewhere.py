@@ -151,7 +151,9 @@ def test_a_nodes_preloads_give_way_to_another_processs_eviction(store: Depot, tm
     store.store.access.flush()
     node = Serving(store.home, "--preload-top", "1")
     try:
-        node.line_with("preloaded acme/preloaded")  # (after its start, which says it lets go: the preload waits)
+        node.line_with(
+            "preloaded acme/preloaded"
+        )  # (after its start, which says it lets go: the preload waits)
         assert store.store.budget.held_elsewhere() == {}, "a node's preloads keep nothing"
         store.import_dir(model(tmp_path, "acme/new", size=5 * MB // 2), "acme/new")  # (both go)
         assert repos(store) == {"acme/new"}

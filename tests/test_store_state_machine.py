@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.folder_of_commit: dict[str, int] = {}
         self.corrupt: dict[str, int] = {}  # sha256 -> offset of the flipped byte (not yet detected)
         self.quarantined: set[str] = set()
-        self.quarantine_bytes = 0  # bytes under quarantine/ until the next gc
+        # The copies under quarantine/ of each blob, until the next gc or a write that places the blob again
+        self.quarantine_copies: Counter[str] = Counter()
         self.orphans: dict[Path, int] = {}  # files in blobs/ that no index row names
 
     def teardown(self) -> None:
@@ -95,7 +97,11 @@ class StoreMachine(RuleBasedStateMachine):
     def quarantine(self, sha: str) -> None:
         self.corrupt.pop(sha)
         self.quarantined.add(sha)
-        self.quarantine_bytes += SIZE[sha]
+        self.quarantine_copies[sha] += 1
+
+    @property
+    def quarantine_bytes(self) -> int:
+        return sum(SIZE[sha] * copies for sha, copies in self.quarantine_copies.items())
 
     def forget_unreferenced(self, before: set[str], freed_blobs: int, freed_bytes: int) -> None:
         freed = before - self.referenced()
@@ -132,6 +138,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.refs.setdefault(repo, {})[branch] = result.commit_id
         self.revisions.setdefault(repo, {})[result.commit_id] = folder
         self.quarantined -= restored
+        for sha in new:  # (placed: its corrupt copies go)
+            self.quarantine_copies.pop(sha, None)
         if restored:
             event("import restored a quarantined blob")
 
@@ -188,7 +196,7 @@ class StoreMachine(RuleBasedStateMachine):
         assert (report.partials_removed, report.snapshots_removed, report.kept_partials) == (0, 0, 0)
         assert not any(path.exists() for path in self.orphans)
         self.orphans.clear()
-        self.quarantine_bytes = 0
+        self.quarantine_copies.clear()
 
     @precondition(lambda self: bool(self.corruptible()))
     @rule(data=st.data())
