@@ -861,7 +861,8 @@ class Preloader:
             ]
         found: dict[tuple[str, str], set[str]] = {}
         for key, path, copy in held:
-            if not copy.shared:  # (a private copy holds no file: its bytes are the commit's, whatever the file)
+            # (a private copy holds no file: its bytes are the commit's, whatever became of the file)
+            if not copy.shared:
                 continue
             try:
                 now = os.stat(copy.stored_path)
