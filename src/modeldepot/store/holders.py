@@ -52,9 +52,8 @@ def holding_processes(files: Collection[FileKey]) -> dict[FileKey, set[int]]:
     return found
 
 
-BLOB_FILE = re.compile(
-    r"/blobs/[0-9a-f]{2}/([0-9a-f]{64})\Z"
-)  # a store's blob, by whatever path it is reached
+# A store's blob, by whatever path it is reached (a bind mount, a container's volume)
+BLOB_FILE = re.compile(r"/blobs/[0-9a-f]{2}/([0-9a-f]{64})\Z")
 _BLOBS_NEEDLE = b"/blobs/"
 
 
