@@ -168,9 +168,8 @@ def run_server(
             log.info("disk budget: %d bytes (the store's: %s; MODELDEPOT_MAX_SIZE: %s)", budget.max_bytes,
                      budget.store_max_size or "none", budget.process_max_bytes or "none")  # fmt: skip
         downloads = await asyncio.to_thread(_kept_downloads, depot)
-        if (
-            downloads
-        ):  # (a node killed mid-pull said nothing, once back, of the download it kept for a resume)
+        # (a node killed mid-pull said nothing, once back, of the download it kept for a resume)
+        if downloads:
             log.info("%s", downloads)
         for what, rate in (
             ("downloads", depot.config.max_download_rate),
