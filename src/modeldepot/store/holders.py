@@ -186,7 +186,11 @@ def announce_letting_go(folder: Path) -> int | None:
     path = folder / str(os.getpid())
     try:
         folder.mkdir(exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        # (a file new, of a new time: a killed process's of this pid, old, could be taken for stale by another
+        # process's look and removed between this open and its lock, the announcement then unseen)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError:
         return None
     try:
