@@ -1924,3 +1924,46 @@ def test_removing_the_last_variant_of_a_revision_drops_its_pins(store: Depot, tm
     assert [p.quant for p in store.pins("acme/q")] == ["Q4_K_M"]
     store.remove("acme/q", quant="Q4_K_M")  # (the last: the revision goes with it)
     assert "acme/q" not in repos(store) and store.pins("acme/q") == []
+
+
+def test_many_small_revisions_are_evicted_in_batches_each_freeing_what_it_alone_held(tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A budget that evicts many small revisions removed them one at a time, each with a scan of the store's every
+    file for the blobs left unnamed: 1,155 evictions took 13.9 s on a store of 24,000 files (explorer 30). Whole
+    revisions the plan needs now go in batches, one scan each; what each is said to free, the history and the
+    store are as they were: a blob two of them share is freed once, by the later."""
+    from modeldepot.store import maintenance
+
+    scans: list[int] = []
+    scan = maintenance._delete_unreferenced_rows
+
+    def counted(con: object, candidates: list[str]) -> list[str]:
+        scans.append(len(candidates))
+        return scan(con, candidates)  # type: ignore[arg-type]
+
+    shared = os.urandom(5000)
+    with Depot(tmp_path / "store") as depot:
+        for i in range(100):
+            files = {"config.json": b'{"i": %d}' % i, "weights.bin": os.urandom(10_000)}
+            if i in (3, 7):
+                files["shared.bin"] = shared
+            depot.import_dir(write_model_dir(tmp_path / "src" / f"r{i}", files), f"acme/r{i:03d}")
+        budget = depot.store.budget
+        before = budget.used_bytes()
+        monkeypatch.setattr(maintenance, "_delete_unreferenced_rows", counted)
+        evicted = budget.shrink(before - 500_000)
+        monkeypatch.undo()
+        after = budget.used_bytes()
+        assert after <= before - 500_000 and 40 <= len(evicted) <= 60
+        assert len(scans) <= len(evicted) // 64 + 2  # (one a revision before: as many as the evictions)
+        assert sum(e.bytes_freed for e in evicted) == before - after
+        freed = {e.repo_id: e.bytes_freed for e in evicted}
+        assert freed["acme/r007"] == freed["acme/r003"] + 5000
+        assert [e.repo_id for e in evicted] == [
+            f"acme/r{i:03d}" for i in range(len(evicted))
+        ]  # (oldest first)
+        assert [e.repo_id for e in reversed(budget.history(limit=100))] == [e.repo_id for e in evicted]
+        assert repos(depot) == {f"acme/r{i:03d}" for i in range(len(evicted), 100)}
+        assert not any((depot.store.layout.home / "snapshots" / "acme").glob("r000*"))
+        assert store_files_consistent(depot) == []
+        assert depot.verify().ok

@@ -868,10 +868,10 @@ def test_gc_after_an_rm_killed_past_its_commit_gives_the_link_imports_files_thei
     os.chmod(folder / "model.gguf", 0o640)
     depot.import_dir(folder, REPO, link=True)
 
-    def killed(*args: object, **kwargs: object) -> tuple[int, int]:
+    def killed(*args: object, **kwargs: object) -> dict[str, object]:
         raise KeyboardInterrupt  # (the process dies here: the rows went, the files stay)
 
-    monkeypatch.setattr(maintenance, "_delete_blob_files", killed)
+    monkeypatch.setattr(maintenance, "_delete_each_blob_file", killed)
     with pytest.raises(KeyboardInterrupt):
         depot.remove(REPO)
     monkeypatch.undo()

@@ -85,6 +85,10 @@ MAX_SIZE_SETTING = "max_size"  # the store's budget in its settings table, as wr
 
 SHARED_FRESH = 5.0  # seconds a look at which blobs are shared with files outside the store answers status()
 ELSEWHERE_FRESH = 1.0  # seconds a look at what other processes map or hold open answers an eviction
+# Whole revisions removed at once, at most, and their bytes (one transaction, one look for the blobs left unnamed;
+# the store's lock is held for their files' unlinks, ~0.2 s at most, as reads wait for it)
+EVICTION_BATCH = 64
+EVICTION_BATCH_BYTES = 1 << 30
 DOWNLOADING_FRESH = (
     600.0  # seconds a 'downloading' status row protects its repo (a crashed pull's goes stale)
 )
@@ -798,35 +802,70 @@ class DiskBudget:
         # it fall short as it goes (a removal elsewhere meanwhile), the units it did not go through
         written = {key: kept.parts.get(key, set()) for key in kept.written}
         planned, after = self.order.choose(units, staying, used, limit, written)
-        for unit in [*(u for u, _ in planned), *after]:
-            if used <= limit:
-                break
-            if self.order.frees_nothing(unit, staying):
-                continue
-            came = self.store.index.read("SELECT origin FROM repos WHERE repo_id = ?", (unit.repo_id,))
-            eviction = self._evict(unit)
-            if eviction is None:
-                continue
-            origin = str(came[0]["origin"]) if came else ""
-            eviction = dataclasses.replace(eviction, at=time.time(), doing=doing, origin=origin)
-            evicted.append(eviction)
-            self._count(eviction)
-            what = f"{unit.repo_id}@{unit.commit_id[:12]}" + (f" ({unit.variant})" if unit.variant else "")
-            # (a pull's or an import's evictions are warned of: their commands print no list of them)
-            # (room is made before a write: said, as a pull that then failed had freed the space for nothing
-            # and the operator read the warning as the pull's doing after it: a trial)
-            # (an exported model's eviction said "0 B", read as an eviction for nothing: an explorer's trial)
-            linked = (f"; {size_text(eviction.bytes_still_linked)} more stay on disk, linked by files outside the "
-                      "store (a Hugging Face cache it was exported to)" if eviction.bytes_still_linked else "")  # fmt: skip
-            log.log(logging.WARNING if writer is not None else logging.INFO,
-                    "evicted %s (%s freed, last used %s) to stay within the disk budget (%s)%s%s", what,
-                    size_text(eviction.bytes_freed), time.strftime("%Y-%m-%d %H:%M", time.localtime(unit.last_used)),
-                    doing, linked, "; room made before the write, gone even if the write fails" if writer is not None
-                    else "")  # fmt: skip
-            for hook in self._evicted_hooks:
-                hook(unit.repo_id)
+        queue = [*(u for u, _ in planned), *after]
+        place = 0
+        while place < len(queue) and used > limit:
+            batch = self._next_batch(queue, place, [freed for _, freed in planned])
+            place += len(batch)
+            batch = [unit for unit in batch if not self.order.frees_nothing(unit, staying)]
+            came = self._origins({unit.repo_id for unit in batch})
+            if batch and batch[0].variant is not None:
+                gone = [self._evict_variant(batch[0])]
+            else:
+                gone = self._evict_revisions(batch)
+            done = [(unit, dataclasses.replace(eviction, at=time.time(), doing=doing, origin=came.get(unit.repo_id, "")))
+                    for unit, eviction in zip(batch, gone, strict=True) if eviction is not None]  # fmt: skip
+            self._count([eviction for _, eviction in done])
+            for unit, eviction in done:
+                evicted.append(eviction)
+                self._said(unit, eviction, doing, writer)
+                for hook in self._evicted_hooks:
+                    hook(unit.repo_id)
             used = self.used_bytes(shared) + others
         return evicted
+
+    @staticmethod
+    def _next_batch(queue: list[Unit], place: int, planned: list[int]) -> list[Unit]:
+        """The units to remove next from ``queue`` at ``place``: a run of whole revisions the plan needs (its first
+        units, that free ``planned`` bytes each), up to EVICTION_BATCH of them and EVICTION_BATCH_BYTES, in one
+        removal; else one unit (a variant, or one past the plan: it fell short, a removal elsewhere meanwhile, and
+        the bytes are looked at after each)."""
+        end = place + 1
+        if queue[place].variant is None:
+            bytes_ = planned[place] if place < len(planned) else 0
+            while end < min(len(planned), place + EVICTION_BATCH) and queue[end].variant is None:
+                bytes_ += planned[end]
+                if bytes_ > EVICTION_BATCH_BYTES:
+                    break
+                end += 1
+        return queue[place:end]
+
+    def _origins(self, repos: Collection[str]) -> dict[str, str]:
+        """Where each of these repos came from ("import", or the upstream's URL), read before they go."""
+        found: dict[str, str] = {}
+        names = sorted(repos)
+        for start in range(0, len(names), 500):  # (SQLite's bound on parameters)
+            part = names[start : start + 500]
+            for row in self.store.index.read(
+                f"SELECT repo_id, origin FROM repos WHERE repo_id IN ({','.join('?' * len(part))})",
+                tuple(part),
+            ):
+                found[row["repo_id"]] = str(row["origin"] or "")
+        return found
+
+    def _said(self, unit: Unit, eviction: Eviction, doing: str, writer: BudgetWriter | None) -> None:
+        what = f"{unit.repo_id}@{unit.commit_id[:12]}" + (f" ({unit.variant})" if unit.variant else "")
+        # (a pull's or an import's evictions are warned of: their commands print no list of them)
+        # (room is made before a write: said, as a pull that then failed had freed the space for nothing
+        # and the operator read the warning as the pull's doing after it: a trial)
+        # (an exported model's eviction said "0 B", read as an eviction for nothing: an explorer's trial)
+        linked = (f"; {size_text(eviction.bytes_still_linked)} more stay on disk, linked by files outside the "
+                  "store (a Hugging Face cache it was exported to)" if eviction.bytes_still_linked else "")  # fmt: skip
+        log.log(logging.WARNING if writer is not None else logging.INFO,
+                "evicted %s (%s freed, last used %s) to stay within the disk budget (%s)%s%s", what,
+                size_text(eviction.bytes_freed), time.strftime("%Y-%m-%d %H:%M", time.localtime(unit.last_used)),
+                doing, linked, "; room made before the write, gone even if the write fails" if writer is not None
+                else "")  # fmt: skip
 
     def _unreferenced_bytes(self, shared: Mapping[str, int]) -> int:
         """The bytes :meth:`_drop_unreferenced` would free now (not those linked outside the store)."""
@@ -847,45 +886,59 @@ class DiskBudget:
                      "disk budget", size_text(freed))  # fmt: skip
         return freed
 
-    def _evict(self, unit: Unit) -> Eviction | None:
-        """Remove what ``unit`` names (None: it went meanwhile, or a variant is its revision's last now)."""
-        from modeldepot.store.maintenance import remove, remove_files  # maintenance builds on the store
+    def _evict_revisions(self, units: list[Unit]) -> list[Eviction | None]:
+        """Remove these whole revisions, in one removal (None for each gone meanwhile: another process's)."""
+        from modeldepot.store.maintenance import remove_revisions  # maintenance builds on the store
 
-        keep = self.kept_blobs  # (read under the store's lock: see remove)
+        # (the blobs kept are read under the store's lock: see remove)
+        results = remove_revisions(
+            self.store, [(u.repo_id, u.commit_id) for u in units], keep_blobs=self.kept_blobs
+        )
+        # The bytes given back to the disk (a file another name links too stays, and the budget never counted it)
+        return [None if result is None else Eviction(unit.repo_id, unit.commit_id, result.bytes_freed, unit.last_used,
+                                                     None, result.bytes_still_linked)
+                for unit, result in zip(units, results, strict=True)]  # fmt: skip
+
+    def _evict_variant(self, unit: Unit) -> Eviction | None:
+        """Remove the own files of the variant ``unit`` names (None: it went meanwhile, or it is its revision's
+        last now)."""
+        from modeldepot.store.maintenance import remove_files
+
+        assert unit.variant is not None
         try:
-            if unit.variant is None:
-                result = remove(self.store, unit.repo_id, unit.commit_id, keep_blobs=keep)
-            else:
-                held = {e.path for e in self.store.files(unit.repo_id, unit.commit_id)}
-                with self._lock:  # (grouped with what pulls write into it, as the units were: eviction.py)
-                    written = {p for w in self._writers if (w.repo_id, w.commit_id) == (unit.repo_id, unit.commit_id)
-                               for p in w.paths}  # fmt: skip
-                now = self.order.grouped((unit.repo_id, unit.commit_id), held, written)
-                own = next((files for _, files, aliases in now if unit.variant.lower() in aliases), None)
-                if len(now) < 2 or not own or own & written:
-                    return None  # (the last variant goes with its revision, by the repo's last use)
-                if self._before_variant_removal is not None:
-                    self._before_variant_removal(unit.repo_id, unit.commit_id)
-                result = remove_files(self.store, unit.repo_id, unit.commit_id, own, keep_blobs=keep)
+            held = {e.path for e in self.store.files(unit.repo_id, unit.commit_id)}
+            with self._lock:  # (grouped with what pulls write into it, as the units were: eviction.py)
+                written = {p for w in self._writers if (w.repo_id, w.commit_id) == (unit.repo_id, unit.commit_id)
+                           for p in w.paths}  # fmt: skip
+            now = self.order.grouped((unit.repo_id, unit.commit_id), held, written)
+            own = next((files for _, files, aliases in now if unit.variant.lower() in aliases), None)
+            if len(now) < 2 or not own or own & written:
+                return None  # (the last variant goes with its revision, by the repo's last use)
+            if self._before_variant_removal is not None:
+                self._before_variant_removal(unit.repo_id, unit.commit_id)
+            result = remove_files(self.store, unit.repo_id, unit.commit_id, own, keep_blobs=self.kept_blobs)
         except NotFoundError:
             return None  # removed meanwhile (another process)
-        # The bytes given back to the disk (a file another name links too stays, and the budget never counted it)
         return Eviction(unit.repo_id, unit.commit_id, result.bytes_freed, unit.last_used, unit.variant,
                         result.bytes_still_linked)  # fmt: skip
 
-    def _count(self, eviction: Eviction) -> None:
-        with self.store.index.write("counting an eviction") as con:
-            for key, amount in (("evictions", 1), ("evicted_bytes", eviction.bytes_freed)):
+    def _count(self, evictions: list[Eviction]) -> None:
+        """Count these evictions in the index, and keep them in its history (one write)."""
+        if not evictions:
+            return
+        with self.store.index.write("counting evictions") as con:
+            freed = sum(eviction.bytes_freed for eviction in evictions)
+            for key, amount in (("evictions", len(evictions)), ("evicted_bytes", freed)):
                 con.execute(
                     "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
                     "value = CAST(CAST(value AS INTEGER) + CAST(excluded.value AS INTEGER) AS TEXT)",
                     (key, str(amount)),
                 )
-            con.execute(
+            con.executemany(
                 "INSERT INTO evictions (at, repo_id, commit_id, variant, bytes_freed, bytes_still_linked, last_used, "
                 "doing, pid, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (eviction.at, eviction.repo_id, eviction.commit_id, eviction.variant, eviction.bytes_freed,
-                 eviction.bytes_still_linked, eviction.last_used, eviction.doing[:300], os.getpid(), eviction.origin),
+                [(e.at, e.repo_id, e.commit_id, e.variant, e.bytes_freed, e.bytes_still_linked, e.last_used,
+                  e.doing[:300], os.getpid(), e.origin) for e in evictions],
             )  # fmt: skip
             con.execute("DELETE FROM evictions WHERE rowid <= (SELECT MAX(rowid) FROM evictions) - ?",
                         (EVICTIONS_KEPT,))  # fmt: skip

@@ -15,7 +15,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +56,7 @@ __all__ = [
     "partial_bytes",
     "quarantine_bytes",
     "remove",
+    "remove_revisions",
     "totals",
     "verify",
 ]
@@ -305,30 +306,76 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
                 others = _other_refs(store, repo_id, commits[0], revision)  # (a branch, not a commit id)
                 if others:
                     return RemoveResult(repo_id, (), 0, 0, revision, others)
-        marks = ",".join("?" * len(commits))
         _refuse_a_damaged_index(store, f"removing {repo_id}")
-        kept = _kept(keep_blobs)
+        with store.layout.same_folders():
+            results = _remove_revisions(
+                store, [(repo_id, c) for c in commits], _kept(keep_blobs), f"removing {repo_id}"
+            )
+    store.index.reserve.refill()  # from the space just freed (if it was released, else when there is room)
+    done = [r for r in results if r is not None]
+    return RemoveResult(repo_id, tuple(commits), sum(r.blobs_removed for r in done), sum(r.bytes_freed for r in done),
+                        bytes_still_linked=sum(r.bytes_still_linked for r in done),
+                        deleted=tuple(d for r in done for d in r.deleted))  # fmt: skip
 
-        def delete_rows(con: sqlite3.Connection) -> list[str]:
-            candidates = [r[0] for r in con.execute(
-                f"SELECT DISTINCT sha256 FROM files WHERE repo_id = ? AND commit_id IN ({marks})",
-                (repo_id, *commits))]  # fmt: skip
-            for table in ("revisions", "revision_access"):
-                con.execute(
-                    f"DELETE FROM {table} WHERE repo_id = ? AND commit_id IN ({marks})", (repo_id, *commits)
-                )
+
+def remove_revisions(store: Store, revisions: Sequence[tuple[str, str]],
+                     keep_blobs: KeptBlobs = frozenset()) -> list[RemoveResult | None]:  # fmt: skip
+    """Remove whole revisions, (repo id, commit id) each, with every ref to them, as :func:`remove` removes one
+    by commit id, and free the blobs no one else uses: in one transaction, with one look for the blobs no file
+    names any more (the disk budget's evictions of many small revisions, one removal each, took 12 ms apiece
+    on a store of 24,000 files, most of it that look: explorer 30). A blob several of them used is freed by the
+    last of them. None for a revision gone already (another process's removal)."""
+    for repo_id, commit_id in revisions:
+        validate_repo_id(repo_id)
+        validate_revision(commit_id)
+    if not revisions:
+        return []
+    doing = f"removing {len(revisions)} revisions" if len(revisions) > 1 else f"removing {revisions[0][0]}"
+    with store.lock.exclusive(), store.layout.same_folders():
+        _refuse_a_damaged_index(store, doing)
+        results = _remove_revisions(store, list(revisions), _kept(keep_blobs), doing)
+    store.index.reserve.refill()
+    return results
+
+
+def _remove_revisions(store: Store, revisions: list[tuple[str, str]], kept: frozenset[str],
+                      doing: str) -> list[RemoveResult | None]:  # fmt: skip
+    """:func:`remove_revisions` under the store's exclusive lock."""
+
+    def delete_rows(con: sqlite3.Connection) -> tuple[set[int], dict[str, int], list[str]]:
+        removed: set[int] = set()  # the revisions removed (their places in ``revisions``)
+        last: dict[str, int] = {}  # blob -> the last revision that named it
+        for place, (repo_id, commit_id) in enumerate(revisions):
+            blobs = [row[0] for row in con.execute(
+                "SELECT DISTINCT sha256 FROM files WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id))]  # fmt: skip
+            # (its files and refs go with it: ON DELETE CASCADE)
+            if not con.execute("DELETE FROM revisions WHERE repo_id = ? AND commit_id = ?",
+                               (repo_id, commit_id)).rowcount:  # fmt: skip
+                continue
+            con.execute(
+                "DELETE FROM revision_access WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)
+            )
             if not con.execute("SELECT 1 FROM revisions WHERE repo_id = ? LIMIT 1", (repo_id,)).fetchone():
                 con.execute("DELETE FROM repos WHERE repo_id = ?", (repo_id,))
-            return _delete_unreferenced_rows(con, [c for c in candidates if c not in kept])
+            removed.add(place)
+            last.update(dict.fromkeys(blobs, place))
+        return removed, last, _delete_unreferenced_rows(con, [b for b in last if b not in kept])
 
-        # On a full disk the index takes the room its transaction needs from the store's reserve.
-        freed = store.index.write_freeing(f"removing {repo_id}", delete_rows)
-        bytes_freed, still_linked, deleted = _delete_blob_files(store, freed)
-        for commit_id in commits:
-            store.snapshots.remove(repo_id, commit_id)
-    store.index.reserve.refill()  # from the space just freed (if it was released, else when there is room)
-    return RemoveResult(repo_id, tuple(commits), len(freed), bytes_freed, bytes_still_linked=still_linked,
-                        deleted=deleted)  # fmt: skip
+    # On a full disk the index takes the room its transaction needs from the store's reserve.
+    removed, last, freed = store.index.write_freeing(doing, delete_rows)
+    deleted = _delete_each_blob_file(store, freed)
+    results: list[RemoveResult | None] = []
+    for place, (repo_id, commit_id) in enumerate(revisions):
+        if place not in removed:
+            results.append(None)
+            continue
+        store.snapshots.remove(repo_id, commit_id)
+        mine = [deleted[b] for b in freed if last[b] == place]
+        results.append(RemoveResult(
+            repo_id, (commit_id,), len(mine), sum(d.freed for d in mine),
+            bytes_still_linked=sum(d.still_linked for d in mine),
+            deleted=tuple(d.file for d in mine if d.file is not None)))  # fmt: skip
+    return results
 
 
 def drop_unreferenced(store: Store, keep_blobs: KeptBlobs) -> int:
@@ -386,17 +433,31 @@ def remove_files(store: Store, repo_id: str, commit_id: str, paths: Iterable[str
     return remove(store, repo_id, commit_id, keep_blobs=keep_blobs)
 
 
+@dataclass(frozen=True)
+class _BlobDeleted:
+    freed: int  # bytes given back to the disk
+    still_linked: int  # bytes that stay: another name links the file
+    file: tuple[int, int, int] | None  # the device, inode and size of a file deleted that nothing else names
+
+
 def _delete_blob_files(store: Store, digests: list[str]) -> tuple[int, int, tuple[tuple[int, int, int], ...]]:
-    """Unlink the files of blobs whose rows are gone (under the exclusive lock): (bytes freed, bytes still
-    on the disk because another name links them: a Hugging Face cache the store adopted or exported to, a folder
-    imported with --link; the device, inode and size of each file deleted that nothing else names)."""
+    """:func:`_delete_each_blob_file`, summed: (bytes freed, bytes still on the disk, the files deleted)."""
+    each = _delete_each_blob_file(store, digests).values()
+    return (sum(d.freed for d in each), sum(d.still_linked for d in each),
+            tuple(d.file for d in each if d.file is not None))  # fmt: skip
+
+
+def _delete_each_blob_file(store: Store, digests: list[str]) -> dict[str, _BlobDeleted]:
+    """Unlink the files of blobs whose rows are gone (under the exclusive lock): for each, the bytes freed, the
+    bytes still on the disk because another name links them (a Hugging Face cache the store adopted or exported
+    to, a folder imported with --link), and the device, inode and size of the file deleted if nothing else
+    names it."""
     if digests:  # (a load killed midway left links to its model's blobs in tmp/: they are not "elsewhere")
         try:
             _collect_sessions(store, fresh=STARTING_SESSION_FRESH)
         except OSError as error:
             log.debug("tmp/ left as it is for now: %s", error)
-    freed = still_linked = 0
-    deleted: list[tuple[int, int, int]] = []
+    each: dict[str, _BlobDeleted] = {}
     sources, unrecorded = linked_sources(store, digests), unrecorded_links(store, digests)
     everything_unrecorded = store.index.setting("links_unrecorded") == "1"  # (not noted yet: store.py)
     for sha256 in digests:
@@ -406,15 +467,15 @@ def _delete_blob_files(store: Store, digests: list[str]) -> tuple[int, int, tupl
             info = None
         size = store.blobs.delete(sha256, sources.get(sha256), everything_unrecorded or sha256 in unrecorded)
         if info is not None and info.st_nlink > 1:
-            still_linked += size
+            each[sha256] = _BlobDeleted(0, size, None)
         else:
-            freed += size
-            if info is not None and size:
-                deleted.append((info.st_dev, info.st_ino, size))
+            each[sha256] = _BlobDeleted(
+                size, 0, (info.st_dev, info.st_ino, size) if info is not None and size else None
+            )
     # (a row left by a crash or a full disk here is harmless: a file's mode comes back only while it is
     # the one recorded, as the store left it, with no other name; the blob's next placement replaces it)
     _forget_links(store, [*sources, *unrecorded])
-    return freed, still_linked, tuple(deleted)
+    return each
 
 
 def _forget_links(store: Store, digests: list[str]) -> None:
