@@ -94,12 +94,12 @@ def test_one_write_looks_at_proc_once_or_twice(tmp_path: Path, monkeypatch: pyte
     refusal's status()) walked all of /proc again: an import for which 3 preloads gave way made 11 walks;
     with 300 python processes on the machine (80 ms a walk) that was 850 ms of the import's 950 ms (a
     review). A look a second old answers an eviction."""
-    import modeldepot.store.budget as budget_module
+    import modeldepot.store.elsewhere as elsewhere_module
     from modeldepot.preload import Preloader
 
     looks = []
-    real = budget_module.blobs_held_elsewhere
-    monkeypatch.setattr(budget_module, "blobs_held_elsewhere", lambda of: looks.append(1) or real(of))
+    real = elsewhere_module.blobs_held_elsewhere
+    monkeypatch.setattr(elsewhere_module, "blobs_held_elsewhere", lambda of: looks.append(1) or real(of))
     monkeypatch.setenv("MODELDEPOT_MAX_SIZE", "6MiB")
     with Depot(tmp_path / "store") as depot:
         depot.use_preloader(Preloader(depot, 1 << 30, "page-cache"))
@@ -154,7 +154,7 @@ def test_a_nodes_preloads_give_way_to_another_processs_eviction(store: Depot, tm
         node.line_with(
             "preloaded acme/preloaded"
         )  # (after its start, which says it lets go: the preload waits)
-        assert store.store.budget.held_elsewhere() == {}, "a node's preloads keep nothing"
+        assert store.store.budget.elsewhere.blobs() == {}, "a node's preloads keep nothing"
         store.import_dir(model(tmp_path, "acme/new", size=5 * MB // 2), "acme/new")  # (both go)
         assert repos(store) == {"acme/new"}
     finally:

@@ -25,7 +25,7 @@ repo an import in this process is writing (its commit is known once it is writte
 process's pull marks as downloading (its variant status row, recently updated), and what the hooks given to :meth:`add_in_use`
 name (the preloader's and the loaded-model cache's models: depot.py; where the hook of
 :meth:`evict_by_variant` says which files they use, the revision's other variants may go), and the files
-other processes map or hold open (:func:`~modeldepot.store.eviction.blobs_held_elsewhere`). Evictions are
+other processes map or hold open (store/elsewhere.py). Evictions are
 logged and counted in the index (``settings``: ``evictions``, ``evicted_bytes``).
 
 Several processes may share a store: each decides from the index as it reads it, and each removal takes the
@@ -50,16 +50,15 @@ from typing import TYPE_CHECKING
 
 from modeldepot.config import budget_text, parse_max_size
 from modeldepot.errors import BudgetExceededError, ConfigError, NotFoundError, StoreError
+from modeldepot.store.elsewhere import HeldElsewhere
 from modeldepot.store.eviction import (
     EvictionOrder,
     Kept,
     Unit,
     Variants,
-    blobs_held_elsewhere,
     ok_bytes,
     shared_blobs,
 )
-from modeldepot.store.holders import process_command
 from modeldepot.store.layout import os_error, size_text, sizes_text
 from modeldepot.store.models import _Record
 from modeldepot.store.reservations import Reservation, Reservations
@@ -84,7 +83,6 @@ EVICTIONS_KEPT = 1000  # the evictions remembered with what went and why (the co
 MAX_SIZE_SETTING = "max_size"  # the store's budget in its settings table, as written ("200GiB", "80%")
 
 SHARED_FRESH = 5.0  # seconds a look at which blobs are shared with files outside the store answers status()
-ELSEWHERE_FRESH = 1.0  # seconds a look at what other processes map or hold open answers an eviction
 # Whole revisions removed at once, at most, and their bytes (one transaction, one look for the blobs left unnamed;
 # the store's lock is held for their files' unlinks, ~0.2 s at most, as reads wait for it)
 EVICTION_BATCH = 64
@@ -158,9 +156,8 @@ class DiskBudget:
         self._reused: Counter[str] = Counter()  # blobs (SHA-256) writers found in the store and rely on
         self._reserved = 0  # bytes writers made room for and may not have written yet
         self._shared: tuple[float, dict[str, int]] | None = None  # (when, shared_blobs) for status
-        # (when, blobs_held_elsewhere): the last look at what other processes map or hold open
-        self._elsewhere: tuple[float, dict[str, set[int]]] | None = None
-        self._lock = threading.Lock()  # guards _writers, _reused, _reserved, _shared, _elsewhere
+        self.elsewhere = HeldElsewhere(store)  # what other processes map or hold open, as looked at lately
+        self._lock = threading.Lock()  # guards _writers, _reused, _reserved, _shared
         self._round = threading.Lock()  # one eviction round at a time in this process
         # What writers in other processes reserved (this process's own: _reserved)
         self.reservations = Reservations(store.layout.lock_path.parent / "reservations", store.read_only)
@@ -449,71 +446,9 @@ class DiskBudget:
                 kept.parts.setdefault((repo_id, commit_id), set()).update(in_use[(repo_id, commit_id)])
             else:
                 kept.commits.add((repo_id, commit_id))
-        for key, paths in self._files_held_elsewhere(fresh).items():
+        for key, paths in self.elsewhere.files(fresh).items():
             kept.parts.setdefault(key, set()).update(paths)  # (their revision stays, and their variant)
         return kept
-
-    def _files_held_elsewhere(self, fresh: bool = True) -> dict[tuple[str, str], set[str]]:
-        """(repo, commit) -> its files whose blobs other processes map or hold open (a model a notebook
-        loaded): what the hooks of :meth:`add_in_use` say of this process's, seen from ``/proc``. A blob
-        several revisions name keeps the one used last (a fork with the same weights and a file more stayed
-        whole beside the model loaded, and a write that fitted was refused: a review)."""
-        held = self.held_elsewhere(fresh)
-        if not held:
-            return {}
-        named: dict[str, list[tuple[str, str, str]]] = {}
-        created: dict[tuple[str, str], float] = {}
-        wanted = sorted(held)
-        for start in range(0, len(wanted), 500):  # (SQLite's bound on parameters)
-            part = wanted[start : start + 500]
-            for row in self.store.index.read(
-                "SELECT f.repo_id, f.commit_id, f.path, f.sha256, r.created_at FROM files f JOIN revisions r "
-                f"USING (repo_id, commit_id) WHERE f.sha256 IN ({','.join('?' * len(part))})",
-                tuple(part),
-            ):
-                named.setdefault(row["sha256"], []).append((row["repo_id"], row["commit_id"], row["path"]))
-                created[(row["repo_id"], row["commit_id"])] = row["created_at"]
-        uses = self.store.access.revision_uses()
-        found: dict[tuple[str, str], set[str]] = {}
-        for rows in named.values():
-            last = max({(r, c) for r, c, _ in rows}, key=lambda k: (max(uses.get(k, 0.0), created[k]), k))
-            found.setdefault(last, set()).update(path for r, c, path in rows if (r, c) == last)
-        return found
-
-    def held_elsewhere(self, fresh: bool = True) -> dict[str, set[int]]:
-        """The store's blobs other processes map or hold open, with those processes (``fresh`` False: as looked
-        at in the last SHARED_FRESH seconds; a node's status is asked by every scrape of its metrics)."""
-        now = time.monotonic()
-        with self._lock:
-            # (even an eviction's look may be a second old: one write looked 11 times, 0.85 s of its 0.95 s
-            # with 300 processes on the machine, a review)
-            if self._elsewhere is not None and now - self._elsewhere[0] < (
-                ELSEWHERE_FRESH if fresh else SHARED_FRESH
-            ):
-                return self._elsewhere[1]
-        held = blobs_held_elsewhere(self.store)
-        with self._lock:
-            self._elsewhere = (now, held)
-        return held
-
-    def _forget_holders_seen(self) -> bool:
-        """Forget the last look at what other processes hold, when it found any: a refusal is made on a look
-        made for it (a look a second old named a process gone since, and refused a write that fitted)."""
-        with self._lock:
-            if self._elsewhere is None or not self._elsewhere[1]:
-                return False
-            self._elsewhere = None
-            return True
-
-    def _held_elsewhere_text(self) -> str:
-        """The other processes the last look found holding the store's blobs, for a refusal ("" when none)."""
-        with self._lock:
-            held = self._elsewhere[1] if self._elsewhere is not None else {}
-        pids = sorted(set().union(*held.values())) if held else []
-        if not pids:
-            return ""
-        named = [f"{pid} ({command})" if (command := process_command(pid)) else str(pid) for pid in pids[:3]]
-        return f" or by process{'es' if len(pids) > 1 else ''} {', '.join(named)}{', ...' if len(pids) > 3 else ''}"
 
     # -- figures ----------------------------------------------------------------------------------------------
 
@@ -578,7 +513,7 @@ class DiskBudget:
             try:
                 return self._check_fits(needed, doing, writer)
             except BudgetExceededError:
-                if not looked_again and self._forget_holders_seen():
+                if not looked_again and self.elsewhere.forget():
                     looked_again = True
                     continue
                 if not self._gave_way(needed, writer):  # (as make_room would: an import was refused)
@@ -619,7 +554,7 @@ class DiskBudget:
             try:
                 return self._evict_to(budget - needed, needed, doing, writer)
             except BudgetExceededError:
-                if not looked_again and self._forget_holders_seen():
+                if not looked_again and self.elsewhere.forget():
                     looked_again = True
                     continue
                 if not self._gave_way(needed, writer):  # (one thing at a time, then a new round)
@@ -686,7 +621,7 @@ class DiskBudget:
             needed_said, budget_said = sizes_text(needed, budget)
             raise BudgetExceededError(
                 f"{doing}: {needed_said} more does not fit in the disk budget of {budget_said}, even after "
-                f"evicting every model that may go: {size_text(kept_bytes)} are pinned, in use (loaded, or mapped or open, in this process{self._held_elsewhere_text()}) or files this write reuses"
+                f"evicting every model that may go: {size_text(kept_bytes)} are pinned, in use (loaded, or mapped or open, in this process{self.elsewhere.said()}) or files this write reuses"
                 + (f" or of {writer.repo_id} itself" if writer is not None and writer.commit_id is None else "")
                 + self._writes_under_way(writer)
                 + f" (pinned: {size_text(self.status().pinned_bytes)}); nothing was removed. Raise the budget "

@@ -17,12 +17,10 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from modeldepot.store.holders import BLOB_FILE, LETTING_GO, files_held_elsewhere, processes_letting_go
-
 if TYPE_CHECKING:
     from modeldepot.store.store import Store
 
-__all__ = ["EvictionOrder", "Kept", "Unit", "Variants", "blobs_held_elsewhere", "ok_bytes", "shared_blobs"]
+__all__ = ["EvictionOrder", "Kept", "Unit", "Variants", "ok_bytes", "shared_blobs"]
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 FORMER = "0.1:"  # marks a variant's former name among its aliases (hub.variants.variants_own_files writes it)
@@ -387,44 +385,6 @@ def shared_blobs(store: Store) -> dict[str, int]:
         except OSError:
             continue
     return shared
-
-
-def blobs_held_elsewhere(store: Store) -> dict[str, set[int]]:
-    """The store's blobs other processes map or hold open now (a model loaded by a notebook or a worker, a
-    file another process reads), with those processes: evicting one frees nothing until they let go, and they
-    fetch it again once it is gone (a CLI pull under a budget evicted a model a notebook had loaded, whose
-    next load pulled it back, evicting the pull's: an explorer's trial). Not those of the processes that let
-    go of what is removed on their own within seconds (nodes: :func:`~modeldepot.store.holders.
-    announce_letting_go`; their preloads kept every CLI pull beside them from making room, a review). Only
-    the processes this user may look into are seen (store/holders.py). One read of each process's maps and
-    descriptors; a stat of each blob only when a link of the store's own (a load's, under tmp/) is held."""
-    blobs = f"{os.path.realpath(store.layout.blobs)}/"
-    nodes = processes_letting_go(store.layout.lock_path.parent / LETTING_GO)
-    held = files_held_elsewhere([blobs, f"{os.path.realpath(store.layout.tmp)}/"], skip=nodes)
-    found: dict[str, set[int]] = {}
-    unresolved: dict[int, set[int]] = {}
-    for inode, (path, pids) in held.items():
-        named = BLOB_FILE.search(path)
-        if named is not None:
-            try:  # (this store's blob of that name, now: one quarantined since holds nothing of the store's)
-                if os.stat(f"{blobs}{named[1][:2]}/{named[1]}", follow_symlinks=False).st_ino == inode:
-                    found.setdefault(named[1], set()).update(pids)
-            except OSError:
-                pass
-            continue
-        unresolved[inode] = pids
-    if unresolved:
-        for (sha256,) in store.index.read("SELECT sha256 FROM blobs WHERE state = 'ok'"):
-            if _SHA256.fullmatch(sha256) is None:
-                continue
-            try:
-                inode = os.stat(f"{blobs}{sha256[:2]}/{sha256}", follow_symlinks=False).st_ino
-            except OSError:
-                continue
-            holders = unresolved.get(inode)
-            if holders:
-                found.setdefault(sha256, set()).update(holders)
-    return found
 
 
 def ok_sizes(store: Store, blobs: Iterable[str]) -> dict[str, int]:
