@@ -1273,7 +1273,7 @@ def test_a_pin_recorded_under_a_variants_former_name_still_keeps_it(tmp_path: Pa
         assert {v.name for v in depot.scan_repo("acme/split").variants} == {
             "Q4_K_M", "Q8_0", "Q4_0", "Q4_0_4_4", "Q6_K"}  # fmt: skip
         for name in ("model", "Q4_0"):  # (as 0.1 recorded them: the store's own pin, unchecked)
-            depot.store.budget.pin("acme/split", name)
+            depot.store.budget.pins.pin("acme/split", name)
         evicted = depot.shrink(int(3.5 * MB))
         assert sorted(e.variant or "" for e in evicted) == ["Q4_0_4_4", "Q6_K"]
         assert held_paths(depot, "acme/split") == {p.relative_to(folder).as_posix() for p in folder.rglob("*")

@@ -21,8 +21,9 @@ from modeldepot.hub.manifest import scan_lists
 from modeldepot.hub.removal import remove_repo, remove_variant
 from modeldepot.hub.variants import group_files
 from modeldepot.store import DiskUsage, GcReport, RemoveResult, Store, VerifyReport, disk_usage, gc, verify
-from modeldepot.store.budget import BudgetStatus, Eviction, Pin
+from modeldepot.store.budget import BudgetStatus, Eviction
 from modeldepot.store.maintenance import VerifyProgress, sweep_dead_sessions
+from modeldepot.store.pins import Pin
 from modeldepot.store.scrub import DEFAULT_SCRUB_RATE, Scrubber
 from modeldepot.validation import SHORT_COMMIT, validate_quant, validate_repo_id, validate_revision
 
@@ -268,7 +269,7 @@ class Upkeep:
                 # (kept under the variant's own name, unpin finding it however it is typed; or under the kind's
                 # name typed, onnx-fp16, which stays that one variant's when the other kind's fp16 comes back)
                 quant = variant.name if quant.lower() == variant.name.lower() else quant
-            return self.store.budget.pin(repo_id, quant, revision)
+            return self.store.budget.pins.pin(repo_id, quant, revision)
         except NotFoundError as missing:
             if not self.store.partials.is_pulling(repo_id):
                 raise
@@ -287,18 +288,18 @@ class Upkeep:
         validate_revision(revision)
         if quant is not None:
             validate_quant(quant)  # ("" matched the whole repo's pin, and took it)
-        for pin in self.store.budget.pins(repo_id):
+        for pin in self.store.budget.pins.all(repo_id):
             same_variant = (pin.quant or "").lower() == (quant or "").lower()
             if same_variant and (pin.revision == revision or (
                     SHORT_COMMIT.fullmatch(revision) and pin.revision.startswith(revision))):  # fmt: skip
-                return self.store.budget.unpin(repo_id, pin.quant, pin.revision)
+                return self.store.budget.pins.unpin(repo_id, pin.quant, pin.revision)
         return False
 
     @any_case
     def pins(self, repo_id: str | None = None) -> list[Pin]:
         if repo_id is not None:
             validate_repo_id(repo_id)
-        return self.store.budget.pins(repo_id)
+        return self.store.budget.pins.all(repo_id)
 
     def budget_status(self, fresh: bool = True) -> BudgetStatus:
         """The disk budget (the store's, :meth:`set_max_size`, capped by ``MODELDEPOT_MAX_SIZE``), what the

@@ -33,7 +33,8 @@ from modeldepot.store import DiskUsage, GcReport, RemoveResult, RepoInfo, RepoSu
 if TYPE_CHECKING:  # not imported at run time: `import` and the store commands start without aiohttp
     from pathlib import Path
 
-    from modeldepot.store.budget import BudgetStatus, Eviction, Pin
+    from modeldepot.store.budget import BudgetStatus, Eviction
+    from modeldepot.store.pins import Pin
     from modeldepot.transfer.fleet import PeerRow
     from modeldepot.transfer.pull import PullUpdate
     from modeldepot.upkeep import Repair

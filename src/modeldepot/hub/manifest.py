@@ -604,7 +604,7 @@ def _older_commit_held(store: Store, manifest: Manifest) -> dict[str, str]:
     if commit_id != manifest.commit_id:
         candidates = [commit_id]
     else:
-        pinned = store.budget.pinned_commits(manifest.repo_id) - {commit_id}
+        pinned = store.budget.pins.commits(manifest.repo_id) - {commit_id}
         candidates = [commit for commit, _ in store.revisions(manifest.repo_id) if commit in pinned]
     held_at: dict[str, str] = {}
     for commit in candidates:  # (newest first)

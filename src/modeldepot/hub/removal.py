@@ -32,12 +32,12 @@ def remove_repo(store: Store, repo_id: str, revision: str | None) -> RemoveResul
 def _drop_pins_of_what_went(store: Store, repo_id: str) -> None:
     """Unpin the revisions of ``repo_id`` that no longer resolve: a pin would apply again, unseen, to a later
     pull (the removal is not failed for its pins)."""
-    for pin in store.budget.pins(repo_id):
+    for pin in store.budget.pins.all(repo_id):
         try:
             store.resolve(repo_id, pin.revision)
         except NotFoundError:
             try:
-                store.budget.unpin(repo_id, pin.quant, pin.revision)
+                store.budget.pins.unpin(repo_id, pin.quant, pin.revision)
             except StoreError as error:
                 log.warning("%s was removed but its pin of %s stays: %s", repo_id, pin.revision, error)
 
@@ -60,7 +60,7 @@ def remove_variant(store: Store, repo_id: str, revision: str, quant: str) -> tup
     # (a pin of what is gone would keep nothing, unseen; one that names a variant left, "fp16" of the other
     # kind's fp16 too, stays: a review)
     left = group_files(e.path for e in store.files(repo_id, commit_id))
-    for pin in store.budget.pins(repo_id):
+    for pin in store.budget.pins.all(repo_id):
         if (
             pin.quant is not None
             and pin.quant.lower() in variant_aliases(variant)
@@ -68,7 +68,7 @@ def remove_variant(store: Store, repo_id: str, revision: str, quant: str) -> tup
         ):
             with contextlib.suppress(NotFoundError):
                 if store.resolve(repo_id, pin.revision) == commit_id:
-                    store.budget.unpin(repo_id, pin.quant, pin.revision)
+                    store.budget.pins.unpin(repo_id, pin.quant, pin.revision)
     forget_removed_variants(store, repo_id)
     _drop_pins_of_what_went(store, repo_id)  # (the last variant took its revision with it: its pins go too)
     return commit_id, result

@@ -23,10 +23,11 @@ from modeldepot.hub.manifest import Manifest, RemoteFile, Variant
 from modeldepot.preload.copies import STRATEGIES
 from modeldepot.preload.preloader import PreloadInfo, PreloadStats
 from modeldepot.store.access import ModelAccess
-from modeldepot.store.budget import BudgetStatus, Eviction, Pin
+from modeldepot.store.budget import BudgetStatus, Eviction
 from modeldepot.store.maintenance import RemoveResult, StoreTotals
 from modeldepot.store.manifests import STATUSES
 from modeldepot.store.models import BlobRecord, FileEntry, RepoSummary
+from modeldepot.store.pins import Pin
 from modeldepot.transfer.fleet import PeerRow
 from modeldepot.transfer.pull import PullResult
 from modeldepot.validation import MAX_REPO_PART_LENGTH

@@ -17,7 +17,7 @@ store knows none itself). The last use of a revision is the later of its creatio
 use (a load of it, a preload, a read or a download of one of its files, a pull of it): a config read with
 every load keeps no quant alive. A variant goes with its own files only (those no other variant lists);
 the revision's last variant, and its shared files (config, tokenizer), go with the revision. What is never
-evicted: pinned revisions (the ``pins`` table: :meth:`pin`, :meth:`unpin`; a pin of one variant keeps that
+evicted: pinned revisions (store/pins.py; a pin of one variant keeps that
 variant and the revision's shared files, and lets its other variants go), the revision a pull in this
 process is writing and the files it writes there (:meth:`writing`: its other variants and the repo's other
 revisions may go, the superseded revision a pull of a new one replaces among them), every revision of a
@@ -61,8 +61,8 @@ from modeldepot.store.eviction import (
 )
 from modeldepot.store.layout import os_error, size_text, sizes_text
 from modeldepot.store.models import _Record
+from modeldepot.store.pins import Pins
 from modeldepot.store.reservations import Reservation, Reservations
-from modeldepot.validation import validate_quant, validate_repo_id, validate_revision
 
 if TYPE_CHECKING:
     from modeldepot.store.store import Store
@@ -73,7 +73,6 @@ __all__ = [
     "BudgetWriter",
     "DiskBudget",
     "Eviction",
-    "Pin",
     "parse_max_size",
 ]
 
@@ -95,14 +94,6 @@ InUse = Callable[[], Iterable[tuple[str, str | None]]]
 """Names what is in use: (repo id, commit id), or (repo id, None) for every revision of the repo."""
 PathsInUse = Callable[[], Mapping[tuple[str, str], set[str]]]
 """(repo id, commit id) -> the files of it in use (what the :data:`InUse` hooks name, file by file)."""
-
-
-@dataclass(frozen=True)
-class Pin(_Record):
-    repo_id: str
-    quant: str | None  # None: the whole repo
-    revision: str  # a branch (followed: the revision it names when evicting) or a commit id
-    created_at: float
 
 
 @dataclass(frozen=True)
@@ -148,10 +139,10 @@ class DiskBudget:
         self._hooks: list[InUse] = []
         self._give_way: list[tuple[InUse, Callable[[], bool]]] = []
         self.order = EvictionOrder(store)
+        self.pins = Pins(store, self.order)
         self._paths_in_use: PathsInUse | None = None
         self._evicted_hooks: list[Callable[[str], None]] = []
         self._before_variant_removal: Callable[[str, str], None] | None = None
-        self._holds_whole: Callable[[str, str], bool] | None = None  # (see judge_whole_by)
         self._writers: list[BudgetWriter] = []
         self._reused: Counter[str] = Counter()  # blobs (SHA-256) writers found in the store and rely on
         self._reserved = 0  # bytes writers made room for and may not have written yet
@@ -242,7 +233,7 @@ class DiskBudget:
     def judge_whole_by(self, holds_whole: Callable[[str, str], bool]) -> None:
         """``holds_whole(repo, commit)`` says whether the store holds every file of a commit (by its listing,
         the hub layer's): a pinned branch's commit held whole lets the one it replaced go."""
-        self._holds_whole = holds_whole
+        self.pins.holds_whole = holds_whole
 
     def add_evicted_hook(self, hook: Callable[[str], None]) -> None:
         """Call ``hook(repo_id)`` after each eviction of one of the repo's revisions."""
@@ -279,135 +270,12 @@ class DiskBudget:
                 self._reused = +self._reused
                 writer.release()  # (under the lock: a make_room still running must not reserve after)
 
-    def pin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> Pin:
-        """Keep the revision ``revision`` names (a branch is followed) from eviction. The repo must be in the
-        store (``quant``, a variant's name, is checked by the caller: variants are the hub layer's)."""
-        validate_repo_id(repo_id)
-        validate_revision(revision)
-        commit_id = self.store.resolve(repo_id, revision)  # raises RepoNotFoundError / RevisionNotFoundError
-        if not self.store.index.read(
-            "SELECT 1 FROM refs WHERE repo_id = ? AND name = ?", (repo_id, revision)
-        ):
-            revision = commit_id  # (the start of a commit id names that commit: kept whole, not as typed)
-        if quant is not None:
-            validate_quant(quant)
-        with self.store.index.write(f"pinning {repo_id}") as con:
-            con.execute(
-                "INSERT INTO pins (repo_id, variant, revision, created_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (repo_id, variant, revision) DO NOTHING",
-                (repo_id, quant or "", revision, time.time()),
-            )
-            # (a pin made again keeps the time it was first made)
-            created_at = con.execute(
-                "SELECT created_at FROM pins WHERE repo_id = ? AND variant = ? AND revision = ?",
-                (repo_id, quant or "", revision),
-            ).fetchone()[0]
-        log.info("pinned %s%s@%s", repo_id, f" ({quant})" if quant else "", revision)
-        return Pin(repo_id, quant, revision, float(created_at))
-
-    def unpin(self, repo_id: str, quant: str | None = None, revision: str = "main") -> bool:
-        """Remove a pin; False when there was none."""
-        validate_repo_id(repo_id)
-        validate_revision(revision)
-        if quant is not None:
-            validate_quant(quant)
-        with self.store.index.write(f"unpinning {repo_id}") as con:
-            removed = con.execute(
-                "DELETE FROM pins WHERE repo_id = ? AND variant = ? AND revision = ?",
-                (repo_id, quant or "", revision),
-            ).rowcount
-        return bool(removed)
-
-    def pins(self, repo_id: str | None = None) -> list[Pin]:
-        where, params = ("WHERE repo_id = ?", (repo_id,)) if repo_id is not None else ("", ())
-        rows = self.store.index.read(
-            f"SELECT repo_id, variant, revision, created_at FROM pins {where} ORDER BY repo_id, variant, revision",
-            params,
-        )
-        return [Pin(r["repo_id"], r["variant"] or None, r["revision"], r["created_at"]) for r in rows]
-
-    def pinned_commits(self, repo_id: str) -> set[str]:
-        """The commits of ``repo_id`` its pins keep (a pinned branch's, and the one before it while an update
-        pulled a variant at a time lacks a variant that one held)."""
-        return {commit for _, commit in self._pins_by_revision(repo_id)}
-
-    def _pins_by_revision(self, repo_id: str | None = None) -> dict[tuple[str, str], set[str]]:
-        """(repo, commit) -> what is pinned in it: variants' names in lower case, '' for the whole repo (of
-        ``repo_id``'s pins alone, given one)."""
-        pinned: dict[tuple[str, str], set[str]] = {}
-        for pin in self.pins(repo_id):
-            try:
-                key = (pin.repo_id, self.store.resolve(pin.repo_id, pin.revision))
-            except NotFoundError:
-                continue  # the pin names a branch or repo no longer in the store: nothing to keep
-            pinned.setdefault(key, set()).add((pin.quant or "").lower())
-            if pin.revision != key[1]:
-                earlier = self._held_before(pin.repo_id, key[1], pin.created_at, pin.quant)
-                if earlier is not None:
-                    pinned.setdefault((pin.repo_id, earlier), set()).add((pin.quant or "").lower())
-        return pinned
-
-    def _held_before(
-        self, repo_id: str, commit_id: str, pinned_at: float, quant: str | None = None
-    ) -> str | None:
-        """The newest revision older than ``commit_id`` that holds a variant (a file, without the variants'
-        hook) it lacks: the commit a pinned branch named before a pull of some variants of an update moved it.
-        A pin of the whole model keeps that one too, until the update holds all it held (a `pull --quant fp16`
-        of an update left the pin on fp16 alone, and the next write evicted the pinned fp32 and q4: a trial).
-        ``quant``: a pin of that variant alone, which keeps the newest such revision that holds it, until the
-        update does (a pull of another quant of the update moved the branch, and the pinned quant went at the
-        next write, the pin still listed: an explorer's trial)."""
-
-        def held(commit: str) -> set[str]:
-            paths = list(self.store.file_sizes(repo_id, commit))
-            if self.order.variants is None:
-                return set(paths)
-            return {
-                alias for name, _, aliases in self.order.variants(paths) for alias in (name.lower(), *aliases)
-            }
-
-        if quant is not None and self.order.variants is None:
-            return None  # (no variants told apart here: the pin keeps its commit whole)
-        if self._holds_whole is not None and self._holds_whole(repo_id, commit_id):
-            return None  # (an update that dropped a variant upstream is the model now)
-        revisions = self.store.revisions(repo_id)
-        newer = next((when for commit, when in revisions if commit == commit_id), None)
-        if newer is None:
-            return None
-        now = held(commit_id)
-        wanted = quant.lower() if quant is not None else None
-        if wanted is not None and wanted in now:
-            return None
-        # The revisions the branch may have named since the pin: from the newest made before it (the one the
-        # branch named then, the store keeping no history of its refs) on. Not a commit pulled in part by its
-        # id before, which the branch never named, kept for as long as the branch lacked its quant (a review),
-        # unless held whole; nor only those held whole: a branch pulled a quant at a time lost its pinned one
-        # (a review).
-        since = max((when for _, when in revisions if when <= pinned_at), default=0.0)
-        for commit, when in revisions:
-            if commit == commit_id or when > newer:
-                continue
-            named = when >= since or self._holds_whole is None or self._holds_whole(repo_id, commit)
-            if named and (wanted in held(commit) if wanted is not None else held(commit) - now):
-                return commit
-        return None
-
-    def _pins_kept(self) -> Kept:
-        """What the pins alone keep."""
-        kept = Kept(commits=set(), repos=set())
-        for key, variants in self._pins_by_revision().items():
-            if "" in variants or self.order.variants is None:
-                kept.commits.add(key)
-            else:
-                kept.pinned_variants[key] = variants
-        return kept
-
     def _kept(self, writer: BudgetWriter | None = None, pins: Kept | None = None, soft: bool = True,
               fresh: bool = True) -> Kept:  # fmt: skip
         """What no eviction may remove now: pinned (``pins``, when read already), in use (in this process, or
         mapped or open in another: ``fresh`` False, as looked at in the last seconds), or being written
         (:meth:`writing`); ``soft``: and what gives way only when it must (:meth:`add_gives_way`)."""
-        kept = self._pins_kept() if pins is None else Kept(
+        kept = self.pins.kept() if pins is None else Kept(
             set(pins.commits), set(pins.repos), {}, {k: set(v) for k, v in pins.pinned_variants.items()}
         )  # fmt: skip
         with self._lock:
@@ -486,7 +354,7 @@ class DiskBudget:
     def status(self, fresh: bool = True) -> BudgetStatus:
         """The figures (a node's stats and metrics ask often: read only, the uses as written so far;
         ``fresh`` False: the blobs shared with files outside the store as looked at in the last seconds)."""
-        pinned = self._pins_kept()
+        pinned = self.pins.kept()
         kept = self._kept(pins=pinned, fresh=fresh)
         shared = shared_blobs(self.store) if fresh else self._shared_lately()
         return BudgetStatus(
@@ -639,7 +507,7 @@ class DiskBudget:
         # (a pin of the branch this pull moves: one of a commit, or of another branch, it does not replace,
         # and "unpin, pull, pin again" would lose what it keeps: a review)
         branch = writer.branch.lower()
-        pinned = [pin for pin in self.pins() if pin.repo_id.lower() == writer.repo_id.lower()
+        pinned = [pin for pin in self.pins.all() if pin.repo_id.lower() == writer.repo_id.lower()
                   and pin.revision.lower() == branch]  # fmt: skip
         if not pinned:
             return ""
