@@ -1309,7 +1309,14 @@ def test_the_shutdown_grace_is_the_operators(tmp_path: Path) -> None:
     node.line_with("dashboard: ")
     # A client that reads nothing more once it has the head: its answer is going when the node stops, and cut
     # at the end of the grace, said so (a node cut downloads as it stopped, without a word: an explorer's trial)
-    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as slow:
+    # A dashboard's event stream open too: it ends as the node stops, no answer a stop waits for (the stop line
+    # counted each open page: a review)
+    with (
+        socket.create_connection(("127.0.0.1", node.port), timeout=30) as slow,
+        socket.create_connection(("127.0.0.1", node.port), timeout=30) as page,
+    ):
+        page.sendall(b"GET /api/depot/v1/events HTTP/1.1\r\nHost: node\r\n\r\n")
+        assert page.recv(4096).startswith(b"HTTP/1.1 200 ")
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
         slow.sendall(f"GET {path} HTTP/1.1\r\nHost: node\r\n\r\n".encode())
         assert slow.recv(4096).startswith(b"HTTP/1.1 200 ")

@@ -235,7 +235,7 @@ class NodeRequestHandler(RequestHandler):
     """aiohttp's protocol for one connection, plus the caps, the header timeout and one-line parse errors."""
 
     __slots__ = ("_admission", "_client", "_head_timer", "_header_timeout", "_malformed", "_send_timeout",
-                 "_timer_loop")  # fmt: skip
+                 "_timer_loop", "streaming_events")  # fmt: skip
 
     def __init__(self, manager: NodeServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
         super().__init__(manager, loop=loop, **kwargs)
@@ -246,6 +246,8 @@ class NodeRequestHandler(RequestHandler):
         self._client: str | None = None  # set while the connection is admitted and counted
         self._head_timer: asyncio.TimerHandle | None = None
         self._malformed: web.StreamResponse | None = None
+        # An event stream (a dashboard's) is under way: it ends as the node stops, so no answer a stop waits for
+        self.streaming_events = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         client = client_address(transport)
@@ -403,8 +405,15 @@ class NodeServer(web.Server):
         return self.admission.max_total
 
     def answers_under_way(self) -> int:
-        """The connections whose answer (a file's body included) is being made or sent now."""
-        return sum(1 for connection in self.connections if getattr(connection, "_request_in_progress", False))
+        """The connections whose answer (a file's body included) is being made or sent now; not the event streams
+        (a dashboard's: they end as the node stops, and the stop line counted each open page as an answer a stop
+        waits for, a review)."""
+        return sum(
+            1
+            for connection in self.connections
+            if getattr(connection, "_request_in_progress", False)
+            and not getattr(connection, "streaming_events", False)
+        )
 
     def __call__(self) -> NodeRequestHandler:
         return NodeRequestHandler(self, loop=self._handler_loop, **self._handler_kwargs)

@@ -333,6 +333,18 @@ class EventStream(CountedResponse):
         if request.method == "HEAD":  # the headers alone: a stream of nothing would never end
             await super().write_eof()
             return writer
+        # (said to the node's connection, server/connections.py: a stop does not wait for a stream, nor counts it)
+        protocol = request.protocol
+        marked = hasattr(protocol, "streaming_events")
+        if marked:
+            setattr(protocol, "streaming_events", True)  # noqa: B010
+        try:
+            return await self._stream(writer)
+        finally:
+            if marked:
+                setattr(protocol, "streaming_events", False)  # noqa: B010
+
+    async def _stream(self, writer: AbstractStreamWriter | None) -> AbstractStreamWriter | None:
         seen: dict[str, dict[str, Any]] = {}
         quiet_since = time.monotonic()
         first = True
