@@ -159,3 +159,36 @@ def test_a_nodes_preloads_give_way_to_another_processs_eviction(store: Depot, tm
         assert repos(store) == {"acme/new"}
     finally:
         node.stop()
+
+
+def test_a_forked_child_of_a_node_does_not_keep_its_announcement(tmp_path: Path) -> None:
+    """A node's announcement that it lets go of what is removed is a file it holds locked; a child it forked kept
+    the lock after the node ended (a flock is the open file's), so the node's pid, taken later by another
+    process, read as a node's, whose mappings keep nothing (a review)."""
+    from modeldepot.store.holders import processes_letting_go
+
+    folder = tmp_path / "letting-go"
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        from pathlib import Path
+        from modeldepot.store.holders import announce_letting_go
+        assert announce_letting_go(Path({str(folder)!r})) is not None
+        child = os.fork()
+        if child == 0:
+            quiet = os.open(os.devnull, os.O_WRONLY)  # (the test reads the output to its end)
+            os.dup2(quiet, 1)
+            os.dup2(quiet, 2)
+            time.sleep(60)
+            os._exit(0)
+        print(child, flush=True)
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    child = int(done.stdout.split()[0])
+    try:
+        announced = [int(name) for name in os.listdir(folder)]
+        assert len(announced) == 1 and announced[0] != child
+        assert processes_letting_go(folder) == set(), "the node ended: its child holds no announcement of it"
+    finally:
+        os.kill(child, 9)

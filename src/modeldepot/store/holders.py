@@ -198,15 +198,33 @@ def announce_letting_go(folder: Path) -> int | None:
     except OSError:
         os.close(fd)
         return None
+    _ANNOUNCED.add(fd)
     return fd
 
 
 def stop_letting_go(folder: Path, fd: int) -> None:
     """The end of :func:`announce_letting_go`."""
+    _ANNOUNCED.discard(fd)
     with contextlib.suppress(OSError):
         os.unlink(folder / str(os.getpid()))
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+# The descriptors of this process's announcements. A forked child closes them: its copy held the lock on past the
+# node's end (a flock is the open file's, and /proc/locks names the process that took it), so the node's pid,
+# taken later by a notebook, read as a node's, and what the notebook mapped was evicted (a review).
+_ANNOUNCED: set[int] = set()
+
+
+def _forget_announcements_in_child() -> None:
+    for fd in _ANNOUNCED:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _ANNOUNCED.clear()
+
+
+os.register_at_fork(after_in_child=_forget_announcements_in_child)
 
 
 def processes_letting_go(folder: Path) -> set[int]:
