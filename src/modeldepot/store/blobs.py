@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modeldepot.errors import CorruptBlobError, StoreError
+from modeldepot.store.confined import opened_folder
 from modeldepot.store.layout import StoreLayout, fsync_dir, fsync_file, os_error, size_text
 from modeldepot.store.locks import lock_is_held, unlock_and_close
 
@@ -316,10 +317,15 @@ class WriteSession:
         # Locked under a dot-name first, then renamed: gc never sees a session whose lock is not yet held.
         starting = layout.tmp / f".{name}"
         try:
-            starting.mkdir()
-            self._lock_fd = os.open(starting / self.LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-            _lock_new_session(self._lock_fd)
-            os.rename(starting, self.path)
+            # (in tmp/ as opened: a link in its place had the folder and its lock made outside the store before
+            # the guard refused, an explorer's trial; store/confined.py)
+            with opened_folder(layout.tmp, os.path.realpath(layout.home)) as tmp:
+                os.mkdir(starting.name, dir_fd=tmp)
+                with opened_folder(starting, os.path.realpath(layout.home)) as folder:
+                    self._lock_fd = os.open(self.LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                            0o666, dir_fd=folder)  # fmt: skip
+                _lock_new_session(self._lock_fd)
+                os.rename(starting.name, name, src_dir_fd=tmp, dst_dir_fd=tmp)
         except OSError as error:
             layout.rmtree(starting)
             raise os_error(error, "starting a write in the store's tmp/") from error

@@ -35,6 +35,7 @@ from modeldepot.errors import (
     StoreFullError,
     StoreSchemaError,
 )
+from modeldepot.store.confined import folder_within, opened_folder
 from modeldepot.store.forking import INDEX_GATE, ForkGate
 from modeldepot.store.holders import processes_with_open
 from modeldepot.store.layout import FULL_DISK_ADVICE, writable_mode
@@ -355,26 +356,33 @@ class SpaceReserve:
         self.folder = folder
         self.space = folder / "space"
         self.index = index
+        # The store's home: a link in place of reserve/ or of its files leads nowhere out of it (one in place of
+        # reserve/space had root pad a config file with 1 MiB of zeros: an explorer's trial; store/confined.py)
+        self._within = os.path.realpath(folder.parent)
         self.released = False  # this process released it and has not taken all of it back yet
 
     def held(self) -> int:
         """The bytes the reserve holds now (its file is only ever grown by preallocation)."""
         try:
-            return os.stat(self.space).st_size
+            return os.stat(self.space, follow_symlinks=False).st_size
         except OSError:
             return 0
 
     def release(self) -> bool:
         """Give the reserve's bytes and inodes back to the file system; False if there was nothing to give."""
         try:
-            names = os.listdir(self.folder)
-        except OSError:
+            folder = folder_within(self.folder, self._within)
+        except (OSError, StoreError):
             return False
-        for name in names:
-            with suppress(OSError):
-                os.unlink(self.folder / name)
+        try:
+            names = os.listdir(folder)
+            for name in names:
+                with suppress(OSError):
+                    os.unlink(name, dir_fd=folder)
+        finally:
+            os.close(folder)
         with suppress(OSError):
-            os.rmdir(self.folder)
+            os.rmdir(self.folder)  # (a folder alone: a link in its place is not one, and stays)
         if names:
             self.released = True
             log.warning("the store's disk is full: its space reserve was released to let the store work")
@@ -384,6 +392,8 @@ class SpaceReserve:
         """Create or complete the reserve, within the rules above; never raises."""
         try:
             self._refill()
+        except StoreError as error:  # (a link in place of reserve/: left alone, said)
+            log.warning("could not keep the store's space reserve: %s", error)
         except OSError as error:
             if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):
                 log.warning("could not keep the store's space reserve at %s: %s", self.folder, error)
@@ -409,16 +419,19 @@ class SpaceReserve:
             free - (target - held) < target or (fs.f_files > 0 and fs.f_favail < 4 * (_SPARE_INODES + 2))
         ):
             return  # merely missing, and the disk is (nearly) full: leave its free space to the user
-        self.folder.mkdir(exist_ok=True)
-        fd = os.open(self.space, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            size = min(target, held + free // _PAGE * _PAGE)
-            if size > held:
-                os.posix_fallocate(fd, 0, size)
-        finally:
-            os.close(fd)
-        for number in range(_SPARE_INODES):
-            os.close(os.open(self.folder / f"inode-{number}", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        with opened_folder(self.folder, self._within, create=True) as folder:
+            fd = os.open(
+                "space", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=folder
+            )
+            try:
+                size = min(target, held + free // _PAGE * _PAGE)
+                if size > held:
+                    os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+            for number in range(_SPARE_INODES):
+                os.close(os.open(f"inode-{number}", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                                 dir_fd=folder))  # fmt: skip
         if size >= target:
             self.released = False
 

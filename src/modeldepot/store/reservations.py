@@ -21,11 +21,13 @@ import fcntl
 import itertools
 import os
 import secrets
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from modeldepot.store.confined import folder_within, opened_folder
 from modeldepot.store.locks import StoreLock, unlock_and_close
 
 _FIELD = 20  # digits of a reservation's byte count (fixed: the file is rewritten in place)
@@ -38,8 +40,11 @@ class Reservation:
     amount and the repo; the lines after it, the contents the room is for (``key size``: a pull's, whose
     downloads other pulls of the same contents share)."""
 
-    def __init__(self, fd: int, path: Path, repo_id: str) -> None:
+    def __init__(self, fd: int, path: Path, repo_id: str, within: str) -> None:
         self._fd, self.path, self.repo_id = fd, path, repo_id
+        self._within = (
+            within  # the store's home (real path): no link leads its unlink out (store/confined.py)
+        )
         self._end = 0  # where the next line goes
 
     def set(self, amount: int) -> None:
@@ -62,10 +67,17 @@ class Reservation:
     def release(self) -> None:
         if self._fd < 0:
             return
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # (before the lock goes: a reader never counts a file nobody holds)
-        unlock_and_close(self._fd)
-        self._fd = -1
+        try:
+            with (
+                opened_folder(self.path.parent, self._within) as folder,
+                contextlib.suppress(FileNotFoundError),
+            ):
+                os.unlink(
+                    self.path.name, dir_fd=folder
+                )  # (before the lock goes: a reader never counts a file nobody holds)
+        finally:
+            unlock_and_close(self._fd)
+            self._fd = -1
 
 
 class Reservations:
@@ -74,6 +86,9 @@ class Reservations:
     def __init__(self, directory: Path, read_only: bool = False) -> None:
         self.directory = directory
         self.read_only = read_only
+        # The store's home (real path; ``directory`` is its locks/reservations): what is made, read and deleted
+        # there stays inside it, whatever link a member of a group that shares the store put in place
+        self.within = os.path.realpath(directory.parent.parent)
         self._admission = StoreLock(directory.parent / "budget.lock", read_only)
         self._names = itertools.count()
         self._token = ""  # this process's names' start (a new one in a forked child)
@@ -91,22 +106,22 @@ class Reservations:
              reused: Iterable[str] = ()) -> Reservation:  # fmt: skip
         """Reserve ``amount`` bytes for a write of ``repo_id`` (from any thread): for ``contents`` (content key
         -> size), when the write is a pull's; ``reused``: the blobs it relies on (:meth:`Reservation.add_reused`)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         name = f"{self._prefix()}{next(self._names)}"
-        staging = self.directory / f".{name}"
-        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o664)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # (held before it has its name: never seen unheld)
-            reservation = Reservation(fd, self.directory / name, repo_id)
-            reservation.set(amount)
-            reservation.add_contents(contents or {})
-            reservation.add_reused(reused)
-            staging.rename(reservation.path)
-        except BaseException:
-            unlock_and_close(fd)
-            with contextlib.suppress(OSError):
-                staging.unlink()
-            raise
+        with opened_folder(self.directory, self.within, create=True) as folder:
+            fd = os.open(f".{name}", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o664,
+                         dir_fd=folder)  # fmt: skip
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # (held before it has its name: never seen unheld)
+                reservation = Reservation(fd, self.directory / name, repo_id, self.within)
+                reservation.set(amount)
+                reservation.add_contents(contents or {})
+                reservation.add_reused(reused)
+                os.rename(f".{name}", name, src_dir_fd=folder, dst_dir_fd=folder)
+            except BaseException:
+                unlock_and_close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(f".{name}", dir_fd=folder)
+                raise
         return reservation
 
     def elsewhere(self, contents: bool = False) -> list[Held]:
@@ -116,21 +131,26 @@ class Reservations:
         if self.read_only:
             return []
         try:
-            names = os.listdir(self.directory)
+            folder = folder_within(self.directory, self.within)
         except FileNotFoundError:
             return []
+        try:
+            return self._read(folder, contents)
+        finally:
+            os.close(folder)
+
+    def _read(self, folder: int, contents: bool) -> list[Held]:
         mine = self._prefix()
         found: list[Held] = []
         parsed: dict[str, _Lines] = {}
-        for name in names:
+        for name in os.listdir(folder):
             if name.startswith(mine):
                 continue
-            path = self.directory / name
-            held = _held(path, name, self._parsed.get(name) if contents else None, contents)
+            held = _held(folder, name, self._parsed.get(name) if contents else None, contents)
             if held is None:
                 if not name.startswith("."):  # (a staging name is a reservation being made)
                     with contextlib.suppress(OSError):
-                        path.unlink()
+                        os.unlink(name, dir_fd=folder)
                 continue
             found.append(held[0])
             if held[1] is not None:
@@ -161,14 +181,16 @@ class Held:
     reused: frozenset[str] = frozenset()  # the blobs (SHA-256) it found in the store and relies on
 
 
-def _if_held(path: Path, read: Callable[[int], T]) -> T | None:
-    """``read(fd)`` of a reservation file while a process holds its lock; None when none does (or it is
-    gone): a killed process's lock went with it."""
+def _if_held(folder: int, name: str, read: Callable[[int], T]) -> T | None:
+    """``read(fd)`` of a reservation file (``name`` in ``folder``) while a process holds its lock; None when none
+    does (or it is gone, or not a file of its own: a link): a killed process's lock went with it."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+    except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -188,7 +210,7 @@ class _Lines:
 
 
 def _held(
-    path: Path, name: str, parsed: _Lines | None, with_contents: bool
+    folder: int, name: str, parsed: _Lines | None, with_contents: bool
 ) -> tuple[Held, _Lines | None] | None:
     """What a reservation file holds while a process holds its lock (None when none does), with its lines
     after the first as parsed now (``with_contents``: from where ``parsed`` ended)."""
@@ -205,7 +227,7 @@ def _held(
                     lines.contents if lines else {}, lines.reused if lines else frozenset())  # fmt: skip
         return held, lines
 
-    return _if_held(path, read)
+    return _if_held(folder, name, read)
 
 
 def _lines_after(fd: int, start: int, parsed: _Lines | None) -> _Lines:
