@@ -22,7 +22,9 @@ from modeldepot import Depot
 from modeldepot.cli import cli
 from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError, StoreError, StoreFullError
 from modeldepot.preload import Preloader
+from modeldepot.store import maintenance
 from modeldepot.store.budget import BudgetExceededError, parse_max_size
+from modeldepot.store.layout import os_error
 from modeldepot.store.partials import ENDED_MARK, PUBLIC_MARK
 
 MB = 1 << 20
@@ -1967,3 +1969,97 @@ def test_many_small_revisions_are_evicted_in_batches_each_freeing_what_it_alone_
         assert not any((depot.store.layout.home / "snapshots" / "acme").glob("r000*"))
         assert store_files_consistent(depot) == []
         assert depot.verify().ok
+
+
+def _small_revisions(depot: Depot, tmp_path: Path, count: int, size: int = 100_000) -> None:
+    """``count`` revisions acme/r000.. of ``size`` bytes each, oldest first."""
+    for i in range(count):
+        files = {"config.json": b'{"i": %d}' % i, "weights.bin": os.urandom(size)}
+        depot.import_dir(write_model_dir(tmp_path / "src" / f"r{i}", files), f"acme/r{i:03d}")
+
+
+def _snapshots(depot: Depot) -> set[str]:
+    root = depot.store.layout.home / "snapshots" / "acme"
+    return {p.name for p in root.iterdir()} if root.exists() else set()
+
+
+def test_a_removal_elsewhere_during_a_round_stops_its_evictions(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Another process's `rm` (or its own budget round) frees the room while this round goes: the bytes were
+    looked at only between batches, and the whole batch of the plan (up to 64 revisions, 1 GiB) went, every one
+    of them for nothing (a review). They are looked at again once the batch is known."""
+    with Depot(tmp_path / "store") as depot:
+        _small_revisions(depot, tmp_path, 6)
+        big = write_model_dir(tmp_path / "src" / "big", {"weights.bin": os.urandom(1_000_000)})
+        depot.import_dir(big, "acme/big")  # (the newest: not in the plan)
+        budget = depot.store.budget
+        limit = budget.used_bytes() - 450_000
+        assert [e.repo_id for e in budget.plan_shrink(limit)] == [f"acme/r{i:03d}" for i in range(5)]
+        real = budget.order.frees_nothing
+        removed: list[object] = []
+
+        def meanwhile(*args: object) -> bool:
+            if not removed:  # (another process removes 1 MB, as this round goes)
+                removed.append(maintenance.remove(depot.store, "acme/big"))
+            return real(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(budget.order, "frees_nothing", meanwhile)
+        evicted = budget.shrink(limit)
+        assert removed
+        # (2a058e7: ["acme/r000"], the bytes looked at again after it; 25aaa04: all five)
+        assert len(evicted) <= 1, [e.repo_id for e in evicted]
+
+
+def test_a_batch_that_fails_midway_accounts_for_the_revisions_it_took_out(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A blob file that cannot be deleted (a `sudo` pull's folder under blobs/: EACCES) failed the removal of a
+    batch after its transaction: its every revision was out of the index, none counted, logged, nor in the
+    history, and every snapshot of the batch stayed (dangling links; a review). What went is on record, its
+    snapshots gone, and the error said after."""
+    with Depot(tmp_path / "store") as depot:
+        _small_revisions(depot, tmp_path, 6)
+        store = depot.store
+        budget = store.budget
+        limit = budget.used_bytes() - 450_000
+        assert [e.repo_id for e in budget.plan_shrink(limit)] == [f"acme/r{i:03d}" for i in range(5)]
+        commit = store.resolve("acme/r002", "main")
+        stuck = next(e.sha256 for e in store.files("acme/r002", commit) if e.path == "weights.bin")
+        real = store.blobs.delete
+
+        def refused(sha256: str, *args: object, **kwargs: object) -> int:
+            if sha256 == stuck:
+                raise os_error(PermissionError(13, "Permission denied", str(store.blobs.path(sha256))),
+                               f"deleting {store.blobs.path(sha256)}")  # fmt: skip
+            return real(sha256, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(store.blobs, "delete", refused)
+        with pytest.raises(StoreError):
+            budget.shrink(limit)
+        monkeypatch.undo()
+        held = {r.repo_id for r in depot.list_repos()}
+        gone = (
+            {f"acme/r{i:03d}" for i in range(6)} - held - {"acme/r002"}
+        )  # (the one whose file stayed aside)
+        assert gone, "the round removed nothing"
+        history = {e.repo_id for e in budget.history(limit=100)}
+        counted = int(store.index.setting("evictions") or 0)
+        # Each revision the round took out of the index is an eviction on record, as it was
+        assert gone <= history, f"evicted with no record: {sorted(gone - history)}"
+        assert counted >= len(gone)
+        # ... and its snapshot is gone (a loader globbing it found links to deleted blobs)
+        assert not {name for name in _snapshots(depot) if f"acme/{name}" in gone}
+
+
+def test_rm_of_a_repo_with_no_revision_left_removes_its_row(tmp_path: Path) -> None:
+    """A repo's row no revision is left of (an older version's crash, a hand edit) goes with `rm` of the repo;
+    built on the removal of revisions, which deletes the row with its last revision, it stayed for good (a
+    review): `ls` listed it, and every `rm` of it "succeeded"."""
+    with Depot(tmp_path / "store") as depot:
+        _small_revisions(depot, tmp_path, 1)
+        store = depot.store
+        commit = store.resolve("acme/r000", "main")
+        with store.index.write("a row with no revision (a crash of an older version, a hand edit)") as con:
+            con.execute("DELETE FROM revisions WHERE repo_id = ? AND commit_id = ?", ("acme/r000", commit))
+        assert store.index.read("SELECT 1 FROM repos WHERE repo_id = ?", ("acme/r000",))
+        maintenance.remove(store, "acme/r000")
+        assert not store.index.read("SELECT 1 FROM repos WHERE repo_id = ?", ("acme/r000",))

@@ -345,7 +345,7 @@ def test_the_budget_and_its_evictions(tmp_path: Path, monkeypatch: pytest.Monkey
 
             monkeypatch.setattr(
                 modeldepot.store.budget, "SHARED_FRESH", 0.0
-            )  # (a scrape looks again at once)
+            )  # (the look at which blobs files outside the store share: a scrape looks again at once)
             linked = write_model_dir(tmp_path / "linked", {"big.gguf": os.urandom(900 * 1024)})
             budgeted.import_dir(linked, "acme/linked", link=True)
             status = budgeted.budget_status()

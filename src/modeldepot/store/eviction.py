@@ -311,7 +311,7 @@ class EvictionOrder:
                 held = held_now[key] = dict(files[key])
             if unit.variant is None:
                 going = dict(held)
-            else:  # (as DiskBudget._evict judges: among the files left, a last variant goes with its revision,
+            else:  # (as DiskBudget._evict_variant judges: among the files left, a last variant goes with its revision,
                 # config and tokenizer too: the preview said they stayed, a trial)
                 now = self.grouped(key, held, written.get(key, ())) if self.variants is not None else []
                 own = next((mine for _, mine, aliases in now if unit.variant.lower() in aliases), None)

@@ -37,6 +37,7 @@ from modeldepot.store.blobs import (
 from modeldepot.store.eviction import shared_blobs
 from modeldepot.store.holders import holding_processes, removed_files_held
 from modeldepot.store.index import index_damage_advice as _advice
+from modeldepot.store.layout import os_error
 from modeldepot.store.models import (
     DiskUsage,
     GcReport,
@@ -311,6 +312,10 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
             results = _remove_revisions(
                 store, [(repo_id, c) for c in commits], _kept(keep_blobs), f"removing {repo_id}"
             )
+        if revision is None and not commits:  # (a row no revision is left of: an older version's crash)
+            with store.index.write(f"removing {repo_id}") as con:
+                con.execute("DELETE FROM repos WHERE repo_id = ? AND NOT EXISTS (SELECT 1 FROM revisions WHERE "
+                            "repo_id = ?)", (repo_id, repo_id))  # fmt: skip
     store.index.reserve.refill()  # from the space just freed (if it was released, else when there is room)
     done = [r for r in results if r is not None]
     return RemoveResult(repo_id, tuple(commits), sum(r.blobs_removed for r in done), sum(r.bytes_freed for r in done),
@@ -318,13 +323,16 @@ def remove(store: Store, repo_id: str, revision: str | None = None,
                         deleted=tuple(d for r in done for d in r.deleted))  # fmt: skip
 
 
-def remove_revisions(store: Store, revisions: Sequence[tuple[str, str]],
-                     keep_blobs: KeptBlobs = frozenset()) -> list[RemoveResult | None]:  # fmt: skip
+def remove_revisions(store: Store, revisions: Sequence[tuple[str, str]], keep_blobs: KeptBlobs = frozenset(),
+                     failures: list[DepotError] | None = None) -> list[RemoveResult | None]:  # fmt: skip
     """Remove whole revisions, (repo id, commit id) each, with every ref to them, as :func:`remove` removes one
     by commit id, and free the blobs no one else uses: in one transaction, with one look for the blobs no file
     names any more (the disk budget's evictions of many small revisions, one removal each, took 12 ms apiece
     on a store of 24,000 files, most of it that look: explorer 30). A blob several of them used is freed by the
-    last of them. None for a revision gone already (another process's removal)."""
+    last of them. None for a revision gone already (another process's removal). A blob file that cannot be
+    deleted (a folder a `sudo` pull made: EACCES) stops nothing: the others go, each revision's snapshot goes,
+    and the error is raised once all is done, or added to ``failures`` when given (the budget counts what went,
+    then raises: a failure midway lost the record of every revision of the batch, a review)."""
     for repo_id, commit_id in revisions:
         validate_repo_id(repo_id)
         validate_revision(commit_id)
@@ -333,13 +341,13 @@ def remove_revisions(store: Store, revisions: Sequence[tuple[str, str]],
     doing = f"removing {len(revisions)} revisions" if len(revisions) > 1 else f"removing {revisions[0][0]}"
     with store.lock.exclusive(), store.layout.same_folders():
         _refuse_a_damaged_index(store, doing)
-        results = _remove_revisions(store, list(revisions), _kept(keep_blobs), doing)
+        results = _remove_revisions(store, list(revisions), _kept(keep_blobs), doing, failures)
     store.index.reserve.refill()
     return results
 
 
-def _remove_revisions(store: Store, revisions: list[tuple[str, str]], kept: frozenset[str],
-                      doing: str) -> list[RemoveResult | None]:  # fmt: skip
+def _remove_revisions(store: Store, revisions: list[tuple[str, str]], kept: frozenset[str], doing: str,
+                      failures: list[DepotError] | None = None) -> list[RemoveResult | None]:  # fmt: skip
     """:func:`remove_revisions` under the store's exclusive lock."""
 
     def delete_rows(con: sqlite3.Connection) -> tuple[set[int], dict[str, int], list[str]]:
@@ -363,18 +371,26 @@ def _remove_revisions(store: Store, revisions: list[tuple[str, str]], kept: froz
 
     # On a full disk the index takes the room its transaction needs from the store's reserve.
     removed, last, freed = store.index.write_freeing(doing, delete_rows)
-    deleted = _delete_each_blob_file(store, freed)
+    problems: list[DepotError] = []
+    deleted = _delete_each_blob_file(store, freed, problems)
     results: list[RemoveResult | None] = []
     for place, (repo_id, commit_id) in enumerate(revisions):
         if place not in removed:
             results.append(None)
             continue
-        store.snapshots.remove(repo_id, commit_id)
-        mine = [deleted[b] for b in freed if last[b] == place]
+        try:
+            store.snapshots.remove(repo_id, commit_id)
+        except DepotError as error:
+            problems.append(error)
+        mine = [deleted[b] for b in freed if last[b] == place and b in deleted]
         results.append(RemoveResult(
             repo_id, (commit_id,), len(mine), sum(d.freed for d in mine),
             bytes_still_linked=sum(d.still_linked for d in mine),
             deleted=tuple(d.file for d in mine if d.file is not None)))  # fmt: skip
+    if failures is not None:
+        failures.extend(problems)
+    elif problems:
+        raise problems[0]
     return results
 
 
@@ -447,11 +463,13 @@ def _delete_blob_files(store: Store, digests: list[str]) -> tuple[int, int, tupl
             tuple(d.file for d in each if d.file is not None))  # fmt: skip
 
 
-def _delete_each_blob_file(store: Store, digests: list[str]) -> dict[str, _BlobDeleted]:
+def _delete_each_blob_file(store: Store, digests: list[str],
+                           failures: list[DepotError] | None = None) -> dict[str, _BlobDeleted]:  # fmt: skip
     """Unlink the files of blobs whose rows are gone (under the exclusive lock): for each, the bytes freed, the
     bytes still on the disk because another name links them (a Hugging Face cache the store adopted or exported
     to, a folder imported with --link), and the device, inode and size of the file deleted if nothing else
-    names it."""
+    names it. ``failures``: a file that cannot be deleted is added there (and left out), the others deleted;
+    without, its error is raised."""
     if digests:  # (a load killed midway left links to its model's blobs in tmp/: they are not "elsewhere")
         try:
             _collect_sessions(store, fresh=STARTING_SESSION_FRESH)
@@ -465,7 +483,17 @@ def _delete_each_blob_file(store: Store, digests: list[str]) -> dict[str, _BlobD
             info = store.blobs.path(sha256).lstat()
         except OSError:
             info = None
-        size = store.blobs.delete(sha256, sources.get(sha256), everything_unrecorded or sha256 in unrecorded)
+        try:
+            size = store.blobs.delete(
+                sha256, sources.get(sha256), everything_unrecorded or sha256 in unrecorded
+            )
+        except (DepotError, OSError) as error:
+            if failures is None:
+                raise
+            failures.append(
+                error if isinstance(error, DepotError) else os_error(error, f"deleting blob {sha256}")
+            )
+            continue
         if info is not None and info.st_nlink > 1:
             each[sha256] = _BlobDeleted(0, size, None)
         else:
