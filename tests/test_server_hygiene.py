@@ -434,6 +434,48 @@ def test_a_malformed_request_logs_one_line_and_no_traceback(
     assert len(access) == good and all('"GET /api/depot/v1/health HTTP/1.1" 200' in a for a in access), access
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"GET /api/models HTTP/1.1\r\nHost: node\r\nAuthorization: Bearer S3cretTok_123\r\r\n\r\n",
+        b"GET /api/models HTTP/1.1\r\nHost: node\r\nCookie: session=S3cretTok_123\x01\r\n\r\n",
+        b"GET /api/models HTTP/1.1\r\nHost: node\r\nAuthorization: Bearer S3cretTok_123"
+        + b"x" * (32 << 10)
+        + b"\r\n\r\n",
+    ],
+    ids=["a token with a carriage return", "a cookie with a control byte", "a header too long"],
+)
+def test_a_malformed_request_never_logs_nor_answers_its_credentials(
+    serve_node: Callable[[ConnectionLimits], HygieneNode], caplog: pytest.LogCaptureFixture, payload: bytes
+) -> None:
+    """The parser's message quotes the header it could not parse: a token file with a Windows line end, sent by
+    curl, put the node's token in the log at INFO and in the 400 answer (an explorer's trial)."""
+    node = serve_node(ConnectionLimits())
+    caplog.set_level(logging.DEBUG)
+    with connect(node.port) as sock:
+        sock.sendall(payload)
+        answer = read_until_closed(sock)
+    assert status_of(answer) == 400 and b"malformed request" in answer, answer[:300]
+    assert b"S3cretTok" not in answer, answer
+    assert "S3cretTok" not in caplog.text, caplog.text
+
+
+def test_a_quote_in_a_user_agent_cannot_forge_the_access_line(
+    serve_node: Callable[[ConnectionLimits], HygieneNode], caplog: pytest.LogCaptureFixture
+) -> None:
+    node = serve_node(ConnectionLimits())
+    caplog.set_level(logging.DEBUG, logger="modeldepot.access")  # (a probe of /health is at DEBUG)
+    with connect(node.port) as sock:
+        sock.sendall(b'GET /api/depot/v1/health HTTP/1.1\r\nHost: node\r\nUser-Agent: evil" 500 1 0.1s "x\r\n'
+                     b"Connection: close\r\n\r\n")  # fmt: skip
+        read_until_closed(sock)
+    access = [r.getMessage() for r in caplog.records if r.name == "modeldepot.access"]
+    assert access and access[-1].count('"') - access[-1].count('\\"') == 4, (
+        access
+    )  # (request line, user agent)
+    assert '"evil\\" 500 1 0.1s \\"x"' in access[-1], access
+
+
 # -- modeldepot serve ----------------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,13 +185,30 @@ def _refusal(reason: str) -> bytes:
     return (head + "\r\n").encode("ascii") + body
 
 
+# A credential the parser's message may quote (a header it could not parse: a token file with a Windows line
+# end, sent by curl, put the node's token in the log and in the answer, an explorer's trial)
+_CREDENTIAL = re.compile(
+    r"(?i)\b((?:proxy-)?authorization|cookie|set-cookie|x-api-key)(\s*:\s*)[^'\"]*|\b(bearer|basic)\s+[^\s'\"]+"
+)
+
+
+def _redacted(text: str) -> str:
+    return _CREDENTIAL.sub(lambda m: f"{m[1]}{m[2]}<redacted>" if m[1] else f"{m[3]} <redacted>", text)
+
+
 def _short_reason(error: HttpProcessingError) -> str:
-    """The parser's message on one line, printable and short (it quotes the client's bytes)."""
+    """The parser's message on one line, printable and short (it quotes the client's bytes), credentials out."""
     lines = (line.strip() for line in str(error.message).splitlines())
-    text = " ".join(line for line in lines if line.strip("^ "))
+    text = _redacted(" ".join(line for line in lines if line.strip("^ ")))
     text = "".join(c if c.isprintable() else "?" for c in text)
     text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _quoted(text: str) -> str:
+    """``text`` for a quoted field of the access line: a quote in a client's User-Agent forged the fields after
+    it (an explorer's trial)."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 SHUTDOWN_LOOK = 0.05  # seconds between looks, as a node stops, at an answer still going
@@ -222,7 +240,8 @@ class NodeAccessLogger(AbstractAccessLogger):
             said = f"{sent}/{planned}" if planned is not None and sent < planned else str(sent)
             self.logger.log(level, '%s "%s %s HTTP/%d.%d" %d %s %fs "%s" %s', request.remote or "-", request.method,
                              request.path_qs, version.major, version.minor, response.status, said, time,
-                             request.headers.get("User-Agent", "-"), response.headers.get("X-Request-Id", "-"))  # fmt: skip
+                             _quoted(request.headers.get("User-Agent", "-")),
+                             response.headers.get("X-Request-Id", "-"))  # fmt: skip
         except Exception:
             self.logger.exception("could not write the access line of %s %s", request.method, request.path)
 
