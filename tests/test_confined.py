@@ -85,3 +85,26 @@ def test_a_link_in_place_of_tmp_makes_no_session_outside(tmp_path: Path) -> None
         with pytest.raises(DepotError):
             depot.import_dir(folder, "acme/other")
     assert sorted(os.listdir(victim)) == ["precious.conf"]
+
+
+def test_a_store_is_made_only_in_a_new_or_empty_folder(tmp_path: Path) -> None:
+    """`--home ~/projects` made a store in a folder of the user's, and the next import deleted the files of its
+    tmp/, gc those of its blobs/ (an explorer's trial). A folder that holds files and no store is refused; one
+    that holds only hidden names and lost+found (a disk mounted there for the store) is not."""
+    from modeldepot.errors import ConfigError
+
+    mine = tmp_path / "projects"
+    (mine / "tmp").mkdir(parents=True)
+    (mine / "tmp" / "important.txt").write_bytes(b"precious")
+    (mine / "notes.txt").write_bytes(b"mine")
+    with pytest.raises(ConfigError, match=r"holds files and no store \(notes.txt\)"):
+        Depot(mine)
+    assert sorted(os.listdir(mine)) == ["notes.txt", "tmp"] and os.listdir(mine / "tmp") == ["important.txt"]
+    mounted = tmp_path / "disk"
+    (mounted / "lost+found").mkdir(parents=True)
+    (mounted / ".snapshot").mkdir()
+    with Depot(mounted) as depot:
+        assert depot.list_repos() == []
+    (mounted / "notes.txt").write_bytes(b"beside a store: none of its business")
+    with Depot(mounted) as depot:  # (a store now: opened as it is)
+        assert depot.list_repos() == []

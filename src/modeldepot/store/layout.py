@@ -336,6 +336,21 @@ class StoreLayout:
                              f"{self.index_path} belongs to {_owner(self.index_path)})")  # fmt: skip
         return found
 
+    def not_the_stores(self) -> list[str]:
+        """What the home holds (a folder with no store yet) that is not the store's own: a store is made only in
+        a new or empty folder, or in one of a store whose index is missing (its folders), never in a folder of
+        the user's (`--home ~/projects` made a store in it, and the next import deleted the files of its tmp/,
+        gc those of its blobs/: an explorer's trial). Hidden names and lost+found (a file system's own: a disk
+        mounted there for the store) do not count."""
+        try:
+            names = os.listdir(self.home)
+        except FileNotFoundError:
+            return []
+        except OSError as error:
+            raise os_error(error, f"looking at {self.home} before making a store there") from error
+        return sorted(name for name in names if name not in _STORE_NAMES and not name.startswith(".")
+                      and name != "lost+found")  # fmt: skip
+
     def read_only_reason(self) -> str | None:
         """Why this process may only read the store, as in "the store at X is ...": it is on a read-only
         mount, or its files are another user's and this one may not write them (a store an admin fills in
@@ -375,6 +390,11 @@ class StoreLayout:
                 directory.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise os_error(error, f"creating the store at {self.home}") from error
+
+
+# What a store's home holds (index.py adds the index's journal files and reserve/)
+_STORE_NAMES = frozenset({"blobs", "snapshots", "tmp", "partials", "quarantine", "locks", "reserve", "index.db",
+                          "index.db-wal", "index.db-shm", "index.db-journal"})  # fmt: skip
 
 
 def _user(uid: int) -> str:

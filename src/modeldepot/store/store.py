@@ -187,6 +187,11 @@ class Store:
         if not create and not held:
             raise ConfigError(f"no store at {config.home}: nothing was imported, pulled or served there "
                               "(check the folder's name)")  # fmt: skip
+        if not held and read_only is None and (theirs := self.layout.not_the_stores()):
+            shown = ", ".join(theirs[:5]) + (f" and {len(theirs) - 5} more" if len(theirs) > 5 else "")
+            raise ConfigError(f"{config.home} holds files and no store ({shown}): a store is made only in a new or "
+                              "empty folder, so that nothing of yours is taken for its own; give it a folder of its "
+                              "own (--home, MODELDEPOT_HOME)")  # fmt: skip
         # A store on a read-only mount (a container's read-only root, a read-only volume or export), or one
         # this user may not write (another user's), is read and served as it is: nothing is created, locked,
         # recorded or flushed there, every write is a ReadOnlyStoreError, and what a check finds corrupt is
