@@ -488,6 +488,8 @@ def test_cors_headers_on_every_kind_of_answer(node: LiveNode, guarded: LiveNode,
     for reply in replies:
         assert reply.headers["Access-Control-Allow-Origin"] == "*"
         assert listed(reply, "Access-Control-Expose-Headers") >= EXPOSED
+        # (a file answer is application/octet-stream: no browser sniffs a README or a JSON into a page)
+        assert reply.headers["X-Content-Type-Options"] == "nosniff"
     for target_node in (node, guarded):  # preflights carry no credentials, even to a node with a token
         preflight = call(target_node, "OPTIONS", f"/{REPO}/resolve/main/config.json", PREFLIGHT)
         assert preflight.status == 204 and preflight.headers["Access-Control-Allow-Origin"] == "*"

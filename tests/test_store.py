@@ -76,6 +76,14 @@ def test_import_then_read_every_file_every_way(depot: Depot, model_dir: Path) ->
     assert not depot.has_file(REPO, "nope.bin")
 
 
+def test_an_import_of_no_path_is_a_clear_error(depot: Depot) -> None:
+    from modeldepot.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="the folder to import is a path, not NoneType"):
+        depot.import_dir(None, "acme/x")  # type: ignore[arg-type]
+    assert depot.list_repos() == []
+
+
 def test_a_closed_depot_reads_and_writes_nothing_and_says_so(tmp_path: Path, model_dir: Path) -> None:
     """A closed depot went on reading, importing and pulling (each thread opened a connection no close would end,
     and an import's blobs had no flusher to make them durable): it refuses, saying why."""

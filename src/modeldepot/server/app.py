@@ -69,6 +69,8 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return web.Response(status=204, headers=PREFLIGHT)
     response = await handler(request)
     response.headers.update(CORS)
+    # (a file answer is application/octet-stream: no browser may take a model's README or a JSON for a page)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
     return response
 
 

@@ -499,6 +499,10 @@ def import_dir(
     visibility (None keeps it; a new repo is public). With ``link``, each file the
     store lacks becomes a blob by a hard link, not a copy, where the file system allows (the same one, a
     file of this user): it is then made read-only, as every blob is (see :func:`stage_blob`)."""
+    if not isinstance(directory, (str, os.PathLike)):  # (None gave a bare TypeError: an explorer's trial)
+        raise InvalidInputError(
+            f"the folder to import is a path, not {type(directory).__name__}: {directory!r}"
+        )
     validate_repo_id(repo_id)
     validate_new_branch(revision)
     refuse_nested_branch(store.index, repo_id, revision)
