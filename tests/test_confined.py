@@ -108,3 +108,19 @@ def test_a_store_is_made_only_in_a_new_or_empty_folder(tmp_path: Path) -> None:
     (mounted / "notes.txt").write_bytes(b"beside a store: none of its business")
     with Depot(mounted) as depot:  # (a store now: opened as it is)
         assert depot.list_repos() == []
+
+
+def test_an_rm_whose_snapshot_folder_leads_out_says_what_it_removed(tmp_path: Path) -> None:
+    """A link in place of snapshots/<org>: `rm` removed the repo, left the folder the link leads to alone, and
+    said only "refusing to change ...": the user read that nothing was removed (an explorer's trial)."""
+    victim = _victim(tmp_path)
+    with _store(tmp_path) as depot:
+        org = depot.store.layout.snapshots / "acme"
+        org.rename(org.with_name("acme.real"))
+        org.symlink_to(victim)
+        with pytest.raises(
+            DepotError, match=r"acme/m@\w{12} was removed from the store, but its snapshot folder"
+        ):
+            depot.remove("acme/m")
+        assert depot.list_repos() == []
+    assert sorted(os.listdir(victim)) == ["precious.conf"]

@@ -380,8 +380,11 @@ def _remove_revisions(store: Store, revisions: list[tuple[str, str]], kept: froz
             continue
         try:
             store.snapshots.remove(repo_id, commit_id)
-        except DepotError as error:
-            problems.append(error)
+        except (
+            DepotError
+        ) as error:  # (said as what it is: `rm` said it failed, the repo gone, an explorer's trial)
+            problems.append(StoreError(f"{repo_id}@{commit_id[:12]} was removed from the store, but its snapshot "
+                                       f"folder was left as it is: {error}"))  # fmt: skip
         mine = [deleted[b] for b in freed if last[b] == place and b in deleted]
         results.append(RemoveResult(
             repo_id, (commit_id,), len(mine), sum(d.freed for d in mine),
