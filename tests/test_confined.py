@@ -37,9 +37,9 @@ def test_a_link_in_place_of_the_reservations_folder_deletes_nothing_outside(tmp_
         reservations.mkdir(exist_ok=True)
         reservations.rename(reservations.with_name("reservations.old"))
         reservations.symlink_to(victim)
-        with pytest.raises(DepotError, match="leads out of the store"):
+        with pytest.raises(DepotError, match=r"refusing to use .*reservations: it is a link"):
             depot.budget_status()
-        with pytest.raises(DepotError, match="leads out of the store"):
+        with pytest.raises(DepotError, match=r"refusing to use .*reservations: it is a link"):
             depot.store.budget.reservations.hold("acme/x", 10)
     assert sorted(os.listdir(victim)) == ["precious.conf"]
     assert (victim / "precious.conf").read_bytes() == b"precious config\n"
@@ -70,7 +70,7 @@ def test_a_link_in_place_of_the_store_lock_makes_no_file_outside(tmp_path: Path)
         lock.unlink()
         lock.symlink_to(victim / "nologin")
         folder = write_model_dir(tmp_path / "src2", {"config.json": b"{}"})
-        with pytest.raises((DepotError, OSError)):
+        with pytest.raises(DepotError, match="it is a link"):
             depot.import_dir(folder, "acme/other")
     assert sorted(os.listdir(victim)) == ["precious.conf"]
 
@@ -124,3 +124,153 @@ def test_an_rm_whose_snapshot_folder_leads_out_says_what_it_removed(tmp_path: Pa
             depot.remove("acme/m")
         assert depot.list_repos() == []
     assert sorted(os.listdir(victim)) == ["precious.conf"]
+
+
+def test_a_link_in_place_of_the_index_setup_lock_makes_no_file_outside(tmp_path: Path) -> None:
+    """locks/index-setup.lock was opened O_CREAT by path, links followed, at every open of a writable store: the
+    attack on locks/store.lock (root creating /etc/nologin) worked there too (a review)."""
+    victim = _victim(tmp_path)
+    _store(tmp_path).close()
+    setup = tmp_path / "store" / "locks" / "index-setup.lock"
+    setup.unlink()
+    setup.symlink_to(victim / "nologin")
+    try:  # (refused, or opened without following: either way nothing outside)
+        Depot(tmp_path / "store").close()
+    except (DepotError, OSError):
+        pass
+    assert sorted(os.listdir(victim)) == ["precious.conf"]
+
+
+def test_a_link_in_place_of_a_started_write_session_makes_no_file_outside(tmp_path: Path) -> None:
+    """A write session's partials were made by path (tmp/<session>/N.partial): a member who put a link in place of
+    the session's folder had the writer (root) create and fill files in any folder (a review)."""
+    from modeldepot.store.blobs import WriteSession
+
+    victim = _victim(tmp_path)
+    with _store(tmp_path) as depot:
+        session = WriteSession(depot.store.layout)
+        try:
+            session.path.rename(session.path.with_name("moved-away"))
+            session.path.symlink_to(victim)
+            try:  # (refused, or made inside the store: either way nothing outside)
+                session.new_partial(4096)
+            except (DepotError, OSError):
+                pass
+            made_outside = sorted(os.listdir(victim))  # (before close: its discard unlinks through the link)
+        finally:
+            session.close()
+    assert made_outside == ["precious.conf"]
+    assert sorted(os.listdir(victim)) == ["precious.conf"]
+
+
+def test_a_link_in_place_of_a_download_log_truncates_no_file_outside(tmp_path: Path) -> None:
+    """partials/<sha>.log and .part were opened O_CREAT by path, links followed, then emptied: a member's link
+    there had root's pull of that content truncate any file (a review)."""
+    victim = _victim(tmp_path)
+    target = victim / "precious.conf"
+    with _store(tmp_path) as depot:
+        store = depot.store
+        key = "ab" * 32
+        partials = store.layout.partials
+        partials.mkdir(exist_ok=True)
+        (partials / f"{key}.log").symlink_to(target)
+        try:
+            partial = store.partials.claim(key, 2 * store.chunk_size + 1, store.chunk_size, wait=False)
+        except (DepotError, OSError):
+            partial = None
+        if partial is not None and hasattr(partial, "close"):
+            partial.close()
+    assert target.read_bytes() == b"precious config\n"
+
+
+def test_a_link_in_place_of_the_store_lock_is_refused_as_a_store_error(tmp_path: Path) -> None:
+    """A link in place of a file of the store's own is refused as a StoreError that says so (it was a bare ELOOP
+    naming neither the path nor the fix: a review)."""
+    victim = _victim(tmp_path)
+    with _store(tmp_path) as depot:
+        lock = depot.store.layout.lock_path
+        lock.unlink()
+        lock.symlink_to(victim / "nologin")
+        folder = write_model_dir(tmp_path / "src2", {"config.json": b"{}"})
+        with pytest.raises(DepotError, match="it is a link"):
+            depot.import_dir(folder, "acme/other")
+
+
+def test_a_folder_of_the_users_with_only_store_named_folders_is_not_taken_over(tmp_path: Path) -> None:
+    """A folder of the user's holding only names the store uses (tmp/) and hidden ones (.git) was taken over, and
+    the next import deleted the files of its tmp/ (a review)."""
+    from modeldepot.errors import ConfigError
+
+    mine = tmp_path / "work"
+    (mine / "tmp").mkdir(parents=True)
+    (mine / "tmp" / "important.txt").write_bytes(b"precious")
+    (mine / ".git").mkdir()
+    try:
+        with Depot(mine) as depot:
+            depot.import_dir(write_model_dir(tmp_path / "src", {"config.json": b"{}"}), "acme/m")
+    except ConfigError:
+        pass  # (refused: right)
+    assert (mine / "tmp" / "important.txt").read_bytes() == b"precious"
+
+
+def test_a_reservations_release_raises_nothing_for_a_link_in_place_of_its_folder(tmp_path: Path) -> None:
+    """A release is called once a write published, and in `finally` blocks: a link in place of its folder made
+    it raise, and an import that had published reported a failure (a review). Nothing is deleted through it."""
+    victim = _victim(tmp_path)
+    with _store(tmp_path) as depot:
+        reservations = depot.store.budget.reservations
+        held = reservations.hold("acme/x", 10)
+        reservations.directory.rename(reservations.directory.with_name("reservations.old"))
+        reservations.directory.symlink_to(victim)
+        try:
+            held.release()  # (nothing deleted through the link, and no error out of a release)
+        finally:
+            reservations.directory.unlink()
+            reservations.directory.with_name("reservations.old").rename(reservations.directory)
+    assert sorted(os.listdir(victim)) == ["precious.conf"]
+
+
+def test_a_reservations_release_raises_nothing_when_its_folder_is_gone(tmp_path: Path) -> None:
+    """Before e8cdb65 `path.unlink()` under suppress(FileNotFoundError): a folder gone meanwhile was nothing to
+    do. Now opened_folder raises FileNotFoundError before the suppress is entered."""
+    import shutil
+
+    with _store(tmp_path) as depot:
+        reservations = depot.store.budget.reservations
+        held = reservations.hold("acme/y", 10)
+        shutil.rmtree(reservations.directory)
+        held.release()
+
+
+def test_a_link_in_the_home_makes_a_mirror_node_write_no_file_outside(tmp_path: Path) -> None:
+    """mirror/marks.py wrote `<home>/.mirror-broken.json.<pid>.tmp` through a link (the pid is a node's, seen in
+    `ps`): a member's link there had a root node overwrite any file with JSON (a review)."""
+    from modeldepot.mirror.marks import BROKEN_FILE, BrokenMarks
+
+    victim = _victim(tmp_path)
+    target = victim / "precious.conf"
+    home = tmp_path / "store"
+    _store(tmp_path).close()
+    (home / f".{BROKEN_FILE}.{os.getpid()}.tmp").symlink_to(target)
+    (home / f".{BROKEN_FILE}.lock").symlink_to(victim / "nologin")
+    BrokenMarks(home).note("acme/m", "w.bin", None)
+    assert target.read_bytes() == b"precious config\n"
+    assert sorted(os.listdir(victim)) == ["precious.conf"]
+
+
+def test_a_store_whose_index_was_lost_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    """A store whose index.db was lost, beside its own notes (liars.json, a pull's): a new index would take every
+    blob for garbage (the next gc deletes them all), so it is refused, saying how to get the models back; its notes
+    are no "files of yours" (a review)."""
+    from modeldepot.errors import ConfigError
+    from modeldepot.transfer.liars import remember_liars
+
+    home = tmp_path / "store"
+    _store(tmp_path).close()
+    remember_liars(home, ["peer-a"], 600.0)
+    assert (home / "liars.json").exists()
+    for name in ("index.db", "index.db-wal", "index.db-shm"):
+        (home / name).unlink(missing_ok=True)
+    with pytest.raises(ConfigError, match=r"holds a store's files \(blobs/, snapshots/\) but no index"):
+        Depot(home)
+    assert any((home / "blobs").rglob("*")) and not (home / "index.db").exists()

@@ -28,7 +28,6 @@ import functools
 import logging
 import os
 import re
-import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -43,6 +42,7 @@ from modeldepot.errors import (
 )
 from modeldepot.hub.manifest import Manifest, RemoteFile, current_manifest, held_manifest
 from modeldepot.store import Store
+from modeldepot.store.confined import opened_folder, write_within
 from modeldepot.store.models import FileEntry, RepoInfo, RepoSummary, RevisionInfo
 from modeldepot.validation import validate_path, validate_repo_id, validate_revision
 
@@ -101,17 +101,16 @@ class Tiers:
         if _SHA256.fullmatch(sha256) is None:
             return  # (a name from another store's index: no path is built from it unless it is a digest)
         folder = self.own.home / REFUSED_FOLDER
-        temporary = folder / f".{sha256}.{os.getpid()}.{threading.get_ident()}"
         try:
             placement = store.placement(sha256)
             if self.own.read_only or placement is None:
                 return
-            folder.mkdir(exist_ok=True)
-            temporary.write_text(repr(placement))
-            os.replace(temporary, folder / sha256)
+            # (no link there leads out of the store: store/confined.py)
+            within = os.path.realpath(self.own.home)
+            with opened_folder(folder, within, create=True):
+                pass
+            write_within(folder / sha256, repr(placement).encode(), within)
         except (OSError, DepotError) as error:  # (never in place of the CorruptBlobError the reader gets)
-            with contextlib.suppress(OSError):
-                temporary.unlink()
             log.warning("could not note in %s that a shared store's blob %s… is corrupt: %s", folder,
                         sha256[:16], error)  # fmt: skip
 

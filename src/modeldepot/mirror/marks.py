@@ -26,6 +26,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modeldepot.errors import StoreError
+from modeldepot.store.confined import open_within, write_within
+
 __all__ = ["BROKEN_FILE", "BROKEN_TTL", "BrokenMarks", "Sent", "Span"]
 
 # Seconds a file whose response broke is answered whole: longer than clients retry (huggingface_hub
@@ -145,24 +148,22 @@ class BrokenMarks:
             marks = {known: mark for known, mark in marks.items() if abs(now - mark[0]) <= BROKEN_TTL}
             rows = [[repo, file, when, None if sent.spans is None else sorted(sent.spans)]
                     for (repo, file), (when, sent) in marks.items()]  # fmt: skip
-            temporary = self._file.with_name(f".{BROKEN_FILE}.{os.getpid()}.tmp")
-            try:  # (rare, and small: written at once, on the loop)
-                temporary.write_text(json.dumps(rows))
-                os.replace(temporary, self._file)
+            try:  # (rare, and small: written at once, on the loop; no link leads it out: store/confined.py)
+                write_within(self._file, json.dumps(rows).encode(), os.path.realpath(self._file.parent))
                 self._unwritten = {}
-            except OSError as error:
+            except (OSError, StoreError) as error:
                 log.warning("could not record the files a mirror answers whole in %s (%s): after a restart, a "
                             "resume of one would be answered as asked", self._file, error)  # fmt: skip
-                with contextlib.suppress(OSError):
-                    temporary.unlink()
                 self._unwritten = marks
             self._marks, self._seen = marks, self._stat()
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         try:
-            fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError:  # (the write then fails too, and says so)
+            fd = open_within(
+                self._lock_file, os.O_RDWR | os.O_CREAT, 0o644, os.path.realpath(self._lock_file.parent)
+            )
+        except (OSError, StoreError):  # (the write then fails too, and says so)
             yield
             return
         try:

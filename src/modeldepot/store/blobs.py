@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modeldepot.errors import CorruptBlobError, StoreError
-from modeldepot.store.confined import opened_folder
+from modeldepot.store.confined import named, open_within, opened_folder, write_within
 from modeldepot.store.layout import StoreLayout, fsync_dir, fsync_file, os_error, size_text
 from modeldepot.store.locks import lock_is_held, unlock_and_close
 
@@ -146,9 +146,9 @@ class PartialBlob:
         self.read_only = read_only_mode(mode)
         self.linked_from = source
         self.linked_inode = (linked.st_dev, linked.st_ino)
-        _mode_file(self.path).write_text(
-            json.dumps({"mode": mode, "source": str(source), "inode": list(self.linked_inode)})
-        )
+        # (beside it in its session's folder, as opened: tmp/<session>/, store/confined.py)
+        write_within(_mode_file(self.path), json.dumps({"mode": mode, "source": str(source),
+                     "inode": list(self.linked_inode)}).encode(), os.path.realpath(self.path.parents[2]))  # fmt: skip
 
     def linked_source(self) -> LinkedSource | None:
         """The file of the user's this partial is a hard link of (:meth:`keep_mode`), if any."""
@@ -328,6 +328,10 @@ class WriteSession:
                 os.rename(starting.name, name, src_dir_fd=tmp, dst_dir_fd=tmp)
         except OSError as error:
             layout.rmtree(starting)
+            if not error.filename or not os.path.isabs(
+                os.fsdecode(error.filename)
+            ):  # (relative to tmp/'s descriptor)
+                error = named(error, starting)
             raise os_error(error, "starting a write in the store's tmp/") from error
 
     @classmethod
@@ -357,8 +361,8 @@ class WriteSession:
     def new_partial(self, size: int) -> PartialBlob:
         """A new partial file, preallocated to ``size`` so a full disk fails before any work is done."""
         path = self.path / f"{len(self._partials)}.partial"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        try:  # (in the session's folder as opened: a link put in its place leads nowhere, store/confined.py)
+            fd = open_within(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666, self.layout.real_home)
         except OSError as error:
             raise os_error(error, "creating a file in the store's tmp/") from error
         partial = PartialBlob(path, fd, size)

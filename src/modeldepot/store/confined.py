@@ -1,12 +1,13 @@
-"""Files and folders of the store's own (its locks, reservations, space reserve, write sessions) opened so that
-no link leads out of it.
+"""Files and folders of the store's own (its locks, reservations, space reserve, write sessions, downloads,
+notes beside the index) opened so that no link leads out of it.
 
 In a store a group shares, every member may rename and replace what lies in its folders: one who replaced
 ``locks/reservations`` with a link to another folder had every file there deleted by the next ``du`` of another
 member, or of root, and by any client's GET of a node's ``/metrics``; a link in place of ``reserve/space`` had
 root's next import pad a config file with 1 MiB of zeros (an explorer's trial). A name checked, then used, leaves
-a race; so a folder is opened (``O_NOFOLLOW``), the folder opened is checked to lie inside the store, and what is
-made, opened or deleted in it is so relative to it (``dir_fd``), the file itself never a link.
+a race; so a folder is opened (``O_NOFOLLOW``, but for the home itself, whose links are the user's), the folder
+opened is checked to lie inside the store, and what is made, opened or deleted in it is so relative to it
+(``dir_fd``), the file itself never a link.
 """
 
 from __future__ import annotations
@@ -14,37 +15,31 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 from modeldepot.errors import StoreError
 
-__all__ = ["folder_within", "open_within", "opened_folder"]
+__all__ = ["folder_within", "named", "open_within", "opened_folder", "write_within"]
 
 
 def folder_within(path: Path, within: str, create: bool = False) -> int:
     """A descriptor of the folder ``path``, which must lie inside ``within`` (a real path: the store's home) as
-    opened; ``create``: made first if missing, in its parent checked the same way. Raises StoreError outside (a
-    link somewhere on the way), OSError as ``open`` does (FileNotFoundError: missing; ELOOP or ENOTDIR: the
-    folder is a link, or a file)."""
-    if create:
-        parent = folder_within(path.parent, within) if os.path.realpath(path.parent) != within else None
-        try:
-            if parent is None:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(path)
-            else:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(path.name, dir_fd=parent)
-        finally:
-            if parent is not None:
-                os.close(parent)
+    opened; ``create``: made first if missing, in its parent opened and checked the same way. Raises StoreError
+    outside (a link in place of a folder), OSError as ``open`` does (FileNotFoundError: missing)."""
+    if create and os.path.realpath(path) != within:
+        with opened_folder(path.parent, within) as parent, contextlib.suppress(FileExistsError):
+            try:
+                os.mkdir(path.name, dir_fd=parent)
+            except OSError as error:
+                raise named(error, path) from None
+    home = os.path.realpath(path) == within  # (the home itself: a link to it is the user's choice)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (0 if home else os.O_NOFOLLOW))
     except OSError as error:
         if error.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path):
-            raise StoreError(f"refusing to use {path}: it is a link (to {os.readlink(path)}), and the store's own "
-                             f"folders never are; it leads out of the store at {within} (move it away)") from error  # fmt: skip
+            raise _a_link(path, within) from error
         raise
     try:
         real = os.readlink(f"/proc/self/fd/{fd}")
@@ -68,6 +63,50 @@ def opened_folder(path: Path, within: str, create: bool = False) -> Iterator[int
 
 def open_within(path: Path, flags: int, mode: int, within: str) -> int:
     """``os.open`` of a file of the store's own: its folder checked as :func:`folder_within` checks it, the file
-    never a link (``O_NOFOLLOW``: ELOOP)."""
+    never a link (a StoreError says so)."""
     with opened_folder(path.parent, within) as folder:
-        return os.open(path.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=folder)
+        try:
+            return os.open(path.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=folder)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise _a_link(path, within) from error
+            raise named(error, path) from None
+
+
+def write_within(path: Path, data: bytes, within: str, mode: int = 0o666) -> None:
+    """Replace the file ``path`` of the store's own with ``data``, whole (a new file of a random name, then a
+    rename, both in its folder as opened): a link put where its temporary or its name was leads nowhere."""
+    with opened_folder(path.parent, within) as folder:
+        temporary = f".{path.name}.{secrets.token_hex(8)}.tmp"
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                         dir_fd=folder)  # fmt: skip
+        except OSError as error:
+            raise named(error, path.with_name(temporary)) from None
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.rename(temporary, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=folder)
+            raise
+
+
+def named(error: OSError, path: Path) -> OSError:
+    """``error`` of a call relative to a folder's descriptor, naming the whole path (what the store's errors
+    read: whose file it is, whether the disk's inodes ran out)."""
+    return OSError(error.errno, error.strerror, os.fspath(path))
+
+
+def _a_link(path: Path, within: str) -> StoreError:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return StoreError(f"refusing to use {path}: it is a link (to {target}), and the store's own files and folders "
+                      f"never are: a link there could lead out of the store at {within} (move it away)")  # fmt: skip

@@ -18,6 +18,8 @@ import time
 from collections.abc import Collection
 from pathlib import Path
 
+from modeldepot.errors import StoreError
+from modeldepot.store.confined import opened_folder
 from modeldepot.store.locks import lock_is_held
 from modeldepot.validation import redact_credentials
 
@@ -183,15 +185,16 @@ def announce_letting_go(folder: Path) -> int | None:
     process to keep a model from eviction (a node's preloads kept every CLI pull beside it from making room).
     The descriptor held (its lock tells a live announcer from a killed one's file); None when it cannot be
     said (a read-only store)."""
-    path = folder / str(os.getpid())
-    try:
-        folder.mkdir(exist_ok=True)
-        # (a file new, of a new time: a killed process's of this pid, old, could be taken for stale by another
-        # process's look and removed between this open and its lock, the announcement then unseen)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError:
+    name = str(os.getpid())
+    try:  # (in locks/letting-go as opened: a link in its place leads nowhere, store/confined.py)
+        with opened_folder(folder, os.path.realpath(folder.parents[1]), create=True) as opened:
+            # (a file new, of a new time: a killed process's of this pid, old, could be taken for stale by
+            # another process's look and removed between this open and its lock, the announcement then unseen)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=opened)
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                         dir_fd=opened)  # fmt: skip
+    except (OSError, StoreError):
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -35,7 +35,7 @@ from modeldepot.errors import (
     StoreFullError,
     StoreSchemaError,
 )
-from modeldepot.store.confined import folder_within, opened_folder
+from modeldepot.store.confined import folder_within, open_within, opened_folder
 from modeldepot.store.forking import INDEX_GATE, ForkGate
 from modeldepot.store.holders import processes_with_open
 from modeldepot.store.layout import FULL_DISK_ADVICE, writable_mode
@@ -538,7 +538,10 @@ class Index:
         # Switching to WAL needs a moment with no other connection, and SQLite's busy timeout does not
         # cover it: processes opening a new store together would fail with "database is locked".
         # The switch persists in the file, so it is done once, under a lock, together with migrations.
-        fd = os.open(setup_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o664)
+        # (no link in its place leads out of the store: store/confined.py)
+        fd = open_within(
+            setup_lock, os.O_RDWR | os.O_CREAT, 0o664, os.path.realpath(setup_lock.parent.parent)
+        )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             # Made here, as the umask says (SQLite makes it 0o644 whatever the umask; its -wal and -shm take

@@ -269,6 +269,11 @@ class StoreLayout:
     def _real_home(self) -> str:
         return os.path.realpath(self.home)
 
+    @property
+    def real_home(self) -> str:
+        """The home's real path (the bound of store/confined.py's folders)."""
+        return self._real_home
+
     @functools.cached_property
     def _scope(self) -> threading.local:
         return threading.local()
@@ -339,20 +344,29 @@ class StoreLayout:
                              f"{self.index_path} belongs to {_owner(self.index_path)})")  # fmt: skip
         return found
 
-    def not_the_stores(self) -> list[str]:
-        """What the home holds (a folder with no store yet) that is not the store's own: a store is made only in
-        a new or empty folder, or in one of a store whose index is missing (its folders), never in a folder of
-        the user's (`--home ~/projects` made a store in it, and the next import deleted the files of its tmp/,
-        gc those of its blobs/: an explorer's trial). Hidden names and lost+found (a file system's own: a disk
-        mounted there for the store) do not count."""
+    def not_the_stores(self) -> tuple[list[str], list[str]]:
+        """What the home holds (a folder with no index) that is not the store's own, and which of the store's own
+        folders hold something (a store whose index was lost: a new one would take every blob for garbage). A
+        store is made only in a new or empty folder, or one a store's creation left with its folders empty,
+        never in a folder of the user's (`--home ~/projects` made a store in it, and the next import deleted the
+        files of its tmp/, gc those of its blobs/: an explorer's trial). Hidden names and lost+found (a file
+        system's own: a disk mounted there for the store) do not count."""
         try:
             names = os.listdir(self.home)
         except FileNotFoundError:
-            return []
+            return [], []
         except OSError as error:
             raise os_error(error, f"looking at {self.home} before making a store there") from error
-        return sorted(name for name in names if name not in _STORE_NAMES and not name.startswith(".")
-                      and name != "lost+found")  # fmt: skip
+        theirs = sorted(name for name in names if name not in _STORE_NAMES and not name.startswith(".")
+                        and not name.startswith("index.db") and name != "lost+found")  # fmt: skip
+        filled = []
+        for name in sorted(_STORE_FOLDERS & set(names)):
+            try:
+                if os.listdir(self.home / name):
+                    filled.append(name)
+            except OSError:  # (not a folder, or not readable: not the store's)
+                theirs.append(name)
+        return theirs, filled
 
     def read_only_reason(self) -> str | None:
         """Why this process may only read the store, as in "the store at X is ...": it is on a read-only
@@ -395,9 +409,10 @@ class StoreLayout:
             raise os_error(error, f"creating the store at {self.home}") from error
 
 
-# What a store's home holds (index.py adds the index's journal files and reserve/)
-_STORE_NAMES = frozenset({"blobs", "snapshots", "tmp", "partials", "quarantine", "locks", "reserve", "index.db",
-                          "index.db-wal", "index.db-shm", "index.db-journal"})  # fmt: skip
+# What a store's home holds: its folders, which hold files once it is used; the index's (index.db and its
+# journals, index.py's reserve/, locks/); notes beside it (transfer/liars.py, mirror/marks.py, tiers.py)
+_STORE_FOLDERS = frozenset({"blobs", "snapshots", "tmp", "partials", "quarantine"})
+_STORE_NAMES = _STORE_FOLDERS | {"locks", "reserve", "liars.json", "mirror-broken.json", "shared-refused"}
 
 
 def _user(uid: int) -> str:

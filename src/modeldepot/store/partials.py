@@ -74,6 +74,7 @@ import blake3
 from modeldepot.errors import ChunkNotAvailableError, InvalidRangeError, StoreError, StoreFullError
 from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.store.blobs import PartialBlob, start_writeback
+from modeldepot.store.confined import open_within, opened_folder
 from modeldepot.store.durability import UNKNOWN_BOOT, current_boot_id
 from modeldepot.store.layout import FULL_DISK_ADVICE, StoreLayout, os_error, size_text, writable_mode
 from modeldepot.store.locks import flock_holder, lock_is_held, unlock_and_close
@@ -403,7 +404,7 @@ class PartialFiles:
         mark = self._pull_mark(repo_id)
         while True:
             try:
-                fd = os.open(mark, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                fd = open_within(mark, os.O_RDWR | os.O_CREAT, 0o666, self.layout.real_home)
             except OSError as error:
                 raise os_error(error, "marking a pull as running") from error
             fcntl.flock(fd, fcntl.LOCK_SH)
@@ -447,9 +448,10 @@ class PartialFiles:
         waits for the holder's publish, as before marks."""
         mark = self._paths(key).wanted
         try:
-            mark.parent.mkdir(exist_ok=True)
-            os.close(os.open(self.layout.inside(mark), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
-        except OSError as error:
+            with opened_folder(mark.parent, self.layout.real_home, create=True) as folder:
+                os.close(os.open(mark.name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
+                                 dir_fd=folder))  # fmt: skip
+        except (OSError, StoreError) as error:
             log.debug("could not mark %s as waited for: %s", key[:16], error)
 
     def unwant(self, key: str) -> None:
@@ -728,7 +730,8 @@ class PartialFiles:
         flags = os.O_RDONLY if paths.one_piece else os.O_RDWR | os.O_APPEND
         while True:
             try:
-                lock_fd = os.open(paths.lock, flags | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                # (no link in its place leads out of the store: store/confined.py)
+                lock_fd = open_within(paths.lock, flags | os.O_CREAT, 0o666, self.layout.real_home)
             except OSError as error:
                 raise os_error(error, "opening a download's lock") from error
             try:
@@ -757,7 +760,7 @@ class PartialFiles:
             elif not paths.one_piece and _leftover_of_placing(paths.data):
                 self.layout.unlink(paths.data)  # a blob's other name (its pull ended before letting go)
                 logged = None
-            data_fd = os.open(paths.data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            data_fd = open_within(paths.data, os.O_RDWR | os.O_CREAT, 0o666, self.layout.real_home)
         except OSError as error:
             raise os_error(error, "opening a download's partial file") from error
         try:
@@ -921,17 +924,18 @@ def _make_mark(shared: Path, path: Path) -> None:
     the last 5-35 seconds, and a pull of 300 configs, freeing one mark per file as it ended, made the next
     pull's files and links cost 0.4 ms each instead of 0.02 (benchmarks, the twenty-fifth run). Where the
     link cannot be made (too many links, another user's file under protected_hardlinks), a file of its own."""
+    within = os.path.realpath(path.parents[1])  # (partials/ is in the home: a link there leads nowhere)
     for _ in range(2):
         try:
-            os.link(shared, path)
+            os.link(shared, path, follow_symlinks=False)
             return
         except FileExistsError:
             return  # (marked already: a leftover a resume keeps, or the same content's other pull)
         except FileNotFoundError:
-            os.close(os.open(shared, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
+            os.close(open_within(shared, os.O_WRONLY | os.O_CREAT, 0o666, within))
         except OSError:
             break
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
+    os.close(open_within(path, os.O_WRONLY | os.O_CREAT, 0o666, within))
 
 
 def _given_back(path: Path) -> int:

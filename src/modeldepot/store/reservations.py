@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import itertools
+import logging
 import os
 import secrets
 import stat
@@ -27,8 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from modeldepot.errors import StoreError
 from modeldepot.store.confined import folder_within, opened_folder
 from modeldepot.store.locks import StoreLock, unlock_and_close
+
+log = logging.getLogger(__name__)
 
 _FIELD = 20  # digits of a reservation's byte count (fixed: the file is rewritten in place)
 T = TypeVar("T")
@@ -65,16 +69,19 @@ class Reservation:
         self._add_lines("".join(f"{_REUSE} {sha256}\n" for sha256 in sha256s))
 
     def release(self) -> None:
+        """Give the room back; never raises (called once a write published, and in ``finally`` blocks: a link
+        in place of the folder, or the folder gone, leaves a file no lock holds, which the next look removes)."""
         if self._fd < 0:
             return
         try:
-            with (
-                opened_folder(self.path.parent, self._within) as folder,
-                contextlib.suppress(FileNotFoundError),
-            ):
+            with opened_folder(self.path.parent, self._within) as folder:
                 os.unlink(
                     self.path.name, dir_fd=folder
                 )  # (before the lock goes: a reader never counts a file nobody holds)
+        except (OSError, StoreError) as error:
+            if not isinstance(error, FileNotFoundError):
+                log.warning("could not remove the reservation %s: %s (no process holds it now: it counts for "
+                            "nothing)", self.path, error)  # fmt: skip
         finally:
             unlock_and_close(self._fd)
             self._fd = -1

@@ -46,7 +46,7 @@ from modeldepot.store.blobs import UNRECORDED_MODE, BlobFiles, WriteSession
 from modeldepot.store.budget import DiskBudget
 from modeldepot.store.durability import Durability
 from modeldepot.store.filesystem import shared_filesystem
-from modeldepot.store.index import Index
+from modeldepot.store.index import Index, index_damage_advice
 from modeldepot.store.layout import StoreLayout, keeps_the_group_out, os_error
 from modeldepot.store.locks import StoreLock
 from modeldepot.store.manifests import ManifestStore
@@ -174,6 +174,20 @@ def _close_store(durability: Durability, access: AccessLog, index: Index) -> Non
         index.close()
 
 
+def _refuse_a_folder_not_the_stores(layout: StoreLayout) -> None:
+    """ConfigError unless a store may be made in the home (a new or empty folder): StoreLayout.not_the_stores."""
+    theirs, filled = layout.not_the_stores()
+    if theirs:
+        shown = ", ".join(theirs[:5]) + (f" and {len(theirs) - 5} more" if len(theirs) > 5 else "")
+        raise ConfigError(f"{layout.home} holds files and no store ({shown}): a store is made only in a new or "
+                          "empty folder, so that nothing of yours is taken for its own; give it a folder of its own "
+                          "(--home, MODELDEPOT_HOME)")  # fmt: skip
+    if filled:
+        raise ConfigError(f"{layout.home} holds a store's files ({', '.join(f'{name}/' for name in filled)}) but no "
+                          f"index ({layout.index_path} is missing): a new one would take them all for garbage. Put "
+                          f"the index back; else {index_damage_advice(layout.home)}")  # fmt: skip
+
+
 class Store:
     """A store at ``config.home``, created on first use (unless ``create`` is false: then a folder that holds
     no store is a :class:`ConfigError`, so a mistyped home is not taken for a new, empty store)."""
@@ -187,11 +201,8 @@ class Store:
         if not create and not held:
             raise ConfigError(f"no store at {config.home}: nothing was imported, pulled or served there "
                               "(check the folder's name)")  # fmt: skip
-        if not held and read_only is None and (theirs := self.layout.not_the_stores()):
-            shown = ", ".join(theirs[:5]) + (f" and {len(theirs) - 5} more" if len(theirs) > 5 else "")
-            raise ConfigError(f"{config.home} holds files and no store ({shown}): a store is made only in a new or "
-                              "empty folder, so that nothing of yours is taken for its own; give it a folder of its "
-                              "own (--home, MODELDEPOT_HOME)")  # fmt: skip
+        if not held and read_only is None:
+            _refuse_a_folder_not_the_stores(self.layout)
         # A store on a read-only mount (a container's read-only root, a read-only volume or export), or one
         # this user may not write (another user's), is read and served as it is: nothing is created, locked,
         # recorded or flushed there, every write is a ReadOnlyStoreError, and what a check finds corrupt is

@@ -9,7 +9,6 @@ starts; a store others only read keeps them in its process alone.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
@@ -19,6 +18,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from modeldepot.errors import StoreError
+from modeldepot.store.confined import open_within, write_within
 from modeldepot.transfer.choosing import BANNED_NODES, LIARS
 
 __all__ = ["LIARS_FILE", "recall_liars", "remember_liars"]
@@ -60,19 +61,22 @@ def remember_liars(home: Path, names: Iterable[str], seconds: float) -> None:
     """Keep the bans of ``names`` (``seconds`` from now) for the store's next pulls (written whole, by a
     rename; a store this process may not write keeps them in its process alone)."""
     until = time.time() + seconds
-    temporary = home / f".{LIARS_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
+    within = os.path.realpath(home)  # (no link in the home leads these files out of it: store/confined.py)
     try:
         # (one writer at a time, across processes and threads: two pulls banning at once lost a ban, and two
         # threads of one process wrote one temporary file, a review)
-        with _REMEMBERING, open(home / f".{LIARS_FILE}.lock", "a") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            bans = _read(home)
-            for name in names:
-                bans[name] = max(bans.get(name, 0.0), until)
-            kept = dict(sorted(bans.items(), key=lambda item: item[1], reverse=True)[:MAX_REMEMBERED])
-            temporary.write_text(json.dumps(kept))
-            os.replace(temporary, home / LIARS_FILE)
-    except OSError as error:
+        with _REMEMBERING:
+            lock = open_within(
+                home / f".{LIARS_FILE}.lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666, within
+            )
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                bans = _read(home)
+                for name in names:
+                    bans[name] = max(bans.get(name, 0.0), until)
+                kept = dict(sorted(bans.items(), key=lambda item: item[1], reverse=True)[:MAX_REMEMBERED])
+                write_within(home / LIARS_FILE, json.dumps(kept).encode(), within)
+            finally:
+                os.close(lock)
+    except (OSError, StoreError) as error:
         log.debug("the lying nodes are not remembered beside the store: %s", error)
-        with contextlib.suppress(OSError):
-            temporary.unlink()
