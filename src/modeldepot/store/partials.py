@@ -325,7 +325,7 @@ class ResumablePartial:
         an earlier public pull of the same content left is taken away by a private one)."""
         try:
             if public:
-                _make_mark(self.paths.public.with_name(PUBLIC_MARK), self.paths.public)
+                _make_mark(self.paths.public.with_name(PUBLIC_MARK), self.paths.public, self.layout.real_home)
             else:
                 self.layout.unlink(self.paths.public)
         except OSError as error:
@@ -918,13 +918,13 @@ class PartialFiles:
             unlock_and_close(fd)
 
 
-def _make_mark(shared: Path, path: Path) -> None:
+def _make_mark(shared: Path, path: Path, within: str) -> None:
     """The empty file ``path``, made as a hard link of ``shared`` (made first if need be): a link takes no
     inode and its removal frees none. On an ext4 without a journal a new inode skips every one freed in
     the last 5-35 seconds, and a pull of 300 configs, freeing one mark per file as it ended, made the next
     pull's files and links cost 0.4 ms each instead of 0.02 (benchmarks, the twenty-fifth run). Where the
     link cannot be made (too many links, another user's file under protected_hardlinks), a file of its own."""
-    within = os.path.realpath(path.parents[1])  # (partials/ is in the home: a link there leads nowhere)
+    # (in partials/ as opened, ``within`` the home: a link there leads nowhere, store/confined.py)
     for _ in range(2):
         try:
             os.link(shared, path, follow_symlinks=False)
