@@ -3,6 +3,7 @@ files it moves; and a server's ``Retry-After`` (seconds or an HTTP date) sets th
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import os
@@ -189,6 +190,58 @@ def test_a_peer_trickling_its_chunk_map_is_a_timeout_within_the_read_timeout() -
                 asyncio.run(asyncio.wait_for(source.chunk_map(f"{url}/chunks", 100, 10), 20))
         finally:
             stop.set()
+            server.join(timeout=5)
+
+
+def test_the_answers_a_process_reads_at_once_are_bounded_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each answer read whole (a repo's description, a node's manifest) may hold up to its own limit, and a
+    mirror's anonymous clients choose how many it reads: a hostile upstream's endless answers took a mirror to
+    1 GB with 24 of them (an explorer's trial). Past the sum, the answer that would go over fails; the bytes of
+    one that ended are counted no more."""
+    import http.client
+    import socket
+    import threading
+
+    from modeldepot.transfer import ranged
+
+    monkeypatch.setattr(ranged, "ANSWERS_HELD", 1 * MiB)
+    stop = threading.Event()
+
+    def answer(listener: socket.socket) -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue  # (a look at stop: closing the socket wakes no accept)
+            except OSError:
+                return
+            connection.settimeout(10)
+            with connection:
+                asked = connection.recv(65536)
+                if b"/endless" in asked:
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                       b"Content-Length: 1000000000\r\n\r\n")  # fmt: skip
+                    with contextlib.suppress(OSError):
+                        while not stop.is_set():
+                            connection.sendall(b" " * 65536)
+                else:
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        listener.settimeout(0.1)
+        server = threading.Thread(target=answer, args=(listener,), daemon=True)
+        server.start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        try:
+            with pytest.raises(http.client.HTTPException, match="answers this process is reading at once"):
+                ranged.request("GET", f"{url}/endless", {}, 10.0, 64 * MiB, ranged.Attempt())
+            assert ranged._answers_held == 0
+            assert ranged.request("GET", f"{url}/small", {}, 10.0, 64 * MiB, ranged.Attempt()).body == b"{}"
+        finally:
+            stop.set()
+            listener.close()
             server.join(timeout=5)
 
 

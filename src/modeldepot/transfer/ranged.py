@@ -59,6 +59,24 @@ MAX_REDIRECTS = 5
 # piece of 1 MiB still sat 8 s at 1 Mbit/s). 64 calls a chunk cost nothing measurable.
 READ_PIECE = 256 << 10
 IDLE_SECONDS = 30.0  # a kept-alive connection unused for longer is closed, not reused
+# Bytes of whole answers (repo descriptions, manifests) read into memory at once by all of a process's requests:
+# each may hold up to its own limit (64 MiB of a repo's description), and a mirror's anonymous clients choose
+# how many it reads; a hostile upstream's endless answers took a mirror to 1 GB with 24 of them (an explorer's
+# trial). One answer past the sum fails, the others go on.
+ANSWERS_HELD = 512 << 20
+_answers_held = 0
+_answers_lock = threading.Lock()
+
+
+def _hold_answer_bytes(amount: int, url: str) -> None:
+    global _answers_held
+    with _answers_lock:
+        if amount > 0 and _answers_held + amount > ANSWERS_HELD:
+            raise http.client.HTTPException(
+                f"{url}: the answers this process is reading at once already take {_answers_held >> 20} MiB "
+                f"(at most {ANSWERS_HELD >> 20} MiB): this one is left"
+            )
+        _answers_held += amount
 READERS = ForkSafeExecutor(max_workers=64, thread_name_prefix="modeldepot-range")
 """The threads ranged reads run on (not the loop's default executor: landing and hashing use that one)."""
 
@@ -384,14 +402,18 @@ def request(method: str, url: str, headers: Mapping[str, str], timeout: float, l
             got = 0
             if method == "HEAD":
                 response.read()  # no body: marks the answer read, so the connection may be reused
-            # One receive at most per read1, so a trickled answer meets its deadline.
-            while _time_left(deadline, url, total, timeout, use.connection) and (
-                piece := response.read1(1 << 16)
-            ):
-                got += len(piece)
-                if got > limit:
-                    raise http.client.HTTPException(f"{url}: the answer is over {limit} bytes")
-                pieces.append(piece)
+            try:
+                # One receive at most per read1, so a trickled answer meets its deadline.
+                while _time_left(deadline, url, total, timeout, use.connection) and (
+                    piece := response.read1(1 << 16)
+                ):
+                    got += len(piece)
+                    if got > limit:
+                        raise http.client.HTTPException(f"{url}: the answer is over {limit} bytes")
+                    _hold_answer_bytes(len(piece), url)
+                    pieces.append(piece)
+            finally:
+                _hold_answer_bytes(-sum(len(piece) for piece in pieces), url)
             use.reusable = not response.will_close and response.isclosed()  # (closed: read to the end)
             location = response.getheader("Location")
             if redirects and response.status in (301, 302, 303, 307, 308) and location:
