@@ -77,6 +77,8 @@ def _hold_answer_bytes(amount: int, url: str) -> None:
                 f"(at most {ANSWERS_HELD >> 20} MiB): this one is left"
             )
         _answers_held += amount
+
+
 READERS = ForkSafeExecutor(max_workers=64, thread_name_prefix="modeldepot-range")
 """The threads ranged reads run on (not the loop's default executor: landing and hashing use that one)."""
 
