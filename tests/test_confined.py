@@ -6,6 +6,8 @@ node's /metrics, deleted, created or padded files outside it (an explorer's tria
 from __future__ import annotations
 
 import os
+import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -78,13 +80,14 @@ def test_a_link_in_place_of_the_store_lock_makes_no_file_outside(tmp_path: Path)
 
 
 def test_a_link_in_place_of_tmp_makes_no_session_outside(tmp_path: Path) -> None:
+    """It is said to be a link (the cleanup's own refusal, naming a folder never made, took its place: a review)."""
     victim = _victim(tmp_path)
     with _store(tmp_path) as depot:
         tmp = depot.store.layout.tmp
         tmp.rename(tmp.with_name("tmp.old"))
         tmp.symlink_to(victim)
         folder = write_model_dir(tmp_path / "src2", {"config.json": b"{}"})
-        with pytest.raises(DepotError):
+        with pytest.raises(DepotError, match="it is a link"):
             depot.import_dir(folder, "acme/other")
     assert sorted(os.listdir(victim)) == ["precious.conf"]
 
@@ -263,3 +266,117 @@ def test_a_store_whose_index_was_lost_is_refused_with_what_to_do(tmp_path: Path)
     with pytest.raises(ConfigError, match=r"holds a store's files \(blobs/, snapshots/\) but no index"):
         Depot(home)
     assert any((home / "blobs").rglob("*")) and not (home / "index.db").exists()
+
+
+def test_a_link_in_place_of_the_ended_mark_makes_no_file_outside(tmp_path: Path) -> None:
+    """partials/ended-mark was utime'd by path (links followed), and touched (O_CREAT, links followed) when that
+    said FileNotFoundError: a dangling link there had every completed download create its target (/etc/nologin;
+    a review)."""
+    from modeldepot.store.partials import ENDED_MARK
+
+    victim = _victim(tmp_path)
+    with _store(tmp_path) as depot:
+        store = depot.store
+        mark = store.layout.partials / ENDED_MARK
+        store.layout.partials.mkdir(exist_ok=True)
+        mark.unlink(missing_ok=True)
+        mark.symlink_to(victim / "nologin")
+        key = "cd" * 32
+        partial = store.partials.claim(key, 2 * store.chunk_size + 1, store.chunk_size, wait=False)
+        assert partial is not None
+        partial.release(completed=True)
+    assert sorted(os.listdir(victim)) == ["precious.conf"]
+
+
+def test_a_link_in_place_of_the_ended_mark_touches_no_file_outside(tmp_path: Path) -> None:
+    """The same mark, a link to an existing file: its times were set to now (os.utime follows links)."""
+    from modeldepot.store.partials import ENDED_MARK
+
+    victim = _victim(tmp_path)
+    target = victim / "precious.conf"
+    os.utime(target, (1_000_000_000, 1_000_000_000))
+    with _store(tmp_path) as depot:
+        store = depot.store
+        mark = store.layout.partials / ENDED_MARK
+        store.layout.partials.mkdir(exist_ok=True)
+        mark.unlink(missing_ok=True)
+        mark.symlink_to(target)
+        partial = store.partials.claim("ce" * 32, 2 * store.chunk_size + 1, store.chunk_size, wait=False)
+        assert partial is not None
+        partial.release(completed=True)
+    assert target.stat().st_mtime == 1_000_000_000
+
+
+def test_a_link_in_place_of_a_download_data_file_chmods_no_file_outside(tmp_path: Path) -> None:
+    """A claim stat'ed and chmod'ed partials/<key>.part by path (links followed) before open_within
+    refuses it: a link there to a read-only file (a 0400 key, /etc/sudoers 0440) had root's claim of that content
+    make it 0o644/0o664 (readable by all)."""
+    victim = _victim(tmp_path)
+    target = victim / "precious.conf"
+    target.chmod(0o400)
+    with _store(tmp_path) as depot:
+        store = depot.store
+        key = "ef" * 32
+        store.layout.partials.mkdir(exist_ok=True)
+        (store.layout.partials / f"{key}.part").symlink_to(target)
+        try:
+            partial = store.partials.claim(key, 2 * store.chunk_size + 1, store.chunk_size, wait=False)
+        except (DepotError, OSError):
+            partial = None
+        if partial is not None:
+            partial.release(completed=False)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o400
+
+
+def test_a_link_put_in_place_of_a_finished_download_is_not_reopened(tmp_path: Path) -> None:
+    """ResumablePartial.finish reopened partials/<key>.part by path, O_RDWR, links followed (close_data closed it
+    while the pull's other files came): a member's link there had the pull fchmod the link's target 0444 (a 0600
+    private file: readable by all) and hand it over for placing as the verified blob (its bytes then served)."""
+    victim = _victim(tmp_path)
+    target = victim / "precious.conf"
+    target.chmod(0o600)
+    with _store(tmp_path) as depot:
+        store = depot.store
+        key = "aa" * 32
+        size = 2 * store.chunk_size + 1
+        partial = store.partials.claim(key, size, store.chunk_size, wait=False)
+        assert partial is not None
+        try:
+            partial.close_data()  # (as pull.py does once a file came whole, before the publish)
+            data = partial.paths.data
+            data.rename(data.with_name("moved-away"))
+            data.symlink_to(target)
+            opened_outside = False
+            try:
+                blob = partial.finish()
+                opened_outside = os.path.samestat(os.fstat(blob.fd), target.stat())
+                blob.sync(durable=False)  # (as finish_partials does next: fchmod to its read-only mode)
+            except (DepotError, OSError):
+                pass
+        finally:
+            partial.release(completed=False)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert not opened_outside
+
+
+def test_a_link_in_place_of_letting_go_deletes_no_file_outside(tmp_path: Path) -> None:
+    """processes_letting_go listed, stat'ed and unlinked locks/letting-go/<digits> by path: a link in place of the
+    folder had every gc/du (another member's, root's) delete the files of digit names a minute old in any folder
+    (a spool's, a queue's)."""
+    from modeldepot.store.holders import LETTING_GO, processes_letting_go
+
+    victim = _victim(tmp_path)
+    numbered = victim / "12345"
+    numbered.write_bytes(b"a queued job\n")
+    old = time.time() - 3600
+    os.utime(numbered, (old, old))
+    with _store(tmp_path) as depot:
+        folder = depot.store.layout.lock_path.parent / LETTING_GO
+        if folder.exists():
+            folder.rename(folder.with_name("letting-go.old"))
+        folder.symlink_to(victim)
+        try:
+            processes_letting_go(folder)
+        except (DepotError, OSError):
+            pass
+    assert sorted(os.listdir(victim)) == ["12345", "precious.conf"]

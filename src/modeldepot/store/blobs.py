@@ -326,6 +326,8 @@ class WriteSession:
                                             0o666, dir_fd=folder)  # fmt: skip
                 _lock_new_session(self._lock_fd)
                 os.rename(starting.name, name, src_dir_fd=tmp, dst_dir_fd=tmp)
+        except StoreError:
+            raise  # (a link in place of tmp/: said as such, nothing made)
         except OSError as error:
             layout.rmtree(starting)
             if not error.filename or not os.path.isabs(

@@ -14,13 +14,14 @@ import contextlib
 import fcntl
 import os
 import re
+import stat
 import time
 from collections.abc import Collection
 from pathlib import Path
 
 from modeldepot.errors import StoreError
-from modeldepot.store.confined import opened_folder
-from modeldepot.store.locks import lock_is_held
+from modeldepot.store.confined import folder_within, opened_folder
+from modeldepot.store.locks import unlock_and_close
 from modeldepot.validation import redact_credentials
 
 __all__ = [
@@ -234,25 +235,45 @@ def processes_letting_go(folder: Path) -> set[int]:
     """The live processes that announced they let go of what is removed (each holds the lock of the file of
     its own pid: a killed node's file, its pid taken since by a notebook, is not one; such a file goes once
     a minute old)."""
+    try:  # (the folder as opened: a link in its place had stale-looking files of any folder deleted, a review)
+        opened = folder_within(folder, os.path.realpath(folder.parents[1]))
+    except (OSError, StoreError):
+        return set()
     try:
-        names = [name for name in os.listdir(folder) if name.isdigit()]
+        names = [name for name in os.listdir(opened) if name.isdigit()]
+        if not names:
+            return set()
+        held = _flock_holders()  # (one read of /proc/locks for them all)
+        found = set()
+        for name in names:
+            try:
+                info = os.stat(name, dir_fd=opened, follow_symlinks=False)
+            except OSError:
+                continue
+            if held.get(info.st_ino) == int(name):
+                found.add(int(name))
+            elif (stat.S_ISREG(info.st_mode) and time.time() - info.st_mtime > STALE_ANNOUNCEMENT
+                  and not _held_now(opened, name)):  # fmt: skip
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=opened)  # (a killed node's: the kernel dropped its lock)
+        return found
+    finally:
+        os.close(opened)
+
+
+def _held_now(folder: int, name: str) -> bool:
+    """Whether a live process holds a flock on ``name`` in ``folder`` (not a link: never opened through one)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
     except OSError:
-        return set()
-    if not names:
-        return set()
-    held = _flock_holders()  # (one read of /proc/locks for them all)
-    found = set()
-    for name in names:
-        try:
-            info = os.stat(folder / name, follow_symlinks=False)
-        except OSError:
-            continue
-        if held.get(info.st_ino) == int(name):
-            found.add(int(name))
-        elif time.time() - info.st_mtime > STALE_ANNOUNCEMENT and lock_is_held(folder / name) is False:
-            with contextlib.suppress(OSError):
-                os.unlink(folder / name)  # (a killed node's: the kernel dropped its lock)
-    return found
+        return True  # (gone, or not to be opened: left alone)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        unlock_and_close(fd)
+    return False
 
 
 STALE_ANNOUNCEMENT = 60.0  # seconds after which an announcement no live process holds goes

@@ -62,6 +62,7 @@ import logging
 import mmap
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Set
@@ -295,8 +296,10 @@ class ResumablePartial:
         """Hand the complete file over for placing (:meth:`PartialBlob.sync`, then publish); the lock is
         kept until :meth:`release`, so nobody resumes a file that is being placed."""
         if self._data_fd < 0:
-            try:
-                self._data_fd = os.open(self.paths.data, os.O_RDWR | os.O_CLOEXEC)
+            try:  # (never through a link put in its place meanwhile: store/confined.py, a review)
+                self._data_fd = open_within(self.paths.data, os.O_RDWR, 0, self.layout.real_home)
+            except StoreError:
+                raise
             except OSError as error:
                 raise os_error(error, "reopening a finished download") from error
         fd, self._data_fd = self._data_fd, -1
@@ -353,7 +356,7 @@ class ResumablePartial:
             # a shared store, stays for gc, and the lock is let go all the same)
             with contextlib.suppress(StoreError):
                 self.layout.unlink(self.paths.wanted)
-            _mark_ended(self.layout.partials / ENDED_MARK)
+            _mark_ended(self.layout.partials / ENDED_MARK, self.layout.real_home)
         # Else its files stay as they are: a finished file flushed for placing is read-only, and may be a
         # committed blob's other name (a publish that failed after its commit); the next claim sees to it.
         if self._data_fd >= 0:
@@ -364,17 +367,21 @@ class ResumablePartial:
             self._lock_fd = -1
 
 
-def _mark_ended(mark: Path) -> None:
+def _mark_ended(mark: Path, within: str) -> None:
     """Set the mtime of the store's :data:`ENDED_MARK` to now (made if missing; a store that cannot be
-    written, or a full disk, leaves it: the publisher's full looks see the change a moment later)."""
+    written, or a full disk, leaves it: the publisher's full looks see the change a moment later). Never
+    through a link (one there had root create any file, or touch one: a review; store/confined.py)."""
     try:
-        os.utime(mark)  # (now, as the kernel says: a group member of a shared store may, where setting given
+        fd = open_within(mark, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK, 0o666, within)
+    except OSError:  # (a StoreError too: a link in its place)
+        return
+    try:
+        os.utime(fd)  # (now, as the kernel says: a group member of a shared store may, where setting given
         # times needs the file's owner)
-    except FileNotFoundError:
-        with contextlib.suppress(OSError):
-            mark.touch()
     except OSError:
         pass
+    finally:
+        os.close(fd)
 
 
 class PartialFiles:
@@ -757,7 +764,7 @@ class PartialFiles:
         try:
             if paths.one_piece and not os.fstat(lock_fd).st_mode & 0o200:
                 os.fchmod(lock_fd, writable_mode())  # flushed for placing (read-only), then not placed
-            elif not paths.one_piece and _leftover_of_placing(paths.data):
+            elif not paths.one_piece and _leftover_of_placing(paths.data, self.layout.real_home):
                 self.layout.unlink(paths.data)  # a blob's other name (its pull ended before letting go)
                 logged = None
             data_fd = open_within(paths.data, os.O_RDWR | os.O_CREAT, 0o666, self.layout.real_home)
@@ -925,17 +932,21 @@ def _make_mark(shared: Path, path: Path, within: str) -> None:
     pull's files and links cost 0.4 ms each instead of 0.02 (benchmarks, the twenty-fifth run). Where the
     link cannot be made (too many links, another user's file under protected_hardlinks), a file of its own."""
     # (in partials/ as opened, ``within`` the home: a link there leads nowhere, store/confined.py)
-    for _ in range(2):
-        try:
-            os.link(shared, path, follow_symlinks=False)
-            return
-        except FileExistsError:
-            return  # (marked already: a leftover a resume keeps, or the same content's other pull)
-        except FileNotFoundError:
-            os.close(open_within(shared, os.O_WRONLY | os.O_CREAT, 0o666, within))
-        except OSError:
-            break
-    os.close(open_within(path, os.O_WRONLY | os.O_CREAT, 0o666, within))
+    with opened_folder(path.parent, within) as folder:
+        for _ in range(2):
+            try:
+                os.link(shared.name, path.name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
+                return
+            except FileExistsError:
+                return  # (marked already: a leftover a resume keeps, or the same content's other pull)
+            except FileNotFoundError:
+                os.close(os.open(shared.name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
+                                 dir_fd=folder))  # fmt: skip
+            except OSError:
+                break
+        os.close(
+            os.open(path.name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=folder)
+        )
 
 
 def _given_back(path: Path) -> int:
@@ -992,19 +1003,26 @@ def _links(path: Path) -> int:
         return 0
 
 
-def _leftover_of_placing(data: Path) -> bool:
+def _leftover_of_placing(data: Path, within: str) -> bool:
     """Whether a download's data file is also a blob (placing linked one to it, and its pull ended before
-    removing its own name: never to be written again), and else makes it writable if it was flushed for
-    placing (read-only: a non-root owner could not open it for writing)."""
+    removing its own name: never to be written again), or no file of a download's (a link in its place: a
+    review), and else makes it writable if it was flushed for placing (read-only: a non-root owner could not
+    open it for writing)."""
     try:
-        info = os.stat(data)
+        fd = open_within(data, os.O_RDONLY | os.O_NONBLOCK, 0, within)
     except FileNotFoundError:
         return False
-    if info.st_nlink > 1:
-        return True
-    if not info.st_mode & 0o200:
-        os.chmod(data, writable_mode())
-    return False
+    except StoreError:
+        return True  # (a link: removed, and made anew)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+            return True
+        if not info.st_mode & 0o200:
+            os.fchmod(fd, writable_mode())
+        return False
+    finally:
+        os.close(fd)
 
 
 def _placed(fd: int) -> bool:
