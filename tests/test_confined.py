@@ -380,3 +380,59 @@ def test_a_link_in_place_of_letting_go_deletes_no_file_outside(tmp_path: Path) -
         except (DepotError, OSError):
             pass
     assert sorted(os.listdir(victim)) == ["12345", "precious.conf"]
+
+
+def test_a_loaders_view_links_no_blob_outside_when_its_folder_is_swapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loader's view (hard links under tmp/<session>/view) was made by path after a check of the path: a member
+    who swapped the view folder for a link in between had root's load link a blob of the member's choosing into
+    any folder (/etc/profile.d; a review). The swap is made right before the link; the link goes where the
+    folder was opened, not where the name leads now."""
+    victim = _victim(tmp_path)
+    with _store(tmp_path) as depot:
+        store = depot.store
+        commit_id = store.resolve("acme/m", "main")
+        link = os.link
+        swapped: list[Path] = []
+
+        def swap_then_link(source: object, target: object, *args: object, **kwargs: object) -> None:
+            if not swapped:  # (the member's move, right before root's link)
+                view = next((store.layout.tmp).glob("*/view"))
+                view.rename(view.with_name("view.moved"))
+                view.symlink_to(victim)
+                swapped.append(view)
+            link(source, target, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "link", swap_then_link)
+        try:
+            with store.linked_folder("acme/m", commit_id, ""):
+                pass
+        except (DepotError, OSError):
+            pass
+        monkeypatch.undo()
+    assert swapped
+    assert sorted(os.listdir(victim)) == ["precious.conf"]
+
+
+def test_a_link_to_the_home_in_place_of_a_store_folder_is_refused(tmp_path: Path) -> None:
+    """The home itself may be the user's link; a link to the home in place of one of the store's folders is no
+    such link: reserve/ pointed at the home had a full disk's release unlink every file of the home, the index
+    with them (a review)."""
+    with _store(tmp_path) as depot:
+        reserve = depot.store.index.reserve
+        reserve.folder.rename(reserve.folder.with_name("reserve.old"))
+        reserve.folder.symlink_to(depot.store.layout.home)
+        reserve.release()
+        assert (depot.store.layout.home / "index.db").exists()
+        assert [r.repo_id for r in depot.list_repos()] == ["acme/m"]
+
+
+def test_a_store_whose_home_is_a_link_works(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "home").symlink_to(tmp_path / "real")
+    with Depot(tmp_path / "home") as depot:
+        depot.import_dir(write_model_dir(tmp_path / "src", {"config.json": b"{}"}), "acme/m")
+        assert depot.budget_status().used_bytes > 0
+    with Depot(tmp_path / "home") as depot:
+        assert [r.repo_id for r in depot.list_repos()] == ["acme/m"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from modeldepot.errors import StoreError
 
-__all__ = ["folder_within", "named", "open_within", "opened_folder", "write_within"]
+__all__ = ["folder_within", "folders_in", "named", "open_within", "opened_folder", "write_within"]
 
 
 def folder_within(path: Path, within: str, create: bool = False) -> int:
@@ -48,18 +48,15 @@ def _checked(path: Path, within: str) -> int:
     except OSError as error:
         if error.errno not in (errno.ELOOP, errno.ENOTDIR) or not os.path.islink(path):
             raise
-        if os.path.realpath(path) != within:
+        # (the home itself, through the user's link: not a store folder's name linked to the home, a review)
+        if os.path.realpath(path) != within or _inside(os.path.realpath(path.parent), within):
             raise _a_link(path, within) from error
-        fd = os.open(
-            path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-        )  # (the home itself: its link is the user's)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         real = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:  # (no /proc: the name, resolved now)
         real = os.path.realpath(path)
-    if real != within and not real.startswith(
-        within.rstrip("/") + "/"
-    ):  # (both real paths: no "..", no "//")
+    if not _inside(real, within):
         os.close(fd)
         raise StoreError(f"refusing to use {path}: it leads out of the store at {within} (to {real})")
     return fd
@@ -87,6 +84,23 @@ def open_within(path: Path, flags: int, mode: int, within: str) -> int:
             raise named(error, path) from None
 
 
+def folders_in(folder: int, relative: str) -> int:
+    """A descriptor of the folder ``relative`` (names a validated path gives: no "..") under the folder
+    ``folder`` is, each made if missing and none of them a link (ELOOP, ENOTDIR); the caller closes it."""
+    current = os.dup(folder)
+    for part in (p for p in relative.split("/") if p):
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, dir_fd=current)
+            following = os.open(
+                part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current
+            )
+        finally:
+            os.close(current)
+        current = following
+    return current
+
+
 def write_within(path: Path, data: bytes, within: str, mode: int = 0o666) -> None:
     """Replace the file ``path`` of the store's own with ``data``, whole (a new file of a random name, then a
     rename, both in its folder as opened): a link put where its temporary or its name was leads nowhere."""
@@ -104,11 +118,19 @@ def write_within(path: Path, data: bytes, within: str, mode: int = 0o666) -> Non
                     view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
-            os.rename(temporary, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+            try:
+                os.rename(temporary, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+            except OSError as error:
+                raise named(error, path) from None
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temporary, dir_fd=folder)
             raise
+
+
+def _inside(real: str, within: str) -> bool:
+    """Whether the real path ``real`` is ``within`` or under it (both real paths: no "..", no "//")."""
+    return real == within or real.startswith(within.rstrip("/") + "/")
 
 
 def named(error: OSError, path: Path) -> OSError:

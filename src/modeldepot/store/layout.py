@@ -135,7 +135,9 @@ def os_error(error: OSError, doing: str) -> StoreError:
         return StoreFullError(f"no space left on the store's disk while {doing}; {FULL_DISK_ADVICE}")
     # (of a link made, the link: its target, relative to it, was named)
     named = error.filename2 if error.filename2 is not None else error.filename
-    return StoreError(f"{doing} failed: {error.strerror or error} ({named or ''}){_foreign(error)}")
+    return StoreError(
+        f"{doing} failed: {error.strerror or error}{f' ({named})' if named else ''}{_foreign(error)}"
+    )
 
 
 def _foreign(error: OSError) -> str:

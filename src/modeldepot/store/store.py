@@ -44,6 +44,7 @@ from modeldepot.hashing import BlobDigest, chunk_count, digest_stream
 from modeldepot.store.access import AccessLog
 from modeldepot.store.blobs import UNRECORDED_MODE, BlobFiles, WriteSession
 from modeldepot.store.budget import DiskBudget
+from modeldepot.store.confined import folders_in, opened_folder
 from modeldepot.store.durability import Durability
 from modeldepot.store.filesystem import shared_filesystem
 from modeldepot.store.index import Index, index_damage_advice
@@ -832,20 +833,34 @@ class Store:
             view = self.layout.snapshot_file(session.path, f"view/{folder}" if folder else "view")
             prefix = f"{folder}/" if folder else ""
             try:
-                self.layout.inside(view).mkdir(parents=True)
-                for entry in self.revision_files(repo_id, commit_id):
-                    if not entry.path.startswith(prefix) or entry.path in others:
-                        continue  # (another model's, not the loader's business)
-                    name = entry.path[len(prefix) :]
+                # (made in the session's folder as opened: a member's link in place of view/ had root link a blob
+                # into any folder, between a check of the path and its use: a review; store/confined.py)
+                with opened_folder(session.path, self.layout.real_home) as session_folder:
+                    root = folders_in(session_folder, f"view/{folder}" if folder else "view")
                     try:
-                        os.close(self.open_fd(entry))  # there, with the right size
-                    except (CorruptBlobError, NotFoundError) as error:
-                        if "/" not in name:
-                            raise _naming(error, entry) from None  # the model's, or its external data
-                        continue
-                    link = self.layout.inside(self.layout.snapshot_file(view, name))
-                    link.parent.mkdir(parents=True, exist_ok=True)
-                    os.link(self.blobs.path(entry.sha256), link)
+                        for entry in self.revision_files(repo_id, commit_id):
+                            if not entry.path.startswith(prefix) or entry.path in others:
+                                continue  # (another model's, not the loader's business)
+                            name = entry.path[len(prefix) :]
+                            try:
+                                os.close(self.open_fd(entry))  # there, with the right size
+                            except (CorruptBlobError, NotFoundError) as error:
+                                if "/" not in name:
+                                    raise _naming(error, entry) from None  # the model's, or its external data
+                                continue
+                            self.layout.snapshot_file(view, name)  # (a name a snapshot may hold)
+                            parent, _, base = name.rpartition("/")
+                            at = folders_in(root, parent)
+                            try:
+                                os.link(
+                                    self.blobs.path(entry.sha256), base, dst_dir_fd=at, follow_symlinks=False
+                                )
+                            finally:
+                                os.close(at)
+                    finally:
+                        os.close(root)
+            except StoreError:
+                raise
             except OSError as error:
                 raise os_error(error, f"linking {repo_id}@{commit_id[:12]}/{folder} for a loader") from error
             yield view
