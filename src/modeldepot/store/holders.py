@@ -21,7 +21,7 @@ from pathlib import Path
 
 from modeldepot.errors import StoreError
 from modeldepot.store.confined import folder_within, opened_folder
-from modeldepot.store.locks import unlock_and_close
+from modeldepot.store.locks import lock_is_held
 from modeldepot.validation import redact_credentials
 
 __all__ = [
@@ -252,28 +252,13 @@ def processes_letting_go(folder: Path) -> set[int]:
                 continue
             if held.get(info.st_ino) == int(name):
                 found.add(int(name))
-            elif (stat.S_ISREG(info.st_mode) and time.time() - info.st_mtime > STALE_ANNOUNCEMENT
-                  and not _held_now(opened, name)):  # fmt: skip
+            elif stat.S_ISREG(info.st_mode) and time.time() - info.st_mtime > STALE_ANNOUNCEMENT:
                 with contextlib.suppress(OSError):
-                    os.unlink(name, dir_fd=opened)  # (a killed node's: the kernel dropped its lock)
+                    if lock_is_held(name, opened) is False:
+                        os.unlink(name, dir_fd=opened)  # (a killed node's: the kernel dropped its lock)
         return found
     finally:
         os.close(opened)
-
-
-def _held_now(folder: int, name: str) -> bool:
-    """Whether a live process holds a flock on ``name`` in ``folder`` (not a link: never opened through one)."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
-    except OSError:
-        return True  # (gone, or not to be opened: left alone)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        unlock_and_close(fd)
-    return False
 
 
 STALE_ANNOUNCEMENT = 60.0  # seconds after which an announcement no live process holds goes

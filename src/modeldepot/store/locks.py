@@ -118,11 +118,15 @@ class StoreLock:
             unlock_and_close(fd)
 
 
-def lock_is_held(path: Path) -> bool | None:
+def lock_is_held(path: Path | str, folder: int | None = None) -> bool | None:
     """Whether a live process holds a ``flock`` on ``path`` (shared or exclusive); None when there is no
-    such file. The kernel drops a dead process's locks, so a held lock means a live holder."""
+    such file. The kernel drops a dead process's locks, so a held lock means a live holder. ``folder``: the
+    descriptor of the folder ``path`` (a name) is in, never opened through a link (store/confined.py)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC  # (flock needs no write access: a read-only mount)
+    if folder is not None:
+        flags |= os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # (flock needs no write access: a read-only mount)
+        fd = os.open(path, flags, dir_fd=folder)
     except FileNotFoundError:
         return None
     try:
