@@ -5,6 +5,7 @@ node's /metrics, deleted, created or padded files outside it (an explorer's tria
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import time
@@ -436,3 +437,27 @@ def test_a_store_whose_home_is_a_link_works(tmp_path: Path) -> None:
         assert depot.budget_status().used_bytes > 0
     with Depot(tmp_path / "home") as depot:
         assert [r.repo_id for r in depot.list_repos()] == ["acme/m"]
+
+
+def test_gc_opens_no_fifo_nor_device_a_link_in_partials_leads_to(tmp_path: Path) -> None:
+    """gc opened the downloads' files by name, links followed: a member's link there to a FIFO hung root's gc,
+    and one to /dev/watchdog would have started the machine's watchdog (a review). Such a link is left alone."""
+    import threading
+
+    victim = _victim(tmp_path)
+    fifo = victim / "fifo"
+    os.mkfifo(fifo)
+    with _store(tmp_path) as depot:
+        partials = depot.store.layout.partials
+        partials.mkdir(exist_ok=True)
+        (partials / f"{'ab' * 32}.one").symlink_to(fifo)
+        (partials / f"{'cd' * 32}.log").symlink_to(fifo)
+        done: list[object] = []
+        collecting = threading.Thread(target=lambda: done.append(depot.gc(partials=True)), daemon=True)
+        collecting.start()
+        collecting.join(timeout=30)
+        if not done:  # (unblock a gc stuck opening the FIFO, for the process to end)
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_RDWR))
+        assert done, "gc hung on a link to a FIFO"
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)

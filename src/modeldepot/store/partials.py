@@ -95,6 +95,9 @@ __all__ = [
 ]
 
 PARTIAL_MAX_AGE = 7 * 24 * 3600.0  # seconds an untouched, unlocked partial is kept for a resume by gc
+# How a download's own files are opened by their names: never through a link, never waiting on a FIFO (a
+# member's link there to /dev/watchdog, or a FIFO, had root's gc open it: a review)
+_OWN_FILE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 PUBLIC_MARK = "public-mark"  # the empty file every download's ``.public`` mark is a hard link of
 # An empty file whose mtime a download that completed sets as it lets go: what a serving node's publisher
 # looks at, five times a second, to tell its fleet at once that the store holds one more file
@@ -621,7 +624,7 @@ class PartialFiles:
         file being set up is empty for a moment, and its size must never reach a peer as the content's.
         Hashes the file (one chunk at most): read without its lock."""
         try:
-            fd = os.open(self._paths(sha256, one_piece=True).data, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._paths(sha256, one_piece=True).data, os.O_RDONLY | _OWN_FILE)
         except (FileNotFoundError, IsADirectoryError):
             return None
         except OSError as error:
@@ -660,7 +663,7 @@ class PartialFiles:
         if log is None:
             return None
         try:
-            fd = os.open(self._paths(sha256, log.one_piece).data, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._paths(sha256, log.one_piece).data, os.O_RDONLY | _OWN_FILE)
         except FileNotFoundError:
             return None  # finished (or dropped) between the two reads
         except OSError as error:
@@ -829,9 +832,13 @@ class PartialFiles:
             key = log.name[: -len(".log")]
             paths = self._paths(key)
             try:
-                fd = os.open(log, os.O_RDWR | os.O_CLOEXEC)
+                fd = os.open(log, os.O_RDWR | _OWN_FILE)
             except FileNotFoundError:
                 continue
+            except OSError as error:
+                if error.errno != errno.ELOOP:
+                    raise
+                continue  # (a link in its place: no download's, left alone)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -858,7 +865,7 @@ class PartialFiles:
                 unlock_and_close(fd)
         for mark in self.root.glob("pull-*.lock"):  # (one per repo ever pulled: an inode each, for good)
             with contextlib.suppress(OSError):
-                fd = os.open(mark, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(mark, os.O_RDONLY | _OWN_FILE)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (held shared by every pull running)
                     if _still_linked(fd, mark):
@@ -904,9 +911,13 @@ class PartialFiles:
         unless ``remove_all``; deleted while this holds its lock, so a claim that opened it meanwhile finds
         it unlinked once it gets the lock, and starts anew. None when already gone."""
         try:
-            fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(data, os.O_RDONLY | _OWN_FILE)
         except FileNotFoundError:
             return None
+        except OSError as error:
+            if error.errno != errno.ELOOP:
+                raise
+            return None  # (a link in its place: no download's, left alone)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if not _still_linked(fd, data):
