@@ -46,9 +46,8 @@ class Reservation:
 
     def __init__(self, fd: int, path: Path, repo_id: str, within: str) -> None:
         self._fd, self.path, self.repo_id = fd, path, repo_id
-        self._within = (
-            within  # the store's home (real path): no link leads its unlink out (store/confined.py)
-        )
+        # The store's home (real path): no link leads its unlink out (store/confined.py)
+        self._within = within
         self._end = 0  # where the next line goes
 
     def set(self, amount: int) -> None:
@@ -75,9 +74,8 @@ class Reservation:
             return
         try:
             with opened_folder(self.path.parent, self._within) as folder:
-                os.unlink(
-                    self.path.name, dir_fd=folder
-                )  # (before the lock goes: a reader never counts a file nobody holds)
+                # (before the lock goes: a reader never counts a file nobody holds)
+                os.unlink(self.path.name, dir_fd=folder)
         except (OSError, StoreError) as error:
             if not isinstance(error, FileNotFoundError):
                 log.warning("could not remove the reservation %s: %s (no process holds it now: it counts for "
