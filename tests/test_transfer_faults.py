@@ -33,11 +33,12 @@ from faultproxy import (
     wait_until,
 )
 from modeldepot import Depot, IntegrityError
-from modeldepot.errors import NotFoundError, PullRunningError, UpstreamError
+from modeldepot.errors import NotFoundError, PullRunningError, UpstreamError, UpstreamTimeoutError
 from modeldepot.hashing import chunk_span
 from modeldepot.hub.manifest import INTERRUPTED, INTERRUPTED_NOTHING_KEPT, Manifest
 from modeldepot.transfer.progress import PullUpdate
 from modeldepot.transfer.pull import PullResult
+from modeldepot.transfer.ranged import SlowBody, TooSlowError
 from modeldepot.transfer.threads import to_thread_to_the_end
 
 REPO = "acme/faulty"
@@ -204,6 +205,42 @@ def test_a_source_that_keeps_failing_marks_the_file_failed(
         assert_nothing_of_big_committed(depot)
         assert depot.get_manifest(REPO).variants[0].status == "failed"
         assert not depot.has_file(REPO, "config.json"), "a pull publishes all of its files or none"
+
+
+@pytest.mark.parametrize("as_node", [False, True], ids=["hub", "node"])
+def test_a_source_that_drips_its_body_fails_the_file_rather_than_holding_the_pull(
+    as_node: bool, proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 64 bytes every 0.1 s: a byte always comes within the read timeout (1 s), so it alone never ends a
+    # request, and a chunk would take 100 s (a Hub that sent a byte a second held a pull for ever).
+    proxy.set("slow", times=-1, path_suffix=BIG, slow_piece=64, slow_delay=0.1)
+    started = time.monotonic()
+    with local_depot(tmp_path / "local", proxy, as_node, monkeypatch) as depot:
+        # (a node's file fails over to the Hub, here out of reach: what each met is said)
+        failed_as = UpstreamError if as_node else UpstreamTimeoutError
+        with pytest.raises(
+            failed_as, match=r"bytes \d+-\d+: the body came at \d+ B/s over \d s \(too slow"
+        ) as failed:
+            depot.pull(REPO)
+        assert failed.value.path == BIG
+        assert_nothing_of_big_committed(depot)
+    # Five attempts of a read timeout each, and the backoff between them: not the 100 s of a chunk's drip,
+    # nor 64 attempts resumed where each stopped (a cut link's)
+    assert time.monotonic() - started < 60
+
+
+def test_a_bodys_pace_leaves_out_what_the_reader_waited_for_itself() -> None:
+    pace = SlowBody(0.2)
+    time.sleep(0.25)
+    pace.paused(0.25)  # (a rate limit of the user's held the reader)
+    pace.took(10)
+    time.sleep(0.25)
+    with pytest.raises(TooSlowError, match="at least 1,024 B/s"):
+        pace.took(20)
+    fast = SlowBody(0.1)
+    for spans in range(1, 4):
+        time.sleep(0.1)
+        fast.took(spans << 20)  # (a MiB in each span: well above the floor)
 
 
 def _pull_process(home: Path, env: dict[str, str], interruptible: bool = False) -> subprocess.Popen[str]:

@@ -46,6 +46,8 @@ __all__ = [
     "Attempt",
     "Proxy",
     "Reply",
+    "SlowBody",
+    "TooSlowError",
     "close_idle",
     "proxy_for",
     "proxy_of",
@@ -59,6 +61,10 @@ MAX_REDIRECTS = 5
 # piece of 1 MiB still sat 8 s at 1 Mbit/s). 64 calls a chunk cost nothing measurable.
 READ_PIECE = 256 << 10
 IDLE_SECONDS = 30.0  # a kept-alive connection unused for longer is closed, not reused
+# Bytes a second a body must average over each read timeout's span (waits for a rate limit of the user's left
+# out). A read timeout alone starts again with every byte: a Hub that sent one byte a second held a pull for
+# ever (a security trial). curl's --speed-limit, set for the user: 8 kbit/s is no link's honest pace.
+MIN_BODY_RATE = 1024
 # Bytes of whole answers (repo descriptions, manifests) read into memory at once by all of a process's requests:
 # each may hold up to its own limit (64 MiB of a repo's description), and a mirror's anonymous clients choose
 # how many it reads; a hostile upstream's endless answers took a mirror to 1 GB with 24 of them (an explorer's
@@ -440,6 +446,63 @@ def _time_left(deadline: float, url: str, total: float, idle: float, connection:
     return left
 
 
+class TooSlowError(TimeoutError):
+    """A body that came slower than :data:`MIN_BODY_RATE` over a read timeout's span: the attempt failed (it
+    is not resumed as a cut one is: asked again it would drip again)."""
+
+
+class SlowBody:
+    """Watches a body's pace: :meth:`took` raises TooSlowError once ``span`` seconds brought fewer than
+    :data:`MIN_BODY_RATE` bytes a second."""
+
+    def __init__(self, span: float) -> None:
+        self.span = span
+        self._since, self._at = time.monotonic(), 0
+
+    def paused(self, seconds: float) -> None:
+        """``seconds`` the reader waited of its own accord (a rate limit's): not the sender's slowness."""
+        self._since += seconds
+
+    def took(self, got: int) -> None:
+        """``got`` bytes of the body are in."""
+        now = time.monotonic()
+        if now - self._since < self.span:
+            return
+        came = got - self._at
+        if came < MIN_BODY_RATE * self.span:
+            raise TooSlowError(
+                f"the body came at {came / (now - self._since):,.0f} B/s over {now - self._since:.0f} s (too slow: "
+                f"at least {MIN_BODY_RATE:,} B/s is asked for)"
+            )
+        self._since, self._at = now, got
+
+
+def _read_piece(response: http.client.HTTPResponse, into: memoryview, pace: SlowBody, got: int) -> int:
+    """Bytes of ``response``'s body read into ``into`` (``got`` of the body in before it), as many as come
+    before it is full or the body ends, their pace watched as each read of the socket brings them (a
+    buffered ``readinto`` waits for ``into`` whole, and a body dripped a byte at a time held it for days,
+    its read timeout met by every byte)."""
+    reader = response.fp
+    if reader is None or response.chunked or response.length is None or not hasattr(reader, "readinto1"):
+        n: int = response.readinto(into)
+        pace.took(got + n)
+        return n
+    want = min(len(into), response.length)
+    n = 0
+    while n < want:
+        came = reader.readinto1(into[n:want])
+        if not came:  # (cut short: closed, as http.client's readinto closes it)
+            response.length -= n
+            response.close()
+            return n
+        n += came
+        pace.took(got + n)
+    response.length -= n
+    if not response.length:
+        response.read()  # (read whole: closed as http.client closes it, the connection free for the next)
+    return n
+
+
 def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size: int, buffer: memoryview,
                timeout: float, attempt: Attempt, limit: RateLimit | None = None) -> Answer:  # fmt: skip
     """GET ``url`` with ``Range: bytes=start-end`` (following redirects), reading a 206 (or a 200 of the
@@ -471,10 +534,13 @@ def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size:
                 if answer.problem:
                     return answer  # (the connection is closed: its body was not read)
                 got = 0
+                pace = SlowBody(timeout)
                 while got < want:
                     if limit is not None:
+                        waiting = time.monotonic()
                         limit.take(min(piece, want - got))
-                    n = response.readinto(buffer[got : min(want, got + piece)])
+                        pace.paused(time.monotonic() - waiting)
+                    n = _read_piece(response, buffer[got : min(want, got + piece)], pace, got)
                     if not n:
                         break
                     got += n

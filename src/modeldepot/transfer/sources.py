@@ -38,7 +38,17 @@ from modeldepot.errors import (
 )
 from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.transfer.outage import OUTAGE, QUICK_REFUSALS, OutageClock, wait_in_outage
-from modeldepot.transfer.ranged import READERS, Answer, Attempt, Reply, proxy_of, read_range, request
+from modeldepot.transfer.ranged import (
+    READERS,
+    Answer,
+    Attempt,
+    Reply,
+    SlowBody,
+    TooSlowError,
+    proxy_of,
+    read_range,
+    request,
+)
 from modeldepot.transfer.threads import until_done
 from modeldepot.validation import from_upstream, validate_blake3
 
@@ -244,7 +254,8 @@ class HttpSource:
         tried = 0
         while True:
             retry_after = None
-            timed_out = no_answer = refused = False  # (what the last attempt met is what the error says)
+            # (what the last attempt met is what the error says)
+            timed_out = no_answer = refused = too_slow = False
             kept = receiving.kept
             # (its bytes counted as they cross the wire, whether the chunk lands or not: counted as chunks
             # landed, a pull's parts kept when its source died were never counted, and its resume said them
@@ -302,14 +313,19 @@ class HttpSource:
                     )
                     down.network = True
                     raise down from error
-                problem = f"{type(error).__name__}: {error}".rstrip(": ")
+                problem = (
+                    str(error)
+                    if isinstance(error, TooSlowError)
+                    else f"{type(error).__name__}: {error}".rstrip(": ")
+                )
                 timed_out, no_answer = isinstance(error, TimeoutError), is_no_answer(error)
                 refused = isinstance(error, ConnectionRefusedError)
+                too_slow = isinstance(error, TooSlowError)
             # What the attempt read before it failed is in place: the next one asks for the rest only.
             receiving.kept, receiving.attempt = receiving.kept + attempt.received, None
             if clock is not None:
                 clock.attempt_ended(token, heard=bool(attempt.received) or not no_answer)
-            if attempt.received and resumed < self.retry.max_resumes:
+            if attempt.received and resumed < self.retry.max_resumes and not too_slow:
                 # Not a failure: the link works and the range moved (a link cut every 700 KiB completed no
                 # 16 MiB chunk in five attempts). Asked again at once when it brought much, else after the
                 # first backoff (a server that cuts after every few bytes is not asked in a burst).
@@ -402,6 +418,7 @@ class HttpSource:
                 if response.status != 200:
                     raise _final_error(response.status, url, response.headers.get("X-Error-Message"))
                 got = 0
+                pace = SlowBody(self.retry.read_timeout)
                 async for piece in response.content.iter_any():
                     got += len(piece)
                     if got > size:
@@ -411,9 +428,12 @@ class HttpSource:
                     PULLS.add_bytes(
                         counted_as or self.kind, len(piece)
                     )  # (as they cross the wire: see fetch)
+                    waiting = time.monotonic()  # (what this side waits for is not the sender's slowness)
                     if self.limit is not None:
                         await self.limit.take_async(len(piece))
                     await sink(memoryview(piece))
+                    pace.paused(time.monotonic() - waiting)
+                    pace.took(got)
                 if got != size:
                     raise UpstreamError(f"{url}: received {got} bytes of {size}", source=url)
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as error:
