@@ -265,6 +265,25 @@ def test_out_of_inodes_during_an_import(mount_tmpfs: Mount, tmp_path: Path, stag
         assert_import_works(depot, random_folder(tmp_path / "fits", [10_000, 20_000], seed=7))
 
 
+def test_a_downloads_mark_with_no_inode_left_is_said_as_inodes(mount_tmpfs: Mount) -> None:
+    """A pull out of inodes said "no space left on the store's disk while marking a download as public or
+    not" of a disk `df -h` showed nearly empty: the mark's error named its file relative to its folder, and
+    the look at the inodes looked at the current folder's disk (an explorer's trial)."""
+    from modeldepot.store.layout import os_error
+    from modeldepot.store.partials import _make_mark
+
+    root = mount_tmpfs("size=16m,nr_inodes=32")
+    (root / "partials").mkdir()
+    (root / "filler").mkdir()
+    for n in range(free_inodes(root)):
+        (root / "filler" / str(n)).touch()
+    # (no shared mark to link, nor room for one)
+    with pytest.raises(OSError, match="No space left") as failed:
+        _make_mark(root / "partials" / ".public", root / "partials" / "abc.public", str(root))
+    said = str(os_error(failed.value, "marking a download as public or not"))
+    assert "every inode is taken (`df -i`)" in said, said
+
+
 def test_cli_import_on_a_full_disk(mount_tmpfs: Mount, tmp_path: Path) -> None:
     root = mount_tmpfs("size=1m")
     home = root / "home"
@@ -625,6 +644,44 @@ def test_a_pull_larger_than_the_free_disk_is_refused_before_a_byte_is_fetched(
                 )
                 os.unlink(root / "filler")
                 assert depot.pull("acme/two").files == 2  # and once there is room
+        finally:
+            upstream.stop()
+
+
+def test_a_pull_the_disk_cannot_take_even_after_the_budgets_evictions_evicts_nothing(
+    mount_tmpfs: Mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another program's files took the disk the budget allows: the pull evicted an imported model (which
+    no upstream gives back), then found the disk short and failed, "nothing was fetched" (an explorer's
+    trial). The disk's room is looked at first, counting what the budget would evict."""
+    files = {"a.bin": random.Random(1).randbytes(3 << 20), "b.bin": random.Random(2).randbytes(3 << 20)}
+    root = mount_tmpfs("size=16m")
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", files), "acme/two")
+        upstream = LiveNode(upstream_depot)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", upstream.url)
+        try:
+            with Depot(root / "home", chunk_size=SMALL_CHUNK) as depot:
+                mine = {"weights.bin": random.Random(3).randbytes(3 << 20)}
+                depot.import_dir(write_model_dir(tmp_path / "mine", mine), "me/imported")
+                depot.set_max_size(8 << 20)  # 3 MiB held + 6 MiB pulled: the imported model must go
+                filler = os.open(root / "filler", os.O_CREAT | os.O_WRONLY, 0o644)
+                try:  # 2 MiB free: with the 3 MiB the eviction gives back, 1 MiB short of the 6
+                    os.posix_fallocate(filler, 0, free_bytes(root) - (2 << 20))
+                finally:
+                    os.close(filler)
+                with pytest.raises(StoreFullError) as refused:
+                    depot.pull("acme/two")
+                said = str(refused.value)
+                assert "needs 6.0 MiB more on the store's disk (2 files)" in said, said
+                assert "and 3.0 MiB more once the disk budget evicted what it must" in said, said
+                assert "nothing was fetched or evicted" in said, said
+                assert bytes(depot.get_file("me/imported", "weights.bin")) == mine["weights.bin"]
+                assert depot.evictions() == []
+                os.unlink(root / "filler")
+                assert depot.pull("acme/two").files == 2  # with room, the budget evicts as it must
+                assert not depot.has_file("me/imported", "weights.bin")
         finally:
             upstream.stop()
 

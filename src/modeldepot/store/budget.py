@@ -403,6 +403,16 @@ class DiskBudget:
         kept_bytes = self.order.kept_bytes(kept, blobs=self.kept_blobs(), shared=shared) + others
         self._refuse_if_too_big(needed, budget, kept_bytes, doing, writer)
 
+    def would_evict(self, needed: int, writer: BudgetWriter | None = None) -> int:
+        """The bytes on disk :meth:`make_room` of ``needed`` would evict now, as planned (0 without a budget, or
+        when they fit): for a look at the disk's room before anything goes."""
+        budget = self.max_bytes
+        if budget is None or needed <= 0:
+            return 0
+        if self._all_bytes() + self._others_reserved(writer) + needed <= budget:
+            return 0
+        return sum(eviction.bytes_freed for eviction in self.plan_shrink(budget - needed))
+
     def make_room(self, needed: int, doing: str, writer: BudgetWriter | None = None) -> list[Eviction]:
         """Evict the least recently used revisions and variants until ``needed`` new bytes fit in the budget
         (no-op without one). Raises :class:`BudgetExceededError`, having removed nothing, when they cannot fit
@@ -900,6 +910,10 @@ class BudgetWriter:
     def check_fits(self, needed: int, doing: str) -> None:
         """:meth:`DiskBudget.check_fits` for this writer: refuse early, evict nothing."""
         self.budget.check_fits(needed, doing, self)
+
+    def would_evict(self, needed: int) -> int:
+        """:meth:`DiskBudget.would_evict` for this writer."""
+        return self.budget.would_evict(needed, self)
 
     def make_room(self, needed: int, doing: str) -> list[Eviction]:
         """:meth:`DiskBudget.make_room` for this writer; the room stays reserved until it ends."""

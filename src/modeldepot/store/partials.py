@@ -75,7 +75,7 @@ import blake3
 from modeldepot.errors import ChunkNotAvailableError, InvalidRangeError, StoreError, StoreFullError
 from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.store.blobs import PartialBlob, start_writeback
-from modeldepot.store.confined import open_within, opened_folder
+from modeldepot.store.confined import named, open_within, opened_folder
 from modeldepot.store.durability import UNKNOWN_BOOT, current_boot_id
 from modeldepot.store.layout import FULL_DISK_ADVICE, StoreLayout, os_error, size_text, writable_mode
 from modeldepot.store.locks import flock_holder, lock_is_held, unlock_and_close
@@ -520,12 +520,12 @@ class PartialFiles:
         self._kept[key] = (stamp, kept)
         return kept
 
-    def check_room(self, sizes: Mapping[str, int], doing: str) -> None:
+    def check_room(self, sizes: Mapping[str, int], doing: str, freeable: int = 0) -> None:
         """Refuse (StoreFullError, nothing written) downloads of these sizes (by partial key) that the store's
         file system has no room for together, beside what their partial files hold already: a pull of a repo
         larger than the free disk fetched a whole file, failed on the next, and left the first taking the
         room for a download that could never end there (an explorer's trial). Each file's own check stays
-        (:func:`_room_for`): others write beside it."""
+        (:func:`_room_for`): others write beside it. ``freeable``: bytes the disk budget would evict first."""
         try:
             disk = os.statvfs(self.root if self.root.exists() else self.layout.home)
         except OSError:
@@ -541,10 +541,16 @@ class PartialFiles:
                     )
             needed += max(0, size - held)
         free = disk.f_bavail * disk.f_frsize
-        if needed > free:
+        if needed > free + freeable:
+            evicted = (
+                f", and {size_text(freeable)} more once the disk budget evicted what it must"
+                if freeable
+                else ""
+            )
             raise StoreFullError(f"{doing} needs {size_text(needed)} more on the store's disk ({len(sizes)} "
-                                 f"file{'s' if len(sizes) != 1 else ''}), which has {size_text(free)} free: "
-                                 f"nothing was fetched; {FULL_DISK_ADVICE}")  # fmt: skip
+                                 f"file{'s' if len(sizes) != 1 else ''}), which has {size_text(free)} free"
+                                 f"{evicted}: nothing was fetched{' or evicted' if freeable else ''}; "
+                                 f"{FULL_DISK_ADVICE}")  # fmt: skip
 
     def keys_on_disk(self) -> frozenset[str]:
         """The keys any download has a file of in the folder now (its data or its log; the marks aside)."""
@@ -944,20 +950,29 @@ def _make_mark(shared: Path, path: Path, within: str) -> None:
     link cannot be made (too many links, another user's file under protected_hardlinks), a file of its own."""
     # (in partials/ as opened, ``within`` the home: a link there leads nowhere, store/confined.py)
     with opened_folder(path.parent, within) as folder:
-        for _ in range(2):
-            try:
-                os.link(shared.name, path.name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
-                return
-            except FileExistsError:
-                return  # (marked already: a leftover a resume keeps, or the same content's other pull)
-            except FileNotFoundError:
-                os.close(os.open(shared.name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
-                                 dir_fd=folder))  # fmt: skip
-            except OSError:
-                break
-        os.close(
-            os.open(path.name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=folder)
-        )
+        try:
+            for _ in range(2):
+                try:
+                    os.link(
+                        shared.name, path.name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False
+                    )
+                    return
+                except FileExistsError:
+                    return  # (marked already: a leftover a resume keeps, or the same content's other pull)
+                except FileNotFoundError:
+                    os.close(os.open(shared.name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
+                                     dir_fd=folder))  # fmt: skip
+                except OSError:
+                    break
+            os.close(
+                os.open(
+                    path.name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=folder
+                )
+            )
+        except OSError as error:
+            # (the whole path named: out of inodes, a pull's error said "no space left" of a disk `df -h` showed
+            # free, its folder unknown to the look at the inodes, an explorer's trial)
+            raise named(error, path) from None
 
 
 def _given_back(path: Path) -> int:
