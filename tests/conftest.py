@@ -572,6 +572,23 @@ class Mounts:
         self._run(["mount", "-o", "remount,bind,ro", str(target)])
         return target
 
+    def ext4(self, size: str) -> Path:
+        """A fresh ext4 of ``size`` (``"64M"``) in a loop image, mounted ``errors=remount-ro`` (as most
+        systems mount theirs); its root."""
+        image = self.root / f"image-{len(self.mounted)}.ext4"
+        self._run(["truncate", "-s", size, str(image)], ["mkfs.ext4", "-q", str(image)])
+        target = self._target("ext4")
+        self._run(["mount", "-o", "loop,errors=remount-ro", str(image), str(target)])
+        self.mounted.append(target)
+        return target
+
+    def fail_ext4(self, target: Path) -> None:
+        """Have the ext4 mounted at ``target`` meet an error, as a failing disk makes it: it refuses every
+        write from then on, its mount still said read-write."""
+        device = subprocess.run(["findmnt", "-no", "SOURCE", str(target)], capture_output=True, text=True,
+                                check=True).stdout.strip()  # fmt: skip
+        Path(f"/sys/fs/ext4/{os.path.basename(device)}/trigger_fs_error").write_text("1")
+
     def squashfs(self, source: Path) -> Path:
         """``source`` made into a squashfs image (a container's or Apptainer's read-only image) and mounted;
         its root. (Its files have no flush: ``fdatasync`` is EINVAL.)"""

@@ -567,6 +567,45 @@ def test_a_read_only_node_refuses_pulls_with_503_and_does_not_mirror(
             node.stop()
 
 
+def test_a_store_whose_disk_turned_read_only_under_it_is_read_served_and_says_so(
+    tmp_path: Path, mounts: Mounts
+) -> None:
+    """ext4 after a disk error (errors=remount-ro) refuses every write while its mount still says
+    read-write: every command crashed on its first write with a traceback, a node restarted there died,
+    and the node running answered writes 500 ("disk I/O error"), its health "ok" (an explorer's trial)."""
+    disk = mounts.ext4("64M")
+    home = made_store(disk)
+    with Depot(home) as depot:
+        node = LiveNode(depot, token="secret")
+        try:
+            mounts.fail_ext4(disk)
+            with urllib.request.urlopen(f"{node.url}/api/depot/v1/health", timeout=30) as answer:
+                health = json.load(answer)
+            assert health["status"] == "degraded" and "refuses writes" in health["detail"], health
+            pin = urllib.request.Request(f"{node.url}/api/depot/v1/repos/acme/st/pin", method="PUT",
+                                         headers={"Authorization": "Bearer secret"})  # fmt: skip
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(pin, timeout=30)
+            refused.value.close()
+            assert (refused.value.code, refused.value.headers["X-Error-Code"]) == (503, "ReadOnlyStore")
+            with pytest.raises(ReadOnlyStoreError, match="refuses writes, though mounted read-write"):
+                depot.pin("acme/q")
+            served = hf_hub_download(
+                "acme/st", "config.json", endpoint=node.url, cache_dir=tmp_path / "hf", token="secret"
+            )
+            assert Path(served).read_text() == '{"model_type": "test"}'
+        finally:
+            node.stop()
+    # Opened again (a command, a node restarted): read as it is, every write refused first and clearly
+    with Depot(home) as again:
+        assert again.store.read_only and "refuses writes" in str(again.store.read_only_reason)
+        assert bytes(again.get_file("acme/st", "config.json")) == b'{"model_type": "test"}'
+        with pytest.raises(ReadOnlyStoreError, match="refuses writes"):
+            again.pin("acme/st")
+    listed = CliRunner().invoke(cli, ["ls", "--home", str(home)])
+    assert listed.exit_code == 0 and "acme/st" in listed.output, listed.output
+
+
 ANOTHER_USERS_READER = """
 import json, sys
 import numpy as np

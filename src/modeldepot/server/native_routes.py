@@ -45,7 +45,7 @@ from modeldepot.server.openapi import WITHHELD_PRELOAD, openapi_document
 from modeldepot.server.ranges import RangeNotSatisfiable
 from modeldepot.server.responses import CountedResponse, ViewResponse, json_response, matches_none, send_blob
 from modeldepot.server.views import wanted_range
-from modeldepot.store.layout import size_text
+from modeldepot.store.layout import REFUSES_WRITES, refuses_writes, size_text
 from modeldepot.store.maintenance import partial_bytes, quarantine_bytes
 from modeldepot.store.maintenance import totals as store_totals
 from modeldepot.store.models import BlobRecord
@@ -96,6 +96,13 @@ async def health(request: web.Request) -> web.Response:
                 "not served: `modeldepot verify` names them, and a pull of them fetches them again")  # fmt: skip
         said = answer.get("detail")
         answer.update(status="degraded", quarantined_files=broken, detail=f"{said}; {lost}" if said else lost)
+    # (a node whose disk turned read-only under it answered every write with an error, its health "ok": an
+    # explorer's trial)
+    layout = _depot(request).store.layout
+    if not _depot(request).store.read_only and await asyncio.to_thread(refuses_writes, layout.index_path):
+        stuck = f"the store is {REFUSES_WRITES}; what it holds is served"
+        said = answer.get("detail")
+        answer.update(status="degraded", detail=f"{said}; {stuck}" if said else stuck)
     # (a mirror on a full disk answered 507 to every pull, its health "ok": an explorer's trial)
     free = await asyncio.to_thread(_depot(request).store.layout.free_bytes)
     if free is not None and free < FULL_DISK_FREE and not _depot(request).store.read_only:

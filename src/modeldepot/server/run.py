@@ -21,7 +21,7 @@ from pathlib import Path
 from aiohttp import web
 
 from modeldepot.depot import Depot
-from modeldepot.errors import ConfigError, DepotError
+from modeldepot.errors import ConfigError, DepotError, ReadOnlyStoreError
 from modeldepot.server.app import create_app
 from modeldepot.server.connections import (
     BACKLOG,
@@ -210,7 +210,11 @@ def run_server(
             with contextlib.suppress(OSError):
                 token_file[0].unlink()  # (in a folder of this user alone)
     # What was written without a flush (deferred) reaches the disk (a read-only store has nothing to flush)
-    flushed = 0 if depot.store.read_only else depot.sync(check=False)
+    try:
+        flushed = 0 if depot.store.read_only else depot.sync(check=False)
+    except ReadOnlyStoreError as error:  # (its disk turned read-only under it: nothing more can be done here)
+        log.warning("nothing could be flushed before stopping: %s", error)
+        flushed = 0
     if flushed:
         log.info("flushed %d blob(s) to disk before stopping", flushed)
     # (the last line: a clean stop told from a hang a supervisor killed, an explorer's trial)

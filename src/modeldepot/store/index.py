@@ -38,7 +38,7 @@ from modeldepot.errors import (
 from modeldepot.store.confined import folder_within, open_within, opened_folder
 from modeldepot.store.forking import INDEX_GATE, ForkGate
 from modeldepot.store.holders import processes_with_open
-from modeldepot.store.layout import FULL_DISK_ADVICE, writable_mode
+from modeldepot.store.layout import FULL_DISK_ADVICE, REFUSES_WRITES, refuses_writes, writable_mode
 from modeldepot.store.locks import unlock_and_close
 
 __all__ = ["SCHEMA_VERSION", "ChangeCounter", "Index", "SpaceReserve", "translate_sqlite_error"]
@@ -297,6 +297,19 @@ def is_full_error(error: sqlite3.Error, directory: Path | None = None) -> bool:
 
 
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+_SQLITE_READONLY = 8
+
+
+def _refused_a_write(error: sqlite3.Error, directory: Path) -> bool:
+    """Whether SQLite failed as the index's file system turned read-only under it ("disk I/O error", or
+    "attempt to write a readonly database"; a node answered 500 to every write, its health "ok": an
+    explorer's trial)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return (
+        code is not None
+        and code & 0xFF in (_SQLITE_IOERR, _SQLITE_READONLY)
+        and refuses_writes(directory / "index.db")
+    )
 
 
 def is_damage(error: sqlite3.Error) -> bool:
@@ -323,6 +336,8 @@ def translate_sqlite_error(error: sqlite3.Error, doing: str, directory: Path | N
     explorer's trial)."""
     if is_full_error(error, directory):
         return StoreFullError(f"no space left while {doing}: nothing was changed; {FULL_DISK_ADVICE}")
+    if directory is not None and _refused_a_write(error, directory):
+        return ReadOnlyStoreError(f"{doing} failed: the store is {REFUSES_WRITES}")
     if directory is not None and is_damage(error):
         return IndexDamagedError(
             f"the index is damaged ({error}) while {doing}: {index_damage_advice(directory)}"

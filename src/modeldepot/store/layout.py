@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from modeldepot.errors import InvalidInputError, StoreError, StoreFullError
+from modeldepot.errors import InvalidInputError, ReadOnlyStoreError, StoreError, StoreFullError
 from modeldepot.validation import validate_commit_id, validate_path, validate_repo_id, validate_sha256
 
 __all__ = [
@@ -126,8 +126,29 @@ def _out_of_inodes(error: OSError) -> bool:
     return found.f_files > 0 and found.f_favail == 0 and found.f_bavail > 0
 
 
+# What a store whose file system turned read-only under it is said to be (as in "the store at X is ...")
+REFUSES_WRITES = ("on a file system that refuses writes, though mounted read-write (ext4 does so after a disk "
+                  "error, under errors=remount-ro: see `dmesg`; once the disk is checked with fsck and mounted "
+                  "again, restart what uses the store)")  # fmt: skip
+
+
+def refuses_writes(path: Path) -> bool:
+    """Whether the file system of ``path`` (a file that exists) refuses to open it for writing: read-only
+    though its mount says read-write, as ext4 turns after an error under errors=remount-ro (the mount's
+    flags stay, a statvfs sees nothing; every command crashed on its first write, an explorer's trial).
+    Nothing is written."""
+    try:
+        found = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        return error.errno == errno.EROFS
+    os.close(found)
+    return False
+
+
 def os_error(error: OSError, doing: str) -> StoreError:
     """Translate an OSError from the store's own files into the exception tree."""
+    if error.errno == errno.EROFS:
+        return ReadOnlyStoreError(f"{doing} failed: the store is {REFUSES_WRITES}")
     if error.errno in _FULL:
         if _out_of_inodes(error):  # (said as bytes, the user looked for room `df -h` showed free: a trial)
             return StoreFullError(f"no file can be made on the store's file system while {doing}: every inode "
@@ -198,6 +219,10 @@ def _fsync(path: Path, flags: int) -> None:
     fd = os.open(path, flags)
     try:
         os.fsync(fd)
+    except OSError as error:
+        if error.errno == errno.EROFS:  # (said as what it is: a node's stop ended in a traceback, a trial)
+            raise os_error(error, f"flushing {path} to the disk") from error
+        raise
     finally:
         os.close(fd)
 
@@ -376,6 +401,8 @@ class StoreLayout:
         /opt/models, huggingface_hub#2797); None when it may write it."""
         if self.on_read_only_mount():
             return "on a read-only file system"
+        if refuses_writes(self.index_path):
+            return REFUSES_WRITES
         effective = os.access in os.supports_effective_ids
         for path in (self.home, self.index_path, self.lock_path.parent, self.blobs, self.snapshots):
             try:
