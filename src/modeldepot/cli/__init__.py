@@ -737,7 +737,7 @@ def peers_command(home: Path | None, cluster: str | None, cluster_prefix: str | 
 # The `hf-cache` group lives in cli/hfcache.py, which uses the options above: imported here, last (not
 # while type checking, which would then see an import cycle).
 if not TYPE_CHECKING:
-    from modeldepot.cli import serve, space  # noqa: F401  (their commands register themselves)
+    from modeldepot.cli import repair, serve, space  # noqa: F401  (their commands register themselves)
     from modeldepot.cli.hfcache import hf_cache
 
     cli.add_command(hf_cache)

@@ -323,11 +323,11 @@ def is_damage(error: sqlite3.Error) -> bool:
 
 def index_damage_advice(home: Path) -> str:
     """How to get out of a damaged index: the blobs and snapshots are intact beside it."""
-    index = home / "index.db"
-    return (f"the files themselves are intact under {home}/blobs and snapshots: recover the index with "
-            f"SQLite (`sqlite3 {index} .recover | sqlite3 recovered.db`, then put recovered.db in its place and run "
-            f"`modeldepot verify`), or import each folder under {home}/snapshots/ORG/NAME/COMMIT into a new "
-            "store (`modeldepot import FOLDER --repo ORG/NAME --home NEW`)")  # fmt: skip
+    return (f"the files themselves are intact under {home}/blobs and snapshots: stop what uses the store, then "
+            f"`modeldepot recover-index --home {home}` makes the index whole again from what can still be read "
+            f"of it (the damaged one is kept beside it), and `modeldepot verify` finds what it no longer names; "
+            f"else import each folder under {home}/snapshots/ORG/NAME/COMMIT into a new store (`modeldepot "
+            "import FOLDER --repo ORG/NAME --home NEW`)")  # fmt: skip
 
 
 def translate_sqlite_error(error: sqlite3.Error, doing: str, directory: Path | None = None) -> StoreError:
