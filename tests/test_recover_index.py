@@ -132,3 +132,39 @@ def test_an_index_whose_schema_cannot_be_read_says_what_else_to_do(tmp_path: Pat
     damage_page(home / "index.db", 0)  # (page 1: the header and the schema)
     with pytest.raises(IndexDamagedError, match="import each folder under"):
         salvage_index(StoreLayout(home))
+
+
+def test_revisions_the_index_lost_are_taken_in_again_from_their_snapshot_folders(tmp_path: Path) -> None:
+    """The last transactions lost (a log deleted, an older index put back): their blobs and snapshot folders
+    are on disk, named by no row, and `gc` would have deleted them (an explorer's trial). They are imported
+    again from their snapshot folders, nothing fetched, and gc keeps them."""
+    home = tmp_path / "store"
+    older = {"config.json": b'{"v": 1}', "weights.bin": b"a" * 5000}
+    newer = {"config.json": b'{"v": 2}', "weights.bin": b"b" * 7000}
+    lost = {"model.bin": b"c" * 9000, "tokenizer.json": b"{}"}
+    with Depot(home) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "v1", older), "acme/kept")
+    backup = tmp_path / "index-before.db"
+    with sqlite3.connect(home / "index.db") as source, sqlite3.connect(backup) as copy:
+        source.backup(copy)
+    with Depot(home) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "v2", newer), "acme/kept")  # (main moves on)
+        depot.import_dir(write_model_dir(tmp_path / "lost", lost), "acme/lost")
+    (home / "index.db").write_bytes(backup.read_bytes())  # the last two imports' rows are gone
+
+    result = CliRunner().invoke(cli, ["recover-index", "--home", str(home), "--json"])
+    assert result.exit_code == 0, result.output
+    taken = {(t["repo_id"], t["revision"]): t for t in json.loads(result.stdout)["taken_in"]}
+    assert set(taken) == {
+        ("acme/lost", "main"),
+        ("acme/kept", next(r for _, r in taken if r.startswith("recovered-"))),
+    }
+    assert all(not t["error"] for t in taken.values())
+    with Depot(home) as depot:
+        depot.gc()
+        assert {name: bytes(depot.get_file("acme/lost", name)) for name in lost} == lost
+        # (the branch the index kept stays where it was; the lost revision is on a branch of its own)
+        assert bytes(depot.get_file("acme/kept", "config.json")) == older["config.json"]
+        recovered = next(r for (repo, r) in taken if repo == "acme/kept")
+        assert bytes(depot.get_file("acme/kept", "config.json", revision=recovered)) == newer["config.json"]
+        assert depot.verify().ok

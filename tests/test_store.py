@@ -395,12 +395,12 @@ def test_gc_deletes_nothing_on_a_damaged_index_and_says_how_to_get_out(home: Pat
     damage_the_index(home, "blobs")
     with Depot(home) as depot, pytest.raises(IndexDamagedError, match="deleted nothing") as refused:
         depot.gc()
-    assert ".recover" in str(refused.value) and "modeldepot import" in str(refused.value)
+    assert "modeldepot recover-index" in str(refused.value) and "modeldepot import" in str(refused.value)
     done = CliRunner().invoke(cli, ["gc", "--home", str(home)])
     assert done.exit_code != 0 and "failed SQLite's check" in done.output, done.output
     assert sorted(p for p in (home / "blobs").rglob("*") if p.is_file()) == blobs
     checked = CliRunner().invoke(cli, ["verify", "--home", str(home)])
-    assert checked.exit_code != 0 and ".recover" in checked.output, checked.output
+    assert checked.exit_code != 0 and "recover-index" in checked.output, checked.output
 
 
 def test_rm_deletes_nothing_on_a_damaged_index(home: Path, model_dir: Path) -> None:
@@ -417,7 +417,7 @@ def test_rm_deletes_nothing_on_a_damaged_index(home: Path, model_dir: Path) -> N
     with Depot(home) as depot:
         with pytest.raises(IndexDamagedError, match="deleted nothing") as refused:
             depot.remove(REPO)
-        assert ".recover" in str(refused.value)
+        assert "modeldepot recover-index" in str(refused.value)
         with pytest.raises(IndexDamagedError, match="deleted nothing"):
             depot.remove(REPO, quant="q4")
     assert sorted(p for p in (home / "blobs").rglob("*") if p.is_file()) == blobs
@@ -482,7 +482,9 @@ def test_a_value_of_the_index_that_is_no_utf8_says_the_index_is_damaged_and_how_
         with depot.store.index.write("test") as con:  # (SQLite keeps the bytes as they are: no UTF-8)
             con.execute("UPDATE files SET git_oid = CAST(X'6461ff35' AS TEXT) WHERE path = 'config.json'")
     with Depot(home) as depot:
-        with pytest.raises(IndexDamagedError, match=r"the index is damaged .*\.recover.*modeldepot import"):
+        with pytest.raises(
+            IndexDamagedError, match=r"the index is damaged .*modeldepot recover-index.*modeldepot import"
+        ):
             depot.verify()
         node = LiveNode(depot)
         try:

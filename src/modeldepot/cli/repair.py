@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -24,19 +25,21 @@ def recover_index_command(home: Path | None, as_json: bool) -> None:
     """Make a damaged index whole again from what SQLite can still read of it.
 
     The damaged index.db (and its log) is kept beside it, as index.db.damaged-TIME; every row still readable
-    goes into a new index, checked before it takes the old one's place. Stop every process using the store
-    first. Then run `modeldepot verify`: it finds what the index no longer names."""
-    from modeldepot.store.layout import StoreLayout
-    from modeldepot.store.salvage import salvage_index
+    goes into a new index, checked before it takes the old one's place; a snapshot folder whose revision lost
+    files in it is imported again (nothing is fetched). Stop every process using the store first. Then run
+    `modeldepot verify`."""
+    from modeldepot.recovery import recover_index
 
     folder = Path(home).expanduser() if home is not None else default_home()
     try:
-        report = salvage_index(StoreLayout(folder))
+        recovery = recover_index(folder)
     except (DepotError, OSError) as error:
         render.err.print(f"[red]error:[/red] {escape(str(error))}")
         sys.exit(EXIT_FAILURE)
+    report = recovery.salvaged
     body = {"kept_at": str(report.kept_at), "rows": report.rows, "damaged_tables": report.damaged_tables,
-            "lost_indexes": report.lost_indexes}  # fmt: skip
+            "lost_indexes": report.lost_indexes,
+            "taken_in": [dataclasses.asdict(taken) for taken in recovery.taken_in]}  # fmt: skip
 
     def said() -> None:
         rows = sum(report.rows.values())
@@ -48,6 +51,14 @@ def recover_index_command(home: Path | None, as_json: bool) -> None:
                              f"{report.rows.get(table, 0):,} rows kept")  # fmt: skip
         for lost in report.lost_indexes:
             render.err.print(f"[yellow]index not rebuilt[/yellow]: {escape(lost)}")
-        render.out.print("now run `modeldepot verify`: it finds the files the index no longer names")
+        for taken in recovery.taken_in:
+            if taken.error:
+                render.err.print(f"[red]{escape(taken.repo_id)}@{taken.was_commit[:12]}[/red]: its snapshot folder "
+                                 f"could not be imported again: {escape(taken.error)}")  # fmt: skip
+            else:
+                render.out.print(f"{escape(taken.repo_id)}@{taken.was_commit[:12]}: the index had lost its files; "
+                                 f"imported again from its snapshot folder ({render.count(taken.files, 'file')}) as "
+                                 f"{escape(taken.revision)} → {taken.commit_id[:12]}")  # fmt: skip
+        render.out.print("now run `modeldepot verify`: it checks every file the index names")
 
     render.emit(as_json, body, said)
