@@ -393,6 +393,7 @@ class PartialFiles:
 
     def __init__(self, layout: StoreLayout, chunk_size: int, writeback: bool = True) -> None:
         self.layout = layout
+        self._reserving_here = threading.Lock()
         self.root = layout.partials
         self.chunk_size = chunk_size  # the store's: what a download of one chunk is read as by a peer
         self.writeback = writeback
@@ -519,6 +520,26 @@ class PartialFiles:
         )
         self._kept[key] = (stamp, kept)
         return kept
+
+    @contextlib.contextmanager
+    def _reserving(self) -> Iterator[None]:
+        """One look at the disk's room and reservation at a time, in every process: two pulls into the last
+        room of a tmpfs both failed half the time though either alone fitted, each failed reservation taking
+        every free page for a moment before giving them back (an explorer's trial)."""
+        with self._reserving_here:
+            try:
+                fd = open_within(self.layout.lock_path.parent / RESERVING_LOCK, os.O_RDWR | os.O_CREAT, 0o666,
+                                 self.layout.real_home)  # fmt: skip
+            except (
+                OSError
+            ):  # (a lock that cannot be had serialises nothing: the reservation goes on, as before)
+                yield
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                unlock_and_close(fd)
 
     def check_room(self, sizes: Mapping[str, int], doing: str, freeable: int = 0) -> None:
         """Refuse (StoreFullError, nothing written) downloads of these sizes (by partial key) that the store's
@@ -789,15 +810,16 @@ class PartialFiles:
                     os.write(lock_fd, header.encode())
                 _empty(data_fd)
             if size:
-                _room_for(data_fd, size, key)
-                try:
-                    os.posix_fallocate(data_fd, 0, size)  # a full disk fails here, before any transfer
-                except OSError:
-                    # (a failed reservation keeps what it took on ext4: a new file gives it back)
-                    if not logged:
-                        with contextlib.suppress(OSError):
-                            os.ftruncate(data_fd, 0)
-                    raise
+                with self._reserving():
+                    _room_for(data_fd, size, key)
+                    try:
+                        os.posix_fallocate(data_fd, 0, size)  # a full disk fails here, before any transfer
+                    except OSError:
+                        # (a failed reservation keeps what it took on ext4: a new file gives it back)
+                        if not logged:
+                            with contextlib.suppress(OSError):
+                                os.ftruncate(data_fd, 0)
+                        raise
             done = _verified_chunks(data_fd, size, chunk_size, logged)
         except StoreFullError:
             os.close(data_fd)
@@ -1008,6 +1030,9 @@ def _whole_content(fd: int, key: str, size: int) -> dict[int, str] | None:
     return {0: blake3.blake3(data).hexdigest()} if matches else None
 
 
+RESERVING_LOCK = "reserving.lock"  # in locks/: held while a download's room is looked at and reserved
+
+
 def _room_for(fd: int, size: int, key: str) -> None:
     """A download of ``size`` bytes (the upstream's word) fits in the free room of the file system, beside
     what its file holds already (StoreFullError, nothing reserved): a size of terabytes filled the disk,
@@ -1018,8 +1043,8 @@ def _room_for(fd: int, size: int, key: str) -> None:
         return  # (the reservation itself says)
     free = disk.f_bavail * disk.f_frsize
     if size - held > free:
-        raise StoreFullError(f"the upstream says {key[:16]}… is {size_text(size)}: more than the "
-                             f"{size_text(free)} free on the store's disk; {FULL_DISK_ADVICE}")  # fmt: skip
+        raise StoreFullError(f"a download of {size_text(size)} (content {key[:16]}…, as its upstream sizes it) needs "
+                             f"more than the {size_text(free)} free on the store's disk; {FULL_DISK_ADVICE}")  # fmt: skip
 
 
 def _links(path: Path) -> int:
