@@ -606,6 +606,26 @@ def test_a_store_whose_disk_turned_read_only_under_it_is_read_served_and_says_so
     assert listed.exit_code == 0 and "acme/st" in listed.output, listed.output
 
 
+def test_a_store_whose_mount_turned_writable_says_the_process_must_start_again(
+    tmp_path: Path, read_only: Mount
+) -> None:
+    """A node started on a read-only mount kept refusing every write once the mount was read-write again,
+    saying the file system was read-only (an explorer's trial): the refusal says to start it again."""
+    view = read_only(made_store(tmp_path))
+    with Depot(view) as depot:
+        with pytest.raises(ReadOnlyStoreError) as before:
+            depot.pin("acme/st")
+        assert "writable now" not in str(before.value)
+        subprocess.run(["mount", "-o", "remount,bind,rw", str(view)], check=True)
+        with pytest.raises(
+            ReadOnlyStoreError, match=r"when this process opened it \(it is writable now: start it again"
+        ):
+            depot.pin("acme/st")
+    with Depot(view) as again:  # (started again: it writes there)
+        again.pin("acme/st")
+        assert [pin.repo_id for pin in again.pins()] == ["acme/st"]
+
+
 ANOTHER_USERS_READER = """
 import json, sys
 import numpy as np

@@ -314,7 +314,7 @@ class Depot(Upkeep):
         files), before a command asks the user to confirm what it could not do."""
         if self.store.read_only:
             raise ReadOnlyStoreError(
-                f"the store at {self.home} is {self.store.read_only_reason}: it is read and served as it is, "
+                f"the store at {self.home} is {self.store.read_only_said()}: it is read and served as it is, "
                 f"never written ({doing}: do that where the store is writable)"
             )
 
@@ -868,7 +868,7 @@ class Depot(Upkeep):
             from modeldepot.transfer.pull import run_blocking
 
             if self.store.read_only:  # (before a scan: the network is not what refuses it)
-                raise ReadOnlyStoreError(f"the store at {self.home} is {self.store.read_only_reason}: it pulls "
+                raise ReadOnlyStoreError(f"the store at {self.home} is {self.store.read_only_said()}: it pulls "
                                          "nothing (pull it where the store is writable)")  # fmt: skip
             manifest = self.manifest_for(repo, rev)
             imported = self._check_completes_import(repo, rev, manifest)

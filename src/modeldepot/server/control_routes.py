@@ -338,7 +338,7 @@ class PullJobs:
         if depot.store.read_only:  # (a 503 now, not a 202 for a job that fails at its first write)
             self.ended["refused"] = self.ended.get("refused", 0) + 1
             raise ReadOnlyStoreError(
-                f"the store at {depot.home} is {depot.store.read_only_reason}: it pulls nothing"
+                f"the store at {depot.home} is {depot.store.read_only_said()}: it pulls nothing"
             )
         key = _key(repo_id, revision, quants)
         running = self._running.get(key)

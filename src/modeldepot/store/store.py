@@ -48,7 +48,7 @@ from modeldepot.store.confined import folders_in, opened_folder
 from modeldepot.store.durability import Durability
 from modeldepot.store.filesystem import shared_filesystem
 from modeldepot.store.index import Index, index_damage_advice
-from modeldepot.store.layout import StoreLayout, keeps_the_group_out, os_error
+from modeldepot.store.layout import REFUSES_WRITES, StoreLayout, keeps_the_group_out, os_error
 from modeldepot.store.locks import StoreLock
 from modeldepot.store.manifests import ManifestStore
 from modeldepot.store.models import BlobRecord, FileEntry, RepoInfo, RepoSummary, RevisionInfo
@@ -719,6 +719,19 @@ class Store:
             StoreError
         ) as error:  # (a read-only store, a full disk: its chunks are refused as they are read)
             log.warning("the chunk digests of blob %s… could not be rewritten: %s", sha256[:16], error)
+
+    def read_only_said(self) -> str:
+        """Why the store is read-only here, as a refusal says it; and, when the file system has turned
+        writable since this process opened it (remounted read-write, checked and mounted again), that it
+        must start again to write there (a node kept refusing for good, saying the file system was read-only
+        when it no longer was: an explorer's trial)."""
+        reason = self.read_only_reason or ""
+        if (
+            reason in ("on a read-only file system", REFUSES_WRITES)
+            and self.layout.read_only_reason() is None
+        ):
+            return f"{reason} when this process opened it (it is writable now: start it again to write there)"
+        return reason
 
     def sync(self, check: bool = True) -> int:
         """Wait until every blob is durable (and, with ``check``, every one written before a restart
