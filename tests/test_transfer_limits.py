@@ -318,3 +318,46 @@ def test_a_cancelled_fetch_returns_only_once_its_reader_has_let_go_of_the_buffer
         asyncio.run(cancel_mid_body(f"http://127.0.0.1:{listener.getsockname()[1]}", sent, buffer))
         server.join(timeout=10)
     assert buffer[:100] == b"x" * 100 and len(buffer) == 10001
+
+
+def test_the_error_message_of_a_host_a_redirect_led_to_is_not_relayed() -> None:
+    """A hostile upstream redirected a mirror to an internal address, and the mirror's 502 to anonymous
+    clients carried that host's X-Error-Message (a security trial): a source's own message is said, another
+    origin's is not."""
+    import asyncio
+
+    from aiohttp import web
+
+    from conftest import BackgroundServer
+    from modeldepot import AccessDeniedError
+    from modeldepot.transfer.sources import HttpSource
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(status=403, headers={"X-Error-Message": f"SECRET-OF-{request.path}"})
+
+    internal_app = web.Application()
+    internal_app.router.add_get("/{tail:.*}", refuse)
+    internal = BackgroundServer(web.AppRunner(internal_app), "internal")
+
+    async def redirect(request: web.Request) -> web.Response:
+        if request.path.startswith("/own/"):
+            return await refuse(request)
+        raise web.HTTPFound(f"{internal.url}/inside")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", redirect)
+    upstream = BackgroundServer(web.AppRunner(app), "redirector")
+
+    async def fetch(path: str) -> None:
+        source = HttpSource(upstream.url, retry=RetryPolicy(attempts=1, base_delay=0.01, read_timeout=5))
+        await source.fetch(f"{upstream.url}{path}", 0, 9, 100)
+
+    try:
+        with pytest.raises(AccessDeniedError) as led:
+            asyncio.run(fetch("/acme/x/resolve/main/a.bin"))
+        assert "HTTP 403" in str(led.value) and "SECRET" not in str(led.value), str(led.value)
+        with pytest.raises(AccessDeniedError, match=r"SECRET-OF-/own/a\.bin"):  # (its own: said)
+            asyncio.run(fetch("/own/a.bin"))
+    finally:
+        upstream.stop()
+        internal.stop()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from modeldepot.counters import PULLS
 from modeldepot.errors import (
@@ -302,7 +302,11 @@ class HttpSource:
                     raise ChunkUnavailableError(f"{url} bytes {start}-{start + want - 1}: not held there (yet)",
                                                 source=url, status=404)  # fmt: skip
                 else:
-                    raise _final_error(status, answer.url, answer.headers.get("X-Error-Message"))
+                    # (the error message of the source's own origin alone: one a redirect led to, another host,
+                    # maybe an internal one a hostile upstream named, is not relayed to a mirror's clients, a
+                    # security trial)
+                    said = answer.headers.get("X-Error-Message") if _same_origin(answer.url, url) else None
+                    raise _final_error(status, answer.url, said)
             except (OSError, http.client.HTTPException) as error:
                 if isinstance(error, ConnectionRefusedError) and self.kind != "hub":
                     # Nothing listens at a node's address: it is down. Retrying for seconds would hold its
@@ -496,6 +500,11 @@ def _parse_chunk_map(url: str, body: object, size: int, chunk_size: int) -> froz
         if all(j in held for j in range(offset // theirs, (offset + max(length, 1) - 1) // theirs + 1)):
             ours.add(index)
     return frozenset(ours)
+
+
+def _same_origin(one: str, other: str) -> bool:
+    first, second = urlsplit(one), urlsplit(other)
+    return (first.scheme, first.hostname, first.port) == (second.scheme, second.hostname, second.port)
 
 
 def _final_error(status: int, url: str, message: str | None) -> Exception:
