@@ -45,6 +45,7 @@ from modeldepot import Depot, ReadOnlyStoreError
 from modeldepot.cli import cli
 from modeldepot.errors import CorruptBlobError, NotFoundError, RepoNotFoundError
 from modeldepot.preload import Preloader
+from modeldepot.store.layout import refuses_writes
 from test_load import BIAS as ONNX_BIAS
 from test_load import REPO as ONNX_REPO
 from test_load import WEIGHT as ONNX_WEIGHT
@@ -604,6 +605,35 @@ def test_a_store_whose_disk_turned_read_only_under_it_is_read_served_and_says_so
             again.pin("acme/st")
     listed = CliRunner().invoke(cli, ["ls", "--home", str(home)])
     assert listed.exit_code == 0 and "acme/st" in listed.output, listed.output
+
+
+def test_a_look_at_whether_the_disk_refuses_writes_keeps_sqlites_locks(tmp_path: Path) -> None:
+    """The look opened and closed index.db, whose POSIX locks SQLite's connections in the process hold: a
+    close of any descriptor of the file drops them, and another process closing the store took itself for
+    its last user and deleted the live log under the node (its health probe looked each time: a review)."""
+    home = tmp_path / "store"
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "src", {"config.json": b"{}"}), "acme/a")
+        wal = home / "index.db-wal"
+        assert wal.exists()
+        assert not refuses_writes(home)  # (what a node's health looks at, each time)
+        other = (f"import sqlite3; c = sqlite3.connect({str(home / 'index.db')!r}); "
+                 "c.execute('SELECT COUNT(*) FROM sqlite_master').fetchone(); c.close()")  # fmt: skip
+        subprocess.run([sys.executable, "-c", other], check=True)
+        assert wal.exists(), "another process deleted the log of a store open here"
+        depot.import_dir(write_model_dir(tmp_path / "src2", {"config.json": b"[1]"}), "acme/b")
+    with Depot(home) as again:
+        assert {repo.repo_id for repo in again.list_repos()} == {"acme/a", "acme/b"}
+
+
+def test_a_store_made_on_a_read_only_mount_is_not_said_to_be_on_a_failed_disk(
+    tmp_path: Path, read_only: Mount
+) -> None:
+    (tmp_path / "empty").mkdir()
+    view = read_only(tmp_path / "empty")
+    with pytest.raises(ReadOnlyStoreError, match="on a read-only file system") as refused:
+        Depot(view / "store")
+    assert "fsck" not in str(refused.value)
 
 
 def test_a_store_whose_mount_turned_writable_says_the_process_must_start_again(

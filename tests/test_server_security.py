@@ -428,6 +428,9 @@ def test_range_headers_never_break_a_download(node: LiveNode, depot: Depot) -> N
                 reply = call(node, "GET", target, {"Range": value})
                 assert reply.status == (200 if empty_whole else 416), (target, value, reply.status)
                 assert reply.headers["Content-Range"] == f"bytes */{size}" and reply.body == b""
+                if not empty_whole:  # (a HEAD says the answer's length as the GET does: none)
+                    head = call(node, "HEAD", target, {"Range": value})
+                    assert (head.status, head.headers.get("Content-Length")) == (416, "0"), (target, value)
             for value in HUGE_WHOLE_RANGES if size else ():
                 reply = call(node, "GET", target, {"Range": value})
                 assert (reply.status, reply.body) == (206, data), (target, value, reply.status)

@@ -56,7 +56,7 @@ from modeldepot.server.mirror_routes import (
     upstream_manifest,
 )
 from modeldepot.server.ranges import RangeNotSatisfiable
-from modeldepot.server.responses import error_response, json_response, send_blob
+from modeldepot.server.responses import error_response, json_response, not_satisfiable, send_blob
 from modeldepot.server.views import (
     COMMIT_TITLE,
     RevisionView,
@@ -724,8 +724,7 @@ def _pointer_response(request: web.Request, entry: FileEntry) -> web.Response:
     try:
         wanted = wanted_range(request, len(body), entry.git_oid)
     except RangeNotSatisfiable:
-        headers["Content-Range"] = f"bytes */{len(body)}"
-        return web.Response(status=416, headers=headers)
+        return not_satisfiable(headers, len(body))
     if wanted is None:
         headers.update(whole_headers(request, len(body)))
         return web.Response(body=body, headers=headers, content_type="text/plain", charset="utf-8")

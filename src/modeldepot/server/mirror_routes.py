@@ -25,7 +25,7 @@ from modeldepot.mirror import Mirror
 from modeldepot.modelcard import upstream_card
 from modeldepot.server.context import ARRIVED, as_typed, hidden_repo, is_authorized
 from modeldepot.server.ranges import RangeNotSatisfiable
-from modeldepot.server.responses import CountedResponse, matches_none
+from modeldepot.server.responses import CountedResponse, matches_none, not_satisfiable
 from modeldepot.server.views import RevisionView, file_headers, to_its_commit, wanted_range, whole_headers
 from modeldepot.store import FileEntry
 
@@ -161,7 +161,7 @@ async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path
     try:
         wanted = wanted_range(request, remote.size, entry.etag)
     except RangeNotSatisfiable:
-        return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{remote.size}"})
+        return not_satisfiable(headers, remote.size)
     mirror.check_not_failed(manifest, remote)
     job = await mirror.started(manifest, remote, 0 if wanted is None else wanted.start, since)
     if wanted is None:

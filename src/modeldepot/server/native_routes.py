@@ -99,7 +99,7 @@ async def health(request: web.Request) -> web.Response:
     # (a node whose disk turned read-only under it answered every write with an error, its health "ok": an
     # explorer's trial)
     layout = _depot(request).store.layout
-    if not _depot(request).store.read_only and await asyncio.to_thread(refuses_writes, layout.index_path):
+    if not _depot(request).store.read_only and await asyncio.to_thread(refuses_writes, layout.home):
         stuck = f"the store is {REFUSES_WRITES}; what it holds is served"
         said = answer.get("detail")
         answer.update(status="degraded", detail=f"{said}; {stuck}" if said else stuck)

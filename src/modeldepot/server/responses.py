@@ -6,7 +6,7 @@ import asyncio
 import errno
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -270,7 +270,7 @@ async def send_blob(
         wanted = wanted_range(request, size, etag, hub=hub)
     except RangeNotSatisfiable:
         reader.close()
-        return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+        return not_satisfiable(headers, size)
     start, count = (0, size) if wanted is None else (wanted.start, wanted.length)
     if request.method != "HEAD" and count and start // reader.chunk_size != checked:
         checking = asyncio.ensure_future(asyncio.to_thread(reader.check, start // reader.chunk_size))
@@ -399,3 +399,11 @@ def response_for_error(error: DepotError) -> web.Response:
             503, "ShuttingDown", "the node is stopping: ask again, here once it is back or elsewhere"
         )
     return error_response(500, "NodeError", "the node could not complete the request")
+
+
+def not_satisfiable(headers: Mapping[str, str], size: int) -> web.Response:
+    """A 416 for a file of ``size`` bytes: its ``Content-Range``, and ``Content-Length: 0`` alike for a HEAD
+    and a GET (a HEAD's said none: an explorer's trial)."""
+    return web.Response(
+        status=416, headers={**headers, "Content-Range": f"bytes */{size}", "Content-Length": "0"}
+    )

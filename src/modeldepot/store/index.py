@@ -305,11 +305,7 @@ def _refused_a_write(error: sqlite3.Error, directory: Path) -> bool:
     "attempt to write a readonly database"; a node answered 500 to every write, its health "ok": an
     explorer's trial)."""
     code = getattr(error, "sqlite_errorcode", None)
-    return (
-        code is not None
-        and code & 0xFF in (_SQLITE_IOERR, _SQLITE_READONLY)
-        and refuses_writes(directory / "index.db")
-    )
+    return code is not None and code & 0xFF in (_SQLITE_IOERR, _SQLITE_READONLY) and refuses_writes(directory)
 
 
 def is_damage(error: sqlite3.Error) -> bool:

@@ -132,23 +132,43 @@ REFUSES_WRITES = ("on a file system that refuses writes, though mounted read-wri
                   "again, restart what uses the store)")  # fmt: skip
 
 
-def refuses_writes(path: Path) -> bool:
-    """Whether the file system of ``path`` (a file that exists) refuses to open it for writing: read-only
+def refuses_writes(home: Path) -> bool:
+    """Whether the file system of the store at ``home`` refuses to open a file of its for writing: read-only
     though its mount says read-write, as ext4 turns after an error under errors=remount-ro (the mount's
     flags stay, a statvfs sees nothing; every command crashed on its first write, an explorer's trial).
-    Nothing is written."""
+    Nothing is written. The file looked at is the index's setup lock, which is only ever flock()ed: never
+    ``index.db``, whose POSIX locks SQLite's connections in this process hold, and which any close of a
+    descriptor of that file would drop (a node's health probe so let another process delete the live log,
+    a review)."""
     try:
-        found = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        found = os.open(
+            home / "locks" / "index-setup.lock", os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        )
     except OSError as error:
         return error.errno == errno.EROFS
     os.close(found)
     return False
 
 
+def _read_only_said(error: OSError) -> str:
+    """The store's state an EROFS tells: on a read-only mount (a bind mount, an image, an export), or on a
+    file system that refuses writes though its mount says read-write."""
+    named = error.filename if isinstance(error.filename, (str, bytes, os.PathLike)) else None
+    place = os.fspath(named) if named is not None else "."
+    for candidate in (place, os.path.dirname(place) or "."):
+        try:
+            if os.statvfs(candidate).f_flag & os.ST_RDONLY:
+                return "on a read-only file system"
+            return REFUSES_WRITES
+        except (OSError, TypeError, ValueError):
+            continue
+    return "on a read-only file system"
+
+
 def os_error(error: OSError, doing: str) -> StoreError:
     """Translate an OSError from the store's own files into the exception tree."""
     if error.errno == errno.EROFS:
-        return ReadOnlyStoreError(f"{doing} failed: the store is {REFUSES_WRITES}")
+        return ReadOnlyStoreError(f"{doing} failed: the store is {_read_only_said(error)}")
     if error.errno in _FULL:
         if _out_of_inodes(error):  # (said as bytes, the user looked for room `df -h` showed free: a trial)
             return StoreFullError(f"no file can be made on the store's file system while {doing}: every inode "
@@ -401,7 +421,7 @@ class StoreLayout:
         /opt/models, huggingface_hub#2797); None when it may write it."""
         if self.on_read_only_mount():
             return "on a read-only file system"
-        if refuses_writes(self.index_path):
+        if refuses_writes(self.home):
             return REFUSES_WRITES
         effective = os.access in os.supports_effective_ids
         for path in (self.home, self.index_path, self.lock_path.parent, self.blobs, self.snapshots):

@@ -305,8 +305,8 @@ class HttpSource:
                     # (the error message of the source's own origin alone: one a redirect led to, another host,
                     # maybe an internal one a hostile upstream named, is not relayed to a mirror's clients, a
                     # security trial)
-                    said = answer.headers.get("X-Error-Message") if _same_origin(answer.url, url) else None
-                    raise _final_error(status, answer.url, said)
+                    own = answer.headers.get("X-Error-Message") if _same_origin(answer.url, url) else None
+                    raise _final_error(status, answer.url, own)
             except (OSError, http.client.HTTPException) as error:
                 if isinstance(error, ConnectionRefusedError) and self.kind != "hub":
                     # Nothing listens at a node's address: it is down. Retrying for seconds would hold its
