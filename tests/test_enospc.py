@@ -393,7 +393,9 @@ def test_a_download_the_upstream_says_is_bigger_than_the_disk_reserves_nothing(
     with depot:
         free = free_bytes(root)
         sha = "ab" * 32
-        with pytest.raises(StoreFullError, match=r"a download of 4\.0 TiB \(content abababababababab…, as its upstream"):
+        with pytest.raises(
+            StoreFullError, match=r"a download of 4\.0 TiB \(content abababababababab…, as its upstream"
+        ):
             depot.store.partials.claim(sha, 4 << 40, SMALL_CHUNK, wait=False)
         assert free_bytes(root) >= free - (64 << 10)  # (a log and an empty file at most)
         assert_import_works(depot, random_folder(tmp_path / "fits", [100_000], seed=8))

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -38,7 +39,7 @@ from modeldepot.hashing import chunk_span
 from modeldepot.hub.manifest import INTERRUPTED, INTERRUPTED_NOTHING_KEPT, Manifest
 from modeldepot.transfer.progress import PullUpdate
 from modeldepot.transfer.pull import PullResult
-from modeldepot.transfer.ranged import SlowBody, TooSlowError
+from modeldepot.transfer.ranged import Attempt, SlowBody, TooSlowError, read_range, reading_body
 from modeldepot.transfer.threads import to_thread_to_the_end
 
 REPO = "acme/faulty"
@@ -211,9 +212,10 @@ def test_a_source_that_keeps_failing_marks_the_file_failed(
 def test_a_source_that_drips_its_body_fails_the_file_rather_than_holding_the_pull(
     as_node: bool, proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # 64 bytes every 0.1 s: a byte always comes within the read timeout (1 s), so it alone never ends a
-    # request, and a chunk would take 100 s (a Hub that sent a byte a second held a pull for ever).
-    proxy.set("slow", times=-1, path_suffix=BIG, slow_piece=64, slow_delay=0.1)
+    # 8 bytes every 0.1 s on each connection: a byte always comes within the read timeout (1 s), so it alone
+    # never ends a request, and a chunk would take 800 s (a Hub that sent a byte a second held a pull for
+    # ever); the ranges read at once bring under 1 KiB/s together.
+    proxy.set("slow", times=-1, path_suffix=BIG, slow_piece=8, slow_delay=0.1)
     started = time.monotonic()
     with local_depot(tmp_path / "local", proxy, as_node, monkeypatch) as depot:
         # (a node's file fails over to the Hub, here out of reach: what each met is said)
@@ -241,6 +243,53 @@ def test_a_bodys_pace_leaves_out_what_the_reader_waited_for_itself() -> None:
     for spans in range(1, 4):
         time.sleep(0.1)
         fast.took(spans << 20)  # (a MiB in each span: well above the floor)
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close-delimited"])
+def test_a_dripped_body_is_too_slow_whatever_its_framing(framing: str) -> None:
+    """A body without a length (chunked, or ended by the close) was read a whole piece at a time, its pace
+    looked at only then: a Hub that answered chunked dripped a byte at a time for ever (a review)."""
+    size = 64 << 10
+    framed = "Transfer-Encoding: chunked" if framing == "chunked" else "Connection: close"
+    head = f"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-{size - 1}/{size}\r\n{framed}\r\n\r\n"
+    drip = b"1\r\nx\r\n" if framing == "chunked" else b"x"
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            asked = b""
+            while b"\r\n\r\n" not in asked:
+                asked += connection.recv(4096)
+            connection.sendall(head.encode())
+            with contextlib.suppress(OSError):
+                while not stop.wait(0.2):
+                    connection.sendall(drip)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TooSlowError, match="too slow"):
+            read_range(f"http://127.0.0.1:{listener.getsockname()[1]}/f", {}, 0, size - 1, size,
+                       memoryview(bytearray(size)), 1.0, Attempt())  # fmt: skip
+        assert time.monotonic() - started < 4, "held past its read timeout's span"
+    finally:
+        stop.set()
+        listener.close()
+        server.join(timeout=5)
+
+
+def test_the_floor_of_a_bodys_pace_is_shared_by_the_bodies_read_at_once() -> None:
+    """16 ranges of a link of 100 kbit/s bring under 1 KiB/s each: each alone is held to its share."""
+    with reading_body(), reading_body():  # (this one and another)
+        pace = SlowBody(0.1)
+        time.sleep(0.12)
+        pace.took(60)  # (60 B in a span of 0.1 s: above the 51 B its share of the floor asks for)
+        time.sleep(0.12)
+        with pytest.raises(TooSlowError, match="at least 512 B/s"):
+            pace.took(80)
 
 
 def _pull_process(home: Path, env: dict[str, str], interruptible: bool = False) -> subprocess.Popen[str]:

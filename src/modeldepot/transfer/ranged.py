@@ -52,6 +52,7 @@ __all__ = [
     "proxy_for",
     "proxy_of",
     "read_range",
+    "reading_body",
     "request",
 ]
 
@@ -447,56 +448,89 @@ def _time_left(deadline: float, url: str, total: float, idle: float, connection:
 
 
 class TooSlowError(TimeoutError):
-    """A body that came slower than :data:`MIN_BODY_RATE` over a read timeout's span: the attempt failed (it
-    is not resumed as a cut one is: asked again it would drip again)."""
+    """A body that came slower than its share of :data:`MIN_BODY_RATE` over a read timeout's span: the
+    attempt failed (it is not resumed as a cut one is: asked again it would drip again)."""
+
+
+_bodies = 0  # bodies this process reads at once (their floor is shared: a slow link's many ranges)
+_bodies_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def reading_body() -> Iterator[None]:
+    """Counts a body being read while the block runs: each one's floor is :data:`MIN_BODY_RATE` shared by
+    all of them (16 ranges of a link of 100 kbit/s bring under 1 KiB/s each, and each failed, a review)."""
+    global _bodies
+    with _bodies_lock:
+        _bodies += 1
+    try:
+        yield
+    finally:
+        with _bodies_lock:
+            _bodies -= 1
 
 
 class SlowBody:
-    """Watches a body's pace: :meth:`took` raises TooSlowError once ``span`` seconds brought fewer than
-    :data:`MIN_BODY_RATE` bytes a second."""
+    """Watches a body's pace: :meth:`took` raises TooSlowError once ``span`` seconds brought fewer bytes a
+    second than its share of :data:`MIN_BODY_RATE` (read within :func:`reading_body`)."""
 
     def __init__(self, span: float) -> None:
         self.span = span
         self._since, self._at = time.monotonic(), 0
+        self.failed = ""
 
     def paused(self, seconds: float) -> None:
         """``seconds`` the reader waited of its own accord (a rate limit's): not the sender's slowness."""
         self._since += seconds
 
     def took(self, got: int) -> None:
-        """``got`` bytes of the body are in."""
+        """``got`` bytes of the body are in: TooSlowError when they came too slowly."""
+        if self.too_slow(got):
+            raise TooSlowError(self.failed)
+
+    def too_slow(self, got: int) -> bool:
+        """Whether ``got`` bytes of the body came too slowly (``failed`` then says how)."""
         now = time.monotonic()
         if now - self._since < self.span:
-            return
-        came = got - self._at
-        if came < MIN_BODY_RATE * self.span:
-            raise TooSlowError(
-                f"the body came at {came / (now - self._since):,.0f} B/s over {now - self._since:.0f} s (too slow: "
-                f"at least {MIN_BODY_RATE:,} B/s is asked for)"
-            )
+            return False
+        came, floor = got - self._at, MIN_BODY_RATE // max(1, _bodies)
+        if came < floor * self.span:
+            self.failed = (f"the body came at {came / (now - self._since):,.0f} B/s over {now - self._since:.0f} s "
+                           f"(too slow: at least {floor:,} B/s is asked for)")  # fmt: skip
+            return True
         self._since, self._at = now, got
+        return False
 
 
 def _read_piece(response: http.client.HTTPResponse, into: memoryview, pace: SlowBody, got: int) -> int:
-    """Bytes of ``response``'s body read into ``into`` (``got`` of the body in before it), as many as come
-    before it is full or the body ends, their pace watched as each read of the socket brings them (a
-    buffered ``readinto`` waits for ``into`` whole, and a body dripped a byte at a time held it for days,
-    its read timeout met by every byte)."""
-    reader = response.fp
-    if reader is None or response.chunked or response.length is None or not hasattr(reader, "readinto1"):
-        n: int = response.readinto(into)
-        pace.took(got + n)
+    """Bytes of ``response``'s body read into ``into`` (``got`` of the body in before it): as many as come
+    before it is full, the body ends or is cut, or their pace fails (``pace.failed`` then says how), looked
+    at as each read of the socket brings them. (A buffered ``readinto`` waits for ``into`` whole: a body
+    dripped a byte at a time held it for days, its read timeout met by every byte, its pace never looked
+    at. A fast sender fills the socket's buffer, and a read takes much at once all the same.)"""
+    if response.isclosed():
+        return 0
+    n, want = 0, len(into)
+    if response.chunked or response.length is None:  # (rare: a range's answer has a length; a copy here)
+        while n < want:
+            data = response.read1(want - n)
+            if not data:
+                break
+            into[n : n + len(data)] = data
+            n += len(data)
+            if pace.too_slow(got + n):
+                break
         return n
-    want = min(len(into), response.length)
-    n = 0
+    want = min(want, response.length)
     while n < want:
-        came = reader.readinto1(into[n:want])
+        came = response.fp.readinto1(into[n:want])
         if not came:  # (cut short: closed, as http.client's readinto closes it)
             response.length -= n
             response.close()
             return n
         n += came
-        pace.took(got + n)
+        if pace.too_slow(got + n):
+            break
     response.length -= n
     if not response.length:
         response.read()  # (read whole: closed as http.client closes it, the connection free for the next)
@@ -535,18 +569,21 @@ def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size:
                     return answer  # (the connection is closed: its body was not read)
                 got = 0
                 pace = SlowBody(timeout)
-                while got < want:
-                    if limit is not None:
-                        waiting = time.monotonic()
-                        limit.take(min(piece, want - got))
-                        pace.paused(time.monotonic() - waiting)
-                    n = _read_piece(response, buffer[got : min(want, got + piece)], pace, got)
-                    if not n:
-                        break
-                    got += n
-                    attempt.received, attempt.activity = got, time.monotonic()
-                    if attempt.counted_as is not None:
-                        PULLS.add_bytes(attempt.counted_as, n)
+                with reading_body():
+                    while got < want:
+                        if limit is not None:
+                            waiting = time.monotonic()
+                            limit.take(min(piece, want - got))
+                            pace.paused(time.monotonic() - waiting)
+                        n = _read_piece(response, buffer[got : min(want, got + piece)], pace, got)
+                        if not n:
+                            break
+                        got += n
+                        attempt.received, attempt.activity = got, time.monotonic()
+                        if attempt.counted_as is not None:
+                            PULLS.add_bytes(attempt.counted_as, n)
+                        if pace.failed:  # (once what came is counted: kept for the next attempt)
+                            raise TooSlowError(pace.failed)
                 answer.got = got
                 # A body longer than announced, or one cut short, leaves the connection unusable.
                 use.reusable = got == want and not response.will_close and response.length == 0

@@ -47,6 +47,7 @@ from modeldepot.transfer.ranged import (
     TooSlowError,
     proxy_of,
     read_range,
+    reading_body,
     request,
 )
 from modeldepot.transfer.threads import until_done
@@ -423,21 +424,22 @@ class HttpSource:
                     raise _final_error(response.status, url, response.headers.get("X-Error-Message"))
                 got = 0
                 pace = SlowBody(self.retry.read_timeout)
-                async for piece in response.content.iter_any():
-                    got += len(piece)
-                    if got > size:
-                        raise UpstreamError(
-                            f"{url}: the server sent more than the file's {size} bytes", source=url
-                        )
-                    PULLS.add_bytes(
-                        counted_as or self.kind, len(piece)
-                    )  # (as they cross the wire: see fetch)
-                    waiting = time.monotonic()  # (what this side waits for is not the sender's slowness)
-                    if self.limit is not None:
-                        await self.limit.take_async(len(piece))
-                    await sink(memoryview(piece))
-                    pace.paused(time.monotonic() - waiting)
-                    pace.took(got)
+                with reading_body():
+                    async for piece in response.content.iter_any():
+                        got += len(piece)
+                        if got > size:
+                            raise UpstreamError(
+                                f"{url}: the server sent more than the file's {size} bytes", source=url
+                            )
+                        PULLS.add_bytes(
+                            counted_as or self.kind, len(piece)
+                        )  # (as they cross the wire: see fetch)
+                        waiting = time.monotonic()  # (what this side waits for is not the sender's slowness)
+                        if self.limit is not None:
+                            await self.limit.take_async(len(piece))
+                        await sink(memoryview(piece))
+                        pace.paused(time.monotonic() - waiting)
+                        pace.took(got)
                 if got != size:
                     raise UpstreamError(f"{url}: received {got} bytes of {size}", source=url)
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as error:
