@@ -650,14 +650,16 @@ def test_a_pull_larger_than_the_free_disk_is_refused_before_a_byte_is_fetched(
             upstream.stop()
 
 
-def test_a_pull_the_disk_cannot_take_even_after_the_budgets_evictions_evicts_nothing(
-    mount_tmpfs: Mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("free_mib", [2, 4])
+def test_under_a_budget_a_pull_evicts_for_the_disk_too_or_nothing(
+    mount_tmpfs: Mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, free_mib: int
 ) -> None:
-    """Another program's files took the disk the budget allows: the pull evicted an imported model (which
-    no upstream gives back), then found the disk short and failed, "nothing was fetched" (an explorer's
-    trial). The disk's room is looked at first, counting what the budget would evict."""
+    """Another program's files took the disk the budget allows: a pull evicted an imported model (which no
+    upstream gives back) for its budget, then found the disk short and failed, "nothing was fetched" (an
+    explorer's trial). Under a budget, models may go to make room: the least recently used go until the
+    disk has it too (4 MiB free: one goes, 3 MiB), or none when all of them would not do (2 MiB free)."""
     files = {"a.bin": random.Random(1).randbytes(3 << 20), "b.bin": random.Random(2).randbytes(3 << 20)}
-    root = mount_tmpfs("size=16m")
+    root = mount_tmpfs("size=20m")
     with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
         upstream_depot.import_dir(write_model_dir(tmp_path / "src", files), "acme/two")
         upstream = LiveNode(upstream_depot)
@@ -665,25 +667,35 @@ def test_a_pull_the_disk_cannot_take_even_after_the_budgets_evictions_evicts_not
         monkeypatch.setenv("HF_ENDPOINT", upstream.url)
         try:
             with Depot(root / "home", chunk_size=SMALL_CHUNK) as depot:
-                mine = {"weights.bin": random.Random(3).randbytes(3 << 20)}
-                depot.import_dir(write_model_dir(tmp_path / "mine", mine), "me/imported")
-                depot.set_max_size(8 << 20)  # 3 MiB held + 6 MiB pulled: the imported model must go
+                mine = {name: {"w.bin": random.Random(seed).randbytes(3 << 20)} for name, seed in
+                        (("me/older", 3), ("me/newer", 4))}  # fmt: skip
+                for repo, held in mine.items():
+                    depot.import_dir(write_model_dir(tmp_path / repo, held), repo)
+                    time.sleep(0.05)  # (the older used first: it goes first)
+                depot.set_max_size(16 << 20)  # 6 MiB held + 6 MiB pulled: the budget alone evicts nothing
                 filler = os.open(root / "filler", os.O_CREAT | os.O_WRONLY, 0o644)
-                try:  # 2 MiB free: with the 3 MiB the eviction gives back, 1 MiB short of the 6
-                    os.posix_fallocate(filler, 0, free_bytes(root) - (2 << 20))
+                try:
+                    os.posix_fallocate(filler, 0, free_bytes(root) - (free_mib << 20))
                 finally:
                     os.close(filler)
+                if free_mib == 4:  # 4 MiB free and the older model's 3: the 6 MiB fit
+                    assert depot.pull("acme/two").files == 2
+                    assert [e.repo_id for e in depot.evictions()] == ["me/older"]
+                    assert bytes(depot.get_file("me/newer", "w.bin")) == mine["me/newer"]["w.bin"]
+                    return
+                # 2 MiB free: even with both models' 6, 8 MiB, it fits; with the newer pinned, 5 does not
+                depot.pin("me/newer")
                 with pytest.raises(StoreFullError) as refused:
                     depot.pull("acme/two")
                 said = str(refused.value)
-                assert "needs 6.0 MiB more on the store's disk (2 files)" in said, said
-                assert "and 3.0 MiB more once the disk budget evicted what it must" in said, said
+                assert "lacks room for them even after evicting every model that may go" in said, said
                 assert "nothing was fetched or evicted" in said, said
-                assert bytes(depot.get_file("me/imported", "weights.bin")) == mine["weights.bin"]
                 assert depot.evictions() == []
+                for repo, held in mine.items():
+                    assert bytes(depot.get_file(repo, "w.bin")) == held["w.bin"]
                 os.unlink(root / "filler")
-                assert depot.pull("acme/two").files == 2  # with room, the budget evicts as it must
-                assert not depot.has_file("me/imported", "weights.bin")
+                assert depot.pull("acme/two").files == 2  # with room, the budget evicts nothing
+                assert depot.evictions() == []
         finally:
             upstream.stop()
 

@@ -49,7 +49,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from modeldepot.config import budget_text, parse_max_size
-from modeldepot.errors import BudgetExceededError, ConfigError, DepotError, NotFoundError, StoreError
+from modeldepot.errors import (
+    BudgetExceededError,
+    ConfigError,
+    DepotError,
+    NotFoundError,
+    StoreError,
+    StoreFullError,
+)
 from modeldepot.store.elsewhere import HeldElsewhere
 from modeldepot.store.eviction import (
     EvictionOrder,
@@ -59,7 +66,7 @@ from modeldepot.store.eviction import (
     ok_bytes,
     shared_blobs,
 )
-from modeldepot.store.layout import os_error, size_text, sizes_text
+from modeldepot.store.layout import FULL_DISK_ADVICE, os_error, size_text, sizes_text
 from modeldepot.store.models import _Record
 from modeldepot.store.pins import Pins
 from modeldepot.store.reservations import Reservation, Reservations
@@ -403,20 +410,14 @@ class DiskBudget:
         kept_bytes = self.order.kept_bytes(kept, blobs=self.kept_blobs(), shared=shared) + others
         self._refuse_if_too_big(needed, budget, kept_bytes, doing, writer)
 
-    def would_evict(self, needed: int, writer: BudgetWriter | None = None) -> int:
-        """The bytes on disk :meth:`make_room` of ``needed`` would evict now, as planned (0 without a budget, or
-        when they fit): for a look at the disk's room before anything goes."""
-        budget = self.max_bytes
-        if budget is None or needed <= 0:
-            return 0
-        if self._all_bytes() + self._others_reserved(writer) + needed <= budget:
-            return 0
-        return sum(eviction.bytes_freed for eviction in self.plan_shrink(budget - needed))
-
-    def make_room(self, needed: int, doing: str, writer: BudgetWriter | None = None) -> list[Eviction]:
+    def make_room(self, needed: int, doing: str, writer: BudgetWriter | None = None,
+                  disk_short: int = 0) -> list[Eviction]:  # fmt: skip
         """Evict the least recently used revisions and variants until ``needed`` new bytes fit in the budget
-        (no-op without one). Raises :class:`BudgetExceededError`, having removed nothing, when they cannot fit
-        even after every revision that may go is gone."""
+        (no-op without one), and until the disk, ``disk_short`` bytes short of them, has their room: a budget
+        says models may go to make room, and another program's files on the disk took what it allowed (an
+        imported model went for a pull the disk then could not take, an explorer's trial). Raises
+        :class:`BudgetExceededError` (:class:`StoreFullError` when the disk binds), having removed nothing,
+        when they cannot fit even after every revision that may go is gone."""
         budget = self.max_bytes
         if needed <= 0:
             return []
@@ -432,7 +433,11 @@ class DiskBudget:
         looked_again = False
         while True:
             try:
-                return self._evict_to(budget - needed, needed, doing, writer)
+                limit, on_disk = budget - needed, None
+                if disk_short > 0:  # (the blobs' bytes the disk can keep beside the new ones, when fewer)
+                    on_disk = self.used_bytes() + self._others_reserved(writer) - disk_short
+                    limit = min(limit, on_disk)
+                return self._evict_to(limit, needed, doing, writer, disk_bound=on_disk == limit)
             except BudgetExceededError:
                 if not looked_again and self.elsewhere.forget():
                     looked_again = True
@@ -566,13 +571,13 @@ class DiskBudget:
         return f", or held by writes under way ({', '.join(named[:3])}{', ...' if len(named) > 3 else ''})"
 
     def _evict_to(self, limit: int, needed: int, doing: str, writer: BudgetWriter | None,
-                  partial: bool = False) -> list[Eviction]:  # fmt: skip
+                  partial: bool = False, disk_bound: bool = False) -> list[Eviction]:  # fmt: skip
         if writer is None:
             with self._round:
-                return self._evict_round(limit, needed, doing, writer, partial)
+                return self._evict_round(limit, needed, doing, writer, partial, disk_bound)
         # Room is made and reserved by one process at a time: two saw the same free bytes, and both took them
         with self.reservations.admitting(), self._round:
-            evicted = self._evict_round(limit, needed, doing, writer, partial)
+            evicted = self._evict_round(limit, needed, doing, writer, partial, disk_bound)
             try:
                 self._reserve(writer, needed)
             except OSError as error:  # (no inode or room left for the reservation's file: the store's error)
@@ -588,7 +593,7 @@ class DiskBudget:
                 writer.reserve(writer.reserved)
 
     def _evict_round(self, limit: int, needed: int, doing: str, writer: BudgetWriter | None,
-                     partial: bool) -> list[Eviction]:  # fmt: skip
+                     partial: bool, disk_bound: bool = False) -> list[Eviction]:  # fmt: skip
         others = self._others_reserved(writer)
         if self._all_bytes() + others <= limit:
             return []  # (the common case: one indexed sum)
@@ -604,6 +609,12 @@ class DiskBudget:
         units = self.order.units(kept)
         if not partial:  # (others' writes in use)
             kept_bytes = self.order.kept_bytes(kept, units, blobs=self.kept_blobs(), shared=shared) + others
+            if disk_bound and kept_bytes > limit:
+                raise StoreFullError(
+                    f"{doing} needs {size_text(needed)} on the store's disk, which lacks room for them even after "
+                    f"evicting every model that may go ({size_text(kept_bytes)} are pinned, in use or reused by "
+                    f"this write): nothing was fetched or evicted; {FULL_DISK_ADVICE}"
+                )
             self._refuse_if_too_big(needed, limit + needed, kept_bytes, doing, writer)
         evicted: list[Eviction] = []
         # (a copy of a pinned repo freed nothing, and went all the same: a repo lost for no byte; so did a
@@ -911,13 +922,9 @@ class BudgetWriter:
         """:meth:`DiskBudget.check_fits` for this writer: refuse early, evict nothing."""
         self.budget.check_fits(needed, doing, self)
 
-    def would_evict(self, needed: int) -> int:
-        """:meth:`DiskBudget.would_evict` for this writer."""
-        return self.budget.would_evict(needed, self)
-
-    def make_room(self, needed: int, doing: str) -> list[Eviction]:
+    def make_room(self, needed: int, doing: str, disk_short: int = 0) -> list[Eviction]:
         """:meth:`DiskBudget.make_room` for this writer; the room stays reserved until it ends."""
-        return self.budget.make_room(needed, doing, self)
+        return self.budget.make_room(needed, doing, self, disk_short)
 
     def keep_within(self) -> list[Eviction]:
         """Once this writer published: if the store is above its budget, evict the least recently used

@@ -541,16 +541,13 @@ class PartialFiles:
             finally:
                 unlock_and_close(fd)
 
-    def check_room(self, sizes: Mapping[str, int], doing: str, freeable: int = 0) -> None:
-        """Refuse (StoreFullError, nothing written) downloads of these sizes (by partial key) that the store's
-        file system has no room for together, beside what their partial files hold already: a pull of a repo
-        larger than the free disk fetched a whole file, failed on the next, and left the first taking the
-        room for a download that could never end there (an explorer's trial). Each file's own check stays
-        (:func:`_room_for`): others write beside it. ``freeable``: bytes the disk budget would evict first."""
+    def room_short(self, sizes: Mapping[str, int]) -> tuple[int, int]:
+        """(bytes the disk lacks, bytes free) for downloads of these sizes (by partial key) together, beside
+        what their partial files hold already; (0, free) when they fit, or when the disk cannot be asked."""
         try:
             disk = os.statvfs(self.root if self.root.exists() else self.layout.home)
         except OSError:
-            return  # (the downloads' own checks say)
+            return 0, 0  # (the downloads' own checks say)
         needed = 0
         for key, size in sizes.items():
             held = 0
@@ -562,16 +559,19 @@ class PartialFiles:
                     )
             needed += max(0, size - held)
         free = disk.f_bavail * disk.f_frsize
-        if needed > free + freeable:
-            evicted = (
-                f", and {size_text(freeable)} more once the disk budget evicted what it must"
-                if freeable
-                else ""
-            )
-            raise StoreFullError(f"{doing} needs {size_text(needed)} more on the store's disk ({len(sizes)} "
-                                 f"file{'s' if len(sizes) != 1 else ''}), which has {size_text(free)} free"
-                                 f"{evicted}: nothing was fetched{' or evicted' if freeable else ''}; "
-                                 f"{FULL_DISK_ADVICE}")  # fmt: skip
+        return max(0, needed - free), free
+
+    def check_room(self, sizes: Mapping[str, int], doing: str) -> None:
+        """Refuse (StoreFullError, nothing written) downloads of these sizes (by partial key) that the store's
+        file system has no room for together, beside what their partial files hold already: a pull of a repo
+        larger than the free disk fetched a whole file, failed on the next, and left the first taking the
+        room for a download that could never end there (an explorer's trial). Each file's own check stays
+        (:func:`_room_for`): others write beside it."""
+        short, free = self.room_short(sizes)
+        if short:
+            raise StoreFullError(f"{doing} needs {size_text(short + free)} more on the store's disk ({len(sizes)} "
+                                 f"file{'s' if len(sizes) != 1 else ''}), which has {size_text(free)} free: "
+                                 f"nothing was fetched; {FULL_DISK_ADVICE}")  # fmt: skip
 
     def keys_on_disk(self) -> frozenset[str]:
         """The keys any download has a file of in the folder now (its data or its log; the marks aside)."""

@@ -291,20 +291,16 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
     new_bytes = {f.sha256 or f.git_oid: f.size for f in missing}
     writer.contents = new_bytes  # (another pull of them shares their downloads: its room is theirs too)
     with store.partials.pulling(manifest.repo_id):
-        doing, sizes = (
-            f"pulling {manifest.repo_id}",
-            {partial_key(f.sha256, f.git_oid): f.size for f in missing},
-        )
-        # Room on the disk for all of them together, beside what interrupted downloads of them hold already,
-        # counting what the disk budget must evict: a pull the disk cannot take evicts nothing (an imported
-        # model was evicted for a pull that then found the disk 4 MiB short, another program's files taking
-        # it, and failed: an explorer's trial)
-        freeable = await in_budget_pool(writer.would_evict, sum(new_bytes.values()), to_the_end=False)
-        await asyncio.to_thread(store.partials.check_room, sizes, doing, freeable)
-        # Room for the new blobs in the budget before a byte is fetched (or a BudgetExceededError, nothing
-        # written). (to its end: cancelled, the pull leaves its writer only once the room is made and released)
-        await in_budget_pool(writer.make_room, sum(new_bytes.values()), doing)
-        # ... and on the disk again, as the evictions left it (a blob also linked outside the store frees nothing)
+        doing = f"pulling {manifest.repo_id}"
+        sizes = {partial_key(f.sha256, f.git_oid): f.size for f in missing}
+        # Room for the new blobs in the budget, and on the disk (all of them together, beside what interrupted
+        # downloads of them hold already), before a byte is fetched: the budget evicts for both, or refuses
+        # having removed nothing (an imported model went for a pull the disk, another program's files taking
+        # it, then could not take: an explorer's trial). (to its end: cancelled, the pull leaves its writer
+        # only once the room is made and released)
+        short, _free = await asyncio.to_thread(store.partials.room_short, sizes)
+        await in_budget_pool(writer.make_room, sum(new_bytes.values()), doing, short)
+        # ... and the disk looked at again, as the evictions left it (a blob linked outside frees nothing)
         await asyncio.to_thread(store.partials.check_room, sizes, doing)
         tracker.write("downloading")
         run = _PullRun(store, manifest, chain, tracker, limits or Limits(), watch, writer)
