@@ -1879,3 +1879,24 @@ def test_a_depot_sent_to_another_process_says_what_to_do(tmp_path: Path) -> None
             pytest.raises(TypeError, match="pass its home"),
         ):
             pool.apply(len, (depot,))
+
+
+def test_the_users_own_cache_store_is_made_theirs_alone_a_named_one_keeps_its_mode(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blobs take the umask's mode (0444, a private repo's too) and the index names the repos: in a cache
+    store made 0755, any local user read them (a security trial). The user's own cache store is made 0700,
+    as the XDG spec makes a user's cache; a folder named for a store (a team's, a service's) keeps its mode."""
+    import stat
+
+    from modeldepot.store.layout import current_umask
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("MODELDEPOT_HOME", raising=False)
+    with Depot() as depot:
+        depot.import_dir(model_dir, REPO)
+        assert depot.home == tmp_path / "cache" / "modeldepot"
+    assert stat.S_IMODE((tmp_path / "cache" / "modeldepot").stat().st_mode) == 0o700
+    with Depot(tmp_path / "team") as team:
+        team.import_dir(model_dir, REPO)
+    assert stat.S_IMODE((tmp_path / "team").stat().st_mode) == 0o777 & ~current_umask()

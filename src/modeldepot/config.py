@@ -310,6 +310,12 @@ def default_home(environ: Mapping[str, str] | None = None) -> Path:
     env = os.environ if environ is None else environ
     if env.get("MODELDEPOT_HOME"):
         return Path(env["MODELDEPOT_HOME"]).expanduser().absolute()
+    return personal_cache_home(env)
+
+
+def personal_cache_home(environ: Mapping[str, str] | None = None) -> Path:
+    """The user's own cache store: ``$XDG_CACHE_HOME/modeldepot``, else ``~/.cache/modeldepot``."""
+    env = os.environ if environ is None else environ
     cache = env.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
     return (Path(cache) / "modeldepot").absolute()
 

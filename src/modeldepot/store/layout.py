@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from modeldepot.config import personal_cache_home
 from modeldepot.errors import InvalidInputError, ReadOnlyStoreError, StoreError, StoreFullError
 from modeldepot.validation import validate_commit_id, validate_path, validate_repo_id, validate_sha256
 
@@ -450,7 +451,16 @@ class StoreLayout:
         return found.f_bavail * found.f_frsize
 
     def create(self) -> None:
+        """The store's folders, made where missing. The user's own cache store (``$XDG_CACHE_HOME/modeldepot``,
+        or ``~/.cache/modeldepot``), made here, is the user's alone (0700, as the XDG spec makes a user's cache
+        folders): its blobs take the umask's mode, 0444 whatever a private repo's source was, and its index
+        names the repos; any local user read them (a security trial). A folder named for the store (a team's,
+        a service's) keeps the mode it is made with, and a store a group shares its group's."""
         try:
+            if not self.home.exists() and self.home == personal_cache_home() and not group_shared(self.home):
+                self.home.parent.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(FileExistsError):  # (another process made it a moment ago)
+                    self.home.mkdir(mode=0o700)
             for directory in (self.home, self.blobs, self.snapshots, self.tmp, self.partials, self.quarantine,
                               self.lock_path.parent):  # fmt: skip
                 directory.mkdir(parents=True, exist_ok=True)
