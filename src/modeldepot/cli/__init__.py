@@ -602,6 +602,9 @@ def status_command(depot: Depot, repo_id: str | None, as_json: bool) -> None:
         if shared > 0:
             render.out.print(f"{render.count(shared, 'repo')} in the shared stores (MODELDEPOT_SHARED) beside: "
                              "status shows this store's downloads (`modeldepot ls` lists them all).")  # fmt: skip
+    if repo_id is None and len(manifests) >= render.MANY_MANIFESTS:
+        render.render_manifests_summary(manifests)
+        return
     for manifest in manifests:
         render.render_manifest(manifest, depot.evictions(manifest.repo_id, limit=50))
 
