@@ -21,7 +21,15 @@ from pathlib import Path
 
 from modeldepot.errors import StoreError
 
-__all__ = ["folder_within", "folders_in", "named", "open_within", "opened_folder", "write_within"]
+__all__ = [
+    "folder_within",
+    "folders_in",
+    "named",
+    "open_within",
+    "opened_folder",
+    "remove_tree",
+    "write_within",
+]
 
 
 def folder_within(path: Path, within: str, create: bool = False) -> int:
@@ -146,3 +154,28 @@ def _a_link(path: Path, within: str) -> StoreError:
         target = "?"
     return StoreError(f"refusing to use {path}: it is a link (to {target}), and the store's own files and folders "
                       f"never are: a link there could lead out of the store at {within} (move it away)")  # fmt: skip
+
+
+def remove_tree(folder: int, name: str) -> None:
+    """Delete ``name`` in the opened ``folder`` and, a folder, everything in it, each folder opened as it is
+    entered (``O_NOFOLLOW``, relative to its parent's descriptor): a link is removed, never followed, wherever
+    it lies (shutil.rmtree takes a descriptor from Python 3.11 only). Raises OSError as the calls do."""
+    try:
+        inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+    except OSError as error:
+        if error.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        os.unlink(name, dir_fd=folder)  # (a file, or a link: the link itself)
+        return
+    try:
+        with os.scandir(inner) as entries:
+            found = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+        for child, is_folder in found:
+            with contextlib.suppress(FileNotFoundError):
+                if is_folder:
+                    remove_tree(inner, child)
+                else:
+                    os.unlink(child, dir_fd=inner)
+    finally:
+        os.close(inner)
+    os.rmdir(name, dir_fd=folder)

@@ -23,7 +23,6 @@ import errno
 import functools
 import os
 import re
-import shutil
 import stat
 import threading
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from modeldepot.config import personal_cache_home
 from modeldepot.errors import InvalidInputError, ReadOnlyStoreError, StoreError, StoreFullError
+from modeldepot.store.confined import named, opened_folder, remove_tree
 from modeldepot.validation import validate_commit_id, validate_path, validate_repo_id, validate_sha256
 
 __all__ = [
@@ -355,13 +355,52 @@ class StoreLayout:
             raise StoreError(f"refusing to change {path}: it is outside the store at {self.home}")
         return path
 
+    # Deletions go through the folder as opened (store/confined.py), never by the path checked: a member of a
+    # group that shares the store who swapped a folder for a link between the check and the deletion had
+    # another user's `rm` delete, outside the store, what bore the store's naming (a Hugging Face cache's
+    # snapshot of the same commit: a review)
+
     def unlink(self, path: Path) -> int:
         """Delete a file inside the store; return the bytes freed (0 if it was already gone)."""
-        return unlink_counting(self.inside(path))
+        name = self._own_name(path)
+        try:
+            with opened_folder(path.parent, self.real_home) as folder:
+                size = os.stat(name, dir_fd=folder, follow_symlinks=False).st_size
+                os.unlink(name, dir_fd=folder)
+        except FileNotFoundError:
+            return 0
+        except StoreError:
+            raise
+        except OSError as error:
+            raise os_error(named(error, path), f"deleting {path}") from error
+        return size
 
     def rmtree(self, path: Path) -> None:
         """Delete a folder inside the store and everything in it (links are removed, never followed)."""
-        shutil.rmtree(self.inside(path), ignore_errors=True)
+        name = self._own_name(path)
+        try:
+            with opened_folder(path.parent, self.real_home) as folder:
+                remove_tree(folder, name)
+        except StoreError:
+            raise
+        except (
+            OSError
+        ):  # (as far as it goes: a file another user owns stays, as shutil.rmtree's ignore_errors)
+            pass
+
+    def rmdir(self, path: Path) -> None:
+        """rmdir(2) of a folder inside the store (raises OSError as rmdir does: not empty, missing)."""
+        name = self._own_name(path)
+        with opened_folder(path.parent, self.real_home) as folder:
+            try:
+                os.rmdir(name, dir_fd=folder)
+            except OSError as error:
+                raise named(error, path) from None
+
+    def _own_name(self, path: Path) -> str:
+        if path.name in ("", ".", ".."):
+            raise StoreError(f"refusing to change {path}: it is outside the store at {self.home}")
+        return path.name
 
     def rename(self, source: Path, target: Path) -> None:
         """rename(2), both ends inside the store (raises OSError as rename does)."""

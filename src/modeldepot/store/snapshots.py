@@ -150,7 +150,7 @@ class Snapshots:
             folder = link.parent
             while folder != root:
                 try:
-                    self.layout.inside(folder).rmdir()
+                    self.layout.rmdir(folder)
                 except OSError:
                     break
                 folder = folder.parent
@@ -161,7 +161,7 @@ class Snapshots:
         self.layout.rmtree(self.path(repo_id, commit_id) if commit_id else repo_dir)
         for directory in (repo_dir, repo_dir.parent):
             try:
-                self.layout.inside(directory).rmdir()
+                self.layout.rmdir(directory)
             except OSError:
                 break
 
@@ -193,7 +193,7 @@ class Snapshots:
                         removed += 1
                 for directory in (name, org):
                     try:
-                        self.layout.inside(directory).rmdir()
+                        self.layout.rmdir(directory)
                     except OSError:
                         break
         return removed
