@@ -7,9 +7,12 @@ page of the index's file overwritten, as a disk's bad sector leaves it."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
+import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,9 @@ from click.testing import CliRunner
 from conftest import write_model_dir
 from modeldepot import Depot
 from modeldepot.cli import cli
-from modeldepot.errors import IndexDamagedError
+from modeldepot.errors import IndexDamagedError, StoreError
+from modeldepot.recovery import recover_index
+from modeldepot.store import salvage
 from modeldepot.store.layout import StoreLayout
 from modeldepot.store.salvage import salvage_index
 
@@ -39,7 +44,7 @@ def store_with_many_rows(tmp_path: Path) -> Path:
 def leaf_pages_of(index: Path, table: str) -> list[int]:
     """The numbers (0-based) of the leaf pages of ``table``'s b-tree, in key order (SQLite's file format: an
     interior page's cells each begin with a child's page number; its rightmost child is at offset 8)."""
-    with sqlite3.connect(index) as con:
+    with closing(sqlite3.connect(index)) as con:
         root = con.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
     data = index.read_bytes()
 
@@ -69,7 +74,7 @@ def damage_page(index: Path, page: int) -> None:
 def test_a_damaged_index_is_recovered_and_the_store_works_again(tmp_path: Path) -> None:
     home = store_with_many_rows(tmp_path)
     index = home / "index.db"
-    with sqlite3.connect(index) as con:
+    with closing(sqlite3.connect(index)) as con:
         assert con.execute("PRAGMA page_size").fetchone()[0] == PAGE
     leaves = leaf_pages_of(index, "files")
     assert len(leaves) > 10, "the test needs a table of many pages"
@@ -91,7 +96,7 @@ def test_a_damaged_index_is_recovered_and_the_store_works_again(tmp_path: Path) 
         "the damaged index is kept"
     )
     assert list(body["damaged_tables"]) == ["files"], "a table read in part is said"
-    with sqlite3.connect(kept) as con:
+    with closing(sqlite3.connect(kept)) as con:
         whole = con.execute("SELECT COUNT(*) FROM files").fetchone()[0]
     assert whole - 20 <= body["rows"]["files"] < whole, (body["rows"], whole)  # (one page's rows lost)
 
@@ -145,7 +150,7 @@ def test_revisions_the_index_lost_are_taken_in_again_from_their_snapshot_folders
     with Depot(home) as depot:
         depot.import_dir(write_model_dir(tmp_path / "v1", older), "acme/kept")
     backup = tmp_path / "index-before.db"
-    with sqlite3.connect(home / "index.db") as source, sqlite3.connect(backup) as copy:
+    with closing(sqlite3.connect(home / "index.db")) as source, closing(sqlite3.connect(backup)) as copy:
         source.backup(copy)
     with Depot(home) as depot:
         depot.import_dir(write_model_dir(tmp_path / "v2", newer), "acme/kept")  # (main moves on)
@@ -168,3 +173,124 @@ def test_revisions_the_index_lost_are_taken_in_again_from_their_snapshot_folders
         recovered = next(r for (repo, r) in taken if repo == "acme/kept")
         assert bytes(depot.get_file("acme/kept", "config.json", revision=recovered)) == newer["config.json"]
         assert depot.verify().ok
+
+
+def _kept_store(tmp_path: Path) -> Path:
+    home = tmp_path / "store"
+    with Depot(home) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "m", {"config.json": b'{"v": 1}'}), "acme/kept")
+    return home
+
+
+def test_a_link_planted_in_a_snapshot_folder_is_not_followed_out_of_the_store(tmp_path: Path) -> None:
+    """`import` follows a link anywhere: a member of a group that shares the store planted a snapshot folder
+    whose file linked to another user's key, and whoever recovered the index published it (a review)."""
+    home = _kept_store(tmp_path)
+    secret = tmp_path / "private" / "id_ed25519"
+    secret.parent.mkdir()
+    secret.write_bytes(b"-----BEGIN OPENSSH PRIVATE KEY-----\nsecret\n")
+    planted = home / "snapshots" / "evil" / "leak" / ("a" * 40)
+    planted.mkdir(parents=True)
+    (planted / "config.json").symlink_to(secret)
+    recovery = recover_index(home)
+    [taken] = [t for t in recovery.taken_in if t.repo_id == "evil/leak"]
+    assert taken.error.startswith("left alone") and not taken.commit_id
+    with Depot(home) as depot:
+        assert not depot.has_file("evil/leak", "config.json")
+
+
+def test_rows_lost_from_the_blobs_table_are_taken_in_again(tmp_path: Path) -> None:
+    """A lost page of `blobs` left the files rows whole: nothing was imported again, and gc deleted the blobs
+    the index no longer knew (a review)."""
+    home = tmp_path / "store"
+    files = {"config.json": b'{"v": 1}', "w.bin": os.urandom(5000)}
+    with Depot(home) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "m", files), "acme/m")
+    with closing(sqlite3.connect(home / "index.db")) as con, con:
+        con.execute("DELETE FROM blobs")
+    recover_index(home)
+    with Depot(home) as depot:
+        depot.gc()
+        assert {name: bytes(depot.get_file("acme/m", name)) for name in files} == files
+
+
+def test_a_failure_writing_the_new_index_leaves_the_old_one_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write of the new file that failed (its disk full) was taken for damage of the old one, and the short
+    index put in place (a review): the old one stays, and the error says so."""
+    home = _kept_store(tmp_path)
+    connect = sqlite3.connect
+
+    class Failing:
+        def __init__(self, con: sqlite3.Connection) -> None:
+            self.con = con
+
+        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+            if sql.startswith('INSERT OR IGNORE INTO "files"'):
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.con.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.con, name)
+
+    def failing_connect(path: object, *args: object, **kwargs: object) -> object:
+        made = connect(path, *args, **kwargs)  # type: ignore[arg-type]
+        return Failing(made) if str(path).endswith(".recovering") else made
+
+    monkeypatch.setattr(salvage.sqlite3, "connect", failing_connect)
+    with pytest.raises(
+        StoreError, match=r"writing the recovered index failed \(database or disk is full\): the index"
+    ):
+        salvage_index(StoreLayout(home))
+    monkeypatch.undo()
+    assert not (home / "index.db.recovering").exists()
+    with Depot(home) as depot:
+        assert bytes(depot.get_file("acme/kept", "config.json")) == b'{"v": 1}'
+
+
+def test_two_recoveries_in_one_second_keep_two_copies(tmp_path: Path) -> None:
+    home = _kept_store(tmp_path)
+    first, second = recover_index(home), recover_index(home)
+    assert first.salvaged.kept_at != second.salvaged.kept_at
+    assert first.salvaged.kept_at.exists() and second.salvaged.kept_at.exists()
+
+
+def test_the_recovered_index_keeps_the_owner_and_mode_of_the_damaged_one(tmp_path: Path) -> None:
+    """Recovered as root (the usual way to repair a service's store), the new index was root's: the
+    service's user could no longer write its own store (a review)."""
+    home = _kept_store(tmp_path)
+    for root, folders, names in os.walk(home):
+        for name in [*folders, *names]:
+            os.lchown(os.path.join(root, name), 65534, 65534)
+    os.chown(home, 65534, 65534)
+    os.chmod(home / "index.db", 0o660)
+    recover_index(home)
+    found = os.stat(home / "index.db")
+    assert (found.st_uid, found.st_gid, found.st_mode & 0o777) == (65534, 65534, 0o660)
+
+
+def test_a_process_that_opens_the_store_during_a_recovery_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that opened the store after the look at who has it open wrote into the file then replaced,
+    and lost an import it was told was done (a review): it waits for the recovery's locks."""
+    home = _kept_store(tmp_path)
+    source = write_model_dir(tmp_path / "late", {"late.json": b"{}"})
+    copy_rows = salvage._copy_rows
+    started: list[subprocess.Popen[str]] = []
+
+    def start_an_import_then_copy(*args: object) -> None:
+        if not started:
+            started.append(subprocess.Popen(
+                [sys.executable, "-c", "import sys; from modeldepot import Depot\n"
+                 "with Depot(sys.argv[1]) as d: d.import_dir(sys.argv[2], 'acme/late')", str(home), str(source)],
+            ))  # fmt: skip
+            time.sleep(1.0)  # (time for it to open the store, were it let)
+        copy_rows(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(salvage, "_copy_rows", start_an_import_then_copy)
+    salvage_index(StoreLayout(home))
+    assert started[0].wait(timeout=60) == 0
+    with Depot(home) as depot:
+        assert depot.has_file("acme/late", "late.json"), "an import done during the recovery was lost"

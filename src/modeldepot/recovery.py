@@ -12,6 +12,7 @@ its repo's ``main`` when the index lost the repo's branches, else into a branch 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -47,22 +48,35 @@ class Recovery:
 
 def recover_index(home: Path) -> Recovery:
     """Recover the damaged index of the store at ``home`` (:func:`salvage_index`), then import again each
-    snapshot folder whose revision lost files in it."""
+    snapshot folder whose revision lost files in it (newest first: a repo whose branches all went gets its
+    newest revision as ``main``)."""
     from modeldepot.depot import Depot
 
     salvaged = salvage_index(StoreLayout(home))
     recovery = Recovery(salvaged)
     with Depot(home, create=False, shared=()) as depot:
         store = depot.store
-        for repo_id, name in sorted(store.snapshots.present()):
+        found = []
+        for repo_id, name in store.snapshots.present():
             try:
                 validate_commit_id(name)
             except InvalidInputError:
                 continue  # (a snapshot's staging, a leftover: not a revision)
             folder = store.snapshots.path(repo_id, name)
-            held = _files_in(folder)
+            with contextlib.suppress(OSError):
+                found.append((folder.stat().st_mtime, repo_id, name, folder))
+        for _when, repo_id, name, folder in sorted(found, reverse=True):
+            held, strangers = _files_in(folder, store.layout.blobs)
+            if strangers:  # (planted: `import` follows a link anywhere, and would publish what it leads to)
+                recovery.taken_in.append(TakenIn(repo_id, name, held, error=(
+                    f"left alone: {strangers[0]} is no link to a blob of the store (a link planted there would "
+                    "have its target published)")))  # fmt: skip
+                continue
+            # (files whose blob's row went count as lost too: gc would take their blob for garbage)
             named = store.index.read(
-                "SELECT COUNT(*) FROM files WHERE repo_id = ? AND commit_id = ?", (repo_id, name)
+                "SELECT COUNT(*) FROM files f JOIN blobs b ON b.sha256 = f.sha256 AND b.state = 'ok' "
+                "WHERE f.repo_id = ? AND f.commit_id = ?",
+                (repo_id, name),
             )[0][0]
             if held == 0 or named >= held:
                 continue
@@ -78,6 +92,20 @@ def recover_index(home: Path) -> Recovery:
     return recovery
 
 
-def _files_in(folder: Path) -> int:
-    """The files (links to blobs) under a snapshot folder."""
-    return sum(len(files) for _root, _folders, files in os.walk(folder))
+def _files_in(folder: Path, blobs: Path) -> tuple[int, list[str]]:
+    """The files of a snapshot folder, and those that are no link to a blob file of the store (by the
+    link's target, resolved)."""
+    real_blobs = os.path.realpath(blobs)
+    held, strangers = 0, []
+    for root, folders, files in os.walk(folder):
+        strangers += [
+            os.path.join(root, name) for name in folders if os.path.islink(os.path.join(root, name))
+        ]
+        for file in files:
+            path = os.path.join(root, file)
+            held += 1
+            target = os.path.realpath(path)
+            if (not os.path.islink(path) or os.path.dirname(os.path.dirname(target)) != real_blobs
+                    or not os.path.isfile(target)):  # fmt: skip
+                strangers.append(path)
+    return held, strangers

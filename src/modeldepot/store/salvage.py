@@ -13,16 +13,21 @@ again; the new file is checked whole, and only then takes the old one's place. W
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import sqlite3
+import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from modeldepot.errors import IndexDamagedError, StoreError
+from modeldepot.store.confined import open_within
 from modeldepot.store.holders import process_command, processes_with_open
 from modeldepot.store.layout import StoreLayout, fsync_dir, fsync_file
+from modeldepot.store.locks import unlock_and_close
 
 __all__ = ["Salvaged", "salvage_index"]
 
@@ -40,26 +45,56 @@ class Salvaged:
     lost_indexes: list[str] = field(default_factory=list)
 
 
+class _NewIndexFailed(Exception):
+    """Writing the new index failed (its disk full, say): no damage of the old one's, and nothing replaced."""
+
+
 def salvage_index(layout: StoreLayout) -> Salvaged:
     """Replace the store's damaged ``index.db`` with a new one holding every row SQLite can still read.
-    Refused while another process has the store open (its connection would go on writing the old file).
+    Refused while a process (this one too) has the index open: its connection would go on writing the old
+    file. The store's lock and the index's setup lock are held throughout, so that no process opens the store
+    meanwhile (one that did wrote into the file replaced, and lost what it was told was done: a review).
     Raises IndexDamagedError when not even the index's schema can be read (then import each snapshot folder
     into a new store)."""
     index = layout.index_path
     if not index.is_file():
         raise StoreError(f"no index at {index}: nothing to recover")
-    holders = sorted(processes_with_open(str(index)))
-    if holders:
-        named = ", ".join(f"{pid} ({process_command(pid) or '?'})" for pid in holders[:5])
-        raise StoreError(
-            f"the index {index} is open in process {named}: stop it first, then recover the index"
-        )
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    kept = index.with_name(f"index.db.damaged-{stamp}")
-    _copy_aside(index, kept)
-    fresh = index.with_name("index.db.recovering")
-    with contextlib.suppress(FileNotFoundError):
-        fresh.unlink()
+    with _held(layout.lock_path), _held(layout.lock_path.parent / "index-setup.lock"):
+        holders = sorted(processes_with_open(str(index)) | _this_process_with_open(index))
+        if holders:
+            named = ", ".join(f"{pid} ({process_command(pid) or '?'})" for pid in holders[:5])
+            raise StoreError(
+                f"the index {index} is open in process {named}: stop it first, then recover the index"
+            )
+        kept = _kept_name(index)
+        _copy_aside(index, kept)
+        fresh = index.with_name("index.db.recovering")
+        with contextlib.suppress(FileNotFoundError):
+            fresh.unlink()
+        try:
+            report = _salvage_into(layout, kept, fresh)
+        except _NewIndexFailed as failed:
+            with contextlib.suppress(OSError):
+                fresh.unlink()
+            raise StoreError(f"writing the recovered index failed ({failed}): the index was left as it was (a copy "
+                             f"of it is at {kept}); make room on the store's disk and run it again") from None  # fmt: skip
+        except BaseException:
+            with contextlib.suppress(OSError):
+                fresh.unlink()
+            raise
+        _same_owner_and_mode(index, fresh)
+        fsync_file(fresh)
+        # The old log goes first: a log left beside the new file would be replayed into it (a crash between the
+        # two loses the old file's last transactions: the copy kept has them)
+        for leftover in (index.with_name("index.db-wal"), index.with_name("index.db-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        os.replace(fresh, index)
+        fsync_dir(index.parent)
+    return report
+
+
+def _salvage_into(layout: StoreLayout, kept: Path, fresh: Path) -> Salvaged:
     report = Salvaged(kept_at=kept)
     source = sqlite3.connect(f"file:{kept}?mode=ro", uri=True)
     target = sqlite3.connect(fresh, isolation_level=None)
@@ -71,39 +106,84 @@ def salvage_index(layout: StoreLayout) -> Salvaged:
             version = int(source.execute("PRAGMA user_version").fetchone()[0])
         except sqlite3.DatabaseError as error:
             raise IndexDamagedError(
-                f"not even the schema of the index {index} can be read ({error}): import each folder under "
-                f"{layout.snapshots}/ORG/NAME/COMMIT into a new store (`modeldepot import FOLDER --repo ORG/NAME "
-                "--home NEW`)"
+                f"not even the schema of the index {layout.index_path} can be read ({error}): import each folder "
+                f"under {layout.snapshots}/ORG/NAME/COMMIT into a new store (`modeldepot import FOLDER --repo "
+                "ORG/NAME --home NEW`)"
             ) from error
-        target.execute("BEGIN")
+        _write(target, "BEGIN")
         for kind, name, _table, sql in schema:
             if kind == "table":
-                target.execute(sql)
+                _write(target, sql)
                 _copy_rows(source, target, name, report)
         for kind, name, _table, sql in schema:
             if kind in ("index", "trigger", "view"):
                 try:
                     target.execute(sql)
-                except sqlite3.DatabaseError as error:  # (a unique index the rows read no longer satisfy)
+                except sqlite3.IntegrityError as error:  # (a unique index the rows read no longer satisfy)
                     report.lost_indexes.append(f"{name}: {error}")
-        target.execute(f"PRAGMA user_version = {version}")
-        target.execute("COMMIT")
+                except sqlite3.Error as error:
+                    raise _NewIndexFailed(error) from error
+        _write(target, f"PRAGMA user_version = {version}")
+        _write(target, "COMMIT")
         if target.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
             raise IndexDamagedError(
-                f"the index recovered from {index} failed its own check: it was not put in place"
+                f"the index recovered from {layout.index_path} failed its own check: it was not put in place"
             )
-        target.execute("PRAGMA journal_mode=WAL")
+        _write(target, "PRAGMA journal_mode=WAL")
     finally:
         source.close()
         target.close()
-    fsync_file(fresh)
-    # The old log goes first: a log left beside the new file would be replayed into it
-    for leftover in (index.with_name("index.db-wal"), index.with_name("index.db-shm")):
-        with contextlib.suppress(FileNotFoundError):
-            leftover.unlink()
-    os.replace(fresh, index)
-    fsync_dir(index.parent)
     return report
+
+
+def _write(target: sqlite3.Connection, sql: str, values: tuple[object, ...] = ()) -> None:
+    try:
+        target.execute(sql, values)
+    except sqlite3.Error as error:
+        raise _NewIndexFailed(error) from error
+
+
+@contextlib.contextmanager
+def _held(lock: Path) -> Iterator[None]:
+    """``lock`` (a store's flock()ed lock file) held exclusively, waiting for it."""
+    fd = open_within(lock, os.O_RDWR | os.O_CREAT, 0o664, os.path.realpath(lock.parent.parent))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        unlock_and_close(fd)
+
+
+def _this_process_with_open(index: Path) -> set[int]:
+    """This process, when it has ``index`` open (a depot of its own on the store)."""
+    wanted = os.path.realpath(index)
+    with contextlib.suppress(OSError):
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}") == wanted:
+                    return {os.getpid()}
+    return set()
+
+
+def _kept_name(index: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        kept = index.with_name(f"index.db.damaged-{stamp}" + (f".{attempt}" if attempt else ""))
+        if not kept.exists():
+            return kept
+    raise StoreError(f"too many copies of damaged indexes beside {index}: remove the old ones")
+
+
+def _same_owner_and_mode(index: Path, fresh: Path) -> None:
+    """The new index as the old one was: its owner's (a recovery run as root kept the service's user out of
+    its own store: a review), and its mode."""
+    try:
+        old = os.stat(index)
+        os.chmod(fresh, stat.S_IMODE(old.st_mode))
+        if os.geteuid() == 0:
+            os.chown(fresh, old.st_uid, old.st_gid)
+    except OSError as error:
+        log.warning("the recovered index could not be given the old one's owner and mode: %s", error)
 
 
 def _copy_aside(index: Path, kept: Path) -> None:
@@ -140,7 +220,7 @@ def _copy_rows(source: sqlite3.Connection, target: sqlite3.Connection, table: st
     copied, last = 0, None
     try:
         for row in source.execute(f"SELECT {prefix}* FROM {quoted} ORDER BY {key}"):
-            target.execute(insert, row[1:] if prefix else row)
+            _write(target, insert, row[1:] if prefix else row)
             last = tuple(row[i] for i in at)
             copied += 1
     except sqlite3.DatabaseError as error:
@@ -151,7 +231,7 @@ def _copy_rows(source: sqlite3.Connection, target: sqlite3.Connection, table: st
                 f"SELECT {prefix}* FROM {quoted} {after}ORDER BY {' DESC, '.join(key.split(', '))} DESC",
                 last or (),
             ):
-                target.execute(insert, row[1:] if prefix else row)
+                _write(target, insert, row[1:] if prefix else row)
                 copied += 1
         except sqlite3.DatabaseError:
             pass  # (what lies between the two damaged ends is lost)

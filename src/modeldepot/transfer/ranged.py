@@ -66,6 +66,7 @@ IDLE_SECONDS = 30.0  # a kept-alive connection unused for longer is closed, not 
 # out). A read timeout alone starts again with every byte: a Hub that sent one byte a second held a pull for
 # ever (a security trial). curl's --speed-limit, set for the user: 8 kbit/s is no link's honest pace.
 MIN_BODY_RATE = 1024
+MIN_SHARE = 16  # bytes a second each body brings at least, however many are read at once
 # Bytes of whole answers (repo descriptions, manifests) read into memory at once by all of a process's requests:
 # each may hold up to its own limit (64 MiB of a repo's description), and a mirror's anonymous clients choose
 # how many it reads; a hostile upstream's endless answers took a mirror to 1 GB with 24 of them (an explorer's
@@ -493,7 +494,7 @@ class SlowBody:
         now = time.monotonic()
         if now - self._since < self.span:
             return False
-        came, floor = got - self._at, MIN_BODY_RATE // max(1, _bodies)
+        came, floor = got - self._at, max(MIN_SHARE, MIN_BODY_RATE // max(1, _bodies))
         if came < floor * self.span:
             self.failed = (f"the body came at {came / (now - self._since):,.0f} B/s over {now - self._since:.0f} s "
                            f"(too slow: at least {floor:,} B/s is asked for)")  # fmt: skip

@@ -442,8 +442,18 @@ class HttpSource:
                         pace.took(got)
                 if got != size:
                     raise UpstreamError(f"{url}: received {got} bytes of {size}", source=url)
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as error:
-            kind = UpstreamTimeoutError if isinstance(error, asyncio.TimeoutError) else UpstreamError
+        except (
+            aiohttp.ClientConnectionError,
+            aiohttp.ClientPayloadError,
+            asyncio.TimeoutError,
+            TimeoutError,
+        ) as error:
+            # (TooSlowError is the builtin TimeoutError's, which before Python 3.11 asyncio's is not)
+            kind = (
+                UpstreamTimeoutError
+                if isinstance(error, (asyncio.TimeoutError, TimeoutError))
+                else UpstreamError
+            )
             raise kind(f"{url}: {type(error).__name__}: {error}", source=url) from error
 
 
