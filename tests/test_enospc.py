@@ -700,6 +700,46 @@ def test_under_a_budget_a_pull_evicts_for_the_disk_too_or_nothing(
             upstream.stop()
 
 
+def test_a_pull_evicting_for_the_disk_leaves_other_writers_their_room(
+    mount_tmpfs: Mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk's shortfall a pull evicted for left out the room another write held and had not taken on the
+    disk yet: the pull evicted for itself, then took that room, and the other write failed (a review)."""
+    files = {"a.bin": random.Random(1).randbytes(3 << 20), "b.bin": random.Random(2).randbytes(3 << 20)}
+    root = mount_tmpfs("size=24m")
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", files), "acme/two")
+        upstream = LiveNode(upstream_depot)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", upstream.url)
+        try:
+            with Depot(root / "home", chunk_size=SMALL_CHUNK) as depot:
+                for repo, seed in (("me/older", 3), ("me/newer", 4)):
+                    depot.import_dir(
+                        write_model_dir(tmp_path / repo, {"w.bin": random.Random(seed).randbytes(3 << 20)}),
+                        repo,
+                    )
+                    time.sleep(0.05)
+                depot.set_max_size(20 << 20)  # the budget alone evicts nothing
+                filler = os.open(root / "filler", os.O_CREAT | os.O_WRONLY, 0o644)
+                try:
+                    os.posix_fallocate(filler, 0, free_bytes(root) - (4 << 20))
+                finally:
+                    os.close(filler)
+                # another write under way holds 3 MiB of room it has not written yet
+                with depot.store.budget.writing("other/import") as other:
+                    other.make_room(3 << 20, "importing other/import")
+                    depot.pull("acme/two")  # (4 MiB free, 6 needed, 3 held for the other: both models go)
+                    evicted = sorted(e.repo_id for e in depot.evictions())
+                    assert evicted == ["me/newer", "me/older"]
+                    assert free_bytes(root) >= 3 << 20, (
+                        f"evicted {evicted} for the pull, which then took the other writer's room: "
+                        f"{free_bytes(root) >> 10} KiB left of its 3 MiB"
+                    )
+        finally:
+            upstream.stop()
+
+
 def test_a_mirror_on_a_full_disk_still_serves_what_it_holds_when_its_scan_is_due(
     mount_tmpfs: Mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -434,8 +434,11 @@ class DiskBudget:
         while True:
             try:
                 limit, on_disk = budget - needed, None
-                if disk_short > 0:  # (the blobs' bytes the disk can keep beside the new ones, when fewer)
-                    on_disk = self.used_bytes() + self._others_reserved(writer) - disk_short
+                if disk_short > 0:
+                    # The blobs' bytes the disk can keep beside the new ones, and beside the room other writers
+                    # hold and may not have taken on the disk yet (the round's sum counts them with the blobs:
+                    # left out, a pull evicted for itself, then took another write's room: a review)
+                    on_disk = self.used_bytes() - disk_short
                     limit = min(limit, on_disk)
                 return self._evict_to(limit, needed, doing, writer, disk_bound=on_disk == limit)
             except BudgetExceededError:
