@@ -5,9 +5,9 @@ out, ``sqlite3 index.db .recover``, failed on Debian 12's sqlite3 (3.40.1) even 
 the ``sqlite3`` shell is not installed on most machines: the advice a damaged index printed could not be
 followed (an explorer's trial). Here, with Python's own sqlite3: the damaged file (and its log) is copied
 aside first, kept; every table of its schema is made again in a new file and every row still readable is
-copied into it, a table read past a damaged page from the next rows it can reach; the indexes are built
-again; the new file is checked whole, and only then takes the old one's place. What is lost is said:
-``modeldepot verify`` then finds what the index no longer names.
+copied into it, a table read in key order up to a damaged page and from its other end back down to it; the
+indexes are built again; the new file is checked whole, and only then takes the old one's place. What is
+lost is said; :mod:`modeldepot.recovery` then takes in again what the snapshot folders hold of it.
 """
 
 from __future__ import annotations
@@ -136,9 +136,10 @@ def _salvage_into(layout: StoreLayout, kept: Path, fresh: Path) -> Salvaged:
     return report
 
 
-def _write(target: sqlite3.Connection, sql: str, values: tuple[object, ...] = ()) -> None:
+def _write(target: sqlite3.Connection, sql: str, values: tuple[object, ...] = ()) -> int:
+    """``sql`` run in the new index; the rows it changed (an ignored duplicate: none)."""
     try:
-        target.execute(sql, values)
+        return int(target.execute(sql, values).rowcount)
     except sqlite3.Error as error:
         raise _NewIndexFailed(error) from error
 
@@ -220,9 +221,8 @@ def _copy_rows(source: sqlite3.Connection, target: sqlite3.Connection, table: st
     copied, last = 0, None
     try:
         for row in source.execute(f"SELECT {prefix}* FROM {quoted} ORDER BY {key}"):
-            _write(target, insert, row[1:] if prefix else row)
+            copied += max(0, _write(target, insert, row[1:] if prefix else row))
             last = tuple(row[i] for i in at)
-            copied += 1
     except sqlite3.DatabaseError as error:
         report.damaged_tables[table] = str(error)
         after = f"WHERE ({key}) > ({', '.join('?' * len(keys))}) " if last is not None else ""
@@ -231,8 +231,7 @@ def _copy_rows(source: sqlite3.Connection, target: sqlite3.Connection, table: st
                 f"SELECT {prefix}* FROM {quoted} {after}ORDER BY {' DESC, '.join(key.split(', '))} DESC",
                 last or (),
             ):
-                _write(target, insert, row[1:] if prefix else row)
-                copied += 1
+                copied += max(0, _write(target, insert, row[1:] if prefix else row))
         except sqlite3.DatabaseError:
             pass  # (what lies between the two damaged ends is lost)
     report.rows[table] = copied
