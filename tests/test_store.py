@@ -401,6 +401,7 @@ def test_gc_deletes_nothing_on_a_damaged_index_and_says_how_to_get_out(home: Pat
     assert sorted(p for p in (home / "blobs").rglob("*") if p.is_file()) == blobs
     checked = CliRunner().invoke(cli, ["verify", "--home", str(home)])
     assert checked.exit_code != 0 and "recover-index" in checked.output, checked.output
+    assert "0 problems" not in checked.output and "the index is damaged" in checked.output, checked.output
 
 
 def test_rm_deletes_nothing_on_a_damaged_index(home: Path, model_dir: Path) -> None:

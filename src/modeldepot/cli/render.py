@@ -483,6 +483,11 @@ def render_verify(report: VerifyReport, repairs: list[Repair] | None = None) -> 
                   f"[red]{count(left, 'revision')} not repaired[/red]: {summary}")  # fmt: skip
     elif report.ok:
         out.print(f"[green]ok[/green]: {summary}")
+    elif (
+        not report.problems
+    ):  # (the index, or a snapshot: said above; "0 problems" read as all well, a trial)
+        what = "the index is damaged" if not report.index_ok else "snapshots were not rebuilt"
+        out.print(f"[red]{what}[/red] (the blobs checked are sound): {summary}")
     else:
         fix = (
             "The store is read-only: corrupt blobs stay in place, and each process refuses them; repair it "
