@@ -373,8 +373,10 @@ class WriteSession:
             try:
                 os.posix_fallocate(fd, 0, size)
             except OSError as error:
-                partial.discard()
-                raise os_error(error, f"reserving {size_text(size)} in the store") from error
+                partial.discard()  # (the room it took given back first: the free figure is then true)
+                free = self.layout.free_bytes()
+                had = f" (it has {size_text(free)} free)" if free is not None else ""
+                raise os_error(error, f"reserving {size_text(size)} in the store{had}") from error
         return partial
 
     def close(self) -> None:
