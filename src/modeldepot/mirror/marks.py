@@ -16,18 +16,18 @@ is answered whole too, and another node on the same store sees them.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from modeldepot.errors import StoreError
-from modeldepot.store.confined import open_within, write_within
+from modeldepot.store.confined import write_within
+from modeldepot.store.locks import held_exclusively
 
 __all__ = ["BROKEN_FILE", "BROKEN_TTL", "BrokenMarks", "Sent", "Span"]
 
@@ -157,20 +157,11 @@ class BrokenMarks:
                 self._unwritten = marks
             self._marks, self._seen = marks, self._stat()
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        try:
-            fd = open_within(
-                self._lock_file, os.O_RDWR | os.O_CREAT, 0o644, os.path.realpath(self._lock_file.parent)
-            )
-        except (OSError, StoreError):  # (the write then fails too, and says so)
-            yield
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def _locked(self) -> AbstractContextManager[None]:
+        # (a lock file that cannot be made: the write then fails too, and says so)
+        return held_exclusively(
+            self._lock_file, os.path.realpath(self._lock_file.parent), 0o644, or_without=True
+        )
 
     def _load(self) -> dict[_Key, _Mark]:
         try:

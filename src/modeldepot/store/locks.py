@@ -21,7 +21,14 @@ from pathlib import Path
 
 from modeldepot.store.confined import open_within
 
-__all__ = ["StoreLock", "flock_holder", "lock_is_held", "process_state", "unlock_and_close"]
+__all__ = [
+    "StoreLock",
+    "flock_holder",
+    "held_exclusively",
+    "lock_is_held",
+    "process_state",
+    "unlock_and_close",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,27 @@ def unlock_and_close(fd: int) -> None:
     with contextlib.suppress(OSError):  # (a file system without flock: nothing to let go of)
         fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
+
+
+@contextmanager
+def held_exclusively(
+    path: Path, within: str, mode: int = 0o664, *, or_without: bool = False
+) -> Iterator[None]:
+    """The lock file ``path`` (made if missing; inside ``within``, never through a link: store/confined.py)
+    ``flock()``ed exclusively for the block, waiting for it. ``or_without``: a lock file that cannot be opened
+    (no room, another user's) is done without: the block runs unlocked, as it would without the lock."""
+    try:
+        fd = open_within(path, os.O_RDWR | os.O_CREAT, mode, within)
+    except OSError:
+        if not or_without:
+            raise
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        unlock_and_close(fd)
 
 
 class StoreLock:

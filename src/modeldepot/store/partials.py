@@ -78,7 +78,7 @@ from modeldepot.store.blobs import PartialBlob, start_writeback
 from modeldepot.store.confined import named, open_within, opened_folder
 from modeldepot.store.durability import UNKNOWN_BOOT, current_boot_id
 from modeldepot.store.layout import FULL_DISK_ADVICE, StoreLayout, os_error, size_text, writable_mode
-from modeldepot.store.locks import flock_holder, lock_is_held, unlock_and_close
+from modeldepot.store.locks import flock_holder, held_exclusively, lock_is_held, unlock_and_close
 from modeldepot.store.models import BlobRecord
 from modeldepot.store.verified import PartialChunkReader
 
@@ -526,20 +526,9 @@ class PartialFiles:
         """One look at the disk's room and reservation at a time, in every process: two pulls into the last
         room of a tmpfs both failed half the time though either alone fitted, each failed reservation taking
         every free page for a moment before giving them back (an explorer's trial)."""
-        with self._reserving_here:
-            try:
-                fd = open_within(self.layout.lock_path.parent / RESERVING_LOCK, os.O_RDWR | os.O_CREAT, 0o666,
-                                 self.layout.real_home)  # fmt: skip
-            except (
-                OSError
-            ):  # (a lock that cannot be had serialises nothing: the reservation goes on, as before)
-                yield
-                return
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                unlock_and_close(fd)
+        with self._reserving_here, held_exclusively(self.layout.lock_path.parent / RESERVING_LOCK,
+                                                     self.layout.real_home, 0o666, or_without=True):  # fmt: skip
+            yield
 
     def room_short(self, sizes: Mapping[str, int]) -> tuple[int, int]:
         """(bytes the disk lacks, bytes free) for downloads of these sizes (by partial key) together, beside

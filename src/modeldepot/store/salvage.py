@@ -13,21 +13,18 @@ lost is said; :mod:`modeldepot.recovery` then takes in again what the snapshot f
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from modeldepot.errors import IndexDamagedError, StoreError
-from modeldepot.store.confined import open_within
 from modeldepot.store.holders import process_command, processes_with_open
 from modeldepot.store.layout import StoreLayout, fsync_dir, fsync_file
-from modeldepot.store.locks import unlock_and_close
+from modeldepot.store.locks import held_exclusively
 
 __all__ = ["Salvaged", "salvage_index"]
 
@@ -59,7 +56,10 @@ def salvage_index(layout: StoreLayout) -> Salvaged:
     index = layout.index_path
     if not index.is_file():
         raise StoreError(f"no index at {index}: nothing to recover")
-    with _held(layout.lock_path), _held(layout.lock_path.parent / "index-setup.lock"):
+    with (
+        held_exclusively(layout.lock_path, layout.real_home),
+        held_exclusively(layout.lock_path.parent / "index-setup.lock", layout.real_home),
+    ):
         holders = sorted(processes_with_open(str(index)) | _this_process_with_open(index))
         if holders:
             named = ", ".join(f"{pid} ({process_command(pid) or '?'})" for pid in holders[:5])
@@ -142,17 +142,6 @@ def _write(target: sqlite3.Connection, sql: str, values: tuple[object, ...] = ()
         return int(target.execute(sql, values).rowcount)
     except sqlite3.Error as error:
         raise _NewIndexFailed(error) from error
-
-
-@contextlib.contextmanager
-def _held(lock: Path) -> Iterator[None]:
-    """``lock`` (a store's flock()ed lock file) held exclusively, waiting for it."""
-    fd = open_within(lock, os.O_RDWR | os.O_CREAT, 0o664, os.path.realpath(lock.parent.parent))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        unlock_and_close(fd)
 
 
 def _this_process_with_open(index: Path) -> set[int]:
