@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -60,6 +60,30 @@ def free_bytes(root: Path) -> int:
 
 def free_inodes(root: Path) -> int:
     return os.statvfs(root).f_favail
+
+
+def leave_free(root: Path, left: int) -> None:
+    """Another program's file taking the disk of ``root`` but ``left`` bytes."""
+    filler = os.open(root / "filler", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.posix_fallocate(filler, 0, free_bytes(root) - left)
+    finally:
+        os.close(filler)
+
+
+@pytest.fixture
+def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, bytes]]:
+    """acme/two, two files of 3 MiB, on a node given as HF_ENDPOINT."""
+    files = {"a.bin": random.Random(1).randbytes(3 << 20), "b.bin": random.Random(2).randbytes(3 << 20)}
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", files), "acme/two")
+        upstream = LiveNode(upstream_depot)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", upstream.url)
+        try:
+            yield files
+        finally:
+            upstream.stop()
 
 
 def random_folder(path: Path, sizes: list[int], seed: int) -> Path:
@@ -615,129 +639,86 @@ def test_verify_out_of_inodes_reports_what_it_found_and_the_snapshot_it_could_no
 
 
 def test_a_pull_larger_than_the_free_disk_is_refused_before_a_byte_is_fetched(
-    mount_tmpfs: Mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mount_tmpfs: Mount, files: dict[str, bytes]
 ) -> None:
     """Two 3 MiB files, 5 MiB free: the pull fetched the first whole, failed on the second, and left the first
     taking the room of a download that could never end there, its error naming one file against what was
     left. Refused at once, the whole pull's need against the free disk."""
-    files = {"a.bin": random.Random(1).randbytes(3 << 20), "b.bin": random.Random(2).randbytes(3 << 20)}
     root = mount_tmpfs("size=8m")
-    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
-        upstream_depot.import_dir(write_model_dir(tmp_path / "src", files), "acme/two")
-        upstream = LiveNode(upstream_depot)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setenv("HF_ENDPOINT", upstream.url)
-        try:
-            with Depot(root / "home", chunk_size=SMALL_CHUNK) as depot:
-                filler = os.open(root / "filler", os.O_CREAT | os.O_WRONLY, 0o644)
-                try:
-                    os.posix_fallocate(filler, 0, free_bytes(root) - (5 << 20))
-                finally:
-                    os.close(filler)
-                with pytest.raises(StoreFullError) as refused:
-                    depot.pull("acme/two")
-                said = str(refused.value)
-                assert said.startswith("pulling acme/two needs 6.0 MiB more on the store's disk (2 files)"), (
-                    said
-                )
-                assert "nothing was fetched" in said
-                assert (
-                    depot.du().partial_bytes == 0 and list(depot.store.layout.partials.glob("*.part")) == []
-                )
-                os.unlink(root / "filler")
-                assert depot.pull("acme/two").files == 2  # and once there is room
-        finally:
-            upstream.stop()
+    with Depot(root / "home", chunk_size=SMALL_CHUNK) as depot:
+        leave_free(root, 5 << 20)
+        with pytest.raises(StoreFullError) as refused:
+            depot.pull("acme/two")
+        said = str(refused.value)
+        assert said.startswith("pulling acme/two needs 6.0 MiB more on the store's disk (2 files)"), said
+        assert "nothing was fetched" in said
+        assert depot.du().partial_bytes == 0 and list(depot.store.layout.partials.glob("*.part")) == []
+        os.unlink(root / "filler")
+        assert depot.pull("acme/two").files == 2  # and once there is room
 
 
 @pytest.mark.parametrize("free_mib", [2, 4])
 def test_under_a_budget_a_pull_evicts_for_the_disk_too_or_nothing(
-    mount_tmpfs: Mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, free_mib: int
+    mount_tmpfs: Mount, tmp_path: Path, files: dict[str, bytes], free_mib: int
 ) -> None:
     """Another program's files took the disk the budget allows: a pull evicted an imported model (which no
     upstream gives back) for its budget, then found the disk short and failed, "nothing was fetched" (an
     explorer's trial). Under a budget, models may go to make room: the least recently used go until the
     disk has it too (4 MiB free: one goes, 3 MiB), or none when all of them would not do (2 MiB free)."""
-    files = {"a.bin": random.Random(1).randbytes(3 << 20), "b.bin": random.Random(2).randbytes(3 << 20)}
     root = mount_tmpfs("size=20m")
-    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
-        upstream_depot.import_dir(write_model_dir(tmp_path / "src", files), "acme/two")
-        upstream = LiveNode(upstream_depot)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setenv("HF_ENDPOINT", upstream.url)
-        try:
-            with Depot(root / "home", chunk_size=SMALL_CHUNK) as depot:
-                mine = {name: {"w.bin": random.Random(seed).randbytes(3 << 20)} for name, seed in
-                        (("me/older", 3), ("me/newer", 4))}  # fmt: skip
-                for repo, held in mine.items():
-                    depot.import_dir(write_model_dir(tmp_path / repo, held), repo)
-                    time.sleep(0.05)  # (the older used first: it goes first)
-                depot.set_max_size(16 << 20)  # 6 MiB held + 6 MiB pulled: the budget alone evicts nothing
-                filler = os.open(root / "filler", os.O_CREAT | os.O_WRONLY, 0o644)
-                try:
-                    os.posix_fallocate(filler, 0, free_bytes(root) - (free_mib << 20))
-                finally:
-                    os.close(filler)
-                if free_mib == 4:  # 4 MiB free and the older model's 3: the 6 MiB fit
-                    assert depot.pull("acme/two").files == 2
-                    assert [e.repo_id for e in depot.evictions()] == ["me/older"]
-                    assert bytes(depot.get_file("me/newer", "w.bin")) == mine["me/newer"]["w.bin"]
-                    return
-                # 2 MiB free: even with both models' 6, 8 MiB, it fits; with the newer pinned, 5 does not
-                depot.pin("me/newer")
-                with pytest.raises(StoreFullError) as refused:
-                    depot.pull("acme/two")
-                said = str(refused.value)
-                assert "lacks room for them even after evicting every model that may go" in said, said
-                assert "nothing was fetched or evicted" in said, said
-                assert depot.evictions() == []
-                for repo, held in mine.items():
-                    assert bytes(depot.get_file(repo, "w.bin")) == held["w.bin"]
-                os.unlink(root / "filler")
-                assert depot.pull("acme/two").files == 2  # with room, the budget evicts nothing
-                assert depot.evictions() == []
-        finally:
-            upstream.stop()
+    with Depot(root / "home", chunk_size=SMALL_CHUNK) as depot:
+        mine = {name: {"w.bin": random.Random(seed).randbytes(3 << 20)} for name, seed in
+                (("me/older", 3), ("me/newer", 4))}  # fmt: skip
+        for repo, held in mine.items():
+            depot.import_dir(write_model_dir(tmp_path / repo, held), repo)
+            time.sleep(0.05)  # (the older used first: it goes first)
+        depot.set_max_size(16 << 20)  # 6 MiB held + 6 MiB pulled: the budget alone evicts nothing
+        leave_free(root, free_mib << 20)
+        if free_mib == 4:  # 4 MiB free and the older model's 3: the 6 MiB fit
+            assert depot.pull("acme/two").files == 2
+            assert [e.repo_id for e in depot.evictions()] == ["me/older"]
+            assert bytes(depot.get_file("me/newer", "w.bin")) == mine["me/newer"]["w.bin"]
+            return
+        # 2 MiB free: even with both models' 6, 8 MiB, it fits; with the newer pinned, 5 does not
+        depot.pin("me/newer")
+        with pytest.raises(StoreFullError) as refused:
+            depot.pull("acme/two")
+        said = str(refused.value)
+        assert "lacks room for them even after evicting every model that may go" in said, said
+        assert "nothing was fetched or evicted" in said, said
+        assert depot.evictions() == []
+        for repo, held in mine.items():
+            assert bytes(depot.get_file(repo, "w.bin")) == held["w.bin"]
+        os.unlink(root / "filler")
+        assert depot.pull("acme/two").files == 2  # with room, the budget evicts nothing
+        assert depot.evictions() == []
 
 
 def test_a_pull_evicting_for_the_disk_leaves_other_writers_their_room(
-    mount_tmpfs: Mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mount_tmpfs: Mount, tmp_path: Path, files: dict[str, bytes]
 ) -> None:
     """The disk's shortfall a pull evicted for left out the room another write held and had not taken on the
     disk yet: the pull evicted for itself, then took that room, and the other write failed (a review)."""
-    files = {"a.bin": random.Random(1).randbytes(3 << 20), "b.bin": random.Random(2).randbytes(3 << 20)}
     root = mount_tmpfs("size=24m")
-    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
-        upstream_depot.import_dir(write_model_dir(tmp_path / "src", files), "acme/two")
-        upstream = LiveNode(upstream_depot)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setenv("HF_ENDPOINT", upstream.url)
-        try:
-            with Depot(root / "home", chunk_size=SMALL_CHUNK) as depot:
-                for repo, seed in (("me/older", 3), ("me/newer", 4)):
-                    depot.import_dir(
-                        write_model_dir(tmp_path / repo, {"w.bin": random.Random(seed).randbytes(3 << 20)}),
-                        repo,
-                    )
-                    time.sleep(0.05)
-                depot.set_max_size(20 << 20)  # the budget alone evicts nothing
-                filler = os.open(root / "filler", os.O_CREAT | os.O_WRONLY, 0o644)
-                try:
-                    os.posix_fallocate(filler, 0, free_bytes(root) - (4 << 20))
-                finally:
-                    os.close(filler)
-                # another write under way holds 3 MiB of room it has not written yet
-                with depot.store.budget.writing("other/import") as other:
-                    other.make_room(3 << 20, "importing other/import")
-                    depot.pull("acme/two")  # (4 MiB free, 6 needed, 3 held for the other: both models go)
-                    evicted = sorted(e.repo_id for e in depot.evictions())
-                    assert evicted == ["me/newer", "me/older"]
-                    assert free_bytes(root) >= 3 << 20, (
-                        f"evicted {evicted} for the pull, which then took the other writer's room: "
-                        f"{free_bytes(root) >> 10} KiB left of its 3 MiB"
-                    )
-        finally:
-            upstream.stop()
+    with Depot(root / "home", chunk_size=SMALL_CHUNK) as depot:
+        for repo, seed in (("me/older", 3), ("me/newer", 4)):
+            depot.import_dir(
+                write_model_dir(tmp_path / repo, {"w.bin": random.Random(seed).randbytes(3 << 20)}),
+                repo,
+            )
+            time.sleep(0.05)
+        depot.set_max_size(20 << 20)  # the budget alone evicts nothing
+        leave_free(root, 4 << 20)
+        # another write under way holds 3 MiB of room it has not written yet
+        with depot.store.budget.writing("other/import") as other:
+            other.make_room(3 << 20, "importing other/import")
+            depot.pull("acme/two")  # (4 MiB free, 6 needed, 3 held for the other: both models go)
+            evicted = sorted(e.repo_id for e in depot.evictions())
+            assert evicted == ["me/newer", "me/older"]
+            assert free_bytes(root) >= 3 << 20, (
+                f"evicted {evicted} for the pull, which then took the other writer's room: "
+                f"{free_bytes(root) >> 10} KiB left of its 3 MiB"
+            )
 
 
 def test_a_mirror_on_a_full_disk_still_serves_what_it_holds_when_its_scan_is_due(
