@@ -19,7 +19,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
          "modeldepot.discovery", "modeldepot.hfcache", "modeldepot.tiers", "modeldepot.uses",
          "modeldepot.enginekeys", "modeldepot.upstream")),
     (3, ("modeldepot.depot", "modeldepot.upkeep", "modeldepot.guards", "modeldepot.held", "modeldepot.mirror",
-         "modeldepot.running")),
+         "modeldepot.running", "modeldepot.recovery")),
     (4, ("modeldepot.cli", "modeldepot.server", "modeldepot.dashboard", "modeldepot.__main__", "modeldepot.launch",
          "modeldepot")),
 ]  # fmt: skip
