@@ -383,10 +383,8 @@ class StoreLayout:
                 remove_tree(folder, name)
         except StoreError:
             raise
-        except (
-            OSError
-        ):  # (as far as it goes: a file another user owns stays, as shutil.rmtree's ignore_errors)
-            pass
+        except OSError:
+            pass  # (as far as it goes: a file another user owns stays, as shutil.rmtree's ignore_errors left it)
 
     def rmdir(self, path: Path) -> None:
         """rmdir(2) of a folder inside the store (raises OSError as rmdir does: not empty, missing)."""
