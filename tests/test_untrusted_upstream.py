@@ -300,7 +300,8 @@ def test_the_layout_refuses_names_that_are_not_digests(depot: Depot, tmp_path: P
         lambda: layout.rename(outside, depot.home / "tmp" / "moved"),
         lambda: layout.rename(depot.home / "blobs" / "escape" / "outside-file", depot.home / "tmp" / "moved"),
     ):
-        with pytest.raises(StoreError, match="outside the store"):
+        # (a change is refused by path; a deletion, by the folder it opened: store/confined.py)
+        with pytest.raises(StoreError, match=r"outside the store|leads? out of the store"):
             attempt()
     assert outside.read_bytes() == b"keep"
     layout.unlink(depot.home / "blobs" / "escape")  # the link itself lies inside: it may go
