@@ -67,11 +67,6 @@ def recover_index(home: Path) -> Recovery:
                 found.append((folder.stat().st_mtime, repo_id, name, folder))
         for _when, repo_id, name, folder in sorted(found, reverse=True):
             held, strangers = _files_in(folder, store.layout.blobs)
-            if strangers:  # (planted: `import` follows a link anywhere, and would publish what it leads to)
-                recovery.taken_in.append(TakenIn(repo_id, name, held, error=(
-                    f"left alone: {strangers[0]} is no link to a blob of the store (a link planted there would "
-                    "have its target published)")))  # fmt: skip
-                continue
             # (files whose blob's row went count as lost too: gc would take their blob for garbage)
             named = store.index.read(
                 "SELECT COUNT(*) FROM files f JOIN blobs b ON b.sha256 = f.sha256 AND b.state = 'ok' "
@@ -79,6 +74,11 @@ def recover_index(home: Path) -> Recovery:
                 (repo_id, name),
             )[0][0]
             if held == 0 or named >= held:
+                continue
+            if strangers:  # (planted: `import` follows a link anywhere, and would publish what it leads to)
+                recovery.taken_in.append(TakenIn(repo_id, name, held, error=(
+                    f"left alone: {strangers[0]} is no link to a blob file of the store (a link planted there "
+                    "would have its target published)")))  # fmt: skip
                 continue
             branches = store.index.read("SELECT 1 FROM refs WHERE repo_id = ? LIMIT 1", (repo_id,))
             revision = f"recovered-{name[:12]}" if branches else "main"

@@ -441,7 +441,7 @@ class DiskBudget:
                     on_disk = self.used_bytes() - disk_short
                     limit = min(limit, on_disk)
                 return self._evict_to(limit, needed, doing, writer, disk_bound=on_disk == limit)
-            except BudgetExceededError:
+            except (BudgetExceededError, StoreFullError):  # (the disk's too: what is in use may give way)
                 if not looked_again and self.elsewhere.forget():
                     looked_again = True
                     continue
