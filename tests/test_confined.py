@@ -498,3 +498,84 @@ def test_an_rm_deletes_nothing_outside_when_a_folder_is_swapped_right_before_the
         monkeypatch.undo()
     assert swapped, "no blob was deleted"
     assert sorted(os.listdir(victim)) == sorted(blob.name for blob in blobs)
+
+
+@pytest.mark.parametrize(
+    ("call", "under"),
+    [("link", "blobs"), ("symlink", "snapshots"), ("mkdir", "snapshots")],
+)
+def test_an_import_makes_nothing_outside_when_a_folder_is_swapped_right_before_the_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str, under: str
+) -> None:
+    """Renames, hard links, symbolic links and folders were made by path after a check of the path: a member
+    of a group that shares the store who swapped a folder for a link in between had another user's import
+    place a blob, a snapshot's link or folder outside the store (a review). The swap is made right before
+    the call, of the folder the call makes its entry in; the entry goes where the folder was opened."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    home = tmp_path / "store"
+    source = write_model_dir(tmp_path / "src", {"config.json": b"{}", "sub/w.bin": os.urandom(4096)})
+    with Depot(home) as depot:
+        real, rename, symlink = getattr(os, call), os.rename, os.symlink
+        swapped: list[str] = []
+
+        def swap_then_call(*args: object, **kwargs: object) -> object:
+            name = args[1] if call in ("link", "symlink", "rename") else args[0]
+            at = kwargs.get("dst_dir_fd" if call in ("link", "rename") else "dir_fd")
+            folder = (
+                os.readlink(f"/proc/self/fd/{at}")
+                if isinstance(at, int)
+                else os.path.dirname(
+                    os.path.abspath(os.fspath(name))  # type: ignore[arg-type]
+                )
+            )
+            inside = os.path.relpath(folder, home.resolve()).split(os.sep)
+            if not swapped and inside[0] == under and len(inside) > 1 and not os.path.islink(folder):
+                rename(folder, folder + ".moved")  # (the member's move, right before the call)
+                symlink(victim, folder)
+                swapped.append(folder)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(os, call, swap_then_call)
+        with contextlib.suppress(DepotError, OSError):
+            depot.import_dir(source, "acme/m")
+        monkeypatch.undo()
+    assert swapped, f"no {call} was made in {under}/"
+    assert os.listdir(victim) == []
+
+
+def test_a_quarantine_moves_no_blob_outside_when_its_folder_is_swapped_right_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A corrupt blob is renamed into quarantine/: by path, after a check of the path, a member who swapped
+    quarantine/ for a link in between had the blob moved out of the store (a review). The swap is made right
+    before the rename; the blob goes where the folder was opened."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    with _store(tmp_path) as depot:
+        blob = max(
+            (p for p in depot.store.layout.blobs.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+        )
+        blob.chmod(0o644)
+        with blob.open("r+b") as damaged:
+            damaged.write(b"rot")
+        quarantine = depot.store.layout.quarantine
+        rename, swapped = os.rename, []
+
+        def swap_then_rename(*args: object, **kwargs: object) -> None:
+            at = kwargs.get("dst_dir_fd")
+            folder = (
+                os.readlink(f"/proc/self/fd/{at}") if isinstance(at, int) else os.path.dirname(str(args[1]))
+            )
+            if not swapped and folder == str(quarantine.resolve()):
+                rename(quarantine, quarantine.with_name("quarantine.moved"))  # (the member's move)
+                quarantine.symlink_to(victim)
+                swapped.append(folder)
+            rename(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "rename", swap_then_rename)
+        with contextlib.suppress(DepotError, OSError):
+            depot.verify()
+        monkeypatch.undo()
+    assert swapped, "no blob was quarantined"
+    assert os.listdir(victim) == []

@@ -33,7 +33,7 @@ from conftest import (
     write_model_dir,
 )
 from modeldepot import Depot, StoreFullError
-from modeldepot.store.layout import size_text
+from modeldepot.store.layout import StoreLayout, size_text
 from modeldepot.store.models import ImportResult
 
 Mount = Callable[[str], Path]
@@ -771,4 +771,82 @@ def test_a_mirror_on_a_full_disk_still_serves_what_it_holds_when_its_scan_is_due
             assert depot.store.access.last_uses()["acme/held"] > full_since
         finally:
             mirror.stop()
+            upstream.stop()
+
+
+@pytest.mark.parametrize("chunk_size", [SMALL_CHUNK, 8 << 20])  # (downloads of many chunks, of one)
+@pytest.mark.parametrize("stage", ["link", "make_folders"])
+def test_a_download_whose_placing_finds_no_inode_is_kept_for_the_next_pull(
+    mount_tmpfs: Mount, files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch, chunk_size: int, stage: str
+) -> None:
+    """The inodes ran out as a pull placed its blobs: the first, with no inode for a hard link, was placed by
+    a rename of its download's file, the second found none for its blobs/<ab>/ folder, and the publish failed,
+    deleting the first blob, its finished download with it: the next pull fetched it again (an explorer's
+    trial). A download placed so goes back under its own name: the next pull, once inodes are free, places
+    both without a byte fetched. (``stage``: what the last inodes are taken right before; a placing by link
+    fails too, and one for the folder fails from the first blob on.)"""
+    root = mount_tmpfs("size=16m,nr_inodes=256")
+    with Depot(root / "home", chunk_size=chunk_size) as depot:
+        real, filled = getattr(StoreLayout, stage), []
+
+        def fill_first(layout: StoreLayout, *paths: Path) -> None:
+            if not filled and layout.blobs in paths[-1].parents:
+                fill_inodes(root)  # (everything else took the last inodes, right before the placing)
+                filled.append(paths)
+            real(layout, *paths)
+
+        monkeypatch.setattr(StoreLayout, stage, fill_first)
+        with pytest.raises(StoreFullError) as refused:
+            depot.pull("acme/two")
+        assert "every inode is taken (`df -i`)" in str(refused.value), str(refused.value)
+        monkeypatch.undo()
+        assert filled
+        shutil.rmtree(root / "inode-filler")
+        assert [p for p in depot.store.layout.blobs.rglob("*") if not p.is_dir()] == []
+        again = depot.pull("acme/two")
+        assert again.files == 2 and again.bytes_downloaded == 0 and again.bytes_resumed == 6 << 20, again
+        for name, data in files.items():
+            assert bytes(depot.get_file("acme/two", name)) == data
+
+
+def test_a_pull_that_fills_the_disk_at_its_end_says_so_in_its_status(
+    mount_tmpfs: Mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk filled as a pull published: the pull failed, and so did the write of its failed status (the
+    index had no room for it either), which left the row "downloading": `status` said "interrupted" of a pull
+    no one had stopped, and the error raised was the status's, not the pull's (an explorer's trial). The status
+    is written with the room the store's reserve keeps, and says the disk is full."""
+    weights = {f"{n}.safetensors": random.Random(n).randbytes(3 << 20) for n in "ab"}  # (a variant: a status)
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", weights), "acme/weights")
+        upstream = LiveNode(upstream_depot)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", upstream.url)
+        root = mount_tmpfs("size=16m")
+        try:
+            with Depot(root / "home", chunk_size=SMALL_CHUNK) as depot:
+                real, filled = StoreLayout.make_folders, []
+
+                def fill_first(layout: StoreLayout, path: Path) -> None:
+                    if not filled and layout.blobs in path.parents:
+                        leave_free(root, 0)  # (another program took the disk, right before the placing)
+                        filled.append(path)
+                    real(layout, path)
+
+                monkeypatch.setattr(StoreLayout, "make_folders", fill_first)
+                with pytest.raises(StoreFullError) as refused:
+                    depot.pull("acme/weights")
+                monkeypatch.undo()
+                assert filled
+                said = str(refused.value)
+                assert said.startswith("no space left while recording acme/weights@"), (
+                    said
+                )  # (not its status's)
+                variant = depot.get_manifest("acme/weights").variants[0]
+                assert variant.status == "failed" and variant.error is not None, variant
+                assert variant.error.startswith(f"StoreFullError: {said}"[:120]), variant.error
+                os.unlink(root / "filler")
+                again = depot.pull("acme/weights")
+                assert again.files == 2 and again.bytes_downloaded == 0, again
+        finally:
             upstream.stop()

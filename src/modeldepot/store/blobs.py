@@ -92,6 +92,9 @@ class PartialBlob:
         self.size = size
         self.written = 0
         self.placed = False
+        # A download's file placed under the blob's name (no inode left for a link): should its publish
+        # fail, it is put back under its own, for the next pull to resume, not deleted with the blob
+        self.name_taken = False
         self.keep_name = False
         self.writeback = True  # start writing each block to disk as it is written (for a quick fsync)
         # A hard link to a file of the user's (import --link, adopt), made read-only: the mode it had, given
@@ -428,9 +431,10 @@ class BlobFiles:
         """
         target = self.path(sha256)
         try:
-            target.parent.mkdir(exist_ok=True)
+            self.layout.make_folders(target.parent)
             if not (partial.keep_name and self._link(partial.path, target)):
                 self._move(partial.path, target)
+                partial.name_taken = partial.keep_name
             partial.placed = True
             partial.release_link_lock()  # (the store holds the file now: another import finds it there)
             if durable:
@@ -445,11 +449,11 @@ class BlobFiles:
         file system has no hard links for it (then placing renames, as for a write session)."""
         try:
             try:
-                os.link(self.layout.inside(source), self.layout.inside(target))
+                self.layout.link(source, target)
             except FileExistsError:
                 fsync_file(source)
                 spare = target.with_name(f".{target.name}.{secrets.token_hex(4)}")  # gc's after a kill
-                os.link(self.layout.inside(source), self.layout.inside(spare))
+                self.layout.link(source, spare)
                 self.layout.replace(spare, target)
         except OSError as error:
             if error.errno in (*_NO_HARD_LINKS, errno.ENOSPC, errno.EDQUOT):  # (no inode left for a link)
@@ -460,7 +464,7 @@ class BlobFiles:
     def _move(self, source: Path, target: Path) -> None:
         """``source`` becomes ``target``; a file there is replaced only once ``source`` is durable."""
         try:
-            os.link(self.layout.inside(source), self.layout.inside(target))
+            self.layout.link(source, target)
         except FileExistsError:
             fsync_file(source)
             self.layout.replace(source, target)
@@ -528,6 +532,21 @@ class BlobFiles:
             freed += 0 if linked else size
         return freed
 
+    def put_back(self, sha256: str, partial: PartialBlob) -> bool:
+        """Rename a blob placed and never committed back to the download's file it was (``name_taken``);
+        False, having done nothing, when that name is taken again or the rename fails (the caller deletes
+        the blob)."""
+        try:
+            # (its claim is held: no other pull writes that name; a waiter of a one-chunk download may have
+            # made it anew, and keeps it)
+            if os.path.lexists(partial.path):
+                return False
+            self.layout.rename(self.path(sha256), partial.path)
+        except OSError:
+            return False
+        partial.placed = partial.name_taken = False
+        return True
+
     def delete(self, sha256: str, linked: LinkedSource | None = None, unrecorded: bool = False) -> int:
         """Unlink a blob file; returns the bytes freed. Hold the store lock exclusively.
 
@@ -539,11 +558,14 @@ class BlobFiles:
         and so were another store's blobs of the same cache (a trial). ``unrecorded``: the store linked
         files before it recorded them (schema 9): a blob with no record gets its owner's write bit back
         when its last other name is the user's, as before (a review: such files stayed read-only)."""
-        path = self.layout.inside(self.path(sha256))
+        path = self.path(sha256)
         fd = -1
         if linked is None and unrecorded:
-            with contextlib.suppress(OSError):  # (gone already, or not a file: unlink says)
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            with (
+                contextlib.suppress(OSError),
+                self.layout.folder(path.parent) as folder,
+            ):  # (gone: unlink says)
+                fd = os.open(path.name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=folder)
         try:
             freed = self.layout.unlink(path)
             if fd >= 0:

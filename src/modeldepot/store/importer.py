@@ -414,32 +414,34 @@ def _stage_link(
     partial = session.new_partial(0)  # an empty file under the session's next name: the link replaces it
     os.close(partial.fd)
     partial.fd = -1
-    staging = partial.path.with_name(partial.path.name + ".link")
+    staging = partial.path.name + ".link"
     fd = -1
-    try:
-        # The name itself, never through a symbolic link (a name swapped for a link to another file after
-        # the scan must not bring that file in, nor have its mode changed below).
-        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        if not _linking_alone(fd):
-            os.close(fd)
+    # (in the session's folder as opened: store/confined.py)
+    with session.layout.folder(partial.path.parent) as folder:
+        try:
+            # The name itself, never through a symbolic link (a name swapped for a link to another file after
+            # the scan must not bring that file in, nor have its mode changed below).
+            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            if not _linking_alone(fd):
+                os.close(fd)
+                partial.discard()
+                return None
+            os.link(source, staging, dst_dir_fd=folder, follow_symlinks=False)
+            os.replace(staging, partial.path.name, src_dir_fd=folder, dst_dir_fd=folder)
+            if os.stat(partial.path.name, dir_fd=folder, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
+                raise OSError(errno.ESTALE, "the name was given to another file meanwhile")
+        except FileNotFoundError:
+            if fd >= 0:
+                os.close(fd)
+            partial.discard()
+            raise SourceDirectoryError(f"cannot read {source}: it is gone") from None
+        except OSError:  # EXDEV, EPERM (protected hard links), EMLINK, ENOTSUP, ELOOP (a link): copy instead
+            with contextlib.suppress(OSError):
+                os.unlink(staging, dir_fd=folder)
+            if fd >= 0:
+                os.close(fd)
             partial.discard()
             return None
-        os.link(source, staging, follow_symlinks=False)
-        os.replace(staging, partial.path)
-        if os.stat(partial.path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
-            raise OSError(errno.ESTALE, "the name was given to another file meanwhile")
-    except FileNotFoundError:
-        if fd >= 0:
-            os.close(fd)
-        partial.discard()
-        raise SourceDirectoryError(f"cannot read {source}: it is gone") from None
-    except OSError:  # EXDEV, EPERM (protected hard links), EMLINK, ENOTSUP, ELOOP (a link): copy instead
-        with contextlib.suppress(OSError):
-            staging.unlink()
-        if fd >= 0:
-            os.close(fd)
-        partial.discard()
-        return None
     partial.fd = fd
     # The lock _linking_alone took, held by a descriptor of its own (sync closes ``fd``) until the file is
     # placed: for as many files as a share of the descriptors allows (an import of thousands of files ran out

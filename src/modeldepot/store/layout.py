@@ -25,13 +25,13 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from modeldepot.config import personal_cache_home
 from modeldepot.errors import InvalidInputError, ReadOnlyStoreError, StoreError, StoreFullError
-from modeldepot.store.confined import named, opened_folder, remove_tree
+from modeldepot.store.confined import folder_within, folders_in, named, opened_folder, remove_tree
 from modeldepot.validation import validate_commit_id, validate_path, validate_repo_id, validate_sha256
 
 __all__ = [
@@ -253,9 +253,9 @@ class StoreLayout:
     """Every path the store builds, and the guarded operations that change the file system.
 
     Defence in depth: a name from the index (or from an upstream, through it) becomes a path only after
-    it passes the validators, and nothing is created, renamed or deleted before the path is checked to lie
-    inside the store's home once every link on the way is resolved. A corrupted or hostile index row can
-    make an operation fail; it cannot make the store touch a file outside its home.
+    it passes the validators, and nothing is created, renamed or deleted but in a folder as opened and
+    checked to lie inside the store's home (:meth:`folder`). A corrupted or hostile index row can make an
+    operation fail; it cannot make the store touch a file outside its home.
     """
 
     home: Path
@@ -311,7 +311,7 @@ class StoreLayout:
             raise StoreError(f"refusing the download key {str(key)[:80]!r}: not a digest")
         return self.partials / key
 
-    # -- guarded changes: each checks that what it touches lies inside the home ----------------------------
+    # -- guarded changes: each made in a folder as opened, checked to lie inside the home ------------------
 
     @functools.cached_property
     def _real_home(self) -> str:
@@ -328,32 +328,67 @@ class StoreLayout:
 
     @contextlib.contextmanager
     def same_folders(self) -> Iterator[None]:
-        """Within this block, on this thread, each folder's real path is resolved once: a publish of 300
-        files resolved its few folders 1,800 times (a ``realpath`` is an ``lstat`` per component)."""
-        outer = getattr(self._scope, "real", None)
-        self._scope.real = {} if outer is None else outer
+        """Within this block, on this thread, each folder the store never moves nor removes (``blobs/<ab>``,
+        ``partials/``, ``tmp/``...) is opened and checked once: a publish of 300 files looked at its few
+        folders 1,800 times."""
+        outer: dict[str, int] | None = getattr(self._scope, "folders", None)
+        self._scope.folders = {} if outer is None else outer
         try:
             yield
         finally:
-            self._scope.real = outer
+            if outer is None:
+                for fd in self._scope.folders.values():
+                    os.close(fd)
+            self._scope.folders = outer
 
-    def inside(self, path: Path) -> Path:
-        """``path`` itself, if it lies inside the home (its folder resolved through every link); else a
-        StoreError. The last component is not resolved: a link inside the store may be removed."""
-        name = os.path.basename(path)
-        parent = os.path.dirname(os.path.abspath(path))
-        # (within same_folders: each folder resolved and checked once; a batch of evictions checked 22,000 paths)
-        resolved: dict[str, str] | None = getattr(self._scope, "real", None)
-        checked = resolved is not None and parent in resolved
-        if not checked:
-            real_parent = os.path.realpath(parent)
-            if os.path.commonpath([self._real_home, real_parent]) != self._real_home:
-                raise StoreError(f"refusing to change {path}: it is outside the store at {self.home}")
-            if resolved is not None:
-                resolved[parent] = real_parent
-        if name in ("", ".", ".."):
+    @contextlib.contextmanager
+    def folder(self, path: Path, create: bool = False) -> Iterator[int]:
+        """The folder ``path`` of the store as opened (no link followed but the home's own), checked to lie
+        inside the home (store/confined.py); ``create``: it and the folders above it made where missing, each
+        in its parent as opened. What is made, renamed or linked in it is so relative to the descriptor: a
+        member of a group that shares the store who swaps a folder for a link after the look leads nothing
+        out of it (a review)."""
+        cache: dict[str, int] | None = getattr(self._scope, "folders", None)
+        key = os.fspath(path)
+        if cache is not None and key in cache:
+            yield cache[key]
+            return
+        fd = self._open_folder(path, create)
+        if cache is not None and self._never_moved(path):
+            cache[key] = fd
+            yield fd
+            return
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _open_folder(self, path: Path, create: bool) -> int:
+        if path != self.home and self.home not in path.parents:
             raise StoreError(f"refusing to change {path}: it is outside the store at {self.home}")
-        return path
+        try:
+            return folder_within(path, self.real_home)
+        except FileNotFoundError:
+            if not create or path == self.home:
+                raise
+        with self.folder(path.parent, create=True) as parent, contextlib.suppress(FileExistsError):
+            try:
+                os.mkdir(path.name, dir_fd=parent)
+            except OSError as error:
+                raise named(error, path) from None
+        return folder_within(path, self.real_home)
+
+    def _never_moved(self, path: Path) -> bool:
+        # (snapshot folders are built under a staging name, renamed into place, retired: their paths are not
+        # kept, a cached descriptor of one would follow the folder to its next name)
+        parts = path.relative_to(self.home).parts
+        return not parts or parts[0] in _STILL_FOLDERS
+
+    def make_folders(self, path: Path) -> None:
+        """``mkdir -p`` of a folder inside the store, each made in its parent as opened (raises OSError as
+        mkdir does, StoreError for a link on the way)."""
+        with self.folder(path, create=True):
+            pass
 
     # Deletions go through the folder as opened (store/confined.py), never by the path checked: a member of a
     # group that shares the store who swapped a folder for a link between the check and the deletion had
@@ -401,16 +436,56 @@ class StoreLayout:
         return path.name
 
     def rename(self, source: Path, target: Path) -> None:
-        """rename(2), both ends inside the store (raises OSError as rename does)."""
-        os.rename(self.inside(source), self.inside(target))
+        """rename(2), both ends inside the store, each in its folder as opened (raises OSError as rename
+        does, naming both paths)."""
+        self._both(os.rename, source, target)
 
     def replace(self, source: Path, target: Path) -> None:
-        os.replace(self.inside(source), self.inside(target))
+        """:meth:`rename`, over a file at ``target``."""
+        self._both(os.replace, source, target)
 
-    def symlink_to_blob(self, link: Path, final: Path, sha256: str) -> None:
-        """Create ``link``: a relative link to blob ``sha256``, relative to ``final`` (where the link will
-        live once its snapshot is renamed into place, at the same depth)."""
-        os.symlink(self.link_target(final, sha256), self.inside(link))
+    def link(self, source: Path, target: Path) -> None:
+        """link(2) of a file of the store (a link itself, never followed) to a new name in the store."""
+        self._both(functools.partial(os.link, follow_symlinks=False), source, target)
+
+    def _both(self, call: Callable[..., None], source: Path, target: Path) -> None:
+        with self.folder(source.parent) as origin, self.folder(target.parent) as destination:
+            try:
+                call(
+                    self._own_name(source), self._own_name(target), src_dir_fd=origin, dst_dir_fd=destination
+                )
+            except OSError as error:
+                raise OSError(
+                    error.errno, error.strerror, os.fspath(source), None, os.fspath(target)
+                ) from None
+
+    def symlink(self, link: Path, target: str) -> None:
+        """The symbolic link ``link`` (in its folder as opened) holding ``target``."""
+        with self.folder(link.parent) as folder:
+            try:
+                os.symlink(target, self._own_name(link), dir_fd=folder)
+            except OSError as error:
+                raise named(error, link) from None
+
+    def symlinks(self, root: Path, links: Iterable[tuple[str, str]]) -> None:
+        """Under the folder ``root`` of the store, each (path, target) pair's symbolic link ``path`` (a valid
+        file path: no "..") holding ``target``, its folders made where missing: all in ``root`` as opened, each
+        folder below it opened without following a link (a snapshot of 300 files opened ``root`` once)."""
+        with self.folder(root) as top:
+            opened: dict[str, int] = {"": top}
+            try:
+                for path, target in links:
+                    parent, _, name = path.rpartition("/")
+                    if parent not in opened:
+                        opened[parent] = folders_in(top, parent)
+                    try:
+                        os.symlink(target, name, dir_fd=opened[parent])
+                    except OSError as error:
+                        raise named(error, root / path) from None
+            finally:
+                for parent, fd in opened.items():
+                    if parent:
+                        os.close(fd)
 
     def link_target(self, link: Path, sha256: str) -> str:
         """What a snapshot link at ``link`` holds: the relative way to blob ``sha256``."""
@@ -507,6 +582,8 @@ class StoreLayout:
 
 # What a store's home holds: its folders, which hold files once it is used; the index's (index.db and its
 # journals, index.py's reserve/, locks/); notes beside it (transfer/liars.py, mirror/marks.py, tiers.py)
+# Folders the store never renames nor removes once made (StoreLayout.folder keeps their descriptors for a batch)
+_STILL_FOLDERS = frozenset({"blobs", "partials", "tmp", "quarantine", "locks", "reserve", "shared-refused"})
 _STORE_FOLDERS = frozenset({"blobs", "snapshots", "tmp", "partials", "quarantine"})
 _STORE_NAMES = _STORE_FOLDERS | {"locks", "reserve", "liars.json", "mirror-broken.json", "shared-refused"}
 

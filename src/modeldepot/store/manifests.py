@@ -224,29 +224,34 @@ class ManifestStore:
         if not bytes_done:
             return
         now = time.time()
-        with self.index.write(f"recording the status of {repo_id}") as con:
+        rows = [
+            (status, done, error, now, json.dumps((by_source or {}).get(name, {}), sort_keys=True), status, now,
+             status, now, repo_id, name)
+            for name, done in bytes_done.items()
+        ]  # fmt: skip
+
+        def record(con: sqlite3.Connection) -> None:
             con.executemany(
                 "UPDATE variant_status SET status = ?, bytes_done = ?, error = ?, updated_at = ?, bytes_by_source = ?, "
                 "started_at = CASE WHEN ? = 'downloading' AND status != 'downloading' THEN ? ELSE started_at END, "
                 "finished_at = CASE WHEN ? IN ('downloaded', 'failed') THEN ? ELSE finished_at END "
                 "WHERE repo_id = ? AND variant = ?",
-                [
-                    (
-                        status,
-                        done,
-                        error,
-                        now,
-                        json.dumps((by_source or {}).get(name, {}), sort_keys=True),
-                        status,
-                        now,
-                        status,
-                        now,
-                        repo_id,
-                        name,
-                    )
-                    for name, done in bytes_done.items()
-                ],
+                rows,
             )
+
+        doing = f"recording the status of {repo_id}"
+        if status not in ("downloaded", "failed"):
+            with self.index.write(doing) as con:
+                record(con)
+            return
+        # A pull's end is written with the room the store's reserve keeps, if the disk has none: a pull that
+        # filled the disk left its row "downloading", shown as "interrupted", and raised the row's error in
+        # place of its own (an explorer's trial). A row's few pages, then the reserve taken back (as the
+        # disk allows: what the user frees next).
+        try:
+            self.index.write_freeing(doing, record)
+        finally:
+            self.index.reserve.refill()
 
     def scanned(self) -> list[str]:
         return [row["repo_id"] for row in self.index.read("SELECT repo_id FROM manifests ORDER BY repo_id")]

@@ -206,7 +206,7 @@ def publish(
             _build_snapshot(store, spec.repo_id, spec.commit_id, [(s.path, s.digest.sha256) for s in staged])
     except BaseException:
         if placed:
-            _unplace(store, placed)
+            _unplace(store, placed, partials)
         raise
     return set(new)
 
@@ -238,7 +238,7 @@ def publish_blobs(store: Store, blobs: dict[str, tuple[BlobDigest, PartialBlob]]
             store.durability.written()
     except BaseException:
         if placed:
-            _unplace(store, placed)
+            _unplace(store, placed, {sha256: partial for sha256, (_, partial) in blobs.items()})
         raise
     return new
 
@@ -258,14 +258,18 @@ def _build_snapshot(store: Store, repo_id: str, commit_id: str, published: list[
         )
 
 
-def _unplace(store: Store, placed: list[str]) -> None:
-    """Delete blobs placed but never committed. Under the exclusive lock no writer is between placing
-    and committing, so a blob without an 'ok' row is nobody's."""
+def _unplace(store: Store, placed: list[str], partials: dict[str, PartialBlob]) -> None:
+    """Delete blobs placed but never committed (a download's file placed under the blob's name goes back
+    under its own: a publish that failed for want of an inode threw finished downloads away, fetched again
+    by the next pull, an explorer's trial). Under the exclusive lock no writer is between placing and
+    committing, so a blob without an 'ok' row is nobody's."""
     with store.lock.exclusive():
         states = blob_states(store.index, placed)
         for sha256 in placed:
             if states.get(sha256) != "ok":
-                store.blobs.delete(sha256)  # (a linked one: the partial's discard gives its mode back)
+                partial = partials.get(sha256)
+                if partial is None or not partial.name_taken or not store.blobs.put_back(sha256, partial):
+                    store.blobs.delete(sha256)  # (a linked one: the partial's discard gives its mode back)
 
 
 _NESTED_REF = (

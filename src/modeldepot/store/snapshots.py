@@ -52,16 +52,12 @@ class Snapshots:
         files = list(files)
         staging = final.parent / f".{commit_id}.{secrets.token_hex(4)}.partial"
         try:
-            self.layout.inside(staging.parent).mkdir(parents=True, exist_ok=True)
-            self.layout.inside(staging).mkdir()
-            made = {staging}
-            for path, sha256 in files:
-                link = self.layout.snapshot_file(staging, path)
-                if link.parent not in made:
-                    self.layout.inside(link.parent).mkdir(parents=True, exist_ok=True)
-                    made.add(link.parent)
-                # The link is relative to where it will live, which is at the same depth as staging.
-                self.layout.symlink_to_blob(link, self.layout.snapshot_file(final, path), sha256)
+            self.layout.make_folders(staging)  # (a name of its own: no other builder's)
+            # Each link is relative to where it will live, which is at the same depth as staging.
+            self.layout.symlinks(staging, [
+                (path, self.layout.link_target(self.layout.snapshot_file(final, path), sha256))
+                for path, sha256 in files
+            ])  # fmt: skip
             self._swap_in(staging, final, lambda: self.is_complete(repo_id, commit_id, files))
         except OSError as error:
             # Said before the staging folder goes: after, the inodes it took are free again, and its folders
@@ -90,9 +86,9 @@ class Snapshots:
                 with contextlib.suppress(OSError):
                     if os.readlink(link) == target:
                         continue
-                self.layout.inside(link.parent).mkdir(parents=True, exist_ok=True)
+                self.layout.make_folders(link.parent)
                 staging = link.with_name(f".{link.name}.{secrets.token_hex(4)}.link")
-                os.symlink(target, self.layout.inside(staging))
+                self.layout.symlink(staging, target)
                 try:
                     self.layout.rename(staging, link)
                 except OSError:

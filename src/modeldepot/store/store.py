@@ -864,10 +864,11 @@ class Store:
                             self.layout.snapshot_file(view, name)  # (a name a snapshot may hold)
                             parent, _, base = name.rpartition("/")
                             at = folders_in(root, parent)
+                            blob = self.blobs.path(entry.sha256)
                             try:
-                                os.link(
-                                    self.blobs.path(entry.sha256), base, dst_dir_fd=at, follow_symlinks=False
-                                )
+                                with self.layout.folder(blob.parent) as blobs_at:
+                                    os.link(blob.name, base, src_dir_fd=blobs_at, dst_dir_fd=at,
+                                            follow_symlinks=False)  # fmt: skip
                             finally:
                                 os.close(at)
                     finally:

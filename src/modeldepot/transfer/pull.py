@@ -28,6 +28,7 @@ from modeldepot.errors import (
     IntegrityError,
     OfflineError,
     SharedBlobsRemovedError,
+    StoreError,
     UpstreamError,
 )
 from modeldepot.hashing import BlobDigest
@@ -349,8 +350,11 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
                 tracker.write("downloaded")
             else:
                 stopped = isinstance(error, (asyncio.CancelledError, KeyboardInterrupt))  # (Ctrl-C, a stop)
-                tracker.write("failed", INTERRUPTED if stopped else f"{type(error).__name__}: {error}"[:500],
-                              run.parts_kept())  # fmt: skip
+                try:
+                    tracker.write("failed", INTERRUPTED if stopped else f"{type(error).__name__}: {error}"[:500],
+                                  run.parts_kept())  # fmt: skip
+                except StoreError as unrecorded:  # (the pull's own error is what the caller must see)
+                    log.warning("%s: could not record that the pull failed: %s", manifest.repo_id, unrecorded)
             raise
         finally:
             try:
