@@ -547,6 +547,26 @@ def test_a_first_download_huggingface_hub_never_finished_is_a_note(
         assert bytes(depot.get_file(SAMPLE, "onnx/model_q4.onnx")) == sample_files()["onnx/model_q4.onnx"]
 
 
+def test_a_file_huggingface_hub_found_absent_and_nothing_else_is_a_note(
+    source: tuple[Depot, LiveNode], tmp_path: Path
+) -> None:
+    """transformers looks for optional files (`adapter_config.json`): huggingface_hub, told the file is absent,
+    writes the ref and `.no_exist/<commit>/<file>`, and no snapshot folder. The import said that ref was
+    "missing", exit 1, at every run, for a state no run can adopt (an explorer's trial): a note now."""
+    from huggingface_hub.errors import EntryNotFoundError as HubEntryNotFound
+
+    _, node = source
+    cache = tmp_path / "hub"
+    with pytest.raises(HubEntryNotFound):
+        hf_hub_download(SAMPLE, "adapter_config.json", endpoint=node.url, cache_dir=cache)
+    assert not (cache / FOLDER / "snapshots").exists() and (cache / FOLDER / ".no_exist").is_dir()
+    code, out, err = run("hf-cache", "import", "--cache-dir", str(cache), "--json", home=tmp_path / "store")
+    assert code == 0, (out, err)
+    found = [(p["problem"], p["path"].split("/")[1], p["detail"]) for p in json.loads(out)["problems"]]
+    assert [(kind, where) for kind, where, _ in found] == [("incomplete", "refs")], found
+    assert "`.no_exist/`" in found[0][2], found
+
+
 def _relink(snapshot: Path, path: str, data: bytes) -> None:
     """Point a snapshot's (plain, git-named) file at another valid blob of ``data``."""
     from modeldepot.gitobjects import git_blob_oid

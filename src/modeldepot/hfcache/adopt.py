@@ -359,9 +359,7 @@ def _scan_refs(scan: _Scan, repo_id: str, folder: Path, snapshots: dict[str, lis
             if not is_commit_id(commit):
                 scan.problem(repo_id, path, "invalid", "does not hold a 40-hex commit id")
             elif commit not in snapshots:
-                scan.problem(
-                    repo_id, path, "missing", f"points at commit {commit}, which has no snapshot here"
-                )
+                _no_snapshot(scan, repo_id, folder, path, commit)
             elif commit.startswith(ref.lower()) and SHORT_COMMIT.fullmatch(ref.lower()):
                 # huggingface_hub's note of a download by a short commit id, no branch: adopted as one, the
                 # store listed branches named "543139c" that never moved (an explorer's trial)
@@ -373,6 +371,20 @@ def _scan_refs(scan: _Scan, repo_id: str, folder: Path, snapshots: dict[str, lis
         scan.problem(repo_id, Path(failed.filename or root), "unreadable",
                      f"{failed.strerror or failed}: the refs in it are not adopted")  # fmt: skip
     return refs
+
+
+def _no_snapshot(scan: _Scan, repo_id: str, folder: Path, ref: Path, commit: str) -> None:
+    """Say the ref ``ref`` to ``commit`` was not set, the commit having no snapshot folder: a note when all
+    huggingface_hub holds of it is its record of files the repo lacks, else a problem (a snapshot deleted)."""
+    # huggingface_hub writes the ref as it resolves the commit: an optional file looked for and absent
+    # (transformers' `adapter_config.json`) leaves it and `.no_exist/<commit>/`, no snapshot. Nothing is there to
+    # adopt, and no run will find more: as a problem, every scheduled import failed on it for good (an
+    # explorer's trial).
+    if (folder / ".no_exist" / commit).is_dir():
+        scan.problem(repo_id, ref, "incomplete", f"points at commit {commit}, of which huggingface_hub holds only "
+                     "its record of files the repo lacks (`.no_exist/`), no file: skipped")  # fmt: skip
+        return
+    scan.problem(repo_id, ref, "missing", f"points at commit {commit}, which has no snapshot here")
 
 
 def _git_oid_of(path: Path, size: int) -> str:
