@@ -749,7 +749,8 @@ def test_a_mirror_lists_the_refs_of_a_repo_it_has_not_pulled_in_the_upstreams_sp
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`list_repo_refs` was "repository not found" for a repo whose files the mirror served, and the model
-    info of a repo not pulled yet repeated the caller's spelling of its id."""
+    info of a repo not pulled yet repeated the caller's spelling of its id; once a client had fetched a file
+    of `dev` alone, the model info (no revision) was `dev`'s."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError
 
@@ -777,6 +778,12 @@ def test_a_mirror_lists_the_refs_of_a_repo_it_has_not_pulled_in_the_upstreams_sp
                 "main": upstream_depot.resolve("Acme/Mixed"),
                 "dev": upstream_depot.resolve("Acme/Mixed", "dev"),
             }
+            # The repo's model info is main's, as its refs say, not the branch the store holds alone (it gave
+            # dev's commit and files once a client had fetched one of dev: an explorer's trial)
+            info = api.model_info("acme/mixed")
+            assert info.sha == held["main"], (info.sha, held)
+            assert sorted(s.rfilename for s in info.siblings or []) == sorted(FILES), info.siblings
+            assert api.auth_check("acme/mixed") is None
         finally:
             mirror.stop()
             node.stop()

@@ -255,10 +255,10 @@ async def _stored_view(request: web.Request, repo_id: str, revision: str) -> Rev
 async def model_info(request: web.Request) -> web.Response:
     expand = expand_names(request.query)
     repo_id = await path_repo(request)
-    revision = _revision(request)
-    if "rev" not in request.match_info:  # the repo's: as /api/models lists it (repo_exists asks so)
-        revision = await asyncio.to_thread(_listed_revision, request.app[DEPOT], repo_id)
-    view = await _revision_view(request, repo_id, revision)
+    if "rev" in request.match_info:
+        view = await _revision_view(request, repo_id, _revision(request))
+    else:  # the repo's: as /api/models lists it (repo_exists asks so)
+        view = await _default_view(request, repo_id)
     store = request.app[DEPOT].store
     # The parameters by dtype, as the Hub gives them by default (read from the store: a revision held in part,
     # or that a mirror has not pulled, has none)
@@ -297,13 +297,28 @@ async def auth_check(request: web.Request) -> web.Response:
     read: a node takes no writes over the Hub API. (Without the route, a bare 404 the client could not tell
     from a missing repo.)"""
     repo_id = await path_repo(request)
-    revision = await asyncio.to_thread(_listed_revision, request.app[DEPOT], repo_id)
-    await _revision_view(request, repo_id, revision)
+    await _default_view(request, repo_id)
     if request.path.endswith("/write"):
         return error_response(
             403, None, "this node is read-only over the Hub API: publish with `modeldepot import`"
         )
     return json_response({})
+
+
+async def _default_view(request: web.Request, repo_id: str) -> RevisionView:
+    """The repo's view when no revision is named: its default branch's. A mirror whose store holds other
+    branches of it only (a client fetched a file of `dev`) answers the upstream's main, as its refs do (it
+    described `dev` as the repo, its siblings `dev`'s: an explorer's trial), the store's newest revision only
+    when the upstream has no main for it or cannot be asked."""
+    listed = await asyncio.to_thread(_listed_revision, request.app[DEPOT], repo_id)
+    if listed != DEFAULT_BRANCH and _mirrors(request):
+        try:
+            return await _revision_view(request, repo_id, DEFAULT_BRANCH)
+        except PrivateUpstream:
+            raise  # (the store must not answer in its place)
+        except (UpstreamError, NotFoundError):
+            pass
+    return await _revision_view(request, repo_id, listed)
 
 
 def _listed_revision(depot: Depot, repo_id: str) -> str:
