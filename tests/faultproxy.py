@@ -23,6 +23,7 @@ from modeldepot.transfer.progress import PullUpdate
 # "hang": every request, metadata too, is accepted and never answered (a hung Hub or proxy)
 # "cut": each answer's connection is closed after ``cut_after`` body bytes (a flaky link)
 # "flip-slow": "flip", then the body sent slowly (``slow_piece`` bytes every ``slow_delay`` seconds)
+# "garble": a 200 whose body is no JSON (a peer's chunk map mangled on the way)
 MODES = (
     "pass",
     "drop",
@@ -36,6 +37,7 @@ MODES = (
     "hang",
     "cut",
     "flip-slow",
+    "garble",
 )
 
 
@@ -132,6 +134,10 @@ class FaultProxy:
             mode = plan.mode
             if mode in ("500", "404"):
                 return web.Response(status=int(mode), text="injected")
+            if mode == "garble":
+                return web.Response(
+                    status=200, body=b'{"size": 12, "blake3": [\x00garbled', content_type="application/json"
+                )
             if mode == "429":
                 retry_after = "1"
                 if plan.retry_after_date:

@@ -245,6 +245,50 @@ def test_a_peer_found_by_content_gives_its_own_digests_and_its_bad_chunks_are_ca
             hub.stop()
 
 
+def test_a_peer_whose_chunk_map_is_garbage_is_no_source_of_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer found by content whose chunk map comes garbled (a link that mangles its answers): it stayed a
+    source with no digests, its chunks were taken unchecked, the file failed its SHA-256 and was fetched again,
+    the honest peers' chunks thrown away with it (an explorer's trial). It is no source of that file now: the
+    file comes from the others, once."""
+    from faultproxy import FaultProxy
+
+    cluster = f"mem://fleet-{uuid.uuid4().hex[:12]}"
+    big = weights(8, 12)
+    files = {".gitattributes": GITATTRIBUTES, "config.json": b"{}", "model.safetensors": big}
+    with (
+        Depot(tmp_path / "hub", chunk_size=SMALL_CHUNK) as hub_depot,
+        Depot(tmp_path / "c", chunk_size=SMALL_CHUNK) as c_depot,
+    ):
+        hub_depot.import_dir(write_model_dir(tmp_path / "src", files), "acme/model")
+        c_depot.import_dir(write_model_dir(tmp_path / "src-c", {"w.safetensors": big}), "other/base")
+        hub = LiveNode(hub_depot)
+        link = FaultProxy("http://127.0.0.1:1", file_routes=("/blobs/",))
+        c = InProcessNode(c_depot, cluster, advertise=link.url)
+        link.upstream = c.url
+        plan = link.set("garble", times=-1, path_suffix="/chunks")
+        try:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", hub.url)
+            with Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b:
+                wait_until(
+                    lambda: [r.blobs for r in b.peers()] == [1], 10, "the peer and its holding in the view"
+                )
+                manifest = b.scan_repo("acme/model")
+                found = asyncio.run(b.chain.holders(manifest, SMALL_CHUNK, list(manifest.files)))
+                assert plan.injected >= 1, "the peer's chunk map was asked, and garbled"
+                assert found.get("model.safetensors", []) == [], found
+                result = b.pull("acme/model")
+                assert bytes(b.get_file("acme/model", "model.safetensors")) == big
+                assert result.bytes_downloaded < len(big) + len(big) // 4, result
+                assert not [r for r in plan.requests if not r.split()[0].endswith("/chunks")], plan.requests
+        finally:
+            c.stop()
+            link.stop()
+            hub.stop()
+
+
 def test_a_branch_is_the_hubs_to_say_when_a_peer_holds_an_older_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -493,20 +493,31 @@ class SourceChain:
         (its chunk map), so that a chunk it sends is checked on arrival, a bad one fetched again elsewhere and
         the peer banned. Unchecked, a peer behind a link that flipped a byte had its chunks taken, the file
         failed its SHA-256 and was fetched again whole from the Hub, pull after pull (an explorer's trial).
-        Those that do not answer within PEER_DIGESTS_WAIT stay as they were (the SHA-256 still guards)."""
+        Those that do not answer within PEER_DIGESTS_WAIT stay as they were (the SHA-256 still guards); one
+        whose answer is no chunk map (garbage, digests that are none) is no source of the file: its chunks
+        were taken unchecked, every file failed its SHA-256 and was fetched again, with the honest peers'
+        chunks that came beside them (an explorer's trial)."""
         limit = asyncio.Semaphore(8)
+        garbled: set[tuple[str, int]] = set()
 
         async def ask(remote: RemoteFile, slot: int) -> None:
             source = found[remote.path][slot]
             async with limit:
-                with contextlib.suppress(DepotError):
+                try:
                     digests = await source.source.chunk_digests(
                         f"{source.url}/chunks", remote.size, chunk_size
                     )
-                    if digests is not None:
-                        found[remote.path][slot] = dataclasses.replace(
-                            source, chunk_blake3=digests, own_word=True
-                        )
+                except UpstreamDataError as error:
+                    log.warning("%s: not taken from %s, whose chunk map of it is wrong: %s", remote.path,
+                                source.source.name, error)  # fmt: skip
+                    garbled.add((remote.path, slot))
+                    return
+                except DepotError:
+                    return
+                if digests is not None:
+                    found[remote.path][slot] = dataclasses.replace(
+                        source, chunk_blake3=digests, own_word=True
+                    )
 
         tasks = [asyncio.ensure_future(ask(remote, slot)) for remote, slot in unchecked]
         _, late = await asyncio.wait(tasks, timeout=PEER_DIGESTS_WAIT)
@@ -514,6 +525,8 @@ class SourceChain:
             task.cancel()
         if late:
             await asyncio.wait(late)
+        for path in {path for path, _ in garbled}:
+            found[path] = [source for slot, source in enumerate(found[path]) if (path, slot) not in garbled]
 
     def fleet_source(self, remote: RemoteFile, node: NodeRecord, holding: Holding | None,
                      digests: tuple[str, ...] | None = None, vouches: bool = False) -> FileSource | None:  # fmt: skip

@@ -397,8 +397,13 @@ class HttpSource:
             reply = await small_request("GET", url, self.headers(), min(self.retry.read_timeout, SILENT_PEER))
             if reply.status != 200:
                 raise _final_error(reply.status, url, reply.headers.get("X-Error-Message"))
-            return json.loads(reply.body)
-        except (OSError, http.client.HTTPException, ValueError, RecursionError) as error:  # (too deep: a lie)
+            try:
+                return json.loads(reply.body)
+            except (ValueError, RecursionError) as error:  # (too deep: a lie)
+                raise UpstreamDataError(
+                    url, "chunk map", f"it is not JSON ({type(error).__name__})"
+                ) from None
+        except (OSError, http.client.HTTPException) as error:
             kind = UpstreamTimeoutError if isinstance(error, TimeoutError) else UpstreamError
             raise kind(f"{url}: {type(error).__name__}: {error}", source=url) from error
 
