@@ -7,8 +7,10 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -343,6 +345,96 @@ def test_a_model_another_process_has_loaded_or_maps_is_in_use(store: Depot, tmp_
         worker.wait()
     store.import_dir(model(tmp_path, "acme/big", size=2 * MB), "acme/big")  # (let go of: they may go)
     assert "acme/big" in repos(store) and len(repos(store) & {"acme/loaded", "acme/mapped"}) < 2
+
+
+def _slow_client(url: str) -> socket.socket:
+    """A client that asks for ``url`` (a node's file: its redirect followed) and reads 64 KiB of the answer,
+    then nothing: its answer stays in flight (a slow client's)."""
+    import http.client
+
+    parsed = urllib.parse.urlsplit(url)
+    asking = http.client.HTTPConnection(parsed.netloc, timeout=30)
+    asking.request("HEAD", parsed.path)
+    answer = asking.getresponse()
+    location = answer.getheader("Location")
+    asking.close()
+    if answer.status == 302 and location:
+        parsed = urllib.parse.urlsplit(urllib.parse.urljoin(url, location))
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (little room in flight for the answer)
+    client.connect((parsed.hostname, parsed.port))
+    target = parsed.path + (f"?{parsed.query}" if parsed.query else "")
+    client.sendall(f"GET {target} HTTP/1.1\r\nHost: {parsed.netloc}\r\n\r\n".encode())
+    got = b""
+    while len(got) < 65536:
+        piece = client.recv(65536)
+        assert piece, got[:200]
+        got += piece
+    assert got.startswith(b"HTTP/1.1 200"), got[:200]
+    return client
+
+
+@pytest.mark.parametrize("where", ["this process", "another process"])
+def test_a_file_a_node_is_sending_is_in_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A node streaming a model to a slow client: an import needing room evicted it, said its bytes freed, and
+    the disk stayed over budget until the client was done (the next client got a 404: an explorer's trial). A
+    node lets go of its preloads within seconds, not of an answer in flight: what it sends is in use, in the
+    node's own process and, said in its announcement, for the other processes of the store."""
+    import subprocess
+    import sys
+
+    from conftest import free_port, wait_for_port
+
+    home = tmp_path / "store"
+    with budgeted(home, "40MiB", monkeypatch) as depot:
+        depot.import_dir(model(tmp_path, "acme/served", size=24 * MB), "acme/served")
+        node: LiveNode | None = None
+        server: subprocess.Popen[bytes] | None = None
+        if where == "this process":
+            node = LiveNode(depot)
+            url = node.url
+        else:
+            port = free_port()
+            server = subprocess.Popen([sys.executable, "-m", "modeldepot", "serve", "--home", str(home), "--port",
+                                       str(port), "--scrub-interval", "off"])  # fmt: skip
+            wait_for_port(port, 60, process=server)
+            url = f"http://127.0.0.1:{port}"
+        client: socket.socket | None = None
+        try:
+            client = _slow_client(f"{url}/acme/served/resolve/main/model.safetensors")
+            time.sleep(2.5)  # (a node says what it sends every 2 s)
+            with pytest.raises(BudgetExceededError) as refused:
+                depot.import_dir(model(tmp_path, "acme/new", size=24 * MB), "acme/new")
+            said = str(refused.value)
+            assert "in use" in said, said
+            if server is not None:
+                assert f"process {server.pid}" in said, said
+            assert repos(depot) == {"acme/served"}
+            client.close()  # (the answer ends: the model may go)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    depot.import_dir(model(tmp_path, "acme/new", size=24 * MB), "acme/new")
+                    break
+                except BudgetExceededError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+            assert repos(depot) == {"acme/new"}
+        finally:
+            if client is not None:
+                client.close()
+            if node is not None:
+                node.stop()
+            if server is not None:
+                server.terminate()
+                try:
+                    server.wait(30)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait()
 
 
 def test_an_update_of_a_pinned_model_that_cannot_fit_beside_it_says_why(

@@ -578,7 +578,14 @@ class Depot(Upkeep):
             if counts_as_use and store is self.store:  # (a shared store's reads are not counted)
                 self._uses.sent(blob)
             blob = BlobRecord(blob.sha256, blob.size, blob.chunk_size)
-        return store.open_verified(blob)
+        opened = store.open_verified(blob)
+        if store is self.store:  # (kept from eviction while it is sent: HeldModels.sending)
+            self._held.add_sending(opened, blob.sha256)
+        return opened
+
+    def sending(self) -> set[str]:
+        """The SHA-256 of the blobs of this depot's store it is sending now (a node's answers)."""
+        return self._held.sending()
 
     def count_sent(self, entry: FileEntry) -> None:
         """A file sent to a client other than through :meth:`open_verified` (a mirror's answer, which followed

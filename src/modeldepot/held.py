@@ -84,6 +84,10 @@ class HeldModels:
         self._view_numbers = itertools.count()
         self._views_lock = threading.Lock()
         self._views_pruned_at = 0  # how many there were at the last prune (the next is at twice as many)
+        # Blobs being sent (a node's answers, by number: (weak reference, SHA-256)): an eviction took the model a
+        # node streamed to a slow client, said its bytes freed, and the disk stayed over budget until the client
+        # was done (an explorer's trial)
+        self._sending: dict[int, tuple[weakref.ref[Any], str]] = {}
 
     def add_view(self, handle: object, repo_id: str, commit_id: str, path: str) -> None:
         """A file of the store this process maps or holds open (``handle``: the mapping or the stream): in use
@@ -97,19 +101,42 @@ class HeldModels:
             if len(self._views) > 2 * self._views_pruned_at + 64:
                 self._prune_views_locked()
 
+    def add_sending(self, handle: object, sha256: str) -> None:
+        """A blob of the store this process is sending (``handle``: the open blob): in use while it lives and is
+        not closed."""
+        try:
+            reference = weakref.ref(handle)
+        except TypeError:
+            return
+        with self._views_lock:
+            self._sending[next(self._view_numbers)] = (reference, sha256)
+            if len(self._views) + len(self._sending) > 2 * self._views_pruned_at + 64:
+                self._prune_views_locked()
+
+    def sending(self) -> set[str]:
+        """The SHA-256 of the blobs this process is sending now."""
+        with self._views_lock:
+            self._prune_views_locked()
+            return {sha256 for _, sha256 in self._sending.values()}
+
     def _prune_views_locked(self) -> None:
         for number in [n for n, (reference, *_) in self._views.items() if not _open(reference())]:
             del self._views[number]
-        self._views_pruned_at = len(self._views)
+        for number in [n for n, (reference, _) in self._sending.items() if not _open(reference())]:
+            del self._sending[number]
+        self._views_pruned_at = len(self._views) + len(self._sending)
 
     def viewed(self) -> dict[tuple[str, str], set[str]]:
-        """(repo, commit) -> the files this process maps or holds open through the depot now."""
+        """(repo, commit) -> the files this process maps or holds open through the depot now, and those whose
+        blobs it is sending (every file of every revision that names such a blob)."""
         with self._views_lock:
             self._prune_views_locked()
             views = list(self._views.values())
         found: dict[tuple[str, str], set[str]] = {}
         for _, repo_id, commit_id, path in views:
             found.setdefault((repo_id, commit_id), set()).add(path)
+        for (repo_id, commit_id), paths in self.store.files_of_blobs(self.sending()).items():
+            found.setdefault((repo_id, commit_id), set()).update(paths)
         return found
 
     def add_preloader(self, preloader: Preloader) -> None:

@@ -34,7 +34,7 @@ from modeldepot.server.metrics import add_metrics, metrics_middleware
 from modeldepot.server.mirror_routes import MIRROR
 from modeldepot.server.native_routes import HEALTH_PATH, add_native_routes
 from modeldepot.server.responses import CountedResponse, error_response, response_for_error
-from modeldepot.store.holders import LETTING_GO, announce_letting_go, stop_letting_go
+from modeldepot.store.holders import LETTING_GO, announce_letting_go, say_sending, stop_letting_go
 
 __all__ = ["MAX_BODY", "MAX_HEADER", "create_app"]
 
@@ -272,10 +272,22 @@ def _letting_go_of_what_others_removed(depot: Depot) -> Callable[[web.Applicatio
         except Exception as error:  # (upkeep only: the node serves all the same)
             log.warning("could not tidy tmp/: %s: %s", type(error).__name__, error)
 
+        # (said in the store: another process's evictions need not keep what this node maps, its preloads)
+        announced = folder = None
+        if not depot.store.read_only:
+            folder = depot.store.layout.lock_path.parent / LETTING_GO
+            announced = await asyncio.to_thread(announce_letting_go, folder)
+
         async def loop() -> None:
+            said: set[str] = set()
             while True:
                 await asyncio.sleep(LET_GO_EVERY)
                 try:
+                    # (... but the blobs it is sending: an answer to a slow client is no preload)
+                    sending = depot.sending()
+                    if announced is not None and sending != said:
+                        await asyncio.to_thread(say_sending, announced, sending)
+                        said = sending
                     await asyncio.to_thread(depot.let_go_of_removed)
                 except RuntimeError as error:
                     if "interpreter shutdown" in str(error):  # (a node left running as its program ends)
@@ -285,11 +297,6 @@ def _letting_go_of_what_others_removed(depot: Depot) -> Callable[[web.Applicatio
                     log.warning("could not look for removed revisions: %s: %s", type(error).__name__, error)
 
         task = asyncio.get_running_loop().create_task(loop(), name="let-go-of-removed")
-        # (said in the store: another process's evictions need not keep what this node maps, its preloads)
-        announced = folder = None
-        if not depot.store.read_only:
-            folder = depot.store.layout.lock_path.parent / LETTING_GO
-            announced = await asyncio.to_thread(announce_letting_go, folder)
         try:
             yield
         finally:

@@ -21,6 +21,7 @@ from modeldepot.store.holders import (
     files_held_elsewhere,
     process_command,
     processes_letting_go,
+    sent_by,
 )
 
 if TYPE_CHECKING:
@@ -112,13 +113,16 @@ def blobs_held_elsewhere(store: Store) -> dict[str, set[int]]:
     fetch it again once it is gone (a CLI pull under a budget evicted a model a notebook had loaded, whose
     next load pulled it back, evicting the pull's: an explorer's trial). Not those of the processes that let
     go of what is removed on their own within seconds (nodes: :func:`~modeldepot.store.holders.
-    announce_letting_go`; their preloads kept every CLI pull beside them from making room, a review). Only
+    announce_letting_go`; their preloads kept every CLI pull beside them from making room, a review), but for
+    the blobs they say they are sending (:func:`~modeldepot.store.holders.say_sending`). Only
     the processes this user may look into are seen (store/holders.py). One read of each process's maps and
     descriptors; a stat of each blob only when a link of the store's own (a load's, under tmp/) is held."""
     blobs = f"{os.path.realpath(store.layout.blobs)}/"
-    nodes = processes_letting_go(store.layout.lock_path.parent / LETTING_GO)
+    letting_go = store.layout.lock_path.parent / LETTING_GO
+    nodes = processes_letting_go(letting_go)
     held = files_held_elsewhere([blobs, f"{os.path.realpath(store.layout.tmp)}/"], skip=nodes)
-    found: dict[str, set[int]] = {}
+    # (but what the nodes are sending: an answer in flight to a slow client is no preload)
+    found = sent_by(letting_go, nodes - {os.getpid()})  # (this process's own: HeldModels.sending)
     unresolved: dict[int, set[int]] = {}
     for inode, (path, pids) in held.items():
         named = BLOB_FILE.search(path)

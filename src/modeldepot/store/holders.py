@@ -34,6 +34,8 @@ __all__ = [
     "process_command",
     "processes_letting_go",
     "processes_with_open",
+    "say_sending",
+    "sent_by",
     "stop_letting_go",
 ]
 
@@ -262,6 +264,51 @@ def processes_letting_go(folder: Path) -> set[int]:
 
 
 STALE_ANNOUNCEMENT = 60.0  # seconds after which an announcement no live process holds goes
+
+
+def say_sending(fd: int, digests: Collection[str]) -> None:
+    """Write in this process's announcement (:func:`announce_letting_go`'s ``fd``) the blobs it is sending
+    now, one SHA-256 a line: a node lets go of its preloads within seconds, not of an answer in flight to a
+    slow client, and another process's eviction of that blob freed nothing while it said so (an explorer's
+    trial). The same file (its lock is the announcement): written over, then cut to its length; a reader
+    that reads between may see an old line more, kept from eviction a moment longer. Never raises."""
+    data = "".join(f"{sha256}\n" for sha256 in sorted(digests)).encode()
+    with contextlib.suppress(OSError):
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+
+
+def sent_by(folder: Path, pids: Collection[int]) -> dict[str, set[int]]:
+    """The blobs the live announcers ``pids`` (of :func:`processes_letting_go`) said they are sending
+    (:func:`say_sending`), with the processes."""
+    found: dict[str, set[int]] = {}
+    try:
+        opened = folder_within(folder, os.path.realpath(folder.parents[1]))
+    except (OSError, StoreError):
+        return found
+    try:
+        for pid in pids:
+            try:
+                fd = os.open(
+                    str(pid), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=opened
+                )
+            except OSError:
+                continue
+            try:
+                data = os.read(fd, 1 << 20)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            for line in data.split(b"\n"):
+                if _SENT.fullmatch(line):
+                    found.setdefault(line.decode(), set()).add(pid)
+    finally:
+        os.close(opened)
+    return found
+
+
+_SENT = re.compile(rb"[0-9a-f]{64}")
 
 
 def _flock_holders() -> dict[int, int]:

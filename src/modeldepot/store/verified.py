@@ -69,6 +69,10 @@ class VerifiedBlob:
             raise
 
     @property
+    def closed(self) -> bool:
+        return self.file.closed
+
+    @property
     def size(self) -> int:
         return self.blob.size
 
