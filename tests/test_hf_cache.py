@@ -567,6 +567,31 @@ def test_a_file_huggingface_hub_found_absent_and_nothing_else_is_a_note(
     assert "`.no_exist/`" in found[0][2], found
 
 
+def test_a_ref_git_takes_and_the_store_names_no_branch_so_is_a_note(
+    source: tuple[Depot, LiveNode], tmp_path: Path
+) -> None:
+    """A tag such as `v1.0+build` (semver) or `release@2024`, which git and the Hub take, left in the cache by a
+    download of it: the store names no branch so, and the import failed on it, exit 1, at every run (an
+    explorer's trial). A note; the commit is adopted under its other refs. A name git refuses stays a problem."""
+    _, node = source
+    cache = tmp_path / "hub"
+    hf_hub_download(SAMPLE, "config.json", endpoint=node.url, cache_dir=cache)
+    commit = (cache / FOLDER / "refs" / "main").read_text()
+    for name in ("v1.0+build", "release@2024"):
+        (cache / FOLDER / "refs" / name).write_text(commit)
+    code, out, err = run("hf-cache", "import", "--cache-dir", str(cache), "--json", home=tmp_path / "store")
+    assert code == 0, (out, err)
+    found = sorted((p["problem"], p["path"].rsplit("/", 1)[1]) for p in json.loads(out)["problems"])
+    assert found == [("ref-name", "release@2024"), ("ref-name", "v1.0+build")], found
+    with Depot(tmp_path / "store") as depot:
+        assert depot.resolve(SAMPLE) == commit
+    (cache / FOLDER / "refs" / "bad:name").write_text(commit)
+    code, out, err = run("hf-cache", "import", "--cache-dir", str(cache), "--json", home=tmp_path / "store")
+    assert code == 1 and ("invalid", "bad:name") in [
+        (p["problem"], p["path"].rsplit("/", 1)[1]) for p in json.loads(out)["problems"]
+    ], out
+
+
 def _relink(snapshot: Path, path: str, data: bytes) -> None:
     """Point a snapshot's (plain, git-named) file at another valid blob of ``data``."""
     from modeldepot.gitobjects import git_blob_oid

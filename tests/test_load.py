@@ -78,6 +78,50 @@ def test_load_gives_a_warmed_session_with_external_data_and_caches_it(
     assert (stats.total_misses, stats.total_hits, stats.cached_models) == (1, 1, 1)
 
 
+def test_a_callers_loader_and_linked_folder_open_a_model_with_external_data(
+    loaded: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime (1.31 and later) resolves links and refuses external data outside the model's real folder:
+    a caller's own loader got the snapshot path, and so did `modeldepot path`, and onnxruntime refused both
+    ("External data path escapes model directory"), where the same files from the Hugging Face cache loaded
+    (an explorer's trial). A caller's loader of such a model gets the folder of hard links for the call;
+    `Depot.linked_folder` gives one for a block; `modeldepot path` says what to do."""
+    import onnxruntime as ort
+    from click.testing import CliRunner
+
+    from modeldepot.cli import cli
+
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    seen: list[Path] = []
+
+    def own(path: Path) -> Any:
+        seen.append(path)
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    session = loaded.load(REPO, engine=own, file="onnx/model.onnx", warmup=0)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ WEIGHT + BIAS, rtol=1e-5)
+    assert not seen[0].exists(), "the folder of links goes after the call"
+    with loaded.linked_folder(REPO.upper(), "onnx") as folder:
+        assert sorted(os.listdir(folder)) == ["model.onnx", "model.onnx_data", "model_fp16.onnx"]
+        session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ WEIGHT + BIAS, rtol=1e-5)
+    assert not folder.exists()
+    with pytest.raises(InvalidInputError), loaded.linked_folder(REPO, "../onnx"):
+        pass
+    # A file of no ONNX folder: a caller's loader gets the lasting snapshot path
+    assert (
+        loaded.load(REPO, engine=lambda path: seen.append(path) or "own", file="config.json", warmup=0)
+        == "own"
+    )
+    assert seen[-1] == loaded.file_path(REPO, "config.json")
+    monkeypatch.delenv("MODELDEPOT_HOME", raising=False)
+    said = CliRunner().invoke(cli, ["path", REPO, "onnx/model.onnx", "--home", str(loaded.home)])
+    assert said.exit_code == 0 and said.stdout.strip() == str(loaded.file_path(REPO, "onnx/model.onnx"))
+    assert "Depot.linked_folder" in said.stderr and "cp -rL" in said.stderr, said.stderr
+    quiet = CliRunner().invoke(cli, ["path", REPO, "config.json", "--home", str(loaded.home)])
+    assert quiet.exit_code == 0 and quiet.stderr == "", quiet.stderr
+
+
 def test_external_data_kept_in_a_subfolder_loads(depot: Depot, tmp_path: Path) -> None:
     """onnx.save_model(..., location="weights/w.bin"): onnxruntime loads it from the folder; through
     ``load`` it was a raw "External data path does not exist" (only the model's own folder was linked)."""
@@ -1004,14 +1048,15 @@ def test_a_variant_held_in_part_is_pulled_whole_or_named_as_lacking(
 
 def test_a_model_removed_while_it_loads_is_a_clear_error(loaded: Depot) -> None:
     """A load racing an `rm` (here or in another process) failed with the engine's own error about a
-    missing file (onnxruntime's NoSuchFile, a bare FileNotFoundError)."""
+    missing file (onnxruntime's NoSuchFile, a bare FileNotFoundError). (A loader given the snapshot's path:
+    one of an ONNX folder with external data gets hard links, which the removal leaves it.)"""
 
     def engine_that_meets_an_rm(path: Path) -> bytes:
         loaded.remove(REPO)  # between the look at the store and the engine's open of the file
         return Path(path).read_bytes()
 
     with pytest.raises(NotFoundError, match="was removed from the store while it was being loaded"):
-        loaded.load(REPO, "fp16", engine=engine_that_meets_an_rm, warmup=0)
+        loaded.load(REPO, engine=engine_that_meets_an_rm, warmup=0, file="config.json")
 
 
 def test_a_model_removed_as_its_load_resolves_it_is_said_removed(

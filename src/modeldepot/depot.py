@@ -20,7 +20,7 @@ import shlex
 import threading
 import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -567,6 +567,24 @@ class Depot(Upkeep):
         if store is self.store:  # (a shared store's files are not this store's to count)
             self._uses.folder(repo_id, commit_id)
         return found
+
+    @any_case
+    @contextlib.contextmanager
+    def linked_folder(self, repo_id: str, folder: str = "", revision: str = "main") -> Iterator[Path]:
+        """The revision's folder ``folder`` ("" for the whole revision), subfolders included, as real files
+        (hard links to the blobs in a private folder of the store) for the block: for loaders that refuse a
+        file reached through a link out of the model's folder. onnxruntime (1.31 and later) refuses external
+        data through the snapshot's links (``model.onnx_data`` beside ``model.onnx`` leads into ``blobs/``):
+        ``with depot.linked_folder(repo, "onnx") as f: InferenceSession(f / "model.onnx")``. Read or map the
+        files within the block: the folder goes at its end (what was mapped stays valid). On a read-only
+        store it is the snapshot's folder (no link can be made there)."""
+        if folder:
+            validate_path(folder)
+        store, spelled, commit_id = self.tiers.holder(repo_id, revision)
+        with store.linked_folder(spelled, commit_id, folder.strip("/")) as view:
+            if store is self.store:
+                self._uses.folder(repo_id, commit_id)
+            yield view
 
     def open_verified(self, blob: BlobRecord | FileEntry, *, counts_as_use: bool = True) -> VerifiedBlob:
         """A blob (or a file's blob) open for sending: each chunk is checked against its BLAKE3 before it

@@ -289,7 +289,9 @@ def _near_misses(depot: Depot, repo_id: str, revision: str) -> Iterator[None]:
 @reading_home_option
 def path_command(depot: Depot, repo_id: str, path: str | None, revision: str, quant: str | None) -> None:
     """Print the path of FILE in the revision's snapshot folder (a link to its blob, under its repo name,
-    so that model.onnx finds model.onnx_data beside it), or of the folder itself when FILE is omitted."""
+    its siblings beside it), or of the folder itself when FILE is omitted. onnxruntime 1.31 and later refuse
+    an ONNX model's external data reached through these links: load it with Depot.load or
+    Depot.linked_folder, or copy the folder (cp -rL)."""
     if quant is not None and path:
         raise click.UsageError("give FILE or --quant, not both")
     with _near_misses(depot, repo_id, revision):
@@ -298,6 +300,19 @@ def path_command(depot: Depot, repo_id: str, path: str | None, revision: str, qu
         found = depot.file_path(repo_id, path, revision) if path else depot.snapshot_path(repo_id, revision)
     render.stdout.write(f"{found}\n")  # (a write that fails is one line: OutputError)
     render.stdout.flush()
+    if path is not None and path.endswith(".onnx"):
+        from modeldepot.engines.loading import has_external_data
+
+        if has_external_data(
+            path, (e.path for e in depot.list_files(repo_id, depot.resolve(repo_id, revision)))
+        ):
+            # (onnxruntime resolves the links and refuses external data outside the model's real folder: the
+            # path did not load where the same files from the Hugging Face cache did, an explorer's trial)
+            render.err.print(
+                "[yellow]note:[/yellow] onnxruntime 1.31 and later refuse this model's external data through the "
+                "store's links: load it with `Depot.load`, or within `Depot.linked_folder` (real files), or copy "
+                f"the folder first (`cp -rL {escape(str(found.parent))} DEST`)"
+            )
     if path is None:
         # (a file of the folder that failed verification is a dangling link there: from_pretrained then
         # said FileNotFoundError, and nothing of why, an explorer's trial; the one file's path is refused)

@@ -4,7 +4,9 @@ build the engine while the preloaded copy is held, warm it up, and keep it in th
 Our own engines (onnxruntime, safetensors, torch) read from a private folder of hard links to the blobs:
 onnxruntime resolves symlinks and refuses external data that "escapes" the model's folder, which the
 snapshot's links into ``blobs/`` would. They have read or mapped everything when the load returns, so the
-folder goes right after. A caller's own loader may read lazily: it gets the lasting snapshot path. So does
+folder goes right after. A caller's own loader may read lazily: it gets the lasting snapshot path (but for an
+ONNX model with external data beside it, which onnxruntime refuses through links: the folder of hard links,
+for the call). So does
 ``gguf``, whose model names the files it maps (``GgufModel.files``); every shard of a split GGUF has its
 blob checked first, as the folder of links would. On a read-only store (a read-only mount, another user's,
 a shared one) no link can be made: onnxruntime gets the snapshot's folder with the files beside the model
@@ -16,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
-from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +62,7 @@ from modeldepot.validation import (
     validate_revision,
 )
 
-__all__ = ["ChooseVariant", "PullVariant", "Pulled", "load_variant"]
+__all__ = ["ChooseVariant", "PullVariant", "Pulled", "has_external_data", "load_variant"]
 
 DEFAULT_SUFFIXES = (".onnx", ".safetensors", ".gguf", ".bin")
 SNAPSHOT_ENGINES = frozenset({"gguf"})  # ours that get the lasting snapshot paths (the docstring says why)
@@ -165,6 +167,14 @@ def load_variant(
             ):
                 if store.read_only and engine in ONNX_ENGINES:  # (links to the blobs: handed over mapped)
                     return _onnx_from_mappings(store, repo_id, commit_id, chosen, view / name, engine, others)
+                return loader(view / name)
+        if chosen.endswith(".onnx") and has_external_data(chosen, (f.path for f in files)):
+            # (a caller's loader of an ONNX model with external data: onnxruntime refuses it through the snapshot's
+            # links, an explorer's trial; so the folder of hard links, for the call, as ours get it)
+            folder, _, name = chosen.rpartition("/")
+            with store.linked_folder(
+                repo_id, commit_id, folder, files_of_other_variants(chosen, (f.path for f in files))
+            ) as view:
                 return loader(view / name)
         return loader(store.file_path(repo_id, chosen, commit_id))
 
@@ -485,3 +495,14 @@ def _quarantined(store: Store, blobs: set[str]) -> set[str]:
             f"SELECT sha256 FROM blobs WHERE state != 'ok' AND sha256 IN ({','.join('?' * len(part))})",
             tuple(part)))  # fmt: skip
     return found
+
+
+def has_external_data(model: str, paths: Iterable[str]) -> bool:
+    """Whether the ONNX ``model``'s folder holds a file that may be its external data: any but another graph and
+    the small text files beside it (external data may be named anything)."""
+    folder = model.rpartition("/")[0]
+    for path in paths:
+        parent, _, name = path.rpartition("/")
+        if parent == folder and path != model and not name.endswith((".onnx", ".json", ".txt", ".md")):
+            return True
+    return False

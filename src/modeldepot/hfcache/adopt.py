@@ -345,7 +345,11 @@ def _scan_refs(scan: _Scan, repo_id: str, folder: Path, snapshots: dict[str, lis
             try:
                 validate_branch(ref)
             except InvalidInputError as error:
-                scan.problem(repo_id, path, "invalid", str(error))
+                # A name git and the Hub take (`v1.0+build`, `release@2024`) that the store names no branch so is no
+                # damage, and no run will adopt it: as a problem, every scheduled import failed on it for good (an
+                # explorer's trial); its commit is adopted under its other refs
+                kind = "ref-name" if _GIT_REF.fullmatch(ref) and "@{" not in ref else "invalid"
+                scan.problem(repo_id, path, kind, f"{error}: the store names no branch so; skipped")
                 continue
             if path.is_symlink() or not path.is_file():
                 scan.problem(repo_id, path, "invalid", "a ref must be a file holding a commit id")
@@ -371,6 +375,13 @@ def _scan_refs(scan: _Scan, repo_id: str, folder: Path, snapshots: dict[str, lis
         scan.problem(repo_id, Path(failed.filename or root), "unreadable",
                      f"{failed.strerror or failed}: the refs in it are not adopted")  # fmt: skip
     return refs
+
+
+# A ref name as `git check-ref-format` takes it (no control character, space, "..", ~ ^ : ? * [ \\, no component
+# starting with "." or ending with ".lock")
+_GIT_REF = re.compile(
+    r"(?!.*\.\.)(?!.*//)(?!.*\.lock(?:/|$))(?!(?:.*/)?\.)[^\x00-\x20\x7f~^:?*\[\\]+(?<![./])"
+)
 
 
 def _no_snapshot(scan: _Scan, repo_id: str, folder: Path, ref: Path, commit: str) -> None:

@@ -50,6 +50,7 @@ NOTES = frozenset(
         "repaired",
         "held-twice",
         "named-elsewhere",
+        "ref-name",
     }
 )
 
