@@ -1286,3 +1286,19 @@ def format_size(size: int) -> str:
     from modeldepot.cli.render import format_bytes
 
     return format_bytes(size)
+
+
+def test_a_variant_the_repo_lacks_is_a_variant_not_found_error_wherever_it_is_asked(loaded: Depot) -> None:
+    """`except VariantNotFoundError` missed most of them: a pin, a removal, a preload of a variant the repo
+    lacks raised a plain NotFoundError (a load, the subclass; an explorer's trial)."""
+    from modeldepot.errors import VariantNotFoundError
+
+    for ask in (
+        lambda: loaded.pin(REPO, quant="q9"),
+        lambda: loaded.remove(REPO, quant="q9"),
+        lambda: loaded.preloader.preload(REPO, "q9"),
+        lambda: loaded.get_manifest(REPO).variant("q9"),
+        lambda: loaded.load(REPO, "q9"),
+    ):
+        with pytest.raises(VariantNotFoundError, match="q9"):
+            ask()

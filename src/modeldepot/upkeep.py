@@ -15,6 +15,7 @@ from modeldepot.errors import (
     NotFoundError,
     PullRunningError,
     RepoNotFoundError,
+    VariantNotFoundError,
 )
 from modeldepot.guards import any_case, own_store, writes
 from modeldepot.hub.manifest import scan_lists
@@ -264,7 +265,7 @@ class Upkeep:
                     if scan_lists(self.store, repo_id, quant):
                         raise NotFoundError(f"{repo_id}@{commit_id[:12]} holds no file of {quant!r} (it holds: "
                                             f"{grouping.names()}): pull it first", repo_id=repo_id)  # fmt: skip
-                    raise NotFoundError(f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: "
+                    raise VariantNotFoundError(f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: "
                                         f"{grouping.names()})", repo_id=repo_id)  # fmt: skip
                 # (kept under the variant's own name, unpin finding it however it is typed; or under the kind's
                 # name typed, onnx-fp16, which stays that one variant's when the other kind's fp16 comes back)

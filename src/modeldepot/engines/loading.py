@@ -447,8 +447,10 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
                 # load(engine="safetensors") said the repo had no .safetensors file: an explorer's trial)
                 raise
             if offline:  # (said: "no variant 'Q8_0' here" read as a repo without it, not a pull not tried)
-                raise NotFoundError(f"{missing}; offline (HF_HUB_OFFLINE or MODELDEPOT_OFFLINE): nothing was pulled",
-                                    repo_id=repo_id) from None  # fmt: skip
+                # (a variant the store lacks stays one: `except VariantNotFoundError` missed it, an explorer's trial)
+                kind = VariantNotFoundError if isinstance(missing, VariantNotFoundError) else NotFoundError
+                raise kind(f"{missing}; offline (HF_HUB_OFFLINE or MODELDEPOT_OFFLINE): nothing was pulled",
+                           repo_id=repo_id) from None  # fmt: skip
             # (only for a commit id: a pull of a branch scans it again, and it may have moved on)
             if is_commit_id(revision) and (
                 absent_there := _listing_lacks_it_too(store, repo_id, commit_id, quant, suffixes, file)

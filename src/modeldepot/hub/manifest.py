@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from modeldepot.errors import NotFoundError
+from modeldepot.errors import NotFoundError, VariantNotFoundError
 from modeldepot.hub.variants import group_files
 from modeldepot.store.manifests import ManifestRecord, VariantStatusRecord
 from modeldepot.store.models import FileEntry
@@ -86,7 +86,9 @@ class Manifest:
             if variant.name.lower() == name.lower():
                 return variant
         known = ", ".join(v.name for v in self.variants) or "none"
-        raise NotFoundError(f"{self.repo_id} has no variant {name!r} (it has: {known})")
+        raise VariantNotFoundError(
+            f"{self.repo_id} has no variant {name!r} (it has: {known})", repo_id=self.repo_id
+        )
 
     def interrupted(self) -> list[Variant]:
         """The variants a pull stopped before it finished, whose bytes done (finished chunks, the parts of

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from modeldepot.errors import NotFoundError, StoreError
+from modeldepot.errors import NotFoundError, StoreError, VariantNotFoundError
 from modeldepot.hub.manifest import current_manifest, keep_listing, of_this_store
 from modeldepot.hub.variants import group_files, variant_aliases
 from modeldepot.store import RemoveResult, Store, remove
@@ -50,8 +50,9 @@ def remove_variant(store: Store, repo_id: str, revision: str, quant: str) -> tup
     grouping = group_files(e.path for e in store.files(repo_id, commit_id))
     variant = grouping.find(quant)
     if variant is None:
-        raise NotFoundError(
-            f"{repo_id}@{commit_id[:12]} holds no variant {quant!r} (it holds: {grouping.names() or 'none'})"
+        raise VariantNotFoundError(
+            f"{repo_id}@{commit_id[:12]} holds no variant {quant!r} (it holds: {grouping.names() or 'none'})",
+            repo_id=repo_id,
         )
     keep_listing(store, repo_id, commit_id)
     result = remove_files(

@@ -42,6 +42,7 @@ from modeldepot.errors import (
     InvalidInputError,
     MemoryShortError,
     NotFoundError,
+    VariantNotFoundError,
 )
 from modeldepot.hub.manifest import scan_lists
 from modeldepot.hub.variants import group_files
@@ -362,8 +363,9 @@ class Preloader:
             if scan_lists(store, repo_id, quant):
                 raise NotFoundError(f"{repo_id}@{commit_id[:12]} holds no file of {quant!r} (it holds: "
                                     f"{grouping.names()}): pull it first", repo_id=repo_id)  # fmt: skip
-            raise NotFoundError(
-                f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: {grouping.names()})"
+            raise VariantNotFoundError(
+                f"{repo_id}@{commit_id[:12]} has no variant {quant!r} (it has: {grouping.names()})",
+                repo_id=repo_id,
             )
         wanted = {*variant.files, *grouping.shared}
         return [e for e in entries if e.path in wanted], (repo_id, commit_id, variant.name)

@@ -44,8 +44,8 @@ from modeldepot.errors import (
     InvalidInputError,
     NotFoundError,
     ReadOnlyStoreError,
-    RepoNotFoundError,
     RevisionNotFoundError,
+    VariantNotFoundError,
 )
 from modeldepot.hub.manifest import Manifest
 from modeldepot.server.context import (
@@ -601,7 +601,7 @@ def _unknown_variant_is_invalid(error: NotFoundError) -> None:
     revision's named as the body's field (the Hub's wording, "Invalid rev id", names none)."""
     if isinstance(error, RevisionNotFoundError):
         raise Refused(404, "RevisionNotFound", _no_such_revision(error)) from None
-    if not isinstance(error, RepoNotFoundError) and "has no variant" in str(error):
+    if isinstance(error, VariantNotFoundError):
         raise _invalid(f"quant: {error}") from None
 
 
@@ -697,11 +697,8 @@ async def remove_repo(request: web.Request) -> web.Response:
         raise Refused(409, "PullRunning", f"a pull of {repo_id} is running ({pulling}): remove it once the "
                                           "pull ends")  # fmt: skip
     depot = request.app[DEPOT]
-    try:
-        result = await asyncio.to_thread(depot.remove, repo_id, revision, quant)
-    except NotFoundError as error:
-        _unknown_variant_is_invalid(error)
-        raise
+    # (a variant it lacks: 404, as a DELETE of what is not there)
+    result = await asyncio.to_thread(depot.remove, repo_id, revision, quant)
     # (a removal from the dashboard was an access line alone, without the repo or what it freed)
     log.info("removed %s%s%s over the control API: %s freed", repo_id, f"@{revision}" if revision else "",
              f" ({quant})" if quant else "", size_text(result.bytes_freed))  # fmt: skip
