@@ -437,6 +437,35 @@ def test_a_file_a_node_is_sending_is_in_use(
                     server.wait()
 
 
+def test_a_file_a_node_sends_keeps_its_revision_not_every_one_that_shares_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The blob a node sent kept every revision that names it from eviction: a slow download of one repo's
+    tokenizer, which a fine-tune shares, kept the fine-tune too, and an import that fitted once that went was
+    refused (a review). The file's revision is in use; the others sharing the blob may go."""
+    import random
+
+    shared = random.Random(7).randbytes(8 * MB)
+    with budgeted(tmp_path / "store", "40MiB", monkeypatch) as depot:
+        for name, seed in (("acme/a", 1), ("acme/b", 2)):
+            weights = random.Random(seed).randbytes(8 * MB)
+            depot.import_dir(
+                write_model_dir(tmp_path / name, {"tokenizer.json": shared, "model.safetensors": weights}),
+                name,
+            )
+            time.sleep(0.05)  # (acme/a used first: without the download, it would go first)
+        node = LiveNode(depot)
+        client: socket.socket | None = None
+        try:
+            client = _slow_client(f"{node.url}/acme/a/resolve/main/tokenizer.json")
+            depot.import_dir(model(tmp_path, "acme/new", size=20 * MB), "acme/new")
+            assert repos(depot) == {"acme/a", "acme/new"}, repos(depot)
+        finally:
+            if client is not None:
+                client.close()
+            node.stop()
+
+
 def test_an_update_of_a_pinned_model_that_cannot_fit_beside_it_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -790,6 +790,37 @@ def test_a_mirror_lists_the_refs_of_a_repo_it_has_not_pulled_in_the_upstreams_sp
             mirror.depot.close()
 
 
+def test_a_mirror_asks_its_upstream_for_a_main_it_lacks_once_not_at_every_model_info(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repo the upstream holds without `main` (a node's, imported with `-r dev` only): once the mirror said
+    the repo was its `dev` in model info, each model info without a revision asked the upstream for `main`
+    again, twice (a review). Its answer is kept for the mirror's TTL."""
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(
+            write_model_dir(tmp_path / "dev", {"config.json": b"{}"}), "Acme/Mixed", "dev"
+        )
+        dev = upstream_depot.resolve("Acme/Mixed", "dev")
+        node = LiveNode(upstream_depot)
+        proxy = FaultProxy(node.url)
+        mirror = mirror_node(tmp_path, proxy.url, monkeypatch)
+        try:
+            hf_hub_download("Acme/Mixed", "config.json", revision="dev", cache_dir=tmp_path / "hf",
+                            endpoint=mirror.url)  # fmt: skip
+            asked = []
+            for _ in range(3):
+                plan = proxy.set("pass")
+                answer = requests.get(f"{mirror.url}/api/models/Acme/Mixed", timeout=60)
+                assert answer.status_code == 200 and answer.json()["sha"] == dev, answer.text
+                asked.append([p for p in plan.api_requests if p.endswith("/revision/main")])
+            assert asked[0] and asked[1:] == [[], []], asked
+        finally:
+            mirror.stop()
+            proxy.stop()
+            node.stop()
+            mirror.depot.close()
+
+
 def test_a_mirror_whose_upstream_is_its_hub_asks_it_as_the_hub(
     upstream_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

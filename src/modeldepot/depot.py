@@ -592,13 +592,15 @@ class Depot(Upkeep):
         A file's opening counts a use of it unless ``counts_as_use`` is False (a request that does not
         start a download: one of a pull's ranges after its first, a HEAD)."""
         store = self.tiers.store_of_blob(blob.sha256)
+        file = None
         if isinstance(blob, FileEntry):
             if counts_as_use and store is self.store:  # (a shared store's reads are not counted)
                 self._uses.sent(blob)
+            file = (blob.repo_id, blob.commit_id, blob.path)
             blob = BlobRecord(blob.sha256, blob.size, blob.chunk_size)
         opened = store.open_verified(blob)
         if store is self.store:  # (kept from eviction while it is sent: HeldModels.sending)
-            self._held.add_sending(opened, blob.sha256)
+            self._held.add_sending(opened, blob.sha256, file)
         return opened
 
     def sending(self) -> set[str]:

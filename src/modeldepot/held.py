@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from modeldepot.enginekeys import engine_revision
 from modeldepot.store import Store
+from modeldepot.store.elsewhere import revisions_naming
 
 if TYPE_CHECKING:
     from modeldepot.engines.cache import LoadedModelCache
@@ -87,7 +88,9 @@ class HeldModels:
         # Blobs being sent (a node's answers, by number: (weak reference, SHA-256)): an eviction took the model a
         # node streamed to a slow client, said its bytes freed, and the disk stayed over budget until the client
         # was done (an explorer's trial)
-        self._sending: dict[int, tuple[weakref.ref[Any], str]] = {}
+        # (a file's answer is a view of that file too; a blob's, a peer's, keeps the revision used last of those
+        # that name it: elsewhere.revisions_naming)
+        self._sending: dict[int, tuple[weakref.ref[Any], str, bool]] = {}
 
     def add_view(self, handle: object, repo_id: str, commit_id: str, path: str) -> None:
         """A file of the store this process maps or holds open (``handle``: the mapping or the stream): in use
@@ -101,41 +104,48 @@ class HeldModels:
             if len(self._views) > 2 * self._views_pruned_at + 64:
                 self._prune_views_locked()
 
-    def add_sending(self, handle: object, sha256: str) -> None:
-        """A blob of the store this process is sending (``handle``: the open blob): in use while it lives and is
-        not closed."""
+    def add_sending(self, handle: object, sha256: str, file: tuple[str, str, str] | None = None) -> None:
+        """A blob of the store this process is sending (``handle``: the open blob), as ``file`` (repo, commit,
+        path) or as a blob (a peer's request): in use while it lives and is not closed."""
+        if file is not None:
+            self.add_view(handle, *file)
         try:
             reference = weakref.ref(handle)
         except TypeError:
             return
         with self._views_lock:
-            self._sending[next(self._view_numbers)] = (reference, sha256)
+            self._sending[next(self._view_numbers)] = (reference, sha256, file is not None)
             if len(self._views) + len(self._sending) > 2 * self._views_pruned_at + 64:
                 self._prune_views_locked()
 
-    def sending(self) -> set[str]:
-        """The SHA-256 of the blobs this process is sending now."""
+    def sending(self, as_blobs_only: bool = False) -> set[str]:
+        """The SHA-256 of the blobs this process is sending now (``as_blobs_only``: of those sent as blobs, not
+        as a file of a revision)."""
         with self._views_lock:
             self._prune_views_locked()
-            return {sha256 for _, sha256 in self._sending.values()}
+            return {
+                sha256 for _, sha256, as_file in self._sending.values() if not (as_blobs_only and as_file)
+            }
 
     def _prune_views_locked(self) -> None:
         for number in [n for n, (reference, *_) in self._views.items() if not _open(reference())]:
             del self._views[number]
-        for number in [n for n, (reference, _) in self._sending.items() if not _open(reference())]:
+        for number in [n for n, (reference, *_) in self._sending.items() if not _open(reference())]:
             del self._sending[number]
         self._views_pruned_at = len(self._views) + len(self._sending)
 
     def viewed(self) -> dict[tuple[str, str], set[str]]:
-        """(repo, commit) -> the files this process maps or holds open through the depot now, and those whose
-        blobs it is sending (every file of every revision that names such a blob)."""
+        """(repo, commit) -> the files this process maps or holds open through the depot now, those it is
+        sending, and of each blob it sends as a blob, the files of the revision used last that names it."""
         with self._views_lock:
             self._prune_views_locked()
             views = list(self._views.values())
         found: dict[tuple[str, str], set[str]] = {}
         for _, repo_id, commit_id, path in views:
             found.setdefault((repo_id, commit_id), set()).add(path)
-        for (repo_id, commit_id), paths in self.store.files_of_blobs(self.sending()).items():
+        for (repo_id, commit_id), paths in revisions_naming(
+            self.store, self.sending(as_blobs_only=True)
+        ).items():
             found.setdefault((repo_id, commit_id), set()).update(paths)
         return found
 

@@ -61,6 +61,17 @@ class UpstreamScans:
         self._scan_threads = ForkSafeExecutor(SCAN_THREADS, thread_name_prefix="mirror-scan")
         self._stopping = False
         self._hidden_checked: dict[str, float] = {}  # repo id in lower case -> when (monotonic) asked again
+        # repo id in lower case -> when (monotonic) the upstream said it has no `main` (a node's repo imported
+        # with `-r dev` only): its model info without a revision asked again each time, twice (a review)
+        self._without_main: dict[str, float] = {}
+
+    def lacks_main(self, repo_id: str) -> bool:
+        """Whether the upstream said lately (within the mirror's TTL) that ``repo_id`` has no ``main``."""
+        when = self._without_main.get(repo_id.lower())
+        return when is not None and time.monotonic() - when < self.depot.config.mirror_ttl
+
+    def note_lacks_main(self, repo_id: str) -> None:
+        self._without_main[repo_id.lower()] = time.monotonic()
 
     async def manifest(self, repo_id: str, revision: str, held: bool = False) -> Manifest:
         """The upstream's view of ``repo_id`` at ``revision`` (a branch's scan is reused briefly). Requests

@@ -258,6 +258,7 @@ def _upload_limit_middleware(limit: RateLimit) -> Middleware:
 
 
 LET_GO_EVERY = 2.0  # seconds between two looks for revisions another process removed or quarantined
+SAY_SENDING_EVERY = 0.25  # seconds between two looks at what the node sends (holders.say_sending)
 
 
 def _letting_go_of_what_others_removed(depot: Depot) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -280,14 +281,19 @@ def _letting_go_of_what_others_removed(depot: Depot) -> Callable[[web.Applicatio
 
         async def loop() -> None:
             said: set[str] = set()
+            next_look = time.monotonic() + LET_GO_EVERY
             while True:
-                await asyncio.sleep(LET_GO_EVERY)
+                await asyncio.sleep(SAY_SENDING_EVERY)
                 try:
-                    # (... but the blobs it is sending: an answer to a slow client is no preload)
+                    # (... but the blobs it is sending: an answer to a slow client is no preload; said within a
+                    # moment of its start, a look now and then, written only when it changed)
                     sending = depot.sending()
                     if announced is not None and sending != said:
                         await asyncio.to_thread(say_sending, announced, sending)
                         said = sending
+                    if time.monotonic() < next_look:
+                        continue
+                    next_look = time.monotonic() + LET_GO_EVERY
                     await asyncio.to_thread(depot.let_go_of_removed)
                 except RuntimeError as error:
                     if "interpreter shutdown" in str(error):  # (a node left running as its program ends)

@@ -311,12 +311,14 @@ async def _default_view(request: web.Request, repo_id: str) -> RevisionView:
     described `dev` as the repo, its siblings `dev`'s: an explorer's trial), the store's newest revision only
     when the upstream has no main for it or cannot be asked."""
     listed = await asyncio.to_thread(_listed_revision, request.app[DEPOT], repo_id)
-    if listed != DEFAULT_BRANCH and _mirrors(request):
+    if listed != DEFAULT_BRANCH and _mirrors(request) and not request.app[MIRROR].scans.lacks_main(repo_id):
         try:
             return await _revision_view(request, repo_id, DEFAULT_BRANCH)
         except PrivateUpstream:
             raise  # (the store must not answer in its place)
-        except (UpstreamError, NotFoundError):
+        except NotFoundError:
+            request.app[MIRROR].scans.note_lacks_main(repo_id)
+        except UpstreamError:
             pass
     return await _revision_view(request, repo_id, listed)
 

@@ -536,13 +536,22 @@ class BlobFiles:
         """Rename a blob placed and never committed back to the download's file it was (``name_taken``);
         False, having done nothing, when that name is taken again or the rename fails (the caller deletes
         the blob)."""
+        blob = self.path(sha256)
         try:
-            # (its claim is held: no other pull writes that name; a waiter of a one-chunk download may have
-            # made it anew, and keeps it)
-            if os.path.lexists(partial.path):
+            # (its claim is held: no other pull writes that name; a waiter of a one-chunk download may have made
+            # it anew, and keeps it: a link never replaces a name, a rename only after a look, where no link
+            # can be made)
+            try:
+                self.layout.link(blob, partial.path)
+            except FileExistsError:
                 return False
-            self.layout.rename(self.path(sha256), partial.path)
-        except OSError:
+            except OSError:
+                if os.path.lexists(partial.path):
+                    return False
+                self.layout.rename(blob, partial.path)
+            else:
+                self.layout.unlink(blob)
+        except OSError:  # (a StoreError too: a link in place of partials/)
             return False
         partial.placed = partial.name_taken = False
         return True

@@ -13,6 +13,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from modeldepot.store.holders import (
@@ -27,7 +28,7 @@ from modeldepot.store.holders import (
 if TYPE_CHECKING:
     from modeldepot.store.store import Store
 
-__all__ = ["ELSEWHERE_FRESH", "FIGURES_FRESH", "HeldElsewhere", "blobs_held_elsewhere"]
+__all__ = ["ELSEWHERE_FRESH", "FIGURES_FRESH", "HeldElsewhere", "blobs_held_elsewhere", "revisions_naming"]
 
 ELSEWHERE_FRESH = 1.0  # seconds a look at what other processes map or hold open answers an eviction
 FIGURES_FRESH = (
@@ -64,27 +65,7 @@ class HeldElsewhere:
         the budget say of this process's models, seen from ``/proc``. A blob several revisions name keeps the
         one used last (a fork with the same weights and a file more stayed whole beside the model loaded, and a
         write that fitted was refused: a review)."""
-        held = self.blobs(fresh)
-        if not held:
-            return {}
-        named: dict[str, list[tuple[str, str, str]]] = {}
-        created: dict[tuple[str, str], float] = {}
-        wanted = sorted(held)
-        for start in range(0, len(wanted), 500):  # (SQLite's bound on parameters)
-            part = wanted[start : start + 500]
-            for row in self.store.index.read(
-                "SELECT f.repo_id, f.commit_id, f.path, f.sha256, r.created_at FROM files f JOIN revisions r "
-                f"USING (repo_id, commit_id) WHERE f.sha256 IN ({','.join('?' * len(part))})",
-                tuple(part),
-            ):
-                named.setdefault(row["sha256"], []).append((row["repo_id"], row["commit_id"], row["path"]))
-                created[(row["repo_id"], row["commit_id"])] = row["created_at"]
-        uses = self.store.access.revision_uses()
-        found: dict[tuple[str, str], set[str]] = {}
-        for rows in named.values():
-            last = max({(r, c) for r, c, _ in rows}, key=lambda k: (max(uses.get(k, 0.0), created[k]), k))
-            found.setdefault(last, set()).update(path for r, c, path in rows if (r, c) == last)
-        return found
+        return revisions_naming(self.store, self.blobs(fresh))
 
     def forget(self) -> bool:
         """Forget the last look, when it found anything held: a refusal is made on a look made for it (a look a
@@ -105,6 +86,33 @@ class HeldElsewhere:
             return ""
         named = [f"{pid} ({command})" if (command := process_command(pid)) else str(pid) for pid in pids[:3]]
         return f" or by process{'es' if len(pids) > 1 else ''} {', '.join(named)}{', ...' if len(pids) > 3 else ''}"
+
+
+def revisions_naming(store: Store, digests: Collection[str]) -> dict[tuple[str, str], set[str]]:
+    """(repo, commit) -> its files whose blobs are among ``digests``: of each blob, the revision used last of
+    those that name it (a fork with the same weights and a file more stayed whole beside the model loaded, and
+    a write that fitted was refused: a review; one shared tokenizer a node sent kept every fine-tune that has
+    it from eviction, a review)."""
+    if not digests:
+        return {}
+    named: dict[str, list[tuple[str, str, str]]] = {}
+    created: dict[tuple[str, str], float] = {}
+    wanted = sorted(digests)
+    for start in range(0, len(wanted), 500):  # (SQLite's bound on parameters)
+        part = wanted[start : start + 500]
+        for row in store.index.read(
+            "SELECT f.repo_id, f.commit_id, f.path, f.sha256, r.created_at FROM files f JOIN revisions r "
+            f"USING (repo_id, commit_id) WHERE f.sha256 IN ({','.join('?' * len(part))})",
+            tuple(part),
+        ):
+            named.setdefault(row["sha256"], []).append((row["repo_id"], row["commit_id"], row["path"]))
+            created[(row["repo_id"], row["commit_id"])] = row["created_at"]
+    uses = store.access.revision_uses()
+    found: dict[tuple[str, str], set[str]] = {}
+    for rows in named.values():
+        last = max({(r, c) for r, c, _ in rows}, key=lambda k: (max(uses.get(k, 0.0), created[k]), k))
+        found.setdefault(last, set()).update(path for r, c, path in rows if (r, c) == last)
+    return found
 
 
 def blobs_held_elsewhere(store: Store) -> dict[str, set[int]]:

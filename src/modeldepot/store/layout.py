@@ -328,9 +328,11 @@ class StoreLayout:
 
     @contextlib.contextmanager
     def same_folders(self) -> Iterator[None]:
-        """Within this block, on this thread, each folder the store never moves nor removes (``blobs/<ab>``,
-        ``partials/``, ``tmp/``...) is opened and checked once: a publish of 300 files looked at its few
-        folders 1,800 times."""
+        """Within this block, on this thread, the home and its own folders (``blobs/``, ``partials/``,
+        ``tmp/``..., which the store never moves nor removes) are opened and checked once, and a folder below
+        them is opened from its parent's descriptor, one component at a time without following a link: a
+        publish of 300 files looked at its few folders 1,800 times. (Not every ``blobs/<ab>`` kept open: a
+        publish of 800 blobs held 256 descriptors more, and a pull the open-file check let in failed, a review.)"""
         outer: dict[str, int] | None = getattr(self._scope, "folders", None)
         self._scope.folders = {} if outer is None else outer
         try:
@@ -348,24 +350,26 @@ class StoreLayout:
         in its parent as opened. What is made, renamed or linked in it is so relative to the descriptor: a
         member of a group that shares the store who swaps a folder for a link after the look leads nothing
         out of it (a review)."""
+        if path != self.home and self.home not in path.parents:
+            raise StoreError(f"refusing to change {path}: it is outside the store at {self.home}")
         cache: dict[str, int] | None = getattr(self._scope, "folders", None)
-        key = os.fspath(path)
-        if cache is not None and key in cache:
+        if cache is None:
+            fd = self._open_folder(path, create)
+        elif path == self.home or (path.parent == self.home and path.name in _KEPT_OPEN):  # (never moved)
+            key = os.fspath(path)
+            if key not in cache:
+                cache[key] = self._open_folder(path, create)
             yield cache[key]
             return
-        fd = self._open_folder(path, create)
-        if cache is not None and self._never_moved(path):
-            cache[key] = fd
-            yield fd
-            return
+        else:
+            with self.folder(path.parent, create) as parent:
+                fd = _child(parent, path, create)
         try:
             yield fd
         finally:
             os.close(fd)
 
     def _open_folder(self, path: Path, create: bool) -> int:
-        if path != self.home and self.home not in path.parents:
-            raise StoreError(f"refusing to change {path}: it is outside the store at {self.home}")
         try:
             return folder_within(path, self.real_home)
         except FileNotFoundError:
@@ -377,12 +381,6 @@ class StoreLayout:
             except OSError as error:
                 raise named(error, path) from None
         return folder_within(path, self.real_home)
-
-    def _never_moved(self, path: Path) -> bool:
-        # (snapshot folders are built under a staging name, renamed into place, retired: their paths are not
-        # kept, a cached descriptor of one would follow the folder to its next name)
-        parts = path.relative_to(self.home).parts
-        return not parts or parts[0] in _STILL_FOLDERS
 
     def make_folders(self, path: Path) -> None:
         """``mkdir -p`` of a folder inside the store, each made in its parent as opened (raises OSError as
@@ -470,22 +468,27 @@ class StoreLayout:
     def symlinks(self, root: Path, links: Iterable[tuple[str, str]]) -> None:
         """Under the folder ``root`` of the store, each (path, target) pair's symbolic link ``path`` (a valid
         file path: no "..") holding ``target``, its folders made where missing: all in ``root`` as opened, each
-        folder below it opened without following a link (a snapshot of 300 files opened ``root`` once)."""
+        folder below it opened without following a link (a snapshot of 300 files opened ``root`` once), one at
+        a time (a repo of 1,100 folders kept as many open and failed, "Too many open files": a review)."""
+        by_folder: dict[str, list[tuple[str, str]]] = {}
+        for path, target in links:
+            parent, _, name = path.rpartition("/")
+            by_folder.setdefault(parent, []).append((name, target))
         with self.folder(root) as top:
-            opened: dict[str, int] = {"": top}
-            try:
-                for path, target in links:
-                    parent, _, name = path.rpartition("/")
-                    if parent not in opened:
-                        opened[parent] = folders_in(top, parent)
-                    try:
-                        os.symlink(target, name, dir_fd=opened[parent])
-                    except OSError as error:
-                        raise named(error, root / path) from None
-            finally:
-                for parent, fd in opened.items():
-                    if parent:
-                        os.close(fd)
+            for parent, entries in by_folder.items():
+                try:
+                    at = folders_in(top, parent) if parent else top
+                except OSError as error:
+                    raise named(error, root / parent) from None
+                try:
+                    for name, target in entries:
+                        try:
+                            os.symlink(target, name, dir_fd=at)
+                        except OSError as error:
+                            raise named(error, root / parent / name) from None
+                finally:
+                    if at != top:
+                        os.close(at)
 
     def link_target(self, link: Path, sha256: str) -> str:
         """What a snapshot link at ``link`` holds: the relative way to blob ``sha256``."""
@@ -582,10 +585,36 @@ class StoreLayout:
 
 # What a store's home holds: its folders, which hold files once it is used; the index's (index.db and its
 # journals, index.py's reserve/, locks/); notes beside it (transfer/liars.py, mirror/marks.py, tiers.py)
-# Folders the store never renames nor removes once made (StoreLayout.folder keeps their descriptors for a batch)
-_STILL_FOLDERS = frozenset({"blobs", "partials", "tmp", "quarantine", "locks", "reserve", "shared-refused"})
 _STORE_FOLDERS = frozenset({"blobs", "snapshots", "tmp", "partials", "quarantine"})
 _STORE_NAMES = _STORE_FOLDERS | {"locks", "reserve", "liars.json", "mirror-broken.json", "shared-refused"}
+
+
+# The home's own folders that no process ever moves or removes (reserve/ goes and comes back: SpaceReserve)
+_KEPT_OPEN = frozenset({"blobs", "snapshots", "tmp", "partials", "quarantine", "locks"})
+
+
+def _child(parent: int, path: Path, create: bool) -> int:
+    """A descriptor of the folder ``path``, named in the folder ``parent`` is, never through a link (made
+    first if missing, ``create``)."""
+    for attempt in range(2):
+        try:
+            return os.open(
+                path.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent
+            )
+        except FileNotFoundError:
+            if not create or attempt:
+                raise named(FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT)), path) from None
+            with contextlib.suppress(FileExistsError):
+                try:
+                    os.mkdir(path.name, dir_fd=parent)
+                except OSError as error:
+                    raise named(error, path) from None
+        except OSError as error:
+            if error.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise StoreError(f"refusing to use {path}: it is a link or no folder, and the store's own "
+                                 "folders never are (move it away)") from None  # fmt: skip
+            raise named(error, path) from None
+    raise AssertionError("unreachable")
 
 
 def _user(uid: int) -> str:

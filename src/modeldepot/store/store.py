@@ -391,19 +391,6 @@ class Store:
         )
         return [_entry(row) for row in rows]
 
-    def files_of_blobs(self, digests: Collection[str]) -> dict[tuple[str, str], set[str]]:
-        """(repo, commit) -> the paths of its files whose blobs are among ``digests`` (SHA-256s)."""
-        found: dict[tuple[str, str], set[str]] = {}
-        wanted = sorted(digests)
-        for start in range(0, len(wanted), 500):  # (SQLite's bound on parameters)
-            part = wanted[start : start + 500]
-            for row in self.index.read(
-                f"SELECT repo_id, commit_id, path FROM files WHERE sha256 IN ({','.join('?' * len(part))})",
-                tuple(part),
-            ):
-                found.setdefault((row["repo_id"], row["commit_id"]), set()).add(row["path"])
-        return found
-
     def revision_files(self, repo_id: str, commit_id: str) -> list[FileEntry]:
         """:meth:`files` of a commit the caller resolved, which an ``rm`` may have removed since: that is a
         :class:`RevisionNotFoundError`, not an empty list (a preload of it kept a model of no file, for good,
@@ -880,8 +867,12 @@ class Store:
                             blob = self.blobs.path(entry.sha256)
                             try:
                                 with self.layout.folder(blob.parent) as blobs_at:
-                                    os.link(blob.name, base, src_dir_fd=blobs_at, dst_dir_fd=at,
-                                            follow_symlinks=False)  # fmt: skip
+                                    try:
+                                        os.link(blob.name, base, src_dir_fd=blobs_at, dst_dir_fd=at,
+                                                follow_symlinks=False)  # fmt: skip
+                                    except OSError as error:  # (both named, not the names in their folders)
+                                        raise OSError(error.errno, error.strerror, os.fspath(blob), None,
+                                                      os.fspath(view / name)) from None  # fmt: skip
                             finally:
                                 os.close(at)
                     finally:
