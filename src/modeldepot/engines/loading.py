@@ -500,11 +500,7 @@ def _quarantined(store: Store, blobs: set[str]) -> set[str]:
 
 
 def has_external_data(model: str, paths: Iterable[str]) -> bool:
-    """Whether the ONNX ``model``'s folder holds a file that may be its external data: any but another graph and
-    the small text files beside it (external data may be named anything)."""
-    folder = model.rpartition("/")[0]
-    for path in paths:
-        parent, _, name = path.rpartition("/")
-        if parent == folder and path != model and not name.endswith((".onnx", ".json", ".txt", ".md")):
-            return True
-    return False
+    """Whether the ONNX ``model`` has external data beside it by the exporters' naming (``model.onnx_data``,
+    ``model.onnx_data_1``, ``model.onnx.data``: :func:`_is_external_data_of`). (Not any file beside it: a
+    caller's loader reading a tokenizer beside the model lazily got a folder gone by then, a review.)"""
+    return any(_is_external_data_of(path, model) for path in paths)
