@@ -780,3 +780,48 @@ def test_gc_drops_a_download_of_a_file_no_commit_lists_any_more(
     report = local.gc()
     assert stopped not in local.store.partials.keys_on_disk() and report.partials_removed == 1, report
     assert bytes(local.get_file(REPO, "onnx/model.onnx")) == changed["onnx/model.onnx"]
+
+
+def test_a_server_dropped_while_this_nodes_link_was_down_is_asked_again_once_bytes_come(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This node's cable pulled for 40 s: every peer failed with "no route to host" and was dropped for the rest
+    of the pull, which then took the whole model from the Hub, three peers holding it (an explorer's trial).
+    A source dropped for a failure of this node's own link is asked again once bytes come from anywhere."""
+    import errno
+
+    from faultproxy import FaultProxy
+    from modeldepot.errors import UpstreamError
+    from modeldepot.transfer import download
+    from modeldepot.transfer.sources import HttpSource
+
+    big = random.Random(5).randbytes(8 << 20)
+    files = {"config.json": b"{}", "model.safetensors": big}
+    with (
+        serving_repo(tmp_path / "hub", files, "acme/cut", chunk_size=SMALL_CHUNK) as hub,
+        serving_repo(tmp_path / "server", files, "acme/cut", chunk_size=SMALL_CHUNK) as server,
+    ):
+        proxy = FaultProxy(hub.url)
+        proxy.set("slow", times=-1, slow_delay=0.2)  # (the Hub slow: the server, back, does the rest)
+        cut_until = time.monotonic() + 1.0
+        fetch = HttpSource.fetch
+
+        async def cut_link(self: HttpSource, url: str, *args: object, **kwargs: object) -> memoryview:
+            if url.startswith(server.url) and time.monotonic() < cut_until:
+                raise UpstreamError(f"{url}: OSError: No route to host", source=url) from OSError(
+                    errno.EHOSTUNREACH, "No route to host"
+                )
+            return await fetch(self, url, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(HttpSource, "fetch", cut_link)
+        monkeypatch.setattr(download, "PARKED_AT_LEAST", 0.3)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", proxy.url)
+        monkeypatch.setenv("MODELDEPOT_SERVERS", server.url)
+        try:
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as depot:
+                result = depot.pull("acme/cut")
+                assert bytes(depot.get_file("acme/cut", "model.safetensors")) == big
+        finally:
+            proxy.stop()
+    assert result.bytes_by_source.get("node", 0) > len(big) // 2, result.bytes_by_source

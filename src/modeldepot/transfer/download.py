@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import mmap
 import os
@@ -186,6 +187,23 @@ async def download_file(
     return await job.run(sources)
 
 
+# This node's own link down: no route to anywhere (a peer's server gone is ECONNREFUSED: not this)
+_NO_ROUTE = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN})
+PARKED_AT_LEAST = 5.0  # seconds a peer dropped so stays out before bytes from elsewhere bring it back
+
+
+def _no_route(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a failure to route a packet out of this machine."""
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in _NO_ROUTE:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class _FileJob(PaceWatch):
     def __init__(self, http: LazySession, remote: RemoteFile, partial: ResumablePartial,
                  limits: Limits, fallback: Callable[[], list[FileSource]] | None,
@@ -195,6 +213,10 @@ class _FileJob(PaceWatch):
         self.http, self.remote, self.limits = http, remote, limits
         self.fallback, self.on_bytes = fallback, on_bytes
         self.tasks: set[asyncio.Task[Any]] = set()
+        # Peers dropped for a failure of this node's own link (no route: a cable pulled, a switch down), asked
+        # again once bytes come from anywhere: its pull dropped every peer for good and took the rest of the
+        # model from the Hub, three peers holding it whole (an explorer's trial)
+        self.parked: dict[FileSource, float] = {}  # -> when (monotonic) it was dropped so
         self.landing: set[int] = set()  # chunks being written
         self.counted: set[int] = set()  # chunks landed, told to on_bytes (on the loop)
         self.crediting: dict[int, int] = {}  # a chunk being told to on_bytes: its bytes not told yet
@@ -987,6 +1009,13 @@ class _FileJob(PaceWatch):
         )
         if source.kind != "hub":
             self.peer_landed.append((time.monotonic(), length - part))
+        if self.parked and source not in self.parked:  # (the link works again: the peers may too)
+            now = time.monotonic()  # (not a peer whose own host is unreachable, at every chunk landed)
+            again = [parked for parked, since in self.parked.items() if now - since >= PARKED_AT_LEAST]
+            if again:
+                for parked in again:
+                    del self.parked[parked]
+                self._ask_again(again)
         if (on_bytes := self.on_bytes) is not None:
             # A chunk is told done in pieces (its part's senders, then the rest's): what is not told yet stays
             # in receiving(), so that progress shown between two pieces does not fall back by the rest
@@ -1071,10 +1100,29 @@ class _FileJob(PaceWatch):
         finally:
             self.whole_body = False
 
+    def _ask_again(self, sources: list[FileSource]) -> None:
+        """Sources dropped for this node's own link, asked again (their chunk maps read anew)."""
+        for source in sources:
+            self.errors.pop(source.source.name, None)
+        log.info("%s: the link works again: asking %s again", self.remote.path,
+                 ", ".join(s.source.name for s in sources))  # fmt: skip
+
+        async def rejoin() -> None:
+            live = {s.source.base_url for s in self.live}  # (the swarm's view may have brought one back)
+            fresh = [s for s in sources if s.source.base_url not in live]
+            if fresh:
+                await self._start(fresh)
+
+        task = self._watch(asyncio.create_task(rejoin()))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
     def _drop(self, source: FileSource, error: Exception) -> None:
         if source in self.live:
             self.live.remove(source)
             self.errors[source.source.name] = error
+            if source.kind != "hub" and _no_route(error):
+                self.parked[source] = time.monotonic()
             log.info("%s: no longer asking %s for it (%s)", self.remote.path, source.source.name, error)
             if source.kind != "hub" and not isinstance(error, (AccessDeniedError, ChunkUnavailableError)):
                 # (a node of the fleet that hangs or fails cost every pull of what it holds seconds, and only
