@@ -38,6 +38,7 @@ MODES = (
     "cut",
     "flip-slow",
     "garble",
+    "502",
 )
 
 
@@ -132,7 +133,7 @@ class FaultProxy:
         plan.authorizations.append(request.headers.get("Authorization", ""))
         if plan.should_inject(request.path):
             mode = plan.mode
-            if mode in ("500", "404"):
+            if mode in ("500", "404", "502"):
                 return web.Response(status=int(mode), text="injected")
             if mode == "garble":
                 return web.Response(

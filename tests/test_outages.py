@@ -193,6 +193,37 @@ def test_silence_while_no_source_was_asked_does_not_use_up_the_patience(
             proxy.stop()
 
 
+def test_a_hub_behind_a_gateway_that_says_502_is_waited_out_as_an_outage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Hub down behind a load balancer, a CDN or a corporate proxy answers 502 Bad Gateway: every pull of a
+    fleet failed after its five attempts (23-30 s), where the same outage as a refused connection was waited out
+    for the patience (an explorer's trial). A gateway's 502/503/504 from the Hub is an outage too."""
+    from conftest import SMALL_CHUNK
+
+    files = {BIG: random.Random(13).randbytes(16 * SMALL_CHUNK)}
+    with serving_repo(tmp_path / "upstream", files, REPO, chunk_size=SMALL_CHUNK) as node:
+        proxy = FaultProxy(node.url)
+        plan = proxy.set("502", times=-1)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", proxy.url)
+        monkeypatch.setenv("MODELDEPOT_OUTAGE_PATIENCE", "60")
+        outcome: list[object] = []
+        try:
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as depot:
+                pulling = pull_in_a_thread(depot, REPO, outcome)
+                time.sleep(12)  # (past the five attempts' backoff, ~8 s)
+                assert pulling.is_alive(), outcome
+                assert plan.injected >= 5, plan.injected
+                proxy.set("pass")
+                pulling.join(60)
+                assert not pulling.is_alive()
+                assert not isinstance(outcome[0], Exception), outcome
+                assert bytes(depot.get_file(REPO, BIG)) == files[BIG]
+        finally:
+            proxy.stop()
+
+
 def test_a_slow_but_alive_link_is_not_taken_for_an_outage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

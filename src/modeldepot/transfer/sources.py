@@ -124,6 +124,11 @@ REFUSED_RETRY_DELAY = 0.2
 _UNREACHABLE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN})
 
 
+# What a gateway before an upstream answers when the upstream does not (Bad Gateway, Service Unavailable,
+# Gateway Timeout)
+_GATEWAY_DOWN = frozenset({502, 503, 504})
+
+
 def is_no_answer(error: BaseException) -> bool:
     """Whether ``error`` says no answer came at all (refused, reset, cut, silent, unreachable, a name that
     did not resolve): what an outage gives, and waiting it out may mend. Not an answer that said no, nor a
@@ -299,6 +304,10 @@ class HttpSource:
                 elif status in RETRY_STATUSES:
                     retry_after = answer.headers.get("Retry-After")
                     problem = f"HTTP {status}"
+                    # A gateway before the Hub (a load balancer, a CDN, a corporate proxy) saying the Hub does
+                    # not answer is the Hub's outage as a refused connection is: waited out for the patience,
+                    # not every pull of a fleet failed after 30 s (an explorer's trial)
+                    no_answer = self.kind == "hub" and status in _GATEWAY_DOWN
                 elif status == 404 and answer.headers.get("X-Error-Code") == "ChunkNotAvailable":
                     raise ChunkUnavailableError(f"{url} bytes {start}-{start + want - 1}: not held there (yet)",
                                                 source=url, status=404)  # fmt: skip
