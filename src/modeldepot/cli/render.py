@@ -886,9 +886,19 @@ def render_peers(rows: list[PeerRow], status: str) -> None:
     if not rows:
         out.print(f"No live node in the fleet ({status}).")
         return
-    table = _table("node", "url", "version", "started", "last seen", "blobs", "held", "partial")
+    table = _table("node", "url", "version", "started", "last seen", "blobs", "held", "partial", "chunks")
     for row in rows:
         table.add_row(row.node_id, row.url, row.version or "-", _when(row.started_at) if row.started_at else "-",
-                      _when(row.last_seen), str(row.blobs), format_bytes(row.bytes), str(row.partial))  # fmt: skip
+                      _when(row.last_seen), str(row.blobs), format_bytes(row.bytes), str(row.partial),
+                      format_bytes(row.chunk_size) if row.chunk_size else "-")  # fmt: skip
     out.print(table)
     out.print(f"{count(len(rows), 'live node')} ({status})")
+    sizes: dict[int, int] = {}
+    for row in rows:
+        if row.chunk_size:
+            sizes[row.chunk_size] = sizes.get(row.chunk_size, 0) + 1
+    if len(sizes) > 1:  # (found mid-rollout as a doubled Hub bill: an explorer's trial)
+        said = ", ".join(f"{format_bytes(size)}: {count(n, 'node')}" for size, n in sorted(sizes.items()))
+        err.print(f"[yellow]warning:[/yellow] the nodes' stores use different chunk sizes ({said}): each size is a "
+                  "swarm of its own, and the Hub sends a content once per size; the stores of one fleet need one "
+                  "chunk size (MODELDEPOT_CHUNK_SIZE shapes new stores only)")  # fmt: skip

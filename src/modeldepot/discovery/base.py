@@ -70,6 +70,9 @@ class NodeRecord:
     url: str  # where peers reach it (``--advertise``)
     version: str
     started_at: float
+    # Its store's chunk size (0: not said, an older node): nodes of other sizes are other swarms, and the Hub
+    # sends each content once per size (an explorer's trial: 1.96x with two sizes, said only mid-rollout)
+    chunk_size: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +86,7 @@ class NodeRecord:
         fields: dict[str, Any] = {
             name: data.get(name) for name in ("node_id", "url", "version", "started_at")
         }
+        fields["chunk_size"] = data.get("chunk_size", 0)
         return check_node_record(cls(**fields))
 
 
@@ -178,6 +182,7 @@ def check_node_record(record: NodeRecord) -> NodeRecord:
         raise InvalidInputError(f"started_at {started!r} is not a finite number")
     if started < 0:
         raise InvalidInputError(f"started_at {started!r} is negative")
+    validate_size(record.chunk_size)
     return record
 
 

@@ -234,7 +234,9 @@ class NodeFleet:
     async def register(self, url: str) -> NodeRecord:
         """Announce this node at ``url``, and start publishing what its store holds."""
         assert self.discovery is not None, "start() first"
-        self.record = NodeRecord(self.depot.node_id, url, node_version(), time.time())
+        self.record = NodeRecord(
+            self.depot.node_id, url, node_version(), time.time(), self.depot.store.chunk_size
+        )
         await self.discovery.register(self.record)
         log.info("cluster %s (prefix %s): this node is %s at %s", self.cluster, self.prefix,
                  self.record.node_id, url)  # fmt: skip

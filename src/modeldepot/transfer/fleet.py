@@ -42,6 +42,7 @@ class PeerRow:
     blobs: int  # contents it holds whole
     bytes: int  # their size
     partial: int  # contents it is downloading (or holds part of, for a resume)
+    chunk_size: int = 0  # its store's (0: not said, an older node)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -194,7 +195,7 @@ class FleetView:
                 held = d.holdings_of(node.node_id).values()
                 whole = [h for h in held if h.complete]
                 rows.append(PeerRow(node.node_id, node.url, node.version, node.started_at, seen, len(whole),
-                                    sum(h.size for h in whole), len(held) - len(whole)))  # fmt: skip
+                                    sum(h.size for h in whole), len(held) - len(whole), node.chunk_size))  # fmt: skip
             return rows
 
         return self.read(collect, [])
