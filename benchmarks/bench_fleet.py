@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_fleet.py [--size 1GiB] [--nodes 8] [--shards 4] [--quick]
         [--scenarios anchor,solo,cluster] [--uplink 500mbit] [--link 1gbit] [--dir ./bench-data]
+        [--etcd-stall SECONDS]
 
 Needs root (network namespaces, ``tc``) and etcd (``./scripts/install-etcd``).
 
@@ -506,10 +507,19 @@ def cluster(work: Path, args: argparse.Namespace, procs: Processes, total: int) 
             "pull", REPO, "--home", str(home), "--cluster", registry, "--json")]
             for i, home in enumerate(homes(work, args.nodes), 1)]  # fmt: skip
         pull_env = {**env, "MODELDEPOT_LOG_LEVEL": "info"}  # take-overs logged, in logs/cluster-nK.err
+        stalling = None
+        if args.etcd_stall:  # (a hung etcd, a partition from it, a leader election storm: SIGSTOP)
+            stalling = threading.Thread(target=stall_etcd, args=(etcd, args.etcd_stall), daemon=True)
+            stalling.start()
         outcome, outputs = wave("cluster", commands, [pull_env] * args.nodes, procs, args.nodes, args.timeout,
                                 work / "logs")  # fmt: skip
+        if stalling is not None:
+            stalling.join()
         check_pulls("cluster", outputs, total, outcome)
         outcome.note = f"serve processes healthy and all registered {registered:.1f} s after they started"
+        if args.etcd_stall:
+            outcome.note += (f"; etcd frozen (SIGSTOP) for {args.etcd_stall:.0f} s from {ETCD_STALL_AT:.0f} s after "
+                             "the pulls began")  # fmt: skip
         for i, server in enumerate(servers, 1):
             if server.poll() is not None:
                 raise RuntimeError(f"node {i}'s serve process exited ({server.returncode}) during the pull")
@@ -522,6 +532,19 @@ def cluster(work: Path, args: argparse.Namespace, procs: Processes, total: int) 
         if etcd is not None:
             procs.stop([etcd])
         shutil.rmtree(data, ignore_errors=True)
+
+
+ETCD_STALL_AT = 4.0  # seconds after the cluster's pulls begin that --etcd-stall freezes etcd
+
+
+def stall_etcd(etcd: subprocess.Popen[Any], seconds: float) -> None:
+    """Freeze etcd (SIGSTOP) ETCD_STALL_AT seconds from now, for ``seconds``."""
+    time.sleep(ETCD_STALL_AT)
+    etcd.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        etcd.send_signal(signal.SIGCONT)
 
 
 def late(work: Path, args: argparse.Namespace, procs: Processes, total: int, env: dict[str, str],
@@ -754,6 +777,13 @@ def main() -> None:
                              "joins and pulls the repo from the nodes that hold it: the Hub should send "
                              "nothing")  # fmt: skip
     parser.add_argument("--dir", type=Path, default=Path("bench-data"))
+    parser.add_argument(
+        "--etcd-stall",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="freeze etcd (SIGSTOP) this long, 4 s into the cluster's pulls (a registry outage)",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds a scenario may take")
     parser.add_argument("--quick", action="store_true", help="256MiB, 4 nodes: a smoke test")
     parser.add_argument("--no-token", action="store_true",

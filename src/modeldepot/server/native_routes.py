@@ -503,7 +503,7 @@ async def chunk_map(request: web.Request) -> web.Response:
     if blob is None and log is None:
         blob = await _held_blob(request)  # the download finished between the two looks
     held: Iterable[int]
-    digests: list[str] | None = None
+    digests: list[str | None] | list[str] | None = None
     if blob is not None and await asyncio.to_thread(_depot(request).store.refused, sha256):
         # (a read-only store's blob this process found corrupt: its chunks were said "complete", and every
         # peer asked for them got 503s)
@@ -517,6 +517,13 @@ async def chunk_map(request: web.Request) -> web.Response:
     elif log is not None:
         size, chunk_size, count, complete = log.size, log.chunk_size, log.chunks, False
         held = await asyncio.to_thread(_depot(request).store.partials.offered, log)
+        # (each held chunk's BLAKE3 as the log names it, null for the others: the node's own word, as its
+        # settlements in the registry are; a peer takes it while the registry cannot be read, which held every
+        # claim's chunks from the fleet through an etcd outage, the Hub sending the model 2.4 times: a trial)
+        offered = set(held)
+        digests = (
+            [log.logged[index] if index in offered else None for index in range(count)] if offered else None
+        )
     else:
         raise NotFoundError(f"blob {sha256} is not in the store")
     return json_response(

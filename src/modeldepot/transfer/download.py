@@ -693,12 +693,15 @@ class _FileJob(PaceWatch):
         self.refreshing.add(source)
         self.refreshed[source] = time.monotonic()
         try:
-            held = await source.source.chunk_map(source.chunks_url, self.remote.size, self.partial.chunk_size)
+            held, digests = await source.source.chunk_map(
+                source.chunks_url, self.remote.size, self.partial.chunk_size
+            )
         except NotFoundError:
             self.have[source] = frozenset()
         except DepotError as error:
             self._drop(source, error)
         else:
+            self.map_digests[source] = digests
             refused = {i for i in self.refused.get(source, ()) if self._refusal_stands(source, i)}
             if held is None and refused:
                 held = frozenset(range(self.partial.chunks))
@@ -886,9 +889,11 @@ class _FileJob(PaceWatch):
             return source.chunk_blake3[index]
         if self.swarm is not None and source.kind != "hub":
             settled = self.swarm.digest(index)
-            if settled is not None or not source.chunk_blake3:
+            if settled is not None:
                 return settled
-            return source.chunk_blake3[index]  # (its own word, when no claimer settled the chunk yet)
+            if source.chunk_blake3:
+                return source.chunk_blake3[index]  # (its own word, when no claimer settled the chunk yet)
+            return self.map_digests.get(source, {}).get(index)  # (its chunk map's: the same word)
         return None
 
     def _map_in_place(self, index: int, request: ChunkRequest) -> mmap.mmap | None:

@@ -381,11 +381,25 @@ class HttpSource:
         return await _on_a_reader(attempt, lambda: read_range(url, headers, start, end, size, into,
                                                               self.retry.read_timeout, attempt, self.limit))  # fmt: skip
 
-    async def chunk_map(self, url: str, size: int, chunk_size: int) -> frozenset[int] | None:
+    async def chunk_map(
+        self, url: str, size: int, chunk_size: int
+    ) -> tuple[frozenset[int] | None, dict[int, str]]:
         """Which of our ``chunk_size`` chunks of a ``size``-byte file a node can serve, from its bitfield
         (``GET /api/depot/v1/blobs/{sha256}/chunks``): None when it holds the whole file. A node that chunks
-        otherwise serves our chunk when it holds every one of its chunks that the span touches. One attempt."""
-        return _parse_chunk_map(url, await self._chunk_map_body(url), size, chunk_size)
+        otherwise serves our chunk when it holds every one of its chunks that the span touches. And, of a
+        download in progress at our chunk size, the BLAKE3 its log names for each chunk it offers (its own
+        word, validated). One attempt."""
+        body = await self._chunk_map_body(url)
+        held = _parse_chunk_map(url, body, size, chunk_size)
+        digests: dict[int, str] = {}
+        given = body.get("blake3")
+        if held is not None and body.get("chunk_size") == chunk_size and given is not None:
+            if not isinstance(given, list) or len(given) != chunk_count(size, chunk_size):
+                raise UpstreamDataError(url, "chunk map", "its blake3 is not one digest or null a chunk")
+            for index, digest in enumerate(given):
+                if digest is not None and index in held:
+                    digests[index] = from_upstream(url, "chunk digest", validate_blake3, digest)
+        return held, digests
 
     async def chunk_digests(self, url: str, size: int, chunk_size: int) -> tuple[str, ...] | None:
         """The BLAKE3 of each of our ``chunk_size`` chunks of a complete blob a node holds, from its chunk map

@@ -342,6 +342,10 @@ class SwarmFile:
         """The chunk's BLAKE3 as its claimer settled it (what a peer's copy must match), if known."""
         return self.digests.get(index)
 
+    def registry_silent(self) -> bool:
+        """Whether the registry does not answer the view now (settlements cannot be seen)."""
+        return self._unreachable_since is not None
+
     def standing_claim(self, index: int, failed: set[str], patience: float) -> ChunkClaim | None:
         """Another live node's claim on the chunk that keeps this node from the Hub for it, or None: the
         chunk is unclaimed, claimed by this node, or its claim is void (its claimer is gone, its copy failed
