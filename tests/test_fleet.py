@@ -197,18 +197,16 @@ def test_holders_found_by_content_get_the_scan_nodes_chunk_digests(
         assert {r.node_id for r in b.peers()} == {a_depot.node_id, c_depot.node_id}
 
 
-def test_a_peer_found_by_content_gives_its_own_digests_and_its_bad_chunks_are_caught_one_by_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A peer found only in the fleet's view (the scan was the Hub's: no manifest gave digests), behind a link
-    that flips a byte of every blob answer: its chunks were taken unchecked, the file failed its SHA-256 and
-    came again whole from the Hub, pull after pull, and the peer was never banned (an explorer's trial). It
-    now gives its own chunk digests (its chunk map): each bad chunk is caught as it lands, fetched from the
-    Hub, and the peer is banned; the file is fetched once."""
+@contextlib.contextmanager
+def _a_peer_behind_a_faulty_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, big: bytes, fault: str, path_suffix: str
+) -> Iterator[tuple[Depot, Any, str]]:
+    """A Hub (HF_ENDPOINT) holding acme/model, a peer holding its weights (another repo's: found by content
+    alone) behind a link that injects ``fault`` into its blob answers ending in ``path_suffix``, and this
+    depot in the fleet once it sees the peer's holding: (the depot, the fault's plan, the link's URL)."""
     from faultproxy import FaultProxy
 
     cluster = f"mem://fleet-{uuid.uuid4().hex[:12]}"
-    big = weights(7, 12)
     files = {".gitattributes": GITATTRIBUTES, "config.json": b"{}", "model.safetensors": big}
     with (
         Depot(tmp_path / "hub", chunk_size=SMALL_CHUNK) as hub_depot,
@@ -220,7 +218,7 @@ def test_a_peer_found_by_content_gives_its_own_digests_and_its_bad_chunks_are_ca
         link = FaultProxy("http://127.0.0.1:1", file_routes=("/blobs/",))
         c = InProcessNode(c_depot, cluster, advertise=link.url)
         link.upstream = c.url
-        plan = link.set("flip", times=-1, path_suffix=sha(big))  # (the blob's bytes; not its chunk map)
+        plan = link.set(fault, times=-1, path_suffix=path_suffix)
         try:
             monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
             monkeypatch.setenv("HF_ENDPOINT", hub.url)
@@ -228,21 +226,35 @@ def test_a_peer_found_by_content_gives_its_own_digests_and_its_bad_chunks_are_ca
                 wait_until(
                     lambda: [r.blobs for r in b.peers()] == [1], 10, "the peer and its holding in the view"
                 )
-                manifest = b.scan_repo("acme/model")
-                found = asyncio.run(b.chain.holders(manifest, SMALL_CHUNK, list(manifest.files)))
-                (peer,) = found["model.safetensors"]
-                assert peer.source.base_url == link.url and peer.chunk_blake3 is not None
-                assert len(peer.chunk_blake3) == 12
-                result = b.pull("acme/model")
-                assert plan.injected >= 1, "the peer was asked, and its bytes flipped"
-                assert bytes(b.get_file("acme/model", "model.safetensors")) == big
-                assert result.bytes_downloaded < len(big) + len(big) // 2, (
-                    f"{result.bytes_downloaded} bytes for a {len(big)}-byte file: fetched again whole"
-                )
+                yield b, plan, link.url
         finally:
             c.stop()
             link.stop()
             hub.stop()
+
+
+def test_a_peer_found_by_content_gives_its_own_digests_and_its_bad_chunks_are_caught_one_by_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer found only in the fleet's view (the scan was the Hub's: no manifest gave digests), behind a link
+    that flips a byte of every blob answer: its chunks were taken unchecked, the file failed its SHA-256 and
+    came again whole from the Hub, pull after pull, and the peer was never banned (an explorer's trial). It
+    now gives its own chunk digests (its chunk map): each bad chunk is caught as it lands, fetched from the
+    Hub, and the peer is banned; the file is fetched once."""
+    big = weights(7, 12)
+    # (the blob's bytes flipped; not its chunk map)
+    with _a_peer_behind_a_faulty_link(tmp_path, monkeypatch, big, "flip", sha(big)) as (b, plan, link_url):
+        manifest = b.scan_repo("acme/model")
+        found = asyncio.run(b.chain.holders(manifest, SMALL_CHUNK, list(manifest.files)))
+        (peer,) = found["model.safetensors"]
+        assert peer.source.base_url == link_url and peer.chunk_blake3 is not None
+        assert len(peer.chunk_blake3) == 12
+        result = b.pull("acme/model")
+        assert plan.injected >= 1, "the peer was asked, and its bytes flipped"
+        assert bytes(b.get_file("acme/model", "model.safetensors")) == big
+        assert result.bytes_downloaded < len(big) + len(big) // 2, (
+            f"{result.bytes_downloaded} bytes for a {len(big)}-byte file: fetched again whole"
+        )
 
 
 def test_a_peer_whose_chunk_map_is_garbage_is_no_source_of_the_file(
@@ -252,41 +264,16 @@ def test_a_peer_whose_chunk_map_is_garbage_is_no_source_of_the_file(
     source with no digests, its chunks were taken unchecked, the file failed its SHA-256 and was fetched again,
     the honest peers' chunks thrown away with it (an explorer's trial). It is no source of that file now: the
     file comes from the others, once."""
-    from faultproxy import FaultProxy
-
-    cluster = f"mem://fleet-{uuid.uuid4().hex[:12]}"
     big = weights(8, 12)
-    files = {".gitattributes": GITATTRIBUTES, "config.json": b"{}", "model.safetensors": big}
-    with (
-        Depot(tmp_path / "hub", chunk_size=SMALL_CHUNK) as hub_depot,
-        Depot(tmp_path / "c", chunk_size=SMALL_CHUNK) as c_depot,
-    ):
-        hub_depot.import_dir(write_model_dir(tmp_path / "src", files), "acme/model")
-        c_depot.import_dir(write_model_dir(tmp_path / "src-c", {"w.safetensors": big}), "other/base")
-        hub = LiveNode(hub_depot)
-        link = FaultProxy("http://127.0.0.1:1", file_routes=("/blobs/",))
-        c = InProcessNode(c_depot, cluster, advertise=link.url)
-        link.upstream = c.url
-        plan = link.set("garble", times=-1, path_suffix="/chunks")
-        try:
-            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.setenv("HF_ENDPOINT", hub.url)
-            with Depot(tmp_path / "b", chunk_size=SMALL_CHUNK, cluster=cluster) as b:
-                wait_until(
-                    lambda: [r.blobs for r in b.peers()] == [1], 10, "the peer and its holding in the view"
-                )
-                manifest = b.scan_repo("acme/model")
-                found = asyncio.run(b.chain.holders(manifest, SMALL_CHUNK, list(manifest.files)))
-                assert plan.injected >= 1, "the peer's chunk map was asked, and garbled"
-                assert found.get("model.safetensors", []) == [], found
-                result = b.pull("acme/model")
-                assert bytes(b.get_file("acme/model", "model.safetensors")) == big
-                assert result.bytes_downloaded < len(big) + len(big) // 4, result
-                assert not [r for r in plan.requests if not r.split()[0].endswith("/chunks")], plan.requests
-        finally:
-            c.stop()
-            link.stop()
-            hub.stop()
+    with _a_peer_behind_a_faulty_link(tmp_path, monkeypatch, big, "garble", "/chunks") as (b, plan, _):
+        manifest = b.scan_repo("acme/model")
+        found = asyncio.run(b.chain.holders(manifest, SMALL_CHUNK, list(manifest.files)))
+        assert plan.injected >= 1, "the peer's chunk map was asked, and garbled"
+        assert found.get("model.safetensors", []) == [], found
+        result = b.pull("acme/model")
+        assert bytes(b.get_file("acme/model", "model.safetensors")) == big
+        assert result.bytes_downloaded < len(big) + len(big) // 4, result
+        assert not [r for r in plan.requests if not r.split()[0].endswith("/chunks")], plan.requests
 
 
 def test_a_branch_is_the_hubs_to_say_when_a_peer_holds_an_older_commit(
